@@ -1,0 +1,176 @@
+//! The router's input: a plain, serde-readable description of deployments,
+//! public models and rules. The Python side validates the user's YAML (with
+//! file/path-precise errors) and hands the core this already-normalised form as
+//! JSON; a Rust embedder can build it directly.
+
+use serde::Deserialize;
+
+/// Everything a [`crate::Router`] is compiled from.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSpec {
+    /// Concrete model deployments at providers.
+    pub deployments: Vec<DeploymentSpec>,
+    /// Public model names that clients ask for.
+    pub models: Vec<ModelSpec>,
+    /// Routing rules, evaluated by priority (highest first), first match wins.
+    #[serde(default)]
+    pub rules: Vec<crate::rules::RuleSpec>,
+    /// Retry throttling shared by every request.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    /// Passive health and circuit-breaking settings.
+    #[serde(default)]
+    pub health: HealthSpec,
+}
+
+/// One model served by one provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    /// Unique name, used in headers, logs and health reports.
+    pub name: String,
+    /// The provider this deployment is called through.
+    pub provider: String,
+    /// The model name the upstream expects.
+    pub model: String,
+    /// Relative share of traffic under the weighted strategy.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// USD per million prompt tokens.
+    #[serde(default)]
+    pub input_per_mtok: f64,
+    /// USD per million completion tokens.
+    #[serde(default)]
+    pub output_per_mtok: f64,
+    /// Largest prompt plus completion the model accepts, in tokens (0: unknown).
+    #[serde(default)]
+    pub context_window: u32,
+    /// Free-form labels such as `region:eu` or `privacy:high`; `provider:<name>` is implied.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Tokenizer used to count this deployment's prompts (see [`crate::tokens::Encoding`]).
+    #[serde(default)]
+    pub encoding: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How a deployment is picked among the eligible ones.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    /// Smooth weighted round robin over `weight`.
+    #[default]
+    Weighted,
+    /// Power of two random choices over peak-EWMA latency times in-flight load.
+    P2cEwma,
+    /// The cheapest deployment first.
+    LowestCost,
+    /// The deployment with the fewest requests in flight.
+    LeastBusy,
+}
+
+/// A public model name and the deployments behind it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The name clients send in `model`.
+    pub name: String,
+    /// Names of deployments that serve it.
+    pub deployments: Vec<String>,
+    /// Selection strategy among those deployments.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Other public models to fail over to, in order, when every deployment failed.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// Public models to fail over to when the prompt exceeds the context window.
+    #[serde(default)]
+    pub context_window_fallbacks: Vec<String>,
+    /// Hedging for this model; none when absent.
+    #[serde(default)]
+    pub hedge: Option<crate::hedge::HedgeSpec>,
+}
+
+/// Retry throttling in the manner of tower's `retry::budget`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    /// Retries allowed as a fraction of recent first attempts.
+    #[serde(default = "default_retry_ratio")]
+    pub ratio: f64,
+    /// Retries always allowed per second, so that low traffic can still retry.
+    #[serde(default = "default_min_per_sec")]
+    pub min_per_sec: u32,
+    /// How long a deposit counts, in milliseconds.
+    #[serde(default = "default_ttl_ms")]
+    pub ttl_ms: u64,
+}
+
+fn default_retry_ratio() -> f64 {
+    0.2
+}
+fn default_min_per_sec() -> u32 {
+    10
+}
+fn default_ttl_ms() -> u64 {
+    10_000
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self { ratio: default_retry_ratio(), min_per_sec: default_min_per_sec(), ttl_ms: default_ttl_ms() }
+    }
+}
+
+/// Passive health checking (outlier detection) settings, after Envoy's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Consecutive failures that open the circuit.
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles with each repeat up to `max_ejection_ms`.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection_ms: u64,
+    /// Longest ejection.
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection_ms: u64,
+    /// Largest share of a model's deployments that may be ejected at once.
+    #[serde(default = "default_max_ejected")]
+    pub max_ejected_percent: u32,
+    /// Time constant of the latency and error-rate EWMAs.
+    #[serde(default = "default_decay")]
+    pub ewma_decay_ms: u64,
+}
+
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_base_ejection() -> u64 {
+    30_000
+}
+fn default_max_ejection() -> u64 {
+    300_000
+}
+fn default_max_ejected() -> u32 {
+    50
+}
+fn default_decay() -> u64 {
+    10_000
+}
+
+impl Default for HealthSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_consecutive(),
+            base_ejection_ms: default_base_ejection(),
+            max_ejection_ms: default_max_ejection(),
+            max_ejected_percent: default_max_ejected(),
+            ewma_decay_ms: default_decay(),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The one error type of the core. Each variant says whose fault it is, so that
+//! callers (the Python binding, an embedding Rust service) can map it onto a
+//! status code without parsing messages.
+
+use thiserror::Error;
+
+/// Everything that can go wrong inside the core.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CoreError {
+    /// The request body is not what the API expects (the client's fault: 400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The client asked for a model that no route serves (404).
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    UnknownModel(String),
+    /// A route exists but none of its deployments may serve this request (503).
+    #[error("no deployment of `{model}` can serve this request: {reason}")]
+    NoDeployment {
+        /// The public model name that was asked for.
+        model: String,
+        /// Why every candidate was excluded.
+        reason: String,
+    },
+    /// The router configuration is invalid (raised only when compiling a config).
+    #[error("invalid router config: {0}")]
+    Config(String),
+}
+
+/// Shorthand for results of the core.
+pub type Result<T> = std::result::Result<T, CoreError>;

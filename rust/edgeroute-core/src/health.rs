@@ -1,0 +1,285 @@
+//! Passive health of one deployment: peak-EWMA latency, an error-rate EWMA,
+//! consecutive failures, a circuit breaker with growing ejection, and a
+//! cool-down until a provider's `Retry-After`.
+//!
+//! Every attempt is reported here. A 429 is a failure: it answers fast, so a
+//! latency-only balancer would otherwise send *more* traffic to a rate-limited
+//! deployment (see Linkerd's and Finagle's notes on this).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+
+use crate::config::HealthSpec;
+
+/// What happened on one attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Outcome {
+    /// The upstream answered successfully.
+    Success,
+    /// The upstream answered 4xx for the client's own fault; says nothing about health.
+    ClientError,
+    /// 429 or an overload status; `retry_after_ms` from the upstream's header, if any.
+    RateLimited {
+        /// Milliseconds to stay away, from `Retry-After`.
+        retry_after_ms: Option<u64>,
+    },
+    /// 5xx, a malformed answer or a broken stream.
+    ServerError,
+    /// No answer in time.
+    Timeout,
+    /// The connection could not be made or was reset.
+    ConnectError,
+}
+
+impl Outcome {
+    fn is_failure(self) -> bool {
+        !matches!(self, Self::Success | Self::ClientError)
+    }
+}
+
+/// Circuit state as shown to operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Serving.
+    Closed,
+    /// Ejected until the given time (ms on the router clock).
+    Open,
+    /// Ejection over; the next request is a probe.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// Lower-case name for status pages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ewma_latency_ms: f64,
+    error_rate: f64,
+    last_ms: u64,
+    consecutive_failures: u32,
+    ejections: u32,
+    open_until_ms: u64,
+    cooldown_until_ms: u64,
+    probing: bool,
+    requests: u64,
+    failures: u64,
+}
+
+/// A snapshot of a deployment's health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthSnapshot {
+    /// Circuit state now.
+    pub circuit: CircuitState,
+    /// Peak-EWMA latency in milliseconds (0 until the first success).
+    pub latency_ms: f64,
+    /// EWMA of the failure share, 0..1.
+    pub error_rate: f64,
+    /// Failures in a row.
+    pub consecutive_failures: u32,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Milliseconds until a rate-limit cool-down ends (0: none).
+    pub cooldown_ms: u64,
+    /// Attempts reported since start.
+    pub requests: u64,
+    /// Failed attempts reported since start.
+    pub failures: u64,
+}
+
+/// Health of one deployment; shared by all requests, cheap to read.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: Mutex<State>,
+    in_flight: AtomicU32,
+}
+
+impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves numbers, not invariants: keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a request may be sent now (closed, or half-open with no probe out).
+    pub fn available(&self, now_ms: u64) -> bool {
+        let s = self.lock();
+        now_ms >= s.cooldown_until_ms && (now_ms >= s.open_until_ms && !(s.probing && s.ejections > 0))
+    }
+
+    /// Whether the circuit is open (ejected) at `now_ms`.
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        now_ms < self.lock().open_until_ms
+    }
+
+    /// Marks an attempt as started; a half-open circuit lets only one probe through.
+    pub fn begin(&self, now_ms: u64) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        if s.ejections > 0 && now_ms >= s.open_until_ms {
+            s.probing = true;
+        }
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Load score for p2c: latency (or a neutral prior) times in-flight plus one.
+    pub fn load_score(&self) -> f64 {
+        let lat = self.lock().ewma_latency_ms;
+        let lat = if lat > 0.0 { lat } else { 1.0 };
+        lat * f64::from(self.in_flight() + 1)
+    }
+
+    /// Records the end of an attempt started with [`Health::begin`].
+    pub fn report(&self, outcome: Outcome, latency_ms: f64, now_ms: u64, spec: &HealthSpec) {
+        let _ = self.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let mut s = self.lock();
+        let dt = now_ms.saturating_sub(s.last_ms) as f64;
+        s.last_ms = now_ms;
+        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        s.requests += 1;
+        let failed = outcome.is_failure();
+        s.error_rate = s.error_rate * w + if failed { 1.0 - w } else { 0.0 };
+        match outcome {
+            Outcome::Success => {
+                // Peak EWMA: jump up at once, decay slowly.
+                s.ewma_latency_ms = if latency_ms > s.ewma_latency_ms || s.ewma_latency_ms == 0.0 {
+                    latency_ms
+                } else {
+                    s.ewma_latency_ms * w + latency_ms * (1.0 - w)
+                };
+                s.consecutive_failures = 0;
+                if s.probing || s.ejections > 0 {
+                    s.ejections = 0;
+                    s.probing = false;
+                    s.open_until_ms = 0;
+                }
+            }
+            Outcome::ClientError => {
+                s.probing = false;
+            }
+            Outcome::RateLimited { retry_after_ms } => {
+                s.failures += 1;
+                s.consecutive_failures += 1;
+                let wait = retry_after_ms.unwrap_or(1_000).min(spec.max_ejection_ms);
+                s.cooldown_until_ms = s.cooldown_until_ms.max(now_ms + wait);
+                s.probing = false;
+            }
+            Outcome::ServerError | Outcome::Timeout | Outcome::ConnectError => {
+                s.failures += 1;
+                s.consecutive_failures += 1;
+                let was_probe = s.probing;
+                s.probing = false;
+                if was_probe || s.consecutive_failures >= spec.consecutive_failures {
+                    let factor = 1u64 << s.ejections.min(16);
+                    let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
+                    s.open_until_ms = now_ms + ejection;
+                    s.ejections += 1;
+                    s.consecutive_failures = 0;
+                }
+            }
+        }
+    }
+
+    /// Clears an ejection at once, e.g. after an active health check answered.
+    pub fn restore(&self) {
+        let mut s = self.lock();
+        s.open_until_ms = 0;
+        s.ejections = 0;
+        s.probing = false;
+        s.consecutive_failures = 0;
+        s.cooldown_until_ms = 0;
+    }
+
+    /// Takes the deployment out now for `ms`, e.g. after a failed active health check.
+    pub fn eject_for(&self, ms: u64, now_ms: u64) {
+        let mut s = self.lock();
+        s.open_until_ms = now_ms + ms;
+        s.ejections = s.ejections.max(1);
+    }
+
+    /// The state for status pages and tests.
+    pub fn snapshot(&self, now_ms: u64) -> HealthSnapshot {
+        let s = self.lock();
+        let circuit = if now_ms < s.open_until_ms {
+            CircuitState::Open
+        } else if s.ejections > 0 {
+            CircuitState::HalfOpen
+        } else {
+            CircuitState::Closed
+        };
+        HealthSnapshot {
+            circuit,
+            latency_ms: s.ewma_latency_ms,
+            error_rate: s.error_rate,
+            consecutive_failures: s.consecutive_failures,
+            in_flight: self.in_flight(),
+            cooldown_ms: s.cooldown_until_ms.saturating_sub(now_ms),
+            requests: s.requests,
+            failures: s.failures,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> HealthSpec {
+        HealthSpec { consecutive_failures: 3, base_ejection_ms: 1_000, ..HealthSpec::default() }
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_grows() {
+        let h = Health::default();
+        let sp = spec();
+        for _ in 0..3 {
+            h.begin(0);
+            h.report(Outcome::ServerError, 5.0, 0, &sp);
+        }
+        assert!(!h.available(10));
+        assert_eq!(h.snapshot(10).circuit, CircuitState::Open);
+        // Half-open after the ejection: one probe only.
+        assert!(h.available(1_000));
+        h.begin(1_000);
+        assert!(!h.available(1_001));
+        h.report(Outcome::ServerError, 5.0, 1_001, &sp);
+        // Second ejection is twice as long.
+        assert!(!h.available(2_900));
+        assert!(h.available(3_001));
+        h.begin(3_001);
+        h.report(Outcome::Success, 5.0, 3_002, &sp);
+        assert_eq!(h.snapshot(3_003).circuit, CircuitState::Closed);
+        assert!(h.available(3_003));
+    }
+
+    #[test]
+    fn rate_limit_cools_down_until_retry_after() {
+        let h = Health::default();
+        h.begin(0);
+        h.report(Outcome::RateLimited { retry_after_ms: Some(2_000) }, 1.0, 0, &spec());
+        assert!(!h.available(1_999));
+        assert!(h.available(2_000));
+        assert_eq!(h.snapshot(0).failures, 1);
+    }
+
+    #[test]
+    fn client_errors_do_not_count() {
+        let h = Health::default();
+        for _ in 0..10 {
+            h.begin(0);
+            h.report(Outcome::ClientError, 1.0, 0, &spec());
+        }
+        assert!(h.available(0));
+        assert_eq!(h.in_flight(), 0);
+    }
+}

@@ -1,0 +1,212 @@
+//! Reading an OpenAI chat-completions body straight from its bytes.
+//!
+//! Only the fields routing needs are decoded, borrowing from the body where the
+//! JSON has no escapes; everything else is skipped. The byte span of the
+//! `model` value is kept so that a pass-through request can be forwarded with
+//! only that value replaced, without the proxy ever re-serialising the body.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::{CoreError, Result};
+
+/// One chat message, as far as routing cares.
+#[derive(Debug, Deserialize)]
+pub struct Message<'a> {
+    /// `system`, `user`, `assistant`, `tool`, ...
+    #[serde(borrow)]
+    pub role: Cow<'a, str>,
+    /// A string, an array of content parts, or null.
+    #[serde(borrow, default)]
+    pub content: Option<&'a RawValue>,
+    /// The optional participant name.
+    #[serde(borrow, default)]
+    pub name: Option<Cow<'a, str>>,
+    /// Tool calls made by an assistant message.
+    #[serde(borrow, default)]
+    pub tool_calls: Option<Vec<ToolCall<'a>>>,
+}
+
+/// A tool call in an assistant message.
+#[derive(Debug, Deserialize)]
+pub struct ToolCall<'a> {
+    /// The function called.
+    #[serde(borrow)]
+    pub function: FunctionCall<'a>,
+}
+
+/// The function part of a tool call.
+#[derive(Debug, Deserialize)]
+pub struct FunctionCall<'a> {
+    /// Function name.
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    /// JSON-encoded arguments.
+    #[serde(borrow, default)]
+    pub arguments: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, rename = "type")]
+    kind: Cow<'a, str>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    tools: Option<&'a RawValue>,
+}
+
+/// The routing-relevant view of a chat-completions request.
+#[derive(Debug)]
+pub struct ChatRequest<'a> {
+    /// The public model asked for.
+    pub model: Cow<'a, str>,
+    /// Byte range of the `model` value (quotes included) inside the body.
+    pub model_span: (usize, usize),
+    /// The conversation.
+    pub messages: Vec<Message<'a>>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether the client asked for a final usage chunk in the stream.
+    pub include_usage: bool,
+    /// `max_completion_tokens`, or the older `max_tokens`.
+    pub max_tokens: Option<u32>,
+    /// The end-user id the client supplied.
+    pub user: Option<Cow<'a, str>>,
+    /// Raw tool definitions, if any.
+    pub tools: Option<&'a RawValue>,
+}
+
+impl<'a> ChatRequest<'a> {
+    /// Decode `body`; errors read as the API's own 400 messages.
+    pub fn parse(body: &'a [u8]) -> Result<Self> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(CoreError::BadRequest("The request body is empty; expected a JSON object.".into()));
+        }
+        let raw: Body<'a> = serde_json::from_slice(body).map_err(|e| {
+            CoreError::BadRequest(format!("The request body is not valid JSON for this endpoint: {e}"))
+        })?;
+        let model_raw = raw
+            .model
+            .ok_or_else(|| CoreError::BadRequest("Missing required parameter: 'model'.".into()))?;
+        let model: Cow<'a, str> = serde_json::from_str(model_raw.get())
+            .map_err(|_| CoreError::BadRequest("Invalid type for 'model': expected a string.".into()))?;
+        let messages = raw
+            .messages
+            .ok_or_else(|| CoreError::BadRequest("Missing required parameter: 'messages'.".into()))?;
+        if messages.is_empty() {
+            return Err(CoreError::BadRequest(
+                "Invalid 'messages': empty array. Expected an array with minimum length 1.".into(),
+            ));
+        }
+        // RawValue borrows from `body`, so its offset is a plain pointer difference.
+        let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
+        let model_span = (start, start + model_raw.get().len());
+        Ok(Self {
+            model,
+            model_span,
+            messages,
+            stream: raw.stream.unwrap_or(false),
+            include_usage: raw.stream_options.is_some_and(|o| o.include_usage),
+            max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            user: raw.user,
+            tools: raw.tools,
+        })
+    }
+}
+
+impl Message<'_> {
+    /// Calls `f` with each piece of text in the message content.
+    pub fn for_each_text(&self, mut f: impl FnMut(&str)) {
+        let Some(raw) = self.content else { return };
+        let s = raw.get();
+        if s.starts_with('"') {
+            if let Ok(text) = serde_json::from_str::<Cow<'_, str>>(s) {
+                f(&text);
+            }
+        } else if s.starts_with('[') {
+            if let Ok(parts) = serde_json::from_str::<Vec<Part<'_>>>(s) {
+                for p in parts.iter().filter(|p| p.kind == "text") {
+                    if let Some(t) = &p.text {
+                        f(t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Returns `body` with the bytes in `span` replaced by the JSON string `model`.
+pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Vec<u8> {
+    let quoted = serde_json::to_string(model).expect("strings always serialise");
+    let mut out = Vec::with_capacity(body.len() + quoted.len());
+    out.extend_from_slice(&body[..span.0]);
+    out.extend_from_slice(quoted.as_bytes());
+    out.extend_from_slice(&body[span.1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rewrites_model() {
+        let body = br#"{"model": "gpt-4o", "messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let req = ChatRequest::parse(body).unwrap();
+        assert_eq!(req.model, "gpt-4o");
+        assert!(req.stream);
+        let out = rewrite_model(body, req.model_span, "gpt-4o-2024-08-06");
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["model"], "gpt-4o-2024-08-06");
+        assert_eq!(v["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn escaped_model_names_decode() {
+        let body = br#"{"model":"a\u0062c","messages":[{"role":"user","content":"x"}]}"#;
+        assert_eq!(ChatRequest::parse(body).unwrap().model, "abc");
+    }
+
+    #[test]
+    fn missing_fields_are_bad_requests() {
+        for body in [&b""[..], b"{", br#"{"messages":[]}"#, br#"{"model":"m"}"#, br#"{"model":1,"messages":[{"role":"user"}]}"#, br#"{"model":"m","messages":[]}"#] {
+            assert!(matches!(ChatRequest::parse(body), Err(CoreError::BadRequest(_))), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn text_parts_are_visited() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},{"type":"text","text":"b"}]}]}"#;
+        let req = ChatRequest::parse(body).unwrap();
+        let mut seen = String::new();
+        req.messages[0].for_each_text(|t| seen.push_str(t));
+        assert_eq!(seen, "ab");
+    }
+}

@@ -1,0 +1,472 @@
+//! The compiled router: one immutable object per config that turns a request
+//! body into a [`Decision`], and takes a report after every attempt.
+//!
+//! Health, latency histograms and budgets live here too, behind `Arc`s, so that
+//! a config reload ([`Router::reload`]) carries them over for deployments that
+//! did not change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::budget::RetryBudget;
+use crate::config::{DeploymentSpec, HealthSpec, ModelSpec, RouterSpec, Strategy};
+use crate::error::{CoreError, Result};
+use crate::health::{Health, HealthSnapshot, Outcome};
+use crate::hedge::{HedgeBudget, HedgeSpec, RotatingHistogram};
+use crate::request::ChatRequest;
+use crate::rules::{RuleInput, Rules};
+use crate::select::{self, Candidate, FastRng, Swrr};
+use crate::tokens::{self, Encoding};
+
+/// Completion tokens assumed when a request sets no `max_tokens`, for cost estimates.
+pub const DEFAULT_COMPLETION_ESTIMATE: u32 = 512;
+const HISTOGRAM_PERIOD_MS: u64 = 60_000;
+
+#[derive(Debug)]
+struct Deployment {
+    spec: DeploymentSpec,
+    encoding: Encoding,
+    health: Arc<Health>,
+    latency: Arc<RotatingHistogram>,
+}
+
+#[derive(Debug)]
+struct Route {
+    spec: ModelSpec,
+    members: Vec<usize>,
+    swrr: Swrr,
+}
+
+/// Caller facts that are not in the body.
+#[derive(Debug, Default, Clone)]
+pub struct RequestMeta {
+    /// Tags from the `x-edgeroute-tags` header.
+    pub tags: Vec<String>,
+    /// The caller's team (from its key).
+    pub team: Option<String>,
+    /// The caller's role (from its key).
+    pub role: Option<String>,
+    /// Overrides the body's `user` when set.
+    pub user: Option<String>,
+}
+
+/// The router's answer for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The public model the client asked for.
+    pub model: String,
+    /// The route (public model) that serves it after rules.
+    pub route: String,
+    /// The rule that matched, if any.
+    pub rule: Option<String>,
+    /// Why the rule matched (or why the default route applies).
+    pub reasons: Vec<String>,
+    /// Deployment indices to try, in order: the choice, then the fallbacks.
+    pub order: Vec<usize>,
+    /// Prompt tokens, counted with the route's encoding.
+    pub prompt_tokens: u32,
+    /// Name of that encoding.
+    pub encoding: &'static str,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// Whether the client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// The client's completion-token limit.
+    pub max_tokens: Option<u32>,
+    /// Byte span of the `model` value in the body.
+    pub model_span: (usize, usize),
+    /// Send a hedge to `order[1]` after this many milliseconds without an answer.
+    pub hedge_after_ms: Option<f64>,
+    /// Selection strategy used.
+    pub strategy: Strategy,
+}
+
+/// The compiled, immutable router.
+#[derive(Debug)]
+pub struct Router {
+    deployments: Vec<Deployment>,
+    by_name: HashMap<String, usize>,
+    routes: Vec<Route>,
+    route_by_name: HashMap<String, usize>,
+    rules: Rules,
+    health_spec: HealthSpec,
+    retry_budget: Arc<RetryBudget>,
+    hedge_budget: Arc<HedgeBudget>,
+    rng: FastRng,
+    epoch: Instant,
+}
+
+impl Router {
+    /// Compiles a router from a spec.
+    pub fn new(spec: RouterSpec) -> Result<Self> {
+        Self::build(spec, None)
+    }
+
+    /// Compiles a router from its JSON form.
+    pub fn from_json(json: &[u8]) -> Result<Self> {
+        Self::new(Self::spec_from_json(json)?)
+    }
+
+    /// Reads a [`RouterSpec`] from JSON.
+    pub fn spec_from_json(json: &[u8]) -> Result<RouterSpec> {
+        serde_json::from_slice(json).map_err(|e| CoreError::Config(e.to_string()))
+    }
+
+    /// Compiles `spec` as a replacement for `self`, keeping the health, latency
+    /// history and budgets of deployments whose provider and model are unchanged.
+    pub fn reload(&self, spec: RouterSpec) -> Result<Self> {
+        Self::build(spec, Some(self))
+    }
+
+    fn build(spec: RouterSpec, previous: Option<&Router>) -> Result<Self> {
+        let mut by_name = HashMap::new();
+        let mut deployments = Vec::with_capacity(spec.deployments.len());
+        for d in spec.deployments {
+            if by_name.insert(d.name.clone(), deployments.len()).is_some() {
+                return Err(CoreError::Config(format!("deployment `{}` is declared twice", d.name)));
+            }
+            let encoding = match &d.encoding {
+                Some(e) => Encoding::from_name(e)
+                    .ok_or_else(|| CoreError::Config(format!("deployment `{}`: unknown encoding `{e}`", d.name)))?,
+                None => Encoding::for_model(&d.model),
+            };
+            let kept = previous.and_then(|p| {
+                p.by_name.get(&d.name).map(|&i| &p.deployments[i]).filter(|o| o.spec.provider == d.provider && o.spec.model == d.model)
+            });
+            let (health, latency) = match kept {
+                Some(o) => (o.health.clone(), o.latency.clone()),
+                None => (Arc::default(), Arc::new(RotatingHistogram::new(HISTOGRAM_PERIOD_MS))),
+            };
+            deployments.push(Deployment { spec: d, encoding, health, latency });
+        }
+        let mut route_by_name = HashMap::new();
+        let mut routes = Vec::with_capacity(spec.models.len());
+        for m in spec.models {
+            if route_by_name.insert(m.name.clone(), routes.len()).is_some() {
+                return Err(CoreError::Config(format!("model `{}` is declared twice", m.name)));
+            }
+            let members = m
+                .deployments
+                .iter()
+                .map(|d| {
+                    by_name.get(d).copied().ok_or_else(|| {
+                        CoreError::Config(format!("model `{}`: unknown deployment `{d}`", m.name))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if members.is_empty() {
+                return Err(CoreError::Config(format!("model `{}` has no deployments", m.name)));
+            }
+            routes.push(Route { swrr: Swrr::new(members.len()), members, spec: m });
+        }
+        for r in &routes {
+            for f in r.spec.fallbacks.iter().chain(&r.spec.context_window_fallbacks) {
+                if !route_by_name.contains_key(f) {
+                    return Err(CoreError::Config(format!("model `{}`: unknown fallback model `{f}`", r.spec.name)));
+                }
+            }
+        }
+        let rules = Rules::compile(spec.rules)?;
+        for r in rules.specs() {
+            if let Some(route) = &r.then.route {
+                if !route_by_name.contains_key(route) {
+                    return Err(CoreError::Config(format!("rule `{}`: unknown route `{route}`", r.name)));
+                }
+            }
+            for d in &r.then.deployments {
+                if !by_name.contains_key(d) {
+                    return Err(CoreError::Config(format!("rule `{}`: unknown deployment `{d}`", r.name)));
+                }
+            }
+        }
+        let (retry_budget, hedge_budget) = match previous {
+            Some(p) => (p.retry_budget.clone(), p.hedge_budget.clone()),
+            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
+        };
+        let epoch = previous.map_or_else(Instant::now, |p| p.epoch);
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Ok(Self {
+            deployments,
+            by_name,
+            routes,
+            route_by_name,
+            rules,
+            health_spec: spec.health,
+            retry_budget,
+            hedge_budget,
+            rng: FastRng::new(seed),
+            epoch,
+        })
+    }
+
+    /// Loads tokenizer tables now, so the first request does not pay for it.
+    pub fn warm_up(&self) {
+        let mut seen = Vec::new();
+        for d in &self.deployments {
+            if !seen.contains(&d.encoding) {
+                d.encoding.warm_up();
+                seen.push(d.encoding);
+            }
+        }
+    }
+
+    /// Milliseconds on the router's monotonic clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Decides how to serve a chat-completions `body` now.
+    pub fn decide(&self, body: &[u8], meta: &RequestMeta) -> Result<Decision> {
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.decide_at(body, meta, self.now_ms(), unix)
+    }
+
+    /// [`Router::decide`] at an explicit time, for tests and replays.
+    pub fn decide_at(&self, body: &[u8], meta: &RequestMeta, now_ms: u64, unix_secs: u64) -> Result<Decision> {
+        let req = ChatRequest::parse(body)?;
+        let requested = *self.route_by_name.get(req.model.as_ref()).ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
+        let encoding = self.deployments[self.routes[requested].members[0]].encoding;
+        let prompt_tokens = tokens::count_chat(&req, encoding) as u32;
+
+        let text = if self.rules.needs_text() { prompt_text(&req) } else { String::new() };
+        let user = meta.user.as_deref().or(req.user.as_deref());
+        let input = RuleInput {
+            model: &req.model,
+            tags: &meta.tags,
+            user,
+            team: meta.team.as_deref(),
+            role: meta.role.as_deref(),
+            prompt_tokens,
+            text: &text,
+            unix_secs,
+        };
+        let matched = self.rules.evaluate(&input);
+        let action = matched.as_ref().map(|m| &self.rules.specs()[m.index].then);
+        if let Some(msg) = action.and_then(|a| a.reject.as_ref()) {
+            return Err(CoreError::BadRequest(msg.clone()));
+        }
+        let mut route = action.and_then(|a| a.route.as_ref()).map_or(requested, |r| self.route_by_name[r]);
+        let needed = prompt_tokens + req.max_tokens.unwrap_or(0);
+        // A prompt too long for every deployment of the route goes to its context-window fallback.
+        if !self.routes[route].members.iter().any(|&i| fits(&self.deployments[i].spec, needed)) {
+            if let Some(f) = self.routes[route].spec.context_window_fallbacks.iter().find(|f| {
+                self.routes[self.route_by_name[*f]].members.iter().any(|&i| fits(&self.deployments[i].spec, needed))
+            }) {
+                route = self.route_by_name[f];
+            }
+        }
+        let strategy = action.and_then(|a| a.strategy).unwrap_or(self.routes[route].spec.strategy);
+        let mut order = Vec::new();
+        let mut reason = String::new();
+        let mut chain = vec![route];
+        for f in &self.routes[route].spec.fallbacks {
+            let i = self.route_by_name[f];
+            if !chain.contains(&i) {
+                chain.push(i);
+            }
+        }
+        let mut ejected = Vec::new();
+        for (pos, &r) in chain.iter().enumerate() {
+            let before = order.len();
+            let strat = if pos == 0 { strategy } else { self.routes[r].spec.strategy };
+            self.order_route(r, strat, action, needed, req.max_tokens, now_ms, &mut order, &mut ejected, &mut reason);
+            let _ = before;
+        }
+        // Fail open: if health has excluded everything, try the ejected ones rather than nothing.
+        for i in ejected {
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        if order.is_empty() {
+            return Err(CoreError::NoDeployment {
+                model: req.model.to_string(),
+                reason: if reason.is_empty() { "every deployment was excluded".into() } else { reason },
+            });
+        }
+        self.retry_budget.deposit(now_ms);
+        let hedge_after_ms = self.hedge_delay(route, &order, now_ms);
+        let (rule, reasons) = match matched {
+            Some(m) => (Some(self.rules.specs()[m.index].name.clone()), m.reasons),
+            None => (None, vec![format!("default route for model={}", req.model)]),
+        };
+        Ok(Decision {
+            model: req.model.to_string(),
+            route: self.routes[route].spec.name.clone(),
+            rule,
+            reasons,
+            order,
+            prompt_tokens,
+            encoding: encoding.name(),
+            stream: req.stream,
+            include_usage: req.include_usage,
+            max_tokens: req.max_tokens,
+            model_span: req.model_span,
+            hedge_after_ms,
+            strategy,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn order_route(
+        &self,
+        r: usize,
+        strategy: Strategy,
+        action: Option<&crate::rules::Action>,
+        needed: u32,
+        max_tokens: Option<u32>,
+        now_ms: u64,
+        order: &mut Vec<usize>,
+        ejected: &mut Vec<usize>,
+        reason: &mut String,
+    ) {
+        let route = &self.routes[r];
+        let mut cands = Vec::with_capacity(route.members.len());
+        let mut locals = Vec::with_capacity(route.members.len());
+        let mut unavailable = Vec::new();
+        for (local, &i) in route.members.iter().enumerate() {
+            let d = &self.deployments[i];
+            if order.contains(&i) {
+                continue;
+            }
+            if let Some(a) = action {
+                if !a.deployments.is_empty() && !a.deployments.contains(&d.spec.name) {
+                    continue;
+                }
+                if !a.require_tags.iter().all(|t| has_tag(&d.spec, t)) {
+                    *reason = format!("no deployment has the required tags {:?}", a.require_tags);
+                    continue;
+                }
+                if a.exclude_tags.iter().any(|t| has_tag(&d.spec, t)) {
+                    *reason = format!("deployments tagged {:?} are excluded", a.exclude_tags);
+                    continue;
+                }
+            }
+            if !fits(&d.spec, needed) {
+                *reason = format!("the request needs {needed} tokens, more than the context window");
+                continue;
+            }
+            if !d.health.available(now_ms) {
+                unavailable.push(i);
+                continue;
+            }
+            let completion = f64::from(max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE));
+            let cost = (f64::from(needed) * d.spec.input_per_mtok + completion * d.spec.output_per_mtok) / 1e6;
+            cands.push(Candidate {
+                index: i,
+                weight: d.spec.weight,
+                cost,
+                load: d.health.load_score(),
+                in_flight: d.health.in_flight(),
+            });
+            locals.push(local);
+        }
+        // Never eject more than the configured share of a route: beyond it, the
+        // ejected deployments are tried after the healthy ones (Envoy's panic threshold).
+        let total = cands.len() + unavailable.len();
+        let cap = total * self.health_spec.max_ejected_percent as usize / 100;
+        select::order(strategy, &mut cands, &locals, &route.swrr, &self.rng);
+        order.extend(cands.iter().map(|c| c.index));
+        if unavailable.len() > cap {
+            order.extend(unavailable.drain(..unavailable.len() - cap));
+        }
+        ejected.extend(unavailable);
+    }
+
+    fn hedge_delay(&self, route: usize, order: &[usize], now_ms: u64) -> Option<f64> {
+        let spec: &HedgeSpec = self.routes[route].spec.hedge.as_ref()?;
+        if order.len() < 2 {
+            return None;
+        }
+        self.hedge_budget.note_request();
+        spec.delay_ms(&self.deployments[order[0]].latency, now_ms)
+    }
+
+    /// Asks the hedge budget for one hedge of a request on `route`; call when the hedge timer fires.
+    pub fn try_hedge(&self, route: &str) -> bool {
+        let pct = self.route_by_name.get(route).and_then(|&r| self.routes[r].spec.hedge.as_ref()).map_or(0.0, |h| h.budget_percent);
+        self.hedge_budget.try_take(pct)
+    }
+
+    /// Asks the retry budget for one retry.
+    pub fn try_retry(&self) -> bool {
+        self.retry_budget.try_withdraw(self.now_ms())
+    }
+
+    /// Marks an attempt on deployment `index` as started.
+    pub fn begin(&self, index: usize) {
+        self.deployments[index].health.begin(self.now_ms());
+    }
+
+    /// Reports the end of an attempt on deployment `index`.
+    pub fn report(&self, index: usize, outcome: Outcome, latency_ms: f64) {
+        let now = self.now_ms();
+        let d = &self.deployments[index];
+        d.health.report(outcome, latency_ms, now, &self.health_spec);
+        if outcome == Outcome::Success {
+            d.latency.record(latency_ms, now);
+        }
+    }
+
+    /// Takes a deployment out or puts it back after an active health check.
+    pub fn set_probe_result(&self, index: usize, healthy: bool, eject_ms: u64) {
+        let d = &self.deployments[index];
+        if healthy {
+            d.health.restore();
+        } else {
+            d.health.eject_for(eject_ms, self.now_ms());
+        }
+    }
+
+    /// Health of deployment `index` now.
+    pub fn health(&self, index: usize) -> HealthSnapshot {
+        self.deployments[index].health.snapshot(self.now_ms())
+    }
+
+    /// Number of deployments.
+    pub fn deployment_count(&self) -> usize {
+        self.deployments.len()
+    }
+
+    /// The spec of deployment `index`.
+    pub fn deployment(&self, index: usize) -> &DeploymentSpec {
+        &self.deployments[index].spec
+    }
+
+    /// Index of the deployment called `name`.
+    pub fn deployment_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Public model names, in config order.
+    pub fn model_names(&self) -> impl Iterator<Item = &str> {
+        self.routes.iter().map(|r| r.spec.name.as_str())
+    }
+
+    /// Tokens in `text` under the named encoding.
+    pub fn count_tokens(text: &str, encoding: &str) -> Result<usize> {
+        Encoding::from_name(encoding)
+            .map(|e| e.count(text))
+            .ok_or_else(|| CoreError::BadRequest(format!("unknown encoding `{encoding}`")))
+    }
+}
+
+fn fits(d: &DeploymentSpec, needed: u32) -> bool {
+    d.context_window == 0 || needed <= d.context_window
+}
+
+fn has_tag(d: &DeploymentSpec, tag: &str) -> bool {
+    d.tags.iter().any(|t| t == tag) || tag.strip_prefix("provider:").is_some_and(|p| p == d.provider)
+}
+
+fn prompt_text(req: &ChatRequest<'_>) -> String {
+    let mut text = String::new();
+    for m in &req.messages {
+        m.for_each_text(|t| {
+            text.push_str(t);
+            text.push('\n');
+        });
+    }
+    text
+}

@@ -1,0 +1,384 @@
+//! Routing rules, compiled once per config and evaluated per request.
+//!
+//! Cheap conditions (model, metadata, token range, time window) are checked
+//! first; content conditions share one Aho-Corasick automaton (keywords of all
+//! rules), one `RegexSet` (patterns of all rules) and one PII scan, each run at
+//! most once per request and only when a rule that passed its cheap conditions
+//! needs it. Rules are tried by priority, highest first; the first match wins.
+
+use std::cell::OnceCell;
+
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use regex::RegexSet;
+use serde::Deserialize;
+
+use crate::config::Strategy;
+use crate::error::{CoreError, Result};
+use crate::pii::{self, PiiKind, PiiSet};
+
+/// A rule as written in config.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Unique name, reported in explanations.
+    pub name: String,
+    /// Higher runs first; ties keep config order.
+    #[serde(default)]
+    pub priority: i32,
+    /// Conditions; all given ones must hold.
+    #[serde(default)]
+    pub when: Conditions,
+    /// What to do on a match.
+    pub then: Action,
+}
+
+/// Conditions of a rule. An empty list means "no condition".
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Conditions {
+    /// The requested model is one of these.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The request carries at least one of these tags (`x-edgeroute-tags`).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The `user` field is one of these.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// The caller's team is one of these.
+    #[serde(default)]
+    pub teams: Vec<String>,
+    /// The caller's role is one of these.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Prompt tokens at least this many.
+    #[serde(default)]
+    pub min_tokens: Option<u32>,
+    /// Prompt tokens at most this many.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Any of these words occurs in the prompt (ASCII case-insensitive).
+    #[serde(default)]
+    pub keywords: Vec<String>,
+    /// Any of these regular expressions matches the prompt.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Any of these kinds of personal data occurs in the prompt.
+    #[serde(default)]
+    pub pii: Vec<PiiKind>,
+    /// Local time of day window.
+    #[serde(default)]
+    pub time: Option<TimeWindow>,
+}
+
+/// A daily window `[start, end)` in minutes since local midnight; wraps past midnight when end < start.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeWindow {
+    /// "HH:MM".
+    pub start: HhMm,
+    /// "HH:MM".
+    pub end: HhMm,
+    /// Offset of local time from UTC, in minutes.
+    #[serde(default)]
+    pub utc_offset_minutes: i32,
+}
+
+/// A time of day written "HH:MM".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HhMm(pub u16);
+
+impl<'de> Deserialize<'de> for HhMm {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bad = || serde::de::Error::custom(format!("expected a time \"HH:MM\", got {s:?}"));
+        let (h, m) = s.split_once(':').ok_or_else(bad)?;
+        let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        if h > 24 || m > 59 || (h == 24 && m > 0) {
+            return Err(bad());
+        }
+        Ok(HhMm(h * 60 + m))
+    }
+}
+
+impl TimeWindow {
+    /// Whether `unix_secs` falls inside the window.
+    pub fn contains(&self, unix_secs: u64) -> bool {
+        let minute = ((unix_secs / 60) as i64 + i64::from(self.utc_offset_minutes)).rem_euclid(1440) as u16;
+        let (s, e) = (self.start.0, self.end.0);
+        if s <= e {
+            (s..e).contains(&minute)
+        } else {
+            minute >= s || minute < e
+        }
+    }
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// Serve from this public model's deployments instead.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Serve only from these deployments.
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Keep only deployments carrying all these tags.
+    #[serde(default)]
+    pub require_tags: Vec<String>,
+    /// Drop deployments carrying any of these tags.
+    #[serde(default)]
+    pub exclude_tags: Vec<String>,
+    /// Use this selection strategy.
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+    /// Refuse the request with this message (403), e.g. for data that must not leave.
+    #[serde(default)]
+    pub reject: Option<String>,
+}
+
+/// Per-request facts rules look at.
+#[derive(Debug, Default)]
+pub struct RuleInput<'a> {
+    /// The public model asked for.
+    pub model: &'a str,
+    /// Tags from `x-edgeroute-tags`.
+    pub tags: &'a [String],
+    /// The `user` field.
+    pub user: Option<&'a str>,
+    /// The caller's team.
+    pub team: Option<&'a str>,
+    /// The caller's role.
+    pub role: Option<&'a str>,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// The prompt's text (all message texts joined by newlines).
+    pub text: &'a str,
+    /// Wall-clock time, seconds since the epoch.
+    pub unix_secs: u64,
+}
+
+/// The rule that matched and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleMatch {
+    /// Index into [`Rules::specs`].
+    pub index: usize,
+    /// Human-readable reasons, one per condition that held.
+    pub reasons: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Compiled {
+    keyword_ids: Vec<usize>,
+    pattern_ids: Vec<usize>,
+    pii: PiiSet,
+}
+
+/// A compiled, immutable rule set.
+#[derive(Debug)]
+pub struct Rules {
+    specs: Vec<RuleSpec>,
+    compiled: Vec<Compiled>,
+    order: Vec<usize>,
+    keywords: Option<AhoCorasick>,
+    keyword_text: Vec<String>,
+    patterns: Option<RegexSet>,
+    pattern_text: Vec<String>,
+    pii_wanted: PiiSet,
+}
+
+#[derive(Default)]
+struct ContentScan {
+    keywords: OnceCell<Vec<bool>>,
+    patterns: OnceCell<Vec<bool>>,
+    pii: OnceCell<PiiSet>,
+}
+
+impl Rules {
+    /// Compiles `specs`; bad patterns are config errors naming the rule.
+    pub fn compile(specs: Vec<RuleSpec>) -> Result<Self> {
+        let mut keyword_text = Vec::new();
+        let mut pattern_text = Vec::new();
+        let mut compiled = Vec::with_capacity(specs.len());
+        let mut pii_wanted = PiiSet::default();
+        for (i, r) in specs.iter().enumerate() {
+            if specs[..i].iter().any(|o| o.name == r.name) {
+                return Err(CoreError::Config(format!("rule name `{}` is used twice", r.name)));
+            }
+            let keyword_ids = r
+                .when
+                .keywords
+                .iter()
+                .map(|k| {
+                    keyword_text.push(k.clone());
+                    keyword_text.len() - 1
+                })
+                .collect();
+            let mut pattern_ids = Vec::new();
+            for p in &r.when.patterns {
+                regex::Regex::new(p)
+                    .map_err(|e| CoreError::Config(format!("rule `{}`: bad pattern {p:?}: {e}", r.name)))?;
+                pattern_text.push(p.clone());
+                pattern_ids.push(pattern_text.len() - 1);
+            }
+            let set = pii::set_of(&r.when.pii);
+            pii_wanted = pii_wanted.union(set);
+            compiled.push(Compiled { keyword_ids, pattern_ids, pii: set });
+        }
+        let keywords = if keyword_text.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasickBuilder::new()
+                    .ascii_case_insensitive(true)
+                    .match_kind(MatchKind::Standard)
+                    .build(&keyword_text)
+                    .map_err(|e| CoreError::Config(format!("keywords: {e}")))?,
+            )
+        };
+        let patterns = if pattern_text.is_empty() {
+            None
+        } else {
+            Some(RegexSet::new(&pattern_text).map_err(|e| CoreError::Config(format!("patterns: {e}")))?)
+        };
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(specs[i].priority));
+        Ok(Self { specs, compiled, order, keywords, keyword_text, patterns, pattern_text, pii_wanted })
+    }
+
+    /// The rules as configured.
+    pub fn specs(&self) -> &[RuleSpec] {
+        &self.specs
+    }
+
+    /// Whether any rule looks at content (so callers know whether to build the text).
+    pub fn needs_text(&self) -> bool {
+        self.keywords.is_some() || self.patterns.is_some() || !self.pii_wanted.is_empty()
+    }
+
+    /// The first rule, by priority, whose conditions all hold.
+    pub fn evaluate(&self, input: &RuleInput<'_>) -> Option<RuleMatch> {
+        let scan = ContentScan::default();
+        self.order.iter().find_map(|&i| self.check(i, input, &scan).map(|reasons| RuleMatch { index: i, reasons }))
+    }
+
+    fn check(&self, i: usize, input: &RuleInput<'_>, scan: &ContentScan) -> Option<Vec<String>> {
+        let w = &self.specs[i].when;
+        let c = &self.compiled[i];
+        let mut why = Vec::new();
+        if !w.models.is_empty() {
+            w.models.iter().any(|m| m == input.model).then_some(())?;
+            why.push(format!("model={}", input.model));
+        }
+        if !w.tags.is_empty() {
+            let t = w.tags.iter().find(|t| input.tags.contains(t))?;
+            why.push(format!("tag={t}"));
+        }
+        for (list, value, label) in
+            [(&w.users, input.user, "user"), (&w.teams, input.team, "team"), (&w.roles, input.role, "role")]
+        {
+            if !list.is_empty() {
+                let v = value.filter(|v| list.iter().any(|x| x == v))?;
+                why.push(format!("{label}={v}"));
+            }
+        }
+        if let Some(min) = w.min_tokens {
+            (input.prompt_tokens >= min).then_some(())?;
+            why.push(format!("tokens>={min}"));
+        }
+        if let Some(max) = w.max_tokens {
+            (input.prompt_tokens <= max).then_some(())?;
+            why.push(format!("tokens<={max}"));
+        }
+        if let Some(t) = &w.time {
+            t.contains(input.unix_secs).then_some(())?;
+            why.push("time window".to_string());
+        }
+        if !c.keyword_ids.is_empty() {
+            let hits = scan.keywords.get_or_init(|| self.scan_keywords(input.text));
+            let k = c.keyword_ids.iter().find(|&&k| hits[k])?;
+            why.push(format!("keyword={:?}", self.keyword_text[*k]));
+        }
+        if !c.pattern_ids.is_empty() {
+            let hits = scan.patterns.get_or_init(|| {
+                let set = self.patterns.as_ref().expect("compiled with patterns");
+                let m = set.matches(input.text);
+                (0..self.pattern_text.len()).map(|p| m.matched(p)).collect()
+            });
+            let p = c.pattern_ids.iter().find(|&&p| hits[p])?;
+            why.push(format!("pattern={:?}", self.pattern_text[*p]));
+        }
+        if !c.pii.is_empty() {
+            let found = *scan.pii.get_or_init(|| pii::detect(input.text, self.pii_wanted));
+            let k = c.pii.kinds().find(|k| found.contains(*k))?;
+            why.push(format!("pii={}", k.name()));
+        }
+        if why.is_empty() {
+            why.push("always".to_string());
+        }
+        Some(why)
+    }
+
+    fn scan_keywords(&self, text: &str) -> Vec<bool> {
+        let mut hits = vec![false; self.keyword_text.len()];
+        if let Some(ac) = &self.keywords {
+            for m in ac.find_overlapping_iter(text) {
+                hits[m.pattern().as_usize()] = true;
+            }
+        }
+        hits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(json: &str) -> RuleSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn priority_and_first_match() {
+        let rules = Rules::compile(vec![
+            rule(r#"{"name":"low","then":{"route":"cheap"}}"#),
+            rule(r#"{"name":"code","priority":10,"when":{"keywords":["def ","fn "]},"then":{"route":"coder"}}"#),
+            rule(r#"{"name":"pii","priority":20,"when":{"pii":["email"]},"then":{"require_tags":["privacy:high"]}}"#),
+        ])
+        .unwrap();
+        let m = |text: &str| {
+            let i = RuleInput { model: "gpt-4o", text, ..Default::default() };
+            let r = rules.evaluate(&i).unwrap();
+            (rules.specs()[r.index].name.clone(), r.reasons)
+        };
+        assert_eq!(m("hello").0, "low");
+        assert_eq!(m("please DEF foo():").0, "code");
+        let (name, why) = m("def x(): mail a@b.io");
+        assert_eq!(name, "pii");
+        assert_eq!(why, vec!["pii=email"]);
+    }
+
+    #[test]
+    fn metadata_tokens_and_time() {
+        let rules = Rules::compile(vec![rule(
+            r#"{"name":"r","when":{"teams":["ml"],"min_tokens":100,"time":{"start":"22:00","end":"06:00"}},"then":{}}"#,
+        )])
+        .unwrap();
+        let at = |team: &str, tokens: u32, hour: u64| {
+            let i = RuleInput { team: Some(team), prompt_tokens: tokens, unix_secs: hour * 3600, ..Default::default() };
+            rules.evaluate(&i).is_some()
+        };
+        assert!(at("ml", 200, 23));
+        assert!(at("ml", 200, 2));
+        assert!(!at("ml", 200, 12));
+        assert!(!at("ml", 50, 23));
+        assert!(!at("web", 200, 23));
+    }
+
+    #[test]
+    fn bad_pattern_names_the_rule() {
+        let err = Rules::compile(vec![rule(r#"{"name":"oops","when":{"patterns":["("]},"then":{}}"#)]).unwrap_err();
+        assert!(err.to_string().contains("oops"), "{err}");
+    }
+}

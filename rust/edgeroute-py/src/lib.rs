@@ -1,0 +1,237 @@
+//! Python binding of edgeroute-core, imported as `edgeroute._core`.
+//!
+//! Shims only: convert arguments, release the GIL around core work, map the
+//! core's error onto the exception hierarchy below. No routing logic lives here.
+
+use std::sync::Arc;
+
+use edgeroute_core as core;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+pyo3::create_exception!(_core, EdgerouteError, pyo3::exceptions::PyException, "Base of every error raised by the core.");
+pyo3::create_exception!(_core, BadRequestError, EdgerouteError, "The request body is invalid (HTTP 400).");
+pyo3::create_exception!(_core, UnknownModelError, EdgerouteError, "No route serves the requested model (HTTP 404).");
+pyo3::create_exception!(_core, NoDeploymentError, EdgerouteError, "No deployment may serve this request (HTTP 503).");
+pyo3::create_exception!(_core, ConfigError, EdgerouteError, "The router config is invalid.");
+
+fn to_py(e: core::CoreError) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        core::CoreError::BadRequest(_) => BadRequestError::new_err(msg),
+        core::CoreError::UnknownModel(_) => UnknownModelError::new_err(msg),
+        core::CoreError::NoDeployment { .. } => NoDeploymentError::new_err(msg),
+        core::CoreError::Config(_) => ConfigError::new_err(msg),
+    }
+}
+
+/// A routing decision (read-only).
+#[pyclass(frozen, module = "edgeroute._core")]
+struct Decision {
+    inner: core::Decision,
+}
+
+#[pymethods]
+impl Decision {
+    #[getter]
+    fn model(&self) -> &str {
+        &self.inner.model
+    }
+    #[getter]
+    fn route(&self) -> &str {
+        &self.inner.route
+    }
+    #[getter]
+    fn rule(&self) -> Option<&str> {
+        self.inner.rule.as_deref()
+    }
+    #[getter]
+    fn reasons(&self) -> Vec<String> {
+        self.inner.reasons.clone()
+    }
+    #[getter]
+    fn order(&self) -> Vec<usize> {
+        self.inner.order.clone()
+    }
+    #[getter]
+    fn prompt_tokens(&self) -> u32 {
+        self.inner.prompt_tokens
+    }
+    #[getter]
+    fn encoding(&self) -> &'static str {
+        self.inner.encoding
+    }
+    #[getter]
+    fn stream(&self) -> bool {
+        self.inner.stream
+    }
+    #[getter]
+    fn include_usage(&self) -> bool {
+        self.inner.include_usage
+    }
+    #[getter]
+    fn max_tokens(&self) -> Option<u32> {
+        self.inner.max_tokens
+    }
+    #[getter]
+    fn model_span(&self) -> (usize, usize) {
+        self.inner.model_span
+    }
+    #[getter]
+    fn hedge_after_ms(&self) -> Option<f64> {
+        self.inner.hedge_after_ms
+    }
+    #[getter]
+    fn strategy(&self) -> String {
+        format!("{:?}", self.inner.strategy)
+    }
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.inner)
+    }
+}
+
+/// A compiled router. Immutable: `reload` returns a new one that keeps health state.
+#[pyclass(frozen, module = "edgeroute._core")]
+struct Router {
+    inner: Arc<core::Router>,
+}
+
+fn parse_spec(config_json: &[u8]) -> PyResult<core::RouterSpec> {
+    serde_json_spec(config_json).map_err(|e| ConfigError::new_err(e.to_string()))
+}
+
+fn serde_json_spec(b: &[u8]) -> Result<core::RouterSpec, core::CoreError> {
+    core::Router::spec_from_json(b)
+}
+
+fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
+    Ok(match kind {
+        "success" => core::Outcome::Success,
+        "client_error" => core::Outcome::ClientError,
+        "rate_limited" => core::Outcome::RateLimited { retry_after_ms },
+        "server_error" => core::Outcome::ServerError,
+        "timeout" => core::Outcome::Timeout,
+        "connect_error" => core::Outcome::ConnectError,
+        other => return Err(PyValueError::new_err(format!("unknown outcome {other:?}"))),
+    })
+}
+
+#[pymethods]
+impl Router {
+    #[new]
+    fn new(py: Python<'_>, config_json: &[u8]) -> PyResult<Self> {
+        let spec = parse_spec(config_json)?;
+        let router = py.detach(|| {
+            let r = core::Router::new(spec)?;
+            r.warm_up();
+            Ok::<_, core::CoreError>(r)
+        });
+        Ok(Self { inner: Arc::new(router.map_err(to_py)?) })
+    }
+
+    fn reload(&self, py: Python<'_>, config_json: &[u8]) -> PyResult<Self> {
+        let spec = parse_spec(config_json)?;
+        let router = py.detach(|| self.inner.reload(spec)).map_err(to_py)?;
+        router.warm_up();
+        Ok(Self { inner: Arc::new(router) })
+    }
+
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None))]
+    fn decide(
+        &self,
+        py: Python<'_>,
+        body: &[u8],
+        tags: Option<Vec<String>>,
+        team: Option<String>,
+        role: Option<String>,
+        user: Option<String>,
+    ) -> PyResult<Decision> {
+        let meta = core::RequestMeta { tags: tags.unwrap_or_default(), team, role, user };
+        let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
+        Ok(Decision { inner })
+    }
+
+    /// The body with its `model` value replaced by deployment `index`'s upstream model.
+    fn body_for<'py>(&self, py: Python<'py>, body: &[u8], decision: &Decision, index: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let model = &self.checked(index)?.model;
+        Ok(PyBytes::new(py, &core::rewrite_model(body, decision.inner.model_span, model)))
+    }
+
+    fn begin(&self, index: usize) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.begin(index);
+        Ok(())
+    }
+
+    #[pyo3(signature = (index, outcome_kind, latency_ms, retry_after_ms=None))]
+    fn report(&self, index: usize, outcome_kind: &str, latency_ms: f64, retry_after_ms: Option<u64>) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.report(index, outcome(outcome_kind, retry_after_ms)?, latency_ms);
+        Ok(())
+    }
+
+    fn try_retry(&self) -> bool {
+        self.inner.try_retry()
+    }
+
+    fn try_hedge(&self, route: &str) -> bool {
+        self.inner.try_hedge(route)
+    }
+
+    fn set_probe_result(&self, index: usize, healthy: bool, eject_ms: u64) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.set_probe_result(index, healthy, eject_ms);
+        Ok(())
+    }
+
+    fn health<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyDict>> {
+        self.checked(index)?;
+        let h = self.inner.health(index);
+        let d = PyDict::new(py);
+        d.set_item("circuit", h.circuit.name())?;
+        d.set_item("latency_ms", h.latency_ms)?;
+        d.set_item("error_rate", h.error_rate)?;
+        d.set_item("consecutive_failures", h.consecutive_failures)?;
+        d.set_item("in_flight", h.in_flight)?;
+        d.set_item("cooldown_ms", h.cooldown_ms)?;
+        d.set_item("requests", h.requests)?;
+        d.set_item("failures", h.failures)?;
+        Ok(d)
+    }
+
+    fn deployment_names(&self) -> Vec<String> {
+        (0..self.inner.deployment_count()).map(|i| self.inner.deployment(i).name.clone()).collect()
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        self.inner.model_names().map(str::to_owned).collect()
+    }
+
+    #[staticmethod]
+    fn count_tokens(py: Python<'_>, text: &str, encoding: &str) -> PyResult<usize> {
+        py.detach(|| core::Router::count_tokens(text, encoding)).map_err(to_py)
+    }
+}
+
+impl Router {
+    fn checked(&self, index: usize) -> PyResult<&core::DeploymentSpec> {
+        if index < self.inner.deployment_count() {
+            Ok(self.inner.deployment(index))
+        } else {
+            Err(PyValueError::new_err(format!("no deployment with index {index}")))
+        }
+    }
+}
+
+#[pymodule]
+mod _core {
+    #[pymodule_export]
+    use super::{BadRequestError, ConfigError, Decision, EdgerouteError, NoDeploymentError, Router, UnknownModelError};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}
