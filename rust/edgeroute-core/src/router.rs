@@ -49,6 +49,9 @@ pub struct RequestMeta {
     pub role: Option<String>,
     /// Overrides the body's `user` when set.
     pub user: Option<String>,
+    /// The prompt's token count when the caller already has it (an earlier
+    /// attempt of the same body, a cache): the router then skips counting.
+    pub prompt_tokens: Option<u32>,
 }
 
 /// The router's answer for one request.
@@ -227,7 +230,7 @@ impl Router {
         let req = ChatRequest::parse(body)?;
         let requested = *self.route_by_name.get(req.model.as_ref()).ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
         let encoding = self.deployments[self.routes[requested].members[0]].encoding;
-        let prompt_tokens = tokens::count_chat(&req, encoding) as u32;
+        let prompt_tokens = meta.prompt_tokens.unwrap_or_else(|| tokens::count_chat(&req, encoding) as u32);
 
         let text = if self.rules.needs_text() { prompt_text(&req) } else { String::new() };
         let user = meta.user.as_deref().or(req.user.as_deref());
@@ -247,7 +250,7 @@ impl Router {
             return Err(CoreError::BadRequest(msg.clone()));
         }
         let mut route = action.and_then(|a| a.route.as_ref()).map_or(requested, |r| self.route_by_name[r]);
-        let needed = prompt_tokens + req.max_tokens.unwrap_or(0);
+        let needed = prompt_tokens.saturating_add(req.max_tokens.unwrap_or(0));
         // A prompt too long for every deployment of the route goes to its context-window fallback.
         if !self.routes[route].members.iter().any(|&i| fits(&self.deployments[i].spec, needed)) {
             if let Some(f) = self.routes[route].spec.context_window_fallbacks.iter().find(|f| {
@@ -268,10 +271,8 @@ impl Router {
         }
         let mut ejected = Vec::new();
         for (pos, &r) in chain.iter().enumerate() {
-            let before = order.len();
             let strat = if pos == 0 { strategy } else { self.routes[r].spec.strategy };
             self.order_route(r, strat, action, needed, req.max_tokens, now_ms, &mut order, &mut ejected, &mut reason);
-            let _ = before;
         }
         // Fail open: if health has excluded everything, try the ejected ones rather than nothing.
         for i in ejected {

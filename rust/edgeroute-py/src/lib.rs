@@ -137,7 +137,8 @@ impl Router {
         Ok(Self { inner: Arc::new(router) })
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None))]
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None))]
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         py: Python<'_>,
@@ -146,8 +147,9 @@ impl Router {
         team: Option<String>,
         role: Option<String>,
         user: Option<String>,
+        prompt_tokens: Option<u32>,
     ) -> PyResult<Decision> {
-        let meta = core::RequestMeta { tags: tags.unwrap_or_default(), team, role, user };
+        let meta = core::RequestMeta { tags: tags.unwrap_or_default(), team, role, user, prompt_tokens };
         let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
     }

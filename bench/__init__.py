@@ -1,0 +1,1 @@
+"""edgeroute bench harness."""

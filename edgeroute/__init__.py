@@ -1,0 +1,1 @@
+"""edgeroute: an LLM routing edge proxy."""

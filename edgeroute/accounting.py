@@ -1,0 +1,105 @@
+"""What each request cost and how it went: records built on the request path,
+handed to a recorder that stores them off the hot path.
+
+`record()` is synchronous and cheap (an append), so that it can run in a `finally`
+even when the client has gone: spend is never left unrecorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from edgeroute.config import Price
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated: bool = False  # counted by the core because the upstream reported none
+
+    @classmethod
+    def from_openai(cls, u: dict[str, Any] | None) -> Usage | None:
+        if not isinstance(u, dict):
+            return None
+        details = u.get("prompt_tokens_details") or {}
+        return cls(
+            int(u.get("prompt_tokens") or 0),
+            int(u.get("completion_tokens") or 0),
+            int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+        )
+
+
+def cost_of(price: Price, usage: Usage) -> float:
+    """USD for `usage` at `price`; cached prompt tokens at the cached price when one is set."""
+    cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
+    fresh = usage.prompt_tokens - usage.cached_tokens
+    return (
+        fresh * price.input_per_mtok
+        + usage.cached_tokens * cached_price
+        + usage.completion_tokens * price.output_per_mtok
+    ) / 1e6
+
+
+@dataclass(slots=True)
+class AttemptRecord:
+    deployment: str
+    provider: str
+    outcome: str  # success | rate_limited | server_error | timeout | connect_error | client_error | cancelled
+    status: int | None
+    latency_ms: float
+    hedge: bool = False
+    error: str | None = None
+    usage: Usage | None = None
+    cost_usd: float = 0.0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    started: float
+    model: str
+    route: str = ""
+    rule: str | None = None
+    stream: bool = False
+    key: str | None = None
+    team: str | None = None
+    user: str | None = None
+    status: int = 0
+    outcome: str = "pending"
+    latency_ms: float = 0.0
+    deployment: str | None = None
+    usage: Usage | None = None
+    cost_usd: float = 0.0
+    attempts: list[AttemptRecord] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+
+class Recorder(Protocol):
+    def record(self, rec: RequestRecord) -> None: ...
+
+
+class MemoryRecorder:
+    """Keeps the most recent records in memory (the embedded default)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self.records: collections.deque[RequestRecord] = collections.deque(maxlen=keep)
+        self.total_cost = 0.0
+        self.count = 0
+
+    def record(self, rec: RequestRecord) -> None:
+        self.records.append(rec)
+        self.total_cost += rec.cost_usd
+        self.count += 1
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,125 @@
+"""The `edgeroute` command line: serve, check, demo, route, bench, router."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from edgeroute import config as config_mod
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: OK ({len(cfg.providers)} providers, {len(cfg.deployments)} deployments, "
+        f"{len(cfg.models)} models, {len(cfg.rules)} rules)"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    from edgeroute.server import serve
+
+    serve(cfg, args.config, args.host, args.port, print_fn=lambda s: print(s, flush=True))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgeroute.demo import run_demo
+
+    return run_demo(port=args.port, tour_only=args.tour_only)
+
+
+def _cmd_route(args: argparse.Namespace) -> int:
+    import orjson
+
+    from edgeroute import _core
+
+    try:
+        cfg = config_mod.load(args.config, check_secrets=False)
+    except config_mod.ConfigError as e:
+        for line in e.errors:
+            print(line, file=sys.stderr)
+        return 1
+    router = _core.Router(cfg.core_json())
+    body = orjson.dumps({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]})
+    try:
+        d = router.decide(body, tags=args.tag or None)
+    except _core.EdgerouteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = router.deployment_names()
+    print(f"model:      {d.model}\nroute:      {d.route}\nrule:       {d.rule or '(default)'}")
+    print(f"why:        {'; '.join(d.reasons)}\nstrategy:   {d.strategy}")
+    print(f"tokens:     {d.prompt_tokens} ({d.encoding})\ndeployment: {names[d.order[0]]}")
+    print(f"fallbacks:  {', '.join(names[i] for i in d.order[1:]) or '(none)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeroute", description="An LLM routing edge proxy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the proxy")
+    s.add_argument("--config", "-c", required=True)
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(fn=_cmd_serve)
+
+    c = sub.add_parser("check", help="validate a config file without serving")
+    c.add_argument("config")
+    c.set_defaults(fn=_cmd_check)
+
+    d = sub.add_parser("demo", help="run the proxy on bundled mock providers (no keys, no network)")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--tour-only", action="store_true", help="run the guided tour, then exit")
+    d.set_defaults(fn=_cmd_demo)
+
+    r = sub.add_parser("route", help="show the routing decision for a prompt")
+    r.add_argument("prompt")
+    r.add_argument("--config", "-c", required=True)
+    r.add_argument("--model", "-m", default="auto")
+    r.add_argument("--tag", action="append")
+    r.add_argument("--explain", action="store_true", help="print the explanation (the default)")
+    r.set_defaults(fn=_cmd_route)
+
+    b = sub.add_parser(
+        "bench", help="load-test an OpenAI-compatible endpoint (see `edgeroute bench -h`)", add_help=False
+    )
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=lambda a: _delegate("bench.cli", a.rest))
+
+    t = sub.add_parser("router", help="train and evaluate learned routers", add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=lambda a: _delegate("edgeroute.learn.cli", a.rest))
+    return p
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    mod = importlib.import_module(module)
+    result: int = mod.main(argv)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.fn(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""The request path after the decision: attempts, retries, failover, hedging, relay.
+
+Policy comes from the core's decision (the order of deployments, the hedge delay)
+and its budgets (retry and hedge); this module does the I/O and reports every
+attempt back to the core. Invariants it keeps:
+
+- exactly one answer reaches the client, never two spliced together: a stream is
+  committed to one upstream only when that upstream's first real content arrives,
+  and after that an upstream failure ends the stream with an explicit error event;
+- every attempt, won, lost or cancelled, is reported to the core and recorded;
+- client errors (400, 404 model unknown upstream, 413, ...) are returned, not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from edgeroute import _core, sse
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of
+from edgeroute.config import Timeouts
+from edgeroute.errors import ProxyError
+from edgeroute.providers import ErrorClass
+from edgeroute.state import Live
+from edgeroute.upstream import DeploymentInfo
+
+TAIL_BYTES = 8192
+
+
+@dataclass(slots=True)
+class Failure:
+    cls: ErrorClass
+    status: int | None
+    message: str
+    retry_after_s: float | None = None
+    body: bytes = b""
+
+
+@dataclass(slots=True)
+class JsonAnswer:
+    body: bytes
+    usage: Usage | None
+
+
+@dataclass(slots=True)
+class StreamAnswer:
+    """An upstream stream that has produced its first real content (or ended cleanly)."""
+
+    resp: aiohttp.ClientResponse
+    head: bytes  # OpenAI-format SSE bytes read so far, to send first
+    translator: Any
+
+
+Answer = JsonAnswer | StreamAnswer
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(body: bytes, status: int) -> str:
+    try:
+        obj = orjson.loads(body)
+        msg = obj.get("error", {}).get("message") if isinstance(obj, dict) else None
+        if isinstance(msg, str):
+            return msg[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    return f"upstream answered HTTP {status}"
+
+
+class Call:
+    """One client request's dispatch over the decision's deployments."""
+
+    def __init__(
+        self,
+        live: Live,
+        decision: _core.Decision,
+        body: bytes,
+        record: RequestRecord,
+        timeouts: Timeouts,
+        max_attempts: int,
+    ) -> None:
+        self.live = live
+        self.router = live.router
+        self.decision = decision
+        self.body = body
+        self.record = record
+        self.timeouts = timeouts
+        self.max_attempts = max_attempts
+        self.stream = decision.stream
+        self.deadline = asyncio.get_running_loop().time() + timeouts.total
+        self.failures: list[tuple[DeploymentInfo, Failure]] = []
+        self.served_by: DeploymentInfo | None = None
+        self.hedged = False
+
+    # -- one attempt ---------------------------------------------------------
+
+    async def attempt(self, dep: DeploymentInfo, hedge: bool = False) -> Answer | Failure:
+        up = self.live.upstreams[dep.provider]
+        adapter = up.adapter
+        body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
+        req = adapter.build(dep.model, body, self.stream)
+        rec = AttemptRecord(dep.name, dep.provider, "pending", None, 0.0, hedge=hedge)
+        self.record.attempts.append(rec)
+        self.router.begin(dep.index)
+        t0 = time.perf_counter()
+        resp: aiohttp.ClientResponse | None = None
+        keep_open = False
+        result: Answer | Failure
+        try:
+            first_byte = min(self.timeouts.first_byte, self._remaining())
+            async with asyncio.timeout(first_byte):
+                resp = await up.session.post(req.url, data=req.body, headers=req.headers)
+                rec.status = resp.status
+                if resp.status >= 400:
+                    data = await resp.read()
+                    cls = adapter.classify(resp.status, data)
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    result = Failure(cls, resp.status, _error_message(data, resp.status), retry_after, data)
+                elif self.stream:
+                    result = await self._hold_stream(resp, adapter)
+                    keep_open = isinstance(result, StreamAnswer)
+            if not self.stream and resp.status < 400:
+                async with asyncio.timeout(self._remaining()):
+                    data = await resp.read()
+                result = self._json_answer(data, adapter)
+        except TimeoutError:
+            result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
+        except (aiohttp.ClientError, OSError) as e:
+            result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
+        except asyncio.CancelledError:
+            # A lost hedge or a client that went away: close the connection, account for it.
+            rec.outcome = "cancelled"
+            rec.latency_ms = (time.perf_counter() - t0) * 1000
+            self.router.report(dep.index, "client_error", rec.latency_ms)
+            if resp is not None:
+                resp.close()
+            raise
+        finally:
+            if resp is not None and not keep_open:
+                resp.release()
+        latency = (time.perf_counter() - t0) * 1000
+        rec.latency_ms = latency
+        if isinstance(result, Failure):
+            rec.outcome = result.cls.value if result.cls.retryable else "client_error"
+            rec.error = result.message
+            retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
+            outcome = (
+                "client_error"
+                if not result.cls.retryable or result.cls is ErrorClass.CONTEXT_WINDOW
+                else result.cls.value
+            )
+            self.router.report(dep.index, outcome, latency, retry_ms)
+        else:
+            rec.outcome = "success"
+            self.router.report(dep.index, "success", latency)
+            if isinstance(result, JsonAnswer):
+                self._settle(rec, dep, result.usage)
+        return result
+
+    def _json_answer(self, data: bytes, adapter: Any) -> JsonAnswer | Failure:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return Failure(ErrorClass.SERVER, 200, "upstream sent malformed JSON")
+        if not isinstance(obj, dict):
+            return Failure(ErrorClass.SERVER, 200, "upstream sent an unexpected JSON value")
+        if not adapter.passthrough:
+            obj = adapter.translate_response(obj)
+            data = orjson.dumps(obj)
+        elif "choices" not in obj:
+            return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")
+        return JsonAnswer(data, Usage.from_openai(obj.get("usage")))
+
+    async def _hold_stream(self, resp: aiohttp.ClientResponse, adapter: Any) -> StreamAnswer | Failure:
+        """Reads until the first real content event, so that an error before it can fail over."""
+        translator = None if adapter.passthrough else adapter.stream_translator(self.decision.model)
+        buf = b""
+        head = b""
+        while True:
+            chunk = await resp.content.readany()
+            if not chunk:
+                return Failure(ErrorClass.SERVER, resp.status, "upstream stream ended before any content")
+            if translator is not None:
+                chunk = translator.feed(chunk)
+            head += chunk
+            buf += chunk
+            events, buf = sse.split_events(buf)
+            for ev in events:
+                data = sse.event_data(ev)
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    return StreamAnswer(resp, head, translator)
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    return Failure(ErrorClass.SERVER, resp.status, "upstream sent a malformed stream event")
+                if isinstance(obj, dict) and obj.get("error"):
+                    err = obj["error"]
+                    msg = err.get("message") if isinstance(err, dict) else str(err)
+                    return Failure(ErrorClass.SERVER, resp.status, f"upstream stream error: {msg}"[:500])
+                if _has_content(obj):
+                    return StreamAnswer(resp, head, translator)
+
+    def _remaining(self) -> float:
+        return max(0.001, self.deadline - asyncio.get_running_loop().time())
+
+    def _settle(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
+        if usage is None:
+            usage = Usage(prompt_tokens=self.decision.prompt_tokens, estimated=True)
+        rec.usage = usage
+        rec.cost_usd = cost_of(dep.price, usage)
+
+    # -- the loop over attempts ----------------------------------------------
+
+    async def run(self) -> tuple[Answer, DeploymentInfo]:
+        table = self.live.deployments
+        order = [table[i] for i in self.decision.order]
+        pos = 0
+        attempts = 0
+        rounds = 0
+        hedge_ms = self.decision.hedge_after_ms
+        while attempts < self.max_attempts and self._remaining() > 0.001:
+            if pos >= len(order):
+                # Every deployment failed once: back off (full jitter, honouring Retry-After) and go round again.
+                rounds += 1
+                wait = self._backoff(rounds)
+                if wait is None or wait >= self._remaining():
+                    break
+                await asyncio.sleep(wait)
+                pos = 0
+            if attempts > 0 and not self.router.try_retry():
+                self.failures.append((order[pos], Failure(ErrorClass.SERVER, None, "retry budget exhausted")))
+                break
+            dep = order[pos]
+            pos += 1
+            attempts += 1
+            if hedge_ms is not None and rounds == 0 and pos < len(order):
+                result, dep, used = await self._race(dep, order[pos], hedge_ms / 1000)
+                pos += used - 1
+                attempts += used - 1
+                hedge_ms = None
+            else:
+                result = await self.attempt(dep)
+            if not isinstance(result, Failure):
+                return result, dep
+            self.failures.append((dep, result))
+            if not result.cls.retryable:
+                raise self._client_error(result)
+        raise self._exhausted()
+
+    async def _race(
+        self, first: DeploymentInfo, second: DeploymentInfo, delay: float
+    ) -> tuple[Answer | Failure, DeploymentInfo, int]:
+        """Runs `first`; if it has not answered after `delay`, hedges to `second`. One wins."""
+        t1 = asyncio.ensure_future(self.attempt(first))
+        done, _ = await asyncio.wait({t1}, timeout=delay)
+        if done or not self.router.try_hedge(self.decision.route):
+            return await t1, first, 1
+        self.hedged = True
+        t2 = asyncio.ensure_future(self.attempt(second, hedge=True))
+        tasks = {t1: first, t2: second}
+        pending = set(tasks)
+        last: tuple[Answer | Failure, DeploymentInfo] | None = None
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    res = t.result()
+                    if not isinstance(res, Failure):
+                        for p in pending:
+                            p.cancel()
+                        await asyncio.gather(*pending, return_exceptions=True)
+                        if tasks[t] is second:
+                            self.record.outcome = "hedge_won"
+                        return res, tasks[t], 2
+                    self.failures.append((tasks[t], res))
+                    last = (res, tasks[t])
+        finally:
+            for p in pending:
+                p.cancel()
+        assert last is not None
+        # Both failed: the caller records the last failure; the first is already in self.failures.
+        self.failures.pop()
+        return last[0], last[1], 2
+
+    def _backoff(self, rounds: int) -> float | None:
+        cfg = self.live.config.retry
+        waits = [f.retry_after_s for _, f in self.failures[-len(self.decision.order) :] if f.retry_after_s is not None]
+        if waits:
+            wait = min(waits)
+            return None if wait > cfg.max_retry_after_s else wait
+        cap = min(cfg.max_ms, cfg.base_ms * (2**rounds)) / 1000
+        return random.uniform(0, cap)
+
+    def _client_error(self, f: Failure) -> ProxyError:
+        status = f.status or 400
+        return ProxyError(status, f.message, code="upstream_client_error" if status != 404 else "model_not_found")
+
+    def _exhausted(self) -> ProxyError:
+        details = [
+            {"deployment": d.name, "status": f.status, "error": f.cls.value, "message": f.message}
+            for d, f in self.failures
+        ]
+        classes = {f.cls for _, f in self.failures}
+        if classes and classes <= {ErrorClass.TIMEOUT}:
+            status, code = 504, "upstream_timeout"
+        elif classes and classes <= {ErrorClass.RATE_LIMIT}:
+            status, code = 429, "upstream_rate_limited"
+        elif not classes:
+            status, code = 503, "no_deployment_available"
+        else:
+            status, code = 502, "upstream_failed"
+        tried = ", ".join(sorted({d.name for d, _ in self.failures})) or "none"
+        waits = [f.retry_after_s for _, f in self.failures if f.retry_after_s is not None]
+        hdrs = {"Retry-After": str(max(1, int(min(waits) + 0.999)))} if waits and status == 429 else {}
+        return ProxyError(
+            status,
+            f"All deployments for model '{self.decision.model}' failed (tried: {tried}).",
+            code=code,
+            headers=hdrs,
+            details=details,
+        )
+
+
+def _has_content(obj: Any) -> bool:
+    """Whether a chunk carries something a user would see (text, tool call, refusal, finish)."""
+    if not isinstance(obj, dict):
+        return False
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or delta.get("refusal") or delta.get("function_call"):
+            return True
+        if choice.get("finish_reason"):
+            return True
+    return bool(obj.get("usage")) and not obj.get("choices")
+
+
+async def relay_stream(
+    request: web.Request,
+    answer: StreamAnswer,
+    response_headers: dict[str, str],
+    idle_timeout: float,
+    call: Call,
+    dep: DeploymentInfo,
+) -> web.StreamResponse:
+    """Sends the held head, then each upstream chunk as it arrives, unmerged."""
+    out = web.StreamResponse(status=200, headers=response_headers)
+    out.content_type = "text/event-stream"
+    out.headers["Cache-Control"] = "no-cache"
+    await out.prepare(request)
+    tail = answer.head[-TAIL_BYTES:]
+    rec = call.record.attempts[-1] if call.record.attempts else None
+    for a in reversed(call.record.attempts):
+        if a.deployment == dep.name and a.outcome == "success":
+            rec = a
+            break
+    translator = answer.translator
+    completed = sse.DONE in answer.head
+    try:
+        await out.write(answer.head)
+        while not completed:
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    chunk = await answer.resp.content.readany()
+            except TimeoutError:
+                await out.write(
+                    sse.error_event("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+                )
+                call.record.outcome = "stream_interrupted"
+                break
+            except (aiohttp.ClientError, OSError):
+                await out.write(
+                    sse.error_event(
+                        "The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted"
+                    )
+                )
+                call.record.outcome = "stream_interrupted"
+                break
+            if not chunk:
+                call.router.report(dep.index, "server_error", 0.0)
+                await out.write(
+                    sse.error_event(
+                        "The upstream ended the stream early; the answer is incomplete.", "stream_incomplete"
+                    )
+                )
+                call.record.outcome = "stream_interrupted"
+                break
+            if translator is not None:
+                chunk = translator.feed(chunk)
+            if chunk:
+                await out.write(chunk)
+                tail = (tail + chunk)[-TAIL_BYTES:]
+                completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+        await out.write_eof()
+    finally:
+        answer.resp.close()
+        usage = Usage.from_openai(sse.find_usage(tail))
+        if rec is not None:
+            call._settle(rec, dep, usage)
+    return out

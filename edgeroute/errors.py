@@ -1,0 +1,79 @@
+"""Errors as clients see them: OpenAI's JSON error format with the right status.
+
+Every error the proxy raises on purpose is a :class:`ProxyError`; the server turns it
+into a response with :func:`error_body`. Messages never contain secrets: callers pass
+only what is safe for a client to read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# OpenAI's error `type` for each status we produce.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ProxyError(Exception):
+    """An error answered to the client with `status` and an OpenAI-format body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+        self.details = details
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+
+    def body(self) -> bytes:
+        return error_body(self.status, self.message, code=self.code, param=self.param, details=self.details)
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    details: list[dict[str, Any]] | None = None,
+) -> bytes:
+    """The JSON body OpenAI sends for an error (`{"error": {...}}`)."""
+    err: dict[str, Any] = {
+        "message": message,
+        "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
+        "param": param,
+        "code": code,
+    }
+    if details is not None:
+        # Which deployments were tried and why they failed: safe summaries only.
+        err["attempts"] = details
+    return orjson.dumps({"error": err})

@@ -1,0 +1,30 @@
+"""Names of the headers edgeroute reads and writes, in one place."""
+
+REQUEST_ID = "x-request-id"
+DEPLOYMENT = "x-edgeroute-deployment"
+ROUTE = "x-edgeroute-route"
+ATTEMPTS = "x-edgeroute-attempts"
+RULE = "x-edgeroute-rule"
+PROMPT_TOKENS = "x-edgeroute-prompt-tokens"
+COST = "x-edgeroute-cost-usd"
+EXPLAIN = "x-edgeroute-explain"
+TAGS = "x-edgeroute-tags"
+HEDGED = "x-edgeroute-hedged"
+
+# Hop-by-hop and client-identity headers that must never reach an upstream.
+NOT_FORWARDED = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "cookie",
+    }
+)

@@ -1,0 +1,252 @@
+"""A mock of OpenAI's Chat Completions API, faithful to its wire format.
+
+Answers `POST /v1/chat/completions` (JSON or SSE stream, with `usage`,
+`stream_options.include_usage`, tool calls) and `GET /v1/models`, and OpenAI's error
+bodies for bad input, a wrong key or an unknown model. Behaviour a test wants to
+provoke is set per server (:class:`MockOptions`) or per request with headers:
+
+- ``x-mock-latency-ms``: wait before answering;
+- ``x-mock-status`` (and ``x-mock-retry-after``): answer that error status instead;
+- ``x-mock-content``: the assistant's reply text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+_ERROR_TYPES = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    502: ("server_error", None),
+    503: ("server_error", None),
+}
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class MockOptions:
+    """How the mock behaves for every request."""
+
+    api_key: str | None = None
+    models: list[str] | None = None  # None: accept any model
+    latency_ms: float = 0.0
+    # Pause between stream chunks, in seconds.
+    chunk_interval: float = 0.0
+    # Words in a default reply.
+    reply_words: int = 12
+    name: str = "mock-openai"
+    # When set, every chat request fails with this status (an outage, for demos and tests).
+    fail_status: int | None = None
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    record: bool = False
+
+
+def openai_error(status: int, message: str, *, param: str | None = None) -> web.Response:
+    etype, code = _ERROR_TYPES.get(status, ("server_error", None))
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def count_words(messages: list[dict[str, Any]]) -> int:
+    n = 0
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, str):
+            n += len(c.split())
+        elif isinstance(c, list):
+            n += sum(len(str(p.get("text", "")).split()) for p in c if isinstance(p, dict))
+    return n
+
+
+def reply_text(body: dict[str, Any], opts: MockOptions, override: str | None) -> str:
+    if override is not None:
+        return override
+    last = ""
+    for m in reversed(body.get("messages", [])):
+        if m.get("role") == "user" and isinstance(m.get("content"), str):
+            last = m["content"]
+            break
+    echo = " ".join(last.split()[:6])
+    words = [f"Hello from {body['model']}.", f"You said: {echo}."] if echo else [f"Hello from {body['model']}."]
+    filler = ["This", "is", "a", "mock", "answer", "from", "edgeroute's", "bundled", "provider."]
+    words += [filler[i % len(filler)] for i in range(max(0, opts.reply_words - 6))]
+    return " ".join(words)
+
+
+def tool_call_for(body: dict[str, Any]) -> dict[str, Any] | None:
+    """Calls the first tool when tools are offered and the conversation has no tool result yet."""
+    tools = body.get("tools") or []
+    if not tools or body.get("tool_choice") == "none":
+        return None
+    if any(m.get("role") == "tool" for m in body.get("messages", [])):
+        return None
+    fn = tools[0].get("function", {})
+    props = (fn.get("parameters") or {}).get("properties") or {}
+    args = {k: ("Paris" if v.get("type") == "string" else 1) for k, v in props.items()}
+    return {
+        "id": f"call_mock{next(_ids)}",
+        "type": "function",
+        "function": {"name": fn.get("name", "tool"), "arguments": orjson.dumps(args).decode()},
+    }
+
+
+def usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    opts: MockOptions = request.app[OPTIONS]
+    if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
+        return openai_error(401, "Incorrect API key provided.")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return openai_error(400, "We could not parse the JSON body of your request.")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return openai_error(400, "you must provide a model parameter", param="model")
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return openai_error(400, "Missing required parameter: 'messages'.", param="messages")
+    if opts.record:
+        opts.requests.append({"headers": dict(request.headers), "body": body})
+    model = body["model"]
+    if opts.models is not None and model not in opts.models:
+        return openai_error(404, f"The model `{model}` does not exist or you do not have access to it.")
+    latency = float(request.headers.get("x-mock-latency-ms", opts.latency_ms))
+    if latency:
+        await asyncio.sleep(latency / 1000)
+    if opts.fail_status is not None or "x-mock-status" in request.headers:
+        status = opts.fail_status or int(request.headers["x-mock-status"])
+        resp = openai_error(status, f"Mock error {status}.")
+        if "x-mock-retry-after" in request.headers:
+            resp.headers["retry-after"] = request.headers["x-mock-retry-after"]
+        return resp
+
+    prompt_tokens = 3 + 4 * len(body["messages"]) + count_words(body["messages"])
+    call = tool_call_for(body)
+    text = None if call else reply_text(body, opts, request.headers.get("x-mock-content"))
+    pieces = text.split(" ") if text is not None else []
+    completion_tokens = len(pieces) if call is None else 12
+    cid = f"chatcmpl-mock{next(_ids)}"
+    created = int(time.time())
+    finish = "tool_calls" if call else "stop"
+    if body.get("max_tokens") is not None and call is None and body["max_tokens"] < len(pieces):
+        pieces = pieces[: body["max_tokens"]]
+        completion_tokens = len(pieces)
+        finish = "length"
+
+    if not body.get("stream"):
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": " ".join(pieces) if call is None else None,
+            "refusal": None,
+            "annotations": [],
+        }
+        if call:
+            message["tool_calls"] = [call]
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": usage(prompt_tokens, completion_tokens),
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_mock",
+                }
+            ),
+            content_type="application/json",
+        )
+
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    base = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "service_tier": "default",
+        "system_fingerprint": "fp_mock",
+    }
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        c: dict[str, Any] = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            c["usage"] = None
+        return _sse(c)
+
+    await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+    if call:
+        head = {
+            "index": 0,
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""},
+        }
+        await resp.write(chunk({"tool_calls": [head]}))
+        args = call["function"]["arguments"]
+        for i in range(0, len(args), 8):
+            if opts.chunk_interval:
+                await asyncio.sleep(opts.chunk_interval)
+            await resp.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]}))
+    for i, piece in enumerate(pieces):
+        if opts.chunk_interval:
+            await asyncio.sleep(opts.chunk_interval)
+        await resp.write(chunk({"content": piece if i == 0 else " " + piece}))
+    await resp.write(chunk({}, finish))
+    if include_usage:
+        await resp.write(_sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+async def list_models(request: web.Request) -> web.Response:
+    opts: MockOptions = request.app[OPTIONS]
+    names = opts.models or ["gpt-4o", "gpt-4o-mini"]
+    data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": opts.name} for m in names]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+OPTIONS = web.AppKey("options", MockOptions)
+
+
+def build_app(options: MockOptions | None = None) -> web.Application:
+    """The mock as an aiohttp application (paths with and without the /v1 prefix)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[OPTIONS] = options or MockOptions()
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/models", list_models)
+    return app

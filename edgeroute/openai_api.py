@@ -1,0 +1,174 @@
+"""The OpenAI-compatible endpoints: `/v1/chat/completions`, `/v1/models`, `/v1/route/explain`."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import _core, headers
+from edgeroute.accounting import RequestRecord
+from edgeroute.admission import ADMISSION, Ticket
+from edgeroute.dispatch import Call, JsonAnswer, relay_stream
+from edgeroute.errors import ProxyError
+from edgeroute.state import RECORDER, STATE, Live
+
+_PREFIX = os.urandom(4).hex()
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"req_{_PREFIX}{next(_ids):08x}"
+
+
+def _tags(request: web.Request) -> list[str] | None:
+    raw = request.headers.get(headers.TAGS)
+    if not raw:
+        return None
+    return [t.strip() for t in raw.split(",") if t.strip()]
+
+
+def decide(live: Live, body: bytes, request: web.Request) -> _core.Decision:
+    """Asks the core; maps its errors onto the API's statuses."""
+    try:
+        return live.router.decide(body, tags=_tags(request))
+    except _core.BadRequestError as e:
+        raise ProxyError(400, str(e), code="invalid_request") from None
+    except _core.UnknownModelError as e:
+        raise ProxyError(404, str(e), code="model_not_found", param="model") from None
+    except _core.NoDeploymentError as e:
+        raise ProxyError(503, str(e), code="no_deployment_available") from None
+
+
+def explain_header(d: _core.Decision) -> str:
+    rule = d.rule or "default"
+    return f"route={d.route}; rule={rule}; why={' & '.join(d.reasons)}; tokens={d.prompt_tokens}"
+
+
+async def read_body(request: web.Request) -> bytes:
+    if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
+        raise ProxyError(415, f"Unsupported content type {request.content_type!r}; send application/json.")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise ProxyError(
+            413, f"The request body is too large (limit {e.max_size} bytes).", code="request_too_large"
+        ) from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    live = state.live
+    rid = request.headers.get(headers.REQUEST_ID) or new_request_id()
+    if len(rid) > 128 or not rid.isprintable():
+        rid = new_request_id()
+    started = time.perf_counter()
+    rec = RequestRecord(request_id=rid, started=time.time(), model="")
+    admission = request.app[ADMISSION]
+    ticket: Ticket | None = None
+    try:
+        body = await read_body(request)
+        decision = decide(live, body, request)
+        rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
+        ticket = await admission.admit(request, decision, rec)
+        model = live.config.models[decision.route]
+        timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
+        call = Call(live, decision, body, rec, timeouts, model.max_attempts)
+        try:
+            answer, dep = await call.run()
+        except ProxyError as e:
+            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            raise
+        rec.deployment = dep.name
+        hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
+        if call.hedged:
+            hdrs[headers.HEDGED] = "true"
+        if isinstance(answer, JsonAnswer):
+            cost = sum(a.cost_usd for a in rec.attempts)
+            hdrs[headers.COST] = f"{cost:.8f}"
+            rec.status = 200
+            return web.Response(body=answer.body, headers=hdrs, content_type="application/json")
+        rec.status = 200
+        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep)
+    except ProxyError as e:
+        rec.status = e.status
+        e.headers.setdefault(headers.REQUEST_ID, rid)
+        raise
+    finally:
+        rec.latency_ms = (time.perf_counter() - started) * 1000
+        rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
+        for a in reversed(rec.attempts):
+            if a.usage is not None and a.outcome == "success":
+                rec.usage = a.usage
+                break
+        if rec.outcome == "pending":
+            rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
+        admission.settle(ticket, rec)
+        request.app[RECORDER].record(rec)
+
+
+def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:
+    h = {
+        headers.REQUEST_ID: rid,
+        headers.ROUTE: d.route,
+        headers.ATTEMPTS: str(attempts),
+        headers.PROMPT_TOKENS: str(d.prompt_tokens),
+        headers.EXPLAIN: explain_header(d),
+    }
+    if deployment is not None:
+        h[headers.DEPLOYMENT] = deployment
+    if d.rule is not None:
+        h[headers.RULE] = d.rule
+    return h
+
+
+async def list_models(request: web.Request) -> web.Response:
+    live = request.app[STATE].live
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"} for name in live.config.models]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    live = request.app[STATE].live
+    name = request.match_info["model"]
+    if name not in live.config.models:
+        raise ProxyError(
+            404, f"The model `{name}` does not exist or you do not have access to it.", code="model_not_found"
+        )
+    return web.Response(
+        body=orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"}),
+        content_type="application/json",
+    )
+
+
+async def explain(request: web.Request) -> web.Response:
+    """The routing decision for a chat request, without calling any upstream."""
+    live = request.app[STATE].live
+    body = await read_body(request)
+    d = decide(live, body, request)
+    table = live.deployments
+    out: dict[str, Any] = {
+        "model": d.model,
+        "route": d.route,
+        "rule": d.rule,
+        "reasons": d.reasons,
+        "strategy": d.strategy,
+        "prompt_tokens": d.prompt_tokens,
+        "encoding": d.encoding,
+        "deployment": table[d.order[0]].name,
+        "fallbacks": [table[i].name for i in d.order[1:]],
+        "hedge_after_ms": d.hedge_after_ms,
+    }
+    return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", retrieve_model)
+    app.router.add_post("/v1/route/explain", explain)

@@ -1,0 +1,87 @@
+"""The adapter interface every provider implements."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from edgeroute.config import Provider
+    from edgeroute.secrets import Secret
+
+
+class ErrorClass(enum.Enum):
+    """What an upstream failure means for routing."""
+
+    RATE_LIMIT = "rate_limited"  # 429 and overload answers: retry elsewhere, cool down
+    SERVER = "server_error"  # 5xx, malformed answers: retry elsewhere
+    TIMEOUT = "timeout"
+    CONNECT = "connect_error"
+    CONTEXT_WINDOW = "context_window"  # prompt too long for this model: larger model
+    CONTENT_POLICY = "content_policy"
+    CLIENT = "client_error"  # the request itself is wrong: return it, do not retry
+
+    @property
+    def retryable(self) -> bool:
+        return self not in (ErrorClass.CLIENT, ErrorClass.CONTENT_POLICY)
+
+
+class StreamTranslator(Protocol):
+    def feed(self, chunk: bytes) -> bytes:
+        """Consumes provider bytes; returns the OpenAI SSE bytes they complete (maybe empty)."""
+        ...
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Adapter:
+    """Base adapter. Subclasses set `passthrough` when they speak OpenAI's format."""
+
+    passthrough: ClassVar[bool] = False
+
+    def __init__(self, name: str, provider: Provider, api_key: Secret | None) -> None:
+        self.name = name
+        self.provider = provider
+        self.api_key = api_key
+
+    def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
+        """The upstream request for an OpenAI-format `body` whose model is already `model`."""
+        raise NotImplementedError
+
+    def classify(self, status: int, body: bytes) -> ErrorClass:
+        """The routing meaning of a non-2xx answer."""
+        if status in (408,):
+            return ErrorClass.TIMEOUT
+        if status == 429:
+            return ErrorClass.RATE_LIMIT
+        if status >= 500:
+            return ErrorClass.SERVER
+        low = body[:2048].lower()
+        if b"context_length_exceeded" in low or b"maximum context length" in low:
+            return ErrorClass.CONTEXT_WINDOW
+        if b"content_policy" in low or b"content_filter" in low:
+            return ErrorClass.CONTENT_POLICY
+        return ErrorClass.CLIENT
+
+    def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """The provider's JSON answer as an OpenAI chat completion (identity for pass-through)."""
+        return obj
+
+    def stream_translator(self, model: str) -> StreamTranslator | None:
+        """A translator from the provider's stream bytes to OpenAI SSE bytes (None: pass-through)."""
+        return None
+
+    def health_headers(self) -> dict[str, str]:
+        """Headers for the health-check request."""
+        return {}
+
+    def health_url(self) -> str:
+        """A cheap URL whose 2xx answer means the provider is up."""
+        path = self.provider.health_check.path if self.provider.health_check else "/models"
+        return self.provider.base_url + path

@@ -1,0 +1,52 @@
+"""Provider credentials by reference: ``env:NAME``, ``file:PATH`` or a literal.
+
+References are resolved when the config loads (so a missing secret is a load error,
+not a 500 on the first request) and again on reload, which is how a rotated secret
+is picked up. A :class:`Secret` never prints its value.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class SecretError(ValueError):
+    """A secret reference could not be resolved."""
+
+
+class Secret:
+    """A resolved credential whose repr and str hide the value."""
+
+    __slots__ = ("_value", "reference")
+
+    def __init__(self, value: str, reference: str) -> None:
+        self._value = value
+        self.reference = reference
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret({self.reference!r})"
+
+    __str__ = __repr__
+
+
+def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
+    """Resolves ``env:NAME`` / ``file:PATH`` (relative to `base_dir`) / a literal value."""
+    if reference.startswith("env:"):
+        name = reference[4:]
+        value = os.environ.get(name)
+        if value is None:
+            raise SecretError(f"environment variable {name} is not set")
+        return Secret(value, reference)
+    if reference.startswith("file:"):
+        path = Path(reference[5:]).expanduser()
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            return Secret(path.read_text().strip(), reference)
+        except OSError as e:
+            raise SecretError(f"cannot read secret file {path}: {e.strerror}") from None
+    return Secret(reference, "<literal>")

@@ -1,0 +1,191 @@
+"""The aiohttp application: middleware, health and admin endpoints, lifecycle.
+
+Owns how errors look (OpenAI's JSON format, never a traceback), load shedding,
+client authentication, and start-up / graceful drain. Endpoint logic lives in
+`openai_api.py`; upstream I/O in `dispatch.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from edgeroute import openai_api, secrets
+from edgeroute.accounting import MemoryRecorder, Recorder
+from edgeroute.admission import ADMISSION, Admission, AdmitAll
+from edgeroute.config import Config
+from edgeroute.errors import ProxyError, error_body
+from edgeroute.state import RECORDER, STATE, Live, ServerState
+
+log = logging.getLogger("edgeroute")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _json_error(e: ProxyError) -> web.Response:
+    return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=e.headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        return _json_error(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        msg = {
+            404: f"Unknown request URL: {request.method} {request.path}.",
+            405: f"Method {request.method} is not allowed for {request.path}.",
+        }.get(e.status, e.reason)
+        return web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return web.Response(
+            status=500, body=error_body(500, "Internal error in edgeroute."), content_type="application/json"
+        )
+
+
+def _auth_middleware(keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    resolved = [secrets.resolve(k).reveal().encode() for k in keys]
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _PUBLIC_PATHS:
+            got = request.headers.get("Authorization", "")
+            token = got[7:].encode() if got.startswith("Bearer ") else request.headers.get("x-api-key", "").encode()
+            if not any(hmac.compare_digest(token, k) for k in resolved):
+                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+        return await handler(request)
+
+    return auth
+
+
+@web.middleware
+async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Caps in-flight requests: above the cap, answer 503 at once instead of queueing."""
+    state = request.app[STATE]
+    c = state.counters
+    if request.path in _PUBLIC_PATHS:
+        return await handler(request)
+    if c.in_flight >= state.live.config.server.max_in_flight:
+        c.shed += 1
+        raise ProxyError(
+            503, "edgeroute is at capacity; retry shortly.", code="overloaded", headers={"Retry-After": "1"}
+        )
+    c.in_flight += 1
+    c.requests += 1
+    try:
+        return await handler(request)
+    finally:
+        c.in_flight -= 1
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    live = state.live
+    usable = [d.name for d in live.deployments if live.router.health(d.index)["circuit"] != "open"]
+    ready = bool(usable) and not state.draining
+    body = {
+        "ready": ready,
+        "draining": state.draining,
+        "usable_deployments": len(usable),
+        "deployments": len(live.deployments),
+    }
+    return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
+
+
+async def admin_deployments(request: web.Request) -> web.Response:
+    live = request.app[STATE].live
+    out = []
+    for d in live.deployments:
+        h = live.router.health(d.index)
+        out.append({"name": d.name, "provider": d.provider, "model": d.model, **h})
+    return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    yield
+    state = app[STATE]
+    state.draining = True
+    for up in state.live.upstreams.values():
+        await up.close()
+
+
+def create_app(
+    config: Config, source: str = "<config>", recorder: Recorder | None = None, admission: Admission | None = None
+) -> web.Application:
+    """Builds the proxy application for a validated config."""
+    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
+    if config.server.api_keys:
+        middlewares.append(_auth_middleware(config.server.api_keys))
+    middlewares.append(shed_middleware)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
+    app[STATE] = ServerState(Live.build(config, source))
+    app[RECORDER] = recorder or MemoryRecorder()
+    app[ADMISSION] = admission or AdmitAll()
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/admin/deployments", admin_deployments)
+    openai_api.add_routes(app)
+    return app
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(
+    config: Config,
+    source: str,
+    host: str | None = None,
+    port: int | None = None,
+    print_fn: Callable[[str], None] | None = None,
+) -> None:
+    """Runs the proxy until SIGINT/SIGTERM, then drains in-flight requests."""
+    install_uvloop()
+    app = create_app(config, source)
+    h = host or config.server.host
+    p = port if port is not None else config.server.port
+
+    def on_start(_: web.Application) -> Awaitable[None]:
+        if print_fn:
+            print_fn(
+                f"edgeroute listening on http://{h}:{p} ({len(config.models)} models, "
+                f"{len(config.deployments)} deployments)"
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    app.on_startup.append(on_start)
+    web.run_app(
+        app,
+        host=h,
+        port=p,
+        print=None,
+        access_log=None,
+        shutdown_timeout=config.server.drain_timeout,
+        handle_signals=True,
+        handler_cancellation=True,
+    )
+    _ = signal  # SIGTERM is handled by run_app (GracefulExit), which drains then exits 0.

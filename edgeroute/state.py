@@ -1,0 +1,53 @@
+"""The server's live state: config, compiled router, upstreams; swapped whole on reload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import Recorder
+from edgeroute.config import Config
+from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
+
+
+@dataclass(slots=True)
+class Live:
+    """One generation of config; requests hold on to the generation they started with."""
+
+    config: Config
+    router: _core.Router
+    upstreams: dict[str, Upstream]
+    deployments: list[DeploymentInfo]
+    source: str = "<config>"
+
+    @classmethod
+    def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
+        core_json = config.core_json()
+        router = previous.router.reload(core_json) if previous else _core.Router(core_json)
+        return cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
+
+
+@dataclass(slots=True)
+class Counters:
+    """Process-wide counters for /metrics and the status page."""
+
+    requests: int = 0
+    in_flight: int = 0
+    errors: int = 0
+    hedges: int = 0
+    hedge_wins: int = 0
+    shed: int = 0
+    by_status: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ServerState:
+    live: Live
+    counters: Counters = field(default_factory=Counters)
+    draining: bool = False
+
+
+STATE = web.AppKey("state", ServerState)
+RECORDER = web.AppKey("recorder", Recorder)
