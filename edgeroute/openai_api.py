@@ -54,9 +54,10 @@ async def read_body(request: web.Request) -> bytes:
         raise ProxyError(415, f"Unsupported content type {request.content_type!r}; send application/json.")
     try:
         return await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].live.config.server.max_body_bytes
         raise ProxyError(
-            413, f"The request body is too large (limit {e.max_size} bytes).", code="request_too_large"
+            413, f"The request body is too large (limit {limit} bytes).", code="request_too_large"
         ) from None
 
 

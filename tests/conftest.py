@@ -1,0 +1,99 @@
+"""Shared fixtures: real mock upstreams and a real proxy on loopback ports.
+
+Nothing here mocks edgeroute's own code: the proxy is the real aiohttp app with the
+real Rust core, and upstreams are real HTTP servers speaking each provider's format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from edgeroute import config as config_mod
+from edgeroute.accounting import MemoryRecorder
+from edgeroute.mock.openai import MockOptions, build_app
+from edgeroute.server import create_app
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class Upstream:
+    def __init__(self, server: TestServer, options: MockOptions) -> None:
+        self.server = server
+        self.options = options
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}/v1"
+
+
+class Proxy:
+    def __init__(self, server: TestServer, app: web.Application, recorder: MemoryRecorder) -> None:
+        self.server = server
+        self.app = app
+        self.recorder = recorder
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+async def _serve(app: web.Application) -> TestServer:
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def start_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    servers: list[TestServer] = []
+
+    async def start(**kwargs: Any) -> Upstream:
+        opts = MockOptions(**kwargs)
+        server = await _serve(build_app(opts))
+        servers.append(server)
+        return Upstream(server, opts)
+
+    yield start
+    for s in servers:
+        await s.close()
+
+
+def simple_config(upstreams: dict[str, Upstream], **extra: Any) -> dict[str, Any]:
+    """One provider and one deployment per upstream; model `m` over all of them."""
+    cfg: dict[str, Any] = {
+        "providers": {name: {"base_url": u.base_url, "api_key": f"key-{name}"} for name, u in upstreams.items()},
+        "deployments": {
+            f"d-{name}": {
+                "provider": name,
+                "model": "gpt-4o-mini",
+                "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+            }
+            for name in upstreams
+        },
+        "models": {"m": {"deployments": [f"d-{name}" for name in upstreams]}},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Proxy]]]:
+    servers: list[TestServer] = []
+
+    async def start(cfg_data: dict[str, Any]) -> Proxy:
+        cfg = config_mod.parse(cfg_data, "test.yaml")
+        recorder = MemoryRecorder()
+        app = create_app(cfg, "test.yaml", recorder)
+        server = await _serve(app)
+        servers.append(server)
+        return Proxy(server, app, recorder)
+
+    yield start
+    for s in servers:
+        await s.close()

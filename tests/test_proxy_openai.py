@@ -1,0 +1,230 @@
+"""End to end through the official openai SDK: proxy in front of a mock OpenAI upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import simple_config
+
+
+async def test_non_streaming_answer_and_headers(start_upstream, start_proxy) -> None:
+    up = await start_upstream(record=True, api_key="key-a")
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="client-secret-must-not-leak")
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "Say hello"}]
+    )
+    r = raw.parse()
+    assert r.choices[0].message.content.startswith("Hello from gpt-4o-mini. You said: Say hello.")
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert raw.headers["x-edgeroute-deployment"] == "d-a"
+    assert raw.headers["x-edgeroute-route"] == "m"
+    assert raw.headers["x-edgeroute-attempts"] == "1"
+    assert raw.headers["x-request-id"].startswith("req_")
+    assert float(raw.headers["x-edgeroute-cost-usd"]) > 0
+    # The upstream saw the deployment's model and key, never the client's key.
+    seen = up.options.requests[-1]
+    assert seen["body"]["model"] == "gpt-4o-mini"
+    assert seen["headers"]["Authorization"] == "Bearer key-a"
+    assert "client-secret-must-not-leak" not in str(seen["headers"])
+    await client.close()
+
+
+async def test_streaming_is_relayed_chunk_by_chunk(start_upstream, start_proxy) -> None:
+    up = await start_upstream(chunk_interval=0.05, reply_words=10)
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    t0 = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "count"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    arrivals: list[float] = []
+    text = ""
+    usage = None
+    finish = None
+    async for chunk in stream:
+        arrivals.append(time.perf_counter() - t0)
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    # 10 words at 50 ms each: the upstream needs >= 0.5 s; the first text must arrive long before.
+    assert arrivals[1] < 0.3 < arrivals[-1]
+    assert text.startswith("Hello from gpt-4o-mini.")
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == len(text.split(" "))
+    await client.close()
+
+
+async def test_stream_without_include_usage_has_no_usage_chunk(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], stream=True)
+    chunks = [c async for c in stream]
+    assert all(c.usage is None for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    await client.close()
+
+
+async def test_models_endpoint(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    models = await client.models.list()
+    assert [m.id for m in models.data] == ["m"]
+    await client.close()
+
+
+async def test_unknown_model_is_404(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 404
+    assert e.value.code == "model_not_found"
+    assert "nope" in e.value.message
+    await client.close()
+
+
+async def test_missing_messages_is_400(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.chat.completions.create(model="m", messages=[])
+    assert "messages" in e.value.message
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"", 400, "empty"),
+        (b'{"messages":[{"role":"user","content":"x"}]}', 400, "model"),
+        (b'{"model":"m","messages":"hi"}', 400, "JSON"),
+        (b"[1,2]", 400, "JSON"),
+    ],
+)
+async def test_bad_bodies(start_upstream, start_proxy, body: bytes, status: int, fragment: str) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}) as r,
+    ):
+        assert r.status == status
+        err = (await r.json())["error"]
+        assert err["type"] == "invalid_request_error"
+        assert fragment in err["message"]
+        assert "Traceback" not in err["message"]
+
+
+async def test_body_too_large_is_413(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    cfg = simple_config({"a": up}, server={"max_body_bytes": 2048})
+    proxy = await start_proxy(cfg)
+    big = b'{"model":"m","messages":[{"role":"user","content":"' + b"x" * 5000 + b'"}]}'
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + "/v1/chat/completions", data=big, headers={"Content-Type": "application/json"}) as r,
+    ):
+        assert r.status == 413
+        assert "too large" in (await r.json())["error"]["message"]
+
+
+async def test_unknown_path_and_method(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/v1/nothing") as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["message"].startswith("Unknown request URL")
+        async with s.get(proxy.url + "/v1/chat/completions") as r:
+            assert r.status == 405
+            assert "error" in await r.json()
+
+
+async def test_upstream_down_is_502_with_attempt_details(start_upstream, start_proxy) -> None:
+    up = await start_upstream(fail_status=500)
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as e:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+    body = e.value.body
+    assert isinstance(body, dict)
+    assert body["code"] == "upstream_failed"
+    assert {a["deployment"] for a in body["attempts"]} == {"d-a"}
+    await client.close()
+
+
+async def test_unreachable_upstream_is_502(start_proxy) -> None:
+    cfg = {
+        "providers": {"gone": {"base_url": "http://127.0.0.1:9/v1", "timeouts": {"connect": 0.5}}},
+        "deployments": {"d": {"provider": "gone", "model": "x"}},
+        "models": {"m": {"deployments": ["d"]}},
+    }
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as e:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 502
+    assert "connection failed" in str(e.value.body)
+    await client.close()
+
+
+async def test_upstream_timeout_is_504(start_upstream, start_proxy) -> None:
+    up = await start_upstream(latency_ms=2000)
+    cfg = simple_config({"a": up})
+    cfg["providers"]["a"]["timeouts"] = {"first_byte": 0.2}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    t0 = time.perf_counter()
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert e.value.status_code == 504
+    assert time.perf_counter() - t0 < 1.9
+    await client.close()
+
+
+async def test_health_and_readiness(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/healthz") as r:
+            assert r.status == 200
+        async with s.get(proxy.url + "/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["usable_deployments"] == 1
+        async with s.get(proxy.url + "/admin/deployments") as r:
+            deps = (await r.json())["deployments"]
+            assert deps[0]["name"] == "d-a" and deps[0]["circuit"] == "closed"
+
+
+async def test_concurrent_requests_each_answered_once(start_upstream, start_proxy) -> None:
+    a, b = await start_upstream(), await start_upstream()
+    proxy = await start_proxy(simple_config({"a": a, "b": b}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    results = await asyncio.gather(
+        *[
+            client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": f"n{i}"}])
+            for i in range(40)
+        ]
+    )
+    served = [r.headers["x-edgeroute-deployment"] for r in results]
+    assert served.count("d-a") == 20 and served.count("d-b") == 20  # equal weights, smooth round robin
+    assert proxy.recorder.count == 40
+    await client.close()
