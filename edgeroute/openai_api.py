@@ -15,6 +15,7 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
+from edgeroute.metrics import METRICS
 from edgeroute.state import RECORDER, STATE, Live
 
 _PREFIX = os.urandom(4).hex()
@@ -110,6 +111,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
         admission.settle(ticket, rec)
         request.app[RECORDER].record(rec)
+        request.app[METRICS].observe(rec)
 
 
 def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:

@@ -21,6 +21,8 @@ from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError, error_body
+from edgeroute.health_checks import health_check_ctx
+from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.state import RECORDER, STATE, Live, ServerState
 
 log = logging.getLogger("edgeroute")
@@ -138,7 +140,10 @@ def create_app(
     app[STATE] = ServerState(Live.build(config, source))
     app[RECORDER] = recorder or MemoryRecorder()
     app[ADMISSION] = admission or AdmitAll()
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.append(health_check_ctx)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/deployments", admin_deployments)
@@ -154,6 +159,48 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+async def serve_async(
+    config: Config,
+    source: str,
+    host: str | None = None,
+    port: int | None = None,
+    print_fn: Callable[[str], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
+    in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
+    app = create_app(config, source)
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=config.server.drain_timeout
+    )
+    await runner.setup()
+    h = host or config.server.host
+    p = port if port is not None else config.server.port
+    site = web.TCPSite(runner, h, p, backlog=2048, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
+    if print_fn:
+        print_fn(
+            f"edgeroute listening on http://{h}:{p} ({len(config.models)} models, {len(config.deployments)} deployments)"
+        )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        app[STATE].draining = True
+        if print_fn:
+            print_fn("edgeroute draining in-flight requests")
+        await runner.cleanup()
+
+
 def serve(
     config: Config,
     source: str,
@@ -161,31 +208,6 @@ def serve(
     port: int | None = None,
     print_fn: Callable[[str], None] | None = None,
 ) -> None:
-    """Runs the proxy until SIGINT/SIGTERM, then drains in-flight requests."""
+    """Runs the proxy on uvloop until SIGINT/SIGTERM, then drains and returns."""
     install_uvloop()
-    app = create_app(config, source)
-    h = host or config.server.host
-    p = port if port is not None else config.server.port
-
-    def on_start(_: web.Application) -> Awaitable[None]:
-        if print_fn:
-            print_fn(
-                f"edgeroute listening on http://{h}:{p} ({len(config.models)} models, "
-                f"{len(config.deployments)} deployments)"
-            )
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-    app.on_startup.append(on_start)
-    web.run_app(
-        app,
-        host=h,
-        port=p,
-        print=None,
-        access_log=None,
-        shutdown_timeout=config.server.drain_timeout,
-        handle_signals=True,
-        handler_cancellation=True,
-    )
-    _ = signal  # SIGTERM is handled by run_app (GracefulExit), which drains then exits 0.
+    asyncio.run(serve_async(config, source, host, port, print_fn))

@@ -44,7 +44,8 @@ class Proxy:
 
 
 async def _serve(app: web.Application) -> TestServer:
-    server = TestServer(app, host="127.0.0.1")
+    # As in `edgeroute serve`: a client that goes away cancels its handler (and so the upstream call).
+    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
     await server.start_server()
     return server
 

@@ -120,6 +120,73 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+# -- wire-format builders, shared with the bench harness's fast upstreams -----
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-mock{next(_ids)}"
+
+
+def completion_body(
+    cid: str,
+    created: int,
+    model: str,
+    content: str | None,
+    finish: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    call: dict[str, Any] | None = None,
+) -> bytes:
+    """A non-streaming `chat.completion` object, serialised."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
+    if call:
+        message["tool_calls"] = [call]
+    return orjson.dumps(
+        {
+            "id": cid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": usage(prompt_tokens, completion_tokens),
+            "service_tier": "default",
+            "system_fingerprint": "fp_mock",
+        }
+    )
+
+
+def chunk_base(cid: str, created: int, model: str) -> dict[str, Any]:
+    """The fields every `chat.completion.chunk` of one stream shares."""
+    return {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "service_tier": "default",
+        "system_fingerprint": "fp_mock",
+    }
+
+
+def chunk_event(
+    base: dict[str, Any], delta: dict[str, Any], finish_reason: str | None = None, include_usage: bool = False
+) -> bytes:
+    """One SSE event holding a `chat.completion.chunk` with one choice."""
+    c: dict[str, Any] = {
+        **base,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if include_usage:
+        c["usage"] = None
+    return _sse(c)
+
+
+def usage_event(base: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+    """The final usage-only chunk sent when `stream_options.include_usage` is set."""
+    return _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     opts: MockOptions = request.app[OPTIONS]
     if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
@@ -152,7 +219,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     text = None if call else reply_text(body, opts, request.headers.get("x-mock-content"))
     pieces = text.split(" ") if text is not None else []
     completion_tokens = len(pieces) if call is None else 12
-    cid = f"chatcmpl-mock{next(_ids)}"
+    cid = new_completion_id()
     created = int(time.time())
     finish = "tool_calls" if call else "stop"
     if body.get("max_tokens") is not None and call is None and body["max_tokens"] < len(pieces):
@@ -161,50 +228,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         finish = "length"
 
     if not body.get("stream"):
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": " ".join(pieces) if call is None else None,
-            "refusal": None,
-            "annotations": [],
-        }
-        if call:
-            message["tool_calls"] = [call]
+        content = " ".join(pieces) if call is None else None
         return web.Response(
-            body=orjson.dumps(
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-                    "usage": usage(prompt_tokens, completion_tokens),
-                    "service_tier": "default",
-                    "system_fingerprint": "fp_mock",
-                }
-            ),
+            body=completion_body(cid, created, model, content, finish, prompt_tokens, completion_tokens, call),
             content_type="application/json",
         )
 
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    base = {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "service_tier": "default",
-        "system_fingerprint": "fp_mock",
-    }
+    base = chunk_base(cid, created, model)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        c: dict[str, Any] = {
-            **base,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            c["usage"] = None
-        return _sse(c)
+        return chunk_event(base, delta, finish_reason, include_usage)
 
     await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
     if call:
@@ -226,14 +262,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await resp.write(chunk({"content": piece if i == 0 else " " + piece}))
     await resp.write(chunk({}, finish))
     if include_usage:
-        await resp.write(_sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}))
-    await resp.write(b"data: [DONE]\n\n")
+        await resp.write(usage_event(base, prompt_tokens, completion_tokens))
+    await resp.write(DONE_EVENT)
     await resp.write_eof()
     return resp
 
 
 async def list_models(request: web.Request) -> web.Response:
     opts: MockOptions = request.app[OPTIONS]
+    if opts.fail_status is not None:
+        return openai_error(opts.fail_status, f"Mock error {opts.fail_status}.")
     names = opts.models or ["gpt-4o", "gpt-4o-mini"]
     data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": opts.name} for m in names]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")

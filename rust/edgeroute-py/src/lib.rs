@@ -10,11 +10,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-pyo3::create_exception!(_core, EdgerouteError, pyo3::exceptions::PyException, "Base of every error raised by the core.");
-pyo3::create_exception!(_core, BadRequestError, EdgerouteError, "The request body is invalid (HTTP 400).");
-pyo3::create_exception!(_core, UnknownModelError, EdgerouteError, "No route serves the requested model (HTTP 404).");
-pyo3::create_exception!(_core, NoDeploymentError, EdgerouteError, "No deployment may serve this request (HTTP 503).");
-pyo3::create_exception!(_core, ConfigError, EdgerouteError, "The router config is invalid.");
+pyo3::create_exception!(edgeroute._core, EdgerouteError, pyo3::exceptions::PyException, "Base of every error raised by the core.");
+pyo3::create_exception!(edgeroute._core, BadRequestError, EdgerouteError, "The request body is invalid (HTTP 400).");
+pyo3::create_exception!(edgeroute._core, UnknownModelError, EdgerouteError, "No route serves the requested model (HTTP 404).");
+pyo3::create_exception!(edgeroute._core, NoDeploymentError, EdgerouteError, "No deployment may serve this request (HTTP 503).");
+pyo3::create_exception!(edgeroute._core, ConfigError, EdgerouteError, "The router config is invalid.");
 
 fn to_py(e: core::CoreError) -> PyErr {
     let msg = e.to_string();

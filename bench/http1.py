@@ -1,0 +1,275 @@
+"""A minimal HTTP/1.1 server on `asyncio.Protocol`, for mock and fault-injecting upstreams.
+
+Why not aiohttp's server: the mocks must cost much less than the proxy they stand in
+front of, and the fault modes need control that a framework hides (stop listening,
+reset a connection with RST mid-stream, stall after some bytes). This module owns
+only the wire: parsing requests (Content-Length or chunked bodies, keep-alive,
+one request at a time per connection) and writing responses (whole, or chunked for
+streams). What to answer is the handler's business.
+
+It is not a general web server: no TLS, no pipelining beyond buffering, no
+`Expect: 100-continue`. Clients are the proxy and the tests, on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+_MAX_HEAD = 64 * 1024
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    keep_alive: bool
+
+
+Handler = Callable[[Request, "Conn"], Awaitable[None]]
+
+
+def _head(status: int, headers: list[tuple[str, str]], extra: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode("latin-1")
+
+
+class Conn(asyncio.Protocol):
+    """One client connection; also the response writer handed to the handler."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.busy = False
+        self.closed = False
+        self.keep_alive = True
+        self._paused: asyncio.Future[None] | None = None
+
+    # -- protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.conns.add(self)
+        self.server.connections_accepted += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.conns.discard(self)
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._paused is None or self._paused.done():
+            self._paused = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            self._paused.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        buf = self.buf
+        idx = buf.find(b"\r\n\r\n")
+        if idx < 0:
+            if len(buf) > _MAX_HEAD:
+                self.abort()
+            return
+        lines = bytes(buf[:idx]).decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            self.abort()
+            return
+        hdrs: dict[str, str] = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        start = idx + 4
+        if "chunked" in hdrs.get("transfer-encoding", "").lower():
+            parsed = _dechunk(buf, start)
+            if parsed is None:
+                return
+            body, end = parsed
+        else:
+            n = int(hdrs.get("content-length", "0") or 0)
+            end = start + n
+            if len(buf) < end:
+                return
+            body = bytes(buf[start:end])
+        del buf[:end]
+        conn_hdr = hdrs.get("connection", "").lower()
+        keep = conn_hdr != "close" if version == "HTTP/1.1" else conn_hdr == "keep-alive"
+        self.keep_alive = keep
+        self.busy = True
+        req = Request(method, target, hdrs, body, keep)
+        asyncio.get_running_loop().create_task(self._run(req))
+
+    async def _run(self, req: Request) -> None:
+        try:
+            await self.server.handler(req, self)
+        except Exception:
+            self.abort()
+            return
+        self.busy = False
+        if self.closed:
+            return
+        if not self.keep_alive:
+            self.close()
+        elif self.buf:
+            self._next()
+
+    # -- writing -------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        """A whole response with Content-Length."""
+        if self.closed or self.transport is None:
+            return
+        h = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+        if headers:
+            h += headers
+        if not self.keep_alive:
+            h.append(("Connection", "close"))
+        self.transport.write(_head(status, h, "") + body)
+
+    def start(
+        self, status: int, content_type: str = "text/event-stream", headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        """Response headers for a chunked body; follow with `chunk` and `end`."""
+        if self.closed or self.transport is None:
+            return
+        h = [("Content-Type", content_type), ("Transfer-Encoding", "chunked"), ("Cache-Control", "no-cache")]
+        if headers:
+            h += headers
+        self.transport.write(_head(status, h, ""))
+
+    def write_raw(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def chunk(self, data: bytes) -> None:
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(b"0\r\n\r\n")
+
+    async def drain(self) -> None:
+        if self._paused is not None and not self._paused.done():
+            await self._paused
+
+    def close(self) -> None:
+        """Closes after flushing (FIN)."""
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Resets the connection (RST, SO_LINGER 0), dropping anything unsent."""
+        if self.transport is None or self.closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+        self.closed = True
+
+
+def _dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
+    out = bytearray()
+    while True:
+        nl = buf.find(b"\r\n", pos)
+        if nl < 0:
+            return None
+        size = int(bytes(buf[pos:nl]).split(b";")[0], 16)
+        pos = nl + 2
+        if size == 0:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                return None
+            return bytes(out), end + 2
+        if len(buf) < pos + size + 2:
+            return None
+        out += buf[pos : pos + size]
+        pos += size + 2
+
+
+class HttpServer:
+    """Listens on 127.0.0.1 (port 0 picks a free one); can stop and resume listening on the same port."""
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.handler = handler
+        self.host = host
+        self.port = port
+        self.conns: set[Conn] = set()
+        self.connections_accepted = 0
+        self._server: asyncio.Server | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Conn(self), self.host, self.port, reuse_address=True, backlog=4096
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    def stop_listening(self) -> None:
+        """New connections are refused (the port is closed); open ones stay."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def reset_connections(self, keep: Conn | None = None) -> None:
+        for c in list(self.conns):
+            if c is not keep:
+                c.abort()
+
+    async def stop(self) -> None:
+        self.stop_listening()
+        for c in list(self.conns):
+            c.close()
+        await asyncio.sleep(0)
+        self.reset_connections()

@@ -1,0 +1,76 @@
+"""Active health checks: a periodic cheap probe per provider that has one configured.
+
+Passive checks (every attempt reported to the core) take a failing deployment out;
+an active probe brings it back as soon as its provider answers again, instead of
+waiting for the ejection to run out, and takes out deployments whose provider
+stopped answering before a user request has to find out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from edgeroute.state import STATE
+
+log = logging.getLogger("edgeroute.health")
+
+# How long a failed probe keeps a deployment out (the next good probe ends it early).
+PROBE_EJECTION_MS = 60_000
+
+
+async def probe_once(app: web.Application, provider: str) -> bool:
+    live = app[STATE].live
+    up = live.upstreams[provider]
+    hc = live.config.providers[provider].health_check
+    if hc is None:
+        return True
+    try:
+        async with asyncio.timeout(hc.timeout):
+            async with up.session.get(up.adapter.health_url(), headers=up.adapter.health_headers()) as r:
+                healthy = r.status < 500 and r.status != 429
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        healthy = False
+    for d in live.deployments:
+        if d.provider != provider:
+            continue
+        circuit = live.router.health(d.index)["circuit"]
+        if healthy and circuit != "closed":
+            log.info("deployment %s is answering again; restoring it", d.name)
+            live.router.set_probe_result(d.index, True, 0)
+        elif not healthy and circuit == "closed":
+            log.warning("health check of provider %s failed; ejecting %s", provider, d.name)
+            live.router.set_probe_result(d.index, False, PROBE_EJECTION_MS)
+    return healthy
+
+
+async def _loop(app: web.Application, provider: str, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await probe_once(app, provider)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in one probe must not stop the others
+            log.exception("health check of %s failed unexpectedly", provider)
+
+
+async def health_check_ctx(app: web.Application) -> AsyncIterator[None]:
+    """aiohttp cleanup context: runs one probe loop per provider with `health_check` set."""
+    live = app[STATE].live
+    tasks = [
+        asyncio.create_task(_loop(app, name, p.health_check.interval))
+        for name, p in live.config.providers.items()
+        if p.health_check is not None
+    ]
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t

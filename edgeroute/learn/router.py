@@ -1,0 +1,135 @@
+"""Learned routers from per-prompt outcomes of any number of models.
+
+Input: outcome rows ``{"prompt", "model", "score" in [0, 1], "cost_usd"}``. The
+router is one :class:`~edgeroute.learn.model.LinearModel` with a sigmoid output
+per model: the predicted score of that model on the prompt. Routing then picks
+``argmax_m predicted[m] - lam * cost[m]`` (``lam`` = price of a quality point);
+with two models this is a threshold on ``predicted[strong] - predicted[weak]``,
+the "difficulty" score. Mean cost per call of each model is stored in the model
+header (``meta.costs``) so that the Rust core can apply the same rule.
+
+Optionally the task classifier's probabilities are extra dense inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeroute.learn import train as T
+from edgeroute.learn.features import FeaturizerConfig
+from edgeroute.learn.model import LinearModel
+
+ROUTER_FEATURIZER = FeaturizerConfig(log2_buckets=15, char_ngrams=(4,))
+
+
+@dataclass
+class Outcomes:
+    """Outcome rows pivoted to a prompt x model table (NaN where unobserved)."""
+
+    prompts: list[str]
+    models: list[str]
+    scores: T.F64  # [n_prompts, n_models], NaN = missing
+    costs: list[float]  # mean cost per call, per model
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, object]]) -> Outcomes:
+        pidx: dict[str, int] = {}
+        midx: dict[str, int] = {}
+        cells: list[tuple[int, int, float]] = []
+        cost_sum: dict[int, float] = {}
+        cost_n: dict[int, int] = {}
+        for r in rows:
+            p = str(r["prompt"])
+            m = str(r["model"])
+            s = float(r["score"])  # type: ignore[arg-type]
+            if not 0.0 <= s <= 1.0:
+                raise ValueError(f"score {s} outside [0, 1]")
+            i = pidx.setdefault(p, len(pidx))
+            j = midx.setdefault(m, len(midx))
+            cells.append((i, j, s))
+            c = r.get("cost_usd")
+            if c is not None:
+                cost_sum[j] = cost_sum.get(j, 0.0) + float(c)  # type: ignore[arg-type]
+                cost_n[j] = cost_n.get(j, 0) + 1
+        scores = np.full((len(pidx), len(midx)), np.nan)
+        for i, j, s in cells:
+            scores[i, j] = s
+        costs = [cost_sum.get(j, 0.0) / max(cost_n.get(j, 0), 1) for j in range(len(midx))]
+        return cls(list(pidx), list(midx), scores, costs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Outcomes:
+        with Path(path).open(encoding="utf-8") as f:
+            return cls.from_rows(json.loads(line) for line in f if line.strip())
+
+    def subset(self, idx: Sequence[int]) -> Outcomes:
+        return Outcomes([self.prompts[i] for i in idx], self.models, self.scores[list(idx)], self.costs)
+
+
+def dense_inputs(
+    prompts: Sequence[str], task_model: LinearModel | None, x_task: T.SparseDocs | None = None
+) -> tuple[T.F64, list[str]]:
+    lengths = T.length_matrix(prompts)
+    if task_model is None:
+        return lengths, ["length"]
+    xt = x_task if x_task is not None else T.featurize(prompts, task_model.featurizer)
+    probs = T.predict_matrix(task_model, xt, lengths)
+    return np.hstack([lengths, probs]), ["length", "task"]
+
+
+def train_router(
+    data: Outcomes,
+    *,
+    task_model: LinearModel | None = None,
+    cfg: FeaturizerConfig = ROUTER_FEATURIZER,
+    opts: T.FitOptions | None = None,
+    x: T.SparseDocs | None = None,
+    dense: T.F64 | None = None,
+) -> LinearModel:
+    """Fit one sigmoid head per model on the observed scores."""
+    x = x if x is not None else T.featurize(data.prompts, cfg)
+    if dense is None:
+        dense, blocks = dense_inputs(data.prompts, task_model)
+    else:
+        blocks = ["length", "task"] if task_model is not None else ["length"]
+    mask = (~np.isnan(data.scores)).astype(np.float64)
+    y = np.nan_to_num(data.scores)
+    w, wd, b = T.fit(x, dense, y, activation="sigmoid", mask=mask, opts=opts or T.FitOptions())
+    return T.quantize(
+        w,
+        wd,
+        b,
+        cfg=cfg,
+        outputs=data.models,
+        activation="sigmoid",
+        dense=blocks,
+        task_outputs=task_model.outputs if task_model is not None else (),
+        meta={"kind": "router", "costs": dict(zip(data.models, data.costs, strict=True))},
+    )
+
+
+def predict_scores(
+    router: LinearModel,
+    prompts: Sequence[str],
+    task_model: LinearModel | None = None,
+    x: T.SparseDocs | None = None,
+    dense: T.F64 | None = None,
+) -> T.F64:
+    if "task" in router.dense and task_model is None:
+        raise ValueError("this router needs the task model it was trained with")
+    x = x if x is not None else T.featurize(prompts, router.featurizer)
+    if dense is None:
+        dense, _ = dense_inputs(prompts, task_model if "task" in router.dense else None)
+    return T.predict_matrix(router, x, dense)
+
+
+def kfold(n: int, k: int, seed: int = 0) -> list[list[int]]:
+    """k disjoint folds of range(n), shuffled with a fixed seed."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    return [sorted(int(i) for i in perm[f::k]) for f in range(k)]

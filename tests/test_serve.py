@@ -1,0 +1,82 @@
+"""`edgeroute serve` as a real process: start-up, SIGTERM drain, exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.conftest import simple_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_ready(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("proxy did not become ready")
+
+
+async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_path: Path) -> None:
+    up = await start_upstream(chunk_interval=0.1, reply_words=12)
+    port = free_port()
+    cfg = simple_config({"a": up}, server={"port": port, "drain_timeout": 10})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "edgeroute",
+        "serve",
+        "--config",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url)
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "drain"}], "stream": True}
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                first = await r.content.readany()
+                assert first
+                os.kill(proc.pid, signal.SIGTERM)
+                rest = await r.content.read()
+            text = (first + rest).decode()
+            # The stream in flight when SIGTERM arrived finished whole.
+            assert text.rstrip().endswith("data: [DONE]")
+            assert '"finish_reason":"stop"' in text
+        code = await asyncio.wait_for(proc.wait(), 15)
+        assert code == 0
+        # And nothing listens any more.
+        async with aiohttp.ClientSession() as s:
+            try:
+                async with s.get(url + "/healthz") as r:
+                    raise AssertionError(f"still serving: {r.status}")
+            except aiohttp.ClientConnectionError:
+                pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
