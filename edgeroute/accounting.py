@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 import orjson
 
+from edgeroute import _core
 from edgeroute.config import Price
+from edgeroute.cost.prices import multiplier_at
 
 
 @dataclass(slots=True)
@@ -36,15 +38,46 @@ class Usage:
         )
 
 
-def cost_of(price: Price, usage: Usage) -> float:
-    """USD for `usage` at `price`; cached prompt tokens at the cached price when one is set."""
+def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
+    """USD for `usage` at `price`: cached prompt tokens at the cached price when one is set, plus the
+    per-request price, all times the multiplier of the price window in force at unix time `at` (now)."""
     cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
-    fresh = usage.prompt_tokens - usage.cached_tokens
-    return (
+    fresh = max(0, usage.prompt_tokens - usage.cached_tokens)
+    base = (
         fresh * price.input_per_mtok
         + usage.cached_tokens * cached_price
         + usage.completion_tokens * price.output_per_mtok
-    ) / 1e6
+    ) / 1e6 + price.per_request
+    return base * multiplier_at(price, at) if price.windows else base
+
+
+def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -> Usage:
+    """Usage for a stream that carried none: the completion counted by the core's tokenizer
+    from the streamed text (content, refusals and tool-call arguments)."""
+    parts: list[str] = []
+    for line in sse_bytes.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if not data or data == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
+            for k in ("content", "refusal"):
+                if isinstance(delta.get(k), str):
+                    parts.append(delta[k])
+            for tc in delta.get("tool_calls") or ():
+                fn = tc.get("function") or {} if isinstance(tc, dict) else {}
+                for k in ("name", "arguments"):
+                    if isinstance(fn.get(k), str):
+                        parts.append(fn[k])
+    text = "".join(parts)
+    completion = _core.Router.count_tokens(text, encoding) if text else 0
+    return Usage(prompt_tokens, completion, 0, estimated=True)
 
 
 @dataclass(slots=True)
@@ -78,6 +111,8 @@ class RequestRecord:
     usage: Usage | None = None
     cost_usd: float = 0.0
     attempts: list[AttemptRecord] = field(default_factory=list)
+    # Set by admission: which budget refused or downgraded the request, e.g. "blocked:team-monthly".
+    admission: str | None = None
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

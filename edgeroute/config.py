@@ -16,12 +16,14 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edgeroute import secrets
+from edgeroute.cost import prices
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
+FallbackClass = Literal["rate_limit", "server_error", "timeout", "context_window", "content_policy"]
 
 
 class _Strict(BaseModel):
@@ -65,10 +67,31 @@ class Provider(_Strict):
         return v.rstrip("/")
 
 
+class PriceWindow(_Strict):
+    """A local time of day in which a price is multiplied (e.g. 0.5 for an off-peak discount)."""
+
+    start: str
+    end: str
+    utc_offset_minutes: int = Field(0, ge=-14 * 60, le=14 * 60)
+    multiplier: float = Field(ge=0)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        prices.parse_hhmm(v)
+        return v
+
+
 class Price(_Strict):
+    """USD per million tokens, plus per request. In YAML also ``catalogue`` or ``{catalogue: NAME, ...}``
+    (see `edgeroute/cost/prices.py`), resolved to these fields when the config loads."""
+
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
     cached_input_per_mtok: float | None = Field(None, ge=0)
+    per_request: float = Field(0.0, ge=0)
+    windows: list[PriceWindow] = []
+    source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"
 
 
 class Deployment(_Strict):
@@ -79,6 +102,11 @@ class Deployment(_Strict):
     weight: int = Field(1, ge=0)
     tags: list[str] = []
     encoding: Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"] | None = None
+
+    @field_validator("price", mode="before")
+    @classmethod
+    def _catalogue_price(cls, v: Any, info: ValidationInfo) -> Any:
+        return prices.resolve_price_input(v, str(info.data.get("model", "")))
 
 
 class Hedge(_Strict):
@@ -94,6 +122,8 @@ class Model(_Strict):
     strategy: Strategy = "weighted"
     fallbacks: list[str] = []
     context_window_fallbacks: list[str] = []
+    # Fallback models by error class, tried before `fallbacks` when that class of error occurs.
+    fallbacks_on: dict[FallbackClass, list[str]] = {}
     hedge: Hedge | None = None
     timeouts: Timeouts | None = None
     max_attempts: int = Field(4, ge=1, le=20)
@@ -167,6 +197,91 @@ class Server(_Strict):
     api_keys: list[str] = []
 
 
+# -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------
+
+
+class Limit(_Strict):
+    """Requests and tokens (prompt + max completion) per minute, as token buckets."""
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class VirtualKey(_Strict):
+    """A client key. The token is given by reference (``env:``/``file:``/literal) or as its
+    SHA-256 hex digest; only the digest is kept in memory, and the id is what logs and the
+    ledger show."""
+
+    token: str | None = None
+    token_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    team: str | None = None
+    user: str | None = None
+    role: str | None = None
+    limits: Limit | None = None
+
+
+class RateLimits(_Strict):
+    """`per_key` applies to every key without its own `limits` (anonymous clients share one);
+    `deployments` are the provider's limits, which selection routes around."""
+
+    per_key: Limit | None = None
+    models: dict[str, Limit] = {}
+    deployments: dict[str, Limit] = {}
+
+
+class BudgetAction(_Strict):
+    at_percent: float = Field(gt=0, le=10_000)
+    action: Literal["notify", "downgrade", "block"]
+    to: str | None = None  # downgrade: the cheaper public model
+    webhook: str | None = None  # notify: POSTed a JSON event once per period
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class Budget(_Strict):
+    """A spend limit over a period for one scope: `match` names one key/team/user/model;
+    without it, each key (team, user, model) gets its own budget of `limit_usd`."""
+
+    name: str
+    scope: Literal["key", "team", "user", "model", "global"]
+    match: str | None = None
+    limit_usd: float = Field(gt=0)
+    period: Literal["day", "month", "rolling"] = "month"
+    window_hours: float | None = Field(None, gt=0, le=24 * 366)  # for period: rolling
+    utc_offset_minutes: int = Field(0, ge=-14 * 60, le=14 * 60)  # where calendar periods start
+    actions: list[BudgetAction] = [BudgetAction(at_percent=100, action="block")]
+
+
+class Budgets(_Strict):
+    # Completion tokens reserved when a request sets no max_tokens (and the cap when it sets more).
+    reserve_max_tokens: int = Field(4096, ge=1)
+    limits: list[Budget] = []
+
+
+class SharedState(_Strict):
+    """Redis for budgets, reservations and rate-limit counters shared by several instances."""
+
+    redis_url: str
+    on_unavailable: Literal["open", "closed"] = "open"
+    timeout_ms: int = Field(50, ge=1)
+    prefix: str = "edgeroute"
+
+
+class Ledger(_Strict):
+    """Where spend is written: one row per request, batched off the request path."""
+
+    backend: Literal["sqlite", "postgres", "memory"] = "sqlite"
+    path: str = "edgeroute-ledger.db"  # sqlite
+    dsn: str | None = None  # postgres, a secret reference (env:/file:/literal)
+    flush_interval: float = Field(0.5, gt=0, le=1.0)
+    record_attempts: bool = True
+
+
 class Config(_Strict):
     server: Server = Server()
     providers: dict[str, Provider]
@@ -176,6 +291,11 @@ class Config(_Strict):
     retry: Retry = Retry()
     retry_budget: RetryBudget = RetryBudget()
     health: HealthSettings = HealthSettings()
+    keys: dict[str, VirtualKey] = {}
+    rate_limits: RateLimits = RateLimits()
+    budgets: Budgets = Budgets()
+    ledger: Ledger | None = None
+    shared_state: SharedState | None = None
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""
@@ -241,8 +361,10 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         for i, dep in enumerate(m.deployments):
             if dep not in cfg.deployments:
                 problems.append((f"models.{name}.deployments[{i}]", f"unknown deployment {dep!r}"))
-        for field in ("fallbacks", "context_window_fallbacks"):
-            for i, f in enumerate(getattr(m, field)):
+        lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
+        lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
+        for field, names in lists:
+            for i, f in enumerate(names):
                 if f not in cfg.models:
                     problems.append((f"models.{name}.{field}[{i}]", f"unknown model {f!r}"))
                 elif f == name:
@@ -257,12 +379,52 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         for j, dep in enumerate(r.then.deployments):
             if dep not in cfg.deployments:
                 problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
+    problems += _cross_check_cost(cfg)
     for name, p in cfg.providers.items():
         if p.api_key is not None:
             try:
                 secrets.resolve(p.api_key)
             except secrets.SecretError as e:
                 problems.append((f"providers.{name}.api_key", str(e)))
+    return problems
+
+
+def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name, k in cfg.keys.items():
+        if (k.token is None) == (k.token_sha256 is None):
+            problems.append((f"keys.{name}", "give exactly one of token (a reference) or token_sha256"))
+    for section, names, known in (
+        ("models", cfg.rate_limits.models, cfg.models),
+        ("deployments", cfg.rate_limits.deployments, cfg.deployments),
+    ):
+        for n in names:
+            if n not in known:
+                problems.append((f"rate_limits.{section}.{n}", f"unknown {section[:-1]} {n!r}"))
+    seen: set[str] = set()
+    for i, b in enumerate(cfg.budgets.limits):
+        where = f"budgets.limits[{i}]"
+        if b.name in seen:
+            problems.append((f"{where}.name", f"budget name {b.name!r} is used twice"))
+        seen.add(b.name)
+        if (b.period == "rolling") != (b.window_hours is not None):
+            problems.append((f"{where}.window_hours", "required for period: rolling, and only then"))
+        if b.scope == "global" and b.match is not None:
+            problems.append((f"{where}.match", "a global budget matches everything"))
+        if b.scope == "model" and b.match is not None and b.match not in cfg.models:
+            problems.append((f"{where}.match", f"unknown model {b.match!r}"))
+        if b.scope == "key" and b.match is not None and b.match not in cfg.keys:
+            problems.append((f"{where}.match", f"unknown key {b.match!r}"))
+        for j, a in enumerate(b.actions):
+            if a.action == "downgrade":
+                if a.to is None:
+                    problems.append((f"{where}.actions[{j}].to", "downgrade needs a target model"))
+                elif a.to not in cfg.models:
+                    problems.append((f"{where}.actions[{j}].to", f"unknown model {a.to!r}"))
+            elif a.to is not None:
+                problems.append((f"{where}.actions[{j}].to", "only downgrade takes a target"))
+    if cfg.ledger is not None and cfg.ledger.backend == "postgres" and not cfg.ledger.dsn:
+        problems.append(("ledger.dsn", "the postgres backend needs a dsn"))
     return problems
 
 

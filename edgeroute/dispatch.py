@@ -25,7 +25,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, sse
-from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_stream_usage
 from edgeroute.config import Timeouts
 from edgeroute.errors import ProxyError
 from edgeroute.providers import ErrorClass
@@ -60,6 +60,15 @@ class StreamAnswer:
 
 
 Answer = JsonAnswer | StreamAnswer
+
+_FALLBACK_KEYS = {
+    ErrorClass.RATE_LIMIT: "rate_limit",
+    ErrorClass.SERVER: "server_error",
+    ErrorClass.CONNECT: "server_error",
+    ErrorClass.TIMEOUT: "timeout",
+    ErrorClass.CONTEXT_WINDOW: "context_window",
+    ErrorClass.CONTENT_POLICY: "content_policy",
+}
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -153,6 +162,8 @@ class Call:
             rec.outcome = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             self.router.report(dep.index, "client_error", rec.latency_ms)
+            if resp is not None:  # the upstream had the prompt: assume it bills the input
+                self._settle(rec, dep, None)
             if resp is not None:
                 resp.close()
             raise
@@ -266,9 +277,33 @@ class Call:
             if not isinstance(result, Failure):
                 return result, dep
             self.failures.append((dep, result))
-            if not result.cls.retryable:
+            extra = self._class_fallbacks(result.cls, dep, order)
+            if result.cls is ErrorClass.CONTEXT_WINDOW and dep.context_window:
+                # Deployments no larger than the one that overflowed would overflow too.
+                order[pos:] = [d for d in order[pos:] if not 0 < d.context_window <= dep.context_window]
+            order[pos:pos] = extra
+            overflow_only = result.cls is ErrorClass.CONTEXT_WINDOW and pos >= len(order)
+            if (not result.cls.retryable or overflow_only) and not extra:
                 raise self._client_error(result)
         raise self._exhausted()
+
+    def _class_fallbacks(self, cls: ErrorClass, failed: DeploymentInfo, order: list[DeploymentInfo]) -> list[DeploymentInfo]:
+        """Deployments of the models configured in `fallbacks_on` for this class of error."""
+        key = _FALLBACK_KEYS.get(cls)
+        model = self.live.config.models[self.decision.route]
+        if key is None or key not in model.fallbacks_on:
+            return []
+        table = self.live.deployments
+        out = []
+        for name in model.fallbacks_on[key]:
+            for dep_name in self.live.config.models[name].deployments:
+                d = table[self.live.index_of[dep_name]]
+                if d in order or d in out or self.router.health(d.index)["circuit"] == "open":
+                    continue
+                if cls is ErrorClass.CONTEXT_WINDOW and 0 < d.context_window <= failed.context_window:
+                    continue
+                out.append(d)
+        return out
 
     async def _race(
         self, first: DeploymentInfo, second: DeploymentInfo, delay: float
@@ -371,6 +406,8 @@ async def relay_stream(
     out.headers["Cache-Control"] = "no-cache"
     await out.prepare(request)
     tail = answer.head[-TAIL_BYTES:]
+    # Without usage from upstream the cost is counted from the text: keep it (small) until the end.
+    text: list[bytes] | None = None if call.decision.include_usage else [answer.head]
     rec = call.record.attempts[-1] if call.record.attempts else None
     for a in reversed(call.record.attempts):
         if a.deployment == dep.name and a.outcome == "success":
@@ -412,11 +449,15 @@ async def relay_stream(
             if chunk:
                 await out.write(chunk)
                 tail = (tail + chunk)[-TAIL_BYTES:]
+                if text is not None:
+                    text.append(chunk)
                 completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
         await out.write_eof()
     finally:
         answer.resp.close()
         usage = Usage.from_openai(sse.find_usage(tail))
+        if usage is None and text is not None:
+            usage = estimate_stream_usage(call.decision.prompt_tokens, b"".join(text), call.decision.encoding)
         if rec is not None:
             call._settle(rec, dep, usage)
     return out

@@ -21,6 +21,10 @@ class Live:
     upstreams: dict[str, Upstream]
     deployments: list[DeploymentInfo]
     source: str = "<config>"
+    index_of: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index_of = {d.name: d.index for d in self.deployments}
 
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:

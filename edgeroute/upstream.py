@@ -38,6 +38,7 @@ class DeploymentInfo:
     model: str
     provider: str
     price: Price
+    context_window: int
 
 
 def make_upstreams(cfg: Config) -> dict[str, Upstream]:
@@ -61,5 +62,5 @@ def deployment_table(cfg: Config, names: list[str]) -> list[DeploymentInfo]:
     table = []
     for i, name in enumerate(names):
         d: Deployment = cfg.deployments[name]
-        table.append(DeploymentInfo(i, name, d.model, d.provider, d.price))
+        table.append(DeploymentInfo(i, name, d.model, d.provider, d.price, d.context_window))
     return table

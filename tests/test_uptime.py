@@ -190,3 +190,30 @@ async def test_metrics_exposition(start_upstream, start_proxy) -> None:
     assert 'edgeroute_attempts_total{deployment="d-a",outcome="success"} 1' in text
     assert 'edgeroute_deployment_circuit{deployment="d-a"} 0' in text
     await client.close()
+
+
+async def test_context_window_error_goes_to_larger_model(start_upstream, start_proxy) -> None:
+    small = await start_upstream(fail_status=400, record=True)
+    large = await start_upstream(record=True)
+    # The mock's 400 body is generic; make it a context-length error the way OpenAI words it.
+    cfg = simple_config({"small": small, "large": large})
+    cfg["deployments"]["d-small"]["context_window"] = 8000
+    cfg["deployments"]["d-large"]["context_window"] = 128000
+    cfg["models"] = {
+        "m": {"deployments": ["d-small"], "fallbacks_on": {"context_window": ["big"]}},
+        "big": {"deployments": ["d-large"]},
+    }
+    proxy = await start_proxy(cfg)
+    small.options.fail_message = "This model's maximum context length is 8000 tokens."
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG)
+    assert raw.headers["x-edgeroute-deployment"] == "d-large"
+    # Without a larger model configured, the client gets the upstream's 400, not a 502.
+    cfg["models"]["m"]["fallbacks_on"] = {}
+    proxy2 = await start_proxy(cfg)
+    client2 = openai.AsyncOpenAI(base_url=proxy2.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client2.chat.completions.create(model="m", messages=MSG)
+    assert "maximum context length" in e.value.message
+    await client.close()
+    await client2.close()

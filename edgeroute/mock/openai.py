@@ -48,6 +48,7 @@ class MockOptions:
     name: str = "mock-openai"
     # When set, every chat request fails with this status (an outage, for demos and tests).
     fail_status: int | None = None
+    fail_message: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     record: bool = False
 
@@ -209,7 +210,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(latency / 1000)
     if opts.fail_status is not None or "x-mock-status" in request.headers:
         status = opts.fail_status or int(request.headers["x-mock-status"])
-        resp = openai_error(status, f"Mock error {status}.")
+        resp = openai_error(status, opts.fail_message or f"Mock error {status}.")
         if "x-mock-retry-after" in request.headers:
             resp.headers["retry-after"] = request.headers["x-mock-retry-after"]
         return resp

@@ -1,0 +1,210 @@
+"""The Rust decision core of edgeroute (``rust/edgeroute-py``), as a Python extension.
+
+A :class:`Router` is compiled once from a JSON router spec and is immutable;
+``Router.reload`` returns a new one that keeps the health state, latency history
+and budgets of unchanged deployments. Per request, ``Router.decide`` turns the
+raw bytes of an OpenAI chat-completions body into a :class:`Decision`; after each
+upstream attempt, ``Router.begin``/``Router.report`` feed health back. The core
+does no I/O. Methods that do real work release the GIL.
+
+Errors raised by the core all derive from :class:`EdgerouteError`.
+
+Hand-written; checked against the extension with ``python -m mypy.stubtest edgeroute._core``.
+"""
+
+from collections.abc import Sequence
+from typing import Literal, TypedDict, final
+
+__all__ = [
+    "BadRequestError",
+    "ConfigError",
+    "Decision",
+    "EdgerouteError",
+    "NoDeploymentError",
+    "Router",
+    "UnknownModelError",
+    "__version__",
+]
+
+__version__: str
+"""Version of the Rust crates the extension was built from."""
+
+class EdgerouteError(Exception):
+    """Base of every error raised by the core."""
+
+class BadRequestError(EdgerouteError):
+    """The request body is invalid, or a rule rejected it (HTTP 400).
+
+    The message reads like the OpenAI API's own 400 messages. Also raised by
+    ``Router.count_tokens`` for an unknown encoding name.
+    """
+
+class UnknownModelError(EdgerouteError):
+    """No route serves the requested model (HTTP 404)."""
+
+class NoDeploymentError(EdgerouteError):
+    """A route exists but no deployment may serve this request (HTTP 503)."""
+
+class ConfigError(EdgerouteError):
+    """The router config is invalid (raised by ``Router()`` and ``Router.reload``)."""
+
+_Strategy = Literal["Weighted", "P2cEwma", "LowestCost", "LeastBusy"]
+_Encoding = Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"]
+_Outcome = Literal["success", "client_error", "rate_limited", "server_error", "timeout", "connect_error"]
+
+class _Health(TypedDict):
+    """What ``Router.health`` returns (a plain ``dict`` at runtime)."""
+
+    circuit: Literal["closed", "open", "half_open"]
+    latency_ms: float
+    """Peak-EWMA latency (0 until the first success)."""
+    error_rate: float
+    """EWMA of the failure share, 0..1."""
+    consecutive_failures: int
+    in_flight: int
+    cooldown_ms: int
+    """Milliseconds until a rate-limit cool-down ends (0: none)."""
+    requests: int
+    """Attempts reported since start."""
+    failures: int
+    """Failed attempts reported since start."""
+
+@final
+class Decision:
+    """The router's answer for one request (read-only; made only by ``Router.decide``)."""
+
+    @property
+    def model(self) -> str:
+        """The public model the client asked for."""
+
+    @property
+    def route(self) -> str:
+        """The route (public model) that serves it after rules and context-window fallback."""
+
+    @property
+    def rule(self) -> str | None:
+        """Name of the rule that matched, if any."""
+
+    @property
+    def reasons(self) -> list[str]:
+        """Why the rule matched (one entry per condition), or why the default route applies."""
+
+    @property
+    def order(self) -> list[int]:
+        """Deployment indices to try, in order: the choice, then the fallbacks."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens counted with ``encoding`` (or as passed to ``decide``)."""
+
+    @property
+    def encoding(self) -> _Encoding:
+        """Tokenizer of the requested route's first deployment."""
+
+    @property
+    def stream(self) -> bool:
+        """Whether the client asked for a stream."""
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether the client asked for ``stream_options.include_usage``."""
+
+    @property
+    def max_tokens(self) -> int | None:
+        """``max_completion_tokens``, or else ``max_tokens``, from the body."""
+
+    @property
+    def model_span(self) -> tuple[int, int]:
+        """Byte range of the ``model`` value (quotes included) in the body."""
+
+    @property
+    def hedge_after_ms(self) -> float | None:
+        """Send a hedge to ``order[1]`` after this many milliseconds without an answer."""
+
+    @property
+    def strategy(self) -> _Strategy:
+        """Selection strategy used, as the Rust variant name (e.g. ``"P2cEwma"``)."""
+
+@final
+class Router:
+    """A compiled router. Immutable: ``reload`` returns a new one that keeps health state."""
+
+    def __new__(cls, config_json: bytes) -> Router:
+        """Compiles a router from its JSON spec and loads the tokenizer tables.
+
+        Raises :class:`ConfigError` when the spec is invalid.
+        """
+
+    def reload(self, config_json: bytes) -> Router:
+        """Compiles a new router, keeping the health, latency history and budgets of
+        deployments whose provider and model are unchanged. Raises :class:`ConfigError`."""
+
+    def decide(
+        self,
+        body: bytes,
+        tags: Sequence[str] | None = None,
+        team: str | None = None,
+        role: str | None = None,
+        user: str | None = None,
+        prompt_tokens: int | None = None,
+    ) -> Decision:
+        """Decides how to serve a chat-completions ``body``; releases the GIL.
+
+        ``tags`` (a list or tuple, not a single ``str``) come from
+        ``x-edgeroute-tags``; ``team`` and ``role`` from the caller's key; ``user``
+        overrides the body's ``user``. ``prompt_tokens``, when given (e.g. known
+        from an earlier attempt of the same body), is used instead of counting.
+
+        Raises :class:`BadRequestError` (bad body, or a rule rejects it),
+        :class:`UnknownModelError` or :class:`NoDeploymentError`.
+        """
+
+    def body_for(self, body: bytes, decision: Decision, index: int) -> bytes:
+        """``body`` with its ``model`` value replaced by deployment ``index``'s upstream
+        model; every other byte is unchanged. ``ValueError`` for a bad index."""
+
+    def begin(self, index: int) -> None:
+        """Marks an attempt on deployment ``index`` as started (in-flight count,
+        half-open probe). ``ValueError`` for a bad index."""
+
+    def report(
+        self,
+        index: int,
+        outcome_kind: _Outcome,
+        latency_ms: float,
+        retry_after_ms: int | None = None,
+    ) -> None:
+        """Reports the end of an attempt started with ``begin``.
+
+        ``retry_after_ms`` (from ``Retry-After``) applies to ``"rate_limited"``.
+        ``ValueError`` for a bad index or an unknown outcome.
+        """
+
+    def try_retry(self) -> bool:
+        """Takes one retry from the shared retry budget; ``False``: do not retry."""
+
+    def try_hedge(self, route: str) -> bool:
+        """Takes one hedge from the hedge budget of ``route``; call when the hedge
+        timer fires. ``False`` for a route without hedging."""
+
+    def set_probe_result(self, index: int, healthy: bool, eject_ms: int) -> None:
+        """Applies an active health check: restores deployment ``index``, or
+        ejects it for ``eject_ms``. ``ValueError`` for a bad index."""
+
+    def health(self, index: int) -> _Health:
+        """Health of deployment ``index`` now. ``ValueError`` for a bad index."""
+
+    def deployment_names(self) -> list[str]:
+        """Deployment names, by index (as used in ``Decision.order``)."""
+
+    def model_names(self) -> list[str]:
+        """Public model names, in config order."""
+
+    @staticmethod
+    def count_tokens(text: str, encoding: str) -> int:
+        """Tokens in ``text`` under ``encoding`` (one of ``o200k_base``,
+        ``cl100k_base``, exact and identical to tiktoken's ``encode_ordinary``; or
+        the estimates ``claude_estimate``, ``gemini_estimate``). Releases the GIL.
+
+        Raises :class:`BadRequestError` for an unknown encoding.
+        """
