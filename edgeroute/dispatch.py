@@ -287,7 +287,9 @@ class Call:
                 raise self._client_error(result)
         raise self._exhausted()
 
-    def _class_fallbacks(self, cls: ErrorClass, failed: DeploymentInfo, order: list[DeploymentInfo]) -> list[DeploymentInfo]:
+    def _class_fallbacks(
+        self, cls: ErrorClass, failed: DeploymentInfo, order: list[DeploymentInfo]
+    ) -> list[DeploymentInfo]:
         """Deployments of the models configured in `fallbacks_on` for this class of error."""
         key = _FALLBACK_KEYS.get(cls)
         model = self.live.config.models[self.decision.route]

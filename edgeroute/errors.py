@@ -41,8 +41,10 @@ class ProxyError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         details: list[dict[str, Any]] | None = None,
+        details_key: str = "attempts",
     ) -> None:
         super().__init__(message)
+        self.details_key = details_key
         self.status = status
         self.message = message
         self.code = code
@@ -55,7 +57,14 @@ class ProxyError(Exception):
         return _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
 
     def body(self) -> bytes:
-        return error_body(self.status, self.message, code=self.code, param=self.param, details=self.details)
+        return error_body(
+            self.status,
+            self.message,
+            code=self.code,
+            param=self.param,
+            details=self.details,
+            details_key=self.details_key,
+        )
 
 
 def error_body(
@@ -65,6 +74,7 @@ def error_body(
     code: str | None = None,
     param: str | None = None,
     details: list[dict[str, Any]] | None = None,
+    details_key: str = "attempts",
 ) -> bytes:
     """The JSON body OpenAI sends for an error (`{"error": {...}}`)."""
     err: dict[str, Any] = {
@@ -74,6 +84,6 @@ def error_body(
         "code": code,
     }
     if details is not None:
-        # Which deployments were tried and why they failed: safe summaries only.
-        err["attempts"] = details
+        # E.g. which deployments were tried and why they failed: safe summaries only.
+        err[details_key] = details
     return orjson.dumps({"error": err})

@@ -19,10 +19,11 @@ from aiohttp import web
 from edgeroute import openai_api, secrets
 from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
-from edgeroute.config import Config
+from edgeroute.config import Config, ConfigError
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
+from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.state import RECORDER, STATE, Live, ServerState
 
 log = logging.getLogger("edgeroute")
@@ -124,6 +125,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     state = app[STATE]
     state.draining = True
+    for task in list(state.background):
+        task.cancel()
+    await asyncio.gather(*state.background, return_exceptions=True)
     for up in state.live.upstreams.values():
         await up.close()
 
@@ -147,6 +151,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/deployments", admin_deployments)
+    app.router.add_post("/admin/reload", admin_reload)
     openai_api.add_routes(app)
     return app
 
@@ -190,10 +195,25 @@ async def serve_async(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        async def go() -> None:
+            try:
+                await reload_from_source(app)
+                if print_fn:
+                    print_fn(f"edgeroute reloaded {source}")
+            except ConfigError as e:
+                log.error("reload rejected, keeping the running config:\n%s", "\n".join(e.errors))
+
+        task = loop.create_task(go())
+        app[STATE].background.add(task)
+        task.add_done_callback(app[STATE].background.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         app[STATE].draining = True
         if print_fn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -51,6 +52,7 @@ class ServerState:
     live: Live
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
+    background: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 STATE = web.AppKey("state", ServerState)

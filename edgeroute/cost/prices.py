@@ -108,9 +108,7 @@ class Ceiling:
     per_request: float
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (
-            prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok
-        ) / 1e6 + self.per_request
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6 + self.per_request
 
 
 def ceiling(prices: list[Price]) -> Ceiling:
