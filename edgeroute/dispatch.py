@@ -17,6 +17,7 @@ import asyncio
 import email.utils
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,17 +87,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _error_message(body: bytes, status: int) -> str:
-    try:
-        obj = orjson.loads(body)
-        msg = obj.get("error", {}).get("message") if isinstance(obj, dict) else None
-        if isinstance(msg, str):
-            return msg[:500]
-    except (orjson.JSONDecodeError, AttributeError):
-        pass
-    return f"upstream answered HTTP {status}"
-
-
 class Call:
     """One client request's dispatch over the decision's deployments."""
 
@@ -145,7 +135,7 @@ class Call:
                     data = await resp.read()
                     cls = adapter.classify(resp.status, data)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    result = Failure(cls, resp.status, _error_message(data, resp.status), retry_after, data)
+                    result = Failure(cls, resp.status, adapter.error_message(resp.status, data), retry_after, data)
                 elif self.stream:
                     result = await self._hold_stream(resp, adapter)
                     keep_open = isinstance(result, StreamAnswer)
@@ -162,6 +152,8 @@ class Call:
             rec.outcome = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             self.router.report(dep.index, "client_error", rec.latency_ms)
+            # The upstream has likely billed the prompt already: cost it as such.
+            self._settle(rec, dep, None)
             if resp is not None:  # the upstream had the prompt: assume it bills the input
                 self._settle(rec, dep, None)
             if resp is not None:
@@ -205,7 +197,9 @@ class Call:
 
     async def _hold_stream(self, resp: aiohttp.ClientResponse, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
-        translator = None if adapter.passthrough else adapter.stream_translator(self.decision.model)
+        translator = (
+            None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
+        )
         buf = b""
         head = b""
         while True:
@@ -401,12 +395,23 @@ async def relay_stream(
     idle_timeout: float,
     call: Call,
     dep: DeploymentInfo,
+    encode: Callable[[bytes], bytes] | None = None,
 ) -> web.StreamResponse:
-    """Sends the held head, then each upstream chunk as it arrives, unmerged."""
+    """Sends the held head, then each upstream chunk as it arrives, unmerged.
+
+    `encode` turns the OpenAI-format events (including the error events written here)
+    into another API's stream format, e.g. Anthropic's for `/v1/messages`.
+    """
     out = web.StreamResponse(status=200, headers=response_headers)
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     await out.prepare(request)
+
+    async def send(data: bytes) -> None:
+        data = encode(data) if encode is not None else data
+        if data:
+            await out.write(data)
+
     tail = answer.head[-TAIL_BYTES:]
     # Without usage from upstream the cost is counted from the text: keep it (small) until the end.
     text: list[bytes] | None = None if call.decision.include_usage else [answer.head]
@@ -418,19 +423,19 @@ async def relay_stream(
     translator = answer.translator
     completed = sse.DONE in answer.head
     try:
-        await out.write(answer.head)
+        await send(answer.head)
         while not completed:
             try:
                 async with asyncio.timeout(idle_timeout):
                     chunk = await answer.resp.content.readany()
             except TimeoutError:
-                await out.write(
+                await send(
                     sse.error_event("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
                 )
                 call.record.outcome = "stream_interrupted"
                 break
             except (aiohttp.ClientError, OSError):
-                await out.write(
+                await send(
                     sse.error_event(
                         "The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted"
                     )
@@ -439,7 +444,7 @@ async def relay_stream(
                 break
             if not chunk:
                 call.router.report(dep.index, "server_error", 0.0)
-                await out.write(
+                await send(
                     sse.error_event(
                         "The upstream ended the stream early; the answer is incomplete.", "stream_incomplete"
                     )
@@ -449,7 +454,7 @@ async def relay_stream(
             if translator is not None:
                 chunk = translator.feed(chunk)
             if chunk:
-                await out.write(chunk)
+                await send(chunk)
                 tail = (tail + chunk)[-TAIL_BYTES:]
                 if text is not None:
                     text.append(chunk)
@@ -457,7 +462,7 @@ async def relay_stream(
         await out.write_eof()
     finally:
         answer.resp.close()
-        usage = Usage.from_openai(sse.find_usage(tail))
+        usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
         if usage is None and text is not None:
             usage = estimate_stream_usage(call.decision.prompt_tokens, b"".join(text), call.decision.encoding)
         if rec is not None:

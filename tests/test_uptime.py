@@ -109,6 +109,9 @@ async def test_hedge_answers_from_the_fast_deployment(start_upstream, start_prox
     rec = proxy.recorder.records[-1]
     outcomes = sorted((a.deployment, a.outcome, a.hedge) for a in rec.attempts)
     assert outcomes == [("d-fast", "success", True), ("d-slow", "cancelled", False)]
+    # Both attempts are costed: the loser at its prompt tokens, the winner at its usage.
+    assert all(a.cost_usd > 0 for a in rec.attempts)
+    assert rec.cost_usd == pytest.approx(sum(a.cost_usd for a in rec.attempts))
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
         text = await r.text()
     assert "edgeroute_hedges_total 1" in text and "edgeroute_hedge_wins_total 1" in text

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+import orjson
+
 if TYPE_CHECKING:
     from edgeroute.config import Provider
     from edgeroute.secrets import Secret
@@ -28,6 +30,12 @@ class ErrorClass(enum.Enum):
 
 
 class StreamTranslator(Protocol):
+    """Turns one provider stream into OpenAI SSE events, ending with `data: [DONE]`."""
+
+    # OpenAI-format usage once the provider has reported it (for accounting, whether
+    # or not the client asked for a usage chunk).
+    usage: dict[str, Any] | None
+
     def feed(self, chunk: bytes) -> bytes:
         """Consumes provider bytes; returns the OpenAI SSE bytes they complete (maybe empty)."""
         ...
@@ -69,12 +77,29 @@ class Adapter:
             return ErrorClass.CONTENT_POLICY
         return ErrorClass.CLIENT
 
+    def error_message(self, status: int, body: bytes) -> str:
+        """A client-safe message for a non-2xx answer (`error.message` in most providers' bodies)."""
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            err = obj.get("error")
+            msg = err.get("message") if isinstance(err, dict) else obj.get("message", obj.get("Message"))
+            if isinstance(msg, str):
+                return msg[:500]
+        return f"upstream answered HTTP {status}"
+
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         """The provider's JSON answer as an OpenAI chat completion (identity for pass-through)."""
         return obj
 
-    def stream_translator(self, model: str) -> StreamTranslator | None:
-        """A translator from the provider's stream bytes to OpenAI SSE bytes (None: pass-through)."""
+    def stream_translator(self, model: str, include_usage: bool = False) -> StreamTranslator | None:
+        """A translator from the provider's stream bytes to OpenAI SSE bytes (None: pass-through).
+
+        `include_usage` is the client's `stream_options.include_usage`: whether the
+        translated stream ends with a usage chunk.
+        """
         return None
 
     def health_headers(self) -> dict[str, str]:

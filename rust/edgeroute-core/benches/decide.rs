@@ -48,7 +48,12 @@ fn meta(prompt_tokens: Option<u32>) -> RequestMeta {
 /// The chat's message texts joined by newlines (what `bench/core_bench.py` hands tiktoken).
 fn chat_text() -> String {
     let v: serde_json::Value = serde_json::from_slice(CHAT_2K).expect("valid body");
-    let texts: Vec<&str> = v["messages"].as_array().expect("messages").iter().filter_map(|m| m["content"].as_str()).collect();
+    let texts: Vec<&str> = v["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
     texts.join("\n")
 }
 
@@ -59,9 +64,15 @@ fn bench_decide(c: &mut Criterion) {
     let given = meta(Some(tokens));
     let plain = RequestMeta::default();
     let mut g = c.benchmark_group("decide");
-    g.bench_function("chat_2k_counting", |b| b.iter(|| router.decide(black_box(CHAT_2K), &counted).unwrap()));
-    g.bench_function("chat_2k_tokens_given", |b| b.iter(|| router.decide(black_box(CHAT_2K), &given).unwrap()));
-    g.bench_function("trivial_body", |b| b.iter(|| router.decide(black_box(TRIVIAL), &plain).unwrap()));
+    g.bench_function("chat_2k_counting", |b| {
+        b.iter(|| router.decide(black_box(CHAT_2K), &counted).unwrap())
+    });
+    g.bench_function("chat_2k_tokens_given", |b| {
+        b.iter(|| router.decide(black_box(CHAT_2K), &given).unwrap())
+    });
+    g.bench_function("trivial_body", |b| {
+        b.iter(|| router.decide(black_box(TRIVIAL), &plain).unwrap())
+    });
     g.finish();
 }
 
@@ -72,8 +83,12 @@ fn bench_tokens(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(text.len() as u64));
     for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
         enc.warm_up();
-        g.bench_function(format!("text_{}", enc.name()), |b| b.iter(|| enc.count(black_box(&text))));
-        g.bench_function(format!("chat_{}", enc.name()), |b| b.iter(|| tokens::count_chat(black_box(&req), enc)));
+        g.bench_function(format!("text_{}", enc.name()), |b| {
+            b.iter(|| enc.count(black_box(&text)))
+        });
+        g.bench_function(format!("chat_{}", enc.name()), |b| {
+            b.iter(|| tokens::count_chat(black_box(&req), enc))
+        });
     }
     g.finish();
 }

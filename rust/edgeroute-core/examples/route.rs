@@ -37,7 +37,10 @@ fn show(router: &Router, label: &str, body: &str) {
             let names: Vec<&str> = d.order.iter().map(|&i| router.deployment(i).name.as_str()).collect();
             println!("{label}");
             println!("  route {} via rule {:?} because {:?}", d.route, d.rule, d.reasons);
-            println!("  {} prompt tokens ({}), strategy {:?}, try {:?}", d.prompt_tokens, d.encoding, d.strategy, names);
+            println!(
+                "  {} prompt tokens ({}), strategy {:?}, try {:?}",
+                d.prompt_tokens, d.encoding, d.strategy, names
+            );
             if let Some(ms) = d.hedge_after_ms {
                 println!("  hedge to {} after {ms} ms", names[1]);
             }
@@ -52,15 +55,31 @@ fn main() {
     let router = Router::from_json(CONFIG.as_bytes()).expect("valid config");
     router.warm_up();
 
-    show(&router, "plain question", r#"{"model":"small","messages":[{"role":"user","content":"What is a circuit breaker?"}]}"#);
-    show(&router, "plain question again (weights 3:1)", r#"{"model":"small","messages":[{"role":"user","content":"And a retry budget?"}]}"#);
+    show(
+        &router,
+        "plain question",
+        r#"{"model":"small","messages":[{"role":"user","content":"What is a circuit breaker?"}]}"#,
+    );
+    show(
+        &router,
+        "plain question again (weights 3:1)",
+        r#"{"model":"small","messages":[{"role":"user","content":"And a retry budget?"}]}"#,
+    );
     show(
         &router,
         "contains an e-mail address",
         r#"{"model":"small","messages":[{"role":"system","content":"Be brief."},{"role":"user","name":"ann","content":"Write to jane@example.com"}]}"#,
     );
-    show(&router, "contains code", r#"{"model":"small","messages":[{"role":"user","content":"Why does def f(): fail?"}]}"#);
-    show(&router, "unknown model", r#"{"model":"huge","messages":[{"role":"user","content":"hi"}]}"#);
+    show(
+        &router,
+        "contains code",
+        r#"{"model":"small","messages":[{"role":"user","content":"Why does def f(): fail?"}]}"#,
+    );
+    show(
+        &router,
+        "unknown model",
+        r#"{"model":"huge","messages":[{"role":"user","content":"hi"}]}"#,
+    );
 
     // Three failures in a row open openai-mini's circuit: it drops to the back of the order.
     let mini = router.deployment_index("openai-mini").expect("declared");
@@ -68,6 +87,13 @@ fn main() {
         router.begin(mini);
         router.report(mini, Outcome::ServerError, 120.0);
     }
-    println!("\nafter 3 server errors, openai-mini is {:?}", router.health(mini).circuit);
-    show(&router, "plain question with openai-mini ejected", r#"{"model":"small","messages":[{"role":"user","content":"Still there?"}]}"#);
+    println!(
+        "\nafter 3 server errors, openai-mini is {:?}",
+        router.health(mini).circuit
+    );
+    show(
+        &router,
+        "plain question with openai-mini ejected",
+        r#"{"model":"small","messages":[{"role":"user","content":"Still there?"}]}"#,
+    );
 }

@@ -30,7 +30,10 @@ pub struct RetryBudget {
 impl RetryBudget {
     /// A budget with the given settings.
     pub fn new(spec: RetryBudgetSpec) -> Self {
-        Self { spec, slots: Mutex::new(VecDeque::new()) }
+        Self {
+            spec,
+            slots: Mutex::new(VecDeque::new()),
+        }
     }
 
     fn with_current<R>(&self, now_ms: u64, f: impl FnOnce(&mut VecDeque<Slot>) -> R) -> R {
@@ -41,7 +44,10 @@ impl RetryBudget {
         }
         let start = now_ms - now_ms % SLOT_MS;
         if slots.back().is_none_or(|s| s.start_ms != start) {
-            slots.push_back(Slot { start_ms: start, ..Slot::default() });
+            slots.push_back(Slot {
+                start_ms: start,
+                ..Slot::default()
+            });
         }
         f(&mut slots)
     }
@@ -56,7 +62,9 @@ impl RetryBudget {
         let ratio = self.spec.ratio;
         let floor = self.spec.min_per_sec as f64 * (self.spec.ttl_ms.max(SLOT_MS) as f64 / 1_000.0);
         self.with_current(now_ms, |slots| {
-            let (dep, wd) = slots.iter().fold((0u64, 0u64), |(d, w), s| (d + s.deposits, w + s.withdrawals));
+            let (dep, wd) = slots
+                .iter()
+                .fold((0u64, 0u64), |(d, w), s| (d + s.deposits, w + s.withdrawals));
             if (wd + 1) as f64 <= dep as f64 * ratio + floor {
                 slots.back_mut().expect("pushed above").withdrawals += 1;
                 true
@@ -73,7 +81,11 @@ mod tests {
 
     #[test]
     fn ratio_and_floor_bound_retries() {
-        let b = RetryBudget::new(RetryBudgetSpec { ratio: 0.1, min_per_sec: 1, ttl_ms: 10_000 });
+        let b = RetryBudget::new(RetryBudgetSpec {
+            ratio: 0.1,
+            min_per_sec: 1,
+            ttl_ms: 10_000,
+        });
         for _ in 0..100 {
             b.deposit(0);
         }

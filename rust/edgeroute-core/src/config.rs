@@ -122,7 +122,11 @@ fn default_ttl_ms() -> u64 {
 
 impl Default for RetryBudgetSpec {
     fn default() -> Self {
-        Self { ratio: default_retry_ratio(), min_per_sec: default_min_per_sec(), ttl_ms: default_ttl_ms() }
+        Self {
+            ratio: default_retry_ratio(),
+            min_per_sec: default_min_per_sec(),
+            ttl_ms: default_ttl_ms(),
+        }
     }
 }
 

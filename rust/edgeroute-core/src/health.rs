@@ -141,7 +141,9 @@ impl Health {
 
     /// Records the end of an attempt started with [`Health::begin`].
     pub fn report(&self, outcome: Outcome, latency_ms: f64, now_ms: u64, spec: &HealthSpec) {
-        let _ = self.in_flight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         let mut s = self.lock();
         let dt = now_ms.saturating_sub(s.last_ms) as f64;
         s.last_ms = now_ms;
@@ -235,7 +237,11 @@ mod tests {
     use super::*;
 
     fn spec() -> HealthSpec {
-        HealthSpec { consecutive_failures: 3, base_ejection_ms: 1_000, ..HealthSpec::default() }
+        HealthSpec {
+            consecutive_failures: 3,
+            base_ejection_ms: 1_000,
+            ..HealthSpec::default()
+        }
     }
 
     #[test]
@@ -266,7 +272,14 @@ mod tests {
     fn rate_limit_cools_down_until_retry_after() {
         let h = Health::default();
         h.begin(0);
-        h.report(Outcome::RateLimited { retry_after_ms: Some(2_000) }, 1.0, 0, &spec());
+        h.report(
+            Outcome::RateLimited {
+                retry_after_ms: Some(2_000),
+            },
+            1.0,
+            0,
+            &spec(),
+        );
         assert!(!h.available(1_999));
         assert!(h.available(2_000));
         assert_eq!(h.snapshot(0).failures, 1);

@@ -72,7 +72,10 @@ struct Window {
 
 impl Default for Window {
     fn default() -> Self {
-        Self { counts: vec![0; BUCKETS], total: 0 }
+        Self {
+            counts: vec![0; BUCKETS],
+            total: 0,
+        }
     }
 }
 
@@ -103,13 +106,20 @@ pub struct RotatingHistogram {
 impl RotatingHistogram {
     /// A histogram whose windows last `period_ms`.
     pub fn new(period_ms: u64) -> Self {
-        Self { period_ms, inner: Mutex::new((0, Window::default(), Window::default())) }
+        Self {
+            period_ms,
+            inner: Mutex::new((0, Window::default(), Window::default())),
+        }
     }
 
     fn rotate(&self, now_ms: u64, g: &mut (u64, Window, Window)) {
         if now_ms >= g.0 + self.period_ms {
             let stale = now_ms >= g.0 + 2 * self.period_ms;
-            g.2 = if stale { Window::default() } else { std::mem::take(&mut g.1) };
+            g.2 = if stale {
+                Window::default()
+            } else {
+                std::mem::take(&mut g.1)
+            };
             g.1 = Window::default();
             g.0 = now_ms;
         }
@@ -169,7 +179,8 @@ impl HedgeSpec {
         if let Some(d) = self.delay_ms {
             return Some(d);
         }
-        hist.percentile(self.percentile, self.min_samples, now_ms).map(|p| p.max(self.min_delay_ms))
+        hist.percentile(self.percentile, self.min_samples, now_ms)
+            .map(|p| p.max(self.min_delay_ms))
     }
 }
 

@@ -30,6 +30,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod classify;
 pub mod config;
 pub mod error;
 pub mod health;

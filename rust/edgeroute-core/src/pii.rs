@@ -28,7 +28,13 @@ pub enum PiiKind {
 
 impl PiiKind {
     /// All kinds, in a fixed order.
-    pub const ALL: [PiiKind; 5] = [Self::Email, Self::Phone, Self::PaymentCard, Self::Iban, Self::NationalId];
+    pub const ALL: [PiiKind; 5] = [
+        Self::Email,
+        Self::Phone,
+        Self::PaymentCard,
+        Self::Iban,
+        Self::NationalId,
+    ];
 
     /// The snake_case name used in config and explanations.
     pub fn name(self) -> &'static str {
@@ -78,8 +84,7 @@ impl PiiSet {
 // 2,000-token prompt with a few emoji). Besides speed, it also means a number
 // glued to a non-ASCII letter ("東京4111...") is still seen.
 const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}";
-const PHONE_RE: &str =
-    r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|(?-u:\b)\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?-u:\b)";
+const PHONE_RE: &str = r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|(?-u:\b)\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?-u:\b)";
 const CARD_RE: &str = r"(?-u:\b)(?:\d[ -]?){12,18}\d(?-u:\b)";
 const IBAN_RE: &str = r"(?-u:\b)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?-u:\b)";
 const SSN_RE: &str = r"(?-u:\b)\d{3}-\d{2}-\d{4}(?-u:\b)";
@@ -104,7 +109,17 @@ pub fn luhn_valid(s: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 {
+                    d * 2 - 9
+                } else {
+                    d * 2
+                }
+            } else {
+                d
+            }
+        })
         .sum();
     sum % 10 == 0
 }
@@ -122,7 +137,11 @@ pub fn iban_valid(s: &str) -> bool {
             Some(v) => v as u64,
             None => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -151,8 +170,11 @@ pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {
     if !(phone || candidate(PiiKind::PaymentCard)) {
         return found;
     }
-    let cards: Vec<regex::Match<'_>> =
-        if maybe.matched(PiiKind::PaymentCard as usize) { CARD.find_iter(text).collect() } else { Vec::new() };
+    let cards: Vec<regex::Match<'_>> = if maybe.matched(PiiKind::PaymentCard as usize) {
+        CARD.find_iter(text).collect()
+    } else {
+        Vec::new()
+    };
     if candidate(PiiKind::PaymentCard) && cards.iter().any(|m| luhn_valid(m.as_str())) {
         found.insert(PiiKind::PaymentCard);
     }

@@ -107,11 +107,12 @@ impl<'a> ChatRequest<'a> {
     /// Decode `body`; errors read as the API's own 400 messages.
     pub fn parse(body: &'a [u8]) -> Result<Self> {
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Err(CoreError::BadRequest("The request body is empty; expected a JSON object.".into()));
+            return Err(CoreError::BadRequest(
+                "The request body is empty; expected a JSON object.".into(),
+            ));
         }
-        let raw: Body<'a> = serde_json::from_slice(body).map_err(|e| {
-            CoreError::BadRequest(format!("The request body is not valid JSON for this endpoint: {e}"))
-        })?;
+        let raw: Body<'a> = serde_json::from_slice(body)
+            .map_err(|e| CoreError::BadRequest(format!("The request body is not valid JSON for this endpoint: {e}")))?;
         let model_raw = raw
             .model
             .ok_or_else(|| CoreError::BadRequest("Missing required parameter: 'model'.".into()))?;
@@ -196,8 +197,18 @@ mod tests {
 
     #[test]
     fn missing_fields_are_bad_requests() {
-        for body in [&b""[..], b"{", br#"{"messages":[]}"#, br#"{"model":"m"}"#, br#"{"model":1,"messages":[{"role":"user"}]}"#, br#"{"model":"m","messages":[]}"#] {
-            assert!(matches!(ChatRequest::parse(body), Err(CoreError::BadRequest(_))), "{body:?}");
+        for body in [
+            &b""[..],
+            b"{",
+            br#"{"messages":[]}"#,
+            br#"{"model":"m"}"#,
+            br#"{"model":1,"messages":[{"role":"user"}]}"#,
+            br#"{"model":"m","messages":[]}"#,
+        ] {
+            assert!(
+                matches!(ChatRequest::parse(body), Err(CoreError::BadRequest(_))),
+                "{body:?}"
+            );
         }
     }
 

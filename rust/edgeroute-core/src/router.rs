@@ -135,13 +135,21 @@ impl Router {
                 None => Encoding::for_model(&d.model),
             };
             let kept = previous.and_then(|p| {
-                p.by_name.get(&d.name).map(|&i| &p.deployments[i]).filter(|o| o.spec.provider == d.provider && o.spec.model == d.model)
+                p.by_name
+                    .get(&d.name)
+                    .map(|&i| &p.deployments[i])
+                    .filter(|o| o.spec.provider == d.provider && o.spec.model == d.model)
             });
             let (health, latency) = match kept {
                 Some(o) => (o.health.clone(), o.latency.clone()),
                 None => (Arc::default(), Arc::new(RotatingHistogram::new(HISTOGRAM_PERIOD_MS))),
             };
-            deployments.push(Deployment { spec: d, encoding, health, latency });
+            deployments.push(Deployment {
+                spec: d,
+                encoding,
+                health,
+                latency,
+            });
         }
         let mut route_by_name = HashMap::new();
         let mut routes = Vec::with_capacity(spec.models.len());
@@ -153,20 +161,28 @@ impl Router {
                 .deployments
                 .iter()
                 .map(|d| {
-                    by_name.get(d).copied().ok_or_else(|| {
-                        CoreError::Config(format!("model `{}`: unknown deployment `{d}`", m.name))
-                    })
+                    by_name
+                        .get(d)
+                        .copied()
+                        .ok_or_else(|| CoreError::Config(format!("model `{}`: unknown deployment `{d}`", m.name)))
                 })
                 .collect::<Result<Vec<_>>>()?;
             if members.is_empty() {
                 return Err(CoreError::Config(format!("model `{}` has no deployments", m.name)));
             }
-            routes.push(Route { swrr: Swrr::new(members.len()), members, spec: m });
+            routes.push(Route {
+                swrr: Swrr::new(members.len()),
+                members,
+                spec: m,
+            });
         }
         for r in &routes {
             for f in r.spec.fallbacks.iter().chain(&r.spec.context_window_fallbacks) {
                 if !route_by_name.contains_key(f) {
-                    return Err(CoreError::Config(format!("model `{}`: unknown fallback model `{f}`", r.spec.name)));
+                    return Err(CoreError::Config(format!(
+                        "model `{}`: unknown fallback model `{f}`",
+                        r.spec.name
+                    )));
                 }
             }
         }
@@ -179,7 +195,10 @@ impl Router {
             }
             for d in &r.then.deployments {
                 if !by_name.contains_key(d) {
-                    return Err(CoreError::Config(format!("rule `{}`: unknown deployment `{d}`", r.name)));
+                    return Err(CoreError::Config(format!(
+                        "rule `{}`: unknown deployment `{d}`",
+                        r.name
+                    )));
                 }
             }
         }
@@ -188,7 +207,9 @@ impl Router {
             None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
         };
         let epoch = previous.map_or_else(Instant::now, |p| p.epoch);
-        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
         Ok(Self {
             deployments,
             by_name,
@@ -228,11 +249,20 @@ impl Router {
     /// [`Router::decide`] at an explicit time, for tests and replays.
     pub fn decide_at(&self, body: &[u8], meta: &RequestMeta, now_ms: u64, unix_secs: u64) -> Result<Decision> {
         let req = ChatRequest::parse(body)?;
-        let requested = *self.route_by_name.get(req.model.as_ref()).ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
+        let requested = *self
+            .route_by_name
+            .get(req.model.as_ref())
+            .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
         let encoding = self.deployments[self.routes[requested].members[0]].encoding;
-        let prompt_tokens = meta.prompt_tokens.unwrap_or_else(|| tokens::count_chat(&req, encoding) as u32);
+        let prompt_tokens = meta
+            .prompt_tokens
+            .unwrap_or_else(|| tokens::count_chat(&req, encoding) as u32);
 
-        let text = if self.rules.needs_text() { prompt_text(&req) } else { String::new() };
+        let text = if self.rules.needs_text() {
+            prompt_text(&req)
+        } else {
+            String::new()
+        };
         let user = meta.user.as_deref().or(req.user.as_deref());
         let input = RuleInput {
             model: &req.model,
@@ -249,17 +279,28 @@ impl Router {
         if let Some(msg) = action.and_then(|a| a.reject.as_ref()) {
             return Err(CoreError::BadRequest(msg.clone()));
         }
-        let mut route = action.and_then(|a| a.route.as_ref()).map_or(requested, |r| self.route_by_name[r]);
+        let mut route = action
+            .and_then(|a| a.route.as_ref())
+            .map_or(requested, |r| self.route_by_name[r]);
         let needed = prompt_tokens.saturating_add(req.max_tokens.unwrap_or(0));
         // A prompt too long for every deployment of the route goes to its context-window fallback.
-        if !self.routes[route].members.iter().any(|&i| fits(&self.deployments[i].spec, needed)) {
+        if !self.routes[route]
+            .members
+            .iter()
+            .any(|&i| fits(&self.deployments[i].spec, needed))
+        {
             if let Some(f) = self.routes[route].spec.context_window_fallbacks.iter().find(|f| {
-                self.routes[self.route_by_name[*f]].members.iter().any(|&i| fits(&self.deployments[i].spec, needed))
+                self.routes[self.route_by_name[*f]]
+                    .members
+                    .iter()
+                    .any(|&i| fits(&self.deployments[i].spec, needed))
             }) {
                 route = self.route_by_name[f];
             }
         }
-        let strategy = action.and_then(|a| a.strategy).unwrap_or(self.routes[route].spec.strategy);
+        let strategy = action
+            .and_then(|a| a.strategy)
+            .unwrap_or(self.routes[route].spec.strategy);
         let mut order = Vec::new();
         let mut reason = String::new();
         let mut chain = vec![route];
@@ -271,8 +312,22 @@ impl Router {
         }
         let mut ejected = Vec::new();
         for (pos, &r) in chain.iter().enumerate() {
-            let strat = if pos == 0 { strategy } else { self.routes[r].spec.strategy };
-            self.order_route(r, strat, action, needed, req.max_tokens, now_ms, &mut order, &mut ejected, &mut reason);
+            let strat = if pos == 0 {
+                strategy
+            } else {
+                self.routes[r].spec.strategy
+            };
+            self.order_route(
+                r,
+                strat,
+                action,
+                needed,
+                req.max_tokens,
+                now_ms,
+                &mut order,
+                &mut ejected,
+                &mut reason,
+            );
         }
         // Fail open: if health has excluded everything, try the ejected ones rather than nothing.
         for i in ejected {
@@ -283,7 +338,11 @@ impl Router {
         if order.is_empty() {
             return Err(CoreError::NoDeployment {
                 model: req.model.to_string(),
-                reason: if reason.is_empty() { "every deployment was excluded".into() } else { reason },
+                reason: if reason.is_empty() {
+                    "every deployment was excluded".into()
+                } else {
+                    reason
+                },
             });
         }
         self.retry_budget.deposit(now_ms);
@@ -386,7 +445,11 @@ impl Router {
 
     /// Asks the hedge budget for one hedge of a request on `route`; call when the hedge timer fires.
     pub fn try_hedge(&self, route: &str) -> bool {
-        let pct = self.route_by_name.get(route).and_then(|&r| self.routes[r].spec.hedge.as_ref()).map_or(0.0, |h| h.budget_percent);
+        let pct = self
+            .route_by_name
+            .get(route)
+            .and_then(|&r| self.routes[r].spec.hedge.as_ref())
+            .map_or(0.0, |h| h.budget_percent);
         self.hedge_budget.try_take(pct)
     }
 

@@ -224,7 +224,11 @@ impl Rules {
             }
             let set = pii::set_of(&r.when.pii);
             pii_wanted = pii_wanted.union(set);
-            compiled.push(Compiled { keyword_ids, pattern_ids, pii: set });
+            compiled.push(Compiled {
+                keyword_ids,
+                pattern_ids,
+                pii: set,
+            });
         }
         let keywords = if keyword_text.is_empty() {
             None
@@ -244,7 +248,16 @@ impl Rules {
         };
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(specs[i].priority));
-        Ok(Self { specs, compiled, order, keywords, keyword_text, patterns, pattern_text, pii_wanted })
+        Ok(Self {
+            specs,
+            compiled,
+            order,
+            keywords,
+            keyword_text,
+            patterns,
+            pattern_text,
+            pii_wanted,
+        })
     }
 
     /// The rules as configured.
@@ -260,7 +273,10 @@ impl Rules {
     /// The first rule, by priority, whose conditions all hold.
     pub fn evaluate(&self, input: &RuleInput<'_>) -> Option<RuleMatch> {
         let scan = ContentScan::default();
-        self.order.iter().find_map(|&i| self.check(i, input, &scan).map(|reasons| RuleMatch { index: i, reasons }))
+        self.order.iter().find_map(|&i| {
+            self.check(i, input, &scan)
+                .map(|reasons| RuleMatch { index: i, reasons })
+        })
     }
 
     fn check(&self, i: usize, input: &RuleInput<'_>, scan: &ContentScan) -> Option<Vec<String>> {
@@ -275,9 +291,11 @@ impl Rules {
             let t = w.tags.iter().find(|t| input.tags.contains(t))?;
             why.push(format!("tag={t}"));
         }
-        for (list, value, label) in
-            [(&w.users, input.user, "user"), (&w.teams, input.team, "team"), (&w.roles, input.role, "role")]
-        {
+        for (list, value, label) in [
+            (&w.users, input.user, "user"),
+            (&w.teams, input.team, "team"),
+            (&w.roles, input.role, "role"),
+        ] {
             if !list.is_empty() {
                 let v = value.filter(|v| list.iter().any(|x| x == v))?;
                 why.push(format!("{label}={v}"));
@@ -348,7 +366,11 @@ mod tests {
         ])
         .unwrap();
         let m = |text: &str| {
-            let i = RuleInput { model: "gpt-4o", text, ..Default::default() };
+            let i = RuleInput {
+                model: "gpt-4o",
+                text,
+                ..Default::default()
+            };
             let r = rules.evaluate(&i).unwrap();
             (rules.specs()[r.index].name.clone(), r.reasons)
         };
@@ -366,7 +388,12 @@ mod tests {
         )])
         .unwrap();
         let at = |team: &str, tokens: u32, hour: u64| {
-            let i = RuleInput { team: Some(team), prompt_tokens: tokens, unix_secs: hour * 3600, ..Default::default() };
+            let i = RuleInput {
+                team: Some(team),
+                prompt_tokens: tokens,
+                unix_secs: hour * 3600,
+                ..Default::default()
+            };
             rules.evaluate(&i).is_some()
         };
         assert!(at("ml", 200, 23));

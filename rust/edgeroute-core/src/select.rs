@@ -33,7 +33,9 @@ pub struct Swrr {
 impl Swrr {
     /// State for a route whose deployments are indexed `0..n` locally.
     pub fn new(n: usize) -> Self {
-        Self { current: Mutex::new(vec![0; n]) }
+        Self {
+            current: Mutex::new(vec![0; n]),
+        }
     }
 
     /// Picks among `slots` (local positions, with weights); returns the position in `slots`.
@@ -115,7 +117,13 @@ mod tests {
     use super::*;
 
     fn cand(index: usize, weight: u32) -> Candidate {
-        Candidate { index, weight, cost: index as f64, load: 1.0, in_flight: 0 }
+        Candidate {
+            index,
+            weight,
+            cost: index as f64,
+            load: 1.0,
+            in_flight: 0,
+        }
     }
 
     #[test]
@@ -129,7 +137,7 @@ mod tests {
             order(Strategy::Weighted, &mut c, &[0, 1, 2], &swrr, &rng);
             counts[c[0].index] += 1;
         }
-                // Ten full cycles of total weight 7 give exactly the weights' shares.
+        // Ten full cycles of total weight 7 give exactly the weights' shares.
         assert_eq!(counts, [50, 10, 10]);
     }
 }

@@ -107,7 +107,10 @@ impl Encoding {
     fn tool_overheads(self) -> ToolOverheads {
         match self {
             // gpt-4 / gpt-3.5-turbo in the cookbook.
-            Self::Cl100kBase | Self::ClaudeEstimate => ToolOverheads { func_init: 10, ..GPT_4O_TOOLS },
+            Self::Cl100kBase | Self::ClaudeEstimate => ToolOverheads {
+                func_init: 10,
+                ..GPT_4O_TOOLS
+            },
             // gpt-4o / gpt-4o-mini in the cookbook.
             Self::O200kBase | Self::GeminiEstimate => GPT_4O_TOOLS,
         }
@@ -154,8 +157,14 @@ struct ToolOverheads {
     func_end: isize,
 }
 
-const GPT_4O_TOOLS: ToolOverheads =
-    ToolOverheads { func_init: 7, prop_init: 3, prop_key: 3, enum_init: -3, enum_item: 3, func_end: 12 };
+const GPT_4O_TOOLS: ToolOverheads = ToolOverheads {
+    func_init: 7,
+    prop_init: 3,
+    prop_key: 3,
+    enum_init: -3,
+    enum_item: 3,
+    func_end: 12,
+};
 
 /// Prompt tokens of a chat request, as OpenAI bills them (see the module doc for
 /// which parts are exact).
@@ -243,7 +252,10 @@ fn count_tools_with(tools: &RawValue, tok: &Tokenizer, k: ToolOverheads) -> usiz
     let mut total = k.func_end;
     let mut line = String::new();
     for raw in list {
-        let Some(f) = serde_json::from_str::<Tool<'_>>(raw.get()).ok().and_then(|t| t.function) else {
+        let Some(f) = serde_json::from_str::<Tool<'_>>(raw.get())
+            .ok()
+            .and_then(|t| t.function)
+        else {
             total += count(raw.get());
             continue;
         };

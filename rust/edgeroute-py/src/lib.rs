@@ -10,11 +10,36 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
-pyo3::create_exception!(edgeroute._core, EdgerouteError, pyo3::exceptions::PyException, "Base of every error raised by the core.");
-pyo3::create_exception!(edgeroute._core, BadRequestError, EdgerouteError, "The request body is invalid (HTTP 400).");
-pyo3::create_exception!(edgeroute._core, UnknownModelError, EdgerouteError, "No route serves the requested model (HTTP 404).");
-pyo3::create_exception!(edgeroute._core, NoDeploymentError, EdgerouteError, "No deployment may serve this request (HTTP 503).");
-pyo3::create_exception!(edgeroute._core, ConfigError, EdgerouteError, "The router config is invalid.");
+pyo3::create_exception!(
+    edgeroute._core,
+    EdgerouteError,
+    pyo3::exceptions::PyException,
+    "Base of every error raised by the core."
+);
+pyo3::create_exception!(
+    edgeroute._core,
+    BadRequestError,
+    EdgerouteError,
+    "The request body is invalid (HTTP 400)."
+);
+pyo3::create_exception!(
+    edgeroute._core,
+    UnknownModelError,
+    EdgerouteError,
+    "No route serves the requested model (HTTP 404)."
+);
+pyo3::create_exception!(
+    edgeroute._core,
+    NoDeploymentError,
+    EdgerouteError,
+    "No deployment may serve this request (HTTP 503)."
+);
+pyo3::create_exception!(
+    edgeroute._core,
+    ConfigError,
+    EdgerouteError,
+    "The router config is invalid."
+);
 
 fn to_py(e: core::CoreError) -> PyErr {
     let msg = e.to_string();
@@ -127,14 +152,18 @@ impl Router {
             r.warm_up();
             Ok::<_, core::CoreError>(r)
         });
-        Ok(Self { inner: Arc::new(router.map_err(to_py)?) })
+        Ok(Self {
+            inner: Arc::new(router.map_err(to_py)?),
+        })
     }
 
     fn reload(&self, py: Python<'_>, config_json: &[u8]) -> PyResult<Self> {
         let spec = parse_spec(config_json)?;
         let router = py.detach(|| self.inner.reload(spec)).map_err(to_py)?;
         router.warm_up();
-        Ok(Self { inner: Arc::new(router) })
+        Ok(Self {
+            inner: Arc::new(router),
+        })
     }
 
     #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None))]
@@ -149,15 +178,30 @@ impl Router {
         user: Option<String>,
         prompt_tokens: Option<u32>,
     ) -> PyResult<Decision> {
-        let meta = core::RequestMeta { tags: tags.unwrap_or_default(), team, role, user, prompt_tokens };
+        let meta = core::RequestMeta {
+            tags: tags.unwrap_or_default(),
+            team,
+            role,
+            user,
+            prompt_tokens,
+        };
         let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
     }
 
     /// The body with its `model` value replaced by deployment `index`'s upstream model.
-    fn body_for<'py>(&self, py: Python<'py>, body: &[u8], decision: &Decision, index: usize) -> PyResult<Bound<'py, PyBytes>> {
+    fn body_for<'py>(
+        &self,
+        py: Python<'py>,
+        body: &[u8],
+        decision: &Decision,
+        index: usize,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let model = &self.checked(index)?.model;
-        Ok(PyBytes::new(py, &core::rewrite_model(body, decision.inner.model_span, model)))
+        Ok(PyBytes::new(
+            py,
+            &core::rewrite_model(body, decision.inner.model_span, model),
+        ))
     }
 
     fn begin(&self, index: usize) -> PyResult<()> {
@@ -169,7 +213,8 @@ impl Router {
     #[pyo3(signature = (index, outcome_kind, latency_ms, retry_after_ms=None))]
     fn report(&self, index: usize, outcome_kind: &str, latency_ms: f64, retry_after_ms: Option<u64>) -> PyResult<()> {
         self.checked(index)?;
-        self.inner.report(index, outcome(outcome_kind, retry_after_ms)?, latency_ms);
+        self.inner
+            .report(index, outcome(outcome_kind, retry_after_ms)?, latency_ms);
         Ok(())
     }
 
@@ -203,7 +248,9 @@ impl Router {
     }
 
     fn deployment_names(&self) -> Vec<String> {
-        (0..self.inner.deployment_count()).map(|i| self.inner.deployment(i).name.clone()).collect()
+        (0..self.inner.deployment_count())
+            .map(|i| self.inner.deployment(i).name.clone())
+            .collect()
     }
 
     fn model_names(&self) -> Vec<String> {

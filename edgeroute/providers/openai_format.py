@@ -1,0 +1,384 @@
+"""OpenAI's chat format, read and written by the translating adapters.
+
+One place for what every non-pass-through adapter needs: reading the client's
+OpenAI-format request (messages, content parts, data URLs, tools), the rule for
+parameters a provider cannot honour (drop or reject, never corrupt), OpenAI's
+`usage` object (the one currency cost is computed in), and the writer of
+`chat.completion.chunk` SSE events that stream translators emit.
+
+It must not know any provider's format.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import orjson
+
+from edgeroute.errors import ProxyError
+
+# The tool used to emulate `response_format` (JSON mode) on providers whose only
+# structured output is a forced tool call; its call is turned back into text content.
+JSON_TOOL = "edgeroute_json_response"
+
+# Parameters that carry no meaning for the answer (identifiers, storage flags) or that
+# each adapter reads itself: never subject to the unsupported-parameter rule.
+_ALWAYS_OK = frozenset({"model", "messages", "stream", "stream_options", "user", "store", "metadata", "service_tier"})
+
+# A parameter set to its neutral value asks nothing of the provider.
+_NEUTRAL: dict[str, object] = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": False,
+    "parallel_tool_calls": True,
+    "temperature": None,
+}
+
+UnsupportedRule = Literal["drop", "reject"]
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_request") -> ProxyError:
+    return ProxyError(400, message, code=code, param=param)
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    """The client's request as a dict; a 400 when it is not a JSON object with messages."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad_request("The request body is not valid JSON.") from None
+    if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+        raise bad_request("The request must be a JSON object with a `messages` array.", "messages")
+    return req
+
+
+def unsupported_rule(options: Mapping[str, Any]) -> UnsupportedRule:
+    rule = options.get("unsupported_params", "reject")
+    if rule not in ("drop", "reject"):
+        raise ValueError("options.unsupported_params must be 'drop' or 'reject'")
+    return "drop" if rule == "drop" else "reject"
+
+
+def apply_param_rule(
+    req: dict[str, Any], supported: Iterable[str], rule: UnsupportedRule, provider: str
+) -> list[str]:
+    """Removes the parameters `provider` cannot honour (rule `drop`) or raises a 400 (rule `reject`).
+
+    Returns the names dropped. A parameter left at its neutral value is always accepted.
+    """
+    ok = _ALWAYS_OK.union(supported)
+    dropped = []
+    for name in list(req):
+        value = req[name]
+        if name in ok or value is None or (name in _NEUTRAL and value == _NEUTRAL[name]):
+            continue
+        if rule == "reject":
+            raise bad_request(
+                f"The parameter `{name}` is not supported by the provider serving this model ({provider}).",
+                name,
+                "unsupported_parameter",
+            )
+        del req[name]
+        dropped.append(name)
+    return dropped
+
+
+def unsupported_value(param: str, why: str, rule: UnsupportedRule, provider: str) -> None:
+    """For a supported parameter with a value the provider cannot honour: raises under `reject`."""
+    if rule == "reject":
+        raise bad_request(
+            f"The value of `{param}` is not supported by the provider serving this model ({provider}): {why}.",
+            param,
+            "unsupported_parameter",
+        )
+
+
+def max_tokens_of(req: Mapping[str, Any]) -> int | None:
+    value = req.get("max_completion_tokens", req.get("max_tokens"))
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise bad_request("`max_tokens` must be a positive integer.", "max_tokens")
+    return value
+
+
+def stop_list(req: Mapping[str, Any]) -> list[str] | None:
+    stop = req.get("stop")
+    if stop is None:
+        return None
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return list(stop)
+    raise bad_request("`stop` must be a string or an array of strings.", "stop")
+
+
+def text_of(content: Any, where: str = "messages") -> str:
+    """The text of a message whose content must be text (a string or text parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request(f"Only text content is supported in {where}.", "messages")
+            out.append(part["text"])
+        return "\n".join(out) if len(out) > 1 else "".join(out)
+    raise bad_request("Message `content` must be a string or an array of content parts.", "messages")
+
+
+def content_parts(content: Any) -> list[dict[str, Any]]:
+    """A message's content as a list of OpenAI content parts (a string becomes one text part)."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise bad_request("Every content part must be an object with a `type`.", "messages")
+            kind = part["type"]
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise bad_request("A text part needs a string `text`.", "messages")
+            if kind == "image_url" and not isinstance(image_url_of(part), str):
+                raise bad_request("An image_url part needs `image_url.url`.", "messages")
+            if kind not in ("text", "image_url", "refusal"):
+                raise bad_request(f"Content parts of type `{kind}` are not supported by this provider.", "messages")
+        return [p for p in content if p["type"] != "text" or p["text"]]
+    raise bad_request("Message `content` must be a string or an array of content parts.", "messages")
+
+
+def image_url_of(part: Mapping[str, Any]) -> str | None:
+    img = part.get("image_url")
+    url = img.get("url") if isinstance(img, dict) else img
+    return url if isinstance(url, str) else None
+
+
+def parse_data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 data) of a `data:<type>;base64,<data>` URL; None for any other URL."""
+    if not url.startswith("data:"):
+        return None
+    head, sep, data = url[5:].partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise bad_request("Image data URLs must be base64-encoded (data:<type>;base64,...).", "messages")
+    media = head[: -len(";base64")] or "application/octet-stream"
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request("An image data URL holds invalid base64.", "messages") from None
+    return media, data
+
+
+def tool_arguments(call: Mapping[str, Any]) -> dict[str, Any]:
+    """The parsed arguments of an assistant tool call from the conversation history."""
+    fn = call.get("function")
+    raw = fn.get("arguments") if isinstance(fn, dict) else None
+    if raw is None or raw == "":
+        return {}
+    try:
+        args = orjson.loads(raw) if isinstance(raw, str) else raw
+    except orjson.JSONDecodeError:
+        raise bad_request("A tool call's `arguments` is not valid JSON.", "messages") from None
+    if not isinstance(args, dict):
+        raise bad_request("A tool call's `arguments` must be a JSON object.", "messages")
+    return args
+
+
+def tool_name(call: Mapping[str, Any]) -> str:
+    fn = call.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
+        raise bad_request("A tool call needs `function.name`.", "messages")
+    return name
+
+
+def function_tools(req: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The request's function tools as `{name, description, parameters}` (a 400 for other tool types)."""
+    out = []
+    for t in req.get("tools") or ():
+        if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
+            raise bad_request("Only tools of type `function` are supported by this provider.", "tools")
+        fn = t["function"]
+        if not isinstance(fn.get("name"), str):
+            raise bad_request("A function tool needs a `name`.", "tools")
+        out.append(
+            {
+                "name": fn["name"],
+                "description": fn.get("description"),
+                "parameters": fn.get("parameters") or {"type": "object", "properties": {}},
+            }
+        )
+    return out
+
+
+ToolChoice = tuple[Literal["auto", "none", "required", "function"], str | None]
+
+
+def tool_choice_of(req: Mapping[str, Any]) -> ToolChoice | None:
+    tc = req.get("tool_choice")
+    if tc is None:
+        return None
+    if tc in ("auto", "none", "required"):
+        return tc, None
+    if isinstance(tc, dict) and tc.get("type") == "function" and isinstance(tc.get("function"), dict):
+        name = tc["function"].get("name")
+        if isinstance(name, str):
+            return "function", name
+    raise bad_request("`tool_choice` must be auto, none, required or a named function.", "tool_choice")
+
+
+def response_format_of(req: Mapping[str, Any]) -> tuple[Literal["text", "json_object", "json_schema"], dict[str, Any]]:
+    """The requested output format and, for json_schema, the schema."""
+    rf = req.get("response_format")
+    if rf is None:
+        return "text", {}
+    if isinstance(rf, dict) and rf.get("type") in ("text", "json_object"):
+        return rf["type"], {}
+    if isinstance(rf, dict) and rf.get("type") == "json_schema" and isinstance(rf.get("json_schema"), dict):
+        schema = rf["json_schema"].get("schema")
+        return "json_schema", schema if isinstance(schema, dict) else {"type": "object"}
+    raise bad_request("`response_format` must be text, json_object or json_schema.", "response_format")
+
+
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
+    """OpenAI's `usage`: `prompt_tokens` includes cached tokens; `completion_tokens` includes reasoning."""
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": reasoning,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def new_id(prefix: str = "chatcmpl-") -> str:
+    return prefix + os.urandom(12).hex()
+
+
+def completion(
+    cid: str,
+    model: str,
+    text: str | None,
+    tool_calls: list[dict[str, Any]],
+    finish: str,
+    use: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A `chat.completion` object with one choice."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": text if text or not tool_calls else None,
+        "refusal": None,
+        "annotations": [],
+    }
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    out: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def error_event(message: str, etype: str, code: str | None = None) -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
+
+
+class ChunkWriter:
+    """Writes one stream's `chat.completion.chunk` events, in the order OpenAI sends them.
+
+    Tool calls are numbered as OpenAI numbers them (0, 1, ... among tool calls only),
+    whatever the provider's block numbering; `usage` is kept for accounting even when
+    the client did not ask for a usage chunk.
+    """
+
+    def __init__(self, model: str, include_usage: bool, cid: str | None = None) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = cid or new_id()
+        self.created = int(time.time())
+        self.usage: dict[str, Any] | None = None
+        self.started = False
+        self.finished = False
+        self.done = False
+        self.tools = 0
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        obj = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def start(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        return self._chunk({"role": "assistant", "content": "", "refusal": None})
+
+    def text(self, text: str) -> bytes:
+        if not text:
+            return b""
+        return self.start() + self._chunk({"content": text})
+
+    def new_tool(self) -> int:
+        """The OpenAI index of the next tool call; emit it with :meth:`tool_head`."""
+        self.tools += 1
+        return self.tools - 1
+
+    def tool_head(self, index: int, call_id: str, name: str, arguments: str = "") -> bytes:
+        head = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        return self.start() + self._chunk({"tool_calls": [head]})
+
+    def tool_args(self, index: int, fragment: str) -> bytes:
+        if not fragment:
+            return b""
+        return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+
+    def finish(self, reason: str) -> bytes:
+        if self.finished:
+            return b""
+        self.finished = True
+        return self.start() + self._chunk({}, reason)
+
+    def end(self) -> bytes:
+        """The usage chunk (when asked for) and `[DONE]`."""
+        if self.done:
+            return b""
+        self.done = True
+        out = b""
+        if self.include_usage and self.usage is not None:
+            obj = {
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.usage,
+            }
+            out += b"data: " + orjson.dumps(obj) + b"\n\n"
+        return out + b"data: [DONE]\n\n"

@@ -1,0 +1,149 @@
+"""The fault-injection suite: every fault mode of `bench.faults.FaultUpstream`, seen
+through the official openai SDK. Whenever some deployment can serve, the client gets
+exactly one complete, correct answer; when none can, one clear error saying which
+deployments were tried and why; a stream broken after content ends with an error
+event (never a clean [DONE]) and its partial usage is recorded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from bench.faults import FaultUpstream
+from bench.upstream import UpstreamOptions
+
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+async def ups() -> AsyncIterator[tuple[FaultUpstream, FaultUpstream]]:
+    bad = FaultUpstream(UpstreamOptions(tokens=8, tokens_per_s=200))
+    good = FaultUpstream(UpstreamOptions(tokens=8, tokens_per_s=200))
+    await bad.start()
+    await good.start()
+    yield bad, good
+    await bad.stop()
+    await good.stop()
+
+
+def config(bad: FaultUpstream, good: FaultUpstream | None, **timeouts: float) -> dict[str, Any]:
+    providers: dict[str, Any] = {"bad": {"base_url": bad.url, "timeouts": {"first_byte": 1.0, "idle": 0.5, **timeouts}}}
+    deployments: dict[str, Any] = {
+        "d-bad": {"provider": "bad", "model": "gpt-4o-mini", "weight": 1000, "price": {"input_per_mtok": 1, "output_per_mtok": 2}}
+    }
+    if good is not None:
+        providers["good"] = {"base_url": good.url}
+        deployments["d-good"] = {"provider": "good", "model": "gpt-4o-mini", "weight": 1}
+    return {
+        "providers": providers,
+        "deployments": deployments,
+        "models": {"m": {"deployments": list(deployments)}},
+        "retry": {"base_ms": 10, "max_ms": 50, "max_retry_after_s": 0},
+    }
+
+
+async def collect(client: openai.AsyncOpenAI) -> tuple[str, Any, list[Any]]:
+    stream = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MSG, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [c async for c in stream.parse()]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, stream.headers, chunks
+
+
+@pytest.mark.parametrize("mode", ["500", "502", "503", "429", "malformed", "error_event", "refuse", "hang"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_failover_before_content(ups, start_proxy, mode: str, stream: bool) -> None:
+    bad, good = ups
+    bad.set_default(mode)
+    proxy = await start_proxy(config(bad, good))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    t0 = time.perf_counter()
+    if stream:
+        text, headers, chunks = await collect(client)
+        assert chunks[-1].usage is not None
+        assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    else:
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG)
+        text, headers = raw.parse().choices[0].message.content or "", raw.headers
+    assert headers["x-edgeroute-deployment"] == "d-good"
+    assert text  # one complete answer from the good deployment
+    # Failover within the configured first-byte timeout (1 s) plus slack.
+    assert time.perf_counter() - t0 < 2.5
+    await client.close()
+
+
+@pytest.mark.parametrize("mode", ["reset", "stall", "no_done"])
+async def test_failure_after_content_ends_with_error_event(ups, start_proxy, mode: str) -> None:
+    bad, good = ups
+    bad.set_default(mode, after=3)
+    proxy = await start_proxy(config(bad, good))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as e:
+        stream = await client.chat.completions.create(model="m", messages=MSG, stream=True)
+        async for c in stream:
+            if c.choices:
+                received.append(c.choices[0].delta.content or "")
+    assert "incomplete" in str(e.value.message)
+    # Content came only from the first deployment: nothing was spliced in from another model.
+    assert good.requests == 0
+    assert "".join(received)
+    rec = proxy.recorder.records[-1]
+    assert rec.outcome == "stream_interrupted"
+    # Partial usage recorded (estimated from the prompt when the stream carried none).
+    assert rec.usage is not None and rec.usage.prompt_tokens > 0
+    assert rec.cost_usd > 0
+    await client.close()
+
+
+async def test_all_deployments_failing_gives_one_clear_error(ups, start_proxy) -> None:
+    bad, good = ups
+    bad.set_default("503")
+    good.set_default("500")
+    proxy = await start_proxy(config(bad, good))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.chat.completions.create(model="m", messages=MSG)
+    assert e.value.status_code == 502
+    body = e.value.body
+    assert isinstance(body, dict)
+    tried = {(a["deployment"], a["status"]) for a in body["attempts"]}
+    assert ("d-bad", 503) in tried and ("d-good", 500) in tried
+    assert "d-bad" in body["message"] and "d-good" in body["message"]
+    # Bounded: no more attempts than max_attempts (4 by default).
+    assert bad.requests + good.requests <= 4
+    await client.close()
+
+
+async def test_hang_everywhere_is_504_within_the_timeout(ups, start_proxy) -> None:
+    bad, _ = ups
+    bad.set_default("hang")
+    proxy = await start_proxy(config(bad, None, first_byte=0.3, total=1.0))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    t0 = time.perf_counter()
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.chat.completions.create(model="m", messages=MSG)
+    assert e.value.status_code == 504
+    assert time.perf_counter() - t0 < 1.6
+    await client.close()
+
+
+async def test_retry_budget_limits_attempts_during_an_outage(ups, start_proxy) -> None:
+    bad, _ = ups
+    bad.set_default("503")
+    cfg = config(bad, None)
+    cfg["retry_budget"] = {"ratio": 0.0, "min_per_sec": 1, "ttl_ms": 2000}
+    cfg["models"]["m"]["max_attempts"] = 5
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    for _ in range(5):
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(model="m", messages=MSG)
+    # 5 first attempts plus at most the budget's floor (1/s over a 2 s window = 2 retries).
+    assert bad.requests <= 7
+    await client.close()
