@@ -95,8 +95,8 @@ async def _tour(base: str, mocks: dict[str, MockOptions], recorder: MemoryRecord
                 {"model": "gpt-4o", "messages": [{"role": "user", "content": "card 4111 1111 1111 1111"}]}
             ),
             headers=hdr,
-        ) as r:
-            explained = await r.json()
+        ) as resp:
+            explained = await resp.json()
 
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     heads = ("request", "served by", "rule", "tries", "latency", "answer")

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -61,6 +61,20 @@ class StreamAnswer:
 
 
 Answer = JsonAnswer | StreamAnswer
+
+# What each error class tells the core about the deployment's health. A context-window
+# overflow or a policy refusal is about the request, not the deployment.
+_HEALTH_OUTCOME: dict[
+    ErrorClass, Literal["client_error", "rate_limited", "server_error", "timeout", "connect_error"]
+] = {
+    ErrorClass.RATE_LIMIT: "rate_limited",
+    ErrorClass.SERVER: "server_error",
+    ErrorClass.TIMEOUT: "timeout",
+    ErrorClass.CONNECT: "connect_error",
+    ErrorClass.CONTEXT_WINDOW: "client_error",
+    ErrorClass.CONTENT_POLICY: "client_error",
+    ErrorClass.CLIENT: "client_error",
+}
 
 _FALLBACK_KEYS = {
     ErrorClass.RATE_LIMIT: "rate_limit",
@@ -168,12 +182,7 @@ class Call:
             rec.outcome = result.cls.value if result.cls.retryable else "client_error"
             rec.error = result.message
             retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
-            outcome = (
-                "client_error"
-                if not result.cls.retryable or result.cls is ErrorClass.CONTEXT_WINDOW
-                else result.cls.value
-            )
-            self.router.report(dep.index, outcome, latency, retry_ms)
+            self.router.report(dep.index, _HEALTH_OUTCOME[result.cls], latency, retry_ms)
         else:
             rec.outcome = "success"
             self.router.report(dep.index, "success", latency)

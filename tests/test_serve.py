@@ -22,8 +22,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_ready(url: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_ready(url: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
     async with aiohttp.ClientSession() as s:
         while time.monotonic() < deadline:
             try:

@@ -33,7 +33,12 @@ async def ups() -> AsyncIterator[tuple[FaultUpstream, FaultUpstream]]:
 def config(bad: FaultUpstream, good: FaultUpstream | None, **timeouts: float) -> dict[str, Any]:
     providers: dict[str, Any] = {"bad": {"base_url": bad.url, "timeouts": {"first_byte": 1.0, "idle": 0.5, **timeouts}}}
     deployments: dict[str, Any] = {
-        "d-bad": {"provider": "bad", "model": "gpt-4o-mini", "weight": 1000, "price": {"input_per_mtok": 1, "output_per_mtok": 2}}
+        "d-bad": {
+            "provider": "bad",
+            "model": "gpt-4o-mini",
+            "weight": 1000,
+            "price": {"input_per_mtok": 1, "output_per_mtok": 2},
+        }
     }
     if good is not None:
         providers["good"] = {"base_url": good.url}

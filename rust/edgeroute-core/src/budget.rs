@@ -43,7 +43,7 @@ impl RetryBudget {
             slots.pop_front();
         }
         let start = now_ms - now_ms % SLOT_MS;
-        if slots.back().is_none_or(|s| s.start_ms != start) {
+        if !matches!(slots.back(), Some(s) if s.start_ms == start) {
             slots.push_back(Slot {
                 start_ms: start,
                 ..Slot::default()

@@ -1,0 +1,83 @@
+"""Virtual keys: a client's bearer token -> key id, team, user, role.
+
+Tokens are matched by their SHA-256 digest; the plain token is never stored past
+config load, logged, echoed in an error or written to the ledger (the key id is).
+When `keys:` is configured, an unknown or missing token is a 401 on every path but
+the public ones, and `/admin/*` needs a key whose role is `admin`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from edgeroute import secrets
+from edgeroute.config import Limit, VirtualKey
+from edgeroute.errors import ProxyError
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass(slots=True, frozen=True)
+class Identity:
+    key: str
+    team: str | None = None
+    user: str | None = None
+    role: str | None = None
+    limits: Limit | None = None
+
+
+ANONYMOUS = Identity("anonymous")
+IDENTITY = web.RequestKey("identity", Identity)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer_token(request: web.Request) -> str | None:
+    got = request.headers.get("Authorization", "")
+    if got.startswith("Bearer "):
+        return got[7:].strip() or None
+    return request.headers.get("x-api-key") or None
+
+
+class KeyRing:
+    """Digest -> identity, built once from the config."""
+
+    def __init__(self, keys: dict[str, VirtualKey]) -> None:
+        self._by_digest: dict[str, Identity] = {}
+        for key_id, k in keys.items():
+            digest = (
+                k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
+            )
+            self._by_digest[digest] = Identity(key_id, k.team, k.user, k.role, k.limits)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def identify(self, token: str | None) -> Identity | None:
+        if not token:
+            return None
+        return self._by_digest.get(token_digest(token))
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def keys_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            ident = ring.identify(bearer_token(request))
+            if ident is None:
+                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+            if request.path.startswith("/admin/") and ident.role != "admin":
+                raise ProxyError(403, "This endpoint needs an admin key.", code="permission_denied")
+            request[IDENTITY] = ident
+        return await handler(request)
+
+    return identify

@@ -1,0 +1,124 @@
+"""Token-bucket rate limits (requests and tokens per minute), in process.
+
+A bucket holds up to `capacity` and refills at `capacity` per minute; a request takes
+1 from each requests bucket and its estimated tokens (prompt + max completion) from
+each tokens bucket, all or nothing. Settlement puts back (or takes more of) the
+difference between the estimate and the actual tokens, so a bucket may go into debt.
+Headers follow OpenAI's `x-ratelimit-*` names.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Bucket:
+    capacity: float
+    per_sec: float
+    level: float
+    stamp: float
+
+    @classmethod
+    def per_minute(cls, limit: int, now: float | None = None) -> Bucket:
+        return cls(float(limit), limit / 60.0, float(limit), time.monotonic() if now is None else now)
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.per_sec)
+            self.stamp = now
+
+    def wait_for(self, n: float) -> float:
+        """Seconds until `n` is available (0 if now); refill() first."""
+        if self.level >= n:
+            return 0.0
+        if n > self.capacity:
+            return math.inf
+        return (n - self.level) / self.per_sec
+
+    def reset_after(self) -> float:
+        """Seconds until full again."""
+        return max(0.0, (self.capacity - self.level) / self.per_sec)
+
+
+@dataclass(slots=True, frozen=True)
+class BucketState:
+    """One bucket's view after a check: for headers and errors."""
+
+    name: str  # e.g. "key:alice"
+    kind: str  # "requests" | "tokens"
+    limit: int
+    remaining: int
+    reset_s: float
+    wait_s: float  # 0 when allowed
+
+
+@dataclass(slots=True, frozen=True)
+class Take:
+    """A request's demand on one bucket."""
+
+    name: str
+    kind: str
+    limit: int
+    amount: float
+
+
+class LocalLimiter:
+    """All buckets of this process; check-and-take is synchronous, hence atomic on the loop."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[tuple[str, str], Bucket] = {}
+
+    def _bucket(self, t: Take, now: float) -> Bucket:
+        b = self._buckets.get((t.name, t.kind))
+        if b is None or b.capacity != t.limit:
+            b = self._buckets[(t.name, t.kind)] = Bucket.per_minute(t.limit, now)
+        else:
+            b.refill(now)
+        return b
+
+    def take(self, takes: list[Take], now: float | None = None) -> tuple[bool, list[BucketState]]:
+        now = time.monotonic() if now is None else now
+        buckets = [self._bucket(t, now) for t in takes]
+        waits = [b.wait_for(t.amount) for b, t in zip(buckets, takes, strict=True)]
+        ok = not any(waits)
+        if ok:
+            for b, t in zip(buckets, takes, strict=True):
+                b.level -= t.amount
+        states = [
+            BucketState(t.name, t.kind, t.limit, max(0, int(b.level)), b.reset_after(), w)
+            for b, t, w in zip(buckets, takes, waits, strict=True)
+        ]
+        return ok, states
+
+    def adjust(self, name: str, kind: str, delta: float) -> None:
+        """Takes `delta` more (or gives back when negative), without a check."""
+        b = self._buckets.get((name, kind))
+        if b is not None:
+            b.refill(time.monotonic())
+            b.level = min(b.capacity, b.level - delta)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "120ms"."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    s = math.ceil(seconds)
+    m, s = divmod(s, 60)
+    return f"{m}m{s}s" if m else f"{s}s"
+
+
+def headers_for(states: list[BucketState]) -> dict[str, str]:
+    """`x-ratelimit-*` for the tightest bucket of each kind."""
+    out: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        mine = [s for s in states if s.kind == kind]
+        if not mine:
+            continue
+        s = min(mine, key=lambda x: (x.remaining / x.limit if x.limit else 0.0))
+        out[f"x-ratelimit-limit-{kind}"] = str(s.limit)
+        out[f"x-ratelimit-remaining-{kind}"] = str(s.remaining)
+        out[f"x-ratelimit-reset-{kind}"] = duration(s.reset_s)
+    return out

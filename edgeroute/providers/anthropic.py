@@ -1,0 +1,375 @@
+"""Anthropic's Messages API (`POST /v1/messages`), behind OpenAI's chat format.
+
+Maps system prompts, text and image content, tools and tool results, tool_choice,
+`response_format` (emulated with a forced tool whose call becomes the text answer),
+max_tokens, temperature (Anthropic's range is 0..1), top_p and stop; answers, finish
+reasons and usage (cache reads and writes count as prompt tokens, cache reads as
+cached tokens) come back in OpenAI's shape, streams event by event, tool-call
+argument deltas included. `seed`, `n` > 1, penalties, logprobs and logit_bias have
+no equivalent: they follow the provider's `unsupported_params` rule.
+
+Options: `version` (anthropic-version header), `beta` (anthropic-beta header),
+`default_max_tokens` (Anthropic requires max_tokens; default 4096),
+`unsupported_params` (`reject` | `drop`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from edgeroute import sse
+from edgeroute.providers import openai_format as oa
+from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+
+_SUPPORTED = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    }
+)
+
+FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Anthropic's usage in OpenAI's terms: cache reads and writes are prompt tokens too."""
+    if not isinstance(u, dict):
+        return None
+    cached = int(u.get("cache_read_input_tokens") or 0)
+    prompt = int(u.get("input_tokens") or 0) + int(u.get("cache_creation_input_tokens") or 0) + cached
+    return oa.usage(prompt, int(u.get("output_tokens") or 0), cached)
+
+
+def image_block(url: str) -> dict[str, Any]:
+    data = oa.parse_data_url(url)
+    if data is not None:
+        return {"type": "image", "source": {"type": "base64", "media_type": data[0], "data": data[1]}}
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise oa.bad_request("Image URLs must be data: or http(s): URLs.", "messages")
+
+
+def _user_blocks(content: Any) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    for part in oa.content_parts(content):
+        if part["type"] == "text":
+            blocks.append({"type": "text", "text": part["text"]})
+        elif part["type"] == "image_url":
+            blocks.append(image_block(oa.image_url_of(part) or ""))
+        else:
+            raise oa.bad_request("Refusal parts are only valid in assistant messages.", "messages")
+    return blocks
+
+
+def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(system blocks, messages) in Anthropic's form; consecutive same-role turns are merged."""
+    system: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for m in messages:
+        if not isinstance(m, dict):
+            raise oa.bad_request("Every message must be an object.", "messages")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            text = oa.text_of(m.get("content"), "system messages")
+            if text:
+                system.append({"type": "text", "text": text})
+        elif role == "user":
+            add("user", _user_blocks(m.get("content")))
+        elif role == "assistant":
+            blocks: list[dict[str, Any]] = []
+            for part in oa.content_parts(m.get("content")):
+                text = part.get("text") if part["type"] == "text" else part.get("refusal")
+                if part["type"] == "image_url":
+                    raise oa.bad_request("Assistant messages cannot hold images.", "messages")
+                if text:
+                    blocks.append({"type": "text", "text": text})
+            for call in m.get("tool_calls") or ():
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id"),
+                        "name": oa.tool_name(call),
+                        "input": oa.tool_arguments(call),
+                    }
+                )
+            add("assistant", blocks)
+        elif role == "tool":
+            content = m.get("content")
+            result: str | list[dict[str, Any]]
+            result = content if isinstance(content, str) else _user_blocks(content)
+            block = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}
+            # Tool results must open the user turn that follows the tool calls.
+            if out and out[-1]["role"] == "user" and out[-1].get("_results_only"):
+                out[-1]["content"].append(block)
+            else:
+                out.append({"role": "user", "content": [block], "_results_only": True})
+        else:
+            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
+    for msg in out:
+        msg.pop("_results_only", None)
+    # Merge a user turn that directly follows a tool-results turn.
+    merged: list[dict[str, Any]] = []
+    for msg in out:
+        if merged and merged[-1]["role"] == msg["role"]:
+            merged[-1]["content"].extend(msg["content"])
+        else:
+            merged.append(msg)
+    return system, merged
+
+
+def tools_and_choice(
+    req: dict[str, Any], rule: oa.UnsupportedRule, provider: str
+) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """Anthropic `tools` and `tool_choice`, including JSON mode as a forced tool."""
+    tools = [
+        {
+            "name": t["name"],
+            **({"description": t["description"]} if t["description"] else {}),
+            "input_schema": t["parameters"],
+        }
+        for t in oa.function_tools(req)
+    ]
+    choice: dict[str, Any] | None = None
+    tc = oa.tool_choice_of(req)
+    if tc is not None:
+        kind, name = tc
+        choice = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}.get(kind) or {
+            "type": "tool",
+            "name": name,
+        }
+    if req.get("parallel_tool_calls") is False and tools:
+        choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
+    fmt, schema = oa.response_format_of(req)
+    if fmt != "text":
+        if tools:
+            oa.unsupported_value("response_format", "JSON mode cannot be combined with tools", rule, provider)
+        else:
+            tools = [
+                {
+                    "name": oa.JSON_TOOL,
+                    "description": "Respond with the answer as JSON.",
+                    "input_schema": schema or {"type": "object"},
+                }
+            ]
+            choice = {"type": "tool", "name": oa.JSON_TOOL}
+    return (tools or None), choice
+
+
+class AnthropicAdapter(Adapter):
+    def _url(self) -> str:
+        base = self.provider.base_url
+        return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
+
+    def _auth_headers(self) -> dict[str, str]:
+        h = {"anthropic-version": str(self.provider.options.get("version", API_VERSION))}
+        if "beta" in self.provider.options:
+            h["anthropic-beta"] = str(self.provider.options["beta"])
+        if self.api_key is not None:
+            h["x-api-key"] = self.api_key.reveal()
+        return h
+
+    def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
+        req = oa.parse_request(body)
+        rule = oa.unsupported_rule(self.provider.options)
+        oa.apply_param_rule(req, _SUPPORTED, rule, self.name)
+        system, messages = convert_messages(req["messages"])
+        out: dict[str, Any] = {
+            "model": model,
+            "max_tokens": oa.max_tokens_of(req) or int(self.provider.options.get("default_max_tokens", DEFAULT_MAX_TOKENS)),
+            "messages": messages,
+        }
+        if system:
+            out["system"] = system
+        temperature = req.get("temperature")
+        if temperature is not None:
+            if not isinstance(temperature, int | float) or temperature < 0:
+                raise oa.bad_request("`temperature` must be a number >= 0.", "temperature")
+            if temperature > 1:
+                oa.unsupported_value("temperature", "the range is 0 to 1", rule, self.name)
+            else:
+                out["temperature"] = temperature
+        if req.get("top_p") is not None:
+            out["top_p"] = req["top_p"]
+        stop = oa.stop_list(req)
+        if stop:
+            out["stop_sequences"] = stop
+        tools, choice = tools_and_choice(req, rule, self.name)
+        if tools:
+            out["tools"] = tools
+        if choice is not None and (tools or choice.get("type") == "none"):
+            out["tool_choice"] = choice
+        if isinstance(req.get("user"), str):
+            out["metadata"] = {"user_id": req["user"]}
+        if stream:
+            out["stream"] = True
+        headers = {"Content-Type": "application/json", **self.provider.headers, **self._auth_headers()}
+        if stream:
+            headers["Accept"] = "text/event-stream"
+        return UpstreamRequest(self._url(), headers, orjson.dumps(out))
+
+    def classify(self, status: int, body: bytes) -> ErrorClass:
+        low = body[:2048].lower()
+        if status == 529 or b"overloaded_error" in low:
+            return ErrorClass.RATE_LIMIT
+        if status == 400 and (b"prompt is too long" in low or b"context window" in low):
+            return ErrorClass.CONTEXT_WINDOW
+        if status == 413:
+            return ErrorClass.CLIENT
+        return super().classify(status, body)
+
+    def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        finish = FINISH.get(str(obj.get("stop_reason")), "stop")
+        for block in obj.get("content") or ():
+            if block.get("type") == "text":
+                text.append(block.get("text", ""))
+            elif block.get("type") == "tool_use" and block.get("name") == oa.JSON_TOOL:
+                text.append(orjson.dumps(block.get("input", {})).decode())
+                finish = "stop"
+            elif block.get("type") == "tool_use":
+                args = orjson.dumps(block.get("input", {})).decode()
+                calls.append(oa.tool_call(block.get("id", ""), block.get("name", ""), args))
+        return oa.completion(
+            str(obj.get("id") or oa.new_id()),
+            str(obj.get("model", "")),
+            "".join(text),
+            calls,
+            finish,
+            openai_usage(obj.get("usage")),
+        )
+
+    def stream_translator(self, model: str, include_usage: bool = False) -> AnthropicStream:
+        return AnthropicStream(model, include_usage)
+
+    def health_url(self) -> str:
+        base = self.provider.base_url
+        return base + ("/models" if base.endswith("/v1") else "/v1/models")
+
+    def health_headers(self) -> dict[str, str]:
+        return self._auth_headers()
+
+
+class AnthropicStream:
+    """Anthropic's SSE events → OpenAI chunks; tool-use blocks become indexed tool-call deltas."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.out = oa.ChunkWriter(model, include_usage)
+        self.buf = b""
+        self.usage_in: dict[str, Any] = {}
+        self.blocks: dict[int, tuple[str, int]] = {}  # block index → ("tool" | "json" | "text", tool index)
+        self.args_seen: set[int] = set()
+        self.stop_reason: str | None = None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.out.usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.buf += chunk
+        events, self.buf = sse.split_events(self.buf)
+        out = b""
+        for ev in events:
+            data = sse.event_data(ev)
+            if not data:
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return out + oa.error_event("upstream sent a malformed stream event", "upstream_error")
+            if isinstance(obj, dict):
+                out += self._event(obj)
+        return out
+
+    def _event(self, ev: dict[str, Any]) -> bytes:
+        kind = ev.get("type")
+        w = self.out
+        if kind == "message_start":
+            msg = ev.get("message") or {}
+            if msg.get("id"):
+                w.id = str(msg["id"])
+            self.usage_in = dict(msg.get("usage") or {})
+            return w.start()
+        if kind == "content_block_start":
+            idx = int(ev.get("index", 0))
+            block = ev.get("content_block") or {}
+            if block.get("type") == "tool_use" and block.get("name") == oa.JSON_TOOL:
+                self.blocks[idx] = ("json", -1)
+            elif block.get("type") == "tool_use":
+                ti = w.new_tool()
+                self.blocks[idx] = ("tool", ti)
+                return w.tool_head(ti, str(block.get("id", "")), str(block.get("name", "")))
+            elif block.get("type") == "text":
+                self.blocks[idx] = ("text", -1)
+                return w.text(str(block.get("text") or ""))
+            return b""
+        if kind == "content_block_delta":
+            idx = int(ev.get("index", 0))
+            delta = ev.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                return w.text(str(delta.get("text", "")))
+            if dtype == "input_json_delta":
+                frag = str(delta.get("partial_json", ""))
+                what, ti = self.blocks.get(idx, ("", -1))
+                if frag:
+                    self.args_seen.add(idx)
+                if what == "json":
+                    return w.text(frag)
+                if what == "tool":
+                    return w.tool_args(ti, frag)
+            return b""  # thinking, signature and citation deltas have no OpenAI equivalent
+        if kind == "content_block_stop":
+            idx = int(ev.get("index", 0))
+            what, ti = self.blocks.get(idx, ("", -1))
+            if idx not in self.args_seen and what in ("tool", "json"):
+                # A call without arguments: OpenAI clients expect a JSON object, not "".
+                return w.tool_args(ti, "{}") if what == "tool" else w.text("{}")
+            return b""
+        if kind == "message_delta":
+            delta = ev.get("delta") or {}
+            if delta.get("stop_reason"):
+                self.stop_reason = str(delta["stop_reason"])
+            self.usage_in.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
+            w.usage = openai_usage(self.usage_in)
+            if self.stop_reason is None:
+                return b""
+            json_only = any(what == "json" for what, _ in self.blocks.values())
+            reason = "stop" if json_only and self.stop_reason == "tool_use" else FINISH.get(self.stop_reason, "stop")
+            return w.finish(reason)
+        if kind == "message_stop":
+            w.usage = openai_usage(self.usage_in)
+            return w.finish("stop") + w.end()
+        if kind == "error":
+            err = ev.get("error") or {}
+            return oa.error_event(str(err.get("message", "upstream error")), str(err.get("type", "upstream_error")))
+        return b""  # ping and future event types
