@@ -266,7 +266,11 @@ SendFn = Callable[[int, float, Stats | None], Awaitable[None]]
 
 
 async def open_loop(
-    send: SendFn, stats: list[Stats], load: Load, progress: Progress | None = None, on_tick: Callable[[], None] | None = None
+    send: SendFn,
+    stats: list[Stats],
+    load: Load,
+    progress: Progress | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> None:
     """Constant arrival rate over all targets, interleaved; latency from intended send times."""
     assert load.rate is not None and load.rate > 0

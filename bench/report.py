@@ -81,7 +81,9 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
         yy = y(v)
         out.append(f'<line x1="{ml}" y1="{yy}" x2="{ml + pw}" y2="{yy}" stroke="#eee"/>')
         out.append(f'<text x="{ml - 5}" y="{yy + 4}" text-anchor="end">{v:g}</text>')
-    out.append(f'<text x="15" y="{mt + ph / 2}" transform="rotate(-90 15 {mt + ph / 2})" text-anchor="middle">ms</text>')
+    out.append(
+        f'<text x="15" y="{mt + ph / 2}" transform="rotate(-90 15 {mt + ph / 2})" text-anchor="middle">ms</text>'
+    )
     out.append(f'<text x="{ml + pw / 2}" y="{height - 8}" text-anchor="middle">percentile</text>')
     for i, (name, pts) in enumerate(series.items()):
         c = _COLORS[i % len(_COLORS)]

@@ -321,7 +321,10 @@ def overhead(c: Common, rates: list[float], *, rules: int = 50, stream: bool = F
         proxy, startup = stack.proxy(bench_config({"p0": url, "p1": url}, rules=rules))
         out["startup_s"] = round(startup, 3)
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)
-        targets = [Target("direct", url, MOCK_MODEL), Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)]
+        targets = [
+            Target("direct", url, MOCK_MODEL),
+            Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
+        ]
         all_stats: list[Stats] = []
         for rate in rates:
             load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=c.warmup)
@@ -368,7 +371,9 @@ def throughput(c: Common, concurrency: int = 64) -> dict[str, Any]:
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
             cpu0 = proxy.cpu_seconds()
-            (st,) = asyncio.run(loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " "))
+            (st,) = asyncio.run(
+                loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ")
+            )
             cpu = proxy.cpu_seconds() - cpu0
             out[name] = {**st.summary(), "proxy_cpu_s": round(cpu, 2)}
             _print(f"{name}: {st.rps:.0f} req/s ({st.ok} ok, {st.failed} failed, concurrency {concurrency}); "
@@ -386,7 +391,10 @@ def streaming(c: Common, rate: float = 100.0, tokens: int = 32, tps: float = 200
         mock = stack.upstream("--tokens", str(tokens), "--tps", str(tps))
         url = f"http://127.0.0.1:{mock.port}/v1"
         proxy, _ = stack.proxy(bench_config({"p0": url, "p1": url}))
-        targets = [Target("direct", url, MOCK_MODEL), Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)]
+        targets = [
+            Target("direct", url, MOCK_MODEL),
+            Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
+        ]
         load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=min(c.warmup, 50))
         stats = asyncio.run(loadgen.run(targets, load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress))
         d, p = stats
@@ -474,7 +482,9 @@ def failover(c: Common, rate: float = 200.0, mode: str = "refuse", outage_s: flo
     with Stack(c.pin) as stack:
         a = stack.upstream("--latency", "5", name="a")
         b = stack.upstream("--latency", "5", name="b")
-        cfg = bench_config({"pa": f"http://127.0.0.1:{a.port}/v1", "pb": f"http://127.0.0.1:{b.port}/v1"}, deployments=2)
+        cfg = bench_config(
+            {"pa": f"http://127.0.0.1:{a.port}/v1", "pb": f"http://127.0.0.1:{b.port}/v1"}, deployments=2
+        )
         for p in cfg["providers"].values():
             p["timeouts"] = {"first_byte": 2.0, "connect": 1.0}
         proxy, _ = stack.proxy(cfg)
@@ -520,7 +530,11 @@ def hedging(c: Common, rate: float = 100.0, latency: str = "lognormal:20,1.0") -
         for s, m in zip(stats, (plain, hedged), strict=True):
             got = admin_get(f"http://127.0.0.1:{m.admin_port}/_fault")["requests"]
             client = s.ok + s.failed + load.warmup
-            out[s.name] = {**s.summary(), "upstream_requests": got, "extra_requests_pct": round(100 * (got / client - 1), 2)}
+            out[s.name] = {
+                **s.summary(),
+                "upstream_requests": got,
+                "extra_requests_pct": round(100 * (got / client - 1), 2),
+            }
         _print(report.table(stats))
         for s in stats:
             _print(f"{s.name}: extra upstream requests {out[s.name]['extra_requests_pct']}%")
@@ -631,7 +645,9 @@ def chaos(
     return out
 
 
-def peer(c: Common, peer_url: str, peer_model: str, peer_key: str, rate: float = 200.0, mock_port: int = 0) -> dict[str, Any]:
+def peer(
+    c: Common, peer_url: str, peer_model: str, peer_key: str, rate: float = 200.0, mock_port: int = 0
+) -> dict[str, Any]:
     """Added latency of edgeroute and of another gateway (point it at the mock: `mock_port`), interleaved."""
     out: dict[str, Any] = {"scenario": "peer", "peer_url": peer_url}
     with Stack(c.pin) as stack:

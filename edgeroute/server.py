@@ -188,9 +188,8 @@ async def serve_async(
         await runner.cleanup()
         raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
     if print_fn:
-        print_fn(
-            f"edgeroute listening on http://{h}:{p} ({len(config.models)} models, {len(config.deployments)} deployments)"
-        )
+        n_models, n_deps = len(config.models), len(config.deployments)
+        print_fn(f"edgeroute listening on http://{h}:{p} ({n_models} models, {n_deps} deployments)")
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,153 @@
+"""`edgeroute bench ...` (or `python -m bench`): the load generator, the scenarios, the CI gate, the mocks.
+
+edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --duration 10
+edgeroute bench overhead --rates 500,1000 --duration 20
+edgeroute bench throughput | streaming | resources | failover | hedging | chaos
+edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
+edgeroute bench gate                      # the CI latency gate (also `python -m bench.gate`)
+edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m bench.faults`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from bench import loadgen, report, scenarios
+from bench.loadgen import Load, Target
+
+
+def _common(p: argparse.ArgumentParser, duration: float = 10.0) -> None:
+    p.add_argument("--duration", type=float, default=duration, help="seconds per run (a bound)")
+    p.add_argument("--requests", type=int, default=100_000, help="requests per target per run (a bound)")
+    p.add_argument("--prompt-tokens", type=int, default=1500, help="approximate size of each chat body")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--html", help="write a self-contained HTML report with a percentile plot here")
+
+
+def _c(a: argparse.Namespace) -> scenarios.Common:
+    return scenarios.Common(a.duration, a.requests, a.prompt_tokens, a.progress, a.pin, a.html, a.json)
+
+
+def _run(a: argparse.Namespace) -> int:
+    targets = [Target(u, u, a.model, a.api_key) for u in a.url]
+    load = Load(a.requests, a.duration, None if a.concurrency else a.rate, a.concurrency or 0, warmup=a.warmup)
+    stats = asyncio.run(loadgen.run(targets, load, stream=a.stream, prompt_tokens=a.prompt_tokens, progress=a.progress))
+    print(report.table(stats))
+    if a.stream:
+        print(report.table(stats, "ttft_ms"))
+        print(report.table(stats, "chunk_gap_ms"))
+    for s in stats:
+        if s.errors:
+            print(f"{s.name}: errors {s.errors}")
+        if s.late_sends:
+            print(f"{s.name}: {s.late_sends} requests were sent >1 ms late (latency still counted from intended time)")
+    data = {"stats": [s.summary() for s in stats]}
+    if a.json:
+        report.write_json(a.json, data)
+    if a.html:
+        report.write_html(a.html, "edgeroute bench run", stats, data)
+    return 0 if all(s.ok for s in stats) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgeroute bench", description="Load-test edgeroute or any OpenAI-compatible URL.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="open-loop (--rate) or closed-loop (--concurrency) load on URLs")
+    r.add_argument("--url", action="append", required=True, help="base URL (…/v1); twice to interleave two")
+    r.add_argument("--model", default="gpt-4o-mini")
+    r.add_argument("--api-key", default="bench")
+    r.add_argument("--rate", type=float, default=100.0, help="requests/s per URL (open loop)")
+    r.add_argument("--concurrency", type=int, default=0, help="closed loop with N workers per URL (max throughput)")
+    r.add_argument("--stream", action="store_true")
+    r.add_argument("--warmup", type=int, default=0)
+    _common(r)
+    r.set_defaults(fn=_run)
+
+    o = sub.add_parser("overhead", help="added latency: direct vs through edgeroute, interleaved")
+    o.add_argument("--rates", default="500,1000")
+    o.add_argument("--rules", type=int, default=50)
+    o.add_argument("--stream", action="store_true", help="compare time to first token instead")
+    _common(o)
+    o.set_defaults(fn=lambda a: scenarios.overhead(_c(a), [float(x) for x in a.rates.split(",")], rules=a.rules,
+                                                   stream=a.stream))  # fmt: skip
+
+    t = sub.add_parser("throughput", help="max req/s of one proxy process (closed loop), and of the mock")
+    t.add_argument("--concurrency", type=int, default=64)
+    _common(t)
+    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency))
+
+    s = sub.add_parser("streaming", help="added TTFT and chunk pacing")
+    s.add_argument("--rate", type=float, default=100.0)
+    s.add_argument("--tokens", type=int, default=32)
+    s.add_argument("--tps", type=float, default=200.0, help="mock tokens per second")
+    _common(s)
+    s.set_defaults(fn=lambda a: scenarios.streaming(_c(a), a.rate, a.tokens, a.tps))
+
+    m = sub.add_parser("resources", help="start-up time, RSS idle and with N concurrent streams")
+    m.add_argument("--streams", type=int, default=1000)
+    _common(m, duration=8.0)
+    m.set_defaults(fn=lambda a: scenarios.resources(_c(a), a.streams))
+
+    f = sub.add_parser("failover", help="one deployment fails mid-run")
+    f.add_argument("--rate", type=float, default=200.0)
+    f.add_argument("--mode", default="refuse", help="a bench.faults mode: refuse, 503, hang, reset, ...")
+    f.add_argument("--outage", type=float, default=5.0)
+    _common(f)
+    f.set_defaults(fn=lambda a: scenarios.failover(_c(a), a.rate, a.mode, a.outage))
+
+    h = sub.add_parser("hedging", help="heavy-tailed upstream with and without hedging")
+    h.add_argument("--rate", type=float, default=100.0)
+    h.add_argument("--latency", default="lognormal:20,1.0")
+    _common(h, duration=20.0)
+    h.set_defaults(fn=lambda a: scenarios.hedging(_c(a), a.rate, a.latency))
+
+    c = sub.add_parser("chaos", help="10,000 requests while one deployment is killed and restarted")
+    c.add_argument("--rate", type=float, default=250.0)
+    c.add_argument("--total", type=int, default=10_000)
+    _common(c)
+    c.set_defaults(fn=lambda a: scenarios.chaos(_c(a), a.rate, a.total))
+
+    pe = sub.add_parser("peer", help="overhead of edgeroute and of another gateway, side by side")
+    pe.add_argument("--peer-url", required=True)
+    pe.add_argument("--peer-model", default="gpt-4o-mini")
+    pe.add_argument("--peer-key", default="bench")
+    pe.add_argument("--rate", type=float, default=200.0)
+    pe.add_argument("--mock-port", type=int, default=18999, help="fixed, so the peer can be configured to call it")
+    _common(pe)
+    pe.set_defaults(fn=lambda a: scenarios.peer(_c(a), a.peer_url, a.peer_model, a.peer_key, a.rate, a.mock_port))
+
+    g = sub.add_parser("gate", help="the CI latency gate (see bench.gate)", add_help=False)
+    g.add_argument("rest", nargs=argparse.REMAINDER)
+    g.set_defaults(fn=lambda a: _gate(a.rest))
+
+    mk = sub.add_parser("mock", help="a mock / fault-injecting upstream (see bench.faults)", add_help=False)
+    mk.add_argument("rest", nargs=argparse.REMAINDER)
+    mk.set_defaults(fn=lambda a: _mock(a.rest))
+    return p
+
+
+def _gate(argv: list[str]) -> int:
+    from bench import gate
+
+    return gate.main(argv)
+
+
+def _mock(argv: list[str]) -> int:
+    from bench import faults
+
+    return faults.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result = args.fn(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
