@@ -112,6 +112,7 @@ class Stack:
         cpus = _cpus()
         self.proxy_cpus = cpus[-1:] if self.pin and len(cpus) >= 2 else []
         self.other_cpus = cpus[:-1] if self.pin and len(cpus) >= 2 else []
+        self._saved_cpus = cpus
         if self.other_cpus:
             os.sched_setaffinity(0, self.other_cpus)
 
@@ -170,6 +171,8 @@ class Stack:
             p.stop()
         self.procs.clear()
         self.tmp.cleanup()
+        if self.other_cpus:
+            os.sched_setaffinity(0, self._saved_cpus)
 
     def __enter__(self) -> Stack:
         return self
@@ -224,14 +227,15 @@ def bench_config(
     kinds = ["keywords", "patterns", "tags", "models", "min_tokens", "users"]
     for i in range(rules):
         kind = kinds[i % len(kinds)]
-        when: dict[str, Any] = {
+        table: dict[str, dict[str, Any]] = {
             "keywords": {"keywords": [f"zanzibar{i}", f"quokka{i}"]},
             "patterns": {"patterns": [rf"\bTICKET-{i}-\d{{4}}\b"]},
             "tags": {"tags": [f"team-{i}"]},
             "models": {"models": [f"legacy-{i}"]},
             "min_tokens": {"min_tokens": 200_000 + i, "models": [PUBLIC_MODEL]},
             "users": {"users": [f"user-{i}@example.com"]},
-        }[kind]
+        }
+        when = table[kind]
         rule_list.append({"name": f"rule-{i:02d}-{kind}", "priority": i, "when": when, "then": {"route": "eu"}})
     if rules:
         rule_list[-1] = {
@@ -329,13 +333,13 @@ def overhead(c: Common, rates: list[float], *, rules: int = 50, stream: bool = F
         for rate in rates:
             load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=c.warmup)
             cpu0 = proxy.cpu_seconds()
-            stats = asyncio.run(
+            stats = loadgen.arun(
                 loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
                             label=f"{rate:g}/s ")
             )  # fmt: skip
             cpu = proxy.cpu_seconds() - cpu0
             d, p = stats
-            res = {
+            res: dict[str, Any] = {
                 "added_ms": added(p, d, "ttft_ms" if stream else "latency_ms"),
                 "direct": d.summary(),
                 "proxy": p.summary(),
@@ -371,7 +375,7 @@ def throughput(c: Common, concurrency: int = 64) -> dict[str, Any]:
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
             cpu0 = proxy.cpu_seconds()
-            (st,) = asyncio.run(
+            (st,) = loadgen.arun(
                 loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ")
             )
             cpu = proxy.cpu_seconds() - cpu0
@@ -396,7 +400,9 @@ def streaming(c: Common, rate: float = 100.0, tokens: int = 32, tps: float = 200
             Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
         ]
         load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=min(c.warmup, 50))
-        stats = asyncio.run(loadgen.run(targets, load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress))
+        stats = loadgen.arun(
+            loadgen.run(targets, load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress)
+        )
         d, p = stats
         out.update(
             added_ttft_ms=added(p, d, "ttft_ms"),
@@ -427,8 +433,8 @@ def resources(c: Common, streams: int = 1000, starts: int = 5) -> dict[str, Any]
         cfg["providers"]["p1"]["max_connections"] = streams + 100
         times = []
         for i in range(starts):
-            p, t = stack.proxy(cfg, name=f"start{i}")
-            times.append(t)
+            p, secs = stack.proxy(cfg, name=f"start{i}")
+            times.append(secs)
             if i < starts - 1:
                 p.stop()
                 stack.procs.remove(p)
@@ -439,7 +445,9 @@ def resources(c: Common, streams: int = 1000, starts: int = 5) -> dict[str, Any]
         t = Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)
         load = Load(requests=streams, duration=stream_s * 3, rate=None, concurrency=streams, grace=stream_s * 2)
         with _sampler(proxy) as rss:
-            (st,) = asyncio.run(loadgen.run([t], load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress))
+            (st,) = loadgen.arun(
+                loadgen.run([t], load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress)
+            )
         out["rss_streams_peak_mb"] = round(max(rss), 1)
         out["streams"] = streams
         out["streams_ok"] = st.ok
@@ -460,8 +468,8 @@ def _phased_runs(
         if action is not None:
             action()
         load = Load(requests=c.requests, duration=seconds, rate=rate, grace=30.0)
-        (st,) = asyncio.run(loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
-                                        label=name + " "))  # fmt: skip
+        run = loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name)
+        (st,) = loadgen.arun(run)
         st.name = name
         out.append(st)
     return out
@@ -526,7 +534,7 @@ def hedging(c: Common, rate: float = 100.0, latency: str = "lognormal:20,1.0") -
         base = f"http://127.0.0.1:{proxy.port}/v1"
         targets = [Target("no hedge", base, "plain"), Target("hedge p95", base, "hedged")]
         load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=50)
-        stats = asyncio.run(loadgen.run(targets, load, prompt_tokens=c.prompt_tokens, progress=c.progress))
+        stats = loadgen.arun(loadgen.run(targets, load, prompt_tokens=c.prompt_tokens, progress=c.progress))
         for s, m in zip(stats, (plain, hedged), strict=True):
             got = admin_get(f"http://127.0.0.1:{m.admin_port}/_fault")["requests"]
             client = s.ok + s.failed + load.warmup
@@ -623,7 +631,7 @@ def chaos(
             phase_stats["outage"].elapsed_s = run_s * (restart_at - kill_at)
             phase_stats["recovery"].elapsed_s = run_s * (1 - restart_at)
 
-        asyncio.run(main())
+        loadgen.arun(main())
         out["timeline"] = timeline
         out["phases"] = {k: s.summary() for k, s in phase_stats.items()}
         out["failed_requests"] = sum(s.failed for s in phase_stats.values())
@@ -661,7 +669,7 @@ def peer(
             Target("peer", peer_url, peer_model, peer_key),
         ]
         load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=c.warmup)
-        stats = asyncio.run(loadgen.run(targets, load, prompt_tokens=c.prompt_tokens, progress=c.progress))
+        stats = loadgen.arun(loadgen.run(targets, load, prompt_tokens=c.prompt_tokens, progress=c.progress))
         d, e, p = stats
         out.update(edgeroute_added_ms=added(e, d), peer_added_ms=added(p, d), stats=[s.summary() for s in stats])
         _print(report.table(stats))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import orjson
 from aiohttp import web
 
 from edgeroute import _core
@@ -18,7 +19,12 @@ from edgeroute.accounting import RequestRecord
 
 
 class Ticket(Protocol):
-    """What admission handed out for one request; returned at settlement."""
+    """What admission handed out for one request; returned at settlement.
+
+    A ticket may also carry `reroute: str | None`: the public model the endpoint must
+    decide again for before dispatching (a budget's downgrade, or a deployment at its
+    provider's limit); see :func:`rerouted_model` and :func:`with_model`.
+    """
 
 
 class Admission(Protocol):
@@ -39,6 +45,20 @@ class AdmitAll:
 
     def settle(self, ticket: Ticket | None, rec: RequestRecord) -> None:
         return None
+
+
+def rerouted_model(ticket: Ticket | None) -> str | None:
+    """The model a ticket asks the endpoint to decide again for, if any."""
+    model = getattr(ticket, "reroute", None)
+    return model if isinstance(model, str) else None
+
+
+def with_model(body: bytes, decision: _core.Decision, model: str) -> bytes:
+    """`body` with its `model` value replaced (the span the core found), for a new decision."""
+    if model == decision.model:
+        return body
+    start, end = decision.model_span
+    return body[:start] + orjson.dumps(model) + body[end:]
 
 
 ADMISSION = web.AppKey("admission", Admission)

@@ -68,6 +68,12 @@ def _cmd_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_spend(args: argparse.Namespace) -> int:
+    from edgeroute.cost.reports import cli
+
+    return cli(args.config, args.by, args.format, args.since)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeroute", description="An LLM routing edge proxy.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -94,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tag", action="append")
     r.add_argument("--explain", action="store_true", help="print the explanation (the default)")
     r.set_defaults(fn=_cmd_route)
+
+    sp = sub.add_parser("spend", help="spend from the ledger, grouped, with savings vs. the priciest model")
+    sp.add_argument("--config", "-c", required=True)
+    sp.add_argument("--by", default="key", choices=["key", "team", "user", "model", "route", "deployment", "day"])
+    sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    sp.add_argument("--since", help="e.g. 24h, 7d, 2026-11-01 (UTC)")
+    sp.set_defaults(fn=_cmd_spend)
 
     b = sub.add_parser(
         "bench", help="load-test an OpenAI-compatible endpoint (see `edgeroute bench -h`)", add_help=False

@@ -268,7 +268,7 @@ class SharedState(_Strict):
 
     redis_url: str
     on_unavailable: Literal["open", "closed"] = "open"
-    timeout_ms: int = Field(50, ge=1)
+    timeout_ms: int = Field(200, ge=1)
     prefix: str = "edgeroute"
 
 
@@ -391,6 +391,8 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
 
 def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
+    if cfg.keys and cfg.server.api_keys:
+        problems.append(("keys", "use either keys (virtual keys) or server.api_keys, not both"))
     for name, k in cfg.keys.items():
         if (k.token is None) == (k.token_sha256 is None):
             problems.append((f"keys.{name}", "give exactly one of token (a reference) or token_sha256"))

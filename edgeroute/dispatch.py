@@ -168,8 +168,6 @@ class Call:
             self.router.report(dep.index, "client_error", rec.latency_ms)
             # The upstream has likely billed the prompt already: cost it as such.
             self._settle(rec, dep, None)
-            if resp is not None:  # the upstream had the prompt: assume it bills the input
-                self._settle(rec, dep, None)
             if resp is not None:
                 resp.close()
             raise
@@ -199,6 +197,7 @@ class Call:
             return Failure(ErrorClass.SERVER, 200, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
             obj = adapter.translate_response(obj)
+            obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
         elif "choices" not in obj:
             return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -12,7 +14,8 @@ from aiohttp import web
 
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Ticket
+from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS
@@ -35,8 +38,11 @@ def _tags(request: web.Request) -> list[str] | None:
 
 def decide(live: Live, body: bytes, request: web.Request) -> _core.Decision:
     """Asks the core; maps its errors onto the API's statuses."""
+    ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
     try:
-        return live.router.decide(body, tags=_tags(request))
+        if ident is None:
+            return live.router.decide(body, tags=_tags(request))
+        return live.router.decide(body, tags=_tags(request), team=ident.team, role=ident.role, user=ident.user)
     except _core.BadRequestError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
     except _core.UnknownModelError as e:
@@ -62,7 +68,16 @@ async def read_body(request: web.Request) -> bytes:
         ) from None
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """Another client API served by the chat pipeline (e.g. Anthropic's `/v1/messages`)."""
+
+    read: Callable[[web.Request], Awaitable[bytes]]  # the client's request as an OpenAI-format body
+    answer: Callable[[bytes], bytes]  # an OpenAI chat completion → the client's JSON answer
+    stream: Callable[[], Callable[[bytes], bytes]]  # a new encoder: OpenAI SSE → the client's SSE
+
+
+async def chat_completions(request: web.Request, dialect: Dialect | None = None) -> web.StreamResponse:
     state = request.app[STATE]
     live = state.live
     rid = request.headers.get(headers.REQUEST_ID) or new_request_id()
@@ -73,10 +88,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     try:
-        body = await read_body(request)
+        body = await (dialect.read(request) if dialect else read_body(request))
         decision = decide(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         ticket = await admission.admit(request, decision, rec)
+        if (reroute := rerouted_model(ticket)) is not None:
+            # A budget downgraded the request, or its deployment is at a provider limit: decide again.
+            body = with_model(body, decision, reroute)
+            decision = decide(live, body, request)
+            rec.route, rec.rule = decision.route, decision.rule
         model = live.config.models[decision.route]
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
@@ -93,9 +113,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
-            return web.Response(body=answer.body, headers=hdrs, content_type="application/json")
+            out = dialect.answer(answer.body) if dialect else answer.body
+            return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
-        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep)
+        encode = dialect.stream() if dialect else None
+        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode)
     except ProxyError as e:
         rec.status = e.status
         e.headers.setdefault(headers.REQUEST_ID, rid)

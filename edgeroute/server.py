@@ -16,15 +16,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from edgeroute import openai_api, secrets
-from edgeroute.accounting import MemoryRecorder, Recorder
-from edgeroute.admission import ADMISSION, Admission, AdmitAll
+from edgeroute import anthropic_api, openai_api, secrets
+from edgeroute.accounting import Recorder
+from edgeroute.admission import Admission
 from edgeroute.config import Config, ConfigError
+from edgeroute.cost import app as cost_app
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.reload import admin_reload, reload_from_source
-from edgeroute.state import RECORDER, STATE, Live, ServerState
+from edgeroute.state import STATE, Live, ServerState
 
 log = logging.getLogger("edgeroute")
 
@@ -139,11 +140,13 @@ def create_app(
     middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
     if config.server.api_keys:
         middlewares.append(_auth_middleware(config.server.api_keys))
+    if (keys := cost_app.middleware(config)) is not None:  # virtual keys (edgeroute/cost/keys.py)
+        middlewares.append(keys)
     middlewares.append(shed_middleware)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
     app[STATE] = ServerState(Live.build(config, source))
-    app[RECORDER] = recorder or MemoryRecorder()
-    app[ADMISSION] = admission or AdmitAll()
+    # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
+    cost_app.install(app, config, source, recorder, admission)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(health_check_ctx)
@@ -153,6 +156,7 @@ def create_app(
     app.router.add_get("/admin/deployments", admin_deployments)
     app.router.add_post("/admin/reload", admin_reload)
     openai_api.add_routes(app)
+    anthropic_api.add_routes(app)
     return app
 
 

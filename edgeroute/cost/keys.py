@@ -51,9 +51,7 @@ class KeyRing:
     def __init__(self, keys: dict[str, VirtualKey]) -> None:
         self._by_digest: dict[str, Identity] = {}
         for key_id, k in keys.items():
-            digest = (
-                k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
-            )
+            digest = k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
             self._by_digest[digest] = Identity(key_id, k.team, k.user, k.role, k.limits)
 
     def __len__(self) -> int:

@@ -93,11 +93,11 @@ class LocalLimiter:
         ]
         return ok, states
 
-    def adjust(self, name: str, kind: str, delta: float) -> None:
+    def adjust(self, name: str, kind: str, delta: float, now: float | None = None) -> None:
         """Takes `delta` more (or gives back when negative), without a check."""
         b = self._buckets.get((name, kind))
         if b is not None:
-            b.refill(time.monotonic())
+            b.refill(time.monotonic() if now is None else now)
             b.level = min(b.capacity, b.level - delta)
 
 
@@ -117,7 +117,7 @@ def headers_for(states: list[BucketState]) -> dict[str, str]:
         mine = [s for s in states if s.kind == kind]
         if not mine:
             continue
-        s = min(mine, key=lambda x: (x.remaining / x.limit if x.limit else 0.0))
+        s = min(mine, key=lambda x: x.remaining / x.limit if x.limit else 0.0)
         out[f"x-ratelimit-limit-{kind}"] = str(s.limit)
         out[f"x-ratelimit-remaining-{kind}"] = str(s.remaining)
         out[f"x-ratelimit-reset-{kind}"] = duration(s.reset_s)

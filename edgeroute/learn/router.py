@@ -24,7 +24,7 @@ from edgeroute.learn import train as T
 from edgeroute.learn.features import FeaturizerConfig
 from edgeroute.learn.model import LinearModel
 
-ROUTER_FEATURIZER = FeaturizerConfig(log2_buckets=15, char_ngrams=(4,))
+ROUTER_FEATURIZER = FeaturizerConfig()  # same as the task model: featurize once
 
 
 @dataclass

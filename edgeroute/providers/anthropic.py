@@ -107,11 +107,11 @@ def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[di
         elif role == "assistant":
             blocks: list[dict[str, Any]] = []
             for part in oa.content_parts(m.get("content")):
-                text = part.get("text") if part["type"] == "text" else part.get("refusal")
                 if part["type"] == "image_url":
                     raise oa.bad_request("Assistant messages cannot hold images.", "messages")
-                if text:
-                    blocks.append({"type": "text", "text": text})
+                said = part.get("text") if part["type"] == "text" else part.get("refusal")
+                if said:
+                    blocks.append({"type": "text", "text": said})
             for call in m.get("tool_calls") or ():
                 blocks.append(
                     {
@@ -202,11 +202,8 @@ class AnthropicAdapter(Adapter):
         rule = oa.unsupported_rule(self.provider.options)
         oa.apply_param_rule(req, _SUPPORTED, rule, self.name)
         system, messages = convert_messages(req["messages"])
-        out: dict[str, Any] = {
-            "model": model,
-            "max_tokens": oa.max_tokens_of(req) or int(self.provider.options.get("default_max_tokens", DEFAULT_MAX_TOKENS)),
-            "messages": messages,
-        }
+        max_tokens = oa.max_tokens_of(req) or int(self.provider.options.get("default_max_tokens", DEFAULT_MAX_TOKENS))
+        out: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
         if system:
             out["system"] = system
         temperature = req.get("temperature")
@@ -317,6 +314,8 @@ class AnthropicStream:
             msg = ev.get("message") or {}
             if msg.get("id"):
                 w.id = str(msg["id"])
+            if msg.get("model"):
+                w.model = str(msg["model"])
             self.usage_in = dict(msg.get("usage") or {})
             return w.start()
         if kind == "content_block_start":

@@ -32,9 +32,11 @@ class ErrorClass(enum.Enum):
 class StreamTranslator(Protocol):
     """Turns one provider stream into OpenAI SSE events, ending with `data: [DONE]`."""
 
-    # OpenAI-format usage once the provider has reported it (for accounting, whether
-    # or not the client asked for a usage chunk).
-    usage: dict[str, Any] | None
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """OpenAI-format usage once the provider has reported it (for accounting, whether
+        or not the client asked for a usage chunk)."""
+        ...
 
     def feed(self, chunk: bytes) -> bytes:
         """Consumes provider bytes; returns the OpenAI SSE bytes they complete (maybe empty)."""

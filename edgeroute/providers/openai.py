@@ -1,26 +1,70 @@
 """OpenAI and OpenAI-compatible servers (vLLM, Ollama, Groq, Together, Mistral, ...).
 
 Pass-through: the client's body goes upstream with only `model` rewritten, and the
-answer comes back byte for byte. Per-provider quirks (extra headers) are config.
+answer comes back byte for byte. Per-provider quirks are config:
+
+- `headers` (provider field): extra headers on every request;
+- `options.unsupported`: parameters the server cannot honour, handled by
+  `options.unsupported_params` (`reject`: a 400 before any call; `drop`: removed);
+- `options.rename_params`: e.g. `{max_tokens: max_completion_tokens}`;
+- `options.chat_path`: the chat endpoint under base_url (default `/chat/completions`).
+
+The body is re-serialised only when one of these applies to it.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import orjson
+
+from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
 
 
 class OpenAIAdapter(Adapter):
     passthrough: ClassVar[bool] = True
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opts = self.provider.options
+        self.unsupported = frozenset(str(p) for p in opts.get("unsupported") or ())
+        self.rename = {str(k): str(v) for k, v in (opts.get("rename_params") or {}).items()}
+        self.rule = oa.unsupported_rule(opts)
+        self.chat_path = str(opts.get("chat_path", "/chat/completions"))
+
+    def adjust_body(self, body: bytes) -> bytes:
+        """Applies the configured parameter quirks (a no-op, without parsing, when there are none)."""
+        if not self.unsupported and not self.rename:
+            return body
+        req = oa.parse_request(body)
+        present = self.unsupported.intersection(k for k, v in req.items() if v is not None)
+        renames = [k for k in self.rename if k in req]
+        if not present and not renames:
+            return body
+        for name in sorted(present):
+            if self.rule == "reject":
+                raise oa.bad_request(
+                    f"The parameter `{name}` is not supported by the provider serving this model ({self.name}).",
+                    name,
+                    "unsupported_parameter",
+                )
+            del req[name]
+        for old in renames:
+            req[self.rename[old]] = req.pop(old)
+        return orjson.dumps(req)
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key.reveal()}"} if self.api_key else {}
+
+    def chat_url(self, model: str) -> str:
+        return self.provider.base_url + self.chat_path
+
     def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
-        headers = {"Content-Type": "application/json", **self.provider.headers}
-        if self.api_key is not None:
-            headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
+        headers = {"Content-Type": "application/json", **self.provider.headers, **self.auth_headers()}
         if stream:
             headers["Accept"] = "text/event-stream"
-        return UpstreamRequest(self.provider.base_url + "/chat/completions", headers, body)
+        return UpstreamRequest(self.chat_url(model), headers, self.adjust_body(body))
 
     def health_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key.reveal()}"} if self.api_key else {}
+        return self.auth_headers()

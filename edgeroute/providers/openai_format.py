@@ -65,9 +65,7 @@ def unsupported_rule(options: Mapping[str, Any]) -> UnsupportedRule:
     return "drop" if rule == "drop" else "reject"
 
 
-def apply_param_rule(
-    req: dict[str, Any], supported: Iterable[str], rule: UnsupportedRule, provider: str
-) -> list[str]:
+def apply_param_rule(req: dict[str, Any], supported: Iterable[str], rule: UnsupportedRule, provider: str) -> list[str]:
     """Removes the parameters `provider` cannot honour (rule `drop`) or raises a 400 (rule `reject`).
 
     Returns the names dropped. A parameter left at its neutral value is always accepted.
@@ -302,7 +300,9 @@ def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
 
 
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
+    return (
+        b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
+    )
 
 
 class ChunkWriter:

@@ -262,14 +262,13 @@ impl LinearModel {
             return Err(bad("missing ERLM magic"));
         }
         let hlen = u32::from_le_bytes(take(data, &mut off, 4)?.try_into().expect("4 bytes"));
-        let header: Header = serde_json::from_slice(take(data, &mut off, hlen as usize)?)
-            .map_err(|e| bad(format!("header: {e}")))?;
+        let header: Header =
+            serde_json::from_slice(take(data, &mut off, hlen as usize)?).map_err(|e| bad(format!("header: {e}")))?;
         if header.format != 1 || header.featurizer.version != 1 {
             return Err(bad("unsupported format or featurizer version"));
         }
         let fc = &header.featurizer;
-        if !(8..=24).contains(&fc.log2_buckets) || fc.char_ngrams.iter().any(|&n| n == 0 || n > 7)
-        {
+        if !(8..=24).contains(&fc.log2_buckets) || fc.char_ngrams.iter().any(|&n| n == 0 || n > 7) {
             return Err(bad("featurizer parameters out of range"));
         }
         let k = header.outputs.len();
@@ -355,12 +354,7 @@ impl LinearModel {
     }
 
     /// Raw scores (before the activation), written into `out` (cleared first).
-    pub fn logits_into(
-        &self,
-        f: &Features,
-        task: Option<&[f64]>,
-        out: &mut Vec<f64>,
-    ) -> Result<(), ModelError> {
+    pub fn logits_into(&self, f: &Features, task: Option<&[f64]>, out: &mut Vec<f64>) -> Result<(), ModelError> {
         let k = self.outputs.len();
         let mut acc = [0i32; 32];
         let mut big: Vec<i32>;
@@ -570,7 +564,10 @@ impl TextModel {
             .iter()
             .enumerate()
             .fold(0, |bi, (i, &p)| if p > probabilities[bi] { i } else { bi });
-        Prediction { class: self.classes[best], probabilities }
+        Prediction {
+            class: self.classes[best],
+            probabilities,
+        }
     }
 
     /// Classify a prompt.
@@ -794,10 +791,7 @@ mod tests {
         let mut out = Vec::new();
         char_buckets(buf, 3, u64::MAX, &mut out);
         for (i, &b) in out.iter().enumerate() {
-            let key = u64::from(buf[i])
-                | u64::from(buf[i + 1]) << 8
-                | u64::from(buf[i + 2]) << 16
-                | 3 << 56;
+            let key = u64::from(buf[i]) | u64::from(buf[i + 1]) << 8 | u64::from(buf[i + 2]) << 16 | 3 << 56;
             assert_eq!(b, fmix64(key ^ SEED_CHAR) as u32);
         }
     }
@@ -817,9 +811,7 @@ mod tests {
     fn router_scores_choose_and_difficulty() {
         let outs: Vec<&str> = TaskType::ALL.iter().map(|t| t.as_str()).collect();
         let task = TextModel::from_bytes(&model_bytes(&outs, "softmax", &[], 0)).unwrap();
-        let r =
-            RouterModel::from_bytes(&model_bytes(&["weak", "strong"], "sigmoid", &["task"], 0))
-                .unwrap();
+        let r = RouterModel::from_bytes(&model_bytes(&["weak", "strong"], "sigmoid", &["task"], 0)).unwrap();
         assert!(r.needs_task());
         assert_eq!(r.costs(), &[0.5, 2.0]);
         let f = Features::extract("hello", r.featurizer());

@@ -78,26 +78,110 @@ impl PiiSet {
     }
 }
 
-// The patterns are ASCII by nature, so their word boundaries are ASCII too
-// (`(?-u:\b)`): a Unicode `\b` makes the regex crate's DFAs give up on any
-// non-ASCII haystack and fall back to a far slower engine (measured: 40× on a
-// 2,000-token prompt with a few emoji). Besides speed, it also means a number
-// glued to a non-ASCII letter ("東京4111...") is still seen.
+// The patterns are ASCII by nature, and so are their digits and word
+// boundaries (`[0-9]`, `(?-u:\b)`): a Unicode `\b` makes the regex crate's DFAs
+// give up on any non-ASCII haystack and fall back to a far slower engine
+// (measured: 40× on a 2,000-token prompt with a few emoji), and the checksums
+// read ASCII digits only anyway. A number glued to a non-ASCII letter
+// ("東京4111...") is still seen.
 const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}";
-const PHONE_RE: &str = r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|(?-u:\b)\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?-u:\b)";
-const CARD_RE: &str = r"(?-u:\b)(?:\d[ -]?){12,18}\d(?-u:\b)";
-const IBAN_RE: &str = r"(?-u:\b)[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?-u:\b)";
-const SSN_RE: &str = r"(?-u:\b)\d{3}-\d{2}-\d{4}(?-u:\b)";
+const PHONE_RE: &str =
+    r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)[ .-]?|(?-u:\b)[0-9]{2,4}[ .-])[0-9]{3,4}[ .-][0-9]{3,4}(?-u:\b)";
+const CARD_RE: &str = r"(?-u:\b)(?:[0-9][ -]?){12,18}[0-9](?-u:\b)";
+const IBAN_RE: &str = r"(?-u:\b)[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?-u:\b)";
+const SSN_RE: &str = r"(?-u:\b)[0-9]{3}-[0-9]{2}-[0-9]{4}(?-u:\b)";
 
-/// Every candidate pattern in one automaton, indexed as [`PiiKind::ALL`]: one
-/// pass over the prompt says which kinds may be present, and only those are
-/// searched again for positions and checksums. Prompts without personal data,
-/// the common case, pay for a single scan.
-static CANDIDATES: LazyLock<RegexSet> =
-    LazyLock::new(|| RegexSet::new([EMAIL_RE, PHONE_RE, CARD_RE, IBAN_RE, SSN_RE]).expect("valid PII patterns"));
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| Regex::new(EMAIL_RE).expect("valid pattern"));
+/// The number-shaped patterns in one automaton, in [`PiiKind::ALL`] order
+/// (the e-mail slot never matches here): one pass says which kinds may be
+/// present, and only those are searched again for positions and checksums.
+static NUMBERS: LazyLock<RegexSet> =
+    LazyLock::new(|| RegexSet::new([r"[^\s\S]", PHONE_RE, CARD_RE, IBAN_RE, SSN_RE]).expect("valid PII patterns"));
 static PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(PHONE_RE).expect("valid pattern"));
 static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(CARD_RE).expect("valid pattern"));
 static IBAN: LazyLock<Regex> = LazyLock::new(|| Regex::new(IBAN_RE).expect("valid pattern"));
+
+/// Bytes a phone, card, IBAN or SSN match can consist of: `[0-9A-Z +().-]`.
+fn numeric_byte(b: u8) -> bool {
+    b.is_ascii_digit() || b.is_ascii_uppercase() || matches!(b, b' ' | b'+' | b'(' | b')' | b'.' | b'-')
+}
+
+/// Bytes an e-mail match can consist of.
+fn email_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-' | b'@')
+}
+
+/// Calls `f` with each maximal run of [`numeric_byte`]s that holds at least
+/// `min_digits` digits, widened by one character on each side.
+///
+/// Every match of the number-shaped patterns lies inside such a run, and the
+/// widening gives their `(?-u:\b)` the real neighbouring character, so searching
+/// the runs finds exactly what searching the whole text would. Prose has few
+/// digits: 64-byte blocks without any are skipped with a branch-free test, which
+/// keeps a digit-free prompt at a few hundred nanoseconds per 10 kB.
+fn numeric_runs(text: &str, min_digits: usize, mut f: impl FnMut(&str) -> bool) {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let block = &bytes[i..bytes.len().min(i + 64)];
+        if !block.iter().fold(false, |acc, b| acc | b.is_ascii_digit()) {
+            i += block.len();
+            continue;
+        }
+        let Some(d) = block.iter().position(u8::is_ascii_digit) else {
+            unreachable!("the block has a digit")
+        };
+        let mut start = i + d;
+        while start > 0 && numeric_byte(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = i + d;
+        let mut digits = 0;
+        while end < bytes.len() && numeric_byte(bytes[end]) {
+            digits += usize::from(bytes[end].is_ascii_digit());
+            end += 1;
+        }
+        if digits >= min_digits {
+            let mut from = start.saturating_sub(1);
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            let mut to = (end + 1).min(bytes.len());
+            while !text.is_char_boundary(to) {
+                to += 1;
+            }
+            if f(&text[from..to]) {
+                return;
+            }
+        }
+        i = end;
+    }
+}
+
+/// Whether an e-mail address occurs: the pattern is run only on the runs of
+/// e-mail characters around each `@`.
+fn has_email(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let mut searched_to = 0;
+    for (at, _) in text.match_indices('@') {
+        if at < searched_to {
+            continue;
+        }
+        let mut start = at;
+        while start > 0 && email_byte(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = at + 1;
+        while end < bytes.len() && email_byte(bytes[end]) {
+            end += 1;
+        }
+        if EMAIL.is_match(&text[start..end]) {
+            return true;
+        }
+        searched_to = end;
+    }
+    false
+}
 
 /// Luhn checksum over the digits of `s` (other characters ignored).
 pub fn luhn_valid(s: &str) -> bool {
@@ -151,37 +235,42 @@ pub fn iban_valid(s: &str) -> bool {
 pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {
     let mut found = PiiSet::default();
     let want = |k: PiiKind| wanted.is_empty() || wanted.contains(k);
-    if !PiiKind::ALL.iter().any(|&k| want(k)) || !text.bytes().any(|b| b.is_ascii_digit() || b == b'@') {
+    if want(PiiKind::Email) && has_email(text) {
+        found.insert(PiiKind::Email);
+    }
+    let numeric = [PiiKind::Phone, PiiKind::PaymentCard, PiiKind::Iban, PiiKind::NationalId];
+    if !numeric.iter().any(|&k| want(k)) {
         return found;
     }
-    let maybe = CANDIDATES.matches(text);
-    let candidate = |k: PiiKind| want(k) && maybe.matched(k as usize);
-    // E-mail and SSN candidates need no further check.
-    for k in [PiiKind::Email, PiiKind::NationalId] {
-        if candidate(k) {
-            found.insert(k);
+    // Fewest digits a match can hold: 2 for an IBAN, 8 for a phone, more for the rest.
+    let min_digits = if want(PiiKind::Iban) { 2 } else { 8 };
+    numeric_runs(text, min_digits, |run| {
+        let maybe = NUMBERS.matches(run);
+        let candidate = |k: PiiKind| want(k) && maybe.matched(k as usize);
+        if candidate(PiiKind::NationalId) {
+            found.insert(PiiKind::NationalId);
         }
-    }
-    if candidate(PiiKind::Iban) && IBAN.find_iter(text).any(|m| iban_valid(m.as_str())) {
-        found.insert(PiiKind::Iban);
-    }
-    // Long digit runs are card candidates; a phone match inside one is not a phone.
-    let phone = candidate(PiiKind::Phone);
-    if !(phone || candidate(PiiKind::PaymentCard)) {
-        return found;
-    }
-    let cards: Vec<regex::Match<'_>> = if maybe.matched(PiiKind::PaymentCard as usize) {
-        CARD.find_iter(text).collect()
-    } else {
-        Vec::new()
-    };
-    if candidate(PiiKind::PaymentCard) && cards.iter().any(|m| luhn_valid(m.as_str())) {
-        found.insert(PiiKind::PaymentCard);
-    }
-    let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
-    if phone && PHONE.find_iter(text).any(|m| !in_card(&m)) {
-        found.insert(PiiKind::Phone);
-    }
+        if candidate(PiiKind::Iban) && IBAN.find_iter(run).any(|m| iban_valid(m.as_str())) {
+            found.insert(PiiKind::Iban);
+        }
+        // Long digit runs are card candidates; a phone match inside one is not a phone.
+        if candidate(PiiKind::Phone) || candidate(PiiKind::PaymentCard) {
+            let cards: Vec<regex::Match<'_>> = if maybe.matched(PiiKind::PaymentCard as usize) {
+                CARD.find_iter(run).collect()
+            } else {
+                Vec::new()
+            };
+            if candidate(PiiKind::PaymentCard) && cards.iter().any(|m| luhn_valid(m.as_str())) {
+                found.insert(PiiKind::PaymentCard);
+            }
+            let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
+            if candidate(PiiKind::Phone) && PHONE.find_iter(run).any(|m| !in_card(&m)) {
+                found.insert(PiiKind::Phone);
+            }
+        }
+        // Stop once every wanted kind is found.
+        numeric.iter().all(|&k| !want(k) || found.contains(k))
+    });
     found
 }
 
@@ -197,6 +286,7 @@ pub fn set_of(kinds: &[PiiKind]) -> PiiSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
 
     fn kinds(t: &str) -> Vec<&'static str> {
         detect(t, PiiSet::default()).kinds().map(PiiKind::name).collect()
@@ -216,5 +306,55 @@ mod tests {
         assert!(kinds("order 4111 1111 1111 1112").iter().all(|k| *k != "payment_card"));
         assert!(kinds("GB82 WEST 1234 5698 7654 33").iter().all(|k| *k != "iban"));
         assert!(kinds("The year 2024 had 365 days").is_empty());
+    }
+
+    /// The plain definition: every pattern over the whole text.
+    fn reference(text: &str) -> PiiSet {
+        let mut found = PiiSet::default();
+        if EMAIL.is_match(text) {
+            found.insert(PiiKind::Email);
+        }
+        let cards: Vec<regex::Match<'_>> = CARD.find_iter(text).collect();
+        if cards.iter().any(|m| luhn_valid(m.as_str())) {
+            found.insert(PiiKind::PaymentCard);
+        }
+        if IBAN.find_iter(text).any(|m| iban_valid(m.as_str())) {
+            found.insert(PiiKind::Iban);
+        }
+        if Regex::new(SSN_RE).unwrap().is_match(text) {
+            found.insert(PiiKind::NationalId);
+        }
+        let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
+        if PHONE.find_iter(text).any(|m| !in_card(&m)) {
+            found.insert(PiiKind::Phone);
+        }
+        found
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 1000, ..Default::default() })]
+
+        /// Searching only the candidate runs finds exactly what the patterns find in the whole text.
+        #[test]
+        fn runs_find_what_the_whole_text_has(
+            parts in proptest::collection::vec(proptest::prop_oneof![
+                proptest::string::string_regex("[0-9 .()+-]{1,20}").unwrap(),
+                proptest::string::string_regex("[A-Z0-9 ]{1,24}").unwrap(),
+                proptest::string::string_regex("[a-z._%+-]{1,8}@[a-z-]{1,6}(\\.[a-z]{1,4}){0,2}").unwrap(),
+                proptest::sample::select(vec![
+                    "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "123-45-6789", "+1 415-555-0132",
+                    "(020) 7946 0958", "東京", "é", "_", "x", "@", "\n", "🚀", "a.b@c.io",
+                ]).prop_map(String::from),
+            ], 0..12),
+            wanted in 0u8..32,
+        ) {
+            let text: String = parts.concat();
+            let wanted = PiiSet(wanted);
+            let mut expected = reference(&text);
+            if !wanted.is_empty() {
+                expected = PiiSet(expected.0 & wanted.0);
+            }
+            proptest::prop_assert_eq!(detect(&text, wanted), expected, "{:?}", text);
+        }
     }
 }

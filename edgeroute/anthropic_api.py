@@ -1,0 +1,427 @@
+"""Anthropic's Messages API (`POST /v1/messages`) in front of any provider.
+
+An Anthropic SDK client's request is translated into an OpenAI-format chat request
+and served by the same pipeline as `/v1/chat/completions` (decision, admission,
+dispatch with failover, accounting); the OpenAI-format answer or stream is then
+translated back into Anthropic's shape: a `message` object, or the event stream
+message_start, content_block_start / content_block_delta (text_delta,
+input_json_delta) / content_block_stop, message_delta (stop_reason, usage),
+message_stop. Errors, including those raised by the server's middleware for these
+paths, take Anthropic's form `{"type": "error", "error": {"type", "message"}}`.
+
+`output_config.format` (structured output) becomes `response_format`. What has no
+OpenAI equivalent is dropped: `top_k`, `thinking` (and thinking blocks in the
+history), `output_config.effort`, `cache_control`. Documents and server tools are
+rejected (400).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import openai_api, sse
+from edgeroute.errors import ProxyError
+
+PATHS = frozenset({"/v1/messages"})
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def _bad(message: str, param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, code="invalid_request", param=param)
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+# -- request: Anthropic → OpenAI ---------------------------------------------
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for b in content:
+            if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+                raise _bad(f"{where}: only text blocks are supported here.")
+            out.append(b["text"])
+        return "\n".join(out) if len(out) > 1 else "".join(out)
+    raise _bad(f"{where}: expected a string or a list of content blocks.")
+
+
+def _image_part(block: dict[str, Any]) -> dict[str, Any]:
+    src = block.get("source") or {}
+    if src.get("type") == "base64" and isinstance(src.get("data"), str):
+        url = f"data:{src.get('media_type', 'image/png')};base64,{src['data']}"
+    elif src.get("type") == "url" and isinstance(src.get("url"), str):
+        url = src["url"]
+    else:
+        raise _bad("messages: image blocks need a base64 or url source.")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
+    """OpenAI messages for one Anthropic user turn: its tool results first, then its other content."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    if not isinstance(content, list):
+        raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for b in content:
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": str(b.get("text", ""))})
+        elif kind == "image":
+            parts.append(_image_part(b))
+        elif kind == "tool_result":
+            inner = b.get("content")
+            text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
+            results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
+        else:
+            raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
+    if parts:
+        only_text = all(p["type"] == "text" for p in parts)
+        text_content = "".join(p["text"] for p in parts) if only_text and len(parts) == 1 else None
+        results.append({"role": "user", "content": text_content if text_content is not None else parts})
+    return results
+
+
+def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    if not isinstance(content, list):
+        raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
+    text: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for b in content:
+        kind = b.get("type") if isinstance(b, dict) else None
+        if kind == "text":
+            text.append(str(b.get("text", "")))
+        elif kind == "tool_use":
+            args = orjson.dumps(b.get("input") or {}).decode()
+            calls.append(
+                {"id": b.get("id"), "type": "function", "function": {"name": b.get("name"), "arguments": args}}
+            )
+        elif kind in ("thinking", "redacted_thinking"):
+            continue  # the model's own reasoning: other providers cannot take it back
+        else:
+            raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
+    msg: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _tools(tools: Any) -> list[dict[str, Any]]:
+    if not isinstance(tools, list):
+        raise _bad("tools: expected a list.", "tools")
+    out = []
+    for t in tools:
+        if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
+            raise _bad("tools: only custom tools (name, description, input_schema) are supported.", "tools")
+        fn: dict[str, Any] = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object"}}
+        if t.get("description"):
+            fn["description"] = t["description"]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def to_openai(req: Any) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request."""
+    if not isinstance(req, dict):
+        raise _bad("The request body must be a JSON object.")
+    if not isinstance(req.get("model"), str):
+        raise _bad("model: Field required", "model")
+    if not isinstance(req.get("max_tokens"), int) or isinstance(req["max_tokens"], bool):
+        raise _bad("max_tokens: Field required", "max_tokens")
+    if not isinstance(req.get("messages"), list):
+        raise _bad("messages: Field required", "messages")
+    messages: list[dict[str, Any]] = []
+    if req.get("system"):
+        messages.append({"role": "system", "content": _text(req["system"], "system")})
+    for i, m in enumerate(req["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
+            raise _bad(f"messages.{i}.role: must be user or assistant.", "messages")
+        if m["role"] == "user":
+            messages.extend(_user_turn(m.get("content"), i))
+        else:
+            messages.append(_assistant_turn(m.get("content"), i))
+    out: dict[str, Any] = {"model": req["model"], "messages": messages, "max_tokens": req["max_tokens"]}
+    for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
+        if req.get(ours) is not None:
+            out[theirs] = req[ours]
+    user = (req.get("metadata") or {}).get("user_id")
+    if isinstance(user, str):
+        out["user"] = user
+    if req.get("tools"):
+        out["tools"] = _tools(req["tools"])
+    tc = req.get("tool_choice")
+    if isinstance(tc, dict):
+        kind = tc.get("type")
+        if kind == "tool":
+            out["tool_choice"] = {"type": "function", "function": {"name": tc.get("name")}}
+        elif kind in ("auto", "any", "none"):
+            out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[str(kind)]
+        else:
+            raise _bad("tool_choice: type must be auto, any, tool or none.", "tool_choice")
+        if tc.get("disable_parallel_tool_use") and out.get("tools"):
+            out["parallel_tool_calls"] = False
+    fmt = (req.get("output_config") or {}).get("format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
+    if req.get("stream"):
+        out["stream"] = True
+        # message_delta carries the usage: ask every upstream for it.
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+async def read_request(request: web.Request) -> bytes:
+    raw = await openai_api.read_body(request)
+    try:
+        req = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _bad("The request body is not valid JSON.") from None
+    return orjson.dumps(to_openai(req))
+
+
+# -- answer: OpenAI → Anthropic ----------------------------------------------
+
+
+def anthropic_usage(u: dict[str, Any] | None) -> dict[str, Any]:
+    """OpenAI usage in Anthropic's terms: input_tokens excludes cache reads."""
+    u = u or {}
+    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    return {
+        "input_tokens": int(u.get("prompt_tokens") or 0) - cached,
+        "output_tokens": int(u.get("completion_tokens") or 0),
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def _message_id(raw: Any) -> str:
+    cid = str(raw or "")
+    return cid if cid.startswith("msg_") else "msg_" + cid.removeprefix("chatcmpl-")
+
+
+def _tool_input(arguments: Any) -> dict[str, Any]:
+    try:
+        value = orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        raise ProxyError(502, "The upstream answered a tool call with invalid JSON arguments.") from None
+    if not isinstance(value, dict):
+        raise ProxyError(502, "The upstream answered a tool call whose arguments are not a JSON object.")
+    return value
+
+
+def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat completion as an Anthropic `message`."""
+    choice = (obj.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    text = msg.get("content") or msg.get("refusal")
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id"),
+                "name": fn.get("name"),
+                "input": _tool_input(fn.get("arguments")),
+            }
+        )
+    return {
+        "id": _message_id(obj.get("id")),
+        "type": "message",
+        "role": "assistant",
+        "model": obj.get("model", ""),
+        "content": content,
+        "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_sequence": None,
+        "usage": anthropic_usage(obj.get("usage")),
+    }
+
+
+def answer_json(body: bytes) -> bytes:
+    return orjson.dumps(to_anthropic(orjson.loads(body)))
+
+
+def _event(name: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+class StreamEncoder:
+    """OpenAI chunks → Anthropic stream events, one content block per text run or tool call.
+
+    The message_delta (stop reason and usage) goes out at `[DONE]`, after the usage
+    chunk, so that it carries the final token counts.
+    """
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.started = False
+        self.ended = False
+        self.blocks = 0
+        self.text_block: int | None = None
+        self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
+        self.open: list[int] = []
+        self.stop_reason = "end_turn"
+        self.usage: dict[str, Any] | None = None
+
+    def __call__(self, data: bytes) -> bytes:
+        self.buf += data
+        events, self.buf = sse.split_events(self.buf)
+        out = b""
+        for ev in events:
+            payload = sse.event_data(ev)
+            if payload is None or self.ended:
+                continue
+            if payload == b"[DONE]":
+                out += self._end()
+                continue
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                out += self._chunk(obj)
+        return out
+
+    def _start(self, obj: dict[str, Any]) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        message = {
+            "id": _message_id(obj.get("id")),
+            "type": "message",
+            "role": "assistant",
+            "model": obj.get("model", ""),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        return _event("message_start", {"type": "message_start", "message": message})
+
+    def _open(self, block: dict[str, Any]) -> tuple[int, bytes]:
+        idx = self.blocks
+        self.blocks += 1
+        self.open.append(idx)
+        return idx, _event("content_block_start", {"type": "content_block_start", "index": idx, "content_block": block})
+
+    def _close(self, idx: int) -> bytes:
+        self.open.remove(idx)
+        return _event("content_block_stop", {"type": "content_block_stop", "index": idx})
+
+    def _delta(self, idx: int, delta: dict[str, Any]) -> bytes:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": idx, "delta": delta})
+
+    def _chunk(self, obj: dict[str, Any]) -> bytes:
+        if obj.get("error"):
+            err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+            self.ended = True
+            body = {"type": "error", "error": {"type": "api_error", "message": str(err.get("message", "error"))}}
+            return self._start(obj) + _event("error", body)
+        out = self._start(obj)
+        if isinstance(obj.get("usage"), dict):
+            self.usage = obj["usage"]
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or delta.get("refusal")
+            if text:
+                if self.text_block is None:
+                    for idx in list(self.open):
+                        out += self._close(idx)
+                    self.text_block, ev = self._open({"type": "text", "text": ""})
+                    out += ev
+                out += self._delta(self.text_block, {"type": "text_delta", "text": text})
+            for tc in delta.get("tool_calls") or ():
+                ti = int(tc.get("index", 0))
+                fn = tc.get("function") or {}
+                if ti not in self.tool_blocks:
+                    if self.text_block is not None:
+                        out += self._close(self.text_block)
+                        self.text_block = None
+                    block = {"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"), "input": {}}
+                    self.tool_blocks[ti], ev = self._open(block)
+                    out += ev
+                if fn.get("arguments"):
+                    partial = {"type": "input_json_delta", "partial_json": fn["arguments"]}
+                    out += self._delta(self.tool_blocks[ti], partial)
+            if choice.get("finish_reason"):
+                self.stop_reason = STOP_REASONS.get(str(choice["finish_reason"]), "end_turn")
+                for idx in list(self.open):
+                    out += self._close(idx)
+                self.text_block = None
+        return out
+
+    def _end(self) -> bytes:
+        self.ended = True
+        out = self._start({})
+        for idx in list(self.open):
+            out += self._close(idx)
+        u = anthropic_usage(self.usage)
+        delta = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": None}, "usage": u}
+        return out + _event("message_delta", delta) + _event("message_stop", {"type": "message_stop"})
+
+
+DIALECT = openai_api.Dialect(read=read_request, answer=answer_json, stream=StreamEncoder)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await openai_api.chat_completions(request, DIALECT)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def anthropic_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rewrites OpenAI-format error answers on the Anthropic paths into Anthropic's error format."""
+    resp = await handler(request)
+    if request.path not in PATHS or resp.status < 400 or not isinstance(resp, web.Response) or resp.prepared:
+        return resp
+    try:
+        err = orjson.loads(resp.body or b"{}").get("error")  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, AttributeError):
+        return resp
+    if isinstance(err, dict) and "type" in err and err.get("message") is not None:
+        resp.body = orjson.dumps(
+            {"type": "error", "error": {"type": error_type(resp.status), "message": str(err["message"])}}
+        )
+    return resp
+
+
+def add_routes(app: web.Application) -> None:
+    """The Anthropic routes, and the error rewriting for them (outermost, so it sees every error)."""
+    app.router.add_post("/v1/messages", messages)
+    app.middlewares.insert(0, anthropic_errors)

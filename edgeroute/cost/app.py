@@ -1,0 +1,60 @@
+"""Wiring cost control into the aiohttp app: recorder, admission, keys, `/admin/spend`, cleanup.
+
+`server.create_app` calls :func:`middleware` and :func:`install`; a recorder or admission
+passed by the caller wins over the config (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from edgeroute.accounting import MemoryRecorder, Recorder
+from edgeroute.admission import ADMISSION, Admission, AdmitAll
+from edgeroute.config import Config
+from edgeroute.cost.control import CostControl, on_response_prepare
+from edgeroute.cost.keys import KeyRing, keys_middleware
+from edgeroute.cost.ledger import ledger_from_config
+from edgeroute.cost.reports import LEDGER, admin_spend
+from edgeroute.state import RECORDER
+
+log = logging.getLogger("edgeroute.cost")
+
+
+def middleware(config: Config) -> Callable[..., Awaitable[web.StreamResponse]] | None:
+    """Virtual-key authentication when `keys:` is configured."""
+    return keys_middleware(KeyRing(config.keys)) if config.keys else None
+
+
+def base_dir(source: str) -> Path | None:
+    p = Path(source)
+    return p.parent if p.is_file() else None
+
+
+def install(
+    app: web.Application, config: Config, source: str, recorder: Recorder | None, admission: Admission | None
+) -> None:
+    ledger = ledger_from_config(config, base_dir(source)) if recorder is None else None
+    app[RECORDER] = recorder or ledger or MemoryRecorder()
+    if ledger is not None:
+        app[LEDGER] = ledger.backend
+    control = CostControl(config) if admission is None and CostControl.wanted(config) else None
+    app[ADMISSION] = admission or control or AdmitAll()
+    app.router.add_get("/admin/spend", admin_spend)
+    if control is not None:
+        app.on_response_prepare.append(on_response_prepare)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        yield
+        # After the drain: settle what is pending, then write every record.
+        if control is not None:
+            await control.close()
+        if ledger is not None:
+            await asyncio.to_thread(ledger.close)
+            log.info("ledger closed: %d records written", ledger.written)
+
+    app.cleanup_ctx.append(lifecycle)

@@ -1,0 +1,175 @@
+"""Spend reports from the ledger: by key, team, user, model, route, deployment or day, with
+savings against the route's most expensive model. Used by `edgeroute spend` and
+`GET /admin/spend` (same data, same shape)."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import io
+import re
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute.cost.ledger import Backend
+from edgeroute.errors import ProxyError
+
+# The only SQL that a request's parameters choose: a whitelist, never interpolated input.
+GROUPS = {
+    "key": "key_id",
+    "team": "team",
+    "user": "user_id",
+    "model": "model",
+    "route": "route",
+    "deployment": "deployment",
+    "day": "day",
+    "outcome": "outcome",
+}
+FIELDS = ("requests", "ok", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd", "savings_usd")
+
+
+def parse_since(value: str | None, now: float | None = None) -> float | None:
+    """`24h`, `7d`, `30m`, an ISO date or datetime (UTC unless it says otherwise)."""
+    if not value:
+        return None
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    if m:
+        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValueError(f"--since {value!r}: use e.g. 24h, 7d or 2026-11-01") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def spend(backend: Backend, by: str = "key", since: float | None = None) -> dict[str, Any]:
+    """Rows grouped `by`, biggest spend first, and totals with savings."""
+    if by not in GROUPS:
+        raise ValueError(f"by must be one of {', '.join(GROUPS)}")
+    col = GROUPS[by]
+    where, params = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
+    sql = (
+        f"SELECT {col}, COUNT(*), SUM(CASE WHEN outcome IN ('ok', 'hedge_won') THEN 1 ELSE 0 END), "
+        "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
+        f"FROM spend {where} GROUP BY {col} ORDER BY SUM(cost_usd) DESC, {col}"
+    )
+    rows = []
+    for r in backend.query(sql, params):
+        cost, base = float(r[5] or 0), float(r[6] or 0)
+        rows.append(
+            {
+                by: r[0],
+                "requests": int(r[1]),
+                "ok": int(r[2] or 0),
+                "prompt_tokens": int(r[3] or 0),
+                "completion_tokens": int(r[4] or 0),
+                "cost_usd": round(cost, 8),
+                "baseline_cost_usd": round(base, 8),
+                "savings_usd": round(base - cost, 8),
+            }
+        )
+    total: dict[str, Any] = {f: sum(r[f] for r in rows) for f in FIELDS}
+    for f in ("cost_usd", "baseline_cost_usd", "savings_usd"):
+        total[f] = round(total[f], 8)
+    base = total["baseline_cost_usd"]
+    total["savings_percent"] = round(100 * total["savings_usd"] / base, 2) if base else 0.0
+    return {
+        "by": by,
+        "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+        "rows": rows,
+        "total": total,
+        "savings_note": "baseline: the same tokens on the most expensive deployment of each request's route",
+    }
+
+
+def render(report: dict[str, Any], fmt: str) -> str:
+    by = report["by"]
+    cols = [by, *FIELDS]
+    if fmt == "json":
+        return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(cols)
+        for r in report["rows"]:
+            w.writerow([r[c] for c in cols])
+        return buf.getvalue()
+    cells = [[str(c) for c in cols]]
+    for r in [*report["rows"], {by: "TOTAL", **report["total"]}]:
+        cells.append([_fmt(r.get(c)) for c in cols])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = [
+        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+        for row in cells
+    ]
+    t = report["total"]
+    lines.append(f"\nsavings vs. most expensive model per route: ${t['savings_usd']:.6f} ({t['savings_percent']}%)")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return str(v)
+
+
+LEDGER = web.AppKey("ledger_backend", Backend)
+
+
+async def admin_spend(request: web.Request) -> web.Response:
+    """`GET /admin/spend?by=team&since=7d`: the `edgeroute spend` report as JSON."""
+    backend = request.app.get(LEDGER)
+    if backend is None:
+        raise ProxyError(404, "No ledger is configured (add a `ledger:` section).", code="no_ledger")
+    by = request.query.get("by", "key")
+    try:
+        since = parse_since(request.query.get("since"))
+        report = await asyncio.to_thread(spend, backend, by, since)
+    except ValueError as e:
+        raise ProxyError(400, str(e), code="invalid_request") from None
+    return web.Response(body=orjson.dumps(report), content_type="application/json")
+
+
+def cli(config_path: str, by: str, fmt: str, since: str | None) -> int:
+    """`edgeroute spend`: prints the report for the ledger named in the config."""
+    import sys
+    from pathlib import Path
+
+    from edgeroute import config as config_mod
+    from edgeroute.cost.ledger import backend_for
+
+    try:
+        cfg = config_mod.load(config_path, check_secrets=False)
+    except config_mod.ConfigError as e:
+        print("\n".join(e.errors), file=sys.stderr)
+        return 1
+    lc = cfg.ledger
+    if lc is None or lc.backend == "memory":
+        print(f"{config_path}: no ledger configured (add a `ledger:` section)", file=sys.stderr)
+        return 1
+    base = Path(config_path).parent
+    if lc.backend == "sqlite":
+        path = Path(lc.path) if Path(lc.path).is_absolute() else base / lc.path
+        if not path.exists():
+            print(f"{config_path}: the ledger {path} does not exist yet", file=sys.stderr)
+            return 1
+    try:
+        start = parse_since(since)
+        backend = backend_for(lc, base)
+    except Exception as e:  # a bad --since, or the database is unreachable: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        sys.stdout.write(render(spend(backend, by, start), fmt))
+    finally:
+        backend.close()
+    return 0

@@ -1,0 +1,92 @@
+"""``python -m edgeroute.learn.build_models``: retrain the shipped models and the parity fixture.
+
+Writes ``edgeroute/models/task.erlm`` (task classifier, all task data except
+Arena-Hard v0.1), ``edgeroute/models/router-gpt4-mixtral.erlm`` (router trained
+on all decontaminated GSM8K + MMLU outcomes) and
+``rust/edgeroute-core/tests/fixtures/classify_parity.json`` (texts -> buckets,
+length features, probabilities from the Python reference implementation),
+which the Rust test ``tests/classify_parity.rs`` replays. Deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from edgeroute.learn import data
+from edgeroute.learn.features import bucket_ids, length_features
+from edgeroute.learn.model import LinearModel
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+TASK_MODEL = MODELS / "task.erlm"
+ROUTER_MODEL = MODELS / "router-gpt4-mixtral.erlm"
+FIXTURE = data.REPO / "rust" / "edgeroute-core" / "tests" / "fixtures" / "classify_parity.json"
+
+PARITY_TEXTS = [
+    "",
+    "hi",
+    "Write a Python function that reverses a linked list.",
+    "What is 17 * 23 + 4? Show your steps.",
+    "Write a sonnet about the sea, in the style of Shakespeare.",
+    "Translate to French: Où est la gare? ¿Dónde está la estación? 駅はどこですか",
+    "Summarize: The quick brown fox jumps over the lazy dog. It was a sunny day.",
+    'fn main() {\n    let x: Vec<u8> = vec![1, 2, 3];\n    println!("{:?}", x);\n}\n',
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast and bakes muffins "
+    "with four. She sells the remainder at $2 per egg. How much does she make?",
+    "Which of the following is a prime number?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:",
+    "MiXeD CaSe ÄÖÜ émigré naïve \t\r\n tabs_and_underscores __init__ x86-64 a+b=c",
+    # > head + tail bytes, with a multi-byte character straddling both cut points
+    "é" * 1600 + " middle part that is dropped " * 40 + "ü" * 700 + " the end?",
+]
+
+
+def build_task_model() -> LinearModel:
+    from edgeroute.learn.tasks import train_task_model
+
+    test = {e.text for e in data.arena_hard_test()}
+    return train_task_model([e for e in data.task_training_examples() if e.text not in test])
+
+
+def build_router_model() -> LinearModel:
+    from edgeroute.learn import router as R
+    from edgeroute.learn.routellm_eval import FIT, routellm_outcomes
+
+    out, _ = routellm_outcomes()
+    return R.train_router(out, opts=FIT)
+
+
+def write_fixture(task: LinearModel, router: LinearModel) -> None:
+    cases = []
+    for text in PARITY_TEXTS:
+        probs = task.predict_proba(text)
+        cases.append(
+            {
+                "text": text,
+                "buckets": bucket_ids(text, task.featurizer),
+                "length": length_features(text),
+                "task_probabilities": probs,
+                "router_scores": router.predict_proba(text, probs),
+            }
+        )
+    FIXTURE.parent.mkdir(parents=True, exist_ok=True)
+    FIXTURE.write_text(json.dumps({"cases": cases}, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def main() -> int:
+    if not data.have_data():
+        print(f"no data at {data.data_root()}", file=sys.stderr)
+        return 2
+    MODELS.mkdir(exist_ok=True)
+    task = build_task_model()
+    task.save(TASK_MODEL)
+    router = build_router_model()
+    router.save(ROUTER_MODEL)
+    write_fixture(task, router)
+    for p in (TASK_MODEL, ROUTER_MODEL, FIXTURE):
+        print(f"wrote {p} ({p.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

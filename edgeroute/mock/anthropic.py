@@ -1,0 +1,240 @@
+"""A mock of Anthropic's Messages API, faithful to its wire format.
+
+Answers `POST /v1/messages` (JSON, or SSE with message_start, content_block_start,
+ping, content_block_delta (text_delta, input_json_delta), content_block_stop,
+message_delta, message_stop), with Anthropic's usage fields (cache reads included)
+and error bodies (`{"type": "error", "error": {...}}`, 529 overloaded_error). It
+writes the same reply as the OpenAI mock for the same conversation, so answers
+translated from it can be compared field by field with OpenAI's.
+
+Per-request headers as in the OpenAI mock (``x-mock-latency-ms``, ``x-mock-status``,
+``x-mock-retry-after``, ``x-mock-content``), plus ``x-mock-stream-error``: a stream
+that fails with an `overloaded_error` event before any content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute.mock import openai as openai_mock
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class MockOptions(openai_mock.MockOptions):
+    name: str = "mock-anthropic"
+    # Prompt tokens reported as read from the prompt cache.
+    cached_tokens: int = 0
+
+
+def anthropic_error(status: int, message: str) -> web.Response:
+    etype = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    body = {"type": "error", "error": {"type": etype, "message": message}, "request_id": f"req_mock{next(_ids)}"}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            str(b.get("text", "")) if b.get("type") == "text" else _text(b.get("content"))
+            for b in content
+            if isinstance(b, dict)
+        )
+    return ""
+
+
+def _as_openai(body: dict[str, Any]) -> dict[str, Any]:
+    """The conversation as the OpenAI mock sees it, so both mocks write the same reply."""
+    msgs = [{"role": m.get("role"), "content": _text(m.get("content"))} for m in body["messages"]]
+    return {"model": body["model"], "messages": msgs}
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    system = _text(body.get("system"))
+    n = len(body["messages"]) + (1 if system else 0)
+    return 3 + 4 * n + len(system.split()) + sum(len(_text(m.get("content")).split()) for m in body["messages"])
+
+
+def _tool_use(body: dict[str, Any]) -> dict[str, Any] | None:
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice") or {}
+    if not tools or choice.get("type") == "none":
+        return None
+    for m in body["messages"]:
+        if isinstance(m.get("content"), list) and any(b.get("type") == "tool_result" for b in m["content"]):
+            return None
+    tool = tools[0]
+    if choice.get("type") == "tool":
+        tool = next((t for t in tools if t.get("name") == choice.get("name")), tool)
+    props = (tool.get("input_schema") or {}).get("properties") or {}
+    args = {k: ("Paris" if v.get("type") == "string" else 1) for k, v in props.items()}
+    return {"type": "tool_use", "id": f"toolu_mock{next(_ids):06d}", "name": tool.get("name"), "input": args}
+
+
+def _usage(opts: MockOptions, prompt: int, output: int) -> dict[str, Any]:
+    cached = min(opts.cached_tokens, prompt)
+    return {
+        "input_tokens": prompt - cached,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+        "output_tokens": output,
+        "service_tier": "standard",
+    }
+
+
+def _event(name: str, obj: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    opts: MockOptions = request.app[OPTIONS]
+    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if opts.api_key is not None and opts.api_key not in (request.headers.get("x-api-key"), bearer):
+        return anthropic_error(401, "invalid x-api-key")
+    if "anthropic-version" not in request.headers:
+        return anthropic_error(400, "anthropic-version: header is required")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return anthropic_error(400, "There was an issue with your request body: invalid JSON.")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return anthropic_error(400, "model: Field required")
+    if not isinstance(body.get("max_tokens"), int):
+        return anthropic_error(400, "max_tokens: Field required")
+    if not isinstance(body.get("messages"), list) or not body["messages"]:
+        return anthropic_error(400, "messages: at least one message is required")
+    if opts.record:
+        opts.requests.append({"headers": dict(request.headers), "body": body})
+    model = body["model"]
+    if opts.models is not None and model not in opts.models:
+        return anthropic_error(404, f"model: {model}")
+    latency = float(request.headers.get("x-mock-latency-ms", opts.latency_ms))
+    if latency:
+        await asyncio.sleep(latency / 1000)
+    if opts.fail_status is not None or "x-mock-status" in request.headers:
+        status = opts.fail_status or int(request.headers["x-mock-status"])
+        resp = anthropic_error(status, "Overloaded" if status == 529 else f"Mock error {status}.")
+        if "x-mock-retry-after" in request.headers:
+            resp.headers["retry-after"] = request.headers["x-mock-retry-after"]
+        return resp
+
+    prompt = _prompt_tokens(body)
+    call = _tool_use(body)
+    text = None if call else openai_mock.reply_text(_as_openai(body), opts, request.headers.get("x-mock-content"))
+    pieces = text.split(" ") if text is not None else []
+    stop_reason, stop_sequence = ("tool_use" if call else "end_turn"), None
+    if call is None and body["max_tokens"] < len(pieces):
+        pieces, stop_reason = pieces[: body["max_tokens"]], "max_tokens"
+    for seq in body.get("stop_sequences") or ():
+        joined = " ".join(pieces)
+        if call is None and seq in joined:
+            pieces = joined[: joined.index(seq)].split(" ")
+            stop_reason, stop_sequence = "stop_sequence", seq
+    output = 12 if call else len(pieces)
+    mid = f"msg_mock{next(_ids):06d}"
+
+    if not body.get("stream"):
+        content = [call] if call else [{"type": "text", "text": " ".join(pieces)}]
+        msg = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": _usage(opts, prompt, output),
+        }
+        return web.Response(body=orjson.dumps(msg), content_type="application/json")
+
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
+    start = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": _usage(opts, prompt, 1),
+    }
+    await out.write(_event("message_start", {"type": "message_start", "message": start}))
+    if "x-mock-stream-error" in request.headers:
+        err = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+        await out.write(_event("error", err))
+        await out.write_eof()
+        return out
+    if call:
+        head = {**call, "input": {}}
+        await out.write(
+            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": head})
+        )
+        await out.write(_event("ping", {"type": "ping"}))
+        args = orjson.dumps(call["input"]).decode()
+        frags = [""] + [args[i : i + 8] for i in range(0, len(args), 8)]
+        for frag in frags:
+            if opts.chunk_interval:
+                await asyncio.sleep(opts.chunk_interval)
+            delta = {"type": "input_json_delta", "partial_json": frag}
+            await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    else:
+        block = {"type": "text", "text": ""}
+        await out.write(
+            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+        )
+        await out.write(_event("ping", {"type": "ping"}))
+        for i, piece in enumerate(pieces):
+            if opts.chunk_interval:
+                await asyncio.sleep(opts.chunk_interval)
+            delta = {"type": "text_delta", "text": piece if i == 0 else " " + piece}
+            await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+    await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    end_usage = {"output_tokens": output}
+    md = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
+    await out.write(_event("message_delta", {**md, "usage": end_usage}))
+    await out.write(_event("message_stop", {"type": "message_stop"}))
+    await out.write_eof()
+    return out
+
+
+async def list_models(request: web.Request) -> web.Response:
+    opts: MockOptions = request.app[OPTIONS]
+    names = opts.models or ["claude-sonnet-4-5", "claude-haiku-4-5"]
+    data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in names]
+    body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+OPTIONS = web.AppKey("anthropic_options", MockOptions)
+
+
+def build_app(options: MockOptions | None = None) -> web.Application:
+    """The mock as an aiohttp application (`/v1/messages`, `/v1/models`)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[OPTIONS] = options or MockOptions()
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/models", list_models)
+    return app

@@ -1,0 +1,381 @@
+"""AWS Bedrock's Converse API (`/model/{id}/converse`, `/model/{id}/converse-stream`).
+
+Requests are signed with SigV4 by botocore's signer, or carry a Bedrock API key as a
+bearer token. Maps system prompts, text and base64 images (Bedrock cannot fetch
+URLs), tools (`toolSpec` with a JSON schema) and tool results, tool_choice
+(auto/any/tool; `none` by leaving the tools out when the history has no tool turns),
+JSON mode (a forced tool whose call becomes the text answer), max_tokens,
+temperature, top_p and stop. The stream is AWS's binary event-stream
+(`application/vnd.amazon.eventstream`), decoded by botocore's parser. Usage counts
+cache reads and writes as prompt tokens, cache reads as cached tokens.
+
+Options: `region` (else taken from the base_url host), `aws_access_key_id`,
+`aws_secret_access_key`, `aws_session_token` (secret references, as `api_key`;
+without them botocore's default credential chain is used), `auth: api_key` to send
+the provider's `api_key` as a Bedrock API key instead, `unsupported_params`.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any
+
+import orjson
+import yarl
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.eventstream import EventStreamBuffer, ParserError
+
+from edgeroute import secrets
+from edgeroute.providers import openai_format as oa
+from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+
+_SUPPORTED = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "tools",
+        "tool_choice",
+        "response_format",
+    }
+)
+
+FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "guardrail_intervened": "content_filter",
+    "content_filtered": "content_filter",
+}
+
+_IMAGE_FORMATS = {
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+}
+
+# AWS error types (x-amzn-ErrorType, exception events) → the routing meaning.
+_ERROR_CLASS = {
+    "ThrottlingException": ErrorClass.RATE_LIMIT,
+    "ServiceQuotaExceededException": ErrorClass.RATE_LIMIT,
+    "ModelNotReadyException": ErrorClass.RATE_LIMIT,
+    "ServiceUnavailableException": ErrorClass.SERVER,
+    "InternalServerException": ErrorClass.SERVER,
+    "ModelErrorException": ErrorClass.SERVER,
+    "ModelStreamErrorException": ErrorClass.SERVER,
+    "ModelTimeoutException": ErrorClass.TIMEOUT,
+}
+
+
+def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(u, dict):
+        return None
+    cached = int(u.get("cacheReadInputTokens") or 0)
+    prompt = int(u.get("inputTokens") or 0) + cached + int(u.get("cacheWriteInputTokens") or 0)
+    return oa.usage(prompt, int(u.get("outputTokens") or 0), cached)
+
+
+def _image(url: str) -> dict[str, Any]:
+    data = oa.parse_data_url(url)
+    if data is None:
+        raise oa.bad_request("Bedrock accepts images only as base64 data URLs.", "messages")
+    fmt = _IMAGE_FORMATS.get(data[0])
+    if fmt is None:
+        raise oa.bad_request(f"Bedrock does not accept images of type {data[0]}.", "messages")
+    return {"image": {"format": fmt, "source": {"bytes": data[1]}}}
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in oa.content_parts(content):
+        if part["type"] == "text":
+            out.append({"text": part["text"]})
+        elif part["type"] == "image_url":
+            out.append(_image(oa.image_url_of(part) or ""))
+        elif part.get("refusal"):
+            out.append({"text": part["refusal"]})
+    return out
+
+
+def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
+    """(system, messages, whether the history holds tool turns); same-role turns merged."""
+    system: list[dict[str, Any]] = []
+    out: list[dict[str, Any]] = []
+    has_tools = False
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for m in messages:
+        if not isinstance(m, dict):
+            raise oa.bad_request("Every message must be an object.", "messages")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            text = oa.text_of(m.get("content"), "system messages")
+            if text:
+                system.append({"text": text})
+        elif role == "user":
+            add("user", _blocks(m.get("content")))
+        elif role == "assistant":
+            blocks = _blocks(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                has_tools = True
+                use = {"toolUseId": call.get("id"), "name": oa.tool_name(call), "input": oa.tool_arguments(call)}
+                blocks.append({"toolUse": use})
+            add("assistant", blocks)
+        elif role == "tool":
+            has_tools = True
+            content = m.get("content")
+            text = content if isinstance(content, str) else oa.text_of(content, "tool messages")
+            result = {"toolUseId": m.get("tool_call_id"), "content": [{"text": text}]}
+            add("user", [{"toolResult": result}])
+        else:
+            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
+    return system, out, has_tools
+
+
+def _region_of(base_url: str) -> str | None:
+    host = urllib.parse.urlsplit(base_url).hostname or ""
+    parts = host.split(".")
+    return parts[1] if len(parts) > 2 and parts[0].startswith("bedrock") else None
+
+
+class BedrockAdapter(Adapter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        opts = self.provider.options
+        self.region = str(opts.get("region") or _region_of(self.provider.base_url) or "us-east-1")
+        self.use_api_key = opts.get("auth") == "api_key"
+        self._credentials: Credentials | None = None
+        if "aws_access_key_id" in opts:
+            token = opts.get("aws_session_token")
+            self._credentials = Credentials(
+                secrets.resolve(str(opts["aws_access_key_id"])).reveal(),
+                secrets.resolve(str(opts.get("aws_secret_access_key", ""))).reveal(),
+                secrets.resolve(str(token)).reveal() if token else None,
+            )
+
+    def _frozen_credentials(self) -> ReadOnlyCredentials:
+        if self._credentials is None:
+            import botocore.session
+
+            found = botocore.session.get_session().get_credentials()
+            if found is None:
+                raise RuntimeError("no AWS credentials for Bedrock: set options.aws_access_key_id or the environment")
+            self._credentials = found
+        return self._credentials.get_frozen_credentials()
+
+    def _signed(self, url: str, body: bytes, headers: dict[str, str]) -> dict[str, str]:
+        if self.use_api_key:
+            if self.api_key is not None:
+                headers["Authorization"] = f"Bearer {self.api_key.reveal()}"
+            return headers
+        req = AWSRequest(method="POST", url=url, data=body, headers=headers)
+        SigV4Auth(self._frozen_credentials(), "bedrock", self.region).add_auth(req)
+        return dict(req.headers.items())
+
+    def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
+        req = oa.parse_request(body)
+        rule = oa.unsupported_rule(self.provider.options)
+        oa.apply_param_rule(req, _SUPPORTED, rule, self.name)
+        system, messages, history_tools = convert_messages(req["messages"])
+        out: dict[str, Any] = {"messages": messages}
+        if system:
+            out["system"] = system
+        inf: dict[str, Any] = {}
+        max_tokens = oa.max_tokens_of(req)
+        if max_tokens is not None:
+            inf["maxTokens"] = max_tokens
+        if req.get("temperature") is not None:
+            temperature = req["temperature"]
+            if isinstance(temperature, int | float) and temperature > 1:
+                oa.unsupported_value("temperature", "the range is 0 to 1", rule, self.name)
+            else:
+                inf["temperature"] = temperature
+        if req.get("top_p") is not None:
+            inf["topP"] = req["top_p"]
+        stop = oa.stop_list(req)
+        if stop:
+            inf["stopSequences"] = stop
+        if inf:
+            out["inferenceConfig"] = inf
+        tool_config = self._tool_config(req, rule, history_tools)
+        if tool_config:
+            out["toolConfig"] = tool_config
+        action = "converse-stream" if stream else "converse"
+        # Sign exactly the URL aiohttp will send (yarl normalises percent-escapes).
+        url = str(yarl.URL(f"{self.provider.base_url}/model/{urllib.parse.quote(model, safe='')}/{action}"))
+        data = orjson.dumps(out)
+        headers = {"Content-Type": "application/json", **self.provider.headers}
+        headers["Accept"] = "application/vnd.amazon.eventstream" if stream else "application/json"
+        return UpstreamRequest(url, self._signed(url, data, headers), data)
+
+    def _tool_config(self, req: dict[str, Any], rule: oa.UnsupportedRule, history_tools: bool) -> dict[str, Any] | None:
+        tools = [
+            {
+                "toolSpec": {
+                    "name": t["name"],
+                    **({"description": t["description"]} if t["description"] else {}),
+                    "inputSchema": {"json": t["parameters"]},
+                }
+            }
+            for t in oa.function_tools(req)
+        ]
+        choice: dict[str, Any] | None = None
+        tc = oa.tool_choice_of(req)
+        if tc is not None and tools:
+            kind, name = tc
+            if kind == "none":
+                if not history_tools:
+                    return None  # no tools offered is how Bedrock says "none"
+                oa.unsupported_value("tool_choice", "`none` with tool turns in the conversation", rule, self.name)
+            elif kind == "auto":
+                choice = {"auto": {}}
+            elif kind == "required":
+                choice = {"any": {}}
+            else:
+                choice = {"tool": {"name": name}}
+        fmt, schema = oa.response_format_of(req)
+        if fmt != "text":
+            if tools:
+                oa.unsupported_value("response_format", "JSON mode cannot be combined with tools", rule, self.name)
+            else:
+                spec = {"name": oa.JSON_TOOL, "description": "Respond with the answer as JSON."}
+                tools = [{"toolSpec": {**spec, "inputSchema": {"json": schema or {"type": "object"}}}}]
+                choice = {"tool": {"name": oa.JSON_TOOL}}
+        if not tools:
+            return None
+        return {"tools": tools, **({"toolChoice": choice} if choice else {})}
+
+    def classify(self, status: int, body: bytes) -> ErrorClass:
+        low = body[:2048].lower()
+        for name, cls in _ERROR_CLASS.items():
+            if name.lower().encode() in low:
+                return cls
+        if status == 400 and (b"too long" in low or b"too many input tokens" in low or b"context window" in low):
+            return ErrorClass.CONTEXT_WINDOW
+        if status == 400 and b"service quota" in low:
+            return ErrorClass.RATE_LIMIT
+        if status == 424:
+            return ErrorClass.SERVER
+        return super().classify(status, body)
+
+    def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        finish = FINISH.get(str(obj.get("stopReason")), "stop")
+        for block in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
+            if "text" in block:
+                text.append(str(block["text"]))
+            elif "toolUse" in block:
+                use = block["toolUse"]
+                args = orjson.dumps(use.get("input") or {}).decode()
+                if use.get("name") == oa.JSON_TOOL:
+                    text.append(args)
+                    finish = "stop"
+                else:
+                    calls.append(oa.tool_call(str(use.get("toolUseId", "")), str(use.get("name", "")), args))
+        return oa.completion(
+            oa.new_id(), str(obj.get("model", "")), "".join(text), calls, finish, openai_usage(obj.get("usage"))
+        )
+
+    def stream_translator(self, model: str, include_usage: bool = False) -> BedrockStream:
+        return BedrockStream(model, include_usage)
+
+
+class BedrockStream:
+    """Bedrock's event-stream frames → OpenAI chunks.
+
+    Order on the wire: messageStart, (contentBlockStart for tool use,)
+    contentBlockDelta..., contentBlockStop, ..., messageStop (stop reason), metadata
+    (usage): the finish chunk goes out at messageStop, usage and `[DONE]` at metadata.
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.out = oa.ChunkWriter(model, include_usage)
+        self.frames = EventStreamBuffer()
+        self.blocks: dict[int, tuple[str, int]] = {}  # block index → ("tool" | "json", tool index)
+        self.args_seen: set[int] = set()
+        self.json_mode = False
+        self.failed = False
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.out.usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.failed:
+            return b""
+        self.frames.add_data(chunk)
+        out = b""
+        try:
+            for msg in self.frames:
+                headers = msg.headers
+                try:
+                    payload = orjson.loads(msg.payload) if msg.payload else {}
+                except orjson.JSONDecodeError:
+                    payload = {}
+                if headers.get(":message-type") == "event":
+                    out += self._event(str(headers.get(":event-type")), payload if isinstance(payload, dict) else {})
+                else:
+                    kind = str(headers.get(":exception-type") or headers.get(":error-code") or "upstream_error")
+                    message = payload.get("message") if isinstance(payload, dict) else None
+                    out += oa.error_event(str(message or headers.get(":error-message") or kind), kind)
+        except ParserError:
+            self.failed = True
+            out += oa.error_event("upstream sent a malformed event-stream frame", "upstream_error")
+        return out
+
+    def _event(self, kind: str, ev: dict[str, Any]) -> bytes:
+        w = self.out
+        if kind == "messageStart":
+            return w.start()
+        if kind == "contentBlockStart":
+            idx = int(ev.get("contentBlockIndex", 0))
+            use = (ev.get("start") or {}).get("toolUse")
+            if isinstance(use, dict) and use.get("name") == oa.JSON_TOOL:
+                self.blocks[idx] = ("json", -1)
+                self.json_mode = True
+            elif isinstance(use, dict):
+                ti = w.new_tool()
+                self.blocks[idx] = ("tool", ti)
+                return w.tool_head(ti, str(use.get("toolUseId", "")), str(use.get("name", "")))
+            return b""
+        if kind == "contentBlockDelta":
+            idx = int(ev.get("contentBlockIndex", 0))
+            delta = ev.get("delta") or {}
+            if "text" in delta:
+                return w.text(str(delta["text"]))
+            if "toolUse" in delta:
+                frag = str((delta["toolUse"] or {}).get("input", ""))
+                what, ti = self.blocks.get(idx, ("", -1))
+                if frag:
+                    self.args_seen.add(idx)
+                return w.text(frag) if what == "json" else w.tool_args(ti, frag)
+            return b""  # reasoningContent and citations have no OpenAI equivalent
+        if kind == "contentBlockStop":
+            idx = int(ev.get("contentBlockIndex", 0))
+            what, ti = self.blocks.get(idx, ("", -1))
+            if what and idx not in self.args_seen:
+                return w.tool_args(ti, "{}") if what == "tool" else w.text("{}")
+            return b""
+        if kind == "messageStop":
+            reason = str(ev.get("stopReason"))
+            return w.finish("stop" if self.json_mode and reason == "tool_use" else FINISH.get(reason, "stop"))
+        if kind == "metadata":
+            w.usage = openai_usage(ev.get("usage"))
+            return w.finish("stop") + w.end()
+        return b""

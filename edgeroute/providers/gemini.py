@@ -1,0 +1,329 @@
+"""Google Gemini (`models/{model}:generateContent`, `:streamGenerateContent?alt=sse`).
+
+Maps system prompts (`systemInstruction`), roles (assistant → `model`), text and
+image parts (data URLs → `inlineData`, http(s) URLs → `fileData`), tools
+(`functionDeclarations` with JSON Schema parameters), tool results
+(`functionResponse`, named from the call they answer), tool_choice
+(`functionCallingConfig`), JSON mode (`responseMimeType`, `responseJsonSchema`),
+max_tokens, temperature, top_p, stop, seed and the penalties. Safety blocks, of the
+prompt or of the answer, end with finish_reason `content_filter`; usage counts cached
+tokens (`cachedContentTokenCount`) and thoughts as reasoning tokens. `n` > 1,
+logprobs and logit_bias follow the `unsupported_params` rule.
+
+Options: `unsupported_params` (`reject` | `drop`).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Any
+
+import orjson
+
+from edgeroute import sse
+from edgeroute.providers import openai_format as oa
+from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+
+_SUPPORTED = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    }
+)
+
+_FILTERED = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "MODEL_ARMOR",
+        "LANGUAGE",
+    }
+)
+
+# Google's canonical error status → the routing meaning of the failure.
+_STATUS_CLASS = {
+    "RESOURCE_EXHAUSTED": ErrorClass.RATE_LIMIT,
+    "UNAVAILABLE": ErrorClass.SERVER,
+    "INTERNAL": ErrorClass.SERVER,
+    "UNKNOWN": ErrorClass.SERVER,
+    "DEADLINE_EXCEEDED": ErrorClass.TIMEOUT,
+}
+
+
+def finish_reason(reason: str | None, has_calls: bool) -> str:
+    if reason in _FILTERED:
+        return "content_filter"
+    if reason == "MAX_TOKENS":
+        return "length"
+    return "tool_calls" if has_calls else "stop"
+
+
+def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(u, dict):
+        return None
+    prompt = int(u.get("promptTokenCount") or 0) + int(u.get("toolUsePromptTokenCount") or 0)
+    thoughts = int(u.get("thoughtsTokenCount") or 0)
+    completion = int(u.get("candidatesTokenCount") or 0) + thoughts
+    return oa.usage(prompt, completion, int(u.get("cachedContentTokenCount") or 0), thoughts)
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    data = oa.parse_data_url(url)
+    if data is not None:
+        return {"inlineData": {"mimeType": data[0], "data": data[1]}}
+    if url.startswith(("http://", "https://", "gs://")):
+        mime = mimetypes.guess_type(url.split("?", 1)[0])[0] or "image/jpeg"
+        return {"fileData": {"mimeType": mime, "fileUri": url}}
+    raise oa.bad_request("Image URLs must be data:, http(s): or gs: URLs.", "messages")
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for part in oa.content_parts(content):
+        if part["type"] == "text":
+            out.append({"text": part["text"]})
+        elif part["type"] == "image_url":
+            out.append(_image_part(oa.image_url_of(part) or ""))
+        elif part.get("refusal"):
+            out.append({"text": part["refusal"]})
+    return out
+
+
+def _tool_response(content: Any) -> dict[str, Any]:
+    """A tool result as a `functionResponse.response` object (Gemini wants an object)."""
+    text = content if isinstance(content, str) else oa.text_of(content, "tool messages")
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {"content": text}
+
+
+def convert_messages(messages: list[Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(systemInstruction, contents); consecutive same-role turns are merged."""
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+
+    def add(role: str, parts: list[dict[str, Any]]) -> None:
+        if not parts:
+            return
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+
+    for m in messages:
+        if not isinstance(m, dict):
+            raise oa.bad_request("Every message must be an object.", "messages")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            text = oa.text_of(m.get("content"), "system messages")
+            if text:
+                system.append({"text": text})
+        elif role == "user":
+            add("user", _parts(m.get("content")))
+        elif role == "assistant":
+            parts = _parts(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                name = oa.tool_name(call)
+                names[str(call.get("id"))] = name
+                parts.append({"functionCall": {"name": name, "args": oa.tool_arguments(call)}})
+            add("model", parts)
+        elif role == "tool":
+            call_id = str(m.get("tool_call_id"))
+            if call_id not in names:
+                raise oa.bad_request("A tool message must answer a tool call of an earlier message.", "messages")
+            response = {"name": names[call_id], "response": _tool_response(m.get("content"))}
+            add("user", [{"functionResponse": response}])
+        else:
+            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
+    return ({"parts": system} if system else None), contents
+
+
+class GeminiAdapter(Adapter):
+    def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
+        req = oa.parse_request(body)
+        rule = oa.unsupported_rule(self.provider.options)
+        oa.apply_param_rule(req, _SUPPORTED, rule, self.name)
+        system, contents = convert_messages(req["messages"])
+        out: dict[str, Any] = {"contents": contents}
+        if system:
+            out["systemInstruction"] = system
+        gen: dict[str, Any] = {}
+        max_tokens = oa.max_tokens_of(req)
+        if max_tokens is not None:
+            gen["maxOutputTokens"] = max_tokens
+        for ours, theirs in (
+            ("temperature", "temperature"),
+            ("top_p", "topP"),
+            ("seed", "seed"),
+            ("presence_penalty", "presencePenalty"),
+            ("frequency_penalty", "frequencyPenalty"),
+        ):
+            if req.get(ours) is not None:
+                gen[theirs] = req[ours]
+        stop = oa.stop_list(req)
+        if stop:
+            gen["stopSequences"] = stop
+        fmt, schema = oa.response_format_of(req)
+        if fmt != "text":
+            gen["responseMimeType"] = "application/json"
+            if fmt == "json_schema":
+                gen["responseJsonSchema"] = schema
+        if gen:
+            out["generationConfig"] = gen
+        tools = oa.function_tools(req)
+        if tools:
+            decls = []
+            for t in tools:
+                d: dict[str, Any] = {"name": t["name"], "parametersJsonSchema": t["parameters"]}
+                if t["description"]:
+                    d["description"] = t["description"]
+                decls.append(d)
+            out["tools"] = [{"functionDeclarations": decls}]
+        tc = oa.tool_choice_of(req)
+        if tc is not None and (tools or tc[0] == "none"):
+            kind, name = tc
+            mode = {"auto": "AUTO", "none": "NONE", "required": "ANY", "function": "ANY"}[kind]
+            cfg: dict[str, Any] = {"mode": mode}
+            if name:
+                cfg["allowedFunctionNames"] = [name]
+            out["toolConfig"] = {"functionCallingConfig": cfg}
+        method = ":streamGenerateContent?alt=sse" if stream else ":generateContent"
+        headers = {"Content-Type": "application/json", **self.provider.headers}
+        if self.api_key is not None:
+            headers["x-goog-api-key"] = self.api_key.reveal()
+        url = f"{self.provider.base_url}/models/{model}{method}"
+        return UpstreamRequest(url, headers, orjson.dumps(out))
+
+    def classify(self, status: int, body: bytes) -> ErrorClass:
+        try:
+            err = orjson.loads(body).get("error") or {}
+        except (orjson.JSONDecodeError, AttributeError):
+            err = {}
+        cls = _STATUS_CLASS.get(str(err.get("status"))) if isinstance(err, dict) else None
+        if cls is not None:
+            return cls
+        low = body[:2048].lower()
+        if status == 400 and (b"exceeds the maximum number of tokens" in low or b"input token count" in low):
+            return ErrorClass.CONTEXT_WINDOW
+        return super().classify(status, body)
+
+    def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
+        cands = obj.get("candidates") or []
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        reason: str | None = None
+        if cands:
+            cand = cands[0]
+            reason = cand.get("finishReason")
+            for part in (cand.get("content") or {}).get("parts") or ():
+                if part.get("thought"):
+                    continue
+                if "text" in part:
+                    text.append(str(part["text"]))
+                elif "functionCall" in part:
+                    fc = part["functionCall"]
+                    args = orjson.dumps(fc.get("args") or {}).decode()
+                    calls.append(oa.tool_call(str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), args))
+            finish = finish_reason(reason, bool(calls))
+        else:
+            # The prompt itself was blocked (promptFeedback.blockReason): no candidate at all.
+            finish = "content_filter"
+        return oa.completion(
+            str(obj.get("responseId") or oa.new_id()),
+            str(obj.get("modelVersion", "")),
+            "".join(text),
+            calls,
+            finish,
+            openai_usage(obj.get("usageMetadata")),
+        )
+
+    def stream_translator(self, model: str, include_usage: bool = False) -> GeminiStream:
+        return GeminiStream(model, include_usage)
+
+    def health_url(self) -> str:
+        return self.provider.base_url + "/models"
+
+    def health_headers(self) -> dict[str, str]:
+        return {"x-goog-api-key": self.api_key.reveal()} if self.api_key else {}
+
+
+class GeminiStream:
+    """Gemini's SSE `GenerateContentResponse`s → OpenAI chunks.
+
+    Gemini sends text as deltas and each function call whole, and has no end event:
+    the response with a finishReason (or a blocked prompt) is the last, so it closes
+    the OpenAI stream with the finish chunk, the usage chunk and `[DONE]`.
+    """
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.out = oa.ChunkWriter(model, include_usage)
+        self.buf = b""
+        self.has_calls = False
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.out.usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.buf += chunk
+        events, self.buf = sse.split_events(self.buf)
+        out = b""
+        for ev in events:
+            data = sse.event_data(ev)
+            if not data:
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return out + oa.error_event("upstream sent a malformed stream event", "upstream_error")
+            if isinstance(obj, dict):
+                out += self._response(obj)
+        return out
+
+    def _response(self, obj: dict[str, Any]) -> bytes:
+        w = self.out
+        if isinstance(obj.get("error"), dict):
+            err = obj["error"]
+            return oa.error_event(str(err.get("message", "upstream error")), str(err.get("status", "upstream_error")))
+        if obj.get("modelVersion"):
+            w.model = str(obj["modelVersion"])
+        if obj.get("usageMetadata"):
+            w.usage = openai_usage(obj["usageMetadata"])
+        out = w.start()
+        cands = obj.get("candidates") or []
+        if not cands:
+            if (obj.get("promptFeedback") or {}).get("blockReason"):
+                return out + w.finish("content_filter") + w.end()
+            return out
+        cand = cands[0]
+        for part in (cand.get("content") or {}).get("parts") or ():
+            if part.get("thought"):
+                continue
+            if "text" in part:
+                out += w.text(str(part["text"]))
+            elif "functionCall" in part:
+                fc = part["functionCall"]
+                self.has_calls = True
+                args = orjson.dumps(fc.get("args") or {}).decode()
+                out += w.tool_head(w.new_tool(), str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), args)
+        if cand.get("finishReason"):
+            out += w.finish(finish_reason(cand["finishReason"], self.has_calls)) + w.end()
+        return out

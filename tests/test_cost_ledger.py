@@ -1,0 +1,212 @@
+"""The spend ledger: SQLite (default) and PostgreSQL, batching, shutdown and hard-kill bounds, throughput."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
+from edgeroute.config import Price
+from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
+from tests.test_cost_support import free_port, one_deployment, require_postgres
+
+
+def _record(i: int, key: str = "k") -> RequestRecord:
+    usage = Usage(100 + i % 7, 20, 0)
+    return RequestRecord(
+        request_id=f"req-{i}",
+        started=time.time(),
+        model="m",
+        route="m",
+        key=key,
+        team="t",
+        user="u",
+        status=200,
+        outcome="ok",
+        latency_ms=12.5,
+        deployment="d-a",
+        usage=usage,
+        cost_usd=0.001,
+        attempts=[AttemptRecord("d-a", "a", "success", 200, 12.0, usage=usage, cost_usd=0.001)],
+    )
+
+
+def _count(db: Path, sql: str = "SELECT COUNT(*) FROM spend") -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_sqlite_ledger_batches_and_close_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "l.db"
+    ledger = Ledger(
+        SqliteBackend(db), flush_interval=0.05, baseline={"m": Price(input_per_mtok=10, output_per_mtok=30)}
+    )
+    for i in range(1000):
+        ledger.record(_record(i))
+    ledger.close()
+    assert _count(db) == 1000 and _count(db, "SELECT COUNT(*) FROM spend_attempts") == 1000
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    base = conn.execute("SELECT baseline_cost_usd FROM spend WHERE request_id = 'req-0'").fetchone()[0]
+    assert base == pytest.approx((100 * 10 + 20 * 30) / 1e6)
+
+
+def _throughput(ledger: Ledger, n: int) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        ledger.record(_record(i))
+    ledger.close()
+    return n / (time.perf_counter() - t0)
+
+
+def test_sqlite_throughput(tmp_path: Path) -> None:
+    n = 50_000
+    rate = _throughput(Ledger(SqliteBackend(tmp_path / "t.db"), flush_interval=0.2), n)
+    print(f"\nledger sqlite: {n} records (with 1 attempt each) in batches: {rate:,.0f} records/s")
+    assert _count(tmp_path / "t.db") == n
+    assert rate > 5_000
+    # The hot path is an append.
+    ledger = Ledger(SqliteBackend(tmp_path / "h.db"), flush_interval=1.0)
+    rec = _record(0)
+    t0 = time.perf_counter()
+    for _ in range(100_000):
+        ledger.record(rec)
+    per = (time.perf_counter() - t0) / 100_000 * 1e9
+    ledger.close()
+    print(f"ledger record() on the request path: {per:.0f} ns")
+    assert per < 5_000
+
+
+def _pg_reset(dsn: str) -> None:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DROP TABLE IF EXISTS spend")
+        c.execute("DROP TABLE IF EXISTS spend_attempts")
+
+
+def test_postgres_same_schema_and_throughput() -> None:
+    dsn = require_postgres()
+    import psycopg
+
+    _pg_reset(dsn)
+    ledger = Ledger(PostgresBackend(dsn), flush_interval=0.05)
+    for i in range(100):
+        ledger.record(_record(i, key="pg"))
+    ledger.close()
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT COUNT(*), SUM(cost_usd) FROM spend").fetchone() == (100, pytest.approx(0.1))
+        cols = [r[0] for r in c.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'spend' ORDER BY ordinal_position"
+        )]  # fmt: skip
+    conn = sqlite3.connect(":memory:")
+    from edgeroute.cost.ledger import schema
+
+    for stmt in schema("sqlite"):
+        conn.execute(stmt)
+    assert cols == [r[1] for r in conn.execute("PRAGMA table_info(spend)")]
+    _pg_reset(dsn)
+    n = 20_000
+    rate = _throughput(Ledger(PostgresBackend(dsn), flush_interval=0.2), n)
+    print(f"\nledger postgres: {n} records (with 1 attempt each) in batches: {rate:,.0f} records/s")
+    with psycopg.connect(dsn) as c:
+        assert c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == n
+    _pg_reset(dsn)
+
+
+# -- a real `edgeroute serve` process -------------------------------------------------------
+
+
+def _serve(tmp_path: Path, upstream_url: str, flush: float) -> tuple[subprocess.Popen[str], str, Path]:
+    db = tmp_path / "spend.db"
+    port = free_port()
+    cfg = one_deployment(upstream_url, ledger={"path": str(db), "flush_interval": flush})
+    cfg_path = tmp_path / "edge.yaml"
+    cfg_path.write_bytes(orjson.dumps(cfg))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "--config", str(cfg_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "listening" in line, line
+    return proc, f"http://127.0.0.1:{port}", db
+
+
+async def _drive(url: str, seconds: float) -> list[tuple[str, float]]:
+    """Sequential requests for `seconds`; (request id, when its answer arrived)."""
+    done: list[tuple[str, float]] = []
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            rid = f"kill-{i}"
+            async with s.post(url + "/v1/chat/completions", json=body, headers={"x-request-id": rid}) as r:
+                assert r.status == 200
+                await r.read()
+            done.append((rid, time.monotonic()))
+            i += 1
+    return done
+
+
+def _ids(db: Path) -> set[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT request_id FROM spend")}
+    finally:
+        conn.close()
+
+
+async def test_sigkill_loses_at_most_one_flush_interval(start_upstream, tmp_path: Path) -> None:
+    up = await start_upstream()
+    flush = 0.25
+    proc, url, db = _serve(tmp_path, up.base_url, flush)
+    try:
+        done = await _drive(url, 2.0)
+        killed_at = time.monotonic()
+        proc.send_signal(signal.SIGKILL)  # the process this test started
+        await asyncio.to_thread(proc.wait, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stored = _ids(db)
+    # Every answer older than one interval (plus the time a batch takes to commit) is in the ledger.
+    slack = 0.1
+    old = [rid for rid, t in done if t < killed_at - flush - slack]
+    missing_old = [rid for rid in old if rid not in stored]
+    lost = [rid for rid, _ in done if rid not in stored]
+    per_interval = len(done) / 2.0 * (flush + slack)
+    print(f"\nSIGKILL after {len(done)} requests: {len(lost)} lost (bound: the last {flush}s, ~{per_interval:.0f})")
+    assert len(done) > 50
+    assert not missing_old
+    assert stored <= {rid for rid, _ in done}
+
+
+async def test_sigterm_drains_and_loses_nothing(start_upstream, tmp_path: Path) -> None:
+    up = await start_upstream()
+    proc, url, db = _serve(tmp_path, up.base_url, 1.0)
+    try:
+        done = await _drive(url, 0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _ids(db) == {rid for rid, _ in done}

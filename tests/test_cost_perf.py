@@ -1,0 +1,71 @@
+"""The added latency of admission (budget + rate-limit checks), in process and with Redis.
+
+Run with `-s` to see the numbers: `pytest -s tests/test_cost_perf.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import make_mocked_request
+
+from edgeroute import config as config_mod
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.admission import ADMISSION
+from edgeroute.cost.control import CostControl
+from edgeroute.server import create_app
+from edgeroute.state import STATE
+from tests.test_cost_support import one_deployment, require_redis
+
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50})
+
+
+def _cfg(**extra: Any) -> dict[str, Any]:
+    return one_deployment(
+        "http://127.0.0.1:9/v1",
+        budgets={"limits": [
+            {"name": "per-key", "scope": "key", "limit_usd": 1e9},
+            {"name": "team", "scope": "team", "limit_usd": 1e9, "period": "day"},
+            {"name": "global", "scope": "global", "limit_usd": 1e9, "period": "rolling", "window_hours": 24},
+        ]},
+        rate_limits={"per_key": {"rpm": 10**9, "tpm": 10**12}, "models": {"m": {"rpm": 10**9}}},
+        **extra,
+    )  # fmt: skip
+
+
+async def _measure(cfg_data: dict[str, Any], n: int) -> float:
+    """Microseconds per admit + settle."""
+    app = create_app(config_mod.parse(cfg_data), "perf")
+    control = app[ADMISSION]
+    assert isinstance(control, CostControl)
+    decision = app[STATE].live.router.decide(BODY)
+    req = make_mocked_request("POST", "/v1/chat/completions", app=app)
+    for i in range(n + 200):
+        if i == 200:
+            t0 = time.perf_counter()
+        rec = RequestRecord(request_id="r", started=0.0, model="m")
+        ticket = await control.admit(req, decision, rec)
+        rec.cost_usd, rec.usage = 0.0001, Usage(10, 20)
+        control.settle(ticket, rec)
+    per = (time.perf_counter() - t0) / n * 1e6
+    await control.close()
+    for up in app[STATE].live.upstreams.values():
+        await up.close()
+    return per
+
+
+async def test_admission_overhead_in_process() -> None:
+    n = 5000
+    per = await _measure(_cfg(), n)
+    print(f"\nadmission in process (3 budgets + 3 buckets, admit + settle): {per:.1f} us per request")
+    assert per < 100
+
+
+async def test_admission_overhead_with_redis() -> None:
+    url = require_redis()
+    n = 1000
+    per = await _measure(_cfg(shared_state={"redis_url": url, "prefix": f"perf-{time.time_ns()}"}), n)
+    print(f"\nadmission with redis on loopback (2 round trips + async settle): {per:.1f} us per request")
+    assert per < 5000

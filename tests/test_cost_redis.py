@@ -1,0 +1,95 @@
+"""Budgets and rate limits shared across instances in a real redis-server; fail open / closed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.test_cost_support import RedisServer, cost_proxy, one_deployment, require_redis
+
+MAX_TOKENS = 5
+COST = MAX_TOKENS * 2.0 / 1e6
+
+
+def _shared(url: str, **extra: Any) -> dict[str, Any]:
+    return {"redis_url": url, "prefix": f"edgeroute-test-{os.getpid()}-{os.urandom(4).hex()}", **extra}
+
+
+async def _ask(client: openai.AsyncOpenAI) -> int:
+    try:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS
+        )
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code
+
+
+async def test_two_instances_enforce_one_budget(start_upstream) -> None:
+    url = require_redis()
+    up = await start_upstream(reply_words=40, latency_ms=10)
+    shared = _shared(url)
+    cfg = one_deployment(
+        up.base_url,
+        shared_state=shared,
+        budgets={"limits": [{"name": "global-day", "scope": "global", "limit_usd": COST * 10.5, "period": "day"}]},
+        rate_limits={"per_key": {"rpm": 1000}},
+    )
+    async with cost_proxy(cfg) as p1, cost_proxy(cfg) as p2:
+        c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
+        c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
+        statuses = await asyncio.gather(*(_ask(c1 if i % 2 else c2) for i in range(60)))
+        # The rate-limit bucket is shared too: one bucket of 1000 across both instances.
+        with pytest.raises(openai.RateLimitError) as ei:
+            await c1.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5)
+        assert ei.value.code == "budget_exceeded"
+        assert 1000 - 61 <= int(ei.value.response.headers["x-ratelimit-remaining-requests"]) <= 1000 - 40
+        await c1.close()
+        await c2.close()
+    assert statuses.count(200) == 10 and statuses.count(429) == 50
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(url)
+    keys = [k async for k in r.scan_iter(match=f"{shared['prefix']}:*")]
+    assert any(b":b:global-day:*:" in k for k in keys) and any(b":rl:key:anonymous:requests" in k for k in keys)
+    used = [int(await r.get(k) or 0) for k in keys if b":b:" in k]
+    assert used == [10 * round(COST * 1e9)]  # settled to the actual cost, reservations released
+    await r.delete(*keys)
+    await r.aclose()
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str) -> None:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = await start_upstream(reply_words=40)
+        cfg = one_deployment(
+            up.base_url,
+            shared_state=_shared(server.url, on_unavailable=mode, timeout_ms=100),
+            budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 4.5}]},
+        )
+        async with cost_proxy(cfg) as proxy:
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+            before = [await _ask(client) for _ in range(2)]
+            server.stop()
+            during = [await _ask(client) for _ in range(5)]
+            server.start()  # empty again: no persistence
+            await asyncio.sleep(1.1)  # the store is retried after a second
+            after = [await _ask(client) for _ in range(6)]
+            await client.close()
+    finally:
+        server.stop()
+    assert before == [200, 200]
+    if mode == "open":
+        # Fail open: this instance's own counters enforce the budget meanwhile (it knew nothing of the 2).
+        assert during == [200, 200, 200, 200, 429]
+    else:
+        assert during == [503] * 5
+    # Redis is back (and empty): the shared budget counts from zero.
+    assert after == [200, 200, 200, 200, 429, 429]

@@ -1,0 +1,91 @@
+"""Spend reports: `edgeroute spend` and `GET /admin/spend`, with savings against the priciest model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from edgeroute import cli
+from edgeroute import config as config_mod
+from edgeroute.cost.reports import parse_since
+from edgeroute.server import create_app
+from tests.test_cost_support import CostProxy
+
+
+def _cfg(base_url: str, db: Path) -> dict[str, Any]:
+    return {
+        "providers": {"a": {"base_url": base_url}},
+        "deployments": {
+            "big": {"provider": "a", "model": "gpt-4o", "price": "catalogue"},
+            "small": {"provider": "a", "model": "gpt-4o-mini", "price": "catalogue"},
+        },
+        "models": {"m": {"deployments": ["big", "small"], "strategy": "lowest_cost"}},
+        "keys": {
+            "alice": {"token": "tok-alice", "team": "research"},
+            "bob": {"token": "tok-bob", "team": "ops"},
+            "root": {"token": "tok-root", "role": "admin"},
+        },
+        "ledger": {"path": db.name, "flush_interval": 0.1},  # relative to the config file
+    }
+
+
+async def test_spend_cli_and_admin_endpoint(start_upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    up = await start_upstream(reply_words=20)
+    db = tmp_path / "spend.db"
+    cfg_path = tmp_path / "edge.yaml"
+    cfg_path.write_bytes(orjson.dumps(_cfg(up.base_url, db)))
+    cfg = config_mod.load(cfg_path)
+    from aiohttp.test_utils import TestServer
+
+    server = TestServer(create_app(cfg, str(cfg_path)), host="127.0.0.1")
+    await server.start_server()
+    proxy = CostProxy(server, server.app)
+    try:
+        for token, n in (("tok-alice", 3), ("tok-bob", 1)):
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0)
+            for _ in range(n):
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi there"}])
+            await client.close()
+        await asyncio.sleep(0.3)  # one flush interval
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer tok-root"}) as s:
+            async with s.get(proxy.url + "/admin/spend", params={"by": "team", "since": "1h"}) as r:
+                assert r.status == 200
+                report = await r.json()
+            async with s.get(proxy.url + "/admin/spend", params={"by": "team; DROP TABLE spend"}) as r:
+                assert r.status == 400
+    finally:
+        await server.close()
+    assert db.exists()
+    teams = {row["team"]: row for row in report["rows"]}
+    assert teams["research"]["requests"] == 3 and teams["ops"]["requests"] == 1
+    total = report["total"]
+    assert total["cost_usd"] > 0 and total["baseline_cost_usd"] > total["cost_usd"]
+    # gpt-4o-mini instead of gpt-4o: input 0.15 vs 2.50, output 0.60 vs 10.00 -> 94% saved.
+    assert total["savings_percent"] == pytest.approx(94, abs=0.5)
+
+    assert cli.main(["spend", "--config", str(cfg_path), "--by", "key", "--format", "json"]) == 0
+    out = orjson.loads(capsys.readouterr().out)
+    assert [r["key"] for r in out["rows"]] == ["alice", "bob"]
+    assert out["total"]["requests"] == 4
+    assert cli.main(["spend", "--config", str(cfg_path), "--by", "deployment", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("deployment,requests,ok,") and lines[1].startswith("small,4,4,")
+    assert cli.main(["spend", "--config", str(cfg_path), "--by", "day", "--since", "7d"]) == 0
+    table = capsys.readouterr().out
+    assert "TOTAL" in table and "savings vs. most expensive model" in table
+    assert cli.main(["spend", "--config", str(cfg_path), "--since", "yesterday-ish"]) == 1
+    assert "--since" in capsys.readouterr().err
+
+
+def test_parse_since() -> None:
+    now = 1_800_000_000.0
+    assert parse_since("24h", now) == now - 86400
+    assert parse_since("7d", now) == now - 7 * 86400
+    assert parse_since("2026-11-01") == 1_793_491_200.0
+    assert parse_since(None) is None

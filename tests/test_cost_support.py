@@ -1,0 +1,129 @@
+"""Helpers for the cost tests (no tests here): services, a proxy built from config alone."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from edgeroute import config as config_mod
+from edgeroute.server import create_app
+
+REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:edgeroute@127.0.0.1:5432/edgeroute_test")
+
+
+def require(name: str, check: Callable[[], object]) -> None:
+    """Skips (fails when CI=true) unless `check()` succeeds."""
+    try:
+        check()
+    except Exception as e:
+        msg = f"{name} is not reachable ({type(e).__name__}: {e}); run .ci/start-services"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def require_redis() -> str:
+    import redis
+
+    require(f"redis at {REDIS_URL}", lambda: redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping())
+    return REDIS_URL
+
+
+def require_postgres() -> str:
+    def check() -> None:
+        import psycopg
+
+        psycopg.connect(PG_DSN, connect_timeout=2).close()
+
+    require(f"postgresql at {PG_DSN}", check)
+    return PG_DSN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, which a test may stop and restart."""
+
+    def __init__(self, tmp: Path) -> None:
+        binary = shutil.which("redis-server")
+        require("redis-server binary", lambda: binary or (_ for _ in ()).throw(FileNotFoundError("redis-server")))
+        self.binary = binary or "redis-server"
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()  # only the process this helper started
+            self.proc.wait(5)
+            self.proc = None
+
+
+@dataclass
+class CostProxy:
+    server: TestServer
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+@contextlib.asynccontextmanager
+async def cost_proxy(cfg_data: dict[str, Any]) -> AsyncIterator[CostProxy]:
+    """The real app built from config only (ledger, admission from the config); closed (flushed) on exit."""
+    cfg = config_mod.parse(cfg_data, "test.yaml")
+    app = create_app(cfg, "test.yaml")
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield CostProxy(server, app)
+    finally:
+        await server.close()
+
+
+def one_deployment(base_url: str, **extra: Any) -> dict[str, Any]:
+    """Providers a (and b if `second`), model `m`; output-only prices so that costs are exact."""
+    cfg: dict[str, Any] = {
+        "providers": {"a": {"base_url": base_url, "api_key": "key-a"}},
+        "deployments": {
+            "d-a": {"provider": "a", "model": "gpt-4o-mini", "price": {"input_per_mtok": 0, "output_per_mtok": 2.0}}
+        },
+        "models": {"m": {"deployments": ["d-a"]}},
+    }
+    cfg.update(extra)
+    return cfg
