@@ -25,10 +25,13 @@ def _common(p: argparse.ArgumentParser, duration: float = 10.0) -> None:
     p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--html", help="write a self-contained HTML report with a percentile plot here")
+    p.add_argument("--profile", help="profile the proxy with py-spy into this file (.svg, .txt raw, .json)")
 
 
 def _c(a: argparse.Namespace) -> scenarios.Common:
-    return scenarios.Common(a.duration, a.requests, a.prompt_tokens, a.progress, a.pin, a.html, a.json)
+    return scenarios.Common(
+        a.duration, a.requests, a.prompt_tokens, a.progress, a.pin, a.html, a.json, profile=getattr(a, "profile", None)
+    )
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -54,6 +57,12 @@ def _run(a: argparse.Namespace) -> int:
     return 0 if all(s.ok for s in stats) else 1
 
 
+def _overhead(a: argparse.Namespace) -> int:
+    rates = [float(x) for x in a.rates.split(",")]
+    scenarios.overhead(_c(a), rates, rules=a.rules, stream=a.stream, upstream_latency=a.upstream_latency, floor=a.floor)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeroute bench", description="Load-test edgeroute or any OpenAI-compatible URL.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -76,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rates", default="500,1000")
     o.add_argument("--rules", type=int, default=50)
     o.add_argument("--stream", action="store_true", help="compare time to first token instead")
+    o.add_argument("--floor", action="store_true", help="also measure a bare aiohttp pass-through (bench.floor)")
+    o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
     _common(o)
-    o.set_defaults(fn=lambda a: scenarios.overhead(_c(a), [float(x) for x in a.rates.split(",")], rules=a.rules,
-                                                   stream=a.stream))  # fmt: skip
+    o.set_defaults(fn=_overhead)
 
     t = sub.add_parser("throughput", help="max req/s of one proxy process (closed loop), and of the mock")
     t.add_argument("--concurrency", type=int, default=64)
@@ -113,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chaos", help="10,000 requests while one deployment is killed and restarted")
     c.add_argument("--rate", type=float, default=250.0)
     c.add_argument("--total", type=int, default=10_000)
+    c.add_argument("--base-ejection-ms", type=int, default=2000, help="proxy's health.base_ejection_ms (0: default)")
     _common(c)
-    c.set_defaults(fn=lambda a: scenarios.chaos(_c(a), a.rate, a.total))
+    c.set_defaults(fn=lambda a: scenarios.chaos(_c(a), a.rate, a.total, base_ejection_ms=a.base_ejection_ms or None))
 
     pe = sub.add_parser("peer", help="overhead of edgeroute and of another gateway, side by side")
     pe.add_argument("--peer-url", required=True)
@@ -147,7 +158,13 @@ def _mock(argv: list[str]) -> int:
     return faults.main(argv)
 
 
+_DELEGATED = {"gate": _gate, "mock": _mock}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:  # before argparse, whose REMAINDER would not take leading options
+        return _DELEGATED[argv[0]](argv[1:])
     args = build_parser().parse_args(argv)
     result = args.fn(args)
     return result if isinstance(result, int) else 0

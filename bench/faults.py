@@ -35,7 +35,8 @@ Python API (in the test's event loop)::
     await up.start(); up.url           # "http://127.0.0.1:PORT/v1" for a provider base_url
     up.set_mode("503", count=2)        # the next two chat requests get 503
     up.set_mode("reset", after=1)      # every request until changed: one chunk, then RST
-    up.clear()                         # back to the default (listening again if refused)
+    up.clear()                         # back to the default (listening again if refused:
+    await up.settled()                 #   this waits until the port is open again)
     up.requests; up.by_mode            # chat requests received, in total and per mode applied
     up.connections                     # TCP connections accepted
     await up.stop()
@@ -118,6 +119,7 @@ class FaultUpstream(MockUpstream):
         self._release: asyncio.Event | None = None  # created on the loop, see _release_event
         self._admin_conn: Conn | None = None  # spared when `refuse` resets connections
         self._refuse_timer: asyncio.TimerHandle | None = None
+        self._resuming: asyncio.Task[None] | None = None
 
     @classmethod
     def threaded(cls, **kwargs: Any) -> BackgroundServer[FaultUpstream]:
@@ -211,8 +213,17 @@ class FaultUpstream(MockUpstream):
             self.http.stop_listening()
             self.http.reset_connections(keep=self._admin_conn)
         elif not refuse and not self.http.listening and self.http.port:
+            if self._resuming is not None and not self._resuming.done():
+                return
             with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().create_task(self._resume())
+                self._resuming = asyncio.get_running_loop().create_task(self._resume())
+
+    async def settled(self) -> None:
+        """Waits until the listening state matches the mode (after leaving `refuse`, the port is open again)."""
+        self.current()
+        self._apply_listening()
+        if self._resuming is not None:
+            await self._resuming
 
     async def _resume(self) -> None:
         if not self.http.listening and self.current().mode != "refuse":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,6 +141,18 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def floor(self, upstream_url: str) -> Proc:
+        """The bare aiohttp pass-through proxy of :mod:`bench.floor`, on the proxy's CPU."""
+        p = self._spawn("floor", [sys.executable, "-m", "bench.floor", "--upstream", upstream_url], self.proxy_cpus)
+        assert p.stdout is not None
+        line = p.stdout.readline().decode()
+        if not line.startswith("listening port="):
+            p.kill()
+            raise RuntimeError(f"floor proxy did not start: {line!r}")
+        proc = Proc("floor", p, int(line.split("=")[1]))
+        self.procs.append(proc)
+        return proc
+
     def restart(self, old: Proc, *args: str) -> Proc:
         """Starts a mock again on the port (and admin port) of a stopped one."""
         self.procs.remove(old)
@@ -165,6 +178,18 @@ class Stack:
         self.procs.append(proc)
         ready = wait_ready(f"http://127.0.0.1:{port}/readyz", p)
         return proc, ready - t0
+
+    def profiler(self, proc: Proc, seconds: float, path: str | None) -> subprocess.Popen[bytes] | None:
+        """py-spy (from PyPI) sampling `proc` for `seconds` into `path`; None when not asked or not installed."""
+        if not path:
+            return None
+        exe = shutil.which("py-spy")
+        if exe is None:
+            _print("py-spy is not installed (pip install py-spy): no profile")
+            return None
+        fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(path).suffix, "raw")
+        argv = [exe, "record", "-p", str(proc.pid), "-d", str(max(1, int(seconds))), "-r", "250", "-f", fmt, "-o", path]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -311,16 +336,25 @@ class Common:
     html: str | None = None
     json: str | None = None
     warmup: int = 200
+    profile: str | None = None  # py-spy output for the proxy: .svg flame graph, .txt raw stacks, .json speedscope
 
 
 # -- scenarios ----------------------------------------------------------------------------
 
 
-def overhead(c: Common, rates: list[float], *, rules: int = 50, stream: bool = False) -> dict[str, Any]:
+def overhead(
+    c: Common,
+    rates: list[float],
+    *,
+    rules: int = 50,
+    stream: bool = False,
+    upstream_latency: str = "0",
+    floor: bool = False,
+) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile."""
-    out: dict[str, Any] = {"scenario": "overhead", "rates": {}}
+    out: dict[str, Any] = {"scenario": "overhead", "rates": {}, "upstream_latency": upstream_latency}
     with Stack(c.pin) as stack:
-        mock = stack.upstream()
+        mock = stack.upstream("--latency", upstream_latency)
         url = f"http://127.0.0.1:{mock.port}/v1"
         proxy, startup = stack.proxy(bench_config({"p0": url, "p1": url}, rules=rules))
         out["startup_s"] = round(startup, 3)
@@ -329,22 +363,40 @@ def overhead(c: Common, rates: list[float], *, rules: int = 50, stream: bool = F
             Target("direct", url, MOCK_MODEL),
             Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
         ]
+        floor_proc = stack.floor(url) if floor else None
+        if floor_proc is not None:
+            targets.append(Target("bare aiohttp", f"http://127.0.0.1:{floor_proc.port}/v1", MOCK_MODEL))
         all_stats: list[Stats] = []
         for rate in rates:
             load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=c.warmup)
+            spy = stack.profiler(proxy, c.duration, c.profile if rate == rates[0] else None)
             cpu0 = proxy.cpu_seconds()
+            fcpu0 = floor_proc.cpu_seconds() if floor_proc is not None else 0.0
             stats = loadgen.arun(
                 loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
                             label=f"{rate:g}/s ")
             )  # fmt: skip
             cpu = proxy.cpu_seconds() - cpu0
-            d, p = stats
+            if spy is not None:
+                spy.wait(30)
+                _print(f"profile of the proxy at {rate:g}/s: {c.profile}")
+            d, p = stats[0], stats[1]
             res: dict[str, Any] = {
                 "added_ms": added(p, d, "ttft_ms" if stream else "latency_ms"),
                 "direct": d.summary(),
                 "proxy": p.summary(),
                 "proxy_cpu_ms_per_request": round(1000 * cpu / max(1, p.ok + p.failed + load.warmup), 4),
             }
+            if floor_proc is not None:
+                fcpu = floor_proc.cpu_seconds() - fcpu0
+                res["floor_added_ms"] = added(stats[2], d, "ttft_ms" if stream else "latency_ms")
+                res["floor_cpu_ms_per_request"] = round(
+                    1000 * fcpu / max(1, stats[2].ok + stats[2].failed + load.warmup), 4
+                )
+                _print(
+                    f"bare aiohttp pass-through adds {res['floor_added_ms']}, "
+                    f"{res['floor_cpu_ms_per_request']} ms CPU/req"
+                )
             out["rates"][f"{rate:g}"] = res
             _print(report.table(stats, "ttft_ms" if stream else "latency_ms"))
             a = res["added_ms"]
@@ -374,12 +426,18 @@ def throughput(c: Common, concurrency: int = 64) -> dict[str, Any]:
             ("edgeroute", Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)),
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
+            spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
             cpu0 = proxy.cpu_seconds()
             (st,) = loadgen.arun(
                 loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ")
             )
             cpu = proxy.cpu_seconds() - cpu0
+            if spy is not None:
+                spy.wait(30)
             out[name] = {**st.summary(), "proxy_cpu_s": round(cpu, 2)}
+            if name == "edgeroute" and cpu > 0:
+                out["proxy_cpu_ms_per_request"] = round(1000 * cpu / max(1, st.ok), 4)
+                out["proxy_capacity_rps_per_core"] = round(st.ok / cpu)
             _print(f"{name}: {st.rps:.0f} req/s ({st.ok} ok, {st.failed} failed, concurrency {concurrency}); "
                    f"proxy CPU {cpu / max(st.elapsed_s, 1e-9) * 100:.0f}%")  # fmt: skip
             all_stats.append(st)
@@ -400,22 +458,35 @@ def streaming(c: Common, rate: float = 100.0, tokens: int = 32, tps: float = 200
             Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
         ]
         load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=min(c.warmup, 50))
+        spy = stack.profiler(proxy, c.duration, c.profile)
+        cpu0 = proxy.cpu_seconds()
         stats = loadgen.arun(
             loadgen.run(targets, load, stream=True, prompt_tokens=c.prompt_tokens, progress=c.progress)
         )
+        cpu = proxy.cpu_seconds() - cpu0
+        if spy is not None:
+            spy.wait(30)
         d, p = stats
+        epr = {s.name: round(s.events / max(1, s.reads), 3) for s in stats}
+        dg, pg = d.summary()["chunk_gap_ms"] or {}, p.summary()["chunk_gap_ms"] or {}
         out.update(
+            merged=epr["edgeroute"] > epr["direct"] * 1.1,
+            delayed=bool(pg and dg and pg["p50"] > dg["p50"] + 1.0),
+            proxy_cpu_ms_per_stream=round(1000 * cpu / max(1, p.ok + p.failed), 4),
             added_ttft_ms=added(p, d, "ttft_ms"),
             added_total_ms=added(p, d, "latency_ms"),
             direct=d.summary(),
             proxy=p.summary(),
             expected_gap_ms=round(1000 / tps, 3),
-            events_per_read={s.name: round(s.events / max(1, s.reads), 3) for s in stats},
+            events_per_read=epr,
         )
         _print(report.table(stats, "ttft_ms"))
         _print(report.table(stats, "chunk_gap_ms"))
-        _print(f"added TTFT {out['added_ttft_ms']}\nSSE events per socket read (1.0 = never merged): "
-               f"{out['events_per_read']}")  # fmt: skip
+        _print(
+            f"added TTFT {out['added_ttft_ms']}\nSSE events per socket read (1.0 = never merged): "
+            f"{out['events_per_read']}; chunks merged by the proxy: {out['merged']}; "
+            f"delayed (gap p50 +1 ms): {out['delayed']}; proxy CPU {out['proxy_cpu_ms_per_stream']} ms/stream"
+        )
     _write(c, "streaming", stats, out)
     return out
 
@@ -551,11 +622,19 @@ def hedging(c: Common, rate: float = 100.0, latency: str = "lognormal:20,1.0") -
 
 
 def chaos(
-    c: Common, rate: float = 250.0, total: int = 10_000, kill_at: float = 0.3, restart_at: float = 0.6
+    c: Common,
+    rate: float = 250.0,
+    total: int = 10_000,
+    kill_at: float = 0.3,
+    restart_at: float = 0.6,
+    base_ejection_ms: int | None = 2000,
 ) -> dict[str, Any]:
     """`total` requests at `rate` over two deployments; one is SIGKILLed at `kill_at` of the run and
-    restarted at `restart_at`. Failed requests, p50/p99 during the outage, time for traffic to return."""
-    out: dict[str, Any] = {"scenario": "chaos", "rate": rate, "requests": total}
+    restarted at `restart_at`. Failed requests, p50/p99 during the outage, time for traffic to return.
+
+    The proxy ejects the dead deployment for `base_ejection_ms` (the config's `health.base_ejection_ms`;
+    None keeps edgeroute's default, 30 s, longer than the default run's recovery phase)."""
+    out: dict[str, Any] = {"scenario": "chaos", "rate": rate, "requests": total, "base_ejection_ms": base_ejection_ms}
     run_s = total / rate
     with Stack(c.pin) as stack:
         a = stack.upstream("--latency", "5", name="a")
@@ -563,7 +642,7 @@ def chaos(
         cfg = bench_config(
             {"pa": f"http://127.0.0.1:{a.port}/v1", "pb": f"http://127.0.0.1:{b.port}/v1"},
             deployments=2,
-            health={"base_ejection_ms": 2000, "max_ejection_ms": 10000},
+            health={"base_ejection_ms": base_ejection_ms} if base_ejection_ms is not None else None,
         )
         for p in cfg["providers"].values():
             p["timeouts"] = {"first_byte": 2.0, "connect": 1.0}

@@ -282,3 +282,11 @@ class BackgroundServer(Generic[S]):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+if __name__ == "__main__":  # `python -m bench.upstream` is the same server as `python -m bench.faults`
+    import sys
+
+    from bench.faults import main
+
+    sys.exit(main())

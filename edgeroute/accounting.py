@@ -3,6 +3,14 @@ handed to a recorder that stores them off the hot path.
 
 `record()` is synchronous and cheap (an append), so that it can run in a `finally`
 even when the client has gone: spend is never left unrecorded.
+
+Cost: every attempt gets one (`AttemptRecord.cost_usd`: the upstream's usage at the
+deployment's price and time-of-day window; the prompt alone, estimated, for a hedge
+that lost or a client that left; 0 for an attempt the upstream refused). A JSON answer
+carries the request's cost in `x-edgeroute-cost-usd`; a stream cannot, because its
+headers leave before the usage is known, so its cost is in the record (and the ledger)
+only. When a stream carries no usage, the completion is counted by the core's tokenizer
+from the streamed text (`Usage.estimated`).
 """
 
 from __future__ import annotations

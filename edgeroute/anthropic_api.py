@@ -25,8 +25,9 @@ from aiohttp import web
 
 from edgeroute import openai_api, sse
 from edgeroute.errors import ProxyError
+from edgeroute.state import STATE
 
-PATHS = frozenset({"/v1/messages"})
+PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -152,12 +153,14 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     return out
 
 
-def to_openai(req: Any) -> dict[str, Any]:
-    """An Anthropic Messages request as an OpenAI chat request."""
+def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request (`counting`: for count_tokens, no max_tokens)."""
     if not isinstance(req, dict):
         raise _bad("The request body must be a JSON object.")
     if not isinstance(req.get("model"), str):
         raise _bad("model: Field required", "model")
+    if counting:
+        req = {**req, "max_tokens": 1, "stream": False}
     if not isinstance(req.get("max_tokens"), int) or isinstance(req["max_tokens"], bool):
         raise _bad("max_tokens: Field required", "max_tokens")
     if not isinstance(req.get("messages"), list):
@@ -202,13 +205,13 @@ def to_openai(req: Any) -> dict[str, Any]:
     return out
 
 
-async def read_request(request: web.Request) -> bytes:
+async def read_request(request: web.Request, *, counting: bool = False) -> bytes:
     raw = await openai_api.read_body(request)
     try:
         req = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise _bad("The request body is not valid JSON.") from None
-    return orjson.dumps(to_openai(req))
+    return orjson.dumps(to_openai(req, counting=counting))
 
 
 # -- answer: OpenAI → Anthropic ----------------------------------------------
@@ -401,6 +404,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
     return await openai_api.chat_completions(request, DIALECT)
 
 
+async def count_tokens(request: web.Request) -> web.Response:
+    """The prompt's size in tokens, as the routing core counts it for the deployment it would choose."""
+    body = await read_request(request, counting=True)
+    decision = openai_api.decide(request.app[STATE].live, body, request)
+    return web.Response(body=orjson.dumps({"input_tokens": decision.prompt_tokens}), content_type="application/json")
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -424,4 +434,5 @@ async def anthropic_errors(request: web.Request, handler: Handler) -> web.Stream
 def add_routes(app: web.Application) -> None:
     """The Anthropic routes, and the error rewriting for them (outermost, so it sees every error)."""
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.middlewares.insert(0, anthropic_errors)

@@ -427,6 +427,14 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"{where}.actions[{j}].to", "only downgrade takes a target"))
     if cfg.ledger is not None and cfg.ledger.backend == "postgres" and not cfg.ledger.dsn:
         problems.append(("ledger.dsn", "the postgres backend needs a dsn"))
+    refs = [(f"keys.{n}.token", k.token) for n, k in cfg.keys.items() if k.token is not None]
+    if cfg.ledger is not None and cfg.ledger.dsn is not None:
+        refs.append(("ledger.dsn", cfg.ledger.dsn))
+    for where, ref in refs:
+        try:
+            secrets.resolve(ref)
+        except secrets.SecretError as e:
+            problems.append((where, str(e)))
     return problems
 
 
@@ -446,7 +454,7 @@ def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) ->
         raise ConfigError(lines) from None
     problems = _cross_check(cfg)
     if not check_secrets:
-        problems = [p for p in problems if not p[0].endswith(".api_key")]
+        problems = [p for p in problems if not p[0].endswith((".api_key", ".token", "ledger.dsn"))]
     if problems:
         raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
     # The core compiles regexes and checks what Python cannot (e.g. time formats).

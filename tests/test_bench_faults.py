@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -24,7 +25,7 @@ async def up() -> AsyncIterator[FaultUpstream]:
 
 
 def _post(
-    s: aiohttp.ClientSession, up: FaultUpstream, body: dict[str, object], fault: str | None = None, timeout: float = 5.0
+    s: aiohttp.ClientSession, up: FaultUpstream, body: Mapping[str, Any], fault: str | None = None, timeout: float = 5.0
 ) -> aiohttp.client._RequestContextManager:
     headers = {"x-fault": fault} if fault else {}
     return s.post(
@@ -143,7 +144,7 @@ async def test_phases_by_count_and_admin_api(up: FaultUpstream) -> None:
         async with s.post(up.url.removesuffix("/v1") + "/_fault", json={"mode": "refuse"}) as r:
             assert r.status == 200 and (await r.json())["listening"] is False
         up.clear()
-        await asyncio.sleep(0.05)
+        await up.settled()
         async with s.get(up.url.removesuffix("/v1") + "/_fault") as r:
             state = await r.json()
         assert state["listening"] is True and state["requests"] == 6 and state["by_mode"]["503"] == 2

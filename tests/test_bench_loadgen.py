@@ -24,7 +24,7 @@ async def test_open_loop_counts_a_stall_against_every_request_due_during_it() ->
     async def send(ti: int, intended: float, st: Stats | None) -> None:
         if not stalled[0] and time.perf_counter() - start > 0.1:
             stalled[0] = True
-            time.sleep(0.2)  # blocks the loop, like a GC pause or a stuck server with one connection
+            time.sleep(0.2)  # noqa: ASYNC251  # blocks the loop on purpose, like a GC pause
         assert st is not None
         st.ok += 1
         st.total.record_value(max(1, int((time.perf_counter() - intended) * 1e6)))
@@ -145,3 +145,15 @@ def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
     assert res["proxy"]["failed"] == 0 and set(res["added_ms"]) >= {"p50", "p99", "p99.9"}
     assert out["startup_s"] > 0
     assert orjson.loads((tmp_path / "o.json").read_bytes())["scenario"] == "overhead"  # type: ignore[operator]
+
+
+def test_bench_config_is_valid_and_cli_parses() -> None:
+    from bench import cli
+    from edgeroute import config
+
+    cfg = config.parse(scenarios.bench_config({"p0": "http://127.0.0.1:1/v1"}, rules=50), "bench.yaml")
+    assert len(cfg.rules) == 50 and len(cfg.deployments) == 4
+    a = cli.build_parser().parse_args(["overhead", "--rates", "500,1000", "--floor", "--no-progress"])
+    assert a.rates == "500,1000" and a.floor and not a.progress
+    a = cli.build_parser().parse_args(["chaos", "--total", "100"])
+    assert a.total == 100 and a.base_ejection_ms == 2000

@@ -241,3 +241,28 @@ def test_keys_and_server_api_keys_are_exclusive() -> None:
     with pytest.raises(ConfigError) as ei:
         config_mod.parse(cfg)
     assert "keys: use either keys" in str(ei.value)
+
+
+def test_periods_calendar_and_rolling() -> None:
+    import calendar
+
+    from edgeroute.config import Budget
+    from edgeroute.cost.budgets import ROLLING_SLOTS, LocalBudgetStore, period_of
+
+    t = calendar.timegm((2026, 12, 31, 23, 30, 0))
+    day = period_of(Budget(name="d", scope="global", limit_usd=1, period="day"), t)
+    assert day.id == "2026-12-31" and day.resets_at == calendar.timegm((2027, 1, 1, 0, 0, 0))
+    east = period_of(Budget(name="d", scope="global", limit_usd=1, period="day", utc_offset_minutes=60), t)
+    assert east.id == "2027-01-01" and east.resets_at == calendar.timegm((2027, 1, 1, 23, 0, 0))
+    month = period_of(Budget(name="m", scope="global", limit_usd=1, period="month"), t)
+    assert month.id == "2026-12" and month.resets_at == calendar.timegm((2027, 1, 1, 0, 0, 0))
+    b = Budget(name="r", scope="global", limit_usd=1, period="rolling", window_hours=1)
+    store = LocalBudgetStore()
+    from edgeroute.cost.budgets import charge
+
+    first = period_of(b, t)
+    store.reserve_now([charge(b, "*", first, 100, -1)])
+    later = period_of(b, t + 3600 - 60)  # still inside the window
+    assert store.used(charge(b, "*", later, 0, -1)) == 100
+    gone = period_of(b, t + 3600 + 3600 / ROLLING_SLOTS)  # the first slot has left the window
+    assert store.used(charge(b, "*", gone, 0, -1)) == 0

@@ -22,21 +22,25 @@ from tests.test_cost_support import one_deployment, require_redis
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50})
 
 
-def _cfg(**extra: Any) -> dict[str, Any]:
-    return one_deployment(
-        "http://127.0.0.1:9/v1",
-        budgets={"limits": [
-            {"name": "per-key", "scope": "key", "limit_usd": 1e9},
-            {"name": "team", "scope": "team", "limit_usd": 1e9, "period": "day"},
-            {"name": "global", "scope": "global", "limit_usd": 1e9, "period": "rolling", "window_hours": 24},
-        ]},
-        rate_limits={"per_key": {"rpm": 10**9, "tpm": 10**12}, "models": {"m": {"rpm": 10**9}}},
-        **extra,
-    )  # fmt: skip
+BUDGETS = {"limits": [
+    {"name": "per-key", "scope": "key", "limit_usd": 1e9},
+    {"name": "team", "scope": "team", "limit_usd": 1e9, "period": "day"},
+    {"name": "global", "scope": "global", "limit_usd": 1e9, "period": "rolling", "window_hours": 24},
+]}  # fmt: skip
+LIMITS = {"per_key": {"rpm": 10**9, "tpm": 10**12}, "models": {"m": {"rpm": 10**9}}}
 
 
-async def _measure(cfg_data: dict[str, Any], n: int) -> float:
-    """Microseconds per admit + settle."""
+def _cfg(budgets: bool = True, limits: bool = True, **extra: Any) -> dict[str, Any]:
+    if budgets:
+        extra["budgets"] = BUDGETS
+    if limits:
+        extra["rate_limits"] = LIMITS
+    return one_deployment("http://127.0.0.1:9/v1", **extra)
+
+
+async def _measure(cfg_data: dict[str, Any], n: int, clock: Any = time.process_time) -> float:
+    """Microseconds per admit + settle: CPU time of this process by default (the machine may be
+    shared), wall time for Redis (round trips)."""
     app = create_app(config_mod.parse(cfg_data), "perf")
     control = app[ADMISSION]
     assert isinstance(control, CostControl)
@@ -44,12 +48,12 @@ async def _measure(cfg_data: dict[str, Any], n: int) -> float:
     req = make_mocked_request("POST", "/v1/chat/completions", app=app)
     for i in range(n + 200):
         if i == 200:
-            t0 = time.perf_counter()
+            t0 = clock()
         rec = RequestRecord(request_id="r", started=0.0, model="m")
         ticket = await control.admit(req, decision, rec)
         rec.cost_usd, rec.usage = 0.0001, Usage(10, 20)
         control.settle(ticket, rec)
-    per = (time.perf_counter() - t0) / n * 1e6
+    per = (clock() - t0) / n * 1e6
     await control.close()
     for up in app[STATE].live.upstreams.values():
         await up.close()
@@ -58,14 +62,27 @@ async def _measure(cfg_data: dict[str, Any], n: int) -> float:
 
 async def test_admission_overhead_in_process() -> None:
     n = 5000
-    per = await _measure(_cfg(), n)
-    print(f"\nadmission in process (3 budgets + 3 buckets, admit + settle): {per:.1f} us per request")
-    assert per < 100
+    both = await _measure(_cfg(), n)
+    budgets = await _measure(_cfg(limits=False), n)
+    limits = await _measure(_cfg(budgets=False), n)
+    print(
+        f"\nadmission in process, admit + settle per request: 3 budgets {budgets:.1f} us, "
+        f"3 buckets (key rpm+tpm, model rpm) {limits:.1f} us, both {both:.1f} us"
+    )
+    assert both < 100
 
 
 async def test_admission_overhead_with_redis() -> None:
     url = require_redis()
     n = 1000
-    per = await _measure(_cfg(shared_state={"redis_url": url, "prefix": f"perf-{time.time_ns()}"}), n)
+    prefix = f"edgeroute-perf-{time.time_ns()}"
+    per = await _measure(_cfg(shared_state={"redis_url": url, "prefix": prefix}), n, clock=time.perf_counter)
+    import redis
+
+    r = redis.Redis.from_url(url)
+    keys = list(r.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        r.delete(*keys)
+    r.close()
     print(f"\nadmission with redis on loopback (2 round trips + async settle): {per:.1f} us per request")
     assert per < 5000

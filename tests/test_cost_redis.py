@@ -33,7 +33,7 @@ async def _ask(client: openai.AsyncOpenAI) -> int:
 async def test_two_instances_enforce_one_budget(start_upstream) -> None:
     url = require_redis()
     up = await start_upstream(reply_words=40, latency_ms=10)
-    shared = _shared(url)
+    shared = _shared(url, timeout_ms=2000)  # one loop runs both proxies, the clients and the mock here
     cfg = one_deployment(
         up.base_url,
         shared_state=shared,

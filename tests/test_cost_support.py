@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,6 +31,7 @@ def require(name: str, check: Callable[[], object]) -> None:
         check()
     except Exception as e:
         msg = f"{name} is not reachable ({type(e).__name__}: {e}); run .ci/start-services"
+        msg = re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@", msg)  # no password in test output
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

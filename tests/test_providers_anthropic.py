@@ -388,3 +388,10 @@ async def test_json_mode_uses_a_forced_tool_and_answers_text(start_mock, start_p
     sent = up.options.requests[-1]["body"]
     assert sent["tool_choice"] == {"type": "tool", "name": "edgeroute_json_response"}
     assert sent["tools"][0]["input_schema"] == schema
+
+
+def test_cache_control_breakpoints_are_kept() -> None:
+    part = {"type": "text", "text": "long context", "cache_control": {"type": "ephemeral"}}
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [part]}]})
+    sent = orjson.loads(adapter().build("claude-x", body, stream=False).body)
+    assert sent["messages"][0]["content"] == [part]

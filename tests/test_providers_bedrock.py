@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import boto3
+import botocore.config
 import botocore.exceptions
 import openai
 import orjson
@@ -33,14 +34,22 @@ def adapter(**options: Any) -> BedrockAdapter:
     return BedrockAdapter("br", p, None)
 
 
-def _boto(root: str, secret: str = "dummy-secret") -> Any:
-    return boto3.client(
+def _boto(root: str, secret: str = "dummy-secret", headers: dict[str, str] | None = None) -> Any:
+    client = boto3.client(
         "bedrock-runtime",
         endpoint_url=root,
         region_name="us-east-1",
         aws_access_key_id="AKIDEXAMPLE",
         aws_secret_access_key=secret,
+        config=botocore.config.Config(retries={"total_max_attempts": 1}),
     )
+
+    def add_headers(request: Any, **_: Any) -> None:  # the mock's x-mock-* switches (boto3 has no per-call headers)
+        for k, v in (headers or {}).items():
+            request.headers[k] = v
+
+    client.meta.events.register_first("before-sign.bedrock-runtime.*", add_headers)
+    return client
 
 
 async def test_mock_is_honest_for_boto3(start_mock) -> None:
@@ -83,57 +92,19 @@ async def test_mock_is_honest_for_boto3(start_mock) -> None:
         args = "".join(e["contentBlockDelta"]["delta"]["toolUse"]["input"] for e in events if "contentBlockDelta" in e)
         assert orjson.loads(args) == {"city": "Paris"}
         assert events[-1]["metadata"]["usage"]["outputTokens"] == 12
-        with pytest.raises(client.exceptions.ThrottlingException):
-            client.converse(modelId=MODEL_ID, messages=[{"role": "user", "content": [{"text": "x"}]}], **_status(429))
+        throttled = _boto(up.root, headers={"x-mock-status": "429"})
+        with pytest.raises(throttled.exceptions.ThrottlingException):
+            throttled.converse(modelId=MODEL_ID, messages=[{"role": "user", "content": [{"text": "x"}]}])
         with pytest.raises(botocore.exceptions.ClientError) as e:
             _boto(up.root, "wrong").converse(modelId=MODEL_ID, messages=[{"role": "user", "content": [{"text": "x"}]}])
         assert e.value.response["Error"]["Code"] == "InvalidSignatureException"
-        s = client.converse_stream(modelId=MODEL_ID, messages=[{"role": "user", "content": [{"text": "x"}]}], **_err())
+        failing = _boto(up.root, headers={"x-mock-stream-error": "1"})
+        s = failing.converse_stream(modelId=MODEL_ID, messages=[{"role": "user", "content": [{"text": "x"}]}])
         with pytest.raises(botocore.exceptions.EventStreamError) as es:
             list(s["stream"])
         assert es.value.response["Error"]["Code"] == "throttlingException"
 
     await asyncio.to_thread(calls)
-
-
-def _status(status: int) -> dict[str, Any]:
-    return {}  # replaced per call through the event system below
-
-
-def _err() -> dict[str, Any]:
-    return {}
-
-
-@pytest.fixture(autouse=True)
-def _mock_headers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lets a boto3 call carry the mock's x-mock-* headers (boto3 has no per-call headers)."""
-    import botocore.client
-
-    real = botocore.client.BaseClient._make_api_call
-
-    def make(self: Any, operation: str, params: dict[str, Any]) -> Any:
-        msgs = params.get("messages") or []
-        extra: dict[str, str] = {}
-        if (
-            msgs
-            and msgs[0]["content"][0].get("text") == "x"
-            and operation == "Converse"
-            and not params.get("toolConfig")
-        ):
-            extra = {"x-mock-status": "429"}
-        if operation == "ConverseStream" and not params.get("toolConfig"):
-            extra = {"x-mock-stream-error": "1"}
-
-        def add(request: Any, **_: Any) -> None:
-            request.headers.update(extra)
-
-        self.meta.events.register_first("before-sign.*.*", add)
-        try:
-            return real(self, operation, params)
-        finally:
-            self.meta.events.unregister("before-sign.*.*", add)
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", make)
 
 
 def test_request_mapping_and_signature() -> None:
@@ -164,7 +135,7 @@ def test_request_mapping_and_signature() -> None:
     )
     auth = req.headers["Authorization"]
     assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/") and "/eu-west-3/bedrock/aws4_request" in auth
-    assert "X-Amz-Date" in req.headers and "s" not in auth.split("Signature=")[0].split("/")[0][-1:]
+    assert "X-Amz-Date" in req.headers
     assert orjson.loads(req.body) == {
         "messages": [
             {"role": "user", "content": [{"image": {"format": "jpeg", "source": {"bytes": "/9j/"}}}]},

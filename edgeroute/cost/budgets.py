@@ -73,10 +73,11 @@ class Charge:
     period: Period
     amount: int  # nano-USD
     block_at: int  # nano-USD; -1: this budget never blocks
+    store_key: str = ""  # "{budget}:{subject}:{period}", see `charge()`
 
-    @property
-    def store_key(self) -> str:
-        return f"{self.budget.name}:{self.subject}:{self.period.id}"
+
+def charge(budget: Budget, subject: str, period: Period, amount: int, block_at: int) -> Charge:
+    return Charge(budget, subject, period, amount, block_at, f"{budget.name}:{subject}:{period.id}")
 
 
 def block_limit(b: Budget) -> int:

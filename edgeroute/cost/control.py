@@ -77,7 +77,10 @@ class CostControl:
         self.budgets = cfg.budgets.limits
         self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
         self.ceilings: dict[str, Ceiling] = route_ceilings(cfg)
+        self._model_limits = cfg.rate_limits.models
         self._block_at = [B.block_limit(b) for b in self.budgets]
+        self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)
+        self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
         self._periods: dict[str, tuple[float, B.Period]] = {}
         self._tops: dict[tuple[int, ...], Ceiling] = {}
         self.local_budgets = B.LocalBudgetStore()
@@ -118,20 +121,20 @@ class CostControl:
     async def _rate_limits(
         self, request: web.Request, decision: _core.Decision, rec: RequestRecord, ticket: CostTicket
     ) -> None:
+        key_limit = self._key_limit(ticket.identity)
+        route = decision.route
+        model_limit = self._model_limits.get(route)
+        if key_limit is None and model_limit is None:
+            return
         tokens = decision.prompt_tokens + (decision.max_tokens or 0)
         takes: list[Take] = []
-        for name, lim in (
-            (f"key:{ticket.identity.key}", self._key_limit(ticket.identity)),
-            (f"model:{decision.route}", self.cfg.rate_limits.models.get(decision.route)),
-        ):
+        for name, lim in ((f"key:{ticket.identity.key}", key_limit), (f"model:{route}", model_limit)):
             if lim is None:
                 continue
             if lim.rpm:
                 takes.append(Take(name, "requests", lim.rpm, 1))
             if lim.tpm:
                 takes.append(Take(name, "tokens", lim.tpm, tokens))
-        if not takes:
-            return
         ok, states, shared = await self._take(takes)
         request[RATE_STATES] = states  # headers are made when the answer goes out
         if not ok:
@@ -182,15 +185,16 @@ class CostControl:
         now = time.time()
         completion = decision.max_tokens or self.reserve_max_tokens
         route = decision.route
+        prompt = decision.prompt_tokens
         hedges = 2 if decision.hedge_after_ms is not None else 1
         for step in range(2):
-            estimate = top.cost(decision.prompt_tokens, completion) * hedges
+            estimate = top.cost(prompt, completion) * hedges
             charges = self._charges(ticket.identity, route, B.to_nano(estimate), now)
             if not charges:
                 return
             res, shared = await self._reserve(charges, now)
             target = None
-            if step == 0:
+            if step == 0 and self._any_downgrade:
                 for c, used in zip(charges, res.used_before, strict=True):
                     a = B.crossed(c.budget, used, "downgrade")
                     if a is not None and a.to is not None and a.to != route:
@@ -211,7 +215,8 @@ class CostControl:
                 rec.admission = f"blocked:{c.budget.name}"
                 raise _budget_error(c, res.used_before[res.blocked], now)
             ticket.charges, ticket.charges_shared = charges, shared
-            self._notify(charges, res.used_before)
+            if self._any_notify:
+                self._notify(charges, res.used_before)
             return
 
     def _charges(self, ident: Identity, route: str, amount: int, now: float) -> list[B.Charge]:
@@ -219,7 +224,7 @@ class CostControl:
         for b, block_at in zip(self.budgets, self._block_at, strict=True):
             subject = _subject(b, ident, route)
             if subject is not None:
-                out.append(B.Charge(b, subject, self._period(b, now), amount, block_at))
+                out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
         return out
 
     def _period(self, b: Budget, now: float) -> B.Period:
@@ -372,9 +377,17 @@ class CostControl:
 
 
 def _subject(b: Budget, ident: Identity, route: str) -> str | None:
-    if b.scope == "global":
+    scope = b.scope
+    if scope == "global":
         return "*"
-    value = {"key": ident.key, "team": ident.team, "user": ident.user, "model": route}[b.scope]
+    if scope == "key":
+        value: str | None = ident.key
+    elif scope == "team":
+        value = ident.team
+    elif scope == "user":
+        value = ident.user
+    else:
+        value = route
     if value is None or (b.match is not None and b.match != value):
         return None
     return value

@@ -112,7 +112,8 @@ class Ceiling:
 
 
 def ceiling(prices: list[Price]) -> Ceiling:
-    """Componentwise maximum, windows ignored (a window only ever lowers or keeps... or raises: take max)."""
+    """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
+    be below what the request can cost at any time of day)."""
     if not prices:
         return Ceiling(0.0, 0.0, 0.0)
     mult = [max([1.0, *(w.multiplier for w in p.windows)]) for p in prices]

@@ -73,11 +73,15 @@ def _user_blocks(content: Any) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     for part in oa.content_parts(content):
         if part["type"] == "text":
-            blocks.append({"type": "text", "text": part["text"]})
+            block = {"type": "text", "text": part["text"]}
         elif part["type"] == "image_url":
-            blocks.append(image_block(oa.image_url_of(part) or ""))
+            block = image_block(oa.image_url_of(part) or "")
         else:
             raise oa.bad_request("Refusal parts are only valid in assistant messages.", "messages")
+        if isinstance(part.get("cache_control"), dict):
+            # Prompt-caching breakpoints set by the client (as in Anthropic's own OpenAI-style SDKs).
+            block["cache_control"] = part["cache_control"]
+        blocks.append(block)
     return blocks
 
 
@@ -126,24 +130,11 @@ def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[di
             content = m.get("content")
             result: str | list[dict[str, Any]]
             result = content if isinstance(content, str) else _user_blocks(content)
-            block = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}
-            # Tool results must open the user turn that follows the tool calls.
-            if out and out[-1]["role"] == "user" and out[-1].get("_results_only"):
-                out[-1]["content"].append(block)
-            else:
-                out.append({"role": "user", "content": [block], "_results_only": True})
+            # Tool results open the user turn after the tool calls; a following user message joins it.
+            add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}])
         else:
             raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
-    for msg in out:
-        msg.pop("_results_only", None)
-    # Merge a user turn that directly follows a tool-results turn.
-    merged: list[dict[str, Any]] = []
-    for msg in out:
-        if merged and merged[-1]["role"] == msg["role"]:
-            merged[-1]["content"].extend(msg["content"])
-        else:
-            merged.append(msg)
-    return system, merged
+    return system, out
 
 
 def tools_and_choice(
@@ -222,7 +213,7 @@ class AnthropicAdapter(Adapter):
         tools, choice = tools_and_choice(req, rule, self.name)
         if tools:
             out["tools"] = tools
-        if choice is not None and (tools or choice.get("type") == "none"):
+        if tools and choice is not None:
             out["tool_choice"] = choice
         if isinstance(req.get("user"), str):
             out["metadata"] = {"user_id": req["user"]}

@@ -28,6 +28,7 @@ from botocore.credentials import Credentials, ReadOnlyCredentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
 from edgeroute import secrets
+from edgeroute.errors import ProxyError
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 
@@ -174,7 +175,11 @@ class BedrockAdapter(Adapter):
 
             found = botocore.session.get_session().get_credentials()
             if found is None:
-                raise RuntimeError("no AWS credentials for Bedrock: set options.aws_access_key_id or the environment")
+                raise ProxyError(
+                    502,
+                    f"No AWS credentials are configured for provider '{self.name}'.",
+                    code="provider_misconfigured",
+                )
             self._credentials = found
         return self._credentials.get_frozen_credentials()
 

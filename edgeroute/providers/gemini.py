@@ -36,7 +36,6 @@ _SUPPORTED = frozenset(
         "frequency_penalty",
         "tools",
         "tool_choice",
-        "parallel_tool_calls",
         "response_format",
     }
 )
@@ -198,7 +197,7 @@ class GeminiAdapter(Adapter):
                 decls.append(d)
             out["tools"] = [{"functionDeclarations": decls}]
         tc = oa.tool_choice_of(req)
-        if tc is not None and (tools or tc[0] == "none"):
+        if tc is not None and tools:
             kind, name = tc
             mode = {"auto": "AUTO", "none": "NONE", "required": "ANY", "function": "ANY"}[kind]
             cfg: dict[str, Any] = {"mode": mode}

@@ -37,7 +37,6 @@ _NEUTRAL: dict[str, object] = {
     "frequency_penalty": 0,
     "logprobs": False,
     "parallel_tool_calls": True,
-    "temperature": None,
 }
 
 UnsupportedRule = Literal["drop", "reject"]

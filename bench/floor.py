@@ -1,0 +1,78 @@
+"""A bare aiohttp pass-through proxy: the floor under edgeroute's overhead.
+
+``python -m bench.floor --upstream http://127.0.0.1:9000/v1 [--port 0]`` relays
+`POST /v1/chat/completions` to the upstream with the same server and client stack as
+edgeroute (uvloop, aiohttp server, one pooled `ClientSession`) and nothing else: no
+routing decision, no middleware, no accounting. The overhead scenario can measure it
+beside edgeroute (``--floor``) to separate what the stack costs from what edgeroute adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import aiohttp
+from aiohttp import web
+
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+def build_app(upstream: str) -> web.Application:
+    url = upstream.rstrip("/") + "/chat/completions"
+    app = web.Application()
+
+    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app[SESSION] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024), skip_auto_headers=("User-Agent",)
+        )
+        yield
+        await app[SESSION].close()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        hdrs = {"Content-Type": "application/json", "Authorization": "Bearer floor"}
+        async with request.app[SESSION].post(url, data=body, headers=hdrs) as r:
+            if r.content_type != "text/event-stream":
+                return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
+            out = web.StreamResponse(status=r.status)
+            out.content_type = "text/event-stream"
+            await out.prepare(request)
+            async for chunk in r.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", chat)
+    return app
+
+
+async def serve(upstream: str, port: int) -> None:
+    runner = web.AppRunner(build_app(upstream), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    print(f"listening port={sockets[0].getsockname()[1]}", flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--port", type=int, default=0)
+    a = p.parse_args(argv)
+    import uvloop
+
+    try:
+        uvloop.run(serve(a.upstream, a.port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
