@@ -104,29 +104,8 @@ pub struct Features {
 impl Features {
     /// Hash `text` as `edgeroute/learn/features.py` does.
     pub fn extract(text: &str, cfg: &FeaturizerConfig) -> Self {
-        let raw = text.as_bytes();
-        let mut buf: Vec<u8> = if raw.len() > cfg.head_bytes + cfg.tail_bytes {
-            let mut v = Vec::with_capacity(cfg.head_bytes + cfg.tail_bytes);
-            v.extend_from_slice(&raw[..cfg.head_bytes]);
-            v.extend_from_slice(&raw[raw.len() - cfg.tail_bytes..]);
-            v
-        } else {
-            raw.to_vec()
-        };
-        buf.make_ascii_lowercase();
-        let mask = (1u64 << cfg.log2_buckets) - 1;
-        let char_total: usize = cfg
-            .char_ngrams
-            .iter()
-            .map(|&n| buf.len().saturating_sub(n as usize - 1))
-            .sum();
-        let mut buckets = Vec::with_capacity(buf.len() / 2 + char_total);
-        word_buckets(&buf, cfg, mask, &mut buckets);
-        for &n in &cfg.char_ngrams {
-            char_buckets(&buf, n, mask, &mut buckets);
-        }
-        let lines = raw.iter().filter(|&&b| b == b'\n').count() + 1;
-        let length = [(raw.len() as f64).ln_1p() / 10.0, (lines as f64).ln_1p() / 5.0];
+        let mut buckets = Vec::new();
+        let length = visit_buckets(text, cfg, |b| buckets.push(b));
         Features { buckets, length }
     }
 
@@ -141,16 +120,51 @@ impl Features {
     }
 }
 
-fn word_buckets(buf: &[u8], cfg: &FeaturizerConfig, mask: u64, out: &mut Vec<u32>) {
+/// Longest head + tail window hashed without a heap allocation.
+const STACK_WINDOW: usize = 4096;
+
+/// Calls `visit` with every bucket of `text` in emission order (the spec of
+/// `features.py`) and returns the two length features. No allocation when the
+/// hashed window fits in [`STACK_WINDOW`] bytes: [`Classifier::classify`]
+/// accumulates weights straight from here instead of collecting buckets.
+fn visit_buckets(text: &str, cfg: &FeaturizerConfig, mut visit: impl FnMut(u32)) -> [f64; 2] {
+    let raw = text.as_bytes();
+    let (head, tail): (&[u8], &[u8]) = if raw.len() > cfg.head_bytes + cfg.tail_bytes {
+        (&raw[..cfg.head_bytes], &raw[raw.len() - cfg.tail_bytes..])
+    } else {
+        (raw, &[])
+    };
+    let n = head.len() + tail.len();
+    let mut stack = [0u8; STACK_WINDOW];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if n <= STACK_WINDOW {
+        &mut stack[..n]
+    } else {
+        heap.resize(n, 0);
+        &mut heap
+    };
+    buf[..head.len()].copy_from_slice(head);
+    buf[head.len()..].copy_from_slice(tail);
+    buf.make_ascii_lowercase();
+    let mask = (1u64 << cfg.log2_buckets) - 1;
+    word_buckets(buf, cfg, mask, &mut visit);
+    for &g in &cfg.char_ngrams {
+        char_buckets(buf, g, mask, &mut visit);
+    }
+    let lines = raw.iter().filter(|&&b| b == b'\n').count() + 1;
+    [(raw.len() as f64).ln_1p() / 10.0, (lines as f64).ln_1p() / 5.0]
+}
+
+fn word_buckets(buf: &[u8], cfg: &FeaturizerConfig, mask: u64, visit: &mut impl FnMut(u32)) {
     let mut prev: Option<u64> = None;
-    let mut emit = |h: u64, out: &mut Vec<u32>| {
+    let mut emit = |h: u64| {
         if cfg.word_unigrams {
-            out.push((fmix64(h ^ SEED_UNI) & mask) as u32);
+            visit((fmix64(h ^ SEED_UNI) & mask) as u32);
         }
         if cfg.word_bigrams {
             if let Some(p) = prev {
                 let key = p.wrapping_mul(GOLDEN).wrapping_add(h) ^ SEED_BI;
-                out.push((fmix64(key) & mask) as u32);
+                visit((fmix64(key) & mask) as u32);
             }
         }
         prev = Some(h);
@@ -164,17 +178,17 @@ fn word_buckets(buf: &[u8], cfg: &FeaturizerConfig, mask: u64, out: &mut Vec<u32
                 h = (h ^ u64::from(buf[i])).wrapping_mul(FNV_PRIME);
                 i += 1;
             }
-            emit(h, out);
+            emit(h);
         } else {
             if is_punct_byte(b) {
-                emit((FNV_OFFSET ^ u64::from(b)).wrapping_mul(FNV_PRIME), out);
+                emit((FNV_OFFSET ^ u64::from(b)).wrapping_mul(FNV_PRIME));
             }
             i += 1;
         }
     }
 }
 
-fn char_buckets(buf: &[u8], n: u8, mask: u64, out: &mut Vec<u32>) {
+fn char_buckets(buf: &[u8], n: u8, mask: u64, visit: &mut impl FnMut(u32)) {
     let n = usize::from(n);
     if n == 0 || n > 7 || buf.len() < n {
         return;
@@ -188,7 +202,7 @@ fn char_buckets(buf: &[u8], n: u8, mask: u64, out: &mut Vec<u32>) {
     }
     for &b in &buf[n - 1..] {
         key |= u64::from(b) << top;
-        out.push((fmix64((key | tag) ^ SEED_CHAR) & mask) as u32);
+        visit((fmix64((key | tag) ^ SEED_CHAR) & mask) as u32);
         key >>= 8;
     }
 }
@@ -377,14 +391,28 @@ impl LinearModel {
                 }
             }
         }
-        let n = f.buckets.len();
+        self.finish_logits(acc, f.buckets.len(), &f.length, task, out)
+    }
+
+    /// Logits from the summed hashed weights `acc` of `n` buckets plus the dense
+    /// inputs; shared by [`LinearModel::logits_into`] and the fused path of
+    /// [`Classifier::classify`] so that both compute bit-identical numbers.
+    fn finish_logits(
+        &self,
+        acc: &[i32],
+        n: usize,
+        length: &[f64; 2],
+        task: Option<&[f64]>,
+        out: &mut Vec<f64>,
+    ) -> Result<(), ModelError> {
+        let k = self.outputs.len();
         let norm = if n == 0 { 1.0 } else { (n as f64).sqrt() };
         out.clear();
         out.extend(acc.iter().map(|&a| (self.scale * f64::from(a)) / norm));
         let mut row = 0;
         for block in &self.dense {
             let xs: &[f64] = match block {
-                DenseBlock::Length => &f.length,
+                DenseBlock::Length => length,
                 DenseBlock::Task => match task {
                     Some(t) if t.len() == self.task_outputs.len() => t,
                     _ => {
@@ -409,12 +437,8 @@ impl LinearModel {
         Ok(())
     }
 
-    /// Output probabilities for already-extracted features.
-    ///
-    /// `f` must come from [`Features::extract`] with this model's featurizer.
-    pub fn predict(&self, f: &Features, task: Option<&[f64]>) -> Result<Vec<f64>, ModelError> {
-        let mut z = Vec::with_capacity(self.outputs.len());
-        self.logits_into(f, task, &mut z)?;
+    /// Apply the activation in place.
+    fn activate(&self, z: &mut [f64]) {
         match self.activation {
             Activation::Softmax => {
                 let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -433,6 +457,15 @@ impl LinearModel {
                 }
             }
         }
+    }
+
+    /// Output probabilities for already-extracted features.
+    ///
+    /// `f` must come from [`Features::extract`] with this model's featurizer.
+    pub fn predict(&self, f: &Features, task: Option<&[f64]>) -> Result<Vec<f64>, ModelError> {
+        let mut z = Vec::with_capacity(self.outputs.len());
+        self.logits_into(f, task, &mut z)?;
+        self.activate(&mut z);
         Ok(z)
     }
 }
@@ -789,7 +822,7 @@ mod tests {
     fn rolling_window_matches_direct_key() {
         let buf = b"hello, world";
         let mut out = Vec::new();
-        char_buckets(buf, 3, u64::MAX, &mut out);
+        char_buckets(buf, 3, u64::MAX, &mut |b| out.push(b));
         for (i, &b) in out.iter().enumerate() {
             let key = u64::from(buf[i]) | u64::from(buf[i + 1]) << 8 | u64::from(buf[i + 2]) << 16 | 3 << 56;
             assert_eq!(b, fmix64(key ^ SEED_CHAR) as u32);

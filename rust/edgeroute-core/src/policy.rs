@@ -1,0 +1,183 @@
+//! Model-selection policies: "the cheapest model that is good enough" over a
+//! learned router, sticky A/B experiments, and the bounded score shifts that
+//! feedback learning applies.
+//!
+//! A policy route (for example the public model `auto`) has no deployments of
+//! its own: it chooses among candidate routes, each tied to one output (LLM) of
+//! the router model, whose predicted score for the prompt says how well that
+//! route is expected to answer. Candidates are tried from the cheapest up; the
+//! first whose score (plus its feedback shift) reaches the threshold wins. If
+//! none does, the best-scoring one wins, since quality is the constraint and
+//! cost the objective.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use serde::Deserialize;
+
+/// A candidate of a policy route.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCandidate {
+    /// The route (public model) that serves when this candidate is chosen.
+    pub route: String,
+    /// The router model's output (LLM name) that predicts this route's quality.
+    pub model: String,
+}
+
+/// Cheapest-sufficient routing settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Candidate routes.
+    pub candidates: Vec<PolicyCandidate>,
+    /// Lowest predicted score (0..1) that counts as good enough.
+    pub threshold: f64,
+}
+
+/// How a sticky experiment assigns a request to a variant.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Sticky {
+    /// By the end user (`user` field or header), falling back to the key.
+    #[default]
+    User,
+    /// By the caller's API key.
+    Key,
+}
+
+/// One arm of an experiment.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// The route serving this arm.
+    pub route: String,
+    /// Share of traffic, in percent; the shares of an experiment add up to 100.
+    pub percent: f64,
+}
+
+/// An A/B split of one public model's traffic.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSpec {
+    /// Name, part of the assignment hash (so two experiments split independently).
+    pub name: String,
+    /// The arms.
+    pub variants: Vec<Variant>,
+    /// What keeps a caller in the same arm.
+    #[serde(default)]
+    pub sticky: Sticky,
+}
+
+/// FNV-1a, 64 bit: stable across processes and versions, unlike `DefaultHasher`.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    for p in parts {
+        for b in *p {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        }
+        h ^= 0xFF;
+        h = h.wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h
+}
+
+impl ExperimentSpec {
+    /// The arm for `sticky_key` (the same key always lands in the same arm).
+    pub fn variant_for(&self, sticky_key: &str) -> usize {
+        let point = (fnv1a(&[self.name.as_bytes(), sticky_key.as_bytes()]) % 10_000) as f64 / 100.0;
+        let mut acc = 0.0;
+        for (i, v) in self.variants.iter().enumerate() {
+            acc += v.percent;
+            if point < acc {
+                return i;
+            }
+        }
+        self.variants.len().saturating_sub(1)
+    }
+}
+
+/// One candidate as evaluated for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    /// Index into the policy's candidates.
+    pub candidate: usize,
+    /// Estimated USD cost of the request on this candidate.
+    pub cost: f64,
+    /// Predicted score, feedback shift included.
+    pub score: f64,
+}
+
+/// The candidate to use: the cheapest that reaches `threshold`, else the best scoring.
+pub fn cheapest_sufficient(scored: &[Scored], threshold: f64) -> Option<&Scored> {
+    let mut by_cost: Vec<&Scored> = scored.iter().collect();
+    by_cost.sort_by(|a, b| a.cost.total_cmp(&b.cost));
+    by_cost
+        .iter()
+        .copied()
+        .find(|s| s.score >= threshold)
+        .or_else(|| scored.iter().max_by(|a, b| a.score.total_cmp(&b.score)))
+}
+
+/// Score shifts per (task class, route) set by feedback learning, bounded by the caller.
+#[derive(Debug, Default)]
+pub struct Shifts {
+    map: RwLock<HashMap<(String, String), f64>>,
+}
+
+impl Shifts {
+    /// Replaces all shifts at once.
+    pub fn replace(&self, shifts: HashMap<(String, String), f64>) {
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = shifts;
+    }
+
+    /// The shift for `task` on `route` (0 when none).
+    pub fn get(&self, task: &str, route: &str) -> f64 {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        if map.is_empty() {
+            return 0.0;
+        }
+        map.get(&(task.to_string(), route.to_string())).copied().unwrap_or(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(candidate: usize, cost: f64, score: f64) -> Scored {
+        Scored { candidate, cost, score }
+    }
+
+    #[test]
+    fn cheapest_good_enough_wins() {
+        let c = [s(0, 10.0, 0.9), s(1, 1.0, 0.75), s(2, 0.1, 0.4)];
+        assert_eq!(cheapest_sufficient(&c, 0.7).unwrap().candidate, 1);
+        assert_eq!(cheapest_sufficient(&c, 0.3).unwrap().candidate, 2);
+        // Nothing good enough: the best scoring one.
+        assert_eq!(cheapest_sufficient(&c, 0.95).unwrap().candidate, 0);
+        assert!(cheapest_sufficient(&[], 0.5).is_none());
+    }
+
+    #[test]
+    fn experiments_are_sticky_and_split_by_percent() {
+        let e = ExperimentSpec {
+            name: "exp".into(),
+            variants: vec![Variant { route: "a".into(), percent: 90.0 }, Variant { route: "b".into(), percent: 10.0 }],
+            sticky: Sticky::User,
+        };
+        let arms: Vec<usize> = (0..10_000).map(|i| e.variant_for(&format!("user-{i}"))).collect();
+        let b = arms.iter().filter(|&&a| a == 1).count();
+        assert!((800..1200).contains(&b), "{b}");
+        assert_eq!(e.variant_for("user-7"), e.variant_for("user-7"));
+    }
+
+    #[test]
+    fn shifts_default_to_zero() {
+        let s = Shifts::default();
+        assert_eq!(s.get("code", "gpt"), 0.0);
+        s.replace(HashMap::from([(("code".to_string(), "gpt".to_string()), 0.1)]));
+        assert_eq!(s.get("code", "gpt"), 0.1);
+    }
+}
