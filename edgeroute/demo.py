@@ -9,6 +9,7 @@ serving so that the user can try it with curl or the openai SDK.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from importlib import resources
 from typing import Any
@@ -19,9 +20,11 @@ import yaml
 from aiohttp import web
 
 from edgeroute import config as config_mod
-from edgeroute.accounting import MemoryRecorder
 from edgeroute.mock.openai import MockOptions, build_app
+from edgeroute.cost import reports
+from edgeroute.cost.ledger import Ledger
 from edgeroute.server import create_app, install_uvloop
+from edgeroute.state import RECORDER
 from edgeroute.state import STATE
 
 _MOCKS = {"openai-us": "mock-openai-us", "openai-eu": "mock-openai-eu", "budget-llm": "mock-budget"}
@@ -43,7 +46,7 @@ def demo_config_data() -> dict[str, Any]:
     return data
 
 
-async def _tour(base: str, mocks: dict[str, MockOptions], recorder: MemoryRecorder) -> None:
+async def _tour(base: str, mocks: dict[str, MockOptions], ledger: Ledger) -> None:
     hdr = {"Authorization": "Bearer anything", "Content-Type": "application/json"}
     rows: list[tuple[str, str, str, str, str, str]] = []
 
@@ -111,7 +114,10 @@ async def _tour(base: str, mocks: dict[str, MockOptions], recorder: MemoryRecord
         f"\nPOST /v1/route/explain for a prompt with a card number -> {explained['deployment']} "
         f"(rule {explained['rule']}: {'; '.join(explained['reasons'])})"
     )
-    print(f"Recorded {recorder.count} requests, total cost ${recorder.total_cost:.6f}.")
+    # The spend ledger (SQLite, written off the request path): what the tour cost, and what it saved.
+    await asyncio.to_thread(ledger.flush)
+    print("\nSpend by model (edgeroute spend --by model):\n")
+    print(reports.render(reports.spend(ledger.backend, by="model"), "table"))
 
 
 def _banner(base: str) -> str:
@@ -145,9 +151,12 @@ async def _main(port: int, tour_only: bool) -> int:
         runners.append(runner)
         mocks[provider] = opts
         data["providers"][provider]["base_url"] = f"http://127.0.0.1:{mport}/v1"
+    spend_dir = tempfile.TemporaryDirectory(prefix="edgeroute-demo-")
+    data["ledger"] = {"backend": "sqlite", "path": f"{spend_dir.name}/spend.db", "flush_interval": 0.2}
     cfg = config_mod.parse(data, "edgeroute/data/demo.yaml")
-    recorder = MemoryRecorder()
-    app = create_app(cfg, "demo", recorder)
+    app = create_app(cfg, "demo")
+    ledger = app[RECORDER]
+    assert isinstance(ledger, Ledger)
     try:
         runner, pport = await _start(app, port)
     except OSError as e:
@@ -158,7 +167,7 @@ async def _main(port: int, tour_only: bool) -> int:
     runners.append(runner)
     base = f"http://127.0.0.1:{pport}"
     try:
-        await _tour(base, mocks, recorder)
+        await _tour(base, mocks, ledger)
         if tour_only:
             return 0
         print(_banner(base), flush=True)
@@ -167,6 +176,7 @@ async def _main(port: int, tour_only: bool) -> int:
     finally:
         for r in reversed(runners):
             await r.cleanup()
+        spend_dir.cleanup()
     return 0
 
 

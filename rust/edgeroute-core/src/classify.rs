@@ -593,6 +593,10 @@ impl TextModel {
     /// Classify already-extracted features (see [`TextModel::featurizer`]).
     pub fn predict_features(&self, f: &Features) -> Prediction {
         let probabilities = self.model.predict(f, None).expect("task model has no task input");
+        self.prediction(probabilities)
+    }
+
+    fn prediction(&self, probabilities: Vec<f64>) -> Prediction {
         let best = probabilities
             .iter()
             .enumerate()
@@ -696,6 +700,52 @@ pub struct Classification {
     pub scores: Vec<f64>,
 }
 
+/// Row width of the fused weight table (task + router outputs, padded).
+const FUSED_WIDTH: usize = 16;
+
+/// The task and router weights of each bucket side by side (one 32-byte row),
+/// built when both models share a featurizer: each hashed feature then costs
+/// one load and one 16-lane add, and no bucket list is materialised.
+#[derive(Clone)]
+struct Fused {
+    rows: Vec<[i16; FUSED_WIDTH]>,
+    task_k: usize,
+    router_k: usize,
+}
+
+impl Fused {
+    fn new(task: &LinearModel, router: &LinearModel) -> Option<Self> {
+        let (kt, kr) = (task.outputs.len(), router.outputs.len());
+        if task.featurizer != router.featurizer || kt + kr > FUSED_WIDTH {
+            return None;
+        }
+        let buckets = 1usize << task.featurizer.log2_buckets;
+        let rows = (0..buckets)
+            .map(|b| {
+                let mut row = [0i16; FUSED_WIDTH];
+                row[..kt].copy_from_slice(&task.hashed[b * kt..b * kt + kt]);
+                row[kt..kt + kr].copy_from_slice(&router.hashed[b * kr..b * kr + kr]);
+                row
+            })
+            .collect();
+        Some(Fused {
+            rows,
+            task_k: kt,
+            router_k: kr,
+        })
+    }
+}
+
+impl fmt::Debug for Fused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fused")
+            .field("buckets", &self.rows.len())
+            .field("task_k", &self.task_k)
+            .field("router_k", &self.router_k)
+            .finish()
+    }
+}
+
 /// A task model and a router model used together; featurizes once when both
 /// share a featurizer.
 #[derive(Debug, Clone)]
@@ -704,6 +754,7 @@ pub struct Classifier {
     pub task: TextModel,
     /// The router (difficulty) model.
     pub router: RouterModel,
+    fused: Option<Fused>,
 }
 
 impl Classifier {
@@ -712,7 +763,8 @@ impl Classifier {
         if router.needs_task() && router.model.task_outputs != task.model.outputs {
             return Err(bad("router was trained with another task model's classes"));
         }
-        Ok(Classifier { task, router })
+        let fused = Fused::new(&task.model, &router.model);
+        Ok(Classifier { task, router, fused })
     }
 
     /// Load both from `ERLM` bytes.
@@ -720,8 +772,21 @@ impl Classifier {
         Classifier::new(TextModel::from_bytes(task)?, RouterModel::from_bytes(router)?)
     }
 
+    /// The task classifier.
+    pub fn task_model(&self) -> &TextModel {
+        &self.task
+    }
+
+    /// The router (difficulty) model.
+    pub fn router(&self) -> &RouterModel {
+        &self.router
+    }
+
     /// Task type and per-LLM scores of a prompt.
     pub fn classify(&self, text: &str) -> Classification {
+        if let Some(fz) = &self.fused {
+            return self.classify_fused(fz, text);
+        }
         let ft = Features::extract(text, self.task.featurizer());
         let task = self.task.predict_features(&ft);
         let fr;
@@ -732,6 +797,33 @@ impl Classifier {
             &fr
         };
         let scores = self.router.scores(f, Some(&task)).expect("checked in Classifier::new");
+        Classification { task, scores }
+    }
+
+    /// One pass over the text: sum the fused rows of its buckets, then finish
+    /// both models' logits exactly as [`LinearModel::logits_into`] would.
+    fn classify_fused(&self, fz: &Fused, text: &str) -> Classification {
+        let mut acc = [0i32; FUSED_WIDTH];
+        let mut n = 0usize;
+        let length = visit_buckets(text, self.task.featurizer(), |b| {
+            let row = &fz.rows[b as usize];
+            for (a, &w) in acc.iter_mut().zip(row) {
+                *a += i32::from(w);
+            }
+            n += 1;
+        });
+        let (kt, kr) = (fz.task_k, fz.router_k);
+        let tm = &self.task.model;
+        let mut probs = Vec::with_capacity(kt);
+        tm.finish_logits(&acc[..kt], n, &length, None, &mut probs)
+            .expect("task model has no task input");
+        tm.activate(&mut probs);
+        let task = self.task.prediction(probs);
+        let rm = &self.router.model;
+        let mut scores = Vec::with_capacity(kr);
+        rm.finish_logits(&acc[kt..kt + kr], n, &length, Some(&task.probabilities), &mut scores)
+            .expect("checked in Classifier::new");
+        rm.activate(&mut scores);
         Classification { task, scores }
     }
 }

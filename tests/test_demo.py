@@ -1,0 +1,25 @@
+"""The README's first command: `edgeroute demo` runs the guided tour on bundled mocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_demo_tour_shows_routing_failover_and_spend() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeroute", "demo", "--port", "0", "--tour-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    lines = {line.split("  ")[0]: line for line in out.splitlines() if line.strip()}
+    assert "gpt-4o-eu" in lines["rule: PII stays in EU"] and "pii-stays-in-eu" in lines["rule: PII stays in EU"]
+    assert "llama-budget" in lines["cheapest deployment"]
+    outage = lines["outage at openai-us"]
+    assert "gpt-4o-eu" in outage and "  2  " in outage  # failed over on the second attempt
+    assert "pii-stays-in-eu: pii=payment_card" in out
+    assert "Spend by model" in out and "TOTAL" in out and "savings vs. most expensive model" in out
+    assert "Traceback" not in r.stderr
