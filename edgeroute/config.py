@@ -117,8 +117,43 @@ class Hedge(_Strict):
     min_samples: int = Field(20, ge=1)
 
 
+class PolicyCandidate(_Strict):
+    route: str  # a public model with deployments
+    model: str  # the router model's output (LLM name) that predicts this route's quality
+
+
+class Policy(_Strict):
+    """Cheapest-sufficient routing: the cheapest candidate whose predicted score reaches the threshold."""
+
+    candidates: list[PolicyCandidate] = Field(min_length=1)
+    threshold: float = Field(ge=0, le=1)
+
+
+class Variant(_Strict):
+    route: str
+    percent: float = Field(ge=0, le=100)
+
+
+class Experiment(_Strict):
+    """A sticky A/B split of a model's traffic between routes."""
+
+    variants: list[Variant] = Field(min_length=1)
+    sticky: Literal["user", "key"] = "user"
+
+
+class Shadow(_Strict):
+    """Mirror a sample of requests to a candidate route; answers are recorded, never returned."""
+
+    model: str
+    percent: float = Field(gt=0, le=100)
+
+
 class Model(_Strict):
-    deployments: list[str] = Field(min_length=1)
+    # Empty for a model that only chooses among other routes (`policy` or `experiment`).
+    deployments: list[str] = []
+    policy: Policy | None = None
+    experiment: Experiment | None = None
+    shadow: Shadow | None = None
     strategy: Strategy = "weighted"
     fallbacks: list[str] = []
     context_window_fallbacks: list[str] = []
@@ -282,6 +317,21 @@ class Ledger(_Strict):
     record_attempts: bool = True
 
 
+class Feedback(_Strict):
+    max_shift: float = Field(0.15, ge=0, le=1)
+    cost_weight: float = Field(0.0, ge=0)
+    state_path: str | None = None
+
+
+class Learning(_Strict):
+    """Learned routing models (`builtin`: the ones shipped with edgeroute) and feedback learning."""
+
+    task_model: str = "builtin"
+    router_model: str = "builtin"
+    feedback: Feedback | None = None
+    shadow_log: str | None = None
+
+
 class Config(_Strict):
     server: Server = Server()
     providers: dict[str, Provider]
@@ -296,6 +346,7 @@ class Config(_Strict):
     budgets: Budgets = Budgets()
     ledger: Ledger | None = None
     shared_state: SharedState | None = None
+    learning: Learning = Learning()
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""
@@ -316,16 +367,19 @@ class Config(_Strict):
             deps.append(spec)
         models = []
         for name, m in self.models.items():
-            models.append(
-                {
-                    "name": name,
-                    "deployments": m.deployments,
-                    "strategy": m.strategy,
-                    "fallbacks": m.fallbacks,
-                    "context_window_fallbacks": m.context_window_fallbacks,
-                    "hedge": m.hedge.model_dump() if m.hedge else None,
-                }
-            )
+            spec = {
+                "name": name,
+                "deployments": m.deployments,
+                "strategy": m.strategy,
+                "fallbacks": m.fallbacks,
+                "context_window_fallbacks": m.context_window_fallbacks,
+                "hedge": m.hedge.model_dump() if m.hedge else None,
+            }
+            if m.policy is not None:
+                spec["policy"] = m.policy.model_dump()
+            if m.experiment is not None:
+                spec["experiment"] = {"name": name, **m.experiment.model_dump()}
+            models.append(spec)
         return orjson.dumps(
             {
                 "deployments": deps,
@@ -358,6 +412,32 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         if d.provider not in cfg.providers:
             problems.append((f"deployments.{name}.provider", f"unknown provider {d.provider!r}"))
     for name, m in cfg.models.items():
+        choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
+        if not m.deployments and not choosers:
+            problems.append((f"models.{name}.deployments", "a model needs deployments, a policy or an experiment"))
+        if m.deployments and choosers:
+            problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
+        if len(choosers) == 2:
+            problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
+        refs: list[tuple[str, str]] = []
+        if m.policy is not None:
+            refs += [
+                (f"models.{name}.policy.candidates[{i}].route", c.route) for i, c in enumerate(m.policy.candidates)
+            ]
+        if m.experiment is not None:
+            refs += [
+                (f"models.{name}.experiment.variants[{i}].route", v.route) for i, v in enumerate(m.experiment.variants)
+            ]
+            total = sum(v.percent for v in m.experiment.variants)
+            if abs(total - 100) > 1e-6:
+                problems.append((f"models.{name}.experiment.variants", f"percents add up to {total:g}, not 100"))
+        if m.shadow is not None:
+            refs.append((f"models.{name}.shadow.model", m.shadow.model))
+        for path, ref in refs:
+            if ref not in cfg.models:
+                problems.append((path, f"unknown model {ref!r}"))
+            elif not cfg.models[ref].deployments:
+                problems.append((path, f"{ref!r} must be a model with deployments"))
         for i, dep in enumerate(m.deployments):
             if dep not in cfg.deployments:
                 problems.append((f"models.{name}.deployments[{i}]", f"unknown deployment {dep!r}"))

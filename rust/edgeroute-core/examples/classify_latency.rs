@@ -1,7 +1,7 @@
 //! p50 / p99 latency of both predictions (task type + router scores) for a
 //! 2,000-token chat, with the shipped models (target: p99 <= 50 us).
 //!
-//! `cargo run --release -p edgeroute-core --example classify_latency [calls]`
+//! `cargo run --release -p edgeroute-core --example classify_latency [calls [model_dir]]`
 //! times each of `calls` (default 20,000) `Classifier::classify` calls
 //! separately, after a warm-up, and prints percentiles. Criterion
 //! (`cargo bench -p edgeroute-core --bench classify`) reports means only.
@@ -12,8 +12,11 @@ use std::time::Instant;
 use edgeroute_core::classify::Classifier;
 use edgeroute_core::Encoding;
 
-fn classifier() -> Classifier {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../edgeroute/models");
+fn classifier(dir: Option<String>) -> Classifier {
+    let dir = dir.map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../edgeroute/models"),
+        PathBuf::from,
+    );
     Classifier::from_bytes(
         &std::fs::read(dir.join("task.erlm")).expect("run python -m edgeroute.learn.build_models"),
         &std::fs::read(dir.join("router-gpt4-mixtral.erlm")).expect("router model"),
@@ -39,7 +42,7 @@ fn chat_2000_tokens() -> String {
 
 fn main() {
     let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let clf = classifier();
+    let clf = classifier(std::env::args().nth(2));
     let text = chat_2000_tokens();
     let tokens = Encoding::O200kBase.count(&text);
     for _ in 0..2_000 {
