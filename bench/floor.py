@@ -1,10 +1,13 @@
-"""A bare aiohttp pass-through proxy: the floor under edgeroute's overhead.
+"""Bare pass-through proxies: the floor under edgeroute's overhead.
 
 ``python -m bench.floor --upstream http://127.0.0.1:9000/v1 [--port 0]`` relays
 `POST /v1/chat/completions` to the upstream with the same server and client stack as
 edgeroute (uvloop, aiohttp server, one pooled `ClientSession`) and nothing else: no
 routing decision, no middleware, no accounting. The overhead scenario can measure it
 beside edgeroute (``--floor``) to separate what the stack costs from what edgeroute adds.
+
+``--raw`` relays with the minimal HTTP/1.1 server and client of :mod:`bench.http1`
+instead (non-streaming and streaming): what a Python proxy costs without aiohttp.
 """
 
 from __future__ import annotations
@@ -49,6 +52,32 @@ def build_app(upstream: str) -> web.Application:
     return app
 
 
+async def serve_raw(upstream: str, port: int) -> None:
+    from urllib.parse import urlsplit
+
+    from bench.http1 import ClientPool, Conn, HttpServer, Request
+
+    u = urlsplit(upstream.rstrip("/") + "/chat/completions")
+    pool = ClientPool(u.hostname or "127.0.0.1", u.port or 80)
+    hdrs = [("Content-Type", "application/json"), ("Authorization", "Bearer floor")]
+
+    async def handle(req: Request, conn: Conn) -> None:
+        started = False
+
+        def on_head(status: int) -> None:
+            nonlocal started
+            started = True
+            conn.start(status, "text/event-stream")
+
+        await pool.request("POST", u.path, hdrs, req.body, on_head, conn.chunk)
+        if started:
+            conn.end()
+
+    server = HttpServer(handle, "127.0.0.1", port)
+    print(f"listening port={await server.start()}", flush=True)
+    await asyncio.Event().wait()
+
+
 async def serve(upstream: str, port: int) -> None:
     runner = web.AppRunner(build_app(upstream), access_log=None)
     await runner.setup()
@@ -64,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="bench.http1's server and client instead of aiohttp")
     a = p.parse_args(argv)
     import uvloop
 
     try:
-        uvloop.run(serve(a.upstream, a.port))
+        uvloop.run((serve_raw if a.raw else serve)(a.upstream, a.port))
     except KeyboardInterrupt:
         pass
     return 0

@@ -123,7 +123,18 @@ class Stack:
                 os.sched_setaffinity(0, cpus)
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=pre, env=env)
+        err = open(Path(self.tmp.name) / f"{name}.stderr", "ab")  # the child keeps its own copy
+        try:
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, preexec_fn=pre, env=env)
+        finally:
+            err.close()
+
+    def stderr_tail(self, name: str, lines: int = 15) -> str:
+        try:
+            text = (Path(self.tmp.name) / f"{name}.stderr").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def upstream(self, *args: str, name: str = "mock", port: int = 0, admin: bool = True) -> Proc:
         """A `bench.faults` upstream; its admin API also on a second port (it survives `refuse`)."""
@@ -141,9 +152,10 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def floor(self, upstream_url: str) -> Proc:
-        """The bare aiohttp pass-through proxy of :mod:`bench.floor`, on the proxy's CPU."""
-        p = self._spawn("floor", [sys.executable, "-m", "bench.floor", "--upstream", upstream_url], self.proxy_cpus)
+    def floor(self, upstream_url: str, raw: bool = False) -> Proc:
+        """A bare pass-through proxy of :mod:`bench.floor` (aiohttp, or `raw` bench.http1), on the proxy's CPU."""
+        argv = [sys.executable, "-m", "bench.floor", "--upstream", upstream_url] + (["--raw"] if raw else [])
+        p = self._spawn("floor", argv, self.proxy_cpus)
         assert p.stdout is not None
         line = p.stdout.readline().decode()
         if not line.startswith("listening port="):
@@ -176,7 +188,10 @@ class Stack:
         p = self._spawn(name, argv, self.proxy_cpus)
         proc = Proc(name, p, port)
         self.procs.append(proc)
-        ready = wait_ready(f"http://127.0.0.1:{port}/readyz", p)
+        try:
+            ready = wait_ready(f"http://127.0.0.1:{port}/readyz", p)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.stderr_tail(name)}") from None
         return proc, ready - t0
 
     def profiler(self, proc: Proc, seconds: float, path: str | None) -> subprocess.Popen[bytes] | None:

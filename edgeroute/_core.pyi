@@ -12,7 +12,7 @@ Errors raised by the core all derive from :class:`EdgerouteError`.
 Hand-written; checked against the extension with ``python -m mypy.stubtest edgeroute._core``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict, final
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "Decision",
     "EdgerouteError",
+    "ForbiddenError",
     "NoDeploymentError",
     "Router",
     "UnknownModelError",
@@ -33,11 +34,14 @@ class EdgerouteError(Exception):
     """Base of every error raised by the core."""
 
 class BadRequestError(EdgerouteError):
-    """The request body is invalid, or a rule rejected it (HTTP 400).
+    """The request body is invalid (HTTP 400).
 
     The message reads like the OpenAI API's own 400 messages. Also raised by
     ``Router.count_tokens`` for an unknown encoding name.
     """
+
+class ForbiddenError(EdgerouteError):
+    """A rule's ``reject`` action refuses this request (HTTP 403)."""
 
 class UnknownModelError(EdgerouteError):
     """No route serves the requested model (HTTP 404)."""
@@ -48,7 +52,7 @@ class NoDeploymentError(EdgerouteError):
 class ConfigError(EdgerouteError):
     """The router config is invalid (raised by ``Router()`` and ``Router.reload``)."""
 
-_Strategy = Literal["Weighted", "P2cEwma", "LowestCost", "LeastBusy"]
+_Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
 _Encoding = Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"]
 _Outcome = Literal["success", "client_error", "rate_limited", "server_error", "timeout", "connect_error"]
 
@@ -123,21 +127,55 @@ class Decision:
 
     @property
     def strategy(self) -> _Strategy:
-        """Selection strategy used, as the Rust variant name (e.g. ``"P2cEwma"``)."""
+        """Selection strategy used, as named in config files (e.g. ``"p2c_ewma"``)."""
+
+    @property
+    def task(self) -> str | None:
+        """Predicted task type (``code``, ``math``, ...) when the classifier ran."""
+
+    @property
+    def task_confidence(self) -> float | None:
+        """Probability of that task type."""
+
+    @property
+    def difficulty(self) -> float | None:
+        """Predicted score of the strongest minus the weakest router-model output."""
+
+    @property
+    def scores(self) -> list[tuple[str, float]]:
+        """Predicted score per router-model output (LLM name); empty when not classified."""
+
+    @property
+    def policy(self) -> str | None:
+        """How a policy route chose its candidate, if one did."""
+
+    @property
+    def variant(self) -> str | None:
+        """The experiment arm (route) this request was assigned to, if any."""
 
 @final
 class Router:
     """A compiled router. Immutable: ``reload`` returns a new one that keeps health state."""
 
-    def __new__(cls, config_json: bytes) -> Router:
+    def __new__(cls, config_json: bytes, task_model: bytes | None = None, router_model: bytes | None = None) -> Router:
         """Compiles a router from its JSON spec and loads the tokenizer tables.
 
-        Raises :class:`ConfigError` when the spec is invalid.
+        ``task_model`` and ``router_model`` (``ERLM`` bytes, both or neither) let it
+        classify prompts, as policy routes and ``tasks`` rule conditions need.
+        Raises :class:`ConfigError` when the spec or a model is invalid.
         """
 
-    def reload(self, config_json: bytes) -> Router:
-        """Compiles a new router, keeping the health, latency history and budgets of
-        deployments whose provider and model are unchanged. Raises :class:`ConfigError`."""
+    def reload(self, config_json: bytes, task_model: bytes | None = None, router_model: bytes | None = None) -> Router:
+        """Compiles a new router, keeping the health, latency history, budgets and
+        feedback shifts of deployments whose provider and model are unchanged; the
+        models are replaced when both are given. Raises :class:`ConfigError`."""
+
+    def set_shifts(self, shifts: Mapping[tuple[str, str], float]) -> None:
+        """Replaces the feedback-learning shifts added to predicted scores, keyed by (task, route)."""
+
+    @property
+    def has_classifier(self) -> bool:
+        """Whether the router can classify prompts."""
 
     def decide(
         self,
@@ -147,6 +185,8 @@ class Router:
         role: str | None = None,
         user: str | None = None,
         prompt_tokens: int | None = None,
+        key: str | None = None,
+        explain: bool = False,
     ) -> Decision:
         """Decides how to serve a chat-completions ``body``; releases the GIL.
 
@@ -154,8 +194,10 @@ class Router:
         ``x-edgeroute-tags``; ``team`` and ``role`` from the caller's key; ``user``
         overrides the body's ``user``. ``prompt_tokens``, when given (e.g. known
         from an earlier attempt of the same body), is used instead of counting.
+        ``key`` (the caller's key id) keeps experiments sticky by key; ``explain``
+        classifies the prompt even when nothing needs it, for explanations.
 
-        Raises :class:`BadRequestError` (bad body, or a rule rejects it),
+        Raises :class:`BadRequestError` (bad body), :class:`ForbiddenError` (a rule rejects it),
         :class:`UnknownModelError` or :class:`NoDeploymentError`.
         """
 

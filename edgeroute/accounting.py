@@ -108,6 +108,8 @@ class RequestRecord:
     model: str
     route: str = ""
     rule: str | None = None
+    task: str | None = None
+    shadow_of: str | None = None  # for a shadow request: the id of the request it mirrors
     stream: bool = False
     key: str | None = None
     team: str | None = None

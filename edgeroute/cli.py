@@ -53,10 +53,12 @@ def _cmd_route(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(line, file=sys.stderr)
         return 1
-    router = _core.Router(cfg.core_json())
+    from edgeroute import routing_models
+
+    router = _core.Router(cfg.core_json(), *routing_models.load(cfg, args.config))
     body = orjson.dumps({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]})
     try:
-        d = router.decide(body, tags=args.tag or None)
+        d = router.decide(body, tags=args.tag or None, explain=True)
     except _core.EdgerouteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -65,6 +67,15 @@ def _cmd_route(args: argparse.Namespace) -> int:
     print(f"why:        {'; '.join(d.reasons)}\nstrategy:   {d.strategy}")
     print(f"tokens:     {d.prompt_tokens} ({d.encoding})\ndeployment: {names[d.order[0]]}")
     print(f"fallbacks:  {', '.join(names[i] for i in d.order[1:]) or '(none)'}")
+    if d.variant is not None:
+        print(f"variant:    {d.variant}")
+    if d.policy is not None:
+        print(f"policy:     {d.policy}")
+    if d.task is not None:
+        print(f"task:       {d.task} (p={d.task_confidence:.2f})")
+    if d.difficulty is not None:
+        scores = ", ".join(f"{m}={s:.2f}" for m, s in d.scores)
+        print(f"difficulty: {d.difficulty:.2f}  (predicted scores: {scores})")
     return 0
 
 

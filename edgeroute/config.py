@@ -23,6 +23,10 @@ from edgeroute.cost import prices
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
+TaskType = Literal[
+    "code", "math", "reasoning", "creative_writing", "summarization", "extraction", "translation", "knowledge_qa",
+    "chat", "other",
+]  # fmt: skip
 FallbackClass = Literal["rate_limit", "server_error", "timeout", "context_window", "content_policy"]
 
 
@@ -182,6 +186,7 @@ class RuleWhen(_Strict):
     patterns: list[str] = []
     pii: list[Literal["email", "phone", "payment_card", "iban", "national_id"]] = []
     time: TimeWindow | None = None
+    tasks: list[TaskType] = []
 
 
 class RuleThen(_Strict):
@@ -538,10 +543,11 @@ def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) ->
     if problems:
         raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
     # The core compiles regexes and checks what Python cannot (e.g. time formats).
-    from edgeroute import _core
+    from edgeroute import _core, routing_models
 
+    task, router = routing_models.load(cfg, source)
     try:
-        _core.Router(cfg.core_json())
+        _core.Router(cfg.core_json(), task, router)
     except _core.ConfigError as e:
         raise ConfigError([f"{source}: {e}"]) from None
     return cfg

@@ -16,15 +16,24 @@ update; the file write happens in a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute.config import Config
+from edgeroute.errors import ProxyError
+from edgeroute.state import STATE
 
 log = logging.getLogger("edgeroute.learning")
 
@@ -128,9 +137,67 @@ class FeedbackLearner:
         return out
 
 
-async def refresh_loop(learner: FeedbackLearner, apply: Any, interval: float = 5.0) -> None:
-    """Re-draws and applies the shifts periodically, and saves the state off the loop."""
-    while True:
-        await asyncio.sleep(interval)
-        apply(learner.shifts())
+LEARNER = web.AppKey("learner", FeedbackLearner)
+REFRESH_SECONDS = 5.0
+
+
+def _apply(app: web.Application, learner: FeedbackLearner) -> None:
+    app[STATE].live.router.set_shifts(learner.shifts())
+
+
+async def feedback_endpoint(request: web.Request) -> web.Response:
+    """`POST /v1/feedback {"request_id": ..., "score": 0..1}`: how good an answer was."""
+    learner = request.app.get(LEARNER)
+    if learner is None:
+        raise ProxyError(404, "Feedback learning is not enabled (set learning.feedback in the config).")
+    try:
+        data = orjson.loads(await request.read())
+        rid, score = data["request_id"], float(data["score"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise ProxyError(400, 'Expected {"request_id": "...", "score": 0..1}.', code="invalid_request") from None
+    if not isinstance(rid, str) or not 0.0 <= score <= 1.0:
+        raise ProxyError(400, "score must be between 0 and 1 and request_id a string.", param="score")
+    served = learner.feedback(rid, score)
+    if served is None:
+        raise ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
+    _apply(request.app, learner)
+    body = {"request_id": rid, "task": served.task, "route": served.route, "accepted": True}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def learning_state(request: web.Request) -> web.Response:
+    learner = request.app.get(LEARNER)
+    body = learner.snapshot() if learner is not None else {"enabled": False}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def install(app: web.Application, config: Config, base_dir: Path | None) -> None:
+    """Adds the feedback endpoints, and the learner when `learning.feedback` is configured."""
+    app.router.add_post("/v1/feedback", feedback_endpoint)
+    app.router.add_get("/admin/learning", learning_state)
+    fb = config.learning.feedback
+    if fb is None:
+        return
+    path = Path(fb.state_path) if fb.state_path else None
+    if path is not None and base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    learner = FeedbackLearner(path, max_shift=fb.max_shift, cost_weight=fb.cost_weight)
+    app[LEARNER] = learner
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        _apply(app, learner)
+
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(REFRESH_SECONDS)
+                _apply(app, learner)
+                await asyncio.to_thread(learner.save)
+
+        task = asyncio.create_task(refresh())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await asyncio.to_thread(learner.save)
+
+    app.cleanup_ctx.append(ctx)

@@ -17,7 +17,9 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
+from edgeroute import shadow
 from edgeroute.errors import ProxyError
+from edgeroute.learning import LEARNER
 from edgeroute.metrics import METRICS
 from edgeroute.state import RECORDER, STATE, Live
 
@@ -36,15 +38,21 @@ def _tags(request: web.Request) -> list[str] | None:
     return [t.strip() for t in raw.split(",") if t.strip()]
 
 
-def decide(live: Live, body: bytes, request: web.Request) -> _core.Decision:
+def decide(live: Live, body: bytes, request: web.Request, explain: bool = False) -> _core.Decision:
     """Asks the core; maps its errors onto the API's statuses."""
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
+    # Feedback is attributed per (task, route): with learning on, every request is classified.
+    explain = explain or live.config.learning.feedback is not None
     try:
         if ident is None:
-            return live.router.decide(body, tags=_tags(request))
-        return live.router.decide(body, tags=_tags(request), team=ident.team, role=ident.role, user=ident.user)
+            return live.router.decide(body, tags=_tags(request), explain=explain)
+        return live.router.decide(
+            body, tags=_tags(request), team=ident.team, role=ident.role, user=ident.user, key=ident.key, explain=explain
+        )
     except _core.BadRequestError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
+    except _core.ForbiddenError as e:
+        raise ProxyError(403, str(e), code="request_refused_by_rule") from None
     except _core.UnknownModelError as e:
         raise ProxyError(404, str(e), code="model_not_found", param="model") from None
     except _core.NoDeploymentError as e:
@@ -52,8 +60,19 @@ def decide(live: Live, body: bytes, request: web.Request) -> _core.Decision:
 
 
 def explain_header(d: _core.Decision) -> str:
-    rule = d.rule or "default"
-    return f"route={d.route}; rule={rule}; why={' & '.join(d.reasons)}; tokens={d.prompt_tokens}"
+    """One header line: route, rule or policy and why, and the predictions when they were made."""
+    parts = [f"route={d.route}", f"rule={d.rule or 'default'}", f"why={' & '.join(d.reasons)}"]
+    if d.variant is not None:
+        parts.append(f"variant={d.variant}")
+    if d.policy is not None:
+        parts.append(f"policy={d.policy}")
+    if d.task is not None:
+        parts.append(f"task={d.task}")
+    if d.difficulty is not None:
+        parts.append(f"difficulty={d.difficulty:.2f}")
+    parts.append(f"tokens={d.prompt_tokens}")
+    # Header values must be latin-1: rule names and reasons come from the config and the prompt.
+    return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -91,6 +110,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         body = await (dialect.read(request) if dialect else read_body(request))
         decision = decide(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
+        rec.task = decision.task
         ticket = await admission.admit(request, decision, rec)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
@@ -113,6 +133,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
+            shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body)
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
@@ -134,6 +155,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         admission.settle(ticket, rec)
         request.app[RECORDER].record(rec)
         request.app[METRICS].observe(rec)
+        if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
+            learner.served(rid, rec.route, rec.task, rec.cost_usd)
 
 
 def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:
@@ -174,7 +197,7 @@ async def explain(request: web.Request) -> web.Response:
     """The routing decision for a chat request, without calling any upstream."""
     live = request.app[STATE].live
     body = await read_body(request)
-    d = decide(live, body, request)
+    d = decide(live, body, request, explain=True)
     table = live.deployments
     out: dict[str, Any] = {
         "model": d.model,
@@ -187,6 +210,12 @@ async def explain(request: web.Request) -> web.Response:
         "deployment": table[d.order[0]].name,
         "fallbacks": [table[i].name for i in d.order[1:]],
         "hedge_after_ms": d.hedge_after_ms,
+        "variant": d.variant,
+        "policy": d.policy,
+        "task": d.task,
+        "task_confidence": d.task_confidence,
+        "difficulty": d.difficulty,
+        "scores": dict(d.scores),
     }
     return web.Response(body=orjson.dumps(out), content_type="application/json")
 

@@ -11,12 +11,13 @@ import asyncio
 import hmac
 import logging
 import signal
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, openai_api, secrets
+from edgeroute import anthropic_api, learning, openai_api, secrets
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.config import Config, ConfigError
@@ -25,6 +26,7 @@ from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.reload import admin_reload, reload_from_source
+from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import STATE, Live, ServerState
 
 log = logging.getLogger("edgeroute")
@@ -148,6 +150,13 @@ def create_app(
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)
     app[METRICS] = Metrics()
+    base_dir = Path(source).parent if not source.startswith("<") else None
+    learning.install(app, config, base_dir)
+    if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):
+        log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None
+        if log_path is not None and base_dir is not None and not log_path.is_absolute():
+            log_path = base_dir / log_path
+        app[SHADOW_LOG] = ShadowLog(log_path)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(health_check_ctx)
     app.router.add_get("/metrics", metrics_endpoint)

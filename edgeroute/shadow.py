@@ -18,7 +18,12 @@ from typing import Any
 
 import orjson
 
+from aiohttp import web
+
+from edgeroute import _core
 from edgeroute.accounting import RequestRecord
+from edgeroute.config import Model
+from edgeroute.state import RECORDER, STATE, Live
 
 log = logging.getLogger("edgeroute.shadow")
 
@@ -60,8 +65,12 @@ class ShadowLog:
                     f.write(orjson.dumps(pair) + b"\n")
 
 
-def sampled(percent: float, rng: random.Random = random._inst) -> bool:  # type: ignore[attr-defined]
-    return percent > 0 and rng.random() * 100 < percent
+_rng = random.Random()
+SHADOW_LOG = web.AppKey("shadow_log", ShadowLog)
+
+
+def sampled(percent: float) -> bool:
+    return percent > 0 and _rng.random() * 100 < percent
 
 
 def pair_record(primary: RequestRecord, primary_answer: str | None, shadow: RequestRecord, shadow_answer: str | None) -> dict[str, Any]:
@@ -84,7 +93,44 @@ def pair_record(primary: RequestRecord, primary_answer: str | None, shadow: Requ
     }
 
 
-def spawn(tasks: set[asyncio.Task[None]], coro: Any) -> None:
-    task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)
+def maybe_mirror(
+    app: web.Application, live: Live, model: Model, body: bytes, decision: _core.Decision, rec: RequestRecord, answer: bytes
+) -> None:
+    """Mirrors this answered request to the model's shadow candidate, if it is sampled."""
+    if model.shadow is None or not sampled(model.shadow.percent):
+        return
+    state = app[STATE]
+    task = asyncio.get_running_loop().create_task(_mirror(app, live, model.shadow.model, body, rec, answer))
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+
+
+async def _mirror(app: web.Application, live: Live, candidate: str, body: bytes, primary: RequestRecord, answer: bytes) -> None:
+    from edgeroute.dispatch import Call, JsonAnswer  # dispatch imports this module's caller
+
+    rec = RequestRecord(request_id=primary.request_id + "-shadow", started=time.time(), model=candidate)
+    rec.shadow_of = primary.request_id
+    rec.key, rec.team, rec.user = primary.key, primary.team, primary.user
+    t0 = time.perf_counter()
+    text: str | None = None
+    try:
+        sbody = shadow_body(body, candidate)
+        d = live.router.decide(sbody)
+        rec.route, rec.rule, rec.task = d.route, d.rule, d.task
+        cfg = live.config.models[d.route]
+        timeouts = cfg.timeouts or live.config.providers[live.deployments[d.order[0]].provider].timeouts
+        result, dep = await Call(live, d, sbody, rec, timeouts, cfg.max_attempts).run()
+        rec.deployment, rec.status = dep.name, 200
+        if isinstance(result, JsonAnswer):
+            text = answer_text(result.body)
+            rec.usage = next((a.usage for a in reversed(rec.attempts) if a.usage is not None), None)
+    except Exception as e:  # a shadow must never hurt anything: record and move on
+        rec.status = getattr(e, "status", 0) or 500
+        log.info("shadow request %s failed: %s", rec.request_id, e)
+    finally:
+        rec.latency_ms = (time.perf_counter() - t0) * 1000
+        rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
+        rec.outcome = "shadow"
+        app[RECORDER].record(rec)
+        if (slog := app.get(SHADOW_LOG)) is not None:
+            await asyncio.to_thread(slog.write, pair_record(primary, answer_text(answer), rec, text))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, routing_models
 from edgeroute.accounting import Recorder
 from edgeroute.config import Config
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
@@ -30,7 +30,11 @@ class Live:
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
         core_json = config.core_json()
-        router = previous.router.reload(core_json) if previous else _core.Router(core_json)
+        task, routing = routing_models.load(config, source)
+        if previous is not None:
+            router = previous.router.reload(core_json, task, routing)
+        else:
+            router = _core.Router(core_json, task, routing)
         return cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
 
 

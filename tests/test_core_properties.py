@@ -19,6 +19,7 @@ from edgeroute._core import (
     BadRequestError,
     ConfigError,
     EdgerouteError,
+    ForbiddenError,
     NoDeploymentError,
     Router,
     UnknownModelError,
@@ -71,7 +72,7 @@ def test_errors_map_onto_the_hierarchy() -> None:
         (b"", BadRequestError),
         (b'{"model": "small"}', BadRequestError),
         (b'{"model": "huge", "messages": [{"role": "user", "content": "x"}]}', UnknownModelError),
-        (b'{"model": "small", "messages": [{"role": "user", "content": "Top Secret plans"}]}', BadRequestError),
+        (b'{"model": "small", "messages": [{"role": "user", "content": "Top Secret plans"}]}', ForbiddenError),
     ]
     for body, error in cases:
         with pytest.raises(error):

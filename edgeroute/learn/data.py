@@ -25,6 +25,20 @@ MMLU_MATH_SUBJECTS = frozenset(
         "high_school_statistics",
     }
 )
+# Calculation-heavy subjects: Arena-Hard files such problems (circuits, kinetics,
+# econometrics) under "math", and so does TaskType::Math ("calculation").
+MMLU_QUANT_SUBJECTS = MMLU_MATH_SUBJECTS | frozenset(
+    {
+        "college_physics",
+        "high_school_physics",
+        "conceptual_physics",
+        "college_chemistry",
+        "high_school_chemistry",
+        "electrical_engineering",
+        "econometrics",
+    }
+)
+VLLM_SR_QUANT_CATEGORIES = frozenset({"math", "physics", "engineering", "chemistry"})
 
 
 def data_root() -> Path:
@@ -49,18 +63,42 @@ def _jsonl(path: Path) -> list[dict[str, object]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def task_training_examples(seed: int = 0, gsm8k: int = 400, mmlu: int = 800) -> list[Example]:
-    """Task-type training set. Arena-Hard v0.1 (the test set) is never included."""
-    root = data_root()
+ARENA_V2 = "arena_hard_v2.0"
+ARENA_V01 = "arena_hard_v0.1"
+SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl")
+
+
+def _task_type_rows() -> list[Example]:
     out: list[Example] = []
-    for r in _jsonl(root / "task-type-prompts" / "task_type_prompts.jsonl"):
+    for r in _jsonl(data_root() / "task-type-prompts" / "task_type_prompts.jsonl"):
         label = str(r["task_type"])
         if label == "roleplay":  # our class list has no roleplay; it is creative writing
             label = "creative_writing"
         out.append(Example(str(r["prompt"]), label, str(r["source"])))
+    return out
+
+
+def task_training_examples(
+    seed: int = 0,
+    gsm8k: int = 400,
+    mmlu: int = 800,
+    *,
+    arena_v2: bool = False,
+    arena_v01: bool = False,
+) -> list[Example]:
+    """Task-type training set.
+
+    Always: MT-Bench, HumanEval, vLLM-SR domain cases, a sample of GSM8K and
+    MMLU (quantitative subjects -> math, the rest -> knowledge_qa) and our
+    hand-written seed prompts. The two real-user sets are test sets and come
+    in only when asked: ``arena_v2`` (the 750 labelled Arena-Hard v2.0 prompts)
+    and ``arena_v01`` (the 500 Arena-Hard v0.1 prompts with our hand labels).
+    """
+    root = data_root()
+    out = [e for e in _task_type_rows() if arena_v2 or e.source != ARENA_V2]
     with (root / "task-type-prompts" / "vllm_sr_domain_classify_cases.json").open() as f:
         for case in json.load(f):
-            label = "math" if case["category"] == "math" else "knowledge_qa"
+            label = "math" if case["category"] in VLLM_SR_QUANT_CATEGORIES else "knowledge_qa"
             out.append(Example(str(case["question"]), label, "vllm_sr"))
     rng = random.Random(seed)
     g = [p for p, _, _ in load_gsm8k()]
@@ -69,17 +107,25 @@ def task_training_examples(seed: int = 0, gsm8k: int = 400, mmlu: int = 800) -> 
     m = load_mmlu()
     rng.shuffle(m)
     for p, subject, _s, _w in m[:mmlu]:
-        out.append(Example(p, "math" if subject in MMLU_MATH_SUBJECTS else "knowledge_qa", "mmlu"))
-    for r in _jsonl(LABELS / "seed_prompts.jsonl"):
-        out.append(Example(str(r["prompt"]), str(r["task_type"]), "seed"))
+        out.append(Example(p, "math" if subject in MMLU_QUANT_SUBJECTS else "knowledge_qa", "mmlu"))
+    for name in SEED_FILES:
+        for r in _jsonl(LABELS / name):
+            out.append(Example(str(r["prompt"]), str(r["task_type"]), "seed"))
+    if arena_v01:
+        out += arena_hard_test()
     return out
+
+
+def arena_hard_v2_test() -> list[Example]:
+    """The 750 Arena-Hard v2.0 prompts labelled code / math / creative_writing by their source."""
+    return [e for e in _task_type_rows() if e.source == ARENA_V2]
 
 
 def arena_hard_test() -> list[Example]:
     """Arena-Hard v0.1 prompts with our per-prompt labels (code/math/creative_writing/other)."""
     labels = json.loads((LABELS / "arena_hard_v0.1_task_labels.json").read_text())
     rows = _jsonl(data_root() / "task-type-prompts" / "arena_hard_v0.1_questions.jsonl")
-    return [Example(str(r["prompt"]), str(labels[str(r["uid"])]), "arena_hard_v0.1") for r in rows]
+    return [Example(str(r["prompt"]), str(labels[str(r["uid"])]), ARENA_V01) for r in rows]
 
 
 def _contaminated(name: str) -> set[str]:

@@ -49,9 +49,12 @@ _TOKEN_RE = re.compile(rb"[a-z0-9_\x80-\xff]+|[!-/:-@\[-^`{-~]")
 class FeaturizerConfig:
     """What the featurizer emits; stored in every model file."""
 
-    log2_buckets: int = 16
-    head_bytes: int = 3072
-    tail_bytes: int = 1024
+    # 2^15 buckets x (10 task + 2 router) i16 weights = 768 KiB: fits the core's L2
+    # cache; 1 KiB + 256 B of text carries the task and difficulty signal and
+    # bounds the work per prompt (~2,000 buckets) whatever the prompt length.
+    log2_buckets: int = 15
+    head_bytes: int = 1024
+    tail_bytes: int = 256
     word_unigrams: bool = True
     word_bigrams: bool = True
     char_ngrams: tuple[int, ...] = field(default=(4,))

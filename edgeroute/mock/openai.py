@@ -236,14 +236,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         )
 
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await out.prepare(request)
     base = chunk_base(cid, created, model)
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return chunk_event(base, delta, finish_reason, include_usage)
 
-    await resp.write(chunk({"role": "assistant", "content": "", "refusal": None}))
+    await out.write(chunk({"role": "assistant", "content": "", "refusal": None}))
     if call:
         head = {
             "index": 0,
@@ -251,22 +251,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "type": "function",
             "function": {"name": call["function"]["name"], "arguments": ""},
         }
-        await resp.write(chunk({"tool_calls": [head]}))
+        await out.write(chunk({"tool_calls": [head]}))
         args = call["function"]["arguments"]
         for i in range(0, len(args), 8):
             if opts.chunk_interval:
                 await asyncio.sleep(opts.chunk_interval)
-            await resp.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]}))
+            await out.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]}))
     for i, piece in enumerate(pieces):
         if opts.chunk_interval:
             await asyncio.sleep(opts.chunk_interval)
-        await resp.write(chunk({"content": piece if i == 0 else " " + piece}))
-    await resp.write(chunk({}, finish))
+        await out.write(chunk({"content": piece if i == 0 else " " + piece}))
+    await out.write(chunk({}, finish))
     if include_usage:
-        await resp.write(usage_event(base, prompt_tokens, completion_tokens))
-    await resp.write(DONE_EVENT)
-    await resp.write_eof()
-    return resp
+        await out.write(usage_event(base, prompt_tokens, completion_tokens))
+    await out.write(DONE_EVENT)
+    await out.write_eof()
+    return out
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -73,6 +73,18 @@ pub enum Strategy {
     LeastBusy,
 }
 
+impl Strategy {
+    /// The name used in config files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Weighted => "weighted",
+            Self::P2cEwma => "p2c_ewma",
+            Self::LowestCost => "lowest_cost",
+            Self::LeastBusy => "least_busy",
+        }
+    }
+}
+
 /// A public model name and the deployments behind it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -93,6 +105,12 @@ pub struct ModelSpec {
     /// Hedging for this model; none when absent.
     #[serde(default)]
     pub hedge: Option<crate::hedge::HedgeSpec>,
+    /// Cheapest-sufficient routing over other routes (then `deployments` is empty).
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicySpec>,
+    /// A sticky A/B split between other routes (then `deployments` is empty).
+    #[serde(default)]
+    pub experiment: Option<crate::policy::ExperimentSpec>,
 }
 
 /// Retry throttling in the manner of tower's `retry::budget`.

@@ -10,6 +10,9 @@ pub enum CoreError {
     /// The request body is not what the API expects (the client's fault: 400).
     #[error("{0}")]
     BadRequest(String),
+    /// A rule refuses this request (403), e.g. data that must not leave.
+    #[error("{0}")]
+    Forbidden(String),
     /// The client asked for a model that no route serves (404).
     #[error("The model `{0}` does not exist or you do not have access to it.")]
     UnknownModel(String),

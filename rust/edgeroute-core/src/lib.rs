@@ -36,6 +36,7 @@ pub mod error;
 pub mod health;
 pub mod hedge;
 pub mod pii;
+pub mod policy;
 pub mod request;
 pub mod router;
 pub mod rules;

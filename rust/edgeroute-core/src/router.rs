@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::budget::RetryBudget;
+use crate::classify::{Classification, Classifier};
+use crate::policy::{self, Scored, Shifts};
 use crate::config::{DeploymentSpec, HealthSpec, ModelSpec, RouterSpec, Strategy};
 use crate::error::{CoreError, Result};
 use crate::health::{Health, HealthSnapshot, Outcome};
@@ -36,6 +38,14 @@ struct Route {
     spec: ModelSpec,
     members: Vec<usize>,
     swrr: Swrr,
+    /// Tokenizer for prompts asked of this route (its first deployment's, or its first candidate's).
+    encoding: Encoding,
+    /// Policy candidates as (route index, router-model output index).
+    candidates: Vec<(usize, usize)>,
+    /// Experiment variants as route indices.
+    variants: Vec<usize>,
+    /// Whether deciding a request for this route needs the classifier.
+    needs_class: bool,
 }
 
 /// Caller facts that are not in the body.
@@ -52,6 +62,10 @@ pub struct RequestMeta {
     /// The prompt's token count when the caller already has it (an earlier
     /// attempt of the same body, a cache): the router then skips counting.
     pub prompt_tokens: Option<u32>,
+    /// The caller's key id, for experiments sticky by key.
+    pub key: Option<String>,
+    /// Classify the prompt even when no rule or policy needs it, to explain the decision.
+    pub explain: bool,
 }
 
 /// The router's answer for one request.
@@ -83,6 +97,19 @@ pub struct Decision {
     pub hedge_after_ms: Option<f64>,
     /// Selection strategy used.
     pub strategy: Strategy,
+    /// Predicted task type, when the classifier ran.
+    pub task: Option<&'static str>,
+    /// Probability of that task type.
+    pub task_confidence: Option<f64>,
+    /// Predicted score of the strongest minus the weakest model of the router model:
+    /// how much a strong model is expected to add (when the classifier ran).
+    pub difficulty: Option<f64>,
+    /// Predicted score per router-model output (LLM name), when the classifier ran.
+    pub scores: Vec<(String, f64)>,
+    /// How a policy route chose, if one did.
+    pub policy: Option<String>,
+    /// The experiment arm (route) this request was assigned to, if any.
+    pub variant: Option<String>,
 }
 
 /// The compiled, immutable router.
@@ -98,12 +125,22 @@ pub struct Router {
     hedge_budget: Arc<HedgeBudget>,
     rng: FastRng,
     epoch: Instant,
+    classifier: Option<Arc<Classifier>>,
+    /// (strong, weak) outputs of the router model by cost, for `difficulty`.
+    strong_weak: Option<(usize, usize)>,
+    shifts: Arc<Shifts>,
 }
 
 impl Router {
     /// Compiles a router from a spec.
     pub fn new(spec: RouterSpec) -> Result<Self> {
-        Self::build(spec, None)
+        Self::build(spec, None, None)
+    }
+
+    /// Compiles a router that can classify prompts (task type, per-model scores),
+    /// as policy routes, `tasks` rule conditions and explanations need.
+    pub fn with_classifier(spec: RouterSpec, classifier: Classifier) -> Result<Self> {
+        Self::build(spec, None, Some(Arc::new(classifier)))
     }
 
     /// Compiles a router from its JSON form.
@@ -119,10 +156,15 @@ impl Router {
     /// Compiles `spec` as a replacement for `self`, keeping the health, latency
     /// history and budgets of deployments whose provider and model are unchanged.
     pub fn reload(&self, spec: RouterSpec) -> Result<Self> {
-        Self::build(spec, Some(self))
+        Self::build(spec, Some(self), self.classifier.clone())
     }
 
-    fn build(spec: RouterSpec, previous: Option<&Router>) -> Result<Self> {
+    /// [`Router::reload`] with new classification models.
+    pub fn reload_with_classifier(&self, spec: RouterSpec, classifier: Option<Classifier>) -> Result<Self> {
+        Self::build(spec, Some(self), classifier.map(Arc::new))
+    }
+
+    fn build(spec: RouterSpec, previous: Option<&Router>, classifier: Option<Arc<Classifier>>) -> Result<Self> {
         let mut by_name = HashMap::new();
         let mut deployments = Vec::with_capacity(spec.deployments.len());
         for d in spec.deployments {
@@ -167,15 +209,24 @@ impl Router {
                         .ok_or_else(|| CoreError::Config(format!("model `{}`: unknown deployment `{d}`", m.name)))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            if members.is_empty() {
-                return Err(CoreError::Config(format!("model `{}` has no deployments", m.name)));
+            let chooser = m.policy.is_some() || m.experiment.is_some();
+            if members.is_empty() != chooser {
+                return Err(CoreError::Config(format!(
+                    "model `{}` needs either deployments or a policy/experiment, not both",
+                    m.name
+                )));
             }
             routes.push(Route {
                 swrr: Swrr::new(members.len()),
+                encoding: members.first().map_or(Encoding::O200kBase, |&i| deployments[i].encoding),
                 members,
+                candidates: Vec::new(),
+                variants: Vec::new(),
+                needs_class: false,
                 spec: m,
             });
         }
+        Self::link_choosers(&mut routes, &route_by_name, classifier.as_deref())?;
         for r in &routes {
             for f in r.spec.fallbacks.iter().chain(&r.spec.context_window_fallbacks) {
                 if !route_by_name.contains_key(f) {
@@ -202,10 +253,28 @@ impl Router {
                 }
             }
         }
-        let (retry_budget, hedge_budget) = match previous {
-            Some(p) => (p.retry_budget.clone(), p.hedge_budget.clone()),
-            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
+        let (retry_budget, hedge_budget, shifts) = match previous {
+            Some(p) => (p.retry_budget.clone(), p.hedge_budget.clone(), p.shifts.clone()),
+            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default(), Arc::default()),
         };
+        if rules.needs_task() && classifier.is_none() {
+            return Err(CoreError::Config("a rule uses `tasks` but no task model is loaded".into()));
+        }
+        // A rule may send any request to a policy route: then every request may need the classifier.
+        let rules_reach_policy = rules.specs().iter().any(|r| {
+            r.then.route.as_ref().is_some_and(|n| routes[route_by_name[n]].needs_class)
+        });
+        if rules.needs_task() || rules_reach_policy {
+            for r in &mut routes {
+                r.needs_class = true;
+            }
+        }
+        let strong_weak = classifier.as_ref().and_then(|c| {
+            let costs = c.router.costs();
+            let strong = (0..costs.len()).max_by(|&a, &b| costs[a].total_cmp(&costs[b]))?;
+            let weak = (0..costs.len()).min_by(|&a, &b| costs[a].total_cmp(&costs[b]))?;
+            (strong != weak).then_some((strong, weak))
+        });
         let epoch = previous.map_or_else(Instant::now, |p| p.epoch);
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -221,7 +290,72 @@ impl Router {
             hedge_budget,
             rng: FastRng::new(seed),
             epoch,
+            classifier,
+            strong_weak,
+            shifts,
         })
+    }
+
+    /// Resolves policy candidates and experiment variants to routes, and gives
+    /// chooser routes the encoding of the routes they choose among.
+    fn link_choosers(routes: &mut [Route], by_name: &HashMap<String, usize>, clf: Option<&Classifier>) -> Result<()> {
+        let lookup = |routes: &[Route], owner: &str, route: &str, what: &str, policy_ok: bool| -> Result<usize> {
+            let &t = by_name
+                .get(route)
+                .ok_or_else(|| CoreError::Config(format!("model `{owner}`: unknown {what} route `{route}`")))?;
+            let ok = !routes[t].members.is_empty() || (policy_ok && routes[t].spec.policy.is_some());
+            if !ok {
+                return Err(CoreError::Config(format!(
+                    "model `{owner}`: {what} route `{route}` must have deployments"
+                )));
+            }
+            Ok(t)
+        };
+        // Policies first: an experiment may compare a policy route with a fixed one.
+        for i in 0..routes.len() {
+            let Some(p) = routes[i].spec.policy.clone() else { continue };
+            let name = routes[i].spec.name.clone();
+            let clf = clf.ok_or_else(|| {
+                CoreError::Config(format!("model `{name}` has a policy but no router model is loaded"))
+            })?;
+            let mut candidates = Vec::new();
+            for c in &p.candidates {
+                let out = clf.router.models().iter().position(|m| *m == c.model).ok_or_else(|| {
+                    CoreError::Config(format!(
+                        "model `{name}`: the router model has no output `{}` (it has {:?})",
+                        c.model,
+                        clf.router.models()
+                    ))
+                })?;
+                candidates.push((lookup(routes, &name, &c.route, "candidate", false)?, out));
+            }
+            routes[i].encoding = routes[candidates[0].0].encoding;
+            routes[i].needs_class = true;
+            routes[i].candidates = candidates;
+        }
+        for i in 0..routes.len() {
+            let Some(e) = routes[i].spec.experiment.clone() else { continue };
+            let name = routes[i].spec.name.clone();
+            let variants = e
+                .variants
+                .iter()
+                .map(|v| lookup(routes, &name, &v.route, "variant", true))
+                .collect::<Result<Vec<_>>>()?;
+            routes[i].encoding = routes[variants[0]].encoding;
+            routes[i].needs_class = variants.iter().any(|&v| routes[v].needs_class);
+            routes[i].variants = variants;
+        }
+        Ok(())
+    }
+
+    /// Sets the feedback-learning shifts added to predicted scores, per (task, route).
+    pub fn set_shifts(&self, shifts: HashMap<(String, String), f64>) {
+        self.shifts.replace(shifts);
+    }
+
+    /// Whether the router can classify prompts.
+    pub fn has_classifier(&self) -> bool {
+        self.classifier.is_some()
     }
 
     /// Loads tokenizer tables now, so the first request does not pay for it.
@@ -253,11 +387,17 @@ impl Router {
             .route_by_name
             .get(req.model.as_ref())
             .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
-        let encoding = self.deployments[self.routes[requested].members[0]].encoding;
+        let encoding = self.routes[requested].encoding;
         let prompt_tokens = meta
             .prompt_tokens
             .unwrap_or_else(|| tokens::count_chat(&req, encoding) as u32);
 
+        // Classification costs tens of microseconds: run it only when something uses it.
+        let class = match &self.classifier {
+            Some(c) if meta.explain || self.routes[requested].needs_class => Some(c.classify(&user_text(&req))),
+            _ => None,
+        };
+        let task = class.as_ref().map(|c| c.task.class.as_str());
         let text = if self.rules.needs_text() {
             prompt_text(&req)
         } else {
@@ -273,16 +413,37 @@ impl Router {
             prompt_tokens,
             text: &text,
             unix_secs,
+            task,
         };
         let matched = self.rules.evaluate(&input);
         let action = matched.as_ref().map(|m| &self.rules.specs()[m.index].then);
         if let Some(msg) = action.and_then(|a| a.reject.as_ref()) {
-            return Err(CoreError::BadRequest(msg.clone()));
+            return Err(CoreError::Forbidden(msg.clone()));
         }
         let mut route = action
             .and_then(|a| a.route.as_ref())
             .map_or(requested, |r| self.route_by_name[r]);
         let needed = prompt_tokens.saturating_add(req.max_tokens.unwrap_or(0));
+        // Experiments and policies choose the route that serves (rules come first).
+        let mut variant = None;
+        if let Some(exp) = &self.routes[route].spec.experiment {
+            let sticky = match exp.sticky {
+                policy::Sticky::User => user.or(meta.key.as_deref()),
+                policy::Sticky::Key => meta.key.as_deref().or(user),
+            };
+            let arm = match sticky {
+                Some(k) => exp.variant_for(k),
+                None => exp.variant_for(&self.rng.below(1 << 30).to_string()),
+            };
+            route = self.routes[route].variants[arm];
+            variant = Some(self.routes[route].spec.name.clone());
+        }
+        let mut policy_note = None;
+        if let (Some(p), Some(c)) = (&self.routes[route].spec.policy, &class) {
+            let (chosen, note) = self.apply_policy(route, p.threshold, c, needed, req.max_tokens);
+            route = chosen;
+            policy_note = Some(note);
+        }
         // A prompt too long for every deployment of the route goes to its context-window fallback.
         if !self.routes[route]
             .members
@@ -365,7 +526,57 @@ impl Router {
             model_span: req.model_span,
             hedge_after_ms,
             strategy,
+            task,
+            task_confidence: class.as_ref().map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
+            difficulty: class
+                .as_ref()
+                .zip(self.strong_weak)
+                .map(|(c, (s, w))| c.scores[s] - c.scores[w]),
+            scores: match (&class, &self.classifier) {
+                (Some(c), Some(clf)) => clf.router.models().iter().cloned().zip(c.scores.iter().copied()).collect(),
+                _ => Vec::new(),
+            },
+            policy: policy_note,
+            variant,
         })
+    }
+
+    /// The cheapest candidate of policy route `r` whose predicted score (plus its
+    /// feedback shift) reaches `threshold`; returns the route and an explanation.
+    fn apply_policy(&self, r: usize, threshold: f64, c: &Classification, needed: u32, max_tokens: Option<u32>) -> (usize, String) {
+        let task = c.task.class.as_str();
+        let scored: Vec<Scored> = self.routes[r]
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, &(route, out))| Scored {
+                candidate: i,
+                cost: self.cheapest_cost(route, needed, max_tokens),
+                score: c.scores[out] + self.shifts.get(task, &self.routes[route].spec.name),
+            })
+            .collect();
+        let chosen = policy::cheapest_sufficient(&scored, threshold).expect("a policy has candidates");
+        let route = self.routes[r].candidates[chosen.candidate].0;
+        let verdict = if chosen.score >= threshold { "cheapest with" } else { "none reached the threshold; best" };
+        let note = format!(
+            "{}: {verdict} predicted score {:.2} (threshold {threshold:.2}) -> {}",
+            self.routes[r].spec.name,
+            chosen.score,
+            self.routes[route].spec.name
+        );
+        (route, note)
+    }
+
+    fn cheapest_cost(&self, route: usize, needed: u32, max_tokens: Option<u32>) -> f64 {
+        let completion = f64::from(max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE));
+        self.routes[route]
+            .members
+            .iter()
+            .map(|&i| {
+                let d = &self.deployments[i].spec;
+                (f64::from(needed) * d.input_per_mtok + completion * d.output_per_mtok) / 1e6
+            })
+            .fold(f64::INFINITY, f64::min)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -522,6 +733,18 @@ fn fits(d: &DeploymentSpec, needed: u32) -> bool {
 
 fn has_tag(d: &DeploymentSpec, tag: &str) -> bool {
     d.tags.iter().any(|t| t == tag) || tag.strip_prefix("provider:").is_some_and(|p| p == d.provider)
+}
+
+/// The text of the user's messages: what the classifier was trained on.
+fn user_text(req: &ChatRequest<'_>) -> String {
+    let mut text = String::new();
+    for m in req.messages.iter().filter(|m| m.role == "user") {
+        m.for_each_text(|t| {
+            text.push_str(t);
+            text.push('\n');
+        });
+    }
+    text
 }
 
 fn prompt_text(req: &ChatRequest<'_>) -> String {

@@ -69,6 +69,9 @@ pub struct Conditions {
     /// Local time of day window.
     #[serde(default)]
     pub time: Option<TimeWindow>,
+    /// The predicted task type is one of these (`code`, `math`, ...; needs the task model).
+    #[serde(default)]
+    pub tasks: Vec<String>,
 }
 
 /// A daily window `[start, end)` in minutes since local midnight; wraps past midnight when end < start.
@@ -157,6 +160,8 @@ pub struct RuleInput<'a> {
     pub text: &'a str,
     /// Wall-clock time, seconds since the epoch.
     pub unix_secs: u64,
+    /// The predicted task type, when the task model ran.
+    pub task: Option<&'a str>,
 }
 
 /// The rule that matched and why.
@@ -268,6 +273,11 @@ impl Rules {
     }
 
     /// Whether any rule looks at content (so callers know whether to build the text).
+    pub fn needs_task(&self) -> bool {
+        self.specs.iter().any(|r| !r.when.tasks.is_empty())
+    }
+
+    /// Whether any rule looks at content (so callers know whether to build the text).
     pub fn needs_text(&self) -> bool {
         self.keywords.is_some() || self.patterns.is_some() || !self.pii_wanted.is_empty()
     }
@@ -337,6 +347,12 @@ impl Rules {
                 return false;
             }
             note(&|| "time window".to_string());
+        }
+        if !w.tasks.is_empty() {
+            match input.task {
+                Some(task) if w.tasks.iter().any(|t| t == task) => note(&|| format!("task={task}")),
+                _ => return false,
+            }
         }
         if !c.keyword_ids.is_empty() {
             let hits = scan.keywords.get_or_init(|| self.scan_keywords(input.text));

@@ -3,6 +3,7 @@
 //! Shims only: convert arguments, release the GIL around core work, map the
 //! core's error onto the exception hierarchy below. No routing logic lives here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use edgeroute_core as core;
@@ -21,6 +22,12 @@ pyo3::create_exception!(
     BadRequestError,
     EdgerouteError,
     "The request body is invalid (HTTP 400)."
+);
+pyo3::create_exception!(
+    edgeroute._core,
+    ForbiddenError,
+    EdgerouteError,
+    "A rule refuses this request (HTTP 403)."
 );
 pyo3::create_exception!(
     edgeroute._core,
@@ -45,6 +52,7 @@ fn to_py(e: core::CoreError) -> PyErr {
     let msg = e.to_string();
     match e {
         core::CoreError::BadRequest(_) => BadRequestError::new_err(msg),
+        core::CoreError::Forbidden(_) => ForbiddenError::new_err(msg),
         core::CoreError::UnknownModel(_) => UnknownModelError::new_err(msg),
         core::CoreError::NoDeployment { .. } => NoDeploymentError::new_err(msg),
         core::CoreError::Config(_) => ConfigError::new_err(msg),
@@ -108,8 +116,32 @@ impl Decision {
         self.inner.hedge_after_ms
     }
     #[getter]
-    fn strategy(&self) -> String {
-        format!("{:?}", self.inner.strategy)
+    fn strategy(&self) -> &'static str {
+        self.inner.strategy.name()
+    }
+    #[getter]
+    fn task(&self) -> Option<&'static str> {
+        self.inner.task
+    }
+    #[getter]
+    fn task_confidence(&self) -> Option<f64> {
+        self.inner.task_confidence
+    }
+    #[getter]
+    fn difficulty(&self) -> Option<f64> {
+        self.inner.difficulty
+    }
+    #[getter]
+    fn scores(&self) -> Vec<(String, f64)> {
+        self.inner.scores.clone()
+    }
+    #[getter]
+    fn policy(&self) -> Option<&str> {
+        self.inner.policy.as_deref()
+    }
+    #[getter]
+    fn variant(&self) -> Option<&str> {
+        self.inner.variant.as_deref()
     }
     fn __repr__(&self) -> String {
         format!("{:?}", self.inner)
@@ -130,6 +162,16 @@ fn serde_json_spec(b: &[u8]) -> Result<core::RouterSpec, core::CoreError> {
     core::Router::spec_from_json(b)
 }
 
+fn classifier(task: Option<&[u8]>, router: Option<&[u8]>) -> PyResult<Option<core::classify::Classifier>> {
+    match (task, router) {
+        (Some(t), Some(r)) => core::classify::Classifier::from_bytes(t, r)
+            .map(Some)
+            .map_err(|e| ConfigError::new_err(format!("cannot load the routing models: {e}"))),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::new_err("give both task_model and router_model, or neither")),
+    }
+}
+
 fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
     Ok(match kind {
         "success" => core::Outcome::Success,
@@ -145,10 +187,15 @@ fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
 #[pymethods]
 impl Router {
     #[new]
-    fn new(py: Python<'_>, config_json: &[u8]) -> PyResult<Self> {
+    #[pyo3(signature = (config_json, task_model=None, router_model=None))]
+    fn new(py: Python<'_>, config_json: &[u8], task_model: Option<&[u8]>, router_model: Option<&[u8]>) -> PyResult<Self> {
         let spec = parse_spec(config_json)?;
+        let clf = classifier(task_model, router_model)?;
         let router = py.detach(|| {
-            let r = core::Router::new(spec)?;
+            let r = match clf {
+                Some(c) => core::Router::with_classifier(spec, c)?,
+                None => core::Router::new(spec)?,
+            };
             r.warm_up();
             Ok::<_, core::CoreError>(r)
         });
@@ -157,16 +204,35 @@ impl Router {
         })
     }
 
-    fn reload(&self, py: Python<'_>, config_json: &[u8]) -> PyResult<Self> {
+    /// A router for a new config that keeps this one's health state; the
+    /// classification models are replaced when both are given, kept otherwise.
+    #[pyo3(signature = (config_json, task_model=None, router_model=None))]
+    fn reload(&self, py: Python<'_>, config_json: &[u8], task_model: Option<&[u8]>, router_model: Option<&[u8]>) -> PyResult<Self> {
         let spec = parse_spec(config_json)?;
-        let router = py.detach(|| self.inner.reload(spec)).map_err(to_py)?;
+        let clf = classifier(task_model, router_model)?;
+        let router = py
+            .detach(|| match clf {
+                Some(c) => self.inner.reload_with_classifier(spec, Some(c)),
+                None => self.inner.reload(spec),
+            })
+            .map_err(to_py)?;
         router.warm_up();
         Ok(Self {
             inner: Arc::new(router),
         })
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None))]
+    /// Replaces the feedback-learning shifts: {(task, route): shift}.
+    fn set_shifts(&self, shifts: HashMap<(String, String), f64>) {
+        self.inner.set_shifts(shifts);
+    }
+
+    #[getter]
+    fn has_classifier(&self) -> bool {
+        self.inner.has_classifier()
+    }
+
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false))]
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -177,6 +243,8 @@ impl Router {
         role: Option<String>,
         user: Option<String>,
         prompt_tokens: Option<u32>,
+        key: Option<String>,
+        explain: bool,
     ) -> PyResult<Decision> {
         let meta = core::RequestMeta {
             tags: tags.unwrap_or_default(),
@@ -184,6 +252,8 @@ impl Router {
             role,
             user,
             prompt_tokens,
+            key,
+            explain,
         };
         let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
@@ -276,7 +346,10 @@ impl Router {
 #[pymodule]
 mod _core {
     #[pymodule_export]
-    use super::{BadRequestError, ConfigError, Decision, EdgerouteError, NoDeploymentError, Router, UnknownModelError};
+    use super::{
+        BadRequestError, ConfigError, Decision, EdgerouteError, ForbiddenError, NoDeploymentError, Router,
+        UnknownModelError,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
