@@ -127,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("router", help="train and evaluate learned routers", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
-    t.set_defaults(fn=lambda a: _delegate("edgeroute.learn.cli", a.rest))
+    t.set_defaults(fn=_cmd_router)
     return p
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from edgeroute import policy_tools
+
+    handled = policy_tools.main(args.rest)
+    return handled if handled is not None else _delegate("edgeroute.learn.cli", args.rest)
 
 
 def _delegate(module: str, argv: list[str]) -> int:

@@ -20,12 +20,11 @@ import yaml
 from aiohttp import web
 
 from edgeroute import config as config_mod
-from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.cost import reports
 from edgeroute.cost.ledger import Ledger
+from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app, install_uvloop
-from edgeroute.state import RECORDER
-from edgeroute.state import STATE
+from edgeroute.state import RECORDER, STATE
 
 _MOCKS = {"openai-us": "mock-openai-us", "openai-eu": "mock-openai-eu", "budget-llm": "mock-budget"}
 

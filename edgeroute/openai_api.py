@@ -12,12 +12,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, headers
+from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
-from edgeroute import shadow
 from edgeroute.errors import ProxyError
 from edgeroute.learning import LEARNER
 from edgeroute.metrics import METRICS

@@ -11,8 +11,8 @@ import asyncio
 import hmac
 import logging
 import signal
-from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import orjson
 from aiohttp import web

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from aiohttp import web
 
 from edgeroute import _core
@@ -73,7 +72,9 @@ def sampled(percent: float) -> bool:
     return percent > 0 and _rng.random() * 100 < percent
 
 
-def pair_record(primary: RequestRecord, primary_answer: str | None, shadow: RequestRecord, shadow_answer: str | None) -> dict[str, Any]:
+def pair_record(
+    primary: RequestRecord, primary_answer: str | None, shadow: RequestRecord, shadow_answer: str | None
+) -> dict[str, Any]:
     def side(rec: RequestRecord, answer: str | None) -> dict[str, Any]:
         return {
             "route": rec.route,
@@ -94,7 +95,13 @@ def pair_record(primary: RequestRecord, primary_answer: str | None, shadow: Requ
 
 
 def maybe_mirror(
-    app: web.Application, live: Live, model: Model, body: bytes, decision: _core.Decision, rec: RequestRecord, answer: bytes
+    app: web.Application,
+    live: Live,
+    model: Model,
+    body: bytes,
+    decision: _core.Decision,
+    rec: RequestRecord,
+    answer: bytes,
 ) -> None:
     """Mirrors this answered request to the model's shadow candidate, if it is sampled."""
     if model.shadow is None or not sampled(model.shadow.percent):
@@ -105,7 +112,9 @@ def maybe_mirror(
     task.add_done_callback(state.background.discard)
 
 
-async def _mirror(app: web.Application, live: Live, candidate: str, body: bytes, primary: RequestRecord, answer: bytes) -> None:
+async def _mirror(
+    app: web.Application, live: Live, candidate: str, body: bytes, primary: RequestRecord, answer: bytes
+) -> None:
     from edgeroute.dispatch import Call, JsonAnswer  # dispatch imports this module's caller
 
     rec = RequestRecord(request_id=primary.request_id + "-shadow", started=time.time(), model=candidate)

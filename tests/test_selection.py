@@ -26,7 +26,11 @@ def config(strong: Upstream, weak: Upstream, threshold: float = 0.7, **extra: An
         "providers": {"s": {"base_url": strong.base_url}, "w": {"base_url": weak.base_url}},
         "deployments": {
             "big": {"provider": "s", "model": "gpt-4o", "price": {"input_per_mtok": 2.5, "output_per_mtok": 10}},
-            "small": {"provider": "w", "model": "gpt-4o-mini", "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}},
+            "small": {
+                "provider": "w",
+                "model": "gpt-4o-mini",
+                "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
+            },
         },
         "models": {
             "strong": {"deployments": ["big"]},
@@ -58,9 +62,10 @@ async def pair(start_upstream) -> tuple[Upstream, Upstream]:
 
 
 async def explain(proxy_url: str, text: str, model: str = "auto") -> dict[str, Any]:
-    async with aiohttp.ClientSession() as s, s.post(
-        proxy_url + "/v1/route/explain", json={"model": model, "messages": msg(text)}
-    ) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy_url + "/v1/route/explain", json={"model": model, "messages": msg(text)}) as r,
+    ):
         assert r.status == 200
         out: dict[str, Any] = await r.json()
         return out
@@ -168,7 +173,9 @@ async def test_feedback_shifts_routing_and_persists(pair, start_proxy, tmp_path:
     weak_score = (await explain(probe.url, text))["scores"][WEAK_OUT]
     state = tmp_path / "learning.json"
     # Just above the weak model's score: the strong model serves until feedback says the weak one is good.
-    cfg = config(strong, weak, threshold=weak_score + 0.05, learning={"feedback": {"max_shift": 0.1, "state_path": str(state)}})
+    cfg = config(
+        strong, weak, threshold=weak_score + 0.05, learning={"feedback": {"max_shift": 0.1, "state_path": str(state)}}
+    )
     cfg["models"]["auto"]["policy"]["candidates"].reverse()
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
@@ -177,12 +184,16 @@ async def test_feedback_shifts_routing_and_persists(pair, start_proxy, tmp_path:
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/feedback", json={"request_id": "nope", "score": 1}) as r:
             assert r.status == 404
-        async with s.post(proxy.url + "/v1/feedback", json={"request_id": raw.headers["x-request-id"], "score": 7}) as r:
+        async with s.post(
+            proxy.url + "/v1/feedback", json={"request_id": raw.headers["x-request-id"], "score": 7}
+        ) as r:
             assert r.status == 400
         # Users rate the weak model's maths answers highly (served through an experiment or directly).
         for _ in range(40):
             _, wraw = await served_by(client, text, model="weak")
-            async with s.post(proxy.url + "/v1/feedback", json={"request_id": wraw.headers["x-request-id"], "score": 1.0}) as r:
+            async with s.post(
+                proxy.url + "/v1/feedback", json={"request_id": wraw.headers["x-request-id"], "score": 1.0}
+            ) as r:
                 assert r.status == 200 and (await r.json())["task"] == "math"
     route, _ = await served_by(client, text)
     assert route == "weak"
@@ -204,7 +215,18 @@ def test_route_cli_explains(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = subprocess.run(
-        [sys.executable, "-m", "edgeroute", "route", "--explain", "-c", str(path), "-m", "m", "Write a sonnet about the sea"],
+        [
+            sys.executable,
+            "-m",
+            "edgeroute",
+            "route",
+            "--explain",
+            "-c",
+            str(path),
+            "-m",
+            "m",
+            "Write a sonnet about the sea",
+        ],
         capture_output=True,
         text=True,
     )

@@ -1,8 +1,11 @@
 """``python -m edgeroute.learn.build_models``: retrain the shipped models and the parity fixture.
 
-Writes ``edgeroute/models/task.erlm`` (task classifier, all task data except
-Arena-Hard v0.1), ``edgeroute/models/router-gpt4-mixtral.erlm`` (router trained
-on all decontaminated GSM8K + MMLU outcomes) and
+Writes ``edgeroute/models/task.erlm`` (task classifier trained on *all* task
+data, including the Arena-Hard v2.0 and v0.1 prompts that
+:mod:`edgeroute.learn.task_eval` holds out for its figures: the shipped model
+has seen them, so measure it on neither), ``edgeroute/models/router-gpt4-mixtral.erlm``
+(router trained on all decontaminated GSM8K + MMLU outcomes, same recipe as
+the cross-validated figure) and
 ``rust/edgeroute-core/tests/fixtures/classify_parity.json`` (texts -> buckets,
 length features, probabilities from the Python reference implementation),
 which the Rust test ``tests/classify_parity.rs`` replays. Deterministic.
@@ -37,23 +40,22 @@ PARITY_TEXTS = [
     "Which of the following is a prime number?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:",
     "MiXeD CaSe ÄÖÜ émigré naïve \t\r\n tabs_and_underscores __init__ x86-64 a+b=c",
     # > head + tail bytes, with a multi-byte character straddling both cut points
-    "é" * 1600 + " middle part that is dropped " * 40 + "ü" * 700 + " the end?",
+    "a" + "é" * 1600 + " middle part that is dropped " * 40 + "ü" * 700 + " the end?",
 ]
 
 
 def build_task_model() -> LinearModel:
     from edgeroute.learn.tasks import train_task_model
 
-    test = {e.text for e in data.arena_hard_test()}
-    return train_task_model([e for e in data.task_training_examples() if e.text not in test])
+    return train_task_model(data.task_training_examples(arena_v2=True, arena_v01=True))
 
 
 def build_router_model() -> LinearModel:
     from edgeroute.learn import router as R
     from edgeroute.learn.routellm_eval import FIT, routellm_outcomes
 
-    out, _ = routellm_outcomes()
-    return R.train_router(out, opts=FIT)
+    out, which = routellm_outcomes()
+    return R.train_router(out, opts=FIT, sample_weight=R.source_weights(which))
 
 
 def write_fixture(task: LinearModel, router: LinearModel) -> None:

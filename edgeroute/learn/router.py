@@ -90,8 +90,9 @@ def train_router(
     opts: T.FitOptions | None = None,
     x: T.SparseDocs | None = None,
     dense: T.F64 | None = None,
+    sample_weight: T.F64 | None = None,
 ) -> LinearModel:
-    """Fit one sigmoid head per model on the observed scores."""
+    """Fit one sigmoid head per model on the observed scores (``sample_weight``: one per prompt)."""
     x = x if x is not None else T.featurize(data.prompts, cfg)
     if dense is None:
         dense, blocks = dense_inputs(data.prompts, task_model)
@@ -99,7 +100,9 @@ def train_router(
         blocks = ["length", "task"] if task_model is not None else ["length"]
     mask = (~np.isnan(data.scores)).astype(np.float64)
     y = np.nan_to_num(data.scores)
-    w, wd, b = T.fit(x, dense, y, activation="sigmoid", mask=mask, opts=opts or T.FitOptions())
+    w, wd, b = T.fit(
+        x, dense, y, activation="sigmoid", mask=mask, sample_weight=sample_weight, opts=opts or T.FitOptions()
+    )
     return T.quantize(
         w,
         wd,
@@ -126,6 +129,21 @@ def predict_scores(
     if dense is None:
         dense, _ = dense_inputs(prompts, task_model if "task" in router.dense else None)
     return T.predict_matrix(router, x, dense)
+
+
+def source_weights(sources: Sequence[str]) -> T.F64:
+    """Per-prompt weights ``1/sqrt(size of its source)``, mean 1.
+
+    With GSM8K (1.3k prompts) next to MMLU (14k), unweighted training learns
+    mostly MMLU's notion of difficulty; full balancing would overfit the small
+    source. The square root is the usual compromise.
+    """
+    counts: dict[str, int] = {}
+    for s in sources:
+        counts[s] = counts.get(s, 0) + 1
+    w = np.asarray([1.0 / np.sqrt(counts[s]) for s in sources])
+    out: T.F64 = w / w.mean()
+    return out
 
 
 def kfold(n: int, k: int, seed: int = 0) -> list[list[int]]:

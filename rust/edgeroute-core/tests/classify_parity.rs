@@ -59,6 +59,27 @@ fn features_and_probabilities_match_python() {
 }
 
 #[test]
+fn fused_single_pass_equals_separate_models() {
+    let (task, router) = models();
+    assert_eq!(task.featurizer(), router.featurizer(), "shipped models must share a featurizer");
+    let classifier = Classifier::new(task.clone(), router.clone()).unwrap();
+    let texts = [
+        "",
+        "Prove that there are infinitely many primes.",
+        "напиши басню про оливье",
+        &"long prompt with code: fn main() { println!(\"hi\"); }\n".repeat(300),
+    ];
+    for text in texts {
+        let f = Features::extract(text, task.featurizer());
+        let p = task.predict_features(&f);
+        let scores = router.scores(&f, Some(&p)).unwrap();
+        let out = classifier.classify(text);
+        assert_eq!(out.task, p, "task prediction differs for {text:?}");
+        assert_eq!(out.scores, scores, "router scores differ for {text:?}");
+    }
+}
+
+#[test]
 fn shipped_models_classify_obvious_prompts() {
     let (task, router) = models();
     use edgeroute_core::classify::TaskType;
