@@ -12,7 +12,7 @@ from edgeroute.learn.features import FeaturizerConfig
 from edgeroute.learn.model import TASK_CLASSES, LinearModel
 
 TASK_FEATURIZER = FeaturizerConfig()  # the router's too: the core hashes each prompt once
-TASK_FIT = T.FitOptions(l2=1e-5, iters=120, lr=0.05)
+TASK_FIT = T.FitOptions(l2=1e-5, iters=60, lr=0.1)
 
 
 def train_task_model(
