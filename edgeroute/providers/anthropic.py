@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 
-from edgeroute import sse
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 
@@ -267,38 +266,17 @@ class AnthropicAdapter(Adapter):
         return self._auth_headers()
 
 
-class AnthropicStream:
+class AnthropicStream(oa.SseJsonStream):
     """Anthropic's SSE events → OpenAI chunks; tool-use blocks become indexed tool-call deltas."""
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.out = oa.ChunkWriter(model, include_usage)
-        self.buf = b""
+        super().__init__(model, include_usage)
         self.usage_in: dict[str, Any] = {}
         self.blocks: dict[int, tuple[str, int]] = {}  # block index → ("tool" | "json" | "text", tool index)
         self.args_seen: set[int] = set()
         self.stop_reason: str | None = None
 
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self.out.usage
-
-    def feed(self, chunk: bytes) -> bytes:
-        self.buf += chunk
-        events, self.buf = sse.split_events(self.buf)
-        out = b""
-        for ev in events:
-            data = sse.event_data(ev)
-            if not data:
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return out + oa.error_event("upstream sent a malformed stream event", "upstream_error")
-            if isinstance(obj, dict):
-                out += self._event(obj)
-        return out
-
-    def _event(self, ev: dict[str, Any]) -> bytes:
+    def on_event(self, ev: dict[str, Any]) -> bytes:
         kind = ev.get("type")
         w = self.out
         if kind == "message_start":

@@ -20,7 +20,6 @@ from typing import Any
 
 import orjson
 
-from edgeroute import sse
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 
@@ -264,7 +263,7 @@ class GeminiAdapter(Adapter):
         return {"x-goog-api-key": self.api_key.reveal()} if self.api_key else {}
 
 
-class GeminiStream:
+class GeminiStream(oa.SseJsonStream):
     """Gemini's SSE `GenerateContentResponse`s → OpenAI chunks.
 
     Gemini sends text as deltas and each function call whole, and has no end event:
@@ -273,31 +272,10 @@ class GeminiStream:
     """
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.out = oa.ChunkWriter(model, include_usage)
-        self.buf = b""
+        super().__init__(model, include_usage)
         self.has_calls = False
 
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self.out.usage
-
-    def feed(self, chunk: bytes) -> bytes:
-        self.buf += chunk
-        events, self.buf = sse.split_events(self.buf)
-        out = b""
-        for ev in events:
-            data = sse.event_data(ev)
-            if not data:
-                continue
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return out + oa.error_event("upstream sent a malformed stream event", "upstream_error")
-            if isinstance(obj, dict):
-                out += self._response(obj)
-        return out
-
-    def _response(self, obj: dict[str, Any]) -> bytes:
+    def on_event(self, obj: dict[str, Any]) -> bytes:
         w = self.out
         if isinstance(obj.get("error"), dict):
             err = obj["error"]

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import orjson
 
+from edgeroute import sse
 from edgeroute.errors import ProxyError
 
 # The tool used to emulate `response_format` (JSON mode) on providers whose only
@@ -381,3 +382,35 @@ class ChunkWriter:
             }
             out += b"data: " + orjson.dumps(obj) + b"\n\n"
         return out + b"data: [DONE]\n\n"
+
+
+class SseJsonStream:
+    """Base of translators for providers whose streams are SSE events carrying JSON:
+    splits events across chunk boundaries, decodes each, and hands it to `on_event`."""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.out = ChunkWriter(model, include_usage)
+        self.buf = b""
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.out.usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.buf += chunk
+        events, self.buf = sse.split_events(self.buf)
+        out = b""
+        for ev in events:
+            data = sse.event_data(ev)
+            if not data:
+                continue
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return out + error_event("upstream sent a malformed stream event", "upstream_error")
+            if isinstance(obj, dict):
+                out += self.on_event(obj)
+        return out
+
+    def on_event(self, obj: dict[str, Any]) -> bytes:
+        raise NotImplementedError
