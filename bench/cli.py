@@ -36,7 +36,14 @@ def _c(a: argparse.Namespace) -> scenarios.Common:
 
 def _run(a: argparse.Namespace) -> int:
     targets = [Target(u, u, a.model, a.api_key) for u in a.url]
-    load = Load(a.requests, a.duration, None if a.concurrency else a.rate, a.concurrency or 0, warmup=a.warmup)
+    load = Load(
+        a.requests,
+        a.duration,
+        None if a.concurrency else a.rate,
+        a.concurrency or 0,
+        warmup=a.warmup,
+        connections=a.connections,
+    )
     stats = loadgen.arun(
         loadgen.run(targets, load, stream=a.stream, prompt_tokens=a.prompt_tokens, progress=a.progress, client=a.client)
     )
@@ -75,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, default=0, help="closed loop with N workers per URL (max throughput)")
     r.add_argument("--stream", action="store_true")
     r.add_argument("--warmup", type=int, default=0)
+    r.add_argument("--connections", type=int, default=256, help="connections per URL (0: no limit)")
     r.add_argument(
         "--client", choices=["auto", "raw", "aiohttp"], default="auto", help="HTTP client (auto: raw for http://)"
     )

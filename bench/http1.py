@@ -17,6 +17,7 @@ plain-HTTP targets (aiohttp's client costs several times more CPU per request).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import struct
@@ -419,22 +420,57 @@ class ClientPool:
     """Keep-alive HTTP/1.1 client connections to one host:port (plain HTTP only).
 
     Several times cheaper per request than aiohttp's client, so that on a small machine
-    the generator is not what saturates first."""
+    the generator is not what saturates first. At most `limit` connections (0: no
+    limit); beyond it requests wait for a free connection, as behind a client SDK's pool
+    (the wait counts in the latency, which runs from the intended send time)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, limit: int = 0) -> None:
         self.host, self.port = host, port
+        self.limit = limit
         self.idle: list[_ClientConn] = []
-        self.opened = 0
+        self.opened = 0  # connections opened in total
+        self.live = 0  # connections open or being opened now
+        self._waiters: collections.deque[asyncio.Future[_ClientConn | None]] = collections.deque()
 
     async def _acquire(self) -> _ClientConn:
-        while self.idle:
-            c = self.idle.pop()
-            if not c.closed:
-                return c
-        loop = asyncio.get_running_loop()
-        _, proto = await loop.create_connection(_ClientConn, self.host, self.port)
+        while True:
+            while self.idle:
+                c = self.idle.pop()
+                if not c.closed:
+                    return c
+                self.live -= 1
+            if not self.limit or self.live < self.limit:
+                break
+            fut: asyncio.Future[_ClientConn | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            got = await fut
+            if got is not None and not got.closed:
+                return got
+            # None: a connection closed, so there is room to open one (or an idle one to take).
+        self.live += 1
+        try:
+            _, proto = await asyncio.get_running_loop().create_connection(_ClientConn, self.host, self.port)
+        except BaseException:
+            self._discard()
+            raise
         self.opened += 1
         return proto
+
+    def _release(self, c: _ClientConn) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(c)
+                return
+        self.idle.append(c)
+
+    def _discard(self) -> None:
+        self.live -= 1
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
 
     async def request(
         self,
@@ -455,11 +491,14 @@ class ClientPool:
         except BaseException:
             if c.transport is not None:
                 c.transport.abort()
+            self._discard()
             raise
         if c.keep and not c.closed:
-            self.idle.append(c)
-        elif c.transport is not None:
-            c.transport.close()
+            self._release(c)
+        else:
+            if c.transport is not None:
+                c.transport.close()
+            self._discard()
         return status
 
     def close(self) -> None:

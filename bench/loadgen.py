@@ -16,8 +16,9 @@ of :mod:`bench.http1` for plain http:// ones: on a 2-core machine that shares a 
 with the mocks, aiohttp's client saturated before the proxy did.
 
 With several targets (``--url`` given twice, or the overhead scenario's direct and
-proxied paths) arrivals are interleaved round-robin and each target has its own
-:class:`Stats`, so they see the same generator, the same moment and the same noise.
+proxied paths) every arrival slot sends to each target with the same intended time,
+and each target has its own :class:`Stats`: they see the same generator, the same
+moment and the same noise, which cancel out of "proxy minus direct".
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Load:
     grace: float = 10.0  # after the last send, how long in-flight requests may take
     max_in_flight: int = 20_000
     warmup: int = 0  # requests per target sent first and not recorded
+    connections: int = 256  # per target (raw client; 0: a new connection whenever none is idle)
 
 
 # -- request bodies --------------------------------------------------------------
@@ -360,25 +362,40 @@ async def open_loop(
     progress: Progress | None = None,
     on_tick: Callable[[], None] | None = None,
 ) -> None:
-    """Constant arrival rate over all targets, interleaved; latency from intended send times."""
+    """Constant arrival rate; latency from intended send times.
+
+    With several targets, each arrival slot sends one request to every target with the
+    same intended time (in an order that rotates from slot to slot), so that the
+    generator's own timing artefacts (timer granularity, a busy loop) fall on all
+    targets alike and cancel out of a per-percentile difference."""
     assert load.rate is not None and load.rate > 0
     n_t = len(stats)
-    interval = 1.0 / (load.rate * n_t)
+    interval = 1.0 / load.rate
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
-    # Warm-up: sequential-ish, unrecorded.
-    for i in range(load.warmup * n_t):
-        t = loop.create_task(send(i % n_t, time.perf_counter(), None))
-        pending.add(t)
-        t.add_done_callback(pending.discard)
+
+    def launch(slot: int, due: float, record: bool, now: float) -> None:
+        for j in range(n_t):
+            ti = (slot + j) % n_t
+            st = stats[ti] if record else None
+            if st is not None:
+                st.sent += 1
+                if now - due > 0.002:
+                    st.late_sends += 1
+            t = loop.create_task(send(ti, due, st))
+            pending.add(t)
+            t.add_done_callback(pending.discard)
+
+    # Warm-up: unrecorded, at the same rate.
+    for i in range(load.warmup):
+        launch(i, time.perf_counter(), False, 0.0)
         await asyncio.sleep(interval)
     if pending:
-        await asyncio.wait(pending, timeout=load.grace)
-    total = load.requests * n_t
+        await asyncio.wait(set(pending), timeout=load.grace)
     start = time.perf_counter()
     end = start + load.duration
     i = 0
-    while i < total:
+    while i < load.requests:
         intended = start + i * interval
         if intended >= end:
             break
@@ -388,17 +405,10 @@ async def open_loop(
         elif len(pending) >= load.max_in_flight:
             await asyncio.sleep(0.001)
             continue
-        # Catch up: every request already due is sent now, each keeping its own intended time.
+        # Catch up: every slot already due is sent now, each keeping its own intended time.
         now = time.perf_counter()
-        while i < total and start + i * interval <= now and start + i * interval < end:
-            st = stats[i % n_t]
-            st.sent += 1
-            due = start + i * interval
-            if now - due > 0.002:
-                st.late_sends += 1
-            t = loop.create_task(send(i % n_t, due, st))
-            pending.add(t)
-            t.add_done_callback(pending.discard)
+        while i < load.requests and start + i * interval <= now and start + i * interval < end:
+            launch(i, start + i * interval, True, now)
             i += 1
         if progress is not None:
             progress.update(sum(s.ok + s.failed for s in stats), sum(s.failed for s in stats), len(pending))
@@ -459,7 +469,7 @@ async def _finish(
         progress.close()
 
 
-def make_session(limit: int = 0) -> aiohttp.ClientSession:
+def make_session(limit: int = 256) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, keepalive_timeout=60, force_close=False)
     return aiohttp.ClientSession(
         connector=connector,
@@ -489,12 +499,15 @@ async def run(
         bodies if bodies else [chat_body(t.model, prompt_tokens, stream, seed) for seed in range(16)] for t in targets
     ]
     counter = [0]
+    conns = load.connections
+    if load.rate is None and conns:
+        conns = max(conns, load.concurrency)
     pools: list[ClientPool | None] = []
     for t in targets:
         u = urlsplit(t.url)
         raw = client == "raw" or (client == "auto" and u.scheme == "http")
-        pools.append(ClientPool(u.hostname or "127.0.0.1", u.port or 80) if raw else None)
-    async with make_session() as session:
+        pools.append(ClientPool(u.hostname or "127.0.0.1", u.port or 80, conns) if raw else None)
+    async with make_session(conns * len(targets)) as session:
 
         async def send(ti: int, intended: float, st: Stats | None) -> None:
             counter[0] += 1

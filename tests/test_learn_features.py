@@ -76,3 +76,21 @@ def test_shipped_models_match_parity_fixture() -> None:
         assert probs == pytest.approx(case["task_probabilities"], abs=1e-12)
         scores = router.predict_proba(case["text"], probs)
         assert scores == pytest.approx(case["router_scores"], abs=1e-12)
+
+
+def test_shipped_models_share_one_featurizer() -> None:
+    """The core hashes a prompt once and sums task + router weights in one pass only if they share a featurizer."""
+    task = LinearModel.load(MODELS / "task.erlm")
+    router = LinearModel.load(MODELS / "router-gpt4-mixtral.erlm")
+    assert task.featurizer == router.featurizer == FeaturizerConfig()
+    assert len(task.outputs) + len(router.outputs) <= 12  # the core's 24-byte fused rows
+    assert router.task_outputs == [] or router.task_outputs == task.outputs
+
+
+def test_source_weights_balance_by_square_root() -> None:
+    pytest.importorskip("numpy")
+    from edgeroute.learn.router import source_weights
+
+    w = source_weights(["a"] * 100 + ["b"] * 4)
+    assert w.mean() == pytest.approx(1.0)
+    assert w[-1] / w[0] == pytest.approx(5.0)  # sqrt(100 / 4)

@@ -10,7 +10,7 @@ loads; evaluations use that quantised model, not the float weights.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,8 @@ class SparseDocs:
     vals: F64
     n_docs: int
     n_buckets: int
+    # first triple of each non-empty document (rows are sorted), built on first use
+    _starts: I64 | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(cls, bucket_lists: Sequence[Sequence[int]], n_buckets: int) -> SparseDocs:
@@ -65,10 +67,18 @@ class SparseDocs:
 
     def matmul(self, w: F64) -> F64:
         """``X @ w`` for ``w`` of shape [buckets, K]."""
+        if self._starts is None:
+            if len(self.rows) and bool(np.any(np.diff(self.rows) < 0)):
+                raise ValueError("SparseDocs rows must be sorted")
+            self._starts = np.flatnonzero(np.r_[True, self.rows[1:] != self.rows[:-1]]) if len(self.rows) else self.rows
+        starts = self._starts
         wt = np.ascontiguousarray(w.T)  # one contiguous gather per output is ~2x faster than strided
-        out = np.empty((w.shape[1], self.n_docs))
-        for k in range(w.shape[1]):
-            out[k] = np.bincount(self.rows, weights=wt[k][self.cols] * self.vals, minlength=self.n_docs)
+        out = np.zeros((w.shape[1], self.n_docs))
+        if len(starts):
+            docs = self.rows[starts]
+            for k in range(w.shape[1]):
+                # rows are sorted: a segmented sum is ~3x faster than bincount
+                out[k, docs] = np.add.reduceat(wt[k][self.cols] * self.vals, starts)
         return np.ascontiguousarray(out.T)
 
     def rmatmul(self, r: F64) -> F64:

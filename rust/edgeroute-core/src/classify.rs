@@ -704,46 +704,86 @@ pub struct Classification {
     pub scores: Vec<f64>,
 }
 
-/// Row width of the fused weight table (task + router outputs, padded).
-const FUSED_WIDTH: usize = 16;
+/// The task and router weights of each bucket side by side in one row, built
+/// when both models share a featurizer: each hashed feature then costs one
+/// load and one fixed-width add, and no bucket list is materialised. Rows are
+/// 12 lanes (24 bytes: 10 task classes + 2 routed LLMs, a 768 KiB table at
+/// 2^15 buckets, which stays in L2) or 16 lanes for up to 6 routed LLMs.
+#[derive(Clone)]
+enum FusedRows {
+    W12(Vec<[i16; 12]>),
+    W16(Vec<[i16; 16]>),
+}
 
-/// The task and router weights of each bucket side by side (one 32-byte row),
-/// built when both models share a featurizer: each hashed feature then costs
-/// one load and one 16-lane add, and no bucket list is materialised.
 #[derive(Clone)]
 struct Fused {
-    rows: Vec<[i16; FUSED_WIDTH]>,
+    rows: FusedRows,
     task_k: usize,
     router_k: usize,
+}
+
+fn interleave<const W: usize>(task: &LinearModel, router: &LinearModel) -> Vec<[i16; W]> {
+    let (kt, kr) = (task.outputs.len(), router.outputs.len());
+    (0..1usize << task.featurizer.log2_buckets)
+        .map(|b| {
+            let mut row = [0i16; W];
+            row[..kt].copy_from_slice(&task.hashed[b * kt..b * kt + kt]);
+            row[kt..kt + kr].copy_from_slice(&router.hashed[b * kr..b * kr + kr]);
+            row
+        })
+        .collect()
+}
+
+/// Sum the rows of `text`'s buckets; returns (sums, bucket count, length features).
+fn accumulate<const W: usize>(rows: &[[i16; W]], text: &str, cfg: &FeaturizerConfig) -> ([i32; 16], usize, [f64; 2]) {
+    let mut acc = [0i32; W];
+    let mut n = 0usize;
+    let length = visit_buckets(text, cfg, |b| {
+        for (a, &w) in acc.iter_mut().zip(&rows[b as usize]) {
+            *a += i32::from(w);
+        }
+        n += 1;
+    });
+    let mut out = [0i32; 16];
+    out[..W].copy_from_slice(&acc);
+    (out, n, length)
 }
 
 impl Fused {
     fn new(task: &LinearModel, router: &LinearModel) -> Option<Self> {
         let (kt, kr) = (task.outputs.len(), router.outputs.len());
-        if task.featurizer != router.featurizer || kt + kr > FUSED_WIDTH {
+        if task.featurizer != router.featurizer {
             return None;
         }
-        let buckets = 1usize << task.featurizer.log2_buckets;
-        let rows = (0..buckets)
-            .map(|b| {
-                let mut row = [0i16; FUSED_WIDTH];
-                row[..kt].copy_from_slice(&task.hashed[b * kt..b * kt + kt]);
-                row[kt..kt + kr].copy_from_slice(&router.hashed[b * kr..b * kr + kr]);
-                row
-            })
-            .collect();
+        let rows = match kt + kr {
+            0..=12 => FusedRows::W12(interleave(task, router)),
+            13..=16 => FusedRows::W16(interleave(task, router)),
+            _ => return None,
+        };
         Some(Fused {
             rows,
             task_k: kt,
             router_k: kr,
         })
     }
+
+    fn accumulate(&self, text: &str, cfg: &FeaturizerConfig) -> ([i32; 16], usize, [f64; 2]) {
+        match &self.rows {
+            FusedRows::W12(rows) => accumulate(rows, text, cfg),
+            FusedRows::W16(rows) => accumulate(rows, text, cfg),
+        }
+    }
 }
 
 impl fmt::Debug for Fused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (width, buckets) = match &self.rows {
+            FusedRows::W12(r) => (12, r.len()),
+            FusedRows::W16(r) => (16, r.len()),
+        };
         f.debug_struct("Fused")
-            .field("buckets", &self.rows.len())
+            .field("buckets", &buckets)
+            .field("width", &width)
             .field("task_k", &self.task_k)
             .field("router_k", &self.router_k)
             .finish()
@@ -807,15 +847,7 @@ impl Classifier {
     /// One pass over the text: sum the fused rows of its buckets, then finish
     /// both models' logits exactly as [`LinearModel::logits_into`] would.
     fn classify_fused(&self, fz: &Fused, text: &str) -> Classification {
-        let mut acc = [0i32; FUSED_WIDTH];
-        let mut n = 0usize;
-        let length = visit_buckets(text, self.task.featurizer(), |b| {
-            let row = &fz.rows[b as usize];
-            for (a, &w) in acc.iter_mut().zip(row) {
-                *a += i32::from(w);
-            }
-            n += 1;
-        });
+        let (acc, n, length) = fz.accumulate(text, self.task.featurizer());
         let (kt, kr) = (fz.task_k, fz.router_k);
         let tm = &self.task.model;
         let mut probs = Vec::with_capacity(kt);
@@ -953,6 +985,41 @@ mod tests {
         assert!(RouterModel::difficulty(&out.scores, 1, 0) > 0.2);
         assert_eq!(c.router.choose(&out.scores, 0.0), 1);
         assert_eq!(c.router.choose(&out.scores, 1.0), 0);
+    }
+
+    /// Like `model_bytes`, with distinct weights per bucket and output.
+    fn varied_model_bytes(outputs: &[&str], activation: &str, dense: &[&str]) -> Vec<u8> {
+        let mut bytes = model_bytes(outputs, activation, dense, 0);
+        let hlen = u32::from_le_bytes(bytes[4..8].try_into().unwrap()) as usize;
+        let k = outputs.len();
+        for i in 0..256 * k {
+            let w = ((i * 7919) % 601) as i16 - 300;
+            bytes[8 + hlen + 2 * i..8 + hlen + 2 * i + 2].copy_from_slice(&w.to_le_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn fused_pass_equals_separate_models_at_both_widths() {
+        let outs: Vec<&str> = TaskType::ALL.iter().map(|t| t.as_str()).collect();
+        let task = TextModel::from_bytes(&varied_model_bytes(&outs, "softmax", &["length"])).unwrap();
+        for routed in [&["strong", "weak"][..], &["a", "b", "c", "d", "e"][..]] {
+            let r = RouterModel::from_bytes(&varied_model_bytes(routed, "sigmoid", &["length", "task"])).unwrap();
+            let c = Classifier::new(task.clone(), r.clone()).unwrap();
+            assert!(c.fused.is_some());
+            for text in [
+                "",
+                "hello world",
+                "Write a Rust function, then prove it terminates: 1 + 2 = 3.",
+            ] {
+                let f = Features::extract(text, task.featurizer());
+                let p = task.predict_features(&f);
+                let want = r.scores(&f, Some(&p)).unwrap();
+                let got = c.classify(text);
+                assert_eq!(got.task, p);
+                assert_eq!(got.scores, want);
+            }
+        }
     }
 
     #[test]

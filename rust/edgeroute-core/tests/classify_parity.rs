@@ -61,7 +61,11 @@ fn features_and_probabilities_match_python() {
 #[test]
 fn fused_single_pass_equals_separate_models() {
     let (task, router) = models();
-    assert_eq!(task.featurizer(), router.featurizer(), "shipped models must share a featurizer");
+    assert_eq!(
+        task.featurizer(),
+        router.featurizer(),
+        "shipped models must share a featurizer"
+    );
     let classifier = Classifier::new(task.clone(), router.clone()).unwrap();
     let texts = [
         "",
