@@ -102,6 +102,10 @@ class Decision:
         """Prompt tokens counted with ``encoding`` (or as passed to ``decide``)."""
 
     @property
+    def tokens_exact(self) -> bool:
+        """Whether ``prompt_tokens`` was counted exactly (else a four-bytes-a-token estimate)."""
+
+    @property
     def encoding(self) -> _Encoding:
         """Tokenizer of the requested route's first deployment."""
 
@@ -173,6 +177,12 @@ class Router:
     def set_shifts(self, shifts: Mapping[tuple[str, str], float]) -> None:
         """Replaces the feedback-learning shifts added to predicted scores, keyed by (task, route)."""
 
+    def count_prompt(self, body: bytes) -> int:
+        """Exact prompt tokens of a chat ``body`` under its route's encoding; releases the GIL."""
+
+    def warm_up(self) -> None:
+        """Loads the tokenizer tables now (tens of MB, ~100 ms); releases the GIL."""
+
     @property
     def has_classifier(self) -> bool:
         """Whether the router can classify prompts."""
@@ -187,6 +197,7 @@ class Router:
         prompt_tokens: int | None = None,
         key: str | None = None,
         explain: bool = False,
+        exact_tokens: bool = False,
     ) -> Decision:
         """Decides how to serve a chat-completions ``body``; releases the GIL.
 
@@ -196,6 +207,9 @@ class Router:
         from an earlier attempt of the same body), is used instead of counting.
         ``key`` (the caller's key id) keeps experiments sticky by key; ``explain``
         classifies the prompt even when nothing needs it, for explanations.
+        Tokens are counted exactly when ``exact_tokens`` is set, a rule compares
+        token counts or a context window is within reach; otherwise estimated
+        (``Decision.tokens_exact`` says which).
 
         Raises :class:`BadRequestError` (bad body), :class:`ForbiddenError` (a rule rejects it),
         :class:`UnknownModelError` or :class:`NoDeploymentError`.

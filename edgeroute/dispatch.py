@@ -124,6 +124,7 @@ class Call:
         self.deadline = asyncio.get_running_loop().time() + timeouts.total
         self.failures: list[tuple[DeploymentInfo, Failure]] = []
         self.served_by: DeploymentInfo | None = None
+        self._exact_prompt: int | None = None
         self.hedged = False
 
     # -- one attempt ---------------------------------------------------------
@@ -239,9 +240,17 @@ class Call:
     def _remaining(self) -> float:
         return max(0.001, self.deadline - asyncio.get_running_loop().time())
 
+    def prompt_tokens(self) -> int:
+        """Exact prompt tokens, for accounting when the upstream reports no usage
+        (the decision may have only estimated them; counted once, here, if so)."""
+        if self._exact_prompt is None:
+            exact = self.decision.tokens_exact
+            self._exact_prompt = self.decision.prompt_tokens if exact else self.router.count_prompt(self.body)
+        return self._exact_prompt
+
     def _settle(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         if usage is None:
-            usage = Usage(prompt_tokens=self.decision.prompt_tokens, estimated=True)
+            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
         rec.usage = usage
         rec.cost_usd = cost_of(dep.price, usage)
 
@@ -472,7 +481,7 @@ async def relay_stream(
         answer.resp.close()
         usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
         if usage is None and text is not None:
-            usage = estimate_stream_usage(call.decision.prompt_tokens, b"".join(text), call.decision.encoding)
+            usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
         if rec is not None:
             call._settle(rec, dep, usage)
     return out

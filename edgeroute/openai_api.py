@@ -44,9 +44,16 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
     explain = explain or live.config.learning.feedback is not None
     try:
         if ident is None:
-            return live.router.decide(body, tags=_tags(request), explain=explain)
+            return live.router.decide(body, tags=_tags(request), explain=explain, exact_tokens=live.exact_tokens)
         return live.router.decide(
-            body, tags=_tags(request), team=ident.team, role=ident.role, user=ident.user, key=ident.key, explain=explain
+            body,
+            tags=_tags(request),
+            team=ident.team,
+            role=ident.role,
+            user=ident.user,
+            key=ident.key,
+            explain=explain,
+            exact_tokens=live.exact_tokens,
         )
     except _core.BadRequestError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
@@ -163,7 +170,7 @@ def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts
         headers.REQUEST_ID: rid,
         headers.ROUTE: d.route,
         headers.ATTEMPTS: str(attempts),
-        headers.PROMPT_TOKENS: str(d.prompt_tokens),
+        headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
         headers.EXPLAIN: explain_header(d),
     }
     if deployment is not None:
@@ -205,6 +212,7 @@ async def explain(request: web.Request) -> web.Response:
         "reasons": d.reasons,
         "strategy": d.strategy,
         "prompt_tokens": d.prompt_tokens,
+        "tokens_exact": d.tokens_exact,
         "encoding": d.encoding,
         "deployment": table[d.order[0]].name,
         "fallbacks": [table[i].name for i in d.order[1:]],

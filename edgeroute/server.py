@@ -125,6 +125,10 @@ async def admin_deployments(request: web.Request) -> web.Response:
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    live = app[STATE].live
+    if live.exact_tokens:
+        # Every request will count tokens: load the tables before serving, not on the first request.
+        await asyncio.to_thread(live.router.warm_up)
     yield
     state = app[STATE]
     state.draining = True

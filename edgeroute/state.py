@@ -23,9 +23,16 @@ class Live:
     deployments: list[DeploymentInfo]
     source: str = "<config>"
     index_of: dict[str, int] = field(default_factory=dict)
+    # Whether every decision must count prompt tokens exactly: budgets reserve by them
+    # and token-per-minute limits spend them, so estimates would let them drift.
+    exact_tokens: bool = False
 
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
+        limits = self.config.rate_limits
+        tpm = any(lim.tpm for lim in (limits.per_key, *limits.models.values(), *limits.deployments.values()) if lim)
+        tpm = tpm or any(k.limits is not None and k.limits.tpm for k in self.config.keys.values())
+        self.exact_tokens = bool(self.config.budgets.limits) or bool(tpm)
 
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:

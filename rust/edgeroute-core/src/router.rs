@@ -64,6 +64,8 @@ pub struct RequestMeta {
     pub prompt_tokens: Option<u32>,
     /// The caller's key id, for experiments sticky by key.
     pub key: Option<String>,
+    /// Count the prompt's tokens exactly even when routing does not need it (e.g. for budgets).
+    pub exact_tokens: bool,
     /// Classify the prompt even when no rule or policy needs it, to explain the decision.
     pub explain: bool,
 }
@@ -81,8 +83,10 @@ pub struct Decision {
     pub reasons: Vec<String>,
     /// Deployment indices to try, in order: the choice, then the fallbacks.
     pub order: Vec<usize>,
-    /// Prompt tokens, counted with the route's encoding.
+    /// Prompt tokens under the route's encoding: exact, or an estimate (see `tokens_exact`).
     pub prompt_tokens: u32,
+    /// Whether `prompt_tokens` was counted exactly.
+    pub tokens_exact: bool,
     /// Name of that encoding.
     pub encoding: &'static str,
     /// Whether the client asked for a stream.
@@ -129,6 +133,8 @@ pub struct Router {
     /// (strong, weak) outputs of the router model by cost, for `difficulty`.
     strong_weak: Option<(usize, usize)>,
     shifts: Arc<Shifts>,
+    /// The smallest known context window of any deployment, for deciding when to count exactly.
+    smallest_window: Option<u32>,
 }
 
 impl Router {
@@ -280,7 +286,6 @@ impl Router {
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         Ok(Self {
-            deployments,
             by_name,
             routes,
             route_by_name,
@@ -290,9 +295,15 @@ impl Router {
             hedge_budget,
             rng: FastRng::new(seed),
             epoch,
+            smallest_window: deployments
+                .iter()
+                .map(|d| d.spec.context_window)
+                .filter(|&w| w > 0)
+                .min(),
             classifier,
             strong_weak,
             shifts,
+            deployments,
         })
     }
 
@@ -388,9 +399,7 @@ impl Router {
             .get(req.model.as_ref())
             .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
         let encoding = self.routes[requested].encoding;
-        let prompt_tokens = meta
-            .prompt_tokens
-            .unwrap_or_else(|| tokens::count_chat(&req, encoding) as u32);
+        let (prompt_tokens, tokens_exact) = self.prompt_tokens(&req, meta, encoding);
 
         // Classification costs tens of microseconds: run it only when something uses it.
         let class = match &self.classifier {
@@ -519,6 +528,7 @@ impl Router {
             reasons,
             order,
             prompt_tokens,
+            tokens_exact,
             encoding: encoding.name(),
             stream: req.stream,
             include_usage: req.include_usage,
@@ -539,6 +549,36 @@ impl Router {
             policy: policy_note,
             variant,
         })
+    }
+
+    /// Exact prompt tokens of a chat body, under the encoding of the route it asks for.
+    pub fn count_prompt(&self, body: &[u8]) -> Result<u32> {
+        let req = ChatRequest::parse(body)?;
+        let route = self
+            .route_by_name
+            .get(req.model.as_ref())
+            .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
+        Ok(tokens::count_chat(&req, self.routes[*route].encoding) as u32)
+    }
+
+    /// The prompt's tokens: counted exactly when the caller asks, a rule compares
+    /// token counts, or a context window is within reach of the hard upper bound;
+    /// otherwise estimated, since BPE over a long prompt costs far more than the
+    /// rest of the decision and the upstream's usage settles the bill anyway.
+    fn prompt_tokens(&self, req: &ChatRequest<'_>, meta: &RequestMeta, encoding: Encoding) -> (u32, bool) {
+        if let Some(n) = meta.prompt_tokens {
+            return (n, true);
+        }
+        let exact = || (tokens::count_chat(req, encoding) as u32, true);
+        if meta.exact_tokens || self.rules.needs_tokens() {
+            return exact();
+        }
+        let bounds = tokens::bound_chat(req, encoding);
+        let worst = (bounds.upper as u64).saturating_add(u64::from(req.max_tokens.unwrap_or(0)));
+        match self.smallest_window {
+            Some(w) if worst > u64::from(w) => exact(),
+            _ => (bounds.estimate as u32, false),
+        }
     }
 
     /// The cheapest candidate of policy route `r` whose predicted score (plus its

@@ -273,6 +273,11 @@ impl Rules {
     }
 
     /// Whether any rule looks at content (so callers know whether to build the text).
+    pub fn needs_tokens(&self) -> bool {
+        self.specs.iter().any(|r| r.when.min_tokens.is_some() || r.when.max_tokens.is_some())
+    }
+
+    /// Whether any rule looks at the predicted task type.
     pub fn needs_task(&self) -> bool {
         self.specs.iter().any(|r| !r.when.tasks.is_empty())
     }

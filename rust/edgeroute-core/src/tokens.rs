@@ -251,6 +251,44 @@ pub fn count_chat(req: &ChatRequest<'_>, enc: Encoding) -> usize {
     scale(total, percent)
 }
 
+/// Bounds on a chat's prompt tokens without running the tokenizer, for the many
+/// requests whose routing does not depend on the exact count.
+///
+/// `upper` is a hard bound for the byte-level BPE encodings: every token covers
+/// at least one byte, so the tokens of a text are at most its UTF-8 length (the
+/// estimates scale that by their factor). `estimate` assumes four bytes a token,
+/// OpenAI's rule of thumb for English.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenBounds {
+    /// No tokenizer can produce more tokens than this.
+    pub upper: usize,
+    /// A typical count.
+    pub estimate: usize,
+}
+
+/// [`TokenBounds`] of a chat request under `enc`.
+pub fn bound_chat(req: &ChatRequest<'_>, enc: Encoding) -> TokenBounds {
+    let mut bytes = 0usize;
+    let mut framing = REPLY_PRIMING;
+    for m in &req.messages {
+        framing += TOKENS_PER_MESSAGE + TOKENS_PER_NAME;
+        bytes += m.role.len() + m.name.as_ref().map_or(0, |n| n.len());
+        m.for_each_text(|t| bytes += t.len());
+        for call in m.tool_calls.iter().flatten() {
+            framing += TOKENS_PER_MESSAGE;
+            bytes += call.function.name.len() + call.function.arguments.len();
+        }
+    }
+    if let Some(tools) = req.tools {
+        bytes += tools.get().len();
+    }
+    let (_, percent) = enc.base();
+    TokenBounds {
+        upper: scale(bytes + framing, percent),
+        estimate: scale(bytes.div_ceil(4) + framing, percent),
+    }
+}
+
 /// Tokens of a `tools` array by the cookbook's `num_tokens_for_tools`: per
 /// function `func_init` plus the tokens of `"{name}:{description}"` (one final
 /// `.` dropped); when it has parameters, `prop_init`, and per parameter

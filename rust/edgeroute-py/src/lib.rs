@@ -92,6 +92,10 @@ impl Decision {
         self.inner.prompt_tokens
     }
     #[getter]
+    fn tokens_exact(&self) -> bool {
+        self.inner.tokens_exact
+    }
+    #[getter]
     fn encoding(&self) -> &'static str {
         self.inner.encoding
     }
@@ -196,7 +200,6 @@ impl Router {
                 Some(c) => core::Router::with_classifier(spec, c)?,
                 None => core::Router::new(spec)?,
             };
-            r.warm_up();
             Ok::<_, core::CoreError>(r)
         });
         Ok(Self {
@@ -216,7 +219,6 @@ impl Router {
                 None => self.inner.reload(spec),
             })
             .map_err(to_py)?;
-        router.warm_up();
         Ok(Self {
             inner: Arc::new(router),
         })
@@ -227,12 +229,23 @@ impl Router {
         self.inner.set_shifts(shifts);
     }
 
+    /// Exact prompt tokens of a chat body (for accounting when a decision only estimated them).
+    fn count_prompt(&self, py: Python<'_>, body: &[u8]) -> PyResult<u32> {
+        py.detach(|| self.inner.count_prompt(body)).map_err(to_py)
+    }
+
+    /// Loads the tokenizer tables of every deployment's encoding now (tens of MB,
+    /// ~100 ms), so that the first exact count does not pay for it.
+    fn warm_up(&self, py: Python<'_>) {
+        py.detach(|| self.inner.warm_up());
+    }
+
     #[getter]
     fn has_classifier(&self) -> bool {
         self.inner.has_classifier()
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false))]
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false))]
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -245,6 +258,7 @@ impl Router {
         prompt_tokens: Option<u32>,
         key: Option<String>,
         explain: bool,
+        exact_tokens: bool,
     ) -> PyResult<Decision> {
         let meta = core::RequestMeta {
             tags: tags.unwrap_or_default(),
@@ -254,6 +268,7 @@ impl Router {
             prompt_tokens,
             key,
             explain,
+            exact_tokens,
         };
         let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
