@@ -91,5 +91,24 @@ def test_errors_map_onto_the_hierarchy() -> None:
 @given(n=st.integers(min_value=0, max_value=2**32 - 1))
 def test_given_prompt_tokens_are_used(n: int) -> None:
     body = b'{"model": "small", "messages": [{"role": "user", "content": "hello world"}]}'
-    assert ROUTER.decide(body).prompt_tokens == 9
-    assert ROUTER.decide(body, prompt_tokens=n).prompt_tokens == n
+    exact = ROUTER.decide(body, exact_tokens=True)
+    assert exact.prompt_tokens == 9 and exact.tokens_exact
+    assert ROUTER.count_prompt(body) == 9
+    given = ROUTER.decide(body, prompt_tokens=n)
+    assert given.prompt_tokens == n and given.tokens_exact
+
+
+def test_tokens_are_estimated_unless_routing_needs_them() -> None:
+    spec = {
+        "deployments": [{"name": "a", "provider": "p", "model": "gpt-4o", "context_window": 100}],
+        "models": [{"name": "m", "deployments": ["a"]}],
+    }
+    router = Router(json.dumps(spec).encode())
+    short = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello world"}]}).encode()
+    d = router.decide(short)
+    # Far from the 100-token window: no tokenizer run, a 4-bytes-a-token estimate.
+    assert not d.tokens_exact and d.prompt_tokens > 0
+    near = json.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 30}]}).encode()
+    d = router.decide(near)
+    # Within reach of the window: counted exactly (and it fits).
+    assert d.tokens_exact and d.prompt_tokens == router.count_prompt(near) and d.order == [0]

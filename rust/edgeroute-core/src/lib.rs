@@ -22,7 +22,8 @@
 //!   "models": [{"name": "small", "deployments": ["a", "b"]}]
 //! }"#).unwrap();
 //! let body = br#"{"model":"small","messages":[{"role":"user","content":"hello world"}]}"#;
-//! let d = router.decide(body, &RequestMeta::default()).unwrap();
+//! let exact = RequestMeta { exact_tokens: true, ..RequestMeta::default() };
+//! let d = router.decide(body, &exact).unwrap();
 //! assert_eq!(d.order.len(), 2);
 //! assert_eq!(d.prompt_tokens, 9);
 //! ```
