@@ -164,7 +164,16 @@ mod tests {
     fn experiments_are_sticky_and_split_by_percent() {
         let e = ExperimentSpec {
             name: "exp".into(),
-            variants: vec![Variant { route: "a".into(), percent: 90.0 }, Variant { route: "b".into(), percent: 10.0 }],
+            variants: vec![
+                Variant {
+                    route: "a".into(),
+                    percent: 90.0,
+                },
+                Variant {
+                    route: "b".into(),
+                    percent: 10.0,
+                },
+            ],
             sticky: Sticky::User,
         };
         let arms: Vec<usize> = (0..10_000).map(|i| e.variant_for(&format!("user-{i}"))).collect();

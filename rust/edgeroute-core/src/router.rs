@@ -11,13 +11,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::budget::RetryBudget;
 use crate::classify::{Classification, Classifier};
-use crate::policy::{self, Scored, Shifts};
 use crate::config::{DeploymentSpec, HealthSpec, ModelSpec, RouterSpec, Strategy};
 use crate::error::{CoreError, Result};
 use crate::health::{Health, HealthSnapshot, Outcome};
 use crate::hedge::{HedgeBudget, HedgeSpec, RotatingHistogram};
+use crate::policy::{self, Scored, Shifts};
 use crate::request::ChatRequest;
-use crate::rules::{RuleInput, Rules};
+use crate::rules::{LazyTokens, RuleInput, Rules};
 use crate::select::{self, Candidate, FastRng, Swrr};
 use crate::tokens::{self, Encoding};
 
@@ -224,7 +224,9 @@ impl Router {
             }
             routes.push(Route {
                 swrr: Swrr::new(members.len()),
-                encoding: members.first().map_or(Encoding::O200kBase, |&i| deployments[i].encoding),
+                encoding: members
+                    .first()
+                    .map_or(Encoding::O200kBase, |&i| deployments[i].encoding),
                 members,
                 candidates: Vec::new(),
                 variants: Vec::new(),
@@ -261,14 +263,23 @@ impl Router {
         }
         let (retry_budget, hedge_budget, shifts) = match previous {
             Some(p) => (p.retry_budget.clone(), p.hedge_budget.clone(), p.shifts.clone()),
-            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default(), Arc::default()),
+            None => (
+                Arc::new(RetryBudget::new(spec.retry_budget)),
+                Arc::default(),
+                Arc::default(),
+            ),
         };
         if rules.needs_task() && classifier.is_none() {
-            return Err(CoreError::Config("a rule uses `tasks` but no task model is loaded".into()));
+            return Err(CoreError::Config(
+                "a rule uses `tasks` but no task model is loaded".into(),
+            ));
         }
         // A rule may send any request to a policy route: then every request may need the classifier.
         let rules_reach_policy = rules.specs().iter().any(|r| {
-            r.then.route.as_ref().is_some_and(|n| routes[route_by_name[n]].needs_class)
+            r.then
+                .route
+                .as_ref()
+                .is_some_and(|n| routes[route_by_name[n]].needs_class)
         });
         if rules.needs_task() || rules_reach_policy {
             for r in &mut routes {
@@ -324,7 +335,9 @@ impl Router {
         };
         // Policies first: an experiment may compare a policy route with a fixed one.
         for i in 0..routes.len() {
-            let Some(p) = routes[i].spec.policy.clone() else { continue };
+            let Some(p) = routes[i].spec.policy.clone() else {
+                continue;
+            };
             let name = routes[i].spec.name.clone();
             let clf = clf.ok_or_else(|| {
                 CoreError::Config(format!("model `{name}` has a policy but no router model is loaded"))
@@ -345,7 +358,9 @@ impl Router {
             routes[i].candidates = candidates;
         }
         for i in 0..routes.len() {
-            let Some(e) = routes[i].spec.experiment.clone() else { continue };
+            let Some(e) = routes[i].spec.experiment.clone() else {
+                continue;
+            };
             let name = routes[i].spec.name.clone();
             let variants = e
                 .variants
@@ -399,7 +414,13 @@ impl Router {
             .get(req.model.as_ref())
             .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
         let encoding = self.routes[requested].encoding;
-        let (prompt_tokens, tokens_exact) = self.prompt_tokens(&req, meta, encoding);
+        let bounds = tokens::bound_chat(&req, encoding);
+        let count = || tokens::count_chat(&req, encoding) as u32;
+        let lazy = match meta.prompt_tokens {
+            Some(n) => LazyTokens::known(n),
+            None if meta.exact_tokens => LazyTokens::known(count()),
+            None => LazyTokens::lazy(bounds.upper as u32, &count),
+        };
 
         // Classification costs tens of microseconds: run it only when something uses it.
         let class = match &self.classifier {
@@ -419,12 +440,13 @@ impl Router {
             user,
             team: meta.team.as_deref(),
             role: meta.role.as_deref(),
-            prompt_tokens,
+            prompt_tokens: lazy,
             text: &text,
             unix_secs,
             task,
         };
         let matched = self.rules.evaluate(&input);
+        let (prompt_tokens, tokens_exact) = self.settle_tokens(&input.prompt_tokens, bounds, req.max_tokens);
         let action = matched.as_ref().map(|m| &self.rules.specs()[m.index].then);
         if let Some(msg) = action.and_then(|a| a.reject.as_ref()) {
             return Err(CoreError::Forbidden(msg.clone()));
@@ -537,13 +559,21 @@ impl Router {
             hedge_after_ms,
             strategy,
             task,
-            task_confidence: class.as_ref().map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
+            task_confidence: class
+                .as_ref()
+                .map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
             difficulty: class
                 .as_ref()
                 .zip(self.strong_weak)
                 .map(|(c, (s, w))| c.scores[s] - c.scores[w]),
             scores: match (&class, &self.classifier) {
-                (Some(c), Some(clf)) => clf.router.models().iter().cloned().zip(c.scores.iter().copied()).collect(),
+                (Some(c), Some(clf)) => clf
+                    .router
+                    .models()
+                    .iter()
+                    .cloned()
+                    .zip(c.scores.iter().copied())
+                    .collect(),
                 _ => Vec::new(),
             },
             policy: policy_note,
@@ -561,29 +591,36 @@ impl Router {
         Ok(tokens::count_chat(&req, self.routes[*route].encoding) as u32)
     }
 
-    /// The prompt's tokens: counted exactly when the caller asks, a rule compares
-    /// token counts, or a context window is within reach of the hard upper bound;
+    /// The prompt's tokens after the rules ran: exact if they (or the caller)
+    /// counted them or a context window is within reach of the hard upper bound,
     /// otherwise estimated, since BPE over a long prompt costs far more than the
     /// rest of the decision and the upstream's usage settles the bill anyway.
-    fn prompt_tokens(&self, req: &ChatRequest<'_>, meta: &RequestMeta, encoding: Encoding) -> (u32, bool) {
-        if let Some(n) = meta.prompt_tokens {
+    fn settle_tokens(
+        &self,
+        lazy: &LazyTokens<'_>,
+        bounds: tokens::TokenBounds,
+        max_tokens: Option<u32>,
+    ) -> (u32, bool) {
+        if let Some(n) = lazy.computed() {
             return (n, true);
         }
-        let exact = || (tokens::count_chat(req, encoding) as u32, true);
-        if meta.exact_tokens || self.rules.needs_tokens() {
-            return exact();
-        }
-        let bounds = tokens::bound_chat(req, encoding);
-        let worst = (bounds.upper as u64).saturating_add(u64::from(req.max_tokens.unwrap_or(0)));
+        let worst = (bounds.upper as u64).saturating_add(u64::from(max_tokens.unwrap_or(0)));
         match self.smallest_window {
-            Some(w) if worst > u64::from(w) => exact(),
+            Some(w) if worst > u64::from(w) => (lazy.get(), true),
             _ => (bounds.estimate as u32, false),
         }
     }
 
     /// The cheapest candidate of policy route `r` whose predicted score (plus its
     /// feedback shift) reaches `threshold`; returns the route and an explanation.
-    fn apply_policy(&self, r: usize, threshold: f64, c: &Classification, needed: u32, max_tokens: Option<u32>) -> (usize, String) {
+    fn apply_policy(
+        &self,
+        r: usize,
+        threshold: f64,
+        c: &Classification,
+        needed: u32,
+        max_tokens: Option<u32>,
+    ) -> (usize, String) {
         let task = c.task.class.as_str();
         let scored: Vec<Scored> = self.routes[r]
             .candidates
@@ -597,12 +634,14 @@ impl Router {
             .collect();
         let chosen = policy::cheapest_sufficient(&scored, threshold).expect("a policy has candidates");
         let route = self.routes[r].candidates[chosen.candidate].0;
-        let verdict = if chosen.score >= threshold { "cheapest with" } else { "none reached the threshold; best" };
+        let verdict = if chosen.score >= threshold {
+            "cheapest with"
+        } else {
+            "none reached the threshold; best"
+        };
         let note = format!(
             "{}: {verdict} predicted score {:.2} (threshold {threshold:.2}) -> {}",
-            self.routes[r].spec.name,
-            chosen.score,
-            self.routes[route].spec.name
+            self.routes[r].spec.name, chosen.score, self.routes[route].spec.name
         );
         (route, note)
     }

@@ -7,6 +7,7 @@
 //! needs it. Rules are tried by priority, highest first; the first match wins.
 
 use std::cell::OnceCell;
+use std::fmt;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::RegexSet;
@@ -141,6 +142,72 @@ pub struct Action {
     pub reject: Option<String>,
 }
 
+/// A prompt's token count, counted only if a rule needs it: exact BPE over a long
+/// prompt costs more than the rest of the decision. A hard upper bound settles
+/// many comparisons without counting.
+pub struct LazyTokens<'a> {
+    cell: OnceCell<u32>,
+    upper: u32,
+    count: Option<&'a dyn Fn() -> u32>,
+}
+
+impl<'a> LazyTokens<'a> {
+    /// A count that is already known.
+    pub fn known(n: u32) -> Self {
+        let cell = OnceCell::new();
+        let _ = cell.set(n);
+        Self {
+            cell,
+            upper: n,
+            count: None,
+        }
+    }
+
+    /// A count made by `count` on first use; the true count is at most `upper`.
+    pub fn lazy(upper: u32, count: &'a dyn Fn() -> u32) -> Self {
+        Self {
+            cell: OnceCell::new(),
+            upper,
+            count: Some(count),
+        }
+    }
+
+    /// The count (computing it now if needed).
+    pub fn get(&self) -> u32 {
+        *self.cell.get_or_init(|| self.count.map_or(self.upper, |f| f()))
+    }
+
+    /// The count, if it has been computed.
+    pub fn computed(&self) -> Option<u32> {
+        self.cell.get().copied()
+    }
+
+    fn at_least(&self, min: u32) -> bool {
+        self.computed()
+            .map_or(self.upper >= min && self.get() >= min, |n| n >= min)
+    }
+
+    fn at_most(&self, max: u32) -> bool {
+        self.computed()
+            .map_or(self.upper <= max || self.get() <= max, |n| n <= max)
+    }
+}
+
+impl Default for LazyTokens<'_> {
+    fn default() -> Self {
+        Self::known(0)
+    }
+}
+
+impl fmt::Debug for LazyTokens<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.computed() {
+            Some(n) => write!(f, "{n}"),
+            None => write!(f, "<= {} (not counted)", self.upper),
+        }
+    }
+}
+
 /// Per-request facts rules look at.
 #[derive(Debug, Default)]
 pub struct RuleInput<'a> {
@@ -154,8 +221,8 @@ pub struct RuleInput<'a> {
     pub team: Option<&'a str>,
     /// The caller's role.
     pub role: Option<&'a str>,
-    /// Prompt tokens.
-    pub prompt_tokens: u32,
+    /// Prompt tokens, counted on demand.
+    pub prompt_tokens: LazyTokens<'a>,
     /// The prompt's text (all message texts joined by newlines).
     pub text: &'a str,
     /// Wall-clock time, seconds since the epoch.
@@ -272,11 +339,6 @@ impl Rules {
         &self.specs
     }
 
-    /// Whether any rule looks at content (so callers know whether to build the text).
-    pub fn needs_tokens(&self) -> bool {
-        self.specs.iter().any(|r| r.when.min_tokens.is_some() || r.when.max_tokens.is_some())
-    }
-
     /// Whether any rule looks at the predicted task type.
     pub fn needs_task(&self) -> bool {
         self.specs.iter().any(|r| !r.when.tasks.is_empty())
@@ -335,18 +397,6 @@ impl Rules {
                 note(&|| format!("{label}={v}"));
             }
         }
-        if let Some(min) = w.min_tokens {
-            if input.prompt_tokens < min {
-                return false;
-            }
-            note(&|| format!("tokens>={min}"));
-        }
-        if let Some(max) = w.max_tokens {
-            if input.prompt_tokens > max {
-                return false;
-            }
-            note(&|| format!("tokens<={max}"));
-        }
         if let Some(t) = &w.time {
             if !t.contains(input.unix_secs) {
                 return false;
@@ -383,6 +433,19 @@ impl Rules {
                 return false;
             };
             note(&|| format!("pii={}", k.name()));
+        }
+        // Token counts last: counting may run the tokenizer, the costliest check.
+        if let Some(min) = w.min_tokens {
+            if !input.prompt_tokens.at_least(min) {
+                return false;
+            }
+            note(&|| format!("tokens>={min}"));
+        }
+        if let Some(max) = w.max_tokens {
+            if !input.prompt_tokens.at_most(max) {
+                return false;
+            }
+            note(&|| format!("tokens<={max}"));
         }
         if let Some(why) = why {
             if why.is_empty() {
@@ -444,7 +507,7 @@ mod tests {
         let at = |team: &str, tokens: u32, hour: u64| {
             let i = RuleInput {
                 team: Some(team),
-                prompt_tokens: tokens,
+                prompt_tokens: LazyTokens::known(tokens),
                 unix_secs: hour * 3600,
                 ..Default::default()
             };
@@ -461,5 +524,33 @@ mod tests {
     fn bad_pattern_names_the_rule() {
         let err = Rules::compile(vec![rule(r#"{"name":"oops","when":{"patterns":["("]},"then":{}}"#)]).unwrap_err();
         assert!(err.to_string().contains("oops"), "{err}");
+    }
+
+    #[test]
+    fn tokens_are_counted_only_when_a_bound_cannot_decide() {
+        let rules = Rules::compile(vec![
+            rule(r#"{"name":"long","priority":2,"when":{"min_tokens":1000},"then":{}}"#),
+            rule(r#"{"name":"short","priority":1,"when":{"max_tokens":50},"then":{}}"#),
+        ])
+        .unwrap();
+        let calls = std::cell::Cell::new(0);
+        let count = || {
+            calls.set(calls.get() + 1);
+            40
+        };
+        // An upper bound of 45 rules out `long` and settles `short` without counting.
+        let i = RuleInput {
+            prompt_tokens: LazyTokens::lazy(45, &count),
+            ..Default::default()
+        };
+        assert_eq!(rules.specs()[rules.evaluate(&i).unwrap().index].name, "short");
+        assert_eq!((calls.get(), i.prompt_tokens.computed()), (0, None));
+        // With a bound of 5000 the count is needed (once) to tell.
+        let i = RuleInput {
+            prompt_tokens: LazyTokens::lazy(5000, &count),
+            ..Default::default()
+        };
+        assert_eq!(rules.specs()[rules.evaluate(&i).unwrap().index].name, "short");
+        assert_eq!((calls.get(), i.prompt_tokens.computed()), (1, Some(40)));
     }
 }

@@ -172,7 +172,9 @@ fn classifier(task: Option<&[u8]>, router: Option<&[u8]>) -> PyResult<Option<cor
             .map(Some)
             .map_err(|e| ConfigError::new_err(format!("cannot load the routing models: {e}"))),
         (None, None) => Ok(None),
-        _ => Err(ConfigError::new_err("give both task_model and router_model, or neither")),
+        _ => Err(ConfigError::new_err(
+            "give both task_model and router_model, or neither",
+        )),
     }
 }
 
@@ -192,7 +194,12 @@ fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
 impl Router {
     #[new]
     #[pyo3(signature = (config_json, task_model=None, router_model=None))]
-    fn new(py: Python<'_>, config_json: &[u8], task_model: Option<&[u8]>, router_model: Option<&[u8]>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        config_json: &[u8],
+        task_model: Option<&[u8]>,
+        router_model: Option<&[u8]>,
+    ) -> PyResult<Self> {
         let spec = parse_spec(config_json)?;
         let clf = classifier(task_model, router_model)?;
         let router = py.detach(|| {
@@ -210,7 +217,13 @@ impl Router {
     /// A router for a new config that keeps this one's health state; the
     /// classification models are replaced when both are given, kept otherwise.
     #[pyo3(signature = (config_json, task_model=None, router_model=None))]
-    fn reload(&self, py: Python<'_>, config_json: &[u8], task_model: Option<&[u8]>, router_model: Option<&[u8]>) -> PyResult<Self> {
+    fn reload(
+        &self,
+        py: Python<'_>,
+        config_json: &[u8],
+        task_model: Option<&[u8]>,
+        router_model: Option<&[u8]>,
+    ) -> PyResult<Self> {
         let spec = parse_spec(config_json)?;
         let clf = classifier(task_model, router_model)?;
         let router = py
