@@ -142,8 +142,9 @@ class Call:
         keep_open = False
         result: Answer | Failure
         try:
-            first_byte = min(self.timeouts.first_byte, self._remaining())
-            async with asyncio.timeout(first_byte):
+            loop = asyncio.get_running_loop()
+            # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
+            async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
                 resp = await up.session.post(req.url, data=req.body, headers=req.headers)
                 rec.status = resp.status
                 if resp.status >= 400:
@@ -154,10 +155,9 @@ class Call:
                 elif self.stream:
                     result = await self._hold_stream(resp, adapter)
                     keep_open = isinstance(result, StreamAnswer)
-            if not self.stream and resp.status < 400:
-                async with asyncio.timeout(self._remaining()):
-                    data = await resp.read()
-                result = self._json_answer(data, adapter)
+                else:
+                    deadline.reschedule(loop.time() + self._remaining())
+                    result = self._json_answer(await resp.read(), adapter)
         except TimeoutError:
             result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
         except (aiohttp.ClientError, OSError) as e:
@@ -439,43 +439,40 @@ async def relay_stream(
             break
     translator = answer.translator
     completed = sse.DONE in answer.head
+    loop = asyncio.get_running_loop()
+    failure: tuple[str, str] | None = None
     try:
         await send(answer.head)
-        while not completed:
-            try:
-                async with asyncio.timeout(idle_timeout):
+        try:
+            # One idle timer for the whole stream, re-armed per upstream chunk and paused while
+            # the client is written to (a slow reader is not an upstream stall).
+            async with asyncio.timeout(idle_timeout) as idle:
+                while not completed:
                     chunk = await answer.resp.content.readany()
-            except TimeoutError:
-                await send(
-                    sse.error_event("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
-                )
-                call.record.outcome = "stream_interrupted"
-                break
-            except (aiohttp.ClientError, OSError):
-                await send(
-                    sse.error_event(
-                        "The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted"
-                    )
-                )
-                call.record.outcome = "stream_interrupted"
-                break
-            if not chunk:
-                call.router.report(dep.index, "server_error", 0.0)
-                await send(
-                    sse.error_event(
-                        "The upstream ended the stream early; the answer is incomplete.", "stream_incomplete"
-                    )
-                )
-                call.record.outcome = "stream_interrupted"
-                break
-            if translator is not None:
-                chunk = translator.feed(chunk)
-            if chunk:
-                await send(chunk)
-                tail = (tail + chunk)[-TAIL_BYTES:]
-                if text is not None:
-                    text.append(chunk)
-                completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+                    idle.reschedule(None)
+                    if not chunk:
+                        call.router.report(dep.index, "server_error", 0.0)
+                        failure = (
+                            "The upstream ended the stream early; the answer is incomplete.",
+                            "stream_incomplete",
+                        )
+                        break
+                    if translator is not None:
+                        chunk = translator.feed(chunk)
+                    if chunk:
+                        await send(chunk)
+                        tail = (tail + chunk)[-TAIL_BYTES:]
+                        if text is not None:
+                            text.append(chunk)
+                        completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+                    idle.reschedule(loop.time() + idle_timeout)
+        except TimeoutError:
+            failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+        except (aiohttp.ClientError, OSError):
+            failure = ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted")
+        if failure is not None:
+            await send(sse.error_event(*failure))
+            call.record.outcome = "stream_interrupted"
         await out.write_eof()
     finally:
         answer.resp.close()

@@ -81,9 +81,14 @@ def explain_header(d: _core.Decision) -> str:
     return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
 
 
+_OTHER_BODY_TYPES = frozenset({"", "application/octet-stream", "text/plain"})
+
+
 async def read_body(request: web.Request) -> bytes:
-    if request.content_type not in ("application/json", "", "application/octet-stream", "text/plain"):
-        raise ProxyError(415, f"Unsupported content type {request.content_type!r}; send application/json.")
+    # The raw header, not `request.content_type`, which parses it on every request.
+    ctype = request.headers.get("Content-Type", "")
+    if not ctype.startswith("application/json") and ctype.split(";", 1)[0].strip() not in _OTHER_BODY_TYPES:
+        raise ProxyError(415, f"Unsupported content type {ctype!r}; send application/json.")
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:

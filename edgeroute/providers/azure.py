@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import urllib.parse
 
+from yarl import URL
+
 from edgeroute.providers.openai import OpenAIAdapter
 
 API_VERSION = "2024-10-21"
@@ -27,7 +29,7 @@ class AzureAdapter(OpenAIAdapter):
     def auth_headers(self) -> dict[str, str]:
         return {"api-key": self.api_key.reveal()} if self.api_key else {}
 
-    def chat_url(self, model: str) -> str:
+    def chat_url(self, model: str) -> str | URL:
         base = self.provider.base_url
         if self.api_version == "v1":
             return f"{base}/openai/v1/chat/completions"

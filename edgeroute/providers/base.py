@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
+from yarl import URL
 
 if TYPE_CHECKING:
     from edgeroute.config import Provider
@@ -45,7 +46,7 @@ class StreamTranslator(Protocol):
 
 @dataclass(slots=True)
 class UpstreamRequest:
-    url: str
+    url: str | URL  # a prebuilt URL saves aiohttp parsing the string on every request
     headers: dict[str, str]
     body: bytes
 

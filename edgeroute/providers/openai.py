@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
+from yarl import URL
 
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -32,6 +33,10 @@ class OpenAIAdapter(Adapter):
         self.rename = {str(k): str(v) for k, v in (opts.get("rename_params") or {}).items()}
         self.rule = oa.unsupported_rule(opts)
         self.chat_path = str(opts.get("chat_path", "/chat/completions"))
+        # Built once: the request path only copies them.
+        self._url = URL(self.provider.base_url + self.chat_path)
+        self._headers = {"Content-Type": "application/json", **self.provider.headers, **self.auth_headers()}
+        self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
 
     def adjust_body(self, body: bytes) -> bytes:
         """Applies the configured parameter quirks (a no-op, without parsing, when there are none)."""
@@ -57,13 +62,11 @@ class OpenAIAdapter(Adapter):
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key.reveal()}"} if self.api_key else {}
 
-    def chat_url(self, model: str) -> str:
-        return self.provider.base_url + self.chat_path
+    def chat_url(self, model: str) -> str | URL:
+        return self._url
 
     def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
-        headers = {"Content-Type": "application/json", **self.provider.headers, **self.auth_headers()}
-        if stream:
-            headers["Accept"] = "text/event-stream"
+        headers = dict(self._stream_headers if stream else self._headers)
         return UpstreamRequest(self.chat_url(model), headers, self.adjust_body(body))
 
     def health_headers(self) -> dict[str, str]:
