@@ -131,8 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay} ...
+
+  train      fit a router from per-prompt outcomes (needs numpy)
+  eval       cost-quality curve, APGR, CPT(50%), CPT(80%) of a router on outcomes
+  calibrate  a policy threshold from a target strong share or quality
+  replay     replay logged outcomes through a config's routing
+
+`edgeroute router COMMAND --help` for each."""
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     from edgeroute import policy_tools
+
+    if not args.rest or args.rest[0] in ("-h", "--help"):
+        print(_ROUTER_USAGE)
+        return 0 if args.rest else 2
 
     handled = policy_tools.main(args.rest)
     return handled if handled is not None else _delegate("edgeroute.learn.cli", args.rest)
@@ -147,6 +161,12 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with parsers of their own get their arguments untouched (`--help` included).
+    if argv and argv[0] == "bench":
+        return _delegate("bench.cli", argv[1:])
+    if argv and argv[0] == "router":
+        return _cmd_router(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     code: int = args.fn(args)
     return code
