@@ -69,6 +69,12 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_
             assert '"finish_reason":"stop"' in text
         code = await asyncio.wait_for(proc.wait(), 15)
         assert code == 0
+        # Spend went to the embedded default ledger, SQLite beside the config, flushed on the drain.
+        import sqlite3
+
+        with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as db:
+            rows = db.execute("SELECT route, deployment, outcome FROM spend").fetchall()
+        assert rows == [("m", "d-a", "ok")]
         # And nothing listens any more.
         async with aiohttp.ClientSession() as s:
             try:

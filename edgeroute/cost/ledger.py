@@ -279,8 +279,13 @@ def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
 
 
 def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | None:
-    """The configured ledger, or None for `backend: memory` / no `ledger:` section."""
+    """The configured ledger; without a `ledger:` section, the embedded default (SQLite
+    beside the config file) when serving from a file; None for `backend: memory`."""
     lc = cfg.ledger
-    if lc is None or lc.backend == "memory":
+    if lc is None:
+        if base_dir is None:  # an in-process config (tests, embedding): nowhere obvious to write
+            return None
+        lc = LedgerConfig()
+    if lc.backend == "memory":
         return None
     return Ledger(backend_for(lc, base_dir), lc.flush_interval, lc.record_attempts, most_expensive(cfg))
