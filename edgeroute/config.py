@@ -217,6 +217,8 @@ class HealthSettings(_Strict):
     max_ejection_ms: int = Field(300_000, ge=0)
     max_ejected_percent: int = Field(50, ge=0, le=100)
     ewma_decay_ms: int = Field(10_000, ge=1)
+    failure_rate: float = Field(0.5, gt=0, le=1)  # an error rate that opens the circuit...
+    min_requests: int = Field(20, ge=1)  # ...once this many requests were seen recently
 
 
 class Retry(_Strict):

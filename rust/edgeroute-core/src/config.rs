@@ -167,6 +167,20 @@ pub struct HealthSpec {
     /// Time constant of the latency and error-rate EWMAs.
     #[serde(default = "default_decay")]
     pub ewma_decay_ms: u64,
+    /// Error rate (EWMA, 0..1) that opens the circuit once `min_requests` were seen recently:
+    /// catches a deployment that fails often but not `consecutive_failures` times in a row.
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: f64,
+    /// Recent requests (decayed count) needed before the error rate can open the circuit.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+}
+
+fn default_failure_rate() -> f64 {
+    0.5
+}
+fn default_min_requests() -> u32 {
+    20
 }
 
 fn default_consecutive() -> u32 {
@@ -193,6 +207,8 @@ impl Default for HealthSpec {
             max_ejection_ms: default_max_ejection(),
             max_ejected_percent: default_max_ejected(),
             ewma_decay_ms: default_decay(),
+            failure_rate: default_failure_rate(),
+            min_requests: default_min_requests(),
         }
     }
 }

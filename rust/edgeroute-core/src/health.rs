@@ -63,6 +63,10 @@ impl CircuitState {
 struct State {
     ewma_latency_ms: f64,
     error_rate: f64,
+    /// Requests seen recently: a count decayed like the EWMAs.
+    volume: f64,
+    /// Failures among them.
+    failed_volume: f64,
     last_ms: u64,
     consecutive_failures: u32,
     ejections: u32,
@@ -150,7 +154,10 @@ impl Health {
         let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
         s.requests += 1;
         let failed = outcome.is_failure();
-        s.error_rate = s.error_rate * w + if failed { 1.0 - w } else { 0.0 };
+        // Decayed counts of failures and of all requests: their ratio is the recent error rate.
+        s.failed_volume = s.failed_volume * w + if failed { 1.0 } else { 0.0 };
+        s.volume = s.volume * w + 1.0;
+        s.error_rate = s.failed_volume / s.volume;
         match outcome {
             Outcome::Success => {
                 // Peak EWMA: jump up at once, decay slowly.
@@ -181,12 +188,15 @@ impl Health {
                 s.consecutive_failures += 1;
                 let was_probe = s.probing;
                 s.probing = false;
-                if was_probe || s.consecutive_failures >= spec.consecutive_failures {
+                let rate_trips = s.error_rate >= spec.failure_rate && s.volume >= f64::from(spec.min_requests);
+                if was_probe || rate_trips || s.consecutive_failures >= spec.consecutive_failures {
                     let factor = 1u64 << s.ejections.min(16);
                     let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
                     s.open_until_ms = now_ms + ejection;
                     s.ejections += 1;
                     s.consecutive_failures = 0;
+                    s.volume = 0.0;
+                    s.failed_volume = 0.0;
                 }
             }
         }
@@ -294,5 +304,32 @@ mod tests {
         }
         assert!(h.available(0));
         assert_eq!(h.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_high_error_rate_opens_the_circuit_without_consecutive_failures() {
+        let h = Health::default();
+        let sp = HealthSpec {
+            consecutive_failures: 100,
+            failure_rate: 0.5,
+            min_requests: 10,
+            ..spec()
+        };
+        // Alternating failures never reach 100 in a row, but half of all requests fail.
+        let mut opened_at = None;
+        for i in 0..40u64 {
+            h.begin(i);
+            let o = if i % 2 == 0 {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            h.report(o, 1.0, i, &sp);
+            if opened_at.is_none() && !h.available(i) {
+                opened_at = Some(i);
+            }
+        }
+        let at = opened_at.expect("the error rate should open the circuit");
+        assert!(at >= 9, "not before min_requests: {at}");
     }
 }
