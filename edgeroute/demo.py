@@ -24,7 +24,7 @@ from edgeroute.cost import reports
 from edgeroute.cost.ledger import Ledger
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app, install_uvloop
-from edgeroute.state import RECORDER, STATE
+from edgeroute.state import RECORDER
 
 _MOCKS = {"openai-us": "mock-openai-us", "openai-eu": "mock-openai-eu", "budget-llm": "mock-budget"}
 
@@ -170,7 +170,6 @@ async def _main(port: int, tour_only: bool) -> int:
         if tour_only:
             return 0
         print(_banner(base), flush=True)
-        app[STATE]  # the live state stays reachable for debugging
         await asyncio.Event().wait()
     finally:
         for r in reversed(runners):
