@@ -174,6 +174,9 @@ class Router:
         feedback shifts of deployments whose provider and model are unchanged; the
         models are replaced when both are given. Raises :class:`ConfigError`."""
 
+    def set_price_multiplier(self, index: int, multiplier: float) -> None:
+        """Scales deployment ``index``'s prices (a time-of-day window) for cost-aware selection."""
+
     def set_shifts(self, shifts: Mapping[tuple[str, str], float]) -> None:
         """Replaces the feedback-learning shifts added to predicted scores, keyed by (task, route)."""
 

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -129,7 +130,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if live.exact_tokens:
         # Every request will count tokens: load the tables before serving, not on the first request.
         await asyncio.to_thread(live.router.warm_up)
+    windows = None
+    if any(d.price.windows for d in live.config.deployments.values()):
+
+        async def follow_price_windows() -> None:
+            while True:  # windows open and close on the minute
+                await asyncio.sleep(60 - time.time() % 60 + 0.05)
+                app[STATE].live.apply_price_windows()
+
+        windows = asyncio.create_task(follow_price_windows())
     yield
+    if windows is not None:
+        windows.cancel()
+        await asyncio.gather(windows, return_exceptions=True)
     state = app[STATE]
     state.draining = True
     for task in list(state.background):

@@ -42,7 +42,15 @@ class Live:
             router = previous.router.reload(core_json, task, routing)
         else:
             router = _core.Router(core_json, task, routing)
-        return cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
+        live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
+        live.apply_price_windows()
+        return live
+
+    def apply_price_windows(self, at: float | None = None) -> None:
+        """Sets the core's price multipliers for the time-of-day windows in force at `at` (now)."""
+        from edgeroute.cost.prices import apply_windows
+
+        apply_windows(self.router, [(d.index, d.price) for d in self.deployments], at)
 
 
 @dataclass(slots=True)

@@ -164,3 +164,24 @@ async def test_a_lost_hedge_is_costed_too(start_upstream, tmp_path: Path) -> Non
     assert by["d-fast"][1] == "success" and by["d-fast"][2] == 1
     (total,) = conn.execute("SELECT cost_usd FROM spend").fetchone()
     assert total == pytest.approx(by["d-slow"][4] + by["d-fast"][4])
+
+
+async def test_price_windows_steer_lowest_cost_routing(start_upstream, start_proxy) -> None:
+    """An off-peak window that makes the pricier deployment cheaper now moves lowest-cost traffic to it."""
+    from tests.conftest import simple_config
+
+    a, b = await start_upstream(), await start_upstream()
+    cfg = simple_config({"a": a, "b": b})
+    cfg["deployments"]["d-b"]["price"] = {"input_per_mtok": 4, "output_per_mtok": 8}
+    cfg["models"]["m"]["strategy"] = "lowest_cost"
+    proxy = await start_proxy(cfg)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/route/explain", json=body) as r:
+        assert (await r.json())["deployment"] == "d-a"
+    # The same prices with a window over the whole day at a tenth of the price for `d-b`.
+    cfg["deployments"]["d-b"]["price"]["windows"] = [{"start": "00:00", "end": "24:00", "multiplier": 0.1}]
+    proxy = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/route/explain", json=body) as r:
+        assert (await r.json())["deployment"] == "d-b"

@@ -99,6 +99,14 @@ def multiplier_at(price: Price, at: float | None = None) -> float:
     return 1.0
 
 
+def apply_windows(router: Any, deployments: list[tuple[int, Price]], at: float | None = None) -> None:
+    """Tells the core the price multiplier in force now for each deployment with windows,
+    so that lowest-cost selection and policies route by the current price."""
+    for index, price in deployments:
+        if price.windows:
+            router.set_price_multiplier(index, multiplier_at(price, at))
+
+
 @dataclass(slots=True, frozen=True)
 class Ceiling:
     """The highest price of each component over a set of deployments (for reservations)."""

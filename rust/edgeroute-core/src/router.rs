@@ -6,6 +6,7 @@
 //! did not change.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,9 +29,19 @@ const HISTOGRAM_PERIOD_MS: u64 = 60_000;
 #[derive(Debug)]
 struct Deployment {
     spec: DeploymentSpec,
+    /// Time-of-day price multiplier (f64 bits), set by the caller as price windows open and close.
+    price_scale: AtomicU64,
     encoding: Encoding,
     health: Arc<Health>,
     latency: Arc<RotatingHistogram>,
+}
+
+impl Deployment {
+    /// USD for `prompt` tokens in and `completion` out, at the price in force now.
+    fn estimated_cost(&self, prompt: u32, completion: f64) -> f64 {
+        let scale = f64::from_bits(self.price_scale.load(Ordering::Relaxed));
+        (f64::from(prompt) * self.spec.input_per_mtok + completion * self.spec.output_per_mtok) * scale / 1e6
+    }
 }
 
 #[derive(Debug)]
@@ -193,6 +204,7 @@ impl Router {
                 None => (Arc::default(), Arc::new(RotatingHistogram::new(HISTOGRAM_PERIOD_MS))),
             };
             deployments.push(Deployment {
+                price_scale: AtomicU64::new(1f64.to_bits()),
                 spec: d,
                 encoding,
                 health,
@@ -372,6 +384,14 @@ impl Router {
             routes[i].variants = variants;
         }
         Ok(())
+    }
+
+    /// Scales deployment `index`'s prices by `multiplier` (e.g. 0.5 in an off-peak window),
+    /// so that cost-aware selection and policies see the price in force now.
+    pub fn set_price_multiplier(&self, index: usize, multiplier: f64) {
+        self.deployments[index]
+            .price_scale
+            .store(multiplier.max(0.0).to_bits(), Ordering::Relaxed);
     }
 
     /// Sets the feedback-learning shifts added to predicted scores, per (task, route).
@@ -651,10 +671,7 @@ impl Router {
         self.routes[route]
             .members
             .iter()
-            .map(|&i| {
-                let d = &self.deployments[i].spec;
-                (f64::from(needed) * d.input_per_mtok + completion * d.output_per_mtok) / 1e6
-            })
+            .map(|&i| self.deployments[i].estimated_cost(needed, completion))
             .fold(f64::INFINITY, f64::min)
     }
 
@@ -702,7 +719,7 @@ impl Router {
                 continue;
             }
             let completion = f64::from(max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE));
-            let cost = (f64::from(needed) * d.spec.input_per_mtok + completion * d.spec.output_per_mtok) / 1e6;
+            let cost = d.estimated_cost(needed, completion);
             cands.push(Candidate {
                 index: i,
                 weight: d.spec.weight,
@@ -835,4 +852,30 @@ fn prompt_text(req: &ChatRequest<'_>) -> String {
         });
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn price_windows_reorder_lowest_cost() {
+        let router = Router::from_json(
+            br#"{"deployments": [
+                {"name": "cheap", "provider": "p", "model": "m", "input_per_mtok": 1, "output_per_mtok": 1},
+                {"name": "dear", "provider": "p", "model": "m", "input_per_mtok": 4, "output_per_mtok": 4}],
+              "models": [{"name": "m", "deployments": ["cheap", "dear"], "strategy": "lowest_cost"}]}"#,
+        )
+        .unwrap();
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let first = |r: &Router| {
+            r.deployment(r.decide(body, &RequestMeta::default()).unwrap().order[0])
+                .name
+                .clone()
+        };
+        assert_eq!(first(&router), "cheap");
+        // An off-peak window at a tenth of the price makes `dear` the cheaper one now.
+        router.set_price_multiplier(1, 0.1);
+        assert_eq!(first(&router), "dear");
+    }
 }

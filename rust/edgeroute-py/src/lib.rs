@@ -237,6 +237,13 @@ impl Router {
         })
     }
 
+    /// Scales deployment `index`'s prices by `multiplier` (a time-of-day price window).
+    fn set_price_multiplier(&self, index: usize, multiplier: f64) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.set_price_multiplier(index, multiplier);
+        Ok(())
+    }
+
     /// Replaces the feedback-learning shifts: {(task, route): shift}.
     fn set_shifts(&self, shifts: HashMap<(String, String), f64>) {
         self.inner.set_shifts(shifts);
