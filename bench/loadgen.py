@@ -182,6 +182,45 @@ def _has_token(chunk: bytes) -> bool:
     return False
 
 
+class StreamProbe:
+    """What one streamed answer looked like on the wire: first token, gaps between reads,
+    SSE events per read, and whether it ended with `[DONE]` or an error event."""
+
+    def __init__(self, t_head: float) -> None:
+        self.first: float | None = None
+        self.last = t_head
+        self.events = self.reads = 0
+        self.done = self.errored = False
+        self.gaps: list[int] = []
+
+    def on_chunk(self, chunk: bytes) -> None:
+        now = time.perf_counter()
+        self.reads += 1
+        if self.reads > 1:
+            self.gaps.append(max(1, int((now - self.last) * 1e6)))
+        self.last = now
+        self.events += chunk.count(b"data:")
+        if self.first is None and _has_token(chunk):
+            self.first = now
+        if b'{"error"' in chunk:
+            self.errored = True
+        if b"data: [DONE]" in chunk:
+            self.done = True
+
+    def record(self, st: Stats, intended: float) -> bool:
+        """Adds the stream's figures to `st`; False (an error recorded) if it did not complete."""
+        st.events += self.events
+        st.reads += self.reads
+        if self.errored or not self.done:
+            st.error("stream_error_event" if self.errored else "stream_incomplete")
+            return False
+        if self.first is not None:
+            st.ttft.record_value(max(1, int((self.first - intended) * 1e6)))
+        for g in self.gaps:
+            st.gaps.record_value(g)
+        return True
+
+
 async def send_one(
     session: aiohttp.ClientSession, target: Target, body: bytes, stream: bool, intended: float, st: Stats | None
 ) -> None:
@@ -203,38 +242,14 @@ async def send_one(
                     st.headers.record_value(max(1, int((t_head - intended) * 1e6)))
                     st.total.record_value(max(1, int((t_end - intended) * 1e6)))
                 return
-            first: float | None = None
-            last = t_head
-            events = reads = 0
-            done = errored = False
-            gaps: list[int] = []
+            probe = StreamProbe(t_head)
             async for chunk in r.content.iter_any():
-                now = time.perf_counter()
-                reads += 1
-                if reads > 1:
-                    gaps.append(max(1, int((now - last) * 1e6)))
-                last = now
-                events += chunk.count(b"data:")
-                if first is None and _has_token(chunk):
-                    first = now
-                if b'{"error"' in chunk:
-                    errored = True
-                if b"data: [DONE]" in chunk:
-                    done = True
-            if st is None:
-                return
-            st.events += events
-            st.reads += reads
-            if errored or not done:
-                st.error("stream_error_event" if errored else "stream_incomplete")
+                probe.on_chunk(chunk)
+            if st is None or not probe.record(st, intended):
                 return
             st.ok += 1
             st.headers.record_value(max(1, int((t_head - intended) * 1e6)))
-            st.total.record_value(max(1, int((last - intended) * 1e6)))
-            if first is not None:
-                st.ttft.record_value(max(1, int((first - intended) * 1e6)))
-            for g in gaps:
-                st.gaps.record_value(g)
+            st.total.record_value(max(1, int((probe.last - intended) * 1e6)))
     except asyncio.CancelledError:
         if st is not None:
             st.error("timeout")
@@ -252,34 +267,17 @@ async def send_one_raw(
     hdrs = [("Authorization", f"Bearer {target.api_key}"), ("Content-Type", "application/json")]
     hdrs += list(target.headers.items())
     t_head = 0.0
-    first: float | None = None
-    last = 0.0
-    reads = events = 0
-    done = errored = False
-    gaps: list[int] = []
     status = 0
+    probe = StreamProbe(0.0)
 
     def on_head(code: int) -> None:
-        nonlocal t_head, last, status
-        t_head = last = time.perf_counter()
+        nonlocal t_head, status
+        t_head = probe.last = time.perf_counter()
         status = code
 
     def on_data(chunk: bytes) -> None:
-        nonlocal first, last, reads, events, done, errored
-        if not stream or status != 200:
-            return
-        now = time.perf_counter()
-        reads += 1
-        if reads > 1:
-            gaps.append(max(1, int((now - last) * 1e6)))
-        last = now
-        events += chunk.count(b"data:")
-        if first is None and _has_token(chunk):
-            first = now
-        if b'{"error"' in chunk:
-            errored = True
-        if b"data: [DONE]" in chunk:
-            done = True
+        if stream and status == 200:
+            probe.on_chunk(chunk)
 
     try:
         await pool.request("POST", path, hdrs, body, on_head, on_data)
@@ -297,16 +295,8 @@ async def send_one_raw(
     if status != 200:
         st.error(f"http_{status}")
         return
-    if stream:
-        st.events += events
-        st.reads += reads
-        if errored or not done:
-            st.error("stream_error_event" if errored else "stream_incomplete")
-            return
-        if first is not None:
-            st.ttft.record_value(max(1, int((first - intended) * 1e6)))
-        for g in gaps:
-            st.gaps.record_value(g)
+    if stream and not probe.record(st, intended):
+        return
     st.ok += 1
     st.headers.record_value(max(1, int((t_head - intended) * 1e6)))
     st.total.record_value(max(1, int((t_end - intended) * 1e6)))
