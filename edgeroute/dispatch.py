@@ -469,6 +469,11 @@ async def relay_stream(
         except TimeoutError:
             failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
         except (aiohttp.ClientError, OSError):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The client went away (its socket failed a write): nothing to tell it.
+                call.record.outcome = "client_gone"
+                raise
             failure = ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted")
         if failure is not None:
             await send(sse.error_event(*failure))

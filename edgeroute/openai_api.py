@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
@@ -153,6 +154,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     except ProxyError as e:
         rec.status = e.status
         e.headers.setdefault(headers.REQUEST_ID, rid)
+        raise
+    except asyncio.CancelledError:
+        rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
         raise
     finally:
         rec.latency_ms = (time.perf_counter() - started) * 1000

@@ -152,3 +152,30 @@ async def test_retry_budget_limits_attempts_during_an_outage(ups, start_proxy) -
     # 5 first attempts plus at most the budget's floor (1/s over a 2 s window = 2 retries).
     assert bad.requests <= 7
     await client.close()
+
+
+async def test_client_leaving_mid_stream_closes_the_upstream(ups, start_proxy) -> None:
+    import asyncio
+
+    import aiohttp
+
+    bad, _ = ups
+    bad.options.tokens_per_s = 20  # a slow stream: 8 tokens over ~0.4 s
+    proxy = await start_proxy(config(bad, None))
+    body = {"model": "m", "messages": MSG, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            await r.content.readany()  # the first content, then hang up
+    for _ in range(100):
+        rec = proxy.recorder.records[-1] if proxy.recorder.records else None
+        if rec is not None and rec.outcome != "pending":
+            break
+        await asyncio.sleep(0.02)
+    assert rec is not None and rec.outcome == "client_gone"
+    assert rec.cost_usd > 0  # what was used is still billed
+    for _ in range(100):
+        if bad.streams_open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert bad.streams_open == 0
