@@ -168,7 +168,7 @@ class Call:
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             self.router.report(dep.index, "client_error", rec.latency_ms)
             # The upstream has likely billed the prompt already: cost it as such.
-            self._settle(rec, dep, None)
+            self.settle_attempt(rec, dep, None)
             if resp is not None:
                 resp.close()
             raise
@@ -186,7 +186,7 @@ class Call:
             rec.outcome = "success"
             self.router.report(dep.index, "success", latency)
             if isinstance(result, JsonAnswer):
-                self._settle(rec, dep, result.usage)
+                self.settle_attempt(rec, dep, result.usage)
         return result
 
     def _json_answer(self, data: bytes, adapter: Any) -> JsonAnswer | Failure:
@@ -248,7 +248,8 @@ class Call:
             self._exact_prompt = self.decision.prompt_tokens if exact else self.router.count_prompt(self.body)
         return self._exact_prompt
 
-    def _settle(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
+    def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
+        """Fills in an attempt's usage (the upstream's, else the prompt alone) and its cost."""
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
         rec.usage = usage
@@ -485,5 +486,5 @@ async def relay_stream(
         if usage is None and text is not None:
             usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
         if rec is not None:
-            call._settle(rec, dep, usage)
+            call.settle_attempt(rec, dep, usage)
     return out
