@@ -441,9 +441,12 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
         if m.shadow is not None:
             refs.append((f"models.{name}.shadow.model", m.shadow.model))
         for path, ref in refs:
-            if ref not in cfg.models:
+            target = cfg.models.get(ref)
+            # An experiment may compare a policy route with a fixed one; everything else needs deployments.
+            policy_ok = ".experiment." in path and target is not None and target.policy is not None
+            if target is None:
                 problems.append((path, f"unknown model {ref!r}"))
-            elif not cfg.models[ref].deployments:
+            elif not target.deployments and not policy_ok:
                 problems.append((path, f"{ref!r} must be a model with deployments"))
         for i, dep in enumerate(m.deployments):
             if dep not in cfg.deployments:

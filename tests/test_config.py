@@ -121,3 +121,20 @@ def test_demo_config_is_valid() -> None:
 
     cfg = config_mod.parse(demo_config_data(), "demo.yaml")
     assert set(cfg.models) == {"gpt-4o", "gpt-4o-mini", "cheap"}
+
+
+def test_experiment_may_compare_a_policy_route_with_a_fixed_one() -> None:
+    data = copy.deepcopy(BASE)
+    data["models"]["auto"] = {
+        "policy": {"threshold": 0.5, "candidates": [{"route": "m", "model": "gpt-4-1106-preview"}]}
+    }
+    data["models"]["ab"] = {
+        "experiment": {"variants": [{"route": "auto", "percent": 50}, {"route": "m", "percent": 50}]}
+    }
+    cfg = config_mod.parse(data, "cfg.yaml")
+    assert cfg.models["ab"].experiment is not None
+    data["models"]["ab"]["experiment"]["variants"][0]["percent"] = 60
+    assert any("percents add up to 110, not 100" in e for e in errors_for(data))
+    data["models"]["auto"]["policy"]["candidates"][0]["model"] = "no-such-llm"
+    data["models"]["ab"]["experiment"]["variants"][0]["percent"] = 50
+    assert any("the router model has no output `no-such-llm`" in e for e in errors_for(data))
