@@ -237,6 +237,8 @@ class Server(_Strict):
     drain_timeout: float = Field(30.0, ge=0)
     # Keys clients must present (by reference); none means no authentication (sidecar on loopback).
     api_keys: list[str] = []
+    # One JSON line per request on stderr: the decision (route, rule and why), who served, cost.
+    decision_log: bool = False
 
 
 # -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,31 @@ from edgeroute.state import RECORDER, STATE, Live
 
 _PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
+
+
+# The decision log: off unless `server.decision_log` (then one JSON line per request).
+DECISIONS = logging.getLogger("edgeroute.decisions")
+
+
+def decision_line(rec: RequestRecord, reasons: list[str]) -> str:
+    """What was decided for a request and how it went; ids and numbers only, no prompt, no key."""
+    return orjson.dumps(
+        {
+            "request_id": rec.request_id,
+            "model": rec.model,
+            "route": rec.route,
+            "rule": rec.rule,
+            "why": reasons,
+            "task": rec.task,
+            "deployment": rec.deployment,
+            "attempts": [[a.deployment, a.outcome, a.status] for a in rec.attempts],
+            "status": rec.status,
+            "outcome": rec.outcome,
+            "latency_ms": round(rec.latency_ms, 3),
+            "cost_usd": round(rec.cost_usd, 8),
+            "key": rec.key,
+        }
+    ).decode()
 
 
 def new_request_id() -> str:
@@ -118,11 +144,13 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     rec = RequestRecord(request_id=rid, started=time.time(), model="")
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
+    reasons: list[str] = []
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
         decision = decide(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
+        reasons = decision.reasons
         ticket = await admission.admit(request, decision, rec)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
@@ -169,6 +197,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
         admission.settle(ticket, rec)
         request.app[RECORDER].record(rec)
+        if DECISIONS.isEnabledFor(logging.INFO):
+            DECISIONS.info(decision_line(rec, reasons))
         request.app[METRICS].observe(rec)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)

@@ -258,5 +258,13 @@ def serve(
     print_fn: Callable[[str], None] | None = None,
 ) -> None:
     """Runs the proxy on uvloop until SIGINT/SIGTERM, then drains and returns."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.server.decision_log:
+        decisions = logging.getLogger("edgeroute.decisions")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        decisions.addHandler(handler)
+        decisions.setLevel(logging.INFO)
+        decisions.propagate = False
     install_uvloop()
     asyncio.run(serve_async(config, source, host, port, print_fn))

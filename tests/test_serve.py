@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -39,7 +40,7 @@ async def wait_ready(url: str, within: float = 15.0) -> None:
 async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_path: Path) -> None:
     up = await start_upstream(chunk_interval=0.1, reply_words=12)
     port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port, "drain_timeout": 10})
+    cfg = simple_config({"a": up}, server={"port": port, "drain_timeout": 10, "decision_log": True})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = await asyncio.create_subprocess_exec(
@@ -75,6 +76,13 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_
         with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as db:
             rows = db.execute("SELECT route, deployment, outcome FROM spend").fetchall()
         assert rows == [("m", "d-a", "ok")]
+        # The decision log: one JSON line for the request, with the decision and no secret.
+        assert proc.stderr is not None
+        lines = [json.loads(x) for x in (await proc.stderr.read()).decode().splitlines() if x.startswith("{")]
+        assert [(x["route"], x["deployment"], x["why"], x["outcome"]) for x in lines] == [
+            ("m", "d-a", ["default route for model=m"], "ok")
+        ]
+        assert "key-a" not in json.dumps(lines)
         # And nothing listens any more.
         async with aiohttp.ClientSession() as s:
             try:
