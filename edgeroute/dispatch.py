@@ -123,7 +123,6 @@ class Call:
         self.stream = decision.stream
         self.deadline = asyncio.get_running_loop().time() + timeouts.total
         self.failures: list[tuple[DeploymentInfo, Failure]] = []
-        self.served_by: DeploymentInfo | None = None
         self._exact_prompt: int | None = None
         self.hedged = False
 

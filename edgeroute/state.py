@@ -55,15 +55,11 @@ class Live:
 
 @dataclass(slots=True)
 class Counters:
-    """Process-wide counters for /metrics and the status page."""
+    """Load-shedding counters (per-request metrics live in `metrics.py`)."""
 
     requests: int = 0
     in_flight: int = 0
-    errors: int = 0
-    hedges: int = 0
-    hedge_wins: int = 0
     shed: int = 0
-    by_status: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
