@@ -87,21 +87,10 @@ def _user_blocks(content: Any) -> list[dict[str, Any]]:
 def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(system blocks, messages) in Anthropic's form; consecutive same-role turns are merged."""
     system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-
-    def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": role, "content": blocks})
-
-    for m in messages:
-        if not isinstance(m, dict):
-            raise oa.bad_request("Every message must be an object.", "messages")
-        role = m.get("role")
-        if role in ("system", "developer"):
+    turns = oa.Turns()
+    add = turns.add
+    for role, m in oa.each_message(messages):
+        if role == "system":
             text = oa.text_of(m.get("content"), "system messages")
             if text:
                 system.append({"type": "text", "text": text})
@@ -131,9 +120,7 @@ def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[di
             result = content if isinstance(content, str) else _user_blocks(content)
             # Tool results open the user turn after the tool calls; a following user message joins it.
             add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}])
-        else:
-            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
-    return system, out
+    return system, turns.turns
 
 
 def tools_and_choice(

@@ -109,22 +109,11 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], bool]:
     """(system, messages, whether the history holds tool turns); same-role turns merged."""
     system: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
     has_tools = False
-
-    def add(role: str, blocks: list[dict[str, Any]]) -> None:
-        if not blocks:
-            return
-        if out and out[-1]["role"] == role:
-            out[-1]["content"].extend(blocks)
-        else:
-            out.append({"role": role, "content": blocks})
-
-    for m in messages:
-        if not isinstance(m, dict):
-            raise oa.bad_request("Every message must be an object.", "messages")
-        role = m.get("role")
-        if role in ("system", "developer"):
+    turns = oa.Turns()
+    add = turns.add
+    for role, m in oa.each_message(messages):
+        if role == "system":
             text = oa.text_of(m.get("content"), "system messages")
             if text:
                 system.append({"text": text})
@@ -143,9 +132,7 @@ def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[di
             text = content if isinstance(content, str) else oa.text_of(content, "tool messages")
             result = {"toolUseId": m.get("tool_call_id"), "content": [{"text": text}]}
             add("user", [{"toolResult": result}])
-        else:
-            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
-    return system, out, has_tools
+    return system, turns.turns, has_tools
 
 
 def _region_of(base_url: str) -> str | None:

@@ -115,22 +115,11 @@ def _tool_response(content: Any) -> dict[str, Any]:
 def convert_messages(messages: list[Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(systemInstruction, contents); consecutive same-role turns are merged."""
     system: list[dict[str, Any]] = []
-    contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}
-
-    def add(role: str, parts: list[dict[str, Any]]) -> None:
-        if not parts:
-            return
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-
-    for m in messages:
-        if not isinstance(m, dict):
-            raise oa.bad_request("Every message must be an object.", "messages")
-        role = m.get("role")
-        if role in ("system", "developer"):
+    turns = oa.Turns("parts")
+    add = turns.add
+    for role, m in oa.each_message(messages):
+        if role == "system":
             text = oa.text_of(m.get("content"), "system messages")
             if text:
                 system.append({"text": text})
@@ -149,9 +138,7 @@ def convert_messages(messages: list[Any]) -> tuple[dict[str, Any] | None, list[d
                 raise oa.bad_request("A tool message must answer a tool call of an earlier message.", "messages")
             response = {"name": names[call_id], "response": _tool_response(m.get("content"))}
             add("user", [{"functionResponse": response}])
-        else:
-            raise oa.bad_request(f"Unsupported message role {role!r}.", "messages")
-    return ({"parts": system} if system else None), contents
+    return ({"parts": system} if system else None), turns.turns
 
 
 class GeminiAdapter(Adapter):

@@ -15,7 +15,7 @@ import base64
 import binascii
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import orjson
@@ -115,6 +115,35 @@ def stop_list(req: Mapping[str, Any]) -> list[str] | None:
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return list(stop)
     raise bad_request("`stop` must be a string or an array of strings.", "stop")
+
+
+def each_message(messages: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(role, message) for each OpenAI message, `developer` read as `system`; a message
+    that is not an object or has a role no provider knows is a 400."""
+    for m in messages:
+        if not isinstance(m, dict):
+            raise bad_request("Every message must be an object.", "messages")
+        role = m.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad_request(f"Unsupported message role {role!r}.", "messages")
+        yield ("system" if role == "developer" else role), m
+
+
+class Turns:
+    """A provider's conversation turns, built in order. Consecutive turns of one role are
+    merged, since Anthropic, Gemini and Bedrock want user and assistant turns to alternate."""
+
+    def __init__(self, key: str = "content") -> None:
+        self.key = key  # where a turn keeps its blocks: "content", or Gemini's "parts"
+        self.turns: list[dict[str, Any]] = []
+
+    def add(self, role: str, blocks: list[dict[str, Any]]) -> None:
+        if not blocks:
+            return
+        if self.turns and self.turns[-1]["role"] == role:
+            self.turns[-1][self.key].extend(blocks)
+        else:
+            self.turns.append({"role": role, self.key: blocks})
 
 
 def text_of(content: Any, where: str = "messages") -> str:
