@@ -25,19 +25,7 @@ from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
 
-_SUPPORTED = frozenset(
-    {
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "response_format",
-    }
-)
+_SUPPORTED = oa.COMMON_PARAMS | {"parallel_tool_calls"}
 
 FINISH = {
     "end_turn": "stop",

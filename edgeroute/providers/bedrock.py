@@ -32,18 +32,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 
-_SUPPORTED = frozenset(
-    {
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "tools",
-        "tool_choice",
-        "response_format",
-    }
-)
+_SUPPORTED = oa.COMMON_PARAMS
 
 FINISH = {
     "end_turn": "stop",

@@ -23,21 +23,7 @@ import orjson
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
 
-_SUPPORTED = frozenset(
-    {
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-        "tools",
-        "tool_choice",
-        "response_format",
-    }
-)
+_SUPPORTED = oa.COMMON_PARAMS | {"frequency_penalty", "presence_penalty", "seed"}
 
 _FILTERED = frozenset(
     {

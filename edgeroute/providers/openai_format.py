@@ -117,6 +117,12 @@ def stop_list(req: Mapping[str, Any]) -> list[str] | None:
     raise bad_request("`stop` must be a string or an array of strings.", "stop")
 
 
+# Request parameters every translating adapter maps; each adds its own extras.
+COMMON_PARAMS = frozenset(
+    {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "tools", "tool_choice", "response_format"}
+)
+
+
 def each_message(messages: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(role, message) for each OpenAI message, `developer` read as `system`; a message
     that is not an object or has a role no provider knows is a 400."""
