@@ -33,6 +33,7 @@
 pub mod budget;
 pub mod classify;
 pub mod config;
+pub mod content;
 pub mod error;
 pub mod health;
 pub mod hedge;

@@ -230,6 +230,15 @@ pub fn iban_valid(s: &str) -> bool {
     rem == 1
 }
 
+/// Compiles the detectors and fills their search caches, so that the first
+/// request does not pay for it (about half a millisecond).
+pub fn warm_up() {
+    detect(
+        "mail a@b.io or +1 415 555 0100, card 4111 1111 1111 1111, DE89370400440532013000, 078-05-1120",
+        PiiSet::default(),
+    );
+}
+
 /// Finds the kinds of personal data in `text`; `wanted` limits the work to what rules ask for
 /// (an empty set means every kind).
 pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {

@@ -413,6 +413,7 @@ impl Router {
                 seen.push(d.encoding);
             }
         }
+        crate::pii::warm_up();
     }
 
     /// Milliseconds on the router's monotonic clock.
@@ -844,7 +845,11 @@ fn user_text(req: &ChatRequest<'_>) -> String {
 }
 
 fn prompt_text(req: &ChatRequest<'_>) -> String {
-    let mut text = String::new();
+    let mut len = 0;
+    for m in &req.messages {
+        m.for_each_text(|t| len += t.len() + 1);
+    }
+    let mut text = String::with_capacity(len);
     for m in &req.messages {
         m.for_each_text(|t| {
             text.push_str(t);
