@@ -4,7 +4,12 @@ A reload builds a new generation (config, compiled router, upstream pools) next 
 the running one; only when everything validates is it swapped in, in one assignment.
 Requests already running finish on the generation they started with; the old
 generation's connection pools close after the drain timeout. The core carries
-health state over for deployments whose provider and model did not change.
+health state over for deployments whose provider and model did not change, and
+keys are checked against the new generation at once (revoked keys stop working).
+
+Some sections are wired in when the server starts (the ledger, budgets and rate
+limits with their counters, shared state, learning, the listening socket): a reload
+that changes them is refused with the list, rather than half applied.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute import config as config_mod
+from edgeroute.config import Config
+from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE, Live
 
@@ -28,6 +35,8 @@ async def reload_from_source(app: web.Application) -> Live:
     state = app[STATE]
     old = state.live
     cfg = config_mod.load(old.source)
+    if fixed := restart_only_changes(old.config, cfg):
+        raise config_mod.ConfigError([f"{old.source}: {p}" for p in fixed])
     try:
         new = Live.build(cfg, old.source, previous=old)
     except _core.ConfigError as e:
@@ -46,6 +55,28 @@ async def reload_from_source(app: web.Application) -> Live:
     state.background.add(task)
     task.add_done_callback(state.background.discard)
     return new
+
+
+_AT_START = ("ledger", "budgets", "rate_limits", "shared_state", "learning")
+_SERVER_AT_START = ("host", "port", "max_body_bytes", "drain_timeout", "decision_log")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """What `new` changes that only a restart applies."""
+    out = [
+        f"{s}: changed; this section takes effect on restart" for s in _AT_START if getattr(old, s) != getattr(new, s)
+    ]
+    out += [
+        f"server.{f}: changed; this setting takes effect on restart"
+        for f in _SERVER_AT_START
+        if getattr(old.server, f) != getattr(new.server, f)
+    ]
+    for key_id in sorted(old.keys.keys() & new.keys.keys()):
+        if old.keys[key_id].limits != new.keys[key_id].limits:
+            out.append(f"keys.{key_id}.limits: changed; key limits take effect on restart")
+    if CostControl.wanted(old) != CostControl.wanted(new):
+        out.append("keys: turning virtual keys on or off takes effect on restart")
+    return out
 
 
 async def admin_reload(request: web.Request) -> web.Response:

@@ -8,7 +8,6 @@ client authentication, and start-up / graceful drain. Endpoint logic lives in
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import signal
 import time
@@ -18,11 +17,12 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, learning, openai_api, secrets
+from edgeroute import anthropic_api, learning, openai_api
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
+from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
@@ -33,7 +33,6 @@ from edgeroute.state import STATE, Live, ServerState
 log = logging.getLogger("edgeroute")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def _json_error(e: ProxyError) -> web.Response:
@@ -63,19 +62,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
 
 
-def _auth_middleware(keys: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    resolved = [secrets.resolve(k).reveal().encode() for k in keys]
-
-    @web.middleware
-    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in _PUBLIC_PATHS:
-            got = request.headers.get("Authorization", "")
-            token = got[7:].encode() if got.startswith("Bearer ") else request.headers.get("x-api-key", "").encode()
-            if not any(hmac.compare_digest(token, k) for k in resolved):
-                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
-        return await handler(request)
-
-    return auth
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Keys are checked against the running config generation, so a reload revokes them."""
+    if request.path not in PUBLIC_PATHS:
+        ident = request.app[STATE].live.access.identify(request)
+        if ident is not None:
+            request[IDENTITY] = ident
+    return await handler(request)
 
 
 @web.middleware
@@ -83,7 +77,7 @@ async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Caps in-flight requests: above the cap, answer 503 at once instead of queueing."""
     state = request.app[STATE]
     c = state.counters
-    if request.path in _PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS:
         return await handler(request)
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
@@ -156,12 +150,7 @@ def create_app(
     config: Config, source: str = "<config>", recorder: Recorder | None = None, admission: Admission | None = None
 ) -> web.Application:
     """Builds the proxy application for a validated config."""
-    middlewares: list[Callable[..., Awaitable[web.StreamResponse]]] = [errors_middleware]
-    if config.server.api_keys:
-        middlewares.append(_auth_middleware(config.server.api_keys))
-    if (keys := cost_app.middleware(config)) is not None:  # virtual keys (edgeroute/cost/keys.py)
-        middlewares.append(keys)
-    middlewares.append(shed_middleware)
+    middlewares = [errors_middleware, access_middleware, shed_middleware]
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
     app[STATE] = ServerState(Live.build(config, source))
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.

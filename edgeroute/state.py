@@ -10,6 +10,7 @@ from aiohttp import web
 from edgeroute import _core, routing_models
 from edgeroute.accounting import Recorder
 from edgeroute.config import Config
+from edgeroute.cost.keys import Access
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
 
 
@@ -26,9 +27,11 @@ class Live:
     # Whether every decision must count prompt tokens exactly: budgets reserve by them
     # and token-per-minute limits spend them, so estimates would let them drift.
     exact_tokens: bool = False
+    access: Access = field(init=False)
 
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
+        self.access = Access(self.config)
         limits = self.config.rate_limits
         tpm = any(lim.tpm for lim in (limits.per_key, *limits.models.values(), *limits.deployments.values()) if lim)
         tpm = tpm or any(k.limits is not None and k.limits.tpm for k in self.config.keys.values())

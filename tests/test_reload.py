@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -48,4 +49,101 @@ async def test_reload_swaps_config_and_keeps_health(start_upstream, tmp_path: Pa
         assert r2.choices[0].message.content
     finally:
         await client.close()
+        await server.close()
+
+
+async def _reload(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    hdrs = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.post(url + "/admin/reload", headers=hdrs) as r:
+        return r.status, await r.json()
+
+
+async def test_reload_revokes_and_adds_keys(start_upstream, tmp_path: Path, monkeypatch) -> None:
+    up = await start_upstream()
+    monkeypatch.setenv("ER_TEST_SHARED_KEY", "shared-1")
+    path = tmp_path / "c.yaml"
+    cfg = simple_config(
+        {"a": up},
+        keys={
+            "ops": {"token": "tok-ops", "role": "admin"},
+            "app-1": {"token": "tok-app-1", "team": "web"},
+        },
+    )
+    path.write_text(yaml.safe_dump(cfg))
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+
+    async def ask(token: str) -> str:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+        try:
+            r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+            return "ok" if r.choices[0].message.content else "empty"
+        except openai.AuthenticationError:
+            return "401"
+        finally:
+            await client.close()
+
+    try:
+        assert (await ask("tok-app-1"), await ask("tok-app-2")) == ("ok", "401")
+        del cfg["keys"]["app-1"]
+        cfg["keys"]["app-2"] = {"token": "tok-app-2", "team": "web"}
+        path.write_text(yaml.safe_dump(cfg))
+        assert (await _reload(url, "tok-app-2"))[0] == 401  # not a key yet
+        assert (await _reload(url, "tok-ops"))[0] == 200
+        # The revoked key is refused at once; the new one works without a restart.
+        assert (await ask("tok-app-1"), await ask("tok-app-2")) == ("401", "ok")
+        # Switching to shared keys by reference is a restart-only change (virtual keys off).
+        path.write_text(yaml.safe_dump({**cfg, "keys": {}, "server": {"api_keys": ["env:ER_TEST_SHARED_KEY"]}}))
+        status, body = await _reload(url, "tok-ops")
+        assert status == 400
+        assert "keys: turning virtual keys on or off takes effect on restart" in str(body["error"]["problems"])
+        assert await ask("tok-app-2") == "ok"
+    finally:
+        await server.close()
+
+
+async def test_reload_rotates_shared_keys_by_reference(start_upstream, tmp_path: Path, monkeypatch) -> None:
+    up = await start_upstream()
+    monkeypatch.setenv("ER_TEST_SHARED_KEY", "shared-1")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(simple_config({"a": up}, server={"api_keys": ["env:ER_TEST_SHARED_KEY"]})))
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/v1/models", headers={"Authorization": "Bearer shared-1"}) as r:
+                assert r.status == 200
+            monkeypatch.setenv("ER_TEST_SHARED_KEY", "shared-2")
+            assert (await _reload(url, "shared-1"))[0] == 200
+            for token, want in (("shared-1", 401), ("shared-2", 200)):
+                async with s.get(url + "/v1/models", headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == want, token
+    finally:
+        await server.close()
+
+
+async def test_reload_refuses_restart_only_changes(start_upstream, tmp_path: Path) -> None:
+    up = await start_upstream()
+    path = tmp_path / "c.yaml"
+    cfg = simple_config({"a": up})
+    path.write_text(yaml.safe_dump(cfg))
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        budget = {"name": "all", "scope": "global", "limit_usd": 1.0}
+        changed = {**cfg, "budgets": {"limits": [budget]}, "server": {"port": 9999}, "models": {}}
+        changed["models"] = {"m": cfg["models"]["m"], "m3": {"deployments": ["d-a"]}}
+        path.write_text(yaml.safe_dump(changed))
+        status, body = await _reload(url)
+        assert status == 400
+        problems = [p["error"] for p in body["error"]["problems"]]
+        assert any("budgets: changed; this section takes effect on restart" in p for p in problems)
+        assert any("server.port: changed" in p for p in problems)
+        # Nothing of the file was applied, not even the part a reload could have taken.
+        async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:
+            assert [m["id"] for m in (await r.json())["data"]] == ["m"]
+    finally:
         await server.close()

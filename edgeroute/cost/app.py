@@ -1,4 +1,4 @@
-"""Wiring cost control into the aiohttp app: recorder, admission, keys, `/admin/spend`, cleanup.
+"""Wiring cost control into the aiohttp app: recorder, admission, `/admin/spend`, cleanup.
 
 `server.create_app` calls :func:`middleware` and :func:`install`; a recorder or admission
 passed by the caller wins over the config (tests, embedding).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -17,17 +17,11 @@ from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
 from edgeroute.cost.control import CostControl, on_response_prepare
-from edgeroute.cost.keys import KeyRing, keys_middleware
 from edgeroute.cost.ledger import ledger_from_config
 from edgeroute.cost.reports import LEDGER, admin_spend
 from edgeroute.state import RECORDER
 
 log = logging.getLogger("edgeroute.cost")
-
-
-def middleware(config: Config) -> Callable[..., Awaitable[web.StreamResponse]] | None:
-    """Virtual-key authentication when `keys:` is configured."""
-    return keys_middleware(KeyRing(config.keys)) if config.keys else None
 
 
 def base_dir(source: str) -> Path | None:

@@ -1,21 +1,24 @@
-"""Virtual keys: a client's bearer token -> key id, team, user, role.
+"""Who may call: virtual keys (token -> key id, team, user, role) or shared keys.
 
 Tokens are matched by their SHA-256 digest; the plain token is never stored past
 config load, logged, echoed in an error or written to the ledger (the key id is).
 When `keys:` is configured, an unknown or missing token is a 401 on every path but
-the public ones, and `/admin/*` needs a key whose role is `admin`.
+the public ones, and `/admin/*` needs a key whose role is `admin`. With
+`server.api_keys` instead, any of those keys is let in, compared in constant time.
+An :class:`Access` belongs to one config generation, so a reload revokes and adds
+keys (and re-reads `env:`/`file:` references, which is how a key is rotated).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+import hmac
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from edgeroute import secrets
-from edgeroute.config import Limit, VirtualKey
+from edgeroute.config import Config, Limit, VirtualKey
 from edgeroute.errors import ProxyError
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -63,19 +66,24 @@ class KeyRing:
         return self._by_digest.get(token_digest(token))
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+class Access:
+    """The access rules of one config generation."""
 
+    def __init__(self, cfg: Config) -> None:
+        self.ring = KeyRing(cfg.keys) if cfg.keys else None
+        self.shared = [secrets.resolve(k).reveal().encode() for k in cfg.server.api_keys]
 
-def keys_middleware(ring: KeyRing) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
-            ident = ring.identify(bearer_token(request))
+    def identify(self, request: web.Request) -> Identity | None:
+        """The caller's virtual key (None when keys are not in use); raises 401/403."""
+        if self.ring is not None:
+            ident = self.ring.identify(bearer_token(request))
             if ident is None:
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
             if request.path.startswith("/admin/") and ident.role != "admin":
                 raise ProxyError(403, "This endpoint needs an admin key.", code="permission_denied")
-            request[IDENTITY] = ident
-        return await handler(request)
-
-    return identify
+            return ident
+        if self.shared:
+            token = (bearer_token(request) or "").encode()
+            if not any(hmac.compare_digest(token, k) for k in self.shared):
+                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+        return None
