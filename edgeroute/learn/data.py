@@ -66,6 +66,13 @@ def _jsonl(path: Path) -> list[dict[str, object]]:
 ARENA_V2 = "arena_hard_v2.0"
 ARENA_V01 = "arena_hard_v0.1"
 SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl")
+# Hand-written prompts in the style of real chat-assistant users (long, specific, messy;
+# code / math / creative writing and the "other" requests that border on them). Written
+# by us without looking at the Arena-Hard v2.0 test prompts; source "seed_chat".
+CHAT_SEED_FILES = ("seed_prompts_chat_style.jsonl",)
+SEED_CHAT = "seed_chat"
+# Sources that look like real user traffic (weighted up by the task trainer).
+REALISTIC_SOURCES = frozenset({ARENA_V2, ARENA_V01, SEED_CHAT})
 
 
 def _task_type_rows() -> list[Example]:
@@ -90,7 +97,8 @@ def task_training_examples(
 
     Always: MT-Bench, HumanEval, vLLM-SR domain cases, a sample of GSM8K and
     MMLU (quantitative subjects -> math, the rest -> knowledge_qa) and our
-    hand-written seed prompts. The two real-user sets are test sets and come
+    hand-written seed prompts (templated ones, source ``seed``; chat-style ones,
+    source ``seed_chat``). The two real-user sets are test sets and come
     in only when asked: ``arena_v2`` (the 750 labelled Arena-Hard v2.0 prompts)
     and ``arena_v01`` (the 500 Arena-Hard v0.1 prompts with our hand labels).
     """
@@ -111,6 +119,9 @@ def task_training_examples(
     for name in SEED_FILES:
         for r in _jsonl(LABELS / name):
             out.append(Example(str(r["prompt"]), str(r["task_type"]), "seed"))
+    for name in CHAT_SEED_FILES:
+        for r in _jsonl(LABELS / name):
+            out.append(Example(str(r["prompt"]), str(r["task_type"]), SEED_CHAT))
     if arena_v01:
         out += arena_hard_test()
     return out
@@ -126,6 +137,12 @@ def arena_hard_test() -> list[Example]:
     labels = json.loads((LABELS / "arena_hard_v0.1_task_labels.json").read_text())
     rows = _jsonl(data_root() / "task-type-prompts" / "arena_hard_v0.1_questions.jsonl")
     return [Example(str(r["prompt"]), str(labels[str(r["uid"])]), ARENA_V01) for r in rows]
+
+
+def arena_hard_v01_clusters() -> list[str]:
+    """Topic cluster of each :func:`arena_hard_test` prompt (same order), for grouped CV."""
+    rows = _jsonl(data_root() / "task-type-prompts" / "arena_hard_v0.1_questions.jsonl")
+    return [str(r["cluster"]) for r in rows]
 
 
 def _contaminated(name: str) -> set[str]:
