@@ -61,6 +61,14 @@ FRAGMENTS = [
     "<|endoftext|>",
     "////",
     "...!!!???",
+    # Where the pre-tokenisation regexes' alternatives meet (the Rust splitter is hand-written).
+    "HTTPServer's xmlHttp DON'T I'\u017f",
+    "ǅungla ǅUNGLA ʰA",
+    "e\u0301\u0301 \u0301x !\u0301",
+    "٣٤٥٦ ²³ 12345",
+    "a!\n/b a//\n/",
+    "x\u2028y \u3000\u3000z \u0085\u0085w \x0bv",
+    "a  \n  b   ",
 ]
 
 # Any text but lone surrogates (which cannot cross into Rust as str).

@@ -39,6 +39,7 @@ pub mod health;
 pub mod hedge;
 pub mod pii;
 pub mod policy;
+pub mod pretokenize;
 pub mod request;
 pub mod router;
 pub mod rules;
