@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -32,6 +31,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.providers import ErrorClass
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
+from edgeroute.upstream_http import Response, UpstreamError
 
 TAIL_BYTES = 8192
 
@@ -55,7 +55,7 @@ class JsonAnswer:
 class StreamAnswer:
     """An upstream stream that has produced its first real content (or ended cleanly)."""
 
-    resp: aiohttp.ClientResponse
+    resp: Response
     head: bytes  # OpenAI-format SSE bytes read so far, to send first
     translator: Any
 
@@ -137,14 +137,14 @@ class Call:
         self.record.attempts.append(rec)
         self.router.begin(dep.index)
         t0 = time.perf_counter()
-        resp: aiohttp.ClientResponse | None = None
+        resp: Response | None = None
         keep_open = False
         result: Answer | Failure
         try:
             loop = asyncio.get_running_loop()
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
             async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
-                resp = await up.session.post(req.url, data=req.body, headers=req.headers)
+                resp = await up.client.request("POST", req.url, req.headers, req.body)
                 rec.status = resp.status
                 if resp.status >= 400:
                     data = await resp.read()
@@ -159,7 +159,7 @@ class Call:
                     result = self._json_answer(await resp.read(), adapter)
         except TimeoutError:
             result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
-        except (aiohttp.ClientError, OSError) as e:
+        except (UpstreamError, OSError) as e:
             result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
@@ -173,7 +173,8 @@ class Call:
             raise
         finally:
             if resp is not None and not keep_open:
-                resp.release()
+                # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
+                resp.close()
         latency = (time.perf_counter() - t0) * 1000
         rec.latency_ms = latency
         if isinstance(result, Failure):
@@ -203,7 +204,7 @@ class Call:
             return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")
         return JsonAnswer(data, Usage.from_openai(obj.get("usage")))
 
-    async def _hold_stream(self, resp: aiohttp.ClientResponse, adapter: Any) -> StreamAnswer | Failure:
+    async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
         translator = (
             None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
@@ -211,7 +212,7 @@ class Call:
         buf = b""
         head = b""
         while True:
-            chunk = await resp.content.readany()
+            chunk = await resp.readany()
             if not chunk:
                 return Failure(ErrorClass.SERVER, resp.status, "upstream stream ended before any content")
             if translator is not None:
@@ -448,7 +449,7 @@ async def relay_stream(
             # the client is written to (a slow reader is not an upstream stall).
             async with asyncio.timeout(idle_timeout) as idle:
                 while not completed:
-                    chunk = await answer.resp.content.readany()
+                    chunk = await answer.resp.readany()
                     idle.reschedule(None)
                     if not chunk:
                         call.router.report(dep.index, "server_error", 0.0)
@@ -468,7 +469,7 @@ async def relay_stream(
                     idle.reschedule(loop.time() + idle_timeout)
         except TimeoutError:
             failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
-        except (aiohttp.ClientError, OSError):
+        except OSError:  # UpstreamError, or a failed write to the client
             transport = request.transport
             if transport is None or transport.is_closing():
                 # The client went away (its socket failed a write): nothing to tell it.
@@ -480,7 +481,10 @@ async def relay_stream(
             call.record.outcome = "stream_interrupted"
         await out.write_eof()
     finally:
-        answer.resp.close()
+        if completed and failure is None:
+            answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
+        else:
+            answer.resp.close()
         usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
         if usage is None and text is not None:
             usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)

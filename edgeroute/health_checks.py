@@ -13,10 +13,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from edgeroute.state import STATE
+from edgeroute.upstream_http import UpstreamError
 
 log = logging.getLogger("edgeroute.health")
 
@@ -32,9 +32,9 @@ async def probe_once(app: web.Application, provider: str) -> bool:
         return True
     try:
         async with asyncio.timeout(hc.timeout):
-            async with up.session.get(up.adapter.health_url(), headers=up.adapter.health_headers()) as r:
+            async with await up.client.request("GET", up.adapter.health_url(), up.adapter.health_headers()) as r:
                 healthy = r.status < 500 and r.status != 429
-    except (TimeoutError, aiohttp.ClientError, OSError):
+    except (TimeoutError, UpstreamError, OSError):
         healthy = False
     for d in live.deployments:
         if d.provider != provider:

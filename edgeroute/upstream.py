@@ -1,20 +1,22 @@
 """Pooled HTTP clients, one per provider, and the table of deployments.
 
-Each provider gets one `aiohttp.ClientSession` with its own connection limit and
-keep-alive pool, created when the server starts and closed when it stops. The URL
-and credentials always come from the config: nothing in a client's request can
-change where a call goes.
+Each provider gets one `HttpClient` (edgeroute.upstream_http) with its own connection
+limit and keep-alive pool, created with the live config and closed when it is replaced
+or the server stops. The URL and credentials always come from the config: nothing in
+a client's request can change where a call goes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import aiohttp
-
 from edgeroute import secrets
 from edgeroute.config import Config, Deployment, Price
 from edgeroute.providers import Adapter, adapter_for
+from edgeroute.upstream_http import HttpClient
+
+# Seconds an unused upstream connection stays open (many servers close theirs after 60-75 s).
+KEEPALIVE_TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -23,10 +25,10 @@ class Upstream:
 
     name: str
     adapter: Adapter
-    session: aiohttp.ClientSession
+    client: HttpClient
 
     async def close(self) -> None:
-        await self.session.close()
+        await self.client.close()
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,14 +48,8 @@ def make_upstreams(cfg: Config) -> dict[str, Upstream]:
     for name, p in cfg.providers.items():
         key = secrets.resolve(p.api_key) if p.api_key else None
         adapter = adapter_for(p.kind)(name, p, key)
-        connector = aiohttp.TCPConnector(
-            limit=p.max_connections, limit_per_host=p.max_connections, keepalive_timeout=30, ttl_dns_cache=300
-        )
-        timeout = aiohttp.ClientTimeout(total=None, connect=p.timeouts.connect, sock_connect=p.timeouts.connect)
-        session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, skip_auto_headers=("User-Agent",), raise_for_status=False
-        )
-        out[name] = Upstream(name, adapter, session)
+        client = HttpClient(p.max_connections, p.timeouts.connect, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+        out[name] = Upstream(name, adapter, client)
     return out
 
 
