@@ -122,9 +122,10 @@ async def admin_deployments(request: web.Request) -> web.Response:
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     live = app[STATE].live
-    # Load the tokenizer tables and compile the detectors before serving: on first use
-    # inside a request they stalled the event loop for ~50 ms.
-    await asyncio.to_thread(live.router.warm_up)
+    if live.exact_tokens:
+        # Every request will count tokens: load the tables (~50 ms, tens of MB) before
+        # serving, not inside the first request. Otherwise they load on first need.
+        await asyncio.to_thread(live.router.warm_up)
     windows = None
     if any(d.price.windows for d in live.config.deployments.values()):
 

@@ -246,3 +246,33 @@ def test_bench_body_matches_cookbook() -> None:
     msgs = [{k: v for k, v in m.items() if k in ("role", "content", "name")} for m in body["messages"]]
     d = ROUTER.decide(json.dumps({**body, "model": "o200k_base"}).encode(), exact_tokens=True)
     assert d.prompt_tokens == num_tokens_from_messages(msgs, "o200k_base")
+
+
+def test_deciding_on_estimates_loads_no_vocabulary() -> None:
+    """A decision that needs no exact count must not load a tokenizer (~70 MB, ~50 ms on
+    the event loop); counting does. Run in a fresh process, where nothing is loaded yet."""
+    script = """
+import json
+from edgeroute import _core
+def rss_mb(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20
+cfg = {
+    "deployments": [{"name": "d", "provider": "p", "model": "gpt-4o"}],
+    "models": [{"name": "m", "deployments": ["d"]}],
+}
+r = _core.Router(json.dumps(cfg).encode())
+body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hello " * 2000}]}).encode()
+before = rss_mb()
+d = r.decide(body)
+assert not d.tokens_exact
+after_decide = rss_mb()
+r.count_tokens("hello", "o200k_base")
+print(json.dumps([after_decide - before, rss_mb() - after_decide]))
+"""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    decide_mb, count_mb = json.loads(out.stdout)
+    assert decide_mb < 10, f"deciding grew RSS by {decide_mb:.0f} MB"
+    assert count_mb > 30, f"counting grew RSS by only {count_mb:.0f} MB: is the vocabulary measured at all?"

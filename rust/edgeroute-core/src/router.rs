@@ -413,7 +413,6 @@ impl Router {
                 seen.push(d.encoding);
             }
         }
-        crate::pii::warm_up();
     }
 
     /// Milliseconds on the router's monotonic clock.

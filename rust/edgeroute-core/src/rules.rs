@@ -300,6 +300,9 @@ impl Rules {
             });
         }
         let content = ContentMatcher::new(&keyword_text, &pattern_text)?;
+        if !pii_wanted.is_empty() {
+            pii::warm_up(); // compiled once per process, here rather than inside a request
+        }
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(specs[i].priority));
         Ok(Self {

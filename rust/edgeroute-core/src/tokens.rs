@@ -97,11 +97,20 @@ impl Encoding {
 
     /// The OpenAI tokenizer this encoding counts with, and the percentage it scales the result by.
     fn base(self) -> (&'static Vocab, usize) {
+        let vocab: &LazyLock<Vocab> = match self {
+            Self::O200kBase | Self::GeminiEstimate => &O200K,
+            Self::Cl100kBase | Self::ClaudeEstimate => &CL100K,
+        };
+        (vocab, self.percent())
+    }
+
+    /// The percentage counts are scaled by. Apart from [`base`](Self::base): touching a
+    /// vocabulary loads it (tens of MB, ~50 ms), and bounding a prompt needs none.
+    fn percent(self) -> usize {
         match self {
-            Self::O200kBase => (&O200K, 100),
-            Self::Cl100kBase => (&CL100K, 100),
-            Self::ClaudeEstimate => (&CL100K, 115),
-            Self::GeminiEstimate => (&O200K, 105),
+            Self::O200kBase | Self::Cl100kBase => 100,
+            Self::ClaudeEstimate => 115,
+            Self::GeminiEstimate => 105,
         }
     }
 
@@ -410,7 +419,7 @@ pub fn bound_chat(req: &ChatRequest<'_>, enc: Encoding) -> TokenBounds {
     if let Some(tools) = req.tools {
         bytes += tools.get().len();
     }
-    let (_, percent) = enc.base();
+    let percent = enc.percent();
     TokenBounds {
         upper: scale(bytes + framing, percent),
         estimate: scale(bytes.div_ceil(4) + framing, percent),
