@@ -179,3 +179,39 @@ async def test_client_leaving_mid_stream_closes_the_upstream(ups, start_proxy) -
             break
         await asyncio.sleep(0.02)
     assert bad.streams_open == 0
+
+
+async def test_a_slow_reader_is_not_an_upstream_stall(start_proxy) -> None:
+    """The idle timeout (0.5 s here) watches the upstream: a client that stops reading for
+    longer, while the proxy's writes to it back up, still gets the whole stream."""
+    import asyncio
+    import socket
+
+    import orjson
+
+    up = FaultUpstream(UpstreamOptions(tokens=40000, tokens_per_s=0))  # ~5 MB at once: more than kernel buffers
+    await up.start()
+    try:
+        proxy = await start_proxy(config(up, None))
+        body = orjson.dumps({"model": "m", "messages": MSG, "stream": True})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # let the proxy's writes back up
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        await loop.sock_sendall(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = await loop.sock_recv(sock, 4096)
+        assert got.startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(1.5)  # three idle timeouts without reading
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # then read it all, quickly
+        while not got.endswith(b"0\r\n\r\n"):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert data, "the proxy closed the stream early"
+            got += data
+        sock.close()
+        assert b"data: [DONE]" in got
+        assert b"stream_timeout" not in got and b"stalled" not in got
+        assert got.count(b'"finish_reason":"stop"') == 1
+    finally:
+        await up.stop()
