@@ -47,6 +47,19 @@ class Failure:
     body: bytes = b""
 
 
+_PRELOADED: set[str] = set()
+
+
+def preload_tokenizer(encoding: str) -> None:
+    """Loads a tokenizer's tables (~50 ms, tens of MB) in a worker thread, once per process,
+    while the upstream prepares its answer: a stream that carries no usage is counted when it
+    ends, and loading them there would stall the event loop. Not at start-up: many configs
+    never count, and the tables would double the idle memory."""
+    if encoding not in _PRELOADED:
+        _PRELOADED.add(encoding)
+        asyncio.get_running_loop().run_in_executor(None, _core.Router.count_tokens, "warm up: caf\u00e9", encoding)
+
+
 @dataclass(slots=True)
 class JsonAnswer:
     body: bytes
@@ -126,6 +139,8 @@ class Call:
         self.deadline = asyncio.get_running_loop().time() + timeouts.total
         self.failures: list[tuple[DeploymentInfo, Failure]] = []
         self._exact_prompt: int | None = None
+        if decision.stream and not decision.include_usage:
+            preload_tokenizer(decision.encoding)  # the stream is counted when it ends
         self.hedged = False
 
     # -- one attempt ---------------------------------------------------------
