@@ -3,41 +3,18 @@
 //! `cargo bench -p edgeroute-core --bench classify`. Besides criterion's
 //! estimates it prints p50/p99 over 20,000 timed calls (target: p99 <= 50 us).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use criterion::{criterion_group, Criterion};
-use edgeroute_core::classify::{Classifier, Features};
+use edgeroute_core::classify::Features;
 use edgeroute_core::Encoding;
 
-fn classifier() -> Classifier {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../edgeroute/models");
-    Classifier::from_bytes(
-        &std::fs::read(dir.join("task.erlm")).expect("run python -m edgeroute.learn.build_models"),
-        &std::fs::read(dir.join("router-gpt4-mixtral.erlm")).expect("router model"),
-    )
-    .unwrap()
-}
-
-/// A chat of about 2,000 tokens (o200k): prose, a code block and a question.
-fn chat_2000_tokens() -> String {
-    let para = "We are migrating the billing service from a monolith to three services. \
-        The invoices table has 40 million rows and the nightly job now takes six hours. \
-        Here is the current query and the error we get when the replica lags behind.\n";
-    let code = "```python\ndef total(rows):\n    s = 0\n    for r in rows:\n        s += r['amount'] * (1 + r['tax'])\n    return round(s, 2)\n```\n";
-    let mut s = String::new();
-    let enc = Encoding::O200kBase;
-    while enc.count(&s) < 2000 {
-        s.push_str(para);
-        s.push_str(code);
-    }
-    s.push_str("How should we partition the table, and what would you change in the code?");
-    s
-}
+#[path = "support/classify_workload.rs"]
+mod workload;
 
 fn bench(c: &mut Criterion) {
-    let clf = classifier();
-    let text = chat_2000_tokens();
+    let clf = workload::classifier(None);
+    let text = workload::chat_2000_tokens();
     c.bench_function("classify/both_2000_tokens", |b| {
         b.iter(|| clf.classify(std::hint::black_box(&text)))
     });
@@ -50,8 +27,8 @@ fn bench(c: &mut Criterion) {
 }
 
 fn percentiles() {
-    let clf = classifier();
-    let text = chat_2000_tokens();
+    let clf = workload::classifier(None);
+    let text = workload::chat_2000_tokens();
     let tokens = Encoding::O200kBase.count(&text);
     for _ in 0..2_000 {
         std::hint::black_box(clf.classify(&text));

@@ -6,44 +6,17 @@
 //! separately, after a warm-up, and prints percentiles. Criterion
 //! (`cargo bench -p edgeroute-core --bench classify`) reports means only.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use edgeroute_core::classify::Classifier;
 use edgeroute_core::Encoding;
 
-fn classifier(dir: Option<String>) -> Classifier {
-    let dir = dir.map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../edgeroute/models"),
-        PathBuf::from,
-    );
-    Classifier::from_bytes(
-        &std::fs::read(dir.join("task.erlm")).expect("run python -m edgeroute.learn.build_models"),
-        &std::fs::read(dir.join("router-gpt4-mixtral.erlm")).expect("router model"),
-    )
-    .expect("valid models")
-}
-
-/// The same 2,000-token chat as `benches/classify.rs`: prose, a code block, a question.
-fn chat_2000_tokens() -> String {
-    let para = "We are migrating the billing service from a monolith to three services. \
-        The invoices table has 40 million rows and the nightly job now takes six hours. \
-        Here is the current query and the error we get when the replica lags behind.\n";
-    let code = "```python\ndef total(rows):\n    s = 0\n    for r in rows:\n        s += r['amount'] * (1 + r['tax'])\n    return round(s, 2)\n```\n";
-    let mut s = String::new();
-    let enc = Encoding::O200kBase;
-    while enc.count(&s) < 2000 {
-        s.push_str(para);
-        s.push_str(code);
-    }
-    s.push_str("How should we partition the table, and what would you change in the code?");
-    s
-}
+#[path = "../benches/support/classify_workload.rs"]
+mod workload;
 
 fn main() {
     let calls: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let clf = classifier(std::env::args().nth(2));
-    let text = chat_2000_tokens();
+    let clf = workload::classifier(std::env::args().nth(2));
+    let text = workload::chat_2000_tokens();
     let tokens = Encoding::O200kBase.count(&text);
     for _ in 0..2_000 {
         std::hint::black_box(clf.classify(std::hint::black_box(&text)));
