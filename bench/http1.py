@@ -38,6 +38,18 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 _MAX_HEAD = 64 * 1024
+
+
+def _no_delay(transport: asyncio.BaseTransport) -> None:
+    """Small writes (one SSE event, one request) go out at once, not after Nagle's wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 log = logging.getLogger("bench.http1")
 
 
@@ -77,12 +89,7 @@ class Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
         self.server.conns.add(self)
         self.server.connections_accepted += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        _no_delay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -302,12 +309,7 @@ class _ClientConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        _no_delay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

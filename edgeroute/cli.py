@@ -9,12 +9,18 @@ from collections.abc import Sequence
 from edgeroute import config as config_mod
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _load(path: str, check_secrets: bool = True) -> config_mod.Config | None:
+    """The config at `path`, or None after printing every problem with it."""
     try:
-        cfg = config_mod.load(args.config)
+        return config_mod.load(path, check_secrets=check_secrets)
     except config_mod.ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    if (cfg := _load(args.config)) is None:
         return 1
     print(
         f"{args.config}: OK ({len(cfg.providers)} providers, {len(cfg.deployments)} deployments, "
@@ -24,11 +30,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
+    if (cfg := _load(args.config)) is None:
         return 1
     from edgeroute.server import serve
 
@@ -47,11 +49,7 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
     from edgeroute import _core
 
-    try:
-        cfg = config_mod.load(args.config, check_secrets=False)
-    except config_mod.ConfigError as e:
-        for line in e.errors:
-            print(line, file=sys.stderr)
+    if (cfg := _load(args.config, check_secrets=False)) is None:
         return 1
     from edgeroute import routing_models
 
