@@ -9,8 +9,10 @@ from pathlib import Path
 
 import yaml
 
-STRONG = "gpt-4-1106-preview"
-WEAK = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+from tests.test_selection import STRONG_OUT as STRONG
+from tests.test_selection import WEAK_OUT as WEAK
+from tests.test_selection import config as selection_config
+
 PROMPTS = [
     ("hi there, how are you?", 1.0, 1.0),
     ("thanks a lot!", 1.0, 1.0),
@@ -50,27 +52,7 @@ def test_calibrate_to_a_strong_share(tmp_path: Path) -> None:
 
 
 def test_replay_prints_cost_and_quality(tmp_path: Path) -> None:
-    cfg = {
-        "providers": {"p": {"base_url": "http://127.0.0.1:9/v1"}},
-        "deployments": {
-            "big": {"provider": "p", "model": "gpt-4o", "price": {"input_per_mtok": 2.5, "output_per_mtok": 10}},
-            "small": {
-                "provider": "p",
-                "model": "gpt-4o-mini",
-                "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
-            },
-        },
-        "models": {
-            "strong": {"deployments": ["big"]},
-            "weak": {"deployments": ["small"]},
-            "auto": {
-                "policy": {
-                    "threshold": 0.0,
-                    "candidates": [{"route": "strong", "model": STRONG}, {"route": "weak", "model": WEAK}],
-                }
-            },
-        },
-    }
+    cfg = selection_config("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", threshold=0.0)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     r = run("replay", "--config", str(path), "--outcomes", str(outcomes(tmp_path)))

@@ -21,9 +21,11 @@ STRONG_OUT = "gpt-4-1106-preview"
 WEAK_OUT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 
 
-def config(strong: Upstream, weak: Upstream, threshold: float = 0.7, **extra: Any) -> dict[str, Any]:
+def config(strong: Upstream | str, weak: Upstream | str, threshold: float = 0.7, **extra: Any) -> dict[str, Any]:
+    """A strong and a weak model behind a policy route `auto` (upstreams, or their base URLs)."""
+    urls = [u if isinstance(u, str) else u.base_url for u in (strong, weak)]
     cfg: dict[str, Any] = {
-        "providers": {"s": {"base_url": strong.base_url}, "w": {"base_url": weak.base_url}},
+        "providers": {"s": {"base_url": urls[0]}, "w": {"base_url": urls[1]}},
         "deployments": {
             "big": {"provider": "s", "model": "gpt-4o", "price": {"input_per_mtok": 2.5, "output_per_mtok": 10}},
             "small": {
