@@ -209,25 +209,15 @@ class AnthropicAdapter(Adapter):
         return super().classify(status, body)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
-        text: list[str] = []
-        calls: list[dict[str, Any]] = []
-        finish = FINISH.get(str(obj.get("stop_reason")), "stop")
+        reply = oa.Reply()
         for block in obj.get("content") or ():
             if block.get("type") == "text":
-                text.append(block.get("text", ""))
-            elif block.get("type") == "tool_use" and block.get("name") == oa.JSON_TOOL:
-                text.append(orjson.dumps(block.get("input", {})).decode())
-                finish = "stop"
+                reply.text.append(block.get("text", ""))
             elif block.get("type") == "tool_use":
-                args = orjson.dumps(block.get("input", {})).decode()
-                calls.append(oa.tool_call(block.get("id", ""), block.get("name", ""), args))
-        return oa.completion(
-            str(obj.get("id") or oa.new_id()),
-            str(obj.get("model", "")),
-            "".join(text),
-            calls,
-            finish,
-            openai_usage(obj.get("usage")),
+                reply.tool_use(block.get("id", ""), block.get("name", ""), block.get("input"))
+        finish = FINISH.get(str(obj.get("stop_reason")), "stop")
+        return reply.completion(
+            str(obj.get("id") or oa.new_id()), str(obj.get("model", "")), finish, openai_usage(obj.get("usage"))
         )
 
     def stream_translator(self, model: str, include_usage: bool = False) -> AnthropicStream:

@@ -255,23 +255,15 @@ class BedrockAdapter(Adapter):
         return super().classify(status, body)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
-        text: list[str] = []
-        calls: list[dict[str, Any]] = []
-        finish = FINISH.get(str(obj.get("stopReason")), "stop")
+        reply = oa.Reply()
         for block in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
             if "text" in block:
-                text.append(str(block["text"]))
+                reply.text.append(str(block["text"]))
             elif "toolUse" in block:
                 use = block["toolUse"]
-                args = orjson.dumps(use.get("input") or {}).decode()
-                if use.get("name") == oa.JSON_TOOL:
-                    text.append(args)
-                    finish = "stop"
-                else:
-                    calls.append(oa.tool_call(str(use.get("toolUseId", "")), str(use.get("name", "")), args))
-        return oa.completion(
-            oa.new_id(), str(obj.get("model", "")), "".join(text), calls, finish, openai_usage(obj.get("usage"))
-        )
+                reply.tool_use(str(use.get("toolUseId", "")), str(use.get("name", "")), use.get("input"))
+        finish = FINISH.get(str(obj.get("stopReason")), "stop")
+        return reply.completion(oa.new_id(), str(obj.get("model", "")), finish, openai_usage(obj.get("usage")))
 
     def stream_translator(self, model: str, include_usage: bool = False) -> BedrockStream:
         return BedrockStream(model, include_usage)

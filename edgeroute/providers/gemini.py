@@ -198,30 +198,24 @@ class GeminiAdapter(Adapter):
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         cands = obj.get("candidates") or []
-        text: list[str] = []
-        calls: list[dict[str, Any]] = []
-        reason: str | None = None
+        reply = oa.Reply()
         if cands:
             cand = cands[0]
-            reason = cand.get("finishReason")
             for part in (cand.get("content") or {}).get("parts") or ():
                 if part.get("thought"):
                     continue
                 if "text" in part:
-                    text.append(str(part["text"]))
+                    reply.text.append(str(part["text"]))
                 elif "functionCall" in part:
                     fc = part["functionCall"]
-                    args = orjson.dumps(fc.get("args") or {}).decode()
-                    calls.append(oa.tool_call(str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), args))
-            finish = finish_reason(reason, bool(calls))
+                    reply.tool_use(str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), fc.get("args"))
+            finish = finish_reason(cand.get("finishReason"), bool(reply.calls))
         else:
             # The prompt itself was blocked (promptFeedback.blockReason): no candidate at all.
             finish = "content_filter"
-        return oa.completion(
+        return reply.completion(
             str(obj.get("responseId") or oa.new_id()),
             str(obj.get("modelVersion", "")),
-            "".join(text),
-            calls,
             finish,
             openai_usage(obj.get("usageMetadata")),
         )

@@ -334,6 +334,30 @@ def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
+class Reply:
+    """An answer's text and tool calls, gathered from a provider's content blocks.
+
+    A call of the forced JSON tool (how adapters serve `response_format` where the
+    provider has no JSON mode) is the answer's text, and the answer then ends with `stop`.
+    """
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self.json_answer = False
+
+    def tool_use(self, call_id: str, name: str, arguments: Any) -> None:
+        args = orjson.dumps(arguments or {}).decode()
+        if name == JSON_TOOL:
+            self.text.append(args)
+            self.json_answer = True
+        else:
+            self.calls.append(tool_call(call_id, name, args))
+
+    def completion(self, cid: str, model: str, finish: str, use: dict[str, Any] | None) -> dict[str, Any]:
+        return completion(cid, model, "".join(self.text), self.calls, "stop" if self.json_answer else finish, use)
+
+
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
     return (
         b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
