@@ -8,9 +8,9 @@ what is actually reached:
   APGR >= 0.62 and CPT(50%) <= 0.35 on GSM8K and on MMLU (reached: GSM8K
   0.641 / 0.301, MMLU 0.639 / 0.309).
 * Task classifier on the Arena-Hard v2.0 prompts, trained without them: the
-  target macro-F1 >= 0.90 is **not** reached (0.776: code 0.79, math 0.74,
-  creative writing 0.80), so the test guards the achieved level (>= 0.75)
-  against regressions. The stricter v0.1 hand-labelled figure (0.617) is
+  target macro-F1 >= 0.90 is **not** reached (0.812: code 0.80, math 0.80,
+  creative writing 0.84), so the test guards the achieved level (>= 0.79)
+  against regressions. The stricter v0.1 hand-labelled figure (0.630) is
   guarded the same way.
 """
 
@@ -51,7 +51,7 @@ def test_routellm_cross_validated_figures(np_: object) -> None:
 
 
 def test_task_macro_f1_on_arena_hard_v2(np_: object) -> None:
-    """Regression guard, NOT the issue's target: macro-F1 >= 0.90 is not reached (0.776 measured).
+    """Regression guard, NOT the issue's target: macro-F1 >= 0.90 is not reached (0.812 measured).
 
     Trained without any Arena-Hard v2.0 prompt; every other predicted class is a miss.
     """
@@ -61,16 +61,33 @@ def test_task_macro_f1_on_arena_hard_v2(np_: object) -> None:
     train_texts = {e.text for e in data.task_training_examples(arena_v2=False, arena_v01=True)}
     assert not train_texts & {e.text for e in data.arena_hard_v2_test()}  # no leakage
     f1 = arena_v2(verbose=False)
-    assert f1["macro"] >= 0.75, f1
-    assert min(f1["code"], f1["math"], f1["creative_writing"]) >= 0.71, f1
+    assert f1["macro"] >= 0.79, f1
+    assert min(f1["code"], f1["math"], f1["creative_writing"]) >= 0.77, f1
 
 
 def test_task_macro_f1_on_arena_hard_v01_hand_labels(np_: object) -> None:
-    """Regression guard for the stricter figure (169 "other" prompts count as false positives); 0.617 measured."""
+    """Regression guard for the stricter figure (169 "other" prompts count as false positives); 0.630 measured."""
     from edgeroute.learn.task_eval import arena_v01
 
     f1 = arena_v01(verbose=False)
-    assert f1["macro"] >= 0.58, f1
+    assert f1["macro"] >= 0.60, f1
+
+
+def test_our_annotation_of_v2_bounds_what_the_source_labels_allow(np_: object) -> None:
+    """Our blind labels of the 750 v2.0 prompts meet the source labels at 0.882 macro-F1.
+
+    So a classifier that follows our class definitions cannot reach the 0.90 target on
+    them; ours agrees with the annotation at 0.818 (with the source labels at 0.812).
+    """
+    from edgeroute.learn import data
+    from edgeroute.learn.model import TASK_CLASSES
+    from edgeroute.learn.task_eval import agreement
+
+    pairs = data.arena_hard_v2_annotation()
+    assert len(pairs) == 750 and all(o in TASK_CLASSES for _, o in pairs)
+    a = agreement(verbose=False)
+    assert 0.86 <= a["annotation_vs_source"] < 0.90, a
+    assert a["model_vs_annotation"] >= 0.80, a
 
 
 def test_chat_style_seeds_are_our_own_text() -> None:
@@ -79,7 +96,7 @@ def test_chat_style_seeds_are_our_own_text() -> None:
     from edgeroute.learn.model import TASK_CLASSES
 
     seeds = [e for e in data.task_training_examples(arena_v2=False, arena_v01=False) if e.source == data.SEED_CHAT]
-    assert len(seeds) >= 900
+    assert len(seeds) >= 2800
     assert all(e.label in TASK_CLASSES for e in seeds)
     assert len({e.text for e in seeds}) == len(seeds)
     shared = {e.text for e in data.arena_hard_v2_test()} | {e.text for e in data.arena_hard_test()}

@@ -39,8 +39,12 @@ PARITY_TEXTS = [
     "with four. She sells the remainder at $2 per egg. How much does she make?",
     "Which of the following is a prime number?\nA. 4\nB. 6\nC. 7\nD. 9\nAnswer:",
     "MiXeD CaSe ÄÖÜ émigré naïve \t\r\n tabs_and_underscores __init__ x86-64 a+b=c",
+    # CJK, kana and Hangul split per character; the full-width comma (U+FF0C) does not
+    "写一个Python程序，计算斐波那契数列的第n项。日本語のテキストです。한국어 문장입니다 x中y",  # noqa: RUF001
     # > head + tail bytes, with a multi-byte character straddling both cut points
     "a" + "é" * 1600 + " middle part that is dropped " * 40 + "ü" * 700 + " the end?",
+    # the same with 3-byte CJK characters cut at both ends of the window
+    "ab" + "中文" * 300 + " dropped " * 40 + "数组" * 200 + "?",
 ]
 
 

@@ -69,7 +69,11 @@ SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl")
 # Hand-written prompts in the style of real chat-assistant users (long, specific, messy;
 # code / math / creative writing and the "other" requests that border on them). Written
 # by us without looking at the Arena-Hard v2.0 test prompts; source "seed_chat".
-CHAT_SEED_FILES = ("seed_prompts_chat_style.jsonl",)
+CHAT_SEED_FILES = (
+    "seed_prompts_chat_style.jsonl",
+    "seed_prompts_chat_style_2.jsonl",
+    "seed_prompts_chat_multilingual.jsonl",
+)
 SEED_CHAT = "seed_chat"
 # Sources that look like real user traffic (weighted up by the task trainer).
 REALISTIC_SOURCES = frozenset({ARENA_V2, ARENA_V01, SEED_CHAT})
@@ -130,6 +134,23 @@ def task_training_examples(
 def arena_hard_v2_test() -> list[Example]:
     """The 750 Arena-Hard v2.0 prompts labelled code / math / creative_writing by their source."""
     return [e for e in _task_type_rows() if e.source == ARENA_V2]
+
+
+def arena_hard_v2_annotation() -> list[tuple[Example, str]]:
+    """Each Arena-Hard v2.0 prompt (source label) with our own label for it.
+
+    Our labels (``labels/arena_hard_v2.0_annotation.json``, id -> label) were given
+    blind to the source labels, by the class definitions the seed prompts follow. They
+    measure how far the source's conventions are from those definitions; nothing
+    trains or selects on them.
+    """
+    ours = json.loads((LABELS / "arena_hard_v2.0_annotation.json").read_text())
+    rows = _jsonl(data_root() / "task-type-prompts" / "task_type_prompts.jsonl")
+    return [
+        (Example(str(r["prompt"]), str(r["task_type"]), ARENA_V2), str(ours[str(r["id"])]))
+        for r in rows
+        if r["source"] == ARENA_V2
+    ]
 
 
 def arena_hard_test() -> list[Example]:

@@ -4,14 +4,17 @@ This module owns the featurizer specification; the Rust core re-implements it
 and the two are held together by the fixture `classify_features.json` (text ->
 bucket ids) that `build_models` writes and a Rust test reads.
 
-Specification (version 1), all arithmetic on unsigned 64-bit integers mod 2**64:
+Specification (version 2; version 1 differs only in step 2), all arithmetic on
+unsigned 64-bit integers mod 2**64:
 
 1. ``b = text.encode("utf-8")``; if ``len(b) > head + tail`` keep
    ``b[:head] + b[len(b) - tail:]`` (bytes, so a cut may split a character: both
    sides cut the same way). Then ASCII ``A-Z`` -> ``a-z``; other bytes unchanged.
 2. Tokens: maximal runs of word bytes (``a-z0-9_`` or any byte >= 0x80), and each
    ASCII punctuation byte (``!``..``~`` that is not a word byte) as a one-byte
-   token. Everything else separates tokens.
+   token. Everything else separates tokens. Version 2 only: each whole 3-byte
+   character with lead byte ``E3``..``ED`` (kana, CJK ideographs, Hangul) is a
+   token of its own and ends the word run before it.
 3. ``h(tok) = fnv1a64(tok)``. Word unigram bucket ``fmix64(h ^ SEED_UNI) & mask``;
    bigram of consecutive tokens ``fmix64((h1 * GOLDEN + h2) ^ SEED_BI) & mask``.
 4. Character n-grams for each ``n`` in ``char_ngrams`` (n <= 7) over the bytes of
@@ -43,12 +46,20 @@ SEED_CHAR = 0xA4093822299F31D0
 
 _LOWER = bytes.maketrans(bytes(range(65, 91)), bytes(range(97, 123)))
 _TOKEN_RE = re.compile(rb"[a-z0-9_\x80-\xff]+|[!-/:-@\[-^`{-~]")
+# Version 2: each whole 3-byte character with lead byte E3..ED (U+3000..U+DFFF: kana,
+# CJK ideographs, Hangul) is a token of its own; those scripts put no spaces between
+# words, so version 1 saw a whole Chinese sentence as one "word".
+_TOKEN_RE_V2 = re.compile(
+    rb"[\xe3-\xed][\x80-\xbf]{2}|(?:[a-z0-9_\x80-\xe2\xee-\xff]|[\xe3-\xed](?![\x80-\xbf]{2}))+|[!-/:-@\[-^`{-~]"
+)
 
 
 @dataclass(frozen=True)
 class FeaturizerConfig:
     """What the featurizer emits; stored in every model file."""
 
+    # 2 for new models; files written with version 1 still load and hash as before
+    version: int = 2
     # 2^15 buckets x (10 task + 2 router) i16 weights = 768 KiB: fits the core's L2
     # cache; 1 KiB + 256 B of text carries the task and difficulty signal and
     # bounds the work per prompt (~2,000 buckets) whatever the prompt length.
@@ -65,7 +76,7 @@ class FeaturizerConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            "version": self.version,
             "log2_buckets": self.log2_buckets,
             "head_bytes": self.head_bytes,
             "tail_bytes": self.tail_bytes,
@@ -76,9 +87,11 @@ class FeaturizerConfig:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FeaturizerConfig:
-        if obj.get("version", 1) != 1:
-            raise ValueError(f"unsupported featurizer version {obj.get('version')}")
+        version = int(obj.get("version", 1))
+        if version not in (1, 2):
+            raise ValueError(f"unsupported featurizer version {version}")
         return cls(
+            version=version,
             log2_buckets=int(obj["log2_buckets"]),
             head_bytes=int(obj["head_bytes"]),
             tail_bytes=int(obj["tail_bytes"]),
@@ -118,7 +131,7 @@ def _word_buckets(b: bytes, cfg: FeaturizerConfig) -> list[int]:
     mask = cfg.mask
     out: list[int] = []
     prev: int | None = None
-    for tok in _TOKEN_RE.findall(b):
+    for tok in (_TOKEN_RE_V2 if cfg.version >= 2 else _TOKEN_RE).findall(b):
         h = fnv1a64(tok)
         if cfg.word_unigrams:
             out.append(fmix64(h ^ SEED_UNI) & mask)

@@ -73,6 +73,19 @@ fn is_word_byte(b: u8) -> bool {
     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b >= 0x80
 }
 
+/// A whole 3-byte UTF-8 character with lead byte E3..ED (U+3000..U+DFFF: kana,
+/// CJK ideographs, Hangul) starts at `i`. A character cut by the head / tail
+/// window is not whole and stays part of a word (as in `features.py`).
+#[inline]
+fn is_cjk_char(buf: &[u8], i: usize) -> bool {
+    matches!(buf.get(i..i + 3), Some([0xE3..=0xED, 0x80..=0xBF, 0x80..=0xBF]))
+}
+
+#[inline]
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
+}
+
 #[inline]
 fn is_punct_byte(b: u8) -> bool {
     b.is_ascii_punctuation() && b != b'_'
@@ -81,7 +94,8 @@ fn is_punct_byte(b: u8) -> bool {
 /// What the featurizer emits; read from the model header.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct FeaturizerConfig {
-    /// Featurizer specification version (1).
+    /// Featurizer specification version: 1, or 2 where each CJK / kana / Hangul
+    /// character is a word of its own (those scripts put no spaces between words).
     pub version: u32,
     /// The hash table has `2^log2_buckets` rows.
     pub log2_buckets: u32,
@@ -173,12 +187,16 @@ fn word_buckets(buf: &[u8], cfg: &FeaturizerConfig, mask: u64, visit: &mut impl 
         }
         prev = Some(h);
     };
+    let split_cjk = cfg.version >= 2;
     let mut i = 0;
     while i < buf.len() {
         let b = buf[i];
-        if is_word_byte(b) {
+        if split_cjk && is_cjk_char(buf, i) {
+            emit(fnv1a(&buf[i..i + 3]));
+            i += 3;
+        } else if is_word_byte(b) {
             let mut h = FNV_OFFSET;
-            while i < buf.len() && is_word_byte(buf[i]) {
+            while i < buf.len() && is_word_byte(buf[i]) && !(split_cjk && is_cjk_char(buf, i)) {
                 h = (h ^ u64::from(buf[i])).wrapping_mul(FNV_PRIME);
                 i += 1;
             }
@@ -282,7 +300,7 @@ impl LinearModel {
         let hlen = u32::from_le_bytes(take(data, &mut off, 4)?.try_into().expect("4 bytes"));
         let header: Header =
             serde_json::from_slice(take(data, &mut off, hlen as usize)?).map_err(|e| bad(format!("header: {e}")))?;
-        if header.format != 1 || header.featurizer.version != 1 {
+        if header.format != 1 || !(1..=2).contains(&header.featurizer.version) {
             return Err(bad("unsupported format or featurizer version"));
         }
         let fc = &header.featurizer;
