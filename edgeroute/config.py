@@ -11,6 +11,7 @@ resolving secret references.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from edgeroute import secrets
 from edgeroute.cost import prices
+from edgeroute.upstream_http import tls_context
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
@@ -52,12 +54,22 @@ class HealthCheck(_Strict):
     path: str = "/models"
 
 
+class Tls(_Strict):
+    """TLS to a provider beyond the system trust store: a private CA (a corporate gateway,
+    a self-hosted model server) and a client certificate for mutual TLS. Paths to PEM files."""
+
+    ca_bundle: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None  # when the key is not in client_cert's file
+
+
 class Provider(_Strict):
     kind: ProviderKind = "openai"
     base_url: str
     api_key: str | None = None
     max_connections: int = Field(256, ge=1)
     timeouts: Timeouts = Timeouts()
+    tls: Tls | None = None
     health_check: HealthCheck | None = None
     headers: dict[str, str] = {}
     # Provider-specific settings (e.g. Azure's api_version, Bedrock's region).
@@ -478,6 +490,14 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
                 secrets.resolve(p.api_key)
             except secrets.SecretError as e:
                 problems.append((f"providers.{name}.api_key", str(e)))
+        if p.tls is not None:
+            if p.tls.client_key is not None and p.tls.client_cert is None:
+                problems.append((f"providers.{name}.tls.client_key", "a client_key needs a client_cert"))
+            else:
+                try:
+                    tls_context(p.tls.ca_bundle, p.tls.client_cert, p.tls.client_key)
+                except (OSError, ssl.SSLError) as e:
+                    problems.append((f"providers.{name}.tls", f"cannot load: {e}"))
     return problems
 
 

@@ -32,7 +32,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.providers import ErrorClass
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response, UpstreamError
+from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
 
 TAIL_BYTES = 8192
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
@@ -176,6 +176,8 @@ class Call:
                     result = self._json_answer(await resp.read(), adapter)
         except TimeoutError:
             result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
+        except UpstreamTlsError as e:
+            result = Failure(ErrorClass.CONNECT, None, f"TLS handshake failed: {e.reason}")
         except (UpstreamError, OSError) as e:
             result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
         except asyncio.CancelledError:

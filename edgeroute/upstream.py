@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from edgeroute import secrets
 from edgeroute.config import Config, Deployment, Price
 from edgeroute.providers import Adapter, adapter_for
-from edgeroute.upstream_http import HttpClient
+from edgeroute.upstream_http import HttpClient, tls_context
 
 # Seconds an unused upstream connection stays open (many servers close theirs after 60-75 s).
 KEEPALIVE_TIMEOUT_S = 30.0
@@ -48,7 +48,10 @@ def make_upstreams(cfg: Config) -> dict[str, Upstream]:
     for name, p in cfg.providers.items():
         key = secrets.resolve(p.api_key) if p.api_key else None
         adapter = adapter_for(p.kind)(name, p, key)
-        client = HttpClient(p.max_connections, p.timeouts.connect, keepalive_timeout=KEEPALIVE_TIMEOUT_S)
+        tls = tls_context(p.tls.ca_bundle, p.tls.client_cert, p.tls.client_key) if p.tls else None
+        client = HttpClient(
+            p.max_connections, p.timeouts.connect, ssl_context=tls, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+        )
         out[name] = Upstream(name, adapter, client)
     return out
 

@@ -15,9 +15,12 @@ What it keeps:
 - a connection goes back to the pool only once its whole response has arrived and the
   response allowed keep-alive; one the peer closed is never reused, and one idle for
   longer than `keepalive_timeout` is closed;
-- a request that fails on a *reused* connection before any response byte arrived
-  (the peer closed it while idle, and we wrote before seeing the FIN) is sent again,
-  once, on a new connection: a stale pooled connection is not an upstream failure;
+- a request that fails on a *reused* connection before any response byte arrived, and
+  within `_STALE_WINDOW_S` of being written (the peer closed it while idle, and we
+  wrote before seeing the FIN), is sent again, once, on a new connection: a stale
+  pooled connection is not an upstream failure. A later close may come from an
+  upstream that was already working on the request; sending it again could run (and
+  bill) it twice, so that is an UpstreamError for the caller's retry policy;
 - streamed bytes are handed to the reader as they arrive, one read per body piece,
   never held back to be merged; reading from the socket pauses while a reader lets
   more than `_HIGH_WATER` bytes pile up;
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
 import ssl
 from collections.abc import Mapping
@@ -49,6 +53,10 @@ _URL_CACHE_MAX = 1024
 _DRAIN_BYTES = 64 * 1024
 _DRAIN_S = 1.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A reused connection's close that arrives this soon after the request was written is
+# the keep-alive race (the peer's FIN crossed our request: about one round trip);
+# later, the upstream may have started on the request.
+_STALE_WINDOW_S = 0.3
 
 
 class UpstreamError(OSError):
@@ -57,6 +65,14 @@ class UpstreamError(OSError):
 
 class UpstreamConnectError(UpstreamError):
     """No connection could be made (refused, unreachable, DNS, TLS)."""
+
+
+class UpstreamTlsError(UpstreamConnectError):
+    """The TLS handshake failed; `reason` says why in words safe to show a client."""
+
+    def __init__(self, msg: str, reason: str) -> None:
+        super().__init__(msg)
+        self.reason = reason
 
 
 class UpstreamConnectTimeout(UpstreamError, TimeoutError):
@@ -291,6 +307,7 @@ class _Conn(asyncio.Protocol):
         self.open = True  # False once either side closed it: never reused after
         self.reused = False
         self.got_bytes = False
+        self.sent_at = 0.0
         self.paused = False
         self.idle_since = 0.0
         self.holds_slot = False
@@ -311,6 +328,7 @@ class _Conn(asyncio.Protocol):
             msg = "the connection closed before the request was sent"
             raise _StaleConnection(msg) if self.reused else UpstreamError(msg)
         self.transport.write(data)
+        self.sent_at = self.loop.time()
         try:
             await head
         except BaseException:
@@ -377,7 +395,7 @@ class _Conn(asyncio.Protocol):
             return
         if resp._close_delimited():
             resp._finish()
-        elif self.reused and not self.got_bytes:
+        elif self.reused and not self.got_bytes and self.loop.time() - self.sent_at <= _STALE_WINDOW_S:
             resp._fail(_StaleConnection("a pooled connection was closed by the upstream"))
         elif not resp._head.done():
             resp._fail(UpstreamError(f"the upstream closed the connection before answering ({exc or 'EOF'})"))
@@ -565,6 +583,12 @@ class HttpClient:
                         _, conn = await loop.create_connection(lambda: _Conn(self), t.host, t.port)
             except TimeoutError as e:
                 raise UpstreamConnectTimeout(f"no connection to {t.host}:{t.port} within the timeout") from e
+            except ssl.SSLError as e:
+                # e.g. "certificate verify failed: self-signed certificate" or "tlsv13 alert certificate required"
+                reason = getattr(e, "verify_message", None) or e.reason or "handshake failed"
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    reason = f"certificate not trusted ({reason})"
+                raise UpstreamTlsError(f"TLS to {t.host}:{t.port} failed: {e}", str(reason).lower()) from e
             except OSError as e:
                 raise UpstreamConnectError(f"cannot connect to {t.host}:{t.port}: {e}") from e
         except BaseException:
@@ -644,3 +668,22 @@ def _default_ssl() -> ssl.SSLContext:
     if _ssl_default is None:
         _ssl_default = ssl.create_default_context()
     return _ssl_default
+
+
+def tls_context(
+    ca_bundle: str | None = None, client_cert: str | None = None, client_key: str | None = None
+) -> ssl.SSLContext:
+    """A verifying context that also trusts `ca_bundle` and presents `client_cert` (mutual TLS).
+
+    Without any of them this is the shared default context. Raises OSError or
+    ssl.SSLError for a missing or unreadable file.
+    """
+    if ca_bundle is None and client_cert is None:
+        return _default_ssl()
+    ctx = ssl.create_default_context()
+    if ca_bundle is not None:
+        ctx.load_verify_locations(cafile=os.path.expanduser(ca_bundle))
+    if client_cert is not None:
+        key = os.path.expanduser(client_key) if client_key is not None else None
+        ctx.load_cert_chain(os.path.expanduser(client_cert), key)
+    return ctx

@@ -9,8 +9,6 @@ loop and on uvloop (what `edgeroute serve` runs on).
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import socket
 import ssl
 import time
@@ -21,13 +19,10 @@ from typing import Any
 import pytest
 import uvloop
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bench.http1 import Conn, HttpServer, Request
 from edgeroute.upstream_http import HttpClient, UpstreamConnectError, UpstreamConnectTimeout, UpstreamError
+from tests.tls_fixtures import self_signed
 
 Handler = Callable[[Request, Conn], Awaitable[None]]
 Scenario = Callable[[], Awaitable[None]]
@@ -311,6 +306,27 @@ async def reused_connection_failing_before_an_answer_is_retried_once() -> None:
 
 
 @scenario
+async def reused_connection_closed_after_the_upstream_had_the_request_is_not_resent() -> None:
+    # Past the keep-alive race the upstream may have been working on the request:
+    # sending it again could run it twice, so the failure goes to the caller.
+    async def handler(req: Request, conn: Conn) -> None:
+        if req.path == "/slow-crash":
+            await asyncio.sleep(0.5)
+            conn.abort()
+            return
+        await ok(req, conn)
+
+    async with Server(handler) as srv:
+        c = client()
+        await (await c.request("POST", srv.url("/warm"), {}, b"{}")).read()
+        before = len(srv.seen)
+        with pytest.raises(UpstreamError, match="before answering"):
+            await c.request("POST", srv.url("/slow-crash"), {}, b"{}")
+        assert len(srv.seen) == before + 1
+        await c.close()
+
+
+@scenario
 async def reset_mid_body_raises_upstream_error() -> None:
     async def handler(req: Request, conn: Conn) -> None:
         if req.path == "/stream":
@@ -459,35 +475,8 @@ async def connect_refused_and_connect_timeout() -> None:
 # -- https ---------------------------------------------------------------------------------------
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgeroute test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 def test_https_round_trip(tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
 
     async def main() -> None:
         server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
