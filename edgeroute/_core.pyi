@@ -250,6 +250,10 @@ class Router:
         """Applies an active health check: restores deployment ``index``, or
         ejects it for ``eject_ms``. ``ValueError`` for a bad index."""
 
+    def report_broken_stream(self, index: int) -> None:
+        """A stream on deployment ``index`` that was reported a success at its first
+        content broke later: count it as a failure (not in flight, not a new request)."""
+
     def health(self, index: int) -> _Health:
         """Health of deployment ``index`` now. ``ValueError`` for a bad index."""
 

@@ -36,14 +36,23 @@ class Usage:
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None) -> Usage | None:
+        """Usage from an OpenAI-format `usage` object; None when it is absent or unreadable
+        (then the caller counts the tokens itself rather than trusting garbage)."""
         if not isinstance(u, dict):
             return None
         details = u.get("prompt_tokens_details") or {}
-        return cls(
-            int(u.get("prompt_tokens") or 0),
-            int(u.get("completion_tokens") or 0),
-            int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
-        )
+        try:
+            out = cls(
+                int(u.get("prompt_tokens") or 0),
+                int(u.get("completion_tokens") or 0),
+                int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
+            )
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not 0 <= out.prompt_tokens < 1 << 40 or not 0 <= out.completion_tokens < 1 << 40:
+            return None
+        out.cached_tokens = min(max(0, out.cached_tokens), out.prompt_tokens)
+        return out
 
 
 def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
@@ -57,6 +66,26 @@ def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
     return base * multiplier_at(price, at) if price.windows else base
+
+
+def _visible_text(part: Any, out: list[str]) -> None:
+    """Appends what the model wrote in a message or a stream delta: content, refusal, tool calls."""
+    if not isinstance(part, dict):
+        return
+    for k in ("content", "refusal"):
+        if isinstance(part.get(k), str):
+            out.append(part[k])
+    for tc in part.get("tool_calls") or ():
+        fn = tc.get("function") or {} if isinstance(tc, dict) else {}
+        for k in ("name", "arguments"):
+            if isinstance(fn.get(k), str):
+                out.append(fn[k])
+
+
+def _counted(prompt_tokens: int, parts: list[str], encoding: str) -> Usage:
+    text = "".join(parts)
+    completion = _core.Router.count_tokens(text, encoding) if text else 0
+    return Usage(prompt_tokens, completion, 0, estimated=True)
 
 
 def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -> Usage:
@@ -74,18 +103,16 @@ def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -
         except orjson.JSONDecodeError:
             continue
         for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
-            delta = choice.get("delta") or {} if isinstance(choice, dict) else {}
-            for k in ("content", "refusal"):
-                if isinstance(delta.get(k), str):
-                    parts.append(delta[k])
-            for tc in delta.get("tool_calls") or ():
-                fn = tc.get("function") or {} if isinstance(tc, dict) else {}
-                for k in ("name", "arguments"):
-                    if isinstance(fn.get(k), str):
-                        parts.append(fn[k])
-    text = "".join(parts)
-    completion = _core.Router.count_tokens(text, encoding) if text else 0
-    return Usage(prompt_tokens, completion, 0, estimated=True)
+            _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
+    return _counted(prompt_tokens, parts, encoding)
+
+
+def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: str) -> Usage:
+    """Usage for a (non-stream) answer that carried none, counted from its messages."""
+    parts: list[str] = []
+    for choice in answer.get("choices") or ():
+        _visible_text(choice.get("message") if isinstance(choice, dict) else None, parts)
+    return _counted(prompt_tokens, parts, encoding)
 
 
 @dataclass(slots=True)

@@ -76,7 +76,9 @@ def _text(content: Any, where: str) -> str:
 
 
 def _image_part(block: dict[str, Any]) -> dict[str, Any]:
-    src = block.get("source") or {}
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad("messages: image blocks need a base64 or url source.")
     if src.get("type") == "base64" and isinstance(src.get("data"), str):
         url = f"data:{src.get('media_type', 'image/png')};base64,{src['data']}"
     elif src.get("type") == "url" and isinstance(src.get("url"), str):
@@ -179,7 +181,10 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
         if req.get(ours) is not None:
             out[theirs] = req[ours]
-    user = (req.get("metadata") or {}).get("user_id")
+    metadata = req.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise _bad("metadata: expected an object.", "metadata")
+    user = (metadata or {}).get("user_id")
     if isinstance(user, str):
         out["user"] = user
     if req.get("tools"):
@@ -195,7 +200,10 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
             raise _bad("tool_choice: type must be auto, any, tool or none.", "tool_choice")
         if tc.get("disable_parallel_tool_use") and out.get("tools"):
             out["parallel_tool_calls"] = False
-    fmt = (req.get("output_config") or {}).get("format")
+    output_config = req.get("output_config")
+    if output_config is not None and not isinstance(output_config, dict):
+        raise _bad("output_config: expected an object.", "output_config")
+    fmt = (output_config or {}).get("format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
     if req.get("stream"):

@@ -14,7 +14,9 @@ attempt back to the core. Invariants it keeps:
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
+import logging
 import math
 import random
 import time
@@ -26,7 +28,14 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, sse
-from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_stream_usage
+from edgeroute.accounting import (
+    AttemptRecord,
+    RequestRecord,
+    Usage,
+    cost_of,
+    estimate_answer_usage,
+    estimate_stream_usage,
+)
 from edgeroute.config import Timeouts
 from edgeroute.errors import ProxyError
 from edgeroute.providers import ErrorClass
@@ -34,7 +43,10 @@ from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
 
+log = logging.getLogger("edgeroute.dispatch")
+
 TAIL_BYTES = 8192
+_MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as a day
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
 
 
@@ -73,6 +85,7 @@ class StreamAnswer:
     resp: Response
     head: bytes  # OpenAI-format SSE bytes read so far, to send first
     translator: Any
+    rec: AttemptRecord | None = None  # the attempt that produced it, settled when the stream ends
 
 
 Answer = JsonAnswer | StreamAnswer
@@ -89,12 +102,14 @@ _HEALTH_OUTCOME: dict[
     ErrorClass.CONTEXT_WINDOW: "client_error",
     ErrorClass.CONTENT_POLICY: "client_error",
     ErrorClass.CLIENT: "client_error",
+    ErrorClass.AUTH: "server_error",
 }
 
 _FALLBACK_KEYS = {
     ErrorClass.RATE_LIMIT: "rate_limit",
     ErrorClass.SERVER: "server_error",
     ErrorClass.CONNECT: "server_error",
+    ErrorClass.AUTH: "server_error",
     ErrorClass.TIMEOUT: "timeout",
     ErrorClass.CONTEXT_WINDOW: "context_window",
     ErrorClass.CONTENT_POLICY: "content_policy",
@@ -106,14 +121,18 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER_S)
 
 
 class Call:
@@ -167,7 +186,12 @@ class Call:
                     data = await resp.read()
                     cls = adapter.classify(resp.status, data)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    result = Failure(cls, resp.status, adapter.error_message(resp.status, data), retry_after, data)
+                    msg = adapter.error_message(resp.status, data)
+                    if cls is ErrorClass.AUTH:
+                        # For the operator's log only: the client learns that our credentials failed.
+                        log.warning("deployment %s refused our credentials: %s", dep.name, msg[:300])
+                        msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
+                    result = Failure(cls, resp.status, msg, retry_after, data)
                 elif self.stream:
                     result = await self._hold_stream(resp, adapter)
                     keep_open = isinstance(result, StreamAnswer)
@@ -180,6 +204,11 @@ class Call:
             result = Failure(ErrorClass.CONNECT, None, f"TLS handshake failed: {e.reason}")
         except (UpstreamError, OSError) as e:
             result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
+        except Exception as e:
+            # An answer the adapter could not read (bad usage, a malformed event): the
+            # deployment's fault, like a 5xx, so fail over; the core hears of it below.
+            log.exception("unreadable answer from deployment %s", dep.name)
+            result = Failure(ErrorClass.SERVER, rec.status, f"upstream answer could not be read ({type(e).__name__})")
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
@@ -206,6 +235,8 @@ class Call:
             self.router.report(dep.index, "success", latency)
             if isinstance(result, JsonAnswer):
                 self.settle_attempt(rec, dep, result.usage)
+            else:
+                result.rec = rec
         return result
 
     def _json_answer(self, data: bytes, adapter: Any) -> JsonAnswer | Failure:
@@ -221,7 +252,10 @@ class Call:
             data = orjson.dumps(obj)
         elif "choices" not in obj:
             return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")
-        return JsonAnswer(data, Usage.from_openai(obj.get("usage")))
+        usage = Usage.from_openai(obj.get("usage"))
+        if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
+            usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
+        return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
@@ -304,7 +338,14 @@ class Call:
                 attempts += used - 1
                 hedge_ms = None
             else:
-                result = await self.attempt(dep)
+                try:
+                    result = await self.attempt(dep)
+                except ProxyError as e:
+                    if not self.failures:
+                        raise  # the request does not fit the deployment the decision chose: say why
+                    # A fallback that cannot take this request (e.g. a parameter it does not support): skip it.
+                    self.failures.append((dep, Failure(ErrorClass.CLIENT, e.status, e.message)))
+                    continue
             if not isinstance(result, Failure):
                 return result, dep
             self.failures.append((dep, result))
@@ -341,37 +382,65 @@ class Call:
     async def _race(
         self, first: DeploymentInfo, second: DeploymentInfo, delay: float
     ) -> tuple[Answer | Failure, DeploymentInfo, int]:
-        """Runs `first`; if it has not answered after `delay`, hedges to `second`. One wins."""
+        """Runs `first`; if it has not answered after `delay`, hedges to `second`. One wins.
+
+        Whatever way this ends (a winner, both failed, the client gone), every attempt
+        still running is cancelled and awaited here, so its cost is settled before the
+        request is recorded.
+        """
         t1 = asyncio.ensure_future(self.attempt(first))
-        done, _ = await asyncio.wait({t1}, timeout=delay)
-        if done or not self.router.try_hedge(self.decision.route):
-            return await t1, first, 1
-        self.hedged = True
-        t2 = asyncio.ensure_future(self.attempt(second, hedge=True))
-        tasks = {t1: first, t2: second}
-        pending = set(tasks)
-        last: tuple[Answer | Failure, DeploymentInfo] | None = None
+        tasks = {t1: first}
         try:
-            while pending:
+            done, _ = await asyncio.wait({t1}, timeout=delay)
+            if done or not self.router.try_hedge(self.decision.route):
+                return await t1, first, 1
+            self.hedged = True
+            t2 = asyncio.ensure_future(self.attempt(second, hedge=True))
+            tasks[t2] = second
+            pending = {t1, t2}
+            last: tuple[Answer | Failure, DeploymentInfo] | None = None
+            winner: tuple[Answer, DeploymentInfo] | None = None
+            while pending and winner is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    res = t.result()
-                    if not isinstance(res, Failure):
-                        for p in pending:
-                            p.cancel()
-                        await asyncio.gather(*pending, return_exceptions=True)
-                        if tasks[t] is second:
-                            self.record.outcome = "hedge_won"
-                        return res, tasks[t], 2
-                    self.failures.append((tasks[t], res))
-                    last = (res, tasks[t])
+                for t in (t1, t2):  # the primary first when both finished together
+                    if t not in done:
+                        continue
+                    try:
+                        res = t.result()
+                    except ProxyError as e:
+                        if t is t1:
+                            raise  # the request does not fit the primary: as without a hedge
+                        res = Failure(ErrorClass.CLIENT, e.status, e.message)  # the hedge cannot take it
+                    if isinstance(res, Failure):
+                        self.failures.append((tasks[t], res))
+                        last = (res, tasks[t])
+                    elif winner is None:
+                        winner = (res, tasks[t])
+                    else:
+                        self._discard(res)  # both answered at once: one answer only
+            if winner is not None:
+                if winner[1] is second:
+                    self.record.outcome = "hedge_won"
+                return winner[0], winner[1], 2
         finally:
-            for p in pending:
-                p.cancel()
+            running = [t for t in tasks if not t.done()]
+            for t in running:
+                t.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
         assert last is not None
         # Both failed: the caller records the last failure; the first is already in self.failures.
         self.failures.pop()
         return last[0], last[1], 2
+
+    def _discard(self, answer: Answer) -> None:
+        """Drops an answer that lost a tie; a stream's prompt is likely billed already."""
+        if isinstance(answer, StreamAnswer):
+            answer.resp.close()
+            if answer.rec is not None:
+                answer.rec.outcome = "cancelled"
+                dep = self.live.deployments[self.live.index_of[answer.rec.deployment]]
+                self.settle_attempt(answer.rec, dep, None)
 
     def _backoff(self, rounds: int) -> float | None:
         cfg = self.live.config.retry
@@ -425,6 +494,11 @@ def _has_content(obj: Any) -> bool:
     return bool(obj.get("usage")) and not obj.get("choices")
 
 
+# Set on a request once its stream response is prepared: from then on an error can only end
+# the stream (an error event), never become a second response (errors_middleware checks it).
+STREAM_STARTED = web.RequestKey("stream_started", bool)
+
+
 async def relay_stream(
     request: web.Request,
     answer: StreamAnswer,
@@ -437,45 +511,45 @@ async def relay_stream(
     """Sends the held head, then each upstream chunk as it arrives, unmerged.
 
     `encode` turns the OpenAI-format events (including the error events written here)
-    into another API's stream format, e.g. Anthropic's for `/v1/messages`.
+    into another API's stream format, e.g. Anthropic's for `/v1/messages`. The stream
+    ends by the request's total timeout at the latest.
     """
-    out = web.StreamResponse(status=200, headers=response_headers)
-    out.content_type = "text/event-stream"
-    out.headers["Cache-Control"] = "no-cache"
-    await out.prepare(request)
-
-    async def send(data: bytes) -> None:
-        data = encode(data) if encode is not None else data
-        if data:
-            await out.write(data)
-
+    # The streamed text is kept (references to chunks already read) so that a stream that
+    # ends without usage, by design or cut short, is still costed for what it produced.
+    text: list[bytes] = [answer.head]
     tail = answer.head[-TAIL_BYTES:]
-    # Without usage from upstream the cost is counted from the text: keep it (small) until the end.
-    text: list[bytes] | None = None if call.decision.include_usage else [answer.head]
-    rec = call.record.attempts[-1] if call.record.attempts else None
-    for a in reversed(call.record.attempts):
-        if a.deployment == dep.name and a.outcome == "success":
-            rec = a
-            break
     translator = answer.translator
     completed = sse.DONE in answer.head
     loop = asyncio.get_running_loop()
     failure: tuple[str, str] | None = None
+    upstream_broke = False
+    out = web.StreamResponse(status=200, headers=response_headers)
+    out.content_type = "text/event-stream"
+    out.headers["Cache-Control"] = "no-cache"
     try:
+        await out.prepare(request)
+        request[STREAM_STARTED] = True
+
+        async def send(data: bytes) -> None:
+            data = encode(data) if encode is not None else data
+            if data:
+                await out.write(data)
+
         await send(answer.head)
         try:
-            # One idle timer for the whole stream. Moving it costs a timer-heap operation, so
-            # it is moved at most once per `slack`, to `idle_timeout + slack` from then: a
-            # stall is reported after between 1 and 1.1 idle timeouts of silence. It stops
-            # while a slow client is written to (a slow reader is not an upstream stall).
+            # One timer for the whole stream: the idle timeout, capped by the total deadline.
+            # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
+            # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
+            # idle timeouts of silence. It stops while a slow client is written to (a slow
+            # reader is not an upstream stall).
             slack = idle_timeout / 10
             armed = loop.time()
             transport = request.transport
-            async with asyncio.timeout(idle_timeout + slack) as idle:
+            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline)) as idle:
                 while not completed:
                     chunk = await answer.resp.readany()
                     if not chunk:
-                        call.router.report(dep.index, "server_error", 0.0)
+                        upstream_broke = True
                         failure = (
                             "The upstream ended the stream early; the answer is incomplete.",
                             "stream_incomplete",
@@ -490,26 +564,40 @@ async def relay_stream(
                             transport is not None
                             and transport.get_write_buffer_size() + len(chunk) > _SLOW_CLIENT_BYTES
                         ):
-                            idle.reschedule(None)
+                            idle.reschedule(call.deadline)
                             armed = -math.inf
                         await send(chunk)
                         tail = (tail + chunk)[-TAIL_BYTES:]
-                        if text is not None:
-                            text.append(chunk)
+                        text.append(chunk)
                         completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
                     now = loop.time()
                     if now - armed > slack:
                         armed = now
-                        idle.reschedule(now + idle_timeout + slack)
+                        idle.reschedule(min(now + idle_timeout + slack, call.deadline))
         except TimeoutError:
-            failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+            if loop.time() >= call.deadline:
+                failure = (
+                    "The answer took longer than the request's total timeout; it is incomplete.",
+                    "stream_timeout",
+                )
+            else:
+                upstream_broke = True
+                failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
         except OSError:  # UpstreamError, or a failed write to the client
             transport = request.transport
             if transport is None or transport.is_closing():
                 # The client went away (its socket failed a write): nothing to tell it.
                 call.record.outcome = "client_gone"
                 raise
+            upstream_broke = True
             failure = ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted")
+        except Exception:
+            log.exception("unreadable stream from deployment %s", dep.name)
+            upstream_broke = True
+            failure = (
+                "The upstream sent a stream edgeroute could not read; the answer is incomplete.",
+                "stream_interrupted",
+            )
         if failure is not None:
             await send(sse.error_event(*failure))
             call.record.outcome = "stream_interrupted"
@@ -519,9 +607,11 @@ async def relay_stream(
             answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
         else:
             answer.resp.close()
+        if upstream_broke:
+            call.router.report_broken_stream(dep.index)
         usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
-        if usage is None and text is not None:
+        if usage is None:
             usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
-        if rec is not None:
-            call.settle_attempt(rec, dep, usage)
+        if answer.rec is not None:
+            call.settle_attempt(answer.rec, dep, usage)
     return out

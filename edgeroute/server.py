@@ -24,6 +24,7 @@ from edgeroute.admission import Admission
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
+from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
@@ -58,6 +59,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if request.get(STREAM_STARTED):
+            raise  # a stream is under way: a second response would be spliced into it; drop the connection
         return web.Response(
             status=500, body=error_body(500, "Internal error in edgeroute."), content_type="application/json"
         )

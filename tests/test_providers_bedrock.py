@@ -222,15 +222,17 @@ def test_exception_frames_and_corrupt_frames_become_error_events() -> None:
     assert chunks_of(t2.feed(bytes(frame)))[0]["error"]["message"] == "upstream sent a malformed event-stream frame"
 
 
-async def test_wrong_credentials_are_a_403_that_names_no_secret(start_mock, start_proxy) -> None:
+async def test_wrong_credentials_are_a_deployment_failure_that_names_no_secret(start_mock, start_proxy) -> None:
+    # The provider's 403 is about edgeroute's credentials, not the client's: a 502 that says so.
     up = await start_mock("bedrock")
     proxy = await start_proxy(
         provider_config({"b": up}, options={"b": {**BEDROCK_OPTIONS, "aws_secret_access_key": "not-the-secret"}})
     )
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.PermissionDeniedError) as e:
+    with pytest.raises(openai.InternalServerError) as e:
         await client.chat.completions.create(model="m", messages=HELLO)
-    assert "signature" in e.value.message and "not-the-secret" not in str(e.value.body)
+    assert e.value.status_code == 502
+    assert "refused edgeroute's credentials" in str(e.value.body) and "not-the-secret" not in str(e.value.body)
 
 
 async def test_stream_exception_before_content_fails_over(start_mock, start_proxy) -> None:

@@ -27,26 +27,28 @@ RL, SRV, TMO, CLI, CTX, POL = (
     ErrorClass.CONTEXT_WINDOW,
     ErrorClass.CONTENT_POLICY,
 )
+AUTH = ErrorClass.AUTH
 
 # (provider kind, upstream status, retry class, status the OpenAI client gets, its OpenAI error type)
 TABLE = [
     ("anthropic", 400, CLI, 400, "invalid_request_error"),
-    ("anthropic", 401, CLI, 401, "authentication_error"),
-    ("anthropic", 403, CLI, 403, "permission_error"),
+    # 401 / 403 refuse edgeroute's provider credentials, not the client's: fail over, then 502.
+    ("anthropic", 401, AUTH, 502, "upstream_error"),
+    ("anthropic", 403, AUTH, 502, "upstream_error"),
     ("anthropic", 404, CLI, 404, "not_found_error"),
     ("anthropic", 413, CLI, 413, "invalid_request_error"),
     ("anthropic", 429, RL, 429, "rate_limit_error"),
     ("anthropic", 500, SRV, 502, "upstream_error"),
     ("anthropic", 529, RL, 429, "rate_limit_error"),
     ("gemini", 400, CLI, 400, "invalid_request_error"),
-    ("gemini", 403, CLI, 403, "permission_error"),
+    ("gemini", 403, AUTH, 502, "upstream_error"),
     ("gemini", 404, CLI, 404, "not_found_error"),
     ("gemini", 429, RL, 429, "rate_limit_error"),
     ("gemini", 500, SRV, 502, "upstream_error"),
     ("gemini", 503, SRV, 502, "upstream_error"),
     ("gemini", 504, TMO, 504, "timeout_error"),
     ("bedrock", 400, CLI, 400, "invalid_request_error"),
-    ("bedrock", 403, CLI, 403, "permission_error"),
+    ("bedrock", 403, AUTH, 502, "upstream_error"),
     ("bedrock", 404, CLI, 404, "not_found_error"),
     ("bedrock", 408, TMO, 504, "timeout_error"),
     ("bedrock", 424, SRV, 502, "upstream_error"),

@@ -24,6 +24,10 @@ class ErrorClass(enum.Enum):
     CONTEXT_WINDOW = "context_window"  # prompt too long for this model: larger model
     CONTENT_POLICY = "content_policy"
     CLIENT = "client_error"  # the request itself is wrong: return it, do not retry
+    # 401 / 403: the provider refused *our* credentials for this deployment. Not the
+    # client's fault (its key was checked by edgeroute): fail over, and never pass the
+    # provider's text on (it can quote part of the key).
+    AUTH = "auth_error"
 
     @property
     def retryable(self) -> bool:
@@ -71,6 +75,8 @@ class Adapter:
             return ErrorClass.TIMEOUT
         if status == 429:
             return ErrorClass.RATE_LIMIT
+        if status in (401, 403):
+            return ErrorClass.AUTH
         if status >= 500:
             return ErrorClass.SERVER
         low = body[:2048].lower()

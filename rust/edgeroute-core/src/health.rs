@@ -69,6 +69,9 @@ struct State {
     failed_volume: f64,
     last_ms: u64,
     consecutive_failures: u32,
+    /// `consecutive_failures` just before the last success reset it: a stream that broke
+    /// after that success continues the streak.
+    streak_before_success: u32,
     ejections: u32,
     open_until_ms: u64,
     cooldown_until_ms: u64,
@@ -103,6 +106,27 @@ pub struct HealthSnapshot {
 pub struct Health {
     state: Mutex<State>,
     in_flight: AtomicU32,
+}
+
+impl State {
+    /// A failure counts towards ejection: after enough in a row, a high recent error
+    /// rate, or a failed half-open probe, the circuit opens for an exponential time.
+    fn fail(&mut self, now_ms: u64, spec: &HealthSpec) {
+        self.failures += 1;
+        self.consecutive_failures += 1;
+        let was_probe = self.probing;
+        self.probing = false;
+        let rate_trips = self.error_rate >= spec.failure_rate && self.volume >= f64::from(spec.min_requests);
+        if was_probe || rate_trips || self.consecutive_failures >= spec.consecutive_failures {
+            let factor = 1u64 << self.ejections.min(16);
+            let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
+            self.open_until_ms = now_ms + ejection;
+            self.ejections += 1;
+            self.consecutive_failures = 0;
+            self.volume = 0.0;
+            self.failed_volume = 0.0;
+        }
+    }
 }
 
 impl Health {
@@ -166,6 +190,7 @@ impl Health {
                 } else {
                     s.ewma_latency_ms * w + latency_ms * (1.0 - w)
                 };
+                s.streak_before_success = s.consecutive_failures;
                 s.consecutive_failures = 0;
                 if s.probing || s.ejections > 0 {
                     s.ejections = 0;
@@ -183,23 +208,23 @@ impl Health {
                 s.cooldown_until_ms = s.cooldown_until_ms.max(now_ms + wait);
                 s.probing = false;
             }
-            Outcome::ServerError | Outcome::Timeout | Outcome::ConnectError => {
-                s.failures += 1;
-                s.consecutive_failures += 1;
-                let was_probe = s.probing;
-                s.probing = false;
-                let rate_trips = s.error_rate >= spec.failure_rate && s.volume >= f64::from(spec.min_requests);
-                if was_probe || rate_trips || s.consecutive_failures >= spec.consecutive_failures {
-                    let factor = 1u64 << s.ejections.min(16);
-                    let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
-                    s.open_until_ms = now_ms + ejection;
-                    s.ejections += 1;
-                    s.consecutive_failures = 0;
-                    s.volume = 0.0;
-                    s.failed_volume = 0.0;
-                }
-            }
+            Outcome::ServerError | Outcome::Timeout | Outcome::ConnectError => s.fail(now_ms, spec),
         }
+    }
+
+    /// Turns the last reported success into a failure: a stream that broke after its first
+    /// content was reported. The attempt is neither in flight nor counted again; only its
+    /// verdict changes, so the error rate sees one failed request, not a success and a failure.
+    pub fn fail_after_success(&self, now_ms: u64, spec: &HealthSpec) {
+        let mut s = self.lock();
+        let dt = now_ms.saturating_sub(s.last_ms) as f64;
+        s.last_ms = now_ms;
+        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        s.volume = (s.volume * w).max(1.0);
+        s.failed_volume = (s.failed_volume * w + 1.0).min(s.volume);
+        s.error_rate = s.failed_volume / s.volume;
+        s.consecutive_failures = s.consecutive_failures.max(s.streak_before_success);
+        s.fail(now_ms, spec);
     }
 
     /// Clears an ejection at once, e.g. after an active health check answered.
@@ -252,6 +277,25 @@ mod tests {
             base_ejection_ms: 1_000,
             ..HealthSpec::default()
         }
+    }
+
+    #[test]
+    fn broken_streams_count_once_each_as_failures_and_open_the_circuit() {
+        let h = Health::default();
+        let sp = spec();
+        h.begin(0);
+        h.begin(0); // another request still in flight
+        h.report(Outcome::Success, 5.0, 1, &sp);
+        h.fail_after_success(2, &sp);
+        let snap = h.snapshot(2);
+        assert_eq!((snap.in_flight, snap.requests, snap.failures), (1, 1, 1));
+        assert!((snap.error_rate - 1.0).abs() < 1e-9, "{snap:?}");
+        for t in 3..5 {
+            h.begin(t);
+            h.report(Outcome::Success, 5.0, t, &sp);
+            h.fail_after_success(t, &sp);
+        }
+        assert_eq!(h.snapshot(5).circuit, CircuitState::Open);
     }
 
     #[test]

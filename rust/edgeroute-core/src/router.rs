@@ -780,6 +780,13 @@ impl Router {
         }
     }
 
+    /// A stream on deployment `index`, reported a success at its first content, broke later.
+    pub fn report_broken_stream(&self, index: usize) {
+        self.deployments[index]
+            .health
+            .fail_after_success(self.now_ms(), &self.health_spec);
+    }
+
     /// Takes a deployment out or puts it back after an active health check.
     pub fn set_probe_result(&self, index: usize, healthy: bool, eject_ms: u64) {
         let d = &self.deployments[index];

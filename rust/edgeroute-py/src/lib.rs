@@ -323,6 +323,12 @@ impl Router {
         Ok(())
     }
 
+    fn report_broken_stream(&self, index: usize) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.report_broken_stream(index);
+        Ok(())
+    }
+
     fn try_retry(&self) -> bool {
         self.inner.try_retry()
     }

@@ -1,0 +1,319 @@
+"""The request path under upstream faults: one answer, every cost settled, the core's counts right.
+
+Upstreams are small aiohttp servers that misbehave on purpose (slow, malformed usage,
+a stream that breaks or stalls, an absurd Retry-After, refused credentials); the
+proxy is the real one; clients are the official SDKs or raw HTTP where the wire matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from edgeroute.state import STATE
+from tests.conftest import Proxy
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+HELLO: Any = [{"role": "user", "content": "hello"}]
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Awaitable[dict[str, Any]]]]:
+    """Starts one server per handler; returns a config with one deployment per server, in order."""
+    servers: list[TestServer] = []
+
+    async def start(*handlers: Handler, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
+        names = []
+        cfg: dict[str, Any] = {"providers": {}, "deployments": {}, "models": {}}
+        for i, h in enumerate(handlers):
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", h)
+            app.router.add_post("/v1/messages", h)
+            srv = TestServer(app, host="127.0.0.1")
+            await srv.start_server()
+            servers.append(srv)
+            name = "abcdefgh"[i]
+            kind = kinds[i] if i < len(kinds) else "openai"
+            cfg["providers"][name] = {"kind": kind, "base_url": f"http://127.0.0.1:{srv.port}/v1", "api_key": "sk-up"}
+            price = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+            cfg["deployments"][f"d-{name}"] = {"provider": name, "model": "gpt-4o-mini", "price": price}
+            names.append(f"d-{name}")
+        cfg["models"]["m"] = {"deployments": names}
+        return cfg
+
+    yield start
+    for s in servers:
+        await s.close()
+
+
+def answer(usage: Any = None) -> web.Response:
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}],
+        "usage": usage if usage is not None else {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def chunk(content: str) -> bytes:
+    obj = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+    }
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def sse_response(request: web.Request) -> web.StreamResponse:
+    """An event stream, prepared, for a request whose body has been read."""
+    await request.read()
+    r = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await r.prepare(request)
+    return r
+
+
+async def ok(request: web.Request) -> web.Response:
+    await request.read()
+    return answer()
+
+
+def in_flight(proxy: Proxy) -> dict[str, int]:
+    live = proxy.app[STATE].live
+    return {d.name: live.router.health(d.index)["in_flight"] for d in live.deployments}
+
+
+async def test_client_leaving_during_the_hedge_delay_cancels_and_costs_the_attempt(
+    upstreams: Any, start_proxy: StartProxy
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return answer()
+
+    cfg = await upstreams(slow, slow)
+    cfg["models"]["m"]["hedge"] = {"delay_ms": 2000}
+    proxy = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(asyncio.TimeoutError):
+            async with s.post(
+                proxy.url + "/v1/chat/completions",
+                json={"model": "m", "messages": HELLO},
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ) as r:
+                await r.read()
+    await asyncio.wait_for(cancelled.wait(), 2)  # the upstream call ended with the client
+    await asyncio.sleep(0.05)
+    rec = proxy.recorder.records[-1]
+    assert rec.outcome == "client_gone"
+    assert [a.outcome for a in rec.attempts] == ["cancelled"]
+    assert rec.cost_usd > 0  # the prompt the upstream saw is paid for
+    assert set(in_flight(proxy).values()) == {0}
+
+
+async def test_unreadable_usage_is_counted_not_trusted(upstreams: Any, start_proxy: StartProxy) -> None:
+    async def bad_usage(request: web.Request) -> web.Response:
+        await request.read()
+        return answer({"prompt_tokens": "n/a", "completion_tokens": float("1e30")})
+
+    proxy = await start_proxy(await upstreams(bad_usage))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    r = await client.chat.completions.create(model="m", messages=HELLO)
+    assert r.choices[0].message.content == "hi there"
+    rec = proxy.recorder.records[-1]
+    assert rec.usage is not None and rec.usage.estimated
+    assert rec.usage.prompt_tokens > 0 and rec.usage.completion_tokens == 2  # "hi there"
+    assert rec.cost_usd > 0 and set(in_flight(proxy).values()) == {0}
+
+
+@pytest.mark.parametrize("retry_after", ["inf", "nan", "1e30", "-5"])
+async def test_absurd_retry_after_fails_over(upstreams: Any, start_proxy: StartProxy, retry_after: str) -> None:
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        err = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+        return web.json_response(err, status=429, headers={"Retry-After": retry_after})
+
+    proxy = await start_proxy(await upstreams(limited, ok))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=HELLO)
+    assert raw.headers["x-edgeroute-deployment"] == "d-b"
+    assert set(in_flight(proxy).values()) == {0}
+
+
+async def test_refused_provider_credentials_fail_over(upstreams: Any, start_proxy: StartProxy) -> None:
+    async def refused(request: web.Request) -> web.Response:
+        await request.read()
+        err = {"error": {"message": "Incorrect API key provided: sk-****p-42.", "type": "invalid_request_error"}}
+        return web.json_response(err, status=401)
+
+    proxy = await start_proxy(await upstreams(refused, ok))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=HELLO)
+    assert raw.headers["x-edgeroute-deployment"] == "d-b"
+    assert [a.outcome for a in proxy.recorder.records[-1].attempts] == ["auth_error", "success"]
+
+
+async def test_a_stream_that_cannot_be_translated_ends_with_one_error_event(
+    upstreams: Any, start_proxy: StartProxy
+) -> None:
+    async def anthropic_then_garbage(request: web.Request) -> web.StreamResponse:
+        r = await sse_response(request)
+        start = {"type": "message_start", "message": {"id": "msg_1", "model": "claude", "usage": {"input_tokens": 8}}}
+        block = {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}
+        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hello"}}
+        bad = {"type": "content_block_delta", "index": "zero", "delta": {"type": "text_delta", "text": "!"}}
+        for ev in (start, block, delta, bad):
+            await r.write(f"event: {ev['type']}\ndata: ".encode() + orjson.dumps(ev) + b"\n\n")
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(5)
+        return r
+
+    proxy = await start_proxy(await upstreams(anthropic_then_garbage, kinds=("anthropic",)))
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "m", "messages": HELLO, "stream": True}
+        async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            raw = await asyncio.wait_for(r.read(), 3)
+    assert b"HTTP/1.1" not in raw  # no second response spliced into the stream
+    assert b'"Hello"' in raw and raw.count(b'"error"') == 1 and b"stream_interrupted" in raw
+    assert proxy.recorder.records[-1].outcome == "stream_interrupted"
+    assert set(in_flight(proxy).values()) == {0}
+
+
+async def test_a_stream_cut_before_its_usage_chunk_is_costed_for_its_text(
+    upstreams: Any, start_proxy: StartProxy
+) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        r = await sse_response(request)
+        for _ in range(50):
+            await r.write(chunk("word "))
+        assert request.transport is not None
+        request.transport.close()  # gone before the usage chunk and [DONE]
+        return r
+
+    proxy = await start_proxy(await upstreams(cut))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m",
+        messages=HELLO,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+    await asyncio.sleep(0.05)
+    rec = proxy.recorder.records[-1]
+    assert rec.usage is not None and rec.usage.completion_tokens >= 50
+    assert rec.cost_usd > 0
+
+
+async def test_a_broken_stream_leaves_other_requests_in_flight(upstreams: Any, start_proxy: StartProxy) -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            await release.wait()
+            return answer()
+        r = await sse_response(request)
+        await r.write(chunk("partial"))
+        return r  # ends without [DONE]
+
+    proxy = await start_proxy(await upstreams(handler))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    slow = asyncio.ensure_future(client.chat.completions.create(model="m", messages=HELLO))
+    await asyncio.sleep(0.2)
+    assert in_flight(proxy) == {"d-a": 1}
+    stream = await client.chat.completions.create(model="m", messages=HELLO, stream=True)
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+    await asyncio.sleep(0.05)
+    assert in_flight(proxy) == {"d-a": 1}  # the slow request is still out
+    health = proxy.app[STATE].live.router.health(0)
+    assert (health["requests"], health["failures"]) == (1, 1)  # the broken stream, counted once, as failed
+    release.set()
+    await slow
+    assert in_flight(proxy) == {"d-a": 0}
+
+
+async def test_the_total_timeout_bounds_a_committed_stream(upstreams: Any, start_proxy: StartProxy) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        r = await sse_response(request)
+        for _ in range(100):
+            await r.write(chunk("tick "))
+            await asyncio.sleep(0.1)
+        return r
+
+    cfg = await upstreams(endless)
+    cfg["providers"]["a"]["timeouts"] = {"total": 1.0, "idle": 5.0}
+    proxy = await start_proxy(cfg)
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "stream": True}
+        ) as r:
+            raw = await asyncio.wait_for(r.read(), 5)
+    assert time.perf_counter() - t0 < 2.0
+    assert raw.rstrip().endswith(b"}") and b"stream_timeout" in raw and b"total timeout" in raw
+
+
+async def test_a_hedge_that_cannot_take_the_request_does_not_fail_it(upstreams: Any, start_proxy: StartProxy) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(0.4)
+        return answer()
+
+    cfg = await upstreams(slow, slow, kinds=("openai", "anthropic"))
+    cfg["deployments"]["d-a"]["weight"] = 1000
+    cfg["deployments"]["d-b"]["weight"] = 1
+    cfg["models"]["m"]["hedge"] = {"delay_ms": 100, "budget_percent": 100}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    # Anthropic takes temperatures up to 1 only: the hedge to d-b cannot be sent.
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m",
+        messages=HELLO,
+        temperature=1.5,
+    )
+    assert raw.headers["x-edgeroute-deployment"] == "d-a"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"metadata": "user-1"}, "metadata"),
+        ({"output_config": "json"}, "output_config"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": "http://x/y.png"}]}]}, None),
+    ],
+)
+async def test_anthropic_fields_of_the_wrong_type_are_400(
+    upstreams: Any, start_proxy: StartProxy, extra: dict[str, Any], param: str | None
+) -> None:
+    proxy = await start_proxy(await upstreams(ok))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    body: dict[str, Any] = {"model": "m", "max_tokens": 10, "messages": HELLO, **extra}
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(**body)
+    err = e.value.body
+    assert isinstance(err, dict) and err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
