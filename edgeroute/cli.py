@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("route", help="show the routing decision for a prompt")
     r.add_argument("prompt")
     r.add_argument("--config", "-c", required=True)
-    r.add_argument("--model", "-m", default="auto")
-    r.add_argument("--tag", action="append")
-    r.add_argument("--explain", action="store_true", help="print the explanation (the default)")
+    r.add_argument("--model", "-m", default="auto", help="the public model to route (default: auto)")
+    r.add_argument("--tag", action="append", help="a request tag for rules (repeatable)")
+    r.add_argument("--explain", action="store_true", help="print the explanation (always printed; kept for scripts)")
     r.set_defaults(fn=_cmd_route)
 
     sp = sub.add_parser("spend", help="spend from the ledger, grouped, with savings vs. the priciest model")

@@ -484,6 +484,11 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
             if dep not in cfg.deployments:
                 problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
     problems += _cross_check_cost(cfg)
+    for i, ref in enumerate(cfg.server.api_keys):
+        try:
+            secrets.resolve(ref)
+        except secrets.SecretError as e:
+            problems.append((f"server.api_keys[{i}]", str(e)))
     for name, p in cfg.providers.items():
         if p.api_key is not None:
             try:
@@ -491,14 +496,26 @@ def _cross_check(cfg: Config) -> list[tuple[str, str]]:
             except secrets.SecretError as e:
                 problems.append((f"providers.{name}.api_key", str(e)))
         if p.tls is not None:
-            if p.tls.client_key is not None and p.tls.client_cert is None:
-                problems.append((f"providers.{name}.tls.client_key", "a client_key needs a client_cert"))
-            else:
-                try:
-                    tls_context(p.tls.ca_bundle, p.tls.client_cert, p.tls.client_key)
-                except (OSError, ssl.SSLError) as e:
-                    problems.append((f"providers.{name}.tls", f"cannot load: {e}"))
+            problems += _check_tls(f"providers.{name}.tls", p.tls)
     return problems
+
+
+def _check_tls(where: str, tls: Tls) -> list[tuple[str, str]]:
+    files = {"ca_bundle": tls.ca_bundle, "client_cert": tls.client_cert, "client_key": tls.client_key}
+    missing = [
+        (f"{where}.{field}", f"no readable file at {path}")
+        for field, path in files.items()
+        if path is not None and not Path(path).expanduser().is_file()
+    ]
+    if missing:
+        return missing
+    if tls.client_key is not None and tls.client_cert is None:
+        return [(f"{where}.client_key", "a client_key needs a client_cert")]
+    try:
+        tls_context(tls.ca_bundle, tls.client_cert, tls.client_key)
+    except (OSError, ssl.SSLError) as e:
+        return [(where, f"cannot load the certificates: {e}")]
+    return []
 
 
 def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:

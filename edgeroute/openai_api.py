@@ -137,6 +137,7 @@ class Dialect:
 async def chat_completions(request: web.Request, dialect: Dialect | None = None) -> web.StreamResponse:
     state = request.app[STATE]
     live = state.live
+    live.enter()
     rid = request.headers.get(headers.REQUEST_ID) or new_request_id()
     if len(rid) > 128 or not rid.isprintable():
         rid = new_request_id()
@@ -187,6 +188,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
         raise
     finally:
+        live.leave()
         rec.latency_ms = (time.perf_counter() - started) * 1000
         rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
         for a in reversed(rec.attempts):

@@ -69,7 +69,12 @@ def calibrate(args: argparse.Namespace) -> int:
     for p in prompts:
         scores = dict(scorer.decide(_body(p.text, "m"), explain=True).scores)
         if args.weak_output not in scores:
-            print(f"the router model has no output {args.weak_output!r} (it has {sorted(scores)})", file=sys.stderr)
+            print(
+                f"the router model has no output {args.weak_output!r} (it has {sorted(scores)}); "
+                "name the weak model's output with --weak-output, or pass the router trained on these "
+                "outcomes with --router",
+                file=sys.stderr,
+            )
             return 2
         weak_scores.append(scores[args.weak_output])
     # A request goes to the strong model when the weak one's predicted score is below the threshold.

@@ -3,7 +3,8 @@
 A reload builds a new generation (config, compiled router, upstream pools) next to
 the running one; only when everything validates is it swapped in, in one assignment.
 Requests already running finish on the generation they started with; the old
-generation's connection pools close after the drain timeout. The core carries
+generation's connection pools close once they have (bounded by the longest total
+request timeout plus the drain timeout). The core carries
 health state over for deployments whose provider and model did not change, and
 keys are checked against the new generation at once (revoked keys stop working).
 
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import orjson
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, secrets
 from edgeroute import config as config_mod
 from edgeroute.config import Config
 from edgeroute.cost.control import CostControl
@@ -34,19 +36,25 @@ async def reload_from_source(app: web.Application) -> Live:
     """Reloads the file the running config came from; raises ConfigError and keeps the old one."""
     state = app[STATE]
     old = state.live
-    cfg = config_mod.load(old.source)
+    cfg = _load(old.source)
     if fixed := restart_only_changes(old.config, cfg):
         raise config_mod.ConfigError([f"{old.source}: {p}" for p in fixed])
     try:
         new = Live.build(cfg, old.source, previous=old)
-    except _core.ConfigError as e:
+    except (_core.ConfigError, secrets.SecretError, OSError, ValueError) as e:
+        # e.g. a secret file removed between validation and build: keep the running generation
         raise config_mod.ConfigError([f"{old.source}: {e}"]) from None
     state.live = new
     log.info("config reloaded from %s", old.source)
 
     async def close_old() -> None:
+        # Requests on the old generation (a long stream, say) finish on its pools; they end
+        # by their total timeout at the latest, which bounds the wait.
         try:
-            await asyncio.sleep(old.config.server.drain_timeout)
+            async with asyncio.timeout(_longest_request_s(old.config) + old.config.server.drain_timeout):
+                await old.wait_idle()
+        except TimeoutError:
+            log.warning("closing the previous config's connections with %d requests still on them", old.in_flight)
         finally:
             for up in old.upstreams.values():
                 await up.close()
@@ -55,6 +63,19 @@ async def reload_from_source(app: web.Application) -> Live:
     state.background.add(task)
     task.add_done_callback(state.background.discard)
     return new
+
+
+def _load(source: str) -> Config:
+    if not Path(source).is_file():
+        msg = "the running config was not loaded from a file (e.g. the demo's); there is nothing to reload"
+        raise config_mod.ConfigError([f"{source}: {msg}"])
+    return config_mod.load(source)
+
+
+def _longest_request_s(cfg: Config) -> float:
+    totals = [p.timeouts.total for p in cfg.providers.values()]
+    totals += [m.timeouts.total for m in cfg.models.values() if m.timeouts is not None]
+    return max(totals, default=0.0)
 
 
 _AT_START = ("ledger", "budgets", "rate_limits", "shared_state", "learning")

@@ -233,6 +233,8 @@ async def serve_async(
                     print_fn(f"edgeroute reloaded {source}")
             except ConfigError as e:
                 log.error("reload rejected, keeping the running config:\n%s", "\n".join(e.errors))
+            except Exception:
+                log.exception("reload failed, keeping the running config")
 
         task = loop.create_task(go())
         app[STATE].background.add(task)

@@ -28,6 +28,10 @@ class Live:
     # and token-per-minute limits spend them, so estimates would let them drift.
     exact_tokens: bool = False
     access: Access = field(init=False)
+    # Requests running on this generation: a reload closes its connection pools only
+    # once they have finished (or after the longest total timeout, as a bound).
+    in_flight: int = 0
+    _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
@@ -36,6 +40,20 @@ class Live:
         tpm = any(lim.tpm for lim in (limits.per_key, *limits.models.values(), *limits.deployments.values()) if lim)
         tpm = tpm or any(k.limits is not None and k.limits.tpm for k in self.config.keys.values())
         self.exact_tokens = bool(self.config.budgets.limits) or bool(tpm)
+
+    def enter(self) -> None:
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no request runs on this generation."""
+        if self.in_flight > 0:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:

@@ -83,6 +83,28 @@ async def test_spend_cli_and_admin_endpoint(start_upstream, tmp_path: Path, caps
     assert "--since" in capsys.readouterr().err
 
 
+async def test_spend_cli_reads_the_default_ledger(
+    start_upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a `ledger:` section `serve` writes the default SQLite ledger beside the config; `spend` reads it."""
+    from aiohttp.test_utils import TestServer
+
+    up = await start_upstream()
+    cfg_path = tmp_path / "edge.yaml"
+    data = _cfg(up.base_url, tmp_path / "unused.db")
+    del data["ledger"], data["keys"]
+    cfg_path.write_bytes(orjson.dumps(data))
+    server = TestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await server.close()  # closing flushes the ledger
+    assert cli.main(["spend", "--config", str(cfg_path), "--format", "json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["total"]["requests"] == 1
+
+
 def test_parse_since() -> None:
     now = 1_800_000_000.0
     assert parse_since("24h", now) == now - 86400

@@ -103,7 +103,7 @@ async def test_mutual_tls_client_certificate(
 def test_unreadable_tls_files_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.parse(_config("https://example.invalid/v1", {"ca_bundle": str(tmp_path / "missing.pem")}), "t.yaml")
-    assert "providers.private.tls" in str(e.value)
+    assert "providers.private.tls.ca_bundle: no readable file at" in str(e.value)
     (tmp_path / "junk.pem").write_text("not a certificate")
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.parse(_config("https://example.invalid/v1", {"client_cert": str(tmp_path / "junk.pem")}), "t.yaml")

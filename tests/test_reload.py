@@ -147,3 +147,47 @@ async def test_reload_refuses_restart_only_changes(start_upstream, tmp_path: Pat
             assert [m["id"] for m in (await r.json())["data"]] == ["m"]
     finally:
         await server.close()
+
+
+async def test_reload_lets_running_streams_finish_past_the_drain_timeout(start_upstream, tmp_path: Path) -> None:
+    up = await start_upstream(chunk_interval=0.1, reply_words=20)  # a ~2 s stream
+    path = tmp_path / "c.yaml"
+    cfg = simple_config({"a": up}, server={"drain_timeout": 0.2})
+    path.write_text(yaml.safe_dump(cfg))
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        cfg["models"]["m2"] = {"deployments": ["d-a"]}
+        path.write_text(yaml.safe_dump(cfg))
+        assert (await _reload(url))[0] == 200
+        words = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+        assert len("".join(words).split()) == 20  # whole, though the old pools were due to close at 0.2 s
+    finally:
+        await client.close()
+        await server.close()
+
+
+def test_unresolvable_shared_api_keys_are_config_errors(monkeypatch) -> None:
+    monkeypatch.delenv("EDGEROUTE_TEST_MISSING_KEY", raising=False)
+    cfg = simple_config({}, server={"api_keys": ["env:EDGEROUTE_TEST_MISSING_KEY"]})
+    cfg["providers"] = {"p": {"base_url": "http://127.0.0.1:1/v1"}}
+    cfg["deployments"] = {"d": {"provider": "p", "model": "x"}}
+    cfg["models"] = {"m": {"deployments": ["d"]}}
+    try:
+        config_mod.parse(cfg, "t.yaml")
+    except config_mod.ConfigError as e:
+        assert "server.api_keys[0]" in str(e) and "EDGEROUTE_TEST_MISSING_KEY" in str(e)
+    else:
+        raise AssertionError("an unresolvable server.api_keys reference was accepted")
+
+
+async def test_reload_of_a_config_not_from_a_file_says_so(start_upstream, start_proxy) -> None:
+    proxy = await start_proxy(simple_config({"a": await start_upstream()}))  # built in memory, like the demo's
+    status, body = await _reload(proxy.url)
+    assert status == 400
+    assert "not loaded from a file" in str(body["error"]["problems"])

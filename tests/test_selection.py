@@ -94,6 +94,38 @@ async def test_cheapest_sufficient_policy(pair, start_proxy) -> None:
     await client.close()
 
 
+async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) -> None:
+    """A config served from a file gets a ledger by default; policy and experiment models have
+    no deployments of their own and must still start, serve and be costed against their routes."""
+    from aiohttp.test_utils import TestServer
+
+    from edgeroute import config as config_mod
+    from edgeroute.server import create_app
+
+    strong, weak = pair
+    cfg = config(strong, weak, threshold=0.0)
+    cfg["models"]["ab"] = {
+        "experiment": {"variants": [{"route": "strong", "percent": 50}, {"route": "weak", "percent": 50}]}
+    }
+    cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "spend.db"), "flush_interval": 0.05}
+    server = TestServer(
+        create_app(config_mod.parse(cfg, str(tmp_path / "edgeroute.yaml")), str(tmp_path / "edgeroute.yaml"))
+    )
+    await server.start_server()
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
+        for model in ("auto", "ab"):
+            r = await client.chat.completions.create(model=model, messages=msg("hello"))  # type: ignore[arg-type]
+            assert r.choices[0].message.content
+        await asyncio.sleep(0.3)  # a few flush intervals
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.port}/admin/spend?by=model") as r:
+            assert r.status == 200
+            spend = await r.json()
+        assert sum(row["requests"] for row in spend["rows"]) == 2, spend
+    finally:
+        await server.close()
+
+
 async def test_threshold_extremes(pair, start_proxy) -> None:
     strong, weak = pair
     lenient = await start_proxy(config(strong, weak, threshold=0.0))

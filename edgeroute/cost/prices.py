@@ -132,15 +132,37 @@ def ceiling(prices: list[Price]) -> Ceiling:
     )
 
 
+def reachable_deployments(cfg: Config, model: str) -> list[str]:
+    """The deployments a public model can send a request to: its own, or, for a policy or an
+    experiment, those of the models it chooses between."""
+    out: list[str] = []
+    seen: set[str] = set()
+    todo = [model]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in cfg.models:
+            continue
+        seen.add(name)
+        m = cfg.models[name]
+        out += [d for d in m.deployments if d not in out]
+        if m.policy is not None:
+            todo += [c.route for c in m.policy.candidates]
+        if m.experiment is not None:
+            todo += [v.route for v in m.experiment.variants]
+    return out
+
+
 def route_ceilings(cfg: Config) -> dict[str, Ceiling]:
-    """For each public model: the ceiling over its own deployments."""
-    return {name: ceiling([cfg.deployments[d].price for d in m.deployments]) for name, m in cfg.models.items()}
+    """For each public model: the ceiling over the deployments it can reach."""
+    return {name: ceiling([cfg.deployments[d].price for d in reachable_deployments(cfg, name)]) for name in cfg.models}
 
 
 def most_expensive(cfg: Config) -> dict[str, Price]:
-    """For each public model: its most expensive deployment's price (input + output), for savings reports."""
+    """For each public model: the most expensive deployment it can reach (input + output), for savings
+    reports. A model that reaches none (not possible in a validated config) has no entry."""
     out: dict[str, Price] = {}
-    for name, m in cfg.models.items():
-        ps = [cfg.deployments[d].price for d in m.deployments]
-        out[name] = max(ps, key=lambda p: p.input_per_mtok + p.output_per_mtok + p.per_request * 1e3)
+    for name in cfg.models:
+        ps = [cfg.deployments[d].price for d in reachable_deployments(cfg, name)]
+        if ps:
+            out[name] = max(ps, key=lambda p: p.input_per_mtok + p.output_per_mtok + p.per_request * 1e3)
     return out

@@ -152,9 +152,9 @@ def cli(config_path: str, by: str, fmt: str, since: str | None) -> int:
     except config_mod.ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
         return 1
-    lc = cfg.ledger
-    if lc is None or lc.backend == "memory":
-        print(f"{config_path}: no ledger configured (add a `ledger:` section)", file=sys.stderr)
+    lc = cfg.ledger or config_mod.Ledger()  # `serve` writes the default one beside the config
+    if lc.backend == "memory":
+        print(f"{config_path}: the ledger is in memory only (backend: memory); nothing to report", file=sys.stderr)
         return 1
     base = Path(config_path).parent
     if lc.backend == "sqlite":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,9 @@ VLLM_SR_QUANT_CATEGORIES = frozenset({"math", "physics", "engineering", "chemist
 
 
 def data_root() -> Path:
-    """`../shared/data` relative to the repository root."""
-    return REPO.parent / "shared" / "data"
+    """`$EDGEROUTE_DATA`, else `../shared/data` beside the repository."""
+    env = os.environ.get("EDGEROUTE_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 def have_data() -> bool:
