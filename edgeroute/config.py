@@ -11,6 +11,7 @@ resolving secret references.
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from pathlib import Path
 from typing import Any, Literal
@@ -522,9 +523,18 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     if cfg.keys and cfg.server.api_keys:
         problems.append(("keys", "use either keys (virtual keys) or server.api_keys, not both"))
+    owner_of: dict[str, str] = {}  # token digest -> key: two keys with one token would be one identity
     for name, k in cfg.keys.items():
         if (k.token is None) == (k.token_sha256 is None):
             problems.append((f"keys.{name}", "give exactly one of token (a reference) or token_sha256"))
+            continue
+        try:
+            digest = k.token_sha256 or hashlib.sha256(secrets.resolve(k.token or "").reveal().encode()).hexdigest()
+        except secrets.SecretError as e:
+            problems.append((f"keys.{name}.token", str(e)))
+            continue
+        if (other := owner_of.setdefault(digest.lower(), name)) != name:
+            problems.append((f"keys.{name}", f"has the same token as keys.{other}"))
     for section, names, known in (
         ("models", cfg.rate_limits.models, cfg.models),
         ("deployments", cfg.rate_limits.deployments, cfg.deployments),
@@ -583,7 +593,8 @@ def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) ->
         raise ConfigError(lines) from None
     problems = _cross_check(cfg)
     if not check_secrets:
-        problems = [p for p in problems if not p[0].endswith((".api_key", ".token", "ledger.dsn"))]
+        secret_paths = (".api_key", ".token", "ledger.dsn")
+        problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith("server.api_keys"))]
     if problems:
         raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
     # The core compiles regexes and checks what Python cannot (e.g. time formats).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +139,38 @@ def test_experiment_may_compare_a_policy_route_with_a_fixed_one() -> None:
     data["models"]["auto"]["policy"]["candidates"][0]["model"] = "no-such-llm"
     data["models"]["ab"]["experiment"]["variants"][0]["percent"] = 50
     assert any("the router model has no output `no-such-llm`" in e for e in errors_for(data))
+
+
+def test_unresolvable_shared_api_keys_are_config_errors(monkeypatch) -> None:
+    monkeypatch.delenv("EDGEROUTE_TEST_MISSING_KEY", raising=False)
+    cfg = {
+        "providers": {"p": {"base_url": "http://127.0.0.1:1/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "x"}},
+        "models": {"m": {"deployments": ["d"]}},
+        "server": {"api_keys": ["env:EDGEROUTE_TEST_MISSING_KEY"]},
+    }
+    try:
+        config_mod.parse(cfg, "t.yaml")
+    except config_mod.ConfigError as e:
+        assert "server.api_keys[0]" in str(e) and "EDGEROUTE_TEST_MISSING_KEY" in str(e)
+    else:
+        raise AssertionError("an unresolvable server.api_keys reference was accepted")
+
+
+def test_two_keys_with_one_token_are_a_config_error(monkeypatch) -> None:
+    monkeypatch.setenv("EDGEROUTE_TEST_TOKEN", "tok-shared")
+    cfg = {
+        "providers": {"p": {"base_url": "http://127.0.0.1:1/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "x"}},
+        "models": {"m": {"deployments": ["d"]}},
+        "keys": {
+            "alice": {"token": "env:EDGEROUTE_TEST_TOKEN", "team": "a"},
+            "admin": {"token_sha256": hashlib.sha256(b"tok-shared").hexdigest(), "role": "admin"},
+        },
+    }
+    try:
+        config_mod.parse(cfg, "t.yaml")
+    except config_mod.ConfigError as e:
+        assert "keys.admin: has the same token as keys.alice" in str(e)
+    else:
+        raise AssertionError("two keys with one token were accepted")

@@ -172,20 +172,6 @@ async def test_reload_lets_running_streams_finish_past_the_drain_timeout(start_u
         await server.close()
 
 
-def test_unresolvable_shared_api_keys_are_config_errors(monkeypatch) -> None:
-    monkeypatch.delenv("EDGEROUTE_TEST_MISSING_KEY", raising=False)
-    cfg = simple_config({}, server={"api_keys": ["env:EDGEROUTE_TEST_MISSING_KEY"]})
-    cfg["providers"] = {"p": {"base_url": "http://127.0.0.1:1/v1"}}
-    cfg["deployments"] = {"d": {"provider": "p", "model": "x"}}
-    cfg["models"] = {"m": {"deployments": ["d"]}}
-    try:
-        config_mod.parse(cfg, "t.yaml")
-    except config_mod.ConfigError as e:
-        assert "server.api_keys[0]" in str(e) and "EDGEROUTE_TEST_MISSING_KEY" in str(e)
-    else:
-        raise AssertionError("an unresolvable server.api_keys reference was accepted")
-
-
 async def test_reload_of_a_config_not_from_a_file_says_so(start_upstream, start_proxy) -> None:
     proxy = await start_proxy(simple_config({"a": await start_upstream()}))  # built in memory, like the demo's
     status, body = await _reload(proxy.url)
