@@ -146,6 +146,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []
+    body: bytes | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
         decision = decide(live, body, request)
@@ -182,6 +183,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode)
     except ProxyError as e:
         rec.status = e.status
+        if not rec.model and body is not None:
+            rec.model = _requested_model(body)  # refused before a decision: say what was asked for
         e.headers.setdefault(headers.REQUEST_ID, rid)
         raise
     except asyncio.CancelledError:
@@ -204,6 +207,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         request.app[METRICS].observe(rec)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def _requested_model(body: bytes) -> str:
+    try:
+        model = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return ""
+    return model[:200] if isinstance(model, str) else ""
 
 
 def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:

@@ -95,6 +95,8 @@ async def test_unknown_model_is_404(start_upstream, start_proxy) -> None:
     assert e.value.status_code == 404
     assert e.value.code == "model_not_found"
     assert "nope" in e.value.message
+    rec = proxy.recorder.records[-1]
+    assert (rec.status, rec.model) == (404, "nope")  # spend reports show what was asked for
     await client.close()
 
 
