@@ -8,8 +8,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,7 +20,7 @@ import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.config import Price
-from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
+from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend, rejects_row
 from tests.test_cost_support import free_port, one_deployment, require_postgres
 
 
@@ -124,6 +127,149 @@ def test_postgres_same_schema_and_throughput() -> None:
     print(f"\nledger postgres: {n} records (with 1 attempt each) in batches: {rate:,.0f} records/s")
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == n
+    _pg_reset(dsn)
+
+
+# -- a row the store rejects, a store that is down ---------------------------------------------
+
+
+def _poison(rid: str, tokens: int = 10**20) -> RequestRecord:
+    """A record whose usage (say, an upstream's token count above 2**63) the store rejects."""
+    return RequestRecord(rid, time.time(), "m", route="m", key="k-poison", cost_usd=0.5, usage=Usage(tokens, 5))
+
+
+def _set_aside_logged(caplog: pytest.LogCaptureFixture, rid: str) -> str:
+    [line] = [r.getMessage() for r in caplog.records if "set aside request " + rid + "," in r.getMessage()]
+    return line
+
+
+def test_sqlite_poison_row_is_set_aside_and_the_good_rows_are_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "p.db"
+    ledger = Ledger(SqliteBackend(db), flush_interval=60)  # only the explicit flushes and close() write
+    ledger.record(_record(0))
+    ledger.record(_poison("poison"))
+    unconvertible = _record(1)
+    unconvertible.request_id, unconvertible.started = "no-date", float("nan")
+    ledger.record(unconvertible)
+    for i in range(2, 25):
+        ledger.record(_record(i))
+    assert ledger.flush() == 24  # one batch: the poison row does not hold the others back
+    for i in range(25, 50):
+        ledger.record(_record(i))
+    assert ledger.flush() == 25  # ... nor the next batch
+    ledger.record(_poison("poison-2"))
+    ledger.record(_record(50))
+    ledger.close()
+    assert _ids(db) == {f"req-{i}" for i in range(51) if i != 1}
+    assert _count(db, "SELECT COUNT(*) FROM spend_attempts") == 50
+    assert (ledger.written, ledger.set_aside, ledger.failed_batches, ledger.lost_at_close) == (50, 3, 0, 0)
+    line = _set_aside_logged(caplog, "poison")
+    assert "OverflowError" in line and "'prompt_tokens': 100000000000000000000" in line
+    assert "'cost_usd': 0.5" in line and "'key_id': 'k-poison'" in line
+    assert "'started': nan" in _set_aside_logged(caplog, "no-date")
+    assert _set_aside_logged(caplog, "poison-2")
+
+
+class _FlakyBackend:
+    """A SQLite backend that can be taken down: while `down`, every write fails as a locked store does."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.inner = SqliteBackend(path)
+        self.down = False
+        self.failures = 0
+
+    def write(self, rows: Sequence[tuple[Any, ...]], attempts: Sequence[tuple[Any, ...]]) -> None:
+        if self.down:
+            self.failures += 1
+            raise sqlite3.OperationalError("database is locked")
+        self.inner.write(rows, attempts)
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self.inner.query(sql, params)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_store_outage_keeps_everything_until_the_store_is_back(tmp_path: Path) -> None:
+    db = tmp_path / "o.db"
+    backend = _FlakyBackend(db)
+    ledger = Ledger(backend, flush_interval=0.02, close_timeout=10)
+    backend.down = True
+    for i in range(100):
+        ledger.record(_record(i))
+    ledger.record(_poison("poison"))
+    deadline = time.monotonic() + 5
+    while backend.failures < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ledger.failed_batches >= 3 and ledger.set_aside == 0  # an outage sets nothing aside
+    backend.down = False
+    deadline = time.monotonic() + 5
+    while ledger.written < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ledger.written == 100 and ledger.set_aside == 1
+    # Down again at shutdown, back while close() retries: still nothing lost.
+    backend.down = True
+    for i in range(100, 200):
+        ledger.record(_record(i))
+    failures = backend.failures
+    threading.Timer(0.3, setattr, (backend, "down", False)).start()
+    ledger.close()
+    assert backend.failures > failures
+    assert _ids(db) == {f"req-{i}" for i in range(200)}
+    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (200, 1, 0)
+
+
+def test_store_down_through_close_logs_every_record_it_loses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backend = _FlakyBackend(tmp_path / "d.db")
+    backend.down = True
+    ledger = Ledger(backend, flush_interval=60, close_timeout=0.2)
+    for i in range(3):
+        ledger.record(_record(i))
+    t0 = time.monotonic()
+    ledger.close()
+    assert time.monotonic() - t0 < 5
+    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (0, 0, 3)
+    lost = [r.getMessage() for r in caplog.records if "not written at shutdown" in r.getMessage()]
+    assert len(lost) == 3 and all(f"'request_id': 'req-{i}'" in m for i, m in enumerate(lost))
+    assert "'cost_usd': 0.001" in lost[0]
+
+
+def test_rejects_row_tells_rejected_data_from_an_unavailable_store() -> None:
+    assert rejects_row(OverflowError("Python int too large to convert to SQLite INTEGER"))
+    assert rejects_row(sqlite3.IntegrityError("NOT NULL constraint failed: spend.model"))
+    assert not rejects_row(sqlite3.OperationalError("database is locked"))
+    assert not rejects_row(ConnectionRefusedError())
+    assert not rejects_row(RuntimeError("something we cannot classify"))
+
+
+def test_postgres_poison_row_and_a_dropped_connection() -> None:
+    dsn = require_postgres()
+    import psycopg
+
+    _pg_reset(dsn)
+    backend = PostgresBackend(dsn)
+    ledger = Ledger(backend, flush_interval=60, close_timeout=10)
+    ledger.record(_record(0, key="pg"))
+    ledger.record(_poison("poison", tokens=2**40))  # above PostgreSQL's INTEGER
+    ledger.record(_record(1, key="pg"))
+    assert ledger.flush() == 2 and ledger.set_aside == 1
+    # The server drops the ledger's connection: the batch is kept, and written once reconnected.
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT pg_terminate_backend(%s)", (backend._conn.info.backend_pid,))
+    for i in range(2, 10):
+        ledger.record(_record(i, key="pg"))
+    assert ledger.flush() == 0 and ledger.failed_batches == 1 and ledger.set_aside == 1
+    ledger.close()
+    with psycopg.connect(dsn) as c:
+        ids = {r[0] for r in c.execute("SELECT request_id FROM spend")}
+        assert ids == {f"req-{i}" for i in range(10)}
+        assert c.execute("SELECT COUNT(*) FROM spend_attempts").fetchone()[0] == 10
+    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (10, 1, 0)
     _pg_reset(dsn)
 
 
