@@ -13,7 +13,8 @@ from collections import defaultdict
 from aiohttp import web
 
 from edgeroute.accounting import RequestRecord
-from edgeroute.state import STATE
+from edgeroute.cost.ledger import Ledger
+from edgeroute.state import RECORDER, STATE
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
@@ -89,6 +90,15 @@ class Metrics:
         out.append(f"edgeroute_in_flight {state.counters.in_flight}")
         family("edgeroute_shed_total", "counter", "Requests refused because the proxy was at capacity.")
         out.append(f"edgeroute_shed_total {state.counters.shed}")
+        ledger = app.get(RECORDER)
+        if isinstance(ledger, Ledger):
+            for name, what, value in (
+                ("written", "Requests written to the spend ledger.", ledger.written),
+                ("failed_batches", "Ledger writes that failed and were kept to retry.", ledger.failed_batches),
+                ("set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside),
+            ):
+                family(f"edgeroute_ledger_{name}_total", "counter", what)
+                out.append(f"edgeroute_ledger_{name}_total {value}")
         live = state.live
         family("edgeroute_deployment_circuit", "gauge", "Circuit state: 0 closed, 1 half-open, 2 open.")
         family("edgeroute_deployment_latency_ms", "gauge", "Peak-EWMA latency of successful attempts.")

@@ -122,6 +122,9 @@ async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) 
             assert r.status == 200
             spend = await r.json()
         assert sum(row["requests"] for row in spend["rows"]) == 2, spend
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.port}/metrics") as r:
+            metrics = await r.text()
+        assert "edgeroute_ledger_written_total 2" in metrics and "edgeroute_ledger_set_aside_total 0" in metrics
     finally:
         await server.close()
 
