@@ -10,15 +10,17 @@
    (a rate-limit cool-down until a token is back) and the ticket asks the endpoint to
    decide again, so selection routes around it;
 4. budgets: the estimated maximum cost (prompt tokens + max_tokens, or the configured
-   cap, at the highest price among the deployments the request may use) is reserved in
-   every budget the request falls under, atomically; at a `downgrade` threshold the
-   request is rerouted to the cheaper model (the reservation follows); over a `block`
-   threshold it is refused with 429 naming the budget and when it resets.
+   cap, for each of the `n` choices, at the highest price among the deployments the
+   request may use in the running config generation) is reserved in every budget the
+   request falls under, atomically; at a `downgrade` threshold the request is rerouted
+   to the cheaper model (the reservation and the model's rate limits follow); over a
+   `block` threshold it is refused with 429 naming the budget and when it resets.
 
-`settle` replaces reservations by the actual cost and the token estimate by the actual
-tokens. Without Redis everything is synchronous dict arithmetic (microseconds). With
-Redis, one script per step; if Redis fails, `on_unavailable: open` falls back to this
-instance's own counters, `closed` refuses with 503.
+A refused request gives back its reservations and token estimates. `settle` replaces reservations by the
+actual cost and token estimates by the actual tokens (a deployment's by the tokens that
+deployment served). Without Redis everything is synchronous dict arithmetic
+(microseconds). With Redis, one script per step; if Redis fails, `on_unavailable: open`
+falls back to this instance's own counters, `closed` refuses with 503.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import RequestRecord
+from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY, Identity
@@ -52,6 +54,15 @@ RATE_STATES = web.RequestKey("rate_states", list)
 
 
 @dataclass(slots=True)
+class Held:
+    """Token-bucket takes charged together at admission, in one store."""
+
+    takes: list[Take]
+    shared: bool
+    deployment: str | None = None  # a provider limit: settled to that deployment's own tokens
+
+
+@dataclass(slots=True)
 class CostTicket:
     """What one request holds until settlement."""
 
@@ -59,14 +70,68 @@ class CostTicket:
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
-    takes: list[Take] = field(default_factory=list)  # token buckets charged with an estimate
-    takes_shared: bool = False
-    estimated_tokens: int = 0
+    held: list[Held] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Prices:
+    """Reservation ceilings for one config generation: a reload changes prices, and the
+    deployment table that decisions' indices point into."""
+
+    config: Config
+    routes: dict[str, Ceiling]
+    tops: dict[tuple[int, ...], Ceiling] = field(default_factory=dict)
+
+    def top(self, order: list[int], table: list[Any]) -> Ceiling:
+        key = tuple(order)
+        hit = self.tops.get(key)
+        if hit is None:
+            if len(self.tops) > 4096:
+                self.tops.clear()  # orders are few in practice: never grow without bound
+            hit = self.tops[key] = ceiling([table[i].price for i in key])
+        return hit
 
 
 def _enabled(cfg: Config) -> bool:
     rl = cfg.rate_limits
     return bool(cfg.keys or cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
+
+
+def _choices(body: bytes) -> int:
+    """How many completions the request asks for (`n`, or `best_of` when larger); 1 when unsure.
+    Parses the body only when one of those keys may be in it."""
+    if b'"n"' not in body and b'"best_of"' not in body:
+        return 1
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 1
+    if not isinstance(req, dict):
+        return 1
+    counts = [v for v in (req.get("n"), req.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)]
+    return max([1, *counts])
+
+
+def _bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
+    takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
+    if lim.tpm:
+        takes.append(Take(name, "tokens", lim.tpm, tokens))
+    return takes
+
+
+def _total(u: Usage) -> int:
+    return u.prompt_tokens + u.completion_tokens
+
+
+def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
+    """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured)."""
+    if h.deployment is None:
+        return _total(rec.usage) if rec.usage is not None else None
+    attempts = [a for a in rec.attempts if a.deployment == h.deployment]
+    measured = [_total(a.usage) for a in attempts if a.usage is not None]
+    if measured:
+        return sum(measured)
+    return None if attempts else 0  # never sent there (failover, downgrade): it used nothing
 
 
 class CostControl:
@@ -76,13 +141,12 @@ class CostControl:
         self.cfg = cfg
         self.budgets = cfg.budgets.limits
         self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
-        self.ceilings: dict[str, Ceiling] = route_ceilings(cfg)
+        self._prices = [_Prices(cfg, route_ceilings(cfg))]
         self._model_limits = cfg.rate_limits.models
         self._block_at = [B.block_limit(b) for b in self.budgets]
         self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)
         self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
         self._periods: dict[str, tuple[float, B.Period]] = {}
-        self._tops: dict[tuple[int, ...], Ceiling] = {}
         self.local_budgets = B.LocalBudgetStore()
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else None
@@ -96,6 +160,16 @@ class CostControl:
     def wanted(cfg: Config) -> bool:
         return _enabled(cfg)
 
+    def _prices_for(self, cfg: Config) -> _Prices:
+        """The ceilings of the generation a request runs on; the previous one is kept for
+        requests that started before a reload."""
+        for p in self._prices:
+            if p.config is cfg:
+                return p
+        p = _Prices(cfg, route_ceilings(cfg))
+        self._prices = [self._prices[-1], p]
+        return p
+
     # -- admission -------------------------------------------------------------
 
     async def admit(self, request: web.Request, decision: _core.Decision, rec: RequestRecord) -> CostTicket | None:
@@ -103,49 +177,71 @@ class CostControl:
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident)
         live = request.app[STATE].live
-        await self._rate_limits(request, decision, rec, ticket)
-        await self._deployment_limits(live.router, live.deployments, decision, ticket)
-        if self.budgets:
-            order = tuple(decision.order)
-            top = self._tops.get(order)
-            if top is None or len(self._tops) > 4096:
-                if len(self._tops) > 4096:
-                    self._tops.clear()  # config reloads change the table: never grow without bound
-                top = self._tops[order] = ceiling([live.deployments[i].price for i in order])
-            await self._budgets(decision, rec, ticket, top)
+        choices = _choices(await request.read())  # the body is already read: this is its cached copy
+        tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
+        try:
+            await self._rate_limits(request, decision.route, tokens, rec, ticket)
+            await self._deployment_limits(live.router, live.deployments, decision, tokens, ticket)
+            if self.budgets:
+                prices = self._prices_for(live.config)
+                top = prices.top(decision.order, live.deployments)
+                route = await self._budgets(decision, rec, ticket, prices, top, choices)
+                if route != decision.route:
+                    await self._follow_downgrade(request, rec, ticket, decision.route, route, tokens)
+        except BaseException:
+            # Refused (or the client went away): nothing it took may stay taken.
+            await self._wait(self._release(ticket))
+            raise
         return ticket
 
     def _key_limit(self, ident: Identity) -> Limit | None:
         return ident.limits or self.cfg.rate_limits.per_key
 
     async def _rate_limits(
-        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, ticket: CostTicket
+        self, request: web.Request, route: str, tokens: int, rec: RequestRecord, ticket: CostTicket
     ) -> None:
         key_limit = self._key_limit(ticket.identity)
-        route = decision.route
         model_limit = self._model_limits.get(route)
-        if key_limit is None and model_limit is None:
+        takes = _bucket_takes(f"key:{ticket.identity.key}", key_limit, tokens) if key_limit else []
+        if model_limit is not None:
+            takes += _bucket_takes(f"model:{route}", model_limit, tokens)
+        if not takes:
             return
-        tokens = decision.prompt_tokens + (decision.max_tokens or 0)
-        takes: list[Take] = []
-        for name, lim in ((f"key:{ticket.identity.key}", key_limit), (f"model:{route}", model_limit)):
-            if lim is None:
-                continue
-            if lim.rpm:
-                takes.append(Take(name, "requests", lim.rpm, 1))
-            if lim.tpm:
-                takes.append(Take(name, "tokens", lim.tpm, tokens))
         ok, states, shared = await self._take(takes)
         request[RATE_STATES] = states  # headers are made when the answer goes out
         if not ok:
             rec.outcome = "rate_limited"
             raise _rate_limit_error(states, headers_for(states))
-        ticket.takes = [t for t in takes if t.kind == "tokens"]
-        ticket.takes_shared = shared
-        ticket.estimated_tokens = tokens
+        ticket.held.append(Held(takes, shared))
+
+    async def _follow_downgrade(
+        self, request: web.Request, rec: RequestRecord, ticket: CostTicket, old: str, new: str, tokens: int
+    ) -> None:
+        """A downgraded request counts against the target model's limits: the original model
+        and its deployment will not serve it, so their takes go back."""
+        gone = f"model:{old}"
+        tasks = []
+        for h in ticket.held:
+            back = h.takes if h.deployment is not None else [t for t in h.takes if t.name == gone]
+            tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+            h.takes = [t for t in h.takes if t not in back]
+        ticket.held = [h for h in ticket.held if h.takes]
+        await self._wait(tasks)
+        states = [s for s in request.get(RATE_STATES, []) if s.name != gone]
+        request[RATE_STATES] = states
+        lim = self._model_limits.get(new)
+        takes = _bucket_takes(f"model:{new}", lim, tokens) if lim is not None else []
+        if not takes:
+            return
+        ok, taken, shared = await self._take(takes)
+        states += taken
+        if not ok:
+            rec.outcome = "rate_limited"
+            raise _rate_limit_error(states, headers_for(states))
+        ticket.held.append(Held(takes, shared))
 
     async def _deployment_limits(
-        self, router: _core.Router, table: list[Any], decision: _core.Decision, ticket: CostTicket
+        self, router: _core.Router, table: list[Any], decision: _core.Decision, tokens: int, ticket: CostTicket
     ) -> None:
         limits = self.cfg.rate_limits.deployments
         if not limits:
@@ -154,11 +250,8 @@ class CostControl:
         lim = limits.get(dep.name)
         if lim is None:
             return
-        tokens = decision.prompt_tokens + (decision.max_tokens or 0)
-        takes = [Take(f"deployment:{dep.name}", "requests", lim.rpm, 1)] if lim.rpm else []
-        if lim.tpm:
-            takes.append(Take(f"deployment:{dep.name}", "tokens", lim.tpm, tokens))
-        ok, states, _ = await self._take(takes)
+        takes = _bucket_takes(f"deployment:{dep.name}", lim, tokens)
+        ok, states, shared = await self._take(takes)
         # The core has no limit-aware selection: cool the deployment down in it until a request's
         # worth is back, so that selection routes around it (a rate-limit report, counted as a failure).
         if not ok:
@@ -169,6 +262,7 @@ class CostControl:
         if wait > 0:
             router.report(dep.index, "rate_limited", 0.0, math.ceil(min(wait, 60.0) * 1000))
         if ok:
+            ticket.held.append(Held(takes, shared, dep.name))
             return
         if len(decision.order) > 1:
             ticket.reroute = decision.model
@@ -181,9 +275,18 @@ class CostControl:
             headers={"Retry-After": str(max(1, math.ceil(min(wait, 60.0))))},
         )
 
-    async def _budgets(self, decision: _core.Decision, rec: RequestRecord, ticket: CostTicket, top: Ceiling) -> None:
+    async def _budgets(
+        self,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        ticket: CostTicket,
+        prices: _Prices,
+        top: Ceiling,
+        choices: int,
+    ) -> str:
+        """Reserves the request's maximum cost; returns the route reserved for (a downgrade's target)."""
         now = time.time()
-        completion = decision.max_tokens or self.reserve_max_tokens
+        completion = (decision.max_tokens or self.reserve_max_tokens) * choices
         route = decision.route
         prompt = decision.prompt_tokens
         hedges = 2 if decision.hedge_after_ms is not None else 1
@@ -191,22 +294,17 @@ class CostControl:
             estimate = top.cost(prompt, completion) * hedges
             charges = self._charges(ticket.identity, route, B.to_nano(estimate), now)
             if not charges:
-                return
+                return route
             res, shared = await self._reserve(charges, now)
-            target = None
-            if step == 0 and self._any_downgrade:
-                for c, used in zip(charges, res.used_before, strict=True):
-                    a = B.crossed(c.budget, used, "downgrade")
-                    if a is not None and a.to is not None and a.to != route:
-                        target = a.to
-                        rec.admission = f"downgraded:{c.budget.name}"
-                        break
+            target = self._downgrade_to(charges, res.used_before, route, prices) if step == 0 else None
             if target is not None:
+                rec.admission = f"downgraded:{target[1]}"
                 if res.ok:
-                    self._adjust(charges, [-c.amount for c in charges], shared)
-                route = target
-                ticket.reroute = target
-                top = self.ceilings[target]
+                    # Undone before reserving again, or the second reservation would see both.
+                    await self._wait([self._adjust(charges, [-c.amount for c in charges], shared)])
+                route = target[0]
+                ticket.reroute = route
+                top = prices.routes[route]
                 hedges = 1
                 continue
             if not res.ok:
@@ -217,7 +315,21 @@ class CostControl:
             ticket.charges, ticket.charges_shared = charges, shared
             if self._any_notify:
                 self._notify(charges, res.used_before)
-            return
+            return route
+        return route
+
+    def _downgrade_to(
+        self, charges: list[B.Charge], used_before: list[int], route: str, prices: _Prices
+    ) -> tuple[str, str] | None:
+        """(target model, budget name) of the first downgrade threshold crossed, if any; a target
+        that a reload removed from the config is skipped."""
+        if not self._any_downgrade:
+            return None
+        for c, used in zip(charges, used_before, strict=True):
+            a = B.crossed(c.budget, used, "downgrade")
+            if a is not None and a.to is not None and a.to != route and a.to in prices.routes:
+                return a.to, c.budget.name
+        return None
 
     def _charges(self, ident: Identity, route: str, amount: int, now: float) -> list[B.Charge]:
         out = []
@@ -248,15 +360,24 @@ class CostControl:
         if ticket.charges:
             actual = B.to_nano(rec.cost_usd)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
-        if ticket.takes:
-            used = (rec.usage.prompt_tokens + rec.usage.completion_tokens) if rec.usage else ticket.estimated_tokens
-            delta = float(used - ticket.estimated_tokens)
-            if delta:
-                if ticket.takes_shared and self.shared is not None:
-                    self._spawn(self.shared.adjust_buckets(ticket.takes, [delta] * len(ticket.takes)))
-                else:
-                    for t in ticket.takes:
-                        self.local_limits.adjust(t.name, t.kind, delta)
+        for h in ticket.held:
+            used = _tokens_used(rec, h)
+            if used is not None:
+                tokens = [t for t in h.takes if t.kind == "tokens"]
+                self._give(tokens, [used - t.amount for t in tokens], h.shared)
+
+    def _release(self, ticket: CostTicket) -> list[asyncio.Task[None] | None]:
+        """Gives back what a refused request took: its reservations, its token estimates and its
+        deployment's request (the provider never saw it). Key and model limits still count the
+        request itself, as OpenAI counts unsuccessful requests against requests per minute."""
+        tasks = []
+        for h in ticket.held:
+            back = [t for t in h.takes if t.kind == "tokens" or h.deployment is not None]
+            tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+        if ticket.charges:
+            tasks.append(self._adjust(ticket.charges, [-c.amount for c in ticket.charges], ticket.charges_shared))
+        ticket.held, ticket.charges = [], []
+        return tasks
 
     # -- the stores: shared when configured and up, else local -----------------
 
@@ -303,13 +424,25 @@ class CostControl:
                 self._unavailable("budgets", e)
         return self.local_budgets.reserve_now(charges), False
 
-    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> None:
+    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
+        """Adds `deltas` to reservations; a task when they go to Redis."""
         if shared and self.shared is not None:
-            self._spawn(self.shared.adjust_async(charges, deltas))
-        else:
-            self.local_budgets.adjust(charges, deltas)
+            return self._spawn(self.shared.adjust_async(charges, deltas))
+        self.local_budgets.adjust(charges, deltas)
+        return None
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _give(self, takes: list[Take], deltas: list[float], shared: bool) -> asyncio.Task[None] | None:
+        """Takes `deltas` more from buckets (gives back when negative); a task when they are in Redis."""
+        pairs = [(t, d) for t, d in zip(takes, deltas, strict=True) if d]
+        if not pairs:
+            return None
+        if shared and self.shared is not None:
+            return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs]))
+        for t, d in pairs:
+            self.local_limits.adjust(t.name, t.kind, d)
+        return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         async def guarded() -> None:
             try:
                 await coro
@@ -319,6 +452,15 @@ class CostControl:
         task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _wait(tasks: list[asyncio.Task[None] | None]) -> None:
+        """Waits for adjustments that must land before the next step (tasks: they finish even if
+        this request is cancelled meanwhile)."""
+        pending = [t for t in tasks if t is not None]
+        if pending:
+            await asyncio.wait(pending)
 
     # -- notifications ---------------------------------------------------------
 
