@@ -32,6 +32,10 @@ class Admission(Protocol):
         """Raises `ProxyError` (429/402/403) to refuse; may return a ticket to settle later."""
         ...
 
+    async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:
+        """The endpoint decided again for `rerouted_model(ticket)`: admit the new first choice."""
+        ...
+
     def settle(self, ticket: Ticket | None, rec: RequestRecord) -> None:
         """Called once, synchronously, with the final record (cost and usage filled in)."""
         ...
@@ -41,6 +45,9 @@ class AdmitAll:
     """No budgets, no limits."""
 
     async def admit(self, request: web.Request, decision: _core.Decision, rec: RequestRecord) -> Ticket | None:
+        return None
+
+    async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:
         return None
 
     def settle(self, ticket: Ticket | None, rec: RequestRecord) -> None:

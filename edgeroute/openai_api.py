@@ -159,6 +159,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             body = with_model(body, decision, reroute)
             decision = decide(live, body, request)
             rec.route, rec.rule = decision.route, decision.rule
+            await admission.rerouted(request, decision, ticket)
         model = live.config.models[decision.route]
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)

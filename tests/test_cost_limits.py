@@ -99,6 +99,33 @@ async def test_deployment_limit_routes_around_it(start_upstream) -> None:
     assert served.count("d-b") >= 14
 
 
+async def test_the_deployment_rerouted_to_takes_its_own_limit(start_upstream) -> None:
+    a = await start_upstream(record=True)
+    b = await start_upstream(record=True)
+    cfg = {
+        "providers": {"a": {"base_url": a.base_url}, "b": {"base_url": b.base_url}},
+        "deployments": {
+            "d-a": {"provider": "a", "model": "gpt-4o-mini", "weight": 100},
+            "d-b": {"provider": "b", "model": "gpt-4o-mini", "weight": 1},
+        },
+        "models": {"m": {"deployments": ["d-a", "d-b"]}},
+        "rate_limits": {"deployments": {"d-a": {"rpm": 5}, "d-b": {"rpm": 5}}},
+    }
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        refused = 0
+        for _ in range(20):
+            try:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            except openai.RateLimitError as e:
+                assert e.code == "upstream_rate_limited"
+                refused += 1
+        await client.close()
+    # Each provider sees at most its 5 per minute (plus what refills in the test's second).
+    assert len(a.options.requests) <= 6 and len(b.options.requests) <= 6
+    assert refused >= 8
+
+
 def test_bucket_refill_and_debt() -> None:
     lim = LocalLimiter()
     t = [Take("key:x", "requests", 60, 1)]

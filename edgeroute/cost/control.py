@@ -68,6 +68,7 @@ class CostTicket:
 
     identity: Identity
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
+    tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)
@@ -179,6 +180,7 @@ class CostControl:
         live = request.app[STATE].live
         choices = _choices(await request.read())  # the body is already read: this is its cached copy
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
+        ticket.tokens = tokens
         try:
             await self._rate_limits(request, decision.route, tokens, rec, ticket)
             await self._deployment_limits(live.router, live.deployments, decision, tokens, ticket)
@@ -193,6 +195,19 @@ class CostControl:
             await self._wait(self._release(ticket))
             raise
         return ticket
+
+    async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Any) -> None:
+        """After a reroute (a downgrade, or a first deployment at its provider limit) the
+        deployment now first in line takes its provider limit too; at its limit as well,
+        the request is refused rather than rerouted again."""
+        if not isinstance(ticket, CostTicket):
+            return
+        live = request.app[STATE].live
+        try:
+            await self._deployment_limits(live.router, live.deployments, decision, ticket.tokens, ticket, again=False)
+        except BaseException:
+            await self._wait(self._release(ticket))
+            raise
 
     def _key_limit(self, ident: Identity) -> Limit | None:
         return ident.limits or self.cfg.rate_limits.per_key
@@ -241,8 +256,16 @@ class CostControl:
         ticket.held.append(Held(takes, shared))
 
     async def _deployment_limits(
-        self, router: _core.Router, table: list[Any], decision: _core.Decision, tokens: int, ticket: CostTicket
+        self,
+        router: _core.Router,
+        table: list[Any],
+        decision: _core.Decision,
+        tokens: int,
+        ticket: CostTicket,
+        again: bool = True,
     ) -> None:
+        """Takes the provider limit of the decision's first deployment; at its limit, asks the
+        endpoint to decide again (`again`) when the model has other deployments, else refuses."""
         limits = self.cfg.rate_limits.deployments
         if not limits:
             return
@@ -264,7 +287,7 @@ class CostControl:
         if ok:
             ticket.held.append(Held(takes, shared, dep.name))
             return
-        if len(decision.order) > 1:
+        if again and len(decision.order) > 1:
             ticket.reroute = decision.model
             return
         raise ProxyError(
