@@ -72,18 +72,23 @@ async def test_model_tpm_counts_prompt_and_max_tokens(start_upstream) -> None:
         await client.close()
 
 
-async def test_deployment_limit_routes_around_it(start_upstream) -> None:
-    a = await start_upstream(record=True)
-    b = await start_upstream(record=True)
-    cfg = {
-        "providers": {"a": {"base_url": a.base_url}, "b": {"base_url": b.base_url}},
+def _preferred_and_spare(a_url: str, b_url: str, limits: dict[str, Any]) -> dict[str, Any]:
+    """Model `m` on d-a (weighted to take nearly everything) and d-b, with provider limits."""
+    return {
+        "providers": {"a": {"base_url": a_url}, "b": {"base_url": b_url}},
         "deployments": {
             "d-a": {"provider": "a", "model": "gpt-4o-mini", "weight": 100},
             "d-b": {"provider": "b", "model": "gpt-4o-mini", "weight": 1},
         },
         "models": {"m": {"deployments": ["d-a", "d-b"]}},
-        "rate_limits": {"deployments": {"d-a": {"rpm": 5}}},
+        "rate_limits": {"deployments": limits},
     }
+
+
+async def test_deployment_limit_routes_around_it(start_upstream) -> None:
+    a = await start_upstream(record=True)
+    b = await start_upstream(record=True)
+    cfg = _preferred_and_spare(a.base_url, b.base_url, {"d-a": {"rpm": 5}})
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         served = []
@@ -102,15 +107,7 @@ async def test_deployment_limit_routes_around_it(start_upstream) -> None:
 async def test_the_deployment_rerouted_to_takes_its_own_limit(start_upstream) -> None:
     a = await start_upstream(record=True)
     b = await start_upstream(record=True)
-    cfg = {
-        "providers": {"a": {"base_url": a.base_url}, "b": {"base_url": b.base_url}},
-        "deployments": {
-            "d-a": {"provider": "a", "model": "gpt-4o-mini", "weight": 100},
-            "d-b": {"provider": "b", "model": "gpt-4o-mini", "weight": 1},
-        },
-        "models": {"m": {"deployments": ["d-a", "d-b"]}},
-        "rate_limits": {"deployments": {"d-a": {"rpm": 5}, "d-b": {"rpm": 5}}},
-    }
+    cfg = _preferred_and_spare(a.base_url, b.base_url, {"d-a": {"rpm": 5}, "d-b": {"rpm": 5}})
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         refused = 0
