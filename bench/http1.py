@@ -24,6 +24,8 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from edgeroute.upstream_http import no_delay
+
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -38,16 +40,6 @@ _REASONS = {
     504: "Gateway Timeout",
 }
 _MAX_HEAD = 64 * 1024
-
-
-def _no_delay(transport: asyncio.BaseTransport) -> None:
-    """Small writes (one SSE event, one request) go out at once, not after Nagle's wait."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 log = logging.getLogger("bench.http1")
@@ -89,7 +81,7 @@ class Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
         self.server.conns.add(self)
         self.server.connections_accepted += 1
-        _no_delay(transport)
+        no_delay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -309,7 +301,7 @@ class _ClientConn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        _no_delay(transport)
+        no_delay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -122,6 +122,10 @@ class Decision:
         """``max_completion_tokens``, or else ``max_tokens``, from the body."""
 
     @property
+    def choices(self) -> int:
+        """Completions asked for: ``n``, or ``best_of`` when larger; at least 1."""
+
+    @property
     def model_span(self) -> tuple[int, int]:
         """Byte range of the ``model`` value (quotes included) in the body."""
 

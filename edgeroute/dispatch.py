@@ -417,7 +417,7 @@ class Call:
                     elif winner is None:
                         winner = (res, tasks[t])
                     else:
-                        self._discard(res)  # both answered at once: one answer only
+                        self._discard(res, tasks[t])  # both answered at once: one answer only
             if winner is not None:
                 if winner[1] is second:
                     self.record.outcome = "hedge_won"
@@ -433,13 +433,12 @@ class Call:
         self.failures.pop()
         return last[0], last[1], 2
 
-    def _discard(self, answer: Answer) -> None:
+    def _discard(self, answer: Answer, dep: DeploymentInfo) -> None:
         """Drops an answer that lost a tie; a stream's prompt is likely billed already."""
         if isinstance(answer, StreamAnswer):
             answer.resp.close()
             if answer.rec is not None:
                 answer.rec.outcome = "cancelled"
-                dep = self.live.deployments[self.live.index_of[answer.rec.deployment]]
                 self.settle_attempt(answer.rec, dep, None)
 
     def _backoff(self, rounds: int) -> float | None:

@@ -360,12 +360,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        no_delay(transport)
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -687,3 +682,13 @@ def tls_context(
         key = os.path.expanduser(client_key) if client_key is not None else None
         ctx.load_cert_chain(os.path.expanduser(client_cert), key)
     return ctx
+
+
+def no_delay(transport: asyncio.BaseTransport) -> None:
+    """Small writes (one SSE event, one request) go out at once, not after Nagle's wait."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass

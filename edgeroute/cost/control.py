@@ -98,21 +98,6 @@ def _enabled(cfg: Config) -> bool:
     return bool(cfg.keys or cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
 
 
-def _choices(body: bytes) -> int:
-    """How many completions the request asks for (`n`, or `best_of` when larger); 1 when unsure.
-    Parses the body only when one of those keys may be in it."""
-    if b'"n"' not in body and b'"best_of"' not in body:
-        return 1
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 1
-    if not isinstance(req, dict):
-        return 1
-    counts = [v for v in (req.get("n"), req.get("best_of")) if isinstance(v, int) and not isinstance(v, bool)]
-    return max([1, *counts])
-
-
 def _bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
     takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
     if lim.tpm:
@@ -178,7 +163,7 @@ class CostControl:
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident)
         live = request.app[STATE].live
-        choices = _choices(await request.read())  # the body is already read: this is its cached copy
+        choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
         try:

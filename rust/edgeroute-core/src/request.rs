@@ -71,6 +71,10 @@ struct Body<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    best_of: Option<u32>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -92,6 +96,9 @@ pub struct ChatRequest<'a> {
     pub include_usage: bool,
     /// `max_completion_tokens`, or the older `max_tokens`.
     pub max_tokens: Option<u32>,
+    /// Completions asked for: `n`, or `best_of` when larger; at least 1. Budgets and
+    /// token limits reserve for this many.
+    pub choices: u32,
     /// The end-user id the client supplied.
     pub user: Option<Cow<'a, str>>,
     /// Raw tool definitions, if any.
@@ -137,6 +144,7 @@ impl<'a> ChatRequest<'a> {
             stream: raw.stream.unwrap_or(false),
             include_usage: raw.stream_options.is_some_and(|o| o.include_usage),
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            choices: raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)).max(1),
             user: raw.user,
             tools: raw.tools,
         })
@@ -281,6 +289,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["model"], "gpt-4o-2024-08-06");
         assert_eq!(v["messages"][0]["content"], "hi");
+    }
+
+    #[test]
+    fn choices_are_n_or_best_of_and_at_least_one() {
+        let choices = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            ChatRequest::parse(body.as_bytes()).unwrap().choices
+        };
+        assert_eq!(choices(""), 1);
+        assert_eq!(choices(r#","n":4"#), 4);
+        assert_eq!(choices(r#","n":2,"best_of":5"#), 5);
+        assert_eq!(choices(r#","n":0"#), 1);
+        assert_eq!(choices(r#","n":null"#), 1);
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub struct Decision {
     pub include_usage: bool,
     /// The client's completion-token limit.
     pub max_tokens: Option<u32>,
+    /// Completions asked for (`n` / `best_of`), at least 1.
+    pub choices: u32,
     /// Byte span of the `model` value in the body.
     pub model_span: (usize, usize),
     /// Send a hedge to `order[1]` after this many milliseconds without an answer.
@@ -575,6 +577,7 @@ impl Router {
             stream: req.stream,
             include_usage: req.include_usage,
             max_tokens: req.max_tokens,
+            choices: req.choices,
             model_span: req.model_span,
             hedge_after_ms,
             strategy,

@@ -112,6 +112,10 @@ impl Decision {
         self.inner.max_tokens
     }
     #[getter]
+    fn choices(&self) -> u32 {
+        self.inner.choices
+    }
+    #[getter]
     fn model_span(&self) -> (usize, usize) {
         self.inner.model_span
     }
