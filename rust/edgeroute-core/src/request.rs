@@ -71,10 +71,11 @@ struct Body<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    n: Option<u32>,
-    #[serde(default)]
-    best_of: Option<u32>,
+    // Read leniently: only reservations use them, and the upstream judges their values.
+    #[serde(borrow, default)]
+    n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    best_of: Option<&'a RawValue>,
     #[serde(borrow, default)]
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -103,6 +104,11 @@ pub struct ChatRequest<'a> {
     pub user: Option<Cow<'a, str>>,
     /// Raw tool definitions, if any.
     pub tools: Option<&'a RawValue>,
+}
+
+/// A positive integer field, or 1 when it is absent or anything else.
+fn count(raw: Option<&RawValue>) -> u32 {
+    raw.and_then(|v| v.get().parse::<u32>().ok()).unwrap_or(1).max(1)
 }
 
 impl<'a> ChatRequest<'a> {
@@ -144,7 +150,7 @@ impl<'a> ChatRequest<'a> {
             stream: raw.stream.unwrap_or(false),
             include_usage: raw.stream_options.is_some_and(|o| o.include_usage),
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
-            choices: raw.n.unwrap_or(1).max(raw.best_of.unwrap_or(1)).max(1),
+            choices: count(raw.n).max(count(raw.best_of)),
             user: raw.user,
             tools: raw.tools,
         })
@@ -302,6 +308,7 @@ mod tests {
         assert_eq!(choices(r#","n":2,"best_of":5"#), 5);
         assert_eq!(choices(r#","n":0"#), 1);
         assert_eq!(choices(r#","n":null"#), 1);
+        assert_eq!(choices(r#","n":-1,"best_of":"3""#), 1); // the upstream judges bad values
     }
 
     #[test]
