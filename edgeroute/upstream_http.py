@@ -16,7 +16,7 @@ What it keeps:
   response allowed keep-alive; one the peer closed is never reused, and one idle for
   longer than `keepalive_timeout` is closed;
 - a request that fails on a *reused* connection before any response byte arrived, and
-  within `_STALE_WINDOW_S` of being written (the peer closed it while idle, and we
+  within `stale_window` seconds of being written (the peer closed it while idle, and we
   wrote before seeing the FIN), is sent again, once, on a new connection: a stale
   pooled connection is not an upstream failure. A later close may come from an
   upstream that was already working on the request; sending it again could run (and
@@ -56,7 +56,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # A reused connection's close that arrives this soon after the request was written is
 # the keep-alive race (the peer's FIN crossed our request: about one round trip);
 # later, the upstream may have started on the request.
-_STALE_WINDOW_S = 0.3
+STALE_WINDOW_S = 0.3
 
 
 class UpstreamError(OSError):
@@ -390,7 +390,7 @@ class _Conn(asyncio.Protocol):
             return
         if resp._close_delimited():
             resp._finish()
-        elif self.reused and not self.got_bytes and self.loop.time() - self.sent_at <= _STALE_WINDOW_S:
+        elif self.reused and not self.got_bytes and self.loop.time() - self.sent_at <= self.pool.stale_window:
             resp._fail(_StaleConnection("a pooled connection was closed by the upstream"))
         elif not resp._head.done():
             resp._fail(UpstreamError(f"the upstream closed the connection before answering ({exc or 'EOF'})"))
@@ -444,7 +444,9 @@ class HttpClient:
     `limit` bounds the connections open or opening at once; `connect_timeout` bounds
     opening one (TCP and TLS); idle ones are closed after `keepalive_timeout` seconds.
     `ssl_context` verifies https upstreams (default: the system's trust store, which
-    `SSL_CERT_FILE` can replace).
+    `SSL_CERT_FILE` can replace). `stale_window` is how soon after a request is written a
+    reused connection's close still counts as the keep-alive race (and the request is
+    sent again).
     """
 
     def __init__(
@@ -453,6 +455,7 @@ class HttpClient:
         connect_timeout: float,
         keepalive_timeout: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
+        stale_window: float = STALE_WINDOW_S,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -460,6 +463,7 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self.keepalive_timeout = keepalive_timeout
         self._ssl = ssl_context
+        self.stale_window = stale_window
         self._targets: dict[str | URL, _Target] = {}
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._conns: set[_Conn] = set()
