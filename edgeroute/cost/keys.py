@@ -3,7 +3,7 @@
 Tokens are matched by their SHA-256 digest; the plain token is never stored past
 config load, logged, echoed in an error or written to the ledger (the key id is).
 When `keys:` is configured, an unknown or missing token is a 401 on every path but
-the public ones, and `/admin/*` needs a key whose role is `admin`. With
+the public ones, and each `/admin/*` route needs the role `roles.py` declares for it. With
 `server.api_keys` instead, any of those keys is let in, compared in constant time.
 An :class:`Access` belongs to one config generation, so a reload revokes and adds
 keys (and re-reads `env:`/`file:` references, which is how a key is rotated).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from edgeroute import secrets
+from edgeroute import roles, secrets
 from edgeroute.config import Config, Limit, VirtualKey
 from edgeroute.errors import ProxyError
 
@@ -66,6 +66,17 @@ class KeyRing:
         return self._by_digest.get(token_digest(token))
 
 
+def check_role(request: web.Request, role: str | None) -> None:
+    """403 unless `role` may call the matched admin route (undeclared routes: nobody)."""
+    resource = request.match_info.route.resource
+    if resource is None:
+        return  # no such route: the router answers 404
+    needed = roles.required_role(request.method, resource.canonical)
+    if needed is None or not roles.permits(role, needed):
+        what = f"a key with role '{needed}' or above" if needed is not None else "a role no key has"
+        raise ProxyError(403, f"{request.method} {resource.canonical} needs {what}.", code="permission_denied")
+
+
 class Access:
     """The access rules of one config generation."""
 
@@ -79,8 +90,8 @@ class Access:
             ident = self.ring.identify(bearer_token(request))
             if ident is None:
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
-            if request.path.startswith("/admin/") and ident.role != "admin":
-                raise ProxyError(403, "This endpoint needs an admin key.", code="permission_denied")
+            if roles.is_admin_path(request.path):
+                check_role(request, ident.role)
             return ident
         if self.shared:
             token = (bearer_token(request) or "").encode()

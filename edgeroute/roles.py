@@ -1,0 +1,46 @@
+"""Who may call what: the access roles and the least role each admin route needs.
+
+Roles are ranked `viewer` < `operator` < `admin`; `service` keys reach only the API
+(`/v1/*`). Every route under `/admin/` (and the console under `/ui/`) declares its role
+here, by method and the route's canonical path; a route without a declaration is refused
+to everyone (fail closed), and a test enumerates the app's routes against this table.
+A key whose role is not one of these (a free-form role used by routing rules) is a
+`service` key for access purposes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Role = Literal["service", "viewer", "operator", "admin"]
+ROLES: tuple[Role, ...] = get_args(Role)
+_RANK: dict[str, int] = {role: i for i, role in enumerate(ROLES)}
+
+# "METHOD /canonical/path" -> the least role that may call it.
+ROUTE_ROLES: dict[str, Role] = {
+    "GET /admin/deployments": "viewer",
+    "GET /admin/spend": "viewer",
+    "GET /admin/learning": "viewer",
+    "POST /admin/reload": "operator",
+}
+
+
+def access_role(role: str | None) -> Role:
+    """The access role of a key's `role` field (free-form roles are service keys)."""
+    return role if role in _RANK else "service"  # type: ignore[return-value]
+
+
+def required_role(method: str, canonical_path: str) -> Role | None:
+    """The least role for a route, or None when the route declares none."""
+    if method == "HEAD":
+        method = "GET"
+    return ROUTE_ROLES.get(f"{method} {canonical_path}")
+
+
+def permits(role: str | None, required: Role) -> bool:
+    """Whether a key with `role` may call a route that needs `required`."""
+    return _RANK[access_role(role)] >= _RANK[required]
+
+
+def is_admin_path(path: str) -> bool:
+    return path.startswith("/admin/") or path == "/ui" or path.startswith("/ui/")
