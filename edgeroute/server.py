@@ -2,7 +2,7 @@
 
 Owns how errors look (OpenAI's JSON format, never a traceback), load shedding,
 client authentication, and start-up / graceful drain. Endpoint logic lives in
-`openai_api.py`; upstream I/O in `dispatch.py`.
+`openai_api.py`; upstream I/O in `dispatch/`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,293 @@
+"""One upstream attempt and the reading of its answer.
+
+An attempt sends the request to one deployment, reads the answer (a JSON body, or a
+stream held until its first real content so that an error before it can still fail
+over), classifies a failure, and reports the outcome to the core and the request's
+record. Which deployment to try, and whether to try again, is not decided here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import email.utils
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from edgeroute import _core, sse
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
+from edgeroute.config import Timeouts
+from edgeroute.providers import ErrorClass
+from edgeroute.state import Live
+from edgeroute.upstream import DeploymentInfo
+from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
+
+log = logging.getLogger("edgeroute.dispatch")
+
+_MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as a day
+
+
+@dataclass(slots=True)
+class Failure:
+    cls: ErrorClass
+    status: int | None
+    message: str
+    retry_after_s: float | None = None
+    body: bytes = b""
+
+
+_PRELOADED: set[str] = set()
+
+
+def preload_tokenizer(encoding: str) -> None:
+    """Loads a tokenizer's tables (~50 ms, tens of MB) in a worker thread, once per process,
+    while the upstream prepares its answer: a stream that carries no usage is counted when it
+    ends, and loading them there would stall the event loop. Not at start-up: many configs
+    never count, and the tables would double the idle memory."""
+    if encoding not in _PRELOADED:
+        _PRELOADED.add(encoding)
+        asyncio.get_running_loop().run_in_executor(None, _core.Router.count_tokens, "warm up: caf\u00e9", encoding)
+
+
+@dataclass(slots=True)
+class JsonAnswer:
+    body: bytes
+    usage: Usage | None
+
+
+@dataclass(slots=True)
+class StreamAnswer:
+    """An upstream stream that has produced its first real content (or ended cleanly)."""
+
+    resp: Response
+    head: bytes  # OpenAI-format SSE bytes read so far, to send first
+    translator: Any
+    rec: AttemptRecord | None = None  # the attempt that produced it, settled when the stream ends
+
+
+Answer = JsonAnswer | StreamAnswer
+
+# What each error class tells the core about the deployment's health. A context-window
+# overflow or a policy refusal is about the request, not the deployment.
+_HEALTH_OUTCOME: dict[
+    ErrorClass, Literal["client_error", "rate_limited", "server_error", "timeout", "connect_error"]
+] = {
+    ErrorClass.RATE_LIMIT: "rate_limited",
+    ErrorClass.SERVER: "server_error",
+    ErrorClass.TIMEOUT: "timeout",
+    ErrorClass.CONNECT: "connect_error",
+    ErrorClass.CONTEXT_WINDOW: "client_error",
+    ErrorClass.CONTENT_POLICY: "client_error",
+    ErrorClass.CLIENT: "client_error",
+    ErrorClass.AUTH: "server_error",
+}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # HTTP dates are GMT
+            when = when.replace(tzinfo=datetime.UTC)
+        seconds = when.timestamp() - time.time()
+    if math.isnan(seconds):
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER_S)
+
+
+class Attempts:
+    """One client request's attempts: the state they share, and how one attempt is made
+    and its answer read. The loop over attempts (`failover.Call`) builds on it."""
+
+    def __init__(
+        self,
+        live: Live,
+        decision: _core.Decision,
+        body: bytes,
+        record: RequestRecord,
+        timeouts: Timeouts,
+        max_attempts: int,
+    ) -> None:
+        self.live = live
+        self.router = live.router
+        self.decision = decision
+        self.body = body
+        self.record = record
+        self.timeouts = timeouts
+        self.max_attempts = max_attempts
+        self.stream = decision.stream
+        self.deadline = asyncio.get_running_loop().time() + timeouts.total
+        self.failures: list[tuple[DeploymentInfo, Failure]] = []
+        self._exact_prompt: int | None = None
+        if decision.stream and not decision.include_usage:
+            preload_tokenizer(decision.encoding)  # the stream is counted when it ends
+        self.hedged = False
+
+    async def attempt(self, dep: DeploymentInfo, hedge: bool = False) -> Answer | Failure:
+        up = self.live.upstreams[dep.provider]
+        adapter = up.adapter
+        body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
+        req = adapter.build(dep.model, body, self.stream)
+        rec = AttemptRecord(dep.name, dep.provider, "pending", None, 0.0, hedge=hedge)
+        self.record.attempts.append(rec)
+        self.router.begin(dep.index)
+        t0 = time.perf_counter()
+        resp: Response | None = None
+        keep_open = False
+        result: Answer | Failure
+        try:
+            loop = asyncio.get_running_loop()
+            # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
+            async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
+                resp = await up.client.request("POST", req.url, req.headers, req.body)
+                rec.status = resp.status
+                if resp.status >= 400:
+                    data = await resp.read()
+                    cls = adapter.classify(resp.status, data)
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    msg = adapter.error_message(resp.status, data)
+                    if cls is ErrorClass.AUTH:
+                        # For the operator's log only: the client learns that our credentials failed.
+                        log.warning("deployment %s refused our credentials: %s", dep.name, msg[:300])
+                        msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
+                    result = Failure(cls, resp.status, msg, retry_after, data)
+                elif self.stream:
+                    result = await self._hold_stream(resp, adapter)
+                    keep_open = isinstance(result, StreamAnswer)
+                else:
+                    deadline.reschedule(loop.time() + self._remaining())
+                    result = self._json_answer(await resp.read(), adapter)
+        except TimeoutError:
+            result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
+        except UpstreamTlsError as e:
+            result = Failure(ErrorClass.CONNECT, None, f"TLS handshake failed: {e.reason}")
+        except (UpstreamError, OSError) as e:
+            result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
+        except Exception as e:
+            # An answer the adapter could not read (bad usage, a malformed event): the
+            # deployment's fault, like a 5xx, so fail over; the core hears of it below.
+            log.exception("unreadable answer from deployment %s", dep.name)
+            result = Failure(ErrorClass.SERVER, rec.status, f"upstream answer could not be read ({type(e).__name__})")
+        except asyncio.CancelledError:
+            # A lost hedge or a client that went away: close the connection, account for it.
+            rec.outcome = "cancelled"
+            rec.latency_ms = (time.perf_counter() - t0) * 1000
+            self.router.report(dep.index, "client_error", rec.latency_ms)
+            # The upstream has likely billed the prompt already: cost it as such.
+            self.settle_attempt(rec, dep, None)
+            if resp is not None:
+                resp.close()
+            raise
+        finally:
+            if resp is not None and not keep_open:
+                # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
+                resp.close()
+        latency = (time.perf_counter() - t0) * 1000
+        rec.latency_ms = latency
+        if isinstance(result, Failure):
+            rec.outcome = result.cls.value if result.cls.retryable else "client_error"
+            rec.error = result.message
+            retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
+            self.router.report(dep.index, _HEALTH_OUTCOME[result.cls], latency, retry_ms)
+        else:
+            rec.outcome = "success"
+            self.router.report(dep.index, "success", latency)
+            if isinstance(result, JsonAnswer):
+                self.settle_attempt(rec, dep, result.usage)
+            else:
+                result.rec = rec
+        return result
+
+    def _json_answer(self, data: bytes, adapter: Any) -> JsonAnswer | Failure:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return Failure(ErrorClass.SERVER, 200, "upstream sent malformed JSON")
+        if not isinstance(obj, dict):
+            return Failure(ErrorClass.SERVER, 200, "upstream sent an unexpected JSON value")
+        if not adapter.passthrough:
+            obj = adapter.translate_response(obj)
+            obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
+            data = orjson.dumps(obj)
+        elif "choices" not in obj:
+            return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")
+        usage = Usage.from_openai(obj.get("usage"))
+        if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
+            usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
+        return JsonAnswer(data, usage)
+
+    async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
+        """Reads until the first real content event, so that an error before it can fail over."""
+        translator = (
+            None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
+        )
+        buf = b""
+        head = b""
+        while True:
+            chunk = await resp.readany()
+            if not chunk:
+                return Failure(ErrorClass.SERVER, resp.status, "upstream stream ended before any content")
+            if translator is not None:
+                chunk = translator.feed(chunk)
+            head += chunk
+            buf += chunk
+            events, buf = sse.split_events(buf)
+            for ev in events:
+                data = sse.event_data(ev)
+                if data is None:
+                    continue
+                if data == b"[DONE]":
+                    return StreamAnswer(resp, head, translator)
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    return Failure(ErrorClass.SERVER, resp.status, "upstream sent a malformed stream event")
+                if isinstance(obj, dict) and obj.get("error"):
+                    err = obj["error"]
+                    msg = err.get("message") if isinstance(err, dict) else str(err)
+                    return Failure(ErrorClass.SERVER, resp.status, f"upstream stream error: {msg}"[:500])
+                if has_content(obj):
+                    return StreamAnswer(resp, head, translator)
+
+    def _remaining(self) -> float:
+        return max(0.001, self.deadline - asyncio.get_running_loop().time())
+
+    def prompt_tokens(self) -> int:
+        """Exact prompt tokens, for accounting when the upstream reports no usage
+        (the decision may have only estimated them; counted once, here, if so)."""
+        if self._exact_prompt is None:
+            exact = self.decision.tokens_exact
+            self._exact_prompt = self.decision.prompt_tokens if exact else self.router.count_prompt(self.body)
+        return self._exact_prompt
+
+    def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
+        """Fills in an attempt's usage (the upstream's, else the prompt alone) and its cost."""
+        if usage is None:
+            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
+        rec.usage = usage
+        rec.cost_usd = cost_of(dep.price, usage)
+
+
+def has_content(obj: Any) -> bool:
+    """Whether a chunk carries something a user would see (text, tool call, refusal, finish)."""
+    if not isinstance(obj, dict):
+        return False
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or delta.get("refusal") or delta.get("function_call"):
+            return True
+        if choice.get("finish_reason"):
+            return True
+    return bool(obj.get("usage")) and not obj.get("choices")

@@ -1,0 +1,147 @@
+"""Relaying a committed upstream stream to the client, and settling its cost.
+
+Once a stream has produced its first real content it is the request's answer: from
+then on an upstream failure can only end the stream with an explicit error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+
+from aiohttp import web
+
+from edgeroute import sse
+from edgeroute.accounting import Usage, estimate_stream_usage
+from edgeroute.dispatch.attempt import Attempts, StreamAnswer
+from edgeroute.upstream import DeploymentInfo
+
+log = logging.getLogger("edgeroute.dispatch")
+
+TAIL_BYTES = 8192
+_SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
+
+
+# Set on a request once its stream response is prepared: from then on an error can only end
+# the stream (an error event), never become a second response (errors_middleware checks it).
+STREAM_STARTED = web.RequestKey("stream_started", bool)
+
+
+async def relay_stream(
+    request: web.Request,
+    answer: StreamAnswer,
+    response_headers: dict[str, str],
+    idle_timeout: float,
+    call: Attempts,
+    dep: DeploymentInfo,
+    encode: Callable[[bytes], bytes] | None = None,
+) -> web.StreamResponse:
+    """Sends the held head, then each upstream chunk as it arrives, unmerged.
+
+    `encode` turns the OpenAI-format events (including the error events written here)
+    into another API's stream format, e.g. Anthropic's for `/v1/messages`. The stream
+    ends by the request's total timeout at the latest.
+    """
+    # The streamed text is kept (references to chunks already read) so that a stream that
+    # ends without usage, by design or cut short, is still costed for what it produced.
+    text: list[bytes] = [answer.head]
+    tail = answer.head[-TAIL_BYTES:]
+    translator = answer.translator
+    completed = sse.DONE in answer.head
+    loop = asyncio.get_running_loop()
+    failure: tuple[str, str] | None = None
+    upstream_broke = False
+    out = web.StreamResponse(status=200, headers=response_headers)
+    out.content_type = "text/event-stream"
+    out.headers["Cache-Control"] = "no-cache"
+    try:
+        await out.prepare(request)
+        request[STREAM_STARTED] = True
+
+        async def send(data: bytes) -> None:
+            data = encode(data) if encode is not None else data
+            if data:
+                await out.write(data)
+
+        await send(answer.head)
+        try:
+            # One timer for the whole stream: the idle timeout, capped by the total deadline.
+            # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
+            # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
+            # idle timeouts of silence. It stops while a slow client is written to (a slow
+            # reader is not an upstream stall).
+            slack = idle_timeout / 10
+            armed = loop.time()
+            transport = request.transport
+            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline)) as idle:
+                while not completed:
+                    chunk = await answer.resp.readany()
+                    if not chunk:
+                        upstream_broke = True
+                        failure = (
+                            "The upstream ended the stream early; the answer is incomplete.",
+                            "stream_incomplete",
+                        )
+                        break
+                    if translator is not None:
+                        chunk = translator.feed(chunk)
+                    if chunk:
+                        # A write waits for the client only once its transport holds more than
+                        # its high-water mark (64 KiB by default): stop the timer well before.
+                        if (
+                            transport is not None
+                            and transport.get_write_buffer_size() + len(chunk) > _SLOW_CLIENT_BYTES
+                        ):
+                            idle.reschedule(call.deadline)
+                            armed = -math.inf
+                        await send(chunk)
+                        tail = (tail + chunk)[-TAIL_BYTES:]
+                        text.append(chunk)
+                        completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+                    now = loop.time()
+                    if now - armed > slack:
+                        armed = now
+                        idle.reschedule(min(now + idle_timeout + slack, call.deadline))
+        except TimeoutError:
+            if loop.time() >= call.deadline:
+                failure = (
+                    "The answer took longer than the request's total timeout; it is incomplete.",
+                    "stream_timeout",
+                )
+            else:
+                upstream_broke = True
+                failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+        except OSError:  # UpstreamError, or a failed write to the client
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                # The client went away (its socket failed a write): nothing to tell it.
+                call.record.outcome = "client_gone"
+                raise
+            upstream_broke = True
+            failure = ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted")
+        except Exception:
+            log.exception("unreadable stream from deployment %s", dep.name)
+            upstream_broke = True
+            failure = (
+                "The upstream sent a stream edgeroute could not read; the answer is incomplete.",
+                "stream_interrupted",
+            )
+        if failure is not None:
+            await send(sse.error_event(*failure))
+            call.record.outcome = "stream_interrupted"
+        await out.write_eof()
+    finally:
+        if completed and failure is None:
+            answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
+        else:
+            answer.resp.close()
+        if upstream_broke:
+            call.router.report_broken_stream(dep.index)
+        usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
+        if usage is None:
+            usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
+        if answer.rec is not None:
+            call.settle_attempt(answer.rec, dep, usage)
+    return out
