@@ -126,6 +126,9 @@ class AttemptRecord:
     error: str | None = None
     usage: Usage | None = None
     cost_usd: float = 0.0
+    started_at: float = 0.0  # time.time() when the attempt began
+    ttft_ms: float | None = None  # to the first content event (streams only)
+    kind: str = "first"  # first | retry (the route's own deployments) | fallback (another model's) | hedge
 
 
 @dataclass(slots=True)
@@ -150,6 +153,17 @@ class RequestRecord:
     attempts: list[AttemptRecord] = field(default_factory=list)
     # Set by admission: which budget refused or downgraded the request, e.g. "blocked:team-monthly".
     admission: str | None = None
+    started_at: float = 0.0  # time.time() at arrival; the shared name for `started` (set from it)
+    correlation_id: str | None = None  # the client's own x-request-id, never used as our id
+    ttft_ms: float | None = None  # arrival to the first content byte sent (streams only)
+    # Why the request failed: the last attempt's outcome for an upstream failure (see
+    # dispatch.outcome), a stream's cut reason, or the proxy's error code; None when answered.
+    error_class: str | None = None
+    queue_ms: float = 0.0  # time spent waiting for capacity before the first attempt
+
+    def __post_init__(self) -> None:
+        if not self.started_at:
+            self.started_at = self.started
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

@@ -184,12 +184,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode)
     except ProxyError as e:
         rec.status = e.status
+        rec.error_class = rec.error_class or e.code or e.type
         if not rec.model and body is not None:
             rec.model = _requested_model(body)  # refused before a decision: say what was asked for
         e.headers.setdefault(headers.REQUEST_ID, rid)
         raise
     except asyncio.CancelledError:
         rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
+        rec.error_class = rec.error_class or "client_gone"
         raise
     finally:
         live.leave()

@@ -135,12 +135,14 @@ class Attempts:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
         self.hedged = False
 
-    async def attempt(self, dep: DeploymentInfo, hedge: bool = False) -> Answer | Failure:
+    async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         up = self.live.upstreams[dep.provider]
         adapter = up.adapter
         body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
         req = adapter.build(dep.model, body, self.stream)
-        rec = AttemptRecord(dep.name, dep.provider, "pending", None, 0.0, hedge=hedge)
+        rec = AttemptRecord(
+            dep.name, dep.provider, "pending", None, 0.0, hedge=kind == "hedge", started_at=time.time(), kind=kind
+        )
         self.record.attempts.append(rec)
         self.router.begin(dep.index)
         t0 = time.perf_counter()
@@ -165,6 +167,8 @@ class Attempts:
                     result = Failure(cls, resp.status, msg, retry_after, data)
                 elif self.stream:
                     result = await self._hold_stream(resp, adapter)
+                    if isinstance(result, StreamAnswer):
+                        rec.ttft_ms = (time.perf_counter() - t0) * 1000
                     keep_open = isinstance(result, StreamAnswer)
                 else:
                     deadline.reschedule(loop.time() + self._remaining())

@@ -60,7 +60,7 @@ class Call(Attempts):
                 hedge_ms = None
             else:
                 try:
-                    result = await self.attempt(dep)
+                    result = await self.attempt(dep, self._kind(dep, attempts))
                 except ProxyError as e:
                     if not self.failures:
                         raise  # the request does not fit the deployment the decision chose: say why
@@ -79,6 +79,13 @@ class Call(Attempts):
             if (not result.cls.retryable or overflow_only) and not extra:
                 raise self._client_error(result)
         raise self._exhausted()
+
+    def _kind(self, dep: DeploymentInfo, attempts: int) -> str:
+        """An attempt's kind for the record: the first, a retry on the route's own deployments, or a fallback."""
+        if attempts <= 1:
+            return "first"
+        own = self.live.config.models[self.decision.route].deployments
+        return "retry" if dep.name in own else "fallback"
 
     def _class_fallbacks(
         self, cls: ErrorClass, failed: DeploymentInfo, order: list[DeploymentInfo]
@@ -109,14 +116,14 @@ class Call(Attempts):
         still running is cancelled and awaited here, so its cost is settled before the
         request is recorded.
         """
-        t1 = asyncio.ensure_future(self.attempt(first))
+        t1 = asyncio.ensure_future(self.attempt(first, "first"))
         tasks = {t1: first}
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
             if done or not self.router.try_hedge(self.decision.route):
                 return await t1, first, 1
             self.hedged = True
-            t2 = asyncio.ensure_future(self.attempt(second, hedge=True))
+            t2 = asyncio.ensure_future(self.attempt(second, "hedge"))
             tasks[t2] = second
             pending = {t1, t2}
             last: tuple[Answer | Failure, DeploymentInfo] | None = None
@@ -172,6 +179,7 @@ class Call(Attempts):
         return random.uniform(0, cap)
 
     def _client_error(self, f: Failure) -> ProxyError:
+        self.record.error_class = f.cls.value
         status = f.status or 400
         return ProxyError(status, f.message, code="upstream_client_error" if status != 404 else "model_not_found")
 
@@ -181,6 +189,8 @@ class Call(Attempts):
             for d, f in self.failures
         ]
         classes = {f.cls for _, f in self.failures}
+        if self.failures:
+            self.record.error_class = self.failures[-1][1].cls.value
         if classes and classes <= {ErrorClass.TIMEOUT}:
             status, code = 504, "upstream_timeout"
         elif classes and classes <= {ErrorClass.RATE_LIMIT}:

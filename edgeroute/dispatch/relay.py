@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -66,6 +67,7 @@ async def relay_stream(
                 await out.write(data)
 
         await send(answer.head)
+        call.record.ttft_ms = (time.time() - call.record.started) * 1000
         try:
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
@@ -131,6 +133,7 @@ async def relay_stream(
         if failure is not None:
             await send(sse.error_event(*failure))
             call.record.outcome = "stream_interrupted"
+            call.record.error_class = failure[1]
         await out.write_eof()
     finally:
         if completed and failure is None:
