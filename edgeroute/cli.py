@@ -47,17 +47,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_route(args: argparse.Namespace) -> int:
     import orjson
 
-    from edgeroute import _core
+    from edgeroute.core import EdgerouteError, build_router
 
     if (cfg := _load(args.config, check_secrets=False)) is None:
         return 1
-    from edgeroute import routing_models
-
-    router = _core.Router(cfg.core_json(), *routing_models.load(cfg, args.config))
+    router = build_router(cfg, args.config)
     body = orjson.dumps({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]})
     try:
         d = router.decide(body, tags=args.tag or None, explain=True)
-    except _core.EdgerouteError as e:
+    except EdgerouteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     names = router.deployment_names()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import orjson
 
-from edgeroute import _core, routing_models
 from edgeroute import config as config_mod
+from edgeroute.core import Router, build_router
 
 
 @dataclass
@@ -43,7 +43,7 @@ def load_outcomes(path: Path) -> list[Prompt]:
     return list(by_text.values())
 
 
-def _scorer(router_model: str, task_model: str) -> _core.Router:
+def _scorer(router_model: str, task_model: str) -> Router:
     """A router with no routes of its own, used only for its predictions."""
     spec = {
         "providers": {"none": {"base_url": "http://127.0.0.1:9/v1"}},
@@ -52,7 +52,7 @@ def _scorer(router_model: str, task_model: str) -> _core.Router:
         "learning": {"router_model": router_model, "task_model": task_model},
     }
     cfg = config_mod.parse(spec, "<calibrate>", check_secrets=False)
-    return _core.Router(cfg.core_json(), *routing_models.load(cfg, "<calibrate>"))
+    return build_router(cfg, "<calibrate>")
 
 
 def _body(text: str, model: str) -> bytes:
@@ -103,7 +103,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def replay(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, check_secrets=False)
-    router = _core.Router(cfg.core_json(), *routing_models.load(cfg, args.config))
+    router = build_router(cfg, args.config)
     prompts = load_outcomes(args.outcomes)
     model_of_route: dict[str, str] = {}
     for m in cfg.models.values():

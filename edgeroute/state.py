@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from edgeroute import _core, routing_models
 from edgeroute.accounting import Recorder
 from edgeroute.config import Config
+from edgeroute.core import Router, build_router
 from edgeroute.cost.keys import Access
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
 
@@ -19,7 +19,7 @@ class Live:
     """One generation of config; requests hold on to the generation they started with."""
 
     config: Config
-    router: _core.Router
+    router: Router
     upstreams: dict[str, Upstream]
     deployments: list[DeploymentInfo]
     source: str = "<config>"
@@ -57,12 +57,7 @@ class Live:
 
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
-        core_json = config.core_json()
-        task, routing = routing_models.load(config, source)
-        if previous is not None:
-            router = previous.router.reload(core_json, task, routing)
-        else:
-            router = _core.Router(core_json, task, routing)
+        router = build_router(config, source, previous=previous.router if previous is not None else None)
         live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
         live.apply_price_windows()
         return live

@@ -1,7 +1,6 @@
 """Cost control: prices, the spend ledger, budgets, rate limits, shared state and reports.
 
-Modules (import them directly; this package root stays import-free so that
-`edgeroute.config` can use the price catalogue without an import cycle):
+Modules (import them directly; this package root stays import-free):
 
 - `prices`: the bundled, dated catalogue of public list prices and time-of-day windows;
 - `ledger`: one row per request in SQLite (default) or PostgreSQL, written off the hot path;

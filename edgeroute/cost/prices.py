@@ -1,88 +1,27 @@
 """Prices: the bundled catalogue of public list prices and time-of-day price windows.
 
 One source of truth for a price: a deployment's `price` in the config is either
-explicit, or a reference to `catalogue.json` (``price: catalogue`` looks up the
-deployment's own model; ``price: {catalogue: "gpt-4o", ...}`` names an entry and may
-override any field). References are resolved while the config validates, so the rest
-of the proxy only ever sees concrete prices.
+explicit, or a reference to `catalogue.json`, resolved while the config validates
+(`edgeroute.config.prices`, re-exported here), so the rest of the proxy only ever sees
+concrete prices.
 
 Windows (e.g. an off-peak discount) multiply a price during a local time of day.
 Cost accounting applies them (`multiplier_at`); routing does not yet: the Rust core
 gets the base price once per config. For the `lowest_cost` strategy to follow windows,
 the core needs either window specs in `RouterSpec` or a `set_price(index, in, out)`
 call that a timer would make at each window edge.
-
-Must not import `edgeroute.config` at module level (config imports this module).
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from edgeroute.config import Config, Price
+from edgeroute.config import Config, Price
 
-CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
-
-
-@functools.cache
-def catalogue() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(CATALOGUE_PATH.read_text())
-    return data
-
-
-def catalogue_entry(name: str) -> dict[str, Any]:
-    """The config fields of catalogue entry `name` (aliases and a `provider/` prefix allowed)."""
-    cat = catalogue()
-    models: dict[str, dict[str, Any]] = cat["models"]
-    key = cat["aliases"].get(name, name)
-    if key not in models and "/" in key:
-        tail = key.split("/", 1)[1]
-        key = cat["aliases"].get(tail, tail) if tail in models or tail in cat["aliases"] else key
-    if key not in models:
-        close = difflib.get_close_matches(name, list(models) + list(cat["aliases"]), n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ValueError(f"model {name!r} is not in the price catalogue of {cat['as_of']}{hint}")
-    e = models[key]
-    out: dict[str, Any] = {"input_per_mtok": e["input"], "output_per_mtok": e["output"]}
-    if "cached_input" in e:
-        out["cached_input_per_mtok"] = e["cached_input"]
-    if "per_request" in e:
-        out["per_request"] = e["per_request"]
-    out["source"] = f"catalogue:{key}@{cat['as_of']}"
-    return out
-
-
-def resolve_price_input(raw: Any, model: str) -> Any:
-    """Turns a catalogue reference in a deployment's raw `price` into explicit fields."""
-    if raw == "catalogue":
-        return catalogue_entry(model)
-    if isinstance(raw, dict) and "catalogue" in raw:
-        ref = raw["catalogue"]
-        name = model if ref is True or ref == "self" else ref
-        if not isinstance(name, str):
-            raise ValueError("price.catalogue must be a model name, or true for the deployment's model")
-        merged = catalogue_entry(name)
-        merged.update({k: v for k, v in raw.items() if k != "catalogue"})
-        return merged
-    return raw
-
-
-def parse_hhmm(s: str) -> int:
-    """Minutes after midnight for "HH:MM" (24:00 allowed as the end of a day)."""
-    h, sep, m = s.partition(":")
-    if not sep or not h.isdigit() or not m.isdigit() or len(m) != 2:
-        raise ValueError(f"{s!r} is not HH:MM")
-    minutes = int(h) * 60 + int(m)
-    if int(m) >= 60 or minutes > 24 * 60:
-        raise ValueError(f"{s!r} is not a time of day")
-    return minutes
+# The catalogue lookups live with the config (which resolves references); re-exported for callers here.
+from edgeroute.config.prices import CATALOGUE_PATH, catalogue, catalogue_entry, parse_hhmm, resolve_price_input  # noqa: F401
 
 
 def multiplier_at(price: Price, at: float | None = None) -> float:

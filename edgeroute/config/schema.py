@@ -1,28 +1,19 @@
-"""The YAML config: schema, validation with precise errors, and the core's view of it.
+"""The config's schema: the pydantic models of the YAML file, and nothing else.
 
 A config declares providers (where and how to call), deployments (a model at a
 provider, with prices, context window, weight and tags), public models (what clients
 ask for, mapped to deployments) and rules. Validation is strict: an unknown key is an
-error, and every error names the file, the path inside it and what is wrong.
-
-This module owns the schema only; it does no I/O beyond reading the file and
-resolving secret references.
+error. Checks across sections live in `checks`, loading and error reporting in `loader`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import ssl
-from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from edgeroute import secrets
-from edgeroute.cost import prices
-from edgeroute.upstream_http import tls_context
+from edgeroute.config import prices
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
@@ -101,7 +92,7 @@ class PriceWindow(_Strict):
 
 class Price(_Strict):
     """USD per million tokens, plus per request. In YAML also ``catalogue`` or ``{catalogue: NAME, ...}``
-    (see `edgeroute/cost/prices.py`), resolved to these fields when the config loads."""
+    (see `edgeroute/config/prices.py`), resolved to these fields when the config loads."""
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
@@ -411,214 +402,3 @@ class Config(_Strict):
                 "health": self.health.model_dump(),
             }
         )
-
-
-class ConfigError(Exception):
-    """The config is invalid; `errors` holds one line per problem, each naming file and path."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _cross_check(cfg: Config) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    for name, d in cfg.deployments.items():
-        if d.provider not in cfg.providers:
-            problems.append((f"deployments.{name}.provider", f"unknown provider {d.provider!r}"))
-    for name, m in cfg.models.items():
-        choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
-        if not m.deployments and not choosers:
-            problems.append((f"models.{name}.deployments", "a model needs deployments, a policy or an experiment"))
-        if m.deployments and choosers:
-            problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
-        if len(choosers) == 2:
-            problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
-        refs: list[tuple[str, str]] = []
-        if m.policy is not None:
-            refs += [
-                (f"models.{name}.policy.candidates[{i}].route", c.route) for i, c in enumerate(m.policy.candidates)
-            ]
-        if m.experiment is not None:
-            refs += [
-                (f"models.{name}.experiment.variants[{i}].route", v.route) for i, v in enumerate(m.experiment.variants)
-            ]
-            total = sum(v.percent for v in m.experiment.variants)
-            if abs(total - 100) > 1e-6:
-                problems.append((f"models.{name}.experiment.variants", f"percents add up to {total:g}, not 100"))
-        if m.shadow is not None:
-            refs.append((f"models.{name}.shadow.model", m.shadow.model))
-        for path, ref in refs:
-            target = cfg.models.get(ref)
-            # An experiment may compare a policy route with a fixed one; everything else needs deployments.
-            policy_ok = ".experiment." in path and target is not None and target.policy is not None
-            if target is None:
-                problems.append((path, f"unknown model {ref!r}"))
-            elif not target.deployments and not policy_ok:
-                problems.append((path, f"{ref!r} must be a model with deployments"))
-        for i, dep in enumerate(m.deployments):
-            if dep not in cfg.deployments:
-                problems.append((f"models.{name}.deployments[{i}]", f"unknown deployment {dep!r}"))
-        lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
-        lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
-        for field, names in lists:
-            for i, f in enumerate(names):
-                if f not in cfg.models:
-                    problems.append((f"models.{name}.{field}[{i}]", f"unknown model {f!r}"))
-                elif f == name:
-                    problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
-    seen: set[str] = set()
-    for i, r in enumerate(cfg.rules):
-        if r.name in seen:
-            problems.append((f"rules[{i}].name", f"rule name {r.name!r} is used twice"))
-        seen.add(r.name)
-        if r.then.route is not None and r.then.route not in cfg.models:
-            problems.append((f"rules[{i}].then.route", f"unknown model {r.then.route!r}"))
-        for j, dep in enumerate(r.then.deployments):
-            if dep not in cfg.deployments:
-                problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
-    problems += _cross_check_cost(cfg)
-    for i, ref in enumerate(cfg.server.api_keys):
-        try:
-            secrets.resolve(ref)
-        except secrets.SecretError as e:
-            problems.append((f"server.api_keys[{i}]", str(e)))
-    for name, p in cfg.providers.items():
-        if p.api_key is not None:
-            try:
-                secrets.resolve(p.api_key)
-            except secrets.SecretError as e:
-                problems.append((f"providers.{name}.api_key", str(e)))
-        if p.tls is not None:
-            problems += _check_tls(f"providers.{name}.tls", p.tls)
-    return problems
-
-
-def _check_tls(where: str, tls: Tls) -> list[tuple[str, str]]:
-    files = {"ca_bundle": tls.ca_bundle, "client_cert": tls.client_cert, "client_key": tls.client_key}
-    missing = [
-        (f"{where}.{field}", f"no readable file at {path}")
-        for field, path in files.items()
-        if path is not None and not Path(path).expanduser().is_file()
-    ]
-    if missing:
-        return missing
-    if tls.client_key is not None and tls.client_cert is None:
-        return [(f"{where}.client_key", "a client_key needs a client_cert")]
-    try:
-        tls_context(tls.ca_bundle, tls.client_cert, tls.client_key)
-    except (OSError, ssl.SSLError) as e:
-        return [(where, f"cannot load the certificates: {e}")]
-    return []
-
-
-def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
-    problems: list[tuple[str, str]] = []
-    if cfg.keys and cfg.server.api_keys:
-        problems.append(("keys", "use either keys (virtual keys) or server.api_keys, not both"))
-    owner_of: dict[str, str] = {}  # token digest -> key: two keys with one token would be one identity
-    for name, k in cfg.keys.items():
-        if (k.token is None) == (k.token_sha256 is None):
-            problems.append((f"keys.{name}", "give exactly one of token (a reference) or token_sha256"))
-            continue
-        try:
-            digest = k.token_sha256 or hashlib.sha256(secrets.resolve(k.token or "").reveal().encode()).hexdigest()
-        except secrets.SecretError as e:
-            problems.append((f"keys.{name}.token", str(e)))
-            continue
-        if (other := owner_of.setdefault(digest.lower(), name)) != name:
-            problems.append((f"keys.{name}", f"has the same token as keys.{other}"))
-    for section, names, known in (
-        ("models", cfg.rate_limits.models, cfg.models),
-        ("deployments", cfg.rate_limits.deployments, cfg.deployments),
-    ):
-        for n in names:
-            if n not in known:
-                problems.append((f"rate_limits.{section}.{n}", f"unknown {section[:-1]} {n!r}"))
-    seen: set[str] = set()
-    for i, b in enumerate(cfg.budgets.limits):
-        where = f"budgets.limits[{i}]"
-        if b.name in seen:
-            problems.append((f"{where}.name", f"budget name {b.name!r} is used twice"))
-        seen.add(b.name)
-        if (b.period == "rolling") != (b.window_hours is not None):
-            problems.append((f"{where}.window_hours", "required for period: rolling, and only then"))
-        if b.scope == "global" and b.match is not None:
-            problems.append((f"{where}.match", "a global budget matches everything"))
-        if b.scope == "model" and b.match is not None and b.match not in cfg.models:
-            problems.append((f"{where}.match", f"unknown model {b.match!r}"))
-        if b.scope == "key" and b.match is not None and b.match not in cfg.keys:
-            problems.append((f"{where}.match", f"unknown key {b.match!r}"))
-        for j, a in enumerate(b.actions):
-            if a.action == "downgrade":
-                if a.to is None:
-                    problems.append((f"{where}.actions[{j}].to", "downgrade needs a target model"))
-                elif a.to not in cfg.models:
-                    problems.append((f"{where}.actions[{j}].to", f"unknown model {a.to!r}"))
-            elif a.to is not None:
-                problems.append((f"{where}.actions[{j}].to", "only downgrade takes a target"))
-    if cfg.ledger is not None and cfg.ledger.backend == "postgres" and not cfg.ledger.dsn:
-        problems.append(("ledger.dsn", "the postgres backend needs a dsn"))
-    refs = [(f"keys.{n}.token", k.token) for n, k in cfg.keys.items() if k.token is not None]
-    if cfg.ledger is not None and cfg.ledger.dsn is not None:
-        refs.append(("ledger.dsn", cfg.ledger.dsn))
-    for where, ref in refs:
-        try:
-            secrets.resolve(ref)
-        except secrets.SecretError as e:
-            problems.append((where, str(e)))
-    return problems
-
-
-def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) -> Config:
-    """Validates already-loaded YAML data; raises :class:`ConfigError` listing every problem."""
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: (top level): expected a mapping, got {type(data).__name__}"])
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"{source}: {_path(err['loc'])}: {msg}")
-        raise ConfigError(lines) from None
-    problems = _cross_check(cfg)
-    if not check_secrets:
-        secret_paths = (".api_key", ".token", "ledger.dsn")
-        problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith("server.api_keys"))]
-    if problems:
-        raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
-    # The core compiles regexes and checks what Python cannot (e.g. time formats).
-    from edgeroute import _core, routing_models
-
-    task, router = routing_models.load(cfg, source)
-    try:
-        _core.Router(cfg.core_json(), task, router)
-    except _core.ConfigError as e:
-        raise ConfigError([f"{source}: {e}"]) from None
-    return cfg
-
-
-def load(path: str | Path, *, check_secrets: bool = True) -> Config:
-    """Reads and validates a YAML config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    return parse(data, str(p), check_secrets=check_secrets)

@@ -1,0 +1,100 @@
+"""The YAML config: schema, validation with precise errors, and the core's view of it.
+
+Modules, bottom up (none imports a module listed after it):
+
+- `prices`: catalogue price references resolved to concrete prices;
+- `schema`: the pydantic models (strict: an unknown key is an error);
+- `errors`: `ConfigError`;
+- `tls`: TLS files checked to exist and load;
+- `checks`: checks across sections (references, secrets, budgets, keys);
+- `loader`: `load`/`parse`: YAML, schema, checks, then the Rust core's own check.
+
+Everything is re-exported here: import from `edgeroute.config`.
+"""
+
+from __future__ import annotations
+
+from edgeroute.config.errors import ConfigError
+from edgeroute.config.loader import load, parse
+from edgeroute.config.schema import (
+    Budget,
+    BudgetAction,
+    Budgets,
+    Config,
+    Deployment,
+    Experiment,
+    FallbackClass,
+    Feedback,
+    HealthCheck,
+    HealthSettings,
+    Hedge,
+    Learning,
+    Ledger,
+    Limit,
+    Model,
+    Policy,
+    PolicyCandidate,
+    Price,
+    PriceWindow,
+    Provider,
+    ProviderKind,
+    RateLimits,
+    Retry,
+    RetryBudget,
+    Rule,
+    RuleThen,
+    RuleWhen,
+    Server,
+    Shadow,
+    SharedState,
+    Strategy,
+    TaskType,
+    Timeouts,
+    TimeWindow,
+    Tls,
+    Variant,
+    VirtualKey,
+)
+
+__all__ = [
+    "Budget",
+    "BudgetAction",
+    "Budgets",
+    "Config",
+    "ConfigError",
+    "Deployment",
+    "Experiment",
+    "FallbackClass",
+    "Feedback",
+    "HealthCheck",
+    "HealthSettings",
+    "Hedge",
+    "Learning",
+    "Ledger",
+    "Limit",
+    "Model",
+    "Policy",
+    "PolicyCandidate",
+    "Price",
+    "PriceWindow",
+    "Provider",
+    "ProviderKind",
+    "RateLimits",
+    "Retry",
+    "RetryBudget",
+    "Rule",
+    "RuleThen",
+    "RuleWhen",
+    "Server",
+    "Shadow",
+    "SharedState",
+    "Strategy",
+    "TaskType",
+    "TimeWindow",
+    "Timeouts",
+    "Tls",
+    "Variant",
+    "VirtualKey",
+    "load",
+    "parse",
+]

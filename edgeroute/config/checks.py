@@ -1,0 +1,143 @@
+"""Checks across the sections of a schema-valid config: names that refer to other sections,
+secret references that resolve, TLS files that load, budgets and keys that agree."""
+
+from __future__ import annotations
+
+import hashlib
+
+from edgeroute import secrets
+from edgeroute.config.schema import Config
+from edgeroute.config.tls import check_tls
+
+
+def cross_check(cfg: Config) -> list[tuple[str, str]]:
+    """Every problem a single field's schema cannot see: references between sections, secrets
+    that do not resolve, TLS files; as (path in the file, message)."""
+    problems: list[tuple[str, str]] = []
+    for name, d in cfg.deployments.items():
+        if d.provider not in cfg.providers:
+            problems.append((f"deployments.{name}.provider", f"unknown provider {d.provider!r}"))
+    for name, m in cfg.models.items():
+        choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
+        if not m.deployments and not choosers:
+            problems.append((f"models.{name}.deployments", "a model needs deployments, a policy or an experiment"))
+        if m.deployments and choosers:
+            problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
+        if len(choosers) == 2:
+            problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
+        refs: list[tuple[str, str]] = []
+        if m.policy is not None:
+            refs += [
+                (f"models.{name}.policy.candidates[{i}].route", c.route) for i, c in enumerate(m.policy.candidates)
+            ]
+        if m.experiment is not None:
+            refs += [
+                (f"models.{name}.experiment.variants[{i}].route", v.route) for i, v in enumerate(m.experiment.variants)
+            ]
+            total = sum(v.percent for v in m.experiment.variants)
+            if abs(total - 100) > 1e-6:
+                problems.append((f"models.{name}.experiment.variants", f"percents add up to {total:g}, not 100"))
+        if m.shadow is not None:
+            refs.append((f"models.{name}.shadow.model", m.shadow.model))
+        for path, ref in refs:
+            target = cfg.models.get(ref)
+            # An experiment may compare a policy route with a fixed one; everything else needs deployments.
+            policy_ok = ".experiment." in path and target is not None and target.policy is not None
+            if target is None:
+                problems.append((path, f"unknown model {ref!r}"))
+            elif not target.deployments and not policy_ok:
+                problems.append((path, f"{ref!r} must be a model with deployments"))
+        for i, dep in enumerate(m.deployments):
+            if dep not in cfg.deployments:
+                problems.append((f"models.{name}.deployments[{i}]", f"unknown deployment {dep!r}"))
+        lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
+        lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
+        for field, names in lists:
+            for i, f in enumerate(names):
+                if f not in cfg.models:
+                    problems.append((f"models.{name}.{field}[{i}]", f"unknown model {f!r}"))
+                elif f == name:
+                    problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
+    seen: set[str] = set()
+    for i, r in enumerate(cfg.rules):
+        if r.name in seen:
+            problems.append((f"rules[{i}].name", f"rule name {r.name!r} is used twice"))
+        seen.add(r.name)
+        if r.then.route is not None and r.then.route not in cfg.models:
+            problems.append((f"rules[{i}].then.route", f"unknown model {r.then.route!r}"))
+        for j, dep in enumerate(r.then.deployments):
+            if dep not in cfg.deployments:
+                problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
+    problems += _cross_check_cost(cfg)
+    for i, ref in enumerate(cfg.server.api_keys):
+        try:
+            secrets.resolve(ref)
+        except secrets.SecretError as e:
+            problems.append((f"server.api_keys[{i}]", str(e)))
+    for name, p in cfg.providers.items():
+        if p.api_key is not None:
+            try:
+                secrets.resolve(p.api_key)
+            except secrets.SecretError as e:
+                problems.append((f"providers.{name}.api_key", str(e)))
+        if p.tls is not None:
+            problems += check_tls(f"providers.{name}.tls", p.tls)
+    return problems
+
+
+def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    if cfg.keys and cfg.server.api_keys:
+        problems.append(("keys", "use either keys (virtual keys) or server.api_keys, not both"))
+    owner_of: dict[str, str] = {}  # token digest -> key: two keys with one token would be one identity
+    for name, k in cfg.keys.items():
+        if (k.token is None) == (k.token_sha256 is None):
+            problems.append((f"keys.{name}", "give exactly one of token (a reference) or token_sha256"))
+            continue
+        try:
+            digest = k.token_sha256 or hashlib.sha256(secrets.resolve(k.token or "").reveal().encode()).hexdigest()
+        except secrets.SecretError as e:
+            problems.append((f"keys.{name}.token", str(e)))
+            continue
+        if (other := owner_of.setdefault(digest.lower(), name)) != name:
+            problems.append((f"keys.{name}", f"has the same token as keys.{other}"))
+    for section, names, known in (
+        ("models", cfg.rate_limits.models, cfg.models),
+        ("deployments", cfg.rate_limits.deployments, cfg.deployments),
+    ):
+        for n in names:
+            if n not in known:
+                problems.append((f"rate_limits.{section}.{n}", f"unknown {section[:-1]} {n!r}"))
+    seen: set[str] = set()
+    for i, b in enumerate(cfg.budgets.limits):
+        where = f"budgets.limits[{i}]"
+        if b.name in seen:
+            problems.append((f"{where}.name", f"budget name {b.name!r} is used twice"))
+        seen.add(b.name)
+        if (b.period == "rolling") != (b.window_hours is not None):
+            problems.append((f"{where}.window_hours", "required for period: rolling, and only then"))
+        if b.scope == "global" and b.match is not None:
+            problems.append((f"{where}.match", "a global budget matches everything"))
+        if b.scope == "model" and b.match is not None and b.match not in cfg.models:
+            problems.append((f"{where}.match", f"unknown model {b.match!r}"))
+        if b.scope == "key" and b.match is not None and b.match not in cfg.keys:
+            problems.append((f"{where}.match", f"unknown key {b.match!r}"))
+        for j, a in enumerate(b.actions):
+            if a.action == "downgrade":
+                if a.to is None:
+                    problems.append((f"{where}.actions[{j}].to", "downgrade needs a target model"))
+                elif a.to not in cfg.models:
+                    problems.append((f"{where}.actions[{j}].to", f"unknown model {a.to!r}"))
+            elif a.to is not None:
+                problems.append((f"{where}.actions[{j}].to", "only downgrade takes a target"))
+    if cfg.ledger is not None and cfg.ledger.backend == "postgres" and not cfg.ledger.dsn:
+        problems.append(("ledger.dsn", "the postgres backend needs a dsn"))
+    refs = [(f"keys.{n}.token", k.token) for n, k in cfg.keys.items() if k.token is not None]
+    if cfg.ledger is not None and cfg.ledger.dsn is not None:
+        refs.append(("ledger.dsn", cfg.ledger.dsn))
+    for where, ref in refs:
+        try:
+            secrets.resolve(ref)
+        except secrets.SecretError as e:
+            problems.append((where, str(e)))
+    return problems
