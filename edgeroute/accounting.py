@@ -160,13 +160,28 @@ class RequestRecord:
     # dispatch.outcome), a stream's cut reason, or the proxy's error code; None when answered.
     error_class: str | None = None
     queue_ms: float = 0.0  # time spent waiting for capacity before the first attempt
+    # For the request log: the explanation and the core's predictions.
+    tags: list[str] | None = None
+    reasons: list[str] = field(default_factory=list)
+    policy: str | None = None
+    variant: str | None = None
+    difficulty: float | None = None
+    # Set only where the request log keeps content (`log_content`): the request body and the
+    # answer as sent, and how to keep them; the writer redacts them, off the request path.
+    content_mode: str = "none"
+    content_request: bytes | None = None
+    content_response: bytes | None = None
 
     def __post_init__(self) -> None:
         if not self.started_at:
             self.started_at = self.started
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        """The record's fields as JSON (never the prompt or the answer content)."""
+        out = asdict(self)
+        out.pop("content_request", None)
+        out.pop("content_response", None)
+        return orjson.dumps(out)
 
 
 class Recorder(Protocol):

@@ -153,6 +153,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
         reasons = decision.reasons
+        rec.reasons, rec.tags = reasons, _tags(request)
+        rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
         ticket = await admission.admit(request, decision, rec)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.

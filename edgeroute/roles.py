@@ -20,6 +20,9 @@ _RANK: dict[str, int] = {role: i for i, role in enumerate(ROLES)}
 ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/deployments": "viewer",
     "GET /admin/spend": "viewer",
+    "GET /admin/requests": "viewer",
+    "GET /admin/requests/{id}": "viewer",
+    "GET /admin/stats": "viewer",
     "GET /admin/learning": "viewer",
     "POST /admin/reload": "operator",
 }

@@ -20,7 +20,7 @@ import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.config import Price
-from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend, rejects_row
+from edgeroute.cost.ledger import Batch, Ledger, PostgresBackend, SqliteBackend, rejects_row
 from tests.test_cost_support import free_port, one_deployment, require_postgres
 
 
@@ -182,11 +182,17 @@ class _FlakyBackend:
         self.down = False
         self.failures = 0
 
-    def write(self, rows: Sequence[tuple[Any, ...]], attempts: Sequence[tuple[Any, ...]]) -> None:
+    def write(self, batch: Batch) -> None:
         if self.down:
             self.failures += 1
             raise sqlite3.OperationalError("database is locked")
-        self.inner.write(rows, attempts)
+        self.inner.write(batch)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        return self.inner.execute(sql, params)
+
+    def scalar(self, sql: str) -> int:
+        return self.inner.scalar(sql)
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return self.inner.query(sql, params)

@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from edgeroute.config import prices
+from edgeroute.requestlog.settings import RequestLog
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
@@ -358,6 +359,7 @@ class Config(_Strict):
     rate_limits: RateLimits = RateLimits()
     budgets: Budgets = Budgets()
     ledger: Ledger | None = None
+    request_log: RequestLog = RequestLog()
     shared_state: SharedState | None = None
     learning: Learning = Learning()
 

@@ -19,6 +19,7 @@ from edgeroute.config import Config
 from edgeroute.cost.control import CostControl, on_response_prepare
 from edgeroute.cost.ledger import ledger_from_config
 from edgeroute.cost.reports import LEDGER, admin_spend
+from edgeroute.requestlog import api as requestlog_api
 from edgeroute.state import RECORDER
 
 log = logging.getLogger("edgeroute.cost")
@@ -39,6 +40,7 @@ def install(
     control = CostControl(config) if admission is None and CostControl.wanted(config) else None
     app[ADMISSION] = admission or control or AdmitAll()
     app.router.add_get("/admin/spend", admin_spend)
+    requestlog_api.install(app, ledger.backend if ledger is not None and ledger.request_log is not None else None)
     if control is not None:
         app.on_response_prepare.append(on_response_prepare)
 

@@ -16,9 +16,18 @@ logged at ERROR with every column (enough to re-enter the spend by hand) and cou
 so nothing is set aside on a guess. `close()` keeps retrying for `close_timeout` seconds;
 what it still cannot write is logged the same way and counted in `lost_at_close`.
 
-Writes are not idempotent: if PostgreSQL commits a batch but the acknowledgement is lost,
-the retry writes it again. `request_id` cannot be the key (a client may send its own
-`x-request-id`, and reuse it); that needs a ledger-generated row id and a migration.
+Writes are idempotent: each row gets a writer-generated `row_id` (unique) and each batch
+an id recorded in `ledger_batches` in the same transaction, so when PostgreSQL commits a
+batch but the acknowledgement is lost, the retry of that same batch writes nothing twice
+(not even the request log's additive rollups). A batch that failed is retried as it was,
+before anything newer. Databases made before row ids are migrated at start (a column and
+a unique index are added; old rows keep a NULL id).
+
+The same writer, in the same transactions, writes the request log (`edgeroute.requestlog`:
+one row per request with its attempts timeline, and per-minute rollups) when it is on,
+and the reservation journal (`journal()`: what admission reserved, so that a restart
+counts the requests that were in flight at a crash as spent); it also runs the request
+log's retention every minute.
 
 Rows hold ids and numbers only: the key's id, never its token. `baseline_cost_usd` is
 what the same usage would have cost on the route's most expensive deployment (for the
@@ -29,7 +38,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import logging
+import os
 import sqlite3
 import sys
 import threading
@@ -43,18 +54,23 @@ from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
+from edgeroute.requestlog import rollup
+from edgeroute.requestlog import rows as requestlog_rows
+from edgeroute.requestlog import store as requestlog_store
+from edgeroute.requestlog.settings import RequestLog
 
 log = logging.getLogger("edgeroute.ledger")
 
 COLUMNS = (
     "request_id", "ts", "day", "key_id", "team", "user_id", "model", "route", "rule", "deployment", "stream",
     "status", "outcome", "admission", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated",
-    "cost_usd", "baseline_cost_usd", "latency_ms", "attempts",
+    "cost_usd", "baseline_cost_usd", "latency_ms", "attempts", "row_id",
 )  # fmt: skip
 ATTEMPT_COLUMNS = (
     "request_id", "n", "deployment", "provider", "outcome", "status", "latency_ms", "hedge",
-    "prompt_tokens", "completion_tokens", "cost_usd",
+    "prompt_tokens", "completion_tokens", "cost_usd", "row_id",
 )  # fmt: skip
+JOURNAL_COLUMNS = ("row_id", "request_id", "ts", "store_key", "amount_nano")
 
 _BODY = """
     request_id TEXT NOT NULL,
@@ -78,7 +94,8 @@ _BODY = """
     cost_usd DOUBLE PRECISION NOT NULL,
     baseline_cost_usd DOUBLE PRECISION NOT NULL,
     latency_ms DOUBLE PRECISION NOT NULL,
-    attempts INTEGER NOT NULL
+    attempts INTEGER NOT NULL,
+    row_id TEXT
 """
 _ATTEMPTS = """
 CREATE TABLE IF NOT EXISTS spend_attempts (
@@ -92,25 +109,76 @@ CREATE TABLE IF NOT EXISTS spend_attempts (
     hedge INTEGER NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    cost_usd DOUBLE PRECISION NOT NULL
+    cost_usd DOUBLE PRECISION NOT NULL,
+    row_id TEXT
+)"""
+# One row per batch written: a batch whose id is already here was committed before (its
+# acknowledgement was lost) and is skipped whole.
+_BATCHES = "CREATE TABLE IF NOT EXISTS ledger_batches (batch_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL)"
+# Budget reservations as admission made them: one whose request has no spend row yet was in
+# flight, and counts as spent when budgets are rebuilt at start.
+_JOURNAL = """
+CREATE TABLE IF NOT EXISTS reservations (
+    row_id TEXT NOT NULL PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    store_key TEXT NOT NULL,
+    amount_nano BIGINT NOT NULL
 )"""
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts)",
     "CREATE INDEX IF NOT EXISTS spend_request ON spend (request_id)",
     "CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)",
+    "CREATE INDEX IF NOT EXISTS reservations_ts ON reservations (ts)",
+)
+# After the migration, on databases old and new.
+_ROW_IDS = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS spend_row_id ON spend (row_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS spend_attempts_row_id ON spend_attempts (row_id, n)",
 )
 
 
 def schema(dialect: str) -> list[str]:
     """The same tables on both backends; only the surrogate key's syntax differs."""
     ident = "id INTEGER PRIMARY KEY" if dialect == "sqlite" else "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
-    return [f"CREATE TABLE IF NOT EXISTS spend (\n    {ident},{_BODY})", _ATTEMPTS, *_INDEXES]
+    return [
+        f"CREATE TABLE IF NOT EXISTS spend (\n    {ident},{_BODY})",
+        _ATTEMPTS,
+        _BATCHES,
+        _JOURNAL,
+        *_INDEXES,
+        *requestlog_store.schema(dialect),
+    ]
+
+
+def _missing_row_id(columns: Sequence[str]) -> bool:
+    return "row_id" not in columns
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """Everything one transaction writes; `batch_id` makes the write idempotent."""
+
+    batch_id: str
+    spend: list[tuple[Any, ...]]
+    attempts: list[tuple[Any, ...]]
+    requests: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    rollup: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    journal: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
 
 
 class Backend(Protocol):
     dialect: str
 
-    def write(self, rows: Sequence[tuple[Any, ...]], attempts: Sequence[tuple[Any, ...]]) -> None: ...
+    def write(self, batch: Batch) -> None:
+        """Writes the batch in one transaction, unless a batch with its id was written before."""
+        ...
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        """Runs one statement (`?` placeholders) on the writer's connection, committed; the row count."""
+        ...
+
+    def scalar(self, sql: str) -> int: ...
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Runs a read query written with `?` placeholders, on its own connection."""
@@ -129,8 +197,43 @@ def rejects_row(exc: BaseException) -> bool:
     return psycopg is not None and isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
 
 
-def _insert(table: str, cols: Sequence[str], mark: str) -> str:
-    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join([mark] * len(cols))})"
+def _insert(table: str, cols: Sequence[str], mark: str, conflict: str) -> str:
+    values = ", ".join([mark] * len(cols))
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({values}) ON CONFLICT ({conflict}) DO NOTHING"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Statements:
+    batch: str
+    spend: str
+    attempts: str
+    requests: str
+    rollup: str
+    journal: str
+
+    @classmethod
+    def for_mark(cls, mark: str) -> _Statements:
+        return cls(
+            f"INSERT INTO ledger_batches (batch_id, ts) VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING",
+            _insert("spend", COLUMNS, mark, "row_id"),
+            _insert("spend_attempts", ATTEMPT_COLUMNS, mark, "row_id, n"),
+            requestlog_store.insert_sql(mark),
+            rollup.upsert_sql(mark),
+            _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
+        )
+
+    def run(self, cur: Any, b: Batch) -> None:
+        """Writes `b` through a cursor inside a transaction (the caller's)."""
+        cur.execute(self.batch, (b.batch_id, time.time()))
+        if cur.rowcount == 0:
+            log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
+            return
+        for sql, rows in (
+            (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests),
+            (self.rollup, b.rollup), (self.journal, b.journal),
+        ):  # fmt: skip
+            if rows:
+                cur.executemany(sql, rows)
 
 
 class SqliteBackend:
@@ -141,9 +244,13 @@ class SqliteBackend:
         self._conn = self._connect()
         for stmt in schema("sqlite"):
             self._conn.execute(stmt)
+        for table in ("spend", "spend_attempts"):
+            if _missing_row_id([r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")]):
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
+        for stmt in _ROW_IDS:
+            self._conn.execute(stmt)
         self._conn.commit()
-        self._rows_sql = _insert("spend", COLUMNS, "?")
-        self._att_sql = _insert("spend_attempts", ATTEMPT_COLUMNS, "?")
+        self._sql = _Statements.for_mark("?")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
@@ -151,11 +258,16 @@ class SqliteBackend:
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
-    def write(self, rows: Sequence[tuple[Any, ...]], attempts: Sequence[tuple[Any, ...]]) -> None:
+    def write(self, batch: Batch) -> None:
         with self._conn:
-            self._conn.executemany(self._rows_sql, rows)
-            if attempts:
-                self._conn.executemany(self._att_sql, attempts)
+            self._sql.run(self._conn.cursor(), batch)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        with self._conn:
+            return int(self._conn.execute(sql, params).rowcount)
+
+    def scalar(self, sql: str) -> int:
+        return int(self._conn.execute(sql).fetchone()[0])
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
@@ -178,18 +290,36 @@ class PostgresBackend:
         self._dsn = dsn
         self._conn = psycopg.connect(dsn, autocommit=False)
         with self._conn.transaction():
+            # Two instances starting at once would race on CREATE TABLE IF NOT EXISTS.
+            self._conn.execute("SELECT pg_advisory_xact_lock(7420)")
             for stmt in schema("postgres"):
                 self._conn.execute(stmt)
-        self._rows_sql = _insert("spend", COLUMNS, "%s")
-        self._att_sql = _insert("spend_attempts", ATTEMPT_COLUMNS, "%s")
+            for table in ("spend", "spend_attempts"):
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
+            for stmt in _ROW_IDS:
+                self._conn.execute(stmt)
+        self._sql = _Statements.for_mark("%s")
 
-    def write(self, rows: Sequence[tuple[Any, ...]], attempts: Sequence[tuple[Any, ...]]) -> None:
+    def _live(self) -> Any:
         if self._conn.closed:
             self._conn = self._psycopg.connect(self._dsn, autocommit=False)
-        with self._conn.transaction(), self._conn.cursor() as cur:
-            cur.executemany(self._rows_sql, rows)
-            if attempts:
-                cur.executemany(self._att_sql, attempts)
+        return self._conn
+
+    def write(self, batch: Batch) -> None:
+        conn = self._live()
+        with conn.transaction(), conn.cursor() as cur:
+            self._sql.run(cur, batch)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        conn = self._live()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            return int(cur.rowcount)
+
+    def scalar(self, sql: str) -> int:
+        conn = self._live()
+        with conn.transaction():
+            return int(conn.execute(sql).fetchone()[0])
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with self._psycopg.connect(self._dsn) as conn:
@@ -206,15 +336,37 @@ def _tokens(u: Usage | None) -> tuple[int, int, int, int]:
 
 
 Row = tuple[Any, ...]
+_MAINTAIN_EVERY = 60.0  # seconds between retention runs
 
 
 @dataclasses.dataclass(slots=True)
 class _Pending:
-    """A record and its rows, ready for the store."""
+    """A record and its rows, ready for the store; `row_id` is its id in every table."""
 
     rec: RequestRecord
     row: Row
     attempts: list[Row]
+    request: Row | None = None
+    baseline: float = 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Held:
+    """One batch as first built: a failed batch is retried exactly so (same ids)."""
+
+    batch_id: str
+    pending: list[_Pending]
+    journal: list[Row]
+
+    def batch(self, log_on: bool) -> Batch:
+        return Batch(
+            self.batch_id,
+            [p.row for p in self.pending],
+            [a for p in self.pending for a in p.attempts],
+            [p.request for p in self.pending if p.request is not None],
+            rollup.aggregate((p.rec, p.baseline) for p in self.pending if p.rec.shadow_of is None) if log_on else [],
+            self.journal,
+        )
 
 
 class Ledger:
@@ -232,16 +384,23 @@ class Ledger:
         record_attempts: bool = True,
         baseline: dict[str, Price] | None = None,
         close_timeout: float = 5.0,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.backend = backend
         self.flush_interval = flush_interval
         self.record_attempts = record_attempts
         self.baseline = baseline or {}
         self.close_timeout = close_timeout
+        self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._queue: collections.deque[RequestRecord] = collections.deque()
+        self._journal: collections.deque[Row] = collections.deque()
+        self._retry: list[_Held] = []
+        self._writer_id = os.urandom(6).hex()
+        self._seq = itertools.count(1)
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # one flush at a time (thread vs. an explicit flush)
+        self._maintained = 0.0
         self.written = 0
         self.failed_batches = 0
         self.set_aside = 0
@@ -253,61 +412,114 @@ class Ledger:
     def record(self, rec: RequestRecord) -> None:
         self._queue.append(rec)
 
+    def journal(self, request_id: str, ts: float, store_key: str, amount_nano: int) -> None:
+        """Notes a budget reservation (an append), written with the next batch."""
+        self._journal.append((request_id, ts, store_key, amount_nano))
+
+    def queue_depth(self) -> int:
+        """Records waiting to be written (new ones and those kept from failed batches)."""
+        return len(self._queue) + sum(len(h.pending) for h in self._retry)
+
     def _run(self) -> None:
         while not self._stop:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             try:
                 self.flush()
+                if time.monotonic() - self._maintained >= _MAINTAIN_EVERY:
+                    self._maintained = time.monotonic()
+                    self.maintain()
             except Exception:  # a bug must not stop the writer: the next flush tries again
                 log.exception("ledger flush failed")
+
+    def maintain(self, now: float | None = None) -> None:
+        """Retention: the request log's (days, size cap), batch ids past any retry, and settled
+        reservations."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if self.request_log is not None:
+                requestlog_store.prune(self.backend, self.request_log, now)
+            self.backend.execute("DELETE FROM ledger_batches WHERE ts < ?", (now - 3 * 86400,))
+            settled = "EXISTS (SELECT 1 FROM spend WHERE spend.request_id = reservations.request_id)"
+            self.backend.execute(f"DELETE FROM reservations WHERE ts < ? AND {settled}", (now - 600,))
+            self.backend.execute("DELETE FROM reservations WHERE ts < ?", (now - 400 * 86400,))
+
+    def _next_id(self) -> str:
+        return f"{self._writer_id}-{next(self._seq):x}"
 
     def flush(self) -> int:
         """Writes everything queued so far; returns the number of requests written.
 
-        If the store is unavailable, the records stay queued for the next flush. If it
-        rejects the batch, the batch is written row by row and the rows it still rejects
-        are set aside (logged and counted), so one bad record cannot block the others."""
+        A batch the store could not take (unavailable) is kept and retried first, as it was.
+        If the store rejects a batch, it is written row by row and the rows it still
+        rejects are set aside (logged and counted), so one bad record cannot block the others."""
         with self._lock:
+            done = 0
+            while self._retry:
+                n = self._write(self._retry[0], retry=True)
+                if n is None:
+                    return done
+                done += n
+                self._retry.pop(0)
             batch: list[RequestRecord] = []
             while self._queue:
                 batch.append(self._queue.popleft())
-            if not batch:
-                return 0
+            journal: list[Row] = []
+            while self._journal:
+                journal.append((self._next_id(), *self._journal.popleft()))
             pending = [p for p in map(self._pending, batch) if p is not None]
-            if not pending:
-                return 0
-            try:
-                self.backend.write([p.row for p in pending], [a for p in pending for a in p.attempts])
-            except Exception as e:
-                if not rejects_row(e):
-                    self._keep(pending, e)
-                    return 0
-                log.warning("ledger: the store rejected a batch of %d (%s); writing it row by row", len(pending), e)
-                return self._write_one_by_one(pending)
-            self.written += len(pending)
-            return len(pending)
+            if not pending and not journal:
+                return done
+            n = self._write(_Held(self._next_id(), pending, journal))
+            return done + (n or 0)
 
-    def _write_one_by_one(self, pending: list[_Pending]) -> int:
+    def _write(self, held: _Held, retry: bool = False) -> int | None:
+        """Writes a batch; the number of requests written, or None when the store is unavailable
+        (the batch is then kept for the next flush)."""
+        try:
+            self.backend.write(held.batch(self.request_log is not None))
+        except Exception as e:
+            if not rejects_row(e):
+                self._keep(held, e, retry)
+                return None
+            log.warning("ledger: the store rejected a batch of %d (%s); writing it row by row", len(held.pending), e)
+            return self._write_one_by_one(held, retry)
+        self.written += len(held.pending)
+        return len(held.pending)
+
+    def _write_one_by_one(self, held: _Held, retry: bool) -> int | None:
         done = 0
-        for i, p in enumerate(pending):
+        parts = [_Held(f"{held.batch_id}/j", [], held.journal)] if held.journal else []
+        parts += [_Held(f"{held.batch_id}/{i}", [p], []) for i, p in enumerate(held.pending)]
+        for i, part in enumerate(parts):
             try:
-                self.backend.write([p.row], p.attempts)
+                self.backend.write(part.batch(self.request_log is not None))
             except Exception as e:
                 if rejects_row(e):
-                    self._set_aside(p.rec, p.row, p.attempts, e)
+                    for p in part.pending:
+                        self._set_aside(p.rec, p.row, p.attempts, e)
+                    if not part.pending:
+                        log.error("ledger: the store rejected reservation journal rows: %s (%s)", part.journal, e)
                     continue
-                self._keep(pending[i:], e)
-                break
-            done += 1
+                rest = parts[i:]
+                self._keep(_Held(f"{held.batch_id}/r{i}", [p for r in rest for p in r.pending],
+                                 [j for r in rest for j in r.journal]), e, retry)  # fmt: skip
+                if retry:
+                    self._retry.pop(0)  # replaced by what is left of it, at the end of the queue
+                self.written += done
+                return None
+            done += len(part.pending)
         self.written += done
         return done
 
-    def _keep(self, pending: list[_Pending], exc: Exception) -> None:
-        """The store is unavailable: keep the records for the next flush rather than lose spend."""
+    def _keep(self, held: _Held, exc: Exception, retry: bool) -> None:
+        """The store is unavailable: keep the batch for the next flush rather than lose spend."""
         self.failed_batches += 1
-        log.error("ledger write failed; %d records kept for the next flush", len(pending), exc_info=exc)
-        self._queue.extendleft(reversed([p.rec for p in pending]))
+        log.error("ledger write failed; %d records kept for the next flush", len(held.pending), exc_info=exc)
+        if not retry:
+            self._retry.append(held)
+        elif held.batch_id != self._retry[0].batch_id:
+            self._retry.append(held)
 
     def _set_aside(self, rec: RequestRecord, row: Row | None, attempts: list[Row], exc: BaseException) -> None:
         """Logs a record the store will not take, with every column (ids and numbers only,
@@ -323,21 +535,21 @@ class Ledger:
 
     def _pending(self, rec: RequestRecord) -> _Pending | None:
         try:
-            row, attempts = self._rows(rec)
+            return self._rows(rec, self._next_id())
         except Exception as e:  # a record that cannot even be turned into a row
             self._set_aside(rec, None, [], e)
             return None
-        return _Pending(rec, row, attempts)
 
-    def _rows(self, r: RequestRecord) -> tuple[Row, list[Row]]:
+    def _rows(self, r: RequestRecord, row_id: str) -> _Pending:
         p, c, cached, est = _tokens(r.usage)
         base = self.baseline.get(r.route)
         baseline = cost_of(base, r.usage, r.started) if base is not None and r.usage is not None else r.cost_usd
+        baseline = max(baseline, r.cost_usd)
         row = (
             r.request_id, r.started, time.strftime("%Y-%m-%d", time.gmtime(r.started)), r.key, r.team,
             r.user, r.model, r.route, r.rule, r.deployment, int(r.stream), r.status, r.outcome,
-            r.admission, p, c, cached, est, r.cost_usd, max(baseline, r.cost_usd), r.latency_ms,
-            len(r.attempts),
+            r.admission, p, c, cached, est, r.cost_usd, baseline, r.latency_ms,
+            len(r.attempts), row_id,
         )  # fmt: skip
         attempts: list[Row] = []
         if self.record_attempts:
@@ -346,10 +558,15 @@ class Ledger:
                 attempts.append(
                     (
                         r.request_id, n, a.deployment, a.provider, a.outcome, a.status, a.latency_ms,
-                        int(a.hedge), ap, ac, a.cost_usd,
+                        int(a.hedge), ap, ac, a.cost_usd, row_id,
                     )
                 )  # fmt: skip
-        return row, attempts
+        request = None
+        if self.request_log is not None:
+            request = requestlog_rows.row(r, baseline)
+        # The bytes were only needed for the row: do not keep a prompt alive any longer.
+        r.content_request = r.content_response = None
+        return _Pending(r, row, attempts, request, baseline)
 
     def close(self) -> None:
         """Stops the writer and writes whatever is left (graceful shutdown loses nothing the
@@ -361,13 +578,15 @@ class Ledger:
         deadline = time.monotonic() + self.close_timeout
         pause = 0.05
         self.flush()
-        while self._queue and time.monotonic() < deadline:
+        while (self._queue or self._retry) and time.monotonic() < deadline:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 1.0)
             self.flush()
         with self._lock:
-            while self._queue:
-                rec = self._queue.popleft()
+            lost = [p.rec for h in self._retry for p in h.pending] + list(self._queue)
+            self._retry.clear()
+            self._queue.clear()
+            for rec in lost:
                 self.lost_at_close += 1
                 log.error("ledger: not written at shutdown, the store is unavailable: %s", _describe(rec, None, []))
         self.backend.close()
@@ -382,6 +601,8 @@ def _describe(rec: RequestRecord, row: Row | None, attempts: list[Row]) -> dict[
             "attempt_rows": [dict(zip(ATTEMPT_COLUMNS, a, strict=True)) for a in attempts],
         }
     fields = dataclasses.asdict(rec)
+    for k in ("content_request", "content_response"):  # a prompt or an answer never goes to the log
+        fields.pop(k, None)
     for a in fields["attempts"]:
         a.pop("error", None)
     return fields
@@ -407,4 +628,10 @@ def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | No
         lc = LedgerConfig()
     if lc.backend == "memory":
         return None
-    return Ledger(backend_for(lc, base_dir), lc.flush_interval, lc.record_attempts, most_expensive(cfg))
+    return Ledger(
+        backend_for(lc, base_dir),
+        lc.flush_interval,
+        lc.record_attempts,
+        most_expensive(cfg),
+        request_log=cfg.request_log,
+    )

@@ -1,0 +1,80 @@
+"""`GET /admin/requests`, `GET /admin/requests/{id}` and `GET /admin/stats`.
+
+Viewer routes (see `roles.py`); a request's prompt and answer, where stored, are returned
+to admin keys only (and, without keys, to the loopback clients that may call admin routes
+at all). The queries run in a thread: a page or a day of stats never stalls the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import roles
+from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.ledger import Backend
+from edgeroute.errors import ProxyError
+from edgeroute.requestlog import query
+
+REQUEST_LOG = web.AppKey("request_log_db", Backend)
+
+
+def _db(request: web.Request) -> Backend:
+    db = request.app.get(REQUEST_LOG)
+    if db is None:
+        raise ProxyError(
+            404,
+            "The request log is off: it needs a ledger (SQLite or PostgreSQL) and `request_log.enabled`.",
+            code="no_request_log",
+        )
+    return db
+
+
+def _json(body: object) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def _answer(request: web.Request, run: Callable[[Backend, Mapping[str, str]], dict[str, Any]]) -> web.Response:
+    db = _db(request)
+    try:
+        body = await asyncio.to_thread(run, db, request.query)
+    except query.BadParam as e:
+        raise ProxyError(400, f"Invalid parameter {e}", code="invalid_parameter", param=e.param) from None
+    return _json(body)
+
+
+async def admin_requests(request: web.Request) -> web.Response:
+    return await _answer(request, query.list_requests)
+
+
+def may_read_content(request: web.Request) -> bool:
+    ident = request.get(IDENTITY)
+    return ident is None or roles.permits(ident.role, "admin")
+
+
+async def admin_request(request: web.Request) -> web.Response:
+    db = _db(request)
+    rid = request.match_info["id"]
+    if len(rid) > 256:
+        raise ProxyError(400, "Invalid parameter id: longer than 256 characters", code="invalid_parameter", param="id")
+    found = await asyncio.to_thread(query.get_request, db, rid, may_read_content(request))
+    if found is None:
+        raise ProxyError(404, f"No request {rid!r} in the request log.", code="request_not_found")
+    return _json(found)
+
+
+async def admin_stats(request: web.Request) -> web.Response:
+    return await _answer(request, query.stats)
+
+
+def install(app: web.Application, db: Backend | None) -> None:
+    """Adds the routes; `db` is the ledger's backend when the request log is on."""
+    if db is not None:
+        app[REQUEST_LOG] = db
+    app.router.add_get("/admin/requests", admin_requests)
+    app.router.add_get("/admin/requests/{id}", admin_request)
+    app.router.add_get("/admin/stats", admin_stats)

@@ -1,0 +1,289 @@
+"""Reading the request log: filtered pages of requests, one request, and stats.
+
+Every parameter is checked before any SQL is built, and a bad one raises `BadParam`
+naming it. Filter values are bound parameters; column names come from fixed tables here,
+never from the request. Used by the HTTP API and the CLI alike.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import orjson
+
+from edgeroute.requestlog import rollup
+
+MAX_PAGE = 500
+DEFAULT_PAGE = 50
+MAX_STATS_POINTS = 10_000  # groups are few; buckets x groups stay a dashboard's worth
+
+
+class Readable(Protocol):
+    dialect: str
+
+    def query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]: ...
+
+
+class BadParam(ValueError):
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(name: str, value: str, now: float) -> float:
+    """Epoch seconds, a duration before now (`15m`, `24h`, `7d`) or an ISO date/time (UTC by default)."""
+    v = value.strip()
+    if m := _RELATIVE.fullmatch(v):
+        return now - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        t = float(v)
+    except ValueError:
+        try:
+            when = dt.datetime.fromisoformat(v)
+        except ValueError:
+            raise BadParam(name, f"{value!r} is not a time: use epoch seconds, 15m, 24h, 7d or an ISO date") from None
+        t = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    if not math.isfinite(t) or not 0 <= t < 1e11:
+        raise BadParam(name, f"{value!r} is out of range")
+    return t
+
+
+def time_range(q: Mapping[str, str], now: float, default_since: float | None) -> tuple[float | None, float]:
+    since = parse_time("since", q["since"], now) if q.get("since") else default_since
+    until = parse_time("until", q["until"], now) if q.get("until") else now
+    if since is not None and since >= until:
+        raise BadParam("since", "must be before until")
+    return since, until
+
+
+def _check_known(q: Mapping[str, str], known: frozenset[str]) -> None:
+    for k in q:
+        if k not in known:
+            raise BadParam(k, f"unknown parameter; known: {', '.join(sorted(known))}")
+
+
+def _number(name: str, value: str) -> float:
+    try:
+        n = float(value)
+    except ValueError:
+        raise BadParam(name, f"{value!r} is not a number") from None
+    if not math.isfinite(n) or n < 0:
+        raise BadParam(name, f"{value!r} must be a non-negative number")
+    return n
+
+
+# -- requests --------------------------------------------------------------------------
+
+_EXACT = {  # parameter -> column, matched with =
+    "model": "model",
+    "deployment": "deployment",
+    "key": "key_id",
+    "team": "team",
+    "error_class": "error_class",
+    "rule": "rule",
+}
+REQUEST_PARAMS = frozenset({*_EXACT, "since", "until", "status", "min_latency_ms", "min_cost_usd", "limit", "cursor"})
+_SUMMARY = (
+    "id", "correlation_id", "ts", "key_id", "team", "user_id", "model", "route", "rule", "deployment", "provider",
+    "status", "outcome", "error_class", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens",
+    "tokens_estimated", "cost_usd", "cache", "attempts", "stream",
+)  # fmt: skip
+_DETAIL = (*_SUMMARY, "policy", "task", "difficulty", "variant", "queue_ms", "baseline_cost_usd", "detail", "content")
+_RENAME = {"key_id": "key", "user_id": "user"}
+
+
+def _status(value: str) -> tuple[str, list[Any]]:
+    v = value.strip().lower()
+    if v == "ok":
+        return "status = 200", []
+    if v == "error":
+        return "status <> 200", []
+    if re.fullmatch(r"[1-5]xx", v):
+        lo = int(v[0]) * 100
+        return "status >= ? AND status < ?", [lo, lo + 100]
+    if re.fullmatch(r"\d{1,3}", v):
+        return "status = ?", [int(v)]
+    raise BadParam("status", f"{value!r}: use a status code (429), a class (4xx, 5xx), ok or error")
+
+
+def _encode_cursor(ts: float, rid: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([ts, rid])).decode().rstrip("=")
+
+
+def _decode_cursor(value: str) -> tuple[float, str]:
+    try:
+        ts, rid = orjson.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+        if isinstance(ts, (int, float)) and isinstance(rid, str):
+            return float(ts), rid
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        pass
+    raise BadParam("cursor", "not a cursor this API returned")
+
+
+def _summary(names: tuple[str, ...], r: tuple[Any, ...]) -> dict[str, Any]:
+    out = {_RENAME.get(n, n): v for n, v in zip(names, r, strict=True)}
+    out["stream"] = bool(out["stream"])
+    out["tokens_estimated"] = bool(out["tokens_estimated"])
+    return out
+
+
+def list_requests(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
+    """`{"data": [summary], "next_cursor": str | None}`, newest first."""
+    _check_known(q, REQUEST_PARAMS)
+    now = time.time() if now is None else now
+    since, until = time_range(q, now, None)
+    where: list[str] = ["ts < ?"]
+    params: list[Any] = [until]
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    for name, col in _EXACT.items():
+        if (v := q.get(name)) is not None:
+            where.append(f"{col} = ?")
+            params.append(v)
+    if (v := q.get("status")) is not None:
+        cond, extra = _status(v)
+        where.append(cond)
+        params += extra
+    if (v := q.get("min_latency_ms")) is not None:
+        where.append("latency_ms >= ?")
+        params.append(_number("min_latency_ms", v))
+    if (v := q.get("min_cost_usd")) is not None:
+        where.append("cost_usd >= ?")
+        params.append(_number("min_cost_usd", v))
+    limit = DEFAULT_PAGE
+    if (v := q.get("limit")) is not None:
+        if not v.isdigit() or not 1 <= int(v) <= MAX_PAGE:
+            raise BadParam("limit", f"{v!r}: must be an integer from 1 to {MAX_PAGE}")
+        limit = int(v)
+    if (v := q.get("cursor")) is not None:
+        ts, rid = _decode_cursor(v)
+        where.append("(ts < ? OR (ts = ? AND id < ?))")
+        params += [ts, ts, rid]
+    sql = (
+        f"SELECT {', '.join(_SUMMARY)} FROM requests WHERE {' AND '.join(where)} "
+        f"ORDER BY ts DESC, id DESC LIMIT {limit + 1}"
+    )
+    found = db.query(sql, params)
+    data = [_summary(_SUMMARY, r) for r in found[:limit]]
+    more = len(found) > limit
+    return {"data": data, "next_cursor": _encode_cursor(data[-1]["ts"], data[-1]["id"]) if more else None}
+
+
+def get_request(db: Readable, rid: str, with_content: bool) -> dict[str, Any] | None:
+    """The full record: summary, explanation, attempts timeline, and content (when stored and allowed)."""
+    found = db.query(f"SELECT {', '.join(_DETAIL)} FROM requests WHERE id = ?", [rid])
+    if not found:
+        return None
+    out = _summary(_DETAIL, found[0])
+    detail = orjson.loads(out.pop("detail"))
+    raw_content = out.pop("content")
+    out["attempt_count"] = out["attempts"]
+    out.update(
+        tags=detail.get("tags", []),
+        reasons=detail.get("reasons", []),
+        admission=detail.get("admission"),
+        attempts=detail.get("attempts", []),
+    )
+    if raw_content is None:
+        out["content"] = None
+    elif with_content:
+        c = orjson.loads(raw_content)
+        out["content"] = {"request": c.get("request"), "response": c.get("response"), "mode": c.get("mode"),
+                          "truncated": c.get("truncated", False)}  # fmt: skip
+    else:
+        out["content"] = None
+        out["content_withheld"] = True  # stored, but only an admin key may read it
+    return out
+
+
+# -- stats -----------------------------------------------------------------------------
+
+GROUPS = ("none", "model", "deployment", "provider", "rule", "policy", "task", "variant", "team", "key")
+STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket"})
+
+
+def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
+    """Requests, success rate, latency and TTFT percentiles, tokens, cost and savings per group
+    (and per time bucket), from the per-minute rollup: minute resolution (`since` rounds down,
+    `until` up to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`."""
+    _check_known(q, STATS_PARAMS)
+    now = time.time() if now is None else now
+    since, until = time_range(q, now, now - 86400)
+    assert since is not None
+    group = q.get("group_by", "none")
+    if group not in GROUPS:
+        raise BadParam("group_by", f"{group!r}: use one of {', '.join(GROUPS)}")
+    first, last = int(since // 60), math.ceil(until / 60)
+    step = 0
+    if (b := q.get("bucket")) is not None:
+        if not b.isdigit() or int(b) < 60 or int(b) % 60:
+            raise BadParam("bucket", f"{b!r}: seconds, a whole number of minutes (60, 300, 3600, ...)")
+        step = int(b) // 60
+        if (last - first) / step > MAX_STATS_POINTS:
+            raise BadParam("bucket", f"{b}s over this range makes more than {MAX_STATS_POINTS} buckets")
+    sums = ", ".join(f"SUM({c})" for c in (*rollup.COUNTERS, *rollup.LAT, *rollup.TTFT))
+    # `step` is an integer parsed above, never text from the request.
+    t = f"(minute / {step}) * {step}" if step else "0"
+    sql = (
+        f"SELECT value, {t} AS t, {sums} FROM request_rollup WHERE dim = ? AND minute >= ? AND minute < ? "
+        "GROUP BY value, t"
+    )
+    found = db.query(sql, [group, first, last])
+    n_c, n_h = len(rollup.COUNTERS), rollup.BUCKETS
+    rows = []
+    total_c = [0.0] * n_c
+    total_lat, total_ttft = [0] * n_h, [0] * n_h
+    for r in found:
+        counters = [float(x or 0) for x in r[2 : 2 + n_c]]
+        lat = [int(x or 0) for x in r[2 + n_c : 2 + n_c + n_h]]
+        ttft = [int(x or 0) for x in r[2 + n_c + n_h :]]
+        row = _stats_row(counters, lat, ttft)
+        if step:
+            row = {"t": int(r[1]) * 60, **row}
+        if group != "none":
+            row = {"group": r[0] or None, **row}
+        rows.append(row)
+        total_c = [a + b for a, b in zip(total_c, counters, strict=True)]
+        total_lat = [a + b for a, b in zip(total_lat, lat, strict=True)]
+        total_ttft = [a + b for a, b in zip(total_ttft, ttft, strict=True)]
+    rows.sort(key=lambda x: (x.get("t", 0), -x["requests"], str(x.get("group"))))
+    return {
+        "since": first * 60,
+        "until": last * 60,
+        "group_by": group,
+        "bucket": step * 60 or None,
+        "rows": rows,
+        "totals": _stats_row(total_c, total_lat, total_ttft),
+        "percentile_error": round(rollup.MAX_RELATIVE_ERROR, 4),
+    }
+
+
+def _stats_row(c: list[float], lat: list[int], ttft: list[int]) -> dict[str, Any]:
+    requests, errors, p_tok, c_tok, cost, base = c
+    return {
+        "requests": int(requests),
+        "errors": int(errors),
+        "success_rate": round((requests - errors) / requests, 6) if requests else None,
+        "p50_ms": rollup.percentile(lat, 0.50),
+        "p95_ms": rollup.percentile(lat, 0.95),
+        "p99_ms": rollup.percentile(lat, 0.99),
+        "ttft_p50_ms": rollup.percentile(ttft, 0.50),
+        "ttft_p95_ms": rollup.percentile(ttft, 0.95),
+        "ttft_p99_ms": rollup.percentile(ttft, 0.99),
+        "prompt_tokens": int(p_tok),
+        "completion_tokens": int(c_tok),
+        "cost_usd": round(cost, 8),
+        "baseline_cost_usd": round(base, 8),
+        "savings_usd": round(base - cost, 8),
+    }

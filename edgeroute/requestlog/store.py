@@ -1,0 +1,120 @@
+"""The request log's tables, indexes and retention, in the spend ledger's database.
+
+The ledger's writer (`cost.ledger`) writes them in the same transactions as the spend
+rows, so one place owns batching and a crash loses the same last interval of both.
+Retention runs in that writer thread too: rows older than `retention_days` go, and with
+SQLite the oldest request rows go first once the database passes `max_db_mb` (the spend
+rows, which are money, are never pruned).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+from edgeroute.requestlog import rollup, rows
+from edgeroute.requestlog.settings import RequestLog
+
+log = logging.getLogger("edgeroute.requestlog")
+
+_PRUNE_CHUNK = 20_000  # rows per delete: a long delete would hold up the writer (and its queue)
+
+
+def schema(dialect: str) -> list[str]:
+    real = "DOUBLE PRECISION"
+    return [
+        f"""CREATE TABLE IF NOT EXISTS requests (
+    id TEXT NOT NULL PRIMARY KEY,
+    correlation_id TEXT,
+    ts {real} NOT NULL,
+    key_id TEXT,
+    team TEXT,
+    user_id TEXT,
+    model TEXT NOT NULL,
+    route TEXT NOT NULL,
+    rule TEXT,
+    policy TEXT,
+    task TEXT,
+    difficulty {real},
+    variant TEXT,
+    deployment TEXT,
+    provider TEXT,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    error_class TEXT,
+    latency_ms {real} NOT NULL,
+    ttft_ms {real},
+    queue_ms {real} NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    tokens_estimated INTEGER NOT NULL,
+    cost_usd {real} NOT NULL,
+    baseline_cost_usd {real} NOT NULL,
+    cache TEXT,
+    attempts INTEGER NOT NULL,
+    detail TEXT NOT NULL,
+    content TEXT
+)""",
+        # Pages are newest first by (ts, id); each filter column leads an index with ts.
+        "CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts, id)",
+        "CREATE INDEX IF NOT EXISTS requests_model ON requests (model, ts)",
+        "CREATE INDEX IF NOT EXISTS requests_key ON requests (key_id, ts)",
+        "CREATE INDEX IF NOT EXISTS requests_team ON requests (team, ts)",
+        "CREATE INDEX IF NOT EXISTS requests_deployment ON requests (deployment, ts)",
+        *rollup.schema(dialect),
+    ]
+
+
+def insert_sql(mark: str) -> str:
+    cols = ", ".join(rows.COLUMNS)
+    return f"INSERT INTO requests ({cols}) VALUES ({', '.join([mark] * len(rows.COLUMNS))}) ON CONFLICT (id) DO NOTHING"
+
+
+class Maintained(Protocol):
+    dialect: str
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        """Runs one statement on the writer's connection, committed; returns the row count."""
+        ...
+
+    def scalar(self, sql: str) -> int: ...
+
+
+def prune(db: Maintained, cfg: RequestLog, now: float | None = None) -> int:
+    """Drops what retention says to; returns the number of request rows deleted."""
+    now = time.time() if now is None else now
+    cutoff = now - cfg.retention_days * 86400
+    deleted = 0
+    old = "SELECT id FROM requests WHERE ts < ? ORDER BY ts LIMIT ?"
+    while True:
+        n = db.execute(f"DELETE FROM requests WHERE id IN ({old})", (cutoff, _PRUNE_CHUNK))
+        deleted += n
+        if n < _PRUNE_CHUNK:
+            break
+    db.execute("DELETE FROM request_rollup WHERE minute < ?", (int(cutoff // 60),))
+    if db.dialect == "sqlite" and cfg.max_db_mb is not None:
+        deleted += _cap(db, cfg.max_db_mb * 1024 * 1024)
+    return deleted
+
+
+def used_bytes(db: Maintained) -> int:
+    """Bytes the SQLite database holds (free pages, which new rows reuse, not counted)."""
+    return (db.scalar("PRAGMA page_count") - db.scalar("PRAGMA freelist_count")) * db.scalar("PRAGMA page_size")
+
+
+def _cap(db: Maintained, max_bytes: float) -> int:
+    deleted = 0
+    for _ in range(50):  # bounded: each round drops the oldest 5 % (at least one chunk's worth)
+        if used_bytes(db) <= max_bytes:
+            break
+        total = db.scalar("SELECT COUNT(*) FROM requests")
+        if total == 0:
+            log.warning("request log: the database is over max_db_mb with no request rows left to drop")
+            break
+        chunk = min(_PRUNE_CHUNK, max(1000, total // 20))
+        deleted += db.execute(
+            "DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY ts LIMIT ?)", (chunk,)
+        )
+    return deleted
