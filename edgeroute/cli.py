@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="load-test an OpenAI-compatible endpoint (see `edgeroute bench -h`)", add_help=False
     )
     b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=lambda a: _delegate("bench.cli", a.rest))
+    b.set_defaults(fn=lambda a: _delegate("edgeroute.bench.cli", a.rest))
 
     t = sub.add_parser("router", help="train and evaluate learned routers", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with parsers of their own get their arguments untouched (`--help` included).
     if argv and argv[0] == "bench":
-        return _delegate("bench.cli", argv[1:])
+        return _delegate("edgeroute.bench.cli", argv[1:])
     if argv and argv[0] == "router":
         return _cmd_router(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)

@@ -1,4 +1,4 @@
-"""Each fault mode of bench.faults, observed by a plain aiohttp client (and the admin API)."""
+"""Each fault mode of edgeroute.bench.faults, observed by a plain aiohttp client (and the admin API)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import pytest
 
-from bench.faults import MODES, FaultUpstream, parse_fault_header
+from edgeroute.bench.faults import MODES, FaultUpstream, parse_fault_header
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**BODY, "stream": True}

@@ -10,9 +10,9 @@ import openai
 import orjson
 import pytest
 
-from bench import loadgen, report, scenarios
-from bench.loadgen import Load, Stats, Target
-from bench.upstream import Latency, MockUpstream, UpstreamOptions
+from edgeroute.bench import loadgen, report, scenarios
+from edgeroute.bench.loadgen import Load, Stats, Target
+from edgeroute.bench.upstream import Latency, MockUpstream, UpstreamOptions
 
 
 async def test_open_loop_counts_a_stall_against_every_request_due_during_it() -> None:
@@ -148,8 +148,8 @@ def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
 
 
 def test_bench_config_is_valid_and_cli_parses() -> None:
-    from bench import cli
     from edgeroute import config
+    from edgeroute.bench import cli
 
     cfg = config.parse(scenarios.bench_config({"p0": "http://127.0.0.1:1/v1"}, rules=50), "bench.yaml")
     assert len(cfg.rules) == 50 and len(cfg.deployments) == 4

@@ -1,4 +1,4 @@
-"""The fault-injection suite: every fault mode of `bench.faults.FaultUpstream`, seen
+"""The fault-injection suite: every fault mode of `edgeroute.bench.faults.FaultUpstream`, seen
 through the official openai SDK. Whenever some deployment can serve, the client gets
 exactly one complete, correct answer; when none can, one clear error saying which
 deployments were tried and why; a stream broken after content ends with an error
@@ -13,8 +13,8 @@ from typing import Any
 import openai
 import pytest
 
-from bench.faults import FaultUpstream
-from bench.upstream import UpstreamOptions
+from edgeroute.bench.faults import FaultUpstream
+from edgeroute.bench.upstream import UpstreamOptions
 
 MSG = [{"role": "user", "content": "hello there"}]
 

@@ -4,7 +4,7 @@
 ``o200k_base`` and ``cl100k_base`` on any text, and the prompt tokens of a
 decision must equal OpenAI's cookbook formulas (``num_tokens_from_messages``,
 and ``num_tokens_for_tools`` for tool definitions) computed with tiktoken.
-tiktoken's vocabularies are loaded offline by ``bench.core_bench.tiktoken_encoding``
+tiktoken's vocabularies are loaded offline by ``edgeroute.bench.core_bench.tiktoken_encoding``
 (hash-checked by tiktoken itself).
 """
 
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.core_bench import tiktoken_encoding
 from edgeroute._core import BadRequestError, Router
+from edgeroute.bench.core_bench import tiktoken_encoding
 
 ENCODINGS = ("o200k_base", "cl100k_base")
 
@@ -121,7 +121,7 @@ def test_estimates_scale_openai_counts() -> None:
 
 
 def _bench_body() -> bytes:
-    from bench.core_bench import _load
+    from edgeroute.bench.core_bench import _load
 
     return _load("chat_2k.json")
 

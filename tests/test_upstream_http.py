@@ -1,6 +1,6 @@
 """The upstream HTTP client (edgeroute.upstream_http) against real servers on loopback.
 
-Plain-HTTP cases use bench.http1's server, whose connection objects let a test see and
+Plain-HTTP cases use edgeroute.bench.http1's server, whose connection objects let a test see and
 break the wire (count connections, reset one, send raw bytes); https uses aiohttp's
 server with a throwaway self-signed certificate. Each scenario runs on asyncio's own
 loop and on uvloop (what `edgeroute serve` runs on).
@@ -20,7 +20,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from bench.http1 import Conn, HttpServer, Request
+from edgeroute.bench.http1 import Conn, HttpServer, Request
 from edgeroute.upstream_http import HttpClient, UpstreamConnectError, UpstreamConnectTimeout, UpstreamError
 from tests.tls_fixtures import self_signed
 
@@ -35,7 +35,7 @@ def scenario(fn: Scenario) -> Scenario:
 
 
 class Server:
-    """bench.http1's server with a handler and what it saw."""
+    """edgeroute.bench.http1's server with a handler and what it saw."""
 
     def __init__(self, handler: Handler) -> None:
         self.seen: list[Request] = []

@@ -3,13 +3,13 @@
 A :class:`MockUpstream` answers `POST /v1/chat/completions` (JSON or SSE, with
 `stream_options.include_usage`) and `GET /v1/models` in OpenAI's wire format, built
 by the same functions as :mod:`edgeroute.mock.openai`, on the raw HTTP/1.1 server of
-:mod:`bench.http1`. Per server (:class:`UpstreamOptions`) it draws the delay before the
+:mod:`edgeroute.bench.http1`. Per server (:class:`UpstreamOptions`) it draws the delay before the
 response headers from a latency distribution (:class:`Latency`: fixed, normal,
 log-normal), paces stream tokens at ``tokens_per_s``, and fails a fraction of
 requests with 5xx or 429 + ``Retry-After``.
 
 :class:`BackgroundServer` runs any of these servers on its own event loop in a
-thread, for synchronous callers. Fault injection lives in :mod:`bench.faults`.
+thread, for synchronous callers. Fault injection lives in :mod:`edgeroute.bench.faults`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 
-from bench.http1 import Conn, HttpServer, Request
+from edgeroute.bench.http1 import Conn, HttpServer, Request
 from edgeroute.mock.openai import (
     DONE_EVENT,
     chunk_base,
@@ -282,11 +282,3 @@ class BackgroundServer(Generic[S]):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-if __name__ == "__main__":  # `python -m bench.upstream` is the same server as `python -m bench.faults`
-    import sys
-
-    from bench.faults import main
-
-    sys.exit(main())

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from bench.loadgen import PERCENTILES, Stats, merge_percentiles
+from edgeroute.bench.loadgen import PERCENTILES, Stats, merge_percentiles
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 

@@ -1,12 +1,12 @@
 """Bare pass-through proxies: the floor under edgeroute's overhead.
 
-``python -m bench.floor --upstream http://127.0.0.1:9000/v1 [--port 0]`` relays
+``python -m edgeroute.bench.floor --upstream http://127.0.0.1:9000/v1 [--port 0]`` relays
 `POST /v1/chat/completions` to the upstream with the same server and client stack as
 edgeroute (uvloop, aiohttp server, one pooled `ClientSession`) and nothing else: no
 routing decision, no middleware, no accounting. The overhead scenario can measure it
 beside edgeroute (``--floor``) to separate what the stack costs from what edgeroute adds.
 
-``--raw`` relays with the minimal HTTP/1.1 server and client of :mod:`bench.http1`
+``--raw`` relays with the minimal HTTP/1.1 server and client of :mod:`edgeroute.bench.http1`
 instead (non-streaming and streaming): what a Python proxy costs without aiohttp.
 """
 
@@ -55,7 +55,7 @@ def build_app(upstream: str) -> web.Application:
 async def serve_raw(upstream: str, port: int) -> None:
     from urllib.parse import urlsplit
 
-    from bench.http1 import ClientPool, Conn, HttpServer, Request
+    from edgeroute.bench.http1 import ClientPool, Conn, HttpServer, Request
 
     u = urlsplit(upstream.rstrip("/") + "/chat/completions")
     pool = ClientPool(u.hostname or "127.0.0.1", u.port or 80)
@@ -90,10 +90,10 @@ async def serve(upstream: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgeroute.bench.floor", description=__doc__.split("\n\n")[0])
     p.add_argument("--upstream", required=True)
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="bench.http1's server and client instead of aiohttp")
+    p.add_argument("--raw", action="store_true", help="edgeroute.bench.http1's server and client instead of aiohttp")
     a = p.parse_args(argv)
     import uvloop
 

@@ -1,6 +1,6 @@
 """Benchmark scenarios: each starts its own mocks and a real `edgeroute serve`, measures, stops them.
 
-Processes: mocks run as ``python -m bench.faults`` subprocesses and the proxy as
+Processes: mocks run as ``python -m edgeroute.bench.faults`` subprocesses and the proxy as
 ``python -m edgeroute serve`` on a temp YAML config, each on a free 127.0.0.1 port;
 everything started is stopped by PID (SIGTERM, then SIGKILL) when the scenario ends,
 whatever happens. On a machine with two or more CPUs the proxy is pinned to the
@@ -32,8 +32,8 @@ import aiohttp
 import orjson
 import yaml
 
-from bench import loadgen, report
-from bench.loadgen import Load, Stats, Target
+from edgeroute.bench import loadgen, report
+from edgeroute.bench.loadgen import Load, Stats, Target
 
 MOCK_MODEL = "gpt-4o-mini"
 PUBLIC_MODEL = "bench"
@@ -137,8 +137,8 @@ class Stack:
         return "\n".join(text.splitlines()[-lines:])
 
     def upstream(self, *args: str, name: str = "mock", port: int = 0, admin: bool = True) -> Proc:
-        """A `bench.faults` upstream; its admin API also on a second port (it survives `refuse`)."""
-        argv = [sys.executable, "-m", "bench.faults", "--port", str(port), *args]
+        """An `edgeroute.bench.faults` upstream; its admin API also on a second port (it survives `refuse`)."""
+        argv = [sys.executable, "-m", "edgeroute.bench.faults", "--port", str(port), *args]
         admin_port = free_port() if admin else None
         if admin_port is not None:
             argv += ["--admin-port", str(admin_port)]
@@ -153,8 +153,8 @@ class Stack:
         return proc
 
     def floor(self, upstream_url: str, raw: bool = False) -> Proc:
-        """A bare pass-through proxy of :mod:`bench.floor` (aiohttp, or `raw` bench.http1), on the proxy's CPU."""
-        argv = [sys.executable, "-m", "bench.floor", "--upstream", upstream_url] + (["--raw"] if raw else [])
+        """A bare pass-through proxy of :mod:`edgeroute.bench.floor` (aiohttp, or `raw` http1), on the proxy's CPU."""
+        argv = [sys.executable, "-m", "edgeroute.bench.floor", "--upstream", upstream_url] + (["--raw"] if raw else [])
         p = self._spawn("floor", argv, self.proxy_cpus)
         assert p.stdout is not None
         line = p.stdout.readline().decode()
@@ -168,7 +168,7 @@ class Stack:
     def restart(self, old: Proc, *args: str) -> Proc:
         """Starts a mock again on the port (and admin port) of a stopped one."""
         self.procs.remove(old)
-        argv = [sys.executable, "-m", "bench.faults", "--port", str(old.port), *args]
+        argv = [sys.executable, "-m", "edgeroute.bench.faults", "--port", str(old.port), *args]
         if old.admin_port is not None:
             argv += ["--admin-port", str(old.admin_port)]
         p = self._spawn(old.name, argv, self.other_cpus)

@@ -1,4 +1,4 @@
-"""The CI latency gate: ``python -m bench.gate`` (or ``edgeroute bench gate``).
+"""The CI latency gate: ``python -m edgeroute.bench.gate`` (or ``edgeroute bench gate``).
 
 A short overhead scenario (default 20 s at 500 req/s, ~1,500-token chat bodies, a
 config with 50 rules and four deployments): prints the added latency p50/p99/p99.9
@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import scenarios
+from edgeroute.bench import scenarios
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m edgeroute.bench.gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=500.0)
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--prompt-tokens", type=int, default=1500)

@@ -12,7 +12,7 @@ the grace period are cancelled and counted as timeouts. Latencies go into
 HdrHistograms in microseconds (1 µs to 1 h, 3 significant digits).
 
 The HTTP client is aiohttp for https:// targets and, by default, the minimal client
-of :mod:`bench.http1` for plain http:// ones: on a 2-core machine that shares a core
+of :mod:`edgeroute.bench.http1` for plain http:// ones: on a 2-core machine that shares a core
 with the mocks, aiohttp's client saturated before the proxy did.
 
 With several targets (``--url`` given twice, or the overhead scenario's direct and
@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 from hdrh.histogram import HdrHistogram
 
-from bench.http1 import ClientPool
+from edgeroute.bench.http1 import ClientPool
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9, 99.99)
 _HIGHEST_US = 3_600_000_000
@@ -482,7 +482,7 @@ async def run(
 ) -> list[Stats]:
     """Runs one load against the targets; returns one Stats per target.
 
-    `client`: "raw" (the minimal HTTP/1.1 client of :mod:`bench.http1`), "aiohttp", or
+    `client`: "raw" (the minimal HTTP/1.1 client of :mod:`edgeroute.bench.http1`), "aiohttp", or
     "auto" (raw for http:// URLs, aiohttp for https://)."""
     stats = [Stats(t.name) for t in targets]
     per_target = [

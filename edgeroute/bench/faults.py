@@ -1,6 +1,6 @@
 """A fault-injecting OpenAI upstream, for users and for the uptime test suite.
 
-It answers like :class:`bench.upstream.MockUpstream` (OpenAI's wire format, JSON or
+It answers like :class:`edgeroute.bench.upstream.MockUpstream` (OpenAI's wire format, JSON or
 SSE) unless a fault mode applies. Modes (:data:`MODES`)::
 
     ok            a normal answer
@@ -48,7 +48,7 @@ or from synchronous code, on its own loop in a thread::
 
 Admin HTTP API on the same port (and on ``--admin-port``): ``GET /_fault`` (state and
 counters), ``POST /_fault`` (set a phase or the default), ``DELETE /_fault`` (clear
-the phase and counters). CLI: ``python -m bench.faults --port 9000 --default ok``.
+the phase and counters). CLI: ``python -m edgeroute.bench.faults --port 9000 --default ok``.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from typing import Any
 
 import orjson
 
-from bench.http1 import Conn, HttpServer, Request
-from bench.upstream import BackgroundServer, Latency, MockUpstream, UpstreamOptions, error_json
+from edgeroute.bench.http1 import Conn, HttpServer, Request
+from edgeroute.bench.upstream import BackgroundServer, Latency, MockUpstream, UpstreamOptions, error_json
 
 MODES = (
     "ok", "refuse", "hang", "500", "502", "503", "429", "stall", "reset",
@@ -382,7 +382,7 @@ class AdminServer:
             conn.respond(404, error_json(404, "Only /_fault is served on the admin port."))
 
 
-def build_parser(prog: str = "python -m bench.faults") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m edgeroute.bench.faults") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="A mock OpenAI upstream with fault injection.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")

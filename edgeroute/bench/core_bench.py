@@ -1,6 +1,6 @@
 """Micro-benchmark of the Rust decision core through the Python binding.
 
-Run ``python -m bench.core_bench``. It times, call by call, on one thread:
+Run ``python -m edgeroute.bench.core_bench``. It times, call by call, on one thread:
 
 * ``Router.decide`` on a realistic 2,000-token chat body against a router with
   200 rules and 50 deployments, with the prompt counted and with the count
@@ -12,7 +12,7 @@ Run ``python -m bench.core_bench``. It times, call by call, on one thread:
   --bench decide``; read from ``target/criterion`` when present).
 
 The workload is generated here, deterministically, and is the single source
-of truth for both sides: ``python -m bench.core_bench --write-workload``
+of truth for both sides: ``python -m edgeroute.bench.core_bench --write-workload``
 writes it to ``rust/edgeroute-core/benches/data/``, which the criterion bench
 includes. This module also owns :func:`tiktoken_encoding`, which loads
 tiktoken's encodings offline (the tests use it too).
@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout (the Criterion data lives under rust/)
 DATA_DIR = ROOT / "rust" / "edgeroute-core" / "benches" / "data"
 CRITERION_DIR = ROOT / "target" / "criterion"
 
@@ -276,7 +276,7 @@ def _clock_overhead_us() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.core_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m edgeroute.bench.core_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="time per measurement (default 2)")
     parser.add_argument("--write-workload", action="store_true", help="regenerate the shared workload and exit")
     args = parser.parse_args(argv)

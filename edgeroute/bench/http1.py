@@ -42,7 +42,7 @@ _REASONS = {
 _MAX_HEAD = 64 * 1024
 
 
-log = logging.getLogger("bench.http1")
+log = logging.getLogger("edgeroute.bench.http1")
 
 
 @dataclass(slots=True)

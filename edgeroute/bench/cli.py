@@ -1,11 +1,11 @@
-"""`edgeroute bench ...` (or `python -m bench`): the load generator, the scenarios, the CI gate, the mocks.
+"""`edgeroute bench ...` (or `python -m edgeroute.bench`): the load generator, the scenarios, the CI gate, the mocks.
 
 edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --duration 10
 edgeroute bench overhead --rates 500,1000 --duration 20
 edgeroute bench throughput | streaming | resources | failover | hedging | chaos
 edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
-edgeroute bench gate                      # the CI latency gate (also `python -m bench.gate`)
-edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m bench.faults`)
+edgeroute bench gate                      # the CI latency gate (also `python -m edgeroute.bench.gate`)
+edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m edgeroute.bench.faults`)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import loadgen, report, scenarios
-from bench.loadgen import Load, Target
+from edgeroute.bench import loadgen, report, scenarios
+from edgeroute.bench.loadgen import Load, Target
 
 
 def _common(p: argparse.ArgumentParser, duration: float = 10.0) -> None:
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--rates", default="500,1000")
     o.add_argument("--rules", type=int, default=50)
     o.add_argument("--stream", action="store_true", help="compare time to first token instead")
-    o.add_argument("--floor", action="store_true", help="also measure a bare aiohttp pass-through (bench.floor)")
+    o.add_argument(
+        "--floor", action="store_true", help="also measure a bare aiohttp pass-through (see edgeroute.bench.floor)"
+    )
     o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
     _common(o)
     o.set_defaults(fn=_overhead)
@@ -117,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("failover", help="one deployment fails mid-run")
     f.add_argument("--rate", type=float, default=200.0)
-    f.add_argument("--mode", default="refuse", help="a bench.faults mode: refuse, 503, hang, reset, ...")
+    f.add_argument("--mode", default="refuse", help="an edgeroute.bench.faults mode: refuse, 503, hang, reset, ...")
     f.add_argument("--outage", type=float, default=5.0)
     _common(f)
     f.set_defaults(fn=lambda a: scenarios.failover(_c(a), a.rate, a.mode, a.outage))
@@ -144,24 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pe)
     pe.set_defaults(fn=lambda a: scenarios.peer(_c(a), a.peer_url, a.peer_model, a.peer_key, a.rate, a.mock_port))
 
-    g = sub.add_parser("gate", help="the CI latency gate (see bench.gate)", add_help=False)
+    g = sub.add_parser("gate", help="the CI latency gate (see edgeroute.bench.gate)", add_help=False)
     g.add_argument("rest", nargs=argparse.REMAINDER)
     g.set_defaults(fn=lambda a: _gate(a.rest))
 
-    mk = sub.add_parser("mock", help="a mock / fault-injecting upstream (see bench.faults)", add_help=False)
+    mk = sub.add_parser("mock", help="a mock / fault-injecting upstream (see edgeroute.bench.faults)", add_help=False)
     mk.add_argument("rest", nargs=argparse.REMAINDER)
     mk.set_defaults(fn=lambda a: _mock(a.rest))
     return p
 
 
 def _gate(argv: list[str]) -> int:
-    from bench import gate
+    from edgeroute.bench import gate
 
     return gate.main(argv)
 
 
 def _mock(argv: list[str]) -> int:
-    from bench import faults
+    from edgeroute.bench import faults
 
     return faults.main(argv)
 

@@ -1,0 +1,5 @@
+import sys
+
+from edgeroute.bench.cli import main
+
+sys.exit(main())
