@@ -1,0 +1,202 @@
+"""A cached answer, kept as one OpenAI chat completion whichever way it arrived.
+
+A streamed answer is folded into a completion once it has ended cleanly (`[DONE]`, no
+error event): never a partial one. Either form is served back either way: as the JSON
+completion, or replayed as a stream in OpenAI's chunk framing (a role chunk, content in
+pieces, tool calls with their arguments, the finish, usage when asked for, `[DONE]`), so
+a streaming SDK cannot tell a hit from a miss but by speed and the header.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from edgeroute import sse
+
+_PIECE = 48  # characters of text per replayed chunk: streaming clients render it as it comes
+
+
+_OVERHEAD = 200  # bytes an in-memory entry costs beyond its body (object, key, LRU link), for the bound
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    body: bytes  # an OpenAI `chat.completion` object, as JSON: a JSON hit sends it as it is
+    deployment: str  # who produced it: a request may reuse it only if it could have been sent there
+    created: float  # unix time it was stored
+    cost_usd: float  # what producing it cost: what each hit saves
+
+    def age(self, now: float | None = None) -> float:
+        return max(0.0, (time.time() if now is None else now) - self.created)
+
+    def size(self) -> int:
+        return len(self.body) + len(self.deployment) + _OVERHEAD
+
+    def dumps(self) -> bytes:
+        """The stored form: a small JSON header line, then the body, compressed."""
+        head = orjson.dumps([1, self.deployment, self.created, self.cost_usd])
+        return zlib.compress(head + b"\n" + self.body, 1)
+
+    @classmethod
+    def loads(cls, data: bytes) -> Entry:
+        """Raises ValueError on anything but an entry this module wrote."""
+        try:
+            raw = zlib.decompress(data)
+            head, _, body = raw.partition(b"\n")
+            version, deployment, created, cost = orjson.loads(head)
+        except (zlib.error, orjson.JSONDecodeError, TypeError, ValueError) as e:
+            raise ValueError(f"unreadable cache entry: {e}") from None
+        if version != 1 or not isinstance(deployment, str):
+            raise ValueError("unreadable cache entry: unknown format")
+        if not isinstance(created, int | float) or not isinstance(cost, int | float):
+            raise ValueError("unreadable cache entry: bad fields")
+        if completion_from_json(body) is None:
+            raise ValueError("unreadable cache entry: not a chat completion")
+        return cls(body, deployment, float(created), float(cost))
+
+    def sse_body(self, include_usage: bool) -> bytes:
+        completion = orjson.loads(self.body)
+        events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in replay_chunks(completion, include_usage)]
+        return b"".join(events) + sse.DONE + b"\n\n"
+
+
+def completion_from_json(body: bytes) -> dict[str, Any] | None:
+    """The completion in a JSON answer, if it is one worth keeping (choices, no error)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("error") or not isinstance(obj.get("choices"), list):
+        return None
+    if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in obj["choices"]):
+        return None
+    return obj
+
+
+def completion_from_stream(data: bytes) -> dict[str, Any] | None:
+    """Folds an OpenAI-format SSE stream into the completion it delivered; None unless it
+    ended cleanly with `[DONE]` and carried no error event."""
+    events, _ = sse.split_events(data if data.endswith(b"\n\n") else data + b"\n\n")
+    head: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage: Any = None
+    done = False
+    for ev in events:
+        payload = sse.event_data(ev)
+        if payload is None:
+            continue
+        if payload == b"[DONE]":
+            done = True
+            continue
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(chunk, dict) or chunk.get("error"):
+            return None
+        for k in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            if k in chunk and k not in head:
+                head[k] = chunk[k]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for c in chunk.get("choices") or ():
+            if not isinstance(c, dict) or not isinstance(c.get("index", 0), int):
+                return None
+            _fold_choice(choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0))), c)
+    if not done or not choices or any(c["finish_reason"] is None for c in choices.values()):
+        return None
+    out: dict[str, Any] = {"id": head.get("id", ""), "object": "chat.completion", "created": head.get("created", 0)}
+    out["model"] = head.get("model", "")
+    if head.get("system_fingerprint") is not None:
+        out["system_fingerprint"] = head["system_fingerprint"]
+    out["choices"] = [_finish_choice(choices[i]) for i in sorted(choices)]
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def _empty_choice(index: int) -> dict[str, Any]:
+    return {"index": index, "role": "assistant", "content": None, "refusal": None, "tools": {}, "finish_reason": None}
+
+
+def _fold_choice(acc: dict[str, Any], c: dict[str, Any]) -> None:
+    delta = c.get("delta") or {}
+    if not isinstance(delta, dict):
+        return
+    if isinstance(delta.get("role"), str):
+        acc["role"] = delta["role"]
+    for k in ("content", "refusal"):
+        if isinstance(delta.get(k), str):
+            acc[k] = (acc[k] or "") + delta[k]
+    for tc in delta.get("tool_calls") or ():
+        if not isinstance(tc, dict):
+            continue
+        t = acc["tools"].setdefault(tc.get("index", 0), {"id": None, "type": "function", "name": "", "arguments": ""})
+        if tc.get("id"):
+            t["id"] = tc["id"]
+        fn = tc.get("function") or {}
+        if isinstance(fn, dict):
+            t["name"] += fn.get("name") or ""
+            t["arguments"] += fn.get("arguments") or ""
+    if c.get("finish_reason"):
+        acc["finish_reason"] = c["finish_reason"]
+
+
+def _finish_choice(acc: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": acc["role"], "content": acc["content"]}
+    if acc["refusal"] is not None:
+        message["refusal"] = acc["refusal"]
+    if acc["tools"]:
+        message["tool_calls"] = [
+            {"id": t["id"], "type": t["type"], "function": {"name": t["name"], "arguments": t["arguments"]}}
+            for _, t in sorted(acc["tools"].items())
+        ]
+    return {"index": acc["index"], "message": message, "logprobs": None, "finish_reason": acc["finish_reason"]}
+
+
+def replay_chunks(completion: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
+    """The `chat.completion.chunk` objects of a stream that delivers `completion`."""
+    base = {"id": completion.get("id", ""), "object": "chat.completion.chunk", "created": completion.get("created", 0)}
+    base["model"] = completion.get("model", "")
+    if completion.get("system_fingerprint") is not None:
+        base["system_fingerprint"] = completion["system_fingerprint"]
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    for choice in completion.get("choices") or ():
+        index = choice.get("index", 0)
+        msg = choice.get("message") or {}
+        yield chunk(index, {"role": msg.get("role", "assistant"), "content": ""})
+        for field in ("content", "refusal"):
+            text = msg.get(field)
+            if isinstance(text, str):
+                for i in range(0, len(text), _PIECE):
+                    yield chunk(index, {field: text[i : i + _PIECE]})
+        for n, tc in enumerate(msg.get("tool_calls") or ()):
+            fn = tc.get("function") or {}
+            yield chunk(
+                index,
+                {
+                    "tool_calls": [
+                        {
+                            "index": n,
+                            "id": tc.get("id"),
+                            "type": tc.get("type", "function"),
+                            "function": {"name": fn.get("name", ""), "arguments": ""},
+                        }
+                    ]
+                },
+            )
+            args = fn.get("arguments") or ""
+            for i in range(0, len(args), _PIECE):
+                yield chunk(index, {"tool_calls": [{"index": n, "function": {"arguments": args[i : i + _PIECE]}}]})
+        yield chunk(index, {}, choice.get("finish_reason") or "stop")
+    if include_usage and completion.get("usage") is not None:
+        yield base | {"choices": [], "usage": completion["usage"]}

@@ -1,0 +1,210 @@
+"""The response cache as the request path sees it: plan, look up, serve, store.
+
+The endpoint asks for a :class:`Plan` once the core has decided (the route and the
+deployments this request may reach are known) and admission has let it in (so a hit still
+counts against RPM; it reserves no budget because it costs nothing). A hit is served only
+if the deployment that produced it is one this request could have been sent to: rules on
+PII, residency and tags hold for cached answers too. Entries are scoped to one key by
+default (`scope: team | global` widens that on purpose), and only deterministic requests
+are cached unless `deterministic_only: false`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from aiohttp import web
+
+from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream
+from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.settings import CacheStore, RouteCache
+from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
+from edgeroute.errors import ProxyError
+
+log = logging.getLogger("edgeroute.cache")
+
+HEADER = "x-edgeroute-cache"
+_DIRECTIVES = ("bypass", "refresh", "only-if-cached")
+Label = Literal["hit", "miss", "stale", "bypass"]
+
+
+@dataclass(slots=True)
+class Directive:
+    """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`)."""
+
+    lookup: bool = True
+    store: bool = True
+    only_if_cached: bool = False
+
+    @classmethod
+    def of(cls, request: web.Request) -> Directive:
+        out = cls()
+        raw = request.headers.get(HEADER)
+        if raw is not None:
+            value = raw.strip().lower()
+            if value not in _DIRECTIVES:
+                shown = raw[:40].encode("ascii", "replace").decode("ascii")
+                raise ProxyError(
+                    400,
+                    f"Invalid value {shown!r} for header {HEADER}; expected one of {', '.join(_DIRECTIVES)}.",
+                    code="invalid_header",
+                    param=HEADER,
+                )
+            if value == "bypass":
+                out.lookup = out.store = False
+            elif value == "refresh":
+                out.lookup = False
+            else:
+                out.only_if_cached = True
+        for part in request.headers.get("Cache-Control", "").lower().split(","):
+            part = part.strip()
+            if part == "no-store":
+                out.store = False
+            elif part == "no-cache":  # serve nothing stored without going upstream
+                out.lookup = False
+        return out
+
+
+@dataclass(slots=True)
+class Plan:
+    """One request's dealings with the cache."""
+
+    route: str
+    key: str
+    settings: RouteCache
+    directive: Directive
+    cacheable: bool  # deterministic (or the route caches sampled answers too)
+    label: Label = "miss"
+    stale: Entry | None = None  # past its ttl but within stale-if-error: served only if every deployment fails
+
+    @property
+    def stores(self) -> bool:
+        return self.cacheable and self.directive.store
+
+
+class ResponseCache:
+    """The cache of one server: per-route settings of the running config, one store."""
+
+    def __init__(self, routes: dict[str, RouteCache], store: Store, counters: CacheCounters) -> None:
+        self.routes = routes
+        self.store = store
+        self.counters = counters
+        self._writes: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def build(
+        cls, routes: dict[str, RouteCache], backend: CacheStore, redis: tuple[str, str, int] | None
+    ) -> ResponseCache:
+        """`redis` is (url, key prefix, timeout ms) when shared state is configured."""
+        counters = CacheCounters()
+        store: Store
+        if backend.backend == "redis" or (backend.backend == "auto" and redis is not None):
+            if redis is None:
+                raise ValueError("cache.backend: redis needs shared_state.redis_url")
+            store = RedisStore(counters, *redis)
+        else:
+            store = MemoryStore(counters, {r: (s.max_entries, s.max_bytes) for r, s in routes.items()})
+        return cls(routes, store, counters)
+
+    def reconfigure(self, routes: dict[str, RouteCache]) -> None:
+        """A reload: new per-route settings; entries already stored stay."""
+        self.routes = routes
+        if isinstance(self.store, MemoryStore):
+            self.store.set_limits({r: (s.max_entries, s.max_bytes) for r, s in routes.items()})
+
+    def plan(self, request: web.Request, route: str, body: bytes, tenant: str) -> Plan | None:
+        """None when the route does not cache. Raises 400 for a bad cache header, and 504 for
+        `only-if-cached` where nothing can be cached."""
+        directive = Directive.of(request)
+        settings = self.routes.get(route)
+        if settings is None or settings.mode == "off":
+            if directive.only_if_cached:
+                raise _not_cached()
+            return None
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None  # the core parsed it already; unreachable in practice
+        cacheable = not settings.deterministic_only or is_deterministic(obj)
+        plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable)
+        if not cacheable or not directive.lookup:
+            plan.label = "bypass"
+            self.counters.bypass += 1
+            if directive.only_if_cached:
+                raise _not_cached()
+        return plan
+
+    async def lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
+        """A fresh entry this request may be served; remembers a stale one for stale-if-error."""
+        if plan.label == "bypass":
+            return None
+        entry = await self.store.get(plan.route, plan.key)
+        if entry is not None and entry.deployment not in allowed:
+            entry = None  # produced where this request may not go (PII, residency, tags)
+        if entry is not None and entry.age() <= plan.settings.ttl:
+            plan.label = "hit"
+            self.counters.hits += 1
+            return entry
+        if entry is not None and entry.age() <= plan.settings.ttl + plan.settings.stale_if_error:
+            plan.stale = entry
+        self.counters.misses += 1
+        if plan.directive.only_if_cached:
+            raise _not_cached()
+        return None
+
+    def serve_stale(self, plan: Plan) -> Entry | None:
+        """The stale entry to answer with now that every deployment failed, if there is one."""
+        if plan.stale is None:
+            return None
+        plan.label = "stale"
+        self.counters.stale += 1
+        return plan.stale
+
+    def save_json(self, plan: Plan, body: bytes, deployment: str, cost_usd: float) -> None:
+        if plan.stores and completion_from_json(body) is not None:
+            self._save(plan, Entry(body, deployment, time.time(), cost_usd))
+
+    def save_stream(self, plan: Plan, stream: bytes, deployment: str, cost_usd: float) -> None:
+        """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
+        if not plan.stores or len(stream) > 4 * plan.settings.max_entry_bytes:
+            return
+        completion = completion_from_stream(stream)
+        if completion is not None:
+            self._save(plan, Entry(orjson.dumps(completion), deployment, time.time(), cost_usd))
+
+    def _save(self, plan: Plan, entry: Entry) -> None:
+        if len(entry.body) > plan.settings.max_entry_bytes:
+            self.counters.too_large += 1
+            return
+        self.counters.stores += 1
+        keep = plan.settings.ttl + plan.settings.stale_if_error
+        task = asyncio.get_running_loop().create_task(self.store.put(plan.route, plan.key, entry, keep))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def close(self) -> None:
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=2)
+        await self.store.close()
+
+
+def _not_cached() -> ProxyError:
+    return ProxyError(504, "No cached answer for this request (x-edgeroute-cache: only-if-cached).", code="cache_miss")
+
+
+def tenant_of(scope: str, key: str | None, team: str | None) -> str:
+    """Whose entries a request shares: its key's, its team's, or everyone's."""
+    if scope == "global":
+        return "*"
+    if scope == "team" and team:
+        return f"team:{team}"
+    return f"key:{key or 'anonymous'}"
+
+
+CACHE = web.AppKey("response_cache", ResponseCache)

@@ -1,0 +1,40 @@
+"""The response cache's configuration: per model (`models.NAME.cache`) and where entries live (`cache:`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RouteCache(BaseModel):
+    """How one public model's answers are cached.
+
+    Only deterministic requests are cached by default (`temperature: 0` or a `seed`):
+    replaying a sampled answer would silently change what the client asked for.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["exact", "off"] = "exact"
+    ttl: float = Field(300.0, gt=0, description="seconds an answer is served as fresh")
+    stale_if_error: float = Field(
+        0.0, ge=0, description="seconds past its ttl an answer may still be served when every deployment fails"
+    )
+    scope: Literal["key", "team", "global"] = Field(
+        "key", description="who shares entries: one key, one team, or every caller"
+    )
+    deterministic_only: bool = True
+    max_entries: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_entry_bytes: int = Field(1024 * 1024, ge=1, description="larger answers are not cached")
+
+
+class CacheStore(BaseModel):
+    """Where entries live: in process (bounded LRU per model) or in Redis (`shared_state`), shared by instances."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["auto", "memory", "redis"] = Field(
+        "auto", description="auto: Redis when `shared_state` is configured, else memory"
+    )

@@ -1,0 +1,184 @@
+"""The response cache's parts: keys, entries (stream folding and replay), stores."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, replay_chunks
+from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+
+def test_key_ignores_what_cannot_change_the_answer() -> None:
+    base = cache_key(BODY, "route", "key:a")
+    assert cache_key(BODY | {"stream": True, "stream_options": {"include_usage": True}}, "route", "key:a") == base
+    assert cache_key(BODY | {"user": "u1", "metadata": {"x": 1}, "model": "alias"}, "route", "key:a") == base
+    reordered = dict(reversed(list(BODY.items())))
+    assert cache_key(reordered, "route", "key:a") == base
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"messages": [{"role": "user", "content": "hi!"}]},
+        {"temperature": 0.0001},
+        {"seed": 1},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tool_choice": "none"},
+        {"response_format": {"type": "json_object"}},
+        {"max_tokens": 5},
+        {"top_p": 0.5},
+        {"n": 2},
+    ],
+)
+def test_key_covers_what_determines_the_answer(change: dict[str, object]) -> None:
+    assert cache_key(BODY | change, "route", "key:a") != cache_key(BODY, "route", "key:a")
+
+
+def test_key_is_scoped_by_route_and_tenant() -> None:
+    assert cache_key(BODY, "route", "key:a") != cache_key(BODY, "route", "key:b")
+    assert cache_key(BODY, "route", "key:a") != cache_key(BODY, "other", "key:a")
+
+
+def test_deterministic() -> None:
+    assert is_deterministic({"temperature": 0}) and is_deterministic({"seed": 7, "temperature": 1})
+    assert not is_deterministic({}) and not is_deterministic({"temperature": 0.2})
+    assert not is_deterministic({"temperature": False}) and not is_deterministic({"temperature": "0"})
+
+
+COMPLETION = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-mini",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "The answer is 42, as everyone knows; " * 5,
+                "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x" }'}}
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+    ],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21},
+}
+
+
+def _sse(chunks: list[dict[str, object]], done: bool = True) -> bytes:
+    out = b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def test_a_replayed_stream_folds_back_into_the_completion() -> None:
+    chunks = list(replay_chunks(COMPLETION, include_usage=True))
+    assert len(chunks) > 4, "content arrives in pieces"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == COMPLETION["usage"]
+    folded = completion_from_stream(_sse(chunks))
+    assert folded is not None
+    assert folded["choices"] == COMPLETION["choices"]
+    assert folded["usage"] == COMPLETION["usage"] and folded["id"] == "chatcmpl-1"
+    no_usage = list(replay_chunks(COMPLETION, include_usage=False))
+    assert all("usage" not in c for c in no_usage)
+
+
+def test_partial_or_errored_streams_are_never_folded() -> None:
+    chunks = list(replay_chunks(COMPLETION, include_usage=True))
+    assert completion_from_stream(_sse(chunks, done=False)) is None
+    assert completion_from_stream(_sse(chunks[:2])) is None, "no finish_reason"
+    err = {"error": {"message": "boom", "type": "upstream_error"}}
+    assert completion_from_stream(_sse([*chunks[:3], err])) is None
+    assert completion_from_stream(b"data: {not json\n\n" + _sse(chunks)) is None
+
+
+def test_completion_from_json_refuses_errors_and_junk() -> None:
+    assert completion_from_json(orjson.dumps(COMPLETION)) is not None
+    assert completion_from_json(b'{"error": {"message": "x"}}') is None
+    assert completion_from_json(b"[1, 2]") is None
+    assert completion_from_json(b'{"choices": [1]}') is None
+    assert completion_from_json(b"not json") is None
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_corrupt_entries_never_decode_into_answers(data: bytes) -> None:
+    for blob in (data, zlib.compress(data)):
+        try:
+            entry = Entry.loads(blob)
+        except ValueError:
+            continue
+        assert completion_from_json(entry.body) is not None
+
+
+def test_entry_round_trip() -> None:
+    e = Entry(orjson.dumps(COMPLETION), "dep-a", 123.5, 0.002)
+    assert Entry.loads(e.dumps()) == e
+
+
+async def test_memory_store_is_bounded_and_expires() -> None:
+    counters = CacheCounters()
+    entry = Entry(orjson.dumps(COMPLETION), "dep-a", 0.0, 0.0)
+    store = MemoryStore(counters, {"r": (3, 10 * entry.size())})
+    for i in range(10):
+        await store.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60)
+    assert store.size("r")[0] == 3 and counters.evictions == 7
+    assert await store.get("r", "k0") is None and await store.get("r", "k9") is not None
+    small = MemoryStore(counters, {"r": (1000, 3 * entry.size())})
+    for i in range(10):
+        await small.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60)
+    entries, used = small.size("r")
+    assert entries == 3 and used <= 3 * entry.size()
+    # Expired past its keep time: gone.
+    await small.put("r", "old", Entry(entry.body, "dep-a", 1.0, 0.0), 60)
+    assert small.get_now("r", "old") is None
+
+
+REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+async def _redis_or_skip(store: RedisStore) -> None:
+    try:
+        await store.client.ping()
+    except Exception:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Redis is not reachable at " + REDIS_URL)
+
+
+async def test_redis_store_round_trip_corrupt_and_outage() -> None:
+    counters = CacheCounters()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    store = RedisStore(counters, REDIS_URL, prefix, 500)
+    await _redis_or_skip(store)
+    try:
+        entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5)
+        await store.put("r", "k", entry, 5)
+        assert await store.get("r", "k") == entry
+        ttl = await store.client.pttl(f"{prefix}:cache:r:k")
+        assert 0 < ttl <= 5000
+        await store.client.set(f"{prefix}:cache:r:bad", b"\x00garbage")
+        assert await store.get("r", "bad") is None and counters.corrupt == 1
+        await store.client.delete(f"{prefix}:cache:r:k", f"{prefix}:cache:r:bad")
+    finally:
+        await store.close()
+    down = RedisStore(counters, "redis://127.0.0.1:1/0", prefix, 100)
+    assert await down.get("r", "k") is None
+    await down.put("r", "k", Entry(orjson.dumps(COMPLETION), "d", 1.0, 0.0), 5)
+    assert counters.errors == 2
+    await down.close()
+    await asyncio.sleep(0)
