@@ -10,6 +10,7 @@ COST = "x-edgeroute-cost-usd"
 EXPLAIN = "x-edgeroute-explain"
 TAGS = "x-edgeroute-tags"
 HEDGED = "x-edgeroute-hedged"
+CACHE = "x-edgeroute-cache"  # hit | miss | stale | bypass, and the client's cache directive
 
 # Hop-by-hop and client-identity headers that must never reach an upstream.
 NOT_FORWARDED = frozenset(

@@ -17,6 +17,9 @@ from aiohttp import web
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.cache.entry import Entry
+from edgeroute.cache.service import CACHE, Plan, tenant_of
+from edgeroute.cache.settings import RouteCache
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
@@ -163,27 +166,42 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
         model = live.config.models[decision.route]
+        cache = request.app[CACHE]
+        plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+        if plan is not None:
+            allowed = [live.deployments[i].name for i in decision.order]
+            if (entry := await cache.lookup(plan, allowed)) is not None:
+                return await _cached_answer(request, rec, decision, plan, entry, dialect)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
         try:
             answer, dep = await call.run()
         except ProxyError as e:
+            if plan is not None and (stale := cache.serve_stale(plan)) is not None:
+                return await _cached_answer(request, rec, decision, plan, stale, dialect, error=e)
             e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            if plan is not None:
+                e.headers[headers.CACHE] = plan.label
             raise
         rec.deployment = dep.name
         hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
+        if plan is not None:
+            hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(answer, JsonAnswer):
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
+            if plan is not None:
+                cache.save_json(plan, answer.body, dep.name, cost)
             shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body)
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
         encode = dialect.stream() if dialect else None
-        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode)
+        on_complete = _stream_saver(request, plan, dep.name, rec) if plan is not None and plan.stores else None
+        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type
@@ -212,6 +230,47 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         request.app[METRICS].observe(rec)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def _tenant(request: web.Request, settings: RouteCache | None) -> str:
+    ident = request.get(IDENTITY)
+    scope = settings.scope if settings is not None else "key"
+    return tenant_of(scope, ident.key if ident else None, ident.team if ident else None)
+
+
+def _stream_saver(request: web.Request, plan: Plan, deployment: str, rec: RequestRecord) -> Callable[[bytes], None]:
+    """Stores a stream once it has ended cleanly, costed as the request was."""
+    cache = request.app[CACHE]
+    return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))
+
+
+async def _cached_answer(
+    request: web.Request,
+    rec: RequestRecord,
+    decision: _core.Decision,
+    plan: Plan,
+    entry: Entry,
+    dialect: Dialect | None,
+    error: ProxyError | None = None,
+) -> web.StreamResponse:
+    """Answers from the cache: a hit, or a stale entry after every deployment failed (`error`)."""
+    rec.deployment, rec.status, rec.cache, rec.saved_usd = entry.deployment, 200, plan.label, entry.cost_usd
+    rec.outcome = "cache_hit" if error is None else "cache_stale"
+    hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
+    hdrs[headers.CACHE] = plan.label
+    hdrs["Age"] = str(int(entry.age()))
+    if not decision.stream:
+        hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"
+        body = dialect.answer(entry.body) if dialect else entry.body
+        return web.Response(body=body, headers=hdrs, content_type="application/json")
+    data = entry.sse_body(decision.include_usage)
+    out = web.StreamResponse(status=200, headers=hdrs)
+    out.content_type = "text/event-stream"
+    out.headers["Cache-Control"] = "no-cache"
+    await out.prepare(request)
+    await out.write(dialect.stream()(data) if dialect else data)
+    await out.write_eof()
+    return out
 
 
 def _requested_model(body: bytes) -> str:

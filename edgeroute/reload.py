@@ -78,7 +78,7 @@ def _longest_request_s(cfg: Config) -> float:
     return max(totals, default=0.0)
 
 
-_AT_START = ("ledger", "budgets", "rate_limits", "shared_state", "learning")
+_AT_START = ("ledger", "budgets", "rate_limits", "shared_state", "learning", "cache")
 _SERVER_AT_START = ("host", "port", "max_body_bytes", "drain_timeout", "decision_log")
 
 

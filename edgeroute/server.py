@@ -21,6 +21,7 @@ from aiohttp import web
 from edgeroute import anthropic_api, learning, openai_api
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
+from edgeroute.cache.service import CACHE, ResponseCache
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
@@ -144,11 +145,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(windows, return_exceptions=True)
     state = app[STATE]
     state.draining = True
+    await app[CACHE].close()
     for task in list(state.background):
         task.cancel()
     await asyncio.gather(*state.background, return_exceptions=True)
     for up in state.live.upstreams.values():
         await up.close()
+
+
+def _response_cache(config: Config) -> ResponseCache:
+    shared = config.shared_state
+    redis = (shared.redis_url, shared.prefix, shared.timeout_ms) if shared else None
+    return ResponseCache.build(config.cache, redis)
 
 
 def create_app(
@@ -161,6 +169,7 @@ def create_app(
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)
     app[METRICS] = Metrics()
+    app[CACHE] = _response_cache(config)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
     if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):

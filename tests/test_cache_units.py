@@ -101,7 +101,7 @@ def test_partial_or_errored_streams_are_never_folded() -> None:
     chunks = list(replay_chunks(COMPLETION, include_usage=True))
     assert completion_from_stream(_sse(chunks, done=False)) is None
     assert completion_from_stream(_sse(chunks[:2])) is None, "no finish_reason"
-    err = {"error": {"message": "boom", "type": "upstream_error"}}
+    err: dict[str, object] = {"error": {"message": "boom", "type": "upstream_error"}}
     assert completion_from_stream(_sse([*chunks[:3], err])) is None
     assert completion_from_stream(b"data: {not json\n\n" + _sse(chunks)) is None
 
@@ -133,18 +133,19 @@ def test_entry_round_trip() -> None:
 async def test_memory_store_is_bounded_and_expires() -> None:
     counters = CacheCounters()
     entry = Entry(orjson.dumps(COMPLETION), "dep-a", 0.0, 0.0)
-    store = MemoryStore(counters, {"r": (3, 10 * entry.size())})
+    store = MemoryStore(counters)
     for i in range(10):
-        await store.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60)
+        await store.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60, (3, 10 * entry.size()))
     assert store.size("r")[0] == 3 and counters.evictions == 7
     assert await store.get("r", "k0") is None and await store.get("r", "k9") is not None
-    small = MemoryStore(counters, {"r": (1000, 3 * entry.size())})
+    small = MemoryStore(counters)
+    bounds = (1000, 3 * entry.size())
     for i in range(10):
-        await small.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60)
+        await small.put("r", f"k{i}", Entry(entry.body, "dep-a", time.time(), 0.0), 60, bounds)
     entries, used = small.size("r")
     assert entries == 3 and used <= 3 * entry.size()
     # Expired past its keep time: gone.
-    await small.put("r", "old", Entry(entry.body, "dep-a", 1.0, 0.0), 60)
+    await small.put("r", "old", Entry(entry.body, "dep-a", 1.0, 0.0), 60, bounds)
     assert small.get_now("r", "old") is None
 
 
@@ -167,7 +168,7 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
     await _redis_or_skip(store)
     try:
         entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5)
-        await store.put("r", "k", entry, 5)
+        await store.put("r", "k", entry, 5, (1, 1))
         assert await store.get("r", "k") == entry
         ttl = await store.client.pttl(f"{prefix}:cache:r:k")
         assert 0 < ttl <= 5000
@@ -178,7 +179,7 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
         await store.close()
     down = RedisStore(counters, "redis://127.0.0.1:1/0", prefix, 100)
     assert await down.get("r", "k") is None
-    await down.put("r", "k", Entry(orjson.dumps(COMPLETION), "d", 1.0, 0.0), 5)
+    await down.put("r", "k", Entry(orjson.dumps(COMPLETION), "d", 1.0, 0.0), 5, (1, 1))
     assert counters.errors == 2
     await down.close()
     await asyncio.sleep(0)

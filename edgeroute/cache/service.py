@@ -89,18 +89,15 @@ class Plan:
 
 
 class ResponseCache:
-    """The cache of one server: per-route settings of the running config, one store."""
+    """The cache of one server: one store; each request brings its route's settings from the running config."""
 
-    def __init__(self, routes: dict[str, RouteCache], store: Store, counters: CacheCounters) -> None:
-        self.routes = routes
+    def __init__(self, store: Store, counters: CacheCounters) -> None:
         self.store = store
         self.counters = counters
         self._writes: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def build(
-        cls, routes: dict[str, RouteCache], backend: CacheStore, redis: tuple[str, str, int] | None
-    ) -> ResponseCache:
+    def build(cls, backend: CacheStore, redis: tuple[str, str, int] | None) -> ResponseCache:
         """`redis` is (url, key prefix, timeout ms) when shared state is configured."""
         counters = CacheCounters()
         store: Store
@@ -109,20 +106,15 @@ class ResponseCache:
                 raise ValueError("cache.backend: redis needs shared_state.redis_url")
             store = RedisStore(counters, *redis)
         else:
-            store = MemoryStore(counters, {r: (s.max_entries, s.max_bytes) for r, s in routes.items()})
-        return cls(routes, store, counters)
+            store = MemoryStore(counters)
+        return cls(store, counters)
 
-    def reconfigure(self, routes: dict[str, RouteCache]) -> None:
-        """A reload: new per-route settings; entries already stored stay."""
-        self.routes = routes
-        if isinstance(self.store, MemoryStore):
-            self.store.set_limits({r: (s.max_entries, s.max_bytes) for r, s in routes.items()})
-
-    def plan(self, request: web.Request, route: str, body: bytes, tenant: str) -> Plan | None:
+    def plan(
+        self, request: web.Request, settings: RouteCache | None, route: str, body: bytes, tenant: str
+    ) -> Plan | None:
         """None when the route does not cache. Raises 400 for a bad cache header, and 504 for
         `only-if-cached` where nothing can be cached."""
         directive = Directive.of(request)
-        settings = self.routes.get(route)
         if settings is None or settings.mode == "off":
             if directive.only_if_cached:
                 raise _not_cached()
@@ -184,7 +176,8 @@ class ResponseCache:
             return
         self.counters.stores += 1
         keep = plan.settings.ttl + plan.settings.stale_if_error
-        task = asyncio.get_running_loop().create_task(self.store.put(plan.route, plan.key, entry, keep))
+        bounds = (plan.settings.max_entries, plan.settings.max_bytes)
+        task = asyncio.get_running_loop().create_task(self.store.put(plan.route, plan.key, entry, keep, bounds))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

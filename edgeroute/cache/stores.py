@@ -37,7 +37,9 @@ class CacheCounters:
 class Store(Protocol):
     async def get(self, route: str, key: str) -> Entry | None: ...
 
-    async def put(self, route: str, key: str, entry: Entry, keep_s: float) -> None: ...
+    async def put(self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int]) -> None:
+        """`bounds`: the route's (max entries, max bytes), for stores that enforce them."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -46,9 +48,8 @@ class MemoryStore:
     """One LRU per route, bounded by entries and by bytes (each entry's body plus a fixed
     overhead); a JSON hit sends the stored body as it is."""
 
-    def __init__(self, counters: CacheCounters, limits: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, counters: CacheCounters) -> None:
         self.counters = counters
-        self._limits = limits  # route -> (max entries, max bytes)
         # route -> key -> (seconds kept, the entry, its size)
         self._lrus: dict[str, collections.OrderedDict[str, tuple[float, Entry, int]]] = {}
         self._bytes: dict[str, int] = {}
@@ -68,8 +69,8 @@ class MemoryStore:
         lru.move_to_end(key)
         return entry
 
-    async def put(self, route: str, key: str, entry: Entry, keep_s: float) -> None:
-        max_entries, max_bytes = self._limits.get(route, (10_000, 64 * 1024 * 1024))
+    async def put(self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int]) -> None:
+        max_entries, max_bytes = bounds
         size = entry.size()
         if size > max_bytes:
             self.counters.too_large += 1
@@ -87,9 +88,6 @@ class MemoryStore:
     def _drop(self, route: str, key: str) -> None:
         _, _, size = self._lrus[route].pop(key)
         self._bytes[route] -= size
-
-    def set_limits(self, limits: dict[str, tuple[int, int]]) -> None:
-        self._limits = limits
 
     def size(self, route: str) -> tuple[int, int]:
         """(entries, bytes) held for a route."""
@@ -133,7 +131,8 @@ class RedisStore:
             log.warning("response cache: a corrupt entry for route %s was ignored", route)
             return None
 
-    async def put(self, route: str, key: str, entry: Entry, keep_s: float) -> None:
+    async def put(self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int]) -> None:
+        """Redis bounds the whole cache by its own `maxmemory` policy, not per route."""
         try:
             await self.client.set(self._key(route, key), entry.dumps(), px=max(1, int(keep_s * 1000)))
         except (RedisError, OSError) as e:

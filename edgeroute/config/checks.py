@@ -17,6 +17,8 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
     for name, d in cfg.deployments.items():
         if d.provider not in cfg.providers:
             problems.append((f"deployments.{name}.provider", f"unknown provider {d.provider!r}"))
+    if cfg.cache.backend == "redis" and cfg.shared_state is None:
+        problems.append(("cache.backend", "the redis backend needs shared_state.redis_url"))
     for name, m in cfg.models.items():
         choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
         if not m.deployments and not choosers:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
 from edgeroute.requestlog.settings import RequestLog
 
@@ -171,6 +172,7 @@ class Model(_Strict):
     hedge: Hedge | None = None
     timeouts: Timeouts | None = None
     max_attempts: int = Field(4, ge=1, le=20)
+    cache: RouteCache | None = None  # answers cached per route (edgeroute/cache)
 
 
 class TimeWindow(_Strict):
@@ -362,6 +364,7 @@ class Config(_Strict):
     request_log: RequestLog = RequestLog()
     shared_state: SharedState | None = None
     learning: Learning = Learning()
+    cache: CacheStore = CacheStore()
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""

@@ -38,6 +38,7 @@ async def relay_stream(
     call: Attempts,
     dep: DeploymentInfo,
     encode: Callable[[bytes], bytes] | None = None,
+    on_complete: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
     """Sends the held head, then each upstream chunk as it arrives, unmerged.
 
@@ -147,4 +148,6 @@ async def relay_stream(
             usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
         if answer.rec is not None:
             call.settle_attempt(answer.rec, dep, usage)
+        if on_complete is not None and completed and failure is None:
+            on_complete(b"".join(text))  # the whole answer, as OpenAI-format events (e.g. for the cache)
     return out
