@@ -171,9 +171,9 @@ class RequestRecord:
     content_mode: str = "none"
     content_request: bytes | None = None
     content_response: bytes | None = None
-
     cache: str | None = None  # hit | miss | stale | bypass, where the route caches
     saved_usd: float = 0.0  # what a cached answer would have cost upstream
+
     def __post_init__(self) -> None:
         if not self.started_at:
             self.started_at = self.started
