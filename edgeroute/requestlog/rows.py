@@ -55,6 +55,7 @@ def row(rec: RequestRecord, baseline: float) -> tuple[Any, ...]:
         "reasons": rec.reasons,
         "admission": rec.admission,
         "shadow_of": rec.shadow_of,
+        "cache_saved_usd": rec.saved_usd,
         "attempts": attempt_timeline(rec),
     }
     ttft = rec.ttft_ms
@@ -63,6 +64,6 @@ def row(rec: RequestRecord, baseline: float) -> tuple[Any, ...]:
         rec.model, rec.route, rec.rule, rec.policy, rec.task, rec.difficulty, rec.variant, rec.deployment,
         provider, int(rec.stream), rec.status, rec.outcome, _error_class(rec), rec.latency_ms, ttft,
         rec.queue_ms, u.prompt_tokens if u else 0, u.completion_tokens if u else 0,
-        int(u.estimated) if u else 0, rec.cost_usd, baseline, None, len(rec.attempts),
+        int(u.estimated) if u else 0, rec.cost_usd, baseline, rec.cache, len(rec.attempts),
         orjson.dumps(detail).decode(), None,
     )  # fmt: skip
