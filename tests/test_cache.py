@@ -12,8 +12,8 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from bench.faults import FaultUpstream
-from bench.upstream import UpstreamOptions
+from edgeroute.bench.faults import FaultUpstream
+from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
 from tests.conftest import simple_config
 
