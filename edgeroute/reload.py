@@ -8,8 +8,10 @@ request timeout plus the drain timeout). The core carries
 health state over for deployments whose provider and model did not change, and
 keys are checked against the new generation at once (revoked keys stop working).
 
-Some sections are wired in when the server starts (the ledger, budgets and rate
-limits with their counters, shared state, learning, the listening socket): a reload
+Budgets and rate limits reload with the rest (their counters are kept by name, so
+spend already recorded carries over and a lowered limit applies at once). Some sections
+are wired in when the server starts (the ledger and request log, shared state, learning,
+the listening socket): a reload
 that changes them is refused with the list, rather than half applied.
 """
 
@@ -78,7 +80,7 @@ def _longest_request_s(cfg: Config) -> float:
     return max(totals, default=0.0)
 
 
-_AT_START = ("ledger", "budgets", "rate_limits", "shared_state", "learning", "cache")
+_AT_START = ("ledger", "request_log", "shared_state", "learning", "cache")
 _SERVER_AT_START = ("host", "port", "max_body_bytes", "drain_timeout", "decision_log")
 
 
@@ -92,11 +94,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         for f in _SERVER_AT_START
         if getattr(old.server, f) != getattr(new.server, f)
     ]
-    for key_id in sorted(old.keys.keys() & new.keys.keys()):
-        if old.keys[key_id].limits != new.keys[key_id].limits:
-            out.append(f"keys.{key_id}.limits: changed; key limits take effect on restart")
     if CostControl.wanted(old) != CostControl.wanted(new):
-        out.append("keys: turning virtual keys on or off takes effect on restart")
+        out.append("keys, budgets, rate_limits: turning cost control on or off takes effect on restart")
     return out
 
 

@@ -23,6 +23,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/requests": "viewer",
     "GET /admin/requests/{id}": "viewer",
     "GET /admin/stats": "viewer",
+    "GET /admin/budgets": "viewer",
     "GET /admin/learning": "viewer",
     "POST /admin/reload": "operator",
 }

@@ -97,8 +97,8 @@ def _pg_reset(dsn: str) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("DROP TABLE IF EXISTS spend")
-        c.execute("DROP TABLE IF EXISTS spend_attempts")
+        for table in ("spend", "spend_attempts", "requests", "request_rollup", "ledger_batches", "reservations"):
+            c.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def test_postgres_same_schema_and_throughput() -> None:
@@ -349,6 +349,11 @@ async def test_sigkill_loses_at_most_one_flush_interval(start_upstream, tmp_path
     assert len(done) > 50
     assert not missing_old
     assert stored <= {rid for rid, _ in done}
+    # The request log is written in the same transactions: the same requests, no more, no fewer.
+    conn = sqlite3.connect(db)
+    logged = {r[0] for r in conn.execute("SELECT id FROM requests")}
+    conn.close()
+    assert logged == stored
 
 
 async def test_sigterm_drains_and_loses_nothing(start_upstream, tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ async def test_reload_revokes_and_adds_keys(start_upstream, tmp_path: Path, monk
         path.write_text(yaml.safe_dump({**cfg, "keys": {}, "server": {"api_keys": ["env:ER_TEST_SHARED_KEY"]}}))
         status, body = await _reload(url, "tok-ops")
         assert status == 400
-        assert "keys: turning virtual keys on or off takes effect on restart" in str(body["error"]["problems"])
+        assert "turning cost control on or off takes effect on restart" in str(body["error"]["problems"])
         assert await ask("tok-app-2") == "ok"
     finally:
         await server.close()
@@ -140,7 +140,7 @@ async def test_reload_refuses_restart_only_changes(start_upstream, tmp_path: Pat
         status, body = await _reload(url)
         assert status == 400
         problems = [p["error"] for p in body["error"]["problems"]]
-        assert any("budgets: changed; this section takes effect on restart" in p for p in problems)
+        assert any("budgets, rate_limits: turning cost control on" in p for p in problems)
         assert any("server.port: changed" in p for p in problems)
         # Nothing of the file was applied, not even the part a reload could have taken.
         async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:

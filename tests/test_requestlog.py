@@ -20,6 +20,7 @@ from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup, store
 from edgeroute.requestlog.settings import RequestLog
+from tests.test_cost_ledger import _pg_reset
 from tests.test_cost_support import cost_proxy, require_postgres
 
 
@@ -333,11 +334,7 @@ def test_a_batch_written_twice_is_written_once(tmp_path: Path) -> None:
 
 def test_postgres_request_log_idempotent_writes_and_stats() -> None:
     dsn = require_postgres()
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as c:
-        for t in ("spend", "spend_attempts", "requests", "request_rollup", "ledger_batches", "reservations"):
-            c.execute(f"DROP TABLE IF EXISTS {t}")
+    _pg_reset(dsn)
     ledger = Ledger(PostgresBackend(dsn), flush_interval=60, request_log=RequestLog())
     t0 = (time.time() // 3600 - 2) * 3600
     recs = _synthetic(900, t0, random.Random(5))

@@ -16,6 +16,8 @@ from aiohttp import web
 from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
+from edgeroute.cost import restore
+from edgeroute.cost.budget_report import admin_budgets
 from edgeroute.cost.control import CostControl, on_response_prepare
 from edgeroute.cost.ledger import ledger_from_config
 from edgeroute.cost.reports import LEDGER, admin_spend
@@ -38,13 +40,19 @@ def install(
     if ledger is not None:
         app[LEDGER] = ledger.backend
     control = CostControl(config) if admission is None and CostControl.wanted(config) else None
+    if control is not None:
+        control.ledger = ledger
     app[ADMISSION] = admission or control or AdmitAll()
     app.router.add_get("/admin/spend", admin_spend)
+    app.router.add_get("/admin/budgets", admin_budgets)
     requestlog_api.install(app, ledger.backend if ledger is not None and ledger.request_log is not None else None)
     if control is not None:
         app.on_response_prepare.append(on_response_prepare)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        if control is not None and ledger is not None:
+            # Before serving: budgets and rate-limit windows as the ledger left them.
+            control.restore(await asyncio.to_thread(restore.read, ledger.backend, config))
         yield
         # After the drain: settle what is pending, then write every record.
         if control is not None:

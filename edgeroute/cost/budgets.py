@@ -38,6 +38,8 @@ class Period:
     ttl_s: int
     slot: int = -1
     first_slot: int = -1
+    starts_at: float = 0.0  # unix seconds: start of the calendar period, or of the oldest slot
+    slot_s: float = 0.0  # a rolling slot's length
 
     @property
     def rolling(self) -> bool:
@@ -51,17 +53,19 @@ def period_of(b: Budget, now: float) -> Period:
         size = window / ROLLING_SLOTS
         slot = int(now // size)
         first = slot - ROLLING_SLOTS + 1
-        return Period(f"r{int(size)}", (first + ROLLING_SLOTS) * size, int(window) + 60, slot, first)
+        return Period(
+            f"r{int(size)}", (first + ROLLING_SLOTS) * size, int(window) + 60, slot, first, first * size, size
+        )
     tz = dt.timezone(dt.timedelta(minutes=b.utc_offset_minutes))
     local = dt.datetime.fromtimestamp(now, tz)
     if b.period == "day":
         start = local.replace(hour=0, minute=0, second=0, microsecond=0)
         end = start + dt.timedelta(days=1)
-        return Period(start.strftime("%Y-%m-%d"), end.timestamp(), 2 * 86400)
+        return Period(start.strftime("%Y-%m-%d"), end.timestamp(), 2 * 86400, starts_at=start.timestamp())
     days = calendar.monthrange(local.year, local.month)[1]
     start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = start + dt.timedelta(days=days)
-    return Period(start.strftime("%Y-%m"), end.timestamp(), 32 * 86400)
+    return Period(start.strftime("%Y-%m"), end.timestamp(), 32 * 86400, starts_at=start.timestamp())
 
 
 @dataclass(slots=True, frozen=True)
@@ -155,3 +159,18 @@ class LocalBudgetStore:
 
     async def close(self) -> None:
         return None
+
+    def add_read_back(self, store_key: str, amount: int, slot: int = -1) -> None:
+        """Adds spend read back from the ledger to a counter (a rolling window's `slot`)."""
+        if slot >= 0:
+            slots = self._rolling.setdefault(store_key, {})
+            slots[slot] = slots.get(slot, 0) + amount
+        else:
+            self._cal[store_key] = self._cal.get(store_key, 0) + amount
+
+    def counters(self) -> dict[str, int]:
+        """Every counter: store key -> nano-USD used (a rolling window's slots summed, stale ones too)."""
+        out = dict(self._cal)
+        for k, slots in self._rolling.items():
+            out[k] = sum(slots.values())
+        return out

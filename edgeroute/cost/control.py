@@ -41,10 +41,13 @@ from edgeroute import _core
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY, Identity
+from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.limits import BucketState, LocalLimiter, Take, headers_for
 from edgeroute.cost.prices import Ceiling, ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.cost.restore import Restored
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
@@ -124,16 +127,16 @@ class CostControl:
     """Budgets and rate limits; build with :meth:`from_config`."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.budgets = cfg.budgets.limits
-        self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
         self._prices = [_Prices(cfg, route_ceilings(cfg))]
-        self._model_limits = cfg.rate_limits.models
-        self._block_at = [B.block_limit(b) for b in self.budgets]
-        self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)
-        self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
-        self._periods: dict[str, tuple[float, B.Period]] = {}
+        self.budgets: list[Budget] = []
+        self.apply(cfg)
         self.local_budgets = B.LocalBudgetStore()
+        # Reserved and not yet settled, per store key (what `/admin/budgets` shows as reserved).
+        self.reserved: dict[str, int] = {}
+        # Set when a ledger is configured: reservations are journaled with its batches, and
+        # budgets a reload adds are read back from it (see `restore`).
+        self.ledger: Ledger | None = None
+        self._restoring: set[asyncio.Task[None]] = set()
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else None
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
@@ -145,6 +148,47 @@ class CostControl:
     @staticmethod
     def wanted(cfg: Config) -> bool:
         return _enabled(cfg)
+
+    def apply(self, cfg: Config) -> None:
+        """Takes the budgets and limits of a config generation (at start, and after a reload,
+        at the next admission). Counters are kept by budget name and bucket name, so spend
+        already recorded carries over, and a lowered limit applies to the next request.
+        A budget that is new (or whose scope, match or period changed) is read back from the
+        ledger in the background."""
+        old = {b.name: b for b in self.budgets}
+        self.cfg = cfg
+        self.budgets = cfg.budgets.limits
+        self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
+        self._model_limits = cfg.rate_limits.models
+        self._block_at = [B.block_limit(b) for b in self.budgets]
+        self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)
+        self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
+        self._periods: dict[str, tuple[float, B.Period]] = {}
+        if old and (changed := [b for b in self.budgets if not _same_counting(old.get(b.name), b)]):
+            self._restore_later(changed)
+
+    def restore(self, found: Restored) -> None:
+        """Counts what the ledger says was spent (`restore.read`) before this process counted
+        the budgets itself (at start; for a reloaded budget, requests that started before it)."""
+        for (key, slot), amount in found.budgets.items():
+            self.local_budgets.add_read_back(key, amount, slot)
+        for name, kind, limit, used in found.buckets:
+            self.local_limits.seed(name, kind, limit, used)
+
+    def _restore_later(self, budgets: list[Budget]) -> None:
+        if self.ledger is None:
+            return
+        backend, cfg, since = self.ledger.backend, self.cfg, time.time()
+
+        async def go() -> None:
+            try:
+                self.restore(await asyncio.to_thread(restore.read, backend, cfg, budgets, until=since))
+            except Exception:
+                log.exception("could not read the spend of reloaded budgets back from the ledger")
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._restoring.add(task)
+        task.add_done_callback(self._restoring.discard)
 
     def _prices_for(self, cfg: Config) -> _Prices:
         """The ceilings of the generation a request runs on; the previous one is kept for
@@ -163,6 +207,8 @@ class CostControl:
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident)
         live = request.app[STATE].live
+        if live.config is not self.cfg:
+            self.apply(live.config)
         choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
@@ -321,6 +367,7 @@ class CostControl:
                 rec.admission = f"blocked:{c.budget.name}"
                 raise _budget_error(c, res.used_before[res.blocked], now)
             ticket.charges, ticket.charges_shared = charges, shared
+            self._hold(rec.request_id, now, charges)
             if self._any_notify:
                 self._notify(charges, res.used_before)
             return route
@@ -362,10 +409,26 @@ class CostControl:
 
     # -- settlement ------------------------------------------------------------
 
+    def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
+        """Notes the reservations as held until settled, and journals them with the ledger."""
+        for c in charges:
+            self.reserved[c.store_key] = self.reserved.get(c.store_key, 0) + c.amount
+            if self.ledger is not None:
+                self.ledger.journal(request_id, now, c.store_key, c.amount)
+
+    def _unhold(self, charges: list[B.Charge]) -> None:
+        for c in charges:
+            left = self.reserved.get(c.store_key, 0) - c.amount
+            if left > 0:
+                self.reserved[c.store_key] = left
+            else:
+                self.reserved.pop(c.store_key, None)
+
     def settle(self, ticket: Any, rec: RequestRecord) -> None:
         if not isinstance(ticket, CostTicket):
             return
         if ticket.charges:
+            self._unhold(ticket.charges)
             actual = B.to_nano(rec.cost_usd)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
         for h in ticket.held:
@@ -383,13 +446,14 @@ class CostControl:
             back = [t for t in h.takes if t.kind == "tokens" or h.deployment is not None]
             tasks.append(self._give(back, [-t.amount for t in back], h.shared))
         if ticket.charges:
+            self._unhold(ticket.charges)
             tasks.append(self._adjust(ticket.charges, [-c.amount for c in ticket.charges], ticket.charges_shared))
         ticket.held, ticket.charges = [], []
         return tasks
 
     # -- the stores: shared when configured and up, else local -----------------
 
-    def _shared_up(self) -> bool:
+    def shared_up(self) -> bool:
         return self.shared is not None and time.monotonic() >= self._down_until
 
     def _unavailable(self, what: str, e: StoreUnavailable) -> None:
@@ -407,12 +471,12 @@ class CostControl:
             )
 
     def _check_closed(self) -> None:
-        if self.shared is not None and not self.fail_open and not self._shared_up():
+        if self.shared is not None and not self.fail_open and not self.shared_up():
             self._unavailable("recently failed", StoreUnavailable("down"))
 
     async def _take(self, takes: list[Take]) -> tuple[bool, list[BucketState], bool]:
         self._check_closed()
-        if self._shared_up():
+        if self.shared_up():
             assert self.shared is not None
             try:
                 ok, states = await self.shared.take(takes)
@@ -424,7 +488,7 @@ class CostControl:
 
     async def _reserve(self, charges: list[B.Charge], now: float) -> tuple[B.Reserved, bool]:
         self._check_closed()
-        if self._shared_up():
+        if self.shared_up():
             assert self.shared is not None
             try:
                 return await self.shared.reserve(charges, now), True
@@ -495,7 +559,7 @@ class CostControl:
             self._spawn(self._send(mark, c.period.ttl_s, a.webhook, event))
 
     async def _send(self, mark: str, ttl_s: int, url: str | None, event: dict[str, Any]) -> None:
-        if self.shared is not None and self._shared_up():
+        if self.shared is not None and self.shared_up():
             try:
                 if not await self.shared.mark_once(mark, ttl_s):
                     return  # another instance has told already
@@ -518,12 +582,22 @@ class CostControl:
 
     async def close(self) -> None:
         """Waits for pending adjustments and notifications, then closes connections."""
+        for task in self._restoring:
+            task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
         if self._session is not None:
             await self._session.close()
         if self.shared is not None:
             await self.shared.close()
+
+
+def _same_counting(old: Budget | None, new: Budget) -> bool:
+    """Whether `new` counts the same spend as `old` (a changed limit or action does not matter)."""
+    if old is None:
+        return False
+    keep = ("scope", "match", "period", "window_hours", "utc_offset_minutes")
+    return all(getattr(old, f) == getattr(new, f) for f in keep)
 
 
 def _subject(b: Budget, ident: Identity, route: str) -> str | None:

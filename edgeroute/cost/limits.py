@@ -73,11 +73,33 @@ class LocalLimiter:
 
     def _bucket(self, t: Take, now: float) -> Bucket:
         b = self._buckets.get((t.name, t.kind))
-        if b is None or b.capacity != t.limit:
+        if b is None:
             b = self._buckets[(t.name, t.kind)] = Bucket.per_minute(t.limit, now)
+        elif b.capacity != t.limit:
+            # A reload changed the limit: what was used carries over, so a lowered limit
+            # takes effect at once (the bucket may start in debt).
+            b.refill(now)
+            used = b.capacity - b.level
+            b = self._buckets[(t.name, t.kind)] = Bucket.per_minute(t.limit, now)
+            b.level = max(-b.capacity, b.capacity - used)
         else:
             b.refill(now)
         return b
+
+    def seed(self, name: str, kind: str, limit: int, used: float, now: float | None = None) -> None:
+        """Starts a bucket with `used` already taken (rebuilt from the ledger at start)."""
+        b = Bucket.per_minute(limit, time.monotonic() if now is None else now)
+        b.level = max(-b.capacity, b.capacity - used)
+        self._buckets[(name, kind)] = b
+
+    def usage(self, now: float | None = None) -> dict[tuple[str, str], tuple[int, float]]:
+        """(name, kind) -> (limit, used now) for every bucket."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for k, b in self._buckets.items():
+            b.refill(now)
+            out[k] = (int(b.capacity), b.capacity - b.level)
+        return out
 
     def take(self, takes: list[Take], now: float | None = None) -> tuple[bool, list[BucketState]]:
         now = time.monotonic() if now is None else now

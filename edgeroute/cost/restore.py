@@ -1,0 +1,127 @@
+"""Spend survives restarts: budgets and rate-limit windows read back from the ledger.
+
+At start (and for a budget a reload adds or changes) each budget's current period is
+summed from the spend rows per subject, and the reservation journal adds what admission
+had reserved for requests that have no spend row: requests in flight at a crash count as
+spent, at their reserved (maximum) cost, since whether the provider billed them is unknown.
+Rate-limit buckets are refilled from the last minute's requests and tokens, each weighted
+by how much of it a bucket would not yet have refilled.
+
+What a crash can lose is what the ledger had not written: the last flush interval.
+Everything here runs in a thread, on a read connection, before the proxy serves (or in the
+background after a reload).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from edgeroute.config import Budget, Config, Limit
+from edgeroute.cost import budgets as B
+from edgeroute.cost.ledger import Backend
+
+_SUBJECT = {"key": "key_id", "team": "team", "user": "user_id", "model": "route", "global": "'*'"}
+WINDOW_S = 60.0  # token buckets refill over a minute
+
+
+@dataclass(slots=True, frozen=True)
+class Restored:
+    budgets: dict[tuple[str, int], int]  # (store key, rolling slot or -1) -> nano-USD
+    buckets: list[tuple[str, str, int, float]]  # (name, kind, limit, used)
+    read_at: float
+
+
+def _slot_sql(dialect: str, size: float) -> str:
+    # `size` is a float from the config, formatted by Python: never request text.
+    if dialect == "postgres":
+        return f"CAST(FLOOR(ts / {size!r}) AS BIGINT)"
+    return f"CAST(ts / {size!r} AS INTEGER)"
+
+
+def budget_spend(
+    db: Backend, budgets: Sequence[Budget], now: float, until: float | None = None
+) -> dict[tuple[str, int], int]:
+    """Each budget's spend in its current period, per subject (and rolling slot), by requests
+    that started before `until` (all when None), in-flight reservations included."""
+    end = until if until is not None else now + 86400.0  # a clock that moved back: still counted
+    out: dict[tuple[str, int], int] = defaultdict(int)
+    periods = {b.name: B.period_of(b, now) for b in budgets}
+    for b in budgets:
+        p = periods[b.name]
+        col = _SUBJECT[b.scope]
+        slot = _slot_sql(db.dialect, p.slot_s) if p.rolling else "-1"
+        where: list[str] = ["ts >= ?", "ts < ?"]
+        params: list[object] = [p.starts_at, end]
+        if b.scope != "global":
+            where.append(f"{col} IS NOT NULL")
+            if b.match is not None:
+                where.append(f"{col} = ?")
+                params.append(b.match)
+        sql = f"SELECT {col}, {slot}, SUM(cost_usd) FROM spend WHERE {' AND '.join(where)} GROUP BY 1, 2"
+        for subject, s, usd in db.query(sql, params):
+            if p.rolling and int(s) < p.first_slot:
+                continue
+            out[(f"{b.name}:{subject}:{p.id}", int(s))] += B.to_nano(float(usd or 0))
+    if budgets:
+        earliest = min(p.starts_at for p in periods.values())
+        unsettled = (
+            "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND ts < ? "
+            "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
+        )
+        for store_key, ts, amount in db.query(unsettled, [earliest, end]):
+            for b in budgets:
+                p = periods[b.name]
+                if store_key.startswith(f"{b.name}:") and store_key.endswith(f":{p.id}") and ts >= p.starts_at:
+                    s = int(ts // p.slot_s) if p.rolling else -1
+                    out[(store_key, s)] += int(amount)
+                    break
+    return dict(out)
+
+
+def _limit_names(cfg: Config, key: str | None, route: str, deployment: str | None) -> list[tuple[str, Limit]]:
+    out = []
+    if key is not None:
+        vk = cfg.keys.get(key)
+        lim = (vk.limits if vk is not None else None) or cfg.rate_limits.per_key
+        if lim is not None:
+            out.append((f"key:{key}", lim))
+    if (lim := cfg.rate_limits.models.get(route)) is not None:
+        out.append((f"model:{route}", lim))
+    if deployment is not None and (lim := cfg.rate_limits.deployments.get(deployment)) is not None:
+        out.append((f"deployment:{deployment}", lim))
+    return out
+
+
+def bucket_usage(db: Backend, cfg: Config, now: float) -> list[tuple[str, str, int, float]]:
+    """(name, kind, limit, used) for every rate-limit bucket the last minute's requests touched."""
+    used: dict[tuple[str, str], float] = defaultdict(float)
+    limits: dict[tuple[str, str], int] = {}
+    sql = "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend WHERE ts >= ?"
+    for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
+        weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet
+        for name, lim in _limit_names(cfg, key, route, deployment):
+            if lim.rpm:
+                used[(name, "requests")] += weight
+                limits[(name, "requests")] = lim.rpm
+            if lim.tpm:
+                used[(name, "tokens")] += weight * int(tokens or 0)
+                limits[(name, "tokens")] = lim.tpm
+    return [(name, kind, limits[(name, kind)], u) for (name, kind), u in used.items()]
+
+
+def read(
+    db: Backend,
+    cfg: Config,
+    budgets: Sequence[Budget] | None = None,
+    now: float | None = None,
+    until: float | None = None,
+) -> Restored:
+    """What the ledger says was spent: every budget of `cfg` and the rate-limit windows (at
+    start), or just `budgets` by requests that started before `until` (after a reload)."""
+    now = time.time() if now is None else now
+    if budgets is not None:
+        return Restored(budget_spend(db, budgets, now, until), [], now)
+    return Restored(budget_spend(db, cfg.budgets.limits, now), bucket_usage(db, cfg, now), now)

@@ -1,0 +1,240 @@
+"""Spend survives restarts: budgets and rate-limit windows rebuilt from the ledger (with the
+reservations of requests in flight at a crash), and budgets and limits that reload."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import yaml
+
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.config import Budget, parse
+from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
+from edgeroute.cost.ledger import Ledger, PostgresBackend
+from tests.test_cost_ledger import _pg_reset
+from tests.test_cost_support import free_port, require_postgres
+
+CENT = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.01}  # every request costs exactly $0.01
+
+
+def _config(upstream: str, db: Path, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "providers": {"a": {"base_url": upstream}},
+        "deployments": {"d-a": {"provider": "a", "model": "gpt-4o-mini", "price": CENT}},
+        "models": {"m": {"deployments": ["d-a"]}},
+        "ledger": {"path": str(db), "flush_interval": 0.1},
+        "budgets": {"limits": [{"name": "ten", "scope": "global", "limit_usd": 0.10, "period": "day"}]},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+class Served:
+    """A real `edgeroute serve` process (started and killed by this test only)."""
+
+    def __init__(self, cfg_path: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeroute", "serve", "--config", str(cfg_path), "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "listening" in line, line + self.proc.stdout.read()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+async def _admitted(url: str, n: int, concurrent: bool = False) -> int:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        return await _send(client, n, concurrent)
+
+
+async def _send(client: openai.AsyncOpenAI, n: int, concurrent: bool) -> int:
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+        except openai.RateLimitError:
+            return 0
+        return 1
+
+    if concurrent:
+        return sum(await asyncio.gather(*(one() for _ in range(n))))
+    return sum([await one() for _ in range(n)])
+
+
+async def _budgets(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as s, s.get(url + "/admin/budgets") as r:
+        assert r.status == 200
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def test_a_budget_is_not_forgotten_across_a_hard_kill(start_upstream: Any, tmp_path: Path) -> None:
+    """The reported case: room for 10, 15 sent, killed, restarted: no more admitted today."""
+    up = await start_upstream()
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
+    first = Served(path)
+    try:
+        assert await _admitted(first.url, 15) == 10
+        await asyncio.sleep(0.4)  # past one flush interval
+    finally:
+        first.kill()
+    second = Served(path)
+    try:
+        view = await _budgets(second.url)
+        assert view["budgets"][0]["spent_usd"] == 0.10 and view["budgets"][0]["percent"] == 100
+        assert await _admitted(second.url, 10) == 0
+    finally:
+        second.kill()
+
+
+async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any, tmp_path: Path) -> None:
+    up = await start_upstream(latency_ms=5000)  # answers after the crash
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
+    first = Served(path)
+    try:
+        flight = asyncio.ensure_future(_admitted(first.url, 4, concurrent=True))
+        for _ in range(100):
+            if (await _budgets(first.url))["budgets"][0]["reserved_usd"] >= 0.04:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)  # the reservations are journaled with the next flush
+    finally:
+        first.kill()
+    await asyncio.gather(flight, return_exceptions=True)
+    fast = await start_upstream()
+    path.write_text(yaml.safe_dump(_config(fast.base_url, tmp_path / "l.db")))
+    second = Served(path)
+    try:
+        assert (await _budgets(second.url))["budgets"][0]["spent_usd"] == 0.04
+        assert await _admitted(second.url, 10) == 6
+    finally:
+        second.kill()
+
+
+async def test_rate_limit_window_survives_a_restart(start_upstream: Any, tmp_path: Path) -> None:
+    up = await start_upstream()
+    path = tmp_path / "edge.yaml"
+    cfg = _config(up.base_url, tmp_path / "l.db", rate_limits={"models": {"m": {"rpm": 5}}})
+    del cfg["budgets"]
+    path.write_text(yaml.safe_dump(cfg))
+    first = Served(path)
+    try:
+        assert await _admitted(first.url, 6) == 5
+        await asyncio.sleep(0.4)
+    finally:
+        first.kill()
+    second = Served(path)
+    try:
+        view = await _budgets(second.url)
+        (m,) = [r for r in view["rate_limits"] if r["scope"] == "model"]
+        assert m["rpm_limit"] == 5 and m["rpm_used"] > 4
+        assert await _admitted(second.url, 3) == 0
+    finally:
+        second.kill()
+
+
+async def test_budgets_and_limits_reload_keeping_their_spend(start_upstream: Any, tmp_path: Path) -> None:
+    up = await start_upstream()
+    path = tmp_path / "edge.yaml"
+    cfg = _config(up.base_url, tmp_path / "l.db", rate_limits={"models": {"m": {"rpm": 100}}})
+    cfg["budgets"]["limits"][0]["limit_usd"] = 1.0
+    path.write_text(yaml.safe_dump(cfg))
+    served = Served(path)
+
+    async def reload() -> None:
+        async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+
+    try:
+        assert await _admitted(served.url, 5) == 5
+        # Lowered to room for 7: the 5 already spent carry over, so 2 more get in.
+        cfg["budgets"]["limits"][0]["limit_usd"] = 0.07
+        # A new budget counts what the ledger already holds for its period.
+        cfg["budgets"]["limits"].append({"name": "team-less", "scope": "global", "limit_usd": 5, "period": "month"})
+        path.write_text(yaml.safe_dump(cfg))
+        await asyncio.sleep(0.3)  # flushed
+        await reload()
+        assert await _admitted(served.url, 4) == 2
+        await asyncio.sleep(0.2)
+        view = {b["name"]: b for b in (await _budgets(served.url))["budgets"]}
+        assert view["ten"]["spent_usd"] == 0.07 and view["ten"]["limit_usd"] == 0.07
+        assert view["team-less"]["spent_usd"] == 0.07  # 5 from the ledger, 2 since
+        # A lowered rate limit takes effect at once: 7 requests this minute, the limit now 6.
+        cfg["budgets"]["limits"] = []
+        cfg["rate_limits"]["models"]["m"]["rpm"] = 6
+        path.write_text(yaml.safe_dump(cfg))
+        await reload()
+        assert await _admitted(served.url, 2) == 0
+    finally:
+        served.kill()
+
+
+def test_budget_report_projection_and_postgres_restore() -> None:
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    ledger = Ledger(PostgresBackend(dsn), flush_interval=60)
+    now = time.time()
+    for i in range(30):
+        team = ("red", "blue", None)[i % 3]
+        ledger.record(
+            RequestRecord(f"pg-{i}", now - 10 - i, "m", route="m", team=team, status=200, outcome="ok",
+                          usage=Usage(1, 1), cost_usd=0.5)
+        )  # fmt: skip
+    ledger.journal("in-flight-1", now - 5, "per-team:red:" + B.period_of(_team_budget(), now).id, B.to_nano(0.25))
+    ledger.journal("pg-0", now - 5, "per-team:red:" + B.period_of(_team_budget(), now).id, B.to_nano(9))  # settled
+    ledger.flush()
+    cfg = parse(
+        {
+            "providers": {"a": {"base_url": "http://127.0.0.1:9"}},
+            "deployments": {"d": {"provider": "a", "model": "x"}},
+            "models": {"m": {"deployments": ["d"]}},
+            "budgets": {"limits": [_team_budget().model_dump(), {"name": "all", "scope": "global", "limit_usd": 100,
+                                   "period": "rolling", "window_hours": 1}]},
+            "rate_limits": {"models": {"m": {"rpm": 100, "tpm": 1000}}},
+        },
+        "t.yaml",
+    )  # fmt: skip
+    found = restore.read(ledger.backend, cfg, now=now)
+    team_period = B.period_of(_team_budget(), now).id
+    assert found.budgets[(f"per-team:red:{team_period}", -1)] == B.to_nano(10 * 0.5 + 0.25)
+    assert found.budgets[(f"per-team:blue:{team_period}", -1)] == B.to_nano(5.0)
+    rolling = sum(v for (k, _), v in found.budgets.items() if k.startswith("all:*:"))
+    assert rolling == B.to_nano(15.0)
+    buckets = {(n, k): used for n, k, _, used in found.buckets}
+    # 30 requests 10 to 39 s old: each still holds 1 - age/60 of a request (and of its 2 tokens).
+    weights = sum(1 - (10 + i) / 60 for i in range(30))
+    assert abs(buckets[("model:m", "requests")] - weights) < 0.01
+    assert abs(buckets[("model:m", "tokens")] - 2 * weights) < 0.02
+    ledger.close()
+
+
+def _team_budget() -> Budget:
+    return Budget(name="per-team", scope="team", limit_usd=20, period="month")
+
+
+def test_restore_matches_the_periods_of_the_store() -> None:
+    """The keys read back are the keys admission charges (same period ids)."""
+    b = Budget(name="d", scope="global", limit_usd=1, period="day", utc_offset_minutes=-300)
+    now = time.time()
+    p = B.period_of(b, now)
+    assert p.starts_at <= now < p.resets_at and p.resets_at - p.starts_at in (82800, 86400, 90000)
+    assert orjson.loads(orjson.dumps(p.id))  # a plain string
