@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import openai_api, sse
+from edgeroute import openai_api, redact, sse
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
@@ -360,7 +360,8 @@ class StreamEncoder:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             self.ended = True
-            body = {"type": "error", "error": {"type": "api_error", "message": str(err.get("message", "error"))}}
+            message = redact.text(str(err.get("message", "error")))  # may be an upstream's, relayed mid-stream
+            body = {"type": "error", "error": {"type": "api_error", "message": message}}
             return self._start(obj) + _event("error", body)
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):

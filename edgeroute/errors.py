@@ -1,8 +1,9 @@
 """Errors as clients see them: OpenAI's JSON error format with the right status.
 
 Every error the proxy raises on purpose is a :class:`ProxyError`; the server turns it
-into a response with :func:`error_body`. Messages never contain secrets: callers pass
-only what is safe for a client to read.
+into a response with :func:`error_body`. Messages may quote an upstream's answer, which
+may quote the credentials it was sent: :func:`error_body` passes every text through
+`redact`, so no call site has to remember to.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+
+from edgeroute import redact
 
 # OpenAI's error `type` for each status we produce.
 _TYPES = {
@@ -20,6 +23,7 @@ _TYPES = {
     405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
+    431: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -78,12 +82,12 @@ def error_body(
 ) -> bytes:
     """The JSON body OpenAI sends for an error (`{"error": {...}}`)."""
     err: dict[str, Any] = {
-        "message": message,
+        "message": redact.text(message),
         "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         "param": param,
         "code": code,
     }
     if details is not None:
         # E.g. which deployments were tried and why they failed: safe summaries only.
-        err[details_key] = details
+        err[details_key] = redact.value(details)
     return orjson.dumps({"error": err})

@@ -1,6 +1,7 @@
 """Names of the headers edgeroute reads and writes, in one place."""
 
-REQUEST_ID = "x-request-id"
+REQUEST_ID = "x-request-id"  # always edgeroute's own id in answers
+CORRELATION_ID = "x-edgeroute-correlation-id"  # the client's x-request-id, echoed when well-formed
 DEPLOYMENT = "x-edgeroute-deployment"
 ROUTE = "x-edgeroute-route"
 ATTEMPTS = "x-edgeroute-attempts"

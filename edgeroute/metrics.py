@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from aiohttp import web
 
+from edgeroute import redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.cost.ledger import Ledger
 from edgeroute.state import RECORDER, STATE
@@ -21,6 +22,7 @@ _CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
 
 
 def _esc(v: str) -> str:
+    v = redact.text(v)  # labels are config names; a secret pasted into one must not be scraped
     return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
@@ -31,6 +33,7 @@ class Metrics:
         self.cost: defaultdict[str, float] = defaultdict(float)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.hedges = 0
+        self.malformed_requests = 0  # refused by the HTTP parser (`http_server`), never logged as tracebacks
         self.hedge_wins = 0
         self.duration: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(_BUCKETS) + 1))
         self.duration_sum: defaultdict[str, float] = defaultdict(float)
@@ -67,6 +70,8 @@ class Metrics:
             out.append(f'edgeroute_attempts_total{{deployment="{_esc(dep)}",outcome="{outcome}"}} {n}')
         family("edgeroute_hedges_total", "counter", "Hedged attempts sent.")
         out.append(f"edgeroute_hedges_total {self.hedges}")
+        family("edgeroute_malformed_requests_total", "counter", "Requests the HTTP parser refused (400/431).")
+        out.append(f"edgeroute_malformed_requests_total {self.malformed_requests}")
         family("edgeroute_hedge_wins_total", "counter", "Hedged attempts that answered first.")
         out.append(f"edgeroute_hedge_wins_total {self.hedge_wins}")
         family("edgeroute_tokens_total", "counter", "Tokens by deployment and kind.")

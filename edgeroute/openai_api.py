@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
@@ -64,6 +66,11 @@ def _tags(request: web.Request) -> list[str] | None:
     raw = request.headers.get(headers.TAGS)
     if not raw:
         return None
+    if not raw.isascii():
+        try:  # header bytes that are not UTF-8 arrive as lone surrogates, which the core cannot take
+            raw.encode()
+        except UnicodeEncodeError:
+            raise ProxyError(400, f"The {headers.TAGS} header is not valid UTF-8.", code="invalid_header") from None
     return [t.strip() for t in raw.split(",") if t.strip()]
 
 
@@ -111,21 +118,47 @@ def explain_header(d: _core.Decision) -> str:
     return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
 
 
-_OTHER_BODY_TYPES = frozenset({"", "application/octet-stream", "text/plain"})
-
-
 async def read_body(request: web.Request) -> bytes:
+    """The request body, read within `server.body_timeout`; only the accepted content types
+    (`server.accept_content_types`, JSON by default: a browser form cannot send it without a
+    CORS preflight). A request without a Content-Type is read as JSON."""
+    server = request.app[STATE].live.config.server
     # The raw header, not `request.content_type`, which parses it on every request.
-    ctype = request.headers.get("Content-Type", "")
-    if not ctype.startswith("application/json") and ctype.split(";", 1)[0].strip() not in _OTHER_BODY_TYPES:
-        raise ProxyError(415, f"Unsupported content type {ctype!r}; send application/json.")
+    ctype = request.headers.get("Content-Type")
+    if ctype is not None and ctype != "application/json":
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media not in server.accept_content_types and "*/*" not in server.accept_content_types:
+            shown = media[:80].encode("ascii", "backslashreplace").decode("ascii")
+            raise ProxyError(
+                415,
+                f"Unsupported content type '{shown}'; send application/json.",
+                code="unsupported_media_type",
+            )
     try:
-        return await request.read()
+        if request.content.is_eof():  # a small body usually arrives with the headers: no timer needed
+            return await request.read()
+        async with asyncio.timeout(server.body_timeout):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE].live.config.server.max_body_bytes
         raise ProxyError(
-            413, f"The request body is too large (limit {limit} bytes).", code="request_too_large"
+            413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
         ) from None
+    except TimeoutError:
+        raise ProxyError(
+            408, f"The request body did not arrive within {server.body_timeout:g} s.", code="body_timeout"
+        ) from None
+    except HttpProcessingError:  # a malformed body framing (e.g. a bad chunk): never quoted back
+        raise ProxyError(400, "The request body could not be parsed (bad framing).", code="malformed_request") from None
+
+
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")
+
+
+def correlation_id(request: web.Request) -> str | None:
+    """The client's own request id (`x-request-id`), when it is a plain token: it is echoed in a
+    header and written to logs, so anything that could split a header or a log line is dropped."""
+    got = request.headers.get(headers.REQUEST_ID)
+    return got if got is not None and _CORRELATION_ID.fullmatch(got) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +174,10 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     state = request.app[STATE]
     live = state.live
     live.enter()
-    rid = request.headers.get(headers.REQUEST_ID) or new_request_id()
-    if len(rid) > 128 or not rid.isprintable():
-        rid = new_request_id()
+    # Our own id, always: a client's id would be spoofable and collide in the ledger and feedback.
+    rid = new_request_id()
     started = time.perf_counter()
-    rec = RequestRecord(request_id=rid, started=time.time(), model="")
+    rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []
@@ -185,6 +217,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             raise
         rec.deployment = dep.name
         hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
+        if rec.correlation_id is not None:
+            hdrs[headers.CORRELATION_ID] = rec.correlation_id
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
         if plan is not None:
@@ -208,6 +242,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         if not rec.model and body is not None:
             rec.model = _requested_model(body)  # refused before a decision: say what was asked for
         e.headers.setdefault(headers.REQUEST_ID, rid)
+        if rec.correlation_id is not None:
+            e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
         raise
     except asyncio.CancelledError:
         rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it

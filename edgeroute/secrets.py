@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from edgeroute import redact
+
 
 class SecretError(ValueError):
     """A secret reference could not be resolved."""
@@ -23,6 +25,7 @@ class Secret:
     def __init__(self, value: str, reference: str) -> None:
         self._value = value
         self.reference = reference
+        redact.register(value)  # whatever edgeroute resolves as a secret is redacted from every exit
 
     def reveal(self) -> str:
         return self._value

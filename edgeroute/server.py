@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, learning, openai_api
+from edgeroute import anthropic_api, learning, openai_api, redact
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -28,6 +28,7 @@ from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
+from edgeroute.http_server import ProxyRunner
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
@@ -38,8 +39,15 @@ log = logging.getLogger("edgeroute")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Errors after which the rest of the request cannot be read in step: the connection is closed.
+_OUT_OF_STEP = frozenset({"body_timeout", "malformed_request"})
+
+
 def _json_error(e: ProxyError) -> web.Response:
-    return web.Response(status=e.status, body=e.body(), content_type="application/json", headers=e.headers)
+    resp = web.Response(status=e.status, body=e.body(), content_type="application/json", headers=e.headers)
+    if e.code in _OUT_OF_STEP:
+        resp.force_close()
+    return resp
 
 
 @web.middleware
@@ -208,9 +216,7 @@ async def serve_async(
     """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
     in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
     app = create_app(config, source)
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=config.server.drain_timeout
-    )
+    runner = ProxyRunner(app, config, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     h = host or config.server.host
     p = port if port is not None else config.server.port
@@ -270,10 +276,12 @@ def serve(
 ) -> None:
     """Runs the proxy on uvloop until SIGINT/SIGTERM, then drains and returns."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact.install_on(logging.getLogger().handlers)  # no secret in any log line
     if config.server.decision_log:
         decisions = logging.getLogger("edgeroute.decisions")
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        redact.install_log_filter(handler)
         decisions.addHandler(handler)
         decisions.setLevel(logging.INFO)
         decisions.propagate = False

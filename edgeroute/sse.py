@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 
+from edgeroute import redact
+
 DONE = b"data: [DONE]"
 
 
@@ -23,9 +25,19 @@ def event_data(event: bytes) -> bytes | None:
 
 
 def error_event(message: str, code: str, etype: str = "upstream_error") -> bytes:
-    """An in-stream error in the shape the OpenAI SDKs raise on."""
-    body: dict[str, Any] = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    """An in-stream error in the shape the OpenAI SDKs raise on (its message redacted)."""
+    body: dict[str, Any] = {"error": {"message": redact.text(message), "type": etype, "param": None, "code": code}}
     return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def redact_errors(chunk: bytes) -> bytes:
+    """A relayed stream chunk with the credentials an upstream's error event may quote redacted.
+
+    Only chunks that carry an `"error"` key are decoded (a model's text cannot: its quotes
+    are escaped inside a JSON string), so a stream's content pays one substring search."""
+    if b'"error"' not in chunk:
+        return chunk
+    return redact.text(chunk.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
 def find_usage(tail: bytes) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from edgeroute import redact
 from edgeroute.accounting import Recorder
 from edgeroute.config import Config
 from edgeroute.core import Router, build_router
@@ -57,6 +58,7 @@ class Live:
 
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
+        redact.register_config(config)  # the secrets it holds as plain URLs (env:/file: ones register as resolved)
         router = build_router(config, source, previous=previous.router if previous is not None else None)
         live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
         live.apply_price_windows()

@@ -199,7 +199,7 @@ async def test_a_slow_reader_is_not_an_upstream_stall(start_proxy) -> None:
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, ("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         await loop.sock_sendall(sock, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         got = await loop.sock_recv(sock, 4096)
         assert got.startswith(b"HTTP/1.1 200")

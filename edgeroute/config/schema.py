@@ -246,6 +246,16 @@ class Server(_Strict):
     api_keys: list[str] = []
     # One JSON line per request on stderr: the decision (route, rule and why), who served, cost.
     decision_log: bool = False
+    # Hostile-input bounds (see SECURITY.md): a connection must deliver a request's headers
+    # within `header_timeout` seconds of opening or of its previous answer (slowloris), and
+    # the body within `body_timeout` seconds; bodies of other types are refused with 415.
+    header_timeout: float = Field(10.0, gt=0, le=300)
+    body_timeout: float = Field(30.0, gt=0)
+    accept_content_types: list[str] = ["application/json"]
+    # With no keys configured, requests naming another Host, or carrying an Origin, are
+    # refused (DNS rebinding, CSRF from a web page); these lists allow more ("*": any).
+    allowed_hosts: list[str] = []
+    allowed_origins: list[str] = []
 
 
 # -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------

@@ -5,6 +5,8 @@ config load, logged, echoed in an error or written to the ledger (the key id is)
 When `keys:` is configured, an unknown or missing token is a 401 on every path but
 the public ones, and each `/admin/*` route needs the role `roles.py` declares for it. With
 `server.api_keys` instead, any of those keys is let in, compared in constant time.
+With no keys at all (a sidecar), `sidecar_guard` refuses what a web page could send.
+Tokens are compared as the bytes the client sent, whatever they are (never a 500).
 An :class:`Access` belongs to one config generation, so a reload revokes and adds
 keys (and re-reads `env:`/`file:` references, which is how a key is rotated).
 """
@@ -20,6 +22,7 @@ from aiohttp import web
 from edgeroute import roles, secrets
 from edgeroute.config import Config, Limit, VirtualKey
 from edgeroute.errors import ProxyError
+from edgeroute.sidecar_guard import SidecarGuard
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -37,13 +40,20 @@ ANONYMOUS = Identity("anonymous")
 IDENTITY = web.RequestKey("identity", Identity)
 
 
+def token_bytes(token: str) -> bytes:
+    """The token as the client sent it. Header bytes that are not UTF-8 arrive as lone
+    surrogates (`surrogateescape`): they round-trip to the same bytes instead of raising."""
+    return token.encode("utf-8", "surrogateescape")
+
+
 def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token_bytes(token)).hexdigest()
 
 
 def bearer_token(request: web.Request) -> str | None:
+    """The client's token: `Authorization: Bearer …` (scheme in any case) or `x-api-key`."""
     got = request.headers.get("Authorization", "")
-    if got.startswith("Bearer "):
+    if got[:7].lower() == "bearer ":
         return got[7:].strip() or None
     return request.headers.get("x-api-key") or None
 
@@ -83,6 +93,8 @@ class Access:
     def __init__(self, cfg: Config) -> None:
         self.ring = KeyRing(cfg.keys) if cfg.keys else None
         self.shared = [secrets.resolve(k).reveal().encode() for k in cfg.server.api_keys]
+        # No keys at all: a sidecar, which must not be driven by web pages or remote admins.
+        self.guard = SidecarGuard(cfg.server) if self.ring is None and not self.shared else None
 
     def identify(self, request: web.Request) -> Identity | None:
         """The caller's virtual key (None when keys are not in use); raises 401/403."""
@@ -94,7 +106,9 @@ class Access:
                 check_role(request, ident.role)
             return ident
         if self.shared:
-            token = (bearer_token(request) or "").encode()
+            token = token_bytes(bearer_token(request) or "")
             if not any(hmac.compare_digest(token, k) for k in self.shared):
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+        elif self.guard is not None:
+            self.guard.check(request)
         return None

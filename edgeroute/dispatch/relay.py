@@ -63,6 +63,7 @@ async def relay_stream(
         request[STREAM_STARTED] = True
 
         async def send(data: bytes) -> None:
+            data = sse.redact_errors(data)  # an upstream's error event relayed mid-stream may quote our key
             data = encode(data) if encode is not None else data
             if data:
                 await out.write(data)

@@ -1,0 +1,215 @@
+"""Secrets never leave: the one redaction layer every outbound text passes through.
+
+Upstreams (and their proxies) quote the credentials they were sent in their error
+messages; exception texts can carry a DSN; a malformed request's header line carries the
+client's token. Rather than trusting each call site, the exits redact: error bodies
+(`errors.error_body`), in-stream error events (`sse.error_event`), every log handler
+edgeroute sets up (:func:`install_log_filter`), metric labels. Only error paths and log
+lines pay for it; a successful answer is never scanned.
+
+Two kinds of thing are replaced by :data:`MARKER`:
+
+- every secret value edgeroute knows: each `env:`/`file:`/literal reference resolved by
+  `secrets.resolve` registers its value here (provider keys, virtual-key tokens,
+  `server.api_keys`, DSNs), and :func:`register_config` adds what the config holds as
+  plain URLs (the Redis URL's password). Values shorter than :data:`MIN_SECRET_LEN` are
+  not registered: they would blank ordinary words and cannot be secret anyway;
+- common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
+  AWS access key ids, Google API keys, JWTs, `api-key=`/`x-api-key:`/`password=`-style
+  pairs, `key=` URL parameters (Gemini), passwords in URLs.
+
+The log filter also neutralises control characters (newlines, ANSI escapes) in the
+values interpolated into a log line, so that a client-chosen string cannot forge a log
+line or repaint a terminal (log injection).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+MARKER = "[REDACTED]"
+MIN_SECRET_LEN = 8
+_MAX_KNOWN = 4096  # a bound on what reloads can accumulate (rotated secrets stay secret)
+
+# Credential shapes. Each pattern's group 1 (when present) is kept, the rest replaced.
+_SHAPES: list[tuple[re.Pattern[str], str]] = [
+    # name=value / "name": "value" pairs, whatever the value looks like.
+    (
+        re.compile(
+            r"""(?ix)
+            ((?:x-)?api[-_]?key|x-goog-api-key|access[-_]?token|refresh[-_]?token|secret(?:[-_]?access)?[-_]?key
+              |client[-_]?secret|password|passwd|authorization|proxy-authorization)
+            ("?'?\s*[:=]\s*"?'?)
+            (?:(?:bearer|basic|token)\s+)?
+            [^\s"'&,;}\]]+"""
+        ),
+        r"\1\2" + MARKER,
+    ),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER),
+    (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER),
+    (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b"), MARKER),
+    (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MARKER),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MARKER),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]*"), MARKER),
+    # Query parameters that carry keys (Gemini's `?key=`), anywhere in a URL.
+    (re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"), r"\1" + MARKER),
+    # user:password@ in any URL (DSNs, Redis URLs, proxies).
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^@\s/\"']+@"), r"\1" + MARKER + "@"),
+]
+
+
+class _Known:
+    """The registered secret values and one regex over them, rebuilt lazily after a change."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, None] = {}  # insertion-ordered set
+        self._lock = threading.Lock()
+        self._regex: re.Pattern[str] | None = None
+        self._dirty = False
+
+    def add(self, value: str) -> None:
+        if len(value) < MIN_SECRET_LEN or value in self._values:
+            return
+        with self._lock:
+            self._values[value] = None
+            while len(self._values) > _MAX_KNOWN:
+                del self._values[next(iter(self._values))]
+            self._dirty = True
+
+    def regex(self) -> re.Pattern[str] | None:
+        if self._dirty:
+            with self._lock:
+                self._dirty = False
+                # Longest first, so that a secret containing another is replaced whole.
+                values = sorted(self._values, key=len, reverse=True)
+                self._regex = re.compile("|".join(map(re.escape, values))) if values else None
+        return self._regex
+
+
+_KNOWN = _Known()
+
+
+def register(value: str) -> None:
+    """Marks `value` (and the password inside it, when it is a URL) as a secret."""
+    if not value:
+        return
+    _KNOWN.add(value)
+    _KNOWN.add(value.strip())
+    if "://" in value and "@" in value:
+        try:
+            password = urlsplit(value.strip()).password
+        except ValueError:
+            password = None
+        if password:
+            _KNOWN.add(password)
+            _KNOWN.add(unquote(password))
+
+
+def register_config(cfg: Any) -> None:
+    """Registers the secrets a config holds as plain values rather than references."""
+    shared = getattr(cfg, "shared_state", None)
+    url = getattr(shared, "redis_url", None)
+    if isinstance(url, str):
+        register(url)
+
+
+def text(s: str) -> str:
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`."""
+    if not s:
+        return s
+    known = _KNOWN.regex()
+    if known is not None:
+        s = known.sub(MARKER, s)
+    for pattern, repl in _SHAPES:
+        s = pattern.sub(repl, s)
+    return s
+
+
+def value(v: Any) -> Any:
+    """Redacts every string inside a JSON-like value (dicts, lists), returning a copy."""
+    if isinstance(v, str):
+        return text(v)
+    if isinstance(v, dict):
+        return {k: value(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [value(x) for x in v]
+    return v
+
+
+def contains_secret(s: str) -> bool:
+    """Whether redaction would change `s` (for tests and assertions)."""
+    return text(s) != s
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]|\n")
+
+
+def _escape_control(s: str) -> str:
+    """Control characters as visible escapes: one event stays one line, no terminal codes."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s)
+
+
+def _safe_arg(a: Any) -> Any:
+    if isinstance(a, str):
+        return _escape_control(a)
+    if isinstance(a, bytes):
+        return _escape_control(a.decode("utf-8", "backslashreplace"))
+    return a
+
+
+_exc_formatter = logging.Formatter()
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts a record in place (message, exception text, stack) before any handler formats it.
+
+    Values interpolated into the message (`log.info("... %s", value)`) have their control
+    characters escaped; the message template itself is the program's and kept as is.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_edgeroute_redacted", False):
+            return True
+        args = record.args
+        if args:
+            if isinstance(args, dict):
+                record.args = {k: _safe_arg(v) for k, v in args.items()}
+            else:
+                record.args = tuple(_safe_arg(a) for a in args)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: let the handler report it as usual
+            return True
+        record.msg = text(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _exc_formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = text(record.exc_text)
+            record.exc_info = None  # formatters then print the redacted text, never re-format the exception
+        if record.stack_info:
+            record.stack_info = text(record.stack_info)
+        record._edgeroute_redacted = True
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def install_log_filter(handler: logging.Handler) -> None:
+    """Installs the redacting filter on `handler` (idempotent). Every handler edgeroute
+    creates must get one: a filter on a logger does not see records propagated to it."""
+    if _FILTER not in handler.filters:
+        handler.addFilter(_FILTER)
+
+
+def install_on(handlers: Iterable[logging.Handler]) -> None:
+    for h in handlers:
+        install_log_filter(h)

@@ -1,0 +1,173 @@
+"""Fixtures for the security suite: a careless upstream that quotes the credentials it was
+sent, and the proxy served exactly as `edgeroute serve` serves it (its connection protocol,
+header timeout and parser-error answers), on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from edgeroute import config as config_mod
+from edgeroute.accounting import MemoryRecorder
+from edgeroute.server import create_app
+
+
+@dataclass
+class Leaky:
+    """An upstream that answers as `mode` says, quoting the request's credentials in its errors.
+
+    Modes: an HTTP status (400, 404, 422, 429, 500, 401, ...) with an OpenAI-style JSON
+    error; "ok"; "200-error" (a JSON 200 carrying only an error object); "stream-error"
+    (a 200 stream whose first event is an error); "midstream-error" (content, then an error
+    event); "text" (a plain-text 500 that quotes the headers).
+    """
+
+    mode: int | str = 400
+    seen: list[dict[str, str]] = field(default_factory=list)
+    server: TestServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}/v1"
+
+    def quote(self, request: web.Request) -> str:
+        auth = request.headers.get("Authorization", "")
+        key = request.headers.get("x-api-key", "") or request.headers.get("api-key", "")
+        return (
+            f"Incorrect API key provided: {auth[7:]}. You sent Authorization: {auth}, x-api-key: {key}; "
+            f"see {request.url.with_query({'key': auth[7:] or key})}"
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(dict(request.headers))
+        body = await request.json()
+        quote = self.quote(request)
+        if self.mode == "text":
+            return web.Response(status=500, text=f"upstream crashed: {quote}")
+        if isinstance(self.mode, int):
+            err = {"error": {"message": quote, "type": "invalid_request_error", "code": "invalid_api_key"}}
+            return web.json_response(err, status=self.mode)
+        if self.mode == "200-error":
+            return web.json_response({"error": {"message": quote, "type": "server_error"}})
+        if body.get("stream") or self.mode in ("stream-error", "midstream-error"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            err = b"data: " + orjson.dumps({"error": {"message": quote, "type": "server_error"}}) + b"\n\n"
+            content = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": "x",
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": "partial"}, "finish_reason": None}],
+            }
+            if self.mode == "midstream-error":
+                await resp.write(b"data: " + orjson.dumps(content) + b"\n\n")
+            await resp.write(err)
+            await resp.write_eof()
+            return resp
+        return web.json_response(
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "x",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            }
+        )
+
+
+@pytest.fixture
+async def leaky() -> AsyncIterator[Leaky]:
+    up = Leaky()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", up.handle)
+    up.server = TestServer(app, host="127.0.0.1")
+    await up.server.start_server()
+    yield up
+    await up.server.close()
+
+
+@dataclass
+class Served:
+    url: str
+    port: int
+    app: web.Application
+    recorder: MemoryRecorder
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
+    """Starts the proxy as `edgeroute serve` does (its runner and connection protocol)."""
+    from edgeroute.http_server import ProxyRunner
+
+    runners: list[web.AppRunner] = []
+
+    async def start(cfg_data: dict[str, Any], host: str = "127.0.0.1") -> Served:
+        cfg = config_mod.parse(cfg_data, "test.yaml")
+        recorder = MemoryRecorder()
+        app = create_app(cfg, "test.yaml", recorder)
+        runner = ProxyRunner(app, cfg)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, host, 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        return Served(f"http://127.0.0.1:{port}", port, app, recorder)
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+def leaky_config(up: Leaky, api_key: str = "sk-live-0123456789abcdefSECRET", **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "providers": {"p": {"base_url": up.base_url, "api_key": api_key}},
+        "deployments": {
+            "d": {"provider": "p", "model": "gpt-4o-mini", "price": {"input_per_mtok": 1, "output_per_mtok": 2}}
+        },
+        "models": {"m": {"deployments": ["d"], "max_attempts": 2}},
+        "retry": {"base_ms": 1, "max_ms": 2},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+async def raw_exchange(port: int, data: bytes, read_timeout: float = 5.0) -> bytes:
+    """Sends raw bytes on a new connection and returns everything the server answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(read_timeout):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                    break
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def _complete(resp: bytes) -> bool:
+    head, _, body = resp.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

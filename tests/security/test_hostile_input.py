@@ -1,0 +1,191 @@
+"""Hostile input at the HTTP level gets a clean 4xx in OpenAI's format, never a 500, a
+traceback, a plain-text answer or an echo of what was sent: header bytes of any value,
+slowloris (headers or body trickled), request smuggling (CL+TE, duplicate Content-Length,
+obfuscated Transfer-Encoding, bad chunks), oversized headers, non-JSON content types."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+from edgeroute.config import Server
+from edgeroute.metrics import METRICS
+from tests.security.conftest import Leaky, leaky_config, raw_exchange
+
+BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+TOKEN = "tok-0123456789abcdef"
+
+
+def _keyed(up: Leaky, **server: object) -> dict[str, object]:
+    return leaky_config(up, keys={"a": {"token": TOKEN, "role": "admin"}}, server=server)
+
+
+def _post(extra: bytes, body: bytes = BODY, path: bytes = b"/v1/chat/completions") -> bytes:
+    return (
+        b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" + extra
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+def _status_and_error(answer: bytes) -> tuple[int, dict[str, object]]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert b"content-type: application/json" in head.lower(), answer
+    return status, orjson.loads(body)["error"]
+
+
+@pytest.mark.parametrize(
+    "header", [b"Authorization: Bearer \xff\xfe", b"Authorization: Bearer caf\xe9", b"x-api-key: \xe9\xff"]
+)
+@pytest.mark.parametrize("path", [b"/v1/chat/completions", b"/admin/deployments", b"/v1/messages"])
+async def test_non_utf8_credentials_are_a_401_not_a_500(leaky: Leaky, serve, header: bytes, path: bytes) -> None:
+    """Header bytes of any value: a token that is not UTF-8 is an unknown token (401), on /v1/* and /admin/*."""
+    proxy = await serve(_keyed(leaky))
+    status, err = _status_and_error(await raw_exchange(proxy.port, _post(header + b"\r\n", path=path)))
+    assert status == 401, err
+
+
+async def test_non_utf8_shared_key_and_tags(leaky: Leaky, serve) -> None:
+    """`server.api_keys` compares the raw bytes too; a tags header that is not UTF-8 is a 400."""
+    proxy = await serve(leaky_config(leaky, server={"api_keys": [TOKEN]}))
+    status, _ = _status_and_error(await raw_exchange(proxy.port, _post(b"Authorization: Bearer \xff\r\n")))
+    assert status == 401
+    auth = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+    status, err = _status_and_error(await raw_exchange(proxy.port, _post(auth + b"x-edgeroute-tags: \xff\xfe\r\n")))
+    assert status == 400 and "x-edgeroute-tags" in str(err["message"])
+
+
+_P = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
+_G = b"GET /v1/models HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + TOKEN.encode()
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("CL+TE", _P + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("duplicate Content-Length", _P + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"),
+        ("obfuscated TE", _P + b"Transfer-Encoding: xchunked\r\n\r\n"),
+        ("TE with space", _P + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+        ("bad chunk size", _P + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
+        ("bare LF header", _P + b"X: y\nZ: w\r\nContent-Length: 2\r\n\r\n{}"),
+        ("NUL in header", _G + b"\x00\r\n\r\n"),
+        ("64 KiB header", _G + b"A" * 65536 + b"\r\n\r\n"),
+        ("garbage request line", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"),
+    ],
+)
+async def test_request_smuggling_and_malformed_http_get_a_json_4xx(
+    leaky: Leaky, serve, caplog: pytest.LogCaptureFixture, name: str, data: bytes
+) -> None:
+    """Request smuggling / malformed HTTP: refused as a whole (400, 431 for a header over the
+    limit) in OpenAI's JSON format, never quoting the line (the token in it), no traceback
+    logged, counted in `edgeroute_malformed_requests_total`."""
+    proxy = await serve(_keyed(leaky))
+    caplog.set_level(logging.DEBUG)
+    answer = await raw_exchange(proxy.port, data)
+    status, _ = _status_and_error(answer)
+    assert status in (400, 431), (name, answer)
+    if name == "64 KiB header":
+        assert status == 431
+    assert TOKEN.encode() not in answer
+    assert leaky.seen == []  # nothing reached an upstream
+    assert proxy.app[METRICS].malformed_requests == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_bad_chunk_after_the_headers_is_one_400_then_close(leaky: Leaky, serve) -> None:
+    """A malformed body arriving after the handler started reading: one answer (400), then the connection closes."""
+    proxy = await serve(_keyed(leaky))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    head = _post(b"Authorization: Bearer " + TOKEN.encode() + b"\r\nTransfer-Encoding: chunked\r\n", body=b"")
+    writer.write(head.replace(b"Content-Length: 0\r\n", b""))
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.write(b"zz\r\n{}\r\n0\r\n\r\n")
+    async with asyncio.timeout(5):
+        answer = await reader.read()  # until the server closes
+    writer.close()
+    assert answer.count(b"HTTP/1.1") == 1, answer
+    status, err = _status_and_error(answer)
+    assert status == 400 and err["code"] == "malformed_request"
+
+
+async def test_slowloris_headers_are_cut_off_within_the_header_timeout(leaky: Leaky, serve) -> None:
+    """Slowloris: 20 connections each sending its headers one byte a second are all closed
+    within `server.header_timeout` (plus scheduling slack), while a normal client is served."""
+    timeout = 2.0
+    proxy = await serve(leaky_config(leaky, server={"header_timeout": timeout}))
+    leaky.mode = "ok"
+    line = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+    conns = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(20)]
+    started = time.monotonic()
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+        try:
+            for byte in line:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                # Closed by the server: the read sees EOF (or the write fails) at once.
+                try:
+                    async with asyncio.timeout(1.0):
+                        if await reader.read(1024) == b"":
+                            break
+                except TimeoutError:
+                    pass
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+        return time.monotonic() - started
+
+    closed_after = await asyncio.wait_for(asyncio.gather(*(trickle(r, w) for r, w in conns)), 30)
+    # Served meanwhile, and after: the proxy is not tied up.
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            proxy.url + "/v1/chat/completions", data=BODY, headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 200
+    assert max(closed_after) < timeout + 4, closed_after
+    assert Server().header_timeout <= 30  # the default is well under a minute
+
+
+async def test_slowloris_body_is_a_408(leaky: Leaky, serve) -> None:
+    """A body trickled slower than `server.body_timeout` gets a 408 in OpenAI's format."""
+    proxy = await serve(leaky_config(leaky, server={"body_timeout": 0.5}))
+    answer = await raw_exchange(proxy.port, _post(b"")[: -len(BODY) + 5])  # headers and 5 bytes of the body
+    status, err = _status_and_error(answer)
+    assert status == 408 and err["code"] == "body_timeout"
+    assert leaky.seen == []
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/octet-stream"],
+)
+async def test_non_json_content_types_are_a_415(leaky: Leaky, start_proxy, ctype: str) -> None:
+    """Bodies a browser form can send without a CORS preflight (text/plain, forms) are refused."""
+    proxy = await start_proxy(leaky_config(leaky))
+    leaky.mode = "ok"
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/chat/completions", "/v1/messages"):
+            async with s.post(proxy.url + path, data=BODY, headers={"Content-Type": ctype}) as r:
+                assert r.status == 415, await r.text()
+                assert "error" in await r.json()
+    assert leaky.seen == []
+
+
+async def test_content_types_are_configurable(leaky: Leaky, start_proxy) -> None:
+    proxy = await start_proxy(leaky_config(leaky, server={"accept_content_types": ["application/json", "text/plain"]}))
+    leaky.mode = "ok"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", data=BODY, headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 200
+        async with s.post(
+            proxy.url + "/v1/chat/completions", data=BODY, headers={"Content-Type": "application/json; charset=utf-8"}
+        ) as r:
+            assert r.status == 200
