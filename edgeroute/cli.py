@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", help="e.g. 24h, 7d, 2026-11-01 (UTC)")
     sp.set_defaults(fn=_cmd_spend)
 
+    from edgeroute.requestlog import cli as requestlog_cli
+
+    requestlog_cli.add_logs_parser(sub)
+    requestlog_cli.add_stats_parser(sub)
+
     b = sub.add_parser(
         "bench", help="load-test an OpenAI-compatible endpoint (see `edgeroute bench -h`)", add_help=False
     )

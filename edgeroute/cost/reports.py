@@ -139,8 +139,9 @@ async def admin_spend(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(report), content_type="application/json")
 
 
-def cli(config_path: str, by: str, fmt: str, since: str | None) -> int:
-    """`edgeroute spend`: prints the report for the ledger named in the config."""
+def open_backend(config_path: str) -> Backend | None:
+    """The ledger database a config names (as `serve` would open it), or None after printing
+    why not (an invalid config, no ledger, a database not created yet or unreachable)."""
     import sys
     from pathlib import Path
 
@@ -151,22 +152,35 @@ def cli(config_path: str, by: str, fmt: str, since: str | None) -> int:
         cfg = config_mod.load(config_path, check_secrets=False)
     except config_mod.ConfigError as e:
         print("\n".join(e.errors), file=sys.stderr)
-        return 1
+        return None
     lc = cfg.ledger or config_mod.Ledger()  # `serve` writes the default one beside the config
     if lc.backend == "memory":
         print(f"{config_path}: the ledger is in memory only (backend: memory); nothing to report", file=sys.stderr)
-        return 1
+        return None
     base = Path(config_path).parent
     if lc.backend == "sqlite":
         path = Path(lc.path) if Path(lc.path).is_absolute() else base / lc.path
         if not path.exists():
             print(f"{config_path}: the ledger {path} does not exist yet", file=sys.stderr)
-            return 1
+            return None
+    try:
+        return backend_for(lc, base)
+    except Exception as e:  # the database is unreachable: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def cli(config_path: str, by: str, fmt: str, since: str | None) -> int:
+    """`edgeroute spend`: prints the report for the ledger named in the config."""
+    import sys
+
     try:
         start = parse_since(since)
-        backend = backend_for(lc, base)
-    except Exception as e:  # a bad --since, or the database is unreachable: one line, no traceback
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    backend = open_backend(config_path)
+    if backend is None:
         return 1
     try:
         sys.stdout.write(render(spend(backend, by, start), fmt))

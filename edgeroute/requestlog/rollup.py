@@ -84,21 +84,6 @@ class Agg:
     lat: dict[int, int] = field(default_factory=dict)
     ttft: dict[int, int] = field(default_factory=dict)
 
-    def add(
-        self, error: bool, latency_ms: float, ttft_ms: float | None, p: int, c: int, cost: float, base: float
-    ) -> None:
-        self.requests += 1
-        self.errors += error
-        self.prompt_tokens += p
-        self.completion_tokens += c
-        self.cost_usd += cost
-        self.baseline_cost_usd += base
-        b = bucket(latency_ms)
-        self.lat[b] = self.lat.get(b, 0) + 1
-        if ttft_ms is not None:
-            t = bucket(ttft_ms)
-            self.ttft[t] = self.ttft.get(t, 0) + 1
-
     def row(self, key: tuple[str, str, int]) -> tuple[Any, ...]:
         lat = [0] * BUCKETS
         for i, n in self.lat.items():
@@ -119,37 +104,73 @@ def _tokens(rec_usage: Any) -> tuple[int, int]:
     return int(rec_usage.prompt_tokens), int(rec_usage.completion_tokens)
 
 
+def _add(
+    aggs: dict[Any, Agg], key: Any, error: bool, lb: int, tb: int, p: int, c: int, cost: float, base: float
+) -> None:
+    a = aggs.get(key)
+    if a is None:
+        a = aggs[key] = Agg()
+    a.requests += 1
+    a.errors += error
+    a.prompt_tokens += p
+    a.completion_tokens += c
+    a.cost_usd += cost
+    a.baseline_cost_usd += base
+    a.lat[lb] = a.lat.get(lb, 0) + 1
+    if tb >= 0:
+        a.ttft[tb] = a.ttft.get(tb, 0) + 1
+
+
+def _merge(into: Agg, a: Agg) -> None:
+    into.requests += a.requests
+    into.errors += a.errors
+    into.prompt_tokens += a.prompt_tokens
+    into.completion_tokens += a.completion_tokens
+    into.cost_usd += a.cost_usd
+    into.baseline_cost_usd += a.baseline_cost_usd
+    for i, n in a.lat.items():
+        into.lat[i] = into.lat.get(i, 0) + n
+    for i, n in a.ttft.items():
+        into.ttft[i] = into.ttft.get(i, 0) + n
+
+
+def _spread(out: dict[tuple[str, str, int], Agg], sigs: dict[tuple[Any, ...], Agg], dims: tuple[str, ...]) -> None:
+    """Adds each signature's aggregate (minute first, then one value per dim) to its dims' rows."""
+    for sig, agg in sigs.items():
+        for dim, value in zip(dims, sig[1:], strict=True):
+            key = (dim, value or "", sig[0])
+            into = out.get(key)
+            if into is None:
+                into = out[key] = Agg()
+            _merge(into, agg)
+
+
 def aggregate(records: Iterable[tuple[RequestRecord, float]]) -> list[tuple[Any, ...]]:
-    """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute)."""
-    aggs: dict[tuple[str, str, int], Agg] = {}
+    """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute).
 
-    def agg(dim: str, value: str | None, minute: int) -> Agg:
-        key = (dim, value or "", minute)
-        a = aggs.get(key)
-        if a is None:
-            a = aggs[key] = Agg()
-        return a
-
+    The writer thread runs this for every record, so records are first added up by their
+    whole signature (one dictionary step each; a batch has few distinct signatures), and
+    the signatures are then spread over the dimensions."""
+    by_request: dict[tuple[Any, ...], Agg] = {}
+    by_attempt: dict[tuple[Any, ...], Agg] = {}
     for rec, baseline in records:
         minute = int(rec.started // 60)
-        error = rec.status != 200
         p, c = _tokens(rec.usage)
-        ttft = rec.ttft_ms
-        values = (rec.model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
-        agg("none", "*", minute).add(error, rec.latency_ms, ttft, p, c, rec.cost_usd, baseline)
-        for dim, value in zip(REQUEST_DIMS, values, strict=True):
-            agg(dim, value, minute).add(error, rec.latency_ms, ttft, p, c, rec.cost_usd, baseline)
+        sig = (minute, "*", rec.model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
+        tb = -1 if rec.ttft_ms is None else bucket(rec.ttft_ms)
+        _add(by_request, sig, rec.status != 200, bucket(rec.latency_ms), tb, p, c, rec.cost_usd, baseline)
         # The serving attempt carries the request's savings, so that they add up per deployment.
         extra = baseline - rec.cost_usd
         for a in rec.attempts:
             ap, ac = _tokens(a.usage)
-            serving = a.outcome == "success" and a.deployment == rec.deployment
-            base = a.cost_usd + extra if serving else a.cost_usd
-            a_ttft = a.ttft_ms
-            failed = a.outcome != "success"
-            agg("deployment", a.deployment, minute).add(failed, a.latency_ms, a_ttft, ap, ac, a.cost_usd, base)
-            agg("provider", a.provider, minute).add(failed, a.latency_ms, a_ttft, ap, ac, a.cost_usd, base)
-    return [a.row(k) for k, a in aggs.items()]
+            base = a.cost_usd + extra if a.outcome == "success" and a.deployment == rec.deployment else a.cost_usd
+            tb = -1 if a.ttft_ms is None else bucket(a.ttft_ms)
+            key = (minute, a.deployment, a.provider)
+            _add(by_attempt, key, a.outcome != "success", bucket(a.latency_ms), tb, ap, ac, a.cost_usd, base)
+    out: dict[tuple[str, str, int], Agg] = {}
+    _spread(out, by_request, ("none", *REQUEST_DIMS))
+    _spread(out, by_attempt, ATTEMPT_DIMS)
+    return [a.row(k) for k, a in out.items()]
 
 
 def schema(dialect: str) -> list[str]:

@@ -1,0 +1,164 @@
+"""Request log figures: writes at a fixed rate (does the writer keep up, or does its queue
+grow?) and `GET /admin/stats` over a million stored requests.
+
+    python -m edgeroute.bench.requestlog writes --rate 5000 --seconds 10
+    python -m edgeroute.bench.requestlog stats --rows 1000000
+
+Records are realistic in shape (five models, eight deployments over four providers, twenty
+teams, two hundred keys, one request in ten failing over to a second attempt) and written
+through the real ledger writer into SQLite in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
+from edgeroute.cost.ledger import Ledger, SqliteBackend
+from edgeroute.requestlog import query
+from edgeroute.requestlog.settings import RequestLog
+
+MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet", "claude-haiku", "gemini-flash")
+
+
+def record(i: int, started: float, rng: random.Random) -> RequestRecord:
+    model = MODELS[i % len(MODELS)]
+    dep = f"dep-{i % 8}"
+    usage = Usage(rng.randint(20, 2000), rng.randint(5, 800))
+    latency = rng.lognormvariate(6, 0.8)
+    attempts = [
+        AttemptRecord(
+            dep, f"prov-{i % 4}", "success", 200, latency, usage=usage, cost_usd=usage.completion_tokens * 2e-6
+        )
+    ]
+    if i % 10 == 0:
+        attempts.insert(
+            0, AttemptRecord(f"dep-{(i + 1) % 8}", f"prov-{(i + 1) % 4}", "server_error", 503, 40.0, kind="first")
+        )
+        attempts[1].kind = "retry"
+    rec = RequestRecord(
+        request_id=f"req_{i:010x}", started=started, model=model, route=model, rule=f"rule-{i % 10}",
+        team=f"team-{i % 20}", key=f"key-{i % 200}", user=f"user-{i % 1000}", status=200, outcome="ok",
+        latency_ms=latency + 0.3, deployment=dep, usage=usage, cost_usd=attempts[-1].cost_usd, attempts=attempts,
+        stream=i % 3 == 0, ttft_ms=latency / 4 if i % 3 == 0 else None, tags=["bench"], reasons=["default route"],
+    )  # fmt: skip
+    return rec
+
+
+def writes(rate: int, seconds: float, flush: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(SqliteBackend(Path(tmp) / "log.db"), flush_interval=flush, request_log=RequestLog())
+        rng = random.Random(1)
+        n = int(rate * seconds)
+        now = time.time()
+        recs = [record(i, now + i / rate, rng) for i in range(n)]
+        depths: list[int] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.05):
+                depths.append(ledger.queue_depth())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        for i, r in enumerate(recs):  # paced: record i goes in at t0 + i / rate
+            ahead = t0 + i / rate - time.perf_counter()
+            if ahead > 0.001:
+                time.sleep(ahead)
+            ledger.record(r)
+        fed = time.perf_counter() - t0
+        drained_at = time.perf_counter()
+        while ledger.queue_depth() and time.perf_counter() - drained_at < 30:
+            time.sleep(0.01)
+        drain = time.perf_counter() - drained_at
+        stop.set()
+        sampler.join()
+        ledger.close()
+        half = depths[len(depths) // 2 :]
+        print(f"fed {n} records at {n / fed:,.0f}/s for {fed:.1f}s (flush interval {flush}s)")
+        print(f"queue depth: max {max(depths)}, median {statistics.median(depths):.0f}, "
+              f"second half max {max(half)} (one interval of records = {rate * flush:.0f})")  # fmt: skip
+        print(f"queue empty {drain:.2f}s after the last record; written {ledger.written}")
+
+
+def _fill(path: Path, rows: int, hours: float) -> float:
+    ledger = Ledger(SqliteBackend(path), flush_interval=3600, request_log=RequestLog())
+    rng = random.Random(2)
+    start = time.time() - hours * 3600
+    t0 = time.perf_counter()
+    for i in range(rows):
+        ledger.record(record(i, start + i * hours * 3600 / rows, rng))
+        if i % 20_000 == 19_999:
+            ledger.flush()
+    ledger.close()
+    return time.perf_counter() - t0
+
+
+def _timed(db: SqliteBackend, q: dict[str, str], runs: int) -> tuple[float, float, int]:
+    times = []
+    n = 0
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = query.stats(db, q)
+        times.append((time.perf_counter() - t) * 1000)
+        n = out["totals"]["requests"]
+    return statistics.median(times), max(times), n
+
+
+def stats(rows: int, runs: int, keep: str | None) -> None:
+    tmp = tempfile.TemporaryDirectory()
+    path = Path(keep) if keep else Path(tmp.name) / "log.db"
+    if not path.exists():
+        secs = _fill(path, rows, 24)
+        size = path.stat().st_size / 1e6
+        print(f"stored {rows:,} requests over 24 h in {secs:.0f}s ({rows / secs:,.0f}/s); {size:.0f} MB")
+    db = SqliteBackend(path)
+    cases = [
+        {"since": "24h"},
+        {"since": "24h", "bucket": "300"},
+        {"since": "24h", "group_by": "model"},
+        {"since": "24h", "group_by": "deployment", "bucket": "3600"},
+        {"since": "24h", "group_by": "team"},
+        {"since": "24h", "group_by": "key"},
+    ]
+    print(f"GET /admin/stats over a 24-hour window ({runs} runs each): median / max ms")
+    for q in cases:
+        med, worst, n = _timed(db, q, runs)
+        label = "&".join(f"{k}={v}" for k, v in q.items())
+        print(f"  {label:<45} {med:7.1f} / {worst:7.1f}   ({n:,} requests)")
+    t = time.perf_counter()
+    page = query.list_requests(db, {"since": "24h", "model": "gpt-4o", "limit": "100"})
+    ms = (time.perf_counter() - t) * 1000
+    print(f"GET /admin/requests?model=gpt-4o&limit=100: {ms:.1f} ms ({len(page['data'])} rows)")
+    db.close()
+    tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edgeroute.bench.requestlog", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    w = sub.add_parser("writes", help="records at a fixed rate through the ledger writer; queue depth over time")
+    w.add_argument("--rate", type=int, default=5000)
+    w.add_argument("--seconds", type=float, default=10.0)
+    w.add_argument("--flush", type=float, default=0.5)
+    s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
+    s.add_argument("--rows", type=int, default=1_000_000)
+    s.add_argument("--runs", type=int, default=5)
+    s.add_argument("--keep", help="a database path to fill once and reuse")
+    a = p.parse_args(argv)
+    if a.what == "writes":
+        writes(a.rate, a.seconds, a.flush)
+    else:
+        stats(a.rows, a.runs, a.keep)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

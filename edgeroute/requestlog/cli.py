@@ -1,0 +1,174 @@
+"""`edgeroute logs` and `edgeroute stats`: the request log from the command line.
+
+They read the database the config names (as `edgeroute spend` does), with the same
+filters and the same numbers as `GET /admin/requests` and `GET /admin/stats`. Whoever can
+read the database can read everything in it, so `--content` shows stored prompts and answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from edgeroute.cost.reports import open_backend
+from edgeroute.requestlog import query
+
+_FILTERS = ("since", "until", "model", "deployment", "key", "team", "status", "error_class", "rule",
+            "min_latency_ms", "min_cost_usd")  # fmt: skip
+_COLUMNS = (("ts", 19), ("id", 22), ("model", 14), ("deployment", 14), ("key", 10), ("status", 6),
+            ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
+            ("error_class", 14))  # fmt: skip
+
+
+def add_logs_parser(sub: Any) -> None:
+    p = sub.add_parser("logs", help="the request log: filtered, paged or followed (table or JSON lines)")
+    p.add_argument("--config", "-c", required=True)
+    for f in _FILTERS:
+        p.add_argument(f"--{f.replace('_', '-')}", dest=f)
+    p.add_argument("--limit", default="50", help="records to show (up to 500); with --follow, the backlog")
+    p.add_argument("--format", choices=("table", "jsonl"), default="table")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new records (Ctrl-C stops)")
+    p.add_argument("--id", help="one request in full: explanation and attempts timeline")
+    p.add_argument("--content", action="store_true", help="with --id: the stored prompt and answer, if any")
+    p.set_defaults(fn=logs)
+
+
+def add_stats_parser(sub: Any) -> None:
+    p = sub.add_parser("stats", help="requests, success rate, latency percentiles, tokens, cost per group")
+    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--since", default="24h")
+    p.add_argument("--until")
+    p.add_argument("--group-by", dest="group_by", default="none", help=", ".join(query.GROUPS))
+    p.add_argument("--bucket", help="seconds per time bucket (a multiple of 60)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(fn=stats)
+
+
+def _params(a: argparse.Namespace, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: str(getattr(a, n)) for n in names if getattr(a, n, None) is not None}
+
+
+def _cell(r: dict[str, Any], col: str) -> str:
+    v = r.get(col)
+    if col == "ts":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v or 0)))
+    if col == "tokens":
+        return f"{r['prompt_tokens']}/{r['completion_tokens']}{'~' if r['tokens_estimated'] else ''}"
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.6f}" if col == "cost_usd" else f"{v:.1f}"
+    return str(v)
+
+
+def _line(r: dict[str, Any], fmt: str) -> str:
+    if fmt == "jsonl":
+        return orjson.dumps(r).decode()
+    return "  ".join(_cell(r, c).ljust(w)[: max(w, len(_cell(r, c)))] for c, w in _COLUMNS).rstrip()
+
+
+def _header() -> str:
+    return "  ".join(c.ljust(w) for c, w in _COLUMNS).rstrip()
+
+
+def logs(a: argparse.Namespace) -> int:
+    backend = open_backend(a.config)
+    if backend is None:
+        return 1
+    try:
+        if a.id is not None:
+            found = query.get_request(backend, a.id, with_content=a.content)
+            if found is None:
+                print(f"error: no request {a.id!r} in the request log", file=sys.stderr)
+                return 1
+            print(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        q = {**_params(a, _FILTERS), "limit": a.limit}
+        page = query.list_requests(backend, q)
+        if a.format == "table":
+            print(_header())
+        for r in reversed(page["data"]):  # oldest first, as a log reads
+            print(_line(r, a.format), flush=True)
+        if a.follow:
+            _follow(backend, q, page["data"], a.format)
+    except query.BadParam as e:
+        print(f"error: --{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    finally:
+        backend.close()
+    return 0
+
+
+_LOOK_BACK_S = 120.0  # a request lands in the log when it ends (and is flushed); it is ordered by start
+
+
+def _window(backend: Any, q: dict[str, str], since: float) -> list[dict[str, Any]]:
+    """Every record matching `q` that started after `since`, newest first (page by page)."""
+    out: list[dict[str, Any]] = []
+    page_q = {**q, "since": str(since), "until": str(time.time() + 1), "limit": "500"}
+    while True:
+        page = query.list_requests(backend, page_q)
+        out += page["data"]
+        if page["next_cursor"] is None or len(out) > 50_000:
+            return out
+        page_q["cursor"] = page["next_cursor"]
+
+
+def _follow(backend: Any, q: dict[str, str], shown: list[dict[str, Any]], fmt: str) -> None:
+    """Polls for records that were not in the log when following began (looking back a little,
+    since a long request lands after shorter ones that started later)."""
+    seen = {r["id"] for r in shown} | {r["id"] for r in _window(backend, q, time.time() - _LOOK_BACK_S)}
+    while True:
+        time.sleep(1.0)
+        recent = _window(backend, q, time.time() - _LOOK_BACK_S)
+        for r in reversed(recent):
+            if r["id"] not in seen:
+                print(_line(r, fmt), flush=True)
+        seen = {r["id"] for r in recent}  # bounded by the look-back window
+
+
+def stats(a: argparse.Namespace) -> int:
+    backend = open_backend(a.config)
+    if backend is None:
+        return 1
+    try:
+        out = query.stats(backend, _params(a, ("since", "until", "group_by", "bucket")))
+    except query.BadParam as e:
+        print(f"error: --{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
+        return 2
+    finally:
+        backend.close()
+    if a.format == "json":
+        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    cols = ["requests", "success_rate", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "prompt_tokens",
+            "completion_tokens", "cost_usd", "savings_usd"]  # fmt: skip
+    lead = (["t"] if out["bucket"] else []) + (["group"] if out["group_by"] != "none" else [])
+    table = [[*lead, *cols]]
+    for r in [*out["rows"], {"group": "TOTAL", "t": None, **out["totals"]}]:
+        table.append([_stat(r.get(c), c) for c in [*lead, *cols]])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print(
+            "  ".join(
+                v.ljust(w) if i < len(lead) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    print(f"\npercentiles within ±{out['percentile_error'] * 100:.1f} % (histograms); one-minute resolution")
+    return 0
+
+
+def _stat(v: Any, col: str) -> str:
+    if v is None:
+        return "-" if col != "t" else ""
+    if col == "t":
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(v))
+    if isinstance(v, float):
+        return f"{v:.6f}" if col.endswith("usd") or col == "success_rate" else f"{v:.1f}"
+    return str(v)
