@@ -3,6 +3,7 @@ own check; every problem is reported at once, each naming the file and the path 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,16 @@ from edgeroute.config.errors import ConfigError
 from edgeroute.config.schema import Config
 from edgeroute.core import build_router
 
+# A key is quoted in an error only when it looks like a name: a config pointed at another
+# file (say /etc/shadow, or a .env) must not have that file's lines echoed back as "keys".
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-/:@ ]{1,80}")
+
 
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and not _PLAIN_KEY.fullmatch(part):
+            part = "<a key that is not a plain name, not shown>"
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 

@@ -31,6 +31,7 @@ class Leaky:
     """
 
     mode: int | str = 400
+    extra: str = ""  # appended to every error message (e.g. line breaks, terminal escapes)
     seen: list[dict[str, str]] = field(default_factory=list)
     server: TestServer | None = None
 
@@ -44,7 +45,7 @@ class Leaky:
         key = request.headers.get("x-api-key", "") or request.headers.get("api-key", "")
         return (
             f"Incorrect API key provided: {auth[7:]}. You sent Authorization: {auth}, x-api-key: {key}; "
-            f"see {request.url.with_query({'key': auth[7:] or key})}"
+            f"see {request.url.with_query({'key': auth[7:] or key})}{self.extra}"
         )
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
