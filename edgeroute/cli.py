@@ -34,6 +34,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from edgeroute.server import serve
 
+    logging = {k: v for k in ("log_format", "log_level") if (v := getattr(args, k)) is not None}
+    if logging:  # the flags win over the config file's `server:` settings
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=logging)})
     serve(cfg, args.config, args.host, args.port, print_fn=lambda s: print(s, flush=True))
     return 0
 
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c", required=True)
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (server.log_format)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(server.log_level)")
     s.set_defaults(fn=_cmd_serve)
 
     c = sub.add_parser("check", help="validate a config file without serving")

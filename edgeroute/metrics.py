@@ -1,125 +1,287 @@
-"""Prometheus metrics, rendered in the text exposition format at `GET /metrics`.
+"""Prometheus metrics at `GET /metrics`, exposed by prometheus_client.
 
-Updated once per request from its final record (a few dict increments), so the
-request path pays next to nothing; gauges such as circuit state are read from the
-core when scraped.
+Owns the metric families (names, base units, labels) and how one finished request
+updates them. Per-request families are updated once per request, from its final
+record, in the recording step (never per stream chunk); what describes state now
+(circuits, in-flight, budgets, queues) is read when scraped, by `StateCollector`.
+
+Labels are bounded by the config: `route` (a public model name from the config, empty
+when the request was refused before a decision), `deployment`, `team` (from the virtual
+keys), `status`, `outcome`, `kind`, `error_class` (edgeroute's own vocabulary). Never a
+request id, a user or any other string a client chooses.
+
+Multiple worker processes: with `PROMETHEUS_MULTIPROC_DIR` set before start-up,
+prometheus_client keeps the per-request families in per-process files, and `render`
+merges them with its `MultiProcessCollector`; the scrape-time gauges describe the
+process that answers the scrape.
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import defaultdict
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from edgeroute import redact
 from edgeroute.accounting import RequestRecord
+from edgeroute.admission import ADMISSION
+from edgeroute.cost import budgets as B
+from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
 from edgeroute.state import RECORDER, STATE
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_CIRCUIT = {"closed": 0, "half_open": 1, "open": 2}
+# `_created` series would double the series count for a timestamp Prometheus does not use.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Seconds. Requests and upstream calls run from milliseconds (cached, tiny) to minutes (long streams).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+CIRCUIT_STATES = {"closed": 0, "half_open": 1, "open": 2}
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Scrape-time sources other modules add (a queue's depth, an alert counter): name -> callable.
+StateSource = Callable[[web.Application], Iterable[Metric]]
 
 
-def _esc(v: str) -> str:
-    v = redact.text(v)  # labels are config names; a secret pasted into one must not be scraped
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _attempt_kind(i: int, a: Any) -> str:
+    kind = getattr(a, "kind", None)  # set by dispatch; older records only say whether it was a hedge
+    if isinstance(kind, str):
+        return kind
+    return "hedge" if a.hedge else ("first" if i == 0 else "retry")
 
 
 class Metrics:
+    """The per-request families of one application, in its own registry (tests run many apps)."""
+
     def __init__(self) -> None:
-        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)
-        self.attempts: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.cost: defaultdict[str, float] = defaultdict(float)
-        self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.hedges = 0
-        self.malformed_requests = 0  # refused by the HTTP parser (`http_server`), never logged as tracebacks
-        self.hedge_wins = 0
-        self.duration: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(_BUCKETS) + 1))
-        self.duration_sum: defaultdict[str, float] = defaultdict(float)
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.requests = Counter(
+            "edgeroute_requests", "Client chat requests by route, status and outcome.",
+            ["route", "status", "outcome"], registry=r,
+        )  # fmt: skip
+        self.request_errors = Counter(
+            "edgeroute_request_errors", "Failed client requests by route and error class.",
+            ["route", "error_class"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "edgeroute_request_duration_seconds", "Client-visible request duration (to the last byte).",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "edgeroute_time_to_first_token_seconds", "Client-visible time to the first content of a stream.",
+            ["route"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.attempts = Counter(
+            "edgeroute_attempts", "Upstream attempts by deployment, outcome and kind (first, retry, fallback, hedge).",
+            ["deployment", "outcome", "kind"], registry=r,
+        )  # fmt: skip
+        self.upstream = Histogram(
+            "edgeroute_upstream_duration_seconds", "Duration of answered upstream attempts (to the whole answer).",
+            ["deployment"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.upstream_ttft = Histogram(
+            "edgeroute_upstream_time_to_first_token_seconds", "Upstream time to the first content event of a stream.",
+            ["deployment"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.retries = Counter("edgeroute_retries", "Retries by route.", ["route"], registry=r)
+        self.fallbacks = Counter(
+            "edgeroute_fallbacks", "Attempts at another model's deployment.", ["route"], registry=r
+        )
+        self.hedges = Counter("edgeroute_hedges", "Hedged attempts sent, by route.", ["route"], registry=r)
+        self.hedge_wins = Counter("edgeroute_hedge_wins", "Hedged attempts that answered first.", ["route"], registry=r)
+        self.tokens = Counter(
+            "edgeroute_tokens", "Tokens billed, by route, deployment, team and kind (prompt, completion, cached).",
+            ["route", "deployment", "team", "kind"], registry=r,
+        )  # fmt: skip
+        self.cost = Counter(
+            "edgeroute_cost_usd", "Spend in USD, by route, deployment and team (every attempt is costed).",
+            ["route", "deployment", "team"], registry=r,
+        )  # fmt: skip
+        self.budget_actions = Counter(
+            "edgeroute_budget_actions", "Requests a budget refused or downgraded.", ["budget", "action"], registry=r
+        )
+        # Plain counters other modules increment where they happen; exposed by StateCollector.
+        self.malformed_requests = 0
+        self.sources: list[StateSource] = [ledger_source, budget_source]
+        # Children by label values: `labels()` validates and locks on every call, this is one dict lookup.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _c(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            # Label values are config names; a secret pasted into one must not be scraped.
+            child = self._children[key] = metric.labels(*map(redact.text, values))
+        return child
 
     def observe(self, rec: RequestRecord) -> None:
-        route = rec.route or "-"
-        self.requests[(route, rec.status)] += 1
-        for a in rec.attempts:
-            self.attempts[(a.deployment, a.outcome)] += 1
-            if a.hedge:
-                self.hedges += 1
-                if a.outcome == "success":
-                    self.hedge_wins += 1
-            if a.usage is not None:
-                self.tokens[(a.deployment, "prompt")] += a.usage.prompt_tokens
-                self.tokens[(a.deployment, "completion")] += a.usage.completion_tokens
-        self.cost[route] += rec.cost_usd
-        secs = rec.latency_ms / 1000
-        self.duration[route][bisect.bisect_left(_BUCKETS, secs)] += 1
-        self.duration_sum[route] += secs
+        """Updates the per-request families from a finished request's record."""
+        c = self._c
+        route = rec.route
+        c(self.requests, route, str(rec.status), rec.outcome).inc()
+        error_class = getattr(rec, "error_class", None)
+        if rec.status != 200 and error_class:
+            c(self.request_errors, route, error_class).inc()
+        c(self.duration, route).observe(rec.latency_ms / 1000)
+        ttft = getattr(rec, "ttft_ms", None)
+        if ttft is not None:
+            c(self.ttft, route).observe(ttft / 1000)
+        team = rec.team or ""
+        for i, a in enumerate(rec.attempts):
+            dep = a.deployment
+            kind = _attempt_kind(i, a)
+            c(self.attempts, dep, a.outcome, kind).inc()
+            if kind == "retry":
+                c(self.retries, route).inc()
+            elif kind == "fallback":
+                c(self.fallbacks, route).inc()
+            elif kind == "hedge":
+                c(self.hedges, route).inc()
+                if a.outcome == "success" and rec.deployment == dep and rec.outcome == "hedge_won":
+                    c(self.hedge_wins, route).inc()
+            if a.outcome == "success":
+                c(self.upstream, dep).observe(a.latency_ms / 1000)
+                a_ttft = getattr(a, "ttft_ms", None)
+                if a_ttft is not None:
+                    c(self.upstream_ttft, dep).observe(a_ttft / 1000)
+            u = a.usage
+            if u is not None:
+                c(self.tokens, route, dep, team, "prompt").inc(u.prompt_tokens)
+                c(self.tokens, route, dep, team, "completion").inc(u.completion_tokens)
+                if u.cached_tokens:
+                    c(self.tokens, route, dep, team, "cached").inc(u.cached_tokens)
+            if a.cost_usd:
+                c(self.cost, route, dep, team).inc(a.cost_usd)
+        if rec.admission:
+            action, _, budget = rec.admission.partition(":")
+            c(self.budget_actions, budget, action).inc()
 
-    def render(self, app: web.Application) -> str:
-        out: list[str] = []
+    def render(self, app: web.Application) -> bytes:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry(auto_describe=False)
+            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Registered(self.registry))
+        registry.register(StateCollector(app, self))
+        return generate_latest(registry)
 
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
 
-        family("edgeroute_requests_total", "counter", "Client requests by route and status.")
-        for (route, status), n in sorted(self.requests.items()):
-            out.append(f'edgeroute_requests_total{{route="{_esc(route)}",status="{status}"}} {n}')
-        family("edgeroute_attempts_total", "counter", "Upstream attempts by deployment and outcome.")
-        for (dep, outcome), n in sorted(self.attempts.items()):
-            out.append(f'edgeroute_attempts_total{{deployment="{_esc(dep)}",outcome="{outcome}"}} {n}')
-        family("edgeroute_hedges_total", "counter", "Hedged attempts sent.")
-        out.append(f"edgeroute_hedges_total {self.hedges}")
-        family("edgeroute_malformed_requests_total", "counter", "Requests the HTTP parser refused (400/431).")
-        out.append(f"edgeroute_malformed_requests_total {self.malformed_requests}")
-        family("edgeroute_hedge_wins_total", "counter", "Hedged attempts that answered first.")
-        out.append(f"edgeroute_hedge_wins_total {self.hedge_wins}")
-        family("edgeroute_tokens_total", "counter", "Tokens by deployment and kind.")
-        for (dep, kind), n in sorted(self.tokens.items()):
-            out.append(f'edgeroute_tokens_total{{deployment="{_esc(dep)}",kind="{kind}"}} {n}')
-        family("edgeroute_cost_usd_total", "counter", "Spend in USD by route.")
-        for route, c in sorted(self.cost.items()):
-            out.append(f'edgeroute_cost_usd_total{{route="{_esc(route)}"}} {c:.8f}')
-        family("edgeroute_request_duration_seconds", "histogram", "Client-visible request duration.")
-        for route, counts in sorted(self.duration.items()):
-            acc = 0
-            r = _esc(route)
-            for le, n in zip((*_BUCKETS, float("inf")), counts, strict=True):
-                acc += n
-                le_s = "+Inf" if le == float("inf") else repr(le)
-                out.append(f'edgeroute_request_duration_seconds_bucket{{route="{r}",le="{le_s}"}} {acc}')
-            out.append(f'edgeroute_request_duration_seconds_sum{{route="{r}"}} {self.duration_sum[route]:.6f}')
-            out.append(f'edgeroute_request_duration_seconds_count{{route="{r}"}} {acc}')
-        state = app[STATE]
-        family("edgeroute_in_flight", "gauge", "Client requests in flight.")
-        out.append(f"edgeroute_in_flight {state.counters.in_flight}")
-        family("edgeroute_shed_total", "counter", "Requests refused because the proxy was at capacity.")
-        out.append(f"edgeroute_shed_total {state.counters.shed}")
-        ledger = app.get(RECORDER)
-        if isinstance(ledger, Ledger):
-            for name, what, value in (
-                ("written", "Requests written to the spend ledger.", ledger.written),
-                ("failed_batches", "Ledger writes that failed and were kept to retry.", ledger.failed_batches),
-                ("set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside),
-            ):
-                family(f"edgeroute_ledger_{name}_total", "counter", what)
-                out.append(f"edgeroute_ledger_{name}_total {value}")
+class _Registered(Collector):
+    """Another registry's collectors, so that one scrape renders them beside the state."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        return self._registry.collect()
+
+
+class StateCollector(Collector):
+    """Gauges and counters read from the running proxy when scraped."""
+
+    def __init__(self, app: web.Application, metrics: Metrics) -> None:
+        self._app = app
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        state = self._app[STATE]
+        c = state.counters
+        yield _gauge("edgeroute_requests_in_flight", "Client requests in flight.", c.in_flight)
+        yield _counter("edgeroute_requests_shed", "Requests refused at once because the proxy was at capacity.", c.shed)
+        yield _counter(
+            "edgeroute_malformed_requests", "Requests the HTTP parser refused.", self._metrics.malformed_requests
+        )
         live = state.live
-        family("edgeroute_deployment_circuit", "gauge", "Circuit state: 0 closed, 1 half-open, 2 open.")
-        family("edgeroute_deployment_latency_ms", "gauge", "Peak-EWMA latency of successful attempts.")
+        circuit = GaugeMetricFamily(
+            "edgeroute_deployment_circuit_state", "Circuit state: 0 closed, 1 half-open, 2 open.", labels=["deployment"]
+        )
+        in_flight = GaugeMetricFamily(
+            "edgeroute_deployment_in_flight", "Upstream attempts in flight.", labels=["deployment"]
+        )
+        latency = GaugeMetricFamily(
+            "edgeroute_deployment_latency_seconds",
+            "Peak-EWMA latency of successful attempts (what routing sees).",
+            labels=["deployment"],
+        )
+        errors = GaugeMetricFamily(
+            "edgeroute_deployment_error_ratio", "EWMA of the share of failed attempts, 0..1.", labels=["deployment"]
+        )
+        cooldown = GaugeMetricFamily(
+            "edgeroute_deployment_cooldown_seconds", "Time left in a rate-limit cool-down.", labels=["deployment"]
+        )
         for d in live.deployments:
             h = live.router.health(d.index)
-            name = _esc(d.name)
-            out.append(f'edgeroute_deployment_circuit{{deployment="{name}"}} {_CIRCUIT[str(h["circuit"])]}')
-            out.append(f'edgeroute_deployment_latency_ms{{deployment="{name}"}} {float(h["latency_ms"]):.3f}')
-        return "\n".join(out) + "\n"
+            circuit.add_metric([d.name], CIRCUIT_STATES[h["circuit"]])
+            in_flight.add_metric([d.name], h["in_flight"])
+            latency.add_metric([d.name], h["latency_ms"] / 1000)
+            errors.add_metric([d.name], h["error_rate"])
+            cooldown.add_metric([d.name], h["cooldown_ms"] / 1000)
+        yield from (circuit, in_flight, latency, errors, cooldown)
+        for source in self._metrics.sources:
+            yield from source(self._app)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    """A counter family (`name` without `_total`, which the exposition adds)."""
+    return CounterMetricFamily(name, doc, value=value)
+
+
+gauge, counter = _gauge, _counter  # for the scrape-time sources of other modules
+
+
+def ledger_source(app: web.Application) -> Iterable[Metric]:
+    """The spend ledger's queue and counters (its writer also writes the request log)."""
+    ledger = app.get(RECORDER)
+    if not isinstance(ledger, Ledger):
+        return
+    yield _gauge("edgeroute_ledger_queue_depth", "Records waiting for the ledger's writer.", ledger.queue_depth())
+    yield _counter("edgeroute_ledger_written", "Requests written to the spend ledger.", ledger.written)
+    yield _counter(
+        "edgeroute_ledger_failed_batches", "Ledger writes that failed and were kept to retry.", ledger.failed_batches
+    )
+    yield _counter(
+        "edgeroute_ledger_set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside
+    )
+
+
+def budget_source(app: web.Application) -> Iterable[Metric]:
+    """Spend against each budget with a fixed subject (a `match`, or global), this period.
+
+    Per-subject budgets without `match` are left out (one series per key or user would be
+    unbounded); so are budgets kept in Redis, whose totals this process does not hold.
+    """
+    control = app.get(ADMISSION)
+    if not isinstance(control, CostControl) or app[STATE].live.config.shared_state is not None:
+        return
+    now = time.time()
+    used = GaugeMetricFamily("edgeroute_budget_used_usd", "Spend (and reservations) this period.", labels=["budget"])
+    limit = GaugeMetricFamily("edgeroute_budget_limit_usd", "A budget's limit per period.", labels=["budget"])
+    for b in control.budgets:
+        if b.scope != "global" and b.match is None:
+            continue
+        c = B.charge(b, b.match or "*", B.period_of(b, now), 0, -1)
+        used.add_metric([b.name], control.local_budgets.used(c) / B.NANO)
+        limit.add_metric([b.name], b.limit_usd)
+    yield used
+    yield limit
 
 
 METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    text = request.app[METRICS].render(request.app)
-    return web.Response(
-        text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
-    )
+    body = request.app[METRICS].render(request.app)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})

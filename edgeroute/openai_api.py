@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import re
 import time
@@ -26,36 +25,12 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.learning import LEARNER
-from edgeroute.metrics import METRICS
 from edgeroute.state import RECORDER, STATE, Live
+from edgeroute.telemetry import app as telemetry
+from edgeroute.telemetry.logs import bind_request
 
 _PREFIX = os.urandom(4).hex()
 _ids = itertools.count(1)
-
-
-# The decision log: off unless `server.decision_log` (then one JSON line per request).
-DECISIONS = logging.getLogger("edgeroute.decisions")
-
-
-def decision_line(rec: RequestRecord, reasons: list[str]) -> str:
-    """What was decided for a request and how it went; ids and numbers only, no prompt, no key."""
-    return orjson.dumps(
-        {
-            "request_id": rec.request_id,
-            "model": rec.model,
-            "route": rec.route,
-            "rule": rec.rule,
-            "why": reasons,
-            "task": rec.task,
-            "deployment": rec.deployment,
-            "attempts": [[a.deployment, a.outcome, a.status] for a in rec.attempts],
-            "status": rec.status,
-            "outcome": rec.outcome,
-            "latency_ms": round(rec.latency_ms, 3),
-            "cost_usd": round(rec.cost_usd, 8),
-            "key": rec.key,
-        }
-    ).decode()
 
 
 def new_request_id() -> str:
@@ -176,6 +151,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     live.enter()
     # Our own id, always: a client's id would be spoofable and collide in the ledger and feedback.
     rid = new_request_id()
+    bind_request(rid)
     started = time.perf_counter()
     rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
     admission = request.app[ADMISSION]
@@ -261,9 +237,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
         admission.settle(ticket, rec)
         request.app[RECORDER].record(rec)
-        if DECISIONS.isEnabledFor(logging.INFO):
-            DECISIONS.info(decision_line(rec, reasons))
-        request.app[METRICS].observe(rec)
+        telemetry.finished(request.app, rec, reasons)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
 

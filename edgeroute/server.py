@@ -29,10 +29,11 @@ from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyRunner
-from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import STATE, Live, ServerState
+from edgeroute.telemetry import app as telemetry
+from edgeroute.telemetry import logs
 
 log = logging.getLogger("edgeroute")
 
@@ -176,7 +177,7 @@ def create_app(
     app[STATE] = ServerState(Live.build(config, source))
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)
-    app[METRICS] = Metrics()
+    telemetry.install(app)
     app[CACHE] = _response_cache(config)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
@@ -187,7 +188,6 @@ def create_app(
         app[SHADOW_LOG] = ShadowLog(log_path)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(health_check_ctx)
-    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/deployments", admin_deployments)
@@ -275,15 +275,7 @@ def serve(
     print_fn: Callable[[str], None] | None = None,
 ) -> None:
     """Runs the proxy on uvloop until SIGINT/SIGTERM, then drains and returns."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact.install_on(logging.getLogger().handlers)  # no secret in any log line
-    if config.server.decision_log:
-        decisions = logging.getLogger("edgeroute.decisions")
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        redact.install_log_filter(handler)
-        decisions.addHandler(handler)
-        decisions.setLevel(logging.INFO)
-        decisions.propagate = False
+    srv = config.server
+    logs.setup(srv.log_format, srv.log_level, srv.decision_log)
     install_uvloop()
     asyncio.run(serve_async(config, source, host, port, print_fn))

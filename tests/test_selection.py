@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import Upstream
+from tests.metrics_support import scrape
 
 STRONG_OUT = "gpt-4-1106-preview"
 WEAK_OUT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -122,9 +123,9 @@ async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) 
             assert r.status == 200
             spend = await r.json()
         assert sum(row["requests"] for row in spend["rows"]) == 2, spend
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.port}/metrics") as r:
-            metrics = await r.text()
-        assert "edgeroute_ledger_written_total 2" in metrics and "edgeroute_ledger_set_aside_total 0" in metrics
+        m = await scrape(f"http://127.0.0.1:{server.port}")
+        assert m.value("edgeroute_ledger_written_total") == 2 and m.value("edgeroute_ledger_set_aside_total") == 0
+        assert m.value("edgeroute_ledger_queue_depth") == 0
     finally:
         await server.close()
 

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from tests.conftest import simple_config
+from tests.metrics_support import scrape
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -112,9 +113,9 @@ async def test_hedge_answers_from_the_fast_deployment(start_upstream, start_prox
     # Both attempts are costed: the loser at its prompt tokens, the winner at its usage.
     assert all(a.cost_usd > 0 for a in rec.attempts)
     assert rec.cost_usd == pytest.approx(sum(a.cost_usd for a in rec.attempts))
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
-        text = await r.text()
-    assert "edgeroute_hedges_total 1" in text and "edgeroute_hedge_wins_total 1" in text
+    m = await scrape(proxy.url)
+    assert m.value("edgeroute_hedges_total", route="m") == 1
+    assert m.value("edgeroute_hedge_wins_total", route="m") == 1
     await client.close()
 
 
@@ -187,11 +188,10 @@ async def test_metrics_exposition(start_upstream, start_proxy) -> None:
     proxy = await start_proxy(simple_config({"a": up}))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
     await client.chat.completions.create(model="m", messages=MSG)
-    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
-        text = await r.text()
-    assert 'edgeroute_requests_total{route="m",status="200"} 1' in text
-    assert 'edgeroute_attempts_total{deployment="d-a",outcome="success"} 1' in text
-    assert 'edgeroute_deployment_circuit{deployment="d-a"} 0' in text
+    m = await scrape(proxy.url)
+    assert m.value("edgeroute_requests_total", route="m", status="200", outcome="ok") == 1
+    assert m.value("edgeroute_attempts_total", deployment="d-a", outcome="success", kind="first") == 1
+    assert m.value("edgeroute_deployment_circuit_state", deployment="d-a") == 0
     await client.close()
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
 from edgeroute.requestlog.settings import RequestLog
+from edgeroute.telemetry.settings import LogFormat, LogLevel
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
 Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
@@ -256,6 +257,8 @@ class Server(_Strict):
     # refused (DNS rebinding, CSRF from a web page); these lists allow more ("*": any).
     allowed_hosts: list[str] = []
     allowed_origins: list[str] = []
+    log_format: LogFormat = "text"  # or json: one JSON object per line (`edgeroute.telemetry.logs`)
+    log_level: LogLevel = "warning"
 
 
 # -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------
