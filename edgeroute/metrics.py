@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -31,11 +31,12 @@ from prometheus_client.registry import Collector
 
 from edgeroute import redact
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION
+from edgeroute.admission import ADMISSION, Admission
+from edgeroute.config import Budget
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
-from edgeroute.state import RECORDER, STATE
+from edgeroute.state import RECORDER, STATE, Live
 
 # `_created` series would double the series count for a timestamp Prometheus does not use.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -48,13 +49,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Scrape-time sources other modules add (a queue's depth, an alert counter): name -> callable.
 StateSource = Callable[[web.Application], Iterable[Metric]]
-
-
-def _attempt_kind(i: int, a: Any) -> str:
-    kind = getattr(a, "kind", None)  # set by dispatch; older records only say whether it was a hedge
-    if isinstance(kind, str):
-        return kind
-    return "hedge" if a.hedge else ("first" if i == 0 else "retry")
 
 
 class Metrics:
@@ -127,17 +121,15 @@ class Metrics:
         c = self._c
         route = rec.route
         c(self.requests, route, str(rec.status), rec.outcome).inc()
-        error_class = getattr(rec, "error_class", None)
-        if rec.status != 200 and error_class:
-            c(self.request_errors, route, error_class).inc()
+        if rec.status != 200 and rec.error_class:
+            c(self.request_errors, route, rec.error_class).inc()
         c(self.duration, route).observe(rec.latency_ms / 1000)
-        ttft = getattr(rec, "ttft_ms", None)
-        if ttft is not None:
-            c(self.ttft, route).observe(ttft / 1000)
+        if rec.ttft_ms is not None:
+            c(self.ttft, route).observe(rec.ttft_ms / 1000)
         team = rec.team or ""
-        for i, a in enumerate(rec.attempts):
+        for a in rec.attempts:
             dep = a.deployment
-            kind = _attempt_kind(i, a)
+            kind = a.kind
             c(self.attempts, dep, a.outcome, kind).inc()
             if kind == "retry":
                 c(self.retries, route).inc()
@@ -149,9 +141,8 @@ class Metrics:
                     c(self.hedge_wins, route).inc()
             if a.outcome == "success":
                 c(self.upstream, dep).observe(a.latency_ms / 1000)
-                a_ttft = getattr(a, "ttft_ms", None)
-                if a_ttft is not None:
-                    c(self.upstream_ttft, dep).observe(a_ttft / 1000)
+                if a.ttft_ms is not None:
+                    c(self.upstream_ttft, dep).observe(a.ttft_ms / 1000)
             u = a.usage
             if u is not None:
                 c(self.tokens, route, dep, team, "prompt").inc(u.prompt_tokens)
@@ -257,23 +248,26 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
     )
 
 
-def budget_source(app: web.Application) -> Iterable[Metric]:
-    """Spend against each budget with a fixed subject (a `match`, or global), this period.
+def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[tuple[Budget, float]]:
+    """(budget, USD spent and reserved this period) for each budget with a fixed subject (a
+    `match`, or global), as this process's budget store holds it.
 
     Per-subject budgets without `match` are left out (one series per key or user would be
     unbounded); so are budgets kept in Redis, whose totals this process does not hold.
     """
-    control = app.get(ADMISSION)
-    if not isinstance(control, CostControl) or app[STATE].live.config.shared_state is not None:
+    if not isinstance(control, CostControl) or live.config.shared_state is not None:
         return
-    now = time.time()
+    for b in control.budgets:
+        if b.scope == "global" or b.match is not None:
+            c = B.charge(b, b.match or "*", B.period_of(b, now), 0, -1)
+            yield b, control.local_budgets.used(c) / B.NANO
+
+
+def budget_source(app: web.Application) -> Iterable[Metric]:
     used = GaugeMetricFamily("edgeroute_budget_used_usd", "Spend (and reservations) this period.", labels=["budget"])
     limit = GaugeMetricFamily("edgeroute_budget_limit_usd", "A budget's limit per period.", labels=["budget"])
-    for b in control.budgets:
-        if b.scope != "global" and b.match is None:
-            continue
-        c = B.charge(b, b.match or "*", B.period_of(b, now), 0, -1)
-        used.add_metric([b.name], control.local_budgets.used(c) / B.NANO)
+    for b, spent in budget_spend(app.get(ADMISSION), app[STATE].live, time.time()):
+        used.add_metric([b.name], spent)
         limit.add_metric([b.name], b.limit_usd)
     yield used
     yield limit

@@ -80,7 +80,7 @@ def _longest_request_s(cfg: Config) -> float:
     return max(totals, default=0.0)
 
 
-_AT_START = ("ledger", "request_log", "shared_state", "learning", "cache")
+_AT_START = ("ledger", "request_log", "shared_state", "learning", "cache", "tracing")
 _SERVER_AT_START = ("host", "port", "max_body_bytes", "drain_timeout", "decision_log")
 
 

@@ -26,6 +26,8 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/budgets": "viewer",
     "GET /admin/learning": "viewer",
     "POST /admin/reload": "operator",
+    "GET /admin/alerts": "viewer",
+    "GET /admin/deployments/history": "viewer",
 }
 
 

@@ -8,6 +8,7 @@ import hashlib
 from edgeroute import secrets
 from edgeroute.config.schema import Config
 from edgeroute.config.tls import check_tls
+from edgeroute.telemetry import settings as telemetry_settings
 
 
 def cross_check(cfg: Config) -> list[tuple[str, str]]:
@@ -71,6 +72,8 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             if dep not in cfg.deployments:
                 problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
     problems += _cross_check_cost(cfg)
+    budgets = {b.name for b in cfg.budgets.limits}
+    problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
     for i, ref in enumerate(cfg.server.api_keys):
         try:
             secrets.resolve(ref)

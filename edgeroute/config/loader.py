@@ -46,8 +46,9 @@ def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) ->
         raise ConfigError(lines) from None
     problems = cross_check(cfg)
     if not check_secrets:
-        secret_paths = (".api_key", ".token", "ledger.dsn")
-        problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith("server.api_keys"))]
+        secret_paths = (".api_key", ".token", "ledger.dsn", ".url")
+        secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
+        problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:
         raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
     # The core compiles regexes and checks what Python cannot (e.g. time formats).

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
 from edgeroute.requestlog.settings import RequestLog
+from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
@@ -378,6 +379,8 @@ class Config(_Strict):
     shared_state: SharedState | None = None
     learning: Learning = Learning()
     cache: CacheStore = CacheStore()
+    alerts: telemetry_settings.Alerts = telemetry_settings.Alerts()
+    tracing: telemetry_settings.Tracing = telemetry_settings.Tracing()
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""

@@ -11,12 +11,26 @@ tasks of this package into an application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator, Iterable
 
+import orjson
 from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgeroute.accounting import RequestRecord
+from edgeroute.admission import ADMISSION
+from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
+from edgeroute.state import STATE
+from edgeroute.telemetry.alerts import AlertEngine
+from edgeroute.telemetry.history import DeploymentHistory, parse_since
+from edgeroute.telemetry.notify import Notifier
+from edgeroute.telemetry.window import SLOT_S, Window
+
+log = logging.getLogger("edgeroute.telemetry")
 
 # The decision log: off unless `server.decision_log` (then one line per request).
 DECISIONS = logging.getLogger("edgeroute.decisions")
@@ -41,8 +55,31 @@ def decision_fields(rec: RequestRecord, reasons: list[str]) -> dict[str, object]
     }
 
 
+class Telemetry:
+    """The recent-traffic window and what reads it: the deployments history and the alerts."""
+
+    def __init__(self) -> None:
+        self.window = Window()
+        self.history = DeploymentHistory()
+        self.notifier = Notifier()
+        self.alerts = AlertEngine(self.notifier)
+
+    def tick(self, app: web.Application, now: float, sample: bool, evaluate: bool) -> None:
+        state = app[STATE]
+        live = state.live
+        self.window.add_shed(state.counters.shed, now)
+        if sample:
+            self.history.sample(live, self.window, now)
+        if evaluate:
+            self.alerts.evaluate(live.config.alerts, live, self.window, app.get(ADMISSION), now)
+
+
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+
+
 def _observe(app: web.Application, rec: RequestRecord, reasons: list[str]) -> None:
     app[METRICS].observe(rec)
+    app[TELEMETRY].window.add(rec, time.time())
     if DECISIONS.isEnabledFor(logging.INFO):
         # The fields are the line (JSON in either log format; see `logs`).
         DECISIONS.info("request finished", extra={"fields": decision_fields(rec, reasons)})
@@ -53,7 +90,86 @@ def finished(app: web.Application, rec: RequestRecord, reasons: list[str]) -> No
     asyncio.get_running_loop().call_soon(_observe, app, rec, reasons)
 
 
+async def _run(app: web.Application) -> None:
+    """Samples the history at each slot boundary and evaluates alerts every `alerts.interval_s`."""
+    t = app[TELEMETRY]
+    last_eval = last_slot = 0.0
+    while True:
+        every = app[STATE].live.config.alerts.interval_s
+        step = min(every, SLOT_S)
+        await asyncio.sleep(step - time.time() % step + 0.01)
+        now = time.time()
+        slot = now - now % SLOT_S
+        sample, evaluate = slot > last_slot, now - last_eval >= every - 0.05
+        try:
+            t.tick(app, now, sample, evaluate)
+        except Exception:
+            log.exception("telemetry sampling failed")  # the next tick tries again
+        last_slot = slot
+        if evaluate:
+            last_eval = now
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    tasks = [asyncio.create_task(_run(app)), asyncio.create_task(app[TELEMETRY].notifier.run())]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _alert_source(app: web.Application) -> Iterable[Metric]:
+    t = app[TELEMETRY]
+    firing = GaugeMetricFamily("edgeroute_alerts_firing", "In-process alerts firing now.", labels=["severity"])
+    for sev in ("info", "warning", "critical"):
+        firing.add_metric([sev], sum(a.severity == sev for a in t.alerts.firing.values()))
+    yield firing
+    sent = CounterMetricFamily(
+        "edgeroute_alert_notifications", "Alert notifications by webhook and result.", labels=["webhook", "result"]
+    )
+    for result, counts in (("sent", t.notifier.sent), ("failed", t.notifier.failed)):
+        for name, n in counts.items():
+            sent.add_metric([name, result], n)
+    yield sent
+    yield CounterMetricFamily(
+        "edgeroute_alert_notifications_dropped",
+        "Alert notifications dropped because the webhook queue was full.",
+        value=t.notifier.dropped,
+    )
+
+
+def _json(body: object) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def _only(request: web.Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        name = unknown[0][:40]
+        takes = ", ".join(repr(a) for a in sorted(allowed)) or "no parameters"
+        raise ProxyError(400, f"Unknown parameter {name!r}; this endpoint takes {takes}.", param=name)
+
+
+async def admin_alerts(request: web.Request) -> web.Response:
+    _only(request, set())
+    return _json(request.app[TELEMETRY].alerts.listing())
+
+
+async def admin_deployments_history(request: web.Request) -> web.Response:
+    _only(request, {"since"})
+    since = parse_since(request.query.get("since"), time.time())
+    hist = request.app[TELEMETRY].history
+    return _json({"interval_s": hist.interval_s, "deployments": hist.since(since)})
+
+
 def install(app: web.Application) -> None:
-    """Metrics (and their endpoint) for a new application."""
+    """Metrics, the recent-traffic window, alerts and history, their routes and background tasks."""
     app[METRICS] = Metrics()
+    app[TELEMETRY] = Telemetry()
+    app[METRICS].sources.append(_alert_source)
+    app.cleanup_ctx.append(_background)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/admin/alerts", admin_alerts)
+    app.router.add_get("/admin/deployments/history", admin_deployments_history)

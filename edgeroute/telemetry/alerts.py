@@ -1,0 +1,186 @@
+"""In-process alerts: rules over the recent traffic window, evaluated every few seconds.
+
+Each rule measures one value per subject (a deployment, a budget, or the proxy as a
+whole) over its window and fires when the value goes above its threshold; it resolves
+when the value is back at or below it. A rate or percentile with fewer than
+`min_requests` samples in the window changes nothing (an open circuit sends no
+traffic, and silence is not recovery). Deduplication: an alert notifies once when it
+fires and once when it resolves, not at every evaluation; cooldown: an alert that fires
+again within `cooldown_s` of its last notification is shown but not notified again
+(nor is its resolution).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgeroute.metrics import budget_spend
+from edgeroute.state import Live
+from edgeroute.telemetry.notify import Notification, Notifier
+from edgeroute.telemetry.settings import AlertRule, Alerts
+from edgeroute.telemetry.window import Window, by_deployment, percentile
+
+RECENT = 200  # resolved alerts kept for `GET /admin/alerts`
+_ids = itertools.count(1)
+_PREFIX = os.urandom(3).hex()
+
+
+@dataclass(slots=True)
+class Alert:
+    id: str
+    rule: str
+    kind: str
+    subject: str
+    severity: str
+    state: str  # firing | resolved
+    value: float
+    threshold: float
+    started_at: float
+    resolved_at: float | None
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
+    what = {
+        "error_rate": f"error rate {value:.1%} (threshold {rule.threshold:.1%})",
+        "latency_p95": f"p95 latency {value:.0f} ms (threshold {rule.threshold:.0f} ms)",
+        "ttft_p95": f"p95 time to first token {value:.0f} ms (threshold {rule.threshold:.0f} ms)",
+        "circuit_open": "circuit open" if state == "firing" else "circuit closed",
+        "budget_percent": f"{value:.1f}% spent (threshold {rule.threshold:g}%)",
+        "spend_per_hour": f"spending {value:.2f} USD/h (threshold {rule.threshold:g})",
+        "shed_rate": f"{value:.1%} of requests shed at capacity (threshold {rule.threshold:.1%})",
+        "rate_limited_rate": f"{value:.1%} of requests answered 429 (threshold {rule.threshold:.1%})",
+        "poison_requests": f"{value:.0f} poison requests (threshold {rule.threshold:g})",
+    }[rule.kind]
+    window = f" over {rule.window_s:g} s" if rule.kind not in ("circuit_open", "budget_percent") else ""
+    tail = "" if state == "firing" else " — resolved"
+    return f"{rule.name}: {subject}: {what}{window}{tail}"
+
+
+class AlertEngine:
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self.firing: dict[tuple[str, str], Alert] = {}
+        self.recent: deque[Alert] = deque(maxlen=RECENT)
+        self._notified_at: dict[tuple[str, str], float] = {}
+        self._silenced: set[str] = set()  # ids of firing alerts whose notification the cooldown held back
+
+    # -- what each kind measures: (subject, value) pairs; a None value changes nothing --------
+
+    def _measure(
+        self, rule: AlertRule, live: Live, window: Window, control: Any, now: float
+    ) -> Iterator[tuple[str, float | None]]:
+        kind = rule.kind
+        if kind == "circuit_open":
+            for d in live.deployments:
+                if not rule.deployments or d.name in rule.deployments:
+                    yield d.name, 1.0 if live.router.health(d.index)["circuit"] == "open" else 0.0
+            return
+        if kind == "budget_percent":
+            yield from _budget_percents(rule, live, control, now)
+            return
+        slots = window.since(now - rule.window_s)
+        if kind in ("error_rate", "latency_p95", "ttft_p95"):
+            stats = by_deployment(slots)
+            for d in live.deployments:
+                if rule.deployments and d.name not in rule.deployments:
+                    continue
+                st = stats.get(d.name)
+                if kind == "error_rate":
+                    enough = st is not None and st.attempts >= rule.min_requests
+                    yield d.name, st.error_rate if enough and st is not None else None
+                else:
+                    samples = (st.latencies_ms if kind == "latency_p95" else st.ttfts_ms) if st else []
+                    yield d.name, percentile(samples, 0.95) if len(samples) >= rule.min_requests else None
+            return
+        requests = sum(s.requests for s in slots)
+        if kind == "spend_per_hour":
+            yield "all", sum(s.cost_usd for s in slots) * 3600 / rule.window_s
+        elif kind == "poison_requests":
+            yield "all", float(sum(s.poison for s in slots))
+        elif kind == "shed_rate":
+            shed = sum(s.shed for s in slots)
+            total = requests + shed
+            yield "all", shed / total if total >= rule.min_requests else None
+        elif kind == "rate_limited_rate":
+            limited = sum(s.rate_limited for s in slots)
+            yield "all", limited / requests if requests >= rule.min_requests else None
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def evaluate(self, cfg: Alerts, live: Live, window: Window, control: Any, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        self.notifier.webhooks = cfg.webhooks
+        rules = {r.name: r for r in cfg.rules}
+        for key in [k for k in self.firing if k[0] not in rules]:  # a reload removed the rule
+            self._resolve(key, None, self.firing[key].value, now)
+        for rule in cfg.rules:
+            seen: set[str] = set()
+            for subject, value in self._measure(rule, live, window, control, now):
+                seen.add(subject)
+                if value is None:
+                    continue
+                key = (rule.name, subject)
+                breach = value > 0.5 if rule.kind == "circuit_open" else value > rule.threshold
+                alert = self.firing.get(key)
+                if breach and alert is None:
+                    self._fire(rule, subject, value, now, cfg)
+                elif alert is not None:
+                    alert.value = value
+                    if not breach:
+                        self._resolve(key, rule, value, now, cfg)
+            for key in [k for k in self.firing if k[0] == rule.name and k[1] not in seen]:
+                self._resolve(key, rule, self.firing[key].value, now, cfg)  # its subject is gone
+
+    def _fire(self, rule: AlertRule, subject: str, value: float, now: float, cfg: Alerts) -> None:
+        key = (rule.name, subject)
+        threshold = 0.5 if rule.kind == "circuit_open" else rule.threshold
+        alert = Alert(
+            f"alr_{_PREFIX}{next(_ids):06x}", rule.name, rule.kind, subject, rule.severity, "firing",
+            value, threshold, now, None, _message(rule, subject, value, "firing"),
+        )  # fmt: skip
+        self.firing[key] = alert
+        last = self._notified_at.get(key)
+        if last is not None and now - last < cfg.cooldown_s:
+            self._silenced.add(alert.id)
+            return
+        self._notified_at[key] = now
+        self._notify(rule, "firing", alert, cfg)
+
+    def _resolve(
+        self, key: tuple[str, str], rule: AlertRule | None, value: float, now: float, cfg: Alerts | None = None
+    ) -> None:
+        alert = self.firing.pop(key)
+        alert.state, alert.resolved_at, alert.value = "resolved", now, value
+        if rule is not None:
+            alert.message = _message(rule, alert.subject, value, "resolved")
+        self.recent.appendleft(alert)
+        if alert.id in self._silenced:
+            self._silenced.discard(alert.id)
+        elif rule is not None and cfg is not None:
+            self._notify(rule, "resolved", alert, cfg)
+
+    def _notify(self, rule: AlertRule, event: str, alert: Alert, cfg: Alerts) -> None:
+        names = rule.webhooks if rule.webhooks is not None else list(cfg.webhooks)
+        body = alert.to_dict()
+        for name in names:
+            self.notifier.enqueue(Notification(name, event, body))
+
+    def listing(self) -> dict[str, list[dict[str, Any]]]:
+        firing = sorted(self.firing.values(), key=lambda a: a.started_at, reverse=True)
+        return {"firing": [a.to_dict() for a in firing], "recent": [a.to_dict() for a in self.recent]}
+
+
+def _budget_percents(rule: AlertRule, live: Live, control: Any, now: float) -> Iterator[tuple[str, float | None]]:
+    for b, spent in budget_spend(control, live, now):
+        if not rule.budgets or b.name in rule.budgets:
+            yield b.name, spent / b.limit_usd * 100

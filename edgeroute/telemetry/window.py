@@ -1,0 +1,131 @@
+"""Recent traffic in fixed time slots: what alerts and the deployments history read.
+
+Each finished request adds to the current slot (a few counter increments and at most
+two list appends per attempt); alert rules and the history sampler merge the slots of
+the window they look at. Latency samples per slot and deployment are capped (a
+uniform reservoir), so memory stays bounded at any request rate.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from edgeroute.accounting import RequestRecord
+
+SLOT_S = 5.0
+_SAMPLES = 256  # latency samples kept per slot and deployment
+# Attempt outcomes that say nothing about the deployment's health.
+_NEUTRAL = frozenset({"cancelled", "client_error"})
+
+
+@dataclass(slots=True)
+class DeploymentSlot:
+    attempts: int = 0
+    failures: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    ttfts_ms: list[float] = field(default_factory=list)
+    seen_latency: int = 0
+    seen_ttft: int = 0
+
+
+@dataclass(slots=True)
+class Slot:
+    start: float
+    requests: int = 0
+    rate_limited: int = 0  # answered 429
+    poison: int = 0
+    cost_usd: float = 0.0
+    shed: int = 0  # filled from the shed counter when the slot is read
+    deployments: dict[str, DeploymentSlot] = field(default_factory=dict)
+
+
+def _keep(samples: list[float], seen: int, value: float) -> None:
+    """Reservoir sampling: each of the `seen` values has the same chance to be kept."""
+    if len(samples) < _SAMPLES:
+        samples.append(value)
+    else:
+        j = random.randrange(seen)
+        if j < _SAMPLES:
+            samples[j] = value
+
+
+class Window:
+    """The last `keep_s` seconds of traffic, in `SLOT_S`-second slots."""
+
+    def __init__(self, keep_s: float = 3600.0) -> None:
+        self.slots: deque[Slot] = deque(maxlen=max(2, int(keep_s / SLOT_S) + 1))
+        self._shed_seen = 0
+
+    def _slot(self, now: float) -> Slot:
+        start = now - now % SLOT_S
+        if not self.slots or self.slots[-1].start < start:
+            self.slots.append(Slot(start))
+        return self.slots[-1]
+
+    def add(self, rec: RequestRecord, now: float) -> None:
+        s = self._slot(now)
+        s.requests += 1
+        s.cost_usd += rec.cost_usd
+        if rec.status == 429:
+            s.rate_limited += 1
+        if rec.error_class == "poison":
+            s.poison += 1
+        for a in rec.attempts:
+            if a.outcome in _NEUTRAL:
+                continue
+            d = s.deployments.get(a.deployment)
+            if d is None:
+                d = s.deployments[a.deployment] = DeploymentSlot()
+            d.attempts += 1
+            if a.outcome != "success":
+                d.failures += 1
+                continue
+            d.seen_latency += 1
+            _keep(d.latencies_ms, d.seen_latency, a.latency_ms)
+            if a.ttft_ms is not None:
+                d.seen_ttft += 1
+                _keep(d.ttfts_ms, d.seen_ttft, a.ttft_ms)
+
+    def add_shed(self, shed_total: int, now: float) -> None:
+        """Puts the requests shed since the last call into the current slot."""
+        self._slot(now).shed += shed_total - self._shed_seen
+        self._shed_seen = shed_total
+
+    def since(self, t: float) -> list[Slot]:
+        return [s for s in self.slots if s.start + SLOT_S > t]
+
+
+@dataclass(slots=True)
+class DeploymentStats:
+    attempts: int = 0
+    failures: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    ttfts_ms: list[float] = field(default_factory=list)
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.attempts if self.attempts else 0.0
+
+
+def by_deployment(slots: list[Slot]) -> dict[str, DeploymentStats]:
+    out: dict[str, DeploymentStats] = {}
+    for s in slots:
+        for name, d in s.deployments.items():
+            st = out.get(name)
+            if st is None:
+                st = out[name] = DeploymentStats()
+            st.attempts += d.attempts
+            st.failures += d.failures
+            st.latencies_ms += d.latencies_ms
+            st.ttfts_ms += d.ttfts_ms
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The `q` quantile (0..1) by nearest rank; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
