@@ -25,6 +25,7 @@ import orjson
 from edgeroute import _core
 from edgeroute.config import Price
 from edgeroute.cost.prices import multiplier_at
+from edgeroute.telemetry.trace_context import TraceContext
 
 
 @dataclass(slots=True)
@@ -129,6 +130,7 @@ class AttemptRecord:
     started_at: float = 0.0  # time.time() when the attempt began
     ttft_ms: float | None = None  # to the first content event (streams only)
     kind: str = "first"  # first | retry (the route's own deployments) | fallback (another model's) | hedge
+    span_id: int = 0  # the attempt's trace span, when the request is traced (its traceparent upstream)
 
 
 @dataclass(slots=True)
@@ -173,6 +175,7 @@ class RequestRecord:
     content_response: bytes | None = None
     cache: str | None = None  # hit | miss | stale | bypass, where the route caches
     saved_usd: float = 0.0  # what a cached answer would have cost upstream
+    trace: TraceContext | None = None  # set only when tracing is on (edgeroute.telemetry.tracing)
 
     def __post_init__(self) -> None:
         if not self.started_at:

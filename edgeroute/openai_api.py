@@ -27,6 +27,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.learning import LEARNER
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
+from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
 _PREFIX = os.urandom(4).hex()
@@ -154,6 +155,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     bind_request(rid)
     started = time.perf_counter()
     rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
+    tracing.begin(request, rec)
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []

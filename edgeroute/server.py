@@ -177,7 +177,7 @@ def create_app(
     app[STATE] = ServerState(Live.build(config, source))
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)
-    telemetry.install(app)
+    telemetry.install(app, config)
     app[CACHE] = _response_cache(config)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)

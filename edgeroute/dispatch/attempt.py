@@ -144,6 +144,8 @@ class Attempts:
             dep.name, dep.provider, "pending", None, 0.0, hedge=kind == "hedge", started_at=time.time(), kind=kind
         )
         self.record.attempts.append(rec)
+        if self.record.trace is not None:  # traced: the upstream continues the trace (W3C traceparent)
+            rec.span_id = self.record.trace.inject(req.headers)
         self.router.begin(dep.index)
         t0 = time.perf_counter()
         resp: Response | None = None

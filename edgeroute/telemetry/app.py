@@ -22,12 +22,14 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
+from edgeroute.config import Config
 from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.state import STATE
 from edgeroute.telemetry.alerts import AlertEngine
 from edgeroute.telemetry.history import DeploymentHistory, parse_since
 from edgeroute.telemetry.notify import Notifier
+from edgeroute.telemetry.tracing import TRACER, Tracer
 from edgeroute.telemetry.window import SLOT_S, Window
 
 log = logging.getLogger("edgeroute.telemetry")
@@ -80,6 +82,8 @@ TELEMETRY = web.AppKey("telemetry", Telemetry)
 def _observe(app: web.Application, rec: RequestRecord, reasons: list[str]) -> None:
     app[METRICS].observe(rec)
     app[TELEMETRY].window.add(rec, time.time())
+    if rec.trace is not None and (tracer := app.get(TRACER)) is not None:
+        tracer.record(rec, app[STATE].live)
     if DECISIONS.isEnabledFor(logging.INFO):
         # The fields are the line (JSON in either log format; see `logs`).
         DECISIONS.info("request finished", extra={"fields": decision_fields(rec, reasons)})
@@ -118,6 +122,27 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    yield
+    tracer = app.get(TRACER)
+    if tracer is not None:  # sends what is queued, within the export timeout, off the loop
+        await asyncio.to_thread(tracer.shutdown)
+
+
+def _trace_source(app: web.Application) -> Iterable[Metric]:
+    tracer = app.get(TRACER)
+    if tracer is None:
+        return
+    spans = CounterMetricFamily(
+        "edgeroute_trace_spans", "Trace spans by result: exported, failed (export) or dropped (queue full).",
+        labels=["result"],
+    )  # fmt: skip
+    for result, n in (("exported", tracer.exporter.exported), ("failed", tracer.exporter.failed)):
+        spans.add_metric([result], n)
+    spans.add_metric(["dropped"], tracer.dropped)
+    yield spans
 
 
 def _alert_source(app: web.Application) -> Iterable[Metric]:
@@ -164,11 +189,14 @@ async def admin_deployments_history(request: web.Request) -> web.Response:
     return _json({"interval_s": hist.interval_s, "deployments": hist.since(since)})
 
 
-def install(app: web.Application) -> None:
-    """Metrics, the recent-traffic window, alerts and history, their routes and background tasks."""
+def install(app: web.Application, config: Config) -> None:
+    """Metrics, the recent-traffic window, alerts and history, tracing when on, their routes and tasks."""
     app[METRICS] = Metrics()
     app[TELEMETRY] = Telemetry()
-    app[METRICS].sources.append(_alert_source)
+    app[METRICS].sources += [_alert_source, _trace_source]
+    if config.tracing.enabled:
+        app[TRACER] = Tracer(config.tracing)
+        app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_background)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/admin/alerts", admin_alerts)

@@ -100,6 +100,7 @@ class Tracing(_Strict):
     service_name: str = "edgeroute"
     headers: dict[str, str] = {}  # e.g. an API key for a hosted collector (values may be references)
     timeout_s: float = Field(5.0, gt=0, le=60)
+    flush_interval_s: float = Field(2.0, gt=0, le=60)  # how often queued spans are sent
     max_queue: int = Field(2048, ge=1)  # spans waiting for export; beyond it they are dropped and counted
 
 

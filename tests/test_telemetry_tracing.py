@@ -1,0 +1,191 @@
+"""Traces: spans built from the records (SDK in-memory exporter), a real OTLP/HTTP receiver
+decoding the protobuf, W3C traceparent continued from the client and sent upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from edgeroute import config as config_mod
+from edgeroute.accounting import MemoryRecorder
+from edgeroute.server import create_app
+from edgeroute.telemetry.trace_context import parse_traceparent
+from edgeroute.telemetry.tracing import TRACER, Tracer
+from tests.conftest import simple_config
+from tests.metrics_support import scrape
+from tests.test_serve import free_port
+
+MSG = [{"role": "user", "content": "hello"}]
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_PARENT = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+async def serve_app() -> AsyncIterator[Any]:
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application) -> str:
+        server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.port}"
+
+    yield start
+    for s in reversed(servers):
+        await s.close()
+
+
+def _config(up: Any, **tracing: Any) -> config_mod.Config:
+    cfg = simple_config({"a": up})
+    cfg["tracing"] = {"enabled": True, "sample_ratio": 1.0, "flush_interval_s": 0.1, "timeout_s": 1, **tracing}
+    return config_mod.parse(cfg, "test.yaml")
+
+
+async def test_spans_from_the_records(start_upstream, serve_app) -> None:
+    up = await start_upstream(record=True)
+    cfg = _config(up)
+    app = create_app(cfg, "test.yaml", MemoryRecorder())
+    app[TRACER].shutdown()
+    memory = InMemorySpanExporter()
+    app[TRACER] = Tracer(cfg.tracing, memory)
+    url = await serve_app(app)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    header = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MSG, extra_headers={"traceparent": header, "tracestate": "vendor=1"}
+    )
+    stream = await client.chat.completions.create(model="m", messages=MSG, stream=True)
+    async for _ in stream:
+        pass
+    await client.close()
+    app[TRACER].processor.force_flush()
+    spans = memory.get_finished_spans()
+    by_trace: dict[int, list[Any]] = {}
+    for s in spans:
+        by_trace.setdefault(s.context.trace_id, []).append(s)
+    assert len(by_trace) == 2
+    # The first request continued the client's trace.
+    first = by_trace.pop(int(CLIENT_TRACE, 16))
+    names = sorted(s.name for s in first)
+    assert names == ["chat gpt-4o-mini", "chat m", "edgeroute.route"]
+    root = next(s for s in first if s.kind is SpanKind.SERVER)
+    assert root.parent is not None and root.parent.span_id == int(CLIENT_PARENT, 16) and root.parent.is_remote
+    a = root.attributes
+    assert a["gen_ai.system"] == "openai" and a["gen_ai.request.model"] == "m"
+    assert a["gen_ai.response.model"] == "gpt-4o-mini" and a["edgeroute.deployment"] == "d-a"
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+    assert a["edgeroute.cost_usd"] > 0 and a["edgeroute.route"] == "m"
+    assert a["edgeroute.request_id"] == raw.headers["x-request-id"]
+    assert a["http.response.status_code"] == 200
+    attempt = next(s for s in first if s.kind is SpanKind.CLIENT)
+    assert attempt.parent is not None and attempt.parent.span_id == root.context.span_id
+    assert attempt.attributes["edgeroute.attempt.kind"] == "first"
+    assert root.start_time <= attempt.start_time <= attempt.end_time <= root.end_time
+    # The upstream was called with a traceparent naming the attempt's span in the same trace.
+    sent = up.options.requests[0]["headers"]
+    trace_id, span_id, sampled = parse_traceparent(sent["traceparent"])  # type: ignore[misc]
+    assert (trace_id, span_id, sampled) == (CLIENT_TRACE, attempt.context.span_id, True)
+    assert sent["tracestate"] == "vendor=1"
+    # The stream: a new trace (sampled by the ratio), with the relay span.
+    (second,) = by_trace.values()
+    assert sorted(s.name for s in second) == ["chat gpt-4o-mini", "chat m", "edgeroute.relay", "edgeroute.route"]
+    assert all(s.status.status_code is not StatusCode.ERROR for s in second)
+
+
+async def test_not_sampled_forwards_the_clients_context_only(start_upstream, serve_app) -> None:
+    up = await start_upstream(record=True)
+    cfg = _config(up, sample_ratio=0.0)
+    app = create_app(cfg, "test.yaml", MemoryRecorder())
+    app[TRACER].shutdown()
+    memory = InMemorySpanExporter()
+    app[TRACER] = Tracer(cfg.tracing, memory)
+    url = await serve_app(app)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    await client.chat.completions.create(model="m", messages=MSG)
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"
+    await client.chat.completions.create(model="m", messages=MSG, extra_headers={"traceparent": unsampled})
+    await client.chat.completions.create(model="m", messages=MSG, extra_headers={"traceparent": "00-zz-bad-01"})
+    await client.close()
+    app[TRACER].processor.force_flush()
+    assert memory.get_finished_spans() == ()
+    sent = [r["headers"].get("traceparent") for r in up.options.requests]
+    assert sent == [None, unsampled, None]
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver: decodes each protobuf export request."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+        self.resources: list[dict[str, Any]] = []
+
+    def app(self) -> web.Application:
+        async def traces(request: web.Request) -> web.Response:
+            assert request.content_type == "application/x-protobuf"
+            msg = ExportTraceServiceRequest()
+            msg.ParseFromString(await request.read())
+            for rs in msg.resource_spans:
+                self.resources.append({kv.key: kv.value.string_value for kv in rs.resource.attributes})
+                for ss in rs.scope_spans:
+                    self.spans += list(ss.spans)
+            return web.Response(body=b"", content_type="application/x-protobuf")
+
+        app = web.Application()
+        app.router.add_post("/v1/traces", traces)
+        return app
+
+
+async def test_export_to_an_otlp_http_receiver(start_upstream, serve_app) -> None:
+    receiver = OtlpReceiver()
+    endpoint = await serve_app(receiver.app())
+    up = await start_upstream()
+    cfg = _config(up, endpoint=endpoint + "/v1/traces", service_name="edge-test")
+    url = await serve_app(create_app(cfg, "test.yaml", MemoryRecorder()))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    for _ in range(3):
+        await client.chat.completions.create(model="m", messages=MSG)
+    await client.close()
+    deadline = time.monotonic() + 10
+    while len(receiver.spans) < 9 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(receiver.spans) == 9  # request, decision, attempt for each of three requests
+    assert {r["service.name"] for r in receiver.resources} == {"edge-test"}
+    server_spans = [s for s in receiver.spans if s.kind == s.SPAN_KIND_SERVER]
+    assert len(server_spans) == 3 and len({s.trace_id for s in server_spans}) == 3
+    attrs = {kv.key: kv.value for kv in server_spans[0].attributes}
+    assert attrs["gen_ai.request.model"].string_value == "m"
+    assert attrs["gen_ai.usage.output_tokens"].int_value > 0
+    assert attrs["edgeroute.cost_usd"].double_value > 0
+    m = await scrape(url)
+    assert m.value("edgeroute_trace_spans_total", result="exported") == 9
+
+
+async def test_unreachable_collector_never_slows_requests(start_upstream, serve_app) -> None:
+    up = await start_upstream()
+    dead = f"http://127.0.0.1:{free_port()}/v1/traces"
+    cfg = _config(up, endpoint=dead, max_queue=6, flush_interval_s=0.05)
+    url = await serve_app(create_app(cfg, "test.yaml", MemoryRecorder()))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        await client.chat.completions.create(model="m", messages=MSG)
+    elapsed = time.perf_counter() - t0
+    await client.close()
+    assert elapsed < 10  # twenty loopback answers; a blocked export would take a second each
+    await asyncio.sleep(0.3)
+    m = await scrape(url)
+    lost = m.value("edgeroute_trace_spans_total", result="failed") or 0
+    dropped = m.value("edgeroute_trace_spans_total", result="dropped") or 0
+    assert m.value("edgeroute_trace_spans_total", result="exported") == 0
+    assert dropped > 0  # the queue is bounded: what does not fit is dropped and counted
+    assert lost + dropped <= 60
