@@ -125,9 +125,11 @@ async def test_not_sampled_forwards_the_clients_context_only(start_upstream, ser
 class OtlpReceiver:
     """An OTLP/HTTP trace receiver: decodes each protobuf export request."""
 
-    def __init__(self) -> None:
+    def __init__(self, expect: int) -> None:
         self.spans: list[Any] = []
         self.resources: list[dict[str, Any]] = []
+        self.expect = expect
+        self.enough = asyncio.Event()
 
     def app(self) -> web.Application:
         async def traces(request: web.Request) -> web.Response:
@@ -138,6 +140,8 @@ class OtlpReceiver:
                 self.resources.append({kv.key: kv.value.string_value for kv in rs.resource.attributes})
                 for ss in rs.scope_spans:
                     self.spans += list(ss.spans)
+            if len(self.spans) >= self.expect:
+                self.enough.set()
             return web.Response(body=b"", content_type="application/x-protobuf")
 
         app = web.Application()
@@ -146,7 +150,7 @@ class OtlpReceiver:
 
 
 async def test_export_to_an_otlp_http_receiver(start_upstream, serve_app) -> None:
-    receiver = OtlpReceiver()
+    receiver = OtlpReceiver(expect=9)  # request, decision, attempt for each of three requests
     endpoint = await serve_app(receiver.app())
     up = await start_upstream()
     cfg = _config(up, endpoint=endpoint + "/v1/traces", service_name="edge-test")
@@ -155,10 +159,8 @@ async def test_export_to_an_otlp_http_receiver(start_upstream, serve_app) -> Non
     for _ in range(3):
         await client.chat.completions.create(model="m", messages=MSG)
     await client.close()
-    deadline = time.monotonic() + 10
-    while len(receiver.spans) < 9 and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert len(receiver.spans) == 9  # request, decision, attempt for each of three requests
+    await asyncio.wait_for(receiver.enough.wait(), 10)
+    assert len(receiver.spans) == 9
     assert {r["service.name"] for r in receiver.resources} == {"edge-test"}
     server_spans = [s for s in receiver.spans if s.kind == s.SPAN_KIND_SERVER]
     assert len(server_spans) == 3 and len({s.trace_id for s in server_spans}) == 3
