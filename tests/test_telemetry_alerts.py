@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench.faults import FaultUpstream
 from edgeroute import config as config_mod
+from edgeroute.bench.faults import FaultUpstream
 from tests.conftest import simple_config
 from tests.metrics_support import scrape
 from tests.test_serve import free_port
