@@ -51,13 +51,18 @@ def _config(up: Any, **tracing: Any) -> config_mod.Config:
     return config_mod.parse(cfg, "test.yaml")
 
 
-async def test_spans_from_the_records(start_upstream, serve_app) -> None:
-    up = await start_upstream(record=True)
-    cfg = _config(up)
+def _with_memory_exporter(cfg: config_mod.Config) -> tuple[web.Application, InMemorySpanExporter]:
+    """The proxy app with its spans kept in memory (the SDK's exporter for tests)."""
     app = create_app(cfg, "test.yaml", MemoryRecorder())
     app[TRACER].shutdown()
     memory = InMemorySpanExporter()
     app[TRACER] = Tracer(cfg.tracing, memory)
+    return app, memory
+
+
+async def test_spans_from_the_records(start_upstream, serve_app) -> None:
+    up = await start_upstream(record=True)
+    app, memory = _with_memory_exporter(_config(up))
     url = await serve_app(app)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     header = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-01"
@@ -104,11 +109,7 @@ async def test_spans_from_the_records(start_upstream, serve_app) -> None:
 
 async def test_not_sampled_forwards_the_clients_context_only(start_upstream, serve_app) -> None:
     up = await start_upstream(record=True)
-    cfg = _config(up, sample_ratio=0.0)
-    app = create_app(cfg, "test.yaml", MemoryRecorder())
-    app[TRACER].shutdown()
-    memory = InMemorySpanExporter()
-    app[TRACER] = Tracer(cfg.tracing, memory)
+    app, memory = _with_memory_exporter(_config(up, sample_ratio=0.0))
     url = await serve_app(app)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     await client.chat.completions.create(model="m", messages=MSG)

@@ -21,13 +21,19 @@ _NEUTRAL = frozenset({"cancelled", "client_error"})
 
 
 @dataclass(slots=True)
-class DeploymentSlot:
+class DeploymentStats:
+    """A deployment's attempts in one slot, or merged over a window."""
+
     attempts: int = 0
     failures: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # of successful attempts (sampled)
     ttfts_ms: list[float] = field(default_factory=list)
-    seen_latency: int = 0
+    seen_latency: int = 0  # values offered to the reservoirs
     seen_ttft: int = 0
+
+    @property
+    def error_rate(self) -> float:
+        return self.failures / self.attempts if self.attempts else 0.0
 
 
 @dataclass(slots=True)
@@ -38,7 +44,7 @@ class Slot:
     poison: int = 0
     cost_usd: float = 0.0
     shed: int = 0  # filled from the shed counter when the slot is read
-    deployments: dict[str, DeploymentSlot] = field(default_factory=dict)
+    deployments: dict[str, DeploymentStats] = field(default_factory=dict)
 
 
 def _keep(samples: list[float], seen: int, value: float) -> None:
@@ -77,7 +83,7 @@ class Window:
                 continue
             d = s.deployments.get(a.deployment)
             if d is None:
-                d = s.deployments[a.deployment] = DeploymentSlot()
+                d = s.deployments[a.deployment] = DeploymentStats()
             d.attempts += 1
             if a.outcome != "success":
                 d.failures += 1
@@ -95,18 +101,6 @@ class Window:
 
     def since(self, t: float) -> list[Slot]:
         return [s for s in self.slots if s.start + SLOT_S > t]
-
-
-@dataclass(slots=True)
-class DeploymentStats:
-    attempts: int = 0
-    failures: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
-    ttfts_ms: list[float] = field(default_factory=list)
-
-    @property
-    def error_rate(self) -> float:
-        return self.failures / self.attempts if self.attempts else 0.0
 
 
 def by_deployment(slots: list[Slot]) -> dict[str, DeploymentStats]:
