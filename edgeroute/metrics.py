@@ -211,11 +211,12 @@ class StateCollector(Collector):
         )
         for d in live.deployments:
             h = live.router.health(d.index)
-            circuit.add_metric([d.name], CIRCUIT_STATES[h["circuit"]])
-            in_flight.add_metric([d.name], h["in_flight"])
-            latency.add_metric([d.name], h["latency_ms"] / 1000)
-            errors.add_metric([d.name], h["error_rate"])
-            cooldown.add_metric([d.name], h["cooldown_ms"] / 1000)
+            name = redact.text(d.name)
+            circuit.add_metric([name], CIRCUIT_STATES[h["circuit"]])
+            in_flight.add_metric([name], h["in_flight"])
+            latency.add_metric([name], h["latency_ms"] / 1000)
+            errors.add_metric([name], h["error_rate"])
+            cooldown.add_metric([name], h["cooldown_ms"] / 1000)
         yield from (circuit, in_flight, latency, errors, cooldown)
         for source in self._metrics.sources:
             yield from source(self._app)

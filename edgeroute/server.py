@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, learning, openai_api, redact
+from edgeroute import anthropic_api, learning, openai_api
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache

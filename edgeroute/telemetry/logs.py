@@ -6,21 +6,21 @@ its behalf carries it without being passed around. The decision log (`edgeroute.
 one line per request when `server.decision_log` is on) is a logger like the others;
 its line is the request's decision fields (JSON), with the common fields in JSON mode.
 
-Secrets: the redaction filter (`edgeroute.redact`, when present) is installed on every
-handler, so that a token pasted into a message never reaches the output.
+Secrets: the redaction filter (`edgeroute.redact`) is installed on the handler, so that a
+token pasted into a message never reaches the output.
 """
 
 from __future__ import annotations
 
 import contextvars
 import datetime as dt
-import importlib
 import logging
 import sys
 from typing import Any, TextIO
 
 import orjson
 
+from edgeroute import redact
 from edgeroute.telemetry.settings import LogFormat, LogLevel
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("edgeroute_request_id", default=None)
@@ -83,17 +83,6 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-def _install_redaction(handler: logging.Handler) -> None:
-    """The redaction layer's filter on `handler` (a filter on a logger would miss propagated records)."""
-    try:
-        redact = importlib.import_module("edgeroute.redact")
-    except ImportError:  # the redaction layer is not in this tree
-        return
-    install = getattr(redact, "install_log_filter", None)
-    if install is not None:
-        install(handler)
-
-
 def setup(
     fmt: LogFormat = "text", level: LogLevel = "warning", decision_log: bool = False, stream: TextIO | None = None
 ) -> logging.Handler:
@@ -102,7 +91,7 @@ def setup(
     setattr(handler, _MARK, True)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
-    _install_redaction(handler)
+    redact.install_log_filter(handler)  # no secret in any line, whatever logged it
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, _MARK, False)]:
         root.removeHandler(h)
