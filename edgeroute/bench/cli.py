@@ -66,7 +66,10 @@ def _run(a: argparse.Namespace) -> int:
 
 def _overhead(a: argparse.Namespace) -> int:
     rates = [float(x) for x in a.rates.split(",")]
-    scenarios.overhead(_c(a), rates, rules=a.rules, stream=a.stream, upstream_latency=a.upstream_latency, floor=a.floor)
+    scenarios.overhead(
+        _c(a), rates, rules=a.rules, stream=a.stream, upstream_latency=a.upstream_latency, floor=a.floor,
+        trace_ratio=a.trace_ratio,
+    )  # fmt: skip
     return 0
 
 
@@ -97,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor", action="store_true", help="also measure a bare aiohttp pass-through (see edgeroute.bench.floor)"
     )
     o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
+    o.add_argument("--trace-ratio", type=float, help="tracing on at this sampling ratio (spans sent to the mock)")
     _common(o)
     o.set_defaults(fn=_overhead)
 

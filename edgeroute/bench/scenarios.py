@@ -365,13 +365,20 @@ def overhead(
     stream: bool = False,
     upstream_latency: str = "0",
     floor: bool = False,
+    trace_ratio: float | None = None,
 ) -> dict[str, Any]:
-    """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile."""
+    """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
+    With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink."""
     out: dict[str, Any] = {"scenario": "overhead", "rates": {}, "upstream_latency": upstream_latency}
     with Stack(c.pin) as stack:
         mock = stack.upstream("--latency", upstream_latency)
         url = f"http://127.0.0.1:{mock.port}/v1"
-        proxy, startup = stack.proxy(bench_config({"p0": url, "p1": url}, rules=rules))
+        cfg = bench_config({"p0": url, "p1": url}, rules=rules)
+        if trace_ratio is not None:
+            sink = f"http://127.0.0.1:{mock.port}/v1/traces"
+            cfg["tracing"] = {"enabled": True, "sample_ratio": trace_ratio, "endpoint": sink}
+            out["trace_ratio"] = trace_ratio
+        proxy, startup = stack.proxy(cfg)
         out["startup_s"] = round(startup, 3)
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)
         targets = [

@@ -141,6 +141,9 @@ class MockUpstream:
         elif req.method == "GET" and path.endswith("/models"):
             data = [{"id": "gpt-4o-mini", "object": "model", "created": 1700000000, "owned_by": "bench"}]
             conn.respond(200, orjson.dumps({"object": "list", "data": data}))
+        elif req.method == "POST" and path == "/v1/traces":
+            # An OTLP/HTTP trace sink, so that benchmarks with tracing on pay for a real export.
+            conn.respond(200, b"", "application/x-protobuf")
         else:
             conn.respond(404, error_json(404, f"Unknown request URL: {req.method} {path}."))
 

@@ -15,6 +15,7 @@ slows or fails a request and never grows memory.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Mapping, Sequence
@@ -44,6 +45,7 @@ GEN_AI_SYSTEM = {
     "bedrock": "aws.bedrock",
 }
 _SCOPE = InstrumentationScope("edgeroute")
+log = logging.getLogger("edgeroute.tracing")
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
@@ -58,6 +60,7 @@ class _CountingExporter(SpanExporter):
         self.inner = inner
         self.exported = 0
         self.failed = 0
+        self._failing = False
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
@@ -65,11 +68,18 @@ class _CountingExporter(SpanExporter):
             result = self.inner.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
+        ok = result is SpanExportResult.SUCCESS
         with self._lock:
-            if result is SpanExportResult.SUCCESS:
+            if ok:
                 self.exported += len(spans)
             else:
                 self.failed += len(spans)
+            changed, self._failing = self._failing == ok, not ok
+        if changed:
+            if ok:
+                log.warning("trace export works again")
+            else:
+                log.warning("trace export fails; spans are lost and counted in edgeroute_trace_spans_total")
         return result
 
     def shutdown(self) -> None:
@@ -90,6 +100,10 @@ class Tracer:
             headers = {k: secrets.resolve(v).reveal() for k, v in cfg.headers.items()}
             exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.timeout_s)
         self.exporter = _CountingExporter(exporter)
+        # The SDK logs every failed batch and retry: an unreachable collector would flood the log.
+        # Failures are counted instead, and logged once each time exports start or stop failing.
+        for name in ("opentelemetry.exporter", "opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         self.processor = BatchSpanProcessor(
             self.exporter,
             max_queue_size=cfg.max_queue * 2,  # never reached: `record` drops first, and counts it
