@@ -1,0 +1,120 @@
+"""Alert rules evaluated over a window filled with known records, on an injected clock:
+thresholds, no-data, deduplication, cooldown, resolution, and each kind's value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from edgeroute import config as config_mod
+from edgeroute.accounting import AttemptRecord, MemoryRecorder, RequestRecord
+from edgeroute.server import create_app
+from edgeroute.state import STATE, Live
+from edgeroute.telemetry.alerts import AlertEngine
+from edgeroute.telemetry.notify import Notifier
+from edgeroute.telemetry.settings import Alerts
+from edgeroute.telemetry.window import Window
+
+T0 = 1_800_000_000.0
+
+
+def _live(alerts: dict[str, Any]) -> tuple[Live, Alerts]:
+    cfg = config_mod.parse(
+        {
+            "providers": {"p": {"base_url": "http://127.0.0.1:9/v1"}},
+            "deployments": {"d-a": {"provider": "p", "model": "x"}, "d-b": {"provider": "p", "model": "x"}},
+            "models": {"m": {"deployments": ["d-a", "d-b"]}},
+            "alerts": {"webhooks": {"ops": {"url": "http://127.0.0.1:9/hook"}}, **alerts},
+        },
+        "t.yaml",
+    )
+    return create_app(cfg, "t.yaml", MemoryRecorder())[STATE].live, cfg.alerts
+
+
+def _rec(dep: str, ok: bool, *, latency_ms: float = 10.0, status: int = 200, cost: float = 0.0) -> RequestRecord:
+    r = RequestRecord("req", T0, "m", route="m", status=status, cost_usd=cost)
+    r.attempts.append(AttemptRecord(dep, "p", "success" if ok else "server_error", 200 if ok else 503, latency_ms))
+    return r
+
+
+def _events(n: Notifier) -> list[tuple[str, str, str]]:
+    out = []
+    while not n.queue.empty():
+        x = n.queue.get_nowait()
+        out.append((x.event, x.alert["rule"], x.alert["subject"]))
+    return out
+
+
+async def test_error_rate_fires_once_resolves_and_respects_cooldown() -> None:
+    rule = {"name": "errs", "kind": "error_rate", "threshold": 0.5, "window_s": 10, "min_requests": 4}
+    live, cfg = _live({"cooldown_s": 60, "rules": [rule]})
+    notifier = Notifier()
+    engine, window = AlertEngine(notifier), Window()
+    for _ in range(3):
+        window.add(_rec("d-a", False), T0)
+    engine.evaluate(cfg, live, window, None, T0)
+    assert not engine.firing  # three attempts: below min_requests, nothing changes
+    window.add(_rec("d-a", False), T0 + 1)
+    window.add(_rec("d-b", True), T0 + 1)
+    for t in (T0 + 1, T0 + 2, T0 + 3):  # evaluated three times while the outage lasts
+        engine.evaluate(cfg, live, window, None, t)
+    assert list(engine.firing) == [("errs", "d-a")]
+    assert engine.firing[("errs", "d-a")].value == 1.0
+    assert _events(notifier) == [("firing", "errs", "d-a")]  # once, not per evaluation
+    # No traffic at all for a while: silence is not recovery.
+    engine.evaluate(cfg, live, window, None, T0 + 30)
+    assert ("errs", "d-a") in engine.firing
+    for _ in range(4):
+        window.add(_rec("d-a", True), T0 + 31)
+    engine.evaluate(cfg, live, window, None, T0 + 32)
+    assert not engine.firing and engine.recent[0].state == "resolved" and engine.recent[0].resolved_at == T0 + 32
+    assert _events(notifier) == [("resolved", "errs", "d-a")]
+    # It fires again within the cooldown: listed, but neither its firing nor its resolution is sent.
+    for _ in range(8):
+        window.add(_rec("d-a", False), T0 + 40)
+    engine.evaluate(cfg, live, window, None, T0 + 41)
+    assert ("errs", "d-a") in engine.firing
+    for _ in range(40):
+        window.add(_rec("d-a", True), T0 + 45)
+    engine.evaluate(cfg, live, window, None, T0 + 46)
+    assert not engine.firing and _events(notifier) == []
+    # After the cooldown it notifies again.
+    for _ in range(8):
+        window.add(_rec("d-a", False), T0 + 120)
+    engine.evaluate(cfg, live, window, None, T0 + 121)
+    assert _events(notifier) == [("firing", "errs", "d-a")]
+    listing = engine.listing()
+    assert [a["state"] for a in listing["firing"]] == ["firing"] and len(listing["recent"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("rule", "fill", "subject", "value"),
+    [
+        ({"kind": "latency_p95", "threshold": 100, "min_requests": 5},
+         [("d-b", True, 500.0, 200, 0.0)] * 20, "d-b", 500),
+        ({"kind": "spend_per_hour", "threshold": 10, "window_s": 60}, [("d-a", True, 10.0, 200, 0.5)] * 1, "all", 30),
+        ({"kind": "rate_limited_rate", "threshold": 0.2, "min_requests": 4},
+         [("d-a", True, 10.0, 429, 0.0)] * 2 + [("d-a", True, 10.0, 200, 0.0)] * 2, "all", 0.5),
+    ],
+)  # fmt: skip
+async def test_kinds_measure_what_they_say(rule: dict[str, Any], fill: list[Any], subject: str, value: float) -> None:
+    live, cfg = _live({"rules": [{"name": "r", "window_s": 60, **rule}]})
+    engine, window = AlertEngine(Notifier()), Window()
+    for dep, ok, lat, status, cost in fill:
+        window.add(_rec(dep, ok, latency_ms=lat, status=status, cost=cost), T0)
+    engine.evaluate(cfg, live, window, None, T0 + 1)
+    (alert,) = engine.firing.values()
+    assert alert.subject == subject and alert.value == pytest.approx(value)
+    assert alert.message.startswith(f"r: {subject}: ")
+
+
+async def test_a_reload_that_removes_the_rule_resolves_its_alerts() -> None:
+    rule = {"name": "errs", "kind": "error_rate", "threshold": 0.1, "min_requests": 1}
+    live, cfg = _live({"rules": [rule]})
+    engine, window = AlertEngine(Notifier()), Window()
+    window.add(_rec("d-a", False), T0)
+    engine.evaluate(cfg, live, window, None, T0)
+    assert engine.firing
+    engine.evaluate(Alerts(), live, window, None, T0 + 1)
+    assert not engine.firing and engine.recent[0].rule == "errs"
