@@ -28,6 +28,12 @@ ROUTE_ROLES: dict[str, Role] = {
     "POST /admin/reload": "operator",
     "GET /admin/alerts": "viewer",
     "GET /admin/deployments/history": "viewer",
+    # The console: its shell (page, scripts, /ui/session) holds no data and is served
+    # without a key check (see `is_console_shell`); /ui/session checks the key itself.
+    "GET /ui": "viewer",
+    "GET /ui/": "viewer",
+    "GET /ui/static/{name}": "viewer",
+    "GET /ui/session": "viewer",
 }
 
 
@@ -50,3 +56,11 @@ def permits(role: str | None, required: Role) -> bool:
 
 def is_admin_path(path: str) -> bool:
     return path.startswith("/admin/") or path == "/ui" or path.startswith("/ui/")
+
+
+def is_console_shell(path: str) -> bool:
+    """The console's page, scripts and sign-in check: a browser cannot send a bearer token
+    when it navigates, and they hold no data (every figure comes from /admin/* with the
+    key). /ui/session checks the key itself and answers 200 either way, so that a sign-in
+    page is not a console error."""
+    return path in ("/ui", "/ui/", "/ui/session") or path.startswith("/ui/static/")

@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, learning, openai_api
+from edgeroute import anthropic_api, learning, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -192,6 +192,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/admin/deployments", admin_deployments)
     app.router.add_post("/admin/reload", admin_reload)
+    ui.install(app)
     openai_api.add_routes(app)
     anthropic_api.add_routes(app)
     return app

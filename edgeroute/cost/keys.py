@@ -98,6 +98,8 @@ class Access:
 
     def identify(self, request: web.Request) -> Identity | None:
         """The caller's virtual key (None when keys are not in use); raises 401/403."""
+        if roles.is_console_shell(request.path):
+            return None
         if self.ring is not None:
             ident = self.ring.identify(bearer_token(request))
             if ident is None:

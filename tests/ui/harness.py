@@ -1,0 +1,168 @@
+"""A proxy that has served a known mix of traffic, for the console's browser tests.
+
+Three fault-injecting upstreams (`bench.faults`) on loopback, the real proxy (real config
+file, SQLite ledger, virtual keys with each role) on its own event loop in a thread, and
+traffic sent by the official openai SDK: plain and streamed answers, requests that fail
+over to a backup when the primary answers 503, requests routed by a rule to a cheaper
+model, and a request for a model that does not exist.
+
+`python -m tests.ui.harness` serves it until Ctrl-C (to look at the console by hand).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+from aiohttp import web
+
+from bench.faults import FaultUpstream
+from edgeroute import config as config_mod
+from edgeroute.server import create_app
+
+TOKENS = {"admin": "tok-ui-admin", "viewer": "tok-ui-viewer", "operator": "tok-ui-operator", "service": "tok-ui-app"}
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+@dataclass
+class Traffic:
+    """What the harness sent, to check the console against."""
+
+    ok: int = 0
+    streamed: int = 0
+    failed_over: list[str] = field(default_factory=list)  # request ids
+    by_rule: int = 0
+    refused: int = 0
+
+
+def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str, Any]:
+    def dep(provider: str, price_in: float, price_out: float) -> dict[str, Any]:
+        price = {"input_per_mtok": price_in, "output_per_mtok": price_out}
+        return {"provider": provider, "model": "gpt-4o-mini", "price": price}
+
+    cfg: dict[str, Any] = {
+        "providers": {name: {"base_url": url, "api_key": f"key-{name}"} for name, url in urls.items()},
+        "deployments": {
+            "d-primary": dep("primary", 2.5, 10.0),
+            "d-backup": dep("backup", 5.0, 15.0),
+            "d-cheap": dep("cheap", 0.15, 0.6),
+        },
+        "models": {
+            "m": {"deployments": ["d-primary"], "fallbacks": ["backup"]},
+            "backup": {"deployments": ["d-backup"]},
+            "cheap": {"deployments": ["d-cheap", "d-backup"], "strategy": "lowest_cost"},
+        },
+        "rules": [{"name": "invoices-to-cheap", "when": {"keywords": ["invoice"]}, "then": {"route": "cheap"}}],
+        "ledger": {"backend": "sqlite", "path": str(ledger), "flush_interval": 0.2},
+    }
+    if with_keys:
+        cfg["keys"] = {f"k-{role}": {"token": tok, "role": role} for role, tok in TOKENS.items()}
+    return cfg
+
+
+class Console:
+    """The upstreams and the proxy, each on an event loop in a thread; `start()` then `send_traffic()`."""
+
+    def __init__(self, workdir: Path, with_keys: bool = True) -> None:
+        self.workdir = workdir
+        self.with_keys = with_keys
+        self.upstreams = {name: FaultUpstream.threaded() for name in ("primary", "backup", "cheap")}
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="ui-proxy", daemon=True)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.config_path = workdir / "edgeroute.yaml"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Console:
+        urls = {}
+        for name, bg in self.upstreams.items():
+            bg.start()
+            urls[name] = bg.server.url
+        data = config_data(urls, self.workdir / "ledger.db", self.with_keys)
+        self.config_path.write_text(yaml.safe_dump(data))
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(30)
+        return self
+
+    async def _serve(self) -> int:
+        cfg = config_mod.load(str(self.config_path))
+        app = create_app(cfg, str(self.config_path))
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        for bg in self.upstreams.values():
+            bg.stop()
+
+    def client(self) -> openai.OpenAI:
+        key = TOKENS["service"] if self.with_keys else "unused"
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
+
+    def send_traffic(self) -> Traffic:
+        """The known mix; returns once the ledger has written it."""
+        t = Traffic()
+        with self.client() as c:
+            for i in range(8):
+                if i % 3 == 0:
+                    with c.chat.completions.create(
+                        model="m", messages=HELLO, stream=True, stream_options={"include_usage": True}
+                    ) as s:
+                        for _ in s:
+                            pass
+                    t.streamed += 1
+                else:
+                    c.chat.completions.create(model="m", messages=HELLO)
+                t.ok += 1
+            primary = self.upstreams["primary"]
+            primary.call_soon(lambda: primary.server.set_mode("503", count=2))
+            for _ in range(2):
+                raw = c.chat.completions.with_raw_response.create(model="m", messages=HELLO)
+                t.failed_over.append(raw.headers["x-request-id"])
+                t.ok += 1
+            for _ in range(3):
+                invoice = [{"role": "user", "content": "Total this invoice: 3 x 4"}]
+                c.chat.completions.create(model="m", messages=invoice)
+                t.by_rule += 1
+                t.ok += 1
+            with contextlib.suppress(openai.NotFoundError):
+                c.chat.completions.create(model="no-such-model", messages=HELLO)
+            t.refused += 1
+        time.sleep(1.0)  # the ledger writes in batches every 0.2 s
+        return t
+
+
+def main() -> None:  # pragma: no cover - a developer's tool
+    with tempfile.TemporaryDirectory() as tmp:
+        console = Console(Path(tmp)).start()
+        traffic = console.send_traffic()
+        print(f"console: {console.url}/ui/  keys: {TOKENS}\ntraffic: {traffic}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            console.stop()
+
+
+if __name__ == "__main__":
+    main()

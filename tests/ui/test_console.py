@@ -1,0 +1,260 @@
+"""The console in a real browser (headless Chromium), against a proxy that served known traffic.
+
+Every page loads without a console error (errors, failed loads and CSP violations all land
+in the browser's log at SEVERE) and without an error notice; the numbers shown equal the
+API's; a request that failed over shows its two attempts; a viewer reaches no admin action
+and no key reaches nothing. Screenshots of every page at desktop and phone width go to
+build/ui-screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.ui.conftest import need_browser
+from tests.ui.harness import TOKENS, Console, Traffic
+
+PAGES = ["overview", "deployments", "routing", "spend", "requests", "alerts", "config"]
+
+# Visible form controls with no accessible name (no label, aria-label or text).
+UNLABELLED = """
+return [...document.querySelectorAll('input, select, textarea, button')]
+  .filter(e => e.offsetParent !== null && !(e.labels && e.labels.length)
+          && !e.getAttribute('aria-label') && !e.textContent.trim())
+  .map(e => e.outerHTML)
+"""
+
+pytestmark = pytest.mark.usefixtures("browser")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _browser_stack() -> None:
+    need_browser()
+
+
+def get(console: Console, path: str, role: str = "admin") -> Any:
+    req = urllib.request.Request(console.url + path, headers={"Authorization": f"Bearer {TOKENS[role]}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def routes(console: Console, role: str = "admin") -> set[str]:
+    return set(get(console, "/ui/session", role)["routes"])
+
+
+def sign_in(drv: Any, console: Console, role: str | None) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    if not drv.current_url.startswith(console.url + "/ui/"):
+        drv.get(console.url + "/ui/#/overview")
+    # Signed out, then a fresh load (which ends whatever the previous page was fetching).
+    mark = str(time.monotonic_ns())
+    drv.execute_script(f"sessionStorage.clear(); location.replace('/ui/?fresh={mark}#/overview')")
+    WebDriverWait(drv, 10).until(lambda d: d.execute_script("return location.search") == f"?fresh={mark}")
+    WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
+    if role is None:
+        return
+    drv.find_element(By.ID, "key").send_keys(TOKENS[role])
+    drv.find_element(By.ID, "signin").click()
+    WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
+
+
+def open_page(drv: Any, console: Console, page: str) -> None:
+    from tests.ui.browser import wait_idle
+
+    drv.get(f"{console.url}/ui/#/{page}")
+    wait_idle(drv)
+
+
+def check_clean(drv: Any, where: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    from tests.ui.browser import console_errors
+
+    assert console_errors(drv) == [], f"console errors on {where}"
+    bad = [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".notice.error")]
+    assert bad == [], f"error notices on {where}"
+
+
+def field(drv: Any, name: str, scope: Any = None) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return (scope or drv).find_element(By.CSS_SELECTOR, f'[data-field="{name}"]')
+
+
+def value(el: Any) -> float:
+    return float(el.get_attribute("data-value"))
+
+
+def test_no_key_reaches_nothing(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+
+    c, _ = console
+    sign_in(browser, c, None)
+    assert not browser.find_element(By.ID, "nav").is_displayed()
+    for page in PAGES:
+        browser.get(f"{c.url}/ui/#/{page}")
+        assert browser.find_elements(By.ID, "key"), f"#/{page} without a key shows the sign-in form"
+        assert not browser.find_elements(By.CSS_SELECTOR, ".kpi, table")
+    status = browser.execute_async_script("const done = arguments[0]; fetch('/admin/spend').then(r => done(r.status))")
+    assert status == 401
+    browser.get_log("browser")  # that deliberate 401 is the only error allowed
+    browser.find_element(By.ID, "key").send_keys("not-a-key")
+    browser.find_element(By.ID, "signin").click()
+    err = browser.find_element(By.ID, "login-error")
+    assert "not valid" in err.text
+    sign_in(browser, c, None)  # a key without a console role
+    browser.find_element(By.ID, "key").send_keys(TOKENS["service"])
+    browser.find_element(By.ID, "signin").click()
+    assert "viewer, operator or admin" in browser.find_element(By.ID, "login-error").text
+    check_clean(browser, "the sign-in page")
+
+
+def test_every_page_loads_clean_at_both_widths(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from tests.ui.browser import DESKTOP, PHONE, screenshot, set_width
+
+    c, _ = console
+    sign_in(browser, c, "admin")
+    check_clean(browser, "sign-in")
+    for label, (w, h) in (("desktop", DESKTOP), ("phone", PHONE)):
+        set_width(browser, w, h)
+        for page in PAGES:
+            open_page(browser, c, page)
+            check_clean(browser, f"#/{page} at {label} width")
+            width = browser.execute_script("return document.documentElement.scrollWidth")
+            assert width <= w + 1, f"#/{page} scrolls sideways at {w} px"
+            screenshot(browser, f"{page}-{label}")
+    set_width(browser, *DESKTOP)
+
+
+def test_overview_numbers_equal_the_api(browser: Any, console: tuple[Console, Traffic]) -> None:
+    c, traffic = console
+    sign_in(browser, c, "admin")
+    open_page(browser, c, "overview")
+    if "GET /admin/stats" in routes(c):
+        t = get(c, "/admin/stats?since=1h&group_by=none")["totals"]
+        expect = {k: t[k] for k in ("requests", "success_rate", "p50_ms", "p95_ms", "cost_usd", "savings_usd")}
+    else:
+        t = get(c, "/admin/spend?by=deployment&since=1h")["total"]
+        expect = {
+            "requests": t["requests"],
+            "success_rate": t["ok"] / t["requests"],
+            "cost_usd": t["cost_usd"],
+            "savings_usd": t["savings_usd"],
+        }
+    assert expect["requests"] == traffic.ok + traffic.refused
+    for k, v in expect.items():
+        assert math.isclose(value(field(browser, k)), v, rel_tol=1e-9), k
+    assert field(browser, "requests").text == str(expect["requests"])
+    assert math.isclose(value(field(browser, "cost_per_hour")), expect["cost_usd"], rel_tol=1e-9)  # range: 1 hour
+
+
+def test_spend_and_deployments_equal_the_api(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+
+    c, _ = console
+    sign_in(browser, c, "admin")
+    for by in ("model", "key", "day"):
+        browser.get(f"{c.url}/ui/#/spend?by={by}")
+        from tests.ui.browser import wait_idle
+
+        wait_idle(browser)
+        report = get(c, f"/admin/spend?by={by}&since=1h")
+        shown = {}
+        for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-group]"):
+            shown[row.get_attribute("data-group")] = value(field(browser, "cost_usd", row))
+        assert shown == {str(r[by]) if r[by] is not None else "": r["cost_usd"] for r in report["rows"]}
+        assert math.isclose(value(field(browser, "total_cost")), report["total"]["cost_usd"])
+    open_page(browser, c, "deployments")
+    live = {d["name"]: d for d in get(c, "/admin/deployments")["deployments"]}
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-deployment]")
+    assert {r.get_attribute("data-deployment") for r in rows} == set(live)
+    for r in rows:
+        d = live[r.get_attribute("data-deployment")]
+        assert value(field(browser, "requests", r)) == d["requests"]
+        assert value(field(browser, "failures", r)) == d["failures"]
+        assert field(browser, "circuit", r).text == d["circuit"].replace("_", "-")
+    assert live["d-primary"]["failures"] == 2  # the two 503s that failed over
+
+
+def test_request_detail_shows_the_failover(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+
+    c, traffic = console
+    if "GET /admin/requests/{id}" not in routes(c):
+        pytest.skip("this server has no request log (GET /admin/requests/{id})")
+    sign_in(browser, c, "admin")
+    rid = traffic.failed_over[0]
+    open_page(browser, c, f"requests/{rid}")
+    check_clean(browser, "the request detail")
+    rows = browser.find_elements(By.CSS_SELECTOR, "tr.attempt")
+    got = [(field(browser, "deployment", r).text, field(browser, "kind", r).text) for r in rows]
+    assert got == [("d-primary", "first"), ("d-backup", "fallback")]
+    assert field(browser, "outcome", rows[0]).text != "ok"
+    assert browser.find_elements(By.CSS_SELECTOR, '.chart svg[aria-label^="Attempts of request"]')
+    # The list links to it.
+    open_page(browser, c, "requests")
+    link = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{rid}"] a')
+    link.click()
+    from tests.ui.browser import wait_idle
+
+    wait_idle(browser)
+    assert field(browser, "id").text == rid
+
+
+def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+
+    c, _ = console
+    sign_in(browser, c, "viewer")
+    assert "POST /admin/reload" not in routes(c, "viewer")
+    for page in PAGES:
+        open_page(browser, c, page)
+        check_clean(browser, f"#/{page} as a viewer")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#reload, button.rollback"), page
+    status = browser.execute_async_script(
+        "const done = arguments[0], key = sessionStorage.getItem('edgeroute.console.key');"
+        "fetch('/admin/reload', {method: 'POST', headers: {Authorization: 'Bearer ' + key}}).then(r => done(r.status))"
+    )
+    assert status == 403  # and the server refuses it anyway
+    browser.get_log("browser")
+    sign_in(browser, c, "operator")
+    open_page(browser, c, "deployments")
+    assert browser.find_elements(By.ID, "reload")
+
+
+def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    c, _ = console
+    sign_in(browser, c, "admin")
+    for page in PAGES:
+        open_page(browser, c, page)
+        unlabelled = browser.execute_script(UNLABELLED)
+        assert unlabelled == [], f"controls without a label on #/{page}"
+    open_page(browser, c, "overview")
+    body = browser.find_element(By.TAG_NAME, "body")
+    browser.execute_script("document.activeElement.blur()")
+    body.send_keys(Keys.TAB)
+    active = browser.switch_to.active_element
+    assert active.get_attribute("class") == "skip"
+    active.send_keys(Keys.ENTER)
+    seen = []
+    for _ in range(12):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        seen.append(browser.switch_to.active_element.get_attribute("href") or "")
+    assert any(s.endswith("#/deployments") for s in seen), "the navigation is reachable by keyboard"
+    nav = browser.find_element(By.CSS_SELECTOR, 'a[href="#/alerts"]')
+    nav.send_keys(Keys.ENTER)
+    from tests.ui.browser import wait_idle
+
+    wait_idle(browser)
+    assert browser.switch_to.active_element.get_attribute("id") == "page-title"  # focus moves to the new page
