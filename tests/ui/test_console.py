@@ -218,7 +218,7 @@ def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Tr
     for page in PAGES:
         open_page(browser, c, page)
         check_clean(browser, f"#/{page} as a viewer")
-        assert not browser.find_elements(By.CSS_SELECTOR, "#reload, button.rollback"), page
+        assert not browser.find_elements(By.CSS_SELECTOR, "#reload, button.rollback, button.revoke"), page
     status = browser.execute_async_script(
         "const done = arguments[0], key = sessionStorage.getItem('edgeroute.console.key');"
         "fetch('/admin/reload', {method: 'POST', headers: {Authorization: 'Bearer ' + key}}).then(r => done(r.status))"

@@ -19,8 +19,11 @@ function diffView(text) {
 export default {
   title: () => 'Configuration',
   mount(main, ctx) {
-    const running = h('div'), versions = h('div'), check = h('div');
+    const running = h('div'), versions = h('div'), check = h('div'), keys = h('div'), audit = h('div');
     main.append(panel('Running configuration', running), panel('Versions', versions), panel('Check a configuration', check));
+    // Key management is for admins only: other roles do not see the section at all.
+    if (ctx.can('admin')) main.append(panel('Keys', keys));
+    main.append(panel('Audit log', audit));
     load(running, ctx, ['GET /admin/config'], () => api('/admin/config'), (body, d) => {
       body.append(h('p', { class: 'muted' }, 'Secrets are masked by the server.'),
         h('pre', { 'data-field': 'config' }, typeof d === 'string' ? d : JSON.stringify(d, null, 2)));
@@ -79,6 +82,45 @@ export default {
       });
       body.append(h('p', { class: 'muted' }, 'Paste a configuration to check it the way `edgeroute check` does; nothing is applied.'), ta, h('p', {}, btn), result);
     });
+    if (ctx.can('admin')) {
+      load(keys, ctx, ['GET /admin/keys'], () => api('/admin/keys'), (body, d) => drawKeys(body, ctx, d));
+    }
+    load(audit, ctx, ['GET /admin/audit'], () => api('/admin/audit', { params: { since: ctx.range } }), (body, d) => {
+      const rows = d.entries || d.events || d.data || d.audit || [];
+      if (!rows.length) return body.append(notice('No audited action in this range.'));
+      body.append(table(columnsOf(rows), rows, { caption: 'Audit log' }));
+    });
     return null;
   },
 };
+
+// Columns for rows whose fields this page does not know in advance (times shown as times).
+function columnsOf(rows) {
+  const keys = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  return keys.map((k) => ({ label: k.replace(/_/g, ' '), key: k, format: (v) => {
+    if (v === null || v === undefined) return '–';
+    if (typeof v === 'number' && /(_at|^ts|time)$/.test(k)) return f.time(v);
+    return typeof v === 'object' ? JSON.stringify(v) : String(v);
+  } }));
+}
+
+function drawKeys(body, ctx, d) {
+  const rows = d.keys || d.data || [];
+  if (!rows.length) return body.append(notice('No managed keys.'));
+  const cols = columnsOf(rows).filter((c) => !/token|secret|hash/.test(c.key));
+  if (ctx.has('DELETE /admin/keys/{id}')) {
+    cols.push({ label: 'Action', value: (k) => k, format: (k) => (k.revoked || k.disabled ? '' : h('button', { type: 'button', class: 'danger revoke', 'data-key': k.id,
+      onclick: async (ev) => {
+        if (!window.confirm('Revoke key ' + k.id + '? Clients using it will be refused at once.')) return;
+        ev.target.disabled = true;
+        try {
+          await api('/admin/keys/' + encodeURIComponent(k.id), { method: 'DELETE' });
+          ev.target.replaceWith(h('span', { class: 'badge bad' }, 'revoked'));
+        } catch (e) {
+          ev.target.after(notice('Revoke refused: ' + e.message, 'error'));
+          ev.target.disabled = false;
+        }
+      } }, 'Revoke')) });
+  }
+  body.append(table(cols, rows, { caption: 'Managed keys' }));
+}

@@ -29,13 +29,13 @@ export default {
   title: () => 'Routing',
   mount(main, ctx) {
     const groups = [['rule', 'Rule'], ['policy', 'Policy'], ['task', 'Task type'], ['variant', 'Experiment variant']];
-    const share = h('div'), savings = h('div'), learning = h('div');
+    const share = h('div'), savings = h('div'), learning = h('div'), shadow = h('div');
     const bodies = groups.map(() => h('div'));
     main.append(
       h('div', { class: 'grid2' }, panel('Share sent to each deployment', share), panel('Savings by route', savings)),
       h('div', { class: 'grid2' }, ...groups.slice(0, 2).map(([, label], i) => panel('Decisions by ' + label.toLowerCase(), bodies[i]))),
       h('div', { class: 'grid2' }, ...groups.slice(2).map(([, label], i) => panel('Decisions by ' + label.toLowerCase(), bodies[i + 2]))),
-      panel('Feedback learning', learning));
+      h('div', { class: 'grid2' }, panel('Shadow traffic', shadow), panel('Feedback learning', learning)));
     const refresh = () => {
       load(share, ctx, [STATS], () => api('/admin/stats', { params: { since: ctx.range, group_by: 'deployment' } }), (body, d) => {
         const total = d.rows.reduce((a, r) => a + r.requests, 0) || 1;
@@ -60,6 +60,19 @@ export default {
           { label: 'At the priciest', key: 'baseline_cost_usd', num: true, format: f.usd },
           { label: 'Savings', key: 'savings_usd', num: true, format: f.usd, field: 'savings_usd' },
         ], d.rows, { caption: 'Savings by route', rowAttrs: (r) => ({ 'data-group': r.route }) }));
+      });
+      load(shadow, ctx, ['GET /admin/spend'], () => api('/admin/spend', { params: { by: 'outcome', since: ctx.range } }), (body, d) => {
+        const sh = d.rows.find((r) => r.outcome === 'shadow');
+        const live = d.rows.filter((r) => r.outcome !== 'shadow');
+        if (!sh) return body.append(notice('No shadow requests in this range (a model\'s `shadow:` mirrors a share of its traffic).'));
+        const liveReq = live.reduce((a, r) => a + r.requests, 0), liveCost = live.reduce((a, r) => a + r.cost_usd, 0);
+        body.append(h('p', { class: 'muted' }, 'Mirrored requests are answered by the candidate but never returned; their answers are in the shadow log.'),
+          table([
+            { label: 'Traffic', key: 'name' },
+            { label: 'Requests', key: 'requests', num: true, format: f.num },
+            { label: 'Cost', key: 'cost_usd', num: true, format: f.usd },
+            { label: 'Cost/request', value: (r) => (r.requests ? r.cost_usd / r.requests : null), num: true, format: f.usd },
+          ], [{ name: 'served', requests: liveReq, cost_usd: liveCost }, { name: 'shadow', requests: sh.requests, cost_usd: sh.cost_usd }], { caption: 'Shadow against served traffic' }));
       });
       load(learning, ctx, ['GET /admin/learning'], () => api('/admin/learning'), (body, d) => {
         if (d.enabled === false || !d.posteriors) {
