@@ -24,8 +24,8 @@ import openai
 import yaml
 from aiohttp import web
 
-from bench.faults import FaultUpstream
 from edgeroute import config as config_mod
+from edgeroute.bench.faults import FaultUpstream
 from edgeroute.server import create_app
 
 TOKENS = {"admin": "tok-ui-admin", "viewer": "tok-ui-viewer", "operator": "tok-ui-operator", "service": "tok-ui-app"}

@@ -93,6 +93,13 @@ def value(el: Any) -> float:
     return float(el.get_attribute("data-value"))
 
 
+def login_error(drv: Any) -> str:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return str(WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "login-error")).text)
+
+
 def test_no_key_reaches_nothing(browser: Any, console: tuple[Console, Traffic]) -> None:
     from selenium.webdriver.common.by import By
 
@@ -108,12 +115,11 @@ def test_no_key_reaches_nothing(browser: Any, console: tuple[Console, Traffic]) 
     browser.get_log("browser")  # that deliberate 401 is the only error allowed
     browser.find_element(By.ID, "key").send_keys("not-a-key")
     browser.find_element(By.ID, "signin").click()
-    err = browser.find_element(By.ID, "login-error")
-    assert "not valid" in err.text
+    assert "not valid" in login_error(browser)
     sign_in(browser, c, None)  # a key without a console role
     browser.find_element(By.ID, "key").send_keys(TOKENS["service"])
     browser.find_element(By.ID, "signin").click()
-    assert "viewer, operator or admin" in browser.find_element(By.ID, "login-error").text
+    assert "viewer, operator or admin" in login_error(browser)
     check_clean(browser, "the sign-in page")
 
 
@@ -199,6 +205,9 @@ def test_request_detail_shows_the_failover(browser: Any, console: tuple[Console,
     assert got == [("d-primary", "first"), ("d-backup", "fallback")]
     assert field(browser, "outcome", rows[0]).text != "ok"
     assert browser.find_elements(By.CSS_SELECTOR, '.chart svg[aria-label^="Attempts of request"]')
+    from tests.ui.browser import screenshot
+
+    screenshot(browser, "request-detail-desktop")
     # The list links to it.
     open_page(browser, c, "requests")
     link = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{rid}"] a')
@@ -231,8 +240,11 @@ def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Tr
 
 
 def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
+    from tests.ui.browser import wait_idle
 
     c, _ = console
     sign_in(browser, c, "admin")
@@ -241,9 +253,9 @@ def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> 
         unlabelled = browser.execute_script(UNLABELLED)
         assert unlabelled == [], f"controls without a label on #/{page}"
     open_page(browser, c, "overview")
-    body = browser.find_element(By.TAG_NAME, "body")
-    browser.execute_script("document.activeElement.blur()")
-    body.send_keys(Keys.TAB)
+    browser.refresh()  # a fresh load: keyboard focus starts at the top of the document
+    wait_idle(browser)
+    ActionChains(browser).send_keys(Keys.TAB).perform()
     active = browser.switch_to.active_element
     assert active.get_attribute("class") == "skip"
     active.send_keys(Keys.ENTER)
@@ -254,7 +266,5 @@ def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> 
     assert any(s.endswith("#/deployments") for s in seen), "the navigation is reachable by keyboard"
     nav = browser.find_element(By.CSS_SELECTOR, 'a[href="#/alerts"]')
     nav.send_keys(Keys.ENTER)
-    from tests.ui.browser import wait_idle
-
     wait_idle(browser)
     assert browser.switch_to.active_element.get_attribute("id") == "page-title"  # focus moves to the new page

@@ -15,7 +15,7 @@ const FILTERS = [
   ['deployment', 'Deployment'], ['key', 'Key'], ['team', 'Team'], ['status', 'Status'],
   ['error_class', 'Error class'], ['rule', 'Rule'], ['min_latency_ms', 'Min latency (ms)'], ['min_cost_usd', 'Min cost ($)'],
 ];
-const OK_OUTCOMES = new Set(['ok', 'hedge_won']);
+const OK_OUTCOMES = new Set(['success', 'ok', 'hedge_won']);
 
 function statusBadge(v) {
   return h('span', { class: 'badge ' + (v >= 200 && v < 300 ? 'ok' : v >= 500 || v === 0 ? 'bad' : 'warn') }, v === null ? '–' : String(v));
