@@ -66,7 +66,7 @@ def wait_idle(drv: WebDriver, timeout: float = 10.0) -> None:
         main = d.find_element(By.ID, "main")
         return "Loading" not in main.text and bool(main.find_elements(By.TAG_NAME, "h1"))
 
-    WebDriverWait(drv, timeout).until(idle)
+    WebDriverWait(drv, timeout, poll_frequency=0.02).until(idle)
 
 
 def set_width(drv: WebDriver, width: int, height: int) -> None:

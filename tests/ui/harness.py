@@ -62,6 +62,8 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         },
         "rules": [{"name": "invoices-to-cheap", "when": {"keywords": ["invoice"]}, "then": {"route": "cheap"}}],
         "ledger": {"backend": "sqlite", "path": str(ledger), "flush_interval": 0.2},
+        "budgets": {"limits": [{"name": "monthly", "scope": "global", "limit_usd": 5.0, "period": "month"}]},
+        "rate_limits": {"models": {"m": {"rpm": 600, "tpm": 200000}}},
     }
     if with_keys:
         cfg["keys"] = {f"k-{role}": {"token": tok, "role": role} for role, tok in TOKENS.items()}

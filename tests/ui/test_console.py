@@ -178,6 +178,12 @@ def test_spend_and_deployments_equal_the_api(browser: Any, console: tuple[Consol
             shown[row.get_attribute("data-group")] = value(field(browser, "cost_usd", row))
         assert shown == {str(r[by]) if r[by] is not None else "": r["cost_usd"] for r in report["rows"]}
         assert math.isclose(value(field(browser, "total_cost")), report["total"]["cost_usd"])
+    if "GET /admin/budgets" in routes(c):
+        budgets = get(c, "/admin/budgets")
+        for b in budgets["budgets"]:
+            box = browser.find_element(By.CSS_SELECTOR, f'[data-budget="{b["name"]}"]')
+            assert math.isclose(value(field(browser, "spent_usd", box)), b["spent_usd"], rel_tol=1e-9)
+        assert len(browser.find_elements(By.CSS_SELECTOR, "tr.rate-limit")) == len(budgets["rate_limits"]) > 0
     open_page(browser, c, "deployments")
     live = {d["name"]: d for d in get(c, "/admin/deployments")["deployments"]}
     rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-deployment]")

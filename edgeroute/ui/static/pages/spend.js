@@ -66,7 +66,7 @@ export default {
           { label: 'RPM headroom', value: (r) => head(r.rpm_used, r.rpm_limit), format: (v) => (v === null ? '–' : meter(1 - v, 'requests per minute used')) },
           { label: 'Tokens/min', value: (r) => (r.tpm_limit ? `${f.num(r.tpm_used)} / ${f.num(r.tpm_limit)}` : '–') },
           { label: 'TPM headroom', value: (r) => head(r.tpm_used, r.tpm_limit), format: (v) => (v === null ? '–' : meter(1 - v, 'tokens per minute used')) },
-        ], rows, { caption: 'Rate-limit headroom' }));
+        ], rows, { caption: 'Rate-limit headroom', rowAttrs: () => ({ class: 'rate-limit' }) }));
       });
     };
     refresh();
