@@ -65,6 +65,11 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         "budgets": {"limits": [{"name": "monthly", "scope": "global", "limit_usd": 5.0, "period": "month"}]},
         "rate_limits": {"models": {"m": {"rpm": 600, "tpm": 200000}}},
     }
+    if "alerts" in config_mod.Config.model_fields:
+        # The two 503s among the primary's ten attempts: 20% errors, over the 5% threshold.
+        rule = {"name": "primary-errors", "kind": "error_rate", "threshold": 0.05, "window_s": 300,
+                "min_requests": 5, "deployments": ["d-primary"], "severity": "critical"}  # fmt: skip
+        cfg["alerts"] = {"interval_s": 1, "rules": [rule]}
     if with_keys:
         cfg["keys"] = {f"k-{role}": {"token": tok, "role": role} for role, tok in TOKENS.items()}
     return cfg

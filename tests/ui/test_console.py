@@ -224,6 +224,33 @@ def test_request_detail_shows_the_failover(browser: Any, console: tuple[Console,
     assert field(browser, "id").text == rid
 
 
+def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ui.browser import wait_idle
+
+    c, traffic = console
+    if "GET /admin/alerts" not in routes(c):
+        pytest.skip("this server has no alerts (GET /admin/alerts)")
+    deadline = time.monotonic() + 15  # alerts are evaluated every second
+    while not (firing := get(c, "/admin/alerts")["firing"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [a["rule"] for a in firing] == ["primary-errors"]
+    sign_in(browser, c, "viewer")
+    open_page(browser, c, "alerts")
+    check_clean(browser, "the alerts page")
+    row = browser.find_element(By.CSS_SELECTOR, f'tr[data-alert="{firing[0]["id"]}"]')
+    assert field(browser, "rule", row).text == "primary-errors"
+    row.find_element(By.CSS_SELECTOR, "a.around").click()
+    WebDriverWait(browser, 10).until(lambda d: "deployment=d-primary" in d.current_url)
+    wait_idle(browser)
+    shown = {r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-id]")}
+    params = browser.current_url.split("#/requests?", 1)[1]
+    listed = get(c, f"/admin/requests?{params}&limit=100")["data"]
+    assert shown == {r["id"] for r in listed} and len(shown) == traffic.ok - len(traffic.failed_over) - traffic.by_rule
+
+
 def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Traffic]) -> None:
     from selenium.webdriver.common.by import By
 
@@ -274,3 +301,27 @@ def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> 
     nav.send_keys(Keys.ENTER)
     wait_idle(browser)
     assert browser.switch_to.active_element.get_attribute("id") == "page-title"  # focus moves to the new page
+
+
+def test_without_keys_loopback_needs_no_sign_in(browser: Any, tmp_path: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    c = Console(tmp_path, with_keys=False).start()
+    try:
+        browser.get(c.url + "/ui/#/overview")
+        WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
+        assert "loopback" in browser.find_element(By.ID, "who").text
+        assert not browser.find_elements(By.ID, "key")
+        open_page(browser, c, "overview")
+        check_clean(browser, "the keyless overview")
+        session = json.loads(urllib.request.urlopen(c.url + "/ui/session", timeout=10).read())
+        if "POST /admin/config/check" in session["routes"]:
+            # A same-origin POST from the console (the browser adds an Origin header).
+            open_page(browser, c, "config")
+            browser.find_element(By.ID, "check-text").send_keys("providers: 3")
+            browser.find_element(By.ID, "check").click()
+            WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".check-errors li"))
+            check_clean(browser, "a config check without keys")
+    finally:
+        c.stop()

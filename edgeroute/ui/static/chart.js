@@ -30,10 +30,11 @@ function timeTicks(t0, t1, target) {
 function timeLabel(t, step) {
   const d = new Date(t * 1000);
   const p = (n) => String(n).padStart(2, '0');
-  const hm = p(d.getHours()) + ':' + p(d.getMinutes());
-  if (step < 60) return hm + ':' + p(d.getSeconds());
+  // UTC, as every time the console shows (tables, filters, the API's own).
+  const hm = p(d.getUTCHours()) + ':' + p(d.getUTCMinutes());
+  if (step < 60) return hm + ':' + p(d.getUTCSeconds());
   if (step < 86400) return hm;
-  return p(d.getMonth() + 1) + '-' + p(d.getDate());
+  return p(d.getUTCMonth() + 1) + '-' + p(d.getUTCDate());
 }
 
 // Redraws `draw(width)` into `el` now and whenever the element's width changes.
@@ -142,7 +143,7 @@ export function timeChart(opts) {
       cursor.setAttribute('visibility', 'visible');
       tip.textContent = '';
       const head = document.createElement('div');
-      head.textContent = new Date(t * 1000).toLocaleString();
+      head.textContent = new Date(t * 1000).toISOString().replace('T', ' ').slice(0, 19) + ' UTC';
       tip.append(head);
       for (const sr of opts.series) {
         const p = sr.points.find((q) => q[0] === t);
@@ -218,7 +219,7 @@ export function stateStrip(opts) {
       const end = i + 1 < pts.length ? pts[i + 1][0] : opts.t1;
       const xa = ((Math.max(t, opts.t0) - opts.t0) / span) * W, xb = ((end - opts.t0) / span) * W;
       svg.append(s('rect', { class: 'st-' + st, x: xa, y: 0, width: Math.max(1, xb - xa), height: H },
-        s('title', {}, st + ' from ' + new Date(t * 1000).toLocaleTimeString())));
+        s('title', {}, st + ' from ' + new Date(t * 1000).toISOString().slice(11, 19) + ' UTC')));
     });
     el.append(svg);
   });

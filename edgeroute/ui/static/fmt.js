@@ -24,7 +24,7 @@ export function rate(v) {
 export function time(ts) {
   if (!ts) return '–';
   const d = new Date(ts * 1000);
-  return d.toISOString().replace('T', ' ').slice(0, 19);
+  return d.toISOString().replace('T', ' ').slice(0, 19) + 'Z';
 }
 
 export function durationLabel(s) {

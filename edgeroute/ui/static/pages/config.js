@@ -25,8 +25,11 @@ export default {
     if (ctx.can('admin')) main.append(panel('Keys', keys));
     main.append(panel('Audit log', audit));
     load(running, ctx, ['GET /admin/config'], () => api('/admin/config'), (body, d) => {
-      body.append(h('p', { class: 'muted' }, 'Secrets are masked by the server.'),
-        h('pre', { 'data-field': 'config' }, typeof d === 'string' ? d : JSON.stringify(d, null, 2)));
+      const cfg = d && typeof d === 'object' && 'config' in d ? d.config : d;
+      body.append(h('p', { class: 'muted' },
+        d && d.version !== undefined && d.version !== null ? `Version ${d.version}` : 'Unversioned',
+        d && d.source ? ` from ${d.source}` : '', '. Secrets are masked by the server.'),
+      h('pre', { 'data-field': 'config' }, typeof cfg === 'string' ? cfg : JSON.stringify(cfg, null, 2)));
     });
     load(versions, ctx, ['GET /admin/config/versions'], () => api('/admin/config/versions'), (body, d) => {
       const vs = d.versions || [];
@@ -109,7 +112,8 @@ function drawKeys(body, ctx, d) {
   if (!rows.length) return body.append(notice('No managed keys.'));
   const cols = columnsOf(rows).filter((c) => !/token|secret|hash/.test(c.key));
   if (ctx.has('DELETE /admin/keys/{id}')) {
-    cols.push({ label: 'Action', value: (k) => k, format: (k) => (k.revoked || k.disabled ? '' : h('button', { type: 'button', class: 'danger revoke', 'data-key': k.id,
+    // Keys from the config file are read-only here (the server answers 409 for them).
+    cols.push({ label: 'Action', value: (k) => k, format: (k) => (k.source === 'config' || (k.status && k.status !== 'active') ? '' : h('button', { type: 'button', class: 'danger revoke', 'data-key': k.id,
       onclick: async (ev) => {
         if (!window.confirm('Revoke key ' + k.id + '? Clients using it will be refused at once.')) return;
         ev.target.disabled = true;
