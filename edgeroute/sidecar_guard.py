@@ -4,7 +4,8 @@ A sidecar without keys trusts whoever can reach it. A web page in the user's bro
 reach 127.0.0.1 too: by a cross-site request (CSRF: the browser adds an `Origin` header)
 or by DNS rebinding (its own name resolved to 127.0.0.1: the browser sends that name as
 `Host`). So when no keys are configured, a request is refused with 403 when it carries an
-`Origin` not in `server.allowed_origins`, or a `Host` that is not a loopback name, the
+`Origin` not in `server.allowed_origins` (nor the proxy's own, as its console sends), or a
+`Host` that is not a loopback name, the
 configured listen host or in `server.allowed_hosts` (any port). SDKs and curl send no
 `Origin`. `/admin/*` and `/ui/*` answer loopback clients only, judged by the socket's
 peer address: `X-Forwarded-For` and friends are never trusted for this.
@@ -65,14 +66,21 @@ class SidecarGuard:
         """Raises 403 for a request a browser page (or a remote client, for admin paths) could have sent."""
         hdrs = request.headers
         origin = hdrs.get("Origin")
-        if origin is not None and not self.any_origin and origin.rstrip("/").lower() not in self.origins:
+        host = hdrs.get("Host")
+        if (
+            origin is not None
+            and not self.any_origin
+            and origin.rstrip("/").lower() not in self.origins
+            # The proxy's own pages (the console at /ui) post with their own origin; a
+            # rebinding page's own origin passes here but its Host is refused below.
+            and origin.rstrip("/").lower() != f"{request.scheme}://{host or ''}".lower()
+        ):
             raise ProxyError(
                 403,
                 "Requests from web pages (with an Origin header) are refused when no keys are configured; "
                 "add the origin to server.allowed_origins, or configure keys.",
                 code="origin_not_allowed",
             )
-        host = hdrs.get("Host")
         if host is not None and not self.any_host and host_name(host) not in self.hosts:
             raise ProxyError(
                 403,

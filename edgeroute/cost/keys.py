@@ -99,6 +99,9 @@ class Access:
     def identify(self, request: web.Request) -> Identity | None:
         """The caller's virtual key (None when keys are not in use); raises 401/403."""
         if roles.is_console_shell(request.path):
+            # The console's shell checks its key itself; keyless, it is still a sidecar's.
+            if self.guard is not None:
+                self.guard.check(request)
             return None
         if self.ring is not None:
             ident = self.ring.identify(bearer_token(request))

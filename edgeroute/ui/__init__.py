@@ -12,7 +12,6 @@ inline script, nothing from another origin), no framing and no referrer.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from importlib import resources
 from importlib.resources.abc import Traversable
 
@@ -21,7 +20,6 @@ from aiohttp import web
 
 from edgeroute import roles
 from edgeroute.cost.keys import bearer_token
-from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
 STATIC = resources.files(__package__) / "static"
@@ -59,20 +57,6 @@ def _asset(name: str) -> Traversable | None:
     return node if node.is_file() and any(name.endswith(ext) for ext in _TYPES) else None
 
 
-def _loopback_only(request: web.Request) -> None:
-    """Without any key configured the console (like /admin) is for this machine only."""
-    access = request.app[STATE].live.access
-    if access.ring is not None or access.shared:
-        return
-    peer = request.remote or ""
-    try:
-        local = ipaddress.ip_address(peer.split("%")[0]).is_loopback
-    except ValueError:
-        local = False
-    if not local:
-        raise ProxyError(403, "The console is served to loopback clients only when no keys are configured.")
-
-
 def _file_response(node: Traversable, name: str, cache: str) -> web.Response:
     ctype = next(t for ext, t in _TYPES.items() if name.endswith(ext))
     headers = {**SECURITY_HEADERS, "Content-Type": ctype, "Cache-Control": cache}
@@ -84,14 +68,12 @@ async def ui_root(request: web.Request) -> web.Response:
 
 
 async def ui_index(request: web.Request) -> web.Response:
-    _loopback_only(request)
     node = _asset("index.html")
     assert node is not None, "the console's index.html ships in the package"
     return _file_response(node, "index.html", "no-cache")
 
 
 async def ui_static(request: web.Request) -> web.Response:
-    _loopback_only(request)
     name = request.match_info["name"]
     node = _asset(name)
     if node is None:
@@ -123,7 +105,6 @@ async def ui_session(request: web.Request) -> web.Response:
     """Who the console's key is, and the admin routes it may call (so that the console
     shows a feature this server lacks as such without calling it). Always 200: a sign-in
     page must not be an error in the browser's console."""
-    _loopback_only(request)
     ok, body = _signed_in(request)
     if ok:
         role = str(body["role"])

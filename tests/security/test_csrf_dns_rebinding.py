@@ -123,3 +123,20 @@ async def test_auth_bypass_via_forwarding_headers_admin_is_loopback_only(leaky: 
             assert r.status == 403
         async with s.get(f"http://127.0.0.1:{proxy.port}/admin/deployments") as r:
             assert r.status == 200
+
+
+async def test_the_proxys_own_console_may_post_but_a_rebinding_page_may_not(leaky: Leaky, start_proxy) -> None:
+    """The console at /ui posts with the proxy's own origin (browsers add it to same-origin POSTs):
+    served. A rebinding page's origin is its own Host too, and that Host is refused."""
+    proxy = await start_proxy(leaky_config(leaky))
+    port = proxy.server.port
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/route/explain", json=BODY, headers={"Origin": proxy.url}) as r:
+            assert r.status == 200, await r.text()
+        for other in (f"http://127.0.0.1:{port + 1}", f"http://localhost:{port}"):  # another port; another name
+            async with s.post(proxy.url + "/v1/route/explain", json=BODY, headers={"Origin": other}) as r:
+                assert r.status == 403, other
+        hdrs = {"Origin": f"http://attacker.example:{port}", "Host": f"attacker.example:{port}"}
+        async with s.post(proxy.url + "/v1/chat/completions", json=BODY, headers=hdrs) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "host_not_allowed"
+    assert leaky.seen == []

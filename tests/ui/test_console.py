@@ -315,9 +315,14 @@ def test_without_keys_loopback_needs_no_sign_in(browser: Any, tmp_path: Any) -> 
         assert not browser.find_elements(By.ID, "key")
         open_page(browser, c, "overview")
         check_clean(browser, "the keyless overview")
+        # A same-origin POST from the console (the browser adds an Origin header): reload.
+        open_page(browser, c, "deployments")
+        browser.find_element(By.ID, "reload").click()
+        browser.switch_to.alert.accept()
+        WebDriverWait(browser, 10).until(lambda d: "Reloaded." in d.find_element(By.ID, "main").text)
+        check_clean(browser, "a reload without keys")
         session = json.loads(urllib.request.urlopen(c.url + "/ui/session", timeout=10).read())
         if "POST /admin/config/check" in session["routes"]:
-            # A same-origin POST from the console (the browser adds an Origin header).
             open_page(browser, c, "config")
             browser.find_element(By.ID, "check-text").send_keys("providers: 3")
             browser.find_element(By.ID, "check").click()

@@ -103,3 +103,14 @@ async def test_without_keys_the_console_is_for_loopback(start_proxy: Any) -> Non
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/ui/session") as r:
         body = await r.json()
     assert body["signed_in"] is True and body["auth"] == "loopback" and body["role"] == "admin"
+
+
+async def test_without_keys_a_rebinding_page_gets_no_console(start_proxy: Any) -> None:
+    """Keyless, the shell is a sidecar's like /admin: a foreign Host (DNS rebinding) is refused."""
+    proxy = await start_proxy(_cfg())
+    async with aiohttp.ClientSession() as s:
+        for path in ("/ui/", "/ui/session", "/ui/static/app.js"):
+            async with s.get(proxy.url + path, headers={"Host": "attacker.example"}) as r:
+                assert r.status == 403, path
+            async with s.get(proxy.url + path, headers={"Origin": "http://attacker.example"}) as r:
+                assert r.status == 403, path
