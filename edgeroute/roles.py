@@ -27,6 +27,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/learning": "viewer",
     "POST /admin/reload": "operator",
     "GET /admin/alerts": "viewer",
+    "POST /admin/alerts/test": "operator",
     "GET /admin/deployments/history": "viewer",
     # The console: its shell (page, scripts, /ui/session) holds no data and is served
     # without a key check (see `is_console_shell`); /ui/session checks the key itself.

@@ -160,6 +160,17 @@ async def test_outage_fires_and_recovery_resolves(
         slack = [b["text"] for b in receiver.bodies["/slack"]]  # the circuit rule notifies "ops" only
         assert slack[0].startswith(":rotating_light: [FIRING] warning: dep-errors: d-a: error rate")
         assert slack[1].startswith(":white_check_mark: [RESOLVED]")
+        # An operator checks a webhook's set-up with a test message.
+        async with admin.post(proxy.url + "/admin/alerts/test?webhook=chat") as r:
+            assert r.status == 200 and (await r.json()) == {"queued": ["chat"]}
+        async with admin.post(proxy.url + "/admin/alerts/test?webhook=nope") as r:
+            assert r.status == 404 and (await r.json())["error"]["param"] == "webhook"
+
+        async def tested() -> bool:
+            return len(receiver.bodies.get("/slack", [])) == 3
+
+        await _until(tested, 10)
+        assert receiver.bodies["/slack"][2]["text"].startswith(":information_source: [TEST] info: test:")
         m = await scrape(proxy.url)
         assert m.value("edgeroute_alert_notifications_total", webhook="ops", result="sent") == 4
         assert m.value("edgeroute_alert_notifications_total", webhook="dead", result="failed") == 2

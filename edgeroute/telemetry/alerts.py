@@ -175,6 +175,16 @@ class AlertEngine:
         for name in names:
             self.notifier.enqueue(Notification(name, event, body))
 
+    def test(self, cfg: Alerts, webhooks: list[str], now: float) -> None:
+        """Sends a test alert (already resolved, rule `test`) to `webhooks`, to check their set-up."""
+        self.notifier.webhooks = cfg.webhooks
+        alert = Alert(
+            f"alr_{_PREFIX}{next(_ids):06x}", "test", "test", "edgeroute", "info", "resolved", 0.0, 0.0, now, now,
+            "test: a test notification from edgeroute (POST /admin/alerts/test)",
+        )  # fmt: skip
+        for name in webhooks:
+            self.notifier.enqueue(Notification(name, "test", alert.to_dict()))
+
     def listing(self) -> dict[str, list[dict[str, Any]]]:
         firing = sorted(self.firing.values(), key=lambda a: a.started_at, reverse=True)
         return {"firing": [a.to_dict() for a in firing], "recent": [a.to_dict() for a in self.recent]}

@@ -182,6 +182,18 @@ async def admin_alerts(request: web.Request) -> web.Response:
     return _json(request.app[TELEMETRY].alerts.listing())
 
 
+async def admin_alerts_test(request: web.Request) -> web.Response:
+    """Queues a test notification to every webhook, or to `?webhook=NAME`."""
+    _only(request, {"webhook"})
+    cfg = request.app[STATE].live.config.alerts
+    name = request.query.get("webhook")
+    if name is not None and name not in cfg.webhooks:
+        raise ProxyError(404, f"No webhook {name[:80]!r} in alerts.webhooks.", code="not_found", param="webhook")
+    names = [name] if name is not None else list(cfg.webhooks)
+    request.app[TELEMETRY].alerts.test(cfg, names, time.time())
+    return _json({"queued": names})
+
+
 async def admin_deployments_history(request: web.Request) -> web.Response:
     _only(request, {"since"})
     since = parse_since(request.query.get("since"), time.time())
@@ -200,4 +212,5 @@ def install(app: web.Application, config: Config) -> None:
     app.cleanup_ctx.append(_background)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/admin/alerts", admin_alerts)
+    app.router.add_post("/admin/alerts/test", admin_alerts_test)
     app.router.add_get("/admin/deployments/history", admin_deployments_history)

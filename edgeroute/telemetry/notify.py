@@ -24,13 +24,13 @@ from edgeroute.telemetry.settings import Webhook
 log = logging.getLogger("edgeroute.alerts")
 
 QUEUE_SIZE = 256
-_ICONS = {"firing": ":rotating_light:", "resolved": ":white_check_mark:"}
+_ICONS = {"firing": ":rotating_light:", "resolved": ":white_check_mark:", "test": ":information_source:"}
 
 
 @dataclass(slots=True, frozen=True)
 class Notification:
     webhook: str
-    event: str  # firing | resolved
+    event: str  # firing | resolved | test
     alert: dict[str, Any]
 
 
