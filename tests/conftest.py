@@ -19,6 +19,9 @@ from edgeroute.accounting import MemoryRecorder
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app
 
+# Performance figures: `perf` marker and fixture, reported at the end of the run (tests/perf.py).
+pytest_plugins = ["tests.perf"]
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

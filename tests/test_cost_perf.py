@@ -1,6 +1,6 @@
 """The added latency of admission (budget + rate-limit checks), in process and with Redis.
 
-Run with `-s` to see the numbers: `pytest -s tests/test_cost_perf.py`.
+Figures are reported at the end of the run, not asserted (tests/perf.py): `pytest -m perf`.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from edgeroute import config as config_mod
@@ -17,6 +18,7 @@ from edgeroute.admission import ADMISSION
 from edgeroute.cost.control import CostControl
 from edgeroute.server import create_app
 from edgeroute.state import STATE
+from tests.perf import Perf
 from tests.test_cost_support import one_deployment, require_redis
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 50})
@@ -60,19 +62,19 @@ async def _measure(cfg_data: dict[str, Any], n: int, clock: Any = time.process_t
     return per
 
 
-async def test_admission_overhead_in_process() -> None:
+@pytest.mark.perf
+async def test_admission_overhead_in_process(perf: Perf) -> None:
     n = 5000
     both = await _measure(_cfg(), n)
     budgets = await _measure(_cfg(limits=False), n)
     limits = await _measure(_cfg(budgets=False), n)
-    print(
-        f"\nadmission in process, admit + settle per request: 3 budgets {budgets:.1f} us, "
-        f"3 buckets (key rpm+tpm, model rpm) {limits:.1f} us, both {both:.1f} us"
-    )
-    assert both < 100
+    perf.report("admission in process, admit + settle: 3 budgets", budgets, "us", "< 100")
+    perf.report("admission in process, admit + settle: 3 buckets (key rpm+tpm, model rpm)", limits, "us", "< 100")
+    perf.report("admission in process, admit + settle: both", both, "us", "< 100")
 
 
-async def test_admission_overhead_with_redis() -> None:
+@pytest.mark.perf
+async def test_admission_overhead_with_redis(perf: Perf) -> None:
     url = require_redis()
     n = 1000
     prefix = f"edgeroute-perf-{time.time_ns()}"
@@ -84,5 +86,4 @@ async def test_admission_overhead_with_redis() -> None:
     if keys:
         r.delete(*keys)
     r.close()
-    print(f"\nadmission with redis on loopback (2 round trips + async settle): {per:.1f} us per request")
-    assert per < 5000
+    perf.report("admission with redis on loopback (2 round trips + async settle)", per, "us", "< 5000")

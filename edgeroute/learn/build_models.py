@@ -8,7 +8,8 @@ has seen them, so measure it on neither), ``edgeroute/models/router-gpt4-mixtral
 the cross-validated figure) and
 ``rust/edgeroute-core/tests/fixtures/classify_parity.json`` (texts -> buckets,
 length features, probabilities from the Python reference implementation),
-which the Rust test ``tests/classify_parity.rs`` replays. Deterministic.
+which the Rust test ``tests/classify_parity.rs`` replays, and ``edgeroute/models/manifest.json``
+(the files' sha256 and the inputs they were trained on). Deterministic.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from edgeroute.learn import data
+from edgeroute.learn import data, manifest
 from edgeroute.learn.features import bucket_ids, length_features
 from edgeroute.learn.model import LinearModel
 
@@ -89,7 +90,8 @@ def main() -> int:
     router = build_router_model()
     router.save(ROUTER_MODEL)
     write_fixture(task, router)
-    for p in (TASK_MODEL, ROUTER_MODEL, FIXTURE):
+    manifest.write()
+    for p in (TASK_MODEL, ROUTER_MODEL, FIXTURE, manifest.MANIFEST):
         print(f"wrote {p} ({p.stat().st_size} bytes)")
     return 0
 
