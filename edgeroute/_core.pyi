@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict, final
 
 __all__ = [
+    "OUTCOMES",
     "BadRequestError",
     "ConfigError",
     "Decision",
@@ -25,6 +26,7 @@ __all__ = [
     "Router",
     "UnknownModelError",
     "__version__",
+    "redact_pii",
 ]
 
 __version__: str
@@ -54,7 +56,32 @@ class ConfigError(EdgerouteError):
 
 _Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
 _Encoding = Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"]
-_Outcome = Literal["success", "client_error", "rate_limited", "server_error", "timeout", "connect_error"]
+_Outcome = Literal[
+    "success",
+    "client_error",
+    "context_window",
+    "content_policy",
+    "rate_limited",
+    "server_error",
+    "auth_error",
+    "timeout",
+    "connect_error",
+]
+
+OUTCOMES: tuple[_Outcome, ...]
+"""Every attempt outcome ``Router.report`` accepts, in the core's order: the one
+outcome vocabulary (the server's error classes and ``fallbacks_on`` keys use these names).
+
+``success``; ``client_error``, ``context_window`` and ``content_policy`` (the request's
+own fault: health untouched); ``rate_limited`` (cool-down, ``Retry-After``);
+``server_error``, ``auth_error`` (the provider refused our credentials), ``timeout`` and
+``connect_error`` (count towards ejection)."""
+
+def redact_pii(text: str) -> str:
+    """``text`` with each occurrence of personal data that the rules' ``pii`` detectors
+    find replaced by a typed marker: ``[PII:email]``, ``[PII:phone]``,
+    ``[PII:payment_card]``, ``[PII:iban]``, ``[PII:national_id]``. Overlapping
+    occurrences become one marker. Releases the GIL."""
 
 class _Health(TypedDict):
     """What ``Router.health`` returns (a plain ``dict`` at runtime)."""

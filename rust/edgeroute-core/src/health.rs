@@ -11,13 +11,22 @@ use std::sync::Mutex;
 
 use crate::config::HealthSpec;
 
-/// What happened on one attempt.
+/// What happened on one attempt: the one outcome vocabulary of edgeroute.
+///
+/// The binding parses report strings with [`Outcome::from_name`] and exports
+/// [`Outcome::NAMES`]; the server's error classes and the config's `fallbacks_on`
+/// keys use the same names.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     /// The upstream answered successfully.
     Success,
     /// The upstream answered 4xx for the client's own fault; says nothing about health.
     ClientError,
+    /// The prompt is too long for this deployment's model (the client's request, not
+    /// the deployment's health).
+    ContextWindow,
+    /// The upstream's content filter refused the request; says nothing about health.
+    ContentPolicy,
     /// 429 or an overload status; `retry_after_ms` from the upstream's header, if any.
     RateLimited {
         /// Milliseconds to stay away, from `Retry-After`.
@@ -25,6 +34,9 @@ pub enum Outcome {
     },
     /// 5xx, a malformed answer or a broken stream.
     ServerError,
+    /// The provider refused edgeroute's own credentials (401/403): the deployment is
+    /// broken for everyone, so it counts as a server failure.
+    AuthError,
     /// No answer in time.
     Timeout,
     /// The connection could not be made or was reset.
@@ -32,8 +44,57 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn is_failure(self) -> bool {
-        !matches!(self, Self::Success | Self::ClientError)
+    /// Every outcome's stable name, in declaration order.
+    pub const NAMES: [&'static str; 9] = [
+        "success",
+        "client_error",
+        "context_window",
+        "content_policy",
+        "rate_limited",
+        "server_error",
+        "auth_error",
+        "timeout",
+        "connect_error",
+    ];
+
+    /// The stable snake_case name (one of [`Outcome::NAMES`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::ClientError => "client_error",
+            Self::ContextWindow => "context_window",
+            Self::ContentPolicy => "content_policy",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::ServerError => "server_error",
+            Self::AuthError => "auth_error",
+            Self::Timeout => "timeout",
+            Self::ConnectError => "connect_error",
+        }
+    }
+
+    /// The outcome named `name`; `retry_after_ms` applies to `rate_limited` only.
+    /// `None` for a name outside [`Outcome::NAMES`].
+    pub fn from_name(name: &str, retry_after_ms: Option<u64>) -> Option<Self> {
+        Some(match name {
+            "success" => Self::Success,
+            "client_error" => Self::ClientError,
+            "context_window" => Self::ContextWindow,
+            "content_policy" => Self::ContentPolicy,
+            "rate_limited" => Self::RateLimited { retry_after_ms },
+            "server_error" => Self::ServerError,
+            "auth_error" => Self::AuthError,
+            "timeout" => Self::Timeout,
+            "connect_error" => Self::ConnectError,
+            _ => return None,
+        })
+    }
+
+    /// Whether the outcome counts against the deployment's health.
+    pub fn is_failure(self) -> bool {
+        !matches!(
+            self,
+            Self::Success | Self::ClientError | Self::ContextWindow | Self::ContentPolicy
+        )
     }
 }
 
@@ -198,7 +259,7 @@ impl Health {
                     s.open_until_ms = 0;
                 }
             }
-            Outcome::ClientError => {
+            Outcome::ClientError | Outcome::ContextWindow | Outcome::ContentPolicy => {
                 s.probing = false;
             }
             Outcome::RateLimited { retry_after_ms } => {
@@ -208,7 +269,9 @@ impl Health {
                 s.cooldown_until_ms = s.cooldown_until_ms.max(now_ms + wait);
                 s.probing = false;
             }
-            Outcome::ServerError | Outcome::Timeout | Outcome::ConnectError => s.fail(now_ms, spec),
+            Outcome::ServerError | Outcome::AuthError | Outcome::Timeout | Outcome::ConnectError => {
+                s.fail(now_ms, spec)
+            }
         }
     }
 
@@ -270,6 +333,39 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_names_round_trip() {
+        for name in Outcome::NAMES {
+            let o = Outcome::from_name(name, Some(5)).expect("every listed name parses");
+            assert_eq!(o.name(), name);
+        }
+        assert_eq!(
+            Outcome::from_name("rate_limited", Some(5)),
+            Some(Outcome::RateLimited {
+                retry_after_ms: Some(5)
+            })
+        );
+        assert_eq!(Outcome::from_name("rate_limit", None), None);
+        assert_eq!(Outcome::from_name("", None), None);
+    }
+
+    #[test]
+    fn request_caused_outcomes_leave_health_alone_and_auth_errors_eject() {
+        for o in [Outcome::ClientError, Outcome::ContextWindow, Outcome::ContentPolicy] {
+            let h = Health::default();
+            for t in 0..10 {
+                h.report(o, 1.0, t, &spec());
+            }
+            assert!(h.available(11), "{o:?}");
+            assert_eq!(h.snapshot(11).failures, 0, "{o:?}");
+        }
+        let h = Health::default();
+        for t in 0..3 {
+            h.report(Outcome::AuthError, 1.0, t, &spec());
+        }
+        assert!(h.is_ejected(4));
+    }
 
     fn spec() -> HealthSpec {
         HealthSpec {

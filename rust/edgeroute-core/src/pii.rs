@@ -5,6 +5,7 @@
 //! checksum exists (Luhn for payment cards, ISO 7064 mod 97 for IBANs), which
 //! keeps order numbers and timestamps from being taken for cards.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use regex::{Regex, RegexSet};
@@ -100,6 +101,7 @@ static NUMBERS: LazyLock<RegexSet> =
 static PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(PHONE_RE).expect("valid pattern"));
 static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(CARD_RE).expect("valid pattern"));
 static IBAN: LazyLock<Regex> = LazyLock::new(|| Regex::new(IBAN_RE).expect("valid pattern"));
+static SSN: LazyLock<Regex> = LazyLock::new(|| Regex::new(SSN_RE).expect("valid pattern"));
 
 /// Bytes a phone, card, IBAN or SSN match can consist of: `[0-9A-Z +().-]`.
 fn numeric_byte(b: u8) -> bool {
@@ -208,6 +210,59 @@ pub fn luhn_valid(s: &str) -> bool {
     sum % 10 == 0
 }
 
+/// Byte ranges of payment card numbers in `text`: runs of 13 to 19 digits,
+/// optionally grouped by single spaces or hyphens, between word boundaries, that
+/// pass the Luhn check.
+///
+/// Every window of whole digit groups is tried, not only the leftmost-longest
+/// match of [`CARD_RE`]: a year or an order number written just before a card
+/// ("in 2024 4111 1111 1111 1111") would otherwise hide it.
+fn cards(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let bytes = text.as_bytes();
+    let word = |i: usize| bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+    // Groups of digits: (start, end), in order.
+    let mut groups: Vec<(usize, usize)> = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i].is_ascii_digit() {
+            let start = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            groups.push((start, i));
+        } else {
+            i += 1;
+        }
+    }
+    let mut found = Vec::new();
+    let mut chain_start = 0;
+    for g in 0..groups.len() {
+        // A chain continues while groups are joined by one space or hyphen.
+        let joined = g > 0 && groups[g].0 == groups[g - 1].1 + 1 && matches!(bytes[groups[g - 1].1], b' ' | b'-');
+        if !joined {
+            chain_start = g;
+        }
+        let (_, end) = groups[g];
+        // Windows ending at group g: the end needs a boundary after it.
+        if word(end) {
+            continue;
+        }
+        let mut digits = 0;
+        for first in (chain_start..=g).rev() {
+            let (start, stop) = groups[first];
+            digits += stop - start;
+            if digits > 19 {
+                break;
+            }
+            let bounded = start == 0 || !word(start - 1);
+            if digits >= 13 && bounded && luhn_valid(&text[start..end]) {
+                found.push((start, end));
+            }
+        }
+    }
+    found.into_iter()
+}
+
 /// ISO 13616 IBAN check (mod 97 of the rearranged number equals 1).
 pub fn iban_valid(s: &str) -> bool {
     let compact: Vec<char> = s.chars().filter(|c| !c.is_whitespace()).collect();
@@ -269,7 +324,7 @@ pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {
             } else {
                 Vec::new()
             };
-            if candidate(PiiKind::PaymentCard) && cards.iter().any(|m| luhn_valid(m.as_str())) {
+            if candidate(PiiKind::PaymentCard) && self::cards(run).next().is_some() {
                 found.insert(PiiKind::PaymentCard);
             }
             let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
@@ -281,6 +336,117 @@ pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {
         numeric.iter().all(|&k| !want(k) || found.contains(k))
     });
     found
+}
+
+/// One occurrence of personal data: a byte range of the text and its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PiiSpan {
+    /// Byte offset of the first byte.
+    pub start: usize,
+    /// Byte offset just past the last byte.
+    pub end: usize,
+    /// What was found.
+    pub kind: PiiKind,
+}
+
+/// Every occurrence of personal data in `text`, by the same detectors and
+/// checksums as [`detect`], ordered by start (longer first on a tie). Matches of
+/// different kinds may overlap (`1111%@x.io` right after a card number).
+pub fn find(text: &str) -> Vec<PiiSpan> {
+    let mut spans = Vec::new();
+    let mut searched_to = 0;
+    let bytes = text.as_bytes();
+    for (at, _) in text.match_indices('@') {
+        if at < searched_to {
+            continue;
+        }
+        let mut start = at;
+        while start > 0 && email_byte(bytes[start - 1]) {
+            start -= 1;
+        }
+        let mut end = at + 1;
+        while end < bytes.len() && email_byte(bytes[end]) {
+            end += 1;
+        }
+        spans.extend(EMAIL.find_iter(&text[start..end]).map(|m| PiiSpan {
+            start: start + m.start(),
+            end: start + m.end(),
+            kind: PiiKind::Email,
+        }));
+        searched_to = end;
+    }
+    numeric_runs(text, 2, |run| {
+        // The run borrows from `text`: its offset is a pointer difference.
+        let base = run.as_ptr() as usize - text.as_ptr() as usize;
+        let maybe = NUMBERS.matches(run);
+        let span = |start: usize, end: usize, kind| PiiSpan {
+            start: base + start,
+            end: base + end,
+            kind,
+        };
+        if maybe.matched(PiiKind::NationalId as usize) {
+            spans.extend(
+                SSN.find_iter(run)
+                    .map(|m| span(m.start(), m.end(), PiiKind::NationalId)),
+            );
+        }
+        if maybe.matched(PiiKind::Iban as usize) {
+            spans.extend(
+                IBAN.find_iter(run)
+                    .filter(|m| iban_valid(m.as_str()))
+                    .map(|m| span(m.start(), m.end(), PiiKind::Iban)),
+            );
+        }
+        if maybe.matched(PiiKind::PaymentCard as usize) {
+            spans.extend(self::cards(run).map(|(start, end)| span(start, end, PiiKind::PaymentCard)));
+        }
+        if maybe.matched(PiiKind::Phone as usize) {
+            let cards: Vec<regex::Match<'_>> = CARD.find_iter(run).collect();
+            let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
+            spans.extend(
+                PHONE
+                    .find_iter(run)
+                    .filter(|m| !in_card(m))
+                    .map(|m| span(m.start(), m.end(), PiiKind::Phone)),
+            );
+        }
+        false
+    });
+    spans.sort_unstable_by_key(|s| (s.start, std::cmp::Reverse(s.end)));
+    spans
+}
+
+/// `text` with every occurrence of personal data replaced by a typed marker
+/// (`[PII:email]`, `[PII:payment_card]`, ...); borrowed when there is none.
+/// Overlapping occurrences become one marker, of the kind that starts first.
+pub fn redact(text: &str) -> Cow<'_, str> {
+    let spans = merged(find(text));
+    if spans.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for s in spans {
+        out.push_str(&text[at..s.start]);
+        out.push_str("[PII:");
+        out.push_str(s.kind.name());
+        out.push(']');
+        at = s.end;
+    }
+    out.push_str(&text[at..]);
+    Cow::Owned(out)
+}
+
+/// Spans sorted by start, with overlapping ones joined into the first.
+fn merged(spans: Vec<PiiSpan>) -> Vec<PiiSpan> {
+    let mut out: Vec<PiiSpan> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if s.start < last.end => last.end = last.end.max(s.end),
+            _ => out.push(s),
+        }
+    }
+    out
 }
 
 /// Builds a set from kinds.
@@ -311,10 +477,35 @@ mod tests {
     }
 
     #[test]
+    fn redacts_each_kind_with_a_typed_marker() {
+        let text = "mail jane.doe@example.co.uk or call +1 415-555-0132; card 4111 1111 1111 1111, \
+                    IBAN GB82 WEST 1234 5698 7654 32, ssn 123-45-6789. Order 4111 1111 1111 1112.";
+        assert_eq!(
+            redact(text),
+            "mail [PII:email] or call [PII:phone]; card [PII:payment_card], \
+             IBAN [PII:iban], ssn [PII:national_id]. Order 4111 1111 1111 1112."
+        );
+        assert!(matches!(redact("nothing here, 2024"), Cow::Borrowed(_)));
+        assert_eq!(redact("東京4111111111111111é"), "東京[PII:payment_card]é");
+        assert_eq!(redact("a@b.io,c@d.io"), "[PII:email],[PII:email]");
+    }
+
+    #[test]
     fn checksums_reject_lookalikes() {
         assert!(kinds("order 4111 1111 1111 1112").iter().all(|k| *k != "payment_card"));
         assert!(kinds("GB82 WEST 1234 5698 7654 33").iter().all(|k| *k != "iban"));
         assert!(kinds("The year 2024 had 365 days").is_empty());
+    }
+
+    #[test]
+    fn a_number_just_before_a_card_does_not_hide_it() {
+        assert_eq!(kinds("in 2024 4111 1111 1111 1111"), ["payment_card"]);
+        assert_eq!(kinds("ref 32 4111-1111-1111-1111."), ["payment_card"]);
+        assert_eq!(redact("2024 4111 1111 1111 1111 9"), "2024 [PII:payment_card] 9");
+        assert!(
+            !kinds("x4111 1111 1111 1111").contains(&"payment_card"),
+            "glued to a letter"
+        );
     }
 
     /// The plain definition: every pattern over the whole text.
@@ -324,13 +515,23 @@ mod tests {
             found.insert(PiiKind::Email);
         }
         let cards: Vec<regex::Match<'_>> = CARD.find_iter(text).collect();
-        if cards.iter().any(|m| luhn_valid(m.as_str())) {
+        // Any substring that is a whole card-shaped number between word boundaries.
+        let whole = Regex::new(&format!("^(?:{CARD_RE})$")).unwrap();
+        let b = text.as_bytes();
+        let word = |i: usize| b.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+        let starts = (0..b.len()).filter(|&s| b[s].is_ascii_digit() && (s == 0 || !word(s - 1)));
+        if starts
+            .flat_map(|s| (s + 1..=b.len()).map(move |e| (s, e)))
+            .any(|(s, e)| {
+                b[e - 1].is_ascii_digit() && !word(e) && whole.is_match(&text[s..e]) && luhn_valid(&text[s..e])
+            })
+        {
             found.insert(PiiKind::PaymentCard);
         }
         if IBAN.find_iter(text).any(|m| iban_valid(m.as_str())) {
             found.insert(PiiKind::Iban);
         }
-        if Regex::new(SSN_RE).unwrap().is_match(text) {
+        if SSN.is_match(text) {
             found.insert(PiiKind::NationalId);
         }
         let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
@@ -364,6 +565,32 @@ mod tests {
                 expected = PiiSet(expected.0 & wanted.0);
             }
             proptest::prop_assert_eq!(detect(&text, wanted), expected, "{:?}", text);
+        }
+
+        /// Redaction marks exactly what detection sees: the kinds found are the kinds
+        /// marked, one marker per occurrence.
+        #[test]
+        fn redaction_marks_what_detection_finds(
+            parts in proptest::collection::vec(proptest::prop_oneof![
+                proptest::string::string_regex("[0-9 .()+-]{1,20}").unwrap(),
+                proptest::string::string_regex("[A-Z0-9 ]{1,24}").unwrap(),
+                proptest::string::string_regex("[a-z._%+-]{1,8}@[a-z-]{1,6}(\\.[a-z]{1,4}){0,2}").unwrap(),
+                proptest::sample::select(vec![
+                    "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "123-45-6789", "+1 415-555-0132",
+                    "(020) 7946 0958", "東京", "é", "_", "x", "@", "\n", "🚀", "a.b@c.io", " ",
+                ]).prop_map(String::from),
+            ], 0..12),
+        ) {
+            let text: String = parts.concat();
+            let spans = find(&text);
+            let marked = spans.iter().fold(PiiSet::default(), |mut s, p| { s.insert(p.kind); s });
+            proptest::prop_assert_eq!(marked, detect(&text, PiiSet::default()), "{:?}", text);
+            let redacted = redact(&text);
+            proptest::prop_assert_eq!(redacted.matches("[PII:").count(), merged(spans).len());
+            // A marker is never itself taken for personal data.
+            for again in find(&redacted) {
+                proptest::prop_assert!(!redacted[again.start..again.end].contains("[PII:"), "{:?}", redacted);
+            }
         }
     }
 }

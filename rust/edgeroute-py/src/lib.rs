@@ -183,15 +183,14 @@ fn classifier(task: Option<&[u8]>, router: Option<&[u8]>) -> PyResult<Option<cor
 }
 
 fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
-    Ok(match kind {
-        "success" => core::Outcome::Success,
-        "client_error" => core::Outcome::ClientError,
-        "rate_limited" => core::Outcome::RateLimited { retry_after_ms },
-        "server_error" => core::Outcome::ServerError,
-        "timeout" => core::Outcome::Timeout,
-        "connect_error" => core::Outcome::ConnectError,
-        other => return Err(PyValueError::new_err(format!("unknown outcome {other:?}"))),
-    })
+    core::Outcome::from_name(kind, retry_after_ms)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown outcome {kind:?}")))
+}
+
+/// `text` with each occurrence of personal data replaced by `[PII:<kind>]`.
+#[pyfunction]
+fn redact_pii(py: Python<'_>, text: &str) -> String {
+    py.detach(|| core::pii::redact(text).into_owned())
 }
 
 #[pymethods]
@@ -392,13 +391,17 @@ impl Router {
 mod _core {
     #[pymodule_export]
     use super::{
-        BadRequestError, ConfigError, Decision, EdgerouteError, ForbiddenError, NoDeploymentError, Router,
+        redact_pii, BadRequestError, ConfigError, Decision, EdgerouteError, ForbiddenError, NoDeploymentError, Router,
         UnknownModelError,
     };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add(
+            "OUTCOMES",
+            pyo3::types::PyTuple::new(m.py(), edgeroute_core::Outcome::NAMES)?,
+        )
     }
 }
