@@ -1,8 +1,13 @@
-"""The `edgeroute` command line: serve, check, demo, route, bench, router."""
+"""The `edgeroute` command line: serve, check, demo, route, spend, bench, router.
+
+Defaults may come from the environment (a flag wins): `EDGEROUTE_CONFIG` (the config file),
+`EDGEROUTE_HOST`, `EDGEROUTE_PORT` (where `serve` listens) and `EDGEROUTE_LOG_LEVEL` (`serve --log-level`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -17,6 +22,46 @@ def _load(path: str, check_secrets: bool = True) -> config_mod.Config | None:
         for line in e.errors:
             print(line, file=sys.stderr)
         return None
+
+
+ENV_CONFIG, ENV_HOST, ENV_PORT, ENV_LOG_LEVEL = (
+    "EDGEROUTE_CONFIG",
+    "EDGEROUTE_HOST",
+    "EDGEROUTE_PORT",
+    "EDGEROUTE_LOG_LEVEL",
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from edgeroute import _core
+
+    try:
+        package = version("edgeroute")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        package = "unknown"
+    return f"edgeroute {package} (core {_core.__version__})"
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
+    return port
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    """`--config/-c`, required unless EDGEROUTE_CONFIG names the file."""
+    default = os.environ.get(ENV_CONFIG) or None
+    p.add_argument(
+        "--config", "-c", default=default, required=default is None,
+        help=f"the YAML config file (default: ${ENV_CONFIG})",
+    )  # fmt: skip
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -54,6 +99,18 @@ def _cmd_route(args: argparse.Namespace) -> int:
 
     if (cfg := _load(args.config, check_secrets=False)) is None:
         return 1
+    if args.model is None:
+        if len(cfg.models) != 1:
+            print(f"error: name the model to route with --model (one of: {', '.join(cfg.models)})", file=sys.stderr)
+            return 2
+        args.model = next(iter(cfg.models))
+    elif args.model not in cfg.models:
+        import difflib
+
+        close = difflib.get_close_matches(args.model, list(cfg.models), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (one of: {', '.join(cfg.models)})"
+        print(f"error: {args.config} has no model {args.model!r}{hint}", file=sys.stderr)
+        return 2
     router = build_router(cfg, args.config)
     body = orjson.dumps({"model": args.model, "messages": [{"role": "user", "content": args.prompt}]})
     try:
@@ -85,38 +142,65 @@ def _cmd_spend(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edgeroute", description="An LLM routing edge proxy.")
+    from edgeroute.cost.reports import GROUPS
+
+    p = argparse.ArgumentParser(
+        prog="edgeroute",
+        description="An LLM routing edge proxy.",
+        epilog=f"Environment: {ENV_CONFIG}, {ENV_HOST}, {ENV_PORT}, {ENV_LOG_LEVEL} set defaults; flags win.",
+    )
+    p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the proxy")
-    s.add_argument("--config", "-c", required=True)
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
+    _config_option(s)
+    s.add_argument(
+        "--host",
+        default=os.environ.get(ENV_HOST) or None,
+        help=f"listen address (default: ${ENV_HOST}, else server.host)",
+    )
+    s.add_argument(
+        "--port",
+        type=_port,
+        default=os.environ.get(ENV_PORT) or None,
+        help=f"listen port (default: ${ENV_PORT}, else server.port)",
+    )
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (server.log_format)")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="(server.log_level)")
+    s.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        type=str.lower,
+        default=os.environ.get(ENV_LOG_LEVEL) or None,
+        help=f"log verbosity (default: ${ENV_LOG_LEVEL}, else server.log_level)",
+    )
     s.set_defaults(fn=_cmd_serve)
 
     c = sub.add_parser("check", help="validate a config file without serving")
-    c.add_argument("config")
+    c.add_argument(
+        "config",
+        nargs="?" if os.environ.get(ENV_CONFIG) else None,
+        default=os.environ.get(ENV_CONFIG),
+        help=f"the YAML config file (default: ${ENV_CONFIG})",
+    )
     c.set_defaults(fn=_cmd_check)
 
     d = sub.add_parser("demo", help="run the proxy on bundled mock providers (no keys, no network)")
-    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--port", type=_port, default=8080, help="the proxy's port (0: any free port; default 8080)")
     d.add_argument("--tour-only", action="store_true", help="run the guided tour, then exit")
     d.set_defaults(fn=_cmd_demo)
 
     r = sub.add_parser("route", help="show the routing decision for a prompt")
-    r.add_argument("prompt")
-    r.add_argument("--config", "-c", required=True)
-    r.add_argument("--model", "-m", default="auto", help="the public model to route (default: auto)")
+    r.add_argument("prompt", help="the user message to route")
+    _config_option(r)
+    r.add_argument("--model", "-m", help="the public model to route (default: the config's only model)")
     r.add_argument("--tag", action="append", help="a request tag for rules (repeatable)")
     r.add_argument("--explain", action="store_true", help="print the explanation (always printed; kept for scripts)")
     r.set_defaults(fn=_cmd_route)
 
     sp = sub.add_parser("spend", help="spend from the ledger, grouped, with savings vs. the priciest model")
-    sp.add_argument("--config", "-c", required=True)
-    sp.add_argument("--by", default="key", choices=["key", "team", "user", "model", "route", "deployment", "day"])
-    sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    _config_option(sp)
+    sp.add_argument("--by", default="key", choices=list(GROUPS), help="what to group by (as GET /admin/spend?by=)")
+    sp.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
     sp.add_argument("--since", help="e.g. 24h, 7d, 2026-11-01 (UTC)")
     sp.set_defaults(fn=_cmd_spend)
 
@@ -173,7 +257,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _delegate("edgeroute.bench.cli", argv[1:])
     if argv and argv[0] == "router":
         return _cmd_router(argparse.Namespace(rest=argv[1:]))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None)
+    if level is not None and level not in LOG_LEVELS:  # from the environment: not checked by choices
+        parser.error(f"{ENV_LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")
     code: int = args.fn(args)
     return code
 

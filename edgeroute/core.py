@@ -12,6 +12,7 @@ module, so it must not import the config back.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ __all__ = [
     "UnknownModelError",
     "build_router",
     "learned_models",
+    "pattern_error",
 ]
 
 BUILTIN_TASK = "task.erlm"
@@ -79,3 +81,18 @@ def build_router(config: Config, source: str = "<config>", *, previous: Router |
     if previous is not None:
         return previous.reload(spec, task, router)
     return Router(spec, task, router)
+
+
+def pattern_error(pattern: str) -> str | None:
+    """Why the core refuses `pattern` as a rule's regex (its regex dialect, not Python's), or None."""
+    spec = {
+        "deployments": [{"name": "d", "provider": "p", "model": "m"}],
+        "models": [{"name": "m", "deployments": ["d"]}],
+        "rules": [{"name": "r", "when": {"patterns": [pattern]}, "then": {"reject": "-"}}],
+    }
+    try:
+        Router(json.dumps(spec).encode())
+    except ConfigError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return lines[-1].removeprefix("error: ") if lines else str(e)
+    return None

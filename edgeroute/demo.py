@@ -115,7 +115,7 @@ async def _tour(base: str, mocks: dict[str, MockOptions], ledger: Ledger) -> Non
     )
     # The spend ledger (SQLite, written off the request path): what the tour cost, and what it saved.
     await asyncio.to_thread(ledger.flush)
-    print("\nSpend by model (edgeroute spend --by model):\n")
+    print(f"\nSpend by model, from the demo's ledger (while it runs: curl -s '{base}/admin/spend?by=model'):\n")
     print(reports.render(reports.spend(ledger.backend, by="model"), "table"))
 
 
@@ -136,6 +136,7 @@ Try it:
   PY
 
   curl -s {base}/admin/deployments      # health, latency and error rate per deployment
+  curl -s '{base}/admin/spend?by=model'  # spend and savings from the demo's ledger
   curl -s {base}/v1/models
 """
 

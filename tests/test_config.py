@@ -72,8 +72,14 @@ def test_valid_config_loads() -> None:
             {**BASE, "rules": [{"name": "r", "then": {"route": "zzz"}}]},
             "cfg.yaml: rules[0].then.route: unknown model 'zzz'",
         ),
-        ({**BASE, "rules": [{"name": "r", "when": {"patterns": ["("]}, "then": {}}]}, "rule `r`: bad pattern"),
-        ({**BASE, "rules": [{"name": "r", "when": {"time": {"start": "25:00", "end": "1:00"}}, "then": {}}]}, "HH:MM"),
+        (
+            {**BASE, "rules": [{"name": "r", "when": {"patterns": ["x", "("]}, "then": {}}]},
+            "cfg.yaml: rules[0].when.patterns[1]: not a valid pattern: unclosed group",
+        ),
+        (
+            {**BASE, "rules": [{"name": "r", "when": {"time": {"start": "25:00", "end": "1:00"}}, "then": {}}]},
+            "cfg.yaml: rules[0].when.time.start: '25:00' is not a time of day",
+        ),
         ([1, 2], "cfg.yaml: (top level): expected a mapping"),
     ],
 )
@@ -110,7 +116,7 @@ def test_check_command(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump(with_("deployments.d.colour", "blue")))
     r = subprocess.run([sys.executable, "-m", "edgeroute", "check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1
-    assert f"{bad}: deployments.d.colour: unknown key" in r.stderr
+    assert f"{bad}:3:5: deployments.d.colour: unknown key" in r.stderr  # line and column of the key
     broken = tmp_path / "broken.yaml"
     broken.write_text("providers: [\n")
     r = subprocess.run([sys.executable, "-m", "edgeroute", "check", str(broken)], capture_output=True, text=True)

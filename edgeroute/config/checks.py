@@ -3,12 +3,21 @@ secret references that resolve, TLS files that load, budgets and keys that agree
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+from collections.abc import Iterable
 
 from edgeroute import secrets
+from edgeroute.config.prices import parse_hhmm
 from edgeroute.config.schema import Config
 from edgeroute.config.tls import check_tls
 from edgeroute.telemetry import settings as telemetry_settings
+
+
+def unknown(kind: str, name: str, known: Iterable[str]) -> str:
+    """ "unknown model 'gpt4o' (did you mean 'gpt-4o'?)"."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"unknown {kind} {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def cross_check(cfg: Config) -> list[tuple[str, str]]:
@@ -17,7 +26,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for name, d in cfg.deployments.items():
         if d.provider not in cfg.providers:
-            problems.append((f"deployments.{name}.provider", f"unknown provider {d.provider!r}"))
+            problems.append((f"deployments.{name}.provider", unknown("provider", d.provider, cfg.providers)))
     if cfg.cache.backend == "redis" and cfg.shared_state is None:
         problems.append(("cache.backend", "the redis backend needs shared_state.redis_url"))
     for name, m in cfg.models.items():
@@ -47,30 +56,47 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             # An experiment may compare a policy route with a fixed one; everything else needs deployments.
             policy_ok = ".experiment." in path and target is not None and target.policy is not None
             if target is None:
-                problems.append((path, f"unknown model {ref!r}"))
+                problems.append((path, unknown("model", ref, cfg.models)))
             elif not target.deployments and not policy_ok:
                 problems.append((path, f"{ref!r} must be a model with deployments"))
         for i, dep in enumerate(m.deployments):
             if dep not in cfg.deployments:
-                problems.append((f"models.{name}.deployments[{i}]", f"unknown deployment {dep!r}"))
+                problems.append((f"models.{name}.deployments[{i}]", unknown("deployment", dep, cfg.deployments)))
         lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
         lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
         for field, names in lists:
             for i, f in enumerate(names):
                 if f not in cfg.models:
-                    problems.append((f"models.{name}.{field}[{i}]", f"unknown model {f!r}"))
+                    problems.append((f"models.{name}.{field}[{i}]", unknown("model", f, cfg.models)))
                 elif f == name:
                     problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
+    deployment_tags = sorted({t for d in cfg.deployments.values() for t in d.tags})
     seen: set[str] = set()
     for i, r in enumerate(cfg.rules):
         if r.name in seen:
             problems.append((f"rules[{i}].name", f"rule name {r.name!r} is used twice"))
         seen.add(r.name)
         if r.then.route is not None and r.then.route not in cfg.models:
-            problems.append((f"rules[{i}].then.route", f"unknown model {r.then.route!r}"))
+            problems.append((f"rules[{i}].then.route", unknown("model", r.then.route, cfg.models)))
         for j, dep in enumerate(r.then.deployments):
             if dep not in cfg.deployments:
-                problems.append((f"rules[{i}].then.deployments[{j}]", f"unknown deployment {dep!r}"))
+                problems.append((f"rules[{i}].then.deployments[{j}]", unknown("deployment", dep, cfg.deployments)))
+        for field, tags in (("require_tags", r.then.require_tags), ("exclude_tags", r.then.exclude_tags)):
+            for j, tag in enumerate(tags):
+                if tag not in deployment_tags:
+                    why = "the rule could never be satisfied" if field == "require_tags" else "it excludes nothing"
+                    problems.append(
+                        (
+                            f"rules[{i}].then.{field}[{j}]",
+                            unknown("tag", tag, deployment_tags) + f": no deployment has it, so {why}",
+                        )
+                    )
+        if r.when.time is not None:
+            for field in ("start", "end"):
+                try:
+                    parse_hhmm(getattr(r.when.time, field))
+                except ValueError as e:
+                    problems.append((f"rules[{i}].when.time.{field}", str(e)))
     problems += _cross_check_cost(cfg)
     budgets = {b.name for b in cfg.budgets.limits}
     problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
@@ -112,7 +138,7 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
     ):
         for n in names:
             if n not in known:
-                problems.append((f"rate_limits.{section}.{n}", f"unknown {section[:-1]} {n!r}"))
+                problems.append((f"rate_limits.{section}.{n}", unknown(section[:-1], n, known)))
     seen: set[str] = set()
     for i, b in enumerate(cfg.budgets.limits):
         where = f"budgets.limits[{i}]"
@@ -124,15 +150,15 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
         if b.scope == "global" and b.match is not None:
             problems.append((f"{where}.match", "a global budget matches everything"))
         if b.scope == "model" and b.match is not None and b.match not in cfg.models:
-            problems.append((f"{where}.match", f"unknown model {b.match!r}"))
+            problems.append((f"{where}.match", unknown("model", b.match, cfg.models)))
         if b.scope == "key" and b.match is not None and b.match not in cfg.keys:
-            problems.append((f"{where}.match", f"unknown key {b.match!r}"))
+            problems.append((f"{where}.match", unknown("key", b.match, cfg.keys)))
         for j, a in enumerate(b.actions):
             if a.action == "downgrade":
                 if a.to is None:
                     problems.append((f"{where}.actions[{j}].to", "downgrade needs a target model"))
                 elif a.to not in cfg.models:
-                    problems.append((f"{where}.actions[{j}].to", f"unknown model {a.to!r}"))
+                    problems.append((f"{where}.actions[{j}].to", unknown("model", a.to, cfg.models)))
             elif a.to is not None:
                 problems.append((f"{where}.actions[{j}].to", "only downgrade takes a target"))
     if cfg.ledger is not None and cfg.ledger.backend == "postgres" and not cfg.ledger.dsn:

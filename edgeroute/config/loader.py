@@ -3,18 +3,22 @@ own check; every problem is reported at once, each naming the file and the path 
 
 from __future__ import annotations
 
+import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edgeroute import _core
 from edgeroute.config.checks import cross_check
 from edgeroute.config.errors import ConfigError
 from edgeroute.config.schema import Config
-from edgeroute.core import build_router
+from edgeroute.config.source import Loc, Positions, load_yaml
+from edgeroute.core import build_router, pattern_error
 
 # A key is quoted in an error only when it looks like a name: a config pointed at another
 # file (say /etc/shadow, or a .env) must not have that file's lines echoed back as "keys".
@@ -30,19 +34,66 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) -> Config:
-    """Validates already-loaded YAML data; raises :class:`ConfigError` listing every problem."""
+def _unwrap(t: Any) -> Any:
+    """`X | None` -> X."""
+    if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union:
+        return next((a for a in typing.get_args(t) if a is not type(None)), t)
+    return t
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The schema model whose field `loc` would be (for the keys it allows)."""
+    t: Any = Config
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            if (field := t.model_fields.get(str(part))) is None:
+                return None
+            t = field.annotation
+        elif typing.get_origin(t) in (dict, list):
+            t = typing.get_args(t)[-1]  # past a name or an index
+        else:
+            return None
+    t = _unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _unknown_key(loc: Loc) -> str:
+    model = _model_at(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1) if model else []
+    return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+
+
+def _core_problems(cfg: Config) -> list[tuple[str, str]]:
+    """What the core refused, at the config's own paths (its message names its internal JSON)."""
+    return [
+        (f"rules[{i}].when.patterns[{j}]", f"not a valid pattern: {why}")
+        for i, rule in enumerate(cfg.rules)
+        for j, pattern in enumerate(rule.when.patterns)
+        if (why := pattern_error(pattern)) is not None
+    ]
+
+
+def parse(
+    data: Any, source: str = "<config>", *, check_secrets: bool = True, positions: Positions | None = None
+) -> Config:
+    """Validates already-loaded YAML data; raises :class:`ConfigError` listing every problem.
+    With the `positions` of the data in its file, each problem also names its line and column."""
+
+    def line(path: str, msg: str, loc: Loc | None = None) -> str:
+        pos = None if positions is None else (positions.of(loc) if loc is not None else positions.find(path))
+        where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
+        return f"{where}: {path}: {msg}"
+
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: (top level): expected a mapping, got {type(data).__name__}"])
+        raise ConfigError([line("(top level)", f"expected a mapping, got {type(data).__name__}", ())])
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"{source}: {_path(err['loc'])}: {msg}")
+            msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(line(_path(err["loc"]), msg, err["loc"]))
         raise ConfigError(lines) from None
     problems = cross_check(cfg)
     if not check_secrets:
@@ -50,12 +101,12 @@ def parse(data: Any, source: str = "<config>", *, check_secrets: bool = True) ->
         secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
         problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:
-        raise ConfigError([f"{source}: {path}: {msg}" for path, msg in problems])
-    # The core compiles regexes and checks what Python cannot (e.g. time formats).
+        raise ConfigError([line(path, msg) for path, msg in problems])
+    # The core compiles regexes and checks what Python cannot.
     try:
         build_router(cfg, source)
     except _core.ConfigError as e:
-        raise ConfigError([f"{source}: {e}"]) from None
+        raise ConfigError([line(path, msg) for path, msg in _core_problems(cfg)] or [f"{source}: {e}"]) from None
     return cfg
 
 
@@ -67,9 +118,9 @@ def load(path: str | Path, *, check_secrets: bool = True) -> Config:
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
     try:
-        data = yaml.safe_load(text)
+        data, positions = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    return parse(data, str(p), check_secrets=check_secrets)
+    return parse(data, str(p), check_secrets=check_secrets, positions=positions)

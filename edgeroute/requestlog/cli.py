@@ -23,14 +23,22 @@ _COLUMNS = (("ts", 19), ("id", 22), ("model", 14), ("deployment", 14), ("key", 1
             ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
             ("error_class", 14))  # fmt: skip
 
+_FILTER_HELP = {
+    "since": "from this time: epoch seconds or relative (15m, 24h, 7d)",
+    "until": "up to this time: epoch seconds or relative",
+    "error_class": "only failed requests of this class",
+    "min_latency_ms": "only requests at least this slow",
+    "min_cost_usd": "only requests costing at least this much",
+}
+
 
 def add_logs_parser(sub: Any) -> None:
     p = sub.add_parser("logs", help="the request log: filtered, paged or followed (table or JSON lines)")
-    p.add_argument("--config", "-c", required=True)
+    p.add_argument("--config", "-c", required=True, help="the YAML config file (its ledger holds the log)")
     for f in _FILTERS:
-        p.add_argument(f"--{f.replace('_', '-')}", dest=f)
+        p.add_argument(f"--{f.replace('_', '-')}", dest=f, help=_FILTER_HELP.get(f, f"only records with this {f}"))
     p.add_argument("--limit", default="50", help="records to show (up to 500); with --follow, the backlog")
-    p.add_argument("--format", choices=("table", "jsonl"), default="table")
+    p.add_argument("--format", choices=("table", "jsonl"), default="table", help="output format")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new records (Ctrl-C stops)")
     p.add_argument("--id", help="one request in full: explanation and attempts timeline")
     p.add_argument("--content", action="store_true", help="with --id: the stored prompt and answer, if any")
@@ -39,12 +47,12 @@ def add_logs_parser(sub: Any) -> None:
 
 def add_stats_parser(sub: Any) -> None:
     p = sub.add_parser("stats", help="requests, success rate, latency percentiles, tokens, cost per group")
-    p.add_argument("--config", "-c", required=True)
-    p.add_argument("--since", default="24h")
-    p.add_argument("--until")
+    p.add_argument("--config", "-c", required=True, help="the YAML config file (its ledger holds the log)")
+    p.add_argument("--since", default="24h", help=_FILTER_HELP["since"] + " (default 24h)")
+    p.add_argument("--until", help=_FILTER_HELP["until"])
     p.add_argument("--group-by", dest="group_by", default="none", help=", ".join(query.GROUPS))
     p.add_argument("--bucket", help="seconds per time bucket (a multiple of 60)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     p.set_defaults(fn=stats)
 
 
