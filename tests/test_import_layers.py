@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.sse",
             "edgeroute.secrets",
             "edgeroute.redact",
+            "edgeroute.telemetry.trace_context",
             "edgeroute.roles",
             "edgeroute.upstream_http",
             "edgeroute.mock",
@@ -67,12 +68,19 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.requestlog",
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",
+            "edgeroute.telemetry",
         ],
     ),
     ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow"]),
     (
         "API endpoints",
-        ["edgeroute.openai_api", "edgeroute.anthropic_api", "edgeroute.cost.app", "edgeroute.requestlog.api"],
+        [
+            "edgeroute.openai_api",
+            "edgeroute.anthropic_api",
+            "edgeroute.cost.app",
+            "edgeroute.requestlog.api",
+            "edgeroute.telemetry.app",
+        ],
     ),
     ("the server", ["edgeroute.server", "edgeroute.http_server"]),
     (
