@@ -80,6 +80,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.app",
             "edgeroute.requestlog.api",
             "edgeroute.telemetry.app",
+            "edgeroute.ui",
         ],
     ),
     ("the server", ["edgeroute.server", "edgeroute.http_server"]),
