@@ -36,8 +36,10 @@ MARKER = "[REDACTED]"
 MIN_SECRET_LEN = 8
 _MAX_KNOWN = 4096  # a bound on what reloads can accumulate (rotated secrets stay secret)
 
-# Credential shapes. Each pattern's group 1 (when present) is kept, the rest replaced.
-_SHAPES: list[tuple[re.Pattern[str], str]] = [
+# Credential shapes: (pattern, replacement, needles). Group 1 (when present) is kept, the
+# rest replaced. A pattern runs only when one of its needles occurs in the lower-cased text:
+# substring searches cost next to nothing, a regex scan of every position does not.
+_SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
     # name=value / "name": "value" pairs, whatever the value looks like.
     (
         re.compile(
@@ -49,17 +51,22 @@ _SHAPES: list[tuple[re.Pattern[str], str]] = [
             [^\s"'&,;}\]]+"""
         ),
         r"\1\2" + MARKER,
+        ("api", "token", "secret", "passw", "authorization"),
     ),
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER),
-    (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER),
-    (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b"), MARKER),
-    (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MARKER),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MARKER),
-    (re.compile(r"\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]*"), MARKER),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER, ("bearer", "basic")),
+    (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER, ("sk-",)),
+    (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b"), MARKER, ("akia", "asia", "aida", "aroa")),
+    (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MARKER, ("aiza",)),
+    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MARKER, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
+    (re.compile(r"\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]*"), MARKER, ("eyj",)),
     # Query parameters that carry keys (Gemini's `?key=`), anywhere in a URL.
-    (re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"), r"\1" + MARKER),
+    (
+        re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"),
+        r"\1" + MARKER,
+        ("key=", "token=", "sig"),
+    ),
     # user:password@ in any URL (DSNs, Redis URLs, proxies).
-    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^@\s/\"']+@"), r"\1" + MARKER + "@"),
+    (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^@\s/\"']+@"), r"\1" + MARKER + "@", ("://",)),
 ]
 
 
@@ -125,8 +132,10 @@ def text(s: str) -> str:
     known = _KNOWN.regex()
     if known is not None:
         s = known.sub(MARKER, s)
-    for pattern, repl in _SHAPES:
-        s = pattern.sub(repl, s)
+    low = s.lower()
+    for pattern, repl, needles in _SHAPES:
+        if any(n in low for n in needles):
+            s = pattern.sub(repl, s)
     return s
 
 
