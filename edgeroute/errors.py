@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import redact
 
@@ -91,3 +92,11 @@ def error_body(
         # E.g. which deployments were tried and why they failed: safe summaries only.
         err[details_key] = redact.value(details)
     return orjson.dumps({"error": err})
+
+
+def body_read_error(e: HttpProcessingError) -> ProxyError:
+    """What a client is told when its body could not be read: it did not arrive within
+    `server.body_timeout` (408), or its framing was malformed (400). Never quoted back."""
+    if e.code == 408:
+        return ProxyError(408, "The request body did not arrive in time.", code="body_timeout")
+    return ProxyError(400, "The request body could not be parsed (bad framing).", code="malformed_request")

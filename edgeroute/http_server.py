@@ -6,8 +6,9 @@ Owns what happens before a request reaches the application:
   timer closes a connection that is waiting for a request's headers once the timer runs
   out, and it is armed both when a connection opens and after each answer. Setting it to
   `server.header_timeout` bounds the time to deliver a request's headers (and the idle
-  time between requests) on every connection; bodies are bounded by `server.body_timeout`
-  where they are read (`openai_api.read_body`).
+  time between requests) on every connection. A body that has not arrived whole within
+  `server.body_timeout` of its headers fails the handler's read with :class:`BodyTimeout`
+  (answered 408), whichever handler reads it.
 - parser-level rejections (malformed request line or headers, a header over the size
   limit, a bad chunked encoding): aiohttp answers them in plain text that quotes the
   offending line (the client's token with it) and logs a traceback for each. Here they
@@ -22,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -53,8 +55,17 @@ class _ProxyRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) <= queued:
+            return
+        # New requests: give each body that has not arrived whole `server.body_timeout`
+        # (a small body usually comes with its headers: no timer then).
+        for i in range(queued, len(self._messages)):
+            payload = self._messages[i][1]
+            if not payload.is_eof():
+                timer = self._loop.call_later(self._body_timeout(), _expire_body, payload)
+                payload.on_eof(timer.cancel)  # arrived (or failed): drop the timer and its reference
         request = self._current_request
-        if request is None or len(self._messages) <= queued:
+        if request is None:
             return
         exc = getattr(self._messages[-1][0], "exc", None)
         if isinstance(exc, HttpProcessingError):
@@ -66,6 +77,9 @@ class _ProxyRequestHandler(RequestHandler):
             request.content.set_exception(exc)
             request.content.feed_eof()  # nothing more to read: no lingering read after the answer
             self.close()
+
+    def _body_timeout(self) -> float:
+        return getattr(self._manager, "body_timeout", None) or 30.0
 
     def _count_malformed(self) -> None:
         metrics = getattr(self._manager, "metrics", None)
@@ -89,6 +103,19 @@ class _ProxyRequestHandler(RequestHandler):
         return malformed_answer(exc)
 
 
+class BodyTimeout(HttpProcessingError):
+    """A request body that did not arrive within `server.body_timeout` (answered 408)."""
+
+    code = 408
+    message = "request body timeout"
+
+
+def _expire_body(payload: StreamReader) -> None:
+    if not payload.is_eof():
+        payload.set_exception(BodyTimeout())  # the handler's read raises; the answer is a 408
+        payload.feed_eof()  # and nothing more is read from this request
+
+
 def _json_500(status: int) -> web.Response:
     resp = web.Response(status=status, body=error_body(status, "Internal error in edgeroute."))
     resp.content_type = "application/json"
@@ -100,6 +127,7 @@ class _ProxyServer(web.Server):
     """Makes edgeroute's connection protocol instead of aiohttp's default one."""
 
     metrics: Metrics | None = None
+    body_timeout: float | None = None
 
     def __call__(self) -> RequestHandler:
         kwargs: dict[str, Any] = self._kwargs
@@ -120,6 +148,7 @@ class ProxyRunner(web.AppRunner):
             max_field_size=MAX_LINE_BYTES,
             **kwargs,
         )
+        self._body_timeout = server.body_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
@@ -127,4 +156,5 @@ class ProxyRunner(web.AppRunner):
         server.__class__ = _ProxyServer
         assert isinstance(server, _ProxyServer)
         server.metrics = self.app.get(METRICS)
+        server.body_timeout = self._body_timeout
         return server

@@ -23,7 +23,7 @@ from edgeroute.cache.service import CACHE, Plan, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.learning import LEARNER
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
@@ -95,7 +95,7 @@ def explain_header(d: _core.Decision) -> str:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request body, read within `server.body_timeout`; only the accepted content types
+    """The request body (read within `server.body_timeout`); only the accepted content types
     (`server.accept_content_types`, JSON by default: a browser form cannot send it without a
     CORS preflight). A request without a Content-Type is read as JSON."""
     server = request.app[STATE].live.config.server
@@ -111,20 +111,13 @@ async def read_body(request: web.Request) -> bytes:
                 code="unsupported_media_type",
             )
     try:
-        if request.content.is_eof():  # a small body usually arrives with the headers: no timer needed
-            return await request.read()
-        async with asyncio.timeout(server.body_timeout):
-            return await request.read()
+        return await request.read()  # `server.body_timeout` bounds it (http_server)
     except web.HTTPRequestEntityTooLarge:
         raise ProxyError(
             413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
         ) from None
-    except TimeoutError:
-        raise ProxyError(
-            408, f"The request body did not arrive within {server.body_timeout:g} s.", code="body_timeout"
-        ) from None
-    except HttpProcessingError:  # a malformed body framing (e.g. a bad chunk): never quoted back
-        raise ProxyError(400, "The request body could not be parsed (bad framing).", code="malformed_request") from None
+    except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
+        raise body_read_error(e) from None
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import anthropic_api, learning, openai_api, ui
 from edgeroute.accounting import Recorder
@@ -26,7 +27,7 @@ from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.dispatch import STREAM_STARTED
-from edgeroute.errors import ProxyError, error_body
+from edgeroute.errors import ProxyError, body_read_error, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyRunner
 from edgeroute.reload import admin_reload, reload_from_source
@@ -65,6 +66,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             405: f"Method {request.method} is not allowed for {request.path}.",
         }.get(e.status, e.reason)
         return web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
+    except HttpProcessingError as e:
+        # A body that could not be read (a bad chunk, or late): the client's fault, never a
+        # traceback; the connection is closed after.
+        return _json_error(body_read_error(e))
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:

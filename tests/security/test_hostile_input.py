@@ -10,6 +10,7 @@ import logging
 import time
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
@@ -161,6 +162,7 @@ async def test_slowloris_body_is_a_408(leaky: Leaky, serve) -> None:
     status, err = _status_and_error(answer)
     assert status == 408 and err["code"] == "body_timeout"
     assert leaky.seen == []
+    assert [r.status for r in proxy.recorder.records] == [408]  # recorded as the client's error
 
 
 @pytest.mark.parametrize(
@@ -189,3 +191,20 @@ async def test_content_types_are_configurable(leaky: Leaky, start_proxy) -> None
             proxy.url + "/v1/chat/completions", data=BODY, headers={"Content-Type": "application/json; charset=utf-8"}
         ) as r:
             assert r.status == 200
+
+
+async def test_the_header_timeout_does_not_cut_a_long_answer_or_a_busy_connection(start_upstream, serve) -> None:
+    """The header timeout bounds waiting for headers only: a stream longer than it is served
+    whole, and the same connection serves a second request afterwards."""
+    from tests.conftest import simple_config
+
+    up = await start_upstream(chunk_interval=0.25, reply_words=8)
+    proxy = await serve(simple_config({"a": up}, server={"header_timeout": 1.0}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    for _ in range(2):
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert len(text.split()) == 8
+    await client.close()
