@@ -1,68 +1,36 @@
 """How long the console's overview takes to load over a day of a million stored requests.
 
-    python -m tests.ui.overview_speed [--requests 1000000] [--runs 5]
+    python -m edgeroute.bench.requestlog stats --rows 1000000 --keep /tmp/log-1m.db
+    python -m tests.ui.overview_speed --db /tmp/log-1m.db [--runs 5]
 
-Seeds a SQLite ledger with synthetic requests spread over the last 24 hours (written
-through the ledger's own writer, so the request log and its rollups are the real ones),
-serves it, signs in with headless Chromium and times the overview from navigation to
-every section drawn, for the 24-hour and the 30-day range. A developer's measurement,
-not a test: it takes minutes to seed.
+The first command stores a million synthetic requests over the last 24 hours through the
+ledger's own writer (so the request log and its rollups are the real ones); this serves
+that database, signs in with headless Chromium and times the overview from navigation to
+every section drawn, for the 24-hour and the 30-day range. A developer's measurement, not
+a test.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Ledger, SqliteBackend
-from edgeroute.requestlog.settings import RequestLog
 from tests.ui.browser import start_browser, wait_idle
 from tests.ui.harness import TOKENS, Console
 
 
-def seed(db: Path, n: int, now: float) -> None:
-    rng = random.Random(7)
-    ledger = Ledger(SqliteBackend(db), flush_interval=1.0, request_log=RequestLog())
-    t0 = now - 86400
-    models = ("m", "cheap", "backup")
-    deps = {"m": ("d-primary", "primary"), "cheap": ("d-cheap", "cheap"), "backup": ("d-backup", "backup")}
-    for i in range(n):
-        model = models[i % 3]
-        dep, prov = deps[model]
-        lat = rng.lognormvariate(5, 1)
-        ok = rng.random() > 0.03
-        usage = Usage(rng.randint(1, 500), rng.randint(1, 300))
-        cost = usage.completion_tokens * 1e-6 if ok else 0.0
-        attempt = AttemptRecord(dep, prov, "success" if ok else "server_error", 200 if ok else 502, lat,
-                                usage=usage if ok else None, cost_usd=cost)  # fmt: skip
-        rec = RequestRecord(
-            request_id=f"syn-{i}", started=t0 + i * (86400 / n), model=model, route=model,
-            team=("red", "blue")[i % 2], key=f"k{i % 5}", status=200 if ok else 502,
-            outcome="ok" if ok else "error", latency_ms=lat, deployment=dep if ok else None,
-            usage=usage if ok else None, cost_usd=cost, attempts=[attempt],
-        )  # fmt: skip
-        rec.ttft_ms = lat / 3
-        ledger.record(rec)
-        if i % 20000 == 19999:
-            ledger.flush()
-    ledger.close()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--requests", type=int, default=1_000_000)
+    ap.add_argument("--db", required=True, help="a ledger database filled by edgeroute.bench.requestlog")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        t = time.monotonic()
-        seed(work / "ledger.db", args.requests, time.time())
-        print(f"seeded {args.requests:,} requests in {time.monotonic() - t:.0f} s", flush=True)
+        shutil.copy(args.db, work / "ledger.db")
         console = Console(work).start()
         drv = start_browser()
         try:

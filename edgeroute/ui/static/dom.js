@@ -39,7 +39,7 @@ export function table(columns, rows, opts = {}) {
       columns.map((c) => {
         const raw = c.value ? c.value(r) : r[c.key];
         const shown = c.format ? c.format(raw, r) : raw;
-        const attrs = { class: c.num ? 'num' : null };
+        const attrs = { class: c.num ? 'num' : c.wrap ? 'wrap' : null };
         if (c.key && (typeof raw === 'number')) attrs['data-value'] = String(raw);
         if (c.field) attrs['data-field'] = c.field;
         return h('td', attrs, shown === null || shown === undefined ? '–' : shown);

@@ -14,17 +14,17 @@ function columns(ctx, deployments) {
     { label: 'Severity', key: 'severity', format: (v) => h('span', { class: 'badge ' + (SEVERITY[v] || 'warn') }, v) },
     { label: 'Rule', key: 'rule', field: 'rule' },
     { label: 'Subject', key: 'subject' },
-    { label: 'Value', key: 'value', num: true, format: (v) => f.dec(v, 4) },
-    { label: 'Threshold', key: 'threshold', num: true, format: (v) => f.dec(v, 4) },
-    { label: 'Started', key: 'started_at', format: f.time },
-    { label: 'Resolved', key: 'resolved_at', format: (v) => (v ? f.time(v) : 'firing') },
-    { label: 'Message', key: 'message' },
     { label: 'Requests', value: (a) => a, format: (a) => {
       const until = Math.ceil((a.resolved_at || Date.now() / 1000) + MARGIN);
       const p = { since: Math.floor(a.started_at - MARGIN), until };
       if (deployments.has(a.subject)) p.deployment = a.subject;
       return h('a', { href: ctx.link('requests', null, p), class: 'around' }, 'requests around');
     } },
+    { label: 'Value', key: 'value', num: true, format: (v) => f.dec(v, 4) },
+    { label: 'Threshold', key: 'threshold', num: true, format: (v) => f.dec(v, 4) },
+    { label: 'Started', key: 'started_at', format: f.time },
+    { label: 'Resolved', key: 'resolved_at', format: (v) => (v ? f.time(v) : 'firing') },
+    { label: 'Message', key: 'message', wrap: true },
   ];
 }
 

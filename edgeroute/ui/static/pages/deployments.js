@@ -60,14 +60,18 @@ export default {
       load(hist, ctx, ['GET /admin/deployments/history'], () => api('/admin/deployments/history', { params: { since: ctx.range } }), (body, d) => {
         const names = Object.keys(d.deployments || {});
         if (!names.length) return body.append(notice('No history recorded yet.'));
-        const t1 = Date.now() / 1000, t0 = t1 - ctx.seconds;
-        body.append(h('p', { class: 'muted' }, 'Sampled every ' + d.interval_s + ' s; circuit: green closed, amber half-open, red open.'));
+        // The history is a ring buffer in memory: draw the part of the range it covers.
+        const t1 = Date.now() / 1000;
+        const first = Math.min(...names.flatMap((n) => d.deployments[n].map((p) => p.t)));
+        const t0 = Math.max(t1 - ctx.seconds, Number.isFinite(first) ? first - d.interval_s : t1 - ctx.seconds);
+        body.append(h('p', { class: 'muted' }, 'Sampled every ' + d.interval_s + ' s since ' + f.time(t0) + '; circuit: green closed, amber half-open, red open.'));
         for (const name of names) {
           const pts = d.deployments[name];
           const series = (k, scale = 1) => pts.map((p) => [p.t, p[k] === null ? null : p[k] * scale]);
           body.append(h('h3', {}, name),
+            h('p', { class: 'muted strip-label' }, 'Circuit'),
             stateStrip({ label: 'Circuit of ' + name, t0, t1, points: pts.map((p) => [p.t, p.circuit]) }),
-            h('div', { class: 'grid2' },
+            h('div', { class: 'grid3' },
               timeChart({ label: 'Error rate of ' + name, t0, t1, height: 130, yMax: 1, yFormat: f.pct,
                 series: [{ name: 'error rate', kind: 'area', points: series('error_rate') }] }),
               timeChart({ label: 'Latency of ' + name, t0, t1, height: 130, yFormat: f.ms,
