@@ -8,7 +8,8 @@ export function dec(v, d = 2) { return v === null || v === undefined ? '–' : n
 export function pct(v) { return v === null || v === undefined ? '–' : N1.format(v * 100) + '%'; }
 export function ms(v) {
   if (v === null || v === undefined) return '–';
-  return v >= 10000 ? N1.format(v / 1000) + ' s' : N0.format(v) + ' ms';
+  if (v >= 10000) return N1.format(v / 1000) + ' s';
+  return (v < 10 && v !== 0 ? N1 : N0).format(v) + ' ms';
 }
 export function usd(v) {
   if (v === null || v === undefined) return '–';
