@@ -160,16 +160,17 @@ def contains_secret(s: str) -> bool:
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]|\n")
 
 
-def _escape_control(s: str) -> str:
-    """Control characters as visible escapes: one event stays one line, no terminal codes."""
+def printable(s: str) -> str:
+    """Control characters as visible escapes: one event stays one line, no terminal codes
+    (for anything that writes client-chosen text to a log or a terminal)."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s)
 
 
 def _safe_arg(a: Any) -> Any:
     if isinstance(a, str):
-        return _escape_control(a)
+        return printable(a)
     if isinstance(a, bytes):
-        return _escape_control(a.decode("utf-8", "backslashreplace"))
+        return printable(a.decode("utf-8", "backslashreplace"))
     return a
 
 

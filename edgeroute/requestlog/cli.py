@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute import redact
 from edgeroute.cost.reports import open_backend
 from edgeroute.requestlog import query
 
@@ -70,7 +71,7 @@ def _cell(r: dict[str, Any], col: str) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.6f}" if col == "cost_usd" else f"{v:.1f}"
-    return str(v)
+    return redact.printable(str(v))  # a client-chosen model name must not drive the terminal
 
 
 def _line(r: dict[str, Any], fmt: str) -> str:

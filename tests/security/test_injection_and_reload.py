@@ -169,3 +169,32 @@ async def test_malicious_config_reload_never_echoes_file_contents(
         assert all("X-Injected" not in h for h in leaky.seen)
     finally:
         await server.close()
+
+
+async def test_log_injection_through_the_request_log_table(start_upstream, tmp_path: Path) -> None:
+    """Log injection: a client-chosen model name (recorded for a refused request) with terminal
+    escapes and a line break is printed escaped by `edgeroute logs`, on one line."""
+    import subprocess
+
+    from tests.test_cost_support import cost_proxy
+    from tests.test_requestlog import _two_upstream_config
+
+    good = await start_upstream()
+    cfg = _two_upstream_config(good.base_url, good.base_url, tmp_path / "log.db")
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    evil = "x\x1b[2J\x1b[31m\n2026-01-01 forged row"
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json={**BODY, "model": evil}) as r:
+            assert r.status == 404
+        await asyncio.sleep(0.3)  # flushed
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgeroute", "logs", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\\x1b[2J" in out.stdout
+    assert not any(line.startswith("2026-01-01 forged") for line in out.stdout.splitlines())
