@@ -330,3 +330,42 @@ def test_without_keys_loopback_needs_no_sign_in(browser: Any, tmp_path: Any) -> 
             check_clean(browser, "a config check without keys")
     finally:
         c.stop()
+
+
+def test_config_versions_diff_and_rollback(browser: Any, tmp_path: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    c = Console(tmp_path).start()
+    try:
+        if "POST /admin/config/rollback" not in routes(c):
+            pytest.skip("this server has no config versions (POST /admin/config/rollback)")
+        text = c.config_path.read_text()
+        c.config_path.write_text(text.replace("limit_usd: 5.0", "limit_usd: 7.0"))
+        req = urllib.request.Request(
+            c.url + "/admin/reload", method="POST", headers={"Authorization": f"Bearer {TOKENS['admin']}"}
+        )
+        urllib.request.urlopen(req, timeout=10).read()
+        versions = sorted(v["version"] for v in get(c, "/admin/config/versions")["versions"])
+        old, new = versions[0], versions[-1]
+        sign_in(browser, c, "viewer")
+        open_page(browser, c, "config")
+        check_clean(browser, "the config page as a viewer")
+        assert not browser.find_elements(By.CSS_SELECTOR, "button.rollback")
+        sign_in(browser, c, "operator")
+        open_page(browser, c, "config")
+        Select(browser.find_element(By.ID, "diff-from")).select_by_value(str(old))
+        Select(browser.find_element(By.ID, "diff-to")).select_by_value(str(new))
+        browser.find_element(By.ID, "show-diff").click()
+        diff = WebDriverWait(browser, 10).until(lambda d: d.find_element(By.CSS_SELECTOR, "pre.diff"))
+        assert diff.text.strip() == get(c, f"/admin/config/diff?from={old}&to={new}")["diff"].strip()
+        assert "limit_usd: 7.0" in diff.text
+        browser.find_element(By.CSS_SELECTOR, f'button.rollback[data-version="{old}"]').click()
+        browser.switch_to.alert.accept()
+        WebDriverWait(browser, 10).until(lambda d: "at=" in d.current_url)
+        open_page(browser, c, "config")
+        check_clean(browser, "the config page after a rollback")
+        running = get(c, "/admin/config")
+        assert "limit_usd: 5.0" in json.dumps(running) or '"limit_usd": 5.0' in json.dumps(running)
+    finally:
+        c.stop()

@@ -99,9 +99,10 @@ function detail(main, ctx) {
     summary.append(notice('GET /admin/requests/{id}: not available on this server.'));
     return null;
   }
+  summary.append(h('p', { class: 'muted' }, 'Loading…'));
   api('/admin/requests/' + encodeURIComponent(id)).then((r) => {
     if (!ctx.alive()) return;
-    summary.append(facts([
+    clear(summary).append(facts([
       ['Request id', r.id, 'id'], ['Client id', r.correlation_id], ['Time', f.time(r.ts)], ['Key', r.key], ['Team', r.team], ['User', r.user],
       ['Model asked', r.model], ['Route', r.route], ['Deployment', r.deployment, 'deployment'], ['Status', statusBadge(r.status), 'status'],
       ['Error class', r.error_class], ['Latency', f.ms(r.latency_ms)], ['Time to first token', r.ttft_ms === null ? null : f.ms(r.ttft_ms)],
