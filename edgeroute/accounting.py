@@ -120,7 +120,7 @@ def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: 
 class AttemptRecord:
     deployment: str
     provider: str
-    outcome: str  # success | rate_limited | server_error | timeout | connect_error | client_error | cancelled
+    outcome: str  # an edgeroute.outcome.Outcome value, or "pending" / "cancelled"
     status: int | None
     latency_ms: float
     hedge: bool = False

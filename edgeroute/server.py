@@ -267,7 +267,7 @@ async def serve_async(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        app[STATE].draining = True
+        app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
         await runner.cleanup()

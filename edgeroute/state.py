@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -32,6 +33,9 @@ class Live:
     # Requests running on this generation: a reload closes its connection pools only
     # once they have finished (or after the longest total timeout, as a bound).
     in_flight: int = 0
+    # Deployment index -> time.monotonic() of its last successful answer: a server error
+    # shared by two deployments that serve others is the request's fault (dispatch.policy).
+    served_at: dict[int, float] = field(default_factory=dict)
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +90,19 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    # Streams being relayed (their timers), and the loop time at which a drain cuts them.
+    streams: set[asyncio.Timeout] = field(default_factory=set)
+    drain_at: float = math.inf
+
+    def begin_drain(self, timeout: float) -> None:
+        """Stops taking requests; streams still running at `timeout` from now are ended
+        with an error event (before the HTTP server closes their connections)."""
+        self.draining = True
+        self.drain_at = asyncio.get_running_loop().time() + timeout
+        for t in self.streams:
+            when = t.when()
+            if when is None or when > self.drain_at:
+                t.reschedule(self.drain_at)
 
 
 STATE = web.AppKey("state", ServerState)

@@ -14,20 +14,21 @@ import openai
 import pytest
 
 from edgeroute.config import Provider
-from edgeroute.providers import ErrorClass, adapter_for
+from edgeroute.outcome import Outcome
+from edgeroute.providers import adapter_for
 from tests.providers_fixtures import provider_config, start_mock
 
 __all__ = ["start_mock"]
 
 RL, SRV, TMO, CLI, CTX, POL = (
-    ErrorClass.RATE_LIMIT,
-    ErrorClass.SERVER,
-    ErrorClass.TIMEOUT,
-    ErrorClass.CLIENT,
-    ErrorClass.CONTEXT_WINDOW,
-    ErrorClass.CONTENT_POLICY,
+    Outcome.RATE_LIMITED,
+    Outcome.SERVER_ERROR,
+    Outcome.TIMEOUT,
+    Outcome.CLIENT_ERROR,
+    Outcome.CONTEXT_WINDOW,
+    Outcome.CONTENT_POLICY,
 )
-AUTH = ErrorClass.AUTH
+AUTH = Outcome.AUTH_ERROR
 
 # (provider kind, upstream status, retry class, status the OpenAI client gets, its OpenAI error type)
 TABLE = [
@@ -78,7 +79,7 @@ async def _mock_error(up: Any, status: int) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize(("kind", "status", "cls", "client_status", "etype"), TABLE)
 async def test_error_mapping(
-    start_mock, start_proxy, kind: str, status: int, cls: ErrorClass, client_status: int, etype: str
+    start_mock, start_proxy, kind: str, status: int, cls: Outcome, client_status: int, etype: str
 ) -> None:
     up = await start_mock(kind, **({"aws_secret_access_key": None} if kind == "bedrock" else {}))
     got_status, body = await _mock_error(up, status)
@@ -129,7 +130,7 @@ async def test_error_mapping(
         ("azure", 400, b'{"error":{"code":"context_length_exceeded","message":"too long"}}', CTX),
     ],
 )
-def test_classify_message_cases(kind: str, status: int, body: bytes, cls: ErrorClass) -> None:
+def test_classify_message_cases(kind: str, status: int, body: bytes, cls: Outcome) -> None:
     adapter = adapter_for(kind)("p", Provider(kind=kind, base_url="http://127.0.0.1:1"), None)  # type: ignore[arg-type]
     assert adapter.classify(status, body) is cls
     assert adapter.error_message(status, body) not in ("", f"upstream answered HTTP {status}")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
+from edgeroute.outcome import FallbackKey
 from edgeroute.requestlog.settings import RequestLog
 from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
@@ -25,7 +26,7 @@ TaskType = Literal[
     "code", "math", "reasoning", "creative_writing", "summarization", "extraction", "translation", "knowledge_qa",
     "chat", "other",
 ]  # fmt: skip
-FallbackClass = Literal["rate_limit", "server_error", "timeout", "context_window", "content_policy"]
+FallbackClass = FallbackKey  # a `fallbacks_on` key (edgeroute.outcome)
 
 
 class _Strict(BaseModel):
@@ -169,8 +170,8 @@ class Model(_Strict):
     strategy: Strategy = "weighted"
     fallbacks: list[str] = []
     context_window_fallbacks: list[str] = []
-    # Fallback models by error class, tried before `fallbacks` when that class of error occurs.
-    fallbacks_on: dict[FallbackClass, list[str]] = {}
+    # Fallback models by attempt outcome (edgeroute.outcome), tried before `fallbacks` when that outcome occurs.
+    fallbacks_on: dict[FallbackKey, list[str]] = {}
     hedge: Hedge | None = None
     timeouts: Timeouts | None = None
     max_attempts: int = Field(4, ge=1, le=20)

@@ -15,14 +15,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
 from edgeroute import _core, sse
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.config import Timeouts
-from edgeroute.providers import ErrorClass
+from edgeroute.outcome import Outcome
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
@@ -34,11 +34,29 @@ _MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as
 
 @dataclass(slots=True)
 class Failure:
-    cls: ErrorClass
+    outcome: Outcome
     status: int | None
     message: str
     retry_after_s: float | None = None
     body: bytes = b""
+    sent: bool = True  # False: the deployment could not take the request, so it was never called
+
+    @property
+    def maybe_the_requests(self) -> bool:
+        """Whether the failure could be the request's own fault (a poison request): a server
+        error with an HTTP status other than those that mean an unwell or overloaded server."""
+        return (
+            self.sent
+            and self.outcome is Outcome.SERVER_ERROR
+            and self.status is not None
+            and self.status >= 500
+            and self.status not in _INFRA_STATUSES
+        )
+
+
+# 5xx statuses that say "the server is unwell or overloaded", never "this request is bad":
+# the same one from two deployments is an outage, not a poison request.
+_INFRA_STATUSES = frozenset({502, 503, 504})
 
 
 _PRELOADED: set[str] = set()
@@ -71,21 +89,6 @@ class StreamAnswer:
 
 
 Answer = JsonAnswer | StreamAnswer
-
-# What each error class tells the core about the deployment's health. A context-window
-# overflow or a policy refusal is about the request, not the deployment.
-_HEALTH_OUTCOME: dict[
-    ErrorClass, Literal["client_error", "rate_limited", "server_error", "timeout", "connect_error"]
-] = {
-    ErrorClass.RATE_LIMIT: "rate_limited",
-    ErrorClass.SERVER: "server_error",
-    ErrorClass.TIMEOUT: "timeout",
-    ErrorClass.CONNECT: "connect_error",
-    ErrorClass.CONTEXT_WINDOW: "client_error",
-    ErrorClass.CONTENT_POLICY: "client_error",
-    ErrorClass.CLIENT: "client_error",
-    ErrorClass.AUTH: "server_error",
-}
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -129,7 +132,9 @@ class Attempts:
         self.max_attempts = max_attempts
         self.stream = decision.stream
         self.deadline = asyncio.get_running_loop().time() + timeouts.total
-        self.failures: list[tuple[DeploymentInfo, Failure]] = []
+        # Server errors that may turn out to be the request's own fault (see `policy`): their
+        # health report waits until the request ends: (deployment index, latency, failure).
+        self.deferred: list[tuple[int, float, Failure]] = []
         self._exact_prompt: int | None = None
         if decision.stream and not decision.include_usage:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
@@ -157,12 +162,20 @@ class Attempts:
             async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
                 resp = await up.client.request("POST", req.url, req.headers, req.body)
                 rec.status = resp.status
-                if resp.status >= 400:
+                if 300 <= resp.status < 400:
+                    # Following it would send our credentials wherever the upstream points: never.
+                    result = Failure(
+                        Outcome.SERVER_ERROR,
+                        resp.status,
+                        f"the upstream answered with a redirect (HTTP {resp.status}), which edgeroute does not"
+                        " follow; check the provider's base_url",
+                    )
+                elif resp.status >= 400:
                     data = await resp.read()
                     cls = adapter.classify(resp.status, data)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                     msg = adapter.error_message(resp.status, data)
-                    if cls is ErrorClass.AUTH:
+                    if cls is Outcome.AUTH_ERROR:
                         # For the operator's log only: the client learns that our credentials failed.
                         log.warning("deployment %s refused our credentials: %s", dep.name, msg[:300])
                         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
@@ -173,19 +186,27 @@ class Attempts:
                         rec.ttft_ms = (time.perf_counter() - t0) * 1000
                     keep_open = isinstance(result, StreamAnswer)
                 else:
-                    deadline.reschedule(loop.time() + self._remaining())
-                    result = self._json_answer(await resp.read(), adapter)
+                    # The body: each piece within the idle timeout (a stalled body fails over).
+                    chunks = []
+                    while chunk := await resp.readany():
+                        chunks.append(chunk)
+                        deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
+                    result = self._json_answer(b"".join(chunks), adapter, resp.status)
         except TimeoutError:
-            result = Failure(ErrorClass.TIMEOUT, None, "no answer within the timeout")
+            if rec.status is not None:
+                result = Failure(Outcome.TIMEOUT, rec.status, "the upstream stalled while sending its answer")
+            else:
+                result = Failure(Outcome.TIMEOUT, None, "no answer within the timeout")
         except UpstreamTlsError as e:
-            result = Failure(ErrorClass.CONNECT, None, f"TLS handshake failed: {e.reason}")
+            result = Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
         except (UpstreamError, OSError) as e:
-            result = Failure(ErrorClass.CONNECT, None, f"connection failed: {type(e).__name__}")
+            result = Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
         except Exception as e:
             # An answer the adapter could not read (bad usage, a malformed event): the
             # deployment's fault, like a 5xx, so fail over; the core hears of it below.
             log.exception("unreadable answer from deployment %s", dep.name)
-            result = Failure(ErrorClass.SERVER, rec.status, f"upstream answer could not be read ({type(e).__name__})")
+            msg = f"upstream answer could not be read ({type(e).__name__})"
+            result = Failure(Outcome.SERVER_ERROR, rec.status, msg)
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
@@ -203,32 +224,36 @@ class Attempts:
         latency = (time.perf_counter() - t0) * 1000
         rec.latency_ms = latency
         if isinstance(result, Failure):
-            rec.outcome = result.cls.value if result.cls.retryable else "client_error"
+            rec.outcome = result.outcome.value
             rec.error = result.message
-            retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
-            self.router.report(dep.index, _HEALTH_OUTCOME[result.cls], latency, retry_ms)
+            if result.maybe_the_requests:
+                self.deferred.append((dep.index, latency, result))
+            else:
+                retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
+                self.router.report(dep.index, result.outcome.value, latency, retry_ms)
         else:
             rec.outcome = "success"
             self.router.report(dep.index, "success", latency)
+            self.live.served_at[dep.index] = time.monotonic()
             if isinstance(result, JsonAnswer):
                 self.settle_attempt(rec, dep, result.usage)
             else:
                 result.rec = rec
         return result
 
-    def _json_answer(self, data: bytes, adapter: Any) -> JsonAnswer | Failure:
+    def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return Failure(ErrorClass.SERVER, 200, "upstream sent malformed JSON")
+            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
         if not isinstance(obj, dict):
-            return Failure(ErrorClass.SERVER, 200, "upstream sent an unexpected JSON value")
+            return Failure(Outcome.SERVER_ERROR, status, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
         elif "choices" not in obj:
-            return Failure(ErrorClass.SERVER, 200, "upstream answer has no choices")
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no choices")
         usage = Usage.from_openai(obj.get("usage"))
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
@@ -244,7 +269,7 @@ class Attempts:
         while True:
             chunk = await resp.readany()
             if not chunk:
-                return Failure(ErrorClass.SERVER, resp.status, "upstream stream ended before any content")
+                return Failure(Outcome.SERVER_ERROR, resp.status, "upstream stream ended before any content")
             if translator is not None:
                 chunk = translator.feed(chunk)
             head += chunk
@@ -259,11 +284,11 @@ class Attempts:
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    return Failure(ErrorClass.SERVER, resp.status, "upstream sent a malformed stream event")
+                    return Failure(Outcome.SERVER_ERROR, resp.status, "upstream sent a malformed stream event")
                 if isinstance(obj, dict) and obj.get("error"):
                     err = obj["error"]
                     msg = err.get("message") if isinstance(err, dict) else str(err)
-                    return Failure(ErrorClass.SERVER, resp.status, f"upstream stream error: {msg}"[:500])
+                    return Failure(Outcome.SERVER_ERROR, resp.status, f"upstream stream error: {msg}"[:500])
                 if has_content(obj):
                     return StreamAnswer(resp, head, translator)
 

@@ -1,132 +1,163 @@
-"""The loop over a request's attempts: retries, failover and the hedging race.
+"""The loop over a request's attempts, and the hedging race.
 
-Policy comes from the core's decision (the order of deployments, the hedge delay)
-and its budgets (retry and hedge); this module runs attempts in that order and
-turns what they return into one answer or one error.
+The mechanism only: it asks the request's `FailoverPolicy` what to do next, makes
+the attempt, and hands the policy what happened, until an answer or a `Stop`. Health
+reports that the policy may still judge to be the request's fault (a poison request)
+are held here and sent when the request ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import logging
+import time
+from collections.abc import Sequence
+from typing import cast
 
+from edgeroute.config import Rule
 from edgeroute.dispatch.attempt import Answer, Attempts, Failure, StreamAnswer
+from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
 from edgeroute.errors import ProxyError
-from edgeroute.providers import ErrorClass
+from edgeroute.outcome import Outcome
 from edgeroute.upstream import DeploymentInfo
 
-_FALLBACK_KEYS = {
-    ErrorClass.RATE_LIMIT: "rate_limit",
-    ErrorClass.SERVER: "server_error",
-    ErrorClass.CONNECT: "server_error",
-    ErrorClass.AUTH: "server_error",
-    ErrorClass.TIMEOUT: "timeout",
-    ErrorClass.CONTEXT_WINDOW: "context_window",
-    ErrorClass.CONTENT_POLICY: "content_policy",
-}
+log = logging.getLogger("edgeroute.dispatch")
+
+# A deployment counts as serving (for the poison check) if it answered successfully this recently.
+SERVING_WINDOW_S = 60.0
 
 
 class Call(Attempts):
     """One client request's dispatch over the decision's deployments."""
 
-    # -- the loop over attempts ----------------------------------------------
+    def policy(self) -> FailoverPolicy:
+        """The failover policy for this request, from the live config and the decision."""
+        live, decision = self.live, self.decision
+        model = live.config.models[decision.route]
+        retry = live.config.retry
+        settings = Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s)
+        router = self.router
+        served_at = live.served_at
+
+        def serving(index: int) -> bool:
+            return time.monotonic() - served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
+
+        return FailoverPolicy(
+            decision.model,
+            model.deployments,
+            settings,
+            fallbacks_on=self._fallback_deployments,
+            allowed=self._allowed,
+            is_open=lambda i: router.health(i)["circuit"] == "open",
+            try_retry=router.try_retry,
+            remaining=self._remaining,
+            serving=serving,
+        )
+
+    def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
+        """The deployments of the models `fallbacks_on` names under `key`, in order."""
+        cfg = self.live.config
+        fallbacks_on = cast("dict[str, list[str]]", cfg.models[self.decision.route].fallbacks_on)
+        names = fallbacks_on.get(key)
+        if names is None:
+            return None
+        table, index_of = self.live.deployments, self.live.index_of
+        return [table[index_of[d]] for name in names for d in cfg.models[name].deployments]
+
+    def _allowed(self, dep: DeploymentInfo) -> bool:
+        """Whether the decision's rule permits `dep` (its deployments, required and excluded tags)."""
+        rule = self._rule()
+        if rule is None:
+            return True
+        then = rule.then
+        if then.deployments and dep.name not in then.deployments:
+            return False
+        tags = self.live.config.deployments[dep.name].tags
+        return all(t in tags for t in then.require_tags) and not any(t in tags for t in then.exclude_tags)
+
+    def _rule(self) -> Rule | None:
+        name = self.decision.rule
+        if name is None:
+            return None
+        return next((r for r in self.live.config.rules if r.name == name), None)
+
+    # -- the loop -------------------------------------------------------------------------
 
     async def run(self) -> tuple[Answer, DeploymentInfo]:
+        policy = self.policy()
         table = self.live.deployments
-        order = [table[i] for i in self.decision.order]
-        pos = 0
-        attempts = 0
-        rounds = 0
+        state = policy.start([table[i] for i in self.decision.order])
         hedge_ms = self.decision.hedge_after_ms
-        while attempts < self.max_attempts and self._remaining() > 0.001:
-            if pos >= len(order):
-                # Every deployment failed once: back off (full jitter, honouring Retry-After) and go round again.
-                rounds += 1
-                wait = self._backoff(rounds)
-                if wait is None or wait >= self._remaining():
-                    break
-                await asyncio.sleep(wait)
-                pos = 0
-            if attempts > 0 and not self.router.try_retry():
-                self.failures.append((order[pos], Failure(ErrorClass.SERVER, None, "retry budget exhausted")))
-                break
-            dep = order[pos]
-            pos += 1
-            attempts += 1
-            if hedge_ms is not None and rounds == 0 and pos < len(order):
-                result, dep, used = await self._race(dep, order[pos], hedge_ms / 1000)
-                pos += used - 1
-                attempts += used - 1
-                hedge_ms = None
-            else:
-                try:
-                    result = await self.attempt(dep, self._kind(dep, attempts))
-                except ProxyError as e:
-                    if not self.failures:
-                        raise  # the request does not fit the deployment the decision chose: say why
-                    # A fallback that cannot take this request (e.g. a parameter it does not support): skip it.
-                    self.failures.append((dep, Failure(ErrorClass.CLIENT, e.status, e.message)))
-                    continue
-            if not isinstance(result, Failure):
-                return result, dep
-            self.failures.append((dep, result))
-            extra = self._class_fallbacks(result.cls, dep, order)
-            if result.cls is ErrorClass.CONTEXT_WINDOW and dep.context_window:
-                # Deployments no larger than the one that overflowed would overflow too.
-                order[pos:] = [d for d in order[pos:] if not 0 < d.context_window <= dep.context_window]
-            order[pos:pos] = extra
-            overflow_only = result.cls is ErrorClass.CONTEXT_WINDOW and pos >= len(order)
-            if (not result.cls.retryable or overflow_only) and not extra:
-                raise self._client_error(result)
-        raise self._exhausted()
+        stop: Stop | None = None
+        try:
+            step = policy.next_attempt(state, None)
+            while isinstance(step, Try):
+                if step.wait > 0:
+                    await asyncio.sleep(step.wait)
+                dep = step.deployment
+                second = policy.hedge_target(state) if hedge_ms is not None and step.kind == "first" else None
+                if second is not None and hedge_ms is not None:
+                    result, dep = await self._race(dep, second, hedge_ms / 1000, policy, state)
+                    hedge_ms = None
+                else:
+                    try:
+                        result = await self.attempt(dep, step.kind)
+                    except ProxyError as e:
+                        if not state.failures:
+                            raise  # the request does not fit the deployment the decision chose: say why
+                        # A fallback that cannot take this request (e.g. a parameter it does not support): skip it.
+                        result = Failure(Outcome.CLIENT_ERROR, e.status, e.message, sent=False)
+                if not isinstance(result, Failure):
+                    return result, dep
+                step = policy.next_attempt(state, (dep, result))
+            stop = step
+            self.record.error_class = stop.error_class
+            if stop.poison:
+                names = ", ".join(d.name for d in state.called)
+                log.warning(
+                    "poison request %s: the same server error from %s; not retried, not counted against their health",
+                    self.record.request_id,
+                    names,
+                )
+            raise stop.error()
+        finally:
+            self._report_deferred(stop)
 
-    def _kind(self, dep: DeploymentInfo, attempts: int) -> str:
-        """An attempt's kind for the record: the first, a retry on the route's own deployments, or a fallback."""
-        if attempts <= 1:
-            return "first"
-        own = self.live.config.models[self.decision.route].deployments
-        return "retry" if dep.name in own else "fallback"
-
-    def _class_fallbacks(
-        self, cls: ErrorClass, failed: DeploymentInfo, order: list[DeploymentInfo]
-    ) -> list[DeploymentInfo]:
-        """Deployments of the models configured in `fallbacks_on` for this class of error."""
-        key = _FALLBACK_KEYS.get(cls)
-        model = self.live.config.models[self.decision.route]
-        if key is None or key not in model.fallbacks_on:
-            return []
-        table = self.live.deployments
-        out = []
-        for name in model.fallbacks_on[key]:
-            for dep_name in self.live.config.models[name].deployments:
-                d = table[self.live.index_of[dep_name]]
-                if d in order or d in out or self.router.health(d.index)["circuit"] == "open":
-                    continue
-                if cls is ErrorClass.CONTEXT_WINDOW and 0 < d.context_window <= failed.context_window:
-                    continue
-                out.append(d)
-        return out
+    def _report_deferred(self, stop: Stop | None) -> None:
+        """Sends the held health reports: the poison request's failures as the request's
+        fault (not the deployments'), every other one as the server error it was."""
+        if not self.deferred:
+            return
+        poison = None
+        if stop is not None and stop.poison:
+            poison = signature(self.deferred[-1][2])
+        for index, latency, f in self.deferred:
+            fault = Outcome.CLIENT_ERROR if poison is not None and signature(f) == poison else f.outcome
+            self.router.report(index, fault.value, latency)
+        self.deferred.clear()
 
     async def _race(
-        self, first: DeploymentInfo, second: DeploymentInfo, delay: float
-    ) -> tuple[Answer | Failure, DeploymentInfo, int]:
+        self, first: DeploymentInfo, second: DeploymentInfo, delay: float, policy: FailoverPolicy, state: FailoverState
+    ) -> tuple[Answer | Failure, DeploymentInfo]:
         """Runs `first`; if it has not answered after `delay`, hedges to `second`. One wins.
 
         Whatever way this ends (a winner, both failed, the client gone), every attempt
         still running is cancelled and awaited here, so its cost is settled before the
-        request is recorded.
+        request is recorded. When both fail, the first to fail is noted with the policy
+        and the last is returned for the loop to ask about.
         """
         t1 = asyncio.ensure_future(self.attempt(first, "first"))
         tasks = {t1: first}
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
             if done or not self.router.try_hedge(self.decision.route):
-                return await t1, first, 1
+                return await t1, first
             self.hedged = True
+            policy.hedged(state)
             t2 = asyncio.ensure_future(self.attempt(second, "hedge"))
             tasks[t2] = second
             pending = {t1, t2}
-            last: tuple[Answer | Failure, DeploymentInfo] | None = None
+            failed: list[tuple[DeploymentInfo, Failure]] = []
             winner: tuple[Answer, DeploymentInfo] | None = None
             while pending and winner is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -138,10 +169,9 @@ class Call(Attempts):
                     except ProxyError as e:
                         if t is t1:
                             raise  # the request does not fit the primary: as without a hedge
-                        res = Failure(ErrorClass.CLIENT, e.status, e.message)  # the hedge cannot take it
+                        res = Failure(Outcome.CLIENT_ERROR, e.status, e.message, sent=False)  # the hedge cannot take it
                     if isinstance(res, Failure):
-                        self.failures.append((tasks[t], res))
-                        last = (res, tasks[t])
+                        failed.append((tasks[t], res))
                     elif winner is None:
                         winner = (res, tasks[t])
                     else:
@@ -149,17 +179,17 @@ class Call(Attempts):
             if winner is not None:
                 if winner[1] is second:
                     self.record.outcome = "hedge_won"
-                return winner[0], winner[1], 2
+                return winner
         finally:
             running = [t for t in tasks if not t.done()]
             for t in running:
                 t.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-        assert last is not None
-        # Both failed: the caller records the last failure; the first is already in self.failures.
-        self.failures.pop()
-        return last[0], last[1], 2
+        for dep, f in failed[:-1]:
+            policy.note(state, dep, f)
+        last_dep, last = failed[-1]
+        return last, last_dep
 
     def _discard(self, answer: Answer, dep: DeploymentInfo) -> None:
         """Drops an answer that lost a tie; a stream's prompt is likely billed already."""
@@ -168,44 +198,3 @@ class Call(Attempts):
             if answer.rec is not None:
                 answer.rec.outcome = "cancelled"
                 self.settle_attempt(answer.rec, dep, None)
-
-    def _backoff(self, rounds: int) -> float | None:
-        cfg = self.live.config.retry
-        waits = [f.retry_after_s for _, f in self.failures[-len(self.decision.order) :] if f.retry_after_s is not None]
-        if waits:
-            wait = min(waits)
-            return None if wait > cfg.max_retry_after_s else wait
-        cap = min(cfg.max_ms, cfg.base_ms * (2**rounds)) / 1000
-        return random.uniform(0, cap)
-
-    def _client_error(self, f: Failure) -> ProxyError:
-        self.record.error_class = f.cls.value
-        status = f.status or 400
-        return ProxyError(status, f.message, code="upstream_client_error" if status != 404 else "model_not_found")
-
-    def _exhausted(self) -> ProxyError:
-        details = [
-            {"deployment": d.name, "status": f.status, "error": f.cls.value, "message": f.message}
-            for d, f in self.failures
-        ]
-        classes = {f.cls for _, f in self.failures}
-        if self.failures:
-            self.record.error_class = self.failures[-1][1].cls.value
-        if classes and classes <= {ErrorClass.TIMEOUT}:
-            status, code = 504, "upstream_timeout"
-        elif classes and classes <= {ErrorClass.RATE_LIMIT}:
-            status, code = 429, "upstream_rate_limited"
-        elif not classes:
-            status, code = 503, "no_deployment_available"
-        else:
-            status, code = 502, "upstream_failed"
-        tried = ", ".join(sorted({d.name for d, _ in self.failures})) or "none"
-        waits = [f.retry_after_s for _, f in self.failures if f.retry_after_s is not None]
-        hdrs = {"Retry-After": str(max(1, int(min(waits) + 0.999)))} if waits and status == 429 else {}
-        return ProxyError(
-            status,
-            f"All deployments for model '{self.decision.model}' failed (tried: {tried}).",
-            code=code,
-            headers=hdrs,
-            details=details,
-        )

@@ -17,6 +17,7 @@ from aiohttp import web
 from edgeroute import sse
 from edgeroute.accounting import Usage, estimate_stream_usage
 from edgeroute.dispatch.attempt import Attempts, StreamAnswer
+from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
 
 log = logging.getLogger("edgeroute.dispatch")
@@ -55,6 +56,8 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     failure: tuple[str, str] | None = None
     upstream_broke = False
+    server = request.app[STATE]
+    timer: asyncio.Timeout | None = None
     out = web.StreamResponse(status=200, headers=response_headers)
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
@@ -79,7 +82,9 @@ async def relay_stream(
             slack = idle_timeout / 10
             armed = loop.time()
             transport = request.transport
-            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline)) as idle:
+            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
+                timer = idle
+                server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed:
                     chunk = await answer.resp.readany()
                     if not chunk:
@@ -98,7 +103,7 @@ async def relay_stream(
                             transport is not None
                             and transport.get_write_buffer_size() + len(chunk) > _SLOW_CLIENT_BYTES
                         ):
-                            idle.reschedule(call.deadline)
+                            idle.reschedule(min(call.deadline, server.drain_at))
                             armed = -math.inf
                         await send(chunk)
                         tail = (tail + chunk)[-TAIL_BYTES:]
@@ -107,9 +112,11 @@ async def relay_stream(
                     now = loop.time()
                     if now - armed > slack:
                         armed = now
-                        idle.reschedule(min(now + idle_timeout + slack, call.deadline))
+                        idle.reschedule(min(now + idle_timeout + slack, call.deadline, server.drain_at))
         except TimeoutError:
-            if loop.time() >= call.deadline:
+            if loop.time() >= server.drain_at:
+                failure = ("The server is shutting down; the answer is incomplete.", "server_shutdown")
+            elif loop.time() >= call.deadline:
                 failure = (
                     "The answer took longer than the request's total timeout; it is incomplete.",
                     "stream_timeout",
@@ -138,6 +145,8 @@ async def relay_stream(
             call.record.error_class = failure[1]
         await out.write_eof()
     finally:
+        if timer is not None:
+            server.streams.discard(timer)
         if completed and failure is None:
             answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
         else:

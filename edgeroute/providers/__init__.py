@@ -8,10 +8,10 @@ the upstream's bytes reach the client unchanged.
 
 from __future__ import annotations
 
-from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.openai import OpenAIAdapter
 
-__all__ = ["Adapter", "ErrorClass", "OpenAIAdapter", "UpstreamRequest", "adapter_for"]
+__all__ = ["Adapter", "OpenAIAdapter", "UpstreamRequest", "adapter_for"]
 
 
 def adapter_for(kind: str) -> type[Adapter]:

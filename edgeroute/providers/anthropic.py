@@ -19,8 +19,9 @@ from typing import Any
 
 import orjson
 
+from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
-from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+from edgeroute.providers.base import Adapter, UpstreamRequest
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -198,14 +199,14 @@ class AnthropicAdapter(Adapter):
             headers["Accept"] = "text/event-stream"
         return UpstreamRequest(self._url(), headers, orjson.dumps(out))
 
-    def classify(self, status: int, body: bytes) -> ErrorClass:
+    def classify(self, status: int, body: bytes) -> Outcome:
         low = body[:2048].lower()
         if status == 529 or b"overloaded_error" in low:
-            return ErrorClass.RATE_LIMIT
+            return Outcome.RATE_LIMITED
         if status == 400 and (b"prompt is too long" in low or b"context window" in low):
-            return ErrorClass.CONTEXT_WINDOW
+            return Outcome.CONTEXT_WINDOW
         if status == 413:
-            return ErrorClass.CLIENT
+            return Outcome.CLIENT_ERROR
         return super().classify(status, body)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:

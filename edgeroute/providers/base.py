@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import orjson
 from yarl import URL
 
+from edgeroute.outcome import Outcome
+
 if TYPE_CHECKING:
     from edgeroute.config import Provider
     from edgeroute.secrets import Secret
-
-
-class ErrorClass(enum.Enum):
-    """What an upstream failure means for routing."""
-
-    RATE_LIMIT = "rate_limited"  # 429 and overload answers: retry elsewhere, cool down
-    SERVER = "server_error"  # 5xx, malformed answers: retry elsewhere
-    TIMEOUT = "timeout"
-    CONNECT = "connect_error"
-    CONTEXT_WINDOW = "context_window"  # prompt too long for this model: larger model
-    CONTENT_POLICY = "content_policy"
-    CLIENT = "client_error"  # the request itself is wrong: return it, do not retry
-    # 401 / 403: the provider refused *our* credentials for this deployment. Not the
-    # client's fault (its key was checked by edgeroute): fail over, and never pass the
-    # provider's text on (it can quote part of the key).
-    AUTH = "auth_error"
-
-    @property
-    def retryable(self) -> bool:
-        return self not in (ErrorClass.CLIENT, ErrorClass.CONTENT_POLICY)
 
 
 class StreamTranslator(Protocol):
@@ -69,22 +50,22 @@ class Adapter:
         """The upstream request for an OpenAI-format `body` whose model is already `model`."""
         raise NotImplementedError
 
-    def classify(self, status: int, body: bytes) -> ErrorClass:
+    def classify(self, status: int, body: bytes) -> Outcome:
         """The routing meaning of a non-2xx answer."""
         if status in (408,):
-            return ErrorClass.TIMEOUT
+            return Outcome.TIMEOUT
         if status == 429:
-            return ErrorClass.RATE_LIMIT
+            return Outcome.RATE_LIMITED
         if status in (401, 403):
-            return ErrorClass.AUTH
+            return Outcome.AUTH_ERROR
         if status >= 500:
-            return ErrorClass.SERVER
+            return Outcome.SERVER_ERROR
         low = body[:2048].lower()
         if b"context_length_exceeded" in low or b"maximum context length" in low:
-            return ErrorClass.CONTEXT_WINDOW
+            return Outcome.CONTEXT_WINDOW
         if b"content_policy" in low or b"content_filter" in low:
-            return ErrorClass.CONTENT_POLICY
-        return ErrorClass.CLIENT
+            return Outcome.CONTENT_POLICY
+        return Outcome.CLIENT_ERROR
 
     def error_message(self, status: int, body: bytes) -> str:
         """A client-safe message for a non-2xx answer (`error.message` in most providers' bodies)."""

@@ -29,8 +29,9 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 
 from edgeroute import secrets
 from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
-from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+from edgeroute.providers.base import Adapter, UpstreamRequest
 
 _SUPPORTED = oa.COMMON_PARAMS
 
@@ -54,14 +55,14 @@ _IMAGE_FORMATS = {
 
 # AWS error types (x-amzn-ErrorType, exception events) → the routing meaning.
 _ERROR_CLASS = {
-    "ThrottlingException": ErrorClass.RATE_LIMIT,
-    "ServiceQuotaExceededException": ErrorClass.RATE_LIMIT,
-    "ModelNotReadyException": ErrorClass.RATE_LIMIT,
-    "ServiceUnavailableException": ErrorClass.SERVER,
-    "InternalServerException": ErrorClass.SERVER,
-    "ModelErrorException": ErrorClass.SERVER,
-    "ModelStreamErrorException": ErrorClass.SERVER,
-    "ModelTimeoutException": ErrorClass.TIMEOUT,
+    "ThrottlingException": Outcome.RATE_LIMITED,
+    "ServiceQuotaExceededException": Outcome.RATE_LIMITED,
+    "ModelNotReadyException": Outcome.RATE_LIMITED,
+    "ServiceUnavailableException": Outcome.SERVER_ERROR,
+    "InternalServerException": Outcome.SERVER_ERROR,
+    "ModelErrorException": Outcome.SERVER_ERROR,
+    "ModelStreamErrorException": Outcome.SERVER_ERROR,
+    "ModelTimeoutException": Outcome.TIMEOUT,
 }
 
 
@@ -241,17 +242,17 @@ class BedrockAdapter(Adapter):
             return None
         return {"tools": tools, **({"toolChoice": choice} if choice else {})}
 
-    def classify(self, status: int, body: bytes) -> ErrorClass:
+    def classify(self, status: int, body: bytes) -> Outcome:
         low = body[:2048].lower()
         for name, cls in _ERROR_CLASS.items():
             if name.lower().encode() in low:
                 return cls
         if status == 400 and (b"too long" in low or b"too many input tokens" in low or b"context window" in low):
-            return ErrorClass.CONTEXT_WINDOW
+            return Outcome.CONTEXT_WINDOW
         if status == 400 and b"service quota" in low:
-            return ErrorClass.RATE_LIMIT
+            return Outcome.RATE_LIMITED
         if status == 424:
-            return ErrorClass.SERVER
+            return Outcome.SERVER_ERROR
         return super().classify(status, body)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from typing import Any
 
 import orjson
 
+from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
-from edgeroute.providers.base import Adapter, ErrorClass, UpstreamRequest
+from edgeroute.providers.base import Adapter, UpstreamRequest
 
 _SUPPORTED = oa.COMMON_PARAMS | {"frequency_penalty", "presence_penalty", "seed"}
 
@@ -41,11 +42,11 @@ _FILTERED = frozenset(
 
 # Google's canonical error status → the routing meaning of the failure.
 _STATUS_CLASS = {
-    "RESOURCE_EXHAUSTED": ErrorClass.RATE_LIMIT,
-    "UNAVAILABLE": ErrorClass.SERVER,
-    "INTERNAL": ErrorClass.SERVER,
-    "UNKNOWN": ErrorClass.SERVER,
-    "DEADLINE_EXCEEDED": ErrorClass.TIMEOUT,
+    "RESOURCE_EXHAUSTED": Outcome.RATE_LIMITED,
+    "UNAVAILABLE": Outcome.SERVER_ERROR,
+    "INTERNAL": Outcome.SERVER_ERROR,
+    "UNKNOWN": Outcome.SERVER_ERROR,
+    "DEADLINE_EXCEEDED": Outcome.TIMEOUT,
 }
 
 
@@ -183,7 +184,7 @@ class GeminiAdapter(Adapter):
         url = f"{self.provider.base_url}/models/{model}{method}"
         return UpstreamRequest(url, headers, orjson.dumps(out))
 
-    def classify(self, status: int, body: bytes) -> ErrorClass:
+    def classify(self, status: int, body: bytes) -> Outcome:
         try:
             err = orjson.loads(body).get("error") or {}
         except (orjson.JSONDecodeError, AttributeError):
@@ -193,7 +194,7 @@ class GeminiAdapter(Adapter):
             return cls
         low = body[:2048].lower()
         if status == 400 and (b"exceeds the maximum number of tokens" in low or b"input token count" in low):
-            return ErrorClass.CONTEXT_WINDOW
+            return Outcome.CONTEXT_WINDOW
         return super().classify(status, body)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,289 @@
+"""The failover policy: after each attempt, what the request does next.
+
+The loop in `failover` is the mechanism: it makes attempts and asks. This module is
+the policy (tower's `retry::Policy` is the model): given what has happened so far it
+answers `Try(deployment, wait)` or `Stop(status, reason)`. It owns everything the
+loop must not decide by itself:
+
+- the plan: the decision's order, plus the deployments of `fallbacks_on` models for
+  the outcome that just happened, restricted to what the decision's rule allows
+  (its deployments, required and excluded tags: residency holds on fallbacks too);
+- pruning: after a context-window overflow, no deployment as small is tried;
+- budgets: at most `max_attempts`; a deployment not yet called whose circuit is not
+  open is tried freely, and only going back to one (or to an ejected one) takes from
+  the shared retry budget, so the budget damps retry storms without ever refusing
+  a healthy second choice;
+- backoff between rounds (full jitter, or the upstream's `Retry-After`);
+- poison requests: the same server error from two deployments that are serving
+  other requests is the request's fault: stop, and it does not count against them;
+- the final status and error the client gets.
+
+No I/O and no clock of its own: health, the retry budget, the time left and the
+deployments' recent successes are given as callables, so tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeroute.dispatch.attempt import Failure
+from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome, fallback_keys
+from edgeroute.upstream import DeploymentInfo
+
+_VOLATILE = re.compile(r"[0-9a-f]{8,}(?:-[0-9a-f]{4,})*|\d+")  # ids, counters, timestamps in messages
+
+
+_RNG = random.Random()
+
+
+@dataclass(frozen=True, slots=True)
+class Try:
+    """Call `deployment` after `wait` seconds."""
+
+    deployment: DeploymentInfo
+    wait: float = 0.0
+    kind: str = "first"  # first | retry (the route's own deployments) | fallback (another model's)
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Answer the client with this error; no further attempt."""
+
+    status: int
+    reason: str
+    code: str
+    error_class: str  # an Outcome value, or "poison"
+    headers: dict[str, str] = field(default_factory=dict)
+    details: list[dict[str, Any]] | None = None
+
+    @property
+    def poison(self) -> bool:
+        return self.error_class == "poison"
+
+    def error(self) -> ProxyError:
+        return ProxyError(self.status, self.reason, code=self.code, headers=dict(self.headers), details=self.details)
+
+
+@dataclass(slots=True)
+class FailoverState:
+    """One request's progress; changed only by the policy."""
+
+    plan: list[DeploymentInfo]  # what to try, in order (the policy inserts fallbacks and prunes)
+    pos: int = 0  # the next entry of `plan`
+    rounds: int = 0  # times the whole plan was gone through
+    attempts: int = 0  # attempts started, hedges included
+    failures: list[tuple[DeploymentInfo, Failure]] = field(default_factory=list)
+    called: list[DeploymentInfo] = field(default_factory=list)  # deployments actually sent the request
+    budget_refused: bool = False
+
+
+@dataclass(slots=True)
+class Settings:
+    max_attempts: int
+    backoff_base_ms: float
+    backoff_max_ms: float
+    max_retry_after_s: float
+
+
+class FailoverPolicy:
+    """Answers the loop's questions for one request (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: str,
+        own: Sequence[str],
+        settings: Settings,
+        *,
+        fallbacks_on: Callable[[str], Sequence[DeploymentInfo] | None],
+        allowed: Callable[[DeploymentInfo], bool],
+        is_open: Callable[[int], bool],
+        try_retry: Callable[[], bool],
+        remaining: Callable[[], float],
+        serving: Callable[[int], bool],
+        rng: random.Random | None = None,
+    ) -> None:
+        self.model = model  # as the client named it, for messages
+        self.own = own  # the route's own deployment names (attempts on others are fallbacks)
+        self.settings = settings
+        self._fallbacks_on = fallbacks_on  # a `fallbacks_on` key -> its models' deployments
+        self._allowed = allowed  # what the decision's rule permits
+        self._is_open = is_open
+        self._try_retry = try_retry
+        self._remaining = remaining
+        self._serving = serving  # whether a deployment answered other requests lately
+        self._rng = rng or _RNG  # one per process: seeding a new one costs ~50 µs
+
+    def start(self, order: Sequence[DeploymentInfo]) -> FailoverState:
+        return FailoverState(plan=list(order))
+
+    def next_attempt(self, state: FailoverState, failed: tuple[DeploymentInfo, Failure] | None) -> Try | Stop:
+        """The next step after `failed` (None before the first attempt)."""
+        if failed is not None:
+            stop = self._learn(state, *failed)
+            if stop is not None:
+                return stop
+        return self._choose(state)
+
+    def note(self, state: FailoverState, dep: DeploymentInfo, failure: Failure) -> None:
+        """Records a failure the loop will not ask about (a hedge race's first loser)."""
+        state.failures.append((dep, failure))
+        if failure.sent and dep not in state.called:
+            state.called.append(dep)
+
+    def hedge_target(self, state: FailoverState) -> DeploymentInfo | None:
+        """Where a hedge for the first attempt would go, if one may be sent."""
+        if state.pos < len(state.plan) and state.attempts < self.settings.max_attempts:
+            return state.plan[state.pos]
+        return None
+
+    def hedged(self, state: FailoverState) -> None:
+        """The hedge to `hedge_target` was sent."""
+        state.pos += 1
+        state.attempts += 1
+
+    # -- after a failure ---------------------------------------------------------------
+
+    def _learn(self, state: FailoverState, dep: DeploymentInfo, f: Failure) -> Stop | None:
+        self.note(state, dep, f)
+        if not f.sent:
+            return None  # the deployment cannot take this request (e.g. a parameter): skip it
+        if self._is_poison(state, dep, f):
+            return self._poison(state, f)
+        extra = self._outcome_fallbacks(state, dep, f.outcome)
+        plan, pos = state.plan, state.pos
+        if f.outcome is Outcome.CONTEXT_WINDOW and dep.context_window:
+            # Deployments no larger than the one that overflowed would overflow too.
+            plan[pos:] = [d for d in plan[pos:] if not 0 < d.context_window <= dep.context_window]
+        plan[pos:pos] = extra
+        overflow_only = f.outcome is Outcome.CONTEXT_WINDOW and pos >= len(plan)
+        if (not f.outcome.retryable or overflow_only) and not extra:
+            return self._client_error(f)
+        return None
+
+    def _outcome_fallbacks(
+        self, state: FailoverState, failed: DeploymentInfo, outcome: Outcome
+    ) -> list[DeploymentInfo]:
+        """Deployments of the models `fallbacks_on` names for this outcome, that the rule allows."""
+        for key in fallback_keys(outcome):
+            deps = self._fallbacks_on(key)
+            if deps is None:
+                continue
+            out: list[DeploymentInfo] = []
+            for d in deps:
+                if d in state.plan or d in out or self._is_open(d.index) or not self._allowed(d):
+                    continue
+                if outcome is Outcome.CONTEXT_WINDOW and 0 < d.context_window <= failed.context_window:
+                    continue
+                out.append(d)
+            return out
+        return []
+
+    def _is_poison(self, state: FailoverState, dep: DeploymentInfo, f: Failure) -> bool:
+        if not f.maybe_the_requests:
+            return False
+        sig = signature(f)
+        return any(
+            d != dep and prev.maybe_the_requests and signature(prev) == sig for d, prev in state.failures[:-1]
+        ) and all(self._serving(d.index) for d in [dep, *(d for d, p in state.failures[:-1] if p.sent)])
+
+    def _poison(self, state: FailoverState, f: Failure) -> Stop:
+        names = ", ".join(d.name for d in state.called)
+        return Stop(
+            502,
+            f"The request failed with the same upstream error on {len(state.called)} deployments ({names}): "
+            f"HTTP {f.status}: {f.message}"[:800]
+            + " It was not retried further: the request itself appears to cause the error.",
+            "upstream_request_failed",
+            "poison",
+            details=self._details(state),
+        )
+
+    # -- choosing the next attempt -------------------------------------------------------
+
+    def _choose(self, state: FailoverState) -> Try | Stop:
+        wait = 0.0
+        while True:
+            if state.attempts >= self.settings.max_attempts or self._remaining() <= 0.001:
+                return self._exhausted(state)
+            if state.pos >= len(state.plan):
+                if not state.plan or state.budget_refused:
+                    return self._exhausted(state)
+                # Every deployment failed once: back off and go round again.
+                state.rounds += 1
+                backoff = self._backoff(state)
+                if backoff is None or backoff >= self._remaining():
+                    return self._exhausted(state)
+                wait = backoff
+                state.pos = 0
+            dep = state.plan[state.pos]
+            fresh = dep not in state.called and not self._is_open(dep.index)
+            if state.attempts > 0 and not fresh and not self._try_retry():
+                state.budget_refused = True
+                if state.rounds > 0:
+                    return self._exhausted(state)
+                state.pos += 1  # a deployment not yet called may still follow: the budget never stops that
+                continue
+            state.pos += 1
+            state.attempts += 1
+            if state.attempts == 1:
+                kind = "first"
+            else:
+                kind = "retry" if dep.name in self.own else "fallback"
+            return Try(dep, wait, kind)
+
+    def _backoff(self, state: FailoverState) -> float | None:
+        s = self.settings
+        recent = state.failures[-len(state.plan) :]
+        waits = [f.retry_after_s for _, f in recent if f.retry_after_s is not None]
+        if waits:
+            wait = min(waits)
+            return None if wait > s.max_retry_after_s else wait
+        cap = min(s.backoff_max_ms, s.backoff_base_ms * (2**state.rounds)) / 1000
+        return self._rng.uniform(0, cap)
+
+    # -- the final answer --------------------------------------------------------------
+
+    def _client_error(self, f: Failure) -> Stop:
+        status = f.status or 400
+        code = "upstream_client_error" if status != 404 else "model_not_found"
+        return Stop(status, f.message, code, f.outcome.value)
+
+    def _details(self, state: FailoverState) -> list[dict[str, Any]]:
+        return [
+            {"deployment": d.name, "status": f.status, "error": f.outcome.value, "message": f.message}
+            for d, f in state.failures
+        ]
+
+    def _exhausted(self, state: FailoverState) -> Stop:
+        sent = [f for _, f in state.failures if f.sent]
+        outcomes = {f.outcome for f in sent}
+        if outcomes and outcomes <= {Outcome.TIMEOUT}:
+            status, code = 504, "upstream_timeout"
+        elif outcomes and outcomes <= {Outcome.RATE_LIMITED}:
+            status, code = 429, "upstream_rate_limited"
+        elif not outcomes:
+            status, code = 503, "no_deployment_available"
+        else:
+            status, code = 502, "upstream_failed"
+        tried = ", ".join(sorted({d.name for d in state.called})) or "none"
+        why = "; the retry budget is exhausted" if state.budget_refused else ""
+        waits = [f.retry_after_s for f in sent if f.retry_after_s is not None]
+        hdrs = {"Retry-After": str(max(1, int(min(waits) + 0.999)))} if waits and status == 429 else {}
+        return Stop(
+            status,
+            f"All deployments for model '{self.model}' failed (tried: {tried}{why}).",
+            code,
+            state.failures[-1][1].outcome.value if state.failures else "no_deployment",
+            hdrs,
+            self._details(state),
+        )
+
+
+def signature(f: Failure) -> tuple[int | None, str]:
+    """What makes two failures "the same error": the status and the message without its ids and numbers."""
+    return f.status, _VOLATILE.sub("#", f.message.lower())
