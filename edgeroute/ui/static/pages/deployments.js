@@ -3,7 +3,7 @@
 
 import { api } from '../api.js';
 import { stateStrip, timeChart } from '../chart.js';
-import { h, clear, notice, panel, table } from '../dom.js';
+import { h, notice, panel, table } from '../dom.js';
 import * as f from '../fmt.js';
 import { load } from '../page.js';
 

@@ -3,7 +3,7 @@
 
 import { api } from '../api.js';
 import { barList, timeChart } from '../chart.js';
-import { h, clear, meter, notice, panel, table } from '../dom.js';
+import { h, meter, notice, panel, table } from '../dom.js';
 import * as f from '../fmt.js';
 import { load } from '../page.js';
 
@@ -41,7 +41,10 @@ export default {
           { label: 'Savings', key: 'savings_usd', num: true, format: f.usd },
         ], d.rows, { caption: 'Spend by ' + by, rowAttrs: (r) => ({ 'data-group': r[by] ?? '' }) }));
       });
-      load(budgets, ctx, ['GET /admin/budgets'], () => api('/admin/budgets'), (body, d) => {
+      // One request for both panels.
+      let budgetsOnce = null;
+      const fetchBudgets = () => (budgetsOnce ||= api('/admin/budgets'));
+      load(budgets, ctx, ['GET /admin/budgets'], fetchBudgets, (body, d) => {
         if (!d.budgets.length) body.append(notice('No budgets are configured.'));
         for (const b of d.budgets) {
           const frac = b.limit_usd ? b.spent_usd / b.limit_usd : 0;
@@ -56,16 +59,17 @@ export default {
               h('dt', {}, 'Period'), h('dd', {}, f.time(b.period_start) + ' → ' + f.time(b.period_end)))));
         }
       });
-      load(limits, ctx, ['GET /admin/budgets'], () => api('/admin/budgets'), (body, d) => {
+      load(limits, ctx, ['GET /admin/budgets'], fetchBudgets, (body, d) => {
         const rows = d.rate_limits || [];
         if (!rows.length) return body.append(notice('No rate limits are in use.'));
-        const head = (used, lim) => (lim ? Math.max(0, 1 - used / lim) : null);
+        // Each limit: used of the limit, the headroom left, and a meter of the use.
+        const cell = (used, lim, what) => (lim
+          ? h('div', {}, `${f.num(used)} / ${f.num(lim)} · ${f.pct(Math.max(0, 1 - used / lim))} free`, meter(used / lim, what + ' used'))
+          : '–');
         body.append(table([
           { label: 'Scope', key: 'scope' }, { label: 'Name', key: 'name' },
-          { label: 'Requests/min', value: (r) => (r.rpm_limit ? `${f.num(r.rpm_used)} / ${f.num(r.rpm_limit)}` : '–') },
-          { label: 'RPM headroom', value: (r) => head(r.rpm_used, r.rpm_limit), format: (v) => (v === null ? '–' : meter(1 - v, 'requests per minute used')) },
-          { label: 'Tokens/min', value: (r) => (r.tpm_limit ? `${f.num(r.tpm_used)} / ${f.num(r.tpm_limit)}` : '–') },
-          { label: 'TPM headroom', value: (r) => head(r.tpm_used, r.tpm_limit), format: (v) => (v === null ? '–' : meter(1 - v, 'tokens per minute used')) },
+          { label: 'Requests/min', value: (r) => r, format: (r) => cell(r.rpm_used, r.rpm_limit, 'requests per minute') },
+          { label: 'Tokens/min', value: (r) => r, format: (r) => cell(r.tpm_used, r.tpm_limit, 'tokens per minute') },
         ], rows, { caption: 'Rate-limit headroom', rowAttrs: () => ({ class: 'rate-limit' }) }));
       });
     };
