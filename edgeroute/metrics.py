@@ -10,23 +10,24 @@ when the request was refused before a decision), `deployment`, `team` (from the 
 keys), `status`, `outcome`, `kind`, `error_class` (edgeroute's own vocabulary). Never a
 request id, a user or any other string a client chooses.
 
-Multiple worker processes: with `PROMETHEUS_MULTIPROC_DIR` set before start-up,
-prometheus_client keeps the per-request families in per-process files, and `render`
-merges them with its `MultiProcessCollector`; the scrape-time gauges describe the
-process that answers the scrape.
+The per-request families are plain numbers per process, exposed through prometheus_client's
+families (`Metrics.collect`). Several worker processes would each hold their own; a scrape
+then needs them merged (prometheus_client's multiprocess mode does that for its own metric
+objects, which cost about four times as much per request here: see `Metrics`).
 """
 
 from __future__ import annotations
 
-import os
+import bisect
+import itertools
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
-from prometheus_client import multiprocess as prom_multiprocess
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edgeroute import redact
@@ -38,9 +39,6 @@ from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
 from edgeroute.state import RECORDER, STATE, Live
 
-# `_created` series would double the series count for a timestamp Prometheus does not use.
-disable_created_metrics()  # type: ignore[no-untyped-call]
-
 # Seconds. Requests and upstream calls run from milliseconds (cached, tiny) to minutes (long streams).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -51,129 +49,143 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 StateSource = Callable[[web.Application], Iterable[Metric]]
 
 
+class _Hist:
+    """Bucket counts (non-cumulative, the last one +Inf) and the sum of one labelled histogram."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * (n + 1)
+        self.sum = 0.0
+
+
+# name, help, label names, buckets (None: a counter; the exposition adds `_total`).
+_FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "requests": ("edgeroute_requests", "Client chat requests by route, status and outcome.",
+                 ("route", "status", "outcome"), None),
+    "request_errors": ("edgeroute_request_errors", "Failed client requests by route and error class.",
+                       ("route", "error_class"), None),
+    "duration": ("edgeroute_request_duration_seconds", "Client-visible request duration (to the last byte).",
+                 ("route",), LATENCY_BUCKETS),
+    "ttft": ("edgeroute_time_to_first_token_seconds", "Client-visible time to the first content of a stream.",
+             ("route",), TTFT_BUCKETS),
+    "attempts": ("edgeroute_attempts", "Upstream attempts by deployment, outcome and kind (first, retry, fallback, "
+                 "hedge).", ("deployment", "outcome", "kind"), None),
+    "upstream": ("edgeroute_upstream_duration_seconds", "Duration of answered upstream attempts (to the whole "
+                 "answer).", ("deployment",), LATENCY_BUCKETS),
+    "upstream_ttft": ("edgeroute_upstream_time_to_first_token_seconds", "Upstream time to the first content event "
+                      "of a stream.", ("deployment",), TTFT_BUCKETS),
+    "retries": ("edgeroute_retries", "Retries by route.", ("route",), None),
+    "fallbacks": ("edgeroute_fallbacks", "Attempts at another model's deployment.", ("route",), None),
+    "hedges": ("edgeroute_hedges", "Hedged attempts sent, by route.", ("route",), None),
+    "hedge_wins": ("edgeroute_hedge_wins", "Hedged attempts that answered first.", ("route",), None),
+    "tokens": ("edgeroute_tokens", "Tokens billed, by route, deployment, team and kind (prompt, completion, cached).",
+               ("route", "deployment", "team", "kind"), None),
+    "cost": ("edgeroute_cost_usd", "Spend in USD, by route, deployment and team (every attempt is costed).",
+             ("route", "deployment", "team"), None),
+    "budget_actions": ("edgeroute_budget_actions", "Requests a budget refused or downgraded.",
+                       ("budget", "action"), None),
+}  # fmt: skip
+
+
 class Metrics:
-    """The per-request families of one application, in its own registry (tests run many apps)."""
+    """The per-request families of one application.
+
+    Kept as plain dicts of numbers keyed by label values and turned into prometheus_client
+    families when scraped: updating prometheus_client's own metric objects (a label lookup,
+    a validity check and a lock per update) cost about four times as much per request.
+    """
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        r = self.registry
-        self.requests = Counter(
-            "edgeroute_requests", "Client chat requests by route, status and outcome.",
-            ["route", "status", "outcome"], registry=r,
-        )  # fmt: skip
-        self.request_errors = Counter(
-            "edgeroute_request_errors", "Failed client requests by route and error class.",
-            ["route", "error_class"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "edgeroute_request_duration_seconds", "Client-visible request duration (to the last byte).",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.ttft = Histogram(
-            "edgeroute_time_to_first_token_seconds", "Client-visible time to the first content of a stream.",
-            ["route"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.attempts = Counter(
-            "edgeroute_attempts", "Upstream attempts by deployment, outcome and kind (first, retry, fallback, hedge).",
-            ["deployment", "outcome", "kind"], registry=r,
-        )  # fmt: skip
-        self.upstream = Histogram(
-            "edgeroute_upstream_duration_seconds", "Duration of answered upstream attempts (to the whole answer).",
-            ["deployment"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.upstream_ttft = Histogram(
-            "edgeroute_upstream_time_to_first_token_seconds", "Upstream time to the first content event of a stream.",
-            ["deployment"], buckets=TTFT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.retries = Counter("edgeroute_retries", "Retries by route.", ["route"], registry=r)
-        self.fallbacks = Counter(
-            "edgeroute_fallbacks", "Attempts at another model's deployment.", ["route"], registry=r
-        )
-        self.hedges = Counter("edgeroute_hedges", "Hedged attempts sent, by route.", ["route"], registry=r)
-        self.hedge_wins = Counter("edgeroute_hedge_wins", "Hedged attempts that answered first.", ["route"], registry=r)
-        self.tokens = Counter(
-            "edgeroute_tokens", "Tokens billed, by route, deployment, team and kind (prompt, completion, cached).",
-            ["route", "deployment", "team", "kind"], registry=r,
-        )  # fmt: skip
-        self.cost = Counter(
-            "edgeroute_cost_usd", "Spend in USD, by route, deployment and team (every attempt is costed).",
-            ["route", "deployment", "team"], registry=r,
-        )  # fmt: skip
-        self.budget_actions = Counter(
-            "edgeroute_budget_actions", "Requests a budget refused or downgraded.", ["budget", "action"], registry=r
-        )
+        self.counters: dict[str, defaultdict[tuple[Any, ...], float]] = {
+            k: defaultdict(float) for k, f in _FAMILIES.items() if f[3] is None
+        }
+        self.histograms: dict[str, dict[tuple[str, ...], _Hist]] = {
+            k: {} for k, f in _FAMILIES.items() if f[3] is not None
+        }
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
         self.sources: list[StateSource] = [ledger_source, budget_source]
-        # Children by label values: `labels()` validates and locks on every call, this is one dict lookup.
-        self._children: dict[tuple[Any, ...], Any] = {}
 
-    def _c(self, metric: Any, *values: str) -> Any:
-        key = (id(metric), *values)
-        child = self._children.get(key)
-        if child is None:
-            # Label values are config names; a secret pasted into one must not be scraped.
-            child = self._children[key] = metric.labels(*map(redact.text, values))
-        return child
+    def _observe(self, family: str, key: tuple[str, ...], seconds: float) -> None:
+        h = self.histograms[family].get(key)
+        if h is None:
+            buckets = _FAMILIES[family][3]
+            assert buckets is not None
+            h = self.histograms[family][key] = _Hist(len(buckets))
+        h.counts[bisect.bisect_left(_FAMILIES[family][3], seconds)] += 1  # type: ignore[arg-type]
+        h.sum += seconds
 
     def observe(self, rec: RequestRecord) -> None:
         """Updates the per-request families from a finished request's record."""
-        c = self._c
+        c = self.counters
         route = rec.route
-        c(self.requests, route, str(rec.status), rec.outcome).inc()
+        c["requests"][(route, rec.status, rec.outcome)] += 1
         if rec.status != 200 and rec.error_class:
-            c(self.request_errors, route, rec.error_class).inc()
-        c(self.duration, route).observe(rec.latency_ms / 1000)
+            c["request_errors"][(route, rec.error_class)] += 1
+        self._observe("duration", (route,), rec.latency_ms / 1000)
         if rec.ttft_ms is not None:
-            c(self.ttft, route).observe(rec.ttft_ms / 1000)
+            self._observe("ttft", (route,), rec.ttft_ms / 1000)
         team = rec.team or ""
+        attempts, tokens, cost = c["attempts"], c["tokens"], c["cost"]
         for a in rec.attempts:
             dep = a.deployment
             kind = a.kind
-            c(self.attempts, dep, a.outcome, kind).inc()
+            attempts[(dep, a.outcome, kind)] += 1
             if kind == "retry":
-                c(self.retries, route).inc()
+                c["retries"][(route,)] += 1
             elif kind == "fallback":
-                c(self.fallbacks, route).inc()
+                c["fallbacks"][(route,)] += 1
             elif kind == "hedge":
-                c(self.hedges, route).inc()
+                c["hedges"][(route,)] += 1
                 if a.outcome == "success" and rec.deployment == dep and rec.outcome == "hedge_won":
-                    c(self.hedge_wins, route).inc()
+                    c["hedge_wins"][(route,)] += 1
             if a.outcome == "success":
-                c(self.upstream, dep).observe(a.latency_ms / 1000)
+                self._observe("upstream", (dep,), a.latency_ms / 1000)
                 if a.ttft_ms is not None:
-                    c(self.upstream_ttft, dep).observe(a.ttft_ms / 1000)
+                    self._observe("upstream_ttft", (dep,), a.ttft_ms / 1000)
             u = a.usage
             if u is not None:
-                c(self.tokens, route, dep, team, "prompt").inc(u.prompt_tokens)
-                c(self.tokens, route, dep, team, "completion").inc(u.completion_tokens)
+                tokens[(route, dep, team, "prompt")] += u.prompt_tokens
+                tokens[(route, dep, team, "completion")] += u.completion_tokens
                 if u.cached_tokens:
-                    c(self.tokens, route, dep, team, "cached").inc(u.cached_tokens)
+                    tokens[(route, dep, team, "cached")] += u.cached_tokens
             if a.cost_usd:
-                c(self.cost, route, dep, team).inc(a.cost_usd)
+                cost[(route, dep, team)] += a.cost_usd
         if rec.admission:
             action, _, budget = rec.admission.partition(":")
-            c(self.budget_actions, budget, action).inc()
+            c["budget_actions"][(budget, action)] += 1
+
+    def collect(self) -> Iterable[Metric]:
+        """The per-request families. Label values are config names (and edgeroute's own words);
+        they still go through the redaction layer: a secret pasted into a name must not be scraped."""
+        for key, (name, doc, labels, buckets) in _FAMILIES.items():
+            if buckets is None:
+                counter = CounterMetricFamily(name, doc, labels=list(labels))
+                for values, n in list(self.counters[key].items()):
+                    counter.add_metric([redact.text(str(v)) for v in values], n)
+                yield counter
+            else:
+                hist = HistogramMetricFamily(name, doc, labels=list(labels))
+                les = [*(repr(b) for b in buckets), "+Inf"]
+                for values, h in list(self.histograms[key].items()):
+                    cumulative: list[tuple[str, float]] = list(zip(les, itertools.accumulate(h.counts), strict=True))
+                    hist.add_metric([redact.text(v) for v in values], cumulative, h.sum)
+                yield hist
 
     def render(self, app: web.Application) -> bytes:
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry(auto_describe=False)
-            prom_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        else:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_Registered(self.registry))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collected(self))
         registry.register(StateCollector(app, self))
         return generate_latest(registry)
 
 
-class _Registered(Collector):
-    """Another registry's collectors, so that one scrape renders them beside the state."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+class _Collected(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        return self._registry.collect()
+        return self._metrics.collect()
 
 
 class StateCollector(Collector):
