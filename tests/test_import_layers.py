@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.telemetry.trace_context",
+            "edgeroute.outcome",
             "edgeroute.roles",
             "edgeroute.upstream_http",
             "edgeroute.mock",
