@@ -44,6 +44,7 @@ function list(main, ctx) {
     { label: 'Request', key: 'id', format: (v) => h('a', { href: ctx.link('requests', v) }, v) },
     { label: 'Model', key: 'model' },
     { label: 'Deployment', key: 'deployment' },
+    { label: 'Rule', key: 'rule' },
     { label: 'Status', key: 'status', format: statusBadge },
     { label: 'Error', key: 'error_class' },
     { label: 'Latency', key: 'latency_ms', num: true, format: f.ms },
