@@ -18,6 +18,7 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 bad = [n for n in names if n.startswith(("bench/", "edgeroute/learn/labels/"))]
 assert not bad, f"the wheel ships files it must not: {bad}"
 assert "edgeroute/_core.pyi" in names and "edgeroute/models/task.erlm" in names and "edgeroute/bench/gate.py" in names
+assert "edgeroute/ui/static/index.html" in names and "edgeroute/ui/static/pages/overview.js" in names  # the console
 print(f"wheel: {len(names)} files, no training data, no top-level bench")
 PY
 cat > edgeroute.yaml <<'YAML'
