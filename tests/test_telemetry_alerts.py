@@ -243,3 +243,37 @@ def test_alert_config_errors() -> None:
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.parse({**base, "alerts": {"rules": [{"name": "x", "kind": "nonsense"}]}}, "t.yaml")
     assert "alerts.rules[0].kind" in "\n".join(e.value.errors)
+
+
+async def test_poison_requests_alert(start_proxy, faulty: FaultUpstream) -> None:
+    """A request that makes two healthy deployments fail the same way is a poison request; the rule counts them."""
+    cfg: dict[str, Any] = {
+        "providers": {"f": {"base_url": faulty.url, "api_key": "key-f"}},
+        "deployments": {
+            name: {"provider": "f", "model": "gpt-4o-mini", "price": {"input_per_mtok": 1, "output_per_mtok": 2}}
+            for name in ("d-a", "d-b")
+        },
+        "models": {"m": {"deployments": ["d-a", "d-b"]}},
+        "alerts": {"interval_s": 1, "rules": [{"name": "poison", "kind": "poison_requests", "threshold": 0}]},
+    }
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        for _ in range(6):  # both deployments serve other requests
+            await client.chat.completions.create(model="m", messages=MSG)
+        faulty.set_mode("500", count=2)  # this request's two attempts both get the same 500
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.chat.completions.create(model="m", messages=MSG)
+        assert e.value.status_code == 502
+        assert proxy.recorder.records[-1].error_class == "poison"
+        async with aiohttp.ClientSession() as s:
+
+            async def fired() -> bool:
+                async with s.get(proxy.url + "/admin/alerts") as r:
+                    return any(a["rule"] == "poison" and a["value"] == 1 for a in (await r.json())["firing"])
+
+            await _until(fired, 10)
+        m = await scrape(proxy.url)
+        assert m.value("edgeroute_request_errors_total", route="m", error_class="poison") == 1
+    finally:
+        await client.close()
