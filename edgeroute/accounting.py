@@ -92,6 +92,15 @@ def _counted(prompt_tokens: int, parts: list[str], encoding: str) -> Usage:
 def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -> Usage:
     """Usage for a stream that carried none: the completion counted by the core's tokenizer
     from the streamed text (content, refusals and tool-call arguments)."""
+    return _counted(prompt_tokens, _stream_parts(sse_bytes), encoding)
+
+
+def stream_text(sse_bytes: bytes) -> str:
+    """What the model wrote in an OpenAI-format stream (content, refusals, tool calls), joined."""
+    return "".join(_stream_parts(sse_bytes))
+
+
+def _stream_parts(sse_bytes: bytes) -> list[str]:
     parts: list[str] = []
     for line in sse_bytes.split(b"\n"):
         if not line.startswith(b"data:"):
@@ -105,7 +114,7 @@ def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -
             continue
         for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
             _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
-    return _counted(prompt_tokens, parts, encoding)
+    return parts
 
 
 def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: str) -> Usage:

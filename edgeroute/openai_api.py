@@ -25,6 +25,7 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.learning import LEARNER
+from edgeroute.requestlog import content
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import tracing
@@ -168,6 +169,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             decision = decide(live, body, request)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
+        if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
+            rec.content_mode, rec.content_request = keep, body  # stored only where configured
         model = live.config.models[decision.route]
         cache = request.app[CACHE]
         plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
@@ -200,12 +203,15 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.status = 200
             if plan is not None:
                 cache.save_json(plan, answer.body, dep.name, cost)
+            if rec.content_mode != "none":
+                rec.content_response = answer.body
             shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body)
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.name, rec) if plan is not None and plan.stores else None
+        on_complete = content.keep_stream(rec, on_complete)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
     except ProxyError as e:
         rec.status = e.status

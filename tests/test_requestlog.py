@@ -270,6 +270,13 @@ def test_stats_match_known_answers(tmp_path: Path) -> None:
     assert [r["t"] for r in buckets["rows"]] == [int(t0) + 600 * i for i in range(6)]
     assert sum(r["requests"] for r in buckets["rows"]) == len(recs) == buckets["totals"]["requests"]
     assert _close(buckets["totals"]["p99_ms"], _nearest_rank([r.latency_ms for r in recs], 0.99))
+    # Windows with ragged ends (hourly rows inside, minute rows at the edges) and inside one hour.
+    for since, until in ((t0 - 1800, t0 + 5400), (t0 + 900, t0 + 2700), (t0 + 1230, t0 + 3600)):
+        got = query.stats(db, {"since": str(since), "until": str(until)})
+        lo, hi = since // 60 * 60, math.ceil(until / 60) * 60  # stats have one-minute resolution
+        mine = [r for r in recs if lo <= r.started < hi]
+        assert got["totals"]["requests"] == len(mine), (since - t0, until - t0)
+        assert got["totals"]["cost_usd"] == pytest.approx(sum(r.cost_usd for r in mine), abs=1e-7)
     # Outside the window: nothing.
     empty = query.stats(db, {"since": str(t0 - 7200), "until": str(t0 - 3600)})
     assert empty["rows"] == [] and empty["totals"]["requests"] == 0 and empty["totals"]["p50_ms"] is None
@@ -327,7 +334,7 @@ def test_a_batch_written_twice_is_written_once(tmp_path: Path) -> None:
     backend.write(batch)
     conn = sqlite3.connect(path)
     assert (_rows(conn, "spend"), _rows(conn, "requests")) == (50, 50)
-    assert conn.execute("SELECT SUM(requests) FROM request_rollup WHERE dim = 'none'").fetchone()[0] == 50
+    assert conn.execute("SELECT SUM(requests) FROM request_rollups WHERE dim = 'none' AND res = 1").fetchone()[0] == 50
     conn.close()
     ledger.close()
 
@@ -359,3 +366,72 @@ def test_postgres_request_log_idempotent_writes_and_stats() -> None:
     assert db.query("SELECT COUNT(*) FROM spend", []) == [(910,)]
     assert db.query("SELECT COUNT(*) FROM spend WHERE row_id LIKE ?", ["pg-%"]) == [(10,)]
     db.close()
+
+
+async def test_content_is_stored_only_where_configured_and_only_shown_to_admins(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    up = await start_upstream(reply_words=6)
+    keys = {
+        "admin": {"token": "tok-admin-123456", "role": "admin"},
+        "viewer": {"token": "tok-viewer-123456", "role": "viewer"},
+        "app": {"token": "tok-app-123456"},
+        "auditor": {"token": "tok-auditor-123456"},
+    }
+    models = {
+        "m": {"deployments": ["d-good"]},
+        "private": {"deployments": ["d-good"]},
+        "flaky": {"deployments": ["d-bad"], "fallbacks": ["m"]},
+    }
+    log = {"content_models": {"m": "redacted"}, "content_keys": {"auditor": "full"}}
+    cfg = _two_upstream_config(up.base_url, up.base_url, tmp_path / "log.db", keys=keys, request_log=log)
+    cfg["models"] = models
+    cfg["deployments"]["d-good"]["model"] = "gpt-4o-mini"
+    secret = "sk-proj-" + "Z" * 40
+    prompt = f"mail bob@example.com, card 4111 1111 1111 1111, my key {secret}"
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        app = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-app-123456", max_retries=0)
+        auditor = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-auditor-123456", max_retries=0)
+        msgs = [{"role": "user", "content": prompt}]
+        await app.chat.completions.create(model="m", messages=msgs)  # type: ignore[arg-type]
+        stream = await app.chat.completions.create(model="m", messages=msgs, stream=True)  # type: ignore[arg-type]
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await app.chat.completions.create(model="private", messages=msgs)  # type: ignore[arg-type]
+        await auditor.chat.completions.create(model="private", messages=msgs)  # type: ignore[arg-type]
+        admin = {"Authorization": "Bearer tok-admin-123456"}
+        deadline = time.monotonic() + 10
+        while True:
+            _, page = await _get(s, proxy.url + "/admin/requests", **admin)
+            if len(page["data"]) >= 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        newest_first = page["data"]
+        details = []
+        for d in reversed(newest_first):
+            status, one = await _get(s, proxy.url + f"/admin/requests/{d['id']}", **admin)
+            assert status == 200
+            details.append(one)
+        redacted, redacted_stream, private, full = details
+        for one in (redacted, redacted_stream):
+            c = one["content"]
+            assert c["mode"] == "redacted"
+            assert "[PII:email]" in c["request"] and "[PII:payment_card]" in c["request"]
+            assert "bob@example.com" not in c["request"] and secret not in c["request"]
+        # The answers too (the mock echoes the prompt): the JSON answer, or a stream's text once complete.
+        assert streamed.startswith("Hello") and "bob@example.com" in streamed
+        assert '"chat.completion"' in redacted["content"]["response"]
+        assert redacted_stream["content"]["response"].startswith(streamed.split("bob@")[0])
+        for one in (redacted, redacted_stream):
+            assert "[PII:email]" in one["content"]["response"] and "bob@" not in one["content"]["response"]
+        assert private["content"] is None  # private by default
+        assert "bob@example.com" in full["content"]["request"] and secret not in full["content"]["request"]
+        assert full["content"]["response"]
+        # A viewer sees that content exists, never the content.
+        status, seen = await _get(
+            s, proxy.url + f"/admin/requests/{full['id']}", Authorization="Bearer tok-viewer-123456"
+        )
+        assert status == 200 and seen["content"] is None and seen["content_withheld"] is True
+        await app.close()
+        await auditor.close()
+    raw = (tmp_path / "log.db").read_bytes()
+    assert secret.encode() not in raw and b"tok-app-123456" not in raw

@@ -67,9 +67,15 @@ def _run(a: argparse.Namespace) -> int:
 def _overhead(a: argparse.Namespace) -> int:
     rates = [float(x) for x in a.rates.split(",")]
     scenarios.overhead(
-        _c(a), rates, rules=a.rules, stream=a.stream, upstream_latency=a.upstream_latency, floor=a.floor,
+        _c(a),
+        rates,
+        rules=a.rules,
+        stream=a.stream,
+        upstream_latency=a.upstream_latency,
+        floor=a.floor,
         trace_ratio=a.trace_ratio,
-    )  # fmt: skip
+        request_log=a.request_log == "on",
+    )
     return 0
 
 
@@ -101,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
     o.add_argument("--trace-ratio", type=float, help="tracing on at this sampling ratio (spans sent to the mock)")
+    o.add_argument("--request-log", choices=("on", "off"), default="on", help="the request log (no content), as served")
     _common(o)
     o.set_defaults(fn=_overhead)
 

@@ -366,10 +366,14 @@ def overhead(
     upstream_latency: str = "0",
     floor: bool = False,
     trace_ratio: float | None = None,
+    request_log: bool = True,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
-    With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink."""
+    With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
+    The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
+    is False."""
     out: dict[str, Any] = {"scenario": "overhead", "rates": {}, "upstream_latency": upstream_latency}
+    out["request_log"] = request_log
     with Stack(c.pin) as stack:
         mock = stack.upstream("--latency", upstream_latency)
         url = f"http://127.0.0.1:{mock.port}/v1"
@@ -378,6 +382,8 @@ def overhead(
             sink = f"http://127.0.0.1:{mock.port}/v1/traces"
             cfg["tracing"] = {"enabled": True, "sample_ratio": trace_ratio, "endpoint": sink}
             out["trace_ratio"] = trace_ratio
+        if not request_log:
+            cfg["request_log"] = {"enabled": False}
         proxy, startup = stack.proxy(cfg)
         out["startup_s"] = round(startup, 3)
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)

@@ -563,7 +563,7 @@ class Ledger:
                 )  # fmt: skip
         request = None
         if self.request_log is not None:
-            request = requestlog_rows.row(r, baseline)
+            request = requestlog_rows.row(r, baseline, self.request_log.max_content_bytes)
         # The bytes were only needed for the row: do not keep a prompt alive any longer.
         r.content_request = r.content_response = None
         return _Pending(r, row, attempts, request, baseline)

@@ -1,8 +1,9 @@
 """A `RequestRecord` as a row of the `requests` table (built in the writer thread).
 
 Ids and numbers, the explanation (tags, reasons) and the attempt timeline go in as they
-are; an attempt's error text is not stored (it may quote an upstream's answer, credentials
-included): its outcome and status say what happened. Prompts and answers are not stored.
+are; an attempt's error text (which may quote an upstream's answer) goes through the
+redaction layer first, and is cut at 500 characters. Prompts and answers are stored only
+where `log_content` asks for them (`content.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 import orjson
 
+from edgeroute import redact
 from edgeroute.accounting import RequestRecord
+from edgeroute.requestlog import content
 
 COLUMNS = (
     "id", "correlation_id", "ts", "key_id", "team", "user_id", "model", "route", "rule", "policy", "task",
@@ -41,13 +44,13 @@ def attempt_timeline(rec: RequestRecord) -> list[dict[str, Any]]:
             "prompt_tokens": a.usage.prompt_tokens if a.usage is not None else 0,
             "completion_tokens": a.usage.completion_tokens if a.usage is not None else 0,
             "cost_usd": round(a.cost_usd, 10),
-            "error": None,
+            "error": None if a.error is None else redact.text(a.error[:500]),
         }
         for a in rec.attempts
     ]
 
 
-def row(rec: RequestRecord, baseline: float) -> tuple[Any, ...]:
+def row(rec: RequestRecord, baseline: float, max_content_bytes: int) -> tuple[Any, ...]:
     u = rec.usage
     provider = next((a.provider for a in reversed(rec.attempts) if a.deployment == rec.deployment), None)
     detail = {
@@ -59,11 +62,12 @@ def row(rec: RequestRecord, baseline: float) -> tuple[Any, ...]:
         "attempts": attempt_timeline(rec),
     }
     ttft = rec.ttft_ms
+    stored = content.stored(rec, max_content_bytes)
     return (
         rec.request_id, rec.correlation_id, rec.started, rec.key, rec.team, rec.user,
         rec.model, rec.route, rec.rule, rec.policy, rec.task, rec.difficulty, rec.variant, rec.deployment,
         provider, int(rec.stream), rec.status, rec.outcome, _error_class(rec), rec.latency_ms, ttft,
         rec.queue_ms, u.prompt_tokens if u else 0, u.completion_tokens if u else 0,
         int(u.estimated) if u else 0, rec.cost_usd, baseline, rec.cache, len(rec.attempts),
-        orjson.dumps(detail).decode(), None,
+        orjson.dumps(detail).decode(), None if stored is None else orjson.dumps(stored).decode(),
     )  # fmt: skip

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
+
+LogContent = Literal["none", "redacted", "full"]
 
 
 class RequestLog(BaseModel):
     """The request log lives in the ledger's database (SQLite by default, PostgreSQL), written in
-    the ledger's batches. It keeps ids and numbers: no prompt, no answer, no token or key."""
+    the ledger's batches. Prompts and answers are kept only where `log_content` says so: for
+    every request (`log_content`), or per public model (`content_models`) or key id
+    (`content_keys`); a key's setting wins over a model's, a model's over the default.
+    `redacted` replaces PII and credentials with typed markers; no token or provider key is
+    ever stored."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -15,3 +23,13 @@ class RequestLog(BaseModel):
     retention_days: float = Field(30.0, gt=0, le=3660)
     # SQLite only: past this size the oldest request records go first (the spend ledger stays).
     max_db_mb: float | None = Field(1024.0, gt=0)
+    log_content: LogContent = "none"
+    content_models: dict[str, LogContent] = {}
+    content_keys: dict[str, LogContent] = {}
+    # A prompt or answer longer than this is cut (and marked cut) in the log.
+    max_content_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+
+    def content_for(self, route: str, key: str | None) -> LogContent:
+        if key is not None and key in self.content_keys:
+            return self.content_keys[key]
+        return self.content_models.get(route, self.log_content)
