@@ -12,6 +12,7 @@ EXPLAIN = "x-edgeroute-explain"
 TAGS = "x-edgeroute-tags"
 HEDGED = "x-edgeroute-hedged"
 CACHE = "x-edgeroute-cache"  # hit | miss | stale | bypass, and the client's cache directive
+CACHE_SIMILARITY = "x-edgeroute-cache-similarity"  # a hit matched by meaning: how close
 
 # Hop-by-hop and client-identity headers that must never reach an upstream.
 NOT_FORWARDED = frozenset(

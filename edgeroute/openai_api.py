@@ -270,6 +270,8 @@ async def _cached_answer(
     hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
     hdrs[headers.CACHE] = plan.label
     hdrs["Age"] = str(int(entry.age()))
+    if plan.similarity is not None:
+        hdrs[headers.CACHE_SIMILARITY] = f"{plan.similarity:.3f}"
     if not decision.stream:
         hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"
         body = dialect.answer(entry.body) if dialect else entry.body

@@ -144,6 +144,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Every request will count tokens: load the tables (~50 ms, tens of MB) before
         # serving, not inside the first request. Otherwise they load on first need.
         await asyncio.to_thread(live.router.warm_up)
+    await app[CACHE].warm_up([m.cache for m in live.config.models.values() if m.cache is not None])
     windows = None
     if any(d.price.windows for d in live.config.deployments.values()):
 

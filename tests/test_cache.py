@@ -12,6 +12,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
 from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
@@ -311,3 +312,45 @@ async def test_bad_cache_header_on_a_route_without_cache_is_still_a_400(start_up
             assert r.status == 400 and body["error"]["param"] == "x-edgeroute-cache"
         async with s.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": MSG}) as r:
             assert r.status == 200 and "x-edgeroute-cache" not in r.headers
+
+
+async def test_semantic_mode_reuses_a_paraphrase_but_never_a_near_miss(start_upstream, start_proxy) -> None:
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(cached({"a": up}, mode="semantic"))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    system = {"role": "system", "content": "You are a support assistant."}
+
+    async def ask(text: str, sys: dict[str, str] = system) -> Any:
+        msgs: Any = [sys, {"role": "user", "content": text}]
+        return await client.chat.completions.with_raw_response.create(model="m", messages=msgs, temperature=0)
+
+    first = await ask("How do I reset my password?")
+    await asyncio.sleep(0.2)
+    para = await ask("How can I reset my password?")
+    assert para.headers["x-edgeroute-cache"] == "hit" and calls(up) == 1
+    assert 0.91 <= float(para.headers["x-edgeroute-cache-similarity"]) < 1
+    assert para.parse().choices[0].message.content == first.parse().choices[0].message.content
+    # Near misses: the opposite action, another number, a negation, another language; and the
+    # same question under another system prompt (everything but the last turn matches exactly).
+    for text in (
+        "How do I disable my password?",
+        "How do I reset my 2 passwords?",
+        "How do I not reset my password?",
+        "Wie kann ich mein Passwort zurücksetzen?",
+    ):
+        raw = await ask(text)
+        assert raw.headers["x-edgeroute-cache"] == "miss", text
+        await asyncio.sleep(0.1)
+    other_system = {"role": "system", "content": "You are a pirate."}
+    raw = await ask("How can I reset my password?", other_system)
+    assert raw.headers["x-edgeroute-cache"] == "miss"
+    assert calls(up) == 6
+    await client.close()
+
+
+async def test_semantic_config_is_checked(start_upstream) -> None:
+    up = await start_upstream()
+    cfg = cached({"a": up}, mode="semantic", similarity=1.5)
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.parse(cfg, "test.yaml")
+    assert "models.m.cache.similarity" in str(e.value)

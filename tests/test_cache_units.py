@@ -12,8 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeroute.cache import evaluate
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, replay_chunks
 from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.semantic import SemanticIndex, guards, split_last_user_turn
+from edgeroute.cache.settings import SEMANTIC_THRESHOLD
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -183,3 +186,66 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
     assert counters.errors == 2
     await down.close()
     await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "compatible"),
+    [
+        ("What is the capital of France?", "What's the capital city of France?", True),
+        ("What is 1,000 plus 5?", "What is 1000 plus 5?", True),
+        ("What is the capital of France?", "What is the capital of Spain?", False),
+        ("How long do I boil 2 eggs?", "How long do I boil 3 eggs?", False),
+        ("Is it safe to eat raw eggs?", "Isn't it safe to eat raw eggs?", False),
+        ("List foods with gluten.", "List foods without gluten.", False),
+        ("How do I enable two-factor login?", "How do I disable two-factor login?", False),
+        ("Why does my_list.append() fail?", "Why does my_list.extend() fail?", False),
+        ("Explain `git rebase -i`.", "Explain `git rebase --onto`.", False),
+        ("What is the capital of France?", "Quelle est la capitale de la France ?", False),
+        ("What is photosynthesis?", "光合作用是什么？", False),  # noqa: RUF001
+        ('Translate "good night" to Spanish.', 'Translate "good morning" to Spanish.', False),
+    ],
+)
+def test_guards_refuse_near_misses_and_keep_paraphrases(a: str, b: str, compatible: bool) -> None:
+    assert guards(a).compatible(guards(b)) is compatible
+
+
+def test_only_a_plain_text_last_user_turn_is_matched_by_meaning() -> None:
+    body = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hello"}], "seed": 1}
+    split = split_last_user_turn(body)
+    assert split is not None and split[0] == "hello"
+    assert split[1]["messages"][-1] == {"role": "user"} and split[1]["seed"] == 1
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert split_last_user_turn(parts) == ("a\nb", {"messages": [{"role": "user"}]})
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}
+    assert split_last_user_turn({"messages": [image]}) is None
+    assert split_last_user_turn({"messages": [{"role": "assistant", "content": "x"}]}) is None
+    assert split_last_user_turn({"messages": []}) is None
+
+
+def test_the_default_similarity_is_the_one_the_published_protocol_chooses() -> None:
+    """The README's semantic-cache figures come from `python -m edgeroute.cache.evaluate`;
+    the shipped default must be the threshold that protocol picks on its development half."""
+    rows = evaluate.score(evaluate.DEFAULT_PAIRS)
+    dev = [r for r in rows if evaluate.dev_half(r.id)]
+    test = [r for r in rows if not evaluate.dev_half(r.id)]
+    assert evaluate.choose(dev, use_guards=True) == SEMANTIC_THRESHOLD
+    f = evaluate.figures(test, SEMANTIC_THRESHOLD, use_guards=True)
+    assert f.precision is not None and f.precision >= 0.99 and f.hit_rate > 0.5
+    assert max(f.false_hits.values()) <= 0.01
+
+
+def test_the_semantic_index_is_bounded_and_filters_by_context_and_guards() -> None:
+    import numpy as np
+
+    index = SemanticIndex(max_entries=5)
+    g = guards("hello")
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((8, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for i, v in enumerate(vectors):
+        index.add(v, "ctx", g, f"k{i}")
+    assert len(index) == 5
+    assert [c.key for c in index.search(vectors[7], "ctx", g, 0.99)] == ["k7"]
+    assert index.search(vectors[0], "ctx", g, 0.99) == [], "the oldest went out first"
+    assert index.search(vectors[7], "other", g, 0.99) == []
+    assert index.search(vectors[7], "ctx", guards("hello 2"), 0.99) == []

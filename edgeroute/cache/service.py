@@ -15,14 +15,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream
 from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.semantic import Guards, SemanticIndex, builtin_embedder, context_hash, split_last_user_turn
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.errors import ProxyError
@@ -82,6 +84,13 @@ class Plan:
     cacheable: bool  # deterministic (or the route caches sampled answers too)
     label: Label = "miss"
     stale: Entry | None = None  # past its ttl but within stale-if-error: served only if every deployment fails
+    # Semantic mode: the last user turn and the hash of everything else; its embedding and
+    # guards once looked up (kept to index the answer); the similarity of a semantic hit.
+    turn: str | None = None
+    context: str | None = None
+    vector: Any = None
+    guards: Guards | None = None
+    similarity: float | None = None
 
     @property
     def stores(self) -> bool:
@@ -95,6 +104,8 @@ class ResponseCache:
         self.store = store
         self.counters = counters
         self._writes: set[asyncio.Task[None]] = set()
+        self._indexes: dict[str, SemanticIndex] = {}
+        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
 
     @classmethod
     def build(cls, backend: CacheStore, redis: tuple[str, str, int] | None) -> ResponseCache:
@@ -125,6 +136,8 @@ class ResponseCache:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
         plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable)
+        if settings.mode == "semantic" and (split := split_last_user_turn(obj)) is not None:
+            plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         if not cacheable or not directive.lookup:
             plan.label = "bypass"
             self.counters.bypass += 1
@@ -145,9 +158,29 @@ class ResponseCache:
             return entry
         if entry is not None and entry.age() <= plan.settings.ttl + plan.settings.stale_if_error:
             plan.stale = entry
+        if plan.turn is not None and (similar := await self._semantic_lookup(plan, allowed)) is not None:
+            return similar
         self.counters.misses += 1
         if plan.directive.only_if_cached:
             raise _not_cached()
+        return None
+
+    async def _semantic_lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
+        """The freshest allowed answer of a request whose last user turn means the same."""
+        assert plan.turn is not None and plan.context is not None
+        loop = asyncio.get_running_loop()
+        plan.vector, g = await loop.run_in_executor(self._embedding, builtin_embedder().analyze, plan.turn)
+        plan.guards = g
+        index = self._indexes.get(plan.route)
+        if index is None:
+            return None
+        for cand in index.search(plan.vector, plan.context, g, plan.settings.similarity):
+            entry = await self.store.get(plan.route, cand.key)
+            if entry is not None and entry.deployment in allowed and entry.age() <= plan.settings.ttl:
+                plan.label, plan.similarity = "hit", cand.similarity
+                self.counters.hits += 1
+                self.counters.semantic_hits += 1
+                return entry
         return None
 
     def serve_stale(self, plan: Plan) -> Entry | None:
@@ -175,16 +208,35 @@ class ResponseCache:
             self.counters.too_large += 1
             return
         self.counters.stores += 1
-        keep = plan.settings.ttl + plan.settings.stale_if_error
-        bounds = (plan.settings.max_entries, plan.settings.max_bytes)
-        task = asyncio.get_running_loop().create_task(self.store.put(plan.route, plan.key, entry, keep, bounds))
+        task = asyncio.get_running_loop().create_task(self._put(plan, entry))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+
+    async def _put(self, plan: Plan, entry: Entry) -> None:
+        if plan.turn is not None and plan.context is not None:
+            if plan.vector is None:  # not looked up (refresh, bypass): embed it now, off the loop
+                loop = asyncio.get_running_loop()
+                plan.vector, plan.guards = await loop.run_in_executor(
+                    self._embedding, builtin_embedder().analyze, plan.turn
+                )
+            index = self._indexes.get(plan.route)
+            if index is None:
+                index = self._indexes[plan.route] = SemanticIndex(plan.settings.max_entries)
+            assert plan.guards is not None
+            index.add(plan.vector, plan.context, plan.guards, plan.key)
+        keep = plan.settings.ttl + plan.settings.stale_if_error
+        await self.store.put(plan.route, plan.key, entry, keep, (plan.settings.max_entries, plan.settings.max_bytes))
+
+    async def warm_up(self, routes: Collection[RouteCache]) -> None:
+        """Loads the embedder before serving when a route matches by meaning (about a second)."""
+        if any(r.mode == "semantic" for r in routes):
+            await asyncio.get_running_loop().run_in_executor(self._embedding, builtin_embedder)
 
     async def close(self) -> None:
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
         await self.store.close()
+        self._embedding.shutdown(wait=False)
 
 
 def _not_cached() -> ProxyError:

@@ -24,6 +24,7 @@ log = logging.getLogger("edgeroute.cache")
 @dataclass(slots=True)
 class CacheCounters:
     hits: int = 0
+    semantic_hits: int = 0  # of the hits, those matched by meaning
     misses: int = 0
     stale: int = 0
     bypass: int = 0

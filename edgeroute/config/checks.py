@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 from collections.abc import Iterable
 
 from edgeroute import secrets
@@ -29,6 +30,11 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"deployments.{name}.provider", unknown("provider", d.provider, cfg.providers)))
     if cfg.cache.backend == "redis" and cfg.shared_state is None:
         problems.append(("cache.backend", "the redis backend needs shared_state.redis_url"))
+    semantic = [n for n, m in cfg.models.items() if m.cache is not None and m.cache.mode == "semantic"]
+    if semantic and not all(importlib.util.find_spec(p) for p in ("wordllama", "usearch")):
+        problems.append(
+            (f"models.{semantic[0]}.cache.mode", "semantic caching needs: pip install 'edgeroute[semantic]'")
+        )
     for name, m in cfg.models.items():
         choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
         if not m.deployments and not choosers:

@@ -1,0 +1,164 @@
+"""How precise semantic cache hits are, and how fast a lookup is.
+
+    python -m edgeroute.cache.evaluate [--pairs FILE] [--latency]
+
+The protocol is fixed before any figure is looked at. The pairs file holds prompts pairs
+labelled `paraphrase` (the same request, worded differently: a hit is right) or a kind of
+near miss (`number`, `entity`, `negation`, `language`, `code`: one detail differs, so a
+hit would serve a wrong answer). Pairs are split in two halves by a hash of their id. The
+threshold is chosen on the development half only: the lowest similarity at which the
+precision of hits (paraphrase hits / all hits) is at least 0.99. The figures reported are
+those of the test half at that threshold, beside two baselines: the embeddings alone (no
+guards) at their own chosen threshold, and exact matching (hit rate 0 on paraphrases).
+
+`--latency` times a lookup as the proxy does it (embed the last user turn and compute its
+guards, then search an index) for a 1,000-token prompt against 100,000 indexed entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from edgeroute.cache.semantic import SemanticIndex, builtin_embedder, guards
+
+DEFAULT_PAIRS = Path(__file__).resolve().parents[2] / "tests" / "data" / "semantic_cache_pairs.jsonl"
+TARGET_PRECISION = 0.99
+GRID = [round(0.50 + i * 0.01, 2) for i in range(50)]
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    id: str
+    kind: str
+    similarity: float
+    guards_pass: bool
+
+    @property
+    def paraphrase(self) -> bool:
+        return self.kind == "paraphrase"
+
+    def hit(self, threshold: float, use_guards: bool) -> bool:
+        return self.similarity >= threshold and (self.guards_pass or not use_guards)
+
+
+def dev_half(pair_id: str) -> bool:
+    return hashlib.blake2b(pair_id.encode(), digest_size=1).digest()[0] % 2 == 0
+
+
+def score(path: Path) -> list[Scored]:
+    embedder = builtin_embedder()
+    out = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        p = orjson.loads(line)
+        (va, ga), (vb, gb) = embedder.analyze(p["a"]), embedder.analyze(p["b"])
+        out.append(Scored(p["id"], p["kind"], float(va @ vb), ga.compatible(gb)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    precision: float | None  # None: no hits at all
+    hit_rate: float  # share of paraphrase pairs that hit
+    false_hits: dict[str, float]  # per near-miss kind: share that hit
+
+
+def figures(rows: list[Scored], threshold: float, use_guards: bool) -> Figures:
+    para = [r for r in rows if r.paraphrase]
+    near = [r for r in rows if not r.paraphrase]
+    good = sum(r.hit(threshold, use_guards) for r in para)
+    bad = sum(r.hit(threshold, use_guards) for r in near)
+    kinds = sorted({r.kind for r in near})
+    false_hits = {
+        k: sum(r.hit(threshold, use_guards) for r in near if r.kind == k) / max(1, sum(r.kind == k for r in near))
+        for k in kinds
+    }
+    return Figures(good / (good + bad) if good + bad else None, good / max(1, len(para)), false_hits)
+
+
+def choose(rows: list[Scored], use_guards: bool) -> float:
+    """The lowest threshold on the grid whose precision on `rows` reaches the target."""
+    for t in GRID:
+        f = figures(rows, t, use_guards)
+        if f.precision is not None and f.precision >= TARGET_PRECISION:
+            return t
+    return 1.0
+
+
+def report(path: Path) -> None:
+    rows = score(path)
+    dev = [r for r in rows if dev_half(r.id)]
+    test = [r for r in rows if not dev_half(r.id)]
+    n_para = sum(r.paraphrase for r in test)
+    print(f"pairs: {len(rows)} ({len(dev)} development, {len(test)} test; test: {n_para} paraphrases, "
+          f"{len(test) - n_para} near misses)")  # fmt: skip
+    print("\ncurve on the development half (with guards | embeddings alone):")
+    print("  threshold  precision  hit rate  |  precision  hit rate")
+    for t in [*GRID[::5], 0.9, 0.92, 0.95]:
+        a, b = figures(dev, t, True), figures(dev, t, False)
+        print(f"  {t:9.2f}  {_p(a.precision):>9}  {a.hit_rate:8.2f}  |  {_p(b.precision):>9}  {b.hit_rate:8.2f}")
+    print("\non the test half, each at the threshold chosen on the development half "
+          f"(lowest with precision >= {TARGET_PRECISION}):")  # fmt: skip
+    for name, use_guards in (("embeddings + guards (edgeroute)", True), ("embeddings alone", False)):
+        t = choose(dev, use_guards)
+        f = figures(test, t, use_guards)
+        kinds = ", ".join(f"{k} {v:.2f}" for k, v in f.false_hits.items())
+        print(f"  {name:32} threshold {t:.2f}: precision {_p(f.precision)}, paraphrase hit rate {f.hit_rate:.2f}; "
+              f"false hits by kind: {kinds}")  # fmt: skip
+    print("  exact match (baseline)           precision 1.00, paraphrase hit rate 0.00")
+
+
+def _p(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def latency(entries: int = 100_000, runs: int = 1000) -> None:
+    import numpy as np
+
+    embedder = builtin_embedder()
+    rng = np.random.default_rng(7)
+    index = SemanticIndex(entries)
+    # Stored prompts cluster by topic: vectors around 500 centres, not uniform noise (on which
+    # any nearest-neighbour graph is at its slowest and least like real traffic).
+    centres = rng.standard_normal((500, 256)).astype(np.float32)
+    vectors = centres[rng.integers(0, 500, entries)] + 0.6 * rng.standard_normal((entries, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    g = guards("filler")
+    t0 = time.perf_counter()
+    index.add_many(vectors, "ctx", g, [f"k{i}" for i in range(entries)])
+    built = time.perf_counter() - t0
+    words = ("the quarterly report shows revenue growth across regions while costs in logistics rose "
+             "because of fuel prices and the team proposes three measures to restore margins").split()  # fmt: skip
+    text = " ".join(words[i % len(words)] for i in range(760))  # about 1,000 tokens
+    tokens = len(embedder._tok.encode(text, add_special_tokens=False).ids)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        vector, gd = embedder.analyze(text)
+        index.search(vector, "ctx", gd, 0.9)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    print(f"semantic lookup, {tokens}-token last turn, {entries} entries (index built in {built:.1f} s): "
+          f"p50 {times[len(times) // 2]:.3f} ms, p99 {times[int(len(times) * 0.99) - 1]:.3f} ms; "
+          f"index memory {index.memory_bytes() / entries:.0f} bytes per entry")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS, help="JSON lines of {id, kind, a, b}")
+    ap.add_argument("--latency", action="store_true", help="also time a lookup against 100,000 entries")
+    args = ap.parse_args()
+    report(args.pairs)
+    if args.latency:
+        latency()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Semantic matching: reuse an answer for a differently worded request that asks the same.
+
+Only the last user turn is compared by meaning; everything else (the earlier turns, the
+system prompt, tools, parameters, the route and the tenant) must match exactly, through a
+context hash. A candidate must pass three gates:
+
+1. cosine similarity of static word embeddings (WordLlama's 256-d model, shipped inside
+   its package: nothing is downloaded) at or above the route's `similarity`;
+2. the same *guard signature*: the same numbers, named entities, quoted strings, code
+   identifiers, negation, opposed action words ("enable" / "disable") and language. Near
+   misses ("2 eggs" / "3 eggs", "Paris" / "Lyon", "is" / "is not", English / French) embed
+   close together; they are the classic false hit, so they are refused by these exact
+   checks rather than by a tighter threshold;
+3. the stored answer's own checks (fresh, produced by an allowed deployment).
+
+The nearest-neighbour index is usearch's HNSW (half-precision vectors), one per route, bounded by the route's
+`max_entries` (oldest out first). The index lives in this process; entries themselves live
+in the configured store (in memory or Redis).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import re
+import threading
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgeroute.cache.key import cache_key
+
+DIM = 256
+
+# Numbers as written ("3", "3.5", "1,000", "-2"), normalised so "1,000" == "1000".
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*")
+_WORD = re.compile(r"[^\W_][\w'\u2019-]*", re.UNICODE)
+_QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|'([^'\s][^']{0,200})'")
+_CODE = re.compile(r"`([^`]{1,200})`|\b([A-Za-z_]\w*(?:\.\w+)+\(?|[a-z]+_[a-z0-9_]+|[a-z]+[A-Z]\w*|\w+\(\))")
+_NEGATIONS = frozenset(
+    "not no never none nothing nobody neither nor cannot can't don't doesn't didn't isn't aren't wasn't weren't "
+    "won't wouldn't shouldn't couldn't without".split()
+)
+# Words whose opposite is a different request ("enable" / "disable", "import" / "export"):
+# embeddings put such pairs close together, so they must match exactly, like negations.
+_OPPOSED = frozenset(
+    "enable disable upgrade downgrade add remove import export increase decrease install uninstall create delete "
+    "open close start stop encrypt decrypt lock unlock show hide include exclude allow block deny buy sell before "
+    "after minimum maximum min max first last upload download subscribe unsubscribe connect disconnect pause resume "
+    "cancel join leave win lose more less higher lower faster slower best worst pros cons advantages disadvantages "
+    "send receive read write push pull encode decode compress decompress above below inside outside input output "
+    "left right accept reject approve decline login logout".split()
+)
+
+
+def _forms(stem: str) -> list[str]:
+    base = stem[:-1] if stem.endswith("e") else stem
+    return [stem, stem + "s", stem + "es", stem + "d", stem + "ed", base + "ing", base + "ed"]
+
+
+# Every inflected form (plain, -s, -es, -d, -ed, -ing) -> its stem, so a lookup is one dict get.
+_OPPOSED_FORMS = {form: stem for stem in _OPPOSED for form in _forms(stem)}
+
+
+# A few very common words per language: enough to tell apart the languages of two prompts
+# that are otherwise close (a translated prompt is a different request).
+_STOPWORDS = {
+    "en": "the is are what how of and to in for with this that you a an do does can my your on it be from by",
+    "fr": "le la les est sont quel quelle comment de et pour avec ce cette vous une des du",
+    "de": "der die das ist sind was wie und für mit ein eine ich nicht sie",
+    "es": "el la los las es son qué cómo de y para con este esta usted una del",
+    "it": "il lo la gli le è sono che come di e per con questo questa una del",
+    "pt": "o a os as é são que como de e para com este esta você uma do",
+    "nl": "de het een is zijn wat hoe en voor met dit dat je van",
+}
+_STOP_INDEX: dict[str, list[str]] = {}
+for _lang, _words in _STOPWORDS.items():
+    for _w in _words.split():
+        _STOP_INDEX.setdefault(_w, []).append(_lang)
+
+
+@dataclass(frozen=True, slots=True)
+class Guards:
+    """What must be identical between two prompts for one's answer to serve the other."""
+
+    numbers: frozenset[str]
+    entities: frozenset[str]
+    quoted: frozenset[str]
+    code: frozenset[str]
+    negated: bool
+    actions: frozenset[str]  # opposed words present ("enable", "export", ...)
+    script: str
+    language: str | None  # a guess from common words; None when too few to tell
+
+    def compatible(self, other: Guards) -> bool:
+        """Everything equal; the language only where both prompts say enough to tell it."""
+        same_language = self.language is None or other.language is None or self.language == other.language
+        return same_language and (
+            self.numbers,
+            self.entities,
+            self.quoted,
+            self.code,
+            self.negated,
+            self.actions,
+            self.script,
+        ) == (other.numbers, other.entities, other.quoted, other.code, other.negated, other.actions, other.script)
+
+
+def guards(text: str) -> Guards:
+    numbers = frozenset(m.replace(",", "") for m in _NUMBER.findall(text))
+    words = _WORD.findall(text)
+    lowered = [w.lower().replace("\u2019", "'") for w in words]
+    entities: set[str] = set()
+    sentence_start = True
+    for w, low in zip(words, lowered, strict=True):
+        # A capitalised word that does not start a sentence, or an acronym: a name.
+        if len(w) > 1 and ((w[0].isupper() and not sentence_start and low not in _STOP_INDEX) or w.isupper()):
+            entities.add(low.removesuffix("'s"))
+        sentence_start = False
+    for sentence in re.split(r"[.!?]\s+", text):
+        first = _WORD.search(sentence)
+        opener = first.group(0).lower().replace("\u2019", "'").removesuffix("'s") if first else ""
+        if first and len(opener) > 1 and opener[0] != first.group(0)[0] and not _is_common(opener):
+            # The first word of a sentence can be a name too ("Paris is ..."): keep it if
+            # it is not a common sentence opener.
+            entities.add(opener)
+    quoted = frozenset(next(g for g in m if g) for m in _QUOTED.findall(text))
+    code = frozenset(next(g for g in m if g) for m in _CODE.findall(text))
+    negated = any(w in _NEGATIONS or w.endswith("n't") for w in lowered)
+    actions = frozenset(_OPPOSED_FORMS[w] for w in set(lowered) if w in _OPPOSED_FORMS)
+    script, language = _language(text, lowered)
+    return Guards(numbers, frozenset(entities), quoted, code, negated, actions, script, language)
+
+
+def _is_common(word: str) -> bool:
+    return word in _COMMON_OPENERS or word in _STOP_INDEX
+
+
+_COMMON_OPENERS = frozenset(
+    "what how why when where who which whom whose is are was were do does did can could would should will "
+    "please tell give write explain describe list name show find help make create i my we our you your "
+    "the a an in on at for of to from with by about if there this that these those it its hi hello hey "
+    "summarize translate compare calculate define convert generate suggest recommend draft outline".split()
+)
+
+
+def _language(text: str, words: list[str]) -> tuple[str, str | None]:
+    """The prompt's script, and for Latin script a guess from common words, each word's vote
+    split among the languages that share it (None when the evidence is thin or split)."""
+    if text.isascii():
+        script = "latin" if any(c.isalpha() for c in text) else "none"
+    else:
+        scripts = collections.Counter(_script(ch) for ch in text if ch.isalpha())
+        script = scripts.most_common(1)[0][0] if scripts else "none"
+    if script == "none":
+        return "none", None
+    if script != "latin":
+        return script, None
+    votes: dict[str, float] = collections.defaultdict(float)
+    for w in words:
+        langs = _STOP_INDEX.get(w, ())
+        for lang in langs:
+            votes[lang] += 1 / len(langs)
+    ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:2]
+    if not ranked or ranked[0][1] < 2 or (len(ranked) > 1 and ranked[1][1] * 2 > ranked[0][1]):
+        return script, None
+    return script, ranked[0][0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _script(ch: str) -> str:
+    name = unicodedata.name(ch, "")
+    for script in ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "CYRILLIC", "GREEK", "ARABIC", "HEBREW", "DEVANAGARI"):
+        if name.startswith(script):
+            return script.lower()
+    return "latin" if "LATIN" in name else "other"
+
+
+def split_last_user_turn(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The last user turn's text, and the body with it blanked out (the part that must match
+    exactly); None when the request does not end in a plain-text user turn."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    last = messages[-1]
+    if last.get("role") != "user":
+        return None
+    content = last.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            return None  # images, audio, files: compared exactly only
+        content = "\n".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str) or not content.strip():
+        return None
+    rest = dict(body)
+    rest["messages"] = [*messages[:-1], {k: v for k, v in last.items() if k != "content"}]
+    return content, rest
+
+
+def context_hash(rest: dict[str, Any], route: str, tenant: str) -> str:
+    return cache_key(rest, route, tenant)
+
+
+class Embedder:
+    """Static word embeddings: the mean of the prompt's token vectors, normalised."""
+
+    def __init__(self) -> None:
+        import numpy as np
+        import wordllama
+        from safetensors import safe_open
+        from tokenizers import Tokenizer
+
+        root = Path(wordllama.__file__).parent
+        self._tok = Tokenizer.from_file(str(root / "tokenizers" / "l2_supercat_tokenizer_config.json"))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        with safe_open(str(root / "weights" / "l2_supercat_256.safetensors"), framework="np", device="cpu") as f:
+            self._table = f.get_tensor("embedding.weight").astype(np.float32)
+        self._np = np
+
+    def embed(self, text: str) -> Any:
+        ids = self._tok.encode(text, add_special_tokens=False).ids or [0]
+        v = self._table[ids].mean(axis=0)
+        norm = float(self._np.linalg.norm(v))
+        return v / norm if norm > 0 else v
+
+    def analyze(self, text: str) -> tuple[Any, Guards]:
+        """The embedding and the guard signature of a last user turn (run off the event loop)."""
+        return self.embed(text), guards(text)
+
+
+@functools.cache
+def builtin_embedder() -> Embedder:
+    """Loaded once per process (about a second, 33 MB): at start when a route needs it."""
+    return Embedder()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    key: str  # the exact key the stored answer lives under
+    similarity: float
+
+
+class SemanticIndex:
+    """Per route: an HNSW index of last-user-turn embeddings, each labelled with what a match
+    must equal exactly (the context hash, the guards) and the exact key of its answer."""
+
+    def __init__(self, max_entries: int) -> None:
+        from usearch.index import Index
+
+        # Half-precision vectors: a quarter of float32's build time and half its memory, the
+        # same neighbours at these dimensions (cosine over normalised vectors).
+        self._index = Index(ndim=DIM, metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64)
+        self._meta: dict[int, tuple[str, Guards, str]] = {}  # label -> (context, guards, exact key)
+        self._order: collections.deque[int] = collections.deque()
+        self._next = 0
+        self.max_entries = max_entries
+        self._lock = threading.Lock()  # searched and written from the embedding thread and the loop
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+    def memory_bytes(self) -> int:
+        """The graph and vectors (usearch's own count); the labels' metadata comes on top."""
+        return int(self._index.memory_usage)
+
+    def add(self, vector: Any, context: str, g: Guards, key: str) -> None:
+        with self._lock:
+            label = self._next
+            self._next += 1
+            self._index.add(label, vector)
+            self._meta[label] = (context, g, key)
+            self._order.append(label)
+            while len(self._order) > self.max_entries:
+                old = self._order.popleft()
+                self._meta.pop(old, None)
+                self._index.remove(old)
+
+    def add_many(self, vectors: Any, context: str, g: Guards, keys: list[str]) -> None:
+        """Bulk load (benchmarks, warm starts): one batched insert into the graph."""
+        import numpy as np
+
+        with self._lock:
+            labels = np.arange(self._next, self._next + len(keys), dtype=np.uint64)
+            self._next += len(keys)
+            self._index.add(labels, vectors)
+            for label, key in zip(labels.tolist(), keys, strict=True):
+                self._meta[label] = (context, g, key)
+                self._order.append(label)
+
+    def search(self, vector: Any, context: str, g: Guards, threshold: float, k: int = 8) -> list[Candidate]:
+        with self._lock:
+            if not self._meta:
+                return []
+            matches = self._index.search(vector, min(k, len(self._meta)))
+            out = []
+            for label, distance in zip(matches.keys, matches.distances, strict=True):
+                meta = self._meta.get(int(label))
+                similarity = 1.0 - float(distance)
+                if meta is None or similarity < threshold or meta[0] != context or not meta[1].compatible(g):
+                    continue
+                out.append(Candidate(meta[2], similarity))
+            return out
