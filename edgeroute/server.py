@@ -23,6 +23,7 @@ from edgeroute import anthropic_api, learning, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
+from edgeroute.cache.service import metrics_source as cache_metrics
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
@@ -30,6 +31,7 @@ from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, body_read_error, error_body
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyRunner
+from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import STATE, Live, ServerState
@@ -185,6 +187,7 @@ def create_app(
     cost_app.install(app, config, source, recorder, admission)
     telemetry.install(app, config)
     app[CACHE] = _response_cache(config)
+    app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
     if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):

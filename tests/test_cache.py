@@ -11,6 +11,7 @@ import anthropic
 import openai
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
@@ -354,3 +355,25 @@ async def test_semantic_config_is_checked(start_upstream) -> None:
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.parse(cfg, "test.yaml")
     assert "models.m.cache.similarity" in str(e.value)
+
+
+async def test_cache_outcomes_are_metrics(start_upstream, start_proxy) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(cached({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    for _ in range(3):
+        await client.chat.completions.create(model="m", messages=MSG, temperature=0)
+        await asyncio.sleep(0.05)
+    await client.chat.completions.create(model="m", messages=MSG, temperature=0.5)
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+        text = await r.text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("edgeroute_cache_lookups_total", (("result", "hit"),))] == 2
+    assert samples[("edgeroute_cache_lookups_total", (("result", "miss"),))] == 1
+    assert samples[("edgeroute_cache_lookups_total", (("result", "bypass"),))] == 1
+    assert samples[("edgeroute_cache_entries", ())] == 1 and samples[("edgeroute_cache_bytes", ())] > 0
+    await client.close()

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream
 from edgeroute.cache.key import cache_key, is_deterministic
@@ -253,3 +254,34 @@ def tenant_of(scope: str, key: str | None, team: str | None) -> str:
 
 
 CACHE = web.AppKey("response_cache", ResponseCache)
+
+
+def metrics_source(app: web.Application) -> Iterator[Metric]:
+    """The cache's counters and size, for `/metrics` (read at scrape time)."""
+    c = app[CACHE].counters
+    events = CounterMetricFamily(
+        "edgeroute_cache_lookups", "Response cache outcomes (semantic: hits matched by meaning).", labels=["result"]
+    )
+    for result, value in (
+        ("hit", c.hits - c.semantic_hits),
+        ("semantic_hit", c.semantic_hits),
+        ("miss", c.misses),
+        ("stale", c.stale),
+        ("bypass", c.bypass),
+    ):
+        events.add_metric([result], value)
+    yield events
+    yield CounterMetricFamily("edgeroute_cache_stores", "Answers stored in the response cache.", value=c.stores)
+    yield CounterMetricFamily("edgeroute_cache_evictions", "Entries evicted to stay within bounds.", value=c.evictions)
+    yield CounterMetricFamily(
+        "edgeroute_cache_not_stored_too_large", "Answers above max_entry_bytes, not stored.", value=c.too_large
+    )
+    errors = CounterMetricFamily("edgeroute_cache_store_errors", "Store failures served as misses.", labels=["kind"])
+    errors.add_metric(["unavailable"], c.errors)
+    errors.add_metric(["corrupt"], c.corrupt)
+    yield errors
+    store = app[CACHE].store
+    if isinstance(store, MemoryStore):
+        entries, size = store.totals()
+        yield GaugeMetricFamily("edgeroute_cache_entries", "Entries held in this process's cache.", value=entries)
+        yield GaugeMetricFamily("edgeroute_cache_bytes", "Bytes held in this process's cache (bounded).", value=size)

@@ -90,6 +90,10 @@ class MemoryStore:
         _, _, size = self._lrus[route].pop(key)
         self._bytes[route] -= size
 
+    def totals(self) -> tuple[int, int]:
+        """(entries, bytes) held over all routes."""
+        return sum(len(lru) for lru in self._lrus.values()), sum(self._bytes.values())
+
     def size(self, route: str) -> tuple[int, int]:
         """(entries, bytes) held for a route."""
         return len(self._lrus.get(route, ())), self._bytes.get(route, 0)
