@@ -75,6 +75,7 @@ def _overhead(a: argparse.Namespace) -> int:
         floor=a.floor,
         trace_ratio=a.trace_ratio,
         request_log=a.request_log == "on",
+        cache=a.cache,
     )
     return 0
 
@@ -108,13 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
     o.add_argument("--trace-ratio", type=float, help="tracing on at this sampling ratio (spans sent to the mock)")
     o.add_argument("--request-log", choices=("on", "off"), default="on", help="the request log (no content), as served")
+    o.add_argument("--cache", action="store_true", help="the response cache on: after warm-up, every request is a hit")
     _common(o)
     o.set_defaults(fn=_overhead)
 
     t = sub.add_parser("throughput", help="max req/s of one proxy process (closed loop), and of the mock")
     t.add_argument("--concurrency", type=int, default=64)
+    t.add_argument("--cache", action="store_true", help="the response cache on: hits per second of one process")
     _common(t)
-    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency))
+    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache))
 
     s = sub.add_parser("streaming", help="added TTFT and chunk pacing")
     s.add_argument("--rate", type=float, default=100.0)

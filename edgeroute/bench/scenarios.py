@@ -367,17 +367,22 @@ def overhead(
     floor: bool = False,
     trace_ratio: float | None = None,
     request_log: bool = True,
+    cache: bool = False,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
     With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
     The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
-    is False."""
+    is False. With `cache`, the response cache is on (the bench's few distinct bodies are hits
+    after warm-up)."""
     out: dict[str, Any] = {"scenario": "overhead", "rates": {}, "upstream_latency": upstream_latency}
     out["request_log"] = request_log
     with Stack(c.pin) as stack:
         mock = stack.upstream("--latency", upstream_latency)
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = bench_config({"p0": url, "p1": url}, rules=rules)
+        if cache:
+            cfg["models"][PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
+            out["cache"] = True
         if trace_ratio is not None:
             sink = f"http://127.0.0.1:{mock.port}/v1/traces"
             cfg["tracing"] = {"enabled": True, "sample_ratio": trace_ratio, "endpoint": sink}
@@ -441,13 +446,22 @@ def overhead(
     return out
 
 
-def throughput(c: Common, concurrency: int = 64) -> dict[str, Any]:
-    """Maximum req/s of one proxy process (closed loop), and of the mock directly."""
-    out: dict[str, Any] = {"scenario": "throughput"}
+# The bench's requests are sampled (temperature 0.2) and from several keys' worth of bodies:
+# cache them all, for everyone, for the length of a run.
+CACHE_EVERYTHING = {"ttl": 3600, "deterministic_only": False, "scope": "global"}
+
+
+def throughput(c: Common, concurrency: int = 64, cache: bool = False) -> dict[str, Any]:
+    """Maximum req/s of one proxy process (closed loop), and of the mock directly; with `cache`,
+    of cache hits."""
+    out: dict[str, Any] = {"scenario": "throughput", "cache": cache}
     with Stack(c.pin) as stack:
         mock = stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
-        proxy, _ = stack.proxy(bench_config({"p0": url, "p1": url}))
+        cfg = bench_config({"p0": url, "p1": url})
+        if cache:
+            cfg["models"][PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
+        proxy, _ = stack.proxy(cfg)
         all_stats = []
         for name, t in (
             ("direct", Target("direct", url, MOCK_MODEL)),
