@@ -9,14 +9,17 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
 from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
+from edgeroute.server import create_app
 from tests.conftest import simple_config
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
@@ -377,3 +380,31 @@ async def test_cache_outcomes_are_metrics(start_upstream, start_proxy) -> None:
     assert samples[("edgeroute_cache_lookups_total", (("result", "bypass"),))] == 1
     assert samples[("edgeroute_cache_entries", ())] == 1 and samples[("edgeroute_cache_bytes", ())] > 0
     await client.close()
+
+
+async def test_the_spend_report_shows_what_the_cache_saved(start_upstream, tmp_path) -> None:
+    up = await start_upstream()
+    db = tmp_path / "spend.db"
+    cfg_path = tmp_path / "edge.yaml"
+    cfg = cached({"a": up}) | {"ledger": {"path": str(db), "flush_interval": 0.1}}
+    cfg_path.write_bytes(orjson.dumps(cfg))
+    server = TestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x")
+        for _ in range(4):
+            await client.chat.completions.create(model="m", messages=MSG, temperature=0)
+            await asyncio.sleep(0.05)
+        await client.close()
+        await asyncio.sleep(0.3)  # a flush interval
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{server.port}/admin/spend", params={"by": "outcome"}) as r,
+        ):
+            report = await r.json()
+    finally:
+        await server.close()
+    rows = {row["outcome"]: row for row in report["rows"]}
+    miss, hits = rows["ok"], rows["cache_hit"]
+    assert hits["requests"] == hits["ok"] == 3 and hits["cost_usd"] == 0
+    assert hits["savings_usd"] == pytest.approx(3 * miss["cost_usd"])

@@ -544,7 +544,9 @@ class Ledger:
         p, c, cached, est = _tokens(r.usage)
         base = self.baseline.get(r.route)
         baseline = cost_of(base, r.usage, r.started) if base is not None and r.usage is not None else r.cost_usd
-        baseline = max(baseline, r.cost_usd)
+        # A cached answer's baseline is at least what it would have cost without the cache, so
+        # its saving shows in the spend report (`--by outcome`: the cache_hit rows) and the stats.
+        baseline = max(baseline, r.cost_usd, r.saved_usd)
         row = (
             r.request_id, r.started, time.strftime("%Y-%m-%d", time.gmtime(r.started)), r.key, r.team,
             r.user, r.model, r.route, r.rule, r.deployment, int(r.stream), r.status, r.outcome,

@@ -29,6 +29,8 @@ GROUPS = {
     "day": "day",
     "outcome": "outcome",
 }
+# Outcomes of requests that got their answer (from an upstream, a hedge, or the cache).
+_ANSWERED = "'ok', 'hedge_won', 'cache_hit', 'cache_stale'"
 FIELDS = ("requests", "ok", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd", "savings_usd")
 
 
@@ -56,7 +58,7 @@ def spend(backend: Backend, by: str = "key", since: float | None = None) -> dict
     col = GROUPS[by]
     where, params = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
     sql = (
-        f"SELECT {col}, COUNT(*), SUM(CASE WHEN outcome IN ('ok', 'hedge_won') THEN 1 ELSE 0 END), "
+        f"SELECT {col}, COUNT(*), SUM(CASE WHEN outcome IN ({_ANSWERED}) THEN 1 ELSE 0 END), "
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
         f"FROM spend {where} GROUP BY {col} ORDER BY SUM(cost_usd) DESC, {col}"
     )
