@@ -208,3 +208,43 @@ async def test_the_header_timeout_does_not_cut_a_long_answer_or_a_busy_connectio
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert len(text.split()) == 8
     await client.close()
+
+
+READ_HEADERS = [
+    b"Authorization", b"x-api-key", b"x-request-id", b"x-edgeroute-tags", b"Content-Type", b"Origin", b"Host",
+    b"x-edgeroute-cache", b"Cache-Control", b"traceparent", b"tracestate", b"Accept", b"anthropic-version",
+]  # fmt: skip
+
+
+async def test_header_bytes_of_any_value_never_give_a_500(leaky: Leaky, serve) -> None:
+    """Header bytes of any value (Hypothesis: every header the proxy reads, any bytes a header
+    may carry, on a keyed and a keyless proxy): a JSON answer below 500, never a traceback."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    leaky.mode = "ok"
+    value = st.binary(min_size=0, max_size=40).map(lambda b: bytes(c for c in b if c not in b"\r\n\x00").strip())
+    samples: list[tuple[bytes, bytes]] = []
+
+    @settings(max_examples=150, suppress_health_check=list(HealthCheck), deadline=None, derandomize=True)
+    @given(st.sampled_from(READ_HEADERS), value)
+    def collect(name: bytes, v: bytes) -> None:
+        samples.append((name, v))
+
+    collect()
+    samples += [(n, b"\xff\xfe\xe9") for n in READ_HEADERS]
+    for cfg in (_keyed(leaky), leaky_config(leaky)):
+        proxy = await serve(cfg)
+        auth = b"Authorization: Bearer " + TOKEN.encode() + b"\r\n" if "keys" in cfg else b""
+        for name, v in samples:
+            for path in (b"/v1/chat/completions", b"/v1/messages"):
+                extra = name + b": " + v + b"\r\n"
+                data = _post(extra if name.lower() == b"authorization" else auth + extra, path=path)
+                if name == b"Host":  # replace the default Host rather than add a second one
+                    data = data.replace(b"Host: 127.0.0.1\r\n", b"", 1)
+                if name == b"Content-Type":
+                    data = data.replace(b"Content-Type: application/json\r\n", b"", 1)
+                answer = await raw_exchange(proxy.port, data)
+                status = int(answer.split(b" ", 2)[1])
+                assert status < 500, (name, v, answer[:400])
+                assert b"Traceback" not in answer
