@@ -26,6 +26,7 @@ from aiohttp import web
 
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
+from edgeroute.requestlog.settings import RequestLog
 from edgeroute.server import create_app
 
 TOKENS = {"admin": "tok-ui-admin", "viewer": "tok-ui-viewer", "operator": "tok-ui-operator", "service": "tok-ui-app"}
@@ -39,6 +40,7 @@ class Traffic:
     ok: int = 0
     streamed: int = 0
     failed_over: list[str] = field(default_factory=list)  # request ids
+    with_pii: str | None = None  # a request id whose prompt holds an e-mail address
     by_rule: int = 0
     refused: int = 0
 
@@ -65,6 +67,8 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         "budgets": {"limits": [{"name": "monthly", "scope": "global", "limit_usd": 5.0, "period": "month"}]},
         "rate_limits": {"models": {"m": {"rpm": 600, "tpm": 200000}}},
     }
+    if "log_content" in RequestLog.model_fields:
+        cfg["request_log"] = {"log_content": "redacted"}
     if "alerts" in config_mod.Config.model_fields:
         # The two 503s among the primary's ten attempts: 20% errors, over the 5% threshold.
         rule = {"name": "primary-errors", "kind": "error_rate", "threshold": 0.05, "window_s": 300,
@@ -150,6 +154,10 @@ class Console:
                 c.chat.completions.create(model="m", messages=invoice)
                 t.by_rule += 1
                 t.ok += 1
+            pii = [{"role": "user", "content": "Mail the summary to alice@example.com please."}]
+            raw = c.chat.completions.with_raw_response.create(model="m", messages=pii)
+            t.with_pii = raw.headers["x-request-id"]
+            t.ok += 1
             with contextlib.suppress(openai.NotFoundError):
                 c.chat.completions.create(model="no-such-model", messages=HELLO)
             t.refused += 1

@@ -251,6 +251,26 @@ def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Co
     assert shown == {r["id"] for r in listed} and len(shown) == traffic.ok - len(traffic.failed_over) - traffic.by_rule
 
 
+def test_stored_content_is_redacted_and_for_admins_only(browser: Any, console: tuple[Console, Traffic]) -> None:
+    from selenium.webdriver.common.by import By
+
+    c, traffic = console
+    rid = traffic.with_pii
+    assert rid is not None
+    if get(c, f"/admin/requests/{rid}").get("content") is None:
+        pytest.skip("this server does not store request content (request_log.log_content)")
+    sign_in(browser, c, "admin")
+    open_page(browser, c, f"requests/{rid}")
+    check_clean(browser, "a request with content")
+    shown = field(browser, "content-request").text
+    assert "[PII:email]" in shown and "alice@example.com" not in shown
+    assert "alice@example.com" not in browser.page_source
+    sign_in(browser, c, "viewer")
+    open_page(browser, c, f"requests/{rid}")
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-field^="content-"]')
+    assert "admin keys only" in browser.find_element(By.ID, "main").text
+
+
 def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Traffic]) -> None:
     from selenium.webdriver.common.by import By
 
