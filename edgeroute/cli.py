@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=lambda a: _delegate("edgeroute.bench.cli", a.rest))
 
+    from edgeroute.governance.cli import add_parsers
+
+    add_parsers(sub)  # keys, config, audit
+
     t = sub.add_parser("router", help="train and evaluate learned routers", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_cmd_router)

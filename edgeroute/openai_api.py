@@ -24,6 +24,7 @@ from edgeroute.cache.settings import RouteCache
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
+from edgeroute.governance.residency import check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
 from edgeroute.requestlog import content
 from edgeroute.state import RECORDER, STATE, Live
@@ -59,9 +60,9 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
     try:
         if ident is None:
             return live.router.decide(body, tags=_tags(request), explain=explain, exact_tokens=live.exact_tokens)
-        return live.router.decide(
+        d = live.router.decide(
             body,
-            tags=_tags(request),
+            tags=key_tags(ident, _tags(request), live.regions),  # its denied tags refused, its region added
             team=ident.team,
             role=ident.role,
             user=ident.user,
@@ -69,6 +70,10 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
             explain=explain,
             exact_tokens=live.exact_tokens,
         )
+        check_model(ident, d.model)
+        if ident.residency is not None:
+            check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
+        return d
     except _core.BadRequestError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
     except _core.ForbiddenError as e:
@@ -205,7 +210,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 cache.save_json(plan, answer.body, dep.name, cost)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
-            shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body)
+            shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY))
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
@@ -239,6 +244,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         admission.settle(ticket, rec)
         request.app[RECORDER].record(rec)
         telemetry.finished(request.app, rec, reasons)
+        if live.stats is not None:  # the rollback guard watches this config generation
+            live.stats.observe(rec.status, rec.latency_ms)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
 

@@ -13,6 +13,9 @@ spend already recorded carries over and a lowered limit applies at once). Some s
 are wired in when the server starts (the ledger and request log, shared state, learning,
 the listening socket): a reload
 that changes them is refused with the list, rather than half applied.
+
+Every applied config (at start, by reload, SIGHUP, rollback or a runtime change over the
+API) becomes a numbered version in the database with who applied it (governance/).
 """
 
 from __future__ import annotations
@@ -29,16 +32,25 @@ from edgeroute import config as config_mod
 from edgeroute.config import Config
 from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.state import STATE, Live
 
 log = logging.getLogger("edgeroute.reload")
 
 
-async def reload_from_source(app: web.Application) -> Live:
+async def reload_from_source(app: web.Application, how: str = "reload", actor: str | None = None) -> Live:
     """Reloads the file the running config came from; raises ConfigError and keeps the old one."""
+    source = app[STATE].live.source
+    text = _read(source)
+    cfg = config_mod.loads(text, source)
+    return await apply_config(app, cfg, text, how, actor)
+
+
+async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:
+    """Swaps in a validated config whole, records it as a version and in the audit log;
+    raises ConfigError (nothing changed) when it cannot be applied."""
     state = app[STATE]
     old = state.live
-    cfg = _load(old.source)
     if fixed := restart_only_changes(old.config, cfg):
         raise config_mod.ConfigError([f"{old.source}: {p}" for p in fixed])
     try:
@@ -47,7 +59,9 @@ async def reload_from_source(app: web.Application) -> Live:
         # e.g. a secret file removed between validation and build: keep the running generation
         raise config_mod.ConfigError([f"{old.source}: {e}"]) from None
     state.live = new
-    log.info("config reloaded from %s", old.source)
+    log.info("config applied (%s) from %s", how, old.source)
+    if (gov := app.get(GOV)) is not None:
+        await gov.applied(new, text, how, actor, old.config)
 
     async def close_old() -> None:
         # Requests on the old generation (a long stream, say) finish on its pools; they end
@@ -67,11 +81,15 @@ async def reload_from_source(app: web.Application) -> Live:
     return new
 
 
-def _load(source: str) -> Config:
-    if not Path(source).is_file():
+def _read(source: str) -> str:
+    p = Path(source)
+    if not p.is_file():
         msg = "the running config was not loaded from a file (e.g. the demo's); there is nothing to reload"
         raise config_mod.ConfigError([f"{source}: {msg}"])
-    return config_mod.load(source)
+    try:
+        return p.read_text()
+    except OSError as e:
+        raise config_mod.ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
 
 
 def _longest_request_s(cfg: Config) -> float:
@@ -96,12 +114,15 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ]
     if CostControl.wanted(old) != CostControl.wanted(new):
         out.append("keys, budgets, rate_limits: turning cost control on or off takes effect on restart")
+    for f in ("managed_keys", "key_poll_interval"):  # the key store and its poller start with the server
+        if getattr(old.governance, f) != getattr(new.governance, f):
+            out.append(f"governance.{f}: changed; this setting takes effect on restart")
     return out
 
 
 async def admin_reload(request: web.Request) -> web.Response:
     try:
-        live = await reload_from_source(request.app)
+        live = await reload_from_source(request.app, "reload", actor_of(request))
     except config_mod.ConfigError as e:
         raise ProxyError(
             400,

@@ -35,6 +35,24 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /ui/": "viewer",
     "GET /ui/static/{name}": "viewer",
     "GET /ui/session": "viewer",
+    "GET /admin/config": "viewer",
+    "GET /admin/config/versions": "viewer",
+    "GET /admin/config/versions/{version}": "viewer",
+    "GET /admin/config/diff": "viewer",
+    "POST /admin/config/rollback": "operator",
+    "POST /admin/config/check": "viewer",
+    "GET /admin/audit": "viewer",
+    "POST /admin/keys": "admin",
+    "GET /admin/keys": "admin",
+    "GET /admin/keys/{id}": "admin",
+    "PATCH /admin/keys/{id}": "admin",
+    "DELETE /admin/keys/{id}": "admin",
+    "POST /admin/keys/{id}/rotate": "admin",
+    "POST /admin/deployments/{name}/drain": "operator",
+    "POST /admin/deployments/{name}/undrain": "operator",
+    "POST /admin/deployments": "admin",
+    "PATCH /admin/deployments/{name}": "admin",
+    "DELETE /admin/deployments/{name}": "admin",
 }
 
 
@@ -48,6 +66,11 @@ def required_role(method: str, canonical_path: str) -> Role | None:
     if method == "HEAD":
         method = "GET"
     return ROUTE_ROLES.get(f"{method} {canonical_path}")
+
+
+def rank(role: str | None) -> int:
+    """How much a role may do (service 0 .. admin 3)."""
+    return _RANK[access_role(role)]
 
 
 def permits(role: str | None, required: Role) -> bool:

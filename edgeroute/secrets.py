@@ -1,16 +1,39 @@
-"""Provider credentials by reference: ``env:NAME``, ``file:PATH`` or a literal.
+"""Provider credentials by reference: ``env:NAME``, ``file:PATH``, ``exec:COMMAND`` or a literal.
 
 References are resolved when the config loads (so a missing secret is a load error,
-not a 500 on the first request) and again on reload, which is how a rotated secret
-is picked up. A :class:`Secret` never prints its value.
+not a 500 on the first request) and again on reload. ``file:`` and ``exec:`` secrets
+stay live after that: :func:`refresh` (run by the server every second or so) re-reads a
+file when its size or modification time changes (how Kubernetes and Docker rotate
+mounted secrets) and re-runs a command once its refresh interval has passed (sops, the
+1Password, Vault or cloud CLIs). Adapters read the value on every request, so a new
+value applies without a restart. A failed refresh keeps the last good value, logs an
+error naming the reference (never the value nor the command's output) and counts in
+:data:`STATUS`, which `/metrics` exports for alerting.
+
+A :class:`Secret` never prints its value.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeroute import redact
+
+log = logging.getLogger("edgeroute.secrets")
+
+REFERENCE_PREFIXES = ("env:", "file:", "exec:")
+EXEC_TIMEOUT_S = 10.0
+# The refresh interval of `exec:` secrets (the config's `governance.secrets_refresh` sets it).
+_refresh_s = 30.0
 
 
 class SecretError(ValueError):
@@ -20,15 +43,22 @@ class SecretError(ValueError):
 class Secret:
     """A resolved credential whose repr and str hide the value."""
 
-    __slots__ = ("_value", "reference")
+    __slots__ = ("_value", "reference", "version")
 
     def __init__(self, value: str, reference: str) -> None:
         self._value = value
         self.reference = reference
+        self.version = 0  # moves when a refresh changes the value (for headers built ahead)
         redact.register(value)  # whatever edgeroute resolves as a secret is redacted from every exit
 
     def reveal(self) -> str:
         return self._value
+
+    def _replace(self, value: str) -> None:
+        if value != self._value:
+            redact.register(value)
+            self._value = value
+            self.version += 1
 
     def __repr__(self) -> str:
         return f"Secret({self.reference!r})"
@@ -36,32 +66,163 @@ class Secret:
     __str__ = __repr__
 
 
-def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
-    """Resolves ``env:NAME`` / ``file:PATH`` (relative to `base_dir`) / a literal value.
+@dataclass(slots=True)
+class _Live:
+    """A `file:` or `exec:` secret kept current."""
 
-    A value with a line break or another control character is refused (without showing it):
+    secret: Secret
+    path: Path | None = None
+    command: str | None = None
+    stamp: tuple[int, int] | None = None  # the file's (mtime_ns, size) when last read
+    next_at: float = 0.0  # exec: when to run it again
+    failing: bool = False
+
+
+@dataclass(slots=True)
+class Status:
+    """What alerting needs: failed refreshes so far, and which references fail now."""
+
+    refresh_failures_total: int = 0
+    refreshes_total: int = 0
+    failing: set[str] = field(default_factory=set)
+
+
+STATUS = Status()
+_live: dict[str, _Live] = {}
+_no_exec: contextvars.ContextVar[bool] = contextvars.ContextVar("no_exec", default=False)
+
+
+@contextlib.contextmanager
+def no_exec() -> Iterator[None]:
+    """Within it, `exec:` references are accepted without running them (checking a config
+    sent over the API must not execute its commands)."""
+    token = _no_exec.set(True)
+    try:
+        yield
+    finally:
+        _no_exec.reset(token)
+
+
+def set_refresh_interval(seconds: float) -> None:
+    global _refresh_s
+    _refresh_s = seconds
+
+
+def _checked(value: str, reference: str) -> str:
+    """A value with a line break or another control character is refused (without showing it):
     secrets become header values and URLs, where a line break would inject headers, and a
     multi-line "key" means the reference points at the wrong file (say /etc/shadow)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        where = reference if reference != "<literal>" else "the literal secret"
+        raise SecretError(f"{where} holds a line break or control character (not shown); is it the right file?")
+    return value
+
+
+def _read_file(path: Path, reference: str) -> tuple[str, tuple[int, int]]:
+    try:
+        st = path.stat()
+        return _checked(path.read_text().strip(), reference), (st.st_mtime_ns, st.st_size)
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise SecretError(f"cannot read secret file {path}: {why}") from None
+
+
+def _run(command: str) -> str:
+    try:
+        argv = shlex.split(command)
+    except ValueError as e:
+        raise SecretError(f"cannot parse the secret command: {e}") from None
+    if not argv:
+        raise SecretError("the secret command is empty")
+    try:
+        out = subprocess.run(argv, capture_output=True, timeout=EXEC_TIMEOUT_S, check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise SecretError(f"secret command not found: {argv[0]}") from None
+    except subprocess.TimeoutExpired:
+        raise SecretError(f"secret command timed out after {EXEC_TIMEOUT_S:g} s") from None
+    except OSError as e:
+        raise SecretError(f"cannot run the secret command: {e.strerror}") from None
+    if out.returncode != 0:
+        # Neither stdout nor stderr: either may carry the secret or parts of it.
+        raise SecretError(f"secret command exited with status {out.returncode}")
+    value = out.stdout.decode(errors="replace").strip()
+    if not value:
+        raise SecretError("secret command printed nothing")
+    return _checked(value, "exec:")
+
+
+def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
+    """Resolves ``env:NAME`` / ``file:PATH`` (relative to `base_dir`) / ``exec:COMMAND`` / a literal."""
     if reference.startswith("env:"):
         name = reference[4:]
         value = os.environ.get(name)
         if value is None:
             raise SecretError(f"environment variable {name} is not set")
-        return _checked(value, reference)
+        return Secret(_checked(value, reference), reference)
     if reference.startswith("file:"):
         path = Path(reference[5:]).expanduser()
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
+        value, stamp = _read_file(path, reference)  # a load or reload reads it again, as before
+        key = f"file:{path.absolute()}"
+        live = _live.get(key)
+        if live is None:
+            live = _live[key] = _Live(Secret(value, reference), path=path)
+        live.secret._replace(value)
+        live.stamp, live.failing = stamp, False
+        STATUS.failing.discard(key)
+        return live.secret
+    if reference.startswith("exec:"):
+        command = reference[5:].strip()
+        if _no_exec.get():
+            return Secret("", reference)
+        live = _live.get(reference)
+        if live is None or live.failing:
+            value = _run(command)
+            if live is None:
+                live = _live[reference] = _Live(Secret(value, reference), command=command)
+            live.secret._replace(value)
+            live.failing = False
+            live.next_at = time.monotonic() + _refresh_s
+            STATUS.failing.discard(reference)
+        return live.secret
+    return Secret(_checked(reference, "<literal>"), "<literal>")
+
+
+def refresh(now: float | None = None) -> int:
+    """Re-reads changed files and due commands (blocking: run it off the event loop).
+    Returns how many secrets changed value."""
+    now = time.monotonic() if now is None else now
+    changed = 0
+    for key, live in list(_live.items()):
         try:
-            return _checked(path.read_text().strip(), reference)
-        except (OSError, UnicodeDecodeError) as e:
-            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise SecretError(f"cannot read secret file {path}: {why}") from None
-    return _checked(reference, "<literal>")
-
-
-def _checked(value: str, reference: str) -> Secret:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        where = reference if reference != "<literal>" else "the literal secret"
-        raise SecretError(f"{where} holds a line break or control character (not shown); is it the right file?")
-    return Secret(value, reference)
+            if live.path is not None:
+                st = live.path.stat()
+                if (st.st_mtime_ns, st.st_size) == live.stamp and not live.failing:
+                    continue
+                value, live.stamp = _read_file(live.path, key)
+            elif live.command is not None:
+                if now < live.next_at:
+                    continue
+                live.next_at = now + _refresh_s
+                value = _run(live.command)
+            else:
+                continue
+        except (OSError, SecretError) as e:
+            msg = e.strerror if isinstance(e, OSError) and not isinstance(e, SecretError) else str(e)
+            STATUS.refresh_failures_total += 1
+            STATUS.failing.add(key)
+            if not live.failing:
+                log.error("secret %s could not be refreshed (%s); keeping the last good value", key, msg)
+            live.failing = True
+            continue
+        STATUS.refreshes_total += 1
+        if live.failing:
+            log.warning("secret %s refreshed again", key)
+        live.failing = False
+        STATUS.failing.discard(key)
+        if value != live.secret.reveal():
+            live.secret._replace(value)
+            changed += 1
+            log.info("secret %s changed; applied", key)
+    return changed

@@ -29,6 +29,7 @@ from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, body_read_error, error_body
+from edgeroute.governance import app as governance_app
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyRunner
 from edgeroute.metrics import METRICS
@@ -136,7 +137,9 @@ async def admin_deployments(request: web.Request) -> web.Response:
     out = []
     for d in live.deployments:
         h = live.router.health(d.index)
-        out.append({"name": d.name, "provider": d.provider, "model": d.model, **h})
+        spec = live.config.deployments[d.name]
+        out.append({"name": d.name, "provider": d.provider, "model": d.model, "weight": spec.weight,
+                    "drained": spec.drained, "tags": spec.tags, **h})  # fmt: skip
     return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")
 
 
@@ -190,6 +193,7 @@ def create_app(
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
+    governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)
     if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):
         log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None
         if log_path is not None and base_dir is not None and not log_path.is_absolute():
@@ -253,7 +257,7 @@ async def serve_async(
     def on_hup() -> None:
         async def go() -> None:
             try:
-                await reload_from_source(app)
+                await reload_from_source(app, "sighup", "signal:SIGHUP")
                 if print_fn:
                     print_fn(f"edgeroute reloaded {source}")
             except ConfigError as e:

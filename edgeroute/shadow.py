@@ -2,6 +2,9 @@
 hot path, and record both answers and both costs. The shadow answer is never returned
 to the client, and a shadow failure never affects the client's request.
 
+The shadow request is decided for the client's key like the primary (team, role, and
+residency: a key bound to a region is shadowed only within it).
+
 Each pair becomes one JSON line in the shadow log (and the shadow request's spend goes
 to the ledger like any other, marked `shadow`), ready for offline comparison.
 """
@@ -22,6 +25,8 @@ from aiohttp import web
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
 from edgeroute.config import Model
+from edgeroute.cost.keys import Identity
+from edgeroute.governance.residency import check_order, key_tags
 from edgeroute.state import RECORDER, STATE, Live
 
 log = logging.getLogger("edgeroute.shadow")
@@ -94,6 +99,18 @@ def pair_record(
     }
 
 
+def decide_as(live: Live, body: bytes, ident: Identity | None) -> _core.Decision:
+    """The core's decision for a shadow request, made for the client's key as the primary's
+    was: its rules by team and role, and its residency (a shadow never leaves the region)."""
+    if ident is None:
+        return live.router.decide(body)
+    tags = key_tags(ident, None, live.regions)
+    d = live.router.decide(body, tags=tags, team=ident.team, role=ident.role, user=ident.user, key=ident.key)
+    if ident.residency is not None:
+        check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
+    return d
+
+
 def maybe_mirror(
     app: web.Application,
     live: Live,
@@ -102,18 +119,25 @@ def maybe_mirror(
     decision: _core.Decision,
     rec: RequestRecord,
     answer: bytes,
+    ident: Identity | None = None,
 ) -> None:
     """Mirrors this answered request to the model's shadow candidate, if it is sampled."""
     if model.shadow is None or not sampled(model.shadow.percent):
         return
     state = app[STATE]
-    task = asyncio.get_running_loop().create_task(_mirror(app, live, model.shadow.model, body, rec, answer))
+    task = asyncio.get_running_loop().create_task(_mirror(app, live, model.shadow.model, body, rec, answer, ident))
     state.background.add(task)
     task.add_done_callback(state.background.discard)
 
 
 async def _mirror(
-    app: web.Application, live: Live, candidate: str, body: bytes, primary: RequestRecord, answer: bytes
+    app: web.Application,
+    live: Live,
+    candidate: str,
+    body: bytes,
+    primary: RequestRecord,
+    answer: bytes,
+    ident: Identity | None,
 ) -> None:
     from edgeroute.dispatch import Call, JsonAnswer  # dispatch imports this module's caller
 
@@ -124,7 +148,7 @@ async def _mirror(
     text: str | None = None
     try:
         sbody = shadow_body(body, candidate)
-        d = live.router.decide(sbody)
+        d = decide_as(live, sbody, ident)
         rec.route, rec.rule, rec.task = d.route, d.rule, d.task
         cfg = live.config.models[d.route]
         timeouts = cfg.timeouts or live.config.providers[live.deployments[d.order[0]].provider].timeouts

@@ -13,6 +13,8 @@ from edgeroute.accounting import Recorder
 from edgeroute.config import Config
 from edgeroute.core import Router, build_router
 from edgeroute.cost.keys import Access
+from edgeroute.governance import drain, residency
+from edgeroute.governance.guard import GenerationStats
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
 
 
@@ -30,6 +32,8 @@ class Live:
     # and token-per-minute limits spend them, so estimates would let them drift.
     exact_tokens: bool = False
     access: Access = field(init=False)
+    regions: frozenset[str] = frozenset()  # residency regions with deployments
+    stats: GenerationStats | None = None  # set while the rollback guard watches this generation
     # Requests running on this generation: a reload closes its connection pools only
     # once they have finished (or after the longest total timeout, as a bound).
     in_flight: int = 0
@@ -41,6 +45,7 @@ class Live:
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
         self.access = Access(self.config)
+        self.regions = residency.regions(self.config)
         limits = self.config.rate_limits
         tpm = any(lim.tpm for lim in (limits.per_key, *limits.models.values(), *limits.deployments.values()) if lim)
         tpm = tpm or any(k.limits is not None and k.limits.tpm for k in self.config.keys.values())
@@ -63,6 +68,8 @@ class Live:
     @classmethod
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
         redact.register_config(config)  # the secrets it holds as plain URLs (env:/file: ones register as resolved)
+        # What the core runs: drained deployments out of the models, residency folded into the rules.
+        config = residency.effective(drain.serving(config))
         router = build_router(config, source, previous=previous.router if previous is not None else None)
         live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
         live.apply_price_windows()

@@ -52,6 +52,12 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.upstream",
             "edgeroute.sidecar_guard",
             "edgeroute.cache",
+            "edgeroute.governance.store",
+            "edgeroute.governance.keys",
+            "edgeroute.governance.residency",
+            "edgeroute.governance.drain",
+            "edgeroute.governance.guard",
+            "edgeroute.governance.http",
         ],
     ),
     ("records and the live state", ["edgeroute.accounting", "edgeroute.state"]),
@@ -70,6 +76,10 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",
             "edgeroute.telemetry",
+            "edgeroute.governance.versions",
+            "edgeroute.governance.runtime",
+            "edgeroute.governance.apply",
+            "edgeroute.governance.deployments",
         ],
     ),
     ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow"]),
@@ -82,16 +92,24 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.requestlog.api",
             "edgeroute.telemetry.app",
             "edgeroute.ui",
+            "edgeroute.governance.app",
         ],
     ),
     ("the server", ["edgeroute.server", "edgeroute.http_server"]),
     (
         "command line and tools",
-        ["edgeroute.cli", "edgeroute.__main__", "edgeroute.demo", "edgeroute.policy_tools", "edgeroute.bench"],
+        [
+            "edgeroute.cli",
+            "edgeroute.__main__",
+            "edgeroute.demo",
+            "edgeroute.policy_tools",
+            "edgeroute.bench",
+            "edgeroute.governance.cli",
+        ],
     ),
 ]
 # The package roots only re-export (or are empty); they belong to whoever imports them.
-ROOTS = {"edgeroute", "edgeroute.cost"}
+ROOTS = {"edgeroute", "edgeroute.cost", "edgeroute.governance"}
 
 
 def _module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ Everything is re-exported here: import from `edgeroute.config`.
 from __future__ import annotations
 
 from edgeroute.config.errors import ConfigError
-from edgeroute.config.loader import load, parse
+from edgeroute.config.loader import load, loads, parse
 from edgeroute.config.schema import (
     Budget,
     BudgetAction,
@@ -96,5 +96,6 @@ __all__ = [
     "Variant",
     "VirtualKey",
     "load",
+    "loads",
     "parse",
 ]

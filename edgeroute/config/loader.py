@@ -117,10 +117,15 @@ def load(path: str | Path, *, check_secrets: bool = True) -> Config:
         text = p.read_text()
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
+    return loads(text, str(p), check_secrets=check_secrets)
+
+
+def loads(text: str, source: str, *, check_secrets: bool = True) -> Config:
+    """Validates a config's YAML text (a file's, or a stored version's); `source` names it in errors."""
     try:
         data, positions = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{p}: {where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    return parse(data, str(p), check_secrets=check_secrets, positions=positions)
+        raise ConfigError([f"{source}: {where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    return parse(data, source, check_secrets=check_secrets, positions=positions)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
 from edgeroute.outcome import FallbackKey
+from edgeroute.governance.settings import Governance
 from edgeroute.requestlog.settings import RequestLog
 from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
@@ -115,6 +116,7 @@ class Deployment(_Strict):
     weight: int = Field(1, ge=0)
     tags: list[str] = []
     encoding: Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"] | None = None
+    drained: bool = False  # out of every model's list: no new requests (POST /admin/deployments/{name}/drain)
 
     @field_validator("price", mode="before")
     @classmethod
@@ -382,6 +384,7 @@ class Config(_Strict):
     cache: CacheStore = CacheStore()
     alerts: telemetry_settings.Alerts = telemetry_settings.Alerts()
     tracing: telemetry_settings.Tracing = telemetry_settings.Tracing()
+    governance: Governance = Governance()
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""

@@ -98,7 +98,8 @@ class _Prices:
 
 def _enabled(cfg: Config) -> bool:
     rl = cfg.rate_limits
-    return bool(cfg.keys or cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
+    keyed = bool(cfg.keys) or cfg.governance.managed_keys
+    return keyed or bool(cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
 
 
 def _bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
@@ -215,7 +216,7 @@ class CostControl:
         try:
             await self._rate_limits(request, decision.route, tokens, rec, ticket)
             await self._deployment_limits(live.router, live.deployments, decision, tokens, ticket)
-            if self.budgets:
+            if self.budgets or ident.budget is not None:
                 prices = self._prices_for(live.config)
                 top = prices.top(decision.order, live.deployments)
                 route = await self._budgets(decision, rec, ticket, prices, top, choices)
@@ -392,6 +393,8 @@ class CostControl:
             subject = _subject(b, ident, route)
             if subject is not None:
                 out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
+        if (own := ident.budget) is not None:  # a managed key's own budget (governance/keys.py)
+            out.append(B.charge(own, ident.key, self._period(own, now), amount, B.block_limit(own)))
         return out
 
     def _period(self, b: Budget, now: float) -> B.Period:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 
 from edgeroute import roles, secrets
-from edgeroute.config import Config, Limit, VirtualKey
+from edgeroute.config import Budget, Config, Limit
 from edgeroute.errors import ProxyError
 from edgeroute.sidecar_guard import SidecarGuard
 
@@ -34,10 +35,22 @@ class Identity:
     user: str | None = None
     role: str | None = None
     limits: Limit | None = None
+    residency: str | None = None  # the only region its requests may reach (governance/residency.py)
+    budget: Budget | None = None  # a managed key's own budget
+    models: frozenset[str] | None = None  # the public models it may ask for (None: all)
+    deny_tags: frozenset[str] = frozenset()  # request tags it may not send
+
+
+class KeySource(Protocol):
+    """Keys kept outside the config (governance/keys.py): None for a token it does not know;
+    raises a 401 `ProxyError` for a known key that is revoked or expired."""
+
+    def identify(self, token: str) -> Identity | None: ...
 
 
 ANONYMOUS = Identity("anonymous")
 IDENTITY = web.RequestKey("identity", Identity)
+MANAGED_KEYS = web.AppKey("managed_keys", KeySource)
 
 
 def token_bytes(token: str) -> bytes:
@@ -61,11 +74,12 @@ def bearer_token(request: web.Request) -> str | None:
 class KeyRing:
     """Digest -> identity, built once from the config."""
 
-    def __init__(self, keys: dict[str, VirtualKey]) -> None:
+    def __init__(self, cfg: Config) -> None:
         self._by_digest: dict[str, Identity] = {}
-        for key_id, k in keys.items():
+        for key_id, k in cfg.keys.items():
             digest = k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
-            self._by_digest[digest] = Identity(key_id, k.team, k.user, k.role, k.limits)
+            region = res.region_of(key_id, k.team) if (res := cfg.governance.residency) else None
+            self._by_digest[digest] = Identity(key_id, k.team, k.user, k.role, k.limits, residency=region)
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -91,7 +105,7 @@ class Access:
     """The access rules of one config generation."""
 
     def __init__(self, cfg: Config) -> None:
-        self.ring = KeyRing(cfg.keys) if cfg.keys else None
+        self.ring = KeyRing(cfg) if cfg.keys else None
         self.shared = [secrets.resolve(k).reveal().encode() for k in cfg.server.api_keys]
         # No keys at all: a sidecar, which must not be driven by web pages or remote admins.
         self.guard = SidecarGuard(cfg.server) if self.ring is None and not self.shared else None
@@ -103,8 +117,12 @@ class Access:
             if self.guard is not None:
                 self.guard.check(request)
             return None
-        if self.ring is not None:
-            ident = self.ring.identify(bearer_token(request))
+        managed = request.app.get(MANAGED_KEYS)
+        if self.ring is not None or managed is not None:
+            bearer = bearer_token(request)
+            ident = self.ring.identify(bearer) if self.ring is not None else None
+            if ident is None and managed is not None and bearer:
+                ident = managed.identify(bearer)
             if ident is None:
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
             if roles.is_admin_path(request.path):

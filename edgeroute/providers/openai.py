@@ -33,8 +33,13 @@ class OpenAIAdapter(Adapter):
         self.rename = {str(k): str(v) for k, v in (opts.get("rename_params") or {}).items()}
         self.rule = oa.unsupported_rule(opts)
         self.chat_path = str(opts.get("chat_path", "/chat/completions"))
-        # Built once: the request path only copies them.
+        # Built once: the request path only copies them (and rebuilds them when a `file:` or
+        # `exec:` key was rotated, which moves the secret's version).
         self._url = URL(self.provider.base_url + self.chat_path)
+        self._make_headers()
+
+    def _make_headers(self) -> None:
+        self._key_version = self.api_key.version if self.api_key is not None else 0
         self._headers = {"Content-Type": "application/json", **self.provider.headers, **self.auth_headers()}
         self._stream_headers = {**self._headers, "Accept": "text/event-stream"}
 
@@ -66,6 +71,8 @@ class OpenAIAdapter(Adapter):
         return self._url
 
     def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
+        if self.api_key is not None and self.api_key.version != self._key_version:
+            self._make_headers()
         headers = dict(self._stream_headers if stream else self._headers)
         return UpstreamRequest(self.chat_url(model), headers, self.adjust_body(body))
 

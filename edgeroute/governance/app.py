@@ -1,0 +1,354 @@
+"""The governance admin API: `/admin/config*`, `/admin/keys*`, `/admin/audit`.
+
+Roles are declared in `roles.ROUTE_ROLES`; every change is written to the audit log with
+who made it and the state before and after (secrets and key hashes never included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from edgeroute import config as config_mod
+from edgeroute import secrets
+from edgeroute.config import Config
+from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS
+from edgeroute.errors import ProxyError
+from edgeroute.governance import deployments, guard, residency
+from edgeroute.governance import keys as K
+from edgeroute.governance.apply import apply_text, refused
+from edgeroute.governance.http import json_object, json_response, only_params, parse_since
+from edgeroute.governance.runtime import GOV, Gov, actor_of
+from edgeroute.governance.store import GovStore
+from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
+from edgeroute.state import STATE, Live
+
+log = logging.getLogger("edgeroute.governance")
+
+
+def install(app: web.Application, cfg: Config, source: str) -> None:
+    p = Path(source)
+    store = GovStore.for_config(cfg, p.parent if p.is_file() else None)
+    managed = None
+    if cfg.governance.managed_keys:
+        managed = K.ManagedKeys(store, lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
+        managed.load()
+        app[MANAGED_KEYS] = managed
+    gov = Gov(store, managed)
+    gov.on_applied = _guard_after_apply(app)
+    app[GOV] = gov
+    secrets.set_refresh_interval(cfg.governance.secrets_refresh)
+    gov.versions.record(text_of(cfg, source), "start", None)
+    store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(_follow_secrets())]
+        if managed is not None:
+            tasks.append(asyncio.create_task(managed.follow(app[STATE].live.config.governance.key_poll_interval)))
+        yield
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.to_thread(store.close)
+
+    app.cleanup_ctx.append(lifecycle)
+    r = app.router
+    r.add_get("/admin/config", get_config)
+    r.add_get("/admin/config/versions", list_versions)
+    r.add_get("/admin/config/versions/{version}", get_version)
+    r.add_get("/admin/config/diff", diff_versions)
+    r.add_post("/admin/config/rollback", rollback)
+    r.add_post("/admin/config/check", check_config)
+    r.add_get("/admin/audit", audit_log)
+    r.add_post("/admin/keys", create_key)
+    r.add_get("/admin/keys", list_keys)
+    r.add_get("/admin/keys/{id}", get_key)
+    r.add_patch("/admin/keys/{id}", update_key)
+    r.add_delete("/admin/keys/{id}", revoke_key)
+    r.add_post("/admin/keys/{id}/rotate", rotate_key)
+    deployments.install(app)
+
+
+async def _follow_secrets() -> None:
+    """Re-reads changed `file:` secrets each second and due `exec:` ones (off the event loop)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await asyncio.to_thread(secrets.refresh)
+        except Exception:
+            log.exception("secret refresh failed")
+
+
+# -- config -----------------------------------------------------------------------------------
+
+
+async def get_config(request: web.Request) -> web.Response:
+    gov = request.app[GOV]
+    live = request.app[STATE].live
+    return json_response(
+        {
+            "version": gov.versions.active,
+            "source": live.source,
+            "config": masked_data(gov.versions.active_text),
+        }
+    )
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    gov = request.app[GOV]
+    found = await asyncio.to_thread(gov.store.versions)
+    return json_response({"versions": [version_json(v, gov.versions.active) for v in found]})
+
+
+def _version_param(raw: str | None, name: str) -> int:
+    try:
+        if raw is None:
+            raise ValueError
+        v = int(raw)
+        if v < 1:
+            raise ValueError
+        return v
+    except ValueError:
+        raise ProxyError(400, f"'{name}' must be a version number (1, 2, ...).", param=name) from None
+
+
+async def get_version(request: web.Request) -> web.Response:
+    gov = request.app[GOV]
+    v = await asyncio.to_thread(gov.versions.get, _version_param(request.match_info["version"], "version"))
+    return json_response({**version_json(v, gov.versions.active), "config": masked_data(v.body)})
+
+
+async def diff_versions(request: web.Request) -> web.Response:
+    gov = request.app[GOV]
+    only_params(request, {"from", "to"})
+    a = _version_param(request.query.get("from"), "from")
+    b = _version_param(request.query.get("to") or str(gov.versions.active or ""), "to")
+    return json_response({"from": a, "to": b, "diff": await asyncio.to_thread(gov.versions.diff, a, b)})
+
+
+async def rollback(request: web.Request) -> web.Response:
+    body = await json_object(request)
+    if set(body) - {"version"}:
+        raise ProxyError(400, f"Unknown field(s): {', '.join(sorted(set(body) - {'version'}))}.")
+    raw = body.get("version")
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ProxyError(400, "'version' must be a version number.", param="version")
+    return json_response(await rollback_to(request.app, raw, actor_of(request)))
+
+
+async def rollback_to(app: web.Application, version: int, actor: str, how: str = "rollback") -> dict[str, Any]:
+    """Applies stored `version` whole (validated as a new file) and writes it back over the
+    config file; 404 for an unknown version, 409 (nothing changed) when it no longer validates."""
+    gov = app[GOV]
+    target = await asyncio.to_thread(gov.versions.get, version)
+    async with gov.lock:
+        before = gov.versions.active
+        try:
+            text = restore(target.body, gov.versions.running_text, version)
+            written = await apply_text(app, text, f"{how}:{version}", actor)
+        except config_mod.ConfigError as e:
+            await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
+            msg = f"Version {version} cannot be applied now; the running config is unchanged."
+            raise refused(409, msg, "rollback_refused", e) from None
+    return {"rolled_back_to": version, "version": gov.versions.active, "previous": before, "file_updated": written}
+
+
+def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None], None]:
+    """Starts the rollback guard's watch of a generation applied by reload (not by rollback)."""
+
+    def start(live: Live, how: str, previous: int | None) -> None:
+        guard_cfg = live.config.governance.rollback_guard
+        if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start")):
+            return
+        stats = live.stats = guard.GenerationStats()
+
+        async def run() -> None:
+            why = await guard.watch(stats, guard_cfg, lambda: app[STATE].live is live)
+            if why is None:
+                return
+            log.error("rollback guard: the config applied by %s failed (%s); rolling back to version %d",
+                      how, why, previous)  # fmt: skip
+            try:
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback")
+            except ProxyError as e:
+                log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
+                return
+            await app[GOV].audit("rollback-guard", "config.auto_rollback.reason", "config", None, {"reason": why})
+
+        state = app[STATE]
+        task = asyncio.create_task(run())
+        state.background.add(task)
+        task.add_done_callback(state.background.discard)
+
+    return start
+
+
+async def check_config(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError:
+        return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
+    errors = await asyncio.to_thread(check_text, text, "<check>")
+    return json_response({"ok": not errors, "errors": errors})
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    only_params(request, {"since", "actor", "action", "limit"})
+    q = request.query
+    since = parse_since(q["since"]) if "since" in q else None
+    try:
+        limit = int(q.get("limit", "200"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        raise ProxyError(400, "'limit' must be an integer from 1 to 1000.", param="limit") from None
+    gov = request.app[GOV]
+    entries = await asyncio.to_thread(gov.store.audit_entries, since, q.get("actor"), q.get("action"), limit)
+    return json_response({"entries": [e.as_json() for e in entries]})
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
+def _managed(request: web.Request) -> K.ManagedKeys:
+    managed = request.app[GOV].managed
+    if managed is None:
+        raise ProxyError(
+            409, "Managed keys are off; set governance.managed_keys: true in the config.", code="managed_keys_off"
+        )
+    return managed
+
+
+def _fields(body: dict[str, Any]) -> K.KeyFields:
+    try:
+        return K.KeyFields.model_validate(body)
+    except ValidationError as e:
+        raise K.bad_fields(e) from None
+
+
+def _check_residency(request: web.Request, f: K.KeyFields) -> None:
+    if f.residency is None:
+        return
+    live = request.app[STATE].live
+    res = live.config.governance.residency
+    if res is None:
+        raise ProxyError(400, "residency: needs governance.residency in the config.", code="invalid_key",
+                         param="residency")  # fmt: skip
+    if f.residency not in residency.regions(live.config):
+        raise ProxyError(
+            400, f"residency: no deployment is tagged {res.tag_prefix}{f.residency}.", code="invalid_key",
+            param="residency",
+        )  # fmt: skip
+
+
+def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
+    ident = request.get(IDENTITY)
+    managed = request.app[GOV].managed
+    raw = managed.raw(ident.key) if ident is not None and managed is not None else None
+    return ident, raw
+
+
+async def create_key(request: web.Request) -> web.Response:
+    managed = _managed(request)
+    f = _fields(await json_object(request))
+    if f.expires_at is not None and f.expires_at <= time.time():
+        raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    _check_residency(request, f)
+    K.check_scope(*_creator(request), f)
+    actor = actor_of(request)
+    data, token = await asyncio.to_thread(K.create, managed.store, f, actor)
+    await asyncio.to_thread(managed.load)
+    out = K.public(data)
+    await request.app[GOV].audit(actor, "key.created", data["id"], None, out)
+    return json_response({**out, "secret": token}, status=201)
+
+
+def _config_key(request: web.Request, key_id: str) -> dict[str, Any] | None:
+    k = request.app[STATE].live.config.keys.get(key_id)
+    if k is None:
+        return None
+    return {"id": key_id, "user": k.user, "team": k.team, "role": k.role, "source": "config", "status": "active",
+            "rpm": k.limits.rpm if k.limits else None, "tpm": k.limits.tpm if k.limits else None}  # fmt: skip
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    out = [_config_key(request, k) for k in request.app[STATE].live.config.keys]
+    managed = request.app[GOV].managed
+    if managed is not None:
+        out += [K.public(d) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
+    return json_response({"keys": out})
+
+
+async def get_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    if (ck := _config_key(request, key_id)) is not None:
+        return json_response(ck)
+    managed = _managed(request)
+    data = await asyncio.to_thread(managed.store.get_key, key_id)
+    if data is None:
+        raise ProxyError(404, f"No key {key_id}.", code="key_not_found")
+    return json_response(K.public(data))
+
+
+def _not_config(request: web.Request, key_id: str) -> None:
+    if key_id in request.app[STATE].live.config.keys:
+        raise ProxyError(409, f"Key {key_id} is defined in the config file and is read-only here.",
+                         code="key_read_only")  # fmt: skip
+
+
+async def update_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    _not_config(request, key_id)
+    managed = _managed(request)
+    body = await json_object(request)
+    current = await asyncio.to_thread(managed.store.get_key, key_id)
+    if current is None:
+        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+    merged = {k: current.get(k) for k in K.KeyFields.model_fields} | body
+    f = _fields(merged)
+    if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
+        raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    _check_residency(request, f)
+    K.check_scope(*_creator(request), f)
+    before, after = await asyncio.to_thread(K.update, managed.store, key_id, f.model_dump(include=set(body)))
+    await asyncio.to_thread(managed.load)
+    actor = actor_of(request)
+    await request.app[GOV].audit(actor, "key.updated", key_id, K.public(before), K.public(after))
+    return json_response(K.public(after))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    _not_config(request, key_id)
+    managed = _managed(request)
+    before, after = await asyncio.to_thread(K.revoke, managed.store, key_id)
+    await asyncio.to_thread(managed.load)
+    await request.app[GOV].audit(actor_of(request), "key.revoked", key_id, K.public(before), K.public(after))
+    return json_response(K.public(after))
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["id"]
+    _not_config(request, key_id)
+    managed = _managed(request)
+    body = await json_object(request)
+    if set(body) - {"grace_seconds"}:
+        raise ProxyError(400, f"Unknown field(s): {', '.join(sorted(set(body) - {'grace_seconds'}))}.")
+    grace = body.get("grace_seconds", 0)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 30 * 86400:
+        raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
+    before, after, token = await asyncio.to_thread(K.rotate, managed.store, key_id, float(grace))
+    await asyncio.to_thread(managed.load)
+    await request.app[GOV].audit(actor_of(request), "key.rotated", key_id, K.public(before), K.public(after))
+    return json_response({**K.public(after), "secret": token})

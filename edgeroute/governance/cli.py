@@ -1,0 +1,214 @@
+"""`edgeroute keys|config|audit`: the governance admin API from the command line.
+
+Each command calls a running instance (`--url`, default http://127.0.0.1:8080) with an
+admin key (`--key`, default `$EDGEROUTE_ADMIN_KEY`), so the same roles apply and every
+change lands in the audit log under that key. Output is JSON, or a table for lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from edgeroute.governance.http import parse_since
+
+
+def add_parsers(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=os.environ.get("EDGEROUTE_URL", "http://127.0.0.1:8080"),
+        help="a running edgeroute (default: $EDGEROUTE_URL or http://127.0.0.1:8080)",
+    )
+    common.add_argument("--key", default=os.environ.get("EDGEROUTE_ADMIN_KEY"), help="default: $EDGEROUTE_ADMIN_KEY")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    kp = sub.add_parser("keys", help="managed virtual keys")
+    kp.set_defaults(fn=_keys)
+    k = kp.add_subparsers(dest="action", required=True)
+    c = k.add_parser("create", parents=[common], help="create a key; its secret is printed once")
+    _key_fields(c)
+    k.add_parser("list", parents=[common], help="every key (config and managed)")
+    for name, what in (("show", "one key"), ("revoke", "revoke a key on every instance")):
+        p = k.add_parser(name, parents=[common], help=what)
+        p.add_argument("id", help="the key's id")
+    r = k.add_parser("rotate", parents=[common], help="a new secret (printed once)")
+    r.add_argument("id", help="the key's id")
+    r.add_argument("--grace", default="0", help="how long the old secret keeps working, e.g. 1h (default: 0)")
+    u = k.add_parser("update", parents=[common], help="change a key's fields")
+    u.add_argument("id", help="the key's id")
+    _key_fields(u)
+
+    cp = sub.add_parser("config", help="config versions and rollback")
+    cp.set_defaults(fn=_config)
+    cf = cp.add_subparsers(dest="action", required=True)
+    cf.add_parser("versions", parents=[common], help="every applied config")
+    s = cf.add_parser("show", parents=[common], help="a version (default: the running one), secrets masked")
+    s.add_argument("version", nargs="?", type=int, help="a version number (default: the running config)")
+    d = cf.add_parser("diff", parents=[common], help="unified diff between two versions")
+    d.add_argument("from_version", type=int, help="the older version")
+    d.add_argument("to_version", type=int, nargs="?", help="the newer version (default: the running one)")
+    rb = cf.add_parser("rollback", parents=[common], help="apply an earlier version")
+    rb.add_argument("version", type=int, help="the version to apply again")
+
+    a = sub.add_parser("audit", parents=[common], help="the audit log of admin actions")
+    a.add_argument("--since", help="epoch seconds or a span such as 24h, 7d")
+    a.add_argument("--actor", help="only what this key id (or rollback-guard, signal:SIGHUP) did")
+    a.add_argument("--action", help="e.g. key, key.revoked, config.rollback")
+    a.add_argument("--limit", type=int, default=50, help="at most this many entries, newest first (default: 50)")
+    a.set_defaults(fn=_audit)
+
+
+def _key_fields(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="a label for people")
+    p.add_argument("--user", help="the owner (user), for rules, budgets and reports")
+    p.add_argument("--team", help="the owner (team); a team's residency applies to its keys")
+    p.add_argument("--role", help="service (default), viewer, operator or admin")
+    p.add_argument("--model", action="append", dest="models", help="a model it may use (repeatable; default: all)")
+    p.add_argument("--deny-tag", action="append", dest="deny_tags", help="a request tag it may not send")
+    p.add_argument("--expires", help="a span from now (30d, 12h) or epoch seconds")
+    p.add_argument("--budget-usd", type=float, help="its own budget per calendar month, in USD")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--residency", help="the only region it may reach, e.g. eu")
+    p.add_argument("--metadata", help="a JSON object kept with the key (ticket, owner's e-mail, ...)")
+
+
+def _span(raw: str) -> float:
+    """Seconds in `raw` (a span such as 1h, or plain seconds)."""
+    if raw[-1:].isalpha():
+        return round(time.time() - parse_since(raw))
+    return float(raw)
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in ("name", "user", "team", "role", "models", "deny_tags", "budget_usd", "rpm", "tpm", "residency"):
+        if getattr(args, f) is not None:
+            out[f] = getattr(args, f)
+    if args.expires is not None:
+        exp = args.expires
+        out["expires_at"] = time.time() + _span(exp) if exp[-1:].isalpha() else float(exp)
+    if args.metadata is not None:
+        out["metadata"] = json.loads(args.metadata)
+    return out
+
+
+class ApiError(Exception):
+    pass
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if args.key:
+        req.add_header("Authorization", f"Bearer {args.key}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        try:
+            err = json.loads(e.read())["error"]
+            msg = err["message"]
+            for p in err.get("problems") or []:
+                msg += f"\n  {p.get('error') or p}"
+        except (ValueError, KeyError, TypeError):
+            msg = e.reason
+        raise ApiError(f"{e.code}: {msg}") from None
+    except urllib.error.URLError as e:
+        raise ApiError(f"cannot reach {args.url}: {e.reason}") from None
+
+
+def _print(
+    args: argparse.Namespace, obj: Any, rows: list[dict[str, Any]] | None = None, cols: tuple[str, ...] = ()
+) -> None:
+    if rows is None or args.json:
+        print(json.dumps(obj, indent=2))
+        return
+    table = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and v > 1e9:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v))
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def _run(fn: Any, args: argparse.Namespace) -> int:
+    try:
+        fn(args)
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> None:
+        a = args.action
+        if a == "create":
+            made = _call(args, "POST", "/admin/keys", _fields(args))
+            print(json.dumps(made, indent=2))
+            print("\nThe secret above is shown once; store it now.", file=sys.stderr)
+        elif a == "list":
+            got = _call(args, "GET", "/admin/keys")
+            cols = ("id", "source", "status", "role", "team", "user", "residency", "expires_at")
+            _print(args, got, got["keys"], cols)
+        elif a == "show":
+            _print(args, _call(args, "GET", f"/admin/keys/{args.id}"))
+        elif a == "revoke":
+            _print(args, _call(args, "DELETE", f"/admin/keys/{args.id}"))
+        elif a == "rotate":
+            grace = _span(args.grace)
+            _print(args, _call(args, "POST", f"/admin/keys/{args.id}/rotate", {"grace_seconds": grace}))
+        elif a == "update":
+            _print(args, _call(args, "PATCH", f"/admin/keys/{args.id}", _fields(args)))
+
+    return _run(go, args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> None:
+        a = args.action
+        if a == "versions":
+            got = _call(args, "GET", "/admin/config/versions")
+            _print(args, got, got["versions"], ("version", "active", "created_at", "source", "applied_by", "hash"))
+        elif a == "show":
+            path = "/admin/config" if args.version is None else f"/admin/config/versions/{args.version}"
+            _print(args, _call(args, "GET", path))
+        elif a == "diff":
+            q = f"from={args.from_version}" + (f"&to={args.to_version}" if args.to_version else "")
+            print(_call(args, "GET", f"/admin/config/diff?{q}")["diff"], end="")
+        elif a == "rollback":
+            _print(args, _call(args, "POST", "/admin/config/rollback", {"version": args.version}))
+
+    return _run(go, args)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    def go(args: argparse.Namespace) -> None:
+        q = {"since": args.since, "actor": args.actor, "action": args.action, "limit": str(args.limit)}
+        query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in q.items() if v)
+        got = _call(args, "GET", f"/admin/audit?{query}")
+        _print(args, got, got["entries"], ("ts", "actor", "action", "target"))
+
+    return _run(go, args)

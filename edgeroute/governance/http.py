@@ -1,0 +1,47 @@
+"""Small HTTP helpers shared by the governance handlers: JSON in and out, query checks."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute.errors import ProxyError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+async def json_object(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body (an empty body is `{}`); 400 otherwise."""
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError:
+        raise ProxyError(400, "The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ProxyError(400, "The body must be a JSON object.")
+    return body
+
+
+def only_params(request: web.Request, allowed: set[str]) -> None:
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise ProxyError(400, f"Unknown parameter '{unknown[0]}'.", param=unknown[0])
+
+
+def parse_since(raw: str) -> float:
+    """Epoch seconds, or a span back from now (`15m`, `24h`, `7d`)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", raw.strip())
+    if m:
+        return time.time() - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(raw)
+    except ValueError:
+        raise ProxyError(400, "'since' must be epoch seconds or a span such as 15m, 24h, 7d.", param="since") from None

@@ -1,0 +1,313 @@
+"""Managed virtual keys: created, changed, rotated and revoked through the admin API,
+kept in the database, served from memory.
+
+A token is ``er-<id>.<secret>``: the id finds the key in a dict, and the secret is checked
+against a salted keyed hash of it (BLAKE2b with the salt as key) in constant time, so a
+request costs one dict lookup and one hash (as much as a config key's SHA-256) and never
+touches the database. A slow password hash
+would add nothing: secrets are 256 random bits, never chosen by people. Only the salt and
+the hash are stored; the secret is shown once, when the key is created or rotated.
+
+Every instance polls one change counter in the database (`governance.key_poll_interval`,
+0.25 s by default) and, when it moved, reads only the keys changed since, so a revocation
+or rotation made on one instance applies on all of them within that interval. A rotation
+may keep the previous secret valid for a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgeroute import roles
+from edgeroute.config import Budget, Limit
+from edgeroute.cost.keys import Identity, token_bytes
+from edgeroute.errors import ProxyError
+from edgeroute.governance.store import GovStore
+
+log = logging.getLogger("edgeroute.keys")
+
+PREFIX = "er-"
+_PUBLIC = (
+    "id", "name", "user", "team", "role", "models", "deny_tags", "expires_at", "budget_usd", "rpm", "tpm",
+    "residency", "metadata", "created_at", "created_by", "updated_at", "revoked_at", "rotated_at", "grace_until",
+)  # fmt: skip
+
+
+class KeyFields(BaseModel):
+    """What a client may set on a managed key (create and update)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=200)
+    user: str | None = Field(None, max_length=200)
+    team: str | None = Field(None, max_length=200)
+    role: roles.Role = "service"
+    models: list[str] | None = Field(None, max_length=1000)  # None: every model
+    deny_tags: list[str] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
+    expires_at: float | None = Field(None, gt=0)  # unix seconds
+    budget_usd: float | None = Field(None, gt=0)  # per calendar month
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    residency: str | None = Field(None, min_length=1, max_length=64)
+    metadata: dict[str, Any] = {}
+
+    @field_validator("metadata")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        import orjson
+
+        if len(orjson.dumps(v)) > 8192:
+            raise ValueError("metadata is limited to 8 KiB of JSON")
+        return v
+
+
+def _b64(n: int) -> str:
+    return base64.urlsafe_b64encode(os.urandom(n)).rstrip(b"=").decode()
+
+
+def _mac(salt: bytes, secret: bytes) -> bytes:
+    # BLAKE2b in keyed mode is a MAC in one C call: as cheap as the SHA-256 digest of a config key
+    # (HMAC-SHA-256 costs several times more in Python's OpenSSL binding).
+    return hashlib.blake2b(secret, key=salt, digest_size=32).digest()
+
+
+def _hash(salt: str, secret: str) -> str:
+    return _mac(bytes.fromhex(salt), secret.encode()).hex()
+
+
+def new_secret(key_id: str) -> tuple[str, str, str]:
+    """(token, salt, hash) for a fresh secret of key `key_id`."""
+    secret = _b64(32)
+    salt = os.urandom(16).hex()
+    return f"{PREFIX}{key_id}.{secret}", salt, _hash(salt, secret)
+
+
+def public(data: dict[str, Any]) -> dict[str, Any]:
+    out = {k: data.get(k) for k in _PUBLIC}
+    now = time.time()
+    out["source"] = "managed"
+    if data.get("revoked_at"):
+        out["status"] = "revoked"
+    elif data.get("expires_at") and data["expires_at"] <= now:
+        out["status"] = "expired"
+    else:
+        out["status"] = "active"
+    return out
+
+
+def bad_fields(e: ValidationError) -> ProxyError:
+    problems = [{"field": ".".join(str(p) for p in err["loc"]) or "(body)", "error": err["msg"]} for err in e.errors()]
+    msg = "; ".join(f"{p['field']}: {p['error']}" for p in problems)
+    return ProxyError(400, f"Invalid key fields: {msg}", code="invalid_key", details=problems, details_key="problems")
+
+
+@dataclass(slots=True)
+class _Entry:
+    salt: bytes
+    hash: bytes
+    prev_salt: bytes | None
+    prev_hash: bytes | None
+    grace_until: float
+    expires_at: float | None
+    revoked: bool
+    identity: Identity
+
+
+def _entry(data: dict[str, Any], residency: str | None) -> _Entry:
+    limits = Limit(rpm=data.get("rpm"), tpm=data.get("tpm")) if data.get("rpm") or data.get("tpm") else None
+    budget = None
+    if data.get("budget_usd"):
+        budget = Budget(name=f"key:{data['id']}", scope="key", match=data["id"], limit_usd=data["budget_usd"])
+    models = data.get("models")
+    ident = Identity(
+        data["id"],
+        data.get("team"),
+        data.get("user"),
+        data.get("role"),
+        limits,
+        residency=residency,
+        budget=budget,
+        models=frozenset(models) if models is not None else None,
+        deny_tags=frozenset(data.get("deny_tags") or ()),
+    )
+    prev_salt, prev_hash = data.get("prev_salt"), data.get("prev_hash")
+    return _Entry(
+        bytes.fromhex(data["salt"]),
+        bytes.fromhex(data["hash"]),
+        bytes.fromhex(prev_salt) if prev_salt else None,
+        bytes.fromhex(prev_hash) if prev_hash else None,
+        float(data.get("grace_until") or 0),
+        data.get("expires_at"),
+        bool(data.get("revoked_at")),
+        ident,
+    )
+
+
+class ManagedKeys:
+    """The in-memory view of the managed keys, kept current by :meth:`poll`."""
+
+    def __init__(self, store: GovStore, region_of: Any = None) -> None:
+        self.store = store
+        self._by_id: dict[str, _Entry] = {}
+        self._raw: dict[str, dict[str, Any]] = {}
+        self.seq = 0
+        # (key id, team, own residency) -> effective region, from the running config
+        self._region_of = region_of or (lambda key_id, team, own: own)
+
+    def __len__(self) -> int:
+        return sum(1 for e in self._by_id.values() if not e.revoked)
+
+    def load(self) -> None:
+        """Reads what changed since the last call (blocking: run it off the event loop)."""
+        seq = self.store.keys_seq()
+        if seq == self.seq:
+            return
+        for row_seq, data in self.store.keys_since(self.seq):
+            self._apply(data)
+            self.seq = max(self.seq, row_seq)
+        self.seq = max(self.seq, seq)
+
+    def _apply(self, data: dict[str, Any]) -> None:
+        self._raw[data["id"]] = data
+        self._by_id[data["id"]] = _entry(data, self._region_of(data["id"], data.get("team"), data.get("residency")))
+
+    def set_region_of(self, region_of: Any) -> None:
+        """A reload can change team residencies: recompute every key's region."""
+        self._region_of = region_of
+        for data in self._raw.values():
+            self._by_id[data["id"]] = _entry(data, region_of(data["id"], data.get("team"), data.get("residency")))
+
+    def identify(self, token: str) -> Identity | None:
+        """The key of `token`, None when it is not a valid managed key; a valid secret of a
+        revoked or expired key is a 401 that says so."""
+        if not token.startswith(PREFIX):
+            return None
+        key_id, _, secret = token[len(PREFIX) :].partition(".")
+        e = self._by_id.get(key_id)
+        if e is None or not secret:
+            return None
+        now = time.time()
+        given = token_bytes(secret)
+        if not hmac.compare_digest(_mac(e.salt, given), e.hash):
+            if e.prev_salt is None or e.prev_hash is None or now >= e.grace_until:
+                return None
+            if not hmac.compare_digest(_mac(e.prev_salt, given), e.prev_hash):
+                return None
+        if e.revoked:
+            raise ProxyError(401, f"API key {key_id} has been revoked.", code="key_revoked")
+        if e.expires_at is not None and now >= e.expires_at:
+            raise ProxyError(401, f"API key {key_id} has expired.", code="key_expired")
+        return e.identity
+
+    def raw(self, key_id: str) -> dict[str, Any] | None:
+        return self._raw.get(key_id)
+
+    def all(self) -> list[dict[str, Any]]:
+        return list(self._raw.values())
+
+    async def follow(self, interval: float) -> None:
+        """Polls the change counter until cancelled; a failing database keeps the last view."""
+        failing = False
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.load)
+                if failing:
+                    log.warning("managed keys: the database answers again")
+                failing = False
+            except Exception as e:
+                if not failing:
+                    what = type(e).__name__
+                    log.error("managed keys: cannot read the database (%s); keeping the keys as they were", what)
+                failing = True
+
+
+# -- changes (blocking: run off the event loop) -----------------------------------------------
+
+
+def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
+    """A key cannot give more than it has: role, budget, rate limits, models, residency."""
+    if creator is None:
+        return  # loopback without keys, or the CLI on the database: the operator of the machine
+    mine = roles.access_role(creator.role)
+    if roles.rank(f.role) > roles.rank(mine):
+        raise ProxyError(
+            403, f"A key with role '{mine}' cannot create a key with role '{f.role}'.", code="permission_denied"
+        )
+    own = creator_raw or {}
+    limits = creator.limits
+    checks: list[tuple[str, float | None, float | None]] = [
+        ("budget_usd", own.get("budget_usd"), f.budget_usd),
+        ("rpm", limits.rpm if limits else None, f.rpm),
+        ("tpm", limits.tpm if limits else None, f.tpm),
+    ]
+    for name, have, theirs in checks:
+        if have is not None and (theirs is None or theirs > have):
+            raise ProxyError(
+                403, f"The new key's {name} must be set and at most this key's ({have:g}).", code="permission_denied"
+            )
+    if own.get("models") is not None and (f.models is None or not set(f.models) <= set(own["models"])):
+        raise ProxyError(403, "The new key's models must be among this key's models.", code="permission_denied")
+    if creator.residency is not None and f.residency != creator.residency:
+        raise ProxyError(
+            403, f"The new key must keep this key's residency '{creator.residency}'.", code="permission_denied"
+        )
+
+
+def create(store: GovStore, f: KeyFields, actor: str) -> tuple[dict[str, Any], str]:
+    """Creates a key; returns (stored data, token). The token is not stored."""
+    key_id = "k" + os.urandom(6).hex()
+    token, salt, digest = new_secret(key_id)
+    now = time.time()
+    data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
+    data["updated_at"] = now
+    store.put_key(data, create=True)
+    return data, token
+
+
+def update(store: GovStore, key_id: str, changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Applies validated changes; returns (before, after)."""
+    before = store.get_key(key_id)
+    if before is None:
+        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+    if before.get("revoked_at"):
+        raise ProxyError(409, f"Key {key_id} is revoked; create a new key.", code="key_revoked")
+    after = {**before, **changes, "updated_at": time.time()}
+    store.put_key(after)
+    return before, after
+
+
+def rotate(store: GovStore, key_id: str, grace_s: float) -> tuple[dict[str, Any], dict[str, Any], str]:
+    before = store.get_key(key_id)
+    if before is None:
+        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+    if before.get("revoked_at"):
+        raise ProxyError(409, f"Key {key_id} is revoked; create a new key.", code="key_revoked")
+    token, salt, digest = new_secret(key_id)
+    now = time.time()
+    after = {**before, "salt": salt, "hash": digest, "rotated_at": now, "updated_at": now}
+    after["prev_salt"], after["prev_hash"] = (before["salt"], before["hash"]) if grace_s > 0 else (None, None)
+    after["grace_until"] = now + grace_s if grace_s > 0 else None
+    store.put_key(after)
+    return before, after, token
+
+
+def revoke(store: GovStore, key_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    before = store.get_key(key_id)
+    if before is None:
+        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+    if before.get("revoked_at"):
+        return before, before
+    after = {**before, "revoked_at": time.time(), "updated_at": time.time()}
+    store.put_key(after)
+    return before, after

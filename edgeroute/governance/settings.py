@@ -1,0 +1,51 @@
+"""The `governance:` section of the config: managed keys, residency, secrets refresh.
+
+Schema only (pydantic models, no I/O); `edgeroute.config` holds one field of this type.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Residency(_Strict):
+    """Where a key's or team's requests may go: only deployments tagged `<tag_prefix><region>`."""
+
+    tag_prefix: str = Field("region:", min_length=1)
+    keys: dict[str, str] = {}  # config key id -> region
+    teams: dict[str, str] = {}  # team -> region (managed keys of the team inherit it)
+
+    def region_of(self, key_id: str | None, team: str | None, own: str | None = None) -> str | None:
+        """A key's region: its team's when the team has one, else the key's own."""
+        if team is not None and team in self.teams:
+            return self.teams[team]
+        if key_id is not None and key_id in self.keys:
+            return self.keys[key_id]
+        return own
+
+
+class RollbackGuard(_Strict):
+    """After a reload, watch the new config for `window_s`; past a bound, roll back by itself."""
+
+    window_s: float = Field(60.0, gt=0, le=3600)
+    max_error_rate: float | None = Field(0.5, gt=0, le=1)  # answers with a 5xx status, of all answers
+    max_p95_ms: float | None = Field(None, gt=0)
+    min_requests: int = Field(20, ge=1)  # no verdict on fewer answers
+
+
+class Governance(_Strict):
+    # Keys kept in the database (`/admin/keys`, `edgeroute keys`); with them on, every request
+    # needs a key, as with `keys:`.
+    managed_keys: bool = False
+    # How often each instance looks for key changes in the database (revocation reaches every
+    # instance within this interval plus one query).
+    key_poll_interval: float = Field(0.25, gt=0, le=1.0)
+    residency: Residency | None = None
+    # Seconds between re-reads of `file:` and `exec:` secrets (a changed value is applied
+    # without a restart; a failed re-read keeps the last good value).
+    secrets_refresh: float = Field(30.0, ge=0.5)
+    rollback_guard: RollbackGuard | None = None

@@ -1,0 +1,284 @@
+"""Governance tables in the ledger's database: managed keys, config versions, the audit log.
+
+One small synchronous store over SQLite or PostgreSQL (the same database as the spend
+ledger, so every instance sharing the ledger shares keys, versions and audit). Every call
+is short and runs off the event loop (`asyncio.to_thread`); the request path never
+touches it: keys are served from memory and refreshed by a poller that reads one counter
+(`gov_meta.keys`) and, when it moved, only the rows changed since.
+
+The audit log is append-only from the API: nothing here updates or deletes its rows.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edgeroute import secrets
+from edgeroute.config import Config
+from edgeroute.config import Ledger as LedgerConfig
+
+_TABLES = {
+    "sqlite": [
+        "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_config_versions (
+            version INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+            source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS gov_audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, ts DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL,
+            action TEXT NOT NULL, target TEXT, before TEXT, after TEXT)""",
+    ],
+    "postgres": [
+        "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_config_versions (
+            version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, hash TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS gov_audit (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, actor TEXT NOT NULL,
+            action TEXT NOT NULL, target TEXT, before TEXT, after TEXT)""",
+    ],
+}
+_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS gov_keys_seq ON gov_keys (seq)",
+    "CREATE INDEX IF NOT EXISTS gov_audit_ts ON gov_audit (ts)",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    version: int
+    hash: str
+    created_at: float
+    source: str
+    applied_by: str | None
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    ts: float
+    actor: str
+    action: str
+    target: str | None
+    before: Any
+    after: Any
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ts": self.ts,
+            "actor": self.actor,
+            "action": self.action,
+            "target": self.target,
+            "before": self.before,
+            "after": self.after,
+        }
+
+
+class GovStore:
+    """Thread-safe access to the governance tables (one connection, one lock)."""
+
+    def __init__(self, dialect: str, target: str) -> None:
+        self.dialect = dialect
+        self._target = target
+        self._lock = threading.Lock()
+        self._conn: Any = self._connect()
+        with self._lock, self._tx() as cur:
+            for stmt in (*_TABLES[dialect], *_INDEXES):
+                cur.execute(stmt)
+            cur.execute(self._sql("INSERT INTO gov_meta (name, value) VALUES ('keys', 0) ON CONFLICT DO NOTHING"))
+
+    @classmethod
+    def for_config(cls, cfg: Config, base_dir: Path | None) -> GovStore:
+        """The ledger's database; an in-memory SQLite store when there is none (an in-process
+        config without a ledger: versions and audit then last as long as the process)."""
+        lc = cfg.ledger
+        if lc is None and base_dir is not None:
+            lc = LedgerConfig()
+        if lc is None or lc.backend == "memory":
+            return cls("sqlite", ":memory:")
+        if lc.backend == "postgres":
+            assert lc.dsn is not None
+            return cls("postgres", secrets.resolve(lc.dsn, base_dir=base_dir).reveal())
+        path = Path(lc.path)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        return cls("sqlite", str(path))
+
+    def _connect(self) -> Any:
+        if self.dialect == "postgres":
+            import psycopg
+
+            return psycopg.connect(self._target, autocommit=False, connect_timeout=5)
+        conn = sqlite3.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
+        if self._target != ":memory:":
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.dialect == "postgres" else sql
+
+    def _tx(self, write: bool = True) -> _Tx:
+        if self.dialect == "postgres" and self._conn.closed:
+            self._conn = self._connect()
+        return _Tx(self._conn, self.dialect, write)
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, self._tx(write=False) as cur:
+            cur.execute(self._sql(sql), tuple(params))
+            return [tuple(r) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- managed keys -----------------------------------------------------------
+
+    def keys_seq(self) -> int:
+        return int(self._query("SELECT value FROM gov_meta WHERE name = 'keys'")[0][0])
+
+    def keys_since(self, seq: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._query("SELECT seq, data FROM gov_keys WHERE seq > ? ORDER BY seq", (seq,))
+        return [(int(s), orjson.loads(d)) for s, d in rows]
+
+    def get_key(self, key_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT data FROM gov_keys WHERE id = ?", (key_id,))
+        return orjson.loads(rows[0][0]) if rows else None
+
+    def put_key(self, data: dict[str, Any], *, create: bool = False) -> int:
+        """Writes a key and moves the change counter, in one transaction; returns the new counter.
+        With `create`, an existing id is an error (`KeyError`)."""
+        with self._lock, self._tx() as cur:
+            cur.execute(self._sql("UPDATE gov_meta SET value = value + 1 WHERE name = 'keys' RETURNING value"))
+            seq = int(cur.fetchone()[0])
+            if create:
+                cur.execute(self._sql("SELECT 1 FROM gov_keys WHERE id = ?"), (data["id"],))
+                if cur.fetchone() is not None:
+                    raise KeyError(data["id"])
+            cur.execute(
+                self._sql(
+                    "INSERT INTO gov_keys (id, seq, data) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, data = excluded.data"
+                ),
+                (data["id"], seq, orjson.dumps(data).decode()),
+            )
+            return seq
+
+    # -- config versions --------------------------------------------------------
+
+    def add_version(self, digest: str, source: str, applied_by: str | None, body: str) -> tuple[int, bool]:
+        """Stores an applied config; a config identical to the latest version reuses its number.
+        Returns (version, created)."""
+        with self._lock, self._tx() as cur:
+            cur.execute("SELECT version, hash FROM gov_config_versions ORDER BY version DESC LIMIT 1")
+            last = cur.fetchone()
+            if last is not None and last[1] == digest:
+                return int(last[0]), False
+            cur.execute(
+                self._sql(
+                    "INSERT INTO gov_config_versions (hash, created_at, source, applied_by, body) "
+                    "VALUES (?, ?, ?, ?, ?) RETURNING version"
+                ),
+                (digest, time.time(), source, applied_by, body),
+            )
+            return int(cur.fetchone()[0]), True
+
+    def versions(self, limit: int = 200) -> list[Version]:
+        rows = self._query(
+            "SELECT version, hash, created_at, source, applied_by, body FROM gov_config_versions "
+            "ORDER BY version DESC LIMIT ?",
+            (limit,),
+        )
+        return [_version(r) for r in rows]
+
+    def version(self, v: int) -> Version | None:
+        rows = self._query(
+            "SELECT version, hash, created_at, source, applied_by, body FROM gov_config_versions WHERE version = ?",
+            (v,),
+        )
+        return _version(rows[0]) if rows else None
+
+    # -- audit ------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, target: str | None, before: Any = None, after: Any = None) -> None:
+        def enc(v: Any) -> str | None:
+            return None if v is None else orjson.dumps(v).decode()
+
+        with self._lock, self._tx() as cur:
+            cur.execute(
+                self._sql("INSERT INTO gov_audit (ts, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)"),
+                (time.time(), actor, action, target, enc(before), enc(after)),
+            )
+
+    def audit_entries(
+        self, since: float | None = None, actor: str | None = None, action: str | None = None, limit: int = 200
+    ) -> list[AuditEntry]:
+        where: list[str] = []
+        params: list[Any] = []
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if actor is not None:
+            where.append("actor = ?")
+            params.append(actor)
+        if action is not None:
+            # `key` matches key.created, key.rotated...; an exact name matches itself.
+            where.append("(action = ? OR action LIKE ?)")
+            params += [action, action + ".%"]
+        sql = "SELECT id, ts, actor, action, target, before, after FROM gov_audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._query(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [
+            AuditEntry(
+                int(r[0]),
+                float(r[1]),
+                r[2],
+                r[3],
+                r[4],
+                orjson.loads(r[5]) if r[5] else None,
+                orjson.loads(r[6]) if r[6] else None,
+            )
+            for r in rows
+        ]
+
+
+def _version(r: tuple[Any, ...]) -> Version:
+    return Version(int(r[0]), r[1], float(r[2]), r[3], r[4], r[5])
+
+
+class _Tx:
+    """A transaction on the store's one connection: commit on success, roll back on error."""
+
+    def __init__(self, conn: Any, dialect: str, write: bool) -> None:
+        self.conn = conn
+        self.dialect = dialect
+        self.write = write
+        self.cur: Any = None
+
+    def __enter__(self) -> Any:
+        self.cur = self.conn.cursor()
+        if self.dialect == "sqlite":
+            # A writer takes the lock up front, so two instances cannot interleave a read-modify-write.
+            self.cur.execute("BEGIN IMMEDIATE" if self.write else "BEGIN")
+        return self.cur
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            if exc_type is None:
+                self.conn.commit() if self.dialect == "postgres" else self.cur.execute("COMMIT")
+            else:
+                self.conn.rollback() if self.dialect == "postgres" else self.cur.execute("ROLLBACK")
+        finally:
+            self.cur.close()

@@ -1,0 +1,227 @@
+"""Config versions: every applied config stored (number, hash, time, source, who), shown
+with its secrets masked, diffed, checked, and rolled back to.
+
+A version holds the config's YAML text as it was applied (comments included), so a
+rollback applies exactly what ran before. What is shown is never that text but the parsed
+config with every secret that is not a reference (`env:`, `file:`, `exec:`) masked.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgeroute import config as config_mod
+from edgeroute import secrets
+from edgeroute.config import Config
+from edgeroute.errors import ProxyError
+from edgeroute.governance.store import GovStore, Version
+
+log = logging.getLogger("edgeroute.governance")
+
+MASK = "****"
+REDACTED = "redacted:sha256:"
+# Mapping keys whose string values are credentials (or may embed one), and every header value.
+_SECRET_FIELDS = frozenset(
+    {"api_key", "token", "token_sha256", "dsn", "redis_url", "api_keys", "secret", "aws_access_key_id",
+     "aws_secret_access_key", "aws_session_token"}
+)  # fmt: skip
+_URLS = frozenset({"dsn", "redis_url"})  # secret only when they carry credentials (user:password@)
+
+Leaf = tuple[Any, Any, tuple[Any, ...]]  # (container, key or index, path from the root)
+
+
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator[Leaf]:
+    """Every literal secret in parsed config data (references such as `env:X` are not secrets)."""
+    if isinstance(data, list):
+        for i, x in enumerate(data):
+            yield from _leaves(x, (*path, i), parent)
+        return
+    if not isinstance(data, dict):
+        return
+    for k, v in data.items():
+        secret = k in _SECRET_FIELDS or parent == "headers"
+        if secret and isinstance(v, str):
+            if _literal(str(k), v):
+                yield data, k, (*path, k)
+        elif secret and isinstance(v, list):
+            yield from ((v, i, (*path, k, i)) for i, x in enumerate(v) if isinstance(x, str) and _literal(str(k), x))
+        else:
+            yield from _leaves(v, (*path, k), str(k))
+
+
+def _literal(field: str, v: str) -> bool:
+    if v.startswith((*secrets.REFERENCE_PREFIXES, REDACTED)):
+        return False
+    return "@" in v if field in _URLS else True
+
+
+def mask(data: Any) -> Any:
+    """`data` (parsed YAML, changed in place) with literal secrets replaced by a mask."""
+    for container, key, _ in list(_leaves(data)):
+        container[key] = MASK
+    for container, key, _ in list(_redacted(data)):
+        container[key] = MASK
+    return data
+
+
+def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return
+    for k, v in items:
+        if isinstance(v, str) and v.startswith(REDACTED):
+            yield data, k, (*path, k)
+        else:
+            yield from _redacted(v, (*path, k))
+
+
+def for_storage(text: str) -> str:
+    """The text to store for an applied config: itself, unless it holds literal secrets; then a
+    dump with each replaced by its hash (no secret goes into the database; a rollback takes the
+    value back from the running config when it is unchanged)."""
+    data = yaml.safe_load(text)
+    found = list(_leaves(data))
+    if not found:
+        return text
+    for container, key, _ in found:
+        container[key] = REDACTED + digest(container[key])[:16]
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def restore(stored: str, running: str, version: int) -> str:
+    """A stored text ready to apply: each redacted literal secret taken from the running config's
+    text at the same place, when its hash matches; ConfigError otherwise."""
+    data = yaml.safe_load(stored)
+    found = list(_redacted(data))
+    if not found:
+        return stored
+    current = yaml.safe_load(running)
+    missing = []
+    for container, key, path in found:
+        value: Any = current
+        for part in path:
+            try:
+                value = value[part]
+            except (KeyError, IndexError, TypeError):
+                value = None
+                break
+        if isinstance(value, str) and REDACTED + digest(value)[:16] == container[key]:
+            container[key] = value
+        else:
+            missing.append(".".join(str(p) for p in path))
+    if missing:
+        raise config_mod.ConfigError(
+            [f"version {version}: the literal secret at {p} was never stored and the running config no longer "
+             "has it (use env:, file: or exec: references to make versions restorable)" for p in missing]
+        )  # fmt: skip
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def masked_data(text: str) -> Any:
+    """A stored version's config as data, secrets masked (stored texts parsed once before)."""
+    try:
+        return mask(yaml.safe_load(text))
+    except yaml.YAMLError:
+        return None
+
+
+def masked_yaml(text: str) -> str:
+    return yaml.safe_dump(masked_data(text), sort_keys=False, allow_unicode=True)
+
+
+def text_of(cfg: Config, source: str) -> str:
+    """The text to store for the config the server starts with: its file when it has one."""
+    p = Path(source)
+    if p.is_file():
+        try:
+            return p.read_text()
+        except OSError:
+            pass
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+def version_json(v: Version, active: int | None) -> dict[str, Any]:
+    return {
+        "version": v.version,
+        "hash": v.hash,
+        "created_at": v.created_at,
+        "source": v.source,
+        "applied_by": v.applied_by,
+        "active": v.version == active,
+    }
+
+
+class Versions:
+    """This instance's running version, over the shared table of versions."""
+
+    def __init__(self, store: GovStore) -> None:
+        self.store = store
+        self.active: int | None = None
+        self.active_text = ""  # as stored (literal secrets redacted)
+        self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
+
+    def record(self, text: str, source: str, applied_by: str | None) -> tuple[int, bool]:
+        """Stores an applied config (blocking: call off the event loop) and makes it active."""
+        stored = for_storage(text)
+        v, created = self.store.add_version(digest(stored), source, applied_by, stored)
+        self.active, self.active_text, self.running_text = v, stored, text
+        return v, created
+
+    def get(self, v: int) -> Version:
+        found = self.store.version(v)
+        if found is None:
+            raise ProxyError(404, f"No config version {v}.", code="version_not_found", param="version")
+        return found
+
+    def diff(self, a: int, b: int) -> str:
+        va, vb = self.get(a), self.get(b)
+        lines = difflib.unified_diff(
+            masked_yaml(va.body).splitlines(keepends=True),
+            masked_yaml(vb.body).splitlines(keepends=True),
+            fromfile=f"version {a}",
+            tofile=f"version {b}",
+        )
+        return "".join(lines)
+
+
+def check_text(text: str, source: str = "<check>") -> list[str]:
+    """Every problem with a config text, as `edgeroute check` reports them; `exec:` secrets are
+    not run (a check must not execute commands sent to it)."""
+    try:
+        with secrets.no_exec():
+            config_mod.loads(text, source)
+    except config_mod.ConfigError as e:
+        return e.errors
+    return []
+
+
+def write_back(source: str, text: str) -> bool:
+    """Writes the rolled-back text over the config file (atomically) so that a restart or a
+    later reload keeps it; False when there is no file or it cannot be written."""
+    p = Path(source)
+    if not p.is_file():
+        return False
+    tmp = p.with_name(f".{p.name}.rollback-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, p)
+        return True
+    except OSError as e:
+        log.warning("rollback applied, but the config file %s could not be updated: %s", p, e.strerror)
+        tmp.unlink(missing_ok=True)
+        return False

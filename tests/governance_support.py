@@ -1,0 +1,79 @@
+"""Helpers for the governance tests (no tests here): edgeroute as a real process, admin calls."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.test_cost_support import free_port
+
+
+class Instance:
+    """`edgeroute serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeroute", "serve", "--config", str(config), "--port", str(self.port)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        self.log_path = log
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"edgeroute exited: {self.log_path.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/healthz", timeout=1):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"edgeroute did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # only the process this helper started
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+@contextlib.contextmanager
+def instances(config: Path, n: int) -> Iterator[list[Instance]]:
+    started = [Instance(config, config.parent / f"edgeroute-{i}.log") for i in range(n)]
+    try:
+        for s in started:
+            s.wait_ready()
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+async def call(
+    method: str, url: str, token: str | None = None, json: Any = None, data: str | None = None
+) -> tuple[int, Any]:
+    hdrs = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.request(method, url, headers=hdrs, json=json, data=data) as r:
+        return r.status, await r.json()

@@ -1,0 +1,226 @@
+"""Config versions, diff, check, rollback and the audit log, through the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from edgeroute import config as config_mod
+from edgeroute.server import create_app
+from tests.conftest import simple_config
+from tests.governance_support import call, write_config
+
+
+@pytest.fixture
+async def served(start_upstream, tmp_path: Path):  # type: ignore[no-untyped-def]
+    up = await start_upstream()
+    secret = tmp_path / "provider-key"
+    secret.write_text("sk-first\n")
+    cfg = simple_config({"a": up})
+    cfg["providers"]["a"]["api_key"] = f"file:{secret}"
+    cfg["providers"]["a"]["headers"] = {"x-team-secret": "literal-header-value"}
+    cfg["keys"] = {
+        "root": {"token": "tok-admin", "role": "admin"},
+        "ops": {"token": "tok-operator", "role": "operator"},
+        "look": {"token": "tok-viewer", "role": "viewer"},
+    }
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    app = create_app(config_mod.load(path), str(path))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}", path, cfg, secret
+    finally:
+        await server.close()
+
+
+async def test_versions_diff_rollback_and_audit(served) -> None:  # type: ignore[no-untyped-def]
+    url, path, cfg, _ = served
+    status, body = await call("GET", url + "/admin/config", "tok-viewer")
+    assert status == 200 and body["version"] == 1
+    text = str(body)
+    assert "literal-header-value" not in text and "tok-admin" not in text
+    assert body["config"]["keys"]["root"]["token"] == "****"
+    assert body["config"]["providers"]["a"]["api_key"].startswith("file:")  # references are shown
+
+    cfg["models"]["m2"] = {"deployments": ["d-a"]}
+    write_config(path, cfg)
+    status, _ = await call("POST", url + "/admin/reload", "tok-operator")
+    assert status == 200
+    status, body = await call("GET", url + "/admin/config/versions", "tok-viewer")
+    assert status == 200
+    versions = body["versions"]
+    assert [v["version"] for v in versions] == [2, 1]
+    assert versions[0]["active"] and not versions[1]["active"]
+    assert versions[0]["source"] == "reload" and versions[0]["applied_by"] == "ops"
+    assert len(versions[0]["hash"]) == 64
+
+    status, body = await call("GET", url + "/admin/config/diff?from=1&to=2", "tok-viewer")
+    assert status == 200
+    assert "+  m2:" in body["diff"] and "literal-header-value" not in body["diff"]
+
+    status, body = await call("GET", url + "/admin/config/versions/1", "tok-viewer")
+    assert status == 200 and "m2" not in body["config"]["models"]
+
+    # A viewer cannot roll back; an operator can.
+    status, _ = await call("POST", url + "/admin/config/rollback", "tok-viewer", json={"version": 1})
+    assert status == 403
+    status, body = await call("POST", url + "/admin/config/rollback", "tok-operator", json={"version": 1})
+    assert status == 200, body
+    assert body["rolled_back_to"] == 1 and body["version"] == 3 and body["file_updated"] is True
+    assert "m2" not in yaml.safe_load(path.read_text())["models"]
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="tok-viewer")
+    try:
+        assert [m.id for m in (await client.models.list()).data] == ["m"]
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="m2", messages=[{"role": "user", "content": "x"}])
+    finally:
+        await client.close()
+
+    status, body = await call("GET", url + "/admin/audit?action=config", "tok-viewer")
+    assert status == 200
+    actions = [(e["action"], e["actor"]) for e in body["entries"]]
+    assert actions[:2] == [("config.rollback", "ops"), ("config.reload", "ops")]
+    assert body["entries"][0]["before"] == {"version": 2}
+    assert body["entries"][0]["after"] == {
+        "version": 3,
+        "hash": body["entries"][0]["after"]["hash"],
+        "source": "rollback:1",
+    }
+    status, body = await call("GET", url + "/admin/audit?actor=nobody", "tok-viewer")
+    assert status == 200 and body["entries"] == []
+
+
+async def test_rollback_to_a_version_that_no_longer_validates(served) -> None:  # type: ignore[no-untyped-def]
+    url, path, cfg, secret = served
+    cfg["providers"]["a"]["api_key"] = "sk-literal"
+    write_config(path, cfg)
+    assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200
+    secret.unlink()  # version 1's provider key is gone
+    status, body = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 1})
+    assert status == 409, body
+    assert body["error"]["code"] == "rollback_refused"
+    assert "No such file or directory" in str(body["error"]["problems"])
+    status, body = await call("GET", url + "/admin/config", "tok-admin")
+    assert body["version"] == 2  # nothing changed
+    assert yaml.safe_load(path.read_text())["providers"]["a"]["api_key"] == "sk-literal"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "status"),
+    [
+        ("POST", "/admin/config/rollback", {"version": "1"}, 400),
+        ("POST", "/admin/config/rollback", {"version": 99}, 404),
+        ("POST", "/admin/config/rollback", {"version": 1, "force": True}, 400),
+        ("POST", "/admin/config/rollback", [1], 400),
+        ("GET", "/admin/config/diff?to=1", None, 400),
+        ("GET", "/admin/config/diff?from=x", None, 400),
+        ("GET", "/admin/config/versions/0", None, 400),
+        ("GET", "/admin/config/versions/7", None, 404),
+        ("GET", "/admin/audit?since=yesterday", None, 400),
+        ("GET", "/admin/audit?who=me", None, 400),
+        ("GET", "/admin/audit?limit=0", None, 400),
+    ],
+)
+async def test_bad_input_is_a_clear_4xx(served, method: str, path: str, payload: object, status: int) -> None:  # type: ignore[no-untyped-def]
+    url = served[0]
+    got, body = await call(method, url + path, "tok-admin", json=payload)
+    assert got == status, body
+    assert body["error"]["message"]
+
+
+async def test_check_reports_errors_and_never_runs_commands(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, path, cfg, _ = served
+    status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=path.read_text())
+    assert status == 200 and body == {"ok": True, "errors": []}
+    bad = {**cfg, "models": {"m": {"deployments": ["missing"]}}}
+    status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(bad))
+    assert status == 200 and body["ok"] is False
+    assert any("models.m.deployments[0]: unknown deployment 'missing'" in e for e in body["errors"])
+    status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data="a: [1,")
+    assert body["ok"] is False and "invalid YAML" in body["errors"][0]
+    marker = tmp_path / "ran"
+    sneaky = {**cfg, "providers": {"a": {**cfg["providers"]["a"], "api_key": f"exec:touch {marker}"}}}
+    status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(sneaky))
+    assert status == 200 and body["ok"] is True
+    assert not marker.exists()
+
+
+async def test_literal_secrets_never_reach_the_database(served) -> None:  # type: ignore[no-untyped-def]
+    url, path, cfg, _ = served
+    cfg["providers"]["a"]["api_key"] = "sk-literal-one"
+    write_config(path, cfg)
+    assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200  # version 2
+    cfg["providers"]["a"]["api_key"] = "sk-literal-two"
+    cfg["models"]["m3"] = {"deployments": ["d-a"]}
+    write_config(path, cfg)
+    assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200  # version 3
+    db = (path.parent / "edgeroute-ledger.db").read_bytes() + (path.parent / "edgeroute-ledger.db-wal").read_bytes()
+    for secret in (b"sk-literal-one", b"sk-literal-two", b"tok-admin", b"literal-header-value"):
+        assert secret not in db
+    status, body = await call("GET", url + "/admin/config/versions/2", "tok-admin")
+    assert body["config"]["providers"]["a"]["api_key"] == "****"
+    # Version 2's literal key is not the running one: it cannot be restored, and nothing changes.
+    status, body = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 2})
+    assert status == 409, body
+    assert "the literal secret at providers.a.api_key was never stored" in str(body["error"]["problems"])
+    assert (await call("GET", url + "/admin/config", "tok-admin"))[1]["version"] == 3
+    # Version 1 differs only in what references and unchanged literals hold: it restores.
+    status, body = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 1})
+    assert status == 200, body
+    assert yaml.safe_load(path.read_text())["providers"]["a"]["headers"] == {"x-team-secret": "literal-header-value"}
+
+
+async def test_rollback_guard_undoes_a_bad_reload(start_upstream, tmp_path: Path) -> None:
+    good, bad = await start_upstream(), await start_upstream(fail_status=500)
+    cfg = simple_config({"a": good})
+    cfg["governance"] = {"rollback_guard": {"window_s": 20, "max_error_rate": 0.5, "min_requests": 5}}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    app = create_app(config_mod.load(path), str(path))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        # A harmless reload is watched and kept.
+        cfg["models"]["m2"] = {"deployments": ["d-a"]}
+        write_config(path, cfg)
+        assert (await call("POST", url + "/admin/reload"))[0] == 200
+        for _ in range(6):
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        # A reload that sends everything to a broken provider is rolled back by itself.
+        cfg["providers"]["a"]["base_url"] = bad.base_url
+        write_config(path, cfg)
+        assert (await call("POST", url + "/admin/reload"))[0] == 200
+        errors = 0
+        for _ in range(40):
+            try:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+                break
+            except openai.APIStatusError:
+                errors += 1
+                await asyncio.sleep(0.1)
+        assert 5 <= errors < 40
+        _, versions = await call("GET", url + "/admin/config/versions")
+        assert versions["versions"][0]["source"] == "auto_rollback:2"
+        assert versions["versions"][0]["applied_by"] == "rollback-guard"
+        _, audit = await call("GET", url + "/admin/audit?actor=rollback-guard")
+        assert "error rate" in audit["entries"][0]["after"]["reason"]
+        assert yaml.safe_load(path.read_text())["providers"]["a"]["base_url"] == good.base_url
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_turning_managed_keys_on_takes_a_restart(served) -> None:  # type: ignore[no-untyped-def]
+    url, path, cfg, _ = served
+    write_config(path, {**cfg, "governance": {"managed_keys": True}})
+    status, body = await call("POST", url + "/admin/reload", "tok-admin")
+    assert status == 400
+    assert "governance.managed_keys: changed; this setting takes effect on restart" in str(body["error"]["problems"])
+    assert (await call("GET", url + "/admin/config", "tok-admin"))[1]["version"] == 1
