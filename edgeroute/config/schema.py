@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
-from edgeroute.outcome import FallbackKey
 from edgeroute.governance.settings import Governance
+from edgeroute.outcome import FallbackKey
 from edgeroute.requestlog.settings import RequestLog
 from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
