@@ -94,7 +94,11 @@ class _Known:
                 self._dirty = False
                 # Longest first, so that a secret containing another is replaced whole.
                 values = sorted(self._values, key=len, reverse=True)
-                self._regex = re.compile("|".join(map(re.escape, values))) if values else None
+                # Whole tokens only: a secret that is also a word ("edgeroute" as a test
+                # database's password) is replaced where it stands alone (quoted, in a URL,
+                # after "key:"), not inside a longer name ("x-edgeroute-tags").
+                alternatives = "|".join(map(re.escape, values))
+                self._regex = re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])") if values else None
         return self._regex
 
 

@@ -76,7 +76,8 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
                     problems.append((f"models.{name}.{field}[{i}]", unknown("model", f, cfg.models)))
                 elif f == name:
                     problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
-    deployment_tags = sorted({t for d in cfg.deployments.values() for t in d.tags})
+    # `provider:NAME` is implied for every deployment (the core adds it), so rules may use it.
+    deployment_tags = sorted({t for d in cfg.deployments.values() for t in (*d.tags, f"provider:{d.provider}")})
     seen: set[str] = set()
     for i, r in enumerate(cfg.rules):
         if r.name in seen:

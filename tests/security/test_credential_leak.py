@@ -203,3 +203,14 @@ async def test_credential_leak_in_the_log_for_refused_credentials(leaky: Leaky, 
     assert "refused our credentials" in log  # the operator is told
     assert SECRET not in log and client_token not in log
     assert "Traceback" not in log
+
+
+def test_credential_leak_a_secret_that_is_also_a_word_is_redacted_where_it_stands_alone() -> None:
+    """A password that is an ordinary word (a test database's "edgeroute") is still replaced
+    wherever it appears as itself, but not inside longer names, which would make every later
+    error message unreadable ("x-[REDACTED]-tags")."""
+    redact.register("wordlike")
+    assert redact.text("password wordlike was rejected") == f"password {redact.MARKER} was rejected"
+    assert redact.text("postgresql://app:wordlike@db/x") == f"postgresql://app:{redact.MARKER}@db/x"
+    assert redact.text('{"key": "wordlike"}') == f'{{"key": "{redact.MARKER}"}}'
+    assert redact.text("header x-wordlike-tags is not valid") == "header x-wordlike-tags is not valid"
