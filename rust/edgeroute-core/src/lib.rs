@@ -37,6 +37,7 @@ pub mod content;
 pub mod error;
 pub mod health;
 pub mod hedge;
+pub mod json_text;
 pub mod pii;
 pub mod policy;
 pub mod pretokenize;

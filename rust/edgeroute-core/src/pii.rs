@@ -449,6 +449,17 @@ fn merged(spans: Vec<PiiSpan>) -> Vec<PiiSpan> {
     out
 }
 
+/// Finds the kinds of personal data in any string of the JSON document `json`
+/// (every value and key, JSON inside strings unpacked; see [`crate::json_text`]);
+/// `wanted` as in [`detect`].
+pub fn detect_json(json: &str, wanted: PiiSet) -> PiiSet {
+    // One detection over all the strings joined by newlines (which no pattern
+    // crosses): most strings are short keys and names, and each call has a fixed cost.
+    let mut text = String::with_capacity(json.len() + 256);
+    crate::json_text::collect(json, &mut text);
+    detect(&text, wanted)
+}
+
 /// Builds a set from kinds.
 pub fn set_of(kinds: &[PiiKind]) -> PiiSet {
     let mut s = PiiSet::default();

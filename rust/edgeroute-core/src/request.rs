@@ -85,6 +85,8 @@ struct Body<'a> {
 /// The routing-relevant view of a chat-completions request.
 #[derive(Debug)]
 pub struct ChatRequest<'a> {
+    /// The whole body, checked to be UTF-8 (what PII conditions scan).
+    pub json: &'a str,
     /// The public model asked for.
     pub model: Cow<'a, str>,
     /// Byte range of the `model` value (quotes included) inside the body.
@@ -144,6 +146,7 @@ impl<'a> ChatRequest<'a> {
         let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
         let model_span = (start, start + model_raw.get().len());
         Ok(Self {
+            json: text,
             model,
             model_span,
             messages,

@@ -464,6 +464,7 @@ impl Router {
             role: meta.role.as_deref(),
             prompt_tokens: lazy,
             text: &text,
+            body: Some(req.json),
             unix_secs,
             task,
         };

@@ -223,6 +223,10 @@ pub struct RuleInput<'a> {
     pub prompt_tokens: LazyTokens<'a>,
     /// The prompt's text (all message texts joined by newlines).
     pub text: &'a str,
+    /// The whole request body as JSON text. When given, PII conditions read every
+    /// string in it (tool calls and their arguments, tool definitions, schemas, any
+    /// field the provider will see; see [`crate::json_text`]) rather than `text` alone.
+    pub body: Option<&'a str>,
     /// Wall-clock time, seconds since the epoch.
     pub unix_secs: u64,
     /// The predicted task type, when the task model ran.
@@ -412,7 +416,10 @@ impl Rules {
             note(&|| format!("pattern={:?}", self.pattern_text[*p]));
         }
         if !c.pii.is_empty() {
-            let found = *scan.pii.get_or_init(|| pii::detect(input.text, self.pii_wanted));
+            let found = *scan.pii.get_or_init(|| match input.body {
+                Some(body) => pii::detect_json(body, self.pii_wanted),
+                None => pii::detect(input.text, self.pii_wanted),
+            });
             let Some(k) = c.pii.kinds().find(|k| found.contains(*k)) else {
                 return false;
             };
@@ -470,6 +477,15 @@ mod tests {
         let (name, why) = m("def x(): mail a@b.io");
         assert_eq!(name, "pii");
         assert_eq!(why, vec!["pii=email"]);
+        // With the body given, PII is looked for in all of it, not only in the message text.
+        let body =
+            r#"{"messages":[{"role":"assistant","tool_calls":[{"function":{"arguments":"{\"to\":\"a@b.io\"}"}}]}]}"#;
+        let i = RuleInput {
+            text: "hello",
+            body: Some(body),
+            ..Default::default()
+        };
+        assert_eq!(rules.specs()[rules.evaluate(&i).unwrap().index].name, "pii");
     }
 
     #[test]
