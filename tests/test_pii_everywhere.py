@@ -96,7 +96,10 @@ ANTHROPIC_PLACES: dict[str, dict[str, Any]] = {
     "tool_use_input": {
         "messages": [
             {"role": "user", "content": "Pay it."},
-            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "pay", "input": {"card": CARD}}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t1", "name": "pay", "input": {"card": CARD}}],
+            },
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
         ]
     },
@@ -106,9 +109,7 @@ ANTHROPIC_PLACES: dict[str, dict[str, Any]] = {
             {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "pay", "input": {}}]},
             {
                 "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": EMAIL}]}
-                ],
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": EMAIL}]}],
             },
         ]
     },

@@ -87,7 +87,7 @@ fn collect_nested(json: &str, out: &mut String, depth: u8) {
 pub fn walk(json: &str, f: &mut dyn FnMut(&str)) {
     let mut out = String::new();
     collect(json, &mut out);
-    out.lines().for_each(|l| f(l));
+    out.lines().for_each(f);
 }
 
 /// Appends the decoded text of the JSON string body `raw` (without its quotes);
