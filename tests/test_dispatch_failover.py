@@ -242,6 +242,34 @@ async def test_a_fallback_model_keeps_the_rules_required_tags(upstreams: Any, st
     assert "us" not in calls
 
 
+async def test_a_fallback_model_keeps_the_rules_implied_provider_tags(upstreams: Any, start_proxy: StartProxy) -> None:
+    """`provider:NAME` is a tag of every deployment: a rule excluding a provider excludes its
+    deployments among the fallbacks too."""
+    calls: list[str] = []
+
+    def named(name: str, status: int) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            await request.read()
+            calls.append(name)
+            if status != 200:
+                return web.json_response({"error": {"message": "overloaded"}}, status=status)
+            return answer()
+
+        return handler
+
+    cfg = await upstreams(named("a", 429), named("b", 200), named("c", 200))
+    cfg["models"] = {
+        "m": {"deployments": ["d-a"], "fallbacks_on": {"rate_limit": ["other"]}},
+        "other": {"deployments": ["d-b", "d-c"]},
+    }
+    cfg["rules"] = [{"name": "not-b", "when": {"models": ["m"]}, "then": {"exclude_tags": ["provider:b"]}}]
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(model="m", messages=HELLO)
+    assert raw.headers["x-edgeroute-deployment"] == "d-c"
+    assert "b" not in calls
+
+
 async def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_and_is_recorded_as_cut(
     start_upstream: Any, tmp_path: Path
 ) -> None:

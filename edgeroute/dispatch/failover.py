@@ -72,7 +72,8 @@ class Call(Attempts):
         then = rule.then
         if then.deployments and dep.name not in then.deployments:
             return False
-        tags = self.live.config.deployments[dep.name].tags
+        # `provider:NAME` is implied for every deployment, as the core's rules see it.
+        tags = {*self.live.config.deployments[dep.name].tags, f"provider:{dep.provider}"}
         return all(t in tags for t in then.require_tags) and not any(t in tags for t in then.exclude_tags)
 
     def _rule(self) -> Rule | None:
