@@ -69,6 +69,8 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]]
                  ("route",), LATENCY_BUCKETS),
     "ttft": ("edgeroute_time_to_first_token_seconds", "Client-visible time to the first content of a stream.",
              ("route",), TTFT_BUCKETS),
+    "queue": ("edgeroute_queue_seconds", "Time requests waited for a deployment's capacity (only those that "
+              "waited).", ("route",), LATENCY_BUCKETS),
     "attempts": ("edgeroute_attempts", "Upstream attempts by deployment, outcome and kind (first, retry, fallback, "
                  "hedge).", ("deployment", "outcome", "kind"), None),
     "upstream": ("edgeroute_upstream_duration_seconds", "Duration of answered upstream attempts (to the whole "
@@ -126,6 +128,8 @@ class Metrics:
         self._observe("duration", (route,), rec.latency_ms / 1000)
         if rec.ttft_ms is not None:
             self._observe("ttft", (route,), rec.ttft_ms / 1000)
+        if rec.queue_ms:
+            self._observe("queue", (route,), rec.queue_ms / 1000)
         team = rec.team or ""
         attempts, tokens, cost = c["attempts"], c["tokens"], c["cost"]
         for a in rec.attempts:

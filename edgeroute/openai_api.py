@@ -200,6 +200,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             hdrs[headers.CORRELATION_ID] = rec.correlation_id
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
+        if call.spilled:
+            hdrs[headers.EXPLAIN] += f"; spillover: {', '.join(call.spilled)} at capacity"
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(answer, JsonAnswer):

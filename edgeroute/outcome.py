@@ -45,11 +45,12 @@ class Outcome(enum.StrEnum):
 _NOT_RETRYABLE = frozenset({Outcome.SUCCESS, Outcome.CLIENT_ERROR, Outcome.CONTENT_POLICY})
 _ABOUT_REQUEST = frozenset({Outcome.SUCCESS, Outcome.CLIENT_ERROR, Outcome.CONTEXT_WINDOW, Outcome.CONTENT_POLICY})
 
-# `fallbacks_on` keys: the failure outcomes another model can help with. `server_error`
+# `fallbacks_on` keys: the failure outcomes another model can help with, and `capacity`. `server_error`
 # also covers `connect_error` and `auth_error` unless those have an entry of their own.
 FallbackOutcome = Literal[
-    "rate_limited", "server_error", "connect_error", "auth_error", "timeout", "context_window", "content_policy"
-]
+    "rate_limited", "server_error", "connect_error", "auth_error", "timeout", "context_window", "content_policy",
+    "capacity",  # not an attempt outcome: every deployment of the route is at its max_concurrency
+]  # fmt: skip
 FALLBACK_ALIASES = {"rate_limit": "rate_limited"}  # the spelling configs used before the one vocabulary
 _FALLBACK_COVERS = {Outcome.CONNECT_ERROR: Outcome.SERVER_ERROR, Outcome.AUTH_ERROR: Outcome.SERVER_ERROR}
 

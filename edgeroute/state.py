@@ -10,6 +10,7 @@ from aiohttp import web
 
 from edgeroute import redact
 from edgeroute.accounting import Recorder
+from edgeroute.capacity import Capacity
 from edgeroute.config import Config
 from edgeroute.core import Router, build_router
 from edgeroute.cost.keys import Access
@@ -40,10 +41,17 @@ class Live:
     # Deployment index -> time.monotonic() of its last successful answer: a server error
     # shared by two deployments that serve others is the request's fault (dispatch.policy).
     served_at: dict[int, float] = field(default_factory=dict)
+    capacity: Capacity = field(init=False)
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
+        deps = [self.config.deployments[d.name] for d in self.deployments]
+        self.capacity = Capacity(
+            [d.max_concurrency for d in deps],
+            [d.max_queue for d in deps],
+            [(d.queue_timeout_ms or 0) / 1000 for d in deps],
+        )
         self.access = Access(self.config)
         self.regions = residency.regions(self.config)
         limits = self.config.rate_limits

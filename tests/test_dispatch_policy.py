@@ -34,6 +34,7 @@ class World:
     max_attempts: int
     answers: list[tuple[Outcome, int | None]]
     serving: bool
+    full: set[int]
 
 
 @st.composite
@@ -60,6 +61,7 @@ def worlds(draw: st.DrawFn) -> World:
             )
         ),
         serving=draw(st.booleans()),
+        full=set(draw(st.lists(st.sampled_from(everyone), unique=True))),
     )
 
 
@@ -75,6 +77,7 @@ def run(world: World) -> tuple[list[Try], list[Failure], Stop]:
         try_retry=lambda: budget.pop(0) if budget else False,
         remaining=lambda: 100.0,
         serving=lambda i: world.serving,
+        is_full=lambda i: i in world.full,
         rng=random.Random(0),
     )
     state = policy.start(world.order)
@@ -95,9 +98,14 @@ def run(world: World) -> tuple[list[Try], list[Failure], Stop]:
 @given(worlds())
 def test_the_policy_keeps_its_promises(world: World) -> None:
     tries, failures, stop = run(world)
-    assert 1 <= len(tries) <= world.max_attempts
+    assert len(tries) <= world.max_attempts
     permitted = {d.index for d in world.order} | world.allowed
     assert all(t.deployment.index in permitted for t in tries)
+    # A deployment at capacity is never called; with all of them full the answer is 429.
+    assert all(t.deployment.index not in world.full for t in tries)
+    if not tries:
+        assert (stop.status, stop.error_class, stop.headers) == (429, "capacity", {"Retry-After": "1"})
+        return
     # A client error is returned as it is, never tried elsewhere.
     for i, f in enumerate(failures[:-1]):
         assert f.outcome is not Outcome.CLIENT_ERROR, f"retried after a client error at attempt {i + 1}"
@@ -120,6 +128,7 @@ def test_an_empty_retry_budget_never_stops_a_first_try_on_a_healthy_deployment(w
     world.budget = []
     world.answers = [(Outcome.SERVER_ERROR, 503)]
     world.fallbacks = {}
+    world.full = set()
     tries, _, stop = run(world)
     healthy = [d for d in world.order if d.index not in world.open_ or d is world.order[0]]
     assert [t.deployment for t in tries] == healthy[: world.max_attempts]
@@ -130,6 +139,7 @@ def test_an_empty_retry_budget_never_stops_a_first_try_on_a_healthy_deployment(w
 @given(worlds())
 def test_the_same_server_error_on_two_serving_deployments_is_poison(world: World) -> None:
     world.open_ = set()
+    world.full = set()
     world.answers = [(Outcome.SERVER_ERROR, 500)]
     world.budget = [True] * 20
     tries, _, stop = run(world)

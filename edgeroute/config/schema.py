@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
@@ -117,6 +117,19 @@ class Deployment(_Strict):
     tags: list[str] = []
     encoding: Literal["o200k_base", "cl100k_base", "claude_estimate", "gemini_estimate"] | None = None
     drained: bool = False  # out of every model's list: no new requests (POST /admin/deployments/{name}/drain)
+    # Capacity (edgeroute.capacity): requests in flight at most; when every deployment a request
+    # may use is full, up to `max_queue` requests wait for a slot, each at most `queue_timeout_ms`.
+    max_concurrency: int | None = Field(None, ge=1)
+    max_queue: int = Field(0, ge=0)
+    queue_timeout_ms: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _queue_needs_a_deadline(self) -> Deployment:
+        if self.max_queue and self.queue_timeout_ms is None:
+            raise ValueError("max_queue needs queue_timeout_ms (a queue without a deadline could wait forever)")
+        if self.max_queue and self.max_concurrency is None:
+            raise ValueError("max_queue needs max_concurrency (a deployment without a limit never queues)")
+        return self
 
     @field_validator("price", mode="before")
     @classmethod

@@ -86,6 +86,7 @@ class StreamAnswer:
     head: bytes  # OpenAI-format SSE bytes read so far, to send first
     translator: Any
     rec: AttemptRecord | None = None  # the attempt that produced it, settled when the stream ends
+    slot: int | None = None  # the deployment whose capacity slot it holds, given back when the stream ends
 
 
 Answer = JsonAnswer | StreamAnswer
@@ -152,6 +153,7 @@ class Attempts:
         if self.record.trace is not None:  # traced: the upstream continues the trace (W3C traceparent)
             rec.span_id = self.record.trace.inject(req.headers)
         self.router.begin(dep.index)
+        self.live.capacity.take(dep.index)
         t0 = time.perf_counter()
         resp: Response | None = None
         keep_open = False
@@ -184,7 +186,9 @@ class Attempts:
                     result = await self._hold_stream(resp, adapter)
                     if isinstance(result, StreamAnswer):
                         rec.ttft_ms = (time.perf_counter() - t0) * 1000
-                    keep_open = isinstance(result, StreamAnswer)
+                    if isinstance(result, StreamAnswer):
+                        keep_open = True
+                        result.slot = dep.index
                 else:
                     # The body: each piece within the idle timeout (a stalled body fails over).
                     chunks = []
@@ -218,6 +222,8 @@ class Attempts:
                 resp.close()
             raise
         finally:
+            if not keep_open:
+                self.live.capacity.release(dep.index)
             if resp is not None and not keep_open:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()

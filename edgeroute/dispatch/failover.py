@@ -30,6 +30,9 @@ SERVING_WINDOW_S = 60.0
 class Call(Attempts):
     """One client request's dispatch over the decision's deployments."""
 
+    spilled: list[str] | None = None  # deployments passed over because they were at capacity
+    _queue_deadline: float | None = None
+
     def policy(self) -> FailoverPolicy:
         """The failover policy for this request, from the live config and the decision."""
         live, decision = self.live, self.decision
@@ -38,6 +41,7 @@ class Call(Attempts):
         settings = Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s)
         router = self.router
         served_at = live.served_at
+        capacity = live.capacity
 
         def serving(index: int) -> bool:
             return time.monotonic() - served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
@@ -52,6 +56,7 @@ class Call(Attempts):
             try_retry=router.try_retry,
             remaining=self._remaining,
             serving=serving,
+            is_full=capacity.full if capacity.bounded else None,
         )
 
     def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
@@ -92,6 +97,11 @@ class Call(Attempts):
         stop: Stop | None = None
         try:
             step = policy.next_attempt(state, None)
+            while isinstance(step, Stop) and step.error_class == "capacity" and await self._queue(state):
+                policy.restart(state)
+                step = policy.next_attempt(state, None)
+            if state.spilled:
+                self.spilled = [d.name for d in state.spilled]
             while isinstance(step, Try):
                 if step.wait > 0:
                     await asyncio.sleep(step.wait)
@@ -124,6 +134,20 @@ class Call(Attempts):
         finally:
             self._report_deferred(stop)
 
+    async def _queue(self, state: FailoverState) -> bool:
+        """Every deployment is full: waits in the first choice's queue for a slot on any of
+        the plan's (True), unless the queue is full or its deadline passes (False)."""
+        capacity = self.live.capacity
+        first = self.decision.order[0]
+        loop = asyncio.get_running_loop()
+        if self._queue_deadline is None:
+            self._queue_deadline = loop.time() + min(capacity.queue_timeouts[first], self._remaining())
+        started = loop.time()
+        try:
+            return await capacity.wait(first, [d.index for d in state.plan], self._queue_deadline)
+        finally:
+            self.record.queue_ms += (loop.time() - started) * 1000
+
     def _report_deferred(self, stop: Stop | None) -> None:
         """Sends the held health reports: the poison request's failures as the request's
         fault (not the deployments'), every other one as the server error it was."""
@@ -151,7 +175,7 @@ class Call(Attempts):
         tasks = {t1: first}
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
-            if done or not self.router.try_hedge(self.decision.route):
+            if done or self.live.capacity.full(second.index) or not self.router.try_hedge(self.decision.route):
                 return await t1, first
             self.hedged = True
             policy.hedged(state)
@@ -196,6 +220,9 @@ class Call(Attempts):
         """Drops an answer that lost a tie; a stream's prompt is likely billed already."""
         if isinstance(answer, StreamAnswer):
             answer.resp.close()
+            if answer.slot is not None:
+                self.live.capacity.release(answer.slot)
+                answer.slot = None
             if answer.rec is not None:
                 answer.rec.outcome = "cancelled"
                 self.settle_attempt(answer.rec, dep, None)

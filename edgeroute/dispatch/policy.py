@@ -80,6 +80,8 @@ class FailoverState:
     failures: list[tuple[DeploymentInfo, Failure]] = field(default_factory=list)
     called: list[DeploymentInfo] = field(default_factory=list)  # deployments actually sent the request
     budget_refused: bool = False
+    spilled: list[DeploymentInfo] = field(default_factory=list)  # skipped because at capacity
+    capacity_fallbacks: bool = False  # `fallbacks_on: capacity` added already
 
 
 @dataclass(slots=True)
@@ -105,6 +107,7 @@ class FailoverPolicy:
         try_retry: Callable[[], bool],
         remaining: Callable[[], float],
         serving: Callable[[int], bool],
+        is_full: Callable[[int], bool] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.model = model  # as the client named it, for messages
@@ -116,6 +119,7 @@ class FailoverPolicy:
         self._try_retry = try_retry
         self._remaining = remaining
         self._serving = serving  # whether a deployment answered other requests lately
+        self._is_full = is_full or _never  # whether a deployment is at its max_concurrency
         self._rng = rng or _RNG  # one per process: seeding a new one costs ~50 µs
 
     def start(self, order: Sequence[DeploymentInfo]) -> FailoverState:
@@ -138,7 +142,8 @@ class FailoverPolicy:
     def hedge_target(self, state: FailoverState) -> DeploymentInfo | None:
         """Where a hedge for the first attempt would go, if one may be sent."""
         if state.pos < len(state.plan) and state.attempts < self.settings.max_attempts:
-            return state.plan[state.pos]
+            dep = state.plan[state.pos]
+            return None if self._is_full(dep.index) else dep  # no hedge into a full deployment
         return None
 
     def hedged(self, state: FailoverState) -> None:
@@ -207,11 +212,17 @@ class FailoverPolicy:
 
     def _choose(self, state: FailoverState) -> Try | Stop:
         wait = 0.0
+        skipped = 0  # full deployments passed over since the last choice
         while True:
             if state.attempts >= self.settings.max_attempts or self._remaining() <= 0.001:
                 return self._exhausted(state)
             if state.pos >= len(state.plan):
-                if not state.plan or state.budget_refused:
+                if state.attempts == 0 and state.spilled:
+                    # Everything in the plan is full: spill to `fallbacks_on: capacity`, once, else stop.
+                    if not state.capacity_fallbacks and self._add_capacity_fallbacks(state):
+                        continue
+                    return self._at_capacity(state)
+                if not state.plan or state.budget_refused or skipped >= len(state.plan):
                     return self._exhausted(state)
                 # Every deployment failed once: back off and go round again.
                 state.rounds += 1
@@ -221,6 +232,13 @@ class FailoverPolicy:
                 wait = backoff
                 state.pos = 0
             dep = state.plan[state.pos]
+            if self._is_full(dep.index):
+                # Busy, not failing: pass it over without touching its health.
+                if dep not in state.spilled:
+                    state.spilled.append(dep)
+                state.pos += 1
+                skipped += 1
+                continue
             fresh = dep not in state.called and not self._is_open(dep.index)
             if state.attempts > 0 and not fresh and not self._try_retry():
                 state.budget_refused = True
@@ -235,6 +253,31 @@ class FailoverPolicy:
             else:
                 kind = "retry" if dep.name in self.own else "fallback"
             return Try(dep, wait, kind)
+
+    def _add_capacity_fallbacks(self, state: FailoverState) -> bool:
+        state.capacity_fallbacks = True
+        extra = [
+            d
+            for d in self._fallbacks_on("capacity") or ()
+            if d not in state.plan and not self._is_open(d.index) and self._allowed(d)
+        ]
+        state.plan.extend(extra)
+        return bool(extra)
+
+    def _at_capacity(self, state: FailoverState) -> Stop:
+        names = ", ".join(d.name for d in state.spilled)
+        return Stop(
+            429,
+            f"All deployments for model '{self.model}' are at capacity ({names}); retry shortly.",
+            "capacity_exhausted",
+            "capacity",
+            {"Retry-After": "1"},
+        )
+
+    def restart(self, state: FailoverState) -> None:
+        """After a wait for capacity: go through the plan again from the start."""
+        state.pos = 0
+        state.spilled.clear()
 
     def _backoff(self, state: FailoverState) -> float | None:
         s = self.settings
@@ -282,6 +325,10 @@ class FailoverPolicy:
             hdrs,
             self._details(state),
         )
+
+
+def _never(index: int) -> bool:
+    return False
 
 
 def signature(f: Failure) -> tuple[int | None, str]:

@@ -147,6 +147,9 @@ async def relay_stream(
     finally:
         if timer is not None:
             server.streams.discard(timer)
+        if answer.slot is not None:
+            call.live.capacity.release(answer.slot)
+            answer.slot = None
         if completed and failure is None:
             answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
         else:
