@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgeroute import redact
+from edgeroute import redact, secrets
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
@@ -107,7 +107,7 @@ class Metrics:
         }
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
-        self.sources: list[StateSource] = [ledger_source, budget_source]
+        self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
 
     def _observe(self, family: str, key: tuple[str, ...], seconds: float) -> None:
         h = self.histograms[family].get(key)
@@ -263,6 +263,18 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
     yield _counter(
         "edgeroute_ledger_set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside
     )
+
+
+def secrets_source(app: web.Application) -> Iterable[Metric]:
+    """`file:`/`exec:` secrets read again while running: refreshes, failures, and how many fail now."""
+    status = secrets.STATUS
+    yield _counter("edgeroute_secret_refreshes", "Times a file:/exec: secret was read again.", status.refreshes_total)
+    yield _counter(
+        "edgeroute_secret_refresh_failures",
+        "Refreshes that failed (the last good value stayed in use).",
+        status.refresh_failures_total,
+    )
+    yield _gauge("edgeroute_secrets_failing", "Secret references whose last refresh failed.", len(status.failing))
 
 
 def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[tuple[Budget, float]]:

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import secrets
 from tests.conftest import Upstream, simple_config
@@ -63,6 +65,10 @@ async def test_file_secret_rotates_in_place(start_upstream, tmp_path: Path, capl
         assert await _key_seen(url, up) == "Bearer sk-two"
         assert secrets.STATUS.refresh_failures_total > before
         assert any(str(key) in f for f in secrets.STATUS.failing)
+        async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
+            exposed = {x.name: x.value for f in text_string_to_metric_families(await r.text()) for x in f.samples}
+        assert exposed["edgeroute_secrets_failing"] >= 1
+        assert exposed["edgeroute_secret_refresh_failures_total"] > before
         key.write_text("sk-three\n")
         await _until(url, up, "Bearer sk-three")
         assert not any(str(key) in f for f in secrets.STATUS.failing)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from edgeroute import config as config_mod
+from edgeroute import secrets
 from edgeroute.accounting import AttemptRecord, MemoryRecorder, RequestRecord
 from edgeroute.server import create_app
 from edgeroute.state import STATE, Live
@@ -118,3 +119,21 @@ async def test_a_reload_that_removes_the_rule_resolves_its_alerts() -> None:
     assert engine.firing
     engine.evaluate(Alerts(), live, window, None, T0 + 1)
     assert not engine.firing and engine.recent[0].rule == "errs"
+
+
+async def test_a_secret_that_cannot_be_read_again_fires_until_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(secrets, "STATUS", secrets.Status())
+    live, cfg = _live({"rules": [{"name": "secrets", "kind": "secret_refresh_failed"}]})
+    notifier = Notifier()
+    engine, window = AlertEngine(notifier), Window()
+    engine.evaluate(cfg, live, window, None, T0)
+    assert not engine.firing
+    secrets.STATUS.failing.add("file:/run/secrets/openai")
+    engine.evaluate(cfg, live, window, None, T0 + 1)
+    engine.evaluate(cfg, live, window, None, T0 + 2)
+    assert _events(notifier) == [("firing", "secrets", "file:/run/secrets/openai")]
+    (alert,) = engine.firing.values()
+    assert "last good value" in alert.message
+    secrets.STATUS.failing.clear()
+    engine.evaluate(cfg, live, window, None, T0 + 3)
+    assert not engine.firing and _events(notifier) == [("resolved", "secrets", "file:/run/secrets/openai")]

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgeroute import redact, secrets
 from edgeroute.metrics import budget_spend
 from edgeroute.state import Live
 from edgeroute.telemetry.notify import Notification, Notifier
@@ -60,10 +61,17 @@ def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
         "shed_rate": f"{value:.1%} of requests shed at capacity (threshold {rule.threshold:.1%})",
         "rate_limited_rate": f"{value:.1%} of requests answered 429 (threshold {rule.threshold:.1%})",
         "poison_requests": f"{value:.0f} poison requests (threshold {rule.threshold:g})",
+        "secret_refresh_failed": (
+            "cannot be read again; the last good value is in use" if state == "firing" else "read again"
+        ),
     }[rule.kind]
-    window = f" over {rule.window_s:g} s" if rule.kind not in ("circuit_open", "budget_percent") else ""
+    window = f" over {rule.window_s:g} s" if rule.kind not in _STATE_KINDS | {"budget_percent"} else ""
     tail = "" if state == "firing" else " — resolved"
     return f"{rule.name}: {subject}: {what}{window}{tail}"
+
+
+# Kinds that are a state (1 while it holds) rather than a measure over a threshold.
+_STATE_KINDS = frozenset({"circuit_open", "secret_refresh_failed"})
 
 
 class AlertEngine:
@@ -87,6 +95,11 @@ class AlertEngine:
             return
         if kind == "budget_percent":
             yield from _budget_percents(rule, live, control, now)
+            return
+        if kind == "secret_refresh_failed":
+            # Only the failing references: one that reads again is no longer seen, so it resolves.
+            for reference in sorted(secrets.STATUS.failing):
+                yield redact.text(reference), 1.0
             return
         slots = window.since(now - rule.window_s)
         if kind in ("error_rate", "latency_p95", "ttft_p95"):
@@ -130,7 +143,7 @@ class AlertEngine:
                 if value is None:
                     continue
                 key = (rule.name, subject)
-                breach = value > 0.5 if rule.kind == "circuit_open" else value > rule.threshold
+                breach = value > 0.5 if rule.kind in _STATE_KINDS else value > rule.threshold
                 alert = self.firing.get(key)
                 if breach and alert is None:
                     self._fire(rule, subject, value, now, cfg)
@@ -143,7 +156,7 @@ class AlertEngine:
 
     def _fire(self, rule: AlertRule, subject: str, value: float, now: float, cfg: Alerts) -> None:
         key = (rule.name, subject)
-        threshold = 0.5 if rule.kind == "circuit_open" else rule.threshold
+        threshold = 0.5 if rule.kind in _STATE_KINDS else rule.threshold
         alert = Alert(
             f"alr_{_PREFIX}{next(_ids):06x}", rule.name, rule.kind, subject, rule.severity, "firing",
             value, threshold, now, None, _message(rule, subject, value, "firing"),

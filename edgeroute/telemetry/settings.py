@@ -21,7 +21,7 @@ class _Strict(BaseModel):
 
 AlertKind = Literal[
     "error_rate", "latency_p95", "ttft_p95", "circuit_open", "budget_percent", "spend_per_hour", "shed_rate",
-    "rate_limited_rate", "poison_requests",
+    "rate_limited_rate", "poison_requests", "secret_refresh_failed",
 ]  # fmt: skip
 
 # What each kind measures, and over what subjects (for docs and messages).
@@ -35,6 +35,7 @@ ALERT_KINDS: dict[str, str] = {
     "shed_rate": "share of requests refused at capacity (0..1)",
     "rate_limited_rate": "share of requests answered 429 (0..1)",
     "poison_requests": "requests that failed the same way on several deployments, in the window",
+    "secret_refresh_failed": "1 while a file: or exec: secret cannot be read again (the last good value is used)",
 }
 _DEPLOYMENT_KINDS = frozenset({"error_rate", "latency_p95", "ttft_p95", "circuit_open"})
 
