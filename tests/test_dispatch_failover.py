@@ -214,20 +214,23 @@ async def test_a_redirect_is_named_and_failed_over_never_followed(upstreams: Any
     assert followed == []
 
 
+def named(calls: list[str], name: str, status: int) -> Any:
+    """An upstream handler that records its name in `calls` and answers `status`."""
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(name)
+        if status != 200:
+            return web.json_response({"error": {"message": "overloaded"}}, status=status)
+        return answer()
+
+    return handler
+
+
 async def test_a_fallback_model_keeps_the_rules_required_tags(upstreams: Any, start_proxy: StartProxy) -> None:
     calls: list[str] = []
 
-    def named(name: str, status: int) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            await request.read()
-            calls.append(name)
-            if status != 200:
-                return web.json_response({"error": {"message": "overloaded"}}, status=status)
-            return answer()
-
-        return handler
-
-    cfg = await upstreams(named("eu", 429), named("us", 200), named("eu-backup", 200))
+    cfg = await upstreams(named(calls, "eu", 429), named(calls, "us", 200), named(calls, "eu-backup", 200))
     cfg["deployments"]["d-a"]["tags"] = ["region:eu"]
     cfg["deployments"]["d-c"]["tags"] = ["region:eu"]
     cfg["models"] = {
@@ -247,17 +250,7 @@ async def test_a_fallback_model_keeps_the_rules_implied_provider_tags(upstreams:
     deployments among the fallbacks too."""
     calls: list[str] = []
 
-    def named(name: str, status: int) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            await request.read()
-            calls.append(name)
-            if status != 200:
-                return web.json_response({"error": {"message": "overloaded"}}, status=status)
-            return answer()
-
-        return handler
-
-    cfg = await upstreams(named("a", 429), named("b", 200), named("c", 200))
+    cfg = await upstreams(named(calls, "a", 429), named(calls, "b", 200), named(calls, "c", 200))
     cfg["models"] = {
         "m": {"deployments": ["d-a"], "fallbacks_on": {"rate_limit": ["other"]}},
         "other": {"deployments": ["d-b", "d-c"]},
