@@ -22,7 +22,7 @@ from edgeroute import config as config_mod
 from edgeroute.server import create_app
 
 REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:edgeroute@127.0.0.1:5432/edgeroute_test")
+PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:ci-pg-only-5d1e@127.0.0.1:5432/edgeroute_test")
 
 
 def require(name: str, check: Callable[[], object]) -> None:
