@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -23,6 +25,28 @@ from edgeroute.server import create_app
 pytest_plugins = ["tests.perf"]
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+async def _sdk_clients_closed(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Keep every async SDK client a test makes alive until teardown, then close it.
+
+    A client dropped mid-test is garbage-collected: its socket is closed at once, but the
+    transport's cleanup runs later and unregisters that fd number from the event loop, by then
+    perhaps a new listening socket of the next proxy, which then never accepts (a hung test).
+    """
+    made: list[Any] = []
+    for cls in (openai.AsyncOpenAI, anthropic.AsyncAnthropic):
+        init = cls.__init__
+
+        def tracked(self: Any, *args: Any, _init: Any = init, **kwargs: Any) -> None:
+            _init(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", tracked)
+    yield
+    for client in made:
+        await client.close()
 
 
 class Upstream:
