@@ -9,6 +9,7 @@ plug in here; the embedded default admits everything.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import orjson
@@ -16,6 +17,9 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
+
+# The exact prompt tokens of the request being admitted, counted when first awaited.
+Counter = Callable[[], Awaitable[int]]
 
 
 class Ticket(Protocol):
@@ -28,8 +32,14 @@ class Ticket(Protocol):
 
 
 class Admission(Protocol):
-    async def admit(self, request: web.Request, decision: _core.Decision, rec: RequestRecord) -> Ticket | None:
-        """Raises `ProxyError` (429/402/403) to refuse; may return a ticket to settle later."""
+    async def admit(
+        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+    ) -> Ticket | None:
+        """Raises `ProxyError` (429/402/403) to refuse; may return a ticket to settle later.
+
+        Budgets reserve by an upper bound of the prompt's tokens unless the decision counted
+        them exactly; `count` makes the exact count (off the event loop) for a request that the
+        bound alone would refuse."""
         ...
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:
@@ -44,7 +54,9 @@ class Admission(Protocol):
 class AdmitAll:
     """No budgets, no limits."""
 
-    async def admit(self, request: web.Request, decision: _core.Decision, rec: RequestRecord) -> Ticket | None:
+    async def admit(
+        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+    ) -> Ticket | None:
         return None
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:

@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry
 from edgeroute.cache.service import CACHE, Plan, tenant_of
 from edgeroute.cache.settings import RouteCache
@@ -167,7 +167,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         reasons = decision.reasons
         rec.reasons, rec.tags = reasons, _tags(request)
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
-        ticket = await admission.admit(request, decision, rec)
+        ticket = await admission.admit(request, decision, rec, _counter(live, body))
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             body = with_model(body, decision, reroute)
@@ -250,6 +250,12 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             live.stats.observe(rec.status, rec.latency_ms)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def _counter(live: Live, body: bytes) -> Counter:
+    """The exact prompt count for admission, in a worker thread: the core releases the GIL
+    while it counts, so the event loop goes on serving."""
+    return lambda: asyncio.to_thread(live.router.count_prompt, body)
 
 
 def _tenant(request: web.Request, settings: RouteCache | None) -> str:

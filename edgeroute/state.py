@@ -29,8 +29,9 @@ class Live:
     deployments: list[DeploymentInfo]
     source: str = "<config>"
     index_of: dict[str, int] = field(default_factory=dict)
-    # Whether every decision must count prompt tokens exactly: budgets reserve by them
-    # and token-per-minute limits spend them, so estimates would let them drift.
+    # Whether every decision must count prompt tokens exactly: token-per-minute limits spend
+    # them (a refusal cools a deployment down, so a loose bound would distort routing).
+    # Budgets reserve by an upper bound instead (cost.control.prompt_upper_bound).
     exact_tokens: bool = False
     access: Access = field(init=False)
     regions: frozenset[str] = frozenset()  # residency regions with deployments
@@ -57,7 +58,7 @@ class Live:
         limits = self.config.rate_limits
         tpm = any(lim.tpm for lim in (limits.per_key, *limits.models.values(), *limits.deployments.values()) if lim)
         tpm = tpm or any(k.limits is not None and k.limits.tpm for k in self.config.keys.values())
-        self.exact_tokens = bool(self.config.budgets.limits) or bool(tpm)
+        self.exact_tokens = bool(tpm)
 
     def enter(self) -> None:
         self.in_flight += 1

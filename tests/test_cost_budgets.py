@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.config import ConfigError
+from edgeroute.state import STATE
 from tests.test_cost_support import cost_proxy, one_deployment
 
 # With max_tokens=5 and replies longer than that, the mock reports exactly 5 completion
@@ -266,3 +267,31 @@ def test_periods_calendar_and_rolling() -> None:
     assert store.used(charge(b, "*", later, 0, -1)) == 100
     gone = period_of(b, t + 3600 + 3600 / ROLLING_SLOTS)  # the first slot has left the window
     assert store.used(charge(b, "*", gone, 0, -1)) == 0
+
+
+async def test_budgets_reserve_by_a_bound_and_count_exactly_only_when_it_refuses(start_upstream) -> None:
+    # Exact BPE counting stays off the request path: a budget reserves by an upper bound of the
+    # prompt's tokens. A request that the bound alone would refuse is counted exactly and fits.
+    up = await start_upstream(reply_words=40)
+    text = "budget " * 600
+    body = {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": MAX_TOKENS}
+    cfg = one_deployment(up.base_url)
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+    async with cost_proxy(cfg) as probe:
+        exact = probe.app[STATE].live.router.count_prompt(orjson.dumps(body))
+    exact_cost = (exact * 1.0 + MAX_TOKENS * 2.0) / 1e6
+    cfg["budgets"] = {"limits": [{"name": "g", "scope": "global", "limit_usd": exact_cost * 1.5, "period": "day"}]}
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(**body)  # type: ignore[call-overload]
+        # Admitted (the exact count fits; the bound, about four times it, would not), and the
+        # decision itself did not count: its header gives the estimate.
+        assert raw.http_response.status_code == 200
+        assert raw.headers["x-edgeroute-prompt-tokens"].startswith("~")
+        small = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS
+        )
+        assert small.headers["x-edgeroute-prompt-tokens"].startswith("~")
+        with pytest.raises(openai.RateLimitError) as e:  # the budget is spent now, exactly counted or not
+            await client.chat.completions.create(**body)
+        assert e.value.code == "budget_exceeded"

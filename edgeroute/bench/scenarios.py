@@ -195,7 +195,9 @@ class Stack:
         return proc, ready - t0
 
     def profiler(self, proc: Proc, seconds: float, path: str | None) -> subprocess.Popen[bytes] | None:
-        """py-spy (from PyPI) sampling `proc` for `seconds` into `path`; None when not asked or not installed."""
+        """py-spy (from PyPI) sampling `proc` for `seconds` into `path`; None when not asked or not installed.
+
+        Only the thread holding the GIL is sampled: the profile shows where CPU goes, not who waits."""
         if not path:
             return None
         exe = shutil.which("py-spy")
@@ -203,7 +205,21 @@ class Stack:
             _print("py-spy is not installed (pip install py-spy): no profile")
             return None
         fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(path).suffix, "raw")
-        argv = [exe, "record", "-p", str(proc.pid), "-d", str(max(1, int(seconds))), "-r", "250", "-f", fmt, "-o", path]
+        argv = [
+            exe,
+            "record",
+            "-p",
+            str(proc.pid),
+            "-d",
+            str(max(1, int(seconds))),
+            "-r",
+            "250",
+            "--gil",
+            "-f",
+            fmt,
+            "-o",
+            path,
+        ]
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def close(self) -> None:

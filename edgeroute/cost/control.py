@@ -39,6 +39,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.admission import Counter
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
@@ -203,7 +204,9 @@ class CostControl:
 
     # -- admission -------------------------------------------------------------
 
-    async def admit(self, request: web.Request, decision: _core.Decision, rec: RequestRecord) -> CostTicket | None:
+    async def admit(
+        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+    ) -> CostTicket | None:
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident)
@@ -219,7 +222,14 @@ class CostControl:
             if self.budgets or ident.budget is not None:
                 prices = self._prices_for(live.config)
                 top = prices.top(decision.order, live.deployments)
-                route = await self._budgets(decision, rec, ticket, prices, top, choices)
+                try:
+                    route = await self._budgets(decision, rec, ticket, prices, top, choices, prompt_upper(decision))
+                except ProxyError as e:
+                    if e.code != "budget_exceeded" or decision.tokens_exact or count is None:
+                        raise
+                    # Refused by the bound: the exact count decides (nothing was reserved).
+                    rec.outcome, rec.admission = "pending", None
+                    route = await self._budgets(decision, rec, ticket, prices, top, choices, await count())
                 if route != decision.route:
                     await self._follow_downgrade(request, rec, ticket, decision.route, route, tokens)
         except BaseException:
@@ -338,12 +348,12 @@ class CostControl:
         prices: _Prices,
         top: Ceiling,
         choices: int,
+        prompt: int,
     ) -> str:
         """Reserves the request's maximum cost; returns the route reserved for (a downgrade's target)."""
         now = time.time()
         completion = (decision.max_tokens or self.reserve_max_tokens) * choices
         route = decision.route
-        prompt = decision.prompt_tokens
         hedges = 2 if decision.hedge_after_ms is not None else 1
         for step in range(2):
             estimate = top.cost(prompt, completion) * hedges
@@ -622,6 +632,14 @@ def _subject(b: Budget, ident: Identity, route: str) -> str | None:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def prompt_upper(decision: _core.Decision) -> int:
+    """The prompt's tokens, or a bound no count can exceed: the core's estimate is a quarter of
+    the text's bytes (scaled by the encoding), and no token is shorter than a byte. Reserving
+    by it keeps exact BPE counting (tens of microseconds per thousand tokens) off the request
+    path; a request the bound alone refuses is counted exactly."""
+    return decision.prompt_tokens if decision.tokens_exact else 4 * decision.prompt_tokens
 
 
 def _budget_error(c: B.Charge, used: int, now: float) -> ProxyError:

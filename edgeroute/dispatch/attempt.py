@@ -65,8 +65,8 @@ _PRELOADED: set[str] = set()
 def preload_tokenizer(encoding: str) -> None:
     """Loads a tokenizer's tables (~50 ms, tens of MB) in a worker thread, once per process,
     while the upstream prepares its answer: a stream that carries no usage is counted when it
-    ends, and loading them there would stall the event loop. Not at start-up: many configs
-    never count, and the tables would double the idle memory."""
+    ends, and loading them there would stall the event loop. The server warms its deployments'
+    encodings at start; this covers an encoding that a reload brought in."""
     if encoding not in _PRELOADED:
         _PRELOADED.add(encoding)
         asyncio.get_running_loop().run_in_executor(None, _core.Router.count_tokens, "warm up: caf\u00e9", encoding)
