@@ -2,7 +2,7 @@
 
 edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --duration 10
 edgeroute bench overhead --rates 500,1000 --duration 20
-edgeroute bench throughput | streaming | resources | failover | hedging | chaos
+edgeroute bench throughput | compare | streaming | resources | failover | hedging | chaos
 edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
 edgeroute bench gate                      # the CI latency gate (also `python -m edgeroute.bench.gate`)
 edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m edgeroute.bench.faults`)
@@ -76,6 +76,7 @@ def _overhead(a: argparse.Namespace) -> int:
         trace_ratio=a.trace_ratio,
         request_log=a.request_log == "on",
         cache=a.cache,
+        budgets=a.budgets,
     )
     return 0
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--trace-ratio", type=float, help="tracing on at this sampling ratio (spans sent to the mock)")
     o.add_argument("--request-log", choices=("on", "off"), default="on", help="the request log (no content), as served")
     o.add_argument("--cache", action="store_true", help="the response cache on: after warm-up, every request is a hit")
+    o.add_argument("--budgets", action="store_true", help="a global budget on (every request reserved and settled)")
     _common(o)
     o.set_defaults(fn=_overhead)
 
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache", action="store_true", help="the response cache on: hits per second of one process")
     _common(t)
     t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache))
+
+    k = sub.add_parser("compare", help="CPU per request of proxies from several source trees, same sitting")
+    k.add_argument("--tree", action="append", required=True, help="a source checkout (built); first is the baseline")
+    k.add_argument("--rounds", type=int, default=3)
+    k.add_argument("--concurrency", type=int, default=64)
+    _common(k)
+    k.set_defaults(fn=lambda a: scenarios.compare(_c(a), a.tree, a.rounds, a.concurrency))
 
     s = sub.add_parser("streaming", help="added TTFT and chunk pacing")
     s.add_argument("--rate", type=float, default=100.0)

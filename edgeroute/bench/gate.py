@@ -1,18 +1,39 @@
 """The CI latency gate: ``python -m edgeroute.bench.gate`` (or ``edgeroute bench gate``).
 
-A short overhead scenario (default 20 s at 500 req/s, ~1,500-token chat bodies, a
-config with 50 rules and four deployments): prints the added latency p50/p99/p99.9
-and req/s, and exits 1 when the median added latency is >= the limit (1 ms) on
-every one of up to 3 tries (a noisy CI machine gets a second chance; a real
-regression fails all three). Exit 2 when the run itself failed (errors, no data).
+A short overhead scenario in a realistic set-up (default 20 s at 500 req/s, ~1,500-token
+chat bodies, 50 rules, four deployments, a budget on, the ledger and request log written),
+with a bare aiohttp pass-through measured beside it in the same run as the floor. It prints
+the added latency p50/p99/p99.9 of both and passes when
+
+- edgeroute's median added latency is under the limit (1 ms, the design's promise), and
+- its p99 added latency is under `--p99-factor` times the floor's p99 added latency, or
+  under `--p99-ms` (a noisy machine inflates both the floor and edgeroute: the ratio
+  holds on a slow day where an absolute p99 would not).
+
+A try that fails gets another (up to 3): a real regression fails all of them. Exit 1 on
+failure, 2 when the run itself failed (errors, no data).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from edgeroute.bench import scenarios
+
+
+def verdict(res: dict[str, Any], limit_ms: float, p99_factor: float, p99_ms: float) -> tuple[bool, str]:
+    """Whether one try passes, and why (or why not)."""
+    add, floor = res["added_ms"], res.get("floor_added_ms") or {}
+    p50, p99 = add["p50"], add["p99"]
+    floor_p99 = floor.get("p99")
+    if p50 >= limit_ms:
+        return False, f"median added latency {p50:.3f} ms >= {limit_ms} ms"
+    bound = max(p99_ms, p99_factor * floor_p99) if floor_p99 is not None else p99_ms
+    if p99 > bound:
+        return False, f"p99 added latency {p99:.3f} ms > {bound:.3f} ms (floor's p99 {floor_p99} ms x {p99_factor})"
+    return True, f"p50 {p50:.3f} < {limit_ms} ms and p99 {p99:.3f} <= {bound:.3f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=1500)
     p.add_argument("--rules", type=int, default=50)
     p.add_argument("--limit-ms", type=float, default=1.0, help="fail when median added latency >= this")
+    p.add_argument("--p99-factor", type=float, default=3.0, help="p99 bound: this times the floor's p99 added")
+    p.add_argument("--p99-ms", type=float, default=2.0, help="a p99 added latency under this always passes")
     p.add_argument("--tries", type=int, default=3)
     p.add_argument("--json", help="write the last try's results here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
@@ -31,24 +54,26 @@ def main(argv: list[str] | None = None) -> int:
         progress=a.progress, json=a.json, warmup=200,
     )  # fmt: skip
     for attempt in range(1, a.tries + 1):
-        res = scenarios.overhead(common, [a.rate], rules=a.rules)["rates"][f"{a.rate:g}"]
-        add = res["added_ms"]
-        proxy = res["proxy"]
+        out = scenarios.overhead(common, [a.rate], rules=a.rules, floor=True, budgets=True)
+        res = out["rates"][f"{a.rate:g}"]
+        add, proxy = res["added_ms"], res["proxy"]
         if not add or proxy["failed"] or not proxy["ok"]:
             print(f"gate: try {attempt}: the run failed (proxy errors: {proxy['errors']})", flush=True)
             if attempt == a.tries:
                 return 2
             continue
+        ok, why = verdict(res, a.limit_ms, a.p99_factor, a.p99_ms)
+        floor = res.get("floor_added_ms") or {}
         print(
             f"gate: try {attempt}: added latency p50 {add['p50']:.3f} ms, p99 {add['p99']:.3f} ms, "
-            f"p99.9 {add['p99.9']:.3f} ms; {proxy['rps']:.0f} req/s through edgeroute "
-            f"(limit: p50 < {a.limit_ms} ms)",
+            f"p99.9 {add['p99.9']:.3f} ms; floor (bare aiohttp) p50 {floor.get('p50')} ms, p99 {floor.get('p99')} ms; "
+            f"{proxy['rps']:.0f} req/s; calibration {out['machine']['calibration_ms']} ms: {why}",
             flush=True,
         )
-        if add["p50"] < a.limit_ms:
+        if ok:
             print("gate: PASS", flush=True)
             return 0
-    print(f"gate: FAIL: median added latency >= {a.limit_ms} ms on {a.tries} tries", flush=True)
+    print(f"gate: FAIL on {a.tries} tries", flush=True)
     return 1
 
 

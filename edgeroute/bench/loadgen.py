@@ -306,18 +306,22 @@ async def send_one_raw(
 
 
 class Progress:
-    """A one-line progress bar on stderr (only when enabled)."""
+    """A one-line progress bar on stderr (only when enabled) of the measured phase: it starts
+    at `begin()`, after the warm-up, and counts recorded requests only."""
 
     def __init__(self, total: int, duration: float, enabled: bool, label: str = "") -> None:
         self.total = max(1, total)
         self.duration = duration
         self.enabled = enabled
         self.label = label
-        self.start = time.perf_counter()
+        self.start: float | None = None
         self._last = 0.0
 
+    def begin(self) -> None:
+        self.start = time.perf_counter()
+
     def update(self, done: int, failed: int, in_flight: int, force: bool = False) -> None:
-        if not self.enabled:
+        if not self.enabled or self.start is None:
             return
         now = time.perf_counter()
         if not force and now - self._last < 0.25:
@@ -382,6 +386,8 @@ async def open_loop(
         await asyncio.sleep(interval)
     if pending:
         await asyncio.wait(set(pending), timeout=load.grace)
+    if progress is not None:
+        progress.begin()
     start = time.perf_counter()
     end = start + load.duration
     i = 0
@@ -416,6 +422,8 @@ async def closed_loop(send: SendFn, stats: list[Stats], load: Load, progress: Pr
     budget = [load.requests] * n_t
     for i in range(load.warmup * n_t):
         await send(i % n_t, time.perf_counter(), None)
+    if progress is not None:
+        progress.begin()
     start = time.perf_counter()
     end = start + load.duration
 

@@ -96,6 +96,11 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], title: str, width: in
     return "\n".join(out)
 
 
+def latency_svg(stats: list[Stats], title: str) -> str:
+    """The latency percentile plot of a run (the HTML report's first plot), on its own."""
+    return svg_plot({s.name: merge_percentiles(s.total) for s in stats}, f"{title}: latency")
+
+
 def write_html(path: str | Path, title: str, stats: list[Stats], extra: dict[str, Any] | None = None) -> None:
     """A self-contained page: plots of total latency (and TTFT when streaming), the table, the JSON."""
     plots = [svg_plot({s.name: merge_percentiles(s.total) for s in stats}, f"{title}: latency")]

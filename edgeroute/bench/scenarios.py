@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 import yaml
 
-from edgeroute.bench import loadgen, report
+from edgeroute.bench import loadgen, reference, report
 from edgeroute.bench.loadgen import Load, Stats, Target
 
 MOCK_MODEL = "gpt-4o-mini"
@@ -117,12 +117,16 @@ class Stack:
         if self.other_cpus:
             os.sched_setaffinity(0, self.other_cpus)
 
-    def _spawn(self, name: str, argv: list[str], cpus: list[int]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, argv: list[str], cpus: list[int], pythonpath: str | None = None
+    ) -> subprocess.Popen[bytes]:
         def pre() -> None:
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if pythonpath is not None:
+            env["PYTHONPATH"] = pythonpath
         err = open(Path(self.tmp.name) / f"{name}.stderr", "ab")  # the child keeps its own copy
         try:
             return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, preexec_fn=pre, env=env)
@@ -178,14 +182,15 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def proxy(self, cfg: dict[str, Any], name: str = "edgeroute") -> tuple[Proc, float]:
-        """`edgeroute serve` on `cfg`; returns it and the seconds from spawn to /readyz answering 200."""
+    def proxy(self, cfg: dict[str, Any], name: str = "edgeroute", tree: str | None = None) -> tuple[Proc, float]:
+        """`edgeroute serve` on `cfg` (from source tree `tree` when given, else this install); returns
+        it and the seconds from spawn to /readyz answering 200."""
         path = Path(self.tmp.name) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         port = free_port()
         t0 = time.perf_counter()
         argv = [sys.executable, "-m", "edgeroute", "serve", "-c", str(path), "--port", str(port)]
-        p = self._spawn(name, argv, self.proxy_cpus)
+        p = self._spawn(name, argv, self.proxy_cpus, tree)
         proc = Proc(name, p, port)
         self.procs.append(proc)
         try:
@@ -384,8 +389,11 @@ def overhead(
     trace_ratio: float | None = None,
     request_log: bool = True,
     cache: bool = False,
+    budgets: bool = False,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
+    With `budgets`, a global monthly budget (never reached) admits every request, as a
+    deployment with spend limits does.
     With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
     The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
     is False. With `cache`, the response cache is on (the bench's few distinct bodies are hits
@@ -405,6 +413,9 @@ def overhead(
             out["trace_ratio"] = trace_ratio
         if not request_log:
             cfg["request_log"] = {"enabled": False}
+        if budgets:
+            cfg["budgets"] = BENCH_BUDGETS
+            out["budgets"] = True
         proxy, startup = stack.proxy(cfg)
         out["startup_s"] = round(startup, 3)
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)
@@ -462,6 +473,9 @@ def overhead(
     return out
 
 
+# A budget every request is admitted under (reserved, settled, journaled), never reached.
+BENCH_BUDGETS = {"limits": [{"name": "bench-month", "scope": "global", "limit_usd": 1e9, "period": "month"}]}
+
 # The bench's requests are sampled (temperature 0.2) and from several keys' worth of bodies:
 # cache them all, for everyone, for the length of a run.
 CACHE_EVERYTHING = {"ttl": 3600, "deterministic_only": False, "scope": "global"}
@@ -501,6 +515,39 @@ def throughput(c: Common, concurrency: int = 64, cache: bool = False) -> dict[st
             all_stats.append(st)
         _print(report.table(all_stats))
     _write(c, "throughput", all_stats, out)
+    return out
+
+
+def compare(c: Common, trees: list[str], rounds: int = 3, concurrency: int = 64) -> dict[str, Any]:
+    """Before and after in the same sitting: proxies built from several source trees (each a
+    checkout with its extension built) serve the same closed-loop load in turn, `rounds`
+    times; reports each one's CPU per request and req/s per round, and their medians."""
+    out: dict[str, Any] = {"scenario": "compare", "trees": {}}
+    with Stack(c.pin) as stack:
+        mock = stack.upstream()
+        url = f"http://127.0.0.1:{mock.port}/v1"
+        cfg = bench_config({"p0": url, "p1": url})
+        procs = {t: stack.proxy(cfg, name=f"tree{i}", tree=t)[0] for i, t in enumerate(trees)}
+        runs: dict[str, list[dict[str, float]]] = {t: [] for t in trees}
+        for r in range(rounds):
+            for t, proxy in procs.items():
+                load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
+                target = Target(t, f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)
+                cpu0 = proxy.cpu_seconds()
+                (st,) = loadgen.arun(loadgen.run([target], load, prompt_tokens=c.prompt_tokens, label=f"{r} "))
+                cpu_ms = 1000 * (proxy.cpu_seconds() - cpu0) / max(1, st.ok)
+                runs[t].append({"cpu_ms_per_request": round(cpu_ms, 4), "rps": round(st.rps), "failed": st.failed})
+                _print(f"round {r + 1} {t}: {st.rps:.0f} req/s, {cpu_ms:.4f} ms CPU/request, {st.failed} failed")
+        for t in trees:
+            cpu = sorted(x["cpu_ms_per_request"] for x in runs[t])
+            out["trees"][t] = {"runs": runs[t], "median_cpu_ms_per_request": cpu[len(cpu) // 2],
+                               "rss_mb": round(procs[t].rss_mb(), 1)}  # fmt: skip
+        base = out["trees"][trees[0]]["median_cpu_ms_per_request"]
+        for t in trees:
+            m = out["trees"][t]["median_cpu_ms_per_request"]
+            out["trees"][t]["throughput_vs_first"] = round(base / m, 3) if m else None
+            _print(f"{t}: median {m} ms CPU/request, throughput per core x{out['trees'][t]['throughput_vs_first']}")
+    _write(c, "compare", [], out)
     return out
 
 
@@ -816,7 +863,16 @@ def peer(
 
 
 def _write(c: Common, name: str, stats: list[Stats], data: dict[str, Any]) -> None:
+    """Adds the machine reference measured now (same sitting), then writes the JSON, a
+    percentile plot beside it (same name, .svg), and the HTML report when asked."""
+    ref = data.setdefault("machine", reference.machine())
+    _print(
+        f"machine reference: calibration {ref['calibration_ms']} ms (lower is faster), "
+        f"load average {ref['load_avg_1m']} on {ref['cpus']} CPUs"
+    )
     if c.json:
         report.write_json(c.json, data)
+        if stats:
+            Path(c.json).with_suffix(".svg").write_text(report.latency_svg(stats, f"edgeroute bench: {name}"))
     if c.html:
         report.write_html(c.html, f"edgeroute bench: {name}", stats, data)
