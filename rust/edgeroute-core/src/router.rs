@@ -18,7 +18,7 @@ use crate::health::{Health, HealthSnapshot, Outcome};
 use crate::hedge::{HedgeBudget, HedgeSpec, RotatingHistogram};
 use crate::policy::{self, Scored, Shifts};
 use crate::request::ChatRequest;
-use crate::rules::{LazyTokens, RuleInput, Rules};
+use crate::rules::{Action, LazyTokens, RuleInput, RuleMatch, Rules};
 use crate::select::{self, Candidate, FastRng, Swrr};
 use crate::tokens::{self, Encoding};
 
@@ -429,15 +429,28 @@ impl Router {
     }
 
     /// [`Router::decide`] at an explicit time, for tests and replays.
+    ///
+    /// Three phases, in the order they run: [`Router::resolve_route`] (rules,
+    /// experiments, policies: which public model serves), [`Router::order_chain`]
+    /// (that route and its fallbacks, each in its strategy's order, health
+    /// applied) and [`Router::build_decision`] (budgets, hedging, the explanation).
     pub fn decide_at(&self, body: &[u8], meta: &RequestMeta, now_ms: u64, unix_secs: u64) -> Result<Decision> {
         let req = ChatRequest::parse(body)?;
+        let resolved = self.resolve_route(&req, meta, unix_secs)?;
+        let order = self.order_chain(&req, &resolved, now_ms)?;
+        Ok(self.build_decision(&req, resolved, order, now_ms))
+    }
+
+    /// Phase 1: the route that serves `req`, after rules, experiments, policies and
+    /// context-window fallbacks, with the prompt's tokens and the classification.
+    fn resolve_route(&self, req: &ChatRequest<'_>, meta: &RequestMeta, unix_secs: u64) -> Result<Resolved<'_>> {
         let requested = *self
             .route_by_name
             .get(req.model.as_ref())
             .ok_or_else(|| CoreError::UnknownModel(req.model.to_string()))?;
         let encoding = self.routes[requested].encoding;
-        let bounds = tokens::bound_chat(&req, encoding);
-        let count = || tokens::count_chat(&req, encoding) as u32;
+        let bounds = tokens::bound_chat(req, encoding);
+        let count = || tokens::count_chat(req, encoding) as u32;
         let lazy = match meta.prompt_tokens {
             Some(n) => LazyTokens::known(n),
             None if meta.exact_tokens => LazyTokens::known(count()),
@@ -446,12 +459,11 @@ impl Router {
 
         // Classification costs tens of microseconds: run it only when something uses it.
         let class = match &self.classifier {
-            Some(c) if meta.explain || self.routes[requested].needs_class => Some(c.classify(&user_text(&req))),
+            Some(c) if meta.explain || self.routes[requested].needs_class => Some(c.classify(&user_text(req))),
             _ => None,
         };
-        let task = class.as_ref().map(|c| c.task.class.as_str());
         let text = if self.rules.needs_text() {
-            prompt_text(&req)
+            prompt_text(req)
         } else {
             String::new()
         };
@@ -466,7 +478,7 @@ impl Router {
             text: &text,
             body: Some(req.json),
             unix_secs,
-            task,
+            task: class.as_ref().map(|c| c.task.class.as_str()),
         };
         let matched = self.rules.evaluate(&input);
         let (prompt_tokens, tokens_exact) = self.settle_tokens(&input.prompt_tokens, bounds, req.max_tokens);
@@ -516,8 +528,25 @@ impl Router {
         let strategy = action
             .and_then(|a| a.strategy)
             .unwrap_or(self.routes[route].spec.strategy);
-        let mut order = Vec::new();
-        let mut reason = String::new();
+        Ok(Resolved {
+            route,
+            matched,
+            action,
+            class,
+            encoding,
+            prompt_tokens,
+            tokens_exact,
+            needed,
+            strategy,
+            variant,
+            policy_note,
+        })
+    }
+
+    /// Phase 2: the deployments to try, in order: the route's, then each fallback
+    /// route's, each ordered by its strategy; ejected ones last when nothing else is left.
+    fn order_chain(&self, req: &ChatRequest<'_>, resolved: &Resolved<'_>, now_ms: u64) -> Result<Vec<usize>> {
+        let route = resolved.route;
         let mut chain = vec![route];
         for f in &self.routes[route].spec.fallbacks {
             let i = self.route_by_name[f];
@@ -525,26 +554,27 @@ impl Router {
                 chain.push(i);
             }
         }
-        let mut ejected = Vec::new();
+        let ctx = OrderContext {
+            action: resolved.action,
+            needed: resolved.needed,
+            max_tokens: req.max_tokens,
+            now_ms,
+        };
+        let mut out = Chain::default();
         for (pos, &r) in chain.iter().enumerate() {
-            let strat = if pos == 0 {
-                strategy
+            let strategy = if pos == 0 {
+                resolved.strategy
             } else {
                 self.routes[r].spec.strategy
             };
-            self.order_route(
-                r,
-                strat,
-                action,
-                needed,
-                req.max_tokens,
-                now_ms,
-                &mut order,
-                &mut ejected,
-                &mut reason,
-            );
+            self.order_route(r, strategy, &ctx, &mut out);
         }
         // Fail open: if health has excluded everything, try the ejected ones rather than nothing.
+        let Chain {
+            mut order,
+            ejected,
+            reason,
+        } = out;
         for i in ejected {
             if !order.contains(&i) {
                 order.push(i);
@@ -560,13 +590,36 @@ impl Router {
                 },
             });
         }
+        Ok(order)
+    }
+
+    /// Phase 3: the [`Decision`], after the budgets took note of the request.
+    fn build_decision(
+        &self,
+        req: &ChatRequest<'_>,
+        resolved: Resolved<'_>,
+        order: Vec<usize>,
+        now_ms: u64,
+    ) -> Decision {
+        let Resolved {
+            route,
+            matched,
+            class,
+            encoding,
+            prompt_tokens,
+            tokens_exact,
+            strategy,
+            variant,
+            policy_note,
+            ..
+        } = resolved;
         self.retry_budget.deposit(now_ms);
         let hedge_after_ms = self.hedge_delay(route, &order, now_ms);
         let (rule, reasons) = match matched {
             Some(m) => (Some(self.rules.specs()[m.index].name.clone()), m.reasons),
             None => (None, vec![format!("default route for model={}", req.model)]),
         };
-        Ok(Decision {
+        Decision {
             model: req.model.to_string(),
             route: self.routes[route].spec.name.clone(),
             rule,
@@ -582,7 +635,7 @@ impl Router {
             model_span: req.model_span,
             hedge_after_ms,
             strategy,
-            task,
+            task: class.as_ref().map(|c| c.task.class.as_str()),
             task_confidence: class
                 .as_ref()
                 .map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
@@ -602,7 +655,7 @@ impl Router {
             },
             policy: policy_note,
             variant,
-        })
+        }
     }
 
     /// Exact prompt tokens of a chat body, under the encoding of the route it asks for.
@@ -679,26 +732,22 @@ impl Router {
             .fold(f64::INFINITY, f64::min)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn order_route(
-        &self,
-        r: usize,
-        strategy: Strategy,
-        action: Option<&crate::rules::Action>,
-        needed: u32,
-        max_tokens: Option<u32>,
-        now_ms: u64,
-        order: &mut Vec<usize>,
-        ejected: &mut Vec<usize>,
-        reason: &mut String,
-    ) {
+    /// Appends route `r`'s eligible deployments to `out.order` in `strategy`'s order
+    /// (the circuit-open ones beyond the panic threshold to `out.ejected`).
+    fn order_route(&self, r: usize, strategy: Strategy, ctx: &OrderContext<'_>, out: &mut Chain) {
+        let OrderContext {
+            action,
+            needed,
+            max_tokens,
+            now_ms,
+        } = *ctx;
         let route = &self.routes[r];
         let mut cands = Vec::with_capacity(route.members.len());
         let mut locals = Vec::with_capacity(route.members.len());
         let mut unavailable = Vec::new();
         for (local, &i) in route.members.iter().enumerate() {
             let d = &self.deployments[i];
-            if order.contains(&i) {
+            if out.order.contains(&i) {
                 continue;
             }
             if let Some(a) = action {
@@ -706,16 +755,16 @@ impl Router {
                     continue;
                 }
                 if !a.require_tags.iter().all(|t| has_tag(&d.spec, t)) {
-                    *reason = format!("no deployment has the required tags {:?}", a.require_tags);
+                    out.reason = format!("no deployment has the required tags {:?}", a.require_tags);
                     continue;
                 }
                 if a.exclude_tags.iter().any(|t| has_tag(&d.spec, t)) {
-                    *reason = format!("deployments tagged {:?} are excluded", a.exclude_tags);
+                    out.reason = format!("deployments tagged {:?} are excluded", a.exclude_tags);
                     continue;
                 }
             }
             if !fits(&d.spec, needed) {
-                *reason = format!("the request needs {needed} tokens, more than the context window");
+                out.reason = format!("the request needs {needed} tokens, more than the context window");
                 continue;
             }
             if !d.health.available(now_ms) {
@@ -738,11 +787,11 @@ impl Router {
         let total = cands.len() + unavailable.len();
         let cap = total * self.health_spec.max_ejected_percent as usize / 100;
         select::order(strategy, &mut cands, &locals, &route.swrr, &self.rng);
-        order.extend(cands.iter().map(|c| c.index));
+        out.order.extend(cands.iter().map(|c| c.index));
         if unavailable.len() > cap {
-            order.extend(unavailable.drain(..unavailable.len() - cap));
+            out.order.extend(unavailable.drain(..unavailable.len() - cap));
         }
-        ejected.extend(unavailable);
+        out.ejected.extend(unavailable);
     }
 
     fn hedge_delay(&self, route: usize, order: &[usize], now_ms: u64) -> Option<f64> {
@@ -832,6 +881,43 @@ impl Router {
             .map(|e| e.count(text))
             .ok_or_else(|| CoreError::BadRequest(format!("unknown encoding `{encoding}`")))
     }
+}
+
+/// What phase 1 of a decision settled: the route that serves, and why.
+struct Resolved<'r> {
+    route: usize,
+    matched: Option<RuleMatch>,
+    action: Option<&'r Action>,
+    class: Option<Classification>,
+    /// The tokenizer of the route the client asked for (what `prompt_tokens` counts in).
+    encoding: Encoding,
+    prompt_tokens: u32,
+    tokens_exact: bool,
+    /// Prompt plus completion tokens, against context windows.
+    needed: u32,
+    strategy: Strategy,
+    variant: Option<String>,
+    policy_note: Option<String>,
+}
+
+/// What ordering reads for every route of the chain.
+#[derive(Clone, Copy)]
+struct OrderContext<'r> {
+    /// The matched rule's action: its deployments and tags narrow every route.
+    action: Option<&'r Action>,
+    needed: u32,
+    max_tokens: Option<u32>,
+    now_ms: u64,
+}
+
+/// The chain's order as it is built.
+#[derive(Default)]
+struct Chain {
+    order: Vec<usize>,
+    /// Circuit-open deployments kept back, tried only when nothing else is left.
+    ejected: Vec<usize>,
+    /// Why the last deployment was excluded, for the error when none is left.
+    reason: String,
 }
 
 fn fits(d: &DeploymentSpec, needed: u32) -> bool {
