@@ -423,11 +423,10 @@ async def count_tokens(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def anthropic_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Rewrites OpenAI-format error answers on the Anthropic paths into Anthropic's error format."""
-    resp = await handler(request)
-    if request.path not in PATHS or resp.status < 400 or not isinstance(resp, web.Response) or resp.prepared:
+def rewrite_error(resp: web.StreamResponse) -> web.StreamResponse:
+    """An OpenAI-format error answer on an Anthropic path, in Anthropic's error format (the
+    server's front middleware calls it for every answer on `PATHS`, so it sees every error)."""
+    if resp.status < 400 or not isinstance(resp, web.Response) or resp.prepared:
         return resp
     try:
         err = orjson.loads(resp.body or b"{}").get("error")  # type: ignore[arg-type]
@@ -441,7 +440,6 @@ async def anthropic_errors(request: web.Request, handler: Handler) -> web.Stream
 
 
 def add_routes(app: web.Application) -> None:
-    """The Anthropic routes, and the error rewriting for them (outermost, so it sees every error)."""
+    """The Anthropic routes (their errors are rewritten by `rewrite_error`)."""
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
-    app.middlewares.insert(0, anthropic_errors)

@@ -58,51 +58,48 @@ def _json_error(e: ProxyError) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one middleware every request passes (one layer, not four: it runs per request):
+    client authentication and load shedding (`_admitted`), errors as JSON, and Anthropic's
+    error format on its paths."""
+    path = request.path
     try:
-        return await handler(request)
+        resp = await (handler(request) if path in PUBLIC_PATHS else _admitted(request, handler))
     except ProxyError as e:
-        return _json_error(e)
+        resp = _json_error(e)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         msg = {
-            404: f"Unknown request URL: {request.method} {request.path}.",
-            405: f"Method {request.method} is not allowed for {request.path}.",
+            404: f"Unknown request URL: {request.method} {path}.",
+            405: f"Method {request.method} is not allowed for {path}.",
         }.get(e.status, e.reason)
-        return web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
+        resp = web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
     except HttpProcessingError as e:
         # A body that could not be read (a bad chunk, or late): the client's fault, never a
         # traceback; the connection is closed after.
-        return _json_error(body_read_error(e))
+        resp = _json_error(body_read_error(e))
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, path)
         if request.get(STREAM_STARTED):
             raise  # a stream is under way: a second response would be spliced into it; drop the connection
-        return web.Response(
+        resp = web.Response(
             status=500, body=error_body(500, "Internal error in edgeroute."), content_type="application/json"
         )
+    return anthropic_api.rewrite_error(resp) if path in anthropic_api.PATHS else resp
 
 
-@web.middleware
-async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Keys are checked against the running config generation, so a reload revokes them."""
-    if request.path not in PUBLIC_PATHS:
-        ident = request.app[STATE].live.access.identify(request)
-        if ident is not None:
-            request[IDENTITY] = ident
-    return await handler(request)
-
-
-@web.middleware
-async def shed_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Caps in-flight requests: above the cap, answer 503 at once instead of queueing."""
+async def _admitted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Identifies the client (keys are checked against the running config generation, so a
+    reload revokes them), then caps in-flight requests: above the cap, 503 at once instead
+    of queueing."""
     state = request.app[STATE]
+    ident = state.live.access.identify(request)
+    if ident is not None:
+        request[IDENTITY] = ident
     c = state.counters
-    if request.path in PUBLIC_PATHS:
-        return await handler(request)
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
         raise ProxyError(
@@ -187,8 +184,7 @@ def create_app(
     config: Config, source: str = "<config>", recorder: Recorder | None = None, admission: Admission | None = None
 ) -> web.Application:
     """Builds the proxy application for a validated config."""
-    middlewares = [errors_middleware, access_middleware, shed_middleware]
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=middlewares)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[front_middleware])
     app[STATE] = ServerState(Live.build(config, source))
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)

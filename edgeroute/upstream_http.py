@@ -181,6 +181,11 @@ class Response:
             )
         return self._headers
 
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived (reading the rest waits for nothing)."""
+        return self._eof and self._exc is None
+
     async def readany(self) -> bytes:
         """The next body piece as it came off the wire; b"" at the end of the body."""
         while not self._chunks:

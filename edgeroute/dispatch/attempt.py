@@ -189,6 +189,8 @@ class Attempts:
                     if isinstance(result, StreamAnswer):
                         keep_open = True
                         result.slot = dep.index
+                elif resp.complete:  # the usual JSON answer: it came with its headers, no timer to move
+                    result = self._json_answer(await resp.read(), adapter, resp.status)
                 else:
                     # The body: each piece within the idle timeout (a stalled body fails over).
                     chunks = []

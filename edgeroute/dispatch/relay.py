@@ -27,7 +27,7 @@ _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its strea
 
 
 # Set on a request once its stream response is prepared: from then on an error can only end
-# the stream (an error event), never become a second response (errors_middleware checks it).
+# the stream (an error event), never become a second response (the server's front_middleware checks it).
 STREAM_STARTED = web.RequestKey("stream_started", bool)
 
 
