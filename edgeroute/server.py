@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edgeroute import anthropic_api, learning, openai_api, ui
+from edgeroute import anthropic_api, learning, looplag, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -189,6 +189,7 @@ def create_app(
     # Recorder (ledger), admission (budgets, rate limits), /admin/spend and their cleanup, from config.
     cost_app.install(app, config, source, recorder, admission)
     telemetry.install(app, config)
+    looplag.install(app)
     app[CACHE] = _response_cache(config)
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None

@@ -72,6 +72,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.learning",
             "edgeroute.health_checks",
             "edgeroute.metrics",
+            "edgeroute.looplag",
             "edgeroute.reload",
             "edgeroute.requestlog",
             "edgeroute.cost.budget_report",

@@ -1,0 +1,42 @@
+"""The event-loop lag sampler: a stall shows in /metrics and in the log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from aiohttp import ClientSession
+
+from tests.conftest import Proxy
+
+CFG = {
+    "providers": {"p": {"base_url": "http://127.0.0.1:9/v1", "api_key": "k-secret-xx"}},
+    "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
+    "models": {"m": {"deployments": ["d"]}},
+}
+
+
+def _sample(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+async def test_a_stalled_loop_is_measured_and_logged(start_proxy, caplog: pytest.LogCaptureFixture) -> None:
+    proxy: Proxy = await start_proxy(CFG)
+    await asyncio.sleep(0.35)  # a few samples of a healthy loop
+    with caplog.at_level(logging.WARNING, logger="edgeroute.loop"):
+        time.sleep(0.3)  # noqa: ASYNC251 - a synchronous call on the loop: the stall the sampler is for
+        await asyncio.sleep(0.25)
+    async with ClientSession() as s, s.get(proxy.url + "/metrics") as r:
+        text = await r.text()
+    assert _sample(text, "edgeroute_event_loop_lag_max_seconds") >= 0.2
+    assert _sample(text, 'edgeroute_event_loop_lag_seconds_bucket{le="0.1"}') < _sample(
+        text, 'edgeroute_event_loop_lag_seconds_bucket{le="+Inf"}'
+    )
+    assert any("event loop stalled" in r.getMessage() for r in caplog.records)
+    async with ClientSession() as s, s.get(proxy.url + "/metrics") as r:  # the maximum is per scrape
+        assert _sample(await r.text(), "edgeroute_event_loop_lag_max_seconds") < 0.2
