@@ -390,10 +390,12 @@ def overhead(
     request_log: bool = True,
     cache: bool = False,
     budgets: bool = False,
+    beside: str | None = None,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
     With `budgets`, a global monthly budget (never reached) admits every request, as a
-    deployment with spend limits does.
+    deployment with spend limits does. `beside` (one of `BESIDE`) adds a second edgeroute with
+    one setting changed, interleaved with the first: the setting's cost, in the same sitting.
     With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
     The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
     is False. With `cache`, the response cache is on (the bench's few distinct bodies are hits
@@ -423,6 +425,10 @@ def overhead(
             Target("direct", url, MOCK_MODEL),
             Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL),
         ]
+        if beside is not None:
+            other, _ = stack.proxy(BESIDE[beside](cfg, f"http://127.0.0.1:{mock.port}/v1/traces"), name="beside")
+            targets.append(Target(f"edgeroute {beside}", f"http://127.0.0.1:{other.port}/v1", PUBLIC_MODEL))
+            out["beside"] = beside
         floor_proc = stack.floor(url) if floor else None
         if floor_proc is not None:
             targets.append(Target("bare aiohttp", f"http://127.0.0.1:{floor_proc.port}/v1", MOCK_MODEL))
@@ -447,11 +453,15 @@ def overhead(
                 "proxy": p.summary(),
                 "proxy_cpu_ms_per_request": round(1000 * cpu / max(1, p.ok + p.failed + load.warmup), 4),
             }
+            if beside is not None:
+                res["beside_added_ms"] = added(stats[2], d, "ttft_ms" if stream else "latency_ms")
+                res["beside"] = stats[2].summary()
+                _print(f"edgeroute {beside} adds {res['beside_added_ms']}")
             if floor_proc is not None:
                 fcpu = floor_proc.cpu_seconds() - fcpu0
-                res["floor_added_ms"] = added(stats[2], d, "ttft_ms" if stream else "latency_ms")
+                res["floor_added_ms"] = added(stats[-1], d, "ttft_ms" if stream else "latency_ms")
                 res["floor_cpu_ms_per_request"] = round(
-                    1000 * fcpu / max(1, stats[2].ok + stats[2].failed + load.warmup), 4
+                    1000 * fcpu / max(1, stats[-1].ok + stats[-1].failed + load.warmup), 4
                 )
                 _print(
                     f"bare aiohttp pass-through adds {res['floor_added_ms']}, "
@@ -475,6 +485,20 @@ def overhead(
 
 # A budget every request is admitted under (reserved, settled, journaled), never reached.
 BENCH_BUDGETS = {"limits": [{"name": "bench-month", "scope": "global", "limit_usd": 1e9, "period": "month"}]}
+
+
+def _with(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**cfg, **changes}
+
+
+# The second proxy of `overhead(beside=...)`: the first one's config with one setting changed
+# (its argument: the mock's OTLP sink, for tracing).
+BESIDE: dict[str, Any] = {
+    "budgets": lambda cfg, sink: _with(cfg, budgets=BENCH_BUDGETS),
+    "no-budgets": lambda cfg, sink: {k: v for k, v in cfg.items() if k != "budgets"},
+    "request-log-off": lambda cfg, sink: _with(cfg, request_log={"enabled": False}),
+    "tracing-10": lambda cfg, sink: _with(cfg, tracing={"enabled": True, "sample_ratio": 0.1, "endpoint": sink}),
+}
 
 # The bench's requests are sampled (temperature 0.2) and from several keys' worth of bodies:
 # cache them all, for everyone, for the length of a run.
