@@ -1,0 +1,104 @@
+"""The semantic lookup's fast paths give exactly what the plain ones give.
+
+The embedder tokenizes piece by remembered piece and the guards work on distinct words and
+chunks; both must agree with the straightforward computation on every input, or the
+precision figures (measured through the fast paths) would not describe the guards' rules.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeroute.cache import evaluate
+from edgeroute.cache import semantic as sem
+
+_PAIRS = [
+    t
+    for line in evaluate.DEFAULT_PAIRS.read_text().splitlines()
+    if line.strip()
+    for t in (orjson.loads(line)["a"], orjson.loads(line)["b"])
+]
+# Characters that matter to the tokenizer's pieces and to the guards: spaces and "▁",
+# other whitespace, digits, separators, quotes, backquotes, code punctuation, capitals,
+# non-Latin scripts and letters whose lower case changes length.
+_ALPHABET = st.sampled_from(
+    [*"ab cZ  \t\n\u2581\u00a0,.!?'\"`“”_()-1203éÉİ日本\u041f\u0440Ω", " not ", " Paris ", "n't"]
+)
+_TEXT = st.lists(_ALPHABET, max_size=60).map("".join)
+
+
+def reference_guards(text: str) -> sem.Guards:
+    """The guards in their plain form: every word in order, each pattern over the whole text."""
+    numbers = frozenset(m.replace(",", "") for m in sem._NUMBER.findall(text))
+    words = sem._WORD.findall(text)
+    lowered = [w.lower().replace("\u2019", "'") for w in words]
+    entities: set[str] = set()
+    for i, (w, low) in enumerate(zip(words, lowered, strict=True)):
+        if len(w) > 1 and ((w[0].isupper() and i > 0 and low not in sem._STOP_INDEX) or w.isupper()):
+            entities.add(low.removesuffix("'s"))
+    for sentence in re.split(r"[.!?]\s+", text):
+        first = sem._WORD.search(sentence)
+        opener = first.group(0).lower().replace("\u2019", "'").removesuffix("'s") if first else ""
+        if first and len(opener) > 1 and opener[0] != first.group(0)[0] and not sem._is_common(opener):
+            entities.add(opener)
+    quoted = frozenset(next(g for g in m if g) for m in sem._QUOTED.findall(text))
+    code = frozenset(next(g for g in m if g) for m in sem._CODE.findall(text))
+    negated = any(w in sem._NEGATIONS or w.endswith("n't") for w in lowered)
+    actions = frozenset(sem._OPPOSED_FORMS[w] for w in set(lowered) if w in sem._OPPOSED_FORMS)
+    counts = collections.Counter(words)
+    script, language = sem._language(text, counts, {w: w.lower().replace("\u2019", "'") for w in counts})
+    return sem.Guards(numbers, frozenset(entities), quoted, code, negated, actions, script, language)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> sem.Embedder:
+    return sem.builtin_embedder()
+
+
+def _plain_ids(e: sem.Embedder, text: str) -> list[int]:
+    return list(e._tok.encode(text, add_special_tokens=False).ids)
+
+
+def test_piecewise_tokenization_is_the_tokenizers_on_the_evaluation_prompts(embedder: sem.Embedder) -> None:
+    assert embedder._split, "the shipped vocabulary allows splitting (no token has a '▁' after another character)"
+    for text in _PAIRS:
+        assert embedder.token_ids(text) == _plain_ids(embedder, text)
+    assert embedder.token_ids("") == []
+    assert embedder.token_ids("ends with a space ") == _plain_ids(embedder, "ends with a space ")
+
+
+@settings(max_examples=400, deadline=None)
+@given(_TEXT)
+def test_piecewise_tokenization_is_the_tokenizers_on_any_text(embedder: sem.Embedder, text: str) -> None:
+    assert embedder.token_ids(text) == _plain_ids(embedder, text)
+
+
+def test_the_piece_cache_is_bounded(embedder: sem.Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sem, "_PIECE_CACHE_MAX", 50)
+    for start in range(0, 200, 20):
+        text = " ".join(f"w{i}" for i in range(start, start + 30))
+        assert embedder.token_ids(text) == _plain_ids(embedder, text)
+        assert len(embedder._pieces) <= 50
+    text = " ".join(f"v{i}" for i in range(120))  # more new pieces in one turn than the bound
+    assert embedder.token_ids(text) == _plain_ids(embedder, text)
+    assert len(embedder._pieces) <= 50
+    long = "x" * 500 + " tail"
+    assert embedder.token_ids(long) == _plain_ids(embedder, long)
+    assert "x" * 500 not in embedder._pieces, "long pieces are not kept"
+
+
+def test_fast_guards_equal_the_plain_guards_on_the_evaluation_prompts() -> None:
+    for text in _PAIRS:
+        assert sem.guards(text) == reference_guards(text), text
+
+
+@settings(max_examples=600, deadline=None)
+@given(_TEXT)
+def test_fast_guards_equal_the_plain_guards_on_any_text(text: str) -> None:
+    assert sem.guards(text) == reference_guards(text)
