@@ -97,7 +97,15 @@ def _pg_reset(dsn: str) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as c:
-        for table in ("spend", "spend_attempts", "requests", "request_rollups", "ledger_batches", "reservations"):
+        for table in (
+            "spend",
+            "spend_attempts",
+            "requests",
+            "request_rollups",
+            "request_rollup_levels",
+            "ledger_batches",
+            "reservations",
+        ):
             c.execute(f"DROP TABLE IF EXISTS {table}")
 
 

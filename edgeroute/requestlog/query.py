@@ -216,8 +216,8 @@ STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket"})
 def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
     """Requests, success rate, latency and TTFT percentiles, tokens, cost and savings per group
     (and per time bucket), from the rollups: minute resolution (`since` rounds down, `until` up
-    to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`. Whole hours are read from
-    the hourly rows when the buckets are whole hours (or there are none)."""
+    to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`. The window is read from
+    the coarsest rows that fit in it and in its buckets (`rollup.cover`)."""
     _check_known(q, STATS_PARAMS)
     now = time.time() if now is None else now
     since, until = time_range(q, now, now - 86400)
@@ -233,16 +233,20 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
         step = int(b) // 60
         if (last - first) / step > MAX_STATS_POINTS:
             raise BadParam("bucket", f"{b}s over this range makes more than {MAX_STATS_POINTS} buckets")
-    sums = ", ".join(f"SUM({c})" for c in (*rollup.COUNTERS, *rollup.LAT, *rollup.TTFT))
+    cols = (*rollup.COUNTERS, *rollup.LAT, *rollup.TTFT)
+    sums = ", ".join(f"SUM({c}) AS {c}" for c in cols)
     # `step` is an integer parsed above, never text from the request.
     t = f"(minute / {step}) * {step}" if step else "0"
-    spans = [(rollup.MINUTE, first, last)]
-    h0, h1 = -(-first // rollup.HOUR) * rollup.HOUR, last // rollup.HOUR * rollup.HOUR
-    if step % rollup.HOUR == 0 and h0 < h1:
-        spans = [(rollup.HOUR, h0, h1), (rollup.MINUTE, first, h0), (rollup.MINUTE, h1, last)]
-    part = "SELECT * FROM request_rollups WHERE dim = ? AND res = ? AND minute >= ? AND minute < ?"
-    sql = f"SELECT value, {t} AS t, {sums} FROM ({' UNION ALL '.join([part] * len(spans))}) AS r GROUP BY value, t"
-    found = db.query(sql, [x for res, a, b in spans for x in (group, res, a, b)])
+    # Each span of whole rows is summed by its own range scan of the primary key; the
+    # outer query adds up the few partial sums per group and bucket.
+    part = (
+        f"SELECT value, {t} AS t, {sums} FROM request_rollups "
+        "WHERE dim = ? AND res = ? AND minute >= ? AND minute < ? GROUP BY value, t"
+    )
+    spans = rollup.cover(first, last, step)
+    outer = ", ".join(f"SUM({c})" for c in cols)
+    sql = f"SELECT value, t, {outer} FROM ({' UNION ALL '.join([part] * len(spans))}) AS r GROUP BY value, t"
+    found = db.query(sql, [x for res, a, b in spans for x in (group, res, a, b)]) if spans else []
     n_c, n_h = len(rollup.COUNTERS), rollup.BUCKETS
     rows = []
     total_c = [0.0] * n_c

@@ -93,7 +93,8 @@ def prune(db: Maintained, cfg: RequestLog, now: float | None = None) -> int:
         deleted += n
         if n < _PRUNE_CHUNK:
             break
-    db.execute("DELETE FROM request_rollups WHERE minute < ?", (int(cutoff // 60),))
+    # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not).
+    db.execute("DELETE FROM request_rollups WHERE minute + res <= ?", (int(cutoff // 60),))
     if db.dialect == "sqlite" and cfg.max_db_mb is not None:
         deleted += _cap(db, cfg.max_db_mb * 1024 * 1024)
     return deleted

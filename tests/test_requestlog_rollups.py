@@ -1,0 +1,178 @@
+"""Stats read from the multi-resolution rollups equal the same numbers computed from the raw
+records, for any window, bucket and group, on SQLite and PostgreSQL; a database written
+before the coarser levels existed gets them built once, with the same answers."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
+from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
+from edgeroute.requestlog import query, rollup
+from edgeroute.requestlog.settings import RequestLog
+from tests.test_cost_ledger import _pg_reset
+from tests.test_cost_support import require_postgres
+
+HOURS = 14  # long enough for 6-hour rows inside a window and ragged ends at every level
+
+
+def _records(n: int, t0: float, rng: random.Random) -> list[RequestRecord]:
+    out = []
+    for i in range(n):
+        model = rng.choice(("alpha", "beta", "gamma"))
+        lat = rng.lognormvariate(5, 1.2)
+        ok = rng.random() > 0.15
+        usage = Usage(rng.randint(1, 900), rng.randint(1, 400))
+        deps = [f"dep-{model}-{j}" for j in range(2)]
+        cost = usage.completion_tokens * 1e-6 if ok else 0.0
+        outcome = "success" if ok else "server_error"
+        served = AttemptRecord(deps[0], "p0", outcome, 200 if ok else 503, lat, usage=usage if ok else None)
+        served.cost_usd = cost
+        attempts = [served]
+        if rng.random() < 0.2:  # a failed first attempt, failed over
+            attempts.insert(0, AttemptRecord(deps[1], "p1", "timeout", 504, rng.uniform(10, 900)))
+        rec = RequestRecord(
+            request_id=f"r-{i}", started=t0 + rng.random() * HOURS * 3600, model=model, route=model,
+            team=rng.choice(("red", "blue", None)), key=f"k{rng.randint(0, 6)}", status=200 if ok else 503,
+            outcome="ok" if ok else "error", latency_ms=lat + 0.2, deployment=deps[0] if ok else None,
+            usage=usage if ok else None, cost_usd=usage.completion_tokens * 1e-6 if ok else 0.0, attempts=attempts,
+        )  # fmt: skip
+        rec.ttft_ms = lat / 3 if rng.random() < 0.5 else None
+        out.append(rec)
+    return out
+
+
+def _expected(recs: list[RequestRecord], group: str, first: int, last: int, step: int) -> dict[Any, dict[str, Any]]:
+    """The stats rows computed straight from the records (attempts for deployments)."""
+
+    def zero() -> dict[str, Any]:
+        counts = {"requests": 0, "errors": 0, "prompt_tokens": 0, "cost": 0.0}
+        return {**counts, "lat": [0] * rollup.BUCKETS, "ttft": [0] * rollup.BUCKETS}
+
+    sums: dict[Any, dict[str, Any]] = collections.defaultdict(zero)
+    for r in recs:
+        minute = int(r.started // 60)
+        if not first <= minute < last:
+            continue
+        t = minute // step * step * 60 if step else None
+        items: list[tuple[Any, bool, float, float | None, Usage | None, float]]
+        if group == "deployment":
+            items = [(a.deployment, a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage, a.cost_usd)
+                     for a in r.attempts]  # fmt: skip
+        else:
+            value = None if group == "none" else getattr(r, group)
+            items = [(value, r.status != 200, r.latency_ms, r.ttft_ms, r.usage, r.cost_usd)]
+        for value, error, lat, ttft, usage, cost in items:
+            s = sums[(value or None, t)]
+            s["requests"] += 1
+            s["errors"] += error
+            s["prompt_tokens"] += usage.prompt_tokens if usage else 0
+            s["cost"] += cost
+            s["lat"][rollup.bucket(lat)] += 1
+            if ttft is not None:
+                s["ttft"][rollup.bucket(ttft)] += 1
+    return sums
+
+
+def _check(db: Any, recs: list[RequestRecord], t0: float, rng: random.Random, cases: int) -> None:
+    now = t0 + HOURS * 3600 + 60
+    for _ in range(cases):
+        group = rng.choice(("none", "model", "key", "team", "deployment"))
+        step = rng.choice((0, 0, 1, 5, 10, 15, 30, 60, 120, 360, 720))
+        a = t0 + rng.uniform(-1800, HOURS * 3600)
+        b = a + rng.uniform(60, HOURS * 3600 - (a - t0) + 1800)
+        q = {"since": f"{a:.3f}", "until": f"{b:.3f}", "group_by": group}
+        if step:
+            q["bucket"] = str(step * 60)
+        got = query.stats(db, q, now=now)
+        first, last = got["since"] // 60, got["until"] // 60
+        want = _expected(recs, group, first, last, step)
+        rows = {(r.get("group") if group != "none" else None, r.get("t")): r for r in got["rows"]}
+        assert rows.keys() == want.keys(), q
+        for k, w in want.items():
+            r = rows[k]
+            counts = ("requests", "errors", "prompt_tokens")
+            assert [r[c] for c in counts] == [w[c] for c in counts], q
+            assert r["cost_usd"] == pytest.approx(w["cost"], abs=1e-7)
+            for name, hist, p in (("p50_ms", "lat", 0.5), ("p99_ms", "lat", 0.99), ("ttft_p95_ms", "ttft", 0.95)):
+                assert r[name] == rollup.percentile(w[hist], p), (q, k, name)
+        assert got["totals"]["requests"] == sum(w["requests"] for w in want.values())
+
+
+def _write(ledger: Ledger, recs: list[RequestRecord], rng: random.Random) -> None:
+    for r in recs:  # in uneven batches, out of time order (late records): the upserts add up
+        ledger.record(r)
+        if rng.random() < 0.003:
+            ledger.flush()
+    ledger.close()
+
+
+def test_cover_uses_the_coarsest_whole_rows() -> None:
+    assert rollup.cover(0, 1440) == [(360, 0, 1440)]
+    spans = rollup.cover(7, 1000)
+    assert sum(b - a for _, a, b in spans) == 993 and all(a % res == 0 and b % res == 0 for res, a, b in spans)
+    covered = sorted((a, b) for _, a, b in spans)
+    assert covered[0][0] == 7 and covered[-1][1] == 1000
+    assert all(x[1] == y[0] for x, y in itertools.pairwise(covered)), "no gap, no overlap"
+    assert len(spans) <= 2 * len(rollup.LEVELS)
+    assert {res for res, _, _ in rollup.cover(7, 1000, step=5)} <= {1, 5}  # no row straddles a bucket
+    assert rollup.cover(3, 3) == []
+
+
+def test_sqlite_stats_equal_the_raw_aggregation_for_any_window(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    t0 = (time.time() // 86400 - 2) * 86400 + 137 * 60  # not aligned to any level
+    recs = _records(3000, t0, rng)
+    _write(Ledger(SqliteBackend(tmp_path / "s.db"), flush_interval=60, request_log=RequestLog()), recs, rng)
+    db = SqliteBackend(tmp_path / "s.db")
+    _check(db, recs, t0, rng, cases=60)
+    db.close()
+
+
+def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> None:
+    """A database from before the 5-, 15- and 360-minute rows: they are built once at start."""
+    rng = random.Random(12)
+    t0 = (time.time() // 86400 - 2) * 86400 + 31 * 60
+    recs = _records(1500, t0, rng)
+    path = tmp_path / "old.db"
+    _write(Ledger(SqliteBackend(path), flush_interval=60, request_log=RequestLog()), recs, rng)
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DELETE FROM request_rollups WHERE res NOT IN (1, 60)")
+        conn.execute("DROP TABLE request_rollup_levels")
+    conn.close()
+    db = SqliteBackend(path)  # the start-up builds the missing levels...
+    _check(db, recs, t0, rng, cases=25)
+    db.close()
+    db = SqliteBackend(path)  # ...once: a second start adds nothing
+    _check(db, recs, t0, rng, cases=5)
+    db.close()
+
+
+def test_postgres_stats_equal_the_raw_aggregation_and_levels_are_built_once() -> None:
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    rng = random.Random(13)
+    t0 = (time.time() // 86400 - 2) * 86400 + 77 * 60
+    recs = _records(1500, t0, rng)
+    _write(Ledger(PostgresBackend(dsn), flush_interval=60, request_log=RequestLog()), recs, rng)
+    db = PostgresBackend(dsn)
+    _check(db, recs, t0, rng, cases=25)
+    db.close()
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("DELETE FROM request_rollups WHERE res NOT IN (1, 60)")
+        c.execute("DROP TABLE request_rollup_levels")
+    for _ in range(2):
+        db = PostgresBackend(dsn)
+        _check(db, recs, t0, rng, cases=10)
+        db.close()
