@@ -263,6 +263,11 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
     yield _counter(
         "edgeroute_ledger_set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside
     )
+    yield _counter(
+        "edgeroute_request_log_dropped",
+        "Request-log rows not written because the writer was too far behind (spend and stats still written).",
+        ledger.log_dropped,
+    )
 
 
 def secrets_source(app: web.Application) -> Iterable[Metric]:

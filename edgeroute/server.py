@@ -191,6 +191,7 @@ def create_app(
     telemetry.install(app, config)
     looplag.install(app)
     app[CACHE] = _response_cache(config)
+    app[CACHE].bind_embedders(lambda: (app[STATE].live.config, app[STATE].live.upstreams))
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)

@@ -176,3 +176,30 @@ def test_postgres_stats_equal_the_raw_aggregation_and_levels_are_built_once() ->
         db = PostgresBackend(dsn)
         _check(db, recs, t0, rng, cases=10)
         db.close()
+
+
+def test_over_the_backlog_bound_the_oldest_lose_their_log_row_not_their_spend_or_stats(tmp_path: Path) -> None:
+    rng = random.Random(14)
+    t0 = (time.time() // 3600 - 3) * 3600
+    recs = _records(700, t0, rng)
+    path = tmp_path / "b.db"
+    ledger = Ledger(SqliteBackend(path), flush_interval=3600, request_log=RequestLog(max_backlog=500))
+    for r in recs:
+        ledger.record(r)
+    assert ledger.flush() == 700
+    assert ledger.log_dropped == 200
+    for r in recs[:50]:  # under the bound: nothing dropped
+        r.request_id += "-again"
+        ledger.record(r)
+    ledger.flush()
+    assert ledger.log_dropped == 200
+    ledger.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == 750
+    logged = {row[0] for row in conn.execute("SELECT id FROM requests")}
+    assert len(logged) == 550 and {r.request_id for r in recs[200:]} <= logged, "the newest kept their rows"
+    conn.close()
+    db = SqliteBackend(path)
+    got = query.stats(db, {"since": str(t0 - 60), "until": str(t0 + HOURS * 3600 + 60)}, now=t0 + HOURS * 3600)
+    assert got["totals"]["requests"] == 750, "the stats still count every request"
+    db.close()

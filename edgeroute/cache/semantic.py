@@ -299,12 +299,15 @@ class SemanticIndex:
     """Per route: an HNSW index of last-user-turn embeddings, each labelled with what a match
     must equal exactly (the context hash, the guards) and the exact key of its answer."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, ndim: int = DIM) -> None:
         from usearch.index import Index
 
+        self.ndim = ndim
         # Half-precision vectors: a quarter of float32's build time and half its memory, the
         # same neighbours at these dimensions (cosine over normalised vectors).
-        self._index = Index(ndim=DIM, metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64)
+        self._index = Index(
+            ndim=ndim, metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64
+        )
         self._meta: dict[int, tuple[str, Guards, str]] = {}  # label -> (context, guards, exact key)
         self._order: collections.deque[int] = collections.deque()
         self._next = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,12 +23,22 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from edgeroute.cache import remote
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream
 from edgeroute.cache.key import cache_key, is_deterministic
-from edgeroute.cache.semantic import Guards, SemanticIndex, builtin_embedder, context_hash, split_last_user_turn
+from edgeroute.cache.semantic import (
+    Guards,
+    SemanticIndex,
+    builtin_embedder,
+    context_hash,
+    guards,
+    split_last_user_turn,
+)
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
+from edgeroute.config import Config
 from edgeroute.errors import ProxyError
+from edgeroute.upstream import Upstream
 
 log = logging.getLogger("edgeroute.cache")
 
@@ -105,8 +115,23 @@ class ResponseCache:
         self.store = store
         self.counters = counters
         self._writes: set[asyncio.Task[None]] = set()
-        self._indexes: dict[str, SemanticIndex] = {}
+        self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedder
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
+        # The running config and its upstream pools, for configured embedders (bound by the
+        # server: a reload replaces both).
+        self._live: Callable[[], tuple[Config, Mapping[str, Upstream]]] | None = None
+
+    def bind_embedders(self, live: Callable[[], tuple[Config, Mapping[str, Upstream]]]) -> None:
+        self._live = live
+
+    def _embedders(self, name: str) -> tuple[Upstream, str] | None:
+        """A deployment's provider pool and model, from the running config."""
+        if self._live is None:
+            return None
+        config, upstreams = self._live()
+        dep = config.deployments.get(name)
+        up = upstreams.get(dep.provider) if dep is not None else None
+        return None if dep is None or up is None else (up, dep.model)
 
     @classmethod
     def build(cls, backend: CacheStore, redis: tuple[str, str, int] | None) -> ResponseCache:
@@ -166,16 +191,51 @@ class ResponseCache:
             raise _not_cached()
         return None
 
+    async def _analyze(self, plan: Plan) -> bool:
+        """Embeds the last user turn and computes its guards (off the loop); False when the
+        configured embedder failed (counted; the request goes on as a miss)."""
+        assert plan.turn is not None
+        loop = asyncio.get_running_loop()
+        name = plan.settings.embedder
+        if name is None:
+            analyze = builtin_embedder().analyze
+            plan.vector, plan.guards = await loop.run_in_executor(self._embedding, analyze, plan.turn)
+            return True
+        target = self._embedders(name)
+        try:
+            if target is None:
+                raise remote.EmbeddingError(f"deployment {name} is not in the running config")
+            guarding = loop.run_in_executor(self._embedding, guards, plan.turn)
+            try:
+                plan.vector = await remote.embed(*target, plan.turn, plan.settings.embed_timeout_ms / 1000)
+            finally:
+                plan.guards = await guarding
+        except remote.EmbeddingError as e:
+            self.counters.embedding_errors += 1
+            plan.vector = None
+            log.warning("cache: the embedder %s failed (%s); served as a miss", name, e)
+            return False
+        return True
+
+    def _index(self, plan: Plan, create: bool) -> SemanticIndex | None:
+        """The route's index for its embedder; a new one when the vectors' size changed (another model)."""
+        key = (plan.route, plan.settings.embedder)
+        index = self._indexes.get(key)
+        ndim = len(plan.vector)
+        if (index is None or index.ndim != ndim) and create:
+            index = self._indexes[key] = SemanticIndex(plan.settings.max_entries, ndim)
+        return index if index is not None and index.ndim == ndim else None
+
     async def _semantic_lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
         """The freshest allowed answer of a request whose last user turn means the same."""
         assert plan.turn is not None and plan.context is not None
-        loop = asyncio.get_running_loop()
-        plan.vector, g = await loop.run_in_executor(self._embedding, builtin_embedder().analyze, plan.turn)
-        plan.guards = g
-        index = self._indexes.get(plan.route)
+        if not await self._analyze(plan):
+            return None
+        assert plan.guards is not None
+        index = self._index(plan, create=False)
         if index is None:
             return None
-        for cand in index.search(plan.vector, plan.context, g, plan.settings.similarity):
+        for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
             entry = await self.store.get(plan.route, cand.key)
             if entry is not None and entry.deployment in allowed and entry.age() <= plan.settings.ttl:
                 plan.label, plan.similarity = "hit", cand.similarity
@@ -214,23 +274,19 @@ class ResponseCache:
         task.add_done_callback(self._writes.discard)
 
     async def _put(self, plan: Plan, entry: Entry) -> None:
-        if plan.turn is not None and plan.context is not None:
-            if plan.vector is None:  # not looked up (refresh, bypass): embed it now, off the loop
-                loop = asyncio.get_running_loop()
-                plan.vector, plan.guards = await loop.run_in_executor(
-                    self._embedding, builtin_embedder().analyze, plan.turn
-                )
-            index = self._indexes.get(plan.route)
-            if index is None:
-                index = self._indexes[plan.route] = SemanticIndex(plan.settings.max_entries)
-            assert plan.guards is not None
-            index.add(plan.vector, plan.context, plan.guards, plan.key)
+        # The exact entry first: a slow or failing embedder must not delay exact hits.
         keep = plan.settings.ttl + plan.settings.stale_if_error
         await self.store.put(plan.route, plan.key, entry, keep, (plan.settings.max_entries, plan.settings.max_bytes))
+        if plan.turn is not None and plan.context is not None:
+            # Not looked up (refresh, bypass), or the embedder failed then: embed it now.
+            if plan.vector is not None or await self._analyze(plan):
+                index = self._index(plan, create=True)
+                assert index is not None and plan.guards is not None
+                index.add(plan.vector, plan.context, plan.guards, plan.key)
 
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
-        if any(r.mode == "semantic" for r in routes):
+        if any(r.mode == "semantic" and r.embedder is None for r in routes):
             await asyncio.get_running_loop().run_in_executor(self._embedding, builtin_embedder)
 
     async def close(self) -> None:
@@ -280,6 +336,11 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     errors.add_metric(["unavailable"], c.errors)
     errors.add_metric(["corrupt"], c.corrupt)
     yield errors
+    yield CounterMetricFamily(
+        "edgeroute_cache_embedding_errors",
+        "Semantic lookups whose configured embedder failed (served as misses).",
+        value=c.embedding_errors,
+    )
     store = app[CACHE].store
     if isinstance(store, MemoryStore):
         entries, size = store.totals()

@@ -27,6 +27,13 @@ class RouteCache(BaseModel):
         le=1,
         description="semantic mode: the least cosine similarity of two last user turns for a hit",
     )
+    embedder: str | None = Field(
+        None,
+        description="semantic mode: a deployment (OpenAI-format provider) whose model embeds the last user turn "
+        "through its /embeddings endpoint, instead of the built-in embedder; its similarity scale is its own, so "
+        "set `similarity` for it",
+    )
+    embed_timeout_ms: float = Field(1000.0, gt=0, description="a slower embedding answer makes the lookup a miss")
     ttl: float = Field(300.0, gt=0, description="seconds an answer is served as fresh")
     stale_if_error: float = Field(
         0.0, ge=0, description="seconds past its ttl an answer may still be served when every deployment fails"

@@ -33,6 +33,7 @@ class CacheCounters:
     too_large: int = 0
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
+    embedding_errors: int = 0  # a configured embedder failed: a miss, never an error
 
 
 class Store(Protocol):

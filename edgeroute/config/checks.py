@@ -14,6 +14,8 @@ from edgeroute.config.schema import Config
 from edgeroute.config.tls import check_tls
 from edgeroute.telemetry import settings as telemetry_settings
 
+_OPENAI = ("openai", "openai_compatible")  # provider kinds with an OpenAI-format /embeddings
+
 
 def unknown(kind: str, name: str, known: Iterable[str]) -> str:
     """ "unknown model 'gpt4o' (did you mean 'gpt-4o'?)"."""
@@ -30,11 +32,20 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"deployments.{name}.provider", unknown("provider", d.provider, cfg.providers)))
     if cfg.cache.backend == "redis" and cfg.shared_state is None:
         problems.append(("cache.backend", "the redis backend needs shared_state.redis_url"))
-    semantic = [n for n, m in cfg.models.items() if m.cache is not None and m.cache.mode == "semantic"]
-    if semantic and not all(importlib.util.find_spec(p) for p in ("wordllama", "usearch")):
-        problems.append(
-            (f"models.{semantic[0]}.cache.mode", "semantic caching needs: pip install 'edgeroute[semantic]'")
-        )
+    semantic = {n: m.cache for n, m in cfg.models.items() if m.cache is not None and m.cache.mode == "semantic"}
+    builtin = [n for n, c in semantic.items() if c.embedder is None]
+    for name, needs in (*((n, ("usearch",)) for n in semantic), *((n, ("wordllama",)) for n in builtin)):
+        if not all(importlib.util.find_spec(p) for p in needs):
+            problems.append((f"models.{name}.cache.mode", "semantic caching needs: pip install 'edgeroute[semantic]'"))
+            break
+    for name, c in semantic.items():
+        if c.embedder is None:
+            continue
+        where = f"models.{name}.cache.embedder"
+        if c.embedder not in cfg.deployments:
+            problems.append((where, unknown("deployment", c.embedder, cfg.deployments)))
+        elif (p := cfg.providers.get(cfg.deployments[c.embedder].provider)) is not None and p.kind not in _OPENAI:
+            problems.append((where, f"the embedder's provider must speak OpenAI's format, not {p.kind}"))
     for name, m in cfg.models.items():
         choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
         if not m.deployments and not choosers:

@@ -373,8 +373,9 @@ class Ledger:
     """A `Recorder` that writes to a backend from a thread, in batches.
 
     Counters: `written` (requests in the store), `failed_batches` (writes that failed and
-    were kept for later), `set_aside` (records the store rejected, logged instead) and
-    `lost_at_close` (records `close()` could not write: the store stayed unavailable).
+    were kept for later), `set_aside` (records the store rejected, logged instead),
+    `lost_at_close` (records `close()` could not write: the store stayed unavailable) and
+    `log_dropped` (request-log rows skipped over the backlog bound; spend still written).
     """
 
     def __init__(
@@ -405,6 +406,8 @@ class Ledger:
         self.failed_batches = 0
         self.set_aside = 0
         self.lost_at_close = 0
+        self.log_dropped = 0  # request-log rows not written: over the backlog bound
+        self._drop_warned = -1e9
         self._thread = threading.Thread(target=self._run, name="edgeroute-ledger", daemon=True)
         self._thread.start()
 
@@ -467,7 +470,15 @@ class Ledger:
             journal: list[Row] = []
             while self._journal:
                 journal.append((self._next_id(), *self._journal.popleft()))
-            pending = [p for p in map(self._pending, batch) if p is not None]
+            # Over the request log's backlog bound, the oldest records keep their spend and
+            # rollups but not their request-log row (see RequestLog.max_backlog).
+            over = len(batch) - self.request_log.max_backlog if self.request_log is not None else 0
+            if over > 0:
+                self.log_dropped += over
+                if time.monotonic() - self._drop_warned > 60:  # once a minute, not every flush
+                    self._drop_warned = time.monotonic()
+                    log.warning("request log: %d records behind; %d written without their row", len(batch), over)
+            pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
             if not pending and not journal:
                 return done
             n = self._write(_Held(self._next_id(), pending, journal))
@@ -533,14 +544,14 @@ class Ledger:
             _describe(rec, row, attempts),
         )
 
-    def _pending(self, rec: RequestRecord) -> _Pending | None:
+    def _pending(self, rec: RequestRecord, log_row: bool = True) -> _Pending | None:
         try:
-            return self._rows(rec, self._next_id())
+            return self._rows(rec, self._next_id(), log_row)
         except Exception as e:  # a record that cannot even be turned into a row
             self._set_aside(rec, None, [], e)
             return None
 
-    def _rows(self, r: RequestRecord, row_id: str) -> _Pending:
+    def _rows(self, r: RequestRecord, row_id: str, log_row: bool = True) -> _Pending:
         p, c, cached, est = _tokens(r.usage)
         base = self.baseline.get(r.route)
         baseline = cost_of(base, r.usage, r.started) if base is not None and r.usage is not None else r.cost_usd
@@ -564,7 +575,7 @@ class Ledger:
                     )
                 )  # fmt: skip
         request = None
-        if self.request_log is not None:
+        if self.request_log is not None and log_row:
             request = requestlog_rows.row(r, baseline, self.request_log.max_content_bytes)
         # The bytes were only needed for the row: do not keep a prompt alive any longer.
         r.content_request = r.content_response = None

@@ -28,6 +28,11 @@ class RequestLog(BaseModel):
     content_keys: dict[str, LogContent] = {}
     # A prompt or answer longer than this is cut (and marked cut) in the log.
     max_content_bytes: int = Field(64 * 1024, ge=256, le=16 * 1024 * 1024)
+    # When more records than this wait for the writer (the database cannot keep up), the
+    # oldest of them get no request-log row (their spend and the stats' rollups are still
+    # written): the backlog drains at the writer's faster pace, and each one is counted in
+    # `edgeroute_request_log_dropped_total`, rather than the queue growing without end.
+    max_backlog: int = Field(25_000, ge=100)
 
     def content_for(self, route: str, key: str | None) -> LogContent:
         if key is not None and key in self.content_keys:
