@@ -272,6 +272,10 @@ class Embedder:
             known.update((p, ids) for p, ids in fresh.items() if len(p) <= _PIECE_MAX_CHARS)
         return out
 
+    def forget_pieces(self) -> None:
+        """Drops the remembered pieces (benchmarks: a lookup of words never seen)."""
+        self._pieces = {"": [self._space]}
+
     def embed(self, text: str) -> Any:
         ids = self.token_ids(text) or [0]
         v = self._table[ids].mean(axis=0)
