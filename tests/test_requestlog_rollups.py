@@ -203,3 +203,30 @@ def test_over_the_backlog_bound_the_oldest_lose_their_log_row_not_their_spend_or
     got = query.stats(db, {"since": str(t0 - 60), "until": str(t0 + HOURS * 3600 + 60)}, now=t0 + HOURS * 3600)
     assert got["totals"]["requests"] == 750, "the stats still count every request"
     db.close()
+
+
+def test_retention_drops_the_rollup_rows_wholly_before_the_cutoff_at_every_level(tmp_path: Path) -> None:
+    rng = random.Random(15)
+    now = time.time()
+    old = _records(400, now - 5 * 86400, rng)  # 14 hours of traffic, five days ago
+    recent = _records(400, now - HOURS * 3600 - 600, rng)
+    for i, r in enumerate(recent):
+        r.request_id = f"new-{i}"
+    path = tmp_path / "p.db"
+    ledger = Ledger(SqliteBackend(path), flush_interval=3600, request_log=RequestLog(retention_days=2))
+    for r in old + recent:
+        ledger.record(r)
+    ledger.flush()
+    ledger.maintain(now)
+    ledger.close()
+    first_kept = int((now - 2 * 86400) // 60)
+    conn = sqlite3.connect(path)
+    gone = conn.execute("SELECT COUNT(*) FROM request_rollups WHERE minute + res <= ?", (first_kept,))
+    assert gone.fetchone()[0] == 0
+    for res in rollup.LEVELS:  # what is recent is kept, at every level
+        total = conn.execute("SELECT SUM(requests) FROM request_rollups WHERE dim = 'none' AND res = ?", (res,))
+        assert total.fetchone()[0] == len(recent), res
+    conn.close()
+    db = SqliteBackend(path)
+    _check(db, recent, now - HOURS * 3600 - 600, rng, cases=10)
+    db.close()

@@ -93,8 +93,14 @@ def prune(db: Maintained, cfg: RequestLog, now: float | None = None) -> int:
         deleted += n
         if n < _PRUNE_CHUNK:
             break
-    # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not).
-    db.execute("DELETE FROM request_rollups WHERE minute + res <= ?", (int(cutoff // 60),))
+    # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not),
+    # one range of the primary key (dim, res, minute) at a time: a condition on `minute` alone
+    # would scan the whole table every minute, holding up the writer.
+    first_kept = int(cutoff // 60)
+    old_rollups = "DELETE FROM request_rollups WHERE dim = ? AND res = ? AND minute <= ?"
+    for dim in rollup.DIMS:
+        for res in rollup.LEVELS:
+            db.execute(old_rollups, (dim, res, first_kept - res))
     if db.dialect == "sqlite" and cfg.max_db_mb is not None:
         deleted += _cap(db, cfg.max_db_mb * 1024 * 1024)
     return deleted
