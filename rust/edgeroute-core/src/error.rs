@@ -27,6 +27,14 @@ pub enum CoreError {
     /// The router configuration is invalid (raised only when compiling a config).
     #[error("invalid router config: {0}")]
     Config(String),
+    /// A model file (`ERLM`) could not be decoded, or two models do not fit
+    /// together (raised only when loading models).
+    #[error("invalid model file: {0}")]
+    ModelFile(String),
+    /// A model was asked to predict without an input it needs (e.g. a router
+    /// model trained on task probabilities, given none).
+    #[error("model input missing: {0}")]
+    ModelInput(String),
 }
 
 /// Shorthand for results of the core.

@@ -55,7 +55,9 @@ fn to_py(e: core::CoreError) -> PyErr {
         core::CoreError::Forbidden(_) => ForbiddenError::new_err(msg),
         core::CoreError::UnknownModel(_) => UnknownModelError::new_err(msg),
         core::CoreError::NoDeployment { .. } => NoDeploymentError::new_err(msg),
-        core::CoreError::Config(_) => ConfigError::new_err(msg),
+        core::CoreError::Config(_) | core::CoreError::ModelFile(_) | core::CoreError::ModelInput(_) => {
+            ConfigError::new_err(msg)
+        }
     }
 }
 

@@ -33,7 +33,9 @@ fuzz_target!(|data: &[u8]| {
     };
     match ROUTER.decide(data, &meta) {
         Ok(d) => assert!(!d.order.is_empty()),
-        Err(CoreError::Config(e)) => panic!("config error on a request: {e}"),
+        Err(e @ (CoreError::Config(_) | CoreError::ModelFile(_) | CoreError::ModelInput(_))) => {
+            panic!("load-time error on a request: {e}")
+        }
         Err(_) => {}
     }
 });
