@@ -114,6 +114,8 @@ def _stream_parts(sse_bytes: bytes) -> list[str]:
             continue
         for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
             _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
+            if isinstance(choice, dict) and isinstance(choice.get("text"), str):
+                parts.append(choice["text"])  # a legacy text completion's chunk
     return parts
 
 

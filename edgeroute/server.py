@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edgeroute import anthropic_api, learning, looplag, openai_api, ui
+from edgeroute import anthropic_api, endpoints, learning, looplag, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -210,6 +210,7 @@ def create_app(
     ui.install(app)
     openai_api.add_routes(app)
     anthropic_api.add_routes(app)
+    endpoints.install(app)  # embeddings, legacy completions, responses
     return app
 
 

@@ -90,6 +90,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
+            "edgeroute.endpoints",
             "edgeroute.cost.app",
             "edgeroute.requestlog.api",
             "edgeroute.telemetry.app",

@@ -23,6 +23,7 @@ from edgeroute import _core, sse
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.config import Timeouts
 from edgeroute.outcome import Outcome
+from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
@@ -144,8 +145,7 @@ class Attempts:
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         up = self.live.upstreams[dep.provider]
         adapter = up.adapter
-        body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
-        req = adapter.build(dep.model, body, self.stream)
+        req = self.upstream_request(adapter, dep)
         rec = AttemptRecord(
             dep.name, dep.provider, "pending", None, 0.0, hedge=kind == "hedge", started_at=time.time(), kind=kind
         )
@@ -249,6 +249,11 @@ class Attempts:
                 result.rec = rec
         return result
 
+    def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
+        """The request for `dep` (other endpoints than chat override it)."""
+        body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
+        return adapter.build(dep.model, body, self.stream)
+
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:
             obj = orjson.loads(data)
@@ -297,8 +302,12 @@ class Attempts:
                     err = obj["error"]
                     msg = err.get("message") if isinstance(err, dict) else str(err)
                     return Failure(Outcome.SERVER_ERROR, resp.status, f"upstream stream error: {msg}"[:500])
-                if has_content(obj):
+                if self.has_content(obj):
                     return StreamAnswer(resp, head, translator)
+
+    def has_content(self, obj: Any) -> bool:
+        """Whether a stream event carries something a user would see (other endpoints override it)."""
+        return has_content(obj)
 
     def _remaining(self) -> float:
         return max(0.001, self.deadline - asyncio.get_running_loop().time())

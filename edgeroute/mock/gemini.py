@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute.mock import openai as openai_mock
+from edgeroute.mock import openai_endpoints
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
@@ -112,6 +113,8 @@ def _sse(obj: dict[str, Any]) -> bytes:
 async def generate(request: web.Request) -> web.StreamResponse:
     opts: MockOptions = request.app[OPTIONS]
     model, _, method = request.match_info["target"].rpartition(":")
+    if method == "batchEmbedContents" and model:
+        return await embed(request, model)
     if method not in ("generateContent", "streamGenerateContent") or not model:
         return google_error(404, f"Method {method!r} is not found.")
     key = request.headers.get("x-goog-api-key") or request.query.get("key")
@@ -192,6 +195,33 @@ async def generate(request: web.Request) -> web.StreamResponse:
         await resp.write(_sse(a))
     await resp.write_eof()
     return resp
+
+
+async def embed(request: web.Request, model: str) -> web.Response:
+    """`models/{model}:batchEmbedContents`: one vector per request, no token usage (as Gemini)."""
+    opts: MockOptions = request.app[OPTIONS]
+    if opts.api_key is not None and request.headers.get("x-goog-api-key") != opts.api_key:
+        return google_error(400, "API key not valid. Please pass a valid API key.")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return google_error(400, "Invalid JSON payload received.")
+    items = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(items, list) or not items:
+        return google_error(400, "* BatchEmbedContentsRequest.requests: requests is not specified")
+    if opts.record:
+        opts.requests.append({"headers": dict(request.headers), "body": body, "model": model, "method": "embed"})
+    if opts.fail_status is not None or "x-mock-status" in request.headers:
+        status = opts.fail_status or int(request.headers["x-mock-status"])
+        return google_error(status, f"Mock error {status}.")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or item.get("model") != f"models/{model}":
+            return google_error(400, "* BatchEmbedContentsRequest.model: each request's model must match the batch's")
+        text = _text((item.get("content") or {}).get("parts"))
+        dims = _field(item, "outputDimensionality") or 8
+        out.append({"values": openai_endpoints.vector(text, dims)})
+    return web.Response(body=orjson.dumps({"embeddings": out}), content_type="application/json")
 
 
 async def list_models(request: web.Request) -> web.Response:

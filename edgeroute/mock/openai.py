@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from edgeroute.mock import openai_endpoints
+
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
     401: ("invalid_request_error", "invalid_api_key"),
@@ -288,4 +290,5 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
+        openai_endpoints.add_routes(app, prefix)
     return app

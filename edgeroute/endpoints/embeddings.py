@@ -1,0 +1,201 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings API, routed like chat.
+
+Input: a string, a list of strings, a token list or a list of token lists (up to 2048
+inputs). Served by OpenAI, Azure and OpenAI-compatible deployments as is (only `model`
+rewritten), and by Gemini deployments translated (`batchEmbedContents`; text inputs only).
+Usage is the upstream's, or counted with the deployment's tokenizer when it reports none
+(Gemini), and priced at the deployment's input price.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.config import Timeouts
+from edgeroute.dispatch import Call, Failure, JsonAnswer
+from edgeroute.endpoints.pipeline import Parsed, routing_body, serve
+from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
+from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome
+from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.gemini import GeminiAdapter
+from edgeroute.state import Live
+from edgeroute.upstream import DeploymentInfo
+
+MAX_INPUTS = 2048
+_TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
+_FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
+
+
+def bad(message: str, param: str | None = None) -> ProxyError:
+    return ProxyError(400, message, code="invalid_request", param=param)
+
+
+def _token_list(value: list[Any], where: str) -> list[int]:
+    if not value:
+        raise bad(f"{where} is an empty token list.", "input")
+    for t in value:
+        if type(t) is not int or not 0 <= t < _TOKEN_MAX:
+            raise bad(f"{where} holds a token that is not a non-negative integer.", "input")
+    return value
+
+
+def inputs_of(raw: Any) -> list[str | list[int]]:
+    """The request's inputs, each a string or a token list, checked as OpenAI checks them."""
+    if isinstance(raw, str):
+        if not raw:
+            raise bad("'input' cannot be an empty string.", "input")
+        return [raw]
+    if not isinstance(raw, list) or not raw:
+        raise bad("'input' must be a non-empty string, array of strings, or array of token arrays.", "input")
+    if len(raw) > MAX_INPUTS:
+        raise bad(f"'input' has {len(raw)} items; at most {MAX_INPUTS} are allowed per request.", "input")
+    if all(type(t) is int for t in raw):
+        return [_token_list(raw, "'input'")]
+    out: list[str | list[int]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str):
+            if not item:
+                raise bad(f"'input[{i}]' cannot be an empty string.", "input")
+            out.append(item)
+        elif isinstance(item, list):
+            out.append(_token_list(item, f"'input[{i}]'"))
+        else:
+            raise bad(f"'input[{i}]' must be a string or an array of tokens.", "input")
+    return out
+
+
+class EmbeddingsRequest:
+    """A checked embeddings request."""
+
+    def __init__(self, body: bytes) -> None:
+        try:
+            req = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise bad("We could not parse the JSON body of your request.") from None
+        if not isinstance(req, dict):
+            raise bad("The request body must be a JSON object.")
+        if not isinstance(req.get("model"), str) or not req["model"]:
+            raise bad("you must provide a model parameter", "model")
+        if "input" not in req:
+            raise bad("Missing required parameter: 'input'.", "input")
+        for name in sorted(set(req) - _FIELDS):
+            if req[name] is not None:
+                raise bad(f"Unrecognized request argument supplied: {name}", name)
+        fmt = req.get("encoding_format")
+        if fmt is not None and fmt not in ("float", "base64"):
+            raise bad("'encoding_format' must be 'float' or 'base64'.", "encoding_format")
+        dims = req.get("dimensions")
+        if dims is not None and (type(dims) is not int or dims < 1):
+            raise bad("'dimensions' must be a positive integer.", "dimensions")
+        if req.get("user") is not None and not isinstance(req["user"], str):
+            raise bad("'user' must be a string.", "user")
+        self.model: str = req["model"]
+        self.inputs = inputs_of(req["input"])
+        self.base64 = fmt == "base64"
+        self.dimensions: int | None = dims
+        self.body = {k: v for k, v in req.items() if v is not None}
+
+    def text(self) -> str:
+        """The text inputs, joined (what rules see); token inputs have none."""
+        return "\n".join(x for x in self.inputs if isinstance(x, str))
+
+    def tokens(self, encoding: str) -> int:
+        return sum(len(x) if isinstance(x, list) else _core.Router.count_tokens(x, encoding) for x in self.inputs)
+
+
+def _gemini_request(adapter: GeminiAdapter, dep: DeploymentInfo, req: EmbeddingsRequest) -> UpstreamRequest:
+    if any(isinstance(x, list) for x in req.inputs):
+        raise unsupported(dep, "token-array inputs (send text)", "input")
+    name = f"models/{dep.model}"
+    extra = {"outputDimensionality": req.dimensions} if req.dimensions is not None else {}
+    items = [{"model": name, "content": {"parts": [{"text": x}]}, **extra} for x in req.inputs]
+    headers = {"Content-Type": "application/json", **adapter.provider.headers}
+    if adapter.api_key is not None:
+        headers["x-goog-api-key"] = adapter.api_key.reveal()
+    url = f"{adapter.provider.base_url}/models/{dep.model}:batchEmbedContents"
+    return UpstreamRequest(url, headers, orjson.dumps({"requests": items}))
+
+
+def _encoded(values: list[float], as_base64: bool) -> Any:
+    """A vector as OpenAI sends it: floats, or base64 of little-endian float32."""
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if as_base64 else values
+
+
+class EmbeddingsCall(Call):
+    """Dispatch of one embeddings request: the chat loop, with this endpoint's request and answer."""
+
+    def __init__(self, req: EmbeddingsRequest, *args: Any) -> None:
+        super().__init__(*args)
+        self.req = req
+        self._counted: int | None = None
+
+    def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
+        if speaks_openai(adapter):
+            return openai_request(adapter, dep, "/embeddings", self.req.body, False)
+        if isinstance(adapter, GeminiAdapter):
+            return _gemini_request(adapter, dep, self.req)
+        raise unsupported(dep, "embeddings")
+
+    def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        if isinstance(adapter, GeminiAdapter) and isinstance(obj, dict) and isinstance(obj.get("embeddings"), list):
+            obj = self._from_gemini(obj["embeddings"])
+            if obj is None:
+                return Failure(Outcome.SERVER_ERROR, status, "upstream sent embeddings without values")
+        if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no embeddings")
+        if len(obj["data"]) != len(self.req.inputs):
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
+        usage = Usage.from_openai(obj.get("usage"))
+        if usage is None:
+            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
+            obj["usage"] = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
+        obj["model"] = self.req.model
+        return JsonAnswer(orjson.dumps(obj), usage)
+
+    def _from_gemini(self, embeddings: list[Any]) -> dict[str, Any] | None:
+        data = []
+        for i, e in enumerate(embeddings):
+            values = e.get("values") if isinstance(e, dict) else None
+            if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+                return None
+            vec = _encoded([float(v) for v in values], self.req.base64)
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        return {"object": "list", "data": data, "model": self.req.model}
+
+    def prompt_tokens(self) -> int:
+        if self._counted is None:
+            self._counted = self.req.tokens(self.decision.encoding)
+        return self._counted
+
+
+class Embeddings:
+    """The endpoint, as the pipeline sees it."""
+
+    def __init__(self) -> None:
+        self.req: EmbeddingsRequest | None = None
+
+    def parse(self, body: bytes) -> Parsed:
+        self.req = req = EmbeddingsRequest(body)
+        return Parsed(req.model, routing_body(req.model, req.text(), max_tokens=1), False)
+
+    def call(
+        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
+    ) -> Call:
+        assert self.req is not None
+        return EmbeddingsCall(self.req, live, decision, body, rec, timeouts, attempts)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    return await serve(request, Embeddings())

@@ -1,0 +1,146 @@
+"""One request's life on an endpoint other than chat: the same steps as chat, in the same order.
+
+Read and check the body (the endpoint's own rules, its errors in OpenAI's format), let the
+core decide on a chat-shaped *routing body* the endpoint derives from it (so models, rules,
+keys, budgets and rate limits apply unchanged), dispatch with failover through the
+endpoint's `Call`, answer JSON or relay a stream, and in every case record the request:
+usage, cost, status, attempts, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from edgeroute import _core, headers
+from edgeroute.accounting import RequestRecord
+from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.config import Timeouts
+from edgeroute.dispatch import Call, JsonAnswer, relay_stream
+from edgeroute.errors import ProxyError
+from edgeroute.openai_api import _route_headers, correlation_id, decide, new_request_id, read_body
+from edgeroute.requestlog import content
+from edgeroute.state import RECORDER, STATE, Live
+from edgeroute.telemetry import app as telemetry
+from edgeroute.telemetry import tracing
+from edgeroute.telemetry.logs import bind_request
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A checked request: what the core decides on, and what the endpoint's `Call` sends."""
+
+    model: str
+    routing_body: bytes  # a chat-completions body with the request's model and text (for rules)
+    stream: bool
+
+
+class Endpoint(Protocol):
+    def parse(self, body: bytes) -> Parsed:
+        """Checks the client's body; raises `ProxyError` (400) naming what is wrong."""
+        ...
+
+    def call(
+        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
+    ) -> Call:
+        """The dispatch of `body` over the decision's deployments, in this endpoint's format."""
+        ...
+
+
+def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
+    """The chat body the core decides on: one user turn holding the request's text, so that
+    rules (keywords, PII, token counts) see what the upstream will. `max_tokens` is what
+    budgets and rate limits reserve for the answer (1 for embeddings, which produce none)."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    return orjson.dumps(body)
+
+
+async def serve(
+    request: web.Request, endpoint: Endpoint, answer: Callable[[bytes], bytes] | None = None
+) -> web.StreamResponse:
+    """Serves one request on `endpoint` (see the module's doc). `answer` rewrites a JSON answer
+    before it is sent (the stored content is the upstream's)."""
+    state = request.app[STATE]
+    live = state.live
+    live.enter()
+    rid = new_request_id()
+    bind_request(rid)
+    started = time.perf_counter()
+    rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
+    tracing.begin(request, rec)
+    admission = request.app[ADMISSION]
+    ticket: Ticket | None = None
+    reasons: list[str] = []
+    try:
+        body = await read_body(request)
+        parsed = endpoint.parse(body)
+        rec.model = parsed.model
+        route_body = parsed.routing_body
+        decision = decide(live, route_body, request)
+        rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
+        reasons = decision.reasons
+        rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
+        ticket = await admission.admit(request, decision, rec)
+        if (reroute := rerouted_model(ticket)) is not None:
+            decision = decide(live, with_model(route_body, decision, reroute), request)
+            rec.route, rec.rule = decision.route, decision.rule
+            await admission.rerouted(request, decision, ticket)
+        if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
+            rec.content_mode, rec.content_request = keep, body
+        model = live.config.models[decision.route]
+        timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
+        call = endpoint.call(live, decision, body, rec, timeouts, model.max_attempts)
+        try:
+            got, dep = await call.run()
+        except ProxyError as e:
+            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            raise
+        rec.deployment = dep.name
+        hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
+        if rec.correlation_id is not None:
+            hdrs[headers.CORRELATION_ID] = rec.correlation_id
+        if call.hedged:
+            hdrs[headers.HEDGED] = "true"
+        rec.status = 200
+        if isinstance(got, JsonAnswer):
+            hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"
+            if rec.content_mode != "none":
+                rec.content_response = got.body
+            out = answer(got.body) if answer is not None else got.body
+            return web.Response(body=out, headers=hdrs, content_type="application/json")
+        keep_stream = content.keep_stream(rec, None)
+        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, None, keep_stream)
+    except ProxyError as e:
+        rec.status = e.status
+        rec.error_class = rec.error_class or e.code or e.type
+        e.headers.setdefault(headers.REQUEST_ID, rid)
+        if rec.correlation_id is not None:
+            e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
+        raise
+    except asyncio.CancelledError:
+        rec.outcome = "client_gone"
+        rec.error_class = rec.error_class or "client_gone"
+        raise
+    finally:
+        live.leave()
+        rec.latency_ms = (time.perf_counter() - started) * 1000
+        rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
+        for a in reversed(rec.attempts):
+            if a.usage is not None and a.outcome == "success":
+                rec.usage = a.usage
+                break
+        if rec.outcome == "pending":
+            rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
+        admission.settle(ticket, rec)
+        request.app[RECORDER].record(rec)
+        telemetry.finished(request.app, rec, reasons)
+        if live.stats is not None:
+            live.stats.observe(rec.status, rec.latency_ms)

@@ -1,0 +1,221 @@
+"""The OpenAI mock's other endpoints: `/v1/embeddings`, `/v1/completions` (legacy) and
+`/v1/responses`, faithful to their wire formats (the tests check them with the SDK's types).
+
+Same options and per-request headers as the chat mock (``x-mock-status``,
+``x-mock-content``, ``x-mock-latency-ms``); embeddings are deterministic vectors derived
+from each input, as float lists or base64 float32 as asked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from edgeroute.mock.openai import MockOptions
+
+_ids = itertools.count(1)
+
+
+def _options(request: web.Request) -> MockOptions:
+    from edgeroute.mock.openai import OPTIONS
+
+    return request.app[OPTIONS]
+
+
+async def _admit(request: web.Request, required: str) -> dict[str, Any] | web.Response:
+    """The parsed body, or the error OpenAI would answer (key, JSON, model, a provoked status)."""
+    from edgeroute.mock.openai import openai_error
+
+    opts = _options(request)
+    if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
+        return openai_error(401, "Incorrect API key provided.")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return openai_error(400, "We could not parse the JSON body of your request.")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return openai_error(400, "you must provide a model parameter", param="model")
+    if body.get(required) in (None, "", []):
+        return openai_error(400, f"Missing required parameter: '{required}'.", param=required)
+    if opts.record:
+        opts.requests.append({"headers": dict(request.headers), "body": body, "path": request.path})
+    if opts.models is not None and body["model"] not in opts.models:
+        return openai_error(404, f"The model `{body['model']}` does not exist or you do not have access to it.")
+    latency = float(request.headers.get("x-mock-latency-ms", opts.latency_ms))
+    if latency:
+        await asyncio.sleep(latency / 1000)
+    if opts.fail_status is not None or "x-mock-status" in request.headers:
+        status = opts.fail_status or int(request.headers["x-mock-status"])
+        return openai_error(status, opts.fail_message or f"Mock error {status}.")
+    return body
+
+
+def vector(item: Any, dims: int) -> list[float]:
+    """A deterministic unit-ish vector for one input (a string or a token list)."""
+    seed = hashlib.sha256(orjson.dumps(item)).digest()
+    raw = [(seed[i % len(seed)] - 128) / 128 for i in range(dims)]
+    return [round(v, 6) for v in raw]
+
+
+def _tokens(item: Any) -> int:
+    return len(item) if isinstance(item, list) else max(1, len(str(item).split()))
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    from edgeroute.mock.openai import openai_error
+
+    got = await _admit(request, "input")
+    if isinstance(got, web.Response):
+        return got
+    raw = got["input"]
+    items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+    dims = got.get("dimensions") or 8
+    if not isinstance(dims, int) or dims < 1:
+        return openai_error(400, "Invalid value for 'dimensions'.", param="dimensions")
+    fmt = got.get("encoding_format") or "float"
+    data = []
+    for i, item in enumerate(items):
+        vec = vector(item, dims)
+        emb: Any = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode() if fmt == "base64" else vec
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    tokens = sum(_tokens(x) for x in items)
+    out = {
+        "object": "list",
+        "data": data,
+        "model": got["model"],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+
+def _reply(prompt: str, request: web.Request) -> list[str]:
+    text = request.headers.get("x-mock-content") or f"Completion from the mock. You said: {prompt[:60]}"
+    return text.split(" ")
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(obj: dict[str, Any], event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """Legacy text completions: one choice, JSON or SSE ending with `[DONE]`."""
+    got = await _admit(request, "prompt")
+    if isinstance(got, web.Response):
+        return got
+    prompt = got["prompt"] if isinstance(got["prompt"], str) else str(got["prompt"])
+    pieces = _reply(prompt, request)
+    ptoks = max(1, len(prompt.split()))
+    cid, created, model = f"cmpl-mock{next(_ids):06d}", int(time.time()), got["model"]
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+    base = {"id": cid, "object": "text_completion", "created": created, "model": model}
+    if not got.get("stream"):
+        out = {**base, "choices": [choice(" ".join(pieces), "stop")], "usage": _usage(ptoks, len(pieces))}
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    opts = _options(request)
+    for i, p in enumerate(pieces):
+        if opts.chunk_interval:
+            await asyncio.sleep(opts.chunk_interval)
+        await resp.write(_sse({**base, "choices": [choice(p if i == 0 else " " + p, None)]}))
+    await resp.write(_sse({**base, "choices": [choice("", "stop")]}))
+    if (got.get("stream_options") or {}).get("include_usage"):
+        await resp.write(_sse({**base, "choices": [], "usage": _usage(ptoks, len(pieces))}))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def _input_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    parts: list[str] = []
+    for item in value if isinstance(value, list) else ():
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [str(c.get("text", "")) for c in content if isinstance(c, dict)]
+    return " ".join(parts)
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API: one message of output text; streamed as semantic events (no `[DONE]`)."""
+    got = await _admit(request, "input")
+    if isinstance(got, web.Response):
+        return got
+    prompt = _input_text(got["input"])
+    pieces = _reply(prompt, request)
+    n = next(_ids)
+    rid, mid = f"resp_mock{n:06d}", f"msg_mock{n:06d}"
+    text = " ".join(pieces)
+    ptoks = max(1, len(prompt.split()))
+    usage = {
+        "input_tokens": ptoks,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": len(pieces),
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": ptoks + len(pieces),
+    }
+
+    def response(status: str, output: list[dict[str, Any]], with_usage: bool) -> dict[str, Any]:
+        return {
+            "id": rid, "object": "response", "created_at": int(time.time()), "status": status,
+            "model": got["model"], "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "error": None, "incomplete_details": None, "instructions": got.get("instructions"),
+            "metadata": got.get("metadata") or {}, "temperature": 1.0, "top_p": 1.0,
+            "text": {"format": {"type": "text"}}, "usage": usage if with_usage else None,
+        }  # fmt: skip
+
+    part = {"type": "output_text", "text": text, "annotations": []}
+    message = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
+    if not got.get("stream"):
+        return web.Response(body=orjson.dumps(response("completed", [message], True)), content_type="application/json")
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    seq = itertools.count()
+    opts = _options(request)
+
+    async def emit(kind: str, **fields: Any) -> None:
+        await resp.write(_sse({"type": kind, "sequence_number": next(seq), **fields}, kind))
+
+    await emit("response.created", response=response("in_progress", [], False))
+    await emit("response.in_progress", response=response("in_progress", [], False))
+    item = {**message, "status": "in_progress", "content": []}
+    await emit("response.output_item.added", output_index=0, item=item)
+    empty = {**part, "text": ""}
+    await emit("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=empty)
+    for i, p in enumerate(pieces):
+        if opts.chunk_interval:
+            await asyncio.sleep(opts.chunk_interval)
+        delta = p if i == 0 else " " + p
+        await emit("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=delta, logprobs=[])
+    await emit("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text, logprobs=[])
+    await emit("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part)
+    await emit("response.output_item.done", output_index=0, item=message)
+    await emit("response.completed", response=response("completed", [message], True))
+    await resp.write_eof()
+    return resp
+
+
+def add_routes(app: web.Application, prefix: str) -> None:
+    app.router.add_post(f"{prefix}/embeddings", embeddings)
+    app.router.add_post(f"{prefix}/completions", completions)
+    app.router.add_post(f"{prefix}/responses", responses)
