@@ -15,7 +15,9 @@ from openai.types import CreateEmbeddingResponse
 
 from edgeroute.mock.openai_endpoints import vector
 from tests.conftest import simple_config
-from tests.providers_fixtures import provider_config, start_mock  # noqa: F401  (a fixture)
+from tests.providers_fixtures import provider_config, start_mock
+
+__all__ = ["start_mock"]
 
 
 def _embed_config(up_url: str, **extra: Any) -> dict[str, Any]:
@@ -149,7 +151,9 @@ async def test_upstream_errors_are_openai_errors_without_secrets(start_upstream,
 async def test_gemini_deployment_translated(start_mock, start_proxy) -> None:
     gem = await start_mock("gemini", api_key="key-g", record=True)
     # The mock speaks what Google's own SDK sends and reads.
-    http = gtypes.HttpOptions(base_url=gem.root, api_version="v1beta", retry_options=gtypes.HttpRetryOptions(attempts=1))
+    http = gtypes.HttpOptions(
+        base_url=gem.root, api_version="v1beta", retry_options=gtypes.HttpRetryOptions(attempts=1)
+    )
     g = genai.Client(api_key="key-g", http_options=http)
     got = await g.aio.models.embed_content(model="text-embedding-004", contents=["alpha", "beta"])
     assert got.embeddings is not None and got.embeddings[1].values == pytest.approx(vector("beta", 8))

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edgeroute.endpoints import embeddings
+from edgeroute.endpoints import completions, embeddings
 
 
 def install(app: web.Application) -> None:
     """Registers the endpoints (with and without the `/v1` prefix, as chat is)."""
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/embeddings", embeddings.handle)
+        app.router.add_post(f"{prefix}/completions", completions.handle)

@@ -20,9 +20,8 @@ from edgeroute import _core
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer
-from edgeroute.endpoints.pipeline import Parsed, routing_body, serve
+from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
-from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.gemini import GeminiAdapter
@@ -32,10 +31,6 @@ from edgeroute.upstream import DeploymentInfo
 MAX_INPUTS = 2048
 _TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
 _FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
-
-
-def bad(message: str, param: str | None = None) -> ProxyError:
-    return ProxyError(400, message, code="invalid_request", param=param)
 
 
 def _token_list(value: list[Any], where: str) -> list[int]:
@@ -76,14 +71,7 @@ class EmbeddingsRequest:
     """A checked embeddings request."""
 
     def __init__(self, body: bytes) -> None:
-        try:
-            req = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise bad("We could not parse the JSON body of your request.") from None
-        if not isinstance(req, dict):
-            raise bad("The request body must be a JSON object.")
-        if not isinstance(req.get("model"), str) or not req["model"]:
-            raise bad("you must provide a model parameter", "model")
+        req = json_object(body)
         if "input" not in req:
             raise bad("Missing required parameter: 'input'.", "input")
         for name in sorted(set(req) - _FIELDS):

@@ -63,6 +63,24 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
     return orjson.dumps(body)
 
 
+def bad(message: str, param: str | None = None) -> ProxyError:
+    """A 400 in OpenAI's format naming the offending parameter."""
+    return ProxyError(400, message, code="invalid_request", param=param)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object with a non-empty string `model`."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise bad("We could not parse the JSON body of your request.") from None
+    if not isinstance(req, dict):
+        raise bad("The request body must be a JSON object.")
+    if not isinstance(req.get("model"), str) or not req["model"]:
+        raise bad("you must provide a model parameter", "model")
+    return req
+
+
 async def serve(
     request: web.Request, endpoint: Endpoint, answer: Callable[[bytes], bytes] | None = None
 ) -> web.StreamResponse:

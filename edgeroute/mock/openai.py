@@ -290,5 +290,5 @@ def build_app(options: MockOptions | None = None) -> web.Application:
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
-        openai_endpoints.add_routes(app, prefix)
+        openai_endpoints.add_routes(app, prefix, app[OPTIONS], openai_error)
     return app

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,38 +25,44 @@ if TYPE_CHECKING:
 
 _ids = itertools.count(1)
 
+# The chat mock's options and error writer, handed over by `add_routes` (the chat mock imports this module).
+_OPTIONS: web.AppKey[MockOptions] = web.AppKey("endpoint_options")
+_ERROR: web.AppKey[Callable[..., web.Response]] = web.AppKey("endpoint_error")
+
 
 def _options(request: web.Request) -> MockOptions:
-    from edgeroute.mock.openai import OPTIONS
+    return request.app[_OPTIONS]
 
-    return request.app[OPTIONS]
+
+def openai_error(request: web.Request, status: int, message: str, *, param: str | None = None) -> web.Response:
+    return request.app[_ERROR](status, message, param=param)
 
 
 async def _admit(request: web.Request, required: str) -> dict[str, Any] | web.Response:
     """The parsed body, or the error OpenAI would answer (key, JSON, model, a provoked status)."""
-    from edgeroute.mock.openai import openai_error
-
     opts = _options(request)
     if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
-        return openai_error(401, "Incorrect API key provided.")
+        return openai_error(request, 401, "Incorrect API key provided.")
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
-        return openai_error(400, "We could not parse the JSON body of your request.")
+        return openai_error(request, 400, "We could not parse the JSON body of your request.")
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-        return openai_error(400, "you must provide a model parameter", param="model")
+        return openai_error(request, 400, "you must provide a model parameter", param="model")
     if body.get(required) in (None, "", []):
-        return openai_error(400, f"Missing required parameter: '{required}'.", param=required)
+        return openai_error(request, 400, f"Missing required parameter: '{required}'.", param=required)
     if opts.record:
         opts.requests.append({"headers": dict(request.headers), "body": body, "path": request.path})
     if opts.models is not None and body["model"] not in opts.models:
-        return openai_error(404, f"The model `{body['model']}` does not exist or you do not have access to it.")
+        return openai_error(
+            request, 404, f"The model `{body['model']}` does not exist or you do not have access to it."
+        )
     latency = float(request.headers.get("x-mock-latency-ms", opts.latency_ms))
     if latency:
         await asyncio.sleep(latency / 1000)
     if opts.fail_status is not None or "x-mock-status" in request.headers:
         status = opts.fail_status or int(request.headers["x-mock-status"])
-        return openai_error(status, opts.fail_message or f"Mock error {status}.")
+        return openai_error(request, status, opts.fail_message or f"Mock error {status}.")
     return body
 
 
@@ -71,8 +78,6 @@ def _tokens(item: Any) -> int:
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    from edgeroute.mock.openai import openai_error
-
     got = await _admit(request, "input")
     if isinstance(got, web.Response):
         return got
@@ -80,7 +85,7 @@ async def embeddings(request: web.Request) -> web.Response:
     items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
     dims = got.get("dimensions") or 8
     if not isinstance(dims, int) or dims < 1:
-        return openai_error(400, "Invalid value for 'dimensions'.", param="dimensions")
+        return openai_error(request, 400, "Invalid value for 'dimensions'.", param="dimensions")
     fmt = got.get("encoding_format") or "float"
     data = []
     for i, item in enumerate(items):
@@ -215,7 +220,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def add_routes(app: web.Application, prefix: str) -> None:
+def add_routes(app: web.Application, prefix: str, options: MockOptions, error: Callable[..., web.Response]) -> None:
+    app[_OPTIONS], app[_ERROR] = options, error
     app.router.add_post(f"{prefix}/embeddings", embeddings)
     app.router.add_post(f"{prefix}/completions", completions)
     app.router.add_post(f"{prefix}/responses", responses)

@@ -1,0 +1,120 @@
+"""`POST /v1/completions`: OpenAI's legacy text completions, passed through.
+
+Served by OpenAI, Azure and OpenAI-compatible deployments (vLLM, Ollama, ... serve it);
+other providers get a 400 naming the deployment. JSON and streams (ending with `[DONE]`)
+pass through unchanged but for `model`; a stream is held until its first text, so an
+upstream failing before it fails over. Usage is the upstream's, else counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.config import Timeouts
+from edgeroute.dispatch import Call, Failure, JsonAnswer
+from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
+from edgeroute.endpoints.upstream import openai_request
+from edgeroute.outcome import Outcome
+from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.state import Live
+from edgeroute.upstream import DeploymentInfo
+
+
+def _prompt_texts(raw: Any) -> list[str | list[int]]:
+    """The prompt as a list of strings or token lists (OpenAI accepts each shape)."""
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw:
+        if all(type(t) is int and t >= 0 for t in raw):
+            return [raw]
+        if all(isinstance(p, str) for p in raw):
+            return list(raw)
+        if all(isinstance(p, list) and p and all(type(t) is int and t >= 0 for t in p) for p in raw):
+            return list(raw)
+    raise bad("'prompt' must be a string, an array of strings, or an array of tokens (or of token arrays).", "prompt")
+
+
+class CompletionsRequest:
+    def __init__(self, body: bytes) -> None:
+        req = json_object(body)
+        if "prompt" not in req:
+            raise bad("Missing required parameter: 'prompt'.", "prompt")
+        stream = req.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise bad("'stream' must be a boolean.", "stream")
+        for name in ("max_tokens", "n", "best_of", "logprobs"):
+            v = req.get(name)
+            if v is not None and (type(v) is not int or v < 0):
+                raise bad(f"'{name}' must be a non-negative integer.", name)
+        self.model: str = req["model"]
+        self.prompts = _prompt_texts(req["prompt"])
+        self.stream = bool(stream)
+        self.max_tokens: int | None = req.get("max_tokens")
+        self.body = req
+
+    def text(self) -> str:
+        return "\n".join(p for p in self.prompts if isinstance(p, str))
+
+    def tokens(self, encoding: str) -> int:
+        return sum(len(p) if isinstance(p, list) else _core.Router.count_tokens(p, encoding) for p in self.prompts)
+
+
+class CompletionsCall(Call):
+    def __init__(self, req: CompletionsRequest, *args: Any) -> None:
+        super().__init__(*args)
+        self.req = req
+        self._counted: int | None = None
+
+    def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
+        return openai_request(adapter, dep, "/completions", self.req.body, self.req.stream)
+
+    def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no choices")
+        usage = Usage.from_openai(obj.get("usage"))
+        if usage is None:
+            text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
+            done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
+            usage = Usage(self.prompt_tokens(), done, estimated=True)
+        return JsonAnswer(data, usage)
+
+    def has_content(self, obj: Any) -> bool:
+        if isinstance(obj, dict):
+            for c in obj.get("choices") or ():
+                if isinstance(c, dict) and (c.get("text") or c.get("finish_reason")):
+                    return True
+            return bool(obj.get("usage")) and not obj.get("choices")
+        return False
+
+    def prompt_tokens(self) -> int:
+        if self._counted is None:
+            self._counted = self.req.tokens(self.decision.encoding)
+        return self._counted
+
+
+class Completions:
+    def __init__(self) -> None:
+        self.req: CompletionsRequest | None = None
+
+    def parse(self, body: bytes) -> Parsed:
+        self.req = req = CompletionsRequest(body)
+        return Parsed(req.model, routing_body(req.model, req.text(), req.stream, req.max_tokens or None), req.stream)
+
+    def call(
+        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
+    ) -> Call:
+        assert self.req is not None
+        return CompletionsCall(self.req, live, decision, body, rec, timeouts, attempts)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    return await serve(request, Completions())
