@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edgeroute.endpoints import completions, embeddings
+from edgeroute.endpoints import completions, embeddings, responses
 
 
 def install(app: web.Application) -> None:
@@ -18,3 +18,4 @@ def install(app: web.Application) -> None:
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/embeddings", embeddings.handle)
         app.router.add_post(f"{prefix}/completions", completions.handle)
+        app.router.add_post(f"{prefix}/responses", responses.handle)

@@ -115,6 +115,9 @@ class Completions:
         assert self.req is not None
         return CompletionsCall(self.req, live, decision, body, rec, timeouts, attempts)
 
+    def encoder(self) -> None:
+        return None
+
 
 async def handle(request: web.Request) -> web.StreamResponse:
     return await serve(request, Completions())

@@ -184,6 +184,9 @@ class Embeddings:
         assert self.req is not None
         return EmbeddingsCall(self.req, live, decision, body, rec, timeouts, attempts)
 
+    def encoder(self) -> None:
+        return None
+
 
 async def handle(request: web.Request) -> web.StreamResponse:
     return await serve(request, Embeddings())

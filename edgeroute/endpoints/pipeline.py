@@ -49,7 +49,12 @@ class Endpoint(Protocol):
     def call(
         self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
     ) -> Call:
-        """The dispatch of `body` over the decision's deployments, in this endpoint's format."""
+        """The dispatch over the decision's deployments, in this endpoint's format (`body`: the
+        routing body the decision was made on)."""
+        ...
+
+    def encoder(self) -> Callable[[bytes], bytes] | None:
+        """What turns a relayed stream's bytes into what the client receives (None: as they are)."""
         ...
 
 
@@ -108,14 +113,15 @@ async def serve(
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
         ticket = await admission.admit(request, decision, rec)
         if (reroute := rerouted_model(ticket)) is not None:
-            decision = decide(live, with_model(route_body, decision, reroute), request)
+            route_body = with_model(route_body, decision, reroute)
+            decision = decide(live, route_body, request)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body
         model = live.config.models[decision.route]
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
-        call = endpoint.call(live, decision, body, rec, timeouts, model.max_attempts)
+        call = endpoint.call(live, decision, route_body, rec, timeouts, model.max_attempts)
         try:
             got, dep = await call.run()
         except ProxyError as e:
@@ -135,7 +141,7 @@ async def serve(
             out = answer(got.body) if answer is not None else got.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         keep_stream = content.keep_stream(rec, None)
-        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, None, keep_stream)
+        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, endpoint.encoder(), keep_stream)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type

@@ -1,0 +1,158 @@
+"""`POST /v1/responses`: OpenAI's Responses API, routed like chat.
+
+A deployment whose provider speaks Responses (`kind: openai`, or `options.responses: true`
+on another OpenAI-format provider) gets the request as is, `model` rewritten, and its
+answer and stream events are relayed unchanged. Any other deployment is served through
+chat (`responses_format`): the request translated, the answer and the stream turned
+into a Response and its events. Failover works across both kinds before the first event.
+The core decides on the chat translation (when the request has one), so rules see the
+conversation; a request only a Responses upstream can serve is decided on its text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.config import Timeouts
+from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.endpoints import responses_format as rf
+from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
+from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
+from edgeroute.endpoints.upstream import openai_request, speaks_openai
+from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome
+from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.state import Live
+from edgeroute.upstream import DeploymentInfo
+from edgeroute.upstream_http import Response
+
+
+def speaks_responses(adapter: Adapter) -> bool:
+    if not speaks_openai(adapter):
+        return False
+    return bool(adapter.provider.options.get("responses", adapter.provider.kind == "openai"))
+
+
+class ResponsesRequest:
+    def __init__(self, body: bytes) -> None:
+        req = json_object(body)
+        if req.get("input") is None:
+            raise bad("Missing required parameter: 'input'.", "input")
+        stream = req.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise bad("'stream' must be a boolean.", "stream")
+        mot = req.get("max_output_tokens")
+        if mot is not None and (type(mot) is not int or mot < 1):
+            raise bad("'max_output_tokens' must be a positive integer.", "max_output_tokens")
+        self.raw = req
+        self.model: str = req["model"]
+        self.stream = bool(stream)
+        # The chat translation, or why there is none (served then only by Responses upstreams).
+        self.chat: dict[str, Any] | None = None
+        self.why_not: ProxyError | None = None
+        try:
+            self.chat = rf.to_chat(req)
+        except ProxyError as e:
+            self.why_not = e
+
+    def text(self) -> str:
+        raw = self.raw.get("input")
+        return raw if isinstance(raw, str) else orjson.dumps(raw).decode()
+
+
+class _Via:
+    """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream."""
+
+    passthrough = False
+
+    def __init__(self, translator: StreamTranslator) -> None:
+        self.translator = translator
+
+    def stream_translator(self, model: str, include_usage: bool = False) -> StreamTranslator:
+        return self.translator
+
+
+class ResponsesCall(Call):
+    def __init__(self, req: ResponsesRequest, *args: Any) -> None:
+        super().__init__(*args)
+        self.req = req
+
+    def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
+        if speaks_responses(adapter):
+            return openai_request(adapter, dep, "/responses", self.req.raw, self.req.stream)
+        if self.req.why_not is not None:
+            e = self.req.why_not
+            raise ProxyError(
+                400, f"{e.message} The deployment `{dep.name}` speaks only chat.", code=e.code, param=e.param
+            )
+        return super().upstream_request(adapter, dep)
+
+    def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
+        if not speaks_responses(adapter):
+            got = super()._json_answer(data, adapter, status)
+            if isinstance(got, JsonAnswer):
+                got.body = orjson.dumps(rf.from_chat(self.req.raw, orjson.loads(got.body)))
+            return got
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        if not isinstance(obj, dict) or not isinstance(obj.get("output"), list):
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no output")
+        usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")))
+        if usage is None:
+            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
+        return JsonAnswer(data, usage)
+
+    async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
+        translator: StreamTranslator
+        if speaks_responses(adapter):
+            translator = NativeStream()
+        else:
+            inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
+            translator = ChatToResponses(self.req.raw, inner, self._counted_usage)
+        return await super()._hold_stream(resp, _Via(translator))
+
+    def _counted_usage(self, text: str) -> dict[str, Any]:
+        done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
+        return {"prompt_tokens": self.prompt_tokens(), "completion_tokens": done}
+
+    def has_content(self, obj: Any) -> bool:
+        return has_content(obj)
+
+    def prompt_tokens(self) -> int:
+        if self.req.chat is not None:
+            return super().prompt_tokens()
+        return _core.Router.count_tokens(self.req.text(), self.decision.encoding)
+
+
+class Responses:
+    def __init__(self) -> None:
+        self.req: ResponsesRequest | None = None
+
+    def parse(self, body: bytes) -> Parsed:
+        self.req = req = ResponsesRequest(body)
+        if req.chat is not None:
+            route = orjson.dumps(req.chat)
+        else:
+            route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
+        return Parsed(req.model, route, req.stream)
+
+    def call(
+        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
+    ) -> Call:
+        assert self.req is not None
+        # `body` (the routing body) is the chat translation: what chat deployments get, and what is counted.
+        return ResponsesCall(self.req, live, decision, body, rec, timeouts, attempts)
+
+    def encoder(self) -> ClientEncoder:
+        return ClientEncoder()
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    return await serve(request, Responses())

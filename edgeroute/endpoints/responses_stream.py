@@ -1,0 +1,286 @@
+"""Responses API streams: a chat stream turned into Responses events, an upstream's own
+Responses stream relayed, and what the client finally receives.
+
+The dispatch layer knows chat streams: it holds a stream until its first content, reads
+an `{"error": ...}` event before it as a failure to fail over from, and takes `data: [DONE]`
+as the clean end. Both translators here speak that to it (a `[DONE]` sentinel after the
+terminal event, a failure before any content as a chat error event), and `ClientEncoder`
+takes those back out, so the client sees Responses events only: relayed unchanged from an
+upstream that speaks Responses, and an `error` event when a stream breaks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from edgeroute import sse
+from edgeroute.endpoints import responses_format as rf
+from edgeroute.providers.base import StreamTranslator
+
+SENTINEL = b"data: [DONE]\n\n"
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_CONTENT = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.output_item.added",
+        "response.reasoning_summary_text.delta",
+        *_TERMINAL,
+    }
+)
+
+
+def has_content(obj: Any) -> bool:
+    """Whether a Responses event carries the answer (the point after which a stream is committed)."""
+    return isinstance(obj, dict) and obj.get("type") in _CONTENT
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _chat_error(message: str, code: str | None) -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
+
+
+class NativeStream:
+    """An upstream's Responses stream, relayed event by event (see the module's doc)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._content = False
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        events, self._buf = sse.split_events(self._buf + chunk)
+        out = []
+        for ev in events:
+            data = sse.event_data(ev)
+            obj = orjson.loads(data) if data is not None and data != b"[DONE]" else None
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            if not self._content and kind in ("error", "response.failed"):
+                assert isinstance(obj, dict)
+                err = obj.get("response", {}).get("error") if kind == "response.failed" else obj
+                err = err if isinstance(err, dict) else {}
+                out.append(_chat_error(str(err.get("message") or "the upstream failed"), err.get("code")))
+                continue
+            self._content = self._content or has_content(obj)
+            out.append(ev + b"\n\n")
+            if kind in _TERMINAL and isinstance(obj, dict):
+                self.usage = rf.usage_to_chat((obj.get("response") or {}).get("usage"))
+                out.append(SENTINEL)
+        return b"".join(out)
+
+
+class ChatToResponses:
+    """A chat stream (OpenAI SSE, after the provider's own translator) as Responses events."""
+
+    def __init__(
+        self,
+        req: dict[str, Any],
+        inner: StreamTranslator | None,
+        fallback_usage: Callable[[str], dict[str, Any]],
+    ) -> None:
+        self.req = req
+        self.inner = inner
+        self.fallback_usage = fallback_usage
+        self.rid = rf.new_id("resp")
+        self._buf = b""
+        self._seq = 0
+        self._started = False
+        self._done = False
+        self._outputs: list[dict[str, Any]] = []  # items in output order, completed at the end
+        self._text: dict[str, Any] | None = None  # the open message item
+        self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index → its function_call item
+        self._finish: str | None = None
+        self._chat_usage: dict[str, Any] | None = None
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._chat_usage or (self.inner.usage if self.inner is not None else None)
+
+    def _emit(self, kind: str, **fields: Any) -> bytes:
+        obj = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return _event(obj)
+
+    def _response(self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+        obj = rf.response_object(self.req, self.rid, status, output, usage, self._finish)
+        return obj
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.inner is not None:
+            chunk = self.inner.feed(chunk)
+        events, self._buf = sse.split_events(self._buf + chunk)
+        out: list[bytes] = []
+        for ev in events:
+            data = sse.event_data(ev)
+            if data is None or self._done:
+                continue
+            if data == b"[DONE]":
+                out.append(self._end())
+                continue
+            obj = orjson.loads(data)
+            if not isinstance(obj, dict):
+                continue
+            if obj.get("error"):
+                out.append(b"data: " + data + b"\n\n")  # held: a failure to fail over from; relayed: ClientEncoder's
+                continue
+            if not self._started:
+                self._started = True
+                first = self._response("in_progress", [], None)
+                out += [
+                    self._emit("response.created", response=first),
+                    self._emit("response.in_progress", response=first),
+                ]
+            if isinstance(obj.get("usage"), dict):
+                self._chat_usage = obj["usage"]
+            for choice in obj.get("choices") or ():
+                out.append(self._choice(choice))
+        return b"".join(out)
+
+    def _choice(self, choice: Any) -> bytes:
+        if not isinstance(choice, dict):
+            return b""
+        out = []
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or delta.get("refusal")
+        if isinstance(text, str) and text:
+            if self._text is None:
+                self._text = {"id": rf.new_id("msg"), "index": len(self._outputs), "text": ""}
+                self._outputs.append(self._text)
+                item = {**rf.message_item(self._text["id"], "", "in_progress"), "content": []}
+                empty = {"type": "output_text", "text": "", "annotations": []}
+                out.append(self._emit("response.output_item.added", output_index=self._text["index"], item=item))
+                out.append(self._part("response.content_part.added", empty))
+            self._text["text"] += text
+            out.append(
+                self._emit(
+                    "response.output_text.delta",
+                    item_id=self._text["id"],
+                    output_index=self._text["index"],
+                    content_index=0,
+                    delta=text,
+                    logprobs=[],
+                )
+            )
+        for tc in delta.get("tool_calls") or ():
+            if not isinstance(tc, dict):
+                continue
+            fn = tc.get("function") or {}
+            call = self._calls.get(int(tc.get("index") or 0))
+            if call is None:
+                call = {
+                    "id": rf.new_id("fc"),
+                    "index": len(self._outputs),
+                    "call_id": str(tc.get("id") or rf.new_id("call")),
+                    "name": str(fn.get("name") or ""),
+                    "arguments": "",
+                    "function": True,
+                }
+                self._calls[int(tc.get("index") or 0)] = call
+                self._outputs.append(call)
+                item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
+                out.append(self._emit("response.output_item.added", output_index=call["index"], item=item))
+            args = fn.get("arguments")
+            if isinstance(args, str) and args:
+                call["arguments"] += args
+                out.append(
+                    self._emit(
+                        "response.function_call_arguments.delta",
+                        item_id=call["id"],
+                        output_index=call["index"],
+                        delta=args,
+                    )
+                )
+        if choice.get("finish_reason"):
+            self._finish = str(choice["finish_reason"])
+        return b"".join(out)
+
+    def _part(self, kind: str, part: dict[str, Any]) -> bytes:
+        assert self._text is not None
+        return self._emit(kind, item_id=self._text["id"], output_index=self._text["index"], content_index=0, part=part)
+
+    def _end(self) -> bytes:
+        """The items' closing events, the terminal event, then the sentinel."""
+        self._done = True
+        out = []
+        items = []
+        for o in self._outputs:
+            if o.get("function"):
+                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"])
+                out.append(
+                    self._emit(
+                        "response.function_call_arguments.done",
+                        item_id=o["id"],
+                        output_index=o["index"],
+                        arguments=o["arguments"],
+                    )
+                )
+            else:
+                item = rf.message_item(o["id"], o["text"])
+                out.append(
+                    self._emit(
+                        "response.output_text.done",
+                        item_id=o["id"],
+                        output_index=o["index"],
+                        content_index=0,
+                        text=o["text"],
+                        logprobs=[],
+                    )
+                )
+                out.append(self._part("response.content_part.done", item["content"][0]))
+            out.append(self._emit("response.output_item.done", output_index=o["index"], item=item))
+            items.append(item)
+        chat_usage = self.usage
+        if chat_usage is None:
+            text = "".join(o.get("text", "") or o.get("arguments", "") for o in self._outputs)
+            chat_usage = self._chat_usage = self.fallback_usage(text)
+        final = self._response("completed", items, rf.usage_from_chat(chat_usage))
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        out.append(self._emit(kind, response=final))
+        out.append(SENTINEL)
+        return b"".join(out)
+
+
+_SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
+
+
+class ClientEncoder:
+    """What the client receives: the sentinel removed, a chat error event (a stream cut by the
+    upstream or the proxy) turned into a Responses `error` event."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def __call__(self, data: bytes) -> bytes:
+        if (found := _SEQ.findall(data)) and (last := int(found[-1])) >= self._seq:
+            self._seq = last + 1
+        if SENTINEL in data:
+            data = data.replace(SENTINEL, b"")
+        if b'"error"' not in data:
+            return data
+        events, rest = sse.split_events(data)
+        out = []
+        for ev in events:
+            payload = sse.event_data(ev)
+            obj = orjson.loads(payload) if payload is not None else None
+            err = obj.get("error") if isinstance(obj, dict) and "type" not in obj else None
+            if isinstance(err, dict):
+                msg = {
+                    "type": "error",
+                    "code": err.get("code"),
+                    "message": str(err.get("message")),
+                    "param": None,
+                    "sequence_number": self._seq,
+                }
+                self._seq += 1
+                out.append(_event(msg))
+            else:
+                out.append(ev + b"\n\n")
+        return b"".join(out) + rest
