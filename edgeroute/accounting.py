@@ -34,6 +34,7 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0
     estimated: bool = False  # counted by the core because the upstream reported none
+    cache_write_tokens: int = 0  # prompt tokens written to a prompt cache (Anthropic, Bedrock), priced apart
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None) -> Usage | None:
@@ -53,17 +54,25 @@ class Usage:
         if not 0 <= out.prompt_tokens < 1 << 40 or not 0 <= out.completion_tokens < 1 << 40:
             return None
         out.cached_tokens = min(max(0, out.cached_tokens), out.prompt_tokens)
+        try:  # OpenAI's field, or LiteLLM's name for it
+            written = int(details.get("cache_write_tokens") or u.get("cache_creation_input_tokens") or 0)
+        except (TypeError, ValueError, OverflowError, AttributeError):
+            written = 0
+        out.cache_write_tokens = min(max(0, written), out.prompt_tokens - out.cached_tokens)
         return out
 
 
 def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
-    """USD for `usage` at `price`: cached prompt tokens at the cached price when one is set, plus the
-    per-request price, all times the multiplier of the price window in force at unix time `at` (now)."""
+    """USD for `usage` at `price`: cached prompt tokens at the cached price and cache writes at the
+    cache-write price when these are set, plus the per-request price, all times the multiplier of the
+    price window in force at unix time `at` (now)."""
     cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
-    fresh = max(0, usage.prompt_tokens - usage.cached_tokens)
+    write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+    fresh = max(0, usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens)
     base = (
         fresh * price.input_per_mtok
         + usage.cached_tokens * cached_price
+        + usage.cache_write_tokens * write_price
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
     return base * multiplier_at(price, at) if price.windows else base

@@ -228,11 +228,13 @@ async def read_request(request: web.Request, *, counting: bool = False) -> bytes
 def anthropic_usage(u: dict[str, Any] | None) -> dict[str, Any]:
     """OpenAI usage in Anthropic's terms: input_tokens excludes cache reads."""
     u = u or {}
-    cached = int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    details = u.get("prompt_tokens_details") or {}
+    cached = int(details.get("cached_tokens") or 0)
+    written = int(details.get("cache_write_tokens") or 0)
     return {
-        "input_tokens": int(u.get("prompt_tokens") or 0) - cached,
+        "input_tokens": int(u.get("prompt_tokens") or 0) - cached - written,
         "output_tokens": int(u.get("completion_tokens") or 0),
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
     }
 

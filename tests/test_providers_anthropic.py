@@ -238,7 +238,7 @@ def test_translate_response_golden() -> None:
             "prompt_tokens": 115,
             "completion_tokens": 20,
             "total_tokens": 135,
-            "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 0, "cache_write_tokens": 5},
             "completion_tokens_details": {
                 "reasoning_tokens": 0,
                 "audio_tokens": 0,

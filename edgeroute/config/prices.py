@@ -40,6 +40,8 @@ def catalogue_entry(name: str) -> dict[str, Any]:
     out: dict[str, Any] = {"input_per_mtok": e["input"], "output_per_mtok": e["output"]}
     if "cached_input" in e:
         out["cached_input_per_mtok"] = e["cached_input"]
+    if "cache_write" in e:
+        out["cache_write_per_mtok"] = e["cache_write"]
     if "per_request" in e:
         out["per_request"] = e["per_request"]
     out["source"] = f"catalogue:{key}@{cat['as_of']}"

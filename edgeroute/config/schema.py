@@ -102,7 +102,8 @@ class Price(_Strict):
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
-    cached_input_per_mtok: float | None = Field(None, ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)  # prompt-cache reads (default: input price)
+    cache_write_per_mtok: float | None = Field(None, ge=0)  # prompt-cache writes (default: input price)
     per_request: float = Field(0.0, ge=0)
     windows: list[PriceWindow] = []
     source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"

@@ -45,6 +45,8 @@ class MockOptions(openai_mock.MockOptions):
     name: str = "mock-anthropic"
     # Prompt tokens reported as read from the prompt cache.
     cached_tokens: int = 0
+    # Prompt tokens reported as written to the prompt cache.
+    cache_write_tokens: int = 0
 
 
 def anthropic_error(status: int, message: str) -> web.Response:
@@ -95,9 +97,10 @@ def _tool_use(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def _usage(opts: MockOptions, prompt: int, output: int) -> dict[str, Any]:
     cached = min(opts.cached_tokens, prompt)
+    written = min(opts.cache_write_tokens, prompt - cached)
     return {
-        "input_tokens": prompt - cached,
-        "cache_creation_input_tokens": 0,
+        "input_tokens": prompt - cached - written,
+        "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
         "output_tokens": output,
         "service_tier": "standard",

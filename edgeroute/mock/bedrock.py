@@ -50,6 +50,7 @@ _ids = itertools.count(1)
 class MockOptions(openai_mock.MockOptions):
     name: str = "mock-bedrock"
     cached_tokens: int = 0
+    cache_write_tokens: int = 0
     # When set, requests must carry a valid SigV4 signature made with this secret.
     aws_secret_access_key: str | None = None
 
@@ -129,10 +130,15 @@ def _tool_use(body: dict[str, Any]) -> dict[str, Any] | None:
 
 def _usage(opts: MockOptions, prompt: int, output: int) -> dict[str, Any]:
     cached = min(opts.cached_tokens, prompt)
-    u: dict[str, Any] = {"inputTokens": prompt - cached, "outputTokens": output, "totalTokens": prompt + output}
-    if cached:
+    written = min(opts.cache_write_tokens, prompt - cached)
+    u: dict[str, Any] = {
+        "inputTokens": prompt - cached - written,
+        "outputTokens": output,
+        "totalTokens": prompt + output,
+    }
+    if cached or written:
         u["cacheReadInputTokens"] = cached
-        u["cacheWriteInputTokens"] = 0
+        u["cacheWriteInputTokens"] = written
     return u
 
 

@@ -44,8 +44,9 @@ def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(u, dict):
         return None
     cached = int(u.get("cache_read_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + int(u.get("cache_creation_input_tokens") or 0) + cached
-    return oa.usage(prompt, int(u.get("output_tokens") or 0), cached)
+    written = int(u.get("cache_creation_input_tokens") or 0)
+    prompt = int(u.get("input_tokens") or 0) + written + cached
+    return oa.usage(prompt, int(u.get("output_tokens") or 0), cached, cache_write=written)
 
 
 def image_block(url: str) -> dict[str, Any]:

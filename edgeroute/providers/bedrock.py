@@ -70,8 +70,9 @@ def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(u, dict):
         return None
     cached = int(u.get("cacheReadInputTokens") or 0)
-    prompt = int(u.get("inputTokens") or 0) + cached + int(u.get("cacheWriteInputTokens") or 0)
-    return oa.usage(prompt, int(u.get("outputTokens") or 0), cached)
+    written = int(u.get("cacheWriteInputTokens") or 0)
+    prompt = int(u.get("inputTokens") or 0) + cached + written
+    return oa.usage(prompt, int(u.get("outputTokens") or 0), cached, cache_write=written)
 
 
 def _image(url: str) -> dict[str, Any]:

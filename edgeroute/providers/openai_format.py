@@ -281,13 +281,18 @@ def response_format_of(req: Mapping[str, Any]) -> tuple[Literal["text", "json_ob
     raise bad_request("`response_format` must be text, json_object or json_schema.", "response_format")
 
 
-def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0) -> dict[str, Any]:
-    """OpenAI's `usage`: `prompt_tokens` includes cached tokens; `completion_tokens` includes reasoning."""
+def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0, cache_write: int = 0) -> dict[str, Any]:
+    """OpenAI's `usage`: `prompt_tokens` includes cached tokens and cache writes (Anthropic's,
+    Bedrock's: `prompt_tokens_details.cache_write_tokens`, priced as such); `completion_tokens`
+    includes reasoning."""
+    details: dict[str, int] = {"cached_tokens": cached, "audio_tokens": 0}
+    if cache_write:
+        details["cache_write_tokens"] = cache_write
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "prompt_tokens_details": details,
         "completion_tokens_details": {
             "reasoning_tokens": reasoning,
             "audio_tokens": 0,
