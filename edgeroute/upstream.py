@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from edgeroute import secrets
 from edgeroute.config import Config, Deployment, Price
+from edgeroute.egress import Egress
 from edgeroute.providers import Adapter, adapter_for
 from edgeroute.upstream_http import HttpClient, tls_context
 
@@ -49,8 +50,13 @@ def make_upstreams(cfg: Config) -> dict[str, Upstream]:
         key = secrets.resolve(p.api_key) if p.api_key else None
         adapter = adapter_for(p.kind)(name, p, key)
         tls = tls_context(p.tls.ca_bundle, p.tls.client_cert, p.tls.client_key) if p.tls else None
+        proxy = p.proxy if p.proxy in (None, "direct") else secrets.resolve(p.proxy).reveal()
         client = HttpClient(
-            p.max_connections, p.timeouts.connect, ssl_context=tls, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+            p.max_connections,
+            p.timeouts.connect,
+            ssl_context=tls,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            egress=Egress.build(proxy),
         )
         out[name] = Upstream(name, adapter, client)
     return out

@@ -43,6 +43,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from edgeroute.egress import Egress, TunnelError, tunnel
+
 # Unread bytes of one response above which reading from its socket pauses, and below
 # which it resumes: a client reading a stream slowly must not make the proxy buffer it all.
 _HIGH_WATER = 256 * 1024
@@ -461,6 +463,7 @@ class HttpClient:
         keepalive_timeout: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
         stale_window: float = STALE_WINDOW_S,
+        egress: Egress | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -469,6 +472,7 @@ class HttpClient:
         self.keepalive_timeout = keepalive_timeout
         self._ssl = ssl_context
         self.stale_window = stale_window
+        self.egress = egress  # a forward proxy for some or all hosts (edgeroute.egress)
         self._targets: dict[str | URL, _Target] = {}
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
         self._conns: set[_Conn] = set()
@@ -578,7 +582,15 @@ class HttpClient:
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    if t.tls:
+                    proxy = self.egress.proxy_for(t.host, t.tls) if self.egress is not None else None
+                    if proxy is not None:
+                        sock = await tunnel(proxy, t.host, t.port)
+                        ctx = (self._ssl or _default_ssl()) if t.tls else None
+                        host = t.host if t.tls else None
+                        _, conn = await loop.create_connection(
+                            lambda: _Conn(self), sock=sock, ssl=ctx, server_hostname=host
+                        )
+                    elif t.tls:
                         ctx = self._ssl if self._ssl is not None else _default_ssl()
                         _, conn = await loop.create_connection(
                             lambda: _Conn(self), t.host, t.port, ssl=ctx, server_hostname=t.host
@@ -593,6 +605,8 @@ class HttpClient:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     reason = f"certificate not trusted ({reason})"
                 raise UpstreamTlsError(f"TLS to {t.host}:{t.port} failed: {e}", str(reason).lower()) from e
+            except TunnelError as e:
+                raise UpstreamConnectError(str(e)) from None
             except OSError as e:
                 raise UpstreamConnectError(f"cannot connect to {t.host}:{t.port}: {e}") from e
         except BaseException:

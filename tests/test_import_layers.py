@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.outcome",
             "edgeroute.roles",
             "edgeroute.upstream_http",
+            "edgeroute.egress",
             "edgeroute.mock",
             "edgeroute.learn",
         ],

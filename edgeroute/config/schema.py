@@ -13,6 +13,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from edgeroute import egress
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
 from edgeroute.governance.settings import Governance
@@ -70,6 +71,9 @@ class Provider(_Strict):
     tls: Tls | None = None
     health_check: HealthCheck | None = None
     headers: dict[str, str] = {}
+    # A forward proxy for this provider's connections: an http:// URL (or a secret reference to
+    # one, as it may hold credentials), or `direct`; unset: HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply.
+    proxy: str | None = None
     # Provider-specific settings (e.g. Azure's api_version, Bedrock's region).
     options: dict[str, Any] = {}
 
@@ -79,6 +83,13 @@ class Provider(_Strict):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is not None and v != "direct" and not v.startswith(("env:", "file:", "exec:")):
+            egress.parse_proxy(v)  # a ValueError names what is wrong, never the credentials
+        return v
 
 
 class PriceWindow(_Strict):
