@@ -111,7 +111,11 @@ async def serve(
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
-        ticket = await admission.admit(request, decision, rec)
+        # Budgets count the routing body exactly, off the loop, only when its bound alone would refuse.
+        counted = route_body
+        ticket = await admission.admit(
+            request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
+        )
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
             decision = decide(live, route_body, request)
