@@ -8,20 +8,17 @@ upstream failing before it fails over. Usage is the upstream's, else counted.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import RequestRecord, Usage
-from edgeroute.config import Timeouts
-from edgeroute.dispatch import Call, Failure, JsonAnswer
-from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
+from edgeroute.accounting import Usage
+from edgeroute.dispatch import Failure, JsonAnswer
+from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
-from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
-from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 
 
@@ -64,22 +61,18 @@ class CompletionsRequest:
         return sum(len(p) if isinstance(p, list) else _core.Router.count_tokens(p, encoding) for p in self.prompts)
 
 
-class CompletionsCall(Call):
+class CompletionsCall(CountedCall):
     def __init__(self, req: CompletionsRequest, *args: Any) -> None:
-        super().__init__(*args)
+        super().__init__(req, *args)
         self.req = req
-        self._counted: int | None = None
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         return openai_request(adapter, dep, "/completions", self.req.body, self.req.stream)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
-        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no choices")
+        obj = answer_object(data, status, "choices")
+        if isinstance(obj, Failure):
+            return obj
         usage = Usage.from_openai(obj.get("usage"))
         if usage is None:
             text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
@@ -95,29 +88,12 @@ class CompletionsCall(Call):
             return bool(obj.get("usage")) and not obj.get("choices")
         return False
 
-    def prompt_tokens(self) -> int:
-        if self._counted is None:
-            self._counted = self.req.tokens(self.decision.encoding)
-        return self._counted
 
-
-class Completions:
-    def __init__(self) -> None:
-        self.req: CompletionsRequest | None = None
-
-    def parse(self, body: bytes) -> Parsed:
-        self.req = req = CompletionsRequest(body)
-        return Parsed(req.model, routing_body(req.model, req.text(), req.stream, req.max_tokens or None), req.stream)
-
-    def call(
-        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
-    ) -> Call:
-        assert self.req is not None
-        return CompletionsCall(self.req, live, decision, body, rec, timeouts, attempts)
-
-    def encoder(self) -> None:
-        return None
+def parse(body: bytes) -> Parsed:
+    req = CompletionsRequest(body)
+    route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None)
+    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    return await serve(request, Completions())
+    return await serve(request, parse)

@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import base64
 import struct
+from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import RequestRecord, Usage
-from edgeroute.config import Timeouts
-from edgeroute.dispatch import Call, Failure, JsonAnswer
-from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
+from edgeroute.accounting import Usage
+from edgeroute.dispatch import Failure, JsonAnswer
+from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.gemini import GeminiAdapter
-from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 
 MAX_INPUTS = 2048
@@ -117,13 +116,12 @@ def _encoded(values: list[float], as_base64: bool) -> Any:
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if as_base64 else values
 
 
-class EmbeddingsCall(Call):
+class EmbeddingsCall(CountedCall):
     """Dispatch of one embeddings request: the chat loop, with this endpoint's request and answer."""
 
     def __init__(self, req: EmbeddingsRequest, *args: Any) -> None:
-        super().__init__(*args)
+        super().__init__(req, *args)
         self.req = req
-        self._counted: int | None = None
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if speaks_openai(adapter):
@@ -162,31 +160,11 @@ class EmbeddingsCall(Call):
             data.append({"object": "embedding", "index": i, "embedding": vec})
         return {"object": "list", "data": data, "model": self.req.model}
 
-    def prompt_tokens(self) -> int:
-        if self._counted is None:
-            self._counted = self.req.tokens(self.decision.encoding)
-        return self._counted
 
-
-class Embeddings:
-    """The endpoint, as the pipeline sees it."""
-
-    def __init__(self) -> None:
-        self.req: EmbeddingsRequest | None = None
-
-    def parse(self, body: bytes) -> Parsed:
-        self.req = req = EmbeddingsRequest(body)
-        return Parsed(req.model, routing_body(req.model, req.text(), max_tokens=1), False)
-
-    def call(
-        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
-    ) -> Call:
-        assert self.req is not None
-        return EmbeddingsCall(self.req, live, decision, body, rec, timeouts, attempts)
-
-    def encoder(self) -> None:
-        return None
+def parse(body: bytes) -> Parsed:
+    req = EmbeddingsRequest(body)
+    return Parsed(req.model, routing_body(req.model, req.text(), max_tokens=1), False, partial(EmbeddingsCall, req))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    return await serve(request, Embeddings())
+    return await serve(request, parse)

@@ -22,40 +22,53 @@ from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.config import Timeouts
-from edgeroute.dispatch import Call, JsonAnswer, relay_stream
+from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import _route_headers, correlation_id, decide, new_request_id, read_body
+from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
+# Makes the dispatch of a checked request over the decision's deployments, in the endpoint's
+# format: (live, decision, routing body the decision was made on, record, timeouts, max attempts).
+MakeCall = Callable[[Live, _core.Decision, bytes, RequestRecord, Timeouts, int], Call]
+
 
 @dataclass(frozen=True, slots=True)
 class Parsed:
-    """A checked request: what the core decides on, and what the endpoint's `Call` sends."""
+    """A checked request: what the core decides on, and how the endpoint dispatches it."""
 
     model: str
     routing_body: bytes  # a chat-completions body with the request's model and text (for rules)
     stream: bool
+    call: MakeCall
+    # Turns a relayed stream's bytes into what the client receives (None: as they are).
+    encoder: Callable[[], Callable[[bytes], bytes]] | None = None
 
 
-class Endpoint(Protocol):
-    def parse(self, body: bytes) -> Parsed:
-        """Checks the client's body; raises `ProxyError` (400) naming what is wrong."""
-        ...
+# An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
+Endpoint = Callable[[bytes], Parsed]
 
-    def call(
-        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
-    ) -> Call:
-        """The dispatch over the decision's deployments, in this endpoint's format (`body`: the
-        routing body the decision was made on)."""
-        ...
 
-    def encoder(self) -> Callable[[bytes], bytes] | None:
-        """What turns a relayed stream's bytes into what the client receives (None: as they are)."""
-        ...
+class Countable(Protocol):
+    def tokens(self, encoding: str) -> int: ...
+
+
+class CountedCall(Call):
+    """A dispatch whose prompt is counted from the endpoint's own request (when the upstream reports no usage)."""
+
+    def __init__(self, req: Countable, *args: Any) -> None:
+        super().__init__(*args)
+        self._req = req
+        self._counted: int | None = None
+
+    def prompt_tokens(self) -> int:
+        if self._counted is None:
+            self._counted = self._req.tokens(self.decision.encoding)
+        return self._counted
 
 
 def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
@@ -66,6 +79,17 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     return orjson.dumps(body)
+
+
+def answer_object(data: bytes, status: int, key: str) -> dict[str, Any] | Failure:
+    """An upstream's JSON answer, which must be an object with a list under `key`; else the failure."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+    if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
+        return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has no {key}")
+    return obj
 
 
 def bad(message: str, param: str | None = None) -> ProxyError:
@@ -104,7 +128,7 @@ async def serve(
     reasons: list[str] = []
     try:
         body = await read_body(request)
-        parsed = endpoint.parse(body)
+        parsed = endpoint(body)
         rec.model = parsed.model
         route_body = parsed.routing_body
         decision = decide(live, route_body, request)
@@ -125,7 +149,7 @@ async def serve(
             rec.content_mode, rec.content_request = keep, body
         model = live.config.models[decision.route]
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
-        call = endpoint.call(live, decision, route_body, rec, timeouts, model.max_attempts)
+        call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
         try:
             got, dep = await call.run()
         except ProxyError as e:
@@ -145,7 +169,8 @@ async def serve(
             out = answer(got.body) if answer is not None else got.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         keep_stream = content.keep_stream(rec, None)
-        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, endpoint.encoder(), keep_stream)
+        encode = parsed.encoder() if parsed.encoder is not None else None
+        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, encode, keep_stream)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type

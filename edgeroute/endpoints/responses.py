@@ -11,23 +11,21 @@ conversation; a request only a Responses upstream can serve is decided on its te
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import RequestRecord, Usage
-from edgeroute.config import Timeouts
+from edgeroute.accounting import Usage
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
-from edgeroute.endpoints.pipeline import Parsed, bad, json_object, routing_body, serve
+from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
 from edgeroute.errors import ProxyError
-from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
-from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response
 
@@ -98,12 +96,9 @@ class ResponsesCall(Call):
             if isinstance(got, JsonAnswer):
                 got.body = orjson.dumps(rf.from_chat(self.req.raw, orjson.loads(got.body)))
             return got
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
-        if not isinstance(obj, dict) or not isinstance(obj.get("output"), list):
-            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no output")
+        obj = answer_object(data, status, "output")
+        if isinstance(obj, Failure):
+            return obj
         usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")))
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
@@ -131,28 +126,14 @@ class ResponsesCall(Call):
         return _core.Router.count_tokens(self.req.text(), self.decision.encoding)
 
 
-class Responses:
-    def __init__(self) -> None:
-        self.req: ResponsesRequest | None = None
-
-    def parse(self, body: bytes) -> Parsed:
-        self.req = req = ResponsesRequest(body)
-        if req.chat is not None:
-            route = orjson.dumps(req.chat)
-        else:
-            route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
-        return Parsed(req.model, route, req.stream)
-
-    def call(
-        self, live: Live, decision: _core.Decision, body: bytes, rec: RequestRecord, timeouts: Timeouts, attempts: int
-    ) -> Call:
-        assert self.req is not None
-        # `body` (the routing body) is the chat translation: what chat deployments get, and what is counted.
-        return ResponsesCall(self.req, live, decision, body, rec, timeouts, attempts)
-
-    def encoder(self) -> ClientEncoder:
-        return ClientEncoder()
+def parse(body: bytes) -> Parsed:
+    req = ResponsesRequest(body)
+    if req.chat is not None:  # the chat translation: what chat deployments get, and what is counted
+        route = orjson.dumps(req.chat)
+    else:
+        route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
+    return Parsed(req.model, route, req.stream, partial(ResponsesCall, req), ClientEncoder)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    return await serve(request, Responses())
+    return await serve(request, parse)
