@@ -15,6 +15,8 @@ cd "$work"   # not the source tree: the runtime must not need it
 python - "$work"/wheels/*.whl <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
+# One wheel for every CPython >= 3.11 (the stable ABI), as the release workflow builds per platform.
+assert "-cp311-abi3-" in sys.argv[1], f"not an abi3 wheel: {sys.argv[1]}"
 bad = [n for n in names if n.startswith(("bench/", "edgeroute/learn/labels/"))]
 assert not bad, f"the wheel ships files it must not: {bad}"
 assert "edgeroute/_core.pyi" in names and "edgeroute/models/task.erlm" in names and "edgeroute/bench/gate.py" in names
