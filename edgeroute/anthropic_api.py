@@ -9,10 +9,11 @@ input_json_delta) / content_block_stop, message_delta (stop_reason, usage),
 message_stop. Errors, including those raised by the server's middleware for these
 paths, take Anthropic's form `{"type": "error", "error": {"type", "message"}}`.
 
-`output_config.format` (structured output) becomes `response_format`. What has no
-OpenAI equivalent is dropped: `top_k`, `thinking` (and thinking blocks in the
-history), `output_config.effort`, `cache_control`. Documents and server tools are
-rejected (400).
+`output_config.format` (structured output) becomes `response_format`. A request with
+what has no OpenAI equivalent (`top_k`, `thinking` and thinking blocks, `cache_control`,
+`output_config.effort`, an `anthropic-beta` header, ...) is served by
+`endpoints.messages` instead: passed through to Anthropic deployments, refused or
+dropped (by the provider's rule) elsewhere. Documents and server tools are rejected (400).
 """
 
 from __future__ import annotations
@@ -441,7 +442,8 @@ def rewrite_error(resp: web.StreamResponse) -> web.StreamResponse:
     return resp
 
 
-def add_routes(app: web.Application) -> None:
-    """The Anthropic routes (their errors are rewritten by `rewrite_error`)."""
-    app.router.add_post("/v1/messages", messages)
+def add_routes(app: web.Application, messages_handler: Handler = messages) -> None:
+    """The Anthropic routes (their errors are rewritten by `rewrite_error`). `messages_handler`
+    serves `/v1/messages` (the server's passes Anthropic-only fields through)."""
+    app.router.add_post("/v1/messages", messages_handler)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)

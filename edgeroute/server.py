@@ -209,7 +209,7 @@ def create_app(
     app.router.add_post("/admin/reload", admin_reload)
     ui.install(app)
     openai_api.add_routes(app)
-    anthropic_api.add_routes(app)
+    anthropic_api.add_routes(app, endpoints.messages.handle)  # Anthropic-only fields passed through
     endpoints.install(app)  # embeddings, legacy completions, responses
     return app
 

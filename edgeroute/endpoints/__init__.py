@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edgeroute.endpoints import completions, embeddings, responses
+from edgeroute.endpoints import completions, embeddings, messages, responses
+
+__all__ = ["install", "messages"]
 
 
 def install(app: web.Application) -> None:

@@ -63,7 +63,7 @@ class ResponsesRequest:
         return raw if isinstance(raw, str) else orjson.dumps(raw).decode()
 
 
-class _Via:
+class Via:
     """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream."""
 
     passthrough = False
@@ -111,7 +111,7 @@ class ResponsesCall(Call):
         else:
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
             translator = ChatToResponses(self.req.raw, inner, self._counted_usage)
-        return await super()._hold_stream(resp, _Via(translator))
+        return await super()._hold_stream(resp, Via(translator))
 
     def _counted_usage(self, text: str) -> dict[str, Any]:
         done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0

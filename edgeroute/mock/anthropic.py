@@ -38,6 +38,8 @@ _ERROR_TYPES = {
 }
 
 _ids = itertools.count(1)
+THOUGHT = "The user greets me; a short greeting back."
+SIGNATURE = "mock-signature-0001"
 
 
 @dataclass
@@ -145,6 +147,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
     prompt = _prompt_tokens(body)
     call = _tool_use(body)
+    thinking = (body.get("thinking") or {}).get("type") == "enabled"  # a thinking block first, as Claude's
     text = None if call else openai_mock.reply_text(_as_openai(body), opts, request.headers.get("x-mock-content"))
     pieces = text.split(" ") if text is not None else []
     stop_reason, stop_sequence = ("tool_use" if call else "end_turn"), None
@@ -160,6 +163,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
     if not body.get("stream"):
         content = [call] if call else [{"type": "text", "text": " ".join(pieces)}]
+        if thinking:
+            content.insert(0, {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE})
         msg = {
             "id": mid,
             "type": "message",
@@ -190,10 +195,20 @@ async def messages(request: web.Request) -> web.StreamResponse:
         await out.write(_event("error", err))
         await out.write_eof()
         return out
+    base = 0  # the answer's block index: 1 after a thinking block
+    if thinking:
+        base = 1
+        block0 = {"type": "thinking", "thinking": "", "signature": ""}
+        await out.write(
+            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block0})
+        )
+        for d in ({"type": "thinking_delta", "thinking": THOUGHT}, {"type": "signature_delta", "signature": SIGNATURE}):
+            await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}))
+        await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
     if call:
         head = {**call, "input": {}}
         await out.write(
-            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": head})
+            _event("content_block_start", {"type": "content_block_start", "index": base, "content_block": head})
         )
         await out.write(_event("ping", {"type": "ping"}))
         args = orjson.dumps(call["input"]).decode()
@@ -202,19 +217,23 @@ async def messages(request: web.Request) -> web.StreamResponse:
             if opts.chunk_interval:
                 await asyncio.sleep(opts.chunk_interval)
             delta = {"type": "input_json_delta", "partial_json": frag}
-            await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
+            await out.write(
+                _event("content_block_delta", {"type": "content_block_delta", "index": base, "delta": delta})
+            )
     else:
         block = {"type": "text", "text": ""}
         await out.write(
-            _event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": block})
+            _event("content_block_start", {"type": "content_block_start", "index": base, "content_block": block})
         )
         await out.write(_event("ping", {"type": "ping"}))
         for i, piece in enumerate(pieces):
             if opts.chunk_interval:
                 await asyncio.sleep(opts.chunk_interval)
             delta = {"type": "text_delta", "text": piece if i == 0 else " " + piece}
-            await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}))
-    await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+            await out.write(
+                _event("content_block_delta", {"type": "content_block_delta", "index": base, "delta": delta})
+            )
+    await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": base}))
     end_usage = {"output_tokens": output}
     md = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
     await out.write(_event("message_delta", {**md, "usage": end_usage}))

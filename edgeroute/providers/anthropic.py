@@ -200,6 +200,20 @@ class AnthropicAdapter(Adapter):
             headers["Accept"] = "text/event-stream"
         return UpstreamRequest(self._url(), headers, orjson.dumps(out))
 
+    def native_request(self, model: str, req: dict[str, Any], client_headers: dict[str, str]) -> UpstreamRequest:
+        """A Messages request as an Anthropic client sent it, `model` rewritten (`/v1/messages`
+        pass-through): the client's `anthropic-version` and `anthropic-beta` forwarded, the
+        latter joined with the provider's own `beta` option."""
+        headers = {"Content-Type": "application/json", **self.provider.headers, **self._auth_headers()}
+        if v := client_headers.get("anthropic-version"):
+            headers["anthropic-version"] = v
+        if b := client_headers.get("anthropic-beta"):
+            own = headers.get("anthropic-beta")
+            headers["anthropic-beta"] = f"{own},{b}" if own else b
+        if req.get("stream"):
+            headers["Accept"] = "text/event-stream"
+        return UpstreamRequest(self._url(), headers, orjson.dumps({**req, "model": model}))
+
     def classify(self, status: int, body: bytes) -> Outcome:
         low = body[:2048].lower()
         if status == 529 or b"overloaded_error" in low:

@@ -1,0 +1,255 @@
+"""`POST /v1/messages` with what only Anthropic understands: passed through, never dropped.
+
+A Messages request that the chat translation would lose something of (`thinking`,
+`top_k`, `cache_control` anywhere, thinking blocks in the history, metadata beyond
+`user_id`, `output_config.effort`, `service_tier`, `container`, `mcp_servers`, any field
+the translation does not know, or an `anthropic-beta` header) is served here; any other
+goes the chat pipeline's way (`anthropic_api`), unchanged.
+
+An Anthropic deployment gets the request as sent (`model` rewritten, the client's
+`anthropic-beta` and `anthropic-version` forwarded), and its answer and events reach the
+client unchanged. Another deployment cannot honour those fields: by its provider's
+`unsupported_params` rule the request is refused (400 naming them and the deployment,
+the default) or served through chat without them (`drop`), the answer then carrying
+`x-edgeroute-dropped-params`. Either way the core decides on the chat translation.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import anthropic_api, sse
+from edgeroute.accounting import Usage
+from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
+from edgeroute.endpoints.responses import Via
+from edgeroute.errors import ProxyError
+from edgeroute.openai_api import read_body
+from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
+from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.upstream import DeploymentInfo
+from edgeroute.upstream_http import Response
+
+DROPPED = "x-edgeroute-dropped-params"
+SENTINEL = b"data: [DONE]\n\n"
+_TRANSLATED = frozenset(
+    {
+        "model", "messages", "system", "max_tokens", "temperature", "top_p", "stop_sequences", "metadata", "tools",
+        "tool_choice", "output_config", "stream",
+    }
+)  # fmt: skip
+_CONTENT = frozenset({"content_block_delta", "message_delta", "message_stop"})
+
+
+def _has_key(value: Any, key: str) -> bool:
+    if isinstance(value, dict):
+        return key in value or any(_has_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_key(v, key) for v in value)
+    return False
+
+
+def lost_fields(req: dict[str, Any], beta: str | None) -> list[str]:
+    """What the chat translation of `req` would lose."""
+    lost = {k for k, v in req.items() if k not in _TRANSLATED and v is not None}
+    metadata, output_config = req.get("metadata"), req.get("output_config")
+    if isinstance(metadata, dict) and set(metadata) - {"user_id"}:
+        lost.add("metadata")
+    if isinstance(output_config, dict) and set(output_config) - {"format"}:
+        lost.add("output_config")
+    if any(_has_key(req.get(k), "cache_control") for k in ("system", "messages", "tools")):
+        lost.add("cache_control")
+    history = req.get("messages")
+    for m in history if isinstance(history, list) else ():  # a bad shape is to_openai's 400
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking") for b in content
+        ):
+            lost.add("thinking")
+    if beta:
+        lost.add("anthropic-beta")
+    return sorted(lost)
+
+
+def has_content(obj: Any) -> bool:
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("type")
+    block = obj.get("content_block") or {}
+    return kind in _CONTENT or (kind == "content_block_start" and block.get("type") != "text")
+
+
+def _chat_error(message: str) -> bytes:
+    return b"data: " + orjson.dumps({"error": {"message": message, "code": "upstream_error"}}) + b"\n\n"
+
+
+def _usage_event(usage: dict[str, Any] | None) -> bytes:
+    """For the ledger only (the relay reads the last `usage`; the client never sees it)."""
+    return b"data: " + orjson.dumps({"usage": usage}) + b"\n\n" if usage else b""
+
+
+class NativeStream:
+    """An Anthropic upstream's events, relayed as they are (see `responses_stream` for the protocol)."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._content = False
+        self._usage_in: dict[str, Any] = {}
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return openai_usage(self._usage_in) if self._usage_in else None
+
+    def feed(self, chunk: bytes) -> bytes:
+        events, self._buf = sse.split_events(self._buf + chunk)
+        out = []
+        for ev in events:
+            data = sse.event_data(ev)
+            obj = orjson.loads(data) if data else None
+            kind = obj.get("type") if isinstance(obj, dict) else None
+            if kind == "error" and not self._content:
+                assert isinstance(obj, dict)
+                err = obj.get("error")
+                message = err.get("message") if isinstance(err, dict) else None
+                out.append(_chat_error(str(message or "the upstream failed")))
+                continue
+            self._content = self._content or has_content(obj)
+            if isinstance(obj, dict):
+                if kind == "message_start":
+                    self._usage_in.update((obj.get("message") or {}).get("usage") or {})
+                elif kind == "message_delta":
+                    self._usage_in.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
+            out.append(ev + b"\n\n")
+            if kind == "message_stop":
+                out += [_usage_event(self.usage), SENTINEL]
+        return b"".join(out)
+
+
+class ChatToAnthropic:
+    """A chat stream (after the provider's translator) as Anthropic events (`drop`: fields left out)."""
+
+    def __init__(self, inner: StreamTranslator | None) -> None:
+        self.inner = inner
+        self.enc = anthropic_api.StreamEncoder()
+        self._buf = b""
+        self._content = False
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self.enc.usage or (self.inner.usage if self.inner is not None else None)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.inner is not None:
+            chunk = self.inner.feed(chunk)
+        events, self._buf = sse.split_events(self._buf + chunk)
+        out = []
+        for ev in events:
+            data = sse.event_data(ev)
+            if data and data != b"[DONE]" and not self._content:
+                obj = orjson.loads(data)
+                if isinstance(obj, dict) and obj.get("error"):
+                    out.append(ev + b"\n\n")  # before any content: a failure to fail over from
+                    continue
+            was_ended = self.enc.ended
+            got = self.enc(ev + b"\n\n")
+            self._content = self._content or b"content_block_delta" in got or b"message_delta" in got
+            out.append(got)
+            if self.enc.ended and not was_ended:
+                out += [_usage_event(self.usage), SENTINEL]
+        return b"".join(out)
+
+
+class ClientEncoder:
+    """The sentinel and the ledger's usage event removed; a chat error (a cut stream) as Anthropic's."""
+
+    def __call__(self, data: bytes) -> bytes:
+        if SENTINEL not in data and b'"error"' not in data and b'data: {"usage"' not in data:
+            return data
+        events, rest = sse.split_events(data)
+        out = []
+        for ev in events:
+            payload = sse.event_data(ev)
+            if payload == b"[DONE]":
+                continue
+            obj = orjson.loads(payload) if payload else None
+            if isinstance(obj, dict) and "type" not in obj:
+                if isinstance(obj.get("error"), dict):
+                    err = {"type": "api_error", "message": str(obj["error"].get("message"))}
+                    out.append(b"event: error\ndata: " + orjson.dumps({"type": "error", "error": err}) + b"\n\n")
+                continue  # the ledger's usage event
+            out.append(ev + b"\n\n")
+        return b"".join(out) + rest
+
+
+class MessagesCall(Call):
+    def __init__(self, req: dict[str, Any], lost: list[str], headers: dict[str, str], *args: Any) -> None:
+        super().__init__(*args)
+        self.req = req
+        self.lost = lost
+        self.client_headers = headers  # anthropic-version / anthropic-beta, forwarded to Anthropic
+        self.dropped: list[str] | None = None
+
+    def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
+        if isinstance(adapter, AnthropicAdapter):
+            return adapter.native_request(dep.model, self.req, self.client_headers)
+        if adapter.provider.options.get("unsupported_params", "reject") != "drop":
+            raise ProxyError(
+                400,
+                f"The deployment `{dep.name}` cannot honour {', '.join(self.lost)} (only an Anthropic deployment"
+                " can); its provider's unsupported_params rule is reject.",
+                code="unsupported_parameter",
+                param=self.lost[0],
+            )
+        self.dropped = self.lost
+        return super().upstream_request(adapter, dep)
+
+    def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
+        if not isinstance(adapter, AnthropicAdapter):
+            got = super()._json_answer(data, adapter, status)
+            if isinstance(got, JsonAnswer):
+                got.body = anthropic_api.answer_json(got.body)
+            return got
+        obj = answer_object(data, status, "content")
+        if isinstance(obj, Failure):
+            return obj
+        usage = Usage.from_openai(openai_usage(obj.get("usage")))
+        return JsonAnswer(data, usage or Usage(prompt_tokens=self.prompt_tokens(), estimated=True))
+
+    async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
+        translator: StreamTranslator
+        if isinstance(adapter, AnthropicAdapter):
+            translator = NativeStream()
+        else:
+            inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
+            translator = ChatToAnthropic(inner)
+        return await super()._hold_stream(resp, Via(translator))
+
+    def has_content(self, obj: Any) -> bool:
+        return has_content(obj)
+
+
+def parse(req: dict[str, Any], lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
+    route = orjson.dumps(anthropic_api.to_openai(req))
+    make = partial(MessagesCall, req, lost, headers)
+    return Parsed(req["model"], route, bool(req.get("stream")), make, ClientEncoder)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    raw = await read_body(request)
+    try:
+        req = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        req = None
+    beta = request.headers.get("anthropic-beta")
+    lost = lost_fields(req, beta) if isinstance(req, dict) else []
+    if not lost:
+        return await anthropic_api.messages(request)  # nothing the translation would lose
+    forwarded = {k: v for k in ("anthropic-version", "anthropic-beta") if (v := request.headers.get(k))}
+    for name, value in forwarded.items():  # forwarded upstream: plain printable ASCII only
+        if not (value.isascii() and value.isprintable()) or len(value) > 1000:
+            raise ProxyError(400, f"The {name} header is not a valid value.", code="invalid_header")
+    return await serve(request, partial(parse, req, lost, forwarded))
