@@ -13,6 +13,7 @@ TAGS = "x-edgeroute-tags"
 HEDGED = "x-edgeroute-hedged"
 CACHE = "x-edgeroute-cache"  # hit | miss | stale | bypass, and the client's cache directive
 CACHE_SIMILARITY = "x-edgeroute-cache-similarity"  # a hit matched by meaning: how close
+DROPPED_PARAMS = "x-edgeroute-dropped-params"  # what a deployment could not honour and was left out
 
 # Hop-by-hop and client-identity headers that must never reach an upstream.
 NOT_FORWARDED = frozenset(

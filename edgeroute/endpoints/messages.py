@@ -34,7 +34,6 @@ from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response
 
-DROPPED = "x-edgeroute-dropped-params"
 SENTINEL = b"data: [DONE]\n\n"
 _TRANSLATED = frozenset(
     {

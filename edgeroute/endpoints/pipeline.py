@@ -162,7 +162,7 @@ async def serve(
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
         if dropped := getattr(call, "dropped", None):  # parameters a deployment could not honour, left out
-            hdrs["x-edgeroute-dropped-params"] = ",".join(dropped)
+            hdrs[headers.DROPPED_PARAMS] = ",".join(dropped)
         rec.status = 200
         if isinstance(got, JsonAnswer):
             hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"

@@ -162,7 +162,7 @@ def _response_format(text: Any) -> dict[str, Any] | None:
 def to_chat(req: dict[str, Any]) -> dict[str, Any]:
     """A checked Responses request as a chat-completions body (the client's model kept)."""
     for name in sorted(set(req) - _TRANSLATED):
-        if req[name] is not None:
+        if req[name] not in (None, [], {}):  # an empty `include` or `tools` asks for nothing
             raise bad(f"'{name}' cannot be served by a chat deployment (only by one that speaks Responses).", name)
     messages = input_messages(req.get("input"))
     instructions = req.get("instructions")
