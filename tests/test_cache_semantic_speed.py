@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import re
+from fractions import Fraction
 
 import orjson
 import pytest
@@ -27,9 +28,8 @@ _PAIRS = [
 # Characters that matter to the tokenizer's pieces and to the guards: spaces and "▁",
 # other whitespace, digits, separators, quotes, backquotes, code punctuation, capitals,
 # non-Latin scripts and letters whose lower case changes length.
-_ALPHABET = st.sampled_from(
-    [*"ab cZ  \t\n\u2581\u00a0,.!?'\"`“”_()-1203éÉİ日本\u041f\u0440Ω", " not ", " Paris ", "n't"]
-)
+_WORDS = [" not ", " Paris ", "n't", " the ", " de ", " la ", " es ", " is "]
+_ALPHABET = st.sampled_from([*"ab cZ  \t\n\u2581\u00a0,.!?'\"`“”_()-1203éÉİ日本\u041f\u0440Ω", *_WORDS])
 _TEXT = st.lists(_ALPHABET, max_size=60).map("".join)
 
 
@@ -51,9 +51,24 @@ def reference_guards(text: str) -> sem.Guards:
     code = frozenset(next(g for g in m if g) for m in sem._CODE.findall(text))
     negated = any(w in sem._NEGATIONS or w.endswith("n't") for w in lowered)
     actions = frozenset(sem._OPPOSED_FORMS[w] for w in set(lowered) if w in sem._OPPOSED_FORMS)
-    counts = collections.Counter(words)
-    script, language = sem._language(text, counts, {w: w.lower().replace("\u2019", "'") for w in counts})
-    return sem.Guards(numbers, frozenset(entities), quoted, code, negated, actions, script, language)
+    return sem.Guards(numbers, frozenset(entities), quoted, code, negated, actions, *reference_language(text, lowered))
+
+
+def reference_language(text: str, lowered: list[str]) -> tuple[str, str | None]:
+    """Every letter's script counted; each word's vote shared exactly among its languages."""
+    scripts = collections.Counter(sem._script(ch) for ch in text if ch.isalpha())
+    script = scripts.most_common(1)[0][0] if scripts else "none"
+    if script != "latin":
+        return script, None
+    votes: dict[str, Fraction] = collections.defaultdict(Fraction)
+    for w in lowered:
+        langs = sem._STOP_INDEX.get(w, ())
+        for lang in langs:
+            votes[lang] += Fraction(1, len(langs))
+    ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:2]
+    if not ranked or ranked[0][1] < 2 or (len(ranked) > 1 and ranked[1][1] * 2 > ranked[0][1]):
+        return script, None
+    return script, ranked[0][0]
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import re
 import threading
 import unicodedata
@@ -81,6 +82,7 @@ _STOP_INDEX: dict[str, list[str]] = {}
 for _lang, _words in _STOPWORDS.items():
     for _w in _words.split():
         _STOP_INDEX.setdefault(_w, []).append(_lang)
+_WHOLE_VOTE = math.lcm(*range(1, len(_STOPWORDS) + 1))  # divisible by any number of languages sharing a word
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,13 +172,15 @@ def _language(text: str, counts: collections.Counter[str], lower: dict[str, str]
         return "none", None
     if script != "latin":
         return script, None
-    votes: dict[str, float] = collections.defaultdict(float)
+    # Votes in exact integer shares (a whole vote is _WHOLE_VOTE), so that no rounding of
+    # 1/3 + 1/3 + ... decides a tie.
+    votes: dict[str, int] = collections.defaultdict(int)
     for w, n in counts.items():
         langs = _STOP_INDEX.get(lower[w], ())
         for lang in langs:
-            votes[lang] += n / len(langs)
+            votes[lang] += n * (_WHOLE_VOTE // len(langs))
     ranked = sorted(votes.items(), key=lambda kv: -kv[1])[:2]
-    if not ranked or ranked[0][1] < 2 or (len(ranked) > 1 and ranked[1][1] * 2 > ranked[0][1]):
+    if not ranked or ranked[0][1] < 2 * _WHOLE_VOTE or (len(ranked) > 1 and ranked[1][1] * 2 > ranked[0][1]):
         return script, None
     return script, ranked[0][0]
 
