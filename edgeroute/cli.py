@@ -1,7 +1,8 @@
 """The `edgeroute` command line: serve, check, demo, route, spend, bench, router.
 
 Defaults may come from the environment (a flag wins): `EDGEROUTE_CONFIG` (the config file),
-`EDGEROUTE_HOST`, `EDGEROUTE_PORT` (where `serve` listens) and `EDGEROUTE_LOG_LEVEL` (`serve --log-level`).
+`EDGEROUTE_HOST`, `EDGEROUTE_PORT` (where `serve` listens), `EDGEROUTE_LOG_LEVEL` (`serve --log-level`)
+and `EDGEROUTE_WORKERS` (`serve --workers`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ def _load(path: str, check_secrets: bool = True) -> config_mod.Config | None:
         return None
 
 
-ENV_CONFIG, ENV_HOST, ENV_PORT, ENV_LOG_LEVEL = (
+ENV_CONFIG, ENV_HOST, ENV_PORT, ENV_LOG_LEVEL, ENV_WORKERS = (
     "EDGEROUTE_CONFIG",
     "EDGEROUTE_HOST",
     "EDGEROUTE_PORT",
     "EDGEROUTE_LOG_LEVEL",
+    "EDGEROUTE_WORKERS",
 )
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -53,6 +55,16 @@ def _port(value: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
     return port
+
+
+def _workers(value: str) -> str:
+    from edgeroute.workers.supervisor import resolve_workers
+
+    try:
+        resolve_workers(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
@@ -82,6 +94,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging = {k: v for k in ("log_format", "log_level") if (v := getattr(args, k)) is not None}
     if logging:  # the flags win over the config file's `server:` settings
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=logging)})
+    if args.workers != "1":
+        from edgeroute.workers.cli import serve_workers
+
+        return serve_workers(cfg, args)
     serve(cfg, args.config, args.host, args.port, print_fn=lambda s: print(s, flush=True))
     return 0
 
@@ -172,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.lower,
         default=os.environ.get(ENV_LOG_LEVEL) or None,
         help=f"log verbosity (default: ${ENV_LOG_LEVEL}, else server.log_level)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_workers,
+        default=os.environ.get(ENV_WORKERS) or "1",
+        help=f"worker processes on the one port, or 'auto' for one per core (default: ${ENV_WORKERS}, else 1)",
     )
     s.set_defaults(fn=_cmd_serve)
 

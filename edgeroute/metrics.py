@@ -11,9 +11,10 @@ keys), `status`, `outcome`, `kind`, `error_class` (edgeroute's own vocabulary). 
 request id, a user or any other string a client chooses.
 
 The per-request families are plain numbers per process, exposed through prometheus_client's
-families (`Metrics.collect`). Several worker processes would each hold their own; a scrape
-then needs them merged (prometheus_client's multiprocess mode does that for its own metric
-objects, which cost about four times as much per request here: see `Metrics`).
+families (`Metrics.collect`). Under `serve --workers N` each worker holds its own, and the
+worker that takes a scrape merges its siblings' (`workers/merge.py`): prometheus_client's
+multiprocess mode would do that for its own metric objects, which cost about four times as
+much per request here (see `Metrics`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
 from edgeroute.state import RECORDER, STATE, Live
+from edgeroute.workers import peers
+from edgeroute.workers.merge import merge
+from edgeroute.workers.worker import WORKER
 
 # Seconds. Requests and upstream calls run from milliseconds (cached, tiny) to minutes (long streams).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -312,4 +316,8 @@ METRICS = web.AppKey("metrics", Metrics)
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     body = request.app[METRICS].render(request.app)
+    worker = request.app.get(WORKER)
+    if worker is not None:  # one scrape for the whole server: every worker's numbers, merged
+        bodies = {worker.id: body, **await peers.siblings(worker)}
+        body = merge(bodies, worker.restarts())
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})

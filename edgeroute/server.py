@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edgeroute import anthropic_api, endpoints, learning, looplag, openai_api, ui
+from edgeroute import anthropic_api, endpoints, health_share, learning, looplag, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -38,6 +38,9 @@ from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import STATE, Live, ServerState
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
+from edgeroute.workers import peers
+from edgeroute.workers import worker as workers
+from edgeroute.workers.worker import WORKER
 
 log = logging.getLogger("edgeroute")
 
@@ -190,6 +193,7 @@ def create_app(
     cost_app.install(app, config, source, recorder, admission)
     telemetry.install(app, config)
     looplag.install(app)
+    health_share.install(app, config)  # ejections shared between instances (with shared_state)
     app[CACHE] = _response_cache(config)
     app[CACHE].bind_embedders(lambda: (app[STATE].live.config, app[STATE].live.upstreams))
     app[METRICS].sources.append(cache_metrics)
@@ -232,17 +236,22 @@ async def serve_async(
 ) -> None:
     """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
     in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
+    worker = workers.current()
     app = create_app(config, source)
+    if worker is not None:
+        app[WORKER] = worker
     runner = ProxyRunner(app, config, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     h = host or config.server.host
     p = port if port is not None else config.server.port
-    site = web.TCPSite(runner, h, p, backlog=2048, reuse_address=True)
+    # Under `--workers`, every worker binds the supervisor's port; the kernel spreads connections.
+    site = web.TCPSite(runner, h, p, backlog=2048, reuse_address=True, reuse_port=worker is not None)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
         raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
+    own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
     # Everything loaded so far (config, modules, tables) lives as long as the process.
     # Freezing it keeps the collector from walking it again: otherwise each full
     # collection stalls the event loop for tens of milliseconds (measured 34 ms, the
@@ -254,7 +263,7 @@ async def serve_async(
     # same garbage in fewer passes; not much larger, as a pass walks every survivor (10,000
     # objects: ~0.2 ms, 50,000: over 1 ms, a stall in the p99).
     gc.set_threshold(*GC_THRESHOLDS)
-    if print_fn:
+    if print_fn and worker is None:  # under a supervisor, it says when all workers listen
         n_models, n_deps = len(config.models), len(config.deployments)
         print_fn(f"edgeroute listening on http://{h}:{p} ({n_models} models, {n_deps} deployments)")
     stop = stop or asyncio.Event()
@@ -287,6 +296,8 @@ async def serve_async(
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
         await runner.cleanup()
+        if own_metrics is not None:
+            await own_metrics.cleanup()
 
 
 def serve(

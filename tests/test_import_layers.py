@@ -39,6 +39,10 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.egress",
             "edgeroute.mock",
             "edgeroute.learn",
+            "edgeroute.workers.worker",
+            "edgeroute.workers.peers",
+            "edgeroute.workers.merge",
+            "edgeroute.workers.supervisor",
         ],
     ),
     ("the core facade", ["edgeroute.core"]),
@@ -72,6 +76,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.admission",
             "edgeroute.learning",
             "edgeroute.health_checks",
+            "edgeroute.health_share",
             "edgeroute.metrics",
             "edgeroute.looplag",
             "edgeroute.reload",
@@ -109,11 +114,12 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.policy_tools",
             "edgeroute.bench",
             "edgeroute.governance.cli",
+            "edgeroute.workers.cli",
         ],
     ),
 ]
 # The package roots only re-export (or are empty); they belong to whoever imports them.
-ROOTS = {"edgeroute", "edgeroute.cost", "edgeroute.governance"}
+ROOTS = {"edgeroute", "edgeroute.cost", "edgeroute.governance", "edgeroute.workers"}
 
 
 def _module_name(path: Path) -> str:

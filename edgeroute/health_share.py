@@ -1,0 +1,213 @@
+"""Deployment ejections shared between instances over Redis, so an outage is paid for once.
+
+When this instance's core opens a deployment's circuit or starts a rate-limit cool-down
+(a 429 with `Retry-After`), the others take the deployment out too, within about
+`WATCH_S` plus one Redis round trip; each instance still keeps its own latency and error
+estimates, and probes the deployment itself once the shared ejection runs out.
+
+- Detection is a watcher, off the request path: every `WATCH_S` it reads each
+  deployment's health from the core and publishes what changed (a circuit that just
+  opened, a cool-down that is new or longer). Changes this instance applied from others
+  are recognised and not sent back, so two instances never extend each other's ejection.
+- Each event goes out twice: a PUBLISH for the instances listening now, and a key with
+  the event's TTL (`{prefix}:health:{kind}:{deployment}`) that an instance reads when it
+  (re)connects, so one started or restarted during an outage knows it at once. Redis's
+  own TTL says how much is left, whatever the instances' clocks say.
+- An opened circuit is shared for `health.base_ejection_ms` (the core does not say how
+  long its own, growing, ejection lasts); a cool-down for what is left of it.
+
+Redis down: nothing is shared (each instance learns by its own failures, as without
+`shared_state`), and the subscriber reconnects every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from redis.exceptions import RedisError
+
+from edgeroute.config import Config, SharedState
+from edgeroute.metrics import METRICS
+from edgeroute.state import STATE
+
+log = logging.getLogger("edgeroute.health")
+
+WATCH_S = 0.1
+_SLACK_S = 0.1  # cool-down ends closer than this are the same cool-down
+_OPEN, _COOL = "open", "cooldown"
+
+
+class HealthShare:
+    """Publishes this instance's ejections and applies the others'."""
+
+    def __init__(self, app: web.Application, cfg: SharedState) -> None:
+        self.app = app
+        self.instance = secrets.token_hex(6)
+        self.channel = f"{cfg.prefix}:health"
+        self.key_prefix = f"{cfg.prefix}:health:"
+        timeout = cfg.timeout_ms / 1000
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+        )
+        # The subscriber waits on its connection indefinitely: no read timeout there.
+        self.listener: aioredis.Redis = aioredis.Redis.from_url(
+            cfg.redis_url, socket_connect_timeout=timeout, health_check_interval=30
+        )
+        self.sent = 0
+        self.received = 0
+        self.failed = 0
+        self._open: dict[str, bool] = {}
+        self._cool_end: dict[str, float] = {}
+        # Until when (monotonic) an ejection or cool-down applied from another instance runs.
+        self._remote_open: dict[str, float] = {}
+        self._remote_cool: dict[str, float] = {}
+
+    # -- applying others' events -----------------------------------------------
+
+    def apply(self, dep: str, kind: str, ms: int) -> None:
+        live = self.app[STATE].live
+        idx = live.index_of.get(dep)
+        if idx is None or ms <= 0:
+            return  # not a deployment of this config generation
+        now = time.monotonic()
+        router = live.router
+        if kind == _OPEN:
+            self._remote_open[dep] = now + ms / 1000
+            if router.health(idx)["circuit"] != "open":
+                router.set_probe_result(idx, False, ms)
+        elif kind == _COOL:
+            self._remote_cool[dep] = max(self._remote_cool.get(dep, 0.0), now + ms / 1000)
+            router.begin(idx)  # `report` ends an attempt: pair it with a start
+            router.report(idx, "rate_limited", 0.0, ms)
+        else:
+            return
+        self.received += 1
+
+    async def _catch_up(self) -> None:
+        """Applies the ejections in force now (read on every (re)connect)."""
+        async for key in self.client.scan_iter(match=self.key_prefix + "*", count=200):
+            name = key.decode()[len(self.key_prefix) :]
+            kind, _, dep = name.partition(":")
+            ms = await self.client.pttl(key)
+            if ms > 0:
+                self.apply(dep, kind, int(ms))
+
+    async def listen(self) -> None:
+        while True:
+            try:
+                async with self.listener.pubsub(ignore_subscribe_messages=True) as ps:
+                    await ps.subscribe(self.channel)
+                    await self._catch_up()
+                    while True:
+                        msg = await ps.get_message(timeout=1.0)
+                        if msg is not None:
+                            self._on_message(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as e:
+                self.failed += 1
+                log.warning("shared health: Redis unavailable (%s); retrying in 1 s", type(e).__name__)
+                await asyncio.sleep(1.0)
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            ev = orjson.loads(data)
+            if ev["i"] != self.instance:
+                self.apply(str(ev["d"]), str(ev["k"]), int(ev["ms"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("shared health: ignored a malformed event")
+
+    # -- publishing this instance's events -------------------------------------
+
+    def changes(self) -> list[tuple[str, str, int]]:
+        """What changed in this instance's own view of health since the last call."""
+        live = self.app[STATE].live
+        now = time.monotonic()
+        base_ms = live.config.health.base_ejection_ms
+        out = []
+        for d in live.deployments:
+            h = live.router.health(d.index)
+            name = d.name
+            is_open = h["circuit"] == "open"
+            was_open = self._open.get(name, False)
+            self._open[name] = is_open
+            if is_open and not was_open and now >= self._remote_open.get(name, 0.0) and base_ms > 0:
+                out.append((name, _OPEN, base_ms))
+            cool_ms = h["cooldown_ms"]
+            if cool_ms > 0:
+                end = now + cool_ms / 1000
+                if end > self._cool_end.get(name, 0.0) + _SLACK_S:
+                    self._cool_end[name] = end
+                    if end > self._remote_cool.get(name, 0.0) + _SLACK_S:
+                        out.append((name, _COOL, int(cool_ms)))
+        return out
+
+    async def publish(self, dep: str, kind: str, ms: int) -> None:
+        event = orjson.dumps({"i": self.instance, "d": dep, "k": kind, "ms": ms})
+        async with self.client.pipeline(transaction=True) as p:
+            p.set(f"{self.key_prefix}{kind}:{dep}", self.instance, px=ms)
+            p.publish(self.channel, event)
+            await p.execute()
+        self.sent += 1
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                changes = self.changes()
+            except Exception:  # a bug here must not end sharing for the life of the process
+                log.exception("shared health: reading health failed")
+                continue
+            for dep, kind, ms in changes:
+                try:
+                    await self.publish(dep, kind, ms)
+                except (RedisError, OSError, TimeoutError) as e:
+                    self.failed += 1
+                    log.warning("shared health: could not publish %s of %s (%s)", kind, dep, type(e).__name__)
+
+    def metrics(self, _: web.Application) -> Iterable[Metric]:
+        c = CounterMetricFamily(
+            "edgeroute_shared_health_events",
+            "Deployment ejections and cool-downs shared with other instances, by direction.",
+            labels=["direction"],
+        )
+        c.add_metric(["sent"], self.sent)
+        c.add_metric(["received"], self.received)
+        c.add_metric(["failed"], self.failed)
+        yield c
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.listener.aclose()
+
+
+HEALTH_SHARE = web.AppKey("health_share", HealthShare)
+
+
+def install(app: web.Application, config: Config) -> None:
+    """With `shared_state`, shares ejections with the other instances (after METRICS is set)."""
+    if config.shared_state is None:
+        return
+    share = app[HEALTH_SHARE] = HealthShare(app, config.shared_state)
+    app[METRICS].sources.append(share.metrics)
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(share.listen()), asyncio.create_task(share.watch())]
+        yield
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await share.close()
+
+    app.cleanup_ctx.append(lifecycle)

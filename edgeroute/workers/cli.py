@@ -1,0 +1,40 @@
+"""`edgeroute serve --workers N|auto`: checks the flags, holds the port, runs the supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgeroute.config import Config
+from edgeroute.workers.supervisor import Supervisor, reserve_port, resolve_workers
+
+
+def worker_command(args: argparse.Namespace, host: str, port: int) -> list[str]:
+    """A worker's argv: the same serve command, on the supervisor's port, one process."""
+    cmd = [sys.executable, "-m", "edgeroute", "serve", "--config", args.config, "--host", host, "--port", str(port)]
+    for flag, value in (("--log-format", args.log_format), ("--log-level", args.log_level)):
+        if value is not None:
+            cmd += [flag, value]
+    return [*cmd, "--workers", "1"]
+
+
+def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
+    try:
+        count = resolve_workers(args.workers)
+    except ValueError as e:
+        print(f"edgeroute: {e}", file=sys.stderr)
+        return 2
+    host = args.host or cfg.server.host
+    port = args.port if args.port is not None else cfg.server.port
+    try:
+        held = reserve_port(host, port)
+    except OSError as e:
+        print(f"edgeroute: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        return 1
+    port = held.getsockname()[1]
+    shown = f"[{host}]" if ":" in host else host
+    sup = Supervisor(worker_command(args, host, port), count, cfg.server.drain_timeout, lambda s: print(s, flush=True))
+    try:
+        return sup.run(f"http://{shown}:{port}")
+    finally:
+        held.close()

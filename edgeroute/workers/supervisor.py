@@ -1,0 +1,199 @@
+"""`edgeroute serve --workers N`: N worker processes on one port, kept running.
+
+Each worker is a whole `edgeroute serve` process that binds the port with `SO_REUSEPORT`,
+so the kernel spreads new connections over them and no request crosses a process. The
+supervisor does no request work; it
+
+- holds the port (bound with `SO_REUSEPORT`, never listening), so port 0 becomes one port
+  for all workers and a restarting worker always gets the same one back;
+- restarts a worker that exits unasked (after a delay that doubles while it keeps
+  crashing, up to 30 s), and counts restarts for `/metrics`;
+- forwards SIGHUP (each worker reloads its config) and SIGTERM/SIGINT (each worker drains
+  its in-flight requests and streams), then waits for all of them; a worker still running
+  `server.drain_timeout` + 10 s later is killed.
+
+A worker's state that must be one for the whole server (budgets, limits, health, cache)
+goes through `shared_state` (Redis) or, without it, the local stores in the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID
+
+# A worker that lived this long before exiting is not "crashing in a loop": its restart delay resets.
+_STABLE_S = 30.0
+_MAX_DELAY_S = 30.0
+_DRAIN_GRACE_S = 10.0
+
+
+def resolve_workers(value: str) -> int:
+    """`auto` (one per core) or a positive number."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"--workers takes a number or 'auto', not {value!r}") from None
+    if not 1 <= n <= 256:
+        raise ValueError(f"--workers must be between 1 and 256, not {n}")
+    return n
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT and not listening: it fixes the port
+    (port 0: a free one) while the workers bind it too and take the connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+@dataclass(slots=True)
+class _Slot:
+    id: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    delay: float = 0.5
+    restart_at: float | None = None
+
+
+@dataclass(slots=True)
+class Supervisor:
+    """Starts and keeps `count` workers; `command` is a worker's argv (without the worker env)."""
+
+    command: list[str]
+    count: int
+    drain_timeout: float
+    print_fn: Callable[[str], None] = print
+    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edgeroute-workers-")))
+    restarts: int = 0
+    _slots: list[_Slot] = field(default_factory=list)
+    _stop: bool = False
+    _hup: bool = False
+
+    def _env(self, wid: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env[ENV_ID], env[ENV_DIR], env[ENV_COUNT] = str(wid), str(self.run_dir), str(self.count)
+        return env
+
+    def _start(self, slot: _Slot) -> None:
+        (self.run_dir / f"worker-{slot.id}.ready").unlink(missing_ok=True)
+        slot.proc = subprocess.Popen(self.command, env=self._env(slot.id))
+        slot.started = time.monotonic()
+        slot.restart_at = None
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._hup = True
+        else:
+            self._stop = True
+
+    def _wait_ready(self, within: float) -> bool:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and not self._stop:
+            if all((self.run_dir / f"worker-{s.id}.ready").exists() for s in self._slots):
+                return True
+            if any(s.proc is not None and s.proc.poll() is not None for s in self._slots):
+                return False  # a worker died while starting: its error is on stderr
+            time.sleep(0.05)
+        return False
+
+    def run(self, listening: str) -> int:
+        """Runs until SIGTERM/SIGINT; returns the exit code (0 when every worker drained cleanly)."""
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self._slots = [_Slot(i) for i in range(self.count)]
+        try:
+            for slot in self._slots:
+                self._start(slot)
+            if not self._wait_ready(60.0):
+                if not self._stop:
+                    print("edgeroute: a worker failed to start; stopping", file=sys.stderr, flush=True)
+                    self._stop = True
+                    return self._shutdown() or 1
+            else:
+                self.print_fn(f"edgeroute listening on {listening} ({self.count} workers)")
+            while not self._stop:
+                self._tick()
+                time.sleep(0.1)
+            return self._shutdown()
+        finally:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _tick(self) -> None:
+        if self._hup:
+            self._hup = False
+            self._signal_all(signal.SIGHUP)
+        now = time.monotonic()
+        for slot in self._slots:
+            proc = slot.proc
+            if slot.restart_at is not None:
+                if now >= slot.restart_at:
+                    self._start(slot)
+                continue
+            if proc is None or (code := proc.poll()) is None:
+                continue
+            lived = now - slot.started
+            slot.delay = 0.5 if lived >= _STABLE_S else min(_MAX_DELAY_S, slot.delay * 2)
+            slot.restart_at = now + (0.0 if lived >= _STABLE_S else slot.delay)
+            self.restarts += 1
+            (self.run_dir / "restarts").write_text(str(self.restarts))
+            print(
+                f"edgeroute: worker {slot.id} (pid {proc.pid}) exited with {_describe(code)}; "
+                f"restarting it in {slot.restart_at - now:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for slot in self._slots:
+            if slot.proc is not None and slot.proc.poll() is None:
+                try:
+                    slot.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _shutdown(self) -> int:
+        self.print_fn(f"edgeroute draining {self.count} workers")
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout + _DRAIN_GRACE_S
+        code = 0
+        for slot in self._slots:
+            if slot.proc is None:
+                continue
+            try:
+                rc = slot.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"edgeroute: worker {slot.id} did not drain in time; killing it", file=sys.stderr, flush=True)
+                slot.proc.kill()
+                rc = slot.proc.wait()
+            code = code or (0 if rc in (0, -signal.SIGTERM) else 1)
+        return code
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"

@@ -1,0 +1,67 @@
+"""What a worker process knows about its place under the supervisor.
+
+The supervisor (`edgeroute serve --workers N`) starts each worker with its number and a
+private run directory in the environment. The directory holds one Unix socket per worker
+(its own `/metrics`, for the merged scrape), one readiness file per worker, and the
+supervisor's restart count. Without those variables the process is a single server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+ENV_ID, ENV_DIR, ENV_COUNT = "EDGEROUTE_WORKER_ID", "EDGEROUTE_WORKER_DIR", "EDGEROUTE_WORKER_COUNT"
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Worker:
+    id: int
+    count: int
+    dir: Path
+
+    def socket(self, worker: int) -> Path:
+        """The Unix socket on which worker `worker` serves its own metrics."""
+        return self.dir / f"worker-{worker}.sock"
+
+    def ready_file(self, worker: int) -> Path:
+        return self.dir / f"worker-{worker}.ready"
+
+    @property
+    def restarts_file(self) -> Path:
+        return self.dir / "restarts"
+
+    def restarts(self) -> int:
+        try:
+            return int(self.restarts_file.read_text() or 0)
+        except (OSError, ValueError):
+            return 0
+
+
+WORKER = web.AppKey("worker", Worker)
+
+
+def current() -> Worker | None:
+    """This process's place under a supervisor, or None when it serves alone."""
+    wid, wdir = os.environ.get(ENV_ID), os.environ.get(ENV_DIR)
+    if wid is None or not wdir:
+        return None
+    return Worker(int(wid), int(os.environ.get(ENV_COUNT, "1")), Path(wdir))
+
+
+def die_with_parent() -> None:
+    """Asks the kernel for SIGTERM when the supervisor dies, so no worker outlives it
+    (a SIGKILLed supervisor cannot forward anything). Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,3 @@
+from tests.scale.support import spawn
+
+__all__ = ["spawn"]

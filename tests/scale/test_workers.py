@@ -1,0 +1,135 @@
+"""`edgeroute serve --workers N`: one port, restarts, signals forwarded, one /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from tests.conftest import simple_config
+from tests.scale.support import Spawn, children, metric
+
+
+async def _chat(url: str, content: str = "hi") -> int:
+    # A new connection per request, so the kernel may hand each to another worker.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        body = {"model": "m", "messages": [{"role": "user", "content": content}]}
+        async with s.post(url + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            return r.status
+
+
+async def _until(cond, within: float) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < within:
+        if await cond():
+            return time.monotonic() - t0
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+async def test_workers_share_one_port_and_one_metrics_endpoint(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream()
+    inst = await spawn(simple_config({"a": up}), "--workers", "2")
+    workers = children(inst.proc.pid)
+    assert len(workers) == 2
+    assert "(2 workers)" in inst.output()
+    client = openai.AsyncOpenAI(base_url=inst.url + "/v1", api_key="x")
+    reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content
+    statuses = await asyncio.gather(*(_chat(inst.url) for _ in range(39)))
+    assert statuses == [200] * 39
+    # Whichever worker takes the scrape, the counters are the whole server's.
+    for _ in range(4):
+        assert await metric(inst.url, "edgeroute_requests_total", {"route": "m", "status": "200"}) == 40
+        assert await metric(inst.url, "edgeroute_workers") == 2
+    up0 = await metric(inst.url, "edgeroute_worker_up", {"worker": "0"})
+    up1 = await metric(inst.url, "edgeroute_worker_up", {"worker": "1"})
+    assert (up0, up1) == (1, 1)
+
+
+async def test_a_killed_worker_is_restarted_while_the_other_serves(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream()
+    inst = await spawn(simple_config({"a": up}), "--workers", "2")
+    victim, survivor = children(inst.proc.pid)
+    os.kill(victim, signal.SIGKILL)
+
+    async def dead() -> bool:
+        return not _alive(victim)
+
+    await _until(dead, 10)
+    # Requests go on: the kernel hands new connections to the listening worker only.
+    statuses = await asyncio.gather(*(_chat(inst.url) for _ in range(20)))
+    assert statuses == [200] * 20
+
+    async def replaced() -> bool:
+        now = children(inst.proc.pid)
+        return len(now) == 2 and survivor in now and victim not in now
+
+    await _until(replaced, 20)
+
+    async def counted() -> bool:
+        return await metric(inst.url, "edgeroute_worker_restarts_total") == 1 and (
+            await metric(inst.url, "edgeroute_workers") == 2
+        )
+
+    await _until(counted, 20)
+    assert "exited with signal SIGKILL" in inst.output()
+
+
+async def test_sighup_reloads_every_worker_and_sigterm_drains_all(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream(chunk_interval=0.05, reply_words=30)
+    cfg = simple_config({"a": up}, server={"drain_timeout": 10})
+    inst = await spawn(cfg, "--workers", "2")
+    workers = children(inst.proc.pid)
+    cfg["models"]["m2"] = {"deployments": ["d-a"]}
+    inst.config.write_text(yaml.safe_dump(cfg))
+    os.kill(inst.proc.pid, signal.SIGHUP)
+
+    async def everywhere() -> bool:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            seen = []
+            for _ in range(12):
+                async with s.get(inst.url + "/v1/models") as r:
+                    seen.append("m2" in {m["id"] for m in (await r.json())["data"]})
+        return all(seen)
+
+    await _until(everywhere, 20)
+    assert await _chat(inst.url) == 200
+    assert children(inst.proc.pid) == workers  # reloaded in place, not restarted
+
+    # SIGTERM while a stream runs: it finishes whole, every worker exits, then the supervisor with 0.
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "m", "messages": [{"role": "user", "content": "drain"}], "stream": True}
+        async with s.post(inst.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            os.kill(inst.proc.pid, signal.SIGTERM)
+            rest = await r.content.read()
+    assert (first + rest).decode().rstrip().endswith("data: [DONE]")
+    assert await asyncio.wait_for(inst.proc.wait(), 30) == 0
+    assert not any(_alive(pid) for pid in workers)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_bad_worker_counts_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgeroute.cli import main
+
+    for bad in ("0", "many", "-3", "100000"):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--config", "c.yaml", "--workers", bad])
+        assert e.value.code == 2
+        assert "--workers" in capsys.readouterr().err
