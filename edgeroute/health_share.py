@@ -18,6 +18,10 @@ estimates, and probes the deployment itself once the shared ejection runs out.
 
 Redis down: nothing is shared (each instance learns by its own failures, as without
 `shared_state`), and the subscriber reconnects every second.
+
+Without `shared_state`, the workers of one `serve --workers N` share the same events over
+Unix datagram sockets in the supervisor's run directory (`LocalBus`); a worker restarted
+during an outage learns of it by its own failures.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import orjson
 import redis.asyncio as aioredis
@@ -38,6 +44,8 @@ from redis.exceptions import RedisError
 from edgeroute.config import Config, SharedState
 from edgeroute.metrics import METRICS
 from edgeroute.state import STATE
+from edgeroute.workers import worker as workers
+from edgeroute.workers.worker import Worker
 
 log = logging.getLogger("edgeroute.health")
 
@@ -46,12 +54,10 @@ _SLACK_S = 0.1  # cool-down ends closer than this are the same cool-down
 _OPEN, _COOL = "open", "cooldown"
 
 
-class HealthShare:
-    """Publishes this instance's ejections and applies the others'."""
+class RedisBus:
+    """Events through Redis: PUBLISH to the instances listening, and a key with a TTL for later ones."""
 
-    def __init__(self, app: web.Application, cfg: SharedState) -> None:
-        self.app = app
-        self.instance = secrets.token_hex(6)
+    def __init__(self, cfg: SharedState) -> None:
         self.channel = f"{cfg.prefix}:health"
         self.key_prefix = f"{cfg.prefix}:health:"
         timeout = cfg.timeout_ms / 1000
@@ -62,6 +68,98 @@ class HealthShare:
         self.listener: aioredis.Redis = aioredis.Redis.from_url(
             cfg.redis_url, socket_connect_timeout=timeout, health_check_interval=30
         )
+
+    async def publish(self, event: bytes, key: str, ms: int) -> None:
+        try:
+            async with self.client.pipeline(transaction=True) as p:
+                p.set(self.key_prefix + key, b"1", px=ms)
+                p.publish(self.channel, event)
+                await p.execute()
+        except (RedisError, OSError, TimeoutError) as e:
+            raise BusError(type(e).__name__) from None
+
+    async def listen(self, share: HealthShare) -> None:
+        while True:
+            try:
+                async with self.listener.pubsub(ignore_subscribe_messages=True) as ps:
+                    await ps.subscribe(self.channel)
+                    # Catch up with the ejections in force now (on every (re)connect).
+                    async for key in self.client.scan_iter(match=self.key_prefix + "*", count=200):
+                        kind, _, dep = key.decode()[len(self.key_prefix) :].partition(":")
+                        ms = await self.client.pttl(key)
+                        if ms > 0:
+                            share.apply(dep, kind, int(ms))
+                    while True:
+                        msg = await ps.get_message(timeout=1.0)
+                        if msg is not None:
+                            share.on_event(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError, TimeoutError) as e:
+                share.failed += 1
+                log.warning("shared health: Redis unavailable (%s); retrying in 1 s", type(e).__name__)
+                await asyncio.sleep(1.0)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        await self.listener.aclose()
+
+
+class LocalBus:
+    """Events between the workers of one machine: a datagram to each sibling's socket."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = worker.dir / f"health-{worker.id}.sock"
+        path.unlink(missing_ok=True)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.peers = [str(worker.dir / f"health-{i}.sock") for i in range(worker.count) if i != worker.id]
+
+    async def publish(self, event: bytes, key: str, ms: int) -> None:
+        for peer in self.peers:
+            with contextlib.suppress(OSError):  # a sibling restarting: it learns by itself
+                self.sock.sendto(event, peer)
+
+    async def listen(self, share: HealthShare) -> None:
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            while True:
+                try:
+                    data = self.sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    return
+                share.on_event(data)
+
+        loop.add_reader(self.sock.fileno(), readable)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            loop.remove_reader(self.sock.fileno())
+
+    async def close(self) -> None:
+        self.sock.close()
+
+
+class BusError(Exception):
+    """An event could not be sent."""
+
+
+class Bus(Protocol):
+    async def publish(self, event: bytes, key: str, ms: int) -> None: ...
+    async def listen(self, share: HealthShare) -> None: ...
+    async def close(self) -> None: ...
+
+
+class HealthShare:
+    """Publishes this instance's ejections and applies the others'."""
+
+    def __init__(self, app: web.Application, bus: Bus) -> None:
+        self.app = app
+        self.bus = bus
+        self.instance = secrets.token_hex(6)
         self.sent = 0
         self.received = 0
         self.failed = 0
@@ -92,33 +190,7 @@ class HealthShare:
             return
         self.received += 1
 
-    async def _catch_up(self) -> None:
-        """Applies the ejections in force now (read on every (re)connect)."""
-        async for key in self.client.scan_iter(match=self.key_prefix + "*", count=200):
-            name = key.decode()[len(self.key_prefix) :]
-            kind, _, dep = name.partition(":")
-            ms = await self.client.pttl(key)
-            if ms > 0:
-                self.apply(dep, kind, int(ms))
-
-    async def listen(self) -> None:
-        while True:
-            try:
-                async with self.listener.pubsub(ignore_subscribe_messages=True) as ps:
-                    await ps.subscribe(self.channel)
-                    await self._catch_up()
-                    while True:
-                        msg = await ps.get_message(timeout=1.0)
-                        if msg is not None:
-                            self._on_message(msg["data"])
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError, TimeoutError) as e:
-                self.failed += 1
-                log.warning("shared health: Redis unavailable (%s); retrying in 1 s", type(e).__name__)
-                await asyncio.sleep(1.0)
-
-    def _on_message(self, data: bytes) -> None:
+    def on_event(self, data: bytes) -> None:
         try:
             ev = orjson.loads(data)
             if ev["i"] != self.instance:
@@ -153,10 +225,7 @@ class HealthShare:
 
     async def publish(self, dep: str, kind: str, ms: int) -> None:
         event = orjson.dumps({"i": self.instance, "d": dep, "k": kind, "ms": ms})
-        async with self.client.pipeline(transaction=True) as p:
-            p.set(f"{self.key_prefix}{kind}:{dep}", self.instance, px=ms)
-            p.publish(self.channel, event)
-            await p.execute()
+        await self.bus.publish(event, f"{kind}:{dep}", ms)
         self.sent += 1
 
     async def watch(self) -> None:
@@ -170,9 +239,9 @@ class HealthShare:
             for dep, kind, ms in changes:
                 try:
                     await self.publish(dep, kind, ms)
-                except (RedisError, OSError, TimeoutError) as e:
+                except BusError as e:
                     self.failed += 1
-                    log.warning("shared health: could not publish %s of %s (%s)", kind, dep, type(e).__name__)
+                    log.warning("shared health: could not publish %s of %s (%s)", kind, dep, e)
 
     def metrics(self, _: web.Application) -> Iterable[Metric]:
         c = CounterMetricFamily(
@@ -185,29 +254,32 @@ class HealthShare:
         c.add_metric(["failed"], self.failed)
         yield c
 
-    async def close(self) -> None:
-        await self.client.aclose()
-        await self.listener.aclose()
-
 
 HEALTH_SHARE = web.AppKey("health_share", HealthShare)
 
 
 def install(app: web.Application, config: Config) -> None:
-    """With `shared_state`, shares ejections with the other instances (after METRICS is set)."""
-    if config.shared_state is None:
+    """Shares ejections with the other instances (`shared_state`) or the sibling workers
+    (`serve --workers N`); nothing otherwise. Call after METRICS is set."""
+    worker = workers.current()
+    bus: Bus
+    if config.shared_state is not None:
+        bus = RedisBus(config.shared_state)
+    elif worker is not None and worker.count > 1:
+        bus = LocalBus(worker)
+    else:
         return
-    share = app[HEALTH_SHARE] = HealthShare(app, config.shared_state)
+    share = app[HEALTH_SHARE] = HealthShare(app, bus)
     app[METRICS].sources.append(share.metrics)
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(share.listen()), asyncio.create_task(share.watch())]
+        tasks = [asyncio.create_task(bus.listen(share)), asyncio.create_task(share.watch())]
         yield
         for t in tasks:
             t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await share.close()
+        await bus.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -9,7 +9,8 @@ prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and ev
 few seconds, so exploration continues without a random number per request.
 
 State persists in a small JSON file (written atomically) so that learning survives
-restarts. The learner never blocks the request path: feedback is an in-memory
+restarts; with `shared_state`, posteriors and recent requests are shared through Redis
+(`learning_share.py`). The learner never blocks the request path: feedback is an in-memory
 update; the file write happens in a thread.
 """
 
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -57,7 +58,17 @@ class Served:
     cost_usd: float
 
 
+class Sharing(Protocol):
+    """Where a learner shares what it learns with other instances (`learning_share.py`)."""
+
+    def on_served(self, request_id: str, s: Served) -> None: ...
+    def on_feedback(self, s: Served, reward: float) -> None: ...
+    async def lookup(self, request_id: str) -> Served | None: ...
+
+
 class FeedbackLearner:
+    share: Sharing | None = None
+
     def __init__(
         self,
         state_path: Path | None,
@@ -112,9 +123,11 @@ class FeedbackLearner:
         """Remembers a request so that feedback on it can be attributed."""
         if task is None:
             return
-        self.recent[request_id] = Served(route, task, cost_usd)
+        served = self.recent[request_id] = Served(route, task, cost_usd)
         if len(self.recent) > self.remember:
             self.recent.popitem(last=False)
+        if self.share is not None:
+            self.share.on_served(request_id, served)
 
     def feedback(self, request_id: str, score: float) -> Served | None:
         """Applies a 0..1 score to the request's (task, route); None if the request is unknown."""
@@ -125,6 +138,8 @@ class FeedbackLearner:
         p = self.posteriors.setdefault((s.task, s.route), Posterior(*self.prior))
         p.alpha += reward
         p.beta += 1.0 - reward
+        if self.share is not None:
+            self.share.on_feedback(s, reward)
         return s
 
     def shifts(self) -> dict[tuple[str, str], float]:
@@ -158,6 +173,9 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     if not isinstance(rid, str) or not 0.0 <= score <= 1.0:
         raise ProxyError(400, "score must be between 0 and 1 and request_id a string.", param="score")
     served = learner.feedback(rid, score)
+    if served is None and learner.share is not None and (found := await learner.share.lookup(rid)) is not None:
+        learner.recent[rid] = found  # served by another instance
+        served = learner.feedback(rid, score)
     if served is None:
         raise ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
     _apply(request.app, learner)

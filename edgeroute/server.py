@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edgeroute import anthropic_api, endpoints, health_share, learning, looplag, openai_api, ui
+from edgeroute import anthropic_api, endpoints, health_share, learning, learning_share, looplag, openai_api, ui
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -199,6 +199,7 @@ def create_app(
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
+    learning_share.install(app, config)  # posteriors shared between instances (with shared_state)
     governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)
     if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):
         log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None

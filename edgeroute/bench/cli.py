@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("throughput", help="max req/s of one proxy process (closed loop), and of the mock")
     t.add_argument("--concurrency", type=int, default=64)
     t.add_argument("--cache", action="store_true", help="the response cache on: hits per second of one process")
+    t.add_argument("--workers", type=int, default=1, help="serve --workers N (unpinned, on every CPU)")
     _common(t)
-    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache))
+    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache, workers=a.workers))
 
     k = sub.add_parser("compare", help="CPU per request of proxies from several source trees, same sitting")
     k.add_argument("--tree", action="append", required=True, help="a source checkout (built); first is the baseline")

@@ -79,11 +79,18 @@ class Proc:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        try:
-            parts = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            return 0.0
+        """CPU time of the process and of its live children (the workers of `serve --workers`)."""
+        total = 0.0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parts = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry.name) == self.pid or int(parts[1]) == self.pid:
+                total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -182,15 +189,20 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def proxy(self, cfg: dict[str, Any], name: str = "edgeroute", tree: str | None = None) -> tuple[Proc, float]:
+    def proxy(
+        self, cfg: dict[str, Any], name: str = "edgeroute", tree: str | None = None, workers: int = 1
+    ) -> tuple[Proc, float]:
         """`edgeroute serve` on `cfg` (from source tree `tree` when given, else this install); returns
-        it and the seconds from spawn to /readyz answering 200."""
+        it and the seconds from spawn to /readyz answering 200. With `workers` > 1 the proxy runs
+        that many worker processes on every CPU (not pinned)."""
         path = Path(self.tmp.name) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         port = free_port()
         t0 = time.perf_counter()
         argv = [sys.executable, "-m", "edgeroute", "serve", "-c", str(path), "--port", str(port)]
-        p = self._spawn(name, argv, self.proxy_cpus, tree)
+        if workers > 1:
+            argv += ["--workers", str(workers)]
+        p = self._spawn(name, argv, self.proxy_cpus if workers == 1 else self._saved_cpus, tree)
         proc = Proc(name, p, port)
         self.procs.append(proc)
         try:
@@ -505,17 +517,17 @@ BESIDE: dict[str, Any] = {
 CACHE_EVERYTHING = {"ttl": 3600, "deterministic_only": False, "scope": "global"}
 
 
-def throughput(c: Common, concurrency: int = 64, cache: bool = False) -> dict[str, Any]:
+def throughput(c: Common, concurrency: int = 64, cache: bool = False, workers: int = 1) -> dict[str, Any]:
     """Maximum req/s of one proxy process (closed loop), and of the mock directly; with `cache`,
-    of cache hits."""
-    out: dict[str, Any] = {"scenario": "throughput", "cache": cache}
+    of cache hits; with `workers`, of `serve --workers N`."""
+    out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers}
     with Stack(c.pin) as stack:
         mock = stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = bench_config({"p0": url, "p1": url})
         if cache:
             cfg["models"][PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
-        proxy, _ = stack.proxy(cfg)
+        proxy, _ = stack.proxy(cfg, workers=workers)
         all_stats = []
         for name, t in (
             ("direct", Target("direct", url, MOCK_MODEL)),

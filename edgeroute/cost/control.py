@@ -20,7 +20,9 @@ A refused request gives back its reservations and token estimates. `settle` repl
 actual cost and token estimates by the actual tokens (a deployment's by the tokens that
 deployment served). Without Redis everything is synchronous dict arithmetic
 (microseconds). With Redis, one script per step; if Redis fails, `on_unavailable: open`
-falls back to this instance's own counters, `closed` refuses with 503.
+falls back to this instance's own counters, `closed` refuses with 503. Under
+`serve --workers N` without Redis, the workers share one SQLite file instead
+(`workers/local_state.py`, the same interface and guarantee on one machine).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ from edgeroute.cost.redis_store import RedisState, StoreUnavailable
 from edgeroute.cost.restore import Restored
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
+from edgeroute.workers import worker as workers
+from edgeroute.workers.local_state import SqliteState
 
 log = logging.getLogger("edgeroute.cost")
 
@@ -97,6 +101,12 @@ class _Prices:
         return hit
 
 
+def _workers_store() -> SqliteState | None:
+    """Under `serve --workers N` without Redis, the workers' one store on this machine."""
+    worker = workers.current()
+    return SqliteState(worker.dir / "shared.db") if worker is not None and worker.count > 1 else None
+
+
 def _enabled(cfg: Config) -> bool:
     rl = cfg.rate_limits
     keyed = bool(cfg.keys) or cfg.governance.managed_keys
@@ -140,7 +150,7 @@ class CostControl:
         self.ledger: Ledger | None = None
         self._restoring: set[asyncio.Task[None]] = set()
         self.local_limits = LocalLimiter()
-        self.shared = RedisState(cfg.shared_state) if cfg.shared_state else None
+        self.shared = RedisState(cfg.shared_state) if cfg.shared_state else _workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
         self._down_until = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()

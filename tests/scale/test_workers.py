@@ -133,3 +133,58 @@ def test_bad_worker_counts_are_refused(capsys: pytest.CaptureFixture[str]) -> No
             main(["serve", "--config", "c.yaml", "--workers", bad])
         assert e.value.code == 2
         assert "--workers" in capsys.readouterr().err
+
+
+async def test_workers_share_one_budget_without_redis(start_upstream, spawn: Spawn) -> None:
+    """No shared_state: the workers' budgets live in one SQLite file, so 100 concurrent
+    requests against a budget with room for 10 admit exactly 10, whichever worker takes them."""
+    up = await start_upstream(reply_words=40, latency_ms=20)
+    cost = 5 * 2.0 / 1e6
+    cfg = {
+        "providers": {"a": {"base_url": up.base_url, "api_key": "k"}},
+        "deployments": {"d-a": {"provider": "a", "model": "x", "price": {"input_per_mtok": 0, "output_per_mtok": 2.0}}},
+        "models": {"m": {"deployments": ["d-a"]}},
+        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": cost * 10.5}]},
+        "ledger": {"backend": "memory"},
+    }
+    inst = await spawn(cfg, "--workers", "2")
+
+    async def ask() -> int:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+            async with s.post(inst.url + "/v1/chat/completions", json=body) as r:
+                await r.read()
+                return r.status
+
+    statuses = await asyncio.gather(*(ask() for _ in range(100)))
+    assert statuses.count(200) == 10 and statuses.count(429) == 90
+    # Both workers served (each admitted some, or refused some): the budget was one.
+    for _ in range(3):
+        assert await metric(inst.url, "edgeroute_requests_total", {"route": "m", "status": "200"}) == 10
+
+
+async def test_workers_share_ejections_without_redis(start_upstream, spawn: Spawn) -> None:
+    """One worker's circuit opening takes the deployment out in the other worker too,
+    though that one never sent it a request after the outage began."""
+    bad, good = await start_upstream(), await start_upstream()
+    cfg = simple_config({"a": bad, "b": good}, health={"consecutive_failures": 2, "base_ejection_ms": 60_000})
+    inst = await spawn(cfg, "--workers", "2")
+    bad.options.fail_status = 503
+
+    async def circuits() -> list[float | None]:
+        return [
+            await metric(inst.url, "edgeroute_deployment_circuit_state", {"deployment": "d-a", "worker": str(w)})
+            for w in (0, 1)
+        ]
+
+    for _ in range(60):  # fail over to b each time, until one worker opens d-a
+        assert await _chat(inst.url) == 200
+        if 2.0 in await circuits():
+            break
+    else:
+        raise AssertionError("no worker opened d-a's circuit")
+
+    async def both_open() -> bool:
+        return await circuits() == [2.0, 2.0]
+
+    await _until(both_open, 10)

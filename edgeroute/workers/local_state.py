@@ -1,0 +1,183 @@
+"""Budgets, reservations and rate-limit buckets shared by the workers of one machine, in SQLite.
+
+`serve --workers N` without `shared_state` keeps what must be one for the whole server in
+a SQLite file (WAL) in the supervisor's run directory. Every check-and-charge is one
+`BEGIN IMMEDIATE` transaction, which SQLite serialises across processes, so a budget's
+reservations from every worker see each other: the same guarantee as the Redis scripts in
+`cost/redis_store.py`, whose interface this store has, on one machine and without a server.
+
+The file holds only live counters: spend itself is in the ledger, from which budgets are
+read back at start. Durability is not needed (`synchronous=OFF`); the run directory goes
+when the supervisor exits. Calls run in a thread (a transaction waits while another
+worker holds the lock); errors surface as `StoreUnavailable`, handled like Redis's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from edgeroute.cost.budgets import Charge, Reserved
+from edgeroute.cost.limits import BucketState, Take
+from edgeroute.cost.redis_store import StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS budget (key TEXT NOT NULL, slot INTEGER NOT NULL, amount INTEGER NOT NULL, "
+    "expires REAL NOT NULL, PRIMARY KEY (key, slot)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS bucket (key TEXT PRIMARY KEY, level REAL NOT NULL, stamp_ms INTEGER NOT NULL, "
+    "expires REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID",
+)
+_ADD = (
+    "INSERT INTO budget (key, slot, amount, expires) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key, slot) DO UPDATE SET amount = amount + excluded.amount, expires = excluded.expires"
+)
+_PURGE_EVERY_S = 60.0
+
+
+class SqliteState:
+    """One SQLite connection (per worker) to the shared file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        self._purged = 0.0
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")
+            for stmt in _SCHEMA:
+                self._db.execute(stmt)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def tx() -> T:
+            with self._lock:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    out = fn(db)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return out
+
+        try:
+            return await asyncio.to_thread(tx)
+        except sqlite3.Error as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
+    def _purge(self, db: sqlite3.Connection, now: float) -> None:
+        if now - self._purged >= _PURGE_EVERY_S:
+            self._purged = now
+            for table in ("budget", "bucket", "once"):
+                db.execute(f"DELETE FROM {table} WHERE expires < ?", (now,))
+
+    # -- budgets ---------------------------------------------------------------
+
+    async def reserve(self, charges: list[Charge], now: float) -> Reserved:
+        def tx(db: sqlite3.Connection) -> Reserved:
+            wall = time.time()
+            self._purge(db, wall)
+            used: list[int] = []
+            blocked = -1
+            for i, c in enumerate(charges):
+                p = c.period
+                if p.rolling:
+                    db.execute("DELETE FROM budget WHERE key = ? AND slot < ?", (c.store_key, p.first_slot))
+                    row = db.execute("SELECT SUM(amount) FROM budget WHERE key = ?", (c.store_key,)).fetchone()
+                else:  # the key names the calendar period: a new period is a new row
+                    row = db.execute("SELECT amount FROM budget WHERE key = ? AND slot = -1", (c.store_key,)).fetchone()
+                u = int(row[0] or 0) if row is not None else 0
+                used.append(u)
+                if blocked < 0 and c.block_at >= 0 and u + c.amount > c.block_at:
+                    blocked = i
+            if blocked < 0:
+                for c in charges:
+                    p = c.period
+                    db.execute(_ADD, (c.store_key, p.slot if p.rolling else -1, c.amount, wall + p.ttl_s))
+            return Reserved(blocked < 0, used, blocked)
+
+        return await self._run(tx)
+
+    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
+        pairs = [(c, d) for c, d in zip(charges, deltas, strict=True) if d]
+        if not pairs:
+            return
+
+        def tx(db: sqlite3.Connection) -> None:
+            wall = time.time()
+            for c, d in pairs:
+                p = c.period
+                db.execute(_ADD, (c.store_key, p.slot if p.rolling else -1, d, wall + p.ttl_s))
+
+        await self._run(tx)
+
+    async def mark_once(self, key: str, ttl_s: int) -> bool:
+        """True the first time `key` is marked (by any worker) within `ttl_s`."""
+
+        def tx(db: sqlite3.Connection) -> bool:
+            wall = time.time()
+            db.execute("DELETE FROM once WHERE key = ? AND expires < ?", (key, wall))
+            cur = db.execute("INSERT OR IGNORE INTO once (key, expires) VALUES (?, ?)", (key, wall + max(1, ttl_s)))
+            return cur.rowcount == 1
+
+        return await self._run(tx)
+
+    # -- rate limits (token buckets refilled per millisecond, as in the Redis script) ----
+
+    async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+        def tx(db: sqlite3.Connection) -> tuple[bool, list[BucketState]]:
+            now_ms = int(time.time() * 1000)
+            levels: list[float] = []
+            waits: list[float] = []
+            ok = True
+            for t in takes:
+                key = f"{t.name}:{t.kind}"
+                row = db.execute("SELECT level, stamp_ms FROM bucket WHERE key = ?", (key,)).fetchone()
+                cap, rate = float(t.limit), t.limit / 60_000
+                level, stamp = (float(row[0]), int(row[1])) if row is not None else (cap, now_ms)
+                if now_ms > stamp:
+                    level = min(cap, level + (now_ms - stamp) * rate)
+                levels.append(level)
+                wait = 0.0
+                if level < t.amount:
+                    ok = False
+                    wait = math.inf if t.amount > cap else math.ceil((t.amount - level) / rate) / 1000
+                waits.append(wait)
+            states = []
+            for t, level, wait in zip(takes, levels, waits, strict=True):
+                if ok:
+                    level -= t.amount
+                expires = now_ms / 1000 + 61  # a bucket refills whole within a minute
+                db.execute(
+                    "INSERT OR REPLACE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)",
+                    (f"{t.name}:{t.kind}", level, now_ms, expires),
+                )
+                per_s = t.limit / 60
+                states.append(
+                    BucketState(t.name, t.kind, t.limit, max(0, int(level)), max(0.0, (t.limit - level) / per_s), wait)
+                )
+            return ok, states
+
+        return await self._run(tx)
+
+    async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            for t, d in zip(takes, deltas, strict=True):
+                q = "UPDATE bucket SET level = MIN(?, level - ?) WHERE key = ?"
+                db.execute(q, (float(t.limit), d, f"{t.name}:{t.kind}"))
+
+        await self._run(tx)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,53 @@
+"""The feedback learner shared over Redis: feedback posted to one instance, about a request
+another served, moves routing on every instance."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import aiohttp
+import openai
+
+from tests.test_cost_support import require_redis
+from tests.test_selection import WEAK_OUT, config, explain, pair, served_by
+
+__all__ = ["pair"]
+
+
+async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
+    url = require_redis()
+    strong, weak = pair
+    text = "Janet has 3 apples and buys 5 more. She gives 2 away. How many are left?"
+    probe = await start_proxy(config(strong, weak))
+    weak_score = (await explain(probe.url, text))["scores"][WEAK_OUT]
+    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
+    cfg = config(
+        strong,
+        weak,
+        threshold=weak_score + 0.05,
+        learning={"feedback": {"max_shift": 0.1}},
+        shared_state={"redis_url": url, "prefix": prefix, "timeout_ms": 2000},
+    )
+    cfg["models"]["auto"]["policy"]["candidates"].reverse()
+    p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
+    c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
+    assert (await served_by(c1, text))[0] == "strong"
+    ids = [(await served_by(c1, text, model="weak"))[1].headers["x-request-id"] for _ in range(40)]
+    await asyncio.sleep(1.5)  # the served requests reach Redis in the next batch
+    async with aiohttp.ClientSession() as s:
+        for rid in ids:  # rated through the other instance, which served none of them
+            async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["route"] == "weak"
+        async with s.post(p2.url + "/v1/feedback", json={"request_id": "unknown", "score": 1.0}) as r:
+            assert r.status == 404
+    # Instance 1 never saw the feedback: its posteriors come from Redis.
+    deadline = time.monotonic() + 10
+    while (await served_by(c1, text))[0] != "weak":
+        assert time.monotonic() < deadline, "instance 1 never learned from instance 2's feedback"
+        await asyncio.sleep(0.2)
+    async with aiohttp.ClientSession() as s, s.get(p1.url + "/admin/learning") as r:
+        rows = (await r.json())["posteriors"]
+    assert any(p["task"] == "math" and p["route"] == "weak" and p["alpha"] > 40 for p in rows)
