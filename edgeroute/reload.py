@@ -34,6 +34,7 @@ from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.state import STATE, Live
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.reload")
 
@@ -131,5 +132,6 @@ async def admin_reload(request: web.Request) -> web.Response:
             details=[{"error": line} for line in e.errors],
             details_key="problems",
         ) from None
+    workers.ask_siblings_to_reload(request.app.get(workers.WORKER))  # the same file, in every worker
     body = {"reloaded": True, "models": list(live.config.models), "deployments": len(live.deployments)}
     return web.Response(body=orjson.dumps(body), content_type="application/json")

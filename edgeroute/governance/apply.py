@@ -12,6 +12,7 @@ from edgeroute import reload
 from edgeroute.errors import ProxyError
 from edgeroute.governance.versions import write_back
 from edgeroute.state import STATE
+from edgeroute.workers import worker as workers
 
 
 async def apply_text(app: web.Application, text: str, how: str, actor: str) -> bool:
@@ -20,7 +21,10 @@ async def apply_text(app: web.Application, text: str, how: str, actor: str) -> b
     source = app[STATE].live.source
     cfg = config_mod.loads(text, source)
     await reload.apply_config(app, cfg, text, how, actor)
-    return await asyncio.to_thread(write_back, source, text)
+    written = await asyncio.to_thread(write_back, source, text)
+    if written:  # the other workers of this server read it from there
+        workers.ask_siblings_to_reload(app.get(workers.WORKER))
+    return written
 
 
 def refused(status: int, message: str, code: str, e: config_mod.ConfigError) -> ProxyError:

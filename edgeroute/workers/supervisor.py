@@ -8,7 +8,8 @@ supervisor does no request work; it
   for all workers and a restarting worker always gets the same one back;
 - restarts a worker that exits unasked (after a delay that doubles while it keeps
   crashing, up to 30 s), and counts restarts for `/metrics`;
-- forwards SIGHUP (each worker reloads its config) and SIGTERM/SIGINT (each worker drains
+- forwards SIGHUP (each worker reloads its config; a worker that applied a config through
+  the admin API asks for the same, for its siblings) and SIGTERM/SIGINT (each worker drains
   its in-flight requests and streams), then waits for all of them; a worker still running
   `server.drain_timeout` + 10 s later is killed.
 
@@ -143,6 +144,10 @@ class Supervisor:
         if self._hup:
             self._hup = False
             self._signal_all(signal.SIGHUP)
+        for request in self.run_dir.glob("reload-*.request"):
+            request.unlink(missing_ok=True)
+            sender = request.name.removeprefix("reload-").removesuffix(".request")
+            self._signal_all(signal.SIGHUP, but=int(sender) if sender.isdigit() else None)
         now = time.monotonic()
         for slot in self._slots:
             proc = slot.proc
@@ -164,9 +169,9 @@ class Supervisor:
                 flush=True,
             )
 
-    def _signal_all(self, sig: signal.Signals) -> None:
+    def _signal_all(self, sig: signal.Signals, but: int | None = None) -> None:
         for slot in self._slots:
-            if slot.proc is not None and slot.proc.poll() is None:
+            if slot.id != but and slot.proc is not None and slot.proc.poll() is None:
                 try:
                     slot.proc.send_signal(sig)
                 except ProcessLookupError:

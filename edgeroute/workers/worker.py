@@ -47,6 +47,13 @@ class Worker:
 WORKER = web.AppKey("worker", Worker)
 
 
+def ask_siblings_to_reload(worker: Worker | None) -> None:
+    """After this worker applied a config through the admin API (and wrote it to the file),
+    the supervisor sends SIGHUP to every other worker, which re-reads that file."""
+    if worker is not None and worker.count > 1:
+        (worker.dir / f"reload-{worker.id}.request").touch()
+
+
 def current() -> Worker | None:
     """This process's place under a supervisor, or None when it serves alone."""
     wid, wdir = os.environ.get(ENV_ID), os.environ.get(ENV_DIR)

@@ -92,6 +92,11 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         started.append(inst)
         try:
             await wait_ready(inst.url)
+            if "--workers" in flags:  # one worker answering is not all of them: the supervisor says when
+                deadline = time.monotonic() + 30
+                while "workers)" not in inst.output():
+                    assert time.monotonic() < deadline, "the supervisor never said all workers listen"
+                    await asyncio.sleep(0.05)
         except AssertionError:
             raise AssertionError(inst.output()[-3000:]) from None
         return inst

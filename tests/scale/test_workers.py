@@ -25,6 +25,25 @@ async def _chat(url: str, content: str = "hi") -> int:
             return r.status
 
 
+async def _chat_retried(url: str) -> int:
+    """One retry on a reset connection: the kernel resets connections that were queued to a
+    worker when it died (or when its replacement starts), as a client of any restarted server sees."""
+    try:
+        return await _chat(url)
+    except aiohttp.ClientConnectionError:
+        return await _chat(url)
+
+
+async def _model_everywhere(url: str, model: str) -> bool:
+    """Whether every worker serves `model` (12 fresh connections, spread by the kernel)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        seen = []
+        for _ in range(12):
+            async with s.get(url + "/v1/models") as r:
+                seen.append(model in {m["id"] for m in (await r.json())["data"]})
+    return all(seen)
+
+
 async def _until(cond, within: float) -> float:  # type: ignore[no-untyped-def]
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
@@ -65,8 +84,8 @@ async def test_a_killed_worker_is_restarted_while_the_other_serves(start_upstrea
 
     await _until(dead, 10)
     # Requests go on: the kernel hands new connections to the listening worker only.
-    statuses = await asyncio.gather(*(_chat(inst.url) for _ in range(20)))
-    assert statuses == [200] * 20
+    statuses = await asyncio.gather(*(_chat_retried(inst.url) for _ in range(20)))
+    assert statuses == [200] * 20, inst.output()[-4000:]
 
     async def replaced() -> bool:
         now = children(inst.proc.pid)
@@ -92,15 +111,7 @@ async def test_sighup_reloads_every_worker_and_sigterm_drains_all(start_upstream
     inst.config.write_text(yaml.safe_dump(cfg))
     os.kill(inst.proc.pid, signal.SIGHUP)
 
-    async def everywhere() -> bool:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
-            seen = []
-            for _ in range(12):
-                async with s.get(inst.url + "/v1/models") as r:
-                    seen.append("m2" in {m["id"] for m in (await r.json())["data"]})
-        return all(seen)
-
-    await _until(everywhere, 20)
+    await _until(lambda: _model_everywhere(inst.url, "m2"), 20)
     assert await _chat(inst.url) == 200
     assert children(inst.proc.pid) == workers  # reloaded in place, not restarted
 
@@ -188,3 +199,16 @@ async def test_workers_share_ejections_without_redis(start_upstream, spawn: Spaw
         return await circuits() == [2.0, 2.0]
 
     await _until(both_open, 10)
+
+
+async def test_an_admin_reload_through_one_worker_reaches_all(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    inst = await spawn(cfg, "--workers", "2")
+    workers = children(inst.proc.pid)
+    cfg["models"]["m3"] = {"deployments": ["d-a"]}
+    inst.config.write_text(yaml.safe_dump(cfg))
+    async with aiohttp.ClientSession() as s, s.post(inst.url + "/admin/reload") as r:
+        assert r.status == 200  # answered by one worker; the supervisor tells the other
+    await _until(lambda: _model_everywhere(inst.url, "m3"), 20)
+    assert children(inst.proc.pid) == workers
