@@ -18,8 +18,9 @@ import aiohttp
 import pytest
 import yaml
 
-REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN")
+from tests.test_cost_support import PG_DSN, REDIS_URL
+
+__all__ = ["PG_DSN", "REDIS_URL"]
 
 
 def free_port() -> int:
