@@ -252,7 +252,6 @@ async def serve_async(
     except OSError as e:
         await runner.cleanup()
         raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
-    own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
     # Everything loaded so far (config, modules, tables) lives as long as the process.
     # Freezing it keeps the collector from walking it again: otherwise each full
     # collection stalls the event loop for tens of milliseconds (measured 34 ms, the
@@ -288,11 +287,15 @@ async def serve_async(
         task.add_done_callback(app[STATE].background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Ready for the supervisor only now: a SIGHUP it forwards must find the handler.
+    own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if worker is not None:  # draining: a sibling's reload request must not end this worker
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
@@ -312,4 +315,6 @@ def serve(
     srv = config.server
     logs.setup(srv.log_format, srv.log_level, srv.decision_log)
     install_uvloop()
+    if workers.current() is not None:  # a reload asked before the handler is set must not end the worker
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     asyncio.run(serve_async(config, source, host, port, print_fn))
