@@ -119,7 +119,8 @@ def test_cli_train_and_eval_round_trip(np_: object, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tmp_path / "r.erlm"
-    assert main(["train", "--outcomes", str(out), "--out", str(model)]) == 0
+    fast = ["--l2", "1e-3", "--iters", "20", "--inner-folds", "2", "--outer-folds", "0"]
+    assert main(["train", "--outcomes", str(out), "--out", str(model), *fast]) == 0
     assert model.stat().st_size > 0
     assert main(["eval", "--router", str(model), "--outcomes", str(out)]) == 0
 

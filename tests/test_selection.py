@@ -148,6 +148,37 @@ async def test_rules_take_precedence_over_policy(pair, start_proxy) -> None:
     assert (await explain(proxy.url, "hello, how are you today?"))["route"] == "weak"
 
 
+async def test_task_rules_can_require_a_confident_prediction(pair, start_proxy) -> None:
+    strong, weak = pair
+    text = "Write a python function that reverses a linked list in place."
+    probe = await explain((await start_proxy(config(strong, weak, threshold=0.0))).url, text)
+    p = probe["task_confidence"]
+    assert probe["task"] == "code" and 0.05 < p < 0.99, probe
+
+    def rules(min_conf: float) -> list[dict[str, Any]]:
+        when = {"tasks": ["code"], "min_task_confidence": min_conf}
+        return [{"name": "sure-code", "when": when, "then": {"route": "strong"}}]
+
+    below = await start_proxy(config(strong, weak, threshold=0.0, rules=rules(round(p - 0.01, 4))))
+    out = await explain(below.url, text)
+    assert out["rule"] == "sure-code" and out["route"] == "strong", out
+    above = await start_proxy(config(strong, weak, threshold=0.0, rules=rules(round(p + 0.01, 4))))
+    out = await explain(above.url, text)
+    assert out["rule"] is None and out["route"] == "weak", out
+
+
+def test_min_task_confidence_needs_tasks_and_a_probability(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from edgeroute.config import RuleWhen
+
+    with pytest.raises(ValidationError, match="needs `tasks`"):
+        RuleWhen.model_validate({"min_task_confidence": 0.5})
+    with pytest.raises(ValidationError):
+        RuleWhen.model_validate({"tasks": ["code"], "min_task_confidence": 1.5})
+    assert RuleWhen.model_validate({"tasks": ["code"], "min_task_confidence": 0.5}).min_task_confidence == 0.5
+
+
 async def test_explain_without_policy_shows_predictions(pair, start_proxy) -> None:
     strong, weak = pair
     proxy = await start_proxy(config(strong, weak))

@@ -224,6 +224,14 @@ class RuleWhen(_Strict):
     pii: list[Literal["email", "phone", "payment_card", "iban", "national_id"]] = []
     time: TimeWindow | None = None
     tasks: list[TaskType] = []
+    # the task model's probability of its prediction must reach this (a rule on `tasks` only)
+    min_task_confidence: float | None = Field(None, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _confidence_needs_tasks(self) -> RuleWhen:
+        if self.min_task_confidence is not None and not self.tasks:
+            raise ValueError("min_task_confidence needs `tasks`")
+        return self
 
 
 class RuleThen(_Strict):

@@ -14,6 +14,7 @@ Optionally the task classifier's probabilities are extra dense inputs.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,34 @@ from edgeroute.learn.model import LinearModel
 ROUTER_FEATURIZER = FeaturizerConfig()  # same as the task model: featurize once
 
 
+class BadOutcomes(ValueError):
+    """An outcomes file with bad rows; ``problems`` holds one "line N: why" each."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.problems = problems
+        shown = "; ".join(problems[:10]) + (f"; ... {len(problems) - 10} more" if len(problems) > 10 else "")
+        super().__init__(f"{path}: {len(problems)} bad row(s): {shown}")
+
+
+def check_row(r: object) -> str | None:
+    """Why an outcome row is unusable, or None: prompt and model strings, a finite score in
+    [0, 1], and a finite non-negative ``cost_usd`` when present."""
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    for key in ("prompt", "model"):
+        if not isinstance(r.get(key), str) or not r[key]:
+            return f"missing or empty {key!r}"
+    s = r.get("score")
+    if isinstance(s, bool) or not isinstance(s, int | float):
+        return "missing or non-numeric 'score'"
+    if not math.isfinite(s) or not 0.0 <= s <= 1.0:
+        return f"score {s} is not in [0, 1]"
+    c = r.get("cost_usd")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c) or c < 0):
+        return f"cost_usd {c!r} is not a non-negative number"
+    return None
+
+
 @dataclass
 class Outcomes:
     """Outcome rows pivoted to a prompt x model table (NaN where unobserved)."""
@@ -38,17 +67,19 @@ class Outcomes:
 
     @classmethod
     def from_rows(cls, rows: Iterable[dict[str, object]]) -> Outcomes:
+        """Pivot valid rows (see :func:`check_row`); raises ``ValueError`` on the first bad one."""
         pidx: dict[str, int] = {}
         midx: dict[str, int] = {}
         cells: list[tuple[int, int, float]] = []
         cost_sum: dict[int, float] = {}
         cost_n: dict[int, int] = {}
         for r in rows:
+            problem = check_row(r)
+            if problem:
+                raise ValueError(problem)
             p = str(r["prompt"])
             m = str(r["model"])
             s = float(r["score"])  # type: ignore[arg-type]
-            if not 0.0 <= s <= 1.0:
-                raise ValueError(f"score {s} outside [0, 1]")
             i = pidx.setdefault(p, len(pidx))
             j = midx.setdefault(m, len(midx))
             cells.append((i, j, s))
@@ -64,8 +95,28 @@ class Outcomes:
 
     @classmethod
     def load(cls, path: str | Path) -> Outcomes:
+        """Read a JSON-lines outcomes file; every bad line is reported with its number (:class:`BadOutcomes`)."""
+        rows: list[dict[str, object]] = []
+        bad: list[str] = []
         with Path(path).open(encoding="utf-8") as f:
-            return cls.from_rows(json.loads(line) for line in f if line.strip())
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    bad.append(f"line {n}: not JSON ({e.msg})")
+                    continue
+                problem = check_row(row)
+                if problem:
+                    bad.append(f"line {n}: {problem}")
+                else:
+                    rows.append(row)
+        if bad:
+            raise BadOutcomes(str(path), bad)
+        if not rows:
+            raise BadOutcomes(str(path), ["no outcome rows"])
+        return cls.from_rows(rows)
 
     def subset(self, idx: Sequence[int]) -> Outcomes:
         return Outcomes([self.prompts[i] for i in idx], self.models, self.scores[list(idx)], self.costs)

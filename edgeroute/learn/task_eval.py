@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from edgeroute.learn import data
+from edgeroute.learn.baselines import keyword_task
 from edgeroute.learn.data import Example
 from edgeroute.learn.evaluate import f1_scores
 from edgeroute.learn.model import LinearModel
@@ -60,11 +61,17 @@ def _score(name: str, model: LinearModel, test: Sequence[Example], verbose: bool
     pred = predict_labels(model, [e.text for e in test])
     f1 = f1_scores([e.label for e in test], pred, FOCUS)
     f1["macro"] = sum(f1[k] for k in FOCUS) / len(FOCUS)
+    kw = f1_scores([e.label for e in test], [keyword_task(e.text) for e in test], FOCUS)
+    kw["macro"] = sum(kw[k] for k in FOCUS) / len(FOCUS)
+    f1.update({f"keyword_{k}": v for k, v in kw.items()})
     if verbose:
         print(f"== {name}")
         print(f"train n={model.meta['n_train']}  test n={len(test)} {dict(Counter(e.label for e in test))}")
         print("predicted:", dict(Counter(pred).most_common()))
         print("  " + "  ".join(f"F1 {k}={f1[k]:.3f}" for k in (*FOCUS, "macro")))
+        print("  keyword baseline: " + "  ".join(f"F1 {k}={kw[k]:.3f}" for k in (*FOCUS, "macro")))
+        conf, ece = calibration(model, test)
+        print(f"  confidence: mean {conf:.3f}, expected calibration error {ece:.3f} (10 bins; 0 = honest)")
         if {e.label for e in test} <= set(FOCUS):
             # Diagnostic, not the figure: the same model asked only "which of the three?",
             # separating confusions among them from misses to the other seven classes.
@@ -72,6 +79,25 @@ def _score(name: str, model: LinearModel, test: Sequence[Example], verbose: bool
             f3 = f1_scores([e.label for e in test], three, FOCUS)
             print(f"  (argmax over the three classes only: macro-F1 {sum(f3.values()) / len(FOCUS):.3f})")
     return f1
+
+
+def calibration(model: LinearModel, test: Sequence[Example], bins: int = 10) -> tuple[float, float]:
+    """Mean top probability and expected calibration error of the model on ``test``."""
+    import numpy as np
+
+    from edgeroute.learn import train as T
+
+    texts = [e.text for e in test]
+    p = T.predict_matrix(model, T.featurize(texts, model.featurizer), T.length_matrix(texts))
+    top = p.max(axis=1)
+    right = np.asarray([model.outputs[int(i)] == e.label for i, e in zip(p.argmax(axis=1), test, strict=True)])
+    edges = np.minimum((top * bins).astype(int), bins - 1)
+    ece = sum(
+        abs(float(top[edges == b].mean()) - float(right[edges == b].mean())) * int((edges == b).sum())
+        for b in range(bins)
+        if (edges == b).any()
+    ) / len(test)
+    return float(top.mean()), float(ece)
 
 
 def arena_v2(verbose: bool = True) -> dict[str, float]:

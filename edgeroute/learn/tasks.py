@@ -10,6 +10,7 @@ from edgeroute.learn import train as T
 from edgeroute.learn.data import REALISTIC_SOURCES, Example
 from edgeroute.learn.features import FeaturizerConfig
 from edgeroute.learn.model import TASK_CLASSES, LinearModel
+from edgeroute.learn.router import kfold
 
 TASK_FEATURIZER = FeaturizerConfig()  # the router's too: the core hashes each prompt once
 TASK_FIT = T.FitOptions(l2=1e-5, iters=60, lr=0.1)
@@ -22,11 +23,34 @@ TASK_FIT = T.FitOptions(l2=1e-5, iters=60, lr=0.1)
 REALISTIC_WEIGHT = 2.0
 
 
+CALIBRATION_FOLDS = 3
+TEMPERATURES = tuple(round(0.25 * k, 2) for k in range(2, 25))  # 0.5 .. 6.0
+
+
+def fit_temperature(logits: T.F64, y: T.F64, sw: T.F64) -> float:
+    """The softmax temperature minimising the weighted log-loss of out-of-fold logits.
+
+    Dividing every logit by one temperature keeps each arg-max and makes the
+    probabilities honest: an over-confident model (as a linear model with little
+    regularisation on separable training data is) gets T > 1.
+    """
+    best, best_loss = 1.0, float("inf")
+    for t in TEMPERATURES:
+        z = logits / t
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss = float(-(sw * (y * logp).sum(axis=1)).sum() / sw.sum())
+        if loss < best_loss:
+            best, best_loss = t, loss
+    return best
+
+
 def train_task_model(
     examples: Sequence[Example],
     cfg: FeaturizerConfig = TASK_FEATURIZER,
     opts: T.FitOptions = TASK_FIT,
     realistic_weight: float = REALISTIC_WEIGHT,
+    calibrate: bool = True,
 ) -> LinearModel:
     """Softmax over TASK_CLASSES; classes weighted by 1/count, so each class weighs the same.
 
@@ -34,6 +58,10 @@ def train_task_model(
     classes they lack (creative writing, "other") would otherwise be drowned. Within a
     class, real-user-style examples (:data:`~edgeroute.learn.data.REALISTIC_SOURCES`)
     weigh :data:`REALISTIC_WEIGHT` times a templated one.
+
+    With ``calibrate``, a temperature fitted on out-of-fold predictions (fixed
+    folds, :data:`CALIBRATION_FOLDS`) is folded into the weights, so the shipped
+    probabilities mean what they say (``tasks:`` rules may require a minimum).
     """
     texts = [e.text for e in examples]
     y = np.zeros((len(examples), len(TASK_CLASSES)))
@@ -44,16 +72,26 @@ def train_task_model(
     sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in examples])
     sw /= sw.mean()
     x = T.featurize(texts, cfg)
-    w, wd, b = T.fit(x, T.length_matrix(texts), y, activation="softmax", sample_weight=sw, opts=opts)
+    dense = T.length_matrix(texts)
+    temperature = 1.0
+    if calibrate and len(examples) >= 10 * CALIBRATION_FOLDS:
+        oof = np.zeros_like(y)
+        n = len(examples)
+        for fold in kfold(n, CALIBRATION_FOLDS, seed=0):
+            tr = sorted(set(range(n)) - set(fold))
+            fw, fwd, fb = T.fit(x.subset(tr), dense[tr], y[tr], activation="softmax", sample_weight=sw[tr], opts=opts)
+            oof[fold] = x.subset(fold).matmul(fw) + dense[fold] @ fwd + fb
+        temperature = fit_temperature(oof, y, sw)
+    w, wd, b = T.fit(x, dense, y, activation="softmax", sample_weight=sw, opts=opts)
     return T.quantize(
-        w,
-        wd,
-        b,
+        w / temperature,
+        wd / temperature,
+        b / temperature,
         cfg=cfg,
         outputs=TASK_CLASSES,
         activation="softmax",
         dense=["length"],
-        meta={"kind": "task", "n_train": len(examples)},
+        meta={"kind": "task", "n_train": len(examples), "temperature": temperature},
     )
 
 

@@ -9,7 +9,7 @@ loads; evaluations use that quantised model, not the float weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,8 +115,14 @@ def fit(
     mask: F64 | None = None,
     sample_weight: F64 | None = None,
     opts: FitOptions | None = None,
+    checkpoint: Callable[[int, F64, F64, F64], None] | None = None,
 ) -> tuple[F64, F64, F64]:
-    """Minimise weighted cross-entropy; returns (hashed W [B,K], dense W [D,K], bias [K])."""
+    """Minimise weighted cross-entropy; returns (hashed W [B,K], dense W [D,K], bias [K]).
+
+    ``checkpoint(t, w, wd, b)`` is called after every step: model selection scores
+    the weights at several iteration counts from one run (early stopping on a
+    validation split) instead of refitting for each count.
+    """
     opts = opts or FitOptions()
     n, k = y.shape
     d = dense.shape[1]
@@ -151,6 +157,8 @@ def fit(
             mhat = mom[i] / (1 - b1**t)
             vhat = vel[i] / (1 - b2**t)
             p_ -= opts.lr * mhat / (np.sqrt(vhat) + eps)
+        if checkpoint is not None:
+            checkpoint(t, w, wd, b)
     return w, wd, b
 
 

@@ -479,6 +479,9 @@ impl Router {
             body: Some(req.json),
             unix_secs,
             task: class.as_ref().map(|c| c.task.class.as_str()),
+            task_confidence: class
+                .as_ref()
+                .map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
         };
         let matched = self.rules.evaluate(&input);
         let (prompt_tokens, tokens_exact) = self.settle_tokens(&input.prompt_tokens, bounds, req.max_tokens);

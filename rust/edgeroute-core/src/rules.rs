@@ -71,6 +71,10 @@ pub struct Conditions {
     /// The predicted task type is one of these (`code`, `math`, ...; needs the task model).
     #[serde(default)]
     pub tasks: Vec<String>,
+    /// With `tasks`: the task model's probability of its prediction is at least this
+    /// (0..=1), so that a rule acts only on a confident prediction.
+    #[serde(default)]
+    pub min_task_confidence: Option<f64>,
 }
 
 /// A daily window `[start, end)` in minutes since local midnight; wraps past midnight when end < start.
@@ -231,6 +235,8 @@ pub struct RuleInput<'a> {
     pub unix_secs: u64,
     /// The predicted task type, when the task model ran.
     pub task: Option<&'a str>,
+    /// The task model's probability of `task`.
+    pub task_confidence: Option<f64>,
 }
 
 /// The rule that matched and why.
@@ -278,6 +284,14 @@ impl Rules {
         for (i, r) in specs.iter().enumerate() {
             if specs[..i].iter().any(|o| o.name == r.name) {
                 return Err(CoreError::Config(format!("rule name `{}` is used twice", r.name)));
+            }
+            if let Some(c) = r.when.min_task_confidence {
+                if r.when.tasks.is_empty() || !(0.0..=1.0).contains(&c) {
+                    return Err(CoreError::Config(format!(
+                        "rule `{}`: min_task_confidence needs `tasks` and a value in [0, 1]",
+                        r.name
+                    )));
+                }
             }
             let keyword_ids = r
                 .when
@@ -394,6 +408,12 @@ impl Rules {
                 Some(task) if w.tasks.iter().any(|t| t == task) => note(&|| format!("task={task}")),
                 _ => return false,
             }
+            if let Some(min) = w.min_task_confidence {
+                match input.task_confidence {
+                    Some(p) if p >= min => note(&|| format!("task confidence {p:.2} >= {min}")),
+                    _ => return false,
+                }
+            }
         }
         if !c.keyword_ids.is_empty() {
             let hits = scan.hits.get_or_init(|| self.content.scan(input.text));
@@ -508,6 +528,35 @@ mod tests {
         assert!(!at("ml", 200, 12));
         assert!(!at("ml", 50, 23));
         assert!(!at("web", 200, 23));
+    }
+
+    #[test]
+    fn task_rules_can_require_a_confident_prediction() {
+        let rules = Rules::compile(vec![rule(
+            r#"{"name":"sure-code","when":{"tasks":["code"],"min_task_confidence":0.7},"then":{}}"#,
+        )])
+        .unwrap();
+        let hit = |task: &'static str, p: f64| {
+            let i = RuleInput {
+                task: Some(task),
+                task_confidence: Some(p),
+                ..Default::default()
+            };
+            rules.evaluate(&i).map(|m| m.reasons)
+        };
+        assert_eq!(
+            hit("code", 0.9).unwrap(),
+            vec!["task=code", "task confidence 0.90 >= 0.7"]
+        );
+        assert!(hit("code", 0.69).is_none());
+        assert!(hit("math", 0.99).is_none());
+        for bad in [
+            r#"{"name":"r","when":{"min_task_confidence":0.5},"then":{}}"#,
+            r#"{"name":"r","when":{"tasks":["code"],"min_task_confidence":1.5},"then":{}}"#,
+        ] {
+            let err = Rules::compile(vec![rule(bad)]).unwrap_err();
+            assert!(err.to_string().contains("min_task_confidence"), "{err}");
+        }
     }
 
     #[test]

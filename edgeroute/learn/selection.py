@@ -1,0 +1,273 @@
+"""How ``router train`` chooses its own settings: nested cross-validation on the training file only.
+
+Candidates are the **prompt-blind prior** (each model's mean score: a router that
+ignores the prompt) and the hashed n-gram linear model at each L2 strength, read at
+several iteration counts of one run (early stopping on each validation fold). The
+inner folds pick the candidate with the best validation criterion; the outer folds,
+each selecting on its own training part only, estimate how the whole procedure does
+on prompts it has never seen, beside the prior fitted on the same folds.
+
+The criterion is the area under the validation cost-quality frontier (APGR, see
+:mod:`edgeroute.learn.frontier`); where APGR is undefined (the best model is also
+the cheapest) it is the mean observed score of the model the router would pick
+first (quality only). Folds, shuffles and Adam's start are fixed by one seed.
+
+The procedure never ships a router worse than the prior: the prior is a candidate,
+so the inner folds only choose the linear model where it beat the prior; and if the
+outer estimate still puts the chosen model below the prior, the prior ships and
+the report says so. A prior is an ordinary ``ERLM`` router (zero text weights, bias
+= logit of each model's mean score), so the core loads it like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeroute.learn import frontier as FR
+from edgeroute.learn import router as R
+from edgeroute.learn import train as T
+from edgeroute.learn.evaluate import two_model_curve
+from edgeroute.learn.features import FeaturizerConfig
+from edgeroute.learn.model import LinearModel
+
+PRIOR = "prior"
+LINEAR = "linear"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    family: str  # PRIOR or LINEAR
+    l2: float = 0.0
+    iters: int = 0
+
+    def label(self) -> str:
+        return PRIOR if self.family == PRIOR else f"linear l2={self.l2:g} iters={self.iters}"
+
+
+@dataclass
+class SearchSpace:
+    """What the inner folds choose among (every value is a ``router train`` flag)."""
+
+    l2: Sequence[float] = (3e-4, 3e-3, 3e-2)
+    iters: Sequence[int] = (25, 50, 100, 200)
+    lr: float = 0.1
+    inner_folds: int = 3
+    outer_folds: int = 5
+    seed: int = 0
+    steps: int = 100  # lambda grid of the validation frontier
+
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(PRIOR)] + [Candidate(LINEAR, l2, it) for l2 in self.l2 for it in sorted(self.iters)]
+
+
+@dataclass
+class Report:
+    """What training found; printed by the CLI and kept in the router file's ``meta``."""
+
+    criterion: str
+    chosen: Candidate
+    validation: dict[str, float]  # candidate label -> mean inner-fold criterion
+    outer_router: list[float] = field(default_factory=list)
+    outer_prior: list[float] = field(default_factory=list)
+    fell_back: bool = False
+
+    def meta(self) -> dict[str, object]:
+        return {
+            "criterion": self.criterion,
+            "chosen": self.chosen.label(),
+            "validation": {k: round(v, 5) for k, v in self.validation.items()},
+            "outer_router": [round(v, 5) for v in self.outer_router],
+            "outer_prior": [round(v, 5) for v in self.outer_prior],
+            "fell_back_to_prior": self.fell_back,
+        }
+
+
+def prior_means(data: R.Outcomes) -> T.F64:
+    """Each model's mean observed score (NaN cells skipped), kept inside [0.001, 0.999]."""
+    obs = ~np.isnan(data.scores)
+    s = np.nan_to_num(data.scores).sum(axis=0) / np.maximum(obs.sum(axis=0), 1)
+    out: T.F64 = np.clip(s, 1e-3, 1 - 1e-3)
+    return out
+
+
+def prior_model(data: R.Outcomes, cfg: FeaturizerConfig, task_outputs: Sequence[str] = ()) -> LinearModel:
+    """The prompt-blind prior as a router file (zero text weights)."""
+    k = len(data.models)
+    p = prior_means(data)
+    d = 2 + len(task_outputs)
+    return T.quantize(
+        np.zeros((1 << cfg.log2_buckets, k)),
+        np.zeros((d, k)),
+        np.log(p / (1 - p)),
+        cfg=cfg,
+        outputs=data.models,
+        activation="sigmoid",
+        dense=["length", "task"] if task_outputs else ["length"],
+        task_outputs=task_outputs,
+        meta={"kind": "router"},
+    )
+
+
+def criterion_name(data: R.Outcomes) -> str:
+    full = data.scores[~np.isnan(data.scores).any(axis=1)]
+    ref = FR.Reference.of(data.models, full, np.asarray(data.costs))
+    return "quality" if ref.apgr_undefined() else "apgr"
+
+
+def score(pred: T.F64, actual: T.F64, costs: T.F64, criterion: str, steps: int) -> float:
+    """Validation criterion over the prompts observed for every model."""
+    full = ~np.isnan(actual).any(axis=1)
+    pred, actual = pred[full], actual[full]
+    if len(actual) == 0:
+        return float("nan")
+    ref = FR.Reference.of([str(i) for i in range(actual.shape[1])], actual, costs)
+    if criterion == "apgr" and not ref.apgr_undefined() and actual.shape[1] == 2:
+        # two models: the exact threshold curve of score[best] - score[cheapest]
+        hi, lo = ref.best, ref.cheapest
+        return two_model_curve(
+            (pred[:, hi] - pred[:, lo]).tolist(), actual[:, hi].tolist(), actual[:, lo].tolist()
+        ).apgr()
+    if criterion == "apgr" and not ref.apgr_undefined():
+        v = FR.router_frontier(pred, actual, costs, steps).apgr(ref)
+        return float("nan") if v is None else v
+    pick = np.argmax(pred, axis=1)
+    return float(actual[np.arange(len(actual)), pick].mean())
+
+
+def _sigmoid(z: T.F64) -> T.F64:
+    out: T.F64 = 1.0 / (1.0 + np.exp(-z))
+    return out
+
+
+def _evaluate_candidates(
+    data: R.Outcomes,
+    x: T.SparseDocs,
+    dense: T.F64,
+    sw: T.F64 | None,
+    train: list[int],
+    val: list[int],
+    space: SearchSpace,
+    criterion: str,
+) -> dict[Candidate, float]:
+    """Score every candidate trained on ``train`` on ``val`` (one Adam run per L2)."""
+    costs = np.asarray(data.costs)
+    actual = data.scores[val]
+    out: dict[Candidate, float] = {}
+    prior = prior_means(data.subset(train))
+    out[Candidate(PRIOR)] = score(np.tile(prior, (len(val), 1)), actual, costs, criterion, space.steps)
+    xv, dv = x.subset(val), dense[val]
+    ys = data.scores[train]
+    mask = (~np.isnan(ys)).astype(np.float64)
+    marks = set(space.iters)
+    for l2 in space.l2:
+
+        def at(t: int, w: T.F64, wd: T.F64, b: T.F64, l2: float = l2) -> None:
+            if t in marks:
+                pred = _sigmoid(xv.matmul(w) + dv @ wd + b)
+                out[Candidate(LINEAR, l2, t)] = score(pred, actual, costs, criterion, space.steps)
+
+        T.fit(
+            x.subset(train),
+            dense[train],
+            np.nan_to_num(ys),
+            activation="sigmoid",
+            mask=mask,
+            sample_weight=None if sw is None else sw[train] / sw[train].mean(),
+            opts=T.FitOptions(l2=l2, iters=max(space.iters), lr=space.lr, dense_l2=l2),
+            checkpoint=at,
+        )
+    return out
+
+
+def _folds(idx: Sequence[int], k: int, seed: int) -> list[list[int]]:
+    return [sorted(idx[i] for i in f) for f in R.kfold(len(idx), k, seed)]
+
+
+def select(
+    data: R.Outcomes,
+    x: T.SparseDocs,
+    dense: T.F64,
+    rows: Sequence[int],
+    space: SearchSpace,
+    criterion: str,
+    sw: T.F64 | None = None,
+) -> tuple[Candidate, dict[Candidate, float]]:
+    """Inner cross-validation over ``rows``: the candidate with the best mean criterion (ties: simpler)."""
+    totals: dict[Candidate, list[float]] = {}
+    folds = _folds(sorted(rows), space.inner_folds, space.seed + 1)
+    for k, val in enumerate(folds):
+        train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
+        for c, v in _evaluate_candidates(data, x, dense, sw, train, val, space, criterion).items():
+            totals.setdefault(c, []).append(v)
+    means = {c: float(np.nanmean(v)) if not np.isnan(v).all() else float("-inf") for c, v in totals.items()}
+    order = space.candidates()
+    best = max(order, key=lambda c: (means.get(c, float("-inf")), -order.index(c)))
+    return best, means
+
+
+def fit_candidate(
+    data: R.Outcomes,
+    c: Candidate,
+    x: T.SparseDocs,
+    dense: T.F64,
+    rows: Sequence[int],
+    space: SearchSpace,
+    cfg: FeaturizerConfig,
+    task_model: LinearModel | None,
+    sw: T.F64 | None = None,
+) -> LinearModel:
+    sub = data.subset(list(rows))
+    task_outputs = task_model.outputs if task_model is not None else ()
+    if c.family == PRIOR:
+        return prior_model(sub, cfg, task_outputs)
+    w = None if sw is None else sw[list(rows)] / sw[list(rows)].mean()
+    return R.train_router(
+        sub,
+        task_model=task_model,
+        cfg=cfg,
+        opts=T.FitOptions(l2=c.l2, iters=c.iters, lr=space.lr, dense_l2=c.l2),
+        x=x.subset(list(rows)),
+        dense=dense[list(rows)],
+        sample_weight=w,
+    )
+
+
+def nested(
+    data: R.Outcomes,
+    x: T.SparseDocs,
+    dense: T.F64,
+    space: SearchSpace,
+    cfg: FeaturizerConfig,
+    task_model: LinearModel | None = None,
+    sw: T.F64 | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[LinearModel, Report]:
+    """Outer estimate (when ``outer_folds`` > 1), then selection and fit on all rows."""
+    criterion = criterion_name(data)
+    costs = np.asarray(data.costs)
+    n = len(data.prompts)
+    say: Callable[[str], None] = print if log is None else log
+    outer_r: list[float] = []
+    outer_p: list[float] = []
+    if space.outer_folds > 1:
+        folds = _folds(list(range(n)), space.outer_folds, space.seed)
+        for k, test in enumerate(folds):
+            train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
+            chosen, _ = select(data, x, dense, train, space, criterion, sw)
+            model = fit_candidate(data, chosen, x, dense, train, space, cfg, task_model, sw)
+            pred = T.predict_matrix(model, x.subset(test), dense[test])
+            prior = np.tile(prior_means(data.subset(train)), (len(test), 1))
+            outer_r.append(score(pred, data.scores[test], costs, criterion, space.steps))
+            outer_p.append(score(prior, data.scores[test], costs, criterion, space.steps))
+            say(f"outer fold {k + 1}/{space.outer_folds}: chose {chosen.label()}; "
+                f"{criterion} router {outer_r[-1]:.4f} prior {outer_p[-1]:.4f}")  # fmt: skip
+    chosen, means = select(data, x, dense, range(n), space, criterion, sw)
+    report = Report(criterion, chosen, {c.label(): v for c, v in means.items()}, outer_r, outer_p)
+    if outer_r and chosen.family != PRIOR and float(np.mean(outer_r)) < float(np.mean(outer_p)):
+        report.chosen = Candidate(PRIOR)
+        report.fell_back = True
+    model = fit_candidate(data, report.chosen, x, dense, range(n), space, cfg, task_model, sw)
+    return model, report

@@ -1,0 +1,152 @@
+"""``edgeroute router train|eval`` as a user runs them: settings chosen by cross-validation,
+the prompt-blind prior as a floor, baselines beside the router, bad input reported by line."""
+
+from __future__ import annotations
+
+import json
+import random
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from edgeroute.cli import main
+
+np = pytest.importorskip("numpy", reason="training needs numpy (pip install 'edgeroute[train]')")
+
+FAST = ["--l2", "1e-3,1e-1", "--iters", "10,40", "--inner-folds", "2", "--outer-folds", "2"]
+
+
+def write_outcomes(path: Path, n: int, *, seed: int, signal: bool, costs: tuple[float, float] = (0.01, 0.001)) -> Path:
+    """Two models; with ``signal`` the small one fails on prompts that say "eigenvalue"."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(n):
+            hard = rng.random() < 0.4
+            p = f"question {i} about {'eigenvalue integrals' if hard else 'simple greetings'} {rng.randint(0, 999)}"
+            big = float(rng.random() < 0.9)
+            if signal:
+                small = float(rng.random() < (0.15 if hard else 0.85))
+            else:
+                small = float(rng.random() < 0.6)
+            f.write(json.dumps({"prompt": p, "model": "big", "score": big, "cost_usd": costs[0]}) + "\n")
+            f.write(json.dumps({"prompt": p, "model": "small", "score": small, "cost_usd": costs[1]}) + "\n")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        code = main(["router", *argv])
+    except SystemExit as e:  # argparse and one-line load errors
+        out = capsys.readouterr()
+        return (e.code if isinstance(e.code, int) else 2), out.out + out.err + (
+            "" if isinstance(e.code, int) else str(e.code)
+        )
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_train_chooses_a_text_model_that_beats_the_prior_then_eval_prints_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_outcomes(tmp_path / "train.jsonl", 240, seed=1, signal=True)
+    test = write_outcomes(tmp_path / "test.jsonl", 120, seed=2, signal=True)
+    model = tmp_path / "r.erlm"
+    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(model), *FAST)
+    assert code == 0, out
+    assert "outer estimate" in out and "<- chosen" in out
+    meta = json.loads(model.read_bytes()[8 : 8 + int.from_bytes(model.read_bytes()[4:8], "little")])["meta"]
+    assert meta["selection"]["chosen"].startswith("linear"), meta
+    assert meta["train"]["seed"] == 0 and meta["prior"]["big"] > meta["prior"]["small"]
+    svg = tmp_path / "curves.svg"
+    code, out = run(capsys, "eval", "--router", str(model), "--outcomes", str(test), "--plot", str(svg))
+    assert code == 0, out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    for name in ("router", "prompt-blind prior (training means)", "random mixing (best/cheapest)",
+                 "best single: big", "cheapest: small", "oracle (upper bound)"):  # fmt: skip
+        assert any(k.startswith(name) for k in rows), (name, out)
+    router_apgr = float(next(v for k, v in rows.items() if k == "router").split()[1])
+    prior_apgr = float(next(v for k, v in rows.items() if k.startswith("prompt-blind")).split()[4])
+    assert prior_apgr == pytest.approx(0.5)
+    assert router_apgr > 0.6, out
+    assert "$/1k req" in out and "cost/best" in out
+    root = ET.parse(svg).getroot()
+    assert root.tag.endswith("svg") and any(el.tag.endswith("polyline") for el in root.iter())
+
+
+def test_train_is_deterministic_for_a_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = write_outcomes(tmp_path / "train.jsonl", 120, seed=3, signal=True)
+    a, b = tmp_path / "a.erlm", tmp_path / "b.erlm"
+    for out_path in (a, b):
+        assert run(capsys, "train", "--outcomes", str(train), "--out", str(out_path), *FAST)[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_prompts_carrying_no_signal_ship_no_router_worse_than_the_prior(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+
+    data = R.Outcomes.load(write_outcomes(tmp_path / "noise.jsonl", 160, seed=4, signal=False))
+    x = T.featurize(data.prompts, R.ROUTER_FEATURIZER)
+    dense = T.length_matrix(data.prompts)
+    space = S.SearchSpace(l2=(1e-5,), iters=(200,), inner_folds=2, outer_folds=2, seed=0)
+    model, rep = S.nested(data, x, dense, space, R.ROUTER_FEATURIZER, log=lambda _s: None)
+    if rep.chosen.family == S.PRIOR:
+        # the shipped file predicts each model's mean whatever the prompt
+        pred = T.predict_matrix(model, x, dense)
+        assert np.allclose(pred, S.prior_means(data), atol=1e-9)
+    else:
+        assert rep.validation[rep.chosen.label()] >= rep.validation[S.PRIOR]
+        assert np.mean(rep.outer_router) >= np.mean(rep.outer_prior)
+    # and when the outer folds put the chosen model below the prior, the prior ships
+    assert rep.fell_back == (rep.chosen.family == S.PRIOR and rep.validation[S.PRIOR] < max(rep.validation.values()))
+
+
+def test_bad_rows_are_reported_with_their_line_numbers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "a", "model": "m", "score": 1.0, "cost_usd": 0.1}),
+                '{"prompt": "b", "model": "m", "score": NaN}',
+                json.dumps({"prompt": "c", "model": "m", "score": 1.5}),
+                json.dumps({"prompt": "d", "score": 0.5}),
+                "not json",
+                json.dumps({"prompt": "e", "model": "m", "score": 0.5, "cost_usd": -1}),
+            ]
+        )
+        + "\n"
+    )
+    code, out = run(capsys, "train", "--outcomes", str(path), "--out", str(tmp_path / "x.erlm"))
+    assert code != 0
+    for n, why in ((2, "score nan"), (3, "score 1.5"), (4, "'model'"), (5, "not JSON"), (6, "cost_usd")):
+        assert f"line {n}: " in out and why in out, (n, out)
+    assert "line 1:" not in out
+    assert not (tmp_path / "x.erlm").exists()
+
+
+def test_missing_or_foreign_router_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test = write_outcomes(tmp_path / "t.jsonl", 10, seed=5, signal=True)
+    code, out = run(capsys, "eval", "--router", str(tmp_path / "nope.erlm"), "--outcomes", str(test))
+    assert code != 0 and out.strip().count("\n") == 0 and "not found" in out, out
+    (tmp_path / "junk.erlm").write_bytes(b"GIF89a....")
+    code, out = run(capsys, "eval", "--router", str(tmp_path / "junk.erlm"), "--outcomes", str(test))
+    assert code != 0 and out.strip().count("\n") == 0 and "not a router model file" in out, out
+
+
+def test_apgr_is_undefined_when_the_best_model_is_also_the_cheapest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = write_outcomes(tmp_path / "train.jsonl", 80, seed=6, signal=True, costs=(0.001, 0.01))
+    model = tmp_path / "r.erlm"
+    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(model), *FAST)
+    assert code == 0, out
+    assert "validation (quality" in out  # the criterion where there is nothing to trade
+    code, out = run(capsys, "eval", "--router", str(model), "--outcomes", str(train))
+    assert code == 0, out
+    assert "APGR, CPT: undefined (the best model (big) is also the cheapest" in out
+    router_row = next(line for line in out.splitlines() if line.startswith("router "))
+    assert router_row.split()[1:4] == ["-", "-", "-"], router_row
