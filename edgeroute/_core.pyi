@@ -188,6 +188,14 @@ class Decision:
     def variant(self) -> str | None:
         """The experiment arm (route) this request was assigned to, if any."""
 
+    @property
+    def priority(self) -> int:
+        """The request's priority class, as its position in ``priority_classes()`` (0: highest)."""
+
+    @property
+    def spilled(self) -> list[int]:
+        """Deployments passed over as full for this class (placed last in ``order``)."""
+
 @final
 class Router:
     """A compiled router. Immutable: ``reload`` returns a new one that keeps health state."""
@@ -232,6 +240,7 @@ class Router:
         key: str | None = None,
         explain: bool = False,
         exact_tokens: bool = False,
+        priority: str | None = None,
     ) -> Decision:
         """Decides how to serve a chat-completions ``body``; releases the GIL.
 
@@ -244,6 +253,8 @@ class Router:
         Tokens are counted exactly when ``exact_tokens`` is set, a rule compares
         token counts or a context window is within reach; otherwise estimated
         (``Decision.tokens_exact`` says which).
+        ``priority`` is the caller's class (its key's, or a header its key may set); a matched
+        rule's class comes first; selection passes over deployments without a slot for it.
 
         Raises :class:`BadRequestError` (bad body), :class:`ForbiddenError` (a rule rejects it),
         :class:`UnknownModelError` or :class:`NoDeploymentError`.
@@ -252,6 +263,22 @@ class Router:
     def body_for(self, body: bytes, decision: Decision, index: int) -> bytes:
         """``body`` with its ``model`` value replaced by deployment ``index``'s upstream
         model; every other byte is unchanged. ``ValueError`` for a bad index."""
+
+    def acquire(self, index: int) -> None:
+        """Takes a capacity slot on deployment ``index`` (an attempt starts). ``ValueError`` for a bad index."""
+
+    def release(self, index: int) -> None:
+        """Gives back a capacity slot on deployment ``index`` (never below zero)."""
+
+    def has_room(self, index: int, priority: int) -> bool:
+        """Whether deployment ``index`` has a free slot for a request of class rank ``priority``
+        (only rank 0 may use the ``reserve_percent`` share)."""
+
+    def slots(self, index: int) -> tuple[int, int | None]:
+        """Requests in flight on deployment ``index``, and its ``max_concurrency`` (None: unbounded)."""
+
+    def priority_classes(self) -> list[str]:
+        """Priority class names, highest first."""
 
     def begin(self, index: int) -> None:
         """Marks an attempt on deployment ``index`` as started (in-flight count,

@@ -1,69 +1,139 @@
-"""Per-deployment capacity: requests in flight against `max_concurrency`, and a bounded
-wait for a free slot (`max_queue` waiters, each for at most `queue_timeout_ms`).
+"""Per-deployment capacity: requests in flight against `max_concurrency`, a bounded wait for
+a free slot (`max_queue` waiters, each for at most `queue_timeout_ms`), and who gets a slot
+when one frees up.
+
+The counts live in the core (`Router.acquire`/`release`), whose selection passes over a
+deployment without room for the request's priority class; this module owns the queue. A
+freed slot is handed straight to a waiter, never left for a newcomer to take: the highest
+class first, then the key that was served least recently within that class (no key starves
+the others), then the earliest. A newcomer does not jump a queue that holds a waiter of its
+class or above. Only the highest class may use a deployment's `reserve_percent`.
 
 The failover policy skips a full deployment as it skips an open circuit, but a full
 deployment's health is untouched: being busy is not failing. A slot is taken when an
-attempt starts and given back when its answer has been read (for a stream, when the
-relay ends). Counts are per process: with several workers or instances each enforces
-its own share.
+attempt starts and given back when its answer has been read (for a stream, when the relay
+ends). Counts are per process (and kept across reloads for unchanged deployments).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from edgeroute.errors import ProxyError
+
+if TYPE_CHECKING:
+    from edgeroute._core import Router
+
+_seq = itertools.count()
 
 
 @dataclass(slots=True)
 class _Waiter:
     queue: int  # the deployment whose queue it waits in
     wanted: frozenset[int]  # a slot on any of these will do
-    wake: asyncio.Future[None]
+    rank: int  # priority class (0: highest)
+    key: str  # the caller's key, for fairness within a class
+    wake: asyncio.Future[int]  # the deployment whose slot it was handed
+    seq: int = field(default_factory=lambda: next(_seq))
 
 
 class Capacity:
-    """Slots per deployment index; `None` limits mean unbounded."""
+    """Slots per deployment index; `None` limits mean unbounded (and cost nothing)."""
 
-    def __init__(self, limits: Sequence[int | None], queues: Sequence[int], queue_timeouts: Sequence[float]) -> None:
+    def __init__(
+        self, router: Router, limits: Sequence[int | None], queues: Sequence[int], queue_timeouts: Sequence[float]
+    ) -> None:
+        self.router = router
         self.limits = list(limits)
         self.queues = list(queues)
         self.queue_timeouts = list(queue_timeouts)  # seconds
-        self.in_flight = [0] * len(self.limits)
         self.bounded = any(lim is not None for lim in self.limits)
         self._waiters: list[_Waiter] = []
+        self._served: dict[str, int] = {}  # key -> sequence number of its last handed slot
+        self._handed = itertools.count()
 
-    def full(self, index: int) -> bool:
-        limit = self.limits[index]
-        return limit is not None and self.in_flight[index] >= limit
+    def active(self, index: int) -> int:
+        return self.router.slots(index)[0] if self.limits[index] is not None else 0
+
+    def full(self, index: int, rank: int) -> bool:
+        """Whether a new request of class `rank` finds no slot: none free for its class, or
+        waiters of its class or above are first in line."""
+        if self.limits[index] is None:
+            return False
+        if not self.router.has_room(index, rank):
+            return True
+        return any(index in w.wanted and w.rank <= rank for w in self._waiters)
 
     def take(self, index: int) -> None:
-        self.in_flight[index] += 1
+        if self.limits[index] is not None:
+            self.router.acquire(index)
 
     def release(self, index: int) -> None:
-        self.in_flight[index] -= 1
-        for w in self._waiters:
-            if index in w.wanted and not w.wake.done():
-                w.wake.set_result(None)
+        """Gives a slot back, or hands it to the first waiter in line whose class may use it."""
+        if self.limits[index] is None:
+            return
+        self.router.release(index)
+        line = sorted(
+            (w for w in self._waiters if index in w.wanted and not w.wake.done()),
+            key=lambda w: (w.rank, self._served.get(w.key, -1), w.seq),
+        )
+        for w in line:
+            if self.router.has_room(index, w.rank):  # a class below the top may not use the reserve
+                self.router.acquire(index)
+                self._served[w.key] = next(self._handed)
+                w.wake.set_result(index)
                 return
 
     def waiting(self, queue: int) -> int:
         return sum(1 for w in self._waiters if w.queue == queue)
 
-    async def wait(self, queue: int, wanted: Sequence[int], deadline: float) -> bool:
-        """Waits in `queue`'s line until a slot on one of `wanted` frees up (True), or
-        returns False at once when the line is full and at the deadline otherwise. A
-        woken waiter must still find the slot free: a newcomer may have taken it."""
+    async def wait(
+        self, queue: int, wanted: Sequence[int], deadline: float, rank: int = 0, key: str = ""
+    ) -> int | None:
+        """Waits in `queue`'s line for a slot on one of `wanted`; returns the deployment whose
+        slot it was handed (already taken for the caller, who must use or release it), or
+        None at once when the line is full and at the deadline otherwise."""
         if self.queues[queue] <= self.waiting(queue):
-            return False
+            return None
         loop = asyncio.get_running_loop()
-        w = _Waiter(queue, frozenset(wanted), loop.create_future())
+        w = _Waiter(queue, frozenset(wanted), rank, key, loop.create_future())
         self._waiters.append(w)
+        got: int | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                await w.wake
-            return True
+                got = await w.wake
+            return got
         except TimeoutError:
-            return False
+            return None
         finally:
             self._waiters.remove(w)
+            if got is None and w.wake.done() and not w.wake.cancelled():
+                self.release(w.wake.result())  # handed a slot as its deadline passed: pass it on
+            if len(self._served) > 4096:  # bounded: forgetting old turns only resets fairness
+                self._served.clear()
+
+
+def request_class(
+    asked: str | None, own: str | None, allowed: frozenset[str] | None, classes: Sequence[str]
+) -> str | None:
+    """The class a caller asks for: the `x-edgeroute-priority` header (`asked`) when its key
+    may use it, else the key's own class (`own`). `allowed` is None without virtual keys (any
+    class may be asked for). 400 for a class that does not exist, 403 for one the key may not use."""
+    if asked is None:
+        return own
+    asked = asked.strip()
+    if asked not in classes:
+        shown = asked[:40].encode("ascii", "backslashreplace").decode("ascii")
+        raise ProxyError(
+            400,
+            f"Unknown priority class '{shown}' (classes: {', '.join(classes)}).",
+            code="invalid_priority",
+            param="x-edgeroute-priority",
+        )
+    if allowed is not None and asked != own and asked not in allowed:
+        raise ProxyError(403, f"This key may not use priority class '{asked}'.", code="priority_not_allowed")
+    return asked

@@ -10,6 +10,7 @@ PROMPT_TOKENS = "x-edgeroute-prompt-tokens"
 COST = "x-edgeroute-cost-usd"
 EXPLAIN = "x-edgeroute-explain"
 TAGS = "x-edgeroute-tags"
+PRIORITY = "x-edgeroute-priority"  # the request's priority class, if its key may choose it
 HEDGED = "x-edgeroute-hedged"
 CACHE = "x-edgeroute-cache"  # hit | miss | stale | bypass, and the client's cache directive
 CACHE_SIMILARITY = "x-edgeroute-cache-similarity"  # a hit matched by meaning: how close

@@ -21,6 +21,7 @@ from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with
 from edgeroute.cache.entry import Entry
 from edgeroute.cache.service import CACHE, Plan, tenant_of
 from edgeroute.cache.settings import RouteCache
+from edgeroute.capacity import request_class
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
@@ -57,9 +58,13 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
     # Feedback is attributed per (task, route): with learning on, every request is classified.
     explain = explain or live.config.learning.feedback is not None
+    asked = request.headers.get(headers.PRIORITY)
     try:
         if ident is None:
-            return live.router.decide(body, tags=_tags(request), explain=explain, exact_tokens=live.exact_tokens)
+            priority = request_class(asked, None, None, live.classes) if asked is not None else None
+            return live.router.decide(
+                body, tags=_tags(request), explain=explain, exact_tokens=live.exact_tokens, priority=priority
+            )
         d = live.router.decide(
             body,
             tags=key_tags(ident, _tags(request), live.regions),  # its denied tags refused, its region added
@@ -69,6 +74,7 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
             key=ident.key,
             explain=explain,
             exact_tokens=live.exact_tokens,
+            priority=request_class(asked, ident.priority, ident.priorities, live.classes),
         )
         check_model(ident, d.model)
         if ident.residency is not None:
@@ -201,7 +207,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
         if call.spilled:
-            hdrs[headers.EXPLAIN] += f"; spillover: {', '.join(call.spilled)} at capacity"
+            cls = live.classes[decision.priority] if decision.priority < len(live.classes) else "default"
+            hdrs[headers.EXPLAIN] += f"; spillover: {', '.join(call.spilled)} at capacity for class {cls}"
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(answer, JsonAnswer):

@@ -141,7 +141,8 @@ async def admin_deployments(request: web.Request) -> web.Response:
         h = live.router.health(d.index)
         spec = live.config.deployments[d.name]
         cap, i = live.capacity, d.index
-        slots = {"max_concurrency": cap.limits[i], "active": cap.in_flight[i], "queued": cap.waiting(i)}
+        slots = {"max_concurrency": cap.limits[i], "active": cap.active(i), "queued": cap.waiting(i),
+                 "reserve_percent": spec.reserve_percent}  # fmt: skip
         out.append({"name": d.name, "provider": d.provider, "model": d.model, "weight": spec.weight,
                     "drained": spec.drained, "tags": spec.tags, **h, **slots})  # fmt: skip
     return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")

@@ -43,16 +43,19 @@ class Live:
     # shared by two deployments that serve others is the request's fault (dispatch.policy).
     served_at: dict[int, float] = field(default_factory=dict)
     capacity: Capacity = field(init=False)
+    classes: list[str] = field(init=False)  # priority class names, highest first
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
         self.index_of = {d.name: d.index for d in self.deployments}
         deps = [self.config.deployments[d.name] for d in self.deployments]
         self.capacity = Capacity(
+            self.router,
             [d.max_concurrency for d in deps],
             [d.max_queue for d in deps],
             [(d.queue_timeout_ms or 0) / 1000 for d in deps],
         )
+        self.classes = self.config.priority.classes
         self.access = Access(self.config)
         self.regions = residency.regions(self.config)
         limits = self.config.rate_limits

@@ -45,7 +45,7 @@ async def test_a_full_deployment_spills_over_and_keeps_its_health(upstreams: Any
     live = proxy.app[STATE].live
     health = live.router.health(live.index_of["d-a"])
     assert (health["failures"], health["circuit"]) == (0, "closed")
-    assert live.capacity.in_flight == [0, 0]  # every slot given back
+    assert [live.capacity.active(i) for i in (0, 1)] == [0, 0]  # every slot given back
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/admin/deployments") as r:
         deps = {d["name"]: d for d in (await r.json())["deployments"]}
     assert (deps["d-a"]["max_concurrency"], deps["d-a"]["active"], deps["d-b"]["max_concurrency"]) == (2, 0, None)
@@ -86,10 +86,19 @@ async def test_everything_full_waits_in_a_bounded_queue_then_429(upstreams: Any,
             assert "at capacity" in e.message
             return e.status_code
 
+    cap = proxy.app[STATE].live.capacity
+
+    async def until(cond: Any) -> None:  # bounded: conditions, not sleeps, so a slow machine cannot reorder
+        for _ in range(500):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("condition not reached")
+
     first = asyncio.ensure_future(one())
-    await asyncio.sleep(0.1)
+    await until(lambda: cap.active(0) == 1)
     second = asyncio.ensure_future(one())  # waits in the queue for the first's slot
-    await asyncio.sleep(0.1)
+    await until(lambda: cap.waiting(0) == 1)
     third = await one()  # the queue (one place) is taken: refused at once
     assert third == 429
     assert [await first, await second] == [200, 200]

@@ -2,7 +2,7 @@
 
 edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --duration 10
 edgeroute bench overhead --rates 500,1000 --duration 20
-edgeroute bench throughput | compare | streaming | resources | failover | hedging | chaos
+edgeroute bench throughput | compare | streaming | resources | failover | hedging | chaos | spike
 edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
 edgeroute bench gate                      # the CI latency gate (also `python -m edgeroute.bench.gate`)
 edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m edgeroute.bench.faults`)
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeroute.bench import loadgen, report, scenarios
+from edgeroute.bench import loadgen, report, scenarios, spike
 from edgeroute.bench.loadgen import Load, Target
 
 
@@ -164,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base-ejection-ms", type=int, default=2000, help="proxy's health.base_ejection_ms (0: default)")
     _common(c)
     c.set_defaults(fn=lambda a: scenarios.chaos(_c(a), a.rate, a.total, base_ejection_ms=a.base_ejection_ms or None))
+
+    sp = sub.add_parser("spike", help="load stepping past a primary's capacity: spillover, priority classes")
+    sp.add_argument("--rates", default="50,100,200,300", help="req/s of each step")
+    sp.add_argument("--capacity", type=int, default=20, help="the primary's max_concurrency")
+    sp.add_argument("--service-ms", type=float, default=200.0, help="the primary's service time")
+    sp.add_argument("--secondary-ms", type=float, default=300.0, help="the secondary's service time")
+    sp.add_argument("--reserve-percent", type=int, default=25, help="of the primary, for the interactive class")
+    sp.add_argument("--interactive-rate", type=float, default=15.0)
+    sp.add_argument("--batch-rate", type=float, default=150.0)
+    _common(sp, duration=5.0)
+    sp.set_defaults(fn=lambda a: spike.spike(
+        _c(a), tuple(float(r) for r in a.rates.split(",")), a.service_ms, a.secondary_ms, a.capacity,
+        a.reserve_percent, a.interactive_rate, a.batch_rate,
+    ))  # fmt: skip
 
     pe = sub.add_parser("peer", help="overhead of edgeroute and of another gateway, side by side")
     pe.add_argument("--peer-url", required=True)

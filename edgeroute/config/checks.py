@@ -9,6 +9,7 @@ import importlib.util
 from collections.abc import Iterable
 
 from edgeroute import secrets
+from edgeroute.config import priority
 from edgeroute.config.prices import parse_hhmm
 from edgeroute.config.schema import Config
 from edgeroute.config.tls import check_tls
@@ -116,6 +117,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
                 except ValueError as e:
                     problems.append((f"rules[{i}].when.time.{field}", str(e)))
     problems += _cross_check_cost(cfg)
+    problems += priority.cross_check(cfg)
     budgets = {b.name for b in cfg.budgets.limits}
     problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
     for i, ref in enumerate(cfg.server.api_keys):

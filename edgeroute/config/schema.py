@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from edgeroute import egress
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.config import prices
+from edgeroute.config.priority import PrioritySettings
 from edgeroute.governance.settings import Governance
 from edgeroute.outcome import FallbackKey
 from edgeroute.requestlog.settings import RequestLog
@@ -134,6 +135,7 @@ class Deployment(_Strict):
     max_concurrency: int | None = Field(None, ge=1)
     max_queue: int = Field(0, ge=0)
     queue_timeout_ms: int | None = Field(None, ge=1)
+    reserve_percent: int = Field(0, ge=0, le=100)  # of max_concurrency, for the highest priority class only
 
     @model_validator(mode="after")
     def _queue_needs_a_deadline(self) -> Deployment:
@@ -241,6 +243,7 @@ class RuleThen(_Strict):
     exclude_tags: list[str] = []
     strategy: Strategy | None = None
     reject: str | None = None
+    priority: str | None = None  # the request's priority class (edgeroute.config.priority)
 
 
 class Rule(_Strict):
@@ -319,6 +322,8 @@ class VirtualKey(_Strict):
     user: str | None = None
     role: str | None = None
     limits: Limit | None = None
+    priority: str | None = None  # its requests' priority class (edgeroute.config.priority)
+    priorities: list[str] = []  # further classes it may ask for with x-edgeroute-priority
 
 
 class RateLimits(_Strict):
@@ -418,6 +423,7 @@ class Config(_Strict):
     alerts: telemetry_settings.Alerts = telemetry_settings.Alerts()
     tracing: telemetry_settings.Tracing = telemetry_settings.Tracing()
     governance: Governance = Governance()
+    priority: PrioritySettings = PrioritySettings()
 
     def core_json(self) -> bytes:
         """The config in the Rust core's `RouterSpec` form."""
@@ -432,6 +438,8 @@ class Config(_Strict):
                 "output_per_mtok": d.price.output_per_mtok,
                 "context_window": d.context_window,
                 "tags": d.tags,
+                "max_concurrency": d.max_concurrency,
+                "reserve_percent": d.reserve_percent,
             }
             if d.encoding:
                 spec["encoding"] = d.encoding
@@ -458,5 +466,7 @@ class Config(_Strict):
                 "rules": [r.model_dump(exclude_none=True) for r in self.rules],
                 "retry_budget": self.retry_budget.model_dump(),
                 "health": self.health.model_dump(),
+                "priority_classes": self.priority.classes,
+                "default_priority": self.priority.default_class,
             }
         )

@@ -39,6 +39,8 @@ class Identity:
     budget: Budget | None = None  # a managed key's own budget
     models: frozenset[str] | None = None  # the public models it may ask for (None: all)
     deny_tags: frozenset[str] = frozenset()  # request tags it may not send
+    priority: str | None = None  # its requests' priority class (edgeroute.config.priority)
+    priorities: frozenset[str] = frozenset()  # further classes it may ask for by header
 
 
 class KeySource(Protocol):
@@ -79,7 +81,16 @@ class KeyRing:
         for key_id, k in cfg.keys.items():
             digest = k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
             region = res.region_of(key_id, k.team) if (res := cfg.governance.residency) else None
-            self._by_digest[digest] = Identity(key_id, k.team, k.user, k.role, k.limits, residency=region)
+            self._by_digest[digest] = Identity(
+                key_id,
+                k.team,
+                k.user,
+                k.role,
+                k.limits,
+                residency=region,
+                priority=k.priority,
+                priorities=frozenset(k.priorities),
+            )
 
     def __len__(self) -> int:
         return len(self._by_digest)

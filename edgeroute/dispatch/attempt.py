@@ -141,6 +141,7 @@ class Attempts:
         if decision.stream and not decision.include_usage:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
         self.hedged = False
+        self.granted: int | None = None  # a capacity slot handed over while queued, not yet used
 
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         up = self.live.upstreams[dep.provider]
@@ -153,7 +154,10 @@ class Attempts:
         if self.record.trace is not None:  # traced: the upstream continues the trace (W3C traceparent)
             rec.span_id = self.record.trace.inject(req.headers)
         self.router.begin(dep.index)
-        self.live.capacity.take(dep.index)
+        if self.granted == dep.index:
+            self.granted = None  # the slot a freed deployment handed this request while it waited
+        else:
+            self.live.capacity.take(dep.index)
         t0 = time.perf_counter()
         resp: Response | None = None
         keep_open = False

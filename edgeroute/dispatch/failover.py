@@ -42,6 +42,10 @@ class Call(Attempts):
         router = self.router
         served_at = live.served_at
         capacity = live.capacity
+        rank = decision.priority
+
+        def is_full(index: int) -> bool:
+            return index != self.granted and capacity.full(index, rank)
 
         def serving(index: int) -> bool:
             return time.monotonic() - served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
@@ -56,7 +60,7 @@ class Call(Attempts):
             try_retry=router.try_retry,
             remaining=self._remaining,
             serving=serving,
-            is_full=capacity.full if capacity.bounded else None,
+            is_full=is_full if capacity.bounded else None,
         )
 
     def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
@@ -100,8 +104,10 @@ class Call(Attempts):
             while isinstance(step, Stop) and step.error_class == "capacity" and await self._queue(state):
                 policy.restart(state)
                 step = policy.next_attempt(state, None)
-            if state.spilled:
-                self.spilled = [d.name for d in state.spilled]
+            if self.decision.spilled or state.spilled:
+                # The core placed the deployments full at decision time last; the policy saw the rest.
+                full = [table[i].name for i in self.decision.spilled]
+                self.spilled = full + [d.name for d in state.spilled if d.name not in full]
             while isinstance(step, Try):
                 if step.wait > 0:
                     await asyncio.sleep(step.wait)
@@ -132,19 +138,31 @@ class Call(Attempts):
                 )
             raise stop.error()
         finally:
+            if self.granted is not None:  # handed a slot it did not use (another had room first)
+                self.live.capacity.release(self.granted)
+                self.granted = None
             self._report_deferred(stop)
 
     async def _queue(self, state: FailoverState) -> bool:
-        """Every deployment is full: waits in the first choice's queue for a slot on any of
-        the plan's (True), unless the queue is full or its deadline passes (False)."""
+        """Every deployment is full: waits in the queue of the first deployment in the
+        decision's order that has one, for a slot on any of the plan's (True: the slot is
+        this request's), unless the queue is full or its deadline passes (False). Higher
+        classes are served first, keys in turn within one."""
         capacity = self.live.capacity
-        first = self.decision.order[0]
+        order = self.decision.order
+        first = next((i for i in order if capacity.queues[i]), order[0])
         loop = asyncio.get_running_loop()
         if self._queue_deadline is None:
             self._queue_deadline = loop.time() + min(capacity.queue_timeouts[first], self._remaining())
+        if self.granted is not None:
+            capacity.release(self.granted)
+            self.granted = None
         started = loop.time()
         try:
-            return await capacity.wait(first, [d.index for d in state.plan], self._queue_deadline)
+            wanted = [d.index for d in state.plan]
+            key = self.record.key or ""
+            self.granted = await capacity.wait(first, wanted, self._queue_deadline, self.decision.priority, key)
+            return self.granted is not None
         finally:
             self.record.queue_ms += (loop.time() - started) * 1000
 
@@ -175,7 +193,8 @@ class Call(Attempts):
         tasks = {t1: first}
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
-            if done or self.live.capacity.full(second.index) or not self.router.try_hedge(self.decision.route):
+            full = self.live.capacity.full(second.index, self.decision.priority)
+            if done or full or not self.router.try_hedge(self.decision.route):
                 return await t1, first
             self.hedged = True
             policy.hedged(state)

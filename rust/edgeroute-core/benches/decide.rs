@@ -13,6 +13,8 @@
 //!   without token counting;
 //! * `decide/trivial_body`: a one-message body on a route no rule touches (the floor, and the core's side of
 //!   the binding-overhead figure in `bench/core_bench.py`);
+//! * `decide/*_capacity`: the same with `max_concurrency` on every deployment and each route's first one
+//!   full (what the capacity check adds: the difference to the case without);
 //! * `tokens/*`: counting alone, the chat's text and the chat with its framing.
 //!
 //! `cargo bench -p edgeroute-core --bench decide` also prints per-call p50/p99/p99.9 of the decide cases,
@@ -33,6 +35,32 @@ const TRIVIAL: &[u8] = include_bytes!("data/trivial.json");
 fn router() -> Router {
     let r = Router::from_json(CONFIG).expect("bench config compiles");
     r.warm_up();
+    r
+}
+
+/// The same router with a capacity on every deployment (`max_concurrency` 20, 25 % reserved)
+/// and every route's first deployment full: the capacity check runs for every candidate,
+/// and a spill happens on every decision.
+fn router_with_capacity() -> Router {
+    let mut spec: serde_json::Value = serde_json::from_slice(CONFIG).expect("valid config");
+    for d in spec["deployments"].as_array_mut().expect("deployments") {
+        d["max_concurrency"] = 20.into();
+        d["reserve_percent"] = 25.into();
+    }
+    let firsts: Vec<String> = spec["models"]
+        .as_array()
+        .expect("models")
+        .iter()
+        .filter_map(|m| m["deployments"].get(0).and_then(|d| d.as_str()).map(str::to_owned))
+        .collect();
+    let r = Router::from_json(&serde_json::to_vec(&spec).expect("serialises")).expect("compiles");
+    r.warm_up();
+    for name in firsts {
+        let i = r.deployment_index(&name).expect("known");
+        for _ in 0..20 {
+            r.acquire(i);
+        }
+    }
     r
 }
 
@@ -72,6 +100,13 @@ fn bench_decide(c: &mut Criterion) {
     });
     g.bench_function("trivial_body", |b| {
         b.iter(|| router.decide(black_box(TRIVIAL), &plain).unwrap())
+    });
+    let full = router_with_capacity();
+    g.bench_function("chat_2k_tokens_given_capacity", |b| {
+        b.iter(|| full.decide(black_box(CHAT_2K), &given).unwrap())
+    });
+    g.bench_function("trivial_body_capacity", |b| {
+        b.iter(|| full.decide(black_box(TRIVIAL), &plain).unwrap())
     });
     g.finish();
 }
@@ -134,6 +169,13 @@ fn print_percentiles() {
     });
     percentiles("decide/trivial_body", budget, || {
         black_box(router.decide(black_box(TRIVIAL), &plain).unwrap());
+    });
+    let full = router_with_capacity();
+    percentiles("decide/chat_2k_tokens_given_capacity", budget, || {
+        black_box(full.decide(black_box(CHAT_2K), &given).unwrap());
+    });
+    percentiles("decide/trivial_body_capacity", budget, || {
+        black_box(full.decide(black_box(TRIVIAL), &plain).unwrap());
     });
 }
 

@@ -22,6 +22,12 @@ pub struct RouterSpec {
     /// Passive health and circuit-breaking settings.
     #[serde(default)]
     pub health: HealthSpec,
+    /// Priority class names, highest first; the first may use capacity kept in reserve.
+    #[serde(default)]
+    pub priority_classes: Vec<String>,
+    /// The class of a request that names none (its rule's, or the caller's); the last class when absent.
+    #[serde(default)]
+    pub default_priority: Option<String>,
 }
 
 /// One model served by one provider.
@@ -52,6 +58,12 @@ pub struct DeploymentSpec {
     /// Tokenizer used to count this deployment's prompts (see [`crate::tokens::Encoding`]).
     #[serde(default)]
     pub encoding: Option<String>,
+    /// Requests in flight at most; a full deployment is passed over (see [`crate::capacity`]).
+    #[serde(default)]
+    pub max_concurrency: Option<u32>,
+    /// Share of `max_concurrency` (percent) that only the highest priority class may use.
+    #[serde(default)]
+    pub reserve_percent: u32,
 }
 
 fn one() -> u32 {

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod capacity;
 pub mod classify;
 pub mod config;
 pub mod content;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::budget::RetryBudget;
+use crate::capacity::{Limits, Slots};
 use crate::classify::{Classification, Classifier};
 use crate::config::{DeploymentSpec, HealthSpec, ModelSpec, RouterSpec, Strategy};
 use crate::error::{CoreError, Result};
@@ -34,6 +35,8 @@ struct Deployment {
     encoding: Encoding,
     health: Arc<Health>,
     latency: Arc<RotatingHistogram>,
+    limits: Limits,
+    slots: Arc<Slots>,
 }
 
 impl Deployment {
@@ -79,6 +82,9 @@ pub struct RequestMeta {
     pub exact_tokens: bool,
     /// Classify the prompt even when no rule or policy needs it, to explain the decision.
     pub explain: bool,
+    /// The priority class the caller asked for (its key's, or a header its key may set);
+    /// a matched rule's class comes first.
+    pub priority: Option<String>,
 }
 
 /// The router's answer for one request.
@@ -127,6 +133,11 @@ pub struct Decision {
     pub policy: Option<String>,
     /// The experiment arm (route) this request was assigned to, if any.
     pub variant: Option<String>,
+    /// The request's priority class, as its position in the configured classes (0: highest).
+    pub priority: usize,
+    /// Deployments passed over because they were at capacity for this class (placed
+    /// after every deployment with room, so that they are tried, or waited for, last).
+    pub spilled: Vec<usize>,
 }
 
 /// The compiled, immutable router.
@@ -148,6 +159,10 @@ pub struct Router {
     shifts: Arc<Shifts>,
     /// The smallest known context window of any deployment, for deciding when to count exactly.
     smallest_window: Option<u32>,
+    /// Priority class names, highest first.
+    classes: Vec<String>,
+    /// The rank of a request that names no class.
+    default_class: usize,
 }
 
 impl Router {
@@ -201,12 +216,24 @@ impl Router {
                     .map(|&i| &p.deployments[i])
                     .filter(|o| o.spec.provider == d.provider && o.spec.model == d.model)
             });
-            let (health, latency) = match kept {
-                Some(o) => (o.health.clone(), o.latency.clone()),
-                None => (Arc::default(), Arc::new(RotatingHistogram::new(HISTOGRAM_PERIOD_MS))),
+            let (health, latency, slots) = match kept {
+                Some(o) => (o.health.clone(), o.latency.clone(), o.slots.clone()),
+                None => (
+                    Arc::default(),
+                    Arc::new(RotatingHistogram::new(HISTOGRAM_PERIOD_MS)),
+                    Arc::default(),
+                ),
             };
+            if d.max_concurrency == Some(0) || d.reserve_percent > 100 {
+                return Err(CoreError::Config(format!(
+                    "deployment `{}`: max_concurrency must be at least 1 and reserve_percent at most 100",
+                    d.name
+                )));
+            }
             deployments.push(Deployment {
                 price_scale: AtomicU64::new(1f64.to_bits()),
+                limits: Limits::new(d.max_concurrency, d.reserve_percent),
+                slots,
                 spec: d,
                 encoding,
                 health,
@@ -260,6 +287,20 @@ impl Router {
             }
         }
         let rules = Rules::compile(spec.rules)?;
+        let classes = spec.priority_classes;
+        let rank = |name: &str| classes.iter().position(|c| c == name);
+        let default_class = match &spec.default_priority {
+            Some(n) => rank(n).ok_or_else(|| CoreError::Config(format!("unknown default priority class `{n}`")))?,
+            None => classes.len().saturating_sub(1),
+        };
+        for r in rules.specs() {
+            if let Some(p) = r.then.priority.as_deref().filter(|p| rank(p).is_none()) {
+                return Err(CoreError::Config(format!(
+                    "rule `{}`: unknown priority class `{p}`",
+                    r.name
+                )));
+            }
+        }
         for r in rules.specs() {
             if let Some(route) = &r.then.route {
                 if !route_by_name.contains_key(route) {
@@ -329,6 +370,8 @@ impl Router {
             strong_weak,
             shifts,
             deployments,
+            classes,
+            default_class,
         })
     }
 
@@ -437,8 +480,8 @@ impl Router {
     pub fn decide_at(&self, body: &[u8], meta: &RequestMeta, now_ms: u64, unix_secs: u64) -> Result<Decision> {
         let req = ChatRequest::parse(body)?;
         let resolved = self.resolve_route(&req, meta, unix_secs)?;
-        let order = self.order_chain(&req, &resolved, now_ms)?;
-        Ok(self.build_decision(&req, resolved, order, now_ms))
+        let (order, spilled) = self.order_chain(&req, &resolved, now_ms)?;
+        Ok(self.build_decision(&req, resolved, order, spilled, now_ms))
     }
 
     /// Phase 1: the route that serves `req`, after rules, experiments, policies and
@@ -531,7 +574,13 @@ impl Router {
         let strategy = action
             .and_then(|a| a.strategy)
             .unwrap_or(self.routes[route].spec.strategy);
+        let priority = action
+            .and_then(|a| a.priority.as_deref())
+            .or(meta.priority.as_deref())
+            .and_then(|p| self.classes.iter().position(|c| c == p))
+            .unwrap_or(self.default_class);
         Ok(Resolved {
+            priority,
             route,
             matched,
             action,
@@ -548,7 +597,12 @@ impl Router {
 
     /// Phase 2: the deployments to try, in order: the route's, then each fallback
     /// route's, each ordered by its strategy; ejected ones last when nothing else is left.
-    fn order_chain(&self, req: &ChatRequest<'_>, resolved: &Resolved<'_>, now_ms: u64) -> Result<Vec<usize>> {
+    fn order_chain(
+        &self,
+        req: &ChatRequest<'_>,
+        resolved: &Resolved<'_>,
+        now_ms: u64,
+    ) -> Result<(Vec<usize>, Vec<usize>)> {
         let route = resolved.route;
         let mut chain = vec![route];
         for f in &self.routes[route].spec.fallbacks {
@@ -562,6 +616,7 @@ impl Router {
             needed: resolved.needed,
             max_tokens: req.max_tokens,
             now_ms,
+            top_class: resolved.priority == 0,
         };
         let mut out = Chain::default();
         for (pos, &r) in chain.iter().enumerate() {
@@ -572,12 +627,14 @@ impl Router {
             };
             self.order_route(r, strategy, &ctx, &mut out);
         }
-        // Fail open: if health has excluded everything, try the ejected ones rather than nothing.
+        // Full deployments after every one with room; then, failing open, the ejected ones.
         let Chain {
             mut order,
             ejected,
+            full,
             reason,
         } = out;
+        order.extend_from_slice(&full);
         for i in ejected {
             if !order.contains(&i) {
                 order.push(i);
@@ -593,7 +650,7 @@ impl Router {
                 },
             });
         }
-        Ok(order)
+        Ok((order, full))
     }
 
     /// Phase 3: the [`Decision`], after the budgets took note of the request.
@@ -602,6 +659,7 @@ impl Router {
         req: &ChatRequest<'_>,
         resolved: Resolved<'_>,
         order: Vec<usize>,
+        spilled: Vec<usize>,
         now_ms: u64,
     ) -> Decision {
         let Resolved {
@@ -614,6 +672,7 @@ impl Router {
             strategy,
             variant,
             policy_note,
+            priority,
             ..
         } = resolved;
         self.retry_budget.deposit(now_ms);
@@ -658,6 +717,8 @@ impl Router {
             },
             policy: policy_note,
             variant,
+            priority,
+            spilled,
         }
     }
 
@@ -743,6 +804,7 @@ impl Router {
             needed,
             max_tokens,
             now_ms,
+            top_class,
         } = *ctx;
         let route = &self.routes[r];
         let mut cands = Vec::with_capacity(route.members.len());
@@ -750,7 +812,7 @@ impl Router {
         let mut unavailable = Vec::new();
         for (local, &i) in route.members.iter().enumerate() {
             let d = &self.deployments[i];
-            if out.order.contains(&i) {
+            if out.order.contains(&i) || out.full.contains(&i) {
                 continue;
             }
             if let Some(a) = action {
@@ -772,6 +834,11 @@ impl Router {
             }
             if !d.health.available(now_ms) {
                 unavailable.push(i);
+                continue;
+            }
+            if !d.slots.has_room(d.limits, top_class) {
+                // Busy, not failing: spill over to the next deployment, health untouched.
+                out.full.push(i);
                 continue;
             }
             let completion = f64::from(max_tokens.unwrap_or(DEFAULT_COMPLETION_ESTIMATE));
@@ -819,6 +886,33 @@ impl Router {
     /// Asks the retry budget for one retry.
     pub fn try_retry(&self) -> bool {
         self.retry_budget.try_withdraw(self.now_ms())
+    }
+
+    /// Takes a capacity slot on deployment `index` (an attempt starts).
+    pub fn acquire(&self, index: usize) {
+        self.deployments[index].slots.acquire();
+    }
+
+    /// Gives back a capacity slot on deployment `index` (the answer was read).
+    pub fn release(&self, index: usize) {
+        self.deployments[index].slots.release();
+    }
+
+    /// Whether deployment `index` has a free slot for a request of class rank `priority`.
+    pub fn has_room(&self, index: usize, priority: usize) -> bool {
+        let d = &self.deployments[index];
+        d.slots.has_room(d.limits, priority == 0)
+    }
+
+    /// Requests in flight on deployment `index`, and its `max_concurrency`.
+    pub fn slots(&self, index: usize) -> (u32, Option<u32>) {
+        let d = &self.deployments[index];
+        (d.slots.active(), d.limits.max)
+    }
+
+    /// Priority class names, highest first.
+    pub fn priority_classes(&self) -> &[String] {
+        &self.classes
     }
 
     /// Marks an attempt on deployment `index` as started.
@@ -901,6 +995,8 @@ struct Resolved<'r> {
     strategy: Strategy,
     variant: Option<String>,
     policy_note: Option<String>,
+    /// The priority class's rank (0: highest).
+    priority: usize,
 }
 
 /// What ordering reads for every route of the chain.
@@ -911,6 +1007,8 @@ struct OrderContext<'r> {
     needed: u32,
     max_tokens: Option<u32>,
     now_ms: u64,
+    /// Whether the request is of the highest class (which may use reserved capacity).
+    top_class: bool,
 }
 
 /// The chain's order as it is built.
@@ -919,6 +1017,8 @@ struct Chain {
     order: Vec<usize>,
     /// Circuit-open deployments kept back, tried only when nothing else is left.
     ejected: Vec<usize>,
+    /// Deployments without a free slot for the request's class, tried after the others.
+    full: Vec<usize>,
     /// Why the last deployment was excluded, for the error when none is left.
     reason: String,
 }
@@ -981,5 +1081,70 @@ mod tests {
         // An off-peak window at a tenth of the price makes `dear` the cheaper one now.
         router.set_price_multiplier(1, 0.1);
         assert_eq!(first(&router), "dear");
+    }
+
+    const CAPACITY: &[u8] = br#"{"deployments": [
+            {"name": "a", "provider": "p", "model": "m", "weight": 100, "max_concurrency": 5, "reserve_percent": 40},
+            {"name": "b", "provider": "p", "model": "m", "weight": 1},
+            {"name": "c", "provider": "p", "model": "m"}],
+          "models": [{"name": "m", "deployments": ["a", "b"], "fallbacks": ["n"]},
+                     {"name": "n", "deployments": ["c"]}],
+          "rules": [{"name": "bulk", "when": {"tags": ["bulk"]}, "then": {"priority": "batch"}}],
+          "priority_classes": ["interactive", "default", "batch"]}"#;
+    const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+    fn decide_as(r: &Router, priority: Option<&str>, tags: &[&str]) -> Decision {
+        let meta = RequestMeta {
+            priority: priority.map(str::to_owned),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            ..RequestMeta::default()
+        };
+        r.decide(BODY, &meta).unwrap()
+    }
+
+    #[test]
+    fn a_full_deployment_is_tried_last_and_its_health_is_untouched() {
+        let r = Router::from_json(CAPACITY).unwrap();
+        assert_eq!(decide_as(&r, None, &[]).order[0], 0);
+        for _ in 0..5 {
+            r.acquire(0);
+        }
+        let d = decide_as(&r, Some("interactive"), &[]);
+        // The route's other deployment, then the fallback's, then the full one.
+        assert_eq!((d.order, d.spilled, d.priority), (vec![1, 2, 0], vec![0], 0));
+        assert_eq!(r.health(0).failures, 0);
+        r.release(0);
+        assert_eq!(decide_as(&r, Some("interactive"), &[]).order[0], 0);
+        assert_eq!(r.slots(0), (4, Some(5)));
+    }
+
+    #[test]
+    fn the_reserve_is_kept_for_the_highest_class_and_rules_set_the_class() {
+        let r = Router::from_json(CAPACITY).unwrap();
+        for _ in 0..3 {
+            r.acquire(0);
+        }
+        // 40 % of 5 is kept for `interactive`: `default` (the last class unless named) and `batch` spill.
+        assert_eq!(decide_as(&r, Some("interactive"), &[]).spilled, Vec::<usize>::new());
+        assert_eq!(decide_as(&r, Some("default"), &[]).spilled, vec![0]);
+        let bulk = decide_as(&r, Some("interactive"), &["bulk"]);
+        assert_eq!((bulk.priority, bulk.spilled), (2, vec![0]));
+        assert!(r.has_room(0, 0) && !r.has_room(0, 1));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counts_and_bad_capacities_are_refused() {
+        let r = Router::from_json(CAPACITY).unwrap();
+        r.acquire(0);
+        let again = r.reload(Router::spec_from_json(CAPACITY).unwrap()).unwrap();
+        assert_eq!(again.slots(0), (1, Some(5)));
+        again.release(0);
+        again.release(0); // never below zero
+        assert_eq!(r.slots(0), (0, Some(5)));
+        let zero = String::from_utf8_lossy(CAPACITY).replace("\"max_concurrency\": 5", "\"max_concurrency\": 0");
+        assert!(Router::from_json(zero.as_bytes()).is_err());
+        let class = String::from_utf8_lossy(CAPACITY).replace("\"priority\": \"batch\"", "\"priority\": \"bulk\"");
+        let err = Router::from_json(class.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("unknown priority class `bulk`"), "{err}");
     }
 }

@@ -142,6 +142,9 @@ pub struct Action {
     /// Refuse the request with this message (403), e.g. for data that must not leave.
     #[serde(default)]
     pub reject: Option<String>,
+    /// Serve the request in this priority class (see [`crate::RouterSpec::priority_classes`]).
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 /// A prompt's token count, counted only if a rule needs it: exact BPE over a long

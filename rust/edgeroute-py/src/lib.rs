@@ -153,6 +153,14 @@ impl Decision {
     fn variant(&self) -> Option<&str> {
         self.inner.variant.as_deref()
     }
+    #[getter]
+    fn priority(&self) -> usize {
+        self.inner.priority
+    }
+    #[getter]
+    fn spilled(&self) -> Vec<usize> {
+        self.inner.spilled.clone()
+    }
     fn __repr__(&self) -> String {
         format!("{:?}", self.inner)
     }
@@ -270,7 +278,7 @@ impl Router {
         self.inner.has_classifier()
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false))]
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false, priority=None))]
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -284,6 +292,7 @@ impl Router {
         key: Option<String>,
         explain: bool,
         exact_tokens: bool,
+        priority: Option<String>,
     ) -> PyResult<Decision> {
         let meta = core::RequestMeta {
             tags: tags.unwrap_or_default(),
@@ -294,6 +303,7 @@ impl Router {
             key,
             explain,
             exact_tokens,
+            priority,
         };
         let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
@@ -312,6 +322,34 @@ impl Router {
             py,
             &core::rewrite_model(body, decision.inner.model_span, model),
         ))
+    }
+
+    /// Takes a capacity slot on deployment `index`.
+    fn acquire(&self, index: usize) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.acquire(index);
+        Ok(())
+    }
+
+    /// Gives back a capacity slot on deployment `index`.
+    fn release(&self, index: usize) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.release(index);
+        Ok(())
+    }
+
+    fn has_room(&self, index: usize, priority: usize) -> PyResult<bool> {
+        self.checked(index)?;
+        Ok(self.inner.has_room(index, priority))
+    }
+
+    fn slots(&self, index: usize) -> PyResult<(u32, Option<u32>)> {
+        self.checked(index)?;
+        Ok(self.inner.slots(index))
+    }
+
+    fn priority_classes(&self) -> Vec<String> {
+        self.inner.priority_classes().to_vec()
     }
 
     fn begin(&self, index: usize) -> PyResult<()> {
