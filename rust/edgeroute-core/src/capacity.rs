@@ -48,7 +48,7 @@ impl Slots {
 
     /// Whether a request (of the top class or not) finds a free slot under `limits`.
     pub fn has_room(&self, limits: Limits, top: bool) -> bool {
-        limits.for_class(top).is_none_or(|m| self.active() < m)
+        limits.for_class(top).map_or(true, |m| self.active() < m)
     }
 
     /// Counts one more request in flight.
