@@ -227,3 +227,19 @@ async def test_a_waiter_takes_a_slot_freed_on_any_deployment_it_may_use(
     assert raw.headers["x-edgeroute-deployment"] == "d-b"
     assert [live.capacity.active(0), live.capacity.active(1)] == [1, 0]
     live.capacity.release(0)
+
+
+def test_the_spike_scenario_end_to_end_tiny() -> None:
+    """`edgeroute bench spike`, bounded small: a load step past the primary's capacity spills
+    over without errors, and the priority part runs both classes."""
+    from edgeroute.bench import scenarios, spike
+
+    c = scenarios.Common(duration=0.6, requests=200, prompt_tokens=50, pin=False, warmup=0)
+    out = spike.spike(c, rates=(10.0, 120.0), service_ms=50, secondary_ms=60, capacity=2, batch_rate=60.0)
+    low, high = out["steps"]
+    assert low["failed"] == high["failed"] == 0 and low["ok"] > 0 and high["ok"] > 0
+    # 2 slots at 50 ms serve 40 req/s at most: at 120 req/s most must spill.
+    assert high["spillover_pct"] > 30 > low["spillover_pct"]
+    pr = out["priority"]
+    assert pr["interactive_alone"]["ok"] > 0 and pr["batch"]["ok"] > 0 and pr["batch"]["failed"] == 0
+    assert {d["name"]: d["max_concurrency"] for d in out["deployments"]} == {"d0": 2, "d1": None}

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--capacity", type=int, default=20, help="the primary's max_concurrency")
     sp.add_argument("--service-ms", type=float, default=200.0, help="the primary's service time")
     sp.add_argument("--secondary-ms", type=float, default=300.0, help="the secondary's service time")
-    sp.add_argument("--reserve-percent", type=int, default=25, help="of the primary, for the interactive class")
+    sp.add_argument("--reserve-percent", type=int, default=40, help="of the primary, for the interactive class")
     sp.add_argument("--interactive-rate", type=float, default=15.0)
     sp.add_argument("--batch-rate", type=float, default=150.0)
     _common(sp, duration=5.0)

@@ -52,7 +52,7 @@ def spike(
     service_ms: float = 200.0,
     secondary_ms: float = 300.0,
     capacity: int = 20,
-    reserve_percent: int = 25,
+    reserve_percent: int = 40,
     interactive_rate: float = 15.0,
     batch_rate: float = 150.0,
 ) -> dict[str, Any]:
@@ -101,7 +101,8 @@ def spike(
         batch = Target("batch", base, PUBLIC_MODEL, headers={"x-edgeroute-priority": "batch"})
 
         def one(t: Target, rate: float) -> Coroutine[Any, Any, list[Stats]]:
-            load = Load(requests=c.requests, duration=c.duration, rate=rate, grace=30.0)
+            # Twice a step's time: at a low interactive rate a p99 needs the samples.
+            load = Load(requests=c.requests, duration=2 * c.duration, rate=rate, grace=30.0)
             return loadgen.run([t], load, prompt_tokens=c.prompt_tokens)
 
         (alone,) = loadgen.arun(one(interactive, interactive_rate))

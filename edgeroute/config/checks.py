@@ -9,7 +9,6 @@ import importlib.util
 from collections.abc import Iterable
 
 from edgeroute import secrets
-from edgeroute.config import priority
 from edgeroute.config.prices import parse_hhmm
 from edgeroute.config.schema import Config
 from edgeroute.config.tls import check_tls
@@ -117,7 +116,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
                 except ValueError as e:
                     problems.append((f"rules[{i}].when.time.{field}", str(e)))
     problems += _cross_check_cost(cfg)
-    problems += priority.cross_check(cfg)
+    problems += _cross_check_priority(cfg)
     budgets = {b.name for b in cfg.budgets.limits}
     problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
     for i, ref in enumerate(cfg.server.api_keys):
@@ -191,4 +190,25 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
             secrets.resolve(ref)
         except secrets.SecretError as e:
             problems.append((where, str(e)))
+    return problems
+
+
+def _cross_check_priority(cfg: Config) -> list[tuple[str, str]]:
+    """Class names that no class defines, and capacity settings that need each other."""
+    classes = cfg.priority.classes
+    problems: list[tuple[str, str]] = []
+    if cfg.priority.default is not None and cfg.priority.default not in classes:
+        problems.append(("priority.default", unknown("priority class", cfg.priority.default, classes)))
+    for key_id, k in cfg.keys.items():
+        if k.priority is not None and k.priority not in classes:
+            problems.append((f"keys.{key_id}.priority", unknown("priority class", k.priority, classes)))
+        for i, p in enumerate(k.priorities):
+            if p not in classes:
+                problems.append((f"keys.{key_id}.priorities[{i}]", unknown("priority class", p, classes)))
+    for i, r in enumerate(cfg.rules):
+        if r.then.priority is not None and r.then.priority not in classes:
+            problems.append((f"rules[{i}].then.priority", unknown("priority class", r.then.priority, classes)))
+    for name, d in cfg.deployments.items():
+        if d.reserve_percent and d.max_concurrency is None:
+            problems.append((f"deployments.{name}.reserve_percent", "reserve_percent needs max_concurrency"))
     return problems

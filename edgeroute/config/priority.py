@@ -1,4 +1,4 @@
-"""Priority classes: the names a request's class may take, highest first, and their checks.
+"""Priority classes: the names a request's class may take, highest first (checked in `checks`).
 
 A request's class comes from the rule that matched (`then.priority`), else the
 `x-edgeroute-priority` header when its key may set that class (`keys.<id>.priorities`),
@@ -9,12 +9,7 @@ highest class may use a deployment's `reserve_percent`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-if TYPE_CHECKING:
-    from edgeroute.config.schema import Config
 
 
 class PrioritySettings(BaseModel):
@@ -39,26 +34,3 @@ class PrioritySettings(BaseModel):
         if self.default is not None:
             return self.default
         return "default" if "default" in self.classes else self.classes[-1]
-
-
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
-    """Class names that no class defines, and capacity settings that need each other."""
-    from edgeroute.config.checks import unknown
-
-    classes = cfg.priority.classes
-    problems: list[tuple[str, str]] = []
-    if cfg.priority.default is not None and cfg.priority.default not in classes:
-        problems.append(("priority.default", unknown("priority class", cfg.priority.default, classes)))
-    for key_id, k in cfg.keys.items():
-        if k.priority is not None and k.priority not in classes:
-            problems.append((f"keys.{key_id}.priority", unknown("priority class", k.priority, classes)))
-        for i, p in enumerate(k.priorities):
-            if p not in classes:
-                problems.append((f"keys.{key_id}.priorities[{i}]", unknown("priority class", p, classes)))
-    for i, r in enumerate(cfg.rules):
-        if r.then.priority is not None and r.then.priority not in classes:
-            problems.append((f"rules[{i}].then.priority", unknown("priority class", r.then.priority, classes)))
-    for name, d in cfg.deployments.items():
-        if d.reserve_percent and d.max_concurrency is None:
-            problems.append((f"deployments.{name}.reserve_percent", "reserve_percent needs max_concurrency"))
-    return problems
