@@ -241,22 +241,30 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.error_class = rec.error_class or "client_gone"
         raise
     finally:
-        live.leave()
-        rec.latency_ms = (time.perf_counter() - started) * 1000
-        rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
-        for a in reversed(rec.attempts):
-            if a.usage is not None and a.outcome == "success":
-                rec.usage = a.usage
-                break
-        if rec.outcome == "pending":
-            rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
-        admission.settle(ticket, rec)
-        request.app[RECORDER].record(rec)
-        telemetry.finished(request.app, rec, reasons)
-        if live.stats is not None:  # the rollback guard watches this config generation
-            live.stats.observe(rec.status, rec.latency_ms)
+        finish(request, live, rec, started, ticket, reasons)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def finish(
+    request: web.Request, live: Live, rec: RequestRecord, started: float, ticket: Ticket | None, reasons: list[str]
+) -> None:
+    """The end of every request, answered or not: its record completed (latency, cost, usage,
+    outcome), its admission settled, then recorded (ledger, request log) and observed."""
+    live.leave()
+    rec.latency_ms = (time.perf_counter() - started) * 1000
+    rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
+    for a in reversed(rec.attempts):
+        if a.usage is not None and a.outcome == "success":
+            rec.usage = a.usage
+            break
+    if rec.outcome == "pending":
+        rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
+    request.app[ADMISSION].settle(ticket, rec)
+    request.app[RECORDER].record(rec)
+    telemetry.finished(request.app, rec, reasons)
+    if live.stats is not None:  # the rollback guard watches this config generation
+        live.stats.observe(rec.status, rec.latency_ms)
 
 
 def _counter(live: Live, body: bytes) -> Counter:

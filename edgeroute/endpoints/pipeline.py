@@ -24,11 +24,10 @@ from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import _route_headers, correlation_id, decide, new_request_id, read_body
+from edgeroute.openai_api import _route_headers, correlation_id, decide, finish, new_request_id, read_body
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
-from edgeroute.state import RECORDER, STATE, Live
-from edgeroute.telemetry import app as telemetry
+from edgeroute.state import STATE, Live
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
@@ -185,17 +184,4 @@ async def serve(
         rec.error_class = rec.error_class or "client_gone"
         raise
     finally:
-        live.leave()
-        rec.latency_ms = (time.perf_counter() - started) * 1000
-        rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
-        for a in reversed(rec.attempts):
-            if a.usage is not None and a.outcome == "success":
-                rec.usage = a.usage
-                break
-        if rec.outcome == "pending":
-            rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
-        admission.settle(ticket, rec)
-        request.app[RECORDER].record(rec)
-        telemetry.finished(request.app, rec, reasons)
-        if live.stats is not None:
-            live.stats.observe(rec.status, rec.latency_ms)
+        finish(request, live, rec, started, ticket, reasons)
