@@ -2,7 +2,7 @@
 
 A short overhead scenario in a realistic set-up (default 20 s at 500 req/s, ~1,500-token
 chat bodies, 50 rules, four deployments, a budget on, the ledger and request log written),
-with a bare aiohttp pass-through measured beside it in the same run as the floor. It prints
+and a bare aiohttp pass-through measured right after it the same way (the floor). It prints
 the added latency p50/p99/p99.9 of both and passes when
 
 - edgeroute's median added latency is under the limit (1 ms, the design's promise), and
