@@ -36,11 +36,10 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
-from redis.exceptions import RedisError
 
+from edgeroute import redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.metrics import METRICS
 from edgeroute.state import STATE
@@ -61,13 +60,11 @@ class RedisBus:
         self.channel = f"{cfg.prefix}:health"
         self.key_prefix = f"{cfg.prefix}:health:"
         timeout = cfg.timeout_ms / 1000
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        self.client = redis_client.connect(
             cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
         # The subscriber waits on its connection indefinitely: no read timeout there.
-        self.listener: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.redis_url, socket_connect_timeout=timeout, health_check_interval=30
-        )
+        self.listener = redis_client.connect(cfg.redis_url, socket_connect_timeout=timeout, health_check_interval=30)
 
     async def publish(self, event: bytes, key: str, ms: int) -> None:
         try:
@@ -75,7 +72,7 @@ class RedisBus:
                 p.set(self.key_prefix + key, b"1", px=ms)
                 p.publish(self.channel, event)
                 await p.execute()
-        except (RedisError, OSError, TimeoutError) as e:
+        except redis_client.errors() as e:
             raise BusError(type(e).__name__) from None
 
     async def listen(self, share: HealthShare) -> None:
@@ -95,7 +92,7 @@ class RedisBus:
                             share.on_event(msg["data"])
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as e:
+            except redis_client.errors() as e:
                 share.failed += 1
                 log.warning("shared health: Redis unavailable (%s); retrying in 1 s", type(e).__name__)
                 await asyncio.sleep(1.0)

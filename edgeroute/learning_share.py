@@ -23,10 +23,9 @@ import logging
 from collections.abc import AsyncIterator
 
 import orjson
-import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
+from edgeroute import redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
 
@@ -41,7 +40,7 @@ _SEP = "\x1f"
 class LearningShare:
     def __init__(self, cfg: SharedState, learner: FeedbackLearner) -> None:
         timeout = cfg.timeout_ms / 1000
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        self.client = redis_client.connect(
             cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
         self.learner = learner
@@ -63,7 +62,7 @@ class LearningShare:
         """A request another instance served, or None (unknown, expired, or Redis down)."""
         try:
             raw = await self.client.get(self.req_prefix + request_id)
-        except (RedisError, OSError, TimeoutError):
+        except redis_client.errors():
             self.failed += 1
             return None
         if raw is None:
@@ -84,7 +83,7 @@ class LearningShare:
                     p.hincrbyfloat(self.hash, f"{task}{_SEP}{route}{_SEP}a", reward)
                     p.hincrbyfloat(self.hash, f"{task}{_SEP}{route}{_SEP}b", 1.0 - reward)
                 await p.execute()
-        except (RedisError, OSError, TimeoutError):
+        except redis_client.errors():
             # Requests are sent again (a SET repeats harmlessly); rewards are not, since a
             # transaction that timed out may have applied, and a reward must not count twice.
             self.failed += 1
@@ -112,11 +111,11 @@ class LearningShare:
             try:
                 await self.flush()
                 await self.sync()
-            except (RedisError, OSError, TimeoutError) as e:
+            except redis_client.errors() as e:
                 log.warning("shared learning: Redis unavailable (%s)", type(e).__name__)
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(*redis_client.errors()):
             await self.flush()
         await self.client.aclose()
 

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.sse",
             "edgeroute.secrets",
             "edgeroute.redact",
+            "edgeroute.redis_client",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",

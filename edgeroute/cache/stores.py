@@ -11,11 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
-
+from edgeroute import redis_client
 from edgeroute.cache.entry import Entry
 
 log = logging.getLogger("edgeroute.cache")
@@ -110,12 +106,8 @@ class RedisStore:
         self.counters = counters
         self.prefix = prefix
         timeout = timeout_ms / 1000
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+        self.client = redis_client.connect(
+            url, no_retry=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
 
     def _key(self, route: str, key: str) -> str:
@@ -124,7 +116,7 @@ class RedisStore:
     async def get(self, route: str, key: str) -> Entry | None:
         try:
             data = await self.client.get(self._key(route, key))
-        except (RedisError, OSError) as e:
+        except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); serving a miss", type(e).__name__)
             return None
@@ -141,7 +133,7 @@ class RedisStore:
         """Redis bounds the whole cache by its own `maxmemory` policy, not per route."""
         try:
             await self.client.set(self._key(route, key), entry.dumps(), px=max(1, int(keep_s * 1000)))
-        except (RedisError, OSError) as e:
+        except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); answer not stored", type(e).__name__)
 

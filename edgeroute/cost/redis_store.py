@@ -13,11 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
-from redis.retry import Retry
-
+from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
@@ -124,11 +120,11 @@ class RedisState:
 
     def __init__(self, cfg: SharedState) -> None:
         timeout = cfg.timeout_ms / 1000
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        self.client = redis_client.connect(
             cfg.redis_url,
+            no_retry=True,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
         self.prefix = cfg.prefix
@@ -140,7 +136,7 @@ class RedisState:
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
             return await script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as e:
+        except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     # -- budgets ---------------------------------------------------------------
@@ -171,7 +167,7 @@ class RedisState:
         """True the first time `key` is marked (across instances) within `ttl_s`."""
         try:
             return bool(await self.client.set(f"{self.prefix}:once:{key}", b"1", nx=True, ex=max(1, ttl_s)))
-        except (RedisError, OSError, TimeoutError) as e:
+        except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     # -- rate limits -----------------------------------------------------------
