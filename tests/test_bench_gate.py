@@ -23,7 +23,7 @@ def _res(p50: float, p99: float, floor_p99: float | None) -> dict[str, object]:
     [
         (0.4, 0.9, 0.3, True),  # well within both
         (1.2, 0.9, 0.3, False),  # the median limit is absolute
-        (0.4, 1.5, 0.3, True),  # above 3x the floor, under the 2 ms that always passes
+        (0.4, 1.5, 0.3, True),  # above 3x the floor, under the 2 ms that always passes (here)
         (0.4, 2.5, 0.3, False),  # above both bounds
         (0.4, 5.0, 2.0, True),  # a slow day: the floor's own p99 is 2 ms, 3x that bounds ours
         (0.4, 2.5, None, False),  # no floor measured: the absolute bound alone
