@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.redis_client",
+            "edgeroute.sqlite_wal",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeroute import secrets
+from edgeroute import secrets, sqlite_wal
 from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
@@ -253,10 +253,7 @@ class SqliteBackend:
         self._sql = _Statements.for_mark("?")
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        return sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
 
     def write(self, batch: Batch) -> None:
         with self._conn:

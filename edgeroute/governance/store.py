@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from edgeroute import secrets
+from edgeroute import secrets, sqlite_wal
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
 
@@ -120,11 +120,9 @@ class GovStore:
             import psycopg
 
             return psycopg.connect(self._target, autocommit=False, connect_timeout=5)
-        conn = sqlite3.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
-        if self._target != ":memory:":
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+        if self._target == ":memory:":
+            return sqlite3.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
+        return sqlite_wal.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.dialect == "postgres" else sql

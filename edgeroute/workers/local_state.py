@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from edgeroute import sqlite_wal
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
 from edgeroute.cost.redis_store import StoreUnavailable
@@ -48,12 +49,10 @@ class SqliteState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        self._db = sqlite_wal.connect(path, "OFF", timeout=5.0, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._purged = 0.0
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")
             for stmt in _SCHEMA:
                 self._db.execute(stmt)
 
