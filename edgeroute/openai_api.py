@@ -152,15 +152,8 @@ class Dialect:
 
 
 async def chat_completions(request: web.Request, dialect: Dialect | None = None) -> web.StreamResponse:
-    state = request.app[STATE]
-    live = state.live
-    live.enter()
-    # Our own id, always: a client's id would be spoofable and collide in the ledger and feedback.
-    rid = new_request_id()
-    bind_request(rid)
-    started = time.perf_counter()
-    rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
-    tracing.begin(request, rec)
+    live, rec, started = begin(request)
+    rid = rec.request_id
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []
@@ -244,6 +237,20 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         finish(request, live, rec, started, ticket, reasons)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
+    """The start of every request: the running config generation entered, the request's
+    record (with the proxy's own id, always: a client's id would be spoofable and collide in
+    the ledger and feedback), its log context and trace; the perf-counter start for `finish`."""
+    live = request.app[STATE].live
+    live.enter()
+    rid = new_request_id()
+    bind_request(rid)
+    started = time.perf_counter()
+    rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
+    tracing.begin(request, rec)
+    return live, rec, started
 
 
 def finish(

@@ -10,7 +10,6 @@ usage, cost, status, attempts, exactly once.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,12 +23,10 @@ from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import _route_headers, correlation_id, decide, finish, new_request_id, read_body
+from edgeroute.openai_api import _route_headers, begin, decide, finish, read_body
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
-from edgeroute.state import STATE, Live
-from edgeroute.telemetry import tracing
-from edgeroute.telemetry.logs import bind_request
+from edgeroute.state import Live
 
 # Makes the dispatch of a checked request over the decision's deployments, in the endpoint's
 # format: (live, decision, routing body the decision was made on, record, timeouts, max attempts).
@@ -114,14 +111,8 @@ async def serve(
 ) -> web.StreamResponse:
     """Serves one request on `endpoint` (see the module's doc). `answer` rewrites a JSON answer
     before it is sent (the stored content is the upstream's)."""
-    state = request.app[STATE]
-    live = state.live
-    live.enter()
-    rid = new_request_id()
-    bind_request(rid)
-    started = time.perf_counter()
-    rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
-    tracing.begin(request, rec)
+    live, rec, started = begin(request)
+    rid = rec.request_id
     admission = request.app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []
