@@ -117,6 +117,16 @@ class Capacity:
                 self._served.clear()
 
 
+def class_name(classes: Sequence[str], rank: int) -> str:
+    """The name of the class at `rank` (the core's decision gives ranks)."""
+    return classes[rank] if rank < len(classes) else "default"
+
+
+def spill_note(classes: Sequence[str], rank: int, spilled: Sequence[str]) -> str:
+    """What `x-edgeroute-explain` adds when a request was passed over full deployments."""
+    return f"; spillover: {', '.join(spilled)} at capacity for class {class_name(classes, rank)}"
+
+
 def request_class(
     asked: str | None, own: str | None, allowed: frozenset[str] | None, classes: Sequence[str]
 ) -> str | None:

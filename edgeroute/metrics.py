@@ -74,7 +74,7 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]]
     "ttft": ("edgeroute_time_to_first_token_seconds", "Client-visible time to the first content of a stream.",
              ("route",), TTFT_BUCKETS),
     "queue": ("edgeroute_queue_seconds", "Time requests waited for a deployment's capacity (only those that "
-              "waited).", ("route",), LATENCY_BUCKETS),
+              "waited), by route and priority class.", ("route", "class"), LATENCY_BUCKETS),
     "attempts": ("edgeroute_attempts", "Upstream attempts by deployment, outcome and kind (first, retry, fallback, "
                  "hedge).", ("deployment", "outcome", "kind"), None),
     "upstream": ("edgeroute_upstream_duration_seconds", "Duration of answered upstream attempts (to the whole "
@@ -133,7 +133,7 @@ class Metrics:
         if rec.ttft_ms is not None:
             self._observe("ttft", (route,), rec.ttft_ms / 1000)
         if rec.queue_ms:
-            self._observe("queue", (route,), rec.queue_ms / 1000)
+            self._observe("queue", (route, rec.priority or ""), rec.queue_ms / 1000)
         team = rec.team or ""
         attempts, tokens, cost = c["attempts"], c["tokens"], c["cost"]
         for a in rec.attempts:

@@ -21,7 +21,7 @@ from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with
 from edgeroute.cache.entry import Entry
 from edgeroute.cache.service import CACHE, Plan, tenant_of
 from edgeroute.cache.settings import RouteCache
-from edgeroute.capacity import request_class
+from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
@@ -173,6 +173,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             decision = decide(live, body, request)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
+        rec.priority = class_name(live.classes, decision.priority)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body  # stored only where configured
         model = live.config.models[decision.route]
@@ -200,8 +201,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
         if call.spilled:
-            cls = live.classes[decision.priority] if decision.priority < len(live.classes) else "default"
-            hdrs[headers.EXPLAIN] += f"; spillover: {', '.join(call.spilled)} at capacity for class {cls}"
+            hdrs[headers.EXPLAIN] += spill_note(live.classes, decision.priority, call.spilled)
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(answer, JsonAnswer):

@@ -107,7 +107,7 @@ async def test_everything_full_waits_in_a_bounded_queue_then_429(upstreams: Any,
     refused = [r for r in proxy.recorder.records if r.status == 429]
     assert [(r.error_class, r.attempts) for r in refused] == [("capacity", [])]
     async with aiohttp.ClientSession() as s, s.get(proxy.url + "/metrics") as r:
-        assert 'edgeroute_queue_seconds_count{route="m"} 2.0' in await r.text()  # the waiter and the refused
+        assert 'edgeroute_queue_seconds_count{class="default",route="m"} 2.0' in await r.text()  # waiter, refused
 
 
 async def test_the_queue_deadline_bounds_the_wait(upstreams: Any, start_proxy: StartProxy) -> None:

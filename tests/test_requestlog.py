@@ -114,6 +114,7 @@ async def test_requests_are_logged_and_queried_end_to_end(start_upstream: Any, t
         tagged = next(d for d in data if d["model"] == "m" and not d["stream"])
         _, t = await _get(s, proxy.url + f"/admin/requests/{tagged['id']}")
         assert t["tags"] == ["a", "b"]
+        assert (t["priority"], t["queue_ms"]) == ("default", 0.0)  # the class it was served in, and its wait
         status, _ = await _get(s, proxy.url + "/admin/requests/no-such-id")
         assert status == 404
 

@@ -208,6 +208,9 @@ def _cross_check_priority(cfg: Config) -> list[tuple[str, str]]:
     for i, r in enumerate(cfg.rules):
         if r.then.priority is not None and r.then.priority not in classes:
             problems.append((f"rules[{i}].then.priority", unknown("priority class", r.then.priority, classes)))
+        for j, p in enumerate(r.when.priority):
+            if p not in classes:
+                problems.append((f"rules[{i}].when.priority[{j}]", unknown("priority class", p, classes)))
     for name, d in cfg.deployments.items():
         if d.reserve_percent and d.max_concurrency is None:
             problems.append((f"deployments.{name}.reserve_percent", "reserve_percent needs max_concurrency"))

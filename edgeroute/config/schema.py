@@ -24,7 +24,7 @@ from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
 
 ProviderKind = Literal["openai", "openai_compatible", "azure", "anthropic", "gemini", "bedrock"]
-Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy"]
+Strategy = Literal["weighted", "p2c_ewma", "lowest_cost", "least_busy", "fastest"]
 TaskType = Literal[
     "code", "math", "reasoning", "creative_writing", "summarization", "extraction", "translation", "knowledge_qa",
     "chat", "other",
@@ -228,6 +228,13 @@ class RuleWhen(_Strict):
     tasks: list[TaskType] = []
     # the task model's probability of its prediction must reach this (a rule on `tasks` only)
     min_task_confidence: float | None = Field(None, ge=0.0, le=1.0)
+    # the request's priority class (its key's or header's, else the default) is one of these
+    priority: list[str] = []
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _confidence_needs_tasks(self) -> RuleWhen:

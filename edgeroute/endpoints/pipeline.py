@@ -20,6 +20,7 @@ from aiohttp import web
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
@@ -135,6 +136,7 @@ async def serve(
             decision = decide(live, route_body, request)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
+        rec.priority = class_name(live.classes, decision.priority)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body
         model = live.config.models[decision.route]
@@ -151,6 +153,8 @@ async def serve(
             hdrs[headers.CORRELATION_ID] = rec.correlation_id
         if call.hedged:
             hdrs[headers.HEDGED] = "true"
+        if call.spilled:
+            hdrs[headers.EXPLAIN] += spill_note(live.classes, decision.priority, call.spilled)
         if dropped := getattr(call, "dropped", None):  # parameters a deployment could not honour, left out
             hdrs[headers.DROPPED_PARAMS] = ",".join(dropped)
         rec.status = 200

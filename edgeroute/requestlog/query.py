@@ -194,6 +194,7 @@ def get_request(db: Readable, rid: str, with_content: bool) -> dict[str, Any] | 
         reasons=detail.get("reasons", []),
         admission=detail.get("admission"),
         attempts=detail.get("attempts", []),
+        priority=detail.get("priority"),
     )
     if raw_content is None:
         out["content"] = None

@@ -59,6 +59,7 @@ def row(rec: RequestRecord, baseline: float, max_content_bytes: int) -> tuple[An
         "admission": rec.admission,
         "shadow_of": rec.shadow_of,
         "cache_saved_usd": rec.saved_usd,
+        "priority": rec.priority,
         "attempts": attempt_timeline(rec),
     }
     ttft = rec.ttft_ms

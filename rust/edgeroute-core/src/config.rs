@@ -83,6 +83,9 @@ pub enum Strategy {
     LowestCost,
     /// The deployment with the fewest requests in flight.
     LeastBusy,
+    /// The lowest recent latency first (peak EWMA of answered attempts; for a stream that
+    /// is its time to first token). One not yet measured comes first, so it gets measured.
+    Fastest,
 }
 
 impl Strategy {
@@ -93,6 +96,7 @@ impl Strategy {
             Self::P2cEwma => "p2c_ewma",
             Self::LowestCost => "lowest_cost",
             Self::LeastBusy => "least_busy",
+            Self::Fastest => "fastest",
         }
     }
 }

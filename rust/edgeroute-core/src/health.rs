@@ -221,6 +221,11 @@ impl Health {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Peak-EWMA latency of answered attempts (0 until one was measured).
+    pub fn latency_ms(&self) -> f64 {
+        self.lock().ewma_latency_ms
+    }
+
     /// Load score for p2c: latency (or a neutral prior) times in-flight plus one.
     pub fn load_score(&self) -> f64 {
         let lat = self.lock().ewma_latency_ms;

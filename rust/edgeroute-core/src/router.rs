@@ -294,7 +294,8 @@ impl Router {
             None => classes.len().saturating_sub(1),
         };
         for r in rules.specs() {
-            if let Some(p) = r.then.priority.as_deref().filter(|p| rank(p).is_none()) {
+            let named = r.then.priority.iter().chain(&r.when.priority);
+            if let Some(p) = named.map(String::as_str).find(|p| rank(p).is_none()) {
                 return Err(CoreError::Config(format!(
                     "rule `{}`: unknown priority class `{p}`",
                     r.name
@@ -511,6 +512,12 @@ impl Router {
             String::new()
         };
         let user = meta.user.as_deref().or(req.user.as_deref());
+        // The class the caller asked for, else the default one (rules may route classes apart).
+        let asked = meta
+            .priority
+            .as_deref()
+            .and_then(|p| self.classes.iter().position(|c| c == p))
+            .unwrap_or(self.default_class);
         let input = RuleInput {
             model: &req.model,
             tags: &meta.tags,
@@ -525,6 +532,7 @@ impl Router {
             task_confidence: class
                 .as_ref()
                 .map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
+            priority: self.classes.get(asked).map(String::as_str),
         };
         let matched = self.rules.evaluate(&input);
         let (prompt_tokens, tokens_exact) = self.settle_tokens(&input.prompt_tokens, bounds, req.max_tokens);
@@ -576,9 +584,8 @@ impl Router {
             .unwrap_or(self.routes[route].spec.strategy);
         let priority = action
             .and_then(|a| a.priority.as_deref())
-            .or(meta.priority.as_deref())
             .and_then(|p| self.classes.iter().position(|c| c == p))
-            .unwrap_or(self.default_class);
+            .unwrap_or(asked);
         Ok(Resolved {
             priority,
             route,
@@ -849,6 +856,11 @@ impl Router {
                 cost,
                 load: d.health.load_score(),
                 in_flight: d.health.in_flight(),
+                latency_ms: if strategy == Strategy::Fastest {
+                    d.health.latency_ms()
+                } else {
+                    0.0
+                },
             });
             locals.push(local);
         }

@@ -75,6 +75,9 @@ pub struct Conditions {
     /// (0..=1), so that a rule acts only on a confident prediction.
     #[serde(default)]
     pub min_task_confidence: Option<f64>,
+    /// The request's priority class (from its key or header, else the default) is one of these.
+    #[serde(default)]
+    pub priority: Vec<String>,
 }
 
 /// A daily window `[start, end)` in minutes since local midnight; wraps past midnight when end < start.
@@ -240,6 +243,8 @@ pub struct RuleInput<'a> {
     pub task: Option<&'a str>,
     /// The task model's probability of `task`.
     pub task_confidence: Option<f64>,
+    /// The priority class the caller asked for (its key's or header's), else the default class.
+    pub priority: Option<&'a str>,
 }
 
 /// The rule that matched and why.
@@ -392,6 +397,7 @@ impl Rules {
             (&w.users, input.user, "user"),
             (&w.teams, input.team, "team"),
             (&w.roles, input.role, "role"),
+            (&w.priority, input.priority, "priority"),
         ] {
             if !list.is_empty() {
                 let Some(v) = value.filter(|v| list.iter().any(|x| x == v)) else {
@@ -509,6 +515,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rules.specs()[rules.evaluate(&i).unwrap().index].name, "pii");
+    }
+
+    #[test]
+    fn priority_class_condition() {
+        let rules = Rules::compile(vec![
+            rule(r#"{"name":"fast","when":{"priority":["interactive"]},"then":{"strategy":"fastest"}}"#),
+            rule(r#"{"name":"cheap","when":{"priority":["batch","default"]},"then":{"strategy":"lowest_cost"}}"#),
+        ])
+        .unwrap();
+        let at = |p: Option<&str>| {
+            let i = RuleInput {
+                priority: p,
+                ..Default::default()
+            };
+            rules
+                .evaluate(&i)
+                .map(|m| (rules.specs()[m.index].name.clone(), m.reasons))
+        };
+        assert_eq!(
+            at(Some("interactive")),
+            Some(("fast".into(), vec!["priority=interactive".into()]))
+        );
+        assert_eq!(at(Some("batch")).unwrap().0, "cheap");
+        assert_eq!(at(Some("other")), None);
+        assert_eq!(at(None), None);
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Candidate {
     pub load: f64,
     /// Requests in flight.
     pub in_flight: u32,
+    /// Peak-EWMA latency of answered attempts (0: not measured yet).
+    pub latency_ms: f64,
 }
 
 /// Smooth weighted round robin state of one route (nginx's algorithm): each
@@ -109,6 +111,11 @@ pub fn order(strategy: Strategy, cands: &mut Vec<Candidate>, locals: &[usize], s
             cands.rotate_left(k);
             cands.sort_by_key(|c| c.in_flight);
         }
+        Strategy::Fastest => {
+            let k = rng.below(cands.len());
+            cands.rotate_left(k);
+            cands.sort_by(|x, y| x.latency_ms.total_cmp(&y.latency_ms));
+        }
     }
 }
 
@@ -123,6 +130,23 @@ mod tests {
             cost: index as f64,
             load: 1.0,
             in_flight: 0,
+            latency_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn fastest_puts_the_lowest_latency_first() {
+        let (swrr, rng) = (Swrr::new(3), FastRng::new(7));
+        let lat = [300.0, 40.0, 120.0];
+        for _ in 0..10 {
+            let mut c: Vec<Candidate> = (0..3)
+                .map(|i| Candidate {
+                    latency_ms: lat[i],
+                    ..cand(i, 1)
+                })
+                .collect();
+            order(Strategy::Fastest, &mut c, &[0, 1, 2], &swrr, &rng);
+            assert_eq!(c.iter().map(|c| c.index).collect::<Vec<_>>(), [1, 2, 0]);
         }
     }
 
