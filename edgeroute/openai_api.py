@@ -19,7 +19,7 @@ from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry
-from edgeroute.cache.service import CACHE, Plan, tenant_of
+from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.cost.keys import IDENTITY
@@ -158,6 +158,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     ticket: Ticket | None = None
     reasons: list[str] = []
     body: bytes | None = None
+    plan: Plan | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
         decision = decide(live, body, request)
@@ -166,19 +167,25 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         reasons = decision.reasons
         rec.reasons, rec.tags = reasons, _tags(request)
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
+        cache = request.app[CACHE]
+        model = live.config.models[decision.route]
+        plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+        cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         ticket = await admission.admit(request, decision, rec, _counter(live, body))
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             body = with_model(body, decision, reroute)
+            route = decision.route
             decision = decide(live, body, request)
             rec.route, rec.rule = decision.route, decision.rule
+            if decision.route != route:
+                cache.discard(plan)
+                model = live.config.models[decision.route]
+                plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body  # stored only where configured
-        model = live.config.models[decision.route]
-        cache = request.app[CACHE]
-        plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
         if plan is not None:
             allowed = [live.deployments[i].name for i in decision.order]
             if (entry := await cache.lookup(plan, allowed)) is not None:
@@ -234,6 +241,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.error_class = rec.error_class or "client_gone"
         raise
     finally:
+        ResponseCache.discard(plan)  # a prefetch the request did not get to use
         finish(request, live, rec, started, ticket, reasons)
         if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
             learner.served(rid, rec.route, rec.task, rec.cost_usd)

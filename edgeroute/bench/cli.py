@@ -77,6 +77,7 @@ def _overhead(a: argparse.Namespace) -> int:
         request_log=a.request_log == "on",
         cache=a.cache,
         budgets=a.budgets,
+        limits=a.limits,
         beside=a.beside,
     )
     return 0
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--request-log", choices=("on", "off"), default="on", help="the request log (no content), as served")
     o.add_argument("--cache", action="store_true", help="the response cache on: after warm-up, every request is a hit")
     o.add_argument("--budgets", action="store_true", help="a global budget on (every request reserved and settled)")
+    o.add_argument("--limits", action="store_true", help="per-key RPM and TPM limits on (every request takes both)")
     o.add_argument(
         "--beside", choices=sorted(scenarios.BESIDE), help="a second edgeroute with this change, interleaved (its cost)"
     )

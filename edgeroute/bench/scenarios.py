@@ -402,12 +402,15 @@ def overhead(
     request_log: bool = True,
     cache: bool = False,
     budgets: bool = False,
+    limits: bool = False,
     beside: str | None = None,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
     With `budgets`, a global monthly budget (never reached) admits every request, as a
-    deployment with spend limits does. `beside` (one of `BESIDE`) adds a second edgeroute with
-    one setting changed, interleaved with the first: the setting's cost, in the same sitting.
+    deployment with spend limits does; with `limits`, per-key RPM and TPM limits (never reached).
+    `beside` (one of `BESIDE`) adds a second edgeroute with one setting changed, interleaved
+    with the first: the setting's cost, in the same sitting (`redis`: budgets, limits and
+    cache in Redis, `shared_state`).
     With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
     The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
     is False. With `cache`, the response cache is on (the bench's few distinct bodies are hits
@@ -430,6 +433,9 @@ def overhead(
         if budgets:
             cfg["budgets"] = BENCH_BUDGETS
             out["budgets"] = True
+        if limits:
+            cfg["rate_limits"] = BENCH_LIMITS
+            out["limits"] = True
         proxy, startup = stack.proxy(cfg)
         out["startup_s"] = round(startup, 3)
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)
@@ -501,6 +507,14 @@ def overhead(
 
 # A budget every request is admitted under (reserved, settled, journaled), never reached.
 BENCH_BUDGETS = {"limits": [{"name": "bench-month", "scope": "global", "limit_usd": 1e9, "period": "month"}]}
+BENCH_LIMITS = {"per_key": {"rpm": 1_000_000_000, "tpm": 1_000_000_000_000}}
+
+
+def _shared_state(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with budgets, limits and cache in Redis (`EDGEROUTE_BENCH_REDIS_URL`, default the
+    loopback server's db 14), under a prefix of this run's own; its keys expire on their own."""
+    url = os.environ.get("EDGEROUTE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    return _with(cfg, shared_state={"redis_url": url, "prefix": f"edgeroute-bench-{os.getpid()}", "timeout_ms": 500})
 
 
 def _with(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -511,6 +525,7 @@ def _with(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
 # (its argument: the mock's OTLP sink, for tracing).
 BESIDE: dict[str, Any] = {
     "budgets": lambda cfg, sink: _with(cfg, budgets=BENCH_BUDGETS),
+    "redis": lambda cfg, sink: _shared_state(cfg),
     "no-budgets": lambda cfg, sink: {k: v for k, v in cfg.items() if k != "budgets"},
     "request-log-off": lambda cfg, sink: _with(cfg, request_log={"enabled": False}),
     "tracing-10": lambda cfg, sink: _with(cfg, tracing={"enabled": True, "sample_ratio": 0.1, "endpoint": sink}),

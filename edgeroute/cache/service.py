@@ -102,6 +102,7 @@ class Plan:
     vector: Any = None
     guards: Guards | None = None
     similarity: float | None = None
+    fetching: asyncio.Task[Entry | None] | None = None  # the exact entry, asked for early (`prefetch`)
 
     @property
     def stores(self) -> bool:
@@ -171,11 +172,28 @@ class ResponseCache:
                 raise _not_cached()
         return plan
 
+    def prefetch(self, plan: Plan | None) -> None:
+        """Asks a remote store for the plan's exact entry now, so that the round trip overlaps
+        admission's; `lookup` uses the answer. Call `discard` if the request goes no further."""
+        if plan is not None and plan.label != "bypass" and isinstance(self.store, RedisStore):
+            plan.fetching = asyncio.get_running_loop().create_task(self.store.get(plan.route, plan.key))
+
+    @staticmethod
+    def discard(plan: Plan | None) -> None:
+        """Drops a prefetch that will not be used (the request was refused or rerouted)."""
+        if plan is not None and plan.fetching is not None:
+            plan.fetching.cancel()
+            plan.fetching = None
+
     async def lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
         """A fresh entry this request may be served; remembers a stale one for stale-if-error."""
         if plan.label == "bypass":
             return None
-        entry = await self.store.get(plan.route, plan.key)
+        if plan.fetching is not None:
+            entry = await plan.fetching
+            plan.fetching = None
+        else:
+            entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.deployment not in allowed:
             entry = None  # produced where this request may not go (PII, residency, tags)
         if entry is not None and entry.age() <= plan.settings.ttl:

@@ -19,7 +19,8 @@
 A refused request gives back its reservations and token estimates. `settle` replaces reservations by the
 actual cost and token estimates by the actual tokens (a deployment's by the tokens that
 deployment served). Without Redis everything is synchronous dict arithmetic
-(microseconds). With Redis, one script per step; if Redis fails, `on_unavailable: open`
+(microseconds). With Redis, admission's three checks are one script (one round trip) and
+settlements are batched with other requests' after the answer; if Redis fails, `on_unavailable: open`
 falls back to this instance's own counters, `closed` refuses with 503. Under
 `serve --workers N` without Redis, the workers share one SQLite file instead
 (`workers/local_state.py`, the same interface and guarantee on one machine).
@@ -80,6 +81,19 @@ class CostTicket:
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)
+
+
+_Taken = tuple[bool, list[BucketState], bool]  # allowed, the buckets' states, taken in the shared store
+
+
+@dataclass(slots=True)
+class _AtOnce:
+    """Admission's checks made in one round trip (`CostControl._at_once`); None: not made."""
+
+    rate: _Taken | None = None
+    deployment: _Taken | None = None
+    reserved: B.Reserved | None = None
+    charges: list[B.Charge] = field(default_factory=list)  # what `reserved` reserved (when ok)
 
 
 @dataclass(slots=True)
@@ -226,20 +240,34 @@ class CostControl:
         choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
+        budgeted = bool(self.budgets) or ident.budget is not None
+        prices = self._prices_for(live.config) if budgeted else None
+        top = prices.top(decision.order, live.deployments) if prices is not None else None
         try:
-            await self._rate_limits(request, decision.route, tokens, rec, ticket)
-            await self._deployment_limits(live.router, live.deployments, decision, tokens, ticket)
-            if self.budgets or ident.budget is not None:
-                prices = self._prices_for(live.config)
-                top = prices.top(decision.order, live.deployments)
+            # With Redis, the three checks below are made in one round trip up front (`_at_once`)
+            # and each step reads its result from it; otherwise each step checks on its own.
+            now = time.time()
+            first = await self._at_once(live.deployments, decision, ticket, top, now)
+            try:
+                await self._rate_limits(request, decision.route, tokens, rec, ticket, first.rate)
+                await self._deployment_limits(
+                    live.router, live.deployments, decision, tokens, ticket, got=first.deployment
+                )
+            except BaseException:
+                if first.reserved is not None and first.reserved.ok:
+                    await self._wait([self._adjust(first.charges, [-c.amount for c in first.charges], True)])
+                raise
+            if prices is not None and top is not None:
                 try:
-                    route = await self._budgets(decision, rec, ticket, prices, top, choices, prompt_upper(decision))
+                    route = await self._budgets(
+                        decision, rec, ticket, prices, top, choices, prompt_upper(decision), now, first
+                    )
                 except ProxyError as e:
                     if e.code != "budget_exceeded" or decision.tokens_exact or count is None:
                         raise
                     # Refused by the bound: the exact count decides (nothing was reserved).
                     rec.outcome, rec.admission = "pending", None
-                    route = await self._budgets(decision, rec, ticket, prices, top, choices, await count())
+                    route = await self._budgets(decision, rec, ticket, prices, top, choices, await count(), now)
                 if route != decision.route:
                     await self._follow_downgrade(request, rec, ticket, decision.route, route, tokens)
         except BaseException:
@@ -247,6 +275,32 @@ class CostControl:
             await self._wait(self._release(ticket))
             raise
         return ticket
+
+    async def _at_once(
+        self, table: list[Any], decision: _core.Decision, ticket: CostTicket, top: Ceiling | None, now: float
+    ) -> _AtOnce:
+        """With Redis up: the key and model limits, the first deployment's limits and the
+        budgets' first reservation, in one script (one round trip). Else nothing: each step
+        then checks on its own (in process, in the workers' file, or after Redis failed)."""
+        if not isinstance(self.shared, RedisState) or not self.shared_up():
+            return _AtOnce()
+        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens)
+        dep = self._deployment_of(table, decision)
+        deployment = _bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens) if dep is not None else []
+        charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
+        if not (takes or deployment or charges):
+            return _AtOnce()
+        try:
+            got = await self.shared.admit(takes, deployment, charges)
+        except StoreUnavailable as e:
+            self._unavailable("admission", e)
+            return _AtOnce()
+        return _AtOnce(
+            None if got.rate is None else (*got.rate, True),
+            None if got.deployment is None else (*got.deployment, True),
+            got.reserved,
+            charges,
+        )
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Any) -> None:
         """After a reroute (a downgrade, or a first deployment at its provider limit) the
@@ -264,17 +318,28 @@ class CostControl:
     def _key_limit(self, ident: Identity) -> Limit | None:
         return ident.limits or self.cfg.rate_limits.per_key
 
-    async def _rate_limits(
-        self, request: web.Request, route: str, tokens: int, rec: RequestRecord, ticket: CostTicket
-    ) -> None:
-        key_limit = self._key_limit(ticket.identity)
+    def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
+        key_limit = self._key_limit(ident)
         model_limit = self._model_limits.get(route)
-        takes = _bucket_takes(f"key:{ticket.identity.key}", key_limit, tokens) if key_limit else []
+        takes = _bucket_takes(f"key:{ident.key}", key_limit, tokens) if key_limit else []
         if model_limit is not None:
             takes += _bucket_takes(f"model:{route}", model_limit, tokens)
+        return takes
+
+    async def _rate_limits(
+        self,
+        request: web.Request,
+        route: str,
+        tokens: int,
+        rec: RequestRecord,
+        ticket: CostTicket,
+        got: _Taken | None = None,
+    ) -> None:
+        """Takes the key and model limits (or reads `got`, their result taken already)."""
+        takes = self._rate_takes(ticket.identity, route, tokens)
         if not takes:
             return
-        ok, states, shared = await self._take(takes)
+        ok, states, shared = got if got is not None else await self._take(takes)
         request[RATE_STATES] = states  # headers are made when the answer goes out
         if not ok:
             rec.outcome = "rate_limited"
@@ -315,18 +380,18 @@ class CostControl:
         tokens: int,
         ticket: CostTicket,
         again: bool = True,
+        got: _Taken | None = None,
     ) -> None:
-        """Takes the provider limit of the decision's first deployment; at its limit, asks the
-        endpoint to decide again (`again`) when the model has other deployments, else refuses."""
-        limits = self.cfg.rate_limits.deployments
-        if not limits:
+        """Takes the provider limit of the decision's first deployment (or reads `got`, taken
+        already); at its limit, asks the endpoint to decide again (`again`) when the model has
+        other deployments, else refuses."""
+        found = self._deployment_of(table, decision)
+        if found is None:
             return
+        name, lim = found
         dep = table[decision.order[0]]
-        lim = limits.get(dep.name)
-        if lim is None:
-            return
-        takes = _bucket_takes(f"deployment:{dep.name}", lim, tokens)
-        ok, states, shared = await self._take(takes)
+        takes = _bucket_takes(f"deployment:{name}", lim, tokens)
+        ok, states, shared = got if got is not None else await self._take(takes)
         # The core has no limit-aware selection: cool the deployment down in it until a request's
         # worth is back, so that selection routes around it (a rate-limit report, counted as a failure).
         if not ok:
@@ -337,7 +402,7 @@ class CostControl:
         if wait > 0:
             router.report(dep.index, "rate_limited", 0.0, math.ceil(min(wait, 60.0) * 1000))
         if ok:
-            ticket.held.append(Held(takes, shared, dep.name))
+            ticket.held.append(Held(takes, shared, name))
             return
         if again and len(decision.order) > 1:
             ticket.reroute = decision.model
@@ -350,6 +415,23 @@ class CostControl:
             headers={"Retry-After": str(max(1, math.ceil(min(wait, 60.0))))},
         )
 
+    def _deployment_of(self, table: list[Any], decision: _core.Decision) -> tuple[str, Limit] | None:
+        """The decision's first deployment and its provider limit, when it has one."""
+        limits = self.cfg.rate_limits.deployments
+        if not limits:
+            return None
+        name: str = table[decision.order[0]].name
+        lim = limits.get(name)
+        return None if lim is None else (name, lim)
+
+    def _first_charges(
+        self, decision: _core.Decision, ticket: CostTicket, top: Ceiling, prompt: int, now: float
+    ) -> list[B.Charge]:
+        """The reservations of the request's maximum cost on its own route."""
+        completion = (decision.max_tokens or self.reserve_max_tokens) * decision.choices
+        hedges = 2 if decision.hedge_after_ms is not None else 1
+        return self._charges(ticket.identity, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
+
     async def _budgets(
         self,
         decision: _core.Decision,
@@ -359,18 +441,23 @@ class CostControl:
         top: Ceiling,
         choices: int,
         prompt: int,
+        now: float,
+        first: _AtOnce | None = None,
     ) -> str:
-        """Reserves the request's maximum cost; returns the route reserved for (a downgrade's target)."""
-        now = time.time()
+        """Reserves the request's maximum cost (its first reservation made already when `first`
+        has it); returns the route reserved for (a downgrade's target)."""
         completion = (decision.max_tokens or self.reserve_max_tokens) * choices
         route = decision.route
         hedges = 2 if decision.hedge_after_ms is not None else 1
         for step in range(2):
-            estimate = top.cost(prompt, completion) * hedges
-            charges = self._charges(ticket.identity, route, B.to_nano(estimate), now)
-            if not charges:
-                return route
-            res, shared = await self._reserve(charges, now)
+            if step == 0 and first is not None and first.reserved is not None:
+                charges, res, shared = first.charges, first.reserved, True
+            else:
+                estimate = top.cost(prompt, completion) * hedges
+                charges = self._charges(ticket.identity, route, B.to_nano(estimate), now)
+                if not charges:
+                    return route
+                res, shared = await self._reserve(charges, now)
             target = self._downgrade_to(charges, res.used_before, route, prices) if step == 0 else None
             if target is not None:
                 rec.admission = f"downgraded:{target[1]}"

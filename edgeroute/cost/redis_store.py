@@ -1,7 +1,10 @@
 """Budgets, reservations and rate-limit buckets shared by several proxy instances, in Redis.
 
 Every check-and-charge is one Lua script, so it is atomic across instances: a budget's
-reservations from all instances see each other, and a bucket is one bucket. Keys are
+reservations from all instances see each other, and a bucket is one bucket. Admission is
+one script and one round trip (key and model limits, the deployment's limits, budgets);
+settlements are summed per key and sent together, one script in flight at a time, so
+under load many requests settle in one round trip, after their answers have gone out. Keys are
 `{prefix}:b:{budget}:{subject}:{period}` (an integer of nano-USD, or a hash of rolling
 slots) and `{prefix}:rl:{name}:{kind}` (a hash: level, stamp in ms from Redis's clock).
 All keys expire on their own. Errors surface as :class:`StoreUnavailable`; what to do
@@ -10,7 +13,9 @@ then (fail open to the in-process store, or closed) is the caller's policy.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute import redis_client
@@ -18,46 +23,110 @@ from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
 
-RESERVE = """
-local n = #KEYS
-local out = {1, 0}
-for i = 1, n do
-  local b = (i - 1) * 6
-  local amount = tonumber(ARGV[b + 2])
-  local block_at = tonumber(ARGV[b + 3])
-  local u = 0
-  if ARGV[b + 1] == '1' then
-    local first = tonumber(ARGV[b + 6])
-    local h = redis.call('HGETALL', KEYS[i])
-    for j = 1, #h, 2 do
-      if tonumber(h[j]) < first then redis.call('HDEL', KEYS[i], h[j]) else u = u + tonumber(h[j + 1]) end
-    end
-  else
-    u = tonumber(redis.call('GET', KEYS[i]) or '0')
-  end
-  out[i + 2] = tostring(u)
-  if out[1] == 1 and block_at >= 0 and u + amount > block_at then
-    out[1] = 0
-    out[2] = i
-  end
+# Lua functions every script below is built from: a token-bucket take and a budget
+# reservation, each all or nothing over its keys, each appending its result to `out`.
+FUNCTIONS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-if out[1] == 1 then
+
+-- Buckets KEYS[k0+1 .. k0+n]; ARGV from a0+1, three each: capacity, refill per ms, amount.
+-- Appends ok (1/0), each level after, each wait in ms (-1: never fits).
+local function take(k0, a0, n, now, out)
+  local levels, waits, ok = {}, {}, 1
   for i = 1, n do
-    local b = (i - 1) * 6
-    if ARGV[b + 1] == '1' then
-      redis.call('HINCRBY', KEYS[i], ARGV[b + 5], ARGV[b + 2])
-    else
-      redis.call('INCRBY', KEYS[i], ARGV[b + 2])
+    local b = a0 + (i - 1) * 3
+    local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local v = redis.call('HMGET', KEYS[k0 + i], 'l', 't')
+    local level, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
+    if now > ts then level = math.min(cap, level + (now - ts) * rate) end
+    levels[i] = level
+    waits[i] = 0
+    if level < amt then
+      ok = 0
+      if amt > cap then waits[i] = -1 else waits[i] = math.ceil((amt - level) / rate) end
     end
-    redis.call('EXPIRE', KEYS[i], ARGV[b + 4])
   end
+  out[#out + 1] = ok
+  for i = 1, n do
+    local b = a0 + (i - 1) * 3
+    local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    if ok == 1 then levels[i] = levels[i] - amt end
+    redis.call('HSET', KEYS[k0 + i], 'l', tostring(levels[i]), 't', now)
+    redis.call('PEXPIRE', KEYS[k0 + i], math.ceil(cap / rate) + 1000)
+    out[#out + 1] = tostring(levels[i])
+  end
+  for i = 1, n do out[#out + 1] = waits[i] end
+  return ok
 end
-return out
+
+-- Budgets KEYS[k0+1 .. k0+n]; ARGV from a0+1, six each: rolling (1/0), amount, block at
+-- (-1: never), ttl, slot, first slot of the window. Appends ok, the blocked budget
+-- (1-based; 0 when none), each amount used before.
+local function reserve(k0, a0, n, out)
+  local ok, blocked, used = 1, 0, {}
+  for i = 1, n do
+    local key, b = KEYS[k0 + i], a0 + (i - 1) * 6
+    local amount, block_at = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local u = 0
+    if ARGV[b + 1] == '1' then
+      local first = tonumber(ARGV[b + 6])
+      local h = redis.call('HGETALL', key)
+      for j = 1, #h, 2 do
+        if tonumber(h[j]) < first then redis.call('HDEL', key, h[j]) else u = u + tonumber(h[j + 1]) end
+      end
+    else
+      u = tonumber(redis.call('GET', key) or '0')
+    end
+    used[i] = u
+    if ok == 1 and block_at >= 0 and u + amount > block_at then
+      ok, blocked = 0, i
+    end
+  end
+  if ok == 1 then
+    for i = 1, n do
+      local key, b = KEYS[k0 + i], a0 + (i - 1) * 6
+      if ARGV[b + 1] == '1' then
+        redis.call('HINCRBY', key, ARGV[b + 5], ARGV[b + 2])
+      else
+        redis.call('INCRBY', key, ARGV[b + 2])
+      end
+      redis.call('EXPIRE', key, ARGV[b + 4])
+    end
+  end
+  out[#out + 1] = ok
+  out[#out + 1] = blocked
+  for i = 1, n do out[#out + 1] = tostring(used[i]) end
+  return ok
+end
 """
 
-ADJUST = """
-for i = 1, #KEYS do
-  local b = (i - 1) * 4
+TAKE = FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out"
+RESERVE = FUNCTIONS + "local out = {} reserve(0, 0, #KEYS, out) return out"
+
+# Admission in one round trip: the key and model buckets (refused: nothing else is done),
+# then the first deployment's buckets (at its limit the caller reroutes, so the rest goes on),
+# then the budgets. ARGV[1..3]: how many keys each group has.
+ADMIT = (
+    FUNCTIONS
+    + """
+local na, nb, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, now = {}, now_ms()
+if take(0, 3, na, now, out) == 0 then return out end
+take(na, 3 + 3 * na, nb, now, out)
+reserve(na + nb, 3 + 3 * (na + nb), nc, out)
+return out
+"""
+)
+
+# Settlement of many requests at once: budget deltas (ARGV from 1, four each: rolling, delta,
+# ttl, slot), then bucket deltas (two each: delta taken, capacity; a bucket that expired
+# stays full). ARGV[1]: how many budget keys come first.
+SETTLE = """
+local nb = tonumber(ARGV[1])
+for i = 1, nb do
+  local b = 1 + (i - 1) * 4
   if ARGV[b + 1] == '1' then
     redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
   else
@@ -65,45 +134,11 @@ for i = 1, #KEYS do
   end
   redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
 end
-return 1
-"""
-
-TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS
-local levels, waits, ok = {}, {}, 1
-for i = 1, n do
-  local b = (i - 1) * 3
-  local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local v = redis.call('HMGET', KEYS[i], 'l', 't')
-  local level, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
-  if now > ts then level = math.min(cap, level + (now - ts) * rate) end
-  levels[i] = level
-  waits[i] = 0
-  if level < amt then
-    ok = 0
-    if amt > cap then waits[i] = -1 else waits[i] = math.ceil((amt - level) / rate) end
-  end
-end
-local out = {ok}
-for i = 1, n do
-  local b = (i - 1) * 3
-  local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  if ok == 1 then levels[i] = levels[i] - amt end
-  redis.call('HSET', KEYS[i], 'l', tostring(levels[i]), 't', now)
-  redis.call('PEXPIRE', KEYS[i], math.ceil(cap / rate) + 1000)
-  out[i + 1] = tostring(levels[i])
-  out[n + i + 1] = waits[i]
-end
-return out
-"""
-
-GIVE = """
-for i = 1, #KEYS do
+for i = nb + 1, #KEYS do
+  local b = 1 + nb * 4 + (i - nb - 1) * 2
   if redis.call('EXISTS', KEYS[i]) == 1 then
-    local cap = tonumber(ARGV[(i - 1) * 2 + 2])
-    local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[(i - 1) * 2 + 1])
+    local cap = tonumber(ARGV[b + 2])
+    local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[b + 1])
     redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, l)))
   end
 end
@@ -113,6 +148,29 @@ return 1
 
 class StoreUnavailable(Exception):
     """Redis did not answer (down, unreachable, timed out)."""
+
+
+@dataclass(slots=True)
+class Admitted:
+    """What one admission round trip found: each group's result, None when the group was
+    empty or not reached (the key and model buckets refused the request)."""
+
+    rate: tuple[bool, list[BucketState]] | None
+    deployment: tuple[bool, list[BucketState]] | None
+    reserved: Reserved | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Settlements not yet sent: deltas summed per budget key and per bucket key."""
+
+    # (key, slot) -> [key, rolling, delta, ttl, slot]: a rolling budget's slots are fields of one key
+    budgets: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
+    buckets: dict[str, list[Any]] = field(default_factory=dict)  # key -> [delta, capacity]
+    done: asyncio.Future[str | None] | None = None  # an error's name, or None when sent
+
+    def __bool__(self) -> bool:
+        return bool(self.budgets or self.buckets)
 
 
 class RedisState:
@@ -129,9 +187,11 @@ class RedisState:
         )
         self.prefix = cfg.prefix
         self._reserve = self.client.register_script(RESERVE)
-        self._adjust = self.client.register_script(ADJUST)
         self._take = self.client.register_script(TAKE)
-        self._give = self.client.register_script(GIVE)
+        self._admit = self.client.register_script(ADMIT)
+        self._settle = self.client.register_script(SETTLE)
+        self._pending = _Pending()
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -139,29 +199,58 @@ class RedisState:
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
+    # -- admission: one round trip -----------------------------------------------
+
+    async def admit(self, takes: list[Take], deployment: list[Take], charges: list[Charge]) -> Admitted:
+        """Takes `takes` (all or nothing; refused, nothing else happens), then `deployment`'s
+        buckets (all or nothing, on their own), then reserves `charges` — one atomic script."""
+        keys = [self._rkey(t) for t in takes] + [self._rkey(t) for t in deployment]
+        keys += [self._bkey(c) for c in charges]
+        args: list[Any] = [len(takes), len(deployment), len(charges)]
+        args += self._take_args(takes) + self._take_args(deployment) + self._reserve_args(charges)
+        out = await self._run(self._admit, keys, args)
+        rate, at = self._read_take(out, 0, takes)
+        if not rate[0]:
+            return Admitted(rate if takes else None, None, None)
+        dep, at = self._read_take(out, at, deployment)
+        reserved = self._read_reserve(out, at, charges)
+        return Admitted(rate if takes else None, dep if deployment else None, reserved if charges else None)
+
     # -- budgets ---------------------------------------------------------------
 
     def _bkey(self, c: Charge) -> str:
         return f"{self.prefix}:b:{c.store_key}"
 
-    async def reserve(self, charges: list[Charge], now: float) -> Reserved:
+    @staticmethod
+    def _reserve_args(charges: list[Charge]) -> list[Any]:
         args: list[Any] = []
         for c in charges:
             p = c.period
             args += [1 if p.rolling else 0, c.amount, c.block_at, p.ttl_s, p.slot, p.first_slot]
-        out = await self._run(self._reserve, [self._bkey(c) for c in charges], args)
-        used = [int(float(x)) for x in out[2:]]
+        return args
+
+    @staticmethod
+    def _read_reserve(out: list[Any], at: int, charges: list[Charge]) -> Reserved:
+        used = [int(float(x)) for x in out[at + 2 : at + 2 + len(charges)]]
         used += [0] * (len(charges) - len(used))
-        return Reserved(bool(int(out[0])), used, int(out[1]) - 1)
+        return Reserved(bool(int(out[at])), used, int(out[at + 1]) - 1)
+
+    async def reserve(self, charges: list[Charge], now: float) -> Reserved:
+        out = await self._run(self._reserve, [self._bkey(c) for c in charges], self._reserve_args(charges))
+        return self._read_reserve(out, 0, charges)
 
     async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
-        pairs = [(c, d) for c, d in zip(charges, deltas, strict=True) if d]
-        if not pairs:
-            return
-        args: list[Any] = []
-        for c, d in pairs:
-            args += [1 if c.period.rolling else 0, d, c.period.ttl_s, c.period.slot]
-        await self._run(self._adjust, [self._bkey(c) for c, _ in pairs], args)
+        """Adds `deltas` to reservations, batched with other requests' settlements."""
+        pending = self._pending.budgets
+        for c, d in zip(charges, deltas, strict=True):
+            if d:
+                key, slot = self._bkey(c), c.period.slot
+                have = pending.get((key, slot))
+                if have is None:
+                    pending[(key, slot)] = [key, 1 if c.period.rolling else 0, d, c.period.ttl_s, slot]
+                else:
+                    have[2] += d
+        await self._flush_soon()
 
     async def mark_once(self, key: str, ttl_s: int) -> bool:
         """True the first time `key` is marked (across instances) within `ttl_s`."""
@@ -175,17 +264,22 @@ class RedisState:
     def _rkey(self, t: Take) -> str:
         return f"{self.prefix}:rl:{t.name}:{t.kind}"
 
-    async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+    @staticmethod
+    def _take_args(takes: list[Take]) -> list[Any]:
         args: list[Any] = []
         for t in takes:
             args += [t.limit, t.limit / 60_000, t.amount]
-        out = await self._run(self._take, [self._rkey(t) for t in takes], args)
+        return args
+
+    @staticmethod
+    def _read_take(out: list[Any], at: int, takes: list[Take]) -> tuple[tuple[bool, list[BucketState]], int]:
+        """The result of one `take` appended at `out[at]`, and where the next result starts."""
         n = len(takes)
-        ok = bool(int(out[0]))
+        ok = bool(int(out[at]))
         states = []
         for i, t in enumerate(takes):
-            level = float(out[1 + i])
-            wait_ms = int(out[1 + n + i])
+            level = float(out[at + 1 + i])
+            wait_ms = int(out[at + 1 + n + i])
             per_s = t.limit / 60
             states.append(
                 BucketState(
@@ -197,13 +291,67 @@ class RedisState:
                     math.inf if wait_ms < 0 else wait_ms / 1000,
                 )
             )
-        return ok, states
+        return (ok, states), at + 1 + 2 * n
+
+    async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+        out = await self._run(self._take, [self._rkey(t) for t in takes], self._take_args(takes))
+        return self._read_take(out, 0, takes)[0]
 
     async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
-        args: list[Any] = []
+        """Takes `deltas` more from buckets (gives back when negative), batched like `adjust_async`."""
+        pending = self._pending.buckets
         for t, d in zip(takes, deltas, strict=True):
-            args += [d, t.limit]
-        await self._run(self._give, [self._rkey(t) for t in takes], args)
+            key = self._rkey(t)
+            have = pending.get(key)
+            if have is None:
+                pending[key] = [d, t.limit]
+            else:
+                have[0] += d
+        await self._flush_soon()
+
+    # -- settlement, batched ----------------------------------------------------
+
+    async def _flush_soon(self) -> None:
+        """Waits until the pending settlements (this one among them) are in Redis: one script
+        for every request settled since the last one was sent, one script in flight at a time."""
+        pending = self._pending
+        if not pending:
+            return  # nothing to send (all deltas were zero)
+        if pending.done is None:
+            pending.done = asyncio.get_running_loop().create_future()
+        done = pending.done
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        error = await asyncio.shield(done)
+        if error is not None:
+            raise StoreUnavailable(error)
+
+    async def _flush(self) -> None:
+        try:
+            await asyncio.sleep(0)  # settlements of the same loop pass join this batch
+            while self._pending:
+                batch, self._pending = self._pending, _Pending()
+                keys = [v[0] for v in batch.budgets.values()]
+                args: list[Any] = [len(keys)]
+                for _, rolling, delta, ttl, slot in batch.budgets.values():
+                    args += [rolling, delta, ttl, slot]
+                for key, (delta, cap) in batch.buckets.items():
+                    keys.append(key)
+                    args += [delta, cap]
+                assert batch.done is not None
+                try:
+                    await self._run(self._settle, keys, args)
+                except StoreUnavailable as e:
+                    batch.done.set_result(str(e))
+                except BaseException:
+                    batch.done.set_result("not sent")
+                    raise
+                else:
+                    batch.done.set_result(None)
+        finally:
+            self._flusher = None
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            await asyncio.wait([self._flusher], timeout=5)
         await self.client.aclose()

@@ -1,0 +1,160 @@
+"""Admission with Redis in one round trip, settlements batched; every guarantee kept.
+
+Each test runs its own redis-server, so that its command counts are the test's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from edgeroute.config import Budget, SharedState
+from edgeroute.cost import budgets as B
+from edgeroute.cost.limits import Take
+from edgeroute.cost.redis_store import RedisState
+from tests.test_cost_support import RedisServer, cost_proxy, one_deployment
+
+MAX_TOKENS = 5
+COST = MAX_TOKENS * 2.0 / 1e6  # output-only prices (one_deployment): a request's cost is exact
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _shared(url: str) -> dict[str, Any]:
+    return {"redis_url": url, "prefix": f"edgeroute-rt-{os.urandom(4).hex()}", "timeout_ms": 2000}
+
+
+async def _scripts(url: str) -> int:
+    """Scripts Redis has run so far (not counting a first call refused as not loaded yet)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+        runs = [stats.get(f"cmdstat_{c}", {}) for c in ("evalsha", "eval")]
+        return sum(int(r.get("calls", 0)) - int(r.get("failed_calls", 0)) for r in runs)
+    finally:
+        await client.aclose()
+
+
+async def _ask(client: openai.AsyncOpenAI, max_tokens: int = MAX_TOKENS) -> int:
+    try:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens
+        )
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code
+
+
+async def test_admission_is_one_script_and_settlement_follows_in_the_background(
+    start_upstream, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    up = await start_upstream(reply_words=5)
+    cfg = one_deployment(
+        up.base_url,
+        shared_state=_shared(redis_server.url),
+        budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": 100.0, "period": "day"}]},
+        rate_limits={"per_key": {"rpm": 10_000, "tpm": 10_000_000}, "deployments": {"d-a": {"rpm": 10_000}}},
+    )
+    async with cost_proxy(cfg) as p:
+        client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0)
+        assert await _ask(client) == 200  # loads the scripts
+        await asyncio.sleep(0.2)
+        before = await _scripts(redis_server.url)
+        n = 10
+        for _ in range(n):
+            # Reserved for 50 tokens, 5 served: each request settles its budget and its tokens.
+            assert await _ask(client, max_tokens=50) == 200
+            await asyncio.sleep(0.05)  # this request's settlement goes out on its own
+        await asyncio.sleep(0.2)
+        used = await _scripts(redis_server.url) - before
+    # Key, model and deployment limits plus the budget: one script at admission, one to settle
+    # (budget and token counts together); before, five (three checks, two settlements).
+    assert used == 2 * n
+
+
+async def test_concurrent_settlements_go_out_together(redis_server: RedisServer) -> None:
+    state = RedisState(SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}"))
+    budget = Budget(name="g", scope="global", limit_usd=1.0, period="day")
+    charge = B.charge(budget, "*", B.period_of(budget, 1.7e9), 0, -1)
+    take = Take("key:k", "tokens", 1000, 0)
+    before = await _scripts(redis_server.url)
+    await asyncio.gather(
+        *(state.adjust_async([charge], [7]) for _ in range(50)),
+        *(state.adjust_buckets([take], [3.0]) for _ in range(50)),
+    )
+    after = await _scripts(redis_server.url)
+    assert after - before == 1  # a hundred settlements, one round trip
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    assert int(await client.get(f"{state.prefix}:b:{charge.store_key}") or 0) == 350
+    await client.aclose()
+    await state.close()
+
+
+async def test_a_redis_error_at_settlement_is_reported_to_every_waiter(redis_server: RedisServer) -> None:
+    from edgeroute.cost.redis_store import StoreUnavailable
+
+    state = RedisState(SharedState(redis_url=redis_server.url, prefix="edgeroute-rt-down", timeout_ms=100))
+    take = Take("key:k", "tokens", 1000, 0)
+    redis_server.stop()
+    results = await asyncio.gather(*(state.adjust_buckets([take], [1.0]) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    await state.close()
+
+
+async def test_one_deployment_at_its_limit_refuses_and_gives_its_reservation_back(
+    start_upstream, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    """The reservation made in the same script as the refused deployment take is undone."""
+    up = await start_upstream(reply_words=5)
+    shared = _shared(redis_server.url)
+    cfg = one_deployment(
+        up.base_url,
+        shared_state=shared,
+        budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 100, "period": "day"}]},
+        rate_limits={"deployments": {"d-a": {"rpm": 2}}},
+    )
+    async with cost_proxy(cfg) as p:
+        client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0)
+        statuses = [await _ask(client) for _ in range(4)]
+        await asyncio.sleep(0.3)  # settlements and give-backs land
+    assert statuses == [200, 200, 429, 429]
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    (key,) = [k async for k in r.scan_iter(match=f"{shared['prefix']}:b:*")]
+    # Two answered requests' actual cost; the refused ones reserved and gave back.
+    assert int(await r.get(key) or 0) == 2 * B.to_nano(COST)
+    await r.aclose()
+
+
+async def test_concurrent_requests_over_two_instances_never_overshoot(
+    start_upstream, redis_server: RedisServer
+) -> None:  # type: ignore[no-untyped-def]
+    """Room for ten in the budget: 200 concurrent requests over two instances, ten answered."""
+    up = await start_upstream(reply_words=40, latency_ms=5)
+    cfg = one_deployment(
+        up.base_url,
+        shared_state=_shared(redis_server.url),
+        budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 10.5, "period": "day"}]},
+        rate_limits={"per_key": {"rpm": 100_000}},
+    )
+    async with cost_proxy(cfg) as p1, cost_proxy(cfg) as p2:
+        c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
+        c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
+        statuses = await asyncio.gather(*(_ask(c1 if i % 2 else c2) for i in range(200)))
+    assert statuses.count(200) == 10 and statuses.count(429) == 190
