@@ -554,17 +554,30 @@ def throughput(c: Common, concurrency: int = 64, cache: bool = False, workers: i
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
             spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
-            cpu0 = proxy.cpu_seconds()
+            cpu0, gen0, mock0 = proxy.cpu_seconds(), time.process_time(), mock.cpu_seconds()
             (st,) = loadgen.arun(
                 loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ")
             )
             cpu = proxy.cpu_seconds() - cpu0
+            # Who else used the cores: the load generator (this process) and the mock, per request.
+            per = 1000 / max(1, st.ok + load.warmup)
+            gen_ms, mock_ms = (time.process_time() - gen0) * per, (mock.cpu_seconds() - mock0) * per
             if spy is not None:
                 spy.wait(30)
-            out[name] = {**st.summary(), "proxy_cpu_s": round(cpu, 2)}
+            out[name] = {**st.summary(), "proxy_cpu_s": round(cpu, 2), "generator_cpu_ms_per_request": round(gen_ms, 4),
+                         "mock_cpu_ms_per_request": round(mock_ms, 4)}  # fmt: skip
             if name == "edgeroute" and cpu > 0:
-                out["proxy_cpu_ms_per_request"] = round(1000 * cpu / max(1, st.ok), 4)
-                out["proxy_capacity_rps_per_core"] = round(st.ok / cpu)
+                proxy_ms = cpu * per
+                out["proxy_cpu_ms_per_request"] = round(proxy_ms, 4)
+                out["proxy_capacity_rps_per_core"] = round(1000 / proxy_ms)
+                # What the cores can give when the generator and the mock share them with the proxy
+                # (CPU-bound, no idle time), against what the proxy's workers alone could serve.
+                cores = os.cpu_count() or 1
+                out["machine_bound_rps"] = round(1000 * cores / (proxy_ms + gen_ms + mock_ms))
+                out["workers_bound_rps"] = round(1000 * min(workers, cores) / proxy_ms)
+                _print(f"CPU per request: proxy {proxy_ms:.3f} ms, generator {gen_ms:.3f} ms, mock {mock_ms:.3f} ms; "
+                       f"{cores} cores shared by all three bound the rate at {out['machine_bound_rps']} req/s, "
+                       f"{workers} worker(s) alone at {out['workers_bound_rps']} req/s")  # fmt: skip
             _print(f"{name}: {st.rps:.0f} req/s ({st.ok} ok, {st.failed} failed, concurrency {concurrency}); "
                    f"proxy CPU {cpu / max(st.elapsed_s, 1e-9) * 100:.0f}%")  # fmt: skip
             all_stats.append(st)

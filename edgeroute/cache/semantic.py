@@ -15,7 +15,8 @@ context hash. A candidate must pass three gates:
 
 The nearest-neighbour index is usearch's HNSW (half-precision vectors), one per route, bounded by the route's
 `max_entries` (oldest out first). The index lives in this process; entries themselves live
-in the configured store (in memory or Redis).
+in the configured store (in memory or Redis). With Redis, what each instance indexes is
+shared with the others (`shared_index`).
 """
 
 from __future__ import annotations

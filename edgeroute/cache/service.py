@@ -35,6 +35,7 @@ from edgeroute.cache.semantic import (
     split_last_user_turn,
 )
 from edgeroute.cache.settings import CacheStore, RouteCache
+from edgeroute.cache.shared_index import SharedIndexes, encode
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
@@ -112,9 +113,10 @@ class Plan:
 class ResponseCache:
     """The cache of one server: one store; each request brings its route's settings from the running config."""
 
-    def __init__(self, store: Store, counters: CacheCounters) -> None:
+    def __init__(self, store: Store, counters: CacheCounters, shared: SharedIndexes | None = None) -> None:
         self.store = store
         self.counters = counters
+        self.shared = shared  # the semantic index's records, shared through Redis with the entries
         self._writes: set[asyncio.Task[None]] = set()
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedder
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
@@ -138,14 +140,11 @@ class ResponseCache:
     def build(cls, backend: CacheStore, redis: tuple[str, str, int] | None) -> ResponseCache:
         """`redis` is (url, key prefix, timeout ms) when shared state is configured."""
         counters = CacheCounters()
-        store: Store
         if backend.backend == "redis" or (backend.backend == "auto" and redis is not None):
             if redis is None:
                 raise ValueError("cache.backend: redis needs shared_state.redis_url")
-            store = RedisStore(counters, *redis)
-        else:
-            store = MemoryStore(counters)
-        return cls(store, counters)
+            return cls(RedisStore(counters, *redis), counters, SharedIndexes(*redis, counters))
+        return cls(MemoryStore(counters), counters)
 
     def plan(
         self, request: web.Request, settings: RouteCache | None, route: str, body: bytes, tenant: str
@@ -237,12 +236,32 @@ class ResponseCache:
 
     def _index(self, plan: Plan, create: bool) -> SemanticIndex | None:
         """The route's index for its embedder; a new one when the vectors' size changed (another model)."""
-        key = (plan.route, plan.settings.embedder)
+        return self._index_of(plan.route, plan.settings.embedder, len(plan.vector), plan.settings.max_entries, create)
+
+    def _index_of(
+        self, route: str, embedder: str | None, ndim: int, max_entries: int, create: bool
+    ) -> SemanticIndex | None:
+        key = (route, embedder)
         index = self._indexes.get(key)
-        ndim = len(plan.vector)
         if (index is None or index.ndim != ndim) and create:
-            index = self._indexes[key] = SemanticIndex(plan.settings.max_entries, ndim)
+            index = self._indexes[key] = SemanticIndex(max_entries, ndim)
         return index if index is not None and index.ndim == ndim else None
+
+    async def _follow(self, plan: Plan) -> None:
+        """With a shared index: this route's records from the other instances (its stream followed
+        from the first lookup on; that lookup waits, within the Redis timeout, for the backlog)."""
+        if self.shared is None:
+            return
+        route, embedder, max_entries = plan.route, plan.settings.embedder, plan.settings.max_entries
+
+        def add(records: list[tuple[Any, str, Guards, str]]) -> None:
+            for vector, context, g, key in records:
+                index = self._index_of(route, embedder, len(vector), max_entries, create=True)
+                if index is not None:
+                    index.add(vector, context, g, key)
+
+        loop = asyncio.get_running_loop()
+        await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(self._embedding, fn, arg))
 
     async def _semantic_lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
         """The freshest allowed answer of a request whose last user turn means the same."""
@@ -250,6 +269,7 @@ class ResponseCache:
         if not await self._analyze(plan):
             return None
         assert plan.guards is not None
+        await self._follow(plan)
         index = self._index(plan, create=False)
         if index is None:
             return None
@@ -301,6 +321,11 @@ class ResponseCache:
                 index = self._index(plan, create=True)
                 assert index is not None and plan.guards is not None
                 index.add(plan.vector, plan.context, plan.guards, plan.key)
+                if self.shared is not None:
+                    record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector)
+                    await self.shared.publish(
+                        plan.route, plan.settings.embedder, record, keep, plan.settings.max_entries
+                    )
 
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
@@ -311,6 +336,8 @@ class ResponseCache:
         if self._writes:
             await asyncio.wait(self._writes, timeout=2)
         await self.store.close()
+        if self.shared is not None:
+            await self.shared.close()
         self._embedding.shutdown(wait=False)
 
 
