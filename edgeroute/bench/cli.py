@@ -125,8 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--concurrency", type=int, default=64)
     t.add_argument("--cache", action="store_true", help="the response cache on: hits per second of one process")
     t.add_argument("--workers", type=int, default=1, help="serve --workers N (unpinned, on every CPU)")
+    t.add_argument(
+        "--generator", choices=("python", "wrk"), default="python", help="the load: this process, or wrk (cheaper)"
+    )
     _common(t)
-    t.set_defaults(fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache, workers=a.workers))
+    t.set_defaults(
+        fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache, workers=a.workers, generator=a.generator)
+    )
 
     k = sub.add_parser("compare", help="CPU per request of proxies from several source trees, same sitting")
     k.add_argument("--tree", action="append", required=True, help="a source checkout (built); first is the baseline")

@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 import yaml
 
-from edgeroute.bench import loadgen, reference, report
+from edgeroute.bench import loadgen, reference, report, wrk
 from edgeroute.bench.loadgen import Load, Stats, Target
 
 MOCK_MODEL = "gpt-4o-mini"
@@ -536,10 +536,13 @@ BESIDE: dict[str, Any] = {
 CACHE_EVERYTHING = {"ttl": 3600, "deterministic_only": False, "scope": "global"}
 
 
-def throughput(c: Common, concurrency: int = 64, cache: bool = False, workers: int = 1) -> dict[str, Any]:
+def throughput(
+    c: Common, concurrency: int = 64, cache: bool = False, workers: int = 1, generator: str = "python"
+) -> dict[str, Any]:
     """Maximum req/s of one proxy process (closed loop), and of the mock directly; with `cache`,
-    of cache hits; with `workers`, of `serve --workers N`."""
-    out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers}
+    of cache hits; with `workers`, of `serve --workers N`; with `generator` "wrk", the load
+    comes from wrk (`bench/wrk.py`) instead of this process."""
+    out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers, "generator": generator}
     with Stack(c.pin) as stack:
         mock = stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
@@ -553,6 +556,9 @@ def throughput(c: Common, concurrency: int = 64, cache: bool = False, workers: i
             ("edgeroute", Target("edgeroute", f"http://127.0.0.1:{proxy.port}/v1", PUBLIC_MODEL)),
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
+            if generator == "wrk":
+                _wrk_phase(c, t, load, stack, proxy, mock, name, out, workers)
+                continue
             spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
             cpu0, gen0, mock0 = proxy.cpu_seconds(), time.process_time(), mock.cpu_seconds()
             (st,) = loadgen.arun(
@@ -567,23 +573,48 @@ def throughput(c: Common, concurrency: int = 64, cache: bool = False, workers: i
             out[name] = {**st.summary(), "proxy_cpu_s": round(cpu, 2), "generator_cpu_ms_per_request": round(gen_ms, 4),
                          "mock_cpu_ms_per_request": round(mock_ms, 4)}  # fmt: skip
             if name == "edgeroute" and cpu > 0:
-                proxy_ms = cpu * per
-                out["proxy_cpu_ms_per_request"] = round(proxy_ms, 4)
-                out["proxy_capacity_rps_per_core"] = round(1000 / proxy_ms)
-                # What the cores can give when the generator and the mock share them with the proxy
-                # (CPU-bound, no idle time), against what the proxy's workers alone could serve.
-                cores = os.cpu_count() or 1
-                out["machine_bound_rps"] = round(1000 * cores / (proxy_ms + gen_ms + mock_ms))
-                out["workers_bound_rps"] = round(1000 * min(workers, cores) / proxy_ms)
-                _print(f"CPU per request: proxy {proxy_ms:.3f} ms, generator {gen_ms:.3f} ms, mock {mock_ms:.3f} ms; "
-                       f"{cores} cores shared by all three bound the rate at {out['machine_bound_rps']} req/s, "
-                       f"{workers} worker(s) alone at {out['workers_bound_rps']} req/s")  # fmt: skip
+                _cpu_split(out, cpu * per, gen_ms, mock_ms, workers)
             _print(f"{name}: {st.rps:.0f} req/s ({st.ok} ok, {st.failed} failed, concurrency {concurrency}); "
                    f"proxy CPU {cpu / max(st.elapsed_s, 1e-9) * 100:.0f}%")  # fmt: skip
             all_stats.append(st)
-        _print(report.table(all_stats))
+        if all_stats:  # wrk reports no latency percentiles here
+            _print(report.table(all_stats))
     _write(c, "throughput", all_stats, out)
     return out
+
+
+def _cpu_split(out: dict[str, Any], proxy_ms: float, gen_ms: float, mock_ms: float, workers: int) -> None:
+    """CPU per request of the proxy, the generator and the mock, and the rates they bound: the
+    machine's cores shared by all three (CPU-bound, no idle time), and the proxy's workers alone."""
+    cores = os.cpu_count() or 1
+    out["proxy_cpu_ms_per_request"] = round(proxy_ms, 4)
+    out["proxy_capacity_rps_per_core"] = round(1000 / proxy_ms)
+    out["machine_bound_rps"] = round(1000 * cores / (proxy_ms + gen_ms + mock_ms))
+    out["workers_bound_rps"] = round(1000 * min(workers, cores) / proxy_ms)
+    _print(f"CPU per request: proxy {proxy_ms:.3f} ms, generator {gen_ms:.3f} ms, mock {mock_ms:.3f} ms; "
+           f"{cores} cores shared by all three bound the rate at {out['machine_bound_rps']} req/s, "
+           f"{workers} worker(s) alone at {out['workers_bound_rps']} req/s")  # fmt: skip
+
+
+def _wrk_phase(
+    c: Common, t: Target, load: Load, stack: Stack, proxy: Proc, mock: Proc, name: str, out: dict[str, Any],
+    workers: int,
+) -> None:  # fmt: skip
+    """One target of `throughput` under wrk: a short warm-up run, then the measured one."""
+    body = loadgen.chat_body(t.model, c.prompt_tokens)
+    url = t.url + "/chat/completions"
+    wrk.run(url, body, 1, load.concurrency)
+    cpu0, mock0 = proxy.cpu_seconds(), mock.cpu_seconds()
+    res = wrk.run(url, body, c.duration, load.concurrency)
+    cpu, mock_s = proxy.cpu_seconds() - cpu0, mock.cpu_seconds() - mock0
+    per = 1000 / max(1, res.requests)
+    out[name] = {"rps": round(res.rps), "requests": res.requests, "non_2xx": res.non_2xx, "errors": res.errors,
+                 "proxy_cpu_s": round(cpu, 2), "generator_cpu_ms_per_request": round(res.cpu_s * per, 4),
+                 "mock_cpu_ms_per_request": round(mock_s * per, 4)}  # fmt: skip
+    _print(f"{name}: {res.rps:.0f} req/s under wrk ({res.requests} answers, {res.non_2xx} not 2xx, "
+           f"{res.errors} socket errors, concurrency {load.concurrency})")  # fmt: skip
+    if name == "edgeroute" and cpu > 0:
+        _cpu_split(out, cpu * per, res.cpu_s * per, mock_s * per, workers)
 
 
 def compare(c: Common, trees: list[str], rounds: int = 3, concurrency: int = 64) -> dict[str, Any]:

@@ -168,7 +168,10 @@ class SharedIndexes:
                     if origin != self.origin:
                         records.append((vector, context, g, key))
             if records:
-                await run(add, records)
+                try:
+                    await run(add, records)
+                except Exception:  # an index that refuses a record must not stop the follower
+                    log.exception("response cache: shared semantic records not indexed")
             if n < _PAGE:
                 ready.set()  # caught up: from now on, wait for new records
 

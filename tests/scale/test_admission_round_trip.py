@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 
 from edgeroute.config import Budget, SharedState
 from edgeroute.cost import budgets as B
@@ -21,14 +19,6 @@ from tests.test_cost_support import RedisServer, cost_proxy, one_deployment
 
 MAX_TOKENS = 5
 COST = MAX_TOKENS * 2.0 / 1e6  # output-only prices (one_deployment): a request's cost is exact
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def _shared(url: str) -> dict[str, Any]:

@@ -7,7 +7,6 @@ import asyncio
 import os
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,19 +23,22 @@ from tests.test_cost_support import RedisServer
 SYSTEM = {"role": "system", "content": "You are a support assistant."}
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def _config(up: Any, url: str, prefix: str) -> dict[str, Any]:
     cfg = simple_config({"a": up})
     cfg["models"]["m"]["cache"] = {"ttl": 60, "mode": "semantic"}
     cfg["shared_state"] = {"redis_url": url, "prefix": prefix, "timeout_ms": 1000}
     return cfg
+
+
+async def _two_instances(start_upstream, start_proxy, redis_server: RedisServer) -> Any:  # type: ignore[no-untyped-def]
+    """A recording upstream, a key prefix, and two proxies (each with its SDK client) sharing a Redis."""
+    up = await start_upstream(record=True)
+    prefix = f"edgeroute-sem-{os.urandom(4).hex()}"
+    instances = []
+    for _ in range(2):
+        proxy = await start_proxy(_config(up, redis_server.url, prefix))
+        instances.append((proxy, openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)))
+    return up, prefix, *instances
 
 
 async def _ask(client: openai.AsyncOpenAI, text: str) -> Any:
@@ -64,12 +66,7 @@ async def _records(url: str, prefix: str) -> int:
 async def test_a_paraphrase_on_one_instance_hits_what_another_stored(
     start_upstream, start_proxy, redis_server: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
-    up = await start_upstream(record=True)
-    prefix = f"edgeroute-sem-{os.urandom(4).hex()}"
-    a = await start_proxy(_config(up, redis_server.url, prefix))
-    b = await start_proxy(_config(up, redis_server.url, prefix))
-    ca = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
-    cb = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    up, prefix, (a, ca), (b, cb) = await _two_instances(start_upstream, start_proxy, redis_server)
 
     first = await _ask(ca, "How do I reset my password?")
     assert first.headers["x-edgeroute-cache"] == "miss"
@@ -115,12 +112,7 @@ async def test_a_paraphrase_on_one_instance_hits_what_another_stored(
 async def test_redis_down_makes_shared_semantic_lookups_misses_not_errors(
     start_upstream, start_proxy, redis_server: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
-    up = await start_upstream(record=True)
-    prefix = f"edgeroute-sem-{os.urandom(4).hex()}"
-    a = await start_proxy(_config(up, redis_server.url, prefix))
-    b = await start_proxy(_config(up, redis_server.url, prefix))
-    ca = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key="x", max_retries=0)
-    cb = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key="x", max_retries=0)
+    _, prefix, (_, ca), (b, cb) = await _two_instances(start_upstream, start_proxy, redis_server)
     await _ask(ca, "How do I reset my password?")
 
     async def shared() -> bool:

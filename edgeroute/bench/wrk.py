@@ -1,0 +1,79 @@
+"""A closed-loop load from `wrk` (a native load generator; Debian package `wrk`) instead of
+the Python one, for `bench throughput --generator wrk`.
+
+On a machine whose cores the proxy shares with the load generator and the mock, the
+generator's own CPU per request caps what the proxy can be shown to serve: Python's costs
+about as much as the proxy, wrk's a small fraction. wrk posts one chat body (a Lua script
+sets the method, headers and body), reports requests per second and non-2xx answers; its
+CPU time is read from the kernel once it has exited.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCRIPT = """wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
+local f = io.open("{body}", "rb")
+wrk.body = f:read("*a")
+f:close()
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WrkResult:
+    requests: int
+    non_2xx: int
+    errors: int  # connect, read, write and timeout errors
+    elapsed_s: float
+    cpu_s: float  # wrk's own user + system time
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run(url: str, body: bytes, seconds: float, connections: int, threads: int = 1) -> WrkResult:
+    """`wrk` against `url` (a full path, e.g. …/v1/chat/completions) for `seconds`."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        body_path = Path(tmp) / "body.json"
+        body_path.write_bytes(body)
+        script = Path(tmp) / "post.lua"
+        script.write_text(_SCRIPT.format(body=body_path))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        argv = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(script)]
+        out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return parse(out, cpu)
+
+
+def parse(out: str, cpu_s: float) -> WrkResult:
+    """Reads wrk's summary: `N requests in 10.00s`, `Non-2xx or 3xx responses: K`, socket errors."""
+    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    if done is None:
+        raise RuntimeError(f"wrk's output was not understood: {out[-500:]!r}")
+    elapsed = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        int(done.group(1)),
+        int(non_2xx.group(1)) if non_2xx else 0,
+        sum(int(x) for x in errors.groups()) if errors else 0,
+        elapsed,
+        cpu_s,
+    )

@@ -1,0 +1,41 @@
+"""`bench throughput --generator wrk`: wrk's summary read right, and a real run against a mock."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+
+from edgeroute.bench import loadgen, wrk
+
+SAMPLE = """Running 2s test @ http://127.0.0.1:4000/v1/chat/completions
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.20ms  310.00us   5.00ms   80.00%
+    Req/Sec     6.61k   400.00     7.00k    70.00%
+  13210 requests in 2.00s, 9.10MB read
+  Socket errors: connect 0, read 1, write 0, timeout 2
+  Non-2xx or 3xx responses: 7
+Requests/sec:   6605.00
+Transfer/sec:      4.55MB
+"""
+
+
+def test_the_summary_is_read() -> None:
+    r = wrk.parse(SAMPLE, 0.5)
+    assert (r.requests, r.non_2xx, r.errors, r.elapsed_s, r.cpu_s) == (13210, 7, 3, 2.0, 0.5)
+    assert r.rps == pytest.approx(6605)
+    assert wrk.parse(SAMPLE.replace("in 2.00s", "in 500.00ms"), 0).elapsed_s == 0.5
+    with pytest.raises(RuntimeError):
+        wrk.parse("wrk: unknown option", 0)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/start-services installs it)")
+async def test_wrk_drives_a_real_server(start_upstream) -> None:  # type: ignore[no-untyped-def]
+    up = await start_upstream(record=True)
+    body = loadgen.chat_body("gpt-4o-mini", 32)
+    res = await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4)
+    assert res.requests > 0 and res.non_2xx == 0 and res.errors == 0
+    assert len(up.options.requests) >= res.requests  # every answer counted was a chat request
+    assert res.cpu_s > 0
