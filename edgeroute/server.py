@@ -19,7 +19,17 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from edgeroute import anthropic_api, endpoints, health_share, learning, learning_share, looplag, openai_api, ui
+from edgeroute import (
+    anthropic_api,
+    capacity_share,
+    endpoints,
+    health_share,
+    learning,
+    learning_share,
+    looplag,
+    openai_api,
+    ui,
+)
 from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
@@ -195,6 +205,7 @@ def create_app(
     telemetry.install(app, config)
     looplag.install(app)
     health_share.install(app, config)  # ejections shared between instances (with shared_state)
+    capacity_share.install(app, config)  # max_concurrency across instances or workers
     app[CACHE] = _response_cache(config)
     app[CACHE].bind_embedders(lambda: (app[STATE].live.config, app[STATE].live.upstreams))
     app[METRICS].sources.append(cache_metrics)

@@ -54,6 +54,8 @@ class Live:
             [d.max_concurrency for d in deps],
             [d.max_queue for d in deps],
             [(d.queue_timeout_ms or 0) / 1000 for d in deps],
+            [d.name for d in self.deployments],
+            [d.reserve_percent for d in deps],
         )
         self.classes = self.config.priority.classes
         self.access = Access(self.config)
@@ -84,6 +86,8 @@ class Live:
         config = residency.effective(drain.serving(config))
         router = build_router(config, source, previous=previous.router if previous is not None else None)
         live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
+        if previous is not None:
+            live.capacity.shared = previous.capacity.shared  # the leases this process holds, by name
         live.apply_price_windows()
         return live
 

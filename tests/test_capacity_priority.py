@@ -135,7 +135,7 @@ async def test_the_class_from_header_key_and_rule_and_403_for_a_class_the_key_ma
     assert "priority class 'interactive'" in denied.value.message
     with pytest.raises(openai.BadRequestError) as bad:
         await served(ivy, "urgent")
-    assert "Unknown priority class 'urgent'" in bad.value.message
+    assert "unknown priority class 'urgent'" in bad.value.message
     live.router.release(0)
     async with (
         aiohttp.ClientSession(headers={"Authorization": "Bearer tok-admin"}) as s,

@@ -80,6 +80,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.learning",
             "edgeroute.health_checks",
             "edgeroute.health_share",
+            "edgeroute.capacity_share",
             "edgeroute.learning_share",
             "edgeroute.metrics",
             "edgeroute.looplag",

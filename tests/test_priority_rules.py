@@ -83,3 +83,15 @@ def test_an_unknown_class_in_a_condition_is_a_config_error_naming_the_path(when:
     index = len(when["priority"]) - 1 if isinstance(when["priority"], list) else 0
     path = f"rules[0].when.priority[{index}]"
     assert any(path in err and "unknown priority class" in err for err in e.value.errors), e.value.errors
+
+
+@pytest.mark.parametrize("value", ["Batch", "interactive,batch", "x" * 300])
+async def test_a_class_header_that_names_no_class_is_a_400_in_the_api_format(
+    upstreams: Any, start_proxy: StartProxy, value: str
+) -> None:
+    c = await _setup(upstreams, start_proxy)
+    with pytest.raises(openai.BadRequestError) as e:
+        await _served(c, value)
+    body = e.value.response.json()["error"]
+    assert body["code"] == "invalid_priority" and body["param"] == "x-edgeroute-priority"
+    assert len(body["message"]) < 200  # a long value is not echoed whole

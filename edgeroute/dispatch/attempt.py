@@ -142,6 +142,7 @@ class Attempts:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
         self.hedged = False
         self.granted: int | None = None  # a capacity slot handed over while queued, not yet used
+        self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
 
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         up = self.live.upstreams[dep.provider]
@@ -157,6 +158,8 @@ class Attempts:
         if self.granted == dep.index:
             self.granted = None  # the slot a freed deployment handed this request while it waited
         else:
+            if dep.index in self.claimed:
+                self.claimed.remove(dep.index)  # its lease now goes with the slot
             self.live.capacity.take(dep.index)
         t0 = time.perf_counter()
         resp: Response | None = None

@@ -32,6 +32,7 @@ class Call(Attempts):
 
     spilled: list[str] | None = None  # deployments passed over because they were at capacity
     _queue_deadline: float | None = None
+    _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
 
     def policy(self) -> FailoverPolicy:
         """The failover policy for this request, from the live config and the decision."""
@@ -45,7 +46,7 @@ class Call(Attempts):
         rank = decision.priority
 
         def is_full(index: int) -> bool:
-            return index != self.granted and capacity.full(index, rank)
+            return index != self.granted and (index in self._full_elsewhere or capacity.full(index, rank))
 
         def serving(index: int) -> bool:
             return time.monotonic() - served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
@@ -101,17 +102,24 @@ class Call(Attempts):
         stop: Stop | None = None
         try:
             step = policy.next_attempt(state, None)
-            while isinstance(step, Stop) and step.error_class == "capacity" and await self._queue(state):
-                policy.restart(state)
-                step = policy.next_attempt(state, None)
-            if self.decision.spilled or state.spilled:
-                # The core placed the deployments full at decision time last; the policy saw the rest.
-                full = [table[i].name for i in self.decision.spilled]
-                self.spilled = full + [d.name for d in state.spilled if d.name not in full]
-            while isinstance(step, Try):
+            while True:
+                if isinstance(step, Stop) and step.error_class == "capacity" and await self._queue(state):
+                    self._full_elsewhere = frozenset()
+                    policy.restart(state)
+                    step = policy.next_attempt(state, None)
+                    continue
+                if not isinstance(step, Try):
+                    break
                 if step.wait > 0:
                     await asyncio.sleep(step.wait)
                 dep = step.deployment
+                if self.live.capacity.shared is not None and not await self._claim(dep):
+                    step = policy.passed_over(state, dep)
+                    continue
+                if self.decision.spilled or state.spilled:
+                    # The core placed the deployments full at decision time last; the policy saw the rest.
+                    full = [table[i].name for i in self.decision.spilled]
+                    self.spilled = full + [d.name for d in state.spilled if d.name not in full]
                 second = policy.hedge_target(state) if hedge_ms is not None and step.kind == "first" else None
                 if second is not None and hedge_ms is not None:
                     result, dep = await self._race(dep, second, hedge_ms / 1000, policy, state)
@@ -141,7 +149,22 @@ class Call(Attempts):
             if self.granted is not None:  # handed a slot it did not use (another had room first)
                 self.live.capacity.release(self.granted)
                 self.granted = None
+            for index in self.claimed:  # leases for attempts never made (the request did not fit)
+                self.live.capacity.unclaim(index)
+            self.claimed.clear()
             self._report_deferred(stop)
+
+    async def _claim(self, dep: DeploymentInfo) -> bool:
+        """With shared capacity, a lease on `dep` for the next attempt (False: the fleet has it
+        full, and it is passed over for the rest of this round)."""
+        capacity = self.live.capacity
+        if self.granted == dep.index or capacity.limits[dep.index] is None:
+            return True
+        if not await capacity.claim(dep.index, self.decision.priority):
+            self._full_elsewhere |= {dep.index}
+            return False
+        self.claimed.append(dep.index)
+        return True
 
     async def _queue(self, state: FailoverState) -> bool:
         """Every deployment is full: waits in the queue of the first deployment in the
@@ -194,7 +217,12 @@ class Call(Attempts):
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
             full = self.live.capacity.full(second.index, self.decision.priority)
-            if done or full or not self.router.try_hedge(self.decision.route):
+            if done or full or (self.live.capacity.shared is not None and not await self._claim(second)):
+                return await t1, first
+            if t1.done() or not self.router.try_hedge(self.decision.route):
+                if self.claimed and self.claimed[-1] == second.index:  # no hedge after all: its lease back
+                    self.claimed.pop()
+                    self.live.capacity.unclaim(second.index)
                 return await t1, first
             self.hedged = True
             policy.hedged(state)

@@ -274,6 +274,14 @@ class FailoverPolicy:
             {"Retry-After": "1"},
         )
 
+    def passed_over(self, state: FailoverState, dep: DeploymentInfo) -> Try | Stop:
+        """`dep` was chosen but had no room after all (shared capacity: other processes filled
+        it): passed over as full, not counted as an attempt; the next choice."""
+        state.attempts -= 1
+        if dep not in state.spilled:
+            state.spilled.append(dep)
+        return self._choose(state)
+
     def restart(self, state: FailoverState) -> None:
         """After a wait for capacity: go through the plan again from the start."""
         state.pos = 0

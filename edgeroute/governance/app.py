@@ -265,6 +265,7 @@ async def create_key(request: web.Request) -> web.Response:
     if f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
     _check_residency(request, f)
+    K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)
     actor = actor_of(request)
     data, token = await asyncio.to_thread(K.create, managed.store, f, actor)
@@ -320,6 +321,7 @@ async def update_key(request: web.Request) -> web.Response:
     if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
     _check_residency(request, f)
+    K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)
     before, after = await asyncio.to_thread(K.update, managed.store, key_id, f.model_dump(include=set(body)))
     await asyncio.to_thread(managed.load)

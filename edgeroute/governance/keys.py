@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgeroute import roles
+from edgeroute.capacity import unknown_class
 from edgeroute.config import Budget, Limit
 from edgeroute.cost.keys import Identity, token_bytes
 from edgeroute.errors import ProxyError
@@ -39,7 +40,8 @@ log = logging.getLogger("edgeroute.keys")
 PREFIX = "er-"
 _PUBLIC = (
     "id", "name", "user", "team", "role", "models", "deny_tags", "expires_at", "budget_usd", "rpm", "tpm",
-    "residency", "metadata", "created_at", "created_by", "updated_at", "revoked_at", "rotated_at", "grace_until",
+    "residency", "priority", "priorities", "metadata", "created_at", "created_by", "updated_at", "revoked_at",
+    "rotated_at", "grace_until",
 )  # fmt: skip
 
 
@@ -59,6 +61,8 @@ class KeyFields(BaseModel):
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     residency: str | None = Field(None, min_length=1, max_length=64)
+    priority: str | None = Field(None, max_length=64)  # its requests' priority class
+    priorities: list[str] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
     metadata: dict[str, Any] = {}
 
     @field_validator("metadata")
@@ -139,6 +143,8 @@ def _entry(data: dict[str, Any], residency: str | None) -> _Entry:
         budget=budget,
         models=frozenset(models) if models is not None else None,
         deny_tags=frozenset(data.get("deny_tags") or ()),
+        priority=data.get("priority"),
+        priorities=frozenset(data.get("priorities") or ()),
     )
     prev_salt, prev_hash = data.get("prev_salt"), data.get("prev_hash")
     return _Entry(
@@ -262,6 +268,15 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
         raise ProxyError(
             403, f"The new key must keep this key's residency '{creator.residency}'.", code="permission_denied"
         )
+
+
+def check_classes(f: KeyFields, classes: list[str]) -> None:
+    """A key's classes must be configured ones (`priority.classes`): 400 naming the field."""
+    named = [("priority", f.priority)] if f.priority is not None else []
+    named += [(f"priorities[{i}]", p) for i, p in enumerate(f.priorities)]
+    for where, name in named:
+        if name not in classes:
+            raise ProxyError(400, f"{where}: {unknown_class(name, classes)}.", code="invalid_key", param=where)
 
 
 def create(store: GovStore, f: KeyFields, actor: str) -> tuple[dict[str, Any], str]:
