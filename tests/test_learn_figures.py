@@ -106,6 +106,23 @@ def test_chat_style_seeds_are_our_own_text() -> None:
     assert not any(t in e.text for e in seeds for t in long_shared)
 
 
+def test_harness_seeds_are_our_own_text_and_cover_the_thin_classes() -> None:
+    """The harness-style seeds: every class the other seeds lack has a few dozen, none is a shared-data prompt."""
+    import json
+    from collections import Counter
+
+    from edgeroute.learn import data
+
+    rows = [json.loads(line) for line in (data.LABELS / "seed_prompts_harness.jsonl").read_text().splitlines()]
+    counts = Counter(r["task_type"] for r in rows)
+    assert min(counts["reasoning"], counts["translation"], counts["knowledge_qa"], counts["code"]) >= 20, counts
+    texts = [r["prompt"] for r in rows]
+    assert len(set(texts)) == len(texts)
+    others = [e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True) if e.text not in set(texts)]
+    long_shared = [t for t in others if len(t) >= 40]
+    assert not any(t in s for s in texts for t in long_shared)
+
+
 def test_cli_train_and_eval_round_trip(np_: object, tmp_path: Path) -> None:
     from edgeroute.learn import data
     from edgeroute.learn.cli import main

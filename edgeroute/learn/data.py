@@ -67,7 +67,10 @@ def _jsonl(path: Path) -> list[dict[str, object]]:
 
 ARENA_V2 = "arena_hard_v2.0"
 ARENA_V01 = "arena_hard_v0.1"
-SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl")
+# seed_prompts_harness.jsonl: exam- and harness-style requests of the classes the other
+# files lack (reasoning, translation, knowledge questions, programming problems full of
+# numbers), written without reading any prompt of a test set.
+SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl", "seed_prompts_harness.jsonl")
 # Hand-written prompts in the style of real chat-assistant users (long, specific, messy;
 # code / math / creative writing and the "other" requests that border on them). Written
 # by us without looking at the Arena-Hard v2.0 test prompts; source "seed_chat".

@@ -23,8 +23,9 @@ Protocol, fixed and committed before any of its prompts was read:
   creative writing where present, accuracy, mean confidence and expected
   calibration error; the keyword baseline (:func:`~edgeroute.learn.baselines.keyword_task`)
   beside it on the same prompts.
-* **Once.** The first scoring is written to ``<cache>/fresh_eval_result.json`` with the
-  model's sha256; later runs print that record. ``--again`` scores anew and says so.
+* **Once.** The first scoring of a model file is written to
+  ``<cache>/fresh_eval_result.json`` under the file's sha256; later runs for the same
+  file print that record. ``--again`` scores anew and says so.
 
 Without pip's network access the eval skips with the reason.
 """
@@ -127,11 +128,13 @@ def build_test_set(sdist: Path, labels: dict[str, str]) -> list[Example]:
         for rank, (_key, prompt) in enumerate(sorted(set(rows))[:PER_TASK]):
             order = (rank, _h(task_name))
             by_class.setdefault(labels[task_name], []).append((order, Example(prompt, labels[task_name], task_name)))
-    training = {e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True)} if data.have_data() else set()
+    training = (
+        {e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True)} if data.have_data() else set()
+    )
     out: list[Example] = []
     seen: set[str] = set()
     for label in sorted(by_class):
-        for _key, e in sorted(by_class[label], key=lambda r: r[0])[:PER_CLASS]:
+        for _order, e in sorted(by_class[label], key=lambda r: r[0])[:PER_CLASS]:
             if e.text not in seen and e.text not in training:
                 seen.add(e.text)
                 out.append(e)
@@ -192,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cache = cache_dir()
     record = cache / "fresh_eval_result.json"
-    if record.exists() and not args.again:
-        stored = json.loads(record.read_text(encoding="utf-8"))
-        print(f"recorded at {stored['scored_at']} for model sha256 {stored['model_sha256'][:16]} (use --again to re-score)")
+    model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
+    runs: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))["runs"] if record.exists() else {}
+    if model_sha in runs and not args.again:
+        stored = runs[model_sha]
+        print(f"recorded at {stored['scored_at']} for model sha256 {model_sha[:16]} (use --again to re-score)")
         _print(stored["result"])
         return 0
     try:
@@ -202,13 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     except (Unavailable, OSError, subprocess.SubprocessError) as exc:
         print(f"skipped: the fresh test set is unavailable ({exc})", file=sys.stderr)
         return 3
-    model = LinearModel.load(args.model)
-    result = score(model, build_test_set(sdist, task_labels()))
-    if args.again and record.exists():
-        print("re-scored: this test set has been scored before (see the recorded result)")
-    model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
+    result = score(LinearModel.load(args.model), build_test_set(sdist, task_labels()))
+    if model_sha in runs:
+        print(f"re-scored: this model was scored on this test set at {runs[model_sha]['scored_at']} already")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    record.write_text(json.dumps({"scored_at": stamp, "model_sha256": model_sha, "result": result}, indent=1) + "\n")
+    runs[model_sha] = {"scored_at": stamp, "model": str(args.model), "result": result}
+    record.write_text(json.dumps({"runs": runs}, indent=1) + "\n", encoding="utf-8")
     _print(result)
     return 0
 

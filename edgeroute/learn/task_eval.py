@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from edgeroute.learn import data
+from edgeroute.learn.augment import wrapper_robustness
 from edgeroute.learn.baselines import keyword_task
 from edgeroute.learn.data import Example
 from edgeroute.learn.evaluate import f1_scores
@@ -70,6 +71,11 @@ def _score(name: str, model: LinearModel, test: Sequence[Example], verbose: bool
         print("predicted:", dict(Counter(pred).most_common()))
         print("  " + "  ".join(f"F1 {k}={f1[k]:.3f}" for k in (*FOCUS, "macro")))
         print("  keyword baseline: " + "  ".join(f"F1 {k}={kw[k]:.3f}" for k in (*FOCUS, "macro")))
+        rob = wrapper_robustness(lambda texts: predict_labels(model, texts), test)
+        print(
+            f"  inside unseen wrappers: accuracy {rob['wrapped_accuracy']:.3f} (bare {rob['bare_accuracy']:.3f}); "
+            f"a wrapper changed {rob['flip']:.1%} of the predictions"
+        )
         conf, ece = calibration(model, test)
         print(f"  confidence: mean {conf:.3f}, expected calibration error {ece:.3f} (10 bins; 0 = honest)")
         if {e.label for e in test} <= set(FOCUS):

@@ -51,6 +51,7 @@ def train_task_model(
     opts: T.FitOptions = TASK_FIT,
     realistic_weight: float = REALISTIC_WEIGHT,
     calibrate: bool = True,
+    augment: bool = True,
 ) -> LinearModel:
     """Softmax over TASK_CLASSES; classes weighted by 1/count, so each class weighs the same.
 
@@ -59,29 +60,45 @@ def train_task_model(
     class, real-user-style examples (:data:`~edgeroute.learn.data.REALISTIC_SOURCES`)
     weigh :data:`REALISTIC_WEIGHT` times a templated one.
 
+    With ``augment``, copies inside instruction wrappers are added
+    (:mod:`edgeroute.learn.augment`), so a harness's framing does not move a prediction.
+
     With ``calibrate``, a temperature fitted on out-of-fold predictions (fixed
     folds, :data:`CALIBRATION_FOLDS`) is folded into the weights, so the shipped
     probabilities mean what they say (``tasks:`` rules may require a minimum).
     """
-    texts = [e.text for e in examples]
-    y = np.zeros((len(examples), len(TASK_CLASSES)))
-    for i, e in enumerate(examples):
+    originals = list(examples)
+    n = len(originals)
+    rows = list(originals)
+    parent = list(range(n))  # each wrapped copy follows, tied to its original's index
+    if augment:
+        from edgeroute.learn.augment import wrapped
+
+        for i, e in enumerate(originals):
+            copies = wrapped([e])
+            rows += copies
+            parent += [i] * len(copies)
+    texts = [e.text for e in rows]
+    y = np.zeros((len(rows), len(TASK_CLASSES)))
+    for i, e in enumerate(rows):
         y[i, TASK_CLASSES.index(e.label)] = 1.0
     counts = y.sum(axis=0)
-    sw = 1.0 / counts[y.argmax(axis=1)]
-    sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in examples])
+    sw = 1.0 / np.maximum(counts[y.argmax(axis=1)], 1.0)
+    sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in rows])
     sw /= sw.mean()
     x = T.featurize(texts, cfg)
     dense = T.length_matrix(texts)
     temperature = 1.0
-    if calibrate and len(examples) >= 10 * CALIBRATION_FOLDS:
-        oof = np.zeros_like(y)
-        n = len(examples)
+    if calibrate and n >= 10 * CALIBRATION_FOLDS:
+        # Folds over the originals; a wrapped copy trains only where its original does,
+        # and the temperature is fitted on the originals' out-of-fold logits.
+        oof = np.zeros((n, len(TASK_CLASSES)))
         for fold in kfold(n, CALIBRATION_FOLDS, seed=0):
-            tr = sorted(set(range(n)) - set(fold))
+            held = set(fold)
+            tr = [j for j, p in enumerate(parent) if p not in held]
             fw, fwd, fb = T.fit(x.subset(tr), dense[tr], y[tr], activation="softmax", sample_weight=sw[tr], opts=opts)
             oof[fold] = x.subset(fold).matmul(fw) + dense[fold] @ fwd + fb
-        temperature = fit_temperature(oof, y, sw)
+        temperature = fit_temperature(oof, y[:n], sw[:n])
     w, wd, b = T.fit(x, dense, y, activation="softmax", sample_weight=sw, opts=opts)
     return T.quantize(
         w / temperature,
@@ -91,7 +108,7 @@ def train_task_model(
         outputs=TASK_CLASSES,
         activation="softmax",
         dense=["length"],
-        meta={"kind": "task", "n_train": len(examples), "temperature": temperature},
+        meta={"kind": "task", "n_train": n, "n_wrapped": len(rows) - n, "temperature": temperature},
     )
 
 
