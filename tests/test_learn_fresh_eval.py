@@ -128,3 +128,15 @@ def test_wrapper_robustness_counts_changed_predictions() -> None:
 
     r = augment.wrapper_robustness(fooled, examples)
     assert r == {"bare_accuracy": 1.0, "wrapped_accuracy": 0.0, "flip": 1.0}
+
+
+def test_without_the_source_the_eval_skips_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EDGEROUTE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip as without network: no index to fetch from
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    assert fresh_eval.main([]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("skipped: the fresh test set is unavailable (pip could not fetch")
+    assert not (fresh_eval.cache_dir() / "fresh_eval_result.json").exists()
