@@ -1,4 +1,4 @@
-"""The `edgeroute` command line: serve, check, demo, route, spend, bench, router.
+"""The `edgeroute` command line: serve, check, demo, route, spend, prices, bench, router.
 
 Defaults may come from the environment (a flag wins): `EDGEROUTE_CONFIG` (the config file),
 `EDGEROUTE_HOST`, `EDGEROUTE_PORT` (where `serve` listens), `EDGEROUTE_LOG_LEVEL` (`serve --log-level`)
@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
     sp.add_argument("--since", help="e.g. 24h, 7d, 2026-11-01 (UTC)")
     sp.set_defaults(fn=_cmd_spend)
+
+    from edgeroute.cost import prices_cli
+
+    prices_cli.add_parser(sub)
 
     from edgeroute.requestlog import cli as requestlog_cli
 

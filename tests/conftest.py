@@ -6,6 +6,8 @@ real Rust core, and upstreams are real HTTP servers speaking each provider's for
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ from edgeroute.server import create_app
 pytest_plugins = ["tests.perf"]
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Prices come from the bundled catalogue in tests, never from a catalogue a user updated.
+os.environ["EDGEROUTE_PRICES"] = str(Path(tempfile.mkdtemp(prefix="edgeroute-tests-")) / "prices.json")
 
 
 @pytest.fixture(autouse=True)

@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.ledger",
             "edgeroute.cost.control",
             "edgeroute.cost.reports",
+            "edgeroute.cost.prices_cli",
             "edgeroute.admission",
             "edgeroute.learning",
             "edgeroute.health_checks",
