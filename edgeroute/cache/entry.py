@@ -27,7 +27,7 @@ _OVERHEAD = 200  # bytes an in-memory entry costs beyond its body (object, key, 
 
 @dataclass(slots=True, frozen=True)
 class Entry:
-    body: bytes  # an OpenAI `chat.completion` object, as JSON: a JSON hit sends it as it is
+    body: bytes  # an OpenAI `chat.completion` (or, for /v1/embeddings, `list` of embeddings) as JSON, sent as it is
     deployment: str  # who produced it: a request may reuse it only if it could have been sent there
     created: float  # unix time it was stored
     cost_usd: float  # what producing it cost: what each hit saves
@@ -56,8 +56,8 @@ class Entry:
             raise ValueError("unreadable cache entry: unknown format")
         if not isinstance(created, int | float) or not isinstance(cost, int | float):
             raise ValueError("unreadable cache entry: bad fields")
-        if completion_from_json(body) is None:
-            raise ValueError("unreadable cache entry: not a chat completion")
+        if completion_from_json(body) is None and embeddings_from_json(body) is None:
+            raise ValueError("unreadable cache entry: not a chat completion or embeddings")
         return cls(body, deployment, float(created), float(cost))
 
     def sse_body(self, include_usage: bool) -> bytes:
@@ -75,6 +75,19 @@ def completion_from_json(body: bytes) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or obj.get("error") or not isinstance(obj.get("choices"), list):
         return None
     if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in obj["choices"]):
+        return None
+    return obj
+
+
+def embeddings_from_json(body: bytes) -> dict[str, Any] | None:
+    """The embeddings list in a JSON answer of /v1/embeddings, if it is one worth keeping."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or obj.get("object") != "list" or not isinstance(obj.get("data"), list):
+        return None
+    if not obj["data"] or not all(isinstance(d, dict) and "embedding" in d for d in obj["data"]):
         return None
     return obj
 

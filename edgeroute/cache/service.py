@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgeroute.cache import remote
-from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream
+from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json
 from edgeroute.cache.key import cache_key, is_deterministic
 from edgeroute.cache.semantic import (
     Guards,
@@ -164,10 +164,26 @@ class ResponseCache:
         plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable)
         if settings.mode == "semantic" and (split := split_last_user_turn(obj)) is not None:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
-        if not cacheable or not directive.lookup:
+        return self._bypass_unless_looked_up(plan)
+
+    def plan_exact(
+        self, request: web.Request, settings: RouteCache | None, route: str, fields: dict[str, Any], tenant: str
+    ) -> Plan | None:
+        """As `plan`, for an endpoint whose answer `fields` determine exactly (embeddings: always
+        deterministic, matched exactly even on a semantic route). The endpoint names itself in
+        `fields`, so its entries never meet chat's."""
+        directive = Directive.of(request)
+        if settings is None or settings.mode == "off":
+            if directive.only_if_cached:
+                raise _not_cached()
+            return None
+        return self._bypass_unless_looked_up(Plan(route, cache_key(fields, route, tenant), settings, directive, True))
+
+    def _bypass_unless_looked_up(self, plan: Plan) -> Plan:
+        if not plan.cacheable or not plan.directive.lookup:
             plan.label = "bypass"
             self.counters.bypass += 1
-            if directive.only_if_cached:
+            if plan.directive.only_if_cached:
                 raise _not_cached()
         return plan
 
@@ -291,7 +307,7 @@ class ResponseCache:
         return plan.stale
 
     def save_json(self, plan: Plan, body: bytes, deployment: str, cost_usd: float) -> None:
-        if plan.stores and completion_from_json(body) is not None:
+        if plan.stores and (completion_from_json(body) is not None or embeddings_from_json(body) is not None):
             self._save(plan, Entry(body, deployment, time.time(), cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: str, cost_usd: float) -> None:

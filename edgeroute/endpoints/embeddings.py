@@ -2,9 +2,10 @@
 
 Input: a string, a list of strings, a token list or a list of token lists (up to 2048
 inputs). Served by OpenAI, Azure and OpenAI-compatible deployments as is (only `model`
-rewritten), and by Gemini deployments translated (`batchEmbedContents`; text inputs only).
-Usage is the upstream's, or counted with the deployment's tokenizer when it reports none
-(Gemini), and priced at the deployment's input price.
+rewritten), by Gemini deployments translated (`batchEmbedContents`; text inputs only) and
+by Bedrock's Titan and Cohere embeddings (`embeddings_bedrock`). Usage is the upstream's,
+or counted with the deployment's tokenizer when it reports none (Gemini, Cohere), and
+priced at the deployment's input price.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from aiohttp import web
 from edgeroute import _core
 from edgeroute.accounting import Usage
 from edgeroute.dispatch import Failure, JsonAnswer
+from edgeroute.endpoints.embeddings_bedrock import bedrock_request, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.bedrock import BedrockAdapter
 from edgeroute.providers.gemini import GeminiAdapter
 from edgeroute.upstream import DeploymentInfo
 
@@ -128,6 +131,8 @@ class EmbeddingsCall(CountedCall):
             return openai_request(adapter, dep, "/embeddings", self.req.body, False)
         if isinstance(adapter, GeminiAdapter):
             return _gemini_request(adapter, dep, self.req)
+        if isinstance(adapter, BedrockAdapter):
+            return bedrock_request(adapter, dep, self.req.inputs, self.req.dimensions)
         raise unsupported(dep, "embeddings")
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
@@ -135,15 +140,24 @@ class EmbeddingsCall(CountedCall):
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        reported: int | None = None
         if isinstance(adapter, GeminiAdapter) and isinstance(obj, dict) and isinstance(obj.get("embeddings"), list):
             obj = self._from_gemini(obj["embeddings"])
             if obj is None:
                 return Failure(Outcome.SERVER_ERROR, status, "upstream sent embeddings without values")
+        elif isinstance(adapter, BedrockAdapter) and isinstance(obj, dict):
+            got = vectors_of(obj)
+            if got is None:
+                return Failure(Outcome.SERVER_ERROR, status, "upstream sent embeddings without values")
+            obj, reported = self._listed(got[0]), got[1]
         if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no embeddings")
         if len(obj["data"]) != len(self.req.inputs):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
         usage = Usage.from_openai(obj.get("usage"))
+        if usage is None and reported is not None:  # Titan's own count
+            usage = Usage(prompt_tokens=reported)
+            obj["usage"] = {"prompt_tokens": reported, "total_tokens": reported}
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
             obj["usage"] = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
@@ -151,19 +165,29 @@ class EmbeddingsCall(CountedCall):
         return JsonAnswer(orjson.dumps(obj), usage)
 
     def _from_gemini(self, embeddings: list[Any]) -> dict[str, Any] | None:
-        data = []
-        for i, e in enumerate(embeddings):
+        vectors = []
+        for e in embeddings:
             values = e.get("values") if isinstance(e, dict) else None
             if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
                 return None
-            vec = _encoded([float(v) for v in values], self.req.base64)
-            data.append({"object": "embedding", "index": i, "embedding": vec})
+            vectors.append([float(v) for v in values])
+        return self._listed(vectors)
+
+    def _listed(self, vectors: list[list[float]]) -> dict[str, Any]:
+        """Vectors as OpenAI's list of embeddings, encoded as the client asked."""
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encoded(v, self.req.base64)}
+            for i, v in enumerate(vectors)
+        ]
         return {"object": "list", "data": data, "model": self.req.model}
 
 
 def parse(body: bytes) -> Parsed:
     req = EmbeddingsRequest(body)
-    return Parsed(req.model, routing_body(req.model, req.text(), max_tokens=1), False, partial(EmbeddingsCall, req))
+    # The vectors depend on the inputs, their size and encoding; `user` does not change them.
+    fields = {"endpoint": "embeddings", "input": req.inputs, "dimensions": req.dimensions, "base64": req.base64}
+    body_for_rules = routing_body(req.model, req.text(), max_tokens=1)
+    return Parsed(req.model, body_for_rules, False, partial(EmbeddingsCall, req), cache_fields=fields)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -4,7 +4,8 @@ Read and check the body (the endpoint's own rules, its errors in OpenAI's format
 core decide on a chat-shaped *routing body* the endpoint derives from it (so models, rules,
 keys, budgets and rate limits apply unchanged), dispatch with failover through the
 endpoint's `Call`, answer JSON or relay a stream, and in every case record the request:
-usage, cost, status, attempts, exactly once.
+usage, cost, status, attempts, exactly once. An endpoint whose answer its request fully
+determines (embeddings) names the fields that do, and is served from the response cache.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from aiohttp import web
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.cache.service import CACHE, Plan
 from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import _route_headers, begin, decide, finish, read_body
+from edgeroute.openai_api import _cached_answer, _route_headers, _tenant, begin, decide, finish, read_body
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
 from edgeroute.state import Live
@@ -44,6 +46,8 @@ class Parsed:
     call: MakeCall
     # Turns a relayed stream's bytes into what the client receives (None: as they are).
     encoder: Callable[[], Callable[[bytes], bytes]] | None = None
+    # What determines the answer exactly, for the response cache (None: the endpoint is not cached).
+    cache_fields: dict[str, Any] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -66,6 +70,13 @@ class CountedCall(Call):
         if self._counted is None:
             self._counted = self._req.tokens(self.decision.encoding)
         return self._counted
+
+
+def _same_model(live: Live, decision: _core.Decision) -> list[str]:
+    """The deployments whose cached answer this request may get: those it may be sent to that
+    serve the model its first choice serves (vectors of two embedding models do not compare)."""
+    first = live.deployments[decision.order[0]].model
+    return [d.name for i in decision.order if (d := live.deployments[i]).model == first]
 
 
 def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
@@ -140,12 +151,24 @@ async def serve(
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body
         model = live.config.models[decision.route]
+        plan: Plan | None = None
+        if parsed.cache_fields is not None:
+            cache = request.app[CACHE]
+            plan = cache.plan_exact(
+                request, model.cache, decision.route, parsed.cache_fields, _tenant(request, model.cache)
+            )
+            if plan is not None and (entry := await cache.lookup(plan, _same_model(live, decision))) is not None:
+                return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
         try:
             got, dep = await call.run()
         except ProxyError as e:
+            if plan is not None and (stale := request.app[CACHE].serve_stale(plan)) is not None:
+                return await _cached_answer(request, rec, decision, plan, stale, None, error=e)
             e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            if plan is not None:
+                e.headers[headers.CACHE] = plan.label
             raise
         rec.deployment = dep.name
         hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
@@ -158,8 +181,13 @@ async def serve(
         if dropped := getattr(call, "dropped", None):  # parameters a deployment could not honour, left out
             hdrs[headers.DROPPED_PARAMS] = ",".join(dropped)
         rec.status = 200
+        if plan is not None:
+            hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(got, JsonAnswer):
-            hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"
+            cost = sum(a.cost_usd for a in rec.attempts)
+            hdrs[headers.COST] = f"{cost:.8f}"
+            if plan is not None:
+                request.app[CACHE].save_json(plan, got.body, dep.name, cost)
             if rec.content_mode != "none":
                 rec.content_response = got.body
             out = answer(got.body) if answer is not None else got.body

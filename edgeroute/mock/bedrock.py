@@ -11,6 +11,12 @@ for the same conversation.
 
 Per-request headers as in the OpenAI mock, plus ``x-mock-stream-error``: a stream
 that fails with a `throttlingException` frame before any content.
+
+`POST /model/{modelId}/invoke` answers the embeddings models as InvokeModel does: Titan
+Text Embeddings (`{"inputText"}` → `{"embedding", "inputTextTokenCount"}`; v2 takes
+`dimensions` 256/512/1024) and Cohere Embed (`{"texts", "input_type"}`, at most 96 texts →
+`{"id", "embeddings", "texts", "response_type"}`), with the `X-Amzn-Bedrock-Input-Token-Count`
+header; deterministic vectors, as the OpenAI mock's.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
 from edgeroute.mock import openai as openai_mock
+from edgeroute.mock.openai_endpoints import vector
 
 _ERRORS = {
     400: "ValidationException",
@@ -245,10 +252,92 @@ async def converse(request: web.Request) -> web.StreamResponse:
 
 OPTIONS = web.AppKey("bedrock_options", MockOptions)
 
+_TITAN_DIMS = (256, 512, 1024)
+_COHERE_INPUT_TYPES = ("search_document", "search_query", "classification", "clustering")
+_MOCK_DIMS = 8  # the models' real sizes (1024 and up) only make the tests slower
+
+
+def _titan(model: str, body: dict[str, Any]) -> tuple[dict[str, Any], int] | str:
+    text = body.get("inputText")
+    if not isinstance(text, str) or not text:
+        return "Malformed input request: #: required key [inputText] not found"
+    extra = set(body) - {"inputText", "dimensions", "normalize", "embeddingTypes"}
+    if "v2" not in model:
+        extra |= set(body) & {"dimensions", "normalize", "embeddingTypes"}
+    if extra:
+        return f"Malformed input request: #: extraneous key [{sorted(extra)[0]}] is not permitted"
+    dims = body.get("dimensions", 1024)
+    if dims not in _TITAN_DIMS:
+        return f"Malformed input request: #/dimensions: {dims} is not a valid enum value"
+    tokens = max(1, len(text.split()))
+    return {"embedding": vector(text, _MOCK_DIMS), "inputTextTokenCount": tokens}, tokens
+
+
+def _cohere(model: str, body: dict[str, Any]) -> tuple[dict[str, Any], int] | str:
+    texts = body.get("texts")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+        return "Malformed input request: #/texts: expected a non-empty array of non-empty strings"
+    if len(texts) > 96:
+        return f"Malformed input request: #/texts: expected maximum item count: 96, found: {len(texts)}"
+    if body.get("input_type") not in _COHERE_INPUT_TYPES:
+        return "Malformed input request: #: required key [input_type] not found or not valid"
+    extra = set(body) - {"texts", "input_type", "truncate", "embedding_types", "output_dimension", "images"}
+    if "v4" not in model and "output_dimension" in body:
+        extra.add("output_dimension")
+    if extra:
+        return f"Malformed input request: #: extraneous key [{sorted(extra)[0]}] is not permitted"
+    vectors = [vector(t, _MOCK_DIMS) for t in texts]
+    kinds = body.get("embedding_types")
+    out: dict[str, Any] = {"id": f"emb-mock-{next(_ids):06d}", "texts": texts}
+    if kinds:  # asked by type: a mapping of type → vectors
+        out.update(embeddings={"float": vectors}, response_type="embeddings_by_type")
+    else:
+        out.update(embeddings=vectors, response_type="embeddings_floats")
+    return out, sum(max(1, len(t.split())) for t in texts)
+
+
+async def invoke(request: web.Request) -> web.Response:
+    """InvokeModel for the embeddings models (Titan, Cohere)."""
+    opts: MockOptions = request.app[OPTIONS]
+    raw = await request.read()
+    if opts.aws_secret_access_key is not None and not _signature_ok(request, raw, opts.aws_secret_access_key):
+        msg = "The request signature we calculated does not match the signature you provided."
+        return aws_error(403, msg, "InvalidSignatureException")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return aws_error(400, "Malformed input request, please reformat your input and try again.")
+    model = request.match_info["model"]
+    if opts.record:
+        opts.requests.append({"headers": dict(request.headers), "body": body, "model": model, "method": "invoke"})
+    if opts.models is not None and model not in opts.models:
+        return aws_error(404, "The provided model identifier is invalid.")
+    if opts.fail_status is not None or "x-mock-status" in request.headers:
+        status = opts.fail_status or int(request.headers["x-mock-status"])
+        return aws_error(status, f"Mock error {status}.")
+    family = model.split(".", 1)[1] if model.split(".", 1)[0] in ("us", "eu", "apac", "global") else model
+    if not isinstance(body, dict):
+        return aws_error(400, "Malformed input request, please reformat your input and try again.")
+    if family.startswith("amazon.titan-embed-text"):
+        got = _titan(family, body)
+    elif family.startswith("cohere.embed"):
+        got = _cohere(family, body)
+    else:
+        return aws_error(400, "The provided model doesn't support on-demand throughput for this operation.")
+    if isinstance(got, str):
+        return aws_error(400, got)
+    answer, tokens = got
+    return web.Response(
+        body=orjson.dumps(answer),
+        content_type="application/json",
+        headers={"X-Amzn-Bedrock-Input-Token-Count": str(tokens), "X-Amzn-Bedrock-Invocation-Latency": "12"},
+    )
+
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (`/model/{modelId}/converse[-stream]`)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[OPTIONS] = options or MockOptions()
     app.router.add_post("/model/{model}/{action:converse|converse-stream}", converse)
+    app.router.add_post("/model/{model}/invoke", invoke)
     return app

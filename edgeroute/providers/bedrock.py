@@ -1,4 +1,5 @@
-"""AWS Bedrock's Converse API (`/model/{id}/converse`, `/model/{id}/converse-stream`).
+"""AWS Bedrock's Converse API (`/model/{id}/converse`, `/model/{id}/converse-stream`); the
+embeddings models' InvokeModel requests are signed here too (`model_request`).
 
 Requests are signed with SigV4 by botocore's signer, or carry a Bedrock API key as a
 bearer token. Maps system prompts, text and base64 images (Bedrock cannot fetch
@@ -199,11 +200,14 @@ class BedrockAdapter(Adapter):
         if tool_config:
             out["toolConfig"] = tool_config
         action = "converse-stream" if stream else "converse"
+        accept = "application/vnd.amazon.eventstream" if stream else "application/json"
+        return self.model_request(model, action, orjson.dumps(out), accept)
+
+    def model_request(self, model: str, action: str, data: bytes, accept: str = "application/json") -> UpstreamRequest:
+        """A signed `POST /model/{model}/{action}` (`converse`, `converse-stream`, `invoke`)."""
         # Sign exactly the URL aiohttp will send (yarl normalises percent-escapes).
         url = str(yarl.URL(f"{self.provider.base_url}/model/{urllib.parse.quote(model, safe='')}/{action}"))
-        data = orjson.dumps(out)
-        headers = {"Content-Type": "application/json", **self.provider.headers}
-        headers["Accept"] = "application/vnd.amazon.eventstream" if stream else "application/json"
+        headers = {"Content-Type": "application/json", **self.provider.headers, "Accept": accept}
         return UpstreamRequest(url, self._signed(url, data, headers), data)
 
     def _tool_config(self, req: dict[str, Any], rule: oa.UnsupportedRule, history_tools: bool) -> dict[str, Any] | None:
