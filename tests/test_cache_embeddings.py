@@ -16,7 +16,9 @@ from tests.conftest import Upstream
 def _config(up: Upstream, **cache: Any) -> dict[str, Any]:
     return {
         "providers": {"oa": {"base_url": up.base_url, "api_key": "k"}},
-        "deployments": {"emb": {"provider": "oa", "model": "text-embedding-3-small", "price": {"input_per_mtok": 0.02}}},
+        "deployments": {
+            "emb": {"provider": "oa", "model": "text-embedding-3-small", "price": {"input_per_mtok": 0.02}}
+        },
         "models": {"embed": {"deployments": ["emb"], "cache": {"ttl": 60} | cache}},
     }
 

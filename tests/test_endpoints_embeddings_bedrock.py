@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import boto3
 import botocore.config
 import botocore.exceptions
 import openai
@@ -17,22 +16,12 @@ from aiohttp.test_utils import TestServer
 
 from edgeroute.mock.openai_endpoints import vector
 from tests.providers_fixtures import BEDROCK_OPTIONS, MockUpstream, start_mock
+from tests.test_providers_bedrock import _boto
 
 __all__ = ["start_mock"]
 
 TITAN = "amazon.titan-embed-text-v2:0"
 COHERE = "cohere.embed-multilingual-v3"
-
-
-def _boto(root: str, secret: str = BEDROCK_OPTIONS["aws_secret_access_key"]) -> Any:
-    return boto3.client(
-        "bedrock-runtime",
-        endpoint_url=root,
-        region_name="us-east-1",
-        aws_access_key_id="AKIDEXAMPLE",
-        aws_secret_access_key=secret,
-        config=botocore.config.Config(retries={"total_max_attempts": 1}),
-    )
 
 
 async def test_mock_is_honest_for_boto3_invoke_model(start_mock) -> None:
