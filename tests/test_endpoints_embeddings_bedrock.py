@@ -104,7 +104,7 @@ async def test_cohere_batch_in_order_with_counted_usage(start_mock, start_proxy)
 @pytest.mark.parametrize(
     ("model", "kwargs", "param", "says"),
     [
-        (TITAN, {"input": ["a", "b"]}, "input", "Titan embeds one text per request"),
+        (TITAN, {"input": [[1, 2], [3]]}, "input", "token-array inputs"),
         (TITAN, {"input": "a", "dimensions": 300}, "dimensions", "takes 'dimensions' of 256, 512, 1024 only"),
         ("amazon.titan-embed-text-v1", {"input": "a", "dimensions": 256}, "dimensions", "does not take 'dimensions'"),
         (COHERE, {"input": [[1, 2, 3]]}, "input", "token-array inputs"),
@@ -126,6 +126,24 @@ async def test_what_a_bedrock_model_cannot_take_is_a_400_naming_the_deployment(
     assert up.options.requests == []  # refused before any call
 
 
+async def test_a_titan_batch_is_one_call_per_text_answered_and_recorded_as_one(start_mock, start_proxy) -> None:
+    up = await start_mock("bedrock", record=True)
+    proxy = await start_proxy(_config(up, {"titan": TITAN}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    texts = [f"text number {i}" + " word" * (i % 3) for i in range(20)]
+    raw = await client.embeddings.with_raw_response.create(model="embed", input=texts, dimensions=256)
+    r = raw.parse()
+    assert [d.embedding for d in r.data] == [pytest.approx(vector(t, 8), abs=1e-6) for t in texts]
+    tokens = sum(len(t.split()) for t in texts)  # Titan's own counts, summed
+    assert r.usage.prompt_tokens == tokens and raw.headers["x-edgeroute-attempts"] == "1"
+    assert sorted(q["body"]["inputText"] for q in up.options.requests) == sorted(texts)
+    assert all(q["body"]["dimensions"] == 256 for q in up.options.requests)
+    rec = proxy.recorder.records[-1]
+    assert [(a.deployment, a.outcome) for a in rec.attempts] == [("titan", "success")]
+    assert rec.usage is not None and rec.usage.prompt_tokens == tokens and not rec.usage.estimated
+    assert rec.cost_usd == pytest.approx(tokens * 0.02 / 1e6)
+
+
 async def test_titan_failure_fails_over_to_cohere(start_mock, start_proxy) -> None:
     bad = await start_mock("bedrock", fail_status=503)
     good = await start_mock("bedrock", record=True)
@@ -135,10 +153,11 @@ async def test_titan_failure_fails_over_to_cohere(start_mock, start_proxy) -> No
     cfg["models"]["embed"] = {"deployments": ["titan"], "fallbacks": ["m-cohere"]}
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    raw = await client.embeddings.with_raw_response.create(model="embed", input="hello")
-    assert raw.headers["x-edgeroute-deployment"] == "cohere" and len(raw.parse().data) == 1
-    rec = proxy.recorder.records[-1]
-    assert [(a.deployment, a.outcome) for a in rec.attempts] == [("titan", "server_error"), ("cohere", "success")]
+    for texts in (["hello"], ["a batch", "of three", "texts"]):
+        raw = await client.embeddings.with_raw_response.create(model="embed", input=texts)
+        assert raw.headers["x-edgeroute-deployment"] == "cohere" and len(raw.parse().data) == len(texts)
+        rec = proxy.recorder.records[-1]
+        assert [(a.deployment, a.outcome) for a in rec.attempts] == [("titan", "server_error"), ("cohere", "success")]
 
 
 @pytest.mark.parametrize("answer", [{"embedding": []}, {"embeddings": {"int8": [[1]]}}, {"embeddings": [[1, "x"]]}, {}])

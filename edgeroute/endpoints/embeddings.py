@@ -10,8 +10,11 @@ priced at the deployment's input price.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import struct
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -19,9 +22,9 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import Usage
-from edgeroute.dispatch import Failure, JsonAnswer
-from edgeroute.endpoints.embeddings_bedrock import bedrock_request, vectors_of
+from edgeroute.accounting import AttemptRecord, Usage
+from edgeroute.dispatch import Answer, Failure, JsonAnswer
+from edgeroute.endpoints.embeddings_bedrock import TITAN_PARALLEL, bedrock_request, one_text_per_call, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
 from edgeroute.outcome import Outcome
@@ -31,6 +34,8 @@ from edgeroute.providers.gemini import GeminiAdapter
 from edgeroute.upstream import DeploymentInfo
 
 MAX_INPUTS = 2048
+# The input one call of a batch split over several calls carries (None: the whole request).
+_PIECE: ContextVar[int | None] = ContextVar("embeddings_piece", default=None)
 _TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
 _FIELDS = frozenset({"model", "input", "encoding_format", "dimensions", "user"})
 
@@ -98,7 +103,11 @@ class EmbeddingsRequest:
         return "\n".join(x for x in self.inputs if isinstance(x, str))
 
     def tokens(self, encoding: str) -> int:
-        return sum(len(x) if isinstance(x, list) else _core.Router.count_tokens(x, encoding) for x in self.inputs)
+        return sum(_tokens_of(x, encoding) for x in self.inputs)
+
+
+def _tokens_of(item: str | list[int], encoding: str) -> int:
+    return len(item) if isinstance(item, list) else _core.Router.count_tokens(item, encoding)
 
 
 def _gemini_request(adapter: GeminiAdapter, dep: DeploymentInfo, req: EmbeddingsRequest) -> UpstreamRequest:
@@ -126,13 +135,75 @@ class EmbeddingsCall(CountedCall):
         super().__init__(req, *args)
         self.req = req
 
+    def _inputs(self) -> list[str | list[int]]:
+        piece = _PIECE.get()
+        return self.req.inputs if piece is None else [self.req.inputs[piece]]
+
+    async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
+        adapter = self.live.upstreams[dep.provider].adapter
+        n = len(self.req.inputs)
+        if n == 1 or not isinstance(adapter, BedrockAdapter) or not one_text_per_call(dep):
+            return await super().attempt(dep, kind)
+        if any(not isinstance(x, str) for x in self.req.inputs):
+            raise unsupported(dep, "token-array inputs (send text)", "input")
+        return await self._split_attempt(dep, kind, n)
+
+    async def _split_attempt(self, dep: DeploymentInfo, kind: str, n: int) -> Answer | Failure:
+        """One attempt at a deployment that embeds one text per call: a call per input, merged."""
+        known = {id(r) for r in self.record.attempts}
+        gate = asyncio.Semaphore(TITAN_PARALLEL)
+        failed: list[Failure] = []
+
+        async def piece(i: int) -> Answer | Failure | None:
+            async with gate:
+                if failed:  # the attempt has failed already: send no more
+                    return None
+                _PIECE.set(i)
+                got = await super(EmbeddingsCall, self).attempt(dep, kind)
+                if isinstance(got, Failure):
+                    failed.append(got)
+                return got
+
+        results = await asyncio.gather(*(piece(i) for i in range(n)))
+        mine = [r for r in self.record.attempts if id(r) not in known and r.deployment == dep.name]
+        answers = [r for r in results if isinstance(r, JsonAnswer)]
+        used = [r.usage for r in mine if r.usage is not None and r.outcome == "success"]
+        usage = Usage(prompt_tokens=sum(u.prompt_tokens for u in used), estimated=any(u.estimated for u in used))
+        self._merge_records(mine, failed[0] if failed else None, usage)
+        if failed:
+            return failed[0]
+        vectors = [orjson.loads(a.body)["data"][0]["embedding"] for a in answers]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        total = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
+        body = {"object": "list", "data": data, "model": self.req.model, "usage": total}
+        return JsonAnswer(orjson.dumps(body), usage)
+
+    def _merge_records(self, mine: list[AttemptRecord], failure: Failure | None, usage: Usage) -> None:
+        """The calls of one split attempt as one attempt record: summed usage and cost, the
+        longest latency, the failure's outcome if one failed."""
+        if not mine:
+            return
+        merged = dataclasses.replace(
+            mine[0],
+            outcome=failure.outcome.value if failure is not None else "success",
+            status=failure.status if failure is not None else mine[0].status,
+            error=failure.message if failure is not None else None,
+            latency_ms=max(r.latency_ms for r in mine),
+            usage=usage,
+            cost_usd=sum(r.cost_usd for r in mine),
+        )
+        at = self.record.attempts.index(mine[0])
+        drop = {id(r) for r in mine}
+        self.record.attempts[:] = [r for r in self.record.attempts if id(r) not in drop]
+        self.record.attempts.insert(at, merged)
+
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if speaks_openai(adapter):
             return openai_request(adapter, dep, "/embeddings", self.req.body, False)
         if isinstance(adapter, GeminiAdapter):
             return _gemini_request(adapter, dep, self.req)
         if isinstance(adapter, BedrockAdapter):
-            return bedrock_request(adapter, dep, self.req.inputs, self.req.dimensions)
+            return bedrock_request(adapter, dep, self._inputs(), self.req.dimensions)
         raise unsupported(dep, "embeddings")
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
@@ -152,14 +223,18 @@ class EmbeddingsCall(CountedCall):
             obj, reported = self._listed(got[0]), got[1]
         if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no embeddings")
-        if len(obj["data"]) != len(self.req.inputs):
+        if len(obj["data"]) != len(self._inputs()):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
         usage = Usage.from_openai(obj.get("usage"))
         if usage is None and reported is not None:  # Titan's own count
             usage = Usage(prompt_tokens=reported)
             obj["usage"] = {"prompt_tokens": reported, "total_tokens": reported}
         if usage is None:
-            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
+            piece = _PIECE.get()
+            counted = (
+                self.prompt_tokens() if piece is None else _tokens_of(self.req.inputs[piece], self.decision.encoding)
+            )
+            usage = Usage(prompt_tokens=counted, estimated=True)
             obj["usage"] = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
         obj["model"] = self.req.model
         return JsonAnswer(orjson.dumps(obj), usage)

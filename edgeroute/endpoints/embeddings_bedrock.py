@@ -1,7 +1,10 @@
 """`/v1/embeddings` at Bedrock: Titan Text Embeddings and Cohere Embed over InvokeModel.
 
 Titan (`amazon.titan-embed-text-v1`, `-v2:0`) embeds one text per call and reports its
-tokens (`inputTextTokenCount`); v2 takes `dimensions` 256, 512 or 1024. Cohere
+tokens (`inputTextTokenCount`); v2 takes `dimensions` 256, 512 or 1024. A batch for Titan
+is sent as one call per text, `TITAN_PARALLEL` at a time, and answered as one list (one
+attempt in the record, its usage and cost the sum of the calls'; a failed call fails the
+attempt, and what the calls before it cost is kept). Cohere
 (`cohere.embed-english-v3`, `-multilingual-v3`, `-v4:0`) embeds up to 96 texts per call
 with an `input_type` (the provider option `embedding_input_type`, default
 `search_document`); v4 takes `dimensions` as `output_dimension`. Cohere reports no token
@@ -22,6 +25,7 @@ from edgeroute.providers.bedrock import BedrockAdapter
 from edgeroute.upstream import DeploymentInfo
 
 TITAN_DIMENSIONS = (256, 512, 1024)
+TITAN_PARALLEL = 8  # calls in flight for one batch: a 2048-input batch must not open 2048 connections
 COHERE_DIMENSIONS = (256, 512, 1024, 1536)
 COHERE_MAX_TEXTS = 96
 COHERE_INPUT_TYPES = ("search_document", "search_query", "classification", "clustering")
@@ -58,8 +62,8 @@ def bedrock_request(
     texts: list[str] = [x for x in inputs if isinstance(x, str)]
     body: dict[str, Any]
     if kind.startswith("titan"):
-        if len(texts) > 1:
-            raise unsupported(dep, f"{len(texts)} inputs in one request (Titan embeds one text per request)", "input")
+        if len(texts) != 1:  # EmbeddingsCall splits a batch into one call per text before this
+            raise unsupported(dep, f"{len(texts)} inputs in one call (Titan embeds one text per call)", "input")
         body = {"inputText": texts[0]}
         if dimensions is not None:
             if kind != "titan-v2" or dimensions not in TITAN_DIMENSIONS:
@@ -75,6 +79,10 @@ def bedrock_request(
                 raise _dims_error(dep, COHERE_DIMENSIONS if kind == "cohere-v4" else ())
             body["output_dimension"] = dimensions
     return adapter.model_request(dep.model, "invoke", orjson.dumps(body))
+
+
+def one_text_per_call(dep: DeploymentInfo) -> bool:
+    return (family(dep.model) or "").startswith("titan")
 
 
 def vectors_of(obj: dict[str, Any]) -> tuple[list[list[float]], int | None] | None:
