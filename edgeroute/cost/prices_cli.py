@@ -17,6 +17,8 @@ from typing import Any
 from edgeroute.config import price_catalogue as pc
 from edgeroute.config import prices
 
+_MAX_SHOWN = 50  # problems printed of a bad file (a broken import can have thousands)
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("prices", help="list, show and update the price catalogue")
@@ -110,7 +112,8 @@ def _update(args: argparse.Namespace) -> int:
         if args.merge:
             new = pc.check(pc.merged(current, new), str(args.source_file))
     except pc.CatalogueError as e:
-        return _fail([*e.errors, f"{args.source_file}: not loaded ({len(e.errors)} problems)"])
+        shown = e.errors[:_MAX_SHOWN] + ([f"… {len(e.errors) - _MAX_SHOWN} more"] if len(e.errors) > _MAX_SHOWN else [])
+        return _fail([*shown, f"{args.source_file}: not loaded ({len(e.errors)} problems)"])
     new.setdefault("format", pc.FORMAT)
     target = prices.prices_path()
     print(f"{args.source_file}{note} against {prices.catalogue_file()}:")
