@@ -224,3 +224,17 @@ def test_list_and_show(target: dict[str, str]) -> None:
 def test_the_bundled_catalogue_is_valid_dated_and_sourced() -> None:
     cat = prices.read_catalogue(prices.CATALOGUE_PATH)
     assert pc.dumps(cat) == prices.CATALOGUE_PATH.read_text()  # one entry per line, as `update` writes it
+
+
+def test_a_failed_write_leaves_the_previous_catalogue_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "prices.json"
+    pc.write_atomically(target, {"models": {"m": _entry()}})
+    before = target.read_text()
+
+    def boom(data: dict[str, Any]) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pc, "dumps", boom)
+    with pytest.raises(OSError):
+        pc.write_atomically(target, {"models": {"m": _entry(input=9.0)}})
+    assert target.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["prices.json"]
