@@ -76,3 +76,28 @@ async def test_only_if_cached_and_stale_if_error(start_upstream, start_proxy) ->
     raw = await client.embeddings.with_raw_response.create(model="embed", input="x")
     assert raw.headers["x-edgeroute-cache"] == "stale" and raw.parse().data[0].embedding == fresh.data[0].embedding
     assert proxy.recorder.records[-1].outcome == "cache_stale"
+
+
+async def test_vectors_of_another_embedding_model_are_never_served(start_upstream, start_proxy) -> None:
+    """A route over two embedding models: an entry one produced is not a hit for a request the
+    other would serve (their vectors do not compare), even though both may serve the route."""
+    up = await start_upstream(record=True)
+    cfg = _config(up)
+    cfg["deployments"]["large"] = {
+        "provider": "oa", "model": "text-embedding-3-large", "price": {"input_per_mtok": 0.13},
+    }  # fmt: skip
+    cfg["models"]["embed"] |= {"deployments": ["emb", "large"], "strategy": "lowest_cost"}
+    cfg["rules"] = [{"name": "big", "when": {"tags": ["large"]}, "then": {"deployments": ["large"]}}]
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+
+    async def call(*tags: str) -> tuple[str, str]:
+        extra = {"x-edgeroute-tags": ",".join(tags)} if tags else {}
+        raw = await client.embeddings.with_raw_response.create(model="embed", input="t", extra_headers=extra)
+        return raw.headers["x-edgeroute-cache"], raw.headers["x-edgeroute-deployment"]
+
+    assert await call("large") == ("miss", "large")
+    assert await call() == ("miss", "emb")  # the cheaper model serves it now: the large model's entry is no answer
+    assert await call() == ("hit", "emb")
+    models = [r["body"]["model"] for r in up.options.requests if r.get("path") == "/v1/embeddings"]
+    assert models == ["text-embedding-3-large", "text-embedding-3-small"]
