@@ -161,7 +161,7 @@ async def admin_deployments(request: web.Request) -> web.Response:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     live = app[STATE].live
     # Any config may need to count tokens (a stream that carries no usage, token limits):
-    # load the tables (~50 ms, tens of MB) once before serving, so memory is stable from the
+    # build the lookup tables (~14 MB, tens of ms) once before serving, so memory is stable from the
     # start and no request pays for the load.
     await asyncio.to_thread(live.router.warm_up)
     await app[CACHE].warm_up([m.cache for m in live.config.models.values() if m.cache is not None])

@@ -47,6 +47,7 @@ pub mod router;
 pub mod rules;
 pub mod select;
 pub mod tokens;
+mod vocab;
 
 pub use config::{DeploymentSpec, HealthSpec, ModelSpec, RetryBudgetSpec, RouterSpec, Strategy};
 pub use error::{CoreError, Result};

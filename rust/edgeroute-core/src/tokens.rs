@@ -5,7 +5,7 @@
 //!
 //! | part | status |
 //! | --- | --- |
-//! | text under `o200k_base` / `cl100k_base` | **exact**: identical to `tiktoken`'s `encode_ordinary` (the `bpe-openai` crate ships the same vocabulary files, byte for byte; [`crate::pretokenize`] splits text into the pieces of `tiktoken`'s regexes; `tests/test_tokens.py` checks this against `tiktoken` with hypothesis) |
+//! | text under `o200k_base` / `cl100k_base` | **exact**: identical to `tiktoken`'s `encode_ordinary` (the same vocabularies and merge, see `vocab.rs`; `tests/test_tokens.py` checks this against `tiktoken` with hypothesis) |
 //! | chat framing of plain messages (`role`, string `content`, `name`) | **exact** per OpenAI's cookbook (`num_tokens_from_messages`): 3 tokens per message, the tokens of every string field, 1 more when a message has a `name`, 3 for the assistant reply priming |
 //! | content given as an array of parts | text parts are counted one by one; image, audio and file parts are **not** counted (their cost depends on sizes the body does not carry) |
 //! | `tools` (function definitions) | **estimate**: the cookbook's `num_tokens_for_tools` formula (see [`count_tools`]); OpenAI renders tools into an undocumented system-prompt format, and the formula was fitted to it for gpt-4o/gpt-4o-mini and gpt-4/gpt-3.5-turbo |
@@ -14,14 +14,12 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::LazyLock;
 
-use bpe_openai::Tokenizer;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::pretokenize;
 use crate::request::ChatRequest;
+use crate::vocab::{Vocab, CL100K, O200K};
 
 /// A tokenizer, named as in `tiktoken`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,7 +95,7 @@ impl Encoding {
 
     /// The OpenAI tokenizer this encoding counts with, and the percentage it scales the result by.
     fn base(self) -> (&'static Vocab, usize) {
-        let vocab: &LazyLock<Vocab> = match self {
+        let vocab: &Vocab = match self {
             Self::O200kBase | Self::GeminiEstimate => &O200K,
             Self::Cl100kBase | Self::ClaudeEstimate => &CL100K,
         };
@@ -125,195 +123,6 @@ impl Encoding {
             // gpt-4o / gpt-4o-mini in the cookbook.
             Self::O200kBase | Self::GeminiEstimate => GPT_4O_TOOLS,
         }
-    }
-}
-
-/// A `bpe-openai` tokenizer plus a set of its tokens' bytes.
-///
-/// Text is split into the pieces of the encoding's pre-tokenisation regex (by
-/// [`crate::pretokenize`], about 5x fewer instructions than `bpe-openai`'s
-/// regex split, which was most of the counting time) and each piece is encoded
-/// on its own; a piece that is itself a token (most words of prose) is one token.
-/// `tiktoken` takes the same shortcut (an encoder lookup before BPE), so counts
-/// stay identical, and it skips the backtracking encoder and its two
-/// allocations for the common case (measured about 2x on English prose).
-struct Vocab {
-    tokenizer: &'static Tokenizer,
-    /// `o200k_base`'s pattern rather than `cl100k_base`'s.
-    o200k: bool,
-    single: TokenSet,
-}
-
-impl Vocab {
-    fn new(tokenizer: &'static Tokenizer, o200k: bool) -> Self {
-        let bpe = &tokenizer.bpe;
-        let single = TokenSet::new((0..bpe.num_tokens() as u32).map(|id| bpe.token_bytes(id)));
-        Self {
-            tokenizer,
-            o200k,
-            single,
-        }
-    }
-
-    fn count(&self, text: &str) -> usize {
-        if self.o200k {
-            self.count_pieces(text, pretokenize::o200k_base(text))
-        } else {
-            self.count_pieces(text, pretokenize::cl100k_base(text))
-        }
-    }
-
-    /// Tokens of `pieces`, which tile `text`.
-    fn count_pieces<'a>(&self, text: &str, pieces: impl Iterator<Item = &'a str>) -> usize {
-        let text = text.as_bytes();
-        let mut start = 0;
-        let mut total = 0;
-        for piece in pieces {
-            let bytes = piece.as_bytes();
-            total += if self.single.contains(text, start, bytes) {
-                1
-            } else {
-                self.tokenizer.bpe.count(bytes)
-            };
-            start += bytes.len();
-        }
-        total
-    }
-}
-
-static O200K: LazyLock<Vocab> = LazyLock::new(|| Vocab::new(bpe_openai::o200k_base(), true));
-static CL100K: LazyLock<Vocab> = LazyLock::new(|| Vocab::new(bpe_openai::cl100k_base(), false));
-
-/// The tokens of up to 16 bytes, as open-addressing tables of integer keys: a
-/// lookup is one multiply and (almost always) one probe, with no pointer to
-/// follow and no byte comparison, where a hash set of slices costs a byte-wise
-/// hash and three dependent loads (control byte, slot, token bytes). On the
-/// benchmark chat this took a count from 35 to 20 µs. Longer pieces are never
-/// looked up: they are rarely single tokens, and the set is only a shortcut
-/// (the BPE counts any piece exactly). The tables are fixed and at most half
-/// full, so no input can make a lookup probe further than the longest cluster
-/// (a test bounds it).
-///
-/// A key is the token's bytes, little-endian, padded with `0xFF`. Pieces are
-/// UTF-8, which never contains `0xFF`, so padding cannot make pieces of
-/// different lengths equal, and tokens containing `0xFF` (which no piece can
-/// equal) are left out. All-`0xFF` marks an empty slot.
-struct TokenSet {
-    /// Tokens of 1 to 8 bytes.
-    short: Vec<u64>,
-    /// Tokens of 9 to 16 bytes.
-    long: Vec<u128>,
-}
-
-trait Key: Copy + PartialEq {
-    const EMPTY: Self;
-    fn hash(self) -> u64;
-}
-
-impl Key for u64 {
-    const EMPTY: Self = u64::MAX;
-    fn hash(self) -> u64 {
-        self
-    }
-}
-
-impl Key for u128 {
-    const EMPTY: Self = u128::MAX;
-    fn hash(self) -> u64 {
-        (self as u64) ^ ((self >> 64) as u64).rotate_left(29)
-    }
-}
-
-/// The first slot to probe in a table of `len` (a power of two) slots.
-/// Fibonacci hashing: the top bits of the product depend on every key bit.
-#[inline]
-fn slot<K: Key>(key: K, len: usize) -> usize {
-    (key.hash().wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - len.trailing_zeros())) as usize
-}
-
-/// `bytes` (at most `N` of them) padded with `0xFF` to `N`.
-fn padded<const N: usize>(bytes: &[u8]) -> [u8; N] {
-    let mut key = [0xff; N];
-    key[..bytes.len()].copy_from_slice(bytes);
-    key
-}
-
-impl TokenSet {
-    fn new<'a>(tokens: impl Iterator<Item = &'a [u8]>) -> Self {
-        let tokens: Vec<&[u8]> = tokens.filter(|t| !t.is_empty() && !t.contains(&0xff)).collect();
-        let short: Vec<u64> = tokens
-            .iter()
-            .filter(|t| t.len() <= 8)
-            .map(|t| u64::from_le_bytes(padded(t)))
-            .collect();
-        let long: Vec<u128> = tokens
-            .iter()
-            .filter(|t| (9..=16).contains(&t.len()))
-            .map(|t| u128::from_le_bytes(padded(t)))
-            .collect();
-        Self {
-            short: table(&short),
-            long: table(&long),
-        }
-    }
-
-    /// Whether `piece`, which starts at byte `start` of `text`, is a token.
-    #[inline]
-    fn contains(&self, text: &[u8], start: usize, piece: &[u8]) -> bool {
-        // Keys are read from the text a whole word at a time and masked to the
-        // piece, rather than copied byte by byte, except near the end of the text.
-        debug_assert!(!piece.contains(&0xff), "pieces are UTF-8");
-        let n = piece.len();
-        if n <= 8 {
-            let key = match text.get(start..start + 8) {
-                Some(w) => {
-                    let keep = u64::MAX >> (64 - 8 * n);
-                    (u64::from_le_bytes(w.try_into().expect("8 bytes")) & keep) | !keep
-                }
-                None => u64::from_le_bytes(padded(piece)),
-            };
-            find(&self.short, key)
-        } else if n <= 16 {
-            let key = match text.get(start..start + 16) {
-                Some(w) => {
-                    let keep = u128::MAX >> (128 - 8 * n);
-                    (u128::from_le_bytes(w.try_into().expect("16 bytes")) & keep) | !keep
-                }
-                None => u128::from_le_bytes(padded(piece)),
-            };
-            find(&self.long, key)
-        } else {
-            false
-        }
-    }
-}
-
-/// An open-addressing table (linear probing, at most half full) of `keys`.
-fn table<K: Key>(keys: &[K]) -> Vec<K> {
-    let len = (keys.len() * 2).next_power_of_two().max(2);
-    let mut table = vec![K::EMPTY; len];
-    for &k in keys {
-        let mut i = slot(k, len);
-        while table[i] != K::EMPTY && table[i] != k {
-            i = (i + 1) & (len - 1);
-        }
-        table[i] = k;
-    }
-    table
-}
-
-#[inline]
-fn find<K: Key>(table: &[K], key: K) -> bool {
-    let mut i = slot(key, table.len());
-    loop {
-        let k = table[i];
-        if k == key {
-            return true;
-        }
-        if k == K::EMPTY {
-            return false;
-        }
-        i = (i + 1) & (table.len() - 1);
     }
 }
 
@@ -591,41 +400,6 @@ mod tests {
         assert_eq!(count_tools(other, e), 12 + e.count(r#"{"type":"web_search"}"#));
         let empty: &RawValue = serde_json::from_str("[]").unwrap();
         assert_eq!(count_tools(empty, e), 0);
-    }
-
-    /// The token set agrees with the vocabulary, whether a key is read from a
-    /// longer text or copied at the text's end.
-    #[test]
-    fn token_set_is_the_vocabulary() {
-        for vocab in [&*O200K, &*CL100K] {
-            let bpe = &vocab.tokenizer.bpe;
-            let tokens: std::collections::HashSet<&[u8]> =
-                (0..bpe.num_tokens() as u32).map(|id| bpe.token_bytes(id)).collect();
-            let mut in_set = 0;
-            // Pieces are UTF-8: no lookup has `0xFF` in it.
-            for &t in tokens.iter().filter(|t| !t.contains(&0xff)) {
-                let mut padded = t.to_vec();
-                padded.extend_from_slice(b"0123456789abcdefg");
-                let found = vocab.single.contains(t, 0, t) && vocab.single.contains(&padded, 0, t);
-                assert_eq!(found, t.len() <= 16, "{t:?}");
-                in_set += usize::from(found);
-            }
-            assert!(in_set > tokens.len() * 9 / 10, "{in_set} of {}", tokens.len());
-            // The longest run of occupied slots bounds every lookup.
-            let longest = |occupied: Vec<bool>| occupied.split(|&o| !o).map(<[bool]>::len).max().unwrap_or(0);
-            let short = longest(vocab.single.short.iter().map(|&k| k != u64::EMPTY).collect());
-            let long = longest(vocab.single.long.iter().map(|&k| k != u128::EMPTY).collect());
-            assert!(short < 64 && long < 64, "{short} {long}");
-            // Non-tokens, including prefixes and extensions of tokens.
-            let text = "The quick brown fox's 3 dogs — naïve café 東京 🚀!\n\n\tDON'T \u{a0} x1234 ///\0\0";
-            for start in 0..text.len() {
-                for end in start + 1..=text.len().min(start + 17) {
-                    let piece = &text.as_bytes()[start..end];
-                    let want = tokens.contains(piece) && piece.len() <= 16;
-                    assert_eq!(vocab.single.contains(text.as_bytes(), start, piece), want, "{piece:?}");
-                }
-            }
-        }
     }
 
     #[test]
