@@ -22,7 +22,11 @@ MANIFEST = MODELS / "manifest.json"
 COMMAND = "python -m edgeroute.learn.build_models"
 
 # Everything the build reads: our labels (in the repository) and the public data sets.
-LABEL_FILES = sorted(p.name for p in data.LABELS.iterdir() if p.suffix in (".json", ".jsonl"))
+# bigbench_task_classes.json labels the fresh test set (fresh_eval); nothing trains on it.
+NOT_TRAINING = frozenset({"bigbench_task_classes.json"})
+LABEL_FILES = sorted(
+    p.name for p in data.LABELS.iterdir() if p.suffix in (".json", ".jsonl") and p.name not in NOT_TRAINING
+)
 DATA_FILES = [
     "task-type-prompts/task_type_prompts.jsonl",
     "task-type-prompts/arena_hard_v0.1_questions.jsonl",
