@@ -238,3 +238,29 @@ def test_a_failed_write_leaves_the_previous_catalogue_whole(tmp_path: Path, monk
     with pytest.raises(OSError):
         pc.write_atomically(target, {"models": {"m": _entry(input=9.0)}})
     assert target.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["prices.json"]
+
+
+def test_an_update_that_would_break_the_config_is_refused(tmp_path: Path, target: dict[str, str]) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(
+        "providers: {p: {base_url: 'http://127.0.0.1:9'}}\n"
+        "deployments:\n"
+        "  a: {provider: p, model: gpt-4o, price: catalogue}\n"
+        "  b: {provider: p, model: x, price: {catalogue: claude-3-haiku-20240307, output_per_mtok: 1}}\n"
+        "  c: {provider: p, model: y, price: {input_per_mtok: 1}}\n"
+        "models: {m: {deployments: [a, b, c]}}\n"
+    )
+    new = _write(tmp_path / "new.json", {"gpt-4o": _entry()})  # no Claude: b's reference would break
+    r = run("prices", "update", "--from", str(new), "--config", str(cfg), env=target)
+    assert r.returncode == 1 and not Path(target["EDGEROUTE_PRICES"]).exists()
+    assert f"{cfg}:4:" in r.stderr  # where it is, as `edgeroute check` says it
+    assert "deployments.b.price: model 'claude-3-haiku-20240307' is not in the new catalogue" in r.stderr
+    assert "deployments.a" not in r.stderr and "deployments.c" not in r.stderr
+    r = run("prices", "update", "--from", str(new), "--force", env={**target, "EDGEROUTE_CONFIG": str(cfg)})
+    assert r.returncode == 0 and Path(target["EDGEROUTE_PRICES"]).exists()
+    ok = _write(
+        tmp_path / "ok.json",
+        {"gpt-4o": _entry(), "claude-3-haiku": _entry()},
+        {"claude-3-haiku-20240307": "claude-3-haiku"},
+    )
+    assert run("prices", "update", "--from", str(ok), "--config", str(cfg), env=target).returncode == 0

@@ -61,9 +61,9 @@ def catalogue() -> dict[str, Any]:
     return data
 
 
-def resolve_name(name: str) -> str | None:
-    """The catalogue key for `name` (an alias, or `provider/model`), or None."""
-    cat = catalogue()
+def resolve_name(name: str, cat: dict[str, Any] | None = None) -> str | None:
+    """The key for `name` (an alias, or `provider/model`) in `cat` (default: the catalogue in force), or None."""
+    cat = catalogue() if cat is None else cat
     models: dict[str, Any] = cat["models"]
     aliases: dict[str, str] = cat.get("aliases", {})
     key = aliases.get(name, name)
@@ -97,14 +97,23 @@ def catalogue_entry(name: str) -> dict[str, Any]:
     return out
 
 
+def catalogue_name(raw: Any, model: str) -> str | None:
+    """The catalogue entry a deployment's raw `price` refers to, or None when it gives prices itself."""
+    if raw == "catalogue":
+        return model
+    if isinstance(raw, dict) and "catalogue" in raw:
+        ref = raw["catalogue"]
+        return model if ref is True or ref == "self" else ref if isinstance(ref, str) else None
+    return None
+
+
 def resolve_price_input(raw: Any, model: str) -> Any:
     """Turns a catalogue reference in a deployment's raw `price` into explicit fields."""
     if raw == "catalogue":
         return catalogue_entry(model)
     if isinstance(raw, dict) and "catalogue" in raw:
-        ref = raw["catalogue"]
-        name = model if ref is True or ref == "self" else ref
-        if not isinstance(name, str):
+        name = catalogue_name(raw, model)
+        if name is None:
             raise ValueError("price.catalogue must be a model name, or true for the deployment's model")
         merged = catalogue_entry(name)
         merged.update({k: v for k, v in raw.items() if k != "catalogue"})

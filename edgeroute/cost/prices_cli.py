@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,14 @@ def add_parser(sub: Any) -> None:
         help="for a LiteLLM file: where it came from, recorded in each entry (e.g. its URL at a commit)",
     )
     up.add_argument("--as-of", help="for a LiteLLM file: the date of its prices, YYYY-MM-DD (default: today, UTC)")
+    up.add_argument(
+        "--config",
+        "-c",
+        default=os.environ.get("EDGEROUTE_CONFIG") or None,
+        help="refuse the update if this config's `price: catalogue` references would not resolve in it "
+        "(default: $EDGEROUTE_CONFIG)",
+    )
+    up.add_argument("--force", action="store_true", help="write even if --config's references would break")
     up.set_defaults(fn=_update)
 
 
@@ -119,12 +128,41 @@ def _update(args: argparse.Namespace) -> int:
     print(f"{args.source_file}{note} against {prices.catalogue_file()}:")
     for line in pc.diff(current, new).lines():
         print(line)
+    broken = _broken_references(args.config, new) if args.config else []
+    for line in broken:
+        print(line, file=sys.stderr)
+    if broken and not args.force and not args.dry_run:
+        return _fail([f"{args.source_file}: not loaded: {args.config} would no longer load (--force writes anyway)"])
     if args.dry_run:
         print("dry run: nothing written")
         return 0
     pc.write_atomically(target, new)
     print(f"wrote {target} ({len(new['models'])} models); a running proxy uses it after a reload (SIGHUP)")
     return 0
+
+
+def _broken_references(config_path: str, cat: dict[str, Any]) -> list[str]:
+    """The deployments of the config at `config_path` whose catalogue reference `cat` lacks,
+    each as `edgeroute check` prints a problem (file:line:column: path: what)."""
+    import yaml
+
+    from edgeroute.config.source import load_yaml
+
+    try:
+        raw, where = load_yaml(Path(config_path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return [f"error: {config_path}: cannot be read: {e}"]
+    deployments = raw.get("deployments") if isinstance(raw, dict) else None
+    out = []
+    for name, d in (deployments if isinstance(deployments, dict) else {}).items():
+        if not isinstance(d, dict):
+            continue
+        ref = prices.catalogue_name(d.get("price"), str(d.get("model", "")))
+        if ref is not None and prices.resolve_name(ref, cat) is None:
+            at = where.of(("deployments", name, "price"))
+            place = f"{config_path}:{at[0]}:{at[1]}" if at else config_path
+            out.append(f"{place}: deployments.{name}.price: model {ref!r} is not in the new catalogue")
+    return out
 
 
 def _fail(lines: list[str]) -> int:
