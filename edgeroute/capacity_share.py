@@ -276,9 +276,8 @@ SHARED_SLOTS = web.AppKey("shared_slots", SharedSlots)
 
 def install(app: web.Application, config: Config) -> None:
     """Shares capacity with the other instances (`shared_state`) or the sibling workers
-    (`serve --workers N`) when any deployment has a `max_concurrency`. Call after METRICS."""
-    if not any(d.max_concurrency is not None for d in config.deployments.values()):
-        return
+    (`serve --workers N`), also when no deployment has a `max_concurrency` yet (a reload may
+    set one; an unbounded deployment never takes a lease). Call after METRICS."""
     worker = workers.current()
     store: LeaseStore
     if config.shared_state is not None:

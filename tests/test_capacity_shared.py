@@ -9,14 +9,20 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+import yaml
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from edgeroute import config as config_mod
 from edgeroute.capacity_share import SHARED_SLOTS, RedisLeases
 from edgeroute.config import SharedState
+from edgeroute.server import create_app
 from edgeroute.state import STATE
 from tests.conftest import Proxy
 from tests.dispatch_support import StartProxy, answer
@@ -58,12 +64,10 @@ async def shared() -> AsyncIterator[SharedState]:
     await store.close()
 
 
-def _client(proxy: Proxy) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-
-
-async def _ask(proxy: Proxy) -> Any:
-    return await _client(proxy).chat.completions.with_raw_response.create(
+async def _ask(proxy: Proxy | str) -> Any:
+    url = proxy if isinstance(proxy, str) else proxy.url
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    return await client.chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": "q"}]
     )
 
@@ -161,3 +165,30 @@ async def test_the_lease_bench_measures_and_leaves_nothing(shared: SharedState) 
 
     out = await measure(shared.redis_url, 20)
     assert 0 < out["take_p50_ms"] <= out["take_p99_ms"]
+
+
+async def test_a_capacity_that_a_reload_sets_is_shared(upstreams: Any, shared: SharedState, tmp_path: Path) -> None:
+    only = Gauge()
+    cfg = await upstreams(only.handler(0.1))
+    cfg["shared_state"] = shared.model_dump()
+    cfg["ledger"] = {"backend": "memory"}
+    path = tmp_path / "edgeroute.yaml"
+    path.write_text(yaml.safe_dump(cfg))  # no capacity yet
+    servers = [TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1") for _ in range(2)]
+    for s in servers:
+        await s.start_server()
+    try:
+        cfg["deployments"]["d-a"].update(max_concurrency=2, max_queue=20, queue_timeout_ms=30_000)
+        path.write_text(yaml.safe_dump(cfg))
+        async with aiohttp.ClientSession() as session:
+            for s in servers:
+                async with session.post(f"http://127.0.0.1:{s.port}/admin/reload") as r:
+                    assert r.status == 200, await r.text()
+        urls = [f"http://127.0.0.1:{s.port}" for s in servers]
+        raws = await asyncio.gather(*(_ask(u) for _ in range(5) for u in urls))
+        assert [r.http_response.status_code for r in raws] == [200] * 10
+        assert only.peak <= 2 and only.served == 10
+        await _until_no_leases(shared, "d-a")
+    finally:
+        for s in servers:
+            await s.close()

@@ -113,7 +113,7 @@ class Call(Attempts):
                 if step.wait > 0:
                     await asyncio.sleep(step.wait)
                 dep = step.deployment
-                if self.live.capacity.shared is not None and not await self._claim(dep):
+                if self.live.capacity.shared is not None and self.live.capacity.bounded and not await self._claim(dep):
                     step = policy.passed_over(state, dep)
                     continue
                 if self.decision.spilled or state.spilled:
