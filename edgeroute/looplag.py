@@ -6,6 +6,11 @@ sampler asks to be woken every `INTERVAL_S` and records how late it was; `/metri
 exports the distribution (`edgeroute_event_loop_lag_seconds`) and its maximum since the
 last scrape, and a stall past `STALL_S` is logged (at most once a minute) so that an
 operator sees a p99 regression's cause, not only its effect.
+
+While the app runs, the interpreter's GIL switch interval is `SWITCH_INTERVAL_S` (0.5 ms)
+rather than Python's 5 ms: a background thread holding the GIL (the ledger's writer
+building rows, a scrape's exposition) would otherwise keep a woken loop waiting up to
+5 ms, a stall straight into the tail latency (`python -m edgeroute.bench.requestlog stall`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 
@@ -25,6 +31,7 @@ log = logging.getLogger("edgeroute.loop")
 
 INTERVAL_S = 0.1
 STALL_S = 0.1
+SWITCH_INTERVAL_S = 0.0005
 # Seconds: a healthy loop is late by tens of microseconds; a stall by milliseconds or more.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
@@ -74,14 +81,18 @@ LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 
 
 def install(app: web.Application) -> None:
-    """Starts the sampler with the app and adds its families to `/metrics`."""
+    """Starts the sampler with the app (and the short GIL switch interval), and adds its
+    families to `/metrics`."""
     lag = app[LOOP_LAG] = LoopLag()
     app[METRICS].sources.append(lambda a: a[LOOP_LAG].families())
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
         task = asyncio.create_task(lag.run())
         yield
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        sys.setswitchinterval(switch)
 
     app.cleanup_ctx.append(ctx)

@@ -40,3 +40,27 @@ async def test_a_stalled_loop_is_measured_and_logged(start_proxy, caplog: pytest
     assert any("event loop stalled" in r.getMessage() for r in caplog.records)
     async with ClientSession() as s, s.get(proxy.url + "/metrics") as r:  # the maximum is per scrape
         assert _sample(await r.text(), "edgeroute_event_loop_lag_max_seconds") < 0.2
+
+
+async def test_the_gil_switch_interval_is_short_while_the_app_runs() -> None:
+    """A background thread (the ledger's writer) holding the GIL keeps a woken loop waiting at
+    most the switch interval: 0.5 ms while the app runs, Python's own value again after."""
+    import sys
+
+    from aiohttp import web
+
+    from edgeroute import looplag
+    from edgeroute.metrics import METRICS, Metrics
+
+    before = sys.getswitchinterval()
+    assert before > looplag.SWITCH_INTERVAL_S
+    app = web.Application()
+    app[METRICS] = Metrics()
+    looplag.install(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        assert sys.getswitchinterval() == pytest.approx(looplag.SWITCH_INTERVAL_S)
+    finally:
+        await runner.cleanup()
+    assert sys.getswitchinterval() == before

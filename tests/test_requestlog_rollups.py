@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import random
 import sqlite3
 import time
@@ -135,6 +136,25 @@ def test_sqlite_stats_equal_the_raw_aggregation_for_any_window(tmp_path: Path) -
     db = SqliteBackend(tmp_path / "s.db")
     _check(db, recs, t0, rng, cases=60)
     db.close()
+
+
+def test_sqlite_spreads_the_minute_rows_over_the_levels_as_python_does(tmp_path: Path) -> None:
+    """SQLite gets a batch's minute rows and adds up the coarser levels itself (off the GIL);
+    its table holds exactly the rows that every level built in Python (PostgreSQL's way) gives."""
+    rng = random.Random(12)
+    recs = _records(2000, (time.time() // 86400 - 2) * 86400 + 37 * 60, rng)
+    _write(Ledger(SqliteBackend(tmp_path / "s.db"), flush_interval=60, request_log=RequestLog()), recs, rng)
+    conn = sqlite3.connect(tmp_path / "s.db")
+    stored = {r[:4]: r[4:] for r in conn.execute(f"SELECT {', '.join(rollup.COLUMNS)} FROM request_rollups")}
+    conn.close()
+    built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs)}
+    assert {k[1] for k in stored} == set(rollup.LEVELS)
+    assert stored.keys() == built.keys()
+    costs = slice(4, 6)  # cost_usd, baseline_cost_usd: sums of floats, added in another order
+    for key, values in built.items():
+        got = stored[key]
+        assert got[:4] + got[6:] == values[:4] + values[6:], key
+        assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got[costs], values[costs], strict=True)), key
 
 
 def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> None:

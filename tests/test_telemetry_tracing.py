@@ -19,8 +19,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from edgeroute import config as config_mod
 from edgeroute.accounting import MemoryRecorder
 from edgeroute.server import create_app
+from edgeroute.telemetry.spans import Tracer
 from edgeroute.telemetry.trace_context import parse_traceparent
-from edgeroute.telemetry.tracing import TRACER, Tracer
+from edgeroute.telemetry.tracing import TRACER
 from tests.conftest import simple_config
 from tests.metrics_support import scrape
 from tests.test_serve import free_port
@@ -196,3 +197,28 @@ async def test_unreachable_collector_never_slows_requests(start_upstream, serve_
     assert m.value("edgeroute_trace_spans_total", result="exported") == 0
     assert dropped > 0  # the queue is bounded: what does not fit is dropped and counted
     assert lost + dropped <= 60
+
+
+def test_opentelemetry_is_loaded_only_when_tracing_is_on() -> None:
+    """A proxy with tracing off never imports OpenTelemetry (about 10 MB and 0.15 s at start)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from edgeroute import config\n"
+        "from edgeroute.accounting import MemoryRecorder\n"
+        "from edgeroute.server import create_app\n"
+        "cfg = {'providers': {'p': {'base_url': 'http://127.0.0.1:9/v1'}},\n"
+        "       'deployments': {'d': {'provider': 'p', 'model': 'x'}}, 'models': {'m': {'deployments': ['d']}},\n"
+        "       'tracing': {'enabled': sys.argv[1] == 'on'}}\n"
+        "create_app(config.parse(cfg, 't.yaml'), 't.yaml', MemoryRecorder())\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith('opentelemetry')}))\n"
+    )
+    loaded = {
+        state: subprocess.run(
+            [sys.executable, "-c", probe, state], capture_output=True, text=True, check=True, timeout=60
+        ).stdout.strip()
+        for state in ("off", "on")
+    }
+    assert loaded == {"off": "[]", "on": "['opentelemetry']"}

@@ -2,7 +2,13 @@
 grow?) and `GET /admin/stats` over a million stored requests.
 
     python -m edgeroute.bench.requestlog writes --rate 5000 --seconds 10
+    python -m edgeroute.bench.requestlog stall --rate 1000 --seconds 10
     python -m edgeroute.bench.requestlog stats --rows 1000000
+
+`stall` is what the writer thread costs the event loop: an asyncio loop records at the
+given rate and wakes every millisecond; how late it wakes, with the writer (ledger and
+request log), with the ledger alone and with no writer, is the time it waited for the GIL
+(and the CPU), the share of the request log in the proxy's tail latency.
 
 Records are realistic in shape (five models, eight deployments over four providers, twenty
 teams, two hundred keys, one request in ten failing over to a second attempt) and written
@@ -12,13 +18,16 @@ through the real ledger writer into SQLite in a temporary directory.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from edgeroute import looplag
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.cost.ledger import Ledger, SqliteBackend
 from edgeroute.requestlog import query
@@ -88,6 +97,50 @@ def writes(rate: int, seconds: float, flush: float) -> None:
         print(f"queue empty {drain:.2f}s after the last record; written {ledger.written}")
 
 
+async def _paced(ledger: Ledger | None, recs: list[RequestRecord], rate: int) -> list[float]:
+    """Records `recs` at `rate` from the loop, waking every millisecond; each wake's lateness (ms)."""
+    loop = asyncio.get_running_loop()
+    late: list[float] = []
+    t0 = loop.time()
+    i = 0
+    tick = 0.001
+    while i < len(recs):
+        due = t0 + len(late) * tick + tick
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        late.append(max(0.0, loop.time() - due) * 1000)
+        while i < len(recs) and i <= (loop.time() - t0) * rate:
+            if ledger is not None:
+                ledger.record(recs[i])
+            i += 1
+    return late
+
+
+def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
+    sys.setswitchinterval(switch_s)  # as the server sets it (looplag), unless told otherwise
+    rng = random.Random(1)
+    n = int(rate * seconds)
+    print(
+        f"loop wake-up lateness (ms) while recording {rate}/s for {seconds:.0f}s (flush interval {flush}s, "
+        f"GIL switch interval {switch_s * 1000:g} ms)"
+    )
+    print(f"  {'writer':<26} {'p50':>7} {'p99':>7} {'p99.9':>7} {'max':>7}  writer CPU/record")
+    for label, log_on in (("ledger + request log", True), ("ledger only", False), ("none", None)):
+        with tempfile.TemporaryDirectory() as tmp:
+            now = time.time()
+            recs = [record(i, now + i / rate, rng) for i in range(n)]
+            ledger = None
+            if log_on is not None:
+                rl = RequestLog(enabled=log_on)
+                ledger = Ledger(SqliteBackend(Path(tmp) / "log.db"), flush_interval=flush, request_log=rl)
+            late = sorted(asyncio.run(_paced(ledger, recs, rate)))
+            cpu = ""
+            if ledger is not None:
+                ledger.close()
+                cpu = f"{ledger.writer_cpu_s / max(1, ledger.written) * 1e6:.0f} us"
+        q = [late[min(len(late) - 1, int(p * len(late)))] for p in (0.5, 0.99, 0.999)]
+        print(f"  {label:<26} {q[0]:7.3f} {q[1]:7.3f} {q[2]:7.3f} {late[-1]:7.3f}  {cpu}")
+
+
 def _fill(path: Path, rows: int, hours: float) -> float:
     ledger = Ledger(SqliteBackend(path), flush_interval=3600, request_log=RequestLog())
     rng = random.Random(2)
@@ -148,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--rate", type=int, default=5000)
     w.add_argument("--seconds", type=float, default=10.0)
     w.add_argument("--flush", type=float, default=0.5)
+    g = sub.add_parser("stall", help="how late an event loop wakes while the writer runs (its GIL share)")
+    g.add_argument("--rate", type=int, default=1000)
+    g.add_argument("--seconds", type=float, default=10.0)
+    g.add_argument("--flush", type=float, default=0.5)
+    g.add_argument("--switch-interval", type=float, default=looplag.SWITCH_INTERVAL_S, help="seconds (Python's: 0.005)")
     s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--runs", type=int, default=5)
@@ -155,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
+    elif a.what == "stall":
+        stall(a.rate, a.seconds, a.flush, a.switch_interval)
     else:
         stats(a.rows, a.runs, a.keep)
     return 0

@@ -20,8 +20,9 @@ from edgeroute import config as config_mod
 from edgeroute.accounting import AttemptRecord, MemoryRecorder, RequestRecord, Usage
 from edgeroute.server import create_app
 from edgeroute.telemetry.app import observe_now
+from edgeroute.telemetry.spans import Tracer
 from edgeroute.telemetry.trace_context import TraceContext, new_span_id, new_trace_id
-from edgeroute.telemetry.tracing import TRACER, Tracer
+from edgeroute.telemetry.tracing import TRACER
 
 _CONFIG = {
     "providers": {"p": {"base_url": "http://127.0.0.1:9/v1"}},

@@ -210,9 +210,11 @@ class _Statements:
     requests: str
     rollup: str
     journal: str
+    # SQLite: the batch's rollups are its minute rows, spread over every level by these (in order).
+    staged_rollup: tuple[str, ...] = ()
 
     @classmethod
-    def for_mark(cls, mark: str) -> _Statements:
+    def for_mark(cls, mark: str, staged: bool = False) -> _Statements:
         return cls(
             f"INSERT INTO ledger_batches (batch_id, ts) VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING",
             _insert("spend", COLUMNS, mark, "row_id"),
@@ -220,6 +222,7 @@ class _Statements:
             requestlog_store.insert_sql(mark),
             rollup.upsert_sql(mark),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
+            tuple(rollup.staged_sql(mark)) if staged else (),
         )
 
     def run(self, cur: Any, b: Batch) -> None:
@@ -229,15 +232,22 @@ class _Statements:
             log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
             return
         for sql, rows in (
-            (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests),
-            (self.rollup, b.rollup), (self.journal, b.journal),
+            (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal),
         ):  # fmt: skip
             if rows:
                 cur.executemany(sql, rows)
+        if b.rollup and self.staged_rollup:
+            stage, *spread = self.staged_rollup
+            cur.executemany(stage, b.rollup)
+            for sql in spread:
+                cur.execute(sql)
+        elif b.rollup:
+            cur.executemany(self.rollup, b.rollup)
 
 
 class SqliteBackend:
     dialect = "sqlite"
+    rollup_levels = (rollup.MINUTE,)  # the minute rows; the database adds up the coarser levels
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -249,8 +259,9 @@ class SqliteBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
         for stmt in _ROW_IDS:
             self._conn.execute(stmt)
+        self._conn.execute(rollup.stage_schema())
         self._conn.commit()
-        self._sql = _Statements.for_mark("?")
+        self._sql = _Statements.for_mark("?", staged=True)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
@@ -279,6 +290,7 @@ class SqliteBackend:
 
 class PostgresBackend:
     dialect = "postgres"
+    rollup_levels = rollup.LEVELS
 
     def __init__(self, dsn: str) -> None:
         import psycopg
@@ -355,13 +367,15 @@ class _Held:
     pending: list[_Pending]
     journal: list[Row]
 
-    def batch(self, log_on: bool) -> Batch:
+    def batch(self, log_on: bool, levels: Sequence[int] = rollup.LEVELS) -> Batch:
+        """The batch to write; its rollup rows at `levels` (the backend's `rollup_levels`)."""
+        live = ((p.rec, p.baseline) for p in self.pending if p.rec.shadow_of is None)
         return Batch(
             self.batch_id,
             [p.row for p in self.pending],
             [a for p in self.pending for a in p.attempts],
             [p.request for p in self.pending if p.request is not None],
-            rollup.aggregate((p.rec, p.baseline) for p in self.pending if p.rec.shadow_of is None) if log_on else [],
+            rollup.aggregate(live, levels) if log_on else [],
             self.journal,
         )
 
@@ -390,6 +404,7 @@ class Ledger:
         self.baseline = baseline or {}
         self.close_timeout = close_timeout
         self.request_log = request_log if request_log is not None and request_log.enabled else None
+        self._levels: Sequence[int] = getattr(backend, "rollup_levels", rollup.LEVELS)
         self._queue: collections.deque[RequestRecord] = collections.deque()
         self._journal: collections.deque[Row] = collections.deque()
         self._retry: list[_Held] = []
@@ -404,6 +419,7 @@ class Ledger:
         self.set_aside = 0
         self.lost_at_close = 0
         self.log_dropped = 0  # request-log rows not written: over the backlog bound
+        self.writer_cpu_s = 0.0  # CPU time the writer spent flushing (its share of the GIL, mostly)
         self._drop_warned = -1e9
         self._thread = threading.Thread(target=self._run, name="edgeroute-ledger", daemon=True)
         self._thread.start()
@@ -453,6 +469,13 @@ class Ledger:
         A batch the store could not take (unavailable) is kept and retried first, as it was.
         If the store rejects a batch, it is written row by row and the rows it still
         rejects are set aside (logged and counted), so one bad record cannot block the others."""
+        cpu = time.thread_time()
+        try:
+            return self._flush()
+        finally:
+            self.writer_cpu_s += time.thread_time() - cpu
+
+    def _flush(self) -> int:
         with self._lock:
             done = 0
             while self._retry:
@@ -485,7 +508,7 @@ class Ledger:
         """Writes a batch; the number of requests written, or None when the store is unavailable
         (the batch is then kept for the next flush)."""
         try:
-            self.backend.write(held.batch(self.request_log is not None))
+            self.backend.write(held.batch(self.request_log is not None, self._levels))
         except Exception as e:
             if not rejects_row(e):
                 self._keep(held, e, retry)
@@ -501,7 +524,7 @@ class Ledger:
         parts += [_Held(f"{held.batch_id}/{i}", [p], []) for i, p in enumerate(held.pending)]
         for i, part in enumerate(parts):
             try:
-                self.backend.write(part.batch(self.request_log is not None))
+                self.backend.write(part.batch(self.request_log is not None, self._levels))
             except Exception as e:
                 if rejects_row(e):
                     for p in part.pending:

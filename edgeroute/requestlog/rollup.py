@@ -154,8 +154,10 @@ def _spread(out: dict[tuple[str, str, int], Agg], sigs: dict[tuple[Any, ...], Ag
             _merge(into, agg)
 
 
-def aggregate(records: Iterable[tuple[RequestRecord, float]]) -> list[tuple[Any, ...]]:
-    """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute).
+def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[int] = LEVELS) -> list[tuple[Any, ...]]:
+    """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute)
+    at each of `levels` (`(MINUTE,)`: the minute rows only, which `staged_sql` spreads over
+    the coarser levels inside the database).
 
     The writer thread runs this for every record, so records are first added up by their
     whole signature (one dictionary step each; a batch has few distinct signatures), and
@@ -181,7 +183,7 @@ def aggregate(records: Iterable[tuple[RequestRecord, float]]) -> list[tuple[Any,
     _spread(out, by_attempt, ATTEMPT_DIMS)
     rows = [a.row((d, MINUTE, v, m)) for (d, v, m), a in out.items()]
     finer = out
-    for res in LEVELS[1:]:  # each level from the one below it: fewer rows to merge each time
+    for res in LEVELS[1:] if len(levels) > 1 else ():  # each level from the one below it: fewer rows to merge each time
         coarser: dict[tuple[str, str, int], Agg] = {}
         for (dim, value, minute), agg in finer.items():
             block = (dim, value, minute - minute % res)
@@ -260,6 +262,35 @@ def backfill_sql(res: int) -> str:
         f"INSERT INTO request_rollups ({cols}) SELECT dim, {res}, value, {block}, {sums} FROM request_rollups "
         f"WHERE res = {source} AND NOT {done} GROUP BY dim, value, {block}"
     )
+
+
+STAGE = "rollup_batch"
+
+
+def stage_schema() -> str:
+    """A temporary table (the writer's connection's own) for one batch's minute rows."""
+    return f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ({', '.join(COLUMNS)})"  # untyped: values kept as bound
+
+
+def staged_sql(mark: str) -> list[str]:
+    """A batch's rollups written from its minute rows: they go into the stage (the only rows
+    bound one by one, from Python), then every level is added up from the stage by SQL, in
+    the database (SQLite releases the GIL while it runs; building the coarser rows in Python
+    and binding their ~200 values each held it), then the stage is emptied. Run in the
+    batch's transaction, in this order. Coarser rows handed to the stage are ignored: the
+    minute rows carry everything."""
+    out = [f"INSERT INTO {STAGE} ({', '.join(COLUMNS)}) VALUES ({', '.join([mark] * len(COLUMNS))})"]
+    sums = ", ".join(f"SUM({c})" for c in (*COUNTERS, *LAT, *TTFT))
+    adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in (*COUNTERS, *LAT, *TTFT))
+    for res in LEVELS:
+        block = f"minute - minute % {res}"
+        out.append(
+            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, {block}, {sums} "
+            f"FROM {STAGE} WHERE res = {MINUTE} GROUP BY dim, value, {block} "
+            f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
+        )
+    out.append(f"DELETE FROM {STAGE}")
+    return out
 
 
 def upsert_sql(mark: str) -> str:

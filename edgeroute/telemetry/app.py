@@ -26,10 +26,11 @@ from edgeroute.config import Config
 from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.state import STATE
+from edgeroute.telemetry import tracing
 from edgeroute.telemetry.alerts import AlertEngine
 from edgeroute.telemetry.history import DeploymentHistory, parse_since
 from edgeroute.telemetry.notify import Notifier
-from edgeroute.telemetry.tracing import TRACER, Tracer
+from edgeroute.telemetry.tracing import TRACER
 from edgeroute.telemetry.window import SLOT_S, Window
 
 log = logging.getLogger("edgeroute.telemetry")
@@ -208,7 +209,7 @@ def install(app: web.Application, config: Config) -> None:
     app[TELEMETRY] = Telemetry()
     app[METRICS].sources += [_alert_source, _trace_source]
     if config.tracing.enabled:
-        app[TRACER] = Tracer(config.tracing)
+        tracing.start(app, config.tracing)
         app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_background)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -1,271 +1,33 @@
 """OpenTelemetry traces of requests, exported by OTLP/HTTP; off unless `tracing.enabled`.
 
 The request path only decides whether a request is traced and carries the trace
-context to the upstreams (`begin`, and `TraceContext.inject` per attempt). The spans
-are built after the request, from its records, with their real start and end times:
-the request (SERVER), the routing decision, each upstream attempt (CLIENT) and, for a
-stream, its relay. They carry OpenTelemetry's GenAI semantic-convention attributes
-(`gen_ai.*`) and edgeroute's own (`edgeroute.*`). A W3C `traceparent` from the client
-is continued (its sampling decision is followed); without one, `sample_ratio` decides.
-
-Export runs in the SDK's batch processor thread. At most `max_queue` spans wait for
-it; beyond that a trace is dropped and counted, so an unreachable collector never
-slows or fails a request and never grows memory.
+context to the upstreams (`begin`, and `TraceContext.inject` per attempt). A W3C
+`traceparent` from the client is continued (its sampling decision is followed);
+without one, `sample_ratio` decides. The spans are built after the request by
+`spans.Tracer`, which is imported only when tracing is on (`start`): with tracing
+off, OpenTelemetry is never loaded.
 """
 
 from __future__ import annotations
 
-import logging
-import random
-import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from edgeroute import secrets
-from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.state import Live
+from edgeroute.accounting import RequestRecord
 from edgeroute.telemetry.settings import Tracing as TracingSettings
-from edgeroute.telemetry.trace_context import TraceContext, new_span_id, new_trace_id, parse_traceparent
 
-# `gen_ai.system` by provider kind (OpenTelemetry's well-known values).
-GEN_AI_SYSTEM = {
-    "openai": "openai",
-    "openai_compatible": "openai",
-    "azure": "az.ai.openai",
-    "anthropic": "anthropic",
-    "gemini": "gcp.gemini",
-    "bedrock": "aws.bedrock",
-}
-_SCOPE = InstrumentationScope("edgeroute")
-log = logging.getLogger("edgeroute.tracing")
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+if TYPE_CHECKING:
+    from edgeroute.telemetry.spans import Tracer
+
+TRACER: web.AppKey[Tracer] = web.AppKey("tracer")
 
 
-def _ns(t: float) -> int:
-    return int(t * 1e9)
+def start(app: web.Application, cfg: TracingSettings) -> None:
+    """Loads OpenTelemetry and gives `app` its tracer (only called when tracing is on)."""
+    from edgeroute.telemetry.spans import Tracer
 
-
-class _CountingExporter(SpanExporter):
-    """Counts what the wrapped exporter sent and failed, so that the queue can be bounded."""
-
-    def __init__(self, inner: SpanExporter) -> None:
-        self.inner = inner
-        self.exported = 0
-        self.failed = 0
-        self._failing = False
-        self._lock = threading.Lock()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        ok = result is SpanExportResult.SUCCESS
-        with self._lock:
-            if ok:
-                self.exported += len(spans)
-            else:
-                self.failed += len(spans)
-            changed, self._failing = self._failing == ok, not ok
-        if changed:
-            if ok:
-                log.warning("trace export works again")
-            else:
-                log.warning("trace export fails; spans are lost and counted in edgeroute_trace_spans_total")
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-class Tracer:
-    """Sampling, context propagation and span building for one application."""
-
-    def __init__(self, cfg: TracingSettings, exporter: SpanExporter | None = None) -> None:
-        self.ratio = cfg.sample_ratio
-        self.max_queue = cfg.max_queue
-        self.resource = Resource.create({"service.name": cfg.service_name})
-        if exporter is None:
-            headers = {k: secrets.resolve(v).reveal() for k, v in cfg.headers.items()}
-            exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.timeout_s)
-        self.exporter = _CountingExporter(exporter)
-        # The SDK logs every failed batch and retry: an unreachable collector would flood the log.
-        # Failures are counted instead, and logged once each time exports start or stop failing.
-        for name in ("opentelemetry.exporter", "opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        self.processor = BatchSpanProcessor(
-            self.exporter,
-            max_queue_size=cfg.max_queue * 2,  # never reached: `record` drops first, and counts it
-            max_export_batch_size=min(512, cfg.max_queue),
-            schedule_delay_millis=cfg.flush_interval_s * 1000,
-            export_timeout_millis=cfg.timeout_s * 1000,
-        )
-        self.submitted = 0
-        self.dropped = 0
-
-    # -- on the request path -------------------------------------------------------------------
-
-    def begin(self, headers: Mapping[str, str]) -> TraceContext | None:
-        """The request's trace context, or None when it is neither traced nor part of a trace."""
-        raw = headers.get("traceparent")
-        parent = parse_traceparent(raw)
-        if parent is None:
-            if random.random() >= self.ratio:
-                return None
-            return TraceContext(new_trace_id(), new_span_id(), 0, True)
-        trace_id, parent_id, sampled = parent
-        state = headers.get("tracestate")
-        state = state if state and len(state) <= 512 and state.isprintable() else None
-        if not sampled:
-            return TraceContext(trace_id, 0, parent_id, False, raw, state)
-        return TraceContext(trace_id, new_span_id(), parent_id, True, None, state)
-
-    # -- after the request ---------------------------------------------------------------------
-
-    def record(self, rec: RequestRecord, live: Live) -> None:
-        """Builds the request's spans from its records and hands them to the exporter."""
-        ctx = rec.trace
-        if ctx is None or not ctx.sampled:
-            return
-        pending = self.submitted - self.exporter.exported - self.exporter.failed
-        spans = self._spans(rec, ctx, live)
-        if pending + len(spans) > self.max_queue:
-            self.dropped += len(spans)
-            return
-        self.submitted += len(spans)
-        for span in spans:
-            self.processor.on_end(span)
-
-    def _spans(self, rec: RequestRecord, ctx: TraceContext, live: Live) -> list[ReadableSpan]:
-        trace_id = int(ctx.trace_id, 16)
-        cfg = live.config
-        root = SpanContext(trace_id, ctx.span_id, is_remote=False, trace_flags=_SAMPLED)
-        parent = SpanContext(trace_id, ctx.parent_span_id, is_remote=True, trace_flags=_SAMPLED)
-        start = rec.started_at
-        end = start + rec.latency_ms / 1000
-        dep = cfg.deployments.get(rec.deployment or "")
-        served = rec.attempts[-1] if rec.attempts else None
-        for a in rec.attempts:
-            if a.deployment == rec.deployment and a.outcome == "success":
-                served = a
-        provider = cfg.providers.get(served.provider) if served is not None else None
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": rec.model,
-            "edgeroute.request_id": rec.request_id,
-            "edgeroute.route": rec.route,
-            "edgeroute.cost_usd": rec.cost_usd,
-            "edgeroute.attempts": len(rec.attempts),
-            "edgeroute.outcome": rec.outcome,
-            "http.response.status_code": rec.status,
-        }
-        if provider is not None:
-            attrs["gen_ai.system"] = GEN_AI_SYSTEM.get(provider.kind, provider.kind)
-        if dep is not None:
-            attrs["gen_ai.response.model"] = dep.model
-            attrs["edgeroute.deployment"] = rec.deployment
-        _usage(attrs, rec.usage)
-        for k, v in (("edgeroute.rule", rec.rule), ("edgeroute.task", rec.task), ("error.type", rec.error_class)):
-            if v is not None:
-                attrs[k] = v
-        if rec.ttft_ms is not None:
-            attrs["edgeroute.ttft_ms"] = rec.ttft_ms
-        failed = rec.status >= 500 or rec.status == 0
-        out = [
-            self._span(f"chat {rec.route or rec.model}", root, parent if ctx.parent_span_id else None,
-                       SpanKind.SERVER, start, end, attrs, failed),
-        ]  # fmt: skip
-        first = min((a.started_at for a in rec.attempts if a.started_at), default=end)
-        decision = {"edgeroute.route": rec.route, "gen_ai.request.model": rec.model}
-        if rec.rule is not None:
-            decision["edgeroute.rule"] = rec.rule
-        out.append(self._child("edgeroute.route", trace_id, root, SpanKind.INTERNAL, start, first, decision))
-        for a in rec.attempts:
-            out.append(self._attempt(a, trace_id, root, live))
-        if rec.stream and rec.ttft_ms is not None:
-            relay_start = start + rec.ttft_ms / 1000
-            relay = {"edgeroute.deployment": rec.deployment or "", "edgeroute.outcome": rec.outcome}
-            out.append(self._child("edgeroute.relay", trace_id, root, SpanKind.INTERNAL, relay_start, end, relay))
-        return out
-
-    def _attempt(self, a: AttemptRecord, trace_id: int, root: SpanContext, live: Live) -> ReadableSpan:
-        dep = live.config.deployments.get(a.deployment)
-        provider = live.config.providers.get(a.provider)
-        model = dep.model if dep is not None else a.deployment
-        attrs: dict[str, Any] = {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": model,
-            "edgeroute.deployment": a.deployment,
-            "edgeroute.provider": a.provider,
-            "edgeroute.attempt.kind": a.kind,
-            "edgeroute.outcome": a.outcome,
-            "edgeroute.cost_usd": a.cost_usd,
-        }
-        if provider is not None:
-            attrs["gen_ai.system"] = GEN_AI_SYSTEM.get(provider.kind, provider.kind)
-        if a.status is not None:
-            attrs["http.response.status_code"] = a.status
-        if a.outcome == "success":
-            attrs["gen_ai.response.model"] = model
-        else:
-            attrs["error.type"] = a.outcome
-        if a.ttft_ms is not None:
-            attrs["edgeroute.ttft_ms"] = a.ttft_ms
-        _usage(attrs, a.usage)
-        span_id = a.span_id or new_span_id()
-        ctx = SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
-        start = a.started_at
-        failed = a.outcome not in ("success", "cancelled")
-        return self._span(
-            f"chat {model}", ctx, root, SpanKind.CLIENT, start, start + a.latency_ms / 1000, attrs, failed
-        )
-
-    def _child(
-        self,
-        name: str,
-        trace_id: int,
-        root: SpanContext,
-        kind: SpanKind,
-        start: float,
-        end: float,
-        attrs: dict[str, Any],
-    ) -> ReadableSpan:
-        ctx = SpanContext(trace_id, new_span_id(), is_remote=False, trace_flags=_SAMPLED)
-        return self._span(name, ctx, root, kind, start, max(start, end), attrs, False)
-
-    def _span(
-        self, name: str, ctx: SpanContext, parent: SpanContext | None, kind: SpanKind,
-        start: float, end: float, attrs: dict[str, Any], failed: bool,
-    ) -> ReadableSpan:  # fmt: skip
-        return ReadableSpan(
-            name, ctx, parent, self.resource, attrs, kind=kind,
-            status=Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET),
-            start_time=_ns(start), end_time=_ns(end), instrumentation_scope=_SCOPE,
-        )  # fmt: skip
-
-    def shutdown(self) -> None:
-        """Exports what is queued (bounded by the export timeout), then stops the worker."""
-        self.processor.shutdown()  # type: ignore[no-untyped-call]
-
-
-def _usage(attrs: dict[str, Any], usage: Usage | None) -> None:
-    if usage is not None:
-        attrs["gen_ai.usage.input_tokens"] = usage.prompt_tokens
-        attrs["gen_ai.usage.output_tokens"] = usage.completion_tokens
-
-
-TRACER = web.AppKey("tracer", Tracer)
+    app[TRACER] = Tracer(cfg)
 
 
 def begin(request: web.Request, rec: RequestRecord) -> None:
