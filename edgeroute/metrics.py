@@ -109,6 +109,7 @@ class Metrics:
         self.histograms: dict[str, dict[tuple[str, ...], _Hist]] = {
             k: {} for k, f in _FAMILIES.items() if f[3] is not None
         }
+        self._by_route: dict[str, tuple[_Hist, _Hist]] = {}
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
@@ -122,6 +123,19 @@ class Metrics:
         h.counts[bisect.bisect_left(_FAMILIES[family][3], seconds)] += 1  # type: ignore[arg-type]
         h.sum += seconds
 
+    def _route(self, route: str) -> tuple[_Hist, _Hist]:
+        """A route's duration and TTFT histograms (made once per route, then looked up once per
+        request: prometheus_client's `.labels()` children, without its per-update cost)."""
+        hists = self._by_route.get(route)
+        if hists is None:
+            made = []
+            for family in ("duration", "ttft"):
+                buckets = _FAMILIES[family][3]
+                assert buckets is not None
+                made.append(self.histograms[family].setdefault((route,), _Hist(len(buckets))))
+            hists = self._by_route[route] = (made[0], made[1])
+        return hists
+
     def observe(self, rec: RequestRecord) -> None:
         """Updates the per-request families from a finished request's record."""
         c = self.counters
@@ -129,9 +143,14 @@ class Metrics:
         c["requests"][(route, rec.status, rec.outcome)] += 1
         if rec.status != 200 and rec.error_class:
             c["request_errors"][(route, rec.error_class)] += 1
-        self._observe("duration", (route,), rec.latency_ms / 1000)
+        duration, ttft = self._route(route)
+        seconds = rec.latency_ms / 1000
+        duration.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        duration.sum += seconds
         if rec.ttft_ms is not None:
-            self._observe("ttft", (route,), rec.ttft_ms / 1000)
+            seconds = rec.ttft_ms / 1000
+            ttft.counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
+            ttft.sum += seconds
         if rec.queue_ms:
             self._observe("queue", (route, rec.priority or ""), rec.queue_ms / 1000)
         team = rec.team or ""
@@ -177,6 +196,8 @@ class Metrics:
                 hist = HistogramMetricFamily(name, doc, labels=list(labels))
                 les = [*(repr(b) for b in buckets), "+Inf"]
                 for values, h in list(self.histograms[key].items()):
+                    if not any(h.counts):  # made with its route (`_route`), never observed yet
+                        continue
                     cumulative: list[tuple[str, float]] = list(zip(les, itertools.accumulate(h.counts), strict=True))
                     hist.add_metric([redact.text(v) for v in values], cumulative, h.sum)
                 yield hist

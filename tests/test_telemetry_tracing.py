@@ -4,6 +4,7 @@ decoding the protobuf, W3C traceparent continued from the client and sent upstre
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -74,7 +75,7 @@ async def test_spans_from_the_records(start_upstream, serve_app) -> None:
     async for _ in stream:
         pass
     await client.close()
-    app[TRACER].processor.force_flush()
+    app[TRACER].force_flush()
     spans = memory.get_finished_spans()
     by_trace: dict[int, list[Any]] = {}
     for s in spans:
@@ -118,10 +119,36 @@ async def test_not_sampled_forwards_the_clients_context_only(start_upstream, ser
     await client.chat.completions.create(model="m", messages=MSG, extra_headers={"traceparent": unsampled})
     await client.chat.completions.create(model="m", messages=MSG, extra_headers={"traceparent": "00-zz-bad-01"})
     await client.close()
-    app[TRACER].processor.force_flush()
+    app[TRACER].force_flush()
     assert memory.get_finished_spans() == ()
     sent = [r["headers"].get("traceparent") for r in up.options.requests]
     assert sent == [None, unsampled, None]
+
+
+async def test_spans_are_built_off_the_event_loop(start_upstream, serve_app, monkeypatch) -> None:
+    """The loop only queues a traced request; its spans are built in the builder thread."""
+    built_in: list[str] = []
+    build = Tracer._spans
+
+    def spy(self: Tracer, *args: Any) -> Any:
+        built_in.append(threading.current_thread().name)
+        return build(self, *args)
+
+    monkeypatch.setattr(Tracer, "_spans", spy)
+    up = await start_upstream()
+    app, memory = _with_memory_exporter(_config(up))
+    url = await serve_app(app)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    for _ in range(3):
+        await client.chat.completions.create(model="m", messages=MSG)
+    await client.close()
+    for _ in range(100):
+        if len(built_in) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert built_in == ["edgeroute-spans"] * 3
+    app[TRACER].force_flush()
+    assert len(memory.get_finished_spans()) == 9  # request, decision and attempt, three times
 
 
 class OtlpReceiver:

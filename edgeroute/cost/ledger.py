@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -344,6 +345,12 @@ def _tokens(u: Usage | None) -> tuple[int, int, int, int]:
     return u.prompt_tokens, u.completion_tokens, u.cached_tokens, int(u.estimated)
 
 
+@functools.lru_cache(maxsize=8)
+def _day(n: int) -> str:
+    """The UTC date of day `n` since the epoch (formatted once a day, not once a row)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
+
+
 Row = tuple[Any, ...]
 _MAINTAIN_EVERY = 60.0  # seconds between retention runs
 
@@ -579,7 +586,7 @@ class Ledger:
         # its saving shows in the spend report (`--by outcome`: the cache_hit rows) and the stats.
         baseline = max(baseline, r.cost_usd, r.saved_usd)
         row = (
-            r.request_id, r.started, time.strftime("%Y-%m-%d", time.gmtime(r.started)), r.key, r.team,
+            r.request_id, r.started, _day(int(r.started // 86400)), r.key, r.team,
             r.user, r.model, r.route, r.rule, r.deployment, int(r.stream), r.status, r.outcome,
             r.admission, p, c, cached, est, r.cost_usd, baseline, r.latency_ms,
             len(r.attempts), row_id,

@@ -274,20 +274,19 @@ def stage_schema() -> str:
 
 def staged_sql(mark: str) -> list[str]:
     """A batch's rollups written from its minute rows: they go into the stage (the only rows
-    bound one by one, from Python), then every level is added up from the stage by SQL, in
-    the database (SQLite releases the GIL while it runs; building the coarser rows in Python
-    and binding their ~200 values each held it), then the stage is emptied. Run in the
-    batch's transaction, in this order. Coarser rows handed to the stage are ignored: the
-    minute rows carry everything."""
+    bound one by one, from Python), then each row is added into its block at every level by
+    SQL, in the database (SQLite releases the GIL while it runs; building the coarser rows in
+    Python and binding their ~200 values each held it), then the stage is emptied. Run in the
+    batch's transaction, in this order. SQLite applies an upsert row by row, so two minute
+    rows of one block add up without a GROUP BY. Coarser rows handed to the stage are
+    ignored: the minute rows carry everything."""
     out = [f"INSERT INTO {STAGE} ({', '.join(COLUMNS)}) VALUES ({', '.join([mark] * len(COLUMNS))})"]
-    sums = ", ".join(f"SUM({c})" for c in (*COUNTERS, *LAT, *TTFT))
+    values = ", ".join((*COUNTERS, *LAT, *TTFT))
     adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in (*COUNTERS, *LAT, *TTFT))
     for res in LEVELS:
-        block = f"minute - minute % {res}"
         out.append(
-            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, {block}, {sums} "
-            f"FROM {STAGE} WHERE res = {MINUTE} GROUP BY dim, value, {block} "
-            f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
+            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, minute - minute % {res}, "
+            f"{values} FROM {STAGE} WHERE res = {MINUTE} ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
         )
     out.append(f"DELETE FROM {STAGE}")
     return out

@@ -52,7 +52,7 @@ def _keep(samples: list[float], seen: int, value: float) -> None:
     if len(samples) < _SAMPLES:
         samples.append(value)
     else:
-        j = random.randrange(seen)
+        j = int(random.random() * seen)  # randrange's checks cost more than the rest of `add`
         if j < _SAMPLES:
             samples[j] = value
 
