@@ -80,6 +80,20 @@ class LoopLag:
 LOOP_LAG = web.AppKey("loop_lag", LoopLag)
 
 
+_apps_running = 0
+_python_switch = sys.getswitchinterval()
+
+
+def _short_switch(delta: int) -> None:
+    """The short switch interval while any app runs (apps may overlap: tests, reloads); the
+    interpreter's own again once the last one stops."""
+    global _apps_running, _python_switch
+    if _apps_running == 0 and delta > 0:
+        _python_switch = sys.getswitchinterval()
+    _apps_running = max(0, _apps_running + delta)
+    sys.setswitchinterval(min(_python_switch, SWITCH_INTERVAL_S) if _apps_running else _python_switch)
+
+
 def install(app: web.Application) -> None:
     """Starts the sampler with the app (and the short GIL switch interval), and adds its
     families to `/metrics`."""
@@ -87,12 +101,13 @@ def install(app: web.Application) -> None:
     app[METRICS].sources.append(lambda a: a[LOOP_LAG].families())
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        _short_switch(+1)
         task = asyncio.create_task(lag.run())
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        sys.setswitchinterval(switch)
+        try:
+            yield
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            _short_switch(-1)
 
     app.cleanup_ctx.append(ctx)
