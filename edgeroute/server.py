@@ -34,9 +34,11 @@ from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
 from edgeroute.cache.service import metrics_source as cache_metrics
+from edgeroute.capacity_share import SHARED_SLOTS, SharedSlots
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
+from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
@@ -146,6 +148,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def admin_deployments(request: web.Request) -> web.Response:
     live = request.app[STATE].live
+    shared = request.app.get(SHARED_SLOTS)
     out = []
     for d in live.deployments:
         h = live.router.health(d.index)
@@ -153,9 +156,20 @@ async def admin_deployments(request: web.Request) -> web.Response:
         cap, i = live.capacity, d.index
         slots = {"max_concurrency": cap.limits[i], "active": cap.active(i), "queued": cap.waiting(i),
                  "reserve_percent": spec.reserve_percent}  # fmt: skip
+        if shared is not None and cap.limits[i] is not None:
+            slots["fleet_active"] = await _fleet_active(shared, d.name)
         out.append({"name": d.name, "provider": d.provider, "model": d.model, "weight": spec.weight,
                     "drained": spec.drained, "tags": spec.tags, **h, **slots})  # fmt: skip
     return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")
+
+
+async def _fleet_active(shared: SharedSlots, deployment: str) -> int | None:
+    """In flight on `deployment` across every instance or worker sharing its capacity (the
+    shared store's leases); None when the store cannot say."""
+    try:
+        return await shared.store.count(deployment)
+    except StoreUnavailable:
+        return None
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -146,6 +146,34 @@ async def test_the_slots_of_a_dead_instance_come_back(
     assert (await _ask(proxy)).headers["x-edgeroute-deployment"] == "d-a"
 
 
+async def test_admin_deployments_shows_the_fleets_in_flight_beside_its_own(
+    upstreams: Any, start_proxy: StartProxy, shared: SharedState
+) -> None:
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        await request.read()
+        await release.wait()
+        return answer()
+
+    cfg = await upstreams(held, Gauge().handler(0.0))
+    cfg["deployments"]["d-a"].update(max_concurrency=5, weight=1000)
+    cfg["shared_state"] = shared.model_dump()
+    p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
+    asks = [asyncio.ensure_future(_ask(p)) for p in (p1, p2, p2)]
+    for _ in range(300):
+        if await _leases(shared, "d-a") == 3:
+            break
+        await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as http, http.get(p1.url + "/admin/deployments") as resp:
+        rows = {d["name"]: d for d in (await resp.json())["deployments"]}
+    assert (rows["d-a"]["active"], rows["d-a"]["fleet_active"], rows["d-a"]["max_concurrency"]) == (1, 3, 5)
+    assert "fleet_active" not in rows["d-b"]  # no limit, nothing shared
+    release.set()
+    assert [r.http_response.status_code for r in await asyncio.gather(*asks)] == [200] * 3
+    await _until_no_leases(shared, "d-a")
+
+
 async def test_redis_down_fails_open_on_the_instance_count(upstreams: Any, start_proxy: StartProxy) -> None:
     primary, secondary = Gauge(), Gauge()
     cfg = await upstreams(primary.handler(0.0), secondary.handler(0.0))
