@@ -303,6 +303,14 @@ async def test_cli_keys_config_and_audit(start_upstream, tmp_path: Path) -> None
         # A viewer's key cannot roll back.
         rc, _, err = await asyncio.to_thread(_cli, a.url, "config", "rollback", "2", key="nope")
         assert rc == 1 and "401" in err
+        # Priority classes: the key's own and those it may ask for; an unknown one is refused.
+        argv = ["keys", "create", "--priority", "batch", "--allow-priority", "default"]
+        argv += ["--allow-priority", "interactive"]
+        rc, out, err = await asyncio.to_thread(_cli, a.url, *argv)
+        assert rc == 0, err
+        assert (json.loads(out)["priority"], json.loads(out)["priorities"]) == ("batch", ["default", "interactive"])
+        rc, _, err = await asyncio.to_thread(_cli, a.url, "keys", "create", "--priority", "gold")
+        assert rc == 1 and "400" in err and "gold" in err
     finally:
         await asyncio.to_thread(cm.__exit__, None, None, None)
 

@@ -78,6 +78,13 @@ def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
     p.add_argument("--residency", help="the only region it may reach, e.g. eu")
+    p.add_argument("--priority", help="its requests' priority class (one of the config's priority.classes)")
+    p.add_argument(
+        "--allow-priority",
+        action="append",
+        dest="priorities",
+        help="a further class it may ask for with x-edgeroute-priority (repeatable)",
+    )
     p.add_argument("--metadata", help="a JSON object kept with the key (ticket, owner's e-mail, ...)")
 
 
@@ -90,7 +97,8 @@ def _span(raw: str) -> float:
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for f in ("name", "user", "team", "role", "models", "deny_tags", "budget_usd", "rpm", "tpm", "residency"):
+    listed = ("name", "user", "team", "role", "models", "deny_tags", "budget_usd", "rpm", "tpm", "residency")
+    for f in (*listed, "priority", "priorities"):
         if getattr(args, f) is not None:
             out[f] = getattr(args, f)
     if args.expires is not None:
