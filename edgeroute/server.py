@@ -148,7 +148,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def admin_deployments(request: web.Request) -> web.Response:
     live = request.app[STATE].live
-    shared = request.app.get(SHARED_SLOTS)
     out = []
     for d in live.deployments:
         h = live.router.health(d.index)
@@ -156,10 +155,14 @@ async def admin_deployments(request: web.Request) -> web.Response:
         cap, i = live.capacity, d.index
         slots = {"max_concurrency": cap.limits[i], "active": cap.active(i), "queued": cap.waiting(i),
                  "reserve_percent": spec.reserve_percent}  # fmt: skip
-        if shared is not None and cap.limits[i] is not None:
-            slots["fleet_active"] = await _fleet_active(shared, d.name)
         out.append({"name": d.name, "provider": d.provider, "model": d.model, "weight": spec.weight,
                     "drained": spec.drained, "tags": spec.tags, **h, **slots})  # fmt: skip
+    if (shared := request.app.get(SHARED_SLOTS)) is not None:
+        # The fleet's counts asked together: with the store down, one timeout, not one per deployment.
+        limited = [row for row in out if row["max_concurrency"] is not None]
+        counts = await asyncio.gather(*(_fleet_active(shared, str(row["name"])) for row in limited))
+        for row, n in zip(limited, counts, strict=True):
+            row["fleet_active"] = n
     return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.test_cost_support import RedisServer, cost_proxy, one_deployment, require_redis
+from tests.test_cost_support import RedisServer, ask_status, cost_proxy, one_deployment, require_redis
 
 MAX_TOKENS = 5
 COST = MAX_TOKENS * 2.0 / 1e6
@@ -18,16 +18,6 @@ COST = MAX_TOKENS * 2.0 / 1e6
 
 def _shared(url: str, **extra: Any) -> dict[str, Any]:
     return {"redis_url": url, "prefix": f"edgeroute-test-{os.getpid()}-{os.urandom(4).hex()}", **extra}
-
-
-async def _ask(client: openai.AsyncOpenAI) -> int:
-    try:
-        await client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS
-        )
-        return 200
-    except openai.APIStatusError as e:
-        return e.status_code
 
 
 async def test_two_instances_enforce_one_budget(start_upstream) -> None:
@@ -43,7 +33,7 @@ async def test_two_instances_enforce_one_budget(start_upstream) -> None:
     async with cost_proxy(cfg) as p1, cost_proxy(cfg) as p2:
         c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
         c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
-        statuses = await asyncio.gather(*(_ask(c1 if i % 2 else c2) for i in range(60)))
+        statuses = await asyncio.gather(*(ask_status(c1 if i % 2 else c2) for i in range(60)))
         # The rate-limit bucket is shared too: one bucket of 1000 across both instances.
         with pytest.raises(openai.RateLimitError) as ei:
             await c1.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=5)
@@ -76,12 +66,12 @@ async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str)
         )
         async with cost_proxy(cfg) as proxy:
             client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-            before = [await _ask(client) for _ in range(2)]
+            before = [await ask_status(client) for _ in range(2)]
             server.stop()
-            during = [await _ask(client) for _ in range(5)]
+            during = [await ask_status(client) for _ in range(5)]
             server.start()  # empty again: no persistence
             await asyncio.sleep(1.1)  # the store is retried after a second
-            after = [await _ask(client) for _ in range(6)]
+            after = [await ask_status(client) for _ in range(6)]
             await client.close()
     finally:
         server.stop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -129,3 +130,14 @@ def one_deployment(base_url: str, **extra: Any) -> dict[str, Any]:
     }
     cfg.update(extra)
     return cfg
+
+
+async def ask_status(client: openai.AsyncOpenAI, max_tokens: int = 5) -> int:
+    """One small chat request through `client`: the HTTP status a user would see."""
+    try:
+        await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens
+        )
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code

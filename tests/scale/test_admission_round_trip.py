@@ -15,7 +15,7 @@ from edgeroute.config import Budget, SharedState
 from edgeroute.cost import budgets as B
 from edgeroute.cost.limits import Take
 from edgeroute.cost.redis_store import RedisState
-from tests.test_cost_support import RedisServer, cost_proxy, one_deployment
+from tests.test_cost_support import RedisServer, ask_status, cost_proxy, one_deployment
 
 MAX_TOKENS = 5
 COST = MAX_TOKENS * 2.0 / 1e6  # output-only prices (one_deployment): a request's cost is exact
@@ -38,16 +38,6 @@ async def _scripts(url: str) -> int:
         await client.aclose()
 
 
-async def _ask(client: openai.AsyncOpenAI, max_tokens: int = MAX_TOKENS) -> int:
-    try:
-        await client.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens
-        )
-        return 200
-    except openai.APIStatusError as e:
-        return e.status_code
-
-
 async def test_admission_is_one_script_and_settlement_follows_in_the_background(
     start_upstream, redis_server: RedisServer
 ) -> None:  # type: ignore[no-untyped-def]
@@ -60,13 +50,13 @@ async def test_admission_is_one_script_and_settlement_follows_in_the_background(
     )
     async with cost_proxy(cfg) as p:
         client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0)
-        assert await _ask(client) == 200  # loads the scripts
+        assert await ask_status(client) == 200  # loads the scripts
         await asyncio.sleep(0.2)
         before = await _scripts(redis_server.url)
         n = 10
         for _ in range(n):
             # Reserved for 50 tokens, 5 served: each request settles its budget and its tokens.
-            assert await _ask(client, max_tokens=50) == 200
+            assert await ask_status(client, max_tokens=50) == 200
             await asyncio.sleep(0.05)  # this request's settlement goes out on its own
         await asyncio.sleep(0.2)
         used = await _scripts(redis_server.url) - before
@@ -120,7 +110,7 @@ async def test_one_deployment_at_its_limit_refuses_and_gives_its_reservation_bac
     )
     async with cost_proxy(cfg) as p:
         client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0)
-        statuses = [await _ask(client) for _ in range(4)]
+        statuses = [await ask_status(client) for _ in range(4)]
         await asyncio.sleep(0.3)  # settlements and give-backs land
     assert statuses == [200, 200, 429, 429]
     import redis.asyncio as aioredis
@@ -146,5 +136,5 @@ async def test_concurrent_requests_over_two_instances_never_overshoot(
     async with cost_proxy(cfg) as p1, cost_proxy(cfg) as p2:
         c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
         c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
-        statuses = await asyncio.gather(*(_ask(c1 if i % 2 else c2) for i in range(200)))
+        statuses = await asyncio.gather(*(ask_status(c1 if i % 2 else c2) for i in range(200)))
     assert statuses.count(200) == 10 and statuses.count(429) == 190

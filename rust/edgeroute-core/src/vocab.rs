@@ -56,23 +56,23 @@ pub(crate) struct Vocab {
 impl Vocab {
     fn new(tokens: &'static [u8], offsets: &'static [u8], o200k: bool) -> Self {
         let n = offsets.len() / 4 - 1;
-        let mut vocab = Self {
+        let token = |id: u32| token_bytes(tokens, offsets, id);
+        let mut ranks = vec![NONE; (2 * n).next_power_of_two()];
+        let mask = ranks.len() - 1;
+        for id in 0..n as u32 {
+            let mut i = bytes_slot(token(id), ranks.len());
+            while ranks[i] != NONE {
+                i = (i + 1) & mask;
+            }
+            ranks[i] = id;
+        }
+        Self {
             tokens,
             offsets,
             o200k,
-            ranks: vec![NONE; (2 * n).next_power_of_two()],
-            short: TokenMap::new(std::iter::empty()),
-        };
-        let mask = vocab.ranks.len() - 1;
-        for id in 0..n as u32 {
-            let mut i = bytes_slot(vocab.token(id), vocab.ranks.len());
-            while vocab.ranks[i] != NONE {
-                i = (i + 1) & mask;
-            }
-            vocab.ranks[i] = id;
+            ranks,
+            short: TokenMap::new((0..n as u32).map(|id| (id, token(id)))),
         }
-        vocab.short = TokenMap::new((0..n as u32).map(|id| (id, vocab.token(id))));
-        vocab
     }
 
     /// The number of tokens in the vocabulary.
@@ -83,8 +83,7 @@ impl Vocab {
 
     /// The bytes of token `id`.
     fn token(&self, id: u32) -> &'static [u8] {
-        let at = |i: usize| u32::from_le_bytes(self.offsets[4 * i..4 * i + 4].try_into().expect("4 bytes")) as usize;
-        &self.tokens[at(id as usize)..at(id as usize + 1)]
+        token_bytes(self.tokens, self.offsets, id)
     }
 
     /// The rank (token id) of `bytes`, or [`NONE`].
@@ -142,7 +141,7 @@ impl Vocab {
         };
         if whole {
             1
-        } else if piece.len() <= 16 {
+        } else if piece.len() < 16 {
             self.merge_memo(piece)
         } else if piece.len() <= SMALL {
             self.merge_small(piece)
@@ -158,21 +157,16 @@ impl Vocab {
         thread_local! {
             static MEMO: RefCell<Vec<(u128, u32)>> = RefCell::new(vec![(u128::MAX, 0); MEMO_SLOTS]);
         }
-        // The vocabulary in the key's last byte: a piece of 16 bytes leaves no padding there,
-        // and its last byte can never be `0xFE` or `0xFF` (not in UTF-8).
-        let mut key = u128::from_le_bytes(padded(piece));
-        if piece.len() < 16 {
-            key ^= u128::from(!self.o200k) << 120;
-        }
+        // The vocabulary in the key's last byte, which is padding (pieces here are under 16
+        // bytes): `0xFF` or `0xFE`, neither of which UTF-8 contains.
+        let key = u128::from_le_bytes(padded(piece)) ^ (u128::from(!self.o200k) << 120);
         let at = slot(key, MEMO_SLOTS);
         let known = MEMO.with_borrow(|memo| memo[at]);
-        if known.0 == key && piece.len() < 16 {
+        if known.0 == key {
             return known.1 as usize;
         }
         let n = self.merge_small(piece);
-        if piece.len() < 16 {
-            MEMO.with_borrow_mut(|memo| memo[at] = (key, n as u32));
-        }
+        MEMO.with_borrow_mut(|memo| memo[at] = (key, n as u32));
         n
     }
 
@@ -265,6 +259,12 @@ impl Vocab {
         }
         parts
     }
+}
+
+/// The bytes of token `id` in a vocabulary's static data.
+fn token_bytes(tokens: &'static [u8], offsets: &'static [u8], id: u32) -> &'static [u8] {
+    let at = |i: usize| u32::from_le_bytes(offsets[4 * i..4 * i + 4].try_into().expect("4 bytes")) as usize;
+    &tokens[at(id as usize)..at(id as usize + 1)]
 }
 
 /// The first slot for `bytes` in a table of `len` (a power of two) slots.
