@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -32,9 +33,13 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from edgeroute import roles
 from edgeroute.config import Config
+from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.ledger import Ledger
 from edgeroute.errors import ProxyError
-from edgeroute.state import STATE
+from edgeroute.requestlog import outcomes
+from edgeroute.state import RECORDER, STATE
 
 log = logging.getLogger("edgeroute.learning")
 
@@ -160,26 +165,73 @@ def _apply(app: web.Application, learner: FeedbackLearner) -> None:
     app[STATE].live.router.set_shifts(learner.shifts())
 
 
+def _request_log(app: web.Application) -> Ledger | None:
+    """The ledger, when it keeps the request log (feedback is then stored beside the records)."""
+    rec = app.get(RECORDER)
+    return rec if isinstance(rec, Ledger) and rec.request_log is not None else None
+
+
+async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
+    """(key id, route, task) of a logged request; a record still in the writer's queue is
+    waited for, for one flush interval."""
+    sql = "SELECT key_id, route, task FROM requests WHERE id = ?"
+    for attempt in range(2):
+        rows = await asyncio.to_thread(ledger.backend.query, sql, (rid,))
+        if rows:
+            key, route, task = rows[0]
+            return key, route, task
+        if attempt == 0:
+            await asyncio.sleep(ledger.flush_interval + 0.1)
+    return None
+
+
 async def feedback_endpoint(request: web.Request) -> web.Response:
-    """`POST /v1/feedback {"request_id": ..., "score": 0..1}`: how good an answer was."""
+    """`POST /v1/feedback {"request_id": ..., "score": 0..1}`: how good an answer was.
+
+    With the request log on, the score is stored beside the request's record (the last score
+    given counts) for `router train --from-log` and the shadow report, for any request the
+    caller's key made; the learner, when configured, learns from it for the routes it knows."""
     learner = request.app.get(LEARNER)
-    if learner is None:
-        raise ProxyError(404, "Feedback learning is not enabled (set learning.feedback in the config).")
+    ledger = _request_log(request.app)
+    if learner is None and ledger is None:
+        raise ProxyError(
+            404, "Feedback is not enabled (set learning.feedback, or turn the request log on).", code="not_enabled"
+        )
     try:
         data = orjson.loads(await request.read())
         rid, score = data["request_id"], float(data["score"])
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         raise ProxyError(400, 'Expected {"request_id": "...", "score": 0..1}.', code="invalid_request") from None
-    if not isinstance(rid, str) or not 0.0 <= score <= 1.0:
+    if not isinstance(rid, str) or not 0.0 <= score <= 1.0:  # NaN fails the range test too
         raise ProxyError(400, "score must be between 0 and 1 and request_id a string.", param="score")
-    served = learner.feedback(rid, score)
-    if served is None and learner.share is not None and (found := await learner.share.lookup(rid)) is not None:
-        learner.recent[rid] = found  # served by another instance
+    if not rid or len(rid) > 256:
+        raise ProxyError(400, "request_id must be 1 to 256 characters.", param="request_id")
+    unknown = ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
+    ident = request.get(IDENTITY)
+    logged = await _logged(ledger, rid) if ledger is not None else None
+    if logged is not None and ident is not None and logged[0] != ident.key and not roles.permits(ident.role, "admin"):
+        raise unknown  # another key's request: not even its existence is told
+    if ledger is not None and logged is None and ident is not None:
+        raise unknown  # with keys, only a request the log shows to be the caller's is rated
+    served = None
+    if learner is not None:
         served = learner.feedback(rid, score)
-    if served is None:
-        raise ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
-    _apply(request.app, learner)
-    body = {"request_id": rid, "task": served.task, "route": served.route, "accepted": True}
+        if served is None and learner.share is not None and (found := await learner.share.lookup(rid)) is not None:
+            learner.recent[rid] = found  # served by another instance
+            served = learner.feedback(rid, score)
+        if served is not None:
+            _apply(request.app, learner)
+    if served is None and logged is None:
+        raise unknown
+    if ledger is not None and logged is not None:
+        ledger.outcome(outcomes.FEEDBACK, (rid, time.time(), score, ident.key if ident is not None else None))
+    task: str | None
+    if served is not None:
+        route, task = served.route, served.task
+    else:
+        assert logged is not None
+        route, task = logged[1], logged[2]
+    body = {"request_id": rid, "task": task, "route": route, "accepted": True, "stored": logged is not None}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

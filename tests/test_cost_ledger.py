@@ -105,6 +105,8 @@ def _pg_reset(dsn: str) -> None:
             "request_rollup_levels",
             "ledger_batches",
             "reservations",
+            "feedback",
+            "router_shadow",
         ):
             c.execute(f"DROP TABLE IF EXISTS {table}")
 

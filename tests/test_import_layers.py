@@ -121,6 +121,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.bench",
             "edgeroute.governance.cli",
             "edgeroute.workers.cli",
+            "edgeroute.learn.cli",  # `router train --from-log` opens the config's ledger database
+            "edgeroute.learn.from_log",
         ],
     ),
 ]

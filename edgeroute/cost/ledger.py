@@ -55,6 +55,7 @@ from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
+from edgeroute.requestlog import outcomes as requestlog_outcomes
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog import rows as requestlog_rows
 from edgeroute.requestlog import store as requestlog_store
@@ -149,6 +150,7 @@ def schema(dialect: str) -> list[str]:
         _JOURNAL,
         *_INDEXES,
         *requestlog_store.schema(dialect),
+        *requestlog_outcomes.schema(dialect),
     ]
 
 
@@ -166,6 +168,8 @@ class Batch:
     requests: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     rollup: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     journal: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    # (table, row) of `requestlog.outcomes`: feedback scores, a candidate router's choices
+    outcomes: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
 
 
 class Backend(Protocol):
@@ -211,6 +215,7 @@ class _Statements:
     requests: str
     rollup: str
     journal: str
+    outcomes: dict[str, str]
     # SQLite: the batch's rollups are its minute rows, spread over every level by these (in order).
     staged_rollup: tuple[str, ...] = ()
 
@@ -223,6 +228,7 @@ class _Statements:
             requestlog_store.insert_sql(mark),
             rollup.upsert_sql(mark),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
+            requestlog_outcomes.insert_sql(mark),
             tuple(rollup.staged_sql(mark)) if staged else (),
         )
 
@@ -237,6 +243,8 @@ class _Statements:
         ):  # fmt: skip
             if rows:
                 cur.executemany(sql, rows)
+        for table, rows in requestlog_outcomes.group(b.outcomes).items():
+            cur.executemany(self.outcomes[table], rows)
         if b.rollup and self.staged_rollup:
             stage, *spread = self.staged_rollup
             cur.executemany(stage, b.rollup)
@@ -373,6 +381,7 @@ class _Held:
     batch_id: str
     pending: list[_Pending]
     journal: list[Row]
+    outcomes: list[tuple[str, Row]] = dataclasses.field(default_factory=list)
 
     def batch(self, log_on: bool, levels: Sequence[int] = rollup.LEVELS) -> Batch:
         """The batch to write; its rollup rows at `levels` (the backend's `rollup_levels`)."""
@@ -384,6 +393,7 @@ class _Held:
             [p.request for p in self.pending if p.request is not None],
             rollup.aggregate(live, levels) if log_on else [],
             self.journal,
+            self.outcomes,
         )
 
 
@@ -414,6 +424,7 @@ class Ledger:
         self._levels: Sequence[int] = getattr(backend, "rollup_levels", rollup.LEVELS)
         self._queue: collections.deque[RequestRecord] = collections.deque()
         self._journal: collections.deque[Row] = collections.deque()
+        self._outcomes: collections.deque[tuple[str, Row]] = collections.deque()
         self._retry: list[_Held] = []
         self._writer_id = os.urandom(6).hex()
         self._seq = itertools.count(1)
@@ -438,6 +449,10 @@ class Ledger:
     def journal(self, request_id: str, ts: float, store_key: str, amount_nano: int) -> None:
         """Notes a budget reservation (an append), written with the next batch."""
         self._journal.append((request_id, ts, store_key, amount_nano))
+
+    def outcome(self, table: str, row: Row) -> None:
+        """Queues a row of a `requestlog.outcomes` table (an append), written with the next batch."""
+        self._outcomes.append((table, row))
 
     def queue_depth(self) -> int:
         """Records waiting to be written (new ones and those kept from failed batches)."""
@@ -506,9 +521,12 @@ class Ledger:
                     self._drop_warned = time.monotonic()
                     log.warning("request log: %d records behind; %d written without their row", len(batch), over)
             pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
-            if not pending and not journal:
+            outcomes: list[tuple[str, Row]] = []
+            while self._outcomes:
+                outcomes.append(self._outcomes.popleft())
+            if not pending and not journal and not outcomes:
                 return done
-            n = self._write(_Held(self._next_id(), pending, journal))
+            n = self._write(_Held(self._next_id(), pending, journal, outcomes))
             return done + (n or 0)
 
     def _write(self, held: _Held, retry: bool = False) -> int | None:
@@ -527,7 +545,8 @@ class Ledger:
 
     def _write_one_by_one(self, held: _Held, retry: bool) -> int | None:
         done = 0
-        parts = [_Held(f"{held.batch_id}/j", [], held.journal)] if held.journal else []
+        side = held.journal or held.outcomes
+        parts = [_Held(f"{held.batch_id}/j", [], held.journal, held.outcomes)] if side else []
         parts += [_Held(f"{held.batch_id}/{i}", [p], []) for i, p in enumerate(held.pending)]
         for i, part in enumerate(parts):
             try:
@@ -537,11 +556,13 @@ class Ledger:
                     for p in part.pending:
                         self._set_aside(p.rec, p.row, p.attempts, e)
                     if not part.pending:
-                        log.error("ledger: the store rejected reservation journal rows: %s (%s)", part.journal, e)
+                        log.error("ledger: the store rejected journal or outcome rows: %s %s (%s)",
+                                  part.journal, part.outcomes, e)  # fmt: skip
                     continue
                 rest = parts[i:]
                 self._keep(_Held(f"{held.batch_id}/r{i}", [p for r in rest for p in r.pending],
-                                 [j for r in rest for j in r.journal]), e, retry)  # fmt: skip
+                                 [j for r in rest for j in r.journal], [o for r in rest for o in r.outcomes]),
+                           e, retry)  # fmt: skip
                 if retry:
                     self._retry.pop(0)  # replaced by what is left of it, at the end of the queue
                 self.written += done

@@ -12,29 +12,17 @@ outcomes the router was not trained on.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeroute.learn.flags import floats as _floats
+from edgeroute.learn.flags import ints as _ints
+
 if TYPE_CHECKING:
     from edgeroute.learn.model import LinearModel
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"iteration counts must be >= 1: {text!r}")
-    return vals
 
 
 def _load_model(path: Path, what: str) -> LinearModel:
@@ -51,14 +39,48 @@ def _load_model(path: Path, what: str) -> LinearModel:
 def _load_outcomes(path: Path):  # type: ignore[no-untyped-def]
     from edgeroute.learn import router as R
 
+    return R.Outcomes.from_rows(_read_rows(path))
+
+
+def _read_rows(path: Path) -> list[dict[str, object]]:
+    from edgeroute.learn import router as R
+
     if not path.is_file():
         raise SystemExit(f"edgeroute router: outcomes file not found: {path}")
     try:
-        return R.Outcomes.load(path)
+        return R.read_rows(path)
     except R.BadOutcomes as e:
         lines = "\n  ".join(e.problems[:50])
         more = f"\n  ... {len(e.problems) - 50} more" if len(e.problems) > 50 else ""
         raise SystemExit(f"edgeroute router: {path}: {len(e.problems)} bad row(s)\n  {lines}{more}") from None
+
+
+def _rows_from_log(args: argparse.Namespace) -> list[dict[str, object]] | None:
+    """The request log's rated requests as outcome rows (None after saying why there are none)."""
+    import time
+
+    from edgeroute import config as config_mod
+    from edgeroute.cost.reports import open_backend
+    from edgeroute.learn import from_log
+    from edgeroute.requestlog.query import BadParam, parse_time
+
+    try:
+        since = parse_time("since", args.since, time.time()) if args.since else 0.0
+    except BadParam as e:
+        print(f"edgeroute router: --since: {str(e).split(': ', 1)[-1]}", file=sys.stderr)
+        return None
+    db = open_backend(args.config)
+    if db is None:
+        return None
+    try:
+        found = from_log.read(db, config_mod.load(args.config, check_secrets=False), since)
+    finally:
+        db.close()
+    print(f"request log: {found.explain()}")
+    if (hint := found.hint()) is not None and not args.outcomes:
+        print(f"edgeroute router: nothing to train on: {hint}", file=sys.stderr)
+        return None
+    return found.rows
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -68,9 +90,20 @@ def _train(args: argparse.Namespace) -> int:
     from edgeroute.learn import selection as S
     from edgeroute.learn import train as T
 
-    data = _load_outcomes(args.outcomes)
+    rows: list[dict[str, object]] = []
+    if args.from_log:
+        logged = _rows_from_log(args)
+        if logged is None:
+            return 2
+        rows += logged
+    if args.outcomes:
+        rows += _read_rows(args.outcomes)
+    if args.export_outcomes:
+        args.export_outcomes.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(f"wrote {len(rows)} outcome rows to {args.export_outcomes}")
+    data = R.Outcomes.from_rows(rows)
     if len(data.models) < 2:
-        print("edgeroute router: need outcomes of at least two models", file=sys.stderr)
+        print(f"edgeroute router: need outcomes of at least two models (have {data.models})", file=sys.stderr)
         return 2
     folds = max(args.inner_folds, args.outer_folds)
     if len(data.prompts) < 2 * folds:
@@ -221,7 +254,22 @@ def build_parser() -> argparse.ArgumentParser:
         "The prompt-blind prior (each model's mean score) is always a candidate, so the "
         "router shipped is never worse than it on validation.",
     )
-    t.add_argument("--outcomes", type=Path, required=True, help="JSON lines {prompt, model, score, cost_usd}")
+    t.add_argument("--outcomes", type=Path, help="JSON lines {prompt, model, score, cost_usd}")
+    t.add_argument(
+        "--from-log",
+        action="store_true",
+        help="train on the request log's rated requests (POST /v1/feedback scores joined to the logged "
+        "prompts; needs request_log.log_content), with --outcomes rows too if given",
+    )
+    t.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("EDGEROUTE_CONFIG", "edgeroute.yaml"),
+        help="with --from-log: the config whose ledger database holds the request log "
+        "(default $EDGEROUTE_CONFIG, else edgeroute.yaml)",
+    )
+    t.add_argument("--since", help="with --from-log: feedback given since (epoch seconds, 24h, 7d, an ISO date)")
+    t.add_argument("--export-outcomes", type=Path, metavar="FILE", help="also write the training rows as JSON lines")
     t.add_argument("--out", type=Path, required=True, help="router model file to write")
     t.add_argument("--task-model", type=Path, help="use this task model's probabilities as extra inputs")
     t.add_argument("--l2", type=_floats, default=[3e-4, 3e-3, 3e-2], help="L2 strengths to try (comma-separated)")
@@ -250,6 +298,8 @@ def main(argv: list[str]) -> int:
     """Entry point for ``edgeroute router ...`` (argv excludes ``router``)."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.cmd == "train" and not args.outcomes and not args.from_log:
+        ap.error("train needs --outcomes FILE, --from-log, or both")
     if args.cmd == "train" and args.inner_folds < 2:
         ap.error("--inner-folds must be at least 2")
     if args.cmd == "train" and not args.l2:

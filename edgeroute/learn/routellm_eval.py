@@ -34,8 +34,9 @@ import numpy as np
 from edgeroute.learn import data
 from edgeroute.learn import router as R
 from edgeroute.learn import train as T
-from edgeroute.learn.cli import _floats, _ints
 from edgeroute.learn.evaluate import two_model_curve
+from edgeroute.learn.flags import floats as _floats
+from edgeroute.learn.flags import ints as _ints
 
 # Nominal per-call prices (USD) for the outcomes file; the RouteLLM figures use
 # the share of strong calls, which does not depend on them.

@@ -87,39 +87,49 @@ class Outcomes:
             if c is not None:
                 cost_sum[j] = cost_sum.get(j, 0.0) + float(c)  # type: ignore[arg-type]
                 cost_n[j] = cost_n.get(j, 0) + 1
-        scores = np.full((len(pidx), len(midx)), np.nan)
+        # A prompt asked of one model more than once (a request log) scores the mean.
+        total = np.zeros((len(pidx), len(midx)))
+        count = np.zeros((len(pidx), len(midx)))
         for i, j, s in cells:
-            scores[i, j] = s
+            total[i, j] += s
+            count[i, j] += 1
+        with np.errstate(invalid="ignore"):
+            scores = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         costs = [cost_sum.get(j, 0.0) / max(cost_n.get(j, 0), 1) for j in range(len(midx))]
         return cls(list(pidx), list(midx), scores, costs)
 
     @classmethod
     def load(cls, path: str | Path) -> Outcomes:
         """Read a JSON-lines outcomes file; every bad line is reported with its number (:class:`BadOutcomes`)."""
-        rows: list[dict[str, object]] = []
-        bad: list[str] = []
-        with Path(path).open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.append(f"line {n}: not JSON ({e.msg})")
-                    continue
-                problem = check_row(row)
-                if problem:
-                    bad.append(f"line {n}: {problem}")
-                else:
-                    rows.append(row)
-        if bad:
-            raise BadOutcomes(str(path), bad)
-        if not rows:
-            raise BadOutcomes(str(path), ["no outcome rows"])
-        return cls.from_rows(rows)
+        return cls.from_rows(read_rows(path))
 
     def subset(self, idx: Sequence[int]) -> Outcomes:
         return Outcomes([self.prompts[i] for i in idx], self.models, self.scores[list(idx)], self.costs)
+
+
+def read_rows(path: str | Path) -> list[dict[str, object]]:
+    """The rows of a JSON-lines outcomes file; every bad line is reported with its number (:class:`BadOutcomes`)."""
+    rows: list[dict[str, object]] = []
+    bad: list[str] = []
+    with Path(path).open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append(f"line {n}: not JSON ({e.msg})")
+                continue
+            problem = check_row(row)
+            if problem:
+                bad.append(f"line {n}: {problem}")
+            else:
+                rows.append(row)
+    if bad:
+        raise BadOutcomes(str(path), bad)
+    if not rows:
+        raise BadOutcomes(str(path), ["no outcome rows"])
+    return rows
 
 
 def dense_inputs(

@@ -10,7 +10,10 @@ on prompts it has never seen, beside the prior fitted on the same folds.
 The criterion is the area under the validation cost-quality frontier (APGR, see
 :mod:`edgeroute.learn.frontier`); where APGR is undefined (the best model is also
 the cheapest) it is the mean observed score of the model the router would pick
-first (quality only). Folds, shuffles and Adam's start are fixed by one seed.
+first (quality only). Logged traffic (``router train --from-log``) holds one model's
+outcome per prompt, so there is no frontier to measure: there the criterion is the
+Brier score of the predicted scores on the observed cells (lower error is better).
+Folds, shuffles and Adam's start are fixed by one seed.
 
 The procedure never ships a router worse than the prior: the prior is a candidate,
 so the inner folds only choose the linear model where it beat the prior; and if the
@@ -113,12 +116,18 @@ def prior_model(data: R.Outcomes, cfg: FeaturizerConfig, task_outputs: Sequence[
 
 def criterion_name(data: R.Outcomes) -> str:
     full = data.scores[~np.isnan(data.scores).any(axis=1)]
+    if len(full) < 2:
+        return "brier"  # logged traffic: one model per prompt, no frontier to measure
     ref = FR.Reference.of(data.models, full, np.asarray(data.costs))
     return "quality" if ref.apgr_undefined() else "apgr"
 
 
 def score(pred: T.F64, actual: T.F64, costs: T.F64, criterion: str, steps: int) -> float:
-    """Validation criterion over the prompts observed for every model."""
+    """Validation criterion over the prompts observed for every model; ``brier`` (minus the
+    mean squared error of the predicted scores, over every observed cell) where no prompt is."""
+    if criterion == "brier":
+        seen = ~np.isnan(actual)
+        return -float(np.mean((pred[seen] - actual[seen]) ** 2)) if seen.any() else float("nan")
     full = ~np.isnan(actual).any(axis=1)
     pred, actual = pred[full], actual[full]
     if len(actual) == 0:

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Protocol
 
-from edgeroute.requestlog import rollup, rows
+from edgeroute.requestlog import outcomes, rollup, rows
 from edgeroute.requestlog.settings import RequestLog
 
 log = logging.getLogger("edgeroute.requestlog")
@@ -93,6 +93,7 @@ def prune(db: Maintained, cfg: RequestLog, now: float | None = None) -> int:
         deleted += n
         if n < _PRUNE_CHUNK:
             break
+    outcomes.prune(db, cutoff)
     # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not),
     # one range of the primary key (dim, res, minute) at a time: a condition on `minute` alone
     # would scan the whole table every minute, holding up the writer.
