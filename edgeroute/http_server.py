@@ -1,160 +1,100 @@
-"""The HTTP server's connection settings and its answers to requests that never parse.
+"""The HTTP server: listening, the application's lifecycle, and the drain.
 
-Owns what happens before a request reaches the application:
-
-- slowloris: aiohttp's server has no header-read timeout of its own, but its keep-alive
-  timer closes a connection that is waiting for a request's headers once the timer runs
-  out, and it is armed both when a connection opens and after each answer. Setting it to
-  `server.header_timeout` bounds the time to deliver a request's headers (and the idle
-  time between requests) on every connection. A body that has not arrived whole within
-  `server.body_timeout` of its headers fails the handler's read with :class:`BodyTimeout`
-  (answered 408), whichever handler reads it.
-- parser-level rejections (malformed request line or headers, a header over the size
-  limit, a bad chunked encoding): aiohttp answers them in plain text that quotes the
-  offending line (the client's token with it) and logs a traceback for each. Here they
-  are answered in OpenAI's JSON error format without quoting anything, logged at debug
-  level as one line, and counted (`Metrics.malformed_requests`).
+Connections use edgeroute's own HTTP/1.1 protocol (`http_connection.py`); requests are
+aiohttp's `web.Request`, answered by the aiohttp application (`server.create_app`) with its
+routes, middleware and responses. The application's start-up and clean-up run through
+aiohttp's `AppRunner`, as `web.run_app` would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import socket
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
 
 from edgeroute.config import Config
 from edgeroute.errors import error_body
+from edgeroute.http_connection import MAX_LINE_BYTES, BodyTimeout, Connection
 from edgeroute.metrics import METRICS, Metrics
+
+__all__ = ["MAX_LINE_BYTES", "BodyTimeout", "ProxyServer"]
 
 log = logging.getLogger("edgeroute.http")
 
-# aiohttp's parser limit for one request or header line (its default, kept explicit).
-MAX_LINE_BYTES = 8190
 
+class ProxyServer:
+    """Serves one application on one or more listening sockets until `cleanup()`."""
 
-def malformed_answer(exc: BaseException) -> web.Response:
-    """The JSON answer to a request the HTTP parser refused; says what kind, never quotes it."""
-    if isinstance(exc, LineTooLong):
-        status, msg = 431, f"A request line or header is too long (limit {MAX_LINE_BYTES} bytes)."
-    else:
-        status, msg = 400, "The request could not be parsed as HTTP/1.1 (malformed request line, headers or body)."
-    resp = web.Response(status=status, body=error_body(status, msg, code="malformed_request"))
-    resp.content_type = "application/json"
-    resp.force_close()  # the stream is out of step: nothing more can be read from it safely
-    return resp
+    def __init__(self, app: web.Application, config: Config, *, shutdown_timeout: float | None = None) -> None:
+        srv = config.server
+        self.app = app
+        self.header_timeout = srv.header_timeout
+        self.body_timeout = srv.body_timeout
+        self.shutdown_timeout = srv.drain_timeout if shutdown_timeout is None else shutdown_timeout
+        self.connections: set[Connection] = set()
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._listeners: list[asyncio.Server] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._metrics: Metrics | None = None
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "setup() first"
+        return self._loop
 
-class _ProxyRequestHandler(RequestHandler):
-    """aiohttp's connection protocol, with parser errors answered in JSON and not logged as tracebacks."""
+    async def setup(self) -> None:
+        """Starts the application (its start-up and clean-up contexts)."""
+        self._loop = asyncio.get_running_loop()
+        await self._runner.setup()
+        self._metrics = self.app.get(METRICS)
 
-    def data_received(self, data: bytes) -> None:
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) <= queued:
-            return
-        # New requests: give each body that has not arrived whole `server.body_timeout`
-        # (a small body usually comes with its headers: no timer then).
-        for i in range(queued, len(self._messages)):
-            payload = self._messages[i][1]
-            if not payload.is_eof():
-                timer = self._loop.call_later(self._body_timeout(), _expire_body, payload)
-                payload.on_eof(timer.cancel)  # arrived (or failed): drop the timer and its reference
-        request = self._current_request
-        if request is None:
-            return
-        exc = getattr(self._messages[-1][0], "exc", None)
-        if isinstance(exc, HttpProcessingError):
-            # The body of the request being handled is malformed (e.g. a bad chunk): aiohttp
-            # would queue the error as a second "request" and leave the handler waiting for
-            # the body. Fail the body read instead (one answer, a 400) and close after it.
-            self._messages.pop()
-            self._count_malformed()
-            request.content.set_exception(exc)
-            request.content.feed_eof()  # nothing more to read: no lingering read after the answer
-            self.close()
-
-    def _body_timeout(self) -> float:
-        return getattr(self._manager, "body_timeout", None) or 30.0
-
-    def _count_malformed(self) -> None:
-        metrics = getattr(self._manager, "metrics", None)
-        if isinstance(metrics, Metrics):
-            metrics.malformed_requests += 1
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if status >= 500 or not isinstance(exc, HttpProcessingError):
-            resp = super().handle_error(request, status, exc, message)  # logged (redacted) as before
-            if isinstance(resp, web.Response) and resp.content_type == "text/plain":
-                return _json_500(status)
-            return resp
-        self._count_malformed()
-        log.debug("malformed request from %s refused (%s)", request.remote, type(exc).__name__)
-        return malformed_answer(exc)
-
-
-class BodyTimeout(HttpProcessingError):
-    """A request body that did not arrive within `server.body_timeout` (answered 408)."""
-
-    code = 408
-    message = "request body timeout"
-
-
-def _expire_body(payload: StreamReader) -> None:
-    if not payload.is_eof():
-        payload.set_exception(BodyTimeout())  # the handler's read raises; the answer is a 408
-        payload.feed_eof()  # and nothing more is read from this request
-
-
-def _json_500(status: int) -> web.Response:
-    resp = web.Response(status=status, body=error_body(status, "Internal error in edgeroute."))
-    resp.content_type = "application/json"
-    resp.force_close()
-    return resp
-
-
-class _ProxyServer(web.Server):
-    """Makes edgeroute's connection protocol instead of aiohttp's default one."""
-
-    metrics: Metrics | None = None
-    body_timeout: float | None = None
-
-    def __call__(self) -> RequestHandler:
-        kwargs: dict[str, Any] = self._kwargs
-        return _ProxyRequestHandler(self, loop=self._loop, **kwargs)
-
-
-class ProxyRunner(web.AppRunner):
-    """An `AppRunner` whose connections use edgeroute's protocol and settings."""
-
-    def __init__(self, app: web.Application, config: Config, **kwargs: Any) -> None:
-        server = config.server
-        super().__init__(
-            app,
-            access_log=None,
-            handler_cancellation=True,  # a client that goes away cancels its handler (and its upstream call)
-            keepalive_timeout=server.header_timeout,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_LINE_BYTES,
-            **kwargs,
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 2048) -> None:
+        """Accepts connections on `host:port` (port 0: any free one, see `port`)."""
+        server = await self.loop.create_server(
+            lambda: Connection(self), host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port
         )
-        self._body_timeout = server.body_timeout
+        self._listeners.append(server)
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp builds its Server in `Application._make_handler`; only the protocol it makes changes.
-        server.__class__ = _ProxyServer
-        assert isinstance(server, _ProxyServer)
-        server.metrics = self.app.get(METRICS)
-        server.body_timeout = self._body_timeout
-        return server
+    @property
+    def port(self) -> int:
+        sock: socket.socket = self._listeners[0].sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """The application's answer to a request; never raises but for a client gone away."""
+        try:
+            return await self.app._handle(request)
+        except web.HTTPException as e:  # a response in aiohttp 3 (the middleware turns most into JSON)
+            return e
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("unhandled error answering %s %s", request.method, request.path)
+            resp = web.Response(status=500, body=error_body(500, "Internal error in edgeroute."))
+            resp.content_type = "application/json"
+            resp.force_close()
+            return resp
+
+    def count_malformed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.malformed_requests += 1
+
+    async def cleanup(self) -> None:
+        """The drain: stop accepting, close idle connections, let requests under way finish
+        within `shutdown_timeout`, close what is left, then clean the application up."""
+        for listener in self._listeners:
+            listener.close()  # no new connections (not `wait_closed`: it waits for every open one)
+        self._listeners.clear()
+        deadline = (self._loop or asyncio.get_running_loop()).time() + self.shutdown_timeout
+        while True:
+            busy = [c for c in list(self.connections) if not c.close_idle()]
+            if not busy or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.close()  # what is still running is cancelled (connection_lost)
+        await asyncio.sleep(0)
+        await self._runner.cleanup()

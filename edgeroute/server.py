@@ -43,7 +43,7 @@ from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
 from edgeroute.health_checks import health_check_ctx
-from edgeroute.http_server import ProxyRunner
+from edgeroute.http_server import ProxyServer
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
@@ -270,16 +270,15 @@ async def serve_async(
     app = create_app(config, source)
     if worker is not None:
         app[WORKER] = worker
-    runner = ProxyRunner(app, config, shutdown_timeout=config.server.drain_timeout)
-    await runner.setup()
+    server = ProxyServer(app, config)
+    await server.setup()
     h = host or config.server.host
     p = port if port is not None else config.server.port
     # Under `--workers`, every worker binds the supervisor's port; the kernel spreads connections.
-    site = web.TCPSite(runner, h, p, backlog=2048, reuse_address=True, reuse_port=worker is not None)
     try:
-        await site.start()
+        await server.listen(h, p, reuse_port=worker is not None)
     except OSError as e:
-        await runner.cleanup()
+        await server.cleanup()
         raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
     # Everything loaded so far (config, modules, tables) lives as long as the process.
     # Freezing it keeps the collector from walking it again: otherwise each full
@@ -328,7 +327,7 @@ async def serve_async(
         app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
-        await runner.cleanup()
+        await server.cleanup()
         if own_metrics is not None:
             await own_metrics.cleanup()
 

@@ -17,9 +17,11 @@ import openai
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from edgeroute import config as config_mod
 from edgeroute.accounting import MemoryRecorder
+from edgeroute.http_server import ProxyServer
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app
 
@@ -65,7 +67,7 @@ class Upstream:
 
 
 class Proxy:
-    def __init__(self, server: TestServer, app: web.Application, recorder: MemoryRecorder) -> None:
+    def __init__(self, server: ProxyTestServer, app: web.Application, recorder: MemoryRecorder) -> None:
         self.server = server
         self.app = app
         self.recorder = recorder
@@ -73,6 +75,30 @@ class Proxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.port}"
+
+
+class ProxyTestServer:
+    """The proxy app served by edgeroute's own HTTP server, as `edgeroute serve` serves it,
+    with the part of aiohttp's `TestServer` interface the tests use."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1") -> None:
+        from edgeroute.state import STATE
+
+        self.app = app
+        self.host = host
+        self.server = ProxyServer(app, app[STATE].live.config)
+        self.port = 0
+
+    async def start_server(self) -> None:
+        await self.server.setup()
+        await self.server.listen(self.host, 0)
+        self.port = self.server.port
+
+    def make_url(self, path: str) -> URL:
+        return URL(f"http://{self.host}:{self.port}{path}")
+
+    async def close(self) -> None:
+        await self.server.cleanup()
 
 
 async def _serve(app: web.Application) -> TestServer:
@@ -117,13 +143,14 @@ def simple_config(upstreams: dict[str, Upstream], **extra: Any) -> dict[str, Any
 
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Proxy]]]:
-    servers: list[TestServer] = []
+    servers: list[ProxyTestServer] = []
 
     async def start(cfg_data: dict[str, Any]) -> Proxy:
         cfg = config_mod.parse(cfg_data, "test.yaml")
         recorder = MemoryRecorder()
         app = create_app(cfg, "test.yaml", recorder)
-        server = await _serve(app)
+        server = ProxyTestServer(app)
+        await server.start_server()
         servers.append(server)
         return Proxy(server, app, recorder)
 

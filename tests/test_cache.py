@@ -12,7 +12,6 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import config as config_mod
@@ -20,7 +19,7 @@ from edgeroute.bench.faults import FaultUpstream
 from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -388,7 +387,7 @@ async def test_the_spend_report_shows_what_the_cache_saved(start_upstream, tmp_p
     cfg_path = tmp_path / "edge.yaml"
     cfg = cached({"a": up}) | {"ledger": {"path": str(db), "flush_interval": 0.1}}
     cfg_path.write_bytes(orjson.dumps(cfg))
-    server = TestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
     await server.start_server()
     try:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x")

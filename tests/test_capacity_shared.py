@@ -17,14 +17,13 @@ import openai
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.capacity_share import SHARED_SLOTS, RedisLeases
 from edgeroute.config import SharedState
 from edgeroute.server import create_app
 from edgeroute.state import STATE
-from tests.conftest import Proxy
+from tests.conftest import Proxy, ProxyTestServer
 from tests.dispatch_support import StartProxy, answer
 from tests.dispatch_support import upstreams as upstreams  # a fixture
 from tests.scale.support import free_port, metric
@@ -202,7 +201,7 @@ async def test_a_capacity_that_a_reload_sets_is_shared(upstreams: Any, shared: S
     cfg["ledger"] = {"backend": "memory"}
     path = tmp_path / "edgeroute.yaml"
     path.write_text(yaml.safe_dump(cfg))  # no capacity yet
-    servers = [TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1") for _ in range(2)]
+    servers = [ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1") for _ in range(2)]
     for s in servers:
         await s.start_server()
     try:

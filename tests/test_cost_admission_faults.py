@@ -18,11 +18,11 @@ import aiohttp
 import openai
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.cost import budgets as B
 from edgeroute.server import create_app
+from tests.conftest import ProxyTestServer
 from tests.test_cost_support import RedisServer, cost_proxy
 
 HI = [{"role": "user", "content": "hi"}]
@@ -63,7 +63,7 @@ async def _status(client: openai.AsyncOpenAI, model: str, **kw: Any) -> tuple[in
 @contextlib.asynccontextmanager
 async def _proxy_from_file(path: Path) -> AsyncIterator[str]:
     """A proxy serving the config file at `path` (so that `/admin/reload` rereads it)."""
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     try:
         yield f"http://127.0.0.1:{server.port}"

@@ -15,6 +15,7 @@ from edgeroute import cli
 from edgeroute import config as config_mod
 from edgeroute.cost.reports import parse_since
 from edgeroute.server import create_app
+from tests.conftest import ProxyTestServer
 from tests.test_cost_support import CostProxy
 
 
@@ -41,9 +42,7 @@ async def test_spend_cli_and_admin_endpoint(start_upstream, tmp_path: Path, caps
     cfg_path = tmp_path / "edge.yaml"
     cfg_path.write_bytes(orjson.dumps(_cfg(up.base_url, db)))
     cfg = config_mod.load(cfg_path)
-    from aiohttp.test_utils import TestServer
-
-    server = TestServer(create_app(cfg, str(cfg_path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(cfg, str(cfg_path)), host="127.0.0.1")
     await server.start_server()
     proxy = CostProxy(server, server.app)
     try:
@@ -87,14 +86,12 @@ async def test_spend_cli_reads_the_default_ledger(
     start_upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Without a `ledger:` section `serve` writes the default SQLite ledger beside the config; `spend` reads it."""
-    from aiohttp.test_utils import TestServer
-
     up = await start_upstream()
     cfg_path = tmp_path / "edge.yaml"
     data = _cfg(up.base_url, tmp_path / "unused.db")
     del data["ledger"], data["keys"]
     cfg_path.write_bytes(orjson.dumps(data))
-    server = TestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(cfg_path), str(cfg_path)), host="127.0.0.1")
     await server.start_server()
     try:
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)

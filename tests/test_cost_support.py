@@ -17,10 +17,10 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
+from tests.conftest import ProxyTestServer
 
 REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:ci-pg-only-5d1e@127.0.0.1:5432/edgeroute_test")
@@ -98,7 +98,7 @@ class RedisServer:
 
 @dataclass
 class CostProxy:
-    server: TestServer
+    server: ProxyTestServer
     app: web.Application
 
     @property
@@ -111,7 +111,7 @@ async def cost_proxy(cfg_data: dict[str, Any]) -> AsyncIterator[CostProxy]:
     """The real app built from config only (ledger, admission from the config); closed (flushed) on exit."""
     cfg = config_mod.parse(cfg_data, "test.yaml")
     app = create_app(cfg, "test.yaml")
-    server = TestServer(app, host="127.0.0.1")
+    server = ProxyTestServer(app)
     await server.start_server()
     try:
         yield CostProxy(server, app)

@@ -15,11 +15,10 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 from tests.metrics_support import Scrape, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +133,7 @@ async def test_rules_and_dashboard_name_only_exposed_metrics(start_upstream, tmp
     cfg["budgets"] = {"limits": [{"name": "all", "scope": "global", "limit_usd": 10}]}
     cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "spend.db")}
     source = str(tmp_path / "edgeroute.yaml")
-    server = TestServer(create_app(config_mod.parse(cfg, source), source), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.parse(cfg, source), source), host="127.0.0.1")
     await server.start_server()
     try:
         url = f"http://127.0.0.1:{server.port}"

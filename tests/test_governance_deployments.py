@@ -6,11 +6,10 @@ from pathlib import Path
 
 import openai
 import yaml
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 from tests.governance_support import call, write_config
 
 
@@ -20,7 +19,7 @@ async def _served(start_upstream, tmp_path: Path):  # type: ignore[no-untyped-de
     cfg["keys"] = {"root": {"token": "tok-admin", "role": "admin"}, "ops": {"token": "tok-ops", "role": "operator"}}
     path = write_config(tmp_path / "edgeroute.yaml", cfg)
     app = create_app(config_mod.load(path), str(path))
-    server = TestServer(app, host="127.0.0.1")
+    server = ProxyTestServer(app)
     await server.start_server()
     return server, f"http://127.0.0.1:{server.port}", path, a, b
 

@@ -12,11 +12,10 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 from tests.governance_support import call, instances, write_config
 from tests.test_cost_support import require_postgres
 
@@ -117,7 +116,7 @@ async def test_two_instances_share_keys_revocation_and_rotation(start_upstream, 
 @contextlib.asynccontextmanager
 async def _proxy(cfg: dict[str, Any]) -> AsyncIterator[str]:
     app = create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml")
-    server = TestServer(app, host="127.0.0.1")
+    server = ProxyTestServer(app)
     await server.start_server()
     try:
         yield f"http://127.0.0.1:{server.port}"

@@ -110,7 +110,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.governance.app",
         ],
     ),
-    ("the server", ["edgeroute.server", "edgeroute.http_server"]),
+    ("the server", ["edgeroute.server", "edgeroute.http_server", "edgeroute.http_connection"]),
     (
         "command line and tools",
         [

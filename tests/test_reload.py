@@ -8,11 +8,10 @@ from typing import Any
 import aiohttp
 import openai
 import yaml
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 
 
 async def test_reload_swaps_config_and_keeps_health(start_upstream, tmp_path: Path) -> None:
@@ -21,7 +20,7 @@ async def test_reload_swaps_config_and_keeps_health(start_upstream, tmp_path: Pa
     cfg = simple_config({"a": up})
     path.write_text(yaml.safe_dump(cfg))
     app = create_app(config_mod.load(path), str(path))
-    server = TestServer(app, host="127.0.0.1")
+    server = ProxyTestServer(app)
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x")
@@ -70,7 +69,7 @@ async def test_reload_revokes_and_adds_keys(start_upstream, tmp_path: Path, monk
         },
     )
     path.write_text(yaml.safe_dump(cfg))
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
 
@@ -108,7 +107,7 @@ async def test_reload_rotates_shared_keys_by_reference(start_upstream, tmp_path:
     monkeypatch.setenv("ER_TEST_SHARED_KEY", "shared-1")
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(simple_config({"a": up}, server={"api_keys": ["env:ER_TEST_SHARED_KEY"]})))
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
     try:
@@ -129,7 +128,7 @@ async def test_reload_refuses_restart_only_changes(start_upstream, tmp_path: Pat
     path = tmp_path / "c.yaml"
     cfg = simple_config({"a": up})
     path.write_text(yaml.safe_dump(cfg))
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
     try:
@@ -154,7 +153,7 @@ async def test_reload_lets_running_streams_finish_past_the_drain_timeout(start_u
     path = tmp_path / "c.yaml"
     cfg = simple_config({"a": up}, server={"drain_timeout": 0.2})
     path.write_text(yaml.safe_dump(cfg))
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import Upstream
+from tests.conftest import ProxyTestServer, Upstream
 from tests.metrics_support import scrape
 
 STRONG_OUT = "gpt-4-1106-preview"
@@ -98,7 +98,6 @@ async def test_cheapest_sufficient_policy(pair, start_proxy) -> None:
 async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) -> None:
     """A config served from a file gets a ledger by default; policy and experiment models have
     no deployments of their own and must still start, serve and be costed against their routes."""
-    from aiohttp.test_utils import TestServer
 
     from edgeroute import config as config_mod
     from edgeroute.server import create_app
@@ -109,7 +108,7 @@ async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) 
         "experiment": {"variants": [{"route": "strong", "percent": 50}, {"route": "weak", "percent": 50}]}
     }
     cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "spend.db"), "flush_interval": 0.05}
-    server = TestServer(
+    server = ProxyTestServer(
         create_app(config_mod.parse(cfg, str(tmp_path / "edgeroute.yaml")), str(tmp_path / "edgeroute.yaml"))
     )
     await server.start_server()

@@ -20,10 +20,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 from edgeroute import config as config_mod
 from edgeroute.accounting import MemoryRecorder
 from edgeroute.server import create_app
+from edgeroute.state import STATE
 from edgeroute.telemetry.spans import Tracer
 from edgeroute.telemetry.trace_context import parse_traceparent
 from edgeroute.telemetry.tracing import TRACER
-from tests.conftest import simple_config
+from tests.conftest import ProxyTestServer, simple_config
 from tests.metrics_support import scrape
 from tests.test_serve import free_port
 
@@ -34,10 +35,11 @@ CLIENT_PARENT = "00f067aa0ba902b7"
 
 @pytest.fixture
 async def serve_app() -> AsyncIterator[Any]:
-    servers: list[TestServer] = []
+    servers: list[TestServer | ProxyTestServer] = []
 
     async def start(app: web.Application) -> str:
-        server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+        # The proxy as `edgeroute serve` serves it; a receiver on aiohttp's own server.
+        server = ProxyTestServer(app) if STATE in app else TestServer(app, host="127.0.0.1")
         await server.start_server()
         servers.append(server)
         return f"http://127.0.0.1:{server.port}"

@@ -108,26 +108,24 @@ class Served:
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[Served]]]:
-    """Starts the proxy as `edgeroute serve` does (its runner and connection protocol)."""
-    from edgeroute.http_server import ProxyRunner
+    """Starts the proxy as `edgeroute serve` does (its server and connection protocol)."""
+    from edgeroute.http_server import ProxyServer
 
-    runners: list[web.AppRunner] = []
+    servers: list[ProxyServer] = []
 
     async def start(cfg_data: dict[str, Any], host: str = "127.0.0.1") -> Served:
         cfg = config_mod.parse(cfg_data, "test.yaml")
         recorder = MemoryRecorder()
         app = create_app(cfg, "test.yaml", recorder)
-        runner = ProxyRunner(app, cfg)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, host, 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        return Served(f"http://127.0.0.1:{port}", port, app, recorder)
+        server = ProxyServer(app, cfg)
+        await server.setup()
+        servers.append(server)
+        await server.listen(host, 0)
+        return Served(f"http://127.0.0.1:{server.port}", server.port, app, recorder)
 
     yield start
-    for r in runners:
-        await r.cleanup()
+    for s in servers:
+        await s.cleanup()
 
 
 def leaky_config(up: Leaky, api_key: str = "sk-live-0123456789abcdefSECRET", **extra: Any) -> dict[str, Any]:

@@ -22,10 +22,10 @@ from typing import Any
 
 import openai
 import yaml
-from aiohttp import web
 
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
+from edgeroute.http_server import ProxyServer
 from edgeroute.requestlog.settings import RequestLog
 from edgeroute.server import create_app
 
@@ -88,7 +88,7 @@ class Console:
         self.upstreams = {name: FaultUpstream.threaded() for name in ("primary", "backup", "cheap")}
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ui-proxy", daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._server: ProxyServer | None = None
         self.port = 0
         self.config_path = workdir / "edgeroute.yaml"
 
@@ -110,15 +110,14 @@ class Console:
     async def _serve(self) -> int:
         cfg = config_mod.load(str(self.config_path))
         app = create_app(cfg, str(self.config_path))
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        self._server = ProxyServer(app, cfg)
+        await self._server.setup()
+        await self._server.listen("127.0.0.1", 0)
+        return self._server.port
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.cleanup(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         for bg in self.upstreams.values():

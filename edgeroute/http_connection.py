@@ -1,0 +1,340 @@
+"""One client connection: HTTP/1.1 parsing, the request queue, timeouts, and writing answers.
+
+aiohttp's connection protocol (`web_protocol.RequestHandler`) costs about 70 µs of CPU per
+request on top of the application, a fifth of what a proxied request costs in all; most of
+it is machinery the proxy does not use (a long-lived task per connection, lingering reads,
+upgrades, access-log hooks). This protocol parses with `httptools` (llhttp: strict about
+request smuggling: conflicting Content-Length / Transfer-Encoding, bare LF, obsolete line
+folding are all refused) and hands aiohttp's own `web.Request` to the application, so the
+routes, middleware, signals and responses are aiohttp's, unchanged.
+
+What it guarantees (tests/security/test_hostile_input.py):
+
+- A request's headers must arrive within `server.header_timeout` of the connection opening
+  or of the previous answer (slowloris); the connection is closed otherwise.
+- Its body within `server.body_timeout` of its headers; the handler's read fails with
+  :class:`BodyTimeout` (answered 408).
+- A request line or header over `MAX_LINE_BYTES`, or a head over `MAX_HEAD_BYTES`: 431.
+  Anything else the parser refuses: 400. Both in OpenAI's JSON format, never quoting the
+  request, counted, logged at debug level as one line, and the connection closed after.
+- Requests on one connection are answered in order, one at a time (pipelining, at most
+  `MAX_PIPELINED` waiting).
+- A client that goes away cancels its handler (and so its upstream call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from edgeroute.errors import error_body
+
+if TYPE_CHECKING:
+    from edgeroute.http_server import ProxyServer
+
+log = logging.getLogger("edgeroute.http")
+
+# The limit for the request line and for each header line (aiohttp's default, kept).
+MAX_LINE_BYTES = 8190
+# The whole head (request line and headers): beyond it a client is only costing memory.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
+# Requests queued behind the one being answered (HTTP/1.1 pipelining, which clients hardly
+# use): more is a client flooding one connection, which is closed.
+MAX_PIPELINED = 32
+# A body buffered beyond this is not read from the socket until the handler takes it.
+READ_BUFFER_BYTES = 2**16
+
+
+class BodyTimeout(HttpProcessingError):
+    """A request body that did not arrive within `server.body_timeout` (answered 408)."""
+
+    code = 408
+    message = "request body timeout"
+
+
+class HeadTooLarge(HttpProcessingError):
+    """A request line, a header or the whole head over its limit (answered 431)."""
+
+    code = 431
+    message = "request head too large"
+
+
+class MalformedRequest(HttpProcessingError):
+    """Bytes the HTTP parser refused (answered 400)."""
+
+    code = 400
+    message = "malformed request"
+
+
+def malformed_answer(exc: HttpProcessingError) -> bytes:
+    """The whole answer to a request that never parsed: says what kind, never quotes it, closes."""
+    if isinstance(exc, HeadTooLarge):
+        status, reason = 431, "Request Header Fields Too Large"
+        msg = f"A request line or header is too long (limit {MAX_LINE_BYTES} bytes, {MAX_HEAD_BYTES} in all)."
+    else:
+        status, reason = 400, "Bad Request"
+        msg = "The request could not be parsed as HTTP/1.1 (malformed request line, headers or body)."
+    body = error_body(status, msg, code="malformed_request")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _expire_body(payload: StreamReader) -> None:
+    if not payload.is_eof():
+        payload.set_exception(BodyTimeout())  # the handler's read raises; the answer is a 408
+        payload.feed_eof()  # and nothing more is read from this request
+
+
+class Connection(BaseProtocol):
+    """The protocol of one accepted connection (see the module's docstring)."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__(server.loop)
+        self.server = server
+        self.app = server.app
+        # Read by aiohttp's `BaseRequest` (and its form parser).
+        self.ssl_context = None
+        self.peername: Any = None
+        self.sockname: Any = None
+        self.max_field_size = MAX_LINE_BYTES
+        self.max_headers = MAX_HEADERS
+        self._http = httptools.HttpRequestParser(self)
+        self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False  # no more requests are read: close once the current answer is out
+        self._timer: asyncio.TimerHandle | None = None
+        # The request being parsed.
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._payload: StreamReader | None = None
+
+    # -- the transport ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.peername = transport.get_extra_info("peername")
+        self.sockname = transport.get_extra_info("sockname")
+        self.server.connections.add(self)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.server.connections.discard(self)
+        super().connection_lost(exc)
+        self._closing = True
+        self._cancel_timer()
+        lost = ConnectionResetError("the client closed the connection")
+        if self._payload is not None and not self._payload.is_eof():
+            self._payload.set_exception(lost)
+        for _, payload in self._queue:
+            payload.set_exception(lost)
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()  # the client went away: its handler (and upstream call) ends
+            self._task = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        in_head = self._in_head
+        try:
+            self._http.feed_data(data)
+            if self._task is None and self._queue:
+                self._next()  # only once the bytes parsed whole: a request followed by an error is refused
+            if in_head and self._in_head:  # all of `data` was head, and the head goes on
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    raise HeadTooLarge()
+        except HeadTooLarge as e:
+            self._refuse(e)
+        except httptools.HttpParserCallbackError as e:
+            self._refuse(e.__context__ if isinstance(e.__context__, HttpProcessingError) else MalformedRequest())
+        except httptools.HttpParserUpgrade:
+            self._refuse(MalformedRequest())  # no protocol upgrades (WebSocket, h2c) on this port
+        except httptools.HttpParserError:
+            self._refuse(MalformedRequest())
+
+    def pause_reading(self) -> None:  # called by a full `StreamReader`
+        self._reading_paused = True
+        self._pause_transport_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        self._resume_transport_reading()
+
+    # -- parser callbacks ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._raw = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE_BYTES:
+            raise HeadTooLarge()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_LINE_BYTES or len(self._raw) >= MAX_HEADERS:
+            raise HeadTooLarge()
+        self._raw.append((name, value))
+        # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that reads them to refuse.
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_timer()
+        http = self._http
+        target = self._url.decode("utf-8", "surrogateescape")
+        try:
+            if target.startswith("/"):
+                path, _, query = target.partition("?")
+                url = URL.build(path=path, query_string=query, encoded=True)
+            else:  # absolute-form or asterisk: routed as aiohttp would (to a 404)
+                url = URL(target, encoded=True)
+        except (ValueError, TypeError):
+            raise MalformedRequest() from None
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        version = HttpVersion11 if http.get_http_version() == "1.1" else HttpVersion10
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        has_body = chunked or headers.get("Content-Length", "0") not in ("0", "")
+        message = RawRequestMessage(
+            http.get_method().decode("ascii", "replace"),
+            target,
+            version,
+            headers,
+            tuple(self._raw),
+            not http.should_keep_alive(),
+            None,
+            False,
+            chunked,
+            url,
+        )
+        if has_body:
+            payload = StreamReader(self, READ_BUFFER_BYTES, loop=self._loop)
+            self._payload = payload
+        else:
+            payload = EMPTY_PAYLOAD
+            self._payload = None
+        if len(self._queue) >= MAX_PIPELINED:
+            raise MalformedRequest()
+        self._queue.append((message, payload))
+
+    def on_body(self, body: bytes) -> None:
+        if self._payload is not None:
+            self._payload.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        payload, self._payload = self._payload, None
+        if payload is not None and not payload.is_eof():
+            payload.feed_eof()
+
+    # -- answering -------------------------------------------------------------
+
+    def _next(self) -> None:
+        message, payload = self._queue.popleft()
+        if payload is not EMPTY_PAYLOAD and not payload.is_eof():
+            # The body has `server.body_timeout` to arrive whole (a small one came with its headers).
+            timer = self._loop.call_later(self.server.body_timeout, _expire_body, payload)
+            payload.on_eof(timer.cancel)
+        self._task = self._loop.create_task(self._answer(message, payload))
+
+    async def _answer(self, message: RawRequestMessage, payload: StreamReader) -> None:
+        writer = StreamWriter(self, self._loop)
+        task = asyncio.current_task()
+        assert task is not None
+        request = self.app._make_request(message, payload, self, writer, task)  # type: ignore[arg-type]
+        try:
+            resp = await self.server.handle(request)
+            if not payload.is_eof() and not resp.prepared:
+                resp.force_close()  # its body unread: the stream is out of step, this is the last answer
+            await resp.prepare(request)
+            await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            self._task = None
+            self._close()
+            return
+        except Exception:
+            # An answer that failed half-way (a handler's stream ended by an error): the
+            # client has part of a response; nothing more can be sent on this connection.
+            log.exception("answering %s %s failed", message.method, message.url.path)
+            self._task = None
+            self._close()
+            return
+        finally:
+            request._task = None  # type: ignore[assignment]  # no reference cycle through the task
+        self._task = None
+        if not resp.keep_alive or message.should_close or self._closing or not payload.is_eof():
+            # An unread body leaves the stream out of step: close rather than parse it as a request.
+            self._close()
+        elif self._queue:
+            self._next()
+        else:
+            self._arm_header_timer()
+
+    def _refuse(self, exc: HttpProcessingError) -> None:
+        """The parser refused the bytes: answer once (unless a handler is answering), then close."""
+        self._closing = True
+        self.server.count_malformed()
+        log.debug("malformed request from %s refused (%s)", self.peername, type(exc).__name__)
+        payload = self._payload
+        if payload is not None and self._task is not None and not payload.is_eof():
+            # The body of the request being handled is malformed (e.g. a bad chunk): its read
+            # fails (one answer, a 400, from the handler) and the connection closes after it.
+            payload.set_exception(exc)
+            payload.feed_eof()
+            return
+        if self._task is not None:
+            return  # an answer is being written: it is the last one
+        self._queue.clear()  # requests that came with the malformed bytes are not answered
+        assert self.transport is not None
+        self.transport.write(malformed_answer(exc))
+        self._close()
+
+    # -- closing and timers ----------------------------------------------------
+
+    def _close(self) -> None:
+        self._closing = True
+        self._cancel_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_idle(self) -> bool:
+        """Closes the connection if no request is being answered (a drain); says whether it did."""
+        if self._task is None and not self._queue:
+            self._close()
+            return True
+        self._closing = True  # the answer under way is the last one
+        return False
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_timer()
+        self._timer = self._loop.call_later(self.server.header_timeout, self._close)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,153 @@
+"""edgeroute's HTTP/1.1 connection protocol, seen from a client on a raw socket: pipelined
+requests answered in order and once each, a pipelining flood cut off, `Expect:
+100-continue`, HTTP/1.0, bodies larger than the limit, a client that goes away mid-request,
+and the drain (idle connections closed, a request under way finished)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from edgeroute import config as config_mod
+from edgeroute.http_connection import MAX_PIPELINED
+from edgeroute.http_server import ProxyServer
+from edgeroute.server import create_app
+from edgeroute.state import STATE
+from tests.conftest import ProxyTestServer, simple_config
+from tests.security.conftest import Leaky, leaky_config, raw_exchange
+
+
+def _chat(content: str, *, version: bytes = b"1.1", extra: bytes = b"") -> bytes:
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": content}]})
+    return (
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+def _answers(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    """Splits a byte stream of HTTP/1.1 answers (with Content-Length) into (status, head, body)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(
+            int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")) if k.lower() == b"content-length"
+        )
+        out.append((int(head.split(b" ", 2)[1]), head, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+async def _read_until_closed(reader: asyncio.StreamReader, within: float = 10.0) -> bytes:
+    async with asyncio.timeout(within):
+        return await reader.read(-1)
+
+
+async def test_pipelined_requests_are_answered_in_order_once_each(leaky: Leaky, serve) -> None:
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"".join(_chat(f"question {i}") for i in range(5)) + b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+    data = b""
+    async with asyncio.timeout(10):
+        while len(_complete_answers(data)) < 6:
+            data += await reader.read(65536)
+    writer.close()
+    answers = _answers(data)
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert len(leaky.seen) == 5  # each request went upstream once
+    assert orjson.loads(answers[-1][2]) == {"status": "ok"}
+
+
+def _complete_answers(data: bytes) -> list[tuple[int, bytes, bytes]]:
+    try:
+        return _answers(data)
+    except (StopIteration, ValueError, IndexError):
+        return []
+
+
+async def test_a_pipelining_flood_is_cut_off(leaky: Leaky, serve) -> None:
+    """More requests queued on one connection than `MAX_PIPELINED`: the connection is closed
+    after the answer under way; nothing beyond it is sent upstream."""
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"".join(_chat("flood") for _ in range(MAX_PIPELINED + 10)))
+    data = await _read_until_closed(reader)
+    writer.close()
+    assert len(leaky.seen) <= MAX_PIPELINED + 1
+    assert data.count(b"HTTP/1.1 200") == len(leaky.seen)
+
+
+async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
+    """A client that waits for `100 Continue` before its body (curl does, for bodies over 1 KiB) gets it."""
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    request = _chat("x" * 2000, extra=b"Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head + b"\r\n\r\n")
+    async with asyncio.timeout(5):
+        interim = await reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(body)
+    async with asyncio.timeout(10):
+        answer = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_http_1_0_is_answered_and_closed(leaky: Leaky, serve) -> None:
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(_chat("old client", version=b"1.0"))
+    data = await _read_until_closed(reader)  # closed by the server after its answer
+    writer.close()
+    assert data.startswith(b"HTTP/1.") and b" 200 " in data.split(b"\r\n", 1)[0]
+
+
+async def test_a_body_over_the_limit_is_a_413_and_the_connection_closes(leaky: Leaky, serve) -> None:
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky, server={"max_body_bytes": 4096}))
+    answer = await raw_exchange(proxy.port, _chat("y" * 10_000))
+    status, head, body = _answers(answer)[0]
+    assert status == 413 and b"application/json" in head.lower()
+    assert "error" in orjson.loads(body)
+    assert leaky.seen == []
+
+
+async def test_a_client_that_goes_away_ends_its_upstream_call(start_upstream, serve) -> None:
+    """The handler is cancelled with the connection: the slow upstream call does not run on."""
+    up = await start_upstream(latency_ms=5000)
+    proxy = await serve(simple_config({"a": up}))
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(_chat("slow"))
+    await asyncio.sleep(0.5)  # the upstream call is under way
+    writer.close()
+    async with asyncio.timeout(3):  # well before the upstream's 5 s
+        while proxy.app[STATE].counters.in_flight:  # noqa: ASYNC110 - a counter, not an event
+            await asyncio.sleep(0.05)
+
+
+async def test_the_drain_closes_idle_connections_and_finishes_requests_under_way(start_upstream) -> None:
+    up = await start_upstream(latency_ms=500)
+    app = create_app(config_mod.parse(simple_config({"a": up}), "t.yaml"), "t.yaml")
+    served = ProxyTestServer(app)
+    await served.start_server()
+    assert isinstance(served.server, ProxyServer)
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", served.port)
+    busy_r, busy_w = await asyncio.open_connection("127.0.0.1", served.port)
+    busy_w.write(_chat("finish me"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await served.close()
+    assert time.monotonic() - started < 5
+    assert await _read_until_closed(idle_r, 2) == b""  # closed without an answer
+    answer = await _read_until_closed(busy_r, 2)
+    assert answer.startswith(b"HTTP/1.1 200")  # the request under way was answered whole
+    assert _answers(answer)[0][0] == 200
+    idle_w.close()
+    busy_w.close()
