@@ -47,12 +47,16 @@ log = logging.getLogger("edgeroute.http")
 
 # The limit for the request line and for each header line (aiohttp's default, kept).
 MAX_LINE_BYTES = 8190
-# The whole head (request line and headers): beyond it a client is only costing memory.
-MAX_HEAD_BYTES = 64 * 1024
+# The whole head (request line and headers). Small on purpose: the parser joins a header
+# that arrives in pieces by copying, so a head trickled a byte at a time costs its size squared.
+MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADERS = 256
 # Requests queued behind the one being answered (HTTP/1.1 pipelining, which clients hardly
 # use): more is a client flooding one connection, which is closed.
 MAX_PIPELINED = 32
+# How long a closing connection still reads (and drops) what the client sends, so that the
+# client reads its answer before the connection goes (see `Connection._close`).
+LINGER_S = 2.0
 # A body buffered beyond this is not read from the socket until the handler takes it.
 READ_BUFFER_BYTES = 2**16
 
@@ -117,12 +121,14 @@ class Connection(BaseProtocol):
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no more requests are read: close once the current answer is out
+        self._refused = False  # the parser refused bytes: the client may be sending more
         self._timer: asyncio.TimerHandle | None = None
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._raw: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received while a head goes on (it may be trickled in pieces)
+        self._head_size = 0  # the request line and the headers parsed so far
         self._in_head = False
         self._payload: StreamReader | None = None
 
@@ -184,17 +190,21 @@ class Connection(BaseProtocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._head_size = 0
         self._url = b""
         self._headers = []
         self._raw = []
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
         if len(self._url) > MAX_LINE_BYTES:
             raise HeadTooLarge()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_LINE_BYTES or len(self._raw) >= MAX_HEADERS:
+        size = len(name) + len(value)
+        self._head_size += size + 4
+        if size > MAX_LINE_BYTES or len(self._raw) >= MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
             raise HeadTooLarge()
         self._raw.append((name, value))
         # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that reads them to refuse.
@@ -285,7 +295,7 @@ class Connection(BaseProtocol):
         self._task = None
         if not resp.keep_alive or message.should_close or self._closing or not payload.is_eof():
             # An unread body leaves the stream out of step: close rather than parse it as a request.
-            self._close()
+            self._close(linger=self._refused or not payload.is_eof())
         elif self._queue:
             self._next()
         else:
@@ -294,6 +304,7 @@ class Connection(BaseProtocol):
     def _refuse(self, exc: HttpProcessingError) -> None:
         """The parser refused the bytes: answer once (unless a handler is answering), then close."""
         self._closing = True
+        self._refused = True
         self.server.count_malformed()
         log.debug("malformed request from %s refused (%s)", self.peername, type(exc).__name__)
         payload = self._payload
@@ -308,15 +319,25 @@ class Connection(BaseProtocol):
         self._queue.clear()  # requests that came with the malformed bytes are not answered
         assert self.transport is not None
         self.transport.write(malformed_answer(exc))
-        self._close()
+        self._close(linger=True)
 
     # -- closing and timers ----------------------------------------------------
 
-    def _close(self) -> None:
+    def _close(self, *, linger: bool = False) -> None:
+        """Closes the connection. With `linger`, the client may still be sending (a body not
+        read, bytes after a malformed head): closing at once would reset the connection and
+        the client could lose the answer, so the write side is shut (after the answer) and what
+        still arrives is read and dropped for `LINGER_S`."""
         self._closing = True
         self._cancel_timer()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if linger and transport.can_write_eof():
+            transport.write_eof()
+            self._timer = self._loop.call_later(LINGER_S, transport.close)
+        else:
+            transport.close()
 
     def close_idle(self) -> bool:
         """Closes the connection if no request is being answered (a drain); says whether it did."""

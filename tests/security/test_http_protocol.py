@@ -11,7 +11,7 @@ import time
 import orjson
 
 from edgeroute import config as config_mod
-from edgeroute.http_connection import MAX_PIPELINED
+from edgeroute.http_connection import MAX_HEAD_BYTES, MAX_PIPELINED
 from edgeroute.http_server import ProxyServer
 from edgeroute.server import create_app
 from edgeroute.state import STATE
@@ -79,6 +79,32 @@ async def test_a_pipelining_flood_is_cut_off(leaky: Leaky, serve) -> None:
     writer.close()
     assert len(leaky.seen) <= MAX_PIPELINED + 1
     assert data.count(b"HTTP/1.1 200") == len(leaky.seen)
+
+
+async def test_a_head_over_the_limit_is_a_431_whether_sent_whole_or_trickled(leaky: Leaky, serve) -> None:
+    """Many headers each under the line limit, over `MAX_HEAD_BYTES` together: a 431 in JSON,
+    sent in one write or in small pieces (which the parser joins by copying)."""
+    proxy = await serve(leaky_config(leaky))
+    head = b"GET /healthz HTTP/1.1\r\nHost: a\r\n" + b"".join(
+        b"X-Filler-%d: %s\r\n" % (i, b"v" * 1000) for i in range(MAX_HEAD_BYTES // 1000 + 2)
+    )
+    for pieces in (1, 64):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        step = len(head) // pieces + 1
+        try:
+            for i in range(0, len(head), step):
+                writer.write(head[i : i + step])
+                await writer.drain()
+                await asyncio.sleep(0.001)
+            writer.write(b"\r\n")
+        except ConnectionError:
+            pass
+        answer = await _read_until_closed(reader)
+        writer.close()
+        status, _, body = _answers(answer)[0]
+        assert status == 431, answer
+        assert orjson.loads(body)["error"]["code"] == "malformed_request"
+    assert leaky.seen == []
 
 
 async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
