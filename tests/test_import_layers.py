@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redact",
             "edgeroute.redis_client",
             "edgeroute.sqlite_wal",
+            "edgeroute.background",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",

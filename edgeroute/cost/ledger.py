@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from edgeroute import secrets, sqlite_wal
 from edgeroute.accounting import RequestRecord, Usage, cost_of
+from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
@@ -459,6 +460,7 @@ class Ledger:
         return len(self._queue) + sum(len(h.pending) for h in self._retry)
 
     def _run(self) -> None:
+        lower_priority()  # a flush waits for the loop, never the other way round
         while not self._stop:
             self._wake.wait(self.flush_interval)
             self._wake.clear()

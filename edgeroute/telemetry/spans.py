@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from edgeroute import secrets
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
+from edgeroute.background import lower_priority
 from edgeroute.config import Config
 from edgeroute.state import Live
 from edgeroute.telemetry.settings import Tracing as TracingSettings
@@ -167,6 +168,7 @@ class Tracer:
     # -- in the builder thread -----------------------------------------------------------------
 
     def _run(self) -> None:
+        lower_priority()  # building spans waits for the loop, never the other way round
         while not self._stop.wait(_BUILD_EVERY_S):
             self.build()
 
