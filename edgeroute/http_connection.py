@@ -19,6 +19,8 @@ What it guarantees (tests/security/test_hostile_input.py):
   request, counted, logged at debug level as one line, and the connection closed after.
 - Requests on one connection are answered in order, one at a time (pipelining, at most
   `MAX_PIPELINED` waiting).
+- A request asking to switch protocols (`Upgrade: h2c`, which Java's HTTP client sends on
+  every first request) is answered in HTTP/1.1, body and all, as aiohttp does.
 - A client that goes away cancels its handler (and so its upstream call).
 """
 
@@ -122,6 +124,8 @@ class Connection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no more requests are read: close once the current answer is out
         self._refused = False  # the parser refused bytes: the client may be sending more
+        # A head that asked for a protocol upgrade: (method, target, headers), parsed again without it.
+        self._upgrade: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
         # The request being parsed.
         self._url = b""
@@ -172,10 +176,35 @@ class Connection(BaseProtocol):
             self._refuse(e)
         except httptools.HttpParserCallbackError as e:
             self._refuse(e.__context__ if isinstance(e.__context__, HttpProcessingError) else MalformedRequest())
-        except httptools.HttpParserUpgrade:
-            self._refuse(MalformedRequest())  # no protocol upgrades (WebSocket, h2c) on this port
+        except httptools.HttpParserUpgrade as e:
+            self._decline_upgrade(data[int(e.args[0]) :] if e.args else b"")
         except httptools.HttpParserError:
             self._refuse(MalformedRequest())
+
+    def _decline_upgrade(self, rest: bytes) -> None:
+        """A request asked to switch protocols (`Upgrade: h2c`, as Java's HTTP client does on
+        every first request, or `websocket`). Nothing is upgraded on this port: as aiohttp
+        does, the request is answered in HTTP/1.1 (a client that asked must accept that), so
+        its head is parsed again without the upgrade, then its body and what follows."""
+        if self._upgrade is None:
+            self._refuse(MalformedRequest())
+            return
+        method, url, raw = self._upgrade
+        self._upgrade = None
+        head = [method + b" " + url + b" HTTP/1.1\r\n"]
+        for name, value in raw:
+            low = name.lower()
+            if low in (b"upgrade", b"http2-settings"):
+                continue
+            if low == b"connection":
+                kept = [t for t in value.split(b",") if t.strip().lower() not in (b"upgrade", b"http2-settings")]
+                if not kept:
+                    continue
+                value = b",".join(kept)
+            head.append(name + b": " + value + b"\r\n")
+        head.append(b"\r\n")
+        self._http = httptools.HttpRequestParser(self)
+        self.data_received(b"".join(head) + rest)
 
     def pause_reading(self) -> None:  # called by a full `StreamReader`
         self._reading_paused = True
@@ -214,6 +243,12 @@ class Connection(BaseProtocol):
         self._in_head = False
         self._cancel_timer()
         http = self._http
+        if http.should_upgrade():
+            # The parser stops here and would read what follows as the new protocol, body
+            # included: the request is parsed again without its upgrade (`_decline_upgrade`).
+            self._upgrade = (http.get_method(), self._url, self._raw)
+            self._payload = None
+            return
         target = self._url.decode("utf-8", "surrogateescape")
         try:
             if target.startswith("/"):

@@ -107,6 +107,26 @@ async def test_a_head_over_the_limit_is_a_431_whether_sent_whole_or_trickled(lea
     assert leaky.seen == []
 
 
+async def test_an_upgrade_request_is_answered_in_http_1_1(leaky: Leaky, serve) -> None:
+    """Java's HTTP client asks every first request on http:// to upgrade to h2c (curl
+    --http2 too): nothing is upgraded, the request and its body are answered in HTTP/1.1,
+    and the connection serves the next request."""
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(_chat("upgrade me", extra=upgrade) + _chat("and me"))
+    data = b""
+    async with asyncio.timeout(10):
+        while len(_complete_answers(data)) < 2:
+            data += await reader.read(65536)
+    writer.close()
+    assert [status for status, _, _ in _answers(data)] == [200, 200]
+    assert [orjson.loads(_answers(data)[i][2])["object"] for i in range(2)] == ["chat.completion"] * 2
+    assert len(leaky.seen) == 2
+    assert all("Upgrade" not in h and "upgrade" not in h for h in leaky.seen)
+
+
 async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
     """A client that waits for `100 Continue` before its body (curl does, for bodies over 1 KiB) gets it."""
     leaky.mode = "ok"
