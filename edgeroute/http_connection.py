@@ -19,6 +19,8 @@ What it guarantees (tests/security/test_hostile_input.py):
   request, counted, logged at debug level as one line, and the connection closed after.
 - Requests on one connection are answered in order, one at a time (pipelining, at most
   `MAX_PIPELINED` waiting).
+- A body sent with `Content-Encoding: gzip | deflate` is decompressed, never past the body
+  limit (413); another encoding is a 415.
 - A request asking to switch protocols (`Upgrade: h2c`, which Java's HTTP client sends on
   every first request) is answered in HTTP/1.1, body and all, as aiohttp does.
 - A client that goes away cancels its handler (and so its upstream call).
@@ -28,19 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from edgeroute.errors import error_body
+from edgeroute.errors import ProxyError, error_body
 
 if TYPE_CHECKING:
     from edgeroute.http_server import ProxyServer
@@ -106,6 +110,58 @@ def _expire_body(payload: StreamReader) -> None:
         payload.feed_eof()  # and nothing more is read from this request
 
 
+class Inflate:
+    """Decompresses a request body sent with `Content-Encoding: gzip | deflate` into its
+    reader, as aiohttp's server does, never past the application's body limit (a small
+    compressed body can expand a thousandfold): beyond it the read fails with a 413."""
+
+    def __init__(self, out: StreamReader, encoding: str, limit: int) -> None:
+        self.out = out
+        self.limit = limit
+        self.size = 0
+        self.failed = False
+        # deflate: zlib-wrapped by the standard, raw from some clients (told apart by the first byte).
+        self._sniff = encoding == "deflate"
+        self._d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS)
+        if encoding not in ("gzip", "x-gzip", "deflate"):
+            msg = f"Content-Encoding {encoding!r} is not supported (gzip or deflate)."
+            self._fail(ProxyError(415, msg, code="unsupported_content_encoding"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        if not self.out.is_eof():
+            self.out.set_exception(exc)  # the handler's read raises it
+            self.out.feed_eof()
+
+    def feed_data(self, chunk: bytes) -> None:
+        if self.failed or not chunk:
+            return
+        if self._sniff:
+            self._sniff = False
+            if chunk[0] & 0x0F != 8:
+                self._d = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            # At most one byte past the limit: enough to know the body is too large.
+            data = self._d.decompress(chunk, self.limit - self.size + 1)
+        except zlib.error:
+            self._fail(ContentEncodingError("bad compressed body"))
+            return
+        self.size += len(data)
+        if self.size > self.limit or self._d.unconsumed_tail:
+            self._fail(HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=self.size))
+            return
+        if data:
+            self.out.feed_data(data)
+
+    def feed_eof(self) -> None:
+        if self.failed:
+            return
+        if not self._d.eof:
+            self._fail(ContentEncodingError("truncated compressed body"))
+            return
+        self.out.feed_eof()
+
+
 class Connection(BaseProtocol):
     """The protocol of one accepted connection (see the module's docstring)."""
 
@@ -135,6 +191,7 @@ class Connection(BaseProtocol):
         self._head_size = 0  # the request line and the headers parsed so far
         self._in_head = False
         self._payload: StreamReader | None = None
+        self._inflate: Inflate | None = None  # a compressed body's decompressor, in front of `_payload`
 
     # -- the transport ---------------------------------------------------------
 
@@ -277,20 +334,27 @@ class Connection(BaseProtocol):
         if has_body:
             payload = StreamReader(self, READ_BUFFER_BYTES, loop=self._loop)
             self._payload = payload
+            encoding = headers.get("Content-Encoding", "identity").strip().lower()
+            self._inflate = None if encoding == "identity" else Inflate(payload, encoding, self.app._client_max_size)
         else:
             payload = EMPTY_PAYLOAD
-            self._payload = None
+            self._payload = self._inflate = None
         if len(self._queue) >= MAX_PIPELINED:
             raise MalformedRequest()
         self._queue.append((message, payload))
 
     def on_body(self, body: bytes) -> None:
-        if self._payload is not None:
+        if self._inflate is not None:
+            self._inflate.feed_data(body)
+        elif self._payload is not None:
             self._payload.feed_data(body)
 
     def on_message_complete(self) -> None:
         payload, self._payload = self._payload, None
-        if payload is not None and not payload.is_eof():
+        inflate, self._inflate = self._inflate, None
+        if inflate is not None:
+            inflate.feed_eof()
+        elif payload is not None and not payload.is_eof():
             payload.feed_eof()
 
     # -- answering -------------------------------------------------------------

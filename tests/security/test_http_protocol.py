@@ -6,9 +6,12 @@ and the drain (idle connections closed, a request under way finished)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
+import zlib
 
 import orjson
+import pytest
 
 from edgeroute import config as config_mod
 from edgeroute.http_connection import MAX_HEAD_BYTES, MAX_PIPELINED
@@ -125,6 +128,47 @@ async def test_an_upgrade_request_is_answered_in_http_1_1(leaky: Leaky, serve) -
     assert [orjson.loads(_answers(data)[i][2])["object"] for i in range(2)] == ["chat.completion"] * 2
     assert len(leaky.seen) == 2
     assert all("Upgrade" not in h and "upgrade" not in h for h in leaky.seen)
+
+
+def _compressed(encoding: str, data: bytes) -> bytes:
+    if encoding == "gzip":
+        return gzip.compress(data)
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS if encoding == "raw deflate" else zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "raw deflate"])
+async def test_a_compressed_body_is_read(leaky: Leaky, serve, encoding: str) -> None:
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "zipped " * 50}]})
+    header = b"Content-Encoding: " + encoding.split()[-1].encode() + b"\r\n"
+    request = _chat("", extra=header).split(b"Content-Length:")[0]
+    packed = _compressed(encoding, body)
+    answer = await raw_exchange(proxy.port, request + b"Content-Length: %d\r\n\r\n" % len(packed) + packed)
+    assert _answers(answer)[0][0] == 200, answer
+    assert len(leaky.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "name, encoding, packed, status",
+    [
+        ("a bomb past the body limit", b"gzip", gzip.compress(b"{" + b" " * 2_000_000 + b"}"), 413),
+        ("corrupt", b"gzip", b"\x1f\x8b\x08\x00garbage-garbage", 400),
+        ("truncated", b"gzip", gzip.compress(b'{"model": "m"}')[:-6], 400),
+        ("unsupported", b"br", b"\x0b\x02\x80{}\x03", 415),
+    ],
+)
+async def test_a_compressed_body_that_cannot_be_read_is_a_clear_4xx(
+    leaky: Leaky, serve, name: str, encoding: bytes, packed: bytes, status: int
+) -> None:
+    proxy = await serve(leaky_config(leaky, server={"max_body_bytes": 65536}))
+    request = _chat("", extra=b"Content-Encoding: " + encoding + b"\r\n").split(b"Content-Length:")[0]
+    answer = await raw_exchange(proxy.port, request + b"Content-Length: %d\r\n\r\n" % len(packed) + packed)
+    got, head, body = _answers(answer)[0]
+    assert got == status, (name, answer)
+    assert b"application/json" in head.lower() and "error" in orjson.loads(body)
+    assert leaky.seen == []
 
 
 async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
