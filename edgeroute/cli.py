@@ -257,6 +257,7 @@ _ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay} ...
   eval       cost-quality curve, APGR, CPT(50%), CPT(80%) of a router on outcomes
   calibrate  a policy threshold from a target strong share or quality
   replay     replay logged outcomes through a config's routing
+  shadow     a candidate router against the running one on live traffic
 
 `edgeroute router COMMAND --help` for each."""
 

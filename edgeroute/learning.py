@@ -171,18 +171,25 @@ def _request_log(app: web.Application) -> Ledger | None:
     return rec if isinstance(rec, Ledger) and rec.request_log is not None else None
 
 
+FIND_FOR_S = 5.0  # how long feedback waits for its request to reach the log (a busy writer)
+
+
 async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
-    """(key id, route, task) of a logged request; a record still in the writer's queue is
-    waited for, for one flush interval."""
+    """(key id, route, task) of a logged request. A request is queued for the log before its
+    answer is sent, so one still queued is waited for (bounded); once the writer's queue has
+    been seen empty and the row is still missing after a further flush, there is none."""
     sql = "SELECT key_id, route, task FROM requests WHERE id = ?"
-    for attempt in range(2):
+    deadline = asyncio.get_running_loop().time() + FIND_FOR_S
+    drained = False
+    while True:
         rows = await asyncio.to_thread(ledger.backend.query, sql, (rid,))
         if rows:
             key, route, task = rows[0]
             return key, route, task
-        if attempt == 0:
-            await asyncio.sleep(ledger.flush_interval + 0.1)
-    return None
+        if drained or asyncio.get_running_loop().time() > deadline:
+            return None
+        drained = ledger.queue_depth() == 0
+        await asyncio.sleep(ledger.flush_interval + 0.05)
 
 
 async def feedback_endpoint(request: web.Request) -> web.Response:

@@ -25,6 +25,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/stats": "viewer",
     "GET /admin/budgets": "viewer",
     "GET /admin/learning": "viewer",
+    "GET /admin/router/shadow": "viewer",
     "POST /admin/reload": "operator",
     "GET /admin/alerts": "viewer",
     "POST /admin/alerts/test": "operator",

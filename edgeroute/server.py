@@ -46,6 +46,7 @@ from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyServer
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
+from edgeroute.router_shadow import evaluator as router_shadow
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import STATE, Live, ServerState
 from edgeroute.telemetry import app as telemetry
@@ -229,6 +230,7 @@ def create_app(
     base_dir = Path(source).parent if not source.startswith("<") else None
     learning.install(app, config, base_dir)
     learning_share.install(app, config)  # posteriors shared between instances (with shared_state)
+    router_shadow.install(app, config, source)  # a candidate router evaluated on live traffic
     governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)
     if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):
         log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None

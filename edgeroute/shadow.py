@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -99,13 +99,26 @@ def pair_record(
     }
 
 
-def decide_as(live: Live, body: bytes, ident: Identity | None) -> _core.Decision:
+class Observer(Protocol):
+    """Sees each answered request (`router_shadow`: a candidate router's evaluation)."""
+
+    def observe(
+        self, live: Live, body: bytes, decision: _core.Decision, rec: RequestRecord, ident: Identity | None
+    ) -> None: ...
+
+
+CANDIDATE_ROUTER = web.AppKey("candidate_router", Observer)
+
+
+def decide_as(live: Live, body: bytes, ident: Identity | None, router: _core.Router | None = None) -> _core.Decision:
     """The core's decision for a shadow request, made for the client's key as the primary's
-    was: its rules by team and role, and its residency (a shadow never leaves the region)."""
+    was: its rules by team and role, and its residency (a shadow never leaves the region).
+    `router`: another core to ask (a candidate router's), else the running one."""
+    router = router or live.router
     if ident is None:
-        return live.router.decide(body)
+        return router.decide(body)
     tags = key_tags(ident, None, live.regions)
-    d = live.router.decide(body, tags=tags, team=ident.team, role=ident.role, user=ident.user, key=ident.key)
+    d = router.decide(body, tags=tags, team=ident.team, role=ident.role, user=ident.user, key=ident.key)
     if ident.residency is not None:
         check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
     return d
@@ -121,7 +134,10 @@ def maybe_mirror(
     answer: bytes,
     ident: Identity | None = None,
 ) -> None:
-    """Mirrors this answered request to the model's shadow candidate, if it is sampled."""
+    """Mirrors this answered request to the model's shadow candidate, if it is sampled, and
+    shows it to the candidate router under evaluation, if any."""
+    if (candidate := app.get(CANDIDATE_ROUTER)) is not None:
+        candidate.observe(live, body, decision, rec, ident)
     if model.shadow is None or not sampled(model.shadow.percent):
         return
     state = app[STATE]

@@ -97,7 +97,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.governance.deployments",
         ],
     ),
-    ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow"]),
+    ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow", "edgeroute.router_shadow"]),
     (
         "API endpoints",
         [

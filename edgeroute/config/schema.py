@@ -20,6 +20,7 @@ from edgeroute.config.priority import PrioritySettings
 from edgeroute.governance.settings import Governance
 from edgeroute.outcome import FallbackKey
 from edgeroute.requestlog.settings import RequestLog
+from edgeroute.router_shadow.settings import CandidateRouter
 from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
 
@@ -408,6 +409,7 @@ class Learning(_Strict):
     router_model: str = "builtin"
     feedback: Feedback | None = None
     shadow_log: str | None = None
+    candidate_router: CandidateRouter | None = None  # evaluated beside the running router, never routing
 
 
 class Config(_Strict):

@@ -244,6 +244,38 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shadow(args: argparse.Namespace) -> int:
+    import time
+
+    import orjson
+
+    from edgeroute import config as config_mod
+    from edgeroute.cost.reports import open_backend
+    from edgeroute.requestlog.query import BadParam
+    from edgeroute.router_shadow import evaluator, report
+
+    try:
+        cfg = config_mod.load(args.config, check_secrets=False)
+        found = evaluator.configured(cfg, args.config)
+    except Exception as e:  # config and file errors: one line each, not a traceback
+        print(f"edgeroute router shadow: {e}", file=sys.stderr)
+        return 2
+    db = open_backend(args.config)
+    if db is None:
+        return 2
+    q = {k: v for k in ("since", "until", "candidate") if (v := getattr(args, k))}
+    try:
+        current = evaluator.candidate_name(*found) if found is not None else None
+        body = report.build(db, q, current, time.time())
+    except BadParam as e:
+        print(f"edgeroute router shadow: --{e.param}: {str(e).split(': ', 1)[-1]}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode() if args.format == "json" else report.table(body))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgeroute router")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -291,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task-model", type=Path, help="the task model the router was trained with, if any")
     e.add_argument("--steps", type=int, default=200, help="points on the willingness-to-pay sweep")
     e.add_argument("--plot", type=Path, metavar="FILE.svg", help="write the cost-quality curves as SVG")
+    s = sub.add_parser(
+        "shadow",
+        help="a candidate router against the running one on live traffic (learning.candidate_router)",
+        description="Agreement, estimated cost of both routers' choices and feedback quality, from the "
+        "request log's database the config names (the same report as GET /admin/router/shadow).",
+    )
+    s.add_argument("-c", "--config", default=os.environ.get("EDGEROUTE_CONFIG", "edgeroute.yaml"), help="config file")
+    s.add_argument("--since", default="24h", help="from (epoch seconds, 15m, 24h, 7d, an ISO date)")
+    s.add_argument("--until", help="up to (default now)")
+    s.add_argument("--candidate", help="a candidate as the report lists it (default: the configured one)")
+    s.add_argument("--format", choices=("table", "json"), default="table")
     return ap
 
 
@@ -298,6 +341,8 @@ def main(argv: list[str]) -> int:
     """Entry point for ``edgeroute router ...`` (argv excludes ``router``)."""
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.cmd == "shadow":
+        return _shadow(args)
     if args.cmd == "train" and not args.outcomes and not args.from_log:
         ap.error("train needs --outcomes FILE, --from-log, or both")
     if args.cmd == "train" and args.inner_folds < 2:
