@@ -248,6 +248,9 @@ class Connection(BaseProtocol):
             return
         method, url, raw = self._upgrade
         self._upgrade = None
+        if method == b"CONNECT":  # a tunnel: this is not a forward proxy
+            self._refuse(MalformedRequest())
+            return
         head = [method + b" " + url + b" HTTP/1.1\r\n"]
         for name, value in raw:
             low = name.lower()
@@ -317,6 +320,8 @@ class Connection(BaseProtocol):
             raise MalformedRequest() from None
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         version = HttpVersion11 if http.get_http_version() == "1.1" else HttpVersion10
+        if version is HttpVersion11 and "Host" not in headers:
+            raise MalformedRequest()  # RFC 9112: an HTTP/1.1 request without Host is a 400
         chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
         has_body = chunked or headers.get("Content-Length", "0") not in ("0", "")
         message = RawRequestMessage(

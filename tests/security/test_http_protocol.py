@@ -171,6 +171,21 @@ async def test_a_compressed_body_that_cannot_be_read_is_a_clear_4xx(
     assert leaky.seen == []
 
 
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("HTTP/1.1 without Host", b"GET /healthz HTTP/1.1\r\n\r\n"),
+        ("CONNECT", b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"),
+        ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+    ],
+)
+async def test_requests_this_server_does_not_take_are_a_400(leaky: Leaky, serve, name: str, data: bytes) -> None:
+    proxy = await serve(leaky_config(leaky))
+    status, head, body = _answers(await raw_exchange(proxy.port, data))[0]
+    assert status == 400, name
+    assert b"application/json" in head.lower() and orjson.loads(body)["error"]["code"] == "malformed_request"
+
+
 async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
     """A client that waits for `100 Continue` before its body (curl does, for bodies over 1 KiB) gets it."""
     leaky.mode = "ok"
