@@ -157,7 +157,7 @@ REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/1
 
 async def _redis_or_skip(store: RedisStore) -> None:
     try:
-        await store.client.ping()
+        await store.pipe.call("PING")
     except Exception:
         if os.environ.get("CI") == "true":
             raise
@@ -173,11 +173,11 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
         entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5)
         await store.put("r", "k", entry, 5, (1, 1))
         assert await store.get("r", "k") == entry
-        ttl = await store.client.pttl(f"{prefix}:cache:r:k")
+        ttl = await store.pipe.call("PTTL", f"{prefix}:cache:r:k")
         assert 0 < ttl <= 5000
-        await store.client.set(f"{prefix}:cache:r:bad", b"\x00garbage")
+        await store.pipe.call("SET", f"{prefix}:cache:r:bad", b"\x00garbage")
         assert await store.get("r", "bad") is None and counters.corrupt == 1
-        await store.client.delete(f"{prefix}:cache:r:k", f"{prefix}:cache:r:bad")
+        await store.pipe.call("DEL", f"{prefix}:cache:r:k", f"{prefix}:cache:r:bad")
     finally:
         await store.close()
     down = RedisStore(counters, "redis://127.0.0.1:1/0", prefix, 100)

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.redis_client",
+            "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
             "edgeroute.background",
             "edgeroute.capacity",

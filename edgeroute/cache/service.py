@@ -103,7 +103,7 @@ class Plan:
     vector: Any = None
     guards: Guards | None = None
     similarity: float | None = None
-    fetching: asyncio.Task[Entry | None] | None = None  # the exact entry, asked for early (`prefetch`)
+    fetching: asyncio.Future[Any] | None = None  # the exact entry, asked for early (`prefetch`)
 
     @property
     def stores(self) -> bool:
@@ -191,12 +191,14 @@ class ResponseCache:
         """Asks a remote store for the plan's exact entry now, so that the round trip overlaps
         admission's; `lookup` uses the answer. Call `discard` if the request goes no further."""
         if plan is not None and plan.label != "bypass" and isinstance(self.store, RedisStore):
-            plan.fetching = asyncio.get_running_loop().create_task(self.store.get(plan.route, plan.key))
+            plan.fetching = self.store.fetch(plan.route, plan.key)
 
     @staticmethod
     def discard(plan: Plan | None) -> None:
         """Drops a prefetch that will not be used (the request was refused or rerouted)."""
         if plan is not None and plan.fetching is not None:
+            if plan.fetching.done() and not plan.fetching.cancelled():
+                plan.fetching.exception()  # retrieved: a failed lookup nobody reads is not an error
             plan.fetching.cancel()
             plan.fetching = None
 
@@ -204,9 +206,9 @@ class ResponseCache:
         """A fresh entry this request may be served; remembers a stale one for stale-if-error."""
         if plan.label == "bypass":
             return None
-        if plan.fetching is not None:
-            entry = await plan.fetching
-            plan.fetching = None
+        fetching, plan.fetching = plan.fetching, None
+        if fetching is not None and isinstance(self.store, RedisStore):
+            entry = await self.store.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.deployment not in allowed:

@@ -6,15 +6,19 @@ fails a request: a Redis error or an entry that does not decode is a miss, count
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from edgeroute import redis_client
 from edgeroute.cache.entry import Entry
+from edgeroute.redis_pipe import RedisPipe, encode
 
 log = logging.getLogger("edgeroute.cache")
+
+DECODED_MAX_BYTES = 4 * 1024 * 1024  # decoded Redis entries kept in process, stored form and body
 
 
 @dataclass(slots=True)
@@ -100,42 +104,66 @@ class MemoryStore:
 
 
 class RedisStore:
-    """Entries as compressed values under `{prefix}:cache:{route}:{key}`, expired by Redis."""
+    """Entries as compressed values under `{prefix}:cache:{route}:{key}`, expired by Redis,
+    over the request path's pipelined connection (`redis_pipe`)."""
 
     def __init__(self, counters: CacheCounters, url: str, prefix: str, timeout_ms: int) -> None:
         self.counters = counters
         self.prefix = prefix
-        timeout = timeout_ms / 1000
-        self.client = redis_client.connect(
-            url, no_retry=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
-        )
+        self.pipe = RedisPipe.shared(url, timeout_ms / 1000)
+        # Entries decoded lately, by their stored bytes: a hot entry is decompressed and
+        # checked once per process, not once per hit (the bytes are still read from Redis,
+        # so an entry replaced or expired there is never served from here).
+        self._decoded: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
+        self._decoded_bytes = 0
 
     def _key(self, route: str, key: str) -> str:
         return f"{self.prefix}:cache:{route}:{key}"
 
-    async def get(self, route: str, key: str) -> Entry | None:
+    def fetch(self, route: str, key: str) -> asyncio.Future[Any]:
+        """Asks for an entry (no task; written with the next command sent now, e.g. admission's
+        script, or at the end of this loop pass); `get` reads the answer."""
+        return self.pipe.send(encode(("GET", self._key(route, key))), soon=True)
+
+    async def get(self, route: str, key: str, fetching: asyncio.Future[Any] | None = None) -> Entry | None:
         try:
-            data = await self.client.get(self._key(route, key))
+            data = await (fetching if fetching is not None else self.fetch(route, key))
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); serving a miss", type(e).__name__)
             return None
-        if data is None:
-            return None
+        if not isinstance(data, bytes):
+            return None  # no such key (a reply of another type cannot come from a GET)
+        if (entry := self._decoded.get(data)) is not None:
+            self._decoded.move_to_end(data)
+            return entry
         try:
-            return Entry.loads(data if isinstance(data, bytes) else data.encode())
+            entry = Entry.loads(data)
         except ValueError:
             self.counters.corrupt += 1
             log.warning("response cache: a corrupt entry for route %s was ignored", route)
             return None
+        self._remember(data, entry)
+        return entry
+
+    def _remember(self, data: bytes, entry: Entry) -> None:
+        size = len(data) + entry.size()
+        if size > DECODED_MAX_BYTES // 16:
+            return  # a large entry would crowd out many small hot ones
+        self._decoded[data] = entry
+        self._decoded_bytes += size
+        while self._decoded_bytes > DECODED_MAX_BYTES:
+            old, gone = self._decoded.popitem(last=False)
+            self._decoded_bytes -= len(old) + gone.size()
 
     async def put(self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int]) -> None:
         """Redis bounds the whole cache by its own `maxmemory` policy, not per route."""
         try:
-            await self.client.set(self._key(route, key), entry.dumps(), px=max(1, int(keep_s * 1000)))
+            px = max(1, int(keep_s * 1000))
+            await self.pipe.call("SET", self._key(route, key), entry.dumps(), "PX", px, soon=True)  # off the path
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); answer not stored", type(e).__name__)
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.pipe.close()

@@ -22,6 +22,7 @@ from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
+from edgeroute.redis_pipe import RedisPipe, Script
 
 # Lua functions every script below is built from: a token-bucket take and a budget
 # reservation, each all or nothing over its keys, each appending its result to `out`.
@@ -102,13 +103,13 @@ local function reserve(k0, a0, n, out)
 end
 """
 
-TAKE = FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out"
-RESERVE = FUNCTIONS + "local out = {} reserve(0, 0, #KEYS, out) return out"
+TAKE = Script.of(FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out")
+RESERVE = Script.of(FUNCTIONS + "local out = {} reserve(0, 0, #KEYS, out) return out")
 
 # Admission in one round trip: the key and model buckets (refused: nothing else is done),
 # then the first deployment's buckets (at its limit the caller reroutes, so the rest goes on),
 # then the budgets. ARGV[1..3]: how many keys each group has.
-ADMIT = (
+ADMIT = Script.of(
     FUNCTIONS
     + """
 local na, nb, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -123,7 +124,7 @@ return out
 # Settlement of many requests at once: budget deltas (ARGV from 1, four each: rolling, delta,
 # ttl, slot), then bucket deltas (two each: delta taken, capacity; a bucket that expired
 # stays full). ARGV[1]: how many budget keys come first.
-SETTLE = """
+SETTLE = Script.of("""
 local nb = tonumber(ARGV[1])
 for i = 1, nb do
   local b = 1 + (i - 1) * 4
@@ -143,7 +144,7 @@ for i = nb + 1, #KEYS do
   end
 end
 return 1
-"""
+""")
 
 
 class StoreUnavailable(Exception):
@@ -174,28 +175,18 @@ class _Pending:
 
 
 class RedisState:
-    """One Redis connection pool and the scripts; budgets and buckets both live here."""
+    """The scripts, run over the request path's own pipelined connection (`redis_pipe`);
+    budgets and buckets both live here."""
 
     def __init__(self, cfg: SharedState) -> None:
-        timeout = cfg.timeout_ms / 1000
-        self.client = redis_client.connect(
-            cfg.redis_url,
-            no_retry=True,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=0,
-        )
+        self.pipe = RedisPipe.shared(cfg.redis_url, cfg.timeout_ms / 1000)
         self.prefix = cfg.prefix
-        self._reserve = self.client.register_script(RESERVE)
-        self._take = self.client.register_script(TAKE)
-        self._admit = self.client.register_script(ADMIT)
-        self._settle = self.client.register_script(SETTLE)
         self._pending = _Pending()
         self._flusher: asyncio.Task[None] | None = None
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: Script, keys: list[str], args: list[Any], soon: bool = False) -> Any:
         try:
-            return await script(keys=keys, args=args)
+            return await self.pipe.eval(script, keys, args, soon)
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -208,7 +199,7 @@ class RedisState:
         keys += [self._bkey(c) for c in charges]
         args: list[Any] = [len(takes), len(deployment), len(charges)]
         args += self._take_args(takes) + self._take_args(deployment) + self._reserve_args(charges)
-        out = await self._run(self._admit, keys, args)
+        out = await self._run(ADMIT, keys, args)
         rate, at = self._read_take(out, 0, takes)
         if not rate[0]:
             return Admitted(rate if takes else None, None, None)
@@ -236,7 +227,7 @@ class RedisState:
         return Reserved(bool(int(out[at])), used, int(out[at + 1]) - 1)
 
     async def reserve(self, charges: list[Charge], now: float) -> Reserved:
-        out = await self._run(self._reserve, [self._bkey(c) for c in charges], self._reserve_args(charges))
+        out = await self._run(RESERVE, [self._bkey(c) for c in charges], self._reserve_args(charges))
         return self._read_reserve(out, 0, charges)
 
     async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
@@ -255,7 +246,7 @@ class RedisState:
     async def mark_once(self, key: str, ttl_s: int) -> bool:
         """True the first time `key` is marked (across instances) within `ttl_s`."""
         try:
-            return bool(await self.client.set(f"{self.prefix}:once:{key}", b"1", nx=True, ex=max(1, ttl_s)))
+            return bool(await self.pipe.call("SET", f"{self.prefix}:once:{key}", b"1", "NX", "EX", max(1, ttl_s)))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -294,7 +285,7 @@ class RedisState:
         return (ok, states), at + 1 + 2 * n
 
     async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
-        out = await self._run(self._take, [self._rkey(t) for t in takes], self._take_args(takes))
+        out = await self._run(TAKE, [self._rkey(t) for t in takes], self._take_args(takes))
         return self._read_take(out, 0, takes)[0]
 
     async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
@@ -340,7 +331,7 @@ class RedisState:
                     args += [delta, cap]
                 assert batch.done is not None
                 try:
-                    await self._run(self._settle, keys, args)
+                    await self._run(SETTLE, keys, args, soon=True)  # with the cache's writes, after answers
                 except StoreUnavailable as e:
                     batch.done.set_result(str(e))
                 except BaseException:
@@ -354,4 +345,4 @@ class RedisState:
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5)
-        await self.client.aclose()
+        await self.pipe.close()
