@@ -33,7 +33,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
@@ -42,12 +42,10 @@ from edgeroute import redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.metrics import METRICS
+from edgeroute.redis_pipe import RedisPipe, Script
 from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
-
-if TYPE_CHECKING:
-    from redis.commands.core import AsyncScript
 
 log = logging.getLogger("edgeroute.capacity")
 T = TypeVar("T")
@@ -58,7 +56,7 @@ POLL_S = 0.05  # the head of a queue asks the shared count again this often
 
 # KEYS[1]: the deployment's leases; ARGV: limit, lease ms, lease id. Redis's own clock, so
 # that the instances' clocks do not matter.
-_TAKE = """
+_TAKE = Script.of("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -68,9 +66,9 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
-"""
+""")
 # KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held.
-_RENEW = """
+_RENEW = Script.of("""
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
@@ -78,7 +76,7 @@ for i = 2, #ARGV do
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
-"""
+""")
 
 
 class LeaseStore(Protocol):
@@ -90,44 +88,37 @@ class LeaseStore(Protocol):
 
 
 class RedisLeases:
-    """Leases in one sorted set per deployment (`{prefix}:cap:{deployment}`, scored by expiry)."""
+    """Leases in one sorted set per deployment (`{prefix}:cap:{deployment}`, scored by expiry),
+    over the request path's pipelined connection (`redis_pipe`)."""
 
     def __init__(self, cfg: SharedState) -> None:
-        timeout = cfg.timeout_ms / 1000
-        self.timeout = timeout
         self.prefix = f"{cfg.prefix}:cap:"
-        self.client = redis_client.connect(
-            cfg.redis_url, no_retry=True, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self._take: AsyncScript = self.client.register_script(_TAKE)
-        self._renew: AsyncScript = self.client.register_script(_RENEW)
+        self.pipe = RedisPipe.shared(cfg.redis_url, cfg.timeout_ms / 1000)
 
     async def _call(self, op: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(self.timeout):
-                return await op
-        except redis_client.errors() as e:  # timeouts included
+            return await op
+        except redis_client.errors() as e:  # timeouts included (the pipe's own)
             raise StoreUnavailable(type(e).__name__) from None
 
     async def take_lease(self, deployment: str, limit: int, lease: str, ttl_s: float = LEASE_S) -> bool:
-        got = await self._call(self._take(keys=[self.prefix + deployment], args=[limit, int(ttl_s * 1000), lease]))
+        got = await self._call(self.pipe.eval(_TAKE, [self.prefix + deployment], [limit, int(ttl_s * 1000), lease]))
         return bool(got)
 
     async def give_back(self, deployment: str, lease: str) -> None:
-        await self._call(self.client.zrem(self.prefix + deployment, lease))
+        await self._call(self.pipe.call("ZREM", self.prefix + deployment, lease, soon=True))
 
     async def renew(self, held: dict[str, list[str]]) -> None:
         ms = int(LEASE_S * 1000)
         for deployment, leases in held.items():
-            await self._call(self._renew(keys=[self.prefix + deployment], args=[ms, *leases]))
+            await self._call(self.pipe.eval(_RENEW, [self.prefix + deployment], [ms, *leases]))
 
     async def count(self, deployment: str) -> int:
         now_ms = int(time.time() * 1000)  # for a view only: this clock is near enough
-        got: int = await self._call(self.client.zcount(self.prefix + deployment, now_ms, "+inf"))
-        return got
+        return int(await self._call(self.pipe.call("ZCOUNT", self.prefix + deployment, now_ms, "+inf")))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.pipe.close()
 
 
 class SqliteLeases(SqliteState):

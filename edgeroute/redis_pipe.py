@@ -27,6 +27,7 @@ import collections
 import hashlib
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -163,15 +164,32 @@ class RedisPipe:
         """Runs one command; its reply (an error reply raises `ResponseError`). `soon`: as `send`'s."""
         return await self.send(encode(args), soon=soon)
 
-    async def eval(self, script: Script, keys: list[str], args: list[Any], soon: bool = False) -> Reply:
-        """Runs `script` (EVALSHA; loaded with EVAL the first time Redis lacks it)."""
-        try:
-            return await self.send(encode(["EVALSHA", script.sha, len(keys), *keys, *args]), soon=soon)
-        except self.reply_error as e:
-            if not str(e).startswith("NOSCRIPT"):
+    async def eval(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Any],
+        soon: bool = False,
+        if_abandoned: Callable[[Reply], None] | None = None,
+    ) -> Reply:
+        """Runs `script` (EVALSHA; loaded with EVAL the first time Redis lacks it).
+        `if_abandoned`: called with the reply when it comes, if the caller was cancelled while
+        the script was on the wire (Redis runs it anyway: what it took can be given back)."""
+        command = encode(["EVALSHA", script.sha, len(keys), *keys, *args])
+        for again in (False, True):
+            fut = self.send(command, soon=soon)
+            try:
+                return await (fut if if_abandoned is None else asyncio.shield(fut))
+            except asyncio.CancelledError:
+                if if_abandoned is not None:
+                    fut.add_done_callback(lambda f: _abandoned(f, if_abandoned))
                 raise
-            # Redis restarted or flushed its scripts, so nothing ran: send the body.
-            return await self.send(encode(["EVAL", script.body, len(keys), *keys, *args]))
+            except self.reply_error as e:
+                if again or not str(e).startswith("NOSCRIPT"):
+                    raise
+                # Redis restarted or flushed its scripts, so nothing ran: send the body.
+                command = encode(["EVAL", script.body, len(keys), *keys, *args])
+        raise AssertionError("unreachable")
 
     def send(self, command: bytes, *, soon: bool = False) -> asyncio.Future[Reply]:
         """Writes an encoded command; the future of its reply (await it within the loop).
@@ -225,7 +243,8 @@ class RedisPipe:
                 hello = [loop.create_future() for _ in self._hello]
                 for fut, command in zip(hello, self._hello, strict=True):
                     self._push(fut)
-                    proto.transport.write(command)
+                    self._out.append(command)
+                self._write()
                 for fut in hello:
                     await fut  # a wrong password or db raises here
         except BaseException as e:
@@ -241,11 +260,14 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
+        # Through `_out`, behind anything sent since the connection opened: the wire and
+        # `_waiting` must keep one order.
         queued, self._queued = self._queued, []
         for fut, command in queued:
             if not fut.done():  # its caller may have given up meanwhile: do not run it later
                 self._push(fut)
-                proto.transport.write(command)
+                self._out.append(command)
+        self._write()
 
     # -- failure ---------------------------------------------------------------
 
@@ -297,3 +319,8 @@ class RedisPipe:
 
 
 _SHARED: dict[tuple[str, float], RedisPipe] = {}
+
+
+def _abandoned(fut: asyncio.Future[Reply], then: Callable[[Reply], None]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        then(fut.result())

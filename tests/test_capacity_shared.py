@@ -57,10 +57,12 @@ async def shared() -> AsyncIterator[SharedState]:
     url = require_redis()
     cfg = SharedState(redis_url=url, prefix=f"edgeroute-cap-{os.getpid()}-{os.urandom(4).hex()}", timeout_ms=2000)
     yield cfg
-    store = RedisLeases(cfg)
-    async for key in store.client.scan_iter(match=cfg.prefix + ":*"):
-        await store.client.delete(key)
-    await store.close()
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    async for key in client.scan_iter(match=cfg.prefix + ":*"):
+        await client.delete(key)
+    await client.aclose()
 
 
 async def _ask(proxy: Proxy | str) -> Any:

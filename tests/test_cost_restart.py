@@ -22,6 +22,7 @@ from edgeroute.config import Budget, parse
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.ledger import Ledger, PostgresBackend
+from tests.scale.support import wait_ready
 from tests.test_cost_ledger import _pg_reset
 from tests.test_cost_support import free_port, require_postgres
 
@@ -41,18 +42,33 @@ def _config(upstream: str, db: Path, **extra: Any) -> dict[str, Any]:
 
 
 class Served:
-    """A real `edgeroute serve` process (started and killed by this test only)."""
+    """A real `edgeroute serve` process (started and killed by this test only). Ready when its
+    /readyz says so: its output goes to a file (a log line may come before "listening", and
+    nobody must block the event loop reading a pipe), shown when it does not start."""
 
-    def __init__(self, cfg_path: Path) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeroute", "serve", "--config", str(cfg_path), "--port", str(self.port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening" in line, line + self.proc.stdout.read()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    @classmethod
+    def spawn(cls, cfg_path: Path, port: int) -> Served:
+        log = cfg_path.with_name(f"serve-{port}.log")
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeroute", "serve", "--config", str(cfg_path), "--port", str(port)],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )  # fmt: skip
+        return cls(proc, port, log)
+
+    @classmethod
+    async def start(cls, cfg_path: Path) -> Served:
+        served = cls.spawn(cfg_path, free_port())
+        try:
+            await wait_ready(served.url, within=60)
+        except AssertionError:
+            served.kill()
+            raise AssertionError(served.log.read_text(errors="replace")[-3000:]) from None
+        return served
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -90,13 +106,13 @@ async def test_a_budget_is_not_forgotten_across_a_hard_kill(start_upstream: Any,
     up = await start_upstream()
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
-    first = Served(path)
+    first = await Served.start(path)
     try:
         assert await _admitted(first.url, 15) == 10
         await asyncio.sleep(0.4)  # past one flush interval
     finally:
         first.kill()
-    second = Served(path)
+    second = await Served.start(path)
     try:
         view = await _budgets(second.url)
         assert view["budgets"][0]["spent_usd"] == 0.10 and view["budgets"][0]["percent"] == 100
@@ -109,7 +125,7 @@ async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any,
     up = await start_upstream(latency_ms=5000)  # answers after the crash
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
-    first = Served(path)
+    first = await Served.start(path)
     try:
         flight = asyncio.ensure_future(_admitted(first.url, 4, concurrent=True))
         for _ in range(100):
@@ -122,7 +138,7 @@ async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any,
     await asyncio.gather(flight, return_exceptions=True)
     fast = await start_upstream()
     path.write_text(yaml.safe_dump(_config(fast.base_url, tmp_path / "l.db")))
-    second = Served(path)
+    second = await Served.start(path)
     try:
         assert (await _budgets(second.url))["budgets"][0]["spent_usd"] == 0.04
         assert await _admitted(second.url, 10) == 6
@@ -136,13 +152,13 @@ async def test_rate_limit_window_survives_a_restart(start_upstream: Any, tmp_pat
     cfg = _config(up.base_url, tmp_path / "l.db", rate_limits={"models": {"m": {"rpm": 5}}})
     del cfg["budgets"]
     path.write_text(yaml.safe_dump(cfg))
-    first = Served(path)
+    first = await Served.start(path)
     try:
         assert await _admitted(first.url, 6) == 5
         await asyncio.sleep(0.4)
     finally:
         first.kill()
-    second = Served(path)
+    second = await Served.start(path)
     try:
         view = await _budgets(second.url)
         (m,) = [r for r in view["rate_limits"] if r["scope"] == "model"]
@@ -158,7 +174,7 @@ async def test_budgets_and_limits_reload_keeping_their_spend(start_upstream: Any
     cfg = _config(up.base_url, tmp_path / "l.db", rate_limits={"models": {"m": {"rpm": 100}}})
     cfg["budgets"]["limits"][0]["limit_usd"] = 1.0
     path.write_text(yaml.safe_dump(cfg))
-    served = Served(path)
+    served = await Served.start(path)
 
     async def reload() -> None:
         async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:

@@ -79,6 +79,7 @@ def _overhead(a: argparse.Namespace) -> int:
         budgets=a.budgets,
         limits=a.limits,
         beside=a.beside,
+        workers=a.workers,
     )
     return 0
 
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--beside", choices=sorted(scenarios.BESIDE), help="a second edgeroute with this change, interleaved (its cost)"
     )
+    o.add_argument("--workers", type=int, default=1, help="serve --workers N (unpinned, on every CPU)")
     _common(o)
     o.set_defaults(fn=_overhead)
 

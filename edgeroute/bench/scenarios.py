@@ -404,8 +404,10 @@ def overhead(
     budgets: bool = False,
     limits: bool = False,
     beside: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
+    With `workers` > 1, the proxy is `serve --workers N` (unpinned, on every CPU).
     With `budgets`, a global monthly budget (never reached) admits every request, as a
     deployment with spend limits does; with `limits`, per-key RPM and TPM limits (never reached).
     `beside` (one of `BESIDE`) adds a second edgeroute with one setting changed, interleaved
@@ -436,8 +438,8 @@ def overhead(
         if limits:
             cfg["rate_limits"] = BENCH_LIMITS
             out["limits"] = True
-        proxy, startup = stack.proxy(cfg)
-        out["startup_s"] = round(startup, 3)
+        proxy, startup = stack.proxy(cfg, workers=workers)
+        out["startup_s"], out["workers"] = round(startup, 3), workers
         out["proxy_rss_idle_mb"] = round(proxy.rss_mb(), 1)
         targets = [
             Target("direct", url, MOCK_MODEL),

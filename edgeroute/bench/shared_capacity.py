@@ -34,7 +34,7 @@ async def measure(url: str, n: int) -> dict[str, float]:
             take.append((t1 - t0) * 1000)
             back.append((time.perf_counter() - t1) * 1000)
     finally:
-        await store.client.delete(f"{cfg.prefix}:cap:d")
+        await store.pipe.call("DEL", f"{cfg.prefix}:cap:d")
         await store.close()
     return {"take_p50_ms": _pct(take, 0.5), "take_p99_ms": _pct(take, 0.99), "give_back_p50_ms": _pct(back, 0.5)}
 

@@ -14,7 +14,9 @@ then (fail open to the in-process store, or closed) is the caller's policy.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,8 @@ from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
 from edgeroute.redis_pipe import RedisPipe, Script
+
+log = logging.getLogger("edgeroute.cost")
 
 # Lua functions every script below is built from: a token-bucket take and a budget
 # reservation, each all or nothing over its keys, each appending its result to `out`.
@@ -183,10 +187,18 @@ class RedisState:
         self.prefix = cfg.prefix
         self._pending = _Pending()
         self._flusher: asyncio.Task[None] | None = None
+        self._giving_back: set[asyncio.Task[None]] = set()
 
-    async def _run(self, script: Script, keys: list[str], args: list[Any], soon: bool = False) -> Any:
+    async def _run(
+        self,
+        script: Script,
+        keys: list[str],
+        args: list[Any],
+        soon: bool = False,
+        if_abandoned: Callable[[Any], None] | None = None,
+    ) -> Any:
         try:
-            return await self.pipe.eval(script, keys, args, soon)
+            return await self.pipe.eval(script, keys, args, soon, if_abandoned)
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -199,13 +211,40 @@ class RedisState:
         keys += [self._bkey(c) for c in charges]
         args: list[Any] = [len(takes), len(deployment), len(charges)]
         args += self._take_args(takes) + self._take_args(deployment) + self._reserve_args(charges)
-        out = await self._run(ADMIT, keys, args)
+        undo = lambda out: self._give_back(out, takes, deployment, charges)  # noqa: E731
+        out = await self._run(ADMIT, keys, args, if_abandoned=undo)
+        return self._read_admit(out, takes, deployment, charges)
+
+    def _read_admit(self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge]) -> Admitted:
         rate, at = self._read_take(out, 0, takes)
         if not rate[0]:
             return Admitted(rate if takes else None, None, None)
         dep, at = self._read_take(out, at, deployment)
         reserved = self._read_reserve(out, at, charges)
         return Admitted(rate if takes else None, dep if deployment else None, reserved if charges else None)
+
+    def _give_back(self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge]) -> None:
+        """An admission whose request was cancelled while its script ran (the client hung up):
+        what it took goes back as a refused request's does (its tokens, the deployment's
+        request and the reservation; the request itself still counts against the key's rate)."""
+        got = self._read_admit(out, takes, deployment, charges)
+        back = [t for t in takes if t.kind == "tokens"] if got.rate is None or got.rate[0] else []
+        if got.deployment is not None and got.deployment[0]:
+            back += deployment
+        work = [self.adjust_buckets(back, [-t.amount for t in back])] if back else []
+        if got.reserved is not None and got.reserved.ok:
+            work.append(self.adjust_async(charges, [-c.amount for c in charges]))
+        for coro in work:
+            task = asyncio.get_running_loop().create_task(self._logged(coro))
+            self._giving_back.add(task)
+            task.add_done_callback(self._giving_back.discard)
+
+    @staticmethod
+    async def _logged(coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except StoreUnavailable as e:
+            log.warning("shared state unavailable (%s): an abandoned admission was not given back", e)
 
     # -- budgets ---------------------------------------------------------------
 

@@ -138,3 +138,36 @@ async def test_concurrent_requests_over_two_instances_never_overshoot(
         c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
         statuses = await asyncio.gather(*(ask_status(c1 if i % 2 else c2) for i in range(200)))
     assert statuses.count(200) == 10 and statuses.count(429) == 190
+
+
+async def test_an_admission_abandoned_on_the_wire_gives_back_what_it_took(redis_server: RedisServer) -> None:
+    """The client hangs up while the admission script is in Redis: the script runs anyway, and
+    its tokens, the deployment's request and the reservation go back (as for a refused
+    request); the key's request count stays, as OpenAI counts requests that were not served."""
+    import redis.asyncio as aioredis
+
+    shared = SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}", timeout_ms=2000)
+    state = RedisState(shared)
+    budget = Budget(name="g", scope="global", limit_usd=1.0, period="day")
+    charge = B.charge(budget, "*", B.period_of(budget, 1.7e9), 5_000, -1)
+    takes = [Take("key:k", "requests", 100, 1), Take("key:k", "tokens", 1000, 300)]
+    dep = [Take("deployment:d", "requests", 50, 1)]
+    await state.admit(takes, dep, [])  # connected, buckets made
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.client_pause(300)  # Redis holds every command for 0.3 s
+        admitting = asyncio.ensure_future(state.admit(takes, dep, [charge]))
+        await asyncio.sleep(0.1)
+        admitting.cancel()
+        await asyncio.sleep(0.6)  # the script ran after the pause; the give-back follows it
+        level = {k: float(await client.hget(f"{state.prefix}:rl:{k}", "l") or 0) for k in
+                 ("key:k:requests", "key:k:tokens", "deployment:d:requests")}  # fmt: skip
+        spent = int(await client.get(f"{state.prefix}:b:{charge.store_key}") or 0)
+    finally:
+        await client.aclose()
+        await state.close()
+    assert admitting.cancelled()
+    assert spent == 0  # the reservation went back
+    # Tokens and the deployment's request back (less the first admission's and a moment's refill).
+    assert level["key:k:tokens"] >= 700 - 1 and level["deployment:d:requests"] >= 49 - 0.1
+    assert level["key:k:requests"] <= 99.5  # the abandoned request still counts against the key

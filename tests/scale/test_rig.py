@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import yaml
 
 from tests.conftest import Upstream
 from tests.perf import Perf
@@ -214,3 +215,42 @@ async def test_a_key_revoked_through_one_instance_is_refused_by_all(
     perf.report(
         "rig: key revocation propagation to all instances (max of 3)", max(refused.values()) * 1000, "ms", "< 1000"
     )
+
+
+async def _admin(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s:
+        hdrs = {"Authorization": f"Bearer {ADMIN}"}
+        async with s.request(method, url, headers=hdrs, json=body) as r:
+            return r.status, await r.json()
+
+
+async def test_config_versions_live_in_the_database_every_instance_shares(
+    start_upstream, spawn: Spawn, prefix: str
+) -> None:
+    """A config applied through one instance is a version (and an audit entry) that the others
+    list, and any of them can roll back to it."""
+    up = await start_upstream()
+    cfg = _config({"a": up}, prefix)
+    insts = await _three(spawn, cfg)
+    added = f"m-{prefix[-8:]}"
+    changed = {**cfg, "models": {**cfg["models"], added: {"deployments": ["d-a"]}}}
+    insts[0].config.write_text(yaml.safe_dump(changed))
+    status, body = await _admin("POST", insts[0].url + "/admin/reload")
+    assert status == 200, body
+    status, body = await _admin("GET", insts[0].url + "/admin/config/versions")
+    made = next(v for v in body["versions"] if v["active"])
+    for inst in insts[1:]:
+        status, body = await _admin("GET", inst.url + "/admin/config/versions")
+        assert status == 200
+        assert {"version": made["version"], "hash": made["hash"]} in [
+            {"version": v["version"], "hash": v["hash"]} for v in body["versions"]
+        ]
+        status, body = await _admin("GET", inst.url + "/admin/audit?action=config")
+        assert any(e["action"] == "config.reload" and (e["after"] or {}).get("hash") == made["hash"]
+                   for e in body["entries"])  # fmt: skip
+    # Instance 1 never read the changed file: rolled back to the version instance 0 made, it serves it.
+    client = _client(insts[1])
+    assert added not in [m.id for m in (await client.models.list()).data]
+    status, body = await _admin("POST", insts[1].url + "/admin/config/rollback", {"version": made["version"]})
+    assert status == 200, body
+    assert added in [m.id for m in (await client.models.list()).data]

@@ -19,14 +19,6 @@ from tests.test_cost_support import RedisServer, free_port, require_redis
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def pipe() -> AsyncIterator[RedisPipe]:
     p = RedisPipe.shared(require_redis(), 2.0)
     yield p
@@ -80,8 +72,8 @@ async def test_commands_written_soon_go_out_with_the_next_command(pipe: RedisPip
         transport.write = write  # type: ignore[method-assign]
 
 
-async def test_scripts_load_themselves_again_after_redis_forgets_them(own_redis: RedisServer) -> None:
-    pipe = RedisPipe(own_redis.url, 2.0)
+async def test_scripts_load_themselves_again_after_redis_forgets_them(redis_server: RedisServer) -> None:
+    pipe = RedisPipe(redis_server.url, 2.0)
     script = Script.of("return {KEYS[1], ARGV[1] + 1}")
     try:
         assert await pipe.eval(script, ["k"], [41]) == [b"k", 42]
@@ -132,10 +124,10 @@ async def test_a_password_and_a_database_from_the_url(locked_redis: int) -> None
     await good.close()
 
 
-async def test_a_refused_connection_fails_fast_then_is_tried_again(own_redis: RedisServer) -> None:
-    pipe = RedisPipe(own_redis.url, 2.0)
+async def test_a_refused_connection_fails_fast_then_is_tried_again(redis_server: RedisServer) -> None:
+    pipe = RedisPipe(redis_server.url, 2.0)
     assert await pipe.call("PING") == b"PONG"
-    own_redis.stop()
+    redis_server.stop()
     with pytest.raises(redis_client.errors()):
         await pipe.call("PING")  # the connection was lost
     t0 = time.monotonic()
@@ -143,7 +135,7 @@ async def test_a_refused_connection_fails_fast_then_is_tried_again(own_redis: Re
         with pytest.raises(ConnectionError):
             await pipe.call("PING")  # refused, then failing at once while retrying shortly
     assert time.monotonic() - t0 < 1.0
-    own_redis.start()
+    redis_server.start()
     await asyncio.sleep(RETRY_AFTER_S)
     assert await pipe.call("PING") == b"PONG"  # back without anyone restarting the proxy
     await pipe.close()
