@@ -91,7 +91,7 @@ def test_a_recorded_score_is_shown_not_recomputed(
     model.write_bytes(b"any model file")
     sha = hashlib.sha256(b"any model file").hexdigest()
     record = {"runs": {sha: {"scored_at": "2026-01-01T00:00:00Z", "model": str(model), "result": result}}}
-    (cache / "fresh_eval_result.json").write_text(json.dumps(record))
+    (cache / fresh_eval.RECORD).write_text(json.dumps(record))
     assert fresh_eval.main(["--model", str(model)]) == 0
     out = capsys.readouterr().out
     assert "recorded at 2026-01-01T00:00:00Z" in out and "--again" in out
@@ -202,16 +202,19 @@ def test_wrapped_copies_keep_the_class_and_code_instructions_make_code() -> None
     assert copies == augment.wrapped(examples)  # deterministic
     assert all(c.source == augment.WRAPPED for c in copies)
     assert not any("hi there" in c.text for c in copies)  # small talk is never framed
-    poems = [c for c in copies if "poem" in c.text]
+    asked = {t.format(x=e.text) for ts in augment.TASK_INSTRUCTIONS.values() for t in ts for e in examples}
+    poems = [c for c in copies if "poem" in c.text and c.text not in asked]  # not "translate: <a poem request>"
     assert poems and all(c.label == "creative_writing" for c in poems)
     as_code = [c for c in copies if c.label == "code"]
     assert as_code and all(
         any(c.text == w.format(x=e.text) for w in augment.CODE_INSTRUCTIONS for e in examples) for c in as_code
     )
     framed_math = [c for c in copies if c.label == "math"]
-    assert framed_math and all(
-        any(c.text == w.format(x=e.text) for w in augment.GENERIC_WRAPPERS for e in examples) for c in framed_math
-    )
+    generic = {w.format(x=e.text) for w in augment.GENERIC_WRAPPERS for e in examples}
+    multiple_choice = [c for c in framed_math if c.text not in generic]
+    markers = ("choice: ", "\nA) ", "(A) ", "Options:\n", "Choices: ")
+    assert framed_math and multiple_choice
+    assert all(any(m in c.text for m in markers) for c in multiple_choice)
     assert not set(augment.DEV_WRAPPERS) & set(augment.GENERIC_WRAPPERS)
 
 
@@ -234,4 +237,32 @@ def test_without_the_source_the_eval_skips_and_says_why(
     assert fresh_eval.main([]) == 3
     err = capsys.readouterr().err
     assert err.startswith("skipped: the fresh test set is unavailable (pip could not fetch")
-    assert not (fresh_eval.cache_dir() / "fresh_eval_result.json").exists()
+    assert not (fresh_eval.cache_dir() / fresh_eval.RECORD).exists()
+
+
+def test_task_instructions_give_the_copy_the_instructions_class() -> None:
+    examples = [
+        Example(f"The council met on day {i} and approved a budget of {i * 1000} euros. " * 5, "other", "seed")
+        for i in range(400)
+    ]
+    examples += [Example(f"Solve {i}x + 3 = {i + 9} for x.", "math", "gsm8k") for i in range(400)]
+    copies = [c for c in augment.wrapped(examples) if c.label in augment.TASK_INSTRUCTIONS]
+    by_label = {label: [c for c in copies if c.label == label] for label in augment.TASK_INSTRUCTIONS}
+    assert all(by_label.values()), {k: len(v) for k, v in by_label.items()}  # every instruction kind is used
+    for c in copies:
+        assert any(c.text == t.format(x=e.text) for t in augment.TASK_INSTRUCTIONS[c.label] for e in examples)
+    short = {e.text for e in examples if len(e.text) < augment.MIN_BODY_CHARS["summarization"]}
+    assert not any(c.text.endswith(t) or t in c.text for c in by_label["summarization"] for t in short)
+    assert not any(c.label == e.label for c in copies for e in examples if e.text in c.text)  # never its own class
+
+
+def test_multiple_choice_framings_keep_the_class_of_questions_only() -> None:
+    examples = [Example(f"Which river flows through city number {i}?", "knowledge_qa", "mmlu") for i in range(300)]
+    examples += [Example(f"Write a story about robot {i}.", "creative_writing", "seed") for i in range(300)]
+    copies = augment.wrapped(examples)
+    markers = ("choice: ", "\nA) ", "(A) ", "Options:\n", "Choices: ")
+    framed = [c for c in copies if "Which river" in c.text and any(m in c.text for m in markers)]
+    assert all(c.label == "knowledge_qa" for c in framed)
+    assert framed and all(any(o in c.text for o in augment.MC_OPTIONS) for c in framed)
+    stories = [c for c in copies if "Write a story" in c.text]
+    assert not any(o in c.text for c in stories for o in ("choice: ", "Options:\n", "Choices: "))

@@ -13,6 +13,13 @@ Two kinds of wrapper, written for this purpose:
   ... reading standard input"), put around code examples *and* around math word problems
   full of numbers, where the result is a programming request (label ``code``): the
   instruction must outweigh the numbers.
+* **task instructions** around a text of another class (translate it, summarise it,
+  pull fields out of it, write a poem about it): the copy takes the instruction's class.
+  What is asked decides, not what the quoted text is about; and the thin classes
+  (translation, summarization, extraction) get examples in many framings.
+* **multiple-choice framings** of questions (knowledge, math, reasoning) with
+  placeholder options: exam harnesses list choices after the question, and the
+  list's scaffolding ("choice:", "(B)", "Answer:") must not read as any class.
 
 :data:`DEV_WRAPPERS` are never trained on; :func:`wrapper_robustness` measures how much
 unseen wrappers move the predictions (the development check for this module).
@@ -70,6 +77,72 @@ CODE_INSTRUCTIONS: tuple[str, ...] = (
     "Implement a solution in C++ for the problem below. Mind the time limit.\n\n{x}",
 )
 
+# Instruction -> class, around a text that is not itself the request. {x} is the text.
+TASK_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
+    "translation": (
+        "Translate the following text into French:\n\n{x}",
+        "Translate this into German, keeping the formatting:\n{x}",
+        'Please translate the passage below to Spanish.\n\n"""\n{x}\n"""',
+        "{x}\n\nTranslate the above into Japanese.",
+        "Render the following in idiomatic English:\n{x}",
+        "Translate into Simplified Chinese. Output only the translation.\n\n{x}",
+        "请把下面的内容翻译成英文：\n{x}",  # noqa: RUF001
+        "Traduis ce texte en anglais :\n{x}",
+    ),
+    "summarization": (
+        "Summarize the following text in three sentences:\n\n{x}",
+        "TL;DR of the passage below, one paragraph.\n\n{x}",
+        "{x}\n\nSummarize the above in a few bullet points.",
+        "Give a one-line summary of this:\n{x}",
+        "Condense the following into a short abstract of at most 50 words.\n\n{x}",
+        "Write a brief summary of the text between the markers.\n<<<\n{x}\n>>>",
+    ),
+    "extraction": (
+        "Extract every number mentioned in the text below and return them as a JSON list.\n\n{x}",
+        "From the following text, list all the named entities (people, places, organisations) with their type.\n{x}",
+        "{x}\n\nPull out the key facts above as a table with the columns field and value.",
+        "Identify all dates, amounts and names in this passage and output them as JSON.\n\n{x}",
+        "Return only the nouns that appear in the text below, comma-separated.\n{x}",
+        "Tag each entity in the following sentence with its type (PER, ORG, LOC, MISC).\n{x}",
+    ),
+    "creative_writing": (
+        "Write a short poem inspired by the following:\n\n{x}",
+        "Turn the text below into a short story told by a child.\n\n{x}",
+        "{x}\n\nNow write a limerick about the above.",
+    ),
+}
+MC_FORMATS: tuple[str, ...] = (
+    "{x}\n  choice: {a}\n  choice: {b}\n  choice: {c}\nA: ",
+    "{x}\nA) {a}\nB) {b}\nC) {c}\nD) {d}\nAnswer:",
+    "{x}\n(A) {a} (B) {b} (C) {c} (D) {d}",
+    "Question: {x}\nOptions:\n- {a}\n- {b}\n- {c}\nAnswer:",
+    "{x}\nChoices: {a}; {b}; {c}; {d}\nThe answer is",
+)
+# Class-neutral placeholder options: their words say nothing about the task.
+MC_OPTIONS: tuple[str, ...] = (
+    "Yes",
+    "No",
+    "Unknown",
+    "None of the above",
+    "True",
+    "False",
+    "the first one",
+    "It depends",
+    "all of them",
+    "Paris",
+    "red",
+    "B and C",
+    "never",
+    "the second",
+)
+# Per class, so that each class gets about as many framed copies: the scaffolding
+# must not become evidence of the class with the most questions (math).
+MC_SHARE = {"knowledge_qa": 0.3, "math": 0.15, "reasoning": 0.8}
+
+TASK_INSTRUCTION_SHARE = {"translation": 0.05, "summarization": 0.08, "extraction": 0.04, "creative_writing": 0.02}
+# A text to be summarised must have some length; one to be translated any.
+MIN_BODY_CHARS = {"summarization": 200, "extraction": 60}
+
 # The share of examples of each kind that get a wrapped copy.
 GENERIC_SHARE = 0.35
 CODE_SHARE = 0.6
@@ -102,6 +175,15 @@ def wrapped(examples: Sequence[Example]) -> list[Example]:
             and _u(e.text, "numeric") < NUMERIC_TO_CODE_SHARE
         ):
             out.append(Example(_pick(CODE_INSTRUCTIONS, e.text, "n").format(x=e.text), "code", WRAPPED))
+        if _u(e.text, "mc") < MC_SHARE.get(e.label, 0.0):
+            a, b, c, d = (_pick(MC_OPTIONS, e.text, f"o{k}") for k in range(4))
+            text = _pick(MC_FORMATS, e.text, "mc#").format(x=e.text, a=a, b=b, c=c, d=d)
+            out.append(Example(text, e.label, WRAPPED))
+        if e.label != "chat":
+            for label, share in TASK_INSTRUCTION_SHARE.items():
+                if label != e.label and len(e.text) >= MIN_BODY_CHARS.get(label, 0) and _u(e.text, label) < share:
+                    text = _pick(TASK_INSTRUCTIONS[label], e.text, label + "#t").format(x=e.text)
+                    out.append(Example(text, label, WRAPPED))
     return out
 
 

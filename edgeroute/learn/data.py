@@ -69,8 +69,15 @@ ARENA_V2 = "arena_hard_v2.0"
 ARENA_V01 = "arena_hard_v0.1"
 # seed_prompts_harness.jsonl: exam- and harness-style requests of the classes the other
 # files lack (reasoning, translation, knowledge questions, programming problems full of
-# numbers), written without reading any prompt of a test set.
-SEED_FILES = ("seed_prompts.jsonl", "seed_prompts_multilingual.jsonl", "seed_prompts_harness.jsonl")
+# numbers), written without reading any prompt of a test set. seed_prompts_thin.jsonl:
+# more of the thinnest classes (reasoning puzzles, extraction, summaries, small talk),
+# written before the second fresh test set was read.
+SEED_FILES = (
+    "seed_prompts.jsonl",
+    "seed_prompts_multilingual.jsonl",
+    "seed_prompts_harness.jsonl",
+    "seed_prompts_thin.jsonl",
+)
 # Hand-written prompts in the style of real chat-assistant users (long, specific, messy;
 # code / math / creative writing and the "other" requests that border on them). Written
 # by us without looking at the Arena-Hard v2.0 test prompts; source "seed_chat".

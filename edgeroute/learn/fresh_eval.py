@@ -33,7 +33,7 @@ before any of its prompts was read:
   and expected calibration error; the keyword baseline
   (:func:`~edgeroute.learn.baselines.keyword_task`) beside it on the same prompts.
 * **Once.** The first scoring of a model file is written to
-  ``<cache>/fresh_eval_result.json`` under the file's sha256; later runs for the same
+  ``<cache>/fresh_eval_v2_result.json`` under the file's sha256; later runs for the same
   file print that record. ``--again`` scores anew and says so.
 
 Without pip's network access the eval skips with the reason.
@@ -82,6 +82,8 @@ MAX_CHARS = 8000
 MIN_PER_CLASS = 5
 FOCUS = ("code", "math", "creative_writing")
 TASK_MODEL = Path(__file__).resolve().parents[1] / "models" / "task.erlm"
+# One record file per test set: a model's score on another set is never shown as this one's.
+RECORD = "fresh_eval_v2_result.json"
 
 
 class Unavailable(Exception):
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--again", action="store_true", help="score anew although a result is recorded (said so)")
     args = ap.parse_args(argv)
     cache = cache_dir()
-    record = cache / "fresh_eval_result.json"
+    record = cache / RECORD
     model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
     runs: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))["runs"] if record.exists() else {}
     if model_sha in runs and not args.again:
