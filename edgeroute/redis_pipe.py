@@ -14,6 +14,8 @@ Failure is fast and never blocks a request longer than `timeout_s`:
 - a reply later than `timeout_s`: every waiting command fails with `TimeoutError` and the
   socket is dropped (a late reply would be matched to the wrong command otherwise);
 - the socket closes: every waiting command fails with `ConnectionError`.
+A command that never reached the socket fails with `NotSent` (a `ConnectionError`): only
+then does the caller know that Redis did not run it.
 A caller cancelled while its command is on the wire does not stop Redis from running it.
 Errors are those of `redis_client.errors()`, so callers keep one `except`. Like
 `redis_client`, it loads redis-py (for its URL parser and error types) and hiredis only
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import ssl
 import time
@@ -34,6 +37,10 @@ from typing import Any, cast
 RETRY_AFTER_S = 0.25  # after a failed connect, commands fail at once for this long
 
 Reply = Any  # bytes, int, None or a list of replies
+
+
+class NotSent(ConnectionError):
+    """The command never reached Redis (no connection): sending it again cannot run it twice."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +216,7 @@ class RedisPipe:
                 self._write_soon = True
                 loop.call_soon(self._write)
         elif time.monotonic() - self._failed_at < RETRY_AFTER_S:
-            fut.set_exception(ConnectionError("Redis is unreachable (retrying shortly)"))
+            fut.set_exception(NotSent("Redis is unreachable (retrying shortly)"))
         else:
             self._queued.append((fut, command))
             if self._connecting is None:
@@ -254,7 +261,7 @@ class RedisPipe:
             queued, self._queued = self._queued, []
             for fut, _ in queued:
                 if not fut.done():
-                    fut.set_exception(error)
+                    fut.set_exception(NotSent(f"Redis is unreachable: {type(error).__name__}"))
             if not isinstance(e, Exception):
                 raise
             return
@@ -293,7 +300,8 @@ class RedisPipe:
         proto, self._proto = self._proto, None
         self._out.clear()
         if proto is not None and proto.transport is not None:
-            proto.transport.abort()
+            with contextlib.suppress(RuntimeError):  # its event loop is closed: nothing to abort
+                proto.transport.abort()
         waiting, self._waiting = self._waiting, collections.deque()
         for fut, _ in waiting:
             if not fut.done():
@@ -305,6 +313,7 @@ class RedisPipe:
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         self._drop(ConnectionError("a new event loop"))
         self._connecting, self._queued = None, []
+        self._write_soon = False  # a write the old loop had scheduled will never run
         self._loop = loop
 
     async def close(self) -> None:

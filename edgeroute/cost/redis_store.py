@@ -4,7 +4,8 @@ Every check-and-charge is one Lua script, so it is atomic across instances: a bu
 reservations from all instances see each other, and a bucket is one bucket. Admission is
 one script and one round trip (key and model limits, the deployment's limits, budgets);
 settlements are summed per key and sent together, one script in flight at a time, so
-under load many requests settle in one round trip, after their answers have gone out. Keys are
+under load many requests settle in one round trip, after their answers have gone out;
+those Redis never received (it was down) are sent again with the next batch. Keys are
 `{prefix}:b:{budget}:{subject}:{period}` (an integer of nano-USD, or a hash of rolling
 slots) and `{prefix}:rl:{name}:{kind}` (a hash: level, stamp in ms from Redis's clock).
 All keys expire on their own. Errors surface as :class:`StoreUnavailable`; what to do
@@ -24,7 +25,7 @@ from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
-from edgeroute.redis_pipe import RedisPipe, Script
+from edgeroute.redis_pipe import NotSent, RedisPipe, Script
 
 log = logging.getLogger("edgeroute.cost")
 
@@ -151,8 +152,16 @@ return 1
 """)
 
 
+RESEND_S = 1.0  # settlements Redis never received are sent again this often while it is down
+
+
 class StoreUnavailable(Exception):
-    """Redis did not answer (down, unreachable, timed out)."""
+    """Redis did not answer (down, unreachable, timed out). `sent`: False when the command
+    never reached Redis, so it certainly did not run."""
+
+    def __init__(self, reason: str, sent: bool = True) -> None:
+        super().__init__(reason)
+        self.sent = sent
 
 
 @dataclass(slots=True)
@@ -188,6 +197,7 @@ class RedisState:
         self._pending = _Pending()
         self._flusher: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def _run(
         self,
@@ -200,7 +210,7 @@ class RedisState:
         try:
             return await self.pipe.eval(script, keys, args, soon, if_abandoned)
         except redis_client.errors() as e:
-            raise StoreUnavailable(type(e).__name__) from None
+            raise StoreUnavailable(type(e).__name__, sent=not isinstance(e, NotSent)) from None
 
     # -- admission: one round trip -----------------------------------------------
 
@@ -368,11 +378,17 @@ class RedisState:
                 for key, (delta, cap) in batch.buckets.items():
                     keys.append(key)
                     args += [delta, cap]
-                assert batch.done is not None
+                if batch.done is None:  # deltas carried over, nobody waiting for them
+                    batch.done = asyncio.get_running_loop().create_future()
                 try:
                     await self._run(SETTLE, keys, args, soon=True)  # with the cache's writes, after answers
                 except StoreUnavailable as e:
                     batch.done.set_result(str(e))
+                    if not e.sent and not self._closing:
+                        # Redis never saw these deltas: they go with the next batch, sent again
+                        # once Redis is back (a reservation is released late, never twice).
+                        self._carry_over(batch)
+                        await asyncio.sleep(RESEND_S)
                 except BaseException:
                     batch.done.set_result("not sent")
                     raise
@@ -381,7 +397,21 @@ class RedisState:
         finally:
             self._flusher = None
 
+    def _carry_over(self, batch: _Pending) -> None:
+        pending = self._pending
+        for k, (key, rolling, delta, ttl, slot) in batch.budgets.items():
+            if (have := pending.budgets.get(k)) is None:
+                pending.budgets[k] = [key, rolling, delta, ttl, slot]
+            else:
+                have[2] += delta
+        for key, (delta, cap) in batch.buckets.items():
+            if (had := pending.buckets.get(key)) is None:
+                pending.buckets[key] = [delta, cap]
+            else:
+                had[0] += delta
+
     async def close(self) -> None:
+        self._closing = True
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5)
         await self.pipe.close()

@@ -171,3 +171,33 @@ async def test_an_admission_abandoned_on_the_wire_gives_back_what_it_took(redis_
     # Tokens and the deployment's request back (less the first admission's and a moment's refill).
     assert level["key:k:tokens"] >= 700 - 1 and level["deployment:d:requests"] >= 49 - 0.1
     assert level["key:k:requests"] <= 99.5  # the abandoned request still counts against the key
+
+
+async def test_settlements_redis_never_received_are_sent_when_it_is_back(redis_server: RedisServer) -> None:
+    """Redis down at settlement: the waiters hear of it at once, and the deltas (which Redis
+    certainly did not apply) land once it is back, exactly once."""
+    from edgeroute.cost.redis_store import RESEND_S, StoreUnavailable
+
+    shared = SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}", timeout_ms=500)
+    state = RedisState(shared)
+    budget = Budget(name="g", scope="global", limit_usd=1.0, period="day")
+    charge = B.charge(budget, "*", B.period_of(budget, 1.7e9), 0, -1)
+    await state.adjust_async([charge], [100])  # connected; the counter exists
+    redis_server.stop()
+    results = await asyncio.gather(*(state.adjust_async([charge], [-10]) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    redis_server.start()  # empty: what it held before is gone, only the carried deltas arrive
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    key = f"{shared.prefix}:b:{charge.store_key}"
+    try:
+        for _ in range(int(6 / 0.1)):
+            if await client.get(key) is not None:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(RESEND_S * 1.5)  # and not again
+        assert int(await client.get(key) or 0) == -30
+    finally:
+        await client.aclose()
+        await state.close()
