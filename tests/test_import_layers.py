@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
             "edgeroute.background",
+            "edgeroute.cost.writer_pace",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",

@@ -2,8 +2,14 @@
 grow?) and `GET /admin/stats` over a million stored requests.
 
     python -m edgeroute.bench.requestlog writes --rate 5000 --seconds 10
+    python -m edgeroute.bench.requestlog crash --rate 5000 --runs 3
     python -m edgeroute.bench.requestlog stall --rate 1000 --seconds 10
     python -m edgeroute.bench.requestlog stats --rows 1000000
+
+`writes` reports the most records ever not yet in the store (queued or in the batch being
+written: what a `kill -9` at that moment would lose) in flush intervals' worth of records;
+`crash` feeds a writer process at the rate, kills it with SIGKILL mid-load and counts the
+records it lost, checking that every record older than one interval is stored.
 
 `stall` is what the writer thread costs the event loop: an asyncio loop records at the
 given rate and wakes every millisecond; how late it wakes, with the writer (ledger and
@@ -19,8 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import mmap
+import os
 import random
+import signal
+import sqlite3
 import statistics
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -71,7 +84,7 @@ def writes(rate: int, seconds: float, flush: float) -> None:
         stop = threading.Event()
 
         def sample() -> None:
-            while not stop.wait(0.05):
+            while not stop.wait(0.005):
                 depths.append(ledger.queue_depth())
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -90,11 +103,103 @@ def writes(rate: int, seconds: float, flush: float) -> None:
         stop.set()
         sampler.join()
         ledger.close()
+        interval = rate * flush
         half = depths[len(depths) // 2 :]
-        print(f"fed {n} records at {n / fed:,.0f}/s for {fed:.1f}s (flush interval {flush}s)")
-        print(f"queue depth: max {max(depths)}, median {statistics.median(depths):.0f}, "
-              f"second half max {max(half)} (one interval of records = {rate * flush:.0f})")  # fmt: skip
-        print(f"queue empty {drain:.2f}s after the last record; written {ledger.written}")
+        print(f"fed {n} records at {n / fed:,.0f}/s for {fed:.1f}s (flush interval {flush}s = {interval:.0f} records)")
+        print(f"not yet stored (queued or being written), sampled every 5 ms: peak {max(depths)} = "
+              f"{max(depths) / interval:.2f} intervals, median {statistics.median(depths):.0f}, "
+              f"second half peak {max(half) / interval:.2f} intervals")  # fmt: skip
+        print(f"all stored {drain:.2f}s after the last record; written {ledger.written}; "
+              f"writer CPU {ledger.writer_cpu_s / max(1, ledger.written) * 1e6:.0f} us/record")  # fmt: skip
+
+
+# -- crash: SIGKILL a writer process mid-load ---------------------------------------------------
+
+
+def feed(db: Path, rate: int, seconds: float, flush: float, progress: Path) -> None:
+    """Records `rate` a second through a ledger writing `db`, counting what was recorded in
+    `progress` (8 bytes, shared memory): what the process killed mid-load had recorded."""
+    ledger = Ledger(SqliteBackend(db), flush_interval=flush, request_log=RequestLog())
+    with progress.open("r+b") as f:
+        fed = mmap.mmap(f.fileno(), 8)
+    rng = random.Random(3)
+    now = time.time()
+    print("feeding", flush=True)
+    t0 = time.perf_counter()
+    for i in range(int(rate * seconds)):
+        ahead = t0 + i / rate - time.perf_counter()
+        if ahead > 0.001:
+            time.sleep(ahead)
+        ledger.record(record(i, now + i / rate, rng))
+        struct.pack_into("<q", fed, 0, i + 1)
+    ledger.close()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Crash:
+    rate: int
+    flush: float
+    fed: int  # records the killed process had recorded
+    stored: int  # of them, in the database after the kill (spend and request log alike)
+    old: int  # of them, recorded more than one interval (plus `slack`) before the kill
+    old_missing: int  # ... and not stored: must be 0
+    not_a_prefix: int  # stored records with an unstored one before them: must be 0
+    log_rows: int  # request-log rows stored: must equal `stored`
+
+    @property
+    def lost(self) -> int:
+        return self.fed - self.stored
+
+    @property
+    def lost_intervals(self) -> float:
+        return self.lost / (self.rate * self.flush)
+
+
+def _stored(db: Path, table: str, column: str) -> set[int]:
+    conn = sqlite3.connect(db)
+    try:
+        return {int(r[0][4:], 16) for r in conn.execute(f"SELECT {column} FROM {table}")}
+    finally:
+        conn.close()
+
+
+def crash(rate: int, flush: float, kill_after: float, slack: float = 0.05) -> Crash:
+    """Starts a `feed` process, kills it with SIGKILL `kill_after` seconds into the load and
+    compares what it had recorded with what the database holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db, progress = Path(tmp) / "log.db", Path(tmp) / "fed"
+        progress.write_bytes(bytes(8))
+        args = ["feed", "--db", str(db), "--rate", str(rate), "--flush", str(flush), "--progress", str(progress)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeroute.bench.requestlog", *args, "--seconds", str(kill_after + 30)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "feeding"
+            with progress.open("r+b") as f:
+                fed = mmap.mmap(f.fileno(), 8)
+            samples: list[tuple[float, int]] = []  # (when, records recorded by then)
+            end = time.monotonic() + kill_after
+            while (now := time.monotonic()) < end:
+                samples.append((now, struct.unpack_from("<q", fed, 0)[0]))
+                time.sleep(0.002)
+            killed_at = time.monotonic()
+            os.kill(proc.pid, signal.SIGKILL)  # the process started above
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        total = struct.unpack_from("<q", fed, 0)[0]
+        # Recorded before this sample: more than one interval (and the sampling slack) ago.
+        old = max((n for t, n in samples if t <= killed_at - flush - slack), default=0)
+        stored = _stored(db, "spend", "request_id")
+        logged = _stored(db, "requests", "id")
+        first_gap = min(set(range(total)) - stored, default=total)
+        return Crash(
+            rate, flush, total, len(stored), old, sum(1 for i in range(old) if i not in stored),
+            sum(1 for i in stored if i > first_gap), len(logged),
+        )  # fmt: skip
 
 
 async def _paced(ledger: Ledger | None, recs: list[RequestRecord], rate: int) -> list[float]:
@@ -206,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seconds", type=float, default=10.0)
     g.add_argument("--flush", type=float, default=0.5)
     g.add_argument("--switch-interval", type=float, default=looplag.SWITCH_INTERVAL_S, help="seconds (Python's: 0.005)")
+    c = sub.add_parser("crash", help="SIGKILL a writer process mid-load; what it lost, in flush intervals")
+    c.add_argument("--rate", type=int, default=5000)
+    c.add_argument("--flush", type=float, default=0.5)
+    c.add_argument("--runs", type=int, default=3)
+    f = sub.add_parser("feed", help="(for crash) record at a rate into --db until killed")
+    f.add_argument("--db", type=Path, required=True)
+    f.add_argument("--progress", type=Path, required=True)
+    f.add_argument("--rate", type=int, default=5000)
+    f.add_argument("--seconds", type=float, default=30.0)
+    f.add_argument("--flush", type=float, default=0.5)
     s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--runs", type=int, default=5)
@@ -213,6 +328,16 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
+    elif a.what == "crash":
+        rng = random.Random()
+        print(f"SIGKILL of a process recording {a.rate}/s (flush interval {a.flush}s = {a.rate * a.flush:.0f} records)")
+        for _ in range(a.runs):
+            r = crash(a.rate, a.flush, rng.uniform(2.0, 4.0))
+            verdict = "ok" if r.old_missing == r.not_a_prefix == 0 and r.log_rows == r.stored else "FAILED"
+            print(f"  recorded {r.fed}, stored {r.stored}: lost {r.lost} = {r.lost_intervals:.2f} intervals; "
+                  f"older than one interval and missing: {r.old_missing} ({verdict})")  # fmt: skip
+    elif a.what == "feed":
+        feed(a.db, a.rate, a.seconds, a.flush, a.progress)
     elif a.what == "stall":
         stall(a.rate, a.seconds, a.flush, a.switch_interval)
     else:

@@ -1,9 +1,13 @@
 """The spend ledger: one row per request (and per attempt), in SQLite or PostgreSQL.
 
 `record()` only appends to a deque (thread-safe, no I/O, no conversion): a writer
-thread wakes every `flush_interval` seconds, turns the records into rows and writes
-them in one transaction. So a crash (SIGKILL) loses at most the records of the last
-interval; a graceful shutdown (`close()`, hooked into the app's cleanup) loses none.
+thread turns the records into rows and writes them in one transaction, early enough that
+every record is committed within `flush_interval` of being recorded: batches are taken
+often enough to leave room for their own write (`writer_pace`), and at once when a burst
+fills the queue. So a crash
+(SIGKILL) loses at most the records of the last interval as long as the store keeps up
+(`python -m edgeroute.bench.requestlog writes` and `crash` measure it); a graceful
+shutdown (`close()`, hooked into the app's cleanup) loses none.
 SQLite runs in WAL mode with `synchronous=NORMAL`: a committed batch survives the
 process dying (not the OS crashing, which needs `FULL`).
 
@@ -56,6 +60,7 @@ from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
+from edgeroute.cost.writer_pace import WriterPace
 from edgeroute.requestlog import outcomes as requestlog_outcomes
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog import rows as requestlog_rows
@@ -361,7 +366,7 @@ def _day(n: int) -> str:
 
 
 Row = tuple[Any, ...]
-_MAINTAIN_EVERY = 60.0  # seconds between retention runs
+_MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
 
 
 @dataclasses.dataclass(slots=True)
@@ -433,6 +438,8 @@ class Ledger:
         self._stop = False
         self._lock = threading.Lock()  # one flush at a time (thread vs. an explicit flush)
         self._maintained = 0.0
+        self._pace = WriterPace(flush_interval)  # updated by the writer thread only
+        self._inflight = 0  # records taken from the queue whose batch is not committed yet
         self.written = 0
         self.failed_batches = 0
         self.set_aside = 0
@@ -443,9 +450,12 @@ class Ledger:
         self._thread = threading.Thread(target=self._run, name="edgeroute-ledger", daemon=True)
         self._thread.start()
 
-    # the hot path: an append
+    # the hot path: an append (and, once per burst, a wake-up)
     def record(self, rec: RequestRecord) -> None:
-        self._queue.append(rec)
+        q = self._queue
+        q.append(rec)
+        if len(q) == self._pace.wake_rows:
+            self._wake.set()
 
     def journal(self, request_id: str, ts: float, store_key: str, amount_nano: int) -> None:
         """Notes a budget reservation (an append), written with the next batch."""
@@ -456,29 +466,38 @@ class Ledger:
         self._outcomes.append((table, row))
 
     def queue_depth(self) -> int:
-        """Records waiting to be written (new ones and those kept from failed batches)."""
-        return len(self._queue) + sum(len(h.pending) for h in self._retry)
+        """Records not in the store yet: waiting, in the batch being written, or kept from
+        failed batches (what a crash at this moment would lose)."""
+        return len(self._queue) + self._inflight + sum(len(h.pending) for h in self._retry)
 
     def _run(self) -> None:
         lower_priority()  # a flush waits for the loop, never the other way round
+        taken = time.monotonic()  # when the last batch was taken from the queue
         while not self._stop:
-            self._wake.wait(self.flush_interval)
+            self._wake.wait(max(0.0, taken + self._pace.period_s - time.monotonic()))
             self._wake.clear()
+            start = time.monotonic()
+            n = len(self._queue)
             try:
                 self.flush()
+                if self.request_log is not None:  # retention a little at a time: no long delete
+                    with self._lock:
+                        requestlog_store.prune_some(self.backend, self.request_log, max(1000, 2 * n))
                 if time.monotonic() - self._maintained >= _MAINTAIN_EVERY:
                     self._maintained = time.monotonic()
-                    self.maintain()
+                    self.maintain(budget=max(1000, 2 * n))
             except Exception:  # a bug must not stop the writer: the next flush tries again
                 log.exception("ledger flush failed")
+            self._pace.cycle(n, start - taken, time.monotonic() - start)
+            taken = start
 
-    def maintain(self, now: float | None = None) -> None:
-        """Retention: the request log's (days, size cap), batch ids past any retry, and settled
-        reservations."""
+    def maintain(self, now: float | None = None, budget: int | None = None) -> None:
+        """Retention: the request log's (days, size cap; at most `budget` request rows), batch
+        ids past any retry, and settled reservations."""
         now = time.time() if now is None else now
         with self._lock:
             if self.request_log is not None:
-                requestlog_store.prune(self.backend, self.request_log, now)
+                requestlog_store.prune(self.backend, self.request_log, now, budget)
             self.backend.execute("DELETE FROM ledger_batches WHERE ts < ?", (now - 3 * 86400,))
             settled = "EXISTS (SELECT 1 FROM spend WHERE spend.request_id = reservations.request_id)"
             self.backend.execute(f"DELETE FROM reservations WHERE ts < ? AND {settled}", (now - 600,))
@@ -522,13 +541,17 @@ class Ledger:
                 if time.monotonic() - self._drop_warned > 60:  # once a minute, not every flush
                     self._drop_warned = time.monotonic()
                     log.warning("request log: %d records behind; %d written without their row", len(batch), over)
-            pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
             outcomes: list[tuple[str, Row]] = []
             while self._outcomes:
                 outcomes.append(self._outcomes.popleft())
-            if not pending and not journal and not outcomes:
-                return done
-            n = self._write(_Held(self._next_id(), pending, journal, outcomes))
+            self._inflight = len(batch)
+            try:
+                pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
+                if not pending and not journal and not outcomes:
+                    return done
+                n = self._write(_Held(self._next_id(), pending, journal, outcomes))
+            finally:
+                self._inflight = 0
             return done + (n or 0)
 
     def _write(self, held: _Held, retry: bool = False) -> int | None:

@@ -10,6 +10,7 @@ rows, which are money, are never pruned).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from edgeroute.requestlog.settings import RequestLog
 log = logging.getLogger("edgeroute.requestlog")
 
 _PRUNE_CHUNK = 20_000  # rows per delete: a long delete would hold up the writer (and its queue)
+_CAP_CHUNK = 1000
 
 
 def schema(dialect: str) -> list[str]:
@@ -82,28 +84,43 @@ class Maintained(Protocol):
     def scalar(self, sql: str) -> int: ...
 
 
-def prune(db: Maintained, cfg: RequestLog, now: float | None = None) -> int:
-    """Drops what retention says to; returns the number of request rows deleted."""
+def prune_some(db: Maintained, cfg: RequestLog, budget: int | None, now: float | None = None) -> int:
+    """Drops request rows that retention says to (past `retention_days`, then the oldest while
+    SQLite is over `max_db_mb`), at most `budget` of them (None: all); the number deleted.
+
+    The writer calls this after every batch with a budget of about twice the batch: retention
+    keeps pace with the traffic a little at a time, never as one long delete that would hold
+    up the writer (and let its queue grow past one flush interval)."""
     now = time.time() if now is None else now
     cutoff = now - cfg.retention_days * 86400
+    left = sys.maxsize if budget is None else budget
     deleted = 0
     old = "SELECT id FROM requests WHERE ts < ? ORDER BY ts LIMIT ?"
-    while True:
-        n = db.execute(f"DELETE FROM requests WHERE id IN ({old})", (cutoff, _PRUNE_CHUNK))
+    while left > 0:
+        chunk = min(_PRUNE_CHUNK, left)
+        n = db.execute(f"DELETE FROM requests WHERE id IN ({old})", (cutoff, chunk))
         deleted += n
-        if n < _PRUNE_CHUNK:
+        left -= n
+        if n < chunk:
             break
-    outcomes.prune(db, cutoff)
+    if db.dialect == "sqlite" and cfg.max_db_mb is not None and left > 0:
+        deleted += _cap(db, cfg.max_db_mb * 1024 * 1024, left)
+    return deleted
+
+
+def prune(db: Maintained, cfg: RequestLog, now: float | None = None, budget: int | None = None) -> int:
+    """Drops what retention says to (request rows: at most `budget`); the request rows deleted."""
+    now = time.time() if now is None else now
+    deleted = prune_some(db, cfg, budget, now)
+    outcomes.prune(db, now - cfg.retention_days * 86400)  # feedback and shadow rows: few, once a minute
     # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not),
     # one range of the primary key (dim, res, minute) at a time: a condition on `minute` alone
     # would scan the whole table every minute, holding up the writer.
-    first_kept = int(cutoff // 60)
+    first_kept = int((now - cfg.retention_days * 86400) // 60)
     old_rollups = "DELETE FROM request_rollups WHERE dim = ? AND res = ? AND minute <= ?"
     for dim in rollup.DIMS:
         for res in rollup.LEVELS:
             db.execute(old_rollups, (dim, res, first_kept - res))
-    if db.dialect == "sqlite" and cfg.max_db_mb is not None:
-        deleted += _cap(db, cfg.max_db_mb * 1024 * 1024)
     return deleted
 
 
@@ -112,17 +129,15 @@ def used_bytes(db: Maintained) -> int:
     return (db.scalar("PRAGMA page_count") - db.scalar("PRAGMA freelist_count")) * db.scalar("PRAGMA page_size")
 
 
-def _cap(db: Maintained, max_bytes: float) -> int:
+def _cap(db: Maintained, max_bytes: float, budget: int) -> int:
     deleted = 0
-    for _ in range(50):  # bounded: each round drops the oldest 5 % (at least one chunk's worth)
-        if used_bytes(db) <= max_bytes:
-            break
-        total = db.scalar("SELECT COUNT(*) FROM requests")
-        if total == 0:
+    while deleted < budget and used_bytes(db) > max_bytes:
+        # A thousand of the oldest at a time, measured again after each: the size falls by
+        # less than the rows dropped (freed pages are kept for reuse), so it cannot be computed.
+        chunk = min(_CAP_CHUNK, budget - deleted)
+        n = db.execute("DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY ts LIMIT ?)", (chunk,))
+        if n == 0:
             log.warning("request log: the database is over max_db_mb with no request rows left to drop")
             break
-        chunk = min(_PRUNE_CHUNK, max(1000, total // 20))
-        deleted += db.execute(
-            "DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY ts LIMIT ?)", (chunk,)
-        )
+        deleted += n
     return deleted
