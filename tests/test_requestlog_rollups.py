@@ -138,15 +138,36 @@ def test_sqlite_stats_equal_the_raw_aggregation_for_any_window(tmp_path: Path) -
     db.close()
 
 
-def test_sqlite_spreads_the_minute_rows_over_the_levels_as_python_does(tmp_path: Path) -> None:
-    """SQLite gets a batch's minute rows and adds up the coarser levels itself (off the GIL);
-    its table holds exactly the rows that every level built in Python (PostgreSQL's way) gives."""
+def _stored_rollups(backend: str, path: Path, dsn: str) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    sql = f"SELECT {', '.join(rollup.COLUMNS)} FROM request_rollups"
+    if backend == "sqlite":
+        conn = sqlite3.connect(path)
+        found = list(conn.execute(sql))
+        conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(dsn) as c:
+            found = [tuple(r) for r in c.execute(sql)]
+    return {tuple(r[:4]): tuple(r[4:]) for r in found}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(backend: str, tmp_path: Path) -> None:
+    """Each batch hands the database its minute rows only, and the database adds up the
+    coarser levels itself (SQLite off the GIL; PostgreSQL summing a block's rows first): the
+    table holds exactly the rows that every level built in Python gives."""
     rng = random.Random(12)
     recs = _records(2000, (time.time() // 86400 - 2) * 86400 + 37 * 60, rng)
-    _write(Ledger(SqliteBackend(tmp_path / "s.db"), flush_interval=60, request_log=RequestLog()), recs, rng)
-    conn = sqlite3.connect(tmp_path / "s.db")
-    stored = {r[:4]: r[4:] for r in conn.execute(f"SELECT {', '.join(rollup.COLUMNS)} FROM request_rollups")}
-    conn.close()
+    dsn = ""
+    if backend == "sqlite":
+        db: Any = SqliteBackend(tmp_path / "s.db")
+    else:
+        dsn = require_postgres()
+        _pg_reset(dsn)
+        db = PostgresBackend(dsn)
+    _write(Ledger(db, flush_interval=60, request_log=RequestLog()), recs, rng)
+    stored = _stored_rollups(backend, tmp_path / "s.db", dsn)
     built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs)}
     assert {k[1] for k in stored} == set(rollup.LEVELS)
     assert stored.keys() == built.keys()
@@ -155,6 +176,8 @@ def test_sqlite_spreads_the_minute_rows_over_the_levels_as_python_does(tmp_path:
         got = stored[key]
         assert got[:4] + got[6:] == values[:4] + values[6:], key
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got[costs], values[costs], strict=True)), key
+    if backend == "postgres":
+        _pg_reset(dsn)
 
 
 def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> None:

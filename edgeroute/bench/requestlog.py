@@ -42,7 +42,7 @@ from pathlib import Path
 
 from edgeroute import looplag
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Ledger, SqliteBackend
+from edgeroute.cost.ledger import Backend, Ledger, PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query
 from edgeroute.requestlog.settings import RequestLog
 
@@ -246,8 +246,8 @@ def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
         print(f"  {label:<26} {q[0]:7.3f} {q[1]:7.3f} {q[2]:7.3f} {late[-1]:7.3f}  {cpu}")
 
 
-def _fill(path: Path, rows: int, hours: float) -> float:
-    ledger = Ledger(SqliteBackend(path), flush_interval=3600, request_log=RequestLog())
+def _fill(backend: Backend, rows: int, hours: float) -> float:
+    ledger = Ledger(backend, flush_interval=3600, request_log=RequestLog())
     rng = random.Random(2)
     start = time.time() - hours * 3600
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def _fill(path: Path, rows: int, hours: float) -> float:
     return time.perf_counter() - t0
 
 
-def _timed(db: SqliteBackend, q: dict[str, str], runs: int) -> tuple[float, float, int]:
+def _timed(db: Backend, q: dict[str, str], runs: int) -> tuple[float, float, int]:
     times = []
     n = 0
     for _ in range(runs):
@@ -270,14 +270,20 @@ def _timed(db: SqliteBackend, q: dict[str, str], runs: int) -> tuple[float, floa
     return statistics.median(times), max(times), n
 
 
-def stats(rows: int, runs: int, keep: str | None) -> None:
+def stats(rows: int, runs: int, keep: str | None, pg: str | None) -> None:
+    """Fills a database with `rows` requests over 24 hours through the real writer (SQLite in
+    a temporary directory or at `keep`, reused when it exists; or the PostgreSQL at `pg`,
+    reused when `keep` is given), then times `/admin/stats` queries over the day."""
     tmp = tempfile.TemporaryDirectory()
     path = Path(keep) if keep else Path(tmp.name) / "log.db"
-    if not path.exists():
-        secs = _fill(path, rows, 24)
-        size = path.stat().st_size / 1e6
-        print(f"stored {rows:,} requests over 24 h in {secs:.0f}s ({rows / secs:,.0f}/s); {size:.0f} MB")
-    db = SqliteBackend(path)
+    fresh = not path.exists() if pg is None else not keep
+    if fresh and pg is not None and PostgresBackend(pg).scalar("SELECT COUNT(*) FROM requests"):
+        raise SystemExit("the PostgreSQL database holds requests already: --keep to query them, or an empty one")
+    if fresh:
+        secs = _fill(SqliteBackend(path) if pg is None else PostgresBackend(pg), rows, 24)
+        size = f"; {path.stat().st_size / 1e6:.0f} MB" if pg is None else ""
+        print(f"stored {rows:,} requests over 24 h in {secs:.0f}s ({rows / secs:,.0f}/s){size}")
+    db: Backend = SqliteBackend(path) if pg is None else PostgresBackend(pg)
     cases = [
         {"since": "24h"},
         {"since": "24h", "bucket": "300"},
@@ -286,7 +292,7 @@ def stats(rows: int, runs: int, keep: str | None) -> None:
         {"since": "24h", "group_by": "team"},
         {"since": "24h", "group_by": "key"},
     ]
-    print(f"GET /admin/stats over a 24-hour window ({runs} runs each): median / max ms")
+    print(f"GET /admin/stats over a 24-hour window, {db.dialect} ({runs} runs each): median / max ms")
     for q in cases:
         med, worst, n = _timed(db, q, runs)
         label = "&".join(f"{k}={v}" for k, v in q.items())
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--runs", type=int, default=5)
-    s.add_argument("--keep", help="a database path to fill once and reuse")
+    s.add_argument("--keep", help="a database path to fill once and reuse (with --pg: reuse what is there)")
+    s.add_argument("--pg", help="a PostgreSQL DSN (an empty database) to fill and query instead of SQLite")
     a = p.parse_args(argv)
     if a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
@@ -341,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "stall":
         stall(a.rate, a.seconds, a.flush, a.switch_interval)
     else:
-        stats(a.rows, a.runs, a.keep)
+        stats(a.rows, a.runs, a.keep, a.pg)
     return 0
 
 

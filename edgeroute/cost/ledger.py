@@ -50,7 +50,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -219,27 +219,26 @@ class _Statements:
     spend: str
     attempts: str
     requests: str
-    rollup: str
     journal: str
     outcomes: dict[str, str]
-    # SQLite: the batch's rollups are its minute rows, spread over every level by these (in order).
-    staged_rollup: tuple[str, ...] = ()
+    # The batch's rollups are its minute rows, spread over every level by these (in order).
+    staged_rollup: tuple[str, ...]
 
     @classmethod
-    def for_mark(cls, mark: str, staged: bool = False) -> _Statements:
+    def for_mark(cls, mark: str, dialect: str) -> _Statements:
         return cls(
             f"INSERT INTO ledger_batches (batch_id, ts) VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING",
             _insert("spend", COLUMNS, mark, "row_id"),
             _insert("spend_attempts", ATTEMPT_COLUMNS, mark, "row_id, n"),
             requestlog_store.insert_sql(mark),
-            rollup.upsert_sql(mark),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
             requestlog_outcomes.insert_sql(mark),
-            tuple(rollup.staged_sql(mark)) if staged else (),
+            tuple(rollup.staged_sql(mark, dialect)),
         )
 
-    def run(self, cur: Any, b: Batch) -> None:
-        """Writes `b` through a cursor inside a transaction (the caller's)."""
+    def run(self, cur: Any, b: Batch, stage: Callable[[Any, list[Row]], None] | None = None) -> None:
+        """Writes `b` through a cursor inside a transaction (the caller's); `stage` puts the
+        minute rollup rows into the stage (default: the stage's INSERT, row by row)."""
         cur.execute(self.batch, (b.batch_id, time.time()))
         if cur.rowcount == 0:
             log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
@@ -251,13 +250,14 @@ class _Statements:
                 cur.executemany(sql, rows)
         for table, rows in requestlog_outcomes.group(b.outcomes).items():
             cur.executemany(self.outcomes[table], rows)
-        if b.rollup and self.staged_rollup:
-            stage, *spread = self.staged_rollup
-            cur.executemany(stage, b.rollup)
+        if b.rollup:
+            insert, *spread = self.staged_rollup
+            if stage is None:
+                cur.executemany(insert, b.rollup)
+            else:
+                stage(cur, b.rollup)
             for sql in spread:
                 cur.execute(sql)
-        elif b.rollup:
-            cur.executemany(self.rollup, b.rollup)
 
 
 class SqliteBackend:
@@ -274,9 +274,9 @@ class SqliteBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
         for stmt in _ROW_IDS:
             self._conn.execute(stmt)
-        self._conn.execute(rollup.stage_schema())
+        self._conn.execute(rollup.stage_schema(self.dialect))
         self._conn.commit()
-        self._sql = _Statements.for_mark("?", staged=True)
+        self._sql = _Statements.for_mark("?", self.dialect)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
@@ -305,7 +305,7 @@ class SqliteBackend:
 
 class PostgresBackend:
     dialect = "postgres"
-    rollup_levels = rollup.LEVELS
+    rollup_levels = (rollup.MINUTE,)  # as SQLite: the database adds up the coarser levels
 
     def __init__(self, dsn: str) -> None:
         import psycopg
@@ -322,17 +322,20 @@ class PostgresBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
-        self._sql = _Statements.for_mark("%s")
+            self._conn.execute(rollup.stage_schema(self.dialect))
+        self._sql = _Statements.for_mark("%s", self.dialect)
 
     def _live(self) -> Any:
         if self._conn.closed:
             self._conn = self._psycopg.connect(self._dsn, autocommit=False)
+            with self._conn.transaction():  # the stage is the connection's own
+                self._conn.execute(rollup.stage_schema(self.dialect))
         return self._conn
 
     def write(self, batch: Batch) -> None:
         conn = self._live()
         with conn.transaction(), conn.cursor() as cur:
-            self._sql.run(cur, batch)
+            self._sql.run(cur, batch, _copy_stage)
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
         conn = self._live()
@@ -351,6 +354,14 @@ class PostgresBackend:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def _copy_stage(cur: Any, rows: list[Row]) -> None:
+    """PostgreSQL: the minute rollup rows (~200 columns each) into the stage by COPY, one
+    stream rather than a statement per row."""
+    with cur.copy(f"COPY {rollup.STAGE} ({', '.join(rollup.COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _tokens(u: Usage | None) -> tuple[int, int, int, int]:

@@ -267,35 +267,35 @@ def backfill_sql(res: int) -> str:
 STAGE = "rollup_batch"
 
 
-def stage_schema() -> str:
+def stage_schema(dialect: str) -> str:
     """A temporary table (the writer's connection's own) for one batch's minute rows."""
+    if dialect == "postgres":  # typed as the rollups, emptied by each commit
+        return f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE request_rollups) ON COMMIT DELETE ROWS"
     return f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ({', '.join(COLUMNS)})"  # untyped: values kept as bound
 
 
-def staged_sql(mark: str) -> list[str]:
+def staged_sql(mark: str, dialect: str = "sqlite") -> list[str]:
     """A batch's rollups written from its minute rows: they go into the stage (the only rows
-    bound one by one, from Python), then each row is added into its block at every level by
-    SQL, in the database (SQLite releases the GIL while it runs; building the coarser rows in
-    Python and binding their ~200 values each held it), then the stage is emptied. Run in the
-    batch's transaction, in this order. SQLite applies an upsert row by row, so two minute
-    rows of one block add up without a GROUP BY. Coarser rows handed to the stage are
-    ignored: the minute rows carry everything."""
+    bound one by one, from Python; PostgreSQL copies them in), then each row is added into
+    its block at every level by SQL, in the database (SQLite releases the GIL while it runs;
+    building the coarser rows in Python and binding their ~200 values each held it), then the
+    stage is emptied. Run in the batch's transaction, in this order. SQLite applies an upsert
+    row by row, so two minute rows of one block add up without a GROUP BY; PostgreSQL refuses
+    to update one row twice in a statement, so there the block's rows are summed first.
+    Coarser rows handed to the stage are ignored: the minute rows carry everything."""
     out = [f"INSERT INTO {STAGE} ({', '.join(COLUMNS)}) VALUES ({', '.join([mark] * len(COLUMNS))})"]
-    values = ", ".join((*COUNTERS, *LAT, *TTFT))
-    adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in (*COUNTERS, *LAT, *TTFT))
+    names = (*COUNTERS, *LAT, *TTFT)
+    adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in names)
     for res in LEVELS:
+        block = f"minute - minute % {res}"
+        if dialect == "postgres":
+            values, group = ", ".join(f"SUM({c})" for c in names), f" GROUP BY dim, value, {block}"
+        else:
+            values, group = ", ".join(names), ""
         out.append(
-            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, minute - minute % {res}, "
-            f"{values} FROM {STAGE} WHERE res = {MINUTE} ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
+            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, {block}, "
+            f"{values} FROM {STAGE} WHERE res = {MINUTE}{group} "
+            f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
         )
     out.append(f"DELETE FROM {STAGE}")
     return out
-
-
-def upsert_sql(mark: str) -> str:
-    """Adds a row's counters into the stored row with the same key (or inserts it)."""
-    cols = ", ".join(COLUMNS)
-    marks = ", ".join([mark] * len(COLUMNS))
-    adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in (*COUNTERS, *LAT, *TTFT))
-    conflict = "ON CONFLICT (dim, res, minute, value) DO UPDATE SET"
-    return f"INSERT INTO request_rollups ({cols}) VALUES ({marks}) {conflict} {adds}"
