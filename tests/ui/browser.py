@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,23 @@ def wait_idle(drv: WebDriver, timeout: float = 10.0) -> None:
         return "Loading" not in main.text and bool(main.find_elements(By.TAG_NAME, "h1"))
 
     WebDriverWait(drv, timeout, poll_frequency=0.02).until(idle)
+
+
+_MARK_TITLE = "const t = document.getElementById('page-title'); if (t) t.dataset.left = '1';"
+_NEW_TITLE = "const t = document.getElementById('page-title'); return !!t && !t.dataset.left;"
+
+
+def navigate(drv: WebDriver, go: Callable[[], object], timeout: float = 10.0) -> None:
+    """`go()` (a click, a `get`), then until the *next* page has drawn and finished loading.
+
+    A change of the URL's fragment is handled by the console on a later event-loop turn, so
+    right after it the previous page is still there, already loaded: waiting only for "no
+    Loading left" could read the previous page (as it did on a busy machine). The current
+    title is marked first; the page that `go()` leads to draws a title without the mark."""
+    drv.execute_script(_MARK_TITLE)
+    go()
+    WebDriverWait(drv, timeout, poll_frequency=0.02).until(lambda d: d.execute_script(_NEW_TITLE))
+    wait_idle(drv, timeout)
 
 
 def set_width(drv: WebDriver, width: int, height: int) -> None:

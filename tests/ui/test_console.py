@@ -67,10 +67,13 @@ def sign_in(drv: Any, console: Console, role: str | None) -> None:
 
 
 def open_page(drv: Any, console: Console, page: str) -> None:
-    from tests.ui.browser import wait_idle
+    from tests.ui.browser import navigate, wait_idle
 
-    drv.get(f"{console.url}/ui/#/{page}")
-    wait_idle(drv)
+    url = f"{console.url}/ui/#/{page}"
+    if drv.current_url == url:  # already there: no navigation, so no new page to wait for
+        wait_idle(drv)
+    else:
+        navigate(drv, lambda: drv.get(url))
 
 
 def check_clean(drv: Any, where: str) -> None:
@@ -168,10 +171,7 @@ def test_spend_and_deployments_equal_the_api(browser: Any, console: tuple[Consol
     c, _ = console
     sign_in(browser, c, "admin")
     for by in ("model", "key", "day"):
-        browser.get(f"{c.url}/ui/#/spend?by={by}")
-        from tests.ui.browser import wait_idle
-
-        wait_idle(browser)
+        open_page(browser, c, f"spend?by={by}")
         report = get(c, f"/admin/spend?by={by}&since=1h")
         shown = {}
         for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-group]"):
@@ -217,18 +217,16 @@ def test_request_detail_shows_the_failover(browser: Any, console: tuple[Console,
     # The list links to it.
     open_page(browser, c, "requests")
     link = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{rid}"] a')
-    link.click()
-    from tests.ui.browser import wait_idle
+    from tests.ui.browser import navigate
 
-    wait_idle(browser)
+    navigate(browser, link.click)
     assert field(browser, "id").text == rid
 
 
 def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Console, Traffic]) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.ui.browser import wait_idle
+    from tests.ui.browser import navigate
 
     c, traffic = console
     if "GET /admin/alerts" not in routes(c):
@@ -236,15 +234,14 @@ def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Co
     deadline = time.monotonic() + 15  # alerts are evaluated every second
     while not (firing := get(c, "/admin/alerts")["firing"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [a["rule"] for a in firing] == ["primary-errors"]  # firing: its window outlasts the module
+    assert [a["rule"] for a in firing] == ["primary-errors"]
     sign_in(browser, c, "viewer")
     open_page(browser, c, "alerts")
     check_clean(browser, "the alerts page")
     row = browser.find_element(By.CSS_SELECTOR, f'tr[data-alert="{firing[0]["id"]}"]')
     assert field(browser, "rule", row).text == "primary-errors"
-    row.find_element(By.CSS_SELECTOR, "a.around").click()
-    WebDriverWait(browser, 10).until(lambda d: "deployment=d-primary" in d.current_url)
-    wait_idle(browser)
+    navigate(browser, row.find_element(By.CSS_SELECTOR, "a.around").click)
+    assert "deployment=d-primary" in browser.current_url
     shown = {r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-id]")}
     params = browser.current_url.split("#/requests?", 1)[1]
     listed = get(c, f"/admin/requests?{params}&limit=100")["data"]
@@ -297,7 +294,7 @@ def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from tests.ui.browser import wait_idle
+    from tests.ui.browser import navigate, wait_idle
 
     c, _ = console
     sign_in(browser, c, "admin")
@@ -318,8 +315,7 @@ def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> 
         seen.append(browser.switch_to.active_element.get_attribute("href") or "")
     assert any(s.endswith("#/deployments") for s in seen), "the navigation is reachable by keyboard"
     nav = browser.find_element(By.CSS_SELECTOR, 'a[href="#/alerts"]')
-    nav.send_keys(Keys.ENTER)
-    wait_idle(browser)
+    navigate(browser, lambda: nav.send_keys(Keys.ENTER))
     assert browser.switch_to.active_element.get_attribute("id") == "page-title"  # focus moves to the new page
 
 
