@@ -280,7 +280,11 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
     ledger = app.get(RECORDER)
     if not isinstance(ledger, Ledger):
         return
-    yield _gauge("edgeroute_ledger_queue_depth", "Records waiting for the ledger's writer.", ledger.queue_depth())
+    yield _gauge(
+        "edgeroute_ledger_queue_depth",
+        "Records not in the database yet (queued, or in the batch being written).",
+        ledger.queue_depth(),
+    )
     yield _counter("edgeroute_ledger_written", "Requests written to the spend ledger.", ledger.written)
     yield _counter(
         "edgeroute_ledger_failed_batches", "Ledger writes that failed and were kept to retry.", ledger.failed_batches
