@@ -273,3 +273,19 @@ def test_retention_drops_the_rollup_rows_wholly_before_the_cutoff_at_every_level
     db = SqliteBackend(path)
     _check(db, recent, now - HOURS * 3600 - 600, rng, cases=10)
     db.close()
+
+
+def test_postgres_reads_keep_their_connection_and_drop_a_failed_one() -> None:
+    """A new PostgreSQL connection costs more than most stats queries: reads reuse one."""
+    import psycopg
+
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    db = PostgresBackend(dsn)
+    assert db.query("SELECT pg_backend_pid()", []) == db.query("SELECT pg_backend_pid()", [])
+    with pytest.raises(psycopg.errors.UndefinedTable):
+        db.query("SELECT 1 FROM no_such_table", [])
+    # The connection that failed is closed, not reused; the next read gets a working one.
+    assert db.query("SELECT 2", []) == [(2,)]
+    db.close()
+    _pg_reset(dsn)

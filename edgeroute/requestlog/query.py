@@ -246,8 +246,17 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
     )
     spans = rollup.cover(first, last, step)
     outer = ", ".join(f"SUM({c})" for c in cols)
-    sql = f"SELECT value, t, {outer} FROM ({' UNION ALL '.join([part] * len(spans))}) AS r GROUP BY value, t"
-    found = db.query(sql, [x for res, a, b in spans for x in (group, res, a, b)]) if spans else []
+    if db.dialect == "postgres":
+        # PostgreSQL would plan each part's ~200 sums anew (~40 ms for a day's dozen parts,
+        # four times the execution): one scan of the spans (a bitmap OR of primary-key
+        # ranges) with one set of sums instead.
+        ranges = " OR ".join(["(res = ? AND minute >= ? AND minute < ?)"] * len(spans))
+        sql = f"SELECT value, {t} AS t, {outer} FROM request_rollups WHERE dim = ? AND ({ranges}) GROUP BY value, t"
+        params = [group, *(x for span in spans for x in span)]
+    else:
+        sql = f"SELECT value, t, {outer} FROM ({' UNION ALL '.join([part] * len(spans))}) AS r GROUP BY value, t"
+        params = [x for res, a, b in spans for x in (group, res, a, b)]
+    found = db.query(sql, params) if spans else []
     n_c, n_h = len(rollup.COUNTERS), rollup.BUCKETS
     rows = []
     total_c = [0.0] * n_c
