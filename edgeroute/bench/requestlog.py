@@ -116,10 +116,10 @@ def writes(rate: int, seconds: float, flush: float) -> None:
 # -- crash: SIGKILL a writer process mid-load ---------------------------------------------------
 
 
-def feed(db: Path, rate: int, seconds: float, flush: float, progress: Path) -> None:
+def feed(db: Path, rate: int, seconds: float, flush: float, progress: Path, low_priority: bool = True) -> None:
     """Records `rate` a second through a ledger writing `db`, counting what was recorded in
     `progress` (8 bytes, shared memory): what the process killed mid-load had recorded."""
-    ledger = Ledger(SqliteBackend(db), flush_interval=flush, request_log=RequestLog())
+    ledger = Ledger(SqliteBackend(db), flush_interval=flush, request_log=RequestLog(), low_priority=low_priority)
     with progress.open("r+b") as f:
         fed = mmap.mmap(f.fileno(), 8)
     rng = random.Random(3)
@@ -163,13 +163,15 @@ def _stored(db: Path, table: str, column: str) -> set[int]:
         conn.close()
 
 
-def crash(rate: int, flush: float, kill_after: float, slack: float = 0.05) -> Crash:
+def crash(rate: int, flush: float, kill_after: float, slack: float = 0.05, low_priority: bool = True) -> Crash:
     """Starts a `feed` process, kills it with SIGKILL `kill_after` seconds into the load and
-    compares what it had recorded with what the database holds."""
+    compares what it had recorded with what the database holds (`low_priority`: the writer
+    thread's, as `ledger.writer_priority: low`)."""
     with tempfile.TemporaryDirectory() as tmp:
         db, progress = Path(tmp) / "log.db", Path(tmp) / "fed"
         progress.write_bytes(bytes(8))
         args = ["feed", "--db", str(db), "--rate", str(rate), "--flush", str(flush), "--progress", str(progress)]
+        args += ["--writer-priority", "low" if low_priority else "normal"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "edgeroute.bench.requestlog", *args, "--seconds", str(kill_after + 30)],
             stdout=subprocess.PIPE,
@@ -321,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rate", type=int, default=5000)
     c.add_argument("--flush", type=float, default=0.5)
     c.add_argument("--runs", type=int, default=3)
+    c.add_argument("--writer-priority", choices=("low", "normal"), default="low", help="as ledger.writer_priority")
     f = sub.add_parser("feed", help="(for crash) record at a rate into --db until killed")
     f.add_argument("--db", type=Path, required=True)
     f.add_argument("--progress", type=Path, required=True)
     f.add_argument("--rate", type=int, default=5000)
     f.add_argument("--seconds", type=float, default=30.0)
     f.add_argument("--flush", type=float, default=0.5)
+    f.add_argument("--writer-priority", choices=("low", "normal"), default="low")
     s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--runs", type=int, default=5)
@@ -339,12 +343,12 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random()
         print(f"SIGKILL of a process recording {a.rate}/s (flush interval {a.flush}s = {a.rate * a.flush:.0f} records)")
         for _ in range(a.runs):
-            r = crash(a.rate, a.flush, rng.uniform(2.0, 4.0))
+            r = crash(a.rate, a.flush, rng.uniform(2.0, 4.0), low_priority=a.writer_priority == "low")
             verdict = "ok" if r.old_missing == r.not_a_prefix == 0 and r.log_rows == r.stored else "FAILED"
             print(f"  recorded {r.fed}, stored {r.stored}: lost {r.lost} = {r.lost_intervals:.2f} intervals; "
                   f"older than one interval and missing: {r.old_missing} ({verdict})")  # fmt: skip
     elif a.what == "feed":
-        feed(a.db, a.rate, a.seconds, a.flush, a.progress)
+        feed(a.db, a.rate, a.seconds, a.flush, a.progress, a.writer_priority == "low")
     elif a.what == "stall":
         stall(a.rate, a.seconds, a.flush, a.switch_interval)
     else:

@@ -394,6 +394,10 @@ class Ledger(_Strict):
     dsn: str | None = None  # postgres, a secret reference (env:/file:/literal)
     flush_interval: float = Field(0.5, gt=0, le=1.0)
     record_attempts: bool = True
+    # `low`: the writer yields the CPU to the event loop (a better p99); where other processes
+    # contend for the CPU it can fall behind, and a crash then loses more than one interval.
+    # `normal` keeps the one-interval bound on a shared host.
+    writer_priority: Literal["low", "normal"] = "low"
 
 
 class Feedback(_Strict):

@@ -451,8 +451,10 @@ class Ledger:
         baseline: dict[str, Price] | None = None,
         close_timeout: float = 5.0,
         request_log: RequestLog | None = None,
+        low_priority: bool = True,
     ) -> None:
         self.backend = backend
+        self.low_priority = low_priority
         self.flush_interval = flush_interval
         self.record_attempts = record_attempts
         self.baseline = baseline or {}
@@ -502,7 +504,8 @@ class Ledger:
         return len(self._queue) + self._inflight + sum(len(h.pending) for h in self._retry)
 
     def _run(self) -> None:
-        lower_priority()  # a flush waits for the loop, never the other way round
+        if self.low_priority:  # a flush waits for the loop, never the other way round
+            lower_priority()
         taken = time.monotonic()  # when the last batch was taken from the queue
         while not self._stop:
             self._wake.wait(max(0.0, taken + self._pace.period_s - time.monotonic()))
@@ -751,4 +754,5 @@ def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | No
         lc.record_attempts,
         most_expensive(cfg),
         request_log=cfg.request_log,
+        low_priority=lc.writer_priority == "low",
     )
