@@ -176,3 +176,42 @@ def test_waiting_requests_are_bounded_and_dropped_ones_counted(tmp_path: Path, m
     ledger.flush()
     assert ledger.backend.query("SELECT COUNT(*) FROM router_shadow WHERE candidate_route = 'strong'", []) == [(5,)]
     ledger.close()
+
+
+def test_the_report_on_postgresql_from_a_second_instance() -> None:
+    """Choices recorded by one instance's ledger are in another instance's report."""
+    from edgeroute.cost.ledger import Ledger, PostgresBackend
+    from edgeroute.requestlog import outcomes
+    from edgeroute.requestlog.settings import RequestLog
+    from edgeroute.router_shadow import report
+    from tests.test_cost_ledger import _pg_reset
+    from tests.test_cost_support import require_postgres
+
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    ledger = Ledger(PostgresBackend(dsn), flush_interval=60, request_log=RequestLog())
+    now = time.time()
+    for i in range(4):  # two agree (strong), two the candidate would send to the weak route
+        cand = "strong" if i < 2 else "weak"
+        ledger.outcome(
+            outcomes.ROUTER_SHADOW, (f"r{i}", "c@1", now, "auto", "strong", cand, 0.01, 0.01 if i < 2 else 0.001, 0.01)
+        )
+        ledger.outcome(outcomes.FEEDBACK, (f"r{i}", now, 1.0 if i % 2 else 0.0, None))
+    ledger.outcome(
+        outcomes.ROUTER_SHADOW, ("r0", "c@1", now, "auto", "strong", "weak", 9.0, 9.0, 9.0)
+    )  # a replay: ignored
+    ledger.close()
+    other = PostgresBackend(dsn)
+    body = report.build(other, {}, "c@1", now + 1)
+    assert body["requests"] == 4 and body["agreement"] == 0.5
+    assert body["cost"] == {"running_usd": 0.04, "candidate_usd": 0.022, "candidate_vs_running": 0.55, "paid_usd": 0.04}
+    # no rated request reached the weak route: those two disagreements cannot be estimated
+    assert body["quality"] == {
+        "rated": 4,
+        "running": 0.5,
+        "candidate_estimate": 0.5,
+        "estimated_disagreements": 0,
+        "unestimated_disagreements": 2,
+    }
+    assert report.build(other, {"candidate": "other"}, "c@1", now + 1)["requests"] == 0
+    other.close()

@@ -24,7 +24,7 @@ from edgeroute.cost.ledger import Backend
 
 _SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score
 FROM feedback f JOIN requests r ON r.id = f.request_id
-WHERE r.status = 200 AND (r.cache IS NULL OR r.cache <> 'hit') AND f.ts >= ?
+WHERE r.status = 200 AND (r.cache IS NULL OR r.cache IN ('miss', 'bypass')) AND f.ts >= ?
 ORDER BY r.ts"""
 
 

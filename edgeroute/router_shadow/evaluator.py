@@ -97,7 +97,7 @@ class Evaluator:
             return
         usage = next((a.usage for a in reversed(rec.attempts) if a.usage is not None), None)
         seen = _Seen(
-            live, body, ident, rec.request_id, rec.model, rec.route, decision.order[0],
+            live, body, ident, rec.request_id, rec.model, decision.route, decision.order[0],
             usage or Usage(decision.prompt_tokens, 0), sum(a.cost_usd for a in rec.attempts), rec.started,
         )  # fmt: skip
         self._added += len(body)
