@@ -68,7 +68,8 @@ async def _until(s: aiohttp.ClientSession, url: str, n: int) -> dict[str, Any]:
         async with s.get(url + "/admin/router/shadow") as r:
             assert r.status == 200, await r.text()
             body: dict[str, Any] = await r.json()
-        if body["requests"] >= n or time.monotonic() > deadline:
+        # the feedback rows may land a batch after the choices: wait for both
+        if (body["requests"] >= n and body["quality"]["rated"] >= n) or time.monotonic() > deadline:
             return body
         await asyncio.sleep(0.1)
 
