@@ -1,4 +1,5 @@
-"""Background threads (the ledger's writer) run at a lower CPU priority than the event loop's thread."""
+"""Background threads (the span builder; the ledger's writer at `writer_priority: low`) run at a
+lower CPU priority than the event loop's thread."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_a_thread_that_lowers_its_priority_leaves_the_others_alone() -> None:
 
 
 def test_the_ledgers_writer_runs_below_the_loop(tmp_path: Path) -> None:
-    ledger = Ledger(SqliteBackend(str(tmp_path / "spend.db")), flush_interval=0.05)
+    ledger = Ledger(SqliteBackend(str(tmp_path / "spend.db")), flush_interval=0.05, low_priority=True)
     try:
         writer = next(t for t in threading.enumerate() if t.name == "edgeroute-ledger")
         assert writer.native_id is not None

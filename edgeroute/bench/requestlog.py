@@ -116,7 +116,7 @@ def writes(rate: int, seconds: float, flush: float) -> None:
 # -- crash: SIGKILL a writer process mid-load ---------------------------------------------------
 
 
-def feed(db: Path, rate: int, seconds: float, flush: float, progress: Path, low_priority: bool = True) -> None:
+def feed(db: Path, rate: int, seconds: float, flush: float, progress: Path, low_priority: bool = False) -> None:
     """Records `rate` a second through a ledger writing `db`, counting what was recorded in
     `progress` (8 bytes, shared memory): what the process killed mid-load had recorded."""
     ledger = Ledger(SqliteBackend(db), flush_interval=flush, request_log=RequestLog(), low_priority=low_priority)
@@ -163,7 +163,7 @@ def _stored(db: Path, table: str, column: str) -> set[int]:
         conn.close()
 
 
-def crash(rate: int, flush: float, kill_after: float, slack: float = 0.05, low_priority: bool = True) -> Crash:
+def crash(rate: int, flush: float, kill_after: float, slack: float = 0.05, low_priority: bool = False) -> Crash:
     """Starts a `feed` process, kills it with SIGKILL `kill_after` seconds into the load and
     compares what it had recorded with what the database holds (`low_priority`: the writer
     thread's, as `ledger.writer_priority: low`)."""
@@ -323,14 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--rate", type=int, default=5000)
     c.add_argument("--flush", type=float, default=0.5)
     c.add_argument("--runs", type=int, default=3)
-    c.add_argument("--writer-priority", choices=("low", "normal"), default="low", help="as ledger.writer_priority")
+    c.add_argument("--writer-priority", choices=("low", "normal"), default="normal", help="as ledger.writer_priority")
     f = sub.add_parser("feed", help="(for crash) record at a rate into --db until killed")
     f.add_argument("--db", type=Path, required=True)
     f.add_argument("--progress", type=Path, required=True)
     f.add_argument("--rate", type=int, default=5000)
     f.add_argument("--seconds", type=float, default=30.0)
     f.add_argument("--flush", type=float, default=0.5)
-    f.add_argument("--writer-priority", choices=("low", "normal"), default="low")
+    f.add_argument("--writer-priority", choices=("low", "normal"), default="normal")
     s = sub.add_parser("stats", help="stats query times over N stored requests in 24 h")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--runs", type=int, default=5)

@@ -397,7 +397,7 @@ class Ledger(_Strict):
     # `low`: the writer yields the CPU to the event loop (a better p99); where other processes
     # contend for the CPU it can fall behind, and a crash then loses more than one interval.
     # `normal` keeps the one-interval bound on a shared host.
-    writer_priority: Literal["low", "normal"] = "low"
+    writer_priority: Literal["low", "normal"] = "normal"
 
 
 class Feedback(_Strict):

@@ -451,7 +451,7 @@ class Ledger:
         baseline: dict[str, Price] | None = None,
         close_timeout: float = 5.0,
         request_log: RequestLog | None = None,
-        low_priority: bool = True,
+        low_priority: bool = False,
     ) -> None:
         self.backend = backend
         self.low_priority = low_priority
