@@ -374,7 +374,7 @@ class Connection(BaseProtocol):
 
     async def _answer(self, message: RawRequestMessage, payload: StreamReader) -> None:
         writer = StreamWriter(self, self._loop)
-        task = asyncio.current_task()
+        task = self._task  # set by `_next` before this coroutine first runs
         assert task is not None
         request = self.app._make_request(message, payload, self, writer, task)  # type: ignore[arg-type]
         try:

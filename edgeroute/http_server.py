@@ -16,10 +16,8 @@ from aiohttp import web
 
 from edgeroute.config import Config
 from edgeroute.errors import error_body
-from edgeroute.http_connection import MAX_LINE_BYTES, BodyTimeout, Connection
+from edgeroute.http_connection import Connection
 from edgeroute.metrics import METRICS, Metrics
-
-__all__ = ["MAX_LINE_BYTES", "BodyTimeout", "ProxyServer"]
 
 log = logging.getLogger("edgeroute.http")
 
