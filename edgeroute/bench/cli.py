@@ -130,9 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--generator", choices=("python", "wrk"), default="python", help="the load: this process, or wrk (cheaper)"
     )
+    t.add_argument(
+        "--upstream",
+        choices=("mock", "nginx"),
+        default="mock",
+        help="the Python mock, or nginx with one canned answer (a few µs per request: the proxy gets the cores)",
+    )
     _common(t)
     t.set_defaults(
-        fn=lambda a: scenarios.throughput(_c(a), a.concurrency, cache=a.cache, workers=a.workers, generator=a.generator)
+        fn=lambda a: scenarios.throughput(
+            _c(a), a.concurrency, cache=a.cache, workers=a.workers, generator=a.generator, upstream=a.upstream
+        )
     )
 
     k = sub.add_parser("compare", help="CPU per request of proxies from several source trees, same sitting")

@@ -32,7 +32,7 @@ import aiohttp
 import orjson
 import yaml
 
-from edgeroute.bench import loadgen, reference, report, wrk
+from edgeroute.bench import loadgen, nginx_upstream, reference, report, wrk
 from edgeroute.bench.loadgen import Load, Stats, Target
 
 MOCK_MODEL = "gpt-4o-mini"
@@ -160,6 +160,20 @@ class Stack:
             p.kill()
             raise RuntimeError(f"mock {name} did not start: {line!r}")
         proc = Proc(name, p, int(line.split()[1].split("=")[1]), admin_port)
+        self.procs.append(proc)
+        return proc
+
+    def nginx(self, name: str = "nginx") -> Proc:
+        """An nginx upstream with one canned chat completion (`nginx_upstream`), on the other CPUs."""
+        cpus = self.other_cpus
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        port = free_port()
+        p = nginx_upstream.start(port, Path(self.tmp.name) / name, pin)
+        proc = Proc(name, p, port)
         self.procs.append(proc)
         return proc
 
@@ -539,14 +553,21 @@ CACHE_EVERYTHING = {"ttl": 3600, "deterministic_only": False, "scope": "global"}
 
 
 def throughput(
-    c: Common, concurrency: int = 64, cache: bool = False, workers: int = 1, generator: str = "python"
+    c: Common,
+    concurrency: int = 64,
+    cache: bool = False,
+    workers: int = 1,
+    generator: str = "python",
+    upstream: str = "mock",
 ) -> dict[str, Any]:
     """Maximum req/s of one proxy process (closed loop), and of the mock directly; with `cache`,
     of cache hits; with `workers`, of `serve --workers N`; with `generator` "wrk", the load
-    comes from wrk (`bench/wrk.py`) instead of this process."""
-    out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers, "generator": generator}
+    comes from wrk (`bench/wrk.py`) instead of this process; with `upstream` "nginx", the
+    upstream is nginx with a canned answer (`nginx_upstream`) instead of the Python mock."""
+    out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers, "generator": generator,
+                           "upstream": upstream}  # fmt: skip
     with Stack(c.pin) as stack:
-        mock = stack.upstream()
+        mock = stack.nginx() if upstream == "nginx" else stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = bench_config({"p0": url, "p1": url})
         if cache:
