@@ -25,7 +25,6 @@ Best effort, and its bounds:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -38,7 +37,7 @@ from typing import Protocol, TypeVar
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from edgeroute import redis_client
+from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.metrics import METRICS
@@ -284,9 +283,7 @@ def install(app: web.Application, config: Config) -> None:
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         renew = asyncio.create_task(slots.renew_forever())
         yield
-        renew.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await renew
+        await background.stop(renew)
         await slots.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -39,7 +39,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from edgeroute import redis_client
+from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.metrics import METRICS
 from edgeroute.state import STATE
@@ -272,11 +272,7 @@ def install(app: web.Application, config: Config) -> None:
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(bus.listen(share)), asyncio.create_task(share.watch())]
         yield
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await background.stop(*tasks)
         await bus.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -33,7 +33,7 @@ from edgeroute.config import Config
 from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV, actor_of
-from edgeroute.state import STATE, Live
+from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.reload")
@@ -50,36 +50,50 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
 async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:
     """Swaps in a validated config whole, records it as a version and in the audit log;
     raises ConfigError (nothing changed) when it cannot be applied."""
-    state = app[STATE]
-    old = state.live
-    if fixed := restart_only_changes(old.config, cfg):
-        raise config_mod.ConfigError([f"{old.source}: {p}" for p in fixed])
-    try:
-        new = Live.build(cfg, old.source, previous=old)
-    except (_core.ConfigError, secrets.SecretError, OSError, ValueError) as e:
-        # e.g. a secret file removed between validation and build: keep the running generation
-        raise config_mod.ConfigError([f"{old.source}: {e}"]) from None
-    state.live = new
+    state, gov = app[STATE], app.get(GOV)
+    async with state.applying:  # the generation built here is the one swapped in, and its version
+        old = state.live
+        if fixed := restart_only_changes(old.config, cfg):
+            raise config_mod.ConfigError([f"{old.source}: {p}" for p in fixed])
+        try:
+            new = Live.build(cfg, old.source, previous=old)
+        except (_core.ConfigError, secrets.SecretError, OSError, ValueError) as e:
+            # e.g. a secret file removed between validation and build: keep the running generation
+            raise config_mod.ConfigError([f"{old.source}: {e}"]) from None
+        # Stored before the swap and made active with it (no await between): a client answered
+        # by the new config finds it in the versions, and the rollback guard counts every answer.
+        try:
+            saved = await gov.save(text, how, actor) if gov is not None else None
+        except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
+            _retire(state, new)
+            raise
+        state.live = new
+        before = gov.activate(new, saved, how) if gov is not None and saved is not None else None
+        _retire(state, old)
     log.info("config applied (%s) from %s", how, old.source)
-    if (gov := app.get(GOV)) is not None:
-        await gov.applied(new, text, how, actor, old.config)
+    if gov is not None and saved is not None:
+        await gov.applied(new, saved, how, actor, before, old.config)
+    return new
 
-    async def close_old() -> None:
+
+def _retire(state: ServerState, gen: Live) -> None:
+    """Closes a generation's connection pools once no request runs on it, off the caller."""
+
+    async def close() -> None:
         # Requests on the old generation (a long stream, say) finish on its pools; they end
         # by their total timeout at the latest, which bounds the wait.
         try:
-            async with asyncio.timeout(_longest_request_s(old.config) + old.config.server.drain_timeout):
-                await old.wait_idle()
+            async with asyncio.timeout(_longest_request_s(gen.config) + gen.config.server.drain_timeout):
+                await gen.wait_idle()
         except TimeoutError:
-            log.warning("closing the previous config's connections with %d requests still on them", old.in_flight)
+            log.warning("closing the previous config's connections with %d requests still on them", gen.in_flight)
         finally:
-            for up in old.upstreams.values():
+            for up in gen.upstreams.values():
                 await up.close()
 
-    task = asyncio.create_task(close_old())
+    task = asyncio.create_task(close())
     state.background.add(task)
     task.add_done_callback(state.background.discard)
-    return new
 
 
 def _read(source: str) -> str:

@@ -113,6 +113,7 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    applying: asyncio.Lock = field(default_factory=asyncio.Lock)  # one config swapped in at a time (reload.py)
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
     streams: set[asyncio.Timeout] = field(default_factory=set)
     drain_at: float = math.inf

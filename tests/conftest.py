@@ -6,12 +6,16 @@ real Rust core, and upstreams are real HTTP servers speaking each provider's for
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -32,6 +36,50 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # Prices come from the bundled catalogue in tests, never from a catalogue a user updated.
 os.environ["EDGEROUTE_PRICES"] = str(Path(tempfile.mkdtemp(prefix="edgeroute-tests-")) / "prices.json")
+
+
+# -- waiting for background work ---------------------------------------------------------------
+# A test that needs something done off the request path (a batch flushed, a process started, a
+# guard's rollback finished) polls for it: the deadline is generous, for a CI machine busy with
+# other work, and ends as soon as the condition holds. EDGEROUTE_TEST_PATIENCE multiplies every
+# deadline (a slower machine); no test sleeps a fixed time for background work instead.
+PATIENCE = float(os.environ.get("EDGEROUTE_TEST_PATIENCE", "1"))
+T = TypeVar("T")
+
+
+def patience(seconds: float) -> float:
+    """`seconds` as a deadline for background work on this machine."""
+    return seconds * PATIENCE
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], what: str, within: float = 30.0, every: float = 0.05) -> T:
+    """The first truthy value `probe()` returns; fails, naming `what` and the last value seen,
+    when none came within `within` seconds (times PATIENCE)."""
+    deadline = time.monotonic() + patience(within)
+    while True:
+        got = await probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {patience(within):.0f} s (last seen: {got!r})")
+        await asyncio.sleep(every)
+
+
+async def wait_ready(url: str, within: float = 60.0, proc: Any = None) -> None:
+    """Until `url/readyz` answers 200. A process that started it (`proc`: asyncio or Popen)
+    and exited ends the wait at once."""
+
+    async def ready() -> bool:
+        code = None if proc is None else proc.poll() if hasattr(proc, "poll") else proc.returncode
+        if code is not None:
+            raise AssertionError(f"the server exited with {code} before it was ready")
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(url + "/readyz") as r:
+                return r.status == 200
+        return False
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        await eventually(ready, f"{url} ready", within)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from edgeroute.capacity_share import SHARED_SLOTS, RedisLeases
 from edgeroute.config import SharedState
 from edgeroute.server import create_app
 from edgeroute.state import STATE
-from tests.conftest import Proxy, ProxyTestServer
+from tests.conftest import Proxy, ProxyTestServer, eventually
 from tests.dispatch_support import StartProxy, answer
 from tests.dispatch_support import upstreams as upstreams  # a fixture
 from tests.scale.support import free_port, metric
@@ -82,11 +82,10 @@ async def _leases(cfg: SharedState, deployment: str) -> int:
 
 
 async def _until_no_leases(cfg: SharedState, deployment: str) -> None:
-    for _ in range(300):  # the releases go out off the request path
-        if await _leases(cfg, deployment) == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("leases left behind")
+    async def none_left() -> bool:  # the releases go out off the request path
+        return await _leases(cfg, deployment) == 0
+
+    await eventually(none_left, "leases left behind")
 
 
 async def _through_two(
@@ -162,10 +161,11 @@ async def test_admin_deployments_shows_the_fleets_in_flight_beside_its_own(
     cfg["shared_state"] = shared.model_dump()
     p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
     asks = [asyncio.ensure_future(_ask(p)) for p in (p1, p2, p2)]
-    for _ in range(300):
-        if await _leases(shared, "d-a") == 3:
-            break
-        await asyncio.sleep(0.01)
+
+    async def three_leases() -> bool:
+        return await _leases(shared, "d-a") == 3
+
+    await eventually(three_leases, "the 3 requests holding their leases")
     async with aiohttp.ClientSession() as http, http.get(p1.url + "/admin/deployments") as resp:
         rows = {d["name"]: d for d in (await resp.json())["deployments"]}
     assert (rows["d-a"]["active"], rows["d-a"]["fleet_active"], rows["d-a"]["max_concurrency"]) == (1, 3, 5)

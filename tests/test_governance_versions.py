@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -11,8 +13,9 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
+from edgeroute.governance.store import GovStore
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import eventually, patience, simple_config
 from tests.governance_support import call, write_config
 
 
@@ -176,6 +179,32 @@ async def test_literal_secrets_never_reach_the_database(served) -> None:  # type
     assert yaml.safe_load(path.read_text())["providers"]["a"]["headers"] == {"x-team-secret": "literal-header-value"}
 
 
+async def test_a_reloaded_config_answers_only_once_its_version_is_listed(served, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On a slow database (a busy machine), a reloaded config must not answer before the
+    admin API lists its version as the active one: clients and operators see one state."""
+    url, path, cfg, _ = served
+    add_version = GovStore.add_version
+
+    def slow_database(self: GovStore, *args: Any) -> tuple[int, bool]:
+        time.sleep(0.5)  # in the thread the version is written from, as a loaded disk would
+        return add_version(self, *args)
+
+    monkeypatch.setattr(GovStore, "add_version", slow_database)
+    cfg["models"]["m2"] = {"deployments": ["d-a"]}
+    write_config(path, cfg)
+    reload = asyncio.ensure_future(call("POST", url + "/admin/reload", "tok-operator"))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="tok-viewer")
+
+    async def m2_served() -> bool:
+        return "m2" in [m.id for m in (await client.models.list()).data]
+
+    await eventually(m2_served, "model m2 after the reload", every=0.01)
+    _, body = await call("GET", url + "/admin/config/versions", "tok-viewer")
+    assert [(v["version"], v["active"]) for v in body["versions"]] == [(2, True), (1, False)]
+    assert (await call("GET", url + "/admin/config", "tok-viewer"))[1]["version"] == 2
+    assert (await reload)[0] == 200
+
+
 async def test_rollback_guard_undoes_a_bad_reload(start_upstream, tmp_path: Path) -> None:
     good, bad = await start_upstream(), await start_upstream(fail_status=500)
     cfg = simple_config({"a": good})
@@ -193,24 +222,34 @@ async def test_rollback_guard_undoes_a_bad_reload(start_upstream, tmp_path: Path
         assert (await call("POST", url + "/admin/reload"))[0] == 200
         for _ in range(6):
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-        # A reload that sends everything to a broken provider is rolled back by itself.
+        # A reload that sends everything to a broken provider is rolled back by itself, within
+        # the guard's window.
         cfg["providers"]["a"]["base_url"] = bad.base_url
         write_config(path, cfg)
         assert (await call("POST", url + "/admin/reload"))[0] == 200
-        errors = 0
-        for _ in range(40):
+        errors, window_ends = 0, time.monotonic() + patience(20)
+        while True:
             try:
                 await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
                 break
             except openai.APIStatusError:
                 errors += 1
+                assert time.monotonic() < window_ends, f"still failing after {errors} errors"
                 await asyncio.sleep(0.1)
-        assert 5 <= errors < 40
+        assert errors >= 5  # min_requests
+        # Answered by the rolled-back config: the versions say so already.
         _, versions = await call("GET", url + "/admin/config/versions")
         assert versions["versions"][0]["source"] == "auto_rollback:2"
         assert versions["versions"][0]["applied_by"] == "rollback-guard"
-        _, audit = await call("GET", url + "/admin/audit?actor=rollback-guard")
-        assert "error rate" in audit["entries"][0]["after"]["reason"]
+        assert versions["versions"][0]["active"]
+
+        # The guard then writes the file back and audits its reason, off the request path.
+        async def reason() -> list[dict[str, Any]]:
+            _, audit = await call("GET", url + "/admin/audit?action=config.auto_rollback.reason")
+            return list(audit["entries"])
+
+        entries = await eventually(reason, "the rollback guard's audit entry with its reason")
+        assert entries[0]["actor"] == "rollback-guard" and "error rate" in entries[0]["after"]["reason"]
         assert yaml.safe_load(path.read_text())["providers"]["a"]["base_url"] == good.base_url
     finally:
         await client.close()

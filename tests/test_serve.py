@@ -8,33 +8,20 @@ import os
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import yaml
 
-from tests.conftest import simple_config
+from tests.conftest import simple_config, wait_ready
+
+__all__ = ["wait_ready"]  # imported from here by other tests
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def wait_ready(url: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            try:
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("proxy did not become ready")
 
 
 async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.governance import residency
 from edgeroute.governance.keys import ManagedKeys
 from edgeroute.governance.store import GovStore
-from edgeroute.governance.versions import Versions, digest
+from edgeroute.governance.versions import Saved, Versions, digest
 from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.governance")
@@ -49,23 +49,34 @@ class Gov:
         except Exception as e:
             log.error("audit log: cannot write %s %s by %s (%s)", action, target, actor, type(e).__name__)
 
-    def store_hash(self) -> str:
-        return digest(self.versions.active_text)
-
-    async def applied(self, live: Live, text: str, how: str, actor: str | None, previous: Config | None = None) -> None:
-        """A config was swapped in: store its version, audit it, follow its residencies."""
-        before = self.versions.active
+    async def save(self, text: str, how: str, actor: str | None) -> Saved | None:
+        """Stores a config about to be swapped in as the next version; None (logged) when the
+        database cannot."""
         try:
-            v, _ = await asyncio.to_thread(self.versions.record, text, how, actor)
+            return await asyncio.to_thread(self.versions.save, text, how, actor)
         except Exception as e:
             log.error("config versions: cannot record the applied config (%s)", type(e).__name__)
-            return
+            return None
+
+    def activate(self, live: Live, saved: Saved, how: str) -> int | None:
+        """Makes `saved` the running version, follows its residencies and starts the rollback
+        guard's watch; returns the version before. Call in the same step as the swap (no await
+        between), so that no request is answered by a generation whose version the admin API
+        does not show yet, or that the guard does not count."""
+        before = self.versions.active
+        self.versions.activate(saved)
         if self.managed is not None:
             cfg = live.config
             self.managed.set_region_of(lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
         if self.on_applied is not None:
             self.on_applied(live, how, before)
-        after = {"version": v, "hash": self.store_hash(), "source": how}
+        return before
+
+    async def applied(
+        self, live: Live, saved: Saved, how: str, actor: str | None, before: int | None, previous: Config | None = None
+    ) -> None:
+        """Audits a config swapped in (after `activate`)."""
+        after = {"version": saved.version, "hash": digest(saved.stored), "source": how}
         await self.audit(actor or how, "config." + how.split(":")[0], "config", {"version": before}, after)
         if previous is not None and previous.budgets != live.config.budgets:
             old, new = previous.budgets.model_dump(mode="json"), live.config.budgets.model_dump(mode="json")

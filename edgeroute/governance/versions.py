@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,15 @@ def version_json(v: Version, active: int | None) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A stored version: its number, its text as stored (literal secrets redacted) and as applied."""
+
+    version: int
+    stored: str
+    text: str
+
+
 class Versions:
     """This instance's running version, over the shared table of versions."""
 
@@ -175,12 +185,21 @@ class Versions:
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
 
-    def record(self, text: str, source: str, applied_by: str | None) -> tuple[int, bool]:
-        """Stores an applied config (blocking: call off the event loop) and makes it active."""
+    def save(self, text: str, source: str, applied_by: str | None) -> Saved:
+        """Stores a config about to be applied (blocking: call off the event loop); `activate`
+        makes it the running version."""
         stored = for_storage(text)
-        v, created = self.store.add_version(digest(stored), source, applied_by, stored)
-        self.active, self.active_text, self.running_text = v, stored, text
-        return v, created
+        v, _ = self.store.add_version(digest(stored), source, applied_by, stored)
+        return Saved(v, stored, text)
+
+    def activate(self, saved: Saved) -> None:
+        self.active, self.active_text, self.running_text = saved.version, saved.stored, saved.text
+
+    def record(self, text: str, source: str, applied_by: str | None) -> int:
+        """Stores an applied config and makes it active (blocking: call off the event loop)."""
+        saved = self.save(text, source, applied_by)
+        self.activate(saved)
+        return saved.version
 
     def get(self, v: int) -> Version:
         found = self.store.version(v)

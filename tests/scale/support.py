@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,10 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.conftest import eventually, wait_ready
 from tests.test_cost_support import PG_DSN, REDIS_URL
 
-__all__ = ["PG_DSN", "REDIS_URL"]
+__all__ = ["PG_DSN", "REDIS_URL", "wait_ready"]
 
 
 def free_port() -> int:
@@ -59,18 +59,6 @@ class Instance:
         return self.log.read_text(errors="replace")
 
 
-async def wait_ready(url: str, within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with s.get(url + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{url} did not become ready within {within} s")
-
-
 Spawn = Callable[..., Awaitable[Instance]]
 
 
@@ -92,12 +80,13 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
         inst = Instance(proc, port, path, log)
         started.append(inst)
         try:
-            await wait_ready(inst.url)
+            await wait_ready(inst.url, proc=proc)
             if "--workers" in flags:  # one worker answering is not all of them: the supervisor says when
-                deadline = time.monotonic() + 30
-                while "workers)" not in inst.output():
-                    assert time.monotonic() < deadline, "the supervisor never said all workers listen"
-                    await asyncio.sleep(0.05)
+
+                async def all_listen() -> bool:
+                    return "workers)" in inst.output()
+
+                await eventually(all_listen, "the supervisor saying all workers listen")
         except AssertionError:
             raise AssertionError(inst.output()[-3000:]) from None
         return inst

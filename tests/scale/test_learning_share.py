@@ -3,13 +3,14 @@ another served, moves routing on every instance."""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
+from typing import Any
 
 import aiohttp
 import openai
+import redis.asyncio as aioredis
 
+from tests.conftest import eventually
 from tests.test_cost_support import require_redis
 from tests.test_selection import WEAK_OUT, config, explain, pair, served_by
 
@@ -35,7 +36,15 @@ async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
     assert (await served_by(c1, text))[0] == "strong"
     ids = [(await served_by(c1, text, model="weak"))[1].headers["x-request-id"] for _ in range(40)]
-    await asyncio.sleep(1.5)  # the served requests reach Redis in the next batch
+    redis = aioredis.Redis.from_url(url)
+
+    async def all_shared() -> int:  # the served requests reach Redis in instance 1's next batch
+        return await redis.exists(*(f"{prefix}:learn:req:{rid}" for rid in ids)) == len(ids)
+
+    try:
+        await eventually(all_shared, "instance 1's served requests in Redis")
+    finally:
+        await redis.aclose()
     async with aiohttp.ClientSession() as s:
         for rid in ids:  # rated through the other instance, which served none of them
             async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
@@ -43,11 +52,17 @@ async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
                 assert (await r.json())["route"] == "weak"
         async with s.post(p2.url + "/v1/feedback", json={"request_id": "unknown", "score": 1.0}) as r:
             assert r.status == 404
-    # Instance 1 never saw the feedback: its posteriors come from Redis.
-    deadline = time.monotonic() + 10
-    while (await served_by(c1, text))[0] != "weak":
-        assert time.monotonic() < deadline, "instance 1 never learned from instance 2's feedback"
-        await asyncio.sleep(0.2)
-    async with aiohttp.ClientSession() as s, s.get(p1.url + "/admin/learning") as r:
-        rows = (await r.json())["posteriors"]
-    assert any(p["task"] == "math" and p["route"] == "weak" and p["alpha"] > 40 for p in rows)
+
+    # Instance 1 never saw the feedback: its posteriors come from Redis (read every 0.5 s, and
+    # routing follows them every 5 s).
+    async def routes_weak() -> bool:
+        return (await served_by(c1, text))[0] == "weak"
+
+    await eventually(routes_weak, "instance 1 learning from instance 2's feedback", every=0.2)
+
+    async def learned_all() -> list[dict[str, Any]]:  # every score, which instance 2 may send in several batches
+        async with aiohttp.ClientSession() as s, s.get(p1.url + "/admin/learning") as r:
+            rows = (await r.json())["posteriors"]
+        return [p for p in rows if p["task"] == "math" and p["route"] == "weak" and p["alpha"] > 40]
+
+    await eventually(learned_all, "instance 1's posterior for (math, weak) counting all 40 scores")

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from edgeroute import redact
+from tests.conftest import eventually
 from tests.security.conftest import Leaky, leaky_config
 from tests.test_serve import free_port, wait_ready
 
@@ -107,7 +108,7 @@ async def test_log_injection_through_an_upstream_message(leaky: Leaky, tmp_path:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        await wait_ready(url)
+        await wait_ready(url, proc=proc)
         async with aiohttp.ClientSession() as s:
             hdrs = {"x-request-id": "corr-1"}
             body = {"model": "m", "messages": [{"role": "user", "content": "hi\n\x1b[31m"}]}
@@ -187,7 +188,12 @@ async def test_log_injection_through_the_request_log_table(start_upstream, tmp_p
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions", json={**BODY, "model": evil}) as r:
             assert r.status == 404
-        await asyncio.sleep(0.3)  # flushed
+
+        async def logged() -> bool:  # the request log is written in batches, off the request path
+            async with s.get(proxy.url + "/admin/requests") as r:
+                return len((await r.json())["data"]) == 1
+
+        await eventually(logged, "the refused request in the request log")
         out = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "edgeroute", "logs", "-c", str(path)],
