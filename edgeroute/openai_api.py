@@ -226,6 +226,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.name, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)
+        if (candidate := request.app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
+            on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
     except ProxyError as e:
         rec.status = e.status

@@ -12,7 +12,10 @@ Budgets and rate limits reload with the rest (their counters are kept by name, s
 spend already recorded carries over and a lowered limit applies at once). Some sections
 are wired in when the server starts (the ledger and request log, shared state, learning,
 the listening socket): a reload
-that changes them is refused with the list, rather than half applied.
+that changes them is refused with the list, rather than half applied. The exception is
+`learning.candidate_router`, which only observes: it follows every applied config (added,
+changed, a retrained file, removed), and a candidate file that cannot be loaded leaves the
+rest of the reload applied (`router_shadow` says why).
 
 Every applied config (at start, by reload, SIGHUP, rollback or a runtime change over the
 API) becomes a numbered version in the database with who applied it (governance/).
@@ -23,13 +26,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 
 from edgeroute import _core, secrets
 from edgeroute import config as config_mod
-from edgeroute.config import Config
+from edgeroute.config import Config, Learning
 from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV, actor_of
@@ -37,6 +41,16 @@ from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.reload")
+
+
+class CandidateRouter(Protocol):
+    """The candidate router under shadow evaluation (`router_shadow`, a layer above)."""
+
+    async def reload(self, live: Live) -> None:
+        """Follows the config just applied; never raises."""
+
+
+CANDIDATE_RELOAD = web.AppKey("candidate_router_reload", CandidateRouter)
 
 
 async def reload_from_source(app: web.Application, how: str = "reload", actor: str | None = None) -> Live:
@@ -71,6 +85,10 @@ async def apply_config(app: web.Application, cfg: Config, text: str, how: str, a
         before = gov.activate(new, saved, how) if gov is not None and saved is not None else None
         _retire(state, old)
     log.info("config applied (%s) from %s", how, old.source)
+    if (candidate := app.get(CANDIDATE_RELOAD)) is not None:
+        await candidate.reload(new)
+    elif cfg.learning.candidate_router is not None:
+        log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
     if gov is not None and saved is not None:
         await gov.applied(new, saved, how, actor, before, old.config)
     return new
@@ -117,10 +135,19 @@ _AT_START = ("ledger", "request_log", "shared_state", "learning", "cache", "trac
 _SERVER_AT_START = ("host", "port", "max_body_bytes", "drain_timeout", "decision_log")
 
 
+def _restart_part(section: object) -> object:
+    """A section as far as a restart applies it: the candidate router reloads (see above)."""
+    if isinstance(section, Learning):
+        return section.model_copy(update={"candidate_router": None})
+    return section
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """What `new` changes that only a restart applies."""
     out = [
-        f"{s}: changed; this section takes effect on restart" for s in _AT_START if getattr(old, s) != getattr(new, s)
+        f"{s}: changed; this section takes effect on restart"
+        for s in _AT_START
+        if _restart_part(getattr(old, s)) != _restart_part(getattr(new, s))
     ]
     out += [
         f"server.{f}: changed; this setting takes effect on restart"

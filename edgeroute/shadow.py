@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,6 +106,18 @@ class Observer(Protocol):
     def observe(
         self, live: Live, body: bytes, decision: _core.Decision, rec: RequestRecord, ident: Identity | None
     ) -> None: ...
+
+    def after_stream(
+        self,
+        live: Live,
+        body: bytes,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        ident: Identity | None,
+        then: Callable[[bytes], None] | None,
+    ) -> Callable[[bytes], None] | None:
+        """A streamed answer's completion callback (`then`, or one that also observes it once
+        the stream has ended cleanly)."""
 
 
 CANDIDATE_ROUTER = web.AppKey("candidate_router", Observer)

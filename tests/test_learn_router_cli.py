@@ -150,3 +150,35 @@ def test_apgr_is_undefined_when_the_best_model_is_also_the_cheapest(
     assert "APGR, CPT: undefined (the best model (big) is also the cheapest" in out
     router_row = next(line for line in out.splitlines() if line.startswith("router "))
     assert router_row.split()[1:4] == ["-", "-", "-"], router_row
+
+
+@pytest.mark.parametrize("signal", ["group", "words"])
+def test_the_inner_folds_choose_across_families_by_their_own_scores(signal: str) -> None:
+    """`routellm_eval --nested --families`: with the outcome set by a group label the text does
+    not show, the inner folds pick the group prior; set by words in the text, a text model."""
+    import random
+
+    from edgeroute.learn import routellm_eval as RE
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+
+    rng = random.Random(7)
+    vocab = [f"w{i}" for i in range(40)]
+    prompts, groups, rows = [], [], []
+    for i in range(240):
+        hard = i % 2 == 0
+        words = rng.sample(vocab, 6) + (["integral", "proof"] if hard and signal == "words" else [])
+        prompts.append(" ".join(words) + f" n{i}")
+        groups.append("hard" if hard else "easy")
+        rows.append([1.0, 0.0] if hard else [1.0, float(rng.random() < 0.9)])
+    out = R.Outcomes(prompts, ["strong", "weak"], np.asarray(rows), [0.01, 0.001])
+    sp = S.SearchSpace(l2=(3e-3,), iters=(25, 100), inner_folds=3)
+    tr = list(range(200))
+    x = T.featurize(prompts, R.ROUTER_FEATURIZER)
+    _, means = S.select(out, x, T.length_matrix(prompts), tr, sp, "apgr")
+    pick = RE._family_choice(out, prompts, groups if signal == "group" else ["all"] * len(prompts), tr, means, sp)
+    if signal == "group":
+        assert pick == RE.GROUP_PRIOR
+    else:
+        assert pick not in (S.PRIOR, RE.GROUP_PRIOR), pick

@@ -22,11 +22,13 @@ import pytest
 import yaml
 
 from edgeroute import config as config_mod
-from edgeroute.core import ConfigError
+from edgeroute.bench.faults import FaultUpstream
+from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.server import create_app
+from tests.conftest import ProxyTestServer
 from tests.test_cost_support import cost_proxy
 from tests.test_learn_from_log import CHAT, SUMS
-from tests.test_selection import STRONG_OUT, WEAK_OUT, config
+from tests.test_selection import STRONG_OUT, WEAK_OUT, config, msg
 
 np = pytest.importorskip("numpy")
 
@@ -47,13 +49,14 @@ def _routers(tmp_path: Path) -> tuple[Path, Path]:
     return running, candidate
 
 
-def _cfg(tmp_path: Path, strong: Any, weak: Any, running: Path, candidate: Path) -> dict[str, Any]:
+def _cfg(tmp_path: Path, strong: Any, weak: Any, running: Path, candidate: Path | None) -> dict[str, Any]:
     return config(
         strong,
         weak,
         threshold=0.5,
         ledger={"path": str(tmp_path / "log.db"), "flush_interval": 0.05},
-        learning={"router_model": str(running), "candidate_router": {"router_model": str(candidate)}},
+        learning={"router_model": str(running)}
+        | ({"candidate_router": {"router_model": str(candidate)}} if candidate is not None else {}),
     )
 
 
@@ -62,14 +65,16 @@ def _shadow_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
-async def _until(s: aiohttp.ClientSession, url: str, n: int) -> dict[str, Any]:
+async def _until(s: aiohttp.ClientSession, url: str, n: int, rated: int | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + 20
     while True:
         async with s.get(url + "/admin/router/shadow") as r:
             assert r.status == 200, await r.text()
             body: dict[str, Any] = await r.json()
         # the feedback rows may land a batch after the choices: wait for both
-        if (body["requests"] >= n and body["quality"]["rated"] >= n) or time.monotonic() > deadline:
+        if (body["requests"] >= n and body["quality"]["rated"] >= (n if rated is None else rated)) or (
+            time.monotonic() > deadline
+        ):
             return body
         await asyncio.sleep(0.1)
 
@@ -134,16 +139,86 @@ async def test_candidate_router_is_evaluated_on_live_traffic(start_upstream: Any
         assert c.execute("SELECT COUNT(DISTINCT request_id) FROM router_shadow").fetchone() == (12,)
 
 
-def test_an_unreadable_or_foreign_candidate_fails_at_start(tmp_path: Path) -> None:
-    cfg = config("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")
-    cfg["learning"] = {"candidate_router": {"router_model": str(tmp_path / "missing.erlm")}}
-    with pytest.raises(ConfigError, match=r"candidate_router.*cannot read"):
-        create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml")
+async def test_streamed_answers_are_evaluated_once_complete_and_never_when_broken(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """The candidate sees streamed answers too, from the relay once the stream has ended cleanly
+    (costed by the stream's usage); a stream the upstream breaks is never counted a success."""
+    strong = await start_upstream()
+    weak = FaultUpstream(UpstreamOptions(tokens=8))
+    await weak.start()
+    running, candidate = _routers(tmp_path)
+    cfg = _cfg(tmp_path, strong, weak.url, running, candidate)
+    sums, chat = SUMS[:3], CHAT[:3]
+    streamed: dict[str, str] = {}
+    try:
+        async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+            oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+
+            async def stream(prompt: str) -> tuple[str, str, list[Any]]:
+                raw = await oai.chat.completions.with_raw_response.create(
+                    model="auto", messages=msg(prompt), stream=True, stream_options={"include_usage": True}
+                )
+                chunks = [c async for c in raw.parse()]
+                return raw.headers["x-request-id"], raw.headers["x-edgeroute-route"], chunks
+
+            for prompt in sums + chat:
+                rid, route, chunks = await stream(prompt)
+                streamed[rid] = route
+                assert route == ("strong" if prompt in sums else "weak")
+                # The client's stream is whole: text, one finish, its usage last.
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+                assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+            weak.set_mode("reset", count=1, after=3)  # the next weak stream breaks after 3 chunks
+            raw = await oai.chat.completions.with_raw_response.create(model="auto", messages=msg(CHAT[3]), stream=True)
+            broken = raw.headers["x-request-id"]
+            with pytest.raises(openai.APIError, match="incomplete"):
+                async for _ in raw.parse():
+                    pass
+            rid, _, _ = await stream(CHAT[4])  # queued after the broken one would have been
+            streamed[rid] = "weak"
+            # Anthropic's stream format from the same relay.
+            ant = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+            araw = await ant.messages.with_raw_response.create(
+                model="auto", max_tokens=20, messages=[{"role": "user", "content": SUMS[3]}], stream=True
+            )
+            events = [e.type async for e in await araw.parse()]
+            assert events[0] == "message_start" and events[-1] == "message_stop"
+            streamed[araw.headers["x-request-id"]] = "strong"
+            body = await _until(s, proxy.url, len(streamed), rated=0)
+    finally:
+        await weak.stop()
+    assert body["requests"] == len(streamed) == 8
+    assert body["evaluator"] == {"evaluated": 8, "dropped": 0, "failed": 0}
+    assert body["agreement"] == 0.5  # the sums: the candidate sends everything to the strong model
+    pairs = {(p["running_route"], p["candidate_route"]): p["requests"] for p in body["pairs"]}
+    assert pairs == {("strong", "strong"): 4, ("weak", "strong"): 4}
+    cost = body["cost"]
+    # Priced from the streams' own usage: the chat turns at the strong price cost the candidate more.
+    assert cost["candidate_usd"] > cost["running_usd"] > 0
+    assert cost["paid_usd"] == pytest.approx(cost["running_usd"], rel=1e-6)
+    with sqlite3.connect(tmp_path / "log.db") as c:
+        shadowed = dict(c.execute("SELECT request_id, running_route FROM router_shadow").fetchall())
+        outcome = c.execute("SELECT outcome FROM requests WHERE id = ?", (broken,)).fetchone()
+    assert shadowed == streamed and broken not in shadowed
+    assert outcome == ("stream_interrupted",)
+
+
+def test_an_unreadable_or_foreign_candidate_never_stops_the_server(tmp_path: Path) -> None:
+    """A shadow evaluation must not be why a server cannot (re)start: it starts without the
+    candidate and says why (the report's `candidate_router`, the log, /metrics)."""
+    from edgeroute.router_shadow.evaluator import CandidateSlot
+    from edgeroute.shadow import CANDIDATE_ROUTER
+
+    base = config("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", ledger={"path": str(tmp_path / "log.db")})
     (tmp_path / "junk.erlm").write_bytes(b"not a model")
-    cfg["learning"] = {"candidate_router": {"router_model": str(tmp_path / "junk.erlm")}}
-    with pytest.raises(ConfigError, match="candidate_router"):
-        create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml")
-    cfg["learning"] = {"candidate_router": {"router_model": "x.erlm", "percent": 0}}
+    for name, why in (("missing.erlm", "cannot read"), ("junk.erlm", "junk.erlm")):
+        cfg = {**base, "learning": {"candidate_router": {"router_model": str(tmp_path / name)}}}
+        slot = create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml")[CANDIDATE_ROUTER]
+        assert isinstance(slot, CandidateSlot) and slot.current is None
+        assert slot.status()["loaded"] is None and why in slot.status()["error"] and slot.load_failures == 1
+    cfg = {**base, "learning": {"candidate_router": {"router_model": "x.erlm", "percent": 0}}}
     with pytest.raises(config_mod.ConfigError):
         config_mod.parse(cfg, "test.yaml")
 
@@ -216,3 +291,112 @@ def test_the_report_on_postgresql_from_a_second_instance() -> None:
     }
     assert report.build(other, {"candidate": "other"}, "c@1", now + 1)["requests"] == 0
     other.close()
+
+
+async def test_the_candidate_follows_reloads_and_rollbacks(start_upstream: Any, tmp_path: Path) -> None:
+    """`learning.candidate_router` added, retrained (new bytes under the same name), broken,
+    removed and rolled back to, each without a restart; a broken candidate file never stops
+    the rest of a reload, leaves the previous candidate running and says why."""
+    strong, weak = await start_upstream(), await start_upstream()
+    running, candidate = _routers(tmp_path)
+    prior_bytes = candidate.read_bytes()
+    path = tmp_path / "edgeroute.yaml"
+    cfg = _cfg(tmp_path, strong, weak, running, None)
+    path.write_text(yaml.safe_dump(cfg))
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)))
+    await server.start_server()
+    url = f"http://127.0.0.1:{server.port}"
+    oai = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    turns = iter(CHAT)  # the running router sends chat to the weak route; the prior sends all to the strong one
+
+    async def traffic(n: int) -> None:
+        for _ in range(n):
+            await oai.chat.completions.create(model="auto", messages=msg(next(turns)))
+
+    async def get(s: aiohttp.ClientSession, what: str) -> tuple[int, Any]:
+        async with s.get(url + what) as r:
+            return r.status, (await r.json() if what.startswith("/admin") else await r.text())
+
+    async def reload(s: aiohttp.ClientSession) -> dict[str, Any]:
+        path.write_text(yaml.safe_dump(cfg))
+        async with s.post(url + "/admin/reload") as r:
+            body: dict[str, Any] = await r.json()
+            assert r.status == 200, body
+            return body
+
+    def metric(text: str, name: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            await traffic(2)
+            status, body = await get(s, "/admin/router/shadow")
+            assert status == 400 and "no candidate router is configured" in body["error"]["message"]
+
+            # Added by a reload.
+            cfg["learning"]["candidate_router"] = {"router_model": str(candidate)}
+            await reload(s)
+            await traffic(3)
+            body = await _until(s, url, 3, rated=0)
+            first = body["candidate"]
+            assert first.startswith("candidate.erlm@") and body["requests"] == 3 and body["agreement"] == 0
+            assert body["candidate_router"] == {"loaded": first, "error": None, "load_failures": 0}
+
+            # Retrained in place (the config unchanged): another candidate, told apart by its bytes.
+            candidate.write_bytes(running.read_bytes())
+            await reload(s)
+            await traffic(3)
+            body = await _until(s, url, 3, rated=0)
+            second = body["candidate"]
+            assert second.startswith("candidate.erlm@") and second != first
+            assert body["requests"] == 3 and body["agreement"] == 1.0  # it is the running router
+            assert {c["candidate"]: c["requests"] for c in body["candidates"]} == {first: 3, second: 3}
+
+            # Broken, in the same reload as another change: the change applies, the last good
+            # candidate goes on, and the report, the log and /metrics say why.
+            candidate.write_bytes(b"not a model")
+            cfg["models"]["m2"] = {"deployments": ["small"]}
+            assert "m2" in (await reload(s))["models"]
+            await traffic(2)
+            body = await _until(s, url, 5, rated=0)
+            assert body["candidate"] == second and body["requests"] == 5
+            st = body["candidate_router"]
+            assert st["loaded"] == second and st["load_failures"] == 1 and "candidate.erlm" in st["error"]
+            _, text = await get(s, "/metrics")
+            assert metric(text, "edgeroute_candidate_router_load_failed") == 1
+            assert metric(text, "edgeroute_candidate_router_loaded") == 1
+            assert metric(text, "edgeroute_candidate_router_load_failures_total") == 1
+
+            # Removed: nothing more is evaluated; the report still reads the last one logged.
+            del cfg["learning"]["candidate_router"]
+            await reload(s)
+            await traffic(2)
+            _, body = await get(s, "/admin/router/shadow")
+            assert body["candidate_router"] == {"loaded": None, "error": None, "load_failures": 1}
+            assert "evaluator" not in body and body["candidate"] == second
+            _, text = await get(s, "/metrics")
+            assert metric(text, "edgeroute_candidate_router_loaded") == 0
+            assert metric(text, "edgeroute_candidate_router_load_failed") == 0
+
+            # Rolled back to the version that named it, with the first file's bytes back: the first candidate.
+            candidate.write_bytes(prior_bytes)
+            _, versions = await get(s, "/admin/config/versions")
+            with_first = min(v["version"] for v in versions["versions"] if v["source"] == "reload")
+            async with s.post(url + "/admin/config/rollback", json={"version": with_first}) as r:
+                assert r.status == 200, await r.text()
+            await traffic(1)
+            body = await _until(s, url, 4, rated=0)
+            assert body["candidate"] == first and body["requests"] == 4
+            assert body["candidate_router"]["loaded"] == first
+
+            # The running router's own file still takes a restart.
+            cfg["learning"]["router_model"] = str(candidate)
+            path.write_text(yaml.safe_dump(cfg))
+            async with s.post(url + "/admin/reload") as r:
+                assert r.status == 400 and "learning: changed" in await r.text()
+    finally:
+        await oai.close()
+        await server.close()  # the ledger's last flush: every choice made is written
+    with sqlite3.connect(tmp_path / "log.db") as c:
+        counts = dict(c.execute("SELECT candidate, COUNT(*) FROM router_shadow GROUP BY candidate").fetchall())
+    assert counts == {first: 4, second: 5}  # none while no candidate was configured

@@ -20,6 +20,15 @@ the held-out fold is scored once. Printed beside it on the same folds: the prior
 (per-subject for MMLU, prompt-blind for GSM8K) and TF-IDF logistic regression
 (:mod:`edgeroute.learn.baselines`). The protocol is fixed here, before any test
 fold is read.
+
+``--nested --families`` adds one row, "inner-CV choice": in each outer fold the inner
+folds (the same ones ``router train`` splits the outer-training part into) also score the
+group prior and TF-IDF LR, fitted on each inner-training part; the predictor with the best
+mean inner APGR among all of them (ties: the one listed first of prompt-blind prior, group
+prior, TF-IDF LR, then the n-gram grid) is refitted on the whole outer-training part and
+scored once on the outer fold. No outer-fold score enters a choice. This measures model
+selection across families; a chosen group prior (it needs the MMLU subject) or TF-IDF LR
+is not a file ``router train`` writes or the core loads.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,14 +112,48 @@ def cross_validate(folds: int = 5, seed: int = 0) -> dict[str, dict[str, float]]
     return results
 
 
+GROUP_PRIOR = "group prior"
+TFIDF_LR = "TF-IDF LR"
+
+
+def _family_choice(
+    out: R.Outcomes,
+    prompts: list[str],
+    grp: list[str],
+    tr: list[int],
+    router_means: dict[Any, float],
+    sp: object,
+) -> str:
+    """The label of the predictor with the best mean inner-fold APGR over `tr` (see the module doc)."""
+    from edgeroute.learn import baselines as B
+    from edgeroute.learn import selection as S
+
+    assert isinstance(sp, S.SearchSpace)
+    costs = np.asarray(out.costs)
+    inner = S.inner_folds(tr, sp)
+    extra: dict[str, list[float]] = {GROUP_PRIOR: [], TFIDF_LR: []}
+    for k, val in enumerate(inner):
+        itr = [i for j, f in enumerate(inner) if j != k for i in f]
+        gp = B.group_prior([grp[i] for i in itr], out.scores[itr], [grp[i] for i in val])
+        lr = B.tfidf_lr([prompts[i] for i in itr], out.scores[itr], [prompts[i] for i in val])
+        for name, pred in ((GROUP_PRIOR, gp), (TFIDF_LR, lr)):
+            extra[name].append(S.score(pred, out.scores[val], costs, "apgr", sp.steps))
+    means = {c.label(): v for c, v in router_means.items()}
+    means |= {name: float(np.mean(v)) for name, v in extra.items()}
+    order = [S.Candidate(S.PRIOR).label(), GROUP_PRIOR, TFIDF_LR] + [c.label() for c in sp.candidates()[1:]]
+    return max(order, key=lambda c: (means.get(c, float("-inf")), -order.index(c)))
+
+
 def nested_figure(
     folds: int = 5,
     seed: int = 0,
     space: object = None,
     log: bool = True,
     datasets: tuple[str, ...] = DATASETS,
+    families: bool = False,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """{dataset: {method: {apgr, cpt50, cpt80}}} for router / prior / TF-IDF LR on the same folds."""
+    """{dataset: {method: {apgr, cpt50, cpt80}}} for router / prior / TF-IDF LR on the same folds
+    (and, with `families`, the inner-CV choice among all of them: method "selected")."""
     from edgeroute.learn import baselines as B
     from edgeroute.learn import selection as S
 
@@ -128,25 +172,33 @@ def nested_figure(
         grp = groups or ["all"] * len(prompts)
         x = T.featurize(prompts, cfg)
         dense = T.length_matrix(prompts)
-        per_fold: dict[str, list[tuple[float, float, float]]] = {m: [] for m in ("router", "prior", "tfidf_lr")}
+        methods = ("router", "prior", "tfidf_lr") + (("selected",) if families else ())
+        per_fold: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
         for k, test in enumerate(R.kfold(len(prompts), folds, seed)):
             held = set(test)
             tr = [i for i in range(len(prompts)) if i not in held]
-            chosen, _ = S.select(out, x, dense, tr, sp, "apgr")
+            chosen, router_means = S.select(out, x, dense, tr, sp, "apgr")
+            # Every choice is made before the outer fold is read below.
+            pick = _family_choice(out, prompts, grp, tr, router_means, sp) if families else None
             model = S.fit_candidate(out, chosen, x, dense, tr, sp, cfg, None)
             p = T.predict_matrix(model, x.subset(test), dense[test])
             gp = B.group_prior([grp[i] for i in tr], out.scores[tr], [grp[i] for i in test])
             lr = B.tfidf_lr([prompts[i] for i in tr], out.scores[tr], [prompts[i] for i in test])
+            preds = [("router", p), ("prior", gp), ("tfidf_lr", lr)]
+            if pick is not None:  # a pick from the n-gram grid or the prompt-blind prior is `chosen` itself
+                preds.append(("selected", {GROUP_PRIOR: gp, TFIDF_LR: lr}.get(pick, p)))
+                assert pick in (GROUP_PRIOR, TFIDF_LR) or pick == chosen.label(), (pick, chosen)
             # each fold is scored on its own: a prior's constant differs between folds, so
             # pooling the folds' scores into one ranking would be an artefact
-            for method, pred in (("router", p), ("prior", gp), ("tfidf_lr", lr)):
+            for method, pred in preds:
                 c = two_model_curve(
                     (pred[:, 0] - pred[:, 1]).tolist(), out.scores[test, 0].tolist(), out.scores[test, 1].tolist()
                 )
                 per_fold[method].append((c.apgr(), c.cpt(0.5), c.cpt(0.8)))
             if log:
                 row = "  ".join(f"{m} {v[-1][0]:.3f}" for m, v in per_fold.items())
-                print(f"{name} fold {k + 1}/{folds}: chose {chosen.label()}; APGR {row}", flush=True)
+                also = f", across families {pick}" if pick is not None else ""
+                print(f"{name} fold {k + 1}/{folds}: chose {chosen.label()}{also}; APGR {row}", flush=True)
         results[name] = {
             method: {
                 "apgr": float(np.mean([v[0] for v in vals])),
@@ -169,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2", type=_floats, default=None, help="with --nested: router train's --l2")
     ap.add_argument("--iters", type=_ints, default=None, help="with --nested: router train's --iters")
     ap.add_argument("--inner-folds", type=int, default=None, help="with --nested: router train's --inner-folds")
+    ap.add_argument(
+        "--families",
+        action="store_true",
+        help="with --nested: also the inner folds' choice among the n-gram grid, the priors and TF-IDF LR",
+    )
     args = ap.parse_args(argv)
     if not data.have_data():
         print(f"no data at {data.data_root()}", file=sys.stderr)
@@ -192,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.inner_folds:
             sp.inner_folds = args.inner_folds
         print(f"search space: l2={list(sp.l2)} iters={list(sp.iters)} inner folds={sp.inner_folds}", flush=True)
-        fig = nested_figure(args.folds, args.seed, sp, datasets=tuple(args.datasets.split(",")))
+        fig = nested_figure(args.folds, args.seed, sp, datasets=tuple(args.datasets.split(",")), families=args.families)
         print(
             f"nested {args.folds}-fold CV by prompt, per dataset, decontaminated; "
             "settings chosen inside each fold; mean over folds"
@@ -200,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in fig.items():
             for method, r in rows.items():
                 label = {"router": "router (router train's selection)", "prior": prior_name[name],
-                         "tfidf_lr": "TF-IDF logistic regression"}[method]  # fmt: skip
+                         "tfidf_lr": "TF-IDF logistic regression",
+                         "selected": "inner-CV choice across families"}[method]  # fmt: skip
                 print(
                     f"{name:6s} n={r['n']:<6d} {label:36s} APGR={r['apgr']:.3f} "
                     f"CPT(50%)={r['cpt50']:.3f} CPT(80%)={r['cpt80']:.3f}"

@@ -195,6 +195,11 @@ def _folds(idx: Sequence[int], k: int, seed: int) -> list[list[int]]:
     return [sorted(idx[i] for i in f) for f in R.kfold(len(idx), k, seed)]
 
 
+def inner_folds(rows: Sequence[int], space: SearchSpace) -> list[list[int]]:
+    """The validation folds `select` splits `rows` into (other predictors are scored on the same)."""
+    return _folds(sorted(rows), space.inner_folds, space.seed + 1)
+
+
 def select(
     data: R.Outcomes,
     x: T.SparseDocs,
@@ -206,7 +211,7 @@ def select(
 ) -> tuple[Candidate, dict[Candidate, float]]:
     """Inner cross-validation over ``rows``: the candidate with the best mean criterion (ties: simpler)."""
     totals: dict[Candidate, list[float]] = {}
-    folds = _folds(sorted(rows), space.inner_folds, space.seed + 1)
+    folds = inner_folds(rows, space)
     for k, val in enumerate(folds):
         train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
         for c, v in _evaluate_candidates(data, x, dense, sw, train, val, space, criterion).items():

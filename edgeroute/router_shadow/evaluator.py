@@ -1,7 +1,9 @@
 """The candidate router's choice for live requests, off the request path.
 
 The request path hands each answered, policy-routed request (a sample of them: `percent`)
-to `Evaluator.observe`: a bounded append, nothing more. Every quarter second a worker
+to `Evaluator.observe`: a bounded append, nothing more. A streamed answer is handed over by
+the relay once the stream has ended cleanly (never a broken or abandoned one), costed by the
+stream's own usage. Every quarter second a worker
 thread asks the candidate (a second core compiled from the running config with the
 candidate's router file) where it would have sent each one, for the client's key as the
 running router did, and queues one `router_shadow` row per request for the ledger's
@@ -10,6 +12,7 @@ answer's own token counts. Nothing a client sees changes. Past `MAX_WAITING` req
 `MAX_WAITING_BYTES` of bodies waiting (a stalled worker), new ones are dropped and counted
 rather than held in memory.
 
+`CandidateSlot` holds the candidate for the server's life and follows config reloads.
 `GET /admin/router/shadow` reports the difference (`report.py`).
 """
 
@@ -23,12 +26,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord, Usage, cost_of
@@ -38,6 +43,8 @@ from edgeroute.cost.keys import Identity
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.prices import apply_windows
 from edgeroute.errors import ProxyError
+from edgeroute.metrics import METRICS, counter, gauge
+from edgeroute.reload import CANDIDATE_RELOAD
 from edgeroute.requestlog import outcomes
 from edgeroute.requestlog.query import BadParam
 from edgeroute.router_shadow import report
@@ -84,14 +91,23 @@ class Evaluator:
         self._built: tuple[Config, _core.Router] | None = None
         self._rng = random.Random()
 
+    def wanted(self, decision: _core.Decision) -> bool:
+        """Whether a request so decided is evaluated: routed by a policy, and sampled."""
+        if decision.policy is None or not decision.order:
+            return False
+        return self.percent >= 100 or self._rng.random() * 100 < self.percent
+
     def observe(
         self, live: Live, body: bytes, decision: _core.Decision, rec: RequestRecord, ident: Identity | None
     ) -> None:
         """On the request path: remembers an answered request a policy routed (if sampled)."""
-        if decision.policy is None or not decision.order:
-            return
-        if self.percent < 100 and self._rng.random() * 100 >= self.percent:
-            return
+        if self.wanted(decision):
+            self.add(live, body, decision, rec, ident)
+
+    def add(
+        self, live: Live, body: bytes, decision: _core.Decision, rec: RequestRecord, ident: Identity | None
+    ) -> None:
+        """Queues an answered request for the worker (a bounded append)."""
         if len(self._waiting) >= MAX_WAITING or self._added - self._taken + len(body) > MAX_WAITING_BYTES:
             self.dropped += 1
             return
@@ -111,6 +127,9 @@ class Evaluator:
             apply_windows(router, [(d.index, d.price) for d in live.deployments])
             self._built = (live.config, router)
         return self._built[1]
+
+    def waiting(self) -> bool:
+        return bool(self._waiting)
 
     def evaluate_waiting(self) -> int:
         """Decides every waiting request with the candidate (in a worker thread); the number recorded."""
@@ -140,19 +159,207 @@ class Evaluator:
         self.evaluated += done
         return done
 
+
+Stream = Callable[[bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Load:
+    """What loading the configured candidate found."""
+
+    found: tuple[str, bytes] | None = None  # (name, file bytes), compiled against the config once
+    error: str | None = None  # why the configured file cannot be used
+    keep: bool = False  # with an error: the current candidate still compiles against the config
+
+
+class CandidateSlot:
+    """The candidate under evaluation, for the server's life: loaded at start and again on every
+    config reload (SIGHUP, `POST /admin/reload`, an applied or rolled-back version), so that a
+    candidate added, retrained (new bytes: a new name) or removed takes effect without a restart.
+
+    A candidate file that cannot be read or that the core refuses never fails the server's
+    start or the rest of a reload: the previous candidate keeps being evaluated if it still
+    compiles against the new config (else none is), and the failure is logged at error level,
+    shown in `GET /admin/router/shadow` (`candidate_router.error`) and counted in `/metrics`.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.current: Evaluator | None = None
+        self.error: str | None = None  # why the last load failed; None once one succeeds
+        self.load_failures = 0
+        self._retired: list[Evaluator] = []  # replaced, with requests still waiting
+        self._reloads = 0
+
+    # -- on the request path ---------------------------------------------------
+
+    def observe(
+        self, live: Live, body: bytes, decision: _core.Decision, rec: RequestRecord, ident: Identity | None
+    ) -> None:
+        if (ev := self.current) is not None:
+            ev.observe(live, body, decision, rec, ident)
+
+    def after_stream(
+        self,
+        live: Live,
+        body: bytes,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        ident: Identity | None,
+        then: Stream | None,
+    ) -> Stream | None:
+        """`then` (the stream's completion callback), also queueing the request for the candidate
+        once its stream has ended cleanly: the relay calls it only then, after costing the
+        attempt from the stream's usage. An interrupted stream is never evaluated."""
+        ev = self.current
+        if ev is None or not ev.wanted(decision):
+            return then
+
+        def completed(answer: bytes) -> None:
+            if then is not None:
+                then(answer)
+            # Costed by the answer's token counts: the candidate's choice needs the prompt, not the text.
+            ev.add(live, body, decision, rec, ident)
+
+        return completed
+
+    # -- loading -----------------------------------------------------------------
+
+    def load(self, config: Config, source: str) -> None:
+        """Loads the candidate `config` names at start (blocking: the server is not serving yet)."""
+        self._swap(self._prepare(config, source), config)
+
+    async def reload(self, live: Live) -> None:
+        """Follows a config just applied; never raises (the reload of the rest stands)."""
+        self._reloads += 1
+        mine = self._reloads
+        try:
+            got = await asyncio.to_thread(self._prepare, live.config, live.source)
+            if mine == self._reloads:  # else a later reload, applied meanwhile, decides
+                self._swap(got, live.config)
+        except Exception:  # a bug here must not turn an applied config into a failed reload
+            log.exception("candidate router: reload failed; keeping the previous candidate")
+
+    def _prepare(self, config: Config, source: str) -> _Load:
+        """The candidate `config` names, validated against it (in a worker thread on reload)."""
+        current = self.current
+        try:
+            found = configured(config, source)
+            if found is None:
+                return _Load()
+            path, model = found
+            name = candidate_name(path, model)
+            _compile(config, source, model, path)
+        except ConfigError as e:
+            # The previous candidate goes on only if it still fits the config (its routes, its models).
+            keep = current is not None and _compiles(config, source, current.model)
+            return _Load(error=str(e), keep=keep)
+        return _Load(found=(name, model))
+
+    def _swap(self, got: _Load, config: Config) -> None:
+        old = self.current
+        if got.error is not None:
+            self.error = got.error
+            self.load_failures += 1
+            kept = old is not None and got.keep
+            log.error(
+                "candidate router not loaded, %s: %s",
+                f"still evaluating {old.name}" if kept and old is not None else "none is evaluated",
+                got.error,
+            )
+            if not kept:
+                self._retire()
+            return
+        self.error = None
+        cand = config.learning.candidate_router
+        if got.found is None or cand is None:
+            if old is not None:
+                log.info("candidate router %s removed from the config: no longer evaluated", old.name)
+            self._retire()
+            return
+        name, model = got.found
+        if old is not None and old.name == name:
+            old.percent = cand.percent  # the same file: its counts go on
+            return
+        self._retire()
+        self.current = Evaluator(name, model, cand.percent, self.ledger)
+        log.info("candidate router %s: evaluating %g %% of policy-routed requests", name, cand.percent)
+
+    def _retire(self) -> None:
+        if self.current is not None:
+            self._retired.append(self.current)  # its waiting requests are still evaluated
+            self.current = None
+
+    # -- the worker ----------------------------------------------------------------
+
+    def _busy(self) -> list[Evaluator]:
+        self._retired = [ev for ev in self._retired if ev.waiting()]
+        return [ev for ev in (self.current, *self._retired) if ev is not None and ev.waiting()]
+
     async def ctx(self, app: web.Application) -> AsyncIterator[None]:
         async def loop() -> None:
             while True:
                 await asyncio.sleep(EVERY_S)
-                if self._waiting:
-                    await asyncio.to_thread(self.evaluate_waiting)
+                for ev in self._busy():
+                    await asyncio.to_thread(ev.evaluate_waiting)
 
         task = asyncio.create_task(loop())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await asyncio.to_thread(self.evaluate_waiting)  # before the ledger's last flush (cleaned up after)
+        for ev in self._busy():  # before the ledger's last flush (cleaned up after)
+            await asyncio.to_thread(ev.evaluate_waiting)
+
+    def status(self) -> dict[str, Any]:
+        """For `GET /admin/router/shadow`."""
+        ev = self.current
+        return {"loaded": ev.name if ev else None, "error": self.error, "load_failures": self.load_failures}
+
+    def metrics(self, app: web.Application) -> Iterable[Metric]:
+        ev = self.current
+        yield gauge(
+            "edgeroute_candidate_router_loaded",
+            "1 while a candidate router is shadow-evaluated.",
+            float(ev is not None),
+        )
+        yield gauge(
+            "edgeroute_candidate_router_load_failed",
+            "1 while the configured candidate router file could not be loaded (see the log).",
+            float(self.error is not None),
+        )
+        yield counter(
+            "edgeroute_candidate_router_load_failures", "Candidate router loads that failed.", self.load_failures
+        )
+        for name, value in (("evaluated", "evaluated"), ("dropped", "dropped"), ("failed", "failed")):
+            yield counter(
+                f"edgeroute_candidate_router_{name}",
+                f"Requests the current candidate router {_HELP[name]}.",
+                getattr(ev, value) if ev else 0,
+            )
+
+
+_HELP = {
+    "evaluated": "decided (its choice recorded)",
+    "dropped": "did not see: too many waiting",
+    "failed": "could not decide",
+}
+
+
+def _compile(config: Config, source: str, model: bytes, what: object) -> None:
+    """Raises `ConfigError` when the core refuses `model` (the file `what`) as a router for `config`."""
+    try:
+        _core.Router(config.core_json(), learned_models(config, source)[0], model)
+    except (ValueError, _core.EdgerouteError) as e:
+        raise ConfigError(f"learning.candidate_router.router_model: {what}: {e}") from None
+
+
+def _compiles(config: Config, source: str, model: bytes) -> bool:
+    try:
+        _compile(config, source, model, "")
+    except ConfigError:
+        return False
+    return True
 
 
 def _ledger(app: web.Application) -> Ledger | None:
@@ -165,14 +372,22 @@ async def admin_report(request: web.Request) -> web.Response:
     ledger = _ledger(request.app)
     if ledger is None:
         raise ProxyError(404, "The shadow report reads the request log, which is off.", code="no_request_log")
-    ev = request.app.get(CANDIDATE_ROUTER)
-    current = ev.name if isinstance(ev, Evaluator) else None
+    slot = request.app.get(CANDIDATE_ROUTER)
+    slot = slot if isinstance(slot, CandidateSlot) else None
+    ev = slot.current if slot is not None else None
     try:
-        body = await asyncio.to_thread(report.build, ledger.backend, dict(request.query), current, time.time())
+        body = await asyncio.to_thread(
+            report.build, ledger.backend, dict(request.query), ev.name if ev else None, time.time()
+        )
     except BadParam as e:
-        raise ProxyError(400, f"Invalid parameter {e}", code="invalid_parameter", param=e.param) from None
-    if isinstance(ev, Evaluator):
+        msg = f"Invalid parameter {e}"
+        if slot is not None and slot.error is not None:
+            msg += f"; the configured candidate router could not be loaded: {slot.error}"
+        raise ProxyError(400, msg, code="invalid_parameter", param=e.param) from None
+    if ev is not None:
         body["evaluator"] = {"evaluated": ev.evaluated, "dropped": ev.dropped, "failed": ev.failed}
+    if slot is not None:
+        body["candidate_router"] = slot.status()
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -196,22 +411,17 @@ def configured(config: Config, source: str) -> tuple[Path, bytes] | None:
 
 
 def install(app: web.Application, config: Config, source: str) -> None:
-    """Adds the report route and, with `learning.candidate_router`, the evaluator.
-
-    Raises `ConfigError` for a candidate file that cannot be read or that the core refuses."""
+    """Adds the report route and, with the request log on, the slot that evaluates the
+    candidate router the config names now or after a reload."""
     app.router.add_get("/admin/router/shadow", admin_report)
-    found = configured(config, source)
-    if found is None or config.learning.candidate_router is None:
-        return
-    path, model = found
-    try:
-        _core.Router(config.core_json(), learned_models(config, source)[0], model)
-    except (ValueError, _core.EdgerouteError) as e:
-        raise ConfigError(f"learning.candidate_router.router_model: {path}: {e}") from None
     ledger = _ledger(app)
     if ledger is None:
-        log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
+        if config.learning.candidate_router is not None:
+            log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
         return
-    ev = Evaluator(candidate_name(path, model), model, config.learning.candidate_router.percent, ledger)
-    app[CANDIDATE_ROUTER] = ev
-    app.cleanup_ctx.append(ev.ctx)
+    slot = CandidateSlot(ledger)
+    slot.load(config, source)
+    app[CANDIDATE_ROUTER] = slot
+    app[CANDIDATE_RELOAD] = slot
+    app[METRICS].sources.append(slot.metrics)
+    app.cleanup_ctx.append(slot.ctx)
