@@ -165,10 +165,32 @@ def text(s: str) -> str:
     return s
 
 
+MAX_MESSAGE = 4096  # characters of an error message kept (`message`)
+_SEPARATOR = re.compile(r"[\s\"'`,;:=&]")
+
+
+def cut(s: str, limit: int) -> str:
+    """`s` cut to about `limit` characters, before the word that straddles the limit: half a
+    secret left at the end would no longer match its pattern, so it goes whole."""
+    if len(s) <= limit:
+        return s
+    head = s[:limit]
+    ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
+    at = ends[-1] if ends else limit
+    return f"{head[:at]} …[{len(s) - at} characters cut]"
+
+
+def message(s: str) -> str:
+    """An error message as it may leave: cut to :data:`MAX_MESSAGE`, then redacted. A client
+    can make a message huge (an unknown model named with megabytes), and redacting megabytes
+    would hold the event loop for seconds: every other request would wait."""
+    return text(cut(s, MAX_MESSAGE))
+
+
 def value(v: Any) -> Any:
     """Redacts every string inside a JSON-like value (dicts, lists), returning a copy."""
     if isinstance(v, str):
-        return text(v)
+        return message(v)
     if isinstance(v, dict):
         return {k: value(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
@@ -223,7 +245,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: let the handler report it as usual
             return True
-        record.msg = text(message)
+        record.msg = text(cut(message, 16 * MAX_MESSAGE))  # a line, not a megabyte to redact on the loop
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = _exc_formatter.formatException(record.exc_info)
