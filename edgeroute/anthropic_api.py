@@ -363,7 +363,7 @@ class StreamEncoder:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             self.ended = True
-            message = redact.text(str(err.get("message", "error")))  # may be an upstream's, relayed mid-stream
+            message = redact.message(str(err.get("message", "error")))  # may be an upstream's, relayed mid-stream
             body = {"type": "error", "error": {"type": "api_error", "message": message}}
             return self._start(obj) + _event("error", body)
         out = self._start(obj)

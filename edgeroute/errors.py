@@ -83,7 +83,7 @@ def error_body(
 ) -> bytes:
     """The JSON body OpenAI sends for an error (`{"error": {...}}`)."""
     err: dict[str, Any] = {
-        "message": redact.text(message),
+        "message": redact.message(message),
         "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
         "param": param,
         "code": code,

@@ -15,8 +15,10 @@ Two kinds of thing are replaced by :data:`MARKER`:
   plain URLs (the Redis URL's password). Values shorter than :data:`MIN_SECRET_LEN` are
   not registered: they would blank ordinary words and cannot be secret anyway;
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
-  AWS access key ids, Google API keys, JWTs, `api-key=`/`x-api-key:`/`password=`-style
-  pairs, `key=` URL parameters (Gemini), passwords in URLs.
+  edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
+  `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
+  keys, JWTs, `api-key=`/`x-api-key:`/`password=`-style pairs, `key=` URL parameters
+  (Gemini), passwords in URLs.
 
 The log filter also neutralises control characters (newlines, ANSI escapes) in the
 values interpolated into a log line, so that a client-chosen string cannot forge a log
@@ -59,6 +61,26 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MARKER, ("aiza",)),
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MARKER, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
     (re.compile(r"\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]*"), MARKER, ("eyj",)),
+    # edgeroute's own managed keys (`er-<id>.<secret>`): only their hashes are known here.
+    (re.compile(r"\ber-k[0-9a-f]{6,}\.[A-Za-z0-9_\-]{16,}"), MARKER, ("er-k",)),
+    # Other providers' and platforms' prefixed tokens (Hugging Face, xAI, Groq, Perplexity,
+    # Replicate, Slack, Stripe secret and restricted keys, GitHub fine-grained, GitLab, npm).
+    (
+        re.compile(
+            r"""\b(?:hf_[A-Za-z0-9]{30,}|xai-[A-Za-z0-9]{20,}|gsk_[A-Za-z0-9]{20,}|pplx-[A-Za-z0-9]{20,}
+            |r8_[A-Za-z0-9]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}
+            |github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{30,})""",
+            re.X,
+        ),
+        MARKER,
+        ("hf_", "xai-", "gsk_", "pplx-", "r8_", "xox", "k_live_", "k_test_", "github_pat_", "glpat-", "npm_"),
+    ),
+    # A private key block; one cut short (a truncated log) is replaced to its end.
+    (
+        re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)"),
+        MARKER,
+        ("private key-----",),
+    ),
     # Query parameters that carry keys (Gemini's `?key=`), anywhere in a URL.
     (
         re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"),
@@ -143,10 +165,32 @@ def text(s: str) -> str:
     return s
 
 
+MAX_MESSAGE = 4096  # characters of an error message kept (`message`)
+_SEPARATOR = re.compile(r"[\s\"'`,;:=&]")
+
+
+def cut(s: str, limit: int) -> str:
+    """`s` cut to about `limit` characters, before the word that straddles the limit: half a
+    secret left at the end would no longer match its pattern, so it goes whole."""
+    if len(s) <= limit:
+        return s
+    head = s[:limit]
+    ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
+    at = ends[-1] if ends else limit
+    return f"{head[:at]} …[{len(s) - at} characters cut]"
+
+
+def message(s: str) -> str:
+    """An error message as it may leave: cut to :data:`MAX_MESSAGE`, then redacted. A client
+    can make a message huge (an unknown model named with megabytes), and redacting megabytes
+    would hold the event loop for seconds: every other request would wait."""
+    return text(cut(s, MAX_MESSAGE))
+
+
 def value(v: Any) -> Any:
     """Redacts every string inside a JSON-like value (dicts, lists), returning a copy."""
     if isinstance(v, str):
-        return text(v)
+        return message(v)
     if isinstance(v, dict):
         return {k: value(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
@@ -201,7 +245,7 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: let the handler report it as usual
             return True
-        record.msg = text(message)
+        record.msg = text(cut(message, 16 * MAX_MESSAGE))  # a line, not a megabyte to redact on the loop
         record.args = None
         if record.exc_info and not record.exc_text:
             record.exc_text = _exc_formatter.formatException(record.exc_info)

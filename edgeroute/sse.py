@@ -26,7 +26,7 @@ def event_data(event: bytes) -> bytes | None:
 
 def error_event(message: str, code: str, etype: str = "upstream_error") -> bytes:
     """An in-stream error in the shape the OpenAI SDKs raise on (its message redacted)."""
-    body: dict[str, Any] = {"error": {"message": redact.text(message), "type": etype, "param": None, "code": code}}
+    body: dict[str, Any] = {"error": {"message": redact.message(message), "type": etype, "param": None, "code": code}}
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 

@@ -28,16 +28,17 @@ _PAIRS = [
 # Characters that matter to the tokenizer's pieces and to the guards: spaces and "▁",
 # other whitespace, digits, separators, quotes, backquotes, code punctuation, capitals,
 # non-Latin scripts and letters whose lower case changes length.
-_WORDS = [" not ", " Paris ", "n't", " the ", " de ", " la ", " es ", " is "]
+_WORDS = [" not ", " Paris ", "n't", " the ", " de ", " la ", " es ", " is ", " two ", " unsafe ", " under "]
 _ALPHABET = st.sampled_from([*"ab cZ  \t\n\u2581\u00a0,.!?'\"`“”_()-1203éÉİ日本\u041f\u0440Ω", *_WORDS])
 _TEXT = st.lists(_ALPHABET, max_size=60).map("".join)
 
 
 def reference_guards(text: str) -> sem.Guards:
     """The guards in their plain form: every word in order, each pattern over the whole text."""
-    numbers = frozenset(m.replace(",", "") for m in sem._NUMBER.findall(text))
     words = sem._WORD.findall(text)
     lowered = [w.lower().replace("\u2019", "'") for w in words]
+    spelled = {w for w in lowered if w in sem._NUMBER_WORDS}
+    numbers = frozenset({m.replace(",", "") for m in sem._NUMBER.findall(text)} | spelled)
     entities: set[str] = set()
     for i, (w, low) in enumerate(zip(words, lowered, strict=True)):
         if len(w) > 1 and ((w[0].isupper() and i > 0 and low not in sem._STOP_INDEX) or w.isupper()):
@@ -49,7 +50,7 @@ def reference_guards(text: str) -> sem.Guards:
             entities.add(opener)
     quoted = frozenset(next(g for g in m if g) for m in sem._QUOTED.findall(text))
     code = frozenset(next(g for g in m if g) for m in sem._CODE.findall(text))
-    negated = any(w in sem._NEGATIONS or w.endswith("n't") for w in lowered)
+    negated = any(w in sem._NEGATIONS or w.endswith("n't") or sem._negating_prefix(w) for w in lowered)
     actions = frozenset(sem._OPPOSED_FORMS[w] for w in set(lowered) if w in sem._OPPOSED_FORMS)
     return sem.Guards(numbers, frozenset(entities), quoted, code, negated, actions, *reference_language(text, lowered))
 

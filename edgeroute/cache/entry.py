@@ -79,6 +79,19 @@ def completion_from_json(body: bytes) -> dict[str, Any] | None:
     return obj
 
 
+# Finish reasons of an answer that ended as the model meant it to. `length` (cut at a token
+# limit), `content_filter` (withheld by a moderation verdict that may not hold next time),
+# a missing or unknown reason: the answer is incomplete, and a later caller would be served
+# the cut as if it were the whole answer (a replay says `stop` when the entry has none).
+_COMPLETE = frozenset({"stop", "tool_calls", "function_call"})
+
+
+def finished(completion: dict[str, Any]) -> bool:
+    """Whether every choice of `completion` ended normally, so that it may be stored."""
+    choices = completion.get("choices") or ()
+    return len(choices) > 0 and all(c.get("finish_reason") in _COMPLETE for c in choices)
+
+
 def embeddings_from_json(body: bytes) -> dict[str, Any] | None:
     """The embeddings list in a JSON answer of /v1/embeddings, if it is one worth keeping."""
     try:

@@ -6,8 +6,9 @@ context hash. A candidate must pass three gates:
 
 1. cosine similarity of static word embeddings (WordLlama's 256-d model, shipped inside
    its package: nothing is downloaded) at or above the route's `similarity`;
-2. the same *guard signature*: the same numbers, named entities, quoted strings, code
-   identifiers, negation, opposed action words ("enable" / "disable") and language. Near
+2. the same *guard signature*: the same numbers (in digits or words), named entities,
+   quoted strings, code identifiers, negation (a `not`, or an `un-`/`non-` word), opposed
+   words ("enable" / "disable", "ascending" / "descending") and language. Near
    misses ("2 eggs" / "3 eggs", "Paris" / "Lyon", "is" / "is not", English / French) embed
    close together; they are the classic false hit, so they are refused by these exact
    checks rather than by a tighter threshold;
@@ -55,8 +56,27 @@ _OPPOSED = frozenset(
     "after minimum maximum min max first last upload download subscribe unsubscribe connect disconnect pause resume "
     "cancel join leave win lose more less higher lower faster slower best worst pros cons advantages disadvantages "
     "send receive read write push pull encode decode compress decompress above below inside outside input output "
-    "left right accept reject approve decline login logout".split()
+    "left right accept reject approve decline login logout ascend descend increment decrement forward backward "
+    "expand collapse maximize minimize horizontal vertical positive negative true false valid invalid legal "
+    "illegal possible impossible correct incorrect celsius fahrenheit".split()
 )
+
+
+# Numbers spelled out ("three" / "four", "one hundred" / "one thousand") are numbers too.
+# "one" is left out: as a pronoun ("which one") it would cost paraphrases their hit.
+_NUMBER_WORDS = frozenset(
+    "zero two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand "
+    "million billion trillion dozen half quarter double triple twice thrice second third fourth fifth".split()
+)
+# Words that start like a negating prefix but are not negations ("under", "unique", "uncle").
+_NOT_NEGATING = ("under", "uni", "until", "unless", "unto", "uncle", "unanim", "nonce")
+
+
+def _negating_prefix(word: str) -> bool:
+    """`unsafe`, `unavailable`, `non-empty`: the word says `not` ("safe" / "unsafe" embed as
+    near twins). A false positive costs a hit only where the two prompts differ in it."""
+    return len(word) >= 5 and word.startswith(("un", "non")) and not word.startswith(_NOT_NEGATING)
 
 
 def _forms(stem: str) -> list[str]:
@@ -118,7 +138,7 @@ def guards(text: str) -> Guards:
     of tokens, so each pass that needs no order works on distinct words and chunks only
     (none of the patterns but backquotes reaches across whitespace)."""
     chunks = " ".join(set(text.split()))  # each distinct whitespace-free chunk once
-    numbers = frozenset(m.replace(",", "") for m in _NUMBER.findall(chunks))
+    digits = {m.replace(",", "") for m in _NUMBER.findall(chunks)}
     words = _WORD.findall(text)
     counts = collections.Counter(words)
     lower = {w: w.lower().replace("\u2019", "'") for w in counts}
@@ -140,7 +160,8 @@ def guards(text: str) -> Guards:
     quoted = frozenset(next(g for g in m if g) for m in _QUOTED.findall(text))
     code = frozenset(next(g for g in m if g) for m in _CODE.findall(text if "`" in text else chunks))
     distinct = set(lower.values())
-    negated = not distinct.isdisjoint(_NEGATIONS) or any(w.endswith("n't") for w in distinct)
+    numbers = frozenset(digits | (distinct & _NUMBER_WORDS))
+    negated = not distinct.isdisjoint(_NEGATIONS) or any(w.endswith("n't") or _negating_prefix(w) for w in distinct)
     actions = frozenset(_OPPOSED_FORMS[w] for w in distinct if w in _OPPOSED_FORMS)
     script, language = _language(text, counts, lower)
     return Guards(numbers, frozenset(entities), quoted, code, negated, actions, script, language)

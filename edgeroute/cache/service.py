@@ -24,7 +24,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgeroute.cache import remote
-from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json
+from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json, finished
 from edgeroute.cache.key import cache_key, is_deterministic
 from edgeroute.cache.semantic import (
     Guards,
@@ -309,7 +309,10 @@ class ResponseCache:
         return plan.stale
 
     def save_json(self, plan: Plan, body: bytes, deployment: str, cost_usd: float) -> None:
-        if plan.stores and (completion_from_json(body) is not None or embeddings_from_json(body) is not None):
+        if not plan.stores:
+            return
+        completion = completion_from_json(body)
+        if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
             self._save(plan, Entry(body, deployment, time.time(), cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: str, cost_usd: float) -> None:
@@ -317,7 +320,7 @@ class ResponseCache:
         if not plan.stores or len(stream) > 4 * plan.settings.max_entry_bytes:
             return
         completion = completion_from_stream(stream)
-        if completion is not None:
+        if completion is not None and finished(completion):
             self._save(plan, Entry(orjson.dumps(completion), deployment, time.time(), cost_usd))
 
     def _save(self, plan: Plan, entry: Entry) -> None:

@@ -131,7 +131,7 @@ async def serve(
     try:
         body = await read_body(request)
         parsed = endpoint(body)
-        rec.model = parsed.model
+        rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
         route_body = parsed.routing_body
         decision = decide(live, route_body, request)
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task

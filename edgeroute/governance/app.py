@@ -330,10 +330,26 @@ async def update_key(request: web.Request) -> web.Response:
     return json_response(K.public(after))
 
 
+async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: str, verb: str) -> None:
+    """A key may rotate or revoke only a key it could have created: a rotation hands over the
+    new secret, so a key held to a budget, rate limits or models would otherwise take over a
+    broader one (an unlimited admin key, say)."""
+    current = await asyncio.to_thread(managed.store.get_key, key_id)
+    if current is None:
+        return  # the change itself answers 404
+    try:
+        K.check_scope(*_creator(request), _fields({k: current.get(k) for k in K.KeyFields.model_fields}))
+    except ProxyError as e:
+        raise ProxyError(
+            403, f"This key cannot {verb} key {key_id}, which it could not have created: {e.message}", code=e.code
+        ) from None
+
+
 async def revoke_key(request: web.Request) -> web.Response:
     key_id = request.match_info["id"]
     _not_config(request, key_id)
     managed = _managed(request)
+    await _within_scope(request, managed, key_id, "revoke")
     before, after = await asyncio.to_thread(K.revoke, managed.store, key_id)
     await asyncio.to_thread(managed.load)
     await request.app[GOV].audit(actor_of(request), "key.revoked", key_id, K.public(before), K.public(after))
@@ -350,6 +366,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     grace = body.get("grace_seconds", 0)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 30 * 86400:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
+    await _within_scope(request, managed, key_id, "rotate")
     before, after, token = await asyncio.to_thread(K.rotate, managed.store, key_id, float(grace))
     await asyncio.to_thread(managed.load)
     await request.app[GOV].audit(actor_of(request), "key.rotated", key_id, K.public(before), K.public(after))

@@ -36,7 +36,7 @@ class BadParam(ValueError):
         self.param = param
 
 
-_RELATIVE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_RELATIVE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])")  # ASCII digits: `\d` takes "٣" too
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -44,18 +44,23 @@ def parse_time(name: str, value: str, now: float) -> float:
     """Epoch seconds, a duration before now (`15m`, `24h`, `7d`) or an ISO date/time (UTC by default)."""
     v = value.strip()
     if m := _RELATIVE.fullmatch(v):
-        return now - float(m.group(1)) * _UNITS[m.group(2)]
+        # Further back than 1970 (a thousand digits make -inf) means from the start.
+        return max(0.0, now - float(m.group(1)) * _UNITS[m.group(2)])
+    t = _absolute(name, value, v)
+    if not math.isfinite(t) or not 0 <= t < 1e11:
+        raise BadParam(name, f"{value!r} is out of range")
+    return t
+
+
+def _absolute(name: str, value: str, v: str) -> float:
     try:
-        t = float(v)
+        return float(v)
     except ValueError:
         try:
             when = dt.datetime.fromisoformat(v)
         except ValueError:
             raise BadParam(name, f"{value!r} is not a time: use epoch seconds, 15m, 24h, 7d or an ISO date") from None
-        t = (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
-    if not math.isfinite(t) or not 0 <= t < 1e11:
-        raise BadParam(name, f"{value!r} is out of range")
-    return t
+        return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def time_range(q: Mapping[str, str], now: float, default_since: float | None) -> tuple[float | None, float]:
@@ -70,6 +75,11 @@ def _check_known(q: Mapping[str, str], known: frozenset[str]) -> None:
     for k in q:
         if k not in known:
             raise BadParam(k, f"unknown parameter; known: {', '.join(sorted(known))}")
+
+
+def _whole(value: str) -> bool:
+    """ASCII digits only: `str.isdigit` also takes "²", which `int` then refuses (a 500)."""
+    return value.isascii() and value.isdigit()
 
 
 def _number(name: str, value: str) -> float:
@@ -111,7 +121,7 @@ def _status(value: str) -> tuple[str, list[Any]]:
     if re.fullmatch(r"[1-5]xx", v):
         lo = int(v[0]) * 100
         return "status >= ? AND status < ?", [lo, lo + 100]
-    if re.fullmatch(r"\d{1,3}", v):
+    if re.fullmatch(r"[0-9]{1,3}", v):
         return "status = ?", [int(v)]
     raise BadParam("status", f"{value!r}: use a status code (429), a class (4xx, 5xx), ok or error")
 
@@ -163,7 +173,7 @@ def list_requests(db: Readable, q: Mapping[str, str], now: float | None = None) 
         params.append(_number("min_cost_usd", v))
     limit = DEFAULT_PAGE
     if (v := q.get("limit")) is not None:
-        if not v.isdigit() or not 1 <= int(v) <= MAX_PAGE:
+        if not _whole(v) or not 1 <= int(v) <= MAX_PAGE:
             raise BadParam("limit", f"{v!r}: must be an integer from 1 to {MAX_PAGE}")
         limit = int(v)
     if (v := q.get("cursor")) is not None:
@@ -229,7 +239,7 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
     first, last = int(since // 60), math.ceil(until / 60)
     step = 0
     if (b := q.get("bucket")) is not None:
-        if not b.isdigit() or int(b) < 60 or int(b) % 60:
+        if not _whole(b) or int(b) < 60 or int(b) % 60:
             raise BadParam("bucket", f"{b!r}: seconds, a whole number of minutes (60, 300, 3600, ...)")
         step = int(b) // 60
         if (last - first) / step > MAX_STATS_POINTS:

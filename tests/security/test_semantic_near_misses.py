@@ -1,0 +1,48 @@
+"""Semantic cache false hits an attacker (or an unlucky user) finds in minutes: a number
+spelled out, a negating prefix, an antonym the guard list lacked. Each second request of a
+pair asks something else and must reach the upstream; a true paraphrase still hits."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import simple_config
+
+# (cached first, asked second): every one a hit at similarity 0.91-0.97 before the guards knew it.
+NEAR_MISSES = [
+    ("Transfer one hundred dollars to Bob", "Transfer one thousand dollars to Bob"),
+    ("List three benefits of exercise", "List four benefits of exercise"),
+    ("Is it safe to take ibuprofen with alcohol?", "Is it unsafe to take ibuprofen with alcohol?"),
+    ("Write a python function to sort a list ascending", "Write a python function to sort a list descending"),
+]
+
+
+async def test_near_misses_of_number_words_negating_prefixes_and_antonyms_are_misses(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    pytest.importorskip("wordllama")
+    up = await start_upstream(record=True)
+    cfg = simple_config({"a": up})
+    cfg["models"]["m"]["cache"] = {"ttl": 60, "mode": "semantic"}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+
+    async def cache_of(text: str) -> str:
+        msgs: Any = [{"role": "user", "content": text}]
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=msgs, temperature=0)
+        await asyncio.sleep(0.1)  # the entry is indexed after the answer
+        return raw.headers["x-edgeroute-cache"]
+
+    got = []
+    for first, second in NEAR_MISSES:
+        assert await cache_of(first) == "miss"
+        got.append((second, await cache_of(second)))
+    assert got == [(second, "miss") for _, second in NEAR_MISSES]
+    # What the guards must still let through: the same question in other words.
+    assert await cache_of("Is it not safe to take ibuprofen with alcohol?") == "hit"
+    assert len(up.options.requests) == 2 * len(NEAR_MISSES)
+    await client.close()
