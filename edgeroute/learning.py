@@ -61,6 +61,7 @@ class Served:
     route: str
     task: str
     cost_usd: float
+    rated: bool = False  # the learner counts a request's first score only
 
 
 class Sharing(Protocol):
@@ -135,10 +136,18 @@ class FeedbackLearner:
             self.share.on_served(request_id, served)
 
     def feedback(self, request_id: str, score: float) -> Served | None:
-        """Applies a 0..1 score to the request's (task, route); None if the request is unknown."""
+        """Applies a 0..1 score to the request's (task, route); None if the request is unknown.
+
+        A request's first score counts, once: a repeated one (a replay, a changed mind)
+        leaves the posteriors alone, else one key could drive a route's posterior, which
+        routes every tenant's requests, by repeating one score (the request log keeps the
+        last score given)."""
         s = self.recent.get(request_id)
         if s is None:
             return None
+        if s.rated:
+            return s
+        s.rated = True
         reward = min(1.0, max(0.0, score - self.cost_weight * s.cost_usd))
         p = self.posteriors.setdefault((s.task, s.route), Posterior(*self.prior))
         p.alpha += reward
@@ -206,9 +215,12 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         )
     try:
         data = orjson.loads(await request.read())
-        rid, score = data["request_id"], float(data["score"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        rid, score = data["request_id"], data["score"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
         raise ProxyError(400, 'Expected {"request_id": "...", "score": 0..1}.', code="invalid_request") from None
+    if isinstance(score, bool) or not isinstance(score, int | float):  # "1", true: a client's bug, not a score
+        raise ProxyError(400, "score must be a number between 0 and 1.", param="score")
+    score = float(score)
     if not isinstance(rid, str) or not 0.0 <= score <= 1.0:  # NaN fails the range test too
         raise ProxyError(400, "score must be between 0 and 1 and request_id a string.", param="score")
     if not rid or len(rid) > 256:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 import orjson
 from aiohttp import web
 
-from edgeroute import redis_client
+from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
 
@@ -131,9 +131,7 @@ def install(app: web.Application, config: Config) -> None:
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(share.run())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await background.stop(task)  # its Redis calls can swallow one cancel() (Python 3.11)
         await share.close()
 
     app.cleanup_ctx.append(lifecycle)

@@ -8,7 +8,6 @@ from typing import Any
 
 import aiohttp
 import openai
-import pytest
 
 from tests.conftest import Proxy
 
@@ -90,11 +89,6 @@ async def test_a_tenant_cannot_rate_another_tenants_request_by_guessing_its_id(s
         assert [p["alpha"] + p["beta"] for p in await _posteriors(s, proxy)] == [3.0]  # one score over the prior
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the learner (edgeroute/learning.py, owned by helper `learn`) adds every repeated score: "
-    "the fix is in /work/coord/redteam-feedback.patch",
-)
 async def test_a_repeated_score_moves_the_learner_once(start_upstream, start_proxy) -> None:
     proxy = await start_proxy(_config(await start_upstream()))
     rid = await _ask(proxy, "alice")
@@ -105,11 +99,6 @@ async def test_a_repeated_score_moves_the_learner_once(start_upstream, start_pro
         assert [p["alpha"] + p["beta"] for p in await _posteriors(s, proxy)] == [3.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgeroute/learning.py (helper `learn`) takes float(score): "
-    "the fix is in /work/coord/redteam-feedback.patch",
-)
 async def test_a_score_that_is_not_a_number_is_a_400(start_upstream, start_proxy) -> None:
     proxy = await start_proxy(_config(await start_upstream()))
     rid = await _ask(proxy, "alice")
