@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import orjson
@@ -32,6 +33,8 @@ from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
 log = logging.getLogger("edgeroute.learning")
 
 SYNC_S = 0.5
+LOOKUP_SLACK_S = 0.3  # the other instance's batch write, on top of its period
+LOOKUP_POLL_S = 0.1
 REMEMBER_S = 24 * 3600
 MAX_PENDING = 100_000
 _SEP = "\x1f"
@@ -59,14 +62,21 @@ class LearningShare:
             self.rewards.append((s.task, s.route, reward))
 
     async def lookup(self, request_id: str) -> Served | None:
-        """A request another instance served, or None (unknown, expired, or Redis down)."""
-        try:
-            raw = await self.client.get(self.req_prefix + request_id)
-        except redis_client.errors():
-            self.failed += 1
-            return None
-        if raw is None:
-            return None
+        """A request another instance served, or None (unknown, expired, or Redis down). One
+        served moments ago reaches Redis with that instance's next batch (every `SYNC_S`), so a
+        miss is asked again until then: feedback sent right after the answer is not lost."""
+        deadline = time.monotonic() + SYNC_S + LOOKUP_SLACK_S
+        while True:
+            try:
+                raw = await self.client.get(self.req_prefix + request_id)
+            except redis_client.errors():
+                self.failed += 1
+                return None
+            if raw is not None:
+                break
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(LOOKUP_POLL_S)
         route, task, cost = orjson.loads(raw)
         return Served(str(route), str(task), float(cost))
 

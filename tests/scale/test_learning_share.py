@@ -66,3 +66,25 @@ async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
         return [p for p in rows if p["task"] == "math" and p["route"] == "weak" and p["alpha"] > 40]
 
     await eventually(learned_all, "instance 1's posterior for (math, weak) counting all 40 scores")
+
+
+async def test_feedback_right_after_the_answer_reaches_the_other_instance(pair, start_proxy) -> None:
+    """Served requests reach Redis in the serving instance's next batch (0.5 s): feedback sent
+    to another instance at once waits for it instead of being refused as unknown."""
+    url = require_redis()
+    strong, weak = pair
+    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
+    cfg = config(
+        strong,
+        weak,
+        learning={"feedback": {"max_shift": 0.1}},
+        shared_state={"redis_url": url, "prefix": prefix, "timeout_ms": 2000},
+    )
+    p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
+    c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+            async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 0.0}) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["route"] == "weak"
