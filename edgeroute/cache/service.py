@@ -179,6 +179,14 @@ class ResponseCache:
             return None
         return self._bypass_unless_looked_up(Plan(route, cache_key(fields, route, tenant), settings, directive, True))
 
+    @staticmethod
+    def never_cached(request: web.Request) -> None:
+        """For an endpoint whose answers are never cached: its cache header still means what it
+        means elsewhere (400 for a bad value; 504 for `only-if-cached`, which a client sends so
+        that nothing is spent upstream)."""
+        if HEADER in request.headers and Directive.of(request).only_if_cached:
+            raise _not_cached()
+
     def _bypass_unless_looked_up(self, plan: Plan) -> Plan:
         if not plan.cacheable or not plan.directive.lookup:
             plan.label = "bypass"

@@ -21,7 +21,7 @@ from aiohttp import web
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
-from edgeroute.cache.service import CACHE, Plan
+from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
@@ -152,7 +152,9 @@ async def serve(
             rec.content_mode, rec.content_request = keep, body
         model = live.config.models[decision.route]
         plan: Plan | None = None
-        if parsed.cache_fields is not None:
+        if parsed.cache_fields is None:
+            ResponseCache.never_cached(request)
+        else:
             cache = request.app[CACHE]
             plan = cache.plan_exact(
                 request, model.cache, decision.route, parsed.cache_fields, _tenant(request, model.cache)
