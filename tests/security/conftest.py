@@ -87,13 +87,19 @@ class Leaky:
         )
 
 
+async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> TestServer:
+    """A started upstream whose `POST /v1/chat/completions` is `handle` (a test's hostile provider)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
 @pytest.fixture
 async def leaky() -> AsyncIterator[Leaky]:
     up = Leaky()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.handle)
-    up.server = TestServer(app, host="127.0.0.1")
-    await up.server.start_server()
+    up.server = await chat_upstream(up.handle)
     yield up
     await up.server.close()
 

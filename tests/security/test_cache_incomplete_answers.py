@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import simple_config
+from tests.security.conftest import chat_upstream
 
 
 @dataclass
@@ -54,10 +55,7 @@ class Finishing:
 @pytest.fixture
 async def finishing() -> AsyncIterator[Finishing]:
     up = Finishing()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.handle)
-    up.server = TestServer(app, host="127.0.0.1")
-    await up.server.start_server()
+    up.server = await chat_upstream(up.handle)
     yield up
     await up.server.close()
 
