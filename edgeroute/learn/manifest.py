@@ -22,9 +22,9 @@ MANIFEST = MODELS / "manifest.json"
 COMMAND = "python -m edgeroute.learn.build_models"
 
 # Everything the build reads: our labels (in the repository) and the public data sets.
-# These label the BIG-bench development set (task_devset) and the fresh test set
-# (fresh_eval); nothing trains on them.
-NOT_TRAINING = frozenset({"bigbench_task_classes.json", "fresh_task_sources.json"})
+# These label the BIG-bench development set (task_devset) and the fresh test sets
+# (fresh_eval, fresh_eval_v3); nothing trains on them.
+NOT_TRAINING = frozenset({"bigbench_task_classes.json", "fresh_task_sources.json", "fresh_task_sources_v3.json"})
 LABEL_FILES = sorted(
     p.name for p in data.LABELS.iterdir() if p.suffix in (".json", ".jsonl") and p.name not in NOT_TRAINING
 )
