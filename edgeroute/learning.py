@@ -17,7 +17,6 @@ update; the file write happens in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import roles
+from edgeroute import background, roles
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
@@ -284,9 +283,7 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
 
         task = asyncio.create_task(refresh())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await background.stop(task)
         await asyncio.to_thread(learner.save)
 
     app.cleanup_ctx.append(ctx)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import logging
 import random
@@ -35,7 +34,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import Metric
 
-from edgeroute import _core
+from edgeroute import _core, background
 from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.config import Config
 from edgeroute.core import ConfigError, learned_models
@@ -305,9 +304,7 @@ class CandidateSlot:
 
         task = asyncio.create_task(loop())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await background.stop(task)
         for ev in self._busy():  # before the ledger's last flush (cleaned up after)
             await asyncio.to_thread(ev.evaluate_waiting)
 
