@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from edgeroute.bench import loadgen, report, scenarios
+from edgeroute.bench import loadgen, nginx_upstream, report, scenarios
 from edgeroute.bench.loadgen import Load, Stats, Target
 from edgeroute.bench.upstream import Latency, MockUpstream, UpstreamOptions
 
@@ -145,6 +145,22 @@ def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
     assert res["proxy"]["failed"] == 0 and set(res["added_ms"]) >= {"p50", "p99", "p99.9"}
     assert out["startup_s"] > 0
     assert orjson.loads((tmp_path / "o.json").read_bytes())["scenario"] == "overhead"  # type: ignore[operator]
+
+
+@pytest.mark.skipif(not nginx_upstream.available(), reason="nginx is not installed (Debian: nginx-light)")
+def test_the_gate_run_interleaves_the_floor_against_nginx(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """The gate's set-up, tiny: nginx upstream, the bare pass-through as a third target in
+    edgeroute's phase (each answered every request), both added latencies reported."""
+    c = scenarios.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,
+                         json=str(tmp_path / "g.json"))  # type: ignore[operator]  # fmt: skip
+    out = scenarios.overhead(c, [40.0], rules=10, floor=True, floor_interleaved=True, budgets=True, upstream="nginx")
+    res = out["rates"]["40"]
+    assert out["upstream"] == "nginx"
+    assert res["direct"]["ok"] == res["proxy"]["ok"] == 32 and res["proxy"]["failed"] == 0
+    assert res["floor"]["ok"] == 32 and res["floor_cpu_ms_per_request"] > 0
+    assert set(res["floor_added_ms"]) >= {"p50", "p99"}
+    table = capsys.readouterr().out.split("latency_ms")[1].splitlines()  # one phase: one table, three targets
+    assert [ln.split()[0] for ln in table[3:6]] == ["direct", "edgeroute", "bare"]
 
 
 def test_bench_config_is_valid_and_cli_parses() -> None:

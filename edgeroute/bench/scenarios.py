@@ -412,6 +412,7 @@ def overhead(
     stream: bool = False,
     upstream_latency: str = "0",
     floor: bool = False,
+    floor_interleaved: bool = False,
     trace_ratio: float | None = None,
     request_log: bool = True,
     cache: bool = False,
@@ -419,22 +420,33 @@ def overhead(
     limits: bool = False,
     beside: str | None = None,
     workers: int = 1,
+    upstream: str = "mock",
 ) -> dict[str, Any]:
     """Direct-to-mock vs through edgeroute, interleaved at each rate; added latency per percentile.
+    With `upstream` "nginx", the upstream is nginx with a canned answer (`nginx_upstream`): it
+    costs the shared cores next to nothing, so less of what is measured is the bench's own load
+    (non-streaming chat only; no OTLP sink, no upstream latency).
     With `workers` > 1, the proxy is `serve --workers N` (unpinned, on every CPU).
     With `budgets`, a global monthly budget (never reached) admits every request, as a
     deployment with spend limits does; with `limits`, per-key RPM and TPM limits (never reached).
     `beside` (one of `BESIDE`) adds a second edgeroute with one setting changed, interleaved
     with the first: the setting's cost, in the same sitting (`redis`: budgets, limits and
     cache in Redis, `shared_state`).
+    With `floor`, a bare aiohttp pass-through is measured the same way, in its own phase right
+    after edgeroute's; with `floor_interleaved` as well, in edgeroute's phase as a third target,
+    so a slow moment of the machine falls on both alike (the gate's choice, at a rate where the
+    generator can carry three targets).
     With `trace_ratio`, tracing is on at that sampling ratio, exporting to the mock's OTLP sink.
     The proxy writes its ledger and request log (no content) as `serve` does, unless `request_log`
     is False. With `cache`, the response cache is on (the bench's few distinct bodies are hits
     after warm-up)."""
     out: dict[str, Any] = {"scenario": "overhead", "rates": {}, "upstream_latency": upstream_latency}
     out["request_log"] = request_log
+    if upstream == "nginx" and (stream or trace_ratio is not None or upstream_latency != "0"):
+        raise ValueError("the nginx upstream answers non-streaming chat at once, and has no OTLP sink")
+    out["upstream"] = upstream
     with Stack(c.pin) as stack:
-        mock = stack.upstream("--latency", upstream_latency)
+        mock = stack.nginx() if upstream == "nginx" else stack.upstream("--latency", upstream_latency)
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = bench_config({"p0": url, "p1": url}, rules=rules)
         if cache:
@@ -463,14 +475,17 @@ def overhead(
             other, _ = stack.proxy(BESIDE[beside](cfg, f"http://127.0.0.1:{mock.port}/v1/traces"), name="beside")
             targets.append(Target(f"edgeroute {beside}", f"http://127.0.0.1:{other.port}/v1", PUBLIC_MODEL))
             out["beside"] = beside
-        # The floor runs in its own phase right after edgeroute's, interleaved with the mock the
-        # same way: a third target in one phase would load the generator by half again.
+        # By default the floor runs in its own phase right after edgeroute's, interleaved with the
+        # mock the same way: a third target in one phase loads the generator by half again.
         floor_proc = stack.floor(url) if floor else None
+        if floor_proc is not None and floor_interleaved:
+            targets.append(Target("bare aiohttp", f"http://127.0.0.1:{floor_proc.port}/v1", MOCK_MODEL))
         all_stats: list[Stats] = []
         for rate in rates:
             load = Load(requests=c.requests, duration=c.duration, rate=rate, warmup=c.warmup)
             spy = stack.profiler(proxy, c.duration, c.profile if rate == rates[0] else None)
             cpu0 = proxy.cpu_seconds()
+            fcpu0 = floor_proc.cpu_seconds() if floor_proc is not None else 0.0
             stats = loadgen.arun(
                 loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
                             label=f"{rate:g}/s ")
@@ -491,16 +506,21 @@ def overhead(
                 res["beside"] = stats[2].summary()
                 _print(f"edgeroute {beside} adds {res['beside_added_ms']}")
             if floor_proc is not None:
-                pair = [targets[0], Target("bare aiohttp", f"http://127.0.0.1:{floor_proc.port}/v1", MOCK_MODEL)]
-                fcpu0 = floor_proc.cpu_seconds()
-                fd, f = loadgen.arun(
-                    loadgen.run(pair, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
-                                label=f"floor {rate:g}/s ")
-                )  # fmt: skip
+                if floor_interleaved:
+                    fd, f = d, stats[-1]
+                else:
+                    pair = [targets[0], Target("bare aiohttp", f"http://127.0.0.1:{floor_proc.port}/v1", MOCK_MODEL)]
+                    fcpu0 = floor_proc.cpu_seconds()
+                    fd, f = loadgen.arun(
+                        loadgen.run(pair, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
+                                    label=f"floor {rate:g}/s ")
+                    )  # fmt: skip
                 fcpu = floor_proc.cpu_seconds() - fcpu0
                 res["floor_added_ms"] = added(f, fd, "ttft_ms" if stream else "latency_ms")
+                res["floor"] = f.summary()
                 res["floor_cpu_ms_per_request"] = round(1000 * fcpu / max(1, f.ok + f.failed + load.warmup), 4)
-                stats.append(f)
+                if not floor_interleaved:
+                    stats.append(f)
                 _print(
                     f"bare aiohttp pass-through adds {res['floor_added_ms']}, "
                     f"{res['floor_cpu_ms_per_request']} ms CPU/req"
