@@ -340,6 +340,7 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    request.app[STATE].live.access.check_metrics(request)
     body = request.app[METRICS].render(request.app)
     worker = request.app.get(WORKER)
     if worker is not None:  # one scrape for the whole server: every worker's numbers, merged

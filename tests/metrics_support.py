@@ -45,8 +45,10 @@ def check_exposition(text: str) -> None:
             assert seen and sample.startswith(seen[-1]), f"{sample} outside its family (after {seen[-1:]})"
 
 
-async def scrape(base_url: str) -> Scrape:
-    async with aiohttp.ClientSession() as s, s.get(base_url + "/metrics") as r:
+async def scrape(base_url: str, token: str | None = None) -> Scrape:
+    """`/metrics` as Prometheus reads it (with `token` as its bearer credential when keys are on)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.get(base_url + "/metrics", headers=headers) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await r.text()

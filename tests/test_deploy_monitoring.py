@@ -129,7 +129,7 @@ def test_the_checker_catches_mistakes() -> None:
 async def test_rules_and_dashboard_name_only_exposed_metrics(start_upstream, tmp_path: Path) -> None:
     up = await start_upstream()
     cfg = simple_config({"a": up})
-    cfg["keys"] = {"k": {"token": "tok-deploy-1", "team": "t"}}
+    cfg["keys"] = {"k": {"token": "tok-deploy-1", "team": "t"}, "prom": {"token": "tok-prom-1", "role": "viewer"}}
     cfg["budgets"] = {"limits": [{"name": "all", "scope": "global", "limit_usd": 10}]}
     cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "spend.db")}
     source = str(tmp_path / "edgeroute.yaml")
@@ -143,7 +143,7 @@ async def test_rules_and_dashboard_name_only_exposed_metrics(start_upstream, tmp
         async for _ in await client.chat.completions.create(model="m", messages=msg, stream=True):
             pass
         await client.close()
-        names, labels = exposed(await scrape(url))
+        names, labels = exposed(await scrape(url, "tok-prom-1"))
     finally:
         await server.close()
     labels |= {"le", "budget", "error_class"}  # histogram buckets; families that had no sample in this run

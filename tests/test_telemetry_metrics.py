@@ -22,7 +22,10 @@ async def test_families_units_and_values_after_traffic(start_upstream, start_pro
     bad = await start_upstream(fail_status=503)
     cfg = simple_config({"bad": bad, "good": good})
     cfg["deployments"]["d-bad"]["weight"] = 1000  # tried first, fails over to d-good
-    cfg["keys"] = {"k1": {"token": "tok-research-1", "team": "research", "user": "alice"}}
+    cfg["keys"] = {
+        "k1": {"token": "tok-research-1", "team": "research", "user": "alice"},
+        "scraper": {"token": "tok-prometheus-1", "role": "viewer"},
+    }
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-research-1", max_retries=0)
     await client.chat.completions.create(model="m", messages=MSG, user="raw-user-string-xyz")
@@ -36,7 +39,7 @@ async def test_families_units_and_values_after_traffic(start_upstream, start_pro
     await client.close()
     await _settled()
 
-    m = await scrape(proxy.url)
+    m = await scrape(proxy.url, "tok-prometheus-1")
     assert m.value("edgeroute_requests_total", route="m", status="200", outcome="ok") == 2
     assert m.value("edgeroute_requests_total", route="", status="404", outcome="error") == 1
     # Latency in seconds: two answers from a loopback mock took well under a second each.
@@ -80,6 +83,7 @@ async def test_budget_gauges(start_upstream, start_proxy) -> None:
     up = await start_upstream()
     cfg = simple_config({"a": up})
     cfg["keys"] = {"k1": {"token": "tok-b-1", "team": "research"}}
+    cfg["server"] = {"metrics_public": True}  # scraped without a key
     cfg["budgets"] = {"limits": [{"name": "research-monthly", "scope": "team", "match": "research", "limit_usd": 50}]}
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-b-1", max_retries=0)

@@ -307,6 +307,9 @@ class Server(_Strict):
     allowed_origins: list[str] = []
     log_format: LogFormat = "text"  # or json: one JSON object per line (`edgeroute.telemetry.logs`)
     log_level: LogLevel = "warning"
+    # With keys configured, `/metrics` (team names, traffic per route and key) needs a key of
+    # role viewer or above (Prometheus: `authorization: {credentials: …}`); true serves it to anyone.
+    metrics_public: bool = False
 
 
 # -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------

@@ -25,6 +25,8 @@ from edgeroute.config import Budget, Config, Limit
 from edgeroute.errors import ProxyError
 from edgeroute.sidecar_guard import SidecarGuard
 
+# Answered before any key check or load shedding (a scrape must get through an overload);
+# `/metrics` checks its own key (`Access.check_metrics`).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -120,6 +122,21 @@ class Access:
         self.shared = [secrets.resolve(k).reveal().encode() for k in cfg.server.api_keys]
         # No keys at all: a sidecar, which must not be driven by web pages or remote admins.
         self.guard = SidecarGuard(cfg.server) if self.ring is None and not self.shared else None
+        self.metrics_public = cfg.server.metrics_public
+
+    def check_metrics(self, request: web.Request) -> None:
+        """Raises 401/403 unless the caller may read `/metrics`: with keys in use, a key of
+        role viewer or above (or a shared `server.api_keys` key), unless `server.metrics_public`;
+        without keys, the sidecar's own checks."""
+        if self.metrics_public:
+            return
+        managed = request.app.get(MANAGED_KEYS)
+        if self.ring is None and managed is None and not self.shared and self.guard is not None:
+            self.guard.check(request)
+            return
+        ident = self.identify(request)
+        if ident is not None and not roles.permits(ident.role, "viewer"):
+            raise ProxyError(403, "GET /metrics needs a key with role 'viewer' or above.", code="permission_denied")
 
     def identify(self, request: web.Request) -> Identity | None:
         """The caller's virtual key (None when keys are not in use); raises 401/403."""
