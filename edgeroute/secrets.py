@@ -89,18 +89,36 @@ class Status:
 
 STATUS = Status()
 _live: dict[str, _Live] = {}
-_no_exec: contextvars.ContextVar[bool] = contextvars.ContextVar("no_exec", default=False)
+_offline: contextvars.ContextVar[bool] = contextvars.ContextVar("offline", default=False)
 
 
 @contextlib.contextmanager
-def no_exec() -> Iterator[None]:
-    """Within it, `exec:` references are accepted without running them (checking a config
-    sent over the API must not execute its commands)."""
-    token = _no_exec.set(True)
+def offline() -> Iterator[None]:
+    """Within it, references are checked for their form only: no command runs, no file or
+    environment variable is read, nothing is registered for redaction. A config sent over the
+    API is checked this way, so the check neither executes what it is sent nor tells its
+    sender which files and variables the host has (nor lets it blank words out of every log)."""
+    token = _offline.set(True)
     try:
         yield
     finally:
-        _no_exec.reset(token)
+        _offline.reset(token)
+
+
+def is_offline() -> bool:
+    """Whether checks must leave the host alone (see `offline`)."""
+    return _offline.get()
+
+
+def _unresolved(reference: str) -> Secret:
+    """A stand-in for a reference not resolved (offline): its own text, so two references are
+    told apart (two keys naming one variable still collide), registered nowhere."""
+    for prefix in REFERENCE_PREFIXES:
+        if reference.startswith(prefix) and not reference[len(prefix) :].strip():
+            raise SecretError(f"{prefix} names nothing")
+    stand_in = Secret.__new__(Secret)
+    stand_in._value, stand_in.reference, stand_in.version = reference, "<unresolved>", 0
+    return stand_in
 
 
 def set_refresh_interval(seconds: float) -> None:
@@ -153,6 +171,8 @@ def _run(command: str) -> str:
 
 def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
     """Resolves ``env:NAME`` / ``file:PATH`` (relative to `base_dir`) / ``exec:COMMAND`` / a literal."""
+    if _offline.get():
+        return _unresolved(reference)
     if reference.startswith("env:"):
         name = reference[4:]
         value = os.environ.get(name)
@@ -174,8 +194,6 @@ def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
         return live.secret
     if reference.startswith("exec:"):
         command = reference[5:].strip()
-        if _no_exec.get():
-            return Secret("", reference)
         live = _live.get(reference)
         if live is None or live.failing:
             value = _run(command)

@@ -16,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgeroute import secrets
+from edgeroute import redact, secrets
 from tests.conftest import Upstream, simple_config
 from tests.test_governance_keys import _proxy
 
@@ -118,5 +118,8 @@ def test_bad_exec_reference_is_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(config_mod.ConfigError, match=r"providers\.a\.api_key: secret command not found"):
         config_mod.parse(cfg)
-    with secrets.no_exec():
-        assert secrets.resolve("exec:/nonexistent/vault read").reveal() == ""
+    with secrets.offline():  # a check sent over the API: nothing runs, nothing is read or registered
+        assert secrets.resolve("exec:/nonexistent/vault read").reveal() == "exec:/nonexistent/vault read"
+        assert secrets.resolve("env:NOT_SET_ANYWHERE_2").reveal() == "env:NOT_SET_ANYWHERE_2"
+        secrets.resolve("an-ordinary-phrase-sent-in-a-check")
+    assert redact.text("an-ordinary-phrase-sent-in-a-check") == "an-ordinary-phrase-sent-in-a-check"

@@ -140,7 +140,7 @@ async def test_bad_input_is_a_clear_4xx(served, method: str, path: str, payload:
 async def test_check_reports_errors_and_never_runs_commands(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url, path, cfg, _ = served
     status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=path.read_text())
-    assert status == 200 and body == {"ok": True, "errors": []}
+    assert status == 200 and body == {"ok": True, "errors": [], "references": "unresolved"}
     bad = {**cfg, "models": {"m": {"deployments": ["missing"]}}}
     status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(bad))
     assert status == 200 and body["ok"] is False
@@ -152,6 +152,28 @@ async def test_check_reports_errors_and_never_runs_commands(served, tmp_path: Pa
     status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(sneaky))
     assert status == 200 and body["ok"] is True
     assert not marker.exists()
+
+
+async def test_check_is_no_oracle_for_the_hosts_files_and_environment(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A viewer's check answers alike whether a file or variable exists, is readable, or holds
+    several lines: it never reads them (only `edgeroute check` on the host does)."""
+    url, _, cfg, _ = served
+    here = tmp_path / "two-lines"
+    here.write_text("line one\nline two\n")
+    answers = []
+    for ref in ("file:/etc/hostname", "file:/nonexistent/x", f"file:{here}", "env:HOME", "env:NOT_SET_ANYWHERE_1"):
+        probe = {**cfg, "providers": {"a": {**cfg["providers"]["a"], "api_key": ref}}}
+        status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(probe))
+        answers.append((status, body))
+    assert answers == [(200, {"ok": True, "errors": [], "references": "unresolved"})] * 5
+    tls = {**cfg["providers"]["a"], "tls": {"ca_bundle": "/nonexistent/ca.pem"}}
+    status, body = await call(
+        "POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump({**cfg, "providers": {"a": tls}})
+    )
+    assert (status, body["ok"]) == (200, True)
+    empty = {**cfg, "providers": {"a": {**cfg["providers"]["a"], "api_key": "env:"}}}
+    status, body = await call("POST", url + "/admin/config/check", "tok-viewer", data=yaml.safe_dump(empty))
+    assert body["ok"] is False and any("providers.a.api_key: env: names nothing" in e for e in body["errors"])
 
 
 async def test_literal_secrets_never_reach_the_database(served) -> None:  # type: ignore[no-untyped-def]

@@ -197,7 +197,7 @@ async def check_config(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
     errors = await asyncio.to_thread(check_text, text, "<check>")
-    return json_response({"ok": not errors, "errors": errors})
+    return json_response({"ok": not errors, "errors": errors, "references": "unresolved"})
 
 
 # -- audit ------------------------------------------------------------------------------------

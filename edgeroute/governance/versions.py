@@ -219,10 +219,11 @@ class Versions:
 
 
 def check_text(text: str, source: str = "<check>") -> list[str]:
-    """Every problem with a config text, as `edgeroute check` reports them; `exec:` secrets are
-    not run (a check must not execute commands sent to it)."""
+    """Every problem with a config text sent over the API, as `edgeroute check` reports them,
+    offline (`secrets.offline`): references and TLS files are checked for their form, never
+    resolved, run or read on this host."""
     try:
-        with secrets.no_exec():
+        with secrets.offline():
             config_mod.loads(text, source)
     except config_mod.ConfigError as e:
         return e.errors
