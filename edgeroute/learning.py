@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import threading
@@ -36,6 +37,7 @@ from edgeroute import background, roles
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.limits import LocalLimiter, Take
 from edgeroute.errors import ProxyError
 from edgeroute.requestlog import outcomes
 from edgeroute.state import RECORDER, STATE
@@ -180,6 +182,35 @@ def _request_log(app: web.Application) -> Ledger | None:
 
 
 FIND_FOR_S = 5.0  # how long feedback waits for its request to reach the log (a busy writer)
+# Feedback calls waiting on the log at once: past it, 503 at once (each waits up to FIND_FOR_S,
+# reading the database every flush, so unbounded waits would turn a flood into database load).
+MAX_LOOKUPS = 64
+
+
+@dataclass(slots=True)
+class FeedbackGate:
+    """Per-caller rate limit and a bound on concurrent log lookups for `POST /v1/feedback`."""
+
+    limiter: LocalLimiter
+    lookups: int = 0
+
+    def admit(self, request: web.Request) -> None:
+        """Raises 429 over the caller's `learning.feedback_rpm`."""
+        ident = request.get(IDENTITY)
+        who = f"key:{ident.key}" if ident is not None else f"addr:{request.remote}"
+        rpm = request.app[STATE].live.config.learning.feedback_rpm
+        ok, states = self.limiter.take([Take(f"feedback:{who}", "requests", rpm, 1)])
+        if not ok:
+            wait = max(1, math.ceil(states[0].wait_s))
+            raise ProxyError(
+                429,
+                f"Too many feedback calls: the limit is {rpm} a minute; retry in {wait} s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+
+
+FEEDBACK_GATE = web.AppKey("feedback_gate", FeedbackGate)
 
 
 async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
@@ -200,6 +231,19 @@ async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None
         await asyncio.sleep(ledger.flush_interval + 0.05)
 
 
+async def _lookup(gate: FeedbackGate, ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
+    """`_logged`, within the bound on lookups waiting at once (503 past it)."""
+    if gate.lookups >= MAX_LOOKUPS:
+        raise ProxyError(
+            503, "Too many feedback calls in progress; retry shortly.", code="overloaded", headers={"Retry-After": "1"}
+        )
+    gate.lookups += 1
+    try:
+        return await _logged(ledger, rid)
+    finally:
+        gate.lookups -= 1
+
+
 async def feedback_endpoint(request: web.Request) -> web.Response:
     """`POST /v1/feedback {"request_id": ..., "score": 0..1}`: how good an answer was.
 
@@ -212,6 +256,8 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         raise ProxyError(
             404, "Feedback is not enabled (set learning.feedback, or turn the request log on).", code="not_enabled"
         )
+    gate = request.app[FEEDBACK_GATE]
+    gate.admit(request)
     try:
         data = orjson.loads(await request.read())
         rid, score = data["request_id"], data["score"]
@@ -226,7 +272,7 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         raise ProxyError(400, "request_id must be 1 to 256 characters.", param="request_id")
     unknown = ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
     ident = request.get(IDENTITY)
-    logged = await _logged(ledger, rid) if ledger is not None else None
+    logged = await _lookup(gate, ledger, rid) if ledger is not None else None
     if logged is not None and ident is not None and logged[0] != ident.key and not roles.permits(ident.role, "admin"):
         raise unknown  # another key's request: not even its existence is told
     if ledger is not None and logged is None and ident is not None:
@@ -261,6 +307,7 @@ async def learning_state(request: web.Request) -> web.Response:
 
 def install(app: web.Application, config: Config, base_dir: Path | None) -> None:
     """Adds the feedback endpoints, and the learner when `learning.feedback` is configured."""
+    app[FEEDBACK_GATE] = FeedbackGate(LocalLimiter())
     app.router.add_post("/v1/feedback", feedback_endpoint)
     app.router.add_get("/admin/learning", learning_state)
     fb = config.learning.feedback

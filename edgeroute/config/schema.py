@@ -415,6 +415,9 @@ class Learning(_Strict):
     task_model: str = "builtin"
     router_model: str = "builtin"
     feedback: Feedback | None = None
+    # `POST /v1/feedback` calls a minute per key (per client address without keys), per process:
+    # an unknown request id costs a few database reads, so a flood must meet a limit.
+    feedback_rpm: int = Field(600, ge=1)
     shadow_log: str | None = None
     candidate_router: CandidateRouter | None = None  # evaluated beside the running router, never routing
 

@@ -4,12 +4,13 @@ repeating itself."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import openai
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, ProxyTestServer
 
 TEXT = "Janet has 3 apples and buys 5 more. She gives 2 away. How many are left?"
 TOKENS = {"alice": "tok-alice-0123456789", "bob": "tok-bob-0123456789", "root": "tok-root-0123456789"}
@@ -106,3 +107,49 @@ async def test_a_score_that_is_not_a_number_is_a_400(start_upstream, start_proxy
         statuses = [await _rate(s, proxy, "alice", {"request_id": rid, "score": v}) for v in ("1", True, "nan", None)]
         assert statuses == [400, 400, 400, 400]
         assert await _posteriors(s, proxy) == []
+
+
+async def test_a_feedback_flood_meets_the_callers_limit(start_upstream, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(await start_upstream())
+    cfg["learning"]["feedback_rpm"] = 3
+    proxy = await start_proxy(cfg)
+    rid = await _ask(proxy, "alice")
+    async with aiohttp.ClientSession() as s:
+        statuses = [await _rate(s, proxy, "alice", {"request_id": f"guess-{i}", "score": 0}) for i in range(3)]
+        assert statuses == [404, 404, 404]  # unknown ids, each looked up
+        headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+        async with s.post(proxy.url + "/v1/feedback", json={"request_id": rid, "score": 1}, headers=headers) as r:
+            body = await r.json()
+            assert r.status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+            assert 1 <= int(r.headers["Retry-After"]) <= 20  # a call back every 20 s at 3 a minute
+        assert await _rate(s, proxy, "alice", "not even JSON") == 429  # limited before the body is read
+        assert await _rate(s, proxy, "bob", {"request_id": "guess-x", "score": 0}) == 404  # another key's own limit
+
+
+async def test_feedback_lookups_waiting_at_once_are_bounded(start_upstream, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Unknown ids wait for the request log to be sure; a burst of them must not pile up
+    database readers: past the bound, 503 at once."""
+    from edgeroute import config as config_mod
+    from edgeroute import learning
+    from edgeroute.server import create_app
+
+    monkeypatch.setattr(learning, "MAX_LOOKUPS", 2)
+    cfg = _config(await start_upstream())
+    cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "spend.db")}  # the request log: the judge
+    server = ProxyTestServer(create_app(config_mod.parse(cfg, "t.yaml"), "t.yaml"), host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        headers = {"Authorization": f"Bearer {TOKENS['alice']}"}
+
+        async def rate(s: aiohttp.ClientSession, i: int) -> int:
+            async with s.post(
+                url + "/v1/feedback", json={"request_id": f"guess-{i}", "score": 0}, headers=headers
+            ) as r:
+                return r.status
+
+        async with aiohttp.ClientSession() as s:
+            statuses = await asyncio.gather(*(rate(s, i) for i in range(6)))
+    finally:
+        await server.close()
+    assert sorted(statuses) == [404, 404, 503, 503, 503, 503]
