@@ -98,7 +98,7 @@ def malformed_answer(exc: HttpProcessingError) -> bytes:
         msg = "The request could not be parsed as HTTP/1.1 (malformed request line, headers or body)."
     body = error_body(status, msg, code="malformed_request")
     head = (
-        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {reason}\r\nServer: edgeroute\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body

@@ -212,6 +212,12 @@ def _response_cache(config: Config) -> ResponseCache:
     return ResponseCache.build(config.cache, redis)
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`Server: edgeroute`, not aiohttp's default (the Python and aiohttp versions: a map of
+    which published flaws apply)."""
+    response.headers["Server"] = "edgeroute"
+
+
 def create_app(
     config: Config, source: str = "<config>", recorder: Recorder | None = None, admission: Admission | None = None
 ) -> web.Application:
@@ -237,6 +243,7 @@ def create_app(
         if log_path is not None and base_dir is not None and not log_path.is_absolute():
             log_path = base_dir / log_path
         app[SHADOW_LOG] = ShadowLog(log_path)
+    app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(health_check_ctx)
     app.router.add_get("/healthz", healthz)

@@ -328,3 +328,25 @@ async def _first_answer(reader: asyncio.StreamReader) -> bytes:
         return e.partial
     except TimeoutError:
         return b""
+
+
+async def test_answers_name_edgeroute_not_its_python_and_aiohttp_versions(start_upstream, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    import aiohttp
+    import openai
+
+    proxy = await start_proxy(simple_config({"a": await start_upstream()}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    servers = [raw.headers.get("server")]
+    async with client.chat.completions.with_streaming_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    ) as streamed:
+        servers.append(streamed.headers.get("server"))
+    await client.close()
+    async with aiohttp.ClientSession() as s:
+        for path in ("/nowhere", "/healthz", "/metrics"):
+            async with s.get(proxy.url + path) as r:
+                servers.append(r.headers.get("Server"))
+    assert servers == ["edgeroute"] * 5
