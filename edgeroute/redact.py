@@ -58,6 +58,13 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER, ("bearer", "basic")),
     (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER, ("sk-",)),
     (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{16}\b"), MARKER, ("akia", "asia", "aida", "aroa")),
+    # An AWS secret access key has no shape of its own (40 characters of base64); next to an
+    # access key id or the word AWS, a 40-character run of them is taken for one.
+    (
+        re.compile(r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+]{0,39}[0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),
+        MARKER,
+        ("akia", "asia", "aws"),
+    ),
     (re.compile(r"\bAIza[0-9A-Za-z_\-]{30,}"), MARKER, ("aiza",)),
     (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"), MARKER, ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")),
     (re.compile(r"\beyJ[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]*"), MARKER, ("eyj",)),

@@ -160,12 +160,20 @@ def test_redaction_of_credential_shapes() -> None:
         "token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJl ok": "eyJzdWIiOiIxMjM0In0",
         "cannot connect to postgresql://edge:pa55w0rd@db:5432/spend": "pa55w0rd",
         "redis://:r3dis-pass@127.0.0.1:6379/0 down": "r3dis-pass",
+        "AKIAIOSFODNN7EXAMPLE wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "aws creds: wJalrXUtnFEMI0K7MDENG0bPxRfiCYEXAMPLEKEY, use": "wJalrXUtnFEMI0K7MDENG0bPxRfiCYEXAMPLEKEY",
     }
     for text, secret in cases.items():
         out = redact.text(text)
         assert secret not in out and "[REDACTED]" in out, (text, out)
     # Ordinary error texts are left alone.
-    for ok in ("The model `gpt-4o` does not exist", "max_tokens is too large: 99999", "tried: d-a, d-b"):
+    for ok in (
+        "The model `gpt-4o` does not exist",
+        "max_tokens is too large: 99999",
+        "tried: d-a, d-b",
+        "the AWS region eu-west-1 is not enabled for this model",  # AWS, but no 40-character run
+        "commit 0123456789abcdef0123456789abcdef01234567 built it",  # 40 characters, nothing about AWS
+    ):
         assert redact.text(ok) == ok
 
 
