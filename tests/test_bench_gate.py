@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from edgeroute.bench import loadgen, reference
-from edgeroute.bench.gate import verdict
+from edgeroute.bench.gate import beyond, verdict
 
 
 def _res(p50: float, p99: float, floor_p99: float | None, floor_p50: float = 0.1) -> dict[str, object]:
@@ -48,6 +48,12 @@ def test_gate_median_bound_follows_a_slow_floor(p50: float, floor_p50: float | N
     res = _res(p50, 1.0, None) if floor_p50 is None else _res(p50, 1.0, 5.0, floor_p50)
     passed, why = verdict(res, limit_ms=1.0, p99_factor=4.0, p99_ms=5.0, p50_factor=2.0)
     assert passed is ok, why
+
+
+def test_the_gate_prints_what_edgeroute_adds_beyond_the_floor() -> None:
+    assert beyond(_res(1.2, 3.0, 5.0, floor_p50=0.8)) == "beyond the floor p50 +0.400 ms (x1.50)"
+    assert beyond(_res(0.1, 3.0, 5.0, floor_p50=-0.05)) == "beyond the floor p50 +0.150 ms"
+    assert beyond(_res(0.4, 3.0, None)) == "no floor"
 
 
 def test_machine_reference_is_measured_and_figures_scale_by_it() -> None:

@@ -54,6 +54,16 @@ def verdict(
     return True, f"p50 {p50:.3f} < {p50_bound:.3f} ms and p99 {p99:.3f} <= {bound:.3f} ms"
 
 
+def beyond(res: dict[str, Any]) -> str:
+    """What edgeroute adds over the do-nothing pass-through, at the median (the routing's own share)."""
+    floor = (res.get("floor_added_ms") or {}).get("p50")
+    if floor is None:
+        return "no floor"
+    p50 = res["added_ms"]["p50"]
+    ratio = f" (x{p50 / floor:.2f})" if floor > 0 else ""
+    return f"beyond the floor p50 {p50 - floor:+.3f} ms{ratio}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m edgeroute.bench.gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=300.0, help="requests/s to each target")
@@ -102,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"gate: try {attempt}: added latency p50 {add['p50']:.3f} ms, p99 {add['p99']:.3f} ms, "
             f"p99.9 {add['p99.9']:.3f} ms; floor (bare aiohttp) p50 {floor.get('p50')} ms, p99 {floor.get('p99')} ms; "
-            f"{proxy['rps']:.0f} req/s; calibration {out['machine']['calibration_ms']} ms: {why}",
+            f"{proxy['rps']:.0f} req/s; calibration {out['machine']['calibration_ms']} ms; {beyond(res)}: {why}",
             flush=True,
         )
         if ok:
