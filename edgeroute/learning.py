@@ -185,6 +185,7 @@ FIND_FOR_S = 5.0  # how long feedback waits for its request to reach the log (a 
 # Feedback calls waiting on the log at once: past it, 503 at once (each waits up to FIND_FOR_S,
 # reading the database every flush, so unbounded waits would turn a flood into database load).
 MAX_LOOKUPS = 64
+MAX_CALLERS = 10_000  # feedback buckets kept before the full ones are dropped
 
 
 @dataclass(slots=True)
@@ -199,6 +200,8 @@ class FeedbackGate:
         ident = request.get(IDENTITY)
         who = f"key:{ident.key}" if ident is not None else f"addr:{request.remote}"
         rpm = request.app[STATE].live.config.learning.feedback_rpm
+        if len(self.limiter) >= MAX_CALLERS:  # callers by address (no keys): many sources, bounded memory
+            self.limiter.forget_full()
         ok, states = self.limiter.take([Take(f"feedback:{who}", "requests", rpm, 1)])
         if not ok:
             wait = max(1, math.ceil(states[0].wait_s))

@@ -135,3 +135,14 @@ def test_bucket_refill_and_debt() -> None:
     ok, states = lim.take(t, now=101.5)
     assert not ok and states[0].wait_s > 5
     assert duration(0.25) == "250ms" and duration(1.2) == "2s" and duration(360) == "6m0s"
+
+
+def test_refilled_buckets_can_be_forgotten_and_start_full_again() -> None:
+    """Per-address buckets are dropped once refilled (bounded memory); one still in use is kept."""
+    lim = LocalLimiter()
+    assert lim.take([Take("addr:a", "requests", 60, 1)], now=0.0)[0]
+    assert lim.take([Take("addr:b", "requests", 60, 60)], now=0.0)[0]  # b empties its bucket
+    lim.forget_full(now=1.5)  # a has refilled (1 a second); b is still short of 58.5
+    assert len(lim) == 1
+    assert not lim.take([Take("addr:b", "requests", 60, 2)], now=1.5)[0]  # b's debt survived
+    assert lim.take([Take("addr:a", "requests", 60, 60)], now=1.5)[0]  # a starts full again

@@ -115,6 +115,18 @@ class LocalLimiter:
         ]
         return ok, states
 
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def forget_full(self, now: float | None = None) -> None:
+        """Drops the buckets that have refilled (a new one starts full: nothing is lost), so
+        buckets per client address cannot grow without bound."""
+        now = time.monotonic() if now is None else now
+        for k, b in list(self._buckets.items()):
+            b.refill(now)
+            if b.level >= b.capacity:
+                del self._buckets[k]
+
     def adjust(self, name: str, kind: str, delta: float, now: float | None = None) -> None:
         """Takes `delta` more (or gives back when negative), without a check."""
         b = self._buckets.get((name, kind))
