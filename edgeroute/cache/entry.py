@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -61,9 +62,44 @@ class Entry:
         return cls(body, deployment, float(created), float(cost))
 
     def sse_body(self, include_usage: bool) -> bytes:
-        completion = orjson.loads(self.body)
-        events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in replay_chunks(completion, include_usage)]
-        return b"".join(events) + sse.DONE + b"\n\n"
+        """The answer replayed as an OpenAI-format stream; rendered once per entry (and usage
+        choice) while it is hot, not once per hit."""
+        return _REPLAYS.render(self.body, include_usage)
+
+
+def _render_sse(body: bytes, include_usage: bool) -> bytes:
+    completion = orjson.loads(body)
+    events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in replay_chunks(completion, include_usage)]
+    return b"".join(events) + sse.DONE + b"\n\n"
+
+
+class _Replays:
+    """Streams rendered lately, by the stored body they replay (the same bytes object on every
+    hit of an entry, so finding it costs no hashing of the body after the first). Bounded by
+    bytes, the bodies it keeps alive included; a large answer is rendered every time."""
+
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._done: OrderedDict[tuple[bytes, bool], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def render(self, body: bytes, include_usage: bool) -> bytes:
+        memo = (body, include_usage)
+        if (got := self._done.get(memo)) is not None:
+            self._done.move_to_end(memo)
+            return got
+        got = _render_sse(body, include_usage)
+        size = len(body) + len(got)
+        if size <= self.max_bytes // 16:
+            self._done[memo] = got
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                (old, _), gone = self._done.popitem(last=False)
+                self._bytes -= len(old) + len(gone)
+        return got
+
+
+_REPLAYS = _Replays()
 
 
 def completion_from_json(body: bytes) -> dict[str, Any] | None:
