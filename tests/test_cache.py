@@ -264,11 +264,16 @@ async def test_anthropic_clients_get_hits_in_their_own_format(start_upstream, st
     assert second.headers["x-edgeroute-cache"] == "hit" and calls(up) == 1
     a, b = await first.parse(), await second.parse()
     assert b.content[0].text == a.content[0].text and b.type == "message"  # type: ignore[union-attr]
-    text = ""
-    async with client.messages.stream(model="m", max_tokens=50, messages=msgs, extra_body=greedy) as s:
-        async for t in s.text_stream:
-            text += t
-    assert text == a.content[0].text and calls(up) == 1  # type: ignore[union-attr]
+    third = await client.messages.with_raw_response.create(model="m", max_tokens=50, messages=msgs, extra_body=greedy)
+    assert (await third.parse()).model_dump() == b.model_dump(), "a later hit: the same answer"
+    for _ in range(2):  # a stream hit, then one served from the stream rendered for the first
+        text = ""
+        async with client.messages.stream(model="m", max_tokens=50, messages=msgs, extra_body=greedy) as s:
+            async for t in s.text_stream:
+                text += t
+            final = await s.get_final_message()
+        assert text == a.content[0].text and calls(up) == 1  # type: ignore[union-attr]
+        assert final.stop_reason == a.stop_reason and final.usage.output_tokens == a.usage.output_tokens
     await client.close()
 
 

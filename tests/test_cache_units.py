@@ -78,7 +78,7 @@ def test_a_replayed_stream_is_rendered_once_and_the_renders_stay_bounded() -> No
     assert entry.sse_body(True) is with_usage, "a second hit sends the bytes rendered for the first"
     replays = _Replays(max_bytes=16 * 4000)
     for i in range(100):
-        replays.render(orjson.dumps(COMPLETION | {"id": f"c{i}"}), True)
+        replays.render(orjson.dumps(COMPLETION | {"id": f"c{i}"}), ("sse", True), lambda b: b * 2)
     assert replays._bytes <= 16 * 4000
     assert replays._bytes == sum(len(b) + len(r) for (b, _), r in replays._done.items())
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -62,9 +63,14 @@ class Entry:
         return cls(body, deployment, float(created), float(cost))
 
     def sse_body(self, include_usage: bool) -> bytes:
-        """The answer replayed as an OpenAI-format stream; rendered once per entry (and usage
-        choice) while it is hot, not once per hit."""
-        return _REPLAYS.render(self.body, include_usage)
+        """The answer replayed as an OpenAI-format stream."""
+        return self.rendered(("sse", include_usage), partial(_render_sse, include_usage=include_usage))
+
+    def rendered(self, form: Hashable, render: Callable[[bytes], bytes]) -> bytes:
+        """The body in another form (a stream, another API's format): `render(body)`, which must
+        depend on the body alone, `form` naming it. Rendered once per entry and form while the
+        entry is hot, not once per hit."""
+        return _REPLAYS.render(self.body, form, render)
 
 
 def _render_sse(body: bytes, include_usage: bool) -> bytes:
@@ -74,21 +80,22 @@ def _render_sse(body: bytes, include_usage: bool) -> bytes:
 
 
 class _Replays:
-    """Streams rendered lately, by the stored body they replay (the same bytes object on every
-    hit of an entry, so finding it costs no hashing of the body after the first). Bounded by
-    bytes, the bodies it keeps alive included; a large answer is rendered every time."""
+    """Bodies rendered lately, by the stored body and the form (the body is the same bytes
+    object on every hit of an entry, so finding it costs no hashing of the body after the
+    first). Bounded by bytes, the bodies it keeps alive included; a large answer is rendered
+    every time."""
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
-        self._done: OrderedDict[tuple[bytes, bool], bytes] = OrderedDict()
+        self._done: OrderedDict[tuple[bytes, Hashable], bytes] = OrderedDict()
         self._bytes = 0
 
-    def render(self, body: bytes, include_usage: bool) -> bytes:
-        memo = (body, include_usage)
+    def render(self, body: bytes, form: Hashable, render: Callable[[bytes], bytes]) -> bytes:
+        memo = (body, form)
         if (got := self._done.get(memo)) is not None:
             self._done.move_to_end(memo)
             return got
-        got = _render_sse(body, include_usage)
+        got = render(body)
         size = len(body) + len(got)
         if size <= self.max_bytes // 16:
             self._done[memo] = got
