@@ -331,20 +331,26 @@ async def _cached_answer(
     rec.deployment, rec.status, rec.cache, rec.saved_usd = entry.deployment, 200, plan.label, entry.cost_usd
     rec.outcome = "cache_hit" if error is None else "cache_stale"
     hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
+    if rec.correlation_id is not None:  # echoed as on a miss: a hit must not look different to the client
+        hdrs[headers.CORRELATION_ID] = rec.correlation_id
     hdrs[headers.CACHE] = plan.label
     hdrs["Age"] = str(int(entry.age()))
     if plan.similarity is not None:
         hdrs[headers.CACHE_SIMILARITY] = f"{plan.similarity:.3f}"
     if not decision.stream:
-        hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}"
-        body = dialect.answer(entry.body) if dialect else entry.body
+        hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}" if rec.attempts else "0.00000000"
+        body = entry.rendered(dialect, dialect.answer) if dialect else entry.body
         return web.Response(body=body, headers=hdrs, content_type="application/json")
-    data = entry.sse_body(decision.include_usage)
+    usage = decision.include_usage
+    if dialect is None:
+        data = entry.sse_body(usage)
+    else:  # the client's own stream format; its encoder is deterministic, so rendered once per entry too
+        data = entry.rendered((dialect, usage), lambda _: dialect.stream()(entry.sse_body(usage)))
     out = web.StreamResponse(status=200, headers=hdrs)
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     await out.prepare(request)
-    await out.write(dialect.stream()(data) if dialect else data)
+    await out.write(data)
     await out.write_eof()
     return out
 

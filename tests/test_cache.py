@@ -39,8 +39,11 @@ async def test_a_repeated_request_is_a_hit_and_costs_nothing(start_upstream, sta
     proxy = await start_proxy(cached({"a": up}))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
     first = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
-    second = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
+    second = await client.chat.completions.with_raw_response.create(
+        model="m", messages=MSG, temperature=0, extra_headers={"x-request-id": "trace-2"}
+    )
     assert first.headers["x-edgeroute-cache"] == "miss" and second.headers["x-edgeroute-cache"] == "hit"
+    assert second.headers["x-edgeroute-correlation-id"] == "trace-2", "the client's id is echoed on a hit as on a miss"
     assert int(second.headers["age"]) >= 0 and "age" not in first.headers
     assert calls(up) == 1
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
@@ -79,6 +82,8 @@ async def test_streams_are_cached_whole_and_replayed_as_streams(start_upstream, 
     assert usage2 is not None and usage1 is not None and usage2.completion_tokens == usage1.completion_tokens
     _, usage3, _, _ = await stream_text(False)
     assert usage3 is None, "usage only when the client asks for it"
+    text4, usage4, n4, _ = await stream_text(True)  # the replay rendered before, with usage
+    assert (text4, n4) == (text2, n2) and usage4 is not None and usage4.completion_tokens == usage1.completion_tokens
     # The same entry answers a non-streaming request.
     raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
     assert raw.headers["x-edgeroute-cache"] == "hit" and raw.parse().choices[0].message.content == text1
@@ -259,11 +264,16 @@ async def test_anthropic_clients_get_hits_in_their_own_format(start_upstream, st
     assert second.headers["x-edgeroute-cache"] == "hit" and calls(up) == 1
     a, b = await first.parse(), await second.parse()
     assert b.content[0].text == a.content[0].text and b.type == "message"  # type: ignore[union-attr]
-    text = ""
-    async with client.messages.stream(model="m", max_tokens=50, messages=msgs, extra_body=greedy) as s:
-        async for t in s.text_stream:
-            text += t
-    assert text == a.content[0].text and calls(up) == 1  # type: ignore[union-attr]
+    third = await client.messages.with_raw_response.create(model="m", max_tokens=50, messages=msgs, extra_body=greedy)
+    assert (await third.parse()).model_dump() == b.model_dump(), "a later hit: the same answer"
+    for _ in range(2):  # a stream hit, then one served from the stream rendered for the first
+        text = ""
+        async with client.messages.stream(model="m", max_tokens=50, messages=msgs, extra_body=greedy) as s:
+            async for t in s.text_stream:
+                text += t
+            final = await s.get_final_message()
+        assert text == a.content[0].text and calls(up) == 1  # type: ignore[union-attr]
+        assert final.stop_reason == a.stop_reason and final.usage.output_tokens == a.usage.output_tokens
     await client.close()
 
 

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgeroute.cache import evaluate
-from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, replay_chunks
-from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.entry import Entry, _Replays, completion_from_json, completion_from_stream, replay_chunks
+from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import SemanticIndex, guards, split_last_user_turn
 from edgeroute.cache.settings import SEMANTIC_THRESHOLD
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore
@@ -51,6 +51,36 @@ def test_key_covers_what_determines_the_answer(change: dict[str, object]) -> Non
 def test_key_is_scoped_by_route_and_tenant() -> None:
     assert cache_key(BODY, "route", "key:a") != cache_key(BODY, "route", "key:b")
     assert cache_key(BODY, "route", "key:a") != cache_key(BODY, "other", "key:a")
+
+
+def test_the_key_memo_gives_the_key_of_the_parsed_body_and_stays_bounded() -> None:
+    memo = KeyMemo(max_entries=3, max_bytes=400, max_body=150)
+    sampled = BODY | {"temperature": 0.5}
+    for body in (BODY, sampled, dict(reversed(list(BODY.items())))):
+        raw = orjson.dumps(body)
+        for _ in range(2):  # computed, then remembered: the same answer
+            assert memo.key(raw, "route", "key:a") == (cache_key(body, "route", "key:a"), is_deterministic(body))
+        assert memo.key(raw, "route", "key:b") == (cache_key(body, "route", "key:b"), is_deterministic(body))
+        assert memo.key(raw, "other", "key:a") == (cache_key(body, "other", "key:a"), is_deterministic(body))
+    assert memo.key(b"[1, 2]", "route", "key:a") is None and memo.key(b"{", "route", "key:a") is None
+    big = BODY | {"messages": [{"role": "user", "content": "x" * 200}]}
+    assert memo.key(orjson.dumps(big), "route", "key:a") == (cache_key(big, "route", "key:a"), True)
+    for i in range(20):
+        memo.key(orjson.dumps(BODY | {"seed": i}), "route", "key:a")
+    assert len(memo._keys) <= 3 and memo._bytes <= 400
+    assert memo._bytes == sum(len(body) for _, _, body in memo._keys), "the bytes it holds, counted exactly"
+
+
+def test_a_replayed_stream_is_rendered_once_and_the_renders_stay_bounded() -> None:
+    entry = Entry(orjson.dumps(COMPLETION), "d", time.time(), 0.0)
+    with_usage, without = entry.sse_body(True), entry.sse_body(False)
+    assert with_usage != without and b'"usage"' in with_usage and b'"usage"' not in without
+    assert entry.sse_body(True) is with_usage, "a second hit sends the bytes rendered for the first"
+    replays = _Replays(max_bytes=16 * 4000)
+    for i in range(100):
+        replays.render(orjson.dumps(COMPLETION | {"id": f"c{i}"}), ("sse", True), lambda b: b * 2)
+    assert replays._bytes <= 16 * 4000
+    assert replays._bytes == sum(len(b) + len(r) for (b, _), r in replays._done.items())
 
 
 def test_deterministic() -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -61,9 +63,50 @@ class Entry:
         return cls(body, deployment, float(created), float(cost))
 
     def sse_body(self, include_usage: bool) -> bytes:
-        completion = orjson.loads(self.body)
-        events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in replay_chunks(completion, include_usage)]
-        return b"".join(events) + sse.DONE + b"\n\n"
+        """The answer replayed as an OpenAI-format stream."""
+        return self.rendered(("sse", include_usage), partial(_render_sse, include_usage=include_usage))
+
+    def rendered(self, form: Hashable, render: Callable[[bytes], bytes]) -> bytes:
+        """The body in another form (a stream, another API's format): `render(body)`, which must
+        depend on the body alone, `form` naming it. Rendered once per entry and form while the
+        entry is hot, not once per hit."""
+        return _REPLAYS.render(self.body, form, render)
+
+
+def _render_sse(body: bytes, include_usage: bool) -> bytes:
+    completion = orjson.loads(body)
+    events = [b"data: " + orjson.dumps(c) + b"\n\n" for c in replay_chunks(completion, include_usage)]
+    return b"".join(events) + sse.DONE + b"\n\n"
+
+
+class _Replays:
+    """Bodies rendered lately, by the stored body and the form (the body is the same bytes
+    object on every hit of an entry, so finding it costs no hashing of the body after the
+    first). Bounded by bytes, the bodies it keeps alive included; a large answer is rendered
+    every time."""
+
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._done: OrderedDict[tuple[bytes, Hashable], bytes] = OrderedDict()
+        self._bytes = 0
+
+    def render(self, body: bytes, form: Hashable, render: Callable[[bytes], bytes]) -> bytes:
+        memo = (body, form)
+        if (got := self._done.get(memo)) is not None:
+            self._done.move_to_end(memo)
+            return got
+        got = render(body)
+        size = len(body) + len(got)
+        if size <= self.max_bytes // 16:
+            self._done[memo] = got
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                (old, _), gone = self._done.popitem(last=False)
+                self._bytes -= len(old) + len(gone)
+        return got
+
+
+_REPLAYS = _Replays()
 
 
 def completion_from_json(body: bytes) -> dict[str, Any] | None:

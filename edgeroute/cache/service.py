@@ -25,7 +25,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from edgeroute.cache import remote
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json, finished
-from edgeroute.cache.key import cache_key, is_deterministic
+from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import (
     Guards,
     SemanticIndex,
@@ -48,7 +48,7 @@ _DIRECTIVES = ("bypass", "refresh", "only-if-cached")
 Label = Literal["hit", "miss", "stale", "bypass"]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Directive:
     """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`)."""
 
@@ -58,8 +58,12 @@ class Directive:
 
     @classmethod
     def of(cls, request: web.Request) -> Directive:
-        out = cls()
-        raw = request.headers.get(HEADER)
+        got = request.headers
+        raw, control = got.get(HEADER), got.get("Cache-Control")
+        if raw is None and control is None:
+            return _DEFAULT  # most requests: one object shared, nothing parsed
+        lookup = store = True
+        only_if_cached = False
         if raw is not None:
             value = raw.strip().lower()
             if value not in _DIRECTIVES:
@@ -71,18 +75,21 @@ class Directive:
                     param=HEADER,
                 )
             if value == "bypass":
-                out.lookup = out.store = False
+                lookup = store = False
             elif value == "refresh":
-                out.lookup = False
+                lookup = False
             else:
-                out.only_if_cached = True
-        for part in request.headers.get("Cache-Control", "").lower().split(","):
+                only_if_cached = True
+        for part in (control or "").lower().split(","):
             part = part.strip()
             if part == "no-store":
-                out.store = False
+                store = False
             elif part == "no-cache":  # serve nothing stored without going upstream
-                out.lookup = False
-        return out
+                lookup = False
+        return cls(lookup, store, only_if_cached)
+
+
+_DEFAULT = Directive()
 
 
 @dataclass(slots=True)
@@ -117,6 +124,7 @@ class ResponseCache:
         self.store = store
         self.counters = counters
         self.shared = shared  # the semantic index's records, shared through Redis with the entries
+        self.keys = KeyMemo()  # exact keys of the bodies seen lately: a hit does not parse its body again
         self._writes: set[asyncio.Task[None]] = set()
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedder
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
@@ -156,13 +164,19 @@ class ResponseCache:
             if directive.only_if_cached:
                 raise _not_cached()
             return None
+        if settings.mode != "semantic":
+            if (keyed := self.keys.key(body, route, tenant)) is None:
+                return None  # not a JSON object: the core parsed it already, unreachable in practice
+            key, deterministic = keyed
+            cacheable = not settings.deterministic_only or deterministic
+            return self._bypass_unless_looked_up(Plan(route, key, settings, directive, cacheable))
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
         plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable)
-        if settings.mode == "semantic" and (split := split_last_user_turn(obj)) is not None:
+        if (split := split_last_user_turn(obj)) is not None:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         return self._bypass_unless_looked_up(plan)
 
@@ -219,14 +233,14 @@ class ResponseCache:
             entry = await self.store.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
-        if entry is not None and entry.deployment not in allowed:
-            entry = None  # produced where this request may not go (PII, residency, tags)
-        if entry is not None and entry.age() <= plan.settings.ttl:
-            plan.label = "hit"
-            self.counters.hits += 1
-            return entry
-        if entry is not None and entry.age() <= plan.settings.ttl + plan.settings.stale_if_error:
-            plan.stale = entry
+        if entry is not None and entry.deployment in allowed:  # else produced where this request may not go
+            age = entry.age()
+            if age <= plan.settings.ttl:
+                plan.label = "hit"
+                self.counters.hits += 1
+                return entry
+            if age <= plan.settings.ttl + plan.settings.stale_if_error:
+                plan.stale = entry
         if plan.turn is not None and (similar := await self._semantic_lookup(plan, allowed)) is not None:
             return similar
         self.counters.misses += 1
