@@ -259,8 +259,10 @@ def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
 
 def _mixed(i: int, started: float, rng: random.Random) -> RequestRecord:
     """A `record` with the statuses of real traffic: one in 25 fails (a 503 or a 429 after
-    its attempts, no usage), one in 50 is a cache hit, and a few carry a task and a variant."""
+    its attempts, no usage), one in 50 is a cache hit, and a few carry a task and a variant.
+    Its id is random, as the proxy's are: every index on it takes its rows at random places."""
     rec = record(i, started, rng)
+    rec.request_id = f"req_{rng.getrandbits(96):024x}"
     if i % 25 == 7:
         rec.status, rec.outcome, rec.usage, rec.cost_usd = (
             (503, "error", None, 0.0) if i % 2 else (429, "rate_limited", None, 0.0)
