@@ -116,6 +116,68 @@ def _write(ledger: Ledger, recs: list[RequestRecord], rng: random.Random) -> Non
     ledger.close()
 
 
+def _rows_by_hand(pairs: list[tuple[RequestRecord, float]]) -> dict[tuple[Any, ...], list[Any]]:
+    """Every rollup row at every level, one record and one dimension at a time (the slow,
+    obvious way), as {(dim, res, value, minute): [counters..., latency buckets..., TTFT buckets...]}."""
+    rows: dict[tuple[Any, ...], list[Any]] = {}
+
+    def add(dim: str, value: str | None, minute: int, error: bool, lat: float, ttft: float | None,
+            usage: Usage | None, cost: float, base: float) -> None:  # fmt: skip
+        for res in rollup.LEVELS:
+            r = rows.setdefault((dim, res, value or "", minute - minute % res), [0] * 206)
+            r[0] += 1
+            r[1] += int(error)
+            r[2] += usage.prompt_tokens if usage else 0
+            r[3] += usage.completion_tokens if usage else 0
+            r[4] += cost
+            r[5] += base
+            r[6 + rollup.bucket(lat)] += 1
+            if ttft is not None:
+                r[106 + rollup.bucket(ttft)] += 1
+
+    for rec, baseline in pairs:
+        minute = int(rec.started // 60)
+        add("none", "*", minute, rec.status != 200, rec.latency_ms, rec.ttft_ms, rec.usage, rec.cost_usd, baseline)
+        for dim in rollup.REQUEST_DIMS:
+            value = getattr(rec, dim)
+            add(dim, value, minute, rec.status != 200, rec.latency_ms, rec.ttft_ms, rec.usage, rec.cost_usd, baseline)
+        for a in rec.attempts:
+            # the serving attempt carries the request's savings (baseline over cost)
+            serving = a.outcome == "success" and a.deployment == rec.deployment
+            base = a.cost_usd + (baseline - rec.cost_usd) if serving else a.cost_usd
+            for dim in rollup.ATTEMPT_DIMS:
+                add(dim, getattr(a, dim), minute, a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage,
+                    a.cost_usd, base)  # fmt: skip
+    return rows
+
+
+def test_a_batch_rollup_rows_hold_what_its_records_add_up_to_for_every_dimension_and_level() -> None:
+    """The writer's aggregation, against the same sums done by hand: every dimension (a
+    missing value is its own "" row), every level, every counter and histogram bucket."""
+    rng = random.Random(16)
+    t0 = (time.time() // 86400 - 1) * 86400 + 355 * 60  # across 5-, 15-, 60- and 360-minute boundaries
+    recs = _records(600, t0, rng)
+    for i, r in enumerate(recs):
+        r.started = t0 + rng.uniform(0, 20 * 60)
+        r.rule = None if i % 3 else f"rule-{i % 4}"
+        r.policy, r.task, r.variant = (None, None, None) if i % 2 else ("cost", f"task-{i % 3}", "b")
+        if i % 7 == 0 and r.attempts[-1].outcome == "success":  # a late first byte on the serving attempt
+            r.attempts[-1].ttft_ms = r.latency_ms / 2
+    pairs = [(r, r.cost_usd + (i % 5) * 1e-4) for i, r in enumerate(recs)]  # savings on some
+    want = _rows_by_hand(pairs)
+    for levels in (rollup.LEVELS, (rollup.MINUTE,)):
+        got = {r[:4]: r[4:] for r in rollup.aggregate(pairs, levels)}
+        assert len(got) == len(rollup.aggregate(pairs, levels)), "one row per key"
+        assert got.keys() == {k for k in want if k[1] in levels}
+        for key, values in got.items():
+            w = want[key]
+            assert len(values) == len(w)
+            assert list(values[:4]) + list(values[6:]) == w[:4] + w[6:], key
+            assert values[4:6] == pytest.approx(w[4:6], rel=1e-12, abs=1e-15), key
+    assert {k[0] for k in want} == set(rollup.DIMS)
+    assert ("rule", 1, "", int(recs[1].started // 60)) in want  # the record without a rule counted under ""
+
+
 def test_cover_uses_the_coarsest_whole_rows() -> None:
     assert rollup.cover(0, 1440) == [(360, 0, 1440)]
     spans = rollup.cover(7, 1000)

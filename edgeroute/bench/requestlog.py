@@ -5,6 +5,7 @@ grow?) and `GET /admin/stats` over a million stored requests.
     python -m edgeroute.bench.requestlog crash --rate 5000 --runs 3
     python -m edgeroute.bench.requestlog stall --rate 1000 --seconds 10
     python -m edgeroute.bench.requestlog stats --rows 1000000
+    python -m edgeroute.bench.requestlog cpu --records 20000 --batch 500 --rate 1000
 
 `writes` reports the most records ever not yet in the store (queued or in the batch being
 written: what a `kill -9` at that moment would lose) in flush intervals' worth of records;
@@ -15,6 +16,10 @@ records it lost, checking that every record older than one interval is stored.
 given rate and wakes every millisecond; how late it wakes, with the writer (ledger and
 request log), with the ledger alone and with no writer, is the time it waited for the GIL
 (and the CPU), the share of the request log in the proxy's tail latency.
+
+`cpu` is the writer's CPU per record (`Ledger.writer_cpu_s`: the thread's time, which is
+mostly time it holds the GIL) for records arriving at `rate` and written `batch` at a time,
+with its split: building the rows, adding up the rollups, each statement, the commit.
 
 Records are realistic in shape (five models, eight deployments over four providers, twenty
 teams, two hundred keys, one request in ten failing over to a second attempt) and written
@@ -39,11 +44,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from edgeroute import looplag
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Backend, Ledger, PostgresBackend, SqliteBackend
-from edgeroute.requestlog import query
+from edgeroute.cost.ledger import Backend, Ledger, PostgresBackend, SqliteBackend, _Held
+from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude-sonnet", "claude-haiku", "gemini-flash")
@@ -248,6 +254,139 @@ def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
         print(f"  {label:<26} {q[0]:7.3f} {q[1]:7.3f} {q[2]:7.3f} {late[-1]:7.3f}  {cpu}")
 
 
+# -- cpu: the writer's CPU per record, and where it goes --------------------------------------
+
+
+def _mixed(i: int, started: float, rng: random.Random) -> RequestRecord:
+    """A `record` with the statuses of real traffic: one in 25 fails (a 503 or a 429 after
+    its attempts, no usage), one in 50 is a cache hit, and a few carry a task and a variant.
+    Its id is random, as the proxy's are: every index on it takes its rows at random places."""
+    rec = record(i, started, rng)
+    rec.request_id = f"req_{rng.getrandbits(96):024x}"
+    if i % 25 == 7:
+        rec.status, rec.outcome, rec.usage, rec.cost_usd = (
+            (503, "error", None, 0.0) if i % 2 else (429, "rate_limited", None, 0.0)
+        )
+        for a in rec.attempts:
+            a.outcome, a.status, a.usage, a.cost_usd = "server_error", rec.status, None, 0.0
+        rec.deployment = None
+    elif i % 50 == 11:
+        rec.cache, rec.saved_usd, rec.attempts, rec.cost_usd = "hit", rec.cost_usd, [], 0.0
+    if i % 4 == 0:
+        rec.task, rec.variant, rec.policy = ("code", "chat", "qa")[i % 3], f"v{i % 2}", "cost"
+    return rec
+
+
+class _TimedCursor:
+    """A cursor that adds each statement's CPU time to `split` under the table it writes."""
+
+    def __init__(self, cur: Any, split: dict[str, float]) -> None:
+        self._cur, self._split = cur, split
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def _add(self, sql: str, t: float) -> None:
+        words = sql.split()
+        what = words[2] if words[0] == "INSERT" else words[0].lower()
+        if what == "request_rollups":
+            what = "rollup spread (SQL)"
+        elif what == "rollup_batch":
+            what = "rollup stage insert"
+        self._split[what] = self._split.get(what, 0.0) + time.thread_time() - t
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        t = time.thread_time()
+        self._cur.execute(sql, params)
+        self._add(sql, t)
+        return self
+
+    def executemany(self, sql: str, rows: Any) -> Any:
+        t = time.thread_time()
+        self._cur.executemany(sql, rows)
+        self._add(sql, t)
+        return self
+
+
+class _TimedSqlite(SqliteBackend):
+    def __init__(self, path: Path, split: dict[str, float]) -> None:
+        super().__init__(path)
+        self.split = split
+
+    def write(self, batch: Any) -> None:
+        with self._conn:
+            self._sql.run(_TimedCursor(self._conn.cursor(), self.split), batch)
+            t = time.thread_time()
+        self.split["commit"] = self.split.get("commit", 0.0) + time.thread_time() - t
+
+
+def _cpu_run(recs: list[RequestRecord], batch: int, warm: int, path: Path, split: dict[str, float] | None) -> float:
+    """Writer CPU µs per record after the first `warm` records (written, not counted)."""
+    backend: Backend = SqliteBackend(path) if split is None else _TimedSqlite(path, split)
+    ledger = Ledger(backend, flush_interval=3600, request_log=RequestLog())
+    for r in recs[:warm]:
+        ledger.record(r)
+    ledger.flush()
+    ledger.writer_cpu_s, ledger.written = 0.0, 0
+    if split is not None:
+        split.clear()
+        pending, held_batch = ledger._pending, _Held.batch
+
+        def timed_pending(rec: RequestRecord, log_row: bool = True) -> Any:
+            t = time.thread_time()
+            try:
+                return pending(rec, log_row)
+            finally:
+                split["rows (Python)"] = split.get("rows (Python)", 0.0) + time.thread_time() - t
+
+        def timed_batch(held: _Held, log_on: bool, levels: Any = rollup.LEVELS) -> Any:
+            t = time.thread_time()
+            try:
+                return held_batch(held, log_on, levels)
+            finally:
+                split["rollups (Python)"] = split.get("rollups (Python)", 0.0) + time.thread_time() - t
+
+        ledger._pending = timed_pending  # type: ignore[method-assign]
+        _Held.batch = timed_batch  # type: ignore[method-assign,assignment]
+    try:
+        for i in range(warm, len(recs), batch):
+            for r in recs[i : i + batch]:
+                ledger.record(r)
+            ledger.flush()
+    finally:
+        if split is not None:
+            _Held.batch = held_batch  # type: ignore[method-assign]
+    per = ledger.writer_cpu_s / max(1, ledger.written) * 1e6
+    if ledger.written != len(recs) - warm:
+        raise SystemExit(f"written {ledger.written} of {len(recs) - warm}: the bench lost records")
+    ledger.close()
+    return per
+
+
+def cpu(records: int, batch: int, rate: int, runs: int) -> None:
+    rng = random.Random(4)
+    now = time.time()
+    recs = [_mixed(i, now + i / rate, rng) for i in range(records + batch * 4)]
+    warm = batch * 4
+    print(f"writer CPU per record: {records} records arriving at {rate}/s, {batch} a batch, SQLite, request log on")
+    per: list[float] = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = [dataclasses.replace(r, attempts=[dataclasses.replace(a) for a in r.attempts]) for r in recs]
+            per.append(_cpu_run(fresh, batch, warm, Path(tmp) / "log.db", None))
+    print(f"  total: median {statistics.median(per):.1f} us/record over {runs} runs "
+          f"({', '.join(f'{p:.1f}' for p in per)})")  # fmt: skip
+    split: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        total = _cpu_run(recs, batch, warm, Path(tmp) / "log.db", split)
+    print(f"  split (one more run with timers, {total:.1f} us/record in all):")
+    for what, s in sorted(split.items(), key=lambda kv: -kv[1]):
+        print(f"    {what:<24} {s / records * 1e6:6.1f} us")
+    rest = total - sum(split.values()) / records * 1e6
+    print(f"    {'other':<24} {rest:6.1f} us")
+
+
 def _fill(backend: Backend, rows: int, hours: float) -> float:
     ledger = Ledger(backend, flush_interval=3600, request_log=RequestLog())
     rng = random.Random(2)
@@ -336,8 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--runs", type=int, default=5)
     s.add_argument("--keep", help="a database path to fill once and reuse (with --pg: reuse what is there)")
     s.add_argument("--pg", help="a PostgreSQL DSN (an empty database) to fill and query instead of SQLite")
+    u = sub.add_parser("cpu", help="the writer's CPU per record and its split")
+    u.add_argument("--records", type=int, default=20_000)
+    u.add_argument("--batch", type=int, default=500)
+    u.add_argument("--rate", type=int, default=1000, help="records a second, for their timestamps")
+    u.add_argument("--runs", type=int, default=3)
     a = p.parse_args(argv)
-    if a.what == "writes":
+    if a.what == "cpu":
+        cpu(a.records, a.batch, a.rate, a.runs)
+    elif a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
     elif a.what == "crash":
         rng = random.Random()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute.accounting import RequestRecord
@@ -82,29 +81,12 @@ def percentile(hist: Sequence[int], q: float) -> float | None:
     return round(bucket_value(len(hist) - 1), 3)  # pragma: no cover - the loop always reaches rank
 
 
-@dataclass(slots=True)
-class Agg:
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    baseline_cost_usd: float = 0.0
-    lat: dict[int, int] = field(default_factory=dict)
-    ttft: dict[int, int] = field(default_factory=dict)
-
-    def row(self, key: tuple[str, int, str, int]) -> tuple[Any, ...]:
-        lat = [0] * BUCKETS
-        for i, n in self.lat.items():
-            lat[i] = n
-        ttft = [0] * BUCKETS
-        for i, n in self.ttft.items():
-            ttft[i] = n
-        counters = (
-            self.requests, self.errors, self.prompt_tokens, self.completion_tokens, self.cost_usd,
-            self.baseline_cost_usd,
-        )  # fmt: skip
-        return (*key, *counters, *lat, *ttft)
+# A row's values after its key, as one flat list added to in place: the counters, then the
+# latency and TTFT buckets (what `COLUMNS` lists after `KEY`).
+_LAT0 = len(COUNTERS)
+_TTFT0 = _LAT0 + BUCKETS
+_ZERO: list[Any] = [0, 0, 0, 0, 0.0, 0.0, *([0] * (2 * BUCKETS))]
+_SIG_DIMS = ("none", *REQUEST_DIMS)
 
 
 def _tokens(rec_usage: Any) -> tuple[int, int]:
@@ -113,85 +95,69 @@ def _tokens(rec_usage: Any) -> tuple[int, int]:
     return int(rec_usage.prompt_tokens), int(rec_usage.completion_tokens)
 
 
-def _add(
-    aggs: dict[Any, Agg], key: Any, error: bool, lb: int, tb: int, p: int, c: int, cost: float, base: float
-) -> None:
-    a = aggs.get(key)
-    if a is None:
-        a = aggs[key] = Agg()
-    a.requests += 1
-    a.errors += error
-    a.prompt_tokens += p
-    a.completion_tokens += c
-    a.cost_usd += cost
-    a.baseline_cost_usd += base
-    a.lat[lb] = a.lat.get(lb, 0) + 1
-    if tb >= 0:
-        a.ttft[tb] = a.ttft.get(tb, 0) + 1
-
-
-def _merge(into: Agg, a: Agg) -> None:
-    into.requests += a.requests
-    into.errors += a.errors
-    into.prompt_tokens += a.prompt_tokens
-    into.completion_tokens += a.completion_tokens
-    into.cost_usd += a.cost_usd
-    into.baseline_cost_usd += a.baseline_cost_usd
-    for i, n in a.lat.items():
-        into.lat[i] = into.lat.get(i, 0) + n
-    for i, n in a.ttft.items():
-        into.ttft[i] = into.ttft.get(i, 0) + n
-
-
-def _spread(out: dict[tuple[str, str, int], Agg], sigs: dict[tuple[Any, ...], Agg], dims: tuple[str, ...]) -> None:
-    """Adds each signature's aggregate (minute first, then one value per dim) to its dims' rows."""
-    for sig, agg in sigs.items():
-        for dim, value in zip(dims, sig[1:], strict=True):
-            key = (dim, value or "", sig[0])
-            into = out.get(key)
-            if into is None:
-                into = out[key] = Agg()
-            _merge(into, agg)
-
-
 def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[int] = LEVELS) -> list[tuple[Any, ...]]:
     """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute)
     at each of `levels` (`(MINUTE,)`: the minute rows only, which `staged_sql` spreads over
     the coarser levels inside the database).
 
-    The writer thread runs this for every record, so records are first added up by their
-    whole signature (one dictionary step each; a batch has few distinct signatures), and
-    the signatures are then spread over the dimensions."""
-    by_request: dict[tuple[Any, ...], Agg] = {}
-    by_attempt: dict[tuple[Any, ...], Agg] = {}
+    The writer thread runs this for every record while it holds the GIL, so each record is
+    added straight into its rows' flat value lists: a batch's records rarely share a whole
+    signature (keys are many), so adding them up by signature first saved nothing."""
+    out: dict[tuple[str, str, int], list[Any]] = {}
+    get = out.get
     for rec, baseline in records:
         minute = int(rec.started // 60)
         p, c = _tokens(rec.usage)
-        sig = (minute, "*", rec.model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
-        tb = -1 if rec.ttft_ms is None else bucket(rec.ttft_ms)
-        _add(by_request, sig, rec.status != 200, bucket(rec.latency_ms), tb, p, c, rec.cost_usd, baseline)
+        error = rec.status != 200
+        cost = rec.cost_usd
+        lb = _LAT0 + bucket(rec.latency_ms)
+        tb = 0 if rec.ttft_ms is None else _TTFT0 + bucket(rec.ttft_ms)
+        values = ("*", rec.model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
+        for dim, value in zip(_SIG_DIMS, values, strict=True):
+            key = (dim, value or "", minute)
+            r = get(key)
+            if r is None:
+                r = out[key] = _ZERO.copy()
+            r[0] += 1
+            r[1] += error
+            r[2] += p
+            r[3] += c
+            r[4] += cost
+            r[5] += baseline
+            r[lb] += 1
+            if tb:
+                r[tb] += 1
         # The serving attempt carries the request's savings, so that they add up per deployment.
-        extra = baseline - rec.cost_usd
+        extra = baseline - cost
         for a in rec.attempts:
             ap, ac = _tokens(a.usage)
-            base = a.cost_usd + extra if a.outcome == "success" and a.deployment == rec.deployment else a.cost_usd
-            tb = -1 if a.ttft_ms is None else bucket(a.ttft_ms)
-            key = (minute, a.deployment, a.provider)
-            _add(by_attempt, key, a.outcome != "success", bucket(a.latency_ms), tb, ap, ac, a.cost_usd, base)
-    out: dict[tuple[str, str, int], Agg] = {}
-    _spread(out, by_request, ("none", *REQUEST_DIMS))
-    _spread(out, by_attempt, ATTEMPT_DIMS)
-    rows = [a.row((d, MINUTE, v, m)) for (d, v, m), a in out.items()]
+            ok = a.outcome == "success"
+            base = a.cost_usd + extra if ok and a.deployment == rec.deployment else a.cost_usd
+            alb = _LAT0 + bucket(a.latency_ms)
+            atb = 0 if a.ttft_ms is None else _TTFT0 + bucket(a.ttft_ms)
+            for key in (("deployment", a.deployment or "", minute), ("provider", a.provider or "", minute)):
+                r = get(key)
+                if r is None:
+                    r = out[key] = _ZERO.copy()
+                r[0] += 1
+                r[1] += not ok
+                r[2] += ap
+                r[3] += ac
+                r[4] += a.cost_usd
+                r[5] += base
+                r[alb] += 1
+                if atb:
+                    r[atb] += 1
+    rows = [(d, MINUTE, v, m, *r) for (d, v, m), r in out.items()]
     finer = out
     for res in LEVELS[1:] if len(levels) > 1 else ():  # each level from the one below it: fewer rows to merge each time
-        coarser: dict[tuple[str, str, int], Agg] = {}
-        for (dim, value, minute), agg in finer.items():
+        coarser: dict[tuple[str, str, int], list[Any]] = {}
+        for (dim, value, minute), r in finer.items():
             block = (dim, value, minute - minute % res)
             into = coarser.get(block)
-            if into is None:
-                into = coarser[block] = Agg()
-            _merge(into, agg)
-        rows += [a.row((d, res, v, m)) for (d, v, m), a in coarser.items()]
+            # A new list when two rows meet: a finer level's lists are never changed.
+            coarser[block] = r if into is None else [x + y for x, y in zip(into, r, strict=True)]
+        rows += [(d, res, v, m, *r) for (d, v, m), r in coarser.items()]
         finer = coarser
     return rows
 
