@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -81,6 +82,7 @@ async def apply_config(app: web.Application, cfg: Config, text: str, how: str, a
         except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
             _retire(state, new)
             raise
+        new.since = time.time()
         state.live = new
         before = gov.activate(new, saved, how) if gov is not None and saved is not None else None
         _retire(state, old)
@@ -106,9 +108,11 @@ def _retire(state: ServerState, gen: Live) -> None:
         except TimeoutError:
             log.warning("closing the previous config's connections with %d requests still on them", gen.in_flight)
         finally:
+            state.retiring.discard(gen)
             for up in gen.upstreams.values():
                 await up.close()
 
+    state.retiring.add(gen)  # at once: a budget read back after this reload waits for it
     task = asyncio.create_task(close())
     state.background.add(task)
     task.add_done_callback(state.background.discard)

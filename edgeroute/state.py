@@ -19,7 +19,7 @@ from edgeroute.governance.guard import GenerationStats
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # a generation is itself (kept in sets by identity)
 class Live:
     """One generation of config; requests hold on to the generation they started with."""
 
@@ -44,6 +44,10 @@ class Live:
     served_at: dict[int, float] = field(default_factory=dict)
     capacity: Capacity = field(init=False)
     classes: list[str] = field(init=False)  # priority class names, highest first
+    # time.time() when a reload swapped it in (0: the first generation). A request's record
+    # starts after its generation's `since` and before the next one's: budgets a reload adds
+    # count the requests before it from the ledger, those after it in memory (cost.control).
+    since: float = 0.0
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
@@ -74,9 +78,10 @@ class Live:
             self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Returns once no request runs on this generation."""
+        """Returns once no request runs on this generation (any number of waiters)."""
         if self.in_flight > 0:
-            self._idle = asyncio.Event()
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
             await self._idle.wait()
 
     @classmethod
@@ -113,6 +118,7 @@ class ServerState:
     counters: Counters = field(default_factory=Counters)
     draining: bool = False
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    retiring: set[Live] = field(default_factory=set)  # replaced generations with requests still on them
     applying: asyncio.Lock = field(default_factory=asyncio.Lock)  # one config swapped in at a time (reload.py)
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
     streams: set[asyncio.Timeout] = field(default_factory=set)

@@ -22,6 +22,7 @@ from edgeroute.config import Budget, parse
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.ledger import Ledger, PostgresBackend
+from tests.conftest import eventually
 from tests.scale.support import wait_ready
 from tests.test_cost_ledger import _pg_reset
 from tests.test_cost_support import free_port, require_postgres
@@ -200,6 +201,41 @@ async def test_budgets_and_limits_reload_keeping_their_spend(start_upstream: Any
         path.write_text(yaml.safe_dump(cfg))
         await reload()
         assert await _admitted(served.url, 2) == 0
+    finally:
+        served.kill()
+
+
+async def test_a_budget_added_by_reload_counts_each_request_once(start_upstream: Any, tmp_path: Path) -> None:
+    """Requests that started before the reload count from the ledger, once written, even when
+    still running at the reload; those after it in memory; none twice. (A request that began
+    after the reload but before the next admission was counted both ways; one in flight
+    across the reload was not counted at all.)"""
+    up = await start_upstream(latency_ms=1500)
+    path = tmp_path / "edge.yaml"
+    cfg = _config(up.base_url, tmp_path / "l.db")
+    cfg["budgets"]["limits"][0]["limit_usd"] = 1.0
+    path.write_text(yaml.safe_dump(cfg))
+    served = await Served.start(path)
+    try:
+        assert await _admitted(served.url, 1) == 1  # written well before the reload
+        across = asyncio.create_task(_admitted(served.url, 1))  # in flight across the reload
+        await asyncio.sleep(0.5)
+        cfg["budgets"]["limits"].append({"name": "added", "scope": "global", "limit_usd": 5, "period": "day"})
+        path.write_text(yaml.safe_dump(cfg))
+        async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+        assert await _admitted(served.url, 2, concurrent=True) == 2  # after it
+        assert await across == 1
+
+        async def added() -> float | None:
+            view = {b["name"]: b for b in (await _budgets(served.url))["budgets"]}
+            spent: float = view["added"]["spent_usd"]
+            return spent if spent >= 0.04 else None
+
+        # Four requests of $0.01: the first and the one across the reload from the ledger.
+        assert await eventually(added, "the added budget's spend", within=20) == 0.04
+        await asyncio.sleep(0.5)  # nothing more arrives later (a count twice would)
+        assert await added() == 0.04
     finally:
         served.kill()
 

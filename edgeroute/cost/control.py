@@ -53,11 +53,14 @@ from edgeroute.cost.prices import Ceiling, ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState, StoreUnavailable
 from edgeroute.cost.restore import Restored
 from edgeroute.errors import ProxyError
-from edgeroute.state import STATE
+from edgeroute.state import STATE, ServerState
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
 
 log = logging.getLogger("edgeroute.cost")
+# How long reloaded budgets wait for the previous config's requests before reading the
+# ledger (streams end by their total timeout; this bounds a request that never ends).
+RESTORE_WAIT_S = 600.0
 
 RATE_STATES = web.RequestKey("rate_states", list)
 
@@ -76,6 +79,7 @@ class CostTicket:
     """What one request holds until settlement."""
 
     identity: Identity
+    started: float = 0.0  # the request's start (its record's ts): which budgets count it in memory
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
     tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
     charges: list[B.Charge] = field(default_factory=list)
@@ -163,6 +167,9 @@ class CostControl:
         # budgets a reload adds are read back from it (see `restore`).
         self.ledger: Ledger | None = None
         self._restoring: set[asyncio.Task[None]] = set()
+        # Budget name -> when the generation that added (or re-scoped) it was swapped in:
+        # requests that started before count from the ledger, not in memory (see `apply`).
+        self._counted_from: dict[str, float] = {}
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else _workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
@@ -175,12 +182,16 @@ class CostControl:
     def wanted(cfg: Config) -> bool:
         return _enabled(cfg)
 
-    def apply(self, cfg: Config) -> None:
+    def apply(self, cfg: Config, since: float = 0.0, state: ServerState | None = None) -> None:
         """Takes the budgets and limits of a config generation (at start, and after a reload,
         at the next admission). Counters are kept by budget name and bucket name, so spend
         already recorded carries over, and a lowered limit applies to the next request.
-        A budget that is new (or whose scope, match or period changed) is read back from the
-        ledger in the background."""
+
+        A budget that is new (or whose scope, match or period changed) counts each request
+        once: those that started after the generation was swapped in (`since`) in memory as
+        they are admitted, those that started before it from the ledger, read in the
+        background once every request of the earlier generations (`state.retiring`) has
+        finished and been written."""
         old = {b.name: b for b in self.budgets}
         self.cfg = cfg
         self.budgets = cfg.budgets.limits
@@ -191,7 +202,9 @@ class CostControl:
         self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
         self._periods: dict[str, tuple[float, B.Period]] = {}
         if old and (changed := [b for b in self.budgets if not _same_counting(old.get(b.name), b)]):
-            self._restore_later(changed)
+            for b in changed:
+                self._counted_from[b.name] = since
+            self._restore_later(changed, since, state)
 
     def restore(self, found: Restored) -> None:
         """Counts what the ledger says was spent (`restore.read`) before this process counted
@@ -201,14 +214,23 @@ class CostControl:
         for name, kind, limit, used in found.buckets:
             self.local_limits.seed(name, kind, limit, used)
 
-    def _restore_later(self, budgets: list[Budget]) -> None:
+    def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:
             return
-        backend, cfg, since = self.ledger.backend, self.cfg, time.time()
+        ledger, cfg = self.ledger, self.cfg
 
         async def go() -> None:
             try:
-                self.restore(await asyncio.to_thread(restore.read, backend, cfg, budgets, until=since))
+                # Requests of earlier generations end by their total timeout at the latest
+                # (`reload._retire` bounds its own wait the same way).
+                async with asyncio.timeout(RESTORE_WAIT_S):
+                    for gen in list(state.retiring) if state is not None else []:
+                        await gen.wait_idle()
+            except TimeoutError:
+                log.warning("reloaded budgets read back with requests of the previous config still running")
+            try:
+                await asyncio.to_thread(ledger.flush)  # their records, queued as they finished
+                self.restore(await asyncio.to_thread(restore.read, ledger.backend, cfg, budgets, until=since))
             except Exception:
                 log.exception("could not read the spend of reloaded budgets back from the ledger")
 
@@ -233,10 +255,11 @@ class CostControl:
     ) -> CostTicket | None:
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
-        ticket = CostTicket(ident)
-        live = request.app[STATE].live
+        ticket = CostTicket(ident, started=rec.started)
+        state = request.app[STATE]
+        live = state.live
         if live.config is not self.cfg:
-            self.apply(live.config)
+            self.apply(live.config, live.since, state)
         choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
@@ -430,7 +453,7 @@ class CostControl:
         """The reservations of the request's maximum cost on its own route."""
         completion = (decision.max_tokens or self.reserve_max_tokens) * decision.choices
         hedges = 2 if decision.hedge_after_ms is not None else 1
-        return self._charges(ticket.identity, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
+        return self._charges(ticket, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
 
     async def _budgets(
         self,
@@ -454,7 +477,7 @@ class CostControl:
                 charges, res, shared = first.charges, first.reserved, True
             else:
                 estimate = top.cost(prompt, completion) * hedges
-                charges = self._charges(ticket.identity, route, B.to_nano(estimate), now)
+                charges = self._charges(ticket, route, B.to_nano(estimate), now)
                 if not charges:
                     return route
                 res, shared = await self._reserve(charges, now)
@@ -494,9 +517,12 @@ class CostControl:
                 return a.to, c.budget.name
         return None
 
-    def _charges(self, ident: Identity, route: str, amount: int, now: float) -> list[B.Charge]:
+    def _charges(self, ticket: CostTicket, route: str, amount: int, now: float) -> list[B.Charge]:
+        ident = ticket.identity
         out = []
         for b, block_at in zip(self.budgets, self._block_at, strict=True):
+            if ticket.started < self._counted_from.get(b.name, 0.0):
+                continue  # started before the reload that added it: counted from the ledger
             subject = _subject(b, ident, route)
             if subject is not None:
                 out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
