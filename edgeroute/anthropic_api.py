@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import openai_api, redact, sse
+from edgeroute.accounting import Usage
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
@@ -226,15 +227,15 @@ async def read_request(request: web.Request, *, counting: bool = False) -> bytes
 # -- answer: OpenAI → Anthropic ----------------------------------------------
 
 
-def anthropic_usage(u: dict[str, Any] | None) -> dict[str, Any]:
-    """OpenAI usage in Anthropic's terms: input_tokens excludes cache reads."""
-    u = u or {}
-    details = u.get("prompt_tokens_details") or {}
-    cached = int(details.get("cached_tokens") or 0)
-    written = int(details.get("cache_write_tokens") or 0)
+def anthropic_usage(u: Any) -> dict[str, Any]:
+    """OpenAI usage in Anthropic's terms: input_tokens excludes cache reads. Read as the ledger
+    reads it (`Usage.from_openai`): an upstream's garbage (a list, a string, a negative or
+    64-bit-overflowing count) is zeros, never an exception after the answer was paid for."""
+    usage = Usage.from_openai(u) or Usage()
+    cached, written = usage.cached_tokens, usage.cache_write_tokens
     return {
-        "input_tokens": int(u.get("prompt_tokens") or 0) - cached - written,
-        "output_tokens": int(u.get("completion_tokens") or 0),
+        "input_tokens": usage.prompt_tokens - cached - written,
+        "output_tokens": usage.completion_tokens,
         "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
     }
@@ -261,6 +262,8 @@ def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
     text = msg.get("content") or msg.get("refusal")
+    if text and not isinstance(text, str):
+        raise UnreadableAnswer("content is not a string")
     if text:
         content.append({"type": "text", "text": text})
     for call in msg.get("tool_calls") or ():
@@ -285,8 +288,20 @@ def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class UnreadableAnswer(ValueError):
+    """An upstream's chat answer or chunk of a shape no OpenAI server sends."""
+
+
+_SHAPE_ERRORS = (AttributeError, TypeError, ValueError, KeyError, IndexError, OverflowError)
+
+
 def answer_json(body: bytes) -> bytes:
-    return orjson.dumps(to_anthropic(orjson.loads(body)))
+    # A careless upstream's 200 (`choices` a string, `[null]`, a list as content) is its
+    # fault: a 502 in Anthropic's format like any unreadable answer, never our 500.
+    try:
+        return orjson.dumps(to_anthropic(orjson.loads(body)))
+    except _SHAPE_ERRORS:
+        raise ProxyError(502, "The upstream's answer could not be read as a chat completion.") from None
 
 
 def _event(name: str, obj: dict[str, Any]) -> bytes:
@@ -327,8 +342,23 @@ class StreamEncoder:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict):
-                out += self._chunk(obj)
+                started = self.started
+                try:
+                    out += self._chunk(obj)
+                except _SHAPE_ERRORS:
+                    # The relay may hand us this chunk before it can catch anything (the held
+                    # head): end with an error event in Anthropic's format, never an exception
+                    # written into a started answer (nor one without its message_start).
+                    self.started = started
+                    out += self._fail(
+                        "The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj
+                    )
         return out
+
+    def _fail(self, message: str, obj: dict[str, Any]) -> bytes:
+        self.ended = True
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return self._start(obj) + _event("error", body)
 
     def _start(self, obj: dict[str, Any]) -> bytes:
         if self.started:
@@ -362,16 +392,15 @@ class StreamEncoder:
     def _chunk(self, obj: dict[str, Any]) -> bytes:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            self.ended = True
-            message = redact.message(str(err.get("message", "error")))  # may be an upstream's, relayed mid-stream
-            body = {"type": "error", "error": {"type": "api_error", "message": message}}
-            return self._start(obj) + _event("error", body)
+            return self._fail(redact.message(str(err.get("message", "error"))), obj)  # may be an upstream's, relayed
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") or {}
             text = delta.get("content") or delta.get("refusal")
+            if text and not isinstance(text, str):
+                raise UnreadableAnswer("delta content is not a string")
             if text:
                 if self.text_block is None:
                     for idx in list(self.open):

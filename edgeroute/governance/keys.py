@@ -242,7 +242,8 @@ class ManagedKeys:
 
 
 def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
-    """A key cannot give more than it has: role, budget, rate limits, models, residency."""
+    """A key cannot give more than it has: role, budget, rate limits, models, denied tags, team,
+    residency."""
     if creator is None:
         return  # loopback without keys, or the CLI on the database: the operator of the machine
     mine = roles.access_role(creator.role)
@@ -264,6 +265,12 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
             )
     if own.get("models") is not None and (f.models is None or not set(f.models) <= set(own["models"])):
         raise ProxyError(403, "The new key's models must be among this key's models.", code="permission_denied")
+    if creator.deny_tags and not creator.deny_tags <= set(f.deny_tags):
+        denied = ", ".join(sorted(creator.deny_tags))
+        raise ProxyError(403, f"The new key's deny_tags must include this key's ({denied}).", code="permission_denied")
+    # A team's keys spend against its budgets: another team (or none) would escape them.
+    if creator.team is not None and f.team != creator.team:
+        raise ProxyError(403, f"The new key must keep this key's team '{creator.team}'.", code="permission_denied")
     if creator.residency is not None and f.residency != creator.residency:
         raise ProxyError(
             403, f"The new key must keep this key's residency '{creator.residency}'.", code="permission_denied"

@@ -235,8 +235,11 @@ def tool_name(call: Mapping[str, Any]) -> str:
 
 def function_tools(req: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The request's function tools as `{name, description, parameters}` (a 400 for other tool types)."""
+    tools = req.get("tools") or []
+    if not isinstance(tools, list):  # `true` or a number was a TypeError: our 500 for the client's mistake
+        raise bad_request("`tools` must be a list of tools.", "tools")
     out = []
-    for t in req.get("tools") or ():
+    for t in tools:
         if not isinstance(t, dict) or t.get("type") != "function" or not isinstance(t.get("function"), dict):
             raise bad_request("Only tools of type `function` are supported by this provider.", "tools")
         fn = t["function"]
