@@ -31,6 +31,12 @@ from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
 log = logging.getLogger("edgeroute.dispatch")
 
 _MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as a day
+# A non-streamed answer over this is refused as the upstream's failure (memory is the bound;
+# the largest real answers, embeddings of 2,048 inputs as JSON floats, stay under it).
+MAX_ANSWER_BYTES = 128 * 1024 * 1024
+# Answers over this are parsed, translated and counted (when they carry no usage) in a worker
+# thread: counting a 16 MB answer took seconds, all of them the event loop's otherwise.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -197,14 +203,21 @@ class Attempts:
                         keep_open = True
                         result.slot = dep.index
                 elif resp.complete:  # the usual JSON answer: it came with its headers, no timer to move
-                    result = self._json_answer(await resp.read(), adapter, resp.status)
+                    result = await self._answer(await resp.read(), adapter, resp.status)
                 else:
                     # The body: each piece within the idle timeout (a stalled body fails over).
-                    chunks = []
+                    chunks, size = [], 0
                     while chunk := await resp.readany():
                         chunks.append(chunk)
+                        size += len(chunk)
+                        if size > MAX_ANSWER_BYTES:
+                            break
                         deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
-                    result = self._json_answer(b"".join(chunks), adapter, resp.status)
+                    if size > MAX_ANSWER_BYTES:
+                        msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+                        result = Failure(Outcome.SERVER_ERROR, resp.status, msg)
+                    else:
+                        result = await self._answer(b"".join(chunks), adapter, resp.status)
         except TimeoutError:
             if rec.status is not None:
                 result = Failure(Outcome.TIMEOUT, rec.status, "the upstream stalled while sending its answer")
@@ -260,6 +273,13 @@ class Attempts:
         """The request for `dep` (other endpoints than chat override it)."""
         body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
         return adapter.build(dep.model, body, self.stream)
+
+    async def _answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
+        """`_json_answer`, in a worker thread for a large answer (the core counts with the GIL
+        released, so the event loop serves meanwhile)."""
+        if len(data) < OFF_LOOP_BYTES:
+            return self._json_answer(data, adapter, status)
+        return await asyncio.to_thread(self._json_answer, data, adapter, status)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:

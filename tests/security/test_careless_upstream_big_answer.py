@@ -1,0 +1,102 @@
+"""A careless upstream's huge non-streamed answer: counting its tokens (it reports no usage)
+must not hold the event loop every other client shares, and past a size bound it is the
+upstream's failure, not a gigabyte of the proxy's memory."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from edgeroute.dispatch import attempt
+
+MIB = 1 << 20
+
+
+def _upstream(mib: int, usage: bool) -> web.Application:
+    async def big(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"id":"x","object":"chat.completion","created":1,"model":"x",')
+        await resp.write(b'"choices":[{"index":0,"message":{"role":"assistant","content":"')
+        word = b"a" * MIB  # no spaces: the slowest text to count (~0.3 s a MiB here)
+        for _ in range(mib):
+            await resp.write(word)
+        tail = b'"},"finish_reason":"stop"}]'
+        tail += b',"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}' if usage else b"}"
+        await resp.write(tail)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", big)
+    return app
+
+
+async def _config(mib: int, usage: bool) -> tuple[TestServer, dict[str, Any]]:
+    up = TestServer(_upstream(mib, usage), host="127.0.0.1")
+    await up.start_server()
+    price = {"input_per_mtok": 1, "output_per_mtok": 2}
+    cfg = {
+        "providers": {"p": {"base_url": f"http://127.0.0.1:{up.port}/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "x", "price": price}},
+        "models": {"m": {"deployments": ["d"]}},
+    }
+    return up, cfg
+
+
+async def test_counting_a_huge_answer_without_usage_leaves_the_loop_free(
+    serve: Callable[..., Awaitable[Any]],
+) -> None:
+    up, cfg = await _config(6, usage=False)
+    proxy = await serve(cfg)
+    lag = 0.0
+
+    async def ticker() -> None:
+        nonlocal lag
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.02)
+            lag = max(lag, time.perf_counter() - t - 0.02)
+
+    tick = asyncio.create_task(ticker())
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+        answer = raw.parse()
+        await client.close()
+    finally:
+        tick.cancel()
+        await up.close()
+    assert len(answer.choices[0].message.content or "") == 6 * MIB
+    rec = proxy.recorder.records[-1]
+    assert rec.usage is not None and rec.usage.estimated and rec.usage.completion_tokens > 500_000  # counted
+    # Counted in a worker thread (the core releases the GIL): the loop woke on time meanwhile,
+    # where counting on the loop held it for seconds. The bound leaves room for a busy machine.
+    assert lag < 0.75, f"the event loop stalled {lag:.2f} s"
+
+
+async def test_an_answer_over_the_bound_is_the_upstreams_failure(
+    serve: Callable[..., Awaitable[Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attempt, "MAX_ANSWER_BYTES", 2 * MIB)
+    up, cfg = await _config(4, usage=True)
+    proxy = await serve(cfg)
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                status, got = r.status, await r.json()
+    finally:
+        await up.close()
+    assert status == 502 and "larger than 2 MiB" in str(got["error"])
+    assert proxy.recorder.records[-1].cost_usd == 0  # nothing billed for an answer not given
