@@ -56,10 +56,11 @@ CANDIDATE_RELOAD = web.AppKey("candidate_router_reload", CandidateRouter)
 
 async def reload_from_source(app: web.Application, how: str = "reload", actor: str | None = None) -> Live:
     """Reloads the file the running config came from; raises ConfigError and keeps the old one."""
-    source = app[STATE].live.source
-    text = _read(source)
-    cfg = config_mod.loads(text, source)
-    return await apply_config(app, cfg, text, how, actor)
+    async with app[STATE].source_lock:
+        source = app[STATE].live.source
+        text = _read(source)
+        cfg = config_mod.loads(text, source)
+        return await apply_config(app, cfg, text, how, actor)
 
 
 async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:

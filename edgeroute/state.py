@@ -120,6 +120,10 @@ class ServerState:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     retiring: set[Live] = field(default_factory=set)  # replaced generations with requests still on them
     applying: asyncio.Lock = field(default_factory=asyncio.Lock)  # one config swapped in at a time (reload.py)
+    # Held from reading the config file to applying it (a reload), and from applying a text to
+    # writing it over the file (a rollback, an API change): the file and the running config
+    # change together, so a restart or the next SIGHUP does not switch config silently.
+    source_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
     streams: set[asyncio.Timeout] = field(default_factory=set)
     drain_at: float = math.inf

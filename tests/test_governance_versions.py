@@ -285,3 +285,39 @@ async def test_turning_managed_keys_on_takes_a_restart(served) -> None:  # type:
     assert status == 400
     assert "governance.managed_keys: changed; this setting takes effect on restart" in str(body["error"]["problems"])
     assert (await call("GET", url + "/admin/config", "tok-admin"))[1]["version"] == 1
+
+
+async def test_a_reload_during_a_rollback_leaves_the_file_and_the_running_config_alike(
+    served, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A rollback applies a version, then writes it over the file; a reload that read the file
+    between the two applied the newer text while the file got the older one, and the next
+    SIGHUP or restart switched config silently. The reload now waits for the write."""
+    from edgeroute.governance import apply
+
+    url, path, cfg, _ = served
+    cfg["models"]["second"] = {"deployments": ["d-a"]}
+    write_config(path, cfg)
+    assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200  # version 2, on file too
+    slow_write = asyncio.Event()
+    real_write_back = apply.write_back
+
+    def write_back_late(source: str, text: str) -> bool:
+        slow_write.set()
+        time.sleep(0.3)  # the window a reload fell into
+        return real_write_back(source, text)
+
+    monkeypatch.setattr(apply, "write_back", write_back_late)
+
+    async def reload_in_the_window() -> int:
+        await slow_write.wait()
+        return (await call("POST", url + "/admin/reload", "tok-admin"))[0]
+
+    rolled, reloaded = await asyncio.gather(
+        call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 1}), reload_in_the_window()
+    )
+    assert rolled[0] == 200 and reloaded == 200
+    status, models = await call("GET", url + "/v1/models", "tok-admin")
+    assert status == 200
+    running_second = "second" in str(models)
+    assert running_second == ("second" in path.read_text())  # the file says what runs

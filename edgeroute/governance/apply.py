@@ -18,10 +18,11 @@ from edgeroute.workers import worker as workers
 async def apply_text(app: web.Application, text: str, how: str, actor: str) -> bool:
     """Applies `text`; returns whether the config file was updated too. Raises ConfigError
     (and nothing changed) when it does not validate."""
-    source = app[STATE].live.source
-    cfg = config_mod.loads(text, source)
-    await reload.apply_config(app, cfg, text, how, actor)
-    written = await asyncio.to_thread(write_back, source, text)
+    async with app[STATE].source_lock:  # no reload reads the file between the two steps
+        source = app[STATE].live.source
+        cfg = config_mod.loads(text, source)
+        await reload.apply_config(app, cfg, text, how, actor)
+        written = await asyncio.to_thread(write_back, source, text)
     if written:  # the other workers of this server read it from there
         workers.ask_siblings_to_reload(app.get(workers.WORKER))
     return written
