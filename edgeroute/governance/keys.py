@@ -243,7 +243,7 @@ class ManagedKeys:
 
 def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
     """A key cannot give more than it has: role, budget, rate limits, models, denied tags, team,
-    residency."""
+    residency, priority classes."""
     if creator is None:
         return  # loopback without keys, or the CLI on the database: the operator of the machine
     mine = roles.access_role(creator.role)
@@ -275,6 +275,18 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
         raise ProxyError(
             403, f"The new key must keep this key's residency '{creator.residency}'.", code="permission_denied"
         )
+    # Priority classes reach capacity held back for them: a managed key hands out only its own
+    # (a key from the config file is the operator's, as for budgets above).
+    if creator_raw is not None:
+        have = {c for c in (own.get("priority"), *(own.get("priorities") or ())) if c}
+        wanted = {c for c in (f.priority, *f.priorities) if c}
+        if not wanted <= have:
+            mine_classes = ", ".join(sorted(have)) or "none but the default"
+            raise ProxyError(
+                403,
+                f"The new key's priority classes must be among this key's ({mine_classes}).",
+                code="permission_denied",
+            )
 
 
 def check_classes(f: KeyFields, classes: list[str]) -> None:

@@ -78,3 +78,28 @@ async def test_key_scope_escape_team_is_kept(governed: Any) -> None:
         # A key without a team (the root here) still assigns any.
         status, other = await _call(s, "POST", keys, ROOT, {"name": "svc-b", "role": "service", "team": "b"})
         assert status == 201 and other["team"] == "b"
+
+
+async def test_key_scope_escape_priority_classes_are_inherited(start_upstream: Any, tmp_path: Any) -> None:
+    """A managed key cannot mint a key with a priority class it may not use itself (the class
+    reaches capacity held back for it)."""
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+        "priority": {"classes": ["interactive", "default", "batch"]},
+    }
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        keys = proxy.url + "/admin/keys"
+        status, ops = await _call(s, "POST", keys, ROOT, {"name": "ops", "role": "admin", "priority": "batch"})
+        assert status == 201  # the operator's own key (from the config) may give any class
+        mine = ops["secret"]
+        for fields in ({"priority": "interactive"}, {"priority": "batch", "priorities": ["interactive"]}):
+            status, err = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", **fields})
+            assert status == 403, err
+            assert err["error"]["message"] == "The new key's priority classes must be among this key's (batch)."
+        status, child = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", "priority": "batch"})
+        assert status == 201
+        status, err = await _call(s, "PATCH", keys + f"/{child['id']}", mine, {"priorities": ["interactive"]})
+        assert status == 403, err
