@@ -278,10 +278,10 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
     # Priority classes reach capacity held back for them: a managed key hands out only its own
     # (a key from the config file is the operator's, as for budgets above).
     if creator_raw is not None:
-        have = {c for c in (own.get("priority"), *(own.get("priorities") or ())) if c}
+        classes: set[str] = {c for c in (own.get("priority"), *(own.get("priorities") or ())) if c}
         wanted = {c for c in (f.priority, *f.priorities) if c}
-        if not wanted <= have:
-            mine_classes = ", ".join(sorted(have)) or "none but the default"
+        if not wanted <= classes:
+            mine_classes = ", ".join(sorted(classes)) or "none but the default"
             raise ProxyError(
                 403,
                 f"The new key's priority classes must be among this key's ({mine_classes}).",
