@@ -16,11 +16,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute.dispatch import attempt
+from tests.security.conftest import chat_upstream
 
 MIB = 1 << 20
 
 
-def _upstream(mib: int, usage: bool) -> web.Application:
+def _answer(mib: int, usage: bool) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A chat answer of `mib` MiB of content (with or without its usage), sent in pieces."""
+
     async def big(request: web.Request) -> web.StreamResponse:
         await request.read()
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -35,14 +38,11 @@ def _upstream(mib: int, usage: bool) -> web.Application:
         await resp.write(tail)
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", big)
-    return app
+    return big
 
 
 async def _config(mib: int, usage: bool) -> tuple[TestServer, dict[str, Any]]:
-    up = TestServer(_upstream(mib, usage), host="127.0.0.1")
-    await up.start_server()
+    up = await chat_upstream(_answer(mib, usage))
     price = {"input_per_mtok": 1, "output_per_mtok": 2}
     cfg = {
         "providers": {"p": {"base_url": f"http://127.0.0.1:{up.port}/v1"}},
