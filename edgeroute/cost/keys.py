@@ -130,13 +130,26 @@ class Access:
         without keys, the sidecar's own checks."""
         if self.metrics_public:
             return
-        managed = request.app.get(MANAGED_KEYS)
-        if self.ring is None and managed is None and not self.shared and self.guard is not None:
+        if not self.keyed(request) and not self.shared and self.guard is not None:
             self.guard.check(request)
             return
         ident = self.identify(request)
         if ident is not None and not roles.permits(ident.role, "viewer"):
             raise ProxyError(403, "GET /metrics needs a key with role 'viewer' or above.", code="permission_denied")
+
+    def keyed(self, request: web.Request) -> bool:
+        """Whether virtual keys are in use (the config's or managed ones)."""
+        return self.ring is not None or request.app.get(MANAGED_KEYS) is not None
+
+    def key_of(self, request: web.Request) -> Identity | None:
+        """The caller's virtual key, the config's first, then a managed one; None when the
+        bearer is none of them. Raises 401 for a managed key revoked or expired."""
+        bearer = bearer_token(request)
+        ident = self.ring.identify(bearer) if self.ring is not None else None
+        managed = request.app.get(MANAGED_KEYS)
+        if ident is None and managed is not None and bearer:
+            ident = managed.identify(bearer)
+        return ident
 
     def identify(self, request: web.Request) -> Identity | None:
         """The caller's virtual key (None when keys are not in use); raises 401/403."""
@@ -145,12 +158,8 @@ class Access:
             if self.guard is not None:
                 self.guard.check(request)
             return None
-        managed = request.app.get(MANAGED_KEYS)
-        if self.ring is not None or managed is not None:
-            bearer = bearer_token(request)
-            ident = self.ring.identify(bearer) if self.ring is not None else None
-            if ident is None and managed is not None and bearer:
-                ident = managed.identify(bearer)
+        if self.keyed(request):
+            ident = self.key_of(request)
             if ident is None:
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
             if roles.is_admin_path(request.path):

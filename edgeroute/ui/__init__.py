@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import roles
-from edgeroute.cost.keys import MANAGED_KEYS, bearer_token
+from edgeroute.cost.keys import bearer_token
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
@@ -87,15 +87,11 @@ def _signed_in(request: web.Request) -> tuple[bool, dict[str, object]]:
     """Whether the request's key may use the console, and who it is."""
     access = request.app[STATE].live.access
     token = bearer_token(request)
-    managed = request.app.get(MANAGED_KEYS)
-    if access.ring is not None or managed is not None:
-        # Judged as the admin routes judge it (`Access.identify`): config keys, then managed ones.
-        ident = access.ring.identify(token) if access.ring is not None else None
-        if ident is None and managed is not None and token:
-            try:
-                ident = managed.identify(token)
-            except ProxyError:  # revoked or expired: refused like an unknown key, still a 200
-                ident = None
+    if access.keyed(request):
+        try:  # judged as the admin routes judge it: the config's keys, then managed ones
+            ident = access.key_of(request)
+        except ProxyError:  # revoked or expired: refused like an unknown key, still a 200
+            ident = None
         if ident is None:
             return False, {"reason": "invalid_key" if token else "key_required"}
         if not roles.permits(ident.role, "viewer"):
