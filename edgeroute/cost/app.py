@@ -16,9 +16,9 @@ from aiohttp import web
 from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
-from edgeroute.cost import restore
 from edgeroute.cost.budget_report import admin_budgets
 from edgeroute.cost.control import CostControl, on_response_prepare
+from edgeroute.cost.keys import MANAGED_KEYS
 from edgeroute.cost.ledger import ledger_from_config
 from edgeroute.cost.reports import LEDGER, admin_spend
 from edgeroute.requestlog import api as requestlog_api
@@ -49,10 +49,13 @@ def install(
     if control is not None:
         app.on_response_prepare.append(on_response_prepare)
 
-    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if control is not None and ledger is not None:
-            # Before serving: budgets and rate-limit windows as the ledger left them.
-            control.restore(await asyncio.to_thread(restore.read, ledger.backend, config))
+            # Before serving: budgets (managed keys' too) and rate-limit windows as the ledger
+            # left them. Managed keys are loaded by now (governance's install).
+            await asyncio.to_thread(control.restore_at_start, ledger.backend, app.get(MANAGED_KEYS))
+        elif control is not None:
+            control.keys = app.get(MANAGED_KEYS)
         yield
         # After the drain: settle what is pending, then write every record.
         if control is not None:

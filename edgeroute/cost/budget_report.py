@@ -69,6 +69,9 @@ async def report(control: CostControl, now: float | None = None) -> dict[str, An
         else:
             subjects = {k[len(prefix) : -len(suffix)] for k in counters if k.startswith(prefix) and k.endswith(suffix)}
         charges += [B.charge(b, s, p, 0, -1) for s in sorted(subjects)]
+    for b in control.keys.budgets() if control.keys is not None else []:  # managed keys' own
+        assert b.match is not None
+        charges.append(B.charge(b, b.match, B.period_of(b, now), 0, -1))
     used = await _used(control, charges)
     budgets = [
         _entry(c.budget, c.subject, c.period, u, control.reserved.get(c.store_key, 0), now)

@@ -32,7 +32,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,8 @@ from edgeroute.admission import Counter
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
-from edgeroute.cost.keys import ANONYMOUS, IDENTITY, Identity
-from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.keys import ANONYMOUS, IDENTITY, Identity, KeySource
+from edgeroute.cost.ledger import Backend, Ledger
 from edgeroute.cost.limits import BucketState, LocalLimiter, Take, headers_for
 from edgeroute.cost.prices import Ceiling, ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState, StoreUnavailable
@@ -170,6 +170,9 @@ class CostControl:
         # Budget name -> when the generation that added (or re-scoped) it was swapped in:
         # requests that started before count from the ledger, not in memory (see `apply`).
         self._counted_from: dict[str, float] = {}
+        # Managed keys (governance/keys.py), once the server runs: their budgets and spenders.
+        self.keys: KeySource | None = None
+        self._keys_counted: set[str] = set()  # managed keys' budgets counted since start
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else _workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
@@ -206,6 +209,15 @@ class CostControl:
                 self._counted_from[b.name] = since
             self._restore_later(changed, since, state)
 
+    def restore_at_start(self, db: Backend, keys: KeySource | None) -> None:
+        """Before serving (blocking: run it in a thread): budgets, managed keys' budgets and
+        rate-limit windows as the ledger left them."""
+        self.keys = keys
+        key_budgets = keys.budgets() if keys is not None else []
+        self._keys_counted.update(b.name for b in key_budgets)
+        spenders = [(b, keys.spenders(b.match or "")) for b in key_budgets] if keys is not None else []
+        self.restore(restore.read(db, self.cfg, key_budgets=spenders))
+
     def restore(self, found: Restored) -> None:
         """Counts what the ledger says was spent (`restore.read`) before this process counted
         the budgets itself (at start; for a reloaded budget, requests that started before it)."""
@@ -214,10 +226,12 @@ class CostControl:
         for name, kind, limit, used in found.buckets:
             self.local_limits.seed(name, kind, limit, used)
 
-    def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
+    def _restore_later(
+        self, budgets: list[Budget], since: float, state: ServerState | None, key_budgets: Sequence[Budget] = ()
+    ) -> None:
         if self.ledger is None:
             return
-        ledger, cfg = self.ledger, self.cfg
+        ledger, cfg, keys = self.ledger, self.cfg, self.keys
 
         async def go() -> None:
             try:
@@ -230,7 +244,11 @@ class CostControl:
                 log.warning("reloaded budgets read back with requests of the previous config still running")
             try:
                 await asyncio.to_thread(ledger.flush)  # their records, queued as they finished
-                self.restore(await asyncio.to_thread(restore.read, ledger.backend, cfg, budgets, until=since))
+                spenders = [(b, keys.spenders(b.match or "")) for b in key_budgets] if keys is not None else []
+                found = await asyncio.to_thread(
+                    restore.read, ledger.backend, cfg, budgets, until=since, key_budgets=spenders
+                )
+                self.restore(found)
             except Exception:
                 log.exception("could not read the spend of reloaded budgets back from the ledger")
 
@@ -263,7 +281,7 @@ class CostControl:
         choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
-        budgeted = bool(self.budgets) or ident.budget is not None
+        budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.order, live.deployments) if prices is not None else None
         try:
@@ -526,9 +544,22 @@ class CostControl:
             subject = _subject(b, ident, route)
             if subject is not None:
                 out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
-        if (own := ident.budget) is not None:  # a managed key's own budget (governance/keys.py)
-            out.append(B.charge(own, ident.key, self._period(own, now), amount, B.block_limit(own)))
+        for b in ident.budgets:  # a managed key's own, then its creators' (governance/keys.py)
+            if b.name not in self._keys_counted:
+                self._count_key_budget(b, ticket.started)
+            if ticket.started < self._counted_from.get(b.name, 0.0):
+                continue
+            assert b.match is not None
+            out.append(B.charge(b, b.match, self._period(b, now), amount, B.block_limit(b)))
         return out
+
+    def _count_key_budget(self, b: Budget, since: float) -> None:
+        """A managed key's budget seen for the first time since start (a key created, or given a
+        budget, since): requests from `since` count in memory as they are admitted, those before
+        from the ledger, read in the background."""
+        self._keys_counted.add(b.name)
+        self._counted_from[b.name] = since
+        self._restore_later([], since, None, key_budgets=[b])
 
     def _period(self, b: Budget, now: float) -> B.Period:
         """The budget's current period, computed once per period (or rolling slot)."""

@@ -38,7 +38,8 @@ class Identity:
     role: str | None = None
     limits: Limit | None = None
     residency: str | None = None  # the only region its requests may reach (governance/residency.py)
-    budget: Budget | None = None  # a managed key's own budget
+    # A managed key's own budget, then those of the keys that created it (governance/keys.py).
+    budgets: tuple[Budget, ...] = ()
     models: frozenset[str] | None = None  # the public models it may ask for (None: all)
     deny_tags: frozenset[str] = frozenset()  # request tags it may not send
     priority: str | None = None  # its requests' priority class (edgeroute.config.priority)
@@ -50,6 +51,14 @@ class KeySource(Protocol):
     raises a 401 `ProxyError` for a known key that is revoked or expired."""
 
     def identify(self, token: str) -> Identity | None: ...
+
+    def budgets(self) -> list[Budget]:
+        """Every key's own budget, for the ledger's read-back at start and `/admin/budgets`."""
+        ...
+
+    def spenders(self, key_id: str) -> list[str]:
+        """The keys whose spend counts against `key_id`'s budget (itself and those below it)."""
+        ...
 
 
 ANONYMOUS = Identity("anonymous")

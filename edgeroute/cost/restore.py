@@ -65,20 +65,49 @@ def budget_spend(
             if p.rolling and int(s) < p.first_slot:
                 continue
             out[(f"{b.name}:{subject}:{p.id}", int(s))] += B.to_nano(float(usd or 0))
-    if budgets:
-        earliest = min(p.starts_at for p in periods.values())
-        unsettled = (
-            "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND ts < ? "
-            "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
-        )
-        for store_key, ts, amount in db.query(unsettled, [earliest, end]):
-            for b in budgets:
-                p = periods[b.name]
-                if store_key.startswith(f"{b.name}:") and store_key.endswith(f":{p.id}") and ts >= p.starts_at:
-                    s = int(ts // p.slot_s) if p.rolling else -1
-                    out[(store_key, s)] += int(amount)
-                    break
+    _unsettled(db, budgets, periods, end, out)
     return dict(out)
+
+
+def key_budget_spend(
+    db: Backend, budgets: Sequence[tuple[Budget, Sequence[str]]], now: float, until: float | None = None
+) -> dict[tuple[str, int], int]:
+    """Managed keys' budgets (each with the keys whose spend counts against it: the key and
+    those it created, at any depth) in their current period, as `budget_spend` counts."""
+    end = until if until is not None else now + 86400.0
+    out: dict[tuple[str, int], int] = defaultdict(int)
+    periods = {b.name: B.period_of(b, now) for b, _ in budgets}
+    by_start: dict[float, dict[str, float]] = {}  # one grouped read per period start, not per key
+    for b, spenders in budgets:
+        p = periods[b.name]
+        if p.starts_at not in by_start:
+            sql = "SELECT key_id, SUM(cost_usd) FROM spend WHERE ts >= ? AND ts < ? AND key_id IS NOT NULL GROUP BY 1"
+            by_start[p.starts_at] = {k: float(usd or 0) for k, usd in db.query(sql, [p.starts_at, end])}
+        spent = by_start[p.starts_at]
+        out[(f"{b.name}:{b.match}:{p.id}", -1)] += sum(B.to_nano(spent.get(k, 0.0)) for k in spenders)
+    _unsettled(db, [b for b, _ in budgets], periods, end, out)
+    return dict(out)
+
+
+def _unsettled(
+    db: Backend, budgets: Sequence[Budget], periods: dict[str, B.Period], end: float, out: dict[tuple[str, int], int]
+) -> None:
+    """Adds the reservations of requests with no spend row: in flight at a crash, they count
+    as spent at their reserved (maximum) cost."""
+    if not budgets:
+        return
+    earliest = min(p.starts_at for p in periods.values())
+    unsettled = (
+        "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND ts < ? "
+        "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
+    )
+    for store_key, ts, amount in db.query(unsettled, [earliest, end]):
+        for b in budgets:
+            p = periods[b.name]
+            if store_key.startswith(f"{b.name}:") and store_key.endswith(f":{p.id}") and ts >= p.starts_at:
+                s = int(ts // p.slot_s) if p.rolling else -1
+                out[(store_key, s)] += int(amount)
+                break
 
 
 def _limit_names(cfg: Config, key: str | None, route: str, deployment: str | None) -> list[tuple[str, Limit]]:
@@ -118,10 +147,13 @@ def read(
     budgets: Sequence[Budget] | None = None,
     now: float | None = None,
     until: float | None = None,
+    key_budgets: Sequence[tuple[Budget, Sequence[str]]] = (),
 ) -> Restored:
-    """What the ledger says was spent: every budget of `cfg` and the rate-limit windows (at
-    start), or just `budgets` by requests that started before `until` (after a reload)."""
+    """What the ledger says was spent: every budget of `cfg`, the managed keys' `key_budgets`
+    and the rate-limit windows (at start), or just `budgets` and `key_budgets` by requests that
+    started before `until` (a budget added by a reload, or a key's budget first seen)."""
     now = time.time() if now is None else now
+    keyed = key_budget_spend(db, key_budgets, now, until) if key_budgets else {}
     if budgets is not None:
-        return Restored(budget_spend(db, budgets, now, until), [], now)
-    return Restored(budget_spend(db, cfg.budgets.limits, now), bucket_usage(db, cfg, now), now)
+        return Restored(budget_spend(db, budgets, now, until) | keyed, [], now)
+    return Restored(budget_spend(db, cfg.budgets.limits, now) | keyed, bucket_usage(db, cfg, now), now)

@@ -266,9 +266,11 @@ async def create_key(request: web.Request) -> web.Response:
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
-    K.check_scope(*_creator(request), f)
+    creator, creator_raw = _creator(request)
+    K.check_scope(creator, creator_raw, f)
     actor = actor_of(request)
-    data, token = await asyncio.to_thread(K.create, managed.store, f, actor)
+    parent = creator.key if creator_raw is not None else None  # created by a managed key
+    data, token = await asyncio.to_thread(K.create, managed.store, f, actor, parent)
     await asyncio.to_thread(managed.load)
     out = K.public(data)
     await request.app[GOV].audit(actor, "key.created", data["id"], None, out)

@@ -12,6 +12,10 @@ Every instance polls one change counter in the database (`governance.key_poll_in
 0.25 s by default) and, when it moved, reads only the keys changed since, so a revocation
 or rotation made on one instance applies on all of them within that interval. A rotation
 may keep the previous secret valid for a grace period.
+
+A key created by a managed key records it as its `parent`, and spends against its parent's
+budget (and its parent's parent's, up the chain) besides its own: a key held to $10 can
+hand out keys, but all of them together spend at most those $10.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ PREFIX = "er-"
 _PUBLIC = (
     "id", "name", "user", "team", "role", "models", "deny_tags", "expires_at", "budget_usd", "rpm", "tpm",
     "residency", "priority", "priorities", "metadata", "created_at", "created_by", "updated_at", "revoked_at",
-    "rotated_at", "grace_until",
+    "rotated_at", "grace_until", "parent",
 )  # fmt: skip
+MAX_DEPTH = 32  # ancestors followed for budgets (a chain is built one key at a time, never a cycle)
 
 
 class KeyFields(BaseModel):
@@ -127,11 +132,14 @@ class _Entry:
     identity: Identity
 
 
-def _entry(data: dict[str, Any], residency: str | None) -> _Entry:
+def key_budget(data: dict[str, Any]) -> Budget | None:
+    """The monthly budget a key's `budget_usd` sets (named for the key: its counters' name)."""
+    usd = data.get("budget_usd")
+    return Budget(name=f"key:{data['id']}", scope="key", match=data["id"], limit_usd=usd) if usd else None
+
+
+def _entry(data: dict[str, Any], residency: str | None, budgets: tuple[Budget, ...]) -> _Entry:
     limits = Limit(rpm=data.get("rpm"), tpm=data.get("tpm")) if data.get("rpm") or data.get("tpm") else None
-    budget = None
-    if data.get("budget_usd"):
-        budget = Budget(name=f"key:{data['id']}", scope="key", match=data["id"], limit_usd=data["budget_usd"])
     models = data.get("models")
     ident = Identity(
         data["id"],
@@ -140,7 +148,7 @@ def _entry(data: dict[str, Any], residency: str | None) -> _Entry:
         data.get("role"),
         limits,
         residency=residency,
-        budget=budget,
+        budgets=budgets,
         models=frozenset(models) if models is not None else None,
         deny_tags=frozenset(data.get("deny_tags") or ()),
         priority=data.get("priority"),
@@ -179,19 +187,54 @@ class ManagedKeys:
         if seq == self.seq:
             return
         for row_seq, data in self.store.keys_since(self.seq):
-            self._apply(data)
+            self._raw[data["id"]] = data
             self.seq = max(self.seq, row_seq)
         self.seq = max(self.seq, seq)
-
-    def _apply(self, data: dict[str, Any]) -> None:
-        self._raw[data["id"]] = data
-        self._by_id[data["id"]] = _entry(data, self._region_of(data["id"], data.get("team"), data.get("residency")))
+        self._rebuild()  # a changed budget reaches every key below it
 
     def set_region_of(self, region_of: Any) -> None:
         """A reload can change team residencies: recompute every key's region."""
         self._region_of = region_of
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        by_id = {}
+        for key_id, data in self._raw.items():
+            region = self._region_of(key_id, data.get("team"), data.get("residency"))
+            by_id[key_id] = _entry(data, region, self._budgets_of(data))
+        self._by_id = by_id
+
+    def _budgets_of(self, data: dict[str, Any]) -> tuple[Budget, ...]:
+        """The key's own budget, then each ancestor's."""
+        out: list[Budget] = []
+        seen: set[str] = set()
+        node: dict[str, Any] | None = data
+        while node is not None and node["id"] not in seen and len(seen) < MAX_DEPTH:
+            seen.add(node["id"])
+            if (b := key_budget(node)) is not None:
+                out.append(b)
+            node = self._raw.get(node["parent"]) if node.get("parent") else None
+        return tuple(out)
+
+    # -- budgets, for cost control (`edgeroute.cost.keys.KeySource`) -----------------------
+
+    def budgets(self) -> list[Budget]:
+        """Every key's own budget (revoked keys too: what their children spend still counts)."""
+        return [b for data in self._raw.values() if (b := key_budget(data)) is not None]
+
+    def spenders(self, key_id: str) -> list[str]:
+        """The keys whose spend counts against `key_id`'s budget: itself and its descendants."""
+        children: dict[str, list[str]] = {}
         for data in self._raw.values():
-            self._by_id[data["id"]] = _entry(data, region_of(data["id"], data.get("team"), data.get("residency")))
+            if data.get("parent"):
+                children.setdefault(data["parent"], []).append(data["id"])
+        out, todo = {key_id}, [key_id]
+        while todo:
+            for child in children.get(todo.pop(), ()):
+                if child not in out:
+                    out.add(child)
+                    todo.append(child)
+        return sorted(out)
 
     def identify(self, token: str) -> Identity | None:
         """The key of `token`, None when it is not a valid managed key; a valid secret of a
@@ -298,12 +341,14 @@ def check_classes(f: KeyFields, classes: list[str]) -> None:
             raise ProxyError(400, f"{where}: {unknown_class(name, classes)}.", code="invalid_key", param=where)
 
 
-def create(store: GovStore, f: KeyFields, actor: str) -> tuple[dict[str, Any], str]:
-    """Creates a key; returns (stored data, token). The token is not stored."""
+def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None) -> tuple[dict[str, Any], str]:
+    """Creates a key; returns (stored data, token). The token is not stored. `parent`: the
+    managed key that created it, whose budget it spends against too."""
     key_id = "k" + os.urandom(6).hex()
     token, salt, digest = new_secret(key_id)
     now = time.time()
     data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
+    data["parent"] = parent
     data["updated_at"] = now
     store.put_key(data, create=True)
     return data, token
