@@ -133,3 +133,27 @@ async def test_a_budget_given_to_a_key_later_counts_its_month_so_far(start_upstr
         assert await _admitted(served.url, key["secret"], 3) == 1
     finally:
         served.kill()
+
+
+async def test_a_managed_keys_rate_window_is_not_forgotten_across_a_hard_kill(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    up = await start_upstream()
+    path = _config(up.base_url, tmp_path)
+    first = await Served.start(path)
+    try:
+        key = await _key(first.url, ADMIN, rpm=3)
+        assert await _admitted(first.url, key["secret"], 3) == 3
+        await asyncio.sleep(0.4)
+    finally:
+        first.kill()
+    second = await Served.start(path)
+    try:
+        async with openai.AsyncOpenAI(base_url=second.url + "/v1", api_key=key["secret"], max_retries=0) as client:
+            try:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+                raise AssertionError("a fourth request within the minute was answered after the restart")
+            except openai.RateLimitError as e:
+                assert "rate limit" in str(e).lower(), e
+    finally:
+        second.kill()

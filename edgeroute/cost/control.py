@@ -216,7 +216,8 @@ class CostControl:
         key_budgets = keys.budgets() if keys is not None else []
         self._keys_counted.update(b.name for b in key_budgets)
         spenders = [(b, keys.spenders(b.match or "")) for b in key_budgets] if keys is not None else []
-        self.restore(restore.read(db, self.cfg, key_budgets=spenders))
+        limits = keys.limits() if keys is not None else None
+        self.restore(restore.read(db, self.cfg, key_budgets=spenders, key_limits=limits))
 
     def restore(self, found: Restored) -> None:
         """Counts what the ledger says was spent (`restore.read`) before this process counted

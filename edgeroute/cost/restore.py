@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from edgeroute.config import Budget, Config, Limit
@@ -110,11 +110,13 @@ def _unsettled(
                 break
 
 
-def _limit_names(cfg: Config, key: str | None, route: str, deployment: str | None) -> list[tuple[str, Limit]]:
+def _limit_names(
+    cfg: Config, key: str | None, route: str, deployment: str | None, key_limits: Mapping[str, Limit]
+) -> list[tuple[str, Limit]]:
     out = []
     if key is not None:
         vk = cfg.keys.get(key)
-        lim = (vk.limits if vk is not None else None) or cfg.rate_limits.per_key
+        lim = (vk.limits if vk is not None else key_limits.get(key)) or cfg.rate_limits.per_key
         if lim is not None:
             out.append((f"key:{key}", lim))
     if (lim := cfg.rate_limits.models.get(route)) is not None:
@@ -124,14 +126,17 @@ def _limit_names(cfg: Config, key: str | None, route: str, deployment: str | Non
     return out
 
 
-def bucket_usage(db: Backend, cfg: Config, now: float) -> list[tuple[str, str, int, float]]:
-    """(name, kind, limit, used) for every rate-limit bucket the last minute's requests touched."""
+def bucket_usage(
+    db: Backend, cfg: Config, now: float, key_limits: Mapping[str, Limit] | None = None
+) -> list[tuple[str, str, int, float]]:
+    """(name, kind, limit, used) for every rate-limit bucket the last minute's requests touched
+    (`key_limits`: managed keys' own limits)."""
     used: dict[tuple[str, str], float] = defaultdict(float)
     limits: dict[tuple[str, str], int] = {}
     sql = "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend WHERE ts >= ?"
     for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
         weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet
-        for name, lim in _limit_names(cfg, key, route, deployment):
+        for name, lim in _limit_names(cfg, key, route, deployment, key_limits or {}):
             if lim.rpm:
                 used[(name, "requests")] += weight
                 limits[(name, "requests")] = lim.rpm
@@ -148,6 +153,7 @@ def read(
     now: float | None = None,
     until: float | None = None,
     key_budgets: Sequence[tuple[Budget, Sequence[str]]] = (),
+    key_limits: Mapping[str, Limit] | None = None,
 ) -> Restored:
     """What the ledger says was spent: every budget of `cfg`, the managed keys' `key_budgets`
     and the rate-limit windows (at start), or just `budgets` and `key_budgets` by requests that
@@ -156,4 +162,4 @@ def read(
     keyed = key_budget_spend(db, key_budgets, now, until) if key_budgets else {}
     if budgets is not None:
         return Restored(budget_spend(db, budgets, now, until) | keyed, [], now)
-    return Restored(budget_spend(db, cfg.budgets.limits, now) | keyed, bucket_usage(db, cfg, now), now)
+    return Restored(budget_spend(db, cfg.budgets.limits, now) | keyed, bucket_usage(db, cfg, now, key_limits), now)

@@ -222,6 +222,9 @@ class ManagedKeys:
         """Every key's own budget (revoked keys too: what their children spend still counts)."""
         return [b for data in self._raw.values() if (b := key_budget(data)) is not None]
 
+    def limits(self) -> dict[str, Limit]:
+        return {k: e.identity.limits for k, e in self._by_id.items() if e.identity.limits is not None}
+
     def spenders(self, key_id: str) -> list[str]:
         """The keys whose spend counts against `key_id`'s budget: itself and its descendants."""
         children: dict[str, list[str]] = {}
