@@ -16,7 +16,7 @@ from aiohttp import web
 
 from edgeroute import sse
 from edgeroute.accounting import Usage, estimate_stream_usage
-from edgeroute.dispatch.attempt import Attempts, StreamAnswer
+from edgeroute.dispatch.attempt import OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
 
@@ -158,9 +158,34 @@ async def relay_stream(
             call.router.report_broken_stream(dep.index)
         usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
         if usage is None:
-            usage = estimate_stream_usage(call.prompt_tokens(), b"".join(text), call.decision.encoding)
+            rec = answer.rec
+            settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
+            usage = await _estimate(call, b"".join(text), settle)
         if answer.rec is not None:
             call.settle_attempt(answer.rec, dep, usage)
         if on_complete is not None and completed and failure is None:
             on_complete(b"".join(text))  # the whole answer, as OpenAI-format events (e.g. for the cache)
     return out
+
+
+
+async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[[Usage], None]) -> Usage:
+    """The usage of a stream that carried none, counted from its text; in a worker thread past
+    `OFF_LOOP_BYTES` (a megabyte of events took ~80 ms of the event loop).
+
+    A client that closes as the stream ends cancels its handler while this counts: the answer
+    is still priced (`settle_cancelled`, then the cancellation goes on), with the thread's
+    count, or one made here if cancelled once more (a shutdown that stops waiting)."""
+    prompt, encoding = call.prompt_tokens(), call.decision.encoding
+    if len(streamed) < OFF_LOOP_BYTES:
+        return estimate_stream_usage(prompt, streamed, encoding)
+    counting = asyncio.get_running_loop().run_in_executor(None, estimate_stream_usage, prompt, streamed, encoding)
+    try:
+        return await asyncio.shield(counting)
+    except asyncio.CancelledError:
+        try:
+            usage = await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            usage = estimate_stream_usage(prompt, streamed, encoding)
+        settle_cancelled(usage)
+        raise
