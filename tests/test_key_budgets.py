@@ -5,6 +5,7 @@ Real `edgeroute serve` processes, the openai SDK as client, every request costin
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from tests.conftest import eventually
 from tests.governance_support import call
 from tests.test_cost_restart import CENT, Served
+from tests.test_cost_support import require_redis
 
 ADMIN = "tok-admin"
 
@@ -157,3 +159,30 @@ async def test_a_managed_keys_rate_window_is_not_forgotten_across_a_hard_kill(
                 assert "rate limit" in str(e).lower(), e
     finally:
         second.kill()
+
+
+async def test_two_instances_on_redis_hold_a_parent_budget_together(start_upstream: Any, tmp_path: Path) -> None:
+    """Keys made by a budgeted key, used on two instances sharing Redis: five requests in all."""
+    redis_url = require_redis()
+    up = await start_upstream()
+    path = _config(up.base_url, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["shared_state"] = {"redis_url": redis_url, "prefix": f"kb-{uuid.uuid4().hex[:8]}", "on_unavailable": "closed"}
+    path.write_text(yaml.safe_dump(cfg))
+    a, b = await Served.start(path), await Served.start(path)
+    try:
+        boss = await _key(a.url, ADMIN, role="admin", budget_usd=0.05)
+        one = await _key(a.url, boss["secret"], budget_usd=0.05)
+        two = await _key(a.url, boss["secret"], budget_usd=0.05)
+        await eventually(lambda: _known(b.url, two["secret"]), "instance B knows the keys", within=5)
+        assert await _admitted(a.url, one["secret"], 3) == 3
+        assert await _admitted(b.url, two["secret"], 5) == 2
+        assert await _admitted(a.url, two["secret"], 1) == 0
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def _known(url: str, token: str) -> bool:
+    status, _ = await call("GET", url + "/v1/models", token)
+    return status == 200
