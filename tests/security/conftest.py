@@ -5,8 +5,10 @@ header timeout and parser-error answers), on loopback ports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,3 +178,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass
+class LoopLag:
+    """How late this event loop woke, at most, while the block ran (a 20 ms sleep's overshoot)."""
+
+    max_s: float = 0.0
+
+
+@contextlib.contextmanager
+def loop_lag() -> Iterator[LoopLag]:
+    lag = LoopLag()
+
+    async def ticker() -> None:
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(0.02)
+            lag.max_s = max(lag.max_s, time.perf_counter() - t - 0.02)
+
+    tick = asyncio.get_running_loop().create_task(ticker())
+    try:
+        yield lag
+    finally:
+        tick.cancel()
