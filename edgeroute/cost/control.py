@@ -215,9 +215,19 @@ class CostControl:
         self.keys = keys
         key_budgets = keys.budgets() if keys is not None else []
         self._keys_counted.update(b.name for b in key_budgets)
-        spenders = [(b, keys.spenders(b.match or "")) for b in key_budgets] if keys is not None else []
         limits = keys.limits() if keys is not None else None
-        self.restore(restore.read(db, self.cfg, key_budgets=spenders, key_limits=limits))
+        self.restore(restore.read(db, self.cfg, key_budgets=self._spenders(key_budgets), key_limits=limits))
+
+    def _spenders(self, budgets: Sequence[Budget], from_creation: bool = False) -> list[restore.KeyBudget]:
+        """Managed keys' budgets with the keys whose spend counts against each."""
+        keys = self.keys
+        if keys is None:
+            return []
+        out = []
+        for b in budgets:
+            key = b.match or ""
+            out.append(restore.KeyBudget(b, keys.spenders(key), keys.created_at(key) if from_creation else 0.0))
+        return out
 
     def restore(self, found: Restored) -> None:
         """Counts what the ledger says was spent (`restore.read`) before this process counted
@@ -232,7 +242,7 @@ class CostControl:
     ) -> None:
         if self.ledger is None:
             return
-        ledger, cfg, keys = self.ledger, self.cfg, self.keys
+        ledger, cfg = self.ledger, self.cfg
 
         async def go() -> None:
             try:
@@ -245,7 +255,7 @@ class CostControl:
                 log.warning("reloaded budgets read back with requests of the previous config still running")
             try:
                 await asyncio.to_thread(ledger.flush)  # their records, queued as they finished
-                spenders = [(b, keys.spenders(b.match or "")) for b in key_budgets] if keys is not None else []
+                spenders = self._spenders(key_budgets, from_creation=True)
                 found = await asyncio.to_thread(
                     restore.read, ledger.backend, cfg, budgets, until=since, key_budgets=spenders
                 )

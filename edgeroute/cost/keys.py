@@ -60,6 +60,10 @@ class KeySource(Protocol):
         """The keys whose spend counts against `key_id`'s budget (itself and those below it)."""
         ...
 
+    def created_at(self, key_id: str) -> float:
+        """When the key was created (0 if unknown): none of its spenders spent before."""
+        ...
+
     def limits(self) -> dict[str, Limit]:
         """Each key's own RPM/TPM limits, for the ledger's read-back of their windows at start."""
         ...

@@ -69,23 +69,35 @@ def budget_spend(
     return dict(out)
 
 
+@dataclass(slots=True, frozen=True)
+class KeyBudget:
+    """A managed key's budget and the keys whose spend counts against it (the key and those
+    it created, at any depth); none of them spent before `not_before` (the key's creation)."""
+
+    budget: Budget
+    spenders: Sequence[str]
+    not_before: float = 0.0
+
+
 def key_budget_spend(
-    db: Backend, budgets: Sequence[tuple[Budget, Sequence[str]]], now: float, until: float | None = None
+    db: Backend, budgets: Sequence[KeyBudget], now: float, until: float | None = None
 ) -> dict[tuple[str, int], int]:
-    """Managed keys' budgets (each with the keys whose spend counts against it: the key and
-    those it created, at any depth) in their current period, as `budget_spend` counts."""
+    """Managed keys' budgets in their current period, as `budget_spend` counts. Many (at
+    start): one grouped read per period start, not one per key. One (a budget first seen):
+    read from the key's creation only, so a new key costs a short range of the `ts` index."""
     end = until if until is not None else now + 86400.0
     out: dict[tuple[str, int], int] = defaultdict(int)
-    periods = {b.name: B.period_of(b, now) for b, _ in budgets}
-    by_start: dict[float, dict[str, float]] = {}  # one grouped read per period start, not per key
-    for b, spenders in budgets:
-        p = periods[b.name]
-        if p.starts_at not in by_start:
-            sql = "SELECT key_id, SUM(cost_usd) FROM spend WHERE ts >= ? AND ts < ? AND key_id IS NOT NULL GROUP BY 1"
-            by_start[p.starts_at] = {k: float(usd or 0) for k, usd in db.query(sql, [p.starts_at, end])}
-        spent = by_start[p.starts_at]
-        out[(f"{b.name}:{b.match}:{p.id}", -1)] += sum(B.to_nano(spent.get(k, 0.0)) for k in spenders)
-    _unsettled(db, [b for b, _ in budgets], periods, end, out)
+    periods = {k.budget.name: B.period_of(k.budget, now) for k in budgets}
+    by_start: dict[float, dict[str, float]] = {}
+    sql = "SELECT key_id, SUM(cost_usd) FROM spend WHERE ts >= ? AND ts < ? AND key_id IS NOT NULL GROUP BY 1"
+    for k in budgets:
+        p = periods[k.budget.name]
+        start = max(p.starts_at, k.not_before) if len(budgets) == 1 else p.starts_at
+        if start not in by_start:
+            by_start[start] = {key: float(usd or 0) for key, usd in db.query(sql, [start, end])}
+        spent = by_start[start]
+        out[(f"{k.budget.name}:{k.budget.match}:{p.id}", -1)] += sum(B.to_nano(spent.get(s, 0.0)) for s in k.spenders)
+    _unsettled(db, [k.budget for k in budgets], periods, end, out)
     return dict(out)
 
 
@@ -152,7 +164,7 @@ def read(
     budgets: Sequence[Budget] | None = None,
     now: float | None = None,
     until: float | None = None,
-    key_budgets: Sequence[tuple[Budget, Sequence[str]]] = (),
+    key_budgets: Sequence[KeyBudget] = (),
     key_limits: Mapping[str, Limit] | None = None,
 ) -> Restored:
     """What the ledger says was spent: every budget of `cfg`, the managed keys' `key_budgets`

@@ -222,6 +222,9 @@ class ManagedKeys:
         """Every key's own budget (revoked keys too: what their children spend still counts)."""
         return [b for data in self._raw.values() if (b := key_budget(data)) is not None]
 
+    def created_at(self, key_id: str) -> float:
+        return float((self._raw.get(key_id) or {}).get("created_at") or 0.0)
+
     def limits(self) -> dict[str, Limit]:
         return {k: e.identity.limits for k, e in self._by_id.items() if e.identity.limits is not None}
 
