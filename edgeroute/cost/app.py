@@ -54,6 +54,7 @@ def install(
             # Before serving: budgets (managed keys' too) and rate-limit windows as the ledger
             # left them. Managed keys are loaded by now (governance's install).
             await asyncio.to_thread(control.restore_at_start, ledger.backend, app.get(MANAGED_KEYS))
+            await control.seed_shared()
         elif control is not None:
             control.keys = app.get(MANAGED_KEYS)
         yield

@@ -173,6 +173,7 @@ class CostControl:
         # Managed keys (governance/keys.py), once the server runs: their budgets and spenders.
         self.keys: KeySource | None = None
         self._keys_counted: set[str] = set()  # managed keys' budgets counted since start
+        self._read_at_start: dict[tuple[str, int], int] = {}  # the ledger's spend, for `seed_shared`
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else _workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
@@ -216,7 +217,35 @@ class CostControl:
         key_budgets = keys.budgets() if keys is not None else []
         self._keys_counted.update(b.name for b in key_budgets)
         limits = keys.limits() if keys is not None else None
-        self.restore(restore.read(db, self.cfg, key_budgets=self._spenders(key_budgets), key_limits=limits))
+        found = restore.read(db, self.cfg, key_budgets=self._spenders(key_budgets), key_limits=limits)
+        self.restore(found)
+        self._read_at_start = found.budgets
+
+    async def seed_shared(self) -> None:
+        """Before serving: a shared store that holds no budgets (the new run directory of
+        `serve --workers N`, a Redis that restarted empty or is new) counts what the ledger
+        says was spent; one instance or worker does, the others find it done. Redis that
+        loses its budgets later is read back into the same way (`RedisState.spent_from_ledger`)."""
+        if self.shared is None or self.ledger is None:
+            return
+        if isinstance(self.shared, RedisState):
+            self.shared.spent_from_ledger = self._spent_now
+        try:
+            if await self.shared.seed(self._read_at_start):
+                log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
+        except StoreUnavailable as e:
+            log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
+
+    async def _spent_now(self) -> dict[tuple[str, int], int]:
+        """Every budget's spend this period, from the ledger (this instance's records first written)."""
+        ledger = self.ledger
+        assert ledger is not None
+        await asyncio.to_thread(ledger.flush)
+        keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
+        found = await asyncio.to_thread(
+            restore.read, ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed
+        )
+        return found.budgets
 
     def _spenders(self, budgets: Sequence[Budget], from_creation: bool = False) -> list[restore.KeyBudget]:
         """Managed keys' budgets with the keys whose spend counts against each."""

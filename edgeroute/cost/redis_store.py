@@ -109,15 +109,24 @@ end
 """
 
 TAKE = Script.of(FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out")
-RESERVE = Script.of(FUNCTIONS + "local out = {} reserve(0, 0, #KEYS, out) return out")
+# A store that lost its budgets (Redis restarted empty, or never seeded) has no marker, the
+# last key: the scripts that reserve then answer {-1} and change nothing (`Unseeded`).
+RESERVE = Script.of(
+    FUNCTIONS
+    + """
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local out = {} reserve(0, 0, #KEYS - 1, out) return out
+"""
+)
 
 # Admission in one round trip: the key and model buckets (refused: nothing else is done),
 # then the first deployment's buckets (at its limit the caller reroutes, so the rest goes on),
-# then the budgets. ARGV[1..3]: how many keys each group has.
+# then the budgets. ARGV[1..3]: how many keys each group has; the marker is the last key.
 ADMIT = Script.of(
     FUNCTIONS
     + """
 local na, nb, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if nc > 0 and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
 local out, now = {}, now_ms()
 if take(0, 3, na, now, out) == 0 then return out end
 take(na, 3 + 3 * na, nb, now, out)
@@ -128,17 +137,21 @@ return out
 
 # Settlement of many requests at once: budget deltas (ARGV from 1, four each: rolling, delta,
 # ttl, slot), then bucket deltas (two each: delta taken, capacity; a bucket that expired
-# stays full). ARGV[1]: how many budget keys come first.
+# stays full). ARGV[1]: how many budget keys come first. A counter Redis lost since its
+# reservation is not recreated from a delta: the seed (below) counts that request from the ledger.
 SETTLE = Script.of("""
 local nb = tonumber(ARGV[1])
 for i = 1, nb do
   local b = 1 + (i - 1) * 4
   if ARGV[b + 1] == '1' then
-    redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
-  else
+    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 then
+      redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
+      redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
+    end
+  elseif redis.call('EXISTS', KEYS[i]) == 1 then
     redis.call('INCRBY', KEYS[i], ARGV[b + 2])
+    redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
   end
-  redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
 end
 for i = nb + 1, #KEYS do
   local b = 1 + nb * 4 + (i - nb - 1) * 2
@@ -151,6 +164,25 @@ end
 return 1
 """)
 
+# What the ledger says was spent, into a store without the marker (KEYS[1]): each counter
+# (KEYS from 2; ARGV two each: slot, -1 for a calendar period, and nano-USD) only where it
+# does not exist, then the marker. Atomic, so of instances seeding at once the first counts.
+SEED = Script.of("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local slot, amount = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if slot == '-1' then
+    redis.call('SET', KEYS[i], amount, 'NX', 'EX', ttl)
+  elseif redis.call('HSETNX', KEYS[i], slot, amount) == 1 then
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+end
+redis.call('SET', KEYS[1], '1')
+return 1
+""")
+SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most); charges renew it
+SEED_WAIT_S = 10.0  # how long admission waits for the ledger to be read back into Redis
 
 RESEND_S = 1.0  # settlements Redis never received are sent again this often while it is down
 
@@ -162,6 +194,10 @@ class StoreUnavailable(Exception):
     def __init__(self, reason: str, sent: bool = True) -> None:
         super().__init__(reason)
         self.sent = sent
+
+
+class Unseeded(Exception):
+    """Redis holds no budgets read back from the ledger: it restarted empty, or is new."""
 
 
 @dataclass(slots=True)
@@ -198,6 +234,11 @@ class RedisState:
         self._flusher: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.seeded_key = f"{self.prefix}:budgets-seeded"
+        # What the ledger says was spent this period (`CostControl` sets it): read back into
+        # Redis when Redis turns out to hold no budgets (`Unseeded`), once at a time.
+        self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
+        self._seeding: asyncio.Task[None] | None = None
 
     async def _run(
         self,
@@ -218,12 +259,52 @@ class RedisState:
         """Takes `takes` (all or nothing; refused, nothing else happens), then `deployment`'s
         buckets (all or nothing, on their own), then reserves `charges` — one atomic script."""
         keys = [self._rkey(t) for t in takes] + [self._rkey(t) for t in deployment]
-        keys += [self._bkey(c) for c in charges]
+        keys += [self._bkey(c) for c in charges] + [self.seeded_key]
         args: list[Any] = [len(takes), len(deployment), len(charges)]
         args += self._take_args(takes) + self._take_args(deployment) + self._reserve_args(charges)
         undo = lambda out: self._give_back(out, takes, deployment, charges)  # noqa: E731
-        out = await self._run(ADMIT, keys, args, if_abandoned=undo)
+        out = await self._seeded(lambda: self._run(ADMIT, keys, args, if_abandoned=undo))
         return self._read_admit(out, takes, deployment, charges)
+
+    async def _seeded(self, script: Callable[[], Awaitable[Any]]) -> Any:
+        """Runs a script that reserves; when Redis has lost its budgets, reads them back from
+        the ledger first (one instance counts, the others find them there) and runs it again."""
+        out = await script()
+        if _unseeded(out):
+            await self._reseed()
+            out = await script()
+            if _unseeded(out):
+                raise StoreUnavailable("Redis holds no budgets and they could not be read back")
+        return out
+
+    async def _reseed(self) -> None:
+        if self._seeding is None:
+            task = asyncio.get_running_loop().create_task(self._read_and_seed())
+            task.add_done_callback(lambda _: setattr(self, "_seeding", None))
+            self._seeding = task
+        try:
+            async with asyncio.timeout(SEED_WAIT_S):
+                await asyncio.shield(self._seeding)
+        except TimeoutError:
+            raise StoreUnavailable("reading budgets back from the ledger took too long") from None
+
+    async def _read_and_seed(self) -> None:
+        spent = await self.spent_from_ledger() if self.spent_from_ledger is not None else {}
+        if await self.seed(spent):
+            log.warning(
+                "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
+                len(spent),
+            )
+
+    async def seed(self, spent: dict[tuple[str, int], int]) -> bool:
+        """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
+        nano-USD) into Redis if it holds no budgets; True when this call did. Each counter is
+        set only where Redis has none, so budgets Redis kept are never counted twice."""
+        keys = [self.seeded_key] + [f"{self.prefix}:b:{key}" for key, _ in spent]
+        args: list[Any] = [SEED_TTL_S]
+        for (_, slot), amount in spent.items():
+            args += [slot, amount]
+        return bool(await self._run(SEED, keys, args))
 
     def _read_admit(self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge]) -> Admitted:
         rate, at = self._read_take(out, 0, takes)
@@ -237,6 +318,8 @@ class RedisState:
         """An admission whose request was cancelled while its script ran (the client hung up):
         what it took goes back as a refused request's does (its tokens, the deployment's
         request and the reservation; the request itself still counts against the key's rate)."""
+        if _unseeded(out):
+            return  # it took nothing
         got = self._read_admit(out, takes, deployment, charges)
         back = [t for t in takes if t.kind == "tokens"] if got.rate is None or got.rate[0] else []
         if got.deployment is not None and got.deployment[0]:
@@ -276,7 +359,8 @@ class RedisState:
         return Reserved(bool(int(out[at])), used, int(out[at + 1]) - 1)
 
     async def reserve(self, charges: list[Charge], now: float) -> Reserved:
-        out = await self._run(RESERVE, [self._bkey(c) for c in charges], self._reserve_args(charges))
+        keys = [self._bkey(c) for c in charges] + [self.seeded_key]
+        out = await self._seeded(lambda: self._run(RESERVE, keys, self._reserve_args(charges)))
         return self._read_reserve(out, 0, charges)
 
     async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
@@ -415,3 +499,7 @@ class RedisState:
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5)
         await self.pipe.close()
+
+
+def _unseeded(out: Any) -> bool:
+    return isinstance(out, list) and len(out) == 1 and out[0] == -1

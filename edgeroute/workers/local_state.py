@@ -42,6 +42,8 @@ _ADD = (
     "ON CONFLICT (key, slot) DO UPDATE SET amount = amount + excluded.amount, expires = excluded.expires"
 )
 _PURGE_EVERY_S = 60.0
+SEEDED = "budgets-seeded"  # in `once`: the budgets were read back from the ledger (`seed`)
+SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most); charges renew it
 
 
 class SqliteState:
@@ -119,6 +121,26 @@ class SqliteState:
                 db.execute(_ADD, (c.store_key, p.slot if p.rolling else -1, d, wall + p.ttl_s))
 
         await self._run(tx)
+
+    async def seed(self, spent: dict[tuple[str, int], int]) -> bool:
+        """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
+        nano-USD) into a store that has not been seeded, in one transaction, so the first worker
+        to start seeds it and the others find it seeded: a restarted server's budgets hold.
+        True when this call seeded."""
+
+        def tx(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM once WHERE key = ?", (SEEDED,)).fetchone() is not None:
+                return False
+            expires = time.time() + SEED_TTL_S
+            for (key, slot), amount in spent.items():
+                db.execute(
+                    "INSERT OR IGNORE INTO budget (key, slot, amount, expires) VALUES (?, ?, ?, ?)",
+                    (key, slot, amount, expires),
+                )
+            db.execute("INSERT INTO once (key, expires) VALUES (?, ?)", (SEEDED, math.inf))
+            return True
+
+        return await self._run(tx)
 
     async def mark_once(self, key: str, ttl_s: int) -> bool:
         """True the first time `key` is marked (by any worker) within `ttl_s`."""
