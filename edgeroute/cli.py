@@ -1,4 +1,5 @@
-"""The `edgeroute` command line: serve, check, demo, route, spend, prices, bench, router.
+"""The `edgeroute` command line: serve, check, demo, route, spend, prices, logs, stats, bench, keys,
+config, audit, router.
 
 Defaults may come from the environment (a flag wins): `EDGEROUTE_CONFIG` (the config file),
 `EDGEROUTE_HOST`, `EDGEROUTE_PORT` (where `serve` listens), `EDGEROUTE_LOG_LEVEL` (`serve --log-level`)
@@ -163,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="edgeroute",
         description="An LLM routing edge proxy.",
-        epilog=f"Environment: {ENV_CONFIG}, {ENV_HOST}, {ENV_PORT}, {ENV_LOG_LEVEL} set defaults; flags win.",
+        epilog=(
+            f"Environment: {ENV_CONFIG}, {ENV_HOST}, {ENV_PORT}, {ENV_LOG_LEVEL}, {ENV_WORKERS} set defaults "
+            "(EDGEROUTE_URL, EDGEROUTE_ADMIN_KEY for keys, config and audit); flags win. "
+            "`edgeroute COMMAND --help` for each command."
+        ),
     )
     p.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay} ...
+_ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay,shadow} ...
 
   train      fit a router from per-prompt outcomes (needs numpy)
   eval       cost-quality curve, APGR, CPT(50%), CPT(80%) of a router on outcomes
