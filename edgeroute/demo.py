@@ -9,6 +9,8 @@ serving so that the user can try it with curl or the openai SDK.
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -160,9 +162,10 @@ async def _main(port: int, tour_only: bool) -> int:
     try:
         runner, pport = await _start(app, port)
     except OSError as e:
-        print(f"cannot listen on 127.0.0.1:{port}: {e.strerror}; try `edgeroute demo --port 0`")
+        print(f"cannot listen on 127.0.0.1:{port}: {e.strerror}; try `edgeroute demo --port 0`", file=sys.stderr)
         for r in runners:
             await r.cleanup()
+        spend_dir.cleanup()
         return 1
     runners.append(runner)
     base = f"http://127.0.0.1:{pport}"
@@ -170,8 +173,12 @@ async def _main(port: int, tour_only: bool) -> int:
         await _tour(base, mocks, ledger)
         if tour_only:
             return 0
+        stop = asyncio.Event()
+        # SIGTERM (`timeout`, `kill`, a service manager) ends the demo as Ctrl-C does: the finally
+        # below removes its temporary ledger.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         print(_banner(base), flush=True)
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         for r in reversed(runners):
             await r.cleanup()

@@ -23,3 +23,30 @@ def test_demo_tour_shows_routing_failover_and_spend() -> None:
     assert "pii-stays-in-eu: pii=payment_card" in out
     assert "Spend by model" in out and "TOTAL" in out and "savings vs. most expensive model" in out
     assert "Traceback" not in r.stderr
+
+
+def test_demo_stopped_by_sigterm_leaves_no_temporary_ledger(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`timeout`, `kill` or a service manager end the demo as Ctrl-C does: its ledger goes."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "demo", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        assert proc.stdout is not None
+        for line in proc.stdout:  # serving once the banner names its address
+            if "edgeroute demo is running at" in line or time.monotonic() > deadline:
+                break
+        assert list(tmp_path.glob("edgeroute-demo-*")), "the demo keeps its ledger in TMPDIR while it runs"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only the process this test started
+            proc.wait(10)
+    assert not list(tmp_path.glob("edgeroute-demo-*"))
