@@ -287,6 +287,16 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`edgeroute prices list | head`): stop quietly as Unix tools do,
+        # with stdout pointed at /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with parsers of their own get their arguments untouched (`--help` included).
     if argv and argv[0] == "bench":

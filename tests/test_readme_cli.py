@@ -76,3 +76,16 @@ def test_top_level_help_names_every_environment_variable(capsys: pytest.CaptureF
     for name in (cli.ENV_CONFIG, cli.ENV_HOST, cli.ENV_PORT, cli.ENV_LOG_LEVEL, cli.ENV_WORKERS):
         assert name in flat
     assert "EDGEROUTE_URL" in flat and "EDGEROUTE_ADMIN_KEY" in flat
+
+
+def test_a_reader_that_goes_away_gets_no_traceback() -> None:
+    """`edgeroute prices list | head -1`: the pipe closes early; the CLI stops quietly."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        f"{sys.executable} -m edgeroute prices list | head -c 1",
+        shell=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.stdout == "#"
+    assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
