@@ -9,11 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import openai
 import yaml
 
 from tests.test_cost_restart import CENT, Served
-from tests.test_cost_support import RedisServer
+from tests.test_cost_support import RedisServer, answered
 
 
 def _config(upstream: str, tmp: Path, redis_url: str, limit_usd: float = 0.10) -> Path:
@@ -30,22 +29,6 @@ def _config(upstream: str, tmp: Path, redis_url: str, limit_usd: float = 0.10) -
     return path
 
 
-async def _admitted(url: str, n: int) -> int:
-    done = 0
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
-        for _ in range(n):
-            try:
-                await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
-                )
-                done += 1
-            except openai.RateLimitError:
-                pass
-            except openai.InternalServerError:  # 503 while Redis is coming back
-                await asyncio.sleep(0.1)
-    return done
-
-
 async def test_a_budget_holds_when_redis_restarts_empty(start_upstream: Any, tmp_path: Path) -> None:
     up = await start_upstream()
     redis = RedisServer(tmp_path)
@@ -53,12 +36,12 @@ async def test_a_budget_holds_when_redis_restarts_empty(start_upstream: Any, tmp
     served = None
     try:
         served = await Served.start(_config(up.base_url, tmp_path, redis.url))
-        assert await _admitted(served.url, 6) == 6
+        assert await answered(served.url, 6) == 6
         await asyncio.sleep(0.4)  # past one flush interval
         redis.stop()  # killed: it had no persistence, so it comes back empty
         redis.start()
         # $0.06 of $0.10 spent: four more, not ten.
-        assert await _admitted(served.url, 10) == 4
+        assert await answered(served.url, 10) == 4
     finally:
         if served is not None:
             served.kill()
@@ -75,11 +58,11 @@ async def test_two_instances_read_the_budget_back_once(start_upstream: Any, tmp_
     try:
         path = _config(up.base_url, tmp_path, redis.url)
         a, b = await Served.start(path), await Served.start(path)
-        assert await _admitted(a.url, 3) + await _admitted(b.url, 3) == 6
+        assert await answered(a.url, 3) + await answered(b.url, 3) == 6
         await asyncio.sleep(0.4)
         redis.stop()
         redis.start()
-        got = await asyncio.gather(_admitted(a.url, 5), _admitted(b.url, 5))
+        got = await asyncio.gather(answered(a.url, 5), answered(b.url, 5))
         assert sum(got) == 4, got
     finally:
         for s in (a, b):
@@ -97,7 +80,7 @@ async def test_a_new_redis_starts_from_the_ledger(start_upstream: Any, tmp_path:
     path.write_text(yaml.safe_dump(plain))
     first = await Served.start(path)
     try:
-        assert await _admitted(first.url, 7) == 7
+        assert await answered(first.url, 7) == 7
         await asyncio.sleep(0.4)
     finally:
         first.kill()
@@ -106,7 +89,7 @@ async def test_a_new_redis_starts_from_the_ledger(start_upstream: Any, tmp_path:
     try:
         second = await Served.start(_config(up.base_url, tmp_path, redis.url))
         try:
-            assert await _admitted(second.url, 10) == 3
+            assert await answered(second.url, 10) == 3
         finally:
             second.kill()
     finally:

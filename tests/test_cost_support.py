@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -141,3 +142,21 @@ async def ask_status(client: openai.AsyncOpenAI, max_tokens: int = 5) -> int:
         return 200
     except openai.APIStatusError as e:
         return e.status_code
+
+
+async def answered(url: str, n: int, token: str = "unused") -> int:
+    """How many of `n` sequential chat requests (max_tokens 5) are answered; the others are
+    refused (429), or meet a store that is coming back (503: a pause, then the next)."""
+    done = 0
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0) as client:
+        for _ in range(n):
+            try:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+                )
+                done += 1
+            except openai.RateLimitError:
+                pass
+            except openai.InternalServerError:
+                await asyncio.sleep(0.1)
+    return done

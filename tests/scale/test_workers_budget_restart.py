@@ -7,24 +7,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import openai
-
 from tests.scale.support import Spawn, kill_tree
 from tests.test_cost_restart import CENT
-
-
-async def _admitted(url: str, n: int) -> int:
-    done = 0
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
-        for _ in range(n):
-            try:
-                await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
-                )
-                done += 1
-            except openai.RateLimitError:
-                pass
-    return done
+from tests.test_cost_support import answered
 
 
 async def test_workers_keep_a_budget_across_a_hard_kill(spawn: Spawn, start_upstream: Any, tmp_path: Path) -> None:
@@ -37,9 +22,9 @@ async def test_workers_keep_a_budget_across_a_hard_kill(spawn: Spawn, start_upst
         "budgets": {"limits": [{"name": "ten", "scope": "global", "limit_usd": 0.10, "period": "day"}]},
     }
     first = await spawn(cfg, "--workers", "2", name="first")
-    assert await _admitted(first.url, 15) == 10
+    assert await answered(first.url, 15) == 10
     await asyncio.sleep(0.5)  # past one flush interval
     kill_tree(first.proc.pid)
     await first.proc.wait()
     second = await spawn(cfg, "--workers", "2", name="second")
-    assert await _admitted(second.url, 5) == 0
+    assert await answered(second.url, 5) == 0
