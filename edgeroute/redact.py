@@ -212,7 +212,9 @@ def contains_secret(s: str) -> bool:
 
 # -- logs ------------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]|\n")
+# C0 and C1 controls, line and paragraph separators, and the bidi overrides and isolates
+# (which make a terminal show text in another order than it is: "Trojan source").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]|\n")
 
 
 def printable(s: str) -> str:
