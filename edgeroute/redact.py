@@ -223,6 +223,19 @@ def printable(s: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s)
 
 
+# What JSON leaves raw that a terminal acts on: C1 controls (U+009B is CSI to a terminal
+# honouring 8-bit controls), line separators and bidi controls. In a JSON string a `\u`
+# escape is the same value; JSON's structure is ASCII, so only strings hold these.
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def json_printable(encoded: str) -> str:
+    """A JSON document (orjson's output) with those characters as `\\u` escapes, for a terminal."""
+    if encoded.isascii():  # the common case, O(1) for a str
+        return encoded
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)
+
+
 def _safe_arg(a: Any) -> Any:
     if isinstance(a, str):
         return printable(a)

@@ -8,7 +8,6 @@ read the database can read everything in it, so `--content` shows stored prompts
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from typing import Any
@@ -58,14 +57,9 @@ def add_stats_parser(sub: Any) -> None:
     p.set_defaults(fn=stats)
 
 
-# JSON escapes C0 controls but passes C1 ones (U+009B is CSI to a terminal honouring 8-bit
-# controls) and bidi overrides as they are; inside a JSON string a `\u` escape is the same value.
-_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
 def _json(obj: Any, option: int = 0) -> str:
     """`obj` as JSON that cannot drive the terminal it is printed to (client text is in it)."""
-    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", orjson.dumps(obj, option=option).decode())
+    return redact.json_printable(orjson.dumps(obj, option=option).decode())
 
 
 def _params(a: argparse.Namespace, names: tuple[str, ...]) -> dict[str, str]:

@@ -19,11 +19,13 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 import yaml
 
-from tests.conftest import eventually
+from tests.conftest import eventually, wait_ready
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
+from tests.test_serve import free_port
 
 # ESC-based (7-bit) and C1 (8-bit) sequences, a line break with a forged row, and a bidi override.
 EVIL = "x\x1b]0;owned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\x9d0;t\x9c\n2026-01-01 forged row\u202eabc"
@@ -90,3 +92,38 @@ async def test_terminal_injection_through_edgeroute_logs_json_outputs(start_upst
     assert orjson.loads(lines.splitlines()[-1])["model"] == EVIL
     table = await _cli("logs", "-c", str(path))
     _assert_inert(table)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_terminal_injection_through_the_decision_log(
+    start_upstream: Any, tmp_path: Path, log_format: str
+) -> None:
+    """`edgeroute serve` with the decision log on, in a terminal: the decision line (JSON in
+    either format) names the client's model; it reaches stderr without raw controls, one line."""
+    good = await start_upstream()
+    port = free_port()
+    cfg = _two_upstream_config(good.base_url, good.base_url, tmp_path / "log.db",
+                               server={"port": port, "decision_log": True, "log_format": log_format})  # fmt: skip
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, proc=proc)
+        async with aiohttp.ClientSession() as s:
+            body = {"model": EVIL, "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(url + "/v1/chat/completions", data=orjson.dumps(body),
+                              headers={"Content-Type": "application/json"}) as r:  # fmt: skip
+                assert r.status == 404
+            await asyncio.sleep(0.3)  # the decision line is written on the next loop turn
+    finally:
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    log = err.decode()
+    decisions = [line for line in log.splitlines() if '"request_id"' in line and "owned" in line]
+    assert len(decisions) == 1, log
+    _assert_inert(log)
+    assert orjson.loads(decisions[0])["model"] == EVIL  # the same value, escaped
