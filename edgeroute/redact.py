@@ -212,13 +212,28 @@ def contains_secret(s: str) -> bool:
 
 # -- logs ------------------------------------------------------------------------------------
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]|\n")
+# C0 and C1 controls, line and paragraph separators, and the bidi overrides and isolates
+# (which make a terminal show text in another order than it is: "Trojan source").
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]|\n")
 
 
 def printable(s: str) -> str:
     """Control characters as visible escapes: one event stays one line, no terminal codes
     (for anything that writes client-chosen text to a log or a terminal)."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), s)
+
+
+# What JSON leaves raw that a terminal acts on: C1 controls (U+009B is CSI to a terminal
+# honouring 8-bit controls), line separators and bidi controls. In a JSON string a `\u`
+# escape is the same value; JSON's structure is ASCII, so only strings hold these.
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def json_printable(encoded: str) -> str:
+    """A JSON document (orjson's output) with those characters as `\\u` escapes, for a terminal."""
+    if encoded.isascii():  # the common case, O(1) for a str
+        return encoded
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", encoded)
 
 
 def _safe_arg(a: Any) -> Any:

@@ -59,8 +59,10 @@ def may_read_content(request: web.Request) -> bool:
 async def admin_request(request: web.Request) -> web.Response:
     db = _db(request)
     rid = request.match_info["id"]
-    if len(rid) > 256:
-        raise ProxyError(400, "Invalid parameter id: longer than 256 characters", code="invalid_parameter", param="id")
+    if len(rid) > 256 or "\x00" in rid:  # PostgreSQL refuses NUL in text: a 500, not a 404
+        raise ProxyError(
+            400, "Invalid parameter id: longer than 256 characters or with a NUL", code="invalid_parameter", param="id"
+        )
     found = await asyncio.to_thread(query.get_request, db, rid, may_read_content(request))
     if found is None:
         raise ProxyError(404, f"No request {rid!r} in the request log.", code="request_not_found")

@@ -57,6 +57,11 @@ def add_stats_parser(sub: Any) -> None:
     p.set_defaults(fn=stats)
 
 
+def _json(obj: Any, option: int = 0) -> str:
+    """`obj` as JSON that cannot drive the terminal it is printed to (client text is in it)."""
+    return redact.json_printable(orjson.dumps(obj, option=option).decode())
+
+
 def _params(a: argparse.Namespace, names: tuple[str, ...]) -> dict[str, str]:
     return {n: str(getattr(a, n)) for n in names if getattr(a, n, None) is not None}
 
@@ -76,7 +81,7 @@ def _cell(r: dict[str, Any], col: str) -> str:
 
 def _line(r: dict[str, Any], fmt: str) -> str:
     if fmt == "jsonl":
-        return orjson.dumps(r).decode()
+        return _json(r)
     return "  ".join(_cell(r, c).ljust(w)[: max(w, len(_cell(r, c)))] for c, w in _COLUMNS).rstrip()
 
 
@@ -94,7 +99,7 @@ def logs(a: argparse.Namespace) -> int:
             if found is None:
                 print(f"error: no request {a.id!r} in the request log", file=sys.stderr)
                 return 1
-            print(orjson.dumps(found, option=orjson.OPT_INDENT_2).decode())
+            print(_json(found, orjson.OPT_INDENT_2))
             return 0
         q = {**_params(a, _FILTERS), "limit": a.limit}
         page = query.list_requests(backend, q)
@@ -154,7 +159,7 @@ def stats(a: argparse.Namespace) -> int:
     finally:
         backend.close()
     if a.format == "json":
-        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        print(_json(out, orjson.OPT_INDENT_2))
         return 0
     cols = ["requests", "success_rate", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "prompt_tokens",
             "completion_tokens", "cost_usd", "savings_usd"]  # fmt: skip
@@ -180,4 +185,4 @@ def _stat(v: Any, col: str) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(v))
     if isinstance(v, float):
         return f"{v:.6f}" if col.endswith("usd") or col == "success_rate" else f"{v:.1f}"
-    return str(v)
+    return redact.printable(str(v))  # a group may be a client-chosen model name

@@ -22,6 +22,7 @@ from edgeroute.requestlog import rollup
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
 MAX_STATS_POINTS = 10_000  # groups are few; buckets x groups stay a dashboard's worth
+MAX_BUCKET_S = 3660 * 86400  # the longest retention; a longer bucket would overflow the answer's 64-bit `t`
 
 
 class Readable(Protocol):
@@ -72,9 +73,11 @@ def time_range(q: Mapping[str, str], now: float, default_since: float | None) ->
 
 
 def _check_known(q: Mapping[str, str], known: frozenset[str]) -> None:
-    for k in q:
+    for k, v in q.items():
         if k not in known:
             raise BadParam(k, f"unknown parameter; known: {', '.join(sorted(known))}")
+        if "\x00" in v:  # PostgreSQL refuses NUL in text (a 500), SQLite would take it: one answer
+            raise BadParam(k, "contains a NUL character")
 
 
 def _whole(value: str) -> bool:
@@ -133,7 +136,7 @@ def _encode_cursor(ts: float, rid: str) -> str:
 def _decode_cursor(value: str) -> tuple[float, str]:
     try:
         ts, rid = orjson.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
-        if isinstance(ts, (int, float)) and isinstance(rid, str):
+        if isinstance(ts, (int, float)) and isinstance(rid, str) and "\x00" not in rid:
             return float(ts), rid
     except (ValueError, TypeError, orjson.JSONDecodeError):
         pass
@@ -241,6 +244,8 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
     if (b := q.get("bucket")) is not None:
         if not _whole(b) or int(b) < 60 or int(b) % 60:
             raise BadParam("bucket", f"{b!r}: seconds, a whole number of minutes (60, 300, 3600, ...)")
+        if int(b) > MAX_BUCKET_S:
+            raise BadParam("bucket", f"{b}: at most {MAX_BUCKET_S} seconds")
         step = int(b) // 60
         if (last - first) / step > MAX_STATS_POINTS:
             raise BadParam("bucket", f"{b}s over this range makes more than {MAX_STATS_POINTS} buckets")

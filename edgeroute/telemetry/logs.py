@@ -65,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = record.exc_text
         elif record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        return redact.json_printable(orjson.dumps(out, default=str).decode())  # fields may hold client text
 
 
 class TextFormatter(logging.Formatter):
@@ -77,7 +77,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         if record.name == _DECISIONS and isinstance(fields, dict):
-            return orjson.dumps(fields, default=str).decode()
+            return redact.json_printable(orjson.dumps(fields, default=str).decode())  # a client's model name
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
         return super().format(record)

@@ -36,7 +36,13 @@ from edgeroute.background import lower_priority
 from edgeroute.config import Config
 from edgeroute.state import Live
 from edgeroute.telemetry.settings import Tracing as TracingSettings
-from edgeroute.telemetry.trace_context import TraceContext, new_span_id, new_trace_id, parse_traceparent
+from edgeroute.telemetry.trace_context import (
+    TraceContext,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+    valid_tracestate,
+)
 
 # `gen_ai.system` by provider kind (OpenTelemetry's well-known values).
 GEN_AI_SYSTEM = {
@@ -144,10 +150,10 @@ class Tracer:
                 return None
             return TraceContext(new_trace_id(), new_span_id(), 0, True)
         trace_id, parent_id, sampled = parent
-        state = headers.get("tracestate")
-        state = state if state and len(state) <= 512 and state.isprintable() else None
+        state = valid_tracestate(headers.get("tracestate"))
         if not sampled:
-            return TraceContext(trace_id, 0, parent_id, False, raw, state)
+            # Re-written, not relayed: a future version may carry any text after the flags.
+            return TraceContext(trace_id, 0, parent_id, False, f"00-{trace_id}-{parent_id:016x}-00", state)
         return TraceContext(trace_id, new_span_id(), parent_id, True, None, state)
 
     # -- after the request ---------------------------------------------------------------------

@@ -8,9 +8,12 @@ spans themselves are built after the request, from its records (`tracing`).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 _HEX = frozenset("0123456789abcdef")
+# A tracestate list member (W3C trace context): `key=value`, ASCII, value without `,` or `=`.
+_MEMBER = re.compile(r"[a-z0-9][a-z0-9_\-*/@]{0,255}=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
 
 
 def parse_traceparent(value: str | None) -> tuple[str, int, bool] | None:
@@ -29,6 +32,18 @@ def parse_traceparent(value: str | None) -> tuple[str, int, bool] | None:
     return trace, span_id, bool(int(flags, 16) & 1)
 
 
+def valid_tracestate(value: str | None) -> str | None:
+    """`value` when it is a well-formed tracestate (at most 512 characters, 32 members), else
+    None: it goes to every upstream, so it is the client's text only in the form W3C allows."""
+    if not value or len(value) > 512:
+        return None
+    members = [m.strip(" \t") for m in value.split(",")]
+    present = [m for m in members if m]
+    if not present or len(present) > 32 or not all(_MEMBER.fullmatch(m) for m in present):
+        return None
+    return value
+
+
 def new_span_id() -> int:
     return random.getrandbits(64) or 1
 
@@ -43,7 +58,7 @@ class TraceContext:
     span_id: int  # the request's span (0 when not sampled)
     parent_span_id: int  # the client's span, 0 without one
     sampled: bool
-    client_header: str | None = None  # forwarded unchanged when we do not sample
+    client_header: str | None = None  # the client's context as version 00, forwarded when we do not sample
     tracestate: str | None = None
 
     def inject(self, headers: dict[str, str]) -> int:

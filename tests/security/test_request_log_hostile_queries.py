@@ -1,0 +1,72 @@
+"""The request log's read API under hostile values, on SQLite and PostgreSQL alike: every
+value is a 200 or a 400 naming its parameter, never a 500 (an error the operator's console
+shows as "Internal error", and a traceback in the proxy's log for each call).
+
+- A NUL byte (`%00`) in a filter, a cursor or a request id: PostgreSQL refuses NUL in text
+  (psycopg's DataError, a 500), SQLite compares it as any other character.
+- A bucket past 64 bits: the answer's `t` and `bucket` could not be encoded (a 500).
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+
+from tests.conftest import eventually, simple_config
+from tests.test_cost_support import cost_proxy, require_postgres
+
+
+def _cursor(ts: float, rid: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([ts, rid])).decode().rstrip("=")
+
+
+def _ledger(backend: str, tmp_path: Path) -> dict[str, Any]:
+    if backend == "postgres":
+        return {"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.05}
+    return {"path": str(tmp_path / "log.db"), "flush_interval": 0.05}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_hostile_request_log_queries_are_a_400_on_every_backend(
+    start_upstream: Any, tmp_path: Path, backend: str
+) -> None:
+    up = await start_upstream()
+    cfg = simple_config({"a": up}, ledger=_ledger(backend, tmp_path))
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await client.close()
+
+        async def logged() -> list[dict[str, Any]]:
+            async with s.get(proxy.url + "/admin/requests?since=1h") as r:
+                return list((await r.json())["data"])
+
+        rid = (await eventually(logged, "the request in the log"))[0]["id"]
+        for path, param in (
+            ("/admin/requests?model=a%00b", "model"),
+            ("/admin/requests?key=%00", "key"),
+            ("/admin/requests?team=t%00", "team"),
+            ("/admin/requests?deployment=%00", "deployment"),
+            ("/admin/requests?error_class=%00", "error_class"),
+            ("/admin/requests?rule=%00", "rule"),
+            (f"/admin/requests?cursor={_cursor(1e10, 'a' + chr(0))}", "cursor"),
+            ("/admin/stats?bucket=6000000000000000000000000000", "bucket"),
+            ("/admin/stats?bucket=18446744073709551616", "bucket"),
+        ):
+            async with s.get(proxy.url + path) as r:
+                body = await r.json()
+                assert (r.status, body["error"]["param"]) == (400, param), (path, body)
+        async with s.get(proxy.url + "/admin/requests/" + rid + "%00") as r:
+            assert r.status == 400, await r.text()
+            assert (await r.json())["error"]["param"] == "id"
+        # What these values guard did not stop ordinary reads.
+        async with s.get(proxy.url + "/admin/requests/" + rid) as r:
+            assert r.status == 200 and (await r.json())["id"] == rid
+        async with s.get(proxy.url + "/admin/stats?since=1h&bucket=3600") as r:
+            assert r.status == 200 and (await r.json())["totals"]["requests"] >= 1
