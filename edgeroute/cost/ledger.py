@@ -434,6 +434,11 @@ class _Held:
         )
 
 
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 class Ledger:
     """A `Recorder` that writes to a backend from a thread, in batches.
 
@@ -659,6 +664,11 @@ class Ledger:
             return None
 
     def _rows(self, r: RequestRecord, row_id: str, log_row: bool = True) -> _Pending:
+        # A client's own text (the model it asked for, its `user`) may hold a NUL, which
+        # PostgreSQL refuses in text: the whole batch would be refused and written again row by
+        # row, and the request set aside, out of the request log.
+        r.model = _no_nul(r.model)
+        r.user = _no_nul(r.user) if r.user is not None else None
         p, c, cached, est = _tokens(r.usage)
         base = self.baseline.get(r.route)
         baseline = cost_of(base, r.usage, r.started) if base is not None and r.usage is not None else r.cost_usd

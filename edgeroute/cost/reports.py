@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from edgeroute import redact
 from edgeroute.cost.ledger import Backend
 from edgeroute.errors import ProxyError
 
@@ -94,14 +95,16 @@ def spend(backend: Backend, by: str = "key", since: float | None = None) -> dict
 def render(report: dict[str, Any], fmt: str) -> str:
     by = report["by"]
     cols = [by, *FIELDS]
+    # A group's name may be a client's text (the model a refused request asked for): it must
+    # not drive the operator's terminal, nor be a formula in a spreadsheet.
     if fmt == "json":
-        return orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+        return redact.json_printable(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(cols)
         for r in report["rows"]:
-            w.writerow([r[c] for c in cols])
+            w.writerow([_csv_cell(r[c]) for c in cols])
         return buf.getvalue()
     cells = [[str(c) for c in cols]]
     for r in [*report["rows"], {by: "TOTAL", **report["total"]}]:
@@ -121,7 +124,15 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.6f}"
-    return str(v)
+    return redact.printable(str(v))
+
+
+def _csv_cell(v: Any) -> Any:
+    """Text as a spreadsheet shows it, never runs it: a leading = + - @ (or tab, CR) is quoted."""
+    if not isinstance(v, str):
+        return v
+    v = redact.printable(v)
+    return "'" + v if v.startswith(("=", "+", "-", "@", "\t", "\r")) else v
 
 
 LEDGER = web.AppKey("ledger_backend", Backend)
