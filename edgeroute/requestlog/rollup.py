@@ -33,6 +33,7 @@ from typing import Any
 
 from edgeroute.accounting import RequestRecord
 
+UNROUTED = "(unrouted)"  # the stats' model for requests no route served (the request log keeps the name)
 REQUEST_DIMS = ("model", "rule", "policy", "task", "variant", "team", "key")
 ATTEMPT_DIMS = ("deployment", "provider")
 DIMS = ("none", *REQUEST_DIMS, *ATTEMPT_DIMS)
@@ -112,7 +113,10 @@ def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[i
         cost = rec.cost_usd
         lb = _LAT0 + bucket(rec.latency_ms)
         tb = 0 if rec.ttft_ms is None else _TTFT0 + bucket(rec.ttft_ms)
-        values = ("*", rec.model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
+        # A model no route serves is a client's free text: one value for all, or a client
+        # naming a new model with each refused request grows the rollups without bound.
+        model = rec.model if rec.route else UNROUTED
+        values = ("*", model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
         for dim, value in zip(_SIG_DIMS, values, strict=True):
             key = (dim, value or "", minute)
             r = get(key)

@@ -70,3 +70,25 @@ async def test_hostile_request_log_queries_are_a_400_on_every_backend(
             assert r.status == 200 and (await r.json())["id"] == rid
         async with s.get(proxy.url + "/admin/stats?since=1h&bucket=3600") as r:
             assert r.status == 200 and (await r.json())["totals"]["requests"] >= 1
+
+
+async def test_new_model_names_do_not_grow_the_stats(start_upstream: Any, tmp_path: Path) -> None:
+    """A client naming a new model with each refused request: the request log keeps each name,
+    the stats count them under one value (they grew by ~2.3 KB of rollup rows per name)."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up}, ledger={"path": str(tmp_path / "log.db"), "flush_interval": 0.1})
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        for i in range(40):
+            body = {"model": f"made-up-{i}", "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 404
+
+        async def by_model() -> list[dict[str, Any]]:
+            async with s.get(proxy.url + "/admin/stats?group_by=model&since=1h") as r:
+                rows = [row for row in (await r.json())["rows"] if row["requests"]]
+                return rows if sum(row["requests"] for row in rows) >= 40 else []
+
+        rows = await eventually(by_model, "40 refused requests in the stats")
+        assert [(row["group"], row["requests"], row["errors"]) for row in rows] == [("(unrouted)", 40, 40)]
+        async with s.get(proxy.url + "/admin/requests?limit=50&model=made-up-7") as r:
+            assert [d["model"] for d in (await r.json())["data"]] == ["made-up-7"]
