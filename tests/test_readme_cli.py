@@ -89,3 +89,32 @@ def test_a_reader_that_goes_away_gets_no_traceback() -> None:
     )  # fmt: skip
     assert r.stdout == "#"
     assert "Traceback" not in r.stderr and "BrokenPipeError" not in r.stderr, r.stderr
+
+
+def test_logs_and_stats_take_the_config_from_the_environment(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """As `serve`, `check` and `spend` do: `EDGEROUTE_CONFIG` names the file, `-c` wins."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {
+        "providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}},
+        "deployments": {"d": {"provider": "a", "model": "x"}},
+        "models": {"m": {"deployments": ["d"]}},
+        "ledger": {"path": str(tmp_path / "l.db")},
+    }
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "EDGEROUTE_CONFIG": str(path)}
+    for cmd in (["logs", "--format", "jsonl"], ["stats"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "edgeroute", *cmd], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert f"{path}: the ledger" in r.stderr, (cmd, r.stderr)  # read that config (no ledger written yet)
+    env.pop("EDGEROUTE_CONFIG")
+    r = subprocess.run(
+        [sys.executable, "-m", "edgeroute", "stats"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "--config" in r.stderr

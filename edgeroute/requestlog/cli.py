@@ -8,6 +8,7 @@ read the database can read everything in it, so `--content` shows stored prompts
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -33,9 +34,18 @@ _FILTER_HELP = {
 }
 
 
+def _config_option(p: argparse.ArgumentParser) -> None:
+    """`--config/-c`, required unless EDGEROUTE_CONFIG names the file (as for `serve`)."""
+    default = os.environ.get("EDGEROUTE_CONFIG") or None
+    p.add_argument(
+        "--config", "-c", default=default, required=default is None,
+        help="the YAML config file, its ledger holds the log (default: $EDGEROUTE_CONFIG)",
+    )  # fmt: skip
+
+
 def add_logs_parser(sub: Any) -> None:
     p = sub.add_parser("logs", help="the request log: filtered, paged or followed (table or JSON lines)")
-    p.add_argument("--config", "-c", required=True, help="the YAML config file (its ledger holds the log)")
+    _config_option(p)
     for f in _FILTERS:
         p.add_argument(f"--{f.replace('_', '-')}", dest=f, help=_FILTER_HELP.get(f, f"only records with this {f}"))
     p.add_argument("--limit", default="50", help="records to show (up to 500); with --follow, the backlog")
@@ -48,7 +58,7 @@ def add_logs_parser(sub: Any) -> None:
 
 def add_stats_parser(sub: Any) -> None:
     p = sub.add_parser("stats", help="requests, success rate, latency percentiles, tokens, cost per group")
-    p.add_argument("--config", "-c", required=True, help="the YAML config file (its ledger holds the log)")
+    _config_option(p)
     p.add_argument("--since", default="24h", help=_FILTER_HELP["since"] + " (default 24h)")
     p.add_argument("--until", help=_FILTER_HELP["until"])
     p.add_argument("--group-by", dest="group_by", default="none", help=", ".join(query.GROUPS))
