@@ -289,7 +289,11 @@ class RedisState:
             raise StoreUnavailable("reading budgets back from the ledger took too long") from None
 
     async def _read_and_seed(self) -> None:
-        spent = await self.spent_from_ledger() if self.spent_from_ledger is not None else {}
+        try:
+            spent = await self.spent_from_ledger() if self.spent_from_ledger is not None else {}
+        except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
+            log.exception("shared state: could not read budgets back from the ledger")
+            raise StoreUnavailable(f"the ledger could not be read ({type(e).__name__})") from None
         if await self.seed(spent):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
