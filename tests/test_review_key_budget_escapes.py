@@ -86,3 +86,30 @@ async def test_a_budget_given_later_on_a_second_instance_counts_the_month_so_far
     finally:
         a.kill()
         b.kill()
+
+
+async def test_a_budgeted_key_cannot_take_over_a_key_outside_its_budget(start_upstream: Any, tmp_path: Path) -> None:
+    """PATCH checks only the key's new fields against the caller's scope, not the key it
+    changes (revoke and rotate check `_within_scope`): a key held to $0.05 PATCHes the
+    operator's unbudgeted key down to $0.05, which brings it within its scope, rotates it and
+    holds its secret. That key has no parent: its spend is outside the $0.05 — and it was
+    another holder's key."""
+    up = await start_upstream()
+    served = await Served.start(_config(up.base_url, tmp_path))
+    try:
+        boss = await _key(served.url, ADMIN, role="admin", budget_usd=0.05)
+        other = await _key(served.url, ADMIN, role="admin")  # the operator's, for someone else
+        assert await _admitted(served.url, boss["secret"], 6) == 5  # the boss's budget is spent
+        status, _ = await call(
+            "PATCH", served.url + f"/admin/keys/{other['id']}", boss["secret"], json={"budget_usd": 0.05}
+        )
+        if status == 200:
+            status, taken = await call(
+                "POST", served.url + f"/admin/keys/{other['id']}/rotate", boss["secret"], json={}
+            )
+            if status == 200:
+                spent = await _admitted(served.url, taken["secret"], 3)
+                raise AssertionError(f"a $0.05 key took over an unrelated key and spent {spent} more requests")
+        assert status == 403
+    finally:
+        served.kill()
