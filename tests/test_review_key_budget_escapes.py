@@ -1,0 +1,115 @@
+"""Review of this session's money changes: ways a managed key's spend escapes a budget.
+Real `edgeroute serve` processes, real Redis, the openai SDK as client, $0.01 a request.
+Each test fails on `main` at 28b4b14 and states the finding it shows."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.governance_support import call
+from tests.test_cost_restart import Served
+from tests.test_cost_support import require_redis
+from tests.test_key_budgets import ADMIN, _admitted, _config, _key, _known
+
+
+async def test_a_key_deeper_than_32_levels_escapes_the_root_budget(start_upstream: Any, tmp_path: Path) -> None:
+    """`_budgets_of` stops after 32 keys (MAX_DEPTH) but nothing stops a chain from growing
+    deeper: a key held to $0.05 builds a chain of 32 keys under it, and the last one (with its
+    own $0.05, as check_scope demands) spends with the root's budget long exhausted."""
+    up = await start_upstream()
+    served = await Served.start(_config(up.base_url, tmp_path))
+    try:
+        root = await _key(served.url, ADMIN, role="admin", budget_usd=0.05)
+        assert await _admitted(served.url, root["secret"], 6) == 5  # the root's budget is spent
+        holder = root
+        for _ in range(32):
+            holder = await _key(served.url, holder["secret"], role="admin", budget_usd=0.05)
+        # The root's $0.05 is gone: no key below it may spend a cent more.
+        assert await _admitted(served.url, holder["secret"], 3) == 0, "a deep key spent past its root's budget"
+    finally:
+        served.kill()
+
+
+async def test_a_budget_given_later_on_redis_counts_the_month_so_far(start_upstream: Any, tmp_path: Path) -> None:
+    """`_count_key_budget` reads the month so far into the in-process counters only
+    (`CostControl.restore` -> `local_budgets.add_read_back`); with Redis up, admission reads
+    Redis, whose new counter starts at 0: a key that spent $0.03 then given $0.05 gets five
+    more requests, not two. (The test without Redis, in test_key_budgets.py, passes.)"""
+    redis_url = require_redis()
+    up = await start_upstream()
+    path = _config(up.base_url, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["shared_state"] = {"redis_url": redis_url, "prefix": f"rv-{uuid.uuid4().hex[:8]}", "on_unavailable": "closed"}
+    path.write_text(yaml.safe_dump(cfg))
+    served = await Served.start(path)
+    try:
+        key = await _key(served.url, ADMIN)
+        assert await _admitted(served.url, key["secret"], 3) == 3
+        await asyncio.sleep(0.4)  # written to the ledger
+        status, _ = await call("PATCH", served.url + f"/admin/keys/{key['id']}", ADMIN, json={"budget_usd": 0.05})
+        assert status == 200
+        await asyncio.sleep(0.5)  # the key poll sees the change
+        assert await _admitted(served.url, key["secret"], 1) == 1  # the first request seen with it
+        await asyncio.sleep(0.5)  # the month so far, read back in the background
+        assert await _admitted(served.url, key["secret"], 5) == 1, "the $0.03 spent before the budget was forgotten"
+    finally:
+        served.kill()
+
+
+async def test_a_budget_given_later_on_a_second_instance_counts_the_month_so_far(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """The same on two instances sharing Redis, whichever instance serves the key."""
+    redis_url = require_redis()
+    up = await start_upstream()
+    path = _config(up.base_url, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["shared_state"] = {"redis_url": redis_url, "prefix": f"rv-{uuid.uuid4().hex[:8]}", "on_unavailable": "closed"}
+    path.write_text(yaml.safe_dump(cfg))
+    a, b = await Served.start(path), await Served.start(path)
+    try:
+        key = await _key(a.url, ADMIN)
+        assert await _admitted(a.url, key["secret"], 3) == 3
+        await asyncio.sleep(0.4)
+        status, _ = await call("PATCH", a.url + f"/admin/keys/{key['id']}", ADMIN, json={"budget_usd": 0.05})
+        assert status == 200
+        await asyncio.sleep(0.6)
+        assert await _known(b.url, key["secret"])
+        assert await _admitted(b.url, key["secret"], 1) == 1
+        await asyncio.sleep(0.5)
+        assert await _admitted(b.url, key["secret"], 5) == 1, "the $0.03 spent before the budget was forgotten"
+    finally:
+        a.kill()
+        b.kill()
+
+
+async def test_a_budgeted_key_cannot_take_over_a_key_outside_its_budget(start_upstream: Any, tmp_path: Path) -> None:
+    """PATCH checks only the key's new fields against the caller's scope, not the key it
+    changes (revoke and rotate check `_within_scope`): a key held to $0.05 PATCHes the
+    operator's unbudgeted key down to $0.05, which brings it within its scope, rotates it and
+    holds its secret. That key has no parent: its spend is outside the $0.05 — and it was
+    another holder's key."""
+    up = await start_upstream()
+    served = await Served.start(_config(up.base_url, tmp_path))
+    try:
+        boss = await _key(served.url, ADMIN, role="admin", budget_usd=0.05)
+        other = await _key(served.url, ADMIN, role="admin")  # the operator's, for someone else
+        assert await _admitted(served.url, boss["secret"], 6) == 5  # the boss's budget is spent
+        status, _ = await call(
+            "PATCH", served.url + f"/admin/keys/{other['id']}", boss["secret"], json={"budget_usd": 0.05}
+        )
+        if status == 200:
+            status, taken = await call(
+                "POST", served.url + f"/admin/keys/{other['id']}/rotate", boss["secret"], json={}
+            )
+            if status == 200:
+                spent = await _admitted(served.url, taken["secret"], 3)
+                raise AssertionError(f"a $0.05 key took over an unrelated key and spent {spent} more requests")
+        assert status == 403
+    finally:
+        served.kill()

@@ -1,0 +1,63 @@
+"""Review of this session's money changes: Redis that loses its budgets is read back from the
+ledger by the first instance that notices (`RedisState._reseed`), from what the ledger holds
+*then*. Another instance's spend of its last flush interval is still in its own queue: not in
+the ledger the seed reads, and its settlements found no counter (SETTLE no longer recreates
+one), so that spend never reaches Redis though no process crashed. Real servers, real Redis
+(127.0.0.1:6379, a prefix of this test's own, its keys deleted as FLUSHDB would)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+import yaml
+
+from tests.test_cost_restart import CENT, Served
+from tests.test_cost_support import answered, require_redis
+
+
+async def test_a_second_instances_unflushed_spend_is_counted_after_redis_loses_budgets(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A spends $0.06 of a shared $0.10 budget; Redis then loses its keys (FLUSHDB, a restart
+    without persistence) and B is the first to notice: four more fit in all, not ten. A is
+    paused (SIGSTOP) from its last answer until B has read the ledger back, so that its flush
+    (every second, the most the config allows) comes after B's read-back, as it does whenever
+    A answered within its last flush interval; then A runs on and writes its rows, too late."""
+    redis_url = require_redis()
+    up = await start_upstream()
+    prefix = f"rv-{uuid.uuid4().hex[:8]}"
+    cfg: dict[str, Any] = {
+        "providers": {"a": {"base_url": up.base_url}},
+        "deployments": {"d-a": {"provider": "a", "model": "gpt-4o-mini", "price": CENT}},
+        "models": {"m": {"deployments": ["d-a"]}},
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 1.0},
+        "budgets": {"limits": [{"name": "ten", "scope": "global", "limit_usd": 0.10, "period": "day"}]},
+        "shared_state": {"redis_url": redis_url, "prefix": prefix, "on_unavailable": "closed"},
+    }
+    path_a, path_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    path_a.write_text(yaml.safe_dump(cfg))
+    cfg["ledger"]["flush_interval"] = 0.1
+    path_b.write_text(yaml.safe_dump(cfg))
+    a, b = await Served.start(path_a), await Served.start(path_b)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert await answered(a.url, 6) == 6
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        lost = list(client.scan_iter(f"{prefix}:*"))
+        assert lost, "the budget's counter and marker are in Redis"
+        client.delete(*lost)
+        assert await answered(b.url, 1) == 1  # B reads the ledger back: A's rows are not there yet
+        os.kill(a.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(1.5)  # A writes its rows to the ledger
+        assert await answered(b.url, 10) == 3, "A's spend not yet in the ledger at the read-back was never counted"
+    finally:
+        client.close()
+        os.kill(a.proc.pid, signal.SIGCONT)
+        a.kill()
+        b.kill()

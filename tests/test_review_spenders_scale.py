@@ -1,0 +1,35 @@
+"""Review of this session's money changes: `ManagedKeys.spenders` builds the whole parent ->
+children map on every call, and `CostControl._spenders` calls it once per budgeted key: at
+start (`restore_at_start`, in a thread: the server is not ready meanwhile) and on every read-back
+into a Redis that lost its budgets (`_spent_now`, on the event loop: every request waits).
+Quadratic in the number of keys: 8,000 budgeted keys took 2.6 s here, 32,000 would take ~40 s.
+Real keys in a real governance store (SQLite), the product's own functions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgeroute.governance import keys as K
+from edgeroute.governance.store import GovStore
+
+
+def _every_budgets_spenders(n: int, tmp: Path) -> float:
+    """Seconds to find the spenders of every budget among `n` budgeted keys (as `_spenders`)."""
+    store = GovStore("sqlite", str(tmp / f"gov-{n}.db"))
+    for _ in range(n):
+        K.create(store, K.KeyFields(budget_usd=1.0), "test")
+    managed = K.ManagedKeys(store)
+    managed.load()
+    budgets = managed.budgets()
+    assert len(budgets) == n
+    started = time.perf_counter()
+    for b in budgets:
+        assert managed.spenders(b.match or "") == [b.match]
+    return time.perf_counter() - started
+
+
+def test_the_spenders_of_every_budget_take_time_linear_in_the_keys(tmp_path: Path) -> None:
+    small, large = _every_budgets_spenders(1000, tmp_path), _every_budgets_spenders(4000, tmp_path)
+    # Linear: x4 (x8 leaves room for a busy machine); quadratic: x16.
+    assert large < 8 * small, f"1,000 keys: {small:.3f} s, 4,000 keys: {large:.3f} s"
