@@ -93,6 +93,12 @@ async def test_keys_made_by_a_budgeted_key_spend_its_budget_together(start_upstr
         two = await _key(first.url, boss["secret"], budget_usd=0.05)
         grandchild = await _key(first.url, one["secret"], budget_usd=0.05)
         assert one["parent"] == boss["id"] and grandchild["parent"] == one["id"]
+        # A key manages itself and the keys below it only: not its parent, nor a sibling.
+        for target in (boss, two):
+            status, err = await call("POST", first.url + f"/admin/keys/{target['id']}/rotate", one["secret"], json={})
+            assert status == 403 and "only itself and the keys below it" in err["error"]["message"], err
+        status, _ = await call("PATCH", first.url + f"/admin/keys/{grandchild['id']}", one["secret"], json={"rpm": 5})
+        assert status == 200
         assert await _admitted(first.url, one["secret"], 2) == 2
         assert await _admitted(first.url, grandchild["secret"], 1) == 1  # counts for one and boss
         assert await _admitted(first.url, two["secret"], 5) == 2

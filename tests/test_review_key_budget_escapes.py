@@ -17,18 +17,29 @@ from tests.test_cost_support import require_redis
 from tests.test_key_budgets import ADMIN, _admitted, _config, _key, _known
 
 
-async def test_a_key_deeper_than_32_levels_escapes_the_root_budget(start_upstream: Any, tmp_path: Path) -> None:
-    """`_budgets_of` stops after 32 keys (MAX_DEPTH) but nothing stops a chain from growing
-    deeper: a key held to $0.05 builds a chain of 32 keys under it, and the last one (with its
-    own $0.05, as check_scope demands) spends with the root's budget long exhausted."""
+async def test_a_chain_of_keys_is_bounded_and_its_deepest_key_spends_within_the_root_budget(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A key held to $0.05 builds a chain of keys under it: the chain stops at MAX_DEPTH levels
+    (a 403 that says so: each level adds a budget to every request), and its deepest key, with
+    its own $0.05 as check_scope demands, spends nothing once the root's budget is gone. (It
+    spent three more requests when the ancestors followed stopped at 32 and chains did not.)"""
+    from edgeroute.governance.keys import MAX_DEPTH
+
     up = await start_upstream()
     served = await Served.start(_config(up.base_url, tmp_path))
     try:
         root = await _key(served.url, ADMIN, role="admin", budget_usd=0.05)
         assert await _admitted(served.url, root["secret"], 6) == 5  # the root's budget is spent
-        holder = root
-        for _ in range(32):
-            holder = await _key(served.url, holder["secret"], role="admin", budget_usd=0.05)
+        holder, depth = root, 1
+        while True:
+            status, made = await call(
+                "POST", served.url + "/admin/keys", holder["secret"], json={"role": "admin", "budget_usd": 0.05}
+            )
+            if status != 201:
+                break
+            holder, depth = made, depth + 1
+        assert (status, depth) == (403, MAX_DEPTH) and "levels" in made["error"]["message"], made
         # The root's $0.05 is gone: no key below it may spend a cent more.
         assert await _admitted(served.url, holder["secret"], 3) == 0, "a deep key spent past its root's budget"
     finally:

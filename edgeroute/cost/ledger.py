@@ -434,7 +434,6 @@ class _Held:
         )
 
 
-
 def _no_nul(text: str) -> str:
     return text.replace("\x00", "\ufffd") if "\x00" in text else text
 

@@ -168,7 +168,6 @@ async def relay_stream(
     return out
 
 
-
 async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[[Usage], None]) -> Usage:
     """The usage of a stream that carried none, counted from its text; in a worker thread past
     `OFF_LOOP_BYTES` (a megabyte of events took ~80 ms of the event loop).

@@ -270,6 +270,11 @@ async def create_key(request: web.Request) -> web.Response:
     K.check_scope(creator, creator_raw, f)
     actor = actor_of(request)
     parent = creator.key if creator_raw is not None else None  # created by a managed key
+    if parent is not None and managed.depth(parent) >= K.MAX_DEPTH:
+        raise ProxyError(
+            403, f"Keys can be created at most {K.MAX_DEPTH} levels below a key from the config.",
+            code="permission_denied",
+        )  # fmt: skip
     data, token = await asyncio.to_thread(K.create, managed.store, f, actor, parent)
     await asyncio.to_thread(managed.load)
     out = K.public(data)
@@ -318,6 +323,7 @@ async def update_key(request: web.Request) -> web.Response:
     current = await asyncio.to_thread(managed.store.get_key, key_id)
     if current is None:
         raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+    await _within_scope(request, managed, key_id, "change")
     merged = {k: current.get(k) for k in K.KeyFields.model_fields} | body
     f = _fields(merged)
     if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
@@ -339,6 +345,16 @@ async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: st
     current = await asyncio.to_thread(managed.store.get_key, key_id)
     if current is None:
         return  # the change itself answers 404
+    creator, creator_raw = _creator(request)
+    if creator_raw is not None and key_id not in managed.spenders(creator.key):
+        # A managed key manages itself and the keys below it, whose spend its budget bounds:
+        # a key elsewhere, brought within its scope, would spend outside that budget.
+        raise ProxyError(
+            403,
+            f"This key cannot {verb} key {key_id}, which it could not have created: "
+            "a managed key manages only itself and the keys below it.",
+            code="permission_denied",
+        )
     try:
         K.check_scope(*_creator(request), _fields({k: current.get(k) for k in K.KeyFields.model_fields}))
     except ProxyError as e:

@@ -47,7 +47,7 @@ _PUBLIC = (
     "residency", "priority", "priorities", "metadata", "created_at", "created_by", "updated_at", "revoked_at",
     "rotated_at", "grace_until", "parent",
 )  # fmt: skip
-MAX_DEPTH = 32  # ancestors followed for budgets (a chain is built one key at a time, never a cycle)
+MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
 
 
 class KeyFields(BaseModel):
@@ -209,7 +209,7 @@ class ManagedKeys:
         out: list[Budget] = []
         seen: set[str] = set()
         node: dict[str, Any] | None = data
-        while node is not None and node["id"] not in seen and len(seen) < MAX_DEPTH:
+        while node is not None and node["id"] not in seen:  # `parent` is set once: never a cycle
             seen.add(node["id"])
             if (b := key_budget(node)) is not None:
                 out.append(b)
@@ -227,6 +227,16 @@ class ManagedKeys:
 
     def limits(self) -> dict[str, Limit]:
         return {k: e.identity.limits for k, e in self._by_id.items() if e.identity.limits is not None}
+
+    def depth(self, key_id: str) -> int:
+        """How many managed keys the chain from `key_id` up to a config key holds (itself included)."""
+        n, node = 0, self._raw.get(key_id)
+        seen: set[str] = set()
+        while node is not None and node["id"] not in seen:
+            seen.add(node["id"])
+            n += 1
+            node = self._raw.get(node["parent"]) if node.get("parent") else None
+        return n
 
     def spenders(self, key_id: str) -> list[str]:
         """The keys whose spend counts against `key_id`'s budget: itself and its descendants."""
