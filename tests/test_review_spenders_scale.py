@@ -3,7 +3,8 @@ children map on every call, and `CostControl._spenders` calls it once per budget
 start (`restore_at_start`, in a thread: the server is not ready meanwhile) and on every read-back
 into a Redis that lost its budgets (`_spent_now`, on the event loop: every request waits).
 Quadratic in the number of keys: 8,000 budgeted keys took 2.6 s here, 32,000 would take ~40 s.
-Real keys in a real governance store (SQLite), the product's own functions."""
+Real keys in a real governance store (SQLite), the product's own functions. Now the map is
+built once per change of the keys, and the read-back runs in a thread."""
 
 from __future__ import annotations
 
@@ -23,13 +24,16 @@ def _every_budgets_spenders(n: int, tmp: Path) -> float:
     managed.load()
     budgets = managed.budgets()
     assert len(budgets) == n
-    started = time.perf_counter()
-    for b in budgets:
-        assert managed.spenders(b.match or "") == [b.match]
-    return time.perf_counter() - started
+    best = float("inf")
+    for _ in range(5):  # the quickest of five: a busy machine's pauses are not the code's
+        started = time.perf_counter()
+        for b in budgets:
+            assert managed.spenders(b.match or "") == [b.match]
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def test_the_spenders_of_every_budget_take_time_linear_in_the_keys(tmp_path: Path) -> None:
     small, large = _every_budgets_spenders(1000, tmp_path), _every_budgets_spenders(4000, tmp_path)
-    # Linear: x4 (x8 leaves room for a busy machine); quadratic: x16.
-    assert large < 8 * small, f"1,000 keys: {small:.3f} s, 4,000 keys: {large:.3f} s"
+    # Linear: x4 (x10 leaves room for cache effects and a busy machine); quadratic: x16.
+    assert large < 10 * small, f"1,000 keys: {small:.3f} s, 4,000 keys: {large:.3f} s"

@@ -241,11 +241,12 @@ class CostControl:
         ledger = self.ledger
         assert ledger is not None
         await asyncio.to_thread(ledger.flush)
-        keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
-        found = await asyncio.to_thread(
-            restore.read, ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed
-        )
-        return found.budgets
+
+        def read() -> dict[tuple[str, int], int]:  # in a thread: thousands of keys take a while
+            keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
+            return restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed).budgets
+
+        return await asyncio.to_thread(read)
 
     def _spenders(self, budgets: Sequence[Budget], from_creation: bool = False) -> list[restore.KeyBudget]:
         """Managed keys' budgets with the keys whose spend counts against each."""

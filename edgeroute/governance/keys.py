@@ -174,6 +174,7 @@ class ManagedKeys:
         self.store = store
         self._by_id: dict[str, _Entry] = {}
         self._raw: dict[str, dict[str, Any]] = {}
+        self._children: dict[str, list[str]] = {}  # parent id -> the keys it created
         self.seq = 0
         # (key id, team, own residency) -> effective region, from the running config
         self._region_of = region_of or (lambda key_id, team, own: own)
@@ -199,10 +200,13 @@ class ManagedKeys:
 
     def _rebuild(self) -> None:
         by_id = {}
+        children: dict[str, list[str]] = {}
         for key_id, data in self._raw.items():
             region = self._region_of(key_id, data.get("team"), data.get("residency"))
             by_id[key_id] = _entry(data, region, self._budgets_of(data))
-        self._by_id = by_id
+            if data.get("parent"):
+                children.setdefault(data["parent"], []).append(key_id)
+        self._by_id, self._children = by_id, children
 
     def _budgets_of(self, data: dict[str, Any]) -> tuple[Budget, ...]:
         """The key's own budget, then each ancestor's."""
@@ -240,10 +244,7 @@ class ManagedKeys:
 
     def spenders(self, key_id: str) -> list[str]:
         """The keys whose spend counts against `key_id`'s budget: itself and its descendants."""
-        children: dict[str, list[str]] = {}
-        for data in self._raw.values():
-            if data.get("parent"):
-                children.setdefault(data["parent"], []).append(data["id"])
+        children = self._children
         out, todo = {key_id}, [key_id]
         while todo:
             for child in children.get(todo.pop(), ()):
