@@ -33,6 +33,8 @@ TaskType = Literal[
 FallbackClass = FallbackKey  # a `fallbacks_on` key (edgeroute.outcome)
 
 
+MAX_FLUSH_INTERVAL_S = 1.0  # the ledger's longest batch interval: what a crash may lose
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -395,7 +397,7 @@ class Ledger(_Strict):
     backend: Literal["sqlite", "postgres", "memory"] = "sqlite"
     path: str = "edgeroute-ledger.db"  # sqlite
     dsn: str | None = None  # postgres, a secret reference (env:/file:/literal)
-    flush_interval: float = Field(0.5, gt=0, le=1.0)
+    flush_interval: float = Field(0.5, gt=0, le=MAX_FLUSH_INTERVAL_S)
     record_attempts: bool = True
     # `low`: the writer yields the CPU to the event loop (a better p99); where other processes
     # contend for the CPU it can fall behind, and a crash then loses more than one interval.

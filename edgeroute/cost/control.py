@@ -44,6 +44,7 @@ from edgeroute import _core
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.admission import Counter
 from edgeroute.config import Budget, Config, Limit
+from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY, Identity, KeySource
@@ -237,10 +238,13 @@ class CostControl:
             log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
 
     async def _spent_now(self) -> dict[tuple[str, int], int]:
-        """Every budget's spend this period, from the ledger (this instance's records first written)."""
+        """Every budget's spend this period, from the ledger: this instance's records written
+        first, and the other instances' given the longest flush interval a config may set (a
+        request they answered just before Redis lost its budgets settles into no counter: the
+        ledger is where it counts)."""
         ledger = self.ledger
         assert ledger is not None
-        await asyncio.to_thread(ledger.flush)
+        await asyncio.gather(asyncio.to_thread(ledger.flush), asyncio.sleep(MAX_FLUSH_INTERVAL_S + 0.25))
 
         def read() -> dict[tuple[str, int], int]:  # in a thread: thousands of keys take a while
             keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
