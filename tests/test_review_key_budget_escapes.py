@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.governance_support import call
@@ -47,10 +46,6 @@ async def test_a_chain_of_keys_is_bounded_and_its_deepest_key_spends_within_the_
         served.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, SECURITY.md: a shared store counts a late budget from then on",
-)
 async def test_a_budget_given_later_on_redis_counts_the_month_so_far(start_upstream: Any, tmp_path: Path) -> None:
     """`_count_key_budget` reads the month so far into the in-process counters only
     (`CostControl.restore` -> `local_budgets.add_read_back`); with Redis up, admission reads
@@ -77,10 +72,6 @@ async def test_a_budget_given_later_on_redis_counts_the_month_so_far(start_upstr
         served.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, SECURITY.md: a shared store counts a late budget from then on",
-)
 async def test_a_budget_given_later_on_a_second_instance_counts_the_month_so_far(
     start_upstream: Any, tmp_path: Path
 ) -> None:

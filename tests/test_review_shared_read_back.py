@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
 
 from tests.test_cost_restart import Served, _config
@@ -21,10 +20,6 @@ from tests.test_cost_support import answered, require_redis
 ADMIN = "tok-admin"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, SECURITY.md: a shared store counts a late budget from then on",
-)
 async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_upstream: Any, tmp_path: Path) -> None:
     """Five requests spent, then a reload adds a $0.07 budget: two more fit, not seven."""
     redis_url = require_redis()

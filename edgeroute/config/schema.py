@@ -35,6 +35,7 @@ FallbackClass = FallbackKey  # a `fallbacks_on` key (edgeroute.outcome)
 
 MAX_FLUSH_INTERVAL_S = 1.0  # the ledger's longest batch interval: what a crash may lose
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

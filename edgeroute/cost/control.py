@@ -293,13 +293,31 @@ class CostControl:
                 found = await asyncio.to_thread(
                     restore.read, ledger.backend, cfg, budgets, until=since, key_budgets=spenders
                 )
-                self.restore(found)
+                self.restore(found)  # this process's counters: what it counts with the shared store down
+                await self._read_back_shared(found, [*budgets, *key_budgets])
             except Exception:
                 log.exception("could not read the spend of reloaded budgets back from the ledger")
 
         task = asyncio.get_running_loop().create_task(go())
         self._restoring.add(task)
         task.add_done_callback(self._restoring.discard)
+
+    async def _read_back_shared(self, found: Restored, budgets: Sequence[Budget]) -> None:
+        """Adds the spend read back for budgets first seen after start to the shared store
+        (Redis, the workers' file), where admission counts: once per budget and period, by the
+        instance or worker that claims it first (the others' read is the same ledger's)."""
+        if self.shared is None or not self.shared_up():
+            return
+        now = time.time()
+        for b in budgets:
+            p = B.period_of(b, now)
+            prefix, suffix = f"{b.name}:", f":{p.id}"
+            spent = {k: v for k, v in found.budgets.items() if k[0].startswith(prefix) and k[0].endswith(suffix)}
+            try:
+                if await self.shared.mark_once(f"read-back:{b.name}:{p.id}", p.ttl_s):
+                    await self.shared.add_spent(spent, p.ttl_s)
+            except StoreUnavailable as e:
+                log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
 
     def _prices_for(self, cfg: Config) -> _Prices:
         """The ceilings of the generation a request runs on; the previous one is kept for

@@ -181,6 +181,20 @@ end
 redis.call('SET', KEYS[1], '1')
 return 1
 """)
+# Spend read back for a budget first seen after start (ARGV[1]: ttl; then two each: slot, -1
+# for a calendar period, and nano-USD), added to its counters.
+ADD_SPENT = Script.of("""
+for i = 1, #KEYS do
+  local slot, amount = ARGV[2 * i], ARGV[2 * i + 1]
+  if slot == '-1' then
+    redis.call('INCRBY', KEYS[i], amount)
+  else
+    redis.call('HINCRBY', KEYS[i], slot, amount)
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+""")
 SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most); charges renew it
 SEED_WAIT_S = 10.0  # how long admission waits for the ledger to be read back into Redis
 
@@ -379,6 +393,15 @@ class RedisState:
                 else:
                     have[2] += d
         await self._flush_soon()
+
+    async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
+        """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""
+        if not spent:
+            return
+        args: list[Any] = [ttl_s]
+        for (_, slot), amount in spent.items():
+            args += [slot, amount]
+        await self._run(ADD_SPENT, [f"{self.prefix}:b:{key}" for key, _ in spent], args)
 
     async def mark_once(self, key: str, ttl_s: int) -> bool:
         """True the first time `key` is marked (across instances) within `ttl_s`."""

@@ -142,6 +142,18 @@ class SqliteState:
 
         return await self._run(tx)
 
+    async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
+        """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""
+        if not spent:
+            return
+
+        def tx(db: sqlite3.Connection) -> None:
+            expires = time.time() + ttl_s
+            for (key, slot), amount in spent.items():
+                db.execute(_ADD, (key, slot, amount, expires))
+
+        await self._run(tx)
+
     async def mark_once(self, key: str, ttl_s: int) -> bool:
         """True the first time `key` is marked (by any worker) within `ttl_s`."""
 

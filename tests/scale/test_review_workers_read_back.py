@@ -9,8 +9,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.governance_support import call
 from tests.scale.support import Spawn
 from tests.test_cost_restart import CENT
@@ -19,10 +17,6 @@ from tests.test_cost_support import answered
 ADMIN = "tok-admin"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, SECURITY.md: a shared store counts a late budget from then on",
-)
 async def test_workers_a_budget_given_later_counts_the_month_so_far(
     spawn: Spawn, start_upstream: Any, tmp_path: Path
 ) -> None:
