@@ -1,4 +1,4 @@
-"""Review of this session's money changes: a managed key's budget first seen after start
+"""A managed key's budget first seen after start
 (`CostControl._count_key_budget`) reads the month so far back from the ledger once, right
 away. Two ways spend escapes it: requests of the key still running when the budget is first
 seen (not in the ledger yet, and admitted without the budget, so never charged), and a budget

@@ -1,7 +1,6 @@
-"""Review of this session's money changes: `serve --workers 2` keeps budgets in a file the
-workers share, but a managed key's budget first seen after start reads the month so far into
-the worker's own counters only (`CostControl.restore` -> `local_budgets.add_read_back`), not
-into the file admission reads: the month so far is forgotten. Real server, $0.01 a request."""
+"""`serve --workers 2` keeps budgets in a file the workers share: a managed key's budget
+first seen after start reads the month so far into that file (it went to the worker's own
+fallback counters only, and was forgotten). Real server, $0.01 a request."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""Review of this session's money changes: spend read back from the ledger after start (a
-budget a reload adds, a managed key's budget first seen) goes only to the in-process
-counters (`CostControl.restore` -> `local_budgets.add_read_back`), while admission reads the
-shared store whenever there is one (Redis; the workers' file). The shared counter starts
-at zero and the month so far is forgotten. Real servers, real Redis, $0.01 a request."""
+"""Spend read back from the ledger after start (a budget a reload adds, a managed key's budget
+first seen) reaches the shared store admission reads (Redis; the workers' file), not only the
+in-process fallback counters, where it was forgotten. Real servers, real Redis, $0.01 a request."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
-"""Review of this session's money changes: Redis that loses its budgets is read back from the
-ledger by the first instance that notices (`RedisState._reseed`), from what the ledger holds
-*then*. Another instance's spend of its last flush interval is still in its own queue: not in
-the ledger the seed reads, and its settlements found no counter (SETTLE no longer recreates
-one), so that spend never reaches Redis though no process crashed. Real servers, real Redis
+"""Redis that loses its budgets is read back from the ledger by the first instance that
+notices (`RedisState._reseed`): only once every instance's flush interval has passed, or
+another instance's last records, still in its queue, would never be counted (its
+settlements find no counter: SETTLE does not recreate one). Real servers, real Redis
 (127.0.0.1:6379, a prefix of this test's own, its keys deleted as FLUSHDB would)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Review of this session's money changes (tried, holds): `serve --workers 2` keeps a budget
+"""`serve --workers 2` keeps a budget
 when one worker is killed hard mid-month and the supervisor restarts it: the restarted worker
 finds the workers' file seeded and counts on from it (it does not read the ledger in again)."""
 

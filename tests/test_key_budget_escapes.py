@@ -1,6 +1,6 @@
-"""Review of this session's money changes: ways a managed key's spend escapes a budget.
-Real `edgeroute serve` processes, real Redis, the openai SDK as client, $0.01 a request.
-Each test fails on `main` at 28b4b14 and states the finding it shows."""
+"""Ways a managed key's spend could escape a budget: a chain deeper than the ancestors
+followed, a key brought within scope by PATCH and then rotated, a budget given later on a
+shared store. Real `edgeroute serve` processes, real Redis, the openai SDK, $0.01 a request."""
 
 from __future__ import annotations
 
