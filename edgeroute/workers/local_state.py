@@ -6,10 +6,11 @@ a SQLite file (WAL) in the supervisor's run directory. Every check-and-charge is
 reservations from every worker see each other: the same guarantee as the Redis scripts in
 `cost/redis_store.py`, whose interface this store has, on one machine and without a server.
 
-The file holds only live counters: spend itself is in the ledger, from which budgets are
-read back at start. Durability is not needed (`synchronous=OFF`); the run directory goes
-when the supervisor exits. Calls run in a thread (a transaction waits while another
-worker holds the lock); errors surface as `StoreUnavailable`, handled like Redis's.
+The file holds only live counters: spend itself is in the ledger, from which the first
+worker to start fills a new file (`seed`), so a restarted server's budgets hold.
+Durability is not needed (`synchronous=OFF`); the run directory goes when the supervisor
+exits. Calls run in a thread (a transaction waits while another worker holds the lock);
+errors surface as `StoreUnavailable`, handled like Redis's.
 """
 
 from __future__ import annotations
