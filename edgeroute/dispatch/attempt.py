@@ -9,6 +9,7 @@ record. Which deployment to try, and whether to try again, is not decided here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import email.utils
 import logging
@@ -37,6 +38,9 @@ MAX_ANSWER_BYTES = 128 * 1024 * 1024
 # Answers over this are parsed, translated and counted (when they carry no usage) in a worker
 # thread: counting a 16 MB answer took seconds, all of them the event loop's otherwise.
 OFF_LOOP_BYTES = 256 * 1024
+# Their own threads: a flood of huge answers must not hold up the default pool's other work
+# (the ledger's flushes, key polls, secret refreshes).
+COUNTING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeroute-count")
 
 
 @dataclass(slots=True)
@@ -279,7 +283,7 @@ class Attempts:
         released, so the event loop serves meanwhile)."""
         if len(data) < OFF_LOOP_BYTES:
             return self._json_answer(data, adapter, status)
-        return await asyncio.to_thread(self._json_answer, data, adapter, status)
+        return await asyncio.get_running_loop().run_in_executor(COUNTING, self._json_answer, data, adapter, status)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from edgeroute import sse
 from edgeroute.accounting import Usage, estimate_stream_usage
-from edgeroute.dispatch.attempt import OFF_LOOP_BYTES, Attempts, StreamAnswer
+from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
 
@@ -178,7 +178,7 @@ async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[
     prompt, encoding = call.prompt_tokens(), call.decision.encoding
     if len(streamed) < OFF_LOOP_BYTES:
         return estimate_stream_usage(prompt, streamed, encoding)
-    counting = asyncio.get_running_loop().run_in_executor(None, estimate_stream_usage, prompt, streamed, encoding)
+    counting = asyncio.get_running_loop().run_in_executor(COUNTING, estimate_stream_usage, prompt, streamed, encoding)
     try:
         return await asyncio.shield(counting)
     except asyncio.CancelledError:
