@@ -144,9 +144,10 @@ async def ask_status(client: openai.AsyncOpenAI, max_tokens: int = 5) -> int:
         return e.status_code
 
 
-async def answered(url: str, n: int, token: str = "unused") -> int:
+async def answered(url: str, n: int, token: str = "unused", refused_for: str | None = None) -> int:
     """How many of `n` sequential chat requests (max_tokens 5) are answered; the others are
-    refused (429), or meet a store that is coming back (503: a pause, then the next)."""
+    refused (429, whose message names `refused_for` when given), or meet a store that is
+    coming back (503: a pause, then the next)."""
     done = 0
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0) as client:
         for _ in range(n):
@@ -155,8 +156,8 @@ async def answered(url: str, n: int, token: str = "unused") -> int:
                     model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
                 )
                 done += 1
-            except openai.RateLimitError:
-                pass
+            except openai.RateLimitError as e:
+                assert refused_for is None or refused_for in str(e).lower(), e
             except openai.InternalServerError:
                 await asyncio.sleep(0.1)
     return done

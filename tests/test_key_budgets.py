@@ -15,7 +15,7 @@ import yaml
 from tests.conftest import eventually
 from tests.governance_support import call
 from tests.test_cost_restart import CENT, Served
-from tests.test_cost_support import require_redis
+from tests.test_cost_support import answered, require_redis
 
 ADMIN = "tok-admin"
 
@@ -36,17 +36,7 @@ def _config(upstream: str, tmp: Path) -> Path:
 
 async def _admitted(url: str, token: str, n: int) -> int:
     """How many of `n` sequential requests the key gets answered (the rest: 429 budget)."""
-    done = 0
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0) as client:
-        for _ in range(n):
-            try:
-                await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5
-                )
-                done += 1
-            except openai.RateLimitError as e:
-                assert "budget" in str(e).lower(), e
-    return done
+    return await answered(url, n, token, refused_for="budget")
 
 
 async def _key(url: str, token: str, **fields: Any) -> dict[str, Any]:
