@@ -90,13 +90,13 @@ def test_prompts_carrying_no_signal_ship_no_router_worse_than_the_prior(
     from edgeroute.learn import train as T
 
     data = R.Outcomes.load(write_outcomes(tmp_path / "noise.jsonl", 160, seed=4, signal=False))
-    x = T.featurize(data.prompts, R.ROUTER_FEATURIZER)
     dense = T.length_matrix(data.prompts)
     space = S.SearchSpace(l2=(1e-5,), iters=(200,), inner_folds=2, outer_folds=2, seed=0)
-    model, rep = S.nested(data, x, dense, space, R.ROUTER_FEATURIZER, log=lambda _s: None)
+    xs = S.featurize_sets(data.prompts, space.features)
+    model, rep = S.nested(data, xs, dense, space, log=lambda _s: None)
     if rep.chosen.family == S.PRIOR:
         # the shipped file predicts each model's mean whatever the prompt
-        pred = T.predict_matrix(model, x, dense)
+        pred = T.predict_matrix(model, xs["ngrams"], dense)
         assert np.allclose(pred, S.prior_means(data), atol=1e-9)
     else:
         assert rep.validation[rep.chosen.label()] >= rep.validation[S.PRIOR]
@@ -175,10 +175,79 @@ def test_the_inner_folds_choose_across_families_by_their_own_scores(signal: str)
     out = R.Outcomes(prompts, ["strong", "weak"], np.asarray(rows), [0.01, 0.001])
     sp = S.SearchSpace(l2=(3e-3,), iters=(25, 100), inner_folds=3)
     tr = list(range(200))
-    x = T.featurize(prompts, R.ROUTER_FEATURIZER)
-    _, means = S.select(out, x, T.length_matrix(prompts), tr, sp, "apgr")
+    xs = S.featurize_sets(prompts, sp.features)
+    _, means = S.select(out, xs, T.length_matrix(prompts), tr, sp, "apgr")
     pick = RE._family_choice(out, prompts, groups if signal == "group" else ["all"] * len(prompts), tr, means, sp)
     if signal == "group":
         assert pick == RE.GROUP_PRIOR
     else:
         assert pick not in (S.PRIOR, RE.GROUP_PRIOR), pick
+
+
+@pytest.mark.parametrize(("where", "wins"), [("middle of a long prompt", "words"), ("inside unique words", "ngrams")])
+def test_the_inner_folds_choose_the_feature_set_by_their_own_scores(where: str, wins: str) -> None:
+    """Set in the middle of a 2.4 KiB prompt, the outcome is visible to `words` (the first 4 KiB)
+    and not to `ngrams` (1 KiB + 256 B); set by a fragment inside words each prompt spells
+    differently, only `ngrams`' character 4-grams share it across prompts."""
+    import random
+
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+
+    rng = random.Random(11)
+    vocab = [f"w{i}" for i in range(60)]
+
+    def filler(nbytes: int) -> str:
+        return " ".join(rng.choice(vocab) for _ in range(nbytes // 4))
+
+    def unique_word(mark: str) -> str:
+        return "".join(rng.choice("abcdefghijklmnoprstuvwy") for _ in range(5)) + mark + str(rng.randint(0, 10**6))
+
+    prompts, rows = [], []
+    for i in range(240):
+        hard = i % 2 == 0
+        if where == "middle of a long prompt":
+            text = filler(1200) + (" integral proof" * 10 + " " if hard else " ") + filler(1200)
+        else:
+            text = " ".join(unique_word("qzxv" if hard else "") for _ in range(8))
+        prompts.append(text)
+        rows.append([1.0, 0.0] if hard else [1.0, float(rng.random() < 0.9)])
+    out = R.Outcomes(prompts, ["strong", "weak"], np.asarray(rows), [0.01, 0.001])
+    sp = S.SearchSpace(l2=(1e-4,), iters=(100, 200), inner_folds=3)
+    xs = S.featurize_sets(prompts, sp.features)
+    chosen, means = S.select(out, xs, T.length_matrix(prompts), range(len(prompts)), sp, "apgr")
+    assert chosen.family == S.LINEAR and chosen.features == wins, (chosen, means)
+    best_of = {f: max(v for c, v in means.items() if c.features == f and c.family == S.LINEAR) for f in sp.features}
+    assert best_of[wins] > best_of[next(f for f in sp.features if f != wins)] + 0.1, best_of
+
+
+def test_a_router_on_its_own_feature_set_loads_in_the_core_and_predicts_as_python(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `words` router does not share the task model's featurizer: the core featurizes the
+    prompt twice (no fused pass) and must still predict what the Python reference does."""
+    from edgeroute import _core
+    from edgeroute.learn import selection as S
+    from edgeroute.learn.model import LinearModel
+
+    train = write_outcomes(tmp_path / "train.jsonl", 120, seed=3, signal=True)
+    path = tmp_path / "words.erlm"
+    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(path), "--features", "words", *FAST)
+    assert code == 0, out
+    assert "chose linear words" in out, out
+    router = LinearModel.load(path)
+    assert router.featurizer == S.FEATURE_SETS["words"] and router.meta["train"]["features"] == ["words"]
+    models = Path(__file__).resolve().parents[1] / "edgeroute" / "models"
+    spec = {
+        "deployments": [{"name": "d", "provider": "openai", "model": "m"}],
+        "models": [{"name": "m", "deployments": ["d"]}],
+    }
+    core = _core.Router(json.dumps(spec).encode(), (models / "task.erlm").read_bytes(), path.read_bytes())
+    for prompt in ("question 7 about eigenvalue integrals 12", "question 8 about simple greetings 5", "x " * 3000):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]}).encode()
+        got = dict(core.decide(body, explain=True).scores)
+        want = router.predict_proba(prompt + "\n")  # the core reads the user text, a line each
+        assert [got[m] for m in router.outputs] == pytest.approx(want, abs=1e-9), prompt[:40]
+    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(path), "--features", "chars")
+    assert code == 2 and "feature sets are a comma-separated list of ngrams, words" in out, out

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeroute.learn.flags import feature_sets as _feature_sets
 from edgeroute.learn.flags import floats as _floats
 from edgeroute.learn.flags import ints as _ints
 
@@ -88,7 +89,6 @@ def _train(args: argparse.Namespace) -> int:
 
     from edgeroute.learn import router as R
     from edgeroute.learn import selection as S
-    from edgeroute.learn import train as T
 
     rows: list[dict[str, object]] = []
     if args.from_log:
@@ -113,17 +113,19 @@ def _train(args: argparse.Namespace) -> int:
     space = S.SearchSpace(
         l2=args.l2,
         iters=args.iters,
+        features=args.features,
         lr=args.lr,
         inner_folds=args.inner_folds,
         outer_folds=args.outer_folds,
         seed=args.seed,
     )
-    cfg = R.ROUTER_FEATURIZER
     print(f"{len(data.prompts)} prompts, {len(data.models)} models; seed {args.seed}")
-    x = T.featurize(data.prompts, cfg)
-    dense, _ = R.dense_inputs(data.prompts, task, x if task is not None else None)
+    xs = S.featurize_sets(data.prompts, space.features)
+    # the task model's inputs, if one of the sets is its featurizer (else featurized anew)
+    x_task = next((x for n, x in xs.items() if task is not None and S.FEATURE_SETS[n] == task.featurizer), None)
+    dense, _ = R.dense_inputs(data.prompts, task, x_task)
     np.random.seed(args.seed)
-    model, rep = S.nested(data, x, dense, space, cfg, task)
+    model, rep = S.nested(data, xs, dense, space, task)
     print(f"validation ({rep.criterion}, mean over {space.inner_folds} inner folds of the whole file):")
     prior_v = rep.validation.get(S.PRIOR, float("nan"))
     for label, v in sorted(rep.validation.items(), key=lambda kv: -kv[1]):
@@ -150,6 +152,7 @@ def _train(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "l2": list(args.l2),
                 "iters": list(args.iters),
+                "features": list(args.features),
                 "lr": args.lr,
                 "inner_folds": args.inner_folds,
                 "outer_folds": args.outer_folds,
@@ -310,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_ints,
         default=[25, 50, 100, 200],
         help="Adam iteration counts read off each run for early stopping (comma-separated)",
+    )
+    t.add_argument(
+        "--features",
+        type=_feature_sets,
+        default=["ngrams", "words"],
+        help="feature sets to try (comma-separated): ngrams = word uni/bigrams and character 4-grams "
+        "of the first 1 KiB and last 256 B (the task model's, one pass for both); words = word "
+        "uni/bigrams of the first 4 KiB and last 256 B",
     )
     t.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     t.add_argument("--inner-folds", type=int, default=3, help="folds that choose the settings (>= 2)")

@@ -20,3 +20,15 @@ def ints(text: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError(f"iteration counts must be >= 1: {text!r}")
     return vals
+
+
+def feature_sets(text: str) -> list[str]:
+    from edgeroute.learn.selection import FEATURE_SETS  # numpy: the training extra
+
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in vals if v not in FEATURE_SETS]
+    if not vals or unknown:
+        raise argparse.ArgumentTypeError(
+            f"feature sets are a comma-separated list of {', '.join(FEATURE_SETS)}: {text!r}"
+        )
+    return vals

@@ -21,6 +21,13 @@ the held-out fold is scored once. Printed beside it on the same folds: the prior
 (:mod:`edgeroute.learn.baselines`). The protocol is fixed here, before any test
 fold is read.
 
+Since 2026-12-04 the inner folds also choose the feature set (``router train --features``,
+:data:`edgeroute.learn.selection.FEATURE_SETS`: ``ngrams``, the task model's, and
+``words``, word uni/bigrams of up to 4 KiB + 256 B). That candidate set was fixed, and
+committed with this paragraph, before any fold was scored with it; the outer folds,
+seeds and grids are unchanged, so the figure is comparable with the earlier runs, and
+``--features ngrams`` reproduces them.
+
 ``--nested --families`` adds one row, "inner-CV choice": in each outer fold the inner
 folds (the same ones ``router train`` splits the outer-training part into) also score the
 group prior and TF-IDF LR, fitted on each inner-training part; the predictor with the best
@@ -45,6 +52,7 @@ from edgeroute.learn import data
 from edgeroute.learn import router as R
 from edgeroute.learn import train as T
 from edgeroute.learn.evaluate import two_model_curve
+from edgeroute.learn.flags import feature_sets as _feature_sets
 from edgeroute.learn.flags import floats as _floats
 from edgeroute.learn.flags import ints as _ints
 
@@ -158,7 +166,6 @@ def nested_figure(
     from edgeroute.learn import selection as S
 
     sp = space if isinstance(space, S.SearchSpace) else S.SearchSpace(outer_folds=folds, seed=seed)
-    cfg = R.ROUTER_FEATURIZER
     sets: dict[str, tuple[list[str], list[str], list[list[float]]]] = {
         "gsm8k": ([p for p, _, _ in data.load_gsm8k()], [], [[s, w] for _, s, w in data.load_gsm8k()]),
         "mmlu": ([p for p, *_ in data.load_mmlu()], [g for _, g, _, _ in data.load_mmlu()],
@@ -170,18 +177,18 @@ def nested_figure(
             continue
         out = R.Outcomes(prompts, [data.STRONG, data.WEAK], np.asarray(rows), [PRICES[data.STRONG], PRICES[data.WEAK]])
         grp = groups or ["all"] * len(prompts)
-        x = T.featurize(prompts, cfg)
+        xs = S.featurize_sets(prompts, sp.features)
         dense = T.length_matrix(prompts)
         methods = ("router", "prior", "tfidf_lr") + (("selected",) if families else ())
         per_fold: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
         for k, test in enumerate(R.kfold(len(prompts), folds, seed)):
             held = set(test)
             tr = [i for i in range(len(prompts)) if i not in held]
-            chosen, router_means = S.select(out, x, dense, tr, sp, "apgr")
+            chosen, router_means = S.select(out, xs, dense, tr, sp, "apgr")
             # Every choice is made before the outer fold is read below.
             pick = _family_choice(out, prompts, grp, tr, router_means, sp) if families else None
-            model = S.fit_candidate(out, chosen, x, dense, tr, sp, cfg, None)
-            p = T.predict_matrix(model, x.subset(test), dense[test])
+            model = S.fit_candidate(out, chosen, xs, dense, tr, sp, None)
+            p = T.predict_matrix(model, S.features_of(xs, chosen).subset(test), dense[test])
             gp = B.group_prior([grp[i] for i in tr], out.scores[tr], [grp[i] for i in test])
             lr = B.tfidf_lr([prompts[i] for i in tr], out.scores[tr], [prompts[i] for i in test])
             preds = [("router", p), ("prior", gp), ("tfidf_lr", lr)]
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--l2", type=_floats, default=None, help="with --nested: router train's --l2")
     ap.add_argument("--iters", type=_ints, default=None, help="with --nested: router train's --iters")
     ap.add_argument("--inner-folds", type=int, default=None, help="with --nested: router train's --inner-folds")
+    ap.add_argument("--features", type=_feature_sets, default=None, help="with --nested: router train's --features")
     ap.add_argument(
         "--families",
         action="store_true",
@@ -248,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
             sp.iters = args.iters
         if args.inner_folds:
             sp.inner_folds = args.inner_folds
-        print(f"search space: l2={list(sp.l2)} iters={list(sp.iters)} inner folds={sp.inner_folds}", flush=True)
+        if args.features:
+            sp.features = args.features
+        print(
+            f"search space: features={list(sp.features)} l2={list(sp.l2)} iters={list(sp.iters)} "
+            f"inner folds={sp.inner_folds}",
+            flush=True,
+        )
         fig = nested_figure(args.folds, args.seed, sp, datasets=tuple(args.datasets.split(",")), families=args.families)
         print(
             f"nested {args.folds}-fold CV by prompt, per dataset, decontaminated; "

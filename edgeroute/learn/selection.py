@@ -1,9 +1,9 @@
 """How ``router train`` chooses its own settings: nested cross-validation on the training file only.
 
 Candidates are the **prompt-blind prior** (each model's mean score: a router that
-ignores the prompt) and the hashed n-gram linear model at each L2 strength, read at
-several iteration counts of one run (early stopping on each validation fold). The
-inner folds pick the candidate with the best validation criterion; the outer folds,
+ignores the prompt) and the hashed linear model for each feature set (:data:`FEATURE_SETS`)
+at each L2 strength, read at several iteration counts of one run (early stopping on each
+validation fold). The inner folds pick the candidate with the best validation criterion; the outer folds,
 each selecting on its own training part only, estimate how the whole procedure does
 on prompts it has never seen, beside the prior fitted on the same folds.
 
@@ -39,15 +39,43 @@ from edgeroute.learn.model import LinearModel
 PRIOR = "prior"
 LINEAR = "linear"
 
+# What the linear model may read, each a featurizer the core loads from the model file.
+# "ngrams" is the task model's (so the two fuse into one pass over the prompt); "words"
+# drops the character 4-grams, which generalise across spellings but add noise where the
+# signal is in the words, and reads further into a long prompt (4 KiB + 256 B) since words
+# cost fewer buckets per byte. Fixed before any figure was measured with them (see
+# `routellm_eval`'s module doc).
+FEATURE_SETS: dict[str, FeaturizerConfig] = {
+    "ngrams": FeaturizerConfig(),
+    "words": FeaturizerConfig(head_bytes=4096, char_ngrams=()),
+}
+Features = dict[str, T.SparseDocs]
+
+
+def features_of(xs: Features, c: Candidate) -> T.SparseDocs:
+    """The features `c`'s model reads (a prior reads none: any set of the same width will do)."""
+    return xs[c.features] if c.family == LINEAR else next(iter(xs.values()))
+
+
+def featurize_sets(prompts: Sequence[str], names: Sequence[str]) -> Features:
+    """The prompts' features under each named feature set."""
+    unknown = [n for n in names if n not in FEATURE_SETS]
+    if unknown:
+        raise ValueError(f"unknown feature set {unknown[0]!r} (known: {', '.join(FEATURE_SETS)})")
+    return {n: T.featurize(prompts, FEATURE_SETS[n]) for n in names}
+
 
 @dataclass(frozen=True)
 class Candidate:
     family: str  # PRIOR or LINEAR
     l2: float = 0.0
     iters: int = 0
+    features: str = "ngrams"
 
     def label(self) -> str:
-        return PRIOR if self.family == PRIOR else f"linear l2={self.l2:g} iters={self.iters}"
+        if self.family == PRIOR:
+            return PRIOR
+        return f"linear {self.features} l2={self.l2:g} iters={self.iters}"
 
 
 @dataclass
@@ -56,6 +84,7 @@ class SearchSpace:
 
     l2: Sequence[float] = (3e-4, 3e-3, 3e-2)
     iters: Sequence[int] = (25, 50, 100, 200)
+    features: Sequence[str] = ("ngrams", "words")
     lr: float = 0.1
     inner_folds: int = 3
     outer_folds: int = 5
@@ -63,7 +92,9 @@ class SearchSpace:
     steps: int = 100  # lambda grid of the validation frontier
 
     def candidates(self) -> list[Candidate]:
-        return [Candidate(PRIOR)] + [Candidate(LINEAR, l2, it) for l2 in self.l2 for it in sorted(self.iters)]
+        return [Candidate(PRIOR)] + [
+            Candidate(LINEAR, l2, it, f) for f in self.features for l2 in self.l2 for it in sorted(self.iters)
+        ]
 
 
 @dataclass
@@ -153,7 +184,7 @@ def _sigmoid(z: T.F64) -> T.F64:
 
 def _evaluate_candidates(
     data: R.Outcomes,
-    x: T.SparseDocs,
+    xs: Features,
     dense: T.F64,
     sw: T.F64 | None,
     train: list[int],
@@ -161,25 +192,26 @@ def _evaluate_candidates(
     space: SearchSpace,
     criterion: str,
 ) -> dict[Candidate, float]:
-    """Score every candidate trained on ``train`` on ``val`` (one Adam run per L2)."""
+    """Score every candidate trained on ``train`` on ``val`` (one Adam run per feature set and L2)."""
     costs = np.asarray(data.costs)
     actual = data.scores[val]
     out: dict[Candidate, float] = {}
     prior = prior_means(data.subset(train))
     out[Candidate(PRIOR)] = score(np.tile(prior, (len(val), 1)), actual, costs, criterion, space.steps)
-    xv, dv = x.subset(val), dense[val]
+    dv = dense[val]
     ys = data.scores[train]
     mask = (~np.isnan(ys)).astype(np.float64)
     marks = set(space.iters)
-    for l2 in space.l2:
+    for f, l2 in ((f, l2) for f in space.features for l2 in space.l2):
+        xv = xs[f].subset(val)
 
-        def at(t: int, w: T.F64, wd: T.F64, b: T.F64, l2: float = l2) -> None:
+        def at(t: int, w: T.F64, wd: T.F64, b: T.F64, l2: float = l2, f: str = f, xv: T.SparseDocs = xv) -> None:
             if t in marks:
                 pred = _sigmoid(xv.matmul(w) + dv @ wd + b)
-                out[Candidate(LINEAR, l2, t)] = score(pred, actual, costs, criterion, space.steps)
+                out[Candidate(LINEAR, l2, t, f)] = score(pred, actual, costs, criterion, space.steps)
 
         T.fit(
-            x.subset(train),
+            xs[f].subset(train),
             dense[train],
             np.nan_to_num(ys),
             activation="sigmoid",
@@ -202,7 +234,7 @@ def inner_folds(rows: Sequence[int], space: SearchSpace) -> list[list[int]]:
 
 def select(
     data: R.Outcomes,
-    x: T.SparseDocs,
+    xs: Features,
     dense: T.F64,
     rows: Sequence[int],
     space: SearchSpace,
@@ -214,7 +246,7 @@ def select(
     folds = inner_folds(rows, space)
     for k, val in enumerate(folds):
         train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
-        for c, v in _evaluate_candidates(data, x, dense, sw, train, val, space, criterion).items():
+        for c, v in _evaluate_candidates(data, xs, dense, sw, train, val, space, criterion).items():
             totals.setdefault(c, []).append(v)
     means = {c: float(np.nanmean(v)) if not np.isnan(v).all() else float("-inf") for c, v in totals.items()}
     order = space.candidates()
@@ -225,25 +257,26 @@ def select(
 def fit_candidate(
     data: R.Outcomes,
     c: Candidate,
-    x: T.SparseDocs,
+    xs: Features,
     dense: T.F64,
     rows: Sequence[int],
     space: SearchSpace,
-    cfg: FeaturizerConfig,
     task_model: LinearModel | None,
     sw: T.F64 | None = None,
 ) -> LinearModel:
     sub = data.subset(list(rows))
     task_outputs = task_model.outputs if task_model is not None else ()
     if c.family == PRIOR:
+        # the task model's featurizer, so that the core fuses the two (the prior reads no bucket)
+        cfg = task_model.featurizer if task_model is not None else FEATURE_SETS["ngrams"]
         return prior_model(sub, cfg, task_outputs)
     w = None if sw is None else sw[list(rows)] / sw[list(rows)].mean()
     return R.train_router(
         sub,
         task_model=task_model,
-        cfg=cfg,
+        cfg=FEATURE_SETS[c.features],
         opts=T.FitOptions(l2=c.l2, iters=c.iters, lr=space.lr, dense_l2=c.l2),
-        x=x.subset(list(rows)),
+        x=xs[c.features].subset(list(rows)),
         dense=dense[list(rows)],
         sample_weight=w,
     )
@@ -251,10 +284,9 @@ def fit_candidate(
 
 def nested(
     data: R.Outcomes,
-    x: T.SparseDocs,
+    xs: Features,
     dense: T.F64,
     space: SearchSpace,
-    cfg: FeaturizerConfig,
     task_model: LinearModel | None = None,
     sw: T.F64 | None = None,
     log: Callable[[str], None] | None = None,
@@ -270,18 +302,18 @@ def nested(
         folds = _folds(list(range(n)), space.outer_folds, space.seed)
         for k, test in enumerate(folds):
             train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
-            chosen, _ = select(data, x, dense, train, space, criterion, sw)
-            model = fit_candidate(data, chosen, x, dense, train, space, cfg, task_model, sw)
-            pred = T.predict_matrix(model, x.subset(test), dense[test])
+            chosen, _ = select(data, xs, dense, train, space, criterion, sw)
+            model = fit_candidate(data, chosen, xs, dense, train, space, task_model, sw)
+            pred = T.predict_matrix(model, features_of(xs, chosen).subset(test), dense[test])
             prior = np.tile(prior_means(data.subset(train)), (len(test), 1))
             outer_r.append(score(pred, data.scores[test], costs, criterion, space.steps))
             outer_p.append(score(prior, data.scores[test], costs, criterion, space.steps))
             say(f"outer fold {k + 1}/{space.outer_folds}: chose {chosen.label()}; "
                 f"{criterion} router {outer_r[-1]:.4f} prior {outer_p[-1]:.4f}")  # fmt: skip
-    chosen, means = select(data, x, dense, range(n), space, criterion, sw)
+    chosen, means = select(data, xs, dense, range(n), space, criterion, sw)
     report = Report(criterion, chosen, {c.label(): v for c, v in means.items()}, outer_r, outer_p)
     if outer_r and chosen.family != PRIOR and float(np.mean(outer_r)) < float(np.mean(outer_p)):
         report.chosen = Candidate(PRIOR)
         report.fell_back = True
-    model = fit_candidate(data, report.chosen, x, dense, range(n), space, cfg, task_model, sw)
+    model = fit_candidate(data, report.chosen, xs, dense, range(n), space, task_model, sw)
     return model, report
