@@ -251,3 +251,20 @@ def test_a_router_on_its_own_feature_set_loads_in_the_core_and_predicts_as_pytho
         assert [got[m] for m in router.outputs] == pytest.approx(want, abs=1e-9), prompt[:40]
     code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(path), "--features", "chars")
     assert code == 2 and "feature sets are a comma-separated list of ngrams, words" in out, out
+
+
+def test_parallel_fits_choose_and_score_exactly_as_one_process(tmp_path: Path) -> None:
+    """`--jobs`: the inner fits spread over worker processes give the very scores one process does."""
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+
+    data = R.Outcomes.load(write_outcomes(tmp_path / "o.jsonl", 150, seed=9, signal=True))
+    xs = S.featurize_sets(data.prompts, ("ngrams", "words"))
+    dense = T.length_matrix(data.prompts)
+    got = {}
+    for jobs in (1, 2):
+        sp = S.SearchSpace(l2=(1e-3, 1e-1), iters=(10, 40), inner_folds=2, jobs=jobs)
+        got[jobs] = S.select(data, xs, dense, range(150), sp, "apgr")
+    assert got[1] == got[2]
+    assert len(got[1][1]) == 1 + 2 * 2 * 2  # the prior and every (features, L2, steps)

@@ -118,6 +118,7 @@ def _train(args: argparse.Namespace) -> int:
         inner_folds=args.inner_folds,
         outer_folds=args.outer_folds,
         seed=args.seed,
+        jobs=args.jobs,
     )
     print(f"{len(data.prompts)} prompts, {len(data.models)} models; seed {args.seed}")
     xs = S.featurize_sets(data.prompts, space.features)
@@ -328,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--outer-folds", type=int, default=5, help="folds of the honest outer estimate (0 or 1: skip the estimate)"
     )
     t.add_argument("--seed", type=int, default=0, help="seed of every fold split and shuffle")
+    t.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes for the cross-validation fits (default 0: every core, for files of "
+        "2,000 prompts or more); the router written does not depend on it",
+    )
     e = sub.add_parser("eval", help="router vs baselines on outcomes (cost-quality, APGR, CPT)")
     e.add_argument("--router", type=Path, required=True, help="router model file")
     e.add_argument("--outcomes", type=Path, required=True, help="outcomes the router was NOT trained on")

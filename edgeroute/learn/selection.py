@@ -24,6 +24,8 @@ the report says so. A prior is an ordinary ``ERLM`` router (zero text weights, b
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +52,8 @@ FEATURE_SETS: dict[str, FeaturizerConfig] = {
     "words": FeaturizerConfig(head_bytes=4096, char_ngrams=()),
 }
 Features = dict[str, T.SparseDocs]
+# Below this many prompts a fit takes less than a worker process takes to start.
+AUTO_JOBS_MIN_PROMPTS = 2000
 
 
 def features_of(xs: Features, c: Candidate) -> T.SparseDocs:
@@ -88,6 +92,7 @@ class SearchSpace:
     lr: float = 0.1
     inner_folds: int = 3
     outer_folds: int = 5
+    jobs: int = 0  # worker processes for the inner fits; 0: every core, for files of AUTO_JOBS_MIN_PROMPTS or more
     seed: int = 0
     steps: int = 100  # lambda grid of the validation frontier
 
@@ -182,45 +187,89 @@ def _sigmoid(z: T.F64) -> T.F64:
     return out
 
 
-def _evaluate_candidates(
-    data: R.Outcomes,
-    xs: Features,
-    dense: T.F64,
-    sw: T.F64 | None,
-    train: list[int],
-    val: list[int],
-    space: SearchSpace,
-    criterion: str,
-) -> dict[Candidate, float]:
-    """Score every candidate trained on ``train`` on ``val`` (one Adam run per feature set and L2)."""
-    costs = np.asarray(data.costs)
-    actual = data.scores[val]
+@dataclass(frozen=True)
+class _Inputs:
+    """What every inner fit reads; sent once to each worker process."""
+
+    data: R.Outcomes
+    xs: Features
+    dense: T.F64
+    sw: T.F64 | None
+    space: SearchSpace
+    criterion: str
+
+
+# One inner fit: (training rows, validation rows, feature set, L2).
+_Unit = tuple[list[int], list[int], str, float]
+
+
+def _prior_score(inp: _Inputs, train: list[int], val: list[int]) -> float:
+    prior = prior_means(inp.data.subset(train))
+    actual = inp.data.scores[val]
+    return score(np.tile(prior, (len(val), 1)), actual, np.asarray(inp.data.costs), inp.criterion, inp.space.steps)
+
+
+def _linear_scores(inp: _Inputs, train: list[int], val: list[int], f: str, l2: float) -> dict[Candidate, float]:
+    """One Adam run on ``train``, scored on ``val`` at each of the search space's iteration counts."""
+    costs = np.asarray(inp.data.costs)
+    actual = inp.data.scores[val]
+    dv = inp.dense[val]
+    ys = inp.data.scores[train]
+    marks = set(inp.space.iters)
+    xv = inp.xs[f].subset(val)
     out: dict[Candidate, float] = {}
-    prior = prior_means(data.subset(train))
-    out[Candidate(PRIOR)] = score(np.tile(prior, (len(val), 1)), actual, costs, criterion, space.steps)
-    dv = dense[val]
-    ys = data.scores[train]
-    mask = (~np.isnan(ys)).astype(np.float64)
-    marks = set(space.iters)
-    for f, l2 in ((f, l2) for f in space.features for l2 in space.l2):
-        xv = xs[f].subset(val)
 
-        def at(t: int, w: T.F64, wd: T.F64, b: T.F64, l2: float = l2, f: str = f, xv: T.SparseDocs = xv) -> None:
-            if t in marks:
-                pred = _sigmoid(xv.matmul(w) + dv @ wd + b)
-                out[Candidate(LINEAR, l2, t, f)] = score(pred, actual, costs, criterion, space.steps)
+    def at(t: int, w: T.F64, wd: T.F64, b: T.F64) -> None:
+        if t in marks:
+            pred = _sigmoid(xv.matmul(w) + dv @ wd + b)
+            out[Candidate(LINEAR, l2, t, f)] = score(pred, actual, costs, inp.criterion, inp.space.steps)
 
-        T.fit(
-            xs[f].subset(train),
-            dense[train],
-            np.nan_to_num(ys),
-            activation="sigmoid",
-            mask=mask,
-            sample_weight=None if sw is None else sw[train] / sw[train].mean(),
-            opts=T.FitOptions(l2=l2, iters=max(space.iters), lr=space.lr, dense_l2=l2),
-            checkpoint=at,
-        )
+    T.fit(
+        inp.xs[f].subset(train),
+        inp.dense[train],
+        np.nan_to_num(ys),
+        activation="sigmoid",
+        mask=(~np.isnan(ys)).astype(np.float64),
+        sample_weight=None if inp.sw is None else inp.sw[train] / inp.sw[train].mean(),
+        opts=T.FitOptions(l2=l2, iters=max(inp.space.iters), lr=inp.space.lr, dense_l2=l2),
+        checkpoint=at,
+    )
     return out
+
+
+# A worker process's copy of the inputs (set by its initializer).
+_WORKER_INPUTS: _Inputs | None = None
+
+
+def _worker_init(inp: _Inputs) -> None:
+    global _WORKER_INPUTS
+    _WORKER_INPUTS = inp
+
+
+def _worker_run(unit: _Unit) -> dict[Candidate, float]:
+    assert _WORKER_INPUTS is not None
+    return _linear_scores(_WORKER_INPUTS, *unit)
+
+
+def _jobs(space: SearchSpace, n_prompts: int, n_units: int) -> int:
+    """Worker processes for the inner fits: ``space.jobs``, or (0) every core for a file large
+    enough that a fit outlasts a worker's start (~1 s), else none."""
+    if space.jobs > 0:
+        return min(space.jobs, n_units)
+    if n_prompts < AUTO_JOBS_MIN_PROMPTS:
+        return 1
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, n_units)
+
+
+def _run_units(inp: _Inputs, units: list[_Unit], jobs: int) -> list[dict[Candidate, float]]:
+    """Each unit's scores, in order: in this process, or over ``jobs`` spawned workers. Every
+    fit is deterministic, so the result does not depend on ``jobs``."""
+    if jobs <= 1:
+        return [_linear_scores(inp, *u) for u in units]
+    # spawn, not fork: a fork of a process with threads (a server, a test runner) can inherit a held lock
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(jobs, initializer=_worker_init, initargs=(inp,)) as pool:
+        return pool.map(_worker_run, units, chunksize=1)
 
 
 def _folds(idx: Sequence[int], k: int, seed: int) -> list[list[int]]:
@@ -241,13 +290,17 @@ def select(
     criterion: str,
     sw: T.F64 | None = None,
 ) -> tuple[Candidate, dict[Candidate, float]]:
-    """Inner cross-validation over ``rows``: the candidate with the best mean criterion (ties: simpler)."""
+    """Inner cross-validation over ``rows``: the candidate with the best mean criterion (ties: simpler).
+    The fits (one per fold, feature set and L2) run in parallel when the file is large (``space.jobs``)."""
+    inp = _Inputs(data, xs, dense, sw, space, criterion)
     totals: dict[Candidate, list[float]] = {}
     folds = inner_folds(rows, space)
-    for k, val in enumerate(folds):
-        train = sorted(i for j, f in enumerate(folds) if j != k for i in f)
-        for c, v in _evaluate_candidates(data, xs, dense, sw, train, val, space, criterion).items():
+    splits = [(sorted(i for j, f in enumerate(folds) if j != k for i in f), val) for k, val in enumerate(folds)]
+    units: list[_Unit] = [(tr, val, f, l2) for tr, val in splits for f in space.features for l2 in space.l2]
+    for scores in _run_units(inp, units, _jobs(space, len(rows), len(units))):
+        for c, v in scores.items():
             totals.setdefault(c, []).append(v)
+    totals[Candidate(PRIOR)] = [_prior_score(inp, tr, val) for tr, val in splits]
     means = {c: float(np.nanmean(v)) if not np.isnan(v).all() else float("-inf") for c, v in totals.items()}
     order = space.candidates()
     best = max(order, key=lambda c: (means.get(c, float("-inf")), -order.index(c)))
