@@ -19,11 +19,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgeroute.atomic_file import replace_file
 
 FORMAT = 2
 REQUIRED = ("input", "output")
@@ -217,19 +217,4 @@ def dumps(data: dict[str, Any]) -> str:
 
 def write_atomically(path: Path, data: dict[str, Any]) -> None:
     """Writes `data` so that a reader (or a crash) sees the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut
-    finally:
-        os.close(dir_fd)
+    replace_file(path, dumps(data).encode())

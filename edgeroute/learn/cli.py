@@ -160,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
             },
         }
     )
-    args.out.write_bytes(model.to_bytes())
+    model.save(args.out)
     print(f"chose {rep.chosen.label()} -> {args.out} ({args.out.stat().st_size} bytes)")
     return 0
 

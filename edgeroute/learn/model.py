@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeroute.atomic_file import replace_file
 from edgeroute.learn.features import FeaturizerConfig, bucket_ids, length_features
 
 MAGIC = b"ERLM"
@@ -182,7 +183,8 @@ class LinearModel:
         return model
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(self.to_bytes())
+        """Replaces the file whole: a proxy reloading it, or a crash mid-write, never sees a part."""
+        replace_file(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> LinearModel:
