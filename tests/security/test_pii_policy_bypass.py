@@ -153,3 +153,33 @@ async def test_messages_pii_in_passed_through_fields_goes_to_the_private_deploym
     public.options.requests.clear()
     raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, **personal)
     _served_privately(raw.headers, public, private)
+
+
+# Personal data as people type or paste it: the ASCII patterns did not read it; the model does.
+_WIDE = {c: c + 0xFEE0 for c in range(0x21, 0x7F)}  # an input method's full-width forms
+_ARABIC_INDIC = {0x30 + d: 0x0660 + d for d in range(10)}
+UNICODE_FORMS = {
+    "full_width_card": "\u30ab\u30fc\u30c9 " + CARD.translate(_WIDE),
+    "nbsp_card": CARD.replace(" ", "\u00a0"),  # pasted from a web page
+    "thin_space_card": CARD.replace(" ", "\u202f"),
+    "full_width_at": EMAIL.replace("@", "@".translate(_WIDE)),
+    "zero_width_in_email": EMAIL.replace("@", "@\u200b"),
+    "arabic_indic_ssn": "SSN " + "078-05-1120".translate(_ARABIC_INDIC),
+}
+
+
+@pytest.mark.parametrize("form", sorted(UNICODE_FORMS))
+async def test_pii_in_unicode_forms_goes_to_the_private_deployment(
+    start_mock: Any, start_proxy: Any, form: str
+) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "\u30ab\u30fc\u30c9 " + "1234".translate(_WIDE)}]
+    )
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": UNICODE_FORMS[form]}]
+    )
+    _served_privately(raw.headers, public, private)
