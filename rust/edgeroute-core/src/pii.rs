@@ -318,7 +318,13 @@ fn fold_char(c: char) -> Option<Option<char>> {
 pub fn fold(text: &str) -> Option<String> {
     // The UTF-8 lead bytes of every character `fold_char` maps.
     let lead = |b: &u8| matches!(b, 0xC2 | 0xD9 | 0xDB | 0xE1 | 0xE2 | 0xE3 | 0xEF);
-    let first = text.bytes().position(|b| lead(&b))?;
+    // 64-byte blocks tested branch-free (vectorised), as `numeric_runs` does for digits: a
+    // byte at a time, 12 kB of accented prose cost 4 µs.
+    let bytes = text.as_bytes();
+    let block = bytes
+        .chunks(64)
+        .position(|b| b.iter().fold(false, |acc, b| acc | lead(b)))?;
+    let first = block * 64 + bytes[block * 64..].iter().position(lead)?;
     let mut out: Option<String> = None;
     let mut copied = 0;
     for (i, c) in text[first..].char_indices() {
