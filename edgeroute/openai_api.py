@@ -243,7 +243,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 cache.save_json(plan, answer.body, dep.name, cost)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
-            shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY))
+            shadow.maybe_mirror(
+                request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY), _tags(request)
+            )
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
