@@ -37,16 +37,25 @@ class Usage:
     cache_write_tokens: int = 0  # prompt tokens written to a prompt cache (Anthropic, Bedrock), priced apart
 
     @classmethod
-    def from_openai(cls, u: dict[str, Any] | None) -> Usage | None:
+    def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False) -> Usage | None:
         """Usage from an OpenAI-format `usage` object; None when it is absent or unreadable
-        (then the caller counts the tokens itself rather than trusting garbage)."""
+        (then the caller counts the tokens itself rather than trusting garbage). With
+        `answered` (a text answer; an embedding has no completion), also when it counts the
+        prompt but not the completion and no `total_tokens` gives it: read as 0, a careless
+        upstream's long answer was priced as its prompt alone."""
         if not isinstance(u, dict):
             return None
+        completion = u.get("completion_tokens")
+        if completion is None and answered:
+            total, prompt = u.get("total_tokens"), u.get("prompt_tokens")
+            if type(total) is not int or type(prompt) is not int or total < prompt:
+                return None
+            completion = total - prompt
         details = u.get("prompt_tokens_details") or {}
         try:
             out = cls(
                 int(u.get("prompt_tokens") or 0),
-                int(u.get("completion_tokens") or 0),
+                int(completion or 0),
                 int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
             )
         except (TypeError, ValueError, OverflowError):

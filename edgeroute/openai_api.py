@@ -69,6 +69,12 @@ def _tags(request: web.Request) -> list[str] | None:
     return [t.strip() for t in raw.split(",") if t.strip()]
 
 
+def _region(request: web.Request) -> str | None:
+    """The region the caller's key is held to, if any."""
+    ident = request.get(IDENTITY)
+    return ident.residency if ident is not None else None
+
+
 def decide(live: Live, body: bytes, request: web.Request, explain: bool = False) -> _core.Decision:
     """Asks the core; maps its errors onto the API's statuses."""
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
@@ -186,6 +192,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache = request.app[CACHE]
         model = live.config.models[decision.route]
         plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+        cache.confine(plan, live.config, decision.rule, _region(request))
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         ticket = await admission.admit(request, decision, rec, _counter(live, body))
         if (reroute := rerouted_model(ticket)) is not None:
@@ -198,6 +205,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 cache.discard(plan)
                 model = live.config.models[decision.route]
                 plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+            cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
@@ -235,7 +243,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 cache.save_json(plan, answer.body, dep.name, cost)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
-            shadow.maybe_mirror(request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY))
+            shadow.maybe_mirror(
+                request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY), _tags(request)
+            )
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200

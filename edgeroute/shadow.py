@@ -123,14 +123,21 @@ class Observer(Protocol):
 CANDIDATE_ROUTER = web.AppKey("candidate_router", Observer)
 
 
-def decide_as(live: Live, body: bytes, ident: Identity | None, router: _core.Router | None = None) -> _core.Decision:
+def decide_as(
+    live: Live,
+    body: bytes,
+    ident: Identity | None,
+    router: _core.Router | None = None,
+    request_tags: list[str] | None = None,
+) -> _core.Decision:
     """The core's decision for a shadow request, made for the client's key as the primary's
-    was: its rules by team and role, and its residency (a shadow never leaves the region).
-    `router`: another core to ask (a candidate router's), else the running one."""
+    was: its rules by team and role, its residency (a shadow never leaves the region) and the
+    request's tags (`request_tags`: a rule keeping a tag to some deployments holds for the
+    mirror too). `router`: another core to ask (a candidate router's), else the running one."""
     router = router or live.router
     if ident is None:
-        return router.decide(body)
-    tags = key_tags(ident, None, live.regions)
+        return router.decide(body, tags=request_tags)
+    tags = key_tags(ident, request_tags, live.regions)
     d = router.decide(body, tags=tags, team=ident.team, role=ident.role, user=ident.user, key=ident.key)
     if ident.residency is not None:
         check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
@@ -146,15 +153,18 @@ def maybe_mirror(
     rec: RequestRecord,
     answer: bytes,
     ident: Identity | None = None,
+    tags: list[str] | None = None,
 ) -> None:
     """Mirrors this answered request to the model's shadow candidate, if it is sampled, and
-    shows it to the candidate router under evaluation, if any."""
+    shows it to the candidate router under evaluation, if any (`tags`: the request's)."""
     if (candidate := app.get(CANDIDATE_ROUTER)) is not None:
         candidate.observe(live, body, decision, rec, ident)
     if model.shadow is None or not sampled(model.shadow.percent):
         return
     state = app[STATE]
-    task = asyncio.get_running_loop().create_task(_mirror(app, live, model.shadow.model, body, rec, answer, ident))
+    task = asyncio.get_running_loop().create_task(
+        _mirror(app, live, model.shadow.model, body, rec, answer, ident, tags)
+    )
     state.background.add(task)
     task.add_done_callback(state.background.discard)
 
@@ -167,6 +177,7 @@ async def _mirror(
     primary: RequestRecord,
     answer: bytes,
     ident: Identity | None,
+    tags: list[str] | None,
 ) -> None:
     from edgeroute.dispatch import Call, JsonAnswer  # dispatch imports this module's caller
 
@@ -177,7 +188,7 @@ async def _mirror(
     text: str | None = None
     try:
         sbody = shadow_body(body, candidate)
-        d = decide_as(live, sbody, ident)
+        d = decide_as(live, sbody, ident, request_tags=tags)
         rec.route, rec.rule, rec.task = d.route, d.rule, d.task
         cfg = live.config.models[d.route]
         timeouts = cfg.timeouts or live.config.providers[live.deployments[d.order[0]].provider].timeouts

@@ -117,6 +117,27 @@ class Plan:
         return self.cacheable and self.directive.store
 
 
+def embedder_admits(cfg: Config, embedder: str, rule: str | None, region: str | None) -> bool:
+    """Whether a request's text may go to embedding deployment `embedder`: the rule that routed
+    it (its `deployments`, required and excluded tags) and its key's region hold for the
+    embedder as for the deployments that answer. Otherwise a prompt a PII rule keeps to a
+    private deployment went to a public embeddings API before it was answered."""
+    dep = cfg.deployments.get(embedder)
+    if dep is None:
+        return False
+    tags = {*dep.tags, f"provider:{dep.provider}"}
+    then = next((r.then for r in cfg.rules if r.name == rule), None) if rule is not None else None
+    if then is not None:
+        if then.deployments and embedder not in then.deployments:
+            return False
+        if not set(then.require_tags) <= tags or tags & set(then.exclude_tags):
+            return False
+    if region is not None:
+        res = cfg.governance.residency
+        return (res.tag_prefix if res is not None else "region:") + region in tags
+    return True
+
+
 class ResponseCache:
     """The cache of one server: one store; each request brings its route's settings from the running config."""
 
@@ -179,6 +200,14 @@ class ResponseCache:
         if (split := split_last_user_turn(obj)) is not None:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         return self._bypass_unless_looked_up(plan)
+
+    def confine(self, plan: Plan | None, cfg: Config, rule: str | None, region: str | None) -> None:
+        """No semantic lookup or indexing for a request whose last user turn may not go to the
+        route's embedding deployment (see `embedder_admits`): the exact cache still serves it."""
+        if plan is None or plan.turn is None or plan.settings.embedder is None:
+            return
+        if not embedder_admits(cfg, plan.settings.embedder, rule, region):
+            plan.turn = plan.context = None
 
     def plan_exact(
         self, request: web.Request, settings: RouteCache | None, route: str, fields: dict[str, Any], tenant: str

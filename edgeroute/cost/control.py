@@ -426,6 +426,8 @@ class CostControl:
         key_limit = self._key_limit(ident)
         model_limit = self._model_limits.get(route)
         takes = _bucket_takes(f"key:{ident.key}", key_limit, tokens) if key_limit else []
+        for ancestor, lim in ident.ancestor_limits:  # the keys that made it share their limits
+            takes += _bucket_takes(f"key:{ancestor}", lim, tokens)
         if model_limit is not None:
             takes += _bucket_takes(f"model:{route}", model_limit, tokens)
         return takes

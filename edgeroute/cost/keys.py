@@ -40,6 +40,9 @@ class Identity:
     residency: str | None = None  # the only region its requests may reach (governance/residency.py)
     # A managed key's own budget, then those of the keys that created it (governance/keys.py).
     budgets: tuple[Budget, ...] = ()
+    # The rate limits of the managed keys that created it, by key id: its requests take from
+    # their buckets too, so keys a rate-limited key creates share its limit.
+    ancestor_limits: tuple[tuple[str, Limit], ...] = ()
     models: frozenset[str] | None = None  # the public models it may ask for (None: all)
     deny_tags: frozenset[str] = frozenset()  # request tags it may not send
     priority: str | None = None  # its requests' priority class (edgeroute.config.priority)

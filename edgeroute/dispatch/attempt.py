@@ -298,7 +298,7 @@ class Attempts:
             data = orjson.dumps(obj)
         elif "choices" not in obj:
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no choices")
-        usage = Usage.from_openai(obj.get("usage"))
+        usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
         return JsonAnswer(data, usage)

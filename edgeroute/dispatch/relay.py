@@ -156,7 +156,9 @@ async def relay_stream(
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
-        usage = Usage.from_openai(sse.find_usage(tail) or (translator.usage if translator is not None else None))
+        usage = Usage.from_openai(
+            sse.find_usage(tail) or (translator.usage if translator is not None else None), answered=True
+        )
         if usage is None:
             rec = answer.rec
             settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)

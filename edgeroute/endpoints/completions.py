@@ -73,7 +73,7 @@ class CompletionsCall(CountedCall):
         obj = answer_object(data, status, "choices")
         if isinstance(obj, Failure):
             return obj
-        usage = Usage.from_openai(obj.get("usage"))
+        usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:
             text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0

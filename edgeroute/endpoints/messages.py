@@ -215,7 +215,7 @@ class MessagesCall(Call):
         obj = answer_object(data, status, "content")
         if isinstance(obj, Failure):
             return obj
-        usage = Usage.from_openai(openai_usage(obj.get("usage")))
+        usage = Usage.from_openai(openai_usage(obj.get("usage")), answered=True)
         return JsonAnswer(data, usage or Usage(prompt_tokens=self.prompt_tokens(), estimated=True))
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:

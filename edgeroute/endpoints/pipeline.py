@@ -89,6 +89,17 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
     return orjson.dumps(body)
 
 
+def policy_body(route_body: bytes, sent: bytes) -> bytes:
+    """`route_body` with the client's body `sent` as the value of a key the core does not
+    read, for the decision: a deployment that speaks the endpoint gets `sent` as it is, and
+    the PII rule reads every string of the body it decides on, so personal data the routing
+    body leaves out (a completions `suffix`, the `tools` of a Responses request without a chat
+    translation, a thinking block passed through to Anthropic) still keeps the request to the
+    deployments allowed it. Appended last, so the decision's `model_span` holds for
+    `route_body` (an object from `orjson.dumps`, never empty)."""
+    return route_body[:-1] + b',"edgeroute_client_body":' + sent + b"}"
+
+
 def answer_object(data: bytes, status: int, key: str) -> dict[str, Any] | Failure:
     """An upstream's JSON answer, which must be an object with a list under `key`; else the failure."""
     try:
@@ -133,7 +144,7 @@ async def serve(
         parsed = endpoint(body)
         rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
         route_body = parsed.routing_body
-        decision = decide(live, route_body, request)
+        decision = decide(live, policy_body(route_body, body), request)
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
@@ -144,7 +155,7 @@ async def serve(
         )
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
-            decision = decide(live, route_body, request)
+            decision = decide(live, policy_body(route_body, body), request)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)

@@ -99,7 +99,7 @@ class ResponsesCall(Call):
         obj = answer_object(data, status, "output")
         if isinstance(obj, Failure):
             return obj
-        usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")))
+        usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")), answered=True)
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
         return JsonAnswer(data, usage)

@@ -17,6 +17,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from edgeroute import redact
 from edgeroute.governance.http import parse_since
 
 
@@ -155,7 +156,8 @@ def _cell(v: Any) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(v))
     if isinstance(v, (list, dict)):
         return json.dumps(v)
-    return str(v)
+    # A key's user and team are whoever made it's to choose: no terminal codes, one row a line.
+    return redact.printable(str(v))
 
 
 def _run(fn: Any, args: argparse.Namespace) -> int:

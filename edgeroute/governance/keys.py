@@ -138,8 +138,17 @@ def key_budget(data: dict[str, Any]) -> Budget | None:
     return Budget(name=f"key:{data['id']}", scope="key", match=data["id"], limit_usd=usd) if usd else None
 
 
-def _entry(data: dict[str, Any], residency: str | None, budgets: tuple[Budget, ...]) -> _Entry:
-    limits = Limit(rpm=data.get("rpm"), tpm=data.get("tpm")) if data.get("rpm") or data.get("tpm") else None
+def _limit(data: dict[str, Any]) -> Limit | None:
+    return Limit(rpm=data.get("rpm"), tpm=data.get("tpm")) if data.get("rpm") or data.get("tpm") else None
+
+
+def _entry(
+    data: dict[str, Any],
+    residency: str | None,
+    budgets: tuple[Budget, ...],
+    ancestor_limits: tuple[tuple[str, Limit], ...] = (),
+) -> _Entry:
+    limits = _limit(data)
     models = data.get("models")
     ident = Identity(
         data["id"],
@@ -149,6 +158,7 @@ def _entry(data: dict[str, Any], residency: str | None, budgets: tuple[Budget, .
         limits,
         residency=residency,
         budgets=budgets,
+        ancestor_limits=ancestor_limits,
         models=frozenset(models) if models is not None else None,
         deny_tags=frozenset(data.get("deny_tags") or ()),
         priority=data.get("priority"),
@@ -203,7 +213,7 @@ class ManagedKeys:
         children: dict[str, list[str]] = {}
         for key_id, data in self._raw.items():
             region = self._region_of(key_id, data.get("team"), data.get("residency"))
-            by_id[key_id] = _entry(data, region, self._budgets_of(data))
+            by_id[key_id] = _entry(data, region, self._budgets_of(data), self._ancestor_limits(data))
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
@@ -217,6 +227,19 @@ class ManagedKeys:
             seen.add(node["id"])
             if (b := key_budget(node)) is not None:
                 out.append(b)
+            node = self._raw.get(node["parent"]) if node.get("parent") else None
+        return tuple(out)
+
+    def _ancestor_limits(self, data: dict[str, Any]) -> tuple[tuple[str, Limit], ...]:
+        """The rate limits of each managed key above this one, by id (a key a rate-limited key
+        made would otherwise have buckets of its own: ten keys of 3 a minute sent 30)."""
+        out: list[tuple[str, Limit]] = []
+        seen = {data["id"]}
+        node = self._raw.get(data["parent"]) if data.get("parent") else None
+        while node is not None and node["id"] not in seen:
+            seen.add(node["id"])
+            if (lim := _limit(node)) is not None:
+                out.append((node["id"], lim))
             node = self._raw.get(node["parent"]) if node.get("parent") else None
         return tuple(out)
 

@@ -202,7 +202,8 @@ class Versions:
         return saved.version
 
     def get(self, v: int) -> Version:
-        found = self.store.version(v)
+        # Past 64 bits no version exists, and the database could not take the number (a 500).
+        found = self.store.version(v) if -(2**63) <= v < 2**63 else None
         if found is None:
             raise ProxyError(404, f"No config version {v}.", code="version_not_found", param="version")
         return found

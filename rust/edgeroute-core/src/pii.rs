@@ -294,9 +294,70 @@ pub fn warm_up() {
     );
 }
 
+/// What a character typed or pasted inside personal data reads as to the ASCII patterns:
+/// `Some(Some(c))` a replacement, `Some(None)` nothing (an invisible character), `None` itself.
+///
+/// Full-width forms (an input method's `４１１１`, `＠`), Arabic-Indic digits, no-break,
+/// thin and ideographic spaces, Unicode hyphens and dashes, and zero-width characters
+/// (a ZWSP or a soft hyphen inside an address) hide nothing from the model that reads them.
+fn fold_char(c: char) -> Option<Option<char>> {
+    let u = c as u32;
+    Some(match u {
+        0xFF01..=0xFF5E => char::from_u32(u - 0xFEE0),
+        0x0660..=0x0669 => char::from_u32(u - 0x0660 + 0x30),
+        0x06F0..=0x06F9 => char::from_u32(u - 0x06F0 + 0x30),
+        0x00A0 | 0x2000..=0x200A | 0x202F | 0x205F | 0x3000 => Some(' '),
+        0x2010..=0x2013 | 0x2212 | 0xFE63 => Some('-'),
+        0x00AD | 0x180E | 0x200B..=0x200D | 0x2060 | 0xFEFF => None,
+        _ => return None,
+    })
+}
+
+/// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
+/// an ASCII text (most prompts) is found to be at memchr speed.
+pub fn fold(text: &str) -> Option<String> {
+    // The UTF-8 lead bytes of every character `fold_char` maps.
+    let lead = |b: &u8| matches!(b, 0xC2 | 0xD9 | 0xDB | 0xE1 | 0xE2 | 0xE3 | 0xEF);
+    // 64-byte blocks tested branch-free (vectorised), as `numeric_runs` does for digits: a
+    // byte at a time, 12 kB of accented prose cost 4 µs.
+    let bytes = text.as_bytes();
+    let block = bytes
+        .chunks(64)
+        .position(|b| b.iter().fold(false, |acc, b| acc | lead(b)))?;
+    let first = block * 64 + bytes[block * 64..].iter().position(lead)?;
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    for (i, c) in text[first..].char_indices() {
+        if c.is_ascii() {
+            continue;
+        }
+        if let Some(to) = fold_char(c) {
+            let at = first + i;
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(&text[copied..at]);
+            o.extend(to);
+            copied = at + c.len_utf8();
+        }
+    }
+    let mut o = out?;
+    o.push_str(&text[copied..]);
+    Some(o)
+}
+
 /// Finds the kinds of personal data in `text`; `wanted` limits the work to what rules ask for
-/// (an empty set means every kind).
+/// (an empty set means every kind). Text that [`fold`] changes is searched as folded too.
 pub fn detect(text: &str, wanted: PiiSet) -> PiiSet {
+    let found = detect_ascii(text, wanted);
+    if text.is_ascii() {
+        return found;
+    }
+    match fold(text) {
+        Some(folded) => found.union(detect_ascii(&folded, wanted)),
+        None => found,
+    }
+}
+
+fn detect_ascii(text: &str, wanted: PiiSet) -> PiiSet {
     let mut found = PiiSet::default();
     let want = |k: PiiKind| wanted.is_empty() || wanted.contains(k);
     if want(PiiKind::Email) && has_email(text) {
@@ -419,7 +480,23 @@ pub fn find(text: &str) -> Vec<PiiSpan> {
 /// `text` with every occurrence of personal data replaced by a typed marker
 /// (`[PII:email]`, `[PII:payment_card]`, ...); borrowed when there is none.
 /// Overlapping occurrences become one marker, of the kind that starts first.
+///
+/// Personal data that only the [`fold`]ed text shows (full-width digits, a zero-width
+/// character inside an address) is redacted too: the text is then returned folded.
 pub fn redact(text: &str) -> Cow<'_, str> {
+    let once = mask(text);
+    if once.is_ascii() {
+        return once;
+    }
+    let Some(folded) = fold(&once) else { return once };
+    match mask(&folded) {
+        Cow::Borrowed(_) => once,
+        Cow::Owned(masked) => Cow::Owned(masked),
+    }
+}
+
+/// `text` with the occurrences [`find`] sees replaced by markers.
+fn mask(text: &str) -> Cow<'_, str> {
     let spans = merged(find(text));
     if spans.is_empty() {
         return Cow::Borrowed(text);
@@ -476,6 +553,34 @@ mod tests {
 
     fn kinds(t: &str) -> Vec<&'static str> {
         detect(t, PiiSet::default()).kinds().map(PiiKind::name).collect()
+    }
+
+    #[test]
+    fn typed_or_pasted_unicode_hides_nothing() {
+        // An input method's full-width digits and at sign, Arabic-Indic digits, a card
+        // pasted with no-break or thin spaces, invisible characters inside an address.
+        for (text, kind) in [
+            ("カード ４１１１ １１１１ １１１１ １１１１", "payment_card"),
+            ("card 4111\u{a0}1111\u{a0}1111\u{a0}1111", "payment_card"),
+            ("card 4111\u{202f}1111\u{2009}1111\u{2009}1111", "payment_card"),
+            ("card 4111\u{2011}1111\u{2011}1111\u{2011}1111", "payment_card"),
+            ("ssn ٠٧٨-٠٥-١١٢٠", "national_id"),
+            ("mail jane.doe＠example.com", "email"),
+            ("mail jane@\u{200b}example.com", "email"),
+            ("mail jane\u{ad}@exam\u{200d}ple.com", "email"),
+            ("ssn 078\u{2060}-05-1120", "national_id"),
+        ] {
+            assert_eq!(kinds(text), [kind], "{text:?}");
+            let red = redact(text);
+            assert!(red.contains(&format!("[PII:{kind}]")), "{text:?} -> {red:?}");
+        }
+        // Data found in the text as it is stays found when something else needs folding.
+        assert_eq!(kinds("4111 1111 1111 1111 a＠b.io"), ["email", "payment_card"]);
+        assert_eq!(redact("a@b.io \u{ff14}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}\u{ff11}"), "[PII:email] [PII:payment_card]");
+        // Text without personal data is returned as it is, unfolded.
+        assert!(matches!(redact("東京\u{a0}ｒａｍｅｎ"), Cow::Borrowed(_)));
+        assert_eq!(fold("plain ascii"), None);
+        assert_eq!(fold("x\u{ff10}\u{200b}y\u{3000}").as_deref(), Some("x0y "));
     }
 
     #[test]

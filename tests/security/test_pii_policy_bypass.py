@@ -1,0 +1,185 @@
+"""Policy bypass: personal data in a field the core did not read reached a deployment the rules forbid.
+
+On `/v1/responses`, `/v1/completions`, `/v1/embeddings` and `/v1/messages` the core decides on
+a routing body (the chat translation, or one user turn of the request's text), while the
+deployment that serves the request natively gets the client's body as sent. Whatever the
+routing body left out was never seen by the PII rule: `instructions` and `tools` of a
+Responses request that has no chat translation, a completions `suffix`, an embeddings `user`,
+the thinking blocks, `metadata` and unknown fields of a Messages request passed through to
+Anthropic. Each carried an e-mail or a card number to the public deployment.
+
+A real proxy with mock upstreams, the official SDKs as clients: the same request without
+personal data goes to the public deployment (cheapest first), with it to the private one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.providers_fixtures import provider_config, start_mock
+
+__all__ = ["start_mock"]
+
+CARD = "4111 1111 1111 1111"
+EMAIL = "jane.doe@example.co.uk"
+
+
+async def _proxy(start_mock: Any, start_proxy: Any, kind: str) -> tuple[str, Any, Any]:
+    public = await start_mock(kind, record=True)
+    private = await start_mock(kind, record=True)
+    cfg = provider_config({"pub": public, "priv": private})
+    cfg["deployments"]["d-priv"]["tags"] = ["privacy:high"]
+    # Lowest cost first: without personal data the cheap public deployment serves, every time.
+    cfg["deployments"]["d-priv"]["price"] = {"input_per_mtok": 10.0, "output_per_mtok": 20.0}
+    cfg["models"]["m"] = {"deployments": ["d-pub", "d-priv"], "strategy": "lowest_cost"}
+    cfg["rules"] = [
+        {
+            "name": "pii-stays-private",
+            "when": {"pii": ["email", "phone", "payment_card", "iban", "national_id"]},
+            "then": {"require_tags": ["privacy:high"]},
+        }
+    ]
+    proxy = await start_proxy(cfg)
+    return proxy.url, public, private
+
+
+def _served_privately(headers: Any, public: Any, private: Any) -> None:
+    assert not public.options.requests, "personal data reached the public deployment"
+    assert headers["x-edgeroute-deployment"] == "d-priv"
+    assert headers["x-edgeroute-rule"] == "pii-stays-private"
+    assert len(private.options.requests) == 1
+
+
+# Each: the request without personal data, and the same with it where the routing body did not look.
+RESPONSES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # `reasoning` has no chat translation: the routing body held `input` alone.
+    "instructions_untranslatable": (
+        {"input": "hi", "reasoning": {"effort": "low"}, "instructions": "Be brief."},
+        {"input": "hi", "reasoning": {"effort": "low"}, "instructions": f"Customer: {EMAIL}"},
+    ),
+    "metadata": ({"input": "hi", "metadata": {"k": "v"}}, {"input": "hi", "metadata": {"customer": EMAIL}}),
+    "tools_untranslatable": (
+        {"input": "hi", "tools": [{"type": "web_search"}]},
+        {
+            "input": "hi",
+            "tools": [
+                {"type": "web_search"},
+                {"type": "function", "name": "pay", "description": f"pays {CARD}", "parameters": {}},
+            ],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("place", sorted(RESPONSES))
+async def test_responses_pii_outside_the_translation_goes_to_the_private_deployment(
+    start_mock: Any, start_proxy: Any, place: str
+) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    clean, personal = RESPONSES[place]
+    raw = await client.responses.with_raw_response.create(model="m", **clean)
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.responses.with_raw_response.create(model="m", **personal)
+    _served_privately(raw.headers, public, private)
+
+
+async def test_completions_suffix_with_pii_goes_to_the_private_deployment(start_mock: Any, start_proxy: Any) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    raw = await client.completions.with_raw_response.create(model="m", prompt="Dear", suffix="Regards")
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.completions.with_raw_response.create(model="m", prompt="Dear", suffix=f"Reply to {EMAIL}")
+    _served_privately(raw.headers, public, private)
+    assert private.options.requests[0]["body"]["suffix"] == f"Reply to {EMAIL}"
+
+
+async def test_embeddings_user_with_pii_goes_to_the_private_deployment(start_mock: Any, start_proxy: Any) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    raw = await client.embeddings.with_raw_response.create(model="m", input=["hello"], user="u-1")
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.embeddings.with_raw_response.create(model="m", input=["hello"], user=EMAIL)
+    _served_privately(raw.headers, public, private)
+
+
+def _thinking(text: str) -> list[dict[str, Any]]:
+    return [
+        {"role": "user", "content": "Pay the invoice."},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": text, "signature": "c2ln"},
+                {"type": "text", "text": "Paid."},
+            ],
+        },
+        {"role": "user", "content": "Thanks."},
+    ]
+
+
+# Each makes the request one the chat translation would lose something of: passed through as sent.
+MESSAGES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "thinking_block": (
+        {"messages": _thinking("The user wants to pay.")},
+        {"messages": _thinking(f"The card is {CARD}.")},
+    ),
+    "metadata": (
+        {"messages": [{"role": "user", "content": "hi"}], "metadata": {"user_id": "u1", "note": "x"}},
+        {"messages": [{"role": "user", "content": "hi"}], "metadata": {"user_id": "u1", "note": EMAIL}},
+    ),
+    "unknown_field": (
+        {"messages": [{"role": "user", "content": "hi"}], "extra_body": {"container": "c-1"}},
+        {"messages": [{"role": "user", "content": "hi"}], "extra_body": {"container": f"c-1 {EMAIL}"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("place", sorted(MESSAGES))
+async def test_messages_pii_in_passed_through_fields_goes_to_the_private_deployment(
+    start_mock: Any, start_proxy: Any, place: str
+) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "anthropic")
+    client = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0)
+    clean, personal = MESSAGES[place]
+    raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, **clean)
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, **personal)
+    _served_privately(raw.headers, public, private)
+
+
+# Personal data as people type or paste it: the ASCII patterns did not read it; the model does.
+_WIDE = {c: c + 0xFEE0 for c in range(0x21, 0x7F)}  # an input method's full-width forms
+_ARABIC_INDIC = {0x30 + d: 0x0660 + d for d in range(10)}
+UNICODE_FORMS = {
+    "full_width_card": "\u30ab\u30fc\u30c9 " + CARD.translate(_WIDE),
+    "nbsp_card": CARD.replace(" ", "\u00a0"),  # pasted from a web page
+    "thin_space_card": CARD.replace(" ", "\u202f"),
+    "full_width_at": EMAIL.replace("@", "@".translate(_WIDE)),
+    "zero_width_in_email": EMAIL.replace("@", "@\u200b"),
+    "arabic_indic_ssn": "SSN " + "078-05-1120".translate(_ARABIC_INDIC),
+}
+
+
+@pytest.mark.parametrize("form", sorted(UNICODE_FORMS))
+async def test_pii_in_unicode_forms_goes_to_the_private_deployment(
+    start_mock: Any, start_proxy: Any, form: str
+) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "\u30ab\u30fc\u30c9 " + "1234".translate(_WIDE)}]
+    )
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    public.options.requests.clear()
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": UNICODE_FORMS[form]}]
+    )
+    _served_privately(raw.headers, public, private)
