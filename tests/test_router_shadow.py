@@ -400,3 +400,35 @@ async def test_the_candidate_follows_reloads_and_rollbacks(start_upstream: Any, 
     with sqlite3.connect(tmp_path / "log.db") as c:
         counts = dict(c.execute("SELECT candidate, COUNT(*) FROM router_shadow GROUP BY candidate").fetchall())
     assert counts == {first: 4, second: 5}  # none while no candidate was configured
+
+
+async def test_the_candidate_is_asked_with_the_requests_tags(start_upstream: Any, tmp_path: Path) -> None:
+    """A rule on a request tag (`confidential` kept to deployments tagged `privacy:high`) holds
+    for the candidate's choice as for the running router's: asked without the tags, the
+    candidate would be credited with a cheap route the request may not take."""
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+
+    strong, weak = await start_upstream(), await start_upstream()
+    running, _ = _routers(tmp_path)
+    cheap = R.Outcomes(list(SUMS), [STRONG_OUT, WEAK_OUT], np.tile([0.1, 0.9], (len(SUMS), 1)), [0.01, 0.001])
+    candidate = tmp_path / "cheap.erlm"
+    S.prior_model(cheap, R.ROUTER_FEATURIZER).save(candidate)  # everything to the weak route
+    cfg = _cfg(tmp_path, strong, weak, running, candidate)
+    cfg["deployments"]["big"]["tags"] = ["privacy:high"]
+    cfg["rules"] = [
+        {"name": "confidential", "when": {"tags": ["confidential"]}, "then": {"require_tags": ["privacy:high"]}}
+    ]
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        for prompt in SUMS[:3]:
+            raw = await oai.chat.completions.with_raw_response.create(
+                model="auto", messages=msg(prompt), extra_headers={"x-edgeroute-tags": "confidential"}
+            )
+            assert raw.headers["x-edgeroute-deployment"] == "big"
+        await oai.chat.completions.create(model="auto", messages=msg(CHAT[0]))  # untagged
+        body = await _until(s, proxy.url, 4, rated=0)
+    assert body["requests"] == 4, (body["evaluator"], body["pairs"])
+    pairs = {(p["running_route"], p["candidate_route"]): p["requests"] for p in body["pairs"]}
+    # the tagged sums: the candidate's weak route is not allowed them; the chat turn: weak by both
+    assert pairs == {("strong", "strong"): 3, ("weak", "weak"): 1}, body["pairs"]

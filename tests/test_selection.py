@@ -95,6 +95,35 @@ async def test_cheapest_sufficient_policy(pair, start_proxy) -> None:
     await client.close()
 
 
+async def test_a_rule_keeping_a_tag_to_some_deployments_steers_the_policy_to_them(pair, start_proxy) -> None:
+    """`confidential` requests may only go to deployments tagged `privacy:high` (the strong
+    model's). A greeting's cheapest sufficient candidate is the weak model, whose deployment
+    the rule bars: the policy chooses among the candidates the rule allows, where it chose the
+    weak route and then had no deployment to send to (a 503 for a request the strong one serves)."""
+    strong, weak = pair
+    cfg = config(strong, weak, threshold=0.5)
+    cfg["deployments"]["big"]["tags"] = ["privacy:high"]
+    cfg["rules"] = [
+        {"name": "confidential", "when": {"tags": ["confidential"]}, "then": {"require_tags": ["privacy:high"]}}
+    ]
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    route, _ = await served_by(client, "hi there!")
+    assert route == "weak"  # untagged: the cheap candidate is sufficient
+    route, raw = await served_by(client, "hi there!", extra_headers={"x-edgeroute-tags": "confidential"})
+    assert route == "strong" and raw.headers["x-edgeroute-deployment"] == "big"
+    assert "rule=confidential" in raw.headers["x-edgeroute-explain"]
+    # A rule that bars every candidate's deployments still refuses, saying why.
+    cfg["deployments"]["small"]["tags"] = ["gpu"]
+    cfg["rules"][0]["then"] = {"require_tags": ["privacy:high", "gpu"]}  # no deployment has both
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        await served_by(client, "hi there!", extra_headers={"x-edgeroute-tags": "confidential"})
+    assert e.value.status_code == 503 and "required tags" in str(e.value.body), e.value.body
+    await client.close()
+
+
 async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) -> None:
     """A config served from a file gets a ledger by default; policy and experiment models have
     no deployments of their own and must still start, serve and be costed against their routes."""

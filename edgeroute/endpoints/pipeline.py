@@ -26,7 +26,7 @@ from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import _cached_answer, _route_headers, _tenant, begin, decide, finish, read_body
+from edgeroute.openai_api import _cached_answer, _route_headers, _tags, _tenant, begin, decide, finish, read_body
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
 from edgeroute.state import Live
@@ -148,6 +148,7 @@ async def serve(
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
+        rec.tags = _tags(request)
         # Budgets count the routing body exactly, off the loop, only when its bound alone would refuse.
         counted = route_body
         ticket = await admission.admit(

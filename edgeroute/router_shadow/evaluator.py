@@ -69,6 +69,7 @@ class _Seen:
     usage: Usage
     cost_usd: float
     ts: float
+    tags: list[str] | None  # the request's x-edgeroute-tags: a tag rule holds for the candidate too
 
 
 class Evaluator:
@@ -114,6 +115,7 @@ class Evaluator:
         seen = _Seen(
             live, body, ident, rec.request_id, rec.model, decision.route, decision.order[0],
             usage or Usage(decision.prompt_tokens, 0), sum(a.cost_usd for a in rec.attempts), rec.started,
+            rec.tags,
         )  # fmt: skip
         self._added += len(body)
         self._waiting.append(seen)
@@ -141,7 +143,7 @@ class Evaluator:
             s = self._waiting.popleft()
             self._taken += len(s.body)
             try:
-                d = decide_as(s.live, s.body, s.ident, self._router(s.live))
+                d = decide_as(s.live, s.body, s.ident, self._router(s.live), request_tags=s.tags)
                 first = d.order[0]
             except Exception as e:  # a refusal by the candidate (or a bug) must never reach a client
                 self.failed += 1

@@ -560,7 +560,7 @@ impl Router {
         }
         let mut policy_note = None;
         if let (Some(p), Some(c)) = (&self.routes[route].spec.policy, &class) {
-            let (chosen, note) = self.apply_policy(route, p.threshold, c, needed, req.max_tokens);
+            let (chosen, note) = self.apply_policy(route, p.threshold, c, needed, req.max_tokens, action);
             route = chosen;
             policy_note = Some(note);
         }
@@ -761,6 +761,10 @@ impl Router {
 
     /// The cheapest candidate of policy route `r` whose predicted score (plus its
     /// feedback shift) reaches `threshold`; returns the route and an explanation.
+    /// Only candidates with a deployment the matched rule's `action` allows compete (a rule
+    /// keeping tagged requests to some deployments must not leave the policy choosing a route
+    /// with none of them, which would refuse a request another candidate can serve); when
+    /// no candidate has one, all compete and ordering reports why nothing can serve.
     fn apply_policy(
         &self,
         r: usize,
@@ -768,18 +772,31 @@ impl Router {
         c: &Classification,
         needed: u32,
         max_tokens: Option<u32>,
+        action: Option<&Action>,
     ) -> (usize, String) {
         let task = c.task.class.as_str();
-        let scored: Vec<Scored> = self.routes[r]
-            .candidates
+        let allowed = |route: usize| match action {
+            None => true,
+            Some(a) => self.routes[route]
+                .members
+                .iter()
+                .any(|&i| barred(a, &self.deployments[i].spec).is_none()),
+        };
+        let score = |(i, &(route, out)): (usize, &(usize, usize))| Scored {
+            candidate: i,
+            cost: self.cheapest_cost(route, needed, max_tokens),
+            score: c.scores[out] + self.shifts.get(task, &self.routes[route].spec.name),
+        };
+        let candidates = &self.routes[r].candidates;
+        let mut scored: Vec<Scored> = candidates
             .iter()
             .enumerate()
-            .map(|(i, &(route, out))| Scored {
-                candidate: i,
-                cost: self.cheapest_cost(route, needed, max_tokens),
-                score: c.scores[out] + self.shifts.get(task, &self.routes[route].spec.name),
-            })
+            .filter(|&(_, &(route, _))| allowed(route))
+            .map(score)
             .collect();
+        if scored.is_empty() {
+            scored = candidates.iter().enumerate().map(score).collect();
+        }
         let chosen = policy::cheapest_sufficient(&scored, threshold).expect("a policy has candidates");
         let route = self.routes[r].candidates[chosen.candidate].0;
         let verdict = if chosen.score >= threshold {
@@ -822,18 +839,17 @@ impl Router {
             if out.order.contains(&i) || out.full.contains(&i) {
                 continue;
             }
-            if let Some(a) = action {
-                if !a.deployments.is_empty() && !a.deployments.contains(&d.spec.name) {
-                    continue;
+            if let Some(why) = action.and_then(|a| barred(a, &d.spec).map(|b| (a, b))) {
+                match why {
+                    (_, Barred::NotListed) => {}
+                    (a, Barred::LacksTags) => {
+                        out.reason = format!("no deployment has the required tags {:?}", a.require_tags);
+                    }
+                    (a, Barred::ExcludedTag) => {
+                        out.reason = format!("deployments tagged {:?} are excluded", a.exclude_tags);
+                    }
                 }
-                if !a.require_tags.iter().all(|t| has_tag(&d.spec, t)) {
-                    out.reason = format!("no deployment has the required tags {:?}", a.require_tags);
-                    continue;
-                }
-                if a.exclude_tags.iter().any(|t| has_tag(&d.spec, t)) {
-                    out.reason = format!("deployments tagged {:?} are excluded", a.exclude_tags);
-                    continue;
-                }
+                continue;
             }
             if !fits(&d.spec, needed) {
                 out.reason = format!("the request needs {needed} tokens, more than the context window");
@@ -1037,6 +1053,28 @@ struct Chain {
 
 fn fits(d: &DeploymentSpec, needed: u32) -> bool {
     d.context_window == 0 || needed <= d.context_window
+}
+
+/// Why a matched rule's action keeps a deployment from serving.
+enum Barred {
+    /// Not among the action's `deployments`.
+    NotListed,
+    /// Missing one of its `require_tags`.
+    LacksTags,
+    /// Carrying one of its `exclude_tags`.
+    ExcludedTag,
+}
+
+fn barred(a: &Action, d: &DeploymentSpec) -> Option<Barred> {
+    if !a.deployments.is_empty() && !a.deployments.contains(&d.name) {
+        Some(Barred::NotListed)
+    } else if !a.require_tags.iter().all(|t| has_tag(d, t)) {
+        Some(Barred::LacksTags)
+    } else if a.exclude_tags.iter().any(|t| has_tag(d, t)) {
+        Some(Barred::ExcludedTag)
+    } else {
+        None
+    }
 }
 
 fn has_tag(d: &DeploymentSpec, tag: &str) -> bool {
