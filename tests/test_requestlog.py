@@ -436,3 +436,20 @@ async def test_content_is_stored_only_where_configured_and_only_shown_to_admins(
         await auditor.close()
     raw = (tmp_path / "log.db").read_bytes()
     assert secret.encode() not in raw and b"tok-app-123456" not in raw
+
+
+async def test_tags_are_recorded_on_every_endpoint(start_upstream: Any, tmp_path: Path) -> None:
+    """`x-edgeroute-tags` reached the record of chat completions only; a legacy completion or
+    an embedding tagged for a cost centre was logged without them."""
+    good = await start_upstream()
+    cfg = _two_upstream_config(good.base_url, good.base_url, tmp_path / "log.db")
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+        tags = {"x-edgeroute-tags": "team-x,batch"}
+        await client.completions.create(model="m", prompt="say hi", extra_headers=tags)
+        await client.embeddings.create(model="m", input="hello", extra_headers=tags)
+        page = await _wait_for(s, proxy.url + "/admin/requests", 2)
+        assert len(page["data"]) == 2
+        for rec in page["data"]:
+            _, one = await _get(s, proxy.url + f"/admin/requests/{rec['id']}")
+            assert one["tags"] == ["team-x", "batch"], one
