@@ -17,7 +17,7 @@ lists, the benchmarks' names, the JSON field names and row counts were looked at
   No training or development step has used either (the training data's benchmarks are
   MT-Bench, Arena-Hard, HumanEval, GSM8K, MMLU and vLLM-SR's cases; the development sets
   are BIG-bench, evalscope, inspect-evals and OpenAI evals).
-* **Labels**, by ``labels/fresh_task_sources_v4.json``: one class per benchmark (SciCode
+* **Labels**, by ``labels/eval/fresh_task_sources_v4.json``: one class per benchmark (SciCode
   -> code, MMATH -> math), from the benchmarks' names and our class definitions. No
   creative-writing source was found in time, so the set has no creative writing and its
   focus macro-F1 is over code and math.
@@ -67,7 +67,9 @@ WHEELS = {
 }
 SCICODE_FILES = ("scicode/data/problems_all.jsonl", "scicode/data/problems_dev.jsonl")
 MMATH_DIR = "mmath/mmath/"
-RULES_FILE = data.LABELS / "fresh_task_sources_v4.json"
+# In a folder of its own: the manifest lists the JSON files directly under labels/ as training
+# inputs, and this one labels a test set only.
+RULES_FILE = data.LABELS / "eval" / "fresh_task_sources_v4.json"
 PER_PROBLEM = 2
 PER_CLASS = 150
 MIN_PER_CLASS = 20
