@@ -15,6 +15,11 @@ was scored then:
   :data:`MAX_CHARS` characters, exact duplicates and training texts are dropped.
 * **Sample.** Per task the :data:`PER_TASK` examples with the smallest
   ``sha256(task + prompt)``; per class at most :data:`PER_CLASS`, round-robin over tasks.
+
+``--leave-one-out`` is the development criterion over all three scored sets (BIG-bench, the
+second fresh set, the third): for each, a model trained on the shipped recipe's data plus
+the other two sets is scored on it, beside the shipped model. It asks whether prompts of
+other benchmarks help on a benchmark not trained on, which is what traffic is.
 """
 
 from __future__ import annotations
@@ -102,11 +107,63 @@ def dev_set() -> list[Example]:
     return build_dev_set(fetch(fresh_eval.cache_dir()), task_labels())
 
 
+def development_sets() -> dict[str, list[Example]]:
+    """The three scored fresh sets, now development sets, by name (fetched into the cache)."""
+    from edgeroute.learn import fresh_eval_v3
+
+    cache = fresh_eval.cache_dir()
+    return {
+        "BIG-bench": dev_set(),
+        "evalscope + inspect-evals": fresh_eval.build_test_set(fresh_eval.fetch(cache), fresh_eval.rules()),
+        "OpenAI evals": fresh_eval_v3.build_test_set(fresh_eval_v3.fetch(cache), fresh_eval_v3.folder_labels()),
+    }
+
+
+def leave_one_out(shipped: LinearModel, sets: dict[str, list[Example]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per held-out set: the shipped model and one trained on the recipe's data plus the other sets.
+
+    Each figure is macro-F1 over the set's classes (``all``), over code / math / creative
+    writing (``focus``) and the expected calibration error (``ece``).
+    """
+    from edgeroute.learn.tasks import train_task_model
+
+    base = data.task_training_examples(arena_v2=True, arena_v01=True)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, test in sets.items():
+        held = {e.text for e in test}
+        extra = [e for other, rows in sets.items() if other != name for e in rows]
+        candidate = train_task_model([e for e in base + extra if e.text not in held])
+        out[name] = {}
+        for who, model in (("shipped", shipped), ("with the other sets", candidate)):
+            m = fresh_eval.score(model, test)["model"]
+            out[name][who] = {"all": m["macro_f1"], "focus": m["macro_f1_focus"] or 0.0, "ece": m["ece"]}
+    return out
+
+
+def _print_leave_one_out(res: dict[str, dict[str, dict[str, float]]]) -> None:
+    print(f"{'held-out set':<28}{'model':<22}{'macro all':>10}{'macro c/m/cw':>14}{'ECE':>7}")
+    whos = next(iter(res.values())).keys()
+    for name, row in res.items():
+        for who, f in row.items():
+            print(f"{name:<28}{who:<22}{f['all']:>10.3f}{f['focus']:>14.3f}{f['ece']:>7.3f}")
+    for who in whos:
+        mean = {k: sum(r[who][k] for r in res.values()) / len(res) for k in ("all", "focus", "ece")}
+        print(f"{'mean':<28}{who:<22}{mean['all']:>10.3f}{mean['focus']:>14.3f}{mean['ece']:>7.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgeroute.learn.task_devset", description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=fresh_eval.TASK_MODEL, help="task model file (default: shipped)")
+    ap.add_argument(
+        "--leave-one-out",
+        action="store_true",
+        help="train on the recipe's data plus two scored sets, score on the third (each in turn; ~6 min)",
+    )
     args = ap.parse_args(argv)
     try:
+        if args.leave_one_out:
+            _print_leave_one_out(leave_one_out(LinearModel.load(args.model), development_sets()))
+            return 0
         dev = dev_set()
     except (fresh_eval.Unavailable, OSError) as exc:
         print(f"skipped: the BIG-bench development set is unavailable ({exc})", file=sys.stderr)

@@ -24,7 +24,31 @@ REALISTIC_WEIGHT = 2.0
 
 
 CALIBRATION_FOLDS = 3
+# Sources whose examples are spread over the calibration folds one by one. Any other source
+# names one benchmark task (a development set's prompts) and is held out whole: its prompts
+# share a template, so a fold that trained on some of them would be fitted on in-template
+# predictions, which are more confident than the off-template ones traffic brings.
+SPREAD_SOURCES = frozenset(
+    {"seed", "seed_chat", "mmlu", "gsm8k", "vllm_sr", "humaneval", "mt_bench", "arena_hard_v2.0", "arena_hard_v0.1"}
+)
 TEMPERATURES = tuple(round(0.25 * k, 2) for k in range(2, 25))  # 0.5 .. 6.0
+
+
+def calibration_folds(sources: Sequence[str], k: int = CALIBRATION_FOLDS, seed: int = 0) -> list[list[int]]:
+    """``k`` disjoint folds of ``range(len(sources))``: examples of a spread source one by one
+    (exactly :func:`~edgeroute.learn.router.kfold` when every source is), each other source whole."""
+    n = len(sources)
+    spread = [i for i, s in enumerate(sources) if s in SPREAD_SOURCES]
+    if len(spread) == n:
+        return kfold(n, k, seed=seed)
+    folds = [[spread[j] for j in f] for f in kfold(len(spread), k, seed=seed)]
+    groups = sorted({s for s in sources if s not in SPREAD_SOURCES})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    fold_of = {groups[int(g)]: r % k for r, g in enumerate(order)}
+    for i, s in enumerate(sources):
+        if s not in SPREAD_SOURCES:
+            folds[fold_of[s]].append(i)
+    return [sorted(f) for f in folds]
 
 
 def fit_temperature(logits: T.F64, y: T.F64, sw: T.F64) -> float:
@@ -93,7 +117,7 @@ def train_task_model(
         # Folds over the originals; a wrapped copy trains only where its original does,
         # and the temperature is fitted on the originals' out-of-fold logits.
         oof = np.zeros((n, len(TASK_CLASSES)))
-        for fold in kfold(n, CALIBRATION_FOLDS, seed=0):
+        for fold in calibration_folds([e.source for e in originals]):
             held = set(fold)
             tr = [j for j, p in enumerate(parent) if p not in held]
             fw, fwd, fb = T.fit(x.subset(tr), dense[tr], y[tr], activation="softmax", sample_weight=sw[tr], opts=opts)
