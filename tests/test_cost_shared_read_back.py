@@ -5,7 +5,11 @@ in-process fallback counters, where it was forgotten. Real servers, real Redis, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,35 @@ from tests.test_cost_restart import Served, _config
 from tests.test_cost_support import answered, require_redis
 
 ADMIN = "tok-admin"
+
+
+async def _until(ready: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    """Waits for `ready` (a loaded machine makes a fixed sleep too short)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
+        await asyncio.sleep(0.05)
+
+
+def _ledger_rows(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        try:
+            return int(c.execute("SELECT COUNT(*) FROM spend").fetchone()[0])
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+
+
+async def _until_spent(url: str, budget: str, usd: float, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(url + "/admin/budgets") as r:
+                view = await r.json()
+            spent = next((b["spent_usd"] for b in view["budgets"] if b["name"] == budget), 0.0)
+            if spent >= usd - 1e-9:
+                return
+            assert time.monotonic() < deadline, f"budget {budget}: {spent} spent after {timeout_s} s, not {usd}"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_upstream: Any, tmp_path: Path) -> None:
@@ -30,12 +63,15 @@ async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_ups
     served = await Served.start(path)
     try:
         assert await answered(served.url, 5) == 5
-        await asyncio.sleep(0.3)  # written to the ledger
+        await _until(lambda: _ledger_rows(tmp_path / "l.db") >= 5, "the five answers in the ledger")
         cfg["budgets"]["limits"].append({"name": "seven", "scope": "global", "limit_usd": 0.07, "period": "month"})
         path.write_text(yaml.safe_dump(cfg))
         async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:
             assert r.status == 200, await r.text()
-        await asyncio.sleep(0.5)  # read back in the background
-        assert await answered(served.url, 6) == 2, "the $0.05 spent before the reload was forgotten"
+        # The first request on the new config applies it (admission follows the live config),
+        # and the spend so far is read back in the background: wait for it and that request.
+        assert await answered(served.url, 1) == 1
+        await _until_spent(served.url, "seven", 0.06)
+        assert await answered(served.url, 6) == 1, "the $0.05 spent before the reload was forgotten"
     finally:
         served.kill()
