@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,6 +21,9 @@ from aiohttp.test_utils import TestServer
 from edgeroute import config as config_mod
 from edgeroute.accounting import MemoryRecorder
 from edgeroute.server import create_app
+from tests.conftest import simple_config
+from tests.security.governed import ROOT
+from tests.test_cost_support import CostProxy, cost_proxy
 
 
 @dataclass
@@ -202,3 +206,16 @@ def loop_lag() -> Iterator[LoopLag]:
         yield lag
     finally:
         tick.cancel()
+
+
+@pytest.fixture
+async def governed(start_upstream: Any, tmp_path: Path) -> AsyncIterator[CostProxy]:
+    """A proxy with managed keys on and `ROOT` as its admin key in the config."""
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+    }
+    async with cost_proxy(cfg) as proxy:
+        yield proxy

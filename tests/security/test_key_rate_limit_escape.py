@@ -13,30 +13,8 @@ from typing import Any
 
 import aiohttp
 import openai
-import pytest
 
-from tests.conftest import simple_config
-from tests.test_cost_support import cost_proxy
-
-ROOT = "tok-root-0123456789"
-USER: Any = [{"role": "user", "content": "hi"}]
-
-
-async def _call(s: aiohttp.ClientSession, method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
-    async with s.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-        return r.status, await r.json()
-
-
-@pytest.fixture
-async def governed(start_upstream: Any, tmp_path: Any) -> Any:
-    cfg = simple_config({"a": await start_upstream()})
-    cfg |= {
-        "keys": {"root": {"token": ROOT, "role": "admin"}},
-        "governance": {"managed_keys": True},
-        "ledger": {"path": str(tmp_path / "gov.db")},
-    }
-    async with cost_proxy(cfg) as proxy:
-        yield proxy
+from tests.security.governed import ROOT, USER, call
 
 
 async def _sent(url: str, secret: str, n: int) -> int:
@@ -59,16 +37,16 @@ async def _sent(url: str, secret: str, n: int) -> int:
 async def test_keys_made_by_a_rate_limited_key_share_its_limit(governed: Any) -> None:
     keys = governed.url + "/admin/keys"
     async with aiohttp.ClientSession() as s:
-        status, lead = await _call(s, "POST", keys, ROOT, {"name": "lead", "role": "admin", "rpm": 3})
+        status, lead = await call(s, "POST", keys, ROOT, {"name": "lead", "role": "admin", "rpm": 3})
         assert status == 201, lead
         children = []
         for i in range(4):
-            status, child = await _call(
+            status, child = await call(
                 s, "POST", keys, lead["secret"], {"name": f"c{i}", "role": "admin" if i == 0 else "service", "rpm": 3}
             )
             assert status == 201, child
             children.append(child)
-        status, grandchild = await _call(
+        status, grandchild = await call(
             s, "POST", keys, children[0]["secret"], {"name": "g", "role": "service", "rpm": 2}
         )
         assert status == 201, grandchild
@@ -85,7 +63,7 @@ async def test_a_key_of_the_config_file_bounds_only_itself(governed: Any) -> Non
     async with aiohttp.ClientSession() as s:
         made = []
         for i in range(2):
-            status, k = await _call(s, "POST", keys, ROOT, {"name": f"s{i}", "role": "service", "rpm": 2})
+            status, k = await call(s, "POST", keys, ROOT, {"name": f"s{i}", "role": "service", "rpm": 2})
             assert status == 201, k
             made.append(k)
     assert [await _sent(governed.url, k["secret"], 3) for k in made] == [2, 2]

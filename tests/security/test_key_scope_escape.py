@@ -12,44 +12,23 @@ import openai
 import pytest
 
 from tests.conftest import simple_config
+from tests.security.governed import ROOT, USER, call
 from tests.test_cost_support import cost_proxy
-
-ROOT = "tok-root-0123456789"
-USER: Any = [{"role": "user", "content": "hi"}]
-
-
-async def _call(s: aiohttp.ClientSession, method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
-    async with s.request(method, url, json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-        return r.status, await r.json()
-
-
-@pytest.fixture
-async def governed(start_upstream: Any, tmp_path: Any) -> Any:
-    cfg = simple_config({"a": await start_upstream()})
-    cfg |= {
-        "keys": {"root": {"token": ROOT, "role": "admin"}},
-        "governance": {"managed_keys": True},
-        "ledger": {"path": str(tmp_path / "gov.db")},
-    }
-    async with cost_proxy(cfg) as proxy:
-        yield proxy
 
 
 async def test_key_scope_escape_denied_tags_are_inherited(governed: Any) -> None:
     keys = governed.url + "/admin/keys"
     async with aiohttp.ClientSession() as s:
-        status, limited = await _call(s, "POST", keys, ROOT, {"name": "ops", "role": "admin", "deny_tags": ["pii"]})
+        status, limited = await call(s, "POST", keys, ROOT, {"name": "ops", "role": "admin", "deny_tags": ["pii"]})
         assert status == 201
         mine = limited["secret"]
         for deny in ([], ["other"]):
-            status, err = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", "deny_tags": deny})
+            status, err = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "deny_tags": deny})
             assert status == 403, err
             assert err["error"]["message"] == "The new key's deny_tags must include this key's (pii)."
-        status, child = await _call(
-            s, "POST", keys, mine, {"name": "svc", "role": "service", "deny_tags": ["pii", "x"]}
-        )
+        status, child = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "deny_tags": ["pii", "x"]})
         assert status == 201
-        status, err = await _call(s, "PATCH", keys + f"/{child['id']}", mine, {"deny_tags": []})
+        status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"deny_tags": []})
         assert status == 403, err
     # The child is held as its maker is: the tag is refused to it.
     client = openai.AsyncOpenAI(base_url=governed.url + "/v1", api_key=child["secret"], max_retries=0)
@@ -62,21 +41,21 @@ async def test_key_scope_escape_denied_tags_are_inherited(governed: Any) -> None
 async def test_key_scope_escape_team_is_kept(governed: Any) -> None:
     keys = governed.url + "/admin/keys"
     async with aiohttp.ClientSession() as s:
-        status, lead = await _call(s, "POST", keys, ROOT, {"name": "team-a-admin", "role": "admin", "team": "a"})
+        status, lead = await call(s, "POST", keys, ROOT, {"name": "team-a-admin", "role": "admin", "team": "a"})
         assert status == 201
         mine = lead["secret"]
         for team in ("b", None):
-            status, err = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", "team": team})
+            status, err = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "team": team})
             assert status == 403, err
             assert err["error"]["message"] == "The new key must keep this key's team 'a'."
-        status, child = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", "team": "a"})
+        status, child = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "team": "a"})
         assert status == 201 and child["team"] == "a"
-        status, err = await _call(s, "PATCH", keys + f"/{child['id']}", mine, {"team": "b"})
+        status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"team": "b"})
         assert status == 403, err
-        status, shown = await _call(s, "GET", keys + f"/{child['id']}", ROOT)
+        status, shown = await call(s, "GET", keys + f"/{child['id']}", ROOT)
         assert status == 200 and shown["team"] == "a"
         # A key without a team (the root here) still assigns any.
-        status, other = await _call(s, "POST", keys, ROOT, {"name": "svc-b", "role": "service", "team": "b"})
+        status, other = await call(s, "POST", keys, ROOT, {"name": "svc-b", "role": "service", "team": "b"})
         assert status == 201 and other["team"] == "b"
 
 
@@ -92,14 +71,14 @@ async def test_key_scope_escape_priority_classes_are_inherited(start_upstream: A
     }
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         keys = proxy.url + "/admin/keys"
-        status, ops = await _call(s, "POST", keys, ROOT, {"name": "ops", "role": "admin", "priority": "batch"})
+        status, ops = await call(s, "POST", keys, ROOT, {"name": "ops", "role": "admin", "priority": "batch"})
         assert status == 201  # the operator's own key (from the config) may give any class
         mine = ops["secret"]
         for fields in ({"priority": "interactive"}, {"priority": "batch", "priorities": ["interactive"]}):
-            status, err = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", **fields})
+            status, err = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", **fields})
             assert status == 403, err
             assert err["error"]["message"] == "The new key's priority classes must be among this key's (batch)."
-        status, child = await _call(s, "POST", keys, mine, {"name": "svc", "role": "service", "priority": "batch"})
+        status, child = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "priority": "batch"})
         assert status == 201
-        status, err = await _call(s, "PATCH", keys + f"/{child['id']}", mine, {"priorities": ["interactive"]})
+        status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"priorities": ["interactive"]})
         assert status == 403, err

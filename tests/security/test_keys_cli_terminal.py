@@ -17,26 +17,11 @@ import sys
 from typing import Any
 
 import aiohttp
-import pytest
 
-from tests.conftest import simple_config
-from tests.test_cost_support import cost_proxy
+from tests.security.governed import ROOT
 
-ROOT = "tok-root-0123456789"
 EVIL = "ops\x1b]0;owned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\n2026-01-01 forged row\u202eabc"
 _RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-@pytest.fixture
-async def governed(start_upstream: Any, tmp_path: Any) -> Any:
-    cfg = simple_config({"a": await start_upstream()})
-    cfg |= {
-        "keys": {"root": {"token": ROOT, "role": "admin"}},
-        "governance": {"managed_keys": True},
-        "ledger": {"path": str(tmp_path / "gov.db")},
-    }
-    async with cost_proxy(cfg) as proxy:
-        yield proxy
 
 
 def _cli(url: str, *argv: str) -> str:
