@@ -18,6 +18,13 @@ import pytest
 
 from tests.providers_fixtures import provider_config, start_mock
 
+# Personal data of these kinds goes only to deployments tagged privacy:high.
+PII_STAYS_PRIVATE = {
+    "name": "pii-stays-private",
+    "when": {"pii": ["email", "phone", "payment_card", "iban", "national_id"]},
+    "then": {"require_tags": ["privacy:high"]},
+}
+
 __all__ = ["start_mock"]
 
 CARD = "4111 1111 1111 1111"
@@ -32,13 +39,7 @@ async def _proxy(start_mock: Any, start_proxy: Any) -> tuple[str, Any, Any]:
     cfg["models"]["m"] = {"deployments": ["d-pub", "d-priv"], "strategy": "weighted"}
     cfg["deployments"]["d-pub"]["weight"] = 1000
     cfg["deployments"]["d-priv"]["weight"] = 1
-    cfg["rules"] = [
-        {
-            "name": "pii-stays-private",
-            "when": {"pii": ["email", "phone", "payment_card", "iban", "national_id"]},
-            "then": {"require_tags": ["privacy:high"]},
-        }
-    ]
+    cfg["rules"] = [PII_STAYS_PRIVATE]
     proxy = await start_proxy(cfg)
     return proxy.url, public, private
 

@@ -21,6 +21,7 @@ import openai
 import pytest
 
 from tests.providers_fixtures import provider_config, start_mock
+from tests.test_pii_everywhere import PII_STAYS_PRIVATE
 
 __all__ = ["start_mock"]
 
@@ -36,13 +37,7 @@ async def _proxy(start_mock: Any, start_proxy: Any, kind: str) -> tuple[str, Any
     # Lowest cost first: without personal data the cheap public deployment serves, every time.
     cfg["deployments"]["d-priv"]["price"] = {"input_per_mtok": 10.0, "output_per_mtok": 20.0}
     cfg["models"]["m"] = {"deployments": ["d-pub", "d-priv"], "strategy": "lowest_cost"}
-    cfg["rules"] = [
-        {
-            "name": "pii-stays-private",
-            "when": {"pii": ["email", "phone", "payment_card", "iban", "national_id"]},
-            "then": {"require_tags": ["privacy:high"]},
-        }
-    ]
+    cfg["rules"] = [PII_STAYS_PRIVATE]
     proxy = await start_proxy(cfg)
     return proxy.url, public, private
 
