@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redis_client",
             "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
+            "edgeroute.atomic_file",
             "edgeroute.background",
             "edgeroute.cost.writer_pace",
             "edgeroute.capacity",
