@@ -34,9 +34,15 @@ from edgeroute.telemetry.logs import bind_request
 
 
 class _RequestIds:
-    """96 random bits per id, drawn from a buffer filled 512 ids at a time (as cheap as the
-    counter it replaces). A counter let a client that saw its own id name its neighbours':
-    feedback, the ledger and the request log are keyed by this id."""
+    """An id is the time in milliseconds (40 bits, 10 hex digits) then 56 random bits, drawn
+    from a buffer filled 512 ids at a time. Random, so that a client that saw its own id
+    cannot name its neighbours' (feedback, the ledger and the request log are keyed by it;
+    a counter allowed that); time first, so that the ledger's and the request log's indexes
+    on it take new rows at their right edge: fully random ids land on a random page of each
+    index, which made the writer's commits ~2x larger and its CPU per record ~25 % higher on a
+    log of 100,000 requests (`python -m edgeroute.bench.requestlog cpu`)."""
+
+    RANDOM_HEX = 14
 
     def __init__(self) -> None:
         self.buf = ""
@@ -44,9 +50,10 @@ class _RequestIds:
 
     def take(self) -> str:
         if self.pos >= len(self.buf):
-            self.buf, self.pos = os.urandom(12 * 512).hex(), 0
-        self.pos += 24
-        return "req_" + self.buf[self.pos - 24 : self.pos]
+            self.buf, self.pos = os.urandom(self.RANDOM_HEX // 2 * 512).hex(), 0
+        self.pos += self.RANDOM_HEX
+        ms = int(time.time() * 1000) & 0xFF_FFFF_FFFF  # wraps every 34.8 years: only the order is lost
+        return f"req_{ms:010x}{self.buf[self.pos - self.RANDOM_HEX : self.pos]}"
 
     def reset(self) -> None:
         self.buf, self.pos = "", 0  # a forked child must not hand out its parent's ids

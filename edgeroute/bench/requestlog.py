@@ -257,12 +257,14 @@ def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
 # -- cpu: the writer's CPU per record, and where it goes --------------------------------------
 
 
-def _mixed(i: int, started: float, rng: random.Random) -> RequestRecord:
+def _mixed(i: int, started: float, rng: random.Random, random_ids: bool = False) -> RequestRecord:
     """A `record` with the statuses of real traffic: one in 25 fails (a 503 or a 429 after
     its attempts, no usage), one in 50 is a cache hit, and a few carry a task and a variant.
-    Its id is random, as the proxy's are: every index on it takes its rows at random places."""
+    Its id is shaped as the proxy's are (`openai_api._RequestIds`): the time in milliseconds,
+    then random bits (`random_ids`: random throughout, as before 2026-12-04)."""
     rec = record(i, started, rng)
-    rec.request_id = f"req_{rng.getrandbits(96):024x}"
+    head = rng.getrandbits(40) if random_ids else int(rec.started * 1000) & 0xFF_FFFF_FFFF
+    rec.request_id = f"req_{head:010x}{rng.getrandbits(56):014x}"
     if i % 25 == 7:
         rec.status, rec.outcome, rec.usage, rec.cost_usd = (
             (503, "error", None, 0.0) if i % 2 else (429, "rate_limited", None, 0.0)
@@ -364,10 +366,10 @@ def _cpu_run(recs: list[RequestRecord], batch: int, warm: int, path: Path, split
     return per
 
 
-def cpu(records: int, batch: int, rate: int, runs: int) -> None:
+def cpu(records: int, batch: int, rate: int, runs: int, random_ids: bool = False) -> None:
     rng = random.Random(4)
     now = time.time()
-    recs = [_mixed(i, now + i / rate, rng) for i in range(records + batch * 4)]
+    recs = [_mixed(i, now + i / rate, rng, random_ids) for i in range(records + batch * 4)]
     warm = batch * 4
     print(f"writer CPU per record: {records} records arriving at {rate}/s, {batch} a batch, SQLite, request log on")
     per: list[float] = []
@@ -480,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--batch", type=int, default=500)
     u.add_argument("--rate", type=int, default=1000, help="records a second, for their timestamps")
     u.add_argument("--runs", type=int, default=3)
+    u.add_argument("--random-ids", action="store_true", help="request ids random throughout (before 2026-12-04)")
     a = p.parse_args(argv)
     if a.what == "cpu":
-        cpu(a.records, a.batch, a.rate, a.runs)
+        cpu(a.records, a.batch, a.rate, a.runs, a.random_ids)
     elif a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
     elif a.what == "crash":
