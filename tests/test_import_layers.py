@@ -78,7 +78,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "cost control, observability, governance",
         [
             "edgeroute.cost.ledger",
-            "edgeroute.cost.control",
+            "edgeroute.cost.control",  # the package and every part of it (cost/control/*.py)
             "edgeroute.cost.reports",
             "edgeroute.cost.prices_cli",
             "edgeroute.admission",

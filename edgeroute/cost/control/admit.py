@@ -1,0 +1,190 @@
+"""`CostControl`: a config generation's budgets and limits, and the admission of one request
+through its parts (rate limits, deployment limits, budgets) in that order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord
+from edgeroute.admission import Counter
+from edgeroute.config import Config
+from edgeroute.cost import budgets as B
+from edgeroute.cost.control.rate_limits import RateLimits, bucket_takes
+from edgeroute.cost.control.read_back import same_counting
+from edgeroute.cost.control.reservations import Prices, Reservations, prompt_upper
+from edgeroute.cost.control.stores import workers_store
+from edgeroute.cost.control.ticket import AtOnce, CostTicket
+from edgeroute.cost.keys import ANONYMOUS, IDENTITY
+from edgeroute.cost.limits import LocalLimiter
+from edgeroute.cost.prices import Ceiling, route_ceilings
+from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.errors import ProxyError
+from edgeroute.state import STATE, ServerState
+
+
+def _enabled(cfg: Config) -> bool:
+    rl = cfg.rate_limits
+    keyed = bool(cfg.keys) or cfg.governance.managed_keys
+    return keyed or bool(cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
+
+
+class CostControl(Reservations, RateLimits):
+    """Budgets and rate limits: `CostControl(cfg)`, then the server sets `ledger` and `keys`.
+
+    Its parts, one module each: `Stores` (shared or local), `RateLimits`, `Reservations`
+    (budgets), `Settlement`, `ReadBack` (spend read back from the ledger), `Notifications`."""
+
+    def __init__(self, cfg: Config) -> None:
+        # Each attribute is declared, with what it holds, in the part that owns it.
+        self._prices = [Prices(cfg, route_ceilings(cfg))]
+        self.budgets = []
+        self.apply(cfg)
+        self.local_budgets = B.LocalBudgetStore()
+        self.reserved = {}
+        self.ledger = None
+        self._restoring = set()
+        self._counted_from = {}
+        self.keys = None
+        self._keys_counted = set()
+        self._read_at_start = {}
+        self.local_limits = LocalLimiter()
+        self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()
+        self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
+        self._down_until = 0.0
+        self._tasks = set()
+        self._notified = set()
+        self._session = None
+
+    @staticmethod
+    def wanted(cfg: Config) -> bool:
+        return _enabled(cfg)
+
+    def apply(self, cfg: Config, since: float = 0.0, state: ServerState | None = None) -> None:
+        """Takes the budgets and limits of a config generation (at start, and after a reload,
+        at the next admission). Counters are kept by budget name and bucket name, so spend
+        already recorded carries over, and a lowered limit applies to the next request.
+
+        A budget that is new (or whose scope, match or period changed) counts each request
+        once: those that started after the generation was swapped in (`since`) in memory as
+        they are admitted, those that started before it from the ledger, read in the
+        background once every request of the earlier generations (`state.retiring`) has
+        finished and been written."""
+        old = {b.name: b for b in self.budgets}
+        self.cfg = cfg
+        self.budgets = cfg.budgets.limits
+        self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
+        self._model_limits = cfg.rate_limits.models
+        self._block_at = [B.block_limit(b) for b in self.budgets]
+        self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)
+        self._any_notify = any(a.action == "notify" for b in self.budgets for a in b.actions)
+        self._periods = {}
+        if old and (changed := [b for b in self.budgets if not same_counting(old.get(b.name), b)]):
+            for b in changed:
+                self._counted_from[b.name] = since
+            self._restore_later(changed, since, state)
+
+    # -- admission -------------------------------------------------------------
+
+    async def admit(
+        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+    ) -> CostTicket | None:
+        ident = request.get(IDENTITY, ANONYMOUS)
+        rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
+        ticket = CostTicket(ident, started=rec.started)
+        state = request.app[STATE]
+        live = state.live
+        if live.config is not self.cfg:
+            self.apply(live.config, live.since, state)
+        choices = decision.choices
+        tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
+        ticket.tokens = tokens
+        budgeted = bool(self.budgets) or bool(ident.budgets)
+        prices = self._prices_for(live.config) if budgeted else None
+        top = prices.top(decision.order, live.deployments) if prices is not None else None
+        try:
+            # With Redis, the three checks below are made in one round trip up front (`_at_once`)
+            # and each step reads its result from it; otherwise each step checks on its own.
+            now = time.time()
+            first = await self._at_once(live.deployments, decision, ticket, top, now)
+            try:
+                await self._rate_limits(request, decision.route, tokens, rec, ticket, first.rate)
+                await self._deployment_limits(
+                    live.router, live.deployments, decision, tokens, ticket, got=first.deployment
+                )
+            except BaseException:
+                if first.reserved is not None and first.reserved.ok:
+                    await self._wait([self._adjust(first.charges, [-c.amount for c in first.charges], True)])
+                raise
+            if prices is not None and top is not None:
+                try:
+                    route = await self._budgets(
+                        decision, rec, ticket, prices, top, choices, prompt_upper(decision), now, first
+                    )
+                except ProxyError as e:
+                    if e.code != "budget_exceeded" or decision.tokens_exact or count is None:
+                        raise
+                    # Refused by the bound: the exact count decides (nothing was reserved).
+                    rec.outcome, rec.admission = "pending", None
+                    route = await self._budgets(decision, rec, ticket, prices, top, choices, await count(), now)
+                if route != decision.route:
+                    await self._follow_downgrade(request, rec, ticket, decision.route, route, tokens)
+        except BaseException:
+            # Refused (or the client went away): nothing it took may stay taken.
+            await self._wait(self._release(ticket))
+            raise
+        return ticket
+
+    async def _at_once(
+        self, table: list[Any], decision: _core.Decision, ticket: CostTicket, top: Ceiling | None, now: float
+    ) -> AtOnce:
+        """With Redis up: the key and model limits, the first deployment's limits and the
+        budgets' first reservation, in one script (one round trip). Else nothing: each step
+        then checks on its own (in process, in the workers' file, or after Redis failed)."""
+        if not isinstance(self.shared, RedisState) or not self.shared_up():
+            return AtOnce()
+        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens)
+        dep = self._deployment_of(table, decision)
+        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens) if dep is not None else []
+        charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
+        if not (takes or deployment or charges):
+            return AtOnce()
+        try:
+            got = await self.shared.admit(takes, deployment, charges)
+        except StoreUnavailable as e:
+            self._unavailable("admission", e)
+            return AtOnce()
+        return AtOnce(
+            None if got.rate is None else (*got.rate, True),
+            None if got.deployment is None else (*got.deployment, True),
+            got.reserved,
+            charges,
+        )
+
+    async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Any) -> None:
+        """After a reroute (a downgrade, or a first deployment at its provider limit) the
+        deployment now first in line takes its provider limit too; at its limit as well,
+        the request is refused rather than rerouted again."""
+        if not isinstance(ticket, CostTicket):
+            return
+        live = request.app[STATE].live
+        try:
+            await self._deployment_limits(live.router, live.deployments, decision, ticket.tokens, ticket, again=False)
+        except BaseException:
+            await self._wait(self._release(ticket))
+            raise
+
+    async def close(self) -> None:
+        """Waits for pending adjustments and notifications, then closes connections."""
+        for task in self._restoring:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        if self._session is not None:
+            await self._session.close()
+        if self.shared is not None:
+            await self.shared.close()

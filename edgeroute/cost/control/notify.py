@@ -1,0 +1,72 @@
+"""Budget `notify` thresholds: a log line and an optional webhook, once per budget, subject,
+period and threshold across instances (marked in the shared store when there is one)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from edgeroute.cost import budgets as B
+from edgeroute.cost.control.stores import Stores
+from edgeroute.cost.redis_store import StoreUnavailable
+
+log = logging.getLogger("edgeroute.cost")
+
+
+def iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+class Notifications(Stores):
+    """Threshold notifications (a part of `CostControl`)."""
+
+    _notified: set[str]  # thresholds told by this process: store key and percent
+    _session: aiohttp.ClientSession | None  # for webhooks, opened on the first
+
+    def _notify(self, charges: list[B.Charge], used_before: list[int]) -> None:
+        for c, used in zip(charges, used_before, strict=True):
+            a = B.crossed(c.budget, used + c.amount, "notify")
+            if a is None:
+                continue
+            mark = f"{c.store_key}:{a.at_percent}"
+            if mark in self._notified:
+                continue
+            self._notified.add(mark)
+            event = {
+                "event": "budget_threshold",
+                "budget": c.budget.name,
+                "scope": c.budget.scope,
+                "subject": c.subject,
+                "period": c.period.id,
+                "threshold_percent": a.at_percent,
+                "used_usd": round((used + c.amount) / B.NANO, 6),
+                "limit_usd": c.budget.limit_usd,
+                "resets_at": iso(c.period.resets_at),
+            }
+            self._spawn(self._send(mark, c.period.ttl_s, a.webhook, event))
+
+    async def _send(self, mark: str, ttl_s: int, url: str | None, event: dict[str, Any]) -> None:
+        if self.shared is not None and self.shared_up():
+            try:
+                if not await self.shared.mark_once(mark, ttl_s):
+                    return  # another instance has told already
+            except StoreUnavailable:
+                pass
+        log.warning(
+            "budget %s for %s %s reached %s%% ($%.4f of $%.2f)",
+            event["budget"], event["scope"], event["subject"], event["threshold_percent"],
+            event["used_usd"], event["limit_usd"],
+        )  # fmt: skip
+        if url is None:
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._session.post(url, data=orjson.dumps(event), headers={"Content-Type": "application/json"}):
+                pass
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            log.warning("budget webhook failed: %s", type(e).__name__)

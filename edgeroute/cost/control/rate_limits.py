@@ -1,0 +1,170 @@
+"""Token-bucket rate limits at admission: the key's (and the keys that made it), the model's,
+and the provider limit of the decision's first deployment; the `x-ratelimit-*` headers and
+the 429 that name the bucket."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from aiohttp import web
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord
+from edgeroute.config import Config, Limit
+from edgeroute.cost.control.stores import Stores
+from edgeroute.cost.control.ticket import CostTicket, Held, Taken
+from edgeroute.cost.keys import Identity
+from edgeroute.cost.limits import BucketState, Take, headers_for
+from edgeroute.errors import ProxyError
+
+RATE_STATES = web.RequestKey("rate_states", list)
+
+
+def bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
+    takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
+    if lim.tpm:
+        takes.append(Take(name, "tokens", lim.tpm, tokens))
+    return takes
+
+
+class RateLimits(Stores):
+    """Key, model and deployment limits (a part of `CostControl`)."""
+
+    cfg: Config
+    _model_limits: dict[str, Limit]
+
+    def _key_limit(self, ident: Identity) -> Limit | None:
+        return ident.limits or self.cfg.rate_limits.per_key
+
+    def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
+        key_limit = self._key_limit(ident)
+        model_limit = self._model_limits.get(route)
+        takes = bucket_takes(f"key:{ident.key}", key_limit, tokens) if key_limit else []
+        for ancestor, lim in ident.ancestor_limits:  # the keys that made it share their limits
+            takes += bucket_takes(f"key:{ancestor}", lim, tokens)
+        if model_limit is not None:
+            takes += bucket_takes(f"model:{route}", model_limit, tokens)
+        return takes
+
+    async def _rate_limits(
+        self,
+        request: web.Request,
+        route: str,
+        tokens: int,
+        rec: RequestRecord,
+        ticket: CostTicket,
+        got: Taken | None = None,
+    ) -> None:
+        """Takes the key and model limits (or reads `got`, their result taken already)."""
+        takes = self._rate_takes(ticket.identity, route, tokens)
+        if not takes:
+            return
+        ok, states, shared = got if got is not None else await self._take(takes)
+        request[RATE_STATES] = states  # headers are made when the answer goes out
+        if not ok:
+            rec.outcome = "rate_limited"
+            raise _rate_limit_error(states, headers_for(states))
+        ticket.held.append(Held(takes, shared))
+
+    async def _follow_downgrade(
+        self, request: web.Request, rec: RequestRecord, ticket: CostTicket, old: str, new: str, tokens: int
+    ) -> None:
+        """A downgraded request counts against the target model's limits: the original model
+        and its deployment will not serve it, so their takes go back."""
+        gone = f"model:{old}"
+        tasks = []
+        for h in ticket.held:
+            back = h.takes if h.deployment is not None else [t for t in h.takes if t.name == gone]
+            tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+            h.takes = [t for t in h.takes if t not in back]
+        ticket.held = [h for h in ticket.held if h.takes]
+        await self._wait(tasks)
+        states = [s for s in request.get(RATE_STATES, []) if s.name != gone]
+        request[RATE_STATES] = states
+        lim = self._model_limits.get(new)
+        takes = bucket_takes(f"model:{new}", lim, tokens) if lim is not None else []
+        if not takes:
+            return
+        ok, taken, shared = await self._take(takes)
+        states += taken
+        if not ok:
+            rec.outcome = "rate_limited"
+            raise _rate_limit_error(states, headers_for(states))
+        ticket.held.append(Held(takes, shared))
+
+    async def _deployment_limits(
+        self,
+        router: _core.Router,
+        table: list[Any],
+        decision: _core.Decision,
+        tokens: int,
+        ticket: CostTicket,
+        again: bool = True,
+        got: Taken | None = None,
+    ) -> None:
+        """Takes the provider limit of the decision's first deployment (or reads `got`, taken
+        already); at its limit, asks the endpoint to decide again (`again`) when the model has
+        other deployments, else refuses."""
+        found = self._deployment_of(table, decision)
+        if found is None:
+            return
+        name, lim = found
+        dep = table[decision.order[0]]
+        takes = bucket_takes(f"deployment:{name}", lim, tokens)
+        ok, states, shared = got if got is not None else await self._take(takes)
+        # The core has no limit-aware selection: cool the deployment down in it until a request's
+        # worth is back, so that selection routes around it (a rate-limit report, counted as a failure).
+        if not ok:
+            wait = max(s.wait_s for s in states)
+        else:
+            drained = [s for s in states if s.kind == "requests" and s.remaining < 1]
+            wait = 60 / drained[0].limit if drained else 0.0
+        if wait > 0:
+            router.report(dep.index, "rate_limited", 0.0, math.ceil(min(wait, 60.0) * 1000))
+        if ok:
+            ticket.held.append(Held(takes, shared, name))
+            return
+        if again and len(decision.order) > 1:
+            ticket.reroute = decision.model
+            return
+        raise ProxyError(
+            429,
+            f"The only deployment for model '{decision.model}' is at its provider's rate limit; "
+            f"try again in {min(wait, 60.0):.2f}s.",
+            code="upstream_rate_limited",
+            headers={"Retry-After": str(max(1, math.ceil(min(wait, 60.0))))},
+        )
+
+    def _deployment_of(self, table: list[Any], decision: _core.Decision) -> tuple[str, Limit] | None:
+        """The decision's first deployment and its provider limit, when it has one."""
+        limits = self.cfg.rate_limits.deployments
+        if not limits:
+            return None
+        name: str = table[decision.order[0]].name
+        lim = limits.get(name)
+        return None if lim is None else (name, lim)
+
+
+def _rate_limit_error(states: list[BucketState], hdrs: dict[str, str]) -> ProxyError:
+    worst = max((s for s in states if s.wait_s > 0), key=lambda s: s.wait_s)
+    what = "requests" if worst.kind == "requests" else "tokens"
+    scope, _, name = worst.name.partition(":")
+    if math.isinf(worst.wait_s):
+        msg = f"Request too large for {scope} '{name}': the {what} per minute limit is {worst.limit}."
+        retry = "60"
+    else:
+        msg = (
+            f"Rate limit reached for {what} per minute on {scope} '{name}': limit {worst.limit}. "
+            f"Please try again in {worst.wait_s:.2f}s."
+        )
+        retry = str(max(1, math.ceil(worst.wait_s)))
+    return ProxyError(429, msg, code="rate_limit_exceeded", headers={**hdrs, "Retry-After": retry})
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Adds the `x-ratelimit-*` headers computed at admission to the answer."""
+    states = request.get(RATE_STATES)
+    if states:
+        for k, v in headers_for(states).items():
+            response.headers.setdefault(k, v)

@@ -1,0 +1,169 @@
+"""Spend read back from the ledger: at start (budgets, managed keys' budgets, rate-limit
+windows), into a shared store that lost or never had its budgets, and for budgets first seen
+after start (a reload that adds or re-scopes one, a managed key given one). Such a budget
+counts each request once: those that started after it was seen in memory, those before from
+the ledger (`restore.read` reads it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from edgeroute.config import Budget, Config
+from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
+from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
+from edgeroute.cost.control.stores import Stores
+from edgeroute.cost.keys import KeySource
+from edgeroute.cost.ledger import Backend, Ledger
+from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.cost.restore import Restored
+from edgeroute.state import ServerState
+
+log = logging.getLogger("edgeroute.cost")
+# How long reloaded budgets wait for the previous config's requests before reading the
+# ledger (streams end by their total timeout; this bounds a request that never ends).
+RESTORE_WAIT_S = 600.0
+
+
+class ReadBack(Stores):
+    """When each budget is counted from the ledger (a part of `CostControl`)."""
+
+    cfg: Config
+    # Set when a ledger is configured: reservations are journaled with its batches, and
+    # budgets a reload adds are read back from it.
+    ledger: Ledger | None
+    # Managed keys (governance/keys.py), once the server runs: their budgets and spenders.
+    keys: KeySource | None
+    _restoring: set[asyncio.Task[None]]
+    # Budget name -> when the generation that added (or re-scoped) it was swapped in:
+    # requests that started before count from the ledger, not in memory (see `apply`).
+    _counted_from: dict[str, float]
+    _keys_counted: set[str]  # managed keys' budgets counted since start
+    _read_at_start: dict[tuple[str, int], int]  # the ledger's spend, for `seed_shared`
+
+    def restore_at_start(self, db: Backend, keys: KeySource | None) -> None:
+        """Before serving (blocking: run it in a thread): budgets, managed keys' budgets and
+        rate-limit windows as the ledger left them."""
+        self.keys = keys
+        key_budgets = keys.budgets() if keys is not None else []
+        self._keys_counted.update(b.name for b in key_budgets)
+        limits = keys.limits() if keys is not None else None
+        found = restore.read(db, self.cfg, key_budgets=self._spenders(key_budgets), key_limits=limits)
+        self.restore(found)
+        self._read_at_start = found.budgets
+
+    async def seed_shared(self) -> None:
+        """Before serving: a shared store that holds no budgets (the new run directory of
+        `serve --workers N`, a Redis that restarted empty or is new) counts what the ledger
+        says was spent; one instance or worker does, the others find it done. Redis that
+        loses its budgets later is read back into the same way (`RedisState.spent_from_ledger`)."""
+        if self.shared is None or self.ledger is None:
+            return
+        if isinstance(self.shared, RedisState):
+            self.shared.spent_from_ledger = self._spent_now
+        try:
+            if await self.shared.seed(self._read_at_start):
+                log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
+        except StoreUnavailable as e:
+            log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
+
+    async def _spent_now(self) -> dict[tuple[str, int], int]:
+        """Every budget's spend this period, from the ledger: this instance's records written
+        first, and the other instances' given the longest flush interval a config may set (a
+        request they answered just before Redis lost its budgets settles into no counter: the
+        ledger is where it counts)."""
+        ledger = self.ledger
+        assert ledger is not None
+        await asyncio.gather(asyncio.to_thread(ledger.flush), asyncio.sleep(MAX_FLUSH_INTERVAL_S + 0.25))
+
+        def read() -> dict[tuple[str, int], int]:  # in a thread: thousands of keys take a while
+            keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
+            return restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed).budgets
+
+        return await asyncio.to_thread(read)
+
+    def _spenders(self, budgets: Sequence[Budget], from_creation: bool = False) -> list[restore.KeyBudget]:
+        """Managed keys' budgets with the keys whose spend counts against each."""
+        keys = self.keys
+        if keys is None:
+            return []
+        out = []
+        for b in budgets:
+            key = b.match or ""
+            out.append(restore.KeyBudget(b, keys.spenders(key), keys.created_at(key) if from_creation else 0.0))
+        return out
+
+    def restore(self, found: Restored) -> None:
+        """Counts what the ledger says was spent (`restore.read`) before this process counted
+        the budgets itself (at start; for a reloaded budget, requests that started before it)."""
+        for (key, slot), amount in found.budgets.items():
+            self.local_budgets.add_read_back(key, amount, slot)
+        for name, kind, limit, used in found.buckets:
+            self.local_limits.seed(name, kind, limit, used)
+
+    def _restore_later(
+        self, budgets: list[Budget], since: float, state: ServerState | None, key_budgets: Sequence[Budget] = ()
+    ) -> None:
+        if self.ledger is None:
+            return
+        ledger, cfg = self.ledger, self.cfg
+
+        async def go() -> None:
+            try:
+                # Requests of earlier generations end by their total timeout at the latest
+                # (`reload._retire` bounds its own wait the same way).
+                async with asyncio.timeout(RESTORE_WAIT_S):
+                    for gen in list(state.retiring) if state is not None else []:
+                        await gen.wait_idle()
+            except TimeoutError:
+                log.warning("reloaded budgets read back with requests of the previous config still running")
+            try:
+                await asyncio.to_thread(ledger.flush)  # their records, queued as they finished
+                spenders = self._spenders(key_budgets, from_creation=True)
+                found = await asyncio.to_thread(
+                    restore.read, ledger.backend, cfg, budgets, until=since, key_budgets=spenders
+                )
+                self.restore(found)  # this process's counters: what it counts with the shared store down
+                await self._read_back_shared(found, [*budgets, *key_budgets])
+            except Exception:
+                log.exception("could not read the spend of reloaded budgets back from the ledger")
+
+        task = asyncio.get_running_loop().create_task(go())
+        self._restoring.add(task)
+        task.add_done_callback(self._restoring.discard)
+
+    async def _read_back_shared(self, found: Restored, budgets: Sequence[Budget]) -> None:
+        """Adds the spend read back for budgets first seen after start to the shared store
+        (Redis, the workers' file), where admission counts: once per budget and period, by the
+        instance or worker that claims it first (the others' read is the same ledger's)."""
+        if self.shared is None or not self.shared_up():
+            return
+        now = time.time()
+        for b in budgets:
+            p = B.period_of(b, now)
+            prefix, suffix = f"{b.name}:", f":{p.id}"
+            spent = {k: v for k, v in found.budgets.items() if k[0].startswith(prefix) and k[0].endswith(suffix)}
+            try:
+                if await self.shared.mark_once(f"read-back:{b.name}:{p.id}", p.ttl_s):
+                    await self.shared.add_spent(spent, p.ttl_s)
+            except StoreUnavailable as e:
+                log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+    def _count_key_budget(self, b: Budget, since: float) -> None:
+        """A managed key's budget seen for the first time since start (a key created, or given a
+        budget, since): requests from `since` count in memory as they are admitted, those before
+        from the ledger, read in the background."""
+        self._keys_counted.add(b.name)
+        self._counted_from[b.name] = since
+        self._restore_later([], since, None, key_budgets=[b])
+
+
+def same_counting(old: Budget | None, new: Budget) -> bool:
+    """Whether `new` counts the same spend as `old` (a changed limit or action does not matter)."""
+    if old is None:
+        return False
+    keep = ("scope", "match", "period", "window_hours", "utc_offset_minutes")
+    return all(getattr(old, f) == getattr(new, f) for f in keep)

@@ -1,0 +1,206 @@
+"""Budget admission by reservation: the request's maximum cost (at the highest price among the
+deployments it may use) is reserved in every budget it falls under; a `downgrade` threshold
+reroutes it to a cheaper model, a `block` threshold refuses it with 429."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeroute import _core
+from edgeroute.accounting import RequestRecord
+from edgeroute.config import Budget, Config
+from edgeroute.cost import budgets as B
+from edgeroute.cost.control.notify import Notifications, iso
+from edgeroute.cost.control.read_back import ReadBack
+from edgeroute.cost.control.settlement import Settlement
+from edgeroute.cost.control.ticket import AtOnce, CostTicket
+from edgeroute.cost.keys import Identity
+from edgeroute.cost.prices import Ceiling, ceiling, route_ceilings
+from edgeroute.errors import ProxyError
+
+
+@dataclass(slots=True)
+class Prices:
+    """Reservation ceilings for one config generation: a reload changes prices, and the
+    deployment table that decisions' indices point into."""
+
+    config: Config
+    routes: dict[str, Ceiling]
+    tops: dict[tuple[int, ...], Ceiling] = field(default_factory=dict)
+
+    def top(self, order: list[int], table: list[Any]) -> Ceiling:
+        key = tuple(order)
+        hit = self.tops.get(key)
+        if hit is None:
+            if len(self.tops) > 4096:
+                self.tops.clear()  # orders are few in practice: never grow without bound
+            hit = self.tops[key] = ceiling([table[i].price for i in key])
+        return hit
+
+
+class Reservations(ReadBack, Notifications, Settlement):
+    """Budgets of the running config generation and their reservations (a part of `CostControl`)."""
+
+    budgets: list[Budget]
+    reserve_max_tokens: int
+    _block_at: list[int]  # each budget's block threshold in nano-USD (-1: none)
+    _any_downgrade: bool
+    _any_notify: bool
+    _periods: dict[str, tuple[float, B.Period]]  # budget name -> (valid until, its period)
+    _prices: list[Prices]  # the ceilings of the running generation (and of the one before)
+
+    def _prices_for(self, cfg: Config) -> Prices:
+        """The ceilings of the generation a request runs on; the previous one is kept for
+        requests that started before a reload."""
+        for p in self._prices:
+            if p.config is cfg:
+                return p
+        p = Prices(cfg, route_ceilings(cfg))
+        self._prices = [self._prices[-1], p]
+        return p
+
+    def _first_charges(
+        self, decision: _core.Decision, ticket: CostTicket, top: Ceiling, prompt: int, now: float
+    ) -> list[B.Charge]:
+        """The reservations of the request's maximum cost on its own route."""
+        completion = (decision.max_tokens or self.reserve_max_tokens) * decision.choices
+        hedges = 2 if decision.hedge_after_ms is not None else 1
+        return self._charges(ticket, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
+
+    async def _budgets(
+        self,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        ticket: CostTicket,
+        prices: Prices,
+        top: Ceiling,
+        choices: int,
+        prompt: int,
+        now: float,
+        first: AtOnce | None = None,
+    ) -> str:
+        """Reserves the request's maximum cost (its first reservation made already when `first`
+        has it); returns the route reserved for (a downgrade's target)."""
+        completion = (decision.max_tokens or self.reserve_max_tokens) * choices
+        route = decision.route
+        hedges = 2 if decision.hedge_after_ms is not None else 1
+        for step in range(2):
+            if step == 0 and first is not None and first.reserved is not None:
+                charges, res, shared = first.charges, first.reserved, True
+            else:
+                estimate = top.cost(prompt, completion) * hedges
+                charges = self._charges(ticket, route, B.to_nano(estimate), now)
+                if not charges:
+                    return route
+                res, shared = await self._reserve(charges, now)
+            target = self._downgrade_to(charges, res.used_before, route, prices) if step == 0 else None
+            if target is not None:
+                rec.admission = f"downgraded:{target[1]}"
+                if res.ok:
+                    # Undone before reserving again, or the second reservation would see both.
+                    await self._wait([self._adjust(charges, [-c.amount for c in charges], shared)])
+                route = target[0]
+                ticket.reroute = route
+                top = prices.routes[route]
+                hedges = 1
+                continue
+            if not res.ok:
+                c = charges[res.blocked]
+                rec.outcome = "blocked"
+                rec.admission = f"blocked:{c.budget.name}"
+                raise _budget_error(c, res.used_before[res.blocked], now)
+            ticket.charges, ticket.charges_shared = charges, shared
+            self._hold(rec.request_id, now, charges)
+            if self._any_notify:
+                self._notify(charges, res.used_before)
+            return route
+        return route
+
+    def _downgrade_to(
+        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices
+    ) -> tuple[str, str] | None:
+        """(target model, budget name) of the first downgrade threshold crossed, if any; a target
+        that a reload removed from the config is skipped."""
+        if not self._any_downgrade:
+            return None
+        for c, used in zip(charges, used_before, strict=True):
+            a = B.crossed(c.budget, used, "downgrade")
+            if a is not None and a.to is not None and a.to != route and a.to in prices.routes:
+                return a.to, c.budget.name
+        return None
+
+    def _charges(self, ticket: CostTicket, route: str, amount: int, now: float) -> list[B.Charge]:
+        ident = ticket.identity
+        out = []
+        for b, block_at in zip(self.budgets, self._block_at, strict=True):
+            if ticket.started < self._counted_from.get(b.name, 0.0):
+                continue  # started before the reload that added it: counted from the ledger
+            subject = _subject(b, ident, route)
+            if subject is not None:
+                out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
+        for b in ident.budgets:  # a managed key's own, then its creators' (governance/keys.py)
+            if b.name not in self._keys_counted:
+                self._count_key_budget(b, ticket.started)
+            if ticket.started < self._counted_from.get(b.name, 0.0):
+                continue
+            assert b.match is not None
+            out.append(B.charge(b, b.match, self._period(b, now), amount, B.block_limit(b)))
+        return out
+
+    def _period(self, b: Budget, now: float) -> B.Period:
+        """The budget's current period, computed once per period (or rolling slot)."""
+        hit = self._periods.get(b.name)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        p = B.period_of(b, now)
+        until = p.resets_at
+        if p.rolling:
+            assert b.window_hours is not None
+            until = (p.slot + 1) * (b.window_hours * 3600 / B.ROLLING_SLOTS)
+        self._periods[b.name] = (until, p)
+        return p
+
+
+def _subject(b: Budget, ident: Identity, route: str) -> str | None:
+    scope = b.scope
+    if scope == "global":
+        return "*"
+    if scope == "key":
+        value: str | None = ident.key
+    elif scope == "team":
+        value = ident.team
+    elif scope == "user":
+        value = ident.user
+    else:
+        value = route
+    if value is None or (b.match is not None and b.match != value):
+        return None
+    return value
+
+
+def prompt_upper(decision: _core.Decision) -> int:
+    """The prompt's tokens, or a bound no count can exceed: the core's estimate is a quarter of
+    the text's bytes (scaled by the encoding), and no token is shorter than a byte. Reserving
+    by it keeps exact BPE counting (tens of microseconds per thousand tokens) off the request
+    path; a request the bound alone refuses is counted exactly."""
+    return decision.prompt_tokens if decision.tokens_exact else 4 * decision.prompt_tokens
+
+
+def _budget_error(c: B.Charge, used: int, now: float) -> ProxyError:
+    b = c.budget
+    who = "all requests" if b.scope == "global" else f"{b.scope} '{c.subject}'"
+    period = {"day": "today", "month": "this month"}.get(b.period) or f"in the last {b.window_hours or 0:g} hours"
+    wait = max(1, math.ceil(c.period.resets_at - now))
+    return ProxyError(
+        429,
+        f"Budget '{b.name}' for {who} is exhausted: ${used / B.NANO:.4f} of ${b.limit_usd:.2f} spent or reserved "
+        f"{period}. It resets at {iso(c.period.resets_at)}.",
+        code="budget_exceeded",
+        headers={
+            "Retry-After": str(wait),
+            "x-edgeroute-budget": b.name,
+            "x-edgeroute-budget-reset": iso(c.period.resets_at),
+        },
+    )

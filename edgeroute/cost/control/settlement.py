@@ -1,0 +1,78 @@
+"""Settlement: a request's reservations become its actual cost and its token estimates the
+tokens it used; a refused request gives back what it took."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.cost import budgets as B
+from edgeroute.cost.control.stores import Stores
+from edgeroute.cost.control.ticket import CostTicket, Held
+from edgeroute.cost.ledger import Ledger
+
+
+def _total(u: Usage) -> int:
+    return u.prompt_tokens + u.completion_tokens
+
+
+def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
+    """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured)."""
+    if h.deployment is None:
+        return _total(rec.usage) if rec.usage is not None else None
+    attempts = [a for a in rec.attempts if a.deployment == h.deployment]
+    measured = [_total(a.usage) for a in attempts if a.usage is not None]
+    if measured:
+        return sum(measured)
+    return None if attempts else 0  # never sent there (failover, downgrade): it used nothing
+
+
+class Settlement(Stores):
+    """Held reservations and settlement (a part of `CostControl`)."""
+
+    # Reserved and not yet settled, per store key (what `/admin/budgets` shows as reserved).
+    reserved: dict[str, int]
+    ledger: Ledger | None  # reservations are journaled with its batches
+
+    def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
+        """Notes the reservations as held until settled, and journals them with the ledger."""
+        for c in charges:
+            self.reserved[c.store_key] = self.reserved.get(c.store_key, 0) + c.amount
+            if self.ledger is not None:
+                self.ledger.journal(request_id, now, c.store_key, c.amount)
+
+    def _unhold(self, charges: list[B.Charge]) -> None:
+        for c in charges:
+            left = self.reserved.get(c.store_key, 0) - c.amount
+            if left > 0:
+                self.reserved[c.store_key] = left
+            else:
+                self.reserved.pop(c.store_key, None)
+
+    def settle(self, ticket: Any, rec: RequestRecord) -> None:
+        if not isinstance(ticket, CostTicket):
+            return
+        if ticket.charges:
+            self._unhold(ticket.charges)
+            actual = B.to_nano(rec.cost_usd)
+            self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+        for h in ticket.held:
+            used = _tokens_used(rec, h)
+            if used is not None:
+                tokens = [t for t in h.takes if t.kind == "tokens"]
+                self._give(tokens, [used - t.amount for t in tokens], h.shared)
+
+    def _release(self, ticket: CostTicket) -> list[asyncio.Task[None] | None]:
+        """Gives back what a refused request took: its reservations, its token estimates and its
+        deployment's request (the provider never saw it). Key and model limits still count the
+        request itself, as OpenAI counts unsuccessful requests against requests per minute."""
+        tasks = []
+        for h in ticket.held:
+            back = [t for t in h.takes if t.kind == "tokens" or h.deployment is not None]
+            tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+        if ticket.charges:
+            self._unhold(ticket.charges)
+            tasks.append(self._adjust(ticket.charges, [-c.amount for c in ticket.charges], ticket.charges_shared))
+        ticket.held, ticket.charges = [], []
+        return tasks

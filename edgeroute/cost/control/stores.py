@@ -1,0 +1,121 @@
+"""Where budgets and token buckets are counted: the shared store (Redis, or the workers' file)
+when one is configured and up, else this process's own counters.
+
+After a failure the shared store is left alone for a second: `on_unavailable: open` counts in
+process meanwhile, `closed` refuses with 503. Adjustments to the shared store run as tasks
+(`_spawn`), so a request never waits for its settlement."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from edgeroute.cost import budgets as B
+from edgeroute.cost.limits import BucketState, LocalLimiter, Take
+from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.errors import ProxyError
+from edgeroute.workers import worker as workers
+from edgeroute.workers.local_state import SqliteState
+
+log = logging.getLogger("edgeroute.cost")
+
+
+def workers_store() -> SqliteState | None:
+    """Under `serve --workers N` without Redis, the workers' one store on this machine."""
+    worker = workers.current()
+    return SqliteState(worker.dir / "shared.db") if worker is not None and worker.count > 1 else None
+
+
+class Stores:
+    """The stores and the adjustments sent to them (a part of `CostControl`)."""
+
+    shared: RedisState | SqliteState | None  # None: this process counts alone
+    local_budgets: B.LocalBudgetStore
+    local_limits: LocalLimiter
+    fail_open: bool
+    _down_until: float  # the shared store is not asked again before this (monotonic)
+    _tasks: set[asyncio.Task[Any]]  # adjustments and notifications under way
+
+    def shared_up(self) -> bool:
+        return self.shared is not None and time.monotonic() >= self._down_until
+
+    def _unavailable(self, what: str, e: StoreUnavailable) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning(
+                "shared state unavailable (%s: %s); failing %s", what, e, "open" if self.fail_open else "closed"
+            )
+        self._down_until = time.monotonic() + 1.0
+        if not self.fail_open:
+            raise ProxyError(
+                503,
+                "Budget and rate-limit state is unavailable; requests are refused until it is back.",
+                code="budget_store_unavailable",
+                headers={"Retry-After": "1"},
+            )
+
+    def _check_closed(self) -> None:
+        if self.shared is not None and not self.fail_open and not self.shared_up():
+            self._unavailable("recently failed", StoreUnavailable("down"))
+
+    async def _take(self, takes: list[Take]) -> tuple[bool, list[BucketState], bool]:
+        self._check_closed()
+        if self.shared_up():
+            assert self.shared is not None
+            try:
+                ok, states = await self.shared.take(takes)
+                return ok, states, True
+            except StoreUnavailable as e:
+                self._unavailable("rate limits", e)
+        ok, states = self.local_limits.take(takes)
+        return ok, states, False
+
+    async def _reserve(self, charges: list[B.Charge], now: float) -> tuple[B.Reserved, bool]:
+        self._check_closed()
+        if self.shared_up():
+            assert self.shared is not None
+            try:
+                return await self.shared.reserve(charges, now), True
+            except StoreUnavailable as e:
+                self._unavailable("budgets", e)
+        return self.local_budgets.reserve_now(charges), False
+
+    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
+        """Adds `deltas` to reservations; a task when they go to Redis."""
+        if shared and self.shared is not None:
+            return self._spawn(self.shared.adjust_async(charges, deltas))
+        self.local_budgets.adjust(charges, deltas)
+        return None
+
+    def _give(self, takes: list[Take], deltas: list[float], shared: bool) -> asyncio.Task[None] | None:
+        """Takes `deltas` more from buckets (gives back when negative); a task when they are in Redis."""
+        pairs = [(t, d) for t, d in zip(takes, deltas, strict=True) if d]
+        if not pairs:
+            return None
+        if shared and self.shared is not None:
+            return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs]))
+        for t, d in pairs:
+            self.local_limits.adjust(t.name, t.kind, d)
+        return None
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await coro
+            except StoreUnavailable as e:
+                log.warning("shared state unavailable at settlement (%s); this adjustment is lost", e)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @staticmethod
+    async def _wait(tasks: list[asyncio.Task[None] | None]) -> None:
+        """Waits for adjustments that must land before the next step (tasks: they finish even if
+        this request is cancelled meanwhile)."""
+        pending = [t for t in tasks if t is not None]
+        if pending:
+            await asyncio.wait(pending)

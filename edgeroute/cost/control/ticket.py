@@ -1,0 +1,44 @@
+"""What one request holds from admission until settlement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edgeroute.cost import budgets as B
+from edgeroute.cost.keys import Identity
+from edgeroute.cost.limits import BucketState, Take
+
+
+@dataclass(slots=True)
+class Held:
+    """Token-bucket takes charged together at admission, in one store."""
+
+    takes: list[Take]
+    shared: bool
+    deployment: str | None = None  # a provider limit: settled to that deployment's own tokens
+
+
+@dataclass(slots=True)
+class CostTicket:
+    """What one request holds until settlement."""
+
+    identity: Identity
+    started: float = 0.0  # the request's start (its record's ts): which budgets count it in memory
+    reroute: str | None = None  # the endpoint decides again for this model before dispatch
+    tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
+    charges: list[B.Charge] = field(default_factory=list)
+    charges_shared: bool = False
+    held: list[Held] = field(default_factory=list)
+
+
+Taken = tuple[bool, list[BucketState], bool]  # allowed, the buckets' states, taken in the shared store
+
+
+@dataclass(slots=True)
+class AtOnce:
+    """Admission's checks made in one round trip (`CostControl._at_once`); None: not made."""
+
+    rate: Taken | None = None
+    deployment: Taken | None = None
+    reserved: B.Reserved | None = None
+    charges: list[B.Charge] = field(default_factory=list)  # what `reserved` reserved (when ok)

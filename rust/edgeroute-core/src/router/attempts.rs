@@ -1,0 +1,76 @@
+//! What the caller reports between decisions: an attempt's start and outcome, active health
+//! checks, the capacity slots attempts take, and the retry and hedge budgets they spend.
+
+use super::Router;
+use crate::health::Outcome;
+
+impl Router {
+    /// Asks the hedge budget for one hedge of a request on `route`; call when the hedge timer fires.
+    pub fn try_hedge(&self, route: &str) -> bool {
+        let pct = self
+            .route_by_name
+            .get(route)
+            .and_then(|&r| self.routes[r].spec.hedge.as_ref())
+            .map_or(0.0, |h| h.budget_percent);
+        self.hedge_budget.try_take(pct)
+    }
+
+    /// Asks the retry budget for one retry.
+    pub fn try_retry(&self) -> bool {
+        self.retry_budget.try_withdraw(self.now_ms())
+    }
+
+    /// Takes a capacity slot on deployment `index` (an attempt starts).
+    pub fn acquire(&self, index: usize) {
+        self.deployments[index].slots.acquire();
+    }
+
+    /// Gives back a capacity slot on deployment `index` (the answer was read).
+    pub fn release(&self, index: usize) {
+        self.deployments[index].slots.release();
+    }
+
+    /// Whether deployment `index` has a free slot for a request of class rank `priority`.
+    pub fn has_room(&self, index: usize, priority: usize) -> bool {
+        let d = &self.deployments[index];
+        d.slots.has_room(d.limits, priority == 0)
+    }
+
+    /// Requests in flight on deployment `index`, and its `max_concurrency`.
+    pub fn slots(&self, index: usize) -> (u32, Option<u32>) {
+        let d = &self.deployments[index];
+        (d.slots.active(), d.limits.max)
+    }
+
+    /// Marks an attempt on deployment `index` as started.
+    pub fn begin(&self, index: usize) {
+        self.deployments[index].health.begin(self.now_ms());
+    }
+
+    /// Reports the end of an attempt on deployment `index`.
+    pub fn report(&self, index: usize, outcome: Outcome, latency_ms: f64) {
+        let now = self.now_ms();
+        let d = &self.deployments[index];
+        d.health.report(outcome, latency_ms, now, &self.health_spec);
+        if outcome == Outcome::Success {
+            d.latency.record(latency_ms, now);
+        }
+    }
+
+    /// A stream on deployment `index`, reported a success at its first content, broke later.
+    pub fn report_broken_stream(&self, index: usize) {
+        self.deployments[index]
+            .health
+            .fail_after_success(self.now_ms(), &self.health_spec);
+    }
+
+    /// Takes a deployment out or puts it back after an active health check.
+    pub fn set_probe_result(&self, index: usize, healthy: bool, eject_ms: u64) {
+        let d = &self.deployments[index];
+        if healthy {
+            d.health.restore();
+        } else {
+            d.health.eject_for(eject_ms, self.now_ms());
+        }
+    }
+}

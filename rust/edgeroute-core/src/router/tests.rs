@@ -1,0 +1,87 @@
+use super::*;
+
+#[test]
+fn price_windows_reorder_lowest_cost() {
+    let router = Router::from_json(
+        br#"{"deployments": [
+            {"name": "cheap", "provider": "p", "model": "m", "input_per_mtok": 1, "output_per_mtok": 1},
+            {"name": "dear", "provider": "p", "model": "m", "input_per_mtok": 4, "output_per_mtok": 4}],
+          "models": [{"name": "m", "deployments": ["cheap", "dear"], "strategy": "lowest_cost"}]}"#,
+    )
+    .unwrap();
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let first = |r: &Router| {
+        r.deployment(r.decide(body, &RequestMeta::default()).unwrap().order[0])
+            .name
+            .clone()
+    };
+    assert_eq!(first(&router), "cheap");
+    // An off-peak window at a tenth of the price makes `dear` the cheaper one now.
+    router.set_price_multiplier(1, 0.1);
+    assert_eq!(first(&router), "dear");
+}
+
+const CAPACITY: &[u8] = br#"{"deployments": [
+        {"name": "a", "provider": "p", "model": "m", "weight": 100, "max_concurrency": 5, "reserve_percent": 40},
+        {"name": "b", "provider": "p", "model": "m", "weight": 1},
+        {"name": "c", "provider": "p", "model": "m"}],
+      "models": [{"name": "m", "deployments": ["a", "b"], "fallbacks": ["n"]},
+                 {"name": "n", "deployments": ["c"]}],
+      "rules": [{"name": "bulk", "when": {"tags": ["bulk"]}, "then": {"priority": "batch"}}],
+      "priority_classes": ["interactive", "default", "batch"]}"#;
+const BODY: &[u8] = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+
+fn decide_as(r: &Router, priority: Option<&str>, tags: &[&str]) -> Decision {
+    let meta = RequestMeta {
+        priority: priority.map(str::to_owned),
+        tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        ..RequestMeta::default()
+    };
+    r.decide(BODY, &meta).unwrap()
+}
+
+#[test]
+fn a_full_deployment_is_tried_last_and_its_health_is_untouched() {
+    let r = Router::from_json(CAPACITY).unwrap();
+    assert_eq!(decide_as(&r, None, &[]).order[0], 0);
+    for _ in 0..5 {
+        r.acquire(0);
+    }
+    let d = decide_as(&r, Some("interactive"), &[]);
+    // The route's other deployment, then the fallback's, then the full one.
+    assert_eq!((d.order, d.spilled, d.priority), (vec![1, 2, 0], vec![0], 0));
+    assert_eq!(r.health(0).failures, 0);
+    r.release(0);
+    assert_eq!(decide_as(&r, Some("interactive"), &[]).order[0], 0);
+    assert_eq!(r.slots(0), (4, Some(5)));
+}
+
+#[test]
+fn the_reserve_is_kept_for_the_highest_class_and_rules_set_the_class() {
+    let r = Router::from_json(CAPACITY).unwrap();
+    for _ in 0..3 {
+        r.acquire(0);
+    }
+    // 40 % of 5 is kept for `interactive`: `default` (the last class unless named) and `batch` spill.
+    assert_eq!(decide_as(&r, Some("interactive"), &[]).spilled, Vec::<usize>::new());
+    assert_eq!(decide_as(&r, Some("default"), &[]).spilled, vec![0]);
+    let bulk = decide_as(&r, Some("interactive"), &["bulk"]);
+    assert_eq!((bulk.priority, bulk.spilled), (2, vec![0]));
+    assert!(r.has_room(0, 0) && !r.has_room(0, 1));
+}
+
+#[test]
+fn a_reload_keeps_the_counts_and_bad_capacities_are_refused() {
+    let r = Router::from_json(CAPACITY).unwrap();
+    r.acquire(0);
+    let again = r.reload(Router::spec_from_json(CAPACITY).unwrap()).unwrap();
+    assert_eq!(again.slots(0), (1, Some(5)));
+    again.release(0);
+    again.release(0); // never below zero
+    assert_eq!(r.slots(0), (0, Some(5)));
+    let zero = String::from_utf8_lossy(CAPACITY).replace("\"max_concurrency\": 5", "\"max_concurrency\": 0");
+    assert!(Router::from_json(zero.as_bytes()).is_err());
+    let class = String::from_utf8_lossy(CAPACITY).replace("\"priority\": \"batch\"", "\"priority\": \"bulk\"");
+    let err = Router::from_json(class.as_bytes()).unwrap_err().to_string();
+    assert!(err.contains("unknown priority class `bulk`"), "{err}");
+}
