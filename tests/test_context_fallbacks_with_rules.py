@@ -1,9 +1,9 @@
 """Context-window fallbacks with rules that keep some requests to some deployments.
 
 A prompt too long for every deployment of its route goes to the first of the route's
-`context_window_fallbacks` with a deployment it fits, chosen before the matched rule's
-constraints are applied: when that fallback has no deployment the rule allows, the request
-is refused (503) though a later fallback fits it and is allowed.
+`context_window_fallbacks` with a deployment it fits *and the matched rule allows*: it used to
+take the first it fits, and when that one had no deployment the rule allows, the request
+was refused (503) though a later fallback fits it and is allowed.
 """
 
 from __future__ import annotations
@@ -11,18 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import openai
-import pytest
 
 from tests.conftest import simple_config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rust/edgeroute-core/src/router.rs (being split by another helper): `resolve_route` "
-    "takes the first `context_window_fallbacks` route with a member that `fits`, whatever the "
-    "matched rule's action allows. Fix there: require a member that fits and that `action` does "
-    "not bar (`barred(a, spec).is_none()`), as `apply_policy`'s `allowed` does.",
-)
 async def test_a_long_prompt_goes_to_the_context_fallback_the_rule_allows(
     start_upstream: Any, start_proxy: Any
 ) -> None:

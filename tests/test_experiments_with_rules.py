@@ -1,10 +1,10 @@
 """A/B experiments with rules that keep some requests to some deployments (`require_tags`,
 `deployments`, `exclude_tags`; residency is folded into rules the same way).
 
-The experiment assigns the variant before the matched rule's constraints are applied: a user
-whose variant has no deployment the rule allows is refused (503) a request the other variant
-can serve. Policy routes had the same bug (fixed: they choose among the candidates the rule
-allows); an experiment must likewise fall back to a variant the rule allows.
+The experiment assigned the variant before the matched rule's constraints were applied: a
+user whose variant had no deployment the rule allows was refused (503) a request the other
+variant can serve. A barred variant's users now go to a variant the rule allows (sticky,
+by the variants' shares), as policy routes choose among the candidates the rule allows.
 """
 
 from __future__ import annotations
@@ -12,19 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import openai
-import pytest
 
 from tests.conftest import simple_config
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rust/edgeroute-core/src/router.rs (being split by another helper): `resolve_route` "
-    "takes `exp.variant_for(sticky)` whatever the matched rule's action allows. Fix there: when "
-    "`action` bars every member of the chosen variant (`barred(a, spec)` for all, as "
-    "`apply_policy`'s `allowed`), choose among the variants with an allowed member, by the same "
-    "sticky point over their percents (so the choice stays sticky); all barred: as now.",
-)
 async def test_a_rule_barring_a_users_variant_sends_the_request_to_one_it_allows(
     start_upstream: Any, start_proxy: Any
 ) -> None:

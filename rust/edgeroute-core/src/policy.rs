@@ -86,15 +86,43 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 impl ExperimentSpec {
     /// The arm for `sticky_key` (the same key always lands in the same arm).
     pub fn variant_for(&self, sticky_key: &str) -> usize {
-        let point = (fnv1a(&[self.name.as_bytes(), sticky_key.as_bytes()]) % 10_000) as f64 / 100.0;
+        // Percent points, computed as they always were: a key keeps its arm across versions.
+        let point = self.bucket(sticky_key, b"") as f64 / 100.0;
+        self.arm_at(point, (0..self.variants.len()).collect())
+    }
+
+    /// The arm for `sticky_key` among the arms `allowed` keeps (None: it keeps none). A key
+    /// whose own arm is allowed stays in it; the keys of a barred arm are spread over the
+    /// allowed ones by their percents, by a second draw of the same key (so still sticky).
+    pub fn variant_among(&self, sticky_key: &str, allowed: impl Fn(usize) -> bool) -> Option<usize> {
+        let own = self.variant_for(sticky_key);
+        if allowed(own) {
+            return Some(own);
+        }
+        let arms: Vec<usize> = (0..self.variants.len()).filter(|&i| allowed(i)).collect();
+        if arms.is_empty() {
+            return None;
+        }
+        let total: f64 = arms.iter().map(|&i| self.variants[i].percent).sum();
+        let point = self.bucket(sticky_key, b"\0barred") as f64 / 10_000.0 * total;
+        Some(self.arm_at(point, arms))
+    }
+
+    /// A key's bucket in 0..10,000: stable across processes and versions.
+    fn bucket(&self, sticky_key: &str, salt: &[u8]) -> u64 {
+        fnv1a(&[self.name.as_bytes(), sticky_key.as_bytes(), salt]) % 10_000
+    }
+
+    /// The arm of `arms` whose share of the percents holds `point` (the last one past them all).
+    fn arm_at(&self, point: f64, arms: Vec<usize>) -> usize {
         let mut acc = 0.0;
-        for (i, v) in self.variants.iter().enumerate() {
-            acc += v.percent;
+        for &i in &arms {
+            acc += self.variants[i].percent;
             if point < acc {
                 return i;
             }
         }
-        self.variants.len().saturating_sub(1)
+        arms.last().copied().unwrap_or(0)
     }
 }
 
@@ -180,6 +208,35 @@ mod tests {
         let b = arms.iter().filter(|&&a| a == 1).count();
         assert!((800..1200).contains(&b), "{b}");
         assert_eq!(e.variant_for("user-7"), e.variant_for("user-7"));
+    }
+
+    #[test]
+    fn a_barred_arms_callers_spread_over_the_others_by_their_shares() {
+        let arm = |route: &str, percent: f64| Variant {
+            route: route.into(),
+            percent,
+        };
+        let e = ExperimentSpec {
+            name: "exp".into(),
+            variants: vec![arm("a", 50.0), arm("b", 30.0), arm("c", 20.0)],
+            sticky: Sticky::User,
+        };
+        let keys: Vec<String> = (0..10_000).map(|i| format!("user-{i}")).collect();
+        let mut moved = [0usize; 3];
+        for k in &keys {
+            let free = e.variant_for(k);
+            let ruled = e.variant_among(k, |i| i != 0).unwrap();
+            assert_ne!(ruled, 0);
+            if free == 0 {
+                moved[ruled] += 1;
+            }
+            assert_eq!(ruled, e.variant_among(k, |i| i != 0).unwrap(), "sticky");
+        }
+        // Callers of the barred arm land in b and c about 30:20.
+        let share_b = moved[1] as f64 / (moved[1] + moved[2]) as f64;
+        assert!((0.55..0.65).contains(&share_b), "{moved:?}");
+        assert_eq!(e.variant_among("user-1", |_| false), None);
+        assert_eq!(e.variant_among("user-1", |_| true), Some(e.variant_for("user-1")));
     }
 
     #[test]

@@ -10,6 +10,17 @@ use crate::rules::Action;
 use crate::select::{self, Candidate};
 
 impl Router {
+    /// Whether the matched rule's `action` lets deployment `i` serve.
+    pub(super) fn member_allowed(&self, i: usize, action: Option<&Action>) -> bool {
+        action.map_or(true, |a| barred(a, &self.deployments[i].spec).is_none())
+    }
+
+    /// Whether route `r` has a deployment the matched rule's `action` lets serve (the choices
+    /// made before ordering, by experiments, policies and context fallbacks, prefer such routes).
+    pub(super) fn route_allowed(&self, r: usize, action: Option<&Action>) -> bool {
+        self.routes[r].members.iter().any(|&i| self.member_allowed(i, action))
+    }
+
     /// Phase 2: the deployments to try, in order: the route's, then each fallback
     /// route's, each ordered by its strategy; ejected ones last when nothing else is left.
     pub(super) fn order_chain(

@@ -1,7 +1,6 @@
 //! A policy route's choice among its candidate routes, by predicted score and cost
 //! (the scoring rule itself is [`crate::policy`]).
 
-use super::order::barred;
 use super::{Router, DEFAULT_COMPLETION_ESTIMATE};
 use crate::classify::Classification;
 use crate::policy::{self, Scored};
@@ -24,13 +23,7 @@ impl Router {
         action: Option<&Action>,
     ) -> (usize, String) {
         let task = c.task.class.as_str();
-        let allowed = |route: usize| match action {
-            None => true,
-            Some(a) => self.routes[route]
-                .members
-                .iter()
-                .any(|&i| barred(a, &self.deployments[i].spec).is_none()),
-        };
+        let allowed = |route: usize| self.route_allowed(route, action);
         let score = |(i, &(route, out)): (usize, &(usize, usize))| Scored {
             candidate: i,
             cost: self.cheapest_cost(route, needed, max_tokens),

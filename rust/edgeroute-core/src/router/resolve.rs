@@ -84,11 +84,23 @@ impl Router {
                 policy::Sticky::User => user.or(meta.key.as_deref()),
                 policy::Sticky::Key => meta.key.as_deref().or(user),
             };
-            let arm = match sticky {
-                Some(k) => exp.variant_for(k),
-                None => exp.variant_for(&self.rng.below(1 << 30).to_string()),
+            let drawn;
+            let key = match sticky {
+                Some(k) => k,
+                None => {
+                    drawn = self.rng.below(1 << 30).to_string();
+                    &drawn
+                }
             };
-            route = self.routes[route].variants[arm];
+            let arms = &self.routes[route].variants;
+            let mut arm = exp.variant_for(key);
+            // A variant the matched rule bars would refuse what another variant can serve.
+            if !self.route_allowed(arms[arm], action) {
+                arm = exp
+                    .variant_among(key, |i| self.route_allowed(arms[i], action))
+                    .unwrap_or(arm);
+            }
+            route = arms[arm];
             variant = Some(self.routes[route].spec.name.clone());
         }
         let mut policy_note = None;
@@ -97,18 +109,19 @@ impl Router {
             route = chosen;
             policy_note = Some(note);
         }
-        // A prompt too long for every deployment of the route goes to its context-window fallback.
-        if !self.routes[route]
-            .members
-            .iter()
-            .any(|&i| fits(&self.deployments[i].spec, needed))
-        {
-            if let Some(f) = self.routes[route].spec.context_window_fallbacks.iter().find(|f| {
-                self.routes[self.route_by_name[*f]]
-                    .members
-                    .iter()
-                    .any(|&i| fits(&self.deployments[i].spec, needed))
-            }) {
+        // A prompt too long for every deployment of the route goes to its first context-window
+        // fallback with a deployment it fits and the matched rule allows (else the first it
+        // fits, so that the refusal says why).
+        let fitting = |r: usize, ruled: bool| {
+            self.routes[r]
+                .members
+                .iter()
+                .any(|&i| fits(&self.deployments[i].spec, needed) && (!ruled || self.member_allowed(i, action)))
+        };
+        if !fitting(route, false) {
+            let fallbacks = &self.routes[route].spec.context_window_fallbacks;
+            let first = |ruled: bool| fallbacks.iter().find(|f| fitting(self.route_by_name[*f], ruled));
+            if let Some(f) = first(true).or_else(|| first(false)) {
                 route = self.route_by_name[f];
             }
         }
