@@ -201,7 +201,18 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
         cache.confine(plan, live.config, decision.rule, _region(request))
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
-        ticket = await admission.admit(request, decision, rec, _counter(live, body))
+        try:
+            ticket = await admission.admit(request, decision, rec, _counter(live, body))
+        except ProxyError as e:
+            # A budget refuses what would cost money; a cached answer costs nothing, and the
+            # refusal has counted the request against its rate limits as a hit is counted.
+            if e.code != "budget_exceeded" or plan is None:
+                raise
+            entry = await cache.lookup(plan, [live.deployments[i].name for i in decision.order])
+            if entry is None:
+                raise
+            rec.admission = None
+            return await _cached_answer(request, rec, decision, plan, entry, dialect)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             body = with_model(body, decision, reroute)

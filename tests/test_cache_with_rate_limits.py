@@ -9,21 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import openai
-import pytest
 
 from tests.conftest import simple_config
 
 MSG: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cost/control.py (being split by another helper) gives a deployment's request back "
-    "only to a refused request (`_release`); `settle` keeps it when no attempt reached the "
-    "deployment, so each hit spends the provider's RPM and the fourth identical request, a hit, "
-    "is refused 429. Fix there: in `settle`, give back the takes of a `Held` whose deployment "
-    "no attempt in `rec.attempts` reached, as `_release` does.",
-)
 async def test_cache_hits_do_not_spend_the_providers_requests(start_upstream: Any, start_proxy: Any) -> None:
     up = await start_upstream(record=True)
     cfg = simple_config({"a": up}, rate_limits={"deployments": {"d-a": {"rpm": 3}}})

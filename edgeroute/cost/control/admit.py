@@ -105,7 +105,7 @@ class CostControl(Reservations, RateLimits):
         ticket.tokens = tokens
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
-        top = prices.top(decision.order, live.deployments) if prices is not None else None
+        top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
         try:
             # With Redis, the three checks below are made in one round trip up front (`_at_once`)
             # and each step reads its result from it; otherwise each step checks on its own.

@@ -28,15 +28,23 @@ class Prices:
 
     config: Config
     routes: dict[str, Ceiling]
-    tops: dict[tuple[int, ...], Ceiling] = field(default_factory=dict)
+    tops: dict[tuple[str | int, ...], Ceiling] = field(default_factory=dict)
 
-    def top(self, order: list[int], table: list[Any]) -> Ceiling:
-        key = tuple(order)
+    def top(self, route: str, order: list[int], table: list[Any]) -> Ceiling:
+        """The ceiling over the deployments a request may reach: its decision's order, and
+        those of the models its route's `fallbacks_on` adds when an attempt fails (often the
+        dearer ones: a reservation at the order's prices alone let a budget be overshot)."""
+        key: tuple[str | int, ...] = (route, *order)
         hit = self.tops.get(key)
         if hit is None:
             if len(self.tops) > 4096:
                 self.tops.clear()  # orders are few in practice: never grow without bound
-            hit = self.tops[key] = ceiling([table[i].price for i in key])
+            prices = [table[i].price for i in order]
+            if (model := self.config.models.get(route)) is not None:
+                cfg = self.config
+                names = [n for ns in model.fallbacks_on.values() for n in ns if n in cfg.models]
+                prices += [cfg.deployments[d].price for n in names for d in cfg.models[n].deployments]
+            hit = self.tops[key] = ceiling(prices)
         return hit
 
 

@@ -18,14 +18,12 @@ def _total(u: Usage) -> int:
 
 
 def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
-    """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured)."""
+    """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured). A
+    deployment's `h` is settled only when an attempt reached that deployment."""
     if h.deployment is None:
         return _total(rec.usage) if rec.usage is not None else None
-    attempts = [a for a in rec.attempts if a.deployment == h.deployment]
-    measured = [_total(a.usage) for a in attempts if a.usage is not None]
-    if measured:
-        return sum(measured)
-    return None if attempts else 0  # never sent there (failover, downgrade): it used nothing
+    measured = [_total(a.usage) for a in rec.attempts if a.deployment == h.deployment and a.usage is not None]
+    return sum(measured) if measured else None
 
 
 class Settlement(Stores):
@@ -58,6 +56,11 @@ class Settlement(Stores):
             actual = B.to_nano(rec.cost_usd)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
         for h in ticket.held:
+            if h.deployment is not None and not any(a.deployment == h.deployment for a in rec.attempts):
+                # Never sent there (a cache hit, a failover, a downgrade): its provider saw
+                # nothing, so its request and tokens go back, as for a refused request.
+                self._give(h.takes, [-t.amount for t in h.takes], h.shared)
+                continue
             used = _tokens_used(rec, h)
             if used is not None:
                 tokens = [t for t in h.takes if t.kind == "tokens"]
