@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -34,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import background, roles
+from edgeroute.atomic_file import replace_file
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
@@ -120,9 +120,9 @@ class FeedbackLearner:
             return
         data = json.dumps(self.snapshot(), indent=1)
         with self._write_lock:
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(data)
-            os.replace(tmp, self.state_path)
+            # A temporary file of its own: the workers of one `serve --workers N` share the
+            # path, and one fixed name let one rename the other's file away mid-write.
+            replace_file(self.state_path, data.encode())
 
     # -- learning ------------------------------------------------------------
 
@@ -329,7 +329,10 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
             while True:
                 await asyncio.sleep(REFRESH_SECONDS)
                 _apply(app, learner)
-                await asyncio.to_thread(learner.save)
+                try:
+                    await asyncio.to_thread(learner.save)
+                except OSError as e:  # a full disk must not stop the learner steering routing
+                    log.warning("learning state: cannot write %s (%s)", learner.state_path, e)
 
         task = asyncio.create_task(refresh())
         yield
