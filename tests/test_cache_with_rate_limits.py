@@ -24,7 +24,7 @@ MSG: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
     "is refused 429. Fix there: in `settle`, give back the takes of a `Held` whose deployment "
     "no attempt in `rec.attempts` reached, as `_release` does.",
 )
-async def test_cache_hits_do_not_spend_the_providers_requests(start_upstream, start_proxy) -> None:
+async def test_cache_hits_do_not_spend_the_providers_requests(start_upstream: Any, start_proxy: Any) -> None:
     up = await start_upstream(record=True)
     cfg = simple_config({"a": up}, rate_limits={"deployments": {"d-a": {"rpm": 3}}})
     cfg["models"]["m"]["cache"] = {"ttl": 60}
