@@ -75,8 +75,12 @@ def _region(request: web.Request) -> str | None:
     return ident.residency if ident is not None else None
 
 
-def decide(live: Live, body: bytes, request: web.Request, explain: bool = False) -> _core.Decision:
-    """Asks the core; maps its errors onto the API's statuses."""
+def decide(
+    live: Live, body: bytes, request: web.Request, explain: bool = False, rerouted: bool = False
+) -> _core.Decision:
+    """Asks the core; maps its errors onto the API's statuses. `rerouted`: decided again for the
+    model admission named (a budget's downgrade): the key's `models` bound what its holder asks
+    for, checked on the first decision; the operator's downgrade is not refused by them."""
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
     # Feedback is attributed per (task, route): with learning on, every request is classified.
     explain = explain or live.config.learning.feedback is not None
@@ -98,7 +102,8 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),
         )
-        check_model(ident, d.model)
+        if not rerouted:
+            check_model(ident, d.model)
         if ident.residency is not None:
             check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
         return d
@@ -199,7 +204,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             body = with_model(body, decision, reroute)
             route = decision.route
-            decision = decide(live, body, request)
+            decision = decide(live, body, request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
             if decision.route != route:
                 cache.discard(plan)

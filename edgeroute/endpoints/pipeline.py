@@ -156,7 +156,7 @@ async def serve(
         )
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
-            decision = decide(live, policy_body(route_body, body), request)
+            decision = decide(live, policy_body(route_body, body), request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
