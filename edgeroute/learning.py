@@ -71,6 +71,7 @@ class Sharing(Protocol):
     def on_served(self, request_id: str, s: Served) -> None: ...
     def on_feedback(self, s: Served, reward: float) -> None: ...
     async def lookup(self, request_id: str) -> Served | None: ...
+    async def claim(self, request_id: str) -> bool: ...
 
 
 class FeedbackLearner:
@@ -282,11 +283,14 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         raise unknown  # with keys, only a request the log shows to be the caller's is rated
     served = None
     if learner is not None:
-        served = learner.feedback(rid, score)
-        if served is None and learner.share is not None and (found := await learner.share.lookup(rid)) is not None:
-            learner.recent[rid] = found  # served by another instance
-            served = learner.feedback(rid, score)
+        served = learner.recent.get(rid)
+        share = learner.share
+        if served is None and share is not None and (served := await share.lookup(rid)) is not None:
+            learner.recent[rid] = served  # served by another instance
+        if served is not None and not served.rated and share is not None and not await share.claim(rid):
+            served.rated = True  # rated through another instance already: it counted there
         if served is not None:
+            learner.feedback(rid, score)
             _apply(request.app, learner)
     if served is None and logged is None:
         raise unknown
