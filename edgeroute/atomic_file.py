@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 
 def replace_file(path: Path, data: bytes) -> None:
-    """Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`."""
+    """Writes `data` to a temporary file beside `path`, syncs it, then renames it over `path`.
+    A file replaced keeps its mode and owner (a config kept 0600 stays so); a new one is 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        try:
+            was = os.stat(path)
+        except FileNotFoundError:
+            was = None
+        if was is not None:
+            os.fchmod(fd, stat.S_IMODE(was.st_mode))
+            if (was.st_uid, was.st_gid) != (os.getuid(), os.getgid()):
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(fd, was.st_uid, was.st_gid)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -22,13 +22,15 @@ log = logging.getLogger("edgeroute.health")
 
 # How long a failed probe keeps a deployment out (the next good probe ends it early).
 PROBE_EJECTION_MS = 60_000
+FOLLOW_S = 1.0  # how soon a reload's probe settings take effect
 
 
 async def probe_once(app: web.Application, provider: str) -> bool:
     live = app[STATE].live
-    up = live.upstreams[provider]
-    hc = live.config.providers[provider].health_check
-    if hc is None:
+    up = live.upstreams.get(provider)
+    settings = live.config.providers.get(provider)
+    hc = settings.health_check if settings is not None else None
+    if up is None or hc is None:  # a reload took the provider or its probe away
         return True
     try:
         async with asyncio.timeout(hc.timeout):
@@ -60,17 +62,31 @@ async def _loop(app: web.Application, provider: str, interval: float) -> None:
             log.exception("health check of %s failed unexpectedly", provider)
 
 
+async def _follow_config(app: web.Application) -> None:
+    """One probe loop per provider with `health_check` set in the running config: a reload that
+    adds, changes or removes a probe starts, restarts or stops its loop within `FOLLOW_S` (the
+    loops were started once, from the config at start)."""
+    loops: dict[str, tuple[float, asyncio.Task[None]]] = {}
+    try:
+        while True:
+            providers = app[STATE].live.config.providers
+            wanted = {n: p.health_check.interval for n, p in providers.items() if p.health_check is not None}
+            for name in [n for n, (interval, _) in loops.items() if wanted.get(n) != interval]:
+                loops.pop(name)[1].cancel()
+            for name, interval in wanted.items():
+                if name not in loops:
+                    loops[name] = (interval, asyncio.create_task(_loop(app, name, interval)))
+            await asyncio.sleep(FOLLOW_S)
+    finally:
+        for _, t in loops.values():
+            t.cancel()
+        await asyncio.gather(*(t for _, t in loops.values()), return_exceptions=True)
+
+
 async def health_check_ctx(app: web.Application) -> AsyncIterator[None]:
-    """aiohttp cleanup context: runs one probe loop per provider with `health_check` set."""
-    live = app[STATE].live
-    tasks = [
-        asyncio.create_task(_loop(app, name, p.health_check.interval))
-        for name, p in live.config.providers.items()
-        if p.health_check is not None
-    ]
+    """aiohttp cleanup context: the probe loops of the running config's providers."""
+    task = asyncio.create_task(_follow_config(app))
     yield
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

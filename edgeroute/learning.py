@@ -20,7 +20,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -34,6 +33,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import background, roles
+from edgeroute.atomic_file import replace_file
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
@@ -71,6 +71,7 @@ class Sharing(Protocol):
     def on_served(self, request_id: str, s: Served) -> None: ...
     def on_feedback(self, s: Served, reward: float) -> None: ...
     async def lookup(self, request_id: str) -> Served | None: ...
+    async def claim(self, request_id: str) -> bool: ...
 
 
 class FeedbackLearner:
@@ -120,9 +121,9 @@ class FeedbackLearner:
             return
         data = json.dumps(self.snapshot(), indent=1)
         with self._write_lock:
-            tmp = self.state_path.with_suffix(".tmp")
-            tmp.write_text(data)
-            os.replace(tmp, self.state_path)
+            # A temporary file of its own: the workers of one `serve --workers N` share the
+            # path, and one fixed name let one rename the other's file away mid-write.
+            replace_file(self.state_path, data.encode())
 
     # -- learning ------------------------------------------------------------
 
@@ -282,11 +283,14 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         raise unknown  # with keys, only a request the log shows to be the caller's is rated
     served = None
     if learner is not None:
-        served = learner.feedback(rid, score)
-        if served is None and learner.share is not None and (found := await learner.share.lookup(rid)) is not None:
-            learner.recent[rid] = found  # served by another instance
-            served = learner.feedback(rid, score)
+        served = learner.recent.get(rid)
+        share = learner.share
+        if served is None and share is not None and (served := await share.lookup(rid)) is not None:
+            learner.recent[rid] = served  # served by another instance
+        if served is not None and not served.rated and share is not None and not await share.claim(rid):
+            served.rated = True  # rated through another instance already: it counted there
         if served is not None:
+            learner.feedback(rid, score)
             _apply(request.app, learner)
     if served is None and logged is None:
         raise unknown
@@ -329,7 +333,10 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
             while True:
                 await asyncio.sleep(REFRESH_SECONDS)
                 _apply(app, learner)
-                await asyncio.to_thread(learner.save)
+                try:
+                    await asyncio.to_thread(learner.save)
+                except OSError as e:  # a full disk must not stop the learner steering routing
+                    log.warning("learning state: cannot write %s (%s)", learner.state_path, e)
 
         task = asyncio.create_task(refresh())
         yield

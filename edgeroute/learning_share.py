@@ -49,6 +49,7 @@ class LearningShare:
         self.learner = learner
         self.hash = f"{cfg.prefix}:learn:posteriors"
         self.req_prefix = f"{cfg.prefix}:learn:req:"
+        self.rated_prefix = f"{cfg.prefix}:learn:rated:"
         self.served: list[tuple[str, Served]] = []
         self.rewards: list[tuple[str, str, float]] = []
         self.failed = 0
@@ -79,6 +80,17 @@ class LearningShare:
             await asyncio.sleep(LOOKUP_POLL_S)
         route, task, cost = orjson.loads(raw)
         return Served(str(route), str(task), float(cost))
+
+    async def claim(self, request_id: str) -> bool:
+        """Whether this instance is the first to rate `request_id` (one request moves the shared
+        learner once, whichever instances its score reaches); True when Redis is down (this
+        instance's own memory decides, as without sharing)."""
+        try:
+            got = await self.client.set(self.rated_prefix + request_id, b"1", nx=True, ex=REMEMBER_S)
+        except redis_client.errors():
+            self.failed += 1
+            return True
+        return bool(got)
 
     async def flush(self) -> None:
         served, rewards = self.served, self.rewards

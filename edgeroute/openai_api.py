@@ -21,6 +21,7 @@ from edgeroute.cache.entry import Entry
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
+from edgeroute.config import Config, Model, Shadow
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
@@ -82,8 +83,12 @@ def _region(request: web.Request) -> str | None:
     return ident.residency if ident is not None else None
 
 
-def decide(live: Live, body: bytes, request: web.Request, explain: bool = False) -> _core.Decision:
-    """Asks the core; maps its errors onto the API's statuses."""
+def decide(
+    live: Live, body: bytes, request: web.Request, explain: bool = False, rerouted: bool = False
+) -> _core.Decision:
+    """Asks the core; maps its errors onto the API's statuses. `rerouted`: decided again for the
+    model admission named (a budget's downgrade): the key's `models` bound what its holder asks
+    for, checked on the first decision; the operator's downgrade is not refused by them."""
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
     # Feedback is attributed per (task, route): with learning on, every request is classified.
     explain = explain or live.config.learning.feedback is not None
@@ -105,7 +110,8 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),
         )
-        check_model(ident, d.model)
+        if not rerouted:
+            check_model(ident, d.model)
         if ident.residency is not None:
             check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
         return d
@@ -117,6 +123,39 @@ def decide(live: Live, body: bytes, request: web.Request, explain: bool = False)
         raise ProxyError(404, str(e), code="model_not_found", param="model") from None
     except _core.NoDeploymentError as e:
         raise ProxyError(503, str(e), code="no_deployment_available") from None
+
+
+def _choosers(cfg: Config, d: _core.Decision) -> list[Model]:
+    """The models that chose the route serving `d`, nearest first: a policy route that is the
+    experiment's variant, then the model the client asked for (an experiment or a policy)."""
+    out = []
+    for name in (d.variant, d.model):
+        m = cfg.models.get(name) if name is not None and name != d.route else None
+        if m is None or (m.experiment is None and m.policy is None):
+            continue
+        chose = [v.route for v in m.experiment.variants] if m.experiment else []
+        chose += [c.route for c in m.policy.candidates] if m.policy else []
+        chose += [c.route for r in chose if (p := cfg.models[r].policy) for c in p.candidates]
+        if d.route in chose:  # not a route a rule sent the request to instead
+            out.append(m)
+    return out
+
+
+def route_cache(cfg: Config, d: _core.Decision) -> RouteCache | None:
+    """The cache settings for the route serving `d`: its own, else those of the model that chose
+    it (an experiment's or a policy's `cache:` applies to the routes it chooses, each apart)."""
+    own = cfg.models[d.route].cache
+    if own is not None:
+        return own
+    return next((m.cache for m in _choosers(cfg, d) if m.cache is not None), None)
+
+
+def route_shadow(cfg: Config, d: _core.Decision) -> Shadow | None:
+    """The shadow settings for the route serving `d`: its own, else its chooser's (see `route_cache`)."""
+    own = cfg.models[d.route].shadow
+    if own is not None:
+        return own
+    return next((m.shadow for m in _choosers(cfg, d) if m.shadow is not None), None)
 
 
 def explain_header(d: _core.Decision) -> str:
@@ -198,7 +237,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
         cache = request.app[CACHE]
         model = live.config.models[decision.route]
-        plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+        settings = route_cache(live.config, decision)
+        plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
         cache.confine(plan, live.config, decision.rule, _region(request))
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
@@ -217,12 +257,13 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             body = with_model(body, decision, reroute)
             route = decision.route
-            decision = decide(live, body, request)
+            decision = decide(live, body, request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
             if decision.route != route:
                 cache.discard(plan)
                 model = live.config.models[decision.route]
-                plan = cache.plan(request, model.cache, decision.route, body, _tenant(request, model.cache))
+                settings = route_cache(live.config, decision)
+                plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
             cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
@@ -262,7 +303,15 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
             shadow.maybe_mirror(
-                request.app, live, model, body, decision, rec, answer.body, request.get(IDENTITY), _tags(request)
+                request.app,
+                live,
+                route_shadow(live.config, decision),
+                body,
+                decision,
+                rec,
+                answer.body,
+                request.get(IDENTITY),
+                _tags(request),
             )
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")

@@ -183,19 +183,17 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     # start and no request pays for the load.
     await asyncio.to_thread(live.router.warm_up)
     await app[CACHE].warm_up([m.cache for m in live.config.models.values() if m.cache is not None])
-    windows = None
-    if any(d.price.windows for d in live.config.deployments.values()):
 
-        async def follow_price_windows() -> None:
-            while True:  # windows open and close on the minute
-                await asyncio.sleep(60 - time.time() % 60 + 0.05)
-                app[STATE].live.apply_price_windows()
+    async def follow_price_windows() -> None:
+        # Whatever the config at start: a reload may add windows (a no-op for a config without).
+        while True:  # windows open and close on the minute
+            await asyncio.sleep(60 - time.time() % 60 + 0.05)
+            app[STATE].live.apply_price_windows()
 
-        windows = asyncio.create_task(follow_price_windows())
+    windows = asyncio.create_task(follow_price_windows())
     yield
-    if windows is not None:
-        windows.cancel()
-        await asyncio.gather(windows, return_exceptions=True)
+    windows.cancel()
+    await asyncio.gather(windows, return_exceptions=True)
     state = app[STATE]
     state.draining = True
     await app[CACHE].close()

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
-from edgeroute.config import Model
+from edgeroute.config import Shadow
 from edgeroute.cost.keys import Identity
 from edgeroute.governance.residency import check_order, key_tags
 from edgeroute.state import RECORDER, STATE, Live
@@ -147,7 +147,7 @@ def decide_as(
 def maybe_mirror(
     app: web.Application,
     live: Live,
-    model: Model,
+    settings: Shadow | None,
     body: bytes,
     decision: _core.Decision,
     rec: RequestRecord,
@@ -155,16 +155,14 @@ def maybe_mirror(
     ident: Identity | None = None,
     tags: list[str] | None = None,
 ) -> None:
-    """Mirrors this answered request to the model's shadow candidate, if it is sampled, and
+    """Mirrors this answered request to the shadow candidate `settings` name, if it is sampled, and
     shows it to the candidate router under evaluation, if any (`tags`: the request's)."""
     if (candidate := app.get(CANDIDATE_ROUTER)) is not None:
         candidate.observe(live, body, decision, rec, ident)
-    if model.shadow is None or not sampled(model.shadow.percent):
+    if settings is None or not sampled(settings.percent):
         return
     state = app[STATE]
-    task = asyncio.get_running_loop().create_task(
-        _mirror(app, live, model.shadow.model, body, rec, answer, ident, tags)
-    )
+    task = asyncio.get_running_loop().create_task(_mirror(app, live, settings.model, body, rec, answer, ident, tags))
     state.background.add(task)
     task.add_done_callback(state.background.discard)
 

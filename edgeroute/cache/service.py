@@ -111,6 +111,9 @@ class Plan:
     guards: Guards | None = None
     similarity: float | None = None
     fetching: asyncio.Future[Any] | None = None  # the exact entry, asked for early (`prefetch`)
+    # The embedding space of `vector`: the configured embedder's name and model (None: the
+    # built-in one). Indexes are kept per space: a reload may point the name at another model.
+    space: str | None = None
 
     @property
     def stores(self) -> bool:
@@ -147,7 +150,7 @@ class ResponseCache:
         self.shared = shared  # the semantic index's records, shared through Redis with the entries
         self.keys = KeyMemo()  # exact keys of the bodies seen lately: a hit does not parse its body again
         self._writes: set[asyncio.Task[None]] = set()
-        self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedder
+        self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedding space
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
         # The running config and its upstream pools, for configured embedders (bound by the
         # server: a reload replaces both).
@@ -288,6 +291,8 @@ class ResponseCache:
             plan.vector, plan.guards = await loop.run_in_executor(self._embedding, analyze, plan.turn)
             return True
         target = self._embedders(name)
+        if target is not None:
+            plan.space = f"{name}@{target[1]}"
         try:
             if target is None:
                 raise remote.EmbeddingError(f"deployment {name} is not in the running config")
@@ -305,7 +310,7 @@ class ResponseCache:
 
     def _index(self, plan: Plan, create: bool) -> SemanticIndex | None:
         """The route's index for its embedder; a new one when the vectors' size changed (another model)."""
-        return self._index_of(plan.route, plan.settings.embedder, len(plan.vector), plan.settings.max_entries, create)
+        return self._index_of(plan.route, plan.space, len(plan.vector), plan.settings.max_entries, create)
 
     def _index_of(
         self, route: str, embedder: str | None, ndim: int, max_entries: int, create: bool
@@ -321,7 +326,7 @@ class ResponseCache:
         from the first lookup on; that lookup waits, within the Redis timeout, for the backlog)."""
         if self.shared is None:
             return
-        route, embedder, max_entries = plan.route, plan.settings.embedder, plan.settings.max_entries
+        route, embedder, max_entries = plan.route, plan.space, plan.settings.max_entries
 
         def add(records: list[tuple[Any, str, Guards, str]]) -> None:
             for vector, context, g, key in records:
@@ -395,9 +400,7 @@ class ResponseCache:
                 index.add(plan.vector, plan.context, plan.guards, plan.key)
                 if self.shared is not None:
                     record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector)
-                    await self.shared.publish(
-                        plan.route, plan.settings.embedder, record, keep, plan.settings.max_entries
-                    )
+                    await self.shared.publish(plan.route, plan.space, record, keep, plan.settings.max_entries)
 
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""

@@ -24,6 +24,10 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost.ledger import Backend
 
 _SUBJECT = {"key": "key_id", "team": "team", "user": "user_id", "model": "route", "global": "'*'"}
+# Shadow mirrors (`edgeroute.shadow`) bypass admission: no budget or rate limit counts them
+# while the proxy runs, so none may count them when read back (a restart made a key's budget
+# jump by its mirrors' cost and refused what it had admitted a moment before).
+_NOT_SHADOW = "outcome <> 'shadow'"
 WINDOW_S = 60.0  # token buckets refill over a minute
 
 
@@ -53,7 +57,7 @@ def budget_spend(
         p = periods[b.name]
         col = _SUBJECT[b.scope]
         slot = _slot_sql(db.dialect, p.slot_s) if p.rolling else "-1"
-        where: list[str] = ["ts >= ?", "ts < ?"]
+        where: list[str] = ["ts >= ?", "ts < ?", _NOT_SHADOW]
         params: list[object] = [p.starts_at, end]
         if b.scope != "global":
             where.append(f"{col} IS NOT NULL")
@@ -89,7 +93,10 @@ def key_budget_spend(
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {k.budget.name: B.period_of(k.budget, now) for k in budgets}
     by_start: dict[float, dict[str, float]] = {}
-    sql = "SELECT key_id, SUM(cost_usd) FROM spend WHERE ts >= ? AND ts < ? AND key_id IS NOT NULL GROUP BY 1"
+    sql = (
+        "SELECT key_id, SUM(cost_usd) FROM spend "
+        f"WHERE ts >= ? AND ts < ? AND key_id IS NOT NULL AND {_NOT_SHADOW} GROUP BY 1"
+    )
     for k in budgets:
         p = periods[k.budget.name]
         start = max(p.starts_at, k.not_before) if len(budgets) == 1 else p.starts_at
@@ -145,7 +152,10 @@ def bucket_usage(
     (`key_limits`: managed keys' own limits)."""
     used: dict[tuple[str, str], float] = defaultdict(float)
     limits: dict[tuple[str, str], int] = {}
-    sql = "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend WHERE ts >= ?"
+    sql = (
+        "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend "
+        f"WHERE ts >= ? AND {_NOT_SHADOW}"
+    )
     for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
         weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet
         for name, lim in _limit_names(cfg, key, route, deployment, key_limits or {}):

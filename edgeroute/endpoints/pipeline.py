@@ -26,7 +26,17 @@ from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import _cached_answer, _route_headers, _tags, _tenant, begin, decide, finish, read_body
+from edgeroute.openai_api import (
+    _cached_answer,
+    _route_headers,
+    _tags,
+    _tenant,
+    begin,
+    decide,
+    finish,
+    read_body,
+    route_cache,
+)
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
 from edgeroute.state import Live
@@ -156,7 +166,7 @@ async def serve(
         )
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
-            decision = decide(live, policy_body(route_body, body), request)
+            decision = decide(live, policy_body(route_body, body), request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
@@ -168,9 +178,8 @@ async def serve(
             ResponseCache.never_cached(request)
         else:
             cache = request.app[CACHE]
-            plan = cache.plan_exact(
-                request, model.cache, decision.route, parsed.cache_fields, _tenant(request, model.cache)
-            )
+            settings = route_cache(live.config, decision)
+            plan = cache.plan_exact(request, settings, decision.route, parsed.cache_fields, _tenant(request, settings))
             if plan is not None and (entry := await cache.lookup(plan, _same_model(live, decision))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import yaml
 
 from edgeroute import config as config_mod
 from edgeroute import secrets
+from edgeroute.atomic_file import replace_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import GovStore, Version
@@ -237,12 +237,9 @@ def write_back(source: str, text: str) -> bool:
     p = Path(source)
     if not p.is_file():
         return False
-    tmp = p.with_name(f".{p.name}.rollback-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, p)
+        replace_file(p, text.encode())  # keeps the file's mode: it may hold literal tokens
         return True
     except OSError as e:
         log.warning("rollback applied, but the config file %s could not be updated: %s", p, e.strerror)
-        tmp.unlink(missing_ok=True)
         return False
