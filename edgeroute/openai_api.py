@@ -259,6 +259,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             route = decision.route
             decision = decide(live, body, request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
+            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             if decision.route != route:
                 cache.discard(plan)
                 model = live.config.models[decision.route]

@@ -40,7 +40,11 @@ async def test_a_budget_with_room_left_does_not_refuse_a_cache_hit(start_upstrea
         assert labels == ["miss", "hit", "hit"]
         assert len(up.options.requests) == 1
         # A new question would cost more than the budget has left: refused, as it should be.
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as refused:
             await client.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "And of Spain?"}], temperature=0, max_tokens=MAX_TOKENS
             )
+        # Amounts below a cent keep three significant digits (they read "$0.0000 of $0.00").
+        message = refused.value.message
+        assert "of $0.0000600 spent or reserved" in message, message
+        assert "$0.0000 " not in message

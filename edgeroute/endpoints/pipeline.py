@@ -168,6 +168,7 @@ async def serve(
             route_body = with_model(route_body, decision, reroute)
             decision = decide(live, policy_body(route_body, body), request, rerouted=True)
             rec.route, rec.rule = decision.route, decision.rule
+            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":

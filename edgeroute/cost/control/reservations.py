@@ -196,6 +196,14 @@ def prompt_upper(decision: _core.Decision) -> int:
     return decision.prompt_tokens if decision.tokens_exact else 4 * decision.prompt_tokens
 
 
+def usd(v: float) -> str:
+    """Dollars with cents, or with three significant digits below a cent (a budget of $0.00005
+    read "$0.00", and what it had spent "$0.0000")."""
+    if v <= 0 or v >= 0.01:
+        return f"${v:,.2f}"
+    return f"${v:.{min(9, 2 - math.floor(math.log10(v)))}f}"
+
+
 def _budget_error(c: B.Charge, used: int, now: float) -> ProxyError:
     b = c.budget
     who = "all requests" if b.scope == "global" else f"{b.scope} '{c.subject}'"
@@ -203,7 +211,7 @@ def _budget_error(c: B.Charge, used: int, now: float) -> ProxyError:
     wait = max(1, math.ceil(c.period.resets_at - now))
     return ProxyError(
         429,
-        f"Budget '{b.name}' for {who} is exhausted: ${used / B.NANO:.4f} of ${b.limit_usd:.2f} spent or reserved "
+        f"Budget '{b.name}' for {who} is exhausted: {usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved "
         f"{period}. It resets at {iso(c.period.resets_at)}.",
         code="budget_exceeded",
         headers={
