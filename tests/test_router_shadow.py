@@ -432,3 +432,40 @@ async def test_the_candidate_is_asked_with_the_requests_tags(start_upstream: Any
     pairs = {(p["running_route"], p["candidate_route"]): p["requests"] for p in body["pairs"]}
     # the tagged sums: the candidate's weak route is not allowed them; the chat turn: weak by both
     assert pairs == {("strong", "strong"): 3, ("weak", "weak"): 1}, body["pairs"]
+
+
+def test_the_candidate_decides_with_the_prices_of_the_requests_time(tmp_path: Path) -> None:
+    """Time-of-day price windows: the candidate decides each request with the prices in force
+    when it ran (the running router did), not those of when the candidate was compiled."""
+    from edgeroute.accounting import RequestRecord
+    from edgeroute.cost.ledger import Ledger, SqliteBackend
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.requestlog.settings import RequestLog
+    from edgeroute.router_shadow import evaluator
+    from edgeroute.state import Live
+
+    running, _ = _routers(tmp_path)
+    # A candidate that finds both models good enough: it picks the cheaper one at the time.
+    both = R.Outcomes(list(SUMS), [STRONG_OUT, WEAK_OUT], np.tile([0.9, 0.9], (len(SUMS), 1)), [0.01, 0.001])
+    candidate = S.prior_model(both, R.ROUTER_FEATURIZER).to_bytes()
+    cfg = config(
+        "http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1", threshold=0.5, learning={"router_model": str(running)}
+    )
+    # The small model costs 100 times as much from 12:00 to 13:00 UTC: the big one is cheaper then.
+    window = {"start": "12:00", "end": "13:00", "multiplier": 100}
+    cfg["deployments"]["small"]["price"]["windows"] = [window]
+    live = Live.build(config_mod.parse(cfg, "test.yaml"), "test.yaml")
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": CHAT[0]}]}).encode()
+    decision = live.router.decide(body)
+    ledger = Ledger(SqliteBackend(tmp_path / "log.db"), flush_interval=60, request_log=RequestLog())
+    ev = evaluator.Evaluator("c", candidate, 100, ledger)
+    day = 86_400 * 20_000  # a midnight, UTC
+    for rid, at in (("in-window", day + 12.5 * 3600), ("off-peak", day + 0.5 * 3600), ("in-again", day + 12.9 * 3600)):
+        rec = RequestRecord(request_id=rid, started=at, model="auto", route=decision.route, status=200)
+        ev.observe(live, body, decision, rec, None)
+    assert ev.evaluate_waiting() == 3
+    ledger.flush()
+    rows = ledger.backend.query("SELECT request_id, candidate_route FROM router_shadow", [])
+    ledger.close()
+    assert dict(rows) == {"in-window": "strong", "off-peak": "weak", "in-again": "strong"}

@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import Metric
 
 from edgeroute import _core, background
 from edgeroute.accounting import RequestRecord, Usage, cost_of
-from edgeroute.config import Config
+from edgeroute.config import Config, Price
 from edgeroute.core import ConfigError, learned_models
 from edgeroute.cost.keys import Identity
 from edgeroute.cost.ledger import Ledger
@@ -88,7 +88,8 @@ class Evaluator:
         self._added = 0
         self._taken = 0
         self._lock = threading.Lock()  # one worker at a time (the loop's and the last one at close)
-        self._built: tuple[Config, _core.Router] | None = None
+        # The candidate for a config generation, and its deployments with price windows.
+        self._built: tuple[Config, _core.Router, list[tuple[int, Price]]] | None = None
         self._rng = random.Random()
 
     def wanted(self, decision: _core.Decision) -> bool:
@@ -120,14 +121,17 @@ class Evaluator:
         self._added += len(body)
         self._waiting.append(seen)
 
-    def _router(self, live: Live) -> _core.Router:
-        """The candidate compiled for the generation of config `live` runs (rebuilt on reload)."""
+    def _router(self, live: Live, at: float) -> _core.Router:
+        """The candidate compiled for the generation of config `live` runs (rebuilt on reload),
+        with the prices in force at `at` (when the request ran: the queue may cross a window's
+        edge, and the running router chose by the prices of its time)."""
         if self._built is None or self._built[0] is not live.config:
             task, _ = learned_models(live.config, live.source)
             router = _core.Router(live.config.core_json(), task, self.model)
-            apply_windows(router, [(d.index, d.price) for d in live.deployments])
-            self._built = (live.config, router)
-        return self._built[1]
+            self._built = (live.config, router, [(d.index, d.price) for d in live.deployments if d.price.windows])
+        _, router, windowed = self._built
+        apply_windows(router, windowed, at)
+        return router
 
     def waiting(self) -> bool:
         return bool(self._waiting)
@@ -143,7 +147,7 @@ class Evaluator:
             s = self._waiting.popleft()
             self._taken += len(s.body)
             try:
-                d = decide_as(s.live, s.body, s.ident, self._router(s.live), request_tags=s.tags)
+                d = decide_as(s.live, s.body, s.ident, self._router(s.live, s.ts), request_tags=s.tags)
                 first = d.order[0]
             except Exception as e:  # a refusal by the candidate (or a bug) must never reach a client
                 self.failed += 1
