@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 
-from tests.test_cost_support import cost_proxy
+from tests.test_cost_support import cost_proxy, downgrade_at_half
 from tests.test_requestlog import _wait_for
 
 MAX_TOKENS = 5
@@ -35,16 +35,7 @@ async def test_a_downgraded_request_is_logged_without_the_variant_it_left(start_
             "cheap": {"deployments": ["d-small"]},
         },
         "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
-        "budgets": {
-            "limits": [
-                {
-                    "name": "month",
-                    "scope": "global",
-                    "limit_usd": COST * 4,
-                    "actions": [{"at_percent": 50, "action": "downgrade", "to": "cheap"}],
-                }
-            ]
-        },
+        "budgets": downgrade_at_half(COST * 4, "cheap"),
     }
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)

@@ -14,7 +14,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.test_cost_support import cost_proxy
+from tests.test_cost_support import cost_proxy, downgrade_at_half
 
 ROOT = "tok-root-downgrade-0123456789"
 MAX_TOKENS = 5
@@ -40,16 +40,7 @@ async def test_a_downgrade_serves_a_key_that_may_not_name_the_cheaper_model(
         "keys": {"root": {"token": ROOT, "role": "admin"}},
         "governance": {"managed_keys": True},
         "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.1},
-        "budgets": {
-            "limits": [
-                {
-                    "name": "month",
-                    "scope": "global",
-                    "limit_usd": COST * 4,
-                    "actions": [{"at_percent": 50, "action": "downgrade", "to": "cheap"}],
-                }
-            ]
-        },
+        "budgets": downgrade_at_half(COST * 4, "cheap"),
     }
     async with cost_proxy(cfg) as proxy:
         async with aiohttp.ClientSession() as s:

@@ -133,6 +133,12 @@ def one_deployment(base_url: str, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def downgrade_at_half(limit_usd: float, to: str) -> dict[str, Any]:
+    """`budgets:` with one global monthly budget that downgrades to model `to` at 50 %."""
+    action = {"at_percent": 50, "action": "downgrade", "to": to}
+    return {"limits": [{"name": "month", "scope": "global", "limit_usd": limit_usd, "actions": [action]}]}
+
+
 async def ask_status(client: openai.AsyncOpenAI, max_tokens: int = 5) -> int:
     """One small chat request through `client`: the HTTP status a user would see."""
     try:

@@ -14,7 +14,15 @@ from tests.conftest import eventually
 from tests.test_cost_support import require_redis
 from tests.test_selection import WEAK_OUT, config, explain, pair, served_by
 
-__all__ = ["pair"]
+__all__ = ["pair", "shared_learner"]
+
+
+def shared_learner(url: str, strong: Any, weak: Any, **extra: Any) -> dict[str, Any]:
+    """The policy config of `test_selection.config` with its feedback learner shared over Redis
+    `url` under a prefix of its own."""
+    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
+    shared = {"redis_url": url, "prefix": prefix, "timeout_ms": 2000}
+    return config(strong, weak, learning={"feedback": {"max_shift": 0.1}}, shared_state=shared, **extra)
 
 
 async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
@@ -23,14 +31,8 @@ async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
     text = "Janet has 3 apples and buys 5 more. She gives 2 away. How many are left?"
     probe = await start_proxy(config(strong, weak))
     weak_score = (await explain(probe.url, text))["scores"][WEAK_OUT]
-    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
-    cfg = config(
-        strong,
-        weak,
-        threshold=weak_score + 0.05,
-        learning={"feedback": {"max_shift": 0.1}},
-        shared_state={"redis_url": url, "prefix": prefix, "timeout_ms": 2000},
-    )
+    cfg = shared_learner(url, strong, weak, threshold=weak_score + 0.05)
+    prefix = cfg["shared_state"]["prefix"]
     cfg["models"]["auto"]["policy"]["candidates"].reverse()
     p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
@@ -73,13 +75,7 @@ async def test_feedback_right_after_the_answer_reaches_the_other_instance(pair, 
     to another instance at once waits for it instead of being refused as unknown."""
     url = require_redis()
     strong, weak = pair
-    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
-    cfg = config(
-        strong,
-        weak,
-        learning={"feedback": {"max_shift": 0.1}},
-        shared_state={"redis_url": url, "prefix": prefix, "timeout_ms": 2000},
-    )
+    cfg = shared_learner(url, strong, weak)
     p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
     async with aiohttp.ClientSession() as s:

@@ -10,7 +10,6 @@ with N instances (or `serve --workers N`), its request moved the routing of ever
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import aiohttp
@@ -19,20 +18,16 @@ import redis.asyncio as aioredis
 
 from edgeroute.learning_share import SYNC_S
 from tests.conftest import eventually
+from tests.scale.test_learning_share import shared_learner
 from tests.test_cost_support import require_redis
-from tests.test_selection import config, served_by
+from tests.test_selection import served_by
 
 
 async def test_one_request_moves_the_shared_learner_once(start_upstream: Any, start_proxy: Any) -> None:
     url = require_redis()
     strong, weak = await start_upstream(), await start_upstream()
-    prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
-    cfg = config(
-        strong,
-        weak,
-        learning={"feedback": {"max_shift": 0.1}},
-        shared_state={"redis_url": url, "prefix": prefix, "timeout_ms": 2000},
-    )
+    cfg = shared_learner(url, strong, weak)
+    prefix = cfg["shared_state"]["prefix"]
     instances = [await start_proxy(cfg) for _ in range(3)]
     client = openai.AsyncOpenAI(base_url=instances[0].url + "/v1", api_key="x")
     _, raw = await served_by(client, "What is 17 times 23?", model="weak")
