@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,7 +267,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             # refusal has counted the request against its rate limits as a hit is counted.
             if e.code != "budget_exceeded" or plan is None:
                 raise
-            entry = await cache.lookup(plan, [live.deployments[i].name for i in decision.order])
+            entry = await cache.lookup(plan, servable(live, decision.order))
             if entry is None:
                 raise
             rec.admission = None
@@ -290,8 +290,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body  # stored only where configured
         if plan is not None:
-            allowed = [live.deployments[i].name for i in decision.order]
-            if (entry := await cache.lookup(plan, allowed)) is not None:
+            if (entry := await cache.lookup(plan, servable(live, decision.order))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
@@ -319,7 +318,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
             if plan is not None:
-                cache.save_json(plan, answer.body, dep.name, cost)
+                cache.save_json(plan, answer.body, dep.cached_as, cost)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
             shadow.maybe_mirror(
@@ -337,7 +336,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
         encode = dialect.stream() if dialect else None
-        on_complete = _stream_saver(request, plan, dep.name, rec) if plan is not None and plan.stores else None
+        on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)
         if (candidate := request.app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
@@ -397,6 +396,12 @@ def finish(
         live.stats.observe(rec.status, rec.latency_ms)
 
 
+def servable(live: Live, order: Iterable[int]) -> dict[str, str]:
+    """The deployments whose cached answers a request that may go to `order` may get, by name:
+    what each is now (`DeploymentInfo.cached_as`)."""
+    return dict(live.deployments[i].cached_as for i in order)
+
+
 def _counter(live: Live, body: bytes) -> Counter:
     """The exact prompt count for admission, in a worker thread: the core releases the GIL
     while it counts, so the event loop goes on serving."""
@@ -409,7 +414,9 @@ def _tenant(request: web.Request, settings: RouteCache | None) -> str:
     return tenant_of(scope, ident.key if ident else None, ident.team if ident else None)
 
 
-def _stream_saver(request: web.Request, plan: Plan, deployment: str, rec: RequestRecord) -> Callable[[bytes], None]:
+def _stream_saver(
+    request: web.Request, plan: Plan, deployment: tuple[str, str], rec: RequestRecord
+) -> Callable[[bytes], None]:
     """Stores a stream once it has ended cleanly, costed as the request was."""
     cache = request.app[CACHE]
     return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))

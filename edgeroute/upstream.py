@@ -43,6 +43,12 @@ class DeploymentInfo:
     price: Price
     context_window: int
 
+    @property
+    def cached_as(self) -> tuple[str, str]:
+        """Its name and what it is (provider and upstream model), for the response cache: an
+        answer is reused only while the deployment of that name is still the same model."""
+        return self.name, f"{self.provider}/{self.model}"
+
 
 def make_upstreams(cfg: Config) -> dict[str, Upstream]:
     out: dict[str, Upstream] = {}

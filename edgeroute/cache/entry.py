@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -33,16 +33,19 @@ class Entry:
     deployment: str  # who produced it: a request may reuse it only if it could have been sent there
     created: float  # unix time it was stored
     cost_usd: float  # what producing it cost: what each hit saves
+    # What the deployment was then (`DeploymentInfo.cached_as`): a reload that keeps its name but points it at
+    # another model or provider must not serve the old model's answers under the new one.
+    upstream: str = ""
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.created)
 
     def size(self) -> int:
-        return len(self.body) + len(self.deployment) + _OVERHEAD
+        return len(self.body) + len(self.deployment) + len(self.upstream) + _OVERHEAD
 
     def dumps(self) -> bytes:
         """The stored form: a small JSON header line, then the body, compressed."""
-        head = orjson.dumps([1, self.deployment, self.created, self.cost_usd])
+        head = orjson.dumps([2, self.deployment, self.created, self.cost_usd, self.upstream])
         return zlib.compress(head + b"\n" + self.body, 1)
 
     @classmethod
@@ -51,16 +54,22 @@ class Entry:
         try:
             raw = zlib.decompress(data)
             head, _, body = raw.partition(b"\n")
-            version, deployment, created, cost = orjson.loads(head)
+            version, deployment, created, cost, upstream = orjson.loads(head)
         except (zlib.error, orjson.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"unreadable cache entry: {e}") from None
-        if version != 1 or not isinstance(deployment, str):
+        # Version 1 entries did not say which model produced them: not reused (they expire).
+        if version != 2 or not isinstance(deployment, str) or not isinstance(upstream, str):
             raise ValueError("unreadable cache entry: unknown format")
         if not isinstance(created, int | float) or not isinstance(cost, int | float):
             raise ValueError("unreadable cache entry: bad fields")
         if completion_from_json(body) is None and embeddings_from_json(body) is None:
             raise ValueError("unreadable cache entry: not a chat completion or embeddings")
-        return cls(body, deployment, float(created), float(cost))
+        return cls(body, deployment, float(created), float(cost), upstream)
+
+    def servable(self, allowed: Mapping[str, str]) -> bool:
+        """Whether a request that may go to `allowed` (name: what it is now) may
+        be answered with this entry: its deployment is among them and still what it was."""
+        return allowed.get(self.deployment) == self.upstream
 
     def sse_body(self, include_usage: bool) -> bytes:
         """The answer replayed as an OpenAI-format stream."""

@@ -256,8 +256,10 @@ class ResponseCache:
             plan.fetching.cancel()
             plan.fetching = None
 
-    async def lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
-        """A fresh entry this request may be served; remembers a stale one for stale-if-error."""
+    async def lookup(self, plan: Plan, allowed: Mapping[str, str]) -> Entry | None:
+        """A fresh entry this request may be served; remembers a stale one for stale-if-error.
+        `allowed`: the deployments this request may be sent to, by name: what each is now
+        (`DeploymentInfo.cached_as`)."""
         if plan.label == "bypass":
             return None
         fetching, plan.fetching = plan.fetching, None
@@ -265,7 +267,7 @@ class ResponseCache:
             entry = await self.store.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
-        if entry is not None and entry.deployment in allowed:  # else produced where this request may not go
+        if entry is not None and entry.servable(allowed):  # else produced where this request may not go
             age = entry.age()
             if age <= plan.settings.ttl:
                 plan.label = "hit"
@@ -337,7 +339,7 @@ class ResponseCache:
         loop = asyncio.get_running_loop()
         await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(self._embedding, fn, arg))
 
-    async def _semantic_lookup(self, plan: Plan, allowed: Collection[str]) -> Entry | None:
+    async def _semantic_lookup(self, plan: Plan, allowed: Mapping[str, str]) -> Entry | None:
         """The freshest allowed answer of a request whose last user turn means the same."""
         assert plan.turn is not None and plan.context is not None
         if not await self._analyze(plan):
@@ -349,7 +351,7 @@ class ResponseCache:
             return None
         for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
             entry = await self.store.get(plan.route, cand.key)
-            if entry is not None and entry.deployment in allowed and entry.age() <= plan.settings.ttl:
+            if entry is not None and entry.servable(allowed) and entry.age() <= plan.settings.ttl:
                 plan.label, plan.similarity = "hit", cand.similarity
                 self.counters.hits += 1
                 self.counters.semantic_hits += 1
@@ -364,20 +366,21 @@ class ResponseCache:
         self.counters.stale += 1
         return plan.stale
 
-    def save_json(self, plan: Plan, body: bytes, deployment: str, cost_usd: float) -> None:
+    def save_json(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
+        """`deployment`: the answering deployment's `DeploymentInfo.cached_as`."""
         if not plan.stores:
             return
         completion = completion_from_json(body)
         if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
-            self._save(plan, Entry(body, deployment, time.time(), cost_usd))
+            self._save(plan, Entry(body, deployment[0], time.time(), cost_usd, deployment[1]))
 
-    def save_stream(self, plan: Plan, stream: bytes, deployment: str, cost_usd: float) -> None:
+    def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
         if not plan.stores or len(stream) > 4 * plan.settings.max_entry_bytes:
             return
         completion = completion_from_stream(stream)
         if completion is not None and finished(completion):
-            self._save(plan, Entry(orjson.dumps(completion), deployment, time.time(), cost_usd))
+            self._save(plan, Entry(orjson.dumps(completion), deployment[0], time.time(), cost_usd, deployment[1]))
 
     def _save(self, plan: Plan, entry: Entry) -> None:
         if len(entry.body) > plan.settings.max_entry_bytes:

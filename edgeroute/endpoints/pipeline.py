@@ -82,11 +82,11 @@ class CountedCall(Call):
         return self._counted
 
 
-def _same_model(live: Live, decision: _core.Decision) -> list[str]:
+def _same_model(live: Live, decision: _core.Decision) -> dict[str, str]:
     """The deployments whose cached answer this request may get: those it may be sent to that
     serve the model its first choice serves (vectors of two embedding models do not compare)."""
     first = live.deployments[decision.order[0]].model
-    return [d.name for i in decision.order if (d := live.deployments[i]).model == first]
+    return dict(d.cached_as for i in decision.order if (d := live.deployments[i]).model == first)
 
 
 def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
@@ -211,7 +211,7 @@ async def serve(
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
             if plan is not None:
-                request.app[CACHE].save_json(plan, got.body, dep.name, cost)
+                request.app[CACHE].save_json(plan, got.body, dep.cached_as, cost)
             if rec.content_mode != "none":
                 rec.content_response = got.body
             out = answer(got.body) if answer is not None else got.body
