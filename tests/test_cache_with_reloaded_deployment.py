@@ -64,7 +64,7 @@ async def test_an_unchanged_deployment_keeps_its_answers_across_a_reload(start_u
     await client.close()
 
 
-async def test_stale_if_error_does_not_serve_the_old_models_answer_either(start_upstream: Any, start_proxy: Any) -> None:
+async def test_stale_if_error_does_not_serve_the_old_models_answer(start_upstream: Any, start_proxy: Any) -> None:
     up, proxy, cfg, client = await _cached_proxy(start_upstream, start_proxy)
     cfg["deployments"]["d-a"]["model"] = "gpt-4o"
     await _reload(proxy, cfg)

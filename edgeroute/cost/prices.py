@@ -71,24 +71,36 @@ def ceiling(prices: list[Price]) -> Ceiling:
     )
 
 
-def reachable_deployments(cfg: Config, model: str) -> list[str]:
-    """The deployments a public model can send a request to: its own, or, for a policy or an
-    experiment, those of the models it chooses between."""
-    out: list[str] = []
-    seen: set[str] = set()
+def reachable_models(cfg: Config, model: str) -> list[str]:
+    """A public model and, for a policy or an experiment, the models it chooses between (and
+    theirs), each once."""
+    seen: list[str] = []
     todo = [model]
     while todo:
         name = todo.pop()
         if name in seen or name not in cfg.models:
             continue
-        seen.add(name)
+        seen.append(name)
         m = cfg.models[name]
-        out += [d for d in m.deployments if d not in out]
         if m.policy is not None:
             todo += [c.route for c in m.policy.candidates]
         if m.experiment is not None:
             todo += [v.route for v in m.experiment.variants]
+    return seen
+
+
+def reachable_deployments(cfg: Config, model: str) -> list[str]:
+    """The deployments a public model can send a request to: its own, or, for a policy or an
+    experiment, those of the models it chooses between."""
+    out: list[str] = []
+    for name in reachable_models(cfg, model):
+        out += [d for d in cfg.models[name].deployments if d not in out]
     return out
+
+
+def may_hedge(cfg: Config, model: str) -> bool:
+    """Whether a request for `model` may be hedged (sent to a second deployment before the first answers)."""
+    return any(cfg.models[name].hedge is not None for name in reachable_models(cfg, model))
 
 
 def route_ceilings(cfg: Config) -> dict[str, Ceiling]:

@@ -17,7 +17,7 @@ from edgeroute.cost.control.read_back import ReadBack
 from edgeroute.cost.control.settlement import Settlement
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import Identity
-from edgeroute.cost.prices import Ceiling, ceiling, route_ceilings
+from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, route_ceilings
 from edgeroute.errors import ProxyError
 
 
@@ -112,7 +112,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 route = target[0]
                 ticket.reroute = route
                 top = prices.routes[route]
-                hedges = 1
+                hedges = 2 if may_hedge(prices.config, route) else 1  # as the new decision may
                 continue
             if not res.ok:
                 c = charges[res.blocked]
