@@ -9,8 +9,8 @@ prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and ev
 few seconds, so exploration continues without a random number per request.
 
 State persists in a small JSON file (written atomically) so that learning survives
-restarts; with `shared_state`, posteriors and recent requests are shared through Redis
-(`learning_share.py`). The learner never blocks the request path: feedback is an in-memory
+restarts; with `shared_state`, posteriors and recent requests are shared through Redis,
+and between the workers of one `serve --workers N` through a file (`learning_share.py`). The learner never blocks the request path: feedback is an in-memory
 update; the file write happens in a thread.
 """
 
@@ -74,6 +74,28 @@ class Sharing(Protocol):
     async def claim(self, request_id: str) -> bool: ...
 
 
+def _keep_ahead(snapshot: dict[str, Any], path: Path) -> None:
+    """Processes that share a learner save the one file: each its view as of its last sync. A
+    posterior only grows, so per (task, route) the larger saved counts are the later view;
+    keeping them means a process that synced earlier never writes back less than is known."""
+    try:
+        saved = json.loads(path.read_text()).get("posteriors", [])
+        ahead = {(r["task"], r["route"]): (float(r["alpha"]), float(r["beta"])) for r in saved}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    for row in snapshot["posteriors"]:
+        alpha, beta = ahead.pop((row["task"], row["route"]), (0.0, 0.0))
+        row["alpha"], row["beta"] = max(row["alpha"], alpha), max(row["beta"], beta)
+        row["mean"] = round(row["alpha"] / (row["alpha"] + row["beta"]), 4)
+    rows = snapshot["posteriors"]
+    rows += [
+        {"task": t, "route": r, "alpha": a, "beta": b, "mean": round(a / (a + b), 4)}
+        for (t, r), (a, b) in ahead.items()
+        if a + b > 0
+    ]
+    rows.sort(key=lambda row: (row["task"], row["route"]))
+
+
 class FeedbackLearner:
     share: Sharing | None = None
 
@@ -119,11 +141,13 @@ class FeedbackLearner:
     def save(self) -> None:
         if self.state_path is None:
             return
-        data = json.dumps(self.snapshot(), indent=1)
         with self._write_lock:
+            snapshot = self.snapshot()
+            if self.share is not None:
+                _keep_ahead(snapshot, self.state_path)
             # A temporary file of its own: the workers of one `serve --workers N` share the
             # path, and one fixed name let one rename the other's file away mid-write.
-            replace_file(self.state_path, data.encode())
+            replace_file(self.state_path, json.dumps(snapshot, indent=1).encode())
 
     # -- learning ------------------------------------------------------------
 

@@ -1,18 +1,22 @@
-"""The feedback learner's posteriors and recent requests shared between instances, in Redis.
+"""The feedback learner's posteriors and recent requests shared between processes: the
+instances that share Redis (`shared_state`), or the workers of one `serve --workers N`
+without it (a SQLite file in the supervisor's run directory).
 
-With `shared_state`, feedback counts the same wherever it is posted and wherever the
-request was served:
+Feedback then counts the same wherever it is posted and wherever the request was served:
 
-- each instance sends what it learned (the reward and its complement per (task, route))
-  as `HINCRBYFLOAT`s on one hash, `{prefix}:learn:posteriors`, and every `SYNC_S` reads
-  the hash back: every instance's posteriors are then the prior plus everyone's feedback;
-- each routed request it served (route, task, cost) goes to `{prefix}:learn:req:{id}`
-  for `REMEMBER_S`, so feedback posted to another instance finds it.
+- each process sends what it learned (the reward and its complement per (task, route)) as
+  increments of one table of sums (`{prefix}:learn:posteriors`, a hash, in Redis), and every
+  `SYNC_S` reads the sums back: every process's posteriors are then the prior plus everyone's
+  feedback;
+- each routed request it served (route, task, cost) is kept for `REMEMBER_S`, so feedback
+  posted to another process finds it.
 
-Both are sent in batches every `SYNC_S`, off the request path, in one transaction. Redis
-down: feedback on requests this instance served still counts here until the next sync
-(scores that could not be sent are not sent twice); feedback on another instance's
-requests is answered 404.
+Both are sent in batches every `SYNC_S`, off the request path, in one transaction. The first
+process to start on an empty store fills it from the posteriors it loaded from its
+`state_path` (`seed`), so a new Redis, or the workers' new file after a restart, starts from
+what was learned, not from the prior. The store down: feedback on requests this process
+served still counts here until the next sync (scores that could not be sent are not sent
+twice); feedback on another process's requests is answered 404.
 """
 
 from __future__ import annotations
@@ -20,36 +24,184 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
 
 import orjson
 from aiohttp import web
 
 from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
+from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
+from edgeroute.workers import worker as workers
+from edgeroute.workers.local_state import SqliteState
 
 log = logging.getLogger("edgeroute.learning")
 
 SYNC_S = 0.5
-LOOKUP_SLACK_S = 0.3  # the other instance's batch write, on top of its period
+LOOKUP_SLACK_S = 0.3  # the other process's batch write, on top of its period
 LOOKUP_POLL_S = 0.1
 REMEMBER_S = 24 * 3600
 MAX_PENDING = 100_000
 _SEP = "\x1f"
 
 
-class LearningShare:
-    def __init__(self, cfg: SharedState, learner: FeedbackLearner) -> None:
+class LearnStore(Protocol):
+    """Where the shared sums and served requests live; every call raises `StoreUnavailable`
+    when the store cannot answer."""
+
+    async def served(self, request_id: str) -> bytes | None: ...
+
+    async def claim(self, request_id: str) -> bool:
+        """True for the first caller to claim `request_id` (for `REMEMBER_S`)."""
+        ...
+
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
+        """Keeps `served` (request id, record) and adds `sums` (field, increment), in one transaction."""
+        ...
+
+    async def sums(self) -> dict[str, float]: ...
+
+    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
+        """Sets the sums to `sums` if the store has none yet (atomically: one process seeds)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# KEYS[1]: the sums' hash; ARGV: field, value, field, value... Nothing if the hash exists.
+_SEED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+class RedisLearnStore:
+    def __init__(self, cfg: SharedState) -> None:
         timeout = cfg.timeout_ms / 1000
         self.client = redis_client.connect(
             cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
-        self.learner = learner
         self.hash = f"{cfg.prefix}:learn:posteriors"
         self.req_prefix = f"{cfg.prefix}:learn:req:"
         self.rated_prefix = f"{cfg.prefix}:learn:rated:"
+
+    async def served(self, request_id: str) -> bytes | None:
+        try:
+            raw = await self.client.get(self.req_prefix + request_id)
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return raw.encode() if isinstance(raw, str) else raw
+
+    async def claim(self, request_id: str) -> bool:
+        try:
+            return bool(await self.client.set(self.rated_prefix + request_id, b"1", nx=True, ex=REMEMBER_S))
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=True) as p:
+                for rid, value in served:
+                    p.set(self.req_prefix + rid, value, ex=REMEMBER_S)
+                for field, delta in sums:
+                    p.hincrbyfloat(self.hash, field, delta)
+                await p.execute()
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
+    async def sums(self) -> dict[str, float]:
+        try:
+            got = await self.client.hgetall(self.hash)
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
+
+    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
+        args = [x for field, value in sums.items() for x in (field, repr(value))]
+        try:
+            return bool(await self.client.eval(_SEED, 1, self.hash, *args))
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class SqliteLearnStore(SqliteState):
+    """The same in a SQLite file shared by the workers of one machine (WAL, one `BEGIN
+    IMMEDIATE` transaction each), a file of its own beside the budgets'."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        with self._lock:
+            self._db.execute("CREATE TABLE IF NOT EXISTS learn_sum (field TEXT PRIMARY KEY, value REAL NOT NULL)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS learn_req (id TEXT PRIMARY KEY, value BLOB NOT NULL, "
+                "expires REAL NOT NULL) WITHOUT ROWID"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS learn_rated (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID"
+            )
+        self._swept = 0.0
+
+    async def served(self, request_id: str) -> bytes | None:
+        def tx(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT value FROM learn_req WHERE id = ? AND expires > ?", (request_id, time.time()))
+            got = row.fetchone()
+            return None if got is None else bytes(got[0])
+
+        return await self._run(tx)
+
+    async def claim(self, request_id: str) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
+            now = time.time()
+            db.execute("DELETE FROM learn_rated WHERE id = ? AND expires <= ?", (request_id, now))
+            cur = db.execute("INSERT OR IGNORE INTO learn_rated VALUES (?, ?)", (request_id, now + REMEMBER_S))
+            return cur.rowcount == 1
+
+        return await self._run(tx)
+
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            now = time.time()
+            if now - self._swept >= 60:  # expired requests and ratings, now and then
+                self._swept = now
+                db.execute("DELETE FROM learn_req WHERE expires <= ?", (now,))
+                db.execute("DELETE FROM learn_rated WHERE expires <= ?", (now,))
+            until = now + REMEMBER_S
+            db.executemany("INSERT OR REPLACE INTO learn_req VALUES (?, ?, ?)", [(r, v, until) for r, v in served])
+            db.executemany(
+                "INSERT INTO learn_sum VALUES (?, ?) ON CONFLICT (field) DO UPDATE SET value = value + excluded.value",
+                sums,
+            )
+
+        await self._run(tx)
+
+    async def sums(self) -> dict[str, float]:
+        return await self._run(
+            lambda db: {str(f): float(v) for f, v in db.execute("SELECT field, value FROM learn_sum")}
+        )
+
+    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT 1 FROM learn_sum LIMIT 1").fetchone() is not None:
+                return False
+            db.executemany("INSERT INTO learn_sum VALUES (?, ?)", list(sums.items()))
+            return True
+
+        return await self._run(tx)
+
+
+class LearningShare:
+    def __init__(self, store: LearnStore, learner: FeedbackLearner) -> None:
+        self.store = store
+        self.learner = learner
         self.served: list[tuple[str, Served]] = []
         self.rewards: list[tuple[str, str, float]] = []
         self.failed = 0
@@ -63,14 +215,14 @@ class LearningShare:
             self.rewards.append((s.task, s.route, reward))
 
     async def lookup(self, request_id: str) -> Served | None:
-        """A request another instance served, or None (unknown, expired, or Redis down). One
-        served moments ago reaches Redis with that instance's next batch (every `SYNC_S`), so a
-        miss is asked again until then: feedback sent right after the answer is not lost."""
+        """A request another process served, or None (unknown, expired, or the store down). One
+        served moments ago reaches the store with that process's next batch (every `SYNC_S`),
+        so a miss is asked again until then: feedback sent right after the answer is not lost."""
         deadline = time.monotonic() + SYNC_S + LOOKUP_SLACK_S
         while True:
             try:
-                raw = await self.client.get(self.req_prefix + request_id)
-            except redis_client.errors():
+                raw = await self.store.served(request_id)
+            except StoreUnavailable:
                 self.failed += 1
                 return None
             if raw is not None:
@@ -82,72 +234,95 @@ class LearningShare:
         return Served(str(route), str(task), float(cost))
 
     async def claim(self, request_id: str) -> bool:
-        """Whether this instance is the first to rate `request_id` (one request moves the shared
-        learner once, whichever instances its score reaches); True when Redis is down (this
-        instance's own memory decides, as without sharing)."""
+        """Whether this process is the first to rate `request_id` (one request moves the shared
+        learner once, whichever processes its score reaches); True when the store is down (this
+        process's own memory decides, as without sharing)."""
         try:
-            got = await self.client.set(self.rated_prefix + request_id, b"1", nx=True, ex=REMEMBER_S)
-        except redis_client.errors():
+            return await self.store.claim(request_id)
+        except StoreUnavailable:
             self.failed += 1
             return True
-        return bool(got)
+
+    async def seed(self) -> bool:
+        """Fills an empty store with the posteriors this process loaded (less the prior)."""
+        a0, b0 = self.learner.prior
+        sums: dict[str, float] = {}
+        for (task, route), p in self.learner.posteriors.items():
+            sums[f"{task}{_SEP}{route}{_SEP}a"] = p.alpha - a0
+            sums[f"{task}{_SEP}{route}{_SEP}b"] = p.beta - b0
+        return bool(sums) and await self.store.fill_if_empty(sums)
 
     async def flush(self) -> None:
         served, rewards = self.served, self.rewards
         if not served and not rewards:
             return
         self.served, self.rewards = [], []
+        records = [(rid, orjson.dumps([s.route, s.task, s.cost_usd])) for rid, s in served]
+        sums = [
+            (f"{task}{_SEP}{route}{_SEP}{which}", value)
+            for task, route, reward in rewards
+            for which, value in (("a", reward), ("b", 1.0 - reward))
+        ]
         try:
-            async with self.client.pipeline(transaction=True) as p:
-                for rid, s in served:
-                    p.set(self.req_prefix + rid, orjson.dumps([s.route, s.task, s.cost_usd]), ex=REMEMBER_S)
-                for task, route, reward in rewards:
-                    p.hincrbyfloat(self.hash, f"{task}{_SEP}{route}{_SEP}a", reward)
-                    p.hincrbyfloat(self.hash, f"{task}{_SEP}{route}{_SEP}b", 1.0 - reward)
-                await p.execute()
-        except redis_client.errors():
-            # Requests are sent again (a SET repeats harmlessly); rewards are not, since a
+            await self.store.write(records, sums)
+        except StoreUnavailable:
+            # Requests are sent again (keeping one twice is harmless); rewards are not, since a
             # transaction that timed out may have applied, and a reward must not count twice.
             self.failed += 1
             self.served = (served + self.served)[:MAX_PENDING]
-            log.warning("shared learning: %d feedback scores not shared (Redis unavailable)", len(rewards))
+            log.warning("shared learning: %d feedback scores not shared (store unavailable)", len(rewards))
             raise
 
     async def sync(self) -> None:
-        sums = await self.client.hgetall(self.hash)
+        sums = await self.store.sums()
         a0, b0 = self.learner.prior
         found: dict[tuple[str, str], Posterior] = {}
-        for field, value in sums.items():
-            name = field.decode() if isinstance(field, bytes) else str(field)
+        for name, value in sums.items():
             task, route, which = name.split(_SEP)
             p = found.setdefault((task, route), Posterior(a0, b0))
             if which == "a":
-                p.alpha = a0 + float(value)
+                p.alpha = a0 + value
             else:
-                p.beta = b0 + float(value)
+                p.beta = b0 + value
         self.learner.posteriors.update(found)
 
     async def run(self) -> None:
+        try:
+            await self.seed()
+        except StoreUnavailable as e:
+            log.warning("shared learning: store unavailable at start (%s): not seeded from the state file", e)
         while True:
             await asyncio.sleep(SYNC_S)
             try:
                 await self.flush()
                 await self.sync()
-            except redis_client.errors() as e:
-                log.warning("shared learning: Redis unavailable (%s)", type(e).__name__)
+            except StoreUnavailable as e:
+                log.warning("shared learning: store unavailable (%s)", e)
 
     async def close(self) -> None:
-        with contextlib.suppress(*redis_client.errors()):
+        """Sends what is pending and reads the sums once more, for the state file's last save."""
+        with contextlib.suppress(StoreUnavailable):
             await self.flush()
-        await self.client.aclose()
+            await self.sync()
+        await self.store.close()
+
+
+def _store(config: Config) -> LearnStore | None:
+    if config.shared_state is not None:
+        return RedisLearnStore(config.shared_state)
+    worker = workers.current()
+    if worker is not None and worker.count > 1:
+        return SqliteLearnStore(worker.dir / "learning.db")
+    return None
 
 
 def install(app: web.Application, config: Config) -> None:
-    """With `shared_state` and a feedback learner, shares it (call after `learning.install`)."""
+    """With a feedback learner and `shared_state` or sibling workers, shares it (call after
+    `learning.install`)."""
     learner = app.get(LEARNER)
-    if learner is None or config.shared_state is None:
+    if learner is None or (store := _store(config)) is None:
         return
-    share = LearningShare(config.shared_state, learner)
+    share = LearningShare(store, learner)
     learner.share = share
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

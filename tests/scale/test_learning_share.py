@@ -84,3 +84,31 @@ async def test_feedback_right_after_the_answer_reaches_the_other_instance(pair, 
             async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 0.0}) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["route"] == "weak"
+
+
+async def test_a_new_redis_starts_from_the_state_file_once(pair, start_proxy, tmp_path) -> None:
+    """The learner's state file is read into an empty Redis by the first instance, not by every
+    one; before, the first score on a (task, route) replaced what the file held with the prior."""
+    url = require_redis()
+    strong, weak = pair
+    state = tmp_path / "learning.json"
+    state.write_text('{"posteriors": [{"task": "math", "route": "weak", "alpha": 5.0, "beta": 3.0}]}')
+    cfg = shared_learner(url, strong, weak)
+    cfg["learning"]["feedback"]["state_path"] = str(state)
+    p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
+    c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
+    rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
+            assert r.status == 200, await r.text()
+
+        async def both_counted() -> bool:
+            seen = []
+            for p in (p1, p2):
+                async with s.get(p.url + "/admin/learning") as r:
+                    rows = (await r.json())["posteriors"]
+                seen += [(row["alpha"], row["beta"]) for row in rows if (row["task"], row["route"]) == ("math", "weak")]
+            return seen == [(6.0, 3.0), (6.0, 3.0)]
+
+        await eventually(both_counted, "both instances at the file's posterior plus one score")
+    await c1.close()
