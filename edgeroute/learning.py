@@ -10,8 +10,9 @@ few seconds, so exploration continues without a random number per request.
 
 State persists in a small JSON file (written atomically) so that learning survives
 restarts; with `shared_state`, posteriors and recent requests are shared through Redis,
-and between the workers of one `serve --workers N` through a file (`learning_share.py`). The learner never blocks the request path: feedback is an in-memory
-update; the file write happens in a thread.
+and between the workers of one `serve --workers N` through a file (`learning_share.py`).
+The learner never blocks the request path: feedback is an in-memory update; the file
+write happens in a thread.
 """
 
 from __future__ import annotations
