@@ -11,10 +11,13 @@ Feedback then counts the same wherever it is posted and wherever the request was
 - each routed request it served (route, task, cost) is kept for `REMEMBER_S`, so feedback
   posted to another process finds it.
 
-Both are sent in batches every `SYNC_S`, off the request path, in one transaction. The first
-process to start on an empty store fills it from the posteriors it loaded from its
-`state_path` (`seed`), so a new Redis, or the workers' new file after a restart, starts from
-what was learned, not from the prior. The store down: feedback on requests this process
+Both are sent in batches every `SYNC_S`, off the request path, in one transaction. A store
+that was never seeded (a new Redis, one restarted empty, or the workers' new file at each
+start) takes no sums until one process has filled it with its posteriors (`seed`: at start,
+those loaded from its `state_path`; later, those it routes with), so learning goes on from
+what was learned, not from the prior. The sums are refused rather than added to an empty
+store inside the same transaction that checks the mark, so no score lands before the seed
+and then counts twice or not at all. The store down: feedback on requests this process
 served still counts here until the next sync (scores that could not be sent are not sent
 twice); feedback on another process's requests is answered 404.
 """
@@ -23,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +53,7 @@ LOOKUP_POLL_S = 0.1
 REMEMBER_S = 24 * 3600
 MAX_PENDING = 100_000
 _SEP = "\x1f"
+_SEEDED = "learning-seeded"  # in the workers' file's `once` table
 
 
 class LearnStore(Protocol):
@@ -60,23 +66,47 @@ class LearnStore(Protocol):
         """True for the first caller to claim `request_id` (for `REMEMBER_S`)."""
         ...
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
-        """Keeps `served` (request id, record) and adds `sums` (field, increment), in one transaction."""
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
+        """Keeps `served` (request id, record) and adds `sums` (field, increment), in one
+        transaction; False, and the sums not added, when the store is not seeded."""
         ...
 
     async def sums(self) -> dict[str, float]: ...
 
-    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
-        """Sets the sums to `sums` if the store has none yet (atomically: one process seeds)."""
+    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
+        """Marks the store seeded, with `sums` if it was not yet (atomically: one process seeds)."""
         ...
 
     async def close(self) -> None: ...
 
 
-# KEYS[1]: the sums' hash; ARGV: field, value, field, value... Nothing if the hash exists.
+class Seeded(enum.IntEnum):
+    ALREADY = 0  # another process seeded it
+    ADOPTED = 1  # it held sums from before the mark existed: kept as they are
+    FILLED = 2  # with this process's sums
+
+
+# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark; ARGV: field, value, field, value...
 _SEED = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
 for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 2
+"""
+
+# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark; ARGV[1]: how many served requests,
+# ARGV[2]: their time to live; then request key, record... and then field, increment...
+_WRITE = """
+local n, i = tonumber(ARGV[1]), 3
+for _ = 1, n do
+  redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ARGV[2])
+  i = i + 2
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+while i <= #ARGV do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
 return 1
 """
 
@@ -88,6 +118,7 @@ class RedisLearnStore:
             cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
         )
         self.hash = f"{cfg.prefix}:learn:posteriors"
+        self.mark = f"{cfg.prefix}:learn:seeded"
         self.req_prefix = f"{cfg.prefix}:learn:req:"
         self.rated_prefix = f"{cfg.prefix}:learn:rated:"
 
@@ -104,14 +135,12 @@ class RedisLearnStore:
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
+        args: list[str | bytes | int] = [len(served), REMEMBER_S]
+        args += [x for rid, value in served for x in (self.req_prefix + rid, value)]
+        args += [x for field, delta in sums for x in (field, repr(delta))]
         try:
-            async with self.client.pipeline(transaction=True) as p:
-                for rid, value in served:
-                    p.set(self.req_prefix + rid, value, ex=REMEMBER_S)
-                for field, delta in sums:
-                    p.hincrbyfloat(self.hash, field, delta)
-                await p.execute()
+            return bool(await self.client.eval(_WRITE, 2, self.hash, self.mark, *args))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -122,10 +151,10 @@ class RedisLearnStore:
             raise StoreUnavailable(type(e).__name__) from None
         return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
 
-    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
+    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
         args = [x for field, value in sums.items() for x in (field, repr(value))]
         try:
-            return bool(await self.client.eval(_SEED, 1, self.hash, *args))
+            return Seeded(int(await self.client.eval(_SEED, 2, self.hash, self.mark, *args)))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -167,8 +196,8 @@ class SqliteLearnStore(SqliteState):
 
         return await self._run(tx)
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> None:
-        def tx(db: sqlite3.Connection) -> None:
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
+        def tx(db: sqlite3.Connection) -> bool:
             now = time.time()
             if now - self._swept >= 60:  # expired requests and ratings, now and then
                 self._swept = now
@@ -176,24 +205,27 @@ class SqliteLearnStore(SqliteState):
                 db.execute("DELETE FROM learn_rated WHERE expires <= ?", (now,))
             until = now + REMEMBER_S
             db.executemany("INSERT OR REPLACE INTO learn_req VALUES (?, ?, ?)", [(r, v, until) for r, v in served])
+            if db.execute("SELECT 1 FROM once WHERE key = ?", (_SEEDED,)).fetchone() is None:
+                return False
             db.executemany(
                 "INSERT INTO learn_sum VALUES (?, ?) ON CONFLICT (field) DO UPDATE SET value = value + excluded.value",
                 sums,
             )
+            return True
 
-        await self._run(tx)
+        return await self._run(tx)
 
     async def sums(self) -> dict[str, float]:
         return await self._run(
             lambda db: {str(f): float(v) for f, v in db.execute("SELECT field, value FROM learn_sum")}
         )
 
-    async def fill_if_empty(self, sums: dict[str, float]) -> bool:
-        def tx(db: sqlite3.Connection) -> bool:
-            if db.execute("SELECT 1 FROM learn_sum LIMIT 1").fetchone() is not None:
-                return False
+    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
+        def tx(db: sqlite3.Connection) -> Seeded:
+            if db.execute("INSERT OR IGNORE INTO once VALUES (?, ?)", (_SEEDED, math.inf)).rowcount == 0:
+                return Seeded.ALREADY
             db.executemany("INSERT INTO learn_sum VALUES (?, ?)", list(sums.items()))
-            return True
+            return Seeded.FILLED
 
         return await self._run(tx)
 
@@ -243,14 +275,16 @@ class LearningShare:
             self.failed += 1
             return True
 
-    async def seed(self) -> bool:
-        """Fills an empty store with the posteriors this process loaded (less the prior)."""
+    async def seed(self) -> Seeded:
+        """Seeds a store that is not yet with this process's posteriors (less the prior): those
+        it loaded at start, or, for a store restarted empty, those it routes with, which hold
+        the scores it has not sent yet."""
         a0, b0 = self.learner.prior
         sums: dict[str, float] = {}
         for (task, route), p in self.learner.posteriors.items():
             sums[f"{task}{_SEP}{route}{_SEP}a"] = p.alpha - a0
             sums[f"{task}{_SEP}{route}{_SEP}b"] = p.beta - b0
-        return bool(sums) and await self.store.fill_if_empty(sums)
+        return await self.store.seed_sums(sums)
 
     async def flush(self) -> None:
         served, rewards = self.served, self.rewards
@@ -264,7 +298,9 @@ class LearningShare:
             for which, value in (("a", reward), ("b", 1.0 - reward))
         ]
         try:
-            await self.store.write(records, sums)
+            if not await self.store.write(records, sums):  # a store restarted empty (or never seeded)
+                if await self.seed() != Seeded.FILLED:  # else the seed held these scores already
+                    await self.store.write([], sums)
         except StoreUnavailable:
             # Requests are sent again (keeping one twice is harmless); rewards are not, since a
             # transaction that timed out may have applied, and a reward must not count twice.

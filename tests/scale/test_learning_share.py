@@ -112,3 +112,78 @@ async def test_a_new_redis_starts_from_the_state_file_once(pair, start_proxy, tm
 
         await eventually(both_counted, "both instances at the file's posterior plus one score")
     await c1.close()
+
+
+async def test_a_redis_restarted_empty_keeps_what_was_learned(pair, start_proxy) -> None:
+    """Redis restarted without its data while the instances run: the next score went into an
+    empty hash, and every instance's posterior fell back to the prior plus that one score."""
+    url = require_redis()
+    strong, weak = pair
+    cfg = shared_learner(url, strong, weak)
+    prefix = cfg["shared_state"]["prefix"]
+    p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
+    c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
+
+    async def rate_one() -> None:
+        rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
+                assert r.status == 200, await r.text()
+
+    async def both_at(alpha: float) -> None:
+        async def agreed() -> bool:
+            seen = []
+            async with aiohttp.ClientSession() as s:
+                for p in (p1, p2):
+                    async with s.get(p.url + "/admin/learning") as r:
+                        rows = (await r.json())["posteriors"]
+                    seen += [row["alpha"] for row in rows if (row["task"], row["route"]) == ("math", "weak")]
+            return seen == [alpha, alpha]
+
+        await eventually(agreed, f"both instances at alpha {alpha}")
+
+    for _ in range(3):
+        await rate_one()
+    await both_at(4.0)
+    redis = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        assert await redis.delete(*keys) == len(keys) > 0  # what a restart without persistence leaves
+    finally:
+        await redis.aclose()
+    await rate_one()
+    await both_at(5.0)
+    await c1.close()
+
+
+async def test_sums_written_before_the_seeded_mark_are_kept_not_doubled(pair, start_proxy, tmp_path) -> None:
+    """A Redis that holds sums from a release before the seeded mark: adopted as they are, the
+    state file (which already counts them) not added on top."""
+    url = require_redis()
+    strong, weak = pair
+    state = tmp_path / "learning.json"
+    state.write_text('{"posteriors": [{"task": "math", "route": "weak", "alpha": 5.0, "beta": 3.0}]}')
+    cfg = shared_learner(url, strong, weak)
+    cfg["learning"]["feedback"]["state_path"] = str(state)
+    prefix = cfg["shared_state"]["prefix"]
+    redis = aioredis.Redis.from_url(url)
+    try:
+        await redis.hset(f"{prefix}:learn:posteriors", mapping={"math\x1fweak\x1fa": 4.0, "math\x1fweak\x1fb": 2.0})
+    finally:
+        await redis.aclose()
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    rid = (await served_by(client, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/feedback", json={"request_id": rid, "score": 0.0}) as r:
+            assert r.status == 200, await r.text()
+
+        async def counted() -> bool:
+            async with s.get(proxy.url + "/admin/learning") as r:
+                rows = (await r.json())["posteriors"]
+            return [(p["alpha"], p["beta"]) for p in rows if (p["task"], p["route"]) == ("math", "weak")] == [
+                (5.0, 4.0)
+            ]
+
+        await eventually(counted, "the adopted sums plus one score of 0")
+    await client.close()
