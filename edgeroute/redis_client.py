@@ -17,8 +17,8 @@ def connect(url: str, *, no_retry: bool = False, **options: Any) -> aioredis.Red
     """A client for `url` (connections open on first command); `no_retry`: a failed command
     fails at once, for callers that fall back to local state rather than wait."""
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry  # the asyncio client's own: redis-py 8.2 warns on the sync one
     from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     if no_retry:
         options["retry"] = Retry(NoBackoff(), 0)
