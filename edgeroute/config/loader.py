@@ -85,8 +85,13 @@ def parse(
         where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
         return f"{where}: {path}: {msg}"
 
+    if data is None:  # an empty file, or one of comments only
+        raise ConfigError([f"{source}: the config is empty (it needs at least providers, deployments and models)"])
     if not isinstance(data, dict):
-        raise ConfigError([line("(top level)", f"expected a mapping, got {type(data).__name__}", ())])
+        got = "a list" if isinstance(data, list) else f"a single value ({type(data).__name__})"
+        raise ConfigError(
+            [line("(top level)", f"expected a mapping of sections (providers:, models:, ...), got {got}", ())]
+        )
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -110,14 +115,24 @@ def parse(
     return cfg
 
 
-def load(path: str | Path, *, check_secrets: bool = True) -> Config:
-    """Reads and validates a YAML config file."""
+def read_text(path: str | Path) -> str:
+    """A config file's text; :class:`ConfigError` when it cannot be read or is not UTF-8."""
     p = Path(path)
     try:
-        text = p.read_text()
+        return p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
-    return loads(text, str(p), check_secrets=check_secrets)
+    except UnicodeDecodeError as e:  # a binary file, or text saved in another encoding
+        before, nl = e.object[: e.start], b"\n"
+        where = f"{p}:{before.count(nl) + 1}:{e.start - before.rfind(nl)}"
+        raise ConfigError(
+            [f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8"]
+        ) from None
+
+
+def load(path: str | Path, *, check_secrets: bool = True) -> Config:
+    """Reads and validates a YAML config file."""
+    return loads(read_text(path), str(path), check_secrets=check_secrets)
 
 
 def loads(text: str, source: str, *, check_secrets: bool = True) -> Config:
