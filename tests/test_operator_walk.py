@@ -251,3 +251,46 @@ def test_router_tools_name_a_missing_file_or_a_bad_config(tmp_path: Path) -> Non
     r = _cli("router", "replay", "-c", str(bad), "--outcomes", str(_outcomes(tmp_path)))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"{bad}:1:1: providers: Field required" in r.stderr
+
+
+# -- what a reload applies ------------------------------------------------------------------------
+
+
+def _restart_sentence() -> str:
+    text = " ".join(README.read_text().split())
+    start = text.index("Changes to `ledger`")
+    return text[start : text.index("refused with the list", start)]
+
+
+def test_the_readme_names_every_setting_a_reload_refuses() -> None:
+    """The Uptime section said budgets and rate limits take a restart (they reload, as Cost
+    control says) and left out request_log, cache, tracing and server settings that do."""
+    from edgeroute import reload
+
+    sentence = _restart_sentence()
+    for section in reload._AT_START:
+        assert f"`{section}`" in sentence, section
+    for field in reload._SERVER_AT_START:
+        assert f"`server.{field}`" in sentence, field
+    assert "`budgets`" not in sentence and "`rate_limits`" not in sentence
+
+
+def test_budgets_and_rate_limits_reload_without_a_restart() -> None:
+    from edgeroute.reload import restart_only_changes
+
+    base = {
+        "providers": {"a": {"base_url": "http://127.0.0.1:9/v1"}},
+        "deployments": {"d": {"provider": "a", "model": "gpt-4o", "price": "catalogue"}},
+        "models": {"m": {"deployments": ["d"]}},
+        "budgets": {"limits": [{"name": "b", "scope": "global", "limit_usd": 10, "period": "month"}]},
+        "rate_limits": {"models": {"m": {"rpm": 10}}},
+    }
+    changed = {
+        **base,
+        "budgets": {"limits": [{"name": "b", "scope": "global", "limit_usd": 5, "period": "month"}]},
+        "rate_limits": {"models": {"m": {"rpm": 5}}},
+    }
+    old, new = config_mod.parse(base, "a.yaml"), config_mod.parse(changed, "b.yaml")
+    assert restart_only_changes(old, new) == []
+    moved = config_mod.parse({**changed, "request_log": {"retention_days": 3}}, "c.yaml")
+    assert restart_only_changes(old, moved) == ["request_log: changed; this section takes effect on restart"]
