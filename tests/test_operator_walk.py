@@ -294,3 +294,22 @@ def test_budgets_and_rate_limits_reload_without_a_restart() -> None:
     assert restart_only_changes(old, new) == []
     moved = config_mod.parse({**changed, "request_log": {"retention_days": 3}}, "c.yaml")
     assert restart_only_changes(old, moved) == ["request_log: changed; this section takes effect on restart"]
+
+
+# -- edgeroute keys -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["keys", "create", "--expires", "soon"], "error: --expires: 'soon' is not a span from now (30d, 12h)"),
+        (["keys", "create", "--expires", "tomorrow-ish"], "error: --expires: 'tomorrow-ish' is not a span"),
+        (["keys", "create", "--metadata", "{bad"], "error: --metadata: not JSON"),
+        (["keys", "rotate", "k1", "--grace", "forever"], "error: --grace: 'forever' is not a span"),
+    ],
+)
+def test_keys_name_the_flag_they_cannot_read(argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`keys create --expires soon` was a ProxyError traceback about 'since'; nothing is sent."""
+    code, _, err = run([*argv, "--url", "http://127.0.0.1:9"], capsys)  # never reached
+    assert code == 2 and err.startswith(said), err
+    assert "since" not in err
