@@ -313,3 +313,12 @@ def test_keys_name_the_flag_they_cannot_read(argv: list[str], said: str, capsys:
     code, _, err = run([*argv, "--url", "http://127.0.0.1:9"], capsys)  # never reached
     assert code == 2 and err.startswith(said), err
     assert "since" not in err
+
+
+def test_prices_list_for_a_provider_it_does_not_know_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """`prices list --provider opnai` printed an empty table and exited 0."""
+    code, out, err = run(["prices", "list", "--provider", "opnai"], capsys)
+    assert code == 1 and out == ""
+    assert "no model of provider 'opnai' in the catalogue (providers: " in err and "openai" in err
+    code, out, _ = run(["prices", "list", "--provider", "openai"], capsys)
+    assert code == 0 and "gpt-4o " in out
