@@ -322,3 +322,15 @@ def test_prices_list_for_a_provider_it_does_not_know_says_so(capsys: pytest.Capt
     assert "no model of provider 'opnai' in the catalogue (providers: " in err and "openai" in err
     code, out, _ = run(["prices", "list", "--provider", "openai"], capsys)
     assert code == 0 and "gpt-4o " in out
+
+
+# -- edgeroute demo -------------------------------------------------------------------------------
+
+
+def test_the_tour_only_demo_names_no_url_it_has_closed() -> None:
+    """`edgeroute demo --port 0 --tour-only` exits after the tour: it told the reader to curl
+    its spend endpoint "while it runs", on a port already closed."""
+    r = _cli("demo", "--port", "0", "--tour-only")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "Spend by model, from the demo's ledger:" in r.stdout
+    assert "http://127.0.0.1:" not in r.stdout
