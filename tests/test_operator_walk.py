@@ -334,3 +334,10 @@ def test_the_tour_only_demo_names_no_url_it_has_closed() -> None:
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "Spend by model, from the demo's ledger:" in r.stdout
     assert "http://127.0.0.1:" not in r.stdout
+
+
+def test_a_router_train_mistake_shows_the_usage_of_all_five_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    """`router train --out x.erlm` (no outcomes) printed `usage: edgeroute router {train,eval,shadow}`."""
+    code, _, err = run(["router", "train", "--out", "x.erlm"], capsys)
+    assert code == 2 and "train needs --outcomes FILE, --from-log, or both" in err
+    assert err.startswith("usage: edgeroute router [-h] {train,eval,calibrate,replay,shadow} ...")
