@@ -134,6 +134,23 @@ def test_each_unresolved_key_token_is_reported_once(
     assert err.splitlines() == [f"{path}:5:10: keys.root.token: environment variable WALK_UNSET_TOKEN is not set"]
 
 
+def test_the_errors_of_a_stage_come_in_file_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Read top to bottom, as an operator fixes them (they came in the schema's order: a
+    provider's nested key before the provider's own, the top level's typo last)."""
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        "sever: {port: 1}\n"
+        "providers:\n"
+        "  a: {base_url: 'http://x/v1', kindd: openai, timeouts: {conect: 5}}\n"
+        "deployments: {d: {provider: a, model: m}}\n"
+        "models: {m: {deployments: [d], hedge: {percentil: 95}}}\n"
+    )
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1
+    places = [tuple(map(int, line.split(":")[1:3])) for line in err.replace(str(path), "edge.yaml").splitlines()]
+    assert places == [(1, 1), (3, 32), (3, 58), (5, 40)], err
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="edgeroute/reload.py `_read` calls Path.read_text() and catches only OSError: a file that is not "

@@ -74,6 +74,18 @@ def _core_problems(cfg: Config) -> list[tuple[str, str]]:
     ]
 
 
+def _in_file_order(lines: list[str], source: str) -> list[str]:
+    """Errors sorted by their line and column (read top to bottom, as they are fixed); those
+    without a place keep their order, after the others."""
+    at = re.compile(re.escape(source) + r":(\d+):(\d+): ")
+
+    def place(text: str) -> tuple[float, float]:
+        m = at.match(text)
+        return (int(m[1]), int(m[2])) if m else (float("inf"), float("inf"))
+
+    return sorted(lines, key=place)
+
+
 def parse(
     data: Any, source: str = "<config>", *, check_secrets: bool = True, positions: Positions | None = None
 ) -> Config:
@@ -99,14 +111,14 @@ def parse(
         for err in e.errors():
             msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(line(_path(err["loc"]), msg, err["loc"]))
-        raise ConfigError(lines) from None
+        raise ConfigError(_in_file_order(lines, source)) from None
     problems = cross_check(cfg)
     if not check_secrets:
         secret_paths = (".api_key", ".token", "ledger.dsn", ".url")
         secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
         problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:
-        raise ConfigError([line(path, msg) for path, msg in problems])
+        raise ConfigError(_in_file_order([line(path, msg) for path, msg in problems], source))
     # The core compiles regexes and checks what Python cannot.
     try:
         build_router(cfg, source)
