@@ -29,6 +29,7 @@ _COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 1
 _FILTER_HELP = {
     "since": "from this time: epoch seconds, relative (15m, 24h, 7d) or an ISO date (2026-12-01)",
     "until": "up to this time: epoch seconds, relative or an ISO date",
+    "status": "a status code (429), a class (4xx, 5xx), ok or error",
     "error_class": "only failed requests of this class",
     "min_latency_ms": "only requests at least this slow",
     "min_cost_usd": "only requests costing at least this much",
