@@ -358,3 +358,26 @@ def test_a_router_train_mistake_shows_the_usage_of_all_five_commands(capsys: pyt
     code, _, err = run(["router", "train", "--out", "x.erlm"], capsys)
     assert code == 2 and "train needs --outcomes FILE, --from-log, or both" in err
     assert err.startswith("usage: edgeroute router [-h] {train,eval,calibrate,replay,shadow} ...")
+
+
+# -- the README's API table -----------------------------------------------------------------------
+
+
+def test_the_api_table_lists_every_admin_route() -> None:
+    """Each admin route the server declares a role for is in the README's API table (it lacked
+    the deployment changes and the router shadow report): the route's fixed part before its
+    first `{placeholder}`, and each fixed segment after it, are in the table."""
+    from edgeroute.roles import ROUTE_ROLES
+
+    text = README.read_text()
+    start = text.index("| endpoint | what |")
+    table = text[start : text.index("\n\n", start)]
+    for route in ROUTE_ROLES:
+        _, path = route.split(" ", 1)
+        if not path.startswith("/admin/"):
+            continue
+        head, *rest = path.split("/{")
+        assert head in table, route
+        for tail in rest:
+            fixed = tail.partition("}")[2]
+            assert fixed in table, route
