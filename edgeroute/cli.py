@@ -265,6 +265,7 @@ _ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay,shadow} 
   shadow     a candidate router against the running one on live traffic
 
 `edgeroute router COMMAND --help` for each."""
+_ROUTER_COMMANDS = ("train", "eval", "calibrate", "replay", "shadow")
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
@@ -273,6 +274,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
     if not args.rest or args.rest[0] in ("-h", "--help"):
         print(_ROUTER_USAGE)
         return 0 if args.rest else 2
+    if args.rest[0] not in _ROUTER_COMMANDS:  # each command's own parser knows only some of them
+        print(f"{_ROUTER_USAGE.splitlines()[0]}\nedgeroute router: error: unknown command {args.rest[0]!r} "
+              f"(one of: {', '.join(_ROUTER_COMMANDS)})", file=sys.stderr)  # fmt: skip
+        return 2
 
     handled = policy_tools.main(args.rest)
     return handled if handled is not None else _delegate("edgeroute.learn.cli", args.rest)

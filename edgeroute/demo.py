@@ -47,7 +47,7 @@ def demo_config_data() -> dict[str, Any]:
     return data
 
 
-async def _tour(base: str, mocks: dict[str, MockOptions], ledger: Ledger) -> None:
+async def _tour(base: str, mocks: dict[str, MockOptions], ledger: Ledger, *, serving: bool) -> None:
     hdr = {"Authorization": "Bearer anything", "Content-Type": "application/json"}
     rows: list[tuple[str, str, str, str, str, str]] = []
 
@@ -117,7 +117,9 @@ async def _tour(base: str, mocks: dict[str, MockOptions], ledger: Ledger) -> Non
     )
     # The spend ledger (SQLite, written off the request path): what the tour cost, and what it saved.
     await asyncio.to_thread(ledger.flush)
-    print(f"\nSpend by model, from the demo's ledger (while it runs: curl -s '{base}/admin/spend?by=model'):\n")
+    # The curl hint only while the demo keeps serving: after --tour-only it would name a closed port.
+    hint = f" (while it runs: curl -s '{base}/admin/spend?by=model')" if serving else ""
+    print(f"\nSpend by model, from the demo's ledger{hint}:\n")
     print(reports.render(reports.spend(ledger.backend, by="model"), "table"))
 
 
@@ -170,7 +172,7 @@ async def _main(port: int, tour_only: bool) -> int:
     runners.append(runner)
     base = f"http://127.0.0.1:{pport}"
     try:
-        await _tour(base, mocks, ledger)
+        await _tour(base, mocks, ledger, serving=not tour_only)
         if tour_only:
             return 0
         stop = asyncio.Event()

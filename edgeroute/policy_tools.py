@@ -30,7 +30,11 @@ class Prompt:
 
 def load_outcomes(path: Path) -> list[Prompt]:
     by_text: dict[str, Prompt] = {}
-    with path.open() as f:
+    try:
+        f = path.open()
+    except OSError as e:
+        raise SystemExit(f"edgeroute router: {path}: cannot read: {e.strerror}") from None
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -103,6 +107,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def replay(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, check_secrets=False)
+    if args.model not in cfg.models:  # the core would refuse every prompt
+        print(f"edgeroute router replay: {args.config} has no model {args.model!r}; name the public model "
+              f"the requests ask for with --model (one of: {', '.join(cfg.models)})", file=sys.stderr)  # fmt: skip
+        return 2
     router = build_router(cfg, args.config)
     prompts = load_outcomes(args.outcomes)
     model_of_route: dict[str, str] = {}
@@ -175,5 +183,9 @@ def main(argv: list[str]) -> int | None:
     args = p.parse_args(argv)
     if args.command == "calibrate" and args.weak_output is None:
         args.weak_output = args.weak
-    code: int = args.fn(args)
+    try:
+        code: int = args.fn(args)
+    except config_mod.ConfigError as e:  # the config (replay) or the router files (calibrate)
+        print("\n".join(e.errors), file=sys.stderr)
+        return 1
     return code

@@ -7,7 +7,7 @@ Modules, bottom up (none imports a module listed after it):
 - `errors`: `ConfigError`;
 - `tls`: TLS files checked to exist and load;
 - `checks`: checks across sections (references, secrets, budgets, keys);
-- `loader`: `load`/`parse`: YAML, schema, checks, then the Rust core's own check.
+- `loader`: `load`/`parse` (`read_text`: a file's text): YAML, schema, checks, then the Rust core's own check.
 
 Everything is re-exported here: import from `edgeroute.config`.
 """
@@ -15,7 +15,7 @@ Everything is re-exported here: import from `edgeroute.config`.
 from __future__ import annotations
 
 from edgeroute.config.errors import ConfigError
-from edgeroute.config.loader import load, loads, parse
+from edgeroute.config.loader import load, loads, parse, read_text
 from edgeroute.config.schema import (
     Budget,
     BudgetAction,
@@ -98,4 +98,5 @@ __all__ = [
     "load",
     "loads",
     "parse",
+    "read_text",
 ]

@@ -74,6 +74,18 @@ def _core_problems(cfg: Config) -> list[tuple[str, str]]:
     ]
 
 
+def _in_file_order(lines: list[str], source: str) -> list[str]:
+    """Errors sorted by their line and column (read top to bottom, as they are fixed); those
+    without a place keep their order, after the others."""
+    at = re.compile(re.escape(source) + r":(\d+):(\d+): ")
+
+    def place(text: str) -> tuple[float, float]:
+        m = at.match(text)
+        return (int(m[1]), int(m[2])) if m else (float("inf"), float("inf"))
+
+    return sorted(lines, key=place)
+
+
 def parse(
     data: Any, source: str = "<config>", *, check_secrets: bool = True, positions: Positions | None = None
 ) -> Config:
@@ -85,8 +97,13 @@ def parse(
         where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
         return f"{where}: {path}: {msg}"
 
+    if data is None:  # an empty file, or one of comments only
+        raise ConfigError([f"{source}: the config is empty (it needs at least providers, deployments and models)"])
     if not isinstance(data, dict):
-        raise ConfigError([line("(top level)", f"expected a mapping, got {type(data).__name__}", ())])
+        got = "a list" if isinstance(data, list) else f"a single value ({type(data).__name__})"
+        raise ConfigError(
+            [line("(top level)", f"expected a mapping of sections (providers:, models:, ...), got {got}", ())]
+        )
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
@@ -94,14 +111,14 @@ def parse(
         for err in e.errors():
             msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(line(_path(err["loc"]), msg, err["loc"]))
-        raise ConfigError(lines) from None
+        raise ConfigError(_in_file_order(lines, source)) from None
     problems = cross_check(cfg)
     if not check_secrets:
         secret_paths = (".api_key", ".token", "ledger.dsn", ".url")
         secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
         problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:
-        raise ConfigError([line(path, msg) for path, msg in problems])
+        raise ConfigError(_in_file_order([line(path, msg) for path, msg in problems], source))
     # The core compiles regexes and checks what Python cannot.
     try:
         build_router(cfg, source)
@@ -110,14 +127,24 @@ def parse(
     return cfg
 
 
-def load(path: str | Path, *, check_secrets: bool = True) -> Config:
-    """Reads and validates a YAML config file."""
+def read_text(path: str | Path) -> str:
+    """A config file's text; :class:`ConfigError` when it cannot be read or is not UTF-8."""
     p = Path(path)
     try:
-        text = p.read_text()
+        return p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
-    return loads(text, str(p), check_secrets=check_secrets)
+    except UnicodeDecodeError as e:  # a binary file, or text saved in another encoding
+        before, nl = e.object[: e.start], b"\n"
+        where = f"{p}:{before.count(nl) + 1}:{e.start - before.rfind(nl)}"
+        raise ConfigError(
+            [f"{where}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8"]
+        ) from None
+
+
+def load(path: str | Path, *, check_secrets: bool = True) -> Config:
+    """Reads and validates a YAML config file."""
+    return loads(read_text(path), str(path), check_secrets=check_secrets)
 
 
 def loads(text: str, source: str, *, check_secrets: bool = True) -> Config:

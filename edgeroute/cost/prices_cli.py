@@ -64,6 +64,10 @@ def _list(args: argparse.Namespace) -> int:
     except pc.CatalogueError as err:
         return _fail(err.errors)
     rows = {k: e for k, e in cat["models"].items() if args.provider in (None, e["provider"])}
+    if not rows and args.provider is not None:  # a typo, not an empty list
+        known = ", ".join(sorted({e["provider"] for e in cat["models"].values()}))
+        print(f"error: no model of provider {args.provider!r} in the catalogue (providers: {known})", file=sys.stderr)
+        return 1
     if args.format == "json":
         print(json.dumps(rows, indent=1))
         return 0

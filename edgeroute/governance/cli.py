@@ -18,6 +18,7 @@ import urllib.request
 from typing import Any
 
 from edgeroute import redact
+from edgeroute.errors import ProxyError
 from edgeroute.governance.http import parse_since
 
 
@@ -89,11 +90,14 @@ def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", help="a JSON object kept with the key (ticket, owner's e-mail, ...)")
 
 
-def _span(raw: str) -> float:
-    """Seconds in `raw` (a span such as 1h, or plain seconds)."""
-    if raw[-1:].isalpha():
-        return round(time.time() - parse_since(raw))
-    return float(raw)
+def _span(raw: str, flag: str) -> float:
+    """Seconds in `raw` (a span such as 1h, or plain seconds); ValueError naming `flag`."""
+    try:
+        if raw[-1:].isalpha():
+            return round(time.time() - parse_since(raw))
+        return float(raw)
+    except (ProxyError, ValueError):  # parse_since speaks to API callers ('since' must be ...)
+        raise ValueError(f"{flag}: {raw!r} is not a span such as 15m, 12h, 30d (or seconds)") from None
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,9 +108,15 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
             out[f] = getattr(args, f)
     if args.expires is not None:
         exp = args.expires
-        out["expires_at"] = time.time() + _span(exp) if exp[-1:].isalpha() else float(exp)
+        try:
+            out["expires_at"] = time.time() + _span(exp, "--expires") if exp[-1:].isalpha() else float(exp)
+        except ValueError:
+            raise ValueError(f"--expires: {exp!r} is not a span from now (30d, 12h) or epoch seconds") from None
     if args.metadata is not None:
-        out["metadata"] = json.loads(args.metadata)
+        try:
+            out["metadata"] = json.loads(args.metadata)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--metadata: not JSON ({e})") from None
     return out
 
 
@@ -188,7 +198,7 @@ def _keys(args: argparse.Namespace) -> int:
         elif a == "revoke":
             _print(args, _call(args, "DELETE", f"/admin/keys/{args.id}"))
         elif a == "rotate":
-            grace = _span(args.grace)
+            grace = _span(args.grace, "--grace")
             _print(args, _call(args, "POST", f"/admin/keys/{args.id}/rotate", {"grace_seconds": grace}))
         elif a == "update":
             _print(args, _call(args, "PATCH", f"/admin/keys/{args.id}", _fields(args)))

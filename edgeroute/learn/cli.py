@@ -282,7 +282,8 @@ def _shadow(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgeroute router")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    # calibrate and replay have a parser of their own (policy_tools); the usage names all five.
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{train,eval,calibrate,replay,shadow}")
     t = sub.add_parser(
         "train",
         help="fit a router from per-prompt outcomes, settings chosen by nested cross-validation",

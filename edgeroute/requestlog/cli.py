@@ -8,6 +8,7 @@ read the database can read everything in it, so `--content` shows stored prompts
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -21,13 +22,14 @@ from edgeroute.requestlog import query
 
 _FILTERS = ("since", "until", "model", "deployment", "key", "team", "status", "error_class", "rule",
             "min_latency_ms", "min_cost_usd")  # fmt: skip
-_COLUMNS = (("ts", 19), ("id", 22), ("model", 14), ("deployment", 14), ("key", 10), ("status", 6),
+_COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 10), ("status", 6),
             ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
             ("error_class", 14))  # fmt: skip
 
 _FILTER_HELP = {
-    "since": "from this time: epoch seconds or relative (15m, 24h, 7d)",
-    "until": "up to this time: epoch seconds or relative",
+    "since": "from this time: epoch seconds, relative (15m, 24h, 7d) or an ISO date (2026-12-01)",
+    "until": "up to this time: epoch seconds, relative or an ISO date",
+    "status": "a status code (429), a class (4xx, 5xx), ok or error",
     "error_class": "only failed requests of this class",
     "min_latency_ms": "only requests at least this slow",
     "min_cost_usd": "only requests costing at least this much",
@@ -175,8 +177,13 @@ def stats(a: argparse.Namespace) -> int:
             "completion_tokens", "cost_usd", "savings_usd"]  # fmt: skip
     lead = (["t"] if out["bucket"] else []) + (["group"] if out["group_by"] != "none" else [])
     table = [[*lead, *cols]]
-    for r in [*out["rows"], {"group": "TOTAL", "t": None, **out["totals"]}]:
-        table.append([_stat(r.get(c), c) for c in [*lead, *cols]])
+    # Without a group or a bucket the one row is the total: print it once.
+    rows = [*out["rows"], {**out["totals"], "total": True}] if lead else [out["totals"]]
+    for r in rows:
+        cells = [_stat(r.get(c), c) for c in [*lead, *cols]]
+        if r.get("total"):  # labelled in the first column, whichever it is
+            cells[: len(lead)] = ["TOTAL"] + [""] * (len(lead) - 1)
+        table.append(cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print(
@@ -184,7 +191,8 @@ def stats(a: argparse.Namespace) -> int:
                 v.ljust(w) if i < len(lead) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
             )
         )
-    print(f"\npercentiles within ±{out['percentile_error'] * 100:.1f} % (histograms); one-minute resolution")
+    bound = math.ceil(out["percentile_error"] * 1000) / 10  # a bound: rounded up, never down
+    print(f"\npercentiles within ±{bound:.1f} % (histograms); one-minute resolution")
     return 0
 
 
