@@ -124,10 +124,7 @@ def _read(source: str) -> str:
     if not p.is_file():
         msg = "the running config was not loaded from a file (e.g. the demo's); there is nothing to reload"
         raise config_mod.ConfigError([f"{source}: {msg}"])
-    try:
-        return p.read_text()
-    except OSError as e:
-        raise config_mod.ConfigError([f"{p}: cannot read: {e.strerror}"]) from None
+    return config_mod.read_text(p)  # not readable, or not UTF-8: a ConfigError naming the file
 
 
 def _longest_request_s(cfg: Config) -> float:

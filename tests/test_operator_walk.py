@@ -151,12 +151,6 @@ def test_the_errors_of_a_stage_come_in_file_order(tmp_path: Path, capsys: pytest
     assert places == [(1, 1), (3, 32), (3, 58), (5, 40)], err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgeroute/reload.py `_read` calls Path.read_text() and catches only OSError: a file that is not "
-    "UTF-8 escapes as UnicodeDecodeError (POST /admin/reload: 500; SIGHUP: a traceback in the log). "
-    "Fix (combos2): `return config_mod.read_text(p)` in `_read`, which raises ConfigError naming the line.",
-)
 async def test_a_reload_of_a_file_that_is_not_utf8_is_refused_as_invalid(start_upstream: Any, tmp_path: Path) -> None:
     """`POST /admin/reload` on a file saved as Latin-1 answers as for any invalid file (400, the
     running config kept, the line named); it answered 500 "Internal error"."""
@@ -386,13 +380,6 @@ def test_the_api_table_lists_every_admin_route() -> None:
 # -- a clean clone's newest dependencies ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edgeroute/redis_client.py `connect(no_retry=True)` gives the asyncio client redis.retry.Retry "
-    "(the synchronous one). redis-py 8.2, which a fresh `pip install -e '.[test]'` gets, warns on it "
-    "(UserWarning, an error under the suite's filterwarnings): 22 tests of tests/run fail from a clean "
-    "clone. Fix (combos2): `from redis.asyncio.retry import Retry` in `connect`.",
-)
 def test_the_no_retry_client_is_given_the_asyncio_retry(monkeypatch: pytest.MonkeyPatch) -> None:
     """What `connect` hands redis-py, whichever redis-py is installed (8.1 accepts the sync
     Retry silently, 8.2 warns): the asyncio Retry, which every version since 4.2 has."""
