@@ -32,7 +32,7 @@ def check(tmp_path: Path, text: str) -> tuple[int, str]:
 def test_a_duplicate_key_is_an_error_not_a_silent_override(tmp_path: Path) -> None:
     code, err = check(tmp_path, HEAD + "  gpt-4.1:\n    deployments: [d-eu]\n")
     assert code == 1
-    assert "edge.yaml: line 8, column 3: invalid YAML: duplicate key 'gpt-4.1' (first given on line 6" in err
+    assert "edge.yaml:8:3: invalid YAML: duplicate key 'gpt-4.1' (first given on line 6" in err
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:

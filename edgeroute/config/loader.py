@@ -86,6 +86,14 @@ def _in_file_order(lines: list[str], source: str) -> list[str]:
     return sorted(lines, key=place)
 
 
+def _plain(msg: str) -> str:
+    """A validator's message without pydantic's "Value error, " (the reader needs the reason)."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix) :]
+    return msg
+
+
 def parse(
     data: Any, source: str = "<config>", *, check_secrets: bool = True, positions: Positions | None = None
 ) -> Config:
@@ -109,7 +117,7 @@ def parse(
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else err["msg"]
+            msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else _plain(err["msg"])
             lines.append(line(_path(err["loc"]), msg, err["loc"]))
         raise ConfigError(_in_file_order(lines, source)) from None
     problems = cross_check(cfg)
@@ -153,6 +161,6 @@ def loads(text: str, source: str, *, check_secrets: bool = True) -> Config:
         data, positions = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{source}: {where}invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source  # as every other error
+        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
     return parse(data, source, check_secrets=check_secrets, positions=positions)
