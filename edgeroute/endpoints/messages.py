@@ -98,10 +98,13 @@ class NativeStream:
         self._buf = b""
         self._content = False
         self._usage_in: dict[str, Any] = {}
+        self._final = False  # a message_delta brought the answer's usage
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        return openai_usage(self._usage_in) if self._usage_in else None
+        # message_start's output count is provisional (1): a stream cut before message_delta is
+        # counted from its text instead (it was priced as one output token, whatever it sent).
+        return openai_usage(self._usage_in) if self._final else None
 
     def feed(self, chunk: bytes) -> bytes:
         events, self._buf = sse.split_events(self._buf + chunk)
@@ -121,6 +124,7 @@ class NativeStream:
                 if kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                 elif kind == "message_delta":
+                    self._final = True
                     self._usage_in.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
             out.append(ev + b"\n\n")
             if kind == "message_stop":
