@@ -92,7 +92,11 @@ async def apply_config(app: web.Application, cfg: Config, text: str, how: str, a
         await candidate.reload(new)
     elif cfg.learning.candidate_router is not None:
         log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
-    if gov is not None and saved is not None:
+    # Under a supervisor, a SIGHUP that finds its text stored already as the latest version
+    # follows a sibling that applied it (through the admin API, or the same signal first):
+    # that one audited it. Each follower audited it again, as a signal nobody sent.
+    following = how == "sighup" and saved is not None and not saved.created and workers.current() is not None
+    if gov is not None and saved is not None and not following:
         await gov.applied(new, saved, how, actor, before, old.config)
     return new
 

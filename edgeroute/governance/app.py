@@ -29,6 +29,7 @@ from edgeroute.governance.runtime import GOV, Gov, actor_of
 from edgeroute.governance.store import GovStore
 from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
 from edgeroute.state import STATE, Live
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.governance")
 
@@ -46,7 +47,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
     gov.versions.record(text_of(cfg, source), "start", None)
-    store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
+    if (worker := workers.current()) is None or worker.id == 0:  # one server start, whatever its workers
+        store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_follow_secrets())]

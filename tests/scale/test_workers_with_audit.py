@@ -1,0 +1,66 @@
+"""`serve --workers 2` with the audit log: one entry for one action, by who did it.
+
+Each worker is a process of its own writing to the one database. A config applied through
+one worker's admin API is re-read by the others (the supervisor sends them SIGHUP): each
+follower audited its reload as `config.sighup` by `signal:SIGHUP`, a signal nobody sent; an
+operator's SIGHUP to the supervisor was audited once per worker, and every start once per
+worker too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.conftest import eventually, simple_config
+from tests.scale.support import Instance, Spawn
+
+ADMIN = "sk-combos2-admin"
+H = {"Authorization": f"Bearer {ADMIN}"}
+
+
+async def _audit(s: aiohttp.ClientSession, url: str) -> list[tuple[str, str]]:
+    async with s.get(url + "/admin/audit", headers=H) as r:
+        assert r.status == 200
+        return [(e["actor"], e["action"]) for e in reversed((await r.json())["entries"])]
+
+
+async def _reloaded(inst: Instance, n: int) -> None:
+    async def done() -> bool:
+        return inst.output().count("edgeroute reloaded") >= n
+
+    await eventually(done, f"{n} worker reloads")
+
+
+async def test_one_action_is_audited_once_whatever_the_workers(
+    start_upstream: Any, spawn: Spawn, tmp_path: Path
+) -> None:
+    up = await start_upstream()
+    cfg = simple_config(
+        {"a": up},
+        keys={"ops": {"token": ADMIN, "role": "admin"}},
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+    )
+    inst = await spawn(cfg, "--workers", "2")
+    async with aiohttp.ClientSession() as s:
+        async with s.patch(inst.url + "/admin/deployments/d-a", json={"weight": 5}, headers=H) as r:
+            assert r.status == 200, await r.text()
+        await _reloaded(inst, 1)  # the other worker follows the file
+        assert await _audit(s, inst.url) == [
+            ("server", "config.start"),
+            ("ops", "config.api"),
+            ("ops", "deployment.updated"),
+        ]
+        # The operator edits the file and signals the supervisor: one reload, audited once.
+        data = yaml.safe_load(inst.config.read_text())
+        data["deployments"]["d-a"]["weight"] = 7
+        inst.config.write_text(yaml.safe_dump(data))
+        os.kill(inst.proc.pid, signal.SIGHUP)
+        await _reloaded(inst, 3)
+        got = await _audit(s, inst.url)
+    assert got[3:] == [("signal:SIGHUP", "config.sighup")], got
