@@ -167,7 +167,7 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
 
     def start(live: Live, how: str, previous: int | None) -> None:
         guard_cfg = live.config.governance.rollback_guard
-        if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start")):
+        if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start", "follow")):
             return
         stats = live.stats = guard.GenerationStats()
 

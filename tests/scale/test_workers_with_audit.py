@@ -9,6 +9,7 @@ worker too.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
@@ -64,3 +65,41 @@ async def test_one_action_is_audited_once_whatever_the_workers(
         await _reloaded(inst, 3)
         got = await _audit(s, inst.url)
     assert got[3:] == [("signal:SIGHUP", "config.sighup")], got
+
+
+async def test_the_rollback_guard_rolls_back_once_whatever_the_workers(
+    start_upstream: Any, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Every answer fails (the upstream is down, whatever the config): the guard rolls the
+    change back once. A rollback is not watched (no flapping between two versions): but each
+    worker that followed the rollback watched it, as a reload, and rolled "back" to the
+    change, and so on, one version every window."""
+    up = await start_upstream(fail_status=500)
+    cfg = simple_config(
+        {"a": up},
+        keys={"ops": {"token": ADMIN, "role": "admin"}},
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        governance={"rollback_guard": {"window_s": 2, "max_error_rate": 0.5, "min_requests": 2}},
+        retry={"base_ms": 1, "max_ms": 2},
+    )
+    inst = await spawn(cfg, "--workers", "2")
+
+    async def traffic(seconds: float) -> None:
+        end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < end:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as c:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                async with c.post(inst.url + "/v1/chat/completions", json=body, headers=H) as r:
+                    assert r.status >= 500
+            await asyncio.sleep(0.02)
+
+    async with aiohttp.ClientSession() as s:
+        async with s.patch(inst.url + "/admin/deployments/d-a", json={"weight": 5}, headers=H) as r:
+            assert r.status == 200, await r.text()
+        await asyncio.gather(traffic(9), traffic(9))  # four and a half windows
+        got = await _audit(s, inst.url)
+        async with s.get(inst.url + "/admin/config/versions", headers=H) as r:
+            versions = [v["source"] for v in reversed((await r.json())["versions"])]
+    rollbacks = [a for a in got if a[1].startswith("config.auto_rollback")]
+    assert rollbacks == [("rollback-guard", "config.auto_rollback"), ("rollback-guard", "config.auto_rollback.reason")]
+    assert versions == ["start", "api", "auto_rollback:1"], (versions, got)
