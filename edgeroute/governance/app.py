@@ -23,7 +23,7 @@ from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS
 from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
-from edgeroute.governance.apply import apply_text, refused
+from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since
 from edgeroute.governance.runtime import GOV, Gov, actor_of
 from edgeroute.governance.store import GovStore
@@ -150,7 +150,7 @@ async def rollback_to(app: web.Application, version: int, actor: str, how: str =
     config file; 404 for an unknown version, 409 (nothing changed) when it no longer validates."""
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
-    async with gov.lock:
+    async with gov.lock, editing(app):
         before = gov.versions.active
         try:
             text = restore(target.body, gov.versions.running_text, version)

@@ -103,3 +103,24 @@ async def test_the_rollback_guard_rolls_back_once_whatever_the_workers(
     rollbacks = [a for a in got if a[1].startswith("config.auto_rollback")]
     assert rollbacks == [("rollback-guard", "config.auto_rollback"), ("rollback-guard", "config.auto_rollback.reason")]
     assert versions == ["start", "api", "auto_rollback:1"], (versions, got)
+
+
+async def test_changes_through_two_workers_both_hold(start_upstream: Any, spawn: Spawn, tmp_path: Path) -> None:
+    """Two deployment changes in a row, each through whichever worker takes its connection:
+    the second, made on a worker that had not yet re-read the first, was made to the config
+    before it and undid it (answered 200, audited, and gone from the file)."""
+    up = await start_upstream()
+    cfg = simple_config(
+        {"a": up, "b": up},
+        keys={"ops": {"token": ADMIN, "role": "admin"}},
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+    )
+    inst = await spawn(cfg, "--workers", "2")
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        for weight in range(2, 8):
+            for dep in ("d-a", "d-b"):
+                async with s.patch(inst.url + f"/admin/deployments/{dep}", json={"weight": weight}, headers=H) as r:
+                    assert r.status == 200, await r.text()
+            data = yaml.safe_load(inst.config.read_text())
+            got = {d: data["deployments"][d].get("weight") for d in ("d-a", "d-b")}
+            assert got == {"d-a": weight, "d-b": weight}, f"after setting both to {weight}: {got}"
