@@ -89,13 +89,16 @@ def _same_model(live: Live, decision: _core.Decision) -> list[str]:
     return [d.name for i in decision.order if (d := live.deployments[i]).model == first]
 
 
-def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
+def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None, choices: int = 1) -> bytes:
     """The chat body the core decides on: one user turn holding the request's text, so that
     rules (keywords, PII, token counts) see what the upstream will. `max_tokens` is what
-    budgets and rate limits reserve for the answer (1 for embeddings, which produce none)."""
+    budgets and rate limits reserve for each answer (1 for embeddings, which produce none),
+    and `choices` how many answers the upstream writes (and bills)."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
+    if choices > 1:
+        body["n"] = choices
     return orjson.dumps(body)
 
 
