@@ -188,6 +188,7 @@ async def serve(
                 return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
+        call.gate = admission.attempt_gate(ticket)
         try:
             got, dep = await call.run()
         except ProxyError as e:
