@@ -56,6 +56,11 @@ class Admission(Protocol):
         it over). None when no deployment has a limit."""
         ...
 
+    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
+        """A ticket for a request no client sent (a shadow mirror): held to the provider limits
+        of the deployments it goes to (`attempt_gate`, every attempt), settled like any other."""
+        ...
+
 
 # Takes a deployment's provider limit for one more attempt on it; False: at its limit.
 AttemptGate = Callable[[str], Awaitable[bool]]
@@ -76,6 +81,9 @@ class AdmitAll:
         return None
 
     def attempt_gate(self, ticket: Ticket | None) -> AttemptGate | None:
+        return None
+
+    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
         return None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 
 
 @pytest.mark.parametrize("how", ["hedge", "failover"])
@@ -48,3 +48,28 @@ async def test_a_deployment_limit_holds_for_hedges_and_failovers(
     else:
         assert statuses == [200, 200, 502, 502, 502, 502]  # d-a failed them; d-b had no room
         assert {a.deployment for a in proxy.recorder.records[-1].attempts} == {"d-a"}
+
+
+async def test_shadow_mirrors_keep_to_a_deployments_limit(start_upstream: Any, start_proxy: Any) -> None:
+    """No client limit counts a mirror, but its deployment's provider limit does: mirrors of
+    every request took the deployment's provider quota from its own traffic, uncounted."""
+    primary = await start_upstream(record=True)
+    candidate = await start_upstream(record=True)
+    cfg = simple_config({"a": primary, "s": candidate})
+    cfg["models"] = {
+        "m": {"deployments": ["d-a"], "shadow": {"model": "s", "percent": 100}},
+        "s": {"deployments": ["d-s"]},
+    }
+    cfg["rate_limits"] = {"deployments": {"d-s": {"rpm": 2}}}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    for _ in range(5):
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+
+    async def mirrors_done() -> bool:
+        return sum(1 for r in proxy.recorder.records if r.outcome == "shadow") == 5
+
+    await eventually(mirrors_done, "five mirrors recorded (sent or passed over)")
+    assert len(primary.options.requests) == 5
+    assert len(candidate.options.requests) == 2, f"d-s (2 a minute) was sent {len(candidate.options.requests)}"

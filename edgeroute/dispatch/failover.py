@@ -34,6 +34,7 @@ class Call(Attempts):
     # Takes a deployment's provider limit for an attempt admission did not count (False: at its
     # limit); None: no deployment has one. Set by the endpoint (`Admission.attempt_gate`).
     gate: Callable[[str], Awaitable[bool]] | None = None
+    first_counted = True  # admission took the first deployment's limit (not for a shadow mirror)
     _queue_deadline: float | None = None
     _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
 
@@ -163,7 +164,7 @@ class Call(Attempts):
     async def _gate(self, dep: DeploymentInfo, kind: str) -> bool:
         """Whether `dep` may take one more attempt under its provider limit (taken if so); the
         first attempt on the decision's first deployment was counted by admission."""
-        if kind == "first" and dep.index == self.decision.order[0]:
+        if kind == "first" and dep.index == self.decision.order[0] and self.first_counted:
             return True
         assert self.gate is not None
         return await self.gate(dep.name)
