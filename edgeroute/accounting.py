@@ -114,7 +114,8 @@ def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -
 
 
 def stream_text(sse_bytes: bytes) -> str:
-    """What the model wrote in an OpenAI-format stream (content, refusals, tool calls), joined."""
+    """What the model wrote in a stream (content, refusals, tool calls), joined: OpenAI's
+    chunks, or Responses or Anthropic events relayed as they are."""
     return "".join(_stream_parts(sse_bytes))
 
 
@@ -130,11 +131,34 @@ def _stream_parts(sse_bytes: bytes) -> list[str]:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             continue
-        for choice in obj.get("choices") or () if isinstance(obj, dict) else ():
+        if not isinstance(obj, dict):
+            continue
+        for choice in obj.get("choices") or ():
             _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
             if isinstance(choice, dict) and isinstance(choice.get("text"), str):
                 parts.append(choice["text"])  # a legacy text completion's chunk
+        # Streams relayed in their own format (Responses, Anthropic Messages): their text is in
+        # their own events; read as none, a stream cut mid-way was priced as its prompt alone.
+        kind = obj.get("type")
+        if kind in _RESPONSES_DELTAS and isinstance(obj.get("delta"), str):
+            parts.append(obj["delta"])
+        elif kind == "content_block_delta" and isinstance(delta := obj.get("delta"), dict):
+            for k in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(k), str):
+                    parts.append(delta[k])
     return parts
+
+
+# Responses stream events whose `delta` is text the model wrote (not audio's base64).
+_RESPONSES_DELTAS = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.reasoning_summary_text.delta",
+        "response.reasoning_text.delta",
+    }
+)
 
 
 def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: str) -> Usage:

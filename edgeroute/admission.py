@@ -50,6 +50,21 @@ class Admission(Protocol):
         """Called once, synchronously, with the final record (cost and usage filled in)."""
         ...
 
+    def attempt_gate(self, ticket: Ticket | None) -> AttemptGate | None:
+        """For the attempts admission did not count (retries, fallbacks, hedges): takes the
+        provider limit of the deployment named before each is sent (False: at its limit, pass
+        it over). None when no deployment has a limit."""
+        ...
+
+    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
+        """A ticket for a request no client sent (a shadow mirror): held to the provider limits
+        of the deployments it goes to (`attempt_gate`, every attempt), settled like any other."""
+        ...
+
+
+# Takes a deployment's provider limit for one more attempt on it; False: at its limit.
+AttemptGate = Callable[[str], Awaitable[bool]]
+
 
 class AdmitAll:
     """No budgets, no limits."""
@@ -63,6 +78,12 @@ class AdmitAll:
         return None
 
     def settle(self, ticket: Ticket | None, rec: RequestRecord) -> None:
+        return None
+
+    def attempt_gate(self, ticket: Ticket | None) -> AttemptGate | None:
+        return None
+
+    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
         return None
 
 

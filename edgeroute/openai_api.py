@@ -294,6 +294,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
+        call.gate = admission.attempt_gate(ticket)
         try:
             answer, dep = await call.run()
         except ProxyError as e:

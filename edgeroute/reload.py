@@ -83,16 +83,24 @@ async def apply_config(app: web.Application, cfg: Config, text: str, how: str, a
         except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
             _retire(state, new)
             raise
+        # Under a supervisor, a SIGHUP that finds its text stored already as the latest version
+        # follows a sibling that applied it (through the admin API, or the same signal first):
+        # that one audits it and its rollback guard watches it. Each follower audited it again,
+        # as a signal nobody sent, and watched it as a reload, a rollback too: rolled "back" to
+        # the change the guard had just undone, and the workers flapped between the two.
+        following = how == "sighup" and saved is not None and not saved.created and workers.current() is not None
         new.since = time.time()
         state.live = new
-        before = gov.activate(new, saved, how) if gov is not None and saved is not None else None
+        before = None
+        if gov is not None and saved is not None:
+            before = gov.activate(new, saved, "follow" if following else how)
         _retire(state, old)
     log.info("config applied (%s) from %s", how, old.source)
     if (candidate := app.get(CANDIDATE_RELOAD)) is not None:
         await candidate.reload(new)
     elif cfg.learning.candidate_router is not None:
         log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
-    if gov is not None and saved is not None:
+    if gov is not None and saved is not None and not following:
         await gov.applied(new, saved, how, actor, before, old.config)
     return new
 

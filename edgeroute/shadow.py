@@ -25,6 +25,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
+from edgeroute.admission import ADMISSION
 from edgeroute.config import Shadow
 from edgeroute.cost.keys import Identity
 from edgeroute.governance.residency import check_order, key_tags
@@ -184,13 +185,19 @@ async def _mirror(
     rec.key, rec.team, rec.user = primary.key, primary.team, primary.user
     t0 = time.perf_counter()
     text: str | None = None
+    admission, ticket = None, None
     try:
         sbody = shadow_body(body, candidate)
         d = decide_as(live, sbody, ident, request_tags=tags)
         rec.route, rec.rule, rec.task = d.route, d.rule, d.task
         cfg = live.config.models[d.route]
         timeouts = cfg.timeouts or live.config.providers[live.deployments[d.order[0]].provider].timeouts
-        result, dep = await Call(live, d, sbody, rec, timeouts, cfg.max_attempts).run()
+        admission = app.get(ADMISSION)
+        ticket = admission.mirror_ticket(d) if admission is not None else None
+        call = Call(live, d, sbody, rec, timeouts, cfg.max_attempts)
+        if admission is not None:
+            call.gate, call.first_counted = admission.attempt_gate(ticket), False
+        result, dep = await call.run()
         rec.deployment, rec.status = dep.name, 200
         if isinstance(result, JsonAnswer):
             text = answer_text(result.body)
@@ -202,6 +209,8 @@ async def _mirror(
         rec.latency_ms = (time.perf_counter() - t0) * 1000
         rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
         rec.outcome = "shadow"
+        if admission is not None:
+            admission.settle(ticket, rec)
         app[RECORDER].record(rec)
         if (slog := app.get(SHADOW_LOG)) is not None:
             await asyncio.to_thread(slog.write, pair_record(primary, answer_text(answer), rec, text))

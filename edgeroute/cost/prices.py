@@ -60,12 +60,14 @@ class Ceiling:
 
 def ceiling(prices: list[Price]) -> Ceiling:
     """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
-    be below what the request can cost at any time of day)."""
+    be below what the request can cost at any time of day). A prompt token costs at most the
+    dearer of the input and cache-write prices: Anthropic bills a prompt written to its cache
+    above the input price (1.25x or 2x), and a reservation at the input price was overshot."""
     if not prices:
         return Ceiling(0.0, 0.0, 0.0)
     mult = [max([1.0, *(w.multiplier for w in p.windows)]) for p in prices]
     return Ceiling(
-        max(p.input_per_mtok * m for p, m in zip(prices, mult, strict=True)),
+        max(max(p.input_per_mtok, p.cache_write_per_mtok or 0.0) * m for p, m in zip(prices, mult, strict=True)),
         max(p.output_per_mtok * m for p, m in zip(prices, mult, strict=True)),
         max(p.per_request * m for p, m in zip(prices, mult, strict=True)),
     )

@@ -356,7 +356,9 @@ class Attempts:
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
         rec.usage = usage
-        rec.cost_usd = cost_of(dep.price, usage)
+        # At the prices in force when the request started, as it was routed, reserved and
+        # baselined: priced as it ended, one across a window's edge took the other price.
+        rec.cost_usd = cost_of(dep.price, usage, self.record.started)
 
 
 def has_content(obj: Any) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 
 from edgeroute.config import Rule
@@ -31,6 +31,10 @@ class Call(Attempts):
     """One client request's dispatch over the decision's deployments."""
 
     spilled: list[str] | None = None  # deployments passed over because they were at capacity
+    # Takes a deployment's provider limit for an attempt admission did not count (False: at its
+    # limit); None: no deployment has one. Set by the endpoint (`Admission.attempt_gate`).
+    gate: Callable[[str], Awaitable[bool]] | None = None
+    first_counted = True  # admission took the first deployment's limit (not for a shadow mirror)
     _queue_deadline: float | None = None
     _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
 
@@ -116,6 +120,9 @@ class Call(Attempts):
                 if self.live.capacity.shared is not None and self.live.capacity.bounded and not await self._claim(dep):
                     step = policy.passed_over(state, dep)
                     continue
+                if self.gate is not None and not await self._gate(dep, step.kind):
+                    step = policy.passed_over(state, dep)  # at its provider's limit: as if full
+                    continue
                 if self.decision.spilled or state.spilled:
                     # The core placed the deployments full at decision time last; the policy saw the rest.
                     full = [table[i].name for i in self.decision.spilled]
@@ -153,6 +160,14 @@ class Call(Attempts):
                 self.live.capacity.unclaim(index)
             self.claimed.clear()
             self._report_deferred(stop)
+
+    async def _gate(self, dep: DeploymentInfo, kind: str) -> bool:
+        """Whether `dep` may take one more attempt under its provider limit (taken if so); the
+        first attempt on the decision's first deployment was counted by admission."""
+        if kind == "first" and dep.index == self.decision.order[0] and self.first_counted:
+            return True
+        assert self.gate is not None
+        return await self.gate(dep.name)
 
     async def _claim(self, dep: DeploymentInfo) -> bool:
         """With shared capacity, a lease on `dep` for the next attempt (False: the fleet has it
@@ -219,7 +234,11 @@ class Call(Attempts):
             full = self.live.capacity.full(second.index, self.decision.priority)
             if done or full or (self.live.capacity.shared is not None and not await self._claim(second)):
                 return await t1, first
-            if t1.done() or not self.router.try_hedge(self.decision.route):
+            if (
+                t1.done()
+                or not self.router.try_hedge(self.decision.route)
+                or (self.gate is not None and not await self._gate(second, "hedge"))
+            ):
                 if self.claimed and self.claimed[-1] == second.index:  # no hedge after all: its lease back
                     self.claimed.pop()
                     self.live.capacity.unclaim(second.index)

@@ -52,6 +52,9 @@ class CompletionsRequest:
         self.prompts = _prompt_texts(req["prompt"])
         self.stream = bool(stream)
         self.max_tokens: int | None = req.get("max_tokens")
+        # Every completion is written and billed: `n` (or `best_of`, the larger) of each prompt.
+        each = max(req.get("n") or 1, req.get("best_of") or 1)
+        self.choices = min(len(self.prompts) * each, 2**32 - 1)  # the core reads a u32 (past it: 1)
         self.body = req
 
     def text(self) -> str:
@@ -91,7 +94,7 @@ class CompletionsCall(CountedCall):
 
 def parse(body: bytes) -> Parsed:
     req = CompletionsRequest(body)
-    route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None)
+    route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices)
     return Parsed(req.model, route, req.stream, partial(CompletionsCall, req))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api, sse
+from edgeroute import _core, anthropic_api, sse
 from edgeroute.accounting import Usage
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
@@ -91,6 +91,20 @@ def _usage_event(usage: dict[str, Any] | None) -> bytes:
     return b"data: " + orjson.dumps({"usage": usage}) + b"\n\n" if usage else b""
 
 
+def _answer_text(content: Any) -> str:
+    """What the model wrote in a Messages answer: text, thinking and tool inputs."""
+    parts: list[str] = []
+    for b in content if isinstance(content, list) else ():
+        if not isinstance(b, dict):
+            continue
+        for k in ("text", "thinking"):
+            if isinstance(b.get(k), str):
+                parts.append(b[k])
+        if b.get("type") == "tool_use" and b.get("input") is not None:
+            parts.append(orjson.dumps(b["input"]).decode())
+    return "".join(parts)
+
+
 class NativeStream:
     """An Anthropic upstream's events, relayed as they are (see `responses_stream` for the protocol)."""
 
@@ -98,10 +112,13 @@ class NativeStream:
         self._buf = b""
         self._content = False
         self._usage_in: dict[str, Any] = {}
+        self._final = False  # a message_delta brought the answer's output_tokens
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        return openai_usage(self._usage_in) if self._usage_in else None
+        # message_start's output count is provisional (1): a stream cut before message_delta is
+        # counted from its text instead (it was priced as one output token, whatever it sent).
+        return openai_usage(self._usage_in) if self._final else None
 
     def feed(self, chunk: bytes) -> bytes:
         events, self._buf = sse.split_events(self._buf + chunk)
@@ -121,6 +138,7 @@ class NativeStream:
                 if kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                 elif kind == "message_delta":
+                    self._final = self._final or type((obj.get("usage") or {}).get("output_tokens")) is int
                     self._usage_in.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
             out.append(ev + b"\n\n")
             if kind == "message_stop":
@@ -216,7 +234,11 @@ class MessagesCall(Call):
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(openai_usage(obj.get("usage")), answered=True)
-        return JsonAnswer(data, usage or Usage(prompt_tokens=self.prompt_tokens(), estimated=True))
+        if usage is None:  # none reported, or no output count: the answer is counted from its text
+            text = _answer_text(obj.get("content"))
+            done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
+            usage = Usage(self.prompt_tokens(), done, estimated=True)
+        return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         translator: StreamTranslator

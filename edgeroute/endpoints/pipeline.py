@@ -89,13 +89,16 @@ def _same_model(live: Live, decision: _core.Decision) -> dict[str, str]:
     return dict(d.cached_as for i in decision.order if (d := live.deployments[i]).model == first)
 
 
-def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None) -> bytes:
+def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None, choices: int = 1) -> bytes:
     """The chat body the core decides on: one user turn holding the request's text, so that
     rules (keywords, PII, token counts) see what the upstream will. `max_tokens` is what
-    budgets and rate limits reserve for the answer (1 for embeddings, which produce none)."""
+    budgets and rate limits reserve for each answer (1 for embeddings, which produce none),
+    and `choices` how many answers the upstream writes (and bills)."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
+    if choices > 1:
+        body["n"] = choices
     return orjson.dumps(body)
 
 
@@ -185,6 +188,7 @@ async def serve(
                 return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
+        call.gate = admission.attempt_gate(ticket)
         try:
             got, dep = await call.run()
         except ProxyError as e:

@@ -44,6 +44,10 @@ class ResponsesRequest:
         stream = req.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise bad("'stream' must be a boolean.", "stream")
+        if req.get("background"):
+            # Answered at once (queued, no usage) and run by the provider afterwards: its cost is
+            # known to no one here, and was priced as its prompt (a budget escape).
+            raise bad("Background responses are not supported through edgeroute.", "background")
         mot = req.get("max_output_tokens")
         if mot is not None and (type(mot) is not int or mot < 1):
             raise bad("'max_output_tokens' must be a positive integer.", "max_output_tokens")
@@ -100,8 +104,10 @@ class ResponsesCall(Call):
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")), answered=True)
-        if usage is None:
-            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
+        if usage is None:  # none reported, or no output count: the answer is counted from its output
+            text = rf.output_text(obj.get("output"))
+            done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
+            usage = Usage(self.prompt_tokens(), done, estimated=True)
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:

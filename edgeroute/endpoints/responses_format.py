@@ -204,6 +204,22 @@ def usage_from_chat(u: Any) -> dict[str, Any]:
     }
 
 
+def output_text(output: Any) -> str:
+    """What the model wrote in a Response's `output`: message text and refusals, function
+    call arguments, reasoning summaries (for counting an answer that reports no usage)."""
+    parts: list[str] = []
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("arguments"), str):
+            parts.append(item["arguments"])
+        for key in ("content", "summary"):
+            for part in item[key] if isinstance(item.get(key), list) else ():
+                if isinstance(part, dict):
+                    parts += [part[k] for k in ("text", "refusal") if isinstance(part.get(k), str)]
+    return "".join(parts)
+
+
 def usage_to_chat(u: Any) -> dict[str, Any] | None:
     """A Response's usage in chat's shape (what accounting reads); None when absent."""
     if not isinstance(u, dict):

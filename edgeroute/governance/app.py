@@ -23,12 +23,13 @@ from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS
 from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
-from edgeroute.governance.apply import apply_text, refused
+from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since
 from edgeroute.governance.runtime import GOV, Gov, actor_of
 from edgeroute.governance.store import GovStore
 from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
 from edgeroute.state import STATE, Live
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.governance")
 
@@ -46,7 +47,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
     gov.versions.record(text_of(cfg, source), "start", None)
-    store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
+    if (worker := workers.current()) is None or worker.id == 0:  # one server start, whatever its workers
+        store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_follow_secrets())]
@@ -148,7 +150,7 @@ async def rollback_to(app: web.Application, version: int, actor: str, how: str =
     config file; 404 for an unknown version, 409 (nothing changed) when it no longer validates."""
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
-    async with gov.lock:
+    async with gov.lock, editing(app):
         before = gov.versions.active
         try:
             text = restore(target.body, gov.versions.running_text, version)
@@ -165,7 +167,7 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
 
     def start(live: Live, how: str, previous: int | None) -> None:
         guard_cfg = live.config.governance.rollback_guard
-        if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start")):
+        if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start", "follow")):
             return
         stats = live.stats = guard.GenerationStats()
 

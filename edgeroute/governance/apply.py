@@ -4,12 +4,18 @@ written back over the config file. Rollbacks and runtime deployment changes go t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
 from edgeroute import config as config_mod
 from edgeroute import reload
 from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV
 from edgeroute.governance.versions import write_back
 from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
@@ -26,6 +32,39 @@ async def apply_text(app: web.Application, text: str, how: str, actor: str) -> b
     if written:  # the other workers of this server read it from there
         workers.ask_siblings_to_reload(app.get(workers.WORKER))
     return written
+
+
+@contextlib.asynccontextmanager
+async def editing(app: web.Application) -> AsyncIterator[None]:
+    """Held (inside `Gov.lock`) while a change is made to the running config's text and applied.
+    Under a supervisor, across its workers (a file lock in its run directory), and with this
+    worker first caught up with the config file: a change made through another worker that it
+    had not re-read yet (its SIGHUP still on the way) was undone by a change made here, on the
+    text before it."""
+    worker = app.get(workers.WORKER)
+    if worker is None or worker.count < 2:
+        yield
+        return
+    fd = os.open(worker.dir / "config-edit.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:  # closing the descriptor releases the lock, however this ends
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+        text = await asyncio.to_thread(_file_text, app[STATE].live.source)
+        if text is not None and text != app[GOV].versions.running_text:
+            try:
+                await reload.reload_from_source(app, "sighup", "signal:SIGHUP")  # as its SIGHUP will
+            except config_mod.ConfigError:
+                pass  # a file that does not validate: the change is made to the running config, as alone
+        yield
+    finally:
+        os.close(fd)
+
+
+def _file_text(source: str) -> str | None:
+    p = Path(source)
+    try:
+        return p.read_text() if p.is_file() else None
+    except OSError:
+        return None
 
 
 def refused(status: int, message: str, code: str, e: config_mod.ConfigError) -> ProxyError:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from edgeroute import config as config_mod
 from edgeroute.errors import ProxyError
-from edgeroute.governance.apply import apply_text, refused
+from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response
 from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.state import STATE
@@ -42,7 +42,7 @@ Mutation = Callable[[dict[str, Any]], tuple[Any, Any]]
 async def _change(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
     gov = request.app[GOV]
     actor = actor_of(request)
-    async with gov.lock:
+    async with gov.lock, editing(request.app):
         data = yaml.safe_load(gov.versions.running_text)
         before, after = mutate(data)
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)

@@ -394,39 +394,50 @@ def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None)
     return data, token
 
 
-def update(store: GovStore, key_id: str, changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Applies validated changes; returns (before, after)."""
-    before = store.get_key(key_id)
+def _existing(key_id: str, before: dict[str, Any] | None) -> dict[str, Any]:
+    """The key a change applies to: 404 when there is none, 409 when it is revoked."""
     if before is None:
         raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
     if before.get("revoked_at"):
         raise ProxyError(409, f"Key {key_id} is revoked; create a new key.", code="key_revoked")
-    after = {**before, **changes, "updated_at": time.time()}
-    store.put_key(after)
+    return before
+
+
+def update(store: GovStore, key_id: str, changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Applies validated changes; returns (before, after)."""
+
+    def change(before: dict[str, Any] | None) -> dict[str, Any]:
+        return {**_existing(key_id, before), **changes, "updated_at": time.time()}
+
+    before, after = store.change_key(key_id, change)
+    assert before is not None
     return before, after
 
 
 def rotate(store: GovStore, key_id: str, grace_s: float) -> tuple[dict[str, Any], dict[str, Any], str]:
-    before = store.get_key(key_id)
-    if before is None:
-        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
-    if before.get("revoked_at"):
-        raise ProxyError(409, f"Key {key_id} is revoked; create a new key.", code="key_revoked")
     token, salt, digest = new_secret(key_id)
-    now = time.time()
-    after = {**before, "salt": salt, "hash": digest, "rotated_at": now, "updated_at": now}
-    after["prev_salt"], after["prev_hash"] = (before["salt"], before["hash"]) if grace_s > 0 else (None, None)
-    after["grace_until"] = now + grace_s if grace_s > 0 else None
-    store.put_key(after)
+
+    def change(before: dict[str, Any] | None) -> dict[str, Any]:
+        before = _existing(key_id, before)
+        now = time.time()
+        after = {**before, "salt": salt, "hash": digest, "rotated_at": now, "updated_at": now}
+        after["prev_salt"], after["prev_hash"] = (before["salt"], before["hash"]) if grace_s > 0 else (None, None)
+        after["grace_until"] = now + grace_s if grace_s > 0 else None
+        return after
+
+    before, after = store.change_key(key_id, change)
+    assert before is not None
     return before, after, token
 
 
 def revoke(store: GovStore, key_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    before = store.get_key(key_id)
-    if before is None:
-        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
-    if before.get("revoked_at"):
-        return before, before
-    after = {**before, "revoked_at": time.time(), "updated_at": time.time()}
-    store.put_key(after)
+    def change(before: dict[str, Any] | None) -> dict[str, Any]:
+        if before is None:
+            raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
+        if before.get("revoked_at"):
+            return before  # revoked already: nothing written
+        return {**before, "revoked_at": time.time(), "updated_at": time.time()}
+
+    before, after = store.change_key(key_id, change)
+    assert before is not None
     return before, after

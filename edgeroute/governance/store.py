@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,20 +158,39 @@ class GovStore:
         """Writes a key and moves the change counter, in one transaction; returns the new counter.
         With `create`, an existing id is an error (`KeyError`)."""
         with self._lock, self._tx() as cur:
-            cur.execute(self._sql("UPDATE gov_meta SET value = value + 1 WHERE name = 'keys' RETURNING value"))
-            seq = int(cur.fetchone()[0])
             if create:
                 cur.execute(self._sql("SELECT 1 FROM gov_keys WHERE id = ?"), (data["id"],))
                 if cur.fetchone() is not None:
                     raise KeyError(data["id"])
-            cur.execute(
-                self._sql(
-                    "INSERT INTO gov_keys (id, seq, data) VALUES (?, ?, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, data = excluded.data"
-                ),
-                (data["id"], seq, orjson.dumps(data).decode()),
-            )
-            return seq
+            return self._write_key(cur, data)
+
+    def change_key(
+        self, key_id: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+    ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+        """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
+        no other change falls between (a revocation written between a rotation's read and its
+        write was undone by it); an exception from `change` writes nothing. Returns (before, after)."""
+        lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
+        with self._lock, self._tx() as cur:
+            cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
+            row = cur.fetchone()
+            before = orjson.loads(row[0]) if row is not None else None
+            after = change(before)
+            if after is not before:
+                self._write_key(cur, after)
+            return before, after
+
+    def _write_key(self, cur: Any, data: dict[str, Any]) -> int:
+        cur.execute(self._sql("UPDATE gov_meta SET value = value + 1 WHERE name = 'keys' RETURNING value"))
+        seq = int(cur.fetchone()[0])
+        cur.execute(
+            self._sql(
+                "INSERT INTO gov_keys (id, seq, data) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, data = excluded.data"
+            ),
+            (data["id"], seq, orjson.dumps(data).decode()),
+        )
+        return seq
 
     # -- config versions --------------------------------------------------------
 

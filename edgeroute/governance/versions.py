@@ -174,6 +174,7 @@ class Saved:
     version: int
     stored: str
     text: str
+    created: bool = True  # False: the same text as the latest version, whose number it took
 
 
 class Versions:
@@ -189,8 +190,8 @@ class Versions:
         """Stores a config about to be applied (blocking: call off the event loop); `activate`
         makes it the running version."""
         stored = for_storage(text)
-        v, _ = self.store.add_version(digest(stored), source, applied_by, stored)
-        return Saved(v, stored, text)
+        v, created = self.store.add_version(digest(stored), source, applied_by, stored)
+        return Saved(v, stored, text, created)
 
     def activate(self, saved: Saved) -> None:
         self.active, self.active_text, self.running_text = saved.version, saved.stored, saved.text

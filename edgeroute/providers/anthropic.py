@@ -41,7 +41,9 @@ FINISH = {
 
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     """Anthropic's usage in OpenAI's terms: cache reads and writes are prompt tokens too."""
-    if not isinstance(u, dict):
+    if not isinstance(u, dict) or type(u.get("output_tokens")) is not int:
+        # Without its output, counted from the answer: read as 0, a careless upstream's answers
+        # (input_tokens alone) were priced as their prompt, however long.
         return None
     cached = int(u.get("cache_read_input_tokens") or 0)
     written = int(u.get("cache_creation_input_tokens") or 0)
@@ -256,6 +258,7 @@ class AnthropicStream(oa.SseJsonStream):
         self.blocks: dict[int, tuple[str, int]] = {}  # block index → ("tool" | "json" | "text", tool index)
         self.args_seen: set[int] = set()
         self.stop_reason: str | None = None
+        self.output_reported = False  # a message_delta carried the answer's output_tokens
 
     def on_event(self, ev: dict[str, Any]) -> bytes:
         kind = ev.get("type")
@@ -308,15 +311,18 @@ class AnthropicStream(oa.SseJsonStream):
             delta = ev.get("delta") or {}
             if delta.get("stop_reason"):
                 self.stop_reason = str(delta["stop_reason"])
-            self.usage_in.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
-            w.usage = openai_usage(self.usage_in)
+            delta_usage = ev.get("usage") or {}
+            self.usage_in.update({k: v for k, v in delta_usage.items() if v is not None})
+            # message_start's output count is provisional (1): without the final one, counted.
+            self.output_reported = self.output_reported or type(delta_usage.get("output_tokens")) is int
+            w.usage = openai_usage(self.usage_in) if self.output_reported else None
             if self.stop_reason is None:
                 return b""
             json_only = any(what == "json" for what, _ in self.blocks.values())
             reason = "stop" if json_only and self.stop_reason == "tool_use" else FINISH.get(self.stop_reason, "stop")
             return w.finish(reason)
         if kind == "message_stop":
-            w.usage = openai_usage(self.usage_in)
+            w.usage = openai_usage(self.usage_in) if self.output_reported else None
             return w.finish("stop") + w.end()
         if kind == "error":
             err = ev.get("error") or {}

@@ -4,7 +4,9 @@ the 429 that name the bucket."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -14,7 +16,7 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.config import Config, Limit
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held, Taken
-from edgeroute.cost.keys import Identity
+from edgeroute.cost.keys import ANONYMOUS, Identity
 from edgeroute.cost.limits import BucketState, Take, headers_for
 from edgeroute.errors import ProxyError
 
@@ -135,6 +137,42 @@ class RateLimits(Stores):
             code="upstream_rate_limited",
             headers={"Retry-After": str(max(1, math.ceil(min(wait, 60.0))))},
         )
+
+    def attempt_gate(self, ticket: Any) -> Callable[[str], Awaitable[bool]] | None:
+        """Admission took the provider limit of the decision's first deployment for its first
+        attempt; each other attempt (a retry, a fallback, a hedge) takes its deployment's here,
+        before it is sent. A failover or a hedge to a deployment at its limit went out
+        uncounted: every request to it beyond its RPM. Added to what the request holds on that
+        deployment already, so that settlement counts its tokens once."""
+        limits = self.cfg.rate_limits.deployments
+        if not limits or not isinstance(ticket, CostTicket):
+            return None
+
+        async def gate(name: str) -> bool:
+            lim = limits.get(name)
+            if lim is None:
+                return True
+            takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens)
+            ok, _, shared = await self._take(takes)
+            if not ok:
+                return False
+            held = next((h for h in ticket.held if h.deployment == name and h.shared == shared), None)
+            if held is None:
+                ticket.held.append(Held(takes, shared, name))
+            else:  # the same buckets: one take of the sum
+                pairs = zip(held.takes, takes, strict=True)
+                held.takes = [dataclasses.replace(t, amount=t.amount + n.amount) for t, n in pairs]
+            return True
+
+        return gate
+
+    def mirror_ticket(self, decision: _core.Decision) -> CostTicket | None:
+        """A shadow mirror's ticket: no client limit or budget counts a mirror, but the provider
+        limits of the deployments it is sent to do (a mirror of every request took a
+        deployment's provider quota from its own traffic, uncounted)."""
+        if not self.cfg.rate_limits.deployments:
+            return None
+        return CostTicket(ANONYMOUS, tokens=decision.prompt_tokens + (decision.max_tokens or 0) * decision.choices)
 
     def _deployment_of(self, table: list[Any], decision: _core.Decision) -> tuple[str, Limit] | None:
         """The decision's first deployment and its provider limit, when it has one."""
