@@ -72,8 +72,16 @@ async def test_then_to_the_capacity_fallback_model_within_the_rule(upstreams: An
 
 
 async def test_everything_full_waits_in_a_bounded_queue_then_429(upstreams: Any, start_proxy: StartProxy) -> None:
-    cfg = await upstreams(slow(0.4))
-    cfg["deployments"]["d-a"].update(max_concurrency=1, max_queue=1, queue_timeout_ms=3000)
+    release = asyncio.Event()  # the upstream answers when the test says: load cannot reorder
+
+    async def held(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.wait_for(release.wait(), 10)
+        await asyncio.sleep(0.1)  # the waiter's queue time is at least this
+        return answer()
+
+    cfg = await upstreams(held)
+    cfg["deployments"]["d-a"].update(max_concurrency=1, max_queue=1, queue_timeout_ms=30000)
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
 
@@ -101,6 +109,7 @@ async def test_everything_full_waits_in_a_bounded_queue_then_429(upstreams: Any,
     await until(lambda: cap.waiting(0) == 1)
     third = await one()  # the queue (one place) is taken: refused at once
     assert third == 429
+    release.set()
     assert [await first, await second] == [200, 200]
     queued = [r for r in proxy.recorder.records if r.status == 200 and r.queue_ms > 0]
     assert len(queued) == 1 and queued[0].queue_ms >= 100
