@@ -9,7 +9,9 @@ uniform reservoir), so memory stays bounded at any request rate.
 from __future__ import annotations
 
 import random
+from array import array
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeroute.accounting import RequestRecord
@@ -26,8 +28,10 @@ class DeploymentStats:
 
     attempts: int = 0
     failures: int = 0
-    latencies_ms: list[float] = field(default_factory=list)  # of successful attempts (sampled)
-    ttfts_ms: list[float] = field(default_factory=list)
+    # Of successful attempts (sampled). Unboxed doubles: an hour of slots holds up to 369k
+    # samples per busy deployment, 8 bytes each here against 32 as a list of floats.
+    latencies_ms: array[float] = field(default_factory=lambda: array("d"))
+    ttfts_ms: array[float] = field(default_factory=lambda: array("d"))
     seen_latency: int = 0  # values offered to the reservoirs
     seen_ttft: int = 0
 
@@ -47,7 +51,7 @@ class Slot:
     deployments: dict[str, DeploymentStats] = field(default_factory=dict)
 
 
-def _keep(samples: list[float], seen: int, value: float) -> None:
+def _keep(samples: array[float], seen: int, value: float) -> None:
     """Reservoir sampling: each of the `seen` values has the same chance to be kept."""
     if len(samples) < _SAMPLES:
         samples.append(value)
@@ -117,7 +121,7 @@ def by_deployment(slots: list[Slot]) -> dict[str, DeploymentStats]:
     return out
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def percentile(values: Sequence[float], q: float) -> float | None:
     """The `q` quantile (0..1) by nearest rank; None without values."""
     if not values:
         return None
