@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,7 +26,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.conftest import eventually
 from tests.security.conftest import Served
+from tests.test_cost_support import cost_proxy
 
 # Our provider key, shapeless (32 hex digits: only the registry of known secrets finds it),
 # and another party's key the upstream might quote (found by its shape).
@@ -187,7 +190,7 @@ async def _each_split(up: Careless, kind: str, secret: str, read: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["chat", "completions", "responses"])
 async def test_credential_leak_error_event_split_at_every_byte_openai_sdk(
-    careless: Careless, serve: Any, kind: str
+    careless: Careless, serve: Any, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     proxy: Served = await serve(_config(careless))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
@@ -197,6 +200,7 @@ async def test_credential_leak_error_event_split_at_every_byte_openai_sdk(
             await _each_split(careless, kind, THEIRS, lambda: _seen_openai(client, kind, careless))
     finally:
         await client.close()
+    assert OURS not in caplog.text and THEIRS not in caplog.text  # nor in any log record, before its filter
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["translated", "passed-through"])
@@ -226,7 +230,7 @@ async def test_messages_over_an_openai_deployment_split_at_every_byte(careless: 
         await client.close()
 
 
-async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: Careless, serve: Any) -> None:
+async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: Careless, tmp_path: Path) -> None:
     """Upstream messages are cut (500 characters) before they reach the client's error and the
     request log: the cut fell inside a key, and the half left matched nothing."""
     body_for: dict[str, bytes] = {}
@@ -235,24 +239,32 @@ async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: C
         await request.read()
         return web.Response(status=500, body=body_for["body"], content_type="application/json")
 
-    for pad in range(480, 500, 3):  # the key straddles character 500 of the message
-        msg = "x" * pad + " " + OURS + " was refused"
-        body_for["body"] = orjson.dumps({"error": {"message": msg, "type": "server_error"}})
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", error_500)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        try:
-            cfg = _config(careless)
-            cfg["providers"]["p"]["base_url"] = f"http://127.0.0.1:{server.port}/v1"
-            proxy: Served = await serve(cfg)
-            async with aiohttp.ClientSession() as s:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", error_500)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    cfg = _config(careless)
+    cfg["providers"]["p"]["base_url"] = f"http://127.0.0.1:{server.port}/v1"
+    cfg["ledger"] = {"path": str(tmp_path / "ledger.db"), "flush_interval": 0.05}
+    cfg["request_log"] = {}
+    try:
+        async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:  # the request log as configured
+            for pad in range(470, 500, 3):  # the key straddles character 500 of the message
+                msg = "x" * pad + " " + OURS + " was refused"
+                body_for["body"] = orjson.dumps({"error": {"message": msg, "type": "server_error"}})
                 async with s.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": USER}) as r:
-                    text = await r.text()
-            assert r.status == 502, text
-            assert OURS[:8] not in text and OURS[-8:] not in text, (pad, text)
-        finally:
-            await server.close()
+                    text, rid = await r.text(), r.headers["x-request-id"]
+                assert r.status == 502, text
+                assert OURS[:8] not in text and OURS[-8:] not in text, (pad, text)
+
+                async def logged(rid: str = rid) -> str:
+                    async with s.get(f"{proxy.url}/admin/requests/{rid}") as got:
+                        return await got.text() if got.status == 200 else ""
+
+                stored = await eventually(logged, "the request in the request log")
+                assert "x" * 50 in stored and OURS[:8] not in stored and OURS[-8:] not in stored, (pad, stored)
+    finally:
+        await server.close()
 
 
 @pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
