@@ -188,14 +188,18 @@ async def _each_split(up: Careless, kind: str, secret: str, read: Any) -> None:
     assert not leaked, f"{kind}: the secret reached the client with the event split at bytes {leaked}"
 
 
-@pytest.mark.parametrize("kind", ["chat", "completions", "responses"])
+@pytest.mark.parametrize("kind", ["chat", "completions", "responses", "responses-over-chat"])
 async def test_credential_leak_error_event_split_at_every_byte_openai_sdk(
     careless: Careless, serve: Any, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy: Served = await serve(_config(careless))
+    cfg = _config(careless)
+    if kind == "responses-over-chat":  # a deployment that speaks chat only: its stream translated
+        cfg["providers"]["p"] |= {"kind": "openai_compatible", "options": {"responses": False}}
+    proxy: Served = await serve(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     try:
-        await _each_split(careless, kind, OURS, lambda: _seen_openai(client, kind, careless))
+        upstream = "chat" if kind == "responses-over-chat" else kind
+        await _each_split(careless, upstream, OURS, lambda: _seen_openai(client, kind, careless))
         if kind == "chat":  # another party's key, found by its shape
             await _each_split(careless, kind, THEIRS, lambda: _seen_openai(client, kind, careless))
     finally:
