@@ -24,8 +24,8 @@ from edgeroute.upstream import DeploymentInfo
 _TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
 
 
-def _token(t: Any) -> bool:
-    return type(t) is int and 0 <= t < _TOKEN_MAX
+def _tokens(values: list[Any]) -> bool:
+    return all(type(t) is int and 0 <= t < _TOKEN_MAX for t in values)
 
 
 def _prompt_texts(raw: Any) -> list[str | list[int]]:
@@ -33,11 +33,11 @@ def _prompt_texts(raw: Any) -> list[str | list[int]]:
     if isinstance(raw, str):
         return [raw]
     if isinstance(raw, list) and raw:
-        if all(map(_token, raw)):
+        if _tokens(raw):
             return [raw]
         if all(isinstance(p, str) for p in raw):
             return list(raw)
-        if all(isinstance(p, list) and p and all(map(_token, p)) for p in raw):
+        if all(isinstance(p, list) and p and _tokens(p) for p in raw):
             return list(raw)
     raise bad(
         "'prompt' must be a string, an array of strings, or an array of tokens (or of token arrays);"
