@@ -234,9 +234,22 @@ async def test_messages_over_an_openai_deployment_split_at_every_byte(careless: 
         await client.close()
 
 
-async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: Careless, tmp_path: Path) -> None:
+ENDPOINTS = {
+    "chat/completions": {"model": "m", "messages": USER},
+    "completions": {"model": "m", "prompt": "hi"},
+    "embeddings": {"model": "m", "input": "hi"},
+    "responses": {"model": "m", "input": "hi"},
+    "chat/completions?stream": {"model": "m", "messages": USER, "stream": True},
+}
+
+
+@pytest.mark.parametrize("endpoint", list(ENDPOINTS))
+async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(
+    careless: Careless, tmp_path: Path, endpoint: str
+) -> None:
     """Upstream messages are cut (500 characters) before they reach the client's error and the
-    request log: the cut fell inside a key, and the half left matched nothing."""
+    request log: the cut fell inside a key, and the half left matched nothing (every endpoint,
+    JSON or stream)."""
     body_for: dict[str, bytes] = {}
 
     async def error_500(request: web.Request) -> web.Response:
@@ -244,7 +257,8 @@ async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: C
         return web.Response(status=500, body=body_for["body"], content_type="application/json")
 
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", error_500)
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+        app.router.add_post(path, error_500)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     cfg = _config(careless)
@@ -253,10 +267,11 @@ async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(careless: C
     cfg["request_log"] = {}
     try:
         async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:  # the request log as configured
-            for pad in range(470, 500, 3):  # the key straddles character 500 of the message
+            for pad in range(470, 500, 4):  # the key straddles character 500 of the message
                 msg = "x" * pad + " " + OURS + " was refused"
                 body_for["body"] = orjson.dumps({"error": {"message": msg, "type": "server_error"}})
-                async with s.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": USER}) as r:
+                url = f"{proxy.url}/v1/{endpoint.split('?')[0]}"
+                async with s.post(url, json=ENDPOINTS[endpoint]) as r:
                     text, rid = await r.text(), r.headers["x-request-id"]
                 assert r.status == 502, text
                 assert OURS[:8] not in text and OURS[-8:] not in text, (pad, text)
