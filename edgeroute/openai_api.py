@@ -84,11 +84,17 @@ def _region(request: web.Request) -> str | None:
 
 
 def decide(
-    live: Live, body: bytes, request: web.Request, explain: bool = False, rerouted: bool = False
+    live: Live,
+    body: bytes,
+    request: web.Request,
+    explain: bool = False,
+    rerouted: bool = False,
+    prompt_tokens: int | None = None,
 ) -> _core.Decision:
     """Asks the core; maps its errors onto the API's statuses. `rerouted`: decided again for the
     model admission named (a budget's downgrade): the key's `models` bound what its holder asks
-    for, checked on the first decision; the operator's downgrade is not refused by them."""
+    for, checked on the first decision; the operator's downgrade is not refused by them.
+    `prompt_tokens`: the prompt's exact count, when the body's text is not all of it (token ids)."""
     ident = request.get(IDENTITY)  # a virtual key's team, role and user feed the rules
     # Feedback is attributed per (task, route): with learning on, every request is classified.
     explain = explain or live.config.learning.feedback is not None
@@ -97,7 +103,12 @@ def decide(
         if ident is None:
             priority = request_class(asked, None, None, live.classes) if asked is not None else None
             return live.router.decide(
-                body, tags=_tags(request), explain=explain, exact_tokens=live.exact_tokens, priority=priority
+                body,
+                tags=_tags(request),
+                explain=explain,
+                exact_tokens=live.exact_tokens,
+                priority=priority,
+                prompt_tokens=prompt_tokens,
             )
         d = live.router.decide(
             body,
@@ -109,6 +120,7 @@ def decide(
             explain=explain,
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),
+            prompt_tokens=prompt_tokens,
         )
         if not rerouted:
             check_model(ident, d.model)

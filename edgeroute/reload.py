@@ -32,7 +32,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, secrets
+from edgeroute import _core, redact, secrets
 from edgeroute import config as config_mod
 from edgeroute.config import Config, Learning
 from edgeroute.cost.control import CostControl
@@ -55,12 +55,26 @@ CANDIDATE_RELOAD = web.AppKey("candidate_router_reload", CandidateRouter)
 
 
 async def reload_from_source(app: web.Application, how: str = "reload", actor: str | None = None) -> Live:
-    """Reloads the file the running config came from; raises ConfigError and keeps the old one."""
-    async with app[STATE].source_lock:
-        source = app[STATE].live.source
-        text = _read(source)
-        cfg = config_mod.loads(text, source)
-        return await apply_config(app, cfg, text, how, actor)
+    """Reloads the file the running config came from; raises ConfigError and keeps the old one
+    (a refusal is written to the audit log, as an applied config is)."""
+    try:
+        async with app[STATE].source_lock:
+            source = app[STATE].live.source
+            text = _read(source)
+            cfg = config_mod.loads(text, source)
+            return await apply_config(app, cfg, text, how, actor)
+    except config_mod.ConfigError as e:
+        if (gov := app.get(GOV)) is not None:
+            # What was wrong, as the caller is told (cut and redacted: a problem may quote the file).
+            problems = [redact.text(redact.cut(p, 500)) for p in e.errors[:_AUDITED_PROBLEMS]]
+            if len(e.errors) > _AUDITED_PROBLEMS:
+                problems.append(f"... {len(e.errors) - _AUDITED_PROBLEMS} more")
+            after = {"refused": True, "problems": problems}
+            await gov.audit(actor or how, f"config.{how}_refused", "config", {"version": gov.versions.active}, after)
+        raise
+
+
+_AUDITED_PROBLEMS = 20
 
 
 async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:

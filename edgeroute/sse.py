@@ -31,13 +31,107 @@ def error_event(message: str, code: str, etype: str = "upstream_error") -> bytes
 
 
 def redact_errors(chunk: bytes) -> bytes:
-    """A relayed stream chunk with the credentials an upstream's error event may quote redacted.
+    """Whole stream events with the credentials an upstream's error event may quote redacted.
 
     Only chunks that carry an `"error"` key are decoded (a model's text cannot: its quotes
-    are escaped inside a JSON string), so a stream's content pays one substring search."""
+    are escaped inside a JSON string), so a stream's content pays one substring search.
+    `chunk` must hold whole events (see :class:`RelayGuard`): a secret, or the `"error"` key,
+    split over two chunks matches in neither."""
     if b'"error"' not in chunk:
         return chunk
-    return redact.text(chunk.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+    return _redact_bytes(chunk)
+
+
+def _redact_bytes(data: bytes) -> bytes:
+    # surrogateescape: a UTF-8 sequence cut at a piece's edge goes out as the bytes it was.
+    return redact.text(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+
+
+# A blank line, whatever the line ends (LF, CRLF, CR): in an event stream, these bytes occur
+# only where an event ends.
+_EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
+HOLD_BYTES = 1 << 20  # an event still open past this, and not an error, is sent in pieces
+OVERLAP_BYTES = 8192
+
+
+class RelayGuard:
+    """What a relay may send of an upstream's stream: whole events, an error event redacted whole.
+
+    Network reads split a stream anywhere: inside an error event, its `"error"` key or the
+    secret it quotes, inside a UTF-8 sequence. Redacting each read on its own let both halves
+    of a key through. The guard holds back the unfinished event at the end of each read (the
+    client cannot act on half an event anyway) and redacts complete ones. The common read,
+    ending where an event ends, costs what it did: one suffix test and one substring search.
+
+    An error event is held until it ends, however long. Any other event still unfinished past
+    :data:`HOLD_BYTES` (no provider sends one) is sent in pieces, unscanned like all content,
+    keeping its last :data:`OVERLAP_BYTES` back, so that an `"error"` key arriving later is
+    still seen whole; what such an event said before its first megabyte has gone out as it was.
+    """
+
+    __slots__ = ("_error", "_held", "_size")
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []  # the unfinished event, as read (joined once it ends)
+        self._size = 0
+        self._error = False  # it has shown an `"error"` key: held whole, however long
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The part of the stream so far that may be sent now (all of `chunk` if it ends an event)."""
+        if not self._held:
+            if chunk.endswith(_EVENT_ENDS):
+                return chunk if b'"error"' not in chunk else _redact_bytes(chunk)  # redact_errors, inlined
+            end = _last_end(chunk)
+            whole, rest = redact_errors(chunk[:end]), chunk[end:]
+            self._error = b'"error"' in rest
+        else:
+            # Only the new bytes are searched (and the few before them a marker may straddle):
+            # an event read in many small pieces costs linear time, not quadratic.
+            before = self._held[-1][-6:]
+            end = _last_end(before + chunk) - len(before)
+            if end <= 0:
+                self._error = self._error or b'"error"' in before + chunk
+                self._held.append(chunk)
+                self._size += len(chunk)
+                return self._overflow()
+            self._held.append(chunk[:end])
+            whole, rest = redact_errors(b"".join(self._held)), chunk[end:]
+            self._error = b'"error"' in rest
+        if rest:
+            self._held, self._size = [rest], len(rest)
+            return whole + self._overflow()
+        self._held, self._size = [], 0
+        return whole
+
+    def _overflow(self) -> bytes:
+        """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event."""
+        if self._size <= HOLD_BYTES or self._error:
+            return b""
+        held = b"".join(self._held)
+        self._held, self._size = [held[-OVERLAP_BYTES:]], OVERLAP_BYTES
+        return held[:-OVERLAP_BYTES]
+
+    def close(self) -> bytes:
+        """What is left when the stream ended normally (an event without its blank line)."""
+        rest = b"".join(self._held)
+        self.drop()
+        return redact_errors(rest)
+
+    def drop(self) -> None:
+        """Forgets an event the upstream left unfinished (the stream broke): a client reads
+        half an event as garbage, not as the error event that follows it."""
+        self._held, self._size, self._error = [], 0, False
+
+
+def _last_end(data: bytes) -> int:
+    """Where the last complete event in `data` ends (0: none does)."""
+    at = data.rfind(b"\n\n")
+    end = at + 2 if at >= 0 else 0
+    if b"\r" in data:  # CR or CRLF line ends
+        for e in _EVENT_ENDS[1:]:
+            if (at := data.rfind(e)) >= 0:
+                end = max(end, at + len(e))
+    return end
 
 
 def find_usage(tail: bytes) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from edgeroute import _core, sse
+from edgeroute import _core, redact, sse
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.config import Timeouts
 from edgeroute.outcome import Outcome
@@ -196,7 +196,7 @@ class Attempts:
                     msg = adapter.error_message(resp.status, data)
                     if cls is Outcome.AUTH_ERROR:
                         # For the operator's log only: the client learns that our credentials failed.
-                        log.warning("deployment %s refused our credentials: %s", dep.name, msg[:300])
+                        log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
                         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
                     result = Failure(cls, resp.status, msg, retry_after, data)
                 elif self.stream:
@@ -332,7 +332,7 @@ class Attempts:
                 if isinstance(obj, dict) and obj.get("error"):
                     err = obj["error"]
                     msg = err.get("message") if isinstance(err, dict) else str(err)
-                    return Failure(Outcome.SERVER_ERROR, resp.status, f"upstream stream error: {msg}"[:500])
+                    return Failure(Outcome.SERVER_ERROR, resp.status, redact.cut(f"upstream stream error: {msg}", 500))
                 if self.has_content(obj):
                     return StreamAnswer(resp, head, translator)
 

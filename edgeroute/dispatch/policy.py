@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgeroute import redact
 from edgeroute.dispatch.attempt import Failure
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome, fallback_keys
@@ -201,7 +202,7 @@ class FailoverPolicy:
         return Stop(
             502,
             f"The request failed with the same upstream error on {len(state.called)} deployments ({names}): "
-            f"HTTP {f.status}: {f.message}"[:800]
+            + redact.cut(f"HTTP {f.status}: {f.message}", 800)
             + " It was not retried further: the request itself appears to cause the error.",
             "upstream_request_failed",
             "poison",

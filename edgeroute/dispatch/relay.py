@@ -65,8 +65,12 @@ async def relay_stream(
         await out.prepare(request)
         request[STREAM_STARTED] = True
 
+        # An upstream's error event relayed mid-stream may quote our key: whole events only go
+        # on, redacted whole (a key split over two reads escaped redaction read by read).
+        guard = sse.RelayGuard()
+
         async def send(data: bytes) -> None:
-            data = sse.redact_errors(data)  # an upstream's error event relayed mid-stream may quote our key
+            data = guard.feed(data)
             data = encode(data) if encode is not None else data
             if data:
                 await out.write(data)
@@ -140,9 +144,14 @@ async def relay_stream(
                 "stream_interrupted",
             )
         if failure is not None:
+            guard.drop()
             await send(sse.error_event(*failure))
             call.record.outcome = "stream_interrupted"
             call.record.error_class = failure[1]
+        elif rest := guard.close():  # the stream's last event, without its blank line
+            rest = encode(rest) if encode is not None else rest
+            if rest:
+                await out.write(rest)
         await out.write_eof()
     finally:
         if timer is not None:

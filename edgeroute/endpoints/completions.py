@@ -21,19 +21,29 @@ from edgeroute.endpoints.upstream import openai_request
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.upstream import DeploymentInfo
 
+_TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
+
+
+def _tokens(values: list[Any]) -> bool:
+    return all(type(t) is int and 0 <= t < _TOKEN_MAX for t in values)
+
 
 def _prompt_texts(raw: Any) -> list[str | list[int]]:
     """The prompt as a list of strings or token lists (OpenAI accepts each shape)."""
     if isinstance(raw, str):
         return [raw]
     if isinstance(raw, list) and raw:
-        if all(type(t) is int and t >= 0 for t in raw):
+        if _tokens(raw):
             return [raw]
         if all(isinstance(p, str) for p in raw):
             return list(raw)
-        if all(isinstance(p, list) and p and all(type(t) is int and t >= 0 for t in p) for p in raw):
+        if all(isinstance(p, list) and p and _tokens(p) for p in raw):
             return list(raw)
-    raise bad("'prompt' must be a string, an array of strings, or an array of tokens (or of token arrays).", "prompt")
+    raise bad(
+        "'prompt' must be a string, an array of strings, or an array of tokens (or of token arrays);"
+        " a token is an integer from 0 to 4294967295.",
+        "prompt",
+    )
 
 
 class CompletionsRequest:
@@ -95,7 +105,8 @@ class CompletionsCall(CountedCall):
 def parse(body: bytes) -> Parsed:
     req = CompletionsRequest(body)
     route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices)
-    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req))
+    ids = sum(len(p) for p in req.prompts if isinstance(p, list))  # a prompt is all text or all ids
+    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req), token_ids=ids)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

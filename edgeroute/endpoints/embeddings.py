@@ -262,7 +262,10 @@ def parse(body: bytes) -> Parsed:
     # The vectors depend on the inputs, their size and encoding; `user` does not change them.
     fields = {"endpoint": "embeddings", "input": req.inputs, "dimensions": req.dimensions, "base64": req.base64}
     body_for_rules = routing_body(req.model, req.text(), max_tokens=1)
-    return Parsed(req.model, body_for_rules, False, partial(EmbeddingsCall, req), cache_fields=fields)
+    ids = sum(len(x) for x in req.inputs if isinstance(x, list))
+    count = req.tokens if ids and any(isinstance(x, str) for x in req.inputs) else None  # text and ids: both
+    make = partial(EmbeddingsCall, req)
+    return Parsed(req.model, body_for_rules, False, make, cache_fields=fields, token_ids=ids, count=count)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

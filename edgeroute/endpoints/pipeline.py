@@ -58,6 +58,11 @@ class Parsed:
     encoder: Callable[[], Callable[[bytes], bytes]] | None = None
     # What determines the answer exactly, for the response cache (None: the endpoint is not cached).
     cache_fields: dict[str, Any] | None = None
+    # The prompt's tokens sent as token ids (completions, embeddings): exact, and absent from
+    # the routing body's text, so the decision (and admission, which reserves by it) counts them.
+    token_ids: int = 0
+    # The whole prompt, exactly, under an encoding (text and ids), for a prompt holding both.
+    count: Callable[[str], int] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -100,6 +105,26 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
     if choices > 1:
         body["n"] = choices
     return orjson.dumps(body)
+
+
+_U32 = 2**32 - 1  # the core counts in 32 bits
+_OFF_LOOP_CHARS = 64 * 1024  # text counted exactly in a worker thread past this
+_OFF_LOOP_BODY = 1 << 20  # a body parsed and checked in a worker thread past this
+
+
+def _ids_only(parsed: Parsed) -> int | None:
+    """The prompt's exact count when it is all token ids (no text to count): None otherwise."""
+    return min(parsed.token_ids, _U32) if parsed.token_ids and parsed.count is None else None
+
+
+async def _with_ids(parsed: Parsed, decision: _core.Decision) -> int | None:
+    """A prompt of text and token ids counted exactly under the decision's encoding (its text
+    off the loop when long); None for any other prompt (the first decision counted it)."""
+    if not parsed.token_ids or parsed.count is None:
+        return None
+    if len(parsed.routing_body) < _OFF_LOOP_CHARS:
+        return min(parsed.count(decision.encoding), _U32)
+    return min(await asyncio.to_thread(parsed.count, decision.encoding), _U32)
 
 
 def policy_body(route_body: bytes, sent: bytes) -> bytes:
@@ -154,10 +179,14 @@ async def serve(
     reasons: list[str] = []
     try:
         body = await read_body(request)
-        parsed = endpoint(body)
+        # A body of megabytes (five million token ids) takes a second to parse and check: in a
+        # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
+        parsed = await asyncio.to_thread(endpoint, body) if len(body) > _OFF_LOOP_BODY else endpoint(body)
         rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
         route_body = parsed.routing_body
-        decision = decide(live, policy_body(route_body, body), request)
+        decision = decide(live, policy_body(route_body, body), request, prompt_tokens=_ids_only(parsed))
+        if (exact := await _with_ids(parsed, decision)) is not None:
+            decision = decide(live, policy_body(route_body, body), request, prompt_tokens=exact)
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
@@ -169,7 +198,8 @@ async def serve(
         )
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
-            decision = decide(live, policy_body(route_body, body), request, rerouted=True)
+            known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
+            decision = decide(live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known)
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)

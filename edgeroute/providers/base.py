@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import orjson
 from yarl import URL
 
+from edgeroute import redact
 from edgeroute.outcome import Outcome
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Adapter:
             err = obj.get("error")
             msg = err.get("message") if isinstance(err, dict) else obj.get("message", obj.get("Message"))
             if isinstance(msg, str):
-                return msg[:500]
+                return redact.cut(msg, 500)  # before the word at the cut: never half a secret
         return f"upstream answered HTTP {status}"
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:

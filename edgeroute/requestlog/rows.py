@@ -44,7 +44,7 @@ def attempt_timeline(rec: RequestRecord) -> list[dict[str, Any]]:
             "prompt_tokens": a.usage.prompt_tokens if a.usage is not None else 0,
             "completion_tokens": a.usage.completion_tokens if a.usage is not None else 0,
             "cost_usd": round(a.cost_usd, 10),
-            "error": None if a.error is None else redact.text(a.error[:500]),
+            "error": None if a.error is None else redact.text(redact.cut(a.error, 500)),
         }
         for a in rec.attempts
     ]

@@ -20,10 +20,12 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from edgeroute import redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
 from edgeroute.state import STATE
 from edgeroute.telemetry import tracing
@@ -189,10 +191,16 @@ async def admin_alerts_test(request: web.Request) -> web.Response:
     _only(request, {"webhook"})
     cfg = request.app[STATE].live.config.alerts
     name = request.query.get("webhook")
+    gov = request.app.get(GOV)
     if name is not None and name not in cfg.webhooks:
+        if gov is not None:  # who probed for which webhook, and that none was sent
+            shown = redact.text(name[:80])
+            await gov.audit(actor_of(request), "alerts.test_refused", "alerts", None, {"webhook": shown, "queued": []})
         raise ProxyError(404, f"No webhook {name[:80]!r} in alerts.webhooks.", code="not_found", param="webhook")
     names = [name] if name is not None else list(cfg.webhooks)
     request.app[TELEMETRY].alerts.test(cfg, names, time.time())
+    if gov is not None:  # a notification sent to every on-call channel in the operator's name
+        await gov.audit(actor_of(request), "alerts.test", "alerts", None, {"queued": names})
     return _json({"queued": names})
 
 
