@@ -40,7 +40,7 @@ from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
-from edgeroute.errors import ProxyError, body_read_error, error_body
+from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyServer
@@ -274,7 +274,10 @@ async def serve_async(
     """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
     in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
     worker = workers.current()
-    app = create_app(config, source)
+    try:
+        app = create_app(config, source)
+    except StartError as e:
+        raise SystemExit(f"edgeroute: {e}") from None
     if worker is not None:
         app[WORKER] = worker
     server = ProxyServer(app, config)

@@ -54,13 +54,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeroute import secrets, sqlite_wal
+from edgeroute import redact, secrets, sqlite_wal
 from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
 from edgeroute.cost.writer_pace import WriterPace
+from edgeroute.errors import StartError
 from edgeroute.requestlog import outcomes as requestlog_outcomes
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog import rows as requestlog_rows
@@ -738,13 +739,36 @@ def _describe(rec: RequestRecord, row: Row | None, attempts: list[Row]) -> dict[
 
 
 def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
+    """The ledger's store, opened; `StartError` when it cannot be (corrupt, read-only, disk full,
+    unreachable): a server must not start without a ledger, and says why without a traceback."""
     if cfg.backend == "postgres":
         assert cfg.dsn is not None
-        return PostgresBackend(secrets.resolve(cfg.dsn, base_dir=base_dir).reveal())
+        import psycopg
+
+        try:
+            return PostgresBackend(secrets.resolve(cfg.dsn, base_dir=base_dir).reveal())
+        except psycopg.Error as e:
+            raise StartError(f"cannot open the spend ledger (PostgreSQL): {redact.text(str(e)).strip()}") from None
     path = Path(cfg.path)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return SqliteBackend(path)
+    try:
+        return SqliteBackend(path)
+    except sqlite3.Error as e:
+        raise StartError(f"cannot open the spend ledger {path}: {e}{_sqlite_hint(str(e))}") from None
+
+
+def _sqlite_hint(error: str) -> str:
+    if "not a database" in error or "malformed" in error:
+        return (
+            " (the file is damaged or not a ledger: restore it from a backup, or move it aside to start an"
+            " empty ledger, which forgets the spend it held)"
+        )
+    if "full" in error:
+        return " (free space on its disk: nothing can be recorded until then)"
+    if "readonly" in error or "unable to open" in error or "read-only" in error:
+        return " (the file and its directory must be writable by this process: the ledger writes beside it)"
+    return ""
 
 
 def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | None:
