@@ -42,11 +42,13 @@ def _base(source: str) -> Path | None:
 
 def ledger_path(cfg: Config, source: str) -> Path | None:
     """The SQLite ledger `serve` would write for this config (None: no SQLite ledger)."""
+    base = _base(source)
+    if cfg.ledger is None and base is None:  # as `ledger_from_config`: no ledger then
+        return None
     lc = cfg.ledger or LedgerConfig()
     if lc.backend != "sqlite":
         return None
     path = Path(lc.path)
-    base = _base(source)
     return (base / path if base is not None and not path.is_absolute() else path).absolute()
 
 
