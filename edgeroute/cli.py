@@ -95,6 +95,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging = {k: v for k in ("log_format", "log_level") if (v := getattr(args, k)) is not None}
     if logging:  # the flags win over the config file's `server:` settings
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=logging)})
+    from edgeroute.workers import worker as workers
+
+    if workers.current() is None:  # a supervisor holds it for its workers
+        from edgeroute.cost import ledger_lock
+
+        try:
+            ledger_lock.claim(cfg, args.config)  # held until the process exits
+        except ledger_lock.LedgerInUse as e:
+            print(f"edgeroute: {e}", file=sys.stderr)
+            return 1
     if args.workers != "1":
         from edgeroute.workers.cli import serve_workers
 

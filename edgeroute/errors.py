@@ -34,6 +34,10 @@ _TYPES = {
 }
 
 
+class StartError(Exception):
+    """A server cannot start; the message says why and what to do, for the operator (no traceback)."""
+
+
 class ProxyError(Exception):
     """An error answered to the client with `status` and an OpenAI-format body."""
 

@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -129,8 +130,19 @@ class FeedbackLearner:
             data = json.loads(path.read_text())
             for row in data.get("posteriors", []):
                 self.posteriors[(row["task"], row["route"])] = Posterior(float(row["alpha"]), float(row["beta"]))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except OSError as e:
             log.warning("ignoring unreadable learning state %s: %s", path, e)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            # Set aside, not overwritten by the first save: what was learned may be recovered by hand.
+            self.posteriors.clear()
+            aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}-{os.getpid()}")
+            try:
+                path.rename(aside)
+            except OSError:
+                aside = path
+            log.warning(
+                "ignoring unreadable learning state %s (%s); kept as %s, learning starts afresh", path, e, aside
+            )
 
     def snapshot(self) -> dict[str, Any]:
         rows = [

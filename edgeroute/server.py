@@ -38,9 +38,10 @@ from edgeroute.capacity_share import SHARED_SLOTS, SharedSlots
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
+from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.redis_store import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
-from edgeroute.errors import ProxyError, body_read_error, error_body
+from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyServer
@@ -48,7 +49,7 @@ from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.router_shadow import evaluator as router_shadow
 from edgeroute.shadow import SHADOW_LOG, ShadowLog
-from edgeroute.state import STATE, Live, ServerState
+from edgeroute.state import RECORDER, STATE, Live, ServerState
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
 from edgeroute.workers import peers
@@ -137,13 +138,20 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     live = state.live
     usable = [d.name for d in live.deployments if live.router.health(d.index)["circuit"] != "open"]
-    ready = bool(usable) and not state.draining
-    body = {
+    # A ledger that cannot write (a full disk, a read-only file, the database down) holds every
+    # record since in memory, all lost to a kill -9: spend is not being kept, so not ready.
+    ledger = request.app.get(RECORDER)
+    failing = ledger.failing_since if isinstance(ledger, Ledger) else None
+    ready = bool(usable) and not state.draining and failing is None
+    body: dict[str, object] = {
         "ready": ready,
         "draining": state.draining,
         "usable_deployments": len(usable),
         "deployments": len(live.deployments),
     }
+    if isinstance(ledger, Ledger) and failing is not None:
+        since = round(time.monotonic() - failing, 1)
+        body["ledger"] = {"writing": False, "failing_for_s": since, "unwritten_records": ledger.queue_depth()}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -274,7 +282,10 @@ async def serve_async(
     """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
     in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
     worker = workers.current()
-    app = create_app(config, source)
+    try:
+        app = create_app(config, source)
+    except StartError as e:
+        raise SystemExit(f"edgeroute: {e}") from None
     if worker is not None:
         app[WORKER] = worker
     server = ProxyServer(app, config)

@@ -17,7 +17,7 @@ from edgeroute import config as config_mod
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer, simple_config
 from tests.governance_support import call, instances, write_config
-from tests.test_cost_support import require_postgres
+from tests.test_cost_support import require_postgres, require_redis
 
 ADMIN = "tok-admin"
 
@@ -56,7 +56,10 @@ async def _refused_within(url: str, token: str, seconds: float) -> float:
 
 async def test_two_instances_share_keys_revocation_and_rotation(start_upstream, tmp_path: Path) -> None:
     up = await start_upstream()
-    path = write_config(tmp_path / "edgeroute.yaml", _cfg(up))
+    # Two servers on one SQLite ledger share their budgets and limits through Redis (without
+    # it the second is refused: each would count alone; tests/scale/test_ledger_ownership.py).
+    shared = {"redis_url": require_redis(), "prefix": f"gov-keys-{os.getpid()}-{id(tmp_path)}"}
+    path = write_config(tmp_path / "edgeroute.yaml", _cfg(up, shared_state=shared))
     cm = instances(path, 2)  # both create the tables at once, without error
     a, b = await asyncio.to_thread(cm.__enter__)
     try:

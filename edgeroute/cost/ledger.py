@@ -54,13 +54,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeroute import secrets, sqlite_wal
+from edgeroute import redact, secrets, sqlite_wal
 from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.prices import most_expensive
 from edgeroute.cost.writer_pace import WriterPace
+from edgeroute.errors import StartError
 from edgeroute.requestlog import outcomes as requestlog_outcomes
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog import rows as requestlog_rows
@@ -481,6 +482,10 @@ class Ledger:
         self.failed_batches = 0
         self.set_aside = 0
         self.lost_at_close = 0
+        # Since when (monotonic) the store has refused every write: records pile up in memory
+        # meanwhile, all of them lost to a kill -9, so `/readyz` says so (None: writing).
+        self.failing_since: float | None = None
+        self._fail_told = 0.0
         self.log_dropped = 0  # request-log rows not written: over the backlog bound
         self.writer_cpu_s = 0.0  # CPU time the writer spent flushing (its share of the GIL, mostly)
         self._drop_warned = -1e9
@@ -585,12 +590,14 @@ class Ledger:
             self._inflight = len(batch)
             try:
                 pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
-                if not pending and not journal and not outcomes:
-                    return done
-                n = self._write(_Held(self._next_id(), pending, journal, outcomes))
+                if pending or journal or outcomes:
+                    n = self._write(_Held(self._next_id(), pending, journal, outcomes))
+                    done += n or 0
             finally:
                 self._inflight = 0
-            return done + (n or 0)
+            if not self._retry:
+                self.failing_since = None
+            return done
 
     def _write(self, held: _Held, retry: bool = False) -> int | None:
         """Writes a batch; the number of requests written, or None when the store is unavailable
@@ -637,7 +644,16 @@ class Ledger:
     def _keep(self, held: _Held, exc: Exception, retry: bool) -> None:
         """The store is unavailable: keep the batch for the next flush rather than lose spend."""
         self.failed_batches += 1
-        log.error("ledger write failed; %d records kept for the next flush", len(held.pending), exc_info=exc)
+        now = time.monotonic()
+        if self.failing_since is None:  # once per outage with its traceback, then a line every 10 s
+            self.failing_since = self._fail_told = now
+            log.error("ledger write failed; %d records kept for the next flush", len(held.pending), exc_info=exc)
+        elif now - self._fail_told >= 10.0:
+            self._fail_told = now
+            log.error(
+                "ledger write still failing after %.0f s (%s); %d records in memory, lost if the process is killed",
+                now - self.failing_since, exc, self.queue_depth(),
+            )  # fmt: skip
         if not retry:
             self._retry.append(held)
         elif held.batch_id != self._retry[0].batch_id:
@@ -738,13 +754,36 @@ def _describe(rec: RequestRecord, row: Row | None, attempts: list[Row]) -> dict[
 
 
 def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
+    """The ledger's store, opened; `StartError` when it cannot be (corrupt, read-only, disk full,
+    unreachable): a server must not start without a ledger, and says why without a traceback."""
     if cfg.backend == "postgres":
         assert cfg.dsn is not None
-        return PostgresBackend(secrets.resolve(cfg.dsn, base_dir=base_dir).reveal())
+        import psycopg
+
+        try:
+            return PostgresBackend(secrets.resolve(cfg.dsn, base_dir=base_dir).reveal())
+        except psycopg.Error as e:
+            raise StartError(f"cannot open the spend ledger (PostgreSQL): {redact.text(str(e)).strip()}") from None
     path = Path(cfg.path)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    return SqliteBackend(path)
+    try:
+        return SqliteBackend(path)
+    except sqlite3.Error as e:
+        raise StartError(f"cannot open the spend ledger {path}: {e}{_sqlite_hint(str(e))}") from None
+
+
+def _sqlite_hint(error: str) -> str:
+    if "not a database" in error or "malformed" in error:
+        return (
+            " (the file is damaged or not a ledger: restore it from a backup, or move it aside to start an"
+            " empty ledger, which forgets the spend it held)"
+        )
+    if "full" in error:
+        return " (free space on its disk: nothing can be recorded until then)"
+    if "readonly" in error or "unable to open" in error or "read-only" in error:
+        return " (the file and its directory must be writable by this process: the ledger writes beside it)"
+    return ""
 
 
 def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | None:

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -32,6 +32,7 @@ from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.governance")
+_T = TypeVar("_T")
 
 
 def install(app: web.Application, cfg: Config, source: str) -> None:
@@ -254,6 +255,25 @@ def _check_residency(request: web.Request, f: K.KeyFields) -> None:
         )  # fmt: skip
 
 
+async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
+    """Runs a key change (with its audit entry, one transaction) off the loop; a database that
+    cannot take it is a 503 saying nothing was changed, so the caller knows to try again."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except ProxyError:
+        raise
+    except Exception as e:
+        if not type(e).__module__.startswith(("sqlite3", "psycopg")):
+            raise
+        log.error("managed keys: a change could not be written, nothing changed (%s: %s)", type(e).__name__, e)
+        raise ProxyError(
+            503,
+            "The key store cannot be written now: nothing was changed and nothing audited. Try again.",
+            code="key_store_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
 def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
     ident = request.get(IDENTITY)
     managed = request.app[GOV].managed
@@ -277,10 +297,10 @@ async def create_key(request: web.Request) -> web.Response:
             403, f"Keys can be created at most {K.MAX_DEPTH} levels below a key from the config.",
             code="permission_denied",
         )  # fmt: skip
-    data, token = await asyncio.to_thread(K.create, managed.store, f, actor, parent)
+    # The audit entry is written in the change's own transaction (governance/store.py).
+    data, token = await _key_change(K.create, managed.store, f, actor, parent)
     await asyncio.to_thread(managed.load)
     out = K.public(data)
-    await request.app[GOV].audit(actor, "key.created", data["id"], None, out)
     return json_response({**out, "secret": token}, status=201)
 
 
@@ -333,10 +353,9 @@ async def update_key(request: web.Request) -> web.Response:
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)
-    before, after = await asyncio.to_thread(K.update, managed.store, key_id, f.model_dump(include=set(body)))
+    changes = f.model_dump(include=set(body))
+    _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
     await asyncio.to_thread(managed.load)
-    actor = actor_of(request)
-    await request.app[GOV].audit(actor, "key.updated", key_id, K.public(before), K.public(after))
     return json_response(K.public(after))
 
 
@@ -370,9 +389,8 @@ async def revoke_key(request: web.Request) -> web.Response:
     _not_config(request, key_id)
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
-    before, after = await asyncio.to_thread(K.revoke, managed.store, key_id)
+    _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
     await asyncio.to_thread(managed.load)
-    await request.app[GOV].audit(actor_of(request), "key.revoked", key_id, K.public(before), K.public(after))
     return json_response(K.public(after))
 
 
@@ -387,7 +405,6 @@ async def rotate_key(request: web.Request) -> web.Response:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 30 * 86400:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
     await _within_scope(request, managed, key_id, "rotate")
-    before, after, token = await asyncio.to_thread(K.rotate, managed.store, key_id, float(grace))
+    _, after, token = await _key_change(K.rotate, managed.store, key_id, float(grace), actor_of(request))
     await asyncio.to_thread(managed.load)
-    await request.app[GOV].audit(actor_of(request), "key.rotated", key_id, K.public(before), K.public(after))
     return json_response({**K.public(after), "secret": token})

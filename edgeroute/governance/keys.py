@@ -37,7 +37,7 @@ from edgeroute.capacity import unknown_class
 from edgeroute.config import Budget, Limit
 from edgeroute.cost.keys import Identity, token_bytes
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import GovStore
+from edgeroute.governance.store import AuditOf, GovStore
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -390,7 +390,7 @@ def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None)
     data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
     data["parent"] = parent
     data["updated_at"] = now
-    store.put_key(data, create=True)
+    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", public))
     return data, token
 
 
@@ -403,18 +403,27 @@ def _existing(key_id: str, before: dict[str, Any] | None) -> dict[str, Any]:
     return before
 
 
-def update(store: GovStore, key_id: str, changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _audit(actor: str | None, action: str) -> AuditOf | None:
+    """The entry a change writes with itself (`actor` None: none, for tools and tests)."""
+    return AuditOf(actor, action, public) if actor is not None else None
+
+
+def update(
+    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Applies validated changes; returns (before, after)."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         return {**_existing(key_id, before), **changes, "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change)
+    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"))
     assert before is not None
     return before, after
 
 
-def rotate(store: GovStore, key_id: str, grace_s: float) -> tuple[dict[str, Any], dict[str, Any], str]:
+def rotate(
+    store: GovStore, key_id: str, grace_s: float, actor: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any], str]:
     token, salt, digest = new_secret(key_id)
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
@@ -425,12 +434,12 @@ def rotate(store: GovStore, key_id: str, grace_s: float) -> tuple[dict[str, Any]
         after["grace_until"] = now + grace_s if grace_s > 0 else None
         return after
 
-    before, after = store.change_key(key_id, change)
+    before, after = store.change_key(key_id, change, _audit(actor, "key.rotated"))
     assert before is not None
     return before, after, token
 
 
-def revoke(store: GovStore, key_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def revoke(store: GovStore, key_id: str, actor: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         if before is None:
             raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
@@ -438,6 +447,6 @@ def revoke(store: GovStore, key_id: str) -> tuple[dict[str, Any], dict[str, Any]
             return before  # revoked already: nothing written
         return {**before, "revoked_at": time.time(), "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change)
+    before, after = store.change_key(key_id, change, _audit(actor, "key.revoked"))
     assert before is not None
     return before, after

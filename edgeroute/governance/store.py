@@ -85,6 +85,17 @@ class AuditEntry:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class AuditOf:
+    """The audit entry a key change writes in its own transaction: a change committed and its
+    entry written after it left a revocation without its entry when the process was killed
+    between the two (or the second write failed)."""
+
+    actor: str
+    action: str
+    describe: Callable[[dict[str, Any]], Any]  # what the log shows of a key (never its secret's hash)
+
+
 class GovStore:
     """Thread-safe access to the governance tables (one connection, one lock)."""
 
@@ -154,22 +165,26 @@ class GovStore:
         rows = self._query("SELECT data FROM gov_keys WHERE id = ?", (key_id,))
         return orjson.loads(rows[0][0]) if rows else None
 
-    def put_key(self, data: dict[str, Any], *, create: bool = False) -> int:
-        """Writes a key and moves the change counter, in one transaction; returns the new counter.
-        With `create`, an existing id is an error (`KeyError`)."""
+    def put_key(self, data: dict[str, Any], *, create: bool = False, audit: AuditOf | None = None) -> int:
+        """Writes a key and moves the change counter (and appends `audit`), in one transaction;
+        returns the new counter. With `create`, an existing id is an error (`KeyError`)."""
         with self._lock, self._tx() as cur:
             if create:
                 cur.execute(self._sql("SELECT 1 FROM gov_keys WHERE id = ?"), (data["id"],))
                 if cur.fetchone() is not None:
                     raise KeyError(data["id"])
-            return self._write_key(cur, data)
+            seq = self._write_key(cur, data)
+            if audit is not None:
+                self._append_audit(cur, audit.actor, audit.action, data["id"], None, audit.describe(data))
+            return seq
 
     def change_key(
-        self, key_id: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]
+        self, key_id: str, change: Callable[[dict[str, Any] | None], dict[str, Any]], audit: AuditOf | None = None
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
         no other change falls between (a revocation written between a rotation's read and its
-        write was undone by it); an exception from `change` writes nothing. Returns (before, after)."""
+        write was undone by it), with its `audit` entry; an exception from `change` writes
+        nothing. Returns (before, after)."""
         lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
         with self._lock, self._tx() as cur:
             cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
@@ -178,6 +193,9 @@ class GovStore:
             after = change(before)
             if after is not before:
                 self._write_key(cur, after)
+            if audit is not None:
+                was = audit.describe(before) if before is not None else None
+                self._append_audit(cur, audit.actor, audit.action, key_id, was, audit.describe(after))
             return before, after
 
     def _write_key(self, cur: Any, data: dict[str, Any]) -> int:
@@ -229,14 +247,17 @@ class GovStore:
     # -- audit ------------------------------------------------------------------
 
     def audit(self, actor: str, action: str, target: str | None, before: Any = None, after: Any = None) -> None:
+        with self._lock, self._tx() as cur:
+            self._append_audit(cur, actor, action, target, before, after)
+
+    def _append_audit(self, cur: Any, actor: str, action: str, target: str | None, before: Any, after: Any) -> None:
         def enc(v: Any) -> str | None:
             return None if v is None else orjson.dumps(v).decode()
 
-        with self._lock, self._tx() as cur:
-            cur.execute(
-                self._sql("INSERT INTO gov_audit (ts, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)"),
-                (time.time(), actor, action, target, enc(before), enc(after)),
-            )
+        cur.execute(
+            self._sql("INSERT INTO gov_audit (ts, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)"),
+            (time.time(), actor, action, target, enc(before), enc(after)),
+        )
 
     def audit_entries(
         self, since: float | None = None, actor: str | None = None, action: str | None = None, limit: int = 200

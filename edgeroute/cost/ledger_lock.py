@@ -1,0 +1,134 @@
+"""One `edgeroute serve` per SQLite ledger, unless budgets are shared through Redis.
+
+Without `shared_state`, a server counts budgets and rate limits in its own memory (its
+workers, in their run directory's file) and reads them back from its ledger at start. A
+second `edgeroute serve` pointed at the same ledger (the same config directory, started
+twice) counted apart: each admitted the whole budget, so two spent it twice, and after a
+restart each read back the other's spend as its own. So `serve` holds an advisory lock on
+`<ledger>.lock` for as long as it runs: exclusive when it counts budgets or limits alone,
+shared otherwise (with `shared_state`, or with no cost control at all), and a server that
+cannot take its lock stops before serving with an error that says why. A supervisor
+(`serve --workers N`) holds it for its workers. The lock is the kernel's (`flock`): a
+process killed with SIGKILL releases it, so a restart after a crash is never refused.
+
+A PostgreSQL ledger is held the same way with an advisory lock on a connection of its own
+(released when the process dies and its connection closes). Several machines sharing one
+ledger share budgets through `shared_state` (the README's "Several workers or several
+machines"): their locks are shared ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
+from edgeroute.config import Config
+from edgeroute.config import Ledger as LedgerConfig
+
+
+class LedgerInUse(Exception):
+    """Another `edgeroute serve` holds the ledger in a way this one cannot share."""
+
+
+_PG_LOCK = 7421  # pg_advisory_xact_lock(7420) guards the ledger's schema
+_held: list[object] = []  # the PostgreSQL connection holding the lock, kept for the process's life
+
+
+def _base(source: str) -> Path | None:
+    return Path(source).parent if Path(source).is_file() else None
+
+
+def ledger_path(cfg: Config, source: str) -> Path | None:
+    """The SQLite ledger `serve` would write for this config (None: no SQLite ledger)."""
+    base = _base(source)
+    if cfg.ledger is None and base is None:  # as `ledger_from_config`: no ledger then
+        return None
+    lc = cfg.ledger or LedgerConfig()
+    if lc.backend != "sqlite":
+        return None
+    path = Path(lc.path)
+    return (base / path if base is not None and not path.is_absolute() else path).absolute()
+
+
+def counts_alone(cfg: Config) -> bool:
+    """Budgets or rate limits counted by this server only (no `shared_state`)."""
+    from edgeroute.cost.control import CostControl
+
+    return cfg.shared_state is None and CostControl.wanted(cfg)
+
+
+def claim(cfg: Config, source: str) -> int | None:
+    """Takes the ledger's lock for this process's lifetime; returns its descriptor (None: no
+    SQLite ledger, or a lock file that cannot be made: the ledger's own opening then says
+    why). Raises `LedgerInUse` when another server holds it in a way this one cannot share."""
+    lc = cfg.ledger or LedgerConfig()
+    if lc.backend == "postgres":
+        _claim_postgres(lc, source, counts_alone(cfg))
+        return None
+    path = ledger_path(cfg, source)
+    if path is None:
+        return None
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    alone = counts_alone(cfg)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if alone else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise _in_use(f"another edgeroute serve{f' (pid {holder})' if holder else ''}", str(path), alone) from None
+    with contextlib.suppress(OSError):  # a full disk: the ledger's opening says so
+        os.ftruncate(fd, 0)  # no stale pid of an earlier holder
+        if alone:  # the one holder: say who, for the next one's error
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _in_use(who: str, ledger: str, alone: bool) -> LedgerInUse:
+    if alone:
+        why = (
+            f"{who} is using the ledger {ledger}; without shared_state this server counts budgets and "
+            "rate limits alone, so two servers on one ledger would each spend every budget in full"
+        )
+    else:
+        why = (
+            f"{who} counts budgets and rate limits alone on the ledger {ledger} (it has no shared_state); "
+            "a second server on that ledger would spend beside its budgets"
+        )
+    return LedgerInUse(
+        f"{why}. Stop the other server, give this one its own ledger (ledger.path or ledger.dsn), or share "
+        "budgets and limits through shared_state (Redis) in both configs."
+    )
+
+
+def _claim_postgres(lc: LedgerConfig, source: str, alone: bool) -> None:
+    """An advisory lock on a connection held for the process's life; a database that cannot be
+    reached is left to the ledger's opening to report."""
+    import psycopg
+
+    from edgeroute import secrets
+
+    assert lc.dsn is not None
+    try:
+        conn = psycopg.connect(secrets.resolve(lc.dsn, base_dir=_base(source)).reveal(), autocommit=True)
+    except (psycopg.Error, secrets.SecretError):
+        return
+    fn = "pg_try_advisory_lock" if alone else "pg_try_advisory_lock_shared"
+    row = conn.execute(f"SELECT {fn}({_PG_LOCK})").fetchone()
+    if row is None or not row[0]:
+        conn.close()
+        raise _in_use("another edgeroute serve", "(PostgreSQL: ledger.dsn)", alone)
+    _held.append(conn)
