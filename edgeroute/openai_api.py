@@ -287,7 +287,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
-        if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
+        if (keep := live.config.request_log.content_for(rec.model, decision.route, rec.key)) != "none":
             rec.content_mode, rec.content_request = keep, body  # stored only where configured
         if plan is not None:
             if (entry := await cache.lookup(plan, servable(live, decision.order))) is not None:
