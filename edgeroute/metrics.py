@@ -35,6 +35,7 @@ from edgeroute import redact, secrets
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
+from edgeroute.cost import budget_report
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
@@ -324,6 +325,18 @@ def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[
         if b.scope == "global" or b.match is not None:
             c = B.charge(b, b.match or "*", B.period_of(b, now), 0, -1)
             yield b, control.local_budgets.used(c) / B.NANO
+
+
+async def budget_spend_now(control: Admission | None, live: Live, now: float) -> list[tuple[Budget, float]]:
+    """As `budget_spend`, read where admission counts: the shared store (Redis, or the file of
+    `serve --workers N`) when one is in use and up, else this process's counters, which under
+    a shared store hold nothing (for the alerts, which may wait for a read)."""
+    if not isinstance(control, CostControl):
+        return []
+    fixed = [b for b in control.budgets if b.scope == "global" or b.match is not None]
+    charges = [B.charge(b, b.match or "*", B.period_of(b, now), 0, -1) for b in fixed]
+    used = await budget_report.used(control, charges)
+    return [(b, u / B.NANO) for b, u in zip(fixed, used, strict=True)]
 
 
 def budget_source(app: web.Application) -> Iterable[Metric]:

@@ -22,9 +22,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
-from edgeroute.config import Config
+from edgeroute.config import Budget, Config
 from edgeroute.errors import ProxyError
-from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
+from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
 from edgeroute.state import STATE
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.alerts import AlertEngine
@@ -32,6 +32,7 @@ from edgeroute.telemetry.history import DeploymentHistory, parse_since
 from edgeroute.telemetry.notify import Notifier
 from edgeroute.telemetry.tracing import TRACER
 from edgeroute.telemetry.window import SLOT_S, Window
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.telemetry")
 
@@ -65,16 +66,19 @@ class Telemetry:
         self.window = Window()
         self.history = DeploymentHistory()
         self.notifier = Notifier()
-        self.alerts = AlertEngine(self.notifier)
+        # One process notifies for the whole server: worker 0 of `serve --workers N`.
+        worker = workers.current()
+        self.alerts = AlertEngine(self.notifier, notifies=worker is None or worker.id == 0)
 
-    def tick(self, app: web.Application, now: float, sample: bool, evaluate: bool) -> None:
+    def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
+        """`budgets`: their spend when the alerts are due (else None)."""
         state = app[STATE]
         live = state.live
         self.window.add_shed(state.counters.shed, now)
         if sample:
             self.history.sample(live, self.window, now)
-        if evaluate:
-            self.alerts.evaluate(live.config.alerts, live, self.window, app.get(ADMISSION), now)
+        if budgets is not None:
+            self.alerts.evaluate(live.config.alerts, live, self.window, budgets, now)
 
 
 TELEMETRY = web.AppKey("telemetry", Telemetry)
@@ -108,7 +112,12 @@ async def _run(app: web.Application) -> None:
         slot = now - now % SLOT_S
         sample, evaluate = slot > last_slot, now - last_eval >= every - 0.05
         try:
-            t.tick(app, now, sample, evaluate)
+            budgets = None
+            if evaluate:
+                live = app[STATE].live
+                watched = any(r.kind == "budget_percent" for r in live.config.alerts.rules)
+                budgets = await budget_spend_now(app.get(ADMISSION), live, now) if watched else []
+            t.tick(app, now, sample, budgets)
         except Exception:
             log.exception("telemetry sampling failed")  # the next tick tries again
         last_slot = slot
