@@ -34,6 +34,7 @@ from edgeroute.openai_api import (
     begin,
     decide,
     finish,
+    keep_content,
     read_body,
     route_cache,
 )
@@ -174,8 +175,7 @@ async def serve(
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
-        if (keep := live.config.request_log.content_for(rec.model, decision.route, rec.key)) != "none":
-            rec.content_mode, rec.content_request = keep, body
+        keep_content(live, rec, decision, body)
         model = live.config.models[decision.route]
         plan: Plan | None = None
         if parsed.cache_fields is None:
