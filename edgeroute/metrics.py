@@ -154,6 +154,19 @@ class Metrics:
             ttft.sum += seconds
         if rec.queue_ms:
             self._observe("queue", (route, rec.priority or ""), rec.queue_ms / 1000)
+        self._attempts(rec)
+        if rec.admission:
+            action, _, budget = rec.admission.partition(":")
+            c["budget_actions"][(budget, action)] += 1
+
+    def observe_mirror(self, rec: RequestRecord) -> None:
+        """A shadow mirror's attempts, tokens and cost: upstream calls paid for like any other
+        (the request families count clients' requests only)."""
+        self._attempts(rec)
+
+    def _attempts(self, rec: RequestRecord) -> None:
+        c = self.counters
+        route = rec.route
         team = rec.team or ""
         attempts, tokens, cost = c["attempts"], c["tokens"], c["cost"]
         for a in rec.attempts:
@@ -180,9 +193,6 @@ class Metrics:
                     tokens[(route, dep, team, "cached")] += u.cached_tokens
             if a.cost_usd:
                 cost[(route, dep, team)] += a.cost_usd
-        if rec.admission:
-            action, _, budget = rec.admission.partition(":")
-            c["budget_actions"][(budget, action)] += 1
 
     def collect(self) -> Iterable[Metric]:
         """The per-request families. Label values are config names (and edgeroute's own words);

@@ -124,6 +124,15 @@ class Observer(Protocol):
 CANDIDATE_ROUTER = web.AppKey("candidate_router", Observer)
 
 
+class MirrorObserver(Protocol):
+    def __call__(self, rec: RequestRecord) -> None:
+        """Sees a finished mirror's record (its upstream calls and their cost)."""
+
+
+# Set by the telemetry (a layer above): a mirror's calls and spend in the metrics and alerts.
+MIRRORED = web.AppKey("mirrored", MirrorObserver)
+
+
 def decide_as(
     live: Live,
     body: bytes,
@@ -212,5 +221,7 @@ async def _mirror(
         if admission is not None:
             admission.settle(ticket, rec)
         app[RECORDER].record(rec)
+        if (seen := app.get(MIRRORED)) is not None:
+            seen(rec)
         if (slog := app.get(SHADOW_LOG)) is not None:
             await asyncio.to_thread(slog.write, pair_record(primary, answer_text(answer), rec, text))

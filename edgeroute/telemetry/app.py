@@ -25,6 +25,7 @@ from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
 from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
+from edgeroute.shadow import MIRRORED
 from edgeroute.state import STATE
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.alerts import AlertEngine
@@ -216,6 +217,12 @@ def install(app: web.Application, config: Config) -> None:
     """Metrics, the recent-traffic window, alerts and history, tracing when on, their routes and tasks."""
     app[METRICS] = Metrics()
     app[TELEMETRY] = Telemetry()
+
+    def mirrored(rec: RequestRecord) -> None:  # a shadow mirror: paid for, so in the cost metric and alerts
+        app[METRICS].observe_mirror(rec)
+        app[TELEMETRY].window.add(rec, time.time(), mirror=True)
+
+    app[MIRRORED] = mirrored
     app[METRICS].sources += [_alert_source, _trace_source]
     if config.tracing.enabled:
         tracing.start(app, config.tracing)
