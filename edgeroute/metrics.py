@@ -114,6 +114,9 @@ class Metrics:
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
+        # Budgets counted in a shared store (Redis, the workers' file), as the telemetry loop last
+        # read them: a scrape cannot wait for the store, and this process's counters hold nothing.
+        self.shared_budgets: list[tuple[Budget, float]] = []
 
     def _observe(self, family: str, key: tuple[str, ...], seconds: float) -> None:
         h = self.histograms[family].get(key)
@@ -327,9 +330,10 @@ def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[
     `match`, or global), as this process's budget store holds it.
 
     Per-subject budgets without `match` are left out (one series per key or user would be
-    unbounded); so are budgets kept in Redis, whose totals this process does not hold.
+    unbounded); so are budgets kept in a shared store (Redis, the workers' file), whose totals
+    this process does not hold (`budget_spend_now` reads them).
     """
-    if not isinstance(control, CostControl) or live.config.shared_state is not None:
+    if not isinstance(control, CostControl) or control.shared is not None:
         return
     for b in control.budgets:
         if b.scope == "global" or b.match is not None:
@@ -352,7 +356,10 @@ async def budget_spend_now(control: Admission | None, live: Live, now: float) ->
 def budget_source(app: web.Application) -> Iterable[Metric]:
     used = GaugeMetricFamily("edgeroute_budget_used_usd", "Spend (and reservations) this period.", labels=["budget"])
     limit = GaugeMetricFamily("edgeroute_budget_limit_usd", "A budget's limit per period.", labels=["budget"])
-    for b, spent in budget_spend(app.get(ADMISSION), app[STATE].live, time.time()):
+    control = app.get(ADMISSION)
+    shared = isinstance(control, CostControl) and control.shared is not None
+    seen = app[METRICS].shared_budgets if shared else budget_spend(control, app[STATE].live, time.time())
+    for b, spent in seen:
         used.add_metric([b.name], spent)
         limit.add_metric([b.name], b.limit_usd)
     yield used

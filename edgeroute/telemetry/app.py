@@ -114,10 +114,9 @@ async def _run(app: web.Application) -> None:
         sample, evaluate = slot > last_slot, now - last_eval >= every - 0.05
         try:
             budgets = None
-            if evaluate:
-                live = app[STATE].live
-                watched = any(r.kind == "budget_percent" for r in live.config.alerts.rules)
-                budgets = await budget_spend_now(app.get(ADMISSION), live, now) if watched else []
+            if evaluate:  # the budgets as admission counts them, for the alerts and the gauges
+                budgets = await budget_spend_now(app.get(ADMISSION), app[STATE].live, now)
+                app[METRICS].shared_budgets = budgets
             t.tick(app, now, sample, budgets)
         except Exception:
             log.exception("telemetry sampling failed")  # the next tick tries again

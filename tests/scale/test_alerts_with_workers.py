@@ -5,7 +5,7 @@ Every worker evaluates the alert rules. A deployment's circuit opens in every wo
 workers share ejections), so each sent its own "firing" message: N messages with N workers.
 A `budget_percent` rule read the worker's own counters, which hold nothing when the workers
 count budgets in their shared file (or instances in Redis): the alert never fired, however
-much was spent.
+much was spent, and the `edgeroute_budget_used_usd` gauges said $0.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import openai
 
 from tests.conftest import eventually, simple_config
+from tests.metrics_support import scrape
 from tests.scale.support import Spawn
 from tests.test_cost_support import require_redis
 from tests.test_telemetry_alerts import Receiver, receiver
@@ -60,6 +61,11 @@ async def test_one_message_per_alert_and_budget_alerts_fire_whatever_the_workers
     await eventually(both_fired, "the circuit and budget alerts")
     await asyncio.sleep(3)  # three more evaluations by every worker: no duplicate comes
     assert sorted(sent()) == [("firing", "circuit", "d-a"), ("firing", "spend", "month")]
+    # The budget gauges (one per worker) read the same store: they said $0.
+    m = await scrape(inst.url)
+    gauges = {k: v for k, v in m.samples.items() if k[0] == "edgeroute_budget_used_usd"}
+    assert sorted(dict(k[1])["worker"] for k in gauges) == ["0", "1"]
+    assert all(round(v, 6) == 12 * 0.04 for v in gauges.values()), gauges
 
 
 async def test_a_budget_alert_fires_where_budgets_are_counted_in_redis(
