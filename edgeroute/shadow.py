@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Shadow
@@ -99,6 +99,15 @@ def pair_record(
         "primary": side(primary, primary_answer),
         "shadow": side(shadow, shadow_answer),
     }
+
+
+def _redacted(pair: dict[str, Any]) -> dict[str, Any]:
+    """The pair with credentials in its answers replaced, as the request log stores answers (a
+    model repeats what it was sent: a key pasted into a prompt, say)."""
+    for side in (pair["primary"], pair["shadow"]):
+        if side["answer"] is not None:
+            side["answer"] = redact.text(side["answer"])
+    return pair
 
 
 class Observer(Protocol):
@@ -224,4 +233,5 @@ async def _mirror(
         if (seen := app.get(MIRRORED)) is not None:
             seen(rec)
         if (slog := app.get(SHADOW_LOG)) is not None:
-            await asyncio.to_thread(slog.write, pair_record(primary, answer_text(answer), rec, text))
+            pair = pair_record(primary, answer_text(answer), rec, text)
+            await asyncio.to_thread(lambda: slog.write(_redacted(pair)))
