@@ -9,6 +9,7 @@ Such a config is refused now, naming the routes to limit instead.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,9 @@ def _config(up_url: str, **limits: Any) -> dict[str, Any]:
     }
 
 
-def _check(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgeroute", "check", str(path)], capture_output=True, text=True)
+async def _check(path: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "edgeroute", "check", str(path)]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
 
 
 async def test_limits_named_after_a_choosing_model_are_refused_and_its_routes_limits_hold(
@@ -54,7 +56,7 @@ async def test_limits_named_after_a_choosing_model_are_refused_and_its_routes_li
     )
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(never))
-    r = _check(path)
+    r = await _check(path)
     assert r.returncode == 1, r.stdout
     why = "model 'smart' chooses among routes (an experiment)"
     assert f"rate_limits.models.smart: {why}" in r.stderr, r.stderr
@@ -63,7 +65,7 @@ async def test_limits_named_after_a_choosing_model_are_refused_and_its_routes_li
     # Named by route, the limits hold for the requests the experiment sends there.
     routed = _config(up.base_url, rate_limits={"models": {"smart-a": {"rpm": 2}, "smart-b": {"rpm": 2}}})
     path.write_text(yaml.safe_dump(routed))
-    assert _check(path).returncode == 0
+    assert (await _check(path)).returncode == 0
     async with cost_proxy(routed) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         statuses = []

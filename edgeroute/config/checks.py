@@ -23,6 +23,12 @@ def unknown(kind: str, name: str, known: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
+# A model's settings that only the route serving a request reads (dispatch, the core's order).
+_ROUTE_ONLY = frozenset(
+    {"strategy", "fallbacks", "context_window_fallbacks", "fallbacks_on", "hedge", "timeouts", "max_attempts"}
+)
+
+
 def _chooses(cfg: Config, name: str) -> str | None:
     """Why a model's own name never counts in budgets and rate limits, or None: it chooses among
     routes (a policy, an experiment), and they count the route that serves a request."""
@@ -74,6 +80,14 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
         if len(choosers) == 2:
             problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
+        if choosers and len(choosers) == 1:
+            # The route it chooses serves the request with its own settings: these would do nothing.
+            for field in sorted(m.model_fields_set & _ROUTE_ONLY):
+                kind = "a policy" if choosers[0] == "policy" else "an experiment"
+                problems.append(
+                    (f"models.{name}.{field}", f"model {name!r} chooses among routes ({kind}), which serve with "
+                     f"their own {field}: set it on them (a chooser takes cache and shadow for its routes)")
+                )  # fmt: skip
         refs: list[tuple[str, str]] = []
         if m.policy is not None:
             refs += [
