@@ -137,3 +137,26 @@ async def test_a_secret_that_cannot_be_read_again_fires_until_it_reads(monkeypat
     secrets.STATUS.failing.clear()
     engine.evaluate(cfg, live, window, (), T0 + 3)
     assert not engine.firing and _events(notifier) == [("resolved", "secrets", "file:/run/secrets/openai")]
+
+
+async def test_a_worker_other_than_the_lead_notifies_its_own_traffic_only() -> None:
+    """Under `serve --workers N`, a worker's traffic window is its own (a client's keep-alive
+    connection stays on one worker): it notifies its error rate; a budget, alike in every
+    worker, is notified by worker 0 alone."""
+    rules = [
+        {"name": "errs", "kind": "error_rate", "threshold": 0.5, "window_s": 10, "min_requests": 2},
+        {"name": "spend", "kind": "budget_percent", "threshold": 50},
+    ]
+    live, cfg = _live({"rules": rules})
+    budget = config_mod.Budget.model_validate({"name": "month", "scope": "global", "limit_usd": 1.0})
+    seen = {}
+    for lead in (True, False):
+        notifier = Notifier()
+        engine, window = AlertEngine(notifier, lead=lead), Window()
+        for _ in range(2):
+            window.add(_rec("d-a", False), T0)
+        engine.evaluate(cfg, live, window, [(budget, 0.9)], T0)
+        assert {k[0] for k in engine.firing} == {"errs", "spend"}  # both shown by every worker
+        seen[lead] = sorted(_events(notifier))
+    assert seen[True] == [("firing", "errs", "d-a"), ("firing", "spend", "month")]
+    assert seen[False] == [("firing", "errs", "d-a")]

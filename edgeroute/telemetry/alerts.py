@@ -8,8 +8,9 @@ traffic, and silence is not recovery). Deduplication: an alert notifies once whe
 fires and once when it resolves, not at every evaluation; cooldown: an alert that fires
 again within `cooldown_s` of its last notification is shown but not notified again
 (nor is its resolution). Under `serve --workers N` every worker evaluates (its
-`GET /admin/alerts`) and one, worker 0, notifies: the others' budgets, circuits and secrets
-are its own, and each would have sent the same message.
+`GET /admin/alerts`); budgets, circuits and secrets are the same in every worker (shared
+store, shared ejections, the same files), so worker 0 alone notifies those, which each worker
+sent before; the traffic kinds measure each worker's own window and notify from each.
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
 
 # Kinds that are a state (1 while it holds) rather than a measure over a threshold.
 _STATE_KINDS = frozenset({"circuit_open", "secret_refresh_failed"})
+# What every worker of a server measures alike (see the module's doc).
+_SHARED_KINDS = frozenset({"budget_percent", "circuit_open", "secret_refresh_failed"})
 
 
 class AlertEngine:
-    def __init__(self, notifier: Notifier, notifies: bool = True) -> None:
+    def __init__(self, notifier: Notifier, lead: bool = True) -> None:
         self.notifier = notifier
-        self.notifies = notifies  # False: another process sends this server's notifications
+        self.lead = lead  # False: another process notifies the kinds every process sees alike
         self.firing: dict[tuple[str, str], Alert] = {}
         self.recent: deque[Alert] = deque(maxlen=RECENT)
         self._notified_at: dict[tuple[str, str], float] = {}
@@ -197,7 +200,7 @@ class AlertEngine:
             self._notify(rule, "resolved", alert, cfg)
 
     def _notify(self, rule: AlertRule, event: str, alert: Alert, cfg: Alerts) -> None:
-        if not self.notifies:
+        if not self.lead and rule.kind in _SHARED_KINDS:
             return
         names = rule.webhooks if rule.webhooks is not None else list(cfg.webhooks)
         body = alert.to_dict()

@@ -67,9 +67,9 @@ class Telemetry:
         self.window = Window()
         self.history = DeploymentHistory()
         self.notifier = Notifier()
-        # One process notifies for the whole server: worker 0 of `serve --workers N`.
+        # Worker 0 of `serve --workers N` notifies what every worker sees alike (alerts.py).
         worker = workers.current()
-        self.alerts = AlertEngine(self.notifier, notifies=worker is None or worker.id == 0)
+        self.alerts = AlertEngine(self.notifier, lead=worker is None or worker.id == 0)
 
     def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
         """`budgets`: their spend when the alerts are due (else None)."""
