@@ -35,6 +35,7 @@ from edgeroute import redact, secrets
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
+from edgeroute.cost import budget_report
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
@@ -113,6 +114,9 @@ class Metrics:
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
+        # Budgets counted in a shared store (Redis, the workers' file), as the telemetry loop last
+        # read them: a scrape cannot wait for the store, and this process's counters hold nothing.
+        self.shared_budgets: list[tuple[Budget, float]] = []
 
     def _observe(self, family: str, key: tuple[str, ...], seconds: float) -> None:
         h = self.histograms[family].get(key)
@@ -153,6 +157,19 @@ class Metrics:
             ttft.sum += seconds
         if rec.queue_ms:
             self._observe("queue", (route, rec.priority or ""), rec.queue_ms / 1000)
+        self._attempts(rec)
+        if rec.admission:
+            action, _, budget = rec.admission.partition(":")
+            c["budget_actions"][(budget, action)] += 1
+
+    def observe_mirror(self, rec: RequestRecord) -> None:
+        """A shadow mirror's attempts, tokens and cost: upstream calls paid for like any other
+        (the request families count clients' requests only)."""
+        self._attempts(rec)
+
+    def _attempts(self, rec: RequestRecord) -> None:
+        c = self.counters
+        route = rec.route
         team = rec.team or ""
         attempts, tokens, cost = c["attempts"], c["tokens"], c["cost"]
         for a in rec.attempts:
@@ -179,9 +196,6 @@ class Metrics:
                     tokens[(route, dep, team, "cached")] += u.cached_tokens
             if a.cost_usd:
                 cost[(route, dep, team)] += a.cost_usd
-        if rec.admission:
-            action, _, budget = rec.admission.partition(":")
-            c["budget_actions"][(budget, action)] += 1
 
     def collect(self) -> Iterable[Metric]:
         """The per-request families. Label values are config names (and edgeroute's own words);
@@ -316,9 +330,10 @@ def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[
     `match`, or global), as this process's budget store holds it.
 
     Per-subject budgets without `match` are left out (one series per key or user would be
-    unbounded); so are budgets kept in Redis, whose totals this process does not hold.
+    unbounded); so are budgets kept in a shared store (Redis, the workers' file), whose totals
+    this process does not hold (`budget_spend_now` reads them).
     """
-    if not isinstance(control, CostControl) or live.config.shared_state is not None:
+    if not isinstance(control, CostControl) or control.shared is not None:
         return
     for b in control.budgets:
         if b.scope == "global" or b.match is not None:
@@ -326,10 +341,25 @@ def budget_spend(control: Admission | None, live: Live, now: float) -> Iterator[
             yield b, control.local_budgets.used(c) / B.NANO
 
 
+async def budget_spend_now(control: Admission | None, live: Live, now: float) -> list[tuple[Budget, float]]:
+    """As `budget_spend`, read where admission counts: the shared store (Redis, or the file of
+    `serve --workers N`) when one is in use and up, else this process's counters, which under
+    a shared store hold nothing (for the alerts, which may wait for a read)."""
+    if not isinstance(control, CostControl):
+        return []
+    fixed = [b for b in control.budgets if b.scope == "global" or b.match is not None]
+    charges = [B.charge(b, b.match or "*", B.period_of(b, now), 0, -1) for b in fixed]
+    used = await budget_report.used(control, charges)
+    return [(b, u / B.NANO) for b, u in zip(fixed, used, strict=True)]
+
+
 def budget_source(app: web.Application) -> Iterable[Metric]:
     used = GaugeMetricFamily("edgeroute_budget_used_usd", "Spend (and reservations) this period.", labels=["budget"])
     limit = GaugeMetricFamily("edgeroute_budget_limit_usd", "A budget's limit per period.", labels=["budget"])
-    for b, spent in budget_spend(app.get(ADMISSION), app[STATE].live, time.time()):
+    control = app.get(ADMISSION)
+    shared = isinstance(control, CostControl) and control.shared is not None
+    seen = app[METRICS].shared_budgets if shared else budget_spend(control, app[STATE].live, time.time())
+    for b, spent in seen:
         used.add_metric([b.name], spent)
         limit.add_metric([b.name], b.limit_usd)
     yield used

@@ -283,6 +283,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             if entry is None:
                 raise
             rec.admission = None
+            keep_content(live, rec, decision, body)
             return await _cached_answer(request, rec, decision, plan, entry, dialect)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
@@ -299,8 +300,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
-        if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
-            rec.content_mode, rec.content_request = keep, body  # stored only where configured
+        keep_content(live, rec, decision, body)
         if plan is not None:
             if (entry := await cache.lookup(plan, servable(live, decision.order))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
@@ -435,6 +435,12 @@ def _stream_saver(
     return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))
 
 
+def keep_content(live: Live, rec: RequestRecord, decision: _core.Decision, body: bytes) -> None:
+    """Hands the request body to the request log where `request_log` keeps content (only there)."""
+    if (keep := live.config.request_log.content_for(rec.model, decision.route, rec.key)) != "none":
+        rec.content_mode, rec.content_request = keep, body
+
+
 async def _cached_answer(
     request: web.Request,
     rec: RequestRecord,
@@ -447,6 +453,8 @@ async def _cached_answer(
     """Answers from the cache: a hit, or a stale entry after every deployment failed (`error`)."""
     rec.deployment, rec.status, rec.cache, rec.saved_usd = entry.deployment, 200, plan.label, entry.cost_usd
     rec.outcome = "cache_hit" if error is None else "cache_stale"
+    if rec.content_mode != "none":  # the answer as a miss keeps it (a stream's as its JSON)
+        rec.content_response = entry.body
     hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
     if rec.correlation_id is not None:  # echoed as on a miss: a hit must not look different to the client
         hdrs[headers.CORRELATION_ID] = rec.correlation_id

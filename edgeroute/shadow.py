@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Shadow
@@ -101,6 +101,15 @@ def pair_record(
     }
 
 
+def _redacted(pair: dict[str, Any]) -> dict[str, Any]:
+    """The pair with credentials in its answers replaced, as the request log stores answers (a
+    model repeats what it was sent: a key pasted into a prompt, say)."""
+    for side in (pair["primary"], pair["shadow"]):
+        if side["answer"] is not None:
+            side["answer"] = redact.text(side["answer"])
+    return pair
+
+
 class Observer(Protocol):
     """Sees each answered request (`router_shadow`: a candidate router's evaluation)."""
 
@@ -122,6 +131,15 @@ class Observer(Protocol):
 
 
 CANDIDATE_ROUTER = web.AppKey("candidate_router", Observer)
+
+
+class MirrorObserver(Protocol):
+    def __call__(self, rec: RequestRecord) -> None:
+        """Sees a finished mirror's record (its upstream calls and their cost)."""
+
+
+# Set by the telemetry (a layer above): a mirror's calls and spend in the metrics and alerts.
+MIRRORED = web.AppKey("mirrored", MirrorObserver)
 
 
 def decide_as(
@@ -212,5 +230,8 @@ async def _mirror(
         if admission is not None:
             admission.settle(ticket, rec)
         app[RECORDER].record(rec)
+        if (seen := app.get(MIRRORED)) is not None:
+            seen(rec)
         if (slog := app.get(SHADOW_LOG)) is not None:
-            await asyncio.to_thread(slog.write, pair_record(primary, answer_text(answer), rec, text))
+            pair = pair_record(primary, answer_text(answer), rec, text)
+            await asyncio.to_thread(lambda: slog.write(_redacted(pair)))

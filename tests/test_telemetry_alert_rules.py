@@ -54,36 +54,36 @@ async def test_error_rate_fires_once_resolves_and_respects_cooldown() -> None:
     engine, window = AlertEngine(notifier), Window()
     for _ in range(3):
         window.add(_rec("d-a", False), T0)
-    engine.evaluate(cfg, live, window, None, T0)
+    engine.evaluate(cfg, live, window, (), T0)
     assert not engine.firing  # three attempts: below min_requests, nothing changes
     window.add(_rec("d-a", False), T0 + 1)
     window.add(_rec("d-b", True), T0 + 1)
     for t in (T0 + 1, T0 + 2, T0 + 3):  # evaluated three times while the outage lasts
-        engine.evaluate(cfg, live, window, None, t)
+        engine.evaluate(cfg, live, window, (), t)
     assert list(engine.firing) == [("errs", "d-a")]
     assert engine.firing[("errs", "d-a")].value == 1.0
     assert _events(notifier) == [("firing", "errs", "d-a")]  # once, not per evaluation
     # No traffic at all for a while: silence is not recovery.
-    engine.evaluate(cfg, live, window, None, T0 + 30)
+    engine.evaluate(cfg, live, window, (), T0 + 30)
     assert ("errs", "d-a") in engine.firing
     for _ in range(4):
         window.add(_rec("d-a", True), T0 + 31)
-    engine.evaluate(cfg, live, window, None, T0 + 32)
+    engine.evaluate(cfg, live, window, (), T0 + 32)
     assert not engine.firing and engine.recent[0].state == "resolved" and engine.recent[0].resolved_at == T0 + 32
     assert _events(notifier) == [("resolved", "errs", "d-a")]
     # It fires again within the cooldown: listed, but neither its firing nor its resolution is sent.
     for _ in range(8):
         window.add(_rec("d-a", False), T0 + 40)
-    engine.evaluate(cfg, live, window, None, T0 + 41)
+    engine.evaluate(cfg, live, window, (), T0 + 41)
     assert ("errs", "d-a") in engine.firing
     for _ in range(40):
         window.add(_rec("d-a", True), T0 + 45)
-    engine.evaluate(cfg, live, window, None, T0 + 46)
+    engine.evaluate(cfg, live, window, (), T0 + 46)
     assert not engine.firing and _events(notifier) == []
     # After the cooldown it notifies again.
     for _ in range(8):
         window.add(_rec("d-a", False), T0 + 120)
-    engine.evaluate(cfg, live, window, None, T0 + 121)
+    engine.evaluate(cfg, live, window, (), T0 + 121)
     assert _events(notifier) == [("firing", "errs", "d-a")]
     listing = engine.listing()
     assert [a["state"] for a in listing["firing"]] == ["firing"] and len(listing["recent"]) == 2
@@ -104,7 +104,7 @@ async def test_kinds_measure_what_they_say(rule: dict[str, Any], fill: list[Any]
     engine, window = AlertEngine(Notifier()), Window()
     for dep, ok, lat, status, cost in fill:
         window.add(_rec(dep, ok, latency_ms=lat, status=status, cost=cost), T0)
-    engine.evaluate(cfg, live, window, None, T0 + 1)
+    engine.evaluate(cfg, live, window, (), T0 + 1)
     (alert,) = engine.firing.values()
     assert alert.subject == subject and alert.value == pytest.approx(value)
     assert alert.message.startswith(f"r: {subject}: ")
@@ -115,9 +115,9 @@ async def test_a_reload_that_removes_the_rule_resolves_its_alerts() -> None:
     live, cfg = _live({"rules": [rule]})
     engine, window = AlertEngine(Notifier()), Window()
     window.add(_rec("d-a", False), T0)
-    engine.evaluate(cfg, live, window, None, T0)
+    engine.evaluate(cfg, live, window, (), T0)
     assert engine.firing
-    engine.evaluate(Alerts(), live, window, None, T0 + 1)
+    engine.evaluate(Alerts(), live, window, (), T0 + 1)
     assert not engine.firing and engine.recent[0].rule == "errs"
 
 
@@ -126,16 +126,16 @@ async def test_a_secret_that_cannot_be_read_again_fires_until_it_reads(monkeypat
     live, cfg = _live({"rules": [{"name": "secrets", "kind": "secret_refresh_failed"}]})
     notifier = Notifier()
     engine, window = AlertEngine(notifier), Window()
-    engine.evaluate(cfg, live, window, None, T0)
+    engine.evaluate(cfg, live, window, (), T0)
     assert not engine.firing
     secrets.STATUS.failing.add("file:/run/secrets/openai")
-    engine.evaluate(cfg, live, window, None, T0 + 1)
-    engine.evaluate(cfg, live, window, None, T0 + 2)
+    engine.evaluate(cfg, live, window, (), T0 + 1)
+    engine.evaluate(cfg, live, window, (), T0 + 2)
     assert _events(notifier) == [("firing", "secrets", "file:/run/secrets/openai")]
     (alert,) = engine.firing.values()
     assert "last good value" in alert.message
     secrets.STATUS.failing.clear()
-    engine.evaluate(cfg, live, window, None, T0 + 3)
+    engine.evaluate(cfg, live, window, (), T0 + 3)
     assert not engine.firing and _events(notifier) == [("resolved", "secrets", "file:/run/secrets/openai")]
 
 
@@ -159,3 +159,26 @@ def test_an_hour_of_a_busy_deployment_costs_a_few_megabytes() -> None:
         tracemalloc.stop()
     assert len(w.slots) == 721 and len(w.slots[-1].deployments["d"].latencies_ms) == 256
     assert used < 4_500_000, f"{used / 1e6:.1f} MB"
+
+
+async def test_a_worker_other_than_the_lead_notifies_its_own_traffic_only() -> None:
+    """Under `serve --workers N`, a worker's traffic window is its own (a client's keep-alive
+    connection stays on one worker): it notifies its error rate; a budget, alike in every
+    worker, is notified by worker 0 alone."""
+    rules = [
+        {"name": "errs", "kind": "error_rate", "threshold": 0.5, "window_s": 10, "min_requests": 2},
+        {"name": "spend", "kind": "budget_percent", "threshold": 50},
+    ]
+    live, cfg = _live({"rules": rules})
+    budget = config_mod.Budget.model_validate({"name": "month", "scope": "global", "limit_usd": 1.0})
+    seen = {}
+    for lead in (True, False):
+        notifier = Notifier()
+        engine, window = AlertEngine(notifier, lead=lead), Window()
+        for _ in range(2):
+            window.add(_rec("d-a", False), T0)
+        engine.evaluate(cfg, live, window, [(budget, 0.9)], T0)
+        assert {k[0] for k in engine.firing} == {"errs", "spend"}  # both shown by every worker
+        seen[lead] = sorted(_events(notifier))
+    assert seen[True] == [("firing", "errs", "d-a"), ("firing", "spend", "month")]
+    assert seen[False] == [("firing", "errs", "d-a")]

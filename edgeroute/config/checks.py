@@ -23,6 +23,32 @@ def unknown(kind: str, name: str, known: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
+# A model's settings that only the route serving a request reads (dispatch, the core's order).
+_ROUTE_ONLY = frozenset(
+    {"strategy", "fallbacks", "context_window_fallbacks", "fallbacks_on", "hedge", "timeouts", "max_attempts"}
+)
+
+
+def _chooses(cfg: Config, name: str) -> str | None:
+    """Why a model's own name never counts in budgets and rate limits, or None: it chooses among
+    routes (a policy, an experiment), and they count the route that serves a request."""
+    m = cfg.models.get(name)
+    if m is None or (m.policy is None and m.experiment is None):
+        return None
+    routes = (
+        [c.route for c in m.policy.candidates]
+        if m.policy
+        else [v.route for v in m.experiment.variants]
+        if m.experiment
+        else []
+    )
+    kind = "a policy" if m.policy is not None else "an experiment"
+    return (
+        f"model {name!r} chooses among routes ({kind}), and budgets and rate limits count the route "
+        f"that serves a request: this would never count; name its routes ({', '.join(map(repr, routes))})"
+    )
+
+
 def cross_check(cfg: Config) -> list[tuple[str, str]]:
     """Every problem a single field's schema cannot see: references between sections, secrets
     that do not resolve, TLS files; as (path in the file, message)."""
@@ -54,6 +80,14 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
         if len(choosers) == 2:
             problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
+        if choosers and len(choosers) == 1:
+            # The route it chooses serves the request with its own settings: these would do nothing.
+            for field in sorted(m.model_fields_set & _ROUTE_ONLY):
+                kind = "a policy" if choosers[0] == "policy" else "an experiment"
+                problems.append(
+                    (f"models.{name}.{field}", f"model {name!r} chooses among routes ({kind}), which serve with "
+                     f"their own {field}: set it on them (a chooser takes cache and shadow for its routes)")
+                )  # fmt: skip
         refs: list[tuple[str, str]] = []
         if m.policy is not None:
             refs += [
@@ -158,6 +192,8 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
         for n in names:
             if n not in known:
                 problems.append((f"rate_limits.{section}.{n}", unknown(section[:-1], n, known)))
+            elif section == "models" and (why := _chooses(cfg, n)) is not None:
+                problems.append((f"rate_limits.models.{n}", why))
     seen: set[str] = set()
     for i, b in enumerate(cfg.budgets.limits):
         where = f"budgets.limits[{i}]"
@@ -170,6 +206,8 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
             problems.append((f"{where}.match", "a global budget matches everything"))
         if b.scope == "model" and b.match is not None and b.match not in cfg.models:
             problems.append((f"{where}.match", unknown("model", b.match, cfg.models)))
+        elif b.scope == "model" and b.match is not None and (why := _chooses(cfg, b.match)) is not None:
+            problems.append((f"{where}.match", why))
         if b.scope == "key" and b.match is not None and b.match not in cfg.keys:
             problems.append((f"{where}.match", unknown("key", b.match, cfg.keys)))
         for j, a in enumerate(b.actions):

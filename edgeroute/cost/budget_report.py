@@ -45,7 +45,7 @@ def _entry(b: Budget, subject: str, p: B.Period, used: int, reserved: int, now: 
     }
 
 
-async def _used(control: CostControl, charges: list[B.Charge]) -> list[int]:
+async def used(control: CostControl, charges: list[B.Charge]) -> list[int]:
     """Counters for `charges`: from Redis when it is in use and up, else this instance's."""
     if control.shared is not None and control.shared_up() and charges:
         try:  # a reservation of nothing that never blocks: it reads the counters
@@ -72,10 +72,10 @@ async def report(control: CostControl, now: float | None = None) -> dict[str, An
     for b in control.keys.budgets() if control.keys is not None else []:  # managed keys' own
         assert b.match is not None
         charges.append(B.charge(b, b.match, B.period_of(b, now), 0, -1))
-    used = await _used(control, charges)
+    counted = await used(control, charges)
     budgets = [
         _entry(c.budget, c.subject, c.period, u, control.reserved.get(c.store_key, 0), now)
-        for c, u in zip(charges, used, strict=True)
+        for c, u in zip(charges, counted, strict=True)
     ]
     return {"budgets": budgets, "rate_limits": rate_limits(control)}
 

@@ -34,6 +34,7 @@ from edgeroute.openai_api import (
     begin,
     decide,
     finish,
+    keep_content,
     read_body,
     route_cache,
 )
@@ -85,6 +86,17 @@ class CountedCall(Call):
         if self._counted is None:
             self._counted = self._req.tokens(self.decision.encoding)
         return self._counted
+
+
+def _plan(request: web.Request, live: Live, decision: _core.Decision, parsed: Parsed) -> Plan | None:
+    """The cache's plan for the request (None: not cached; an endpoint never cached still
+    answers its cache header: 400 for a bad value, 504 for `only-if-cached`)."""
+    if parsed.cache_fields is None:
+        ResponseCache.never_cached(request)
+        return None
+    settings = route_cache(live.config, decision)
+    tenant = _tenant(request, settings)
+    return request.app[CACHE].plan_exact(request, settings, decision.route, parsed.cache_fields, tenant)
 
 
 def _same_model(live: Live, decision: _core.Decision) -> dict[str, str]:
@@ -193,9 +205,21 @@ async def serve(
         rec.tags = _tags(request)
         # Budgets count the routing body exactly, off the loop, only when its bound alone would refuse.
         counted = route_body
-        ticket = await admission.admit(
-            request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
-        )
+        try:
+            ticket = await admission.admit(
+                request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
+            )
+        except ProxyError as e:
+            # As on chat: a budget refuses what would cost money, not an answer the cache holds
+            # (the refusal has counted the request against its rate limits as a hit is counted).
+            if e.code != "budget_exceeded" or (plan := _plan(request, live, decision, parsed)) is None:
+                raise
+            entry = await request.app[CACHE].lookup(plan, _same_model(live, decision))
+            if entry is None:
+                raise
+            rec.admission = None
+            keep_content(live, rec, decision, body)
+            return await _cached_answer(request, rec, decision, plan, entry, None)
         if (reroute := rerouted_model(ticket)) is not None:
             route_body = with_model(route_body, decision, reroute)
             known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
@@ -204,18 +228,11 @@ async def serve(
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
-        if (keep := live.config.request_log.content_for(decision.route, rec.key)) != "none":
-            rec.content_mode, rec.content_request = keep, body
+        keep_content(live, rec, decision, body)
         model = live.config.models[decision.route]
-        plan: Plan | None = None
-        if parsed.cache_fields is None:
-            ResponseCache.never_cached(request)
-        else:
-            cache = request.app[CACHE]
-            settings = route_cache(live.config, decision)
-            plan = cache.plan_exact(request, settings, decision.route, parsed.cache_fields, _tenant(request, settings))
-            if plan is not None and (entry := await cache.lookup(plan, _same_model(live, decision))) is not None:
-                return await _cached_answer(request, rec, decision, plan, entry, None)
+        plan = _plan(request, live, decision, parsed)
+        if plan is not None and (entry := await request.app[CACHE].lookup(plan, _same_model(live, decision))):
+            return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)

@@ -18,7 +18,7 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.governance import residency
 from edgeroute.governance.keys import ManagedKeys
 from edgeroute.governance.store import GovStore
-from edgeroute.governance.versions import Saved, Versions, digest
+from edgeroute.governance.versions import Saved, Versions, digest, mask
 from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.governance")
@@ -79,7 +79,10 @@ class Gov:
         after = {"version": saved.version, "hash": digest(saved.stored), "source": how}
         await self.audit(actor or how, "config." + how.split(":")[0], "config", {"version": before}, after)
         if previous is not None and previous.budgets != live.config.budgets:
-            old, new = previous.budgets.model_dump(mode="json"), live.config.budgets.model_dump(mode="json")
+            # Masked as every view of a config is (a notify webhook's URL may be its credential).
+            old, new = (
+                mask({"budgets": b.model_dump(mode="json")})["budgets"] for b in (previous.budgets, live.config.budgets)
+            )
             await self.audit(actor or how, "budget.changed", "budgets", old, new)
 
 

@@ -68,10 +68,31 @@ def _literal(field: str, v: str) -> bool:
     return "@" in v if field in _URLS else True
 
 
+def _webhook_urls(data: Any) -> Iterator[tuple[dict[str, Any], str]]:
+    """Webhook URLs written literally (`alerts.webhooks.*.url`, a budget action's `webhook`): a
+    Slack webhook's URL is its credential, so views mask them. They are stored as written: a
+    budget's webhook cannot be a reference, and a rollback needs its URL."""
+    if not isinstance(data, dict):
+        return
+    alerts, budgets = data.get("alerts"), data.get("budgets")
+    hooks = alerts.get("webhooks") if isinstance(alerts, dict) else None
+    for hook in hooks.values() if isinstance(hooks, dict) else ():
+        if isinstance(hook, dict) and isinstance(hook.get("url"), str) and _literal("url", hook["url"]):
+            yield hook, "url"
+    limits = budgets.get("limits") if isinstance(budgets, dict) else None
+    for limit in limits if isinstance(limits, list) else ():
+        actions = limit.get("actions") if isinstance(limit, dict) else None
+        for action in actions if isinstance(actions, list) else ():
+            if isinstance(action, dict) and isinstance(action.get("webhook"), str):
+                yield action, "webhook"
+
+
 def mask(data: Any) -> Any:
     """`data` (parsed YAML, changed in place) with literal secrets replaced by a mask."""
     for container, key, _ in list(_leaves(data)):
         container[key] = MASK
+    for hook, key in list(_webhook_urls(data)):
+        hook[key] = MASK
     for container, key, _ in list(_redacted(data)):
         container[key] = MASK
     return data

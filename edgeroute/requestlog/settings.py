@@ -7,13 +7,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 LogContent = Literal["none", "redacted", "full"]
+_PRIVACY: tuple[LogContent, ...] = ("none", "redacted", "full")  # most private first
 
 
 class RequestLog(BaseModel):
     """The request log lives in the ledger's database (SQLite by default, PostgreSQL), written in
     the ledger's batches. Prompts and answers are kept only where `log_content` says so: for
     every request (`log_content`), or per public model (`content_models`) or key id
-    (`content_keys`); a key's setting wins over a model's, a model's over the default.
+    (`content_keys`); a key's setting wins over a model's, a model's over the default. A
+    request's models are the one it asked for and the route that served it (an experiment's
+    variant, a policy's choice, a budget's downgrade): where both are named, the more private
+    setting holds.
     `redacted` replaces PII and credentials with typed markers; no token or provider key is
     ever stored."""
 
@@ -34,7 +38,10 @@ class RequestLog(BaseModel):
     # `edgeroute_request_log_dropped_total`, rather than the queue growing without end.
     max_backlog: int = Field(25_000, ge=100)
 
-    def content_for(self, route: str, key: str | None) -> LogContent:
+    def content_for(self, asked: str, route: str, key: str | None) -> LogContent:
+        """What is kept of a request for model `asked` served by `route` (the same name when
+        nothing chose for the client)."""
         if key is not None and key in self.content_keys:
             return self.content_keys[key]
-        return self.content_models.get(route, self.log_content)
+        named = [self.content_models[m] for m in (asked, route) if m in self.content_models]
+        return min(named, key=_PRIVACY.index) if named else self.log_content

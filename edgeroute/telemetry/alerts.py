@@ -7,7 +7,10 @@ when the value is back at or below it. A rate or percentile with fewer than
 traffic, and silence is not recovery). Deduplication: an alert notifies once when it
 fires and once when it resolves, not at every evaluation; cooldown: an alert that fires
 again within `cooldown_s` of its last notification is shown but not notified again
-(nor is its resolution).
+(nor is its resolution). Under `serve --workers N` every worker evaluates (its
+`GET /admin/alerts`); budgets, circuits and secrets are the same in every worker (shared
+store, shared ejections, the same files), so worker 0 alone notifies those, which each worker
+sent before; the traffic kinds measure each worker's own window and notify from each.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgeroute import redact, secrets
-from edgeroute.metrics import budget_spend
+from edgeroute.config import Budget
 from edgeroute.state import Live
 from edgeroute.telemetry.notify import Notification, Notifier
 from edgeroute.telemetry.settings import AlertRule, Alerts
@@ -72,11 +75,14 @@ def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
 
 # Kinds that are a state (1 while it holds) rather than a measure over a threshold.
 _STATE_KINDS = frozenset({"circuit_open", "secret_refresh_failed"})
+# What every worker of a server measures alike (see the module's doc).
+_SHARED_KINDS = frozenset({"budget_percent", "circuit_open", "secret_refresh_failed"})
 
 
 class AlertEngine:
-    def __init__(self, notifier: Notifier) -> None:
+    def __init__(self, notifier: Notifier, lead: bool = True) -> None:
         self.notifier = notifier
+        self.lead = lead  # False: another process notifies the kinds every process sees alike
         self.firing: dict[tuple[str, str], Alert] = {}
         self.recent: deque[Alert] = deque(maxlen=RECENT)
         self._notified_at: dict[tuple[str, str], float] = {}
@@ -85,7 +91,7 @@ class AlertEngine:
     # -- what each kind measures: (subject, value) pairs; a None value changes nothing --------
 
     def _measure(
-        self, rule: AlertRule, live: Live, window: Window, control: Any, now: float
+        self, rule: AlertRule, live: Live, window: Window, budgets: Iterable[tuple[Budget, float]], now: float
     ) -> Iterator[tuple[str, float | None]]:
         kind = rule.kind
         if kind == "circuit_open":
@@ -94,7 +100,9 @@ class AlertEngine:
                     yield d.name, 1.0 if live.router.health(d.index)["circuit"] == "open" else 0.0
             return
         if kind == "budget_percent":
-            yield from _budget_percents(rule, live, control, now)
+            for b, spent in budgets:
+                if not rule.budgets or b.name in rule.budgets:
+                    yield b.name, spent / b.limit_usd * 100
             return
         if kind == "secret_refresh_failed":
             # Only the failing references: one that reads again is no longer seen, so it resolves.
@@ -130,15 +138,24 @@ class AlertEngine:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def evaluate(self, cfg: Alerts, live: Live, window: Window, control: Any, now: float | None = None) -> None:
+    def evaluate(
+        self,
+        cfg: Alerts,
+        live: Live,
+        window: Window,
+        budgets: Iterable[tuple[Budget, float]],
+        now: float | None = None,
+    ) -> None:
+        """`budgets`: each budget's spend this period (USD), as admission counts it."""
         now = time.time() if now is None else now
+        budgets = list(budgets)
         self.notifier.webhooks = cfg.webhooks
         rules = {r.name: r for r in cfg.rules}
         for key in [k for k in self.firing if k[0] not in rules]:  # a reload removed the rule
             self._resolve(key, None, self.firing[key].value, now)
         for rule in cfg.rules:
             seen: set[str] = set()
-            for subject, value in self._measure(rule, live, window, control, now):
+            for subject, value in self._measure(rule, live, window, budgets, now):
                 seen.add(subject)
                 if value is None:
                     continue
@@ -183,6 +200,8 @@ class AlertEngine:
             self._notify(rule, "resolved", alert, cfg)
 
     def _notify(self, rule: AlertRule, event: str, alert: Alert, cfg: Alerts) -> None:
+        if not self.lead and rule.kind in _SHARED_KINDS:
+            return
         names = rule.webhooks if rule.webhooks is not None else list(cfg.webhooks)
         body = alert.to_dict()
         for name in names:
@@ -201,9 +220,3 @@ class AlertEngine:
     def listing(self) -> dict[str, list[dict[str, Any]]]:
         firing = sorted(self.firing.values(), key=lambda a: a.started_at, reverse=True)
         return {"firing": [a.to_dict() for a in firing], "recent": [a.to_dict() for a in self.recent]}
-
-
-def _budget_percents(rule: AlertRule, live: Live, control: Any, now: float) -> Iterator[tuple[str, float | None]]:
-    for b, spent in budget_spend(control, live, now):
-        if not rule.budgets or b.name in rule.budgets:
-            yield b.name, spent / b.limit_usd * 100

@@ -23,10 +23,11 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from edgeroute import redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
-from edgeroute.config import Config
+from edgeroute.config import Budget, Config
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV, actor_of
-from edgeroute.metrics import METRICS, Metrics, metrics_endpoint
+from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
+from edgeroute.shadow import MIRRORED
 from edgeroute.state import STATE
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.alerts import AlertEngine
@@ -34,6 +35,7 @@ from edgeroute.telemetry.history import DeploymentHistory, parse_since
 from edgeroute.telemetry.notify import Notifier
 from edgeroute.telemetry.tracing import TRACER
 from edgeroute.telemetry.window import SLOT_S, Window
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.telemetry")
 
@@ -67,16 +69,19 @@ class Telemetry:
         self.window = Window()
         self.history = DeploymentHistory()
         self.notifier = Notifier()
-        self.alerts = AlertEngine(self.notifier)
+        # Worker 0 of `serve --workers N` notifies what every worker sees alike (alerts.py).
+        worker = workers.current()
+        self.alerts = AlertEngine(self.notifier, lead=worker is None or worker.id == 0)
 
-    def tick(self, app: web.Application, now: float, sample: bool, evaluate: bool) -> None:
+    def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
+        """`budgets`: their spend when the alerts are due (else None)."""
         state = app[STATE]
         live = state.live
         self.window.add_shed(state.counters.shed, now)
         if sample:
             self.history.sample(live, self.window, now)
-        if evaluate:
-            self.alerts.evaluate(live.config.alerts, live, self.window, app.get(ADMISSION), now)
+        if budgets is not None:
+            self.alerts.evaluate(live.config.alerts, live, self.window, budgets, now)
 
 
 TELEMETRY = web.AppKey("telemetry", Telemetry)
@@ -110,7 +115,11 @@ async def _run(app: web.Application) -> None:
         slot = now - now % SLOT_S
         sample, evaluate = slot > last_slot, now - last_eval >= every - 0.05
         try:
-            t.tick(app, now, sample, evaluate)
+            budgets = None
+            if evaluate:  # the budgets as admission counts them, for the alerts and the gauges
+                budgets = await budget_spend_now(app.get(ADMISSION), app[STATE].live, now)
+                app[METRICS].shared_budgets = budgets
+            t.tick(app, now, sample, budgets)
         except Exception:
             log.exception("telemetry sampling failed")  # the next tick tries again
         last_slot = slot
@@ -215,6 +224,12 @@ def install(app: web.Application, config: Config) -> None:
     """Metrics, the recent-traffic window, alerts and history, tracing when on, their routes and tasks."""
     app[METRICS] = Metrics()
     app[TELEMETRY] = Telemetry()
+
+    def mirrored(rec: RequestRecord) -> None:  # a shadow mirror: paid for, so in the cost metric and alerts
+        app[METRICS].observe_mirror(rec)
+        app[TELEMETRY].window.add(rec, time.time(), mirror=True)
+
+    app[MIRRORED] = mirrored
     app[METRICS].sources += [_alert_source, _trace_source]
     if config.tracing.enabled:
         tracing.start(app, config.tracing)

@@ -74,14 +74,16 @@ class Window:
             self.slots.append(Slot(start))
         return self.slots[-1]
 
-    def add(self, rec: RequestRecord, now: float) -> None:
+    def add(self, rec: RequestRecord, now: float, mirror: bool = False) -> None:
+        """`mirror`: a shadow mirror, whose spend and upstream calls count, not as a request."""
         s = self._slot(now)
-        s.requests += 1
         s.cost_usd += rec.cost_usd
-        if rec.status == 429:
-            s.rate_limited += 1
-        if rec.error_class == "poison":
-            s.poison += 1
+        if not mirror:
+            s.requests += 1
+            if rec.status == 429:
+                s.rate_limited += 1
+            if rec.error_class == "poison":
+                s.poison += 1
         for a in rec.attempts:
             if a.outcome in _NEUTRAL:
                 continue
