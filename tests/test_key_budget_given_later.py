@@ -11,8 +11,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.governance_support import call
 from tests.test_cost_restart import Served
 from tests.test_key_budgets import ADMIN, _admitted, _config, _key
@@ -23,10 +21,6 @@ async def _patch(url: str, key_id: str, budget: float | None) -> None:
     assert status == 200, body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (SECURITY.md): requests running when a key is given a budget are not counted against it",
-)
 async def test_requests_running_when_a_key_gets_a_budget_count_against_it(start_upstream: Any, tmp_path: Path) -> None:
     """Three requests of 1.5 s are running when the key is given $0.05: with them and the
     first request seen with the budget, one more fits, not four. (The ledger is read as the
@@ -48,10 +42,6 @@ async def test_requests_running_when_a_key_gets_a_budget_count_against_it(start_
         served.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (SECURITY.md): a budget taken off a key and given back does not count the spend in between",
-)
 async def test_a_budget_taken_off_and_given_back_counts_the_spend_in_between(
     start_upstream: Any, tmp_path: Path
 ) -> None:

@@ -110,7 +110,9 @@ class SqliteState:
 
         return await self._run(tx)
 
-    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
+    async def adjust_async(self, charges: list[Charge], deltas: list[int], counts: int = 0) -> None:
+        """Adds `deltas` in one transaction (a managed key's counter, among the last `counts`, is
+        created like any other: this store is seeded before any worker serves)."""
         pairs = [(c, d) for c, d in zip(charges, deltas, strict=True) if d]
         if not pairs:
             return
