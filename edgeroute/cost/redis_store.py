@@ -202,6 +202,9 @@ SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most
 SEED_WAIT_S = 10.0  # how long admission waits for the ledger to be read back into Redis
 
 RESEND_S = 1.0  # settlements Redis never received are sent again this often while it is down
+# Managed keys' counters that no other settlement carried are sent at most this long after
+# (`count_later`): under any load one script a tenth of a second, not one per request.
+COUNT_FLUSH_S = 0.1
 
 
 class StoreUnavailable(Exception):
@@ -259,6 +262,7 @@ class RedisState:
         # Redis when Redis turns out to hold no budgets (`Unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
         self._seeding: asyncio.Task[None] | None = None
+        self._count_timer: asyncio.TimerHandle | None = None  # sends counts nothing else carried
 
     async def _run(
         self,
@@ -387,21 +391,39 @@ class RedisState:
         out = await self._seeded(lambda: self._run(RESERVE, keys, self._reserve_args(charges)))
         return self._read_reserve(out, 0, charges)
 
-    async def adjust_async(self, charges: list[Charge], deltas: list[int], counts: int = 0) -> None:
-        """Adds `deltas` to reservations, batched with other requests' settlements; the last
-        `counts` go to managed keys' counters, which a delta creates (see SETTLE)."""
+    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
+        """Adds `deltas` to reservations, batched with other requests' settlements."""
         pending = self._pending.budgets
-        first_count = len(charges) - counts
-        for i, (c, d) in enumerate(zip(charges, deltas, strict=True)):
+        for c, d in zip(charges, deltas, strict=True):
             if d:
-                key, slot, create = self._bkey(c), c.period.slot, int(i >= first_count)
+                key, slot = self._bkey(c), c.period.slot
                 have = pending.get((key, slot))
                 if have is None:
-                    pending[(key, slot)] = [key, 1 if c.period.rolling else 0, d, c.period.ttl_s, slot, create]
+                    pending[(key, slot)] = [key, 1 if c.period.rolling else 0, d, c.period.ttl_s, slot, 0]
                 else:
                     have[2] += d
-                    have[5] |= create
         await self._flush_soon()
+
+    def count_later(self, store_keys: list[str], amount: int, ttl_s: int) -> None:
+        """Adds `amount` to managed keys' monthly counters (created where missing, see SETTLE):
+        sent with the next batch of settlements, or within `COUNT_FLUSH_S`, never in a round
+        trip of its own per request."""
+        pending = self._pending.budgets
+        for store_key in store_keys:
+            key = f"{self.prefix}:b:{store_key}"
+            have = pending.get((key, -1))
+            if have is None:
+                pending[(key, -1)] = [key, 0, amount, ttl_s, -1, 1]
+            else:
+                have[2] += amount
+                have[5] = 1
+        if self._flusher is None and self._count_timer is None:
+            self._count_timer = asyncio.get_running_loop().call_later(COUNT_FLUSH_S, self._flush_counts)
+
+    def _flush_counts(self) -> None:
+        self._count_timer = None
+        if self._flusher is None and self._pending and not self._closing:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
         """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""
@@ -533,6 +555,11 @@ class RedisState:
                 had[0] += delta
 
     async def close(self) -> None:
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
+            if self._flusher is None and self._pending:  # counts still waiting: sent now
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
         self._closing = True
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5)

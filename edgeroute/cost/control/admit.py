@@ -49,7 +49,7 @@ class CostControl(Reservations, RateLimits):
         self.ledger = None
         self._restoring = set()
         self._counted_from = {}
-        self._month = None
+        self._months = (B.Period("", 0.0, 0), {})
         self.keys = None
         self._read_at_start = {}
         self.local_limits = LocalLimiter()

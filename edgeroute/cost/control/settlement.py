@@ -12,7 +12,7 @@ from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
-from edgeroute.cost.keys import key_counter
+from edgeroute.cost.keys import key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
 
 
@@ -35,7 +35,8 @@ class Settlement(Stores):
     # Reserved and not yet settled, per store key (what `/admin/budgets` shows as reserved).
     reserved: dict[str, int]
     ledger: Ledger | None  # reservations are journaled with its batches
-    _month: B.Period | None  # the calendar month (UTC) of managed keys' counters, computed once a month
+    # The calendar month (UTC) of managed keys' counters, and their store keys in it by key id.
+    _months: tuple[B.Period, dict[str, str]]
 
     def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
         """Notes the reservations as held until settled, and journals them with the ledger."""
@@ -56,18 +57,11 @@ class Settlement(Stores):
         if not isinstance(ticket, CostTicket):
             return
         actual = B.to_nano(rec.cost_usd)
-        counts = self._key_counts(ticket, actual) if ticket.identity.spends_for and actual > 0 else []
-        # Counted where the budgets are, even while the shared store is failing: a delta it
-        # never received is sent again with the next batch once it is back (`redis_store`).
-        counts_shared = self.shared is not None
         if ticket.charges:
             self._unhold(ticket.charges)
-            charges, deltas = ticket.charges, [actual - c.amount for c in ticket.charges]
-            if counts and counts_shared == ticket.charges_shared:  # one adjustment (one transaction)
-                charges, deltas, counts = [*charges, *counts], [*deltas, *(actual for _ in counts)], []
-            self._adjust(charges, deltas, ticket.charges_shared, counts=len(charges) - len(ticket.charges))
-        if counts:
-            self._adjust(counts, [actual] * len(counts), counts_shared, counts=len(counts))
+            self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+        if actual > 0 and ticket.identity.spends_for:
+            self._count_keys(ticket, actual)
         for h in ticket.held:
             if h.deployment is not None and not any(a.deployment == h.deployment for a in rec.attempts):
                 # Never sent there (a cache hit, a failover, a downgrade): its provider saw
@@ -79,19 +73,28 @@ class Settlement(Stores):
                 tokens = [t for t in h.takes if t.kind == "tokens"]
                 self._give(tokens, [used - t.amount for t in tokens], h.shared)
 
-    def _key_counts(self, ticket: CostTicket, actual: int) -> list[B.Charge]:
-        """The counters of the managed keys above the request's key (itself included) that it
-        reserved nothing in: no budget when it was admitted, one given meanwhile or never."""
-        reserved = {c.budget.name for c in ticket.charges}
-        month = self._month
-        if month is None or not month.starts_at <= ticket.started < month.resets_at:
-            month = self._month = B.period_of(key_counter(ticket.identity.spends_for[0]), ticket.started)
-        out = []
+    def _count_keys(self, ticket: CostTicket, actual: int) -> None:
+        """Adds the request's cost to the monthly counter of each managed key above its key
+        (itself included) that it reserved nothing in: no budget when it was admitted, one
+        given meanwhile or never. In the shared store when there is one (a count it never
+        received is sent again once it is back, as settlements are), else in this process."""
+        month, names = self._months
+        if not month.starts_at <= ticket.started < month.resets_at:
+            month = B.period_of(key_counter(ticket.identity.spends_for[0]), ticket.started)
+            self._months = month, names = (month, {})
+        reserved = {c.store_key for c in ticket.charges}
+        counters = []
         for key_id in ticket.identity.spends_for:
-            b = key_counter(key_id)
-            if b.name not in reserved:
-                out.append(B.charge(b, key_id, month, actual, -1))
-        return out
+            name = names.get(key_id)
+            if name is None:
+                name = names[key_id] = f"{key_budget_name(key_id)}:{key_id}:{month.id}"
+            if name not in reserved:
+                counters.append(name)
+        if self.shared is not None:
+            self.shared.count_later(counters, actual, month.ttl_s)
+        else:
+            for name in counters:
+                self.local_budgets.add_read_back(name, actual)
 
     def _release(self, ticket: CostTicket) -> list[asyncio.Task[None] | None]:
         """Gives back what a refused request took: its reservations, its token estimates and its

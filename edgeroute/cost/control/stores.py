@@ -82,13 +82,10 @@ class Stores:
                 self._unavailable("budgets", e)
         return self.local_budgets.reserve_now(charges), False
 
-    def _adjust(
-        self, charges: list[B.Charge], deltas: list[int], shared: bool, counts: int = 0
-    ) -> asyncio.Task[None] | None:
-        """Adds `deltas` to reservations (the last `counts` to managed keys' counters, which a
-        delta may create); a task when they go to the shared store."""
+    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
+        """Adds `deltas` to reservations; a task when they go to Redis."""
         if shared and self.shared is not None:
-            return self._spawn(self.shared.adjust_async(charges, deltas, counts))
+            return self._spawn(self.shared.adjust_async(charges, deltas))
         self.local_budgets.adjust(charges, deltas)
         return None
 
