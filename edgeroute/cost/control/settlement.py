@@ -82,14 +82,15 @@ class Settlement(Stores):
         if not month.starts_at <= ticket.started < month.resets_at:
             month = B.period_of(key_counter(ticket.identity.spends_for[0]), ticket.started)
             self._months = month, names = (month, {})
-        reserved = {c.store_key for c in ticket.charges}
+        reserved = {c.budget.name for c in ticket.charges}
         counters = []
         for key_id in ticket.identity.spends_for:
+            if key_budget_name(key_id) in reserved:
+                continue
             name = names.get(key_id)
             if name is None:
                 name = names[key_id] = f"{key_budget_name(key_id)}:{key_id}:{month.id}"
-            if name not in reserved:
-                counters.append(name)
+            counters.append(name)
         if self.shared is not None:
             self.shared.count_later(counters, actual, month.ttl_s)
         else:
