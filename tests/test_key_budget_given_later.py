@@ -143,6 +143,7 @@ async def test_on_redis_requests_another_instance_runs_when_a_key_gets_a_budget_
         assert await _admitted(a.url, key["secret"], 1) == 1
         assert sum(await running) == 3
         await eventually(lambda: _sees_budget(b.url, key["id"], True), "instance B sees the budget", within=5)
+        await eventually(lambda: _spent_is(a.url, key["id"], 0.04), "B's requests counted as they end", within=5)
         assert await _admitted(b.url, key["secret"], 4) == 1, "the requests B ran at the change were not counted"
         assert await _admitted(a.url, key["secret"], 1) == 0
     finally:
@@ -168,6 +169,7 @@ async def test_on_redis_a_budget_toggled_on_one_instance_counts_what_another_ser
         assert await _admitted(b.url, key["secret"], 3) == 3
         await _patch(a.url, key["id"], 0.05)
         await eventually(lambda: _sees_budget(b.url, key["id"], True), "B sees the budget back", within=5)
+        await eventually(lambda: _spent_is(a.url, key["id"], 0.04), "B's requests counted as they end", within=5)
         assert await _admitted(b.url, key["secret"], 1) == 1
         assert await _admitted(a.url, key["secret"], 4) == 0, "the $0.03 B served without the budget escaped it"
         assert await _spent(a.url, key["id"]) == 0.05
@@ -202,6 +204,48 @@ async def test_on_redis_restarted_empty_spend_without_a_budget_is_read_back(
         redis.stop()
 
 
+async def _spent_is(url: str, key_id: str, usd: float) -> bool:
+    return await _spent(url, key_id) == usd
+
+
 async def _known(url: str, token: str) -> bool:
     status, _ = await call("GET", url + "/v1/models", token)
     return status == 200
+
+
+async def test_counting_keys_without_a_budget_costs_no_redis_script_per_request(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A managed key without a budget or limits: its requests' counts reach Redis in batches
+    (one script a tenth of a second at most), not one script per request; and they are there
+    (given $0.50, the key has $0.30 of it spent). A private Redis: its command counts are ours."""
+    import redis as redis_py
+
+    up = await start_upstream()
+    redis = RedisServer(tmp_path)
+    redis.start()
+    served = None
+    try:
+        served = await Served.start(_on_redis(_config(up.base_url, tmp_path), redis.url))
+        key = await _key(served.url, ADMIN)
+        client = redis_py.Redis.from_url(redis.url)
+
+        def scripts() -> int:
+            stats = client.info("commandstats")
+            return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("eval", "evalsha"))
+
+        before = scripts()
+        assert await _admitted(served.url, key["secret"], 30) == 30
+        await _patch(served.url, key["id"], 0.5)
+
+        async def all_counted() -> bool:  # the last batch goes within 0.1 s
+            return await _spent(served.url, key["id"]) == 0.3
+
+        await eventually(all_counted, "the 30 requests counted", within=5)
+        ran = scripts() - before
+        assert ran < 15, f"{ran} Redis scripts for 30 requests"
+        client.close()
+    finally:
+        if served is not None:
+            served.kill()
+        redis.stop()
