@@ -249,3 +249,35 @@ async def test_counting_keys_without_a_budget_costs_no_redis_script_per_request(
         if served is not None:
             served.kill()
         redis.stop()
+
+
+async def test_a_redis_seeded_by_an_earlier_release_is_seeded_again_with_every_keys_month(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """An earlier release seeded Redis with budgeted keys' counters only (its marker
+    `budgets-seeded`): an upgraded instance reads every key's month into it at start, keeping
+    the counters it has. A key without a budget spent $0.03 before the upgrade; given $0.05
+    after it, two more requests fit, not five."""
+    redis_url = require_redis()
+    up = await start_upstream()
+    path = _on_redis(_config(up.base_url, tmp_path), redis_url)
+    prefix = yaml.safe_load(path.read_text())["shared_state"]["prefix"]
+    first = await Served.start(path)
+    try:
+        key = await _key(first.url, ADMIN)
+        assert await _admitted(first.url, key["secret"], 3) == 3
+        await asyncio.sleep(0.4)  # past one ledger flush interval, and the counts' batch
+    finally:
+        first.kill()
+    import redis as redis_py
+
+    with redis_py.Redis.from_url(redis_url) as client:  # Redis as the earlier release left it
+        assert client.delete(*client.keys(f"{prefix}:b:key:*")) == 1
+        client.rename(f"{prefix}:budgets-seeded:2", f"{prefix}:budgets-seeded")
+    second = await Served.start(path)
+    try:
+        await _patch(second.url, key["id"], 0.05)
+        assert await _spent(second.url, key["id"]) == 0.03
+        assert await _admitted(second.url, key["secret"], 5) == 2
+    finally:
+        second.kill()
