@@ -47,10 +47,9 @@ async def test_a_chain_of_keys_is_bounded_and_its_deepest_key_spends_within_the_
 
 
 async def test_a_budget_given_later_on_redis_counts_the_month_so_far(start_upstream: Any, tmp_path: Path) -> None:
-    """`_count_key_budget` reads the month so far into the in-process counters only
-    (`CostControl.restore` -> `local_budgets.add_read_back`); with Redis up, admission reads
-    Redis, whose new counter starts at 0: a key that spent $0.03 then given $0.05 gets five
-    more requests, not two. (The test without Redis, in test_key_budgets.py, passes.)"""
+    """With Redis up, admission reads Redis: a key that spent $0.03 then given $0.05 gets two
+    more requests, not five. (The month so far was once read back into the in-process counters
+    only, and Redis's new counter started at 0; now Redis counts the key's month all along.)"""
     redis_url = require_redis()
     up = await start_upstream()
     path = _config(up.base_url, tmp_path)

@@ -125,7 +125,7 @@ async def test_a_budget_given_to_a_key_later_counts_its_month_so_far(start_upstr
         assert status == 200  # this instance applies it before answering
         assert await _admitted(served.url, key["secret"], 1) == 1  # the first request seen with it
 
-        async def month_so_far() -> bool:  # read back in the background, after a ledger flush
+        async def month_so_far() -> bool:  # the key's counter, kept while it had no budget
             return await _spent(served.url, key["id"]) == 0.04
 
         await eventually(month_so_far, "the month's spend read back", within=10)

@@ -13,8 +13,10 @@ keys (and re-reads `env:`/`file:` references, which is how a key is rotated).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,6 +42,9 @@ class Identity:
     residency: str | None = None  # the only region its requests may reach (governance/residency.py)
     # A managed key's own budget, then those of the keys that created it (governance/keys.py).
     budgets: tuple[Budget, ...] = ()
+    # A managed key's id, then those of the keys that created it, budgeted or not: its requests'
+    # cost is added to each one's monthly counter (`key_counter`) whether it has a budget or not.
+    spends_for: tuple[str, ...] = ()
     # The rate limits of the managed keys that created it, by key id: its requests take from
     # their buckets too, so keys a rate-limited key creates share its limit.
     ancestor_limits: tuple[tuple[str, Limit], ...] = ()
@@ -56,20 +61,35 @@ class KeySource(Protocol):
     def identify(self, token: str) -> Identity | None: ...
 
     def budgets(self) -> list[Budget]:
-        """Every key's own budget, for the ledger's read-back at start and `/admin/budgets`."""
+        """Every key's own budget, for `/admin/budgets`."""
+        ...
+
+    def key_ids(self) -> list[str]:
+        """Every key (revoked ones too), for the ledger's read-back of their counters."""
         ...
 
     def spenders(self, key_id: str) -> list[str]:
         """The keys whose spend counts against `key_id`'s budget (itself and those below it)."""
         ...
 
-    def created_at(self, key_id: str) -> float:
-        """When the key was created (0 if unknown): none of its spenders spent before."""
-        ...
-
     def limits(self) -> dict[str, Limit]:
         """Each key's own RPM/TPM limits, for the ledger's read-back of their windows at start."""
         ...
+
+
+def key_budget_name(key_id: str) -> str:
+    """The name of a managed key's budget, and of the counter of its month's spend."""
+    return f"key:{key_id}"
+
+
+@functools.lru_cache(maxsize=65536)
+def key_counter(key_id: str) -> Budget:
+    """The monthly counter of what a managed key and the keys below it spend, kept whether or
+    not the key has a budget: its store key is the budget's (`key_budget_name`, a calendar
+    month in UTC), so a budget given later, or taken off and given back, starts from the month
+    so far, requests still running when it was given included (they settle into it). Charged
+    with no block threshold: its limit is never checked."""
+    return Budget(name=key_budget_name(key_id), scope="key", match=key_id, limit_usd=math.inf)
 
 
 ANONYMOUS = Identity("anonymous")

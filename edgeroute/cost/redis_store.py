@@ -135,26 +135,29 @@ return out
 """
 )
 
-# Settlement of many requests at once: budget deltas (ARGV from 1, four each: rolling, delta,
-# ttl, slot), then bucket deltas (two each: delta taken, capacity; a bucket that expired
-# stays full). ARGV[1]: how many budget keys come first. A counter Redis lost since its
-# reservation is not recreated from a delta: the seed (below) counts that request from the ledger.
+# Settlement of many requests at once: budget deltas (ARGV from 2, five each: rolling, delta,
+# ttl, slot, create), then bucket deltas (two each: delta taken, capacity; a bucket that expired
+# stays full); the marker is the last key. ARGV[1]: how many budget keys come first. A counter
+# Redis lost since its reservation is not recreated from a delta: the seed (below) counts that
+# request from the ledger. A managed key's counter (create 1) is created by its first request's
+# cost in a seeded store; in one that lost its budgets, the seed counts that cost too.
 SETTLE = Script.of("""
 local nb = tonumber(ARGV[1])
+local seeded = redis.call('EXISTS', KEYS[#KEYS]) == 1
 for i = 1, nb do
-  local b = 1 + (i - 1) * 4
+  local b = 1 + (i - 1) * 5
   if ARGV[b + 1] == '1' then
     if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 then
       redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
       redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
     end
-  elseif redis.call('EXISTS', KEYS[i]) == 1 then
+  elseif redis.call('EXISTS', KEYS[i]) == 1 or (seeded and ARGV[b + 5] == '1') then
     redis.call('INCRBY', KEYS[i], ARGV[b + 2])
     redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
   end
 end
-for i = nb + 1, #KEYS do
-  local b = 1 + nb * 4 + (i - nb - 1) * 2
+for i = nb + 1, #KEYS - 1 do
+  local b = 1 + nb * 5 + (i - nb - 1) * 2
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local cap = tonumber(ARGV[b + 2])
     local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[b + 1])
@@ -199,6 +202,9 @@ SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most
 SEED_WAIT_S = 10.0  # how long admission waits for the ledger to be read back into Redis
 
 RESEND_S = 1.0  # settlements Redis never received are sent again this often while it is down
+# Managed keys' counters that no other settlement carried are sent at most this long after
+# (`count_later`): under any load one script a tenth of a second, not one per request.
+COUNT_FLUSH_S = 0.1
 
 
 class StoreUnavailable(Exception):
@@ -228,7 +234,8 @@ class Admitted:
 class _Pending:
     """Settlements not yet sent: deltas summed per budget key and per bucket key."""
 
-    # (key, slot) -> [key, rolling, delta, ttl, slot]: a rolling budget's slots are fields of one key
+    # (key, slot) -> [key, rolling, delta, ttl, slot, create]: a rolling budget's slots are
+    # fields of one key; create 1 for a managed key's counter (see SETTLE)
     budgets: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
     buckets: dict[str, list[Any]] = field(default_factory=dict)  # key -> [delta, capacity]
     done: asyncio.Future[str | None] | None = None  # an error's name, or None when sent
@@ -248,11 +255,14 @@ class RedisState:
         self._flusher: asyncio.Task[None] | None = None
         self._giving_back: set[asyncio.Task[None]] = set()
         self._closing = False
-        self.seeded_key = f"{self.prefix}:budgets-seeded"
+        # Named anew when what a seed counts grew (every managed key's counter, budgeted or not):
+        # a store seeded by an earlier release is seeded again, its counters kept (SET NX).
+        self.seeded_key = f"{self.prefix}:budgets-seeded:2"
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`Unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
         self._seeding: asyncio.Task[None] | None = None
+        self._count_timer: asyncio.TimerHandle | None = None  # sends counts nothing else carried
 
     async def _run(
         self,
@@ -389,10 +399,31 @@ class RedisState:
                 key, slot = self._bkey(c), c.period.slot
                 have = pending.get((key, slot))
                 if have is None:
-                    pending[(key, slot)] = [key, 1 if c.period.rolling else 0, d, c.period.ttl_s, slot]
+                    pending[(key, slot)] = [key, 1 if c.period.rolling else 0, d, c.period.ttl_s, slot, 0]
                 else:
                     have[2] += d
         await self._flush_soon()
+
+    def count_later(self, store_keys: list[str], amount: int, ttl_s: int) -> None:
+        """Adds `amount` to managed keys' monthly counters (created where missing, see SETTLE):
+        sent with the next batch of settlements, or within `COUNT_FLUSH_S`, never in a round
+        trip of its own per request."""
+        pending = self._pending.budgets
+        for store_key in store_keys:
+            key = f"{self.prefix}:b:{store_key}"
+            have = pending.get((key, -1))
+            if have is None:
+                pending[(key, -1)] = [key, 0, amount, ttl_s, -1, 1]
+            else:
+                have[2] += amount
+                have[5] = 1
+        if self._flusher is None and self._count_timer is None:
+            self._count_timer = asyncio.get_running_loop().call_later(COUNT_FLUSH_S, self._flush_counts)
+
+    def _flush_counts(self) -> None:
+        self._count_timer = None
+        if self._flusher is None and self._pending and not self._closing:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
         """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""
@@ -484,11 +515,12 @@ class RedisState:
                 batch, self._pending = self._pending, _Pending()
                 keys = [v[0] for v in batch.budgets.values()]
                 args: list[Any] = [len(keys)]
-                for _, rolling, delta, ttl, slot in batch.budgets.values():
-                    args += [rolling, delta, ttl, slot]
+                for _, rolling, delta, ttl, slot, create in batch.budgets.values():
+                    args += [rolling, delta, ttl, slot, create]
                 for key, (delta, cap) in batch.buckets.items():
                     keys.append(key)
                     args += [delta, cap]
+                keys.append(self.seeded_key)
                 if batch.done is None:  # deltas carried over, nobody waiting for them
                     batch.done = asyncio.get_running_loop().create_future()
                 try:
@@ -510,11 +542,12 @@ class RedisState:
 
     def _carry_over(self, batch: _Pending) -> None:
         pending = self._pending
-        for k, (key, rolling, delta, ttl, slot) in batch.budgets.items():
+        for k, (key, rolling, delta, ttl, slot, create) in batch.budgets.items():
             if (have := pending.budgets.get(k)) is None:
-                pending.budgets[k] = [key, rolling, delta, ttl, slot]
+                pending.budgets[k] = [key, rolling, delta, ttl, slot, create]
             else:
                 have[2] += delta
+                have[5] |= create
         for key, (delta, cap) in batch.buckets.items():
             if (had := pending.buckets.get(key)) is None:
                 pending.buckets[key] = [delta, cap]
@@ -522,6 +555,11 @@ class RedisState:
                 had[0] += delta
 
     async def close(self) -> None:
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
+            if self._flusher is None and self._pending:  # counts still waiting: sent now
+                self._flusher = asyncio.get_running_loop().create_task(self._flush())
         self._closing = True
         if self._flusher is not None:
             await asyncio.wait([self._flusher], timeout=5)

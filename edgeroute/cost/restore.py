@@ -75,20 +75,19 @@ def budget_spend(
 
 @dataclass(slots=True, frozen=True)
 class KeyBudget:
-    """A managed key's budget and the keys whose spend counts against it (the key and those
-    it created, at any depth); none of them spent before `not_before` (the key's creation)."""
+    """A managed key's counter (`cost.keys.key_counter`, its budget's if it has one) and the keys
+    whose spend counts in it (the key and those it created, at any depth)."""
 
     budget: Budget
     spenders: Sequence[str]
-    not_before: float = 0.0
 
 
 def key_budget_spend(
     db: Backend, budgets: Sequence[KeyBudget], now: float, until: float | None = None
 ) -> dict[tuple[str, int], int]:
-    """Managed keys' budgets in their current period, as `budget_spend` counts. Many (at
-    start): one grouped read per period start, not one per key. One (a budget first seen):
-    read from the key's creation only, so a new key costs a short range of the `ts` index."""
+    """Managed keys' counters in their current period (a calendar month), as `budget_spend`
+    counts: one grouped read per period start, not one per key; counters with nothing spent
+    are left out (an absent counter is zero)."""
     end = until if until is not None else now + 86400.0
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {k.budget.name: B.period_of(k.budget, now) for k in budgets}
@@ -99,11 +98,11 @@ def key_budget_spend(
     )
     for k in budgets:
         p = periods[k.budget.name]
-        start = max(p.starts_at, k.not_before) if len(budgets) == 1 else p.starts_at
-        if start not in by_start:
-            by_start[start] = {key: float(usd or 0) for key, usd in db.query(sql, [start, end])}
-        spent = by_start[start]
-        out[(f"{k.budget.name}:{k.budget.match}:{p.id}", -1)] += sum(B.to_nano(spent.get(s, 0.0)) for s in k.spenders)
+        if p.starts_at not in by_start:
+            by_start[p.starts_at] = {key: float(usd or 0) for key, usd in db.query(sql, [p.starts_at, end])}
+        spent = by_start[p.starts_at]
+        if amount := sum(B.to_nano(spent.get(s, 0.0)) for s in k.spenders):
+            out[(f"{k.budget.name}:{k.budget.match}:{p.id}", -1)] += amount
     _unsettled(db, [k.budget for k in budgets], periods, end, out)
     return dict(out)
 
@@ -116,11 +115,18 @@ def _unsettled(
     if not budgets:
         return
     earliest = min(p.starts_at for p in periods.values())
+    # A budget with `match` has one counter in its period (every managed key's: thousands).
+    exact = {f"{b.name}:{b.match}:{periods[b.name].id}": b for b in budgets if b.match is not None}
     unsettled = (
         "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND ts < ? "
         "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
     )
     for store_key, ts, amount in db.query(unsettled, [earliest, end]):
+        if (hit := exact.get(store_key)) is not None:
+            p = periods[hit.name]
+            if ts >= p.starts_at:
+                out[(store_key, int(ts // p.slot_s) if p.rolling else -1)] += int(amount)
+                continue
         for b in budgets:
             p = periods[b.name]
             if store_key.startswith(f"{b.name}:") and store_key.endswith(f":{p.id}") and ts >= p.starts_at:

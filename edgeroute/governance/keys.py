@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgeroute import roles
 from edgeroute.capacity import unknown_class
 from edgeroute.config import Budget, Limit
-from edgeroute.cost.keys import Identity, token_bytes
+from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import AuditOf, GovStore
 
@@ -135,7 +135,7 @@ class _Entry:
 def key_budget(data: dict[str, Any]) -> Budget | None:
     """The monthly budget a key's `budget_usd` sets (named for the key: its counters' name)."""
     usd = data.get("budget_usd")
-    return Budget(name=f"key:{data['id']}", scope="key", match=data["id"], limit_usd=usd) if usd else None
+    return Budget(name=key_budget_name(data["id"]), scope="key", match=data["id"], limit_usd=usd) if usd else None
 
 
 def _limit(data: dict[str, Any]) -> Limit | None:
@@ -147,6 +147,7 @@ def _entry(
     residency: str | None,
     budgets: tuple[Budget, ...],
     ancestor_limits: tuple[tuple[str, Limit], ...] = (),
+    spends_for: tuple[str, ...] = (),
 ) -> _Entry:
     limits = _limit(data)
     models = data.get("models")
@@ -158,6 +159,7 @@ def _entry(
         limits,
         residency=residency,
         budgets=budgets,
+        spends_for=spends_for or (data["id"],),
         ancestor_limits=ancestor_limits,
         models=frozenset(models) if models is not None else None,
         deny_tags=frozenset(data.get("deny_tags") or ()),
@@ -213,22 +215,24 @@ class ManagedKeys:
         children: dict[str, list[str]] = {}
         for key_id, data in self._raw.items():
             region = self._region_of(key_id, data.get("team"), data.get("residency"))
-            by_id[key_id] = _entry(data, region, self._budgets_of(data), self._ancestor_limits(data))
+            chain = self._chain(data)
+            budgets = tuple(b for node in chain if (b := key_budget(node)) is not None)
+            spends_for = tuple(node["id"] for node in chain)
+            by_id[key_id] = _entry(data, region, budgets, self._ancestor_limits(data), spends_for)
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
 
-    def _budgets_of(self, data: dict[str, Any]) -> tuple[Budget, ...]:
-        """The key's own budget, then each ancestor's."""
-        out: list[Budget] = []
+    def _chain(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """The key, then each managed key above it (whose budgets, if any, it spends too)."""
+        out: list[dict[str, Any]] = []
         seen: set[str] = set()
         node: dict[str, Any] | None = data
         while node is not None and node["id"] not in seen:  # `parent` is set once: never a cycle
             seen.add(node["id"])
-            if (b := key_budget(node)) is not None:
-                out.append(b)
+            out.append(node)
             node = self._raw.get(node["parent"]) if node.get("parent") else None
-        return tuple(out)
+        return out
 
     def _ancestor_limits(self, data: dict[str, Any]) -> tuple[tuple[str, Limit], ...]:
         """The rate limits of each managed key above this one, by id (a key a rate-limited key
@@ -249,8 +253,9 @@ class ManagedKeys:
         """Every key's own budget (revoked keys too: what their children spend still counts)."""
         return [b for data in self._raw.values() if (b := key_budget(data)) is not None]
 
-    def created_at(self, key_id: str) -> float:
-        return float((self._raw.get(key_id) or {}).get("created_at") or 0.0)
+    def key_ids(self) -> list[str]:
+        """Every key (revoked keys too: what their children spend still counts)."""
+        return list(self._raw)
 
     def limits(self) -> dict[str, Limit]:
         return {k: e.identity.limits for k, e in self._by_id.items() if e.identity.limits is not None}

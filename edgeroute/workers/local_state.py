@@ -16,6 +16,7 @@ errors surface as `StoreUnavailable`, handled like Redis's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sqlite3
 import threading
@@ -45,6 +46,8 @@ _ADD = (
 _PURGE_EVERY_S = 60.0
 SEEDED = "budgets-seeded"  # in `once`: the budgets were read back from the ledger (`seed`)
 SEED_TTL_S = 40 * 86400  # a seeded counter outlives its period (a month at most); charges renew it
+COUNT_FLUSH_S = 0.1  # managed keys' counts are written together this often (`count_later`)
+log = logging.getLogger("edgeroute.cost")
 
 
 class SqliteState:
@@ -55,6 +58,10 @@ class SqliteState:
         self._db = sqlite_wal.connect(path, "OFF", timeout=5.0, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._purged = 0.0
+        self._counts: dict[str, int] = {}  # managed keys' counters not yet written (`count_later`)
+        self._counts_ttl = 0
+        self._count_timer: asyncio.TimerHandle | None = None
+        self._counting: set[asyncio.Task[None]] = set()
         with self._lock:
             for stmt in _SCHEMA:
                 self._db.execute(stmt)
@@ -122,6 +129,36 @@ class SqliteState:
                 db.execute(_ADD, (c.store_key, p.slot if p.rolling else -1, d, wall + p.ttl_s))
 
         await self._run(tx)
+
+    def count_later(self, store_keys: list[str], amount: int, ttl_s: int) -> None:
+        """Adds `amount` to managed keys' monthly counters, in one transaction for every count
+        of the next `COUNT_FLUSH_S` (this store is seeded before any worker serves)."""
+        for key in store_keys:
+            self._counts[key] = self._counts.get(key, 0) + amount
+        self._counts_ttl = max(self._counts_ttl, ttl_s)
+        if self._count_timer is None:
+            self._count_timer = asyncio.get_running_loop().call_later(COUNT_FLUSH_S, self._flush_counts)
+
+    def _flush_counts(self) -> None:
+        self._count_timer = None
+        task = asyncio.get_running_loop().create_task(self._send_counts())
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
+
+    async def _send_counts(self) -> None:
+        counts, self._counts = self._counts, {}
+        if not counts:
+            return
+
+        def tx(db: sqlite3.Connection) -> None:
+            expires = time.time() + self._counts_ttl
+            for key, amount in counts.items():
+                db.execute(_ADD, (key, -1, amount, expires))
+
+        try:
+            await self._run(tx)
+        except StoreUnavailable as e:
+            log.warning("workers' state unavailable (%s): %d managed keys' counts lost", e, len(counts))
 
     async def seed(self, spent: dict[tuple[str, int], int]) -> bool:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
@@ -213,5 +250,11 @@ class SqliteState:
         await self._run(tx)
 
     async def close(self) -> None:
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
+        await self._send_counts()
+        if self._counting:
+            await asyncio.wait(set(self._counting), timeout=5)
         with self._lock:
             self._db.close()

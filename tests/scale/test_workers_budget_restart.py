@@ -86,3 +86,29 @@ async def test_workers_a_budget_given_later_counts_the_month_so_far(
     assert await answered(served.url, 2, key["secret"]) == 2  # each worker's first request with it
     await asyncio.sleep(0.5)  # the month so far, read back in the background
     assert await answered(served.url, 5, key["secret"]) == 0, "the $0.03 spent before the budget was forgotten"
+
+
+async def test_workers_count_what_a_key_spends_while_its_budget_is_off_or_being_given(
+    spawn: Spawn, start_upstream: Any, tmp_path: Path
+) -> None:
+    """`serve --workers 2`: a key held to $0.05 spends $0.01; its budget is taken off, three
+    requests run (1.5 s each) when it is given back: with them one more fits, not four."""
+    up = await start_upstream(latency_ms=1500)
+    cfg = _config(up.base_url, tmp_path, budgets=None)
+    cfg["keys"] = {"root": {"token": ADMIN, "role": "admin"}}
+    cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.2}
+    served = await spawn(cfg, "--workers", "2", name="w")
+    status, key = await call("POST", served.url + "/admin/keys", ADMIN, json={"budget_usd": 0.05})
+    assert status == 201, key
+    await asyncio.sleep(0.6)  # both workers know the key
+    assert await answered(served.url, 1, key["secret"]) == 1
+    status, _ = await call("PATCH", served.url + f"/admin/keys/{key['id']}", ADMIN, json={"budget_usd": None})
+    assert status == 200
+    await asyncio.sleep(0.6)  # both workers' key polls see it
+    running = asyncio.gather(*(answered(served.url, 1, key["secret"]) for _ in range(3)))
+    await asyncio.sleep(0.3)  # admitted without a budget
+    status, _ = await call("PATCH", served.url + f"/admin/keys/{key['id']}", ADMIN, json={"budget_usd": 0.05})
+    assert status == 200
+    assert sum(await running) == 3
+    await asyncio.sleep(0.6)  # both workers see the budget back
+    assert await answered(served.url, 4, key["secret"]) == 1, "spend while the budget was off escaped it"

@@ -49,8 +49,8 @@ class CostControl(Reservations, RateLimits):
         self.ledger = None
         self._restoring = set()
         self._counted_from = {}
+        self._months = (B.Period("", 0.0, 0), {})
         self.keys = None
-        self._keys_counted = set()
         self._read_at_start = {}
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()

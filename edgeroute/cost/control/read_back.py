@@ -1,8 +1,12 @@
-"""Spend read back from the ledger: at start (budgets, managed keys' budgets, rate-limit
-windows), into a shared store that lost or never had its budgets, and for budgets first seen
-after start (a reload that adds or re-scopes one, a managed key given one). Such a budget
-counts each request once: those that started after it was seen in memory, those before from
-the ledger (`restore.read` reads it)."""
+"""Spend read back from the ledger: at start (budgets, every managed key's counter, rate-limit
+windows), into a shared store that lost or never had its budgets, and for a budget a reload
+adds or re-scopes, which counts each request once: those that started after the reload in
+memory, those before from the ledger (`restore.read` reads it).
+
+A managed key's monthly spend is counted whether or not it has a budget (`cost.keys.key_counter`:
+read back at start, added to at settlement), so a budget given to a key later, or taken off
+and given back, needs no read-back: it starts from the month so far, requests still running
+when it was given included."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
-from edgeroute.cost.keys import KeySource
+from edgeroute.cost.keys import KeySource, key_counter
 from edgeroute.cost.ledger import Backend, Ledger
 from edgeroute.cost.redis_store import RedisState, StoreUnavailable
 from edgeroute.cost.restore import Restored
@@ -41,17 +45,14 @@ class ReadBack(Stores):
     # Budget name -> when the generation that added (or re-scoped) it was swapped in:
     # requests that started before count from the ledger, not in memory (see `apply`).
     _counted_from: dict[str, float]
-    _keys_counted: set[str]  # managed keys' budgets counted since start
     _read_at_start: dict[tuple[str, int], int]  # the ledger's spend, for `seed_shared`
 
     def restore_at_start(self, db: Backend, keys: KeySource | None) -> None:
-        """Before serving (blocking: run it in a thread): budgets, managed keys' budgets and
+        """Before serving (blocking: run it in a thread): budgets, managed keys' counters and
         rate-limit windows as the ledger left them."""
         self.keys = keys
-        key_budgets = keys.budgets() if keys is not None else []
-        self._keys_counted.update(b.name for b in key_budgets)
         limits = keys.limits() if keys is not None else None
-        found = restore.read(db, self.cfg, key_budgets=self._spenders(key_budgets), key_limits=limits)
+        found = restore.read(db, self.cfg, key_budgets=self._key_counters(), key_limits=limits)
         self.restore(found)
         self._read_at_start = found.budgets
 
@@ -80,21 +81,17 @@ class ReadBack(Stores):
         await asyncio.gather(asyncio.to_thread(ledger.flush), asyncio.sleep(MAX_FLUSH_INTERVAL_S + 0.25))
 
         def read() -> dict[tuple[str, int], int]:  # in a thread: thousands of keys take a while
-            keyed = self._spenders(self.keys.budgets() if self.keys is not None else [])
+            keyed = self._key_counters()
             return restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed).budgets
 
         return await asyncio.to_thread(read)
 
-    def _spenders(self, budgets: Sequence[Budget], from_creation: bool = False) -> list[restore.KeyBudget]:
-        """Managed keys' budgets with the keys whose spend counts against each."""
+    def _key_counters(self) -> list[restore.KeyBudget]:
+        """Every managed key's counter (budgeted or not) with the keys whose spend counts in it."""
         keys = self.keys
         if keys is None:
             return []
-        out = []
-        for b in budgets:
-            key = b.match or ""
-            out.append(restore.KeyBudget(b, keys.spenders(key), keys.created_at(key) if from_creation else 0.0))
-        return out
+        return [restore.KeyBudget(key_counter(k), keys.spenders(k)) for k in keys.key_ids()]
 
     def restore(self, found: Restored) -> None:
         """Counts what the ledger says was spent (`restore.read`) before this process counted
@@ -104,9 +101,7 @@ class ReadBack(Stores):
         for name, kind, limit, used in found.buckets:
             self.local_limits.seed(name, kind, limit, used)
 
-    def _restore_later(
-        self, budgets: list[Budget], since: float, state: ServerState | None, key_budgets: Sequence[Budget] = ()
-    ) -> None:
+    def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:
             return
         ledger, cfg = self.ledger, self.cfg
@@ -122,12 +117,9 @@ class ReadBack(Stores):
                 log.warning("reloaded budgets read back with requests of the previous config still running")
             try:
                 await asyncio.to_thread(ledger.flush)  # their records, queued as they finished
-                spenders = self._spenders(key_budgets, from_creation=True)
-                found = await asyncio.to_thread(
-                    restore.read, ledger.backend, cfg, budgets, until=since, key_budgets=spenders
-                )
+                found = await asyncio.to_thread(restore.read, ledger.backend, cfg, budgets, until=since)
                 self.restore(found)  # this process's counters: what it counts with the shared store down
-                await self._read_back_shared(found, [*budgets, *key_budgets])
+                await self._read_back_shared(found, budgets)
             except Exception:
                 log.exception("could not read the spend of reloaded budgets back from the ledger")
 
@@ -136,8 +128,8 @@ class ReadBack(Stores):
         task.add_done_callback(self._restoring.discard)
 
     async def _read_back_shared(self, found: Restored, budgets: Sequence[Budget]) -> None:
-        """Adds the spend read back for budgets first seen after start to the shared store
-        (Redis, the workers' file), where admission counts: once per budget and period, by the
+        """Adds the spend read back for budgets a reload added to the shared store (Redis, the
+        workers' file), where admission counts: once per budget and period, by the
         instance or worker that claims it first (the others' read is the same ledger's)."""
         if self.shared is None or not self.shared_up():
             return
@@ -151,14 +143,6 @@ class ReadBack(Stores):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
-
-    def _count_key_budget(self, b: Budget, since: float) -> None:
-        """A managed key's budget seen for the first time since start (a key created, or given a
-        budget, since): requests from `since` count in memory as they are admitted, those before
-        from the ledger, read in the background."""
-        self._keys_counted.add(b.name)
-        self._counted_from[b.name] = since
-        self._restore_later([], since, None, key_budgets=[b])
 
 
 def same_counting(old: Budget | None, new: Budget) -> bool:

@@ -149,10 +149,7 @@ class Reservations(ReadBack, Notifications, Settlement):
             if subject is not None:
                 out.append(B.charge(b, subject, self._period(b, now), amount, block_at))
         for b in ident.budgets:  # a managed key's own, then its creators' (governance/keys.py)
-            if b.name not in self._keys_counted:
-                self._count_key_budget(b, ticket.started)
-            if ticket.started < self._counted_from.get(b.name, 0.0):
-                continue
+            # Its counter holds the month so far whenever the budget was given (`key_counter`).
             assert b.match is not None
             out.append(B.charge(b, b.match, self._period(b, now), amount, B.block_limit(b)))
         return out

@@ -1,5 +1,7 @@
 """Settlement: a request's reservations become its actual cost and its token estimates the
-tokens it used; a refused request gives back what it took."""
+tokens it used; a refused request gives back what it took. A managed key's request also adds
+its cost to the monthly counter of each key above it (itself included) that it reserved nothing
+in, having no budget when it was admitted (`cost.keys.key_counter`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
+from edgeroute.cost.keys import key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
 
 
@@ -32,6 +35,8 @@ class Settlement(Stores):
     # Reserved and not yet settled, per store key (what `/admin/budgets` shows as reserved).
     reserved: dict[str, int]
     ledger: Ledger | None  # reservations are journaled with its batches
+    # The calendar month (UTC) of managed keys' counters, and their store keys in it by key id.
+    _months: tuple[B.Period, dict[str, str]]
 
     def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
         """Notes the reservations as held until settled, and journals them with the ledger."""
@@ -51,10 +56,12 @@ class Settlement(Stores):
     def settle(self, ticket: Any, rec: RequestRecord) -> None:
         if not isinstance(ticket, CostTicket):
             return
+        actual = B.to_nano(rec.cost_usd)
         if ticket.charges:
             self._unhold(ticket.charges)
-            actual = B.to_nano(rec.cost_usd)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+        if actual > 0 and ticket.identity.spends_for:
+            self._count_keys(ticket, actual)
         for h in ticket.held:
             if h.deployment is not None and not any(a.deployment == h.deployment for a in rec.attempts):
                 # Never sent there (a cache hit, a failover, a downgrade): its provider saw
@@ -65,6 +72,30 @@ class Settlement(Stores):
             if used is not None:
                 tokens = [t for t in h.takes if t.kind == "tokens"]
                 self._give(tokens, [used - t.amount for t in tokens], h.shared)
+
+    def _count_keys(self, ticket: CostTicket, actual: int) -> None:
+        """Adds the request's cost to the monthly counter of each managed key above its key
+        (itself included) that it reserved nothing in: no budget when it was admitted, one
+        given meanwhile or never. In the shared store when there is one (a count it never
+        received is sent again once it is back, as settlements are), else in this process."""
+        month, names = self._months
+        if not month.starts_at <= ticket.started < month.resets_at:
+            month = B.period_of(key_counter(ticket.identity.spends_for[0]), ticket.started)
+            self._months = month, names = (month, {})
+        reserved = {c.budget.name for c in ticket.charges}
+        counters = []
+        for key_id in ticket.identity.spends_for:
+            if key_budget_name(key_id) in reserved:
+                continue
+            name = names.get(key_id)
+            if name is None:
+                name = names[key_id] = f"{key_budget_name(key_id)}:{key_id}:{month.id}"
+            counters.append(name)
+        if self.shared is not None:
+            self.shared.count_later(counters, actual, month.ttl_s)
+        else:
+            for name in counters:
+                self.local_budgets.add_read_back(name, actual)
 
     def _release(self, ticket: CostTicket) -> list[asyncio.Task[None] | None]:
         """Gives back what a refused request took: its reservations, its token estimates and its
