@@ -37,7 +37,7 @@ from aiohttp import web
 from edgeroute import background, roles
 from edgeroute.atomic_file import replace_file
 from edgeroute.config import Config
-from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.keys import IDENTITY, tenant_of
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.limits import LocalLimiter, Take
 from edgeroute.errors import ProxyError
@@ -254,25 +254,27 @@ class FeedbackGate:
 FEEDBACK_GATE = web.AppKey("feedback_gate", FeedbackGate)
 
 
-async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
-    """(key id, route, task) of a logged request. A request is queued for the log before its
+async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None, str | None] | None:
+    """(key id, route, task, team) of a logged request. A request is queued for the log before its
     answer is sent, so one still queued is waited for (bounded); once the writer's queue has
     been seen empty and the row is still missing after a further flush, there is none."""
-    sql = "SELECT key_id, route, task FROM requests WHERE id = ?"
+    sql = "SELECT key_id, route, task, team FROM requests WHERE id = ?"
     deadline = asyncio.get_running_loop().time() + FIND_FOR_S
     drained = False
     while True:
         rows = await asyncio.to_thread(ledger.backend.query, sql, (rid,))
         if rows:
-            key, route, task = rows[0]
-            return key, route, task
+            key, route, task, team = rows[0]
+            return key, route, task, team
         if drained or asyncio.get_running_loop().time() > deadline:
             return None
         drained = ledger.queue_depth() == 0
         await asyncio.sleep(ledger.flush_interval + 0.05)
 
 
-async def _lookup(gate: FeedbackGate, ledger: Ledger, rid: str) -> tuple[str | None, str, str | None] | None:
+async def _lookup(
+    gate: FeedbackGate, ledger: Ledger, rid: str
+) -> tuple[str | None, str, str | None, str | None] | None:
     """`_logged`, within the bound on lookups waiting at once (503 past it)."""
     if gate.lookups >= MAX_LOOKUPS:
         raise ProxyError(
@@ -283,6 +285,13 @@ async def _lookup(gate: FeedbackGate, ledger: Ledger, rid: str) -> tuple[str | N
         return await _logged(ledger, rid)
     finally:
         gate.lookups -= 1
+
+
+def _may_rate_others(request: web.Request, role: str | None, team: str | None) -> bool:
+    """An admin key may rate another key's request: any, or its own team's when it is bound
+    to one (`tenant_of`, as `/admin/requests` shows it only those)."""
+    tenant = tenant_of(request)
+    return roles.permits(role, "admin") and (tenant is None or tenant == team)
 
 
 async def feedback_endpoint(request: web.Request) -> web.Response:
@@ -314,8 +323,13 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     unknown = ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
     ident = request.get(IDENTITY)
     logged = await _lookup(gate, ledger, rid) if ledger is not None else None
-    if logged is not None and ident is not None and logged[0] != ident.key and not roles.permits(ident.role, "admin"):
-        raise unknown  # another key's request: not even its existence is told
+    if (
+        logged is not None
+        and ident is not None
+        and logged[0] != ident.key
+        and not _may_rate_others(request, ident.role, logged[3])
+    ):
+        raise unknown  # another key's (or team's) request: not even its existence is told
     if ledger is not None and logged is None and ident is not None:
         raise unknown  # with keys, only a request the log shows to be the caller's is rated
     served = None

@@ -6,6 +6,13 @@ here, by method and the route's canonical path; a route without a declaration is
 to everyone (fail closed), and a test enumerates the app's routes against this table.
 A key whose role is not one of these (a free-form role used by routing rules) is a
 `service` key for access purposes.
+
+A key bound to a team (`team:` on a config key, `--team` on a managed one) is a tenant's
+key: whatever its role, it may call only the routes in `TEAM_ROUTES`, each of which answers
+with its own team's data alone (`cost.keys.tenant_of` is the one place that says which
+team a caller is confined to). Every other admin route describes or changes the whole
+gateway (config, audit, budgets, alerts, the learner, reload, drain) and is refused to it
+with a 403: fail closed, a new route is global-only until it is listed here and filters.
 """
 
 from __future__ import annotations
@@ -55,6 +62,38 @@ ROUTE_ROLES: dict[str, Role] = {
     "PATCH /admin/deployments/{name}": "admin",
     "DELETE /admin/deployments/{name}": "admin",
 }
+
+
+# Routes a team-bound key may call (at its role): each filters to the caller's team in
+# its query (request log, stats, spend) or in its key checks (keys), or holds no tenant
+# data (the console's shell; deployments' health, which names no key, team or request).
+TEAM_ROUTES: frozenset[str] = frozenset(
+    {
+        "GET /admin/requests",
+        "GET /admin/requests/{id}",
+        "GET /admin/stats",
+        "GET /admin/spend",
+        "GET /admin/deployments",
+        "GET /admin/deployments/history",
+        "POST /admin/keys",
+        "GET /admin/keys",
+        "GET /admin/keys/{id}",
+        "PATCH /admin/keys/{id}",
+        "DELETE /admin/keys/{id}",
+        "POST /admin/keys/{id}/rotate",
+        "GET /ui",
+        "GET /ui/",
+        "GET /ui/static/{name}",
+        "GET /ui/session",
+    }
+)
+
+
+def team_may(method: str, canonical_path: str) -> bool:
+    """Whether a team-bound key may call a route at all (its role is checked apart)."""
+    if method == "HEAD":
+        method = "GET"
+    return f"{method} {canonical_path}" in TEAM_ROUTES
 
 
 def access_role(role: str | None) -> Role:

@@ -36,6 +36,8 @@ def test_every_admin_route_declares_a_role() -> None:
     assert undeclared == [], f"admin routes without a role in roles.ROUTE_ROLES: {undeclared}"
     stale = sorted(r for r in roles.ROUTE_ROLES if r not in routes)
     assert stale == [], f"roles declared for routes that do not exist: {stale}"
+    # A team's key reaches only declared routes (a misspelt entry would refuse a route it means).
+    assert sorted(roles.TEAM_ROUTES - routes) == []
 
 
 def test_role_ranks() -> None:

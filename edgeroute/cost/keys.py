@@ -143,15 +143,31 @@ class KeyRing:
         return self._by_digest.get(token_digest(token))
 
 
-def check_role(request: web.Request, role: str | None) -> None:
-    """403 unless `role` may call the matched admin route (undeclared routes: nobody)."""
+def check_role(request: web.Request, ident: Identity) -> None:
+    """403 unless the key may call the matched admin route: its role must reach the route's
+    (undeclared routes: nobody), and a team-bound key reaches only `roles.TEAM_ROUTES`."""
     resource = request.match_info.route.resource
     if resource is None:
         return  # no such route: the router answers 404
     needed = roles.required_role(request.method, resource.canonical)
-    if needed is None or not roles.permits(role, needed):
+    if needed is None or not roles.permits(ident.role, needed):
         what = f"a key with role '{needed}' or above" if needed is not None else "a role no key has"
         raise ProxyError(403, f"{request.method} {resource.canonical} needs {what}.", code="permission_denied")
+    if ident.team is not None and not roles.team_may(request.method, resource.canonical):
+        raise ProxyError(
+            403,
+            f"{request.method} {resource.canonical} covers every team: it needs a key not bound to a team "
+            f"(this key belongs to team '{ident.team}').",
+            code="permission_denied",
+        )
+
+
+def tenant_of(request: web.Request) -> str | None:
+    """The team whose data alone the caller may read, or None for a caller not confined to one
+    (a key without a team, a shared `server.api_keys` key, a keyless sidecar). Every admin
+    route in `roles.TEAM_ROUTES` filters its answer by this, in its query."""
+    ident = request.get(IDENTITY)
+    return ident.team if ident is not None else None
 
 
 class Access:
@@ -176,6 +192,13 @@ class Access:
         ident = self.identify(request)
         if ident is not None and not roles.permits(ident.role, "viewer"):
             raise ProxyError(403, "GET /metrics needs a key with role 'viewer' or above.", code="permission_denied")
+        if ident is not None and ident.team is not None:  # its series are every team's (labels team, key)
+            raise ProxyError(
+                403,
+                f"GET /metrics covers every team: it needs a key not bound to a team (this key belongs to team "
+                f"'{ident.team}').",
+                code="permission_denied",
+            )
 
     def keyed(self, request: web.Request) -> bool:
         """Whether virtual keys are in use (the config's or managed ones)."""
@@ -203,7 +226,7 @@ class Access:
             if ident is None:
                 raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
             if roles.is_admin_path(request.path):
-                check_role(request, ident.role)
+                check_role(request, ident)
             return ident
         if self.shared:
             token = token_bytes(bearer_token(request) or "")

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import redact
+from edgeroute.cost.keys import tenant_of
 from edgeroute.cost.ledger import Backend
 from edgeroute.errors import ProxyError
 
@@ -52,12 +53,21 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
     return when.timestamp()
 
 
-def spend(backend: Backend, by: str = "key", since: float | None = None) -> dict[str, Any]:
-    """Rows grouped `by`, biggest spend first, and totals with savings."""
+def spend(backend: Backend, by: str = "key", since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
+    """Rows grouped `by`, biggest spend first, and totals with savings. With `tenant`, that
+    team's spend alone (a condition of the query: no other team's row or total)."""
     if by not in GROUPS:
         raise ValueError(f"by must be one of {', '.join(GROUPS)}")
     col = GROUPS[by]
-    where, params = ("WHERE ts >= ?", [since]) if since is not None else ("", [])
+    conds: list[str] = []
+    params: list[Any] = []
+    if since is not None:
+        conds.append("ts >= ?")
+        params.append(since)
+    if tenant is not None:
+        conds.append("team = ?")
+        params.append(tenant)
+    where = f"WHERE {' AND '.join(conds)}" if conds else ""
     sql = (
         f"SELECT {col}, COUNT(*), SUM(CASE WHEN outcome IN ({_ANSWERED}) THEN 1 ELSE 0 END), "
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
@@ -139,14 +149,15 @@ LEDGER = web.AppKey("ledger_backend", Backend)
 
 
 async def admin_spend(request: web.Request) -> web.Response:
-    """`GET /admin/spend?by=team&since=7d`: the `edgeroute spend` report as JSON."""
+    """`GET /admin/spend?by=team&since=7d`: the `edgeroute spend` report as JSON (a team-bound
+    key's: its team's spend alone)."""
     backend = request.app.get(LEDGER)
     if backend is None:
         raise ProxyError(404, "No ledger is configured (add a `ledger:` section).", code="no_ledger")
     by = request.query.get("by", "key")
     try:
         since = parse_since(request.query.get("since"))
-        report = await asyncio.to_thread(spend, backend, by, since)
+        report = await asyncio.to_thread(spend, backend, by, since, tenant_of(request))
     except ValueError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
     return web.Response(body=orjson.dumps(report), content_type="application/json")

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from edgeroute import config as config_mod
 from edgeroute import secrets
 from edgeroute.config import Config
-from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS
+from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
@@ -312,27 +312,35 @@ def _config_key(request: web.Request, key_id: str) -> dict[str, Any] | None:
             "rpm": k.limits.rpm if k.limits else None, "tpm": k.limits.tpm if k.limits else None}  # fmt: skip
 
 
+def _visible(request: web.Request, key: dict[str, Any] | None) -> bool:
+    """A team-bound caller sees its team's keys alone (`tenant_of`); others, every key."""
+    team = tenant_of(request)
+    return key is not None and (team is None or key.get("team") == team)
+
+
 async def list_keys(request: web.Request) -> web.Response:
     out = [_config_key(request, k) for k in request.app[STATE].live.config.keys]
     managed = request.app[GOV].managed
     if managed is not None:
         out += [K.public(d) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
-    return json_response({"keys": out})
+    return json_response({"keys": [k for k in out if _visible(request, k)]})
 
 
 async def get_key(request: web.Request) -> web.Response:
     key_id = request.match_info["id"]
-    if (ck := _config_key(request, key_id)) is not None:
-        return json_response(ck)
-    managed = _managed(request)
-    data = await asyncio.to_thread(managed.store.get_key, key_id)
-    if data is None:
+    if (ck := _config_key(request, key_id)) is None:
+        managed = _managed(request)
+        data = await asyncio.to_thread(managed.store.get_key, key_id)
+        ck = K.public(data) if data is not None else None
+    if not _visible(request, ck):  # another team's key: as unknown as a key that never was
         raise ProxyError(404, f"No key {key_id}.", code="key_not_found")
-    return json_response(K.public(data))
+    return json_response(ck)
 
 
 def _not_config(request: web.Request, key_id: str) -> None:
     if key_id in request.app[STATE].live.config.keys:
+        if not _visible(request, _config_key(request, key_id)):
+            raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
         raise ProxyError(409, f"Key {key_id} is defined in the config file and is read-only here.",
                          code="key_read_only")  # fmt: skip
 
@@ -366,6 +374,8 @@ async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: st
     current = await asyncio.to_thread(managed.store.get_key, key_id)
     if current is None:
         return  # the change itself answers 404
+    if not _visible(request, current):  # another team's key: the 404 of an unknown one
+        raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
     creator, creator_raw = _creator(request)
     if creator_raw is not None and key_id not in managed.spenders(creator.key):
         # A managed key manages itself and the keys below it, whose spend its budget bounds:

@@ -37,7 +37,7 @@ def add_parsers(sub: Any) -> None:
     k = kp.add_subparsers(dest="action", required=True)
     c = k.add_parser("create", parents=[common], help="create a key; its secret is printed once")
     _key_fields(c)
-    k.add_parser("list", parents=[common], help="every key (config and managed)")
+    k.add_parser("list", parents=[common], help="every key (config and managed; a team's key: its team's)")
     for name, what in (("show", "one key"), ("revoke", "revoke a key on every instance")):
         p = k.add_parser(name, parents=[common], help=what)
         p.add_argument("id", help="the key's id")

@@ -2,7 +2,9 @@
 
 Viewer routes (see `roles.py`); a request's prompt and answer, where stored, are returned
 to admin keys only (and, without keys, to the loopback clients that may call admin routes
-at all). The queries run in a thread: a page or a day of stats never stalls the proxy.
+at all). A key bound to a team reads its team's requests and stats alone (`tenant_of`): the
+team is a condition of every query, and another team's request id is a 404 like an unknown one.
+The queries run in a thread: a page or a day of stats never stalls the proxy.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import roles
-from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.keys import IDENTITY, tenant_of
 from edgeroute.cost.ledger import Backend
 from edgeroute.errors import ProxyError
 from edgeroute.requestlog import query
@@ -38,12 +40,16 @@ def _json(body: object) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
-async def _answer(request: web.Request, run: Callable[[Backend, Mapping[str, str]], dict[str, Any]]) -> web.Response:
+async def _answer(
+    request: web.Request, run: Callable[[Backend, Mapping[str, str], float | None, str | None], dict[str, Any]]
+) -> web.Response:
     db = _db(request)
     try:
-        body = await asyncio.to_thread(run, db, request.query)
+        body = await asyncio.to_thread(run, db, request.query, None, tenant_of(request))
     except query.BadParam as e:
         raise ProxyError(400, f"Invalid parameter {e}", code="invalid_parameter", param=e.param) from None
+    except query.TeamScope as e:
+        raise ProxyError(403, f"{e}.", code="permission_denied", param="group_by") from None
     return _json(body)
 
 
@@ -63,7 +69,7 @@ async def admin_request(request: web.Request) -> web.Response:
         raise ProxyError(
             400, "Invalid parameter id: longer than 256 characters or with a NUL", code="invalid_parameter", param="id"
         )
-    found = await asyncio.to_thread(query.get_request, db, rid, may_read_content(request))
+    found = await asyncio.to_thread(query.get_request, db, rid, may_read_content(request), tenant_of(request))
     if found is None:
         raise ProxyError(404, f"No request {rid!r} in the request log.", code="request_not_found")
     return _json(found)

@@ -150,13 +150,20 @@ def _summary(names: tuple[str, ...], r: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-def list_requests(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
-    """`{"data": [summary], "next_cursor": str | None}`, newest first."""
+def list_requests(
+    db: Readable, q: Mapping[str, str], now: float | None = None, tenant: str | None = None
+) -> dict[str, Any]:
+    """`{"data": [summary], "next_cursor": str | None}`, newest first. With `tenant`, only
+    that team's requests: a condition of the query itself, so that pages, their cursors and
+    `limit` see no other team's rows (a `team=` filter for another team finds nothing)."""
     _check_known(q, REQUEST_PARAMS)
     now = time.time() if now is None else now
     since, until = time_range(q, now, None)
     where: list[str] = ["ts < ?"]
     params: list[Any] = [until]
+    if tenant is not None:
+        where.append("team = ?")
+        params.append(tenant)
     if since is not None:
         where.append("ts >= ?")
         params.append(since)
@@ -193,9 +200,11 @@ def list_requests(db: Readable, q: Mapping[str, str], now: float | None = None) 
     return {"data": data, "next_cursor": _encode_cursor(data[-1]["ts"], data[-1]["id"]) if more else None}
 
 
-def get_request(db: Readable, rid: str, with_content: bool) -> dict[str, Any] | None:
-    """The full record: summary, explanation, attempts timeline, and content (when stored and allowed)."""
-    found = db.query(f"SELECT {', '.join(_DETAIL)} FROM requests WHERE id = ?", [rid])
+def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None = None) -> dict[str, Any] | None:
+    """The full record: summary, explanation, attempts timeline, and content (when stored and
+    allowed). With `tenant`, another team's request is not found, as an unknown id is not."""
+    where, params = ("id = ? AND team = ?", [rid, tenant]) if tenant is not None else ("id = ?", [rid])
+    found = db.query(f"SELECT {', '.join(_DETAIL)} FROM requests WHERE {where}", params)
     if not found:
         return None
     out = _summary(_DETAIL, found[0])
@@ -227,11 +236,23 @@ GROUPS = ("none", "model", "deployment", "provider", "rule", "policy", "task", "
 STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket"})
 
 
-def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[str, Any]:
+class TeamScope(ValueError):
+    """A stats grouping that a team-bound caller cannot be given (it spans every team)."""
+
+
+# What a team-bound caller's stats read: the rollups keep one dimension per row, so only the
+# team's own row answers for it alone (its totals, per time bucket).
+TEAM_GROUPS = ("none", "team")
+
+
+def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: str | None = None) -> dict[str, Any]:
     """Requests, success rate, latency and TTFT percentiles, tokens, cost and savings per group
     (and per time bucket), from the rollups: minute resolution (`since` rounds down, `until` up
     to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`. The window is read from
-    the coarsest rows that fit in it and in its buckets (`rollup.cover`)."""
+    the coarsest rows that fit in it and in its buckets (`rollup.cover`).
+
+    With `tenant`, the team's own rollup rows alone (`group_by` none or team); a grouping
+    by anything else raises `TeamScope`, as its rows add up every team's requests."""
     _check_known(q, STATS_PARAMS)
     now = time.time() if now is None else now
     since, until = time_range(q, now, now - 86400)
@@ -239,6 +260,11 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
     group = q.get("group_by", "none")
     if group not in GROUPS:
         raise BadParam("group_by", f"{group!r}: use one of {', '.join(GROUPS)}")
+    if tenant is not None and group not in TEAM_GROUPS:
+        raise TeamScope(
+            f"group_by={group} adds up every team's requests; a key bound to a team gets its team's "
+            f"stats with group_by {' or '.join(TEAM_GROUPS)} (and bucket), or its requests from /admin/requests"
+        )
     first, last = int(since // 60), math.ceil(until / 60)
     step = 0
     if (b := q.get("bucket")) is not None:
@@ -255,9 +281,12 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
     t = f"(minute / {step}) * {step}" if step else "0"
     # Each span of whole rows is summed by its own range scan of the primary key; the
     # outer query adds up the few partial sums per group and bucket.
+    # A team-bound caller reads its team's rows alone, whatever it groups by (none or team).
+    sel: list[Any] = [group] if tenant is None else ["team", tenant]
+    sel_sql = "dim = ?" if tenant is None else "dim = ? AND value = ?"
     part = (
         f"SELECT value, {t} AS t, {sums} FROM request_rollups "
-        "WHERE dim = ? AND res = ? AND minute >= ? AND minute < ? GROUP BY value, t"
+        f"WHERE {sel_sql} AND res = ? AND minute >= ? AND minute < ? GROUP BY value, t"
     )
     spans = rollup.cover(first, last, step)
     outer = ", ".join(f"SUM({c})" for c in cols)
@@ -266,11 +295,11 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None) -> dict[
         # four times the execution): one scan of the spans (a bitmap OR of primary-key
         # ranges) with one set of sums instead.
         ranges = " OR ".join(["(res = ? AND minute >= ? AND minute < ?)"] * len(spans))
-        sql = f"SELECT value, {t} AS t, {outer} FROM request_rollups WHERE dim = ? AND ({ranges}) GROUP BY value, t"
-        params = [group, *(x for span in spans for x in span)]
+        sql = f"SELECT value, {t} AS t, {outer} FROM request_rollups WHERE {sel_sql} AND ({ranges}) GROUP BY value, t"
+        params = [*sel, *(x for span in spans for x in span)]
     else:
         sql = f"SELECT value, t, {outer} FROM ({' UNION ALL '.join([part] * len(spans))}) AS r GROUP BY value, t"
-        params = [x for res, a, b in spans for x in (group, res, a, b)]
+        params = [x for res, a, b in spans for x in (*sel, res, a, b)]
     found = db.query(sql, params) if spans else []
     n_c, n_h = len(rollup.COUNTERS), rollup.BUCKETS
     rows = []

@@ -96,7 +96,7 @@ def _signed_in(request: web.Request) -> tuple[bool, dict[str, object]]:
             return False, {"reason": "invalid_key" if token else "key_required"}
         if not roles.permits(ident.role, "viewer"):
             return False, {"reason": "role", "message": "The console needs a key with role viewer, operator or admin."}
-        return True, {"auth": "key", "key": ident.key, "role": roles.access_role(ident.role)}
+        return True, {"auth": "key", "key": ident.key, "role": roles.access_role(ident.role), "team": ident.team}
     if access.shared:
         given = (token or "").encode()
         if not any(hmac.compare_digest(given, k) for k in access.shared):
@@ -117,7 +117,8 @@ async def ui_session(request: web.Request) -> web.Response:
             path = route.resource.canonical if route.resource is not None else ""
             needed = roles.required_role(route.method, path)
             if path.startswith("/admin/") and needed is not None and roles.permits(role, needed):
-                routes.add(f"{route.method} {path}")
+                if body.get("team") is None or roles.team_may(route.method, path):  # a team's key: its routes
+                    routes.add(f"{route.method} {path}")
         body["routes"] = sorted(routes)
     body["signed_in"] = ok
     return web.Response(body=orjson.dumps(body), content_type="application/json", headers=NO_STORE)
