@@ -129,7 +129,7 @@ async def test_outage_fires_and_recovery_resolves(
         assert err["value"] > 0.5 and err["threshold"] == 0.5 and err["resolved_at"] is None
         assert set(err) == {
             "id", "rule", "kind", "subject", "severity", "state", "value", "threshold", "started_at",
-            "resolved_at", "message",
+            "resolved_at", "message", "instance",
         }  # fmt: skip
         assert "d-b" not in {a["subject"] for a in (await alerts())["firing"]}
 
