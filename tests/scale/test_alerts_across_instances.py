@@ -185,3 +185,29 @@ async def test_redis_down_each_instance_notifies_alone_and_says_so(
 
 def _pid(body: dict[str, Any]) -> int:
     return int(str(body["alert"]["instance"]).rpartition(":")[2])
+
+
+async def test_the_cooldown_is_shared_with_an_instance_that_never_saw_the_first_alert(
+    start_upstream: Any, spawn: Spawn, hooks: Any
+) -> None:
+    """`cooldown_s` (300 s here): a circuit that opens again soon after is not notified again,
+    not even by an instance started since, which has no notification of its own to count from."""
+    down, up = await start_upstream(fail_status=500), await start_upstream()
+    rx = hooks()
+    cfg = _config(down, up, await rx.start())
+    first = [await spawn(cfg, name=f"i{n}") for n in range(2)]
+    await _open_circuit(first[0])
+
+    async def resolved() -> bool:
+        return ("resolved", "circuit", "d-a") in rx.events(rx.answered)
+
+    await eventually(resolved, "the first alert's resolved message")
+    late = await spawn(cfg, name="late")
+    await _open_circuit(late)  # the circuit opens again, everywhere
+    await _all_saw_it([*first, late])
+
+    async def silenced() -> float | None:
+        return await metric(late.url, "edgeroute_alert_claims_total", {"result": "silenced"})
+
+    assert await eventually(silenced, "the late instance finding the alert in its cooldown") == 1
+    assert rx.events(rx.received) == [("firing", "circuit", "d-a"), ("resolved", "circuit", "d-a")]
