@@ -11,6 +11,13 @@ again within `cooldown_s` of its last notification is shown but not notified aga
 `GET /admin/alerts`); budgets, circuits and secrets are the same in every worker (shared
 store, shared ejections, the same files), so worker 0 alone notifies those, which each worker
 sent before; the traffic kinds measure each worker's own window and notify from each.
+
+Across instances that share Redis (`shared_state`), the shared kinds are claimed there before
+they are notified (`alert_claims`): one message per transition whichever instances see it,
+and the cooldown is shared. The traffic kinds stay per instance, named in their message
+(`on HOST:PID`): each instance routes on its own view of a deployment, a p95 cannot be
+merged from several, and a failure that one instance alone sees (its network path) is one
+to hear about, not to average away.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 from edgeroute import redact, secrets
 from edgeroute.config import Budget
 from edgeroute.state import Live
+from edgeroute.telemetry.alert_claims import INSTANCE, AlertClaims, Transition
 from edgeroute.telemetry.notify import Notification, Notifier
 from edgeroute.telemetry.settings import AlertRule, Alerts
 from edgeroute.telemetry.window import Window, by_deployment, percentile
@@ -48,12 +56,13 @@ class Alert:
     started_at: float
     resolved_at: float | None
     message: str
+    instance: str  # the process that raised it (HOST:PID)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
+def _message(rule: AlertRule, subject: str, value: float, state: str, named: bool = False) -> str:
     what = {
         "error_rate": f"error rate {value:.1%} (threshold {rule.threshold:.1%})",
         "latency_p95": f"p95 latency {value:.0f} ms (threshold {rule.threshold:.0f} ms)",
@@ -70,7 +79,8 @@ def _message(rule: AlertRule, subject: str, value: float, state: str) -> str:
     }[rule.kind]
     window = f" over {rule.window_s:g} s" if rule.kind not in _STATE_KINDS | {"budget_percent"} else ""
     tail = "" if state == "firing" else " — resolved"
-    return f"{rule.name}: {subject}: {what}{window}{tail}"
+    where = f" on {INSTANCE}" if named and rule.kind not in _SHARED_KINDS else ""
+    return f"{rule.name}: {subject}{where}: {what}{window}{tail}"
 
 
 # Kinds that are a state (1 while it holds) rather than a measure over a threshold.
@@ -80,9 +90,13 @@ _SHARED_KINDS = frozenset({"budget_percent", "circuit_open", "secret_refresh_fai
 
 
 class AlertEngine:
-    def __init__(self, notifier: Notifier, lead: bool = True) -> None:
+    def __init__(
+        self, notifier: Notifier, lead: bool = True, claims: AlertClaims | None = None, named: bool = False
+    ) -> None:
         self.notifier = notifier
         self.lead = lead  # False: another process notifies the kinds every process sees alike
+        self.claims = claims  # shared_state: the shared kinds are claimed in Redis before they are sent
+        self.named = named  # several processes notify: the traffic kinds' messages name theirs
         self.firing: dict[tuple[str, str], Alert] = {}
         self.recent: deque[Alert] = deque(maxlen=RECENT)
         self._notified_at: dict[tuple[str, str], float] = {}
@@ -176,7 +190,7 @@ class AlertEngine:
         threshold = 0.5 if rule.kind in _STATE_KINDS else rule.threshold
         alert = Alert(
             f"alr_{_PREFIX}{next(_ids):06x}", rule.name, rule.kind, subject, rule.severity, "firing",
-            value, threshold, now, None, _message(rule, subject, value, "firing"),
+            value, threshold, now, None, _message(rule, subject, value, "firing", self.named), INSTANCE,
         )  # fmt: skip
         self.firing[key] = alert
         last = self._notified_at.get(key)
@@ -192,7 +206,7 @@ class AlertEngine:
         alert = self.firing.pop(key)
         alert.state, alert.resolved_at, alert.value = "resolved", now, value
         if rule is not None:
-            alert.message = _message(rule, alert.subject, value, "resolved")
+            alert.message = _message(rule, alert.subject, value, "resolved", self.named)
         self.recent.appendleft(alert)
         if alert.id in self._silenced:
             self._silenced.discard(alert.id)
@@ -204,6 +218,9 @@ class AlertEngine:
             return
         names = rule.webhooks if rule.webhooks is not None else list(cfg.webhooks)
         body = alert.to_dict()
+        if self.claims is not None and rule.kind in _SHARED_KINDS:
+            self.claims.submit(rule.name, alert.subject, Transition(event, names, body, cfg.cooldown_s))
+            return
         for name in names:
             self.notifier.enqueue(Notification(name, event, body))
 
@@ -212,7 +229,7 @@ class AlertEngine:
         self.notifier.webhooks = cfg.webhooks
         alert = Alert(
             f"alr_{_PREFIX}{next(_ids):06x}", "test", "test", "edgeroute", "info", "resolved", 0.0, 0.0, now, now,
-            "test: a test notification from edgeroute (POST /admin/alerts/test)",
+            "test: a test notification from edgeroute (POST /admin/alerts/test)", INSTANCE,
         )  # fmt: skip
         for name in webhooks:
             self.notifier.enqueue(Notification(name, "test", alert.to_dict()))

@@ -30,6 +30,7 @@ from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoi
 from edgeroute.shadow import MIRRORED
 from edgeroute.state import STATE
 from edgeroute.telemetry import tracing
+from edgeroute.telemetry.alert_claims import AlertClaims
 from edgeroute.telemetry.alerts import AlertEngine
 from edgeroute.telemetry.history import DeploymentHistory, parse_since
 from edgeroute.telemetry.notify import Notifier
@@ -65,13 +66,17 @@ def decision_fields(rec: RequestRecord, reasons: list[str]) -> dict[str, object]
 class Telemetry:
     """The recent-traffic window and what reads it: the deployments history and the alerts."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config) -> None:
         self.window = Window()
         self.history = DeploymentHistory()
         self.notifier = Notifier()
-        # Worker 0 of `serve --workers N` notifies what every worker sees alike (alerts.py).
+        # Worker 0 of `serve --workers N` notifies what every worker sees alike (alerts.py), and
+        # with `shared_state` claims it in Redis first, so that one instance sends it (alert_claims.py).
         worker = workers.current()
-        self.alerts = AlertEngine(self.notifier, lead=worker is None or worker.id == 0)
+        shared = config.shared_state
+        self.claims = AlertClaims(shared, self.notifier) if shared is not None else None
+        named = shared is not None or (worker is not None and worker.count > 1)
+        self.alerts = AlertEngine(self.notifier, worker is None or worker.id == 0, self.claims, named)
 
     def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
         """`budgets`: their spend when the alerts are due (else None)."""
@@ -135,6 +140,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if (claims := app[TELEMETRY].claims) is not None:
+        await claims.close()
 
 
 async def _tracing(app: web.Application) -> AsyncIterator[None]:
@@ -176,6 +183,8 @@ def _alert_source(app: web.Application) -> Iterable[Metric]:
         "Alert notifications dropped because the webhook queue was full.",
         value=t.notifier.dropped,
     )
+    if t.claims is not None:
+        yield from t.claims.metrics()
 
 
 def _json(body: object) -> web.Response:
@@ -223,7 +232,7 @@ async def admin_deployments_history(request: web.Request) -> web.Response:
 def install(app: web.Application, config: Config) -> None:
     """Metrics, the recent-traffic window, alerts and history, tracing when on, their routes and tasks."""
     app[METRICS] = Metrics()
-    app[TELEMETRY] = Telemetry()
+    app[TELEMETRY] = Telemetry(config)
 
     def mirrored(rec: RequestRecord) -> None:  # a shadow mirror: paid for, so in the cost metric and alerts
         app[METRICS].observe_mirror(rec)

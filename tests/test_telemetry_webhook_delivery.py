@@ -1,0 +1,92 @@
+"""Webhook delivery: a webhook that fails for a moment is tried again, one that refuses is
+not, one that hangs delays nothing but its own messages, and no URL reaches a log.
+
+Each notification was one attempt: a webhook answering 503 once (a deploy of the chat
+service, a load balancer's blip) lost the alert. And one task sent every webhook's
+messages in turn, so a webhook that hung held every other webhook's alerts for its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.conftest import eventually, simple_config
+from tests.metrics_support import scrape
+
+TOKEN = "T0KEN-in-the-url-4b1d"
+
+
+async def test_retries_backoff_no_redirects_and_a_hung_webhook_delays_only_itself(
+    start_upstream: Any, start_proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    hits: dict[str, list[float]] = {}
+
+    async def hook(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        hits.setdefault(name, []).append(time.monotonic())
+        await request.read()
+        if name == "flaky" and len(hits[name]) < 3:
+            return web.Response(status=503)
+        if name == "refuses":
+            return web.Response(status=400)
+        if name == "moved":
+            raise web.HTTPTemporaryRedirect("/elsewhere")
+        if name == "hangs":
+            await asyncio.Event().wait()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/{name}", hook)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    cfg = simple_config({"b": await start_upstream()})
+    cfg["alerts"] = {
+        "webhooks": {  # the hung one first: one sender for all sent it first
+            name: {"url": f"{base}/{name}?token={TOKEN}", "timeout_s": 2}
+            for name in ("hangs", "flaky", "refuses", "moved", "ok")
+        },
+    }
+    proxy = await start_proxy(cfg)
+    caplog.set_level(logging.INFO, "edgeroute")
+    try:
+        t0 = time.monotonic()
+        async with aiohttp.ClientSession() as s, s.post(proxy.url + "/admin/alerts/test") as r:
+            assert r.status == 200
+        ok = await eventually(lambda: _got(hits, "ok"), "the healthy webhook's message", within=10)
+        assert ok[0] - t0 < 1.5  # not after the hung webhook's 2 s timeout
+
+        async def settled() -> bool:
+            m = await scrape(proxy.url)
+            return m.total("edgeroute_alert_notifications_total") == 5
+
+        await eventually(settled, "every webhook's message settled", within=20)
+        m = await scrape(proxy.url)
+        result = {
+            name: next(
+                r for r in ("sent", "failed") if m.value("edgeroute_alert_notifications_total", webhook=name, result=r)
+            )
+            for name in ("hangs", "flaky", "refuses", "moved", "ok")
+        }
+        assert result == {"hangs": "failed", "flaky": "sent", "refuses": "failed", "moved": "failed", "ok": "sent"}
+        counts = {name: len(times) for name, times in hits.items()}
+        assert counts == {"hangs": 3, "flaky": 3, "refuses": 1, "moved": 1, "ok": 1}  # no "elsewhere"
+        gaps = [b - a for a, b in zip(hits["flaky"], hits["flaky"][1:], strict=False)]
+        assert gaps[0] >= 0.45 and gaps[1] >= 1.9  # backoff, longer each time
+        assert TOKEN not in caplog.text and base not in caplog.text
+        assert "webhook 'flaky' failed (HTTP 503); trying again" in caplog.text
+        assert "webhook 'hangs' failed (TimeoutError)" in caplog.text
+    finally:
+        await server.close()
+
+
+async def _got(hits: dict[str, list[float]], name: str) -> list[float]:
+    return hits.get(name, [])
