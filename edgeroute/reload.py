@@ -64,7 +64,7 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
             cfg = config_mod.loads(text, source)
             return await apply_config(app, cfg, text, how, actor)
     except config_mod.ConfigError as e:
-        if (gov := app.get(GOV)) is not None:
+        if (gov := app.get(GOV)) is not None and not _sibling_of_a_signal(how):
             # What was wrong, as the caller is told (cut and redacted: a problem may quote the file).
             problems = [redact.text(redact.cut(p, 500)) for p in e.errors[:_AUDITED_PROBLEMS]]
             if len(e.errors) > _AUDITED_PROBLEMS:
@@ -75,6 +75,14 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
 
 
 _AUDITED_PROBLEMS = 20
+
+
+def _sibling_of_a_signal(how: str) -> bool:
+    """Under a supervisor, a SIGHUP reaches every worker and each refuses the same file:
+    worker 0 audits the refusal for all (it was audited once per worker). An accepted
+    SIGHUP is audited once by whichever worker stores the version first (`apply_config`)."""
+    worker = workers.current()
+    return how == "sighup" and worker is not None and worker.count > 1 and worker.id != 0
 
 
 async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:
