@@ -361,6 +361,7 @@ def serve(
     srv = config.server
     logs.setup(srv.log_format, srv.log_level, srv.decision_log)
     install_uvloop()
-    if workers.current() is not None:  # a reload asked before the handler is set must not end the worker
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if (worker := workers.current()) is not None:
+        workers.hold(worker)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before the handler is set must not end it
     asyncio.run(serve_async(config, source, host, port, print_fn))
