@@ -37,6 +37,7 @@ from edgeroute.cache.service import metrics_source as cache_metrics
 from edgeroute.capacity_share import SHARED_SLOTS, SharedSlots
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
+from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.redis_store import StoreUnavailable
@@ -117,6 +118,13 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
+    if request.method == "POST" and request.path.startswith("/v1/") and (why := ledger_lock.lost()) is not None:
+        raise ProxyError(
+            503,
+            f"edgeroute is not taking requests: {why}; retry shortly.",
+            code="ledger_unavailable",
+            headers={"Retry-After": "5"},
+        )
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
         raise ProxyError(
@@ -142,7 +150,8 @@ async def readyz(request: web.Request) -> web.Response:
     # record since in memory, all lost to a kill -9: spend is not being kept, so not ready.
     ledger = request.app.get(RECORDER)
     failing = ledger.failing_since if isinstance(ledger, Ledger) else None
-    ready = bool(usable) and not state.draining and failing is None
+    lock_lost = ledger_lock.lost()
+    ready = bool(usable) and not state.draining and failing is None and lock_lost is None
     body: dict[str, object] = {
         "ready": ready,
         "draining": state.draining,
@@ -152,6 +161,8 @@ async def readyz(request: web.Request) -> web.Response:
     if isinstance(ledger, Ledger) and failing is not None:
         since = round(time.monotonic() - failing, 1)
         body["ledger"] = {"writing": False, "failing_for_s": since, "unwritten_records": ledger.queue_depth()}
+    if lock_lost is not None:
+        body["ledger_lock"] = {"held": False, "why": lock_lost}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from edgeroute.config import Config
+from edgeroute.cost import ledger_lock
 from edgeroute.workers import run_dir
 from edgeroute.workers.supervisor import Supervisor, reserve_port, resolve_workers
 
@@ -41,6 +42,7 @@ def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
     sup = Supervisor(
         worker_command(args, host, port), count, cfg.server.drain_timeout, lambda s: print(s, flush=True), run
     )
+    sup.on_tick = ledger_lock.publish  # the workers refuse spend while another server holds the ledger
     try:
         return sup.run(f"http://{shown}:{port}")
     finally:

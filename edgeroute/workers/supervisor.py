@@ -87,6 +87,7 @@ class Supervisor:
     print_fn: Callable[[str], None] = print
     owned: run_dirs.RunDir = field(default_factory=lambda: run_dirs.create(run_dirs.base()))
     restarts: int = 0
+    on_tick: Callable[[Path], None] | None = None  # given the run directory, every 0.1 s
     _slots: list[_Slot] = field(default_factory=list)
     _stop: bool = False
     _hup: bool = False
@@ -145,6 +146,8 @@ class Supervisor:
             self.owned.remove()
 
     def _tick(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick(self.run_dir)
         if self._hup:
             self._hup = False
             self._signal_all(signal.SIGHUP)
