@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -37,7 +38,7 @@ from edgeroute import config as config_mod
 from edgeroute.config import Config, Learning
 from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
-from edgeroute.governance.runtime import GOV, actor_of
+from edgeroute.governance.runtime import GOV, Change, actor_of
 from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
@@ -64,7 +65,7 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
             cfg = config_mod.loads(text, source)
             return await apply_config(app, cfg, text, how, actor)
     except config_mod.ConfigError as e:
-        if (gov := app.get(GOV)) is not None:
+        if (gov := app.get(GOV)) is not None and not _sibling_of_a_signal(how):
             # What was wrong, as the caller is told (cut and redacted: a problem may quote the file).
             problems = [redact.text(redact.cut(p, 500)) for p in e.errors[:_AUDITED_PROBLEMS]]
             if len(e.errors) > _AUDITED_PROBLEMS:
@@ -75,11 +76,25 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
 
 
 _AUDITED_PROBLEMS = 20
+# Applied even when they cannot be recorded (logged): the operator's file, and the rollback
+# guard undoing a failing config.
+_APPLIED_UNRECORDED = ("sighup", "auto_rollback")
 
 
-async def apply_config(app: web.Application, cfg: Config, text: str, how: str, actor: str | None) -> Live:
-    """Swaps in a validated config whole, records it as a version and in the audit log;
-    raises ConfigError (nothing changed) when it cannot be applied."""
+def _sibling_of_a_signal(how: str) -> bool:
+    """Under a supervisor, a SIGHUP reaches every worker and each refuses the same file:
+    worker 0 audits the refusal for all (it was audited once per worker). An accepted
+    SIGHUP is audited once by whichever worker stores the version first (`apply_config`)."""
+    worker = workers.current()
+    return how == "sighup" and worker is not None and worker.count > 1 and worker.id != 0
+
+
+async def apply_config(
+    app: web.Application, cfg: Config, text: str, how: str, actor: str | None, audit: Sequence[Change] = ()
+) -> Live:
+    """Swaps in a validated config whole, records it as a version and in the audit log (with
+    `audit`, the caller's entries for the change, in the version's transaction, before the
+    swap); raises ConfigError (nothing changed) when it cannot be applied."""
     state, gov = app[STATE], app.get(GOV)
     async with state.applying:  # the generation built here is the one swapped in, and its version
         old = state.live
@@ -92,30 +107,41 @@ async def apply_config(app: web.Application, cfg: Config, text: str, how: str, a
             raise config_mod.ConfigError([f"{old.source}: {e}"]) from None
         # Stored before the swap and made active with it (no await between): a client answered
         # by the new config finds it in the versions, and the rollback guard counts every answer.
-        try:
-            saved = await gov.save(text, how, actor) if gov is not None else None
-        except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
-            _retire(state, new)
-            raise
         # Under a supervisor, a SIGHUP that finds its text stored already as the latest version
         # follows a sibling that applied it (through the admin API, or the same signal first):
         # that one audits it and its rollback guard watches it. Each follower audited it again,
         # as a signal nobody sent, and watched it as a reload, a rollback too: rolled "back" to
         # the change the guard had just undone, and the workers flapped between the two.
-        following = how == "sighup" and saved is not None and not saved.created and workers.current() is not None
+        may_follow = how == "sighup" and workers.current() is not None
+        try:
+            saved = None
+            if gov is not None:  # the version and its audit entries: one transaction, before the swap
+                saved = await gov.save(text, how, actor, (old.config, cfg), audit, audit_if_same=not may_follow)
+        except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
+            _retire(state, new)
+            raise
+        if gov is not None and saved is None and not how.startswith(_APPLIED_UNRECORDED):
+            # A change asked through the admin API is made only with its record: a change nobody
+            # can find in the versions or the audit log is worse than a 503 to retry.
+            _retire(state, new)
+            raise ProxyError(
+                503,
+                "The config change cannot be recorded (the versions and audit log's database is "
+                "unavailable); nothing was changed.",
+                code="config_store_unavailable",
+                headers={"Retry-After": "5"},
+            )
+        following = may_follow and saved is not None and not saved.created
         new.since = time.time()
         state.live = new
-        before = None
         if gov is not None and saved is not None:
-            before = gov.activate(new, saved, "follow" if following else how)
+            gov.activate(new, saved, "follow" if following else how)
         _retire(state, old)
     log.info("config applied (%s) from %s", how, old.source)
     if (candidate := app.get(CANDIDATE_RELOAD)) is not None:
         await candidate.reload(new)
     elif cfg.learning.candidate_router is not None:
         log.warning("learning.candidate_router is set but the request log is off: no shadow evaluation")
-    if gov is not None and saved is not None and not following:
-        await gov.applied(new, saved, how, actor, before, old.config)
     return new
 
 

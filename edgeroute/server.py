@@ -37,6 +37,7 @@ from edgeroute.cache.service import metrics_source as cache_metrics
 from edgeroute.capacity_share import SHARED_SLOTS, SharedSlots
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
+from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.redis_store import StoreUnavailable
@@ -117,6 +118,11 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
+    if request.method == "POST" and request.path.startswith("/v1/") and (why := _not_recording(request)) is not None:
+        raise ProxyError(
+            503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
         raise ProxyError(
@@ -128,6 +134,21 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         c.in_flight -= 1
+
+
+def _not_recording(request: web.Request) -> str | None:
+    """Why a request that could spend is refused now (None: taken): another server holds the
+    ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
+    records than `ledger.max_unwritten` while it cannot write."""
+    if (why := ledger_lock.lost()) is not None:
+        return why
+    lc = request.app[STATE].live.config.ledger
+    if lc is not None and lc.on_unavailable == "closed":
+        ledger = request.app.get(RECORDER)
+        if isinstance(ledger, Ledger) and ledger.failing_since is not None:
+            if (n := ledger.queue_depth()) > lc.max_unwritten:
+                return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -142,7 +163,8 @@ async def readyz(request: web.Request) -> web.Response:
     # record since in memory, all lost to a kill -9: spend is not being kept, so not ready.
     ledger = request.app.get(RECORDER)
     failing = ledger.failing_since if isinstance(ledger, Ledger) else None
-    ready = bool(usable) and not state.draining and failing is None
+    lock_lost = ledger_lock.lost()
+    ready = bool(usable) and not state.draining and failing is None and lock_lost is None
     body: dict[str, object] = {
         "ready": ready,
         "draining": state.draining,
@@ -152,6 +174,8 @@ async def readyz(request: web.Request) -> web.Response:
     if isinstance(ledger, Ledger) and failing is not None:
         since = round(time.monotonic() - failing, 1)
         body["ledger"] = {"writing": False, "failing_for_s": since, "unwritten_records": ledger.queue_depth()}
+    if lock_lost is not None:
+        body["ledger_lock"] = {"held": False, "why": lock_lost}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -361,6 +385,7 @@ def serve(
     srv = config.server
     logs.setup(srv.log_format, srv.log_level, srv.decision_log)
     install_uvloop()
-    if workers.current() is not None:  # a reload asked before the handler is set must not end the worker
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if (worker := workers.current()) is not None:
+        workers.hold(worker)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload asked before the handler is set must not end it
     asyncio.run(serve_async(config, source, host, port, print_fn))

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.workers.worker",
             "edgeroute.workers.peers",
             "edgeroute.workers.merge",
+            "edgeroute.workers.run_dir",
             "edgeroute.workers.supervisor",
         ],
     ),

@@ -404,6 +404,10 @@ class Ledger(_Strict):
     # contend for the CPU it can fall behind, and a crash then loses more than one interval.
     # `normal` keeps the one-interval bound on a shared host.
     writer_priority: Literal["low", "normal"] = "normal"
+    # While the ledger cannot write, its records wait in memory (lost to a kill -9). `open`
+    # serves on; `closed` refuses new requests (503) while more than `max_unwritten` wait.
+    on_unavailable: Literal["open", "closed"] = "open"
+    max_unwritten: int = Field(0, ge=0)
 
 
 class Feedback(_Strict):

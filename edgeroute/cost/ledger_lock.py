@@ -15,6 +15,14 @@ A PostgreSQL ledger is held the same way with an advisory lock on a connection o
 (released when the process dies and its connection closes). Several machines sharing one
 ledger share budgets through `shared_state` (the README's "Several workers or several
 machines"): their locks are shared ones.
+
+That session ends when PostgreSQL restarts (or an administrator terminates it), and the lock
+with it: a second server could then take the ledger while this one went on spending. So a
+thread checks the connection every `WATCH_S`, connects again and takes the lock back. When
+another server holds it by then, this one says so on stderr and `lost()` tells why: the
+server answers 503 to every request that could spend and `/readyz` is 503, until it holds
+the lock again (it keeps trying). Under a supervisor, which holds the lock for its workers,
+the workers read it from a file in the run directory (`publish`).
 """
 
 from __future__ import annotations
@@ -22,10 +30,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.workers import worker as workers
 
 
 class LedgerInUse(Exception):
@@ -33,7 +46,40 @@ class LedgerInUse(Exception):
 
 
 _PG_LOCK = 7421  # pg_advisory_xact_lock(7420) guards the ledger's schema
-_held: list[object] = []  # the PostgreSQL connection holding the lock, kept for the process's life
+_held: list[object] = []  # the PostgreSQL lock's holder (`_PgHold`), kept for the process's life
+WATCH_S = 1.0  # how often the held session is checked (a PostgreSQL restart ends it)
+LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
+_lost: str | None = None  # set by the watcher while another server holds the lock
+_read: tuple[float, str | None] = (0.0, None)  # a worker's last read of the supervisor's file
+
+
+def lost() -> str | None:
+    """Why this server must not take spend now (another server holds the ledger's lock), or None."""
+    global _read
+    if _held or _lost is not None:
+        return _lost
+    if (worker := workers.current()) is None:
+        return None
+    now = time.monotonic()
+    if now - _read[0] >= 0.5:  # a stat per half second, not per request
+        try:
+            why: str | None = (worker.dir / LOST_FILE).read_text()
+        except OSError:
+            why = None
+        _read = (now, why)
+    return _read[1]
+
+
+def publish(run_dir: Path) -> None:
+    """A supervisor's tick: `lost()` as a file its workers read (written or removed on change)."""
+    path = run_dir / LOST_FILE
+    with contextlib.suppress(OSError):
+        if _lost is None:
+            path.unlink(missing_ok=True)
+        elif not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(_lost)
+            tmp.replace(path)
 
 
 def _base(source: str) -> Path | None:
@@ -123,12 +169,78 @@ def _claim_postgres(lc: LedgerConfig, source: str, alone: bool) -> None:
 
     assert lc.dsn is not None
     try:
-        conn = psycopg.connect(secrets.resolve(lc.dsn, base_dir=_base(source)).reveal(), autocommit=True)
+        hold = _PgHold(secrets.resolve(lc.dsn, base_dir=_base(source)).reveal(), alone)
+        taken = hold.take()
     except (psycopg.Error, secrets.SecretError):
         return
-    fn = "pg_try_advisory_lock" if alone else "pg_try_advisory_lock_shared"
-    row = conn.execute(f"SELECT {fn}({_PG_LOCK})").fetchone()
-    if row is None or not row[0]:
-        conn.close()
+    if not taken:
         raise _in_use("another edgeroute serve", "(PostgreSQL: ledger.dsn)", alone)
-    _held.append(conn)
+    _held.append(hold)
+    threading.Thread(target=hold.watch, name="ledger-lock", daemon=True).start()
+
+
+class _PgHold:
+    """The connection holding the PostgreSQL ledger's lock, taken back after its session ends."""
+
+    def __init__(self, dsn: str, alone: bool) -> None:
+        self.dsn, self.alone = dsn, alone
+        self.conn: Any = None
+
+    def take(self) -> bool:
+        """Connects and tries the lock (raises psycopg.Error when the database cannot be reached)."""
+        import psycopg
+
+        self.close()
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock")
+        fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
+        row = conn.execute(f"SELECT {fn}({_PG_LOCK})").fetchone()
+        if row is None or not row[0]:
+            conn.close()
+            return False
+        self.conn = conn
+        return True
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def watch(self) -> None:
+        import psycopg
+
+        global _lost
+        down_since: float | None = None
+        while True:
+            time.sleep(WATCH_S)
+            try:
+                if self.conn is not None:
+                    self.conn.execute("SELECT 1")
+                    continue
+            except psycopg.Error:
+                self.close()  # the session ended: the lock went with it
+                down_since = time.monotonic()
+            try:
+                taken = self.take()
+            except psycopg.Error:
+                continue  # still down: spend goes on being held by the ledger, which says so
+            if taken:
+                if _lost is not None:
+                    _say("edgeroute: the ledger's lock is held again; taking requests again")
+                elif down_since is not None:
+                    _say("edgeroute: the ledger's PostgreSQL session ended (a restart?); its lock is taken again")
+                _lost, down_since = None, None
+            elif _lost is None:
+                _lost = (
+                    "another edgeroute serve took the ledger's lock (PostgreSQL: ledger.dsn) while this "
+                    "server's session with the database was down (PostgreSQL restarted?)"
+                )
+                _say(
+                    f"edgeroute: {_lost}. Without shared_state, two servers on one ledger would each spend "
+                    "every budget in full: this one refuses requests (503) and is not ready until it "
+                    "holds the lock again. Stop one of the two servers, or share budgets through shared_state."
+                )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

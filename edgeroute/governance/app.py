@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +25,7 @@ from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since
-from edgeroute.governance.runtime import GOV, Gov, actor_of
+from edgeroute.governance.runtime import GOV, Change, Gov, actor_of
 from edgeroute.governance.store import GovStore
 from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
 from edgeroute.state import STATE, Live
@@ -146,16 +146,19 @@ async def rollback(request: web.Request) -> web.Response:
     return json_response(await rollback_to(request.app, raw, actor_of(request)))
 
 
-async def rollback_to(app: web.Application, version: int, actor: str, how: str = "rollback") -> dict[str, Any]:
+async def rollback_to(
+    app: web.Application, version: int, actor: str, how: str = "rollback", audit: Sequence[Change] = ()
+) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
-    config file; 404 for an unknown version, 409 (nothing changed) when it no longer validates."""
+    config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
+    when it no longer validates."""
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
     async with gov.lock, editing(app):
         before = gov.versions.active
         try:
             text = restore(target.body, gov.versions.running_text, version)
-            written = await apply_text(app, text, f"{how}:{version}", actor)
+            written = await apply_text(app, text, f"{how}:{version}", actor, audit)
         except config_mod.ConfigError as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
             msg = f"Version {version} cannot be applied now; the running config is unchanged."
@@ -179,11 +182,10 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
             log.error("rollback guard: the config applied by %s failed (%s); rolling back to version %d",
                       how, why, previous)  # fmt: skip
             try:
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback")
+                reason = ("config.auto_rollback.reason", "config", None, {"reason": why})
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason])
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
-                return
-            await app[GOV].audit("rollback-guard", "config.auto_rollback.reason", "config", None, {"reason": why})
 
         state = app[STATE]
         task = asyncio.create_task(run())

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -15,19 +15,20 @@ from aiohttp import web
 from edgeroute import config as config_mod
 from edgeroute import reload
 from edgeroute.errors import ProxyError
-from edgeroute.governance.runtime import GOV
+from edgeroute.governance.runtime import GOV, Change
 from edgeroute.governance.versions import write_back
 from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
 
 
-async def apply_text(app: web.Application, text: str, how: str, actor: str) -> bool:
-    """Applies `text`; returns whether the config file was updated too. Raises ConfigError
-    (and nothing changed) when it does not validate."""
+async def apply_text(app: web.Application, text: str, how: str, actor: str, audit: Sequence[Change] = ()) -> bool:
+    """Applies `text` (audited with `audit` too, as `reload.apply_config` does); returns whether
+    the config file was updated too. Raises ConfigError (and nothing changed) when it does not
+    validate."""
     async with app[STATE].source_lock:  # no reload reads the file between the two steps
         source = app[STATE].live.source
         cfg = config_mod.loads(text, source)
-        await reload.apply_config(app, cfg, text, how, actor)
+        await reload.apply_config(app, cfg, text, how, actor, audit)
         written = await asyncio.to_thread(write_back, source, text)
     if written:  # the other workers of this server read it from there
         workers.ask_siblings_to_reload(app.get(workers.WORKER))

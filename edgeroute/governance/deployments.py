@@ -47,11 +47,12 @@ async def _change(request: web.Request, action: str, target: str, mutate: Mutati
         before, after = mutate(data)
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         try:
-            written = await apply_text(request.app, text, "api", actor)
+            written = await apply_text(
+                request.app, text, "api", actor, [(f"deployment.{action}", target, before, after)]
+            )
         except config_mod.ConfigError as e:
             msg = f"The change to deployment {target!r} makes the config invalid; nothing changed."
             raise refused(400, msg, "invalid_config", e) from None
-    await gov.audit(actor, f"deployment.{action}", target, before, after)
     return json_response(
         {"deployment": target, "action": action, "version": gov.versions.active, "file_updated": written}
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -17,11 +17,13 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.governance import residency
 from edgeroute.governance.keys import ManagedKeys
-from edgeroute.governance.store import GovStore
-from edgeroute.governance.versions import Saved, Versions, digest, mask
+from edgeroute.governance.store import AuditRow, GovStore
+from edgeroute.governance.versions import Saved, Versions, mask
 from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.governance")
+
+Change = tuple[str, str | None, Any, Any]  # an audit entry for a change: action, target, before, after
 
 
 def actor_of(request: web.Request) -> str:
@@ -49,13 +51,39 @@ class Gov:
         except Exception as e:
             log.error("audit log: cannot write %s %s by %s (%s)", action, target, actor, type(e).__name__)
 
-    async def save(self, text: str, how: str, actor: str | None) -> Saved | None:
-        """Stores a config about to be swapped in as the next version; None (logged) when the
-        database cannot."""
+    async def save(
+        self,
+        text: str,
+        how: str,
+        actor: str | None,
+        change: tuple[Config, Config],
+        extra: Sequence[Change] = (),
+        audit_if_same: bool = True,
+    ) -> Saved | None:
+        """Stores a config about to be swapped in as the next version, with its audit entries
+        in the same transaction (the version's, a budget change's, then `extra`, the caller's
+        account of what it changed): a process killed after the swap cannot leave the change
+        recorded without them, nor them without it. `change` is (the running config, the new
+        one). None (logged) when the database cannot."""
+        before, (previous, new) = self.versions.active, change
+        who = actor or how
+
+        def entries(version: int, hash_: str) -> list[AuditRow]:
+            after = {"version": version, "hash": hash_, "source": how}
+            rows: list[AuditRow] = [(who, "config." + how.split(":")[0], "config", {"version": before}, after)]
+            if previous.budgets != new.budgets:
+                # Masked as every view of a config is (a notify webhook's URL may be its credential).
+                old, now = (
+                    mask({"budgets": b.model_dump(mode="json")})["budgets"] for b in (previous.budgets, new.budgets)
+                )
+                rows.append((who, "budget.changed", "budgets", old, now))
+            rows += [(who, action, target, was, now) for action, target, was, now in extra]
+            return rows
+
         try:
-            return await asyncio.to_thread(self.versions.save, text, how, actor)
+            return await asyncio.to_thread(self.versions.save, text, how, actor, entries, audit_if_same)
         except Exception as e:
-            log.error("config versions: cannot record the applied config (%s)", type(e).__name__)
+            log.error("config versions: cannot record the applied config or its audit (%s)", type(e).__name__)
             return None
 
     def activate(self, live: Live, saved: Saved, how: str) -> int | None:
@@ -71,19 +99,6 @@ class Gov:
         if self.on_applied is not None:
             self.on_applied(live, how, before)
         return before
-
-    async def applied(
-        self, live: Live, saved: Saved, how: str, actor: str | None, before: int | None, previous: Config | None = None
-    ) -> None:
-        """Audits a config swapped in (after `activate`)."""
-        after = {"version": saved.version, "hash": digest(saved.stored), "source": how}
-        await self.audit(actor or how, "config." + how.split(":")[0], "config", {"version": before}, after)
-        if previous is not None and previous.budgets != live.config.budgets:
-            # Masked as every view of a config is (a notify webhook's URL may be its credential).
-            old, new = (
-                mask({"budgets": b.model_dump(mode="json")})["budgets"] for b in (previous.budgets, live.config.budgets)
-            )
-            await self.audit(actor or how, "budget.changed", "budgets", old, new)
 
 
 GOV = web.AppKey("governance", Gov)

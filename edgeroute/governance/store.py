@@ -53,6 +53,9 @@ _INDEXES = [
 ]
 
 
+AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
+
+
 @dataclass(frozen=True, slots=True)
 class Version:
     version: int
@@ -212,22 +215,36 @@ class GovStore:
 
     # -- config versions --------------------------------------------------------
 
-    def add_version(self, digest: str, source: str, applied_by: str | None, body: str) -> tuple[int, bool]:
-        """Stores an applied config; a config identical to the latest version reuses its number.
-        Returns (version, created)."""
+    def add_version(
+        self,
+        digest: str,
+        source: str,
+        applied_by: str | None,
+        body: str,
+        audit: Callable[[int], Sequence[AuditRow]] | None = None,
+        audit_if_same: bool = True,
+    ) -> tuple[int, bool]:
+        """Stores a config about to be applied, with its audit entries (`audit(version)`) in the
+        same transaction: both or neither. A config identical to the latest version reuses its
+        number (audited only with `audit_if_same`). Returns (version, created)."""
         with self._lock, self._tx() as cur:
             cur.execute("SELECT version, hash FROM gov_config_versions ORDER BY version DESC LIMIT 1")
             last = cur.fetchone()
             if last is not None and last[1] == digest:
-                return int(last[0]), False
-            cur.execute(
-                self._sql(
-                    "INSERT INTO gov_config_versions (hash, created_at, source, applied_by, body) "
-                    "VALUES (?, ?, ?, ?, ?) RETURNING version"
-                ),
-                (digest, time.time(), source, applied_by, body),
-            )
-            return int(cur.fetchone()[0]), True
+                version, created = int(last[0]), False
+            else:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO gov_config_versions (hash, created_at, source, applied_by, body) "
+                        "VALUES (?, ?, ?, ?, ?) RETURNING version"
+                    ),
+                    (digest, time.time(), source, applied_by, body),
+                )
+                version, created = int(cur.fetchone()[0]), True
+            if audit is not None and (created or audit_if_same):
+                for row in audit(version):
+                    self._append_audit(cur, *row)
+            return version, created
 
     def versions(self, limit: int = 200) -> list[Version]:
         rows = self._query(

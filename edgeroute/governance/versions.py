@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from edgeroute import secrets
 from edgeroute.atomic_file import replace_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import GovStore, Version
+from edgeroute.governance.store import AuditRow, GovStore, Version
 
 log = logging.getLogger("edgeroute.governance")
 
@@ -207,11 +207,21 @@ class Versions:
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
 
-    def save(self, text: str, source: str, applied_by: str | None) -> Saved:
-        """Stores a config about to be applied (blocking: call off the event loop); `activate`
-        makes it the running version."""
+    def save(
+        self,
+        text: str,
+        source: str,
+        applied_by: str | None,
+        audit: Callable[[int, str], Sequence[AuditRow]] | None = None,
+        audit_if_same: bool = True,
+    ) -> Saved:
+        """Stores a config about to be applied, with its audit entries (`audit(version, hash)`)
+        in one transaction (blocking: call off the event loop); `activate` makes it the running
+        version."""
         stored = for_storage(text)
-        v, created = self.store.add_version(digest(stored), source, applied_by, stored)
+        h = digest(stored)
+        entries = None if audit is None else lambda v: audit(v, h)
+        v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same)
         return Saved(v, stored, text, created)
 
     def activate(self, saved: Saved) -> None:

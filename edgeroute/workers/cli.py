@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from edgeroute.config import Config
+from edgeroute.cost import ledger_lock
+from edgeroute.workers import run_dir
 from edgeroute.workers.supervisor import Supervisor, reserve_port, resolve_workers
 
 
@@ -33,7 +35,14 @@ def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
         return 1
     port = held.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    sup = Supervisor(worker_command(args, host, port), count, cfg.server.drain_timeout, lambda s: print(s, flush=True))
+    where = run_dir.base()
+    if left := run_dir.sweep(where):  # by supervisors killed before they could clean up
+        print(f"edgeroute: removed {len(left)} run directories left in {where} by servers no longer running")
+    run = run_dir.create(where)
+    sup = Supervisor(
+        worker_command(args, host, port), count, cfg.server.drain_timeout, lambda s: print(s, flush=True), run
+    )
+    sup.on_tick = ledger_lock.publish  # the workers refuse spend while another server holds the ledger
     try:
         return sup.run(f"http://{shown}:{port}")
     finally:

@@ -14,24 +14,24 @@ supervisor does no request work; it
   `server.drain_timeout` + 10 s later is killed.
 
 A worker's state that must be one for the whole server (budgets, limits, health, cache)
-goes through `shared_state` (Redis) or, without it, the local stores in the run directory.
+goes through `shared_state` (Redis) or, without it, the local stores in the run directory
+(`run_dir.py`: where it lives, and how a new supervisor removes those whose owner died).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from edgeroute.workers import run_dir as run_dirs
 from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID
 
 # A worker that lived this long before exiting is not "crashing in a loop": its restart delay resets.
@@ -85,11 +85,16 @@ class Supervisor:
     count: int
     drain_timeout: float
     print_fn: Callable[[str], None] = print
-    run_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edgeroute-workers-")))
+    owned: run_dirs.RunDir = field(default_factory=lambda: run_dirs.create(run_dirs.base()))
     restarts: int = 0
+    on_tick: Callable[[Path], None] | None = None  # given the run directory, every 0.1 s
     _slots: list[_Slot] = field(default_factory=list)
     _stop: bool = False
     _hup: bool = False
+
+    @property
+    def run_dir(self) -> Path:
+        return self.owned.path
 
     def _env(self, wid: int) -> dict[str, str]:
         env = dict(os.environ)
@@ -138,9 +143,11 @@ class Supervisor:
                 time.sleep(0.1)
             return self._shutdown()
         finally:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.owned.remove()
 
     def _tick(self) -> None:
+        if self.on_tick is not None:
+            self.on_tick(self.run_dir)
         if self._hup:
             self._hup = False
             self._signal_all(signal.SIGHUP)

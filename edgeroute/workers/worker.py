@@ -4,11 +4,14 @@ The supervisor (`edgeroute serve --workers N`) starts each worker with its numbe
 private run directory in the environment. The directory holds one Unix socket per worker
 (its own `/metrics`, for the merged scrape), one readiness file per worker, and the
 supervisor's restart count. Without those variables the process is a single server.
+A worker holds a shared lock on the directory's `owner.lock` for its life, as the
+supervisor does (`run_dir.py`): a directory is abandoned only when none of them lives.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ from aiohttp import web
 
 ENV_ID, ENV_DIR, ENV_COUNT = "EDGEROUTE_WORKER_ID", "EDGEROUTE_WORKER_DIR", "EDGEROUTE_WORKER_COUNT"
 _PR_SET_PDEATHSIG = 1
+OWNER_LOCK = "owner.lock"  # shared-locked by the supervisor and each worker while they live
+_held: list[int] = []  # this process's descriptor on it: kept open (the lock) until exit
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +77,14 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the supervisor died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def hold(worker: Worker) -> None:
+    """Takes this worker's shared lock on its run directory, held until the process exits, so
+    a new supervisor never removes the directory of a worker still draining (`run_dir.sweep`)."""
+    try:
+        fd = os.open(worker.dir / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _held.append(fd)

@@ -124,3 +124,29 @@ async def test_changes_through_two_workers_both_hold(start_upstream: Any, spawn:
             data = yaml.safe_load(inst.config.read_text())
             got = {d: data["deployments"][d].get("weight") for d in ("d-a", "d-b")}
             assert got == {"d-a": weight, "d-b": weight}, f"after setting both to {weight}: {got}"
+
+
+async def test_a_refused_sighup_is_audited_once_whatever_the_workers(
+    start_upstream: Any, spawn: Spawn, tmp_path: Path
+) -> None:
+    """An operator's SIGHUP with a file that does not validate: every worker refuses it and
+    keeps its config; the refusal was audited once per worker, as if refused N times."""
+    up = await start_upstream()
+    cfg = simple_config(
+        {"a": up},
+        keys={"ops": {"token": ADMIN, "role": "admin"}},
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+    )
+    inst = await spawn(cfg, "--workers", "2")
+    data = yaml.safe_load(inst.config.read_text())
+    data["deployments"]["d-a"]["weight"] = -3
+    inst.config.write_text(yaml.safe_dump(data))
+    os.kill(inst.proc.pid, signal.SIGHUP)
+
+    async def both_refused() -> bool:
+        return inst.output().count("reload rejected") >= 2
+
+    await eventually(both_refused, "both workers refusing the file")
+    async with aiohttp.ClientSession() as s:
+        got = await _audit(s, inst.url)
+    assert got == [("server", "config.start"), ("signal:SIGHUP", "config.sighup_refused")], got

@@ -1,0 +1,103 @@
+"""`ledger.on_unavailable: closed`: while the ledger cannot write, a server that prefers not
+to spend money it cannot record refuses new requests, and takes them again once it writes.
+
+By default (`open`) serving goes on and the spend waits in memory, all of it lost to a
+`kill -9`. The write is made to fail by a trigger on the real SQLite ledger, put there by the
+test (an error of the store, retried, as a full disk's); `edgeroute serve` runs as a real process, the openai
+SDK is the client."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import eventually, simple_config
+from tests.governance_support import instances, write_config
+
+# An error of the store, not of the row (as a full disk's): the ledger keeps the records and retries.
+_WRITES_FAIL = "CREATE TRIGGER spend_down BEFORE INSERT ON spend BEGIN INSERT INTO store_unavailable VALUES (1); END"
+
+
+def _db(tmp: Path, sql: str) -> None:
+    conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
+    try:
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def _chat(url: str) -> openai.APIStatusError | None:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except openai.APIStatusError as e:
+            return e
+    return None
+
+
+async def _unwritten(url: str) -> int:
+    async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as r:
+        body = await r.json()
+    return int(body.get("ledger", {}).get("unwritten_records", 0))
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
+    start_upstream: Any, tmp_path: Path, mode: str
+) -> None:
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["ledger"] = {"flush_interval": 0.05, "on_unavailable": mode, "max_unwritten": 2}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    cm = instances(path, 1)
+    (server,) = await asyncio.to_thread(cm.__enter__)
+    try:
+        assert await _chat(server.url) is None
+
+        async def first_written() -> bool:
+            return await asyncio.to_thread(_rows, tmp_path) == 1
+
+        await eventually(first_written, "the first answer's spend written", within=10)
+        await asyncio.to_thread(_db, tmp_path, _WRITES_FAIL)
+        for n in range(1, 4):  # up to the bound (2 unwritten), answered whatever the mode
+            assert await _chat(server.url) is None
+            if n <= 2:
+
+                async def held(n: int = n) -> bool:
+                    return await _unwritten(server.url) >= n
+
+                await eventually(held, f"{n} records unwritten", within=10)
+        # 3 unwritten now, over the bound.
+        refused = await _chat(server.url)
+        if mode == "open":
+            assert refused is None
+        else:
+            assert refused is not None and refused.status_code == 503, refused
+            assert refused.code == "ledger_unavailable" and "ledger.on_unavailable is closed" in refused.message
+            assert refused.response.headers["Retry-After"] == "5"
+        await asyncio.to_thread(_db, tmp_path, "DROP TRIGGER spend_down")
+
+        async def written() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:
+                return r.status == 200
+
+        await eventually(written, "the ledger writing again", within=10)
+        assert await _chat(server.url) is None
+    finally:
+        cm.__exit__(None, None, None)
+    assert _rows(tmp_path) == (6 if mode == "open" else 5)  # everything answered is recorded
+
+
+def _rows(tmp: Path) -> int:
+    conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
+    try:
+        return int(conn.execute("SELECT count(*) FROM spend").fetchone()[0])
+    finally:
+        conn.close()
