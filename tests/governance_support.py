@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -77,3 +78,14 @@ async def call(
     hdrs = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s, s.request(method, url, headers=hdrs, json=json, data=data) as r:
         return r.status, await r.json()
+
+
+def ledger_sql(config_dir: Path, sql: str) -> None:
+    """Runs one statement on the ledger of a server whose config is in `config_dir` (its
+    default path), as an operator's `sqlite3` would: triggers that make a store fail."""
+    conn = sqlite3.connect(config_dir / "edgeroute-ledger.db", timeout=10)
+    try:
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()

@@ -18,19 +18,10 @@ import openai
 import pytest
 
 from tests.conftest import eventually, simple_config
-from tests.governance_support import instances, write_config
+from tests.governance_support import instances, ledger_sql, write_config
 
 # An error of the store, not of the row (as a full disk's): the ledger keeps the records and retries.
 _WRITES_FAIL = "CREATE TRIGGER spend_down BEFORE INSERT ON spend BEGIN INSERT INTO store_unavailable VALUES (1); END"
-
-
-def _db(tmp: Path, sql: str) -> None:
-    conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
-    try:
-        conn.execute(sql)
-        conn.commit()
-    finally:
-        conn.close()
 
 
 async def _chat(url: str) -> openai.APIStatusError | None:
@@ -65,7 +56,7 @@ async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
             return await asyncio.to_thread(_rows, tmp_path) == 1
 
         await eventually(first_written, "the first answer's spend written", within=10)
-        await asyncio.to_thread(_db, tmp_path, _WRITES_FAIL)
+        await asyncio.to_thread(ledger_sql, tmp_path, _WRITES_FAIL)
         for n in range(1, 4):  # up to the bound (2 unwritten), answered whatever the mode
             assert await _chat(server.url) is None
             if n <= 2:
@@ -82,7 +73,7 @@ async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
             assert refused is not None and refused.status_code == 503, refused
             assert refused.code == "ledger_unavailable" and "ledger.on_unavailable is closed" in refused.message
             assert refused.response.headers["Retry-After"] == "5"
-        await asyncio.to_thread(_db, tmp_path, "DROP TRIGGER spend_down")
+        await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER spend_down")
 
         async def written() -> bool:
             async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:

@@ -14,14 +14,13 @@ real process."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.conftest import simple_config
-from tests.governance_support import call, instances, write_config
+from tests.governance_support import call, instances, ledger_sql, write_config
 
 ADMIN = "tok-admin"
 
@@ -31,15 +30,6 @@ def _audit_down(action: str) -> str:
         f"CREATE TRIGGER audit_down BEFORE INSERT ON gov_audit WHEN NEW.action = '{action}' "
         "BEGIN SELECT RAISE(ABORT, 'audit log down'); END"
     )
-
-
-def _db(tmp: Path, sql: str) -> None:
-    conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
-    try:
-        conn.execute(sql)
-        conn.commit()
-    finally:
-        conn.close()
 
 
 async def _state(url: str, path: Path) -> tuple[Any, int, list[str]]:
@@ -70,20 +60,20 @@ async def test_a_config_change_whose_audit_entry_cannot_be_written_is_not_made(
         weight, first, actions = await _state(server.url, path)
         assert (weight, actions) == (3, ["config.start", "config.api", "deployment.updated"])
 
-        await asyncio.to_thread(_db, tmp_path, _audit_down("deployment.updated"))
+        await asyncio.to_thread(ledger_sql, tmp_path, _audit_down("deployment.updated"))
         # A change that cannot be audited is refused as a whole: not running, not in the file.
         status, body = await call("PATCH", server.url + "/admin/deployments/d-a", ADMIN, json={"weight": 9})
         assert status == 503 and body["error"]["code"] == "config_store_unavailable", (status, body)
         assert "nothing was changed" in body["error"]["message"], body
         assert await _state(server.url, path) == (3, first, actions)
-        await asyncio.to_thread(_db, tmp_path, "DROP TRIGGER audit_down")
+        await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER audit_down")
 
         # Nor a rollback.
-        await asyncio.to_thread(_db, tmp_path, _audit_down("config.rollback"))
+        await asyncio.to_thread(ledger_sql, tmp_path, _audit_down("config.rollback"))
         status, body = await call("POST", server.url + "/admin/config/rollback", ADMIN, json={"version": 1})
         assert status == 503 and body["error"]["code"] == "config_store_unavailable", (status, body)
         assert await _state(server.url, path) == (3, first, actions)
-        await asyncio.to_thread(_db, tmp_path, "DROP TRIGGER audit_down")
+        await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER audit_down")
 
         # The audit log back: the change goes through, with its entries.
         status, body = await call("PATCH", server.url + "/admin/deployments/d-a", ADMIN, json={"weight": 9})

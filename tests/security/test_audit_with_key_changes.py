@@ -13,14 +13,13 @@ real process, the openai SDK is the client."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import openai
 
 from tests.conftest import simple_config
-from tests.governance_support import call, instances, write_config
+from tests.governance_support import call, instances, ledger_sql, write_config
 
 ADMIN = "tok-admin"
 _AUDIT_DOWN = "CREATE TRIGGER audit_down BEFORE INSERT ON gov_audit BEGIN SELECT RAISE(ABORT, 'audit log down'); END"
@@ -33,15 +32,6 @@ async def _chat(url: str, token: str) -> bool:
         except openai.AuthenticationError:
             return False
     return True
-
-
-def _db(tmp: Path, sql: str) -> None:
-    conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
-    try:
-        conn.execute(sql)
-        conn.commit()
-    finally:
-        conn.close()
 
 
 async def _audited(url: str, action: str, key_id: str) -> list[dict[str, Any]]:
@@ -68,7 +58,7 @@ async def test_a_key_change_whose_audit_entry_cannot_be_written_is_not_made(
         assert len(await _audited(server.url, "key.created", key_id)) == 1
         assert await _chat(server.url, token)
 
-        await asyncio.to_thread(_db, tmp_path, _AUDIT_DOWN)
+        await asyncio.to_thread(ledger_sql, tmp_path, _AUDIT_DOWN)
         # A revocation that cannot be audited is refused as a whole: not revoked, and not a 200.
         status, body = await call("DELETE", server.url + f"/admin/keys/{key_id}", ADMIN)
         assert status == 503 and body["error"]["code"] == "key_store_unavailable", (status, body)
@@ -86,7 +76,7 @@ async def test_a_key_change_whose_audit_entry_cannot_be_written_is_not_made(
         assert [k["user"] for k in listed["keys"] if k["source"] == "managed"] == ["ann"], listed
 
         # The audit log back: the revocation goes through, with its entry.
-        await asyncio.to_thread(_db, tmp_path, "DROP TRIGGER audit_down")
+        await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER audit_down")
         status, revoked = await call("DELETE", server.url + f"/admin/keys/{key_id}", ADMIN)
         assert status == 200 and revoked["status"] == "revoked", revoked
         entries = await _audited(server.url, "key.revoked", key_id)
