@@ -58,16 +58,15 @@ def lost() -> str | None:
     global _read
     if _held or _lost is not None:
         return _lost
-    if (worker := workers.current()) is None:
-        return None
     now = time.monotonic()
-    if now - _read[0] >= 0.5:  # a stat per half second, not per request
-        try:
-            why: str | None = (worker.dir / LOST_FILE).read_text()
-        except OSError:
-            why = None
-        _read = (now, why)
-    return _read[1]
+    if now - _read[0] < 0.5:  # a stat per half second, not per request
+        return _read[1]
+    why: str | None = None
+    if (worker := workers.current()) is not None:
+        with contextlib.suppress(OSError):
+            why = (worker.dir / LOST_FILE).read_text()
+    _read = (now, why)
+    return why
 
 
 def publish(run_dir: Path) -> None:
