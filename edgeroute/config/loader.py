@@ -122,7 +122,7 @@ def parse(
         raise ConfigError(_in_file_order(lines, source)) from None
     problems = cross_check(cfg)
     if not check_secrets:
-        secret_paths = (".api_key", ".token", "ledger.dsn", ".url")
+        secret_paths = (".api_key", ".token", "ledger.dsn", ".url", ".webhook")
         secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
         problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:

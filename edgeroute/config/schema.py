@@ -21,6 +21,7 @@ from edgeroute.governance.settings import Governance
 from edgeroute.outcome import FallbackKey
 from edgeroute.requestlog.settings import RequestLog
 from edgeroute.router_shadow.settings import CandidateRouter
+from edgeroute.secrets import REFERENCE_PREFIXES
 from edgeroute.telemetry import settings as telemetry_settings
 from edgeroute.telemetry.settings import LogFormat, LogLevel
 
@@ -353,13 +354,16 @@ class BudgetAction(_Strict):
     at_percent: float = Field(gt=0, le=10_000)
     action: Literal["notify", "downgrade", "block"]
     to: str | None = None  # downgrade: the cheaper public model
-    webhook: str | None = None  # notify: POSTed a JSON event once per period
+    # notify: POSTed a JSON event once per period. A URL, or a reference to one (`env:NAME`,
+    # `file:PATH`, `exec:COMMAND`, resolved when sent): a Slack webhook's URL is its credential,
+    # and a reference keeps it out of the stored config versions.
+    webhook: str | None = None
 
     @field_validator("webhook")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
+        if v is not None and not v.startswith(("http://", "https://", *REFERENCE_PREFIXES)):
+            raise ValueError("must start with http:// or https://, or be a reference (env:, file:, exec:)")
         return v
 
 

@@ -70,8 +70,8 @@ def _literal(field: str, v: str) -> bool:
 
 def _webhook_urls(data: Any) -> Iterator[tuple[dict[str, Any], str]]:
     """Webhook URLs written literally (`alerts.webhooks.*.url`, a budget action's `webhook`): a
-    Slack webhook's URL is its credential, so views mask them. They are stored as written: a
-    budget's webhook cannot be a reference, and a rollback needs its URL."""
+    Slack webhook's URL is its credential, so views mask them. They are stored as written (a
+    rollback needs the URL): a reference (`env:`, `file:`, `exec:`) keeps one out of the store."""
     if not isinstance(data, dict):
         return
     alerts, budgets = data.get("alerts"), data.get("budgets")
@@ -83,7 +83,11 @@ def _webhook_urls(data: Any) -> Iterator[tuple[dict[str, Any], str]]:
     for limit in limits if isinstance(limits, list) else ():
         actions = limit.get("actions") if isinstance(limit, dict) else None
         for action in actions if isinstance(actions, list) else ():
-            if isinstance(action, dict) and isinstance(action.get("webhook"), str):
+            if (
+                isinstance(action, dict)
+                and isinstance(action.get("webhook"), str)
+                and _literal("webhook", action["webhook"])
+            ):
                 yield action, "webhook"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from edgeroute import secrets
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.redis_store import StoreUnavailable
@@ -62,6 +63,11 @@ class Notifications(Stores):
             event["used_usd"], event["limit_usd"],
         )  # fmt: skip
         if url is None:
+            return
+        try:
+            url = secrets.resolve(url).reveal()  # a reference is read when used: rotated, it applies
+        except secrets.SecretError as e:
+            log.warning("budget webhook failed: %s", e)  # names the reference, never a value
             return
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
