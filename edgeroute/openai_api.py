@@ -317,13 +317,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 e.headers[headers.CACHE] = plan.label
             raise
         rec.deployment = dep.name
-        hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
-        if rec.correlation_id is not None:
-            hdrs[headers.CORRELATION_ID] = rec.correlation_id
-        if call.hedged:
-            hdrs[headers.HEDGED] = "true"
-        if call.spilled:
-            hdrs[headers.EXPLAIN] += spill_note(live.classes, decision.priority, call.spilled)
+        hdrs = answered_headers(live, rid, decision, rec, call)
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
         if isinstance(answer, JsonAnswer):
@@ -500,6 +494,21 @@ def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts
         h[headers.DEPLOYMENT] = deployment
     if d.rule is not None:
         h[headers.RULE] = d.rule
+    return h
+
+
+def answered_headers(live: Live, rid: str, d: _core.Decision, rec: RequestRecord, call: Call) -> dict[str, str]:
+    """The headers of an answer from upstream: where it went and how (hedged, spilled to a
+    class's spare capacity, parameters its deployment could not honour left out)."""
+    h = _route_headers(rid, d, rec.deployment, len(rec.attempts))
+    if rec.correlation_id is not None:
+        h[headers.CORRELATION_ID] = rec.correlation_id
+    if call.hedged:
+        h[headers.HEDGED] = "true"
+    if call.spilled:
+        h[headers.EXPLAIN] += spill_note(live.classes, d.priority, call.spilled)
+    if dropped := getattr(call, "dropped", None):  # a pipeline's call (endpoints/pipeline.py)
+        h[headers.DROPPED_PARAMS] = ",".join(dropped)
     return h
 
 

@@ -22,7 +22,7 @@ from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
 from edgeroute.cache.service import CACHE, Plan, ResponseCache
-from edgeroute.capacity import class_name, spill_note
+from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
@@ -31,6 +31,7 @@ from edgeroute.openai_api import (
     _route_headers,
     _tags,
     _tenant,
+    answered_headers,
     begin,
     decide,
     finish,
@@ -246,15 +247,7 @@ async def serve(
                 e.headers[headers.CACHE] = plan.label
             raise
         rec.deployment = dep.name
-        hdrs = _route_headers(rid, decision, dep.name, len(rec.attempts))
-        if rec.correlation_id is not None:
-            hdrs[headers.CORRELATION_ID] = rec.correlation_id
-        if call.hedged:
-            hdrs[headers.HEDGED] = "true"
-        if call.spilled:
-            hdrs[headers.EXPLAIN] += spill_note(live.classes, decision.priority, call.spilled)
-        if dropped := getattr(call, "dropped", None):  # parameters a deployment could not honour, left out
-            hdrs[headers.DROPPED_PARAMS] = ",".join(dropped)
+        hdrs = answered_headers(live, rid, decision, rec, call)
         rec.status = 200
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
