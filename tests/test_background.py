@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from edgeroute.background import NICE, lower_priority
-from edgeroute.cost.ledger import Ledger, SqliteBackend
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import SqliteBackend
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
 

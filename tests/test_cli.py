@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edgeroute import _core
 from edgeroute.cli import build_parser, main
-from edgeroute.cost.ledger import Ledger, SqliteBackend
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import SqliteBackend
 from edgeroute.cost.reports import GROUPS
 from tests.test_cost_ledger import _record
 from tests.test_serve import free_port

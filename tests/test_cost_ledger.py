@@ -20,7 +20,8 @@ import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.config import Price
-from edgeroute.cost.ledger import Batch, Ledger, PostgresBackend, SqliteBackend, rejects_row
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import Batch, PostgresBackend, SqliteBackend, rejects_row
 from tests.perf import Perf
 from tests.test_cost_support import free_port, one_deployment, require_postgres
 
@@ -126,7 +127,7 @@ def test_postgres_same_schema_and_throughput() -> None:
             "SELECT column_name FROM information_schema.columns WHERE table_name = 'spend' ORDER BY ordinal_position"
         )]  # fmt: skip
     conn = sqlite3.connect(":memory:")
-    from edgeroute.cost.ledger import schema
+    from edgeroute.cost.ledger_store import schema
 
     for stmt in schema("sqlite"):
         conn.execute(stmt)

@@ -21,7 +21,8 @@ from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.config import Budget, parse
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
-from edgeroute.cost.ledger import Ledger, PostgresBackend
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import PostgresBackend
 from tests.conftest import eventually
 from tests.scale.support import wait_ready
 from tests.test_cost_ledger import _pg_reset

@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "cost control, observability, governance",
         [
             "edgeroute.cost.ledger",
+            "edgeroute.cost.ledger_store",
             "edgeroute.cost.ledger_lock",
             "edgeroute.cost.control",  # the package and every part of it (cost/control/*.py)
             "edgeroute.cost.reports",

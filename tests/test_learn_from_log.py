@@ -21,7 +21,8 @@ import yaml
 
 from edgeroute import config as config_mod
 from edgeroute.accounting import RequestRecord
-from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.learn import from_log
 from edgeroute.requestlog import outcomes
 from edgeroute.requestlog.settings import RequestLog

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Ledger, PostgresBackend, SqliteBackend
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
 from tests.test_cost_ledger import _pg_reset

@@ -226,7 +226,8 @@ def test_an_unreadable_or_foreign_candidate_never_stops_the_server(tmp_path: Pat
 def test_waiting_requests_are_bounded_and_dropped_ones_counted(tmp_path: Path, monkeypatch: Any) -> None:
     """A stalled worker cannot make the request path hold bodies without end."""
     from edgeroute.accounting import RequestRecord
-    from edgeroute.cost.ledger import Ledger, SqliteBackend
+    from edgeroute.cost.ledger import Ledger
+    from edgeroute.cost.ledger_store import SqliteBackend
     from edgeroute.requestlog.settings import RequestLog
     from edgeroute.router_shadow import evaluator
     from edgeroute.state import Live
@@ -256,7 +257,8 @@ def test_waiting_requests_are_bounded_and_dropped_ones_counted(tmp_path: Path, m
 
 def test_the_report_on_postgresql_from_a_second_instance() -> None:
     """Choices recorded by one instance's ledger are in another instance's report."""
-    from edgeroute.cost.ledger import Ledger, PostgresBackend
+    from edgeroute.cost.ledger import Ledger
+    from edgeroute.cost.ledger_store import PostgresBackend
     from edgeroute.requestlog import outcomes
     from edgeroute.requestlog.settings import RequestLog
     from edgeroute.router_shadow import report
@@ -438,7 +440,8 @@ def test_the_candidate_decides_with_the_prices_of_the_requests_time(tmp_path: Pa
     """Time-of-day price windows: the candidate decides each request with the prices in force
     when it ran (the running router did), not those of when the candidate was compiled."""
     from edgeroute.accounting import RequestRecord
-    from edgeroute.cost.ledger import Ledger, SqliteBackend
+    from edgeroute.cost.ledger import Ledger
+    from edgeroute.cost.ledger_store import SqliteBackend
     from edgeroute.learn import router as R
     from edgeroute.learn import selection as S
     from edgeroute.requestlog.settings import RequestLog

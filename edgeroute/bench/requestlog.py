@@ -48,7 +48,8 @@ from typing import Any
 
 from edgeroute import looplag
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Backend, Ledger, PostgresBackend, SqliteBackend, _Held
+from edgeroute.cost.ledger import Ledger, _Held
+from edgeroute.cost.ledger_store import Backend, PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
 

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from edgeroute import redact
 from edgeroute.cost.keys import tenant_of
-from edgeroute.cost.ledger import Backend
+from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
 
 # The only SQL that a request's parameters choose: a whitelist, never interpolated input.
@@ -170,7 +170,7 @@ def open_backend(config_path: str) -> Backend | None:
     from pathlib import Path
 
     from edgeroute import config as config_mod
-    from edgeroute.cost.ledger import backend_for
+    from edgeroute.cost.ledger_store import backend_for
 
     try:
         cfg = config_mod.load(config_path, check_secrets=False)

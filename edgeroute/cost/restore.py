@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
-from edgeroute.cost.ledger import Backend
+from edgeroute.cost.ledger_store import Backend
 
 _SUBJECT = {"key": "key_id", "team": "team", "user": "user_id", "model": "route", "global": "'*'"}
 # Shadow mirrors (`edgeroute.shadow`) bypass admission: no budget or rate limit counts them

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute.config import Config
-from edgeroute.cost.ledger import Backend
+from edgeroute.cost.ledger_store import Backend
 
 _SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score
 FROM feedback f JOIN requests r ON r.id = f.request_id

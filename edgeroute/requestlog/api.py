@@ -18,7 +18,7 @@ from aiohttp import web
 
 from edgeroute import roles
 from edgeroute.cost.keys import IDENTITY, tenant_of
-from edgeroute.cost.ledger import Backend
+from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
 from edgeroute.requestlog import query
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from edgeroute.cost.ledger import Backend
+from edgeroute.cost.ledger_store import Backend
 from edgeroute.requestlog.query import BadParam, time_range
 
 KNOWN = frozenset({"since", "until", "candidate"})

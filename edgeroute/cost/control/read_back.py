@@ -21,7 +21,8 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.keys import KeySource, key_counter
-from edgeroute.cost.ledger import Backend, Ledger
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import Backend
 from edgeroute.cost.redis_store import RedisState, StoreUnavailable
 from edgeroute.cost.restore import Restored
 from edgeroute.state import ServerState

@@ -1,0 +1,376 @@
+"""The spend ledger's tables and the two stores that write them (SQLite, PostgreSQL).
+
+A store writes one `Batch` per transaction, idempotently (each batch's id is recorded in
+`ledger_batches` in the same transaction), and runs the read queries of the reports, the
+request log and the stats on connections of their own. The writer that fills the batches,
+and what it does when a store fails, is `ledger.py`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeroute import redact, secrets, sqlite_wal
+from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.errors import StartError
+from edgeroute.requestlog import outcomes as requestlog_outcomes
+from edgeroute.requestlog import rollup
+from edgeroute.requestlog import store as requestlog_store
+
+log = logging.getLogger("edgeroute.ledger")
+
+Row = tuple[Any, ...]
+
+COLUMNS = (
+    "request_id", "ts", "day", "key_id", "team", "user_id", "model", "route", "rule", "deployment", "stream",
+    "status", "outcome", "admission", "prompt_tokens", "completion_tokens", "cached_tokens", "usage_estimated",
+    "cost_usd", "baseline_cost_usd", "latency_ms", "attempts", "row_id",
+)  # fmt: skip
+ATTEMPT_COLUMNS = (
+    "request_id", "n", "deployment", "provider", "outcome", "status", "latency_ms", "hedge",
+    "prompt_tokens", "completion_tokens", "cost_usd", "row_id",
+)  # fmt: skip
+JOURNAL_COLUMNS = ("row_id", "request_id", "ts", "store_key", "amount_nano")
+
+_BODY = """
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    day TEXT NOT NULL,
+    key_id TEXT,
+    team TEXT,
+    user_id TEXT,
+    model TEXT NOT NULL,
+    route TEXT NOT NULL,
+    rule TEXT,
+    deployment TEXT,
+    stream INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    admission TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    usage_estimated INTEGER NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    baseline_cost_usd DOUBLE PRECISION NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL,
+    row_id TEXT
+"""
+_ATTEMPTS = """
+CREATE TABLE IF NOT EXISTS spend_attempts (
+    request_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    deployment TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    status INTEGER,
+    latency_ms DOUBLE PRECISION NOT NULL,
+    hedge INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost_usd DOUBLE PRECISION NOT NULL,
+    row_id TEXT
+)"""
+# One row per batch written: a batch whose id is already here was committed before (its
+# acknowledgement was lost) and is skipped whole.
+_BATCHES = "CREATE TABLE IF NOT EXISTS ledger_batches (batch_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL)"
+# Budget reservations as admission made them: one whose request has no spend row yet was in
+# flight, and counts as spent when budgets are rebuilt at start.
+_JOURNAL = """
+CREATE TABLE IF NOT EXISTS reservations (
+    row_id TEXT NOT NULL PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    ts DOUBLE PRECISION NOT NULL,
+    store_key TEXT NOT NULL,
+    amount_nano BIGINT NOT NULL
+)"""
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts)",
+    "CREATE INDEX IF NOT EXISTS spend_request ON spend (request_id)",
+    "CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)",
+    "CREATE INDEX IF NOT EXISTS reservations_ts ON reservations (ts)",
+)
+# After the migration, on databases old and new.
+_ROW_IDS = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS spend_row_id ON spend (row_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS spend_attempts_row_id ON spend_attempts (row_id, n)",
+)
+
+
+def schema(dialect: str) -> list[str]:
+    """The same tables on both backends; only the surrogate key's syntax differs."""
+    ident = "id INTEGER PRIMARY KEY" if dialect == "sqlite" else "id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    return [
+        f"CREATE TABLE IF NOT EXISTS spend (\n    {ident},{_BODY})",
+        _ATTEMPTS,
+        _BATCHES,
+        _JOURNAL,
+        *_INDEXES,
+        *requestlog_store.schema(dialect),
+        *requestlog_outcomes.schema(dialect),
+    ]
+
+
+def _missing_row_id(columns: Sequence[str]) -> bool:
+    return "row_id" not in columns
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """Everything one transaction writes; `batch_id` makes the write idempotent."""
+
+    batch_id: str
+    spend: list[tuple[Any, ...]]
+    attempts: list[tuple[Any, ...]]
+    requests: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    rollup: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    journal: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    # (table, row) of `requestlog.outcomes`: feedback scores, a candidate router's choices
+    outcomes: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
+
+
+class Backend(Protocol):
+    dialect: str
+
+    def write(self, batch: Batch) -> None:
+        """Writes the batch in one transaction, unless a batch with its id was written before."""
+        ...
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        """Runs one statement (`?` placeholders) on the writer's connection, committed; the row count."""
+        ...
+
+    def scalar(self, sql: str) -> int: ...
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Runs a read query written with `?` placeholders, on its own connection."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def rejects_row(exc: BaseException) -> bool:
+    """True when `exc` says the store rejected the data (a value out of range, a NOT NULL or
+    other constraint), so the same rows would fail again; False for anything else (the store
+    is down, locked, full, the connection lost, or an error we cannot tell): retry later."""
+    if isinstance(exc, (OverflowError, ValueError, TypeError, sqlite3.IntegrityError, sqlite3.DataError)):
+        return True
+    psycopg = sys.modules.get("psycopg")  # imported by PostgresBackend, if one is in use
+    return psycopg is not None and isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
+
+
+def _insert(table: str, cols: Sequence[str], mark: str, conflict: str) -> str:
+    values = ", ".join([mark] * len(cols))
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({values}) ON CONFLICT ({conflict}) DO NOTHING"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Statements:
+    batch: str
+    spend: str
+    attempts: str
+    requests: str
+    journal: str
+    outcomes: dict[str, str]
+    # The batch's rollups are its minute rows, spread over every level by these (in order).
+    staged_rollup: tuple[str, ...]
+
+    @classmethod
+    def for_mark(cls, mark: str, dialect: str) -> _Statements:
+        return cls(
+            f"INSERT INTO ledger_batches (batch_id, ts) VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING",
+            _insert("spend", COLUMNS, mark, "row_id"),
+            _insert("spend_attempts", ATTEMPT_COLUMNS, mark, "row_id, n"),
+            requestlog_store.insert_sql(mark),
+            _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
+            requestlog_outcomes.insert_sql(mark),
+            tuple(rollup.staged_sql(mark, dialect)),
+        )
+
+    def run(self, cur: Any, b: Batch, stage: Callable[[Any, list[Row]], None] | None = None) -> None:
+        """Writes `b` through a cursor inside a transaction (the caller's); `stage` puts the
+        minute rollup rows into the stage (default: the stage's INSERT, row by row)."""
+        cur.execute(self.batch, (b.batch_id, time.time()))
+        if cur.rowcount == 0:
+            log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
+            return
+        for sql, rows in (
+            (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal),
+        ):  # fmt: skip
+            if rows:
+                cur.executemany(sql, rows)
+        for table, rows in requestlog_outcomes.group(b.outcomes).items():
+            cur.executemany(self.outcomes[table], rows)
+        if b.rollup:
+            insert, *spread = self.staged_rollup
+            if stage is None:
+                cur.executemany(insert, b.rollup)
+            else:
+                stage(cur, b.rollup)
+            for sql in spread:
+                cur.execute(sql)
+
+
+class SqliteBackend:
+    dialect = "sqlite"
+    rollup_levels = (rollup.MINUTE,)  # the minute rows; the database adds up the coarser levels
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._conn = self._connect()
+        for stmt in schema("sqlite"):
+            self._conn.execute(stmt)
+        for table in ("spend", "spend_attempts"):
+            if _missing_row_id([r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")]):
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
+        for stmt in _ROW_IDS:
+            self._conn.execute(stmt)
+        self._conn.execute(rollup.stage_schema(self.dialect))
+        self._conn.commit()
+        self._sql = _Statements.for_mark("?", self.dialect)
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
+
+    def write(self, batch: Batch) -> None:
+        with self._conn:
+            self._sql.run(self._conn.cursor(), batch)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        with self._conn:
+            return int(self._conn.execute(sql, params).rowcount)
+
+    def scalar(self, sql: str) -> int:
+        return int(self._conn.execute(sql).fetchone()[0])
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return list(conn.execute(sql, tuple(params)).fetchall())
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+_IDLE_READERS = 4  # PostgreSQL read connections kept between queries
+
+
+class PostgresBackend:
+    dialect = "postgres"
+    rollup_levels = (rollup.MINUTE,)  # as SQLite: the database adds up the coarser levels
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self._readers: list[Any] = []  # idle read connections (list.append/pop: thread-safe)
+        self._conn = psycopg.connect(dsn, autocommit=False)
+        with self._conn.transaction():
+            # Two instances starting at once would race on CREATE TABLE IF NOT EXISTS.
+            self._conn.execute("SELECT pg_advisory_xact_lock(7420)")
+            for stmt in schema("postgres"):
+                self._conn.execute(stmt)
+            for table in ("spend", "spend_attempts"):
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
+            for stmt in _ROW_IDS:
+                self._conn.execute(stmt)
+            self._conn.execute(rollup.stage_schema(self.dialect))
+        self._sql = _Statements.for_mark("%s", self.dialect)
+
+    def _live(self) -> Any:
+        if self._conn.closed:
+            self._conn = self._psycopg.connect(self._dsn, autocommit=False)
+            with self._conn.transaction():  # the stage is the connection's own
+                self._conn.execute(rollup.stage_schema(self.dialect))
+        return self._conn
+
+    def write(self, batch: Batch) -> None:
+        conn = self._live()
+        with conn.transaction(), conn.cursor() as cur:
+            self._sql.run(cur, batch, _copy_stage)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        conn = self._live()
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql.replace("?", "%s"), params)
+            return int(cur.rowcount)
+
+    def scalar(self, sql: str) -> int:
+        conn = self._live()
+        with conn.transaction():
+            return int(conn.execute(sql).fetchone()[0])
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        # Read connections are kept for the next query (a new one costs 30-60 ms on a busy
+        # host, more than most stats queries; and a kept one prepares repeated queries).
+        try:
+            conn = self._readers.pop()
+        except IndexError:
+            conn = self._psycopg.connect(self._dsn, autocommit=True)
+        try:
+            found = [tuple(r) for r in conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
+        except BaseException:
+            conn.close()  # it may be broken: the next query opens a new one
+            raise
+        if len(self._readers) < _IDLE_READERS:
+            self._readers.append(conn)
+        else:
+            conn.close()
+        return found
+
+    def close(self) -> None:
+        self._conn.close()
+        while self._readers:
+            self._readers.pop().close()
+
+
+def _copy_stage(cur: Any, rows: list[Row]) -> None:
+    """PostgreSQL: the minute rollup rows (~200 columns each) into the stage by COPY, one
+    stream rather than a statement per row."""
+    with cur.copy(f"COPY {rollup.STAGE} ({', '.join(rollup.COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
+    """The ledger's store, opened; `StartError` when it cannot be (corrupt, read-only, disk full,
+    unreachable): a server must not start without a ledger, and says why without a traceback."""
+    if cfg.backend == "postgres":
+        assert cfg.dsn is not None
+        import psycopg
+
+        try:
+            return PostgresBackend(secrets.resolve(cfg.dsn, base_dir=base_dir).reveal())
+        except psycopg.Error as e:
+            raise StartError(f"cannot open the spend ledger (PostgreSQL): {redact.text(str(e)).strip()}") from None
+    path = Path(cfg.path)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    try:
+        return SqliteBackend(path)
+    except sqlite3.Error as e:
+        raise StartError(f"cannot open the spend ledger {path}: {e}{_sqlite_hint(str(e))}") from None
+
+
+def _sqlite_hint(error: str) -> str:
+    if "not a database" in error or "malformed" in error:
+        return (
+            " (the file is damaged or not a ledger: restore it from a backup, or move it aside to start an"
+            " empty ledger, which forgets the spend it held)"
+        )
+    if "full" in error:
+        return " (free space on its disk: nothing can be recorded until then)"
+    if "readonly" in error or "unable to open" in error or "read-only" in error:
+        return " (the file and its directory must be writable by this process: the ledger writes beside it)"
+    return ""
