@@ -181,3 +181,61 @@ async def test_team_keys_get_their_own_stats_by_model_deployment_provider_and_ru
             assert (status, body["error"]["code"]) == (404, "team_not_found"), body
             assert body["error"]["message"] == f"No team {team!r} is known to this gateway."
             assert b not in str(body) or team == b
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_team_keys_read_the_budgets_that_apply_to_their_team(
+    start_upstream: Any, tmp_path: Path, backend: str
+) -> None:
+    async with gateway(start_upstream, tmp_path, backend) as g:
+        a, b = g.teams["a"], g.teams["b"]
+        a_svc, b_svc = g.made["a-svc"]["id"], g.made["b-svc"]["id"]
+        spent = {t: round(sum(_cost(n) for team, _, n in REQUESTS if team == t), 8) for t in ("a", "b")}
+
+        async def settled() -> dict[str, Any]:
+            _, body = await g.get("/admin/budgets", ROOT)
+            got = {(e["name"], e["match"]): e["spent_usd"] for e in body["budgets"]}
+            want = {("per-team", a): spent["a"], ("per-team", b): spent["b"], (f"key:{a_svc}", a_svc): spent["a"]}
+            return body if all(got.get(k) == v for k, v in want.items()) else {}
+
+        everything = await eventually(settled, "every request settled into the budgets")
+        # A key bound to no team: every budget with its figures, as before.
+        names = {(e["name"], e["match"]) for e in everything["budgets"]}
+        assert {("b-only", b), ("gateway", "*"), ("m1-cap", "m1"), (f"key:{b_svc}", b_svc)} <= names
+        assert all("shared" not in e and e["spent_usd"] is not None for e in everything["budgets"])
+        assert "team" not in everything
+
+        for token in (g.token("a-admin"), g.token("a-viewer")):
+            for path in ("/admin/budgets", f"/admin/budgets?team={a}"):
+                status, body = await g.get(path, token)
+                assert status == 200 and body["team"] == a, body
+                got = {(e["name"], e["match"]): e for e in body["budgets"]}
+                assert set(got) == {("per-team", a), (f"key:{a_svc}", a_svc), ("gateway", "*"), ("m1-cap", "m1")}
+                mine = got[("per-team", a)]
+                assert (mine["spent_usd"], mine["limit_usd"], mine["shared"]) == (spent["a"], 10, False)
+                assert mine["percent"] == round(100 * spent["a"] / 10, 3)
+                key = got[(f"key:{a_svc}", a_svc)]
+                assert (key["spent_usd"], key["limit_usd"], key["shared"]) == (spent["a"], 20, False)
+                for shared in (got[("gateway", "*")], got[("m1-cap", "m1")]):  # every team's spend: no figures
+                    assert shared["shared"] is True and shared["limit_usd"] in (100, 50)
+                    assert [shared[f] for f in ("spent_usd", "reserved_usd", "percent", "projected_usd")] == [None] * 4
+                limits = {(r["scope"], r["name"]): r for r in body["rate_limits"]}
+                assert set(limits) == {("key", a_svc), ("model", "m1")}, body["rate_limits"]
+                assert limits[("key", a_svc)]["rpm_limit"] == 500 and limits[("key", a_svc)]["rpm_used"] is not None
+                assert limits[("model", "m1")]["rpm_used"] is None and limits[("model", "m1")]["rpm_limit"] == 10_000
+                text = str(body)
+                assert b not in text and b_svc not in text and "b-only" not in text
+                assert str(spent["a"] + spent["b"]) not in text  # no aggregate of both teams
+            status, root_view = await g.get(f"/admin/budgets?team={a}", ROOT)
+            assert status == 200 and root_view["budgets"] == body["budgets"]
+
+        status, body = await g.get("/admin/budgets", g.token("b-admin"))
+        got = {(e["name"], e["match"]): e for e in body["budgets"]}
+        assert set(got) == {("per-team", b), ("b-only", b), (f"key:{b_svc}", b_svc), ("gateway", "*"), ("m1-cap", "m1")}
+        assert got[("b-only", b)]["spent_usd"] == spent["b"] and a not in str(body)
+
+        nobody = f"nobody-{a}"
+        for token, team in ((g.token("a-admin"), b), (g.token("a-viewer"), nobody), (ROOT, nobody)):
+            status, body = await g.get(f"/admin/budgets?team={team}", token)
+            assert (status, body["error"]["code"]) == (404, "team_not_found"), body
+            assert body["error"]["message"] == f"No team {team!r} is known to this gateway."
