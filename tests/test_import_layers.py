@@ -94,6 +94,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.looplag",
             "edgeroute.reload",
             "edgeroute.requestlog",
+            "edgeroute.cost.teams",
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",
             "edgeroute.telemetry",

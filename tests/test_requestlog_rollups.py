@@ -43,7 +43,8 @@ def _records(n: int, t0: float, rng: random.Random) -> list[RequestRecord]:
             attempts.insert(0, AttemptRecord(deps[1], "p1", "timeout", 504, rng.uniform(10, 900)))
         rec = RequestRecord(
             request_id=f"r-{i}", started=t0 + rng.random() * HOURS * 3600, model=model, route=model,
-            team=rng.choice(("red", "blue", None)), key=f"k{rng.randint(0, 6)}", status=200 if ok else 503,
+            team=rng.choice(("red", "blue", "red:x", None)), key=f"k{rng.randint(0, 6)}", status=200 if ok else 503,
+            rule=rng.choice(("r1", "r2", None)),
             outcome="ok" if ok else "error", latency_ms=lat + 0.2, deployment=deps[0] if ok else None,
             usage=usage if ok else None, cost_usd=usage.completion_tokens * 1e-6 if ok else 0.0, attempts=attempts,
         )  # fmt: skip
@@ -52,8 +53,11 @@ def _records(n: int, t0: float, rng: random.Random) -> list[RequestRecord]:
     return out
 
 
-def _expected(recs: list[RequestRecord], group: str, first: int, last: int, step: int) -> dict[Any, dict[str, Any]]:
-    """The stats rows computed straight from the records (attempts for deployments)."""
+def _expected(
+    recs: list[RequestRecord], group: str, first: int, last: int, step: int, team: str | None = None
+) -> dict[Any, dict[str, Any]]:
+    """The stats rows computed straight from the records (attempts for deployments and
+    providers), of one team's records alone with `team`."""
 
     def zero() -> dict[str, Any]:
         counts = {"requests": 0, "errors": 0, "prompt_tokens": 0, "cost": 0.0}
@@ -62,12 +66,12 @@ def _expected(recs: list[RequestRecord], group: str, first: int, last: int, step
     sums: dict[Any, dict[str, Any]] = collections.defaultdict(zero)
     for r in recs:
         minute = int(r.started // 60)
-        if not first <= minute < last:
+        if not first <= minute < last or (team is not None and r.team != team):
             continue
         t = minute // step * step * 60 if step else None
         items: list[tuple[Any, bool, float, float | None, Usage | None, float]]
-        if group == "deployment":
-            items = [(a.deployment, a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage, a.cost_usd)
+        if group in rollup.ATTEMPT_DIMS:
+            items = [(getattr(a, group), a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage, a.cost_usd)
                      for a in r.attempts]  # fmt: skip
         else:
             value = None if group == "none" else getattr(r, group)
@@ -87,16 +91,24 @@ def _expected(recs: list[RequestRecord], group: str, first: int, last: int, step
 def _check(db: Any, recs: list[RequestRecord], t0: float, rng: random.Random, cases: int) -> None:
     now = t0 + HOURS * 3600 + 60
     for _ in range(cases):
-        group = rng.choice(("none", "model", "key", "team", "deployment"))
+        # One team's stats (its key's, or a team= of a key bound to none) by what they offer.
+        team = rng.choice((None, None, "red", "blue", "red:x"))
+        groups = ("none", "model", "key", "team", "deployment", "provider", "rule")
+        group = rng.choice(groups if team is None else query.TEAM_GROUPS)
         step = rng.choice((0, 0, 1, 5, 10, 15, 30, 60, 120, 360, 720))
         a = t0 + rng.uniform(-1800, HOURS * 3600)
         b = a + rng.uniform(60, HOURS * 3600 - (a - t0) + 1800)
         q = {"since": f"{a:.3f}", "until": f"{b:.3f}", "group_by": group}
         if step:
             q["bucket"] = str(step * 60)
-        got = query.stats(db, q, now=now)
+        tenant = None
+        if team is not None and rng.random() < 0.5:
+            q["team"] = team
+        else:
+            tenant = team
+        got = query.stats(db, q, now=now, tenant=tenant)
         first, last = got["since"] // 60, got["until"] // 60
-        want = _expected(recs, group, first, last, step)
+        want = _expected(recs, group, first, last, step, team)
         rows = {(r.get("group") if group != "none" else None, r.get("t")): r for r in got["rows"]}
         assert rows.keys() == want.keys(), q
         for k, w in want.items():
@@ -136,19 +148,26 @@ def _rows_by_hand(pairs: list[tuple[RequestRecord, float]]) -> dict[tuple[Any, .
             if ttft is not None:
                 r[106 + rollup.bucket(ttft)] += 1
 
+    def in_team(rec: RequestRecord, dim: str, value: str | None) -> list[tuple[str, str | None]]:
+        """The row of `dim`, and that of its team's own dimension when the request has a team."""
+        out = [(dim, value)]
+        if rec.team and dim in rollup.TEAM_DIMS:  # e.g. ("team.model", "3:red:alpha")
+            out.append((f"team.{dim}", f"{len(rec.team)}:{rec.team}:{value or ''}"))
+        return out
+
     for rec, baseline in pairs:
         minute = int(rec.started // 60)
         add("none", "*", minute, rec.status != 200, rec.latency_ms, rec.ttft_ms, rec.usage, rec.cost_usd, baseline)
         for dim in rollup.REQUEST_DIMS:
-            value = getattr(rec, dim)
-            add(dim, value, minute, rec.status != 200, rec.latency_ms, rec.ttft_ms, rec.usage, rec.cost_usd, baseline)
+            for d, value in in_team(rec, dim, getattr(rec, dim)):
+                add(d, value, minute, rec.status != 200, rec.latency_ms, rec.ttft_ms, rec.usage, rec.cost_usd, baseline)
         for a in rec.attempts:
             # the serving attempt carries the request's savings (baseline over cost)
             serving = a.outcome == "success" and a.deployment == rec.deployment
             base = a.cost_usd + (baseline - rec.cost_usd) if serving else a.cost_usd
             for dim in rollup.ATTEMPT_DIMS:
-                add(dim, getattr(a, dim), minute, a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage,
-                    a.cost_usd, base)  # fmt: skip
+                for d, value in in_team(rec, dim, getattr(a, dim)):
+                    add(d, value, minute, a.outcome != "success", a.latency_ms, a.ttft_ms, a.usage, a.cost_usd, base)
     return rows
 
 

@@ -435,6 +435,9 @@ def stats(rows: int, runs: int, keep: str | None, pg: str | None) -> None:
         {"since": "24h", "group_by": "deployment", "bucket": "3600"},
         {"since": "24h", "group_by": "team"},
         {"since": "24h", "group_by": "key"},
+        # One team's (a team key's view, or team= for a key bound to none): its own rows alone.
+        {"since": "24h", "group_by": "model", "team": "team-3"},
+        {"since": "24h", "group_by": "deployment", "bucket": "3600", "team": "team-3"},
     ]
     print(f"GET /admin/stats over a 24-hour window, {db.dialect} ({runs} runs each): median / max ms")
     for q in cases:

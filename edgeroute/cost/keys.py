@@ -76,6 +76,14 @@ class KeySource(Protocol):
         """Each key's own RPM/TPM limits, for the ledger's read-back of their windows at start."""
         ...
 
+    def key_teams(self) -> dict[str, str | None]:
+        """Each key's team (revoked keys too), for the team views of `/admin/budgets`."""
+        ...
+
+    def teams(self) -> set[str]:
+        """Every team a key belongs to (revoked keys too)."""
+        ...
+
 
 def key_budget_name(key_id: str) -> str:
     """The name of a managed key's budget, and of the counter of its month's spend."""

@@ -257,6 +257,12 @@ class ManagedKeys:
         """Every key (revoked keys too: what their children spend still counts)."""
         return list(self._raw)
 
+    def key_teams(self) -> dict[str, str | None]:
+        return {k: data.get("team") for k, data in self._raw.items()}
+
+    def teams(self) -> set[str]:
+        return {t for data in self._raw.values() if (t := data.get("team"))}
+
     def limits(self) -> dict[str, Limit]:
         return {k: e.identity.limits for k, e in self._by_id.items() if e.identity.limits is not None}
 

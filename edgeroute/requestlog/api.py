@@ -4,6 +4,8 @@ Viewer routes (see `roles.py`); a request's prompt and answer, where stored, are
 to admin keys only (and, without keys, to the loopback clients that may call admin routes
 at all). A key bound to a team reads its team's requests and stats alone (`tenant_of`): the
 team is a condition of every query, and another team's request id is a 404 like an unknown one.
+`/admin/stats?team=` confines the stats to one team (`cost.teams.team_in_view`: a team the
+gateway does not know, or another team than a team-bound caller's own, is a 404).
 The queries run in a thread: a page or a day of stats never stalls the proxy.
 """
 
@@ -19,6 +21,7 @@ from aiohttp import web
 from edgeroute import roles
 from edgeroute.cost.keys import IDENTITY, tenant_of
 from edgeroute.cost.ledger_store import Backend
+from edgeroute.cost.teams import no_such_team, team_in_view
 from edgeroute.errors import ProxyError
 from edgeroute.requestlog import query
 
@@ -50,6 +53,8 @@ async def _answer(
         raise ProxyError(400, f"Invalid parameter {e}", code="invalid_parameter", param=e.param) from None
     except query.TeamScope as e:
         raise ProxyError(403, f"{e}.", code="permission_denied", param="group_by") from None
+    except query.OtherTeam as e:
+        raise no_such_team(str(e)) from None
     return _json(body)
 
 
@@ -76,6 +81,7 @@ async def admin_request(request: web.Request) -> web.Response:
 
 
 async def admin_stats(request: web.Request) -> web.Response:
+    team_in_view(request)  # a team that is not one is a 404 before anything is read
     return await _answer(request, query.stats)
 
 

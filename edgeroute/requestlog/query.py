@@ -233,16 +233,46 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
 # -- stats -----------------------------------------------------------------------------
 
 GROUPS = ("none", "model", "deployment", "provider", "rule", "policy", "task", "variant", "team", "key")
-STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket"})
+STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", "team"})
 
 
 class TeamScope(ValueError):
     """A stats grouping that a team-bound caller cannot be given (it spans every team)."""
 
 
-# What a team-bound caller's stats read: the rollups keep one dimension per row, so only the
-# team's own row answers for it alone (its totals, per time bucket).
-TEAM_GROUPS = ("none", "team")
+class OtherTeam(ValueError):
+    """A team-bound caller named another team: answered as a team that does not exist."""
+
+
+# What one team's stats can be grouped by: its totals ("none", or its own "team" row) and
+# the dimensions the rollups also keep within each team (`rollup.TEAM_DIMS`). Keys are not
+# among them: a team's keys are listed by `/admin/requests?key=` and `/admin/spend?by=key`.
+TEAM_GROUPS = ("none", "team", *rollup.TEAM_DIMS)
+
+
+def stats_team(q: Mapping[str, str], tenant: str | None) -> str | None:
+    """The team the stats are confined to: the caller's own (a `team=` naming another raises
+    `OtherTeam`), or the `team` parameter of a caller bound to none, or None (every team)."""
+    asked = q.get("team")
+    if tenant is not None:
+        if asked is not None and asked != tenant:
+            raise OtherTeam(asked)
+        return tenant
+    if asked is not None and not asked:
+        raise BadParam("team", "must name a team")
+    return asked
+
+
+def _selection(group: str, team: str | None) -> tuple[str, list[Any], int]:
+    """The rollup rows a query reads: (condition, its parameters, how many characters of
+    each row's value to drop to get its group)."""
+    if team is None:
+        return "dim = ?", [group], 0
+    if group in ("none", "team"):
+        return "dim = ? AND value = ?", ["team", team], 0
+    prefix = rollup.team_prefix(team)
+    # substr, not a range or LIKE: exact under any collation and for any character a name holds.
+    return "dim = ? AND substr(value, 1, ?) = ?", [rollup.team_dim(group), len(prefix), prefix], len(prefix)
 
 
 def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: str | None = None) -> dict[str, Any]:
@@ -251,8 +281,9 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
     to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`. The window is read from
     the coarsest rows that fit in it and in its buckets (`rollup.cover`).
 
-    With `tenant`, the team's own rollup rows alone (`group_by` none or team); a grouping
-    by anything else raises `TeamScope`, as its rows add up every team's requests."""
+    With `tenant` (a team-bound caller) or `team=` (any other), one team's rows alone, grouped
+    by one of `TEAM_GROUPS`; a grouping by key raises `TeamScope` for a team-bound caller (its
+    rows add up every team's requests), `BadParam` for another."""
     _check_known(q, STATS_PARAMS)
     now = time.time() if now is None else now
     since, until = time_range(q, now, now - 86400)
@@ -260,10 +291,14 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
     group = q.get("group_by", "none")
     if group not in GROUPS:
         raise BadParam("group_by", f"{group!r}: use one of {', '.join(GROUPS)}")
-    if tenant is not None and group not in TEAM_GROUPS:
+    team = stats_team(q, tenant)
+    if team is not None and group not in TEAM_GROUPS:
+        why = f"group_by={group} is not kept per team: one team's stats group by {', '.join(TEAM_GROUPS)}"
+        if tenant is None:
+            raise BadParam("group_by", why)
         raise TeamScope(
             f"group_by={group} adds up every team's requests; a key bound to a team gets its team's "
-            f"stats with group_by {' or '.join(TEAM_GROUPS)} (and bucket), or its requests from /admin/requests"
+            f"stats grouped by {', '.join(TEAM_GROUPS)} (and bucket), or its requests from /admin/requests"
         )
     first, last = int(since // 60), math.ceil(until / 60)
     step = 0
@@ -280,10 +315,9 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
     # `step` is an integer parsed above, never text from the request.
     t = f"(minute / {step}) * {step}" if step else "0"
     # Each span of whole rows is summed by its own range scan of the primary key; the
-    # outer query adds up the few partial sums per group and bucket.
-    # A team-bound caller reads its team's rows alone, whatever it groups by (none or team).
-    sel: list[Any] = [group] if tenant is None else ["team", tenant]
-    sel_sql = "dim = ?" if tenant is None else "dim = ? AND value = ?"
+    # outer query adds up the few partial sums per group and bucket. One team's stats read
+    # its own rows alone (a condition of the scan), whatever they are grouped by.
+    sel_sql, sel, strip = _selection(group, team)
     part = (
         f"SELECT value, {t} AS t, {sums} FROM request_rollups "
         f"WHERE {sel_sql} AND res = ? AND minute >= ? AND minute < ? GROUP BY value, t"
@@ -313,7 +347,7 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
         if step:
             row = {"t": int(r[1]) * 60, **row}
         if group != "none":
-            row = {"group": r[0] or None, **row}
+            row = {"group": r[0][strip:] or None, **row}
         rows.append(row)
         total_c = [a + b for a, b in zip(total_c, counters, strict=True)]
         total_lat = [a + b for a, b in zip(total_lat, lat, strict=True)]
@@ -323,6 +357,7 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
         "since": first * 60,
         "until": last * 60,
         "group_by": group,
+        **({"team": team} if team is not None else {}),
         "bucket": step * 60 or None,
         "rows": rows,
         "totals": _stats_row(total_c, total_lat, total_ttft),

@@ -23,6 +23,12 @@ Dimensions: the request's model, rule, policy, task, variant, team and key (one 
 request each) and its deployment and provider (one row per *attempt*: a deployment's
 requests, errors and latencies are those of the calls it received, so a failed attempt that
 failed over still counts against it). "none" aggregates every request.
+
+A request with a team is counted once more per `TEAM_DIMS` dimension under that dimension
+within its team: dimension "team.model", value `team_value(team, model)`, so that a team's
+stats by model, rule, deployment ... read that team's rows alone (`team_prefix` selects them;
+the length in front makes it unambiguous whatever characters a team name holds). Requests
+without a team add no such rows.
 """
 
 from __future__ import annotations
@@ -36,7 +42,10 @@ from edgeroute.accounting import RequestRecord
 UNROUTED = "(unrouted)"  # the stats' model for requests no route served (the request log keeps the name)
 REQUEST_DIMS = ("model", "rule", "policy", "task", "variant", "team", "key")
 ATTEMPT_DIMS = ("deployment", "provider")
-DIMS = ("none", *REQUEST_DIMS, *ATTEMPT_DIMS)
+# The groupings a team's own stats offer (beside its totals, the "team" row itself).
+TEAM_REQUEST_DIMS = ("model", "rule", "policy", "task", "variant")
+TEAM_DIMS = (*TEAM_REQUEST_DIMS, *ATTEMPT_DIMS)
+DIMS = ("none", *REQUEST_DIMS, *ATTEMPT_DIMS, *(f"team.{d}" for d in TEAM_DIMS))
 
 BUCKETS = 100
 LOWEST_MS = 0.5
@@ -88,6 +97,22 @@ _LAT0 = len(COUNTERS)
 _TTFT0 = _LAT0 + BUCKETS
 _ZERO: list[Any] = [0, 0, 0, 0, 0.0, 0.0, *([0] * (2 * BUCKETS))]
 _SIG_DIMS = ("none", *REQUEST_DIMS)
+_TEAM_SIG_DIMS = tuple(f"team.{d}" for d in TEAM_REQUEST_DIMS)  # team_dim(d)
+_TEAM_ATTEMPT_DIMS = tuple(f"team.{d}" for d in ATTEMPT_DIMS)
+
+
+def team_dim(dim: str) -> str:
+    """The dimension of `dim` within a team ("model" -> "team.model")."""
+    return f"team.{dim}"
+
+
+def team_prefix(team: str) -> str:
+    """What every value of a team's rows starts with, and no other team's does."""
+    return f"{len(team)}:{team}:"
+
+
+def team_value(team: str, value: str) -> str:
+    return team_prefix(team) + value
 
 
 def _tokens(rec_usage: Any) -> tuple[int, int]:
@@ -117,8 +142,13 @@ def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[i
         # naming a new model with each refused request grows the rollups without bound.
         model = rec.model if rec.route else UNROUTED
         values = ("*", model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
-        for dim, value in zip(_SIG_DIMS, values, strict=True):
-            key = (dim, value or "", minute)
+        keys = [(dim, value or "", minute) for dim, value in zip(_SIG_DIMS, values, strict=True)]
+        team = rec.team
+        tp = team_prefix(team) if team else ""
+        if team:
+            in_team = (model, rec.rule, rec.policy, rec.task, rec.variant)
+            keys += [(dim, tp + (value or ""), minute) for dim, value in zip(_TEAM_SIG_DIMS, in_team, strict=True)]
+        for key in keys:
             r = get(key)
             if r is None:
                 r = out[key] = _ZERO.copy()
@@ -139,7 +169,11 @@ def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[i
             base = a.cost_usd + extra if ok and a.deployment == rec.deployment else a.cost_usd
             alb = _LAT0 + bucket(a.latency_ms)
             atb = 0 if a.ttft_ms is None else _TTFT0 + bucket(a.ttft_ms)
-            for key in (("deployment", a.deployment or "", minute), ("provider", a.provider or "", minute)):
+            a_keys = [("deployment", a.deployment or "", minute), ("provider", a.provider or "", minute)]
+            if team:
+                a_keys += [(_TEAM_ATTEMPT_DIMS[0], tp + (a.deployment or ""), minute),
+                           (_TEAM_ATTEMPT_DIMS[1], tp + (a.provider or ""), minute)]  # fmt: skip
+            for key in a_keys:
                 r = get(key)
                 if r is None:
                     r = out[key] = _ZERO.copy()

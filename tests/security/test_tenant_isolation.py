@@ -30,7 +30,6 @@ GLOBAL_ONLY = (
     ("GET", "/admin/audit"),
     ("GET", "/admin/config"),
     ("GET", "/admin/config/versions"),
-    ("GET", "/admin/budgets"),
     ("GET", "/admin/alerts"),
     ("GET", "/admin/learning"),
     ("GET", "/admin/router/shadow"),
@@ -198,7 +197,8 @@ async def test_team_keys_list_and_open_only_their_teams_requests(
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_team_keys_get_only_their_teams_stats(start_upstream: Any, tmp_path: Path, backend: str) -> None:
-    """Stats: a team's totals alone; a grouping that adds up every team's rows is refused."""
+    """Stats: a team's totals alone; a grouping that adds up every team's rows is refused
+    (by model, deployment ...: tests/security/test_team_views.py)."""
     async with tenants(start_upstream, tmp_path, backend) as t:
         s, url = t.s, t.url
 
@@ -213,7 +213,7 @@ async def test_team_keys_get_only_their_teams_stats(start_upstream: Any, tmp_pat
             assert status == 200 and body["totals"]["requests"] == n, body
             status, body = await _get(s, url + "/admin/stats?since=1h&group_by=team&bucket=300", token)
             assert status == 200 and {r["group"] for r in body["rows"]} == {team} and body["totals"]["requests"] == n
-            status, body = await _get(s, url + "/admin/stats?since=1h&group_by=model", token)
+            status, body = await _get(s, url + "/admin/stats?since=1h&group_by=key", token)
             assert status == 403 and body["error"]["code"] == "permission_denied", body
             assert body["error"]["param"] == "group_by"
 

@@ -32,6 +32,9 @@ from edgeroute.server import create_app
 from edgeroute.state import RECORDER
 
 TOKENS = {"admin": "tok-ui-admin", "viewer": "tok-ui-viewer", "operator": "tok-ui-operator", "service": "tok-ui-app"}
+# Keys of one team: its viewer signs in to the console, its app sends `Traffic.team` requests.
+TEAM = "ui-team"
+TEAM_TOKENS = {"team-viewer": "tok-ui-team-viewer", "team-app": "tok-ui-team-app"}
 HELLO = [{"role": "user", "content": "Say hello."}]
 
 
@@ -45,6 +48,7 @@ class Traffic:
     with_pii: str | None = None  # a request id whose prompt holds an e-mail address
     by_rule: int = 0
     refused: int = 0
+    team: int = 0  # sent by the team's key (model `cheap`), counted in `ok` too
 
 
 def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str, Any]:
@@ -66,7 +70,12 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         },
         "rules": [{"name": "invoices-to-cheap", "when": {"keywords": ["invoice"]}, "then": {"route": "cheap"}}],
         "ledger": {"backend": "sqlite", "path": str(ledger), "flush_interval": 0.2},
-        "budgets": {"limits": [{"name": "monthly", "scope": "global", "limit_usd": 5.0, "period": "month"}]},
+        "budgets": {
+            "limits": [
+                {"name": "monthly", "scope": "global", "limit_usd": 5.0, "period": "month"},
+                {"name": "team-monthly", "scope": "team", "limit_usd": 2.0, "period": "month"},
+            ]
+        },
         "rate_limits": {"models": {"m": {"rpm": 600, "tpm": 200000}}},
     }
     if "log_content" in RequestLog.model_fields:
@@ -79,6 +88,8 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         cfg["alerts"] = {"interval_s": 1, "rules": [rule]}
     if with_keys:
         cfg["keys"] = {f"k-{role}": {"token": tok, "role": role} for role, tok in TOKENS.items()}
+        cfg["keys"]["k-team-viewer"] = {"token": TEAM_TOKENS["team-viewer"], "role": "viewer", "team": TEAM}
+        cfg["keys"]["k-team-app"] = {"token": TEAM_TOKENS["team-app"], "role": "service", "team": TEAM}
     return cfg
 
 
@@ -163,6 +174,16 @@ class Console:
             raw = c.chat.completions.with_raw_response.create(model="m", messages=pii)
             t.with_pii = raw.headers["x-request-id"]
             t.ok += 1
+        if self.with_keys:
+            team_app = openai.OpenAI(
+                base_url=self.url + "/v1", api_key=TEAM_TOKENS["team-app"], max_retries=0, timeout=20
+            )
+            with team_app:
+                for _ in range(2):
+                    team_app.chat.completions.create(model="cheap", messages=HELLO)
+                    t.team += 1
+                    t.ok += 1
+        with self.client() as c:
             with contextlib.suppress(openai.NotFoundError):
                 c.chat.completions.create(model="no-such-model", messages=HELLO)
             t.refused += 1

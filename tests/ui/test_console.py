@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.ui.conftest import need_browser
-from tests.ui.harness import TOKENS, Console, Traffic
+from tests.ui.harness import TEAM, TEAM_TOKENS, TOKENS, Console, Traffic
 
 PAGES = ["overview", "deployments", "routing", "spend", "requests", "alerts", "config"]
 
@@ -38,8 +38,12 @@ def _browser_stack() -> None:
     need_browser()
 
 
+def _token(role: str) -> str:
+    return TOKENS.get(role) or TEAM_TOKENS[role]
+
+
 def get(console: Console, path: str, role: str = "admin") -> Any:
-    req = urllib.request.Request(console.url + path, headers={"Authorization": f"Bearer {TOKENS[role]}"})
+    req = urllib.request.Request(console.url + path, headers={"Authorization": f"Bearer {_token(role)}"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -61,7 +65,7 @@ def sign_in(drv: Any, console: Console, role: str | None) -> None:
     WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
     if role is None:
         return
-    drv.find_element(By.ID, "key").send_keys(TOKENS[role])
+    drv.find_element(By.ID, "key").send_keys(_token(role))
     drv.find_element(By.ID, "signin").click()
     WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
 
@@ -245,7 +249,9 @@ def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Co
     shown = {r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-id]")}
     params = browser.current_url.split("#/requests?", 1)[1]
     listed = get(c, f"/admin/requests?{params}&limit=100")["data"]
-    assert shown == {r["id"] for r in listed} and len(shown) == traffic.ok - len(traffic.failed_over) - traffic.by_rule
+    assert shown == {r["id"] for r in listed} and len(shown) == (
+        traffic.ok - len(traffic.failed_over) - traffic.by_rule - traffic.team
+    )
 
 
 def test_stored_content_is_redacted_and_for_admins_only(browser: Any, console: tuple[Console, Traffic]) -> None:
@@ -287,6 +293,45 @@ def test_viewer_reaches_no_admin_action(browser: Any, console: tuple[Console, Tr
     sign_in(browser, c, "operator")
     open_page(browser, c, "deployments")
     assert browser.find_elements(By.ID, "reload")
+
+
+def test_a_team_key_sees_its_teams_budgets_and_stats(browser: Any, console: tuple[Console, Traffic]) -> None:
+    """A team's viewer: every page it may open loads without an error (before, its budgets
+    were "not available" and the routing and overview sections by deployment, provider, rule
+    ... were 403 errors); its budgets, its stats by deployment and its rate limits are its
+    team's, as the API gives them to its key, and a budget that counts every team's spend
+    shows its limit but not its figures."""
+    from selenium.webdriver.common.by import By
+
+    c, traffic = console
+    sign_in(browser, c, "team-viewer")
+    assert {"GET /admin/budgets", "GET /admin/stats"} <= routes(c, "team-viewer")
+    for page in PAGES:
+        open_page(browser, c, page)
+        check_clean(browser, f"#/{page} as a team's viewer")
+
+    open_page(browser, c, "spend")
+    budgets = get(c, "/admin/budgets", "team-viewer")
+    assert budgets["team"] == TEAM and field(browser, "budget_team").text.endswith(f"team {TEAM}.")
+    mine = next(b for b in budgets["budgets"] if b["name"] == "team-monthly")
+    assert mine["match"] == TEAM and mine["spent_usd"] > 0 and not mine["shared"]
+    box = browser.find_element(By.CSS_SELECTOR, '[data-budget="team-monthly"]')
+    assert math.isclose(value(field(browser, "spent_usd", box)), mine["spent_usd"], rel_tol=1e-9)
+    shared = browser.find_element(By.CSS_SELECTOR, '[data-budget="monthly"]')
+    assert shared.get_attribute("data-shared") == "true" and value(field(browser, "limit_usd", shared)) == 5.0
+    assert not shared.find_elements(By.CSS_SELECTOR, '[data-field="spent_usd"]')
+    assert "not shown" in field(browser, "withheld", shared).text
+    # Everyone's spend in the global budget, never on the page.
+    everyone = next(b for b in get(c, "/admin/budgets")["budgets"] if b["name"] == "monthly")
+    assert everyone["spent_usd"] > mine["spent_usd"] and str(everyone["spent_usd"]) not in browser.page_source
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.rate-limit")) == len(budgets["rate_limits"]) > 0
+
+    open_page(browser, c, "routing")
+    by_deployment = get(c, "/admin/stats?since=1h&group_by=deployment", "team-viewer")
+    assert {r["group"]: r["requests"] for r in by_deployment["rows"]} == {"d-cheap": traffic.team}
+    rows = browser.find_elements(By.XPATH, "//table[caption='Requests by Deployment']//tr[@data-group]")
+    shown = {r.get_attribute("data-group"): value(field(browser, "requests", r)) for r in rows}
+    assert shown == {"d-cheap": traffic.team}
 
 
 def test_keyboard_and_labels(browser: Any, console: tuple[Console, Traffic]) -> None:

@@ -45,27 +45,41 @@ export default {
       let budgetsOnce = null;
       const fetchBudgets = () => (budgetsOnce ||= api('/admin/budgets'));
       load(budgets, ctx, ['GET /admin/budgets'], fetchBudgets, (body, d) => {
+        if (d.team) body.append(h('p', { class: 'muted', 'data-field': 'budget_team' }, `The budgets that apply to team ${d.team}.`));
         if (!d.budgets.length) body.append(notice('No budgets are configured.'));
         for (const b of d.budgets) {
+          const title = h('h3', {}, b.name, ' ', h('span', { class: 'muted' }, `(${b.scope}${b.match ? ' ' + b.match : ''}, ${b.period})`));
+          const period = [h('dt', {}, 'Period'), h('dd', {}, f.time(b.period_start) + ' → ' + f.time(b.period_end))];
+          if (b.shared) {
+            // It counts every team's spend: a team's key is shown its limit, not the figures.
+            body.append(h('div', { class: 'budget', 'data-budget': b.name, 'data-shared': 'true' }, title,
+              h('dl', { class: 'facts' },
+                h('dt', {}, 'Limit'), h('dd', { 'data-field': 'limit_usd', 'data-value': String(b.limit_usd) }, f.usd(b.limit_usd)),
+                h('dt', {}, 'Spent'), h('dd', { class: 'muted', 'data-field': 'withheld' }, 'counts every team\'s spend: not shown to a team\'s key'),
+                ...period)));
+            continue;
+          }
           const frac = b.limit_usd ? b.spent_usd / b.limit_usd : 0;
           const proj = b.limit_usd ? b.projected_usd / b.limit_usd : 0;
-          body.append(h('div', { class: 'budget', 'data-budget': b.name },
-            h('h3', {}, b.name, ' ', h('span', { class: 'muted' }, `(${b.scope}${b.match ? ' ' + b.match : ''}, ${b.period})`)),
+          body.append(h('div', { class: 'budget', 'data-budget': b.name }, title,
             meter(frac, `${b.name}: ${f.pct(frac)} of the limit spent`),
             h('dl', { class: 'facts' },
               h('dt', {}, 'Spent'), h('dd', { 'data-field': 'spent_usd', 'data-value': String(b.spent_usd) }, `${f.usd(b.spent_usd)} of ${f.usd(b.limit_usd)} (${f.pct(frac)})`),
               h('dt', {}, 'Reserved'), h('dd', {}, f.usd(b.reserved_usd)),
               h('dt', {}, 'Projected at period end'), h('dd', { class: proj >= 1 ? 'badge bad' : null, 'data-field': 'projected_usd' }, `${f.usd(b.projected_usd)} (${f.pct(proj)})`),
-              h('dt', {}, 'Period'), h('dd', {}, f.time(b.period_start) + ' → ' + f.time(b.period_end)))));
+              ...period)));
         }
       });
       load(limits, ctx, ['GET /admin/budgets'], fetchBudgets, (body, d) => {
         const rows = d.rate_limits || [];
         if (!rows.length) return body.append(notice('No rate limits are in use.'));
         // Each limit: used of the limit, the headroom left, and a meter of the use.
-        const cell = (used, lim, what) => (lim
-          ? h('div', {}, `${f.num(used)} / ${f.num(lim)} · ${f.pct(Math.max(0, 1 - used / lim))} free`, meter(used / lim, what + ' used'))
-          : '–');
+        const cell = (used, lim, what) => {
+          if (!lim) return '–';
+          // A limit every team's requests take from: a team's key is shown the limit alone.
+          if (used === null || used === undefined) return h('div', {}, `limit ${f.num(lim)} (shared by every team)`);
+          return h('div', {}, `${f.num(used)} / ${f.num(lim)} · ${f.pct(Math.max(0, 1 - used / lim))} free`, meter(used / lim, what + ' used'));
+        };
         body.append(table([
           { label: 'Scope', key: 'scope' }, { label: 'Name', key: 'name' },
           { label: 'Requests/min', value: (r) => r, format: (r) => cell(r.rpm_used, r.rpm_limit, 'requests per minute') },
