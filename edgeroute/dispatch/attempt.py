@@ -231,6 +231,9 @@ class Attempts:
             result = Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
         except (UpstreamError, OSError) as e:
             result = Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
+        except sse.EventTooLarge as e:
+            # The upstream opened a stream event and never ended it: its failure (fails over).
+            result = Failure(Outcome.SERVER_ERROR, rec.status, f"the upstream {e}")
         except Exception as e:
             # An answer the adapter could not read (bad usage, a malformed event): the
             # deployment's fault, like a 5xx, so fail over; the core hears of it below.
@@ -308,23 +311,25 @@ class Attempts:
         translator = (
             None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
         )
-        buf = b""
-        head = b""
+        # An error event before content is a failover, never relayed: one never ended is
+        # bounded as the relay's guard bounds it (it was held until the first-byte timeout).
+        events_of = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
+        head: list[bytes] = []
+        size = 0
         while True:
             chunk = await resp.readany()
             if not chunk:
                 return Failure(Outcome.SERVER_ERROR, resp.status, "upstream stream ended before any content")
             if translator is not None:
                 chunk = translator.feed(chunk)
-            head += chunk
-            buf += chunk
-            events, buf = sse.split_events(buf)
-            for ev in events:
+            head.append(chunk)
+            size += len(chunk)
+            for ev in events_of.feed(chunk):
                 data = sse.event_data(ev)
                 if data is None:
                     continue
                 if data == b"[DONE]":
-                    return StreamAnswer(resp, head, translator)
+                    return StreamAnswer(resp, b"".join(head), translator)
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -334,7 +339,11 @@ class Attempts:
                     msg = err.get("message") if isinstance(err, dict) else str(err)
                     return Failure(Outcome.SERVER_ERROR, resp.status, redact.cut(f"upstream stream error: {msg}", 500))
                 if self.has_content(obj):
-                    return StreamAnswer(resp, head, translator)
+                    return StreamAnswer(resp, b"".join(head), translator)
+            if size > sse.HOLD_BYTES:
+                # A megabyte of well-formed events and still nothing a user would see (a long
+                # reasoning phase, or keep-alives): relayed from here, not held without bound.
+                return StreamAnswer(resp, b"".join(head), translator)
 
     def has_content(self, obj: Any) -> bool:
         """Whether a stream event carries something a user would see (other endpoints override it)."""

@@ -75,9 +75,9 @@ async def relay_stream(
             if data:
                 await out.write(data)
 
-        await send(answer.head)
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         try:
+            await send(answer.head)
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -128,6 +128,11 @@ async def relay_stream(
             else:
                 upstream_broke = True
                 failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+        except sse.EventTooLarge as e:
+            # An event opened and never ended (held whole, or by a translator): the upstream's
+            # protocol error; what was held is dropped, never relayed as it came.
+            upstream_broke = True
+            failure = (f"The upstream {e}; the answer is incomplete.", "upstream_protocol_error")
         except OSError:  # UpstreamError, or a failed write to the client
             transport = request.transport
             if transport is None or transport.is_closing():
