@@ -15,6 +15,7 @@ import email.utils
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,9 @@ _MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as
 # A non-streamed answer over this is refused as the upstream's failure (memory is the bound;
 # the largest real answers, embeddings of 2,048 inputs as JSON floats, stay under it).
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
+# An error answer (4xx, 5xx) over this is cut here: its message is all edgeroute reads of it, and
+# it was read whole (a body that never ended, until the first-byte timeout).
+MAX_ERROR_BYTES = 1024 * 1024
 # Answers over this are parsed, translated and counted (when they carry no usage) in a worker
 # thread: counting a 16 MB answer took seconds, all of them the event loop's otherwise.
 OFF_LOOP_BYTES = 256 * 1024
@@ -101,6 +105,21 @@ class StreamAnswer:
 
 
 Answer = JsonAnswer | StreamAnswer
+
+
+async def read_up_to(resp: Response, limit: int, each: Callable[[], None] | None = None) -> tuple[bytes, bool]:
+    """An upstream body, read to its end or to `limit` bytes: (the bytes, whether that was its
+    end). Past `limit` the rest is not read (the caller drops the connection). `each` runs
+    after every piece (e.g. to move an idle timer)."""
+    chunks, size = [], 0
+    while chunk := await resp.readany():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], False
+        if each is not None:
+            each()
+    return b"".join(chunks), True
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -190,10 +209,14 @@ class Attempts:
                         " follow; check the provider's base_url",
                     )
                 elif resp.status >= 400:
-                    data = await resp.read()
+                    data, whole = await read_up_to(resp, MAX_ERROR_BYTES)
                     cls = adapter.classify(resp.status, data)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    msg = adapter.error_message(resp.status, data)
+                    if whole:
+                        msg = adapter.error_message(resp.status, data)
+                    else:  # the connection is dropped below (it is not read to its end)
+                        mib = MAX_ERROR_BYTES >> 20
+                        msg = f"the upstream's error answer (HTTP {resp.status}) is larger than {mib} MiB"
                     if cls is Outcome.AUTH_ERROR:
                         # For the operator's log only: the client learns that our credentials failed.
                         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
@@ -210,18 +233,15 @@ class Attempts:
                     result = await self._answer(await resp.read(), adapter, resp.status)
                 else:
                     # The body: each piece within the idle timeout (a stalled body fails over).
-                    chunks, size = [], 0
-                    while chunk := await resp.readany():
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size > MAX_ANSWER_BYTES:
-                            break
+                    def more() -> None:
                         deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
-                    if size > MAX_ANSWER_BYTES:
+
+                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more)
+                    if not whole:
                         msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
                         result = Failure(Outcome.SERVER_ERROR, resp.status, msg)
                     else:
-                        result = await self._answer(b"".join(chunks), adapter, resp.status)
+                        result = await self._answer(data, adapter, resp.status)
         except TimeoutError:
             if rec.status is not None:
                 result = Failure(Outcome.TIMEOUT, rec.status, "the upstream stalled while sending its answer")
