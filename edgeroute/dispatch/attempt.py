@@ -28,7 +28,7 @@ from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
+from edgeroute.upstream_http import Response, UpstreamError, UpstreamProtocolError, UpstreamTlsError
 
 log = logging.getLogger("edgeroute.dispatch")
 
@@ -249,6 +249,8 @@ class Attempts:
                 result = Failure(Outcome.TIMEOUT, None, "no answer within the timeout")
         except UpstreamTlsError as e:
             result = Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
+        except UpstreamProtocolError as e:
+            result = Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
         except (UpstreamError, OSError) as e:
             result = Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
         except sse.EventTooLarge as e:

@@ -158,3 +158,48 @@ async def test_a_client_error_whose_body_never_ends_is_answered_at_the_bound(
         await client.close()
     assert "the upstream's error answer (HTTP 400) is larger than 1 MiB" in str(got.value)
     assert KEY not in str(got.value.body) and "yyyy" not in str(got.value.body)
+
+
+@pytest.mark.parametrize("shape", ["headers", "one-header-line"])
+async def test_a_response_head_that_never_ends_fails_over_at_the_bound(
+    upstream: Callable[[Handler], Awaitable[str]], serve: Any, shape: str
+) -> None:
+    """An upstream that answers a status line and then headers without end (many, or one
+    endless line): the parser held them all until the first-byte timeout."""
+    sent = 0
+    stop = asyncio.Event()
+
+    async def endless_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Junk: ")
+            piece = b"y" * 1000 + (b"\r\nX-Junk: " if shape == "headers" else b"")
+            while sent < 64 * MIB:
+                writer.write(piece)
+                sent += len(piece)
+                await writer.drain()
+            async with asyncio.timeout(30):
+                await stop.wait()
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    raw = await asyncio.start_server(endless_head, "127.0.0.1", 0)
+    port = raw.sockets[0].getsockname()[1]
+    proxy: Served = await serve(_config(f"http://127.0.0.1:{port}/v1", await upstream(good)))
+    client = _client(proxy)
+    started = time.monotonic()
+    try:
+        answer = await client.chat.completions.create(model="m", messages=USER)
+    finally:
+        stop.set()
+        await client.close()
+        raw.close()
+    elapsed = time.monotonic() - started
+    assert answer.choices[0].message.content == "fine"  # the next deployment's answer
+    first = (await _record(proxy)).attempts[0]
+    assert first.outcome == "server_error" and first.error == "the upstream sent a response head larger than 64 KiB"
+    assert elapsed < PATIENCE_S, f"failed over after {elapsed:.1f} s: a timeout, not the bound"
+    assert sent < 64 * MIB  # the proxy stopped reading
