@@ -20,6 +20,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from edgeroute.dispatch import attempt
 from tests.conftest import eventually
 from tests.security.conftest import Served
 
@@ -203,3 +204,28 @@ async def test_a_response_head_that_never_ends_fails_over_at_the_bound(
     assert first.outcome == "server_error" and first.error == "the upstream sent a response head larger than 64 KiB"
     assert elapsed < PATIENCE_S, f"failed over after {elapsed:.1f} s: a timeout, not the bound"
     assert sent < 64 * MIB  # the proxy stopped reading
+
+
+async def test_a_stream_that_never_stops_ends_at_the_answer_bound(
+    upstream: Callable[[Handler], Awaitable[str]], serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream's text is kept (to count it when it reports no usage) as a non-streamed answer
+    is read: up to `MAX_ANSWER_BYTES` (128 MiB; 2 MiB here). A stream of well-formed content
+    that never stopped was kept whole until the total timeout."""
+    monkeypatch.setattr(attempt, "MAX_ANSWER_BYTES", 2 * MIB)
+    flood = Flood(200, _chunk({"role": "assistant", "content": ""}), _chunk({"content": "z" * 65536}), 16 * MIB)
+    proxy: Served = await serve(_config(await upstream(flood.handle)))
+    client = _client(proxy)
+    got: list[str] = []
+    try:
+        with pytest.raises(openai.APIError) as raised:
+            async for c in await client.chat.completions.create(model="m", messages=USER, stream=True):
+                got.append(c.choices[0].delta.content or "" if c.choices else "")
+    finally:
+        flood.stop.set()
+        await client.close()
+    assert raised.value.message == "The upstream's answer passed 2 MiB; it is incomplete."
+    assert 2 * MIB - 65536 < len("".join(got)) <= 2 * MIB  # relayed up to the bound, then the error
+    rec = await _record(proxy)
+    assert rec.error_class == "answer_too_large" and rec.usage is not None and rec.usage.completion_tokens > 0
+    assert flood.sent < flood.total  # the proxy stopped reading
