@@ -229,3 +229,40 @@ async def test_a_stream_that_never_stops_ends_at_the_answer_bound(
     rec = await _record(proxy)
     assert rec.error_class == "answer_too_large" and rec.usage is not None and rec.usage.completion_tokens > 0
     assert flood.sent < flood.total  # the proxy stopped reading
+
+
+async def test_embeddings_split_over_calls_are_bounded_together(serve: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch for Titan (one text per call) is answered as one list: its calls' answers are
+    held until the last one, so they are bounded together as one answer is (128 MiB; 1 MiB
+    here). Each call's answer was bounded alone, so a batch of 2,048 could hold 2,048 times it."""
+    monkeypatch.setattr(attempt, "MAX_ANSWER_BYTES", 1 * MIB)
+    calls = 0
+
+    async def titan(request: web.Request) -> web.StreamResponse:  # a careless Titan: huge vectors
+        nonlocal calls
+        await request.read()
+        calls += 1
+        return web.json_response({"embedding": [0.125] * 20_000, "inputTextTokenCount": 1})
+
+    app = web.Application()
+    app.router.add_post("/model/{model}/invoke", titan)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
+    cfg = {
+        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
+        "deployments": {
+            "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
+        },
+        "models": {"embed": {"deployments": ["t"], "max_attempts": 1}},
+    }
+    proxy: Served = await serve(cfg)
+    client = _client(proxy)
+    try:
+        with pytest.raises(openai.APIStatusError) as got:
+            await client.embeddings.create(model="embed", input=[f"text {i}" for i in range(64)])
+    finally:
+        await client.close()
+        await server.close()
+    assert got.value.status_code == 502 and "the upstream's answers are larger than 1 MiB" in str(got.value.body)
+    assert calls < 32  # no more calls once the bound was passed (about 8 answers, 8 more in flight)
