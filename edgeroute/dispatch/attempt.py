@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import datetime
 import email.utils
 import logging
@@ -308,7 +309,10 @@ class Attempts:
         released, so the event loop serves meanwhile)."""
         if len(data) < OFF_LOOP_BYTES:
             return self._json_answer(data, adapter, status)
-        return await asyncio.get_running_loop().run_in_executor(COUNTING, self._json_answer, data, adapter, status)
+        # In the task's context (an embeddings batch's piece lives in a context variable): the
+        # thread saw none, and a Titan piece's answer over 256 KiB was read as the whole batch's.
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(COUNTING, run, self._json_answer, data, adapter, status)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:
