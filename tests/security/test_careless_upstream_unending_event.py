@@ -245,3 +245,47 @@ async def test_any_event_never_ended_is_bounded_too(
     text, error = await _chat(proxy)
     assert text == "partial" and "stream event still unfinished past 2 MiB" in error, error
     assert up.sent < up.total  # the proxy stopped reading at the bound
+
+
+async def test_a_megabyte_of_events_without_content_is_relayed_not_held(upstreams: list[Unending], serve: Any) -> None:
+    """Events before the first content are held (an error among them fails over): a stream
+    that sends a megabyte of them with nothing a user would see (a long reasoning phase, or
+    keep-alives) is relayed from there. It was held, however much came, until content or the
+    first-byte timeout."""
+    go = asyncio.Event()  # set by the client once it has read something: the upstream then answers
+    waited: list[bool] = []  # whether the upstream heard from the client before its patience ran out
+
+    async def reasoning(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        delta = {"reasoning_content": "think " * 1000}
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "x",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        for _ in range(MIB // 6000 + 10):
+            await resp.write(_sse(chunk))
+        try:
+            async with asyncio.timeout(PATIENCE_S - 1):
+                await go.wait()
+            waited.append(True)
+        except TimeoutError:  # the client saw nothing (held): answer anyway, the test reports it
+            waited.append(False)
+        await resp.write(_content("openai") + _done("openai"))
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", reasoning)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        proxy: Served = await serve(_config(Unending(server=server)))
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        text = []
+        async for chunk in await client.chat.completions.create(model="m", messages=USER, stream=True):
+            go.set()
+            text.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        await client.close()
+    finally:
+        await server.close()
+    assert waited == [True], "the client read nothing before the upstream's content: the events were held"
+    assert "".join(text) == "partial"
