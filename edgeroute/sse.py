@@ -28,7 +28,11 @@ class EventTooLarge(ValueError):
 
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
     """Splits complete events (separated by a blank line) off `buf`; returns (events, rest)."""
-    buf = buf.replace(b"\r\n", b"\n")
+    return _split(buf.replace(b"\r\n", b"\n"))
+
+
+def _split(buf: bytes) -> tuple[list[bytes], bytes]:
+    """`split_events` of bytes whose CRLFs are LFs already."""
     *events, rest = buf.split(b"\n\n")
     return [e for e in events if e.strip()], rest
 
@@ -71,7 +75,7 @@ class EventSplitter:
             self._size += len(chunk)
             self._check(chunk)
             return []
-        events, rest = split_events(b"".join(held) + chunk if held else chunk)
+        events, rest = _split(b"".join(held) + chunk if held else chunk)  # normalised once: "\r\r\n" is "\r\n"
         self._held, self._size, self._error = ([rest] if rest else []), len(rest), False
         self._check(rest)
         return events
