@@ -316,7 +316,7 @@ class StreamEncoder:
     """
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.events = sse.EventSplitter()
         self.started = False
         self.ended = False
         self.blocks = 0
@@ -327,8 +327,7 @@ class StreamEncoder:
         self.usage: dict[str, Any] | None = None
 
     def __call__(self, data: bytes) -> bytes:
-        self.buf += data
-        events, self.buf = sse.split_events(self.buf)
+        events = self.events.feed(data)
         out = b""
         for ev in events:
             payload = sse.event_data(ev)

@@ -262,7 +262,14 @@ async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None
     deadline = asyncio.get_running_loop().time() + FIND_FOR_S
     drained = False
     while True:
-        rows = await asyncio.to_thread(ledger.backend.query, sql, (rid,))
+        try:
+            rows = await asyncio.to_thread(ledger.backend.query, sql, (rid,))
+        except Exception as e:  # the database down or damaged: a clear 503, not a 500 and a traceback
+            log.warning("feedback: the request log cannot be read (%s)", type(e).__name__)
+            raise ProxyError(
+                503, "The request log cannot be read now, so the request cannot be found; retry shortly.",
+                code="request_log_unavailable", headers={"Retry-After": "5"},
+            ) from None  # fmt: skip
         if rows:
             key, route, task, team = rows[0]
             return key, route, task, team

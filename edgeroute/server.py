@@ -118,7 +118,9 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
-    if request.method == "POST" and request.path.startswith("/v1/") and (why := _not_recording(request)) is not None:
+    path = request.path
+    spends = path.startswith("/v1/") and path not in SPENDS_NOTHING
+    if request.method == "POST" and spends and (why := _not_recording(request)) is not None:
         raise ProxyError(
             503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
             headers={"Retry-After": "5"},
@@ -134,6 +136,12 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         c.in_flight -= 1
+
+
+# POST routes under /v1/ that call no upstream and spend nothing: served while the ledger
+# cannot record spend (a feedback score waits with the ledger's other records; it was refused
+# as if it spent, so `on_unavailable: closed` lost every score sent meanwhile).
+SPENDS_NOTHING = frozenset({"/v1/feedback", "/v1/route/explain", "/v1/messages/count_tokens"})
 
 
 def _not_recording(request: web.Request) -> str | None:

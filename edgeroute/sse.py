@@ -11,11 +11,84 @@ from edgeroute import redact
 DONE = b"data: [DONE]"
 
 
+# One upstream event still unfinished past this is the upstream's protocol error: no provider
+# sends one (the largest real events, a Responses stream's images in base64, stay well under it).
+MAX_EVENT_BYTES = 32 << 20
+HOLD_BYTES = 1 << 20  # an error event held whole past this, and an answer's head, are cut here
+
+
+class EventTooLarge(ValueError):
+    """An upstream stream event still unfinished past a bound: the upstream broke the protocol
+    (it opened an event and never ended it). The event's bytes are dropped, never relayed."""
+
+    def __init__(self, limit: int, what: str = "event") -> None:
+        self.limit = limit
+        super().__init__(f"sent a stream {what} still unfinished past {limit >> 20} MiB")
+
+
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
     """Splits complete events (separated by a blank line) off `buf`; returns (events, rest)."""
-    buf = buf.replace(b"\r\n", b"\n")
+    return _split(buf.replace(b"\r\n", b"\n"))
+
+
+def _split(buf: bytes) -> tuple[list[bytes], bytes]:
+    """`split_events` of bytes whose CRLFs are LFs already."""
     *events, rest = buf.split(b"\n\n")
     return [e for e in events if e.strip()], rest
+
+
+class EventSplitter:
+    """:func:`split_events` over a stream read in pieces, bounded and in linear time.
+
+    The unfinished event is kept between reads; a read that ends no event is only searched
+    for a blank line (with the byte before it), so an event read in many small pieces is
+    joined once, when it ends. One still unfinished past `limit` bytes raises
+    :class:`EventTooLarge` (an upstream that opens an event and never ends it was held in
+    memory until the request's timeout); one that shows an `"error"` key, past `error_limit`
+    (error events are small; the guard of a relayed stream holds them whole up to the same bound).
+    """
+
+    __slots__ = ("_cr", "_error", "_held", "_size", "error_limit", "limit")
+
+    def __init__(self, limit: int | None = None, error_limit: int | None = None) -> None:
+        self.limit = MAX_EVENT_BYTES if limit is None else limit
+        self.error_limit = error_limit
+        self._held: list[bytes] = []
+        self._size = 0
+        self._cr = False  # the last read ended in CR: it may begin a CRLF with the next one
+        self._error = False
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events `chunk` completes (each without its blank line)."""
+        if self._cr:
+            chunk = b"\r" + chunk
+        self._cr = chunk.endswith(b"\r")
+        if self._cr:
+            chunk = chunk[:-1]
+        if not chunk:
+            return []
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        held = self._held
+        if held and b"\n\n" not in held[-1][-1:] + chunk[:1] and b"\n\n" not in chunk:
+            held.append(chunk)
+            self._size += len(chunk)
+            self._check(chunk)
+            return []
+        events, rest = _split(b"".join(held) + chunk if held else chunk)  # normalised once: "\r\r\n" is "\r\n"
+        self._held, self._size, self._error = ([rest] if rest else []), len(rest), False
+        self._check(rest)
+        return events
+
+    def _check(self, new: bytes) -> None:
+        if self.error_limit is not None and not self._error:
+            # the marker may straddle two reads: search the new bytes with a few before them
+            before = self._held[-2][-6:] if len(self._held) > 1 else b""
+            self._error = b'"error"' in before + new
+        if self._error and self.error_limit is not None and self._size > self.error_limit:
+            raise EventTooLarge(self.error_limit, "error event")
+        if self._size > self.limit:
+            raise EventTooLarge(self.limit)
 
 
 def event_data(event: bytes) -> bytes | None:
@@ -50,7 +123,6 @@ def _redact_bytes(data: bytes) -> bytes:
 # A blank line, whatever the line ends (LF, CRLF, CR): in an event stream, these bytes occur
 # only where an event ends.
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
-HOLD_BYTES = 1 << 20  # an event still open past this, and not an error, is sent in pieces
 OVERLAP_BYTES = 8192
 
 
@@ -63,10 +135,14 @@ class RelayGuard:
     client cannot act on half an event anyway) and redacts complete ones. The common read,
     ending where an event ends, costs what it did: one suffix test and one substring search.
 
-    An error event is held until it ends, however long. Any other event still unfinished past
-    :data:`HOLD_BYTES` (no provider sends one) is sent in pieces, unscanned like all content,
-    keeping its last :data:`OVERLAP_BYTES` back, so that an `"error"` key arriving later is
-    still seen whole; what such an event said before its first megabyte has gone out as it was.
+    An error event is held until it ends, up to :data:`HOLD_BYTES`: past it, :meth:`feed`
+    raises :class:`EventTooLarge` (the relay ends the stream with its own error event; the held
+    bytes are dropped, never relayed unredacted). An upstream that opened an error event and
+    never ended it was held in memory, without bound, until the request's total timeout.
+    Any other event still unfinished past :data:`HOLD_BYTES` (no provider sends one) is sent in
+    pieces, unscanned like all content, keeping its last :data:`OVERLAP_BYTES` back, so that an
+    `"error"` key arriving later is still seen whole; what such an event said before its first
+    megabyte has gone out as it was.
     """
 
     __slots__ = ("_error", "_held", "_size")
@@ -104,9 +180,12 @@ class RelayGuard:
         return whole
 
     def _overflow(self) -> bytes:
-        """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event."""
-        if self._size <= HOLD_BYTES or self._error:
+        """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event
+        (an error event that long: :class:`EventTooLarge`)."""
+        if self._size <= HOLD_BYTES:
             return b""
+        if self._error:
+            raise EventTooLarge(HOLD_BYTES, "error event")
         held = b"".join(self._held)
         self._held, self._size = [held[-OVERLAP_BYTES:]], OVERLAP_BYTES
         return held[:-OVERLAP_BYTES]

@@ -55,6 +55,9 @@ _URL_CACHE_MAX = 1024
 _DRAIN_BYTES = 64 * 1024
 _DRAIN_S = 1.0
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A response head (status line and headers, interim 1xx heads included) larger than this is
+# the upstream's protocol error: the parser would hold an endless header line in memory.
+MAX_HEAD_BYTES = 64 * 1024
 # A reused connection's close that arrives this soon after the request was written is
 # the keep-alive race (the peer's FIN crossed our request: about one round trip);
 # later, the upstream may have started on the request.
@@ -79,6 +82,11 @@ class UpstreamTlsError(UpstreamConnectError):
 
 class UpstreamConnectTimeout(UpstreamError, TimeoutError):
     """No connection could be made within the connect timeout."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream broke HTTP in a way it is to blame for (e.g. a head past MAX_HEAD_BYTES);
+    the message is safe to show a client."""
 
 
 class _StaleConnection(UpstreamError):
@@ -318,6 +326,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.idle_since = 0.0
         self.holds_slot = False
+        self.head_bytes = 0  # of the response being read, until its head is complete
         self._interim = False  # parsing a 1xx response, which is skipped
         self._unsolicited = False
 
@@ -328,6 +337,7 @@ class _Conn(asyncio.Protocol):
         head: asyncio.Future[None] = self.loop.create_future()
         resp = self.resp = Response(self, head)
         self.got_bytes = False
+        self.head_bytes = 0
         if self.transport.is_closing():
             # Closed under us (a reset seen by the loop but not yet reported): like a stale connection.
             self.resp = None
@@ -384,6 +394,14 @@ class _Conn(asyncio.Protocol):
             return
         if self._unsolicited:
             self.drop()
+            return
+        resp = self.resp
+        if resp is not None and not resp._head.done():
+            self.head_bytes += len(data)  # all of it is head: the head would have completed it
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self.resp = None
+                self.drop()
+                resp._fail(UpstreamProtocolError(f"sent a response head larger than {MAX_HEAD_BYTES >> 10} KiB"))
 
     def eof_received(self) -> bool | None:
         self.open = False  # whatever follows, this connection is not reused

@@ -183,3 +183,31 @@ async def test_a_careless_upstream_answer_is_a_failure_not_a_200(start_proxy, an
         assert rec.status == 502
     finally:
         await server.close()
+
+
+async def test_a_batch_for_titan_with_answers_over_256_kib_is_answered(start_proxy) -> None:
+    """Each call of a batch for Titan reads its own answer: one over 256 KiB is read in a worker
+    thread, which saw no piece of the batch and judged the answer against every input (502
+    "upstream answered a different number of embeddings")."""
+    app = web.Application()
+
+    async def invoke(request: web.Request) -> web.Response:
+        text = orjson.loads(await request.read())["inputText"]
+        return web.json_response({"embedding": [float(len(text))] * 60_000, "inputTextTokenCount": 1})
+
+    app.router.add_post("/model/{model}/invoke", invoke)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        proxy = await start_proxy(_config(MockUpstream("bedrock", server, None), {"dep": TITAN}))
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        r = await client.embeddings.create(model="embed", input=["a", "bb", "ccc"], encoding_format="float")
+        await client.close()
+    finally:
+        await server.close()
+    assert [(d.index, len(d.embedding), d.embedding[0]) for d in r.data] == [
+        (0, 60_000, 1),
+        (1, 60_000, 2),
+        (2, 60_000, 3),
+    ]
+    assert r.usage.prompt_tokens == 3

@@ -33,6 +33,19 @@ async def _chat(url: str) -> openai.APIStatusError | None:
     return None
 
 
+async def _answered_id(url: str) -> str:
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}]
+        )
+    return raw.headers["x-request-id"]
+
+
+async def _post(url: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.post(url + path, json=body) as r:
+        return r.status, await r.json()
+
+
 async def _unwritten(url: str) -> int:
     async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as r:
         body = await r.json()
@@ -50,7 +63,7 @@ async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
     cm = instances(path, 1)
     (server,) = await asyncio.to_thread(cm.__enter__)
     try:
-        assert await _chat(server.url) is None
+        rated = await _answered_id(server.url)
 
         async def first_written() -> bool:
             return await asyncio.to_thread(_rows, tmp_path) == 1
@@ -73,6 +86,15 @@ async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
             assert refused is not None and refused.status_code == 503, refused
             assert refused.code == "ledger_unavailable" and "ledger.on_unavailable is closed" in refused.message
             assert refused.response.headers["Retry-After"] == "5"
+        # What spends nothing is served in either mode: a feedback score (stored once the ledger
+        # writes again), a routing explanation. Feedback was refused with the spend.
+        assert await _post(server.url, "/v1/feedback", {"request_id": rated, "score": 0.75}) == (
+            200, {"request_id": rated, "task": None, "route": "m", "accepted": True, "stored": True},
+        )  # fmt: skip
+        status, explained = await _post(
+            server.url, "/v1/route/explain", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
+        assert status == 200 and explained["route"] == "m", explained
         await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER spend_down")
 
         async def written() -> bool:
@@ -84,11 +106,35 @@ async def test_a_ledger_that_cannot_write_refuses_new_requests_only_when_closed(
     finally:
         cm.__exit__(None, None, None)
     assert _rows(tmp_path) == (6 if mode == "open" else 5)  # everything answered is recorded
+    assert _rows(tmp_path, "SELECT request_id, score FROM feedback") == [(rated, 0.75)]
 
 
-def _rows(tmp: Path) -> int:
+async def test_feedback_while_the_request_log_cannot_be_read_is_a_clear_503(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Feedback finds its request in the request log: a log that cannot be read (the database
+    down or damaged) is a 503 that says so, not a 500 (an unhandled error, in the log)."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["ledger"] = {"flush_interval": 0.05, "on_unavailable": "closed"}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    cm = instances(path, 1)
+    (server,) = await asyncio.to_thread(cm.__enter__)
+    try:
+        rated = await _answered_id(server.url)
+        await asyncio.to_thread(ledger_sql, tmp_path, "ALTER TABLE requests RENAME TO requests_gone")
+        status, body = await _post(server.url, "/v1/feedback", {"request_id": rated, "score": 1})
+    finally:
+        cm.__exit__(None, None, None)
+    assert status == 503 and body["error"]["code"] == "request_log_unavailable", body
+    assert "request log cannot be read" in body["error"]["message"]
+    assert "unhandled error on POST /v1/feedback" not in (tmp_path / "edgeroute-0.log").read_text()
+
+
+def _rows(tmp: Path, sql: str = "SELECT count(*) FROM spend") -> Any:
     conn = sqlite3.connect(tmp / "edgeroute-ledger.db", timeout=10)
     try:
-        return int(conn.execute("SELECT count(*) FROM spend").fetchone()[0])
+        rows = conn.execute(sql).fetchall()
+        return int(rows[0][0]) if sql.startswith("SELECT count") else rows
     finally:
         conn.close()

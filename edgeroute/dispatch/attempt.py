@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import datetime
 import email.utils
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +29,7 @@ from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response, UpstreamError, UpstreamTlsError
+from edgeroute.upstream_http import Response, UpstreamError, UpstreamProtocolError, UpstreamTlsError
 
 log = logging.getLogger("edgeroute.dispatch")
 
@@ -35,6 +37,9 @@ _MAX_RETRY_AFTER_S = 86_400.0  # a longer (or non-finite) Retry-After is read as
 # A non-streamed answer over this is refused as the upstream's failure (memory is the bound;
 # the largest real answers, embeddings of 2,048 inputs as JSON floats, stay under it).
 MAX_ANSWER_BYTES = 128 * 1024 * 1024
+# An error answer (4xx, 5xx) over this is cut here: its message is all edgeroute reads of it, and
+# it was read whole (a body that never ended, until the first-byte timeout).
+MAX_ERROR_BYTES = 1024 * 1024
 # Answers over this are parsed, translated and counted (when they carry no usage) in a worker
 # thread: counting a 16 MB answer took seconds, all of them the event loop's otherwise.
 OFF_LOOP_BYTES = 256 * 1024
@@ -101,6 +106,21 @@ class StreamAnswer:
 
 
 Answer = JsonAnswer | StreamAnswer
+
+
+async def read_up_to(resp: Response, limit: int, each: Callable[[], None] | None = None) -> tuple[bytes, bool]:
+    """An upstream body, read to its end or to `limit` bytes: (the bytes, whether that was its
+    end). Past `limit` the rest is not read (the caller drops the connection). `each` runs
+    after every piece (e.g. to move an idle timer)."""
+    chunks, size = [], 0
+    while chunk := await resp.readany():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(chunks)[:limit], False
+        if each is not None:
+            each()
+    return b"".join(chunks), True
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -190,10 +210,14 @@ class Attempts:
                         " follow; check the provider's base_url",
                     )
                 elif resp.status >= 400:
-                    data = await resp.read()
+                    data, whole = await read_up_to(resp, MAX_ERROR_BYTES)
                     cls = adapter.classify(resp.status, data)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    msg = adapter.error_message(resp.status, data)
+                    if whole:
+                        msg = adapter.error_message(resp.status, data)
+                    else:  # the connection is dropped below (it is not read to its end)
+                        mib = MAX_ERROR_BYTES >> 20
+                        msg = f"the upstream's error answer (HTTP {resp.status}) is larger than {mib} MiB"
                     if cls is Outcome.AUTH_ERROR:
                         # For the operator's log only: the client learns that our credentials failed.
                         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
@@ -210,18 +234,15 @@ class Attempts:
                     result = await self._answer(await resp.read(), adapter, resp.status)
                 else:
                     # The body: each piece within the idle timeout (a stalled body fails over).
-                    chunks, size = [], 0
-                    while chunk := await resp.readany():
-                        chunks.append(chunk)
-                        size += len(chunk)
-                        if size > MAX_ANSWER_BYTES:
-                            break
+                    def more() -> None:
                         deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
-                    if size > MAX_ANSWER_BYTES:
+
+                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more)
+                    if not whole:
                         msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
                         result = Failure(Outcome.SERVER_ERROR, resp.status, msg)
                     else:
-                        result = await self._answer(b"".join(chunks), adapter, resp.status)
+                        result = await self._answer(data, adapter, resp.status)
         except TimeoutError:
             if rec.status is not None:
                 result = Failure(Outcome.TIMEOUT, rec.status, "the upstream stalled while sending its answer")
@@ -229,8 +250,13 @@ class Attempts:
                 result = Failure(Outcome.TIMEOUT, None, "no answer within the timeout")
         except UpstreamTlsError as e:
             result = Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
+        except UpstreamProtocolError as e:
+            result = Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
         except (UpstreamError, OSError) as e:
             result = Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
+        except sse.EventTooLarge as e:
+            # The upstream opened a stream event and never ended it: its failure (fails over).
+            result = Failure(Outcome.SERVER_ERROR, rec.status, f"the upstream {e}")
         except Exception as e:
             # An answer the adapter could not read (bad usage, a malformed event): the
             # deployment's fault, like a 5xx, so fail over; the core hears of it below.
@@ -283,7 +309,10 @@ class Attempts:
         released, so the event loop serves meanwhile)."""
         if len(data) < OFF_LOOP_BYTES:
             return self._json_answer(data, adapter, status)
-        return await asyncio.get_running_loop().run_in_executor(COUNTING, self._json_answer, data, adapter, status)
+        # In the task's context (an embeddings batch's piece lives in a context variable): the
+        # thread saw none, and a Titan piece's answer over 256 KiB was read as the whole batch's.
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(COUNTING, run, self._json_answer, data, adapter, status)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:
@@ -308,23 +337,25 @@ class Attempts:
         translator = (
             None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
         )
-        buf = b""
-        head = b""
+        # An error event before content is a failover, never relayed: one never ended is
+        # bounded as the relay's guard bounds it (it was held until the first-byte timeout).
+        events_of = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
+        head: list[bytes] = []
+        size = 0
         while True:
             chunk = await resp.readany()
             if not chunk:
                 return Failure(Outcome.SERVER_ERROR, resp.status, "upstream stream ended before any content")
             if translator is not None:
                 chunk = translator.feed(chunk)
-            head += chunk
-            buf += chunk
-            events, buf = sse.split_events(buf)
-            for ev in events:
+            head.append(chunk)
+            size += len(chunk)
+            for ev in events_of.feed(chunk):
                 data = sse.event_data(ev)
                 if data is None:
                     continue
                 if data == b"[DONE]":
-                    return StreamAnswer(resp, head, translator)
+                    return StreamAnswer(resp, b"".join(head), translator)
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
@@ -334,7 +365,11 @@ class Attempts:
                     msg = err.get("message") if isinstance(err, dict) else str(err)
                     return Failure(Outcome.SERVER_ERROR, resp.status, redact.cut(f"upstream stream error: {msg}", 500))
                 if self.has_content(obj):
-                    return StreamAnswer(resp, head, translator)
+                    return StreamAnswer(resp, b"".join(head), translator)
+            if size > sse.HOLD_BYTES:
+                # A megabyte of well-formed events and still nothing a user would see (a long
+                # reasoning phase, or keep-alives): relayed from here, not held without bound.
+                return StreamAnswer(resp, b"".join(head), translator)
 
     def has_content(self, obj: Any) -> bool:
         """Whether a stream event carries something a user would see (other endpoints override it)."""

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from edgeroute import sse
 from edgeroute.accounting import Usage, estimate_stream_usage
+from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
@@ -50,6 +51,7 @@ async def relay_stream(
     # The streamed text is kept (references to chunks already read) so that a stream that
     # ends without usage, by design or cut short, is still costed for what it produced.
     text: list[bytes] = [answer.head]
+    kept = len(answer.head)  # bounded as a non-streamed answer is (attempt.MAX_ANSWER_BYTES)
     tail = answer.head[-TAIL_BYTES:]
     translator = answer.translator
     completed = sse.DONE in answer.head
@@ -75,9 +77,9 @@ async def relay_stream(
             if data:
                 await out.write(data)
 
-        await send(answer.head)
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         try:
+            await send(answer.head)
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -113,6 +115,12 @@ async def relay_stream(
                         tail = (tail + chunk)[-TAIL_BYTES:]
                         text.append(chunk)
                         completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+                        kept += len(chunk)
+                        if kept > attempt.MAX_ANSWER_BYTES and not completed:
+                            upstream_broke = True
+                            mib = attempt.MAX_ANSWER_BYTES >> 20
+                            failure = (f"The upstream's answer passed {mib} MiB; it is incomplete.", "answer_too_large")
+                            break
                     now = loop.time()
                     if now - armed > slack:
                         armed = now
@@ -128,6 +136,11 @@ async def relay_stream(
             else:
                 upstream_broke = True
                 failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
+        except sse.EventTooLarge as e:
+            # An event opened and never ended (held whole, or by a translator): the upstream's
+            # protocol error; what was held is dropped, never relayed as it came.
+            upstream_broke = True
+            failure = (f"The upstream {e}; the answer is incomplete.", "upstream_protocol_error")
         except OSError:  # UpstreamError, or a failed write to the client
             transport = request.transport
             if transport is None or transport.is_closing():

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import AttemptRecord, Usage
-from edgeroute.dispatch import Answer, Failure, JsonAnswer
+from edgeroute.dispatch import Answer, Failure, JsonAnswer, attempt
 from edgeroute.endpoints.embeddings_bedrock import TITAN_PARALLEL, bedrock_request, one_text_per_call, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
@@ -153,13 +153,20 @@ class EmbeddingsCall(CountedCall):
         known = {id(r) for r in self.record.attempts}
         gate = asyncio.Semaphore(TITAN_PARALLEL)
         failed: list[Failure] = []
+        size = 0  # of the answers held: together bounded as one answer is (each call's alone was)
 
         async def piece(i: int) -> Answer | Failure | None:
+            nonlocal size
             async with gate:
                 if failed:  # the attempt has failed already: send no more
                     return None
                 _PIECE.set(i)
                 got = await super(EmbeddingsCall, self).attempt(dep, kind)
+                if isinstance(got, JsonAnswer):
+                    size += len(got.body)
+                    if size > attempt.MAX_ANSWER_BYTES:
+                        mib = attempt.MAX_ANSWER_BYTES >> 20
+                        got = Failure(Outcome.SERVER_ERROR, 200, f"the upstream's answers are larger than {mib} MiB")
                 if isinstance(got, Failure):
                     failed.append(got)
                 return got

@@ -109,7 +109,7 @@ class NativeStream:
     """An Anthropic upstream's events, relayed as they are (see `responses_stream` for the protocol)."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._events = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
         self._content = False
         self._usage_in: dict[str, Any] = {}
         self._final = False  # a message_delta brought the answer's output_tokens
@@ -121,7 +121,7 @@ class NativeStream:
         return openai_usage(self._usage_in) if self._final else None
 
     def feed(self, chunk: bytes) -> bytes:
-        events, self._buf = sse.split_events(self._buf + chunk)
+        events = self._events.feed(chunk)
         out = []
         for ev in events:
             data = sse.event_data(ev)
@@ -152,7 +152,7 @@ class ChatToAnthropic:
     def __init__(self, inner: StreamTranslator | None) -> None:
         self.inner = inner
         self.enc = anthropic_api.StreamEncoder()
-        self._buf = b""
+        self._events = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
         self._content = False
 
     @property
@@ -162,7 +162,7 @@ class ChatToAnthropic:
     def feed(self, chunk: bytes) -> bytes:
         if self.inner is not None:
             chunk = self.inner.feed(chunk)
-        events, self._buf = sse.split_events(self._buf + chunk)
+        events = self._events.feed(chunk)
         out = []
         for ev in events:
             data = sse.event_data(ev)

@@ -52,12 +52,12 @@ class NativeStream:
     """An upstream's Responses stream, relayed event by event (see the module's doc)."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._events = sse.EventSplitter()
         self._content = False
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        events, self._buf = sse.split_events(self._buf + chunk)
+        events = self._events.feed(chunk)
         out = []
         for ev in events:
             data = sse.event_data(ev)
@@ -90,7 +90,7 @@ class ChatToResponses:
         self.inner = inner
         self.fallback_usage = fallback_usage
         self.rid = rf.new_id("resp")
-        self._buf = b""
+        self._events = sse.EventSplitter()
         self._seq = 0
         self._started = False
         self._done = False
@@ -116,7 +116,7 @@ class ChatToResponses:
     def feed(self, chunk: bytes) -> bytes:
         if self.inner is not None:
             chunk = self.inner.feed(chunk)
-        events, self._buf = sse.split_events(self._buf + chunk)
+        events = self._events.feed(chunk)
         out: list[bytes] = []
         for ev in events:
             data = sse.event_data(ev)

@@ -457,15 +457,14 @@ class SseJsonStream:
 
     def __init__(self, model: str, include_usage: bool) -> None:
         self.out = ChunkWriter(model, include_usage)
-        self.buf = b""
+        self.events = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
 
     @property
     def usage(self) -> dict[str, Any] | None:
         return self.out.usage
 
     def feed(self, chunk: bytes) -> bytes:
-        self.buf += chunk
-        events, self.buf = sse.split_events(self.buf)
+        events = self.events.feed(chunk)
         out = b""
         for ev in events:
             data = sse.event_data(ev)

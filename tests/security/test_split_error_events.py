@@ -306,14 +306,28 @@ def test_the_relay_guard_sends_every_byte_of_content_and_no_split_secret(eol: by
                     assert out == stream
 
 
-def test_a_huge_event_goes_out_in_pieces_and_a_huge_error_event_whole() -> None:
+def test_a_huge_event_goes_out_in_pieces_and_a_long_error_event_whole() -> None:
     from edgeroute import sse
 
     text = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "x" * (3 << 20)}}]}) + b"\n\n"
     guard = sse.RelayGuard()
     sent = [guard.feed(text[i : i + 65536]) for i in range(0, len(text), 65536)]
     assert sum(1 for s in sent if s) > 2 and b"".join(sent) == text  # not held to its end
-    err = _sse({"error": {"message": "y" * (3 << 20) + " " + OURS}})
+    err = _sse({"error": {"message": "y" * (sse.HOLD_BYTES - 4096) + " " + OURS}})
     guard = sse.RelayGuard()
     sent = [guard.feed(err[i : i + 65536]) for i in range(0, len(err), 65536)]
-    assert not any(sent[:-1]) and OURS.encode() not in sent[-1]
+    assert not any(sent[:-1]) and OURS.encode() not in sent[-1] and b"[REDACTED]" in sent[-1]
+
+
+def test_an_error_event_past_the_hold_bound_is_refused_never_relayed() -> None:
+    """An error event still unfinished past 1 MiB is the upstream's protocol error (the relay
+    ends the stream with its own error event); none of its bytes go out."""
+    from edgeroute import sse
+
+    err = _sse({"error": {"message": OURS + " " + "y" * (3 << 20)}})
+    guard = sse.RelayGuard()
+    sent: list[bytes] = []
+    with pytest.raises(sse.EventTooLarge, match="error event still unfinished past 1 MiB"):
+        for i in range(0, len(err), 65536):
+            sent.append(guard.feed(err[i : i + 65536]))
+    assert not any(sent) and sse.HOLD_BYTES <= len(sent) * 65536 < sse.HOLD_BYTES + 65536
