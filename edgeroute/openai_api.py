@@ -370,8 +370,6 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     finally:
         ResponseCache.discard(plan)  # a prefetch the request did not get to use
         finish(request, live, rec, started, ticket, reasons)
-        if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
-            learner.served(rid, rec.route, rec.task, rec.cost_usd)
 
 
 def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
@@ -392,7 +390,9 @@ def finish(
     request: web.Request, live: Live, rec: RequestRecord, started: float, ticket: Ticket | None, reasons: list[str]
 ) -> None:
     """The end of every request, answered or not: its record completed (latency, cost, usage,
-    outcome), its admission settled, then recorded (ledger, request log) and observed."""
+    outcome), its admission settled, then recorded (ledger, request log) and observed; an
+    answered one is remembered by the feedback learner (whatever the endpoint: a Responses or
+    a Messages request is decided as chat is, so feedback on it counts as on chat)."""
     live.leave()
     rec.latency_ms = (time.perf_counter() - started) * 1000
     rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
@@ -407,6 +407,8 @@ def finish(
     telemetry.finished(request.app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
         live.stats.observe(rec.status, rec.latency_ms)
+    if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
+        learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
 
 def servable(live: Live, order: Iterable[int]) -> dict[str, str]:
