@@ -22,7 +22,9 @@ from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
+from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.ledger import Ledger
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.governance.residency import check_model, check_order, key_tags
@@ -372,10 +374,33 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         finish(request, live, rec, started, ticket, reasons)
 
 
+def _not_recording(request: web.Request) -> str | None:
+    """Why a request that could spend is refused now (None: taken): another server holds the
+    ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
+    records than `ledger.max_unwritten` while it cannot write."""
+    if (why := ledger_lock.lost()) is not None:
+        return why
+    lc = request.app[STATE].live.config.ledger
+    if lc is not None and lc.on_unavailable == "closed":
+        ledger = request.app.get(RECORDER)
+        if isinstance(ledger, Ledger) and ledger.failing_since is not None:
+            if (n := ledger.queue_depth()) > lc.max_unwritten:
+                return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
+    return None
+
+
 def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
-    """The start of every request: the running config generation entered, the request's
-    record (with the proxy's own id, always: a client's id would be spoofable and collide in
-    the ledger and feedback), its log context and trace; the perf-counter start for `finish`."""
+    """The start of every request that may call an upstream (chat, messages, embeddings,
+    completions, responses, whichever path reached it: `/v1/...` or its alias at the root):
+    refused while its spend could not be recorded (`_not_recording`); else the running config
+    generation entered, the request's record (with the proxy's own id, always: a client's id
+    would be spoofable and collide in the ledger and feedback), its log context and trace;
+    the perf-counter start for `finish`."""
+    if (why := _not_recording(request)) is not None:
+        raise ProxyError(
+            503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
     live = request.app[STATE].live
     live.enter()
     rid = new_request_id()

@@ -118,11 +118,6 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
-    if request.method == "POST" and request.path.startswith("/v1/") and (why := _not_recording(request)) is not None:
-        raise ProxyError(
-            503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
-            headers={"Retry-After": "5"},
-        )  # fmt: skip
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
         raise ProxyError(
@@ -134,21 +129,6 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         c.in_flight -= 1
-
-
-def _not_recording(request: web.Request) -> str | None:
-    """Why a request that could spend is refused now (None: taken): another server holds the
-    ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
-    records than `ledger.max_unwritten` while it cannot write."""
-    if (why := ledger_lock.lost()) is not None:
-        return why
-    lc = request.app[STATE].live.config.ledger
-    if lc is not None and lc.on_unavailable == "closed":
-        ledger = request.app.get(RECORDER)
-        if isinstance(ledger, Ledger) and ledger.failing_since is not None:
-            if (n := ledger.queue_depth()) > lc.max_unwritten:
-                return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
-    return None
 
 
 async def healthz(request: web.Request) -> web.Response:
