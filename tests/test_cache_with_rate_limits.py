@@ -33,3 +33,34 @@ async def test_cache_hits_do_not_spend_the_providers_requests(start_upstream: An
     )
     assert other.choices[0].message.content
     assert len(up.options.requests) == 2
+
+
+async def test_cache_hits_take_no_tokens_from_token_limits(start_upstream: Any, start_proxy: Any) -> None:
+    """A hit counts against a key's or a model's RPM, as a request, but sends no token
+    anywhere: it takes none from their TPM (the ledger records it with none, which is what a
+    restart reads the window back from). Before, a hit held its worst case (prompt +
+    `max_tokens`) for the minute, more than the miss it repeats had used: with a 1,000 TPM
+    limit, the third hit of a question answered in ~30 tokens was refused (429)."""
+    up = await start_upstream(record=True)
+    limits = {"per_key": {"rpm": 100, "tpm": 1000}, "models": {"m": {"rpm": 100, "tpm": 1000}}}
+    cfg = simple_config({"a": up}, rate_limits=limits, keys={"k": {"token": "sk-k"}})
+    cfg["models"]["m"]["cache"] = {"ttl": 60}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-k", max_retries=0)
+    labels = []
+    for _ in range(8):
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=MSG, temperature=0, max_tokens=300
+        )
+        labels.append(raw.headers["x-edgeroute-cache"])
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) > 0
+    assert labels == ["miss"] + ["hit"] * 7
+    used = proxy.recorder.records[0].usage
+    assert used is not None and used.prompt_tokens + used.completion_tokens < 100
+    # Every hit took a request; the tokens left are what the one miss left (its worst case then).
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "And of Spain?"}], temperature=0, max_tokens=300
+    )
+    assert raw.headers["x-edgeroute-cache"] == "miss"
+    assert len(up.options.requests) == 2
+    await client.close()
