@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import openai
+import pytest
 
 from tests.providers_fixtures import provider_config, start_mock
 from tests.test_cost_support import cost_proxy
@@ -54,3 +56,40 @@ async def test_concurrent_cache_writes_do_not_overshoot_a_budget(start_mock: Any
                 spent = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
     assert spent <= LIMIT + 1e-9, f"${spent} spent against a ${LIMIT} budget ({statuses})"
     assert statuses == [200, 429, 429]
+
+
+async def test_a_request_without_max_tokens_reserves_what_an_anthropic_deployment_may_write(
+    start_mock: Any, tmp_path: Path
+) -> None:
+    """An OpenAI-format request (chat, Responses) sets no `max_tokens`: edgeroute sends an
+    Anthropic deployment its provider's `default_max_tokens`, so that is what the answer may
+    cost, and what a budget must reserve. It reserved `budgets.reserve_max_tokens` (4,096)
+    whatever the default: with `default_max_tokens: 8000`, a $6 budget admitted a request
+    reserved at $4.10 that wrote 8,000 tokens and spent $8."""
+    up = await start_mock("anthropic", record=True, reply_words=10_000)
+    cfg = provider_config({"a": up}, options={"a": {"default_max_tokens": 8000}})
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}  # $0.001 a token
+    cfg |= {
+        "keys": {"app": {"token": APP, "team": "t"}, "ops": {"token": ADMIN, "role": "admin"}},
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [{"name": "b", "scope": "team", "match": "t", "limit_usd": 6.0, "period": "day"}]},
+    }
+    say = [{"role": "user", "content": "Write at length."}]
+    async with cost_proxy(cfg) as proxy:
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as e:
+                await client.chat.completions.create(model="m", messages=say)  # type: ignore[arg-type]
+            assert e.value.code == "budget_exceeded"
+            with pytest.raises(openai.RateLimitError) as e:
+                await client.responses.create(model="m", input="Write at length.")
+            assert e.value.code == "budget_exceeded"
+            assert up.options.requests == []  # refused before anything was spent
+            # A request that bounds its answer within the budget is served, and what the
+            # deployment got is that bound.
+            got = await client.chat.completions.create(model="m", messages=say, max_tokens=3000)  # type: ignore[arg-type]
+            assert got.usage is not None and got.usage.completion_tokens == 3000
+            assert up.options.requests[-1]["body"]["max_tokens"] == 3000
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proxy.url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+                spent = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
+    assert spent == pytest.approx(3.0) and spent <= 6.0
