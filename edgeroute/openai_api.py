@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with_model
-from edgeroute.cache.entry import Entry
+from edgeroute.cache.entry import Entry, completion_from_stream
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
@@ -353,6 +353,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)
+        if (mirrored := route_shadow(live.config, decision)) is not None:  # mirrored once the stream is whole
+            on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete)
         if (candidate := request.app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
@@ -460,6 +462,27 @@ def _stream_saver(
     """Stores a stream once it has ended cleanly, costed as the request was."""
     cache = request.app[CACHE]
     return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))
+
+
+def _stream_mirror(
+    request: web.Request,
+    live: Live,
+    settings: Shadow,
+    body: bytes,
+    rec: RequestRecord,
+    then: Callable[[bytes], None] | None,
+) -> Callable[[bytes], None]:
+    """A stream's completion callback that also mirrors the request (`shadow:`), as a JSON
+    answer's is mirrored, with the streamed answer made whole for the shadow log."""
+
+    def done(stream: bytes) -> None:
+        if then is not None:
+            then(stream)
+        if shadow.sampled(settings.percent) and (completion := completion_from_stream(stream)) is not None:
+            answer = orjson.dumps(completion)
+            shadow.start(request.app, live, settings, body, rec, answer, request.get(IDENTITY), _tags(request))
+
+    return done
 
 
 def keep_content(live: Live, rec: RequestRecord, decision: _core.Decision, body: bytes) -> None:
