@@ -289,16 +289,25 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             return await _cached_answer(request, rec, decision, plan, entry, dialect)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
-            body = with_model(body, decision, reroute)
-            route = decision.route
-            decision = decide(live, body, request, rerouted=True)
-            rec.route, rec.rule = decision.route, decision.rule
-            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
-            if decision.route != route:
+            first = decision
+            rerouted = with_model(body, decision, reroute)
+            decision = decide(live, rerouted, request, rerouted=True)
+            if decision.route != first.route:
+                # The cache's answer of the route asked for costs nothing and reaches no
+                # provider: served rather than paying another route (as a spent budget lets a
+                # hit through).
+                if plan is not None and (entry := await cache.lookup(plan, servable(live, first.order), False)):
+                    rec.admission = None
+                    rec.priority = class_name(live.classes, first.priority)
+                    keep_content(live, rec, first, body)
+                    return await _cached_answer(request, rec, first, plan, entry, dialect)
                 cache.discard(plan)
                 model = live.config.models[decision.route]
                 settings = route_cache(live.config, decision)
-                plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
+                plan = cache.plan(request, settings, decision.route, rerouted, _tenant(request, settings))
+            body = rerouted
+            rec.route, rec.rule = decision.route, decision.rule
+            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)

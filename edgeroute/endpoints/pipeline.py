@@ -221,9 +221,16 @@ async def serve(
             keep_content(live, rec, decision, body)
             return await _cached_answer(request, rec, decision, plan, entry, None)
         if (reroute := rerouted_model(ticket)) is not None:
+            first = decision
             route_body = with_model(route_body, decision, reroute)
             known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
             decision = decide(live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known)
+            if decision.route != first.route and (plan := _plan(request, live, first, parsed)) is not None:
+                # As on chat: the cached answer of the route asked for, rather than paying another.
+                if entry := await request.app[CACHE].lookup(plan, _same_model(live, first), False):
+                    rec.admission = None
+                    keep_content(live, rec, first, body)
+                    return await _cached_answer(request, rec, first, plan, entry, None)
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)
