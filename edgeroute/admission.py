@@ -87,6 +87,13 @@ class AdmitAll:
         return None
 
 
+# Admission's refusals of what would cost money or reach a provider (a budget without room,
+# the only deployment at its provider limit): an answer the cache holds does neither, and is
+# served instead. The refusal has counted the request against its key's and model's rate
+# limits, as a hit is counted.
+CACHE_MAY_ANSWER = frozenset({"budget_exceeded", "upstream_rate_limited"})
+
+
 def rerouted_model(ticket: Ticket | None) -> str | None:
     """The model a ticket asks the endpoint to decide again for, if any."""
     model = getattr(ticket, "reroute", None)

@@ -16,7 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with_model
+from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
@@ -277,9 +277,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         try:
             ticket = await admission.admit(request, decision, rec, _counter(live, body))
         except ProxyError as e:
-            # A budget refuses what would cost money; a cached answer costs nothing, and the
-            # refusal has counted the request against its rate limits as a hit is counted.
-            if e.code != "budget_exceeded" or plan is None:
+            if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise
             entry = await cache.lookup(plan, servable(live, decision.order))
             if entry is None:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Ticket, rerouted_model, with_model
 from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name, spill_note
 from edgeroute.config import Timeouts
@@ -210,9 +210,7 @@ async def serve(
                 request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
             )
         except ProxyError as e:
-            # As on chat: a budget refuses what would cost money, not an answer the cache holds
-            # (the refusal has counted the request against its rate limits as a hit is counted).
-            if e.code != "budget_exceeded" or (plan := _plan(request, live, decision, parsed)) is None:
+            if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:
                 raise
             entry = await request.app[CACHE].lookup(plan, _same_model(live, decision))
             if entry is None:
