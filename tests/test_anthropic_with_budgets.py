@@ -93,3 +93,36 @@ async def test_a_request_without_max_tokens_reserves_what_an_anthropic_deploymen
             async with s.get(proxy.url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
                 spent = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
     assert spent == pytest.approx(3.0) and spent <= 6.0
+
+
+async def test_a_downgrade_leaves_a_request_its_model_can_serve_where_it_is(start_mock: Any, tmp_path: Path) -> None:
+    """A Messages request with Anthropic-only fields (`top_k`, `thinking`, ...) is served only by
+    an Anthropic deployment (or one whose provider drops them). A budget's downgrade to a model
+    with none turned it into a 400 `invalid_request_error` ("cannot honour top_k"), a client
+    error for a valid request; it now stays on its model (the budget's block threshold still
+    bounds the spend), while a plain request is downgraded as before."""
+    a = await start_mock("anthropic", record=True)
+    o = await start_mock("openai", record=True)
+    cfg = provider_config({"a": a, "o": o})
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
+    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-o"]}}
+    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
+    cfg |= {
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]},
+    }
+    say = [{"role": "user", "content": "hi"}]
+    async with cost_proxy(cfg) as proxy:
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        served = []
+        for _ in range(3):  # the first one crosses the threshold
+            raw = await client.messages.with_raw_response.create(
+                model="m", max_tokens=50, messages=say, extra_body={"top_k": 5}
+            )
+            assert (await raw.parse()).content[0].type == "text"
+            served.append(raw.headers["x-edgeroute-deployment"])
+        assert served == ["d-a"] * 3
+        assert all(r["body"].get("top_k") == 5 for r in a.options.requests)
+        plain = await client.messages.with_raw_response.create(model="m", max_tokens=50, messages=say)
+        assert plain.headers["x-edgeroute-deployment"] == "d-o"  # downgraded
+        await client.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import orjson
@@ -64,6 +65,9 @@ class Parsed:
     token_ids: int = 0
     # The whole prompt, exactly, under an encoding (text and ids), for a prompt holding both.
     count: Callable[[str], int] | None = None
+    # Whether a public model has a deployment that can serve the request (None: every model
+    # can), so that a budget's downgrade does not send it where it can only fail.
+    serves: Callable[[Live, str], bool] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -207,7 +211,11 @@ async def serve(
         counted = route_body
         try:
             ticket = await admission.admit(
-                request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
+                request,
+                decision,
+                rec,
+                lambda: asyncio.to_thread(live.router.count_prompt, counted),
+                partial(parsed.serves, live) if parsed.serves is not None else None,
             )
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:

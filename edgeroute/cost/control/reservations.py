@@ -111,7 +111,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 if not charges:
                     return route
                 res, shared = await self._reserve(charges, now)
-            target = self._downgrade_to(charges, res.used_before, route, prices) if step == 0 else None
+            target = self._downgrade_to(charges, res.used_before, route, prices, ticket) if step == 0 else None
             if target is not None:
                 rec.admission = f"downgraded:{target[1]}"
                 if res.ok:
@@ -136,15 +136,19 @@ class Reservations(ReadBack, Notifications, Settlement):
         return route
 
     def _downgrade_to(
-        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices
+        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices, ticket: CostTicket
     ) -> tuple[str, str] | None:
         """(target model, budget name) of the first downgrade threshold crossed, if any; a target
-        that a reload removed from the config is skipped."""
+        that a reload removed from the config is skipped, and so is one that cannot serve the
+        request (`CostTicket.can_serve`): the request stays on its model, which the budget's
+        block threshold still bounds, rather than failing there as the client's error."""
         if not self._any_downgrade:
             return None
         for c, used in zip(charges, used_before, strict=True):
             a = B.crossed(c.budget, used, "downgrade")
-            if a is not None and a.to is not None and a.to != route and a.to in prices.routes:
+            if a is None or a.to is None or a.to == route or a.to not in prices.routes:
+                continue
+            if ticket.can_serve is None or ticket.can_serve(a.to):
                 return a.to, c.budget.name
         return None
 
