@@ -20,6 +20,9 @@ from edgeroute.accounting import RequestRecord
 
 # The exact prompt tokens of the request being admitted, counted when first awaited.
 Counter = Callable[[], Awaitable[int]]
+# Whether a public model can serve the request being admitted (its endpoint says: a Messages
+# request with Anthropic-only fields needs a deployment that honours them); None: any can.
+CanServe = Callable[[str], bool]
 
 
 class Ticket(Protocol):
@@ -33,13 +36,18 @@ class Ticket(Protocol):
 
 class Admission(Protocol):
     async def admit(
-        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+        self,
+        request: web.Request,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        count: Counter | None = None,
+        can_serve: CanServe | None = None,
     ) -> Ticket | None:
         """Raises `ProxyError` (429/402/403) to refuse; may return a ticket to settle later.
 
         Budgets reserve by an upper bound of the prompt's tokens unless the decision counted
         them exactly; `count` makes the exact count (off the event loop) for a request that the
-        bound alone would refuse."""
+        bound alone would refuse. A budget's downgrade goes only to a model `can_serve` allows."""
         ...
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:
@@ -70,7 +78,12 @@ class AdmitAll:
     """No budgets, no limits."""
 
     async def admit(
-        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+        self,
+        request: web.Request,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        count: Counter | None = None,
+        can_serve: CanServe | None = None,
     ) -> Ticket | None:
         return None
 
@@ -85,6 +98,13 @@ class AdmitAll:
 
     def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
         return None
+
+
+# Admission's refusals of what would cost money or reach a provider (a budget without room,
+# the only deployment at its provider limit): an answer the cache holds does neither, and is
+# served instead. The refusal has counted the request against its key's and model's rate
+# limits, as a hit is counted.
+CACHE_MAY_ANSWER = frozenset({"budget_exceeded", "upstream_rate_limited"})
 
 
 def rerouted_model(ticket: Ticket | None) -> str | None:

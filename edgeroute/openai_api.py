@@ -16,13 +16,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Counter, Ticket, rerouted_model, with_model
-from edgeroute.cache.entry import Entry
+from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
+from edgeroute.cache.entry import Entry, completion_from_stream
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
+from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.ledger import Ledger
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.governance.residency import check_model, check_order, key_tags
@@ -275,9 +277,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         try:
             ticket = await admission.admit(request, decision, rec, _counter(live, body))
         except ProxyError as e:
-            # A budget refuses what would cost money; a cached answer costs nothing, and the
-            # refusal has counted the request against its rate limits as a hit is counted.
-            if e.code != "budget_exceeded" or plan is None:
+            if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise
             entry = await cache.lookup(plan, servable(live, decision.order))
             if entry is None:
@@ -287,16 +287,25 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             return await _cached_answer(request, rec, decision, plan, entry, dialect)
         if (reroute := rerouted_model(ticket)) is not None:
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
-            body = with_model(body, decision, reroute)
-            route = decision.route
-            decision = decide(live, body, request, rerouted=True)
-            rec.route, rec.rule = decision.route, decision.rule
-            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
-            if decision.route != route:
+            first = decision
+            rerouted = with_model(body, decision, reroute)
+            decision = decide(live, rerouted, request, rerouted=True)
+            if decision.route != first.route:
+                # The cache's answer of the route asked for costs nothing and reaches no
+                # provider: served rather than paying another route (as a spent budget lets a
+                # hit through).
+                if plan is not None and (entry := await cache.lookup(plan, servable(live, first.order), False)):
+                    rec.admission = None
+                    rec.priority = class_name(live.classes, first.priority)
+                    keep_content(live, rec, first, body)
+                    return await _cached_answer(request, rec, first, plan, entry, dialect)
                 cache.discard(plan)
                 model = live.config.models[decision.route]
                 settings = route_cache(live.config, decision)
-                plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
+                plan = cache.plan(request, settings, decision.route, rerouted, _tenant(request, settings))
+            body = rerouted
+            rec.route, rec.rule = decision.route, decision.rule
+            rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             cache.confine(plan, live.config, decision.rule, _region(request))
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
@@ -345,6 +354,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)
+        if (mirrored := route_shadow(live.config, decision)) is not None:  # mirrored once the stream is whole
+            on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete)
         if (candidate := request.app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
@@ -364,14 +375,35 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     finally:
         ResponseCache.discard(plan)  # a prefetch the request did not get to use
         finish(request, live, rec, started, ticket, reasons)
-        if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
-            learner.served(rid, rec.route, rec.task, rec.cost_usd)
+
+
+def _not_recording(request: web.Request) -> str | None:
+    """Why a request that could spend is refused now (None: taken): another server holds the
+    ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
+    records than `ledger.max_unwritten` while it cannot write."""
+    if (why := ledger_lock.lost()) is not None:
+        return why
+    lc = request.app[STATE].live.config.ledger
+    if lc is not None and lc.on_unavailable == "closed":
+        ledger = request.app.get(RECORDER)
+        if isinstance(ledger, Ledger) and ledger.failing_since is not None:
+            if (n := ledger.queue_depth()) > lc.max_unwritten:
+                return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
+    return None
 
 
 def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
-    """The start of every request: the running config generation entered, the request's
-    record (with the proxy's own id, always: a client's id would be spoofable and collide in
-    the ledger and feedback), its log context and trace; the perf-counter start for `finish`."""
+    """The start of every request that may call an upstream (chat, messages, embeddings,
+    completions, responses, whichever path reached it: `/v1/...` or its alias at the root):
+    refused while its spend could not be recorded (`_not_recording`); else the running config
+    generation entered, the request's record (with the proxy's own id, always: a client's id
+    would be spoofable and collide in the ledger and feedback), its log context and trace;
+    the perf-counter start for `finish`."""
+    if (why := _not_recording(request)) is not None:
+        raise ProxyError(
+            503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
+            headers={"Retry-After": "5"},
+        )  # fmt: skip
     live = request.app[STATE].live
     live.enter()
     rid = new_request_id()
@@ -386,7 +418,9 @@ def finish(
     request: web.Request, live: Live, rec: RequestRecord, started: float, ticket: Ticket | None, reasons: list[str]
 ) -> None:
     """The end of every request, answered or not: its record completed (latency, cost, usage,
-    outcome), its admission settled, then recorded (ledger, request log) and observed."""
+    outcome), its admission settled, then recorded (ledger, request log) and observed; an
+    answered one is remembered by the feedback learner (whatever the endpoint: a Responses or
+    a Messages request is decided as chat is, so feedback on it counts as on chat)."""
     live.leave()
     rec.latency_ms = (time.perf_counter() - started) * 1000
     rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
@@ -401,6 +435,8 @@ def finish(
     telemetry.finished(request.app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
         live.stats.observe(rec.status, rec.latency_ms)
+    if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
+        learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
 
 def servable(live: Live, order: Iterable[int]) -> dict[str, str]:
@@ -427,6 +463,27 @@ def _stream_saver(
     """Stores a stream once it has ended cleanly, costed as the request was."""
     cache = request.app[CACHE]
     return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))
+
+
+def _stream_mirror(
+    request: web.Request,
+    live: Live,
+    settings: Shadow,
+    body: bytes,
+    rec: RequestRecord,
+    then: Callable[[bytes], None] | None,
+) -> Callable[[bytes], None]:
+    """A stream's completion callback that also mirrors the request (`shadow:`), as a JSON
+    answer's is mirrored, with the streamed answer made whole for the shadow log."""
+
+    def done(stream: bytes) -> None:
+        if then is not None:
+            then(stream)
+        if shadow.sampled(settings.percent) and (completion := completion_from_stream(stream)) is not None:
+            answer = orjson.dumps(completion)
+            shadow.start(request.app, live, settings, body, rec, answer, request.get(IDENTITY), _tags(request))
+
+    return done
 
 
 def keep_content(live: Live, rec: RequestRecord, decision: _core.Decision, body: bytes) -> None:

@@ -118,13 +118,6 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
-    path = request.path
-    spends = path.startswith("/v1/") and path not in SPENDS_NOTHING
-    if request.method == "POST" and spends and (why := _not_recording(request)) is not None:
-        raise ProxyError(
-            503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
-            headers={"Retry-After": "5"},
-        )  # fmt: skip
     if c.in_flight >= state.live.config.server.max_in_flight:
         c.shed += 1
         raise ProxyError(
@@ -136,27 +129,6 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     finally:
         c.in_flight -= 1
-
-
-# POST routes under /v1/ that call no upstream and spend nothing: served while the ledger
-# cannot record spend (a feedback score waits with the ledger's other records; it was refused
-# as if it spent, so `on_unavailable: closed` lost every score sent meanwhile).
-SPENDS_NOTHING = frozenset({"/v1/feedback", "/v1/route/explain", "/v1/messages/count_tokens"})
-
-
-def _not_recording(request: web.Request) -> str | None:
-    """Why a request that could spend is refused now (None: taken): another server holds the
-    ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
-    records than `ledger.max_unwritten` while it cannot write."""
-    if (why := ledger_lock.lost()) is not None:
-        return why
-    lc = request.app[STATE].live.config.ledger
-    if lc is not None and lc.on_unavailable == "closed":
-        ledger = request.app.get(RECORDER)
-        if isinstance(ledger, Ledger) and ledger.failing_since is not None:
-            if (n := ledger.queue_depth()) > lc.max_unwritten:
-                return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
-    return None
 
 
 async def healthz(request: web.Request) -> web.Response:

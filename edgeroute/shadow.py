@@ -178,8 +178,21 @@ def maybe_mirror(
     shows it to the candidate router under evaluation, if any (`tags`: the request's)."""
     if (candidate := app.get(CANDIDATE_ROUTER)) is not None:
         candidate.observe(live, body, decision, rec, ident)
-    if settings is None or not sampled(settings.percent):
-        return
+    if settings is not None and sampled(settings.percent):
+        start(app, live, settings, body, rec, answer, ident, tags)
+
+
+def start(
+    app: web.Application,
+    live: Live,
+    settings: Shadow,
+    body: bytes,
+    rec: RequestRecord,
+    answer: bytes,
+    ident: Identity | None = None,
+    tags: list[str] | None = None,
+) -> None:
+    """Mirrors a request sampled already (`answer`: its chat completion, a stream's made whole)."""
     state = app[STATE]
     task = asyncio.get_running_loop().create_task(_mirror(app, live, settings.model, body, rec, answer, ident, tags))
     state.background.add(task)

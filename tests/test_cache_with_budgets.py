@@ -48,3 +48,61 @@ async def test_a_budget_with_room_left_does_not_refuse_a_cache_hit(start_upstrea
         message = refused.value.message
         assert "of $0.0000600 spent or reserved" in message, message
         assert "$0.0000 " not in message
+
+
+async def test_a_budgets_downgrade_serves_the_cached_answer_of_the_model_asked_for(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Past a budget's downgrade threshold a request goes to the cheaper model, to spend less;
+    one whose answer from the model asked for is in the cache spends nothing at all, and gets
+    that answer, as a budget with no room left lets a hit through. Before, it was downgraded:
+    paid for, and answered by the cheaper model (embeddings: vectors of another model)."""
+    up = await start_upstream(record=True)
+    cfg = one_deployment(
+        up.base_url,
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.1},
+        budgets={
+            "limits": [
+                {
+                    "name": "day",
+                    "scope": "global",
+                    "limit_usd": RESERVED * 3,
+                    "period": "day",
+                    "actions": [{"at_percent": 10, "action": "downgrade", "to": "cheap"}],
+                }
+            ]
+        },
+    )
+    cfg["deployments"]["d-cheap"] = {
+        "provider": "a",
+        "model": "gpt-4o-nano",
+        "price": {"input_per_mtok": 0, "output_per_mtok": 0.5},
+    }
+    cfg["models"]["cheap"] = {"deployments": ["d-cheap"]}
+    cfg["models"]["m"]["cache"] = {"ttl": 60}
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        vectors = await client.embeddings.with_raw_response.create(model="m", input="Paris")  # costs nothing here
+        assert vectors.headers["x-edgeroute-cache"] == "miss" and vectors.headers["x-edgeroute-deployment"] == "d-a"
+        first = await client.chat.completions.with_raw_response.create(
+            model="m", messages=MSG, temperature=0, max_tokens=MAX_TOKENS
+        )
+        assert first.headers["x-edgeroute-cache"] == "miss" and first.headers["x-edgeroute-deployment"] == "d-a"
+        # Past the threshold now: a new question is downgraded.
+        other = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "And of Spain?"}], temperature=0, max_tokens=MAX_TOKENS
+        )
+        assert other.headers["x-edgeroute-deployment"] == "d-cheap"
+        again = await client.chat.completions.with_raw_response.create(
+            model="m", messages=MSG, temperature=0, max_tokens=MAX_TOKENS
+        )
+        assert again.headers.get("x-edgeroute-cache") == "hit", again.headers
+        assert again.headers["x-edgeroute-deployment"] == "d-a"
+        assert float(again.headers["x-edgeroute-cost-usd"]) == 0
+        assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+        # Embeddings alike: the cheaper model's vectors would not even compare with those cached.
+        same = await client.embeddings.with_raw_response.create(model="m", input="Paris")
+        assert same.headers.get("x-edgeroute-cache") == "hit" and same.headers["x-edgeroute-deployment"] == "d-a"
+        assert same.parse().data[0].embedding == vectors.parse().data[0].embedding
+        assert len(up.options.requests) == 3
+        await client.close()

@@ -252,3 +252,32 @@ async def test_a_stream_cut_mid_way_ends_with_an_error_event(start_proxy, kind) 
         assert rec.usage is not None  # what was produced is still costed
     finally:
         await server.close()
+
+
+async def test_a_budgets_downgrade_keeps_what_only_responses_can_serve_on_its_model(start_upstream, tmp_path) -> None:
+    """A request without a chat translation (a built-in tool) is served only by a deployment that
+    speaks Responses: a budget's downgrade to a model with only chat deployments left it on its
+    model, not a 400 ("cannot be served by a chat deployment") past the threshold; a request
+    chat can carry is downgraded as before."""
+    from tests.test_cost_support import cost_proxy
+
+    native, chat = await start_upstream(record=True), await start_upstream(record=True)
+    cfg = _config({"a": (native, "openai"), "c": (chat, "openai_compatible")})
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
+    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-c"]}}
+    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
+    cfg["ledger"] = {"path": str(tmp_path / "l.db"), "flush_interval": 0.05}
+    cfg["budgets"] = {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]}
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="client", max_retries=0)
+        served = []
+        for _ in range(3):  # the first one crosses the threshold
+            raw = await client.responses.with_raw_response.create(
+                model="m", input="Find it", tools=[{"type": "web_search"}]
+            )
+            assert raw.parse().output_text
+            served.append(raw.headers["x-edgeroute-deployment"])
+        assert served == ["d-a"] * 3
+        plain = await client.responses.with_raw_response.create(model="m", input="Say hello")
+        assert plain.headers["x-edgeroute-deployment"] == "d-c"  # downgraded, through chat
+        await client.close()

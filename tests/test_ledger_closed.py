@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -138,3 +139,85 @@ def _rows(tmp: Path, sql: str = "SELECT count(*) FROM spend") -> Any:
         return int(rows[0][0]) if sql.startswith("SELECT count") else rows
     finally:
         conn.close()
+
+
+async def _every_spending_call(base_url: str) -> dict[str, int | None]:
+    """Each endpoint that calls an upstream (and so spends), through the official SDKs: the
+    status of its refusal (None: answered)."""
+    got: dict[str, int | None] = {}
+    say = [{"role": "user", "content": "hi"}]
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        calls: dict[str, Any] = {
+            "chat": lambda: client.chat.completions.create(model="m", messages=say),
+            "chat stream": lambda: client.chat.completions.create(model="m", messages=say, stream=True),
+            "embeddings": lambda: client.embeddings.create(model="m", input="hi"),
+            "completions": lambda: client.completions.create(model="m", prompt="hi", max_tokens=5),
+            "responses": lambda: client.responses.create(model="m", input="hi"),
+        }
+        for name, make in calls.items():
+            try:
+                out = await make()
+                if isinstance(out, openai.AsyncStream):
+                    async for _ in out:
+                        pass
+                got[name] = None
+            except openai.APIStatusError as e:
+                assert e.code == "ledger_unavailable", (name, e)
+                got[name] = e.status_code
+    return got
+
+
+async def test_closed_refuses_every_spending_endpoint_with_or_without_the_v1_prefix(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """An SDK pointed at the server's root (`base_url` without `/v1`, which edgeroute serves
+    as well) must not be a way around `on_unavailable: closed`; what cannot spend
+    (`/v1/messages/count_tokens`, `/v1/route/explain`) is answered meanwhile."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["ledger"] = {"flush_interval": 0.05, "on_unavailable": "closed", "max_unwritten": 0}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    cm = instances(path, 1)
+    (server,) = await asyncio.to_thread(cm.__enter__)
+    try:
+        assert await _chat(server.url) is None
+
+        async def first_written() -> bool:
+            return await asyncio.to_thread(_rows, tmp_path) == 1
+
+        await eventually(first_written, "the first answer's spend written", within=10)
+        await asyncio.to_thread(ledger_sql, tmp_path, _WRITES_FAIL)
+        assert await _chat(server.url) is None
+
+        async def held() -> bool:
+            return await _unwritten(server.url) >= 1
+
+        await eventually(held, "1 record unwritten", within=10)
+        for base in (server.url + "/v1", server.url):
+            refused = await _every_spending_call(base)
+            assert refused == dict.fromkeys(refused, 503), (base, refused)
+        async with anthropic.AsyncAnthropic(base_url=server.url, api_key="unused", max_retries=0) as claude:
+            with pytest.raises(anthropic.APIStatusError) as e:
+                await claude.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+            assert e.value.status_code == 503 and "ledger.on_unavailable is closed" in e.value.message
+            counted = await claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])
+            assert counted.input_tokens > 0
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            async with s.post(server.url + "/v1/route/explain", json=body) as r:
+                assert r.status == 200 and (await r.json())["route"] == "m"
+            async with s.post(server.url + "/v1/feedback", json={"request_id": "req_none", "score": 1}) as r:
+                assert r.status == 404  # answered (not enabled here), not refused
+        await asyncio.to_thread(ledger_sql, tmp_path, "DROP TRIGGER spend_down")
+
+        async def written() -> bool:
+            async with aiohttp.ClientSession() as s, s.get(server.url + "/readyz") as r:
+                return r.status == 200
+
+        await eventually(written, "the ledger writing again", within=10)
+        assert await _every_spending_call(server.url) == dict.fromkeys(
+            ("chat", "chat stream", "embeddings", "completions", "responses")
+        )
+    finally:
+        cm.__exit__(None, None, None)
+    assert _rows(tmp_path) == 2 + 5  # everything answered is recorded, nothing refused is

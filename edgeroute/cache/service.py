@@ -256,10 +256,12 @@ class ResponseCache:
             plan.fetching.cancel()
             plan.fetching = None
 
-    async def lookup(self, plan: Plan, allowed: Mapping[str, str]) -> Entry | None:
+    async def lookup(self, plan: Plan, allowed: Mapping[str, str], final: bool = True) -> Entry | None:
         """A fresh entry this request may be served; remembers a stale one for stale-if-error.
         `allowed`: the deployments this request may be sent to, by name: what each is now
-        (`DeploymentInfo.cached_as`)."""
+        (`DeploymentInfo.cached_as`). `final=False`: a first look before the request is
+        rerouted, whose new plan is looked up next (a miss here is neither counted nor an
+        `only-if-cached` 504)."""
         if plan.label == "bypass":
             return None
         fetching, plan.fetching = plan.fetching, None
@@ -277,6 +279,8 @@ class ResponseCache:
                 plan.stale = entry
         if plan.turn is not None and (similar := await self._semantic_lookup(plan, allowed)) is not None:
             return similar
+        if not final:
+            return None
         self.counters.misses += 1
         if plan.directive.only_if_cached:
             raise _not_cached()

@@ -382,7 +382,8 @@ class Budget(_Strict):
 
 
 class Budgets(_Strict):
-    # Completion tokens reserved when a request sets no max_tokens (and the cap when it sets more).
+    # Completion tokens reserved when a request sets no max_tokens (an Anthropic provider's
+    # default_max_tokens instead where that is more: `Reservations._completion`).
     reserve_max_tokens: int = Field(4096, ge=1)
     limits: list[Budget] = []
 

@@ -15,6 +15,7 @@ call that a timer would make at each window edge.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from edgeroute.config import Config, Price
 
 # The catalogue lookups live with the config (which resolves references); re-exported for callers here.
 from edgeroute.config.prices import CATALOGUE_PATH, catalogue, catalogue_entry, parse_hhmm, resolve_price_input  # noqa: F401
+from edgeroute.providers.anthropic import DEFAULT_MAX_TOKENS
 
 
 def multiplier_at(price: Price, at: float | None = None) -> float:
@@ -53,12 +55,16 @@ class Ceiling:
     input_per_mtok: float
     output_per_mtok: float
     per_request: float
+    # The most output tokens an answer may have when its request names no bound and a
+    # deployment's provider sends one of its own (Anthropic requires `max_tokens`: its
+    # provider's `default_max_tokens`); 0 when none does (`budgets.reserve_max_tokens` then).
+    unbounded_output: int = 0
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6 + self.per_request
 
 
-def ceiling(prices: list[Price]) -> Ceiling:
+def ceiling(prices: list[Price], unbounded_output: int = 0) -> Ceiling:
     """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
     be below what the request can cost at any time of day). A prompt token costs at most the
     dearer of the input and cache-write prices: Anthropic bills a prompt written to its cache
@@ -70,7 +76,19 @@ def ceiling(prices: list[Price]) -> Ceiling:
         max(max(p.input_per_mtok, p.cache_write_per_mtok or 0.0) * m for p, m in zip(prices, mult, strict=True)),
         max(p.output_per_mtok * m for p, m in zip(prices, mult, strict=True)),
         max(p.per_request * m for p, m in zip(prices, mult, strict=True)),
+        unbounded_output,
     )
+
+
+def unbounded_output(cfg: Config, deployments: Iterable[str]) -> int:
+    """The most output tokens edgeroute lets an answer of `deployments` have when the request
+    names no bound: an Anthropic provider's `default_max_tokens`, sent for it (0: none sets one)."""
+    out = 0
+    for name in deployments:
+        provider = cfg.providers[cfg.deployments[name].provider]
+        if provider.kind == "anthropic":
+            out = max(out, int(provider.options.get("default_max_tokens", DEFAULT_MAX_TOKENS)))
+    return out
 
 
 def reachable_models(cfg: Config, model: str) -> list[str]:
@@ -107,7 +125,11 @@ def may_hedge(cfg: Config, model: str) -> bool:
 
 def route_ceilings(cfg: Config) -> dict[str, Ceiling]:
     """For each public model: the ceiling over the deployments it can reach."""
-    return {name: ceiling([cfg.deployments[d].price for d in reachable_deployments(cfg, name)]) for name in cfg.models}
+    out = {}
+    for name in cfg.models:
+        deployments = reachable_deployments(cfg, name)
+        out[name] = ceiling([cfg.deployments[d].price for d in deployments], unbounded_output(cfg, deployments))
+    return out
 
 
 def most_expensive(cfg: Config) -> dict[str, Price]:

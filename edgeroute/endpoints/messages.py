@@ -24,6 +24,7 @@ from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
 from edgeroute.accounting import Usage
+from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
@@ -31,6 +32,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.openai_api import read_body
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response
 
@@ -253,10 +255,21 @@ class MessagesCall(Call):
         return has_content(obj)
 
 
+def honoured_by(live: Live, model: str) -> bool:
+    """Whether public model `model` reaches a deployment that serves a request with fields only
+    Anthropic understands: an Anthropic one, or one whose provider drops them (`MessagesCall`)."""
+    cfg = live.config
+    for name in reachable_deployments(cfg, model):
+        adapter = live.upstreams[cfg.deployments[name].provider].adapter
+        if isinstance(adapter, AnthropicAdapter) or adapter.provider.options.get("unsupported_params") == "drop":
+            return True
+    return False
+
+
 def parse(req: dict[str, Any], lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     route = orjson.dumps(anthropic_api.to_openai(req))
     make = partial(MessagesCall, req, lost, headers)
-    return Parsed(req["model"], route, bool(req.get("stream")), make, ClientEncoder)
+    return Parsed(req["model"], route, bool(req.get("stream")), make, ClientEncoder, serves=honoured_by)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import orjson
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from edgeroute import _core, headers
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import ADMISSION, Ticket, rerouted_model, with_model
+from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Ticket, rerouted_model, with_model
 from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
@@ -65,6 +66,9 @@ class Parsed:
     token_ids: int = 0
     # The whole prompt, exactly, under an encoding (text and ids), for a prompt holding both.
     count: Callable[[str], int] | None = None
+    # Whether a public model has a deployment that can serve the request (None: every model
+    # can), so that a budget's downgrade does not send it where it can only fail.
+    serves: Callable[[Live, str], bool] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -208,12 +212,14 @@ async def serve(
         counted = route_body
         try:
             ticket = await admission.admit(
-                request, decision, rec, lambda: asyncio.to_thread(live.router.count_prompt, counted)
+                request,
+                decision,
+                rec,
+                lambda: asyncio.to_thread(live.router.count_prompt, counted),
+                partial(parsed.serves, live) if parsed.serves is not None else None,
             )
         except ProxyError as e:
-            # As on chat: a budget refuses what would cost money, not an answer the cache holds
-            # (the refusal has counted the request against its rate limits as a hit is counted).
-            if e.code != "budget_exceeded" or (plan := _plan(request, live, decision, parsed)) is None:
+            if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:
                 raise
             entry = await request.app[CACHE].lookup(plan, _same_model(live, decision))
             if entry is None:
@@ -222,9 +228,16 @@ async def serve(
             keep_content(live, rec, decision, body)
             return await _cached_answer(request, rec, decision, plan, entry, None)
         if (reroute := rerouted_model(ticket)) is not None:
+            first = decision
             route_body = with_model(route_body, decision, reroute)
             known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
             decision = decide(live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known)
+            if decision.route != first.route and (plan := _plan(request, live, first, parsed)) is not None:
+                # As on chat: the cached answer of the route asked for, rather than paying another.
+                if entry := await request.app[CACHE].lookup(plan, _same_model(live, first), False):
+                    rec.admission = None
+                    keep_content(live, rec, first, body)
+                    return await _cached_answer(request, rec, first, plan, entry, None)
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             await admission.rerouted(request, decision, ticket)

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import Usage
+from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
@@ -26,6 +27,7 @@ from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder,
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
 from edgeroute.errors import ProxyError
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http import Response
 
@@ -132,13 +134,25 @@ class ResponsesCall(Call):
         return _core.Router.count_tokens(self.req.text(), self.decision.encoding)
 
 
+def served_natively(live: Live, model: str) -> bool:
+    """Whether public model `model` reaches a deployment that speaks Responses (the only kind
+    that serves a request without a chat translation)."""
+    cfg = live.config
+    return any(
+        speaks_responses(live.upstreams[cfg.deployments[name].provider].adapter)
+        for name in reachable_deployments(cfg, model)
+    )
+
+
 def parse(body: bytes) -> Parsed:
     req = ResponsesRequest(body)
+    serves = None
     if req.chat is not None:  # the chat translation: what chat deployments get, and what is counted
         route = orjson.dumps(req.chat)
     else:
         route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
-    return Parsed(req.model, route, req.stream, partial(ResponsesCall, req), ClientEncoder)
+        serves = served_natively
+    return Parsed(req.model, route, req.stream, partial(ResponsesCall, req), ClientEncoder, serves=serves)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
-from edgeroute.admission import Counter
+from edgeroute.admission import CanServe, Counter
 from edgeroute.config import Config
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control.rate_limits import RateLimits, bucket_takes
@@ -91,11 +91,16 @@ class CostControl(Reservations, RateLimits):
     # -- admission -------------------------------------------------------------
 
     async def admit(
-        self, request: web.Request, decision: _core.Decision, rec: RequestRecord, count: Counter | None = None
+        self,
+        request: web.Request,
+        decision: _core.Decision,
+        rec: RequestRecord,
+        count: Counter | None = None,
+        can_serve: CanServe | None = None,
     ) -> CostTicket | None:
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
-        ticket = CostTicket(ident, started=rec.started)
+        ticket = CostTicket(ident, started=rec.started, can_serve=can_serve)
         state = request.app[STATE]
         live = state.live
         if live.config is not self.cfg:

@@ -17,7 +17,7 @@ from edgeroute.cost.control.read_back import ReadBack
 from edgeroute.cost.control.settlement import Settlement
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import Identity
-from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, route_ceilings
+from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, route_ceilings, unbounded_output
 from edgeroute.errors import ProxyError
 
 
@@ -39,12 +39,14 @@ class Prices:
         if hit is None:
             if len(self.tops) > 4096:
                 self.tops.clear()  # orders are few in practice: never grow without bound
-            prices = [table[i].price for i in order]
-            if (model := self.config.models.get(route)) is not None:
-                cfg = self.config
+            cfg = self.config
+            deployments = [table[i].name for i in order]
+            if (model := cfg.models.get(route)) is not None:
                 names = [n for ns in model.fallbacks_on.values() for n in ns if n in cfg.models]
-                prices += [cfg.deployments[d].price for n in names for d in cfg.models[n].deployments]
-            hit = self.tops[key] = ceiling(prices)
+                deployments += [d for n in names for d in cfg.models[n].deployments]
+            prices = [table[i].price for i in order]
+            prices += [cfg.deployments[d].price for d in deployments[len(order) :]]
+            hit = self.tops[key] = ceiling(prices, unbounded_output(cfg, deployments))
         return hit
 
 
@@ -69,11 +71,17 @@ class Reservations(ReadBack, Notifications, Settlement):
         self._prices = [self._prices[-1], p]
         return p
 
+    def _completion(self, decision: _core.Decision, top: Ceiling) -> int:
+        """The output tokens reserved for each answer: the request's own bound, else the most
+        its deployments may write unasked (an Anthropic provider's `default_max_tokens`, sent
+        for it) or `budgets.reserve_max_tokens`, whichever is more."""
+        return decision.max_tokens or max(self.reserve_max_tokens, top.unbounded_output)
+
     def _first_charges(
         self, decision: _core.Decision, ticket: CostTicket, top: Ceiling, prompt: int, now: float
     ) -> list[B.Charge]:
         """The reservations of the request's maximum cost on its own route."""
-        completion = (decision.max_tokens or self.reserve_max_tokens) * decision.choices
+        completion = self._completion(decision, top) * decision.choices
         hedges = 2 if decision.hedge_after_ms is not None else 1
         return self._charges(ticket, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
 
@@ -91,7 +99,7 @@ class Reservations(ReadBack, Notifications, Settlement):
     ) -> str:
         """Reserves the request's maximum cost (its first reservation made already when `first`
         has it); returns the route reserved for (a downgrade's target)."""
-        completion = (decision.max_tokens or self.reserve_max_tokens) * choices
+        completion = self._completion(decision, top) * choices
         route = decision.route
         hedges = 2 if decision.hedge_after_ms is not None else 1
         for step in range(2):
@@ -103,7 +111,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 if not charges:
                     return route
                 res, shared = await self._reserve(charges, now)
-            target = self._downgrade_to(charges, res.used_before, route, prices) if step == 0 else None
+            target = self._downgrade_to(charges, res.used_before, route, prices, ticket) if step == 0 else None
             if target is not None:
                 rec.admission = f"downgraded:{target[1]}"
                 if res.ok:
@@ -112,6 +120,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 route = target[0]
                 ticket.reroute = route
                 top = prices.routes[route]
+                completion = self._completion(decision, top) * choices  # what the target's deployments may write
                 hedges = 2 if may_hedge(prices.config, route) else 1  # as the new decision may
                 continue
             if not res.ok:
@@ -127,15 +136,19 @@ class Reservations(ReadBack, Notifications, Settlement):
         return route
 
     def _downgrade_to(
-        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices
+        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices, ticket: CostTicket
     ) -> tuple[str, str] | None:
         """(target model, budget name) of the first downgrade threshold crossed, if any; a target
-        that a reload removed from the config is skipped."""
+        that a reload removed from the config is skipped, and so is one that cannot serve the
+        request (`CostTicket.can_serve`): the request stays on its model, which the budget's
+        block threshold still bounds, rather than failing there as the client's error."""
         if not self._any_downgrade:
             return None
         for c, used in zip(charges, used_before, strict=True):
             a = B.crossed(c.budget, used, "downgrade")
-            if a is not None and a.to is not None and a.to != route and a.to in prices.routes:
+            if a is None or a.to is None or a.to == route or a.to not in prices.routes:
+                continue
+            if ticket.can_serve is None or ticket.can_serve(a.to):
                 return a.to, c.budget.name
         return None
 

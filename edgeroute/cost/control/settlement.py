@@ -22,8 +22,13 @@ def _total(u: Usage) -> int:
 
 def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
     """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured). A
-    deployment's `h` is settled only when an attempt reached that deployment."""
+    deployment's `h` is settled only when an attempt reached that deployment. A request that
+    made no attempt (a cache hit, one refused before it was sent) used none:
+    it counted against RPM as a request, and the ledger records it with no tokens, which is
+    what a restart reads the window back from."""
     if h.deployment is None:
+        if rec.usage is None and not rec.attempts:
+            return 0
         return _total(rec.usage) if rec.usage is not None else None
     measured = [_total(a.usage) for a in rec.attempts if a.deployment == h.deployment and a.usage is not None]
     return sum(measured) if measured else None

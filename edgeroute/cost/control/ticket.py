@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgeroute.cost import budgets as B
@@ -29,6 +30,8 @@ class CostTicket:
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)
+    # The public models a budget's downgrade may send this request to (None: any; see `admit`).
+    can_serve: Callable[[str], bool] | None = None
 
 
 Taken = tuple[bool, list[BucketState], bool]  # allowed, the buckets' states, taken in the shared store
