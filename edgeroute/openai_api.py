@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
-from edgeroute.cache.service import CACHE, Plan, ResponseCache, tenant_of
+from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
@@ -279,7 +279,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise
-            entry = await cache.lookup(plan, servable(live, decision.order))
+            entry = await cache.lookup(plan, servable(live, decision, _region(request)))
             if entry is None:
                 raise
             rec.admission = None
@@ -294,7 +294,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 # The cache's answer of the route asked for costs nothing and reaches no
                 # provider: served rather than paying another route (as a spent budget lets a
                 # hit through).
-                if plan is not None and (entry := await cache.lookup(plan, servable(live, first.order), False)):
+                if plan is not None and (
+                    entry := await cache.lookup(plan, servable(live, first, _region(request)), False)
+                ):
                     rec.admission = None
                     rec.priority = class_name(live.classes, first.priority)
                     keep_content(live, rec, first, body)
@@ -311,7 +313,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         if plan is not None:
-            if (entry := await cache.lookup(plan, servable(live, decision.order))) is not None:
+            if (entry := await cache.lookup(plan, servable(live, decision, _region(request)))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
@@ -439,10 +441,17 @@ def finish(
         learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
 
-def servable(live: Live, order: Iterable[int]) -> dict[str, str]:
-    """The deployments whose cached answers a request that may go to `order` may get, by name:
-    what each is now (`DeploymentInfo.cached_as`)."""
-    return dict(live.deployments[i].cached_as for i in order)
+def servable(live: Live, d: _core.Decision, region: str | None) -> dict[str, str]:
+    """The deployments whose cached answers a request decided as `d` may get, by name: what
+    each is now (`DeploymentInfo.cached_as`). Those of its order, and the drained ones of its
+    route that its rule and region allow (draining sends no new request there; the answers
+    it gave are as good as they were)."""
+    allowed = dict(live.deployments[i].cached_as for i in d.order)
+    for name in live.drained.get(d.route, ()):
+        if name not in allowed and (i := live.index_of.get(name)) is not None:
+            if rule_admits(live.config, name, d.rule, region):
+                allowed[name] = live.deployments[i].cached_as[1]
+    return allowed
 
 
 def _counter(live: Live, body: bytes) -> Counter:

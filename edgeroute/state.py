@@ -48,6 +48,9 @@ class Live:
     # starts after its generation's `since` and before the next one's: budgets a reload adds
     # count the requests before it from the ledger, those after it in memory (cost.control).
     since: float = 0.0
+    # Per model, the drained deployments whose cached answers its requests may still get
+    # (governance.drain.withdrawn): out of the core's lists, so absent from its decisions.
+    drained: dict[str, tuple[str, ...]] = field(default_factory=dict)
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:
@@ -88,9 +91,11 @@ class Live:
     def build(cls, config: Config, source: str = "<config>", previous: Live | None = None) -> Live:
         redact.register_config(config)  # the secrets it holds as plain URLs (env:/file: ones register as resolved)
         # What the core runs: drained deployments out of the models, residency folded into the rules.
+        drained = drain.withdrawn(config)
         config = residency.effective(drain.serving(config))
         router = build_router(config, source, previous=previous.router if previous is not None else None)
         live = cls(config, router, make_upstreams(config), deployment_table(config, router.deployment_names()), source)
+        live.drained = drained
         if previous is not None:
             live.capacity.shared = previous.capacity.shared  # the leases this process holds, by name
         live.apply_price_windows()

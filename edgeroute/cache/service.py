@@ -4,9 +4,11 @@ The endpoint asks for a :class:`Plan` once the core has decided (the route and t
 deployments this request may reach are known) and admission has let it in (so a hit still
 counts against RPM; it reserves no budget because it costs nothing). A hit is served only
 if the deployment that produced it is one this request could have been sent to: rules on
-PII, residency and tags hold for cached answers too. Entries are scoped to one key by
-default (`scope: team | global` widens that on purpose), and only deterministic requests
-are cached unless `deterministic_only: false`.
+PII, residency and tags hold for cached answers too. A drained deployment counts as one the
+request could have been sent to when its rule allows it: draining stops new requests, it
+does not make past answers wrong. Entries are scoped to one key by default (`scope: team |
+global` widens that on purpose), and only deterministic requests are cached unless
+`deterministic_only: false`.
 """
 
 from __future__ import annotations
@@ -120,18 +122,17 @@ class Plan:
         return self.cacheable and self.directive.store
 
 
-def embedder_admits(cfg: Config, embedder: str, rule: str | None, region: str | None) -> bool:
-    """Whether a request's text may go to embedding deployment `embedder`: the rule that routed
-    it (its `deployments`, required and excluded tags) and its key's region hold for the
-    embedder as for the deployments that answer. Otherwise a prompt a PII rule keeps to a
-    private deployment went to a public embeddings API before it was answered."""
-    dep = cfg.deployments.get(embedder)
+def rule_admits(cfg: Config, deployment: str, rule: str | None, region: str | None) -> bool:
+    """Whether the rule that routed a request (its `deployments`, required and excluded tags)
+    and its key's region allow `deployment`, which the core did not consider: an embedding
+    deployment, or a drained one whose cached answers the request might get."""
+    dep = cfg.deployments.get(deployment)
     if dep is None:
         return False
     tags = {*dep.tags, f"provider:{dep.provider}"}
     then = next((r.then for r in cfg.rules if r.name == rule), None) if rule is not None else None
     if then is not None:
-        if then.deployments and embedder not in then.deployments:
+        if then.deployments and deployment not in then.deployments:
             return False
         if not set(then.require_tags) <= tags or tags & set(then.exclude_tags):
             return False
@@ -139,6 +140,14 @@ def embedder_admits(cfg: Config, embedder: str, rule: str | None, region: str | 
         res = cfg.governance.residency
         return (res.tag_prefix if res is not None else "region:") + region in tags
     return True
+
+
+def embedder_admits(cfg: Config, embedder: str, rule: str | None, region: str | None) -> bool:
+    """Whether a request's text may go to embedding deployment `embedder`: the rule that routed
+    it and its key's region hold for the embedder as for the deployments that answer.
+    Otherwise a prompt a PII rule keeps to a private deployment went to a public embeddings
+    API before it was answered."""
+    return rule_admits(cfg, embedder, rule, region)
 
 
 class ResponseCache:

@@ -29,6 +29,7 @@ from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
     _cached_answer,
+    _region,
     _route_headers,
     _tags,
     _tenant,
@@ -39,6 +40,7 @@ from edgeroute.openai_api import (
     keep_content,
     read_body,
     route_cache,
+    servable,
 )
 from edgeroute.outcome import Outcome
 from edgeroute.requestlog import content
@@ -104,11 +106,16 @@ def _plan(request: web.Request, live: Live, decision: _core.Decision, parsed: Pa
     return request.app[CACHE].plan_exact(request, settings, decision.route, parsed.cache_fields, tenant)
 
 
-def _same_model(live: Live, decision: _core.Decision) -> dict[str, str]:
-    """The deployments whose cached answer this request may get: those it may be sent to that
-    serve the model its first choice serves (vectors of two embedding models do not compare)."""
+def _same_model(request: web.Request, live: Live, decision: _core.Decision) -> dict[str, str]:
+    """The deployments whose cached answer this request may get (`servable`: those it may be
+    sent to, and the drained ones its rule allows) that serve the model its first choice
+    serves (vectors of two embedding models do not compare)."""
     first = live.deployments[decision.order[0]].model
-    return dict(d.cached_as for i in decision.order if (d := live.deployments[i]).model == first)
+    return {
+        name: what
+        for name, what in servable(live, decision, _region(request)).items()
+        if live.deployments[live.index_of[name]].model == first
+    }
 
 
 def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None, choices: int = 1) -> bytes:
@@ -221,7 +228,7 @@ async def serve(
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:
                 raise
-            entry = await request.app[CACHE].lookup(plan, _same_model(live, decision))
+            entry = await request.app[CACHE].lookup(plan, _same_model(request, live, decision))
             if entry is None:
                 raise
             rec.admission = None
@@ -234,7 +241,7 @@ async def serve(
             decision = decide(live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known)
             if decision.route != first.route and (plan := _plan(request, live, first, parsed)) is not None:
                 # As on chat: the cached answer of the route asked for, rather than paying another.
-                if entry := await request.app[CACHE].lookup(plan, _same_model(live, first), False):
+                if entry := await request.app[CACHE].lookup(plan, _same_model(request, live, first), False):
                     rec.admission = None
                     keep_content(live, rec, first, body)
                     return await _cached_answer(request, rec, first, plan, entry, None)
@@ -245,7 +252,7 @@ async def serve(
         keep_content(live, rec, decision, body)
         model = live.config.models[decision.route]
         plan = _plan(request, live, decision, parsed)
-        if plan is not None and (entry := await request.app[CACHE].lookup(plan, _same_model(live, decision))):
+        if plan is not None and (entry := await request.app[CACHE].lookup(plan, _same_model(request, live, decision))):
             return await _cached_answer(request, rec, decision, plan, entry, None)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
