@@ -106,3 +106,39 @@ async def test_a_budgets_downgrade_serves_the_cached_answer_of_the_model_asked_f
         assert same.parse().data[0].embedding == vectors.parse().data[0].embedding
         assert len(up.options.requests) == 3
         await client.close()
+
+
+async def test_only_if_cached_with_a_spent_budget_is_a_504_miss_or_a_hit(start_upstream: Any, tmp_path: Path) -> None:
+    """`x-edgeroute-cache: only-if-cached` never reaches an upstream, so it never spends: a
+    spent budget refuses nothing it asks for. Its miss is the 504 `cache_miss` it is without a
+    budget (not the budget's 429, whose Retry-After would send the client back at the reset
+    for the same miss), and its hit is served."""
+    up = await start_upstream(record=True)
+    cfg = one_deployment(
+        up.base_url,
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.1},
+        budgets={"limits": [{"name": "day", "scope": "global", "limit_usd": LIMIT, "period": "day"}]},
+    )
+    cfg["models"]["m"]["cache"] = {"ttl": 60}
+    only = {"x-edgeroute-cache": "only-if-cached"}
+    new = [{"role": "user", "content": "And of Spain?"}]
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        first = await client.chat.completions.create(model="m", messages=MSG, temperature=0, max_tokens=MAX_TOKENS)
+        # The premise: the budget refuses a new question now.
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.chat.completions.create(model="m", messages=new, temperature=0, max_tokens=MAX_TOKENS)
+        assert refused.value.code == "budget_exceeded"
+        with pytest.raises(openai.APIStatusError) as missed:
+            await client.chat.completions.create(
+                model="m", messages=new, temperature=0, max_tokens=MAX_TOKENS, extra_headers=only
+            )
+        assert missed.value.status_code == 504 and missed.value.code == "cache_miss", missed.value
+        assert "retry-after" not in missed.value.response.headers
+        hit = await client.chat.completions.with_raw_response.create(
+            model="m", messages=MSG, temperature=0, max_tokens=MAX_TOKENS, extra_headers=only
+        )
+        assert hit.headers["x-edgeroute-cache"] == "hit"
+        assert hit.parse().choices[0].message.content == first.choices[0].message.content
+        assert len(up.options.requests) == 1
+        await client.close()
