@@ -15,6 +15,7 @@ from edgeroute.config import Budget, SharedState
 from edgeroute.cost import budgets as B
 from edgeroute.cost.limits import Take
 from edgeroute.cost.redis_store import RedisState
+from tests.metrics_support import scrape
 from tests.test_cost_support import RedisServer, ask_status, cost_proxy, one_deployment
 
 MAX_TOKENS = 5
@@ -59,13 +60,21 @@ async def test_admission_is_one_script_and_settlement_follows_in_the_background(
         shared_state=_shared(redis_server.url),
         budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": 100.0, "period": "day"}]},
         rate_limits={"per_key": {"rpm": 10_000, "tpm": 10_000_000}, "deployments": {"d-a": {"rpm": 10_000}}},
-        # The budgets' gauges and alerts read the budget from Redis (one script) every
-        # `alerts.interval_s` (5 s by default), which landed in the count one run in eight.
+        # The budgets' gauges and alerts read the budget from Redis (one script) at the first
+        # telemetry tick (within 5 s of start) and then every `alerts.interval_s` (5 s by
+        # default): that read landed in the count one run in eight. It is waited for, and the
+        # next one is five minutes away.
         alerts={"interval_s": 300},
     )
     async with cost_proxy(cfg) as p:
         client = openai.AsyncOpenAI(base_url=p.url + "/v1", api_key="x", max_retries=0)
         assert await ask_status(client) == 200  # loads the scripts
+        for _ in range(100):  # the gauge appears once the first read is done
+            if (await scrape(p.url)).value("edgeroute_budget_limit_usd", budget="g") is not None:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the budgets were never read for their gauges")
         before = await _settled(redis_server.url)  # its settlement (and the reseed) out of the count
         n = 10
         for _ in range(n):
