@@ -647,9 +647,12 @@ def _wrk_phase(
     body = loadgen.chat_body(t.model, c.prompt_tokens)
     url = t.url + "/chat/completions"
     wrk.run(url, body, 1, load.concurrency)
+    spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
     cpu0, mock0 = proxy.cpu_seconds(), mock.cpu_seconds()
     res = wrk.run(url, body, c.duration, load.concurrency)
     cpu, mock_s = proxy.cpu_seconds() - cpu0, mock.cpu_seconds() - mock0
+    if spy is not None:
+        spy.wait(30)
     per = 1000 / max(1, res.requests)
     out[name] = {"rps": round(res.rps), "requests": res.requests, "non_2xx": res.non_2xx, "errors": res.errors,
                  "proxy_cpu_s": round(cpu, 2), "generator_cpu_ms_per_request": round(res.cpu_s * per, 4),
