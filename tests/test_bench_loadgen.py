@@ -10,7 +10,7 @@ import openai
 import orjson
 import pytest
 
-from edgeroute.bench import loadgen, nginx_upstream, report, scenarios
+from edgeroute.bench import loadgen, nginx_upstream, report, scenarios, stack
 from edgeroute.bench.loadgen import Load, Stats, Target
 from edgeroute.bench.upstream import Latency, MockUpstream, UpstreamOptions
 
@@ -137,7 +137,7 @@ async def test_loadgen_against_the_mock_streaming() -> None:
 
 def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
     """Real `edgeroute serve` and a mock subprocess; ~1 s of interleaved direct/proxied load."""
-    c = scenarios.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,
+    c = stack.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,
                          json=str(tmp_path / "o.json"))  # type: ignore[operator]  # fmt: skip
     out = scenarios.overhead(c, [40.0], rules=10)
     res = out["rates"]["40"]
@@ -151,7 +151,7 @@ def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
 def test_the_gate_run_interleaves_the_floor_against_nginx(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     """The gate's set-up, tiny: nginx upstream, the bare pass-through as a third target in
     edgeroute's phase (each answered every request), both added latencies reported."""
-    c = scenarios.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,
+    c = stack.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,
                          json=str(tmp_path / "g.json"))  # type: ignore[operator]  # fmt: skip
     out = scenarios.overhead(c, [40.0], rules=10, floor=True, floor_interleaved=True, budgets=True, upstream="nginx")
     res = out["rates"]["40"]
@@ -167,7 +167,7 @@ def test_bench_config_is_valid_and_cli_parses() -> None:
     from edgeroute import config
     from edgeroute.bench import cli
 
-    cfg = config.parse(scenarios.bench_config({"p0": "http://127.0.0.1:1/v1"}, rules=50), "bench.yaml")
+    cfg = config.parse(stack.bench_config({"p0": "http://127.0.0.1:1/v1"}, rules=50), "bench.yaml")
     assert len(cfg.rules) == 50 and len(cfg.deployments) == 4
     a = cli.build_parser().parse_args(["overhead", "--rates", "500,1000", "--floor", "--no-progress"])
     assert a.rates == "500,1000" and a.floor and not a.progress

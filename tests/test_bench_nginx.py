@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from edgeroute.bench import nginx_upstream, wrk
-from edgeroute.bench.scenarios import Stack
+from edgeroute.bench.stack import Stack
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nginx") is None, reason="nginx is not installed (.ci/start-services installs nginx-light)"

@@ -232,9 +232,9 @@ async def test_a_waiter_takes_a_slot_freed_on_any_deployment_it_may_use(
 def test_the_spike_scenario_end_to_end_tiny() -> None:
     """`edgeroute bench spike`, bounded small: a load step past the primary's capacity spills
     over without errors, and the priority part runs both classes."""
-    from edgeroute.bench import scenarios, spike
+    from edgeroute.bench import spike, stack
 
-    c = scenarios.Common(duration=0.6, requests=200, prompt_tokens=50, pin=False, warmup=0)
+    c = stack.Common(duration=0.6, requests=200, prompt_tokens=50, pin=False, warmup=0)
     out = spike.spike(c, rates=(10.0, 120.0), service_ms=50, secondary_ms=60, capacity=2, batch_rate=60.0)
     low, high = out["steps"]
     assert low["failed"] == high["failed"] == 0 and low["ok"] > 0 and high["ok"] > 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeroute.bench import loadgen, report, scenarios, spike
+from edgeroute.bench import loadgen, outages, report, scenarios, spike, stack
 from edgeroute.bench.loadgen import Load, Target
 
 
@@ -28,8 +28,8 @@ def _common(p: argparse.ArgumentParser, duration: float = 10.0) -> None:
     p.add_argument("--profile", help="profile the proxy with py-spy into this file (.svg, .txt raw, .json)")
 
 
-def _c(a: argparse.Namespace) -> scenarios.Common:
-    return scenarios.Common(
+def _c(a: argparse.Namespace) -> stack.Common:
+    return stack.Common(
         a.duration, a.requests, a.prompt_tokens, a.progress, a.pin, a.html, a.json, profile=getattr(a, "profile", None)
     )
 
@@ -167,20 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", default="refuse", help="an edgeroute.bench.faults mode: refuse, 503, hang, reset, ...")
     f.add_argument("--outage", type=float, default=5.0)
     _common(f)
-    f.set_defaults(fn=lambda a: scenarios.failover(_c(a), a.rate, a.mode, a.outage))
+    f.set_defaults(fn=lambda a: outages.failover(_c(a), a.rate, a.mode, a.outage))
 
     h = sub.add_parser("hedging", help="heavy-tailed upstream with and without hedging")
     h.add_argument("--rate", type=float, default=100.0)
     h.add_argument("--latency", default="lognormal:20,1.0")
     _common(h, duration=20.0)
-    h.set_defaults(fn=lambda a: scenarios.hedging(_c(a), a.rate, a.latency))
+    h.set_defaults(fn=lambda a: outages.hedging(_c(a), a.rate, a.latency))
 
     c = sub.add_parser("chaos", help="10,000 requests while one deployment is killed and restarted")
     c.add_argument("--rate", type=float, default=250.0)
     c.add_argument("--total", type=int, default=10_000)
     c.add_argument("--base-ejection-ms", type=int, default=2000, help="proxy's health.base_ejection_ms (0: default)")
     _common(c)
-    c.set_defaults(fn=lambda a: scenarios.chaos(_c(a), a.rate, a.total, base_ejection_ms=a.base_ejection_ms or None))
+    c.set_defaults(fn=lambda a: outages.chaos(_c(a), a.rate, a.total, base_ejection_ms=a.base_ejection_ms or None))
 
     sp = sub.add_parser("spike", help="load stepping past a primary's capacity: spillover, priority classes")
     sp.add_argument("--rates", default="50,100,200,300", help="req/s of each step")

@@ -31,7 +31,7 @@ import argparse
 import sys
 from typing import Any
 
-from edgeroute.bench import nginx_upstream, scenarios
+from edgeroute.bench import nginx_upstream, scenarios, stack
 
 
 def verdict(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the last try's results here")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=False)
     a = p.parse_args(argv)
-    common = scenarios.Common(
+    common = stack.Common(
         duration=a.duration, requests=int(a.rate * a.duration) + 1, prompt_tokens=a.prompt_tokens,
         progress=a.progress, json=a.json, warmup=200, pin=a.pin,
     )  # fmt: skip

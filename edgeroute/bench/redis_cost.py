@@ -24,6 +24,7 @@ import aiohttp
 import orjson
 
 from edgeroute.bench import scenarios as S
+from edgeroute.bench import stack as ST
 
 WARMUP = 200
 
@@ -36,7 +37,7 @@ def _cpu_s(pid: int) -> float:
 async def _alternate(urls: list[str], n: int) -> list[list[float]]:
     """Latencies (ms) of `n` requests to each URL in turn, after a warm-up."""
     body = orjson.dumps(
-        {"model": S.PUBLIC_MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
+        {"model": ST.PUBLIC_MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16}
     )
     out: list[list[float]] = [[] for _ in urls]
     async with aiohttp.ClientSession() as s:
@@ -53,10 +54,10 @@ async def _alternate(urls: list[str], n: int) -> list[list[float]]:
 
 
 def measure(redis_url: str, n: int, redis_pid: int | None, tree: str | None = None) -> dict[str, float]:
-    with S.Stack() as stack:
+    with ST.Stack() as stack:
         mock = stack.upstream("--latency", "0")
-        cfg = S.bench_config({"p0": f"http://127.0.0.1:{mock.port}/v1"}, rules=50)
-        cfg["models"][S.PUBLIC_MODEL]["cache"] = S.CACHE_EVERYTHING
+        cfg = ST.bench_config({"p0": f"http://127.0.0.1:{mock.port}/v1"}, rules=50)
+        cfg["models"][ST.PUBLIC_MODEL]["cache"] = S.CACHE_EVERYTHING
         cfg["budgets"], cfg["rate_limits"] = S.BENCH_BUDGETS, S.BENCH_LIMITS
         local, _ = stack.proxy(cfg, name="local", tree=tree)
         shared_cfg = {**cfg, "shared_state": {"redis_url": redis_url, "prefix": f"edgeroute-bench-{os.getpid()}"}}

@@ -24,7 +24,7 @@ from typing import Any
 
 from edgeroute.bench import loadgen, report
 from edgeroute.bench.loadgen import Load, Stats, Target
-from edgeroute.bench.scenarios import PUBLIC_MODEL, Common, Proc, Stack, admin_get, bench_config
+from edgeroute.bench.stack import PUBLIC_MODEL, Common, Proc, Stack, admin_get, bench_config
 
 
 def _fault_count(mock: Proc) -> int:
