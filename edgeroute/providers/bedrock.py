@@ -68,12 +68,12 @@ _ERROR_CLASS = {
 
 
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(u, dict):
+    """Bedrock's usage in OpenAI's terms; None (the answer is counted) without its input and output counts."""
+    counts = oa.token_counts(u, ("inputTokens", "outputTokens"), ("cacheReadInputTokens", "cacheWriteInputTokens"))
+    if counts is None:
         return None
-    cached = int(u.get("cacheReadInputTokens") or 0)
-    written = int(u.get("cacheWriteInputTokens") or 0)
-    prompt = int(u.get("inputTokens") or 0) + cached + written
-    return oa.usage(prompt, int(u.get("outputTokens") or 0), cached, cache_write=written)
+    given, output, cached, written = counts
+    return oa.usage(given + cached + written, output, cached, cache_write=written)
 
 
 def _image(url: str) -> dict[str, Any]:

@@ -59,12 +59,18 @@ def finish_reason(reason: str | None, has_calls: bool) -> str:
 
 
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not isinstance(u, dict):
+    """Gemini's usage in OpenAI's terms; None (the answer is counted) without its prompt count or
+    any output count (Gemini leaves `candidatesTokenCount` out of an answer without text, which
+    counting finds empty too)."""
+    counts = oa.token_counts(
+        u,
+        ("promptTokenCount",),
+        ("candidatesTokenCount", "thoughtsTokenCount", "toolUsePromptTokenCount", "cachedContentTokenCount"),
+    )
+    if counts is None or not isinstance(u, dict) or ("candidatesTokenCount" not in u and "thoughtsTokenCount" not in u):
         return None
-    prompt = int(u.get("promptTokenCount") or 0) + int(u.get("toolUsePromptTokenCount") or 0)
-    thoughts = int(u.get("thoughtsTokenCount") or 0)
-    completion = int(u.get("candidatesTokenCount") or 0) + thoughts
-    return oa.usage(prompt, completion, int(u.get("cachedContentTokenCount") or 0), thoughts)
+    prompt, candidates, thoughts, tool_prompt, cached = counts
+    return oa.usage(prompt + tool_prompt, candidates + thoughts, min(cached, prompt), thoughts)
 
 
 def _image_part(url: str) -> dict[str, Any]:

@@ -284,6 +284,24 @@ def response_format_of(req: Mapping[str, Any]) -> tuple[Literal["text", "json_ob
     raise bad_request("`response_format` must be text, json_object or json_schema.", "response_format")
 
 
+def token_counts(u: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[int] | None:
+    """A native usage object's counts (`required` then `optional`, an absent optional one 0), or
+    None when it is not an object, a required count is missing, or any count is not a count:
+    the caller then counts the answer itself. Read as 0, a careless upstream's missing output
+    count priced a long answer as its prompt alone, and a string count failed a good answer."""
+    if not isinstance(u, dict):
+        return None
+    out = []
+    for key in required + optional:
+        v = u.get(key)
+        if v is None and key in optional:
+            v = 0
+        if type(v) is not int or not 0 <= v < 1 << 40:
+            return None
+        out.append(v)
+    return out
+
+
 def usage(prompt: int, completion: int, cached: int = 0, reasoning: int = 0, cache_write: int = 0) -> dict[str, Any]:
     """OpenAI's `usage`: `prompt_tokens` includes cached tokens and cache writes (Anthropic's,
     Bedrock's: `prompt_tokens_details.cache_write_tokens`, priced as such); `completion_tokens`
