@@ -436,7 +436,7 @@ def finish(
     request.app[RECORDER].record(rec)
     telemetry.finished(request.app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
-        live.stats.observe(rec.status, rec.latency_ms)
+        live.stats.observe(rec.status, rec.latency_ms, rec.error_class)
     if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
         learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
