@@ -336,8 +336,8 @@ class ManagedKeys:
 
 
 def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
-    """A key cannot give more than it has: role, budget, rate limits, models, denied tags, team,
-    residency, priority classes."""
+    """A key cannot give more than it has: role, budget, rate limits, expiry, models, denied
+    tags, team, residency, priority classes."""
     if creator is None:
         return  # loopback without keys, or the CLI on the database: the operator of the machine
     mine = roles.access_role(creator.role)
@@ -357,6 +357,14 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
             raise ProxyError(
                 403, f"The new key's {name} must be set and at most this key's ({have:g}).", code="permission_denied"
             )
+    # A key given for a while gives no longer: a key it made (or itself) outliving it would
+    # keep its access past its expiry.
+    have_until = own.get("expires_at")
+    if have_until is not None and (f.expires_at is None or f.expires_at > have_until):
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(have_until))
+        raise ProxyError(
+            403, f"The new key's expires_at must be set and at most this key's ({until}).", code="permission_denied"
+        )
     if own.get("models") is not None and (f.models is None or not set(f.models) <= set(own["models"])):
         raise ProxyError(403, "The new key's models must be among this key's models.", code="permission_denied")
     if creator.deny_tags and not creator.deny_tags <= set(f.deny_tags):
