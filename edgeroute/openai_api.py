@@ -6,7 +6,7 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -436,7 +436,7 @@ def finish(
     request.app[RECORDER].record(rec)
     telemetry.finished(request.app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
-        live.stats.observe(rec.status, rec.latency_ms)
+        live.stats.observe(rec.status, rec.latency_ms, rec.error_class)
     if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
         learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
@@ -578,16 +578,26 @@ def answered_headers(live: Live, rid: str, d: _core.Decision, rec: RequestRecord
     return h
 
 
+def _listed(request: web.Request, names: Iterable[str]) -> list[str]:
+    """The public models a caller is shown: those its key may ask for (`models` on a managed
+    key; every model for a key without the bound), so that a listing offers nothing the key
+    is refused and names no other team's model."""
+    ident = request.get(IDENTITY)
+    allowed = ident.models if ident is not None else None
+    return [n for n in names if allowed is None or n in allowed]
+
+
 async def list_models(request: web.Request) -> web.Response:
     live = request.app[STATE].live
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"} for name in live.config.models]
+    models = _listed(request, live.config.models)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"} for name in models]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     live = request.app[STATE].live
     name = request.match_info["model"]
-    if name not in live.config.models:
+    if name not in live.config.models or not _listed(request, [name]):
         raise ProxyError(
             404, f"The model `{name}` does not exist or you do not have access to it.", code="model_not_found"
         )

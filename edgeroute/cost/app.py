@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def install(
             # Before serving: budgets (managed keys' too) and rate-limit windows as the ledger
             # left them. Managed keys are loaded by now (governance's install).
             await asyncio.to_thread(control.restore_at_start, ledger.backend, app.get(MANAGED_KEYS))
+            await asyncio.to_thread(control.told_before, ledger.backend, control.budgets, time.time())
             await control.seed_shared()
         elif control is not None:
             control.keys = app.get(MANAGED_KEYS)

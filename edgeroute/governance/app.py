@@ -324,7 +324,7 @@ async def list_keys(request: web.Request) -> web.Response:
     out = [_config_key(request, k) for k in request.app[STATE].live.config.keys]
     managed = request.app[GOV].managed
     if managed is not None:
-        out += [K.public(d) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
+        out += [K.public(d, managed.raw) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
     return json_response({"keys": [k for k in out if _visible(request, k)]})
 
 
@@ -333,7 +333,7 @@ async def get_key(request: web.Request) -> web.Response:
     if (ck := _config_key(request, key_id)) is None:
         managed = _managed(request)
         data = await asyncio.to_thread(managed.store.get_key, key_id)
-        ck = K.public(data) if data is not None else None
+        ck = K.public(data, managed.raw) if data is not None else None
     if not _visible(request, ck):  # another team's key: as unknown as a key that never was
         raise ProxyError(404, f"No key {key_id}.", code="key_not_found")
     return json_response(ck)

@@ -15,6 +15,10 @@ from edgeroute.governance.settings import RollbackGuard
 log = logging.getLogger("edgeroute.governance")
 
 _MAX_SAMPLES = 10_000
+# Answers a client chose that say nothing of the config: an `only-if-cached` request's miss
+# (504) is what the client asked for, so any client could roll back whatever an operator had
+# just applied (a key's budget or rule, a model taken away) with min_requests of them.
+NOT_THE_CONFIGS = frozenset({"cache_miss"})
 
 
 @dataclass(slots=True)
@@ -25,7 +29,9 @@ class GenerationStats:
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
 
-    def observe(self, status: int, latency_ms: float) -> None:
+    def observe(self, status: int, latency_ms: float, error_class: str | None = None) -> None:
+        if error_class in NOT_THE_CONFIGS:
+            return
         self.requests += 1
         if status >= 500:
             self.errors += 1

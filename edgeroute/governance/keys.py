@@ -27,6 +27,7 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,16 +102,38 @@ def new_secret(key_id: str) -> tuple[str, str, str]:
     return f"{PREFIX}{key_id}.{secret}", salt, _hash(salt, secret)
 
 
-def public(data: dict[str, Any]) -> dict[str, Any]:
+def _ended(data: dict[str, Any], now: float) -> str | None:
+    if data.get("revoked_at"):
+        return "revoked"
+    if data.get("expires_at") and data["expires_at"] <= now:
+        return "expired"
+    return None
+
+
+def public(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+    """A key as the API shows it. `raw_of` finds its makers: a key whose maker is revoked or
+    expired is so too (`status`, and `ended_by` the maker's id)."""
     out = {k: data.get(k) for k in _PUBLIC}
     now = time.time()
     out["source"] = "managed"
-    if data.get("revoked_at"):
-        out["status"] = "revoked"
-    elif data.get("expires_at") and data["expires_at"] <= now:
-        out["status"] = "expired"
-    else:
-        out["status"] = "active"
+    out["status"] = _ended(data, now) or "active"
+    if out["status"] == "active" and raw_of is not None:
+        for maker in _makers(data, raw_of):
+            if (ended := _ended(maker, now)) is not None:
+                out["status"], out["ended_by"] = ended, maker["id"]
+                break
+    return out
+
+
+def _makers(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The managed keys above `data`, its maker first (`parent` is set once: never a cycle)."""
+    out: list[dict[str, Any]] = []
+    seen = {data["id"]}
+    node = raw_of(data["parent"]) if data.get("parent") else None
+    while node is not None and node["id"] not in seen:
+        seen.add(node["id"])
+        out.append(node)
+        node = raw_of(node["parent"]) if node.get("parent") else None
     return out
 
 
@@ -130,6 +153,10 @@ class _Entry:
     expires_at: float | None
     revoked: bool
     identity: Identity
+    # A maker's revocation or expiry ends the keys below it: a leaked key's holder minted keys
+    # that outlived its revocation. The revoked maker's id; the earliest-expiring maker's.
+    revoked_above: str | None = None
+    expires_above: tuple[str, float] | None = None
 
 
 def key_budget(data: dict[str, Any]) -> Budget | None:
@@ -218,7 +245,11 @@ class ManagedKeys:
             chain = self._chain(data)
             budgets = tuple(b for node in chain if (b := key_budget(node)) is not None)
             spends_for = tuple(node["id"] for node in chain)
-            by_id[key_id] = _entry(data, region, budgets, self._ancestor_limits(data), spends_for)
+            entry = by_id[key_id] = _entry(data, region, budgets, self._ancestor_limits(data), spends_for)
+            makers = chain[1:]
+            entry.revoked_above = next((m["id"] for m in makers if m.get("revoked_at")), None)
+            expiring = [(m["id"], float(m["expires_at"])) for m in makers if m.get("expires_at")]
+            entry.expires_above = min(expiring, key=lambda e: e[1]) if expiring else None
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
@@ -307,6 +338,12 @@ class ManagedKeys:
             raise ProxyError(401, f"API key {key_id} has been revoked.", code="key_revoked")
         if e.expires_at is not None and now >= e.expires_at:
             raise ProxyError(401, f"API key {key_id} has expired.", code="key_expired")
+        if e.revoked_above is not None:
+            msg = f"API key {key_id} was made by key {e.revoked_above}, which has been revoked."
+            raise ProxyError(401, msg, code="key_revoked")
+        if e.expires_above is not None and now >= e.expires_above[1]:
+            msg = f"API key {key_id} was made by key {e.expires_above[0]}, which has expired."
+            raise ProxyError(401, msg, code="key_expired")
         return e.identity
 
     def raw(self, key_id: str) -> dict[str, Any] | None:
@@ -336,8 +373,8 @@ class ManagedKeys:
 
 
 def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
-    """A key cannot give more than it has: role, budget, rate limits, models, denied tags, team,
-    residency, priority classes."""
+    """A key cannot give more than it has: role, budget, rate limits, expiry, models, denied
+    tags, team, residency, priority classes."""
     if creator is None:
         return  # loopback without keys, or the CLI on the database: the operator of the machine
     mine = roles.access_role(creator.role)
@@ -357,6 +394,14 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
             raise ProxyError(
                 403, f"The new key's {name} must be set and at most this key's ({have:g}).", code="permission_denied"
             )
+    # A key given for a while gives no longer: a key it made (or itself) outliving it would
+    # keep its access past its expiry.
+    have_until = own.get("expires_at")
+    if have_until is not None and (f.expires_at is None or f.expires_at > have_until):
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(have_until))
+        raise ProxyError(
+            403, f"The new key's expires_at must be set and at most this key's ({until}).", code="permission_denied"
+        )
     if own.get("models") is not None and (f.models is None or not set(f.models) <= set(own["models"])):
         raise ProxyError(403, "The new key's models must be among this key's models.", code="permission_denied")
     if creator.deny_tags and not creator.deny_tags <= set(f.deny_tags):

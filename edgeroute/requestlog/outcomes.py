@@ -7,6 +7,10 @@ log: `router train --from-log` trains on (prompt, route, score, cost), and the s
 report compares the candidate's choices with the running router's on the same requests.
 A later score for the same request replaces the earlier one (a user may change their mind).
 Retention follows the request log's.
+
+A third table is the spend control's, written the same way: the budget `notify` thresholds
+already told (`cost.control.notify`), read back at start so that a restart does not tell
+them again; kept for as long as a budget's period may last, whatever the request log keeps.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Protocol
 
 FEEDBACK = "feedback"
 ROUTER_SHADOW = "router_shadow"
+BUDGET_NOTICES = "budget_notices"
 
 FEEDBACK_COLUMNS = ("request_id", "ts", "score", "key_id")
 ROUTER_SHADOW_COLUMNS = (
@@ -48,6 +53,8 @@ def schema(dialect: str) -> list[str]:
     PRIMARY KEY (request_id, candidate)
 )""",
         f"CREATE INDEX IF NOT EXISTS router_shadow_ts ON {ROUTER_SHADOW} (candidate, ts)",
+        # A threshold told: "{budget}:{subject}:{period}:{percent}" (`Notifications._notify`).
+        f"CREATE TABLE IF NOT EXISTS {BUDGET_NOTICES} (mark TEXT NOT NULL PRIMARY KEY, ts {real} NOT NULL)",
     ]
 
 
@@ -62,6 +69,8 @@ def insert_sql(mark: str) -> dict[str, str]:
         "ts = excluded.ts, score = excluded.score, key_id = excluded.key_id",
         ROUTER_SHADOW: f"INSERT INTO {ROUTER_SHADOW} {values(ROUTER_SHADOW_COLUMNS)} "
         "ON CONFLICT (request_id, candidate) DO NOTHING",
+        BUDGET_NOTICES: f"INSERT INTO {BUDGET_NOTICES} (mark, ts) VALUES ({mark}, {mark}) "
+        "ON CONFLICT (mark) DO NOTHING",
     }
 
 

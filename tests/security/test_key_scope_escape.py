@@ -5,6 +5,7 @@ budget (into another team's, which it could exhaust)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import aiohttp
@@ -82,3 +83,31 @@ async def test_key_scope_escape_priority_classes_are_inherited(start_upstream: A
         assert status == 201
         status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"priorities": ["interactive"]})
         assert status == 403, err
+
+
+async def test_key_scope_escape_a_key_outlives_no_expiry_of_its_maker(governed: Any) -> None:
+    """A key given for a while (`--expires 1d`: a contractor, a demo) minted a key that never
+    expires, or extended its own expiry, and so kept its access after it expired."""
+    keys = governed.url + "/admin/keys"
+    async with aiohttp.ClientSession() as s:
+        soon = time.time() + 3600
+        status, temp = await call(s, "POST", keys, ROOT, {"name": "contractor", "role": "admin", "expires_at": soon})
+        assert status == 201
+        mine = temp["secret"]
+        for expires in (None, soon + 86400):
+            status, err = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "expires_at": expires})
+            assert status == 403, err
+            assert err["error"]["code"] == "permission_denied"
+            assert err["error"]["message"].startswith("The new key's expires_at must be set and at most this key's (")
+        status, err = await call(s, "PATCH", keys + f"/{temp['id']}", mine, {"expires_at": None})
+        assert status == 403, err
+        status, child = await call(s, "POST", keys, mine, {"name": "svc", "role": "service", "expires_at": soon - 60})
+        assert status == 201, child
+        status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"expires_at": soon + 60})
+        assert status == 403, err
+        # A key from the config (the operator's) gives any expiry, and may take it away.
+        status, shown = await call(s, "PATCH", keys + f"/{child['id']}", ROOT, {"expires_at": None})
+        assert status == 200 and shown["expires_at"] is None
+    client = openai.AsyncOpenAI(base_url=governed.url + "/v1", api_key=child["secret"], max_retries=0)
+    await client.chat.completions.create(model="m", messages=USER, max_tokens=5)
+    await client.close()

@@ -1,5 +1,7 @@
 """Budget `notify` thresholds: a log line and an optional webhook, once per budget, subject,
-period and threshold across instances (marked in the shared store when there is one)."""
+period and threshold across instances (marked in the shared store when there is one) and
+across restarts (each threshold told is written to the ledger with its batches and read back
+at start: a process remembered only its own, so a restart told every one again)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,16 @@ import aiohttp
 import orjson
 
 from edgeroute import secrets
+from edgeroute.config import Budget
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control.stores import Stores
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import Backend
 from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.requestlog.outcomes import BUDGET_NOTICES
 
 log = logging.getLogger("edgeroute.cost")
+MONTH_S = 31 * 86400  # the longest calendar period
 
 
 def iso(ts: float) -> str:
@@ -25,8 +32,17 @@ def iso(ts: float) -> str:
 class Notifications(Stores):
     """Threshold notifications (a part of `CostControl`)."""
 
-    _notified: set[str]  # thresholds told by this process: store key and percent
+    _notified: set[str]  # thresholds told by this process or, this period, before its start
     _session: aiohttp.ClientSession | None  # for webhooks, opened on the first
+    ledger: Ledger | None  # where a threshold told is recorded (see `ReadBack`)
+
+    def told_before(self, db: Backend, budgets: list[Budget], now: float) -> None:
+        """Before serving (blocking): the thresholds the ledger says were told in a period
+        still running (by this server before a restart, or by another instance) are not
+        told again."""
+        longest = max([MONTH_S] + [3600 * (b.window_hours or 0) for b in budgets])
+        rows = db.query(f"SELECT mark FROM {BUDGET_NOTICES} WHERE ts >= ?", (now - longest,))
+        self._notified.update(str(r[0]) for r in rows)
 
     def _notify(self, charges: list[B.Charge], used_before: list[int]) -> None:
         for c, used in zip(charges, used_before, strict=True):
@@ -57,6 +73,8 @@ class Notifications(Stores):
                     return  # another instance has told already
             except StoreUnavailable:
                 pass
+        if self.ledger is not None:  # read back at start: a restart does not tell it again
+            self.ledger.outcome(BUDGET_NOTICES, (mark, time.time()))
         log.warning(
             "budget %s for %s %s reached %s%% ($%.4f of $%.2f)",
             event["budget"], event["scope"], event["subject"], event["threshold_percent"],

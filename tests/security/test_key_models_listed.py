@@ -1,0 +1,51 @@
+"""A key held to some models (`--model`, `"models"`) is listed those models alone.
+
+`GET /v1/models` listed every model of the config to every key, and `GET /v1/models/{id}`
+answered 200 for a model the key is refused (403 `model_not_allowed` when it asks): a client
+(a chat UI, an SDK's model picker) offered models its key cannot use, and a key learnt the
+names of every other team's models. As OpenAI's API does, the list holds what the key may
+use, and another model is the 404 of one that does not exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import simple_config
+from tests.security.governed import ROOT, USER, call
+from tests.test_cost_support import cost_proxy
+
+
+async def test_a_key_held_to_a_model_lists_and_retrieves_that_model_alone(start_upstream: Any, tmp_path: Path) -> None:
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["models"] |= {"research-large": {"deployments": ["d-a"]}, "finance-only": {"deployments": ["d-a"]}}
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+    }
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        status, made = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "research", "models": ["m"]})
+        assert status == 201, made
+        held = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=made["secret"], max_retries=0)
+        root = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
+        try:
+            assert [m.id for m in (await held.models.list()).data] == ["m"]
+            assert (await held.models.retrieve("m")).id == "m"
+            with pytest.raises(openai.NotFoundError) as e:
+                await held.models.retrieve("finance-only")
+            assert e.value.status_code == 404 and e.value.code == "model_not_found"
+            with pytest.raises(openai.PermissionDeniedError):  # what the listing says is what it may ask for
+                await held.chat.completions.create(model="finance-only", messages=USER, max_tokens=5)
+            await held.chat.completions.create(model="m", messages=USER, max_tokens=5)
+            # A key without a bound lists every model, as before.
+            assert sorted(m.id for m in (await root.models.list()).data) == ["finance-only", "m", "research-large"]
+            assert (await root.models.retrieve("finance-only")).id == "finance-only"
+        finally:
+            await held.close()
+            await root.close()
