@@ -339,3 +339,25 @@ async def test_mirrors_in_flight_are_bounded_per_route(start_mock: Any, start_pr
     again = await ask(proxy.url, "responses", "openai-to-openai", False)
     assert (await _mirror_of(proxy, again.request_id)).status == 200
     assert len(_sent(m.so)) == 2
+
+
+@pytest.mark.parametrize(("endpoint", "primary", "target"), [MIRRORED[0], MIRRORED[2], MIRRORED[4]])
+async def test_mirrors_keep_to_the_candidates_provider_limit_and_no_client_limit(
+    start_mock: Any, start_proxy: Any, endpoint: str, primary: str, target: str
+) -> None:
+    """As chat's: no limit of the client's key counts a mirror, its deployment's provider limit does."""
+    m = await _mocks(start_mock)
+    cfg = _config(m, rate_limits={"deployments": {"d-so": {"rpm": 2}, "d-sa": {"rpm": 2}}})
+    cfg["keys"]["client"]["limits"] = {"rpm": 4}  # its own four requests, not their mirrors too
+    proxy = await start_proxy(cfg)
+    for stream in (False, True, False, True):
+        await ask(proxy.url, endpoint, f"{primary}-to-{target}", stream)
+
+    async def recorded() -> bool:
+        return sum(1 for r in proxy.recorder.records if r.outcome == "shadow") == 4
+
+    await eventually(recorded, "four mirrors recorded (sent or passed over)")
+    sent = _sent(m.sa if target == "anthropic" else m.so)
+    assert len(sent) == 2, f"the candidate (2 a minute) was sent {len(sent)}"
+    mirrors = [r for r in proxy.recorder.records if r.outcome == "shadow"]
+    assert sorted(r.status for r in mirrors)[:2] == [200, 200] and sum(r.cost_usd for r in mirrors) == 0.5
