@@ -28,6 +28,7 @@ from edgeroute import (
     learning_share,
     looplag,
     openai_api,
+    shadow,
     ui,
 )
 from edgeroute.accounting import Recorder
@@ -49,7 +50,6 @@ from edgeroute.http_server import ProxyServer
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.router_shadow import evaluator as router_shadow
-from edgeroute.shadow import SHADOW_LOG, ShadowLog
 from edgeroute.state import RECORDER, STATE, Live, ServerState
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
@@ -248,11 +248,7 @@ def create_app(
     learning_share.install(app, config)  # posteriors shared between instances (with shared_state)
     router_shadow.install(app, config, source)  # a candidate router evaluated on live traffic
     governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)
-    if config.learning.shadow_log is not None or any(m.shadow for m in config.models.values()):
-        log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None
-        if log_path is not None and base_dir is not None and not log_path.is_absolute():
-            log_path = base_dir / log_path
-        app[SHADOW_LOG] = ShadowLog(log_path)
+    shadow.install(app, config, base_dir)  # mirrors' bound and skip counts, the shadow log
     app.on_response_prepare.append(_server_header)
     app.cleanup_ctx.append(_lifecycle)
     app.cleanup_ctx.append(health_check_ctx)

@@ -193,6 +193,8 @@ class Shadow(_Strict):
 
     model: str
     percent: float = Field(gt=0, le=100)
+    # Mirrors of the route's requests running at once in a process; past it one is skipped (counted).
+    max_in_flight: int = Field(64, ge=1)
 
 
 class Model(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from edgeroute import _core
@@ -102,11 +103,20 @@ class CompletionsCall(CountedCall):
         return False
 
 
+def answer_text(body: bytes) -> str | None:
+    """The text of a completions answer (its choices', joined), for the shadow log."""
+    try:
+        choices = orjson.loads(body)["choices"]
+        return "".join(c["text"] for c in choices if isinstance(c, dict) and isinstance(c.get("text"), str))
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def parse(body: bytes) -> Parsed:
     req = CompletionsRequest(body)
     route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices)
     ids = sum(len(p) for p in req.prompts if isinstance(p, list))  # a prompt is all text or all ids
-    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req), token_ids=ids)
+    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req), token_ids=ids, answer_text=answer_text)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -266,10 +266,23 @@ def honoured_by(live: Live, model: str) -> bool:
     return False
 
 
-def parse(req: dict[str, Any], lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
+def answer_text(body: bytes) -> str | None:
+    """The text of a Messages answer (text, thinking, tool inputs), for the shadow log."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return _answer_text(obj.get("content")) if isinstance(obj, dict) else None
+
+
+def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
+    """The request in `body` (checked by `handle`; its shadow mirror's body, the same request
+    for another model without `stream`), whose chat translation the core decides on."""
+    req = orjson.loads(body)
     route = orjson.dumps(anthropic_api.to_openai(req))
     make = partial(MessagesCall, req, lost, headers)
-    return Parsed(req["model"], route, bool(req.get("stream")), make, ClientEncoder, serves=honoured_by)
+    stream = bool(req.get("stream"))
+    return Parsed(req["model"], route, stream, make, ClientEncoder, serves=honoured_by, answer_text=answer_text)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -286,4 +299,4 @@ async def handle(request: web.Request) -> web.StreamResponse:
     for name, value in forwarded.items():  # forwarded upstream: plain printable ASCII only
         if not (value.isascii() and value.isprintable()) or len(value) > 1000:
             raise ProxyError(400, f"The {name} header is not a valid value.", code="invalid_header")
-    return await serve(request, partial(parse, req, lost, forwarded))
+    return await serve(request, partial(parse, lost, forwarded))

@@ -6,6 +6,8 @@ keys, budgets and rate limits apply unchanged), dispatch with failover through t
 endpoint's `Call`, answer JSON or relay a stream, and in every case record the request:
 usage, cost, status, attempts, exactly once. An endpoint whose answer its request fully
 determines (embeddings) names the fields that do, and is served from the response cache.
+A generation endpoint's answered request is mirrored where its route has `shadow:` (as a
+chat request is: `shadow`), its mirror parsed, decided and dispatched as the endpoint's.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, headers
+from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Ticket, rerouted_model, with_model
 from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
+from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
@@ -40,6 +43,7 @@ from edgeroute.openai_api import (
     keep_content,
     read_body,
     route_cache,
+    route_shadow,
     servable,
 )
 from edgeroute.outcome import Outcome
@@ -71,6 +75,8 @@ class Parsed:
     # Whether a public model has a deployment that can serve the request (None: every model
     # can), so that a budget's downgrade does not send it where it can only fail.
     serves: Callable[[Live, str], bool] | None = None
+    # The text of a JSON answer, for the shadow log; None: the endpoint is not mirrored (`shadow:`).
+    answer_text: Callable[[bytes], str | None] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -160,6 +166,23 @@ def policy_body(route_body: bytes, sent: bytes) -> bytes:
     deployments allowed it. Appended last, so the decision's `model_span` holds for
     `route_body` (an object from `orjson.dumps`, never empty)."""
     return route_body[:-1] + b',"edgeroute_client_body":' + sent + b"}"
+
+
+def _mirror_of(endpoint: Endpoint, text: Callable[[bytes], str | None]) -> shadow.Prepare:
+    """How a mirror of a request on `endpoint` is made from its shadow body: parsed and checked
+    as the client's was, decided on its routing body (as `serve` decides), dispatched by the
+    endpoint's `Call` (which speaks the deployment's format)."""
+
+    def prepare(body: bytes) -> shadow.Mirror:
+        parsed = endpoint(body)
+        route_body = parsed.routing_body
+
+        def call(live: Live, d: _core.Decision, rec: RequestRecord, timeouts: Timeouts, attempts: int) -> Call:
+            return parsed.call(live, d, route_body, rec, timeouts, attempts)
+
+        return shadow.Mirror(policy_body(route_body, body), call, text, _ids_only(parsed))
+
+    return prepare
 
 
 def answer_object(data: bytes, status: int, key: str) -> dict[str, Any] | Failure:
@@ -271,6 +294,7 @@ async def serve(
         rec.status = 200
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
+        mirrored = route_shadow(live.config, decision)  # a fresh answer only: never a cached one
         if isinstance(got, JsonAnswer):
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
@@ -278,9 +302,17 @@ async def serve(
                 request.app[CACHE].save_json(plan, got.body, dep.cached_as, cost)
             if rec.content_mode != "none":
                 rec.content_response = got.body
+            if mirrored is not None and parsed.answer_text is not None and shadow.sampled(mirrored.percent):
+                prepare = _mirror_of(endpoint, parsed.answer_text)
+                ident, tags = request.get(IDENTITY), rec.tags
+                shadow.start(request.app, live, mirrored, body, rec, got.body, ident, tags, prepare, parsed.answer_text)
             out = answer(got.body) if answer is not None else got.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         keep_stream = content.keep_stream(rec, None)
+        if mirrored is not None and parsed.answer_text is not None:  # mirrored once the stream has ended cleanly
+            prepare = _mirror_of(endpoint, parsed.answer_text)
+            ident, tags = request.get(IDENTITY), rec.tags
+            keep_stream = shadow.after_stream(request.app, live, mirrored, body, rec, ident, tags, prepare, keep_stream)
         encode = parsed.encoder() if parsed.encoder is not None else None
         return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, encode, keep_stream)
     except ProxyError as e:

@@ -144,6 +144,15 @@ def served_natively(live: Live, model: str) -> bool:
     )
 
 
+def answer_text(body: bytes) -> str | None:
+    """The text of a Response (its output's), for the shadow log."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return rf.output_text(obj.get("output")) if isinstance(obj, dict) else None
+
+
 def parse(body: bytes) -> Parsed:
     req = ResponsesRequest(body)
     serves = None
@@ -152,7 +161,8 @@ def parse(body: bytes) -> Parsed:
     else:
         route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
         serves = served_natively
-    return Parsed(req.model, route, req.stream, partial(ResponsesCall, req), ClientEncoder, serves=serves)
+    call = partial(ResponsesCall, req)
+    return Parsed(req.model, route, req.stream, call, ClientEncoder, serves=serves, answer_text=answer_text)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
