@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -33,7 +32,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from edgeroute import _core, redact
+from edgeroute import _core, redact, shadow_log
 from edgeroute.accounting import RequestRecord, stream_text
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Config, Shadow, Timeouts
@@ -66,61 +65,11 @@ def shadow_body(body: bytes, model: str) -> bytes:
     return orjson.dumps(obj)
 
 
-class ShadowLog:
-    """Appends JSON lines to a file from a thread (or keeps the last pairs in memory)."""
-
-    def __init__(self, path: Path | None, keep: int = 1000) -> None:
-        self.path = path
-        self.keep = keep
-        self.pairs: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-
-    def write(self, pair: dict[str, Any]) -> None:
-        with self._lock:
-            self.pairs.append(pair)
-            del self.pairs[: -self.keep]
-            if self.path is not None:
-                with self.path.open("ab") as f:
-                    f.write(orjson.dumps(pair) + b"\n")
-
-
 _rng = random.Random()
-SHADOW_LOG = web.AppKey("shadow_log", ShadowLog)
 
 
 def sampled(percent: float) -> bool:
     return percent > 0 and _rng.random() * 100 < percent
-
-
-def pair_record(
-    primary: RequestRecord, primary_answer: str | None, shadow: RequestRecord, shadow_answer: str | None
-) -> dict[str, Any]:
-    def side(rec: RequestRecord, answer: str | None) -> dict[str, Any]:
-        return {
-            "route": rec.route,
-            "deployment": rec.deployment,
-            "status": rec.status,
-            "cost_usd": rec.cost_usd,
-            "latency_ms": round(rec.latency_ms, 3),
-            "completion_tokens": rec.usage.completion_tokens if rec.usage else None,
-            "answer": answer,
-        }
-
-    return {
-        "ts": time.time(),
-        "request_id": primary.request_id,
-        "primary": side(primary, primary_answer),
-        "shadow": side(shadow, shadow_answer),
-    }
-
-
-def _redacted(pair: dict[str, Any]) -> dict[str, Any]:
-    """The pair with credentials in its answers replaced, as the request log stores answers (a
-    model repeats what it was sent: a key pasted into a prompt, say)."""
-    for side in (pair["primary"], pair["shadow"]):
-        if side["answer"] is not None:
-            side["answer"] = redact.text(side["answer"])
-    return pair
 
 
 class Observer(Protocol):
@@ -266,7 +215,7 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
         log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None
         if log_path is not None and base_dir is not None and not log_path.is_absolute():
             log_path = base_dir / log_path
-        app[SHADOW_LOG] = ShadowLog(log_path)
+        app[shadow_log.SHADOW_LOG] = shadow_log.ShadowLog(log_path)
 
 
 def maybe_mirror(
@@ -431,6 +380,6 @@ async def _recorded(
     app[RECORDER].record(rec)
     if (seen := app.get(MIRRORED)) is not None:
         seen(rec)
-    if (slog := app.get(SHADOW_LOG)) is not None:
-        pair = pair_record(primary, primary_text, rec, text)
-        await asyncio.to_thread(lambda: slog.write(_redacted(pair)))
+    if (slog := app.get(shadow_log.SHADOW_LOG)) is not None:
+        pair = shadow_log.pair_record(primary, primary_text, rec, text)
+        await asyncio.to_thread(lambda: slog.write(shadow_log.redacted(pair)))

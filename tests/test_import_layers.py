@@ -104,7 +104,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.governance.deployments",
         ],
     ),
-    ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow", "edgeroute.router_shadow"]),
+    ("dispatch", ["edgeroute.dispatch", "edgeroute.shadow", "edgeroute.shadow_log", "edgeroute.router_shadow"]),
     (
         "API endpoints",
         [

@@ -256,7 +256,7 @@ async def test_shadow_traffic_is_recorded_never_returned(pair, start_proxy, tmp_
     shadow = next(r for r in proxy.recorder.records if r.shadow_of)
     assert shadow.shadow_of == raw.headers["x-request-id"] and shadow.route == "strong" and shadow.cost_usd > 0
     assert len(strong.options.requests) == 1 and strong.options.requests[0]["body"].get("stream") is None
-    from edgeroute.shadow import SHADOW_LOG
+    from edgeroute.shadow_log import SHADOW_LOG
 
     pair_rec = proxy.app[SHADOW_LOG].pairs[-1]
     assert pair_rec["primary"]["route"] == "weak" and pair_rec["shadow"]["route"] == "strong"

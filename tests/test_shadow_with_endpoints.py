@@ -24,7 +24,7 @@ import orjson
 import pytest
 
 from edgeroute import cli
-from edgeroute.shadow import SHADOW_LOG
+from edgeroute.shadow_log import SHADOW_LOG
 from tests.conftest import eventually
 from tests.metrics_support import scrape
 from tests.providers_fixtures import comparable, start_mock

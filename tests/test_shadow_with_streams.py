@@ -14,7 +14,7 @@ from typing import Any
 import anthropic
 import openai
 
-from edgeroute.shadow import SHADOW_LOG
+from edgeroute.shadow_log import SHADOW_LOG
 from tests.conftest import eventually
 
 FREE = {"input_per_mtok": 0, "output_per_mtok": 1.0}
