@@ -23,7 +23,8 @@ were looked at:
   module header to complete): what is asked and the code to complete. The harness's fixed
   system and instruction lines are left out (one template, the same for every problem).
   Texts over :data:`MAX_CHARS` characters, empty texts, exact duplicates (first kept,
-  Human before Machine) and training texts are dropped.
+  Human before Machine) and training texts (those of the shipped recipe, the scored
+  fresh sets included: :func:`~edgeroute.learn.task_devset.shipped_training`) are dropped.
 * **Sample.** At most :data:`PER_CLASS` problems, those with the smallest
   ``sha256(dataset, task_id)``. A class with fewer than :data:`MIN_PER_CLASS` prompts is
   left out whole.
@@ -120,6 +121,13 @@ def build_test_set(wheel: Path, r: dict[str, Any], training: set[str] | None = N
     return [e for e in out if counts[e.label] >= MIN_PER_CLASS]
 
 
+def shipped_texts() -> set[str]:
+    """Every text the shipped task model trains on (the scored fresh sets' too)."""
+    from edgeroute.learn.task_devset import shipped_training
+
+    return {e.text for e in shipped_training()[0]} if data.have_data() else set()
+
+
 def main(argv: list[str] | None = None) -> int:
     return fresh_eval.scored_once(
         argv,
@@ -127,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         description=(__doc__ or "").splitlines()[0],
         record_name=RECORD,
         title=TITLE,
-        build=lambda cache: build_test_set(fetch(cache), rules()),
+        build=lambda cache: build_test_set(fetch(cache), rules(), training=shipped_texts()),
     )
 
 
