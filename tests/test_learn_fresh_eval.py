@@ -266,3 +266,30 @@ def test_multiple_choice_framings_keep_the_class_of_questions_only() -> None:
     assert framed and all(any(o in c.text for o in augment.MC_OPTIONS) for c in framed)
     stories = [c for c in copies if "Write a story" in c.text]
     assert not any(o in c.text for c in stories for o in ("choice: ", "Options:\n", "Choices: "))
+
+
+def test_the_shipped_recipe_adds_each_sets_prompt_once_at_the_development_weight() -> None:
+    base = [Example("write a haiku", "creative_writing", "seed"), Example("2+2?", "math", "seed")]
+    sets = {
+        "a": [Example("2+2?", "math", "x/t"), Example("fix my regex", "code", "x/t")],
+        "b": [Example("fix my regex", "code", "y/u"), Example("translate hi", "translation", "y/v")],
+    }
+    examples, weights = task_devset.with_sets(base, sets)
+    # a set's prompt already in the base, or in an earlier set, is not added again
+    assert [e.text for e in examples] == ["write a haiku", "2+2?", "fix my regex", "translate hi"]
+    assert examples[:2] == base and examples[2].source == "x/t"
+    assert weights == [1.0, 1.0, task_devset.DEV_WEIGHT, task_devset.DEV_WEIGHT]
+
+
+def test_the_manifest_pins_the_fresh_sets_the_task_model_trains_on() -> None:
+    from edgeroute.learn import fresh_eval_v3, fresh_eval_v4, fresh_eval_v5, manifest
+
+    pins = manifest.pypi_files()
+    assert pins[task_devset.SDIST] == task_devset.SDIST_SHA256
+    assert pins[fresh_eval_v3.WHEEL] == fresh_eval_v3.SHA256
+    for _req, name, sha in (*fresh_eval.WHEELS.values(), *fresh_eval_v4.WHEELS.values()):
+        assert pins[name] == sha
+    # the fifth set is a test set: neither its wheel nor its labels are training inputs
+    assert fresh_eval_v5.WHEEL[1] not in pins
+    assert not any("v5" in name for name in manifest.LABEL_FILES)
+    assert "eval/fresh_task_sources_v4.json" in manifest.LABEL_FILES

