@@ -188,7 +188,7 @@ def nested_figure(
             # Every choice is made before the outer fold is read below.
             pick = _family_choice(out, prompts, grp, tr, router_means, sp) if families else None
             model = S.fit_candidate(out, chosen, xs, dense, tr, sp, None)
-            p = T.predict_matrix(model, S.features_of(xs, chosen).subset(test), dense[test])
+            p = T.predict_matrix(model, S.model_features(xs, chosen, model, test), dense[test])
             gp = B.group_prior([grp[i] for i in tr], out.scores[tr], [grp[i] for i in test])
             lr = B.tfidf_lr([prompts[i] for i in tr], out.scores[tr], [prompts[i] for i in test])
             preds = [("router", p), ("prior", gp), ("tfidf_lr", lr)]
