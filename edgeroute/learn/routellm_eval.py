@@ -28,6 +28,10 @@ committed with this paragraph, before any fold was scored with it; the outer fol
 seeds and grids are unchanged, so the figure is comparable with the earlier runs, and
 ``--features ngrams`` reproduces them.
 
+Since 2026-12-04 (later) the feature sets include ``words-tfidf`` (tf-idf weighted words,
+see :mod:`edgeroute.learn.selection`, whose module doc fixed that candidate set and the
+protocol, committed before this figure was run once per dataset).
+
 ``--nested --families`` adds one row, "inner-CV choice": in each outer fold the inner
 folds (the same ones ``router train`` splits the outer-training part into) also score the
 group prior and TF-IDF LR, fitted on each inner-training part; the predictor with the best

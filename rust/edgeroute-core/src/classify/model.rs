@@ -477,8 +477,8 @@ mod tests {
         for (&b, &c) in &counts {
             let v = (1.0 + (c as f64).ln()) * f64::from(idf[b as usize]);
             sumsq += v * v;
-            for j in 0..k {
-                acc[j] += v * f64::from(m.hashed[b as usize * k + j]);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += v * f64::from(m.hashed[b as usize * k + j]);
             }
         }
         let [l0, l1] = f.length();
@@ -516,7 +516,9 @@ mod tests {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         m.logits_into(&once, None, &mut a).unwrap();
         m.logits_into(&many, None, &mut b).unwrap();
-        let hashed = |z: &[f64], f: &Features| z[0] - f.length()[0] * m.dense_weights[0] - f.length()[1] * m.dense_weights[2] - m.bias[0];
+        let hashed = |z: &[f64], f: &Features| {
+            z[0] - f.length()[0] * m.dense_weights[0] - f.length()[1] * m.dense_weights[2] - m.bias[0]
+        };
         assert!((hashed(&a, &once) - hashed(&b, &many)).abs() < 1e-9);
     }
 
