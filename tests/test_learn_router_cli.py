@@ -214,7 +214,7 @@ def test_the_inner_folds_choose_the_feature_set_by_their_own_scores(where: str, 
         prompts.append(text)
         rows.append([1.0, 0.0] if hard else [1.0, float(rng.random() < 0.9)])
     out = R.Outcomes(prompts, ["strong", "weak"], np.asarray(rows), [0.01, 0.001])
-    sp = S.SearchSpace(l2=(1e-4,), iters=(100, 200), inner_folds=3)
+    sp = S.SearchSpace(l2=(1e-4,), iters=(100, 200), inner_folds=3, features=("ngrams", "words"))
     xs = S.featurize_sets(prompts, sp.features)
     chosen, means = S.select(out, xs, T.length_matrix(prompts), range(len(prompts)), sp, "apgr")
     assert chosen.family == S.LINEAR and chosen.features == wins, (chosen, means)
@@ -253,6 +253,95 @@ def test_a_router_on_its_own_feature_set_loads_in_the_core_and_predicts_as_pytho
     assert code == 2 and "feature sets are a comma-separated list of ngrams, words" in out, out
 
 
+def _diluted_signal(n: int, seed: int) -> tuple[list[str], list[list[float]]]:
+    """The weak model fails where the prompt starts with "integral"; every prompt then carries
+    5 to 600 tokens drawn from 12 filler words, so that counts over sqrt(n) dilute the
+    signal by up to 10x with length while tf-idf (repeats saturate, the vector is
+    normalised) keeps it about the same."""
+    rng = random.Random(seed)
+    filler = [f"f{i}" for i in range(12)]
+    prompts, rows = [], []
+    for i in range(n):
+        hard = rng.random() < 0.5
+        head = ("integral" if hard else rng.choice(["hello", "thanks"])) + f" n{i}"
+        prompts.append(head + " " + " ".join(rng.choice(filler) for _ in range(rng.randint(5, 600))))
+        rows.append([1.0, 0.0 if hard else float(rng.random() < 0.95)])
+    return prompts, rows
+
+
+def test_the_inner_folds_choose_tfidf_weighting_where_it_validates_better() -> None:
+    """`words-tfidf` is chosen by the inner folds' own scores, like every other candidate,
+    where the weighting helps: a signal word diluted by filler of varying length."""
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+
+    prompts, rows = _diluted_signal(240, seed=5)
+    out = R.Outcomes(prompts, ["strong", "weak"], np.asarray(rows), [0.01, 0.001])
+    sp = S.SearchSpace(l2=(1e-3,), iters=(50, 200), inner_folds=3, features=("words", "words-tfidf"))
+    xs = S.featurize_sets(prompts, sp.features)
+    chosen, means = S.select(out, xs, T.length_matrix(prompts), range(len(prompts)), sp, "apgr")
+    assert chosen.family == S.LINEAR and chosen.features == "words-tfidf", (chosen, means)
+    best_of = {f: max(v for c, v in means.items() if c.features == f and c.family == S.LINEAR) for f in sp.features}
+    assert best_of["words-tfidf"] > best_of["words"] + 0.05, best_of
+    # each fit's idf comes from its own training rows: prompts outside them change nothing
+    x_fit, _, idf = S.design(xs, "words-tfidf", list(range(100)), list(range(100, 240)))
+    counts = T.featurize_counts(prompts[:100], S.FEATURE_SETS["words-tfidf"])
+    assert idf is not None and np.array_equal(idf, T.idf_of(counts))
+    assert np.array_equal(x_fit.vals, T.tfidf_docs(counts, idf).vals)
+
+
+def test_a_tfidf_router_file_loads_in_the_core_and_scores_as_python(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`router train --features words-tfidf` writes a format 2 file with its idf table; the core
+    scores prompts as the Python reference does (both the per-prompt spec and the numpy batch
+    path), and `router eval` reads it."""
+    from edgeroute import _core
+    from edgeroute.learn import router as R
+    from edgeroute.learn import selection as S
+    from edgeroute.learn.model import FORMAT_TFIDF, LinearModel
+
+    prompts, rows = _diluted_signal(160, seed=8)
+    train = tmp_path / "train.jsonl"
+    with train.open("w") as f:
+        for p, (big, small) in zip(prompts, rows, strict=True):
+            f.write(json.dumps({"prompt": p, "model": "big", "score": big, "cost_usd": 0.01}) + "\n")
+            f.write(json.dumps({"prompt": p, "model": "small", "score": small, "cost_usd": 0.001}) + "\n")
+    path = tmp_path / "tfidf.erlm"
+    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(path), "--features", "words-tfidf", *FAST)
+    assert code == 0, out
+    assert "chose linear words-tfidf" in out, out
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[4:8], "little")])
+    assert header["format"] == FORMAT_TFIDF and header["weighting"] == "tfidf"
+    router = LinearModel.load(path)
+    assert router.featurizer == S.FEATURE_SETS["words-tfidf"]
+    assert len(router.idf) == 1 << 17 and min(router.idf) >= 1.0 and max(router.idf) > 2.0
+    assert LinearModel.from_bytes(router.to_bytes()).to_bytes() == raw
+    models = Path(__file__).resolve().parents[1] / "edgeroute" / "models"
+    spec = {
+        "deployments": [{"name": "d", "provider": "openai", "model": "m"}],
+        "models": [{"name": "m", "deployments": ["d"]}],
+    }
+    core = _core.Router(json.dumps(spec).encode(), (models / "task.erlm").read_bytes(), raw)
+    probe = ["integral n5 f1 f1 f1 f2", "hello n9 " + "f3 " * 400, "thanks", "integral " * 50]
+    batch = R.predict_scores(router, [p + "\n" for p in probe])
+    small = []
+    for prompt, row in zip(probe, batch, strict=True):
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": prompt}]}).encode()
+        got = dict(core.decide(body, explain=True).scores)
+        want = router.predict_proba(prompt + "\n")  # the core reads the user text, a line each
+        assert [got[m] for m in router.outputs] == pytest.approx(want, abs=1e-9), prompt[:40]
+        assert list(row) == pytest.approx(want, abs=1e-6), prompt[:40]
+        small.append(got["small"])
+    assert small[0] < small[1] - 0.1 and small[3] < small[2] - 0.1, small  # it learned the signal
+    test = tmp_path / "test.jsonl"
+    test.write_text(train.read_text())
+    code, out = run(capsys, "eval", "--router", str(path), "--outcomes", str(test))
+    assert code == 0 and "router " in out, out
+
+
 def test_parallel_fits_choose_and_score_exactly_as_one_process(tmp_path: Path) -> None:
     """`--jobs`: the inner fits spread over worker processes give the very scores one process does."""
     from edgeroute.learn import router as R
@@ -260,11 +349,11 @@ def test_parallel_fits_choose_and_score_exactly_as_one_process(tmp_path: Path) -
     from edgeroute.learn import train as T
 
     data = R.Outcomes.load(write_outcomes(tmp_path / "o.jsonl", 150, seed=9, signal=True))
-    xs = S.featurize_sets(data.prompts, ("ngrams", "words"))
+    xs = S.featurize_sets(data.prompts, ("ngrams", "words", "words-tfidf"))
     dense = T.length_matrix(data.prompts)
     got = {}
     for jobs in (1, 2):
         sp = S.SearchSpace(l2=(1e-3, 1e-1), iters=(10, 40), inner_folds=2, jobs=jobs)
         got[jobs] = S.select(data, xs, dense, range(150), sp, "apgr")
     assert got[1] == got[2]
-    assert len(got[1][1]) == 1 + 2 * 2 * 2  # the prior and every (features, L2, steps)
+    assert len(got[1][1]) == 1 + 3 * 2 * 2  # the prior and every (features, L2, steps)

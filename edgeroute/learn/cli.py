@@ -123,7 +123,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{len(data.prompts)} prompts, {len(data.models)} models; seed {args.seed}")
     xs = S.featurize_sets(data.prompts, space.features)
     # the task model's inputs, if one of the sets is its featurizer (else featurized anew)
-    x_task = next((x for n, x in xs.items() if task is not None and S.FEATURE_SETS[n] == task.featurizer), None)
+    x_task = next((x for n, x in xs.items() if task is not None and S.FEATURE_SETS[n] == task.featurizer
+                   and n not in S.TFIDF_SETS), None)  # fmt: skip
     dense, _ = R.dense_inputs(data.prompts, task, x_task)
     np.random.seed(args.seed)
     model, rep = S.nested(data, xs, dense, space, task)
@@ -319,10 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--features",
         type=_feature_sets,
-        default=["ngrams", "words"],
+        default=["ngrams", "words", "words-tfidf"],
         help="feature sets to try (comma-separated): ngrams = word uni/bigrams and character 4-grams "
         "of the first 1 KiB and last 256 B (the task model's, one pass for both); words = word "
-        "uni/bigrams of the first 4 KiB and last 256 B",
+        "uni/bigrams of the first 4 KiB and last 256 B; words-tfidf = the same words, tf-idf "
+        "weighted (sublinear tf, idf of the training prompts stored in the file, L2-normalised)",
     )
     t.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     t.add_argument("--inner-folds", type=int, default=3, help="folds that choose the settings (>= 2)")

@@ -5,18 +5,28 @@ A model maps a text to K outputs: ``softmax`` (a task classifier) or ``sigmoid``
 hashed buckets of :mod:`edgeroute.learn.features` and a few dense features
 (length, and optionally the probabilities of a task model).
 
-File format ``ERLM`` version 1 (all little-endian), read by
+File format ``ERLM`` (all little-endian), read by
 ``edgeroute_core::classify::LinearModel::from_bytes``::
 
     b"ERLM" | u32 header_len | header JSON (UTF-8)
     | i16[buckets * K] hashed weights, bucket-major (row b holds the K outputs)
     | f64[D * K] dense weights, row-major | f64[K] bias
+    | (format 2 with "weighting": "tfidf" only) f32[buckets] idf
+
+Format 1 is count weighting (every file written before tf-idf existed; still written
+for count-weighted models, so they load in older cores too); format 2 adds
+``"weighting"``: ``"count"`` or ``"tfidf"``.
 
 Header: ``{"format": 1, "featurizer": {...}, "outputs": [...], "activation":
 "softmax"|"sigmoid", "dense": ["length", "task"], "task_outputs": [...],
 "scale": float, "meta": {...}}``. The hashed logit of output k is
 ``scale * sum(w[b][k] for b in buckets) / sqrt(len(buckets))``; summing integers
 keeps Python and Rust exact, so they differ at most in the last bits of ``exp``.
+
+With tf-idf weighting, each distinct bucket ``b`` (ascending) with count ``c`` has
+value ``v = (1 + ln c) * idf[b]`` and the hashed logit of output k is
+``scale * sum(v * w[b][k]) / sqrt(sum(v ** 2))`` (sublinear term frequency, inverse
+document frequency, L2-normalised document vector), summed in f64 in that order.
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from edgeroute.atomic_file import replace_file
 from edgeroute.learn.features import FeaturizerConfig, bucket_ids, length_features
 
 MAGIC = b"ERLM"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # count weighting
+FORMAT_TFIDF = 2  # "weighting": "tfidf", an f32 idf table after the bias
 TASK_CLASSES: tuple[str, ...] = (
     "code",
     "math",
@@ -62,6 +73,8 @@ class LinearModel:
     bias: list[float]  # len = K
     task_outputs: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    # tf-idf weighting: one idf per bucket (values exact in f32); empty: count weighting
+    idf: list[float] = field(default_factory=list)
 
     @property
     def n_outputs(self) -> int:
@@ -87,19 +100,40 @@ class LinearModel:
                 raise ValueError(f"unknown dense block {block!r}")
         return vec
 
-    def logits_from(self, buckets: Sequence[int], dense: Sequence[float]) -> list[float]:
+    def _tfidf_hashed(self, buckets: Sequence[int]) -> list[float]:
         k = self.n_outputs
-        acc = [0] * k
-        w = self.hashed
+        counts: dict[int, int] = {}
         for b in buckets:
+            counts[b] = counts.get(b, 0) + 1
+        acc = [0.0] * k
+        sumsq = 0.0
+        for b in sorted(counts):
+            c = counts[b]
+            v = (1.0 if c == 1 else 1.0 + math.log(c)) * self.idf[b]
+            sumsq += v * v
             row = b * k
             for j in range(k):
-                acc[j] += w[row + j]
-        n = len(buckets)
-        norm = math.sqrt(n) if n else 1.0
+                acc[j] += v * self.hashed[row + j]
+        norm = math.sqrt(sumsq) if sumsq > 0 else 1.0
+        return [(self.scale * a) / norm for a in acc]
+
+    def logits_from(self, buckets: Sequence[int], dense: Sequence[float]) -> list[float]:
+        k = self.n_outputs
+        if self.idf:
+            hashed = self._tfidf_hashed(buckets)
+        else:
+            acc = [0] * k
+            w = self.hashed
+            for b in buckets:
+                row = b * k
+                for j in range(k):
+                    acc[j] += w[row + j]
+            n = len(buckets)
+            norm = math.sqrt(n) if n else 1.0
+            hashed = [(self.scale * a) / norm for a in acc]
         out = []
         for j in range(k):
-            z = (self.scale * acc[j]) / norm
+            z = hashed[j]
             for d, x in enumerate(dense):
                 z += x * self.dense_weights[d * k + j]
             out.append(z + self.bias[j])
@@ -119,8 +153,8 @@ class LinearModel:
 
     # ---- file format ----
     def to_bytes(self) -> bytes:
-        header = {
-            "format": FORMAT_VERSION,
+        header: dict[str, Any] = {
+            "format": FORMAT_TFIDF if self.idf else FORMAT_VERSION,
             "featurizer": self.featurizer.to_json(),
             "outputs": self.outputs,
             "activation": self.activation,
@@ -129,12 +163,16 @@ class LinearModel:
             "scale": self.scale,
             "meta": self.meta,
         }
+        if self.idf:
+            header["weighting"] = "tfidf"
         hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
         k = self.n_outputs
         if len(self.hashed) != (1 << self.featurizer.log2_buckets) * k:
             raise ValueError("hashed weight table has the wrong size")
         if len(self.dense_weights) != self.dense_dim() * k or len(self.bias) != k:
             raise ValueError("dense weights or bias have the wrong size")
+        if self.idf and len(self.idf) != 1 << self.featurizer.log2_buckets:
+            raise ValueError("idf table has the wrong size")
         return b"".join(
             [
                 MAGIC,
@@ -143,6 +181,7 @@ class LinearModel:
                 struct.pack(f"<{len(self.hashed)}h", *self.hashed),
                 struct.pack(f"<{len(self.dense_weights)}d", *self.dense_weights),
                 struct.pack(f"<{k}d", *self.bias),
+                struct.pack(f"<{len(self.idf)}f", *self.idf),
             ]
         )
 
@@ -152,8 +191,9 @@ class LinearModel:
             raise ValueError("not an ERLM model file")
         (hlen,) = struct.unpack_from("<I", data, 4)
         header = json.loads(data[8 : 8 + hlen].decode("utf-8"))
-        if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported model format {header.get('format')}")
+        fmt, weighting = header.get("format"), header.get("weighting")
+        if (fmt, weighting) not in ((FORMAT_VERSION, None), (FORMAT_TFIDF, "count"), (FORMAT_TFIDF, "tfidf")):
+            raise ValueError(f"unsupported model format {fmt} (weighting {weighting!r})")
         feat = FeaturizerConfig.from_json(header["featurizer"])
         outputs = [str(o) for o in header["outputs"]]
         k = len(outputs)
@@ -178,6 +218,10 @@ class LinearModel:
         off += 8 * nd
         model.bias = list(struct.unpack_from(f"<{k}d", data, off))
         off += 8 * k
+        if weighting == "tfidf":
+            nb = 1 << feat.log2_buckets
+            model.idf = list(struct.unpack_from(f"<{nb}f", data, off))
+            off += 4 * nb
         if off != len(data):
             raise ValueError("trailing bytes after model")
         return model

@@ -28,6 +28,10 @@ committed with this paragraph, before any fold was scored with it; the outer fol
 seeds and grids are unchanged, so the figure is comparable with the earlier runs, and
 ``--features ngrams`` reproduces them.
 
+Since 2026-12-04 (later) the feature sets include ``words-tfidf`` (tf-idf weighted words,
+see :mod:`edgeroute.learn.selection`, whose module doc fixed that candidate set and the
+protocol, committed before this figure was run once per dataset).
+
 ``--nested --families`` adds one row, "inner-CV choice": in each outer fold the inner
 folds (the same ones ``router train`` splits the outer-training part into) also score the
 group prior and TF-IDF LR, fitted on each inner-training part; the predictor with the best
@@ -188,7 +192,7 @@ def nested_figure(
             # Every choice is made before the outer fold is read below.
             pick = _family_choice(out, prompts, grp, tr, router_means, sp) if families else None
             model = S.fit_candidate(out, chosen, xs, dense, tr, sp, None)
-            p = T.predict_matrix(model, S.features_of(xs, chosen).subset(test), dense[test])
+            p = T.predict_matrix(model, S.model_features(xs, chosen, model, test), dense[test])
             gp = B.group_prior([grp[i] for i in tr], out.scores[tr], [grp[i] for i in test])
             lr = B.tfidf_lr([prompts[i] for i in tr], out.scores[tr], [prompts[i] for i in test])
             preds = [("router", p), ("prior", gp), ("tfidf_lr", lr)]

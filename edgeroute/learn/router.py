@@ -152,8 +152,14 @@ def train_router(
     x: T.SparseDocs | None = None,
     dense: T.F64 | None = None,
     sample_weight: T.F64 | None = None,
+    idf: T.F64 | None = None,
 ) -> LinearModel:
-    """Fit one sigmoid head per model on the observed scores (``sample_weight``: one per prompt)."""
+    """Fit one sigmoid head per model on the observed scores (``sample_weight``: one per prompt).
+
+    With ``idf`` (tf-idf weighting), ``x`` must be given: the prompts' :func:`~edgeroute.learn.train.tfidf_docs`
+    under that idf, which the file then stores."""
+    if idf is not None and x is None:
+        raise ValueError("a tf-idf router needs its tf-idf features")
     x = x if x is not None else T.featurize(data.prompts, cfg)
     if dense is None:
         dense, blocks = dense_inputs(data.prompts, task_model)
@@ -174,6 +180,7 @@ def train_router(
         dense=blocks,
         task_outputs=task_model.outputs if task_model is not None else (),
         meta={"kind": "router", "costs": dict(zip(data.models, data.costs, strict=True))},
+        idf=idf,
     )
 
 
@@ -186,7 +193,12 @@ def predict_scores(
 ) -> T.F64:
     if "task" in router.dense and task_model is None:
         raise ValueError("this router needs the task model it was trained with")
-    x = x if x is not None else T.featurize(prompts, router.featurizer)
+    if x is None:
+        x = (
+            T.tfidf_docs(T.featurize_counts(prompts, router.featurizer), np.asarray(router.idf))
+            if router.idf
+            else T.featurize(prompts, router.featurizer)
+        )
     if dense is None:
         dense, _ = dense_inputs(prompts, task_model if "task" in router.dense else None)
     return T.predict_matrix(router, x, dense)

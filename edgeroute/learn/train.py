@@ -94,6 +94,46 @@ def featurize(texts: Sequence[str], cfg: FeaturizerConfig) -> SparseDocs:
     return SparseDocs.build([bucket_ids_fast(t, cfg) for t in texts], 1 << cfg.log2_buckets)
 
 
+def featurize_counts(texts: Sequence[str], cfg: FeaturizerConfig) -> SparseDocs:
+    """Raw bucket counts (value = count), the input of :func:`tfidf_docs`."""
+    rows: list[I64] = []
+    cols: list[I64] = []
+    vals: list[F64] = []
+    for i, t in enumerate(texts):
+        bl = bucket_ids_fast(t, cfg)
+        if not bl:
+            continue
+        u, c = np.unique(np.asarray(bl, dtype=np.int64), return_counts=True)
+        rows.append(np.full(len(u), i, dtype=np.int64))
+        cols.append(u)
+        vals.append(c.astype(np.float64))
+    n_buckets = 1 << cfg.log2_buckets
+    if not rows:
+        empty = np.zeros(0, dtype=np.int64)
+        return SparseDocs(empty, empty, np.zeros(0), len(texts), n_buckets)
+    return SparseDocs(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), len(texts), n_buckets)
+
+
+def idf_of(counts: SparseDocs) -> F64:
+    """Smoothed inverse document frequency ``ln((1 + n) / (1 + df)) + 1`` of every bucket over
+    the documents of ``counts`` (the training prompts only), rounded to f32 as the model file
+    stores it, so that training sees exactly what the core computes."""
+    df = np.bincount(counts.cols, minlength=counts.n_buckets).astype(np.float64)
+    idf = np.log((1.0 + counts.n_docs) / (1.0 + df)) + 1.0
+    out: F64 = idf.astype(np.float32).astype(np.float64)
+    return out
+
+
+def tfidf_docs(counts: SparseDocs, idf: F64) -> SparseDocs:
+    """Rows ``(1 + ln count) * idf``, each L2-normalised (the core's tf-idf weighting, see
+    :mod:`edgeroute.learn.model`)."""
+    v = (1.0 + np.log(counts.vals)) * idf[counts.cols]
+    sq = np.bincount(counts.rows, weights=v * v, minlength=counts.n_docs)
+    norm = np.sqrt(sq)
+    norm[norm == 0] = 1.0
+    return SparseDocs(counts.rows, counts.cols, v / norm[counts.rows], counts.n_docs, counts.n_buckets)
+
+
 def length_matrix(texts: Sequence[str]) -> F64:
     return np.asarray([length_features(t) for t in texts], dtype=np.float64).reshape(-1, 2)
 
@@ -173,6 +213,7 @@ def quantize(
     dense: Sequence[str],
     task_outputs: Sequence[str] = (),
     meta: dict[str, Any] | None = None,
+    idf: F64 | None = None,
 ) -> LinearModel:
     peak = float(np.abs(w).max()) if w.size else 0.0
     scale = peak / 32767.0 if peak > 0 else 1.0
@@ -188,6 +229,7 @@ def quantize(
         bias=[float(v) for v in b],
         task_outputs=list(task_outputs),
         meta=meta or {},
+        idf=[] if idf is None else [float(v) for v in np.asarray(idf, dtype=np.float32)],
     )
 
 

@@ -1,6 +1,8 @@
-//! The `ERLM` v1 model file (little-endian): `b"ERLM"`, `u32` header length,
+//! The `ERLM` model file (little-endian): `b"ERLM"`, `u32` header length,
 //! JSON header, `i16[buckets * K]` bucket-major, `f64[D * K]` dense weights,
-//! `f64[K]` bias. Written by `edgeroute/learn/model.py`; decoding validates
+//! `f64[K]` bias; format 2 with `"weighting": "tfidf"` then `f32[buckets]`, the
+//! inverse document frequency of each bucket (format 1 files, count weighting,
+//! load as before). Written by `edgeroute/learn/model.py`; decoding validates
 //! every size and range so that a bad file is an error, never a panic later.
 
 use serde::Deserialize;
@@ -25,6 +27,8 @@ struct Header {
     scale: f64,
     #[serde(default)]
     meta: serde_json::Value,
+    #[serde(default)]
+    weighting: Option<String>,
 }
 
 fn take<'a>(data: &'a [u8], off: &mut usize, len: usize) -> Result<&'a [u8]> {
@@ -35,7 +39,7 @@ fn take<'a>(data: &'a [u8], off: &mut usize, len: usize) -> Result<&'a [u8]> {
 }
 
 impl LinearModel {
-    /// Decode an `ERLM` v1 file.
+    /// Decode an `ERLM` file (format 1 or 2).
     pub fn from_bytes(data: &[u8]) -> Result<Self> {
         let mut off = 0;
         if take(data, &mut off, 4)? != b"ERLM" {
@@ -44,9 +48,14 @@ impl LinearModel {
         let hlen = u32::from_le_bytes(take(data, &mut off, 4)?.try_into().expect("4 bytes"));
         let header: Header =
             serde_json::from_slice(take(data, &mut off, hlen as usize)?).map_err(|e| bad(format!("header: {e}")))?;
-        if header.format != 1 || !(1..=2).contains(&header.featurizer.version) {
+        if !(1..=2).contains(&header.format) || !(1..=2).contains(&header.featurizer.version) {
             return Err(bad("unsupported format or featurizer version"));
         }
+        let tfidf = match (header.format, header.weighting.as_deref()) {
+            (1, None) | (2, Some("count")) => false,
+            (2, Some("tfidf")) => true,
+            (_, w) => return Err(bad(format!("unsupported weighting {w:?} for format {}", header.format))),
+        };
         let fc = &header.featurizer;
         if !(8..=24).contains(&fc.log2_buckets) || fc.char_ngrams.iter().any(|&n| n == 0 || n > 7) {
             return Err(bad("featurizer parameters out of range"));
@@ -91,6 +100,18 @@ impl LinearModel {
         };
         let dense_weights = f64s(take(data, &mut off, 8 * d * k)?);
         let bias = f64s(take(data, &mut off, 8 * k)?);
+        let idf = if tfidf {
+            let idf: Vec<f32> = take(data, &mut off, 4 << fc.log2_buckets)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            if idf.iter().any(|v| !v.is_finite() || *v < 0.0) {
+                return Err(bad("idf weights must be finite and non-negative"));
+            }
+            Some(idf)
+        } else {
+            None
+        };
         if off != data.len() {
             return Err(bad("trailing bytes after the model"));
         }
@@ -105,6 +126,7 @@ impl LinearModel {
             dense_weights,
             bias,
             meta: header.meta,
+            idf,
         })
     }
 }
@@ -143,6 +165,25 @@ pub(super) mod testdata {
         out
     }
 
+    /// Like [`varied_model_bytes`] in format 2 with tf-idf weighting: bucket `b`'s idf is
+    /// `1 + (b % 5) / 4`.
+    pub fn tfidf_model_bytes(outputs: &[&str], dense: &[&str]) -> Vec<u8> {
+        let old = varied_model_bytes(outputs, "sigmoid", dense);
+        let hlen = u32::from_le_bytes(old[4..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&old[8..8 + hlen]).unwrap();
+        header["format"] = 2.into();
+        header["weighting"] = "tfidf".into();
+        let h = serde_json::to_vec(&header).unwrap();
+        let mut out = b"ERLM".to_vec();
+        out.extend((h.len() as u32).to_le_bytes());
+        out.extend(h);
+        out.extend(&old[8 + hlen..]);
+        for b in 0..256u32 {
+            out.extend((1.0f32 + (b % 5) as f32 / 4.0).to_le_bytes());
+        }
+        out
+    }
+
     /// Like [`model_bytes`], with distinct weights per bucket and output.
     pub fn varied_model_bytes(outputs: &[&str], activation: &str, dense: &[&str]) -> Vec<u8> {
         let mut bytes = model_bytes(outputs, activation, dense, 0);
@@ -159,7 +200,7 @@ pub(super) mod testdata {
 #[cfg(test)]
 mod tests {
     use super::super::TextModel;
-    use super::testdata::model_bytes;
+    use super::testdata::{model_bytes, tfidf_model_bytes};
     use super::*;
 
     #[test]
@@ -172,5 +213,37 @@ mod tests {
         assert!(LinearModel::from_bytes(&extra).is_err());
         assert!(matches!(LinearModel::from_bytes(b"NOPE"), Err(CoreError::ModelFile(_))));
         assert!(TextModel::from_bytes(&good).is_err()); // sigmoid, unknown classes
+    }
+
+    #[test]
+    fn tfidf_files_need_format_2_and_the_whole_idf_table() {
+        let good = tfidf_model_bytes(&["a", "b"], &["length"]);
+        let m = LinearModel::from_bytes(&good).unwrap();
+        assert_eq!(m.idf.as_ref().map(Vec::len), Some(256));
+        assert!(LinearModel::from_bytes(&good[..good.len() - 4]).is_err());
+        let mut extra = good.clone();
+        extra.extend(0f32.to_le_bytes());
+        assert!(LinearModel::from_bytes(&extra).is_err());
+        // a negative idf is refused
+        let mut neg = good.clone();
+        let n = neg.len();
+        neg[n - 4..].copy_from_slice(&(-1.0f32).to_le_bytes());
+        assert!(LinearModel::from_bytes(&neg).is_err());
+        // "tfidf" in a format 1 header, or an unknown weighting, is refused
+        let hlen = u32::from_le_bytes(good[4..8].try_into().unwrap()) as usize;
+        for (format, weighting) in [(1, "tfidf"), (2, "bm25")] {
+            let mut header: serde_json::Value = serde_json::from_slice(&good[8..8 + hlen]).unwrap();
+            header["format"] = format.into();
+            header["weighting"] = weighting.into();
+            let h = serde_json::to_vec(&header).unwrap();
+            let mut f = b"ERLM".to_vec();
+            f.extend((h.len() as u32).to_le_bytes());
+            f.extend(h);
+            f.extend(&good[8 + hlen..]);
+            assert!(LinearModel::from_bytes(&f).is_err(), "{format} {weighting}");
+        }
+        // a format 1 file (count weighting) has no idf table
+        let v1 = model_bytes(&["a", "b"], "sigmoid", &["length"], 1);
+        assert!(LinearModel::from_bytes(&v1).unwrap().idf.is_none());
     }
 }

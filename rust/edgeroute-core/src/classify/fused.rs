@@ -67,7 +67,7 @@ fn accumulate<const W: usize>(rows: &[[i16; W]], text: &str, cfg: &FeaturizerCon
 impl Fused {
     fn new(task: &LinearModel, router: &LinearModel) -> Option<Self> {
         let (kt, kr) = (task.outputs.len(), router.outputs.len());
-        if task.featurizer != router.featurizer {
+        if task.featurizer != router.featurizer || task.is_tfidf() || router.is_tfidf() {
             return None;
         }
         let rows = match kt + kr {

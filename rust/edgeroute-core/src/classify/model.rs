@@ -38,6 +38,9 @@ pub struct LinearModel {
     pub(super) dense_weights: Vec<f64>,
     pub(super) bias: Vec<f64>,
     pub(super) meta: serde_json::Value,
+    /// Inverse document frequency of each bucket (format 2, `"weighting": "tfidf"`);
+    /// `None`: count weighting.
+    pub(super) idf: Option<Vec<f32>>,
 }
 
 impl fmt::Debug for LinearModel {
@@ -76,8 +79,17 @@ impl LinearModel {
         &self.meta
     }
 
+    /// Whether the hashed features are tf-idf weighted (else counts over `sqrt(n)`).
+    pub fn is_tfidf(&self) -> bool {
+        self.idf.is_some()
+    }
+
     /// Raw scores (before the activation), written into `out` (cleared first).
     pub fn logits_into(&self, f: &Features, task: Option<&[f64]>, out: &mut Vec<f64>) -> Result<()> {
+        if let Some(idf) = &self.idf {
+            self.tfidf_hashed(idf, f.buckets(), out);
+            return self.dense_and_bias(&f.length(), task, out);
+        }
         let k = self.outputs.len();
         let mut acc = [0i32; 32];
         let mut big: Vec<i32>;
@@ -114,10 +126,57 @@ impl LinearModel {
         task: Option<&[f64]>,
         out: &mut Vec<f64>,
     ) -> Result<()> {
-        let k = self.outputs.len();
         let norm = if n == 0 { 1.0 } else { (n as f64).sqrt() };
         out.clear();
         out.extend(acc.iter().map(|&a| (self.scale * f64::from(a)) / norm));
+        self.dense_and_bias(length, task, out)
+    }
+
+    /// The hashed part of the logits with tf-idf weighting (the spec in
+    /// `edgeroute/learn/model.py`): each distinct bucket `b`, in ascending order,
+    /// with count `c` has value `v = (1 + ln c) * idf[b]`; the logit is
+    /// `scale * sum(v * w[b]) / sqrt(sum(v^2))`, summed in f64 in that order.
+    fn tfidf_hashed(&self, idf: &[f32], buckets: &[u32], out: &mut Vec<f64>) {
+        let k = self.outputs.len();
+        let mut stack = [0u32; 2048];
+        let mut heap = Vec::new();
+        let sorted: &mut [u32] = if buckets.len() <= stack.len() {
+            &mut stack[..buckets.len()]
+        } else {
+            heap.extend_from_slice(buckets);
+            &mut heap
+        };
+        sorted.copy_from_slice(buckets);
+        sorted.sort_unstable();
+        out.clear();
+        out.resize(k, 0.0);
+        let mut sumsq = 0.0f64;
+        let mut i = 0;
+        while i < sorted.len() {
+            let b = sorted[i];
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == b {
+                j += 1;
+            }
+            let c = j - i;
+            let tf = if c == 1 { 1.0 } else { 1.0 + (c as f64).ln() };
+            let v = tf * f64::from(idf[b as usize]);
+            sumsq += v * v;
+            let row = &self.hashed[b as usize * k..b as usize * k + k];
+            for (a, &w) in out.iter_mut().zip(row) {
+                *a += v * f64::from(w);
+            }
+            i = j;
+        }
+        let norm = if sumsq > 0.0 { sumsq.sqrt() } else { 1.0 };
+        for a in out.iter_mut() {
+            *a = (self.scale * *a) / norm;
+        }
+    }
+
+    /// Adds the dense inputs' and the bias's part to the hashed logits in `out`.
+    fn dense_and_bias(&self, length: &[f64; 2], task: Option<&[f64]>, out: &mut [f64]) -> Result<()> {
+        let k = self.outputs.len();
         let mut row = 0;
         for block in &self.dense {
             let xs: &[f64] = match block {
@@ -402,8 +461,80 @@ impl RouterModel {
 
 #[cfg(test)]
 mod tests {
-    use super::super::format::testdata::model_bytes;
+    use super::super::format::testdata::{model_bytes, tfidf_model_bytes, varied_model_bytes};
     use super::*;
+
+    /// The tf-idf logits by the spec, the slow way (a map of counts).
+    fn tfidf_reference(m: &LinearModel, f: &Features) -> Vec<f64> {
+        let idf = m.idf.as_ref().unwrap();
+        let k = m.outputs.len();
+        let mut counts = std::collections::BTreeMap::new();
+        for &b in f.buckets() {
+            *counts.entry(b).or_insert(0usize) += 1;
+        }
+        let mut acc = vec![0.0; k];
+        let mut sumsq = 0.0;
+        for (&b, &c) in &counts {
+            let v = (1.0 + (c as f64).ln()) * f64::from(idf[b as usize]);
+            sumsq += v * v;
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a += v * f64::from(m.hashed[b as usize * k + j]);
+            }
+        }
+        let [l0, l1] = f.length();
+        (0..k)
+            .map(|j| {
+                let norm = if sumsq > 0.0 { sumsq.sqrt() } else { 1.0 };
+                m.scale * acc[j] / norm + l0 * m.dense_weights[j] + l1 * m.dense_weights[k + j] + m.bias[j]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tfidf_logits_follow_the_spec() {
+        let m = LinearModel::from_bytes(&tfidf_model_bytes(&["strong", "weak"], &["length"])).unwrap();
+        let count = LinearModel::from_bytes(&varied_model_bytes(&["strong", "weak"], "sigmoid", &["length"])).unwrap();
+        let long: String = "why does the sky look blue at noon ".repeat(400);
+        for text in ["", "hello", "the cat the cat the dog, the end", long.as_str()] {
+            let f = Features::extract(text, &m.featurizer);
+            let mut z = Vec::new();
+            m.logits_into(&f, None, &mut z).unwrap();
+            let want = tfidf_reference(&m, &f);
+            for (a, b) in z.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-9 * b.abs().max(1.0), "{text:?}: {a} vs {b}");
+            }
+            if f.buckets().len() > 1 {
+                // the same weights read as counts give another answer
+                let mut zc = Vec::new();
+                count.logits_into(&f, None, &mut zc).unwrap();
+                assert_ne!(z, zc, "{text:?}");
+            }
+        }
+        // a word repeated: 1 + ln(count), then L2-normalised, so repetition saturates
+        let once = Features::extract("hello", &m.featurizer);
+        let many = Features::extract("hello hello hello hello", &m.featurizer);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        m.logits_into(&once, None, &mut a).unwrap();
+        m.logits_into(&many, None, &mut b).unwrap();
+        let hashed = |z: &[f64], f: &Features| {
+            z[0] - f.length()[0] * m.dense_weights[0] - f.length()[1] * m.dense_weights[2] - m.bias[0]
+        };
+        assert!((hashed(&a, &once) - hashed(&b, &many)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn tfidf_router_is_never_fused_and_scores_alike_through_the_classifier() {
+        let outs: Vec<&str> = TaskType::ALL.iter().map(|t| t.as_str()).collect();
+        let task = model_bytes(&outs, "softmax", &["length"], 3);
+        let router = tfidf_model_bytes(&["strong", "weak"], &["length"]);
+        let clf = super::super::Classifier::from_bytes(&task, &router).unwrap();
+        let text = "Explain the proof, then the proof again.";
+        let c = clf.classify(text);
+        let r = RouterModel::from_bytes(&router).unwrap();
+        let direct = r.scores(&Features::extract(text, r.featurizer()), None).unwrap();
+        assert_eq!(c.scores, direct);
+        assert!(format!("{clf:?}").contains("fused: None"));
+    }
 
     #[test]
     fn load_and_predict_softmax() {
