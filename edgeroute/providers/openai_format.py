@@ -356,6 +356,14 @@ def completion(
     return out
 
 
+def text_field(value: Any) -> str:
+    """A text field of an upstream's answer (text, a tool's name or id) as a string: a careless
+    upstream's `null` is empty, where `str()` showed the client the word "None"."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
+
+
 def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
