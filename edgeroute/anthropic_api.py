@@ -246,14 +246,27 @@ def _message_id(raw: Any) -> str:
     return cid if cid.startswith("msg_") else "msg_" + cid.removeprefix("chatcmpl-")
 
 
-def _tool_input(arguments: Any) -> dict[str, Any]:
+def _tool_input(arguments: Any, truncated: bool) -> dict[str, Any]:
+    """A tool call's arguments as Anthropic's `input` object. Cut off by the token limit
+    (`truncated`), an unfinished JSON text is `{}`, as Anthropic answers such a call (with
+    stop_reason `max_tokens`): it was a 502, the answer paid for, and retried by the SDK."""
     try:
         value = orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
+        if truncated:
+            return {}
         raise ProxyError(502, "The upstream answered a tool call with invalid JSON arguments.") from None
     if not isinstance(value, dict):
         raise ProxyError(502, "The upstream answered a tool call whose arguments are not a JSON object.")
     return value
+
+
+def _string(value: Any) -> str:
+    """A careless upstream's null (or number) id or tool name as the string Anthropic's SDK types
+    declare: a null was relayed, and `block.name` was None in the client's hands."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
 
 
 def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
@@ -266,14 +279,15 @@ def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
         raise UnreadableAnswer("content is not a string")
     if text:
         content.append({"type": "text", "text": text})
+    truncated = choice.get("finish_reason") == "length"
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") or {}
         content.append(
             {
                 "type": "tool_use",
-                "id": call.get("id"),
-                "name": fn.get("name"),
-                "input": _tool_input(fn.get("arguments")),
+                "id": _string(call.get("id")),
+                "name": _string(fn.get("name")),
+                "input": _tool_input(fn.get("arguments"), truncated),
             }
         )
     return {
@@ -414,7 +428,12 @@ class StreamEncoder:
                     if self.text_block is not None:
                         out += self._close(self.text_block)
                         self.text_block = None
-                    block = {"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"), "input": {}}
+                    block = {
+                        "type": "tool_use",
+                        "id": _string(tc.get("id")),
+                        "name": _string(fn.get("name")),
+                        "input": {},
+                    }
                     self.tool_blocks[ti], ev = self._open(block)
                     out += ev
                 if fn.get("arguments"):
