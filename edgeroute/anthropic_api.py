@@ -150,6 +150,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     for t in tools:
         if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
             raise _bad("tools: only custom tools (name, description, input_schema) are supported.", "tools")
+        if t.get("input_schema") is not None and not isinstance(t["input_schema"], dict):
+            raise _bad("tools: a tool's input_schema must be a JSON Schema object.", "tools")
+        if t.get("description") is not None and not isinstance(t["description"], str):
+            raise _bad("tools: a tool's description must be a string.", "tools")
         fn: dict[str, Any] = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object"}}
         if t.get("description"):
             fn["description"] = t["description"]
