@@ -90,6 +90,15 @@ def _image_part(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def _block_text(block: dict[str, Any], i: int, j: int) -> str:
+    """A text block's text: one that is not a string is a 400, as Anthropic answers it; read with
+    `str()`, a null or missing text reached the model as the word "None" (or as "")."""
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise _bad(f"messages.{i}.content.{j}.text: Input should be a valid string", "messages")
+    return text
+
+
 def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
     """OpenAI messages for one Anthropic user turn: its tool results first, then its other content."""
     if isinstance(content, str):
@@ -98,10 +107,10 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
         raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    for b in content:
+    for j, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(b.get("text", ""))})
+            parts.append({"type": "text", "text": _block_text(b, i, j)})
         elif kind == "image":
             parts.append(_image_part(b))
         elif kind == "tool_result":
@@ -124,10 +133,10 @@ def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
         raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
     text: list[str] = []
     calls: list[dict[str, Any]] = []
-    for b in content:
+    for j, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            text.append(str(b.get("text", "")))
+            text.append(_block_text(b, i, j))
         elif kind == "tool_use":
             args = orjson.dumps(b.get("input") or {}).decode()
             calls.append(
