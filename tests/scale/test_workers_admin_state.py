@@ -1,7 +1,8 @@
-"""`serve --workers 2` with `ledger.backend: memory` and managed keys: a key made, or revoked,
+"""`serve --workers 2`: with `ledger.backend: memory` and managed keys, a key made, or revoked,
 through whichever worker takes the admin request holds on every worker, and outlives a
 worker's restart. Each worker kept the keys in its own memory: a new key was refused (401)
-by the other worker, its revocation was a 404 there, and the revoked key was served on."""
+by the other worker, its revocation was a 404 there, and the revoked key was served on. And
+`/admin/deployments` names the worker whose view it is."""
 
 from __future__ import annotations
 
@@ -79,3 +80,29 @@ async def test_managed_keys_hold_on_every_worker_with_a_memory_ledger(start_upst
         return await _statuses(inst.url, key["secret"]) == [401] * 12
 
     await eventually(refused_everywhere, "the revoked key refused by every worker", within=10)
+
+
+async def test_admin_deployments_names_the_worker_that_answers(start_upstream: Any, spawn: Spawn) -> None:
+    """Each worker's `/admin/deployments` is its own (latency, counts, in flight): the answer says
+    whose, where it changed with each connection for no visible reason."""
+    up = await start_upstream()
+    cfg = {
+        "providers": {"a": {"base_url": up.base_url}},
+        "deployments": {"d-a": {"provider": "a", "model": "x"}},
+        "models": {"m": {"deployments": ["d-a"]}},
+        "ledger": {"backend": "memory"},
+    }
+    inst = await spawn(cfg, "--workers", "2")
+    seen: set[int] = set()
+
+    async def both_answered() -> bool:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
+            s.get(inst.url + "/admin/deployments") as r,
+        ):
+            body = await r.json()
+        assert r.status == 200 and body["workers"] == 2 and [d["name"] for d in body["deployments"]] == ["d-a"]
+        seen.add(body["worker"])
+        return seen == {0, 1}
+
+    await eventually(both_answered, "both workers answering /admin/deployments", within=10, every=0)
