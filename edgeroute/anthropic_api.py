@@ -90,6 +90,15 @@ def _image_part(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+def _block_text(block: dict[str, Any], i: int, j: int) -> str:
+    """A text block's text: one that is not a string is a 400, as Anthropic answers it; read with
+    `str()`, a null or missing text reached the model as the word "None" (or as "")."""
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise _bad(f"messages.{i}.content.{j}.text: Input should be a valid string", "messages")
+    return text
+
+
 def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
     """OpenAI messages for one Anthropic user turn: its tool results first, then its other content."""
     if isinstance(content, str):
@@ -98,10 +107,10 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
         raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
     results: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
-    for b in content:
+    for j, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": str(b.get("text", ""))})
+            parts.append({"type": "text", "text": _block_text(b, i, j)})
         elif kind == "image":
             parts.append(_image_part(b))
         elif kind == "tool_result":
@@ -124,10 +133,10 @@ def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
         raise _bad(f"messages.{i}.content: expected a string or a list of content blocks.")
     text: list[str] = []
     calls: list[dict[str, Any]] = []
-    for b in content:
+    for j, b in enumerate(content):
         kind = b.get("type") if isinstance(b, dict) else None
         if kind == "text":
-            text.append(str(b.get("text", "")))
+            text.append(_block_text(b, i, j))
         elif kind == "tool_use":
             args = orjson.dumps(b.get("input") or {}).decode()
             calls.append(
@@ -150,6 +159,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     for t in tools:
         if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
             raise _bad("tools: only custom tools (name, description, input_schema) are supported.", "tools")
+        if t.get("input_schema") is not None and not isinstance(t["input_schema"], dict):
+            raise _bad("tools: a tool's input_schema must be a JSON Schema object.", "tools")
+        if t.get("description") is not None and not isinstance(t["description"], str):
+            raise _bad("tools: a tool's description must be a string.", "tools")
         fn: dict[str, Any] = {"name": t["name"], "parameters": t.get("input_schema") or {"type": "object"}}
         if t.get("description"):
             fn["description"] = t["description"]
@@ -246,14 +259,27 @@ def _message_id(raw: Any) -> str:
     return cid if cid.startswith("msg_") else "msg_" + cid.removeprefix("chatcmpl-")
 
 
-def _tool_input(arguments: Any) -> dict[str, Any]:
+def _tool_input(arguments: Any, truncated: bool) -> dict[str, Any]:
+    """A tool call's arguments as Anthropic's `input` object. Cut off by the token limit
+    (`truncated`), an unfinished JSON text is `{}`, as Anthropic answers such a call (with
+    stop_reason `max_tokens`): it was a 502, the answer paid for, and retried by the SDK."""
     try:
         value = orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
+        if truncated:
+            return {}
         raise ProxyError(502, "The upstream answered a tool call with invalid JSON arguments.") from None
     if not isinstance(value, dict):
         raise ProxyError(502, "The upstream answered a tool call whose arguments are not a JSON object.")
     return value
+
+
+def _string(value: Any) -> str:
+    """A careless upstream's null (or number) id or tool name as the string Anthropic's SDK types
+    declare: a null was relayed, and `block.name` was None in the client's hands."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
 
 
 def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
@@ -266,14 +292,15 @@ def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
         raise UnreadableAnswer("content is not a string")
     if text:
         content.append({"type": "text", "text": text})
+    truncated = choice.get("finish_reason") == "length"
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") or {}
         content.append(
             {
                 "type": "tool_use",
-                "id": call.get("id"),
-                "name": fn.get("name"),
-                "input": _tool_input(fn.get("arguments")),
+                "id": _string(call.get("id")),
+                "name": _string(fn.get("name")),
+                "input": _tool_input(fn.get("arguments"), truncated),
             }
         )
     return {
@@ -414,7 +441,12 @@ class StreamEncoder:
                     if self.text_block is not None:
                         out += self._close(self.text_block)
                         self.text_block = None
-                    block = {"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"), "input": {}}
+                    block = {
+                        "type": "tool_use",
+                        "id": _string(tc.get("id")),
+                        "name": _string(fn.get("name")),
+                        "input": {},
+                    }
                     self.tool_blocks[ti], ev = self._open(block)
                     out += ev
                 if fn.get("arguments"):

@@ -176,7 +176,13 @@ async def admin_deployments(request: web.Request) -> web.Response:
         counts = await asyncio.gather(*(_fleet_active(shared, str(row["name"])) for row in limited))
         for row, n in zip(limited, counts, strict=True):
             row["fleet_active"] = n
-    return web.Response(body=orjson.dumps({"deployments": out}), content_type="application/json")
+    body: dict[str, object] = {"deployments": out}
+    if (worker := request.app.get(WORKER)) is not None and worker.count > 1:
+        # Health, latency and counts are this worker's own (per process, on purpose): say whose,
+        # or an operator's view changed with each connection for no visible reason.
+        body["worker"] = worker.id
+        body["workers"] = worker.count
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
 async def _fleet_active(shared: SharedSlots, deployment: str) -> int | None:

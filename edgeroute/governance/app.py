@@ -37,7 +37,9 @@ _T = TypeVar("_T")
 
 def install(app: web.Application, cfg: Config, source: str) -> None:
     p = Path(source)
-    store = GovStore.for_config(cfg, p.parent if p.is_file() else None)
+    worker = workers.current()
+    shared = worker.dir if worker is not None and worker.count > 1 else None
+    store = GovStore.for_config(cfg, p.parent if p.is_file() else None, shared)
     managed = None
     if cfg.governance.managed_keys:
         managed = K.ManagedKeys(store, lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
@@ -48,7 +50,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
     gov.versions.record(text_of(cfg, source), "start", None)
-    if (worker := workers.current()) is None or worker.id == 0:  # one server start, whatever its workers
+    if worker is None or worker.id == 0:  # one server start, whatever its workers
         store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

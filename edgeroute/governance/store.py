@@ -113,12 +113,18 @@ class GovStore:
             cur.execute(self._sql("INSERT INTO gov_meta (name, value) VALUES ('keys', 0) ON CONFLICT DO NOTHING"))
 
     @classmethod
-    def for_config(cls, cfg: Config, base_dir: Path | None) -> GovStore:
+    def for_config(cls, cfg: Config, base_dir: Path | None, workers_dir: Path | None = None) -> GovStore:
         """The ledger's database; an in-memory SQLite store when there is none (an in-process
-        config without a ledger: versions and audit then last as long as the process)."""
+        config without a ledger: versions and audit then last as long as the process). With
+        `workers_dir` (the run directory of `serve --workers N`), a memory ledger's store is a
+        file there, shared by the workers for as long as the server runs: in each worker's
+        memory, a managed key made through one worker was refused by the others, and a key
+        revoked through one was still served by the others."""
         lc = cfg.ledger
         if lc is None and base_dir is not None:
             lc = LedgerConfig()
+        if (lc is None or lc.backend == "memory") and workers_dir is not None:
+            return cls("sqlite", str(workers_dir / "governance.db"))
         if lc is None or lc.backend == "memory":
             return cls("sqlite", ":memory:")
         if lc.backend == "postgres":

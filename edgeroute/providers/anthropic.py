@@ -40,15 +40,17 @@ FINISH = {
 
 
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Anthropic's usage in OpenAI's terms: cache reads and writes are prompt tokens too."""
-    if not isinstance(u, dict) or type(u.get("output_tokens")) is not int:
-        # Without its output, counted from the answer: read as 0, a careless upstream's answers
-        # (input_tokens alone) were priced as their prompt, however long.
+    """Anthropic's usage in OpenAI's terms: cache reads and writes are prompt tokens too. None
+    (the answer is counted) without its output count or with any count that is not a count:
+    a careless upstream's negative count reached the client as negative `usage` (and a string
+    one failed a good answer with a 502)."""
+    counts = oa.token_counts(
+        u, ("output_tokens",), ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+    )
+    if counts is None:
         return None
-    cached = int(u.get("cache_read_input_tokens") or 0)
-    written = int(u.get("cache_creation_input_tokens") or 0)
-    prompt = int(u.get("input_tokens") or 0) + written + cached
-    return oa.usage(prompt, int(u.get("output_tokens") or 0), cached, cache_write=written)
+    output, given, cached, written = counts
+    return oa.usage(given + written + cached, output, cached, cache_write=written)
 
 
 def image_block(url: str) -> dict[str, Any]:
@@ -230,9 +232,9 @@ class AnthropicAdapter(Adapter):
         reply = oa.Reply()
         for block in obj.get("content") or ():
             if block.get("type") == "text":
-                reply.text.append(block.get("text", ""))
+                reply.text.append(oa.text_field(block.get("text")))
             elif block.get("type") == "tool_use":
-                reply.tool_use(block.get("id", ""), block.get("name", ""), block.get("input"))
+                reply.tool_use(oa.text_field(block.get("id")), oa.text_field(block.get("name")), block.get("input"))
         finish = FINISH.get(str(obj.get("stop_reason")), "stop")
         return reply.completion(
             str(obj.get("id") or oa.new_id()), str(obj.get("model", "")), finish, openai_usage(obj.get("usage"))
@@ -279,7 +281,7 @@ class AnthropicStream(oa.SseJsonStream):
             elif block.get("type") == "tool_use":
                 ti = w.new_tool()
                 self.blocks[idx] = ("tool", ti)
-                return w.tool_head(ti, str(block.get("id", "")), str(block.get("name", "")))
+                return w.tool_head(ti, oa.text_field(block.get("id")), oa.text_field(block.get("name")))
             elif block.get("type") == "text":
                 self.blocks[idx] = ("text", -1)
                 return w.text(str(block.get("text") or ""))
@@ -289,7 +291,7 @@ class AnthropicStream(oa.SseJsonStream):
             delta = ev.get("delta") or {}
             dtype = delta.get("type")
             if dtype == "text_delta":
-                return w.text(str(delta.get("text", "")))
+                return w.text(oa.text_field(delta.get("text")))
             if dtype == "input_json_delta":
                 frag = str(delta.get("partial_json", ""))
                 what, ti = self.blocks.get(idx, ("", -1))

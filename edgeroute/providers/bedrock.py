@@ -264,10 +264,10 @@ class BedrockAdapter(Adapter):
         reply = oa.Reply()
         for block in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
             if "text" in block:
-                reply.text.append(str(block["text"]))
+                reply.text.append(oa.text_field(block["text"]))
             elif "toolUse" in block:
                 use = block["toolUse"]
-                reply.tool_use(str(use.get("toolUseId", "")), str(use.get("name", "")), use.get("input"))
+                reply.tool_use(oa.text_field(use.get("toolUseId")), oa.text_field(use.get("name")), use.get("input"))
         finish = FINISH.get(str(obj.get("stopReason")), "stop")
         return reply.completion(oa.new_id(), str(obj.get("model", "")), finish, openai_usage(obj.get("usage")))
 
@@ -331,13 +331,13 @@ class BedrockStream:
             elif isinstance(use, dict):
                 ti = w.new_tool()
                 self.blocks[idx] = ("tool", ti)
-                return w.tool_head(ti, str(use.get("toolUseId", "")), str(use.get("name", "")))
+                return w.tool_head(ti, oa.text_field(use.get("toolUseId")), oa.text_field(use.get("name")))
             return b""
         if kind == "contentBlockDelta":
             idx = int(ev.get("contentBlockIndex", 0))
             delta = ev.get("delta") or {}
             if "text" in delta:
-                return w.text(str(delta["text"]))
+                return w.text(oa.text_field(delta["text"]))
             if "toolUse" in delta:
                 frag = str((delta["toolUse"] or {}).get("input", ""))
                 what, ti = self.blocks.get(idx, ("", -1))

@@ -212,10 +212,12 @@ class GeminiAdapter(Adapter):
                 if part.get("thought"):
                     continue
                 if "text" in part:
-                    reply.text.append(str(part["text"]))
+                    reply.text.append(oa.text_field(part["text"]))
                 elif "functionCall" in part:
                     fc = part["functionCall"]
-                    reply.tool_use(str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), fc.get("args"))
+                    reply.tool_use(
+                        str(fc.get("id") or oa.new_id("call_")), oa.text_field(fc.get("name")), fc.get("args")
+                    )
             finish = finish_reason(cand.get("finishReason"), bool(reply.calls))
         else:
             # The prompt itself was blocked (promptFeedback.blockReason): no candidate at all.
@@ -269,12 +271,14 @@ class GeminiStream(oa.SseJsonStream):
             if part.get("thought"):
                 continue
             if "text" in part:
-                out += w.text(str(part["text"]))
+                out += w.text(oa.text_field(part["text"]))
             elif "functionCall" in part:
                 fc = part["functionCall"]
                 self.has_calls = True
                 args = orjson.dumps(fc.get("args") or {}).decode()
-                out += w.tool_head(w.new_tool(), str(fc.get("id") or oa.new_id("call_")), str(fc.get("name")), args)
+                out += w.tool_head(
+                    w.new_tool(), str(fc.get("id") or oa.new_id("call_")), oa.text_field(fc.get("name")), args
+                )
         if cand.get("finishReason"):
             out += w.finish(finish_reason(cand["finishReason"], self.has_calls)) + w.end()
         return out

@@ -245,6 +245,12 @@ def function_tools(req: Mapping[str, Any]) -> list[dict[str, Any]]:
         fn = t["function"]
         if not isinstance(fn.get("name"), str):
             raise bad_request("A function tool needs a `name`.", "tools")
+        # Sent on as the provider's schema, a string or a list failed at the upstream (a 500
+        # at some, retried and answered as our 502) for the client's mistake.
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise bad_request("A function tool's `parameters` must be a JSON Schema object.", "tools")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise bad_request("A function tool's `description` must be a string.", "tools")
         out.append(
             {
                 "name": fn["name"],
@@ -354,6 +360,14 @@ def completion(
     if use is not None:
         out["usage"] = use
     return out
+
+
+def text_field(value: Any) -> str:
+    """A text field of an upstream's answer (text, a tool's name or id) as a string: a careless
+    upstream's `null` is empty, where `str()` showed the client the word "None"."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else str(value)
 
 
 def tool_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
