@@ -177,16 +177,14 @@ class AnthropicAdapter(Adapter):
         out: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "messages": messages}
         if system:
             out["system"] = system
-        temperature = req.get("temperature")
+        temperature = oa.sampling(req, "temperature")
         if temperature is not None:
-            if not isinstance(temperature, int | float) or temperature < 0:
-                raise oa.bad_request("`temperature` must be a number >= 0.", "temperature")
             if temperature > 1:
                 oa.unsupported_value("temperature", "the range is 0 to 1", rule, self.name)
             else:
                 out["temperature"] = temperature
-        if req.get("top_p") is not None:
-            out["top_p"] = req["top_p"]
+        if (top_p := oa.sampling(req, "top_p")) is not None:
+            out["top_p"] = top_p
         stop = oa.stop_list(req)
         if stop:
             out["stop_sequences"] = stop

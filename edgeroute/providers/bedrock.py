@@ -183,14 +183,13 @@ class BedrockAdapter(Adapter):
         max_tokens = oa.max_tokens_of(req)
         if max_tokens is not None:
             inf["maxTokens"] = max_tokens
-        if req.get("temperature") is not None:
-            temperature = req["temperature"]
-            if isinstance(temperature, int | float) and temperature > 1:
+        if (temperature := oa.sampling(req, "temperature")) is not None:
+            if temperature > 1:
                 oa.unsupported_value("temperature", "the range is 0 to 1", rule, self.name)
             else:
                 inf["temperature"] = temperature
-        if req.get("top_p") is not None:
-            inf["topP"] = req["top_p"]
+        if (top_p := oa.sampling(req, "top_p")) is not None:
+            inf["topP"] = top_p
         stop = oa.stop_list(req)
         if stop:
             inf["stopSequences"] = stop

@@ -150,12 +150,15 @@ class GeminiAdapter(Adapter):
         for ours, theirs in (
             ("temperature", "temperature"),
             ("top_p", "topP"),
-            ("seed", "seed"),
             ("presence_penalty", "presencePenalty"),
             ("frequency_penalty", "frequencyPenalty"),
         ):
-            if req.get(ours) is not None:
-                gen[theirs] = req[ours]
+            if (value := oa.sampling(req, ours)) is not None:
+                gen[theirs] = value
+        if req.get("seed") is not None:
+            if type(req["seed"]) is not int:
+                raise oa.bad_request("`seed` must be an integer.", "seed")
+            gen["seed"] = req["seed"]
         stop = oa.stop_list(req)
         if stop:
             gen["stopSequences"] = stop

@@ -87,6 +87,28 @@ def apply_param_rule(req: dict[str, Any], supported: Iterable[str], rule: Unsupp
     return dropped
 
 
+# OpenAI's own ranges for its sampling parameters: a value outside them is the client's
+# mistake whatever the provider, answered as OpenAI answers it rather than sent on.
+SAMPLING_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.0, 1.0),
+    "presence_penalty": (-2.0, 2.0),
+    "frequency_penalty": (-2.0, 2.0),
+}
+
+
+def sampling(req: dict[str, Any], param: str) -> float | int | None:
+    """A sampling parameter of a request translated for another provider: None when absent, a
+    400 naming it when it is not a number (true is not 1) or outside OpenAI's range for it."""
+    v = req.get(param)
+    if v is None:
+        return None
+    lo, hi = SAMPLING_RANGES[param]
+    if type(v) not in (int, float) or not lo <= v <= hi:
+        raise bad_request(f"`{param}` must be a number from {lo:g} to {hi:g}.", param)
+    return v  # type: ignore[no-any-return]
+
+
 def unsupported_value(param: str, why: str, rule: UnsupportedRule, provider: str) -> None:
     """For a supported parameter with a value the provider cannot honour: raises under `reject`."""
     if rule == "reject":
