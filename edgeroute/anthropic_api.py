@@ -170,6 +170,18 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _check_sampling(req: dict[str, Any]) -> None:
+    """Anthropic's ranges for its sampling parameters, checked before either path (translated or
+    passed through): `temperature: true` or 3 was sent on, and the upstream's refusal came back."""
+    for name, hi in (("temperature", 1.0), ("top_p", 1.0)):
+        v = req.get(name)
+        if v is not None and (type(v) not in (int, float) or not 0 <= v <= hi):
+            raise _bad(f"{name}: Input should be a number from 0 to {hi:g}", name)
+    top_k = req.get("top_k")
+    if top_k is not None and (type(top_k) is not int or top_k < 0):
+        raise _bad("top_k: Input should be a non-negative integer", "top_k")
+
+
 def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
     """An Anthropic Messages request as an OpenAI chat request (`counting`: for count_tokens, no max_tokens)."""
     if not isinstance(req, dict):
@@ -180,6 +192,9 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
         req = {**req, "max_tokens": 1, "stream": False}
     if not isinstance(req.get("max_tokens"), int) or isinstance(req["max_tokens"], bool):
         raise _bad("max_tokens: Field required", "max_tokens")
+    if req["max_tokens"] < 1:
+        raise _bad("max_tokens: Input should be greater than or equal to 1", "max_tokens")
+    _check_sampling(req)
     if not isinstance(req.get("messages"), list):
         raise _bad("messages: Field required", "messages")
     messages: list[dict[str, Any]] = []
