@@ -118,18 +118,24 @@ def public(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None] 
     out["source"] = "managed"
     out["status"] = _ended(data, now) or "active"
     if out["status"] == "active" and raw_of is not None:
-        for maker in _makers(data, raw_of):
+        for maker in lineage(data, raw_of)[1:]:
             if (ended := _ended(maker, now)) is not None:
                 out["status"], out["ended_by"] = ended, maker["id"]
                 break
     return out
 
 
-def _makers(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The managed keys above `data`, its maker first (`parent` is set once: never a cycle)."""
+def _ancestor_limits(chain: list[dict[str, Any]]) -> tuple[tuple[str, Limit], ...]:
+    """The rate limits of each managed key above the chain's first, by id (a key a rate-limited
+    key made would otherwise have buckets of its own: ten keys of 3 a minute sent 30)."""
+    return tuple((node["id"], lim) for node in chain[1:] if (lim := _limit(node)) is not None)
+
+
+def lineage(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The key, then each managed key above it, its maker first (`parent` is set once: never a cycle)."""
     out: list[dict[str, Any]] = []
-    seen = {data["id"]}
-    node = raw_of(data["parent"]) if data.get("parent") else None
+    seen: set[str] = set()
+    node: dict[str, Any] | None = data
     while node is not None and node["id"] not in seen:
         seen.add(node["id"])
         out.append(node)
@@ -245,7 +251,7 @@ class ManagedKeys:
             chain = self._chain(data)
             budgets = tuple(b for node in chain if (b := key_budget(node)) is not None)
             spends_for = tuple(node["id"] for node in chain)
-            entry = by_id[key_id] = _entry(data, region, budgets, self._ancestor_limits(data), spends_for)
+            entry = by_id[key_id] = _entry(data, region, budgets, _ancestor_limits(chain), spends_for)
             makers = chain[1:]
             entry.revoked_above = next((m["id"] for m in makers if m.get("revoked_at")), None)
             expiring = [(m["id"], float(m["expires_at"])) for m in makers if m.get("expires_at")]
@@ -256,27 +262,7 @@ class ManagedKeys:
 
     def _chain(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The key, then each managed key above it (whose budgets, if any, it spends too)."""
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        node: dict[str, Any] | None = data
-        while node is not None and node["id"] not in seen:  # `parent` is set once: never a cycle
-            seen.add(node["id"])
-            out.append(node)
-            node = self._raw.get(node["parent"]) if node.get("parent") else None
-        return out
-
-    def _ancestor_limits(self, data: dict[str, Any]) -> tuple[tuple[str, Limit], ...]:
-        """The rate limits of each managed key above this one, by id (a key a rate-limited key
-        made would otherwise have buckets of its own: ten keys of 3 a minute sent 30)."""
-        out: list[tuple[str, Limit]] = []
-        seen = {data["id"]}
-        node = self._raw.get(data["parent"]) if data.get("parent") else None
-        while node is not None and node["id"] not in seen:
-            seen.add(node["id"])
-            if (lim := _limit(node)) is not None:
-                out.append((node["id"], lim))
-            node = self._raw.get(node["parent"]) if node.get("parent") else None
-        return tuple(out)
+        return lineage(data, self._raw.get)
 
     # -- budgets, for cost control (`edgeroute.cost.keys.KeySource`) -----------------------
 
