@@ -85,6 +85,9 @@ def _region(request: web.Request) -> str | None:
     return ident.residency if ident is not None else None
 
 
+_NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
+
+
 def decide(
     live: Live,
     body: bytes,
@@ -130,7 +133,8 @@ def decide(
             check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
         return d
     except _core.BadRequestError as e:
-        raise ProxyError(400, str(e), code="invalid_request") from None
+        named = _NAMED_PARAM.match(str(e))  # "Invalid value for 'n': ..." names its field
+        raise ProxyError(400, str(e), code="invalid_request", param=named and named[1]) from None
     except _core.ForbiddenError as e:
         raise ProxyError(403, str(e), code="request_refused_by_rule") from None
     except _core.UnknownModelError as e:

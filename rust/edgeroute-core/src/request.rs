@@ -71,7 +71,7 @@ struct Body<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
-    // Read leniently: only reservations use them, and the upstream judges their values.
+    // Read as raw text so that a wrong type gets our message naming the field (see `count`).
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -108,9 +108,19 @@ pub struct ChatRequest<'a> {
     pub tools: Option<&'a RawValue>,
 }
 
-/// A positive integer field, or 1 when it is absent or anything else.
-fn count(raw: Option<&RawValue>) -> u32 {
-    raw.and_then(|v| v.get().parse::<u32>().ok()).unwrap_or(1).max(1)
+/// A count of choices (`n`, `best_of`): 1 when absent or null, else a JSON integer of at
+/// least 1. Strict because budgets reserve for this many: a lenient upstream (many
+/// OpenAI-compatible servers take `"4"` or `4.0` as 4) would write more than was reserved.
+fn count(raw: Option<&RawValue>, name: &str) -> Result<u32> {
+    match raw.map(RawValue::get) {
+        None | Some("null") => Ok(1),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(CoreError::BadRequest(format!(
+                "Invalid value for '{name}': expected an integer of at least 1."
+            ))),
+        },
+    }
 }
 
 impl<'a> ChatRequest<'a> {
@@ -153,7 +163,7 @@ impl<'a> ChatRequest<'a> {
             stream: raw.stream.unwrap_or(false),
             include_usage: raw.stream_options.is_some_and(|o| o.include_usage),
             max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
-            choices: count(raw.n).max(count(raw.best_of)),
+            choices: count(raw.n, "n")?.max(count(raw.best_of, "best_of")?),
             user: raw.user,
             tools: raw.tools,
         })
@@ -309,9 +319,23 @@ mod tests {
         assert_eq!(choices(""), 1);
         assert_eq!(choices(r#","n":4"#), 4);
         assert_eq!(choices(r#","n":2,"best_of":5"#), 5);
-        assert_eq!(choices(r#","n":0"#), 1);
         assert_eq!(choices(r#","n":null"#), 1);
-        assert_eq!(choices(r#","n":-1,"best_of":"3""#), 1); // the upstream judges bad values
+    }
+
+    #[test]
+    fn choices_that_are_not_positive_integers_are_bad_requests() {
+        for extra in [
+            r#""n":0"#,
+            r#""n":-1"#,
+            r#""n":"3""#,
+            r#""n":3.0"#,
+            r#""n":true"#,
+            r#""best_of":"3""#,
+        ] {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#);
+            let err = ChatRequest::parse(body.as_bytes()).unwrap_err().to_string();
+            assert!(err.starts_with("Invalid value for '"), "{extra}: {err}");
+        }
     }
 
     #[test]
