@@ -164,6 +164,12 @@ def shipped_training() -> tuple[list[Example], list[float]]:
     return with_sets(data.task_training_examples(arena_v2=True, arena_v01=True), sets)
 
 
+def shipped_texts() -> set[str]:
+    """Every text the shipped task model trains on, the scored fresh sets' included (empty
+    without the shared data): the fresh sets fixed after it exclude them."""
+    return {e.text for e in shipped_training()[0]} if data.have_data() else set()
+
+
 Recipe = Callable[[list[Example], dict[str, list[Example]]], LinearModel]
 
 
