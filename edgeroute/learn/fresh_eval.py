@@ -117,9 +117,14 @@ def fetch(cache: Path) -> dict[str, Path]:
     return {name: pip_fetch(cache, req, fname, sha) for name, (req, fname, sha) in WHEELS.items()}
 
 
-def rules() -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(RULES_FILE.read_text(encoding="utf-8"))
+def load_rules(path: Path) -> dict[str, Any]:
+    """A fresh set's label rules (a JSON object)."""
+    out: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return out
+
+
+def rules() -> dict[str, Any]:
+    return load_rules(RULES_FILE)
 
 
 def training_texts() -> set[str]:
@@ -127,6 +132,33 @@ def training_texts() -> set[str]:
     if not data.have_data():
         return set()
     return {e.text for e in data.task_training_examples(arena_v2=True, arena_v01=True)}
+
+
+def jsonl_rows(z: zipfile.ZipFile, member: str) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL member, in file order (lines that are not one are skipped)."""
+    out: list[dict[str, Any]] = []
+    for line in z.read(member).decode("utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
+def usable(candidates: Sequence[Example], training: set[str], max_chars: int, min_per_class: int) -> list[Example]:
+    """The candidates a fresh set keeps, in order: texts of 1 to ``max_chars`` characters that
+    are not training texts, each once (the first kept); then a class with fewer than
+    ``min_per_class`` prompts is left out whole."""
+    seen: set[str] = set()
+    kept: list[Example] = []
+    for e in candidates:
+        if 0 < len(e.text) <= max_chars and e.text not in seen and e.text not in training:
+            seen.add(e.text)
+            kept.append(e)
+    counts = Counter(e.label for e in kept)
+    return [e for e in kept if counts[e.label] >= min_per_class]
 
 
 def tag_label(name: str, tags: Sequence[str], r: dict[str, Any]) -> str | None:
@@ -194,14 +226,7 @@ def candidates(wheels: dict[str, Path], r: dict[str, Any]) -> list[Example]:
 def build_test_set(wheels: dict[str, Path], r: dict[str, Any], training: set[str] | None = None) -> list[Example]:
     """The test prompts, by the protocol above."""
     training = training_texts() if training is None else training
-    seen: set[str] = set()
-    kept: list[Example] = []
-    for e in candidates(wheels, r):
-        if 0 < len(e.text) <= MAX_CHARS and e.text not in seen and e.text not in training:
-            seen.add(e.text)
-            kept.append(e)
-    counts = Counter(e.label for e in kept)
-    return [e for e in kept if counts[e.label] >= MIN_PER_CLASS]
+    return usable(candidates(wheels, r), training, MAX_CHARS, MIN_PER_CLASS)
 
 
 def bootstrap_ci(

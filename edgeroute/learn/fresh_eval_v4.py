@@ -84,8 +84,7 @@ def fetch(cache: Path) -> dict[str, Path]:
 
 
 def rules() -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(RULES_FILE.read_text(encoding="utf-8"))
-    return out
+    return fresh_eval.load_rules(RULES_FILE)
 
 
 def _h(*parts: str) -> str:

