@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",
             "edgeroute.roles",
-            "edgeroute.upstream_http",
+            "edgeroute.upstream_http",  # the package: client, connection, response, wire, tls, errors
             "edgeroute.egress",
             "edgeroute.mock",
             "edgeroute.learn",

@@ -29,7 +29,8 @@ from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response, UpstreamError, UpstreamProtocolError, UpstreamTlsError
+from edgeroute.upstream_http.errors import UpstreamError, UpstreamProtocolError, UpstreamTlsError
+from edgeroute.upstream_http.response import Response
 
 log = logging.getLogger("edgeroute.dispatch")
 
