@@ -39,7 +39,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.metrics import METRICS
 from edgeroute.redis_pipe import RedisPipe, Script
 from edgeroute.state import STATE

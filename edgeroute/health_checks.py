@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from edgeroute.state import STATE
-from edgeroute.upstream_http import UpstreamError
+from edgeroute.upstream_http.errors import UpstreamError
 
 log = logging.getLogger("edgeroute.health")
 

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState

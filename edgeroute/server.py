@@ -41,7 +41,7 @@ from edgeroute.cost import app as cost_app
 from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
 from edgeroute.cost.ledger import Ledger
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app

@@ -14,7 +14,8 @@ from edgeroute import secrets
 from edgeroute.config import Config, Deployment, Price
 from edgeroute.egress import Egress
 from edgeroute.providers import Adapter, adapter_for
-from edgeroute.upstream_http import HttpClient, tls_context
+from edgeroute.upstream_http.client import HttpClient
+from edgeroute.upstream_http.tls import tls_context
 
 # Seconds an unused upstream connection stays open (many servers close theirs after 60-75 s).
 KEEPALIVE_TIMEOUT_S = 30.0

@@ -21,7 +21,8 @@ import uvloop
 from aiohttp import web
 
 from edgeroute.bench.http1 import Conn, HttpServer, Request
-from edgeroute.upstream_http import HttpClient, UpstreamConnectError, UpstreamConnectTimeout, UpstreamError
+from edgeroute.upstream_http.client import HttpClient
+from edgeroute.upstream_http.errors import UpstreamConnectError, UpstreamConnectTimeout, UpstreamError
 from tests.tls_fixtures import self_signed
 
 Handler = Callable[[Request, Conn], Awaitable[None]]

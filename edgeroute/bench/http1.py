@@ -24,7 +24,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from edgeroute.upstream_http import no_delay
+from edgeroute.upstream_http.connection import no_delay
 
 _REASONS = {
     200: "OK",

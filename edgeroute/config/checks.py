@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from edgeroute import secrets
 from edgeroute.config.prices import parse_hhmm
-from edgeroute.config.schema import Config
+from edgeroute.config.schema import Config, Model
 from edgeroute.config.tls import check_tls
 from edgeroute.telemetry import settings as telemetry_settings
 
@@ -51,11 +51,30 @@ def _chooses(cfg: Config, name: str) -> str | None:
 
 def cross_check(cfg: Config) -> list[tuple[str, str]]:
     """Every problem a single field's schema cannot see: references between sections, secrets
-    that do not resolve, TLS files; as (path in the file, message)."""
+    that do not resolve, TLS files; as (path in the file, message), section by section."""
     problems: list[tuple[str, str]] = []
     for name, d in cfg.deployments.items():
         if d.provider not in cfg.providers:
             problems.append((f"deployments.{name}.provider", unknown("provider", d.provider, cfg.providers)))
+    problems += _cross_check_cache(cfg)
+    for name, m in cfg.models.items():
+        problems += _cross_check_model(cfg, name, m)
+    problems += _cross_check_rules(cfg)
+    problems += _cross_check_cost(cfg)
+    problems += _cross_check_priority(cfg)
+    budgets = {b.name for b in cfg.budgets.limits}
+    problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
+    for i, b in enumerate(cfg.budgets.limits):
+        for j, a in enumerate(b.actions):
+            if a.webhook is not None and (problem := _webhook_problem(a.webhook)) is not None:
+                problems.append((f"budgets.limits[{i}].actions[{j}].webhook", problem))
+    problems += _cross_check_credentials(cfg)
+    return problems
+
+
+def _cross_check_cache(cfg: Config) -> list[tuple[str, str]]:
+    """A shared cache without Redis, semantic caching without its packages or a usable embedder."""
+    problems: list[tuple[str, str]] = []
     if cfg.cache.backend == "redis" and cfg.shared_state is None:
         problems.append(("cache.backend", "the redis backend needs shared_state.redis_url"))
     semantic = {n: m.cache for n, m in cfg.models.items() if m.cache is not None and m.cache.mode == "semantic"}
@@ -72,55 +91,65 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
             problems.append((where, unknown("deployment", c.embedder, cfg.deployments)))
         elif (p := cfg.providers.get(cfg.deployments[c.embedder].provider)) is not None and p.kind not in _OPENAI:
             problems.append((where, f"the embedder's provider must speak OpenAI's format, not {p.kind}"))
-    for name, m in cfg.models.items():
-        choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
-        if not m.deployments and not choosers:
-            problems.append((f"models.{name}.deployments", "a model needs deployments, a policy or an experiment"))
-        if m.deployments and choosers:
-            problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
-        if len(choosers) == 2:
-            problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
-        if choosers and len(choosers) == 1:
-            # The route it chooses serves the request with its own settings: these would do nothing.
-            for field in sorted(m.model_fields_set & _ROUTE_ONLY):
-                kind = "a policy" if choosers[0] == "policy" else "an experiment"
-                problems.append(
-                    (f"models.{name}.{field}", f"model {name!r} chooses among routes ({kind}), which serve with "
-                     f"their own {field}: set it on them (a chooser takes cache and shadow for its routes)")
-                )  # fmt: skip
-        refs: list[tuple[str, str]] = []
-        if m.policy is not None:
-            refs += [
-                (f"models.{name}.policy.candidates[{i}].route", c.route) for i, c in enumerate(m.policy.candidates)
-            ]
-        if m.experiment is not None:
-            refs += [
-                (f"models.{name}.experiment.variants[{i}].route", v.route) for i, v in enumerate(m.experiment.variants)
-            ]
-            total = sum(v.percent for v in m.experiment.variants)
-            if abs(total - 100) > 1e-6:
-                problems.append((f"models.{name}.experiment.variants", f"percents add up to {total:g}, not 100"))
-        if m.shadow is not None:
-            refs.append((f"models.{name}.shadow.model", m.shadow.model))
-        for path, ref in refs:
-            target = cfg.models.get(ref)
-            # An experiment may compare a policy route with a fixed one; everything else needs deployments.
-            policy_ok = ".experiment." in path and target is not None and target.policy is not None
-            if target is None:
-                problems.append((path, unknown("model", ref, cfg.models)))
-            elif not target.deployments and not policy_ok:
-                problems.append((path, f"{ref!r} must be a model with deployments"))
-        for i, dep in enumerate(m.deployments):
-            if dep not in cfg.deployments:
-                problems.append((f"models.{name}.deployments[{i}]", unknown("deployment", dep, cfg.deployments)))
-        lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
-        lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
-        for field, names in lists:
-            for i, f in enumerate(names):
-                if f not in cfg.models:
-                    problems.append((f"models.{name}.{field}[{i}]", unknown("model", f, cfg.models)))
-                elif f == name:
-                    problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
+    return problems
+
+
+def _cross_check_model(cfg: Config, name: str, m: Model) -> list[tuple[str, str]]:
+    """A model's deployments or chooser (a policy, an experiment), the models it names (routes,
+    shadow, fallbacks) and the settings its chooser would ignore."""
+    problems: list[tuple[str, str]] = []
+    choosers = [f for f in ("policy", "experiment") if getattr(m, f) is not None]
+    if not m.deployments and not choosers:
+        problems.append((f"models.{name}.deployments", "a model needs deployments, a policy or an experiment"))
+    if m.deployments and choosers:
+        problems.append((f"models.{name}.{choosers[0]}", "a model with a policy or experiment has no deployments"))
+    if len(choosers) == 2:
+        problems.append((f"models.{name}.experiment", "use either a policy or an experiment"))
+    if choosers and len(choosers) == 1:
+        # The route it chooses serves the request with its own settings: these would do nothing.
+        for field in sorted(m.model_fields_set & _ROUTE_ONLY):
+            kind = "a policy" if choosers[0] == "policy" else "an experiment"
+            problems.append(
+                (f"models.{name}.{field}", f"model {name!r} chooses among routes ({kind}), which serve with "
+                 f"their own {field}: set it on them (a chooser takes cache and shadow for its routes)")
+            )  # fmt: skip
+    refs: list[tuple[str, str]] = []
+    if m.policy is not None:
+        refs += [(f"models.{name}.policy.candidates[{i}].route", c.route) for i, c in enumerate(m.policy.candidates)]
+    if m.experiment is not None:
+        refs += [
+            (f"models.{name}.experiment.variants[{i}].route", v.route) for i, v in enumerate(m.experiment.variants)
+        ]
+        total = sum(v.percent for v in m.experiment.variants)
+        if abs(total - 100) > 1e-6:
+            problems.append((f"models.{name}.experiment.variants", f"percents add up to {total:g}, not 100"))
+    if m.shadow is not None:
+        refs.append((f"models.{name}.shadow.model", m.shadow.model))
+    for path, ref in refs:
+        target = cfg.models.get(ref)
+        # An experiment may compare a policy route with a fixed one; everything else needs deployments.
+        policy_ok = ".experiment." in path and target is not None and target.policy is not None
+        if target is None:
+            problems.append((path, unknown("model", ref, cfg.models)))
+        elif not target.deployments and not policy_ok:
+            problems.append((path, f"{ref!r} must be a model with deployments"))
+    for i, dep in enumerate(m.deployments):
+        if dep not in cfg.deployments:
+            problems.append((f"models.{name}.deployments[{i}]", unknown("deployment", dep, cfg.deployments)))
+    lists = [("fallbacks", m.fallbacks), ("context_window_fallbacks", m.context_window_fallbacks)]
+    lists += [(f"fallbacks_on.{cls}", names) for cls, names in m.fallbacks_on.items()]
+    for field, names in lists:
+        for i, f in enumerate(names):
+            if f not in cfg.models:
+                problems.append((f"models.{name}.{field}[{i}]", unknown("model", f, cfg.models)))
+            elif f == name:
+                problems.append((f"models.{name}.{field}[{i}]", "a model cannot fall back to itself"))
+    return problems
+
+
+def _cross_check_rules(cfg: Config) -> list[tuple[str, str]]:
+    """Rule names used twice, and the routes, deployments, tags and times rules name."""
+    problems: list[tuple[str, str]] = []
     # `provider:NAME` is implied for every deployment (the core adds it), so rules may use it.
     deployment_tags = sorted({t for d in cfg.deployments.values() for t in (*d.tags, f"provider:{d.provider}")})
     seen: set[str] = set()
@@ -149,14 +178,12 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
                     parse_hhmm(getattr(r.when.time, field))
                 except ValueError as e:
                     problems.append((f"rules[{i}].when.time.{field}", str(e)))
-    problems += _cross_check_cost(cfg)
-    problems += _cross_check_priority(cfg)
-    budgets = {b.name for b in cfg.budgets.limits}
-    problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
-    for i, b in enumerate(cfg.budgets.limits):
-        for j, a in enumerate(b.actions):
-            if a.webhook is not None and (problem := _webhook_problem(a.webhook)) is not None:
-                problems.append((f"budgets.limits[{i}].actions[{j}].webhook", problem))
+    return problems
+
+
+def _cross_check_credentials(cfg: Config) -> list[tuple[str, str]]:
+    """Client and provider keys that do not resolve, and provider TLS files that do not load."""
+    problems: list[tuple[str, str]] = []
     for i, ref in enumerate(cfg.server.api_keys):
         try:
             secrets.resolve(ref)

@@ -6,7 +6,7 @@ import ssl
 from pathlib import Path
 
 from edgeroute.config.schema import Tls
-from edgeroute.upstream_http import tls_context
+from edgeroute.upstream_http.tls import tls_context
 
 
 def check_tls(where: str, tls: Tls) -> list[tuple[str, str]]:

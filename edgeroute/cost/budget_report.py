@@ -26,7 +26,7 @@ from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.cost.teams import team_in_view
 from edgeroute.errors import ProxyError
 

@@ -29,7 +29,8 @@ from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response, UpstreamError, UpstreamProtocolError, UpstreamTlsError
+from edgeroute.upstream_http.errors import UpstreamProtocolError, UpstreamTlsError
+from edgeroute.upstream_http.response import Response
 
 log = logging.getLogger("edgeroute.dispatch")
 
@@ -210,24 +211,11 @@ class Attempts:
                         " follow; check the provider's base_url",
                     )
                 elif resp.status >= 400:
-                    data, whole = await read_up_to(resp, MAX_ERROR_BYTES)
-                    cls = adapter.classify(resp.status, data)
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    if whole:
-                        msg = adapter.error_message(resp.status, data)
-                    else:  # the connection is dropped below (it is not read to its end)
-                        mib = MAX_ERROR_BYTES >> 20
-                        msg = f"the upstream's error answer (HTTP {resp.status}) is larger than {mib} MiB"
-                    if cls is Outcome.AUTH_ERROR:
-                        # For the operator's log only: the client learns that our credentials failed.
-                        log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
-                        msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
-                    result = Failure(cls, resp.status, msg, retry_after, data)
+                    result = await _error_answer(resp, adapter, dep)
                 elif self.stream:
                     result = await self._hold_stream(resp, adapter)
                     if isinstance(result, StreamAnswer):
                         rec.ttft_ms = (time.perf_counter() - t0) * 1000
-                    if isinstance(result, StreamAnswer):
                         keep_open = True
                         result.slot = dep.index
                 elif resp.complete:  # the usual JSON answer: it came with its headers, no timer to move
@@ -243,26 +231,8 @@ class Attempts:
                         result = Failure(Outcome.SERVER_ERROR, resp.status, msg)
                     else:
                         result = await self._answer(data, adapter, resp.status)
-        except TimeoutError:
-            if rec.status is not None:
-                result = Failure(Outcome.TIMEOUT, rec.status, "the upstream stalled while sending its answer")
-            else:
-                result = Failure(Outcome.TIMEOUT, None, "no answer within the timeout")
-        except UpstreamTlsError as e:
-            result = Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
-        except UpstreamProtocolError as e:
-            result = Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
-        except (UpstreamError, OSError) as e:
-            result = Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
-        except sse.EventTooLarge as e:
-            # The upstream opened a stream event and never ended it: its failure (fails over).
-            result = Failure(Outcome.SERVER_ERROR, rec.status, f"the upstream {e}")
         except Exception as e:
-            # An answer the adapter could not read (bad usage, a malformed event): the
-            # deployment's fault, like a 5xx, so fail over; the core hears of it below.
-            log.exception("unreadable answer from deployment %s", dep.name)
-            msg = f"upstream answer could not be read ({type(e).__name__})"
-            result = Failure(Outcome.SERVER_ERROR, rec.status, msg)
+            result = _failure_of(e, rec.status, dep)
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
@@ -279,7 +249,12 @@ class Attempts:
             if resp is not None and not keep_open:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
-        latency = (time.perf_counter() - t0) * 1000
+        self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
+        return result
+
+    def _report(self, rec: AttemptRecord, dep: DeploymentInfo, result: Answer | Failure, latency: float) -> None:
+        """What the record and the core hear of a finished attempt; a JSON answer is settled now,
+        a stream once it ends (`relay`)."""
         rec.latency_ms = latency
         if isinstance(result, Failure):
             rec.outcome = result.outcome.value
@@ -297,7 +272,6 @@ class Attempts:
                 self.settle_attempt(rec, dep, result.usage)
             else:
                 result.rec = rec
-        return result
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         """The request for `dep` (other endpoints than chat override it)."""
@@ -394,6 +368,45 @@ class Attempts:
         # At the prices in force when the request started, as it was routed, reserved and
         # baselined: priced as it ended, one across a window's edge took the other price.
         rec.cost_usd = cost_of(dep.price, usage, self.record.started)
+
+
+async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -> Failure:
+    """An upstream's 4xx or 5xx, read up to `MAX_ERROR_BYTES` and classified by its adapter."""
+    data, whole = await read_up_to(resp, MAX_ERROR_BYTES)
+    cls = adapter.classify(resp.status, data)
+    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+    if whole:
+        msg = adapter.error_message(resp.status, data)
+    else:  # the connection is dropped by the caller (it is not read to its end)
+        mib = MAX_ERROR_BYTES >> 20
+        msg = f"the upstream's error answer (HTTP {resp.status}) is larger than {mib} MiB"
+    if cls is Outcome.AUTH_ERROR:
+        # For the operator's log only: the client learns that our credentials failed.
+        log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
+        msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
+    return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failure:
+    """What an attempt that raised `e` failed of; `status` the upstream's, if its head arrived.
+    Called in the `except` block, so a logged traceback is `e`'s."""
+    if isinstance(e, TimeoutError):  # before OSError, of which it is one
+        if status is not None:
+            return Failure(Outcome.TIMEOUT, status, "the upstream stalled while sending its answer")
+        return Failure(Outcome.TIMEOUT, None, "no answer within the timeout")
+    if isinstance(e, UpstreamTlsError):
+        return Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
+    if isinstance(e, UpstreamProtocolError):
+        return Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
+    if isinstance(e, OSError):  # UpstreamError is one
+        return Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
+    if isinstance(e, sse.EventTooLarge):
+        # The upstream opened a stream event and never ended it: its failure (fails over).
+        return Failure(Outcome.SERVER_ERROR, status, f"the upstream {e}")
+    # An answer the adapter could not read (bad usage, a malformed event): the deployment's
+    # fault, like a 5xx, so fail over; the core hears of it in `_report`.
+    log.exception("unreadable answer from deployment %s", dep.name)
+    return Failure(Outcome.SERVER_ERROR, status, f"upstream answer could not be read ({type(e).__name__})")
 
 
 def has_content(obj: Any) -> bool:

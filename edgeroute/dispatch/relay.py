@@ -66,17 +66,8 @@ async def relay_stream(
     try:
         await out.prepare(request)
         request[STREAM_STARTED] = True
-
-        # An upstream's error event relayed mid-stream may quote our key: whole events only go
-        # on, redacted whole (a key split over two reads escaped redaction read by read).
-        guard = sse.RelayGuard()
-
-        async def send(data: bytes) -> None:
-            data = guard.feed(data)
-            data = encode(data) if encode is not None else data
-            if data:
-                await out.write(data)
-
+        events = _Events(out, encode)
+        send = events.send  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         try:
             await send(answer.head)
@@ -125,46 +116,21 @@ async def relay_stream(
                     if now - armed > slack:
                         armed = now
                         idle.reschedule(min(now + idle_timeout + slack, call.deadline, server.drain_at))
-        except TimeoutError:
-            if loop.time() >= server.drain_at:
-                failure = ("The server is shutting down; the answer is incomplete.", "server_shutdown")
-            elif loop.time() >= call.deadline:
-                failure = (
-                    "The answer took longer than the request's total timeout; it is incomplete.",
-                    "stream_timeout",
-                )
-            else:
-                upstream_broke = True
-                failure = ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout")
-        except sse.EventTooLarge as e:
-            # An event opened and never ended (held whole, or by a translator): the upstream's
-            # protocol error; what was held is dropped, never relayed as it came.
-            upstream_broke = True
-            failure = (f"The upstream {e}; the answer is incomplete.", "upstream_protocol_error")
-        except OSError:  # UpstreamError, or a failed write to the client
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                # The client went away (its socket failed a write): nothing to tell it.
-                call.record.outcome = "client_gone"
-                raise
-            upstream_broke = True
-            failure = ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted")
-        except Exception:
-            log.exception("unreadable stream from deployment %s", dep.name)
-            upstream_broke = True
-            failure = (
-                "The upstream sent a stream edgeroute could not read; the answer is incomplete.",
-                "stream_interrupted",
-            )
+        except Exception as e:
+            if isinstance(e, OSError) and not isinstance(e, TimeoutError):  # UpstreamError, or a failed write
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    # The client went away (its socket failed a write): nothing to tell it.
+                    call.record.outcome = "client_gone"
+                    raise
+            failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
+            upstream_broke = upstream_broke or broke
         if failure is not None:
-            guard.drop()
-            await send(sse.error_event(*failure))
+            await events.error(failure)
             call.record.outcome = "stream_interrupted"
             call.record.error_class = failure[1]
-        elif rest := guard.close():  # the stream's last event, without its blank line
-            rest = encode(rest) if encode is not None else rest
-            if rest:
-                await out.write(rest)
+        else:
+            await events.flush()
         await out.write_eof()
     finally:
         if timer is not None:
@@ -178,18 +144,85 @@ async def relay_stream(
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
-        usage = Usage.from_openai(
-            sse.find_usage(tail) or (translator.usage if translator is not None else None), answered=True
-        )
-        if usage is None:
-            rec = answer.rec
-            settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
-            usage = await _estimate(call, b"".join(text), settle)
-        if answer.rec is not None:
-            call.settle_attempt(answer.rec, dep, usage)
+        await _settle(call, dep, answer, tail, text)
         if on_complete is not None and completed and failure is None:
             on_complete(b"".join(text))  # the whole answer, as OpenAI-format events (e.g. for the cache)
     return out
+
+
+class _Events:
+    """What a relay writes to its client: whole events only, in the client's format.
+
+    An upstream's error event relayed mid-stream may quote our key: whole events only go on,
+    redacted whole (a key split over two reads escaped redaction read by read). `encode`
+    turns OpenAI-format events into another API's (Anthropic's for `/v1/messages`).
+    """
+
+    __slots__ = ("_encode", "_guard", "_out")
+
+    def __init__(self, out: web.StreamResponse, encode: Callable[[bytes], bytes] | None) -> None:
+        self._out = out
+        self._encode = encode
+        self._guard = sse.RelayGuard()
+
+    async def send(self, data: bytes) -> None:
+        data = self._guard.feed(data)
+        data = self._encode(data) if self._encode is not None else data
+        if data:
+            await self._out.write(data)
+
+    async def error(self, failure: tuple[str, str]) -> None:
+        """Ends the stream's events with our error event (message, error class), dropping
+        whatever unfinished event was held back."""
+        self._guard.drop()
+        await self.send(sse.error_event(*failure))
+
+    async def flush(self) -> None:
+        """Sends the stream's last event, held back for want of its blank line."""
+        if rest := self._guard.close():
+            rest = self._encode(rest) if self._encode is not None else rest
+            if rest:
+                await self._out.write(rest)
+
+
+def _failure_of(
+    e: Exception, loop: asyncio.AbstractEventLoop, deadline: float, drain_at: float, dep: DeploymentInfo
+) -> tuple[tuple[str, str], bool]:
+    """The error event (message, error class) that ends a stream broken by `e`, and whether the
+    upstream is to blame (the core hears of it). Called in the `except` block, so a logged
+    traceback is `e`'s."""
+    if isinstance(e, TimeoutError):  # before OSError, of which it is one
+        if loop.time() >= drain_at:
+            return ("The server is shutting down; the answer is incomplete.", "server_shutdown"), False
+        if loop.time() >= deadline:
+            msg = "The answer took longer than the request's total timeout; it is incomplete."
+            return (msg, "stream_timeout"), False
+        return ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout"), True
+    if isinstance(e, sse.EventTooLarge):
+        # An event opened and never ended (held whole, or by a translator): the upstream's
+        # protocol error; what was held is dropped, never relayed as it came.
+        return (f"The upstream {e}; the answer is incomplete.", "upstream_protocol_error"), True
+    if isinstance(e, OSError):
+        return ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted"), True
+    log.exception("unreadable stream from deployment %s", dep.name)
+    return (
+        "The upstream sent a stream edgeroute could not read; the answer is incomplete.",
+        "stream_interrupted",
+    ), True
+
+
+async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tail: bytes, text: list[bytes]) -> None:
+    """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
+    translator = answer.translator
+    usage = Usage.from_openai(
+        sse.find_usage(tail) or (translator.usage if translator is not None else None), answered=True
+    )
+    if usage is None:
+        rec = answer.rec
+        settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
+        usage = await _estimate(call, b"".join(text), settle)
+    if answer.rec is not None:
+        call.settle_attempt(answer.rec, dep, usage)
 
 
 async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[[Usage], None]) -> Usage:

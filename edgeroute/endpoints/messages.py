@@ -34,7 +34,7 @@ from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response
+from edgeroute.upstream_http.response import Response
 
 SENTINEL = b"data: [DONE]\n\n"
 _TRANSLATED = frozenset(

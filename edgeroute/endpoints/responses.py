@@ -29,7 +29,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
-from edgeroute.upstream_http import Response
+from edgeroute.upstream_http.response import Response
 
 
 def speaks_responses(adapter: Adapter) -> bool:

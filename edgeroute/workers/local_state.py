@@ -28,7 +28,7 @@ from typing import TypeVar
 from edgeroute import sqlite_wal
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 
 T = TypeVar("T")
 

@@ -109,7 +109,7 @@ async def test_concurrent_settlements_go_out_together(redis_server: RedisServer)
 
 
 async def test_a_redis_error_at_settlement_is_reported_to_every_waiter(redis_server: RedisServer) -> None:
-    from edgeroute.cost.redis_store import StoreUnavailable
+    from edgeroute.cost.store_errors import StoreUnavailable
 
     state = RedisState(SharedState(redis_url=redis_server.url, prefix="edgeroute-rt-down", timeout_ms=100))
     take = Take("key:k", "tokens", 1000, 0)
@@ -199,7 +199,8 @@ async def test_an_admission_abandoned_on_the_wire_gives_back_what_it_took(redis_
 async def test_settlements_redis_never_received_are_sent_when_it_is_back(redis_server: RedisServer) -> None:
     """Redis down at settlement: the waiters hear of it at once, and the deltas (which Redis
     certainly did not apply) land once it is back, exactly once."""
-    from edgeroute.cost.redis_store import RESEND_S, StoreUnavailable
+    from edgeroute.cost.redis_settle import RESEND_S
+    from edgeroute.cost.store_errors import StoreUnavailable
 
     shared = SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}", timeout_ms=500)
     state = RedisState(shared)

@@ -22,7 +22,8 @@ from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY
 from edgeroute.cost.limits import LocalLimiter
 from edgeroute.cost.prices import Ceiling, route_ceilings
-from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.cost.redis_store import RedisState
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE, ServerState
 

@@ -18,7 +18,7 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
-from edgeroute.cost.redis_store import StoreUnavailable
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.requestlog.outcomes import BUDGET_NOTICES
 
 log = logging.getLogger("edgeroute.cost")

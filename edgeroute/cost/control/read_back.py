@@ -23,8 +23,9 @@ from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.keys import KeySource, key_counter
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
-from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.restore import Restored
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.state import ServerState
 
 log = logging.getLogger("edgeroute.cost")

@@ -15,7 +15,8 @@ from typing import Any
 
 from edgeroute.cost import budgets as B
 from edgeroute.cost.limits import BucketState, LocalLimiter, Take
-from edgeroute.cost.redis_store import RedisState, StoreUnavailable
+from edgeroute.cost.redis_store import RedisState
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState

@@ -1,0 +1,189 @@
+"""The Lua scripts behind the budgets and buckets shared in Redis (`redis_store`).
+
+Each check-and-charge is one script, so it is atomic across instances. Keys are
+`{prefix}:b:{budget}:{subject}:{period}` (an integer of nano-USD, or a hash of rolling
+slots) and `{prefix}:rl:{name}:{kind}` (a hash: level, stamp in ms from Redis's clock);
+all of them expire on their own. The comment above each script gives its KEYS and ARGV
+layout, which the callers build.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeroute.redis_pipe import Script
+
+# Lua functions every script below is built from: a token-bucket take and a budget
+# reservation, each all or nothing over its keys, each appending its result to `out`.
+FUNCTIONS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Buckets KEYS[k0+1 .. k0+n]; ARGV from a0+1, three each: capacity, refill per ms, amount.
+-- Appends ok (1/0), each level after, each wait in ms (-1: never fits).
+local function take(k0, a0, n, now, out)
+  local levels, waits, ok = {}, {}, 1
+  for i = 1, n do
+    local b = a0 + (i - 1) * 3
+    local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local v = redis.call('HMGET', KEYS[k0 + i], 'l', 't')
+    local level, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
+    if now > ts then level = math.min(cap, level + (now - ts) * rate) end
+    levels[i] = level
+    waits[i] = 0
+    if level < amt then
+      ok = 0
+      if amt > cap then waits[i] = -1 else waits[i] = math.ceil((amt - level) / rate) end
+    end
+  end
+  out[#out + 1] = ok
+  for i = 1, n do
+    local b = a0 + (i - 1) * 3
+    local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    if ok == 1 then levels[i] = levels[i] - amt end
+    redis.call('HSET', KEYS[k0 + i], 'l', tostring(levels[i]), 't', now)
+    redis.call('PEXPIRE', KEYS[k0 + i], math.ceil(cap / rate) + 1000)
+    out[#out + 1] = tostring(levels[i])
+  end
+  for i = 1, n do out[#out + 1] = waits[i] end
+  return ok
+end
+
+-- Budgets KEYS[k0+1 .. k0+n]; ARGV from a0+1, six each: rolling (1/0), amount, block at
+-- (-1: never), ttl, slot, first slot of the window. Appends ok, the blocked budget
+-- (1-based; 0 when none), each amount used before.
+local function reserve(k0, a0, n, out)
+  local ok, blocked, used = 1, 0, {}
+  for i = 1, n do
+    local key, b = KEYS[k0 + i], a0 + (i - 1) * 6
+    local amount, block_at = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local u = 0
+    if ARGV[b + 1] == '1' then
+      local first = tonumber(ARGV[b + 6])
+      local h = redis.call('HGETALL', key)
+      for j = 1, #h, 2 do
+        if tonumber(h[j]) < first then redis.call('HDEL', key, h[j]) else u = u + tonumber(h[j + 1]) end
+      end
+    else
+      u = tonumber(redis.call('GET', key) or '0')
+    end
+    used[i] = u
+    if ok == 1 and block_at >= 0 and u + amount > block_at then
+      ok, blocked = 0, i
+    end
+  end
+  if ok == 1 then
+    for i = 1, n do
+      local key, b = KEYS[k0 + i], a0 + (i - 1) * 6
+      if ARGV[b + 1] == '1' then
+        redis.call('HINCRBY', key, ARGV[b + 5], ARGV[b + 2])
+      else
+        redis.call('INCRBY', key, ARGV[b + 2])
+      end
+      redis.call('EXPIRE', key, ARGV[b + 4])
+    end
+  end
+  out[#out + 1] = ok
+  out[#out + 1] = blocked
+  for i = 1, n do out[#out + 1] = tostring(used[i]) end
+  return ok
+end
+"""
+
+TAKE = Script.of(FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out")
+# A store that lost its budgets (Redis restarted empty, or never seeded) has no marker, the
+# last key: the scripts that reserve then answer {-1} and change nothing (`unseeded`).
+RESERVE = Script.of(
+    FUNCTIONS
+    + """
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local out = {} reserve(0, 0, #KEYS - 1, out) return out
+"""
+)
+
+# Admission in one round trip: the key and model buckets (refused: nothing else is done),
+# then the first deployment's buckets (at its limit the caller reroutes, so the rest goes on),
+# then the budgets. ARGV[1..3]: how many keys each group has; the marker is the last key.
+ADMIT = Script.of(
+    FUNCTIONS
+    + """
+local na, nb, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if nc > 0 and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local out, now = {}, now_ms()
+if take(0, 3, na, now, out) == 0 then return out end
+take(na, 3 + 3 * na, nb, now, out)
+reserve(na + nb, 3 + 3 * (na + nb), nc, out)
+return out
+"""
+)
+
+# Settlement of many requests at once: budget deltas (ARGV from 2, five each: rolling, delta,
+# ttl, slot, create), then bucket deltas (two each: delta taken, capacity; a bucket that expired
+# stays full); the marker is the last key. ARGV[1]: how many budget keys come first. A counter
+# Redis lost since its reservation is not recreated from a delta: the seed (below) counts that
+# request from the ledger. A managed key's counter (create 1) is created by its first request's
+# cost in a seeded store; in one that lost its budgets, the seed counts that cost too.
+SETTLE = Script.of("""
+local nb = tonumber(ARGV[1])
+local seeded = redis.call('EXISTS', KEYS[#KEYS]) == 1
+for i = 1, nb do
+  local b = 1 + (i - 1) * 5
+  if ARGV[b + 1] == '1' then
+    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 then
+      redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
+      redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
+    end
+  elseif redis.call('EXISTS', KEYS[i]) == 1 or (seeded and ARGV[b + 5] == '1') then
+    redis.call('INCRBY', KEYS[i], ARGV[b + 2])
+    redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
+  end
+end
+for i = nb + 1, #KEYS - 1 do
+  local b = 1 + nb * 5 + (i - nb - 1) * 2
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local cap = tonumber(ARGV[b + 2])
+    local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[b + 1])
+    redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, l)))
+  end
+end
+return 1
+""")
+
+# What the ledger says was spent, into a store without the marker (KEYS[1]): each counter
+# (KEYS from 2; ARGV two each: slot, -1 for a calendar period, and nano-USD) only where it
+# does not exist, then the marker. Atomic, so of instances seeding at once the first counts.
+SEED = Script.of("""
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local ttl = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  local slot, amount = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if slot == '-1' then
+    redis.call('SET', KEYS[i], amount, 'NX', 'EX', ttl)
+  elseif redis.call('HSETNX', KEYS[i], slot, amount) == 1 then
+    redis.call('EXPIRE', KEYS[i], ttl)
+  end
+end
+redis.call('SET', KEYS[1], '1')
+return 1
+""")
+# Spend read back for a budget first seen after start (ARGV[1]: ttl; then two each: slot, -1
+# for a calendar period, and nano-USD), added to its counters.
+ADD_SPENT = Script.of("""
+for i = 1, #KEYS do
+  local slot, amount = ARGV[2 * i], ARGV[2 * i + 1]
+  if slot == '-1' then
+    redis.call('INCRBY', KEYS[i], amount)
+  else
+    redis.call('HINCRBY', KEYS[i], slot, amount)
+  end
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return 1
+""")
+
+
+def unseeded(out: Any) -> bool:
+    """Whether a script that reserves answered that Redis holds no budgets (`{-1}`)."""
+    return isinstance(out, list) and len(out) == 1 and out[0] == -1

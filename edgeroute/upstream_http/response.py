@@ -1,0 +1,208 @@
+"""An upstream response: its status and headers, its body handed on as it arrives.
+
+The body is buffered up to a high-water mark and reading pauses above it (a client
+reading a stream slowly must not make the proxy buffer it all); `release()` drains a
+short rest in the background so the connection can be pooled. The connection feeds a
+response through its underscored members (`_feed`, `_finish`, `_fail`, ...), never a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from types import TracebackType
+from typing import Protocol
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from edgeroute.upstream_http.errors import UpstreamError
+
+# Unread bytes of one response above which reading from its socket pauses, and below
+# which it resumes.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+# What release() reads past the point the caller stopped (e.g. a stream's last chunk after
+# its [DONE] event) to keep the connection; a response with more left is closed instead.
+_DRAIN_BYTES = 64 * 1024
+_DRAIN_S = 1.0
+
+
+class Carrier(Protocol):
+    """What a response needs of the connection it arrives on (`connection.Connection`)."""
+
+    loop: asyncio.AbstractEventLoop
+    paused: bool
+    resp: Response | None
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def drop(self) -> None: ...
+
+
+class Response:
+    """An upstream response: status and headers at once, the body as it arrives.
+
+    `release()` (also on `async with` exit) ends the exchange: the rest of a response
+    still arriving is read and discarded in the background (within `_DRAIN_BYTES` and
+    `_DRAIN_S`, else the connection is closed) so that its connection can be pooled.
+    `close()` drops the connection at once: the upstream sees it closed.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_discard",
+        "_drain_timer",
+        "_eof",
+        "_exc",
+        "_head",
+        "_headers",
+        "_raw",
+        "_size",
+        "_waiter",
+        "status",
+    )
+
+    def __init__(self, conn: Carrier, head: asyncio.Future[None]) -> None:
+        self.status = 0
+        self._conn: Carrier | None = conn  # until the whole response arrived or the connection was dropped
+        self._head = head
+        self._raw: list[tuple[bytes, bytes]] = []
+        self._headers: CIMultiDictProxy[str] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._eof = False
+        self._exc: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._discard = -1  # after release(): how many more body bytes may be thrown away
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        # Built on first use: the hot path (a 200 relayed as is) never looks at them.
+        if self._headers is None:
+            self._headers = CIMultiDictProxy(
+                CIMultiDict(
+                    (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in self._raw
+                )
+            )
+        return self._headers
+
+    @property
+    def complete(self) -> bool:
+        """Whether the whole body has arrived (reading the rest waits for nothing)."""
+        return self._eof and self._exc is None
+
+    async def readany(self) -> bytes:
+        """The next body piece as it came off the wire; b"" at the end of the body."""
+        while not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            if self._eof:
+                return b""
+            if self._discard >= 0:
+                raise UpstreamError("the response was released")
+            conn = self._conn
+            assert conn is not None
+            waiter = self._waiter = conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        conn = self._conn
+        if conn is not None and conn.paused and self._size <= _LOW_WATER:
+            conn.resume()
+        return data
+
+    async def read(self) -> bytes:
+        """The whole (rest of the) body."""
+        if self._eof and self._exc is None:
+            data = b"".join(self._chunks)
+            self._chunks.clear()
+            self._size = 0
+            return data
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Ends the exchange, keeping the connection if the rest of the response is short and arrives soon."""
+        conn = self._conn
+        if conn is None or self._discard >= 0:
+            return
+        if self._exc is not None or self._close_delimited():
+            self.close()
+            return
+        self._chunks.clear()
+        self._size = 0
+        self._discard = _DRAIN_BYTES
+        self._drain_timer = conn.loop.call_later(_DRAIN_S, self.close)
+        conn.resume()
+
+    def close(self) -> None:
+        """Closes the connection now unless the whole response already arrived (then it is pooled)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        conn.resp = None
+        conn.drop()
+        if not self._eof:
+            self._fail(UpstreamError("the response was closed before its end"))
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    # -- fed by the connection -----------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        if self._discard >= 0:
+            self._discard -= len(data)
+            if self._discard < 0:
+                self.close()
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake()
+        conn = self._conn
+        if self._size > _HIGH_WATER and conn is not None and not conn.paused:
+            conn.pause()
+
+    def _finish(self) -> None:
+        self._eof = True
+        self._conn = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._conn = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if not self._head.done():
+            self._head.set_exception(exc)
+            return
+        if not self._eof and self._exc is None:
+            self._exc = exc
+            self._wake()
+
+    def _close_delimited(self) -> bool:
+        """Whether the body runs until the connection closes (no length, not chunked)."""
+        if self.status in (204, 304) or not self._head.done():
+            return False
+        return not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self._raw)

@@ -1,0 +1,64 @@
+"""A request as bytes: what a URL means on the wire, and the request head and body encoded.
+
+No I/O here. The body is always sent whole with its real `Content-Length`, so a caller's
+`Content-Length` or `Transfer-Encoding` header is dropped; a CR or LF inside a header is
+refused rather than let split the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from yarl import URL
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class Target:
+    """What a URL means on the wire, parsed once per distinct URL."""
+
+    __slots__ = ("host", "host_header", "key", "path_qs", "port", "tls")
+
+    def __init__(self, url: URL) -> None:
+        scheme = url.scheme
+        if scheme not in _DEFAULT_PORTS or not url.raw_host:
+            raise ValueError(f"unsupported upstream URL: {url}")
+        self.tls = scheme == "https"
+        self.host: str = url.raw_host
+        self.port: int = url.port or _DEFAULT_PORTS[scheme]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if self.port == _DEFAULT_PORTS[scheme] else f"{host}:{self.port}"
+        self.path_qs: str = url.raw_path_qs or "/"
+        self.key = (scheme, self.host, self.port)
+
+
+def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: bytes) -> bytes:
+    """The request `method` to `t` with `headers` and `body`, as written to the connection."""
+    lines = [f"{method} {t.path_qs} HTTP/1.1\r\n"]
+    has_host = has_accept = False
+    n = 0
+    if headers:
+        for k, v in headers.items():
+            low = k.lower()
+            if low in ("content-length", "transfer-encoding"):
+                continue  # the body is always sent whole, with its real length
+            has_host = has_host or low == "host"
+            has_accept = has_accept or low == "accept"
+            lines.append(f"{k}: {v}\r\n")
+            n += 1
+    if not has_host:
+        lines.insert(1, f"Host: {t.host_header}\r\n")
+        n += 1
+    if not has_accept:
+        lines.append("Accept: */*\r\n")  # what aiohttp sent; some gateways route on its presence
+        n += 1
+    if body or method != "GET":
+        lines.append(f"Content-Length: {len(body)}\r\n")
+        n += 1
+    lines.append("\r\n")
+    head = "".join(lines)
+    # Request line, headers and the blank line: anything more means a CR or LF inside a name or value.
+    if head.count("\n") != n + 2 or head.count("\r") != n + 2:
+        raise ValueError("newline or carriage return in an upstream request header")
+    data = head.encode("utf-8")
+    return data + body if body else data
