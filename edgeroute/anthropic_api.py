@@ -44,6 +44,8 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+_ANTHROPIC_ERRORS = frozenset(ERROR_TYPES.values()) | {"api_error"}
+
 STOP_REASONS = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -396,9 +398,9 @@ class StreamEncoder:
                     )
         return out
 
-    def _fail(self, message: str, obj: dict[str, Any]) -> bytes:
+    def _fail(self, message: str, obj: dict[str, Any], etype: str = "api_error") -> bytes:
         self.ended = True
-        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        body = {"type": "error", "error": {"type": etype, "message": message}}
         return self._start(obj) + _event("error", body)
 
     def _start(self, obj: dict[str, Any]) -> bytes:
@@ -433,7 +435,9 @@ class StreamEncoder:
     def _chunk(self, obj: dict[str, Any]) -> bytes:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            return self._fail(redact.message(str(err.get("message", "error"))), obj)  # may be an upstream's, relayed
+            # may be an upstream's, relayed: an Anthropic upstream's own type (overloaded_error) kept
+            etype = err.get("type") if err.get("type") in _ANTHROPIC_ERRORS else "api_error"
+            return self._fail(redact.message(str(err.get("message", "error"))), obj, str(etype))
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
