@@ -159,6 +159,8 @@ def tools_and_choice(
 
 
 class AnthropicAdapter(Adapter):
+    answer_keys = ("content",)
+
     def _url(self) -> str:
         base = self.provider.base_url
         return base + ("/messages" if base.endswith("/v1") else "/v1/messages")
