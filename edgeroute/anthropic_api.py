@@ -9,7 +9,9 @@ input_json_delta) / content_block_stop, message_delta (stop_reason, usage),
 message_stop. Errors, including those raised by the server's middleware for these
 paths, take Anthropic's form `{"type": "error", "error": {"type", "message"}}`.
 
-`output_config.format` (structured output) becomes `response_format`. A request with
+`output_config.format` (structured output) becomes `response_format`. A `tool_result` with
+`is_error: true` becomes a tool message whose content opens with "Error: " (OpenAI's has no
+such field; an Anthropic deployment gets `is_error` back). A request with
 what has no OpenAI equivalent (`top_k`, `thinking` and thinking blocks, `cache_control`,
 `output_config.effort`, an `anthropic-beta` header, ...) is served by
 `endpoints.messages` instead: passed through to Anthropic deployments, refused or
@@ -27,6 +29,7 @@ from aiohttp import web
 from edgeroute import openai_api, redact, sse
 from edgeroute.accounting import Usage
 from edgeroute.errors import ProxyError
+from edgeroute.providers import openai_format as oa
 from edgeroute.state import STATE
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
@@ -43,6 +46,8 @@ ERROR_TYPES = {
     504: "timeout_error",
     529: "overloaded_error",
 }
+
+_ANTHROPIC_ERRORS = frozenset(ERROR_TYPES.values()) | {"api_error"}
 
 STOP_REASONS = {
     "stop": "end_turn",
@@ -116,6 +121,11 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
         elif kind == "tool_result":
             inner = b.get("content")
             text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
+            failed = b.get("is_error")
+            if failed is not None and type(failed) is not bool:
+                raise _bad(f"messages.{i}.content.{j}.is_error: Input should be a valid boolean", "messages")
+            if failed:  # dropped, the model took a failed call's message for its answer
+                text = oa.TOOL_ERROR_PREFIX + text
             results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
         else:
             raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
@@ -396,9 +406,9 @@ class StreamEncoder:
                     )
         return out
 
-    def _fail(self, message: str, obj: dict[str, Any]) -> bytes:
+    def _fail(self, message: str, obj: dict[str, Any], etype: str = "api_error") -> bytes:
         self.ended = True
-        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        body = {"type": "error", "error": {"type": etype, "message": message}}
         return self._start(obj) + _event("error", body)
 
     def _start(self, obj: dict[str, Any]) -> bytes:
@@ -433,7 +443,9 @@ class StreamEncoder:
     def _chunk(self, obj: dict[str, Any]) -> bytes:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            return self._fail(redact.message(str(err.get("message", "error"))), obj)  # may be an upstream's, relayed
+            # may be an upstream's, relayed: an Anthropic upstream's own type (overloaded_error) kept
+            etype = err.get("type") if err.get("type") in _ANTHROPIC_ERRORS else "api_error"
+            return self._fail(redact.message(str(err.get("message", "error"))), obj, str(etype))
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]

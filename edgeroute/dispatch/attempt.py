@@ -296,6 +296,12 @@ class Attempts:
         if not isinstance(obj, dict):
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
+            keys = adapter.answer_keys
+            if obj.get("error") or obj.get("type") == "error" or (keys and not any(k in obj for k in keys)):
+                # A careless upstream's 200 carrying an error (`{"type": "error", ...}`) read as an
+                # answer was an empty one for the client, paid for, and never failed over.
+                msg = redact.cut(f"upstream answered 200 without an answer: {adapter.error_message(status, data)}", 500)
+                return Failure(Outcome.SERVER_ERROR, status, msg)
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)

@@ -1,7 +1,9 @@
 """Relaying a committed upstream stream to the client, and settling its cost.
 
 Once a stream has produced its first real content it is the request's answer: from
-then on an upstream failure can only end the stream with an explicit error event.
+then on an upstream failure can only end the stream with an explicit error event, and
+exactly one: an upstream's own error event (Anthropic's mid-stream `overloaded_error`)
+ends the relay there, nothing after it sent and no error of ours added.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 
+import orjson
 from aiohttp import web
 
 from edgeroute import sse
@@ -30,6 +33,28 @@ _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its strea
 # Set on a request once its stream response is prepared: from then on an error can only end
 # the stream (an error event), never become a second response (the server's front_middleware checks it).
 STREAM_STARTED = web.RequestKey("stream_started", bool)
+
+
+def _through_error(data: bytes) -> tuple[bytes, bool]:
+    """`data` (whole events) up to and including the first error event, and whether it had one:
+    an OpenAI chunk `{"error": ...}`, an Anthropic or Responses event of type `error`. Such an
+    event ends the stream: what an upstream sends after it is no part of the answer, and an
+    error of ours after it was a second one for the client (the Anthropic SDK's `overloaded_error`
+    then "ended the stream early")."""
+    if b'"error"' not in data:  # a model's text cannot match: its quotes are escaped
+        return data, False
+    events, _ = sse.split_events(data)  # whole events: nothing is left over
+    for i, ev in enumerate(events):
+        payload = sse.event_data(ev)
+        if not payload or b'"error"' not in payload:
+            continue
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and obj.get("error"))):
+            return b"".join(e + b"\n\n" for e in events[: i + 1]), True
+    return data, False
 
 
 async def relay_stream(
@@ -58,6 +83,7 @@ async def relay_stream(
     loop = asyncio.get_running_loop()
     failure: tuple[str, str] | None = None
     upstream_broke = False
+    upstream_error = False  # the upstream's own error event was relayed: the stream ends there
     server = request.app[STATE]
     timer: asyncio.Timeout | None = None
     out = web.StreamResponse(status=200, headers=response_headers)
@@ -70,7 +96,7 @@ async def relay_stream(
         send = events.send  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         try:
-            await send(answer.head)
+            upstream_error = await send(answer.head)
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -82,7 +108,7 @@ async def relay_stream(
             async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
-                while not completed:
+                while not completed and not upstream_error:
                     chunk = await answer.resp.readany()
                     if not chunk:
                         upstream_broke = True
@@ -102,7 +128,7 @@ async def relay_stream(
                         ):
                             idle.reschedule(min(call.deadline, server.drain_at))
                             armed = -math.inf
-                        await send(chunk)
+                        upstream_error = await send(chunk)
                         tail = (tail + chunk)[-TAIL_BYTES:]
                         text.append(chunk)
                         completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
@@ -129,6 +155,10 @@ async def relay_stream(
             await events.error(failure)
             call.record.outcome = "stream_interrupted"
             call.record.error_class = failure[1]
+        elif upstream_error:  # told the client already, in the upstream's words
+            upstream_broke = True
+            call.record.outcome = "stream_interrupted"
+            call.record.error_class = "upstream_error"
         else:
             await events.flush()
         await out.write_eof()
@@ -138,14 +168,14 @@ async def relay_stream(
         if answer.slot is not None:
             call.live.capacity.release(answer.slot)
             answer.slot = None
-        if completed and failure is None:
+        if completed and failure is None and not upstream_error:
             answer.resp.release()  # what may follow [DONE] is the stream's end: keep the connection
         else:
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
         await _settle(call, dep, answer, tail, text)
-        if on_complete is not None and completed and failure is None:
+        if on_complete is not None and completed and failure is None and not upstream_error:
             on_complete(b"".join(text))  # the whole answer, as OpenAI-format events (e.g. for the cache)
     return out
 
@@ -165,11 +195,13 @@ class _Events:
         self._encode = encode
         self._guard = sse.RelayGuard()
 
-    async def send(self, data: bytes) -> None:
-        data = self._guard.feed(data)
+    async def send(self, data: bytes) -> bool:
+        """Sends what may go of `data`; True once the upstream's own error event has gone."""
+        data, ended = _through_error(self._guard.feed(data))
         data = self._encode(data) if self._encode is not None else data
         if data:
             await self._out.write(data)
+        return ended
 
     async def error(self, failure: tuple[str, str]) -> None:
         """Ends the stream's events with our error event (message, error class), dropping

@@ -44,6 +44,9 @@ _TRANSLATED = frozenset(
     }
 )  # fmt: skip
 _CONTENT = frozenset({"content_block_delta", "message_delta", "message_stop"})
+# What each event the SDK accumulates must carry, as an object (`NativeStream._check`).
+_EVENT_FIELDS = {"message_start": "message", "content_block_start": "content_block", "content_block_delta": "delta",
+                 "message_delta": "delta"}  # fmt: skip
 
 
 def _has_key(value: Any, key: str) -> bool:
@@ -115,6 +118,26 @@ class NativeStream:
         self._content = False
         self._usage_in: dict[str, Any] = {}
         self._final = False  # a message_delta brought the answer's output_tokens
+        self._blocks = 0  # content blocks started
+
+    def _check(self, obj: Any) -> None:
+        """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
+        null `delta` or a delta to a block never started crashed the client's stream with a
+        TypeError, AttributeError or IndexError (no API error its code handles). Such an event
+        is the upstream's unreadable stream: the relay ends it with an error event."""
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if not isinstance(kind, str):
+            raise anthropic_api.UnreadableAnswer("a stream event that is not an object with a type")
+        assert isinstance(obj, dict)
+        field = _EVENT_FIELDS.get(kind)
+        if field is not None and not isinstance(obj.get(field), dict):
+            raise anthropic_api.UnreadableAnswer(f"a {kind} event without its {field}")
+        if kind.startswith("content_block_"):
+            index = obj.get("index")
+            if type(index) is not int or not 0 <= index <= self._blocks - (kind != "content_block_start"):
+                raise anthropic_api.UnreadableAnswer(f"a {kind} event for a block never started")
+            if kind == "content_block_start":
+                self._blocks = max(self._blocks, index + 1)
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -129,6 +152,8 @@ class NativeStream:
             data = sse.event_data(ev)
             obj = orjson.loads(data) if data else None
             kind = obj.get("type") if isinstance(obj, dict) else None
+            if data is not None and data != b"[DONE]":
+                self._check(obj)
             if kind == "error" and not self._content:
                 assert isinstance(obj, dict)
                 err = obj.get("error")

@@ -48,6 +48,10 @@ def _chat_error(message: str, code: str | None) -> bytes:
     return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
 
 
+class UnreadableEvent(ValueError):
+    """An upstream's Responses stream event of a shape the OpenAI SDK cannot read."""
+
+
 class NativeStream:
     """An upstream's Responses stream, relayed event by event (see the module's doc)."""
 
@@ -56,12 +60,26 @@ class NativeStream:
         self._content = False
         self.usage: dict[str, Any] | None = None
 
+    def _check(self, obj: Any) -> None:
+        """An event the OpenAI SDK can read: relayed unchanged, an upstream's `data: [1]` or a
+        delta that is not a string crashed the client's stream inside the SDK (AttributeError,
+        TypeError: no `openai.APIError`). Such an event is the upstream's unreadable stream: the
+        relay ends it with an error event (before any content, the attempt fails over)."""
+        kind = obj.get("type") if isinstance(obj, dict) else None
+        if not isinstance(kind, str):
+            raise UnreadableEvent("a stream event that is not an object with a type")
+        assert isinstance(obj, dict)
+        if kind.endswith(".delta") and "delta" in obj and not isinstance(obj["delta"], str):
+            raise UnreadableEvent(f"a {kind} event whose delta is not a string")
+
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)
         out = []
         for ev in events:
             data = sse.event_data(ev)
             obj = orjson.loads(data) if data is not None and data != b"[DONE]" else None
+            if data is not None and data != b"[DONE]":
+                self._check(obj)
             kind = obj.get("type") if isinstance(obj, dict) else None
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)

@@ -112,8 +112,11 @@ def convert_messages(messages: list[Any]) -> tuple[list[dict[str, Any]], list[di
             content = m.get("content")
             result: str | list[dict[str, Any]]
             result = content if isinstance(content, str) else _user_blocks(content)
+            block: dict[str, Any] = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}
+            if isinstance(content, str) and content.startswith(oa.TOOL_ERROR_PREFIX):
+                block["is_error"] = True  # a failed call's result, as /v1/messages marks it (anthropic_api)
             # Tool results open the user turn after the tool calls; a following user message joins it.
-            add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id"), "content": result}])
+            add("user", [block])
     return system, turns.turns
 
 
@@ -156,6 +159,8 @@ def tools_and_choice(
 
 
 class AnthropicAdapter(Adapter):
+    answer_keys = ("content",)
+
     def _url(self) -> str:
         base = self.provider.base_url
         return base + ("/messages" if base.endswith("/v1") else "/v1/messages")

@@ -41,6 +41,9 @@ class Adapter:
     """Base adapter. Subclasses set `passthrough` when they speak OpenAI's format."""
 
     passthrough: ClassVar[bool] = False
+    # A translated JSON answer holds one of these keys: one without any (a 200 whose body is an
+    # error object, or of another shape) is the upstream's failure, not an empty answer.
+    answer_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, provider: Provider, api_key: Secret | None) -> None:
         self.name = name

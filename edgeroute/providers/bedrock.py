@@ -134,6 +134,8 @@ def _region_of(base_url: str) -> str | None:
 
 
 class BedrockAdapter(Adapter):
+    answer_keys = ("output",)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         opts = self.provider.options

@@ -135,6 +135,8 @@ def convert_messages(messages: list[Any]) -> tuple[dict[str, Any] | None, list[d
 
 
 class GeminiAdapter(Adapter):
+    answer_keys = ("candidates", "promptFeedback")  # a blocked prompt has no candidate
+
     def build(self, model: str, body: bytes, stream: bool) -> UpstreamRequest:
         req = oa.parse_request(body)
         rule = oa.unsupported_rule(self.provider.options)

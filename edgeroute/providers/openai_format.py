@@ -26,6 +26,10 @@ from edgeroute.errors import ProxyError
 # The tool used to emulate `response_format` (JSON mode) on providers whose only
 # structured output is a forced tool call; its call is turned back into text content.
 JSON_TOOL = "edgeroute_json_response"
+# A tool result the client marked as a failure (Anthropic's `tool_result.is_error`) has no field
+# in OpenAI's tool message: its content opens with this, which the model reads, and which the
+# Anthropic adapter turns back into `is_error`.
+TOOL_ERROR_PREFIX = "Error: "
 
 # Parameters that carry no meaning for the answer (identifiers, storage flags) or that
 # each adapter reads itself: never subject to the unsupported-parameter rule.

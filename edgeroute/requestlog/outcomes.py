@@ -69,8 +69,9 @@ def insert_sql(mark: str) -> dict[str, str]:
         "ts = excluded.ts, score = excluded.score, key_id = excluded.key_id",
         ROUTER_SHADOW: f"INSERT INTO {ROUTER_SHADOW} {values(ROUTER_SHADOW_COLUMNS)} "
         "ON CONFLICT (request_id, candidate) DO NOTHING",
+        # the last telling's time: a rolling window's mark is told again a window later
         BUDGET_NOTICES: f"INSERT INTO {BUDGET_NOTICES} (mark, ts) VALUES ({mark}, {mark}) "
-        "ON CONFLICT (mark) DO NOTHING",
+        "ON CONFLICT (mark) DO UPDATE SET ts = excluded.ts",
     }
 
 

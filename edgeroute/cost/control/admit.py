@@ -58,7 +58,7 @@ class CostControl(Reservations, RateLimits):
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
         self._down_until = 0.0
         self._tasks = set()
-        self._notified = set()
+        self._notified = {}
         self._session = None
 
     @staticmethod

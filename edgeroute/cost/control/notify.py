@@ -1,11 +1,16 @@
 """Budget `notify` thresholds: a log line and an optional webhook, once per budget, subject,
 period and threshold across instances (marked in the shared store when there is one) and
 across restarts (each threshold told is written to the ledger with its batches and read back
-at start: a process remembered only its own, so a restart told every one again)."""
+at start: a process remembered only its own, so a restart told every one again).
+
+A calendar period's mark names the period, so it is told once in it. A rolling window's mark
+names only its slot size, the same for ever: it is in force for one window from its telling
+(it was told once in a process's life, and read back after a restart for 31 days)."""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -25,6 +30,15 @@ log = logging.getLogger("edgeroute.cost")
 MONTH_S = 31 * 86400  # the longest calendar period
 
 
+def _in_force(mark: str, told: float, rolling: dict[str, Budget], now: float) -> float:
+    """Until when a mark told at `told` holds: one window for a rolling budget's current
+    mark, else for as long as it is read back (a calendar mark names its period)."""
+    for prefix, b in rolling.items():
+        if mark.startswith(prefix) and mark.rsplit(":", 2)[-2] == B.period_of(b, now).id:
+            return told + 3600 * (b.window_hours or 0)
+    return math.inf
+
+
 def iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
@@ -32,7 +46,7 @@ def iso(ts: float) -> str:
 class Notifications(Stores):
     """Threshold notifications (a part of `CostControl`)."""
 
-    _notified: set[str]  # thresholds told by this process or, this period, before its start
+    _notified: dict[str, float]  # threshold told (by this process, or before its start) -> in force until
     _session: aiohttp.ClientSession | None  # for webhooks, opened on the first
     ledger: Ledger | None  # where a threshold told is recorded (see `ReadBack`)
 
@@ -41,18 +55,26 @@ class Notifications(Stores):
         still running (by this server before a restart, or by another instance) are not
         told again."""
         longest = max([MONTH_S] + [3600 * (b.window_hours or 0) for b in budgets])
-        rows = db.query(f"SELECT mark FROM {BUDGET_NOTICES} WHERE ts >= ?", (now - longest,))
-        self._notified.update(str(r[0]) for r in rows)
+        rolling = {f"{b.name}:": b for b in budgets if b.period == "rolling"}
+        rows = db.query(f"SELECT mark, ts FROM {BUDGET_NOTICES} WHERE ts >= ?", (now - longest,))
+        for mark, ts in rows:
+            until = _in_force(str(mark), float(ts), rolling, now)
+            if until > now:
+                self._notified[str(mark)] = max(until, self._notified.get(str(mark), 0.0))
 
     def _notify(self, charges: list[B.Charge], used_before: list[int]) -> None:
+        now = time.time()
         for c, used in zip(charges, used_before, strict=True):
             a = B.crossed(c.budget, used + c.amount, "notify")
             if a is None:
                 continue
             mark = f"{c.store_key}:{a.at_percent}"
-            if mark in self._notified:
+            if self._notified.get(mark, 0.0) > now:
                 continue
-            self._notified.add(mark)
+            if len(self._notified) > 10_000:  # marks of past periods and windows
+                self._notified = {m: t for m, t in self._notified.items() if t > now}
+            rolling = c.period.rolling
+            self._notified[mark] = now + c.period.slot_s * B.ROLLING_SLOTS if rolling else c.period.resets_at
             event = {
                 "event": "budget_threshold",
                 "budget": c.budget.name,
@@ -64,7 +86,8 @@ class Notifications(Stores):
                 "limit_usd": c.budget.limit_usd,
                 "resets_at": iso(c.period.resets_at),
             }
-            self._spawn(self._send(mark, c.period.ttl_s, a.webhook, event))
+            ttl_s = int(c.period.slot_s * B.ROLLING_SLOTS) if rolling else c.period.ttl_s
+            self._spawn(self._send(mark, max(1, ttl_s), a.webhook, event))
 
     async def _send(self, mark: str, ttl_s: int, url: str | None, event: dict[str, Any]) -> None:
         if self.shared is not None and self.shared_up():
