@@ -1,0 +1,95 @@
+"""A second new operator's walk through the README: what the terminal showed where a command
+was used as a newcomer uses it (port 0, a port already taken, a CLI without its server's
+address or key, Ctrl-C, a ledger path that cannot be one). Each test runs the real CLI in a
+subprocess and asserts what it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ONE_MODEL = """\
+providers:
+  p: {base_url: "http://127.0.0.1:9/v1"}
+deployments:
+  d: {provider: p, model: gpt-4o-mini}
+models:
+  m: {deployments: [d]}
+"""
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("EDGEROUTE_")}
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeroute", *args],
+        capture_output=True, text=True, timeout=timeout, env=env or _env(),
+    )  # fmt: skip
+
+
+def _config(tmp_path: Path, extra: str = "ledger: {backend: memory}\n") -> Path:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text(ONE_MODEL + extra)
+    return cfg
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the process this test started
+            proc.wait(10)
+
+
+# -- serve --port 0 and a port already taken ----------------------------------------------------
+
+
+def test_serve_on_port_0_says_which_port_it_took(tmp_path: Path) -> None:
+    """It printed `listening on http://127.0.0.1:0`: the one thing the reader needed was missing."""
+    cfg = _config(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        m = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", line)
+        assert m, line
+        port = int(m.group(1))
+        assert port != 0, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_says_what_to_do(tmp_path: Path, workers: str) -> None:
+    """It said `cannot listen on 127.0.0.1:P: error while attempting to bind on address
+    ('127.0.0.1', P): address already in use`: the address twice, and nothing to do."""
+    cfg = _config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _cli("serve", "-c", str(cfg), "--port", str(port), "--workers", workers)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0], r.stderr
+    assert "--port" in lines[0] and "server.port" in lines[0], r.stderr
+    assert "error while attempting" not in lines[0], r.stderr
