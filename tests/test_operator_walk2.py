@@ -93,3 +93,40 @@ def test_a_port_in_use_says_what_to_do(tmp_path: Path, workers: str) -> None:
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0], r.stderr
     assert "--port" in lines[0] and "server.port" in lines[0], r.stderr
     assert "error while attempting" not in lines[0], r.stderr
+
+
+# -- keys, config, audit: the CLI that talks to a running server ----------------------------------
+
+
+def test_the_admin_cli_says_how_to_name_the_server_and_the_key(tmp_path: Path) -> None:
+    """`edgeroute keys list` said `cannot reach http://127.0.0.1:8080: [Errno 111] Connection
+    refused` and `401: Invalid or missing API key.`, neither naming the flag or variable that
+    points it at the server or gives it a key."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    r = _cli("keys", "list", "--url", closed)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot reach {closed}" in r.stderr and "--url" in r.stderr and "EDGEROUTE_URL" in r.stderr, r.stderr
+
+    cfg = _config(tmp_path, "ledger: {backend: memory}\nkeys:\n  root: {token: root-token-1, role: admin}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+) ", proc.stdout.readline())
+        assert m
+        url = m.group(1)
+        for argv, said in (
+            (["config", "versions", "--url", url], "Give an admin key with --key or $EDGEROUTE_ADMIN_KEY"),
+            (["audit", "--url", url, "--key", "wrong"], "Check the key given with --key or $EDGEROUTE_ADMIN_KEY"),
+        ):
+            r = _cli(*argv)
+            assert r.returncode == 1 and r.stderr.startswith("error: 401: "), r.stderr
+            assert said in r.stderr, r.stderr
+        r = _cli("config", "versions", "--url", url, "--key", "root-token-1")
+        assert r.returncode == 0 and "start" in r.stdout, r.stderr
+    finally:
+        _stop(proc)
