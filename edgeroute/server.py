@@ -297,6 +297,12 @@ async def serve_async(
         app[WORKER] = worker
     server = ProxyServer(app, config)
     await server.setup()
+    # Before it listens and says so: a SIGTERM or Ctrl-C sent as soon as "listening" is printed
+    # (a script, a supervisor) must drain, not kill the process or raise KeyboardInterrupt.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     h = host or config.server.host
     p = port if port is not None else config.server.port
     # Under `--workers`, every worker binds the supervisor's port; the kernel spreads connections.
@@ -320,10 +326,6 @@ async def serve_async(
         n_models, n_deps = len(config.models), len(config.deployments)
         # Port 0 asks for any free port: say which one it is.
         print_fn(f"edgeroute listening on http://{h}:{p or server.port} ({n_models} models, {n_deps} deployments)")
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
         async def go() -> None:

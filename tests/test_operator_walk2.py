@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -130,3 +131,61 @@ def test_the_admin_cli_says_how_to_name_the_server_and_the_key(tmp_path: Path) -
         assert r.returncode == 0 and "start" in r.stdout, r.stderr
     finally:
         _stop(proc)
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_stops_a_bench_without_a_traceback() -> None:
+    """Ctrl-C in `edgeroute bench run` (or `bench overhead`) printed a KeyboardInterrupt traceback."""
+    with socket.socket() as s:  # a port nothing listens on: every request fails at once, the run goes on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "bench", "run", "--url", url, "--rate", "5", "--duration", "60",
+         "--progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"req/s" not in seen:  # the progress line: the run has started
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")
+            seen += chunk
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # only the process this test started
+            proc.wait(10)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert "interrupted" in err
+
+
+def test_a_signal_sent_as_soon_as_serve_says_listening_drains(tmp_path: Path) -> None:
+    """`serve` printed "listening" before it set its SIGTERM and SIGINT handlers: a script (or a
+    supervisor) that signalled it on that line killed it undrained (SIGTERM's default action,
+    exit -15, nothing flushed) or got a KeyboardInterrupt traceback from asyncio's runner."""
+    cfg = _config(tmp_path)
+    outcomes = []
+    for i in range(8):
+        sig = (signal.SIGTERM, signal.SIGINT)[i % 2]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert "listening on" in proc.stdout.readline()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # only the process this test started
+                proc.wait(10)
+        outcomes.append((sig.name, proc.returncode, "draining" in out, "Traceback" in err))
+    assert all(o[1:] == (0, True, False) for o in outcomes), outcomes
