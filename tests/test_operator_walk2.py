@@ -189,3 +189,21 @@ def test_a_signal_sent_as_soon_as_serve_says_listening_drains(tmp_path: Path) ->
                 proc.wait(10)
         outcomes.append((sig.name, proc.returncode, "draining" in out, "Traceback" in err))
     assert all(o[1:] == (0, True, False) for o in outcomes), outcomes
+
+
+# -- a ledger path that cannot be one -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["a missing directory", "a directory"])
+def test_a_ledger_path_that_cannot_be_a_file_says_why(tmp_path: Path, where: str) -> None:
+    """Both said `unable to open database file (the file and its directory must be writable by
+    this process ...)`: true of neither, so the reader checked permissions that were fine."""
+    if where == "a directory":
+        path, said = tmp_path, f"it is a directory (ledger.path names the database file, e.g. {tmp_path}/"
+    else:
+        path, said = tmp_path / "no-such-dir" / "spend.db", f"the directory {tmp_path / 'no-such-dir'} does not exist"
+    cfg = _config(tmp_path, f"ledger: {{backend: sqlite, path: {path}}}\n")
+    r = _cli("serve", "-c", str(cfg), "--port", "0")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot open the spend ledger {path}: {said}" in r.stderr, r.stderr
+    assert "writable" not in r.stderr, r.stderr
