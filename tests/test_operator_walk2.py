@@ -207,3 +207,55 @@ def test_a_ledger_path_that_cannot_be_a_file_says_why(tmp_path: Path, where: str
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"cannot open the spend ledger {path}: {said}" in r.stderr, r.stderr
     assert "writable" not in r.stderr, r.stderr
+
+
+# -- the Deploy section: a config in a read-only directory -----------------------------------------
+
+_READ_ONLY_ETC = """
+set -e
+mount --bind {etc} {etc}
+mount -o remount,bind,ro {etc}
+exec {python} -m edgeroute serve --config {etc}/edgeroute.yaml --port 0
+"""
+
+
+@pytest.mark.parametrize("ledger", ["default", "in the data directory"])
+def test_a_config_in_a_read_only_directory_needs_a_ledger_path_elsewhere(tmp_path: Path, ledger: str) -> None:
+    """The README's `docker run` mounts the config read-only in /etc/edgeroute, and the systemd
+    unit makes /etc read-only: the default ledger, beside the config, cannot be opened there
+    (the README gave no ledger path); with `ledger.path` in the data directory it serves."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    probe = subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"no user and mount namespaces here: {probe.stderr.decode()[:200]}")
+    etc, data = tmp_path / "etc", tmp_path / "data"
+    etc.mkdir()
+    data.mkdir()
+    extra = "" if ledger == "default" else f"ledger: {{path: {data}/edgeroute-ledger.db}}\n"
+    (etc / "edgeroute.yaml").write_text(ONE_MODEL + extra)
+    script = tmp_path / "serve.sh"
+    script.write_text(_READ_ONLY_ETC.format(etc=etc, python=sys.executable))
+    proc = subprocess.Popen(
+        ["unshare", "-r", "-m", "sh", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if ledger == "default":
+            assert proc.wait(30) == 1, line
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            assert f"cannot open the spend ledger {etc}/edgeroute-ledger.db" in err, err
+            assert "ledger.path in the config puts it elsewhere" in err, err
+        else:
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+) ", line)
+            assert m, line + (proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+            with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/readyz", timeout=5) as r:
+                assert r.status == 200
+            assert (data / "edgeroute-ledger.db").exists()
+    finally:
+        _stop(proc)
