@@ -259,3 +259,17 @@ def test_a_config_in_a_read_only_directory_needs_a_ledger_path_elsewhere(tmp_pat
             assert (data / "edgeroute-ledger.db").exists()
     finally:
         _stop(proc)
+
+
+def test_reports_before_the_first_serve_name_where_the_ledger_will_be(tmp_path: Path) -> None:
+    """`edgeroute logs -c edge.yaml` said `the ledger edgeroute-ledger.db does not exist yet`:
+    a bare name, relative to nothing the reader could tell, and no word of what makes it."""
+    cfg = _config(tmp_path, "")
+    for command in ("logs", "stats", "spend"):
+        r = subprocess.run(
+            [sys.executable, "-m", "edgeroute", command, "-c", cfg.name],
+            capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"the ledger {tmp_path / 'edgeroute-ledger.db'} does not exist yet" in r.stderr, r.stderr
+        assert "`edgeroute serve` with this config creates it" in r.stderr, r.stderr
