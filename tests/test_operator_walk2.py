@@ -129,6 +129,10 @@ def test_the_admin_cli_says_how_to_name_the_server_and_the_key(tmp_path: Path) -
             assert said in r.stderr, r.stderr
         r = _cli("config", "versions", "--url", url, "--key", "root-token-1")
         assert r.returncode == 0 and "start" in r.stdout, r.stderr
+        # A diff of a version with itself printed nothing at all.
+        r = _cli("config", "diff", "1", "--url", url, "--key", "root-token-1")
+        assert r.returncode == 0 and r.stdout == "", r.stderr
+        assert "version 1 and the running one do not differ" in r.stderr, r.stderr
     finally:
         _stop(proc)
 

@@ -223,7 +223,11 @@ def _config(args: argparse.Namespace) -> int:
             _print(args, _call(args, "GET", path))
         elif a == "diff":
             q = f"from={args.from_version}" + (f"&to={args.to_version}" if args.to_version else "")
-            print(_call(args, "GET", f"/admin/config/diff?{q}")["diff"], end="")
+            diff = _call(args, "GET", f"/admin/config/diff?{q}")["diff"]
+            print(diff, end="")
+            if not diff:  # say so, rather than print nothing
+                to = args.to_version or "the running one"
+                print(f"version {args.from_version} and {to} do not differ", file=sys.stderr)
         elif a == "rollback":
             _print(args, _call(args, "POST", "/admin/config/rollback", {"version": args.version}))
 
