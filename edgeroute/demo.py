@@ -131,6 +131,7 @@ Try it (paste into a shell):
 curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
 
+# the openai SDK (pip install openai):
 python - <<'PY'
 from openai import OpenAI
 client = OpenAI(base_url="{base}/v1", api_key="unused")
