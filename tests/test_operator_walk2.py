@@ -277,3 +277,28 @@ def test_reports_before_the_first_serve_name_where_the_ledger_will_be(tmp_path: 
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert f"the ledger {tmp_path / 'edgeroute-ledger.db'} does not exist yet" in r.stderr, r.stderr
         assert "`edgeroute serve` with this config creates it" in r.stderr, r.stderr
+
+
+def test_bench_mock_the_readme_points_to_serves_a_config_and_names_itself() -> None:
+    """The README sends a new operator to `edgeroute bench mock --port 0` to try a config without
+    provider keys; its help named it `python -m edgeroute.bench.faults`."""
+    r = _cli("bench", "mock", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: edgeroute bench mock "), r.stdout
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "bench", "mock", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        m = re.fullmatch(r"listening port=(\d+)\n", proc.stdout.readline())
+        assert m
+        body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{m.group(1)}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            assert answer.status == 200 and b'"choices"' in answer.read()
+    finally:
+        _stop(proc)
