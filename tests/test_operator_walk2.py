@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -300,5 +301,43 @@ def test_bench_mock_the_readme_points_to_serves_a_config_and_names_itself() -> N
         )
         with urllib.request.urlopen(req, timeout=10) as answer:
             assert answer.status == 200 and b'"choices"' in answer.read()
+    finally:
+        _stop(proc)
+
+
+def _an_address_of_this_host_not_loopback() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        except OSError:
+            return None
+        addr: str = s.getsockname()[0]
+    return None if addr.startswith("127.") or addr == "0.0.0.0" else addr
+
+
+def test_the_console_from_another_host_without_keys_says_what_to_do(tmp_path: Path) -> None:
+    """A keyless server on 0.0.0.0 (the container's `EDGEROUTE_HOST`) refused `/ui/` from the
+    docker host with `Admin endpoints answer only local clients when no keys are configured.`:
+    no word of the console, nor of what would let the operator in."""
+    addr = _an_address_of_this_host_not_loopback()
+    if addr is None:
+        pytest.skip("this host has no address but loopback")
+    cfg = _config(tmp_path, 'ledger: {backend: memory}\nserver: {allowed_hosts: ["*"]}\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"listening on http://0\.0\.0\.0:(\d+) ", proc.stdout.readline())
+        assert m
+        for path in ("/ui/", "/admin/deployments"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://{addr}:{m.group(1)}{path}", timeout=10)
+            assert refused.value.code == 403
+            body = refused.value.read().decode()
+            assert "web console" in body and "configure keys" in body and "viewer" in body, body
+        with urllib.request.urlopen(f"http://{addr}:{m.group(1)}/v1/models", timeout=10) as r:
+            assert r.status == 200  # the API itself is served to any client
     finally:
         _stop(proc)
