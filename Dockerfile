@@ -1,7 +1,10 @@
 # edgeroute: the Rust core is built once (stage `build`, into an abi3 wheel); the runtime
 # image has Python and the wheel only, runs as a non-root user and checks /readyz.
 #   docker build -t edgeroute .
-#   docker run -p 8080:8080 -v $PWD/edgeroute.yaml:/etc/edgeroute/edgeroute.yaml:ro edgeroute
+#   docker run -p 8080:8080 -v $PWD/edgeroute.yaml:/etc/edgeroute/edgeroute.yaml:ro \
+#     -v edgeroute-data:/var/lib/edgeroute edgeroute
+# /etc/edgeroute is read-only here: the config must put its ledger in the data volume,
+# `ledger: {path: /var/lib/edgeroute/edgeroute-ledger.db}` (its default is beside the config).
 # deploy/build-image-steps.sh runs the same steps without Docker (CI checks them that way).
 
 FROM python:3.11-slim AS build

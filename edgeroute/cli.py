@@ -309,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # with stdout pointed at /dev/null so that the flush at exit cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: every `finally` on the way has run (a bench's proxies and mocks are stopped);
+        # stop as shells expect (128 + SIGINT) without a traceback.
+        print("edgeroute: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -127,21 +127,22 @@ def _banner(base: str) -> str:
     return f"""
 edgeroute demo is running at {base}  (Ctrl-C to stop)
 
-Try it:
-  curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
+Try it (paste into a shell):
+curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "gpt-4o", "messages": [{{"role": "user", "content": "Hello!"}}]}}' -i
 
-  python - <<'PY'
-  from openai import OpenAI
-  client = OpenAI(base_url="{base}/v1", api_key="unused")
-  r = client.chat.completions.with_raw_response.create(
-      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello!"}}])
-  print(r.headers["x-edgeroute-deployment"], r.parse().choices[0].message.content)
-  PY
+# the openai SDK (pip install openai):
+python - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="unused")
+r = client.chat.completions.with_raw_response.create(
+    model="gpt-4o-mini", messages=[{{"role": "user", "content": "Hello!"}}])
+print(r.headers["x-edgeroute-deployment"], r.parse().choices[0].message.content)
+PY
 
-  curl -s {base}/admin/deployments      # health, latency and error rate per deployment
-  curl -s '{base}/admin/spend?by=model'  # spend and savings from the demo's ledger
-  curl -s {base}/v1/models
+curl -s {base}/admin/deployments      # health, latency and error rate per deployment
+curl -s '{base}/admin/spend?by=model'  # spend and savings from the demo's ledger
+curl -s {base}/v1/models
 """
 
 

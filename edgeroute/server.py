@@ -55,6 +55,7 @@ from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
 from edgeroute.workers import peers
 from edgeroute.workers import worker as workers
+from edgeroute.workers.supervisor import cannot_listen
 from edgeroute.workers.worker import WORKER
 
 log = logging.getLogger("edgeroute")
@@ -296,6 +297,12 @@ async def serve_async(
         app[WORKER] = worker
     server = ProxyServer(app, config)
     await server.setup()
+    # Before it listens and says so: a SIGTERM or Ctrl-C sent as soon as "listening" is printed
+    # (a script, a supervisor) must drain, not kill the process or raise KeyboardInterrupt.
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     h = host or config.server.host
     p = port if port is not None else config.server.port
     # Under `--workers`, every worker binds the supervisor's port; the kernel spreads connections.
@@ -303,7 +310,7 @@ async def serve_async(
         await server.listen(h, p, reuse_port=worker is not None)
     except OSError as e:
         await server.cleanup()
-        raise SystemExit(f"edgeroute: cannot listen on {h}:{p}: {e.strerror}") from None
+        raise SystemExit(cannot_listen(h, p, e)) from None
     # Everything loaded so far (config, modules, tables) lives as long as the process.
     # Freezing it keeps the collector from walking it again: otherwise each full
     # collection stalls the event loop for tens of milliseconds (measured 34 ms, the
@@ -317,11 +324,8 @@ async def serve_async(
     gc.set_threshold(*GC_THRESHOLDS)
     if print_fn and worker is None:  # under a supervisor, it says when all workers listen
         n_models, n_deps = len(config.models), len(config.deployments)
-        print_fn(f"edgeroute listening on http://{h}:{p} ({n_models} models, {n_deps} deployments)")
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # Port 0 asks for any free port: say which one it is.
+        print_fn(f"edgeroute listening on http://{h}:{p or server.port} ({n_models} models, {n_deps} deployments)")
 
     def on_hup() -> None:
         async def go() -> None:

@@ -91,6 +91,7 @@ class SidecarGuard:
         if roles.is_admin_path(request.path) and not is_loopback(request.remote):
             raise ProxyError(
                 403,
-                "Admin endpoints answer only local clients when no keys are configured.",
+                "Admin endpoints and the web console answer only local clients when no keys are configured; "
+                "configure keys (a key of role viewer or above) to use them from another host.",
                 code="admin_local_only",
             )

@@ -244,3 +244,25 @@ async def test_anthropic_fields_of_the_wrong_type_are_400(
         await client.messages.create(**body)
     err = e.value.body
     assert isinstance(err, dict) and err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+
+
+async def test_refused_provider_credentials_are_not_tried_again(upstreams: Any, start_proxy: StartProxy) -> None:
+    """With no other deployment to fail over to, a 401 from the provider was tried three more
+    times on the same deployment with the same key (four calls, four refusals, one 502)."""
+    calls = 0
+
+    async def refused(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        await request.read()
+        return web.json_response({"error": {"message": "Incorrect API key provided.", "type": "x"}}, status=401)
+
+    proxy = await start_proxy(await upstreams(refused))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as failed:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    assert failed.value.status_code == 502
+    body: Any = failed.value.body
+    assert [a["error"] for a in body["attempts"]] == ["auth_error"], body
+    assert calls == 1
+    assert [a.outcome for a in proxy.recorder.records[-1].attempts] == ["auth_error"]

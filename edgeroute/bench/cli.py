@@ -224,7 +224,7 @@ def _gate(argv: list[str]) -> int:
 def _mock(argv: list[str]) -> int:
     from edgeroute.bench import faults
 
-    return faults.main(argv)
+    return faults.main(argv, prog="edgeroute bench mock")
 
 
 _DELEGATED = {"gate": _gate, "mock": _mock}

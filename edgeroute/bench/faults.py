@@ -418,8 +418,8 @@ async def serve(args: argparse.Namespace) -> None:
     await asyncio.Event().wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         try:
             import uvloop

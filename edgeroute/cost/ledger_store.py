@@ -360,7 +360,13 @@ def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
     try:
         return SqliteBackend(path)
     except sqlite3.Error as e:
-        raise StartError(f"cannot open the spend ledger {path}: {e}{_sqlite_hint(str(e))}") from None
+        if path.is_dir():  # sqlite says only "unable to open database file"
+            why = f"it is a directory (ledger.path names the database file, e.g. {path / 'edgeroute-ledger.db'})"
+        elif not path.parent.is_dir():
+            why = f"the directory {path.parent} does not exist (create it, or point ledger.path elsewhere)"
+        else:
+            why = f"{e}{_sqlite_hint(str(e))}"
+        raise StartError(f"cannot open the spend ledger {path}: {why}") from None
 
 
 def _sqlite_hint(error: str) -> str:
@@ -372,5 +378,8 @@ def _sqlite_hint(error: str) -> str:
     if "full" in error:
         return " (free space on its disk: nothing can be recorded until then)"
     if "readonly" in error or "unable to open" in error or "read-only" in error:
-        return " (the file and its directory must be writable by this process: the ledger writes beside it)"
+        return (
+            " (the file and its directory must be writable by this process: the ledger writes beside it;"
+            " ledger.path in the config puts it elsewhere)"
+        )
     return ""

@@ -185,7 +185,11 @@ def open_backend(config_path: str) -> Backend | None:
     if lc.backend == "sqlite":
         path = Path(lc.path) if Path(lc.path).is_absolute() else base / lc.path
         if not path.exists():
-            print(f"{config_path}: the ledger {path} does not exist yet", file=sys.stderr)
+            print(
+                f"{config_path}: the ledger {path.absolute()} does not exist yet (`edgeroute serve` with this"
+                " config creates it)",
+                file=sys.stderr,
+            )
             return None
     try:
         return backend_for(lc, base)

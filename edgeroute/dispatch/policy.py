@@ -225,7 +225,13 @@ class FailoverPolicy:
                     return self._at_capacity(state)
                 if not state.plan or state.budget_refused or skipped >= len(state.plan):
                     return self._exhausted(state)
-                # Every deployment failed once: back off and go round again.
+                # Every deployment failed once: back off and go round again, but not to one that
+                # refused edgeroute's credentials (the same key would be refused again).
+                refused = {d.name for d, f in state.failures if f.outcome is Outcome.AUTH_ERROR}
+                if refused:
+                    state.plan = [d for d in state.plan if d.name not in refused]
+                    if not state.plan:
+                        return self._exhausted(state)
                 state.rounds += 1
                 backoff = self._backoff(state)
                 if backoff is None or backoff >= self._remaining():

@@ -141,9 +141,15 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
                 msg += f"\n  {p.get('error') or p}"
         except (ValueError, KeyError, TypeError):
             msg = e.reason
+        if e.code == 401:  # say how this command gives the server a key
+            given = "Check the key given" if args.key else "Give an admin key"
+            msg += f" {given} with --key or $EDGEROUTE_ADMIN_KEY."
         raise ApiError(f"{e.code}: {msg}") from None
     except urllib.error.URLError as e:
-        raise ApiError(f"cannot reach {args.url}: {e.reason}") from None
+        raise ApiError(
+            f"cannot reach {args.url}: {e.reason}; is `edgeroute serve` running there? Name its address"
+            " with --url or $EDGEROUTE_URL"
+        ) from None
 
 
 def _print(
@@ -217,7 +223,11 @@ def _config(args: argparse.Namespace) -> int:
             _print(args, _call(args, "GET", path))
         elif a == "diff":
             q = f"from={args.from_version}" + (f"&to={args.to_version}" if args.to_version else "")
-            print(_call(args, "GET", f"/admin/config/diff?{q}")["diff"], end="")
+            diff = _call(args, "GET", f"/admin/config/diff?{q}")["diff"]
+            print(diff, end="")
+            if not diff:  # say so, rather than print nothing
+                to = args.to_version or "the running one"
+                print(f"version {args.from_version} and {to} do not differ", file=sys.stderr)
         elif a == "rollback":
             _print(args, _call(args, "POST", "/admin/config/rollback", {"version": args.version}))
 

@@ -8,7 +8,7 @@ import sys
 from edgeroute.config import Config
 from edgeroute.cost import ledger_lock
 from edgeroute.workers import run_dir
-from edgeroute.workers.supervisor import Supervisor, reserve_port, resolve_workers
+from edgeroute.workers.supervisor import Supervisor, cannot_listen, reserve_port, resolve_workers
 
 
 def worker_command(args: argparse.Namespace, host: str, port: int) -> list[str]:
@@ -31,7 +31,7 @@ def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
     try:
         held = reserve_port(host, port)
     except OSError as e:
-        print(f"edgeroute: cannot listen on {host}:{port}: {e.strerror}", file=sys.stderr)
+        print(cannot_listen(host, port, e), file=sys.stderr)
         return 1
     port = held.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host

@@ -20,6 +20,7 @@ goes through `shared_state` (Redis) or, without it, the local stores in the run 
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -66,6 +67,18 @@ def reserve_port(host: str, port: int) -> socket.socket:
         s.close()
         raise
     return s
+
+
+def cannot_listen(host: str, port: int, err: OSError) -> str:
+    """The line `serve` stops with when it cannot bind: what failed and what to do about it."""
+    why = os.strerror(err.errno) if err.errno else str(err)
+    if err.errno == errno.EADDRINUSE:
+        why += " (another process listens there: stop it, or choose another port with --port or server.port)"
+    elif err.errno == errno.EACCES:
+        why += " (ports below 1024 need privileges: choose a higher one with --port or server.port)"
+    elif err.errno == errno.EADDRNOTAVAIL:
+        why += " (no interface of this machine has that address: check --host or server.host)"
+    return f"edgeroute: cannot listen on {host}:{port}: {why}"
 
 
 @dataclass(slots=True)
