@@ -291,15 +291,22 @@ def test_the_inner_folds_choose_tfidf_weighting_where_it_validates_better() -> N
     assert np.array_equal(x_fit.vals, T.tfidf_docs(counts, idf).vals)
 
 
+@pytest.mark.parametrize(
+    ("features", "log2", "min_df"), [("words-tfidf", 17, 0), ("words-tfidf-df2", 18, 2), ("ngrams-tfidf", 18, 2)]
+)
 def test_a_tfidf_router_file_loads_in_the_core_and_scores_as_python(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], features: str, log2: int, min_df: int
 ) -> None:
-    """`router train --features words-tfidf` writes a format 2 file with its idf table; the core
-    scores prompts as the Python reference does (both the per-prompt spec and the numpy batch
-    path), and `router eval` reads it."""
+    """`router train --features words-tfidf` (and the sets with TF-IDF LR's vocabulary cut)
+    writes a format 2 file with its idf table; the core scores prompts as the Python reference
+    does (both the per-prompt spec and the numpy batch path), and `router eval` reads it. With
+    the cut, a bucket in fewer than 2 training prompts has idf 0: words no training prompt had
+    neither add to a prompt's score nor dilute it."""
     from edgeroute import _core
     from edgeroute.learn import router as R
     from edgeroute.learn import selection as S
+    from edgeroute.learn import train as T
+    from edgeroute.learn.features import bucket_ids
     from edgeroute.learn.model import FORMAT_TFIDF, LinearModel
 
     prompts, rows = _diluted_signal(160, seed=8)
@@ -309,15 +316,20 @@ def test_a_tfidf_router_file_loads_in_the_core_and_scores_as_python(
             f.write(json.dumps({"prompt": p, "model": "big", "score": big, "cost_usd": 0.01}) + "\n")
             f.write(json.dumps({"prompt": p, "model": "small", "score": small, "cost_usd": 0.001}) + "\n")
     path = tmp_path / "tfidf.erlm"
-    code, out = run(capsys, "train", "--outcomes", str(train), "--out", str(path), "--features", "words-tfidf", *FAST)
+    # one L2, weak enough that the toy signal moves the scores by more than 0.1 below
+    args = ["--outcomes", str(train), "--out", str(path), "--features", features, *FAST, "--l2", "1e-3"]
+    code, out = run(capsys, "train", *args)
     assert code == 0, out
-    assert "chose linear words-tfidf" in out, out
+    assert f"chose linear {features} " in out, out
     raw = path.read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[4:8], "little")])
     assert header["format"] == FORMAT_TFIDF and header["weighting"] == "tfidf"
     router = LinearModel.load(path)
-    assert router.featurizer == S.FEATURE_SETS["words-tfidf"]
-    assert len(router.idf) == 1 << 17 and min(router.idf) >= 1.0 and max(router.idf) > 2.0
+    assert router.featurizer == S.FEATURE_SETS[features] and len(router.idf) == 1 << log2
+    assert max(router.idf) > 2.0 and (min(router.idf) >= 1.0 if not min_df else min(router.idf) == 0.0)
+    # the stored idf is the whole training file's, zero exactly where fewer than min_df prompts had the bucket
+    df = np.bincount(T.featurize_counts(prompts, router.featurizer).cols, minlength=1 << log2)
+    assert np.array_equal(np.asarray(router.idf) == 0.0, df < min_df)
     assert LinearModel.from_bytes(router.to_bytes()).to_bytes() == raw
     models = Path(__file__).resolve().parents[1] / "edgeroute" / "models"
     spec = {
@@ -336,6 +348,14 @@ def test_a_tfidf_router_file_loads_in_the_core_and_scores_as_python(
         assert list(row) == pytest.approx(want, abs=1e-6), prompt[:40]
         small.append(got["small"])
     assert small[0] < small[1] - 0.1 and small[3] < small[2] - 0.1, small  # it learned the signal
+    if min_df:  # unseen words change only the length inputs, not the text's part of the score
+        plain = "integral n5 f1 "  # (the trailing space: " f1 " is a character 4-gram training saw)
+        padded = plain + " ".join(f"zq{i}x" for i in range(40))
+        hashed = [router.logits_from(bucket_ids(p, router.featurizer), [0.0, 0.0]) for p in (plain, padded)]
+        no_cut = LinearModel.from_bytes(raw)
+        no_cut.idf = [v or 5.0 for v in no_cut.idf]  # the same weights, unseen buckets at a high idf
+        diluted = no_cut.logits_from(bucket_ids(padded, router.featurizer), [0.0, 0.0])
+        assert hashed[1] == pytest.approx(hashed[0], abs=0.05) and abs(diluted[1] - hashed[0][1]) > 0.1
     test = tmp_path / "test.jsonl"
     test.write_text(train.read_text())
     code, out = run(capsys, "eval", "--router", str(path), "--outcomes", str(test))
@@ -349,11 +369,11 @@ def test_parallel_fits_choose_and_score_exactly_as_one_process(tmp_path: Path) -
     from edgeroute.learn import train as T
 
     data = R.Outcomes.load(write_outcomes(tmp_path / "o.jsonl", 150, seed=9, signal=True))
-    xs = S.featurize_sets(data.prompts, ("ngrams", "words", "words-tfidf"))
+    xs = S.featurize_sets(data.prompts, S.SearchSpace().features)
     dense = T.length_matrix(data.prompts)
     got = {}
     for jobs in (1, 2):
         sp = S.SearchSpace(l2=(1e-3, 1e-1), iters=(10, 40), inner_folds=2, jobs=jobs)
         got[jobs] = S.select(data, xs, dense, range(150), sp, "apgr")
     assert got[1] == got[2]
-    assert len(got[1][1]) == 1 + 3 * 2 * 2  # the prior and every (features, L2, steps)
+    assert len(got[1][1]) == 1 + len(sp.features) * 2 * 2  # the prior and every (features, L2, steps)

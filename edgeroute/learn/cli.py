@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export-outcomes", type=Path, metavar="FILE", help="also write the training rows as JSON lines")
     t.add_argument("--out", type=Path, required=True, help="router model file to write")
     t.add_argument("--task-model", type=Path, help="use this task model's probabilities as extra inputs")
-    t.add_argument("--l2", type=_floats, default=[3e-4, 3e-3, 3e-2], help="L2 strengths to try (comma-separated)")
+    t.add_argument("--l2", type=_floats, default=[1e-4, 3e-4, 3e-3, 3e-2], help="L2 strengths to try (comma-separated)")
     t.add_argument(
         "--iters",
         type=_ints,
@@ -320,11 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--features",
         type=_feature_sets,
-        default=["ngrams", "words", "words-tfidf"],
+        default=["ngrams", "words", "words-tfidf", "words-tfidf-df2", "ngrams-tfidf"],
         help="feature sets to try (comma-separated): ngrams = word uni/bigrams and character 4-grams "
         "of the first 1 KiB and last 256 B (the task model's, one pass for both); words = word "
         "uni/bigrams of the first 4 KiB and last 256 B; words-tfidf = the same words, tf-idf "
-        "weighted (sublinear tf, idf of the training prompts stored in the file, L2-normalised)",
+        "weighted (sublinear tf, idf of the training prompts stored in the file, L2-normalised); "
+        "words-tfidf-df2 = the same in 2^18 buckets, a bucket in fewer than 2 training prompts "
+        "ignored; ngrams-tfidf = ngrams' tokens weighted and cut the same way",
     )
     t.add_argument("--lr", type=float, default=0.1, help="Adam learning rate")
     t.add_argument("--inner-folds", type=int, default=3, help="folds that choose the settings (>= 2)")

@@ -32,6 +32,11 @@ Since 2026-12-04 (later) the feature sets include ``words-tfidf`` (tf-idf weight
 see :mod:`edgeroute.learn.selection`, whose module doc fixed that candidate set and the
 protocol, committed before this figure was run once per dataset).
 
+Since 2026-12-04 (later still) the candidates include ``words-tfidf-df2``, ``ngrams-tfidf``
+and L2 1e-4: a second look at the outer folds (the set was extended after the
+``words-tfidf`` figure was seen); the set and the rule are in :mod:`edgeroute.learn.selection`'s
+module doc, committed before this figure was run once per dataset.
+
 ``--nested --families`` adds one row, "inner-CV choice": in each outer fold the inner
 folds (the same ones ``router train`` splits the outer-training part into) also score the
 group prior and TF-IDF LR, fitted on each inner-training part; the predictor with the best

@@ -114,12 +114,17 @@ def featurize_counts(texts: Sequence[str], cfg: FeaturizerConfig) -> SparseDocs:
     return SparseDocs(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), len(texts), n_buckets)
 
 
-def idf_of(counts: SparseDocs) -> F64:
+def idf_of(counts: SparseDocs, min_df: int = 0) -> F64:
     """Smoothed inverse document frequency ``ln((1 + n) / (1 + df)) + 1`` of every bucket over
     the documents of ``counts`` (the training prompts only), rounded to f32 as the model file
-    stores it, so that training sees exactly what the core computes."""
+    stores it, so that training sees exactly what the core computes. A bucket in fewer than
+    ``min_df`` training prompts gets idf 0: it adds nothing to a prompt's value or norm (the
+    vocabulary cut of TF-IDF LR, ``min_df``; a bucket no training prompt had is then dropped
+    too instead of diluting the norm at the highest idf)."""
     df = np.bincount(counts.cols, minlength=counts.n_buckets).astype(np.float64)
     idf = np.log((1.0 + counts.n_docs) / (1.0 + df)) + 1.0
+    if min_df > 0:
+        idf[df < min_df] = 0.0
     out: F64 = idf.astype(np.float32).astype(np.float64)
     return out
 
