@@ -357,11 +357,12 @@ async def _mirror(
             if mirrors is not None:
                 mirrors.skip(primary.route, UNTRANSLATABLE, f"to {candidate} ({rec.route}): {skipped}")
         else:
-            await _recorded(app, primary, rec, t0, admission, ticket, read(answer), text)
+            await _recorded(app, live, primary, rec, t0, admission, ticket, read(answer), text)
 
 
 async def _recorded(
     app: web.Application,
+    live: Live,
     primary: RequestRecord,
     rec: RequestRecord,
     t0: float,
@@ -371,7 +372,7 @@ async def _recorded(
     text: str | None,
 ) -> None:
     """A finished mirror: its admission settled, recorded (ledger, request log, metrics) and
-    its pair logged."""
+    its pair logged (its answers as the request log's content policy keeps them)."""
     rec.latency_ms = (time.perf_counter() - t0) * 1000
     rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
     rec.outcome = "shadow"
@@ -382,4 +383,5 @@ async def _recorded(
         seen(rec)
     if (slog := app.get(shadow_log.SHADOW_LOG)) is not None:
         pair = shadow_log.pair_record(primary, primary_text, rec, text)
-        await asyncio.to_thread(lambda: slog.write(shadow_log.redacted(pair)))
+        mode = shadow_log.content_mode(live.config.request_log, primary, rec)
+        await asyncio.to_thread(lambda: slog.write(shadow_log.governed(pair, mode)))
