@@ -351,7 +351,10 @@ async def _mirror(
             rec.usage = next((a.usage for a in reversed(rec.attempts) if a.usage is not None), None)
     except Exception as e:  # a shadow must never hurt anything: record and move on
         rec.status = getattr(e, "status", 0) or 500
-        log.info("shadow request %s failed: %s", rec.request_id, e)
+        # Never the error's text: an upstream's error may quote the request (the prompt).
+        tried = ", ".join(dict.fromkeys(a.deployment for a in rec.attempts)) or "none"
+        why = getattr(e, "code", None) or type(e).__name__
+        log.info("shadow request %s failed: %s %s (deployments tried: %s)", rec.request_id, rec.status, why, tried)
     finally:
         if skipped is not None:
             if mirrors is not None:
