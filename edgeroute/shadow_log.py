@@ -8,6 +8,7 @@ replaced."""
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -36,7 +37,9 @@ class ShadowLog:
             self.pairs.append(pair)
             del self.pairs[: -self.keep]
             if self.path is not None:
-                with self.path.open("ab") as f:
+                # Readable by its owner alone when it creates it (it may hold answers).
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "ab") as f:
                     f.write(orjson.dumps(pair) + b"\n")
 
 
