@@ -351,17 +351,21 @@ async def _mirror(
             rec.usage = next((a.usage for a in reversed(rec.attempts) if a.usage is not None), None)
     except Exception as e:  # a shadow must never hurt anything: record and move on
         rec.status = getattr(e, "status", 0) or 500
-        log.info("shadow request %s failed: %s", rec.request_id, e)
+        # Never the error's text: an upstream's error may quote the request (the prompt).
+        tried = ", ".join(dict.fromkeys(a.deployment for a in rec.attempts)) or "none"
+        why = getattr(e, "code", None) or type(e).__name__
+        log.info("shadow request %s failed: %s %s (deployments tried: %s)", rec.request_id, rec.status, why, tried)
     finally:
         if skipped is not None:
             if mirrors is not None:
                 mirrors.skip(primary.route, UNTRANSLATABLE, f"to {candidate} ({rec.route}): {skipped}")
         else:
-            await _recorded(app, primary, rec, t0, admission, ticket, read(answer), text)
+            await _recorded(app, live, primary, rec, t0, admission, ticket, read(answer), text)
 
 
 async def _recorded(
     app: web.Application,
+    live: Live,
     primary: RequestRecord,
     rec: RequestRecord,
     t0: float,
@@ -371,7 +375,7 @@ async def _recorded(
     text: str | None,
 ) -> None:
     """A finished mirror: its admission settled, recorded (ledger, request log, metrics) and
-    its pair logged."""
+    its pair logged (its answers as the request log's content policy keeps them)."""
     rec.latency_ms = (time.perf_counter() - t0) * 1000
     rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
     rec.outcome = "shadow"
@@ -382,4 +386,5 @@ async def _recorded(
         seen(rec)
     if (slog := app.get(shadow_log.SHADOW_LOG)) is not None:
         pair = shadow_log.pair_record(primary, primary_text, rec, text)
-        await asyncio.to_thread(lambda: slog.write(shadow_log.redacted(pair)))
+        mode = shadow_log.content_mode(live.config.request_log, primary, rec)
+        await asyncio.to_thread(lambda: slog.write(shadow_log.governed(pair, mode)))

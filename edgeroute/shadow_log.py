@@ -1,9 +1,15 @@
 """The shadow log: each mirrored pair (the client's answer and the shadow's, their costs and
-latencies) as one JSON line, ready for offline comparison; answers redacted as the request
-log stores them."""
+latencies) as one JSON line, ready for offline comparison. Its answers follow the request
+log's content policy (`request_log.log_content`, `content_models`, `content_keys`; the more
+private of the primary's and the mirror's): `none` (the default) keeps no text, only what a
+comparison needs (each answer's length, whether the two are the same, how many of their words
+they share); `redacted` keeps them with PII and credentials replaced; `full` with credentials
+replaced."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -12,8 +18,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import redact
+from edgeroute import _core, redact
 from edgeroute.accounting import RequestRecord
+from edgeroute.requestlog.settings import LogContent, RequestLog, more_private
 
 
 class ShadowLog:
@@ -30,7 +37,9 @@ class ShadowLog:
             self.pairs.append(pair)
             del self.pairs[: -self.keep]
             if self.path is not None:
-                with self.path.open("ab") as f:
+                # Readable by its owner alone when it creates it (it may hold answers).
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "ab") as f:
                     f.write(orjson.dumps(pair) + b"\n")
 
 
@@ -59,10 +68,45 @@ def pair_record(
     }
 
 
-def redacted(pair: dict[str, Any]) -> dict[str, Any]:
-    """The pair with credentials in its answers replaced, as the request log stores answers (a
-    model repeats what it was sent: a key pasted into a prompt, say)."""
-    for side in (pair["primary"], pair["shadow"]):
-        if side["answer"] is not None:
-            side["answer"] = redact.text(side["answer"])
+def content_mode(settings: RequestLog, primary: RequestRecord, shadow: RequestRecord) -> LogContent:
+    """What the pair keeps of its answers: the more private of what the request log keeps of the
+    primary (the model asked for, the route that served it) and of the mirror (the candidate and
+    its route), for the client's key."""
+    return more_private(
+        settings.content_for(primary.model, primary.route, primary.key),
+        settings.content_for(shadow.model, shadow.route, shadow.key),
+    )
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _overlap(a: str, b: str) -> float:
+    """The share of the two answers' distinct words they have in common (Jaccard, 0 to 1)."""
+    x, y = set(_WORD.findall(a.lower())), set(_WORD.findall(b.lower()))
+    return round(len(x & y) / len(x | y), 3) if x or y else 1.0
+
+
+def governed(pair: dict[str, Any], mode: LogContent) -> dict[str, Any]:
+    """The pair as `mode` lets it be stored: `none` replaces each answer with its length and adds
+    `same_answer` and `word_overlap` (when both sides answered); `redacted` replaces PII and
+    credentials; `full` credentials (a model repeats what it was sent: a key pasted into a
+    prompt, say)."""
+    sides = (pair["primary"], pair["shadow"])
+    answers = [side["answer"] for side in sides]
+    pair["content"] = mode
+    for side, answer in zip(sides, answers, strict=True):
+        side["answer_chars"] = len(answer) if answer is not None else None
+        if answer is None:
+            continue
+        if mode == "none":
+            side["answer"] = None
+        else:
+            side["answer"] = redact.text(answer)
+            if mode == "redacted":
+                side["answer"] = _core.redact_pii(side["answer"])
+    a, b = answers
+    if a is not None and b is not None:
+        pair["same_answer"] = a == b
+        pair["word_overlap"] = _overlap(a, b)
     return pair

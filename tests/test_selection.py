@@ -244,6 +244,7 @@ async def test_shadow_traffic_is_recorded_never_returned(pair, start_proxy, tmp_
     strong.options.record = weak.options.record = True
     cfg = config(strong, weak)
     cfg["models"]["weak"]["shadow"] = {"model": "strong", "percent": 100}
+    cfg["request_log"] = {"log_content": "full"}  # the pairs' answers kept as the request log keeps content
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
     route, raw = await served_by(client, "tell me a joke", model="weak")

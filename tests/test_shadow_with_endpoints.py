@@ -204,7 +204,8 @@ async def test_each_endpoint_is_mirrored_in_the_candidates_format(
     start_mock: Any, start_proxy: Any, endpoint: str, primary: str, target: str, stream: bool
 ) -> None:
     m = await _mocks(start_mock)
-    proxy = await start_proxy(_config(m))
+    # The pairs' answers are kept where the request log keeps content.
+    proxy = await start_proxy(_config(m, request_log={"log_content": "full"}))
     shadow_mock = m.sa if target == "anthropic" else m.so
     # What a chat request's mirror sends this candidate: the headers an endpoint's may send.
     chat = await ask(proxy.url, "chat", f"{primary}-to-{target}", False)

@@ -31,6 +31,7 @@ def _config(up: Any) -> dict[str, Any]:
             "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
             "s": {"deployments": ["strong"]},
         },
+        "request_log": {"log_content": "full"},  # the pairs' answers kept as the request log keeps content
     }
 
 

@@ -5,10 +5,12 @@ trip, no vector module needed in Redis). What instances share is what was indexe
 instance that stores an answer matchable by meaning appends a record (the exact key of the
 answer, the context hash, the guards and the embedding in half precision, compressed) to a
 Redis stream per route and embedder, trimmed to the route's `max_entries` and expiring with
-the route's ttl when no answer is added. Every instance follows the streams of the routes it
-looks up: a new or restarted one reads the stream from its start (the first lookup waits for
-that, within the Redis timeout), then blocks for new records and adds them to its index. The
-answers stay the exact entries, so a record whose answer has expired finds nothing: a miss.
+the route's ttl when no answer is added; a record older than the route's ttl (and
+stale-if-error) is trimmed at the next one added, so that it never outlives its answer. Every
+instance follows the streams of the routes it looks up: a new or restarted one reads the
+stream from its start (the first lookup waits for that, within the Redis timeout), then
+blocks for new records and adds them to its index. The answers stay the exact entries, so a
+record whose answer has expired finds nothing: a miss.
 
 Redis down: the follower retries every second; lookups search what the index holds and the
 read of the answer misses. A record that does not decode is skipped and counted as corrupt,
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -119,6 +122,9 @@ class SharedIndexes:
         try:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, {b"r": record}, maxlen=max_entries, approximate=True)
+                # Records older than their answers go too: each holds the prompt's numbers, names
+                # and quoted text (its guards), which must not outlive the answer they point to.
+                pipe.xtrim(stream, minid=f"{max(0, int((time.time() - keep_s) * 1000))}-0", approximate=False)
                 pipe.expire(stream, max(1, math.ceil(keep_s)))
                 await pipe.execute()
         except redis_client.errors() as e:

@@ -10,6 +10,7 @@ over (`RequestRecord.content_*`); decoding, cutting and redaction run in the wri
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -55,3 +56,29 @@ def stored(rec: RequestRecord, max_bytes: int) -> dict[str, Any] | None:
         out[name] = text
         out["truncated"] |= cut
     return out
+
+
+# A quoted literal in an upstream's error message: a quote not inside a word ("model's" is not
+# one), up to the same quote not followed by a word character.
+_QUOTED = re.compile("(?<!\\w)(['\"`\u2018\u201c])(.*?)(?:\\1|[\u2019\u201d])(?!\\w)", re.DOTALL)
+
+
+def _elide(m: re.Match[str]) -> str:
+    inner = m.group(2)
+    if len(inner) <= 40 and not any(c.isspace() for c in inner):
+        return m.group(0)  # a parameter's name or a short value ('messages[0].content', "foo")
+    return m.group(1) + "[elided]" + m.group(0)[-1]
+
+
+def error_text(text: str, mode: str) -> str:
+    """An attempt's error as the request log stores it for a request kept at `mode`: an upstream's
+    error may quote the request (a validation error's `input`, a filter naming what it matched).
+    Credentials are always replaced; `redacted` also masks PII; `none`, where no prompt may be
+    stored, also elides quoted text with spaces or longer than 40 characters (a parameter's
+    name stays)."""
+    text = redact.text(redact.cut(text, 500))
+    if mode == "full":
+        return text
+    if mode == "none":
+        text = _QUOTED.sub(_elide, text)
+    return _core.redact_pii(text)

@@ -1,9 +1,9 @@
 """A `RequestRecord` as a row of the `requests` table (built in the writer thread).
 
 Ids and numbers, the explanation (tags, reasons) and the attempt timeline go in as they
-are; an attempt's error text (which may quote an upstream's answer) goes through the
-redaction layer first, and is cut at 500 characters. Prompts and answers are stored only
-where `log_content` asks for them (`content.py`).
+are; an attempt's error text (which may quote an upstream's answer, and the prompt in it) is
+cut at 500 characters and stored as the request's content policy allows (`content.error_text`).
+Prompts and answers are stored only where `log_content` asks for them (`content.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 
-from edgeroute import redact
 from edgeroute.accounting import RequestRecord
 from edgeroute.requestlog import content
 
@@ -44,7 +43,7 @@ def attempt_timeline(rec: RequestRecord) -> list[dict[str, Any]]:
             "prompt_tokens": a.usage.prompt_tokens if a.usage is not None else 0,
             "completion_tokens": a.usage.completion_tokens if a.usage is not None else 0,
             "cost_usd": round(a.cost_usd, 10),
-            "error": None if a.error is None else redact.text(redact.cut(a.error, 500)),
+            "error": None if a.error is None else content.error_text(a.error, rec.content_mode),
         }
         for a in rec.attempts
     ]

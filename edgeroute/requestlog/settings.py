@@ -10,6 +10,11 @@ LogContent = Literal["none", "redacted", "full"]
 _PRIVACY: tuple[LogContent, ...] = ("none", "redacted", "full")  # most private first
 
 
+def more_private(a: LogContent, b: LogContent) -> LogContent:
+    """The more private of two content settings."""
+    return a if _PRIVACY.index(a) <= _PRIVACY.index(b) else b
+
+
 class RequestLog(BaseModel):
     """The request log lives in the ledger's database (SQLite by default, PostgreSQL), written in
     the ledger's batches. Prompts and answers are kept only where `log_content` says so: for

@@ -36,6 +36,7 @@ async def test_the_shadow_log_stores_answers_with_credentials_redacted(
                 "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
                 "s": {"deployments": ["strong"]},
             },
+            "request_log": {"log_content": "full"},
             "learning": {"shadow_log": str(log)},
         }
     )
