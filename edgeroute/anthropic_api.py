@@ -444,8 +444,9 @@ class StreamEncoder:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             # may be an upstream's, relayed: an Anthropic upstream's own type (overloaded_error) kept
-            etype = err.get("type") if err.get("type") in _ANTHROPIC_ERRORS else "api_error"
-            return self._fail(redact.message(str(err.get("message", "error"))), obj, str(etype))
+            etype = err.get("type")
+            etype = etype if isinstance(etype, str) and etype in _ANTHROPIC_ERRORS else "api_error"
+            return self._fail(redact.message(str(err.get("message", "error"))), obj, etype)
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
