@@ -107,7 +107,16 @@ def error_event(message: str, code: str, etype: str = "upstream_error") -> bytes
 # `"error"` anywhere but as the value of a content field: a key, or a value that marks an error
 # (`"type": "error"`, `"object": "error"`). A model's text that is the word itself encodes to
 # `"error"` too (`"content":"error"`); any other text holding it escapes its quotes.
-_CONTENT_FIELDS = (b"content", b"text", b"delta", b"refusal", b"thinking", b"reasoning_content", b"partial_json")
+_CONTENT_FIELDS = (
+    b"content",
+    b"text",
+    b"delta",
+    b"refusal",
+    b"thinking",
+    b"reasoning",
+    b"reasoning_content",
+    b"partial_json",
+)
 _ERROR_KEY = re.compile(
     b"".join(b"(?<!%s)" % re.escape(b'"' + f + b'"' + sep) for f in _CONTENT_FIELDS for sep in (b":", b": "))
     + b'"error"'
