@@ -124,8 +124,8 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
             failed = b.get("is_error")
             if failed is not None and type(failed) is not bool:
                 raise _bad(f"messages.{i}.content.{j}.is_error: Input should be a valid boolean", "messages")
-            if failed:  # dropped, the model took a failed call's message for its answer
-                text = oa.TOOL_ERROR_PREFIX + text
+            if failed and not text.startswith(oa.TOOL_ERROR_PREFIX):  # dropped, the model took it for an answer
+                text = oa.TOOL_ERROR_PREFIX + text  # (one that says so already is not told twice)
             results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
         else:
             raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
@@ -444,8 +444,9 @@ class StreamEncoder:
         if obj.get("error"):
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             # may be an upstream's, relayed: an Anthropic upstream's own type (overloaded_error) kept
-            etype = err.get("type") if err.get("type") in _ANTHROPIC_ERRORS else "api_error"
-            return self._fail(redact.message(str(err.get("message", "error"))), obj, str(etype))
+            etype = err.get("type")
+            etype = etype if isinstance(etype, str) and etype in _ANTHROPIC_ERRORS else "api_error"
+            return self._fail(redact.message(str(err.get("message", "error"))), obj, etype)
         out = self._start(obj)
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -103,16 +104,38 @@ def error_event(message: str, code: str, etype: str = "upstream_error") -> bytes
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
+# `"error"` anywhere but as the value of a content field: a key, or a value that marks an error
+# (`"type": "error"`, `"object": "error"`). A model's text that is the word itself encodes to
+# `"error"` too (`"content":"error"`); any other text holding it escapes its quotes.
+_CONTENT_FIELDS = (
+    b"content",
+    b"text",
+    b"delta",
+    b"refusal",
+    b"thinking",
+    b"reasoning",
+    b"reasoning_content",
+    b"partial_json",
+)
+_ERROR_KEY = re.compile(
+    b"".join(b"(?<!%s)" % re.escape(b'"' + f + b'"' + sep) for f in _CONTENT_FIELDS for sep in (b":", b": "))
+    + b'"error"'
+)
+
+
+def has_error_key(data: bytes) -> bool:
+    """Whether `data` may hold an error event; a stream's content pays one substring search."""
+    return b'"error"' in data and _ERROR_KEY.search(data) is not None
+
+
 def redact_errors(chunk: bytes) -> bytes:
     """Whole stream events with the credentials an upstream's error event may quote redacted.
 
-    Only chunks that carry an `"error"` key are decoded (a model's text cannot: its quotes
-    are escaped inside a JSON string), so a stream's content pays one substring search.
-    `chunk` must hold whole events (see :class:`RelayGuard`): a secret, or the `"error"` key,
-    split over two chunks matches in neither."""
-    if b'"error"' not in chunk:
-        return chunk
-    return _redact_bytes(chunk)
+    Only chunks that may carry an `"error"` key are decoded (`has_error_key`): the answer's
+    content is never scanned, a model's text that says `error` included. `chunk` must hold
+    whole events (see :class:`RelayGuard`): a secret, or the `"error"` key, split over two
+    chunks matches in neither."""
+    return _redact_bytes(chunk) if has_error_key(chunk) else chunk
 
 
 def _redact_bytes(data: bytes) -> bytes:
@@ -156,7 +179,7 @@ class RelayGuard:
         """The part of the stream so far that may be sent now (all of `chunk` if it ends an event)."""
         if not self._held:
             if chunk.endswith(_EVENT_ENDS):
-                return chunk if b'"error"' not in chunk else _redact_bytes(chunk)  # redact_errors, inlined
+                return _redact_bytes(chunk) if has_error_key(chunk) else chunk  # redact_errors
             end = _last_end(chunk)
             whole, rest = redact_errors(chunk[:end]), chunk[end:]
             self._error = b'"error"' in rest

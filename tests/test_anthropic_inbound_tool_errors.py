@@ -72,3 +72,23 @@ async def test_an_is_error_that_is_not_a_boolean_is_a_400(start_mock, start_prox
     assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
     assert "messages.2.content.0.is_error: Input should be a valid boolean" in body["error"]["message"]
     assert not up.options.requests  # nothing was asked of the upstream
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_a_failed_result_that_says_error_already_is_not_prefixed_twice(
+    start_mock, start_proxy, kind: str
+) -> None:
+    """Clients often write a failed call's result as "Error: ..." themselves: it reached the
+    model as "Error: Error: ...", and an Anthropic deployment as a result the client never sent."""
+    up = await start_mock(kind, record=True)
+    proxy = await start_proxy(provider_config({"p": up}))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    history = _history(is_error=True)
+    history[-1]["content"][0]["content"] = f"Error: {FAILED}"
+    msg = await client.messages.create(model="m", max_tokens=20, tools=TOOLS, messages=history)
+    assert msg.stop_reason == "end_turn"
+    seen = _tool_result(kind, up.options.requests[-1]["body"])
+    if kind == "openai":
+        assert seen["content"] == f"Error: {FAILED}", seen
+    else:
+        assert (seen["content"], seen.get("is_error")) == (f"Error: {FAILED}", True), seen

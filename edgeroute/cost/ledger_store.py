@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -358,7 +359,7 @@ def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     try:
-        return SqliteBackend(path)
+        backend = SqliteBackend(path)
     except sqlite3.Error as e:
         if path.is_dir():  # sqlite says only "unable to open database file"
             why = f"it is a directory (ledger.path names the database file, e.g. {path / 'edgeroute-ledger.db'})"
@@ -367,6 +368,24 @@ def backend_for(cfg: LedgerConfig, base_dir: Path | None = None) -> Backend:
         else:
             why = f"{e}{_sqlite_hint(str(e))}"
         raise StartError(f"cannot open the spend ledger {path}: {why}") from None
+    _warn_if_shared(path)
+    return backend
+
+
+def _warn_if_shared(path: Path) -> None:
+    """A ledger other users of the host can read: one edgeroute creates is 0600, but one made
+    before (or by hand) keeps its mode, and it holds the request log's prompts and answers
+    where `log_content` keeps them."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning(
+            "the spend ledger %s is readable by other users of this host (mode %s): it holds the request"
+            " log (prompts and answers where log_content keeps them); `chmod 600 %s*` makes it private",
+            path, oct(mode), path,
+        )  # fmt: skip
 
 
 def _sqlite_hint(error: str) -> str:

@@ -41,12 +41,12 @@ def _through_error(data: bytes) -> tuple[bytes, bool]:
     event ends the stream: what an upstream sends after it is no part of the answer, and an
     error of ours after it was a second one for the client (the Anthropic SDK's `overloaded_error`
     then "ended the stream early")."""
-    if b'"error"' not in data:  # a model's text cannot match: its quotes are escaped
+    if not sse.has_error_key(data):  # the common chunk: one substring search
         return data, False
-    events, _ = sse.split_events(data)  # whole events: nothing is left over
+    events, _ = sse.split_events(data)  # what is left over (a piece of an overlong event) follows any error
     for i, ev in enumerate(events):
         payload = sse.event_data(ev)
-        if not payload or b'"error"' not in payload:
+        if not payload or not sse.has_error_key(payload):
             continue
         try:
             obj = orjson.loads(payload)

@@ -160,3 +160,33 @@ async def test_one_error_event_and_nothing_after_it(
 
     rec = await eventually(recorded, "the SDK request's record")
     assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_error")
+
+
+async def _odd_type(request: web.Request) -> web.StreamResponse:
+    """ "partial", then an error event whose `type` is not a string (a careless upstream's)."""
+    await request.read()
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    await resp.write(_chunk("partial"))
+    await resp.write(_sse({"error": {"message": "Overloaded", "type": {"kind": "overloaded"}, "code": None}}))
+    await resp.write_eof()
+    return resp
+
+
+async def test_an_error_event_of_an_odd_type_reaches_the_anthropic_sdk_as_the_upstreams(serve: Any) -> None:
+    """Its `type`, unhashable, was looked up in a set of Anthropic's types: the relay's encoder
+    raised, and the client got "a stream edgeroute could not read" instead of the upstream's error."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _odd_type)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        proxy: Served = await serve(_config("openai", server))
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="unused", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            async with client.messages.stream(model="m", messages=USER, max_tokens=10) as stream:
+                async for _ in stream:
+                    pass
+        assert raised.value.body["error"] == {"type": "api_error", "message": "Overloaded"}  # type: ignore[index]
+    finally:
+        await server.close()

@@ -11,12 +11,15 @@ operator's.
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import stat
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import pytest
 
 from tests.conftest import eventually
 from tests.test_cost_support import cost_proxy
@@ -68,3 +71,31 @@ async def test_the_ledger_and_the_shadow_log_are_created_readable_by_their_owner
         assert wal.exists()
         modes = {p.name: oct(_mode(p)) for p in (db, wal, shadow)}
         assert set(modes.values()) == {oct(0o600)}, modes
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600])
+async def test_a_ledger_others_can_read_is_named_at_start(
+    start_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int
+) -> None:
+    """A ledger made before files were created 0600 keeps its mode (the operator's): the start
+    says so, rather than leave the prompts it will store readable in silence."""
+    up = await start_upstream()
+    db = tmp_path / "ledger.db"
+    sqlite3.connect(db).close()  # an existing ledger, as an older edgeroute (or a umask 022) left it
+    db.chmod(mode)
+    cfg = {
+        "providers": {"a": {"base_url": up.base_url}},
+        "deployments": {"cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE}},
+        "models": {"m": {"deployments": ["cheap"]}},
+        "ledger": {"path": str(db)},
+        "request_log": {"log_content": "full"},
+    }
+    with caplog.at_level(logging.WARNING, logger="edgeroute.ledger"):
+        async with cost_proxy(cfg):
+            pass
+    told = [r.getMessage() for r in caplog.records if "readable by other users" in r.getMessage()]
+    if mode == 0o644:
+        assert len(told) == 1 and str(db) in told[0] and "chmod 600" in told[0], told
+    else:
+        assert told == []
+    assert _mode(db) == mode  # the operator's mode is never changed

@@ -10,7 +10,6 @@ names only its slot size, the same for ever: it is in force for one window from 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -32,11 +31,12 @@ MONTH_S = 31 * 86400  # the longest calendar period
 
 def _in_force(mark: str, told: float, rolling: dict[str, Budget], now: float) -> float:
     """Until when a mark told at `told` holds: one window for a rolling budget's current
-    mark, else for as long as it is read back (a calendar mark names its period)."""
+    mark, else a month, the longest period (a calendar mark names its period, over by then;
+    so `_notify`'s trim can drop it, as it drops the marks this process told)."""
     for prefix, b in rolling.items():
         if mark.startswith(prefix) and mark.rsplit(":", 2)[-2] == B.period_of(b, now).id:
             return told + 3600 * (b.window_hours or 0)
-    return math.inf
+    return told + MONTH_S
 
 
 def iso(ts: float) -> str:
