@@ -134,7 +134,7 @@ def decide(
         return d
     except _core.BadRequestError as e:
         named = _NAMED_PARAM.match(str(e))  # "Invalid value for 'n': ..." names its field
-        raise ProxyError(400, str(e), code="invalid_request", param=named and named[1]) from None
+        raise ProxyError(400, str(e), code="invalid_request", param=named[1] if named else None) from None
     except _core.ForbiddenError as e:
         raise ProxyError(403, str(e), code="request_refused_by_rule") from None
     except _core.UnknownModelError as e:

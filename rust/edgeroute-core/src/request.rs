@@ -117,7 +117,8 @@ fn count(raw: Option<&RawValue>, name: &str) -> Result<u32> {
         Some(text) => match text.parse::<u32>() {
             Ok(n) if n >= 1 => Ok(n),
             _ => Err(CoreError::BadRequest(format!(
-                "Invalid value for '{name}': expected an integer of at least 1."
+                "Invalid value for '{name}': expected an integer from 1 to {}.",
+                u32::MAX
             ))),
         },
     }
