@@ -29,6 +29,8 @@ _TABLES = {
     "sqlite": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_response_owners (
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
             source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -39,6 +41,8 @@ _TABLES = {
     "postgres": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_response_owners (
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, hash TEXT NOT NULL,
             created_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -160,6 +164,21 @@ class GovStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    # -- Responses ids: whose conversation each one is ----------------------------
+
+    def bind_response(self, response_id: str, owner: str) -> None:
+        """Records that `owner` created response `response_id` (a first binding stands: an id
+        already bound stays its first owner's)."""
+        with self._lock, self._tx() as cur:
+            cur.execute(
+                self._sql("INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
+                (response_id, owner, time.time()),
+            )
+
+    def response_owner(self, response_id: str) -> str | None:
+        rows = self._query("SELECT owner FROM gov_response_owners WHERE id = ?", (response_id,))
+        return str(rows[0][0]) if rows else None
 
     # -- managed keys -----------------------------------------------------------
 
