@@ -150,3 +150,35 @@ def _owners(config_dir: Path) -> dict[str, str]:
         return dict(conn.execute("SELECT id, owner FROM gov_response_owners").fetchall())
     finally:
         conn.close()
+
+
+def _ledger(config_dir: Path, sql: str) -> None:
+    conn = sqlite3.connect(config_dir / "edgeroute-ledger.db", timeout=10)
+    try:
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_binding_that_cannot_be_written_or_read_never_lets_an_id_through(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """While the bindings cannot be read, a continuation is a 503 (never passed unchecked); an
+    answer whose binding could not be written is still given, and its id is then refused."""
+    up = await start_upstream()
+    path = _config(up, tmp_path, _KEYS)
+    with instances(path, 1) as (server,):
+        before, _ = await _create(server.url, ALICE, "kept-secret")
+        await asyncio.to_thread(_ledger, tmp_path, "ALTER TABLE gov_response_owners RENAME TO owners_away")
+        during, out = await _create(server.url, ALICE, "unbound-secret")  # answered, its binding lost
+        assert "unbound-secret" in out
+        with pytest.raises(openai.InternalServerError) as e:
+            await _create(server.url, ALICE, "what did I say?", before)
+        assert e.value.status_code == 503
+        assert isinstance(e.value.body, dict) and e.value.body["code"] == "owner_check_unavailable"
+        await asyncio.to_thread(_ledger, tmp_path, "ALTER TABLE owners_away RENAME TO gov_response_owners")
+        _, out = await _create(server.url, ALICE, "what did I say?", before)
+        assert "kept-secret" in out
+        with pytest.raises(openai.NotFoundError):
+            await _create(server.url, ALICE, "what did I say?", during)
