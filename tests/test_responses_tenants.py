@@ -182,3 +182,22 @@ async def test_a_binding_that_cannot_be_written_or_read_never_lets_an_id_through
         assert "kept-secret" in out
         with pytest.raises(openai.NotFoundError):
             await _create(server.url, ALICE, "what did I say?", during)
+
+
+async def test_bindings_older_than_a_stored_response_are_dropped(start_upstream: Any, tmp_path: Path) -> None:
+    """A binding goes once the provider no longer keeps its response (30 days): the table does
+    not grow with every request forever, and the id is then unknown here as there."""
+    up = await start_upstream()
+    path = _config(up, tmp_path, _KEYS)
+    with instances(path, 1) as (server,):
+        old, _ = await _create(server.url, ALICE, "old-secret")
+        fresh, _ = await _create(server.url, ALICE, "fresh-secret")
+    month = 31 * 86400
+    await asyncio.to_thread(_ledger, tmp_path, f"UPDATE gov_response_owners SET ts = ts - {month} WHERE id = '{old}'")
+    with instances(path, 1) as (server,):
+        await _create(server.url, BOB, "any answer prunes")
+        assert old not in await asyncio.to_thread(_owners, tmp_path)
+        with pytest.raises(openai.NotFoundError):
+            await _create(server.url, ALICE, "what did I say?", old)
+        _, out = await _create(server.url, ALICE, "what did I say?", fresh)
+    assert "fresh-secret" in out

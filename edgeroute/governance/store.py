@@ -54,8 +54,12 @@ _TABLES = {
 _INDEXES = [
     "CREATE INDEX IF NOT EXISTS gov_keys_seq ON gov_keys (seq)",
     "CREATE INDEX IF NOT EXISTS gov_audit_ts ON gov_audit (ts)",
+    "CREATE INDEX IF NOT EXISTS gov_response_owners_ts ON gov_response_owners (ts)",
 ]
 
+
+RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
+RESPONSE_PRUNE_EVERY = 3600.0
 
 AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
 
@@ -111,6 +115,7 @@ class GovStore:
         self._target = target
         self._lock = threading.Lock()
         self._conn: Any = self._connect()
+        self._owners_pruned = 0.0
         with self._lock, self._tx() as cur:
             for stmt in (*_TABLES[dialect], *_INDEXES):
                 cur.execute(stmt)
@@ -169,12 +174,17 @@ class GovStore:
 
     def bind_response(self, response_id: str, owner: str) -> None:
         """Records that `owner` created response `response_id` (a first binding stands: an id
-        already bound stays its first owner's)."""
+        already bound stays its first owner's). Bindings older than a provider keeps a stored
+        response (OpenAI: 30 days) go, at most once an hour per process."""
+        now = time.time()
         with self._lock, self._tx() as cur:
             cur.execute(
                 self._sql("INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
-                (response_id, owner, time.time()),
+                (response_id, owner, now),
             )
+            if now - self._owners_pruned >= RESPONSE_PRUNE_EVERY:
+                self._owners_pruned = now
+                cur.execute(self._sql("DELETE FROM gov_response_owners WHERE ts < ?"), (now - RESPONSE_OWNER_TTL,))
 
     def response_owner(self, response_id: str) -> str | None:
         rows = self._query("SELECT owner FROM gov_response_owners WHERE id = ?", (response_id,))
