@@ -16,9 +16,10 @@ from typing import Any
 
 import openai
 import pytest
+import yaml
 
 from tests.conftest import simple_config
-from tests.governance_support import instances, write_config
+from tests.governance_support import call, instances, write_config
 from tests.test_cost_support import require_postgres, require_redis
 
 ALICE, ALICE_TOO, BOB, LONE = "sk-alice-1", "sk-alice-2", "sk-bob-1", "sk-lone-1"
@@ -201,3 +202,27 @@ async def test_bindings_older_than_a_stored_response_are_dropped(start_upstream:
             await _create(server.url, ALICE, "what did I say?", old)
         _, out = await _create(server.url, ALICE, "what did I say?", fresh)
     assert "fresh-secret" in out
+
+
+async def test_managed_keys_alone_are_tenants_too(start_upstream: Any, tmp_path: Path) -> None:
+    """Managed keys (made through the admin API) are told apart by team, also once the config
+    names no key of its own: a server whose only keys are managed ones passed every id through."""
+    up = await start_upstream()
+    path = _config(up, tmp_path, {"ops": {"token": "sk-ops-admin", "role": "admin"}})
+    cfg: dict[str, Any] = yaml.safe_load(path.read_text())
+    cfg["governance"] = {"managed_keys": True}
+    write_config(path, cfg)
+    with instances(path, 1) as (server,):
+        made = {}
+        for team in ("red", "blue"):
+            status, key = await call("POST", server.url + "/admin/keys", "sk-ops-admin", json={"team": team})
+            assert status == 201, key
+            made[team] = key["secret"]
+    del cfg["keys"]  # the managed keys alone, from the ledger's database
+    write_config(path, cfg)
+    with instances(path, 1) as (server,):
+        rid, _ = await _create(server.url, made["red"], "red-secret", stream=True)
+        with pytest.raises(openai.NotFoundError):
+            await _create(server.url, made["blue"], "what did red say?", rid)
+        _, out = await _create(server.url, made["red"], "what did I say?", rid)
+    assert "red-secret" in out

@@ -11,8 +11,8 @@ reaches the client: a process killed in between never showed the id, and a write
 fails leaves the id unbound. A request whose `previous_response_id` is bound to someone
 else, or to no one (made before this check existed, directly at the provider, or whose
 binding failed), is answered OpenAI's own 404 for an unknown id: whether it exists is not
-revealed. A config without per-key `keys` (a keyless sidecar, shared keys only) has one
-tenant: nothing is bound or checked there.
+revealed. A server without virtual keys (the config's `keys` or managed keys: a keyless
+sidecar, shared keys only) has one tenant: nothing is bound or checked there.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ log = logging.getLogger("edgeroute.responses")
 _MAX_ID = 256  # a longer id is no provider's: refused without a lookup
 
 
-def _tenants(live: Live) -> bool:
-    """Whether the config tells tenants apart (per-key `keys`, managed keys included)."""
-    return live.access.ring is not None
+def _tenants(request: web.Request, live: Live) -> bool:
+    """Whether tenants are told apart: virtual keys in use (the config's, or managed ones)."""
+    return live.access.keyed(request)
 
 
 def owner_of(request: web.Request) -> str:
@@ -62,7 +62,7 @@ def not_found(response_id: str) -> ProxyError:
 async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
     """Refuses a `previous_response_id` the caller did not create (see the module's doc)."""
     prev = raw.get("previous_response_id")
-    if prev is None or not _tenants(live):
+    if prev is None or not _tenants(request, live):
         return
     if not isinstance(prev, str) or not prev:
         raise ProxyError(400, "'previous_response_id' must be a non-empty string.", param="previous_response_id")
@@ -113,7 +113,7 @@ async def bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer)
     """Binds the answer's id to the caller, before the answer is sent. A failed write is
     logged and the answer still sent: its id, unbound, is then refused as a
     `previous_response_id` (safe, and the answer itself was paid for)."""
-    if not _tenants(live):
+    if not _tenants(request, live):
         return
     rid = answer_id(got)
     if rid is None or len(rid) > _MAX_ID:
