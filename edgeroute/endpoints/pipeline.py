@@ -297,7 +297,12 @@ async def serve(
             raise
         rec.deployment = dep.name
         if parsed.bind is not None:
-            await parsed.bind(request, live, got)
+            try:
+                await parsed.bind(request, live, got)
+            except BaseException:  # the client gone meanwhile: a held stream gives back its slot and connection
+                if isinstance(got, StreamAnswer):
+                    call._discard(got, dep)
+                raise
         hdrs = answered_headers(live, rid, decision, rec, call)
         rec.status = 200
         if plan is not None:
