@@ -226,3 +226,31 @@ async def test_managed_keys_alone_are_tenants_too(start_upstream: Any, tmp_path:
             await _create(server.url, made["blue"], "what did red say?", rid)
         _, out = await _create(server.url, made["red"], "what did I say?", rid)
     assert "red-secret" in out
+
+
+async def test_a_client_gone_while_its_id_is_bound_gives_back_the_deployments_slot(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """The binding is written while the stream is held: a client that leaves then (the
+    database slow) must not keep the deployment's one concurrency slot for good."""
+    up = await start_upstream()
+    path = _config(up, tmp_path, _KEYS)
+    cfg: dict[str, Any] = yaml.safe_load(path.read_text())
+    cfg["deployments"]["d-a"]["max_concurrency"] = 1
+    write_config(path, cfg)
+    with instances(path, 1) as (server,):
+        await _create(server.url, ALICE, "first")  # the tables exist
+        lock = sqlite3.connect(tmp_path / "edgeroute-ledger.db", timeout=10, isolation_level=None)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")  # the binding waits on the database
+            async with openai.AsyncOpenAI(
+                base_url=server.url + "/v1", api_key=ALICE, max_retries=0, timeout=1.0
+            ) as client:
+                with pytest.raises(openai.APITimeoutError):
+                    await client.responses.create(model="m", input="leaving", stream=True)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        for _ in range(3):  # a leaked slot would refuse these (max_concurrency 1)
+            _, out = await _create(server.url, ALICE, "after", stream=True)
+            assert "after" in out
