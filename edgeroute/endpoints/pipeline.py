@@ -13,7 +13,7 @@ chat request is: `shadow`), its mirror parsed, decided and dispatched as the end
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
-from edgeroute.dispatch import Call, Failure, JsonAnswer, relay_stream
+from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
     _cached_answer,
@@ -77,6 +77,10 @@ class Parsed:
     serves: Callable[[Live, str], bool] | None = None
     # The text of a JSON answer, for the shadow log; None: the endpoint is not mirrored (`shadow:`).
     answer_text: Callable[[bytes], str | None] | None = None
+    # Refuses a request that names what the caller may not use (another tenant's stored response).
+    check: Callable[[web.Request, Live], Awaitable[None]] | None = None
+    # Records what the answer gives the caller (a stored response's id), before it is sent.
+    bind: Callable[[web.Request, Live, JsonAnswer | StreamAnswer], Awaitable[None]] | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -230,6 +234,8 @@ async def serve(
         # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
         parsed = await asyncio.to_thread(endpoint, body) if len(body) > _OFF_LOOP_BODY else endpoint(body)
         rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
+        if parsed.check is not None:
+            await parsed.check(request, live)
         route_body = parsed.routing_body
         decision = decide(live, policy_body(route_body, body), request, prompt_tokens=_ids_only(parsed))
         if (exact := await _with_ids(parsed, decision)) is not None:
@@ -290,6 +296,13 @@ async def serve(
                 e.headers[headers.CACHE] = plan.label
             raise
         rec.deployment = dep.name
+        if parsed.bind is not None:
+            try:
+                await parsed.bind(request, live, got)
+            except BaseException:  # the client gone meanwhile: a held stream gives back its slot and connection
+                if isinstance(got, StreamAnswer):
+                    call._discard(got, dep)
+                raise
         hdrs = answered_headers(live, rid, decision, rec, call)
         rec.status = 200
         if plan is not None:

@@ -22,6 +22,7 @@ from edgeroute.accounting import Usage
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
+from edgeroute.endpoints import responses_owners as owners
 from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
@@ -162,7 +163,21 @@ def parse(body: bytes) -> Parsed:
         route = routing_body(req.model, req.text(), req.stream, req.raw.get("max_output_tokens"))
         serves = served_natively
     call = partial(ResponsesCall, req)
-    return Parsed(req.model, route, req.stream, call, ClientEncoder, serves=serves, answer_text=answer_text)
+    return Parsed(
+        req.model,
+        route,
+        req.stream,
+        call,
+        ClientEncoder,
+        serves=serves,
+        answer_text=answer_text,
+        check=partial(_check, req.raw),
+        bind=owners.bind,
+    )
+
+
+async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
+    await owners.check(request, live, raw)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -29,6 +29,8 @@ _TABLES = {
     "sqlite": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_response_owners (
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
             source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -39,6 +41,8 @@ _TABLES = {
     "postgres": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS gov_response_owners (
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, hash TEXT NOT NULL,
             created_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -50,8 +54,12 @@ _TABLES = {
 _INDEXES = [
     "CREATE INDEX IF NOT EXISTS gov_keys_seq ON gov_keys (seq)",
     "CREATE INDEX IF NOT EXISTS gov_audit_ts ON gov_audit (ts)",
+    "CREATE INDEX IF NOT EXISTS gov_response_owners_ts ON gov_response_owners (ts)",
 ]
 
+
+RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
+RESPONSE_PRUNE_EVERY = 3600.0
 
 AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
 
@@ -107,6 +115,7 @@ class GovStore:
         self._target = target
         self._lock = threading.Lock()
         self._conn: Any = self._connect()
+        self._owners_pruned = 0.0
         with self._lock, self._tx() as cur:
             for stmt in (*_TABLES[dialect], *_INDEXES):
                 cur.execute(stmt)
@@ -160,6 +169,26 @@ class GovStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    # -- Responses ids: whose conversation each one is ----------------------------
+
+    def bind_response(self, response_id: str, owner: str) -> None:
+        """Records that `owner` created response `response_id` (a first binding stands: an id
+        already bound stays its first owner's). Bindings older than a provider keeps a stored
+        response (OpenAI: 30 days) go, at most once an hour per process."""
+        now = time.time()
+        with self._lock, self._tx() as cur:
+            cur.execute(
+                self._sql("INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
+                (response_id, owner, now),
+            )
+            if now - self._owners_pruned >= RESPONSE_PRUNE_EVERY:
+                self._owners_pruned = now
+                cur.execute(self._sql("DELETE FROM gov_response_owners WHERE ts < ?"), (now - RESPONSE_OWNER_TTL,))
+
+    def response_owner(self, response_id: str) -> str | None:
+        rows = self._query("SELECT owner FROM gov_response_owners WHERE id = ?", (response_id,))
+        return str(rows[0][0]) if rows else None
 
     # -- managed keys -----------------------------------------------------------
 

@@ -28,6 +28,8 @@ _ids = itertools.count(1)
 # The chat mock's options and error writer, handed over by `add_routes` (the chat mock imports this module).
 _OPTIONS: web.AppKey[MockOptions] = web.AppKey("endpoint_options")
 _ERROR: web.AppKey[Callable[..., web.Response]] = web.AppKey("endpoint_error")
+# Stored responses (`store`, on by default), as OpenAI keeps them: id -> the conversation's text so far.
+_STORED: web.AppKey[dict[str, str]] = web.AppKey("stored_responses")
 
 
 def _options(request: web.Request) -> MockOptions:
@@ -167,10 +169,20 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if isinstance(got, web.Response):
         return got
     prompt = _input_text(got["input"])
+    prev = got.get("previous_response_id")
+    if prev is not None:  # the stored conversation continued: its text comes first, as the model sees it
+        if prev not in request.app[_STORED]:
+            said = f"Previous response with id '{prev}' not found."
+            err = {"message": said, "type": "invalid_request_error", "param": "previous_response_id"}
+            body = {"error": {**err, "code": "previous_response_not_found"}}
+            return web.Response(status=404, body=orjson.dumps(body), content_type="application/json")
+        prompt = f"{request.app[_STORED][prev]} {prompt}"
     pieces = _reply(prompt, request)
     n = next(_ids)
     rid, mid = f"resp_mock{n:06d}", f"msg_mock{n:06d}"
     text = " ".join(pieces)
+    if got.get("store", True) is not False:
+        request.app[_STORED][rid] = f"{prompt} {text}"
     ptoks = max(1, len(prompt.split()))
     usage = {
         "input_tokens": ptoks,
@@ -221,7 +233,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application, prefix: str, options: MockOptions, error: Callable[..., web.Response]) -> None:
-    app[_OPTIONS], app[_ERROR] = options, error
+    app[_OPTIONS], app[_ERROR], app[_STORED] = options, error, {}
     app.router.add_post(f"{prefix}/embeddings", embeddings)
     app.router.add_post(f"{prefix}/completions", completions)
     app.router.add_post(f"{prefix}/responses", responses)

@@ -1,0 +1,124 @@
+"""Whose conversation a Responses id is: `previous_response_id` confined to its creator.
+
+A deployment that speaks Responses keeps each response (`store`, on by default) in a
+provider account every tenant of the gateway shares, and continues any of them from its id.
+So each id the gateway returns is bound to who created it (the key's team, or the key when
+it has none; callers of a shared `server.api_keys` key are one owner) in the governance
+tables of the ledger's database (`gov_response_owners`: SQLite or PostgreSQL, so the binding
+survives a restart and is the same for every worker and instance sharing the ledger). The
+binding is written before the answer (or the stream's first event, which carries the id)
+reaches the client: a process killed in between never showed the id, and a write that
+fails leaves the id unbound. A request whose `previous_response_id` is bound to someone
+else, or to no one (made before this check existed, directly at the provider, or whose
+binding failed), is answered OpenAI's own 404 for an unknown id: whether it exists is not
+revealed. A server without virtual keys (the config's `keys` or managed keys: a keyless
+sidecar, shared keys only) has one tenant: nothing is bound or checked there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute import sse
+from edgeroute.cost.keys import IDENTITY
+from edgeroute.dispatch import JsonAnswer, StreamAnswer
+from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV
+from edgeroute.state import Live
+
+log = logging.getLogger("edgeroute.responses")
+
+_MAX_ID = 256  # a longer id is no provider's: refused without a lookup
+
+
+def _tenants(request: web.Request, live: Live) -> bool:
+    """Whether tenants are told apart: virtual keys in use (the config's, or managed ones)."""
+    return live.access.keyed(request)
+
+
+def owner_of(request: web.Request) -> str:
+    ident = request.get(IDENTITY)
+    if ident is None:
+        return "shared"  # a shared `server.api_keys` key: its callers are one tenant
+    return f"team:{ident.team}" if ident.team else f"key:{ident.key}"
+
+
+def not_found(response_id: str) -> ProxyError:
+    """OpenAI's answer for an id it does not know (the same whether the id exists or not)."""
+    shown = response_id[:_MAX_ID]
+    return ProxyError(
+        404,
+        f"Previous response with id '{shown}' not found.",
+        code="previous_response_not_found",
+        param="previous_response_id",
+    )
+
+
+async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
+    """Refuses a `previous_response_id` the caller did not create (see the module's doc)."""
+    prev = raw.get("previous_response_id")
+    if prev is None or not _tenants(request, live):
+        return
+    if not isinstance(prev, str) or not prev:
+        raise ProxyError(400, "'previous_response_id' must be a non-empty string.", param="previous_response_id")
+    if len(prev) > _MAX_ID:
+        raise not_found(prev)
+    store = request.app[GOV].store
+    try:
+        owner = await asyncio.to_thread(store.response_owner, prev)
+    except Exception as e:  # the database is down: the id cannot be checked, so it is not used
+        log.warning("could not look up the owner of a previous_response_id: %s", type(e).__name__)
+        raise ProxyError(
+            503, "edgeroute could not check previous_response_id; retry shortly.", code="owner_check_unavailable"
+        ) from None
+    if owner != owner_of(request):
+        raise not_found(prev)
+
+
+def _stream_id(head: bytes) -> str | None:
+    """The id in a Responses stream's `response.created` event, among the bytes held so far."""
+    splitter = sse.EventSplitter()
+    for ev in splitter.feed(head if head.endswith(b"\n\n") else head + b"\n\n"):
+        data = sse.event_data(ev)
+        if data is None or data == b"[DONE]":
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and obj.get("type") == "response.created":
+            resp = obj.get("response")
+            rid = resp.get("id") if isinstance(resp, dict) else None
+            return rid if isinstance(rid, str) else None
+    return None
+
+
+def answer_id(got: JsonAnswer | StreamAnswer) -> str | None:
+    if isinstance(got, StreamAnswer):
+        return _stream_id(got.head)
+    try:
+        obj = orjson.loads(got.body)
+    except orjson.JSONDecodeError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
+async def bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
+    """Binds the answer's id to the caller, before the answer is sent. A failed write is
+    logged and the answer still sent: its id, unbound, is then refused as a
+    `previous_response_id` (safe, and the answer itself was paid for)."""
+    if not _tenants(request, live):
+        return
+    rid = answer_id(got)
+    if rid is None or len(rid) > _MAX_ID:
+        return  # an id not seen (or not a provider's) is bound to no one: refused later
+    try:
+        await asyncio.to_thread(request.app[GOV].store.bind_response, rid, owner_of(request))
+    except Exception as e:
+        log.warning("could not bind a response id to its key (it cannot be continued): %s", type(e).__name__)
