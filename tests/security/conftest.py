@@ -102,6 +102,47 @@ async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResp
     return server
 
 
+class _Scripted:
+    """Sends `first`; then, once the client has read content (`go`), `then`."""
+
+    def __init__(self, first: bytes, then: bytes, go: asyncio.Event) -> None:
+        self.first, self.then, self.go = first, then, go
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(self.first)
+        if self.then:
+            async with asyncio.timeout(10):
+                await self.go.wait()
+            await resp.write(self.then)
+        await resp.write_eof()
+        return resp
+
+
+class ScriptedStreams:
+    """Starts upstreams that stream scripted bytes at `path`: `first`, then `then` once the
+    test sets `go` (when its client has read content), so an event lands after content."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.go = asyncio.Event()
+        self.servers: list[TestServer] = []
+
+    async def __call__(self, first: bytes, then: bytes = b"") -> TestServer:
+        app = web.Application()
+        app.router.add_post(self.path, _Scripted(first, then, self.go).handle)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        self.servers.append(server)
+        return server
+
+    async def close(self) -> None:
+        for s in self.servers:
+            await s.close()
+
+
 @pytest.fixture
 async def leaky() -> AsyncIterator[Leaky]:
     up = Leaky()

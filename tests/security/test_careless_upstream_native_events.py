@@ -16,11 +16,10 @@ from typing import Any
 import anthropic
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from tests.security.conftest import Served
+from tests.security.conftest import ScriptedStreams, Served
 
 USER: Any = [{"role": "user", "content": "hi"}]
 
@@ -56,47 +55,11 @@ BAD = {
 }
 
 
-class Native:
-    """Sends `first`; then, once the client has read content (`go`: set by `_stream`), `then`."""
-
-    def __init__(self, first: bytes, then: bytes, go: asyncio.Event) -> None:
-        self.first, self.then, self.go = first, then, go
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        await resp.write(self.first)
-        if self.then:
-            async with asyncio.timeout(10):
-                await self.go.wait()
-            await resp.write(self.then)
-        await resp.write_eof()
-        return resp
-
-
-class Upstreams:
-    """Starts careless upstreams; `go` is set once the client has read content."""
-
-    def __init__(self) -> None:
-        self.go = asyncio.Event()
-        self.servers: list[TestServer] = []
-
-    async def __call__(self, first: bytes, then: bytes = b"") -> TestServer:
-        app = web.Application()
-        app.router.add_post("/v1/messages", Native(first, then, self.go).handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        self.servers.append(server)
-        return server
-
-
 @pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    made = Upstreams()
+async def upstreams() -> AsyncIterator[ScriptedStreams]:
+    made = ScriptedStreams("/v1/messages")
     yield made
-    for s in made.servers:
-        await s.close()
+    await made.close()
 
 
 def _config(*servers: TestServer) -> dict[str, Any]:
@@ -129,7 +92,9 @@ async def _stream(proxy: Served, go: asyncio.Event) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-async def test_after_content_the_stream_ends_with_an_api_error(upstreams: Upstreams, serve: Any, bad: str) -> None:
+async def test_after_content_the_stream_ends_with_an_api_error(
+    upstreams: ScriptedStreams, serve: Any, bad: str
+) -> None:
     up = await upstreams(START + BLOCK + DELTA, BAD[bad] + END)
     proxy: Served = await serve(_config(up))
     text, error = await _stream(proxy, upstreams.go)
@@ -144,7 +109,7 @@ async def test_after_content_the_stream_ends_with_an_api_error(upstreams: Upstre
 
 
 @pytest.mark.parametrize("bad", list(BAD))
-async def test_before_content_it_fails_over(upstreams: Upstreams, serve: Any, bad: str) -> None:
+async def test_before_content_it_fails_over(upstreams: ScriptedStreams, serve: Any, bad: str) -> None:
     broken = await upstreams(START + BLOCK + BAD[bad] + DELTA + END)
     good = await upstreams(START + BLOCK + DELTA + END)
     proxy: Served = await serve(_config(broken, good))
