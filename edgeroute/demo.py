@@ -24,6 +24,7 @@ from aiohttp import web
 from edgeroute import config as config_mod
 from edgeroute.cost import reports
 from edgeroute.cost.ledger import Ledger
+from edgeroute.http_server import ProxyServer
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app, install_uvloop
 from edgeroute.state import RECORDER
@@ -162,16 +163,20 @@ async def _main(port: int, tour_only: bool) -> int:
     app = create_app(cfg, "demo")
     ledger = app[RECORDER]
     assert isinstance(ledger, Ledger)
+    # The proxy is served as `edgeroute serve` serves it (its connection protocol: header
+    # timeout, strict parser, connection cap); the mocks by aiohttp's own runner.
+    proxy = ProxyServer(app, cfg, shutdown_timeout=1.0)
+    await proxy.setup()
     try:
-        runner, pport = await _start(app, port)
+        await proxy.listen("127.0.0.1", port)
     except OSError as e:
         print(f"cannot listen on 127.0.0.1:{port}: {e.strerror}; try `edgeroute demo --port 0`", file=sys.stderr)
+        await proxy.cleanup()
         for r in runners:
             await r.cleanup()
         spend_dir.cleanup()
         return 1
-    runners.append(runner)
-    base = f"http://127.0.0.1:{pport}"
+    base = f"http://127.0.0.1:{proxy.port}"
     try:
         await _tour(base, mocks, ledger, serving=not tour_only)
         if tour_only:
@@ -183,6 +188,7 @@ async def _main(port: int, tour_only: bool) -> int:
         print(_banner(base), flush=True)
         await stop.wait()
     finally:
+        await proxy.cleanup()
         for r in reversed(runners):
             await r.cleanup()
         spend_dir.cleanup()

@@ -183,6 +183,7 @@ class Connection(BaseProtocol):
         # A head that asked for a protocol upgrade: (method, target, headers), parsed again without it.
         self._upgrade: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -199,7 +200,10 @@ class Connection(BaseProtocol):
         super().connection_made(transport)
         self.peername = transport.get_extra_info("peername")
         self.sockname = transport.get_extra_info("sockname")
-        self.server.connections.add(self)
+        if not self.server.admit(self):
+            self._closing = True
+            transport.close()
+            return
         self._arm_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -452,11 +456,24 @@ class Connection(BaseProtocol):
         return False
 
     @property
+    def idle_since(self) -> int | None:
+        """When (in the server's count of idle starts) the connection began waiting for a head;
+        None while a request is answered."""
+        if self._task is not None or self._queue or self._timer is None:
+            return None
+        return self._idle_since
+
+    def shed(self) -> None:
+        """Closed to make room at the server's connection cap (see `ProxyServer.admit`)."""
+        self._close()
+
+    @property
     def busy(self) -> bool:
         return self._task is not None
 
     def _arm_header_timer(self) -> None:
         self._cancel_timer()
+        self._idle_since = next(self.server.idle_starts)  # the loop's clock ticks in ms: ties
         self._timer = self._loop.call_later(self.server.header_timeout, self._close)
 
     def _cancel_timer(self) -> None:

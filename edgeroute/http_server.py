@@ -9,8 +9,10 @@ aiohttp's `AppRunner`, as `web.run_app` would.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -20,6 +22,47 @@ from edgeroute.http_connection import Connection
 from edgeroute.metrics import METRICS, Metrics
 
 log = logging.getLogger("edgeroute.http")
+
+if TYPE_CHECKING:
+    import resource
+else:
+    try:
+        import resource
+    except ImportError:  # not on Windows: no limit to read or raise
+        resource = None
+
+_RESERVE_FDS = 4096  # kept for upstream connections, databases, files: the cap leaves them
+_SHED_SHARE = 8  # at the cap, the longest-idle eighth of the idle connections are closed
+
+
+def raise_open_file_limit() -> int:
+    """Raises the soft limit on open files to the hard one (as Go's runtime does for every
+    program): the soft default, often 1,024, is a handful of idle clients from refusing
+    everyone. Returns the soft limit now in force (0: unknown)."""
+    if resource is None:
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.debug("could not raise the open-file limit from %d: %s", soft, e)
+    return int(min(soft, 1 << 20))
+
+
+def connection_cap(configured: int | None, open_files: int) -> int:
+    """Client connections one process holds at once: the configured number, else what the
+    open-file limit leaves after a reserve for everything else (half of it at least). Past
+    the limit the kernel refuses every new connection, a request's upstream call and the
+    ledger's files alike: the cap keeps those working while idle clients are shed."""
+    if configured is not None:
+        return configured
+    if open_files <= 0:
+        return 1 << 20
+    return max(open_files // 2, open_files - _RESERVE_FDS)
 
 
 class ProxyServer:
@@ -32,6 +75,8 @@ class ProxyServer:
         self.body_timeout = srv.body_timeout
         self.shutdown_timeout = srv.drain_timeout if shutdown_timeout is None else shutdown_timeout
         self.connections: set[Connection] = set()
+        self.idle_starts = itertools.count()  # orders idle connections, longest idle first
+        self.max_connections = connection_cap(srv.max_client_connections, raise_open_file_limit())
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         self._listeners: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -47,6 +92,8 @@ class ProxyServer:
         self._loop = asyncio.get_running_loop()
         await self._runner.setup()
         self._metrics = self.app.get(METRICS)
+        if self._metrics is not None:
+            self._metrics.client_connections = self.connections
 
     async def listen(self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 2048) -> None:
         """Accepts connections on `host:port` (port 0: any free one, see `port`)."""
@@ -75,6 +122,29 @@ class ProxyServer:
             resp.force_close()
             return resp
 
+    def admit(self, conn: Connection) -> bool:
+        """Whether a new connection is kept. At the cap, the longest-idle connections (no
+        request under way: a client keeping a connection for later, or one trickling a head)
+        are closed first, an eighth of them at a time so a flood costs a sort now and then,
+        not one per connection; if every connection is answering, the new one is refused."""
+        if len(self.connections) < self.max_connections:
+            self.connections.add(conn)
+            return True
+        idle = sorted((c for c in self.connections if c.idle_since is not None), key=_idle_since)
+        shed = idle[: max(1, len(idle) // _SHED_SHARE)]
+        for c in shed:
+            c.shed()
+        self._count_shed(len(shed) + (0 if shed else 1))
+        if not shed:
+            log.warning("refused a client connection: %d open, all answering", len(self.connections))
+            return False
+        self.connections.add(conn)
+        return True
+
+    def _count_shed(self, n: int) -> None:
+        if self._metrics is not None:
+            self._metrics.connections_shed += n
+
     def count_malformed(self) -> None:
         if self._metrics is not None:
             self._metrics.malformed_requests += 1
@@ -96,3 +166,7 @@ class ProxyServer:
                 c.transport.close()  # what is still running is cancelled (connection_lost)
         await asyncio.sleep(0)
         await self._runner.cleanup()
+
+
+def _idle_since(c: Connection) -> int:
+    return c.idle_since or 0

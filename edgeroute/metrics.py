@@ -23,7 +23,7 @@ import bisect
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 from aiohttp import web
@@ -113,6 +113,8 @@ class Metrics:
         self._by_route: dict[str, tuple[_Hist, _Hist]] = {}
         # Plain counters other modules increment where they happen; exposed by StateCollector.
         self.malformed_requests = 0
+        self.connections_shed = 0  # client connections closed or refused at the cap
+        self.client_connections: Sized = ()  # the server's open client connections (a set)
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
         # Budgets counted in a shared store (Redis, the workers' file), as the telemetry loop last
         # read them: a scrape cannot wait for the store, and this process's counters hold nothing.
@@ -245,6 +247,12 @@ class StateCollector(Collector):
         yield _counter("edgeroute_requests_shed", "Requests refused at once because the proxy was at capacity.", c.shed)
         yield _counter(
             "edgeroute_malformed_requests", "Requests the HTTP parser refused.", self._metrics.malformed_requests
+        )
+        yield _gauge("edgeroute_client_connections", "Client connections open.", len(self._metrics.client_connections))
+        yield _counter(
+            "edgeroute_client_connections_shed",
+            "Client connections closed or refused because the server held its maximum (idle ones first).",
+            self._metrics.connections_shed,
         )
         live = state.live
         circuit = GaugeMetricFamily(

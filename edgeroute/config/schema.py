@@ -306,6 +306,9 @@ class Server(_Strict):
     # the body within `body_timeout` seconds; bodies of other types are refused with 415.
     header_timeout: float = Field(10.0, gt=0, le=300)
     body_timeout: float = Field(30.0, gt=0)
+    # Client connections held open at once, per process; unset: from the open-file limit (see
+    # `http_server.connection_cap`). At the cap the longest-idle connections are closed first.
+    max_client_connections: int | None = Field(None, ge=1)
     accept_content_types: list[str] = ["application/json"]
     # With no keys configured, requests naming another Host, or carrying an Origin, are
     # refused (DNS rebinding, CSRF from a web page); these lists allow more ("*": any).
