@@ -101,25 +101,21 @@ def _visible_text(part: Any, out: list[str]) -> None:
                 out.append(fn[k])
 
 
-def _counted(prompt_tokens: int, parts: list[str], encoding: str) -> Usage:
+def counted_usage(prompt_tokens: int, parts: list[str], encoding: str) -> Usage:
+    """Usage with the completion counted from the text the model wrote (`parts`), estimated."""
     text = "".join(parts)
     completion = _core.Router.count_tokens(text, encoding) if text else 0
     return Usage(prompt_tokens, completion, 0, estimated=True)
 
 
-def estimate_stream_usage(prompt_tokens: int, sse_bytes: bytes, encoding: str) -> Usage:
-    """Usage for a stream that carried none: the completion counted by the core's tokenizer
-    from the streamed text (content, refusals and tool-call arguments)."""
-    return _counted(prompt_tokens, _stream_parts(sse_bytes), encoding)
-
-
 def stream_text(sse_bytes: bytes) -> str:
     """What the model wrote in a stream (content, refusals, tool calls), joined: OpenAI's
     chunks, or Responses or Anthropic events relayed as they are."""
-    return "".join(_stream_parts(sse_bytes))
+    return "".join(stream_parts(sse_bytes))
 
 
-def _stream_parts(sse_bytes: bytes) -> list[str]:
+def stream_parts(sse_bytes: bytes) -> list[str]:
+    """The text of each `data:` line in `sse_bytes` (whole lines: a line cut short is skipped)."""
     parts: list[str] = []
     for line in sse_bytes.split(b"\n"):
         if not line.startswith(b"data:"):
@@ -166,7 +162,7 @@ def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: 
     parts: list[str] = []
     for choice in answer.get("choices") or ():
         _visible_text(choice.get("message") if isinstance(choice, dict) else None, parts)
-    return _counted(prompt_tokens, parts, encoding)
+    return counted_usage(prompt_tokens, parts, encoding)
 
 
 @dataclass(slots=True)

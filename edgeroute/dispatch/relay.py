@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 
 from edgeroute import sse
-from edgeroute.accounting import Usage, estimate_stream_usage
+from edgeroute.accounting import Usage
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
+from edgeroute.dispatch.transcript import Transcript
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
 
@@ -73,10 +74,9 @@ async def relay_stream(
     into another API's stream format, e.g. Anthropic's for `/v1/messages`. The stream
     ends by the request's total timeout at the latest.
     """
-    # The streamed text is kept (references to chunks already read) so that a stream that
-    # ends without usage, by design or cut short, is still costed for what it produced.
-    text: list[bytes] = [answer.head]
-    kept = len(answer.head)  # bounded as a non-streamed answer is (attempt.MAX_ANSWER_BYTES)
+    # What the stream said is kept so that a stream that ends without usage, by design or cut
+    # short, is still costed for what it produced: in bounded memory (see transcript.py).
+    said = Transcript(answer.head, keep_whole=on_complete is not None)
     tail = answer.head[-TAIL_BYTES:]
     translator = answer.translator
     completed = sse.DONE in answer.head
@@ -130,10 +130,10 @@ async def relay_stream(
                             armed = -math.inf
                         upstream_error = await send(chunk)
                         tail = (tail + chunk)[-TAIL_BYTES:]
-                        text.append(chunk)
+                        said.add(chunk)
                         completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
-                        kept += len(chunk)
-                        if kept > attempt.MAX_ANSWER_BYTES and not completed:
+                        # Bounded as a non-streamed answer is.
+                        if said.size > attempt.MAX_ANSWER_BYTES and not completed:
                             upstream_broke = True
                             mib = attempt.MAX_ANSWER_BYTES >> 20
                             failure = (f"The upstream's answer passed {mib} MiB; it is incomplete.", "answer_too_large")
@@ -174,9 +174,14 @@ async def relay_stream(
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
-        await _settle(call, dep, answer, tail, text)
+        await _settle(call, dep, answer, tail, said)
         if on_complete is not None and completed and failure is None and not upstream_error:
-            on_complete(b"".join(text))  # the whole answer, as OpenAI-format events (e.g. for the cache)
+            # The whole answer, as OpenAI-format events (for the cache, the request log, a
+            # shadow): one past `transcript.WHOLE_BYTES` is too large for any of them.
+            if (whole := said.stream()) is not None:
+                on_complete(whole)
+            else:
+                log.info("a streamed answer of %d bytes was not offered to the cache, log or shadow", said.size)
     return out
 
 
@@ -243,7 +248,7 @@ def _failure_of(
     ), True
 
 
-async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tail: bytes, text: list[bytes]) -> None:
+async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tail: bytes, said: Transcript) -> None:
     """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
     translator = answer.translator
     usage = Usage.from_openai(
@@ -252,12 +257,12 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tai
     if usage is None:
         rec = answer.rec
         settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
-        usage = await _estimate(call, b"".join(text), settle)
+        usage = await _estimate(call, said, settle)
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
 
 
-async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[[Usage], None]) -> Usage:
+async def _estimate(call: Attempts, said: Transcript, settle_cancelled: Callable[[Usage], None]) -> Usage:
     """The usage of a stream that carried none, counted from its text; in a worker thread past
     `OFF_LOOP_BYTES` (a megabyte of events took ~80 ms of the event loop).
 
@@ -265,15 +270,15 @@ async def _estimate(call: Attempts, streamed: bytes, settle_cancelled: Callable[
     is still priced (`settle_cancelled`, then the cancellation goes on), with the thread's
     count, or one made here if cancelled once more (a shutdown that stops waiting)."""
     prompt, encoding = call.prompt_tokens(), call.decision.encoding
-    if len(streamed) < OFF_LOOP_BYTES:
-        return estimate_stream_usage(prompt, streamed, encoding)
-    counting = asyncio.get_running_loop().run_in_executor(COUNTING, estimate_stream_usage, prompt, streamed, encoding)
+    if said.size < OFF_LOOP_BYTES:
+        return said.usage(prompt, encoding)
+    counting = asyncio.get_running_loop().run_in_executor(COUNTING, said.usage, prompt, encoding)
     try:
         return await asyncio.shield(counting)
     except asyncio.CancelledError:
         try:
             usage = await asyncio.shield(counting)
         except asyncio.CancelledError:
-            usage = estimate_stream_usage(prompt, streamed, encoding)
+            usage = said.usage(prompt, encoding)
         settle_cancelled(usage)
         raise

@@ -1,0 +1,58 @@
+"""What a relayed stream said, kept in bounded memory: enough to cost it when it carries no
+usage, and the whole stream for its completion callbacks (cache, request log, shadow) when
+it is small enough for them.
+
+A stream's events are tens of times the text they carry (an OpenAI chunk is ~200 bytes for a
+token or two). Every event of every stream was kept until the stream ended: a thousand
+concurrent 8k-token answers held over a gigabyte, and a client that asked for long streams
+and read them slowly grew the proxy by megabytes a second. Now raw events are kept only up
+to a bound (`COMPACT_BYTES`; `WHOLE_BYTES` when a callback wants the stream); past it, the
+whole lines held are reduced to the text they carry, which is what costing counts.
+"""
+
+from __future__ import annotations
+
+from edgeroute.accounting import Usage, counted_usage, stream_parts
+
+COMPACT_BYTES = 64 * 1024  # raw events held when only costing needs them
+WHOLE_BYTES = 4 * 1024 * 1024  # raw events held for a completion callback (4x the cache's entry bound)
+
+
+class Transcript:
+    """A stream's events as they are relayed (see the module's docstring)."""
+
+    __slots__ = ("_limit", "_parts", "_raw", "_raw_size", "size", "whole")
+
+    def __init__(self, head: bytes, *, keep_whole: bool) -> None:
+        self._raw = [head]
+        self._raw_size = len(head)
+        self._limit = WHOLE_BYTES if keep_whole else COMPACT_BYTES
+        self._parts: list[str] = []  # the text of the events compacted so far, a string a compaction
+        self.size = len(head)  # every byte relayed, compacted or not
+        self.whole = True  # no event compacted: `stream()` is the stream as relayed
+
+    def add(self, chunk: bytes) -> None:
+        self._raw.append(chunk)
+        self._raw_size += len(chunk)
+        self.size += len(chunk)
+        if self._raw_size > self._limit:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Reduces the whole lines held to their text (an event's `data:` line is one JSON
+        object); a line not yet ended stays raw."""
+        raw = b"".join(self._raw)
+        cut = raw.rfind(b"\n") + 1
+        self._parts.append("".join(stream_parts(raw[:cut])))  # one string: a token's is ~50 bytes
+        rest = raw[cut:]
+        self._raw = [rest]
+        self._raw_size = len(rest)
+        self.whole = False
+
+    def stream(self) -> bytes | None:
+        """The stream as relayed, if nothing of it was compacted."""
+        return b"".join(self._raw) if self.whole else None
+
+    def usage(self, prompt_tokens: int, encoding: str) -> Usage:
+        """The usage of a stream that carried none: its completion counted from its text."""
+        return counted_usage(prompt_tokens, self._parts + stream_parts(b"".join(self._raw)), encoding)
