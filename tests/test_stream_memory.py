@@ -28,32 +28,16 @@ from tests.test_serve import free_port
 
 TOKENS = 300_000
 BATCH = 2_000
-CHUNK = (
-    b"data: "
-    + orjson.dumps(
-        {
-            "id": "chatcmpl-long",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": "m",
-            "choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}],
-        }
-    )
-    + b"\n\n"
-)
-LAST = (
-    b"data: "
-    + orjson.dumps(
-        {
-            "id": "chatcmpl-long",
-            "object": "chat.completion.chunk",
-            "created": 0,
-            "model": "m",
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-        }
-    )
-    + b"\n\ndata: [DONE]\n\n"
-)
+
+
+def _chunk(delta: dict[str, str], finish: str | None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    obj = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 0, "model": "m", "choices": [choice]}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+CHUNK = _chunk({"content": " word"}, None)
+LAST = _chunk({}, "stop") + b"data: [DONE]\n\n"
 
 
 async def _long_stream(request: web.Request) -> web.StreamResponse:
