@@ -119,17 +119,37 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters
-    if c.in_flight >= state.live.config.server.max_in_flight:
+    server = state.live.config.server
+    body = _body_bytes(request, server.max_body_bytes)
+    if c.in_flight >= server.max_in_flight or (
+        body and c.body_bytes and c.body_bytes + body > server.max_body_bytes_in_flight
+    ):
         c.shed += 1
         raise ProxyError(
             503, "edgeroute is at capacity; retry shortly.", code="overloaded", headers={"Retry-After": "1"}
         )
     c.in_flight += 1
     c.requests += 1
+    c.body_bytes += body
     try:
         return await handler(request)
     finally:
         c.in_flight -= 1
+        c.body_bytes -= body
+
+
+def _body_bytes(request: web.Request, limit: int) -> int:
+    """The body a request will hold, for `server.max_body_bytes_in_flight`: its Content-Length,
+    or the limit when it may grow to that (chunked, or compressed). Before any of it is read:
+    a hundred clients sending 8 MB bodies at once held 2.9 GB of the proxy (about four times
+    each body while it is parsed and sent on); a few hundred more would have it killed."""
+    if not request.body_exists:
+        return 0
+    length = request.content_length
+    encoding = request.headers.get("Content-Encoding")
+    if length is None or (encoding is not None and encoding.strip().lower() != "identity"):
+        return limit
+    return min(length, limit)
 
 
 async def healthz(request: web.Request) -> web.Response:

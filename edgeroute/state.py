@@ -115,6 +115,7 @@ class Counters:
     requests: int = 0
     in_flight: int = 0
     shed: int = 0
+    body_bytes: int = 0  # request bodies the requests in flight hold (declared, or the worst case)
 
 
 @dataclass(slots=True)

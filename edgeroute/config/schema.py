@@ -296,6 +296,10 @@ class Server(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(4096, ge=1)
+    # Request bodies held at once by the requests in flight (a body costs the proxy about four
+    # times its size while it is parsed and sent on); past it, 503 with Retry-After. A request
+    # alone is always let in. See server._admitted.
+    max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1024)
     drain_timeout: float = Field(30.0, ge=0)
     # Keys clients must present (by reference); none means no authentication (sidecar on loopback).
     api_keys: list[str] = []
