@@ -26,6 +26,7 @@ from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
+from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.governance.residency import check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
@@ -86,6 +87,15 @@ def _region(request: web.Request) -> str | None:
 
 
 _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
+
+
+async def decide_soon(live: Live, body: bytes, request: web.Request, **options: Any) -> _core.Decision:
+    """`decide`, in a worker thread when it counts a long body exactly (token-per-minute
+    limits): the core counts with the GIL released, and the count of a hostile body (megabytes
+    of one letter, no space) takes seconds, all of them the event loop's otherwise."""
+    if live.exact_tokens and len(body) > COUNT_ON_LOOP_BYTES:
+        return await asyncio.to_thread(decide, live, body, request, **options)
+    return decide(live, body, request, **options)
 
 
 def decide(
@@ -266,7 +276,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     plan: Plan | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
-        decision = decide(live, body, request)
+        decision = await decide_soon(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
         reasons = decision.reasons
@@ -293,7 +303,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             first = decision
             rerouted = with_model(body, decision, reroute)
-            decision = decide(live, rerouted, request, rerouted=True)
+            decision = await decide_soon(live, rerouted, request, rerouted=True)
             if decision.route != first.route:
                 # The cache's answer of the route asked for costs nothing and reaches no
                 # provider: served rather than paying another route (as a spent budget lets a
@@ -375,7 +385,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
         raise
     except asyncio.CancelledError:
-        rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
+        if rec.outcome == "pending":  # not what already ended it (an upstream cutting its stream)
+            rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
         rec.error_class = rec.error_class or "client_gone"
         raise
     finally:
@@ -615,7 +626,7 @@ async def explain(request: web.Request) -> web.Response:
     """The routing decision for a chat request, without calling any upstream."""
     live = request.app[STATE].live
     body = await read_body(request)
-    d = decide(live, body, request, explain=True)
+    d = await decide_soon(live, body, request, explain=True)
     table = live.deployments
     out: dict[str, Any] = {
         "model": d.model,

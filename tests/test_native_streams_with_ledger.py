@@ -106,8 +106,11 @@ def _config(kind: str, base_url: str) -> dict[str, Any]:
     }
 
 
-def _assert_priced_for_what_was_sent(proxy: Any) -> None:
-    (rec,) = proxy.recorder.records
+async def _assert_priced_for_what_was_sent(proxy: Any) -> None:
+    async def recorded() -> list[Any]:  # written once the count (in a worker thread) is in
+        return list(proxy.recorder.records)
+
+    (rec,) = await eventually(recorded, "the request's record")
     assert rec.outcome == "stream_interrupted", rec.outcome
     assert rec.usage is not None
     # The client received ~300 tokens: they are paid for (counted, within the tokenizer's slack).
@@ -122,7 +125,7 @@ async def test_a_responses_stream_cut_mid_way_is_priced_for_its_text(start_proxy
     async for ev in await client.responses.create(model="m", input="hi", stream=True):
         kinds.append(ev.type)
     assert kinds.count("response.output_text.delta") == WORDS and kinds[-1] == "error"
-    _assert_priced_for_what_was_sent(proxy)
+    await _assert_priced_for_what_was_sent(proxy)
 
 
 async def test_a_passed_through_messages_stream_cut_mid_way_is_priced_for_its_text(
@@ -139,7 +142,7 @@ async def test_a_passed_through_messages_stream_cut_mid_way_is_priced_for_its_te
             async for t in s.text_stream:
                 text += t
     assert text == "word " * WORDS
-    _assert_priced_for_what_was_sent(proxy)
+    await _assert_priced_for_what_was_sent(proxy)
 
 
 async def test_the_request_log_keeps_a_native_streams_text(start_mock: Any, tmp_path: Path) -> None:

@@ -43,7 +43,11 @@ MAX_ANSWER_BYTES = 128 * 1024 * 1024
 MAX_ERROR_BYTES = 1024 * 1024
 # Answers over this are parsed, translated and counted (when they carry no usage) in a worker
 # thread: counting a 16 MB answer took seconds, all of them the event loop's otherwise.
-OFF_LOOP_BYTES = 256 * 1024
+OFF_LOOP_BYTES = 16 * 1024
+# A prompt over this is counted exactly in a worker thread, from its first attempt on (while
+# the upstream answers): the count of a hostile prompt (a piece of two megabytes of one letter)
+# took 1.8 s, and a client that went away made the loop do it to price the cancelled attempt.
+COUNT_ON_LOOP_BYTES = 16 * 1024
 # Their own threads: a flood of huge answers must not hold up the default pool's other work
 # (the ledger's flushes, key polls, secret refreshes).
 COUNTING = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeroute-count")
@@ -169,6 +173,7 @@ class Attempts:
         # health report waits until the request ends: (deployment index, latency, failure).
         self.deferred: list[tuple[int, float, Failure]] = []
         self._exact_prompt: int | None = None
+        self._counting: asyncio.Future[int] | None = None  # a long prompt's count in a worker thread
         if decision.stream and not decision.include_usage:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
         self.hedged = False
@@ -176,6 +181,7 @@ class Attempts:
         self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
 
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
+        self._start_counting()
         up = self.live.upstreams[dep.provider]
         adapter = up.adapter
         req = self.upstream_request(adapter, dep)
@@ -281,6 +287,8 @@ class Attempts:
     async def _answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         """`_json_answer`, in a worker thread for a large answer (the core counts with the GIL
         released, so the event loop serves meanwhile)."""
+        if self._counting is not None and not self._counting.done():
+            await asyncio.shield(self._counting)  # an answer without usage is priced with it
         if len(data) < OFF_LOOP_BYTES:
             return self._json_answer(data, adapter, status)
         # In the task's context (an embeddings batch's piece lives in a context variable): the
@@ -358,13 +366,37 @@ class Attempts:
     def _remaining(self) -> float:
         return max(0.001, self.deadline - asyncio.get_running_loop().time())
 
+    def count_prompt(self) -> int:
+        """The prompt's exact token count (the decision may have only estimated it). It may run
+        in a worker thread: endpoints whose prompt is not a chat body override it."""
+        d = self.decision
+        return d.prompt_tokens if d.tokens_exact else self.router.count_prompt(self.body)
+
+    def _start_counting(self) -> None:
+        if self._counting is None and self._exact_prompt is None and len(self.body) > COUNT_ON_LOOP_BYTES:
+            run = contextvars.copy_context().run
+            self._counting = asyncio.get_running_loop().run_in_executor(COUNTING, run, self.count_prompt)
+
     def prompt_tokens(self) -> int:
-        """Exact prompt tokens, for accounting when the upstream reports no usage
-        (the decision may have only estimated them; counted once, here, if so)."""
+        """Exact prompt tokens, for accounting when the upstream reports no usage (counted once).
+        A long prompt is counted in a worker thread: until that count is in, the decision's
+        estimate (a cancelled attempt is priced at once, not after seconds of the event loop)."""
         if self._exact_prompt is None:
-            exact = self.decision.tokens_exact
-            self._exact_prompt = self.decision.prompt_tokens if exact else self.router.count_prompt(self.body)
+            counting = self._counting
+            if counting is None and len(self.body) <= COUNT_ON_LOOP_BYTES:
+                self._exact_prompt = self.count_prompt()
+            elif counting is not None and counting.done() and not counting.cancelled() and not counting.exception():
+                self._exact_prompt = counting.result()
+            else:
+                return self.decision.prompt_tokens
         return self._exact_prompt
+
+    async def counted_prompt(self) -> int:
+        """`prompt_tokens()`, waiting for a long prompt's count in its worker thread."""
+        self._start_counting()
+        if self._counting is not None and not self._counting.done():
+            await asyncio.shield(self._counting)
+        return self.prompt_tokens()
 
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """Fills in an attempt's usage (the upstream's, else the prompt alone) and its cost."""

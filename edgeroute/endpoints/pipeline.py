@@ -38,7 +38,7 @@ from edgeroute.openai_api import (
     _tenant,
     answered_headers,
     begin,
-    decide,
+    decide_soon,
     finish,
     keep_content,
     read_body,
@@ -97,12 +97,9 @@ class CountedCall(Call):
     def __init__(self, req: Countable, *args: Any) -> None:
         super().__init__(*args)
         self._req = req
-        self._counted: int | None = None
 
-    def prompt_tokens(self) -> int:
-        if self._counted is None:
-            self._counted = self._req.tokens(self.decision.encoding)
-        return self._counted
+    def count_prompt(self) -> int:
+        return self._req.tokens(self.decision.encoding)
 
 
 def _plan(request: web.Request, live: Live, decision: _core.Decision, parsed: Parsed) -> Plan | None:
@@ -142,7 +139,7 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
 
 
 _U32 = 2**32 - 1  # the core counts in 32 bits
-_OFF_LOOP_CHARS = 64 * 1024  # text counted exactly in a worker thread past this
+_OFF_LOOP_CHARS = 16 * 1024  # text counted exactly in a worker thread past this
 _OFF_LOOP_BODY = 1 << 20  # a body parsed and checked in a worker thread past this
 
 
@@ -237,9 +234,10 @@ async def serve(
         if parsed.check is not None:
             await parsed.check(request, live)
         route_body = parsed.routing_body
-        decision = decide(live, policy_body(route_body, body), request, prompt_tokens=_ids_only(parsed))
+        routed = policy_body(route_body, body)
+        decision = await decide_soon(live, routed, request, prompt_tokens=_ids_only(parsed))
         if (exact := await _with_ids(parsed, decision)) is not None:
-            decision = decide(live, policy_body(route_body, body), request, prompt_tokens=exact)
+            decision = await decide_soon(live, routed, request, prompt_tokens=exact)
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
@@ -267,7 +265,9 @@ async def serve(
             first = decision
             route_body = with_model(route_body, decision, reroute)
             known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
-            decision = decide(live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known)
+            decision = await decide_soon(
+                live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known
+            )
             if decision.route != first.route and (plan := _plan(request, live, first, parsed)) is not None:
                 # As on chat: the cached answer of the route asked for, rather than paying another.
                 if entry := await request.app[CACHE].lookup(plan, _same_model(request, live, first), False):
@@ -336,7 +336,8 @@ async def serve(
             e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
         raise
     except asyncio.CancelledError:
-        rec.outcome = "client_gone"
+        if rec.outcome == "pending":  # not what already ended it (an upstream cutting its stream)
+            rec.outcome = "client_gone"
         rec.error_class = rec.error_class or "client_gone"
         raise
     finally:

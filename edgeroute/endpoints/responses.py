@@ -129,9 +129,9 @@ class ResponsesCall(Call):
     def has_content(self, obj: Any) -> bool:
         return has_content(obj)
 
-    def prompt_tokens(self) -> int:
+    def count_prompt(self) -> int:
         if self.req.chat is not None:
-            return super().prompt_tokens()
+            return super().count_prompt()
         return _core.Router.count_tokens(self.req.text(), self.decision.encoding)
 
 
