@@ -568,8 +568,7 @@ async def _cached_answer(
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     await out.prepare(request)
-    await out.write(data)
-    await out.write_eof()
+    await out.write_eof(data)  # the head, the whole replay as one chunk and the last chunk: one write, not two
     return out
 
 
