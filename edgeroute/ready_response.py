@@ -7,7 +7,7 @@ is made here with what aiohttp would add (Content-Length, Date, the default Serv
 Connection header for HTTP/1.0 keep-alive or HTTP/1.1 close) and the application's
 `on_response_prepare` signal (the Server header, rate-limit headers) runs as it would; the
 head goes out with the body in one write (aiohttp's `write_eof`, unchanged). It works under
-aiohttp's own server as under `http_connection`. Measured: a few µs of the ~110 a hit costs.
+aiohttp's own server as under `http_connection`.
 """
 
 from __future__ import annotations
