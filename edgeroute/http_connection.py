@@ -183,6 +183,8 @@ class Connection(BaseProtocol):
         # A head that asked for a protocol upgrade: (method, target, headers), parsed again without it.
         self._upgrade: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # When the next head must have arrived (None: not waiting for one); `_timer` checks it.
+        self._head_deadline: float | None = None
         self._idle_since = 0
         # The request being parsed.
         self._url = b""
@@ -305,7 +307,7 @@ class Connection(BaseProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._cancel_timer()
+        self._head_deadline = None  # the header timer, if it fires, finds nothing waiting
         http = self._http
         if http.should_upgrade():
             # The parser stops here and would read what follows as the new protocol, body
@@ -459,7 +461,7 @@ class Connection(BaseProtocol):
     def idle_since(self) -> int | None:
         """When (in the server's count of idle starts) the connection began waiting for a head;
         None while a request is answered."""
-        if self._task is not None or self._queue or self._timer is None:
+        if self._task is not None or self._queue or self._head_deadline is None:
             return None
         return self._idle_since
 
@@ -472,9 +474,22 @@ class Connection(BaseProtocol):
         return self._task is not None
 
     def _arm_header_timer(self) -> None:
-        self._cancel_timer()
+        """The next head must arrive within `header_timeout`. One timer per connection checks
+        the deadline, moved on when it fires early: not a timer made and cancelled per request."""
+        self._head_deadline = self._loop.time() + self.server.header_timeout
         self._idle_since = next(self.server.idle_starts)  # the loop's clock ticks in ms: ties
-        self._timer = self._loop.call_later(self.server.header_timeout, self._close)
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._head_deadline, self._header_timer_fired)
+
+    def _header_timer_fired(self) -> None:
+        self._timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # a request is being answered: the timer is armed again after its answer
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._header_timer_fired)
+            return
+        self._close()
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:

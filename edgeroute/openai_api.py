@@ -6,8 +6,9 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError, body_read_error
 from edgeroute.governance.residency import check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
+from edgeroute.ready_response import ReadyResponse
 from edgeroute.requestlog import content
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
@@ -51,13 +53,17 @@ class _RequestIds:
     def __init__(self) -> None:
         self.buf = ""
         self.pos = 0
+        self.ms = -1
+        self.prefix = ""  # "req_" and `ms` in hex: the same for every id of one millisecond
 
     def take(self) -> str:
         if self.pos >= len(self.buf):
             self.buf, self.pos = os.urandom(self.RANDOM_HEX // 2 * 512).hex(), 0
-        self.pos += self.RANDOM_HEX
+        pos = self.pos = self.pos + self.RANDOM_HEX
         ms = int(time.time() * 1000) & 0xFF_FFFF_FFFF  # wraps every 34.8 years: only the order is lost
-        return f"req_{ms:010x}{self.buf[self.pos - self.RANDOM_HEX : self.pos]}"
+        if ms != self.ms:
+            self.ms, self.prefix = ms, f"req_{ms:010x}"
+        return self.prefix + self.buf[pos - self.RANDOM_HEX : pos]
 
     def reset(self) -> None:
         self.buf, self.pos = "", 0  # a forked child must not hand out its parent's ids
@@ -267,33 +273,36 @@ class Dialect:
 
 
 async def chat_completions(request: web.Request, dialect: Dialect | None = None) -> web.StreamResponse:
-    live, rec, started = begin(request)
+    app = request.app  # a property chain in aiohttp: read once
+    live, rec, started = begin(request, app)
     rid = rec.request_id
-    admission = request.app[ADMISSION]
+    admission = app[ADMISSION]
     ticket: Ticket | None = None
     reasons: list[str] = []
     body: bytes | None = None
     plan: Plan | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
+        # The request's tags and its key's region, read once (the headers and the key do not change).
+        tags, region = _tags(request), _region(request)
         decision = await decide_soon(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
         reasons = decision.reasons
-        rec.reasons, rec.tags = reasons, _tags(request)
+        rec.reasons, rec.tags = reasons, tags
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
-        cache = request.app[CACHE]
+        cache = app[CACHE]
         model = live.config.models[decision.route]
         settings = route_cache(live.config, decision)
         plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
-        cache.confine(plan, live.config, decision.rule, _region(request))
+        cache.confine(plan, live.config, decision.rule, region)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
             ticket = await admission.admit(request, decision, rec, _counter(live, body))
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise
-            entry = await cache.lookup(plan, servable(live, decision, _region(request)))
+            entry = await cache.lookup(plan, servable(live, decision, region))
             if entry is None:
                 raise
             rec.admission = None
@@ -308,9 +317,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 # The cache's answer of the route asked for costs nothing and reaches no
                 # provider: served rather than paying another route (as a spent budget lets a
                 # hit through).
-                if plan is not None and (
-                    entry := await cache.lookup(plan, servable(live, first, _region(request)), False)
-                ):
+                if plan is not None and (entry := await cache.lookup(plan, servable(live, first, region), False)):
                     rec.admission = None
                     rec.priority = class_name(live.classes, first.priority)
                     keep_content(live, rec, first, body)
@@ -322,12 +329,12 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             body = rerouted
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
-            cache.confine(plan, live.config, decision.rule, _region(request))
+            cache.confine(plan, live.config, decision.rule, region)
             await admission.rerouted(request, decision, ticket)
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         if plan is not None:
-            if (entry := await cache.lookup(plan, servable(live, decision, _region(request)))) is not None:
+            if (entry := await cache.lookup(plan, servable(live, decision, region))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
         timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         call = Call(live, decision, body, rec, timeouts, model.max_attempts)
@@ -362,7 +369,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 rec,
                 answer.body,
                 request.get(IDENTITY),
-                _tags(request),
+                tags,
             )
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
@@ -372,7 +379,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         on_complete = content.keep_stream(rec, on_complete)
         if (mirrored := route_shadow(live.config, decision)) is not None:  # mirrored once the stream is whole
             on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete)
-        if (candidate := request.app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
+        if (candidate := app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
         return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
     except ProxyError as e:
@@ -391,37 +398,39 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         raise
     finally:
         ResponseCache.discard(plan)  # a prefetch the request did not get to use
-        finish(request, live, rec, started, ticket, reasons)
+        finish(request, live, rec, started, ticket, reasons, app)
 
 
-def _not_recording(request: web.Request) -> str | None:
+def _not_recording(app: web.Application, live: Live) -> str | None:
     """Why a request that could spend is refused now (None: taken): another server holds the
     ledger's lock, or `ledger.on_unavailable: closed` and the ledger holds more unwritten
     records than `ledger.max_unwritten` while it cannot write."""
     if (why := ledger_lock.lost()) is not None:
         return why
-    lc = request.app[STATE].live.config.ledger
+    lc = live.config.ledger
     if lc is not None and lc.on_unavailable == "closed":
-        ledger = request.app.get(RECORDER)
+        ledger = app.get(RECORDER)
         if isinstance(ledger, Ledger) and ledger.failing_since is not None:
             if (n := ledger.queue_depth()) > lc.max_unwritten:
                 return f"the spend ledger cannot write ({n} records unwritten) and ledger.on_unavailable is closed"
     return None
 
 
-def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
+def begin(request: web.Request, app: web.Application | None = None) -> tuple[Live, RequestRecord, float]:
     """The start of every request that may call an upstream (chat, messages, embeddings,
     completions, responses, whichever path reached it: `/v1/...` or its alias at the root):
     refused while its spend could not be recorded (`_not_recording`); else the running config
     generation entered, the request's record (with the proxy's own id, always: a client's id
     would be spoofable and collide in the ledger and feedback), its log context and trace;
-    the perf-counter start for `finish`."""
-    if (why := _not_recording(request)) is not None:
+    the perf-counter start for `finish`. `app`: `request.app`, when the caller has it."""
+    if app is None:
+        app = request.app
+    live = app[STATE].live
+    if (why := _not_recording(app, live)) is not None:
         raise ProxyError(
             503, f"edgeroute is not taking requests: {why}; retry shortly.", code="ledger_unavailable",
             headers={"Retry-After": "5"},
         )  # fmt: skip
-    live = request.app[STATE].live
     live.enter()
     rid = new_request_id()
     bind_request(rid)
@@ -432,35 +441,55 @@ def begin(request: web.Request) -> tuple[Live, RequestRecord, float]:
 
 
 def finish(
-    request: web.Request, live: Live, rec: RequestRecord, started: float, ticket: Ticket | None, reasons: list[str]
+    request: web.Request,
+    live: Live,
+    rec: RequestRecord,
+    started: float,
+    ticket: Ticket | None,
+    reasons: list[str],
+    app: web.Application | None = None,
 ) -> None:
     """The end of every request, answered or not: its record completed (latency, cost, usage,
     outcome), its admission settled, then recorded (ledger, request log) and observed; an
     answered one is remembered by the feedback learner (whatever the endpoint: a Responses or
     a Messages request is decided as chat is, so feedback on it counts as on chat)."""
+    if app is None:
+        app = request.app
     live.leave()
     rec.latency_ms = (time.perf_counter() - started) * 1000
-    rec.cost_usd = sum(a.cost_usd for a in rec.attempts)
-    for a in reversed(rec.attempts):
+    attempts = rec.attempts
+    rec.cost_usd = sum(a.cost_usd for a in attempts) if attempts else 0  # a hit has none
+    for a in reversed(attempts):
         if a.usage is not None and a.outcome == "success":
             rec.usage = a.usage
             break
     if rec.outcome == "pending":
         rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
-    request.app[ADMISSION].settle(ticket, rec)
-    request.app[RECORDER].record(rec)
-    telemetry.finished(request.app, rec, reasons)
+    app[ADMISSION].settle(ticket, rec)
+    app[RECORDER].record(rec)
+    telemetry.finished(app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
         live.stats.observe(rec.status, rec.latency_ms, rec.error_class)
-    if (learner := request.app.get(LEARNER)) is not None and rec.status == 200:
+    if (learner := app.get(LEARNER)) is not None and rec.status == 200:
         learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 
 
-def servable(live: Live, d: _core.Decision, region: str | None) -> dict[str, str]:
+def servable(live: Live, d: _core.Decision, region: str | None) -> Mapping[str, str]:
     """The deployments whose cached answers a request decided as `d` may get, by name: what
     each is now (`DeploymentInfo.cached_as`). Those of its order, and the drained ones of its
     route that its rule and region allow (draining sends no new request there; the answers
-    it gave are as good as they were)."""
+    it gave are as good as they were). Worked out once per config generation and (order,
+    route, rule, region): every lookup asks (a hit spent ~2.5 µs building it)."""
+    memo = live.servable_memo
+    key = (tuple(d.order), d.route, d.rule, region)
+    if (got := memo.get(key)) is None:
+        if len(memo) >= 4096:  # orders differ by health and weights: a few per route in practice
+            memo.clear()
+        got = memo[key] = MappingProxyType(_servable(live, d, region))
+    return got
+
+
+def _servable(live: Live, d: _core.Decision, region: str | None) -> dict[str, str]:
     allowed = dict(live.deployments[i].cached_as for i in d.order)
     for name in live.drained.get(d.route, ()):
         if name not in allowed and (i := live.index_of.get(name)) is not None:
@@ -540,7 +569,7 @@ async def _cached_answer(
     if not decision.stream:
         hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}" if rec.attempts else "0.00000000"
         body = entry.rendered(dialect, dialect.answer) if dialect else entry.body
-        return web.Response(body=body, headers=hdrs, content_type="application/json")
+        return ReadyResponse(body, hdrs, "application/json")
     usage = decision.include_usage
     if dialect is None:
         data = entry.sse_body(usage)
@@ -550,8 +579,7 @@ async def _cached_answer(
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     await out.prepare(request)
-    await out.write(data)
-    await out.write_eof()
+    await out.write_eof(data)  # the head, the whole replay as one chunk and the last chunk: one write, not two
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -51,6 +52,11 @@ class Live:
     # Per model, the drained deployments whose cached answers its requests may still get
     # (governance.drain.withdrawn): out of the core's lists, so absent from its decisions.
     drained: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # (order, route, rule, region) -> the deployments whose cached answers such a request may
+    # get (`openai_api.servable`): per generation, since a reload changes what each one is.
+    servable_memo: dict[tuple[tuple[int, ...], str, str | None, str | None], Mapping[str, str]] = field(
+        default_factory=dict
+    )
     _idle: asyncio.Event | None = None
 
     def __post_init__(self) -> None:

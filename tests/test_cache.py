@@ -417,3 +417,46 @@ async def test_the_spend_report_shows_what_the_cache_saved(start_upstream, tmp_p
     miss, hits = rows["ok"], rows["cache_hit"]
     assert hits["requests"] == hits["ok"] == 3 and hits["cost_usd"] == 0
     assert hits["savings_usd"] == pytest.approx(3 * miss["cost_usd"])
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: bytes, extra: bytes = b""
+) -> tuple[dict[str, str], bytes]:
+    """One chat request written by hand (HTTP/`version`), and its answer's headers and body."""
+    body = orjson.dumps({"model": "m", "messages": MSG, "temperature": 0})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    lines = head.split("\r\n")
+    assert lines[0].endswith(" 200 OK"), lines[0]
+    got = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    return got, await reader.readexactly(int(got["content-length"]))
+
+
+async def test_a_hit_is_framed_and_headed_as_a_miss_is(start_upstream, start_proxy) -> None:
+    """A hit's answer (written from ready bytes) has the head a miss has, `Age` besides: the
+    Server, Date, Content-Type and Content-Length headers, and the connection handling of
+    HTTP/1.1 and of HTTP/1.0 with and without keep-alive."""
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(cached({"a": up}))
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    miss, miss_body = await _exchange(reader, writer, b"1.1")
+    hit, hit_body = await _exchange(reader, writer, b"1.1")  # the same connection: kept alive
+    assert (miss["x-edgeroute-cache"], hit["x-edgeroute-cache"]) == ("miss", "hit") and calls(up) == 1
+    assert set(hit) == set(miss) | {"age"}, set(hit) ^ set(miss)
+    assert hit_body == miss_body and int(hit["content-length"]) == len(hit_body)
+    assert hit["server"] == "edgeroute" and hit["content-type"] == "application/json" and hit["date"]
+    assert "connection" not in hit and "transfer-encoding" not in hit
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    hit, _ = await _exchange(reader, writer, b"1.0", b"Connection: keep-alive\r\n")
+    assert hit["x-edgeroute-cache"] == "hit" and hit["connection"].lower() == "keep-alive"
+    hit, _ = await _exchange(reader, writer, b"1.0")  # HTTP/1.0 without keep-alive: the last answer
+    assert hit["x-edgeroute-cache"] == "hit" and "connection" not in hit
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+    writer.close()
+    assert calls(up) == 1

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.roles",
             "edgeroute.upstream_http",  # the package: client, connection, response, wire, tls, errors
             "edgeroute.egress",
+            "edgeroute.ready_response",
             "edgeroute.mock",
             "edgeroute.learn",
             "edgeroute.workers.worker",

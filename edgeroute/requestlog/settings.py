@@ -46,6 +46,8 @@ class RequestLog(BaseModel):
     def content_for(self, asked: str, route: str, key: str | None) -> LogContent:
         """What is kept of a request for model `asked` served by `route` (the same name when
         nothing chose for the client)."""
+        if not self.content_keys and not self.content_models:  # the usual config: one setting for all
+            return self.log_content
         if key is not None and key in self.content_keys:
             return self.content_keys[key]
         named = [self.content_models[m] for m in (asked, route) if m in self.content_models]

@@ -210,6 +210,39 @@ async def test_the_header_timeout_does_not_cut_a_long_answer_or_a_busy_connectio
     await client.close()
 
 
+async def _answer_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Sends one chat request on an open connection and reads its whole answer; its status."""
+    writer.write(_post(b""))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
+
+
+async def test_the_header_timeout_counts_from_the_last_answer(leaky: Leaky, serve) -> None:
+    """An idle keep-alive connection has `header_timeout` from its last answer, not from when
+    it opened: a request answered late in the first interval leaves it open past the first
+    deadline (a second request is served there), and once idle it is closed within the bound."""
+    timeout = 1.0
+    proxy = await serve(leaky_config(leaky, server={"header_timeout": timeout}))
+    leaky.mode = "ok"
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        await asyncio.sleep(0.6 * timeout)
+        assert await _answer_on(reader, writer) == 200
+        await asyncio.sleep(0.7 * timeout)  # past the deadline counted from the connection's opening
+        assert await _answer_on(reader, writer) == 200
+        answered = time.monotonic()
+        async with asyncio.timeout(timeout + 4):
+            assert await reader.read(1024) == b""  # closed by the server, with nothing sent
+        closed_after = time.monotonic() - answered
+        assert 0.8 * timeout < closed_after < timeout + 3, closed_after
+    finally:
+        writer.close()
+
+
 READ_HEADERS = [
     b"Authorization", b"x-api-key", b"x-request-id", b"x-edgeroute-tags", b"Content-Type", b"Origin", b"Host",
     b"x-edgeroute-cache", b"Cache-Control", b"traceparent", b"tracestate", b"Accept", b"anthropic-version",
