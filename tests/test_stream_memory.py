@@ -3,7 +3,7 @@
 Every event of a stream was kept until it ended, to count its tokens if no usage came: a
 300,000-token answer held its 40 MB of events in the proxy (and a copy of them to count),
 so a thousand long streams, or a client asking for long ones, grew the proxy without bound.
-Now the events past 64 KiB are reduced to the text they carry as they pass."""
+Now the events past 256 KiB are reduced to the text they carry as they pass."""
 
 from __future__ import annotations
 
