@@ -310,6 +310,9 @@ class Server(_Strict):
     # the body within `body_timeout` seconds; bodies of other types are refused with 415.
     header_timeout: float = Field(10.0, gt=0, le=300)
     body_timeout: float = Field(30.0, gt=0)
+    # A streaming client that reads nothing for this long is disconnected (nginx's send_timeout):
+    # it held its upstream connection and capacity slot for the provider's total timeout.
+    send_timeout: float = Field(60.0, gt=0)
     # Client connections held open at once, per process; unset: from the open-file limit (see
     # `http_server.connection_cap`). At the cap the longest-idle connections are closed first.
     max_client_connections: int | None = Field(None, ge=1)

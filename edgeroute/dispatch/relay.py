@@ -95,6 +95,7 @@ async def relay_stream(
         events = _Events(out, encode)
         send = events.send  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
+        writing_slowly = False  # a write waits for a client that reads slowly
         try:
             upstream_error = await send(answer.head)
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
@@ -103,6 +104,7 @@ async def relay_stream(
             # idle timeouts of silence. It stops while a slow client is written to (a slow
             # reader is not an upstream stall).
             slack = idle_timeout / 10
+            send_timeout = server.live.config.server.send_timeout
             armed = loop.time()
             transport = request.transport
             async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
@@ -126,9 +128,13 @@ async def relay_stream(
                             transport is not None
                             and transport.get_write_buffer_size() + len(chunk) > _SLOW_CLIENT_BYTES
                         ):
-                            idle.reschedule(min(call.deadline, server.drain_at))
+                            # A client that reads nothing for `server.send_timeout` is let go: it
+                            # held the upstream connection (and a capacity slot) for the total timeout.
+                            idle.reschedule(min(loop.time() + send_timeout, call.deadline, server.drain_at))
                             armed = -math.inf
+                            writing_slowly = True
                         upstream_error = await send(chunk)
+                        writing_slowly = False
                         tail = (tail + chunk)[-TAIL_BYTES:]
                         said.add(chunk)
                         completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
@@ -143,6 +149,13 @@ async def relay_stream(
                         armed = now
                         idle.reschedule(min(now + idle_timeout + slack, call.deadline, server.drain_at))
         except Exception as e:
+            if writing_slowly and isinstance(e, TimeoutError) and loop.time() < min(call.deadline, server.drain_at):
+                # The client read nothing for `send_timeout`: nothing more can reach it, and the
+                # upstream is not at fault. Its connection is dropped; what it was sent is priced.
+                call.record.outcome, call.record.error_class = "client_gone", "slow_client"
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("the client read nothing for server.send_timeout") from None
             if isinstance(e, OSError) and not isinstance(e, TimeoutError):  # UpstreamError, or a failed write
                 transport = request.transport
                 if transport is None or transport.is_closing():
