@@ -143,6 +143,7 @@ class CostControl(Reservations, RateLimits):
             # Refused (or the client went away): nothing it took may stay taken.
             await self._wait(self._release(ticket))
             raise
+        self._journal_takes(rec.request_id, now, ticket.held)
         return ticket
 
     async def _at_once(

@@ -6,10 +6,12 @@ in, having no budget when it was admitted (`cost.keys.key_counter`)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
 from edgeroute.cost.keys import key_budget_name, key_counter
@@ -49,6 +51,15 @@ class Settlement(Stores):
             self.reserved[c.store_key] = self.reserved.get(c.store_key, 0) + c.amount
             if self.ledger is not None:
                 self.ledger.journal(request_id, now, c.store_key, c.amount)
+
+    def _journal_takes(self, request_id: str, now: float, held: list[Held]) -> None:
+        """Journals what an admitted request took from its rate limits, so that a restart after
+        a crash counts it while it was in flight (`restore.bucket_usage`)."""
+        if self.ledger is None:
+            return
+        for h in held:
+            for t in h.takes:
+                self.ledger.journal(request_id, now, restore.bucket_key(t.name, t.kind, t.limit), math.ceil(t.amount))
 
     def _unhold(self, charges: list[B.Charge]) -> None:
         for c in charges:
