@@ -16,6 +16,7 @@ from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
 from edgeroute.cost.keys import key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.redis_store import RedisState
 
 
 def _total(u: Usage) -> int:
@@ -76,6 +77,10 @@ class Settlement(Stores):
         if ticket.charges:
             self._unhold(ticket.charges)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+            if not ticket.charges_shared and isinstance(self.shared, RedisState):
+                # Admitted while Redis was down: the other instances never saw it (they
+                # admitted the whole budget again once Redis was back).
+                self.shared.spent_later(ticket.charges, actual)
         if actual > 0 and ticket.identity.spends_for:
             self._count_keys(ticket, actual)
         for h in ticket.held:
