@@ -4,8 +4,10 @@ reservations of requests in flight at a crash), and budgets and limits that relo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -166,6 +168,48 @@ async def test_rate_limit_window_survives_a_restart(start_upstream: Any, tmp_pat
         (m,) = [r for r in view["rate_limits"] if r["scope"] == "model"]
         assert m["rpm_limit"] == 5 and m["rpm_used"] > 4
         assert await _admitted(second.url, 3) == 0
+    finally:
+        second.kill()
+
+
+async def test_requests_in_flight_at_a_crash_count_against_rate_limits(start_upstream: Any, tmp_path: Path) -> None:
+    """Four requests of a model held to 4 a minute reach the provider; the server is killed
+    before they are answered. Restarted, it admitted 4 more at once (the provider saw 8 in the
+    minute): the limits were read back from spend rows only, which in-flight requests have not."""
+    slow = await start_upstream(latency_ms=30_000, record=True)
+    db = tmp_path / "l.db"
+    path = tmp_path / "edge.yaml"
+    # Nothing of a budget: the takes are journaled for the limits alone.
+    cfg = _config(slow.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 10_000}}})
+    del cfg["budgets"]
+    path.write_text(yaml.safe_dump(cfg))
+    first = await Served.start(path)
+    try:
+        flight = asyncio.ensure_future(_admitted(first.url, 4, concurrent=True))
+
+        async def sent() -> bool:
+            return len(slow.options.requests) == 4
+
+        async def journaled() -> bool:
+            with sqlite3.connect(db) as c:
+                return bool(c.execute("SELECT COUNT(DISTINCT request_id) FROM reservations").fetchone()[0] == 4)
+
+        await eventually(sent, "4 requests at the provider")
+        with contextlib.suppress(AssertionError):  # a server that journals nothing: what follows fails
+            await eventually(journaled, "their takes journaled", within=10)
+    finally:
+        first.kill()
+    await asyncio.gather(flight, return_exceptions=True)
+    fast = await start_upstream(record=True)
+    path.write_text(yaml.safe_dump({**cfg, "providers": {"a": {"base_url": fast.base_url}}}))
+    second = await Served.start(path)
+    try:
+        view = await _budgets(second.url)
+        (m,) = [r for r in view["rate_limits"] if r["scope"] == "model"]
+        assert m["rpm_limit"] == 4 and m["rpm_used"] > 3, m
+        assert m["tpm_used"] > 3 * 5, m  # each reserved its prompt and max_tokens
+        assert await _admitted(second.url, 4) == 0
+        assert fast.options.requests == []
     finally:
         second.kill()
 

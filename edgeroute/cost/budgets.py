@@ -160,6 +160,11 @@ class LocalBudgetStore:
     async def close(self) -> None:
         return None
 
+    def at_least(self, c: Charge, used: int) -> None:
+        """Raises `c`'s counter to `used` (what the shared store said it held) where it is lower."""
+        if (more := used - self.used(c)) > 0:
+            self._add(c, more)
+
     def add_read_back(self, store_key: str, amount: int, slot: int = -1) -> None:
         """Adds spend read back from the ledger to a counter (a rolling window's `slot`)."""
         if slot >= 0:

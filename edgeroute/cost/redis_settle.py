@@ -52,9 +52,14 @@ class Settlements:
     """The deltas waiting for Redis. `send(keys, args)` runs `SETTLE`; `marker` is the store's
     seeded marker, its last key."""
 
-    def __init__(self, send: Callable[[list[str], list[Any]], Awaitable[object]], marker: str) -> None:
+    def __init__(
+        self, send: Callable[[list[str], list[Any]], Awaitable[object]], marker: str, resend_unsure: bool = False
+    ) -> None:
         self._send = send
         self._marker = marker
+        # Also send again what Redis may have applied (a timeout): for additions only, where
+        # counting twice errs towards blocking (a reservation given back twice would not).
+        self._resend_unsure = resend_unsure
         self._pending = _Pending()
         self._flusher: asyncio.Task[None] | None = None
         self._count_timer: asyncio.TimerHandle | None = None  # sends counts nothing else carried
@@ -113,7 +118,7 @@ class Settlements:
                     await self._send(keys, args)
                 except StoreUnavailable as e:
                     batch.done.set_result(str(e))
-                    if not e.sent and not self._closing:
+                    if (not e.sent or self._resend_unsure) and not self._closing:
                         # Redis never saw these deltas: they go with the next batch.
                         self._carry_over(batch)
                         await asyncio.sleep(RESEND_S)

@@ -55,6 +55,8 @@ class RedisState:
         # a store seeded by an earlier release is seeded again, its counters kept (SET NX).
         self.seeded_key = f"{self.prefix}:budgets-seeded:2"
         self._settlements = Settlements(self._settle, self.seeded_key)
+        # What this instance admitted by its own counters while Redis was down (`spent_later`).
+        self._outage_spend = Settlements(self._settle, self.seeded_key, resend_unsure=True)
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
@@ -203,6 +205,18 @@ class RedisState:
             self._settlements.add_budget(f"{self.prefix}:b:{store_key}", 0, amount, ttl_s, -1, create=1)
         self._settlements.send_later()
 
+    def spent_later(self, charges: list[Charge], amount: int) -> None:
+        """Adds a request's cost to budgets it was admitted to by this process's counters alone
+        (Redis was down): sent with the next batch of settlements, again each second while Redis
+        is down, so the other instances count it once it is back. A counter Redis lost (it
+        restarted empty) is not created: it is read back from the ledger, spend included."""
+        if amount <= 0:
+            return
+        for c in charges:
+            p = c.period
+            self._outage_spend.add_budget(self._bkey(c), 1 if p.rolling else 0, amount, p.ttl_s, p.slot)
+        self._outage_spend.send_later()
+
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
         """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""
         if not spent:
@@ -270,4 +284,5 @@ class RedisState:
 
     async def close(self) -> None:
         await self._settlements.close()
+        await self._outage_spend.close()
         await self.pipe.close()

@@ -7,6 +7,11 @@ spent, at their reserved (maximum) cost, since whether the provider billed them 
 Rate-limit buckets are refilled from the last minute's requests and tokens, each weighted
 by how much of it a bucket would not yet have refilled.
 
+The journal holds each admitted request's rate-limit takes too (`bucket_key`): a request in
+flight at a crash was sent to its provider, so it counts against the key's, model's and
+deployment's requests and tokens per minute after the restart as it did before (it was
+forgotten, and a key held to 10 requests a minute got 10 more at once).
+
 What a crash can lose is what the ledger had not written: the last flush interval.
 Everything here runs in a thread, on a read connection, before the proxy serves (or in the
 background after a reload).
@@ -29,6 +34,23 @@ _SUBJECT = {"key": "key_id", "team": "team", "user": "user_id", "model": "route"
 # jump by its mirrors' cost and refused what it had admitted a moment before).
 _NOT_SHADOW = "outcome <> 'shadow'"
 WINDOW_S = 60.0  # token buckets refill over a minute
+# A rate-limit take's row in the reservation journal: `rl|<bucket>|<kind>|<limit>`. No budget's
+# store key (`<name>:<subject>:<period>`) ends with `|<digits>`, so the two never mix.
+_BUCKET = "rl|"
+
+
+def bucket_key(name: str, kind: str, limit: int) -> str:
+    """The journal's store key of a take from bucket `name` (`kind`: requests or tokens)."""
+    return f"{_BUCKET}{name}|{kind}|{limit}"
+
+
+def _bucket_of(store_key: str) -> tuple[str, str, int] | None:
+    """(bucket, kind, limit) of a journal row written by `bucket_key`; None for a budget's."""
+    name, _, rest = store_key[len(_BUCKET) :].rpartition("|")
+    name, _, kind = name.rpartition("|")
+    if not store_key.startswith(_BUCKET) or kind not in ("requests", "tokens") or not rest.isdigit() or not name:
+        return None
+    return name, kind, int(rest)
 
 
 @dataclass(slots=True, frozen=True)
@@ -171,6 +193,17 @@ def bucket_usage(
             if lim.tpm:
                 used[(name, "tokens")] += weight * int(tokens or 0)
                 limits[(name, "tokens")] = lim.tpm
+    # Requests in flight at a crash: their takes as admission journaled them.
+    unsettled = (
+        "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND substr(store_key, 1, 3) = ? "
+        "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
+    )
+    for store_key, ts, amount in db.query(unsettled, [now - WINDOW_S, _BUCKET]):
+        if (bucket := _bucket_of(str(store_key))) is None:
+            continue
+        name, kind, limit = bucket
+        used[(name, kind)] += max(0.0, 1.0 - (now - float(ts)) / WINDOW_S) * int(amount)
+        limits.setdefault((name, kind), limit)
     return [(name, kind, limits[(name, kind)], u) for (name, kind), u in used.items()]
 
 

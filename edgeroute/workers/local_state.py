@@ -21,7 +21,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -160,20 +160,30 @@ class SqliteState:
         except StoreUnavailable as e:
             log.warning("workers' state unavailable (%s): %d managed keys' counts lost", e, len(counts))
 
-    async def seed(self, spent: dict[tuple[str, int], int]) -> bool:
+    async def seed(
+        self, spent: dict[tuple[str, int], int], buckets: Sequence[tuple[str, str, int, float]] = ()
+    ) -> bool:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
-        nano-USD) into a store that has not been seeded, in one transaction, so the first worker
-        to start seeds it and the others find it seeded: a restarted server's budgets hold.
+        nano-USD) and the last minute's rate-limit use (`buckets`: name, kind, limit, used) into
+        a store that has not been seeded, in one transaction, so the first worker to start seeds
+        it and the others find it seeded: a restarted server's budgets and limits hold (the
+        buckets were left out: `serve --workers N` restarted gave every limit a full minute anew).
         True when this call seeded."""
 
         def tx(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT 1 FROM once WHERE key = ?", (SEEDED,)).fetchone() is not None:
                 return False
-            expires = time.time() + SEED_TTL_S
+            wall = time.time()
+            expires = wall + SEED_TTL_S
             for (key, slot), amount in spent.items():
                 db.execute(
                     "INSERT OR IGNORE INTO budget (key, slot, amount, expires) VALUES (?, ?, ?, ?)",
                     (key, slot, amount, expires),
+                )
+            for name, kind, limit, used in buckets:  # as `take` keeps them: level, stamped now
+                db.execute(
+                    "INSERT OR IGNORE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)",
+                    (f"{name}:{kind}", max(-float(limit), limit - used), int(wall * 1000), wall + 61),
                 )
             db.execute("INSERT INTO once (key, expires) VALUES (?, ?)", (SEEDED, math.inf))
             return True

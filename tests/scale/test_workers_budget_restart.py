@@ -1,5 +1,6 @@
-"""`serve --workers 2` without Redis keeps budgets in a file the workers share. It holds after
-a restart of the whole server killed hard (read back from the ledger into the new file), and
+"""`serve --workers 2` without Redis keeps budgets and rate limits in a file the workers share.
+They hold after a restart of the whole server killed hard (read back from the ledger into the
+new file), and
 when one worker is killed and restarted by the supervisor (the file is already seeded); a
 managed key's budget given later counts the month so far there. Real servers, $0.01 a request."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,30 @@ async def test_workers_keep_a_budget_across_a_hard_kill(spawn: Spawn, start_upst
     await first.proc.wait()
     second = await spawn(cfg, "--workers", "2", name="second")
     assert await answered(second.url, 5) == 0
+
+
+async def test_workers_keep_a_rate_limit_window_across_a_hard_kill(
+    spawn: Spawn, start_upstream: Any, tmp_path: Path
+) -> None:
+    """A model held to 5 requests a minute: 5 answered, the server killed and started again
+    within the minute admits none. The new file was seeded with the budgets only, so the
+    restarted server admitted 5 more at once (a single process read the window back)."""
+    up = await start_upstream()
+    cfg = _config(up.base_url, tmp_path, budgets=None)
+    cfg["rate_limits"] = {"models": {"m": {"rpm": 5}}}
+    first = await spawn(cfg, "--workers", "2", name="first")
+    assert await answered(first.url, 6) == 5
+    db = tmp_path / "l.db"
+
+    async def written() -> bool:
+        with sqlite3.connect(db) as c:
+            return bool(c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == 6)
+
+    await eventually(written, "the six requests in the ledger")
+    kill_tree(first.proc.pid)
+    await first.proc.wait()
+    second = await spawn(cfg, "--workers", "2", name="second")
+    assert await answered(second.url, 4) == 0
 
 
 async def test_workers_keep_a_budget_when_a_worker_is_killed_and_restarted(

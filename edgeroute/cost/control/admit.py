@@ -53,6 +53,7 @@ class CostControl(Reservations, RateLimits):
         self._months = (B.Period("", 0.0, 0), {})
         self.keys = None
         self._read_at_start = {}
+        self._buckets_at_start = []
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
@@ -143,6 +144,7 @@ class CostControl(Reservations, RateLimits):
             # Refused (or the client went away): nothing it took may stay taken.
             await self._wait(self._release(ticket))
             raise
+        self._journal_takes(rec.request_id, now, ticket.held)
         return ticket
 
     async def _at_once(

@@ -48,6 +48,7 @@ class ReadBack(Stores):
     # requests that started before count from the ledger, not in memory (see `apply`).
     _counted_from: dict[str, float]
     _read_at_start: dict[tuple[str, int], int]  # the ledger's spend, for `seed_shared`
+    _buckets_at_start: list[tuple[str, str, int, float]]  # the last minute's rate-limit use, likewise
 
     def restore_at_start(self, db: Backend, keys: KeySource | None) -> None:
         """Before serving (blocking: run it in a thread): budgets, managed keys' counters and
@@ -57,6 +58,7 @@ class ReadBack(Stores):
         found = restore.read(db, self.cfg, key_budgets=self._key_counters(), key_limits=limits)
         self.restore(found)
         self._read_at_start = found.budgets
+        self._buckets_at_start = found.buckets
 
     async def seed_shared(self) -> None:
         """Before serving: a shared store that holds no budgets (the new run directory of
@@ -68,7 +70,13 @@ class ReadBack(Stores):
         if isinstance(self.shared, RedisState):
             self.shared.spent_from_ledger = self._spent_now
         try:
-            if await self.shared.seed(self._read_at_start):
+            if isinstance(self.shared, RedisState):
+                # Redis keeps its buckets while instances restart (one that restarted empty
+                # starts them full: a minute's window at most).
+                seeded = await self.shared.seed(self._read_at_start)
+            else:
+                seeded = await self.shared.seed(self._read_at_start, self._buckets_at_start)
+            if seeded:
                 log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
         except StoreUnavailable as e:
             log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)

@@ -111,6 +111,8 @@ class Reservations(ReadBack, Notifications, Settlement):
                 if not charges:
                     return route
                 res, shared = await self._reserve(charges, now)
+            if shared:
+                self._seen_shared(charges, res)
             target = self._downgrade_to(charges, res.used_before, route, prices, ticket) if step == 0 else None
             if target is not None:
                 rec.admission = f"downgraded:{target[1]}"

@@ -6,14 +6,17 @@ in, having no budget when it was admitted (`cost.keys.key_counter`)."""
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
 from edgeroute.cost.keys import key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.redis_store import RedisState
 
 
 def _total(u: Usage) -> int:
@@ -50,6 +53,15 @@ class Settlement(Stores):
             if self.ledger is not None:
                 self.ledger.journal(request_id, now, c.store_key, c.amount)
 
+    def _journal_takes(self, request_id: str, now: float, held: list[Held]) -> None:
+        """Journals what an admitted request took from its rate limits, so that a restart after
+        a crash counts it while it was in flight (`restore.bucket_usage`)."""
+        if self.ledger is None:
+            return
+        for h in held:
+            for t in h.takes:
+                self.ledger.journal(request_id, now, restore.bucket_key(t.name, t.kind, t.limit), math.ceil(t.amount))
+
     def _unhold(self, charges: list[B.Charge]) -> None:
         for c in charges:
             left = self.reserved.get(c.store_key, 0) - c.amount
@@ -65,6 +77,10 @@ class Settlement(Stores):
         if ticket.charges:
             self._unhold(ticket.charges)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+            if not ticket.charges_shared and isinstance(self.shared, RedisState):
+                # Admitted while Redis was down: the other instances never saw it (they
+                # admitted the whole budget again once Redis was back).
+                self.shared.spent_later(ticket.charges, actual)
         if actual > 0 and ticket.identity.spends_for:
             self._count_keys(ticket, actual)
         for h in ticket.held:

@@ -83,11 +83,23 @@ class Stores:
                 self._unavailable("budgets", e)
         return self.local_budgets.reserve_now(charges), False
 
+    def _seen_shared(self, charges: list[B.Charge], res: B.Reserved) -> None:
+        """This process's counters follow what the shared store said at each reservation (and
+        every adjustment sent there, `_adjust`): with Redis down and `on_unavailable: open`
+        they are what admission counts on, and held only what was read back at start, so a
+        budget already spent through Redis was admitted in full again by every instance."""
+        for i, (c, used) in enumerate(zip(charges, res.used_before, strict=False)):
+            if res.ok:
+                self.local_budgets.at_least(c, used + c.amount)
+            elif i == res.blocked:
+                self.local_budgets.at_least(c, used)
+
     def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
-        """Adds `deltas` to reservations; a task when they go to Redis."""
+        """Adds `deltas` to reservations; a task when they go to Redis (this process's counters
+        follow them, see `_seen_shared`)."""
+        self.local_budgets.adjust(charges, deltas)
         if shared and self.shared is not None:
             return self._spawn(self.shared.adjust_async(charges, deltas))
-        self.local_budgets.adjust(charges, deltas)
         return None
 
     def _give(self, takes: list[Take], deltas: list[float], shared: bool) -> asyncio.Task[None] | None:
