@@ -24,7 +24,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
-from edgeroute.governance.http import json_object, json_response, only_params, parse_since
+from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
 from edgeroute.governance.runtime import GOV, Change, Gov, actor_of
 from edgeroute.governance.store import GovStore
 from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
@@ -220,8 +220,9 @@ async def audit_log(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         raise ProxyError(400, "'limit' must be an integer from 1 to 1000.", param="limit") from None
+    actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
     gov = request.app[GOV]
-    entries = await asyncio.to_thread(gov.store.audit_entries, since, q.get("actor"), q.get("action"), limit)
+    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit)
     return json_response({"entries": [e.as_json() for e in entries]})
 
 
@@ -331,7 +332,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     if (ck := _config_key(request, key_id)) is None:
         managed = _managed(request)
         data = await asyncio.to_thread(managed.store.get_key, key_id)
@@ -350,7 +351,7 @@ def _not_config(request: web.Request, key_id: str) -> None:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     body = await json_object(request)
@@ -399,7 +400,7 @@ async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: st
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
@@ -409,7 +410,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     body = await json_object(request)
