@@ -17,7 +17,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from edgeroute import config as config_mod
-from edgeroute import secrets
+from edgeroute import roles, secrets
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.errors import ProxyError
@@ -27,7 +27,14 @@ from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
 from edgeroute.governance.runtime import GOV, Change, Gov, actor_of
 from edgeroute.governance.store import GovStore
-from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
+from edgeroute.governance.versions import (
+    access_changes,
+    check_text,
+    masked_data,
+    restore,
+    text_of,
+    version_json,
+)
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -145,21 +152,38 @@ async def rollback(request: web.Request) -> web.Response:
     raw = body.get("version")
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ProxyError(400, "'version' must be a version number.", param="version")
-    return json_response(await rollback_to(request.app, raw, actor_of(request)))
+    ident = request.get(IDENTITY)
+    may_change_access = ident is None or roles.permits(ident.role, "admin")  # no key: loopback, shared key
+    return json_response(await rollback_to(request.app, raw, actor_of(request), may_change_access=may_change_access))
 
 
 async def rollback_to(
-    app: web.Application, version: int, actor: str, how: str = "rollback", audit: Sequence[Change] = ()
+    app: web.Application,
+    version: int,
+    actor: str,
+    how: str = "rollback",
+    audit: Sequence[Change] = (),
+    may_change_access: bool = True,
 ) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
-    when it no longer validates."""
+    when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
+    the version would change who may call what (`access_changes`)."""
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
     async with gov.lock, editing(app):
         before = gov.versions.active
         try:
             text = restore(target.body, gov.versions.running_text, version)
+            if not may_change_access and (changed := access_changes(gov.versions.running_text, text)):
+                await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
+                                {"version": version, "needs": "admin", "changes": changed})  # fmt: skip
+                raise ProxyError(
+                    403,
+                    f"Version {version} changes who may call what ({', '.join(changed)}): rolling back to it needs "
+                    "a key with role 'admin'. The running config is unchanged.",
+                    code="permission_denied",
+                )
             written = await apply_text(app, text, f"{how}:{version}", actor, audit)
         except config_mod.ConfigError as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
