@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from edgeroute import config as config_mod
 from edgeroute import roles, secrets
+from edgeroute.cache.service import CACHE
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.errors import ProxyError
@@ -52,6 +53,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         managed = K.ManagedKeys(store, lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
         managed.load()
         app[MANAGED_KEYS] = managed
+        managed.on_ended.append(app[CACHE].forget)
     gov = Gov(store, managed)
     gov.on_applied = _guard_after_apply(app)
     app[GOV] = gov
@@ -430,6 +432,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     await _within_scope(request, managed, key_id, "revoke")
     _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
     await asyncio.to_thread(managed.load)
+    await managed.settle()  # what it (and the keys it made) stored in the cache goes now
     return json_response(K.public(after))
 
 

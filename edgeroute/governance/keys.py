@@ -26,8 +26,9 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,6 +199,7 @@ def _entry(
         deny_tags=frozenset(data.get("deny_tags") or ()),
         priority=data.get("priority"),
         priorities=frozenset(data.get("priorities") or ()),
+        managed=True,
     )
     prev_salt, prev_hash = data.get("prev_salt"), data.get("prev_hash")
     return _Entry(
@@ -223,6 +225,14 @@ class ManagedKeys:
         self.seq = 0
         # (key id, team, own residency) -> effective region, from the running config
         self._region_of = region_of or (lambda key_id, team, own: own)
+        # Keys revoked (or made by a revoked key), and those seen to end since `settle` last ran:
+        # `on_ended` is told of them (the response cache drops what they stored). Keys revoked
+        # before this process read them are not news: an instance that saw it did that then.
+        self._ended: frozenset[str] = frozenset()
+        self._newly_ended: set[str] = set()
+        self._ended_lock = threading.Lock()
+        self._loaded = False
+        self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
 
     def __len__(self) -> int:
         return sum(1 for e in self._by_id.values() if not e.revoked)
@@ -231,12 +241,14 @@ class ManagedKeys:
         """Reads what changed since the last call (blocking: run it off the event loop)."""
         seq = self.store.keys_seq()
         if seq == self.seq:
+            self._loaded = True
             return
         for row_seq, data in self.store.keys_since(self.seq):
             self._raw[data["id"]] = data
             self.seq = max(self.seq, row_seq)
         self.seq = max(self.seq, seq)
         self._rebuild()  # a changed budget reaches every key below it
+        self._loaded = True
 
     def set_region_of(self, region_of: Any) -> None:
         """A reload can change team residencies: recompute every key's region."""
@@ -259,6 +271,23 @@ class ManagedKeys:
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
+        ended = frozenset(k for k, e in by_id.items() if e.revoked or e.revoked_above is not None)
+        with self._ended_lock:
+            if self._loaded:
+                self._newly_ended |= ended - self._ended
+            self._ended = ended
+
+    async def settle(self) -> None:
+        """Tells `on_ended` of the keys seen revoked since the last call (run after `load`)."""
+        with self._ended_lock:
+            ended, self._newly_ended = sorted(self._newly_ended), set()
+        if not ended:
+            return
+        for fn in self.on_ended:
+            try:
+                await fn(ended)
+            except Exception:
+                log.exception("managed keys: a revocation's follow-up failed")
 
     def _chain(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The key, then each managed key above it (whose budgets, if any, it spends too)."""
@@ -345,6 +374,7 @@ class ManagedKeys:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.load)
+                await self.settle()
                 if failing:
                     log.warning("managed keys: the database answers again")
                 failing = False

@@ -1,0 +1,198 @@
+"""What a revoked key stored in the response cache goes with it.
+
+A managed key revoked today (leaked, or its holder gone) left its cached answers in the cache
+until their ttl: with `scope: key`, its prompts' answers stayed in memory or Redis, reachable
+by nobody, and the shared semantic index's records (its prompts' numbers, names, quoted text)
+stayed in Redis; with `scope: team` or `global`, what it had put in the cache went on being
+served to every other key. Now a revocation drops every entry the key's requests stored (and
+those of the keys it made, which end with it), in every scope: in this process, in Redis,
+and the semantic records pointing at them. Other keys' entries stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import eventually, simple_config
+from tests.governance_support import instances, write_config
+from tests.security.governed import ROOT, call
+from tests.test_cost_support import require_redis
+
+REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PRIVATE = "Please close the account 4920-5567-1180 of Marta Kowalska today."
+OTHER = "How long does Bavarian rye bread bake at 230 degrees?"
+
+
+def _config(up: Any, tmp_path: Path, **cache: Any) -> dict[str, Any]:
+    cfg = simple_config({"a": up})
+    cfg["models"]["m"]["cache"] = {"ttl": 3600} | cache
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+    }
+    return cfg
+
+
+async def _ask(url: str, token: str, text: str) -> str:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": text}], temperature=0
+        )
+        return str(raw.headers["x-edgeroute-cache"])
+    finally:
+        await client.close()
+
+
+async def _redis() -> aioredis.Redis:
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await r.ping()
+    except Exception:
+        await r.aclose()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Redis is not reachable at " + REDIS_URL)
+    return r
+
+
+@pytest.mark.parametrize("mode", ["exact", "semantic"])
+async def test_a_revoked_keys_entries_leave_a_shared_cache(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path, mode: str
+) -> None:
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(_config(up, tmp_path, scope="global", mode=mode))
+    keys = proxy.url + "/admin/keys"
+    async with aiohttp.ClientSession() as s:
+        status, leaked = await call(s, "POST", keys, ROOT, {"name": "laptop", "role": "admin"})
+        assert status == 201
+        status, made = await call(s, "POST", keys, leaked["secret"], {"name": "made-by-laptop"})
+        assert status == 201
+        status, other = await call(s, "POST", keys, ROOT, {"name": "other"})
+        assert status == 201
+        assert await _ask(proxy.url, made["secret"], PRIVATE) == "miss"
+        assert await _ask(proxy.url, leaked["secret"], OTHER + " Quickly.") == "miss"
+        assert await _ask(proxy.url, other["secret"], OTHER) == "miss"
+
+        async def stored() -> bool:
+            return await _ask(proxy.url, other["secret"], PRIVATE) == "hit"
+
+        await eventually(stored, "the premise: another key is served the answer the key made stored")
+        calls = len(up.options.requests)
+
+        status, _ = await call(s, "DELETE", keys + f"/{leaked['id']}", ROOT)
+        assert status == 200
+        # What the revoked key and the key it made stored is gone; the other key's stays.
+        assert await _ask(proxy.url, other["secret"], PRIVATE) == "miss"
+        assert await _ask(proxy.url, other["secret"], OTHER) == "hit"
+        assert len(up.options.requests) == calls + 1
+
+
+async def test_a_revoked_keys_entries_and_records_leave_redis(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path
+) -> None:
+    r = await _redis()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream(record=True)
+    cfg = _config(up, tmp_path, mode="semantic") | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}
+    proxy = await start_proxy(cfg)
+    keys = proxy.url + "/admin/keys"
+    stream = f"{prefix}:cache:sem:-:m"
+
+    async def records() -> str:
+        return " ".join(zlib.decompress(f[b"r"]).decode("utf-8", "ignore") for _, f in await r.xrange(stream))
+
+    async def entries() -> int:
+        return len([k async for k in r.scan_iter(f"{prefix}:cache:m:*")])
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, gone = await call(s, "POST", keys, ROOT, {"name": "leaving"})
+            assert status == 201
+            status, stays = await call(s, "POST", keys, ROOT, {"name": "staying"})
+            assert status == 201
+            assert await _ask(proxy.url, gone["secret"], PRIVATE) == "miss"
+            assert await _ask(proxy.url, stays["secret"], OTHER) == "miss"
+
+            async def both_held() -> bool:
+                text = await records()
+                return "kowalska" in text and "bavarian" in text and await entries() == 2
+
+            await eventually(both_held, "the premise: both answers and their records in Redis")
+            assert await _ask(proxy.url, gone["secret"], PRIVATE) == "hit"
+
+            status, _ = await call(s, "DELETE", keys + f"/{gone['id']}", ROOT)
+            assert status == 200
+            left = await records()
+            assert "kowalska" not in left and "4920" not in left, "the revoked key's prompt stayed in Redis"
+            assert "bavarian" in left and await entries() == 1
+            assert await _ask(proxy.url, stays["secret"], OTHER) == "hit"
+    finally:
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()
+
+
+async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Two `edgeroute serve` instances, each with its own in-memory cache: the one that did not
+    revoke the key drops its entries when its poll sees the revocation."""
+    up = await start_upstream()
+    shared = {"redis_url": require_redis(), "prefix": "edgeroute-test-" + os.urandom(4).hex()}
+    cfg = _config(up, tmp_path, scope="global", mode="semantic")
+    cfg |= {"shared_state": shared, "cache": {"backend": "memory"}}
+    cfg.pop("ledger")  # the default, beside the config file: both instances share it
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    cm = instances(path, 2)
+    a, b = await asyncio.to_thread(cm.__enter__)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, gone = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "leaving"})
+            assert status == 201
+            status, stays = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "staying"})
+            assert status == 201
+
+        async def seen_on_b() -> bool:
+            try:
+                return await _ask(b.url, gone["secret"], PRIVATE) == "miss"
+            except openai.AuthenticationError:
+                return False  # B has not polled the new key yet
+
+        await eventually(seen_on_b, "B serving the new key")
+
+        async def cached_on_b() -> int:  # only-if-cached: a miss stores nothing
+            client = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=stays["secret"], max_retries=0)
+            try:
+                await client.chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": PRIVATE}],
+                    temperature=0,
+                    extra_headers={"x-edgeroute-cache": "only-if-cached"},
+                )
+                return 200
+            except openai.APIStatusError as e:
+                return e.status_code
+            finally:
+                await client.close()
+
+        assert await cached_on_b() == 200  # the premise: B serves the leaving key's answer to others
+        async with aiohttp.ClientSession() as s:
+            status, _ = await call(s, "DELETE", a.url + f"/admin/keys/{gone['id']}", ROOT)
+            assert status == 200
+
+        async def dropped_on_b() -> bool:
+            return await cached_on_b() == 504
+
+        await eventually(dropped_on_b, "B dropping the revoked key's entry", within=5)
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
