@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -52,6 +52,9 @@ _PUBLIC = (
 MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
 
 
+_Name = Annotated[str, Field(max_length=200)]
+
+
 class KeyFields(BaseModel):
     """What a client may set on a managed key (create and update)."""
 
@@ -61,15 +64,17 @@ class KeyFields(BaseModel):
     user: str | None = Field(None, max_length=200)
     team: str | None = Field(None, max_length=200)
     role: roles.Role = "service"
-    models: list[str] | None = Field(None, max_length=1000)  # None: every model
-    deny_tags: list[str] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
+    # Each name at most 200 characters: a key is held in every instance's memory, and a tenant's
+    # admin key makes keys; a body of 10 MiB of one model name was a key of 10 MiB.
+    models: list[_Name] | None = Field(None, max_length=1000)  # None: every model
+    deny_tags: list[_Name] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
     expires_at: float | None = Field(None, gt=0)  # unix seconds
     budget_usd: float | None = Field(None, gt=0)  # per calendar month
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     residency: str | None = Field(None, min_length=1, max_length=64)
     priority: str | None = Field(None, max_length=64)  # its requests' priority class
-    priorities: list[str] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
+    priorities: list[_Name] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
     metadata: dict[str, Any] = {}
 
     @field_validator("metadata")

@@ -58,3 +58,20 @@ async def test_a_nul_in_a_key_id_or_an_audit_filter_is_a_400_naming_it(
             entries = [e for e in (await r.json())["entries"] if e["target"] == real]  # the database may be shared
             assert r.status == 200 and [e["action"] for e in entries] == ["key.created"], entries
     assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+async def test_a_keys_names_are_bounded(governed: Any) -> None:
+    """A key is held in every instance's memory, and a tenant's admin key makes keys: its model
+    names, denied tags and priority classes are at most 200 characters each (a body of 10 MiB of
+    one model name made a key of 10 MiB)."""
+    auth = {"Authorization": f"Bearer {ROOT}"}
+    async with aiohttp.ClientSession() as s:
+        for field in ("models", "deny_tags", "priorities"):
+            async with s.post(governed.url + "/admin/keys", headers=auth, json={field: ["x" * 201]}) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["code"] == "invalid_key", body
+                assert body["error"]["problems"][0]["field"] == f"{field}.0"
+        async with s.post(governed.url + "/admin/keys", headers=auth, json={"models": ["m" * 200]}) as r:
+            assert r.status == 201
+        async with s.get(governed.url + "/admin/keys", headers=auth) as r:
+            assert [len(k["models"][0]) for k in (await r.json())["keys"] if k.get("models")] == [200]
