@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import os
 import threading
 import time
@@ -230,12 +231,14 @@ class ManagedKeys:
         self.seq = 0
         # (key id, team, own residency) -> effective region, from the running config
         self._region_of = region_of or (lambda key_id, team, own: own)
-        # Keys revoked (or made by a revoked key), and those seen to end since `settle` last ran:
-        # `on_ended` is told of them (the response cache drops what they stored). Keys revoked
-        # before this process read them are not news: an instance that saw it did that then.
-        self._ended: frozenset[str] = frozenset()
-        self._newly_ended: set[str] = set()
-        self._ended_lock = threading.Lock()
+        # Keys ended (revoked or expired, or made by a key that is), and those seen to end since
+        # `settle` last ran: `on_ended` is told of them (the response cache drops what they
+        # stored). Keys that had ended before this process read them are not news: an instance
+        # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
+        self._gone: frozenset[str] = frozenset()
+        self._newly_gone: set[str] = set()
+        self._next_expiry = math.inf
+        self._gone_lock = threading.Lock()
         self._loaded = False
         self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
 
@@ -276,16 +279,34 @@ class ManagedKeys:
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
-        ended = frozenset(k for k, e in by_id.items() if e.revoked or e.revoked_above is not None)
-        with self._ended_lock:
+        self._see_ends()
+
+    def _see_ends(self) -> None:
+        """Which keys have ended now; those that had not at the last look are news."""
+        now = time.time()
+        gone: set[str] = set()
+        next_expiry = math.inf
+        for k, e in self._by_id.items():
+            if e.revoked or e.revoked_above is not None:
+                gone.add(k)
+                continue
+            until = min(e.expires_at or math.inf, e.expires_above[1] if e.expires_above else math.inf)
+            if until <= now:
+                gone.add(k)
+            else:
+                next_expiry = min(next_expiry, until)
+        with self._gone_lock:
             if self._loaded:
-                self._newly_ended |= ended - self._ended
-            self._ended = ended
+                self._newly_gone |= gone - self._gone
+            self._gone, self._next_expiry = frozenset(gone), next_expiry
 
     async def settle(self) -> None:
-        """Tells `on_ended` of the keys seen revoked since the last call (run after `load`)."""
-        with self._ended_lock:
-            ended, self._newly_ended = sorted(self._newly_ended), set()
+        """Tells `on_ended` of the keys seen revoked or expired since the last call (run after
+        `load`, and at each poll: an expiry is seen within the poll interval)."""
+        if time.time() >= self._next_expiry:
+            self._see_ends()  # one pass over the keys, only when an expiry has come
+        with self._gone_lock:
+            ended, self._newly_gone = sorted(self._newly_gone), set()
         if not ended:
             return
         for fn in self.on_ended:

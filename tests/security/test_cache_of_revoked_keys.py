@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,23 @@ async def _ask(url: str, token: str, text: str) -> str:
             model="m", messages=[{"role": "user", "content": text}], temperature=0
         )
         return str(raw.headers["x-edgeroute-cache"])
+    finally:
+        await client.close()
+
+
+async def _only_if_cached(url: str, token: str, text: str) -> int:
+    """The status of a request that may be answered from the cache alone (a miss stores nothing)."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": text}],
+            temperature=0,
+            extra_headers={"x-edgeroute-cache": "only-if-cached"},
+        )
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code
     finally:
         await client.close()
 
@@ -96,6 +114,26 @@ async def test_a_revoked_keys_entries_leave_a_shared_cache(
         assert await _ask(proxy.url, other["secret"], PRIVATE) == "miss"
         assert await _ask(proxy.url, other["secret"], OTHER) == "hit"
         assert len(up.options.requests) == calls + 1
+
+
+async def test_an_expired_keys_entries_leave_the_cache(start_upstream: Any, start_proxy: Any, tmp_path: Path) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(_config(up, tmp_path, scope="global"))
+    keys = proxy.url + "/admin/keys"
+    async with aiohttp.ClientSession() as s:
+        status, brief = await call(s, "POST", keys, ROOT, {"name": "contractor", "expires_at": time.time() + 3})
+        assert status == 201
+        status, stays = await call(s, "POST", keys, ROOT, {"name": "staying"})
+        assert status == 201
+    assert await _ask(proxy.url, brief["secret"], PRIVATE) == "miss"
+    assert await _ask(proxy.url, stays["secret"], OTHER) == "miss"
+    assert await _only_if_cached(proxy.url, stays["secret"], PRIVATE) == 200  # the premise
+
+    async def dropped() -> bool:
+        return await _only_if_cached(proxy.url, stays["secret"], PRIVATE) == 504
+
+    await eventually(dropped, "the expired key's entry dropped", within=10, every=0.2)
+    assert await _only_if_cached(proxy.url, stays["secret"], OTHER) == 200
 
 
 async def test_a_revoked_keys_entries_and_records_leave_redis(
@@ -170,20 +208,8 @@ async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
 
         await eventually(seen_on_b, "B serving the new key")
 
-        async def cached_on_b() -> int:  # only-if-cached: a miss stores nothing
-            client = openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=stays["secret"], max_retries=0)
-            try:
-                await client.chat.completions.create(
-                    model="m",
-                    messages=[{"role": "user", "content": PRIVATE}],
-                    temperature=0,
-                    extra_headers={"x-edgeroute-cache": "only-if-cached"},
-                )
-                return 200
-            except openai.APIStatusError as e:
-                return e.status_code
-            finally:
-                await client.close()
+        async def cached_on_b() -> int:
+            return await _only_if_cached(b.url, stays["secret"], PRIVATE)
 
         assert await cached_on_b() == 200  # the premise: B serves the leaving key's answer to others
         async with aiohttp.ClientSession() as s:
