@@ -211,7 +211,9 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                       how, why, previous)  # fmt: skip
             try:
                 reason = ("config.auto_rollback.reason", "config", None, {"reason": why})
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason])
+                # Never an access change: a revocation or demotion undone because errors rose
+                # (which a client may cause) would hand the key back to whoever held it.
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], may_change_access=False)
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
 

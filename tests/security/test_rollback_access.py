@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.governance_support import Instance, call, write_config
+from tests.security.governed import USER
 
 
 async def test_an_operator_cannot_roll_back_a_demotion_of_its_own_key(start_upstream: Any, tmp_path: Path) -> None:
@@ -71,5 +72,45 @@ async def test_an_operator_cannot_roll_back_a_demotion_of_its_own_key(start_upst
         assert status == 200, body
         status, _ = await call("GET", url + "/admin/keys", bob)
         assert status == 200
+    finally:
+        inst.stop()
+
+
+async def test_the_rollback_guard_does_not_give_a_removed_key_back(start_upstream: Any, tmp_path: Path) -> None:
+    """The guard rolls a reload back when errors rise in its window, which a client may cause
+    (an upstream made to time out or fail). A reload that removed a leaked key, rolled back so,
+    served the leaked key again. The guard does not undo an access change: it logs and audits
+    that it could not, and an admin decides."""
+    up = await start_upstream()
+    leaked_file = tmp_path / "leaked-token"  # by reference: a literal token is never stored, so
+    leaked_file.write_text("tok-leaked-0123456789\n")  # no rollback can bring it back once removed
+    cfg = simple_config({"a": up})
+    cfg["keys"] = {
+        "root": {"token": "tok-root-0123456789", "role": "admin"},
+        "leaked": {"token": f"file:{leaked_file}", "role": "admin"},
+    }
+    cfg["governance"] = {"rollback_guard": {"window_s": 30, "max_error_rate": 0.5, "min_requests": 3}}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    inst = Instance(path, tmp_path / "serve.log")
+    try:
+        inst.wait_ready()
+        url, root, leaked = inst.url, "tok-root-0123456789", "tok-leaked-0123456789"
+        del cfg["keys"]["leaked"]
+        write_config(path, cfg)
+        status, body = await call("POST", url + "/admin/reload", root)
+        assert status == 200, body
+        assert (await call("GET", url + "/v1/models", leaked))[0] == 401
+        up.options.fail_status = 500  # errors rise within the guard's window
+
+        async def refused() -> bool:
+            await call("POST", url + "/v1/chat/completions", root, json={"model": "m", "messages": USER})
+            status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", root)
+            return status == 200 and bool(body["entries"])
+
+        await eventually(refused, "the guard trying to roll back", within=20, every=0.2)
+        assert (await call("GET", url + "/v1/models", leaked))[0] == 401
+        status, body = await call("GET", url + "/admin/config", root)
+        assert body["version"] == 2 and "leaked" not in body["config"]["keys"]
+        assert "rollback guard: cannot roll back to version 1" in inst.log_path.read_text()
     finally:
         inst.stop()
