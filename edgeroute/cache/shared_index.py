@@ -140,7 +140,8 @@ class SharedIndexes:
             if owner is not None:
                 rid = rid.decode() if isinstance(rid, bytes) else str(rid)
                 # The entry's own write set the set's expiry, at least as late as this record's.
-                await self.client.sadd(owned_set(self.prefix, owner), f"{RECORD}{rid} {stream}")
+                until = int((time.time() + keep_s) * 1000)
+                await self.client.zadd(owned_set(self.prefix, owner), {f"{RECORD}{rid} {stream}": until})
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); a semantic entry was not shared", type(e).__name__)
@@ -198,7 +199,7 @@ class SharedIndexes:
     async def forget(self, owners: Collection[str]) -> None:
         """Deletes the records these keys' requests published (their prompts' guards)."""
         for owner in owners:
-            members = await self.client.smembers(owned_set(self.prefix, owner))
+            members = await self.client.zrange(owned_set(self.prefix, owner), 0, -1)
             for m in members:
                 text = m.decode() if isinstance(m, bytes) else str(m)
                 if text.startswith(RECORD):

@@ -24,11 +24,16 @@ DECODED_MAX_BYTES = 4 * 1024 * 1024  # decoded Redis entries kept in process, st
 
 ENTRY = "e "  # a member of an `owned_set` naming an entry
 RECORD = "s "  # one naming a shared semantic record: "s <id> <stream>"
-# The entry, and its name in its writer's set, whose expiry is pushed to the entry's if later.
+# The entry, and its name in its writer's set (scored by when it expires, so that the names of
+# expired entries go at the next write: a key that stores all day keeps a set of what is live),
+# whose own expiry is pushed to the entry's if later.
 _PUT_OWNED = Script.of(
     """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SADD', KEYS[2], ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
 if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
 return 1
 """
@@ -36,9 +41,10 @@ return 1
 
 
 def owned_set(prefix: str, owner: str) -> str:
-    """The set of the entries (and semantic records) a managed key's requests wrote: hashes
-    and stream ids, no content. Kept as long as its longest-kept entry, and not deleted when
-    the key is revoked: every instance reads it to drop what it holds in memory."""
+    """The sorted set of the entries (and semantic records) a managed key's requests wrote,
+    scored by their expiry (ms): hashes and stream ids, no content. Kept as long as its
+    longest-kept entry, and not deleted when the key ends: every instance reads it to drop
+    what it holds in memory."""
     return f"{prefix}:cache-owner:{owner}"
 
 
@@ -219,7 +225,7 @@ class RedisStore:
         dropped: set[str] = set()
         self._decoded.clear()  # a memo of decoded entries: it may hold theirs
         for owner in owners:
-            members = await self.pipe.call("SMEMBERS", self.owned(owner))
+            members = await self.pipe.call("ZRANGE", self.owned(owner), 0, -1)
             entries = [m.decode() for m in members or () if isinstance(m, bytes) and m.startswith(ENTRY.encode())]
             names = [m[len(ENTRY) :] for m in entries]
             for i in range(0, len(names), 500):

@@ -222,3 +222,58 @@ async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
         await eventually(dropped_on_b, "B dropping the revoked key's entry", within=5)
     finally:
         await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+async def test_a_keys_set_of_what_it_stored_holds_only_live_entries(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path
+) -> None:
+    """The names of what a key stored (for its revocation to find) are kept in Redis while the
+    entries live: a key that stores all day does not grow a set of long-expired names."""
+    r = await _redis()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream()
+    cfg = _config(up, tmp_path, ttl=2) | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}
+    proxy = await start_proxy(cfg)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, busy = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"name": "busy"})
+            assert status == 201
+        owned = f"{prefix}:cache-owner:{busy['id']}"
+
+        async def names() -> list[str]:  # whatever the set's type (it was a plain set)
+            kind = await r.type(owned)
+            members = await (r.smembers(owned) if kind == b"set" else r.zrange(owned, 0, -1))
+            return [m.decode() for m in members]
+
+        async def entries() -> list[str]:
+            return [k.decode() async for k in r.scan_iter(f"{prefix}:cache:m:*")]
+
+        assert await _ask(proxy.url, busy["secret"], "question 0") == "miss"
+
+        async def first_named() -> bool:
+            return len(await names()) == 1 and len(await entries()) == 1
+
+        await eventually(first_named, "the first entry named in the key's set")
+        (first,) = await entries()
+
+        async def half_gone() -> bool:
+            return 0 < int(await r.pttl(first)) < 1200
+
+        await eventually(half_gone, "the first entry half through its ttl (2 s)", every=0.05)
+        # The key keeps storing: a second entry while the first lives, a third once it expired.
+        assert await _ask(proxy.url, busy["secret"], "question 1") == "miss"
+
+        async def expired() -> bool:
+            return not await r.exists(first)
+
+        await eventually(expired, "the first entry expiring", within=10, every=0.05)
+        assert await _ask(proxy.url, busy["secret"], "question 2") == "miss"
+
+        async def third_named() -> bool:
+            return len(await entries()) == 2 and len([n for n in await names() if not n.endswith(first)]) == 2
+
+        await eventually(third_named, "the second and third entries named in the key's set")
+        assert not [n for n in await names() if n.endswith(first)], "an expired entry's name stayed in the set"
+    finally:
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()
