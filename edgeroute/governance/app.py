@@ -225,13 +225,33 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
     return start
 
 
+# A config is a few kilobytes; checking one costs ~13 s of CPU per MiB of YAML (the loader is
+# pure Python) and stalls the event loop for up to a second per MiB (its garbage). The route is
+# a viewer's (a dashboard's key): bounded in size, and one check at a time per process.
+MAX_CHECK_BYTES = 256 * 1024
+
+
 async def check_config(request: web.Request) -> web.Response:
-    raw = await request.read()
+    too_large = ProxyError(413, f"A config to check is at most {MAX_CHECK_BYTES // 1024} KiB.", code="config_too_large")
+    if request.content_length is not None and request.content_length > MAX_CHECK_BYTES:
+        raise too_large
+    gov = request.app[GOV]
+    if gov.checking:
+        raise ProxyError(
+            429, "Another config check is running; try again.", code="check_busy", headers={"Retry-After": "1"}
+        )
+    gov.checking = True
     try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
-    errors = await asyncio.to_thread(check_text, text, "<check>")
+        raw = await request.read()
+        if len(raw) > MAX_CHECK_BYTES:
+            raise too_large
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
+        errors = await asyncio.to_thread(check_text, text, "<check>")
+    finally:
+        gov.checking = False
     return json_response({"ok": not errors, "errors": errors, "references": "unresolved"})
 
 
