@@ -363,6 +363,18 @@ class SemanticIndex:
                 self._meta.pop(old, None)
                 self._index.remove(old)
 
+    def remove_keys(self, keys: set[str]) -> int:
+        """Drops the records of these exact keys (their answers are gone: a revoked key's); how many."""
+        with self._lock:
+            labels = [label for label, meta in self._meta.items() if meta[2] in keys]
+            for label in labels:
+                del self._meta[label]
+                self._index.remove(label)
+            if labels:
+                dropped = set(labels)
+                self._order = collections.deque(x for x in self._order if x not in dropped)
+            return len(labels)
+
     def add_many(self, vectors: Any, context: str, g: Guards, keys: list[str]) -> None:
         """Bulk load (benchmarks, warm starts): one batched insert into the graph."""
         import numpy as np

@@ -25,6 +25,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from edgeroute import redis_client
 from edgeroute.cache import remote
 from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json, finished
 from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
@@ -40,6 +41,7 @@ from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.cache.shared_index import SharedIndexes, encode
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
+from edgeroute.cost.keys import IDENTITY
 from edgeroute.errors import ProxyError
 from edgeroute.upstream import Upstream
 
@@ -116,6 +118,8 @@ class Plan:
     # The embedding space of `vector`: the configured embedder's name and model (None: the
     # built-in one). Indexes are kept per space: a reload may point the name at another model.
     space: str | None = None
+    # The managed key whose request this is: what it stores is dropped when it is revoked.
+    owner: str | None = None
 
     @property
     def stores(self) -> bool:
@@ -202,13 +206,15 @@ class ResponseCache:
                 return None  # not a JSON object: the core parsed it already, unreachable in practice
             key, deterministic = keyed
             cacheable = not settings.deterministic_only or deterministic
-            return self._bypass_unless_looked_up(Plan(route, key, settings, directive, cacheable))
+            return self._bypass_unless_looked_up(
+                Plan(route, key, settings, directive, cacheable, owner=_owner(request))
+            )
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
-        plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable)
+        plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable, owner=_owner(request))
         if (split := split_last_user_turn(obj)) is not None:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         return self._bypass_unless_looked_up(plan)
@@ -232,7 +238,8 @@ class ResponseCache:
             if directive.only_if_cached:
                 raise _not_cached()
             return None
-        return self._bypass_unless_looked_up(Plan(route, cache_key(fields, route, tenant), settings, directive, True))
+        plan = Plan(route, cache_key(fields, route, tenant), settings, directive, True, owner=_owner(request))
+        return self._bypass_unless_looked_up(plan)
 
     @staticmethod
     def never_cached(request: web.Request) -> None:
@@ -407,7 +414,8 @@ class ResponseCache:
     async def _put(self, plan: Plan, entry: Entry) -> None:
         # The exact entry first: a slow or failing embedder must not delay exact hits.
         keep = plan.settings.ttl + plan.settings.stale_if_error
-        await self.store.put(plan.route, plan.key, entry, keep, (plan.settings.max_entries, plan.settings.max_bytes))
+        bounds = (plan.settings.max_entries, plan.settings.max_bytes)
+        await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner)
         if plan.turn is not None and plan.context is not None:
             # Not looked up (refresh, bypass), or the embedder failed then: embed it now.
             if plan.vector is not None or await self._analyze(plan):
@@ -416,7 +424,30 @@ class ResponseCache:
                 index.add(plan.vector, plan.context, plan.guards, plan.key)
                 if self.shared is not None:
                     record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector)
-                    await self.shared.publish(plan.route, plan.space, record, keep, plan.settings.max_entries)
+                    await self.shared.publish(
+                        plan.route, plan.space, record, keep, plan.settings.max_entries, plan.owner
+                    )
+
+    async def forget(self, owners: Collection[str]) -> int:
+        """Drops what requests of these managed keys (revoked) stored, in every scope: their
+        entries (in this process, or in Redis with the shared semantic records), and the
+        semantic records in this process's indexes that point at them. A revoked key may have
+        been leaked: its prompts' answers (a key-scoped entry is its own data, reachable by no
+        one now) and what it put in a team's or everyone's cache go at once, not at their ttl.
+        Returns how many entries went; a store that cannot be reached is logged."""
+        owners = sorted(owners)
+        try:
+            dropped = await self.store.forget(owners)
+            if self.shared is not None:
+                await self.shared.forget(owners)
+        except redis_client.errors() as e:
+            log.error("response cache: the entries of revoked keys could not be dropped (%s)", type(e).__name__)
+            return 0
+        if dropped:
+            for index in list(self._indexes.values()):
+                index.remove_keys(dropped)
+            log.info("response cache: dropped %d entries of revoked keys %s", len(dropped), ", ".join(owners))
+        return len(dropped)
 
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
@@ -430,6 +461,12 @@ class ResponseCache:
         if self.shared is not None:
             await self.shared.close()
         self._embedding.shutdown(wait=False)
+
+
+def _owner(request: web.Request) -> str | None:
+    """The managed key a request came with (a key of the config is not revoked but removed)."""
+    ident = request.get(IDENTITY)
+    return ident.key if ident is not None and ident.managed else None
 
 
 def _not_cached() -> ProxyError:

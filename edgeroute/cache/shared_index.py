@@ -25,14 +25,14 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import orjson
 
 from edgeroute import redis_client
 from edgeroute.cache.semantic import Guards
-from edgeroute.cache.stores import CacheCounters
+from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
 log = logging.getLogger("edgeroute.cache")
 
@@ -116,8 +116,18 @@ class SharedIndexes:
     def stream(self, route: str, embedder: str | None) -> str:
         return f"{self.prefix}:cache:sem:{embedder or '-'}:{route}"
 
-    async def publish(self, route: str, embedder: str | None, record: bytes, keep_s: float, max_entries: int) -> None:
-        """Appends a record (`encode`) for the other instances; a Redis error loses it (counted)."""
+    async def publish(
+        self,
+        route: str,
+        embedder: str | None,
+        record: bytes,
+        keep_s: float,
+        max_entries: int,
+        owner: str | None = None,
+    ) -> None:
+        """Appends a record (`encode`) for the other instances; a Redis error loses it (counted).
+        `owner`: the managed key whose request it indexes; its id goes into the key's set of
+        what it wrote (`owned_set`), so that its revocation deletes the record (`forget`)."""
         stream = self.stream(route, embedder)
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -126,7 +136,12 @@ class SharedIndexes:
                 # and quoted text (its guards), which must not outlive the answer they point to.
                 pipe.xtrim(stream, minid=f"{max(0, int((time.time() - keep_s) * 1000))}-0", approximate=False)
                 pipe.expire(stream, max(1, math.ceil(keep_s)))
-                await pipe.execute()
+                rid = (await pipe.execute())[0]
+            if owner is not None:
+                rid = rid.decode() if isinstance(rid, bytes) else str(rid)
+                # The entry's own write set the set's expiry, at least as late as this record's.
+                until = int((time.time() + keep_s) * 1000)
+                await self.client.zadd(owned_set(self.prefix, owner), {f"{RECORD}{rid} {stream}": until})
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); a semantic entry was not shared", type(e).__name__)
@@ -180,6 +195,16 @@ class SharedIndexes:
                     log.exception("response cache: shared semantic records not indexed")
             if n < _PAGE:
                 ready.set()  # caught up: from now on, wait for new records
+
+    async def forget(self, owners: Collection[str]) -> None:
+        """Deletes the records these keys' requests published (their prompts' guards)."""
+        for owner in owners:
+            members = await self.client.zrange(owned_set(self.prefix, owner), 0, -1)
+            for m in members:
+                text = m.decode() if isinstance(m, bytes) else str(m)
+                if text.startswith(RECORD):
+                    rid, _, stream = text[len(RECORD) :].partition(" ")
+                    await self.client.xdel(stream, rid)
 
     async def close(self) -> None:
         for task, _ in self._followers.values():

@@ -52,6 +52,7 @@ class Identity:
     deny_tags: frozenset[str] = frozenset()  # request tags it may not send
     priority: str | None = None  # its requests' priority class (edgeroute.config.priority)
     priorities: frozenset[str] = frozenset()  # further classes it may ask for by header
+    managed: bool = False  # a managed key (governance/keys.py), which can be revoked
 
 
 class KeySource(Protocol):

@@ -17,17 +17,25 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from edgeroute import config as config_mod
-from edgeroute import secrets
+from edgeroute import roles, secrets
+from edgeroute.cache.service import CACHE
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
-from edgeroute.governance.http import json_object, json_response, only_params, parse_since
+from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
 from edgeroute.governance.runtime import GOV, Change, Gov, actor_of
 from edgeroute.governance.store import GovStore
-from edgeroute.governance.versions import check_text, masked_data, restore, text_of, version_json
+from edgeroute.governance.versions import (
+    access_changes,
+    check_text,
+    masked_data,
+    restore,
+    text_of,
+    version_json,
+)
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -45,6 +53,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         managed = K.ManagedKeys(store, lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
         managed.load()
         app[MANAGED_KEYS] = managed
+        managed.on_ended.append(app[CACHE].forget)
     gov = Gov(store, managed)
     gov.on_applied = _guard_after_apply(app)
     app[GOV] = gov
@@ -145,21 +154,38 @@ async def rollback(request: web.Request) -> web.Response:
     raw = body.get("version")
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ProxyError(400, "'version' must be a version number.", param="version")
-    return json_response(await rollback_to(request.app, raw, actor_of(request)))
+    ident = request.get(IDENTITY)
+    may_change_access = ident is None or roles.permits(ident.role, "admin")  # no key: loopback, shared key
+    return json_response(await rollback_to(request.app, raw, actor_of(request), may_change_access=may_change_access))
 
 
 async def rollback_to(
-    app: web.Application, version: int, actor: str, how: str = "rollback", audit: Sequence[Change] = ()
+    app: web.Application,
+    version: int,
+    actor: str,
+    how: str = "rollback",
+    audit: Sequence[Change] = (),
+    may_change_access: bool = True,
 ) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
-    when it no longer validates."""
+    when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
+    the version would change who may call what (`access_changes`)."""
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
     async with gov.lock, editing(app):
         before = gov.versions.active
         try:
             text = restore(target.body, gov.versions.running_text, version)
+            if not may_change_access and (changed := access_changes(gov.versions.running_text, text)):
+                await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
+                                {"version": version, "needs": "admin", "changes": changed})  # fmt: skip
+                raise ProxyError(
+                    403,
+                    f"Version {version} changes who may call what ({', '.join(changed)}): rolling back to it needs "
+                    "a key with role 'admin'. The running config is unchanged.",
+                    code="permission_denied",
+                )
             written = await apply_text(app, text, f"{how}:{version}", actor, audit)
         except config_mod.ConfigError as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
@@ -185,7 +211,9 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                       how, why, previous)  # fmt: skip
             try:
                 reason = ("config.auto_rollback.reason", "config", None, {"reason": why})
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason])
+                # Never an access change: a revocation or demotion undone because errors rose
+                # (which a client may cause) would hand the key back to whoever held it.
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], may_change_access=False)
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
 
@@ -197,13 +225,33 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
     return start
 
 
+# A config is a few kilobytes; checking one costs ~13 s of CPU per MiB of YAML (the loader is
+# pure Python) and stalls the event loop for up to a second per MiB (its garbage). The route is
+# a viewer's (a dashboard's key): bounded in size, and one check at a time per process.
+MAX_CHECK_BYTES = 256 * 1024
+
+
 async def check_config(request: web.Request) -> web.Response:
-    raw = await request.read()
+    too_large = ProxyError(413, f"A config to check is at most {MAX_CHECK_BYTES // 1024} KiB.", code="config_too_large")
+    if request.content_length is not None and request.content_length > MAX_CHECK_BYTES:
+        raise too_large
+    gov = request.app[GOV]
+    if gov.checking:
+        raise ProxyError(
+            429, "Another config check is running; try again.", code="check_busy", headers={"Retry-After": "1"}
+        )
+    gov.checking = True
     try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
-    errors = await asyncio.to_thread(check_text, text, "<check>")
+        raw = await request.read()
+        if len(raw) > MAX_CHECK_BYTES:
+            raise too_large
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return json_response({"ok": False, "errors": ["the body is not UTF-8 text"]})
+        errors = await asyncio.to_thread(check_text, text, "<check>")
+    finally:
+        gov.checking = False
     return json_response({"ok": not errors, "errors": errors, "references": "unresolved"})
 
 
@@ -220,8 +268,9 @@ async def audit_log(request: web.Request) -> web.Response:
             raise ValueError
     except ValueError:
         raise ProxyError(400, "'limit' must be an integer from 1 to 1000.", param="limit") from None
+    actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
     gov = request.app[GOV]
-    entries = await asyncio.to_thread(gov.store.audit_entries, since, q.get("actor"), q.get("action"), limit)
+    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit)
     return json_response({"entries": [e.as_json() for e in entries]})
 
 
@@ -331,7 +380,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def get_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     if (ck := _config_key(request, key_id)) is None:
         managed = _managed(request)
         data = await asyncio.to_thread(managed.store.get_key, key_id)
@@ -350,7 +399,7 @@ def _not_config(request: web.Request, key_id: str) -> None:
 
 
 async def update_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     body = await json_object(request)
@@ -399,17 +448,18 @@ async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: st
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
     _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
     await asyncio.to_thread(managed.load)
+    await managed.settle()  # what it (and the keys it made) stored in the cache goes now
     return json_response(K.public(after))
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    key_id = request.match_info["id"]
+    key_id = text_param(request.match_info["id"], "id")
     _not_config(request, key_id)
     managed = _managed(request)
     body = await json_object(request)

@@ -36,6 +36,18 @@ def only_params(request: web.Request, allowed: set[str]) -> None:
         raise ProxyError(400, f"Unknown parameter '{unknown[0]}'.", param=unknown[0])
 
 
+def text_param(raw: str, name: str) -> str:
+    """A text parameter (a query filter, a path's id) as the stores take it: PostgreSQL refuses
+    NUL in text (a 500 and a traceback per call, where SQLite found nothing), and no name is
+    longer than 256 characters. 400 naming the parameter, on every backend alike."""
+    if len(raw) > 256 or "\x00" in raw:
+        raise ProxyError(
+            400, f"Invalid parameter {name}: longer than 256 characters or with a NUL", code="invalid_parameter",
+            param=name,
+        )  # fmt: skip
+    return raw
+
+
 def parse_since(raw: str) -> float:
     """Epoch seconds, or a span back from now (`15m`, `24h`, `7d`)."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", raw.strip())

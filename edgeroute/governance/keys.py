@@ -25,11 +25,13 @@ import base64
 import hashlib
 import hmac
 import logging
+import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -51,6 +53,9 @@ _PUBLIC = (
 MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
 
 
+_Name = Annotated[str, Field(max_length=200)]
+
+
 class KeyFields(BaseModel):
     """What a client may set on a managed key (create and update)."""
 
@@ -60,15 +65,17 @@ class KeyFields(BaseModel):
     user: str | None = Field(None, max_length=200)
     team: str | None = Field(None, max_length=200)
     role: roles.Role = "service"
-    models: list[str] | None = Field(None, max_length=1000)  # None: every model
-    deny_tags: list[str] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
+    # Each name at most 200 characters: a key is held in every instance's memory, and a tenant's
+    # admin key makes keys; a body of 10 MiB of one model name was a key of 10 MiB.
+    models: list[_Name] | None = Field(None, max_length=1000)  # None: every model
+    deny_tags: list[_Name] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
     expires_at: float | None = Field(None, gt=0)  # unix seconds
     budget_usd: float | None = Field(None, gt=0)  # per calendar month
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     residency: str | None = Field(None, min_length=1, max_length=64)
     priority: str | None = Field(None, max_length=64)  # its requests' priority class
-    priorities: list[str] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
+    priorities: list[_Name] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
     metadata: dict[str, Any] = {}
 
     @field_validator("metadata")
@@ -198,6 +205,7 @@ def _entry(
         deny_tags=frozenset(data.get("deny_tags") or ()),
         priority=data.get("priority"),
         priorities=frozenset(data.get("priorities") or ()),
+        managed=True,
     )
     prev_salt, prev_hash = data.get("prev_salt"), data.get("prev_hash")
     return _Entry(
@@ -223,6 +231,16 @@ class ManagedKeys:
         self.seq = 0
         # (key id, team, own residency) -> effective region, from the running config
         self._region_of = region_of or (lambda key_id, team, own: own)
+        # Keys ended (revoked or expired, or made by a key that is), and those seen to end since
+        # `settle` last ran: `on_ended` is told of them (the response cache drops what they
+        # stored). Keys that had ended before this process read them are not news: an instance
+        # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
+        self._gone: frozenset[str] = frozenset()
+        self._newly_gone: set[str] = set()
+        self._next_expiry = math.inf
+        self._gone_lock = threading.Lock()
+        self._loaded = False
+        self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
 
     def __len__(self) -> int:
         return sum(1 for e in self._by_id.values() if not e.revoked)
@@ -231,12 +249,14 @@ class ManagedKeys:
         """Reads what changed since the last call (blocking: run it off the event loop)."""
         seq = self.store.keys_seq()
         if seq == self.seq:
+            self._loaded = True
             return
         for row_seq, data in self.store.keys_since(self.seq):
             self._raw[data["id"]] = data
             self.seq = max(self.seq, row_seq)
         self.seq = max(self.seq, seq)
         self._rebuild()  # a changed budget reaches every key below it
+        self._loaded = True
 
     def set_region_of(self, region_of: Any) -> None:
         """A reload can change team residencies: recompute every key's region."""
@@ -259,6 +279,41 @@ class ManagedKeys:
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
+        self._see_ends()
+
+    def _see_ends(self) -> None:
+        """Which keys have ended now; those that had not at the last look are news."""
+        now = time.time()
+        gone: set[str] = set()
+        next_expiry = math.inf
+        for k, e in self._by_id.items():
+            if e.revoked or e.revoked_above is not None:
+                gone.add(k)
+                continue
+            until = min(e.expires_at or math.inf, e.expires_above[1] if e.expires_above else math.inf)
+            if until <= now:
+                gone.add(k)
+            else:
+                next_expiry = min(next_expiry, until)
+        with self._gone_lock:
+            if self._loaded:
+                self._newly_gone |= gone - self._gone
+            self._gone, self._next_expiry = frozenset(gone), next_expiry
+
+    async def settle(self) -> None:
+        """Tells `on_ended` of the keys seen revoked or expired since the last call (run after
+        `load`, and at each poll: an expiry is seen within the poll interval)."""
+        if time.time() >= self._next_expiry:
+            self._see_ends()  # one pass over the keys, only when an expiry has come
+        with self._gone_lock:
+            ended, self._newly_gone = sorted(self._newly_gone), set()
+        if not ended:
+            return
+        for fn in self.on_ended:
+            try:
+                await fn(ended)
+            except Exception:
+                log.exception("managed keys: a revocation's follow-up failed")
 
     def _chain(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The key, then each managed key above it (whose budgets, if any, it spends too)."""
@@ -345,6 +400,7 @@ class ManagedKeys:
             await asyncio.sleep(interval)
             try:
                 await asyncio.to_thread(self.load)
+                await self.settle()
                 if failing:
                     log.warning("managed keys: the database answers again")
                 failing = False

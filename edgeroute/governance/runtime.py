@@ -40,6 +40,7 @@ class Gov:
         self.versions = Versions(store)
         self.managed = managed
         self.lock = asyncio.Lock()  # one config change (rollback, deployment change) at a time
+        self.checking = False  # a `POST /admin/config/check` is running (one at a time)
         # Told of each applied generation (how, the version before): the rollback guard.
         self.on_applied: Callable[[Live, str, int | None], None] | None = None
 

@@ -158,6 +158,34 @@ def restore(stored: str, running: str, version: int) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+# The parts of a config that say who may call what: the keys and their roles, teams and
+# limits, the shared keys, who may reach a keyless proxy and `/metrics`, whether managed keys
+# are served. A rollback that changes one of them is an admin's act (see `access_changes`).
+ACCESS_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("keys",),
+    ("server", "api_keys"),
+    ("server", "metrics_public"),
+    ("server", "allowed_hosts"),
+    ("server", "allowed_origins"),
+    ("governance", "managed_keys"),
+)
+
+
+def access_changes(running: str, target: str) -> list[str]:
+    """The access fields (`ACCESS_FIELDS`, dotted) whose values differ between two config texts.
+    An operator may roll back routing, deployments and budgets; with these, a version from
+    before an admin demoted a key, moved it to a team or removed it (by reference: its `env:`
+    or `file:` still resolves) made that key an admin again, in the hands of its holder."""
+
+    def at(data: Any, path: tuple[str, ...]) -> Any:
+        for part in path:
+            data = data.get(part) if isinstance(data, dict) else None
+        return data
+
+    a, b = yaml.safe_load(running), yaml.safe_load(target)
+    return [".".join(path) for path in ACCESS_FIELDS if at(a, path) != at(b, path)]
+
+
 def masked_data(text: str) -> Any:
     """A stored version's config as data, secrets masked (stored texts parsed once before)."""
     try:

@@ -61,6 +61,24 @@ async def test_non_utf8_shared_key_and_tags(leaky: Leaky, serve) -> None:
     assert status == 400 and "x-edgeroute-tags" in str(err["message"])
 
 
+async def test_non_utf8_shared_key_at_the_console_sign_in_is_refused_not_a_500(
+    leaky: Leaky, serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`/ui/session` (no key needed to call it) compared a shared key as UTF-8: a token that is
+    not was a 500 and a traceback in the log for each call. Now it is signed out, as any bad key."""
+    proxy = await serve(leaky_config(leaky, server={"api_keys": [TOKEN]}))
+    for token in (b"\xff\xfe", TOKEN.encode() + b"\xff"):
+        req = b"GET /ui/session HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + token + b"\r\n\r\n"
+        answer = await raw_exchange(proxy.port, req)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+        assert body["signed_in"] is False and body["reason"] == "invalid_key"
+    req = b"GET /ui/session HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    body = orjson.loads((await raw_exchange(proxy.port, req)).partition(b"\r\n\r\n")[2])
+    assert body["signed_in"] is True and body["auth"] == "shared"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 _P = b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\n"
 _G = b"GET /v1/models HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + TOKEN.encode()
 

@@ -1,0 +1,279 @@
+"""What a revoked key stored in the response cache goes with it.
+
+A managed key revoked today (leaked, or its holder gone) left its cached answers in the cache
+until their ttl: with `scope: key`, its prompts' answers stayed in memory or Redis, reachable
+by nobody, and the shared semantic index's records (its prompts' numbers, names, quoted text)
+stayed in Redis; with `scope: team` or `global`, what it had put in the cache went on being
+served to every other key. Now a revocation drops every entry the key's requests stored (and
+those of the keys it made, which end with it), in every scope: in this process, in Redis,
+and the semantic records pointing at them. Other keys' entries stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import redis.asyncio as aioredis
+
+from tests.conftest import eventually, simple_config
+from tests.governance_support import instances, write_config
+from tests.security.governed import ROOT, call
+from tests.test_cost_support import require_redis
+
+REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+PRIVATE = "Please close the account 4920-5567-1180 of Marta Kowalska today."
+OTHER = "How long does Bavarian rye bread bake at 230 degrees?"
+
+
+def _config(up: Any, tmp_path: Path, **cache: Any) -> dict[str, Any]:
+    cfg = simple_config({"a": up})
+    cfg["models"]["m"]["cache"] = {"ttl": 3600} | cache
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+    }
+    return cfg
+
+
+async def _ask(url: str, token: str, text: str) -> str:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": text}], temperature=0
+        )
+        return str(raw.headers["x-edgeroute-cache"])
+    finally:
+        await client.close()
+
+
+async def _only_if_cached(url: str, token: str, text: str) -> int:
+    """The status of a request that may be answered from the cache alone (a miss stores nothing)."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
+    try:
+        await client.chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": text}],
+            temperature=0,
+            extra_headers={"x-edgeroute-cache": "only-if-cached"},
+        )
+        return 200
+    except openai.APIStatusError as e:
+        return e.status_code
+    finally:
+        await client.close()
+
+
+async def _redis() -> aioredis.Redis:
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await r.ping()
+    except Exception:
+        await r.aclose()
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip("Redis is not reachable at " + REDIS_URL)
+    return r
+
+
+@pytest.mark.parametrize("mode", ["exact", "semantic"])
+async def test_a_revoked_keys_entries_leave_a_shared_cache(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path, mode: str
+) -> None:
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(_config(up, tmp_path, scope="global", mode=mode))
+    keys = proxy.url + "/admin/keys"
+    async with aiohttp.ClientSession() as s:
+        status, leaked = await call(s, "POST", keys, ROOT, {"name": "laptop", "role": "admin"})
+        assert status == 201
+        status, made = await call(s, "POST", keys, leaked["secret"], {"name": "made-by-laptop"})
+        assert status == 201
+        status, other = await call(s, "POST", keys, ROOT, {"name": "other"})
+        assert status == 201
+        assert await _ask(proxy.url, made["secret"], PRIVATE) == "miss"
+        assert await _ask(proxy.url, leaked["secret"], OTHER + " Quickly.") == "miss"
+        assert await _ask(proxy.url, other["secret"], OTHER) == "miss"
+
+        async def stored() -> bool:
+            return await _ask(proxy.url, other["secret"], PRIVATE) == "hit"
+
+        await eventually(stored, "the premise: another key is served the answer the key made stored")
+        calls = len(up.options.requests)
+
+        status, _ = await call(s, "DELETE", keys + f"/{leaked['id']}", ROOT)
+        assert status == 200
+        # What the revoked key and the key it made stored is gone; the other key's stays.
+        assert await _ask(proxy.url, other["secret"], PRIVATE) == "miss"
+        assert await _ask(proxy.url, other["secret"], OTHER) == "hit"
+        assert len(up.options.requests) == calls + 1
+
+
+async def test_an_expired_keys_entries_leave_the_cache(start_upstream: Any, start_proxy: Any, tmp_path: Path) -> None:
+    up = await start_upstream()
+    proxy = await start_proxy(_config(up, tmp_path, scope="global"))
+    keys = proxy.url + "/admin/keys"
+    async with aiohttp.ClientSession() as s:
+        status, brief = await call(s, "POST", keys, ROOT, {"name": "contractor", "expires_at": time.time() + 3})
+        assert status == 201
+        status, stays = await call(s, "POST", keys, ROOT, {"name": "staying"})
+        assert status == 201
+    assert await _ask(proxy.url, brief["secret"], PRIVATE) == "miss"
+    assert await _ask(proxy.url, stays["secret"], OTHER) == "miss"
+    assert await _only_if_cached(proxy.url, stays["secret"], PRIVATE) == 200  # the premise
+
+    async def dropped() -> bool:
+        return await _only_if_cached(proxy.url, stays["secret"], PRIVATE) == 504
+
+    await eventually(dropped, "the expired key's entry dropped", within=10, every=0.2)
+    assert await _only_if_cached(proxy.url, stays["secret"], OTHER) == 200
+
+
+async def test_a_revoked_keys_entries_and_records_leave_redis(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path
+) -> None:
+    r = await _redis()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream(record=True)
+    cfg = _config(up, tmp_path, mode="semantic") | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}
+    proxy = await start_proxy(cfg)
+    keys = proxy.url + "/admin/keys"
+    stream = f"{prefix}:cache:sem:-:m"
+
+    async def records() -> str:
+        return " ".join(zlib.decompress(f[b"r"]).decode("utf-8", "ignore") for _, f in await r.xrange(stream))
+
+    async def entries() -> int:
+        return len([k async for k in r.scan_iter(f"{prefix}:cache:m:*")])
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, gone = await call(s, "POST", keys, ROOT, {"name": "leaving"})
+            assert status == 201
+            status, stays = await call(s, "POST", keys, ROOT, {"name": "staying"})
+            assert status == 201
+            assert await _ask(proxy.url, gone["secret"], PRIVATE) == "miss"
+            assert await _ask(proxy.url, stays["secret"], OTHER) == "miss"
+
+            async def both_held() -> bool:
+                text = await records()
+                return "kowalska" in text and "bavarian" in text and await entries() == 2
+
+            await eventually(both_held, "the premise: both answers and their records in Redis")
+            assert await _ask(proxy.url, gone["secret"], PRIVATE) == "hit"
+
+            status, _ = await call(s, "DELETE", keys + f"/{gone['id']}", ROOT)
+            assert status == 200
+            left = await records()
+            assert "kowalska" not in left and "4920" not in left, "the revoked key's prompt stayed in Redis"
+            assert "bavarian" in left and await entries() == 1
+            assert await _ask(proxy.url, stays["secret"], OTHER) == "hit"
+    finally:
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()
+
+
+async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Two `edgeroute serve` instances, each with its own in-memory cache: the one that did not
+    revoke the key drops its entries when its poll sees the revocation."""
+    up = await start_upstream()
+    shared = {"redis_url": require_redis(), "prefix": "edgeroute-test-" + os.urandom(4).hex()}
+    cfg = _config(up, tmp_path, scope="global", mode="semantic")
+    cfg |= {"shared_state": shared, "cache": {"backend": "memory"}}
+    cfg.pop("ledger")  # the default, beside the config file: both instances share it
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    cm = instances(path, 2)
+    a, b = await asyncio.to_thread(cm.__enter__)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, gone = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "leaving"})
+            assert status == 201
+            status, stays = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "staying"})
+            assert status == 201
+
+        async def seen_on_b() -> bool:
+            try:
+                return await _ask(b.url, gone["secret"], PRIVATE) == "miss"
+            except openai.AuthenticationError:
+                return False  # B has not polled the new key yet
+
+        await eventually(seen_on_b, "B serving the new key")
+
+        async def cached_on_b() -> int:
+            return await _only_if_cached(b.url, stays["secret"], PRIVATE)
+
+        assert await cached_on_b() == 200  # the premise: B serves the leaving key's answer to others
+        async with aiohttp.ClientSession() as s:
+            status, _ = await call(s, "DELETE", a.url + f"/admin/keys/{gone['id']}", ROOT)
+            assert status == 200
+
+        async def dropped_on_b() -> bool:
+            return await cached_on_b() == 504
+
+        await eventually(dropped_on_b, "B dropping the revoked key's entry", within=5)
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+async def test_a_keys_set_of_what_it_stored_holds_only_live_entries(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path
+) -> None:
+    """The names of what a key stored (for its revocation to find) are kept in Redis while the
+    entries live: a key that stores all day does not grow a set of long-expired names."""
+    r = await _redis()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream()
+    cfg = _config(up, tmp_path, ttl=2) | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}
+    proxy = await start_proxy(cfg)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, busy = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"name": "busy"})
+            assert status == 201
+        owned = f"{prefix}:cache-owner:{busy['id']}"
+
+        async def names() -> list[str]:  # whatever the set's type (it was a plain set)
+            kind = await r.type(owned)
+            members = await (r.smembers(owned) if kind == b"set" else r.zrange(owned, 0, -1))
+            return [m.decode() for m in members]
+
+        async def entries() -> list[str]:
+            return [k.decode() async for k in r.scan_iter(f"{prefix}:cache:m:*")]
+
+        assert await _ask(proxy.url, busy["secret"], "question 0") == "miss"
+
+        async def first_named() -> bool:
+            return len(await names()) == 1 and len(await entries()) == 1
+
+        await eventually(first_named, "the first entry named in the key's set")
+        (first,) = await entries()
+
+        async def half_gone() -> bool:
+            return 0 < int(await r.pttl(first)) < 1200
+
+        await eventually(half_gone, "the first entry half through its ttl (2 s)", every=0.05)
+        # The key keeps storing: a second entry while the first lives, a third once it expired.
+        assert await _ask(proxy.url, busy["secret"], "question 1") == "miss"
+
+        async def expired() -> bool:
+            return not await r.exists(first)
+
+        await eventually(expired, "the first entry expiring", within=10, every=0.05)
+        assert await _ask(proxy.url, busy["secret"], "question 2") == "miss"
+
+        async def third_named() -> bool:
+            return len(await entries()) == 2 and len([n for n in await names() if not n.endswith(first)]) == 2
+
+        await eventually(third_named, "the second and third entries named in the key's set")
+        assert not [n for n in await names() if n.endswith(first)], "an expired entry's name stayed in the set"
+    finally:
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()

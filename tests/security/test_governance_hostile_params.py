@@ -1,0 +1,77 @@
+"""Hostile parameters on the governance routes (managed keys, the audit log).
+
+A NUL in a key id (`/admin/keys/{id}`, every method) or in an audit filter (`actor`,
+`action`) reached PostgreSQL, which refuses NUL in text: a 500 and a traceback in the log
+for each call (SQLite found nothing, a 404). Now both backends answer the 400 of a bad
+parameter, naming it, as the request log does for its own filters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import simple_config
+from tests.security.governed import ROOT
+from tests.test_cost_support import cost_proxy, require_postgres
+
+
+def _ledger(backend: str, tmp_path: Path) -> dict[str, Any]:
+    if backend == "postgres":
+        return {"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.05}
+    return {"path": str(tmp_path / "gov.db")}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_nul_in_a_key_id_or_an_audit_filter_is_a_400_naming_it(
+    start_upstream: Any, tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": _ledger(backend, tmp_path),
+    }
+    auth = {"Authorization": f"Bearer {ROOT}"}
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/admin/keys", headers=auth, json={"name": "real"}) as r:
+            assert r.status == 201
+            real = (await r.json())["id"]
+        calls = [
+            (method, f"/admin/keys/{bad}{suffix}", "id")
+            for bad in ("%00", real + "%00", "k" * 300)
+            for method, suffix in (("GET", ""), ("PATCH", ""), ("DELETE", ""), ("POST", "/rotate"))
+        ]
+        calls += [("GET", f"/admin/audit?{p}={v}", p) for p in ("actor", "action") for v in ("a%00b", "%00", "x" * 300)]
+        for method, path, param in calls:
+            async with s.request(method, proxy.url + path, headers=auth, json={}) as r:
+                body = await r.json()
+                assert r.status == 400, (method, path, r.status, body)
+                assert body["error"]["code"] == "invalid_parameter" and body["error"]["param"] == param
+        # The real key is untouched, and still found by its id and in the audit log by its action.
+        async with s.get(proxy.url + f"/admin/keys/{real}", headers=auth) as r:
+            assert r.status == 200 and (await r.json())["status"] == "active"
+        async with s.get(proxy.url + "/admin/audit?action=key&actor=root", headers=auth) as r:
+            entries = [e for e in (await r.json())["entries"] if e["target"] == real]  # the database may be shared
+            assert r.status == 200 and [e["action"] for e in entries] == ["key.created"], entries
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR"]
+
+
+async def test_a_keys_names_are_bounded(governed: Any) -> None:
+    """A key is held in every instance's memory, and a tenant's admin key makes keys: its model
+    names, denied tags and priority classes are at most 200 characters each (a body of 10 MiB of
+    one model name made a key of 10 MiB)."""
+    auth = {"Authorization": f"Bearer {ROOT}"}
+    async with aiohttp.ClientSession() as s:
+        for field in ("models", "deny_tags", "priorities"):
+            async with s.post(governed.url + "/admin/keys", headers=auth, json={field: ["x" * 201]}) as r:
+                body = await r.json()
+                assert r.status == 400 and body["error"]["code"] == "invalid_key", body
+                assert body["error"]["problems"][0]["field"] == f"{field}.0"
+        async with s.post(governed.url + "/admin/keys", headers=auth, json={"models": ["m" * 200]}) as r:
+            assert r.status == 201
+        async with s.get(governed.url + "/admin/keys", headers=auth) as r:
+            assert [len(k["models"][0]) for k in (await r.json())["keys"] if k.get("models")] == [200]
