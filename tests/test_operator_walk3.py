@@ -260,3 +260,34 @@ def test_a_client_without_a_key_is_told_how_to_send_one(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()  # only the process this test started
             proc.wait(10)
+
+
+# -- router shadow without a candidate ----------------------------------------------------------------
+
+
+def test_router_shadow_without_a_candidate_says_so_without_blaming_a_flag(tmp_path: Path) -> None:
+    """`edgeroute router shadow -c FILE` said `--candidate: no candidate router is configured`
+    to a command line without --candidate; with a candidate that saw no request, the cost
+    line read `(xNone)`."""
+    cfg = _write(tmp_path, ONE_MODEL)
+    proc = subprocess.Popen(  # its ledger (and request log) is created at start
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the process this test started
+            proc.wait(10)
+    r = _cli("router", "shadow", "-c", str(cfg))
+    assert r.returncode == 2, r.stdout
+    assert r.stderr.startswith("edgeroute router shadow: no candidate router is configured"), r.stderr
+    assert "--candidate" not in r.stderr and "learning.candidate_router" in r.stderr, r.stderr
+    r = _cli("router", "shadow", "-c", str(cfg), "--candidate", "refined.erlm")
+    assert r.returncode == 0, r.stderr
+    assert "candidate refined.erlm: 0 policy-routed requests evaluated" in r.stdout, r.stdout
+    assert "xNone" not in r.stdout and "(no requests to compare)" in r.stdout, r.stdout
