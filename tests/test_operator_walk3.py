@@ -291,3 +291,40 @@ def test_router_shadow_without_a_candidate_says_so_without_blaming_a_flag(tmp_pa
     assert r.returncode == 0, r.stderr
     assert "candidate refined.erlm: 0 policy-routed requests evaluated" in r.stdout, r.stdout
     assert "xNone" not in r.stdout and "(no requests to compare)" in r.stdout, r.stdout
+
+
+# -- the governance and alert examples on a server without managed keys or webhooks -------------------
+
+
+def test_keys_create_and_an_alert_test_say_what_is_missing(tmp_path: Path) -> None:
+    """The README's `edgeroute keys create ...` said `set governance.managed_keys: true in the
+    config`, not that the server must restart for it (a reload refuses the change); `POST
+    /admin/alerts/test` without any webhook answered `{"queued": []}` and nothing else."""
+    import json
+    import urllib.request
+
+    cfg = _write(tmp_path, ONE_MODEL + "ledger: {backend: memory}\nkeys:\n  root: {token: root-token-1, role: admin}\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+) ", proc.stdout.readline())
+        assert m
+        r = _cli("keys", "create", "--team", "research", "--url", m[1], "--key", "root-token-1")
+        assert r.returncode == 1, r.stdout
+        assert "set governance.managed_keys: true in the config and restart the server" in r.stderr, r.stderr
+        req = urllib.request.Request(
+            f"{m[1]}/admin/alerts/test", method="POST", headers={"Authorization": "Bearer root-token-1"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+        assert body == {"queued": [], "note": "no webhook is configured (alerts.webhooks): no test was sent"}, body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # only the process this test started
+            proc.wait(10)
