@@ -328,3 +328,68 @@ def test_keys_create_and_an_alert_test_say_what_is_missing(tmp_path: Path) -> No
         except subprocess.TimeoutExpired:
             proc.kill()  # only the process this test started
             proc.wait(10)
+
+
+# -- a keyed request refused before it was routed ------------------------------------------------------
+
+
+def _serve(cfg: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "serve", "-c", str(cfg), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    assert proc.stdout is not None
+    m = re.search(r"listening on (http://127\.0\.0\.1:\d+) ", proc.stdout.readline())
+    assert m, proc.stderr.read() if proc.stderr else ""
+    return proc, m[1]
+
+
+def _term(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGTERM)  # drains and flushes the ledger
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # only the process this test started
+        proc.wait(10)
+
+
+def _post(url: str, token: str, body: bytes) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{url}/v1/chat/completions", data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def test_a_keyed_request_refused_before_routing_is_its_keys_in_the_log(tmp_path: Path) -> None:
+    """`edgeroute logs --key app` did not list app's 404 (an unknown model) or 400 (a body that
+    is not JSON): those rows had no key or team, as if sent anonymously, so a team's key never
+    saw its own client's mistakes. They still take nothing from the key's RPM after a restart."""
+    import json
+
+    cfg = _write(tmp_path, ONE_MODEL + "keys:\n  app: {token: app-token-1, team: research, limits: {rpm: 2}}\n")
+    proc, url = _serve(cfg)
+    try:
+        assert _post(url, "app-token-1", b'{"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}') == 404
+        assert _post(url, "app-token-1", b'{"model": "m", "messages": [') == 400
+        assert _post(url, "app-token-1", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}') == 404
+    finally:
+        _term(proc)
+    r = _cli("logs", "-c", str(cfg), "--key", "app", "--format", "jsonl")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert sorted(row["status"] for row in rows) == [400, 404, 404], r.stdout + r.stderr
+    assert all(row["key"] == "app" and row["team"] == "research" for row in rows), rows
+    # After the restart, the key's window holds none of those three (rpm 2): its next request
+    # is routed and goes upstream (nothing listens there: a 502), not refused with a 429.
+    proc, url = _serve(cfg)
+    try:
+        assert _post(url, "app-token-1", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}') == 502
+    finally:
+        _term(proc)
