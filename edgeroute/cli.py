@@ -78,12 +78,27 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from edgeroute.words import counted
+
     if (cfg := _load(args.config)) is None:
         return 1
-    print(
-        f"{args.config}: OK ({len(cfg.providers)} providers, {len(cfg.deployments)} deployments, "
-        f"{len(cfg.models)} models, {len(cfg.rules)} rules)"
-    )
+    counts = ", ".join(
+        counted(len(part), noun)
+        for part, noun in (
+            (cfg.providers, "provider"), (cfg.deployments, "deployment"), (cfg.models, "model"), (cfg.rules, "rule"),
+        )
+    )  # fmt: skip
+    print(f"{args.config}: OK ({counts})")
+    if unpriced := [name for name, d in cfg.deployments.items() if "price" not in d.model_fields_set]:
+        # Valid (a self-hosted model may cost nothing), but easy to miss: spend, budgets and
+        # `lowest_cost` see such a deployment as free.
+        print(
+            f"note: {'deployment' if len(unpriced) == 1 else 'deployments'} {', '.join(unpriced)} "
+            f"{'has' if len(unpriced) == 1 else 'have'} no price, so {'its' if len(unpriced) == 1 else 'their'} "
+            "requests cost $0 in spend, budgets and lowest_cost; give `price: catalogue` or "
+            "`price: {input_per_mtok: N, output_per_mtok: N}` (zeros for a free one) to say so",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -193,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--port",
         type=_port,
-        default=os.environ.get(ENV_PORT) or None,
+        default=None,  # $EDGEROUTE_PORT, checked in `_main` so that its error names the variable
         help=f"listen port (default: ${ENV_PORT}, else server.port)",
     )
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (server.log_format)")
@@ -207,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--workers",
         type=_workers,
-        default=os.environ.get(ENV_WORKERS) or "1",
+        default=None,  # $EDGEROUTE_WORKERS, else 1: see `_main`
         help=f"worker processes on the one port, or 'auto' for one per core (default: ${ENV_WORKERS}, else 1)",
     )
     s.set_defaults(fn=_cmd_serve)
@@ -263,7 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("router", help="train and evaluate learned routers", add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(fn=_cmd_router)
+    name_commands(p)
     return p
+
+
+def name_commands(parser: argparse.ArgumentParser) -> None:
+    """Each command group names its commands where argparse would name its `dest`: a missing
+    one said `the following arguments are required: prices_command` (or `action`, `cmd`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action.metavar is None:
+                action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in action.choices.values():
+                name_commands(child)
 
 
 _ROUTER_USAGE = """usage: edgeroute router {train,eval,calibrate,replay,shadow} ...
@@ -325,6 +352,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return _cmd_router(argparse.Namespace(rest=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        # Defaults from the environment, checked here: argparse would blame `--port` for a bad
+        # EDGEROUTE_PORT the command line never named.
+        for attr, env, convert, fallback in ((
+            ("port", ENV_PORT, _port, None), ("workers", ENV_WORKERS, _workers, "1"),
+        )):  # fmt: skip
+            if getattr(args, attr) is None:
+                raw = os.environ.get(env) or None
+                try:
+                    setattr(args, attr, fallback if raw is None else convert(raw))
+                except argparse.ArgumentTypeError as e:
+                    parser.error(f"{env}={raw!r}: {e}")
     level = getattr(args, "log_level", None)
     if level is not None and level not in LOG_LEVELS:  # from the environment: not checked by choices
         parser.error(f"{ENV_LOG_LEVEL}={level!r} is not one of {', '.join(LOG_LEVELS)}")

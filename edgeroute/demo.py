@@ -9,6 +9,7 @@ serving so that the user can try it with curl or the openai SDK.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import tempfile
@@ -170,7 +171,11 @@ async def _main(port: int, tour_only: bool) -> int:
     try:
         await proxy.listen("127.0.0.1", port)
     except OSError as e:
-        print(f"cannot listen on 127.0.0.1:{port}: {e.strerror}; try `edgeroute demo --port 0`", file=sys.stderr)
+        # The error's strerror may repeat the address ("error while attempting to bind on address ...").
+        why = os.strerror(e.errno) if e.errno else str(e)
+        print(
+            f"edgeroute demo: cannot listen on 127.0.0.1:{port}: {why}; try `edgeroute demo --port 0`", file=sys.stderr
+        )
         await proxy.cleanup()
         for r in runners:
             await r.cleanup()

@@ -436,6 +436,10 @@ def begin(request: web.Request, app: web.Application | None = None) -> tuple[Liv
     bind_request(rid)
     started = time.perf_counter()
     rec = RequestRecord(request_id=rid, started=time.time(), model="", correlation_id=correlation_id(request))
+    if (ident := request.get(IDENTITY)) is not None:
+        # Whose request it is, from the start: one refused before admission (an unknown model,
+        # a body that is not JSON) is its key's and team's too, in the request log and stats.
+        rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
     tracing.begin(request, rec)
     return live, rec, started
 

@@ -53,6 +53,7 @@ from edgeroute.router_shadow import evaluator as router_shadow
 from edgeroute.state import RECORDER, STATE, Live, ServerState
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
+from edgeroute.words import counted
 from edgeroute.workers import peers
 from edgeroute.workers import worker as workers
 from edgeroute.workers.supervisor import cannot_listen
@@ -343,9 +344,9 @@ async def serve_async(
     # objects: ~0.2 ms, 50,000: over 1 ms, a stall in the p99).
     gc.set_threshold(*GC_THRESHOLDS)
     if print_fn and worker is None:  # under a supervisor, it says when all workers listen
-        n_models, n_deps = len(config.models), len(config.deployments)
+        models, deps = counted(len(config.models), "model"), counted(len(config.deployments), "deployment")
         # Port 0 asks for any free port: say which one it is.
-        print_fn(f"edgeroute listening on http://{h}:{p or server.port} ({n_models} models, {n_deps} deployments)")
+        print_fn(f"edgeroute listening on http://{h}:{p or server.port} ({models}, {deps})")
 
     def on_hup() -> None:
         async def go() -> None:

@@ -111,7 +111,7 @@ def test_check_command(tmp_path: Path) -> None:
     good.write_text(yaml.safe_dump(BASE))
     r = subprocess.run([sys.executable, "-m", "edgeroute", "check", str(good)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "OK (1 providers, 1 deployments, 1 models, 0 rules)" in r.stdout
+    assert "OK (1 provider, 1 deployment, 1 model, 0 rules)" in r.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(with_("deployments.d.colour", "blue")))
     r = subprocess.run([sys.executable, "-m", "edgeroute", "check", str(bad)], capture_output=True, text=True)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "edgeroute._core",
             "edgeroute.errors",
+            "edgeroute.words",
             "edgeroute.headers",
             "edgeroute.sse",
             "edgeroute.secrets",

@@ -17,15 +17,24 @@ from edgeroute.bench import loadgen, outages, report, scenarios, spike, stack
 from edgeroute.bench.loadgen import Load, Target
 
 
-def _common(p: argparse.ArgumentParser, duration: float = 10.0) -> None:
+def _common(p: argparse.ArgumentParser, duration: float = 10.0, *, proxy: bool = True) -> None:
+    """The options every load takes; `proxy`: the command starts an edgeroute of its own (so
+    `--no-pin` and `--profile` have one to act on; `bench run` loads URLs it is given)."""
     p.add_argument("--duration", type=float, default=duration, help="seconds per run (a bound)")
     p.add_argument("--requests", type=int, default=100_000, help="requests per target per run (a bound)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="approximate size of each chat body")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
-    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=sys.stderr.isatty(),
+        help="a progress line on stderr (default: when stderr is a terminal)",
+    )
+    if proxy:
+        p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
     p.add_argument("--json", help="write results as JSON here")
     p.add_argument("--html", help="write a self-contained HTML report with a percentile plot here")
-    p.add_argument("--profile", help="profile the proxy with py-spy into this file (.svg, .txt raw, .json)")
+    if proxy:
+        p.add_argument("--profile", help="profile the proxy with py-spy into this file (.svg, .txt raw, .json)")
 
 
 def _c(a: argparse.Namespace) -> stack.Common:
@@ -90,17 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="open-loop (--rate) or closed-loop (--concurrency) load on URLs")
     r.add_argument("--url", action="append", required=True, help="base URL (…/v1); twice to interleave two")
-    r.add_argument("--model", default="gpt-4o-mini")
-    r.add_argument("--api-key", default="bench")
+    r.add_argument("--model", default="gpt-4o-mini", help="the model each request names (default: gpt-4o-mini)")
+    r.add_argument("--api-key", default="bench", help="sent as Authorization: Bearer (default: bench)")
     r.add_argument("--rate", type=float, default=100.0, help="requests/s per URL (open loop)")
     r.add_argument("--concurrency", type=int, default=0, help="closed loop with N workers per URL (max throughput)")
-    r.add_argument("--stream", action="store_true")
-    r.add_argument("--warmup", type=int, default=0)
+    r.add_argument("--stream", action="store_true", help="streamed requests: time to first token and chunk gaps too")
+    r.add_argument("--warmup", type=int, default=0, help="requests per URL sent first and not counted")
     r.add_argument("--connections", type=int, default=256, help="connections per URL (0: no limit)")
     r.add_argument(
         "--client", choices=["auto", "raw", "aiohttp"], default="auto", help="HTTP client (auto: raw for http://)"
     )
-    _common(r)
+    _common(r, proxy=False)
     r.set_defaults(fn=_run)
 
     o = sub.add_parser("overhead", help="added latency: direct vs through edgeroute, interleaved")
@@ -212,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk = sub.add_parser("mock", help="a mock / fault-injecting upstream (see edgeroute.bench.faults)", add_help=False)
     mk.add_argument("rest", nargs=argparse.REMAINDER)
     mk.set_defaults(fn=lambda a: _mock(a.rest))
+    # A missing command is named by the commands, not by argparse's `dest` ("required: cmd").
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return p
 
 

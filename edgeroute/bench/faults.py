@@ -384,18 +384,20 @@ class AdminServer:
 
 def build_parser(prog: str = "python -m edgeroute.bench.faults") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="A mock OpenAI upstream with fault injection.")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     p.add_argument("--admin-port", type=int, help="also serve /_fault here (survives `refuse`)")
     p.add_argument("--default", default="ok", choices=MODES, help="mode when no phase or header applies")
     p.add_argument("--latency", default="0", help="ms before headers: 5 | normal:50,10 | lognormal:50,1")
     p.add_argument("--tokens", type=int, default=16, help="completion tokens per answer")
     p.add_argument("--tps", type=float, default=0.0, help="stream tokens per second (0: all at once)")
-    p.add_argument("--error-rate", type=float, default=0.0)
-    p.add_argument("--error-status", type=int, default=500)
-    p.add_argument("--rate-limit-rate", type=float, default=0.0)
-    p.add_argument("--api-key")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of answers that fail with --error-status (0..1)"
+    )
+    p.add_argument("--error-status", type=int, default=500, help="the status of those failures (default: 500)")
+    p.add_argument("--rate-limit-rate", type=float, default=0.0, help="share of answers that are a 429 (0..1)")
+    p.add_argument("--api-key", help="answer 401 unless a request sends this key (default: any)")
+    p.add_argument("--seed", type=int, help="seed the random failures (default: unseeded)")
     return p
 
 

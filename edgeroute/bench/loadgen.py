@@ -307,18 +307,30 @@ async def send_one_raw(
 
 class Progress:
     """A one-line progress bar on stderr (only when enabled) of the measured phase: it starts
-    at `begin()`, after the warm-up, and counts recorded requests only."""
+    at `begin()`, after the warm-up, and counts recorded requests only. A run ends at
+    `total` requests or after `duration` seconds, whichever comes first; the bar shows the
+    bound that ends it: `done/total` requests, or `done` and the seconds out of `duration`.
+    `rate` (arrivals per second, all targets) says which one that is in an open loop; without
+    it (a closed loop) the bound nearer its end is shown."""
 
-    def __init__(self, total: int, duration: float, enabled: bool, label: str = "") -> None:
+    def __init__(self, total: int, duration: float, enabled: bool, label: str = "", rate: float | None = None) -> None:
         self.total = max(1, total)
         self.duration = duration
         self.enabled = enabled
         self.label = label
+        self.rate = rate
         self.start: float | None = None
         self._last = 0.0
 
     def begin(self) -> None:
         self.start = time.perf_counter()
+
+    def _by_time(self, count_frac: float, time_frac: float) -> bool:
+        if not self.duration:
+            return False
+        if self.rate is not None:
+            return self.rate * self.duration < self.total
+        return time_frac >= count_frac
 
     def update(self, done: int, failed: int, in_flight: int, force: bool = False) -> None:
         if not self.enabled or self.start is None:
@@ -328,12 +340,17 @@ class Progress:
             return
         self._last = now
         el = now - self.start
-        frac = min(1.0, max(done / self.total, el / self.duration if self.duration else 0.0))
+        count_frac = min(1.0, done / self.total)
+        time_frac = min(1.0, el / self.duration) if self.duration else 0.0
+        if self._by_time(count_frac, time_frac):
+            frac, count, clock = time_frac, f"{done} done", f"{el:5.1f}/{self.duration:g}s"
+        else:
+            frac, count, clock = count_frac, f"{done}/{self.total}", f"{el:5.1f}s"
         bar = "#" * int(frac * 30)
         rate = done / el if el > 0 else 0.0
         sys.stderr.write(
-            f"\r{self.label}[{bar:<30}] {frac * 100:5.1f}% {done}/{self.total} "
-            f"{rate:7.0f} req/s  in-flight {in_flight:<5d} failed {failed:<6d} {el:5.1f}s"
+            f"\r{self.label}[{bar:<30}] {frac * 100:5.1f}% {count} "
+            f"{rate:7.0f} req/s  in-flight {in_flight:<5d} failed {failed:<6d} {clock}"
         )
         sys.stderr.flush()
 
@@ -517,7 +534,8 @@ async def run(
                 await send_one(session, targets[ti], b, stream, intended, st)
 
         total = load.requests * len(targets)
-        prog = Progress(total, load.duration, progress, label)
+        rate = None if load.rate is None else load.rate * len(targets)
+        prog = Progress(total, load.duration, progress, label, rate)
         if load.rate is None:
             await closed_loop(send, stats, load, prog)
         else:

@@ -201,7 +201,7 @@ def chaos(
                         st.errors = {"all": sum(s.failed for s in phase_stats.values())}
 
                 load = Load(requests=total, duration=run_s + 1, rate=rate, grace=30.0)
-                prog = loadgen.Progress(total, load.duration, c.progress, "chaos ")
+                prog = loadgen.Progress(total, load.duration, c.progress, "chaos ", rate)
                 await loadgen.open_loop(send, stats, load, prog)
                 await mon
             phase_stats["before"].elapsed_s = run_s * kill_at

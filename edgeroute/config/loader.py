@@ -64,6 +64,27 @@ def _unknown_key(loc: Loc) -> str:
     return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
 
 
+# `learning.router_model: cannot read r.erlm: ...` (edgeroute.core): a problem at a path of the config.
+_LEARNING_PROBLEM = re.compile(r"(learning\.(?:task_model|router_model)): (.+)", re.S)
+
+
+def _model_file_problems(cfg: Config, source: str, why: str) -> list[tuple[str, str]]:
+    """Which of the config's own model files the core refused (it says only "cannot load the
+    routing models"): the one whose replacement by the built-in model makes the config load."""
+    out = []
+    for key in ("task_model", "router_model"):
+        ref = getattr(cfg.learning, key)
+        if ref == "builtin":
+            continue
+        other = cfg.model_copy(update={"learning": cfg.learning.model_copy(update={key: "builtin"})})
+        try:
+            build_router(other, source)
+        except _core.ConfigError:
+            continue
+        out.append((f"learning.{key}", f"cannot load {ref}: {why} (`edgeroute router train` writes model files)"))
+    return out
+
+
 def _core_problems(cfg: Config) -> list[tuple[str, str]]:
     """What the core refused, at the config's own paths (its message names its internal JSON)."""
     return [
@@ -131,7 +152,12 @@ def parse(
     try:
         build_router(cfg, source)
     except _core.ConfigError as e:
-        raise ConfigError([line(path, msg) for path, msg in _core_problems(cfg)] or [f"{source}: {e}"]) from None
+        problems = _core_problems(cfg)
+        if not problems and (named := _LEARNING_PROBLEM.fullmatch(str(e))) is not None:
+            problems = [(named[1], named[2])]  # a model file that cannot be read: at its key's line
+        if not problems:
+            problems = _model_file_problems(cfg, source, str(e).removeprefix("cannot load the routing models: "))
+        raise ConfigError([line(path, msg) for path, msg in problems] or [f"{source}: {e}"]) from None
     return cfg
 
 
@@ -162,5 +188,12 @@ def loads(text: str, source: str, *, check_secrets: bool = True) -> Config:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source  # as every other error
-        raise ConfigError([f"{where}: invalid YAML: {getattr(e, 'problem', e)}"]) from None
+        # Where the parser noticed is often lines after the mistake (a `{` never closed): say
+        # where the construct it was reading began.
+        context, at = getattr(e, "context", None), getattr(e, "context_mark", None)
+        began = f" ({context} that starts at {at.line + 1}:{at.column + 1})" if context and at and at != mark else ""
+        problem = str(getattr(e, "problem", e))
+        if "'\\t'" in problem:
+            problem += " (YAML indents with spaces: replace the tab)"
+        raise ConfigError([f"{where}: invalid YAML: {problem}{began}"]) from None
     return parse(data, source, check_secrets=check_secrets, positions=positions)

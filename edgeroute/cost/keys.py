@@ -124,6 +124,19 @@ def bearer_token(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
+def _refused_key(request: web.Request) -> ProxyError:
+    """The 401 for a request without a key this gateway knows: a client that sent none (or
+    sent it another way) is told how to send one."""
+    if bearer_token(request) is None:
+        return ProxyError(
+            401,
+            "Missing API key: send one of this gateway's keys in the Authorization header (scheme: Bearer) "
+            "or in the x-api-key header.",
+            code="invalid_api_key",
+        )
+    return ProxyError(401, "Invalid API key: it is not one of this gateway's keys.", code="invalid_api_key")
+
+
 class KeyRing:
     """Digest -> identity, built once from the config."""
 
@@ -233,14 +246,14 @@ class Access:
         if self.keyed(request):
             ident = self.key_of(request)
             if ident is None:
-                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+                raise _refused_key(request)
             if roles.is_admin_path(request.path):
                 check_role(request, ident)
             return ident
         if self.shared:
             token = token_bytes(bearer_token(request) or "")
             if not any(hmac.compare_digest(token, k) for k in self.shared):
-                raise ProxyError(401, "Invalid or missing API key.", code="invalid_api_key")
+                raise _refused_key(request)
         elif self.guard is not None:
             self.guard.check(request)
         return None

@@ -180,9 +180,11 @@ def bucket_usage(
     (`key_limits`: managed keys' own limits)."""
     used: dict[tuple[str, str], float] = defaultdict(float)
     limits: dict[tuple[str, str], int] = {}
+    # A request refused before it was routed (an unknown model, a body that is not JSON) took
+    # nothing from a bucket: it has no route, though its key is recorded.
     sql = (
         "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend "
-        f"WHERE ts >= ? AND {_NOT_SHADOW}"
+        f"WHERE ts >= ? AND {_NOT_SHADOW} AND route <> ''"
     )
     for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
         weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet

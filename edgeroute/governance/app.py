@@ -281,7 +281,9 @@ def _managed(request: web.Request) -> K.ManagedKeys:
     managed = request.app[GOV].managed
     if managed is None:
         raise ProxyError(
-            409, "Managed keys are off; set governance.managed_keys: true in the config.", code="managed_keys_off"
+            409,
+            "Managed keys are off; set governance.managed_keys: true in the config and restart the server.",
+            code="managed_keys_off",
         )
     return managed
 

@@ -273,7 +273,9 @@ def _shadow(args: argparse.Namespace) -> int:
         current = evaluator.candidate_name(*found) if found is not None else None
         body = report.build(db, q, current, time.time())
     except BadParam as e:
-        print(f"edgeroute router shadow: --{e.param}: {str(e).split(': ', 1)[-1]}", file=sys.stderr)
+        # Name the flag only when it was given: without --candidate, the config names none.
+        flag = f"--{e.param}: " if getattr(args, e.param, None) else ""
+        print(f"edgeroute router shadow: {flag}{str(e).split(': ', 1)[-1]}", file=sys.stderr)
         return 2
     finally:
         db.close()

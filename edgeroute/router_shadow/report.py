@@ -52,7 +52,11 @@ def build(db: Backend, q: Mapping[str, str], current: str | None, now: float | N
     name = q.get("candidate") or current or (candidates[0]["candidate"] if candidates else None)
     out: dict[str, Any] = {"since": since, "until": until, "candidate": name, "candidates": candidates}
     if name is None:
-        raise BadParam("candidate", "no candidate router is configured (learning.candidate_router) or logged")
+        raise BadParam(
+            "candidate",
+            "no candidate router is configured (learning.candidate_router: {router_model: FILE}) "
+            "or logged in this time range",
+        )
     pairs = []
     for run, cand, n, rc, cc, paid, rated, total in db.query(_PAIRS, (name, since, until)):
         pairs.append({
@@ -113,6 +117,11 @@ def _quality(pairs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _times(x: float | None) -> str:
+    """The candidate's cost as a multiple of the running router's (`x0.85`); none without requests."""
+    return "no requests to compare" if x is None else f"x{x}"
+
+
 def table(r: dict[str, Any]) -> str:
     """The report as text for `edgeroute router shadow`."""
     cost, q = r["cost"], r["quality"]
@@ -120,7 +129,7 @@ def table(r: dict[str, Any]) -> str:
         f"candidate {r['candidate']}: {r['requests']} policy-routed requests evaluated",
         f"agreement with the running router: {_pct(r['agreement'])}",
         f"estimated cost: running ${cost['running_usd']:.6f}, candidate ${cost['candidate_usd']:.6f} "
-        f"(x{cost['candidate_vs_running']}); paid ${cost['paid_usd']:.6f}",
+        f"({_times(cost['candidate_vs_running'])}); paid ${cost['paid_usd']:.6f}",
     ]
     if q["rated"]:
         lines.append(

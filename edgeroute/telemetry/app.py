@@ -219,6 +219,8 @@ async def admin_alerts_test(request: web.Request) -> web.Response:
     request.app[TELEMETRY].alerts.test(cfg, names, time.time())
     if gov is not None:  # a notification sent to every on-call channel in the operator's name
         await gov.audit(actor_of(request), "alerts.test", "alerts", None, {"queued": names})
+    if not names:  # `{"queued": []}` alone read as if a test had been sent somewhere
+        return _json({"queued": [], "note": "no webhook is configured (alerts.webhooks): no test was sent"})
     return _json({"queued": names})
 
 
