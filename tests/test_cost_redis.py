@@ -11,6 +11,8 @@ from typing import Any
 import openai
 import pytest
 
+from edgeroute.admission import ADMISSION
+from edgeroute.cost.control import CostControl
 from tests.conftest import eventually
 from tests.test_cost_support import RedisServer, ask_status, cost_proxy, one_deployment, require_redis
 
@@ -107,6 +109,8 @@ async def test_spend_admitted_while_redis_hung_reaches_the_other_instance(start_
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
 async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str) -> None:
+    import redis.asyncio as aioredis
+
     server = RedisServer(tmp_path)
     server.start()
     try:
@@ -117,13 +121,27 @@ async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str)
             budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 4.5}]},
         )
         async with cost_proxy(cfg) as proxy:
+            control = proxy.app[ADMISSION]
+            assert isinstance(control, CostControl)
             client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
             before = [await ask_status(client) for _ in range(2)]
             server.stop()
             during = [await ask_status(client) for _ in range(5)]
-            server.start()  # empty again: no persistence
-            await asyncio.sleep(1.1)  # the store is retried after a second
+            server.start()  # empty again: no persistence, and no ledger to read back from
+            r = aioredis.Redis.from_url(server.url)
+            key = f"{cfg['shared_state']['prefix']}:b:g:*:*"
+            want = round(2 * COST * 1e9) if mode == "open" else 0
+
+            async def back() -> bool:
+                keys = [k async for k in r.scan_iter(match=key)]
+                spent = int(await r.get(keys[0]) or 0) if keys else 0
+                return control.shared_up() and spent == want  # the store is retried after a second
+
+            # Open: the 2 admitted on this instance's own counters are sent to the new Redis
+            # (resent each second), whether or not a request found it empty first.
+            await eventually(back, f"Redis asked again, {want} nano-USD in it", within=10)
             after = [await ask_status(client) for _ in range(6)]
+            await r.aclose()
             await client.close()
     finally:
         server.stop()
@@ -134,5 +152,58 @@ async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str)
         assert during == [200, 200, 429, 429, 429]
     else:
         assert during == [503] * 5
-    # Redis is back (and empty): the shared budget counts from zero.
-    assert after == [200, 200, 200, 200, 429, 429]
+    if mode == "open":
+        # Redis is back, empty: the spend admitted during the outage was sent to it (it held
+        # none of the 2 before, lost with it, and without a ledger nothing reads them back).
+        assert after == [200, 200, 429, 429, 429, 429]
+    else:
+        # Redis is back (and empty): the shared budget counts from zero.
+        assert after == [200, 200, 200, 200, 429, 429]
+
+
+async def test_redis_restarted_empty_counts_outage_spend_once_with_a_ledger(start_upstream, tmp_path: Path) -> None:
+    """As above with a ledger: Redis, back empty, is seeded from it without waiting for a
+    request (the resent outage spend finds it empty), the 2 admitted during the outage among
+    the 4 read back and not sent on top of them: room for 6 leaves 2, not 0."""
+    import redis.asyncio as aioredis
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = await start_upstream(reply_words=40)
+        cfg = one_deployment(
+            up.base_url,
+            shared_state=_shared(server.url, on_unavailable="open", timeout_ms=100),
+            ledger={"path": str(tmp_path / "ledger.db"), "flush_interval": 0.1},
+            budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 6.5}]},
+        )
+        async with cost_proxy(cfg) as proxy:
+            control = proxy.app[ADMISSION]
+            assert isinstance(control, CostControl)
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+            before = [await ask_status(client) for _ in range(2)]
+            server.stop()
+            during = [await ask_status(client) for _ in range(2)]
+            server.start()  # empty again
+            r = aioredis.Redis.from_url(server.url)
+            key = f"{cfg['shared_state']['prefix']}:b:g:*:*"
+
+            async def spent() -> int:
+                keys = [k async for k in r.scan_iter(match=key)]
+                return int(await r.get(keys[0]) or 0) if keys else 0
+
+            async def seeded() -> bool:
+                return control.shared_up() and await spent() == round(4 * COST * 1e9)
+
+            await eventually(seeded, "Redis seeded from the ledger, the 4 in it", within=10)
+            after = [await ask_status(client) for _ in range(4)]
+            await asyncio.sleep(0)
+            counted = await spent()
+            await r.aclose()
+            await client.close()
+    finally:
+        server.stop()
+    assert before == [200, 200]
+    assert during == [200, 200]
+    assert after == [200, 200, 429, 429]
+    assert counted == round(6 * COST * 1e9)

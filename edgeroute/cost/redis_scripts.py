@@ -123,15 +123,16 @@ return out
 # ttl, slot, create), then bucket deltas (two each: delta taken, capacity; a bucket that expired
 # stays full); the marker is the last key. ARGV[1]: how many budget keys come first. A counter
 # Redis lost since its reservation is not recreated from a delta: the seed (below) counts that
-# request from the ledger. A managed key's counter (create 1) is created by its first request's
-# cost in a seeded store; in one that lost its budgets, the seed counts that cost too.
-SETTLE = Script.of("""
+# request from the ledger. A counter with create 1 (a managed key's, or spend admitted while
+# Redis was down) is created by the delta in a seeded store; in one that lost its budgets, the
+# seed counts that cost too.
+_SETTLE = """
 local nb = tonumber(ARGV[1])
 local seeded = redis.call('EXISTS', KEYS[#KEYS]) == 1
 for i = 1, nb do
   local b = 1 + (i - 1) * 5
   if ARGV[b + 1] == '1' then
-    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 then
+    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 or (seeded and ARGV[b + 5] == '1') then
       redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
       redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
     end
@@ -149,7 +150,11 @@ for i = nb + 1, #KEYS - 1 do
   end
 end
 return 1
-""")
+"""
+SETTLE = Script.of(_SETTLE)
+# The same, for spend admitted while Redis was down: a store that lost its budgets answers
+# {-1} and changes nothing (`unseeded`), so the caller seeds it first, then sends it again.
+SETTLE_SEEDED = Script.of("if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end\n" + _SETTLE)
 
 # What the ledger says was spent, into a store without the marker (KEYS[1]): each counter
 # (KEYS from 2; ARGV two each: slot, -1 for a calendar period, and nano-USD) only where it

@@ -130,6 +130,12 @@ class Settlements:
         finally:
             self._flusher = None
 
+    def forget(self) -> None:
+        """Drops what is pending, not sent (counted some other way)."""
+        pending, self._pending = self._pending, _Pending()
+        if pending.done is not None and not pending.done.done():
+            pending.done.set_result(None)
+
     def _carry_over(self, batch: _Pending) -> None:
         for key, rolling, delta, ttl, slot, create in batch.budgets.values():
             self._pending.add_budget(key, rolling, delta, ttl, slot, create)

@@ -22,7 +22,7 @@ from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
-from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, RESERVE, SEED, SETTLE, TAKE, unseeded
+from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, RESERVE, SEED, SETTLE, SETTLE_SEEDED, TAKE, unseeded
 from edgeroute.cost.redis_settle import Settlements
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.redis_pipe import NotSent, RedisPipe, Script
@@ -56,7 +56,7 @@ class RedisState:
         self.seeded_key = f"{self.prefix}:budgets-seeded:2"
         self._settlements = Settlements(self._settle, self.seeded_key)
         # What this instance admitted by its own counters while Redis was down (`spent_later`).
-        self._outage_spend = Settlements(self._settle, self.seeded_key, resend_unsure=True)
+        self._outage_spend = Settlements(self._settle_outage, self.seeded_key, resend_unsure=True)
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
@@ -116,6 +116,10 @@ class RedisState:
         except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
             log.exception("shared state: could not read budgets back from the ledger")
             raise StoreUnavailable(f"the ledger could not be read ({type(e).__name__})") from None
+        if self.spent_from_ledger is not None:
+            # What this instance admitted while Redis was down is in what was read (its records
+            # are written first): sent too, it would count twice.
+            self._outage_spend.forget()
         if await self.seed(spent):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
@@ -208,13 +212,13 @@ class RedisState:
     def spent_later(self, charges: list[Charge], amount: int) -> None:
         """Adds a request's cost to budgets it was admitted to by this process's counters alone
         (Redis was down): sent with the next batch of settlements, again each second while Redis
-        is down, so the other instances count it once it is back. A counter Redis lost (it
-        restarted empty) is not created: it is read back from the ledger, spend included."""
+        is down, so the other instances count it once it is back. Into a Redis that restarted
+        empty it is sent once Redis is seeded again (`_settle_outage`)."""
         if amount <= 0:
             return
         for c in charges:
             p = c.period
-            self._outage_spend.add_budget(self._bkey(c), 1 if p.rolling else 0, amount, p.ttl_s, p.slot)
+            self._outage_spend.add_budget(self._bkey(c), 1 if p.rolling else 0, amount, p.ttl_s, p.slot, create=1)
         self._outage_spend.send_later()
 
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
@@ -281,6 +285,19 @@ class RedisState:
 
     async def _settle(self, keys: list[str], args: list[Any]) -> None:
         await self._run(SETTLE, keys, args, soon=True)  # with the cache's writes, after answers
+
+    async def _settle_outage(self, keys: list[str], args: list[Any]) -> None:
+        """Sends spend admitted while Redis was down (`spent_later`). A Redis that restarted
+        empty is seeded first, as a request finding it so does, whichever comes first: with a
+        ledger the seed reads this spend back (and `_read_and_seed` drops it here); without
+        one, it is added to the counters, created where the restart lost them."""
+        out = await self._run(SETTLE_SEEDED, keys, args, soon=True)
+        if unseeded(out):
+            await self._reseed()
+            if self.spent_from_ledger is None:
+                out = await self._run(SETTLE_SEEDED, keys, args, soon=True)
+                if unseeded(out):
+                    raise StoreUnavailable("Redis holds no budgets", sent=False)
 
     async def close(self) -> None:
         await self._settlements.close()
