@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_operator_walk2 import _stop as stop
+
 ONE_MODEL = """\
 providers:
   p: {base_url: "http://127.0.0.1:9/v1"}
@@ -78,12 +80,7 @@ def test_serve_says_what_it_serves_in_the_singular(tmp_path: Path) -> None:
         line = proc.stdout.readline()
         assert re.search(r"listening on http://127\.0\.0\.1:\d+ \(1 model, 1 deployment\)$", line.strip()), line
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only the process this test started
-            proc.wait(10)
+        stop(proc)
 
 
 # -- check: a deployment without a price ------------------------------------------------------------
@@ -254,12 +251,7 @@ def test_a_client_without_a_key_is_told_how_to_send_one(tmp_path: Path) -> None:
         assert "Invalid API key: it is not one of this gateway's keys." in str(wrong.value), str(wrong.value)
         assert wrong.value.code == "invalid_api_key"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only the process this test started
-            proc.wait(10)
+        stop(proc)
 
 
 # -- router shadow without a candidate ----------------------------------------------------------------
@@ -277,12 +269,7 @@ def test_router_shadow_without_a_candidate_says_so_without_blaming_a_flag(tmp_pa
     try:
         assert proc.stdout is not None and "listening on" in proc.stdout.readline()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only the process this test started
-            proc.wait(10)
+        stop(proc)
     r = _cli("router", "shadow", "-c", str(cfg))
     assert r.returncode == 2, r.stdout
     assert r.stderr.startswith("edgeroute router shadow: no candidate router is configured"), r.stderr
@@ -322,12 +309,7 @@ def test_keys_create_and_an_alert_test_say_what_is_missing(tmp_path: Path) -> No
             body = json.loads(resp.read())
         assert body == {"queued": [], "note": "no webhook is configured (alerts.webhooks): no test was sent"}, body
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # only the process this test started
-            proc.wait(10)
+        stop(proc)
 
 
 # -- a keyed request refused before it was routed ------------------------------------------------------
