@@ -42,12 +42,12 @@ def raise_open_file_limit() -> int:
     if resource is None:
         return 0
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
+    # An unlimited hard limit is not lowered; the soft one goes to the kernel's usual cap then.
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
         except (ValueError, OSError) as e:
             log.debug("could not raise the open-file limit from %d: %s", soft, e)
     return int(min(soft, 1 << 20))
