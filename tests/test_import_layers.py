@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redis_client",
             "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
+            "edgeroute.pg_schema",
             "edgeroute.atomic_file",
             "edgeroute.background",
             "edgeroute.cost.writer_pace",

@@ -45,7 +45,7 @@ class LedgerInUse(Exception):
     """Another `edgeroute serve` holds the ledger in a way this one cannot share."""
 
 
-_PG_LOCK = 7421  # pg_advisory_xact_lock(7420) guards the ledger's schema
+_PG_LOCK = 7421  # pg_schema.SCHEMA_LOCK (7420) guards the tables' creation
 _held: list[object] = []  # the PostgreSQL lock's holder (`_PgHold`), kept for the process's life
 WATCH_S = 1.0  # how often the held session is checked (a PostgreSQL restart ends it)
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgeroute import redact, secrets, sqlite_wal
+from edgeroute import pg_schema, redact, secrets, sqlite_wal
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.errors import StartError
 from edgeroute.requestlog import outcomes as requestlog_outcomes
@@ -278,8 +278,7 @@ class PostgresBackend:
         self._readers: list[Any] = []  # idle read connections (list.append/pop: thread-safe)
         self._conn = psycopg.connect(dsn, autocommit=False)
         with self._conn.transaction():
-            # Two instances starting at once would race on CREATE TABLE IF NOT EXISTS.
-            self._conn.execute("SELECT pg_advisory_xact_lock(7420)")
+            pg_schema.serialise(self._conn.execute)
             for stmt in schema("postgres"):
                 self._conn.execute(stmt)
             for table in ("spend", "spend_attempts"):

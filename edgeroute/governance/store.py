@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from edgeroute import secrets, sqlite_wal
+from edgeroute import pg_schema, secrets, sqlite_wal
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
 
@@ -117,6 +117,8 @@ class GovStore:
         self._conn: Any = self._connect()
         self._owners_pruned = 0.0
         with self._lock, self._tx() as cur:
+            if dialect == "postgres":
+                pg_schema.serialise(cur.execute)
             for stmt in (*_TABLES[dialect], *_INDEXES):
                 cur.execute(stmt)
             cur.execute(self._sql("INSERT INTO gov_meta (name, value) VALUES ('keys', 0) ON CONFLICT DO NOTHING"))
