@@ -19,6 +19,7 @@ __all__ = [
     "OUTCOMES",
     "BadRequestError",
     "ConfigError",
+    "ContextLengthError",
     "Decision",
     "EdgerouteError",
     "ForbiddenError",
@@ -41,6 +42,10 @@ class BadRequestError(EdgerouteError):
     The message reads like the OpenAI API's own 400 messages. Also raised by
     ``Router.count_tokens`` for an unknown encoding name.
     """
+
+class ContextLengthError(BadRequestError):
+    """The request is longer than the context window of every deployment that may serve it
+    (HTTP 400, OpenAI's ``context_length_exceeded``): no retry or fallback would help."""
 
 class ForbiddenError(EdgerouteError):
     """A rule's ``reject`` action refuses this request (HTTP 403)."""

@@ -20,6 +20,7 @@ dropped (by the provider's rule) elsewhere. Documents and server tools are rejec
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -254,7 +255,14 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
 
 
 async def read_request(request: web.Request, *, counting: bool = False) -> bytes:
+    """The request in OpenAI's format (a large one translated in a worker thread)."""
     raw = await openai_api.read_body(request)
+    if len(raw) > openai_api.PARSE_ON_LOOP_BYTES:
+        return await asyncio.to_thread(_translated, raw, counting)
+    return _translated(raw, counting)
+
+
+def _translated(raw: bytes, counting: bool) -> bytes:
     try:
         req = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -507,7 +515,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's size in tokens, as the routing core counts it for the deployment it would choose."""
     body = await read_request(request, counting=True)
-    decision = openai_api.decide(request.app[STATE].live, body, request)
+    decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
     return web.Response(body=orjson.dumps({"input_tokens": decision.prompt_tokens}), content_type="application/json")
 
 

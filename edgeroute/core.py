@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from edgeroute._core import (
     BadRequestError,
     ConfigError,
+    ContextLengthError,
     Decision,
     EdgerouteError,
     ForbiddenError,
@@ -36,6 +37,7 @@ __all__ = [
     "BUILTIN_TASK",
     "BadRequestError",
     "ConfigError",
+    "ContextLengthError",
     "Decision",
     "EdgerouteError",
     "ForbiddenError",

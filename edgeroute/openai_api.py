@@ -95,11 +95,19 @@ def _region(request: web.Request) -> str | None:
 _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
 
 
+# Past this size the core's decision (parsing, rules and PII over the text: ~5 ns a byte, more
+# with many pattern rules) costs more than a hop to a worker thread (~50 µs).
+DECIDE_ON_LOOP_BYTES = 64 * 1024
+# Past this size a body is parsed or translated in Python in a worker thread: that work holds
+# the GIL, but the loop takes it back every switch interval instead of after the whole body.
+PARSE_ON_LOOP_BYTES = 1 << 20
+
+
 async def decide_soon(live: Live, body: bytes, request: web.Request, **options: Any) -> _core.Decision:
-    """`decide`, in a worker thread when it counts a long body exactly (token-per-minute
-    limits): the core counts with the GIL released, and the count of a hostile body (megabytes
-    of one letter, no space) takes seconds, all of them the event loop's otherwise."""
-    if live.exact_tokens and len(body) > COUNT_ON_LOOP_BYTES:
+    """`decide`, in a worker thread (the core decides with the GIL released) when the body is
+    large, or when it counts a long body exactly (token-per-minute limits). On the event loop,
+    ten clients sending 8 MB bodies stalled every other request for half a second."""
+    if len(body) > DECIDE_ON_LOOP_BYTES or (live.exact_tokens and len(body) > COUNT_ON_LOOP_BYTES):
         return await asyncio.to_thread(decide, live, body, request, **options)
     return decide(live, body, request, **options)
 
@@ -148,6 +156,8 @@ def decide(
         if ident.residency is not None:
             check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
         return d
+    except _core.ContextLengthError as e:  # OpenAI's answer: a 5xx would have SDKs retry it in vain
+        raise ProxyError(400, str(e), code="context_length_exceeded", param="messages") from None
     except _core.BadRequestError as e:
         named = _NAMED_PARAM.match(str(e))  # "Invalid value for 'n': ..." names its field
         raise ProxyError(400, str(e), code="invalid_request", param=named[1] if named else None) from None
@@ -243,14 +253,29 @@ async def read_body(request: web.Request) -> bytes:
                 f"Unsupported content type '{shown}'; send application/json.",
                 code="unsupported_media_type",
             )
+    if _BODY in request:
+        return request[_BODY]  # read before (the Anthropic path reads it, then hands it to the chat path)
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await request.read()  # `server.body_timeout` bounds it (http_server)
-    except web.HTTPRequestEntityTooLarge:
-        raise ProxyError(
-            413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
-        ) from None
+        # `server.body_timeout` bounds it (http_server). The chunks joined once: aiohttp's
+        # `read()` grows a bytearray and copies it again, megabytes of the event loop's time.
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > server.max_body_bytes:
+                raise ProxyError(
+                    413,
+                    f"The request body is too large (limit {server.max_body_bytes} bytes).",
+                    code="request_too_large",
+                )
+            chunks.append(chunk)
     except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
         raise body_read_error(e) from None
+    request[_BODY] = body = b"".join(chunks)
+    return body
+
+
+_BODY = web.RequestKey("body", bytes)  # a request's body once read
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")
@@ -385,8 +410,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type
-        if not rec.model and body is not None:
-            rec.model = _requested_model(body)  # refused before a decision: say what was asked for
+        if not rec.model and body is not None:  # refused before a decision: say what was asked for
+            big = len(body) > DECIDE_ON_LOOP_BYTES  # a parse of megabytes is not the loop's to do
+            rec.model = await asyncio.to_thread(_requested_model, body) if big else _requested_model(body)
         e.headers.setdefault(headers.REQUEST_ID, rid)
         if rec.correlation_id is not None:
             e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from edgeroute._core import (
     BadRequestError,
     ConfigError,
+    ContextLengthError,
     EdgerouteError,
     ForbiddenError,
-    NoDeploymentError,
     Router,
     UnknownModelError,
 )
@@ -82,9 +82,10 @@ def test_errors_map_onto_the_hierarchy() -> None:
     # `b`'s context window is too small; `a` is the only one left.
     long = json.dumps({"model": "small", "messages": [{"role": "user", "content": "word " * 100}]}).encode()
     assert [ROUTER.deployment_names()[i] for i in ROUTER.decide(long).order] == ["a"]
-    # Excluding `a` by its provider leaves nothing that fits.
+    # Excluding `a` by its provider leaves nothing that fits: the client's error (400), not an
+    # outage (503, which SDKs retry), and it names the largest window the request may use.
     spec = dict(SPEC, rules=[{"name": "not-openai", "then": {"exclude_tags": ["provider:openai"]}}])
-    with pytest.raises(NoDeploymentError):
+    with pytest.raises(ContextLengthError, match="maximum context length is 50 tokens"):
         Router(json.dumps(spec).encode()).decide(long)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeroute.bench import loadgen, outages, report, scenarios, spike, stack
+from edgeroute.bench import attacks, loadgen, outages, report, scenarios, spike, stack
 from edgeroute.bench.loadgen import Load, Target
 
 
@@ -214,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pe)
     pe.set_defaults(fn=lambda a: scenarios.peer(_c(a), a.peer_url, a.peer_model, a.peer_key, a.rate, a.mock_port))
 
+    at = sub.add_parser("attack", help="hostile clients against a proxy of its own; are others still served?")
+    at.add_argument(
+        "--attacks",
+        default=",".join(attacks.ATTACKS),
+        help=f"which, in order (default all: {', '.join(attacks.ATTACKS)})",
+    )
+    at.add_argument("--probe-p99-ms", type=float, default=attacks.Bounds.probe_p99_ms, help="bound on the probes' p99")
+    at.add_argument("--rss-mb", type=float, default=attacks.Bounds.rss_mb, help="bound on the proxy's RSS growth")
+    _common(at, duration=5.0)
+    at.set_defaults(fn=_attack)
+
     g = sub.add_parser("gate", help="the CI latency gate (see edgeroute.bench.gate)", add_help=False)
     g.add_argument("rest", nargs=argparse.REMAINDER)
     g.set_defaults(fn=lambda a: _gate(a.rest))
@@ -224,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     # A missing command is named by the commands, not by argparse's `dest` ("required: cmd").
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     return p
+
+
+def _attack(a: argparse.Namespace) -> int:
+    """Exit 1 when any attack got through (a probe failed, or a bound was passed)."""
+    bounds = attacks.Bounds(a.probe_p99_ms, a.rss_mb)
+    return 0 if attacks.attack(_c(a), [n.strip() for n in a.attacks.split(",") if n.strip()], bounds)["held"] else 1
 
 
 def _gate(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import statistics
+import string
 import sys
 import tempfile
 import time
@@ -319,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
         ours, _ = row(f"Router.count_tokens {name}", partial(Router.count_tokens, text, name))
         theirs, _ = row(f"tiktoken encode_ordinary {name}", partial(enc.encode_ordinary, text))
         print(f"  -> edgeroute is {theirs / ours:.1f}x faster than tiktoken on {len(text)} chars (p50)")
+    print()
+    print("token counting of hostile text: one run of letters, the slowest text to merge (ours only:")
+    print("tiktoken's merge of one piece is quadratic, minutes here)")
+    rng = random.Random(7)
+    for size in (65_536, 1 << 20, 8 << 20):
+        letters = "".join(rng.choices(string.ascii_lowercase, k=size))
+        row(
+            f"Router.count_tokens, {size >> 10} KiB of random letters",
+            partial(Router.count_tokens, letters, "o200k_base"),
+        )
     print()
     core = _criterion_median_us("decide/trivial_body")
     if core is None:

@@ -16,6 +16,7 @@ the default) or served through chat without them (`drop`), the answer then carry
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import Any
 
@@ -29,7 +30,7 @@ from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import read_body
+from edgeroute.openai_api import PARSE_ON_LOOP_BYTES, read_body
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.state import Live
@@ -310,12 +311,16 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     return Parsed(req["model"], route, stream, make, ClientEncoder, serves=honoured_by, answer_text=answer_text)
 
 
+def _json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
-    try:
-        req = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        req = None
+    req = await asyncio.to_thread(_json, raw) if len(raw) > PARSE_ON_LOOP_BYTES else _json(raw)
     beta = request.headers.get("anthropic-beta")
     lost = lost_fields(req, beta) if isinstance(req, dict) else []
     if not lost:

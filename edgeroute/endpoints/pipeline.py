@@ -31,6 +31,7 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
+    PARSE_ON_LOOP_BYTES,
     _cached_answer,
     _region,
     _route_headers,
@@ -140,7 +141,6 @@ def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | 
 
 _U32 = 2**32 - 1  # the core counts in 32 bits
 _OFF_LOOP_CHARS = 16 * 1024  # text counted exactly in a worker thread past this
-_OFF_LOOP_BODY = 1 << 20  # a body parsed and checked in a worker thread past this
 
 
 def _ids_only(parsed: Parsed) -> int | None:
@@ -229,7 +229,7 @@ async def serve(
         body = await read_body(request)
         # A body of megabytes (five million token ids) takes a second to parse and check: in a
         # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
-        parsed = await asyncio.to_thread(endpoint, body) if len(body) > _OFF_LOOP_BODY else endpoint(body)
+        parsed = await asyncio.to_thread(endpoint, body) if len(body) > PARSE_ON_LOOP_BYTES else endpoint(body)
         rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
         if parsed.check is not None:
             await parsed.check(request, live)

@@ -25,7 +25,7 @@ from edgeroute.upstream_http.errors import (
 )
 from edgeroute.upstream_http.response import Response
 from edgeroute.upstream_http.tls import default_context
-from edgeroute.upstream_http.wire import Target, encode
+from edgeroute.upstream_http.wire import JOIN_BYTES, Target, encode
 
 _URL_CACHE_MAX = 1024
 # A reused connection's close that arrives this soon after the request was written is
@@ -85,15 +85,16 @@ class HttpClient:
         if t is None:
             t = self._target(url)
         data = encode(method, t, headers, body)
+        rest = body if len(body) > JOIN_BYTES else b""
         conn = self._take_idle(t)
         if conn is None:
             conn = await self._acquire(t)
         try:
-            return await conn.send(data)
+            return await conn.send(data, rest)
         except StaleConnection:
             pass
         conn = await self._acquire(t, reuse=False)
-        return await conn.send(data)
+        return await conn.send(data, rest)
 
     async def close(self) -> None:
         """Closes every connection; requests in flight fail with UpstreamError."""

@@ -60,7 +60,8 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------
 
-    async def send(self, data: bytes) -> Response:
+    async def send(self, data: bytes, rest: bytes = b"") -> Response:
+        """Writes `data` (and `rest`, a large body sent after its head) and waits for the answer's head."""
         assert self.transport is not None
         head: asyncio.Future[None] = self.loop.create_future()
         resp = self.resp = Response(self, head)
@@ -73,6 +74,8 @@ class Connection(asyncio.Protocol):
             msg = "the connection closed before the request was sent"
             raise StaleConnection(msg) if self.reused else UpstreamError(msg)
         self.transport.write(data)
+        if rest:
+            self.transport.write(rest)
         self.sent_at = self.loop.time()
         try:
             await head

@@ -32,8 +32,14 @@ class Target:
         self.key = (scheme, self.host, self.port)
 
 
+# A body up to this size is sent in one write with its head; a larger one is written after it,
+# not copied behind it (a copy of megabytes is milliseconds of the event loop's).
+JOIN_BYTES = 64 * 1024
+
+
 def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: bytes) -> bytes:
-    """The request `method` to `t` with `headers` and `body`, as written to the connection."""
+    """The request `method` to `t` with `headers` and `body`, as written to the connection: the
+    head and the body, or the head alone when the body is over `JOIN_BYTES` (written next)."""
     lines = [f"{method} {t.path_qs} HTTP/1.1\r\n"]
     has_host = has_accept = False
     n = 0
@@ -61,4 +67,4 @@ def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: byte
     if head.count("\n") != n + 2 or head.count("\r") != n + 2:
         raise ValueError("newline or carriage return in an upstream request header")
     data = head.encode("utf-8")
-    return data + body if body else data
+    return data + body if body and len(body) <= JOIN_BYTES else data

@@ -24,6 +24,20 @@ pub enum CoreError {
         /// Why every candidate was excluded.
         reason: String,
     },
+    /// The request is longer than the context window of every deployment that may serve it
+    /// (400, as OpenAI's `context_length_exceeded`: no retry, fallback or wait would help).
+    #[error(
+        "This model's maximum context length is {window} tokens. However, your request needs {needed} tokens. \
+         Please reduce the length of the messages."
+    )]
+    ContextTooLong {
+        /// The public model name that was asked for.
+        model: String,
+        /// The request's tokens (prompt and the completion asked for).
+        needed: u32,
+        /// The largest context window among the deployments that may serve it.
+        window: u32,
+    },
     /// The router configuration is invalid (raised only when compiling a config).
     #[error("invalid router config: {0}")]
     Config(String),

@@ -287,12 +287,19 @@ impl<'de> Visitor<'de> for ContentVisitor {
 
 /// Returns `body` with the bytes in `span` replaced by the JSON string `model`.
 pub fn rewrite_model(body: &[u8], span: (usize, usize), model: &str) -> Vec<u8> {
-    let quoted = serde_json::to_string(model).expect("strings always serialise");
-    let mut out = Vec::with_capacity(body.len() + quoted.len());
-    out.extend_from_slice(&body[..span.0]);
+    let (head, quoted, tail) = model_parts(body, span, model);
+    let mut out = Vec::with_capacity(head.len() + quoted.len() + tail.len());
+    out.extend_from_slice(head);
     out.extend_from_slice(quoted.as_bytes());
-    out.extend_from_slice(&body[span.1..]);
+    out.extend_from_slice(tail);
     out
+}
+
+/// [`rewrite_model`]'s three parts, for a caller that copies them once into a buffer of its own
+/// (a body is megabytes at most, and each copy of it is time on the caller's event loop).
+pub fn model_parts<'a>(body: &'a [u8], span: (usize, usize), model: &str) -> (&'a [u8], String, &'a [u8]) {
+    let quoted = serde_json::to_string(model).expect("strings always serialise");
+    (&body[..span.0], quoted, &body[span.1..])
 }
 
 #[cfg(test)]

@@ -193,6 +193,7 @@ fn decide_on_arbitrary_bytes_never_panics() {
             Ok(d) => assert!(!d.order.is_empty()),
             Err(CoreError::BadRequest(_) | CoreError::UnknownModel(_) | CoreError::Forbidden(_)) => {}
             Err(CoreError::NoDeployment { reason, .. }) => assert!(!reason.is_empty()),
+            Err(CoreError::ContextTooLong { needed, window, .. }) => assert!(needed > window),
             Err(e @ (CoreError::Config(_) | CoreError::ModelFile(_) | CoreError::ModelInput(_))) => panic!("{e:?}"),
         }
         let _ = router.count_prompt(input);

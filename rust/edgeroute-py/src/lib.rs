@@ -25,6 +25,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     edgeroute._core,
+    ContextLengthError,
+    BadRequestError,
+    "The request is longer than every context window that may serve it (HTTP 400)."
+);
+pyo3::create_exception!(
+    edgeroute._core,
     ForbiddenError,
     EdgerouteError,
     "A rule refuses this request (HTTP 403)."
@@ -55,6 +61,7 @@ fn to_py(e: core::CoreError) -> PyErr {
         core::CoreError::Forbidden(_) => ForbiddenError::new_err(msg),
         core::CoreError::UnknownModel(_) => UnknownModelError::new_err(msg),
         core::CoreError::NoDeployment { .. } => NoDeploymentError::new_err(msg),
+        core::CoreError::ContextTooLong { .. } => ContextLengthError::new_err(msg),
         core::CoreError::Config(_) | core::CoreError::ModelFile(_) | core::CoreError::ModelInput(_) => {
             ConfigError::new_err(msg)
         }
@@ -318,10 +325,14 @@ impl Router {
         index: usize,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let model = &self.checked(index)?.model;
-        Ok(PyBytes::new(
-            py,
-            &core::rewrite_model(body, decision.inner.model_span, model),
-        ))
+        let (head, quoted, tail) = core::model_parts(body, decision.inner.model_span, model);
+        let (a, b) = (head.len(), head.len() + quoted.len());
+        PyBytes::new_with(py, b + tail.len(), |out| {
+            out[..a].copy_from_slice(head);
+            out[a..b].copy_from_slice(quoted.as_bytes());
+            out[b..].copy_from_slice(tail);
+            Ok(())
+        })
     }
 
     /// Takes a capacity slot on deployment `index`.
@@ -431,8 +442,8 @@ impl Router {
 mod _core {
     #[pymodule_export]
     use super::{
-        redact_pii, BadRequestError, ConfigError, Decision, EdgerouteError, ForbiddenError, NoDeploymentError, Router,
-        UnknownModelError,
+        redact_pii, BadRequestError, ConfigError, ContextLengthError, Decision, EdgerouteError, ForbiddenError,
+        NoDeploymentError, Router, UnknownModelError,
     };
 
     #[pymodule_init]

@@ -67,6 +67,13 @@ impl Router {
             }
         }
         if order.is_empty() {
+            if let Some(window) = self.too_long(&chain, ctx.action, ctx.needed) {
+                return Err(CoreError::ContextTooLong {
+                    model: req.model.to_string(),
+                    needed: ctx.needed,
+                    window,
+                });
+            }
             return Err(CoreError::NoDeployment {
                 model: req.model.to_string(),
                 reason: if reason.is_empty() {
@@ -77,6 +84,26 @@ impl Router {
             });
         }
         Ok((order, full))
+    }
+
+    /// The largest context window of the deployments of `chain` that `action` allows, when
+    /// `needed` is over every one of them (none unbounded): the request can never be served,
+    /// whatever their health, so it is the client's error rather than an outage.
+    fn too_long(&self, chain: &[usize], action: Option<&Action>, needed: u32) -> Option<u32> {
+        let mut largest = None;
+        for &r in chain {
+            for &i in &self.routes[r].members {
+                let d = &self.deployments[i].spec;
+                if action.is_some_and(|a| barred(a, d).is_some()) {
+                    continue;
+                }
+                if fits(d, needed) {
+                    return None;
+                }
+                largest = largest.max(Some(d.context_window));
+            }
+        }
+        largest
     }
 
     /// Appends route `r`'s eligible deployments to `out.order` in `strategy`'s order

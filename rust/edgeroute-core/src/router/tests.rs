@@ -85,3 +85,29 @@ fn a_reload_keeps_the_counts_and_bad_capacities_are_refused() {
     let err = Router::from_json(class.as_bytes()).unwrap_err().to_string();
     assert!(err.contains("unknown priority class `bulk`"), "{err}");
 }
+
+#[test]
+fn a_request_over_every_window_is_the_clients_error() {
+    let spec = |fallbacks: &str| {
+        format!(
+            r#"{{"deployments": [
+                {{"name": "small", "provider": "p", "model": "m", "context_window": 100}},
+                {{"name": "big", "provider": "p", "model": "m", "context_window": 100000}}],
+              "models": [{{"name": "m", "deployments": ["small"], "fallbacks": {fallbacks}}},
+                         {{"name": "n", "deployments": ["big"]}}]}}"#
+        )
+    };
+    let long = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "word ".repeat(300)
+    );
+    let alone = Router::from_json(spec("[]").as_bytes()).unwrap();
+    match alone.decide(long.as_bytes(), &RequestMeta::default()) {
+        Err(CoreError::ContextTooLong { needed, window, .. }) => assert!(window == 100 && needed > 300),
+        other => panic!("{other:?}"),
+    }
+    // A fallback whose window fits serves it.
+    let with_fallback = Router::from_json(spec(r#"["n"]"#).as_bytes()).unwrap();
+    let d = with_fallback.decide(long.as_bytes(), &RequestMeta::default()).unwrap();
+    assert_eq!(with_fallback.deployment(d.order[0]).name, "big");
+}
