@@ -265,6 +265,9 @@ class GovStore:
         same transaction: both or neither. A config identical to the latest version reuses its
         number (audited only with `audit_if_same`). Returns (version, created)."""
         with self._lock, self._tx() as cur:
+            if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: instances started at once
+                # each found no version (READ COMMITTED) and added the same config again
+                cur.execute("LOCK TABLE gov_config_versions IN EXCLUSIVE MODE")  # readers still read
             cur.execute("SELECT version, hash FROM gov_config_versions ORDER BY version DESC LIMIT 1")
             last = cur.fetchone()
             if last is not None and last[1] == digest:
