@@ -28,6 +28,7 @@ from edgeroute import (
     learning_share,
     looplag,
     openai_api,
+    reload_signal,
     shadow,
     ui,
 )
@@ -364,6 +365,8 @@ async def serve_async(
         task.add_done_callback(app[STATE].background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if reload_signal.take():  # asked while this server was starting (`serve` notes it)
+        on_hup()
     # Ready for the supervisor only now: a SIGHUP it forwards must find the handler.
     own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
     try:

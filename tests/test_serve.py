@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.conftest import simple_config, wait_ready
@@ -81,3 +82,54 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+@pytest.mark.parametrize("flags", [(), ("--workers", "2")], ids=["one process", "workers"])
+async def test_a_reload_asked_while_starting_is_applied_once_serving(
+    start_upstream, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """A SIGHUP that came before the server had set its handler (a `systemctl reload` right after
+    `systemctl start`: systemd's `Type=exec` counts it started at once) ended the process, and
+    `Restart=on-failure` does not restart one that SIGHUP ended: the service stayed down. Now the
+    reload is applied once the server listens: the config written before it is the one served."""
+    up = await start_upstream()
+    port = free_port()
+    cfg = simple_config({"a": up}, server={"port": port})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "serve", "--config", str(path), *flags,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # The ledger's lock file is made early in the start, seconds before the server listens.
+        lock = tmp_path / "edgeroute-ledger.db.lock"
+        for _ in range(5000):
+            if lock.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.002)
+        assert lock.exists()
+        cfg["models"]["m2"] = {"deployments": ["d-a"]}
+        path.write_text(yaml.safe_dump(cfg))
+        os.kill(proc.pid, signal.SIGHUP)
+        await wait_ready(url, within=30, proc=proc)
+
+        async def models() -> set[str]:  # as every worker serves them (new connections spread)
+            seen: set[str] = set()
+            for _ in range(6):
+                async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:
+                    found = {m["id"] for m in (await r.json())["data"]}
+                seen = found if not seen else seen & found
+            return seen
+
+        for _ in range(100):  # the reload runs in the background once the server listens
+            if "m2" in await models():
+                break
+            await asyncio.sleep(0.05)
+        assert await models() == {"m", "m2"}
+        assert proc.returncode is None
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)

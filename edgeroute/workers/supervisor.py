@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from edgeroute import reload_signal
 from edgeroute.workers import run_dir as run_dirs
 from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID
 
@@ -143,6 +144,7 @@ class Supervisor:
         """Runs until SIGTERM/SIGINT; returns the exit code (0 when every worker drained cleanly)."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._hup = self._hup or reload_signal.take()  # asked while the supervisor was starting
         self._slots = [_Slot(i) for i in range(self.count)]
         try:
             for slot in self._slots:
