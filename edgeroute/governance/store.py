@@ -58,6 +58,7 @@ _INDEXES = [
 ]
 
 
+_VERSIONS_LOCK = 7422  # adding a config version, one instance at a time (pg_schema.py lists the keys)
 RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
 RESPONSE_PRUNE_EVERY = 3600.0
 
@@ -267,7 +268,7 @@ class GovStore:
         with self._lock, self._tx() as cur:
             if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: instances started at once
                 # each found no version (READ COMMITTED) and added the same config again
-                cur.execute("LOCK TABLE gov_config_versions IN EXCLUSIVE MODE")  # readers still read
+                cur.execute(f"SELECT pg_advisory_xact_lock({_VERSIONS_LOCK})")
             cur.execute("SELECT version, hash FROM gov_config_versions ORDER BY version DESC LIMIT 1")
             last = cur.fetchone()
             if last is not None and last[1] == digest:
