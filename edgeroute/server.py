@@ -374,8 +374,9 @@ async def serve_async(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        if worker is not None:  # draining: a sibling's reload request must not end this worker
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Draining: a reload asked now (a sibling's request, a `kill -HUP`) must not end the
+        # process, as SIGHUP's default action would, cutting the streams it is finishing.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")

@@ -133,3 +133,36 @@ async def test_a_reload_asked_while_starting_is_applied_once_serving(
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_a_reload_asked_while_draining_does_not_cut_the_drain(start_upstream, tmp_path: Path) -> None:
+    """Once draining, the server had given SIGHUP back its default action: a reload asked then
+    (`kill -HUP` from a config tool, a stray `systemctl reload`) killed it, cutting the streams
+    it was finishing and losing the ledger's last flush. Now it is ignored until the exit."""
+    up = await start_upstream(chunk_interval=0.1, reply_words=20)
+    port = free_port()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(simple_config({"a": up}, server={"port": port, "drain_timeout": 10})))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, proc=proc)
+        assert proc.stdout is not None
+        assert b"listening" in await proc.stdout.readline()
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "drain"}], "stream": True}
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                first = await r.content.readany()
+                os.kill(proc.pid, signal.SIGTERM)
+                assert b"draining" in await asyncio.wait_for(proc.stdout.readline(), 10)
+                os.kill(proc.pid, signal.SIGHUP)
+                rest = await r.content.read()
+        assert (first + rest).decode().rstrip().endswith("data: [DONE]")
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
