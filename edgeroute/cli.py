@@ -103,6 +103,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from edgeroute import reload_signal
+
+    reload_signal.hold()  # a reload asked while starting is applied once serving, not fatal
     if (cfg := _load(args.config)) is None:
         return 1
     from edgeroute.server import serve

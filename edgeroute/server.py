@@ -28,6 +28,7 @@ from edgeroute import (
     learning_share,
     looplag,
     openai_api,
+    reload_signal,
     shadow,
     ui,
 )
@@ -364,6 +365,8 @@ async def serve_async(
         task.add_done_callback(app[STATE].background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if reload_signal.take():  # asked while this server was starting (`serve` notes it)
+        on_hup()
     # Ready for the supervisor only now: a SIGHUP it forwards must find the handler.
     own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
     try:
@@ -371,8 +374,9 @@ async def serve_async(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        if worker is not None:  # draining: a sibling's reload request must not end this worker
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Draining: a reload asked now (a sibling's request, a `kill -HUP`) must not end the
+        # process, as SIGHUP's default action would, cutting the streams it is finishing.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")

@@ -375,3 +375,52 @@ async def test_sigterm_drains_and_loses_nothing(start_upstream, tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
     assert _ids(db) == {rid for rid, _ in done}
+
+
+async def test_a_server_starts_on_postgres_while_a_backup_reads_the_ledger(start_upstream: Any, tmp_path: Path) -> None:
+    """A server starting (or restarting) while another session reads the spend table (pg_dump, a
+    report) waited for that reader to end: its start-up ran ALTER TABLE ... ADD COLUMN IF NOT
+    EXISTS, which takes PostgreSQL's strongest lock even when the column is there, and every
+    other instance's ledger writes and reads queued behind it. Now it alters only what lacks it."""
+    import uuid
+
+    import openai
+    import psycopg
+    import yaml
+
+    from tests.conftest import simple_config
+    from tests.governance_support import Instance
+
+    dsn = require_postgres()
+    schema = f"dump_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    target = f"{dsn}?options=-csearch_path%3D{schema}"
+    PostgresBackend(target).close()  # the tables, as an earlier server left them
+    up = await start_upstream()
+    path = tmp_path / "edgeroute.yaml"
+    path.write_text(yaml.safe_dump(simple_config({"a": up}, ledger={"backend": "postgres", "dsn": target})))
+    backup = psycopg.connect(target)  # pg_dump's way: one transaction holds every table it read
+    server = None
+    try:
+        backup.execute("SELECT count(*) FROM spend").fetchone()
+        server = Instance(path, tmp_path / "edgeroute.log")
+        await asyncio.to_thread(server.wait_ready, 15.0)
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+
+        def written() -> int:
+            with psycopg.connect(target, autocommit=True) as c:
+                return int(c.execute("SELECT count(*) FROM spend").fetchone()[0])
+
+        for _ in range(100):  # the ledger flushes in the background
+            if await asyncio.to_thread(written) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(written) == 1  # written while the backup still reads
+    finally:
+        backup.close()
+        if server is not None:
+            server.stop()
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -321,3 +321,50 @@ async def test_a_reload_during_a_rollback_leaves_the_file_and_the_running_config
     assert status == 200
     running_second = "second" in str(models)
     assert running_second == ("second" in path.read_text())  # the file says what runs
+
+
+def _start(store: GovStore, text: str, at_once: Any, running: list[int]) -> None:
+    """An instance's start, as far as versions go: it records the config it runs."""
+    from edgeroute.governance.versions import Versions
+
+    at_once.wait()
+    running.append(Versions(store).record(text, "edgeroute.yaml", None))
+
+
+def test_instances_starting_at_once_record_one_version_of_the_same_config() -> None:
+    """Instances started together with one config on an empty PostgreSQL database run the same
+    version: each looked for the latest version and, finding none (or another), added its own in
+    READ COMMITTED, so two or more identical versions were listed and the instances named
+    different numbers for the config they all ran (a rollback to the previous one changed nothing)."""
+    import threading
+    import uuid
+
+    import psycopg
+
+    from tests.test_cost_support import require_postgres
+
+    dsn, n = require_postgres(), 6
+    schema = f"verrace_{uuid.uuid4().hex[:8]}"
+    text = yaml.safe_dump(simple_config({}))
+    try:
+        for _ in range(5):  # the race is lost often, not always: each round starts on no versions
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+                c.execute(f"CREATE SCHEMA {schema}")
+            stores = [GovStore("postgres", f"{dsn}?options=-csearch_path%3D{schema}") for _ in range(n)]
+            at_once = threading.Barrier(n)
+            running: list[int] = []
+
+            threads = [threading.Thread(target=_start, args=(s, text, at_once, running)) for s in stores]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            listed = [v.version for v in stores[0].versions()]
+            for s in stores:
+                s.close()
+            assert len(running) == n
+            assert listed == [1] and set(running) == {1}, (listed, running)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

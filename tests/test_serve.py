@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.conftest import simple_config, wait_ready
@@ -77,6 +78,90 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_
                     raise AssertionError(f"still serving: {r.status}")
             except aiohttp.ClientConnectionError:
                 pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize("flags", [(), ("--workers", "2")], ids=["one process", "workers"])
+async def test_a_reload_asked_while_starting_is_applied_once_serving(
+    start_upstream, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    """A SIGHUP that came before the server had set its handler (a `systemctl reload` right after
+    `systemctl start`: systemd's `Type=exec` counts it started at once) ended the process, and
+    `Restart=on-failure` does not restart one that SIGHUP ended: the service stayed down. Now the
+    reload is applied once the server listens: the config written before it is the one served."""
+    up = await start_upstream()
+    port = free_port()
+    cfg = simple_config({"a": up}, server={"port": port})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "serve", "--config", str(path), *flags,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # The ledger's lock file is made early in the start, seconds before the server listens.
+        lock = tmp_path / "edgeroute-ledger.db.lock"
+        for _ in range(5000):
+            if lock.exists() or proc.returncode is not None:
+                break
+            await asyncio.sleep(0.002)
+        assert lock.exists()
+        cfg["models"]["m2"] = {"deployments": ["d-a"]}
+        path.write_text(yaml.safe_dump(cfg))
+        os.kill(proc.pid, signal.SIGHUP)
+        await wait_ready(url, within=30, proc=proc)
+
+        async def models() -> set[str]:  # as every worker serves them (new connections spread)
+            seen: set[str] = set()
+            for _ in range(6):
+                async with aiohttp.ClientSession() as s, s.get(url + "/v1/models") as r:
+                    found = {m["id"] for m in (await r.json())["data"]}
+                seen = found if not seen else seen & found
+            return seen
+
+        for _ in range(100):  # the reload runs in the background once the server listens
+            if "m2" in await models():
+                break
+            await asyncio.sleep(0.05)
+        assert await models() == {"m", "m2"}
+        assert proc.returncode is None
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+
+
+async def test_a_reload_asked_while_draining_does_not_cut_the_drain(start_upstream, tmp_path: Path) -> None:
+    """Once draining, the server had given SIGHUP back its default action: a reload asked then
+    (`kill -HUP` from a config tool, a stray `systemctl reload`) killed it, cutting the streams
+    it was finishing and losing the ledger's last flush. Now it is ignored until the exit."""
+    up = await start_upstream(chunk_interval=0.1, reply_words=20)
+    port = free_port()
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(simple_config({"a": up}, server={"port": port, "drain_timeout": 10})))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, proc=proc)
+        assert proc.stdout is not None
+        assert b"listening" in await proc.stdout.readline()
+        async with aiohttp.ClientSession() as s:
+            body = {"model": "m", "messages": [{"role": "user", "content": "drain"}], "stream": True}
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                first = await r.content.readany()
+                os.kill(proc.pid, signal.SIGTERM)
+                assert b"draining" in await asyncio.wait_for(proc.stdout.readline(), 10)
+                os.kill(proc.pid, signal.SIGHUP)
+                rest = await r.content.read()
+        assert (first + rest).decode().rstrip().endswith("data: [DONE]")
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
         if proc.returncode is None:
             proc.kill()

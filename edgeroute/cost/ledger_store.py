@@ -282,7 +282,16 @@ class PostgresBackend:
             for stmt in schema("postgres"):
                 self._conn.execute(stmt)
             for table in ("spend", "spend_attempts"):
-                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
+                # Only where it lacks the column: ALTER TABLE takes the table's strongest lock even
+                # when IF NOT EXISTS makes it do nothing, so a start waited for every open reader
+                # (a pg_dump, a report), and every instance's writes queued behind it.
+                columns = self._conn.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND table_name = %s",
+                    (table,),
+                ).fetchall()
+                if _missing_row_id([str(r[0]) for r in columns]):
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
             self._conn.execute(rollup.stage_schema(self.dialect))

@@ -58,6 +58,7 @@ _INDEXES = [
 ]
 
 
+_VERSIONS_LOCK = 7422  # adding a config version, one instance at a time (pg_schema.py lists the keys)
 RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
 RESPONSE_PRUNE_EVERY = 3600.0
 
@@ -265,6 +266,9 @@ class GovStore:
         same transaction: both or neither. A config identical to the latest version reuses its
         number (audited only with `audit_if_same`). Returns (version, created)."""
         with self._lock, self._tx() as cur:
+            if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: instances started at once
+                # each found no version (READ COMMITTED) and added the same config again
+                cur.execute(f"SELECT pg_advisory_xact_lock({_VERSIONS_LOCK})")
             cur.execute("SELECT version, hash FROM gov_config_versions ORDER BY version DESC LIMIT 1")
             last = cur.fetchone()
             if last is not None and last[1] == digest:

@@ -9,7 +9,8 @@ supervisor does no request work; it
 - restarts a worker that exits unasked (after a delay that doubles while it keeps
   crashing, up to 30 s), and counts restarts for `/metrics`;
 - forwards SIGHUP (each worker reloads its config; a worker that applied a config through
-  the admin API asks for the same, for its siblings) and SIGTERM/SIGINT (each worker drains
+  the admin API asks for the same, for its siblings; a worker still starting gets it once
+  ready, as a SIGHUP before its handler is set would end it) and SIGTERM/SIGINT (each worker drains
   its in-flight requests and streams), then waits for all of them; a worker still running
   `server.drain_timeout` + 10 s later is killed.
 
@@ -20,6 +21,7 @@ goes through `shared_state` (Redis) or, without it, the local stores in the run 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from edgeroute import reload_signal
 from edgeroute.workers import run_dir as run_dirs
 from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID
 
@@ -88,6 +91,7 @@ class _Slot:
     started: float = 0.0
     delay: float = 0.5
     restart_at: float | None = None
+    reload_due: bool = False  # a SIGHUP held until the worker is ready (`_signal_all`)
 
 
 @dataclass(slots=True)
@@ -129,7 +133,7 @@ class Supervisor:
     def _wait_ready(self, within: float) -> bool:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline and not self._stop:
-            if all((self.run_dir / f"worker-{s.id}.ready").exists() for s in self._slots):
+            if all(self._ready(s) for s in self._slots):
                 return True
             if any(s.proc is not None and s.proc.poll() is not None for s in self._slots):
                 return False  # a worker died while starting: its error is on stderr
@@ -140,6 +144,7 @@ class Supervisor:
         """Runs until SIGTERM/SIGINT; returns the exit code (0 when every worker drained cleanly)."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._hup = self._hup or reload_signal.take()  # asked while the supervisor was starting
         self._slots = [_Slot(i) for i in range(self.count)]
         try:
             for slot in self._slots:
@@ -168,6 +173,11 @@ class Supervisor:
             request.unlink(missing_ok=True)
             sender = request.name.removeprefix("reload-").removesuffix(".request")
             self._signal_all(signal.SIGHUP, but=int(sender) if sender.isdigit() else None)
+        for slot in self._slots:
+            if slot.reload_due and self._ready(slot) and slot.proc is not None and slot.proc.poll() is None:
+                slot.reload_due = False
+                with contextlib.suppress(ProcessLookupError):
+                    slot.proc.send_signal(signal.SIGHUP)
         now = time.monotonic()
         for slot in self._slots:
             proc = slot.proc
@@ -189,13 +199,19 @@ class Supervisor:
                 flush=True,
             )
 
+    def _ready(self, slot: _Slot) -> bool:
+        return (self.run_dir / f"worker-{slot.id}.ready").exists()
+
     def _signal_all(self, sig: signal.Signals, but: int | None = None) -> None:
         for slot in self._slots:
             if slot.id != but and slot.proc is not None and slot.proc.poll() is None:
-                try:
+                if sig == signal.SIGHUP and not self._ready(slot):
+                    # A worker restarted a moment ago has no handler yet: SIGHUP would end it
+                    # (restarted again, later, counted as a crash). It gets the reload once ready.
+                    slot.reload_due = True
+                    continue
+                with contextlib.suppress(ProcessLookupError):
                     slot.proc.send_signal(sig)
-                except ProcessLookupError:
-                    pass
 
     def _shutdown(self) -> int:
         self.print_fn(f"edgeroute draining {self.count} workers")

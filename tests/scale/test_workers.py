@@ -44,12 +44,12 @@ async def _model_everywhere(url: str, model: str) -> bool:
     return all(seen)
 
 
-async def _until(cond, within: float) -> float:  # type: ignore[no-untyped-def]
+async def _until(cond, within: float, every: float = 0.1) -> float:  # type: ignore[no-untyped-def]
     t0 = time.monotonic()
     while time.monotonic() - t0 < within:
         if await cond():
             return time.monotonic() - t0
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(every)
     raise AssertionError("condition not met in time")
 
 
@@ -100,6 +100,35 @@ async def test_a_killed_worker_is_restarted_while_the_other_serves(start_upstrea
 
     await _until(counted, 20)
     assert "exited with signal SIGKILL" in inst.output()
+
+
+async def test_a_reload_while_a_worker_restarts_does_not_end_it(start_upstream, spawn: Spawn) -> None:
+    """A SIGHUP (a `systemctl reload`, or a config applied through a sibling's admin API) that
+    reached a worker the supervisor had just restarted, before its handler was set, ended it:
+    restarted again, after twice the delay, and counted as a crash. Now it reloads once ready."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    inst = await spawn(cfg, "--workers", "2")
+    victim = children(inst.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+
+    async def starting() -> bool:  # the replacement exists but cannot be ready yet (it is importing)
+        now = children(inst.proc.pid)
+        return len(now) == 2 and victim not in now
+
+    await _until(starting, 20, every=0.005)
+    cfg["models"]["m2"] = {"deployments": ["d-a"]}
+    inst.config.write_text(yaml.safe_dump(cfg))
+    os.kill(inst.proc.pid, signal.SIGHUP)
+
+    await _until(lambda: _model_everywhere(inst.url, "m2"), 20)
+
+    async def counted() -> bool:
+        return await metric(inst.url, "edgeroute_workers") == 2
+
+    await _until(counted, 20)
+    assert await metric(inst.url, "edgeroute_worker_restarts_total") == 1, inst.output()[-2000:]
+    assert "exited with signal SIGHUP" not in inst.output()
 
 
 async def test_sighup_reloads_every_worker_and_sigterm_drains_all(start_upstream, spawn: Spawn) -> None:
