@@ -52,10 +52,15 @@ class Usage:
                 return None
             completion = total - prompt
         details = u.get("prompt_tokens_details") or {}
+        prompt = u.get("prompt_tokens")
+        # A count is an integer: `true` (Python's 1), `0.5` (cut to 0) or `"7"` is a careless
+        # upstream's garbage, counted as a stream's is, never read as a number of tokens.
+        if not all(v is None or type(v) is int for v in (prompt, completion)):
+            return None
         try:
             out = cls(
-                int(u.get("prompt_tokens") or 0),
-                int(completion or 0),
+                prompt or 0,
+                completion or 0,
                 int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
             )
         except (TypeError, ValueError, OverflowError):
