@@ -244,13 +244,54 @@ async def read_body(request: web.Request) -> bytes:
                 code="unsupported_media_type",
             )
     try:
-        return await request.read()  # `server.body_timeout` bounds it (http_server)
+        body = await request.read()  # `server.body_timeout` bounds it (http_server)
     except web.HTTPRequestEntityTooLarge:
         raise ProxyError(
             413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
         ) from None
     except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
         raise body_read_error(e) from None
+    if too_deep(body):
+        raise ProxyError(
+            400,
+            f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_request",
+        )
+    return body
+
+
+# JSON nested deeper than this is refused (the core's own parser refuses a message nested
+# deeper): orjson writes at most 254 levels, so a body of 255 to 1,024 (which it reads) failed
+# every re-serialisation (the cache key, a translation, a body sent on) with a 500, and
+# Python code walking such a body hit the interpreter's recursion limit.
+MAX_JSON_DEPTH = 128
+_ORJSON_MAX_DEPTH = 254
+
+
+def too_deep(body: bytes) -> bool:
+    """Whether the JSON in `body` nests more than `MAX_JSON_DEPTH` levels (False when it is not JSON)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # every usual body: two scans in C
+        return False
+    try:
+        wrapped: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        # Past orjson's own reading bound (1,024) too deep; otherwise not JSON, which the
+        # endpoint says in its own words.
+        return "depth limit" in str(e)
+    for _ in range(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH):
+        wrapped = [wrapped]  # so that orjson's own bound falls at MAX_JSON_DEPTH, checked in C
+    try:
+        orjson.dumps(wrapped)
+    except TypeError:  # "Recursion limit reached"
+        return True
+    return False
+    try:
+        orjson.dumps(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return False  # not JSON: the endpoint says so in its own words
+    except TypeError:
+        return True  # orjson's "Recursion limit reached"
+    return False
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")
