@@ -182,5 +182,6 @@ def _expectation_failed(path: str) -> web.StreamResponse:
     msg = "The Expect header is not supported; only 100-continue is."
     resp = web.Response(status=417, body=error_body(417, msg, code="expectation_failed"))
     resp.content_type = "application/json"
+    resp.headers["Server"] = "edgeroute"  # answered before the application, whose signal sets it
     resp.force_close()
     return anthropic_api.rewrite_error(resp) if path in anthropic_api.PATHS else resp

@@ -215,7 +215,7 @@ async def test_an_expectation_this_server_does_not_meet_is_a_417_in_the_apis_for
     request = _chat("hi", extra=b"Expect: 200-ok\r\n").replace(b"/v1/chat/completions", path.encode(), 1)
     ((status, head, body),) = _answers(await raw_exchange(proxy.port, request))
     assert status == 417
-    assert b"application/json" in head.lower()
+    assert b"application/json" in head.lower() and b"server: edgeroute\r\n" in head.lower()
     err = orjson.loads(body)
     if path == "/v1/messages":
         assert err["type"] == "error" and "100-continue" in err["error"]["message"]
