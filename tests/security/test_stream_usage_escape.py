@@ -100,17 +100,20 @@ async def _record(proxy: Any) -> Any:
     return rec
 
 
+@pytest.mark.parametrize("asked", ["default", "false"])
 @pytest.mark.parametrize("upstream", [False, True], ids=["compact", "spaced"], indirect=True)
 async def test_a_stream_asked_without_usage_is_priced_for_its_reasoning_tokens(
-    upstream: tuple[str, list[dict[str, Any]]], start_proxy: Any
+    upstream: tuple[str, list[dict[str, Any]]], start_proxy: Any, asked: str
 ) -> None:
     base_url, seen = upstream
     proxy = await start_proxy(_config(base_url))
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    options: Any = {"include_usage": False} if asked == "false" else openai.NOT_GIVEN
     got = await client.chat.completions.create(
         model="m",
         messages=[{"role": "user", "content": "think hard"}],
         stream=True,
+        stream_options=options,
     )
     chunks = [c async for c in got]
     # What the client sees is what OpenAI sends a client that did not ask: no usage chunk.
