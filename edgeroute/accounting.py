@@ -52,10 +52,23 @@ class Usage:
                 return None
             completion = total - prompt
         details = u.get("prompt_tokens_details") or {}
+        prompt = u.get("prompt_tokens")
+        if prompt is None:
+            # Without its prompt count a usage is whole only with a total to take it from: read
+            # as 0, a careless upstream's 13,500-token prompt was priced at nothing.
+            total = u.get("total_tokens")
+            done = completion if answered else 0
+            if type(total) is not int or not (done is None or type(done) is int) or total < (done or 0):
+                return None
+            prompt = total - (done or 0)
+        # A count is an integer: `true` (Python's 1), `0.5` (cut to 0) or `"7"` is a careless
+        # upstream's garbage, counted as a stream's is, never read as a number of tokens.
+        if not all(v is None or type(v) is int for v in (prompt, completion)):
+            return None
         try:
             out = cls(
-                int(u.get("prompt_tokens") or 0),
-                int(completion or 0),
+                prompt or 0,
+                completion or 0,
                 int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0,
             )
         except (TypeError, ValueError, OverflowError):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from edgeroute import anthropic_api
 from edgeroute.config import Config
 from edgeroute.errors import error_body
 from edgeroute.http_connection import Connection
@@ -109,6 +110,10 @@ class ProxyServer:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """The application's answer to a request; never raises but for a client gone away."""
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.strip().lower() != "100-continue":
+            # aiohttp answers it before the application, in plain text quoting the header.
+            return _expectation_failed(request.path)
         try:
             return await self.app._handle(request)
         except web.HTTPException as e:  # a response in aiohttp 3 (the middleware turns most into JSON)
@@ -170,3 +175,13 @@ class ProxyServer:
 
 def _idle_since(c: Connection) -> int:
     return c.idle_since or 0
+
+
+def _expectation_failed(path: str) -> web.StreamResponse:
+    """417 in the API's format for an `Expect` other than `100-continue`; the body is left unread."""
+    msg = "The Expect header is not supported; only 100-continue is."
+    resp = web.Response(status=417, body=error_body(417, msg, code="expectation_failed"))
+    resp.content_type = "application/json"
+    resp.headers["Server"] = "edgeroute"  # answered before the application, whose signal sets it
+    resp.force_close()
+    return anthropic_api.rewrite_error(resp) if path in anthropic_api.PATHS else resp

@@ -271,11 +271,45 @@ async def read_body(request: web.Request) -> bytes:
             chunks.append(chunk)
     except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
         raise body_read_error(e) from None
-    request[_BODY] = body = b"".join(chunks)
+    body = b"".join(chunks)
+    if too_deep(body):
+        raise ProxyError(
+            400,
+            f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_request",
+        )
+    request[_BODY] = body
     return body
 
 
 _BODY = web.RequestKey("body", bytes)  # a request's body once read
+
+
+# JSON nested deeper than this is refused (the core's own parser refuses a message nested
+# deeper): orjson writes at most 254 levels, so a body of 255 to 1,024 (which it reads) failed
+# every re-serialisation (the cache key, a translation, a body sent on) with a 500, and
+# Python code walking such a body hit the interpreter's recursion limit.
+MAX_JSON_DEPTH = 128
+_ORJSON_MAX_DEPTH = 254
+
+
+def too_deep(body: bytes) -> bool:
+    """Whether the JSON in `body` nests more than `MAX_JSON_DEPTH` levels (False when it is not JSON)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # every usual body: two scans in C
+        return False
+    try:
+        wrapped: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        # Past orjson's own reading bound (1,024) too deep; otherwise not JSON, which the
+        # endpoint says in its own words.
+        return "depth limit" in str(e)
+    for _ in range(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH):
+        wrapped = [wrapped]  # so that orjson's own bound falls at MAX_JSON_DEPTH, checked in C
+    try:
+        orjson.dumps(wrapped)
+    except TypeError:  # "Recursion limit reached"
+        return True
+    return False
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")

@@ -236,9 +236,37 @@ def _last_end(data: bytes) -> int:
     return end
 
 
+# `"usage":{` as any JSON writer spells it (Python's json.dumps writes `"usage": {`).
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def without_usage_chunks(data: bytes) -> bytes:
+    """`data` (whole events) without the chunks that carry only usage (`choices` empty): what an
+    upstream sends when asked `stream_options.include_usage`, for a client that did not ask."""
+    if not _USAGE_OBJECT.search(data):  # the common chunk: one search
+        return data
+    events, rest = split_events(data)
+    kept = []
+    for ev in events:
+        payload = event_data(ev)
+        if payload is not None and _USAGE_OBJECT.search(payload):
+            try:
+                obj = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict):
+                continue
+        kept.append(ev + b"\n\n")
+    return b"".join(kept) + rest
+
+
 def find_usage(tail: bytes) -> dict[str, Any] | None:
-    """The last non-null `usage` object among the complete events in `tail`."""
-    idx = tail.rfind(b'"usage":{')
+    """The last non-null `usage` object among the complete events in `tail` (written with
+    spaces too: searched as `"usage":{` alone, it was missed and the answer counted from its
+    visible text)."""
+    idx = -1
+    for m in _USAGE_OBJECT.finditer(tail):
+        idx = m.start()
     if idx < 0:
         return None
     start = tail.rfind(b"data:", 0, idx)

@@ -84,7 +84,10 @@ async def test_stream_without_usage_is_costed_from_the_core_count(start_upstream
     up = await start_upstream(reply_words=30)
     db = tmp_path / "l.db"
     cfg = _cfg({"input_per_mtok": 1.0, "output_per_mtok": 2.0})
-    cfg["providers"] = {"a": {"base_url": up.base_url}}
+    # A server that cannot take stream_options is not asked for the usage (any other is: see
+    # security/test_stream_usage_escape.py), so its stream comes without one.
+    options = {"unsupported": ["stream_options"], "unsupported_params": "drop"}
+    cfg["providers"] = {"a": {"base_url": up.base_url, "options": options}}
     cfg["ledger"] = {"path": str(db), "flush_interval": 0.1}
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)

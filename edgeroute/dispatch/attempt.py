@@ -176,6 +176,9 @@ class Attempts:
         self._counting: asyncio.Future[int] | None = None  # a long prompt's count in a worker thread
         if decision.stream and not decision.include_usage:
             preload_tokenizer(decision.encoding)  # the stream is counted when it ends
+        # Set once an attempt asked its upstream for the usage the client did not ask for (see
+        # `upstream_request`): the relay then keeps the usage chunk from the client.
+        self.usage_added = False
         self.hedged = False
         self.granted: int | None = None  # a capacity slot handed over while queued, not yet used
         self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
@@ -282,6 +285,17 @@ class Attempts:
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         """The request for `dep` (other endpoints than chat override it)."""
         body = self.router.body_for(self.body, self.decision, dep.index) if adapter.passthrough else self.body
+        if (
+            adapter.passthrough
+            and self.stream
+            and not self.decision.include_usage
+            and "stream_options" not in getattr(adapter, "unsupported", ())
+        ):
+            # A stream the client asked without usage is still asked upstream with it: counted
+            # from its text instead, a reasoning model's hidden reasoning tokens (billed as
+            # output, never streamed) were priced at nothing, whatever budget held the key.
+            body = with_stream_usage(body)
+            self.usage_added = True
         return adapter.build(dep.model, body, self.stream)
 
     async def _answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
@@ -445,6 +459,16 @@ def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failur
     # fault, like a 5xx, so fail over; the core hears of it in `_report`.
     log.exception("unreadable answer from deployment %s", dep.name)
     return Failure(Outcome.SERVER_ERROR, status, f"upstream answer could not be read ({type(e).__name__})")
+
+
+def with_stream_usage(body: bytes) -> bytes:
+    """`body` (a chat request's JSON object) with `stream_options.include_usage` true."""
+    if body[:2] == b'{"' and b'"stream_options"' not in body:  # the core's compact body: no parse
+        return b'{"stream_options":{"include_usage":true},' + body[1:]
+    obj = orjson.loads(body)
+    opts = obj.get("stream_options")
+    obj["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+    return orjson.dumps(obj)
 
 
 def has_content(obj: Any) -> bool:

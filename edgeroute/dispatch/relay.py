@@ -92,7 +92,7 @@ async def relay_stream(
     try:
         await out.prepare(request)
         request[STREAM_STARTED] = True
-        events = _Events(out, encode)
+        events = _Events(out, encode, strip_usage=call.usage_added)
         send = events.send  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         writing_slowly = False  # a write waits for a client that reads slowly
@@ -206,16 +206,22 @@ class _Events:
     turns OpenAI-format events into another API's (Anthropic's for `/v1/messages`).
     """
 
-    __slots__ = ("_encode", "_guard", "_out")
+    __slots__ = ("_encode", "_guard", "_out", "_strip_usage")
 
-    def __init__(self, out: web.StreamResponse, encode: Callable[[bytes], bytes] | None) -> None:
+    def __init__(
+        self, out: web.StreamResponse, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False
+    ) -> None:
         self._out = out
         self._encode = encode
         self._guard = sse.RelayGuard()
+        # The usage chunk edgeroute asked for and the client did not: kept from it.
+        self._strip_usage = strip_usage
 
     async def send(self, data: bytes) -> bool:
         """Sends what may go of `data`; True once the upstream's own error event has gone."""
         data, ended = _through_error(self._guard.feed(data))
+        if self._strip_usage:
+            data = sse.without_usage_chunks(data)
         data = self._encode(data) if self._encode is not None else data
         if data:
             await self._out.write(data)
@@ -230,6 +236,8 @@ class _Events:
     async def flush(self) -> None:
         """Sends the stream's last event, held back for want of its blank line."""
         if rest := self._guard.close():
+            if self._strip_usage:
+                rest = sse.without_usage_chunks(rest)
             rest = self._encode(rest) if self._encode is not None else rest
             if rest:
                 await self._out.write(rest)

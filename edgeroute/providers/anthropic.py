@@ -41,11 +41,12 @@ FINISH = {
 
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     """Anthropic's usage in OpenAI's terms: cache reads and writes are prompt tokens too. None
-    (the answer is counted) without its output count or with any count that is not a count:
+    (the answer is counted) without its output or input count (read as 0, a prompt without
+    its count was priced at nothing) or with any count that is not a count:
     a careless upstream's negative count reached the client as negative `usage` (and a string
     one failed a good answer with a 502)."""
     counts = oa.token_counts(
-        u, ("output_tokens",), ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+        u, ("output_tokens", "input_tokens"), ("cache_read_input_tokens", "cache_creation_input_tokens")
     )
     if counts is None:
         return None

@@ -205,6 +205,25 @@ async def test_expect_100_continue_is_honoured(leaky: Leaky, serve) -> None:
     assert answer.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_an_expectation_this_server_does_not_meet_is_a_417_in_the_apis_format(
+    leaky: Leaky, serve, path: str
+) -> None:
+    """`Expect: 200-ok` was answered by aiohttp before the application, in plain text quoting the header."""
+    leaky.mode = "ok"
+    proxy = await serve(leaky_config(leaky))
+    request = _chat("hi", extra=b"Expect: 200-ok\r\n").replace(b"/v1/chat/completions", path.encode(), 1)
+    ((status, head, body),) = _answers(await raw_exchange(proxy.port, request))
+    assert status == 417
+    assert b"application/json" in head.lower() and b"server: edgeroute\r\n" in head.lower()
+    err = orjson.loads(body)
+    if path == "/v1/messages":
+        assert err["type"] == "error" and "100-continue" in err["error"]["message"]
+    else:
+        assert err["error"]["code"] == "expectation_failed" and "100-continue" in err["error"]["message"]
+    assert b"200-ok" not in body
+
+
 async def test_http_1_0_is_answered_and_closed(leaky: Leaky, serve) -> None:
     leaky.mode = "ok"
     proxy = await serve(leaky_config(leaky))
