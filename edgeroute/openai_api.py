@@ -290,26 +290,15 @@ _BODY = web.RequestKey("body", bytes)  # a request's body once read
 # every re-serialisation (the cache key, a translation, a body sent on) with a 500, and
 # Python code walking such a body hit the interpreter's recursion limit.
 MAX_JSON_DEPTH = 128
-_ORJSON_MAX_DEPTH = 254
 
 
 def too_deep(body: bytes) -> bool:
-    """Whether the JSON in `body` nests more than `MAX_JSON_DEPTH` levels (False when it is not JSON)."""
+    """Whether the JSON in `body` nests more than `MAX_JSON_DEPTH` levels: a byte scan in the
+    core (no parse; a body with tools has hundreds of brackets, parsed and re-written twice
+    for this on the event loop before)."""
     if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # every usual body: two scans in C
         return False
-    try:
-        wrapped: Any = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        # Past orjson's own reading bound (1,024) too deep; otherwise not JSON, which the
-        # endpoint says in its own words.
-        return "depth limit" in str(e)
-    for _ in range(_ORJSON_MAX_DEPTH - MAX_JSON_DEPTH):
-        wrapped = [wrapped]  # so that orjson's own bound falls at MAX_JSON_DEPTH, checked in C
-    try:
-        orjson.dumps(wrapped)
-    except TypeError:  # "Recursion limit reached"
-        return True
-    return False
+    return _core.Router.nesting_over(body, MAX_JSON_DEPTH)
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")

@@ -52,6 +52,6 @@ mod vocab;
 pub use config::{DeploymentSpec, HealthSpec, ModelSpec, RetryBudgetSpec, RouterSpec, Strategy};
 pub use error::{CoreError, Result};
 pub use health::{CircuitState, HealthSnapshot, Outcome};
-pub use request::{model_parts, rewrite_model};
+pub use request::{model_parts, nesting_over, rewrite_model};
 pub use router::{Decision, RequestMeta, Router};
 pub use tokens::Encoding;

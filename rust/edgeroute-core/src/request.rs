@@ -302,9 +302,65 @@ pub fn model_parts<'a>(body: &'a [u8], span: (usize, usize), model: &str) -> (&'
     (&body[..span.0], quoted, &body[span.1..])
 }
 
+/// Whether the JSON in `body` nests arrays and objects more than `limit` deep. A byte scan
+/// that skips strings (a SIMD search for their quotes and escapes): no parse, no allocation,
+/// so a caller can check any body before a parser with a lower nesting bound than its own
+/// (orjson reads 1,024 levels and writes 254) meets it. Bytes that are not JSON are scanned
+/// the same way, and a bracket the document does not close counts as open.
+pub fn nesting_over(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'"' => loop {
+                // The string's end: the next quote not escaped.
+                let rest = body.get(i + 1..).unwrap_or_default(); // an escape may end the body
+                match memchr::memchr2(b'"', b'\\', rest) {
+                    None => return false,
+                    Some(at) if body[i + 1 + at] == b'\\' => i += at + 2,
+                    Some(at) => {
+                        i += at + 1;
+                        break;
+                    }
+                }
+            },
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nesting_over(deep(128).as_bytes(), 128));
+        assert!(nesting_over(deep(129).as_bytes(), 128));
+        let wrapped = format!(r#"{{"a": "{}", "b": {}}}"#, "[{".repeat(500), deep(10));
+        assert!(!nesting_over(wrapped.as_bytes(), 128)); // brackets in a string are text
+        let escaped = format!(r#"{{"a": "\"{}\\", "b": {}}}"#, "[".repeat(300), deep(127));
+        assert!(!nesting_over(escaped.as_bytes(), 128)); // an escaped quote does not end it
+        assert!(nesting_over(
+            format!(r#"{{"a": "x", "b": {}}}"#, deep(128)).as_bytes(),
+            128
+        ));
+        assert!(!nesting_over(br#"{"unclosed": "[[[["#, 2));
+        assert!(!nesting_over(b"", 0));
+        // A body that ends inside a string, after an escape: scanned to its end, no panic.
+        assert!(nesting_over(b"[\"ends in an escape\\", 0));
+        assert!(!nesting_over(b"\"\\", 5));
+    }
 
     #[test]
     fn parses_and_rewrites_model() {

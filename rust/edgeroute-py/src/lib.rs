@@ -426,6 +426,12 @@ impl Router {
     fn count_tokens(py: Python<'_>, text: &str, encoding: &str) -> PyResult<usize> {
         py.detach(|| core::Router::count_tokens(text, encoding)).map_err(to_py)
     }
+
+    /// Whether the JSON in `body` nests arrays and objects more than `limit` deep (a byte scan).
+    #[staticmethod]
+    fn nesting_over(py: Python<'_>, body: &[u8], limit: usize) -> bool {
+        py.detach(|| core::nesting_over(body, limit))
+    }
 }
 
 impl Router {
