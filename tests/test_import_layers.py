@@ -95,6 +95,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.health_checks",
             "edgeroute.health_share",
             "edgeroute.capacity_share",
+            "edgeroute.leases",
             "edgeroute.learning_share",
             "edgeroute.metrics",
             "edgeroute.looplag",
