@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.admission import CanServe, Counter
 from edgeroute.config import Config
 from edgeroute.cost import budgets as B
+from edgeroute.cost.control import parallel
 from edgeroute.cost.control.rate_limits import RateLimits, bucket_takes
 from edgeroute.cost.control.read_back import same_counting
 from edgeroute.cost.control.reservations import Prices, Reservations, prompt_upper
@@ -25,13 +27,28 @@ from edgeroute.cost.prices import Ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
+from edgeroute.leases import RedisLeases, SharedSlots, SqliteLeases
 from edgeroute.state import STATE, ServerState
+from edgeroute.workers import worker as workers
 
 
 def _enabled(cfg: Config) -> bool:
     rl = cfg.rate_limits
     keyed = bool(cfg.keys) or cfg.governance.managed_keys
     return keyed or bool(cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
+
+
+def _shared_slots(cfg: Config, fail_open: bool) -> Callable[[], SharedSlots] | None:
+    """Where keys' `max_parallel` slots are shared: Redis (`shared_state`), else the workers'
+    file under `serve --workers N`; None: this process counts alone."""
+    label = "shared key parallel limits"
+    if (shared := cfg.shared_state) is not None:
+        return lambda: SharedSlots(RedisLeases(shared, "par"), fail_open, label)
+    worker = workers.current()
+    if worker is not None and worker.count > 1:
+        path = worker.dir / "parallel.sqlite"
+        return lambda: SharedSlots(SqliteLeases(path), True, label)
+    return None
 
 
 class CostControl(Reservations, RateLimits):
@@ -57,6 +74,7 @@ class CostControl(Reservations, RateLimits):
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
+        self.parallel = parallel.ParallelSlots(_shared_slots(cfg, self.fail_open))
         self._down_until = 0.0
         self._tasks = set()
         self._notified = {}
@@ -113,6 +131,15 @@ class CostControl(Reservations, RateLimits):
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
+        if wanted := parallel.caps(ident, self._key_limit(ident)):
+            # First: refused here, the request takes nothing from its rate limits or budgets.
+            try:
+                ticket.parallel = await self.parallel.take(wanted)
+            except ProxyError:
+                rec.outcome = "rate_limited"
+                raise
+            except StoreUnavailable as e:
+                self._unavailable("key parallel limits", e)  # raised only when closed: a 503
         try:
             # With Redis, the three checks below are made in one round trip up front (`_at_once`)
             # and each step reads its result from it; otherwise each step checks on its own.
@@ -194,5 +221,6 @@ class CostControl(Reservations, RateLimits):
             await asyncio.wait(set(self._tasks), timeout=5)
         if self._session is not None:
             await self._session.close()
+        await self.parallel.close()
         if self.shared is not None:
             await self.shared.close()

@@ -30,6 +30,7 @@ class CostTicket:
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)
+    parallel: list[str] = field(default_factory=list)  # the keys whose `max_parallel` slot it holds
     # The public models a budget's downgrade may send this request to (None: any; see `admit`).
     can_serve: Callable[[str], bool] | None = None
 
