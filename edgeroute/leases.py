@@ -173,7 +173,7 @@ class SharedSlots:
     async def claim(self, deployment: str, limit: int) -> bool:
         """Takes a lease if the fleet has fewer than `limit` in flight; True when the store
         cannot say (fail open: this process's own count has admitted the request already)."""
-        lease = f"{self.instance}:{next(self._ids)}"
+        lease = self.lease_id()
         try:
             ok = await self.store.take_lease(deployment, limit, lease)
         except StoreUnavailable as e:
@@ -199,6 +199,16 @@ class SharedSlots:
         self.results["taken"] += 1
         self.held.setdefault(deployment, []).append(lease)
         return True
+
+    def lease_id(self) -> str:
+        """A new lease id of this process (for a lease another script takes, see `adopt`)."""
+        return f"{self.instance}:{next(self._ids)}"
+
+    def adopt(self, name: str, lease: str) -> None:
+        """Holds (renews, gives back on `release`) a lease taken by another script: the
+        admission script takes a key's slot with its buckets (`cost.redis_scripts.ADMIT`)."""
+        self.results["taken"] += 1
+        self.held.setdefault(name, []).append(lease)
 
     def release(self, deployment: str) -> None:
         """Gives one slot back: an unleased one first, so the shared count never falls below

@@ -393,3 +393,30 @@ async def test_per_key_caps_each_key_without_limits_of_its_own(upstreams: Any, s
     held += [await _open_stream(proxy.url) for _ in range(3)]  # its own limits, not per_key's
     up.release.set()
     assert [await _finish(s) for s in held] == ["lo"] * 4
+
+
+async def test_with_redis_a_refusal_at_the_cap_takes_nothing_from_the_rate_limit(
+    upstreams: Any, start_proxy: StartProxy, shared: SharedState
+) -> None:
+    up = HeldStreams()
+    cfg = _config(await upstreams(up.handle), cap=1)
+    cfg["keys"]["capped"]["limits"]["rpm"] = 3
+    cfg["shared_state"] = shared.model_dump()
+    proxy = await start_proxy(cfg)
+    stream = await _open_stream(proxy.url)  # 1 of 3 this minute
+    for _ in range(5):
+        with pytest.raises(openai.RateLimitError) as ei:
+            await _ask(proxy.url)
+        assert ei.value.code == "parallel_limit"
+    up.release.set()
+    assert await _finish(stream) == "lo"
+    for _ in range(2):  # the refusals took none of the minute's requests
+        assert (await _ask(proxy.url)).choices[0].message.content == "hi there"
+    with pytest.raises(openai.RateLimitError) as ei:
+        await _ask(proxy.url)
+    assert ei.value.code == "rate_limit_exceeded"
+
+    async def none_left() -> bool:  # nor does a request the rate limit refused hold a slot
+        return await _leases(shared, "capped") == 0
+
+    await eventually(none_left, "a lease left by a refused request")

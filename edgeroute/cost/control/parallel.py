@@ -9,9 +9,10 @@ This process's count decides first and costs nothing: a key full here is refused
 round trip, and a request whose key has no cap costs a dict lookup. With `shared_state`
 (Redis), or the workers of one `serve --workers N`, a request this process admits also takes a
 lease (`edgeroute.leases`, its own sets, `{prefix}:par:{key}`) so the cap holds across the
-fleet; the leases are renewed while held, so a process killed with -9 frees its slots within
-`LEASE_S` (15 s). The store down: `on_unavailable: open` counts on this process alone, `closed`
-refuses with 503 (as budgets do).
+fleet: with Redis in the admission script, in the same round trip as its rate limits and
+budgets (`cost.redis_scripts.ADMIT`), else in one of its own. The leases are renewed while
+held, so a process killed with -9 frees its slots within `LEASE_S` (15 s). The store down:
+`on_unavailable: open` counts on this process alone, `closed` refuses with 503 (as budgets do).
 
 Refused: 429 `parallel_limit` with `Retry-After: 1`, naming the key's id, never its token.
 """
@@ -24,8 +25,9 @@ from collections.abc import Callable
 from edgeroute import background
 from edgeroute.config import Limit
 from edgeroute.cost.keys import Identity
+from edgeroute.cost.redis_store import Lease
 from edgeroute.errors import ProxyError
-from edgeroute.leases import SharedSlots
+from edgeroute.leases import RedisLeases, SharedSlots
 
 RETRY_AFTER_S = 1  # a slot frees when any of the key's requests ends: worth asking again soon
 
@@ -52,7 +54,9 @@ class ParallelSlots:
     """The slots held in this process, by key id, and the shared leases behind them.
 
     `shared` makes the shared slots the first time a cap is taken (a gateway without any
-    `max_parallel` opens no store for them)."""
+    `max_parallel` opens no store for them). A request takes its slots in two steps: this
+    process's count (`count_here`), then the fleet's: leased in the admission script with
+    Redis up (`in_script`, then `adopt`), else in a round trip of their own (`lease`)."""
 
     def __init__(self, shared: Callable[[], SharedSlots] | None) -> None:
         self.local: dict[str, int] = {}
@@ -66,19 +70,37 @@ class ParallelSlots:
             self._renew = asyncio.get_running_loop().create_task(self.shared.renew_forever())
         return self.shared
 
-    async def take(self, wanted: list[tuple[str, int]]) -> list[str]:
-        """Takes a slot of each key in `wanted` (all or nothing) and returns their ids, to give
-        back with `release`. Raises the 429 of the first key at its cap, or `StoreUnavailable`
-        when the shared store cannot answer and `on_unavailable` is closed."""
+    def count_here(self, wanted: list[tuple[str, int]]) -> list[str]:
+        """Counts a slot of each key in `wanted` in this process (all or nothing) and returns
+        their ids, to give back with `release`; the 429 of the first key full here."""
         for key, cap in wanted:
             if self.local.get(key, 0) >= cap:
                 raise refused(key, cap)
         keys = [k for k, _ in wanted]
-        for key in keys:  # counted before the round trip: this process's next request sees it
+        for key in keys:
             self.local[key] = self.local.get(key, 0) + 1
+        return keys
+
+    def in_script(self, wanted: list[tuple[str, int]]) -> list[Lease] | None:
+        """The leases for the admission script to take, when the slots are shared in Redis."""
+        shared = self._shared()
+        if shared is None or not isinstance(shared.store, RedisLeases):
+            return None
+        return [(shared.store.prefix + key, cap, shared.lease_id()) for key, cap in wanted]
+
+    def adopt(self, leases: list[Lease], keys: list[str]) -> None:
+        """Holds the leases the admission script took (renewed, given back on `release`)."""
+        assert self.shared is not None
+        for (_, _, lease), key in zip(leases, keys, strict=True):
+            self.shared.adopt(key, lease)
+
+    async def lease(self, wanted: list[tuple[str, int]]) -> bool:
+        """Takes the fleet's slots in a round trip of their own (all or nothing): False without
+        shared slots. Raises the 429 of the first key the fleet has full, or `StoreUnavailable`
+        when the store cannot answer and `on_unavailable` is closed."""
         shared = self._shared()
         if shared is None:
-            return keys
+            return False
         leased: list[str] = []
         try:
             for key, cap in wanted:
@@ -88,18 +110,14 @@ class ParallelSlots:
         except BaseException:
             for key in leased:
                 shared.release(key)
-            self._uncount(keys)
             raise
-        return keys
+        return True
 
-    def release(self, keys: list[str]) -> None:
-        """Gives back the slots `take` returned (call once)."""
-        if self.shared is not None:
+    def release(self, keys: list[str], leased: bool) -> None:
+        """Gives back the slots `count_here` counted and, when `leased`, their leases (once)."""
+        if leased and self.shared is not None:
             for key in keys:
                 self.shared.release(key)
-        self._uncount(keys)
-
-    def _uncount(self, keys: list[str]) -> None:
         for key in keys:
             left = self.local.get(key, 0) - 1
             if left > 0:

@@ -139,5 +139,5 @@ class Settlement(Stores):
     def _free_slots(self, ticket: CostTicket) -> None:
         """Gives back the `max_parallel` slots the request holds, once (settled or refused)."""
         if ticket.parallel:
-            self.parallel.release(ticket.parallel)
-            ticket.parallel = []
+            self.parallel.release(ticket.parallel, ticket.parallel_leased)
+            ticket.parallel, ticket.parallel_leased = [], False
