@@ -24,11 +24,12 @@ from edgeroute.leases import LEASE_S, RedisLeases
 from tests.conftest import eventually
 from tests.dispatch_support import HELLO, StartProxy, answer, chunk, sse_response
 from tests.dispatch_support import upstreams as upstreams  # a fixture
+from tests.governance_support import call
 from tests.scale.support import Spawn, metric
 from tests.scale.support import spawn as spawn  # a fixture
 from tests.test_cost_support import require_redis
 
-CAPPED, OTHER = "tok-capped-7f3a", "tok-other-91c2"
+CAPPED, OTHER, ROOT = "tok-capped-7f3a", "tok-other-91c2", "tok-root-5be0"
 
 
 class HeldStreams:
@@ -69,6 +70,7 @@ def _config(cfg: dict[str, Any], cap: int) -> dict[str, Any]:
     cfg["keys"] = {
         "capped": {"token": CAPPED, "team": "research", "limits": {"max_parallel": cap}},
         "other": {"token": OTHER},
+        "root": {"token": ROOT, "role": "admin"},
     }
     cfg.setdefault("server", {})["metrics_public"] = True  # Prometheus scrapes it without a key here
     return cfg
@@ -118,6 +120,10 @@ async def test_streams_past_the_cap_are_refused_until_one_ends(upstreams: Any, s
         assert isinstance(e, openai.RateLimitError), e
         _assert_refused(e)
     assert up.open == 3
+    status, report = await call("GET", proxy.url + "/admin/budgets", ROOT)
+    assert status == 200, report
+    rows = {(r["scope"], r["name"]): r for r in report["rate_limits"]}
+    assert (rows[("key", "capped")]["max_parallel"], rows[("key", "capped")]["in_flight"]) == (3, 3)
     # The Messages API refuses in its own format.
     claude = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=CAPPED, max_retries=0)
     with pytest.raises(anthropic.RateLimitError) as ei:
@@ -306,8 +312,6 @@ async def test_managed_keys_take_max_parallel_from_the_api_and_the_cli(upstreams
     import json
     import subprocess
     import sys
-
-    from tests.governance_support import call
 
     up = HeldStreams()
     cfg = await upstreams(up.handle)
