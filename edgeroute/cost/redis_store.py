@@ -90,7 +90,7 @@ class RedisState:
         self, takes: list[Take], deployment: list[Take], charges: list[Charge], leases: list[Lease] | None = None
     ) -> Admitted:
         """Checks that each of `leases` has a slot free (else nothing happens), takes `takes`
-        (all or nothing; refused, nothing else happens), leases the slots (for `lease_ms`),
+        (all or nothing; refused, nothing else happens), leases the slots (for `LEASE_S`),
         then takes `deployment`'s buckets (all or nothing, on their own), then reserves
         `charges` — one atomic script."""
         leases = leases or []
