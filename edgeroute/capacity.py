@@ -30,7 +30,7 @@ from edgeroute.headers import PRIORITY
 
 if TYPE_CHECKING:
     from edgeroute._core import Router
-    from edgeroute.capacity_share import SharedSlots
+    from edgeroute.leases import SharedSlots
 
 POLL_S = 0.05  # with shared capacity, the head of a line asks the fleet's count this often
 

@@ -2,11 +2,10 @@
 Redis (`shared_state`), or the workers of one `serve --workers N` without it (a SQLite file
 in the supervisor's run directory). `max_concurrency` then bounds the fleet, not each process.
 
-Each slot is a lease: a member of one set per deployment, with an expiry. Taking a slot is
-one round trip (a Lua script, or one SQLite transaction: drop expired leases, count, add one
-when under the limit for the request's class); giving it back is one more, sent off the
-request path. A background task renews this process's leases every `RENEW_S`, so the slots
-of a process killed with -9 come back by themselves within `LEASE_S`.
+Each slot is a lease (`edgeroute.leases`): a member of one set per deployment, with an
+expiry, taken in one round trip when under the limit for the request's class, given back off
+the request path, renewed in the background, so the slots of a process killed with -9 come
+back by themselves within `LEASE_S`.
 
 This process's own count (the core's, `Capacity`) still decides first and costs nothing: a
 deployment full here is never asked about. A request it admits then takes a lease; refused,
@@ -25,241 +24,16 @@ Best effort, and its bounds:
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
-import secrets
-import sqlite3
-import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from pathlib import Path
-from typing import Protocol, TypeVar
+from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from edgeroute import background, redis_client
-from edgeroute.config import Config, SharedState
-from edgeroute.cost.store_errors import StoreUnavailable
+from edgeroute import background
+from edgeroute.config import Config
+from edgeroute.leases import LeaseStore, RedisLeases, SharedSlots, SqliteLeases
 from edgeroute.metrics import METRICS
-from edgeroute.redis_pipe import RedisPipe, Script
 from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
-from edgeroute.workers.local_state import SqliteState
-
-log = logging.getLogger("edgeroute.capacity")
-T = TypeVar("T")
-
-LEASE_S = 15.0  # a lease lives this long unless renewed
-RENEW_S = 5.0  # this process renews its leases this often
-POLL_S = 0.05  # the head of a queue asks the shared count again this often
-
-# KEYS[1]: the deployment's leases; ARGV: limit, lease ms, lease id. Redis's own clock, so
-# that the instances' clocks do not matter.
-_TAKE = Script.of("""
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-""")
-# KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held.
-_RENEW = Script.of("""
-local t = redis.call('TIME')
-local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
-return 1
-""")
-
-
-class LeaseStore(Protocol):
-    async def take_lease(self, deployment: str, limit: int, lease: str, ttl_s: float = LEASE_S) -> bool: ...
-    async def give_back(self, deployment: str, lease: str) -> None: ...
-    async def renew(self, held: dict[str, list[str]]) -> None: ...
-    async def count(self, deployment: str) -> int: ...
-    async def close(self) -> None: ...
-
-
-class RedisLeases:
-    """Leases in one sorted set per deployment (`{prefix}:cap:{deployment}`, scored by expiry),
-    over the request path's pipelined connection (`redis_pipe`)."""
-
-    def __init__(self, cfg: SharedState) -> None:
-        self.prefix = f"{cfg.prefix}:cap:"
-        self.pipe = RedisPipe.shared(cfg.redis_url, cfg.timeout_ms / 1000)
-
-    async def _call(self, op: Awaitable[T]) -> T:
-        try:
-            return await op
-        except redis_client.errors() as e:  # timeouts included (the pipe's own)
-            raise StoreUnavailable(type(e).__name__) from None
-
-    async def take_lease(self, deployment: str, limit: int, lease: str, ttl_s: float = LEASE_S) -> bool:
-        got = await self._call(self.pipe.eval(_TAKE, [self.prefix + deployment], [limit, int(ttl_s * 1000), lease]))
-        return bool(got)
-
-    async def give_back(self, deployment: str, lease: str) -> None:
-        await self._call(self.pipe.call("ZREM", self.prefix + deployment, lease, soon=True))
-
-    async def renew(self, held: dict[str, list[str]]) -> None:
-        ms = int(LEASE_S * 1000)
-        for deployment, leases in held.items():
-            await self._call(self.pipe.eval(_RENEW, [self.prefix + deployment], [ms, *leases]))
-
-    async def count(self, deployment: str) -> int:
-        now_ms = int(time.time() * 1000)  # for a view only: this clock is near enough
-        return int(await self._call(self.pipe.call("ZCOUNT", self.prefix + deployment, now_ms, "+inf")))
-
-    async def close(self) -> None:
-        await self.pipe.close()
-
-
-class SqliteLeases(SqliteState):
-    """Leases in a SQLite file shared by the workers of one machine: the workers' shared state
-    (WAL, one `BEGIN IMMEDIATE` transaction each) with a lease table, in a file of its own."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        with self._lock:
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS lease (deployment TEXT NOT NULL, id TEXT NOT NULL, "
-                "expires REAL NOT NULL, PRIMARY KEY (deployment, id)) WITHOUT ROWID"
-            )
-
-    async def take_lease(self, deployment: str, limit: int, lease: str, ttl_s: float = LEASE_S) -> bool:
-        def tx(db: sqlite3.Connection) -> bool:
-            now = time.time()
-            db.execute("DELETE FROM lease WHERE deployment = ? AND expires <= ?", (deployment, now))
-            (n,) = db.execute("SELECT COUNT(*) FROM lease WHERE deployment = ?", (deployment,)).fetchone()
-            if n >= limit:
-                return False
-            db.execute("INSERT INTO lease VALUES (?, ?, ?)", (deployment, lease, now + ttl_s))
-            return True
-
-        return await self._run(tx)
-
-    async def give_back(self, deployment: str, lease: str) -> None:
-        await self._run(lambda db: db.execute("DELETE FROM lease WHERE deployment = ? AND id = ?", (deployment, lease)))
-
-    async def renew(self, held: dict[str, list[str]]) -> None:
-        def tx(db: sqlite3.Connection) -> None:
-            until = time.time() + LEASE_S
-            for deployment, leases in held.items():
-                db.executemany(
-                    "UPDATE lease SET expires = ? WHERE deployment = ? AND id = ?",
-                    [(until, deployment, lease) for lease in leases],
-                )
-
-        await self._run(tx)
-
-    async def count(self, deployment: str) -> int:
-        def tx(db: sqlite3.Connection) -> int:
-            q = "SELECT COUNT(*) FROM lease WHERE deployment = ? AND expires > ?"
-            return int(db.execute(q, (deployment, time.time())).fetchone()[0])
-
-        return await self._run(tx)
-
-
-class SharedSlots:
-    """This process's leases, by deployment name (so that they outlive a reload)."""
-
-    def __init__(self, store: LeaseStore) -> None:
-        self.store = store
-        self.instance = secrets.token_hex(6)
-        self._ids = itertools.count()
-        # Per deployment, one entry per slot this process holds: its lease id, or None for a
-        # slot taken while the store was unavailable (failing open).
-        self.held: dict[str, list[str | None]] = {}
-        self.results = {"taken": 0, "refused": 0, "unavailable": 0, "release_failed": 0}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._down = False
-
-    async def claim(self, deployment: str, limit: int) -> bool:
-        """Takes a lease if the fleet has fewer than `limit` in flight; True when the store
-        cannot say (fail open: this process's own count has admitted the request already)."""
-        lease = f"{self.instance}:{next(self._ids)}"
-        held = self.held.setdefault(deployment, [])
-        try:
-            ok = await self.store.take_lease(deployment, limit, lease)
-        except StoreUnavailable as e:
-            self.results["unavailable"] += 1
-            if not self._down:  # once per outage, not once per request
-                log.warning("shared capacity unavailable (%s): admitting on this process's count", e)
-                self._down = True
-            held.append(None)
-            self._background(deployment, lease)  # a timed-out script may still have run
-            return True
-        except asyncio.CancelledError:
-            self._background(deployment, lease)  # the script may have run: give it back
-            raise
-        if self._down:
-            log.warning("shared capacity available again")
-            self._down = False
-        if not ok:
-            self.results["refused"] += 1
-            return False
-        self.results["taken"] += 1
-        held.append(lease)
-        return True
-
-    def release(self, deployment: str) -> None:
-        """Gives one slot back: an unleased one first, so the shared count never falls below
-        what this process runs; a lease is removed off the request path."""
-        held = self.held.get(deployment)
-        if not held:
-            return
-        if None in held:
-            held.remove(None)
-            return
-        lease = held.pop()
-        assert lease is not None
-        self._background(deployment, lease)
-
-    def _background(self, deployment: str, lease: str) -> None:
-        async def give_back() -> None:
-            try:
-                await self.store.give_back(deployment, lease)
-            except StoreUnavailable:
-                self.results["release_failed"] += 1  # the lease expires by itself within LEASE_S
-
-        task = asyncio.get_running_loop().create_task(give_back())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(RENEW_S)
-            held = {d: [x for x in leases if x is not None] for d, leases in self.held.items()}
-            held = {d: leases for d, leases in held.items() if leases}
-            if not held:
-                continue
-            try:
-                await self.store.renew(held)
-            except StoreUnavailable as e:
-                log.warning("shared capacity: could not renew %d leases (%s)", sum(map(len, held.values())), e)
-
-    async def close(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.store.close()
-
-    def metrics(self, _: web.Application) -> Iterable[Metric]:
-        c = CounterMetricFamily(
-            "edgeroute_shared_capacity",
-            "Shared capacity leases: taken, refused (the fleet was full), unavailable (the store "
-            "could not answer; admitted on this process's count) and release_failed.",
-            labels=["result"],
-        )
-        for result, n in self.results.items():
-            c.add_metric([result], n)
-        yield c
-
 
 SHARED_SLOTS = web.AppKey("shared_slots", SharedSlots)
 

@@ -36,7 +36,7 @@ from edgeroute.accounting import Recorder
 from edgeroute.admission import Admission
 from edgeroute.cache.service import CACHE, ResponseCache
 from edgeroute.cache.service import metrics_source as cache_metrics
-from edgeroute.capacity_share import SHARED_SLOTS, SharedSlots
+from edgeroute.capacity_share import SHARED_SLOTS
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost import ledger_lock
@@ -48,6 +48,7 @@ from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyServer
+from edgeroute.leases import SharedSlots
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.router_shadow import evaluator as router_shadow

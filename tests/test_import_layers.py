@@ -69,6 +69,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.redis_scripts",
             "edgeroute.cost.redis_settle",
             "edgeroute.workers.local_state",
+            "edgeroute.leases",
             "edgeroute.cost.keys",
             "edgeroute.upstream",
             "edgeroute.sidecar_guard",

@@ -12,8 +12,8 @@ import asyncio
 import os
 import time
 
-from edgeroute.capacity_share import RedisLeases
 from edgeroute.config import SharedState
+from edgeroute.leases import RedisLeases
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -225,6 +225,13 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"rate_limits.{section}.{n}", unknown(section[:-1], n, known)))
             elif section == "models" and (why := _chooses(cfg, n)) is not None:
                 problems.append((f"rate_limits.models.{n}", why))
+            if names[n].max_parallel is not None:  # one Limit type: say so rather than ignore it
+                instead = "a key's limits or rate_limits.per_key" + (
+                    ", or max_concurrency on the deployment" if section == "deployments" else ""
+                )
+                problems.append(
+                    (f"rate_limits.{section}.{n}.max_parallel", f"only keys have max_parallel; use {instead}")
+                )
     seen: set[str] = set()
     for i, b in enumerate(cfg.budgets.limits):
         where = f"budgets.limits[{i}]"

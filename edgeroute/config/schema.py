@@ -332,10 +332,12 @@ class Server(_Strict):
 
 
 class Limit(_Strict):
-    """Requests and tokens (prompt + max completion) per minute, as token buckets."""
+    """Requests and tokens (prompt + max completion) per minute, as token buckets, and the
+    requests in flight at once (`max_parallel`, held until the answer is sent)."""
 
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    max_parallel: int | None = Field(None, ge=1)
 
 
 class VirtualKey(_Strict):

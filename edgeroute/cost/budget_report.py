@@ -160,7 +160,8 @@ async def report(control: CostControl, now: float | None = None, team: str | Non
 
 def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[str, Any]]:
     """Every configured limit (with what is used of it now) and every key bucket in use; for
-    a team, its keys' alone, and the model and deployment limits with their use withheld."""
+    a team, its keys' alone, and the model and deployment limits with their use withheld. A
+    key's row adds its `max_parallel` and its requests in flight on this instance."""
     cfg = control.cfg
     rows: dict[str, dict[str, Any]] = {}
 
@@ -176,6 +177,10 @@ def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[st
     for name, lim in configured:
         r = row(name)
         r["rpm_limit"], r["tpm_limit"] = lim.rpm, lim.tpm
+        if lim.max_parallel is not None:
+            r["max_parallel"] = lim.max_parallel
+    for key, n in control.parallel.local.items():
+        row(f"key:{key}")["in_flight"] = n
     for (name, kind), (limit, used) in control.local_limits.usage().items():
         r = row(name)
         prefix = "rpm" if kind == "requests" else "tpm"

@@ -103,18 +103,33 @@ local out = {} reserve(0, 0, #KEYS - 1, out) return out
 """
 )
 
-# Admission in one round trip: the key and model buckets (refused: nothing else is done),
-# then the first deployment's buckets (at its limit the caller reroutes, so the rest goes on),
-# then the budgets. ARGV[1..3]: how many keys each group has; the marker is the last key.
+# Admission in one round trip: the keys' slots in flight (`max_parallel`, lease sets of
+# `edgeroute.leases`: a key at its cap refuses the request before anything is taken), the key
+# and model buckets (refused: nothing else is done), then the slots are leased, then the first
+# deployment's buckets (at its limit the caller reroutes, so the rest goes on), then the
+# budgets. ARGV[1..4]: how many keys each group has (buckets, deployment buckets, budgets,
+# lease sets); the lease sets' ARGV after the budgets': lease ms, then two each: cap, lease
+# id. The first value answered is the lease set refused (1-based; 0: none); the marker is
+# the last key.
 ADMIT = Script.of(
     FUNCTIONS
     + """
-local na, nb, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local na, nb, nc, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if nc > 0 and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
-local out, now = {}, now_ms()
-if take(0, 3, na, now, out) == 0 then return out end
-take(na, 3 + 3 * na, nb, now, out)
-reserve(na + nb, 3 + 3 * (na + nb), nc, out)
+local out, now = {0}, now_ms()
+local l0, la = na + nb + nc, 4 + 3 * (na + nb) + 6 * nc
+for i = 1, nl do
+  redis.call('ZREMRANGEBYSCORE', KEYS[l0 + i], '-inf', now)
+  if redis.call('ZCARD', KEYS[l0 + i]) >= tonumber(ARGV[la + 2 * i]) then return {i} end
+end
+if take(0, 4, na, now, out) == 0 then return out end
+local ttl = tonumber(ARGV[la + 1])
+for i = 1, nl do
+  redis.call('ZADD', KEYS[l0 + i], now + ttl, ARGV[la + 2 * i + 1])
+  redis.call('PEXPIRE', KEYS[l0 + i], ttl)
+end
+take(na, 4 + 3 * na, nb, now, out)
+reserve(na + nb, 4 + 3 * (na + nb), nc, out)
 return out
 """
 )

@@ -25,6 +25,7 @@ from edgeroute.cost.limits import BucketState, Take
 from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, RESERVE, SEED, SETTLE, SETTLE_SEEDED, TAKE, unseeded
 from edgeroute.cost.redis_settle import Settlements
 from edgeroute.cost.store_errors import StoreUnavailable
+from edgeroute.leases import LEASE_S
 from edgeroute.redis_pipe import NotSent, RedisPipe, Script
 
 log = logging.getLogger("edgeroute.cost")
@@ -41,6 +42,14 @@ class Admitted:
     rate: tuple[bool, list[BucketState]] | None
     deployment: tuple[bool, list[BucketState]] | None
     reserved: Reserved | None
+    # The keys' slots in flight: True leased, False not (refused, or the buckets refused);
+    # None when none was asked for. `lease_refused`: the index of the set at its cap, or -1.
+    leased: bool | None = None
+    lease_refused: int = -1
+
+
+# A slot to lease in the admission script: the lease set's Redis key, its cap, the lease id.
+Lease = tuple[str, int, str]
 
 
 class RedisState:
@@ -77,16 +86,24 @@ class RedisState:
 
     # -- admission: one round trip -----------------------------------------------
 
-    async def admit(self, takes: list[Take], deployment: list[Take], charges: list[Charge]) -> Admitted:
-        """Takes `takes` (all or nothing; refused, nothing else happens), then `deployment`'s
-        buckets (all or nothing, on their own), then reserves `charges` — one atomic script."""
+    async def admit(
+        self, takes: list[Take], deployment: list[Take], charges: list[Charge], leases: list[Lease] | None = None
+    ) -> Admitted:
+        """Checks that each of `leases` has a slot free (else nothing happens), takes `takes`
+        (all or nothing; refused, nothing else happens), leases the slots (for `LEASE_S`),
+        then takes `deployment`'s buckets (all or nothing, on their own), then reserves
+        `charges` — one atomic script."""
+        leases = leases or []
         keys = [self._rkey(t) for t in takes] + [self._rkey(t) for t in deployment]
-        keys += [self._bkey(c) for c in charges] + [self.seeded_key]
-        args: list[Any] = [len(takes), len(deployment), len(charges)]
+        keys += [self._bkey(c) for c in charges] + [k for k, _, _ in leases] + [self.seeded_key]
+        args: list[Any] = [len(takes), len(deployment), len(charges), len(leases)]
         args += self._take_args(takes) + self._take_args(deployment) + self._reserve_args(charges)
-        undo = lambda out: self._give_back(out, takes, deployment, charges)  # noqa: E731
+        args.append(int(LEASE_S * 1000))
+        for _, cap, lease in leases:
+            args += [cap, lease]
+        undo = lambda out: self._give_back(out, takes, deployment, charges, leases)  # noqa: E731
         out = await self._seeded(lambda: self._run(ADMIT, keys, args, if_abandoned=undo))
-        return self._read_admit(out, takes, deployment, charges)
+        return self._read_admit(out, takes, deployment, charges, leases)
 
     async def _seeded(self, script: Callable[[], Awaitable[Any]]) -> Any:
         """Runs a script that reserves; when Redis has lost its budgets, reads them back from
@@ -136,31 +153,49 @@ class RedisState:
             args += [slot, amount]
         return bool(await self._run(SEED, keys, args))
 
-    def _read_admit(self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge]) -> Admitted:
-        rate, at = self._read_take(out, 0, takes)
+    def _read_admit(
+        self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge], leases: list[Lease]
+    ) -> Admitted:
+        asked = True if leases else None
+        if (refused := int(out[0])) > 0:
+            return Admitted(None, None, None, False, refused - 1)
+        rate, at = self._read_take(out, 1, takes)
         if not rate[0]:
-            return Admitted(rate if takes else None, None, None)
+            return Admitted(rate if takes else None, None, None, False if leases else None)
         dep, at = self._read_take(out, at, deployment)
         reserved = self._read_reserve(out, at, charges)
-        return Admitted(rate if takes else None, dep if deployment else None, reserved if charges else None)
+        return Admitted(rate if takes else None, dep if deployment else None, reserved if charges else None, asked)
 
-    def _give_back(self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge]) -> None:
+    def _give_back(
+        self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge], leases: list[Lease]
+    ) -> None:
         """An admission whose request was cancelled while its script ran (the client hung up):
-        what it took goes back as a refused request's does (its tokens, the deployment's
-        request and the reservation; the request itself still counts against the key's rate)."""
+        what it took goes back as a refused request's does (its slots, its tokens, the
+        deployment's request and the reservation; the request itself still counts against the
+        key's rate)."""
         if unseeded(out):
             return  # it took nothing
-        got = self._read_admit(out, takes, deployment, charges)
+        got = self._read_admit(out, takes, deployment, charges, leases)
+        if got.lease_refused >= 0:
+            return  # refused at a key's cap: it took nothing
         back = [t for t in takes if t.kind == "tokens"] if got.rate is None or got.rate[0] else []
         if got.deployment is not None and got.deployment[0]:
             back += deployment
         work = [self.adjust_buckets(back, [-t.amount for t in back])] if back else []
+        if got.leased:
+            work += [self._unlease(key, lease) for key, _, lease in leases]
         if got.reserved is not None and got.reserved.ok:
             work.append(self.adjust_async(charges, [-c.amount for c in charges]))
         for coro in work:
             task = asyncio.get_running_loop().create_task(self._logged(coro))
             self._giving_back.add(task)
             task.add_done_callback(self._giving_back.discard)
+
+    async def _unlease(self, key: str, lease: str) -> None:
+        try:
+            await self.pipe.call("ZREM", key, lease, soon=True)
+        except redis_client.errors() as e:
+            raise StoreUnavailable(type(e).__name__) from None
 
     @staticmethod
     async def _logged(coro: Awaitable[None]) -> None:

@@ -364,7 +364,8 @@ def _config_key(request: web.Request, key_id: str) -> dict[str, Any] | None:
     if k is None:
         return None
     return {"id": key_id, "user": k.user, "team": k.team, "role": k.role, "source": "config", "status": "active",
-            "rpm": k.limits.rpm if k.limits else None, "tpm": k.limits.tpm if k.limits else None}  # fmt: skip
+            "rpm": k.limits.rpm if k.limits else None, "tpm": k.limits.tpm if k.limits else None,
+            "max_parallel": k.limits.max_parallel if k.limits else None}  # fmt: skip
 
 
 def _visible(request: web.Request, key: dict[str, Any] | None) -> bool:

@@ -79,6 +79,7 @@ def _key_fields(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-usd", type=float, help="its own budget per calendar month, in USD")
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--max-parallel", type=int, help="requests in flight at once (429 past it)")
     p.add_argument("--residency", help="the only region it may reach, e.g. eu")
     p.add_argument("--priority", help="its requests' priority class (one of the config's priority.classes)")
     p.add_argument(
@@ -102,7 +103,19 @@ def _span(raw: str, flag: str) -> float:
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    listed = ("name", "user", "team", "role", "models", "deny_tags", "budget_usd", "rpm", "tpm", "residency")
+    listed = (
+        "name",
+        "user",
+        "team",
+        "role",
+        "models",
+        "deny_tags",
+        "budget_usd",
+        "rpm",
+        "tpm",
+        "max_parallel",
+        "residency",
+    )
     for f in (*listed, "priority", "priorities"):
         if getattr(args, f) is not None:
             out[f] = getattr(args, f)

@@ -47,8 +47,8 @@ log = logging.getLogger("edgeroute.keys")
 PREFIX = "er-"
 _PUBLIC = (
     "id", "name", "user", "team", "role", "models", "deny_tags", "expires_at", "budget_usd", "rpm", "tpm",
-    "residency", "priority", "priorities", "metadata", "created_at", "created_by", "updated_at", "revoked_at",
-    "rotated_at", "grace_until", "parent",
+    "max_parallel", "residency", "priority", "priorities", "metadata", "created_at", "created_by", "updated_at",
+    "revoked_at", "rotated_at", "grace_until", "parent",
 )  # fmt: skip
 MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
 
@@ -73,6 +73,7 @@ class KeyFields(BaseModel):
     budget_usd: float | None = Field(None, gt=0)  # per calendar month
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
+    max_parallel: int | None = Field(None, ge=1)  # its requests in flight at once
     residency: str | None = Field(None, min_length=1, max_length=64)
     priority: str | None = Field(None, max_length=64)  # its requests' priority class
     priorities: list[_Name] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
@@ -179,7 +180,8 @@ def key_budget(data: dict[str, Any]) -> Budget | None:
 
 
 def _limit(data: dict[str, Any]) -> Limit | None:
-    return Limit(rpm=data.get("rpm"), tpm=data.get("tpm")) if data.get("rpm") or data.get("tpm") else None
+    fields = {f: data[f] for f in ("rpm", "tpm", "max_parallel") if data.get(f)}
+    return Limit(**fields) if fields else None
 
 
 def _entry(
@@ -430,6 +432,7 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
         ("budget_usd", own.get("budget_usd"), f.budget_usd),
         ("rpm", limits.rpm if limits else None, f.rpm),
         ("tpm", limits.tpm if limits else None, f.tpm),
+        ("max_parallel", limits.max_parallel if limits else None, f.max_parallel),
     ]
     for name, have, theirs in checks:
         if have is not None and (theirs is None or theirs > have):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,7 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.admission import CanServe, Counter
 from edgeroute.config import Config
 from edgeroute.cost import budgets as B
+from edgeroute.cost.control import parallel
 from edgeroute.cost.control.rate_limits import RateLimits, bucket_takes
 from edgeroute.cost.control.read_back import same_counting
 from edgeroute.cost.control.reservations import Prices, Reservations, prompt_upper
@@ -25,13 +27,28 @@ from edgeroute.cost.prices import Ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
+from edgeroute.leases import RedisLeases, SharedSlots, SqliteLeases
 from edgeroute.state import STATE, ServerState
+from edgeroute.workers import worker as workers
 
 
 def _enabled(cfg: Config) -> bool:
     rl = cfg.rate_limits
     keyed = bool(cfg.keys) or cfg.governance.managed_keys
     return keyed or bool(cfg.budgets.limits or rl.per_key or rl.models or rl.deployments)
+
+
+def _shared_slots(cfg: Config, fail_open: bool) -> Callable[[], SharedSlots] | None:
+    """Where keys' `max_parallel` slots are shared: Redis (`shared_state`), else the workers'
+    file under `serve --workers N`; None: this process counts alone."""
+    label = "shared key parallel limits"
+    if (shared := cfg.shared_state) is not None:
+        return lambda: SharedSlots(RedisLeases(shared, "par"), fail_open, label)
+    worker = workers.current()
+    if worker is not None and worker.count > 1:
+        path = worker.dir / "parallel.sqlite"
+        return lambda: SharedSlots(SqliteLeases(path), True, label)
+    return None
 
 
 class CostControl(Reservations, RateLimits):
@@ -57,6 +74,7 @@ class CostControl(Reservations, RateLimits):
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()
         self.fail_open = cfg.shared_state is None or cfg.shared_state.on_unavailable == "open"
+        self.parallel = parallel.ParallelSlots(_shared_slots(cfg, self.fail_open))
         self._down_until = 0.0
         self._tasks = set()
         self._notified = {}
@@ -113,11 +131,20 @@ class CostControl(Reservations, RateLimits):
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
+        if wanted := parallel.caps(ident, self._key_limit(ident)):
+            # First: refused at its key's cap, a request takes nothing from its rate limits or budgets.
+            try:
+                ticket.parallel = self.parallel.count_here(wanted)
+            except ProxyError:
+                rec.outcome = "rate_limited"
+                raise
         try:
-            # With Redis, the three checks below are made in one round trip up front (`_at_once`)
+            # With Redis, the four checks below are made in one round trip up front (`_at_once`)
             # and each step reads its result from it; otherwise each step checks on its own.
             now = time.time()
-            first = await self._at_once(live.deployments, decision, ticket, top, now)
+            first = await self._at_once(live.deployments, decision, ticket, top, now, wanted)
+            if wanted:
+                await self._lease_slots(wanted, ticket, rec, first)
             try:
                 await self._rate_limits(request, decision.route, tokens, rec, ticket, first.rate)
                 await self._deployment_limits(
@@ -148,21 +175,29 @@ class CostControl(Reservations, RateLimits):
         return ticket
 
     async def _at_once(
-        self, table: list[Any], decision: _core.Decision, ticket: CostTicket, top: Ceiling | None, now: float
+        self,
+        table: list[Any],
+        decision: _core.Decision,
+        ticket: CostTicket,
+        top: Ceiling | None,
+        now: float,
+        wanted: list[tuple[str, int]],
     ) -> AtOnce:
-        """With Redis up: the key and model limits, the first deployment's limits and the
-        budgets' first reservation, in one script (one round trip). Else nothing: each step
-        then checks on its own (in process, in the workers' file, or after Redis failed)."""
+        """With Redis up: the keys' slots in flight (`wanted`), the key and model limits, the
+        first deployment's limits and the budgets' first reservation, in one script (one round
+        trip). Else nothing: each step then checks on its own (in process, in the workers'
+        file, or after Redis failed)."""
         if not isinstance(self.shared, RedisState) or not self.shared_up():
             return AtOnce()
         takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens)
         dep = self._deployment_of(table, decision)
         deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens) if dep is not None else []
         charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
-        if not (takes or deployment or charges):
+        leases = (self.parallel.in_script(wanted) or []) if wanted else []
+        if not (takes or deployment or charges or leases):
             return AtOnce()
         try:
-            got = await self.shared.admit(takes, deployment, charges)
+            got = await self.shared.admit(takes, deployment, charges, leases)
         except StoreUnavailable as e:
             self._unavailable("admission", e)
             return AtOnce()
@@ -171,7 +206,32 @@ class CostControl(Reservations, RateLimits):
             None if got.deployment is None else (*got.deployment, True),
             got.reserved,
             charges,
+            got.leased,
+            got.lease_refused,
+            leases,
         )
+
+    async def _lease_slots(
+        self, wanted: list[tuple[str, int]], ticket: CostTicket, rec: RequestRecord, first: AtOnce
+    ) -> None:
+        """The fleet's slots of the keys in `wanted` (counted in this process already): leased
+        by the admission script, or in a round trip of their own when it did not run."""
+        if first.leased:
+            self.parallel.adopt(first.leases, ticket.parallel)
+            ticket.parallel_leased = True
+            return
+        if first.lease_refused >= 0:
+            rec.outcome = "rate_limited"
+            raise parallel.refused(*wanted[first.lease_refused])
+        if first.leased is False:
+            return  # the key and model buckets refused it: their 429 follows
+        try:
+            ticket.parallel_leased = await self.parallel.lease(wanted)
+        except ProxyError:
+            rec.outcome = "rate_limited"
+            raise
+        except StoreUnavailable as e:
+            self._unavailable("key parallel limits", e)  # raised only when closed: a 503
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Any) -> None:
         """After a reroute (a downgrade, or a first deployment at its provider limit) the
@@ -194,5 +254,6 @@ class CostControl(Reservations, RateLimits):
             await asyncio.wait(set(self._tasks), timeout=5)
         if self._session is not None:
             await self._session.close()
+        await self.parallel.close()
         if self.shared is not None:
             await self.shared.close()

@@ -12,6 +12,7 @@ from typing import Any
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
+from edgeroute.cost.control.parallel import ParallelSlots
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
 from edgeroute.cost.keys import key_budget_name, key_counter
@@ -45,6 +46,7 @@ class Settlement(Stores):
     ledger: Ledger | None  # reservations are journaled with its batches
     # The calendar month (UTC) of managed keys' counters, and their store keys in it by key id.
     _months: tuple[B.Period, dict[str, str]]
+    parallel: ParallelSlots  # the keys' requests in flight (`max_parallel`)
 
     def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
         """Notes the reservations as held until settled, and journals them with the ledger."""
@@ -73,6 +75,7 @@ class Settlement(Stores):
     def settle(self, ticket: Any, rec: RequestRecord) -> None:
         if not isinstance(ticket, CostTicket):
             return
+        self._free_slots(ticket)
         actual = B.to_nano(rec.cost_usd)
         if ticket.charges:
             self._unhold(ticket.charges)
@@ -122,6 +125,7 @@ class Settlement(Stores):
         """Gives back what a refused request took: its reservations, its token estimates and its
         deployment's request (the provider never saw it). Key and model limits still count the
         request itself, as OpenAI counts unsuccessful requests against requests per minute."""
+        self._free_slots(ticket)
         tasks = []
         for h in ticket.held:
             back = [t for t in h.takes if t.kind == "tokens" or h.deployment is not None]
@@ -131,3 +135,9 @@ class Settlement(Stores):
             tasks.append(self._adjust(ticket.charges, [-c.amount for c in ticket.charges], ticket.charges_shared))
         ticket.held, ticket.charges = [], []
         return tasks
+
+    def _free_slots(self, ticket: CostTicket) -> None:
+        """Gives back the `max_parallel` slots the request holds, once (settled or refused)."""
+        if ticket.parallel:
+            self.parallel.release(ticket.parallel, ticket.parallel_leased)
+            ticket.parallel, ticket.parallel_leased = [], False

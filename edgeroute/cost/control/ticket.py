@@ -30,6 +30,8 @@ class CostTicket:
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)
+    parallel: list[str] = field(default_factory=list)  # the keys whose `max_parallel` slot it holds
+    parallel_leased: bool = False  # and holds their shared leases too
     # The public models a budget's downgrade may send this request to (None: any; see `admit`).
     can_serve: Callable[[str], bool] | None = None
 
@@ -45,3 +47,6 @@ class AtOnce:
     deployment: Taken | None = None
     reserved: B.Reserved | None = None
     charges: list[B.Charge] = field(default_factory=list)  # what `reserved` reserved (when ok)
+    leased: bool | None = None  # the keys' slots in flight (None: not asked for)
+    lease_refused: int = -1  # the index of the key at its cap in the fleet, or -1
+    leases: list[tuple[str, int, str]] = field(default_factory=list)  # what `leased` leased
