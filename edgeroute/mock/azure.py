@@ -3,7 +3,8 @@
 Answers `POST /openai/deployments/{deployment}/chat/completions?api-version=...`
 with an `api-key` header: Azure's 401 and 404 bodies for a wrong key, a missing
 api-version or an unknown deployment, and its content-filter rejection (400, code
-`content_filter`) when the request carries ``x-mock-content-filter``. Everything
+`content_filter`) when the request carries ``x-mock-content-filter``, and its 400 for
+`stream_options` under an API version older than the field. Everything
 else is the OpenAI mock's answer (Azure speaks OpenAI's format).
 """
 
@@ -17,6 +18,8 @@ import orjson
 from aiohttp import web
 
 from edgeroute.mock import openai as openai_mock
+
+STREAM_OPTIONS_SINCE = "2024-09-01-preview"  # Azure's first API version that takes `stream_options`
 
 
 @dataclass
@@ -45,6 +48,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     deployment = request.match_info["deployment"]
     if opts.deployments is not None and deployment not in opts.deployments:
         return azure_error(404, "DeploymentNotFound", "The API deployment for this resource does not exist.")
+    if request.query["api-version"] < STREAM_OPTIONS_SINCE and b'"stream_options"' in await request.read():
+        # What Azure answers to a field its API version predates.
+        return web.json_response(
+            {"error": {"message": "Unrecognized request argument supplied: stream_options",
+                       "type": "invalid_request_error", "param": None, "code": None}},
+            status=400,
+        )  # fmt: skip
     if "x-mock-content-filter" in request.headers:
         return azure_error(
             400,

@@ -13,15 +13,24 @@ route with the model in the body), plus the OpenAI adapter's parameter quirks.
 from __future__ import annotations
 
 import urllib.parse
+from typing import Any
 
 from yarl import URL
 
 from edgeroute.providers.openai import OpenAIAdapter
 
 API_VERSION = "2024-10-21"
+# The first API version that takes `stream_options` (an older one answers it 400): edgeroute
+# asks every stream for its usage with it, and leaves it out for an older version.
+STREAM_OPTIONS_SINCE = "2024-09-01-preview"
 
 
 class AzureAdapter(OpenAIAdapter):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.api_version != "v1" and self.api_version < STREAM_OPTIONS_SINCE:
+            self.unsupported = self.unsupported | {"stream_options"}
+
     @property
     def api_version(self) -> str:
         return str(self.provider.options.get("api_version", API_VERSION))
