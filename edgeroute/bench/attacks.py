@@ -120,17 +120,17 @@ async def idle_connections(port: int, stop: asyncio.Event) -> dict[str, Any]:
     """Open connections and send nothing, as fast as they are accepted (each holds a file)."""
     own_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     cap = max(100, min(3000, own_limit - 256))
-    held: list[asyncio.StreamWriter] = []
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     refused = 0
     while not stop.is_set() and len(held) < cap:
         try:
-            held.append((await _open(port))[1])
+            held.append(await _open(port))
         except OSError:
             refused += 1
             await asyncio.sleep(0.01)
     await stop.wait()
-    closed_by_proxy = sum(1 for w in held if w.transport.is_closing() or w.transport.get_extra_info("socket") is None)
-    _close_all(held)
+    closed_by_proxy = sum(1 for r, _ in held if r.at_eof())  # shed, or past its header timeout
+    _close_all([w for _, w in held])
     return {"opened": len(held), "refused": refused, "closed_by_proxy": closed_by_proxy}
 
 
