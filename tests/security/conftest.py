@@ -93,6 +93,38 @@ class Leaky:
         )
 
 
+async def openai_answer(request: web.Request, body: dict[str, Any], content: str, usage: Any) -> web.StreamResponse:
+    """OpenAI's answer to a chat request (`body`, read from `request`): JSON, or SSE when it asked
+    to stream (the content, the finish, then `usage` in a chunk of its own, then `[DONE]`).
+    `usage` goes out as given: a careless provider's test writes what it likes there."""
+    base = {"id": "c1", "created": int(time.time()), "model": body["model"]}
+    if not body.get("stream"):
+        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        return web.json_response({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    base["object"] = "chat.completion.chunk"
+    for choice in (
+        {"index": 0, "delta": {"content": content}, "finish_reason": None},
+        {"index": 0, "delta": {}, "finish_reason": "stop"},
+    ):
+        await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
+    await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+def priced_config(base_url: str, input_per_mtok: float = 1.0, output_per_mtok: float = 10.0) -> dict[str, Any]:
+    """Model `m` over one priced OpenAI deployment at `base_url`."""
+    price = {"input_per_mtok": input_per_mtok, "output_per_mtok": output_per_mtok}
+    return {
+        "providers": {"p": {"kind": "openai", "base_url": base_url, "api_key": "k"}},
+        "deployments": {"d": {"provider": "p", "model": "x", "price": price}},
+        "models": {"m": {"deployments": ["d"]}},
+    }
+
+
 async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> TestServer:
     """A started upstream whose `POST /v1/chat/completions` is `handle` (a test's hostile provider)."""
     app = web.Application()

@@ -10,16 +10,16 @@ the upstream gave one, else the request is counted as when it reports no usage.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
 import openai
-import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+
+from tests.security.conftest import openai_answer
 
 PROMPT = "lorem ipsum dolor " * 2000  # about 6,000 tokens
 IN = 10.0  # $ per million prompt tokens; output is free, so the cost is the prompt's
@@ -37,22 +37,7 @@ async def upstream() -> AsyncIterator[str]:
         body = await request.json()
         kind = body["messages"][-1]["content"].split()[-1]
         usage = _usage(kind, 3)
-        base = {"id": "c1", "created": int(time.time()), "model": body["model"]}
-        if not body.get("stream"):
-            choice = {"index": 0, "message": {"role": "assistant", "content": "ok it is"}, "finish_reason": "stop"}
-            return web.json_response({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        base["object"] = "chat.completion.chunk"
-        for choice in (
-            {"index": 0, "delta": {"content": "ok it is"}, "finish_reason": None},
-            {"index": 0, "delta": {}, "finish_reason": "stop"},
-        ):
-            await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        return await openai_answer(request, body, "ok it is", usage)
 
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()

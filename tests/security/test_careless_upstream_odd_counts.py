@@ -9,15 +9,14 @@ reports no usage (SECURITY.md says so of a string or a list; a boolean or a frac
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
-import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.security.conftest import chat_upstream, openai_answer, priced_config
 
 ANSWER = " ".join(["word"] * 400)  # about 400 tokens of output
 ODD = {"true": True, "half": 0.5, "string": "7"}
@@ -28,28 +27,9 @@ async def upstream() -> AsyncIterator[str]:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         usage = {"prompt_tokens": 12, "completion_tokens": ODD[body["messages"][0]["content"]]}
-        base = {"id": "c1", "created": int(time.time()), "model": body["model"]}
-        if not body.get("stream"):
-            msg = {"role": "assistant", "content": ANSWER}
-            choice = {"index": 0, "message": msg, "finish_reason": "stop"}
-            return web.json_response({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        base["object"] = "chat.completion.chunk"
-        for choice in (
-            {"index": 0, "delta": {"content": ANSWER}, "finish_reason": None},
-            {"index": 0, "delta": {}, "finish_reason": "stop"},
-        ):
-            await resp.write(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        return await openai_answer(request, body, ANSWER, usage)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await chat_upstream(chat)
     yield f"http://127.0.0.1:{server.port}/v1"
     await server.close()
 
@@ -59,14 +39,7 @@ async def upstream() -> AsyncIterator[str]:
 async def test_a_count_that_is_not_an_integer_is_not_read_as_one(
     upstream: str, start_proxy: Any, stream: bool, odd: str
 ) -> None:
-    cfg = {
-        "providers": {"p": {"kind": "openai", "base_url": upstream, "api_key": "k"}},
-        "deployments": {
-            "d": {"provider": "p", "model": "x", "price": {"input_per_mtok": 1.0, "output_per_mtok": 10.0}}
-        },
-        "models": {"m": {"deployments": ["d"]}},
-    }
-    proxy = await start_proxy(cfg)
+    proxy = await start_proxy(priced_config(upstream))
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
     msgs: Any = [{"role": "user", "content": odd}]
     if stream:

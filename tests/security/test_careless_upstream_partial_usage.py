@@ -12,15 +12,14 @@ without it.)
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
-import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.security.conftest import chat_upstream, openai_answer, priced_config
 
 ANSWER = " ".join(["word"] * 400)  # about 400 tokens of output
 PROMPT_TOKENS = 12
@@ -34,31 +33,9 @@ def _usage(total: bool) -> dict[str, int]:
 async def upstream() -> AsyncIterator[str]:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        total = request.headers.get("x-total") == "1"
-        if not body.get("stream"):
-            msg = {"role": "assistant", "content": ANSWER}
-            return web.json_response(
-                {
-                    "id": "c1", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
-                    "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}], "usage": _usage(total),
-                }
-            )  # fmt: skip
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        base = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
-        delta = {"index": 0, "delta": {"content": ANSWER}, "finish_reason": None}
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [delta]}) + b"\n\n")
-        end = {"index": 0, "delta": {}, "finish_reason": "stop"}
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [end]}) + b"\n\n")
-        await resp.write(b"data: " + orjson.dumps({**base, "choices": [], "usage": _usage(total)}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
+        return await openai_answer(request, body, ANSWER, _usage(request.headers.get("x-total") == "1"))
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await chat_upstream(chat)
     yield f"http://127.0.0.1:{server.port}/v1"
     await server.close()
 
@@ -68,14 +45,7 @@ async def upstream() -> AsyncIterator[str]:
 async def test_an_answer_whose_usage_lacks_completion_tokens_is_priced_for_its_output(
     upstream: str, start_proxy: Any, stream: bool, total: bool
 ) -> None:
-    cfg = {
-        "providers": {"p": {"kind": "openai", "base_url": upstream, "api_key": "k"}},
-        "deployments": {
-            "d": {"provider": "p", "model": "x", "price": {"input_per_mtok": 1.0, "output_per_mtok": 10.0}}
-        },
-        "models": {"m": {"deployments": ["d"]}},
-    }
-    proxy = await start_proxy(cfg)
+    proxy = await start_proxy(priced_config(upstream))
     client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
     msgs: Any = [{"role": "user", "content": "write"}]
     extra = {"x-total": "1"} if total else {}

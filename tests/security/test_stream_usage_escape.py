@@ -23,7 +23,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.security.conftest import chat_upstream
 
 REASONING = 2000
 WORDS = ["The", " answer", " is", " forty", "-two", "."]
@@ -73,10 +74,7 @@ async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, l
         await resp.write_eof()
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await chat_upstream(chat)
     yield f"http://127.0.0.1:{server.port}/v1", seen
     await server.close()
 
