@@ -27,6 +27,7 @@ from edgeroute import (
     learning,
     learning_share,
     looplag,
+    memory,
     openai_api,
     reload_signal,
     shadow,
@@ -311,6 +312,7 @@ async def serve_async(
 ) -> None:
     """Serves until `stop` is set (or SIGINT/SIGTERM), then drains: stop accepting, let
     in-flight requests and streams finish up to `server.drain_timeout`, flush, return."""
+    memory.return_large_blocks()  # a flood of large bodies leaves no lasting growth
     worker = workers.current()
     try:
         app = create_app(config, source)

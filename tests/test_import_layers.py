@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
             "edgeroute.pg_schema",
+            "edgeroute.memory",
             "edgeroute.reload_signal",
             "edgeroute.atomic_file",
             "edgeroute.background",
