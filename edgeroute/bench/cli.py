@@ -220,9 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(attacks.ATTACKS),
         help=f"which, in order (default all: {', '.join(attacks.ATTACKS)})",
     )
-    at.add_argument("--probe-p99-ms", type=float, default=attacks.Bounds.probe_p99_ms, help="bound on the probes' p99")
+    at.add_argument(
+        "--probe-p99-ms", type=float, default=attacks.Bounds.probe_p99_ms, help="bound on the health checks' p99"
+    )
     at.add_argument("--rss-mb", type=float, default=attacks.Bounds.rss_mb, help="bound on the proxy's RSS growth")
-    _common(at, duration=5.0)
+    at.add_argument("--duration", type=float, default=5.0, help="seconds per attack")
+    at.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
+    at.add_argument("--json", help="write results as JSON here")
+    at.add_argument("--profile", help="profile the proxy with py-spy, one file per attack (.svg, .txt raw, .json)")
     at.set_defaults(fn=_attack)
 
     g = sub.add_parser("gate", help="the CI latency gate (see edgeroute.bench.gate)", add_help=False)
@@ -240,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _attack(a: argparse.Namespace) -> int:
     """Exit 1 when any attack got through (a probe failed, or a bound was passed)."""
     bounds = attacks.Bounds(a.probe_p99_ms, a.rss_mb)
-    return 0 if attacks.attack(_c(a), [n.strip() for n in a.attacks.split(",") if n.strip()], bounds)["held"] else 1
+    common = stack.Common(duration=a.duration, pin=a.pin, json=a.json, profile=a.profile)
+    return 0 if attacks.attack(common, [n.strip() for n in a.attacks.split(",") if n.strip()], bounds)["held"] else 1
 
 
 def _gate(argv: list[str]) -> int:
