@@ -57,10 +57,11 @@ class Usage:
             # Without its prompt count a usage is whole only with a total to take it from: read
             # as 0, a careless upstream's 13,500-token prompt was priced at nothing.
             total = u.get("total_tokens")
-            done = completion if answered else 0
-            if type(total) is not int or not (done is None or type(done) is int) or total < (done or 0):
+            if type(total) is not int or not (completion is None or type(completion) is int):
                 return None
-            prompt = total - (done or 0)
+            if total < (completion or 0):
+                return None
+            prompt = total - (completion or 0)
         # A count is an integer: `true` (Python's 1), `0.5` (cut to 0) or `"7"` is a careless
         # upstream's garbage, counted as a stream's is, never read as a number of tokens.
         if not all(v is None or type(v) is int for v in (prompt, completion)):

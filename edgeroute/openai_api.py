@@ -269,6 +269,10 @@ async def read_body(request: web.Request) -> bytes:
                     code="request_too_large",
                 )
             chunks.append(chunk)
+    except web.HTTPRequestEntityTooLarge:  # a compressed body past the limit once inflated
+        raise ProxyError(
+            413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
+        ) from None
     except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
         raise body_read_error(e) from None
     body = b"".join(chunks)

@@ -399,6 +399,20 @@ async def test_per_key_caps_each_key_without_limits_of_its_own(upstreams: Any, s
     assert [await _finish(s) for s in held] == ["lo"] * 4
 
 
+async def test_a_cap_of_its_own_keeps_a_key_under_per_key_rate_limits(upstreams: Any, start_proxy: StartProxy) -> None:
+    """A key whose `limits` set only `max_parallel` stays under `per_key`'s rpm: a cap of its own
+    took it out of every per-key rate limit (`keys create --max-parallel 5` did the same)."""
+    up = HeldStreams()
+    cfg = _config(await upstreams(up.handle), cap=5)
+    cfg["rate_limits"] = {"per_key": {"rpm": 2}}
+    proxy = await start_proxy(cfg)
+    for _ in range(2):
+        await _ask(proxy.url)
+    with pytest.raises(openai.RateLimitError) as ei:
+        await _ask(proxy.url)
+    assert "max_parallel" not in ei.value.message  # the rpm bucket refused it, not the cap
+
+
 async def test_with_redis_a_refusal_at_the_cap_takes_nothing_from_the_rate_limit(
     upstreams: Any, start_proxy: StartProxy, shared: SharedState
 ) -> None:

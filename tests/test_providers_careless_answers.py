@@ -108,6 +108,23 @@ async def test_anthropic_usage_with_good_counts_is_kept(start_proxy, raw_upstrea
     assert answer.usage.prompt_tokens_details is not None and answer.usage.prompt_tokens_details.cached_tokens == 5
 
 
+async def test_an_anthropic_client_is_told_the_prompt_a_total_implies(start_proxy, raw_upstream) -> None:
+    """An OpenAI-format answer whose usage has the completion and the total but no prompt count,
+    to a `/v1/messages` client: its input is the total less the output (it was told the total)."""
+    import anthropic
+
+    answer = {
+        "id": "c1", "object": "chat.completion", "created": 0, "model": "x",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 50, "total_tokens": 150},
+    }  # fmt: skip
+    proxy = await start_proxy(_config("openai", await raw_upstream(answer) + "/v1"))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    msg = await client.messages.create(model="m", max_tokens=60, messages=[{"role": "user", "content": "hello"}])
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (100, 50)
+    await client.close()
+
+
 NULL_TEXTS: list[tuple[str, dict[str, Any]]] = [
     (
         "gemini",

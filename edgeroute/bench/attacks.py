@@ -246,9 +246,11 @@ async def hostile_counts(port: int, stop: asyncio.Event, mb: float = 2.0) -> dic
     first = "not sent"
     with contextlib.suppress(OSError, TimeoutError, IndexError):  # one waits for its answer: is it served?
         reader, w = await _open(port)
-        w.write(req + body)
-        first = (await asyncio.wait_for(reader.readline(), 30)).split(b" ")[1].decode()
-        w.transport.abort()
+        try:
+            w.write(req + body)
+            first = (await asyncio.wait_for(reader.readline(), 30)).split(b" ")[1].decode()
+        finally:
+            w.transport.abort()
     sent = 0
     while not stop.is_set():
         with contextlib.suppress(OSError):

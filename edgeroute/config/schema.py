@@ -356,7 +356,8 @@ class VirtualKey(_Strict):
 
 
 class RateLimits(_Strict):
-    """`per_key` applies to every key without its own `limits` (anonymous clients share one);
+    """`per_key`'s rpm/tpm apply to every key whose own `limits` set neither, its max_parallel to
+    every key without one (anonymous clients share one);
     `deployments` are the provider's limits, which selection routes around."""
 
     per_key: Limit | None = None

@@ -259,7 +259,23 @@ class Attempts:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
+        if self._refused_stream_options(result, adapter):
+            return await self.attempt(dep, "retry")  # at once, without the field
         return result
+
+    def _refused_stream_options(self, result: Answer | Failure, adapter: Adapter) -> bool:
+        """Whether the upstream refused the `stream_options` edgeroute added to the request (a
+        server that forbids unknown fields: Mistral's 422, an old Azure version's 400). Learned
+        for the provider until a reload builds its adapter anew: its streams then go without it,
+        counted from their text, rather than every one failing as the client's error."""
+        if not (self.usage_added and isinstance(result, Failure) and result.status in (400, 422)):
+            return False
+        if b"stream_options" not in result.body:
+            return False
+        log.warning("provider %s refuses stream_options: its streams are counted from their text", adapter.name)
+        setattr(adapter, "unsupported", getattr(adapter, "unsupported", frozenset()) | {"stream_options"})  # noqa: B010
+        self.usage_added = False
+        return True
 
     def _report(self, rec: AttemptRecord, dep: DeploymentInfo, result: Answer | Failure, latency: float) -> None:
         """What the record and the core hear of a finished attempt; a JSON answer is settled now,

@@ -131,7 +131,7 @@ class CostControl(Reservations, RateLimits):
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
-        if wanted := parallel.caps(ident, self._key_limit(ident)):
+        if wanted := parallel.caps(ident, self._key_parallel(ident)):
             # First: refused at its key's cap, a request takes nothing from its rate limits or budgets.
             try:
                 ticket.parallel = self.parallel.count_here(wanted)

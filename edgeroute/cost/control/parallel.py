@@ -23,7 +23,6 @@ import asyncio
 from collections.abc import Callable
 
 from edgeroute import background
-from edgeroute.config import Limit
 from edgeroute.cost.keys import Identity
 from edgeroute.cost.redis_store import Lease
 from edgeroute.errors import ProxyError
@@ -32,10 +31,10 @@ from edgeroute.leases import RedisLeases, SharedSlots
 RETRY_AFTER_S = 1  # a slot frees when any of the key's requests ends: worth asking again soon
 
 
-def caps(ident: Identity, own: Limit | None) -> list[tuple[str, int]]:
+def caps(ident: Identity, own: int | None) -> list[tuple[str, int]]:
     """(key id, cap) for each key whose cap a request of `ident` counts against: its own
-    (`own`: its limits, or `rate_limits.per_key`), then those of the keys that made it."""
-    out = [(ident.key, own.max_parallel)] if own is not None and own.max_parallel else []
+    (`own`: its limits', or `rate_limits.per_key`'s), then those of the keys that made it."""
+    out = [(ident.key, own)] if own else []
     out += [(k, lim.max_parallel) for k, lim in ident.ancestor_limits if lim.max_parallel]
     return out
 

@@ -37,7 +37,19 @@ class RateLimits(Stores):
     _model_limits: dict[str, Limit]
 
     def _key_limit(self, ident: Identity) -> Limit | None:
-        return ident.limits or self.cfg.rate_limits.per_key
+        """The key's requests and tokens per minute: its own `limits` when they set either, else
+        `rate_limits.per_key`'s. A key's `max_parallel` alone does not take it out of them: it
+        did, so `keys create --max-parallel 5` lifted a key out of the fleet's RPM and TPM caps."""
+        own = ident.limits
+        if own is not None and (own.rpm is not None or own.tpm is not None):
+            return own
+        return self.cfg.rate_limits.per_key
+
+    def _key_parallel(self, ident: Identity) -> int | None:
+        """The key's cap on requests in flight: its own, else `rate_limits.per_key`'s."""
+        own = ident.limits.max_parallel if ident.limits is not None else None
+        per_key = self.cfg.rate_limits.per_key
+        return own if own is not None else (per_key.max_parallel if per_key is not None else None)
 
     def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
         key_limit = self._key_limit(ident)
