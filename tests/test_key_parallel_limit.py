@@ -266,6 +266,35 @@ async def test_redis_down_follows_on_unavailable(upstreams: Any, start_proxy: St
     assert (await _ask(opened.url)).choices[0].message.content == "hi there"
 
 
+async def test_a_redis_that_does_not_answer_is_not_asked_again_for_each_capped_request(
+    upstreams: Any, start_proxy: StartProxy
+) -> None:
+    """Once Redis has failed (on_unavailable: open), a capped key's requests go on this
+    instance's count without asking it again for a second: each asked, and waited out the
+    timeout against a Redis that accepts and never answers."""
+    received: list[bytes] = []
+
+    async def blackhole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            received.append(data)
+        writer.close()
+
+    hole = await asyncio.start_server(blackhole, "127.0.0.1", 0)
+    port = hole.sockets[0].getsockname()[1]
+    up = HeldStreams()
+    cfg = _config(await upstreams(up.handle), cap=2)
+    cfg["shared_state"] = {"redis_url": f"redis://127.0.0.1:{port}/0", "timeout_ms": 200, "prefix": "bh"}
+    proxy = await start_proxy(cfg)
+    await _ask(proxy.url)  # Redis is found not to answer
+    before = sum(d.count(b"bh:par:") for d in received)
+    for _ in range(4):
+        await _ask(proxy.url)
+    # Not asked again within the second (once more at most, should the four take longer): each
+    # request asked before, two of its keys named every time.
+    assert sum(d.count(b"bh:par:") for d in received) - before <= 2
+    hole.close()
+
+
 async def test_a_killed_instance_gives_its_slots_back_within_the_lease(
     upstreams: Any, spawn: Spawn, shared: SharedState
 ) -> None:

@@ -225,6 +225,11 @@ class CostControl(Reservations, RateLimits):
             raise parallel.refused(*wanted[first.lease_refused])
         if first.leased is False:
             return  # the key and model buckets refused it: their 429 follows
+        if isinstance(self.shared, RedisState) and not self.shared_up():
+            # Redis failed within the last second: this process's count alone (open), or the 503
+            # (closed), at once. Asked anyway, each capped key's request waited out its timeout.
+            self._check_closed()
+            return
         try:
             ticket.parallel_leased = await self.parallel.lease(wanted)
         except ProxyError:
