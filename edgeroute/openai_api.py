@@ -96,7 +96,9 @@ _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
 
 
 # Past this size the core's decision (parsing, rules and PII over the text: ~5 ns a byte, more
-# with many pattern rules) costs more than a hop to a worker thread (~50 µs).
+# with many pattern rules) costs more than a hop to a worker thread (~50 µs). The core releases
+# the GIL for bodies of `_core.DETACH_FROM_BYTES` or more, so every decision made off the loop
+# (this size, or `COUNT_ON_LOOP_BYTES` when counting exactly) lets the loop run meanwhile.
 DECIDE_ON_LOOP_BYTES = 64 * 1024
 # Past this size a body is parsed or translated in Python in a worker thread: that work holds
 # the GIL, but the loop takes it back every switch interval instead of after the whole body.

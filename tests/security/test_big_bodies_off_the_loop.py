@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,55 @@ async def test_large_bodies_are_decided_and_translated_off_the_loop(start_upstre
             worst, statuses = await _worst_lag(proxy.url, path, body, extra)
             assert statuses == [200, 200, 200], path
             assert worst < bound, (path, f"the loop stalled {worst:.3f} s; a decision takes {stall:.3f} s")
+
+
+def test_every_body_decided_off_the_loop_is_decided_without_the_gil() -> None:
+    """The core keeps the GIL for a short body (the loop waits for its decision either way;
+    releasing it only handed it to the ledger writer, a GIL round trip per request) and
+    releases it from `DETACH_FROM_BYTES` on. Every body Python sends to a worker thread must be
+    past that size, or a worker deciding it would hold the loop for the whole decision."""
+    from edgeroute import _core
+    from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
+    from edgeroute.openai_api import DECIDE_ON_LOOP_BYTES
+
+    assert DECIDE_ON_LOOP_BYTES >= _core.DETACH_FROM_BYTES
+    assert COUNT_ON_LOOP_BYTES >= _core.DETACH_FROM_BYTES
+
+
+def test_a_long_decision_lets_other_threads_run() -> None:
+    """A decision of a long body runs with the GIL released: a Python thread makes progress
+    during it (with the GIL held it could not run at all until the decision returned)."""
+    import threading
+
+    router = build_router(config_mod.parse(_config("http://127.0.0.1:9/v1"), "test.yaml"))
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": WORDS[: 4 << 20]}]})
+    seen: list[float] = []  # when the thread ran, every 1,000 turns of its loop
+    stop = threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            if n % 1000 == 0:
+                seen.append(time.perf_counter())
+
+    # Right before and after the call the thread may get a turn (the interpreter hands over the
+    # GIL between bytecodes, and the thread asked for it while the call ran): only its runs in
+    # the call's first half count.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.001)
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        router.decide(body)
+        started = time.perf_counter()
+        router.decide(body)
+        ended = time.perf_counter()
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(switch)
+    margin, half = 0.005, started + (ended - started) / 2
+    during = sum(started + margin < s < half for s in seen)
+    assert ended - started > 4 * margin, ended - started  # long enough for the thread to show
+    assert during >= 3, (during, ended - started)
