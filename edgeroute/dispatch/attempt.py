@@ -168,7 +168,9 @@ class Attempts:
         self.timeouts = timeouts
         self.max_attempts = max_attempts
         self.stream = decision.stream
-        self.deadline = asyncio.get_running_loop().time() + timeouts.total
+        # Kept: each `asyncio.get_running_loop()` is a getpid() system call on Python 3.11 (~0.5 µs).
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + timeouts.total
         # Server errors that may turn out to be the request's own fault (see `policy`): their
         # health report waits until the request ends: (deployment index, latency, failure).
         self.deferred: list[tuple[int, float, Failure]] = []
@@ -206,7 +208,7 @@ class Attempts:
         keep_open = False
         result: Answer | Failure
         try:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
             async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
                 resp = await up.client.request("POST", req.url, req.headers, req.body)
@@ -394,7 +396,7 @@ class Attempts:
         return has_content(obj)
 
     def _remaining(self) -> float:
-        return max(0.001, self.deadline - asyncio.get_running_loop().time())
+        return max(0.001, self.deadline - self.loop.time())
 
     def count_prompt(self) -> int:
         """The prompt's exact token count (the decision may have only estimated it). It may run
@@ -405,7 +407,7 @@ class Attempts:
     def _start_counting(self) -> None:
         if self._counting is None and self._exact_prompt is None and len(self.body) > COUNT_ON_LOOP_BYTES:
             run = contextvars.copy_context().run
-            self._counting = asyncio.get_running_loop().run_in_executor(COUNTING, run, self.count_prompt)
+            self._counting = self.loop.run_in_executor(COUNTING, run, self.count_prompt)
 
     def prompt_tokens(self) -> int:
         """Exact prompt tokens, for accounting when the upstream reports no usage (counted once).
