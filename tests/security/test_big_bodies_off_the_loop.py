@@ -52,8 +52,10 @@ def _decide_seconds(cfg: dict[str, Any], body: bytes) -> float:
     return time.process_time() - started
 
 
-async def _worst_lag(url: str, path: str, body: bytes, extra: dict[str, str]) -> tuple[float, list[int]]:
-    """Three requests with `body`; the proxy's worst loop lag meanwhile (s), and their statuses."""
+async def _typical_lag(url: str, path: str, body: bytes, extra: dict[str, str]) -> tuple[float, list[int]]:
+    """Three requests with `body`, one at a time; the median of the proxy's worst loop lag
+    during each (s), and their statuses. A decision on the loop stalls it during every request;
+    the median leaves out one stall of the machine's (another job's turn on a loaded CI runner)."""
     async with aiohttp.ClientSession() as s:
 
         async def lag() -> float:
@@ -69,9 +71,12 @@ async def _worst_lag(url: str, path: str, body: bytes, extra: dict[str, str]) ->
                 return r.status
 
         await lag()  # the maximum is since the previous scrape
-        statuses = [await one() for _ in range(3)]  # one at a time: each stall is one request's
-        await asyncio.sleep(0.25)  # the sampler's last lap (every 0.1 s)
-        return await lag(), statuses
+        statuses, lags = [], []
+        for _ in range(3):
+            statuses.append(await one())
+            await asyncio.sleep(0.25)  # the sampler's last lap (every 0.1 s)
+            lags.append(await lag())
+        return sorted(lags)[1], statuses
 
 
 async def test_large_bodies_are_decided_and_translated_off_the_loop(start_upstream: Any, tmp_path: Path) -> None:
@@ -87,7 +92,7 @@ async def test_large_bodies_are_decided_and_translated_off_the_loop(start_upstre
             ("/v1/chat/completions", orjson.dumps(chat), {}, stall / 2),
             ("/v1/messages", orjson.dumps({**chat, "max_tokens": 16}), {"anthropic-version": "2023-06-01"}, stall),
         ):
-            worst, statuses = await _worst_lag(proxy.url, path, body, extra)
+            worst, statuses = await _typical_lag(proxy.url, path, body, extra)
             assert statuses == [200, 200, 200], path
             assert worst < bound, (path, f"the loop stalled {worst:.3f} s; a decision takes {stall:.3f} s")
 
