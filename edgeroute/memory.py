@@ -13,6 +13,9 @@ Smaller blocks still come from the heap: a body read from a slow client arrives 
 bodies at once left 250 MB of such pieces freed inside the heap, where glibc keeps them (it
 returns only a free stretch at the heap's very top). `keep_trimmed` hands them back
 (`malloc_trim`) when the heap holds `TRIM_FREE_BYTES` free and that changed since it last did.
+A trim that gives back 160 MB takes about 30 ms, during which an allocation of the event loop's
+past Python's small-object allocator waits for glibc's lock; one with nothing to give back,
+a third of a millisecond; reading the free bytes, 40 µs.
 """
 
 from __future__ import annotations
