@@ -7,7 +7,8 @@ Each slot is a lease: a member of one set per name, with an expiry. Taking a slo
 trip (a Lua script, or one SQLite transaction: drop expired leases, count, add one when under
 the limit); giving it back is one more, sent off the request path. A background task renews
 this process's leases every `RENEW_S`, so the slots of a process killed with -9 come back by
-themselves within `LEASE_S`.
+themselves within `LEASE_S`; the renewal adds back the leases a Redis restarted empty (or
+flushed) has lost, so the slots still taken count again within `RENEW_S`.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """)
-# KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held.
+# KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held. Added back
+# when missing: a Redis restarted empty or flushed has lost them, and the slots are still taken.
 _RENEW = Script.of("""
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i])
+  redis.call('ZADD', KEYS[1], until_ms, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
@@ -248,6 +250,13 @@ class SharedSlots:
             except StoreUnavailable as e:
                 n = sum(map(len, held.values()))
                 log.warning("%s: could not renew %d leases (%s)", self.label, n, e)
+            # A lease given back while the renewal was on its way may have been added back
+            # by it (its ZREM sent first): given back again, it is not held for LEASE_S more.
+            for deployment, leases in held.items():
+                still = set(self.held.get(deployment, []))
+                for lease in leases:
+                    if lease not in still:
+                        self._background(deployment, lease)
 
     async def close(self) -> None:
         if self._tasks:
