@@ -519,3 +519,48 @@ async def test_slots_held_when_redis_comes_back_empty_count_again(
         await eventually(none_left, "leases left behind")
     finally:
         server.stop()
+
+
+async def test_slots_taken_while_redis_was_down_count_once_it_is_back(
+    upstreams: Any, spawn: Spawn, tmp_path: Any
+) -> None:
+    """Streams admitted on one instance's count while Redis was stopped (`on_unavailable:
+    open`) are leased once it answers again, so the other instance is held to the cap again
+    within `RENEW_S`. They were never leased: the fleet did not count them until they ended,
+    and the other instance admitted the cap again (4 in flight under a cap of 2)."""
+    from tests.test_cost_support import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = HeldStreams()
+        cfg = _config(await upstreams(up.handle), cap=2)
+        shared = SharedState(redis_url=server.url, prefix="edge", timeout_ms=500)
+        cfg["shared_state"] = shared.model_dump()
+        holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+        server.stop()
+        held = [await _open_stream(holder.url) for _ in range(2)]  # this instance's count alone
+        with pytest.raises(openai.RateLimitError):
+            await _ask(holder.url)
+        server.start()  # the same port
+
+        async def refused() -> bool:
+            try:
+                await _ask(other.url)  # answered at once: it holds no slot after
+            except openai.RateLimitError as e:
+                assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
+                return True
+            return False
+
+        await eventually(refused, "the slots taken while Redis was down", within=RENEW_S + 5, every=0.25)
+        assert await _leases(shared, "capped") == 2
+        up.release.set()
+        assert [await _finish(s) for s in held] == ["lo"] * 2
+
+        async def none_left() -> bool:
+            return await _leases(shared, "capped") == 0
+
+        await eventually(none_left, "leases left behind")
+        assert (await _ask(other.url)).choices[0].message.content == "hi there"
+    finally:
+        server.stop()
