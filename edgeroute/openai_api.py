@@ -98,9 +98,6 @@ _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
 # Past this size the core's decision (parsing, rules and PII over the text: ~5 ns a byte, more
 # with many pattern rules) costs more than a hop to a worker thread (~50 µs).
 DECIDE_ON_LOOP_BYTES = 64 * 1024
-# Past this size a body is parsed or translated in Python in a worker thread: that work holds
-# the GIL, but the loop takes it back every switch interval instead of after the whole body.
-PARSE_ON_LOOP_BYTES = 1 << 20
 
 
 async def decide_soon(live: Live, body: bytes, request: web.Request, **options: Any) -> _core.Decision:

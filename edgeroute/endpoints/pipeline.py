@@ -29,9 +29,9 @@ from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
+from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
-    PARSE_ON_LOOP_BYTES,
     _cached_answer,
     _region,
     _route_headers,
