@@ -218,8 +218,9 @@ def route_shadow(cfg: Config, d: _core.Decision) -> Shadow | None:
     return next((m.shadow for m in _choosers(cfg, d) if m.shadow is not None), None)
 
 
-def explain_header(d: _core.Decision) -> str:
-    """One header line: route, rule or policy and why, and the predictions when they were made."""
+def explain_header(d: _core.Decision, note: str | None = None) -> str:
+    """One header line: route, rule or policy and why, and the predictions when they were made;
+    then `note` (why admission did not take a budget's action)."""
     parts = [f"route={d.route}", f"rule={d.rule or 'default'}", f"why={' & '.join(d.reasons)}"]
     if d.variant is not None:
         parts.append(f"variant={d.variant}")
@@ -230,6 +231,8 @@ def explain_header(d: _core.Decision) -> str:
     if d.difficulty is not None:
         parts.append(f"difficulty={d.difficulty:.2f}")
     parts.append(f"tokens={d.prompt_tokens}")
+    if note is not None:
+        parts.append(note)
     # Header values must be latin-1: rule names and reasons come from the config and the prompt.
     return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
 
@@ -393,7 +396,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         except ProxyError as e:
             if plan is not None and (stale := cache.serve_stale(plan)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, dialect, error=e)
-            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:
                 e.headers[headers.CACHE] = plan.label
             raise
@@ -613,7 +616,7 @@ async def _cached_answer(
     rec.outcome = "cache_hit" if error is None else "cache_stale"
     if rec.content_mode != "none":  # the answer as a miss keeps it (a stream's as its JSON)
         rec.content_response = entry.body
-    hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
+    hdrs = _route_headers(rec.request_id, decision, entry.deployment, rec)
     if rec.correlation_id is not None:  # echoed as on a miss: a hit must not look different to the client
         hdrs[headers.CORRELATION_ID] = rec.correlation_id
     hdrs[headers.CACHE] = plan.label
@@ -645,13 +648,13 @@ def _requested_model(body: bytes) -> str:
     return model[:200] if isinstance(model, str) else ""
 
 
-def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:
+def _route_headers(rid: str, d: _core.Decision, deployment: str | None, rec: RequestRecord) -> dict[str, str]:
     h = {
         headers.REQUEST_ID: rid,
         headers.ROUTE: d.route,
-        headers.ATTEMPTS: str(attempts),
+        headers.ATTEMPTS: str(len(rec.attempts)),
         headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
-        headers.EXPLAIN: explain_header(d),
+        headers.EXPLAIN: explain_header(d, rec.admission_note),
     }
     if deployment is not None:
         h[headers.DEPLOYMENT] = deployment
@@ -663,7 +666,7 @@ def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts
 def answered_headers(live: Live, rid: str, d: _core.Decision, rec: RequestRecord, call: Call) -> dict[str, str]:
     """The headers of an answer from upstream: where it went and how (hedged, spilled to a
     class's spare capacity, parameters its deployment could not honour left out)."""
-    h = _route_headers(rid, d, rec.deployment, len(rec.attempts))
+    h = _route_headers(rid, d, rec.deployment, rec)
     if rec.correlation_id is not None:
         h[headers.CORRELATION_ID] = rec.correlation_id
     if call.hedged:

@@ -291,7 +291,7 @@ async def serve(
         except ProxyError as e:
             if plan is not None and (stale := request.app[CACHE].serve_stale(plan)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, None, error=e)
-            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:
                 e.headers[headers.CACHE] = plan.label
             raise
