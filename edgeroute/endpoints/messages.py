@@ -31,9 +31,9 @@ from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import read_body
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.request_input import read_body
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.response import Response
