@@ -246,7 +246,7 @@ async def test_two_instances_on_one_redis_hold_the_cap_together(
 
 
 async def test_redis_down_follows_on_unavailable(upstreams: Any, start_proxy: StartProxy) -> None:
-    from tests.scale.support import free_port
+    from tests.serve_support import free_port
 
     up = HeldStreams()
     base = await upstreams(up.handle)

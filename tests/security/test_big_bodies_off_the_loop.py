@@ -22,6 +22,7 @@ import orjson
 
 from edgeroute import config as config_mod
 from edgeroute.core import build_router
+from edgeroute.dispatch.stream_usage import with_stream_usage
 from tests.governance_support import instances, write_config
 
 WORDS = " ".join(f"ref{i % 997} note" for i in range(1_300_000))  # ~14 MB of prose, no rule matches it
@@ -147,3 +148,34 @@ def test_a_long_decision_lets_other_threads_run() -> None:
     during = sum(started + margin < s < half for s in seen)
     assert ended - started > 4 * margin, ended - started  # long enough for the thread to show
     assert during >= 3, (during, ended - started)
+
+
+async def test_a_large_stream_with_its_own_stream_options_is_built_off_the_loop(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A stream asked without usage is asked upstream with it (`with_stream_usage`): a body that
+    already had `stream_options` was parsed and written again for that, each attempt, on the
+    loop (0.3-0.5 s for this one: many small messages are the costly kind to parse). Now only
+    the client's `stream_options` object is parsed, and a large body's request is built in a
+    worker thread."""
+    up = await start_upstream(record=True)
+    cfg = _config(up.base_url)
+    chat = {
+        "model": "m",
+        "stream": True,
+        "stream_options": {"include_usage": False},
+        "messages": [{"role": "user", "content": f"ref{i} note"} for i in range(300_000)],
+    }
+    body = orjson.dumps(chat)
+    started = time.process_time()
+    orjson.dumps(orjson.loads(body))  # what rewriting it whole costs, the GIL held throughout
+    stall = time.process_time() - started
+    assert stall > 0.08, f"a rewrite takes {stall:.3f} s here: make the body larger for this test to mean anything"
+    assert orjson.loads(with_stream_usage(body))["stream_options"] == {"include_usage": True}
+    with instances(write_config(tmp_path / "edgeroute.yaml", cfg), 1) as (proxy,):
+        worst, statuses = await _typical_lag(proxy.url, "/v1/chat/completions", body, {})
+        assert statuses == [200, 200, 200]
+        # The rest of a 14 MB request (its read, the depth check) stays on the loop: 30-80 ms here.
+        assert worst < stall, f"the loop stalled {worst:.3f} s; a rewrite takes {stall:.3f} s"
+        # The upstream was asked for the usage; the client, who did not ask, is not sent it.
+        assert up.options.requests[-1]["body"]["stream_options"] == {"include_usage": True}
