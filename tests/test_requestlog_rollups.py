@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger import Ledger, _Held
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
@@ -363,6 +363,36 @@ def test_a_minute_of_many_keys_is_spread_over_several_flushes_and_counted_all_al
     assert pending() == collections.Counter({minute + 1: pending()[minute + 1]})
     _check(db, [*crowd, later], t0, rng, cases=10)
     ledger.close()
+    if backend == "postgres":
+        _pg_reset(dsn)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_database_an_older_release_wrote_counts_its_rows_and_the_new_ones(backend: str, tmp_path: Path) -> None:
+    """An older release added every batch at the five levels itself (no pending rows); this one
+    adds pending rows beside them and spreads them into the same rows: the stats count both."""
+    rng = random.Random(24)
+    t0 = (time.time() // 86400 - 2) * 86400 + 113 * 60
+    recs = _records(1600, t0, rng)
+    old, new = recs[:800], recs[800:]
+    db, dsn = _open(backend, tmp_path)
+    ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
+    for i in range(0, len(old), 200):  # as the older release wrote them: every level, from Python
+        held = [ledger._rows(r, f"old-{r.request_id}") for r in old[i : i + 200]]
+        db.write(_Held(f"old-{i}", held, []).batch(True, rollup.LEVELS))
+    assert {k[1] for k in _stored_rollups(backend, tmp_path / "s.db", dsn)} == set(rollup.LEVELS)
+    _check(db, old, t0, rng, cases=10)
+    for i, r in enumerate(new):
+        ledger.record(r)
+        if i % 150 == 0:
+            ledger.flush()
+    ledger.flush()
+    assert any(k[1] == rollup.PENDING for k in _stored_rollups(backend, tmp_path / "s.db", dsn))
+    _check(db, recs, t0, rng, cases=20)
+    ledger.close()
+    db = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
+    _check(db, recs, t0, rng, cases=10)
+    db.close()
     if backend == "postgres":
         _pg_reset(dsn)
 
