@@ -9,6 +9,7 @@ import itertools
 import math
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
-from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger import Ledger, _Held
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
@@ -260,6 +261,182 @@ def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(bac
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got[costs], values[costs], strict=True)), key
     if backend == "postgres":
         _pg_reset(dsn)
+
+
+def _open(backend: str, tmp_path: Path) -> tuple[Any, str]:
+    if backend == "sqlite":
+        return SqliteBackend(tmp_path / "s.db"), ""
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    return PostgresBackend(dsn), dsn
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_batch_adds_one_pending_row_per_minute_and_the_stats_count_it_before_and_after_the_spread(
+    backend: str, tmp_path: Path
+) -> None:
+    """A batch adds each (dimension, value, minute) once, as a pending row (one ~200-column
+    upsert, not one per level); a batch that holds a newer minute spreads the rows before it
+    over every level. The stats count every request exactly all along: pending, spread, and
+    late records added to minutes spread already."""
+    rng = random.Random(21)
+    t0 = (time.time() // 86400 - 2) * 86400 + 355 * 60
+    recs = sorted(_records(1200, t0, rng), key=lambda r: r.started)
+    first_minute = int(recs[0].started // 60)
+    in_first = [r for r in recs if int(r.started // 60) == first_minute]
+    for i, r in enumerate(_records(40, t0, rng)):  # more in that first minute
+        r.request_id, r.started = f"m-{i}", first_minute * 60 + rng.uniform(0, 59.9)
+        in_first.append(r)
+    rest = [r for r in recs if int(r.started // 60) != first_minute]
+    late, rest = rest[::7], [r for i, r in enumerate(rest) if i % 7]
+    db, dsn = _open(backend, tmp_path)
+    ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
+    stored = lambda: _stored_rollups(backend, tmp_path / "s.db", dsn)  # noqa: E731
+
+    for r in in_first:
+        ledger.record(r)
+    assert ledger.flush() == len(in_first)
+    pairs = [(r, r.cost_usd) for r in in_first]
+    once = {r[:4] for r in rollup.aggregate(pairs, (rollup.PENDING,))}
+    assert stored().keys() == once, "one pending row per dimension, value and minute; no level written yet"
+    assert {k[3] for k in once} == {first_minute}
+    _check(db, in_first, t0, rng, cases=15)
+
+    for r in rest:
+        ledger.record(r)
+    ledger.flush()
+    newest = int(rest[-1].started // 60)
+    assert {k[3] for k in stored() if k[1] == rollup.PENDING} == {newest}, "the minutes before it were spread"
+    _check(db, in_first + rest, t0, rng, cases=15)
+
+    for r in late:  # late records, to minutes spread already: pending again, until a newer minute comes
+        ledger.record(r)
+    ledger.flush()
+    assert {k[3] for k in stored() if k[1] == rollup.PENDING} == {newest} | {int(r.started // 60) for r in late}
+    _check(db, recs + in_first[-40:], t0, rng, cases=25)
+
+    ledger.close()  # a graceful stop leaves nothing pending: an older release reads the levels alone
+    everything = stored()
+    assert {k[1] for k in everything} == set(rollup.LEVELS)
+    built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs + in_first[-40:])}
+    assert everything.keys() == built.keys()
+    for key, values in built.items():
+        assert everything[key][:4] + everything[key][6:] == values[:4] + values[6:], key
+    db = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
+    _check(db, recs + in_first[-40:], t0, rng, cases=15)
+    db.close()
+    if backend == "postgres":
+        _pg_reset(dsn)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_minute_of_many_keys_is_spread_over_several_flushes_and_counted_all_along(
+    backend: str, tmp_path: Path
+) -> None:
+    """A spread moves at most twice the rows its flush wrote (at least 1,000): a minute of
+    thousands of keys goes over the next flushes, not in one transaction that would hold up
+    the writer; the stats count every request meanwhile."""
+    rng = random.Random(23)
+    t0 = (time.time() // 86400 - 2) * 86400 + 600 * 60
+    crowd = _records(1500, t0, rng)
+    for i, r in enumerate(crowd):  # one minute, 1,500 keys
+        r.key, r.started = f"key-{i}", t0 + rng.uniform(0, 59.9)
+    (later,) = _records(1, t0, rng)
+    later.request_id, later.started = "later", t0 + 90
+    db, dsn = _open(backend, tmp_path)
+    ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
+
+    def pending() -> collections.Counter[int]:
+        return collections.Counter(k[3] for k in _stored_rollups(backend, tmp_path / "s.db", dsn) if k[1] == 0)
+
+    for r in crowd:
+        ledger.record(r)
+    ledger.flush()
+    minute = int(t0 // 60)
+    in_minute = pending()[minute]
+    assert in_minute > 1500
+    ledger.record(later)
+    ledger.flush()
+    assert pending()[minute] == in_minute - 1000, "a thousand moved; the rest wait for the next flush"
+    _check(db, [*crowd, later], t0, rng, cases=10)
+    ledger.flush()  # nothing new: it goes on spreading
+    assert pending() == collections.Counter({minute + 1: pending()[minute + 1]})
+    _check(db, [*crowd, later], t0, rng, cases=10)
+    ledger.close()
+    if backend == "postgres":
+        _pg_reset(dsn)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_database_an_older_release_wrote_counts_its_rows_and_the_new_ones(backend: str, tmp_path: Path) -> None:
+    """An older release added every batch at the five levels itself (no pending rows); this one
+    adds pending rows beside them and spreads them into the same rows: the stats count both."""
+    rng = random.Random(24)
+    t0 = (time.time() // 86400 - 2) * 86400 + 113 * 60
+    recs = _records(1600, t0, rng)
+    old, new = recs[:800], recs[800:]
+    db, dsn = _open(backend, tmp_path)
+    ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
+    for i in range(0, len(old), 200):  # as the older release wrote them: every level, from Python
+        held = [ledger._rows(r, f"old-{r.request_id}") for r in old[i : i + 200]]
+        db.write(_Held(f"old-{i}", held, []).batch(True, rollup.LEVELS))
+    assert {k[1] for k in _stored_rollups(backend, tmp_path / "s.db", dsn)} == set(rollup.LEVELS)
+    _check(db, old, t0, rng, cases=10)
+    for i, r in enumerate(new):
+        ledger.record(r)
+        if i % 150 == 0:
+            ledger.flush()
+    ledger.flush()
+    assert any(k[1] == rollup.PENDING for k in _stored_rollups(backend, tmp_path / "s.db", dsn))
+    _check(db, recs, t0, rng, cases=20)
+    ledger.close()
+    db = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
+    _check(db, recs, t0, rng, cases=10)
+    db.close()
+    if backend == "postgres":
+        _pg_reset(dsn)
+
+
+def test_postgres_instances_writing_and_spreading_at_once_add_up_exactly() -> None:
+    """Several instances on one database, each spreading its batches' pending rows as its
+    minutes advance (their spreads and batches meeting on the same rows): every request is
+    counted once, at every level."""
+    dsn = require_postgres()
+    _pg_reset(dsn)
+    rng = random.Random(22)
+    t0 = (time.time() // 86400 - 2) * 86400 + 77 * 60
+    recs = sorted(_records(3000, t0, rng), key=lambda r: r.started)
+    ledgers = [Ledger(PostgresBackend(dsn), flush_interval=3600, request_log=RequestLog()) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def feed(ledger: Ledger, part: list[RequestRecord], seed: int) -> None:
+        try:
+            local = random.Random(seed)
+            for r in part:
+                ledger.record(r)
+                if local.random() < 0.05:
+                    ledger.flush()
+            ledger.close()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [
+        threading.Thread(target=feed, args=(ledger, recs[i::3], i)) for i, ledger in enumerate(ledgers)
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and all(ledger.written == 1000 for ledger in ledgers)
+    stored = _stored_rollups("postgres", Path(), dsn)
+    built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs)}
+    assert stored.keys() == built.keys(), "nothing left pending after the graceful stops; nothing twice"
+    for key, values in built.items():
+        assert stored[key][:4] + stored[key][6:] == values[:4] + values[6:], key
+    db = PostgresBackend(dsn)
+    _check(db, recs, t0, rng, cases=20)
+    db.close()
+    _pg_reset(dsn)
 
 
 def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ grow?) and `GET /admin/stats` over a million stored requests.
     python -m edgeroute.bench.requestlog crash --rate 5000 --runs 3
     python -m edgeroute.bench.requestlog stall --rate 1000 --seconds 10
     python -m edgeroute.bench.requestlog stats --rows 1000000
-    python -m edgeroute.bench.requestlog cpu --records 20000 --batch 500 --rate 1000
+    python -m edgeroute.bench.requestlog cpu --records 20000 --batch 500 --rate 1000 [--mix single]
 
 `writes` reports the most records ever not yet in the store (queued or in the batch being
 written: what a `kill -9` at that moment would lose) in flush intervals' worth of records;
@@ -258,12 +258,16 @@ def stall(rate: int, seconds: float, flush: float, switch_s: float) -> None:
 # -- cpu: the writer's CPU per record, and where it goes --------------------------------------
 
 
-def _mixed(i: int, started: float, rng: random.Random, random_ids: bool = False) -> RequestRecord:
+def _mixed(i: int, started: float, rng: random.Random, random_ids: bool = False, single: bool = False) -> RequestRecord:
     """A `record` with the statuses of real traffic: one in 25 fails (a 503 or a 429 after
     its attempts, no usage), one in 50 is a cache hit, and a few carry a task and a variant.
     Its id is shaped as the proxy's are (`openai_api._RequestIds`): the time in milliseconds,
-    then random bits (`random_ids`: random throughout, as before 2026-12-04)."""
+    then random bits (`random_ids`: random throughout, as before 2026-12-04). `single`: one
+    tenant's traffic (one model, no key, no team)."""
     rec = record(i, started, rng)
+    if single:
+        rec.model = rec.route = MODELS[0]
+        rec.key = rec.team = None
     head = rng.getrandbits(40) if random_ids else int(rec.started * 1000) & 0xFF_FFFF_FFFF
     rec.request_id = f"req_{head:010x}{rng.getrandbits(56):014x}"
     if i % 25 == 7:
@@ -294,9 +298,7 @@ class _TimedCursor:
         words = sql.split()
         what = words[2] if words[0] == "INSERT" else words[0].lower()
         if what == "request_rollups":
-            what = "rollup spread (SQL)"
-        elif what == "rollup_batch":
-            what = "rollup stage insert"
+            what = "rollups (SQL)"
         self._split[what] = self._split.get(what, 0.0) + time.thread_time() - t
 
     def execute(self, sql: str, params: Any = ()) -> Any:
@@ -322,6 +324,12 @@ class _TimedSqlite(SqliteBackend):
             self._sql.run(_TimedCursor(self._conn.cursor(), self.split), batch)
             t = time.thread_time()
         self.split["commit"] = self.split.get("commit", 0.0) + time.thread_time() - t
+
+    def spread(self, before: int, limit: int) -> int:
+        t = time.thread_time()
+        moved = super().spread(before, limit)
+        self.split["rollup spread (SQL)"] = self.split.get("rollup spread (SQL)", 0.0) + time.thread_time() - t
+        return moved
 
 
 def _cpu_run(recs: list[RequestRecord], batch: int, warm: int, path: Path, split: dict[str, float] | None) -> float:
@@ -367,12 +375,14 @@ def _cpu_run(recs: list[RequestRecord], batch: int, warm: int, path: Path, split
     return per
 
 
-def cpu(records: int, batch: int, rate: int, runs: int, random_ids: bool = False) -> None:
+def cpu(records: int, batch: int, rate: int, runs: int, random_ids: bool = False, mix: str = "tenants") -> None:
     rng = random.Random(4)
     now = time.time()
-    recs = [_mixed(i, now + i / rate, rng, random_ids) for i in range(records + batch * 4)]
+    recs = [_mixed(i, now + i / rate, rng, random_ids, mix == "single") for i in range(records + batch * 4)]
     warm = batch * 4
-    print(f"writer CPU per record: {records} records arriving at {rate}/s, {batch} a batch, SQLite, request log on")
+    what = "one model, no key or team" if mix == "single" else "200 keys in 20 teams"
+    print(f"writer CPU per record: {records} records ({what}) arriving at {rate}/s, {batch} a batch, SQLite, "
+          "request log on")  # fmt: skip
     per: list[float] = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
@@ -487,9 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--rate", type=int, default=1000, help="records a second, for their timestamps")
     u.add_argument("--runs", type=int, default=3)
     u.add_argument("--random-ids", action="store_true", help="request ids random throughout (before 2026-12-04)")
+    u.add_argument("--mix", choices=("tenants", "single"), default="tenants",
+                   help="tenants: 200 keys in 20 teams, five models; single: one model, no key or team")  # fmt: skip
     a = p.parse_args(argv)
     if a.what == "cpu":
-        cpu(a.records, a.batch, a.rate, a.runs, a.random_ids)
+        cpu(a.records, a.batch, a.rate, a.runs, a.random_ids, a.mix)
     elif a.what == "writes":
         writes(a.rate, a.seconds, a.flush)
     elif a.what == "crash":

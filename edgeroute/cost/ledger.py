@@ -79,6 +79,8 @@ def _day(n: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(n * 86400))
 
 
+_ALL_MINUTES = 2**62  # a `before` past any minute
+_SPREAD_ROWS = 1000  # pending rollup rows a spread may always move (see Ledger._spread_pending)
 _MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
 
 
@@ -147,6 +149,13 @@ class Ledger:
         self.close_timeout = close_timeout
         self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._levels: Sequence[int] = getattr(backend, "rollup_levels", rollup.LEVELS)
+        # A backend that takes a batch's rollups as pending minute rows spreads them over the
+        # levels when asked (`rollup.spread_sql`): once a minute, when a batch holds a newer one.
+        self._spread = getattr(backend, "spread", None) if tuple(self._levels) == (rollup.PENDING,) else None
+        self._newest_minute = 0  # the newest minute of a record written
+        self._spread_before = 0  # pending rows before this minute were spread (by this writer)
+        self._rollup_rows = 0  # rollup rows the last flush wrote: a spread moves at most twice as many
+        self._spread_told = -1e9
         self._queue: collections.deque[RequestRecord] = collections.deque()
         self._journal: collections.deque[Row] = collections.deque()
         self._outcomes: collections.deque[tuple[str, Row]] = collections.deque()
@@ -278,13 +287,39 @@ class Ledger:
                 self._inflight = 0
             if not self._retry:
                 self.failing_since = None
+            if self._newest_minute > self._spread_before:
+                self._spread_pending(self._newest_minute)
+            self._rollup_rows = 0
             return done
+
+    def _spread_pending(self, before: int) -> bool:
+        """Spreads pending rollup rows of the minutes before `before` over the levels (the
+        stats are exact either way: this keeps the pending rows few, so queries stay fast);
+        False when more are left to spread. At most twice the rows the flush wrote (and at least
+        `_SPREAD_ROWS`) at a time: a minute of many keys is spread over the next flushes rather
+        than in one long transaction that would hold up the writer past its flush interval,
+        and the spreads still keep up, as no flush adds more pending rows than it wrote."""
+        if self._spread is None:
+            return True
+        limit = max(_SPREAD_ROWS, 2 * self._rollup_rows)
+        try:
+            moved = self._spread(before, limit)
+        except Exception as e:  # tried again after the next batch
+            if time.monotonic() - self._spread_told > 60:
+                self._spread_told = time.monotonic()
+                log.warning("request log: spreading the pending rollup rows failed (%s); tried again later", e)
+            return True  # nothing more to try now
+        if moved < limit:
+            self._spread_before = before
+            return True
+        return False
 
     def _write(self, held: _Held, retry: bool = False) -> int | None:
         """Writes a batch; the number of requests written, or None when the store is unavailable
         (the batch is then kept for the next flush)."""
         try:
-            self.backend.write(held.batch(self.request_log is not None, self._levels))
+            batch = held.batch(self.request_log is not None, self._levels)
+            self.backend.write(batch)
         except Exception as e:
             if not rejects_row(e):
                 self._keep(held, e, retry)
@@ -292,7 +327,13 @@ class Ledger:
             log.warning("ledger: the store rejected a batch of %d (%s); writing it row by row", len(held.pending), e)
             return self._write_one_by_one(held, retry)
         self.written += len(held.pending)
+        self._rollup_rows += len(batch.rollup)
+        self._note_minutes(held.pending)
         return len(held.pending)
+
+    def _note_minutes(self, pending: list[_Pending]) -> None:
+        if pending:
+            self._newest_minute = max(self._newest_minute, int(max(p.rec.started for p in pending) // 60))
 
     def _write_one_by_one(self, held: _Held, retry: bool) -> int | None:
         done = 0
@@ -301,7 +342,8 @@ class Ledger:
         parts += [_Held(f"{held.batch_id}/{i}", [p], []) for i, p in enumerate(held.pending)]
         for i, part in enumerate(parts):
             try:
-                self.backend.write(part.batch(self.request_log is not None, self._levels))
+                batch = part.batch(self.request_log is not None, self._levels)
+                self.backend.write(batch)
             except Exception as e:
                 if rejects_row(e):
                     for p in part.pending:
@@ -319,6 +361,8 @@ class Ledger:
                 self.written += done
                 return None
             done += len(part.pending)
+            self._rollup_rows += len(batch.rollup)
+            self._note_minutes(part.pending)
         self.written += done
         return done
 
@@ -409,6 +453,10 @@ class Ledger:
             pause = min(pause * 2, 1.0)
             self.flush()
         with self._lock:
+            # Nothing left pending by a graceful stop: an older release, which reads the
+            # levels alone, finds every request there.
+            while not self._spread_pending(_ALL_MINUTES) and time.monotonic() < deadline + 10:
+                pass
             lost = [p.rec for h in self._retry for p in h.pending] + list(self._queue)
             self._retry.clear()
             self._queue.clear()

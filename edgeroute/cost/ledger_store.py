@@ -181,8 +181,8 @@ class _Statements:
     requests: str
     journal: str
     outcomes: dict[str, str]
-    # The batch's rollups are its minute rows, spread over every level by these (in order).
-    staged_rollup: tuple[str, ...]
+    # The batch's rollup rows, added in by these (in order; the first takes the rows).
+    rollup: tuple[str, ...]
 
     @classmethod
     def for_mark(cls, mark: str, dialect: str) -> _Statements:
@@ -193,12 +193,12 @@ class _Statements:
             requestlog_store.insert_sql(mark),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
             requestlog_outcomes.insert_sql(mark),
-            tuple(rollup.staged_sql(mark, dialect)),
+            tuple(rollup.batch_sql(mark, dialect)),
         )
 
     def run(self, cur: Any, b: Batch, stage: Callable[[Any, list[Row]], None] | None = None) -> None:
         """Writes `b` through a cursor inside a transaction (the caller's); `stage` puts the
-        minute rollup rows into the stage (default: the stage's INSERT, row by row)."""
+        rollup rows into PostgreSQL's stage (default: the first rollup statement, row by row)."""
         cur.execute(self.batch, (b.batch_id, time.time()))
         if cur.rowcount == 0:
             log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
@@ -211,18 +211,18 @@ class _Statements:
         for table, rows in requestlog_outcomes.group(b.outcomes).items():
             cur.executemany(self.outcomes[table], rows)
         if b.rollup:
-            insert, *spread = self.staged_rollup
+            insert, *rest = self.rollup
             if stage is None:
                 cur.executemany(insert, b.rollup)
             else:
                 stage(cur, b.rollup)
-            for sql in spread:
+            for sql in rest:
                 cur.execute(sql)
 
 
 class SqliteBackend:
     dialect = "sqlite"
-    rollup_levels = (rollup.MINUTE,)  # the minute rows; the database adds up the coarser levels
+    rollup_levels = (rollup.PENDING,)  # a batch's minute rows; `spread` adds them into the levels later
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -234,9 +234,10 @@ class SqliteBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
         for stmt in _ROW_IDS:
             self._conn.execute(stmt)
-        self._conn.execute(rollup.stage_schema(self.dialect))
+        self._conn.execute(rollup.SPREAD_SCHEMA)
         self._conn.commit()
         self._sql = _Statements.for_mark("?", self.dialect)
+        self._spread = rollup.spread_sql("?", self.dialect)
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
@@ -244,6 +245,25 @@ class SqliteBackend:
     def write(self, batch: Batch) -> None:
         with self._conn:
             self._sql.run(self._conn.cursor(), batch)
+
+    def spread(self, before: int, limit: int) -> int:
+        """Moves at most `limit` of the pending rollup rows of the minutes before `before` into
+        every level, in one transaction taken at once (no other writer between its reads and its
+        delete); how many it moved."""
+        conn = self._conn
+        clear, pick, *rest = self._spread
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(clear)
+            moved = int(conn.execute(pick, (before, limit)).rowcount)
+            if moved:
+                for sql in rest:
+                    conn.execute(sql)
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+        return moved
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._conn:
@@ -263,12 +283,13 @@ class SqliteBackend:
         self._conn.close()
 
 
+_STAGE = rollup.stage_schema("postgres") or ""
 _IDLE_READERS = 4  # PostgreSQL read connections kept between queries
 
 
 class PostgresBackend:
     dialect = "postgres"
-    rollup_levels = (rollup.MINUTE,)  # as SQLite: the database adds up the coarser levels
+    rollup_levels = (rollup.PENDING,)  # as SQLite
 
     def __init__(self, dsn: str) -> None:
         import psycopg
@@ -294,20 +315,31 @@ class PostgresBackend:
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
-            self._conn.execute(rollup.stage_schema(self.dialect))
+            self._conn.execute(_STAGE)
         self._sql = _Statements.for_mark("%s", self.dialect)
+        self._spread = rollup.spread_sql("%s", self.dialect)
 
     def _live(self) -> Any:
         if self._conn.closed:
             self._conn = self._psycopg.connect(self._dsn, autocommit=False)
             with self._conn.transaction():  # the stage is the connection's own
-                self._conn.execute(rollup.stage_schema(self.dialect))
+                self._conn.execute(_STAGE)
         return self._conn
 
     def write(self, batch: Batch) -> None:
         conn = self._live()
         with conn.transaction(), conn.cursor() as cur:
             self._sql.run(cur, batch, _copy_stage)
+
+    def spread(self, before: int, limit: int) -> int:
+        """As SQLite's; rows a batch in flight holds, and everything while another instance
+        spreads, are left for the next time."""
+        conn = self._live()
+        with conn.transaction(), conn.cursor() as cur:
+            (sql,) = self._spread
+            cur.execute(sql, (before, limit))
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
         conn = self._live()
@@ -345,8 +377,8 @@ class PostgresBackend:
 
 
 def _copy_stage(cur: Any, rows: list[Row]) -> None:
-    """PostgreSQL: the minute rollup rows (~200 columns each) into the stage by COPY, one
-    stream rather than a statement per row."""
+    """PostgreSQL: the rollup rows (~200 columns each) into the stage by COPY, one stream
+    rather than a statement per row."""
     with cur.copy(f"COPY {rollup.STAGE} ({', '.join(rollup.COLUMNS)}) FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)

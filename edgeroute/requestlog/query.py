@@ -279,7 +279,7 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
     """Requests, success rate, latency and TTFT percentiles, tokens, cost and savings per group
     (and per time bucket), from the rollups: minute resolution (`since` rounds down, `until` up
     to the minute); percentiles within `rollup.MAX_RELATIVE_ERROR`. The window is read from
-    the coarsest rows that fit in it and in its buckets (`rollup.cover`).
+    the coarsest rows that fit in it and in its buckets (`rollup.cover`), and its pending rows.
 
     With `tenant` (a team-bound caller) or `team=` (any other), one team's rows alone, grouped
     by one of `TEAM_GROUPS`; a grouping by key raises `TeamScope` for a team-bound caller (its
@@ -323,6 +323,8 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
         f"WHERE {sel_sql} AND res = ? AND minute >= ? AND minute < ? GROUP BY value, t"
     )
     spans = rollup.cover(first, last, step)
+    if spans:  # and the window's minute rows not spread over the levels yet (a minute or two of them)
+        spans.append((rollup.PENDING, first, last))
     outer = ", ".join(f"SUM({c})" for c in cols)
     if db.dialect == "postgres":
         # PostgreSQL would plan each part's ~200 sums anew (~40 ms for a day's dozen parts,

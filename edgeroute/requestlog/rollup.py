@@ -1,7 +1,7 @@
 """Per-minute and per-hour aggregates of the request log, with latency and TTFT histograms.
 
 `/admin/stats` must answer over a day of a million requests in well under a second, so it
-never reads the raw rows: the writer adds each batch into one row per (dimension,
+never reads the raw rows: every request is added into one row per (dimension,
 resolution, value, minute) — e.g. ("model", 1, "gpt-4o", 29_000_123) for a minute and
 ("model", 60, "gpt-4o", 29_000_100) for its hour — whose counters and histogram buckets are
 plain integer columns, added by an upsert. Adding is exact and commutes, so several
@@ -13,6 +13,19 @@ to its own length), and a query covers its window with the coarsest blocks that 
 its ragged ends (at most 32, about 17 on average, where minutes and hours alone took up
 to 142), and 5-minute buckets read 5-minute rows. The cost of a query is the number of
 rows it sums, each ~200 columns wide, so this is what keeps `/admin/stats` fast.
+
+A batch does not add itself into the levels: it adds one row per (dimension, value, minute)
+at `PENDING` (res 0), an upsert each rather than five (each upsert of a ~200-column row
+costs ~10 µs of the writer's CPU; with 200 keys in 20 teams a batch of 500 has ~430 such
+rows, and the five upserts of each were half of the writer's CPU). Once a minute (when a
+batch holds a newer minute) the writer *spreads* the pending rows of the minutes before it
+over every level and deletes them, in one transaction (`spread_sql`; with PostgreSQL one
+instance at a time, and rows a batch in flight holds are left for the next time). A request
+is thus in a pending row or in the levels, never both nor neither, so a query reads its
+window's pending rows beside the levels' (the last minute or two, and late records not
+spread yet) and stays exact at every moment. A graceful stop spreads every pending row, so
+an older release, which reads the levels alone, finds everything after a downgrade; during
+a rolling upgrade an older instance's stats miss the newer ones' last minute or two.
 
 Percentiles come from the histograms: buckets grow by a factor of 1.15 from 0.5 ms
 (100 buckets reach ~8 minutes), and a percentile is reported as the geometric middle of
@@ -58,6 +71,7 @@ TTFT = tuple(f"t{i}" for i in range(BUCKETS))
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd")
 KEY = ("dim", "res", "value", "minute")  # res: the row's length in minutes, one of LEVELS
 MINUTE, HOUR = 1, 60
+PENDING = 0  # a minute's rows not spread over the levels yet (see the module's docstring)
 LEVELS = (1, 5, 15, 60, 360)  # each divides the next: a coarser row is a sum of finer ones
 _BACKFILL_FROM = {5: 1, 15: 5, 360: 60}  # levels added after the first release: built from a finer one
 COLUMNS = (*KEY, *COUNTERS, *LAT, *TTFT)
@@ -115,78 +129,101 @@ def team_value(team: str, value: str) -> str:
     return team_prefix(team) + value
 
 
-def _tokens(rec_usage: Any) -> tuple[int, int]:
-    if rec_usage is None:
-        return 0, 0
-    return int(rec_usage.prompt_tokens), int(rec_usage.completion_tokens)
-
-
 def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[int] = LEVELS) -> list[tuple[Any, ...]]:
     """Rollup rows for a batch of (record, baseline cost) pairs: one per (dim, value, minute)
-    at each of `levels` (`(MINUTE,)`: the minute rows only, which `staged_sql` spreads over
-    the coarser levels inside the database).
+    at each of `levels` (`LEVELS`), or the minute rows alone labelled with the one level
+    given (`(PENDING,)`: what a batch writes, spread over the levels later by `spread_sql`).
 
-    The writer thread runs this for every record while it holds the GIL, so each record is
-    added straight into its rows' flat value lists: a batch's records rarely share a whole
-    signature (keys are many), so adding them up by signature first saved nothing."""
-    out: dict[tuple[str, str, int], list[Any]] = {}
-    get = out.get
+    The writer thread runs this for every record while it holds the GIL, so a record is
+    added once, into the sum of its signature (its minute and every dimension's value; an
+    attempt's: its minute, deployment, provider and team), histograms kept sparse; then
+    each signature's sum goes into its rows (13 of them for a request with a team). A batch
+    of one tenant's traffic has a few dozen signatures; even with 200 keys in 20 teams
+    about two records share one, and this halves the per-record work."""
+    sigs: dict[tuple[Any, ...], list[Any]] = {}
+    attempt_sigs: dict[tuple[Any, ...], list[Any]] = {}
+    sig_get, attempt_get = sigs.get, attempt_sigs.get
     for rec, baseline in records:
         minute = int(rec.started // 60)
-        p, c = _tokens(rec.usage)
-        error = rec.status != 200
+        u = rec.usage
         cost = rec.cost_usd
-        lb = _LAT0 + bucket(rec.latency_ms)
-        tb = 0 if rec.ttft_ms is None else _TTFT0 + bucket(rec.ttft_ms)
+        team = rec.team
         # A model no route serves is a client's free text: one value for all, or a client
         # naming a new model with each refused request grows the rollups without bound.
         model = rec.model if rec.route else UNROUTED
-        values = ("*", model, rec.rule, rec.policy, rec.task, rec.variant, rec.team, rec.key)
-        keys = [(dim, value or "", minute) for dim, value in zip(_SIG_DIMS, values, strict=True)]
-        team = rec.team
-        tp = team_prefix(team) if team else ""
-        if team:
-            in_team = (model, rec.rule, rec.policy, rec.task, rec.variant)
-            keys += [(dim, tp + (value or ""), minute) for dim, value in zip(_TEAM_SIG_DIMS, in_team, strict=True)]
+        sig = (minute, model, rec.rule, rec.policy, rec.task, rec.variant, team, rec.key)
+        acc = sig_get(sig)
+        if acc is None:
+            acc = sigs[sig] = [0, 0, 0, 0, 0.0, 0.0, {}]
+        acc[0] += 1
+        if rec.status != 200:
+            acc[1] += 1
+        if u is not None:
+            acc[2] += int(u.prompt_tokens)
+            acc[3] += int(u.completion_tokens)
+        acc[4] += cost
+        acc[5] += baseline
+        hist = acc[6]
+        i = _LAT0 + bucket(rec.latency_ms)
+        hist[i] = hist.get(i, 0) + 1
+        if rec.ttft_ms is not None:
+            i = _TTFT0 + bucket(rec.ttft_ms)
+            hist[i] = hist.get(i, 0) + 1
+        # The serving attempt carries the request's savings, so that they add up per deployment.
+        extra = baseline - cost
+        for a in rec.attempts:
+            ok = a.outcome == "success"
+            attempt_sig = (minute, a.deployment, a.provider, team)
+            acc = attempt_get(attempt_sig)
+            if acc is None:
+                acc = attempt_sigs[attempt_sig] = [0, 0, 0, 0, 0.0, 0.0, {}]
+            acc[0] += 1
+            if not ok:
+                acc[1] += 1
+            if (au := a.usage) is not None:
+                acc[2] += int(au.prompt_tokens)
+                acc[3] += int(au.completion_tokens)
+            acc[4] += a.cost_usd
+            acc[5] += a.cost_usd + extra if ok and a.deployment == rec.deployment else a.cost_usd
+            hist = acc[6]
+            i = _LAT0 + bucket(a.latency_ms)
+            hist[i] = hist.get(i, 0) + 1
+            if a.ttft_ms is not None:
+                i = _TTFT0 + bucket(a.ttft_ms)
+                hist[i] = hist.get(i, 0) + 1
+    out: dict[tuple[str, str, int], list[Any]] = {}
+    get = out.get
+
+    def add(keys: list[tuple[str, str, int]], acc: list[Any]) -> None:
+        n, errors, p, c, cost, base, hist = acc
+        buckets = hist.items()
         for key in keys:
             r = get(key)
             if r is None:
                 r = out[key] = _ZERO.copy()
-            r[0] += 1
-            r[1] += error
+            r[0] += n
+            r[1] += errors
             r[2] += p
             r[3] += c
             r[4] += cost
-            r[5] += baseline
-            r[lb] += 1
-            if tb:
-                r[tb] += 1
-        # The serving attempt carries the request's savings, so that they add up per deployment.
-        extra = baseline - cost
-        for a in rec.attempts:
-            ap, ac = _tokens(a.usage)
-            ok = a.outcome == "success"
-            base = a.cost_usd + extra if ok and a.deployment == rec.deployment else a.cost_usd
-            alb = _LAT0 + bucket(a.latency_ms)
-            atb = 0 if a.ttft_ms is None else _TTFT0 + bucket(a.ttft_ms)
-            a_keys = [("deployment", a.deployment or "", minute), ("provider", a.provider or "", minute)]
-            if team:
-                a_keys += [(_TEAM_ATTEMPT_DIMS[0], tp + (a.deployment or ""), minute),
-                           (_TEAM_ATTEMPT_DIMS[1], tp + (a.provider or ""), minute)]  # fmt: skip
-            for key in a_keys:
-                r = get(key)
-                if r is None:
-                    r = out[key] = _ZERO.copy()
-                r[0] += 1
-                r[1] += not ok
-                r[2] += ap
-                r[3] += ac
-                r[4] += a.cost_usd
-                r[5] += base
-                r[alb] += 1
-                if atb:
-                    r[atb] += 1
-    rows = [(d, MINUTE, v, m, *r) for (d, v, m), r in out.items()]
+            r[5] += base
+            for i, k in buckets:
+                r[i] += k
+
+    for (minute, *values), acc in sigs.items():
+        keys = [(dim, value or "", minute) for dim, value in zip(_SIG_DIMS, ("*", *values), strict=True)]
+        if team := values[5]:
+            tp = team_prefix(team)
+            keys += [(dim, tp + (value or ""), minute) for dim, value in zip(_TEAM_SIG_DIMS, values[:5], strict=True)]
+        add(keys, acc)
+    for (minute, dep, provider, team), acc in attempt_sigs.items():
+        keys = [("deployment", dep or "", minute), ("provider", provider or "", minute)]
+        if team:
+            tp = team_prefix(team)
+            keys += [(_TEAM_ATTEMPT_DIMS[0], tp + (dep or ""), minute),
+                     (_TEAM_ATTEMPT_DIMS[1], tp + (provider or ""), minute)]  # fmt: skip
+        add(keys, acc)
+    rows = [(d, levels[0], v, m, *r) for (d, v, m), r in out.items()]
     finer = out
     for res in LEVELS[1:] if len(levels) > 1 else ():  # each level from the one below it: fewer rows to merge each time
         coarser: dict[tuple[str, str, int], list[Any]] = {}
@@ -271,35 +308,87 @@ def backfill_sql(res: int) -> str:
 STAGE = "rollup_batch"
 
 
-def stage_schema(dialect: str) -> str:
-    """A temporary table (the writer's connection's own) for one batch's minute rows."""
-    if dialect == "postgres":  # typed as the rollups, emptied by each commit
+def stage_schema(dialect: str) -> str | None:
+    """PostgreSQL: a temporary table (the writer's connection's own, typed as the rollups,
+    emptied by each commit) that a batch's rows are copied into. SQLite needs none."""
+    if dialect == "postgres":
         return f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} (LIKE request_rollups) ON COMMIT DELETE ROWS"
-    return f"CREATE TEMP TABLE IF NOT EXISTS {STAGE} ({', '.join(COLUMNS)})"  # untyped: values kept as bound
+    return None
 
 
-def staged_sql(mark: str, dialect: str = "sqlite") -> list[str]:
-    """A batch's rollups written from its minute rows: they go into the stage (the only rows
-    bound one by one, from Python; PostgreSQL copies them in), then each row is added into
-    its block at every level by SQL, in the database (SQLite releases the GIL while it runs;
-    building the coarser rows in Python and binding their ~200 values each held it), then the
-    stage is emptied. Run in the batch's transaction, in this order. SQLite applies an upsert
-    row by row, so two minute rows of one block add up without a GROUP BY; PostgreSQL refuses
-    to update one row twice in a statement, so there the block's rows are summed first.
-    Coarser rows handed to the stage are ignored: the minute rows carry everything."""
-    out = [f"INSERT INTO {STAGE} ({', '.join(COLUMNS)}) VALUES ({', '.join([mark] * len(COLUMNS))})"]
+def _adds() -> str:
+    return ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in (*COUNTERS, *LAT, *TTFT))
+
+
+def batch_sql(mark: str, dialect: str = "sqlite") -> list[str]:
+    """A batch's rollup rows (each added into its own row: the batch's `PENDING` rows, or rows
+    at every level where the writer built them all), in the batch's transaction, in order.
+    The first statement takes the rows one by one. SQLite: that is the upsert itself. PostgreSQL:
+    they go into the stage (copied in, in fact), then one upsert adds them up; in key order, so
+    that two instances' batches lock their common rows in the same order (no deadlock)."""
+    cols = ", ".join(COLUMNS)
+    upsert = f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {_adds()}"
+    if dialect != "postgres":
+        return [f"INSERT INTO request_rollups ({cols}) VALUES ({', '.join([mark] * len(COLUMNS))}) {upsert}"]
+    return [
+        f"INSERT INTO {STAGE} ({cols}) VALUES ({', '.join([mark] * len(COLUMNS))})",
+        f"INSERT INTO request_rollups ({cols}) SELECT {cols} FROM {STAGE} ORDER BY dim, res, minute, value {upsert}",
+        f"DELETE FROM {STAGE}",
+    ]
+
+
+_SPREAD_LOCK = 0x65646765_726F7574  # PostgreSQL advisory lock: one instance spreads at a time
+SPREAD = "rollup_spread"  # SQLite: a temporary table, the keys of the pending rows one spread moves
+SPREAD_SCHEMA = f"CREATE TEMP TABLE IF NOT EXISTS {SPREAD} (dim TEXT, minute INTEGER, value TEXT)"
+
+
+def spread_sql(mark: str, dialect: str = "sqlite") -> list[str]:
+    """Statements that move at most `limit` of the `PENDING` rows of the minutes before
+    `before` into every level and delete them, in one transaction.
+
+    PostgreSQL: one statement, bound (before, limit), that answers how many it moved. Rows a
+    batch in flight holds are skipped (left for the next time), so a spread never waits for a
+    batch; an advisory lock keeps two instances' spreads from meeting on the levels' rows in
+    different orders (the second moves nothing); a block's minutes are summed first, as
+    PostgreSQL refuses to update a row twice in a statement.
+
+    SQLite: the transaction must start IMMEDIATE (no other writer between the reads and the
+    delete). The second statement, bound (before, limit), picks the rows into `SPREAD` (its
+    row count: how many); the others take no parameters. An upsert there applies row by row,
+    so the minutes of one block add up without a GROUP BY.
+
+    Pending rows are found `dim` by `dim` (the primary key's first column), never by a scan
+    of the whole table."""
+    cols = ", ".join(COLUMNS)
     names = (*COUNTERS, *LAT, *TTFT)
-    adds = ", ".join(f"{c} = request_rollups.{c} + excluded.{c}" for c in names)
-    for res in LEVELS:
-        block = f"minute - minute % {res}"
-        if dialect == "postgres":
-            values, group = ", ".join(f"SUM({c})" for c in names), f" GROUP BY dim, value, {block}"
-        else:
-            values, group = ", ".join(names), ""
-        out.append(
-            f"INSERT INTO request_rollups ({', '.join(COLUMNS)}) SELECT dim, {res}, value, {block}, "
-            f"{values} FROM {STAGE} WHERE res = {MINUTE}{group} "
-            f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {adds}"
-        )
-    out.append(f"DELETE FROM {STAGE}")
-    return out
+    dims = ", ".join(f"'{d}'" for d in DIMS)
+    pending = f"dim IN ({dims}) AND res = {PENDING} AND minute < {mark}"
+    upsert = f"ON CONFLICT (dim, res, minute, value) DO UPDATE SET {_adds()}"
+    if dialect == "postgres":
+        levels = ", ".join(f"({r})" for r in LEVELS)
+        block = "p.minute - mod(p.minute, lv.level)"  # `%`: a placeholder to psycopg
+        sums = ", ".join(f"SUM(p.{c})" for c in names)
+        return [
+            f"WITH p AS (DELETE FROM request_rollups WHERE (dim, res, minute, value) IN ("
+            f"SELECT dim, res, minute, value FROM request_rollups WHERE {pending} "
+            f"AND (SELECT pg_try_advisory_xact_lock({_SPREAD_LOCK})) LIMIT {mark} FOR UPDATE SKIP LOCKED) "
+            f"RETURNING *), "
+            f"added AS (INSERT INTO request_rollups ({cols}) SELECT p.dim, lv.level, p.value, {block}, {sums} "
+            f"FROM p CROSS JOIN (VALUES {levels}) AS lv(level) GROUP BY p.dim, lv.level, p.value, {block} "
+            f"ORDER BY p.dim, lv.level, {block}, p.value {upsert}) "
+            f"SELECT COUNT(*) FROM p"
+        ]
+    picked = f"SELECT dim, {PENDING} AS res, minute, value FROM temp.{SPREAD}"
+    return [
+        f"DELETE FROM temp.{SPREAD}",
+        f"INSERT INTO temp.{SPREAD} (dim, minute, value) SELECT dim, minute, value FROM request_rollups "
+        f"WHERE {pending} LIMIT {mark}",
+        *(
+            f"INSERT INTO request_rollups ({cols}) SELECT r.dim, {res}, r.value, r.minute - r.minute % {res}, "
+            f"{', '.join(f'r.{c}' for c in names)} FROM temp.{SPREAD} AS s JOIN request_rollups AS r "
+            f"ON r.dim = s.dim AND r.res = {PENDING} AND r.minute = s.minute AND r.value = s.value "
+            f"WHERE true {upsert}"
+            for res in LEVELS
+        ),
+        f"DELETE FROM request_rollups WHERE (dim, res, minute, value) IN ({picked})",
+    ]
