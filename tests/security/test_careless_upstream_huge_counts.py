@@ -20,6 +20,7 @@ import openai
 import psycopg
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from edgeroute.cost.ledger_store import PostgresBackend
 from tests.conftest import eventually
@@ -103,3 +104,44 @@ def test_a_ledger_made_by_an_earlier_release_is_widened_once(old_ledger: str) ->
             "WHERE table_schema = current_schema() AND column_name LIKE '%%_tokens' AND table_name LIKE 'spend%%'"
         ).fetchall()
     assert sorted(types) == sorted((t, col, "bigint") for t, cols in COUNTS.items() for col in cols)
+
+
+@pytest.mark.parametrize("count", [2**40, 10**15, 2**63 - 1], ids=["2^40", "10^15", "2^63-1"])
+async def test_a_titan_count_past_the_bound_is_counted_from_the_text(serve: Any, count: int) -> None:
+    """Titan's `inputTextTokenCount` was taken whatever its size: 10^15 tokens a text priced the
+    request at two billion USD (past any budget), and two texts of 2^63-1 made a count past 64
+    bits that no ledger could store (the record was set aside). From 2^40 on it is garbage,
+    as any other usage count is: the texts are counted."""
+
+    async def titan(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"embedding": [0.125, 0.5], "inputTextTokenCount": count})
+
+    app = web.Application()
+    app.router.add_post("/model/{model}/invoke", titan)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
+    cfg = {
+        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
+        "deployments": {
+            "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
+        },
+        "models": {"embed": {"deployments": ["t"]}},
+    }
+    proxy = await serve(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    try:
+        got = await client.embeddings.create(model="embed", input=["hello there", "general kenobi"])
+    finally:
+        await client.close()
+        await server.close()
+    assert [d.embedding for d in got.data] == [[0.125, 0.5], [0.125, 0.5]]
+    assert 2 <= got.usage.prompt_tokens < 20, got.usage  # the two texts, counted
+
+    async def recorded() -> Any:
+        return proxy.recorder.records[-1] if proxy.recorder.records else None
+
+    rec = await eventually(recorded, "the request's record")
+    assert rec.usage.estimated and rec.usage.prompt_tokens == got.usage.prompt_tokens
+    assert rec.cost_usd < 1e-4
