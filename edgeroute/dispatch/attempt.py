@@ -353,7 +353,9 @@ class Attempts:
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
         translator = (
-            None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
+            sse.ChatChunks()  # relayed as they come: checked, so that an unreadable one is the upstream's error
+            if adapter.passthrough
+            else adapter.stream_translator(self.decision.model, self.decision.include_usage)
         )
         # An error event before content is a failover, never relayed: one never ended is
         # bounded as the relay's guard bounds it (it was held until the first-byte timeout).
@@ -468,8 +470,9 @@ def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failur
         return Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
     if isinstance(e, OSError):  # UpstreamError is one
         return Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
-    if isinstance(e, sse.EventTooLarge):
-        # The upstream opened a stream event and never ended it: its failure (fails over).
+    if isinstance(e, sse.StreamProtocolError):
+        # The upstream opened a stream event and never ended it, or sent one its client cannot
+        # read: its failure (fails over).
         return Failure(Outcome.SERVER_ERROR, status, f"the upstream {e}")
     # An answer the adapter could not read (bad usage, a malformed event): the deployment's
     # fault, like a 5xx, so fail over; the core hears of it in `_report`.
