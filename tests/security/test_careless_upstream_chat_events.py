@@ -6,7 +6,9 @@ choice that is a string, a null `delta`, bytes that are not UTF-8, a raw control
 or text that is not JSON crashed the client's stream inside the SDK or the code that reads it
 (AttributeError, UnicodeDecodeError, JSONDecodeError: no `openai.APIError` its code handles),
 and the request was recorded as served (`ok`, 200), the upstream never blamed. The
-`/v1/messages` and `/v1/responses` pass-throughs had the same fix; this is chat's.
+`/v1/messages` and `/v1/responses` pass-throughs had the same fix; this is chat's. A JSON
+answer of the same shapes (a choice that is a string or null, a null message) was a 200 too:
+it is the upstream's failure now (fails over; a 502 when no deployment is left).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from typing import Any
 import openai
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from tests.security.conftest import ScriptedStreams, Served
+from tests.security.conftest import ScriptedStreams, Served, chat_upstream
 
 USER: Any = [{"role": "user", "content": "hi"}]
 
@@ -109,3 +112,48 @@ async def test_before_content_it_fails_over(upstreams: ScriptedStreams, serve: A
     rec = proxy.recorder.records[-1]
     assert [a.deployment for a in rec.attempts] == ["d0", "d1"]
     assert "sent a stream event" in (rec.attempts[0].error or ""), rec.attempts[0]
+
+
+ODD_ANSWERS: dict[str, Any] = {
+    "choices-a-string": "x",
+    "choices-an-object": {"0": {"message": {"role": "assistant", "content": "hi"}}},
+    "null-choice": [None],
+    "string-choice": ["x"],
+    "null-message": [{"index": 0, "message": None, "finish_reason": "stop"}],
+    "string-message": [{"index": 0, "message": "hi", "finish_reason": "stop"}],
+}
+
+
+def _answering(choices: Any) -> Any:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+        body = {"id": "c1", "object": "chat.completion", "created": 0, "model": "x", "choices": choices, "usage": usage}
+        return web.json_response(body)
+
+    return chat
+
+
+@pytest.mark.parametrize("odd", list(ODD_ANSWERS))
+async def test_a_json_answer_the_sdk_cannot_read_fails_over_or_is_a_502(serve: Any, odd: str) -> None:
+    """The same shapes in a JSON answer went to the client as a 200 (`answer.choices[0].message.content`
+    raised AttributeError or KeyError in its code), recorded as served, never failed over."""
+    broken = await chat_upstream(_answering(ODD_ANSWERS[odd]))
+    good = await chat_upstream(_answering([{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                            "finish_reason": "stop"}]))  # fmt: skip
+    try:
+        proxy: Served = await serve(_config(broken, good))
+        alone: Served = await serve(_config(broken))
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
+            answer = await client.chat.completions.create(model="m", messages=USER)
+        assert answer.choices[0].message.content == "hi"
+        rec = proxy.recorder.records[-1]
+        assert [a.deployment for a in rec.attempts] == ["d0", "d1"]
+        assert "choices that are not objects with a message object" in (rec.attempts[0].error or ""), rec.attempts
+        async with openai.AsyncOpenAI(base_url=alone.url + "/v1", api_key="unused", max_retries=0) as client:
+            with pytest.raises(openai.APIStatusError) as raised:
+                await client.chat.completions.create(model="m", messages=USER)
+        assert raised.value.status_code == 502
+    finally:
+        await broken.close()
+        await good.close()
