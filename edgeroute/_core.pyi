@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, TypedDict, final
 
 __all__ = [
+    "DETACH_FROM_BYTES",
     "OUTCOMES",
     "BadRequestError",
     "ConfigError",
@@ -32,6 +33,10 @@ __all__ = [
 
 __version__: str
 """Version of the Rust crates the extension was built from."""
+
+DETACH_FROM_BYTES: int
+"""Bodies and texts at least this long are decided, counted or scanned with the GIL released;
+shorter ones keep it (microseconds of work, whose caller, the event loop, waits either way)."""
 
 class EdgerouteError(Exception):
     """Base of every error raised by the core."""

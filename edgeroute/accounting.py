@@ -218,6 +218,9 @@ class RequestRecord:
     attempts: list[AttemptRecord] = field(default_factory=list)
     # Set by admission: which budget refused or downgraded the request, e.g. "blocked:team-monthly".
     admission: str | None = None
+    # Why admission did not take a budget's action (a downgrade whose model the prompt exceeds):
+    # added to `x-edgeroute-explain` and to the request log's detail.
+    admission_note: str | None = None
     started_at: float = 0.0  # time.time() at arrival; the shared name for `started` (set from it)
     correlation_id: str | None = None  # the client's own x-request-id, never used as our id
     ttft_ms: float | None = None  # arrival to the first content byte sent (streams only)

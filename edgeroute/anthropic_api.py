@@ -29,8 +29,10 @@ from aiohttp import web
 
 from edgeroute import openai_api, redact, sse
 from edgeroute.accounting import Usage
+from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
 from edgeroute.providers import openai_format as oa
+from edgeroute.request_input import read_body
 from edgeroute.state import STATE
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
@@ -256,8 +258,8 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
 
 async def read_request(request: web.Request, *, counting: bool = False) -> bytes:
     """The request in OpenAI's format (a large one translated in a worker thread)."""
-    raw = await openai_api.read_body(request)
-    if len(raw) > openai_api.PARSE_ON_LOOP_BYTES:
+    raw = await read_body(request)
+    if len(raw) > PARSE_ON_LOOP_BYTES:
         return await asyncio.to_thread(_translated, raw, counting)
     return _translated(raw, counting)
 

@@ -7,7 +7,9 @@ Each slot is a lease: a member of one set per name, with an expiry. Taking a slo
 trip (a Lua script, or one SQLite transaction: drop expired leases, count, add one when under
 the limit); giving it back is one more, sent off the request path. A background task renews
 this process's leases every `RENEW_S`, so the slots of a process killed with -9 come back by
-themselves within `LEASE_S`.
+themselves within `LEASE_S`; the renewal adds back the leases a Redis restarted empty (or
+flushed) has lost, and leases the slots taken on this process's count while the store could
+not answer, so the slots still taken count in the fleet again within `RENEW_S`.
 """
 
 from __future__ import annotations
@@ -50,12 +52,13 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """)
-# KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held.
+# KEYS[1]: the deployment's leases; ARGV: lease ms, then the lease ids still held. Added back
+# when missing: a Redis restarted empty or flushed has lost them, and the slots are still taken.
 _RENEW = Script.of("""
 local t = redis.call('TIME')
 local until_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until_ms, ARGV[i])
+  redis.call('ZADD', KEYS[1], until_ms, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
@@ -136,9 +139,10 @@ class SqliteLeases(SqliteState):
         def tx(db: sqlite3.Connection) -> None:
             until = time.time() + LEASE_S
             for deployment, leases in held.items():
-                db.executemany(
-                    "UPDATE lease SET expires = ? WHERE deployment = ? AND id = ?",
-                    [(until, deployment, lease) for lease in leases],
+                db.executemany(  # added when missing, as in Redis: slots taken while the file failed
+                    "INSERT INTO lease VALUES (?, ?, ?) "
+                    "ON CONFLICT (deployment, id) DO UPDATE SET expires = excluded.expires",
+                    [(deployment, lease, until) for lease in leases],
                 )
 
         await self._run(tx)
@@ -210,6 +214,12 @@ class SharedSlots:
         self.results["taken"] += 1
         self.held.setdefault(name, []).append(lease)
 
+    def hold_unleased(self, name: str) -> None:
+        """Holds a slot taken on this process's count while the store could not answer (the
+        admission script failed, `on_unavailable: open`): leased at the next renewal, so that
+        the fleet counts it once the store answers again."""
+        self.held.setdefault(name, []).append(None)
+
     def release(self, deployment: str) -> None:
         """Gives one slot back: an unleased one first, so the shared count never falls below
         what this process runs; a lease is removed off the request path."""
@@ -239,15 +249,34 @@ class SharedSlots:
     async def renew_forever(self) -> None:
         while True:
             await asyncio.sleep(RENEW_S)
-            held = {d: [x for x in leases if x is not None] for d, leases in self.held.items()}
-            held = {d: leases for d, leases in held.items() if leases}
+            # A slot taken while the store could not answer is leased now: added by the
+            # renewal, it counts in the fleet for as long as its request runs.
+            for slots in self.held.values():
+                for i, slot in enumerate(slots):
+                    if slot is None:
+                        slots[i] = self.lease_id()
+            held = {d: [x for x in slots if x is not None] for d, slots in self.held.items()}
+            held = {d: ids for d, ids in held.items() if ids}
             if not held:
                 continue
             try:
                 await self.store.renew(held)
             except StoreUnavailable as e:
-                n = sum(map(len, held.values()))
-                log.warning("%s: could not renew %d leases (%s)", self.label, n, e)
+                if not self._down:  # once per outage, not every RENEW_S
+                    n = sum(map(len, held.values()))
+                    log.warning("%s: could not renew %d leases (%s)", self.label, n, e)
+                    self._down = True
+            else:
+                if self._down:
+                    log.warning("%s available again", self.label)
+                    self._down = False
+            # A lease given back while the renewal was on its way may have been added back
+            # by it (its ZREM sent first): given back again, it is not held for LEASE_S more.
+            for deployment, ids in held.items():
+                still = set(self.held.get(deployment, []))
+                for lease in ids:
+                    if lease not in still:
+                        self._background(deployment, lease)
 
     async def close(self) -> None:
         if self._tasks:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -13,7 +12,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import _core, headers, shadow
 from edgeroute.accounting import RequestRecord
@@ -28,79 +26,25 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
-from edgeroute.errors import ProxyError, body_read_error
+from edgeroute.errors import ProxyError
 from edgeroute.governance.residency import check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
 from edgeroute.ready_response import ReadyResponse
+from edgeroute.request_input import correlation_id, new_request_id, read_body, region_of, tags_of
 from edgeroute.requestlog import content
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
-
-class _RequestIds:
-    """An id is the time in milliseconds (40 bits, 10 hex digits) then 56 random bits, drawn
-    from a buffer filled 512 ids at a time. Random, so that a client that saw its own id
-    cannot name its neighbours' (feedback, the ledger and the request log are keyed by it;
-    a counter allowed that); time first, so that the ledger's and the request log's indexes
-    on it take new rows at their right edge: fully random ids land on a random page of each
-    index, which made the writer's commits ~2x larger and its CPU per record ~25 % higher on a
-    log of 100,000 requests (`python -m edgeroute.bench.requestlog cpu`)."""
-
-    RANDOM_HEX = 14
-
-    def __init__(self) -> None:
-        self.buf = ""
-        self.pos = 0
-        self.ms = -1
-        self.prefix = ""  # "req_" and `ms` in hex: the same for every id of one millisecond
-
-    def take(self) -> str:
-        if self.pos >= len(self.buf):
-            self.buf, self.pos = os.urandom(self.RANDOM_HEX // 2 * 512).hex(), 0
-        pos = self.pos = self.pos + self.RANDOM_HEX
-        ms = int(time.time() * 1000) & 0xFF_FFFF_FFFF  # wraps every 34.8 years: only the order is lost
-        if ms != self.ms:
-            self.ms, self.prefix = ms, f"req_{ms:010x}"
-        return self.prefix + self.buf[pos - self.RANDOM_HEX : pos]
-
-    def reset(self) -> None:
-        self.buf, self.pos = "", 0  # a forked child must not hand out its parent's ids
-
-
-_ids = _RequestIds()
-os.register_at_fork(after_in_child=_ids.reset)
-new_request_id = _ids.take
-
-
-def _tags(request: web.Request) -> list[str] | None:
-    raw = request.headers.get(headers.TAGS)
-    if not raw:
-        return None
-    if not raw.isascii():
-        try:  # header bytes that are not UTF-8 arrive as lone surrogates, which the core cannot take
-            raw.encode()
-        except UnicodeEncodeError:
-            raise ProxyError(400, f"The {headers.TAGS} header is not valid UTF-8.", code="invalid_header") from None
-    return [t.strip() for t in raw.split(",") if t.strip()]
-
-
-def _region(request: web.Request) -> str | None:
-    """The region the caller's key is held to, if any."""
-    ident = request.get(IDENTITY)
-    return ident.residency if ident is not None else None
-
-
 _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
 
 
 # Past this size the core's decision (parsing, rules and PII over the text: ~5 ns a byte, more
-# with many pattern rules) costs more than a hop to a worker thread (~50 µs).
+# with many pattern rules) costs more than a hop to a worker thread (~50 µs). The core releases
+# the GIL for bodies of `_core.DETACH_FROM_BYTES` or more, so every decision made off the loop
+# (this size, or `COUNT_ON_LOOP_BYTES` when counting exactly) lets the loop run meanwhile.
 DECIDE_ON_LOOP_BYTES = 64 * 1024
-# Past this size a body is parsed or translated in Python in a worker thread: that work holds
-# the GIL, but the loop takes it back every switch interval instead of after the whole body.
-PARSE_ON_LOOP_BYTES = 1 << 20
 
 
 async def decide_soon(live: Live, body: bytes, request: web.Request, **options: Any) -> _core.Decision:
@@ -133,7 +77,7 @@ def decide(
             priority = request_class(asked, None, None, live.classes) if asked is not None else None
             return live.router.decide(
                 body,
-                tags=_tags(request),
+                tags=tags_of(request),
                 explain=explain,
                 exact_tokens=live.exact_tokens,
                 priority=priority,
@@ -141,7 +85,7 @@ def decide(
             )
         d = live.router.decide(
             body,
-            tags=key_tags(ident, _tags(request), live.regions),  # its denied tags refused, its region added
+            tags=key_tags(ident, tags_of(request), live.regions),  # its denied tags refused, its region added
             team=ident.team,
             role=ident.role,
             user=ident.user,
@@ -221,8 +165,9 @@ def route_shadow(cfg: Config, d: _core.Decision) -> Shadow | None:
     return next((m.shadow for m in _choosers(cfg, d) if m.shadow is not None), None)
 
 
-def explain_header(d: _core.Decision) -> str:
-    """One header line: route, rule or policy and why, and the predictions when they were made."""
+def explain_header(d: _core.Decision, note: str | None = None) -> str:
+    """One header line: route, rule or policy and why, and the predictions when they were made;
+    then `note` (why admission did not take a budget's action)."""
     parts = [f"route={d.route}", f"rule={d.rule or 'default'}", f"why={' & '.join(d.reasons)}"]
     if d.variant is not None:
         parts.append(f"variant={d.variant}")
@@ -233,86 +178,10 @@ def explain_header(d: _core.Decision) -> str:
     if d.difficulty is not None:
         parts.append(f"difficulty={d.difficulty:.2f}")
     parts.append(f"tokens={d.prompt_tokens}")
+    if note is not None:
+        parts.append(note)
     # Header values must be latin-1: rule names and reasons come from the config and the prompt.
     return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The request body (read within `server.body_timeout`); only the accepted content types
-    (`server.accept_content_types`, JSON by default: a browser form cannot send it without a
-    CORS preflight). A request without a Content-Type is read as JSON."""
-    server = request.app[STATE].live.config.server
-    # The raw header, not `request.content_type`, which parses it on every request.
-    ctype = request.headers.get("Content-Type")
-    if ctype is not None and ctype != "application/json":
-        media = ctype.split(";", 1)[0].strip().lower()
-        if media not in server.accept_content_types and "*/*" not in server.accept_content_types:
-            shown = media[:80].encode("ascii", "backslashreplace").decode("ascii")
-            raise ProxyError(
-                415,
-                f"Unsupported content type '{shown}'; send application/json.",
-                code="unsupported_media_type",
-            )
-    if _BODY in request:
-        return request[_BODY]  # read before (the Anthropic path reads it, then hands it to the chat path)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        # `server.body_timeout` bounds it (http_server). The chunks joined once: aiohttp's
-        # `read()` grows a bytearray and copies it again, megabytes of the event loop's time.
-        while chunk := await request.content.readany():
-            size += len(chunk)
-            if size > server.max_body_bytes:
-                raise ProxyError(
-                    413,
-                    f"The request body is too large (limit {server.max_body_bytes} bytes).",
-                    code="request_too_large",
-                )
-            chunks.append(chunk)
-    except web.HTTPRequestEntityTooLarge:  # a compressed body past the limit once inflated
-        raise ProxyError(
-            413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
-        ) from None
-    except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
-        raise body_read_error(e) from None
-    body = b"".join(chunks)
-    if too_deep(body):
-        raise ProxyError(
-            400,
-            f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
-            code="invalid_request",
-        )
-    request[_BODY] = body
-    return body
-
-
-_BODY = web.RequestKey("body", bytes)  # a request's body once read
-
-
-# JSON nested deeper than this is refused (the core's own parser refuses a message nested
-# deeper): orjson writes at most 254 levels, so a body of 255 to 1,024 (which it reads) failed
-# every re-serialisation (the cache key, a translation, a body sent on) with a 500, and
-# Python code walking such a body hit the interpreter's recursion limit.
-MAX_JSON_DEPTH = 128
-
-
-def too_deep(body: bytes) -> bool:
-    """Whether the JSON in `body` nests more than `MAX_JSON_DEPTH` levels: a byte scan in the
-    core (no parse; a body with tools has hundreds of brackets, parsed and re-written twice
-    for this on the event loop before)."""
-    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # every usual body: two scans in C
-        return False
-    return _core.Router.nesting_over(body, MAX_JSON_DEPTH)
-
-
-_CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")
-
-
-def correlation_id(request: web.Request) -> str | None:
-    """The client's own request id (`x-request-id`), when it is a plain token: it is echoed in a
-    header and written to logs, so anything that could split a header or a log line is dropped."""
-    got = request.headers.get(headers.REQUEST_ID)
-    return got if got is not None and _CORRELATION_ID.fullmatch(got) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +205,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
         # The request's tags and its key's region, read once (the headers and the key do not change).
-        tags, region = _tags(request), _region(request)
+        tags, region = tags_of(request), region_of(request)
         decision = await decide_soon(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
@@ -396,7 +265,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         except ProxyError as e:
             if plan is not None and (stale := cache.serve_stale(plan)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, dialect, error=e)
-            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:
                 e.headers[headers.CACHE] = plan.label
             raise
@@ -591,7 +460,7 @@ def _stream_mirror(
             then(stream)
         if shadow.sampled(settings.percent) and (completion := completion_from_stream(stream)) is not None:
             answer = orjson.dumps(completion)
-            shadow.start(request.app, live, settings, body, rec, answer, request.get(IDENTITY), _tags(request))
+            shadow.start(request.app, live, settings, body, rec, answer, request.get(IDENTITY), tags_of(request))
 
     return done
 
@@ -616,7 +485,7 @@ async def _cached_answer(
     rec.outcome = "cache_hit" if error is None else "cache_stale"
     if rec.content_mode != "none":  # the answer as a miss keeps it (a stream's as its JSON)
         rec.content_response = entry.body
-    hdrs = _route_headers(rec.request_id, decision, entry.deployment, len(rec.attempts))
+    hdrs = _route_headers(rec.request_id, decision, entry.deployment, rec)
     if rec.correlation_id is not None:  # echoed as on a miss: a hit must not look different to the client
         hdrs[headers.CORRELATION_ID] = rec.correlation_id
     hdrs[headers.CACHE] = plan.label
@@ -648,13 +517,13 @@ def _requested_model(body: bytes) -> str:
     return model[:200] if isinstance(model, str) else ""
 
 
-def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts: int) -> dict[str, str]:
+def _route_headers(rid: str, d: _core.Decision, deployment: str | None, rec: RequestRecord) -> dict[str, str]:
     h = {
         headers.REQUEST_ID: rid,
         headers.ROUTE: d.route,
-        headers.ATTEMPTS: str(attempts),
+        headers.ATTEMPTS: str(len(rec.attempts)),
         headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
-        headers.EXPLAIN: explain_header(d),
+        headers.EXPLAIN: explain_header(d, rec.admission_note),
     }
     if deployment is not None:
         h[headers.DEPLOYMENT] = deployment
@@ -666,7 +535,7 @@ def _route_headers(rid: str, d: _core.Decision, deployment: str | None, attempts
 def answered_headers(live: Live, rid: str, d: _core.Decision, rec: RequestRecord, call: Call) -> dict[str, str]:
     """The headers of an answer from upstream: where it went and how (hedged, spilled to a
     class's spare capacity, parameters its deployment could not honour left out)."""
-    h = _route_headers(rid, d, rec.deployment, len(rec.attempts))
+    h = _route_headers(rid, d, rec.deployment, rec)
     if rec.correlation_id is not None:
         h[headers.CORRELATION_ID] = rec.correlation_id
     if call.hedged:

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from edgeroute import (
     anthropic_api,
+    background,
     capacity_share,
     endpoints,
     health_share,
@@ -347,6 +348,7 @@ async def serve_async(
     # same garbage in fewer passes; not much larger, as a pass walks every survivor (10,000
     # objects: ~0.2 ms, 50,000: over 1 ms, a stall in the p99).
     gc.set_threshold(*GC_THRESHOLDS)
+    trimmer = loop.create_task(memory.keep_trimmed())  # a burst's freed heap goes back to the kernel
     if print_fn and worker is None:  # under a supervisor, it says when all workers listen
         models, deps = counted(len(config.models), "model"), counted(len(config.deployments), "deployment")
         # Port 0 asks for any free port: say which one it is.
@@ -384,6 +386,7 @@ async def serve_async(
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
         await server.cleanup()
+        await background.stop(trimmer)
         if own_metrics is not None:
             await own_metrics.cleanup()
 

@@ -189,6 +189,27 @@ def simple_config(upstreams: dict[str, Upstream], **extra: Any) -> dict[str, Any
     return cfg
 
 
+def shadow_config(
+    base_url: str, price: dict[str, float], shadow_price: dict[str, float] | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Model `m` (deployment `cheap`, gpt-4o-mini, at `price`) with every request mirrored to
+    model `s` (deployment `strong`, gpt-4o, at `shadow_price`, else `price`), both on the
+    upstream at `base_url`."""
+    cfg: dict[str, Any] = {
+        "providers": {"a": {"base_url": base_url, "api_key": "key-a"}},
+        "deployments": {
+            "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": price},
+            "strong": {"provider": "a", "model": "gpt-4o", "price": shadow_price or price},
+        },
+        "models": {
+            "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
+            "s": {"deployments": ["strong"]},
+        },
+    }
+    cfg.update(extra)
+    return cfg
+
+
 @pytest.fixture
 async def start_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Proxy]]]:
     servers: list[ProxyTestServer] = []

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.test_cost_support import free_port
+from tests.serve_support import free_port
 
 
 class Instance:

@@ -20,6 +20,7 @@ from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer, simple_config
+from tests.test_cost_support import REDIS_URL, require_redis
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -277,18 +278,8 @@ async def test_anthropic_clients_get_hits_in_their_own_format(start_upstream, st
     await client.close()
 
 
-REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
 async def test_instances_share_entries_through_redis(start_upstream, start_proxy) -> None:
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await r.ping()
-    except Exception:
-        await r.aclose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not reachable at " + REDIS_URL)
+    r = aioredis.Redis.from_url(require_redis())
     prefix = "edgeroute-test-" + os.urandom(4).hex()
     up = await start_upstream(record=True)
     cfg = cached({"a": up}) | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}

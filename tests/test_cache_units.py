@@ -18,6 +18,7 @@ from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import SemanticIndex, guards, split_last_user_turn
 from edgeroute.cache.settings import SEMANTIC_THRESHOLD
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore
+from tests.test_cost_support import require_redis
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
 
@@ -182,23 +183,10 @@ async def test_memory_store_is_bounded_and_expires() -> None:
     assert small.get_now("r", "old") is None
 
 
-REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-async def _redis_or_skip(store: RedisStore) -> None:
-    try:
-        await store.pipe.call("PING")
-    except Exception:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not reachable at " + REDIS_URL)
-
-
 async def test_redis_store_round_trip_corrupt_and_outage() -> None:
     counters = CacheCounters()
     prefix = "edgeroute-test-" + os.urandom(4).hex()
-    store = RedisStore(counters, REDIS_URL, prefix, 500)
-    await _redis_or_skip(store)
+    store = RedisStore(counters, require_redis(), prefix, 500)
     try:
         entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5)
         await store.put("r", "k", entry, 5, (1, 1))

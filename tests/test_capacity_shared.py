@@ -27,7 +27,8 @@ from edgeroute.state import STATE
 from tests.conftest import Proxy, ProxyTestServer, eventually
 from tests.dispatch_support import StartProxy, answer
 from tests.dispatch_support import upstreams as upstreams  # a fixture
-from tests.scale.support import free_port, metric
+from tests.scale.support import metric
+from tests.serve_support import free_port
 from tests.test_cost_support import require_redis
 
 

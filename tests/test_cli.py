@@ -19,8 +19,8 @@ from edgeroute.cli import build_parser, main
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import SqliteBackend
 from edgeroute.cost.reports import GROUPS
+from tests.serve_support import free_port
 from tests.test_cost_ledger import _record
-from tests.test_serve import free_port
 
 ONE_MODEL = """\
 providers:

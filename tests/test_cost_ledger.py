@@ -23,7 +23,8 @@ from edgeroute.config import Price
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Batch, PostgresBackend, SqliteBackend, rejects_row
 from tests.perf import Perf
-from tests.test_cost_support import free_port, one_deployment, require_postgres
+from tests.serve_support import free_port
+from tests.test_cost_support import one_deployment, require_postgres
 
 
 def _record(i: int, key: str = "k") -> RequestRecord:

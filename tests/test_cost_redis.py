@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,60 @@ COST = MAX_TOKENS * 2.0 / 1e6
 
 def _shared(url: str, **extra: Any) -> dict[str, Any]:
     return {"redis_url": url, "prefix": f"edgeroute-test-{os.getpid()}-{os.urandom(4).hex()}", **extra}
+
+
+async def _spent(r: Any, cfg: dict[str, Any]) -> int:
+    """What Redis holds as spent in budget `g` (nano-USD; 0 before anything was)."""
+    keys = [k async for k in r.scan_iter(match=f"{cfg['shared_state']['prefix']}:b:g:*:*")]
+    return int(await r.get(keys[0]) or 0) if keys else 0
+
+
+@dataclass
+class _Outage:
+    """One proxy on a redis-server of the test's own, which the test stops and starts."""
+
+    server: RedisServer
+    cfg: dict[str, Any]
+    control: CostControl
+    client: openai.AsyncOpenAI
+
+
+@contextlib.asynccontextmanager
+async def _own_redis(
+    start_upstream: Any, tmp_path: Path, mode: str, rooms: float, *, period: str | None = None, **extra: Any
+) -> AsyncIterator[tuple[RedisServer, dict[str, Any]]]:
+    """A redis-server of the test's own, which it may stop and start, and a config whose budget
+    `g` has room for `rooms` requests, shared through it with `on_unavailable: mode` (a 100 ms
+    timeout). The server is stopped at the end, whatever state the test left it in."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = await start_upstream(reply_words=40)
+        budget: dict[str, Any] = {"name": "g", "scope": "global", "limit_usd": COST * rooms}
+        if period is not None:
+            budget["period"] = period
+        cfg = one_deployment(
+            up.base_url,
+            shared_state=_shared(server.url, on_unavailable=mode, timeout_ms=100),
+            budgets={"limits": [budget]},
+            **extra,
+        )
+        yield server, cfg
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def _outage(start_upstream: Any, tmp_path: Path, mode: str, rooms: float, **extra: Any) -> AsyncIterator[_Outage]:
+    """`_own_redis` and one proxy on it, with a client."""
+    async with _own_redis(start_upstream, tmp_path, mode, rooms, **extra) as (server, cfg), cost_proxy(cfg) as proxy:
+        control = proxy.app[ADMISSION]
+        assert isinstance(control, CostControl)
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        try:
+            yield _Outage(server, cfg, control, client)
+        finally:
+            await client.close()
 
 
 async def test_two_instances_enforce_one_budget(start_upstream) -> None:
@@ -64,45 +120,36 @@ async def test_spend_admitted_while_redis_hung_reaches_the_other_instance(start_
     spent by 9."""
     import redis.asyncio as aioredis
 
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        up = await start_upstream(reply_words=40)
-        cfg = one_deployment(
-            up.base_url,
-            shared_state=_shared(server.url, on_unavailable="open", timeout_ms=100),
-            budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 6.5, "period": "day"}]},
-        )
-        async with cost_proxy(cfg) as p1, cost_proxy(cfg) as p2:
-            c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
-            c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
-            assert await ask_status(c2) == 200
-            r = aioredis.Redis.from_url(server.url)
-            await r.execute_command("CLIENT", "PAUSE", "1500", "ALL")
-            during = [await ask_status(c1) for _ in range(3)]
+    async with (
+        _own_redis(start_upstream, tmp_path, "open", rooms=6.5, period="day") as (server, cfg),
+        cost_proxy(cfg) as p1,
+        cost_proxy(cfg) as p2,
+    ):
+        c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x", max_retries=0)
+        c2 = openai.AsyncOpenAI(base_url=p2.url + "/v1", api_key="x", max_retries=0)
+        assert await ask_status(c2) == 200
+        r = aioredis.Redis.from_url(server.url)
+        await r.execute_command("CLIENT", "PAUSE", "1500", "ALL")
+        during = [await ask_status(c1) for _ in range(3)]
 
-            async def answers() -> bool:
-                try:
-                    return bool(await asyncio.wait_for(r.ping(), 0.2))
-                except TimeoutError:
-                    return False
+        async def answers() -> bool:
+            try:
+                return bool(await asyncio.wait_for(r.ping(), 0.2))
+            except TimeoutError:
+                return False
 
-            await eventually(answers, "Redis answering again", within=10)
-            # What the first instance admitted alone reaches Redis within a resend (1 s).
-            key = f"{cfg['shared_state']['prefix']}:b:g:*:"
+        await eventually(answers, "Redis answering again", within=10)
 
-            async def counted() -> bool:
-                keys = [k async for k in r.scan_iter(match=key + "*")]
-                return bool(keys) and int(await r.get(keys[0]) or 0) >= 4 * COST * 1e9 * 0.99
+        # What the first instance admitted alone reaches Redis within a resend (1 s).
+        async def counted() -> bool:
+            return await _spent(r, cfg) >= 4 * COST * 1e9 * 0.99
 
-            with contextlib.suppress(AssertionError):  # an old server never sends them: what follows fails
-                await eventually(counted, "the 3 in Redis", within=5)
-            after = [await ask_status(c2) for _ in range(5)]
-            await r.aclose()
-            await c1.close()
-            await c2.close()
-    finally:
-        server.stop()
+        with contextlib.suppress(AssertionError):  # an old server never sends them: what follows fails
+            await eventually(counted, "the 3 in Redis", within=5)
+        after = [await ask_status(c2) for _ in range(5)]
+        await r.aclose()
+        await c1.close()
+        await c2.close()
     assert during == [200, 200, 200]
     assert after == [200, 200, 429, 429, 429]
 
@@ -111,40 +158,22 @@ async def test_spend_admitted_while_redis_hung_reaches_the_other_instance(start_
 async def test_redis_stopped_mid_test(start_upstream, tmp_path: Path, mode: str) -> None:
     import redis.asyncio as aioredis
 
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        up = await start_upstream(reply_words=40)
-        cfg = one_deployment(
-            up.base_url,
-            shared_state=_shared(server.url, on_unavailable=mode, timeout_ms=100),
-            budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 4.5}]},
-        )
-        async with cost_proxy(cfg) as proxy:
-            control = proxy.app[ADMISSION]
-            assert isinstance(control, CostControl)
-            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-            before = [await ask_status(client) for _ in range(2)]
-            server.stop()
-            during = [await ask_status(client) for _ in range(5)]
-            server.start()  # empty again: no persistence, and no ledger to read back from
-            r = aioredis.Redis.from_url(server.url)
-            key = f"{cfg['shared_state']['prefix']}:b:g:*:*"
-            want = round(2 * COST * 1e9) if mode == "open" else 0
+    async with _outage(start_upstream, tmp_path, mode, rooms=4.5) as o:
+        before = [await ask_status(o.client) for _ in range(2)]
+        o.server.stop()
+        during = [await ask_status(o.client) for _ in range(5)]
+        o.server.start()  # empty again: no persistence, and no ledger to read back from
+        r = aioredis.Redis.from_url(o.server.url)
+        want = round(2 * COST * 1e9) if mode == "open" else 0
 
-            async def back() -> bool:
-                keys = [k async for k in r.scan_iter(match=key)]
-                spent = int(await r.get(keys[0]) or 0) if keys else 0
-                return control.shared_up() and spent == want  # the store is retried after a second
+        async def back() -> bool:
+            return o.control.shared_up() and await _spent(r, o.cfg) == want  # the store is retried after a second
 
-            # Open: the 2 admitted on this instance's own counters are sent to the new Redis
-            # (resent each second), whether or not a request found it empty first.
-            await eventually(back, f"Redis asked again, {want} nano-USD in it", within=10)
-            after = [await ask_status(client) for _ in range(6)]
-            await r.aclose()
-            await client.close()
-    finally:
-        server.stop()
+        # Open: the 2 admitted on this instance's own counters are sent to the new Redis
+        # (resent each second), whether or not a request found it empty first.
+        await eventually(back, f"Redis asked again, {want} nano-USD in it", within=10)
+        after = [await ask_status(o.client) for _ in range(6)]
+        await r.aclose()
     assert before == [200, 200]
     if mode == "open":
         # Fail open: this instance's own counters enforce the budget meanwhile, the 2 it spent
@@ -167,42 +196,22 @@ async def test_redis_restarted_empty_counts_outage_spend_once_with_a_ledger(star
     the 4 read back and not sent on top of them: room for 6 leaves 2, not 0."""
     import redis.asyncio as aioredis
 
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        up = await start_upstream(reply_words=40)
-        cfg = one_deployment(
-            up.base_url,
-            shared_state=_shared(server.url, on_unavailable="open", timeout_ms=100),
-            ledger={"path": str(tmp_path / "ledger.db"), "flush_interval": 0.1},
-            budgets={"limits": [{"name": "g", "scope": "global", "limit_usd": COST * 6.5}]},
-        )
-        async with cost_proxy(cfg) as proxy:
-            control = proxy.app[ADMISSION]
-            assert isinstance(control, CostControl)
-            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-            before = [await ask_status(client) for _ in range(2)]
-            server.stop()
-            during = [await ask_status(client) for _ in range(2)]
-            server.start()  # empty again
-            r = aioredis.Redis.from_url(server.url)
-            key = f"{cfg['shared_state']['prefix']}:b:g:*:*"
+    ledger = {"path": str(tmp_path / "ledger.db"), "flush_interval": 0.1}
+    async with _outage(start_upstream, tmp_path, "open", rooms=6.5, ledger=ledger) as o:
+        before = [await ask_status(o.client) for _ in range(2)]
+        o.server.stop()
+        during = [await ask_status(o.client) for _ in range(2)]
+        o.server.start()  # empty again
+        r = aioredis.Redis.from_url(o.server.url)
 
-            async def spent() -> int:
-                keys = [k async for k in r.scan_iter(match=key)]
-                return int(await r.get(keys[0]) or 0) if keys else 0
+        async def seeded() -> bool:
+            return o.control.shared_up() and await _spent(r, o.cfg) == round(4 * COST * 1e9)
 
-            async def seeded() -> bool:
-                return control.shared_up() and await spent() == round(4 * COST * 1e9)
-
-            await eventually(seeded, "Redis seeded from the ledger, the 4 in it", within=10)
-            after = [await ask_status(client) for _ in range(4)]
-            await asyncio.sleep(0)
-            counted = await spent()
-            await r.aclose()
-            await client.close()
-    finally:
-        server.stop()
+        await eventually(seeded, "Redis seeded from the ledger, the 4 in it", within=10)
+        after = [await ask_status(o.client) for _ in range(4)]
+        await asyncio.sleep(0)
+        counted = await _spent(r, o.cfg)
+        await r.aclose()
     assert before == [200, 200]
     assert during == [200, 200]
     assert after == [200, 200, 429, 429]

@@ -27,8 +27,9 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import PostgresBackend
 from tests.conftest import eventually
 from tests.scale.support import wait_ready
+from tests.serve_support import free_port
 from tests.test_cost_ledger import _pg_reset
-from tests.test_cost_support import free_port, require_postgres
+from tests.test_cost_support import require_postgres
 
 CENT = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.01}  # every request costs exactly $0.01
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer
+from tests.serve_support import free_port
 
 REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:ci-pg-only-5d1e@127.0.0.1:5432/edgeroute_test")
@@ -54,12 +55,6 @@ def require_postgres() -> str:
 
     require(f"postgresql at {PG_DSN}", check)
     return PG_DSN
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class RedisServer:

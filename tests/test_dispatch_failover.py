@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,14 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-import yaml
 from aiohttp import web
 
 from edgeroute.state import STATE
 from tests.conftest import simple_config
 from tests.dispatch_support import HELLO, StartProxy, answer, ok
 from tests.dispatch_support import upstreams as upstreams  # a fixture
-from tests.test_serve import free_port, wait_ready
+from tests.serve_support import killed, start_serve
+from tests.test_serve import wait_ready
 
 POISON: Any = [{"role": "user", "content": "POISON: this prompt crashes the model server"}]
 
@@ -268,14 +267,9 @@ async def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_and_is_recor
     start_upstream: Any, tmp_path: Path
 ) -> None:
     up = await start_upstream(chunk_interval=0.2, reply_words=100)  # 20 s: longer than the drain
-    port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port, "drain_timeout": 0.5})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path), stdout=asyncio.subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
+    cfg = simple_config({"a": up}, server={"drain_timeout": 0.5})
+    serving = await start_serve(tmp_path / "c.yaml", cfg, stderr=None)
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url)
         async with aiohttp.ClientSession() as s:
@@ -291,6 +285,4 @@ async def test_a_stream_cut_by_the_drain_timeout_ends_with_an_error_and_is_recor
         with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as db:
             assert db.execute("SELECT outcome FROM spend").fetchall() == [("stream_interrupted",)]
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed(proc)

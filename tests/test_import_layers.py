@@ -117,6 +117,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "API endpoints",
         [
+            "edgeroute.request_input",
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
             "edgeroute.endpoints",

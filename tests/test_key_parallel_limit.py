@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from edgeroute.config import SharedState
-from edgeroute.leases import LEASE_S, RedisLeases
+from edgeroute.leases import LEASE_S, RENEW_S, RedisLeases
 from tests.conftest import eventually
 from tests.dispatch_support import HELLO, StartProxy, answer, chunk, sse_response
 from tests.dispatch_support import upstreams as upstreams  # a fixture
@@ -246,7 +246,7 @@ async def test_two_instances_on_one_redis_hold_the_cap_together(
 
 
 async def test_redis_down_follows_on_unavailable(upstreams: Any, start_proxy: StartProxy) -> None:
-    from tests.scale.support import free_port
+    from tests.serve_support import free_port
 
     up = HeldStreams()
     base = await upstreams(up.handle)
@@ -467,3 +467,100 @@ async def test_with_redis_a_refusal_at_the_cap_takes_nothing_from_the_rate_limit
         return await _leases(shared, "capped") == 0
 
     await eventually(none_left, "a lease left by a refused request")
+
+
+@pytest.mark.parametrize("empty", ["restart", "flushall"])
+async def test_slots_held_when_redis_comes_back_empty_count_again(
+    upstreams: Any, spawn: Spawn, tmp_path: Any, empty: str
+) -> None:
+    """Redis restarted empty (or flushed) while an instance holds a key's slots: the renewal
+    leases them again, so the other instance is held to the cap again within `RENEW_S`. It
+    renewed only the leases Redis still had: the fleet counted none of them until they ended,
+    and the other instance admitted the cap again (4 in flight under a cap of 2)."""
+    import redis.asyncio as aioredis
+
+    from tests.test_cost_support import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = HeldStreams()
+        cfg = _config(await upstreams(up.handle), cap=2)
+        shared = SharedState(redis_url=server.url, prefix="edge", timeout_ms=500)
+        cfg["shared_state"] = shared.model_dump()
+        holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+        held = [await _open_stream(holder.url) for _ in range(2)]
+        with pytest.raises(openai.RateLimitError):
+            await _ask(other.url)
+        if empty == "restart":
+            server.stop()
+            server.start()  # the same port, nothing in it
+        else:
+            client = aioredis.Redis.from_url(server.url)
+            await client.flushall()
+            await client.aclose()
+
+        async def refused() -> bool:
+            try:
+                await _ask(other.url)  # answered at once: it holds no slot after
+            except openai.RateLimitError as e:
+                assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
+                return True
+            return False
+
+        await eventually(refused, "the held slots counted again", within=RENEW_S + 5, every=0.25)
+        assert await _leases(shared, "capped") == 2
+        up.release.set()
+        assert [await _finish(s) for s in held] == ["lo"] * 2
+
+        async def none_left() -> bool:
+            return await _leases(shared, "capped") == 0
+
+        await eventually(none_left, "leases left behind")
+    finally:
+        server.stop()
+
+
+async def test_slots_taken_while_redis_was_down_count_once_it_is_back(
+    upstreams: Any, spawn: Spawn, tmp_path: Any
+) -> None:
+    """Streams admitted on one instance's count while Redis was stopped (`on_unavailable:
+    open`) are leased once it answers again, so the other instance is held to the cap again
+    within `RENEW_S`. They were never leased: the fleet did not count them until they ended,
+    and the other instance admitted the cap again (4 in flight under a cap of 2)."""
+    from tests.test_cost_support import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        up = HeldStreams()
+        cfg = _config(await upstreams(up.handle), cap=2)
+        shared = SharedState(redis_url=server.url, prefix="edge", timeout_ms=500)
+        cfg["shared_state"] = shared.model_dump()
+        holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+        server.stop()
+        held = [await _open_stream(holder.url) for _ in range(2)]  # this instance's count alone
+        with pytest.raises(openai.RateLimitError):
+            await _ask(holder.url)
+        server.start()  # the same port
+
+        async def refused() -> bool:
+            try:
+                await _ask(other.url)  # answered at once: it holds no slot after
+            except openai.RateLimitError as e:
+                assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
+                return True
+            return False
+
+        await eventually(refused, "the slots taken while Redis was down", within=RENEW_S + 5, every=0.25)
+        assert await _leases(shared, "capped") == 2
+        up.release.set()
+        assert [await _finish(s) for s in held] == ["lo"] * 2
+
+        async def none_left() -> bool:
+            return await _leases(shared, "capped") == 0
+
+        await eventually(none_left, "leases left behind")
+        assert (await _ask(other.url)).choices[0].message.content == "hi there"
+    finally:
+        server.stop()

@@ -8,14 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.conftest import simple_config, wait_ready
-from tests.test_cost_support import free_port
+from tests.serve_support import killed, start_serve
 
 TRUNCATED = '{"posteriors": [{"task": "code", "route": "strong", "alpha": 41.0, "be'
 
@@ -25,23 +22,16 @@ async def test_an_unreadable_learning_state_is_set_aside_not_overwritten(start_u
     state = tmp_path / "learning.json"
     state.write_text(TRUNCATED)
     cfg = simple_config({"a": up}, learning={"feedback": {"state_path": "learning.json"}}, ledger={"backend": "memory"})
-    config = tmp_path / "edge.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgeroute", "serve", "--config", str(config), "--port", str(port),
-            stdout=out, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+        serving = await start_serve(tmp_path / "edge.yaml", cfg, stdout=out, stderr=asyncio.subprocess.STDOUT)
+    proc = serving.proc
     try:
-        await wait_ready(f"http://127.0.0.1:{port}", proc=proc)
+        await wait_ready(serving.url, proc=proc)
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed(proc)
     _check_files(tmp_path, state, log)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import openai
 
-from edgeroute.openai_api import new_request_id
+from edgeroute.request_input import new_request_id
 from tests.conftest import Proxy
 
 SHAPE = re.compile(r"req_[0-9a-f]{24}")

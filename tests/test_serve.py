@@ -6,8 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -15,33 +13,16 @@ import pytest
 import yaml
 
 from tests.conftest import simple_config, wait_ready
+from tests.serve_support import killed, start_serve
 
 __all__ = ["wait_ready"]  # imported from here by other tests
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_path: Path) -> None:
     up = await start_upstream(chunk_interval=0.1, reply_words=12)
-    port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port, "drain_timeout": 10, "decision_log": True})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "edgeroute",
-        "serve",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    cfg = simple_config({"a": up}, server={"drain_timeout": 10, "decision_log": True})
+    serving = await start_serve(tmp_path / "c.yaml", cfg, stdout=asyncio.subprocess.PIPE)
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url)
         async with aiohttp.ClientSession() as s:
@@ -79,9 +60,7 @@ async def test_sigterm_drains_in_flight_stream_then_exits_0(start_upstream, tmp_
             except aiohttp.ClientConnectionError:
                 pass
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed(proc)
 
 
 @pytest.mark.parametrize("flags", [(), ("--workers", "2")], ids=["one process", "workers"])
@@ -93,15 +72,10 @@ async def test_a_reload_asked_while_starting_is_applied_once_serving(
     `Restart=on-failure` does not restart one that SIGHUP ended: the service stayed down. Now the
     reload is applied once the server listens: the config written before it is the one served."""
     up = await start_upstream()
-    port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port})
+    cfg = simple_config({"a": up})
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path), *flags,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    serving = await start_serve(path, cfg, *flags)
+    proc, url = serving.proc, serving.url
     try:
         # The ledger's lock file is made early in the start, seconds before the server listens.
         lock = tmp_path / "edgeroute-ledger.db.lock"
@@ -140,14 +114,11 @@ async def test_a_reload_asked_while_draining_does_not_cut_the_drain(start_upstre
     (`kill -HUP` from a config tool, a stray `systemctl reload`) killed it, cutting the streams
     it was finishing and losing the ledger's last flush. Now it is ignored until the exit."""
     up = await start_upstream(chunk_interval=0.1, reply_words=20)
-    port = free_port()
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(simple_config({"a": up}, server={"port": port, "drain_timeout": 10})))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    cfg = simple_config({"a": up}, server={"drain_timeout": 10})
+    serving = await start_serve(
+        tmp_path / "c.yaml", cfg, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url, proc=proc)
         assert proc.stdout is not None
@@ -163,6 +134,4 @@ async def test_a_reload_asked_while_draining_does_not_cut_the_drain(start_upstre
         assert (first + rest).decode().rstrip().endswith("data: [DONE]")
         assert await asyncio.wait_for(proc.wait(), 15) == 0
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed(proc)

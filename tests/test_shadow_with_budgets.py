@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import openai
 
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 from tests.test_cost_support import cost_proxy
 
 CENT = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.01}
@@ -25,25 +25,19 @@ ADMIN = "sk-combos-shadow-admin"
 
 
 def _config(base_url: str, db: Path) -> dict[str, Any]:
-    return {
-        "providers": {"a": {"base_url": base_url, "api_key": "key-a"}},
-        "deployments": {
-            "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": CENT},
-            "strong": {"provider": "a", "model": "gpt-4o", "price": TEN_CENTS},
-        },
-        "models": {
-            "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-            "s": {"deployments": ["strong"]},
-        },
-        "keys": {
+    return shadow_config(
+        base_url,
+        CENT,
+        TEN_CENTS,
+        keys={
             "alice": {"token": KEY, "team": "research", "limits": {"rpm": 5}},
             "ops": {"token": ADMIN, "role": "admin"},
         },
-        "ledger": {"path": str(db), "flush_interval": 0.05},
-        "budgets": {
+        ledger={"path": str(db), "flush_interval": 0.05},
+        budgets={
             "limits": [{"name": "team-day", "scope": "team", "match": "research", "limit_usd": 0.05, "period": "day"}]
         },
-    }
+    )
 
 
 async def _budget(url: str) -> float:

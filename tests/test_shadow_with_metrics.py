@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import openai
 
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 from tests.metrics_support import scrape
 from tests.test_cost_support import cost_proxy
 
@@ -24,21 +24,8 @@ DEAR = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.50}
 
 async def test_a_mirrors_spend_is_in_the_metrics_and_the_spend_alert(start_upstream: Any) -> None:
     up = await start_upstream()
-    cfg: dict[str, Any] = {
-        "providers": {"a": {"base_url": up.base_url, "api_key": "key-a"}},
-        "deployments": {
-            "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE},
-            "strong": {"provider": "a", "model": "gpt-4o", "price": DEAR},
-        },
-        "models": {
-            "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-            "s": {"deployments": ["strong"]},
-        },
-        "alerts": {
-            "interval_s": 1,
-            "rules": [{"name": "burn", "kind": "spend_per_hour", "threshold": 50, "window_s": 60}],
-        },
-    }
+    rules = [{"name": "burn", "kind": "spend_per_hour", "threshold": 50, "window_s": 60}]
+    cfg = shadow_config(up.base_url, FREE, DEAR, alerts={"interval_s": 1, "rules": rules})
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         for _ in range(2):  # free answers; each mirror costs $0.50: $1 a minute is $60 an hour

@@ -15,24 +15,14 @@ import anthropic
 import openai
 
 from edgeroute.shadow_log import SHADOW_LOG
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 
 FREE = {"input_per_mtok": 0, "output_per_mtok": 1.0}
 
 
 def _config(up: Any) -> dict[str, Any]:
-    return {
-        "providers": {"a": {"base_url": up.base_url, "api_key": "key-a"}},
-        "deployments": {
-            "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE},
-            "strong": {"provider": "a", "model": "gpt-4o", "price": FREE},
-        },
-        "models": {
-            "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-            "s": {"deployments": ["strong"]},
-        },
-        "request_log": {"log_content": "full"},  # the pairs' answers kept as the request log keeps content
-    }
+    # The pairs' answers kept as the request log keeps content.
+    return shadow_config(up.base_url, FREE, request_log={"log_content": "full"})
 
 
 async def test_streamed_requests_are_mirrored_once_their_stream_ends(start_upstream: Any, start_proxy: Any) -> None:

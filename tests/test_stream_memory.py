@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute import _core
 from tests.conftest import wait_ready
-from tests.test_serve import free_port
+from tests.serve_support import start_serve
 
 TOKENS = 300_000
 BATCH = 2_000
@@ -74,20 +72,14 @@ def _rss_mb(pid: int) -> float:
 async def test_a_long_stream_without_usage_is_relayed_in_bounded_memory_and_costed(
     upstream: TestServer, tmp_path: Path
 ) -> None:
-    port = free_port()
     cfg: dict[str, Any] = {
-        "server": {"port": port},
         "providers": {"p": {"base_url": f"http://127.0.0.1:{upstream.port}/v1", "api_key": "k"}},
         "deployments": {"d": {"provider": "p", "model": "m", "price": {"input_per_mtok": 1, "output_per_mtok": 2}}},
         "models": {"m": {"deployments": ["d"]}},
         "ledger": {"backend": "sqlite", "path": str(tmp_path / "spend.db")},
     }
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(tmp_path / "c.yaml"),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    serving = await start_serve(tmp_path / "c.yaml", cfg, stderr=asyncio.subprocess.DEVNULL)
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url, proc=proc)
         body = {"model": "m", "messages": [{"role": "user", "content": "go on"}], "stream": True}

@@ -18,7 +18,7 @@ from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
 from tests.conftest import simple_config
 from tests.metrics_support import scrape
-from tests.test_serve import free_port
+from tests.serve_support import free_port
 
 MSG = [{"role": "user", "content": "hi"}]
 

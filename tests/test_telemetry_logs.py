@@ -6,18 +6,17 @@ import asyncio
 import io
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
-import yaml
 
 from edgeroute.telemetry import logs
 from tests.conftest import simple_config
-from tests.test_serve import free_port, wait_ready
+from tests.serve_support import killed, start_serve
+from tests.test_serve import wait_ready
 
 
 @pytest.fixture
@@ -83,15 +82,9 @@ async def test_serve_json_logs_with_decision_line(start_upstream, tmp_path: Path
     """`edgeroute serve --log-format json --log-level info`: every stderr line is JSON, the
     decision line carries the request id and the decision, and no key appears."""
     up = await start_upstream()
-    port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port, "decision_log": True})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    argv = ["-m", "edgeroute", "serve", "-c", str(path), "--log-format", "json", "--log-level", "info"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
+    cfg = simple_config({"a": up}, server={"decision_log": True})
+    serving = await start_serve(tmp_path / "c.yaml", cfg, "--log-format", "json", "--log-level", "info")
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url)
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
@@ -105,9 +98,7 @@ async def test_serve_json_logs_with_decision_line(start_upstream, tmp_path: Path
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        await killed(proc)
     assert proc.stderr is not None
     text = (await proc.stderr.read()).decode()
     lines = [json.loads(x) for x in text.splitlines() if x.strip()]  # every line parses

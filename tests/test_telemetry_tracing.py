@@ -26,7 +26,7 @@ from edgeroute.telemetry.trace_context import parse_traceparent
 from edgeroute.telemetry.tracing import TRACER
 from tests.conftest import ProxyTestServer, simple_config
 from tests.metrics_support import scrape
-from tests.test_serve import free_port
+from tests.serve_support import free_port
 
 MSG = [{"role": "user", "content": "hello"}]
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

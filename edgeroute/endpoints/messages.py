@@ -27,12 +27,13 @@ from edgeroute import _core, anthropic_api, sse
 from edgeroute.accounting import Usage
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
-from edgeroute.openai_api import PARSE_ON_LOOP_BYTES, read_body
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
+from edgeroute.request_input import read_body
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.response import Response

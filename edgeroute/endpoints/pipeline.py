@@ -29,25 +29,23 @@ from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
+from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
-    PARSE_ON_LOOP_BYTES,
     _cached_answer,
-    _region,
     _route_headers,
-    _tags,
     _tenant,
     answered_headers,
     begin,
     decide_soon,
     finish,
     keep_content,
-    read_body,
     route_cache,
     route_shadow,
     servable,
 )
 from edgeroute.outcome import Outcome
+from edgeroute.request_input import read_body, region_of, tags_of
 from edgeroute.requestlog import content
 from edgeroute.state import Live
 
@@ -121,7 +119,7 @@ def _same_model(request: web.Request, live: Live, decision: _core.Decision) -> d
     first = live.deployments[decision.order[0]].model
     return {
         name: what
-        for name, what in servable(live, decision, _region(request)).items()
+        for name, what in servable(live, decision, region_of(request)).items()
         if live.deployments[live.index_of[name]].model == first
     }
 
@@ -244,7 +242,7 @@ async def serve(
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
-        rec.tags = _tags(request)
+        rec.tags = tags_of(request)
         # Budgets count the routing body exactly, off the loop, only when its bound alone would refuse.
         counted = route_body
         try:
@@ -294,7 +292,7 @@ async def serve(
         except ProxyError as e:
             if plan is not None and (stale := request.app[CACHE].serve_stale(plan)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, None, error=e)
-            e.headers.update(_route_headers(rid, decision, None, len(rec.attempts)))
+            e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:
                 e.headers[headers.CACHE] = plan.label
             raise

@@ -61,6 +61,8 @@ def row(rec: RequestRecord, baseline: float, max_content_bytes: int) -> tuple[An
         "priority": rec.priority,
         "attempts": attempt_timeline(rec),
     }
+    if rec.admission_note is not None:
+        detail["admission_note"] = rec.admission_note
     ttft = rec.ttft_ms
     stored = content.stored(rec, max_content_bytes)
     return (

@@ -36,7 +36,7 @@ from types import FrameType
 
 from edgeroute import reload_signal
 from edgeroute.workers import run_dir as run_dirs
-from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID
+from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID, write_restarts
 
 # A worker that lived this long before exiting is not "crashing in a loop": its restart delay resets.
 _STABLE_S = 30.0
@@ -191,7 +191,7 @@ class Supervisor:
             slot.delay = 0.5 if lived >= _STABLE_S else min(_MAX_DELAY_S, slot.delay * 2)
             slot.restart_at = now + (0.0 if lived >= _STABLE_S else slot.delay)
             self.restarts += 1
-            (self.run_dir / "restarts").write_text(str(self.restarts))
+            write_restarts(self.run_dir, self.restarts)
             print(
                 f"edgeroute: worker {slot.id} (pid {proc.pid}) exited with {_describe(code)}; "
                 f"restarting it in {slot.restart_at - now:.1f} s",

@@ -19,8 +19,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from edgeroute.atomic_file import replace_file
+
 ENV_ID, ENV_DIR, ENV_COUNT = "EDGEROUTE_WORKER_ID", "EDGEROUTE_WORKER_DIR", "EDGEROUTE_WORKER_COUNT"
 _PR_SET_PDEATHSIG = 1
+RESTARTS_FILE = "restarts"  # the supervisor's restart count (`write_restarts`)
 OWNER_LOCK = "owner.lock"  # shared-locked by the supervisor and each worker while they live
 _held: list[int] = []  # this process's descriptor on it: kept open (the lock) until exit
 
@@ -38,15 +41,23 @@ class Worker:
     def ready_file(self, worker: int) -> Path:
         return self.dir / f"worker-{worker}.ready"
 
-    @property
-    def restarts_file(self) -> Path:
-        return self.dir / "restarts"
-
     def restarts(self) -> int:
-        try:
-            return int(self.restarts_file.read_text() or 0)
-        except (OSError, ValueError):
-            return 0
+        return read_restarts(self.dir)
+
+
+def write_restarts(run_dir: Path, count: int) -> None:
+    """The supervisor's restart count, replaced whole: a worker reading it for a scrape sees the
+    old count or the new one (written in place, a read between the truncation and the write
+    found it empty, and `edgeroute_worker_restarts_total` fell to 0 for that scrape). The run
+    directory does not outlive the supervisor, so the file is not synced."""
+    replace_file(run_dir / RESTARTS_FILE, str(count).encode(), durable=False)
+
+
+def read_restarts(run_dir: Path) -> int:
+    try:
+        return int((run_dir / RESTARTS_FILE).read_text() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 WORKER = web.AppKey("worker", Worker)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,15 +17,10 @@ import pytest
 import yaml
 
 from tests.conftest import eventually, wait_ready
+from tests.serve_support import free_port
 from tests.test_cost_support import PG_DSN, REDIS_URL
 
 __all__ = ["PG_DSN", "REDIS_URL", "wait_ready"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def children(pid: int) -> list[int]:

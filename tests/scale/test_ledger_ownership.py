@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.scale.support import REDIS_URL, Spawn, free_port, kill_tree
+from tests.scale.support import REDIS_URL, Spawn, kill_tree
+from tests.serve_support import free_port
 from tests.test_cost_restart import CENT
 from tests.test_cost_support import answered, require_postgres
 

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from tests.conftest import wait_ready
-from tests.scale.support import free_port, kill_tree
+from tests.scale.support import kill_tree
 from tests.scale.test_ledger_ownership import config_with_a_budget, serve_until_stopped
+from tests.serve_support import free_port
 from tests.test_cost_support import answered
 
 

@@ -15,7 +15,8 @@ from redis.exceptions import ResponseError
 
 from edgeroute import redis_client
 from edgeroute.redis_pipe import RETRY_AFTER_S, RedisPipe, Script, encode
-from tests.test_cost_support import RedisServer, free_port, require_redis
+from tests.serve_support import free_port
+from tests.test_cost_support import RedisServer, require_redis
 
 
 @pytest.fixture

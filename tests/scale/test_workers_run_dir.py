@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,20 @@ async def _ready(url: str) -> int:
         return r.status
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: a worker's Unix sockets are made in the run directory,
+    and pytest's `tmp_path` (`/tmp/pytest-of-root/pytest-1003/test_the_run_directory_is_made0/`)
+    took their paths past the 107 bytes a socket's may have once its counter reached 1,000."""
+    d = Path(tempfile.mkdtemp(prefix="er-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 async def test_a_new_supervisor_removes_the_run_directories_of_dead_ones_only(
-    start_upstream: Any, spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_upstream: Any, spawn: Spawn, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base = tmp_path / "tmp"
+    base = short_tmp / "tmp"
     base.mkdir()
     monkeypatch.setenv("TMPDIR", str(base))  # where the old code made them too
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
@@ -105,10 +118,10 @@ async def test_a_new_supervisor_removes_the_run_directories_of_dead_ones_only(
 
 
 async def test_the_run_directory_is_made_in_the_runtime_directory(
-    start_upstream: Any, spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_upstream: Any, spawn: Spawn, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`$XDG_RUNTIME_DIR` (per user, 0700, emptied at boot), or systemd's `RuntimeDirectory=`."""
-    runtime, tmp = tmp_path / "run", tmp_path / "tmp"
+    runtime, tmp = short_tmp / "run", short_tmp / "tmp"
     runtime.mkdir(mode=0o700)
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))

@@ -26,9 +26,8 @@ import redis.asyncio as aioredis
 from tests.conftest import eventually, simple_config
 from tests.governance_support import instances, write_config
 from tests.security.governed import ROOT, call
-from tests.test_cost_support import require_redis
+from tests.test_cost_support import REDIS_URL, require_redis
 
-REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PRIVATE = "Please close the account 4920-5567-1180 of Marta Kowalska today."
 OTHER = "How long does Bavarian rye bread bake at 230 degrees?"
 
@@ -73,15 +72,7 @@ async def _only_if_cached(url: str, token: str, text: str) -> int:
 
 
 async def _redis() -> aioredis.Redis:
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await r.ping()
-    except Exception:
-        await r.aclose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not reachable at " + REDIS_URL)
-    return r
+    return aioredis.Redis.from_url(require_redis())
 
 
 @pytest.mark.parametrize("mode", ["exact", "semantic"])

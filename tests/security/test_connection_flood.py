@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import resource
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-import yaml
 
 from tests.conftest import simple_config, wait_ready
-from tests.test_serve import free_port
+from tests.serve_support import Serving, start_serve
 
 
 def _limit(soft: int, hard: int) -> Any:
@@ -31,25 +29,11 @@ def _limit(soft: int, hard: int) -> Any:
     return set_limit
 
 
-async def _serve(tmp_path: Path, up: Any, soft: int, hard: int, **server: Any) -> tuple[Any, str]:
-    port = free_port()
-    cfg = simple_config({"a": up}, server={"port": port, **server}, ledger={"backend": "memory"})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "edgeroute",
-        "serve",
-        "--config",
-        str(path),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        preexec_fn=_limit(soft, hard),
-    )
-    url = f"http://127.0.0.1:{port}"
-    await wait_ready(url, proc=proc)
-    return proc, url
+async def _serve(tmp_path: Path, up: Any, soft: int, hard: int, **server: Any) -> Serving:
+    cfg = simple_config({"a": up}, server=server, ledger={"backend": "memory"})
+    serving = await start_serve(tmp_path / "c.yaml", cfg, preexec_fn=_limit(soft, hard))
+    await wait_ready(serving.url, proc=serving.proc)
+    return serving
 
 
 def _open_idle(port: int, n: int) -> list[socket.socket]:
@@ -97,8 +81,8 @@ async def test_idle_connections_past_the_cap_make_room_for_a_client(
     start_upstream: Any, tmp_path: Path, open_files: int, server: dict[str, Any], idle: int
 ) -> None:
     up = await start_upstream()
-    proc, url = await _serve(tmp_path, up, soft=open_files, hard=open_files, **server)
-    port = int(url.rsplit(":", 1)[1])
+    serving = await _serve(tmp_path, up, soft=open_files, hard=open_files, **server)
+    proc, url, port = serving.proc, serving.url, serving.port
     cap = server.get("max_client_connections", open_files // 2)
     socks: list[socket.socket] = []
     try:
@@ -126,8 +110,8 @@ async def test_serve_raises_the_soft_open_file_limit(start_upstream: Any, tmp_pa
     """With a soft limit of 256 (hard 4,096) and no cap configured, 600 idle connections
     do not lock a client out: the process raised its soft limit to the hard one."""
     up = await start_upstream()
-    proc, url = await _serve(tmp_path, up, soft=256, hard=4096)
-    port = int(url.rsplit(":", 1)[1])
+    serving = await _serve(tmp_path, up, soft=256, hard=4096)
+    proc, url, port = serving.proc, serving.url, serving.port
     socks: list[socket.socket] = []
     try:
         line = _open_files_line(proc.pid)

@@ -6,20 +6,20 @@ events, metrics, the request record, or the log."""
 from __future__ import annotations
 
 import asyncio
+import os
 import string
-import sys
 from pathlib import Path
 
 import anthropic
 import openai
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeroute import redact
 from tests.security.conftest import Leaky, leaky_config, raw_exchange
-from tests.test_serve import free_port, wait_ready
+from tests.serve_support import start_serve
+from tests.test_serve import wait_ready
 
 SECRET = "sk-live-0123456789abcdefSECRET"
 USER = [{"role": "user", "content": "hello"}]
@@ -181,16 +181,11 @@ async def test_credential_leak_in_the_log_for_refused_credentials(leaky: Leaky, 
     """`edgeroute serve`: a 401/403 from the upstream is logged for the operator, without the key;
     a malformed request's header line (with the client's token) is neither answered nor logged."""
     leaky.mode = 401
-    port = free_port()
-    cfg = leaky_config(leaky, api_key="env:LEAKY_KEY", server={"port": port})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**__import__("os").environ, "LEAKY_KEY": SECRET},
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    cfg = leaky_config(leaky, api_key="env:LEAKY_KEY")
+    serving = await start_serve(
+        tmp_path / "c.yaml", cfg, stdout=asyncio.subprocess.PIPE, env={**os.environ, "LEAKY_KEY": SECRET}
+    )
+    proc, url, port = serving.proc, serving.url, serving.port
     try:
         await wait_ready(url)
         text = await _openai_error_text(url, stream=False)

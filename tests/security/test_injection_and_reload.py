@@ -26,7 +26,8 @@ import yaml
 from edgeroute import redact
 from tests.conftest import eventually
 from tests.security.conftest import Leaky, leaky_config
-from tests.test_serve import free_port, wait_ready
+from tests.serve_support import start_serve
+from tests.test_serve import wait_ready
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 SHADOW = "root:$6$s4ltS4lt$Zm9vYmFyYmF6cXV4cXV1eGNvcmdl:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
@@ -98,15 +99,9 @@ async def test_log_injection_through_an_upstream_message(leaky: Leaky, tmp_path:
     operator (a 401 from the upstream), is one escaped line; the decision log stays JSON lines."""
     leaky.mode = 401
     leaky.extra = "\n2026-01-01 00:00:00,000 CRITICAL edgeroute: forged\x1b[31m red"
-    port = free_port()
-    cfg = leaky_config(leaky, server={"port": port, "decision_log": True})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    cfg = leaky_config(leaky, server={"decision_log": True})
+    serving = await start_serve(tmp_path / "c.yaml", cfg, stdout=asyncio.subprocess.PIPE)
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url, proc=proc)
         async with aiohttp.ClientSession() as s:

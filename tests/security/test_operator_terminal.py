@@ -23,9 +23,9 @@ import pytest
 import yaml
 
 from tests.conftest import eventually, wait_ready
+from tests.serve_support import start_serve
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
-from tests.test_serve import free_port
 
 # ESC-based (7-bit) and C1 (8-bit) sequences, a line break with a forged row, and a bidi override.
 EVIL = "x\x1b]0;owned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\x9d0;t\x9c\n2026-01-01 forged row\u202eabc"
@@ -102,16 +102,10 @@ async def test_terminal_injection_through_the_decision_log(
     """`edgeroute serve` with the decision log on, in a terminal: the decision line (JSON in
     either format) names the client's model; it reaches stderr without raw controls, one line."""
     good = await start_upstream()
-    port = free_port()
     cfg = _two_upstream_config(good.base_url, good.base_url, tmp_path / "log.db",
-                               server={"port": port, "decision_log": True, "log_format": log_format})  # fmt: skip
-    path = tmp_path / "edge.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgeroute", "serve", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+                               server={"decision_log": True, "log_format": log_format})  # fmt: skip
+    serving = await start_serve(tmp_path / "edge.yaml", cfg, stdout=asyncio.subprocess.PIPE)
+    proc, url = serving.proc, serving.url
     try:
         await wait_ready(url, proc=proc)
         async with aiohttp.ClientSession() as s:

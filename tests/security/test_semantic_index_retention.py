@@ -15,25 +15,17 @@ import zlib
 from typing import Any
 
 import openai
-import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import eventually, simple_config
+from tests.test_cost_support import REDIS_URL, require_redis
 
-REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 PRIVATE = "Please close the account 4920-5567-1180 of Marta Kowalska today."
 LATER = "How long does Bavarian rye bread bake at 230 degrees?"
 
 
 async def test_a_prompts_guards_do_not_outlive_its_answer_in_redis(start_upstream: Any, start_proxy: Any) -> None:
-    r = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        await r.ping()
-    except Exception:
-        await r.aclose()
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip("Redis is not reachable at " + REDIS_URL)
+    r = aioredis.Redis.from_url(require_redis())
     prefix = "edgeroute-test-" + os.urandom(4).hex()
     up = await start_upstream()
     cfg = simple_config({"a": up}) | {"shared_state": {"redis_url": REDIS_URL, "prefix": prefix}}

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import orjson
 
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 
 EMAIL = "marta.kowalska@example.org"
 SECRET = "sk-proj-Zq8vN3kL0pR7tY2wX5cB9mJ4"
@@ -31,20 +31,13 @@ async def _pair(start_upstream: Any, start_proxy: Any, tmp_path: Path, request_l
     up = await start_upstream()
     log = tmp_path / "shadow.jsonl"
     proxy = await start_proxy(
-        {
-            "providers": {"a": {"base_url": up.base_url, "api_key": "key-a"}},
-            "deployments": {
-                "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE},
-                "strong": {"provider": "a", "model": "gpt-4o", "price": FREE},
-            },
-            "models": {
-                "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-                "s": {"deployments": ["strong"]},
-            },
-            "keys": {"private": {"token": PRIVATE_TOKEN}, "auditor": {"token": AUDITOR_TOKEN}},
-            "request_log": request_log,
-            "learning": {"shadow_log": str(log)},
-        }
+        shadow_config(
+            up.base_url,
+            FREE,
+            keys={"private": {"token": PRIVATE_TOKEN}, "auditor": {"token": AUDITOR_TOKEN}},
+            request_log=request_log,
+            learning={"shadow_log": str(log)},
+        )
     )
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0)
     got = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": PROMPT}])

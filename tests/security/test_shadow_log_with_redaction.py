@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import orjson
 
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 
 SECRET = "sk-proj-Zq8vN3kL0pR7tY2wX5cB9mJ4"
 FREE = {"input_per_mtok": 0, "output_per_mtok": 0}
@@ -26,19 +26,7 @@ async def test_the_shadow_log_stores_answers_with_credentials_redacted(
     up = await start_upstream()
     log = tmp_path / "shadow.jsonl"
     proxy = await start_proxy(
-        {
-            "providers": {"a": {"base_url": up.base_url, "api_key": "key-a"}},
-            "deployments": {
-                "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE},
-                "strong": {"provider": "a", "model": "gpt-4o", "price": FREE},
-            },
-            "models": {
-                "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-                "s": {"deployments": ["strong"]},
-            },
-            "request_log": {"log_content": "full"},
-            "learning": {"shadow_log": str(log)},
-        }
+        shadow_config(up.base_url, FREE, request_log={"log_content": "full"}, learning={"shadow_log": str(log)})
     )
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     got = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"key {SECRET} ok"}])

@@ -21,7 +21,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import eventually
+from tests.conftest import eventually, shadow_config
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _wait_for
 
@@ -38,20 +38,13 @@ async def test_the_ledger_and_the_shadow_log_are_created_readable_by_their_owner
 ) -> None:
     up = await start_upstream()
     db, shadow = tmp_path / "ledger.db", tmp_path / "shadow.jsonl"
-    cfg = {
-        "providers": {"a": {"base_url": up.base_url}},
-        "deployments": {
-            "cheap": {"provider": "a", "model": "gpt-4o-mini", "price": FREE},
-            "strong": {"provider": "a", "model": "gpt-4o", "price": FREE},
-        },
-        "models": {
-            "m": {"deployments": ["cheap"], "shadow": {"model": "s", "percent": 100}},
-            "s": {"deployments": ["strong"]},
-        },
-        "ledger": {"path": str(db), "flush_interval": 0.05},
-        "request_log": {"log_content": "full"},
-        "learning": {"shadow_log": str(shadow)},
-    }
+    cfg = shadow_config(
+        up.base_url,
+        FREE,
+        ledger={"path": str(db), "flush_interval": 0.05},
+        request_log={"log_content": "full"},
+        learning={"shadow_log": str(shadow)},
+    )
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         raw = await client.chat.completions.with_raw_response.create(

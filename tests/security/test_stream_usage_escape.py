@@ -164,3 +164,33 @@ async def test_a_provider_that_cannot_take_stream_options_is_not_sent_them(
     assert "stream_options" not in seen[-1]
     rec = await _record(proxy)
     assert rec.attempts[0].usage.estimated
+
+
+async def test_only_the_requests_own_stream_options_are_changed(
+    upstream: tuple[str, list[dict[str, Any]]], start_proxy: Any
+) -> None:
+    """The client's `stream_options` object is found in the body's bytes, not by parsing it
+    whole: a tool's parameter and a key named alike, a message quoting one, are left as sent,
+    and the client's other options are kept."""
+    base_url, seen = upstream
+    proxy = await start_proxy(_config(base_url))
+    client = openai.AsyncOpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    tool_params = {"type": "object", "properties": {"stream_options": {"type": "object", "description": "}{"}}}
+    quoted = 'send {"stream_options": {"include_usage": false}} and \\"stream_options": }'
+    options: Any = {"include_usage": False, "continuous_usage_stats": True}  # vLLM's, say
+    got = await client.chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": quoted}],
+        tools=[{"type": "function", "function": {"name": "configure", "parameters": tool_params}}],
+        stream=True,
+        stream_options=options,
+        extra_body={"metadata": {'x "stream_options': "}"}},
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in got if c.choices]) == "".join(WORDS)
+    sent = seen[-1]
+    assert sent["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert sent["messages"][0]["content"] == quoted
+    assert sent["tools"][0]["function"]["parameters"] == tool_params
+    assert sent["metadata"] == {'x "stream_options': "}"}
+    rec = await _record(proxy)
+    assert rec.attempts[0].usage.completion_tokens == REASONING + len(WORDS)

@@ -229,6 +229,8 @@ class CostControl(Reservations, RateLimits):
             # Redis failed within the last second: this process's count alone (open), or the 503
             # (closed), at once. Asked anyway, each capped key's request waited out its timeout.
             self._check_closed()
+            # Leased at the next renewal, so that the fleet counts them once Redis answers.
+            ticket.parallel_leased = self.parallel.unleased(ticket.parallel)
             return
         try:
             ticket.parallel_leased = await self.parallel.lease(wanted)

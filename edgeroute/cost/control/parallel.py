@@ -12,7 +12,8 @@ lease (`edgeroute.leases`, its own sets, `{prefix}:par:{key}`) so the cap holds 
 fleet: with Redis in the admission script, in the same round trip as its rate limits and
 budgets (`cost.redis_scripts.ADMIT`), else in one of its own. The leases are renewed while
 held, so a process killed with -9 frees its slots within `LEASE_S` (15 s). The store down:
-`on_unavailable: open` counts on this process alone, `closed` refuses with 503 (as budgets do).
+`on_unavailable: open` counts on this process alone (the slots taken meanwhile are leased at
+the next renewal, once the store answers), `closed` refuses with 503 (as budgets do).
 
 Refused: 429 `parallel_limit` with `Retry-After: 1`, naming the key's id, never its token.
 """
@@ -110,6 +111,16 @@ class ParallelSlots:
             for key in leased:
                 shared.release(key)
             raise
+        return True
+
+    def unleased(self, keys: list[str]) -> bool:
+        """Holds the slots `count_here` counted as the shared slots' too, unleased (the store
+        could not answer): leased at their next renewal. False without shared slots."""
+        shared = self._shared()
+        if shared is None:
+            return False
+        for key in keys:
+            shared.hold_unleased(key)
         return True
 
     def release(self, keys: list[str], leased: bool) -> None:

@@ -17,7 +17,7 @@ from edgeroute.cost.control.read_back import ReadBack
 from edgeroute.cost.control.settlement import Settlement
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import Identity
-from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, route_ceilings, unbounded_output
+from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, reachable_models, route_ceilings, unbounded_output
 from edgeroute.errors import ProxyError
 
 
@@ -29,6 +29,7 @@ class Prices:
     config: Config
     routes: dict[str, Ceiling]
     tops: dict[tuple[str | int, ...], Ceiling] = field(default_factory=dict)
+    windows: dict[str, int | None] = field(default_factory=dict)  # `largest_window`, per model
 
     def top(self, route: str, order: list[int], table: list[Any]) -> Ceiling:
         """The ceiling over the deployments a request may reach: its decision's order, and
@@ -48,6 +49,31 @@ class Prices:
             prices += [cfg.deployments[d].price for d in deployments[len(order) :]]
             hit = self.tops[key] = ceiling(prices, unbounded_output(cfg, deployments))
         return hit
+
+    def largest_window(self, model: str) -> int | None:
+        """The largest context window a request for public model `model` may reach (None: one
+        is unbounded): its deployments, or those of the models it chooses between, and of
+        their fallbacks and context-window fallbacks, as the core may send it there."""
+        if model in self.windows:
+            return self.windows[model]
+        cfg, largest, seen = self.config, 0, set()
+        todo: list[str] = [model]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in cfg.models:
+                continue
+            seen.add(name)
+            todo += reachable_models(cfg, name)
+            m = cfg.models[name]
+            todo += m.fallbacks + m.context_window_fallbacks
+            for d in m.deployments:
+                window = cfg.deployments[d].context_window
+                if window == 0:  # no bound set
+                    self.windows[model] = None
+                    return None
+                largest = max(largest, window)
+        self.windows[model] = largest
+        return largest
 
 
 class Reservations(ReadBack, Notifications, Settlement):
@@ -113,7 +139,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 res, shared = await self._reserve(charges, now)
             if shared:
                 self._seen_shared(charges, res)
-            target = self._downgrade_to(charges, res.used_before, route, prices, ticket) if step == 0 else None
+            target = self._downgrade_to(charges, res.used_before, decision, rec, prices, ticket) if step == 0 else None
             if target is not None:
                 rec.admission = f"downgraded:{target[1]}"
                 if res.ok:
@@ -138,17 +164,36 @@ class Reservations(ReadBack, Notifications, Settlement):
         return route
 
     def _downgrade_to(
-        self, charges: list[B.Charge], used_before: list[int], route: str, prices: Prices, ticket: CostTicket
+        self,
+        charges: list[B.Charge],
+        used_before: list[int],
+        decision: _core.Decision,
+        rec: RequestRecord,
+        prices: Prices,
+        ticket: CostTicket,
     ) -> tuple[str, str] | None:
         """(target model, budget name) of the first downgrade threshold crossed, if any; a target
         that a reload removed from the config is skipped, and so is one that cannot serve the
-        request (`CostTicket.can_serve`): the request stays on its model, which the budget's
-        block threshold still bounds, rather than failing there as the client's error."""
+        request (`CostTicket.can_serve`, or a prompt longer than every context window it
+        reaches): the request stays on its model, which the budget's block threshold still
+        bounds, rather than failing there as the client's error (a 400 naming a model it never
+        asked for). A target passed over for the prompt's length is named in `rec.admission_note`."""
         if not self._any_downgrade:
             return None
+        # What the core holds against context windows. An estimate (not exact) is below the
+        # smallest window: the core counts exactly whenever the bound could exceed one.
+        needed = decision.prompt_tokens + (decision.max_tokens or 0)
         for c, used in zip(charges, used_before, strict=True):
             a = B.crossed(c.budget, used, "downgrade")
-            if a is None or a.to is None or a.to == route or a.to not in prices.routes:
+            if a is None or a.to is None or a.to == decision.route or a.to not in prices.routes:
+                continue
+            window = prices.largest_window(a.to)
+            if window is not None and needed > window:
+                if rec.admission_note is None:
+                    rec.admission_note = (
+                        f"not downgraded to {a.to} (budget {c.budget.name}): the request needs {needed} tokens,"
+                        f" more than its largest context window ({window})"
+                    )
                 continue
             if ticket.can_serve is None or ticket.can_serve(a.to):
                 return a.to, c.budget.name

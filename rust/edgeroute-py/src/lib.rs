@@ -204,9 +204,29 @@ fn outcome(kind: &str, retry_after_ms: Option<u64>) -> PyResult<core::Outcome> {
         .ok_or_else(|| PyValueError::new_err(format!("unknown outcome {kind:?}")))
 }
 
+/// Inputs at least this long are worked on with the GIL released. A shorter one takes
+/// microseconds, and its caller is the event loop, which waits for the answer either way:
+/// releasing the GIL there only hands it to another thread (the ledger writer), which the loop
+/// must then wait out, a GIL round trip of two context switches per call (about a tenth of a
+/// proxied request's CPU). Python decides and counts a body longer than this in a worker thread
+/// (`edgeroute.dispatch.attempt.COUNT_ON_LOOP_BYTES` and `DECIDE_ON_LOOP_BYTES` are not below
+/// it), where the GIL must be released.
+pub const DETACH_FROM_BYTES: usize = 16 * 1024;
+
+/// Runs `f` with the GIL released when its input is `len` bytes or more (see `DETACH_FROM_BYTES`).
+fn detached_if_long<T: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> T + Send) -> T {
+    if len < DETACH_FROM_BYTES {
+        f()
+    } else {
+        py.detach(f)
+    }
+}
+
 /// `text` with each occurrence of personal data replaced by `[PII:<kind>]`.
 #[pyfunction]
 fn redact_pii(py: Python<'_>, text: &str) -> String {
+    // Always released: its callers are the ledger writer's thread, whose turn the loop waits
+    // for, and the rare error text.
     py.detach(|| core::pii::redact(text).into_owned())
 }
 
@@ -271,7 +291,7 @@ impl Router {
 
     /// Exact prompt tokens of a chat body (for accounting when a decision only estimated them).
     fn count_prompt(&self, py: Python<'_>, body: &[u8]) -> PyResult<u32> {
-        py.detach(|| self.inner.count_prompt(body)).map_err(to_py)
+        detached_if_long(py, body.len(), || self.inner.count_prompt(body)).map_err(to_py)
     }
 
     /// Builds the tokenizer lookup tables of every deployment's encoding now (~14 MB and
@@ -312,7 +332,7 @@ impl Router {
             exact_tokens,
             priority,
         };
-        let inner = py.detach(|| self.inner.decide(body, &meta)).map_err(to_py)?;
+        let inner = detached_if_long(py, body.len(), || self.inner.decide(body, &meta)).map_err(to_py)?;
         Ok(Decision { inner })
     }
 
@@ -424,13 +444,13 @@ impl Router {
 
     #[staticmethod]
     fn count_tokens(py: Python<'_>, text: &str, encoding: &str) -> PyResult<usize> {
-        py.detach(|| core::Router::count_tokens(text, encoding)).map_err(to_py)
+        detached_if_long(py, text.len(), || core::Router::count_tokens(text, encoding)).map_err(to_py)
     }
 
     /// Whether the JSON in `body` nests arrays and objects more than `limit` deep (a byte scan).
     #[staticmethod]
     fn nesting_over(py: Python<'_>, body: &[u8], limit: usize) -> bool {
-        py.detach(|| core::nesting_over(body, limit))
+        detached_if_long(py, body.len(), || core::nesting_over(body, limit))
     }
 }
 
@@ -456,6 +476,7 @@ mod _core {
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("DETACH_FROM_BYTES", super::DETACH_FROM_BYTES)?;
         m.add(
             "OUTCOMES",
             pyo3::types::PyTuple::new(m.py(), edgeroute_core::Outcome::NAMES)?,
