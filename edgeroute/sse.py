@@ -18,7 +18,13 @@ MAX_EVENT_BYTES = 32 << 20
 HOLD_BYTES = 1 << 20  # an error event held whole past this, and an answer's head, are cut here
 
 
-class EventTooLarge(ValueError):
+class StreamProtocolError(ValueError):
+    """An upstream's stream that breaks its protocol: before content the attempt fails over,
+    after it the relay ends the client's stream with an error event (`upstream_protocol_error`).
+    Its message follows "The upstream ..." ("sent a stream event that is not JSON")."""
+
+
+class EventTooLarge(StreamProtocolError):
     """An upstream stream event still unfinished past a bound: the upstream broke the protocol
     (it opened an event and never ended it). The event's bytes are dropped, never relayed."""
 
@@ -59,6 +65,11 @@ class EventSplitter:
         self._cr = False  # the last read ended in CR: it may begin a CRLF with the next one
         self._error = False
 
+    @property
+    def holding(self) -> bool:
+        """Whether an unfinished event (or a CR that may begin a CRLF) is kept from earlier reads."""
+        return bool(self._held) or self._cr
+
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes (each without its blank line)."""
         if self._cr:
@@ -90,6 +101,68 @@ class EventSplitter:
             raise EventTooLarge(self.error_limit, "error event")
         if self._size > self.limit:
             raise EventTooLarge(self.limit)
+
+
+class ChatChunks:
+    """The check of an OpenAI-format stream relayed as it is (chat, completions): each event is
+    `[DONE]` or a JSON object whose `choices`, when given, is a list of objects, each `delta` an
+    object. Relayed as they came, `data: [1]`, a choice that is a string, a null `delta`, bytes
+    that are not UTF-8 or text that is not JSON crashed the client's stream inside the OpenAI
+    SDK or the code that reads it (no `APIError` its code handles), and the request was
+    recorded as served. Such an event raises :class:`StreamProtocolError` before it is relayed
+    (so do events that end in the same read). Only whole events go on, as a translator's do:
+    an event is bounded as every other stream's is (an error event by :data:`HOLD_BYTES`, any
+    other by :data:`MAX_EVENT_BYTES`), where one never ended was sent on in pieces, as one
+    line no client could read, up to the answer's bound."""
+
+    __slots__ = ("_events",)
+
+    def __init__(self) -> None:
+        self._events = EventSplitter(error_limit=HOLD_BYTES)
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return None  # read from the stream's own events (`find_usage`)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if (
+            chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and not self._events.holding
+        ):
+            _check_chunk(chunk[6:-2])  # the common read: one event of one line
+            return chunk
+        events = self._events.feed(chunk)
+        for ev in events:
+            data = event_data(ev)
+            if data is not None:
+                _check_chunk(data)
+        return b"".join(ev + b"\n\n" for ev in events)
+
+
+def _check_chunk(data: bytes) -> None:
+    if data == b"[DONE]":
+        return
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise StreamProtocolError("sent a stream event that is not JSON in UTF-8") from None
+    if type(obj) is not dict:
+        raise StreamProtocolError("sent a stream event that is not a JSON object")
+    choices = obj.get("choices")
+    if choices is None:
+        return
+    if type(choices) is list:
+        for c in choices:
+            if type(c) is not dict or type(c.get("delta", _EMPTY)) is not dict:
+                break
+        else:
+            return
+    raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
+
+
+_EMPTY: dict[str, Any] = {}
 
 
 def event_data(event: bytes) -> bytes | None:

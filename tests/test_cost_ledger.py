@@ -273,7 +273,7 @@ def test_postgres_poison_row_and_a_dropped_connection() -> None:
     backend = PostgresBackend(dsn)
     ledger = Ledger(backend, flush_interval=60, close_timeout=10)
     ledger.record(_record(0, key="pg"))
-    ledger.record(_poison("poison", tokens=2**40))  # above PostgreSQL's INTEGER
+    ledger.record(_poison("poison"))  # above PostgreSQL's BIGINT
     ledger.record(_record(1, key="pg"))
     assert ledger.flush() == 2 and ledger.set_aside == 1
     # The server drops the ledger's connection: the batch is kept, and written once reconnected.

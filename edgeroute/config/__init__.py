@@ -17,6 +17,7 @@ from __future__ import annotations
 from edgeroute.config.errors import ConfigError
 from edgeroute.config.loader import load, loads, parse, read_text
 from edgeroute.config.schema import (
+    MAX_LIMIT_USD,
     Budget,
     BudgetAction,
     Budgets,
@@ -57,6 +58,7 @@ from edgeroute.config.schema import (
 )
 
 __all__ = [
+    "MAX_LIMIT_USD",
     "Budget",
     "BudgetAction",
     "Budgets",

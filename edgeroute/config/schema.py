@@ -382,6 +382,11 @@ class BudgetAction(_Strict):
         return v
 
 
+# A budget's most, in USD: its limit is counted in nano-dollars, and one of 1e300 (times its
+# block percentage) was infinite there, so every request it covered was a 500.
+MAX_LIMIT_USD = 1e9
+
+
 class Budget(_Strict):
     """A spend limit over a period for one scope: `match` names one key/team/user/model;
     without it, each key (team, user, model) gets its own budget of `limit_usd`."""
@@ -389,7 +394,7 @@ class Budget(_Strict):
     name: str
     scope: Literal["key", "team", "user", "model", "global"]
     match: str | None = None
-    limit_usd: float = Field(gt=0)
+    limit_usd: float = Field(gt=0, le=MAX_LIMIT_USD)
     period: Literal["day", "month", "rolling"] = "month"
     window_hours: float | None = Field(None, gt=0, le=24 * 366)  # for period: rolling
     utc_offset_minutes: int = Field(0, ge=-14 * 60, le=14 * 60)  # where calendar periods start

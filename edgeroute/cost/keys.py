@@ -97,8 +97,9 @@ def key_counter(key_id: str) -> Budget:
     not the key has a budget: its store key is the budget's (`key_budget_name`, a calendar
     month in UTC), so a budget given later, or taken off and given back, starts from the month
     so far, requests still running when it was given included (they settle into it). Charged
-    with no block threshold: its limit is never checked."""
-    return Budget(name=key_budget_name(key_id), scope="key", match=key_id, limit_usd=math.inf)
+    with no block threshold: its limit is never checked (infinite, past what a configured
+    budget may be: built without validation)."""
+    return Budget.model_construct(name=key_budget_name(key_id), scope="key", match=key_id, limit_usd=math.inf)
 
 
 ANONYMOUS = Identity("anonymous")

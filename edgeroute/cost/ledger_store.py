@@ -14,7 +14,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,9 +55,9 @@ _BODY = """
     status INTEGER NOT NULL,
     outcome TEXT NOT NULL,
     admission TEXT,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
+    cached_tokens BIGINT NOT NULL,
     usage_estimated INTEGER NOT NULL,
     cost_usd DOUBLE PRECISION NOT NULL,
     baseline_cost_usd DOUBLE PRECISION NOT NULL,
@@ -75,8 +75,8 @@ CREATE TABLE IF NOT EXISTS spend_attempts (
     status INTEGER,
     latency_ms DOUBLE PRECISION NOT NULL,
     hedge INTEGER NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
+    prompt_tokens BIGINT NOT NULL,
+    completion_tokens BIGINT NOT NULL,
     cost_usd DOUBLE PRECISION NOT NULL,
     row_id TEXT
 )"""
@@ -122,6 +122,17 @@ def schema(dialect: str) -> list[str]:
 
 def _missing_row_id(columns: Sequence[str]) -> bool:
     return "row_id" not in columns
+
+
+# Token counts are 64-bit: earlier releases made them PostgreSQL's 32-bit `integer`, so an
+# upstream's usage past 2,147,483,647 tokens (accepted up to 2^40) failed the insert, and the
+# request, its spend with it, was set aside out of the ledger (budgets read back without it).
+_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def _narrow_counts(types: Mapping[str, str]) -> list[str]:
+    """The token-count columns of a PostgreSQL table still 32-bit (`types`: column -> data_type)."""
+    return [c for c in _COUNTS if types.get(c) == "integer"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -307,12 +318,16 @@ class PostgresBackend:
                 # when IF NOT EXISTS makes it do nothing, so a start waited for every open reader
                 # (a pg_dump, a report), and every instance's writes queued behind it.
                 columns = self._conn.execute(
-                    "SELECT column_name FROM information_schema.columns "
+                    "SELECT column_name, data_type FROM information_schema.columns "
                     "WHERE table_schema = current_schema() AND table_name = %s",
                     (table,),
                 ).fetchall()
                 if _missing_row_id([str(r[0]) for r in columns]):
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS row_id TEXT")
+                if narrow := _narrow_counts({str(r[0]): str(r[1]) for r in columns}):
+                    # Once, where an earlier release made them: rewrites the table.
+                    widen = ", ".join(f"ALTER COLUMN {c} TYPE BIGINT" for c in narrow)
+                    self._conn.execute(f"ALTER TABLE {table} {widen}")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
             self._conn.execute(_STAGE)

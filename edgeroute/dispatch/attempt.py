@@ -359,8 +359,10 @@ class Attempts:
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
-        elif "choices" not in obj:
-            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no choices")
+        elif (unreadable := _unreadable_choices(obj)) is not None:
+            # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
+            # string or null, a null message) was a 200, recorded as served and never failed over.
+            return Failure(Outcome.SERVER_ERROR, status, f"upstream answer {unreadable}")
         usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
@@ -369,7 +371,9 @@ class Attempts:
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
         translator = (
-            None if adapter.passthrough else adapter.stream_translator(self.decision.model, self.decision.include_usage)
+            sse.ChatChunks()  # relayed as they come: checked, so that an unreadable one is the upstream's error
+            if adapter.passthrough
+            else adapter.stream_translator(self.decision.model, self.decision.include_usage)
         )
         # An error event before content is a failover, never relayed: one never ended is
         # bounded as the relay's guard bounds it (it was held until the first-byte timeout).
@@ -484,13 +488,30 @@ def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failur
         return Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
     if isinstance(e, OSError):  # UpstreamError is one
         return Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
-    if isinstance(e, sse.EventTooLarge):
-        # The upstream opened a stream event and never ended it: its failure (fails over).
+    if isinstance(e, sse.StreamProtocolError):
+        # The upstream opened a stream event and never ended it, or sent one its client cannot
+        # read: its failure (fails over).
         return Failure(Outcome.SERVER_ERROR, status, f"the upstream {e}")
     # An answer the adapter could not read (bad usage, a malformed event): the deployment's
     # fault, like a 5xx, so fail over; the core hears of it in `_report`.
     log.exception("unreadable answer from deployment %s", dep.name)
     return Failure(Outcome.SERVER_ERROR, status, f"upstream answer could not be read ({type(e).__name__})")
+
+
+def _unreadable_choices(obj: dict[str, Any]) -> str | None:
+    """What makes a chat answer unreadable to an OpenAI client, or None."""
+    choices = obj.get("choices", _MISSING)
+    if choices is _MISSING:
+        return "has no choices"
+    if not isinstance(choices, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("message", _EMPTY), dict) for c in choices
+    ):
+        return "has choices that are not objects with a message object"
+    return None
+
+
+_MISSING = object()
+_EMPTY: dict[str, Any] = {}
 
 
 def has_content(obj: Any) -> bool:

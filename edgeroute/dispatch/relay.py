@@ -256,9 +256,9 @@ def _failure_of(
             msg = "The answer took longer than the request's total timeout; it is incomplete."
             return (msg, "stream_timeout"), False
         return ("The upstream stalled mid-stream; the answer is incomplete.", "stream_timeout"), True
-    if isinstance(e, sse.EventTooLarge):
-        # An event opened and never ended (held whole, or by a translator): the upstream's
-        # protocol error; what was held is dropped, never relayed as it came.
+    if isinstance(e, sse.StreamProtocolError):
+        # An event opened and never ended (held whole, or by a translator), or one its client
+        # cannot read: the upstream's protocol error; what was held is dropped, never relayed.
         return (f"The upstream {e}; the answer is incomplete.", "upstream_protocol_error"), True
     if isinstance(e, OSError):
         return ("The upstream connection broke mid-stream; the answer is incomplete.", "stream_interrupted"), True

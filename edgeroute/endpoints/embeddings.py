@@ -230,6 +230,8 @@ class EmbeddingsCall(CountedCall):
             obj, reported = self._listed(got[0]), got[1]
         if not isinstance(obj, dict) or not isinstance(obj.get("data"), list):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has no embeddings")
+        if not all(isinstance(item, dict) for item in obj["data"]):  # `[null]` crashed the OpenAI SDK on a 200
+            return Failure(Outcome.SERVER_ERROR, status, "upstream answer has embeddings that are not objects")
         if len(obj["data"]) != len(self._inputs()):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
         usage = Usage.from_openai(obj.get("usage"))

@@ -90,7 +90,9 @@ def vectors_of(obj: dict[str, Any]) -> tuple[list[list[float]], int | None] | No
     if "embedding" in obj:  # Titan: one vector
         raw: Any = [obj["embedding"]]
         count = obj.get("inputTextTokenCount")
-        tokens = count if type(count) is int and count >= 0 else None
+        # A count as every usage is read (0 to 2^40): past it, the texts are counted (10^15
+        # a text priced two texts at two billion USD; past 64 bits no ledger could store it).
+        tokens = count if type(count) is int and 0 <= count < 1 << 40 else None
     else:  # Cohere: a list of vectors, or {"float": [...]} when asked by type
         raw = obj.get("embeddings")
         raw = raw.get("float") if isinstance(raw, dict) else raw

@@ -185,13 +185,16 @@ def _mirror_of(endpoint: Endpoint, text: Callable[[bytes], str | None]) -> shado
 
 
 def answer_object(data: bytes, status: int, key: str) -> dict[str, Any] | Failure:
-    """An upstream's JSON answer, which must be an object with a list under `key`; else the failure."""
+    """An upstream's JSON answer, which must be an object with a list of objects under `key`;
+    else the failure (an item that is null or a string crashed the client's SDK on a 200)."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
         return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has no {key}")
+    if not all(isinstance(item, dict) for item in obj[key]):
+        return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has {key} that are not objects")
     return obj
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgeroute import roles
 from edgeroute.capacity import unknown_class
-from edgeroute.config import Budget, Limit
+from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import AuditOf, GovStore
@@ -54,6 +54,7 @@ MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to
 
 
 _Name = Annotated[str, Field(max_length=200)]
+LAST_DATE = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 class KeyFields(BaseModel):
@@ -69,8 +70,10 @@ class KeyFields(BaseModel):
     # admin key makes keys; a body of 10 MiB of one model name was a key of 10 MiB.
     models: list[_Name] | None = Field(None, max_length=1000)  # None: every model
     deny_tags: list[_Name] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
-    expires_at: float | None = Field(None, gt=0)  # unix seconds
-    budget_usd: float | None = Field(None, gt=0)  # per calendar month
+    # Bounded: past year 9999 no date prints it (`keys list` ended in a traceback), and a budget
+    # past MAX_LIMIT_USD is infinite in nano-dollars (every request of the key was a 500).
+    expires_at: float | None = Field(None, gt=0, le=LAST_DATE)  # unix seconds
+    budget_usd: float | None = Field(None, gt=0, le=MAX_LIMIT_USD)  # per calendar month
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
     max_parallel: int | None = Field(None, ge=1)  # its requests in flight at once

@@ -80,9 +80,17 @@ def _check_known(q: Mapping[str, str], known: frozenset[str]) -> None:
             raise BadParam(k, "contains a NUL character")
 
 
-def _whole(value: str) -> bool:
-    """ASCII digits only: `str.isdigit` also takes "²", which `int` then refuses (a 500)."""
-    return value.isascii() and value.isdigit()
+def _whole(value: str) -> int | None:
+    """The whole number `value` writes in ASCII digits, else None: `str.isdigit` also takes "²",
+    which `int` then refuses (a 500), and so does `int` past 4,300 digits (a 500 too): a number
+    that long is read as `_PAST_ANY_BOUND`."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 30 else _PAST_ANY_BOUND
+
+
+_PAST_ANY_BOUND = 10**30
 
 
 def _number(name: str, value: str) -> float:
@@ -183,9 +191,10 @@ def list_requests(
         params.append(_number("min_cost_usd", v))
     limit = DEFAULT_PAGE
     if (v := q.get("limit")) is not None:
-        if not _whole(v) or not 1 <= int(v) <= MAX_PAGE:
-            raise BadParam("limit", f"{v!r}: must be an integer from 1 to {MAX_PAGE}")
-        limit = int(v)
+        n = _whole(v)
+        if n is None or not 1 <= n <= MAX_PAGE:
+            raise BadParam("limit", f"{v[:40]!r}: must be an integer from 1 to {MAX_PAGE}")
+        limit = n
     if (v := q.get("cursor")) is not None:
         ts, rid = _decode_cursor(v)
         where.append("(ts < ? OR (ts = ? AND id < ?))")
@@ -303,11 +312,12 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
     first, last = int(since // 60), math.ceil(until / 60)
     step = 0
     if (b := q.get("bucket")) is not None:
-        if not _whole(b) or int(b) < 60 or int(b) % 60:
-            raise BadParam("bucket", f"{b!r}: seconds, a whole number of minutes (60, 300, 3600, ...)")
-        if int(b) > MAX_BUCKET_S:
-            raise BadParam("bucket", f"{b}: at most {MAX_BUCKET_S} seconds")
-        step = int(b) // 60
+        n = _whole(b)
+        if n is not None and n > MAX_BUCKET_S:
+            raise BadParam("bucket", f"{b[:40]}: at most {MAX_BUCKET_S} seconds")
+        if n is None or n < 60 or n % 60:
+            raise BadParam("bucket", f"{b[:40]!r}: seconds, a whole number of minutes (60, 300, 3600, ...)")
+        step = n // 60
         if (last - first) / step > MAX_STATS_POINTS:
             raise BadParam("bucket", f"{b}s over this range makes more than {MAX_STATS_POINTS} buckets")
     cols = (*rollup.COUNTERS, *rollup.LAT, *rollup.TTFT)

@@ -99,17 +99,37 @@ async def settled(proxy: Served) -> None:
     await eventually(recorded, "the request's record")
 
 
+@pytest.mark.parametrize("body", [{"choices": "x"}, {"choices": [None]}], ids=["choices-string", "choices-null"])
+async def test_careless_upstream_messages_unreadable_choices_are_the_upstreams_failure(
+    careless: Careless, serve: Any, body: Any
+) -> None:
+    """Choices no OpenAI client can read are the upstream's failure, as on chat (they fail over;
+    alone, a 502 in Anthropic's format): they were read as an answer the translation refused."""
+    careless.body = body
+    proxy = await serve(config(careless))
+    async with client(proxy) as c:
+        with pytest.raises(anthropic.APIStatusError) as err:
+            await c.messages.create(model="m", max_tokens=10, messages=USER)
+    assert err.value.status_code == 502
+    assert err.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "All deployments for model 'm' failed (tried: d)."},
+    }
+    await settled(proxy)
+    (rec,) = proxy.recorder.records
+    assert rec.attempts[0].outcome == "server_error"
+    assert "choices that are not objects" in (rec.attempts[0].error or "")
+
+
 @pytest.mark.parametrize(
     "body",
     [
-        {"choices": "x"},
-        {"choices": [None]},
         {"choices": [{"index": 0, "message": {"role": "assistant", "content": ["a list"]}, "finish_reason": "stop"}]},
         {"choices": [{"index": 0, "message": {"role": "assistant", "tool_calls": "x"}, "finish_reason": "tool_calls"}]},
         answer(usage=[1]),
         answer(usage={"prompt_tokens": -5, "completion_tokens": 1e300}),
     ],
-    ids=["choices-string", "choices-null", "content-list", "tool-calls-string", "usage-list", "usage-absurd"],
+    ids=["content-list", "tool-calls-string", "usage-list", "usage-absurd"],
 )
 async def test_careless_upstream_messages_odd_answer_is_a_502_in_anthropic_format(
     careless: Careless, serve: Any, body: Any

@@ -234,13 +234,15 @@ async def test_an_error_event_never_ended_before_content_fails_over(
     assert elapsed < PATIENCE_S, f"failed over after {elapsed:.1f} s: a timeout, not the bound"
 
 
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
 async def test_any_event_never_ended_is_bounded_too(
-    upstreams: list[Unending], serve: Any, monkeypatch: pytest.MonkeyPatch
+    upstreams: list[Unending], serve: Any, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """An event that is no error is bounded by the event bound (32 MiB; 2 MiB here): a
-    translator held it to the idle timeout, however large."""
+    translator held it to the idle timeout, however large; a chat stream relayed as it is
+    sent it on in pieces up to the answer's bound (128 MiB), as one line."""
     monkeypatch.setattr(sse, "MAX_EVENT_BYTES", 2 * MIB)
-    up = await _start(upstreams, Unending(kind="anthropic", error=False, total=64 * MIB))
+    up = await _start(upstreams, Unending(kind=kind, error=False, total=64 * MIB))
     proxy: Served = await serve(_config(up))
     text, error = await _chat(proxy)
     assert text == "partial" and "stream event still unfinished past 2 MiB" in error, error

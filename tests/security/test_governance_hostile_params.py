@@ -8,14 +8,17 @@ parameter, naming it, as the request log does for its own filters.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
 from tests.conftest import simple_config
-from tests.security.governed import ROOT
+from tests.security.governed import ROOT, USER
 from tests.test_cost_support import cost_proxy, require_postgres
 
 
@@ -75,3 +78,33 @@ async def test_a_keys_names_are_bounded(governed: Any) -> None:
             assert r.status == 201
         async with s.get(governed.url + "/admin/keys", headers=auth) as r:
             assert [len(k["models"][0]) for k in (await r.json())["keys"] if k.get("models")] == [200]
+
+
+@pytest.mark.parametrize("fields", [{"budget_usd": 1e308}, {"budget_usd": 1e300}, {"expires_at": 1e308}])
+async def test_a_budget_or_expiry_past_any_calendar_is_a_400(
+    governed: Any, fields: dict[str, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A managed key with `budget_usd: 1e308` was made (201), and then every request it sent
+    was a 500 with a traceback (its block limit, in nano-dollars, is infinite); one with
+    `expires_at: 1e308` made `edgeroute keys list` end in a traceback for the operator (no
+    date that far). Both are the 400 of a bad field now; a budget of a billion dollars passes."""
+    auth = {"Authorization": f"Bearer {ROOT}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(governed.url + "/admin/keys", headers=auth, json=fields) as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["code"] == "invalid_key", body
+            assert body["error"]["problems"][0]["field"] == next(iter(fields)), body
+        async with s.post(governed.url + "/admin/keys", headers=auth, json={"budget_usd": 1e9}) as r:
+            assert r.status == 201
+            token = (await r.json())["secret"]
+    async with openai.AsyncOpenAI(base_url=governed.url + "/v1", api_key=token, max_retries=0) as client:
+        answer = await client.chat.completions.create(model="m", messages=USER, max_tokens=5)
+    assert answer.choices[0].message.content
+    monkeypatch.setenv("EDGEROUTE_ADMIN_KEY", ROOT)
+    monkeypatch.setenv("EDGEROUTE_URL", governed.url)
+    done = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "edgeroute", "keys", "list",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await done.communicate()
+    assert done.returncode == 0, err.decode()

@@ -5,6 +5,7 @@ shows as "Internal error", and a traceback in the proxy's log for each call).
 - A NUL byte (`%00`) in a filter, a cursor or a request id: PostgreSQL refuses NUL in text
   (psycopg's DataError, a 500), SQLite compares it as any other character.
 - A bucket past 64 bits: the answer's `t` and `bucket` could not be encoded (a 500).
+- A `limit` or `bucket` of more than 4,300 digits: Python's `int` refuses it (a 500).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ async def test_hostile_request_log_queries_are_a_400_on_every_backend(
             (f"/admin/requests?cursor={_cursor(1e10, 'a' + chr(0))}", "cursor"),
             ("/admin/stats?bucket=6000000000000000000000000000", "bucket"),
             ("/admin/stats?bucket=18446744073709551616", "bucket"),
+            # Past 4,300 digits Python's `int` refuses a number (ValueError): a 500.
+            ("/admin/requests?limit=" + "9" * 5000, "limit"),
+            ("/admin/stats?bucket=" + "6" * 5000 + "0", "bucket"),
         ):
             async with s.get(proxy.url + path) as r:
                 body = await r.json()
