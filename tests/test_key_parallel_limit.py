@@ -469,6 +469,29 @@ async def test_with_redis_a_refusal_at_the_cap_takes_nothing_from_the_rate_limit
     await eventually(none_left, "a lease left by a refused request")
 
 
+async def _held_to_the_cap_again(url: str, shared: SharedState, up: HeldStreams, held: list[Any], what: str) -> None:
+    """The instance at `url` refuses the key within `RENEW_S` (the fleet counts the two `held`
+    streams again); once they end, no lease is left behind."""
+
+    async def refused() -> bool:
+        try:
+            await _ask(url)  # answered at once: it holds no slot after
+        except openai.RateLimitError as e:
+            assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
+            return True
+        return False
+
+    await eventually(refused, what, within=RENEW_S + 5, every=0.25)
+    assert await _leases(shared, "capped") == 2
+    up.release.set()
+    assert [await _finish(s) for s in held] == ["lo"] * 2
+
+    async def none_left() -> bool:
+        return await _leases(shared, "capped") == 0
+
+    await eventually(none_left, "leases left behind")
+
+
 @pytest.mark.parametrize("empty", ["restart", "flushall"])
 async def test_slots_held_when_redis_comes_back_empty_count_again(
     upstreams: Any, spawn: Spawn, tmp_path: Any, empty: str
@@ -500,23 +523,7 @@ async def test_slots_held_when_redis_comes_back_empty_count_again(
             await client.flushall()
             await client.aclose()
 
-        async def refused() -> bool:
-            try:
-                await _ask(other.url)  # answered at once: it holds no slot after
-            except openai.RateLimitError as e:
-                assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
-                return True
-            return False
-
-        await eventually(refused, "the held slots counted again", within=RENEW_S + 5, every=0.25)
-        assert await _leases(shared, "capped") == 2
-        up.release.set()
-        assert [await _finish(s) for s in held] == ["lo"] * 2
-
-        async def none_left() -> bool:
-            return await _leases(shared, "capped") == 0
-
-        await eventually(none_left, "leases left behind")
+        await _held_to_the_cap_again(other.url, shared, up, held, "the held slots counted again")
     finally:
         server.stop()
 
@@ -544,23 +551,7 @@ async def test_slots_taken_while_redis_was_down_count_once_it_is_back(
             await _ask(holder.url)
         server.start()  # the same port
 
-        async def refused() -> bool:
-            try:
-                await _ask(other.url)  # answered at once: it holds no slot after
-            except openai.RateLimitError as e:
-                assert e.code == "parallel_limit" and "limit is 2 at once" in e.message, e.message
-                return True
-            return False
-
-        await eventually(refused, "the slots taken while Redis was down", within=RENEW_S + 5, every=0.25)
-        assert await _leases(shared, "capped") == 2
-        up.release.set()
-        assert [await _finish(s) for s in held] == ["lo"] * 2
-
-        async def none_left() -> bool:
-            return await _leases(shared, "capped") == 0
-
-        await eventually(none_left, "leases left behind")
+        await _held_to_the_cap_again(other.url, shared, up, held, "the slots taken while Redis was down")
         assert (await _ask(other.url)).choices[0].message.content == "hi there"
     finally:
         server.stop()
