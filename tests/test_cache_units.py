@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import tracemalloc
 import zlib
 
 import orjson
@@ -12,8 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeroute.cache import evaluate
-from edgeroute.cache.entry import Entry, _Replays, completion_from_json, completion_from_stream, replay_chunks
+from edgeroute.cache import evaluate, shared_index
+from edgeroute.cache.entry import (
+    MAX_STORED_BYTES,
+    Entry,
+    _Replays,
+    completion_from_json,
+    completion_from_stream,
+    replay_chunks,
+)
 from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import SemanticIndex, guards, split_last_user_turn
 from edgeroute.cache.settings import SEMANTIC_THRESHOLD
@@ -181,6 +189,27 @@ async def test_memory_store_is_bounded_and_expires() -> None:
     # Expired past its keep time: gone.
     await small.put("r", "old", Entry(entry.body, "dep-a", 1.0, 0.0), 60, bounds)
     assert small.get_now("r", "old") is None
+
+
+def test_a_compression_bomb_in_the_store_is_refused_before_it_inflates() -> None:
+    """Whoever can write the shared Redis could store a few hundred kilobytes that inflate to
+    gigabytes: each read of it inflated them all, on the event loop. An entry or an index record
+    now stops inflating past what edgeroute ever writes, as a corrupt one (a miss and a metric)."""
+    c = zlib.compressobj(9)
+    zeros = b"\0" * (1 << 20)
+    head = orjson.dumps([2, "dep-a", 1.0, 0.0, ""]) + b"\n"
+    bomb = c.compress(head) + b"".join(c.compress(zeros) for _ in range(512)) + c.flush()  # 512 MiB
+    assert len(bomb) < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="inflates to more than"):
+            Entry.loads(bomb)
+        with pytest.raises(ValueError, match="not a semantic index record"):
+            shared_index.decode(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_STORED_BYTES, peak  # the output buffer grows by doubling; all of it was 512 MiB
 
 
 async def test_redis_store_round_trip_corrupt_and_outage() -> None:

@@ -90,3 +90,24 @@ async def test_drain_add_reweight_remove_and_roll_back(start_upstream, tmp_path:
         assert await _served_by(url) == {"d-a"} and not b.options.requests
     finally:
         await server.close()
+
+
+async def test_a_price_past_any_real_one_is_refused(start_upstream, tmp_path: Path) -> None:
+    """An admin's PATCH of `price.input_per_mtok: 1e308` was taken (a new version), and every
+    request on the route was then a 500: its cost, infinite in nano-dollars, could be neither
+    reserved nor recorded. A price is at most a million USD a unit now; a high real one passes."""
+    server, url, _, _, _ = await _served(start_upstream, tmp_path)
+    try:
+        for field in ("input_per_mtok", "output_per_mtok", "per_request"):
+            status, err = await call(
+                "PATCH", url + "/admin/deployments/d-a", "tok-admin", json={"price": {field: 1e308}}
+            )
+            assert status == 400 and err["error"]["code"] == "invalid_config", err
+            assert field in str(err["error"]["problems"]), err
+        status, _ = await call(
+            "PATCH", url + "/admin/deployments/d-a", "tok-admin", json={"price": {"input_per_mtok": 150.0}}
+        )
+        assert status == 200
+        assert await _served_by(url) == {"d-a", "d-b"}  # every request answered
+    finally:
+        await server.close()

@@ -25,6 +25,25 @@ _PIECE = 48  # characters of text per replayed chunk: streaming clients render i
 
 
 _OVERHEAD = 200  # bytes an in-memory entry costs beyond its body (object, key, LRU link), for the bound
+# The most a stored entry may inflate to (the largest `max_entry_bytes`, and its header): past
+# it, what Redis holds was not written by edgeroute (a compression bomb: a few kilobytes that
+# inflate to gigabytes, on the event loop) and is a corrupt entry.
+MAX_STORED_BYTES = 32 * 1024 * 1024 + 4096
+
+
+def inflate(data: bytes, limit: int) -> bytes:
+    """`data` decompressed (zlib); ValueError when that is more than `limit` bytes, which is
+    found out after `limit` bytes, not after all of them."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"not compressed data: {e}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise ValueError(f"inflates to more than {limit} bytes")
+    if not d.eof:
+        raise ValueError("truncated compressed data")
+    return out
 
 
 @dataclass(slots=True, frozen=True)
@@ -52,10 +71,10 @@ class Entry:
     def loads(cls, data: bytes) -> Entry:
         """Raises ValueError on anything but an entry this module wrote."""
         try:
-            raw = zlib.decompress(data)
+            raw = inflate(data, MAX_STORED_BYTES)
             head, _, body = raw.partition(b"\n")
             version, deployment, created, cost, upstream = orjson.loads(head)
-        except (zlib.error, orjson.JSONDecodeError, TypeError, ValueError) as e:
+        except (orjson.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"unreadable cache entry: {e}") from None
         # Version 1 entries did not say which model produced them: not reused (they expire).
         if version != 2 or not isinstance(deployment, str) or not isinstance(upstream, str):

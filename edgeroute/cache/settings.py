@@ -44,7 +44,9 @@ class RouteCache(BaseModel):
     deterministic_only: bool = True
     max_entries: int = Field(10_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    max_entry_bytes: int = Field(1024 * 1024, ge=1, description="larger answers are not cached")
+    max_entry_bytes: int = Field(
+        1024 * 1024, ge=1, le=32 * 1024 * 1024, description="larger answers are not cached (at most 32 MiB)"
+    )
 
 
 class CacheStore(BaseModel):

@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from edgeroute import redis_client
+from edgeroute.cache.entry import inflate
 from edgeroute.cache.semantic import Guards
 from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
@@ -38,6 +39,7 @@ log = logging.getLogger("edgeroute.cache")
 
 _VERSION = 1
 _MAX_DIM = 16_384
+_MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
 _BLOCK_MS = 5_000  # a follower's wait for new records
 
@@ -61,7 +63,7 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
     import numpy as np
 
     try:
-        raw = zlib.decompress(data)
+        raw = inflate(data, _MAX_RECORD_BYTES)
         head, _, vec = raw.partition(b"\n")
         v, origin, key, context, numbers, entities, quoted, code, negated, actions, script, language, ndim = (
             orjson.loads(head)

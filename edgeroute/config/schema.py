@@ -104,7 +104,7 @@ class PriceWindow(_Strict):
     start: str
     end: str
     utc_offset_minutes: int = Field(0, ge=-14 * 60, le=14 * 60)
-    multiplier: float = Field(ge=0)
+    multiplier: float = Field(ge=0, le=1000)
 
     @field_validator("start", "end")
     @classmethod
@@ -113,15 +113,20 @@ class PriceWindow(_Strict):
         return v
 
 
+MAX_PRICE_USD = 1e6
+
+
 class Price(_Strict):
     """USD per million tokens, plus per request. In YAML also ``catalogue`` or ``{catalogue: NAME, ...}``
     (see `edgeroute/config/prices.py`), resolved to these fields when the config loads."""
 
-    input_per_mtok: float = Field(0.0, ge=0)
-    output_per_mtok: float = Field(0.0, ge=0)
-    cached_input_per_mtok: float | None = Field(None, ge=0)  # prompt-cache reads (default: input price)
-    cache_write_per_mtok: float | None = Field(None, ge=0)  # prompt-cache writes (default: input price)
-    per_request: float = Field(0.0, ge=0)
+    # At most a million USD a unit: a price of 1e308 (a typo, or an admin's PATCH) made every
+    # request's cost infinite in nano-dollars, and every request on the route a 500.
+    input_per_mtok: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
+    output_per_mtok: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
+    cached_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache reads (default: input)
+    cache_write_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache writes (default: input)
+    per_request: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
     windows: list[PriceWindow] = []
     source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"
 
