@@ -152,6 +152,23 @@ class _Scripted:
         return resp
 
 
+def failover_config(*servers: TestServer, kind: str = "openai") -> dict[str, Any]:
+    """Model `m` over one deployment per server, in order, each tried once (`max_attempts`)
+    with next to no retry delay: what a careless upstream sends, then what the next one does."""
+    price = {"input_per_mtok": 1, "output_per_mtok": 2}
+    n = len(servers)
+    path = "" if kind == "anthropic" else "/v1"
+    return {
+        "providers": {
+            f"p{i}": {"base_url": f"http://127.0.0.1:{s.port}{path}", "api_key": "k", "kind": kind}
+            for i, s in enumerate(servers)
+        },
+        "deployments": {f"d{i}": {"provider": f"p{i}", "model": "x", "price": price} for i in range(n)},
+        "models": {"m": {"deployments": [f"d{i}" for i in range(n)], "max_attempts": n}},
+        "retry": {"base_ms": 1, "max_ms": 2},
+    }
+
+
 class ScriptedStreams:
     """Starts upstreams that stream scripted bytes at `path`: `first`, then `then` once the
     test sets `go` (when its client has read content), so an event lands after content."""

@@ -20,10 +20,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from tests.security.conftest import ScriptedStreams, Served, chat_upstream
+from tests.security.conftest import ScriptedStreams, Served, chat_upstream, failover_config
 
 USER: Any = [{"role": "user", "content": "hi"}]
 
@@ -55,19 +54,6 @@ async def upstreams() -> AsyncIterator[ScriptedStreams]:
     await made.close()
 
 
-def _config(*servers: TestServer) -> dict[str, Any]:
-    price = {"input_per_mtok": 1, "output_per_mtok": 2}
-    n = len(servers)
-    return {
-        "providers": {
-            f"p{i}": {"base_url": f"http://127.0.0.1:{s.port}/v1", "api_key": "k"} for i, s in enumerate(servers)
-        },
-        "deployments": {f"d{i}": {"provider": f"p{i}", "model": "x", "price": price} for i in range(n)},
-        "models": {"m": {"deployments": [f"d{i}" for i in range(n)], "max_attempts": n}},
-        "retry": {"base_ms": 1, "max_ms": 2},
-    }
-
-
 async def _stream(proxy: Served, upstreams: ScriptedStreams) -> tuple[str, str]:
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     text: list[str] = []
@@ -90,7 +76,7 @@ async def test_after_content_the_stream_ends_with_an_api_error(
     upstreams: ScriptedStreams, serve: Any, bad: str
 ) -> None:
     up = await upstreams(HEAD + DELTA, BAD[bad] + DELTA + END)
-    proxy: Served = await serve(_config(up))
+    proxy: Served = await serve(failover_config(up))
     text, error = await _stream(proxy, upstreams)
     assert text == "partial"
     assert "The upstream sent a stream event" in error and "the answer is incomplete" in error, error
@@ -107,7 +93,7 @@ async def test_after_content_the_stream_ends_with_an_api_error(
 async def test_before_content_it_fails_over(upstreams: ScriptedStreams, serve: Any, bad: str) -> None:
     broken = await upstreams(HEAD + BAD[bad] + DELTA + END)
     good = await upstreams(HEAD + DELTA + END)
-    proxy: Served = await serve(_config(broken, good))
+    proxy: Served = await serve(failover_config(broken, good))
     assert await _stream(proxy, upstreams) == ("partial", "")
     rec = proxy.recorder.records[-1]
     assert [a.deployment for a in rec.attempts] == ["d0", "d1"]
@@ -142,8 +128,8 @@ async def test_a_json_answer_the_sdk_cannot_read_fails_over_or_is_a_502(serve: A
     good = await chat_upstream(_answering([{"index": 0, "message": {"role": "assistant", "content": "hi"},
                                             "finish_reason": "stop"}]))  # fmt: skip
     try:
-        proxy: Served = await serve(_config(broken, good))
-        alone: Served = await serve(_config(broken))
+        proxy: Served = await serve(failover_config(broken, good))
+        alone: Served = await serve(failover_config(broken))
         async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
             answer = await client.chat.completions.create(model="m", messages=USER)
         assert answer.choices[0].message.content == "hi"

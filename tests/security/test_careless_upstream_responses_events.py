@@ -14,10 +14,9 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from tests.security.conftest import ScriptedStreams, Served
+from tests.security.conftest import ScriptedStreams, Served, failover_config
 
 
 def _ev(obj: dict[str, Any]) -> bytes:
@@ -56,19 +55,6 @@ async def upstreams() -> AsyncIterator[ScriptedStreams]:
     await made.close()
 
 
-def _config(*servers: TestServer) -> dict[str, Any]:
-    price = {"input_per_mtok": 1, "output_per_mtok": 2}
-    n = len(servers)
-    return {
-        "providers": {
-            f"p{i}": {"base_url": f"http://127.0.0.1:{s.port}/v1", "api_key": "k"} for i, s in enumerate(servers)
-        },
-        "deployments": {f"d{i}": {"provider": f"p{i}", "model": "x", "price": price} for i in range(n)},
-        "models": {"m": {"deployments": [f"d{i}" for i in range(n)], "max_attempts": n}},
-        "retry": {"base_ms": 1, "max_ms": 2},
-    }
-
-
 async def _stream(proxy: Served, go: asyncio.Event) -> tuple[str, str]:
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     text: list[str] = []
@@ -91,7 +77,7 @@ async def test_after_content_the_stream_ends_with_an_error_event(
     upstreams: ScriptedStreams, serve: Any, bad: str
 ) -> None:
     up = await upstreams(HEAD + DELTA, BAD[bad] + END)
-    proxy: Served = await serve(_config(up))
+    proxy: Served = await serve(failover_config(up))
     text, error = await _stream(proxy, upstreams.go)
     assert text == "partial"
     assert "could not read" in error, error
@@ -107,7 +93,7 @@ async def test_after_content_the_stream_ends_with_an_error_event(
 async def test_before_content_it_fails_over(upstreams: ScriptedStreams, serve: Any, bad: str) -> None:
     broken = await upstreams(HEAD[: HEAD.index(b"event: response.output_item.added")] + BAD[bad] + HEAD + DELTA + END)
     good = await upstreams(HEAD + DELTA + END)
-    proxy: Served = await serve(_config(broken, good))
+    proxy: Served = await serve(failover_config(broken, good))
     assert await _stream(proxy, upstreams.go) == ("partial", "")
     rec = proxy.recorder.records[-1]
     assert [a.deployment for a in rec.attempts] == ["d0", "d1"]
