@@ -10,7 +10,7 @@ in anew (about a millisecond for 8 MB), a small cost beside parsing it.
 
 Smaller blocks still come from the heap: a body read from a slow client arrives in pieces of
 64 KiB or less, each a block of its own until the body is joined. Sixty clients sending 8 MB
-bodies at once left 250 MB of such pieces freed inside the heap, where glibc keeps them (it
+bodies at once left 130 to 340 MB of such pieces freed inside the heap, where glibc keeps them (it
 returns only a free stretch at the heap's very top). `keep_trimmed` hands them back
 (`malloc_trim`) when the heap holds `TRIM_FREE_BYTES` free and that changed since it last did.
 A trim that gives back 160 MB takes about 30 ms, during which an allocation of the event loop's
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import logging
 import os
 import sys
@@ -55,14 +56,20 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def _libc_function(name: str) -> Any | None:
-    """`name` from the C library the interpreter runs on, where that is glibc on Linux."""
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library the interpreter runs on, where that is Linux's (glibc's calls below)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None)
+    except OSError:
         return None
+
+
+def _libc_function(name: str) -> Any | None:
+    """`name` from `_libc`, or None where it has no such function (not glibc, or an older one)."""
+    return getattr(_libc(), name, None)
 
 
 def return_large_blocks() -> bool:

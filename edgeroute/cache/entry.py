@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from edgeroute import sse
+from edgeroute.cache.settings import MAX_ENTRY_BYTES
 
 _PIECE = 48  # characters of text per replayed chunk: streaming clients render it as it comes
 
@@ -28,7 +29,7 @@ _OVERHEAD = 200  # bytes an in-memory entry costs beyond its body (object, key, 
 # The most a stored entry may inflate to (the largest `max_entry_bytes`, and its header): past
 # it, what Redis holds was not written by edgeroute (a compression bomb: a few kilobytes that
 # inflate to gigabytes, on the event loop) and is a corrupt entry.
-MAX_STORED_BYTES = 32 * 1024 * 1024 + 4096
+MAX_STORED_BYTES = MAX_ENTRY_BYTES + 4096
 
 
 def inflate(data: bytes, limit: int) -> bytes:

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The most `max_entry_bytes` may be: a stored entry larger than this (and its header) was not
+# written by edgeroute, and is read as a corrupt one (`entry.MAX_STORED_BYTES`).
+MAX_ENTRY_BYTES = 32 * 1024 * 1024
+
 # Chosen on the development half of the paraphrase / near-miss pairs (`python -m
 # edgeroute.cache.evaluate`): the lowest threshold whose precision there is at least 0.99.
 SEMANTIC_THRESHOLD = 0.91
@@ -45,7 +49,7 @@ class RouteCache(BaseModel):
     max_entries: int = Field(10_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     max_entry_bytes: int = Field(
-        1024 * 1024, ge=1, le=32 * 1024 * 1024, description="larger answers are not cached (at most 32 MiB)"
+        1024 * 1024, ge=1, le=MAX_ENTRY_BYTES, description="larger answers are not cached (at most 32 MiB)"
     )
 
 
