@@ -469,6 +469,16 @@ async def test_with_redis_a_refusal_at_the_cap_takes_nothing_from_the_rate_limit
     await eventually(none_left, "a lease left by a refused request")
 
 
+async def _two_instances(upstreams: Any, spawn: Spawn, redis_url: str) -> tuple[HeldStreams, SharedState, Any, Any]:
+    """A holder and another instance sharing `redis_url`, a key capped at 2, streams held open."""
+    up = HeldStreams()
+    cfg = _config(await upstreams(up.handle), cap=2)
+    shared = SharedState(redis_url=redis_url, prefix="edge", timeout_ms=500)
+    cfg["shared_state"] = shared.model_dump()
+    holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+    return up, shared, holder, other
+
+
 async def _held_to_the_cap_again(url: str, shared: SharedState, up: HeldStreams, held: list[Any], what: str) -> None:
     """The instance at `url` refuses the key within `RENEW_S` (the fleet counts the two `held`
     streams again); once they end, no lease is left behind."""
@@ -507,11 +517,7 @@ async def test_slots_held_when_redis_comes_back_empty_count_again(
     server = RedisServer(tmp_path)
     server.start()
     try:
-        up = HeldStreams()
-        cfg = _config(await upstreams(up.handle), cap=2)
-        shared = SharedState(redis_url=server.url, prefix="edge", timeout_ms=500)
-        cfg["shared_state"] = shared.model_dump()
-        holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+        up, shared, holder, other = await _two_instances(upstreams, spawn, server.url)
         held = [await _open_stream(holder.url) for _ in range(2)]
         with pytest.raises(openai.RateLimitError):
             await _ask(other.url)
@@ -540,11 +546,7 @@ async def test_slots_taken_while_redis_was_down_count_once_it_is_back(
     server = RedisServer(tmp_path)
     server.start()
     try:
-        up = HeldStreams()
-        cfg = _config(await upstreams(up.handle), cap=2)
-        shared = SharedState(redis_url=server.url, prefix="edge", timeout_ms=500)
-        cfg["shared_state"] = shared.model_dump()
-        holder, other = await spawn(cfg, name="holder"), await spawn(cfg, name="other")
+        up, shared, holder, other = await _two_instances(upstreams, spawn, server.url)
         server.stop()
         held = [await _open_stream(holder.url) for _ in range(2)]  # this instance's count alone
         with pytest.raises(openai.RateLimitError):
