@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.config import Price
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Batch, PostgresBackend, SqliteBackend, rejects_row
+from edgeroute.cost.writer_breath import Breather, never
 from tests.perf import Perf
 from tests.serve_support import free_port
 from tests.test_cost_support import one_deployment, require_postgres
@@ -193,12 +194,16 @@ class _FlakyBackend:
         self.inner = SqliteBackend(path)
         self.down = False
         self.failures = 0
+        self.writes_left: int | None = None  # goes down after this many more writes
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
+        if self.writes_left is not None:
+            self.down = self.writes_left <= 0
+            self.writes_left -= 1
         if self.down:
             self.failures += 1
             raise sqlite3.OperationalError("database is locked")
-        self.inner.write(batch)
+        self.inner.write(batch, rest)
 
     def execute(self, sql: str, params: tuple[object, ...] = ()) -> int:
         return self.inner.execute(sql, params)
@@ -240,6 +245,57 @@ def test_store_outage_keeps_everything_until_the_store_is_back(tmp_path: Path) -
     assert backend.failures > failures
     assert _ids(db) == {f"req-{i}" for i in range(200)}
     assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (200, 1, 0)
+
+
+def test_a_large_flush_commits_in_small_transactions_and_an_outage_midway_loses_nothing(tmp_path: Path) -> None:
+    """A commit cannot rest in the middle (writer_breath), so a flush of 300 records is three
+    transactions; when the store goes down after the first, the other two wait, and are
+    written once it is back: every record once, the reservation with the first."""
+    db = tmp_path / "t.db"
+    backend = _FlakyBackend(db)
+    ledger = Ledger(backend, flush_interval=60, close_timeout=10)
+    for i in range(300):
+        ledger.record(_record(i))
+    ledger.journal("req-0", time.time(), "budget:global", 1000)
+    backend.writes_left = 1
+    assert ledger.flush() == 128
+    assert ledger.queue_depth() == 300 - 128 and _count(db) == 128
+    assert _count(db, "SELECT COUNT(*) FROM reservations") == 1
+    backend.writes_left = None
+    backend.down = False
+    assert ledger.flush() == 300 - 128
+    ledger.close()
+    assert _ids(db) == {f"req-{i}" for i in range(300)} and _count(db) == 300
+    assert _count(db, "SELECT COUNT(*) FROM ledger_batches") == 3
+    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (300, 0, 0)
+
+
+def test_the_writer_rests_between_slices_of_its_work_and_nobody_else_does() -> None:
+    """The writer thread sleeps as long as it worked, slice by slice, up to a quarter of the
+    flush interval per batch; a flush from another thread (shutdown, a read-back) never waits."""
+
+    def work(breather: Breather, cpu_s: float) -> None:
+        end = time.thread_time() + cpu_s
+        while time.thread_time() < end:
+            breather.rest()
+
+    writer = Breather(flush_interval=0.5)
+    t = threading.Thread(target=lambda: (writer.begin(), work(writer, 0.01)))
+    t0 = time.monotonic()
+    t.start()
+    t.join()
+    assert 0.01 - 2 * writer.slice_s <= writer.rested_s <= 0.01 + writer.slice_s
+    assert time.monotonic() - t0 >= 0.01 + writer.rested_s - 2 * writer.slice_s  # it slept, too
+
+    capped = Breather(flush_interval=0.02)  # may rest 5 ms a batch
+    t = threading.Thread(target=lambda: (capped.begin(), work(capped, 0.02)))
+    t.start()
+    t.join()
+    assert capped.rested_s == pytest.approx(0.005)
+
+    rested = writer.rested_s
+    work(writer, 0.01)  # this thread is not the writer: not one rest
+    assert writer.rested_s == rested
 
 
 def test_store_down_through_close_logs_every_record_it_loses(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from edgeroute import looplag
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.cost.ledger import Ledger, _Held
 from edgeroute.cost.ledger_store import Backend, PostgresBackend, SqliteBackend
+from edgeroute.cost.writer_breath import never
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
 
@@ -319,9 +321,9 @@ class _TimedSqlite(SqliteBackend):
         super().__init__(path)
         self.split = split
 
-    def write(self, batch: Any) -> None:
+    def write(self, batch: Any, rest: Callable[[], None] = never) -> None:
         with self._conn:
-            self._sql.run(_TimedCursor(self._conn.cursor(), self.split), batch)
+            self._sql.run(_TimedCursor(self._conn.cursor(), self.split), batch, rest=rest)
             t = time.thread_time()
         self.split["commit"] = self.split.get("commit", 0.0) + time.thread_time() - t
 

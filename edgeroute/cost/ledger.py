@@ -48,9 +48,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.background import lower_priority
@@ -58,6 +58,7 @@ from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.ledger_store import ATTEMPT_COLUMNS, COLUMNS, Backend, Batch, Row, backend_for, rejects_row
 from edgeroute.cost.prices import most_expensive
+from edgeroute.cost.writer_breath import Breather, never
 from edgeroute.cost.writer_pace import WriterPace
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog import rows as requestlog_rows
@@ -82,6 +83,9 @@ def _day(n: int) -> str:
 _ALL_MINUTES = 2**62  # a `before` past any minute
 _SPREAD_ROWS = 1000  # pending rollup rows a spread may always move (see Ledger._spread_pending)
 _MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
+_CHUNK = 32  # records turned into rows between the writer's rests (well under its CPU slice)
+_TXN_RECORDS = 128  # records a transaction holds: its commit takes ~0.5 ms of CPU
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(slots=True)
@@ -104,9 +108,10 @@ class _Held:
     journal: list[Row]
     outcomes: list[tuple[str, Row]] = dataclasses.field(default_factory=list)
 
-    def batch(self, log_on: bool, levels: Sequence[int] = rollup.LEVELS) -> Batch:
-        """The batch to write; its rollup rows at `levels` (the backend's `rollup_levels`)."""
-        live = ((p.rec, p.baseline) for p in self.pending if p.rec.shadow_of is None)
+    def batch(self, log_on: bool, levels: Sequence[int] = rollup.LEVELS, rest: Callable[[], None] = never) -> Batch:
+        """The batch to write; its rollup rows at `levels` (the backend's `rollup_levels`),
+        aggregated with a `rest` every `_CHUNK` records."""
+        live = ((p.rec, p.baseline) for p in _resting(self.pending, rest) if p.rec.shadow_of is None)
         return Batch(
             self.batch_id,
             [p.row for p in self.pending],
@@ -116,6 +121,14 @@ class _Held:
             self.journal,
             self.outcomes,
         )
+
+
+def _resting(items: Iterable[T], rest: Callable[[], None]) -> Iterator[T]:
+    """`items`, with a `rest` after every `_CHUNK` of them (the writer's CPU in slices)."""
+    for i, item in enumerate(items, 1):
+        yield item
+        if i % _CHUNK == 0:
+            rest()
 
 
 def _no_nul(text: str) -> str:
@@ -167,6 +180,7 @@ class Ledger:
         self._lock = threading.Lock()  # one flush at a time (thread vs. an explicit flush)
         self._maintained = 0.0
         self._pace = WriterPace(flush_interval)  # updated by the writer thread only
+        self._breath = Breather(flush_interval)  # rests the writer thread alone takes
         self._inflight = 0  # records taken from the queue whose batch is not committed yet
         self.written = 0
         self.failed_batches = 0
@@ -211,9 +225,11 @@ class Ledger:
             self._wake.clear()
             start = time.monotonic()
             n = len(self._queue)
+            self._breath.begin()
             try:
                 self.flush()
                 if self.request_log is not None:  # retention a little at a time: no long delete
+                    self._breath.rest()
                     with self._lock:
                         requestlog_store.prune_some(self.backend, self.request_log, max(1000, 2 * n))
                 if time.monotonic() - self._maintained >= _MAINTAIN_EVERY:
@@ -279,10 +295,22 @@ class Ledger:
                 outcomes.append(self._outcomes.popleft())
             self._inflight = len(batch)
             try:
-                pending = [p for i, r in enumerate(batch) if (p := self._pending(r, i >= over)) is not None]
-                if pending or journal or outcomes:
-                    n = self._write(_Held(self._next_id(), pending, journal, outcomes))
-                    done += n or 0
+                pending = [
+                    p for i, r in _resting(enumerate(batch), self._breath.rest)
+                    if (p := self._pending(r, i >= over)) is not None
+                ]  # fmt: skip
+                # A transaction of at most `_TXN_RECORDS`: its commit is one piece of CPU that
+                # cannot rest in the middle (see writer_breath).
+                parts = [pending[i : i + _TXN_RECORDS] for i in range(0, len(pending), _TXN_RECORDS)] or [[]]
+                for k, part in enumerate(parts):
+                    if not (part or journal or outcomes):
+                        break
+                    n = self._write(_Held(self._next_id(), part, journal, outcomes))
+                    if n is None:  # the store is unavailable: the other parts wait with this one
+                        self._retry += [_Held(self._next_id(), later, []) for later in parts[k + 1 :]]
+                        break
+                    done += n
+                    journal, outcomes = [], []
             finally:
                 self._inflight = 0
             if not self._retry:
@@ -318,8 +346,8 @@ class Ledger:
         """Writes a batch; the number of requests written, or None when the store is unavailable
         (the batch is then kept for the next flush)."""
         try:
-            batch = held.batch(self.request_log is not None, self._levels)
-            self.backend.write(batch)
+            batch = held.batch(self.request_log is not None, self._levels, self._breath.rest)
+            self.backend.write(batch, rest=self._breath.rest)
         except Exception as e:
             if not rejects_row(e):
                 self._keep(held, e, retry)
