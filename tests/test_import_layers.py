@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.atomic_file",
             "edgeroute.background",
             "edgeroute.cost.writer_pace",
+            "edgeroute.cost.writer_breath",
             "edgeroute.cost.store_errors",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
