@@ -318,6 +318,28 @@ def test_retention_days_and_size_cap(tmp_path: Path) -> None:
     ledger.close()
 
 
+def test_retention_deletes_a_little_at_a_time_with_a_rest_between(tmp_path: Path) -> None:
+    """The writer prunes after each batch: in deletes of at most 128 rows, each followed by a
+    rest of the writer's (`cost.writer_breath`), never one long delete of a whole budget."""
+    path = tmp_path / "p.db"
+    backend = SqliteBackend(path)
+    ledger = Ledger(backend, flush_interval=60, request_log=RequestLog())
+    for i, r in enumerate(_synthetic(500, time.time() - 3 * 86400, random.Random(5))):
+        r.request_id = f"p-{i}"
+        ledger.record(r)
+    ledger.flush()
+    rests: list[int] = []
+    conn: Any = sqlite3.connect(path)
+
+    def rest() -> None:
+        rests.append(_rows(conn, "requests"))
+
+    assert store.prune_some(backend, RequestLog(retention_days=1), 450, rest=rest) == 450
+    assert rests == [500 - 128, 500 - 256, 500 - 384, 50]
+    conn.close()
+    ledger.close()
+
+
 def _rows(conn: Any, table: str) -> int:
     return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 

@@ -231,7 +231,9 @@ class Ledger:
                 if self.request_log is not None:  # retention a little at a time: no long delete
                     self._breath.rest()
                     with self._lock:
-                        requestlog_store.prune_some(self.backend, self.request_log, max(1000, 2 * n))
+                        requestlog_store.prune_some(
+                            self.backend, self.request_log, max(1000, 2 * n), rest=self._breath.rest
+                        )
                 if time.monotonic() - self._maintained >= _MAINTAIN_EVERY:
                     self._maintained = time.monotonic()
                     self.maintain(budget=max(1000, 2 * n))
@@ -244,12 +246,15 @@ class Ledger:
         """Retention: the request log's (days, size cap; at most `budget` request rows), batch
         ids past any retry, and settled reservations."""
         now = time.time() if now is None else now
+        rest = self._breath.rest
         with self._lock:
             if self.request_log is not None:
-                requestlog_store.prune(self.backend, self.request_log, now, budget)
+                requestlog_store.prune(self.backend, self.request_log, now, budget, rest)
             self.backend.execute("DELETE FROM ledger_batches WHERE ts < ?", (now - 3 * 86400,))
+            rest()
             settled = "EXISTS (SELECT 1 FROM spend WHERE spend.request_id = reservations.request_id)"
             self.backend.execute(f"DELETE FROM reservations WHERE ts < ? AND {settled}", (now - 600,))
+            rest()
             self.backend.execute("DELETE FROM reservations WHERE ts < ?", (now - 400 * 86400,))
 
     def _next_id(self) -> str:
