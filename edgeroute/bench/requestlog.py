@@ -353,10 +353,10 @@ def _cpu_run(recs: list[RequestRecord], batch: int, warm: int, path: Path, split
             finally:
                 split["rows (Python)"] = split.get("rows (Python)", 0.0) + time.thread_time() - t
 
-        def timed_batch(held: _Held, log_on: bool, levels: Any = rollup.LEVELS) -> Any:
+        def timed_batch(held: _Held, log_on: bool, levels: Any = rollup.LEVELS, rest: Any = never) -> Any:
             t = time.thread_time()
             try:
-                return held_batch(held, log_on, levels)
+                return held_batch(held, log_on, levels, rest)
             finally:
                 split["rollups (Python)"] = split.get("rollups (Python)", 0.0) + time.thread_time() - t
 
