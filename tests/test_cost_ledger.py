@@ -194,12 +194,8 @@ class _FlakyBackend:
         self.inner = SqliteBackend(path)
         self.down = False
         self.failures = 0
-        self.writes_left: int | None = None  # goes down after this many more writes
 
     def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
-        if self.writes_left is not None:
-            self.down = self.writes_left <= 0
-            self.writes_left -= 1
         if self.down:
             self.failures += 1
             raise sqlite3.OperationalError("database is locked")
@@ -245,29 +241,6 @@ def test_store_outage_keeps_everything_until_the_store_is_back(tmp_path: Path) -
     assert backend.failures > failures
     assert _ids(db) == {f"req-{i}" for i in range(200)}
     assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (200, 1, 0)
-
-
-def test_a_large_flush_commits_in_small_transactions_and_an_outage_midway_loses_nothing(tmp_path: Path) -> None:
-    """A commit cannot rest in the middle (writer_breath), so a flush of 300 records is three
-    transactions; when the store goes down after the first, the other two wait, and are
-    written once it is back: every record once, the reservation with the first."""
-    db = tmp_path / "t.db"
-    backend = _FlakyBackend(db)
-    ledger = Ledger(backend, flush_interval=60, close_timeout=10)
-    for i in range(300):
-        ledger.record(_record(i))
-    ledger.journal("req-0", time.time(), "budget:global", 1000)
-    backend.writes_left = 1
-    assert ledger.flush() == 128
-    assert ledger.queue_depth() == 300 - 128 and _count(db) == 128
-    assert _count(db, "SELECT COUNT(*) FROM reservations") == 1
-    backend.writes_left = None
-    backend.down = False
-    assert ledger.flush() == 300 - 128
-    ledger.close()
-    assert _ids(db) == {f"req-{i}" for i in range(300)} and _count(db) == 300
-    assert _count(db, "SELECT COUNT(*) FROM ledger_batches") == 3
-    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (300, 0, 0)
 
 
 def test_the_writer_rests_between_slices_of_its_work_and_nobody_else_does() -> None:

@@ -84,7 +84,6 @@ _ALL_MINUTES = 2**62  # a `before` past any minute
 _SPREAD_ROWS = 1000  # pending rollup rows a spread may always move (see Ledger._spread_pending)
 _MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
 _CHUNK = 32  # records turned into rows between the writer's rests (well under its CPU slice)
-_TXN_RECORDS = 128  # records a transaction holds: its commit takes ~0.5 ms of CPU
 T = TypeVar("T")
 
 
@@ -304,18 +303,9 @@ class Ledger:
                     p for i, r in _resting(enumerate(batch), self._breath.rest)
                     if (p := self._pending(r, i >= over)) is not None
                 ]  # fmt: skip
-                # A transaction of at most `_TXN_RECORDS`: its commit is one piece of CPU that
-                # cannot rest in the middle (see writer_breath).
-                parts = [pending[i : i + _TXN_RECORDS] for i in range(0, len(pending), _TXN_RECORDS)] or [[]]
-                for k, part in enumerate(parts):
-                    if not (part or journal or outcomes):
-                        break
-                    n = self._write(_Held(self._next_id(), part, journal, outcomes))
-                    if n is None:  # the store is unavailable: the other parts wait with this one
-                        self._retry += [_Held(self._next_id(), later, []) for later in parts[k + 1 :]]
-                        break
-                    done += n
-                    journal, outcomes = [], []
+                if pending or journal or outcomes:
+                    n = self._write(_Held(self._next_id(), pending, journal, outcomes))
+                    done += n or 0
             finally:
                 self._inflight = 0
             if not self._retry:

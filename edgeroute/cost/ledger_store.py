@@ -235,7 +235,9 @@ class _Statements:
         if b.rollup:
             insert, *then = self.rollup
             if stage is None:
-                cur.executemany(insert, b.rollup)
+                for i in range(0, len(b.rollup), CHUNK_ROWS):
+                    cur.executemany(insert, b.rollup[i : i + CHUNK_ROWS])
+                    rest()
             else:
                 stage(cur, b.rollup)
             for sql in then:
