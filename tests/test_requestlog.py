@@ -21,7 +21,7 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup, store
 from edgeroute.requestlog.settings import RequestLog
-from tests.test_cost_ledger import _pg_reset
+from tests.test_cost_ledger import _pg_reset, _poison, _record
 from tests.test_cost_support import cost_proxy, require_postgres
 
 
@@ -361,6 +361,51 @@ def test_a_batch_written_twice_is_written_once(tmp_path: Path) -> None:
     assert conn.execute("SELECT SUM(requests) FROM request_rollups WHERE dim = 'none' AND res = 1").fetchone()[0] == 50
     conn.close()
     ledger.close()
+
+
+class _AckLostOnce:
+    """A real backend whose commit of the batch `lose` is made but not acknowledged (as when
+    PostgreSQL's connection drops during COMMIT): the write raises after it landed, once."""
+
+    def __init__(self, inner: Any, lose: str) -> None:
+        self.inner = inner
+        self.lose: str | None = lose
+
+    def write(self, batch: Any, rest: Callable[[], None] = lambda: None) -> None:
+        self.inner.write(batch, rest)
+        if self.lose is not None and batch.batch_id.endswith(self.lose):
+            self.lose = None
+            raise ConnectionResetError("the connection closed before the commit was acknowledged")
+
+    def __getattr__(self, name: str) -> Any:  # dialect, rollup_levels, spread, query...
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(backend: str, tmp_path: Path) -> None:
+    """A batch the store rejects (one bad record) is written row by row; when a row's commit
+    lands but its acknowledgement is lost, the retry recognises it: the stats count each
+    request once (they counted it twice: the rest of the batch was kept under a new id)."""
+    if backend == "sqlite":
+        inner: Any = SqliteBackend(tmp_path / "a.db")
+    else:
+        dsn = require_postgres()
+        _pg_reset(dsn)
+        inner = PostgresBackend(dsn)
+    db = _AckLostOnce(inner, "/0")  # the first row written alone
+    ledger = Ledger(db, flush_interval=60, request_log=RequestLog())  # type: ignore[arg-type]
+    t = time.time()
+    for i in range(3):
+        ledger.record(_record(i))
+    ledger.record(_poison("poison"))
+    ledger.flush()
+    ledger.close()
+    assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (3, 1, 0)
+    reader = SqliteBackend(tmp_path / "a.db") if backend == "sqlite" else PostgresBackend(inner._dsn)
+    got = query.stats(reader, {"since": str(t - 3600), "until": str(t + 3600)})
+    assert reader.query("SELECT COUNT(*) FROM spend", []) == [(3,)]
+    assert got["totals"]["requests"] == 3
+    reader.close()
 
 
 def test_postgres_request_log_idempotent_writes_and_stats() -> None:

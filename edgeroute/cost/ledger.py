@@ -375,10 +375,14 @@ class Ledger:
                         log.error("ledger: the store rejected journal or outcome rows: %s %s (%s)",
                                   part.journal, part.outcomes, e)  # fmt: skip
                     continue
-                rest = parts[i:]
-                self._keep(_Held(f"{held.batch_id}/r{i}", [p for r in rest for p in r.pending],
-                                 [j for r in rest for j in r.journal], [o for r in rest for o in r.outcomes]),
-                           e, retry)  # fmt: skip
+                # The part that failed is kept under its own id: its commit may have landed with
+                # the acknowledgement lost, and only the same id makes the retry write nothing.
+                # The parts not tried yet go together, under a new one.
+                self._keep(part, e, retry)
+                if rest := parts[i + 1 :]:
+                    self._retry.append(_Held(f"{held.batch_id}/r{i}", [p for r in rest for p in r.pending],
+                                             [j for r in rest for j in r.journal],
+                                             [o for r in rest for o in r.outcomes]))  # fmt: skip
                 if retry:
                     self._retry.pop(0)  # replaced by what is left of it, at the end of the queue
                 self.written += done
