@@ -228,6 +228,10 @@ class Ledger:
             self._breath.begin()
             try:
                 self.flush()
+                if (checkpoint := getattr(self.backend, "checkpoint", None)) is not None:  # SQLite's WAL
+                    self._breath.rest()
+                    with self._lock:
+                        checkpoint()
                 if self.request_log is not None:  # retention a little at a time: no long delete
                     self._breath.rest()
                     with self._lock:
