@@ -23,6 +23,7 @@ from edgeroute.requestlog import query, rollup, store
 from edgeroute.requestlog.settings import RequestLog
 from tests.test_cost_ledger import _pg_reset, _poison, _record
 from tests.test_cost_support import cost_proxy, require_postgres
+from tests.test_requestlog_rollups import _open
 
 
 def _two_upstream_config(good: str, bad: str, db: Path, **extra: Any) -> dict[str, Any]:
@@ -386,12 +387,7 @@ def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(backe
     """A batch the store rejects (one bad record) is written row by row; when a row's commit
     lands but its acknowledgement is lost, the retry recognises it: the stats count each
     request once (they counted it twice: the rest of the batch was kept under a new id)."""
-    if backend == "sqlite":
-        inner: Any = SqliteBackend(tmp_path / "a.db")
-    else:
-        dsn = require_postgres()
-        _pg_reset(dsn)
-        inner = PostgresBackend(dsn)
+    inner, dsn = _open(backend, tmp_path)
     db = _AckLostOnce(inner, "/0")  # the first row written alone
     ledger = Ledger(db, flush_interval=60, request_log=RequestLog())  # type: ignore[arg-type]
     t = time.time()
@@ -401,7 +397,7 @@ def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(backe
     ledger.flush()
     ledger.close()
     assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (3, 1, 0)
-    reader = SqliteBackend(tmp_path / "a.db") if backend == "sqlite" else PostgresBackend(inner._dsn)
+    reader = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
     got = query.stats(reader, {"since": str(t - 3600), "until": str(t + 3600)})
     assert reader.query("SELECT COUNT(*) FROM spend", []) == [(3,)]
     assert got["totals"]["requests"] == 3

@@ -242,13 +242,7 @@ def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(bac
     table holds exactly the rows that every level built in Python gives."""
     rng = random.Random(12)
     recs = _records(2000, (time.time() // 86400 - 2) * 86400 + 37 * 60, rng)
-    dsn = ""
-    if backend == "sqlite":
-        db: Any = SqliteBackend(tmp_path / "s.db")
-    else:
-        dsn = require_postgres()
-        _pg_reset(dsn)
-        db = PostgresBackend(dsn)
+    db, dsn = _open(backend, tmp_path)
     _write(Ledger(db, flush_interval=60, request_log=RequestLog()), recs, rng)
     stored = _stored_rollups(backend, tmp_path / "s.db", dsn)
     built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs)}
