@@ -274,10 +274,10 @@ class SqliteBackend:
     def checkpoint(self) -> None:
         """Copies the WAL's committed pages into the database file, as far as readers allow
         (PASSIVE: it never waits for one), so that the WAL stays about one batch long."""
-        try:
+        try:  # another process's checkpoint running is not an error: its row says busy
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError:  # another process's checkpoint is running: the next batch's
-            pass
+        except sqlite3.OperationalError as e:  # I/O, a table locked: as SQLite's own, the next batch tries again
+            log.debug("ledger: WAL checkpoint failed (%s); the next batch tries again", e)
 
     def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
         with self._conn:
