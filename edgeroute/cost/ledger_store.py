@@ -262,6 +262,7 @@ class SqliteBackend:
         self._conn.commit()
         self._sql = _Statements.for_mark("?", self.dialect)
         self._spread = rollup.spread_sql("?", self.dialect)
+        self._checkpoint_told = -1e9
 
     def _connect(self) -> sqlite3.Connection:
         # No checkpoint inside a commit: SQLite's automatic one (every 1,000 WAL pages) made
@@ -276,8 +277,10 @@ class SqliteBackend:
         (PASSIVE: it never waits for one), so that the WAL stays about one batch long."""
         try:  # another process's checkpoint running is not an error: its row says busy
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        except sqlite3.OperationalError as e:  # I/O, a table locked: as SQLite's own, the next batch tries again
-            log.debug("ledger: WAL checkpoint failed (%s); the next batch tries again", e)
+        except sqlite3.OperationalError as e:  # a full disk, I/O: the next batch tries again
+            if time.monotonic() - self._checkpoint_told >= 60:
+                self._checkpoint_told = time.monotonic()
+                log.warning("ledger: checkpointing the WAL failed (%s); it grows until a checkpoint succeeds", e)
 
     def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
         with self._conn:
