@@ -133,6 +133,26 @@ async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResp
     return server
 
 
+async def titan_upstream(
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]], **model: Any
+) -> tuple[TestServer, dict[str, Any]]:
+    """A started Bedrock upstream whose Titan embeddings `invoke` is `handle`, and a config
+    serving it as model `embed` (`model`: more of that model's settings)."""
+    app = web.Application()
+    app.router.add_post("/model/{model}/invoke", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
+    cfg = {
+        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
+        "deployments": {
+            "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
+        },
+        "models": {"embed": {"deployments": ["t"], **model}},
+    }
+    return server, cfg
+
+
 class _Scripted:
     """Sends `first`; then, once the client has read content (`go`), `then`."""
 

@@ -20,11 +20,10 @@ import openai
 import psycopg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.cost.ledger_store import PostgresBackend
 from tests.conftest import eventually
-from tests.security.conftest import chat_upstream, openai_answer, priced_config
+from tests.security.conftest import chat_upstream, openai_answer, priced_config, titan_upstream
 from tests.test_cost_support import cost_proxy, require_postgres
 
 HUGE = 3_000_000_000  # past 32 bits, within the 2^40 a count may be
@@ -117,18 +116,7 @@ async def test_a_titan_count_past_the_bound_is_counted_from_the_text(serve: Any,
         await request.read()
         return web.json_response({"embedding": [0.125, 0.5], "inputTextTokenCount": count})
 
-    app = web.Application()
-    app.router.add_post("/model/{model}/invoke", titan)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
-    cfg = {
-        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
-        "deployments": {
-            "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
-        },
-        "models": {"embed": {"deployments": ["t"]}},
-    }
+    server, cfg = await titan_upstream(titan)
     proxy = await serve(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
     try:

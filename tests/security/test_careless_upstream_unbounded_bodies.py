@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from edgeroute.dispatch import attempt
 from tests.conftest import eventually
-from tests.security.conftest import Served
+from tests.security.conftest import Served, titan_upstream
 
 KEY = "7c0ffee5ba11ad5e1f2a3b4c5d6e7f80"  # our provider key: an upstream may quote it
 USER: Any = [{"role": "user", "content": "hello"}]
@@ -244,18 +244,7 @@ async def test_embeddings_split_over_calls_are_bounded_together(serve: Any, monk
         calls += 1
         return web.json_response({"embedding": [0.125] * 20_000, "inputTextTokenCount": 1})
 
-    app = web.Application()
-    app.router.add_post("/model/{model}/invoke", titan)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
-    cfg = {
-        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
-        "deployments": {
-            "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
-        },
-        "models": {"embed": {"deployments": ["t"], "max_attempts": 1}},
-    }
+    server, cfg = await titan_upstream(titan, max_attempts=1)
     proxy: Served = await serve(cfg)
     client = _client(proxy)
     try:
