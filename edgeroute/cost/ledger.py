@@ -56,7 +56,16 @@ from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
-from edgeroute.cost.ledger_store import ATTEMPT_COLUMNS, COLUMNS, Backend, Batch, Row, backend_for, rejects_row
+from edgeroute.cost.ledger_store import (
+    ATTEMPT_COLUMNS,
+    CHUNK_ROWS,
+    COLUMNS,
+    Backend,
+    Batch,
+    Row,
+    backend_for,
+    rejects_row,
+)
 from edgeroute.cost.prices import most_expensive
 from edgeroute.cost.writer_breath import Breather, never
 from edgeroute.cost.writer_pace import WriterPace
@@ -84,7 +93,6 @@ _ALL_MINUTES = 2**62  # a `before` past any minute
 _SPREAD_ROWS = 1000  # pending rollup rows a spread may always move (see Ledger._spread_pending)
 _SPREAD_STEP = 16  # pending rows a SQLite spread's transaction moves (~1 ms of CPU), with a rest after it
 _MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
-_CHUNK = 32  # records turned into rows between the writer's rests (well under its CPU slice)
 T = TypeVar("T")
 
 
@@ -110,7 +118,7 @@ class _Held:
 
     def batch(self, log_on: bool, levels: Sequence[int] = rollup.LEVELS, rest: Callable[[], None] = never) -> Batch:
         """The batch to write; its rollup rows at `levels` (the backend's `rollup_levels`),
-        aggregated with a `rest` every `_CHUNK` records."""
+        aggregated with a `rest` every `CHUNK_ROWS` records."""
         live = ((p.rec, p.baseline) for p in _resting(self.pending, rest) if p.rec.shadow_of is None)
         return Batch(
             self.batch_id,
@@ -124,10 +132,10 @@ class _Held:
 
 
 def _resting(items: Iterable[T], rest: Callable[[], None]) -> Iterator[T]:
-    """`items`, with a `rest` after every `_CHUNK` of them (the writer's CPU in slices)."""
+    """`items`, with a `rest` after every `CHUNK_ROWS` of them (the writer's CPU in slices)."""
     for i, item in enumerate(items, 1):
         yield item
-        if i % _CHUNK == 0:
+        if i % CHUNK_ROWS == 0:
             rest()
 
 

@@ -4,8 +4,8 @@ each followed by a rest as long, so the writer never holds a core for millisecon
 Why: at 1,000 req/s a batch is about 450 records, 15 ms of CPU. Taken at once, it left the
 event loop, the client and the upstream one core between them for 15 ms twice a second, and
 the requests that arrived meanwhile queued behind each other: that was most of the proxy's p99
-(`edgeroute bench overhead --rates 1000 --no-pin`: added p99 2.0 to 2.4 ms with whole batches,
-0.4 to 1.2 ms in slices; the same CPU per request). A batch now takes about twice as long to
+(`edgeroute bench overhead --rates 1000 --no-pin`: added p99 2.3 to 3.2 ms with whole batches,
+0.4 to 1.4 ms in slices; the same CPU per request). A batch now takes about twice as long to
 write, which `WriterPace` counts as write time, so a record still lands within the flush
 interval.
 
