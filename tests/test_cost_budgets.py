@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import hashlib
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +297,42 @@ async def test_budgets_reserve_by_a_bound_and_count_exactly_only_when_it_refuses
         with pytest.raises(openai.RateLimitError) as e:  # the budget is spent now, exactly counted or not
             await client.chat.completions.create(**body)
         assert e.value.code == "budget_exceeded"
+
+
+def test_the_local_store_forgets_the_counters_of_ended_periods_and_only_those() -> None:
+    # Every key's (team's, user's) counter of every day would otherwise stay for as long as the
+    # process runs: memory that grows for days.
+    from edgeroute.config import Budget
+    from edgeroute.cost.budgets import ROLLING_SLOTS, SWEEP_MOST, LocalBudgetStore, charge, period_of
+
+    # The tenth of next month: every period here ends after the real clock, which the store's
+    # own sweeps go by, and the day's end is mid-month.
+    year, month_no = time.gmtime().tm_year, time.gmtime().tm_mon
+    now = float(calendar.timegm((year + month_no // 12, month_no % 12 + 1, 10, 12, 0, 0)))
+    day = Budget(name="d", scope="key", limit_usd=1, period="day")
+    month = Budget(name="m", scope="key", limit_usd=1, period="month")
+    rolling = Budget(name="r", scope="key", limit_usd=1, period="rolling", window_hours=1)
+    store = LocalBudgetStore()
+    today, this_month, slot = period_of(day, now), period_of(month, now), period_of(rolling, now)
+    subjects = [f"k{i}" for i in range(SWEEP_MOST + 500)]
+    store.reserve_now([charge(day, s, today, 5, -1) for s in subjects])
+    store.reserve_now([charge(month, "k0", this_month, 7, -1), charge(rolling, "k0", slot, 9, -1)])
+    store.add_read_back(f"d:read-back:{today.id}", 11)  # at start, from the ledger: known by name
+    assert store.sweep(now) == 0  # nothing has ended
+
+    # The day has ended (an hour past, whatever its UTC offset): its counters go, a few
+    # thousand per sweep; the month's stays, and so does the rolling counter charged again.
+    later = today.resets_at + 15 * 3600
+    store.reserve_now([charge(rolling, "k0", period_of(rolling, later), 1, -1)])
+    dropped = store.sweep(later) + store.sweep(later)
+    assert dropped == len(subjects) + 1
+    left = store.counters()
+    assert not any(k.startswith("d:") for k in left)
+    assert left[f"m:k0:{this_month.id}"] == 7
+    assert store.used(charge(rolling, "k0", period_of(rolling, later), 0, -1)) == 1
+    assert store.used(charge(month, "k0", period_of(month, later), 0, -1)) == 7
+
+    # Past the rolling window of its last charge and the month's end, nothing is left.
+    end = max(this_month.resets_at, (period_of(rolling, later).slot + ROLLING_SLOTS + 1) * slot.slot_s) + 15 * 3600
+    store.sweep(end)
+    assert store.counters() == {}

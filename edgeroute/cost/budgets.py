@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import math
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +24,9 @@ from edgeroute.config import Budget, BudgetAction
 
 NANO = 1_000_000_000
 ROLLING_SLOTS = 60  # a rolling window is kept as this many slots
+SWEEP_EVERY_S = 60.0  # how often the local store drops the counters of ended periods
+SWEEP_MOST = 2000  # counters dropped per sweep: a month's end with many keys is spread out
+_LATEST_OFFSET_S = 14 * 3600  # a local date's period ends at most this long after UTC's
 
 
 def to_nano(usd: float) -> int:
@@ -80,6 +85,33 @@ class Charge:
     store_key: str = ""  # "{budget}:{subject}:{period}", see `charge()`
 
 
+def counter_end(period: Period) -> float:
+    """When a counter charged in `period` is read for the last time: the calendar period's end,
+    or when the charged rolling slot leaves the window."""
+    if period.rolling:
+        return (period.slot + ROLLING_SLOTS) * period.slot_s
+    return period.resets_at
+
+
+def _end_of_key(store_key: str, slot: int) -> float:
+    """`counter_end` for a counter read back by name (`charge`'s store key): never earlier than
+    the real end (a day's or month's offset is unknown here, a rolling slot's size rounded
+    down in the name); infinite for a name it cannot read."""
+    pid = store_key.rpartition(":")[2]
+    try:
+        if pid.startswith("r") and slot >= 0:
+            return (slot + ROLLING_SLOTS) * (int(pid[1:]) + 1.0)
+        year, month = int(pid[:4]), int(pid[5:7])
+        if len(pid) == 10:  # a day: YYYY-MM-DD
+            return calendar.timegm((year, month, int(pid[8:]), 0, 0, 0)) + 86400 + _LATEST_OFFSET_S
+        if len(pid) == 7:  # a month: YYYY-MM
+            days = calendar.monthrange(year, month)[1]
+            return calendar.timegm((year, month, 1, 0, 0, 0)) + days * 86400 + _LATEST_OFFSET_S
+    except (ValueError, OverflowError):
+        pass
+    return math.inf
+
+
 def charge(budget: Budget, subject: str, period: Period, amount: int, block_at: int) -> Charge:
     return Charge(budget, subject, period, amount, block_at, f"{budget.name}:{subject}:{period.id}")
 
@@ -117,11 +149,18 @@ class BudgetStore(Protocol):
 
 
 class LocalBudgetStore:
-    """The in-process store: one dict, checked and charged synchronously (atomic on the loop)."""
+    """The in-process store: one dict, checked and charged synchronously (atomic on the loop).
+
+    A counter is dropped once its period has ended (`counter_end`), a few thousand at a time
+    (`SWEEP_MOST`, every `SWEEP_EVERY_S`): every key, team and user's counters of every day
+    and month would otherwise stay for as long as the process runs."""
 
     def __init__(self) -> None:
         self._cal: dict[str, int] = {}
         self._rolling: dict[str, dict[int, int]] = {}
+        self._ends: dict[str, float] = {}  # store key -> when it is read for the last time
+        self._ending: dict[int, list[str]] = {}  # hour of an end -> the keys that may end in it
+        self._next_sweep = 0.0
 
     def used(self, c: Charge) -> int:
         if not c.period.rolling:
@@ -139,6 +178,39 @@ class LocalBudgetStore:
             slots[c.period.slot] = slots.get(c.period.slot, 0) + amount
         else:
             self._cal[c.store_key] = self._cal.get(c.store_key, 0) + amount
+        self._keep_until(c.store_key, counter_end(c.period))
+
+    def _keep_until(self, store_key: str, end: float) -> None:
+        old = self._ends.get(store_key)
+        if old is not None and old >= end:
+            return
+        self._ends[store_key] = end
+        if not math.isinf(end) and (old is None or old // 3600 != end // 3600):
+            self._ending.setdefault(int(end // 3600), []).append(store_key)
+        now = time.time()
+        if now >= self._next_sweep:
+            self.sweep(now)
+
+    def sweep(self, now: float) -> int:
+        """Drops up to `SWEEP_MOST` counters whose period ended before the last whole hour;
+        returns how many. Called from the charges themselves, once a `SWEEP_EVERY_S`."""
+        dropped = 0
+        for hour in sorted(h for h in self._ending if (h + 1) * 3600 <= now):
+            keys = self._ending[hour]
+            while keys and dropped < SWEEP_MOST:
+                key = keys.pop()
+                end = self._ends.get(key)
+                if end is not None and end <= now:  # else it was charged again since: kept
+                    del self._ends[key]
+                    self._cal.pop(key, None)
+                    self._rolling.pop(key, None)
+                    dropped += 1
+            if keys:
+                break
+            del self._ending[hour]
+        more = any((h + 1) * 3600 <= now for h in self._ending)
+        self._next_sweep = now + (1.0 if more else SWEEP_EVERY_S)
+        return dropped
 
     def reserve_now(self, charges: list[Charge]) -> Reserved:
         used = [self.used(c) for c in charges]
@@ -165,13 +237,18 @@ class LocalBudgetStore:
         if (more := used - self.used(c)) > 0:
             self._add(c, more)
 
-    def add_read_back(self, store_key: str, amount: int, slot: int = -1) -> None:
-        """Adds spend read back from the ledger to a counter (a rolling window's `slot`)."""
+    def add_read_back(self, store_key: str, amount: int, slot: int = -1, period: Period | None = None) -> None:
+        """Adds spend read back from the ledger to a counter (a rolling window's `slot`); its
+        `period` when the caller knows it (else the end is read from the key's name)."""
         if slot >= 0:
             slots = self._rolling.setdefault(store_key, {})
             slots[slot] = slots.get(slot, 0) + amount
         else:
             self._cal[store_key] = self._cal.get(store_key, 0) + amount
+        if period is not None:
+            self._keep_until(store_key, counter_end(period))
+        elif store_key not in self._ends or slot >= 0:
+            self._keep_until(store_key, _end_of_key(store_key, slot))
 
     def counters(self) -> dict[str, int]:
         """Every counter: store key -> nano-USD used (a rolling window's slots summed, stale ones too)."""

@@ -119,7 +119,7 @@ class Settlement(Stores):
             self.shared.count_later(counters, actual, month.ttl_s)
         else:
             for name in counters:
-                self.local_budgets.add_read_back(name, actual)
+                self.local_budgets.add_read_back(name, actual, period=month)
 
     def _release(self, ticket: CostTicket) -> list[asyncio.Task[None] | None]:
         """Gives back what a refused request took: its reservations, its token estimates and its
