@@ -143,6 +143,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.learn.cli",  # `router train --from-log` opens the config's ledger database
             "edgeroute.learn.from_log",
             "edgeroute.learn.knn_eval",  # the semantic cache's embedder, evaluated as a router
+            "edgeroute.learn.task_embed_eval",  # the semantic cache's embedder, evaluated for the task type
         ],
     ),
 ]

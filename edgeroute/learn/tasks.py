@@ -69,6 +69,40 @@ def fit_temperature(logits: T.F64, y: T.F64, sw: T.F64) -> float:
     return best
 
 
+def training_rows(
+    originals: Sequence[Example],
+    realistic_weight: float = REALISTIC_WEIGHT,
+    augment: bool = True,
+    weights: Sequence[float] | None = None,
+) -> tuple[list[Example], list[int], T.F64, T.F64]:
+    """The rows :func:`train_task_model` fits: the originals, then (with ``augment``) their
+    wrapped copies; each row's original's index, the one-hot labels over TASK_CLASSES and the
+    sample weights (1/class count, x ``realistic_weight`` for real-user-style rows, x the
+    original's ``weights``; mean 1)."""
+    n = len(originals)
+    rows = list(originals)
+    parent = list(range(n))  # each wrapped copy follows, tied to its original's index
+    if augment:
+        from edgeroute.learn.augment import wrapped
+
+        for i, e in enumerate(originals):
+            copies = wrapped([e])
+            rows += copies
+            parent += [i] * len(copies)
+    y = np.zeros((len(rows), len(TASK_CLASSES)))
+    for i, e in enumerate(rows):
+        y[i, TASK_CLASSES.index(e.label)] = 1.0
+    counts = y.sum(axis=0)
+    sw = 1.0 / np.maximum(counts[y.argmax(axis=1)], 1.0)
+    sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in rows])
+    if weights is not None:
+        if len(weights) != n:
+            raise ValueError("one weight per example")
+        sw *= np.asarray([float(weights[p]) for p in parent])
+    sw /= sw.mean()
+    return rows, parent, y, sw
+
+
 def train_task_model(
     examples: Sequence[Example],
     cfg: FeaturizerConfig = TASK_FEATURIZER,
@@ -96,27 +130,8 @@ def train_task_model(
     """
     originals = list(examples)
     n = len(originals)
-    rows = list(originals)
-    parent = list(range(n))  # each wrapped copy follows, tied to its original's index
-    if augment:
-        from edgeroute.learn.augment import wrapped
-
-        for i, e in enumerate(originals):
-            copies = wrapped([e])
-            rows += copies
-            parent += [i] * len(copies)
+    rows, parent, y, sw = training_rows(originals, realistic_weight, augment, weights)
     texts = [e.text for e in rows]
-    y = np.zeros((len(rows), len(TASK_CLASSES)))
-    for i, e in enumerate(rows):
-        y[i, TASK_CLASSES.index(e.label)] = 1.0
-    counts = y.sum(axis=0)
-    sw = 1.0 / np.maximum(counts[y.argmax(axis=1)], 1.0)
-    sw *= np.asarray([realistic_weight if e.source in REALISTIC_SOURCES else 1.0 for e in rows])
-    if weights is not None:
-        if len(weights) != n:
-            raise ValueError("one weight per example")
-        sw *= np.asarray([float(weights[p]) for p in parent])
-    sw /= sw.mean()
     x = T.featurize(texts, cfg)
     dense = T.length_matrix(texts)
     temperature = 1.0
