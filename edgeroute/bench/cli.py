@@ -4,6 +4,7 @@ edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --durati
 edgeroute bench overhead --rates 500,1000 --duration 20
 edgeroute bench throughput | compare | streaming | resources | failover | hedging | chaos | spike
 edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
+edgeroute bench soak --duration 900       # memory over a long run, every per-process state in use
 edgeroute bench gate                      # the CI latency gate (also `python -m edgeroute.bench.gate`)
 edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m edgeroute.bench.faults`)
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgeroute.bench import attacks, loadgen, outages, report, scenarios, spike, stack
+from edgeroute.bench import attacks, loadgen, outages, report, scenarios, soak, spike, stack
 from edgeroute.bench.loadgen import Load, Target
 
 
@@ -230,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--profile", help="profile the proxy with py-spy, one file per attack (.svg, .txt raw, .json)")
     at.set_defaults(fn=_attack)
 
+    so = sub.add_parser("soak", help="memory over a long run with keys, budgets, cache and request log in use")
+    so.add_argument("--rate", type=float, default=soak.Soak.rate, help="requests/s (open loop)")
+    so.add_argument("--cache-entries", type=int, default=soak.Soak.cache_entries, help="the cache's max_entries")
+    so.add_argument(
+        "--max-slope-mb-per-hour",
+        type=float,
+        default=soak.Soak.max_slope_mb_per_hour,
+        help="bound on the RSS's growth over the run's second half",
+    )
+    so.add_argument("--duration", type=float, default=900.0, help="seconds (the second half is judged)")
+    so.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
+    so.add_argument("--json", help="write results as JSON here")
+    so.set_defaults(fn=_soak)
+
     g = sub.add_parser("gate", help="the CI latency gate (see edgeroute.bench.gate)", add_help=False)
     g.add_argument("rest", nargs=argparse.REMAINDER)
     g.set_defaults(fn=lambda a: _gate(a.rest))
@@ -247,6 +262,13 @@ def _attack(a: argparse.Namespace) -> int:
     bounds = attacks.Bounds(a.probe_p99_ms, a.rss_mb)
     common = stack.Common(duration=a.duration, pin=a.pin, json=a.json, profile=a.profile)
     return 0 if attacks.attack(common, [n.strip() for n in a.attacks.split(",") if n.strip()], bounds)["held"] else 1
+
+
+def _soak(a: argparse.Namespace) -> int:
+    """Exit 1 when the RSS kept growing, a request failed or the proxy exited."""
+    common = stack.Common(duration=a.duration, pin=a.pin, json=a.json)
+    opts = soak.Soak(a.rate, a.cache_entries, a.max_slope_mb_per_hour)
+    return 1 if soak.soak(common, opts)["held"] is False else 0
 
 
 def _gate(argv: list[str]) -> int:
