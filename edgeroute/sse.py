@@ -10,6 +10,16 @@ import orjson
 from edgeroute import redact
 
 DONE = b"data: [DONE]"
+# `[DONE]` as the stream's last event: a `data:` line (its space optional, as SSE has it) that a
+# line end precedes. A model's text that quotes it (an SSE tutorial) sits inside a JSON string,
+# where no raw line end can: found by substring, it ended the relay and cut the answer short.
+_DONE_EVENT = re.compile(rb"[\r\n]data: ?\[DONE\]")
+
+
+def has_done(data: bytes) -> bool:
+    """Whether `data` holds the `[DONE]` event; `data` begins with a line end or the byte
+    before its first event (a relay's tail, a stream's head after `\\n`)."""
+    return b"[DONE]" in data and _DONE_EVENT.search(data) is not None
 
 
 # One upstream event still unfinished past this is the upstream's protocol error: no provider

@@ -77,9 +77,9 @@ async def relay_stream(
     # What the stream said is kept so that a stream that ends without usage, by design or cut
     # short, is still costed for what it produced: in bounded memory (see transcript.py).
     said = Transcript(answer.head, keep_whole=on_complete is not None)
-    tail = answer.head[-TAIL_BYTES:]
+    tail = (b"\n" + answer.head)[-TAIL_BYTES:]  # a line end before the stream's first event (sse.has_done)
     translator = answer.translator
-    completed = sse.DONE in answer.head
+    completed = sse.has_done(b"\n" + answer.head)
     loop = asyncio.get_running_loop()
     failure: tuple[str, str] | None = None
     upstream_broke = False
@@ -137,7 +137,7 @@ async def relay_stream(
                         writing_slowly = False
                         tail = (tail + chunk)[-TAIL_BYTES:]
                         said.add(chunk)
-                        completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
+                        completed = sse.has_done(tail[-(len(chunk) + len(sse.DONE) + 1) :])
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
                             upstream_broke = True
