@@ -393,6 +393,7 @@ class StreamEncoder:
         self.blocks = 0
         self.text_block: int | None = None
         self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
+        self.tool_slots = oa.ToolCallSlots()
         self.open: list[int] = []
         self.stop_reason = "end_turn"
         self.usage: dict[str, Any] | None = None
@@ -482,7 +483,7 @@ class StreamEncoder:
                     out += ev
                 out += self._delta(self.text_block, {"type": "text_delta", "text": text})
             for tc in delta.get("tool_calls") or ():
-                ti = int(tc.get("index", 0))
+                ti = self.tool_slots.of(tc)
                 fn = tc.get("function") or {}
                 if ti not in self.tool_blocks:
                     if self.text_block is not None:

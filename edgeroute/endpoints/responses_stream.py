@@ -19,6 +19,7 @@ import orjson
 
 from edgeroute import sse
 from edgeroute.endpoints import responses_format as rf
+from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import StreamTranslator
 
 SENTINEL = b"data: [DONE]\n\n"
@@ -115,6 +116,7 @@ class ChatToResponses:
         self._outputs: list[dict[str, Any]] = []  # items in output order, completed at the end
         self._text: dict[str, Any] | None = None  # the open message item
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index → its function_call item
+        self._slots = oa.ToolCallSlots()
         self._finish: str | None = None
         self._chat_usage: dict[str, Any] | None = None
 
@@ -191,7 +193,8 @@ class ChatToResponses:
             if not isinstance(tc, dict):
                 continue
             fn = tc.get("function") or {}
-            call = self._calls.get(int(tc.get("index") or 0))
+            slot = self._slots.of(tc)
+            call = self._calls.get(slot)
             if call is None:
                 call = {
                     "id": rf.new_id("fc"),
@@ -201,7 +204,7 @@ class ChatToResponses:
                     "arguments": "",
                     "function": True,
                 }
-                self._calls[int(tc.get("index") or 0)] = call
+                self._calls[slot] = call
                 self._outputs.append(call)
                 item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
                 out.append(self._emit("response.output_item.added", output_index=call["index"], item=item))
