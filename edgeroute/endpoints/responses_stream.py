@@ -234,6 +234,18 @@ class ChatToResponses:
         items = []
         for o in self._outputs:
             if o.get("function"):
+                if not o["arguments"]:
+                    # A call without arguments (a chat upstream's ""): `{}`, as the answer
+                    # not streamed has it; "" failed the client's json.loads.
+                    o["arguments"] = "{}"
+                    out.append(
+                        self._emit(
+                            "response.function_call_arguments.delta",
+                            item_id=o["id"],
+                            output_index=o["index"],
+                            delta="{}",
+                        )
+                    )
                 item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"])
                 out.append(
                     self._emit(
