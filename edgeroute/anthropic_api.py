@@ -393,7 +393,7 @@ class StreamEncoder:
         self.blocks = 0
         self.text_block: int | None = None
         self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
-        self.tool_slots = oa.ToolCallSlots()
+        self.tool_slots = sse.ToolCallSlots()
         self.open: list[int] = []
         self.stop_reason = "end_turn"
         self.usage: dict[str, Any] | None = None

@@ -19,7 +19,6 @@ import orjson
 
 from edgeroute import sse
 from edgeroute.endpoints import responses_format as rf
-from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import StreamTranslator
 
 SENTINEL = b"data: [DONE]\n\n"
@@ -116,7 +115,7 @@ class ChatToResponses:
         self._outputs: list[dict[str, Any]] = []  # items in output order, completed at the end
         self._text: dict[str, Any] | None = None  # the open message item
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index → its function_call item
-        self._slots = oa.ToolCallSlots()
+        self._slots = sse.ToolCallSlots()
         self._finish: str | None = None
         self._chat_usage: dict[str, Any] | None = None
 

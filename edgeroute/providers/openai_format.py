@@ -430,39 +430,6 @@ def error_event(message: str, etype: str, code: str | None = None) -> bytes:
     )
 
 
-class ToolCallSlots:
-    """Which call each tool-call delta of a chat stream belongs to (its `index`).
-
-    OpenAI numbers the deltas; Gemini's OpenAI-compatible API, and proxies in front of it,
-    send none, each call whole in one delta with its own id. Read as index 0, parallel calls
-    were merged into one, their arguments run together (`{...}{...}`): an Anthropic client's
-    SDK kept the first and dropped the rest, a Responses client got arguments that are not
-    JSON. Without an index, a delta with an id not seen before opens the next call; one
-    without an id goes on with the last.
-    """
-
-    __slots__ = ("_ids", "_last", "_top")
-
-    def __init__(self) -> None:
-        self._ids: dict[str, int] = {}
-        self._last = 0
-        self._top = -1
-
-    def of(self, delta: Mapping[str, Any]) -> int:
-        cid = delta.get("id")
-        cid = cid if isinstance(cid, str) and cid else None
-        if delta.get("index") is not None:
-            i = int(delta["index"])
-        elif cid is not None:
-            i = self._ids.get(cid, self._top + 1)
-        else:
-            i = self._last if self._top >= 0 else 0
-        if cid is not None:
-            self._ids.setdefault(cid, i)
-        self._last, self._top = i, max(self._top, i)
-        return i
-
-
 class ChunkWriter:
     """Writes one stream's `chat.completion.chunk` events, in the order OpenAI sends them.
 

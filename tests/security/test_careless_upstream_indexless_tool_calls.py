@@ -4,7 +4,9 @@ Each call comes whole in one delta with its own id and no `index` (and the answe
 `stop`). The translators read a missing index as 0: the calls were merged into one, their
 arguments run together (`{"city":"Paris"}{"city":"Rome"}`). An Anthropic client's streamed
 message kept one `tool_use` of two; a Responses client got one `function_call` whose
-arguments are not JSON. The non-streamed answer had both: streamed and not now agree.
+arguments are not JSON; an OpenAI client's stream, relayed as it came, crashed the SDK's
+stream helper (`chat.completions.stream`: a TypeError, no `APIError`). The non-streamed
+answer had both: streamed and not now agree.
 """
 
 from __future__ import annotations
@@ -109,3 +111,30 @@ async def test_responses_client_gets_every_call_streamed_as_not(serve: Any) -> N
     for r in (whole, streamed):
         calls = [(o.call_id, json.loads(o.arguments)) for o in r.output if o.type == "function_call"]
         assert calls == [("function-call-1", {"city": "Paris"}), ("function-call-2", {"city": "Rome"})]
+
+
+async def test_openai_client_stream_helper_gets_every_call_streamed_as_not(serve: Any) -> None:
+    proxy, up = await _proxy(serve)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
+    tools: Any = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    ask: Any = {"model": "m", "messages": [{"role": "user", "content": "Paris, Rome?"}], "tools": tools}
+    whole = await client.chat.completions.create(**ask)
+    async with client.chat.completions.stream(**ask) as s:
+        streamed = await s.get_final_completion()
+    await up.close()
+    for c in (whole, streamed):
+        calls = [
+            (t.id, t.function.name, json.loads(t.function.arguments)) for t in c.choices[0].message.tool_calls or ()
+        ]
+        assert calls == [
+            ("function-call-1", "get_weather", {"city": "Paris"}),
+            ("function-call-2", "get_weather", {"city": "Rome"}),
+        ]
