@@ -12,15 +12,21 @@ from edgeroute import redact
 
 DONE = b"data: [DONE]"
 # `[DONE]` as the stream's last event: a `data:` line (its space optional, as SSE has it) that a
-# line end precedes. A model's text that quotes it (an SSE tutorial) sits inside a JSON string,
-# where no raw line end can: found by substring, it ended the relay and cut the answer short.
-_DONE_EVENT = re.compile(rb"[\r\n]data: ?\[DONE\]")
+# line end precedes, with its line end and blank line. A model's text that quotes it (an SSE
+# tutorial) sits inside a JSON string, where no raw line end can: found by substring, it ended
+# the relay and cut the answer short.
+_DONE_EVENT = re.compile(rb"[\r\n]data: ?\[DONE\][ \t]*(?:\r\n|\r|\n|\Z)(?:\r\n|\r|\n)?")
 
 
-def has_done(data: bytes) -> bool:
-    """Whether `data` holds the `[DONE]` event; `data` begins with a line end or the byte
-    before its first event (a relay's tail, a stream's head after `\\n`)."""
-    return b"[DONE]" in data and _DONE_EVENT.search(data) is not None
+def through_done(data: bytes) -> tuple[bytes, bool]:
+    """`data` (whole events, as a stream's translator hands them on) up to and including the
+    `[DONE]` event, and whether it holds one. What an upstream sends after its stream's end
+    (an event after Responses' `response.completed` or Anthropic's `message_stop`, junk after
+    `[DONE]`) is no part of the answer: relayed, an SDK's client read text after the end."""
+    if b"[DONE]" not in data:
+        return data, False
+    m = _DONE_EVENT.search(b"\n" + data)
+    return (data, False) if m is None else (data[: m.end() - 1], True)
 
 
 # One upstream event still unfinished past this is the upstream's protocol error: no provider
