@@ -309,6 +309,15 @@ def _tool_input(arguments: Any, truncated: bool) -> dict[str, Any]:
     return value
 
 
+def stop_reason(finish: Any, called: bool) -> str:
+    """Anthropic's stop reason for an OpenAI finish reason. An answer that calls tools and ends
+    with `stop` is a `tool_use` stop, as Anthropic reports it: OpenAI ends so an answer whose
+    tool `tool_choice` forced by name (Gemini's OpenAI-compatible API, any answer with calls);
+    told `end_turn`, an agent loop took the call for the final answer and never ran it."""
+    reason = STOP_REASONS.get(str(finish), "end_turn")
+    return "tool_use" if called and reason == "end_turn" else reason
+
+
 def _string(value: Any) -> str:
     """A careless upstream's null (or number) id or tool name as the string Anthropic's SDK types
     declare: a null was relayed, and `block.name` was None in the client's hands."""
@@ -344,7 +353,7 @@ def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
         "role": "assistant",
         "model": obj.get("model", ""),
         "content": content,
-        "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_reason": stop_reason(choice.get("finish_reason"), any(b["type"] == "tool_use" for b in content)),
         "stop_sequence": None,
         "usage": anthropic_usage(obj.get("usage")),
     }
@@ -384,6 +393,7 @@ class StreamEncoder:
         self.blocks = 0
         self.text_block: int | None = None
         self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
+        self.tool_slots = sse.ToolCallSlots()
         self.open: list[int] = []
         self.stop_reason = "end_turn"
         self.usage: dict[str, Any] | None = None
@@ -473,7 +483,7 @@ class StreamEncoder:
                     out += ev
                 out += self._delta(self.text_block, {"type": "text_delta", "text": text})
             for tc in delta.get("tool_calls") or ():
-                ti = int(tc.get("index", 0))
+                ti = self.tool_slots.of(tc)
                 fn = tc.get("function") or {}
                 if ti not in self.tool_blocks:
                     if self.text_block is not None:
@@ -491,7 +501,7 @@ class StreamEncoder:
                     partial = {"type": "input_json_delta", "partial_json": fn["arguments"]}
                     out += self._delta(self.tool_blocks[ti], partial)
             if choice.get("finish_reason"):
-                self.stop_reason = STOP_REASONS.get(str(choice["finish_reason"]), "end_turn")
+                self.stop_reason = stop_reason(choice["finish_reason"], bool(self.tool_blocks))
                 for idx in list(self.open):
                     out += self._close(idx)
                 self.text_block = None

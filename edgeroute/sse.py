@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -10,6 +11,22 @@ import orjson
 from edgeroute import redact
 
 DONE = b"data: [DONE]"
+# `[DONE]` as the stream's last event: a `data:` line (its space optional, as SSE has it) that a
+# line end precedes, with its line end and blank line. A model's text that quotes it (an SSE
+# tutorial) sits inside a JSON string, where no raw line end can: found by substring, it ended
+# the relay and cut the answer short.
+_DONE_EVENT = re.compile(rb"[\r\n]data: ?\[DONE\][ \t]*(?:\r\n|\r|\n|\Z)(?:\r\n|\r|\n)?")
+
+
+def through_done(data: bytes) -> tuple[bytes, bool]:
+    """`data` (whole events, as a stream's translator hands them on) up to and including the
+    `[DONE]` event, and whether it holds one. What an upstream sends after its stream's end
+    (an event after Responses' `response.completed` or Anthropic's `message_stop`, junk after
+    `[DONE]`) is no part of the answer: relayed, an SDK's client read text after the end."""
+    if b"[DONE]" not in data:
+        return data, False
+    m = _DONE_EVENT.search(b"\n" + data)
+    return (data, False) if m is None else (data[: m.end() - 1], True)
 
 
 # One upstream event still unfinished past this is the upstream's protocol error: no provider
@@ -115,10 +132,11 @@ class ChatChunks:
     other by :data:`MAX_EVENT_BYTES`), where one never ended was sent on in pieces, as one
     line no client could read, up to the answer's bound."""
 
-    __slots__ = ("_events",)
+    __slots__ = ("_events", "_slots")
 
     def __init__(self) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
+        self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -131,19 +149,34 @@ class ChatChunks:
             and chunk.count(b"\n") == 2
             and not self._events.holding
         ):
-            _check_chunk(chunk[6:-2])  # the common read: one event of one line
-            return chunk
+            # the common read: one event of one line
+            unnumbered = _check_chunk(chunk[6:-2])
+            return chunk if unnumbered is None else self._numbered(unnumbered)
         events = self._events.feed(chunk)
+        out = []
         for ev in events:
             data = event_data(ev)
-            if data is not None:
-                _check_chunk(data)
-        return b"".join(ev + b"\n\n" for ev in events)
+            unnumbered = _check_chunk(data) if data is not None else None
+            out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
+        return b"".join(out)
+
+    def _numbered(self, obj: dict[str, Any]) -> bytes:
+        """The event `obj` with an `index` in each of its tool-call deltas (see :class:`ToolCallSlots`):
+        without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError."""
+        for c in obj["choices"]:
+            calls = c["delta"].get("tool_calls")
+            for tc in calls if type(calls) is list else ():
+                if type(tc) is dict and tc.get("index") is None:
+                    choice = c.get("index") if type(c.get("index")) is int else 0
+                    tc["index"] = self._slots.setdefault(choice, ToolCallSlots()).of(tc)
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _check_chunk(data: bytes) -> None:
+def _check_chunk(data: bytes) -> dict[str, Any] | None:
+    """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
+    whose tool-call deltas need their `index` (else None: the event goes on as it came)."""
     if data == b"[DONE]":
-        return
+        return None
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -152,14 +185,50 @@ def _check_chunk(data: bytes) -> None:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
     choices = obj.get("choices")
     if choices is None:
-        return
+        return None
     if type(choices) is list:
+        unnumbered = False
         for c in choices:
-            if type(c) is not dict or type(c.get("delta", _EMPTY)) is not dict:
+            if type(c) is not dict or type(delta := c.get("delta", _EMPTY)) is not dict:
                 break
+            if (calls := delta.get("tool_calls")) and type(calls) is list:
+                unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
         else:
-            return
+            return obj if unnumbered else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
+
+
+class ToolCallSlots:
+    """Which call each tool-call delta of a chat stream belongs to (its `index`).
+
+    OpenAI numbers the deltas; Gemini's OpenAI-compatible API, and proxies in front of it,
+    send none, each call whole in one delta with its own id. Read as index 0, parallel calls
+    were merged into one, their arguments run together (`{...}{...}`): an Anthropic client's
+    SDK kept the first and dropped the rest, a Responses client got arguments that are not
+    JSON. Without an index, a delta with an id not seen before opens the next call; one
+    without an id goes on with the last.
+    """
+
+    __slots__ = ("_ids", "_last", "_top")
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._last = 0
+        self._top = -1
+
+    def of(self, delta: Mapping[str, Any]) -> int:
+        cid = delta.get("id")
+        cid = cid if isinstance(cid, str) and cid else None
+        if delta.get("index") is not None:
+            i = int(delta["index"])
+        elif cid is not None:
+            i = self._ids.get(cid, self._top + 1)
+        else:
+            i = self._last if self._top >= 0 else 0
+        if cid is not None:
+            self._ids.setdefault(cid, i)
+        self._last, self._top = i, max(self._top, i)
+        return i
 
 
 _EMPTY: dict[str, Any] = {}

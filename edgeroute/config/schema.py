@@ -43,7 +43,7 @@ class _Strict(BaseModel):
 
 class Timeouts(_Strict):
     """Seconds. `first_byte` bounds the wait for response headers (and, for streams, the
-    first content event); `idle` bounds the gap between stream chunks."""
+    first content event: text, a tool call, reasoning); `idle` bounds the gap between stream chunks."""
 
     connect: float = Field(5.0, gt=0)
     first_byte: float = Field(60.0, gt=0)

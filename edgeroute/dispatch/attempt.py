@@ -515,12 +515,17 @@ _EMPTY: dict[str, Any] = {}
 
 
 def has_content(obj: Any) -> bool:
-    """Whether a chunk carries something a user would see (text, tool call, refusal, finish)."""
+    """Whether a chunk carries something a user would see (text, tool call, refusal, reasoning,
+    finish). Reasoning (`reasoning_content`: DeepSeek, vLLM; `reasoning`: OpenRouter) commits
+    the stream as Anthropic's thinking does: held, a model that thought past the first-byte
+    timeout was timed out while it streamed, and failed over."""
     if not isinstance(obj, dict):
         return False
     for choice in obj.get("choices") or ():
         delta = choice.get("delta") or {}
         if delta.get("content") or delta.get("tool_calls") or delta.get("refusal") or delta.get("function_call"):
+            return True
+        if delta.get("reasoning_content") or delta.get("reasoning"):
             return True
         if choice.get("finish_reason"):
             return True

@@ -76,10 +76,10 @@ async def relay_stream(
     """
     # What the stream said is kept so that a stream that ends without usage, by design or cut
     # short, is still costed for what it produced: in bounded memory (see transcript.py).
-    said = Transcript(answer.head, keep_whole=on_complete is not None)
-    tail = answer.head[-TAIL_BYTES:]
+    head, completed = sse.through_done(answer.head)
+    said = Transcript(head, keep_whole=on_complete is not None)
+    tail = head[-TAIL_BYTES:]
     translator = answer.translator
-    completed = sse.DONE in answer.head
     loop = asyncio.get_running_loop()
     failure: tuple[str, str] | None = None
     upstream_broke = False
@@ -97,7 +97,7 @@ async def relay_stream(
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         writing_slowly = False  # a write waits for a client that reads slowly
         try:
-            upstream_error = await send(answer.head)
+            upstream_error = await send(head)
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -120,7 +120,10 @@ async def relay_stream(
                         )
                         break
                     if translator is not None:
-                        chunk = translator.feed(chunk)
+                        # Whole events: cut after [DONE], what an upstream sends past its end goes nowhere.
+                        chunk, completed = sse.through_done(translator.feed(chunk))
+                    else:  # raw reads (no adapter relays so): [DONE] may straddle two
+                        completed = sse.through_done(tail[-len(sse.DONE) - 1 :] + chunk)[1]
                     if chunk:
                         # A write waits for the client only once its transport holds more than
                         # its high-water mark (64 KiB by default): stop the timer well before.
@@ -137,7 +140,6 @@ async def relay_stream(
                         writing_slowly = False
                         tail = (tail + chunk)[-TAIL_BYTES:]
                         said.add(chunk)
-                        completed = sse.DONE in tail[-(len(chunk) + len(sse.DONE)) :]
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
                             upstream_broke = True

@@ -115,6 +115,7 @@ class ChatToResponses:
         self._outputs: list[dict[str, Any]] = []  # items in output order, completed at the end
         self._text: dict[str, Any] | None = None  # the open message item
         self._calls: dict[int, dict[str, Any]] = {}  # chat tool-call index → its function_call item
+        self._slots = sse.ToolCallSlots()
         self._finish: str | None = None
         self._chat_usage: dict[str, Any] | None = None
 
@@ -191,7 +192,8 @@ class ChatToResponses:
             if not isinstance(tc, dict):
                 continue
             fn = tc.get("function") or {}
-            call = self._calls.get(int(tc.get("index") or 0))
+            slot = self._slots.of(tc)
+            call = self._calls.get(slot)
             if call is None:
                 call = {
                     "id": rf.new_id("fc"),
@@ -201,7 +203,7 @@ class ChatToResponses:
                     "arguments": "",
                     "function": True,
                 }
-                self._calls[int(tc.get("index") or 0)] = call
+                self._calls[slot] = call
                 self._outputs.append(call)
                 item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
                 out.append(self._emit("response.output_item.added", output_index=call["index"], item=item))
@@ -231,6 +233,18 @@ class ChatToResponses:
         items = []
         for o in self._outputs:
             if o.get("function"):
+                if not o["arguments"]:
+                    # A call without arguments (a chat upstream's ""): `{}`, as the answer
+                    # not streamed has it; "" failed the client's json.loads.
+                    o["arguments"] = "{}"
+                    out.append(
+                        self._emit(
+                            "response.function_call_arguments.delta",
+                            item_id=o["id"],
+                            output_index=o["index"],
+                            delta="{}",
+                        )
+                    )
                 item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"])
                 out.append(
                     self._emit(

@@ -87,14 +87,26 @@ def reply_text(body: dict[str, Any], opts: MockOptions, override: str | None) ->
     return " ".join(words)
 
 
+def named_tool(body: dict[str, Any]) -> str | None:
+    """The function `tool_choice` forces by name, if any. OpenAI then ends the answer with
+    finish_reason `stop`, not `tool_calls`."""
+    tc = body.get("tool_choice")
+    fn = tc.get("function") if isinstance(tc, dict) else None
+    return fn.get("name") if isinstance(fn, dict) and isinstance(fn.get("name"), str) else None
+
+
 def tool_call_for(body: dict[str, Any]) -> dict[str, Any] | None:
-    """Calls the first tool when tools are offered and the conversation has no tool result yet."""
+    """Calls the first tool (the one `tool_choice` names) when tools are offered and the
+    conversation has no tool result yet."""
     tools = body.get("tools") or []
     if not tools or body.get("tool_choice") == "none":
         return None
     if any(m.get("role") == "tool" for m in body.get("messages", [])):
         return None
-    fn = tools[0].get("function", {})
+    named = named_tool(body)
+    fn = next(
+        (t["function"] for t in tools if t.get("function", {}).get("name") == named), tools[0].get("function", {})
+    )
     props = (fn.get("parameters") or {}).get("properties") or {}
     args = {k: ("Paris" if v.get("type") == "string" else 1) for k, v in props.items()}
     return {
@@ -224,7 +236,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion_tokens = len(pieces) if call is None else 12
     cid = new_completion_id()
     created = int(time.time())
-    finish = "tool_calls" if call else "stop"
+    finish = "tool_calls" if call and named_tool(body) is None else "stop"
     if body.get("max_tokens") is not None and call is None and body["max_tokens"] < len(pieces):
         pieces = pieces[: body["max_tokens"]]
         completion_tokens = len(pieces)
