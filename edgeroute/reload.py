@@ -62,7 +62,7 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
         async with app[STATE].source_lock:
             source = app[STATE].live.source
             text = _read(source)
-            cfg = config_mod.loads(text, source)
+            cfg = await load_off_the_loop(text, source)
             return await apply_config(app, cfg, text, how, actor)
     except config_mod.ConfigError as e:
         if (gov := app.get(GOV)) is not None and not _sibling_of_a_signal(how):
@@ -73,6 +73,13 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
             after = {"refused": True, "problems": problems}
             await gov.audit(actor or how, f"config.{how}_refused", "config", {"version": gov.versions.active}, after)
         raise
+
+
+async def load_off_the_loop(text: str, source: str) -> Config:
+    """`config.loads` in a thread: loading resolves its secrets, and an `exec:` command may take
+    seconds (up to its timeout: a secrets CLI waiting on its server). On the event loop, every
+    request and stream waited for it."""
+    return await asyncio.to_thread(config_mod.loads, text, source)
 
 
 _AUDITED_PROBLEMS = 20

@@ -27,7 +27,7 @@ async def apply_text(app: web.Application, text: str, how: str, actor: str, audi
     validate."""
     async with app[STATE].source_lock:  # no reload reads the file between the two steps
         source = app[STATE].live.source
-        cfg = config_mod.loads(text, source)
+        cfg = await reload.load_off_the_loop(text, source)
         await reload.apply_config(app, cfg, text, how, actor, audit)
         written = await asyncio.to_thread(write_back, source, text)
     if written:  # the other workers of this server read it from there

@@ -1,0 +1,81 @@
+"""Secrets by reference against a real `edgeroute serve`, when their source misbehaves: an
+`exec:` command that takes seconds (a Vault or cloud CLI waiting on its server) while a
+reload resolves it, and a `file:` secret rewritten in place (truncated, then written) rather
+than replaced. Clients keep being served, with the last good value, and nothing of a secret
+reaches the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import yaml
+
+from tests.conftest import Upstream, eventually, simple_config, wait_ready
+from tests.serve_support import killed, start_serve
+
+
+def _cfg(up: Upstream, ref: str) -> dict[str, Any]:
+    cfg = simple_config({"a": up})
+    cfg["providers"]["a"]["api_key"] = ref
+    cfg["governance"] = {"secrets_refresh": 0.5}
+    return cfg
+
+
+async def _ask(url: str) -> float:
+    """One chat completion through the proxy with the OpenAI SDK; its latency in seconds."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    t0 = time.monotonic()
+    try:
+        r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert r.choices[0].message.content
+    finally:
+        await client.close()
+    return time.monotonic() - t0
+
+
+async def test_a_reload_that_runs_a_slow_secret_command_serves_meanwhile(start_upstream, tmp_path: Path) -> None:
+    """The reload's secret command ran on the event loop: every request (and /healthz) waited
+    for it, up to its 10 s timeout, while the process looked hung."""
+    up = await start_upstream(record=True)
+    started, release = tmp_path / "started", tmp_path / "release"
+    script = tmp_path / "vault.py"
+    # A CLI that says when it runs, then waits (bounded) for its server before printing the key.
+    script.write_text(
+        "import pathlib, sys, time\n"
+        f"pathlib.Path({str(started)!r}).touch()\n"
+        "t = time.monotonic()\n"
+        f"while not pathlib.Path({str(release)!r}).exists() and time.monotonic() - t < 8: time.sleep(0.02)\n"
+        "print('sk-from-vault-' + sys.argv[1])\n"
+    )
+    path = tmp_path / "c.yaml"
+    cfg = _cfg(up, "file:" + str(tmp_path / "first-key"))
+    (tmp_path / "first-key").write_text("sk-first\n")
+    serving = await start_serve(path, cfg)
+    try:
+        await wait_ready(serving.url, proc=serving.proc)
+        await _ask(serving.url)
+        cfg["providers"]["a"]["api_key"] = f"exec:{shlex.quote(sys.executable)} {shlex.quote(str(script))} two"
+        path.write_text(yaml.safe_dump(cfg))
+        os.kill(serving.proc.pid, signal.SIGHUP)
+        await eventually(lambda: asyncio.sleep(0, started.exists()), "the secret command started", 10)
+        # While the command waits, clients are served (by the running config, its old key).
+        took = [await _ask(serving.url) for _ in range(5)]
+        assert max(took) < 1.0, f"requests waited for the reload's secret command: {took}"
+        assert up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-first"
+        release.touch()
+
+        async def applied() -> bool:
+            await _ask(serving.url)
+            return bool(up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-from-vault-two")
+
+        await eventually(applied, "the reloaded key in use", 10)
+    finally:
+        await killed(serving.proc)
