@@ -79,3 +79,48 @@ async def test_a_reload_that_runs_a_slow_secret_command_serves_meanwhile(start_u
         await eventually(applied, "the reloaded key in use", 10)
     finally:
         await killed(serving.proc)
+
+
+async def test_a_secret_file_rewritten_in_place_never_sends_a_torn_key(start_upstream, tmp_path: Path) -> None:
+    """A file truncated and then written (`echo sk-new > key`, an editor, a slow copy): the
+    refresh read the empty or half-written file and sent it as the key (`Bearer `, `Bearer
+    sk-ne`: the provider's 401s) until the next read."""
+    up = await start_upstream(record=True)
+    key = tmp_path / "openai-key"
+    key.write_text("sk-old-value\n")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        serving = await start_serve(tmp_path / "c.yaml", _cfg(up, f"file:{key}"), stderr=err)
+        try:
+            await wait_ready(serving.url, proc=serving.proc)
+            await _ask(serving.url)
+            seen: set[str] = set()
+
+            async def keys_sent(seconds: float) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await _ask(serving.url)
+                    seen.add(up.options.requests[-1]["headers"]["Authorization"])
+                    await asyncio.sleep(0.05)
+
+            with key.open("r+") as f:  # in place: truncated, then written in two parts
+                f.truncate(0)
+                f.flush()
+                os.fsync(f.fileno())
+                await keys_sent(1.6)  # past a refresh of the empty file
+                f.write("sk-ne")
+                f.flush()
+                os.fsync(f.fileno())
+                await keys_sent(0.4)  # a part, seen by a refresh at most once
+                f.write("w-value\n")
+
+            async def new_in_use() -> bool:
+                await _ask(serving.url)
+                return bool(up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-new-value")
+
+            await eventually(new_in_use, "the new key in use", 10)
+            assert seen <= {"Bearer sk-old-value", "Bearer sk-new-value"}, seen
+        finally:
+            await killed(serving.proc)
+    text = log.read_text()
+    assert "sk-old" not in text and "sk-ne" not in text
