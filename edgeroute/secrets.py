@@ -169,7 +169,10 @@ def _run(command: str) -> str:
     if out.returncode != 0:
         # Neither stdout nor stderr: either may carry the secret or parts of it.
         raise SecretError(f"secret command exited with status {out.returncode}")
-    value = out.stdout.decode(errors="replace").strip()
+    try:  # bytes that are not text are not a credential: a broken CLI's garbage, kept out
+        value = out.stdout.decode().strip()
+    except UnicodeDecodeError:
+        raise SecretError("secret command printed bytes that are not UTF-8 text (not shown)") from None
     if not value:
         raise SecretError("secret command printed nothing")
     return _checked(value, "exec:")

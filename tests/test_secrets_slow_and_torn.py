@@ -124,3 +124,38 @@ async def test_a_secret_file_rewritten_in_place_never_sends_a_torn_key(start_ups
             await killed(serving.proc)
     text = log.read_text()
     assert "sk-old" not in text and "sk-ne" not in text
+
+
+async def test_an_exec_secret_that_prints_bytes_not_text_keeps_the_last_good_value(
+    start_upstream, tmp_path: Path
+) -> None:
+    """A secrets CLI that starts printing binary garbage (a wrong format flag, a broken pipe
+    to a pager) with status 0: its bytes were decoded with replacement characters and sent
+    as the provider key, in place of the good one."""
+    up = await start_upstream(record=True)
+    broken = tmp_path / "broken"
+    script = tmp_path / "vault.py"
+    script.write_text(
+        "import pathlib, sys\n"
+        f"if pathlib.Path({str(broken)!r}).exists(): sys.stdout.buffer.write(b'\\xff\\xfesk-x')\n"
+        "else: print('sk-exec-good')\n"
+    )
+    ref = f"exec:{shlex.quote(sys.executable)} {shlex.quote(str(script))}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as err:
+        serving = await start_serve(tmp_path / "c.yaml", _cfg(up, ref), stderr=err)
+        try:
+            await wait_ready(serving.url, proc=serving.proc)
+            await _ask(serving.url)
+            assert up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-exec-good"
+            broken.touch()
+
+            async def refused() -> bool:
+                return "could not be refreshed" in log.read_text()
+
+            await eventually(refused, "the garbled refresh refused", 10)
+            await _ask(serving.url)
+            assert up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-exec-good"
+        finally:
+            await killed(serving.proc)
+    assert "sk-exec-good" not in log.read_text()
