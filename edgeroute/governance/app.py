@@ -36,6 +36,7 @@ from edgeroute.governance.versions import (
     text_of,
     version_json,
 )
+from edgeroute.reload import to_the_end
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -170,7 +171,14 @@ async def rollback_to(
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
     when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
-    the version would change who may call what (`access_changes`)."""
+    the version would change who may call what (`access_changes`). Runs to its end once begun,
+    its caller gone or not (`reload.to_the_end`): a change recorded is a change applied."""
+    return await to_the_end(_rolled_back(app, version, actor, how, audit, may_change_access))
+
+
+async def _rolled_back(
+    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], may_change_access: bool
+) -> dict[str, Any]:
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
     async with gov.lock, editing(app):

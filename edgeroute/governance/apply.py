@@ -31,7 +31,8 @@ async def apply_text(
     `text_of` runs once no reload is in progress, so a change made from the running config's
     text (`Versions.running_text`) is made to the config it is applied over: read before a
     SIGHUP's reload that was still being applied, the change undid the reload's edits (an
-    admin key's demotion, say) and wrote the file back without them."""
+    admin key's demotion, say) and wrote the file back without them. Callers run it within
+    `reload.to_the_end`, their locks with it."""
     async with app[STATE].source_lock:  # no reload reads the file between the two steps
         source = app[STATE].live.source
         text = text_of()

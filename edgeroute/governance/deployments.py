@@ -22,6 +22,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response
 from edgeroute.governance.runtime import GOV, Change, actor_of
+from edgeroute.reload import to_the_end
 from edgeroute.state import STATE
 
 _EDITABLE = frozenset({"weight", "tags", "price", "context_window"})
@@ -40,6 +41,11 @@ Mutation = Callable[[dict[str, Any]], tuple[Any, Any]]
 
 
 async def _change(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
+    # To its end once begun, its client gone or not: a change recorded is a change applied.
+    return await to_the_end(_made(request, action, target, mutate))
+
+
+async def _made(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
     gov = request.app[GOV]
     actor = actor_of(request)
     audit: list[Change] = []
