@@ -177,6 +177,11 @@ class AlertClaims:
             fam.add_metric([result], n)
         yield fam
 
+    async def flush(self) -> None:
+        """Until the transitions being claimed and sent are settled; the caller bounds it."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
     async def close(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()
