@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 from pathlib import Path
 
 import aiohttp
@@ -49,3 +50,5 @@ async def test_a_second_sigterm_while_draining_finishes_the_drain(start_upstream
     events = [e[len(b"data: ") :] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
     assert events[-1] == b"[DONE]" and orjson.loads(events[-2])["choices"][0]["finish_reason"] == "stop"
     assert _ids(db) == {r for r, _ in done} | {rid}
+    with sqlite3.connect(db) as c:  # each once
+        assert c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == len(done) + 1

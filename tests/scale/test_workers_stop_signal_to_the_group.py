@@ -48,3 +48,5 @@ async def test_workers_drain_when_the_whole_group_is_signalled(
     with sqlite3.connect(db) as c:
         stored = {r[0] for r in c.execute("SELECT request_id FROM spend")}
     assert stored == {r for r, _ in done} | {rid}
+    with sqlite3.connect(db) as c:  # each once
+        assert c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == len(done) + 1
