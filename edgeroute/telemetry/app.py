@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edgeroute import redact
+from edgeroute import redact, redis_client
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
@@ -111,6 +111,12 @@ def finished(app: web.Application, rec: RequestRecord, reasons: list[str]) -> No
 async def _run(app: web.Application) -> None:
     """Samples the history at each slot boundary and evaluates alerts every `alerts.interval_s`."""
     t = app[TELEMETRY]
+    if t.claims is not None:  # before the first evaluation: what fired before this process
+        try:
+            if taken := t.alerts.adopt(await t.claims.firing(), app[STATE].live.config.alerts):
+                log.info("alerts: %d shared alert(s) firing before this start taken up", taken)
+        except redis_client.errors() as e:
+            log.warning("alerts: cannot read the shared alerts firing (%s)", type(e).__name__)
     last_eval = last_slot = 0.0
     while True:
         every = app[STATE].live.config.alerts.interval_s
