@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
@@ -55,14 +55,44 @@ class CandidateRouter(Protocol):
 CANDIDATE_RELOAD = web.AppKey("candidate_router_reload", CandidateRouter)
 
 
+_T = TypeVar("_T")
+_UNWATCHED: set[asyncio.Future[Any]] = set()  # changes whose callers went away, until they end
+
+
+async def to_the_end(change: Coroutine[Any, Any, _T]) -> _T:
+    """Runs a config change to its end even when its caller is cancelled (the admin API's
+    client went away: a CLI killed, a proxy's timeout). Its version and audit entries are
+    written by a thread that a cancellation does not stop, so a change cancelled while they
+    were written was recorded and never applied: the audit log named a version that never
+    ran. The caller's cancellation still reaches the caller."""
+    task = asyncio.ensure_future(change)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _UNWATCHED.add(task)
+        task.add_done_callback(_forget)
+        raise
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _UNWATCHED.discard(task)
+    if not task.cancelled() and (e := task.exception()) is not None and not isinstance(e, config_mod.ConfigError):
+        log.error("a config change whose caller went away failed: %s", type(e).__name__)
+
+
 async def reload_from_source(app: web.Application, how: str = "reload", actor: str | None = None) -> Live:
     """Reloads the file the running config came from; raises ConfigError and keeps the old one
-    (a refusal is written to the audit log, as an applied config is)."""
+    (a refusal is written to the audit log, as an applied config is). Runs to its end once
+    begun (`to_the_end`)."""
+    return await to_the_end(_reload_from_source(app, how, actor))
+
+
+async def _reload_from_source(app: web.Application, how: str, actor: str | None) -> Live:
     try:
         async with app[STATE].source_lock:
             source = app[STATE].live.source
             text = _read(source)
-            cfg = config_mod.loads(text, source)
+            cfg = await load_off_the_loop(text, source)
             return await apply_config(app, cfg, text, how, actor)
     except config_mod.ConfigError as e:
         if (gov := app.get(GOV)) is not None and not _sibling_of_a_signal(how):
@@ -73,6 +103,13 @@ async def reload_from_source(app: web.Application, how: str = "reload", actor: s
             after = {"refused": True, "problems": problems}
             await gov.audit(actor or how, f"config.{how}_refused", "config", {"version": gov.versions.active}, after)
         raise
+
+
+async def load_off_the_loop(text: str, source: str) -> Config:
+    """`config.loads` in a thread: loading resolves its secrets, and an `exec:` command may take
+    seconds (up to its timeout: a secrets CLI waiting on its server). On the event loop, every
+    request and stream waited for it."""
+    return await asyncio.to_thread(config_mod.loads, text, source)
 
 
 _AUDITED_PROBLEMS = 20
@@ -117,7 +154,7 @@ async def apply_config(
             saved = None
             if gov is not None:  # the version and its audit entries: one transaction, before the swap
                 saved = await gov.save(text, how, actor, (old.config, cfg), audit, audit_if_same=not may_follow)
-        except asyncio.CancelledError:  # the caller went away (a reload's client): nothing swapped
+        except asyncio.CancelledError:  # a caller not run `to_the_end` (the admin API's are): nothing swapped
             _retire(state, new)
             raise
         if gov is not None and saved is None and not how.startswith(_APPLIED_UNRECORDED):

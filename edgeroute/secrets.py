@@ -74,6 +74,7 @@ class _Live:
     path: Path | None = None
     command: str | None = None
     stamp: tuple[int, int] | None = None  # the file's (mtime_ns, size) when last read
+    seen: tuple[int, int] | None = None  # a changed file's stamp at the refresh before: read once it holds
     next_at: float = 0.0  # exec: when to run it again
     failing: bool = False
 
@@ -137,12 +138,17 @@ def _checked(value: str, reference: str) -> str:
 
 
 def _read_file(path: Path, reference: str) -> tuple[str, tuple[int, int]]:
+    """The file's value and stamp. An empty file is refused: no credential is empty, and a file
+    being rewritten in place (truncated, then written) is empty for a moment."""
     try:
         st = path.stat()
-        return _checked(path.read_text().strip(), reference), (st.st_mtime_ns, st.st_size)
+        value = path.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise SecretError(f"cannot read secret file {path}: {why}") from None
+    if not value:
+        raise SecretError(f"secret file {path} is empty")
+    return _checked(value, reference), (st.st_mtime_ns, st.st_size)
 
 
 def _run(command: str) -> str:
@@ -163,7 +169,10 @@ def _run(command: str) -> str:
     if out.returncode != 0:
         # Neither stdout nor stderr: either may carry the secret or parts of it.
         raise SecretError(f"secret command exited with status {out.returncode}")
-    value = out.stdout.decode(errors="replace").strip()
+    try:  # bytes that are not text are not a credential: a broken CLI's garbage, kept out
+        value = out.stdout.decode().strip()
+    except UnicodeDecodeError:
+        raise SecretError("secret command printed bytes that are not UTF-8 text (not shown)") from None
     if not value:
         raise SecretError("secret command printed nothing")
     return _checked(value, "exec:")
@@ -216,10 +225,18 @@ def refresh(now: float | None = None) -> int:
         try:
             if live.path is not None:
                 st = live.path.stat()
-                if (st.st_mtime_ns, st.st_size) == live.stamp and not live.failing:
+                stamp = (st.st_mtime_ns, st.st_size)
+                if stamp == live.stamp and not live.failing:
+                    continue
+                if stamp != live.seen:
+                    # Changed since the last look: read it once it has stayed so for a refresh. A
+                    # file rewritten in place (not moved over) was read half-written and sent.
+                    live.seen = stamp
                     continue
                 value, live.stamp = _read_file(live.path, key)
             elif live.command is not None:
+                # Due by the interval in force (the first one was set before the config's).
+                live.next_at = min(live.next_at, now + _refresh_s)
                 if now < live.next_at:
                     continue
                 live.next_at = now + _refresh_s

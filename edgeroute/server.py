@@ -377,11 +377,17 @@ async def serve_async(
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGHUP)
         # Draining: a reload asked now (a sibling's request, a `kill -HUP`) must not end the
         # process, as SIGHUP's default action would, cutting the streams it is finishing.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Nor the stop asked again: systemd signals every process of the service (and the
+        # supervisor relays its own), a terminal's Ctrl-C reaches the whole process group, an
+        # operator sends a second `kill`. With SIGTERM's default action back, that killed the
+        # process mid-drain: the streams cut, the finished requests the ledger had not written
+        # yet lost. The drain is bounded by `server.drain_timeout`; SIGKILL ends it at once.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, _already_draining, print_fn)
         app[STATE].begin_drain(app[STATE].live.config.server.drain_timeout)
         if print_fn:
             print_fn("edgeroute draining in-flight requests")
@@ -389,6 +395,11 @@ async def serve_async(
         await background.stop(trimmer)
         if own_metrics is not None:
             await own_metrics.cleanup()
+
+
+def _already_draining(print_fn: Callable[[str], None] | None) -> None:
+    if print_fn:
+        print_fn("edgeroute is draining already (up to server.drain_timeout); SIGKILL stops it at once")
 
 
 def serve(

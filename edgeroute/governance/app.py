@@ -36,6 +36,7 @@ from edgeroute.governance.versions import (
     text_of,
     version_json,
 )
+from edgeroute.reload import to_the_end
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -170,28 +171,51 @@ async def rollback_to(
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
     when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
-    the version would change who may call what (`access_changes`)."""
+    the version would change who may call what (`access_changes`). Runs to its end once begun,
+    its caller gone or not (`reload.to_the_end`): a change recorded is a change applied."""
+    return await to_the_end(_rolled_back(app, version, actor, how, audit, may_change_access))
+
+
+async def _rolled_back(
+    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], may_change_access: bool
+) -> dict[str, Any]:
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
     async with gov.lock, editing(app):
         before = gov.versions.active
-        try:
+
+        def restored() -> str:  # against the running config once no reload is in progress
+            nonlocal before
+            before = gov.versions.active
             text = restore(target.body, gov.versions.running_text, version)
             if not may_change_access and (changed := access_changes(gov.versions.running_text, text)):
-                await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
-                                {"version": version, "needs": "admin", "changes": changed})  # fmt: skip
-                raise ProxyError(
-                    403,
-                    f"Version {version} changes who may call what ({', '.join(changed)}): rolling back to it needs "
-                    "a key with role 'admin'. The running config is unchanged.",
-                    code="permission_denied",
-                )
-            written = await apply_text(app, text, f"{how}:{version}", actor, audit)
+                raise _AccessChange(changed)
+            return text
+
+        try:
+            written = await apply_text(app, restored, f"{how}:{version}", actor, audit)
+        except _AccessChange as e:
+            await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
+                            {"version": version, "needs": "admin", "changes": e.fields})  # fmt: skip
+            raise ProxyError(
+                403,
+                f"Version {version} changes who may call what ({', '.join(e.fields)}): rolling back to it needs "
+                "a key with role 'admin'. The running config is unchanged.",
+                code="permission_denied",
+            ) from None
         except config_mod.ConfigError as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
             msg = f"Version {version} cannot be applied now; the running config is unchanged."
             raise refused(409, msg, "rollback_refused", e) from None
     return {"rolled_back_to": version, "version": gov.versions.active, "previous": before, "file_updated": written}
+
+
+class _AccessChange(Exception):
+    """A rollback below admin would change these access fields (`access_changes`)."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(fields)
+        self.fields = fields
 
 
 def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None], None]:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -21,13 +21,22 @@ from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
 
 
-async def apply_text(app: web.Application, text: str, how: str, actor: str, audit: Sequence[Change] = ()) -> bool:
-    """Applies `text` (audited with `audit` too, as `reload.apply_config` does); returns whether
-    the config file was updated too. Raises ConfigError (and nothing changed) when it does not
-    validate."""
+async def apply_text(
+    app: web.Application, text_of: Callable[[], str], how: str, actor: str, audit: Sequence[Change] = ()
+) -> bool:
+    """Applies the text `text_of()` makes (audited with `audit` too, as `reload.apply_config`
+    does); returns whether the config file was updated too. Raises ConfigError (and nothing
+    changed) when it does not validate, and whatever `text_of` raises.
+
+    `text_of` runs once no reload is in progress, so a change made from the running config's
+    text (`Versions.running_text`) is made to the config it is applied over: read before a
+    SIGHUP's reload that was still being applied, the change undid the reload's edits (an
+    admin key's demotion, say) and wrote the file back without them. Callers run it within
+    `reload.to_the_end`, their locks with it."""
     async with app[STATE].source_lock:  # no reload reads the file between the two steps
         source = app[STATE].live.source
-        cfg = config_mod.loads(text, source)
+        text = text_of()
+        cfg = await reload.load_off_the_loop(text, source)
         await reload.apply_config(app, cfg, text, how, actor, audit)
         written = await asyncio.to_thread(write_back, source, text)
     if written:  # the other workers of this server read it from there

@@ -21,7 +21,8 @@ from edgeroute import config as config_mod
 from edgeroute.errors import ProxyError
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response
-from edgeroute.governance.runtime import GOV, actor_of
+from edgeroute.governance.runtime import GOV, Change, actor_of
+from edgeroute.reload import to_the_end
 from edgeroute.state import STATE
 
 _EDITABLE = frozenset({"weight", "tags", "price", "context_window"})
@@ -40,16 +41,24 @@ Mutation = Callable[[dict[str, Any]], tuple[Any, Any]]
 
 
 async def _change(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
+    # To its end once begun, its client gone or not: a change recorded is a change applied.
+    return await to_the_end(_made(request, action, target, mutate))
+
+
+async def _made(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
     gov = request.app[GOV]
     actor = actor_of(request)
-    async with gov.lock, editing(request.app):
+    audit: list[Change] = []
+
+    def changed() -> str:  # from the running config's text once no reload is in progress
         data = yaml.safe_load(gov.versions.running_text)
         before, after = mutate(data)
-        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        audit.append((f"deployment.{action}", target, before, after))
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+    async with gov.lock, editing(request.app):
         try:
-            written = await apply_text(
-                request.app, text, "api", actor, [(f"deployment.{action}", target, before, after)]
-            )
+            written = await apply_text(request.app, changed, "api", actor, audit)
         except config_mod.ConfigError as e:
             msg = f"The change to deployment {target!r} makes the config invalid; nothing changed."
             raise refused(400, msg, "invalid_config", e) from None

@@ -24,13 +24,17 @@ transitions of one (rule, subject) in order, one at a time, off the request path
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from edgeroute import redis_client
@@ -45,7 +49,8 @@ _MARGIN_S = 5.0
 
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}"
 
-# KEYS: the record, the claim. ARGV: event, claimer, claim ms, cooldown s, expected gen ('' if new), keep ms.
+# KEYS: the record, the claim. ARGV: event, claimer, claim ms, cooldown s, expected gen ('' if new), keep ms,
+# the alert (JSON: a firing one is kept, for an instance that restarts to resolve it).
 _BEGIN = """
 local event, me, want, keep = ARGV[1], ARGV[2], ARGV[5], ARGV[6]
 local claim_ms, cooldown = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -68,6 +73,7 @@ elseif h[5] == '1' then
   silenced = '1'
 end
 redis.call('HSET', KEYS[1], 'state', event, 'gen', gen, 'silenced', silenced, 'done', silenced)
+if event == 'firing' then redis.call('HSET', KEYS[1], 'alert', ARGV[7]) end
 if event == 'firing' and silenced == '0' then redis.call('HSET', KEYS[1], 'notified_at', tostring(now)) end
 redis.call('PEXPIRE', KEYS[1], keep)
 if silenced == '1' then return {'silenced', gen} end
@@ -82,6 +88,12 @@ return 1
 """
 
 RESULTS = ("sent", "retried", "skipped", "silenced", "unavailable")
+MAX_ADOPTED = 1000  # firing alerts taken up at start
+
+
+def _glob(text: str) -> str:
+    """`text` matched literally in a Redis SCAN pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
 
 
 @dataclass(slots=True)
@@ -133,7 +145,7 @@ class AlertClaims:
         claim = record + ":claim"
         hooks = [self.notifier.webhooks[n] for n in t.webhooks if n in self.notifier.webhooks]
         claim_ms = int((sum(longest_delivery_s(h) for h in hooks) + _MARGIN_S) * 1000)
-        args = (t.event, INSTANCE, claim_ms, t.cooldown_s, t.gen, KEEP_MS)
+        args = (t.event, INSTANCE, claim_ms, t.cooldown_s, t.gen, KEEP_MS, orjson.dumps(t.alert))
         try:
             result, gen = await self.client.eval(_BEGIN, 2, record, claim, *args)
         except redis_client.errors() as e:
@@ -176,6 +188,29 @@ class AlertClaims:
         for result, n in self.counts.items():
             fam.add_metric([result], n)
         yield fam
+
+    async def firing(self) -> list[dict[str, Any]]:
+        """The shared alerts whose last transition Redis holds is "firing", as they were sent
+        (at most `MAX_ADOPTED`): an instance that starts takes them up (`AlertEngine.adopt`), so
+        that it resolves them. They lived in the process that raised them alone: one killed (or
+        restarted) while an alert fired, the alert clear when it came back, left its "firing"
+        the webhook's last word. Raises Redis's errors."""
+        found: list[dict[str, Any]] = []
+        async for key in self.client.scan_iter(match=_glob(self.prefix) + "*", count=500):
+            if key.endswith(b":claim"):
+                continue
+            state, alert = await self.client.hmget(key, ["state", "alert"])
+            if state == b"firing" and alert:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    found.append(orjson.loads(alert))
+            if len(found) >= MAX_ADOPTED:
+                break
+        return found
+
+    async def flush(self) -> None:
+        """Until the transitions being claimed and sent are settled; the caller bounds it."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):

@@ -185,6 +185,27 @@ class AlertEngine:
             for key in [k for k in self.firing if k[0] == rule.name and k[1] not in seen]:
                 self._resolve(key, rule, self.firing[key].value, now, cfg)  # its subject is gone
 
+    def adopt(self, alerts: Iterable[dict[str, Any]], cfg: Alerts) -> int:
+        """Takes up shared alerts that another process raised and Redis says still fire
+        (`AlertClaims.firing`), as this process's own, without notifying them: the next
+        evaluation resolves those that are clear, under their id. Returns how many."""
+        rules = {r.name: r for r in cfg.rules}
+        taken = 0
+        for a in alerts:
+            rule = rules.get(a.get("rule"))  # type: ignore[arg-type]
+            if rule is None or rule.kind not in _SHARED_KINDS or a.get("kind") != rule.kind:
+                continue
+            try:
+                alert = Alert(**{f: a[f] for f in Alert.__dataclass_fields__})
+            except (KeyError, TypeError):
+                continue
+            key = (rule.name, str(alert.subject))
+            if key in self.firing or alert.state != "firing":
+                continue
+            self.firing[key] = alert
+            taken += 1
+        return taken
+
     def _fire(self, rule: AlertRule, subject: str, value: float, now: float, cfg: Alerts) -> None:
         key = (rule.name, subject)
         threshold = 0.5 if rule.kind in _STATE_KINDS else rule.threshold

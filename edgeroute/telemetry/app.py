@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from edgeroute import redact
+from edgeroute import redact, redis_client
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
@@ -29,7 +29,7 @@ from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
 from edgeroute.shadow import MIRRORED
 from edgeroute.state import STATE
-from edgeroute.telemetry import tracing
+from edgeroute.telemetry import notify, tracing
 from edgeroute.telemetry.alert_claims import AlertClaims
 from edgeroute.telemetry.alerts import AlertEngine
 from edgeroute.telemetry.history import DeploymentHistory, parse_since
@@ -111,6 +111,12 @@ def finished(app: web.Application, rec: RequestRecord, reasons: list[str]) -> No
 async def _run(app: web.Application) -> None:
     """Samples the history at each slot boundary and evaluates alerts every `alerts.interval_s`."""
     t = app[TELEMETRY]
+    if t.claims is not None:  # before the first evaluation: what fired before this process
+        try:
+            if taken := t.alerts.adopt(await t.claims.firing(), app[STATE].live.config.alerts):
+                log.info("alerts: %d shared alert(s) firing before this start taken up", taken)
+        except redis_client.errors() as e:
+            log.warning("alerts: cannot read the shared alerts firing (%s)", type(e).__name__)
     last_eval = last_slot = 0.0
     while True:
         every = app[STATE].live.config.alerts.interval_s
@@ -133,15 +139,24 @@ async def _run(app: web.Application) -> None:
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
-    tasks = [asyncio.create_task(_run(app)), asyncio.create_task(app[TELEMETRY].notifier.run())]
+    t = app[TELEMETRY]
+    tasks = [asyncio.create_task(_run(app)), asyncio.create_task(t.notifier.run())]
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if (claims := app[TELEMETRY].claims) is not None:
-        await claims.close()
+    tasks[0].cancel()  # no new evaluation; what was notified goes out, within a bound
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[0]
+    try:
+        async with asyncio.timeout(notify.FLUSH_AT_EXIT_S):
+            if t.claims is not None:
+                await t.claims.flush()
+            await t.notifier.flush()
+    except TimeoutError:
+        log.warning("%d alert notification(s) not sent: the server stopped first", t.notifier.pending())
+    tasks[1].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await tasks[1]
+    if t.claims is not None:
+        await t.claims.close()
 
 
 async def _tracing(app: web.Application) -> AsyncIterator[None]:

@@ -30,6 +30,10 @@ from edgeroute.telemetry.settings import Webhook
 log = logging.getLogger("edgeroute.alerts")
 
 QUEUE_SIZE = 256
+# At shutdown, what is queued or being sent (a retry's backoff included) may take this long
+# to go out before the notifier stops: cancelled at once, a "firing" whose webhook had
+# answered 503 once was never sent, and the restarted process did not know it had fired.
+FLUSH_AT_EXIT_S = 5.0
 BACKOFF_S = (0.5, 2.0)  # before the 2nd and the 3rd attempt
 ATTEMPTS = len(BACKOFF_S) + 1
 _ICONS = {"firing": ":rotating_light:", "resolved": ":white_check_mark:", "test": ":information_source:"}
@@ -84,6 +88,7 @@ class Notifier:
             try:
                 while True:
                     n = await self.queue.get()
+                    self.queue.task_done()  # handed on (or dropped): `flush` waits for its sender
                     backlog = self._backlog.setdefault(n.webhook, deque())
                     if len(backlog) >= QUEUE_SIZE:  # this webhook is that far behind
                         self.dropped += 1
@@ -98,6 +103,15 @@ class Notifier:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 self._session = None
+
+    async def flush(self) -> None:
+        """Until nothing is queued or being sent (`run` still running); the caller bounds it."""
+        await self.queue.join()
+        while self._senders:
+            await asyncio.wait(list(self._senders.values()))
+
+    def pending(self) -> int:
+        return self.queue.qsize() + sum(len(b) for b in self._backlog.values()) + len(self._senders)
 
     async def _drain(self, webhook: str) -> None:
         backlog = self._backlog[webhook]
