@@ -80,3 +80,33 @@ async def test_budgets_show_a_managed_keys_limits_as_they_are_now(tmp_path: Path
         assert (await eventually(lowered, "the key's new rpm in /admin/budgets", within=10))["max_parallel"] == 3
     finally:
         _term(proc)
+
+
+# -- edgeroute logs: a managed key's id -----------------------------------------------------------
+
+
+async def test_the_logs_table_keeps_its_columns_for_a_managed_key(tmp_path: Path) -> None:
+    """A managed key's id (`k` and 12 hex digits) is 13 characters; the key column was 10, so
+    every column after it stood three characters right of its header for such a key's rows."""
+    cfg = _managed(tmp_path)
+    proc, url = _serve(cfg)
+    try:
+        made = _create(url, "--team", "research")
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=made["secret"], max_retries=0)
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except openai.APIStatusError as e:
+            assert e.status_code == 502, e
+        finally:
+            await client.close()
+    finally:
+        _term(proc)  # drains and flushes the ledger
+    r = _cli("logs", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()
+    assert row.index(made["id"]) == header.index("key"), r.stdout
+    for column, value in (("status", "502"), ("latency_ms", None), ("error_class", "connect_error")):
+        at = header.index(column)
+        assert row[at - 2 : at] == "  " and row[at] != " ", (column, r.stdout)
+        if value is not None:
+            assert row[at:].startswith(value), (column, r.stdout)
