@@ -6,6 +6,7 @@ subprocess, or the console in headless Chromium, and asserts what the operator s
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,45 @@ async def test_the_logs_table_keeps_its_columns_for_a_managed_key(tmp_path: Path
         assert row[at - 2 : at] == "  " and row[at] != " ", (column, r.stdout)
         if value is not None:
             assert row[at:].startswith(value), (column, r.stdout)
+
+
+# -- the web console, signed in with a managed admin key ------------------------------------------
+
+
+def test_the_console_signed_in_with_a_managed_admin_key(tmp_path: Path) -> None:
+    """`edgeroute keys create --role admin`, then the console at /ui/ with that key: every page
+    loads without an error, and the routing page's notices read as English (it said `No
+    request in this range was routed by a experiment variant.`)."""
+    from tests.ui.conftest import need_browser
+
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ui.browser import console_errors, navigate, start_browser, wait_idle
+
+    proc, url = _serve(_managed(tmp_path))
+    drv = None
+    try:
+        admin = _create(url, "--role", "admin", "--name", "console")
+        drv = start_browser()
+        drv.get(url + "/ui/")
+        WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
+        drv.find_element(By.ID, "key").send_keys(admin["secret"])
+        drv.find_element(By.ID, "signin").click()
+        WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
+        for page in ("overview", "deployments", "routing", "spend", "requests", "alerts", "config"):
+            navigate(drv, functools.partial(drv.get, f"{url}/ui/#/{page}"))
+            wait_idle(drv)
+            assert console_errors(drv) == [], page
+            assert [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".notice.error")] == [], page
+            if page == "routing":
+                notices = [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".notice")]
+                assert "No request in this range was routed by an experiment variant." in notices, notices
+                assert "No request in this range was routed by a rule." in notices, notices
+                assert not [n for n in notices if " a experiment" in n or " a a" in n], notices
+        assert admin["secret"] not in drv.current_url
+    finally:
+        if drv is not None:
+            drv.quit()
+        _term(proc)
