@@ -153,3 +153,26 @@ def test_the_console_signed_in_with_a_managed_admin_key(tmp_path: Path) -> None:
         if drv is not None:
             drv.quit()
         _term(proc)
+
+
+# -- edgeroute keys list ----------------------------------------------------------------------------
+
+
+def test_keys_list_shows_the_name_a_key_was_given(tmp_path: Path) -> None:
+    """`keys create --name` ("a label for people") was kept but `keys list` had no name column,
+    so the list of ids did not say which key was whose; its lines ended in padding."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        made = _create(url, "--name", "billing-batch", "--team", "research")
+        r = _cli("keys", "list", env=_admin_env(url))
+    finally:
+        _term(proc)
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split()[:3] == ["id", "name", "source"], header
+    row = next(x for x in rows if x.startswith(made["id"]))
+    assert row.index("billing-batch") == header.index("name"), r.stdout
+    assert row.split()[1:4] == ["billing-batch", "managed", "active"], row
+    root = next(x for x in rows if x.startswith("root"))
+    assert root.split()[1:3] == ["-", "config"], root
+    assert all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout

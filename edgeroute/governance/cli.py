@@ -173,9 +173,9 @@ def _print(
         return
     table = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _cell(v: Any) -> str:
@@ -210,7 +210,7 @@ def _keys(args: argparse.Namespace) -> int:
             print("\nThe secret above is shown once; store it now.", file=sys.stderr)
         elif a == "list":
             got = _call(args, "GET", "/admin/keys")
-            cols = ("id", "source", "status", "role", "team", "user", "residency", "expires_at")
+            cols = ("id", "name", "source", "status", "role", "team", "user", "residency", "expires_at")
             _print(args, got, got["keys"], cols)
         elif a == "show":
             _print(args, _call(args, "GET", f"/admin/keys/{args.id}"))
