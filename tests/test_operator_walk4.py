@@ -176,3 +176,35 @@ def test_keys_list_shows_the_name_a_key_was_given(tmp_path: Path) -> None:
     root = next(x for x in rows if x.startswith("root"))
     assert root.split()[1:3] == ["-", "config"], root
     assert all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout
+
+
+# -- edgeroute check: the request log's content settings ------------------------------------------------
+
+
+def test_check_notes_content_settings_that_name_nothing(tmp_path: Path) -> None:
+    """The README's `content_models: {support-bot: redacted}` and `content_keys: {auditor: full}`
+    pasted into a config without that model or key: `check` said OK and nothing else, and a
+    misspelt model or key name keeps that model's prompts as `log_content` says, silently."""
+    cfg = _write(
+        tmp_path,
+        ONE_MODEL
+        + "keys:\n  app: {token: app-token-1}\n"
+        + "request_log:\n  log_content: none\n"
+        + "  content_models: {support-bot: redacted, m: full}\n"
+        + "  content_keys: {auditor: full, app: redacted, k0123456789ab: full}\n",
+    )
+    r = _cli("check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: request_log")]
+    assert notes == [
+        "note: request_log.content_models names support-bot, which is not a model of this config: "
+        "its setting applies to no request",
+        "note: request_log.content_keys names auditor, which is not a key of this config (nor a managed "
+        "key's id, k and 12 hex digits): its setting applies to no request",
+    ], r.stderr
+    # Names the config has (and a managed key's id) are not noted.
+    fine = _write(
+        tmp_path, ONE_MODEL + "request_log: {content_models: {m: full}, content_keys: {k0123456789ab: full}}\n"
+    )
+    r = _cli("check", str(fine))
+    assert r.returncode == 0 and "request_log" not in r.stderr, r.stderr
