@@ -17,6 +17,7 @@ from tests.conftest import eventually
 from tests.governance_support import call
 from tests.test_operator_walk3 import ONE_MODEL, _cli, _closed_url, _env, _serve, _term, _write
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 ROOT = "root-token-walk4"
 MANAGED = (
     ONE_MODEL
@@ -208,3 +209,44 @@ def test_check_notes_content_settings_that_name_nothing(tmp_path: Path) -> None:
     )
     r = _cli("check", str(fine))
     assert r.returncode == 0 and "request_log" not in r.stderr, r.stderr
+
+
+# -- POST /admin/alerts/test to a webhook the operator runs ---------------------------------------------
+
+
+async def test_a_test_alert_reaches_a_local_webhook_as_the_readme_says(tmp_path: Path) -> None:
+    """The README gave the webhook body as `"event": firing|resolved`; the test message a
+    webhook's owner checks their set-up with came as `"event": "test"`, which it did not name."""
+    from aiohttp import web
+
+    got: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def hook(request: web.Request) -> web.Response:
+        await got.put(await request.json())
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/edgeroute", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    cfg = _write(
+        tmp_path,
+        ONE_MODEL
+        + f"keys:\n  root: {{token: {ROOT}, role: admin}}\n"
+        + f"alerts:\n  webhooks:\n    ops: {{url: http://127.0.0.1:{port}/edgeroute}}\n",
+    )
+    proc, url = await asyncio.to_thread(_serve, cfg)
+    try:
+        status, body = await call("POST", url + "/admin/alerts/test?webhook=ops", ROOT)
+        assert (status, body) == (200, {"queued": ["ops"]}), body
+        sent = await asyncio.wait_for(got.get(), 30)
+    finally:
+        await asyncio.to_thread(_term, proc)
+        await runner.cleanup()
+    assert sent["source"] == "edgeroute" and sent["event"] == "test", sent
+    assert (sent["alert"]["rule"], sent["alert"]["kind"]) == ("test", "test"), sent
+    readme = await asyncio.to_thread(README.read_text)
+    assert '(`"event": "test"`, its alert\'s `rule` and `kind` `test`)' in readme
