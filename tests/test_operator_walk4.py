@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +253,66 @@ async def test_a_test_alert_reaches_a_local_webhook_as_the_readme_says(tmp_path:
     assert (sent["alert"]["rule"], sent["alert"]["kind"]) == ("test", "test"), sent
     readme = await asyncio.to_thread(README.read_text)
     assert '(`"event": "test"`, its alert\'s `rule` and `kind` `test`)' in readme
+
+
+# -- Deploy: a read-only config file (the systemd unit, a :ro mount) ---------------------------------
+
+
+def test_a_change_the_api_cannot_write_back_is_undone_by_the_next_reload(tmp_path: Path) -> None:
+    """The systemd unit (ProtectSystem=strict) and the README's `docker run` keep the config
+    read-only: a rollback or deployment change through the API answers `file_updated: false`,
+    and the next `systemctl reload` (SIGHUP) or restart applies the file again, undoing it. The
+    README said only that the change is written back."""
+    import re
+    import shutil
+    import signal
+    import urllib.request
+
+    import pytest
+
+    from tests.test_operator_walk2 import _READ_ONLY_ETC, _stop
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    probe = subprocess.run(["unshare", "-r", "-m", "true"], capture_output=True, timeout=10)
+    if probe.returncode != 0:
+        pytest.skip(f"no user and mount namespaces here: {probe.stderr.decode()[:200]}")
+    etc, data = tmp_path / "etc", tmp_path / "data"
+    etc.mkdir()
+    data.mkdir()
+    (etc / "edgeroute.yaml").write_text(
+        ONE_MODEL + f"keys:\n  root: {{token: {ROOT}, role: admin}}\nledger: {{path: {data}/edgeroute-ledger.db}}\n"
+    )
+    script = tmp_path / "serve.sh"
+    script.write_text(_READ_ONLY_ETC.format(etc=etc, python=sys.executable))
+    proc = subprocess.Popen(
+        ["unshare", "-r", "-m", "sh", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+
+    def admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(
+            url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        assert proc.stdout is not None
+        m = re.search(r"listening on (http://127\.0\.0\.1:\d+) ", proc.stdout.readline())
+        assert m, proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
+        url = m[1]
+        changed = admin("PATCH", "/admin/deployments/d", {"weight": 3})
+        assert changed["file_updated"] is False, changed
+        assert admin("GET", "/admin/config")["config"]["deployments"]["d"]["weight"] == 3
+        proc.send_signal(signal.SIGHUP)  # what `systemctl reload` sends
+        deadline = time.monotonic() + 30
+        while (running := admin("GET", "/admin/config"))["version"] == changed["version"]:
+            assert time.monotonic() < deadline, "the SIGHUP reload was not applied"
+            time.sleep(0.1)
+        assert running["config"]["deployments"]["d"].get("weight", 1) == 1, running
+    finally:
+        _stop(proc)
+    said = " ".join(README.read_text().split())
+    assert "the next reload or restart applies the file again" in said
