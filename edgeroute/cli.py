@@ -99,7 +99,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "`price: {input_per_mtok: N, output_per_mtok: N}` (zeros for a free one) to say so",
             file=sys.stderr,
         )
-    for note in _content_notes(cfg):
+    for note in [*_content_notes(cfg), *_residency_notes(cfg)]:
         print(f"note: {note}", file=sys.stderr)
     return 0
 
@@ -127,6 +127,31 @@ def _content_notes(cfg: config_mod.Config) -> list[str]:
             " to no request"
         )
     return notes
+
+
+def _residency_notes(cfg: config_mod.Config) -> list[str]:
+    """Keys and teams bound to a region no deployment is tagged with: valid (a deployment may
+    be tagged later), but every request of theirs is refused (403) until one is."""
+    from edgeroute.governance.residency import regions
+
+    res = cfg.governance.residency
+    if res is None:
+        return []
+    served = regions(cfg)
+    bound: dict[str, list[str]] = {}
+    for what, table in (("key", res.keys), ("team", res.teams)):
+        for name, region in table.items():
+            if region not in served:
+                bound.setdefault(region, []).append(f"{what} {name}")
+
+    def listed(who: list[str]) -> str:
+        return " and ".join([", ".join(who[:-1]), who[-1]] if len(who) > 1 else who)
+
+    return [
+        f"governance.residency binds {listed(who)} to region {region}, which no deployment is tagged with "
+        f"({res.tag_prefix}{region}): {'its' if len(who) == 1 else 'their'} requests are refused (403) until one is"
+        for region, who in sorted(bound.items())
+    ]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -316,3 +316,30 @@ def test_a_change_the_api_cannot_write_back_is_undone_by_the_next_reload(tmp_pat
         _stop(proc)
     said = " ".join(README.read_text().split())
     assert "the next reload or restart applies the file again" in said
+
+
+# -- edgeroute check: residency with no deployment in the region --------------------------------------
+
+
+def test_check_notes_a_residency_region_no_deployment_is_in(tmp_path: Path) -> None:
+    """The README's governance example (`residency: {..., teams: {research: eu}, keys: {root:
+    eu}}`) in a config with no deployment tagged `region:eu`: `check` said OK, then every request
+    of root's was refused 403 (`none is configured`) and `keys create --residency eu` a 400."""
+    cfg = _write(
+        tmp_path,
+        ONE_MODEL
+        + f"keys:\n  root: {{token: {ROOT}, role: admin}}\n  app: {{token: app-token-1}}\n"
+        + 'governance:\n  residency: {tag_prefix: "region:", teams: {research: eu}, keys: {root: eu, app: us}}\n',
+    )
+    r = _cli("check", str(cfg))
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "residency" in line]
+    assert notes == [
+        "note: governance.residency binds key root and team research to region eu, which no deployment is "
+        "tagged with (region:eu): their requests are refused (403) until one is",
+        "note: governance.residency binds key app to region us, which no deployment is tagged with "
+        "(region:us): its requests are refused (403) until one is",
+    ], r.stderr
+    tagged = cfg.read_text().replace("price: catalogue}", 'price: catalogue, tags: ["region:eu", "region:us"]}')
+    r = _cli("check", str(_write(tmp_path, tagged, "tagged.yaml")))
+    assert r.returncode == 0 and "residency" not in r.stderr, r.stderr
