@@ -343,3 +343,32 @@ def test_check_notes_a_residency_region_no_deployment_is_in(tmp_path: Path) -> N
     tagged = cfg.read_text().replace("price: catalogue}", 'price: catalogue, tags: ["region:eu", "region:us"]}')
     r = _cli("check", str(_write(tmp_path, tagged, "tagged.yaml")))
     assert r.returncode == 0 and "residency" not in r.stderr, r.stderr
+
+
+# -- serve --log-format text: the decision line -----------------------------------------------------------
+
+
+async def test_the_text_log_s_decision_line_says_when(tmp_path: Path) -> None:
+    """With `log_format: text` (the default) and `decision_log: true`, every other line starts
+    with its time, but the decision line was its fields alone: which request it was, and not
+    when. It is JSON as before, with `ts` as in JSON mode."""
+    import datetime as dt
+
+    cfg = _write(tmp_path, ONE_MODEL.replace("http://127.0.0.1:9/v1", _closed_url()) + "server: {decision_log: true}\n")
+    proc, url = await asyncio.to_thread(_serve, cfg)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    try:
+        try:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        except openai.APIStatusError as e:
+            assert e.status_code == 502, e
+            rid = e.response.headers["x-request-id"]
+    finally:
+        await client.close()
+        await asyncio.to_thread(_term, proc)
+    assert proc.stderr is not None
+    lines = [json.loads(x) for x in proc.stderr.read().splitlines() if x.startswith("{")]
+    (line,) = [x for x in lines if x.get("request_id") == rid]
+    when = dt.datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
+    assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 60, line
+    assert (line["status"], line["model"]) == (502, "m"), line
