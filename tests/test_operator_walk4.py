@@ -372,3 +372,40 @@ async def test_the_text_log_s_decision_line_says_when(tmp_path: Path) -> None:
     when = dt.datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
     assert abs((dt.datetime.now(dt.UTC) - when).total_seconds()) < 60, line
     assert (line["status"], line["model"]) == (502, "m"), line
+
+
+def test_the_console_tells_a_teams_key_why_a_gateway_view_is_not_shown(tmp_path: Path) -> None:
+    """A team's admin key (`keys create --role admin --team research`) in the console: the
+    alerts page and the configuration's sections said `GET /admin/alerts: not available on this
+    server.`, though the server has them; they cover every team, which a team's key may not see."""
+    from tests.ui.conftest import need_browser
+
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ui.browser import navigate, start_browser, wait_idle
+
+    proc, url = _serve(_managed(tmp_path))
+    drv = None
+    try:
+        team_admin = _create(url, "--role", "admin", "--team", "research")
+        drv = start_browser()
+        drv.get(url + "/ui/")
+        WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
+        drv.find_element(By.ID, "key").send_keys(team_admin["secret"])
+        drv.find_element(By.ID, "signin").click()
+        WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
+        said = {}
+        for page in ("alerts", "config"):
+            navigate(drv, functools.partial(drv.get, f"{url}/ui/#/{page}"))
+            wait_idle(drv)
+            said[page] = [e.text for e in drv.find_elements(By.CSS_SELECTOR, ".notice")]
+    finally:
+        if drv is not None:
+            drv.quit()
+        _term(proc)
+    every = "covers every team, so a key of team research may not see it (sign in with a key without a team)."
+    assert f"GET /admin/alerts: {every}" in said["alerts"], said
+    assert f"GET /admin/audit: {every}" in said["config"], said
+    assert not [n for page in said.values() for n in page if "not available on this server" in n], said
