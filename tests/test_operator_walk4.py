@@ -122,8 +122,10 @@ async def test_the_logs_table_keeps_its_columns_for_a_managed_key(tmp_path: Path
 
 def test_the_console_signed_in_with_a_managed_admin_key(tmp_path: Path) -> None:
     """`edgeroute keys create --role admin`, then the console at /ui/ with that key: every page
-    loads without an error, and the routing page's notices read as English (it said `No
-    request in this range was routed by a experiment variant.`)."""
+    loads without an error, the routing page's notices read as English (it said `No request
+    in this range was routed by a experiment variant.`), and the spend page's rate-limit
+    headroom shows a key's requests in flight against its `max_parallel` (it had no column
+    for it)."""
     from tests.ui.conftest import need_browser
 
     need_browser()
@@ -136,6 +138,7 @@ def test_the_console_signed_in_with_a_managed_admin_key(tmp_path: Path) -> None:
     drv = None
     try:
         admin = _create(url, "--role", "admin", "--name", "console")
+        capped = _create(url, "--max-parallel", "3", "--name", "capped")
         drv = start_browser()
         drv.get(url + "/ui/")
         WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
@@ -152,6 +155,13 @@ def test_the_console_signed_in_with_a_managed_admin_key(tmp_path: Path) -> None:
                 assert "No request in this range was routed by an experiment variant." in notices, notices
                 assert "No request in this range was routed by a rule." in notices, notices
                 assert not [n for n in notices if " a experiment" in n or " a a" in n], notices
+            if page == "spend":
+                WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.rate-limit"))
+                table = drv.find_element(By.XPATH, "//table[caption='Rate-limit headroom']")
+                heads = [th.text for th in table.find_elements(By.TAG_NAME, "th")]
+                assert heads[-1] == "In flight", heads
+                row = next(r for r in table.find_elements(By.CSS_SELECTOR, "tr.rate-limit") if capped["id"] in r.text)
+                assert row.find_elements(By.TAG_NAME, "td")[-1].text.startswith("0 / 3"), row.text
         assert admin["secret"] not in drv.current_url
     finally:
         if drv is not None:
