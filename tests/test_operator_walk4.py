@@ -192,6 +192,21 @@ def test_keys_list_shows_the_name_a_key_was_given(tmp_path: Path) -> None:
     assert all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout
 
 
+def test_keys_rotate_says_its_new_secret_is_shown_once(tmp_path: Path) -> None:
+    """`keys create` says its secret is shown once; `keys rotate --grace 1h`, which prints the
+    new secret the same way, said nothing of it."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        made = _create(url, "--name", "rotated")
+        r = _cli("keys", "rotate", made["id"], "--grace", "1h", env=_admin_env(url))
+    finally:
+        _term(proc)
+    assert r.returncode == 0, r.stderr
+    rotated = json.loads(r.stdout)
+    assert rotated["secret"].startswith(f"er-{made['id']}.") and rotated["secret"] != made["secret"]
+    assert "The new secret above is shown once; store it now." in r.stderr, r.stderr
+
+
 # -- edgeroute check: the request log's content settings ------------------------------------------------
 
 

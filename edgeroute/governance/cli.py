@@ -219,6 +219,7 @@ def _keys(args: argparse.Namespace) -> int:
         elif a == "rotate":
             grace = _span(args.grace, "--grace")
             _print(args, _call(args, "POST", f"/admin/keys/{args.id}/rotate", {"grace_seconds": grace}))
+            print("\nThe new secret above is shown once; store it now.", file=sys.stderr)
         elif a == "update":
             _print(args, _call(args, "PATCH", f"/admin/keys/{args.id}", _fields(args)))
 
