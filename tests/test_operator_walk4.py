@@ -434,3 +434,14 @@ def test_the_console_tells_a_teams_key_why_a_gateway_view_is_not_shown(tmp_path:
     assert f"GET /admin/alerts: {every}" in said["alerts"], said
     assert f"GET /admin/audit: {every}" in said["config"], said
     assert not [n for page in said.values() for n in page if "not available on this server" in n], said
+
+
+def test_audit_names_the_flag_it_cannot_read() -> None:
+    """`edgeroute audit --since yesterday` answered `error: 400: 'since' must be ...` (the API's
+    parameter, from a server it had to reach first) with status 1; `logs` and `stats` name
+    their flag and exit 2 for a value they cannot read."""
+    r = _cli("audit", "--since", "yesterday", "--url", _closed_url().removesuffix("/v1"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == "error: --since: 'yesterday' is not epoch seconds or a span such as 15m, 24h, 7d", (
+        r.stderr
+    )

@@ -250,6 +250,13 @@ def _config(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> None:
+        if args.since is not None:
+            try:
+                parse_since(args.since)
+            except ProxyError:  # it speaks to API callers ('since' must be ...)
+                raise ValueError(
+                    f"--since: {args.since!r} is not epoch seconds or a span such as 15m, 24h, 7d"
+                ) from None
         q = {"since": args.since, "actor": args.actor, "action": args.action, "limit": str(args.limit)}
         query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in q.items() if v)
         got = _call(args, "GET", f"/admin/audit?{query}")
