@@ -445,3 +445,40 @@ def test_audit_names_the_flag_it_cannot_read() -> None:
     assert r.stderr.strip() == "error: --since: 'yesterday' is not epoch seconds or a span such as 15m, 24h, 7d", (
         r.stderr
     )
+
+
+# -- deployments at runtime: a change that changes nothing -------------------------------------------
+
+
+def test_an_undrain_of_a_deployment_in_service_changes_nothing(tmp_path: Path) -> None:
+    """`POST /admin/deployments/d/undrain` on a deployment that was not drained (or a PATCH to
+    the weight it has) answered `undrained`, recorded a new config version identical to the
+    running one, an audit entry, and rewrote the operator's config file, its comments gone."""
+    import urllib.request
+
+    cfg = _write(tmp_path, "# the operator's notes\n" + ONE_MODEL + f"keys:\n  root: {{token: {ROOT}, role: admin}}\n")
+    before = cfg.read_text()
+    proc, url = _serve(cfg)
+
+    def admin(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        req = urllib.request.Request(
+            url + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    try:
+        version = admin("GET", "/admin/config")["version"]
+        got = admin("POST", "/admin/deployments/d/undrain")
+        assert got == {"deployment": "d", "action": "unchanged", "version": version, "file_updated": False}, got
+        got = admin("PATCH", "/admin/deployments/d", {"weight": 1})
+        assert got["action"] == "unchanged" and got["version"] == version, got
+        assert [v["version"] for v in admin("GET", "/admin/config/versions")["versions"]] == [version]
+        assert not [e for e in admin("GET", "/admin/audit")["entries"] if e["action"].startswith("deployment.")]
+        assert cfg.read_text() == before
+        # A change that changes something is applied, as before.
+        got = admin("PATCH", "/admin/deployments/d", {"weight": 2})
+        assert (got["action"], got["version"], got["file_updated"]) == ("updated", version + 1, True), got
+    finally:
+        _term(proc)

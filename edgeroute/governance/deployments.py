@@ -45,6 +45,10 @@ async def _change(request: web.Request, action: str, target: str, mutate: Mutati
     async with gov.lock, editing(request.app):
         data = yaml.safe_load(gov.versions.running_text)
         before, after = mutate(data)
+        if before == after:  # already so (an undrain of a deployment in service): no version, the file untouched
+            return json_response(
+                {"deployment": target, "action": "unchanged", "version": gov.versions.active, "file_updated": False}
+            )
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
         try:
             written = await apply_text(
