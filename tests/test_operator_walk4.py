@@ -482,3 +482,15 @@ def test_an_undrain_of_a_deployment_in_service_changes_nothing(tmp_path: Path) -
         assert (got["action"], got["version"], got["file_updated"]) == ("updated", version + 1, True), got
     finally:
         _term(proc)
+
+
+def test_logs_says_content_and_follow_go_with_and_without_an_id(tmp_path: Path) -> None:
+    """`edgeroute logs --content` (the README: `[--id ID [--content]]`) printed the table without
+    any content and said nothing; `--follow --id ID` showed the one request and did not follow."""
+    cfg = _write(tmp_path, ONE_MODEL + f"ledger: {{path: {tmp_path}/log.db}}\n")
+    r = _cli("logs", "-c", str(cfg), "--content")
+    assert (r.returncode, r.stdout) == (2, ""), r.stdout
+    assert r.stderr.strip() == "error: --content shows one request's stored prompt and answer: give it with --id ID"
+    r = _cli("logs", "-c", str(cfg), "--follow", "--id", "req_1")
+    assert (r.returncode, r.stdout) == (2, ""), r.stdout
+    assert "--follow prints new requests as they come; --id shows one" in r.stderr, r.stderr

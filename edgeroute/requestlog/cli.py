@@ -103,6 +103,14 @@ def _header() -> str:
 
 
 def logs(a: argparse.Namespace) -> int:
+    if a.id is None and a.content:
+        print("error: --content shows one request's stored prompt and answer: give it with --id ID", file=sys.stderr)
+        return 2
+    if a.id is not None and a.follow:
+        print(
+            "error: --follow prints new requests as they come; --id shows one: give one or the other", file=sys.stderr
+        )
+        return 2
     backend = open_backend(a.config)
     if backend is None:
         return 1
