@@ -192,6 +192,21 @@ def test_keys_list_shows_the_name_a_key_was_given(tmp_path: Path) -> None:
     assert all(line == line.rstrip() for line in r.stdout.splitlines()), r.stdout
 
 
+def test_a_refused_key_field_is_said_once(tmp_path: Path) -> None:
+    """`keys update ID --rpm 0` said `error: 400: Invalid key fields: rpm: Input should be greater
+    than or equal to 1` and then the same words again on a line of their own."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        made = _create(url, "--rpm", "60")
+        r = _cli("keys", "update", made["id"], "--rpm", "0", env=_admin_env(url))
+    finally:
+        _term(proc)
+    assert r.returncode == 1, r.stdout
+    assert r.stderr.strip() == "error: 400: Invalid key fields: rpm: Input should be greater than or equal to 1", (
+        r.stderr
+    )
+
+
 def test_keys_rotate_says_its_new_secret_is_shown_once(tmp_path: Path) -> None:
     """`keys create` says its secret is shown once; `keys rotate --grace 1h`, which prints the
     new secret the same way, said nothing of it."""

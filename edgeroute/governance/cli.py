@@ -151,7 +151,9 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
             err = json.loads(e.read())["error"]
             msg = err["message"]
             for p in err.get("problems") or []:
-                msg += f"\n  {p.get('error') or p}"
+                said = str(p.get("error") or p)
+                if said not in msg:  # a message that quotes its one problem already says it
+                    msg += f"\n  {said}"
         except (ValueError, KeyError, TypeError):
             msg = e.reason
         if e.code == 401:  # say how this command gives the server a key
