@@ -99,7 +99,59 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "`price: {input_per_mtok: N, output_per_mtok: N}` (zeros for a free one) to say so",
             file=sys.stderr,
         )
+    for note in [*_content_notes(cfg), *_residency_notes(cfg)]:
+        print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _content_notes(cfg: config_mod.Config) -> list[str]:
+    """The request log's per-model and per-key content settings that name nothing this config
+    serves or knows: valid (a model may be added later, a managed key is not in the file), but
+    a misspelt name keeps that model's or key's prompts as `log_content` says, silently."""
+    import re
+
+    log = cfg.request_log
+    notes = []
+    if models := [m for m in log.content_models if m not in cfg.models]:
+        notes.append(
+            f"request_log.content_models names {', '.join(models)}, "
+            f"{'which is not a model' if len(models) == 1 else 'which are not models'} of this config: "
+            f"{'its setting applies' if len(models) == 1 else 'their settings apply'} to no request"
+        )
+    managed = re.compile(r"k[0-9a-f]{12}")  # a managed key's id: it lives in the database, not the file
+    if keys := [k for k in log.content_keys if k not in cfg.keys and not managed.fullmatch(k)]:
+        notes.append(
+            f"request_log.content_keys names {', '.join(keys)}, "
+            f"{'which is not a key' if len(keys) == 1 else 'which are not keys'} of this config (nor a managed "
+            f"key's id, k and 12 hex digits): {'its setting applies' if len(keys) == 1 else 'their settings apply'}"
+            " to no request"
+        )
+    return notes
+
+
+def _residency_notes(cfg: config_mod.Config) -> list[str]:
+    """Keys and teams bound to a region no deployment is tagged with: valid (a deployment may
+    be tagged later), but every request of theirs is refused (403) until one is."""
+    from edgeroute.governance.residency import regions
+
+    res = cfg.governance.residency
+    if res is None:
+        return []
+    served = regions(cfg)
+    bound: dict[str, list[str]] = {}
+    for what, table in (("key", res.keys), ("team", res.teams)):
+        for name, region in table.items():
+            if region not in served:
+                bound.setdefault(region, []).append(f"{what} {name}")
+
+    def listed(who: list[str]) -> str:
+        return " and ".join([", ".join(who[:-1]), who[-1]] if len(who) > 1 else who)
+
+    return [
+        f"governance.residency binds {listed(who)} to region {region}, which no deployment is tagged with "
+        f"({res.tag_prefix}{region}): {'its' if len(who) == 1 else 'their'} requests are refused (403) until one is"
+        for region, who in sorted(bound.items())
+    ]
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -159,9 +159,10 @@ async def report(control: CostControl, now: float | None = None, team: str | Non
 
 
 def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[str, Any]]:
-    """Every configured limit (with what is used of it now) and every key bucket in use; for
-    a team, its keys' alone, and the model and deployment limits with their use withheld. A
-    key's row adds its `max_parallel` and its requests in flight on this instance."""
+    """Every configured limit (managed keys' as they are now), with what is used of it now, and
+    every key bucket in use; for a team, its keys' alone, and the model and deployment limits
+    with their use withheld. A key's row with a `max_parallel` adds its requests in flight on
+    this instance (`in_flight`, 0 when idle)."""
     cfg = control.cfg
     rows: dict[str, dict[str, Any]] = {}
 
@@ -174,17 +175,21 @@ def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[st
     configured = [(f"model:{m}", lim) for m, lim in cfg.rate_limits.models.items()]
     configured += [(f"deployment:{d}", lim) for d, lim in cfg.rate_limits.deployments.items()]
     configured += [(f"key:{k}", vk.limits) for k, vk in cfg.keys.items() if vk.limits is not None]
-    for name, lim in configured:
-        r = row(name)
-        r["rpm_limit"], r["tpm_limit"] = lim.rpm, lim.tpm
-        if lim.max_parallel is not None:
-            r["max_parallel"] = lim.max_parallel
-    for key, n in control.parallel.local.items():
-        row(f"key:{key}")["in_flight"] = n
+    # Managed keys' limits as they are now (a bucket holds the limit of its last request).
+    configured += [(f"key:{k}", lim) for k, lim in (control.keys.limits() if control.keys is not None else {}).items()]
     for (name, kind), (limit, used) in control.local_limits.usage().items():
         r = row(name)
         prefix = "rpm" if kind == "requests" else "tpm"
         r[f"{prefix}_limit"], r[f"{prefix}_used"] = limit, round(max(0.0, used), 3)
+    for name, lim in configured:
+        r = row(name)
+        if lim.rpm is not None or lim.tpm is not None:  # else a key's are rate_limits.per_key's, as its bucket says
+            r["rpm_limit"], r["tpm_limit"] = lim.rpm, lim.tpm
+        if lim.max_parallel is not None:
+            r["max_parallel"] = lim.max_parallel
+            r["in_flight"] = 0
+    for key, n in control.parallel.local.items():
+        row(f"key:{key}")["in_flight"] = n
     if team is not None:
         rows = {n: r for n, r in rows.items() if r["scope"] != "key" or r["name"] in team.keys}
         for r in rows.values():

@@ -151,7 +151,9 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
             err = json.loads(e.read())["error"]
             msg = err["message"]
             for p in err.get("problems") or []:
-                msg += f"\n  {p.get('error') or p}"
+                said = str(p.get("error") or p)
+                if said not in msg:  # a message that quotes its one problem already says it
+                    msg += f"\n  {said}"
         except (ValueError, KeyError, TypeError):
             msg = e.reason
         if e.code == 401:  # say how this command gives the server a key
@@ -173,9 +175,9 @@ def _print(
         return
     table = [[_cell(r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c), *(len(row[i]) for row in table)]) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
     for row in table:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _cell(v: Any) -> str:
@@ -210,7 +212,7 @@ def _keys(args: argparse.Namespace) -> int:
             print("\nThe secret above is shown once; store it now.", file=sys.stderr)
         elif a == "list":
             got = _call(args, "GET", "/admin/keys")
-            cols = ("id", "source", "status", "role", "team", "user", "residency", "expires_at")
+            cols = ("id", "name", "source", "status", "role", "team", "user", "residency", "expires_at")
             _print(args, got, got["keys"], cols)
         elif a == "show":
             _print(args, _call(args, "GET", f"/admin/keys/{args.id}"))
@@ -219,6 +221,7 @@ def _keys(args: argparse.Namespace) -> int:
         elif a == "rotate":
             grace = _span(args.grace, "--grace")
             _print(args, _call(args, "POST", f"/admin/keys/{args.id}/rotate", {"grace_seconds": grace}))
+            print("\nThe new secret above is shown once; store it now.", file=sys.stderr)
         elif a == "update":
             _print(args, _call(args, "PATCH", f"/admin/keys/{args.id}", _fields(args)))
 
@@ -249,6 +252,13 @@ def _config(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> None:
+        if args.since is not None:
+            try:
+                parse_since(args.since)
+            except ProxyError:  # it speaks to API callers ('since' must be ...)
+                raise ValueError(
+                    f"--since: {args.since!r} is not epoch seconds or a span such as 15m, 24h, 7d"
+                ) from None
         q = {"since": args.since, "actor": args.actor, "action": args.action, "limit": str(args.limit)}
         query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in q.items() if v)
         got = _call(args, "GET", f"/admin/audit?{query}")

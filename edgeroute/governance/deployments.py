@@ -53,18 +53,28 @@ async def _made(request: web.Request, action: str, target: str, mutate: Mutation
     def changed() -> str:  # from the running config's text once no reload is in progress
         data = yaml.safe_load(gov.versions.running_text)
         before, after = mutate(data)
+        if before == after:  # already so (an undrain of a deployment in service)
+            raise _Unchanged
         audit.append((f"deployment.{action}", target, before, after))
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
     async with gov.lock, editing(request.app):
         try:
             written = await apply_text(request.app, changed, "api", actor, audit)
+        except _Unchanged:  # no version, no audit entry, the file untouched
+            return json_response(
+                {"deployment": target, "action": "unchanged", "version": gov.versions.active, "file_updated": False}
+            )
         except config_mod.ConfigError as e:
             msg = f"The change to deployment {target!r} makes the config invalid; nothing changed."
             raise refused(400, msg, "invalid_config", e) from None
     return json_response(
         {"deployment": target, "action": action, "version": gov.versions.active, "file_updated": written}
     )
+
+
+class _Unchanged(Exception):
+    """The change asked for is already so: nothing to apply."""
 
 
 def _existing(data: dict[str, Any], name: str) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from edgeroute.requestlog import query
 
 _FILTERS = ("since", "until", "model", "deployment", "key", "team", "status", "error_class", "rule",
             "min_latency_ms", "min_cost_usd")  # fmt: skip
-_COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 10), ("status", 6),
+# Widths fit a request id (28) and a managed key id (13, `k` and 12 hex digits).
+_COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 13), ("status", 6),
             ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
             ("error_class", 14))  # fmt: skip
 
@@ -102,6 +103,14 @@ def _header() -> str:
 
 
 def logs(a: argparse.Namespace) -> int:
+    if a.id is None and a.content:
+        print("error: --content shows one request's stored prompt and answer: give it with --id ID", file=sys.stderr)
+        return 2
+    if a.id is not None and a.follow:
+        print(
+            "error: --follow prints new requests as they come; --id shows one: give one or the other", file=sys.stderr
+        )
+        return 2
     backend = open_backend(a.config)
     if backend is None:
         return 1

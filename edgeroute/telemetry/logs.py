@@ -69,7 +69,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger [request id]: message`; the decision log's lines are its JSON fields alone."""
+    """`time LEVEL logger [request id]: message`; the decision log's lines are JSON, as in JSON
+    mode: its time (`ts`) and its fields (the request id among them)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s%(rid)s: %(message)s")
@@ -77,7 +78,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         if record.name == _DECISIONS and isinstance(fields, dict):
-            return redact.json_printable(orjson.dumps(fields, default=str).decode())  # a client's model name
+            line = {"ts": _iso(record.created), **fields}
+            return redact.json_printable(orjson.dumps(line, default=str).decode())  # a client's model name
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
         return super().format(record)

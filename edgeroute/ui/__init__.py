@@ -112,14 +112,18 @@ async def ui_session(request: web.Request) -> web.Response:
     ok, body = _signed_in(request)
     if ok:
         role = str(body["role"])
-        routes = set()
+        routes, withheld = set(), set()
         for route in request.app.router.routes():
             path = route.resource.canonical if route.resource is not None else ""
             needed = roles.required_role(route.method, path)
             if path.startswith("/admin/") and needed is not None and roles.permits(role, needed):
                 if body.get("team") is None or roles.team_may(route.method, path):  # a team's key: its routes
                     routes.add(f"{route.method} {path}")
+                else:  # the server has it, but it covers every team: the console says so, not "not available"
+                    withheld.add(f"{route.method} {path}")
         body["routes"] = sorted(routes)
+        if body.get("team") is not None:
+            body["every_team"] = sorted(withheld)
     body["signed_in"] = ok
     return web.Response(body=orjson.dumps(body), content_type="application/json", headers=NO_STORE)
 

@@ -77,6 +77,7 @@ async function boot() {
   }
   state.who = who;
   state.routes = new Set(who.routes);
+  state.everyTeam = new Set(who.every_team || []);
   document.body.classList.remove('login');
   document.getElementById('top').hidden = false;
   document.getElementById('nav').hidden = false;
@@ -115,6 +116,9 @@ function route() {
     can: (role) => RANK[state.who.role] >= RANK[role],
     // Whether this server has the admin route and this key may call it: "GET /admin/stats".
     has: (route) => state.routes.has(route),
+    // A route this server has that a team's key may not call: it covers every team.
+    everyTeam: (route) => state.everyTeam.has(route),
+    team: state.who.team || null,
     alive: () => gen === state.generation,
     link,
     go: (hash) => { location.hash = hash; },

@@ -17,7 +17,13 @@ export async function load(body, ctx, needs, fetcher, draw) {
   const missing = needs.filter((r) => !ctx.has(r));
   if (missing.length) {
     clear(body);
-    body.append(notice(missing.join(', ') + ': not available on this server' + (ctx.can('admin') ? '.' : ' (or not to your role).')));
+    const withheld = missing.filter((r) => ctx.everyTeam(r)), lacking = missing.filter((r) => !ctx.everyTeam(r));
+    if (withheld.length) {
+      body.append(notice(withheld.join(', ') + ': covers every team, so a key of team ' + ctx.team + ' may not see it (sign in with a key without a team).'));
+    }
+    if (lacking.length) {
+      body.append(notice(lacking.join(', ') + ': not available on this server' + (ctx.can('admin') ? '.' : ' (or not to your role).')));
+    }
     return;
   }
   if (!body.firstChild) body.append(h('p', { class: 'muted' }, 'Loading…'));

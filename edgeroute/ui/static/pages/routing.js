@@ -45,7 +45,8 @@ export default {
       groups.forEach(([by, label], i) => {
         load(bodies[i], ctx, [STATS], () => api('/admin/stats', { params: { since: ctx.range, group_by: by } }), (body, d) => {
           const seen = d.rows.filter((r) => r.group !== null && r.group !== '');
-          if (!seen.length) body.append(notice('No request in this range was routed by a ' + label.toLowerCase() + '.'));
+          const what = label.toLowerCase();
+          if (!seen.length) body.append(notice(`No request in this range was routed by ${/^[aeiou]/.test(what) ? 'an' : 'a'} ${what}.`));
           body.append(statsTable(d.rows, label));
         });
       });

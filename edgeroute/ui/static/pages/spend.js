@@ -80,10 +80,15 @@ export default {
           if (used === null || used === undefined) return h('div', {}, `limit ${f.num(lim)} (shared by every team)`);
           return h('div', {}, `${f.num(used)} / ${f.num(lim)} · ${f.pct(Math.max(0, 1 - used / lim))} free`, meter(used / lim, what + ' used'));
         };
+        // A key's max_parallel: its requests in flight on this instance against the cap.
+        const parallel = rows.some((r) => r.max_parallel)
+          ? [{ label: 'In flight', value: (r) => r, format: (r) => cell(r.in_flight, r.max_parallel, 'requests in flight') }]
+          : [];
         body.append(table([
           { label: 'Scope', key: 'scope' }, { label: 'Name', key: 'name' },
           { label: 'Requests/min', value: (r) => r, format: (r) => cell(r.rpm_used, r.rpm_limit, 'requests per minute') },
           { label: 'Tokens/min', value: (r) => r, format: (r) => cell(r.tpm_used, r.tpm_limit, 'tokens per minute') },
+          ...parallel,
         ], rows, { caption: 'Rate-limit headroom', rowAttrs: () => ({ class: 'rate-limit' }) }));
       });
     };
