@@ -108,3 +108,21 @@ async def test_a_budget_or_expiry_past_any_calendar_is_a_400(
     )  # fmt: skip
     _, err = await done.communicate()
     assert done.returncode == 0, err.decode()
+
+
+async def test_a_keys_metadata_nested_past_what_json_writes_is_a_400(governed: Any) -> None:
+    """A key's `metadata` nested 255 levels or more (JSON reads 1,024, writes 254) was a 500 and
+    a traceback on `POST`/`PATCH /admin/keys` (a tenant's admin key's route too); it is the 400
+    of a bad field now, and metadata at a depth that is written back is still taken."""
+    auth = {"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"}
+    deep = '{"a":' * 300 + "1" + "}" * 300
+    async with aiohttp.ClientSession(headers=auth) as s:
+        async with s.post(governed.url + "/admin/keys", data='{"name": "k"}') as r:
+            made = await r.json()
+        for method, path in (("POST", "/admin/keys"), ("PATCH", f"/admin/keys/{made['id']}")):
+            async with s.request(method, governed.url + path, data='{"metadata":' + deep + "}") as r:
+                body = await r.json()
+            assert r.status == 400 and body["error"]["code"] == "invalid_key", body
+            assert body["error"]["problems"][0]["field"] == "metadata"
+        async with s.patch(governed.url + f"/admin/keys/{made['id']}", json={"metadata": {"team": {"a": [1]}}}) as r:
+            assert r.status == 200 and (await r.json())["metadata"] == {"team": {"a": [1]}}
