@@ -110,19 +110,33 @@ async def test_a_budget_or_expiry_past_any_calendar_is_a_400(
     assert done.returncode == 0, err.decode()
 
 
-async def test_a_keys_metadata_nested_past_what_json_writes_is_a_400(governed: Any) -> None:
-    """A key's `metadata` nested 255 levels or more (JSON reads 1,024, writes 254) was a 500 and
-    a traceback on `POST`/`PATCH /admin/keys` (a tenant's admin key's route too); it is the 400
-    of a bad field now, and metadata at a depth that is written back is still taken."""
+@pytest.mark.parametrize(
+    ("method", "path", "field"),
+    [
+        ("POST", "/admin/keys", "metadata"),
+        ("PATCH", "/admin/keys/{id}", "metadata"),
+        ("POST", "/admin/deployments", "price"),
+        ("PATCH", "/admin/deployments/d-a", "price"),
+    ],
+)
+async def test_an_admin_body_nested_past_the_bound_is_a_400(governed: Any, method: str, path: str, field: str) -> None:
+    """An admin body nested deeper than any config or key holds was a 500 and a traceback: a
+    key's `metadata` past 254 levels (JSON reads 1,024, writes 254) on `POST`/`PATCH
+    /admin/keys` (a tenant's admin key's route too), a deployment's field past ~1,000 (the
+    YAML the change is written as). It is a 400 now, as a request body nested more than 128
+    levels deep is; a body within the bound is taken."""
     auth = {"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"}
-    deep = '{"a":' * 300 + "1" + "}" * 300
     async with aiohttp.ClientSession(headers=auth) as s:
         async with s.post(governed.url + "/admin/keys", data='{"name": "k"}') as r:
             made = await r.json()
-        for method, path in (("POST", "/admin/keys"), ("PATCH", f"/admin/keys/{made['id']}")):
-            async with s.request(method, governed.url + path, data='{"metadata":' + deep + "}") as r:
+        url = governed.url + path.format(id=made["id"])
+        named = '"name": "n", "provider": "a", "model": "x", ' if path == "/admin/deployments" else ""
+        for depth in (129, 300, 1000):
+            deep = '{"a":' * depth + "1" + "}" * depth
+            async with s.request(method, url, data="{" + named + f'"{field}": {deep}}}') as r:
                 body = await r.json()
-            assert r.status == 400 and body["error"]["code"] == "invalid_key", body
-            assert body["error"]["problems"][0]["field"] == "metadata"
-        async with s.patch(governed.url + f"/admin/keys/{made['id']}", json={"metadata": {"team": {"a": [1]}}}) as r:
-            assert r.status == 200 and (await r.json())["metadata"] == {"team": {"a": [1]}}
+            assert r.status == 400, body
+            assert body["error"]["message"] == "The body is nested more than 128 levels deep.", body
+        if field == "metadata":
+            async with s.request(method, url, json={"metadata": {"team": {"a": [1]}}}) as r:
+                assert r.status in (200, 201) and (await r.json())["metadata"] == {"team": {"a": [1]}}
