@@ -543,7 +543,7 @@ def answered_headers(live: Live, rid: str, d: _core.Decision, rec: RequestRecord
     if call.spilled:
         h[headers.EXPLAIN] += spill_note(live.classes, d.priority, call.spilled)
     if dropped := getattr(call, "dropped", None):  # a pipeline's call (endpoints/pipeline.py)
-        h[headers.DROPPED_PARAMS] = ",".join(dropped)
+        h[headers.DROPPED_PARAMS] = headers.name_list(dropped)
     return h
 
 

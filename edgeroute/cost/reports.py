@@ -42,8 +42,8 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
         return None
     now = time.time() if now is None else now
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
-    if m:
-        return now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    if m:  # further back than 1970 (a span past any calendar) means from the start
+        return max(0.0, now - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)])
     try:
         when = dt.datetime.fromisoformat(value.strip())
     except ValueError:

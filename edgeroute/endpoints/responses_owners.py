@@ -11,8 +11,10 @@ reaches the client: a process killed in between never showed the id, and a write
 fails leaves the id unbound. A request whose `previous_response_id` is bound to someone
 else, or to no one (made before this check existed, directly at the provider, or whose
 binding failed), is answered OpenAI's own 404 for an unknown id: whether it exists is not
-revealed. A server without virtual keys (the config's `keys` or managed keys: a keyless
-sidecar, shared keys only) has one tenant: nothing is bound or checked there.
+revealed. Stored state named by id that no binding covers (an input `item_reference`, a
+provider-side `conversation`) is refused with a 400 before any call. A server without
+virtual keys (the config's `keys` or managed keys: a keyless sidecar, shared keys only) has
+one tenant: nothing is bound or checked there.
 """
 
 from __future__ import annotations
@@ -59,10 +61,39 @@ def not_found(response_id: str) -> ProxyError:
     )
 
 
+def _names_stored_state(raw: dict[str, Any]) -> None:
+    """Refuses what names provider-side state no binding can confine: an input item referring
+    to a stored item by id (`item_reference`; its type may be left out), which puts another
+    tenant's answer into the prompt, and a stored `conversation` (made at the provider)."""
+    if raw.get("conversation") is not None:
+        raise ProxyError(
+            400,
+            "'conversation' names a conversation stored at the provider, which edgeroute cannot confine to this "
+            "key's tenant: continue a response with previous_response_id.",
+            param="conversation",
+        )
+    items = raw.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if isinstance(item, dict) and (
+            kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
+        ):
+            raise ProxyError(
+                400,
+                f"'input[{i}]' names a stored item by its id, which edgeroute cannot confine to this key's tenant: "
+                "send the item itself, or continue its response with previous_response_id.",
+                param="input",
+            )
+
+
 async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
-    """Refuses a `previous_response_id` the caller did not create (see the module's doc)."""
+    """Refuses a `previous_response_id` the caller did not create, and stored items or
+    conversations named by id (see the module's doc)."""
+    if not _tenants(request, live):
+        return
+    _names_stored_state(raw)
     prev = raw.get("previous_response_id")
-    if prev is None or not _tenants(request, live):
+    if prev is None:
         return
     if not isinstance(prev, str) or not prev:
         raise ProxyError(400, "'previous_response_id' must be a non-empty string.", param="previous_response_id")

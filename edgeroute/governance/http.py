@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from edgeroute import _core
 from edgeroute.errors import ProxyError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -18,9 +19,16 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
 
 
+# As for a request body (`request_input.MAX_JSON_DEPTH`): no config or key nests this deep, and
+# writing one that does back (a key's metadata as JSON, a deployment change as YAML) failed.
+MAX_DEPTH = 128
+
+
 async def json_object(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body (an empty body is `{}`); 400 otherwise."""
     raw = await request.read()
+    if _core.Router.nesting_over(raw, MAX_DEPTH):
+        raise ProxyError(400, f"The body is nested more than {MAX_DEPTH} levels deep.")
     try:
         body = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError:

@@ -421,7 +421,7 @@ class ManagedKeys:
 
 def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f: KeyFields) -> None:
     """A key cannot give more than it has: role, budget, rate limits, expiry, models, denied
-    tags, team, residency, priority classes."""
+    tags, team, user, residency, priority classes."""
     if creator is None:
         return  # loopback without keys, or the CLI on the database: the operator of the machine
     mine = roles.access_role(creator.role)
@@ -458,6 +458,9 @@ def check_scope(creator: Identity | None, creator_raw: dict[str, Any] | None, f:
     # A team's keys spend against its budgets: another team (or none) would escape them.
     if creator.team is not None and f.team != creator.team:
         raise ProxyError(403, f"The new key must keep this key's team '{creator.team}'.", code="permission_denied")
+    # Likewise a user's: a `scope: user` budget bounds the keys bound to that user alone.
+    if creator.user is not None and f.user != creator.user:
+        raise ProxyError(403, f"The new key must keep this key's user '{creator.user}'.", code="permission_denied")
     if creator.residency is not None and f.residency != creator.residency:
         raise ProxyError(
             403, f"The new key must keep this key's residency '{creator.residency}'.", code="permission_denied"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,12 @@ REDACTED = "redacted:sha256:"
 # Mapping keys whose string values are credentials (or may embed one), and every header value.
 _SECRET_FIELDS = frozenset(
     {"api_key", "token", "token_sha256", "dsn", "redis_url", "api_keys", "secret", "aws_access_key_id",
-     "aws_secret_access_key", "aws_session_token"}
+     "aws_secret_access_key", "aws_session_token", "proxy"}
 )  # fmt: skip
-_URLS = frozenset({"dsn", "redis_url"})  # secret only when they carry credentials (user:password@)
+# Secret only when they carry credentials (user:password@); a proxy's may be written without a scheme.
+_URLS = frozenset({"dsn", "redis_url", "proxy"})
+# Any other URL with credentials in it (a `base_url`, a tracing endpoint): `scheme://user[:password]@`.
+_URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 
 Leaf = tuple[Any, Any, tuple[Any, ...]]  # (container, key or index, path from the root)
 
@@ -47,7 +51,10 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
     """Every literal secret in parsed config data (references such as `env:X` are not secrets)."""
     if isinstance(data, list):
         for i, x in enumerate(data):
-            yield from _leaves(x, (*path, i), parent)
+            if isinstance(x, str) and _URL_WITH_CREDENTIALS.match(x):
+                yield data, i, (*path, i)
+            else:
+                yield from _leaves(x, (*path, i), parent)
         return
     if not isinstance(data, dict):
         return
@@ -56,6 +63,8 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
         if secret and isinstance(v, str):
             if _literal(str(k), v):
                 yield data, k, (*path, k)
+        elif isinstance(v, str) and _URL_WITH_CREDENTIALS.match(v):
+            yield data, k, (*path, k)
         elif secret and isinstance(v, list):
             yield from ((v, i, (*path, k, i)) for i, x in enumerate(v) if isinstance(x, str) and _literal(str(k), x))
         else:

@@ -30,6 +30,8 @@ _OPTIONS: web.AppKey[MockOptions] = web.AppKey("endpoint_options")
 _ERROR: web.AppKey[Callable[..., web.Response]] = web.AppKey("endpoint_error")
 # Stored responses (`store`, on by default), as OpenAI keeps them: id -> the conversation's text so far.
 _STORED: web.AppKey[dict[str, str]] = web.AppKey("stored_responses")
+# Their output items, which an input item `{"type": "item_reference", "id": ...}` names: id -> text.
+_ITEMS: web.AppKey[dict[str, str]] = web.AppKey("stored_items")
 
 
 def _options(request: web.Request) -> MockOptions:
@@ -150,11 +152,23 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _input_text(value: Any) -> str:
+def is_item_reference(item: Any) -> bool:
+    """An input item that names a stored item by id (its `type` may be left out)."""
+    if not isinstance(item, dict):
+        return False
+    kind = item.get("type")
+    return kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
+
+
+def _input_text(value: Any, items: dict[str, str]) -> str:
+    """The input's text, stored items named by reference included; KeyError for an unknown one."""
     if isinstance(value, str):
         return value
     parts: list[str] = []
     for item in value if isinstance(value, list) else ():
+        if is_item_reference(item):
+            parts.append(items[str(item.get("id"))])
+            continue
         content = item.get("content") if isinstance(item, dict) else None
         if isinstance(content, str):
             parts.append(content)
@@ -168,7 +182,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     got = await _admit(request, "input")
     if isinstance(got, web.Response):
         return got
-    prompt = _input_text(got["input"])
+    try:
+        prompt = _input_text(got["input"], request.app[_ITEMS])
+    except KeyError as e:
+        said = f"Item with id '{e.args[0]}' not found."
+        body = {"error": {"message": said, "type": "invalid_request_error", "param": "input", "code": None}}
+        return web.Response(status=404, body=orjson.dumps(body), content_type="application/json")
     prev = got.get("previous_response_id")
     if prev is not None:  # the stored conversation continued: its text comes first, as the model sees it
         if prev not in request.app[_STORED]:
@@ -183,6 +202,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     text = " ".join(pieces)
     if got.get("store", True) is not False:
         request.app[_STORED][rid] = f"{prompt} {text}"
+        request.app[_ITEMS][mid] = text
     ptoks = max(1, len(prompt.split()))
     usage = {
         "input_tokens": ptoks,
@@ -233,7 +253,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application, prefix: str, options: MockOptions, error: Callable[..., web.Response]) -> None:
-    app[_OPTIONS], app[_ERROR], app[_STORED] = options, error, {}
+    app[_OPTIONS], app[_ERROR], app[_STORED], app[_ITEMS] = options, error, {}, {}
     app.router.add_post(f"{prefix}/embeddings", embeddings)
     app.router.add_post(f"{prefix}/completions", completions)
     app.router.add_post(f"{prefix}/responses", responses)

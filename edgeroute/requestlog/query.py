@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from edgeroute.requestlog import rollup
+from edgeroute.requestlog.content import error_text
 
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
@@ -224,7 +225,7 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
         tags=detail.get("tags", []),
         reasons=detail.get("reasons", []),
         admission=detail.get("admission"),
-        attempts=detail.get("attempts", []),
+        attempts=detail.get("attempts", []) if with_content else _without_quotes(detail.get("attempts", [])),
         priority=detail.get("priority"),
     )
     if raw_content is None:
@@ -237,6 +238,12 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
         out["content"] = None
         out["content_withheld"] = True  # stored, but only an admin key may read it
     return out
+
+
+def _without_quotes(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Attempts as a caller who may not read the content sees them: each upstream error as it is
+    stored with content off (an error kept with the content may quote the prompt)."""
+    return [{**a, "error": error_text(a["error"], "none")} if isinstance(a.get("error"), str) else a for a in attempts]
 
 
 # -- stats -----------------------------------------------------------------------------

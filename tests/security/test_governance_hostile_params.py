@@ -108,3 +108,35 @@ async def test_a_budget_or_expiry_past_any_calendar_is_a_400(
     )  # fmt: skip
     _, err = await done.communicate()
     assert done.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "field"),
+    [
+        ("POST", "/admin/keys", "metadata"),
+        ("PATCH", "/admin/keys/{id}", "metadata"),
+        ("POST", "/admin/deployments", "price"),
+        ("PATCH", "/admin/deployments/d-a", "price"),
+    ],
+)
+async def test_an_admin_body_nested_past_the_bound_is_a_400(governed: Any, method: str, path: str, field: str) -> None:
+    """An admin body nested deeper than any config or key holds was a 500 and a traceback: a
+    key's `metadata` past 254 levels (JSON reads 1,024, writes 254) on `POST`/`PATCH
+    /admin/keys` (a tenant's admin key's route too), a deployment's field past ~1,000 (the
+    YAML the change is written as). It is a 400 now, as a request body nested more than 128
+    levels deep is; a body within the bound is taken."""
+    auth = {"Authorization": f"Bearer {ROOT}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=auth) as s:
+        async with s.post(governed.url + "/admin/keys", data='{"name": "k"}') as r:
+            made = await r.json()
+        url = governed.url + path.format(id=made["id"])
+        named = '"name": "n", "provider": "a", "model": "x", ' if path == "/admin/deployments" else ""
+        for depth in (129, 300, 1000):
+            deep = '{"a":' * depth + "1" + "}" * depth
+            async with s.request(method, url, data="{" + named + f'"{field}": {deep}}}') as r:
+                body = await r.json()
+            assert r.status == 400, body
+            assert body["error"]["message"] == "The body is nested more than 128 levels deep.", body
+        if field == "metadata":
+            async with s.request(method, url, json={"metadata": {"team": {"a": [1]}}}) as r:
+                assert r.status in (200, 201) and (await r.json())["metadata"] == {"team": {"a": [1]}}

@@ -30,10 +30,11 @@ ECHO = (
 )
 
 
-async def _stored_error(start_upstream: Any, tmp_path: Path, request_log: dict[str, Any]) -> Any:
+async def echo_config(start_upstream: Any, tmp_path: Path, request_log: dict[str, Any]) -> dict[str, Any]:
+    """Model `m`: first a deployment whose 500 quotes the prompt (`ECHO`), then a good one."""
     bad = await start_upstream(fail_status=500, fail_message=ECHO)
     good = await start_upstream()
-    cfg = {
+    return {
         "providers": {"bad": {"base_url": bad.base_url}, "good": {"base_url": good.base_url}},
         "deployments": {
             "d-bad": {"provider": "bad", "model": "gpt-4o", "price": CHEAP},  # the first try
@@ -43,6 +44,10 @@ async def _stored_error(start_upstream: Any, tmp_path: Path, request_log: dict[s
         "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
         "request_log": request_log,
     }
+
+
+async def _stored_error(start_upstream: Any, tmp_path: Path, request_log: dict[str, Any]) -> Any:
+    cfg = await echo_config(start_upstream, tmp_path, request_log)
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         raw = await client.chat.completions.with_raw_response.create(

@@ -1,0 +1,64 @@
+"""Credentials written in a config's URLs: a provider's forward `proxy:` with a user and
+password (the schema names it a credential to give by reference), a `base_url` or a tracing
+endpoint with one. Every view of the config masks literal secrets, but these were shown as
+written to any viewer key (`/admin/config`, a version, a diff) and stored in clear in the
+config versions table, where every other literal secret is stored as its hash. They are
+masked and stored as hashes now, and a rollback still takes them back from the running
+config."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from edgeroute.state import STATE
+from tests.security.governed import ROOT, call
+from tests.test_cost_support import cost_proxy
+
+VIEWER = "tok-viewer-0123456789"
+PROXY = "http://egress-user:PROXY-PASS-0123@127.0.0.1:3128"
+BASE = "https://BASE-TOKEN-0123@upstream.example/v1"
+TRACES = "https://otel:TRACE-PASS-0123@otel.example/v1/traces"
+SECRETS = ("PROXY-PASS-0123", "BASE-TOKEN-0123", "TRACE-PASS-0123")
+
+
+def _config(tmp_path: Path) -> dict[str, Any]:
+    price = {"input_per_mtok": 1, "output_per_mtok": 1}
+    return {
+        "providers": {"a": {"base_url": BASE, "api_key": "env:NOT_USED_HERE", "proxy": PROXY}},
+        "deployments": {"d": {"provider": "a", "model": "x", "price": price}, "e": {"provider": "a", "model": "y"}},
+        "models": {"m": {"deployments": ["d", "e"]}},
+        "keys": {"root": {"token": ROOT, "role": "admin"}, "viewer": {"token": VIEWER, "role": "viewer"}},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+        "tracing": {"enabled": False, "endpoint": TRACES},
+    }
+
+
+async def test_credentials_in_config_urls_are_masked_and_stored_as_hashes(tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("NOT_USED_HERE", "sk-unused")
+    async with cost_proxy(_config(tmp_path)) as proxy, aiohttp.ClientSession() as s:
+        status, drained = await call(s, "POST", proxy.url + "/admin/deployments/e/drain", ROOT)
+        assert status == 200, drained  # version 2
+        for path in ("/admin/config", "/admin/config/versions/1", "/admin/config/diff?from=1&to=2"):
+            async with s.get(proxy.url + path, headers={"Authorization": f"Bearer {VIEWER}"}) as r:
+                assert r.status == 200, path
+                text = await r.text()
+            assert not [word for word in SECRETS if word in text], (path, text)
+        status, shown = await call(s, "GET", proxy.url + "/admin/config", VIEWER)
+        provider = shown["config"]["providers"]["a"]
+        assert provider["proxy"] == provider["base_url"] == shown["config"]["tracing"]["endpoint"] == "****"
+
+        with sqlite3.connect(tmp_path / "gov.db") as db:
+            stored = [row for (row,) in db.execute("SELECT body FROM gov_config_versions")]
+        assert stored and not [word for text in stored for word in SECRETS if word in text]
+
+        status, rolled = await call(s, "POST", proxy.url + "/admin/config/rollback", ROOT, {"version": 1})
+        assert status == 200, rolled
+        running = proxy.app[STATE].live.config
+        assert running.providers["a"].proxy == PROXY
+        assert running.providers["a"].base_url == BASE
+        assert running.tracing.endpoint == TRACES
+        assert running.deployments["e"].drained is False
