@@ -44,6 +44,11 @@ def _mapping(data: Any) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _list(data: Any) -> list[Any]:
+    """A list as written, else none (a stored version is read before it is validated again)."""
+    return data if isinstance(data, list) else []
+
+
 def _residency(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     old, new = _at(a, "governance", "residency"), _at(b, "governance", "residency")
     if old is None:
@@ -65,7 +70,7 @@ def _residency(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The rules in the order they are tried: highest priority first, then as written."""
-    rules = [r for r in data.get("rules") or [] if isinstance(r, dict)]
+    rules = [r for r in _list(data.get("rules")) if isinstance(r, dict)]
     return sorted(rules, key=lambda r: -r["priority"] if isinstance(r.get("priority"), int) else 0)
 
 
@@ -89,19 +94,19 @@ def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def _tags(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Deployments' tags that would let PII or a resident key's requests go where they could not."""
     pii = [r for r in _rules(a) if _is_pii(r)]
-    required = {t for r in pii for t in _at(r, "then", "require_tags") or []}
-    excluded = {t for r in pii for t in _at(r, "then", "exclude_tags") or []}
+    required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
+    excluded = {str(t) for r in pii for t in _list(_at(r, "then", "exclude_tags"))}
     prefix = _at(a, "governance", "residency", "tag_prefix") or "region:"
     resident = _at(a, "governance", "residency") is not None
     old = _mapping(a.get("deployments"))
     out = []
     for name, dep in _mapping(b.get("deployments")).items():
-        now = set(_at(dep, "tags") or [])
-        was = set(_at(old.get(name), "tags") or [])
-        gained = {t for t in now - was if t in required or (resident and str(t).startswith(str(prefix)))}
+        now = {str(t) for t in _list(_at(dep, "tags"))}
+        was = {str(t) for t in _list(_at(old.get(name), "tags"))}
+        gained = {t for t in now - was if t in required or (resident and t.startswith(str(prefix)))}
         lost = (was - now) & excluded
-        out += [f"deployments.{name} gains tag {t}" for t in sorted(gained, key=str)]
-        out += [f"deployments.{name} loses tag {t}" for t in sorted(lost, key=str)]
+        out += [f"deployments.{name} gains tag {t}" for t in sorted(gained)]
+        out += [f"deployments.{name} loses tag {t}" for t in sorted(lost)]
     return out
 
 
@@ -116,8 +121,8 @@ def _log_content(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     def settings(data: dict[str, Any]) -> tuple[int, dict[str, int], dict[str, int], bool]:
         log = _mapping(data.get("request_log"))
         on = log.get("enabled", True) is not False
-        models = {m: _level(v) for m, v in _mapping(log.get("content_models")).items()}
-        keys = {k: _level(v) for k, v in _mapping(log.get("content_keys")).items()}
+        models = {str(m): _level(v) for m, v in _mapping(log.get("content_models")).items()}
+        keys = {str(k): _level(v) for k, v in _mapping(log.get("content_keys")).items()}
         return _level(log.get("log_content", "none")), models, keys, on
 
     old, new = settings(a), settings(b)

@@ -167,3 +167,10 @@ def test_what_counts_as_weaker() -> None:
     model_up["request_log"]["content_models"] = {"m": "redacted"}
     assert _weaker(base, model_up) == ["request_log keeps redacted content, was none (model m)"]
     assert _weaker(model_up, base) == []
+    # A stored version is read as written, before it is validated again: odd shapes are no 500.
+    odd = {"rules": {"x": 1}, "deployments": {"d-a": {"tags": 5}}, "request_log": {"content_models": {1: "full"}}}
+    assert _weaker(base, odd) == [
+        "governance.residency removed",
+        "PII rule 'pii-stays-in-eu' removed or changed",
+        "request_log keeps full content, was redacted (model 1)",
+    ]
