@@ -50,6 +50,12 @@ class Admission(Protocol):
         bound alone would refuse. A budget's downgrade goes only to a model `can_serve` allows."""
         ...
 
+    async def count_request(self, request: web.Request) -> None:
+        """A request that reaches no upstream (it decides or counts a body): raises `ProxyError`
+        (429) when its key is at its requests-per-minute limit, else counts it there. Nothing
+        to settle: it takes no tokens, budget or model limit."""
+        ...
+
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:
         """The endpoint decided again for `rerouted_model(ticket)`: admit the new first choice."""
         ...
@@ -85,6 +91,9 @@ class AdmitAll:
         count: Counter | None = None,
         can_serve: CanServe | None = None,
     ) -> Ticket | None:
+        return None
+
+    async def count_request(self, request: web.Request) -> None:
         return None
 
     async def rerouted(self, request: web.Request, decision: _core.Decision, ticket: Ticket | None) -> None:

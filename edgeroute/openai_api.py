@@ -577,7 +577,9 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 async def explain(request: web.Request) -> web.Response:
-    """The routing decision for a chat request, without calling any upstream."""
+    """The routing decision for a chat request, without calling any upstream (counted against
+    its key's RPM first: deciding a large body is CPU every tenant shares)."""
+    await request.app[ADMISSION].count_request(request)
     live = request.app[STATE].live
     body = await read_body(request)
     d = await decide_soon(live, body, request, explain=True)

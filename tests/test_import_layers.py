@@ -81,6 +81,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.governance.residency",
             "edgeroute.governance.drain",
             "edgeroute.governance.guard",
+            "edgeroute.governance.weakening",
             "edgeroute.governance.http",
         ],
     ),

@@ -36,6 +36,7 @@ from edgeroute.governance.versions import (
     text_of,
     version_json,
 )
+from edgeroute.governance.weakening import weakenings
 from edgeroute.reload import to_the_end
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
@@ -156,8 +157,8 @@ async def rollback(request: web.Request) -> web.Response:
     if isinstance(raw, bool) or not isinstance(raw, int):
         raise ProxyError(400, "'version' must be a version number.", param="version")
     ident = request.get(IDENTITY)
-    may_change_access = ident is None or roles.permits(ident.role, "admin")  # no key: loopback, shared key
-    return json_response(await rollback_to(request.app, raw, actor_of(request), may_change_access=may_change_access))
+    as_admin = ident is None or roles.permits(ident.role, "admin")  # no key: loopback, shared key
+    return json_response(await rollback_to(request.app, raw, actor_of(request), as_admin=as_admin))
 
 
 async def rollback_to(
@@ -166,18 +167,19 @@ async def rollback_to(
     actor: str,
     how: str = "rollback",
     audit: Sequence[Change] = (),
-    may_change_access: bool = True,
+    as_admin: bool = True,
 ) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
-    when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
-    the version would change who may call what (`access_changes`). Runs to its end once begun,
-    its caller gone or not (`reload.to_the_end`): a change recorded is a change applied."""
-    return await to_the_end(_rolled_back(app, version, actor, how, audit, may_change_access))
+    when it no longer validates. Not `as_admin` (a caller below admin, the rollback guard),
+    403 when the version would change who may call what (`access_changes`) or weaken data
+    governance (`weakenings`). Runs to its end once begun, its caller gone or not
+    (`reload.to_the_end`): a change recorded is a change applied."""
+    return await to_the_end(_rolled_back(app, version, actor, how, audit, as_admin))
 
 
 async def _rolled_back(
-    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], may_change_access: bool
+    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], as_admin: bool
 ) -> dict[str, Any]:
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
@@ -188,21 +190,19 @@ async def _rolled_back(
             nonlocal before
             before = gov.versions.active
             text = restore(target.body, gov.versions.running_text, version)
-            if not may_change_access and (changed := access_changes(gov.versions.running_text, text)):
-                raise _AccessChange(changed)
+            if not as_admin:
+                running = gov.versions.running_text
+                access, weaker = access_changes(running, text), weakenings(running, text)
+                if access or weaker:
+                    raise _NeedsAdmin(access, weaker)
             return text
 
         try:
             written = await apply_text(app, restored, f"{how}:{version}", actor, audit)
-        except _AccessChange as e:
-            await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
-                            {"version": version, "needs": "admin", "changes": e.fields})  # fmt: skip
-            raise ProxyError(
-                403,
-                f"Version {version} changes who may call what ({', '.join(e.fields)}): rolling back to it needs "
-                "a key with role 'admin'. The running config is unchanged.",
-                code="permission_denied",
-            ) from None
+        except _NeedsAdmin as e:
+            after = {"version": version, "needs": "admin", "changes": e.access, "weakens": e.governance}
+            await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, after)
+            raise ProxyError(403, e.message(version), code="permission_denied") from None
         except config_mod.ConfigError as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, {"version": version})
             msg = f"Version {version} cannot be applied now; the running config is unchanged."
@@ -210,12 +210,25 @@ async def _rolled_back(
     return {"rolled_back_to": version, "version": gov.versions.active, "previous": before, "file_updated": written}
 
 
-class _AccessChange(Exception):
-    """A rollback below admin would change these access fields (`access_changes`)."""
+class _NeedsAdmin(Exception):
+    """A rollback below admin would change these access fields (`access_changes`) or weaken
+    data governance so (`weakenings`)."""
 
-    def __init__(self, fields: list[str]) -> None:
-        super().__init__(fields)
-        self.fields = fields
+    def __init__(self, access: list[str], governance: list[str]) -> None:
+        super().__init__(access, governance)
+        self.access, self.governance = access, governance
+
+    def message(self, version: int) -> str:
+        what = []
+        if self.access:
+            what.append(f"changes who may call what ({', '.join(self.access)})")
+        if self.governance:
+            shown = self.governance[:5] + ([f"{len(self.governance) - 5} more"] if len(self.governance) > 5 else [])
+            what.append(f"weakens data governance ({'; '.join(shown)})")
+        return (
+            f"Version {version} {' and '.join(what)}: rolling back to it needs a key with role 'admin'. "
+            "The running config is unchanged."
+        )
 
 
 def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None], None]:
@@ -235,9 +248,10 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                       how, why, previous)  # fmt: skip
             try:
                 reason = ("config.auto_rollback.reason", "config", None, {"reason": why})
-                # Never an access change: a revocation or demotion undone because errors rose
-                # (which a client may cause) would hand the key back to whoever held it.
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], may_change_access=False)
+                # Never an access change nor a weaker governance: a revocation or demotion undone
+                # because errors rose (which a client may cause) would hand the key back to whoever
+                # held it, a PII rule or residency undone would send prompts where they may not go.
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], as_admin=False)
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
 

@@ -174,6 +174,18 @@ class CostControl(Reservations, RateLimits):
         self._journal_takes(rec.request_id, now, ticket.held)
         return ticket
 
+    async def count_request(self, request: web.Request) -> None:
+        """A request that reaches no upstream (`/v1/route/explain`, `/v1/messages/count_tokens`)
+        counts against its key's RPM, as a cache hit does, so that a key held to a few requests
+        a minute cannot have bodies decided or counted without end (CPU every tenant shares).
+        It spends nothing: no tokens (TPM counts what upstreams are sent), no budget, and no
+        model or provider limit (no model serves it)."""
+        state = request.app[STATE]
+        live = state.live
+        if live.config is not self.cfg:
+            self.apply(live.config, live.since, state)
+        await self._request_limits(request, request.get(IDENTITY, ANONYMOUS))
+
     async def _at_once(
         self,
         table: list[Any],

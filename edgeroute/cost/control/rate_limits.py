@@ -51,12 +51,16 @@ class RateLimits(Stores):
         per_key = self.cfg.rate_limits.per_key
         return own if own is not None else (per_key.max_parallel if per_key is not None else None)
 
-    def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
+    def _key_takes(self, ident: Identity, tokens: int) -> list[Take]:
         key_limit = self._key_limit(ident)
-        model_limit = self._model_limits.get(route)
         takes = bucket_takes(f"key:{ident.key}", key_limit, tokens) if key_limit else []
         for ancestor, lim in ident.ancestor_limits:  # the keys that made it share their limits
             takes += bucket_takes(f"key:{ancestor}", lim, tokens)
+        return takes
+
+    def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
+        model_limit = self._model_limits.get(route)
+        takes = self._key_takes(ident, tokens)
         if model_limit is not None:
             takes += bucket_takes(f"model:{route}", model_limit, tokens)
         return takes
@@ -80,6 +84,17 @@ class RateLimits(Stores):
             rec.outcome = "rate_limited"
             raise _rate_limit_error(states, headers_for(states))
         ticket.held.append(Held(takes, shared))
+
+    async def _request_limits(self, request: web.Request, ident: Identity) -> None:
+        """Takes one request from the key's requests-per-minute limits (and those of the keys
+        that made it) for a request that reaches no upstream; its 429 is a chat request's."""
+        takes = [t for t in self._key_takes(ident, 0) if t.kind == "requests"]
+        if not takes:
+            return
+        ok, states, _ = await self._take(takes)
+        request[RATE_STATES] = states
+        if not ok:
+            raise _rate_limit_error(states, headers_for(states))
 
     async def _follow_downgrade(
         self, request: web.Request, rec: RequestRecord, ticket: CostTicket, old: str, new: str, tokens: int

@@ -1,0 +1,146 @@
+"""Which config changes weaken data governance, an admin's act (as access changes are).
+
+An operator may roll back routing, deployments and budgets; a version from before an admin
+set residency, added a PII rule or lowered what the request log keeps also undid those, and
+with them where prompts may go and what is kept of them. :func:`weakenings` names each way a
+target config is weaker than the running one:
+
+- `governance.residency` removed, its `tag_prefix` changed, a key's or team's region removed
+  or changed (a new one is stronger);
+- a PII rule (a rule with `when.pii`) removed or changed, or a rule put ahead of one (the
+  first match by priority wins, so it would take the PII requests first);
+- a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
+  loses one its `exclude_tags` names (tags decide where those requests may go);
+- more content kept by the request log, for any key and model (`log_content`,
+  `content_models`, `content_keys`, `enabled`: none < redacted < full).
+
+Read from the config texts as written (YAML), so a change of form alone (a default spelt
+out) may count as a change: the caller then needs an admin, never the other way round.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+_PRIVACY = ("none", "redacted", "full")  # what the request log keeps, most private first
+
+
+def weakenings(running: str, target: str) -> list[str]:
+    """How `target` weakens data governance against `running`, one line each (empty: it does not)."""
+    a, b = yaml.safe_load(running), yaml.safe_load(target)
+    a, b = (x if isinstance(x, dict) else {} for x in (a, b))
+    return _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _log_content(a, b)
+
+
+def _at(data: Any, *path: str) -> Any:
+    for part in path:
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _mapping(data: Any) -> dict[str, Any]:
+    return data if isinstance(data, dict) else {}
+
+
+def _list(data: Any) -> list[Any]:
+    """A list as written, else none (a stored version is read before it is validated again)."""
+    return data if isinstance(data, list) else []
+
+
+def _residency(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    old, new = _at(a, "governance", "residency"), _at(b, "governance", "residency")
+    if old is None:
+        return []
+    if new is None:
+        return ["governance.residency removed"]
+    out = []
+    if _at(old, "tag_prefix") != _at(new, "tag_prefix"):
+        out.append("governance.residency.tag_prefix changed")
+    for part in ("keys", "teams"):
+        now = _mapping(_at(new, part))
+        for name, region in _mapping(_at(old, part)).items():
+            if name not in now:
+                out.append(f"governance.residency.{part}.{name} removed")
+            elif now[name] != region:
+                out.append(f"governance.residency.{part}.{name} changed from {region} to {now[name]}")
+    return out
+
+
+def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rules in the order they are tried: highest priority first, then as written."""
+    rules = [r for r in _list(data.get("rules")) if isinstance(r, dict)]
+    return sorted(rules, key=lambda r: -r["priority"] if isinstance(r.get("priority"), int) else 0)
+
+
+def _is_pii(rule: dict[str, Any]) -> bool:
+    return bool(_at(rule, "when", "pii"))
+
+
+def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    old, new = _rules(a), _rules(b)
+    out = []
+    for i, rule in enumerate(old):
+        if not _is_pii(rule):
+            continue
+        if rule not in new:
+            out.append(f"PII rule '{rule.get('name')}' removed or changed")
+        elif any(r not in old[:i] for r in new[: new.index(rule)]):
+            out.append(f"a rule put ahead of PII rule '{rule.get('name')}'")
+    return out
+
+
+def _tags(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Deployments' tags that would let PII or a resident key's requests go where they could not."""
+    pii = [r for r in _rules(a) if _is_pii(r)]
+    required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
+    excluded = {str(t) for r in pii for t in _list(_at(r, "then", "exclude_tags"))}
+    prefix = _at(a, "governance", "residency", "tag_prefix") or "region:"
+    resident = _at(a, "governance", "residency") is not None
+    old = _mapping(a.get("deployments"))
+    out = []
+    for name, dep in _mapping(b.get("deployments")).items():
+        now = {str(t) for t in _list(_at(dep, "tags"))}
+        was = {str(t) for t in _list(_at(old.get(name), "tags"))}
+        gained = {t for t in now - was if t in required or (resident and t.startswith(str(prefix)))}
+        lost = (was - now) & excluded
+        out += [f"deployments.{name} gains tag {t}" for t in sorted(gained)]
+        out += [f"deployments.{name} loses tag {t}" for t in sorted(lost)]
+    return out
+
+
+def _level(value: Any) -> int:
+    return _PRIVACY.index(value) if value in _PRIVACY else 0
+
+
+def _log_content(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """More content kept for some key and model: each pair of named key (or none) and named
+    model (or another) compared, a key's setting winning over a model's, as the log decides."""
+
+    def settings(data: dict[str, Any]) -> tuple[int, dict[str, int], dict[str, int], bool]:
+        log = _mapping(data.get("request_log"))
+        on = log.get("enabled", True) is not False
+        models = {str(m): _level(v) for m, v in _mapping(log.get("content_models")).items()}
+        keys = {str(k): _level(v) for k, v in _mapping(log.get("content_keys")).items()}
+        return _level(log.get("log_content", "none")), models, keys, on
+
+    old, new = settings(a), settings(b)
+    models = [*sorted(set(old[1]) | set(new[1])), None]
+    keys = [*sorted(set(old[2]) | set(new[2])), None]
+
+    def kept(s: tuple[int, dict[str, int], dict[str, int], bool], key: str | None, model: str | None) -> int:
+        if not s[3]:
+            return 0
+        if key is not None and key in s[2]:
+            return s[2][key]
+        return s[1].get(model, s[0]) if model is not None else s[0]
+
+    out = []
+    for key in keys:
+        for model in models:
+            before, after = kept(old, key, model), kept(new, key, model)
+            if after > before:
+                who = " ".join(x for x in (f"key {key}" if key else "", f"model {model}" if model else "") if x)
+                out.append(f"request_log keeps {_PRIVACY[after]} content, was {_PRIVACY[before]} ({who or 'default'})")
+    return out

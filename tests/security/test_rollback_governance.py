@@ -1,0 +1,176 @@
+"""A rollback below admin cannot weaken data governance.
+
+`POST /admin/config/rollback` is an operator's route, and it applied a stored version whole:
+a version from before an admin set `governance.residency`, added a PII rule or lowered what
+the request log keeps undid those too, in an operator's hands (or the rollback guard's, when
+errors rose, which a client may cause). Now a rollback that removes or loosens residency,
+removes, changes or overtakes a PII rule, gives a deployment a tag those rely on, or keeps more
+content (`log_content` none < redacted < full, for any key or model) needs an admin key: 403
+`permission_denied` naming what, nothing changed, audited as refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import openai
+import yaml
+
+from edgeroute.governance.weakening import weakenings
+from tests.conftest import eventually, simple_config
+from tests.governance_support import Instance, call, write_config
+from tests.security.governed import USER
+
+ROOT, OP = "tok-root-0123456789", "tok-oper-0123456789"
+PII_RULE = {"name": "pii-stays-in-eu", "priority": 100, "when": {"pii": ["email"]}, "then": {"require_tags": ["eu"]}}
+EMAIL: Any = [{"role": "user", "content": "write to ann@example.com"}]
+
+
+def _loose(up: Any) -> dict[str, Any]:
+    """Version 1: no residency, no PII rule, the request log keeps every prompt in full."""
+    cfg = simple_config({"a": up, "b": up})
+    cfg["deployments"]["d-b"]["tags"] = ["eu"]
+    cfg["keys"] = {"root": {"token": ROOT, "role": "admin"}, "op": {"token": OP, "role": "operator"}}
+    cfg["request_log"] = {"log_content": "full"}
+    return cfg
+
+
+def _governed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What an admin set since: residency, a PII rule and the tags they rely on."""
+    cfg = copy.deepcopy(cfg)
+    cfg["rules"] = [PII_RULE]
+    cfg["governance"] = {"residency": {"tag_prefix": "region:", "keys": {"op": "eu"}}}
+    cfg["deployments"]["d-b"]["tags"] = ["eu", "region:eu"]
+    return cfg
+
+
+async def _deployment(url: str, messages: Any) -> str:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=ROOT, max_retries=0)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=messages)
+        return raw.headers["x-edgeroute-deployment"]
+    finally:
+        await client.close()
+
+
+@contextlib.contextmanager
+def _serving(path: Path, cfg: dict[str, Any]) -> Iterator[str]:
+    write_config(path, cfg)
+    inst = Instance(path, path.parent / "serve.log")
+    try:
+        inst.wait_ready()
+        yield inst.url
+    finally:
+        inst.stop()
+
+
+async def test_an_operator_cannot_roll_back_residency_pii_rules_or_log_content(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "edgeroute.yaml"
+    loose = _loose(await start_upstream())
+    with _serving(path, loose):  # version 1
+        pass
+    loose["request_log"] = {"log_content": "redacted", "content_models": {"m": "none"}}
+    with _serving(path, loose) as url:  # version 2 (the request log takes a restart)
+        governed = _governed(loose)
+        write_config(path, governed)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 3
+        governed["models"]["m2"] = {"deployments": ["d-a"]}
+        write_config(path, governed)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 4
+        assert {await _deployment(url, EMAIL) for _ in range(6)} == {"d-b"}
+
+        weaker = ["governance.residency removed", "PII rule 'pii-stays-in-eu' removed or changed",
+                  "request_log keeps full content, was redacted"]  # fmt: skip
+        for version, named in [(1, weaker), (2, weaker[:2])]:
+            status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": version})
+            assert status == 403, body
+            err = body["error"]
+            assert err["code"] == "permission_denied" and "role 'admin'" in err["message"], err
+            assert "data governance" in err["message"]
+            assert [w for w in weaker if w in err["message"]] == named, err["message"]
+        status, body = await call("GET", url + "/admin/config", ROOT)
+        assert body["version"] == 4 and body["config"]["rules"][0]["name"] == "pii-stays-in-eu"
+        assert "pii-stays-in-eu" in path.read_text()
+        assert {await _deployment(url, EMAIL) for _ in range(6)} == {"d-b"}
+        status, body = await call("GET", url + "/admin/audit?action=config.rollback_refused", ROOT)
+        refused = body["entries"][0]
+        assert refused["actor"] == "op" and refused["after"]["needs"] == "admin"
+        assert refused["after"]["version"] == 2 and "governance.residency removed" in refused["after"]["weakens"]
+
+        # A rollback that leaves data governance alone is still an operator's: version 3 drops m2.
+        status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": 3})
+        assert status == 200, body
+        assert "m2" not in path.read_text()
+        # An admin may: its choice.
+        status, body = await call("POST", url + "/admin/config/rollback", ROOT, json={"version": 2})
+        assert status == 200, body
+        assert "pii-stays-in-eu" not in path.read_text()
+
+
+async def test_the_rollback_guard_does_not_undo_a_pii_rule(start_upstream: Any, tmp_path: Path) -> None:
+    """Errors a client may cause (an upstream made to fail) within the guard's window rolled a
+    reload back whole: the PII rule it added went with it."""
+    up = await start_upstream()
+    path = tmp_path / "edgeroute.yaml"
+    loose = _loose(up)
+    loose["governance"] = {"rollback_guard": {"window_s": 30, "max_error_rate": 0.5, "min_requests": 3}}
+    with _serving(path, loose) as url:
+        ruled = copy.deepcopy(loose)
+        ruled["rules"] = [PII_RULE]
+        write_config(path, ruled)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200
+        up.options.fail_status = 500
+
+        async def refused() -> bool:
+            await call("POST", url + "/v1/chat/completions", ROOT, json={"model": "m", "messages": USER})
+            status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", ROOT)
+            return status == 200 and bool(body["entries"])
+
+        await eventually(refused, "the guard trying to roll back", within=20, every=0.2)
+        _, body = await call("GET", url + "/admin/config", ROOT)
+        assert body["version"] == 2 and body["config"]["rules"][0]["name"] == "pii-stays-in-eu"
+
+
+def _weaker(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    return weakenings(yaml.safe_dump(before), yaml.safe_dump(after))
+
+
+def test_what_counts_as_weaker() -> None:
+    loose = _loose(SimpleNamespace(base_url="http://127.0.0.1:9"))
+    base = _governed(loose)
+    base["request_log"] = {"log_content": "redacted", "content_models": {"m": "none"}}
+    assert _weaker(base, base) == []
+    assert _weaker(loose, base) == []  # stronger is an operator's
+    moved = copy.deepcopy(base)
+    moved["governance"]["residency"]["keys"]["op"] = "us"
+    assert _weaker(base, moved) == ["governance.residency.keys.op changed from eu to us"]
+    ahead = copy.deepcopy(base)
+    ahead["rules"].insert(0, {"name": "all-cheap", "priority": 200, "then": {"route": "m"}})
+    assert _weaker(base, ahead) == ["a rule put ahead of PII rule 'pii-stays-in-eu'"]
+    behind = copy.deepcopy(base)
+    behind["rules"].append({"name": "cheap", "then": {"route": "m"}})
+    assert _weaker(base, behind) == []
+    tagged = copy.deepcopy(base)
+    tagged["deployments"]["d-a"]["tags"] = ["eu"]
+    assert _weaker(base, tagged) == ["deployments.d-a gains tag eu"]
+    per_key = copy.deepcopy(base)
+    per_key["request_log"]["content_keys"] = {"op": "full"}
+    assert "request_log keeps full content, was none (key op model m)" in _weaker(base, per_key)
+    model_up = copy.deepcopy(base)
+    model_up["request_log"]["content_models"] = {"m": "redacted"}
+    assert _weaker(base, model_up) == ["request_log keeps redacted content, was none (model m)"]
+    assert _weaker(model_up, base) == []
+    # A stored version is read as written, before it is validated again: odd shapes are no 500.
+    odd = {"rules": {"x": 1}, "deployments": {"d-a": {"tags": 5}}, "request_log": {"content_models": {1: "full"}}}
+    assert _weaker(base, odd) == [
+        "governance.residency removed",
+        "PII rule 'pii-stays-in-eu' removed or changed",
+        "request_log keeps full content, was redacted (model 1)",
+    ]
