@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import calendar
 import math
+from pathlib import Path
 
-from edgeroute.config import Budget
+from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.config import Budget, parse
 from edgeroute.cost import budgets as B
+from edgeroute.cost import restore
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import SqliteBackend
 
 START = float(calendar.timegm((2027, 2, 26, 21, 17, 0)))  # days before a month's end (not a leap year)
 
@@ -53,20 +58,24 @@ def test_a_counter_read_back_by_name_ends_no_earlier_than_its_period_and_at_most
             for b in [_budget(p, o) for p in ("day", "month") for o in offsets]:
                 p = B.period_of(b, t)
                 assert p.starts_at <= t < p.resets_at
-                named = B._end_of_key(f"{b.name}:u:{p.id}", -1)
+                named = B._end_of_key(f"{b.name}:u:{p.id}", -1, t)
                 assert B.counter_end(p) <= named <= B.counter_end(p) + 28 * 3600, (b, t)
             for w in windows:
                 b = _budget("rolling", window=w)
                 p = B.period_of(b, t)
-                named = B._end_of_key(f"{b.name}:u:{p.id}", p.slot)
+                named = B._end_of_key(f"{b.name}:u:{p.id}", p.slot, t)
                 assert p.first_slot <= p.slot and B.counter_end(p) > t
-                assert B.counter_end(p) <= named, (w, t)
+                # At most a day later (what the clock may be behind the ledger): the slot's
+                # number times the larger size alone was a year late for slots of a minute.
+                assert B.counter_end(p) <= named <= B.counter_end(p) + B.READ_AHEAD_S + 61 * 3600 * w, (w, t)
+                ahead = B.period_of(b, t + B.READ_AHEAD_S)  # the clock moved back: still counted
+                assert B.counter_end(ahead) <= B._end_of_key(f"{b.name}:u:{p.id}", ahead.slot, t)
     # A name it cannot read is kept, whenever the sweep comes.
     clock = Clock()
     store = B.LocalBudgetStore(clock)
     for name in ["b:u:", "b:u:2027-13", "b:u:2027-02-30x", "b:u:r60", "b:u:week-9", "nocolon"]:
         store.add_read_back(name, 7)
-        assert B._end_of_key(name, -1) == math.inf
+        assert B._end_of_key(name, -1, START) == math.inf
     store.sweep(START + 10 * 366 * 86400)
     assert store.counters() == dict.fromkeys(
         ["b:u:", "b:u:2027-13", "b:u:2027-02-30x", "b:u:r60", "b:u:week-9", "nocolon"], 7
@@ -188,3 +197,70 @@ def test_after_the_clock_steps_back_sweeps_go_on_and_drop_nothing_live() -> None
     store.reserve_now([_charge(day, "later", clock.now)])
     left = sorted(store.counters())
     assert not any(k.startswith("b:back") for k in left) and any(k.startswith("b:live") for k in left)
+
+
+def test_counters_read_back_at_a_restart_stay_while_their_periods_are_live_then_go(tmp_path: Path) -> None:
+    # The real ledger and read-back, for a day at both ends of the offsets, a month and two
+    # rolling windows, with spend of ended periods in the ledger too and a request in flight
+    # at the crash: the store counts what it read until each period's true end (names only:
+    # the offsets and slot sizes are unknown to it), and nothing of it a day and more after
+    # (a rolling window's counters read back stayed a year and more).
+    budgets = [
+        _budget("day", -840, name="day-west"),
+        _budget("day", 840, name="day-east"),
+        _budget("month", 330, name="month"),
+        _budget("rolling", window=1, name="hour"),
+        _budget("rolling", window=0.3, name="window18s"),
+    ]
+    cfg = parse(
+        {
+            "providers": {"a": {"base_url": "http://127.0.0.1:9"}},
+            "deployments": {"d": {"provider": "a", "model": "x"}},
+            "models": {"m": {"deployments": ["d"]}},
+            "budgets": {"limits": [b.model_dump() for b in budgets]},
+        },
+        "t.yaml",
+    )
+    crash = float(calendar.timegm((2027, 2, 28, 9, 50, 0)))  # ten minutes before day-west's day ends
+    ledger = Ledger(SqliteBackend(tmp_path / "spend.db"), flush_interval=60)
+    for i, age in enumerate([40 * 86400, 3 * 86400, 86400 + 5, 7200, 900, 60, 10, 1]):
+        ledger.record(
+            RequestRecord(f"r{i}", crash - age, "m", route="m", user="u", status=200, outcome="ok",
+                          usage=Usage(1, 1), cost_usd=0.25)
+        )  # fmt: skip
+    in_flight = [B.charge(b, "u", B.period_of(b, crash - 2), B.to_nano(1), -1) for b in budgets]
+    for c in in_flight:
+        ledger.journal("crashed", crash - 2, c.store_key, c.amount)
+    ledger.flush()
+    found = restore.read(ledger.backend, cfg, now=crash)
+    ledger.close()
+
+    clock = Clock(crash)
+    store = B.LocalBudgetStore(clock)
+    for (key, slot), amount in found.budgets.items():
+        store.add_read_back(key, amount, slot)
+
+    def spent(b: Budget) -> float:
+        return store.used(B.charge(b, "u", B.period_of(b, clock.now), 0, -1)) / B.NANO
+
+    in_period = {b.name: [age for age in [40 * 86400, 3 * 86400, 86400 + 5, 7200, 900, 60, 10, 1]
+                          if crash - age >= B.period_of(b, crash).starts_at] for b in budgets}  # fmt: skip
+    for b in budgets:
+        assert spent(b) == 0.25 * len(in_period[b.name]) + 1, b.name
+    ends = {b.name: B.period_of(b, crash).resets_at for b in budgets}
+    for b in budgets:  # each period to its last second, with a charge of another user each minute
+        t = crash
+        while t < ends[b.name] - 1:
+            t = min(t + 60, ends[b.name] - 1)
+            clock.now = t
+            store.reserve_now([B.charge(budgets[0], "other", B.period_of(budgets[0], t), 1, -1)])
+            if not b.period == "rolling":
+                assert spent(b) == 0.25 * len(in_period[b.name]) + 1, (b.name, t)
+        if b.period == "rolling":  # its oldest read-back slot leaves first: what is left counts
+            clock.now = crash
+            assert spent(b) == 0.25 * len(in_period[b.name]) + 1, b.name
+    clock.now = max(ends.values()) + 29 * 3600
+    for _ in range(3):
+        clock.now += 1
+        store.reserve_now([B.charge(budgets[0], "other", B.period_of(budgets[0], clock.now), 1, -1)])
+    assert list(store.counters()) == [f"day-west:other:{B.period_of(budgets[0], clock.now).id}"]

@@ -28,6 +28,9 @@ ROLLING_SLOTS = 60  # a rolling window is kept as this many slots
 SWEEP_EVERY_S = 60.0  # how often the local store drops the counters of ended periods
 SWEEP_MOST = 2000  # counters looked at per sweep: a month's end with many keys is spread out
 _LATEST_OFFSET_S = 14 * 3600  # a local date's period ends at most this long after UTC's
+# Spend read back from the ledger is at most this far ahead of the clock (a clock that moved
+# back: `restore` still counts it).
+READ_AHEAD_S = 86400.0
 
 
 def to_nano(usd: float) -> int:
@@ -94,14 +97,17 @@ def counter_end(period: Period) -> float:
     return period.resets_at
 
 
-def _end_of_key(store_key: str, slot: int) -> float:
-    """`counter_end` for a counter read back by name (`charge`'s store key): never earlier than
-    the real end (a day's or month's offset is unknown here, a rolling slot's size rounded
-    down in the name); infinite for a name it cannot read."""
+def _end_of_key(store_key: str, slot: int, now: float) -> float:
+    """`counter_end` for a counter read back by name (`charge`'s store key) at `now`: never
+    earlier than the real end (a day's or month's offset is unknown here, a rolling slot's size
+    rounded down in the name); infinite for a name it cannot read."""
     pid = store_key.rpartition(":")[2]
     try:
         if pid.startswith("r") and slot >= 0:
-            return (slot + ROLLING_SLOTS) * (int(pid[1:]) + 1.0)
+            # The slot starts at most READ_AHEAD_S from now. Its number times the larger size
+            # alone was as far off as the number is large: a year late for slots of a minute.
+            most = int(pid[1:]) + 1.0
+            return min((slot + ROLLING_SLOTS) * most, now + READ_AHEAD_S + ROLLING_SLOTS * most)
         year, month = int(pid[:4]), int(pid[5:7])
         if len(pid) == 10:  # a day: YYYY-MM-DD
             return calendar.timegm((year, month, int(pid[8:]), 0, 0, 0)) + 86400 + _LATEST_OFFSET_S
@@ -256,7 +262,7 @@ class LocalBudgetStore:
         if period is not None:
             self._keep_until(store_key, counter_end(period))
         elif store_key not in self._ends or slot >= 0:
-            self._keep_until(store_key, _end_of_key(store_key, slot))
+            self._keep_until(store_key, _end_of_key(store_key, slot, self._clock()))
 
     def counters(self) -> dict[str, int]:
         """Every counter: store key -> nano-USD used (a rolling window's slots summed, stale ones too)."""
