@@ -6,16 +6,26 @@ driven by the test (simulated days, no sleeping)."""
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import math
+import time
 from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
 
 from edgeroute.accounting import RequestRecord, Usage
+from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, parse
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import SqliteBackend
+from tests.conftest import eventually
+from tests.test_cost_budgets import _rows
+from tests.test_cost_support import cost_proxy, one_deployment
 
 START = float(calendar.timegm((2027, 2, 26, 21, 17, 0)))  # days before a month's end (not a leap year)
 
@@ -264,3 +274,62 @@ def test_counters_read_back_at_a_restart_stay_while_their_periods_are_live_then_
         clock.now += 1
         store.reserve_now([B.charge(budgets[0], "other", B.period_of(budgets[0], clock.now), 1, -1)])
     assert list(store.counters()) == [f"day-west:other:{B.period_of(budgets[0], clock.now).id}"]
+
+
+async def test_through_the_proxy_a_request_across_a_day_end_and_a_suspend_counts_once_in_its_day(
+    start_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Admitted seconds before a UTC day ends, the machine suspended 26 hours while it runs:
+    # another user's request after the resume sweeps the ended day; the first settles into
+    # its own day. The new day has its whole limit ($3.5 a request's worth: three fit), and
+    # the ledger has the request once, in the day it started.
+    up = await start_upstream(reply_words=40, latency_ms=1500)
+    db = tmp_path / "spend.db"
+    cost = 5 * 2.0 / 1e6  # max_tokens 5 at $2 per million output tokens, input free
+    keys = {"alice": {"token": "sk-alice", "user": "alice"}, "bob": {"token": "sk-bob", "user": "bob"}}
+    cfg = one_deployment(
+        up.base_url,
+        keys=keys,
+        ledger={"path": str(db), "flush_interval": 0.2},
+        budgets={"limits": [{"name": "user-day", "scope": "user", "limit_usd": cost * 3.5, "period": "day"}]},
+    )
+    real = time.time
+    day_end = (real() // 86400 + 1) * 86400
+    skew = day_end - 5.0 - real()
+    monkeypatch.setattr(time, "time", lambda: real() + skew)
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+    async def admitted(token: str, n: int) -> int:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0)
+        ok = 0
+        try:
+            for _ in range(n):
+                try:
+                    await client.chat.completions.create(**body)
+                    ok += 1
+                except openai.RateLimitError as e:
+                    assert e.code == "budget_exceeded"
+        finally:
+            await client.close()
+        return ok
+
+    async with cost_proxy(cfg) as proxy:
+        control: Any = proxy.app[ADMISSION]
+        across = asyncio.create_task(admitted("sk-alice", 1))
+
+        async def held() -> bool:
+            return bool(control.reserved)
+
+        await eventually(held, "the request admitted")
+        assert time.time() < day_end
+        skew += 26 * 3600
+        assert await admitted("sk-bob", 1) == 1  # the first charge after the resume: it sweeps
+        assert await across == 1
+        store = control.local_budgets
+        ended = time.strftime("%Y-%m-%d", time.gmtime(day_end - 1))
+        assert not any(k.endswith(ended) for k in store.counters())
+        assert await admitted("sk-alice", 4) == 3
+    rows = _rows(db)
+    first = [r for r in rows if r["key_id"] == "alice" and r["ts"] < day_end]
+    assert len(first) == 1 and first[0]["cost_usd"] == pytest.approx(cost)
+    assert len([r for r in rows if r["key_id"] == "alice" and r["outcome"] == "ok"]) == 4
