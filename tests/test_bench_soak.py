@@ -7,9 +7,13 @@ known answers."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from edgeroute.bench.soak import MIN_JUDGED_S, Soak, slope_mb_per_hour, verdict
@@ -48,3 +52,51 @@ def test_the_verdict_judges_a_long_run_and_fails_on_growth_errors_or_a_dead_prox
     held, why = verdict(60.0, 0.0, {"200": 9, "502": 1}, True, opts)
     assert held is False and why == ["requests failed: {'502': 1}"]
     assert verdict(MIN_JUDGED_S, 0.0, ok, False, opts) == (False, ["the proxy exited"])
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def test_a_soak_stopped_by_sigterm_stops_its_proxy_and_upstream() -> None:
+    # `timeout`, a CI job cancelled, a `kill`: the bench died at once and left its proxy and
+    # mock upstream running, orphaned, with their temporary directory.
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "bench", "soak", "--no-pin", "--duration", "60", "--rate", "5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(children) < 2 and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.2)
+            children = _children(bench.pid)
+        assert len(children) == 2, "the soak did not start its proxy and upstream"
+        time.sleep(1)  # serving
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(30)
+        assert bench.returncode != 0
+        assert [c for c in children if _running_edgeroute(c)] == [], "the proxy or upstream outlived the bench"
+    finally:
+        for c in children:  # ours, by PID, should the test fail
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(c, signal.SIGKILL)
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait(5)
+
+
+def _running_edgeroute(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z" and b"edgeroute" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False

@@ -2,8 +2,11 @@
 
 What users of gateways report is memory that grows for days. A proxy of the bench's realistic
 config gets, on top, each state kept per tenant, per prompt or per period: `KEYS` keys in five
-teams, budgets per key (a day) and per user (a rolling hour), the response cache (bounded by
-`cache_entries`) and the request log with redacted content. The load is an open loop at `rate`
+teams, budgets per key (a day) and per user (a rolling hour: each key's user, 50 counters; a
+request's `user` field is not a budget's subject), the response cache (bounded by
+`cache_entries`) and the request log with redacted content. No budget period ends within a
+run: the forgetting of ended counters is tested over simulated days instead
+(tests/test_budget_counters_ended.py). The load is an open loop at `rate`
 req/s: each request from a random key with a tag and a `user` of its own, `REPEAT_SHARE` of them
 one of `REPEATED` prompts (cache hits), the rest new text with an email address (redacted),
 `STREAM_SHARE` of them streamed.

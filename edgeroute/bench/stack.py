@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -104,6 +105,10 @@ class Proc:
             pass
 
 
+def _exit_on_term(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @dataclass
 class Stack:
     """The processes a scenario started; `close` stops them all, by PID."""
@@ -119,6 +124,11 @@ class Stack:
         self._saved_cpus = cpus
         if self.other_cpus:
             os.sched_setaffinity(0, self.other_cpus)
+        # A SIGTERM (`timeout`, a cancelled CI job) ends the bench through `close`: by default
+        # it died at once, and its proxy and upstreams ran on, orphaned.
+        self._saved_term: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._saved_term = signal.signal(signal.SIGTERM, _exit_on_term)
 
     def _spawn(
         self, name: str, argv: list[str], cpus: list[int], pythonpath: str | None = None
@@ -256,6 +266,9 @@ class Stack:
         self.tmp.cleanup()
         if self.other_cpus:
             os.sched_setaffinity(0, self._saved_cpus)
+        if self._saved_term is not None:
+            signal.signal(signal.SIGTERM, self._saved_term)
+            self._saved_term = None
 
     def __enter__(self) -> Stack:
         return self
@@ -363,8 +376,6 @@ def admin_get(url: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def rss_sampler(proc: Proc, period: float = 0.1) -> Iterator[list[float]]:
     """Samples a process's RSS (MB) on a thread while the block runs."""
-    import threading
-
     out: list[float] = []
     stop = threading.Event()
 

@@ -72,7 +72,7 @@ def budget_spend(
 ) -> dict[tuple[str, int], int]:
     """Each budget's spend in its current period, per subject (and rolling slot), by requests
     that started before `until` (all when None), in-flight reservations included."""
-    end = until if until is not None else now + 86400.0  # a clock that moved back: still counted
+    end = until if until is not None else now + B.READ_AHEAD_S  # a clock that moved back: still counted
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {b.name: B.period_of(b, now) for b in budgets}
     for b in budgets:
@@ -110,7 +110,7 @@ def key_budget_spend(
     """Managed keys' counters in their current period (a calendar month), as `budget_spend`
     counts: one grouped read per period start, not one per key; counters with nothing spent
     are left out (an absent counter is zero)."""
-    end = until if until is not None else now + 86400.0
+    end = until if until is not None else now + B.READ_AHEAD_S
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {k.budget.name: B.period_of(k.budget, now) for k in budgets}
     by_start: dict[float, dict[str, float]] = {}
