@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgeroute.bench.soak import MIN_JUDGED_S, Soak, slope_mb_per_hour, verdict
+from edgeroute.bench.soak import Soak, min_judged_s, rise_mb, slope_mb_per_hour, verdict
 
 
 def test_a_short_soak_serves_every_request_and_reports_its_memory_unjudged(tmp_path: Path) -> None:
@@ -45,13 +45,30 @@ def test_the_slope_is_megabytes_an_hour() -> None:
 def test_the_verdict_judges_a_long_run_and_fails_on_growth_errors_or_a_dead_proxy() -> None:
     ok = {"200": 10}
     opts = Soak(max_slope_mb_per_hour=20)
-    assert verdict(MIN_JUDGED_S, 5.0, ok, True, opts) == (True, [])
-    held, why = verdict(MIN_JUDGED_S, 25.0, ok, True, opts)
-    assert held is False and why == ["RSS grew 25.0 MB/h over the second half (bound 20)"]
-    assert verdict(MIN_JUDGED_S - 1, 25.0, ok, True, opts) == (None, [])  # too short: not judged
-    held, why = verdict(60.0, 0.0, {"200": 9, "502": 1}, True, opts)
+    long = min_judged_s(20)
+    assert long == 1080  # growth at 20 MB/h rises 3 MB (the noise) in a 540 s second half
+    assert verdict(long, 5.0, 0.7, ok, True, opts) == (True, [])
+    held, why = verdict(long, 25.0, 3.8, ok, True, opts)
+    assert held is False and why == ["RSS grew 25.0 MB/h over the second half (bound 20), 3.8 MB in all (noise 3)"]
+    assert verdict(long, 25.0, 2.0, ok, True, opts) == (True, [])  # a one-off step, not growth
+    assert verdict(long - 1, 25.0, 3.8, ok, True, opts) == (None, [])  # too short: not judged
+    held, why = verdict(60.0, 0.0, 0.0, {"200": 9, "502": 1}, True, opts)
     assert held is False and why == ["requests failed: {'502': 1}"]
-    assert verdict(MIN_JUDGED_S, 0.0, ok, False, opts) == (False, ["the proxy exited"])
+    assert verdict(long, 0.0, 0.0, ok, False, opts) == (False, ["the proxy exited"])
+
+
+def test_a_one_off_step_passes_and_steady_growth_fails() -> None:
+    # What a healthy process does (a 2.5 MB step once, in the middle of the second half) and a
+    # leak at 25 MB/h, sampled as the bench samples (every 5 s over a 540 s second half).
+    opts = Soak(max_slope_mb_per_hour=20)
+    ts = [540.0 + 5 * k for k in range(109)]
+    step = [(t, 100.0 + (2.5 if t > 810 else 0.0)) for t in ts]
+    leak = [(t, 100.0 + 25.0 * (t - 540) / 3600) for t in ts]
+    spike = [(t, 100.0 + (40.0 if t == 1000 else 0.0)) for t in ts]
+    for samples, held in ((step, True), (leak, False), (spike, True)):
+        slope, rise = slope_mb_per_hour(samples), rise_mb(samples)
+        assert verdict(1080, slope, rise, {"200": 1}, True, opts)[0] is held, (slope, rise)
+    assert (slope_mb_per_hour(step) or 0) > 20  # the slope alone would have failed the step
 
 
 def _children(pid: int) -> list[int]:

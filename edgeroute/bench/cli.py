@@ -4,7 +4,7 @@ edgeroute bench run --url http://127.0.0.1:8080/v1 --model m --rate 500 --durati
 edgeroute bench overhead --rates 500,1000 --duration 20
 edgeroute bench throughput | compare | streaming | resources | failover | hedging | chaos | spike
 edgeroute bench peer --peer-url http://127.0.0.1:4000/v1 --peer-model gpt-4o-mini --mock-port 18999
-edgeroute bench soak --duration 900       # memory over a long run, every per-process state in use
+edgeroute bench soak --duration 1200      # memory over a long run, every per-process state in use
 edgeroute bench gate                      # the CI latency gate (also `python -m edgeroute.bench.gate`)
 edgeroute bench mock --port 9000          # a mock / fault-injecting upstream (`python -m edgeroute.bench.faults`)
 """
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=soak.Soak.max_slope_mb_per_hour,
         help="bound on the RSS's growth over the run's second half",
     )
-    so.add_argument("--duration", type=float, default=900.0, help="seconds (the second half is judged)")
+    so.add_argument("--duration", type=float, default=1200.0, help="seconds (the second half is judged)")
     so.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin the proxy to its own CPU")
     so.add_argument("--json", help="write results as JSON here")
     so.set_defaults(fn=_soak)

@@ -15,14 +15,18 @@ RSS is sampled every `SAMPLE_S`. The report gives it at start, at the end of the
 (the warm-up: the cache and SQLite's page caches fill) and at the end, with the slope over the
 second half in MB per hour. A state that is never freed shows as a slope that stays above
 zero however long the run; run it long enough (the default 15 minutes) for the bounded ones to
-fill. The command fails (exit 1) when a request failed, or on a run of `MIN_JUDGED_S` or more
-when the slope passes `max_slope_mb_per_hour`.
+fill. The command fails (exit 1) when a request failed, or when the second half's slope passes
+`max_slope_mb_per_hour` and the RSS rose by more than `NOISE_MB` over it: a one-off step (an
+allocator arena, a page cache) is not growth. So a run is judged only when growth at the bound
+would rise past that noise within its second half (`min_judged_s`: 18 minutes at 20 MB/h);
+a shorter run is reported, not judged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +42,9 @@ STREAM_SHARE = 0.3
 SAMPLE_S = 5.0
 MAX_IN_FLIGHT = 256  # the load's own bound: past it a request is counted late, not sent
 MIN_JUDGED_S = 300.0  # shorter, the second half is still the warm-up (the cache filling)
+# One-off RSS steps of a healthy process (a new allocator arena, SQLite's page cache): 1-3 MB.
+NOISE_MB = 3.0
+EDGE_SHARE = 0.2  # the second half's first and last fifths: its levels at start and end
 
 
 @dataclass(frozen=True)
@@ -78,21 +85,40 @@ def slope_mb_per_hour(samples: list[tuple[float, float]]) -> float | None:
     return sum((t - mt) * (m - mm) for t, m in samples) / var * 3600
 
 
+def min_judged_s(max_slope_mb_per_hour: float) -> float:
+    """The shortest run whose second half would show growth at the bound past `NOISE_MB`."""
+    return max(MIN_JUDGED_S, 2 * NOISE_MB / max_slope_mb_per_hour * 3600)
+
+
+def rise_mb(samples: list[tuple[float, float]]) -> float | None:
+    """How much the level rose from start to end of `samples` (seconds, MB): the median of the
+    last `EDGE_SHARE` of them less that of the first, so a lone spike moves neither."""
+    if len(samples) < 3:
+        return None
+    k = max(1, round(len(samples) * EDGE_SHARE))
+    return statistics.median(m for _, m in samples[-k:]) - statistics.median(m for _, m in samples[:k])
+
+
 def verdict(
-    duration: float, slope: float | None, statuses: dict[str, int], alive: bool, opts: Soak
+    duration: float, slope: float | None, rise: float | None, statuses: dict[str, int], alive: bool, opts: Soak
 ) -> tuple[bool | None, list[str]]:
     """(held, why not): False when the proxy exited, a request failed or, on a run of
-    `MIN_JUDGED_S` or more, the second half's slope passed the bound; None when the run was too
-    short to judge the RSS (a short run's second half is still the warm-up: the cache filling)."""
+    `min_judged_s` or more, the second half's slope passed the bound and its RSS rose by more
+    than `NOISE_MB`; None when the run was too short to judge the RSS (growth at the bound
+    would not show above the noise)."""
     why_not = []
     if not alive:
         why_not.append("the proxy exited")
     failed = {k: v for k, v in statuses.items() if k != "200"}
     if failed:
         why_not.append(f"requests failed: {failed}")
-    judged = duration >= MIN_JUDGED_S and slope is not None
-    if judged and slope is not None and slope > opts.max_slope_mb_per_hour:
-        why_not.append(f"RSS grew {slope:.1f} MB/h over the second half (bound {opts.max_slope_mb_per_hour:g})")
+    bound = opts.max_slope_mb_per_hour
+    judged = duration >= min_judged_s(bound) and slope is not None and rise is not None
+    if judged and slope is not None and rise is not None and slope > bound and rise > NOISE_MB:
+        why_not.append(
+            f"RSS grew {slope:.1f} MB/h over the second half (bound {bound:g}), {rise:.1f} MB in all"
+            f" (noise {NOISE_MB:g})"
+        )
     if why_not:
         return False, why_not
     return (True if judged else None), why_not
@@ -168,19 +194,21 @@ def soak(c: Common, opts: Soak = Soak()) -> dict[str, Any]:
         "samples": [round(mb, 1) for mb in rss],
     }
     out["slope_mb_per_hour_second_half"] = None if slope is None else round(slope, 1)
+    rise = rise_mb(half)
+    out["rise_mb_second_half"] = None if rise is None else round(rise, 1)
     out["wall_s"] = round(time.monotonic() - t0, 1)
-    out["held"], out["why_not"] = verdict(c.duration, slope, out["load"]["statuses"], alive, opts)
+    out["held"], out["why_not"] = verdict(c.duration, slope, rise, out["load"]["statuses"], alive, opts)
     r, load = out["rss_mb"], out["load"]
     say(
         f"soak {c.duration:g} s at {opts.rate:g} req/s: {load['sent']} sent, statuses {load['statuses']}; "
         f"RSS {r['start']} MB at start, {r['half']} at half time, {r['end']} at the end (peak {r['peak']}); "
-        f"second half {out['slope_mb_per_hour_second_half']} MB/h: "
+        f"second half {out['slope_mb_per_hour_second_half']} MB/h, {out['rise_mb_second_half']} MB in all: "
         + (
             "FAILED: " + "; ".join(out["why_not"])
             if out["why_not"]
             else "held"
             if out["held"]
-            else f"not judged (the RSS is judged on runs of {MIN_JUDGED_S:g} s or more)"
+            else f"not judged (the RSS is judged on runs of {min_judged_s(opts.max_slope_mb_per_hour):g} s or more)"
         )
     )
     write_result(c, "soak", [], out)
