@@ -15,7 +15,13 @@ import aiohttp
 import openai
 import pytest
 
+from edgeroute import _core
+from tests.conftest import eventually
+from tests.providers_fixtures import BEDROCK_OPTIONS, start_mock
 from tests.test_cost_support import cost_proxy
+from tests.test_endpoints_embeddings_bedrock import TITAN
+
+__all__ = ["start_mock"]
 
 PRICE = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
 PROMPT = [{"role": "user", "content": "tell me about the sea " * 20}]
@@ -126,3 +132,40 @@ async def test_a_request_whose_only_attempt_timed_out_is_priced_and_one_never_se
     assert attempts[stalled_id][0] == "timeout" and attempts[stalled_id][1] > 0  # sent: its prompt billed
     assert by_id[stalled_id][2] == pytest.approx(attempts[stalled_id][1])
     assert spent == pytest.approx(sum(r[2] for r in rows), abs=1e-8)
+
+
+@pytest.mark.parametrize("ends", ["client_leaves", "upstream_times_out"])
+async def test_a_titan_batch_given_up_on_is_priced_for_the_texts_sent(
+    start_mock: Any, start_proxy: Any, ends: str
+) -> None:
+    """Titan embeds one text a call: a batch is sent 8 calls at a time. Each call given up on was
+    priced at the whole batch's prompt, so a client that left mid-batch was charged eight
+    times the batch (and a batch of 16 texts, four times what all 16 would have cost)."""
+    up = await start_mock("bedrock", latency_ms=1000, record=True)
+    timeouts = {"first_byte": 0.3} if ends == "upstream_times_out" else {}
+    cfg = {
+        "providers": {
+            "aws": {"kind": "bedrock", "base_url": up.base_url, "options": BEDROCK_OPTIONS, "timeouts": timeouts}
+        },
+        "deployments": {
+            "titan": {"provider": "aws", "model": TITAN, "encoding": "cl100k_base", "price": {"input_per_mtok": 1.0}}
+        },
+        "models": {"embed": {"deployments": ["titan"], "max_attempts": 1}},
+    }
+    proxy = await start_proxy(cfg)
+    texts = [f"the {i}th text about the weather at sea" for i in range(16)]
+    client_timeout = 0.3 if ends == "client_leaves" else 10.0
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises((openai.APITimeoutError, openai.APIStatusError)):
+            await client.embeddings.create(model="embed", input=texts, timeout=client_timeout)
+    rec = await eventually(lambda: _recorded(proxy), "the request's record")
+    sent = [r["body"]["inputText"] for r in up.options.requests]
+    assert 0 < len(sent) < len(texts)
+    # One attempt whose calls are merged (timed out), or one a call (cancelled with the client).
+    tokens = sum(a.usage.prompt_tokens for a in rec.attempts if a.usage is not None)
+    assert tokens == sum(_core.Router.count_tokens(t, "cl100k_base") for t in sent)
+    assert rec.cost_usd == pytest.approx(tokens / 1e6)
+
+
+async def _recorded(proxy: Any) -> Any:
+    return proxy.recorder.records[-1] if proxy.recorder.records else None
