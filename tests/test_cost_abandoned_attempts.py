@@ -85,7 +85,7 @@ async def test_a_request_whose_only_attempt_timed_out_is_priced_and_one_never_se
 ) -> None:
     # One connection to provider p: a long stream holds it while a second request waits for it
     # in the pool and times out there, never sent; a third, to slow provider q, times out there.
-    up = await start_upstream(chunk_interval=0.1, reply_words=20, record=True)
+    up = await start_upstream(chunk_interval=0.1, reply_words=30, record=True)
     slow = await start_upstream(latency_ms=1500, record=True)
     db = tmp_path / "l.db"
     timeouts = {"first_byte": 0.4}
@@ -110,7 +110,11 @@ async def test_a_request_whose_only_attempt_timed_out_is_priced_and_one_never_se
                     pass
 
             holder = asyncio.create_task(long_stream())
-            await asyncio.sleep(0.3)  # the stream has the one connection
+
+            async def holding() -> bool:
+                return len(up.options.requests) == 1
+
+            await eventually(holding, "the stream holding the one connection")
             with pytest.raises(openai.APIStatusError) as waited:
                 await client.chat.completions.create(model="m", messages=PROMPT)
             with pytest.raises(openai.APITimeoutError):  # a client that leaves while it waits
@@ -141,8 +145,8 @@ async def test_a_titan_batch_given_up_on_is_priced_for_the_texts_sent(
     """Titan embeds one text a call: a batch is sent 8 calls at a time. Each call given up on was
     priced at the whole batch's prompt, so a client that left mid-batch was charged eight
     times the batch (and a batch of 16 texts, four times what all 16 would have cost)."""
-    up = await start_mock("bedrock", latency_ms=1000, record=True)
-    timeouts = {"first_byte": 0.3} if ends == "upstream_times_out" else {}
+    up = await start_mock("bedrock", latency_ms=2000, record=True)
+    timeouts = {"first_byte": 0.6} if ends == "upstream_times_out" else {}
     cfg = {
         "providers": {
             "aws": {"kind": "bedrock", "base_url": up.base_url, "options": BEDROCK_OPTIONS, "timeouts": timeouts}
@@ -154,7 +158,7 @@ async def test_a_titan_batch_given_up_on_is_priced_for_the_texts_sent(
     }
     proxy = await start_proxy(cfg)
     texts = [f"the {i}th text about the weather at sea" for i in range(16)]
-    client_timeout = 0.3 if ends == "client_leaves" else 10.0
+    client_timeout = 0.6 if ends == "client_leaves" else 10.0
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
         with pytest.raises((openai.APITimeoutError, openai.APIStatusError)):
             await client.embeddings.create(model="embed", input=texts, timeout=client_timeout)
