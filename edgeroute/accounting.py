@@ -5,8 +5,9 @@ handed to a recorder that stores them off the hot path.
 even when the client has gone: spend is never left unrecorded.
 
 Cost: every attempt gets one (`AttemptRecord.cost_usd`: the upstream's usage at the
-deployment's price and time-of-day window; the prompt alone, estimated, for a hedge
-that lost or a client that left; 0 for an attempt the upstream refused). A JSON answer
+deployment's price and time-of-day window; the prompt alone, estimated, for an attempt
+sent and then given up on: a hedge that lost, a client that left, a timeout; 0 for an
+attempt the upstream refused or never received). A JSON answer
 carries the request's cost in `x-edgeroute-cost-usd`; a stream cannot, because its
 headers leave before the usage is known, so its cost is in the record (and the ledger)
 only. When a stream carries no usage, the completion is counted by the core's tokenizer

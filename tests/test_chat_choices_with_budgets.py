@@ -102,6 +102,19 @@ async def test_concurrent_chats_with_n_do_not_overshoot_a_budget(upstream: str, 
     assert spent <= 0.01 + 1e-9, f"${spent} spent against a $0.01 budget"
 
 
+async def test_both_token_bounds_reserve_the_larger(upstream: str, tmp_path: Path) -> None:
+    """`max_completion_tokens: 1` beside `max_tokens: 200`: the reservation was for one token a
+    choice, while a provider that reads `max_tokens` (DeepSeek, Mistral, an older server; this
+    one) wrote 200. OpenAI refuses the pair, so a client that sends it targets such a server."""
+    async with cost_proxy(_config(upstream, tmp_path)) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
+        statuses = sorted(await _three(client, {"n": 4, "max_completion_tokens": 1}), key=str)
+        await client.close()
+        spent = await _spent(proxy.url)
+    assert statuses == [200, 429, 429], statuses
+    assert spent <= 0.01 + 1e-9, f"${spent} spent against a $0.01 budget"
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [

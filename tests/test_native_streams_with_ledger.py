@@ -32,6 +32,8 @@ __all__ = ["start_mock"]
 WORDS = 300  # streamed before the cut: about 300 tokens ("word " is one token)
 ADMIN, APP = "sk-combos2-admin", "sk-combos2-app"
 OUT_PRICE = 10.0  # USD per million output tokens; input is free, so the cost is the answer's
+# A prompt mostly read from Anthropic's prompt cache, as its message_start reports it.
+CACHE = {"cache_creation_input_tokens": 1000, "cache_read_input_tokens": 50_000}
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -66,7 +68,7 @@ async def _responses(request: web.Request) -> web.StreamResponse:
 
 
 async def _messages(request: web.Request) -> web.StreamResponse:
-    usage = {"input_tokens": 20, "output_tokens": 1, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    usage = {"input_tokens": 20, "output_tokens": 1, **CACHE}
     start = {
         "type": "message_start",
         "message": {
@@ -179,3 +181,43 @@ async def test_the_request_log_keeps_a_native_streams_text(start_mock: Any, tmp_
                 one = await r.json()
             stored[one["model"]] = one["content"]["response"]
     assert stored == {"m-o": said, "m-a": wrote}
+
+
+@pytest.mark.parametrize("api", ["messages", "chat"])
+async def test_a_cut_anthropic_stream_prices_the_prompt_its_message_start_reported(
+    start_proxy: Any, cutting: str, api: str
+) -> None:
+    """Anthropic's message_start counts the prompt (fresh, read from the cache, written to it)
+    before any text. A stream cut before its message_delta was priced at the core's count of
+    the prompt, all of it at the input price: a 50,000-token prompt read from the cache (a tenth
+    of the price) cost ten times what the provider billed, and a cache write a fifth less."""
+    price = {"input_per_mtok": 3.0, "cached_input_per_mtok": 0.3, "cache_write_per_mtok": 3.75}
+    cfg = _config("anthropic", cutting)
+    cfg["deployments"]["d"]["price"] |= price
+    proxy = await start_proxy(cfg)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    if api == "messages":
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.APIStatusError):
+            async with client.messages.stream(
+                model="m", max_tokens=1000, extra_body={"top_k": 5}, messages=messages
+            ) as s:
+                async for _ in s.text_stream:
+                    pass
+    else:
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as oa:
+            with pytest.raises(openai.APIError):
+                async for _ in await oa.chat.completions.create(model="m", messages=messages, stream=True):
+                    pass
+
+    async def recorded() -> list[Any]:
+        return list(proxy.recorder.records)
+
+    (rec,) = await eventually(recorded, "the request's record")
+    u = rec.usage
+    assert u is not None and u.estimated  # the answer's count is the relay's
+    read, written = CACHE["cache_read_input_tokens"], CACHE["cache_creation_input_tokens"]
+    assert (u.prompt_tokens, u.cached_tokens, u.cache_write_tokens) == (20 + read + written, read, written)
+    assert WORDS * 0.8 <= u.completion_tokens <= WORDS * 1.2, u
+    expected = (20 * 3.0 + read * 0.3 + written * 3.75 + u.completion_tokens * OUT_PRICE) / 1e6
+    assert rec.cost_usd == pytest.approx(expected)

@@ -31,6 +31,10 @@ GROUPS = {
     "day": "day",
     "outcome": "outcome",
 }
+# Groups that say who asked: a shadow mirror carries its primary's key, team and user, but the
+# operator pays it (no budget counts it), so it is its own group there, and out of a team's view.
+_WHO = ("key", "team", "user")
+SHADOW_GROUP = "(shadow)"
 # Outcomes of requests that got their answer (from an upstream, a hedge, or the cache).
 _ANSWERED = "'ok', 'hedge_won', 'cache_hit', 'cache_stale'"
 FIELDS = ("requests", "ok", "prompt_tokens", "completion_tokens", "cost_usd", "baseline_cost_usd", "savings_usd")
@@ -59,19 +63,21 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
     if by not in GROUPS:
         raise ValueError(f"by must be one of {', '.join(GROUPS)}")
     col = GROUPS[by]
+    if by in _WHO:
+        col = f"CASE WHEN outcome = 'shadow' THEN '{SHADOW_GROUP}' ELSE {col} END"
     conds: list[str] = []
     params: list[Any] = []
     if since is not None:
         conds.append("ts >= ?")
         params.append(since)
     if tenant is not None:
-        conds.append("team = ?")
+        conds.append("team = ? AND outcome <> 'shadow'")
         params.append(tenant)
     where = f"WHERE {' AND '.join(conds)}" if conds else ""
     sql = (
         f"SELECT {col}, COUNT(*), SUM(CASE WHEN outcome IN ({_ANSWERED}) THEN 1 ELSE 0 END), "
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
-        f"FROM spend {where} GROUP BY {col} ORDER BY SUM(cost_usd) DESC, {col}"
+        f"FROM spend {where} GROUP BY 1 ORDER BY SUM(cost_usd) DESC, 1"
     )
     rows = []
     for r in backend.query(sql, params):

@@ -212,11 +212,12 @@ class Attempts:
         resp: Response | None = None
         keep_open = False
         result: Answer | Failure
+        reached: list[bool] = []  # non-empty once the request is written to the upstream
         try:
             loop = self.loop
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
             async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
-                resp = await up.client.request("POST", req.url, req.headers, req.body)
+                resp = await up.client.request("POST", req.url, req.headers, req.body, lambda: reached.append(True))
                 rec.status = resp.status
                 if 300 <= resp.status < 400:
                     # Following it would send our credentials wherever the upstream points: never.
@@ -254,8 +255,9 @@ class Attempts:
             rec.outcome = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             self.router.report(dep.index, "client_error", rec.latency_ms)
-            # The upstream has likely billed the prompt already: cost it as such.
-            self.settle_attempt(rec, dep, None)
+            # Sent, the upstream has likely billed the prompt already: cost it as such.
+            if reached:
+                self.settle_attempt(rec, dep, None)
             if resp is not None:
                 resp.close()
             raise
@@ -266,6 +268,11 @@ class Attempts:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
+        if isinstance(result, Failure) and result.outcome is Outcome.TIMEOUT and reached:
+            # Given up on as a cancelled attempt is (the connection dropped while the upstream
+            # worked on it): its prompt is likely billed. Priced at nothing, a failover after a
+            # timeout, or a request whose every attempt timed out, spent outside every budget.
+            self.settle_attempt(rec, dep, None)
         if self._refused_stream_options(result, adapter):
             return await self.attempt(dep, "retry")  # at once, without the field
         return result

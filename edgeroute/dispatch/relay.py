@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -280,14 +281,27 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tai
     if usage is None:
         rec = answer.rec
         settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
-        usage = await _estimate(call, said, settle)
+        usage = await _estimate(call, said, settle, _prompt_reported(translator))
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
 
 
-async def _estimate(call: Attempts, said: Transcript, settle_cancelled: Callable[[Usage], None]) -> Usage:
-    """The usage of a stream that carried none, counted from its text (and the prompt, when
-    the decision only estimated it); in a worker thread past `OFF_LOOP_BYTES` (the count of a
+def _prompt_reported(translator: Any) -> Usage | None:
+    """The prompt's counts a provider reported before its answer's end (Anthropic's
+    message_start: cache reads and writes apart), from the translator or the one it wraps."""
+    while translator is not None:
+        if (got := getattr(translator, "prompt_usage", None)) is not None:
+            return Usage.from_openai(got)
+        translator = getattr(translator, "inner", None)
+    return None
+
+
+async def _estimate(
+    call: Attempts, said: Transcript, settle_cancelled: Callable[[Usage], None], prompt: Usage | None = None
+) -> Usage:
+    """The usage of a stream that carried none, counted from its text, with the prompt's counts
+    its provider reported (`prompt`: cache reads priced as such), else the prompt counted too
+    (when the decision only estimated it); in a worker thread past `OFF_LOOP_BYTES` (the count of a
     hostile piece takes ~300 ns a byte: 16 KiB, 5 ms of the event loop).
 
     A client that closes as the stream ends cancels its handler while this counts: the answer
@@ -297,11 +311,16 @@ async def _estimate(call: Attempts, said: Transcript, settle_cancelled: Callable
     loop = asyncio.get_running_loop()
 
     def count() -> Usage:
-        return said.usage(call.prompt_tokens(), encoding)
+        if prompt is None:
+            return said.usage(call.prompt_tokens(), encoding)
+        u = said.usage(prompt.prompt_tokens, encoding)
+        u.cached_tokens, u.cache_write_tokens = prompt.cached_tokens, prompt.cache_write_tokens
+        return u
 
     counting: asyncio.Future[Usage] | None = None
     try:
-        await call.counted_prompt()
+        if prompt is None:
+            await call.counted_prompt()
         if said.size < OFF_LOOP_BYTES:
             return count()
         counting = loop.run_in_executor(COUNTING, count)

@@ -174,7 +174,8 @@ class EmbeddingsCall(CountedCall):
         results = await asyncio.gather(*(piece(i) for i in range(n)))
         mine = [r for r in self.record.attempts if id(r) not in known and r.deployment == dep.name]
         answers = [r for r in results if isinstance(r, JsonAnswer)]
-        used = [r.usage for r in mine if r.usage is not None and r.outcome == "success"]
+        # Every call priced (a failed attempt's too: those given up on after they were sent).
+        used = [r.usage for r in mine if r.usage is not None]
         usage = Usage(prompt_tokens=sum(u.prompt_tokens for u in used), estimated=any(u.estimated for u in used))
         self._merge_records(mine, failed[0] if failed else None, usage)
         if failed:
@@ -203,6 +204,12 @@ class EmbeddingsCall(CountedCall):
         drop = {id(r) for r in mine}
         self.record.attempts[:] = [r for r in self.record.attempts if id(r) not in drop]
         self.record.attempts.insert(at, merged)
+
+    def prompt_tokens(self) -> int:
+        """The prompt of one call of a split attempt is its own text: a call given up on was
+        priced at the whole batch's, eight calls in flight at eight times the batch."""
+        piece = _PIECE.get()
+        return super().prompt_tokens() if piece is None else _tokens_of(self.req.inputs[piece], self.decision.encoding)
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if speaks_openai(adapter):
@@ -239,11 +246,7 @@ class EmbeddingsCall(CountedCall):
             usage = Usage(prompt_tokens=reported)
             obj["usage"] = {"prompt_tokens": reported, "total_tokens": reported}
         if usage is None:
-            piece = _PIECE.get()
-            counted = (
-                self.prompt_tokens() if piece is None else _tokens_of(self.req.inputs[piece], self.decision.encoding)
-            )
-            usage = Usage(prompt_tokens=counted, estimated=True)
+            usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
             obj["usage"] = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
         obj["model"] = self.req.model
         return JsonAnswer(orjson.dumps(obj), usage)

@@ -31,7 +31,7 @@ from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
-from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage
+from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage, prompt_side
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.request_input import read_body
 from edgeroute.state import Live
@@ -146,6 +146,10 @@ class NativeStream:
         # message_start's output count is provisional (1): a stream cut before message_delta is
         # counted from its text instead (it was priced as one output token, whatever it sent).
         return openai_usage(self._usage_in) if self._final else None
+
+    @property
+    def prompt_usage(self) -> dict[str, Any] | None:
+        return prompt_side(self._usage_in)
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)

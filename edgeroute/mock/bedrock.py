@@ -312,6 +312,9 @@ async def invoke(request: web.Request) -> web.Response:
         opts.requests.append({"headers": dict(request.headers), "body": body, "model": model, "method": "invoke"})
     if opts.models is not None and model not in opts.models:
         return aws_error(404, "The provided model identifier is invalid.")
+    latency = float(request.headers.get("x-mock-latency-ms", opts.latency_ms))
+    if latency:
+        await asyncio.sleep(latency / 1000)
     if opts.fail_status is not None or "x-mock-status" in request.headers:
         status = opts.fail_status or int(request.headers["x-mock-status"])
         return aws_error(status, f"Mock error {status}.")

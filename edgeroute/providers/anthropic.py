@@ -54,6 +54,13 @@ def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     return oa.usage(given + written + cached, output, cached, cache_write=written)
 
 
+def prompt_side(u: dict[str, Any]) -> dict[str, Any] | None:
+    """The prompt's counts of a stream's usage so far (message_start's: fresh input, cache reads
+    and writes) with no output, before the answer's final count; None until they are in. A
+    stream cut before its end is priced by them and the output counted from its text."""
+    return openai_usage({**u, "output_tokens": 0}) if "input_tokens" in u else None
+
+
 def image_block(url: str) -> dict[str, Any]:
     data = oa.parse_data_url(url)
     if data is not None:
@@ -265,6 +272,10 @@ class AnthropicStream(oa.SseJsonStream):
         self.args_seen: set[int] = set()
         self.stop_reason: str | None = None
         self.output_reported = False  # a message_delta carried the answer's output_tokens
+
+    @property
+    def prompt_usage(self) -> dict[str, Any] | None:
+        return prompt_side(self.usage_in)
 
     def on_event(self, ev: dict[str, Any]) -> bytes:
         kind = ev.get("type")

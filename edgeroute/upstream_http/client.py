@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from yarl import URL
 
@@ -78,9 +78,16 @@ class HttpClient:
         return len(self._conns) + self._opening
 
     async def request(
-        self, method: str, url: str | URL, headers: Mapping[str, str] | None = None, body: bytes = b""
+        self,
+        method: str,
+        url: str | URL,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        sent: Callable[[], None] | None = None,
     ) -> Response:
-        """Sends one request; returns once the response's status and headers have arrived."""
+        """Sends one request; returns once the response's status and headers have arrived.
+        `sent` is called once the request is written to a connection (before that, a request
+        given up on never reached the upstream: nothing of it can have been billed)."""
         t = self._targets.get(url)
         if t is None:
             t = self._target(url)
@@ -90,11 +97,11 @@ class HttpClient:
         if conn is None:
             conn = await self._acquire(t)
         try:
-            return await conn.send(data, rest)
+            return await conn.send(data, rest, sent)
         except StaleConnection:
             pass
         conn = await self._acquire(t, reuse=False)
-        return await conn.send(data, rest)
+        return await conn.send(data, rest, sent)
 
     async def close(self) -> None:
         """Closes every connection; requests in flight fail with UpstreamError."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 import httptools
@@ -60,8 +61,9 @@ class Connection(asyncio.Protocol):
 
     # -- the exchange ----------------------------------------------------------
 
-    async def send(self, data: bytes, rest: bytes = b"") -> Response:
-        """Writes `data` (and `rest`, a large body sent after its head) and waits for the answer's head."""
+    async def send(self, data: bytes, rest: bytes = b"", sent: Callable[[], None] | None = None) -> Response:
+        """Writes `data` (and `rest`, a large body sent after its head), calls `sent`, and waits
+        for the answer's head."""
         assert self.transport is not None
         head: asyncio.Future[None] = self.loop.create_future()
         resp = self.resp = Response(self, head)
@@ -77,6 +79,8 @@ class Connection(asyncio.Protocol):
         if rest:
             self.transport.write(rest)
         self.sent_at = self.loop.time()
+        if sent is not None:
+            sent()
         try:
             await head
         except BaseException:

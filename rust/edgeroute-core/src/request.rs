@@ -97,7 +97,8 @@ pub struct ChatRequest<'a> {
     pub stream: bool,
     /// Whether the client asked for a final usage chunk in the stream.
     pub include_usage: bool,
-    /// `max_completion_tokens`, or the older `max_tokens`.
+    /// The larger of `max_completion_tokens` and the older `max_tokens`: a server that reads
+    /// only `max_tokens` writes that many whatever the other says, and budgets reserve for it.
     pub max_tokens: Option<u32>,
     /// Completions asked for: `n`, or `best_of` when larger; at least 1. Budgets and
     /// token limits reserve for this many.
@@ -163,7 +164,7 @@ impl<'a> ChatRequest<'a> {
             messages,
             stream: raw.stream.unwrap_or(false),
             include_usage: raw.stream_options.is_some_and(|o| o.include_usage),
-            max_tokens: raw.max_completion_tokens.or(raw.max_tokens),
+            max_tokens: raw.max_completion_tokens.max(raw.max_tokens), // None < Some(_)
             choices: count(raw.n, "n")?.max(count(raw.best_of, "best_of")?),
             user: raw.user,
             tools: raw.tools,
@@ -384,6 +385,19 @@ mod tests {
         assert_eq!(choices(r#","n":4"#), 4);
         assert_eq!(choices(r#","n":2,"best_of":5"#), 5);
         assert_eq!(choices(r#","n":null"#), 1);
+    }
+
+    #[test]
+    fn max_tokens_is_the_larger_bound_given() {
+        let max = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            ChatRequest::parse(body.as_bytes()).unwrap().max_tokens
+        };
+        assert_eq!(max(""), None);
+        assert_eq!(max(r#","max_tokens":7"#), Some(7));
+        assert_eq!(max(r#","max_completion_tokens":9"#), Some(9));
+        assert_eq!(max(r#","max_tokens":200,"max_completion_tokens":1"#), Some(200));
+        assert_eq!(max(r#","max_tokens":1,"max_completion_tokens":200"#), Some(200));
     }
 
     #[test]
