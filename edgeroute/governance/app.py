@@ -167,17 +167,24 @@ async def rollback_to(
     how: str = "rollback",
     audit: Sequence[Change] = (),
     may_change_access: bool = True,
+    every_worker: bool = True,
 ) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
     when it no longer validates. Without `may_change_access` (a caller below admin), 403 when
     the version would change who may call what (`access_changes`). Runs to its end once begun,
     its caller gone or not (`reload.to_the_end`): a change recorded is a change applied."""
-    return await to_the_end(_rolled_back(app, version, actor, how, audit, may_change_access))
+    return await to_the_end(_rolled_back(app, version, actor, how, audit, may_change_access, every_worker))
 
 
 async def _rolled_back(
-    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], may_change_access: bool
+    app: web.Application,
+    version: int,
+    actor: str,
+    how: str,
+    audit: Sequence[Change],
+    may_change_access: bool,
+    every_worker: bool,
 ) -> dict[str, Any]:
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
@@ -193,7 +200,7 @@ async def _rolled_back(
             return text
 
         try:
-            written = await apply_text(app, restored, f"{how}:{version}", actor, audit)
+            written = await apply_text(app, restored, f"{how}:{version}", actor, audit, every_worker)
         except _AccessChange as e:
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before},
                             {"version": version, "needs": "admin", "changes": e.fields})  # fmt: skip
@@ -237,7 +244,10 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                 reason = ("config.auto_rollback.reason", "config", None, {"reason": why})
                 # Never an access change: a revocation or demotion undone because errors rose
                 # (which a client may cause) would hand the key back to whoever held it.
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], may_change_access=False)
+                # Each worker's guard judges its own answers: a file that cannot be written (the
+                # other workers cannot follow) does not keep a failing config on this one.
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason],
+                                  may_change_access=False, every_worker=False)  # fmt: skip
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
 
