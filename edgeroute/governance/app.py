@@ -352,7 +352,7 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
     except ProxyError:
         raise
     except Exception as e:
-        if not type(e).__module__.startswith(("sqlite3", "psycopg")):
+        if not _database_error(e):
             raise
         log.error("managed keys: a change could not be written, nothing changed (%s: %s)", type(e).__name__, e)
         raise ProxyError(
@@ -361,6 +361,24 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
             code="key_store_unavailable",
             headers={"Retry-After": "1"},
         ) from None
+
+
+def _database_error(e: Exception) -> bool:
+    return type(e).__module__.startswith(("sqlite3", "psycopg"))
+
+
+async def _read_back(managed: K.ManagedKeys) -> None:
+    """Reads a key change just committed into this instance's view. Made and audited already, it
+    is answered whatever the database does now: its connection lost after the commit turned the
+    answer into a 500, and the secret a creation or rotation shows once was lost with it (a
+    rotation without grace left the key with no secret anyone knew). The poller reads it then."""
+    try:
+        await asyncio.to_thread(managed.load)
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        log.warning("managed keys: a change was made but not read back yet (%s); the next poll reads it",
+                    type(e).__name__)  # fmt: skip
 
 
 def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
@@ -388,7 +406,7 @@ async def create_key(request: web.Request) -> web.Response:
         )  # fmt: skip
     # The audit entry is written in the change's own transaction (governance/store.py).
     data, token = await _key_change(K.create, managed.store, f, actor, parent)
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     out = K.public(data)
     return json_response({**out, "secret": token}, status=201)
 
@@ -453,7 +471,7 @@ async def update_key(request: web.Request) -> web.Response:
     K.check_scope(*_creator(request), f)
     changes = f.model_dump(include=set(body))
     _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     return json_response(K.public(after))
 
 
@@ -490,7 +508,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
     _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     await managed.settle()  # what it (and the keys it made) stored in the cache goes now
     return json_response(K.public(after))
 
@@ -507,5 +525,5 @@ async def rotate_key(request: web.Request) -> web.Response:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
     await _within_scope(request, managed, key_id, "rotate")
     _, after, token = await _key_change(K.rotate, managed.store, key_id, float(grace), actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     return json_response({**K.public(after), "secret": token})
