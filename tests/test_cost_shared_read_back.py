@@ -51,15 +51,20 @@ async def _until_spent(url: str, budget: str, usd: float, timeout_s: float = 15.
             await asyncio.sleep(0.05)
 
 
-async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_upstream: Any, tmp_path: Path) -> None:
-    """Five requests spent, then a reload adds a $0.07 budget: two more fit, not seven."""
+def _on_redis(up: Any, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    """A config counting spend in Redis (a prefix of its own) and a SQLite ledger, written out."""
     redis_url = require_redis()
-    up = await start_upstream()
     path = tmp_path / "edge.yaml"
     cfg = _config(up.base_url, tmp_path / "l.db")
     cfg["budgets"]["limits"][0]["limit_usd"] = 100  # cost control on; never binds here
     cfg["shared_state"] = {"redis_url": redis_url, "prefix": f"rv-{uuid.uuid4().hex[:8]}", "on_unavailable": "closed"}
     path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_upstream: Any, tmp_path: Path) -> None:
+    """Five requests spent, then a reload adds a $0.07 budget: two more fit, not seven."""
+    path, cfg = _on_redis(await start_upstream(), tmp_path)
     served = await Served.start(path)
     try:
         assert await answered(served.url, 5) == 5
@@ -73,5 +78,27 @@ async def test_a_budget_added_by_reload_on_redis_counts_what_was_spent(start_ups
         assert await answered(served.url, 1) == 1
         await _until_spent(served.url, "seven", 0.06)
         assert await answered(served.url, 6) == 1, "the $0.05 spent before the reload was forgotten"
+    finally:
+        served.kill()
+
+
+async def test_a_budget_added_by_restart_on_a_seeded_redis_counts_what_was_spent(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A budget added to the config and applied by a restart (a rolling update: each instance
+    restarted on the new config) found Redis seeded already, so nothing read its spend so far
+    back: five requests spent, then a $0.07 budget let seven more through, not two."""
+    path, cfg = _on_redis(await start_upstream(), tmp_path)
+    served = await Served.start(path)
+    try:
+        assert await answered(served.url, 5) == 5
+        await _until(lambda: _ledger_rows(tmp_path / "l.db") >= 5, "the five answers in the ledger")
+    finally:
+        served.kill()
+    cfg["budgets"]["limits"].append({"name": "seven", "scope": "global", "limit_usd": 0.07, "period": "month"})
+    path.write_text(yaml.safe_dump(cfg))
+    served = await Served.start(path)
+    try:
+        assert await answered(served.url, 7) == 2, "the $0.05 spent before the restart was forgotten"
     finally:
         served.kill()

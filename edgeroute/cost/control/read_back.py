@@ -20,7 +20,7 @@ from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
-from edgeroute.cost.keys import KeySource, key_counter
+from edgeroute.cost.keys import KeySource, key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.cost.redis_store import RedisState
@@ -74,12 +74,24 @@ class ReadBack(Stores):
                 # Redis keeps its buckets while instances restart (one that restarted empty
                 # starts them full: a minute's window at most).
                 seeded = await self.shared.seed(self._read_at_start)
+                if not seeded and (filled := await self.shared.fill(self._config_budgets_spent())):
+                    log.info("shared state: %d budget counters new to Redis read back from the ledger", filled)
             else:
                 seeded = await self.shared.seed(self._read_at_start, self._buckets_at_start)
             if seeded:
                 log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
         except StoreUnavailable as e:
             log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
+
+    def _config_budgets_spent(self) -> dict[tuple[str, int], int]:
+        """The config's budgets' part of what was read at start. A budget added to the config and
+        applied by a restart found Redis seeded by a config without it, and counted from zero:
+        its spend so far this period was forgotten (a rolling update let a new monthly budget
+        through in full). Managed keys' counters are counted in Redis whatever their budget."""
+        names = tuple(f"{b.name}:" for b in self.cfg.budgets.limits)
+        keys = key_budget_name("")  # a managed key's counter: "key:<id>:..."
+        spent = self._read_at_start.items()
+        return {k: v for k, v in spent if names and k[0].startswith(names) and not k[0].startswith(keys)}
 
     async def _spent_now(self) -> dict[tuple[str, int], int]:
         """Every budget's spend this period, from the ledger: this instance's records written
