@@ -38,13 +38,14 @@ def _ledger_rows(db: Path) -> int:
             return 0
 
 
-async def _until_spent(url: str, budget: str, usd: float, timeout_s: float = 15.0) -> None:
+async def _until_spent(url: str, budget: str, usd: float, timeout_s: float = 15.0, match: str | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as s:
         while True:
             async with s.get(url + "/admin/budgets") as r:
                 view = await r.json()
-            spent = next((b["spent_usd"] for b in view["budgets"] if b["name"] == budget), 0.0)
+            rows = [b for b in view["budgets"] if b["name"] == budget and match in (None, b["match"])]
+            spent = rows[0]["spent_usd"] if rows else 0.0
             if spent >= usd - 1e-9:
                 return
             assert time.monotonic() < deadline, f"budget {budget}: {spent} spent after {timeout_s} s, not {usd}"
@@ -100,5 +101,29 @@ async def test_a_budget_added_by_restart_on_a_seeded_redis_counts_what_was_spent
     served = await Served.start(path)
     try:
         assert await answered(served.url, 7) == 2, "the $0.05 spent before the restart was forgotten"
+    finally:
+        served.kill()
+
+
+async def test_a_budget_rescoped_by_reload_on_redis_counts_what_was_spent(start_upstream: Any, tmp_path: Path) -> None:
+    """A budget a reload had added once this period, re-scoped by a later reload (global to
+    per-model), was not read back into Redis again: the read-back was claimed once per budget
+    name and period, whatever it counted, so its new counters started from zero."""
+    path, cfg = _on_redis(await start_upstream(), tmp_path)
+    served = await Served.start(path)
+    try:
+        cfg["budgets"]["limits"].append({"name": "seven", "scope": "global", "limit_usd": 100, "period": "month"})
+        path.write_text(yaml.safe_dump(cfg))
+        async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+        assert await answered(served.url, 5) == 5
+        await _until(lambda: _ledger_rows(tmp_path / "l.db") >= 5, "the five answers in the ledger")
+        cfg["budgets"]["limits"][-1].update(scope="model", limit_usd=0.07)
+        path.write_text(yaml.safe_dump(cfg))
+        async with aiohttp.ClientSession() as s, s.post(served.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+        assert await answered(served.url, 1) == 1
+        await _until_spent(served.url, "seven", 0.06, match="m")
+        assert await answered(served.url, 6) == 1, "the $0.05 spent before the reload was forgotten"
     finally:
         served.kill()

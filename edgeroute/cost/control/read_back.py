@@ -11,6 +11,7 @@ when it was given included."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -161,15 +162,25 @@ class ReadBack(Stores):
             prefix, suffix = f"{b.name}:", f":{p.id}"
             spent = {k: v for k, v in found.budgets.items() if k[0].startswith(prefix) and k[0].endswith(suffix)}
             try:
-                if await self.shared.mark_once(f"read-back:{b.name}:{p.id}", p.ttl_s):
+                # Once per budget, counting and period: a budget a reload re-scoped (global to
+                # per-model, say) counts in new counters, which were never read back when the
+                # claim named the budget alone (a reload had added it earlier that period).
+                if await self.shared.mark_once(f"read-back:{b.name}:{_counting(b)}:{p.id}", p.ttl_s):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+_COUNTING = ("scope", "match", "period", "window_hours", "utc_offset_minutes")  # what a budget counts
 
 
 def same_counting(old: Budget | None, new: Budget) -> bool:
     """Whether `new` counts the same spend as `old` (a changed limit or action does not matter)."""
     if old is None:
         return False
-    keep = ("scope", "match", "period", "window_hours", "utc_offset_minutes")
-    return all(getattr(old, f) == getattr(new, f) for f in keep)
+    return all(getattr(old, f) == getattr(new, f) for f in _COUNTING)
+
+
+def _counting(b: Budget) -> str:
+    """A short name for what `b` counts (`_COUNTING`), the same in every instance."""
+    return hashlib.sha256(repr([getattr(b, f) for f in _COUNTING]).encode()).hexdigest()[:12]
