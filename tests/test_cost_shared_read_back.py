@@ -127,3 +127,33 @@ async def test_a_budget_rescoped_by_reload_on_redis_counts_what_was_spent(start_
         assert await answered(served.url, 6) == 1, "the $0.05 spent before the reload was forgotten"
     finally:
         served.kill()
+
+
+async def test_a_budget_one_instance_started_with_and_another_reloads_in_counts_once(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Two instances on one Redis and one ledger take a new budget, one by a restart (its spend
+    so far filled into Redis at start), the other by a reload (read back into Redis after it):
+    the period's spend so far is counted once, not once by each."""
+    path, cfg = _on_redis(await start_upstream(), tmp_path)
+    reloaded = await Served.start(path)
+    started = None
+    try:
+        assert await answered(reloaded.url, 5) == 5
+        await _until(lambda: _ledger_rows(tmp_path / "l.db") >= 5, "the five answers in the ledger")
+        cfg["budgets"]["limits"].append({"name": "seven", "scope": "global", "limit_usd": 0.07, "period": "month"})
+        other = tmp_path / "other.yaml"
+        other.write_text(yaml.safe_dump(cfg))
+        started = await Served.start(other)
+        path.write_text(yaml.safe_dump(cfg))
+        async with aiohttp.ClientSession() as s, s.post(reloaded.url + "/admin/reload") as r:
+            assert r.status == 200, await r.text()
+        # Its first request applies the new config to admission, whose read-back then runs in
+        # the background: $0.06 spent, one more fits.
+        assert await answered(reloaded.url, 1) == 1
+        await asyncio.sleep(1.5)
+        assert await answered(started.url, 7) == 1, "the $0.05 spent before was counted twice, or not at all"
+    finally:
+        reloaded.kill()
+        if started is not None:
+            started.kill()

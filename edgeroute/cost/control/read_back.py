@@ -81,6 +81,11 @@ class ReadBack(Stores):
                 seeded = await self.shared.seed(self._read_at_start, self._buckets_at_start)
             if seeded:
                 log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
+            # Counted from the ledger now: another instance that takes these budgets by a reload
+            # must not add the period's spend so far again (it added it on top of the fill).
+            now = time.time()
+            for b in self.cfg.budgets.limits:
+                await self.shared.mark_once(*_read_back_claim(b, now))
         except StoreUnavailable as e:
             log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
 
@@ -162,10 +167,7 @@ class ReadBack(Stores):
             prefix, suffix = f"{b.name}:", f":{p.id}"
             spent = {k: v for k, v in found.budgets.items() if k[0].startswith(prefix) and k[0].endswith(suffix)}
             try:
-                # Once per budget, counting and period: a budget a reload re-scoped (global to
-                # per-model, say) counts in new counters, which were never read back when the
-                # claim named the budget alone (a reload had added it earlier that period).
-                if await self.shared.mark_once(f"read-back:{b.name}:{_counting(b)}:{p.id}", p.ttl_s):
+                if await self.shared.mark_once(*_read_back_claim(b, now)):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
@@ -181,6 +183,10 @@ def same_counting(old: Budget | None, new: Budget) -> bool:
     return all(getattr(old, f) == getattr(new, f) for f in _COUNTING)
 
 
-def _counting(b: Budget) -> str:
-    """A short name for what `b` counts (`_COUNTING`), the same in every instance."""
-    return hashlib.sha256(repr([getattr(b, f) for f in _COUNTING]).encode()).hexdigest()[:12]
+def _read_back_claim(b: Budget, now: float) -> tuple[str, int]:
+    """The shared store's mark (and its ttl) saying that `b`'s spend this period was read back
+    into it: once per budget, counting and period. A budget a reload re-scoped (global to
+    per-model, say) counts in new counters, never read back when the mark named the budget alone."""
+    p = B.period_of(b, now)
+    counting = hashlib.sha256(repr([getattr(b, f) for f in _COUNTING]).encode()).hexdigest()[:12]
+    return f"read-back:{b.name}:{counting}:{p.id}", p.ttl_s
