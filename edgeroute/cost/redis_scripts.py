@@ -188,6 +188,28 @@ end
 redis.call('SET', KEYS[1], '1')
 return 1
 """)
+# The same into a store seeded already, for the budgets of a config that was not the seeder's (a
+# budget added to the config and applied by a restart): only counters Redis has none of are
+# set, a calendar period's whole, a rolling window's only when its key is missing (a slot field
+# missing from a kept key is no sign that nobody counted it). Answers how many were set.
+FILL = Script.of("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ttl, n, fresh = tonumber(ARGV[1]), 0, {}
+for i = 2, #KEYS do
+  local key, slot, amount = KEYS[i], ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if slot == '-1' then
+    if redis.call('SET', key, amount, 'NX', 'EX', ttl) then n = n + 1 end
+  else
+    if fresh[key] == nil then fresh[key] = redis.call('EXISTS', key) == 0 end
+    if fresh[key] then
+      redis.call('HSET', key, slot, amount)
+      redis.call('EXPIRE', key, ttl)
+      n = n + 1
+    end
+  end
+end
+return n
+""")
 # Spend read back for a budget first seen after start (ARGV[1]: ttl; then two each: slot, -1
 # for a calendar period, and nano-USD), added to its counters.
 ADD_SPENT = Script.of("""

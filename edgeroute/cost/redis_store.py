@@ -22,7 +22,7 @@ from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
-from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, RESERVE, SEED, SETTLE, SETTLE_SEEDED, TAKE, unseeded
+from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, FILL, RESERVE, SEED, SETTLE, SETTLE_SEEDED, TAKE, unseeded
 from edgeroute.cost.redis_settle import Settlements
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.leases import LEASE_S
@@ -147,11 +147,21 @@ class RedisState:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
         nano-USD) into Redis if it holds no budgets; True when this call did. Each counter is
         set only where Redis has none, so budgets Redis kept are never counted twice."""
+        return bool(await self._run(SEED, *self._seed_args(spent)))
+
+    async def fill(self, spent: dict[tuple[str, int], int]) -> int:
+        """Counts what the ledger says was spent into a seeded store where it has no counter
+        (`FILL`): budgets no instance counted in Redis before this one started with them. Returns
+        how many counters it set."""
+        return int(await self._run(FILL, *self._seed_args(spent)))
+
+    def _seed_args(self, spent: dict[tuple[str, int], int]) -> tuple[list[str], list[Any]]:
+        """`SEED`'s and `FILL`'s keys (the marker first) and arguments."""
         keys = [self.seeded_key] + [f"{self.prefix}:b:{key}" for key, _ in spent]
         args: list[Any] = [SEED_TTL_S]
         for (_, slot), amount in spent.items():
             args += [slot, amount]
-        return bool(await self._run(SEED, keys, args))
+        return keys, args
 
     def _read_admit(
         self, out: list[Any], takes: list[Take], deployment: list[Take], charges: list[Charge], leases: list[Lease]

@@ -168,6 +168,7 @@ async def rollback_to(
     how: str = "rollback",
     audit: Sequence[Change] = (),
     as_admin: bool = True,
+    every_worker: bool = True,
 ) -> dict[str, Any]:
     """Applies stored `version` whole (validated as a new file) and writes it back over the
     config file (audited with `audit` too); 404 for an unknown version, 409 (nothing changed)
@@ -175,11 +176,17 @@ async def rollback_to(
     403 when the version would change who may call what (`access_changes`) or weaken data
     governance (`weakenings`). Runs to its end once begun, its caller gone or not
     (`reload.to_the_end`): a change recorded is a change applied."""
-    return await to_the_end(_rolled_back(app, version, actor, how, audit, as_admin))
+    return await to_the_end(_rolled_back(app, version, actor, how, audit, as_admin, every_worker))
 
 
 async def _rolled_back(
-    app: web.Application, version: int, actor: str, how: str, audit: Sequence[Change], as_admin: bool
+    app: web.Application,
+    version: int,
+    actor: str,
+    how: str,
+    audit: Sequence[Change],
+    as_admin: bool,
+    every_worker: bool,
 ) -> dict[str, Any]:
     gov = app[GOV]
     target = await asyncio.to_thread(gov.versions.get, version)
@@ -198,7 +205,7 @@ async def _rolled_back(
             return text
 
         try:
-            written = await apply_text(app, restored, f"{how}:{version}", actor, audit)
+            written = await apply_text(app, restored, f"{how}:{version}", actor, audit, every_worker)
         except _NeedsAdmin as e:
             after = {"version": version, "needs": "admin", "changes": e.access, "weakens": e.governance}
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, after)
@@ -251,7 +258,10 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                 # Never an access change nor a weaker governance: a revocation or demotion undone
                 # because errors rose (which a client may cause) would hand the key back to whoever
                 # held it, a PII rule or residency undone would send prompts where they may not go.
-                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason], as_admin=False)
+                # Each worker's guard judges its own answers: a file that cannot be written (the
+                # other workers cannot follow) does not keep a failing config on this one.
+                await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason],
+                                  as_admin=False, every_worker=False)  # fmt: skip
             except ProxyError as e:
                 log.error("rollback guard: cannot roll back to version %d: %s", previous, e.message)
 
@@ -356,7 +366,7 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
     except ProxyError:
         raise
     except Exception as e:
-        if not type(e).__module__.startswith(("sqlite3", "psycopg")):
+        if not _database_error(e):
             raise
         log.error("managed keys: a change could not be written, nothing changed (%s: %s)", type(e).__name__, e)
         raise ProxyError(
@@ -365,6 +375,24 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
             code="key_store_unavailable",
             headers={"Retry-After": "1"},
         ) from None
+
+
+def _database_error(e: Exception) -> bool:
+    return type(e).__module__.startswith(("sqlite3", "psycopg"))
+
+
+async def _read_back(managed: K.ManagedKeys) -> None:
+    """Reads a key change just committed into this instance's view. Made and audited already, it
+    is answered whatever the database does now: its connection lost after the commit turned the
+    answer into a 500, and the secret a creation or rotation shows once was lost with it (a
+    rotation without grace left the key with no secret anyone knew). The poller reads it then."""
+    try:
+        await asyncio.to_thread(managed.load)
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        log.warning("managed keys: a change was made but not read back yet (%s); the next poll reads it",
+                    type(e).__name__)  # fmt: skip
 
 
 def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
@@ -392,7 +420,7 @@ async def create_key(request: web.Request) -> web.Response:
         )  # fmt: skip
     # The audit entry is written in the change's own transaction (governance/store.py).
     data, token = await _key_change(K.create, managed.store, f, actor, parent)
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     out = K.public(data)
     return json_response({**out, "secret": token}, status=201)
 
@@ -457,7 +485,7 @@ async def update_key(request: web.Request) -> web.Response:
     K.check_scope(*_creator(request), f)
     changes = f.model_dump(include=set(body))
     _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     return json_response(K.public(after))
 
 
@@ -494,7 +522,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
     _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     await managed.settle()  # what it (and the keys it made) stored in the cache goes now
     return json_response(K.public(after))
 
@@ -511,5 +539,5 @@ async def rotate_key(request: web.Request) -> web.Response:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
     await _within_scope(request, managed, key_id, "rotate")
     _, after, token = await _key_change(K.rotate, managed.store, key_id, float(grace), actor_of(request))
-    await asyncio.to_thread(managed.load)
+    await _read_back(managed)
     return json_response({**K.public(after), "secret": token})

@@ -16,17 +16,28 @@ from edgeroute import config as config_mod
 from edgeroute import reload
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV, Change
-from edgeroute.governance.versions import write_back
+from edgeroute.governance.versions import cannot_write, write_back
 from edgeroute.state import STATE
 from edgeroute.workers import worker as workers
 
 
 async def apply_text(
-    app: web.Application, text_of: Callable[[], str], how: str, actor: str, audit: Sequence[Change] = ()
+    app: web.Application,
+    text_of: Callable[[], str],
+    how: str,
+    actor: str,
+    audit: Sequence[Change] = (),
+    every_worker: bool = True,
 ) -> bool:
     """Applies the text `text_of()` makes (audited with `audit` too, as `reload.apply_config`
     does); returns whether the config file was updated too. Raises ConfigError (and nothing
     changed) when it does not validate, and whatever `text_of` raises.
+
+    With `every_worker` (an admin's change), under a supervisor a config file that cannot be
+    written is a 409 and nothing changes: the other workers take the change from the file, so
+    it reached the answering worker alone (a drain answered 200 while the other workers kept
+    sending requests to the deployment). The rollback guard passes False: each worker's guard
+    judges its own answers.
 
     `text_of` runs once no reload is in progress, so a change made from the running config's
     text (`Versions.running_text`) is made to the config it is applied over: read before a
@@ -35,6 +46,8 @@ async def apply_text(
     `reload.to_the_end`, their locks with it."""
     async with app[STATE].source_lock:  # no reload reads the file between the two steps
         source = app[STATE].live.source
+        if every_worker:
+            await _file_takes_it(app.get(workers.WORKER), source)
         text = text_of()
         cfg = await reload.load_off_the_loop(text, source)
         await reload.apply_config(app, cfg, text, how, actor, audit)
@@ -42,6 +55,20 @@ async def apply_text(
     if written:  # the other workers of this server read it from there
         workers.ask_siblings_to_reload(app.get(workers.WORKER))
     return written
+
+
+async def _file_takes_it(worker: workers.Worker | None, source: str) -> None:
+    """409 when the other workers of this server could not read a change from the config file."""
+    if worker is None or worker.count < 2:
+        return  # alone, a change the file cannot take is applied and said so (`file_updated`)
+    if (why := await asyncio.to_thread(cannot_write, source)) is not None:
+        raise ProxyError(
+            409,
+            f"The config file {source} cannot be written ({why}), and the other workers of this server "
+            "take a change from it: nothing changed. Change the file and reload (SIGHUP): every worker "
+            "applies it.",
+            code="config_not_writable",
+        )
 
 
 @contextlib.asynccontextmanager

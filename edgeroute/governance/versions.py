@@ -11,7 +11,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +304,21 @@ def check_text(text: str, source: str = "<check>") -> list[str]:
     except config_mod.ConfigError as e:
         return e.errors
     return []
+
+
+def cannot_write(source: str) -> str | None:
+    """Why `write_back` could not replace the config file (a read-only mount, a directory it may
+    not write), or None when it can: the file is replaced through a temporary file beside it."""
+    p = Path(source)
+    if not p.is_file():
+        return "it is not a file"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    Path(tmp).unlink(missing_ok=True)
+    return None
 
 
 def write_back(source: str, text: str) -> bool:

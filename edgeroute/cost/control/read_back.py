@@ -11,6 +11,7 @@ when it was given included."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.control.stores import Stores
-from edgeroute.cost.keys import KeySource, key_counter
+from edgeroute.cost.keys import KeySource, key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.cost.redis_store import RedisState
@@ -74,12 +75,29 @@ class ReadBack(Stores):
                 # Redis keeps its buckets while instances restart (one that restarted empty
                 # starts them full: a minute's window at most).
                 seeded = await self.shared.seed(self._read_at_start)
+                if not seeded and (filled := await self.shared.fill(self._config_budgets_spent())):
+                    log.info("shared state: %d budget counters new to Redis read back from the ledger", filled)
             else:
                 seeded = await self.shared.seed(self._read_at_start, self._buckets_at_start)
             if seeded:
                 log.info("shared state: %d budget counters read back from the ledger", len(self._read_at_start))
+            # Counted from the ledger now: another instance that takes these budgets by a reload
+            # must not add the period's spend so far again (it added it on top of the fill).
+            now = time.time()
+            for b in self.cfg.budgets.limits:
+                await self.shared.mark_once(*_read_back_claim(b, now))
         except StoreUnavailable as e:
             log.warning("shared state unavailable at start (%s): budgets are read back into it once it answers", e)
+
+    def _config_budgets_spent(self) -> dict[tuple[str, int], int]:
+        """The config's budgets' part of what was read at start. A budget added to the config and
+        applied by a restart found Redis seeded by a config without it, and counted from zero:
+        its spend so far this period was forgotten (a rolling update let a new monthly budget
+        through in full). Managed keys' counters are counted in Redis whatever their budget."""
+        names = tuple(f"{b.name}:" for b in self.cfg.budgets.limits)
+        keys = key_budget_name("")  # a managed key's counter: "key:<id>:..."
+        spent = self._read_at_start.items()
+        return {k: v for k, v in spent if names and k[0].startswith(names) and not k[0].startswith(keys)}
 
     async def _spent_now(self) -> dict[tuple[str, int], int]:
         """Every budget's spend this period, from the ledger: this instance's records written
@@ -149,15 +167,26 @@ class ReadBack(Stores):
             prefix, suffix = f"{b.name}:", f":{p.id}"
             spent = {k: v for k, v in found.budgets.items() if k[0].startswith(prefix) and k[0].endswith(suffix)}
             try:
-                if await self.shared.mark_once(f"read-back:{b.name}:{p.id}", p.ttl_s):
+                if await self.shared.mark_once(*_read_back_claim(b, now)):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+_COUNTING = ("scope", "match", "period", "window_hours", "utc_offset_minutes")  # what a budget counts
 
 
 def same_counting(old: Budget | None, new: Budget) -> bool:
     """Whether `new` counts the same spend as `old` (a changed limit or action does not matter)."""
     if old is None:
         return False
-    keep = ("scope", "match", "period", "window_hours", "utc_offset_minutes")
-    return all(getattr(old, f) == getattr(new, f) for f in keep)
+    return all(getattr(old, f) == getattr(new, f) for f in _COUNTING)
+
+
+def _read_back_claim(b: Budget, now: float) -> tuple[str, int]:
+    """The shared store's mark (and its ttl) saying that `b`'s spend this period was read back
+    into it: once per budget, counting and period. A budget a reload re-scoped (global to
+    per-model, say) counts in new counters, never read back when the mark named the budget alone."""
+    p = B.period_of(b, now)
+    counting = hashlib.sha256(repr([getattr(b, f) for f in _COUNTING]).encode()).hexdigest()[:12]
+    return f"read-back:{b.name}:{counting}:{p.id}", p.ttl_s
