@@ -6,13 +6,19 @@ what the operator or the client sees."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
 from tests.test_cost_support import cost_proxy, one_deployment
+from tests.test_operator_walk2 import _stop
+from tests.test_operator_walk3 import _cli, _env, _serve, _term, _write
 
 # -- a budget that refuses a request for its worst case -------------------------------------------
 
@@ -48,3 +54,62 @@ async def test_a_budget_with_room_left_says_why_it_refused_and_what_reserves_les
         answer = await client.chat.completions.create(model="m", messages=msg, max_tokens=20)
         assert answer.choices[0].message.content
         await client.close()
+
+
+# -- trying an Anthropic provider without its key ----------------------------------------------------
+
+
+def _mock(*flags: str) -> tuple[subprocess.Popen[str], str]:
+    """`edgeroute bench mock FLAGS --port 0`, and the base_url it says to configure."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeroute", "bench", "mock", "--port", "0", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert re.fullmatch(r"listening port=\d+\n", proc.stdout.readline())
+    said = proc.stderr.readline()
+    m = re.search(r"base_url: (http://127\.0\.0\.1:\d+\S*)$", said)
+    assert m, said
+    return proc, m[1]
+
+
+def test_an_anthropic_provider_can_be_tried_on_a_mock_as_the_readme_says(tmp_path: Path) -> None:
+    """The README sends an operator to `edgeroute bench mock --port 0` to try a config without
+    provider keys, but that mock speaks OpenAI's API alone: a provider with `kind: anthropic`
+    (the README's own Uptime example) had nothing to point at (`POST /v1/messages` was a 404).
+    `--kind anthropic` serves Anthropic's API, and the mock says the base_url to configure."""
+    mock, base_url = _mock("--kind", "anthropic", "--api-key", "sk-ant-walk5")
+    try:
+        assert base_url.endswith(tuple("0123456789")), base_url  # Anthropic's base_url has no /v1
+        cfg = _write(
+            tmp_path,
+            f"""\
+providers:
+  anthropic: {{kind: anthropic, base_url: "{base_url}", api_key: sk-ant-walk5}}
+deployments:
+  claude-sonnet-anthropic: {{provider: anthropic, model: claude-sonnet-4-5, price: catalogue}}
+models:
+  claude-sonnet: {{deployments: [claude-sonnet-anthropic]}}
+""",
+        )
+        proc, url = _serve(cfg)
+        try:
+            m = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0).messages.create(
+                model="claude-sonnet", max_tokens=50, messages=[{"role": "user", "content": "Hello!"}]
+            )
+            assert m.content[0].type == "text" and "claude-sonnet-4-5" in m.content[0].text, m
+            chat = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+                model="claude-sonnet", messages=[{"role": "user", "content": "Hello!"}]
+            )
+            assert chat.choices[0].message.content, chat
+        finally:
+            _term(proc)
+    finally:
+        _stop(mock)
+
+
+def test_a_fault_flag_with_another_kind_of_mock_is_named() -> None:
+    """Fault injection is the OpenAI mock's: asked of another kind, the flag is named (exit 2)."""
+    r = _cli("bench", "mock", "--kind", "anthropic", "--error-rate", "0.5")
+    assert r.returncode == 2, r
+    assert "--error-rate: fault injection is the OpenAI mock's (--kind openai), not anthropic's" in r.stderr
