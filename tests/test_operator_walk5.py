@@ -113,3 +113,46 @@ def test_a_fault_flag_with_another_kind_of_mock_is_named() -> None:
     r = _cli("bench", "mock", "--kind", "anthropic", "--error-rate", "0.5")
     assert r.returncode == 2, r
     assert "--error-rate: fault injection is the OpenAI mock's (--kind openai), not anthropic's" in r.stderr
+
+
+# -- edgeroute logs: a deployment's name as long as the README's ----------------------------------
+
+
+def test_the_logs_table_fits_a_deployment_named_as_in_the_readme(tmp_path: Path) -> None:
+    """The README names deployments `claude-sonnet-anthropic` (23 characters) and
+    `gpt-4o-mini-openai` (18); the deployment column was 14 wide, so on their rows every column
+    after it stood right of its header (walks 1 and 4 widened the id and key columns one at a
+    time). Each column is now as wide as the page's longest cell."""
+    mock, base_url = _mock()
+    cfg = _write(
+        tmp_path,
+        f"""\
+providers:
+  openai: {{base_url: "{base_url}", api_key: unused}}
+deployments:
+  gpt-4o-mini-openai: {{provider: openai, model: gpt-4o-mini, price: catalogue}}
+  claude-sonnet-anthropic: {{provider: openai, model: claude-sonnet-4-5, price: catalogue}}
+models:
+  gpt-4o-mini: {{deployments: [gpt-4o-mini-openai]}}
+  claude-sonnet: {{deployments: [claude-sonnet-anthropic]}}
+""",
+    )
+    try:
+        proc, url = _serve(cfg)
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for model in ("gpt-4o-mini", "claude-sonnet"):
+                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        finally:
+            _term(proc)  # drains and flushes the ledger
+    finally:
+        _stop(mock)
+    r = _cli("logs", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert len(rows) == 2, r.stdout
+    for row in rows:
+        for column in ("model", "deployment", "key", "status", "latency_ms", "tokens", "attempts"):
+            at = header.index(column)
+            assert row[at - 2 : at] == "  " and row[at] != " ", (column, r.stdout)
+        assert row[header.index("status") :].startswith("200"), r.stdout
