@@ -156,3 +156,35 @@ models:
             at = header.index(column)
             assert row[at - 2 : at] == "  " and row[at] != " ", (column, r.stdout)
         assert row[header.index("status") :].startswith("200"), r.stdout
+
+
+# -- spend by route: a request no route served ---------------------------------------------------
+
+
+def test_spend_by_route_names_the_requests_no_route_served(tmp_path: Path) -> None:
+    """A request for a model the gateway does not serve (a client's typo) has no route: `spend
+    --by route` printed its row with a blank first cell, and the console's "Savings by route" a
+    row without a name. It is `(unrouted)`, as `stats` calls it."""
+    cfg = _write(
+        tmp_path,
+        """\
+providers:
+  p: {base_url: "http://127.0.0.1:9/v1"}
+deployments:
+  d: {provider: p, model: gpt-4o-mini, price: catalogue}
+models:
+  m: {deployments: [d]}
+""",
+    )
+    proc, url = _serve(cfg)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o-typo", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        _term(proc)
+    r = _cli("spend", "-c", str(cfg), "--by", "route")
+    assert r.returncode == 0, r.stderr
+    header, row, total = [x for x in r.stdout.splitlines() if x.strip()][:3]
+    assert header.split()[:2] == ["route", "requests"] and row.split()[:2] == ["(unrouted)", "1"], r.stdout
+    assert total.split()[:2] == ["TOTAL", "1"], r.stdout

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import redact
+from edgeroute.accounting import UNROUTED
 from edgeroute.cost.keys import tenant_of
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
@@ -78,7 +79,8 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
         cost, base = float(r[5] or 0), float(r[6] or 0)
         rows.append(
             {
-                by: r[0],
+                # A request no route served has an empty route: its row was blank.
+                by: UNROUTED if by == "route" and not r[0] else r[0],
                 "requests": int(r[1]),
                 "ok": int(r[2] or 0),
                 "prompt_tokens": int(r[3] or 0),
