@@ -18,7 +18,7 @@ import pytest
 
 from tests.test_cost_support import cost_proxy, one_deployment
 from tests.test_operator_walk2 import _stop
-from tests.test_operator_walk3 import _cli, _env, _serve, _term, _write
+from tests.test_operator_walk3 import ONE_MODEL, _cli, _env, _serve, _term, _write
 
 # -- a budget that refuses a request for its worst case -------------------------------------------
 
@@ -165,17 +165,7 @@ def test_spend_by_route_names_the_requests_no_route_served(tmp_path: Path) -> No
     """A request for a model the gateway does not serve (a client's typo) has no route: `spend
     --by route` printed its row with a blank first cell, and the console's "Savings by route" a
     row without a name. It is `(unrouted)`, as `stats` calls it."""
-    cfg = _write(
-        tmp_path,
-        """\
-providers:
-  p: {base_url: "http://127.0.0.1:9/v1"}
-deployments:
-  d: {provider: p, model: gpt-4o-mini, price: catalogue}
-models:
-  m: {deployments: [d]}
-""",
-    )
+    cfg = _write(tmp_path, ONE_MODEL)
     proc, url = _serve(cfg)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
