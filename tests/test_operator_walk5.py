@@ -6,6 +6,7 @@ what the operator or the client sees."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from tests.test_cost_support import cost_proxy, one_deployment
 from tests.test_operator_walk2 import _stop
 from tests.test_operator_walk3 import ONE_MODEL, _cli, _env, _serve, _term, _write
+from tests.test_operator_walk4 import _create, _managed
 
 # -- a budget that refuses a request for its worst case -------------------------------------------
 
@@ -178,3 +180,25 @@ def test_spend_by_route_names_the_requests_no_route_served(tmp_path: Path) -> No
     header, row, total = [x for x in r.stdout.splitlines() if x.strip()][:3]
     assert header.split()[:2] == ["route", "requests"] and row.split()[:2] == ["(unrouted)", "1"], r.stdout
     assert total.split()[:2] == ["TOTAL", "1"], r.stdout
+
+
+# -- a team's admin key makes its team's keys ------------------------------------------------------
+
+
+def test_a_team_admin_key_makes_keys_of_its_team_without_naming_it(tmp_path: Path) -> None:
+    """A team's admin key may create keys of its own team alone, yet `keys create` without
+    `--team` was refused (`error: 403: The new key must keep this key's team 'research'.`),
+    asking for the one value allowed. The new key is of the maker's team; another team is
+    still refused."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        lead = _create(url, "--team", "research", "--role", "admin", "--name", "research-admin")
+        as_lead = _env(EDGEROUTE_URL=url, EDGEROUTE_ADMIN_KEY=lead["secret"])
+        r = _cli("keys", "create", "--name", "research-app", env=as_lead)
+        assert r.returncode == 0, r.stderr
+        made = json.loads(r.stdout)
+        assert made["team"] == "research" and made["parent"] == lead["id"], made
+        other = _cli("keys", "create", "--team", "support", env=as_lead)
+        assert other.returncode == 1 and "must keep this key's team 'research'" in other.stderr, other
+    finally:
+        _term(proc)
