@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 from tests.test_cost_support import cost_proxy, one_deployment
 from tests.test_operator_walk2 import _stop
 from tests.test_operator_walk3 import ONE_MODEL, _cli, _env, _serve, _term, _write
-from tests.test_operator_walk4 import _create, _managed
+from tests.test_operator_walk4 import ROOT, _create, _managed
 
 # -- a budget that refuses a request for its worst case -------------------------------------------
 
@@ -200,5 +201,46 @@ def test_a_team_admin_key_makes_keys_of_its_team_without_naming_it(tmp_path: Pat
         assert made["team"] == "research" and made["parent"] == lead["id"], made
         other = _cli("keys", "create", "--team", "support", env=as_lead)
         assert other.returncode == 1 and "must keep this key's team 'research'" in other.stderr, other
+    finally:
+        _term(proc)
+
+
+# -- POST /admin/config/check (the console's "Check a configuration") ----------------------------
+
+WEBHOOKS = """\
+budgets:
+  limits:
+    - {name: research-monthly, scope: team, match: research, limit_usd: 100,
+       actions: [{at_percent: 50, action: notify, webhook: env:BUDGET_HOOK}]}
+alerts:
+  webhooks:
+    ops: {url: env:OPS_HOOK}
+    chat: {url: "file:/run/secrets/slack-url", format: slack}
+"""
+
+
+def _check(url: str, text: str) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url + "/admin/config/check", data=text.encode(), method="POST",
+        headers={"Authorization": f"Bearer {ROOT}", "Content-Type": "application/yaml"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as r:
+        body: dict[str, Any] = json.loads(r.read())
+    return body
+
+
+def test_the_api_check_takes_webhooks_given_by_reference(tmp_path: Path) -> None:
+    """The README advises giving alert and budget webhooks as references (`env:NAME`), and
+    says the API's check reads no reference, checking its form only; yet the check answered
+    such a config `a webhook URL starts with http:// or https://` for each of them, taking
+    the reference's own text for the URL: the console's "Check a configuration" refused the
+    running config. A literal URL that is not one is still refused."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        text = (tmp_path / "edge.yaml").read_text() + WEBHOOKS
+        assert _check(url, text) == {"ok": True, "errors": [], "references": "unresolved"}
+        bad = _check(url, text.replace("env:OPS_HOOK", "ftp://hooks.example.com/x"))
+        assert bad["ok"] is False and len(bad["errors"]) == 1, bad
+        assert bad["errors"][0].endswith("alerts.webhooks.ops.url: a webhook URL starts with http:// or https://"), bad
     finally:
         _term(proc)
