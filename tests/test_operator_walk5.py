@@ -6,10 +6,13 @@ what the operator or the client sees."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -244,3 +247,89 @@ def test_the_api_check_takes_webhooks_given_by_reference(tmp_path: Path) -> None
         assert bad["errors"][0].endswith("alerts.webhooks.ops.url: a webhook URL starts with http:// or https://"), bad
     finally:
         _term(proc)
+
+
+# -- the console's page of one request ---------------------------------------------------------------
+
+
+def _logged(url: str, request_id: str) -> None:
+    """Until the request log has the request (written in the ledger's batches)."""
+    req = urllib.request.Request(f"{url}/admin/requests/{request_id}", headers={"Authorization": f"Bearer {ROOT}"})
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code != 404 or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def test_the_console_shows_a_cache_hit_and_a_fast_request_as_they_were(tmp_path: Path) -> None:
+    """A request's page in the console said of a cache hit (status 200, `Cache: hit`) "No
+    attempt reached an upstream (refused before dispatch)"; showed the difficulty with 17
+    digits (`0.13155478841026258`); and labelled the time axis of a request under a
+    millisecond (as a mock upstream answers) `0 ms, 0 ms, 0 ms, 1 ms, 1 ms, 1 ms`."""
+    from tests.ui.conftest import need_browser
+
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ui.browser import console_errors, navigate, start_browser, wait_idle
+
+    mock, base_url = _mock()
+    text = f"""\
+providers:
+  openai: {{base_url: "{base_url}", api_key: unused}}
+deployments:
+  gpt-4o-openai: {{provider: openai, model: gpt-4o, price: catalogue}}
+models:
+  gpt-4o: {{deployments: [gpt-4o-openai], cache: {{ttl: 300}}}}
+rules:  # a rule on the task type: the decision predicts it, and the difficulty with it
+  - {{name: code, when: {{tasks: [code]}}, then: {{route: gpt-4o}}}}
+keys:
+  root: {{token: {ROOT}, role: admin}}
+"""
+    drv = None
+    try:
+        proc, url = _serve(_write(tmp_path, text))
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key=ROOT, max_retries=0)
+            ids, labels = [], []
+            for _ in range(2):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-4o", temperature=0, messages=[{"role": "user", "content": "Name a mountain."}]
+                )
+                ids.append(raw.headers["x-request-id"])
+                labels.append(raw.headers["x-edgeroute-cache"])
+            assert labels == ["miss", "hit"]
+            drv = start_browser()
+            drv.get(url + "/ui/")
+            WebDriverWait(drv, 10).until(lambda d: d.find_elements(By.ID, "key"))
+            drv.find_element(By.ID, "key").send_keys(ROOT)
+            drv.find_element(By.ID, "signin").click()
+            WebDriverWait(drv, 10).until(lambda d: d.find_element(By.ID, "nav").is_displayed())
+
+            def page(request_id: str) -> str:
+                _logged(url, request_id)
+                navigate(drv, functools.partial(drv.get, f"{url}/ui/#/requests/{request_id}"))
+                wait_idle(drv)
+                assert console_errors(drv) == [], request_id
+                return str(drv.find_element(By.ID, "main").text)
+
+            hit = page(ids[1])
+            assert "refused before dispatch" not in hit, hit
+            assert "Answered from the response cache (hit): no upstream was called." in hit, hit
+            assert re.search(r"^Difficulty\n(0|1|0\.\d{1,2})$", hit, re.M), hit
+
+            page(ids[0])
+            ticks = [t.text for t in drv.find_elements(By.CSS_SELECTOR, "svg .axis text")]
+            assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+        finally:
+            _term(proc)
+    finally:
+        if drv is not None:
+            drv.quit()
+        _stop(mock)
