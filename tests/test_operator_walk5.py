@@ -79,6 +79,24 @@ def _mock(*flags: str) -> tuple[subprocess.Popen[str], str]:
     return proc, m[1]
 
 
+def _served(tmp_path: Path, text: str, asks: list[dict[str, Any]]) -> Path:
+    """A config of provider `openai` (a `bench mock`) and `text`, served while the openai SDK
+    asks each of `asks` ("hi"), then drained (its ledger flushed); the config's path."""
+    mock, base_url = _mock()
+    cfg = _write(tmp_path, f'providers:\n  openai: {{base_url: "{base_url}", api_key: unused}}\n' + text)
+    try:
+        proc, url = _serve(cfg)
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            for ask in asks:
+                client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **ask)
+        finally:
+            _term(proc)  # drains and flushes the ledger
+    finally:
+        _stop(mock)
+    return cfg
+
+
 def test_an_anthropic_provider_can_be_tried_on_a_mock_as_the_readme_says(tmp_path: Path) -> None:
     """The README sends an operator to `edgeroute bench mock --port 0` to try a config without
     provider keys, but that mock speaks OpenAI's API alone: a provider with `kind: anthropic`
@@ -129,30 +147,19 @@ def test_the_logs_table_fits_a_deployment_named_as_in_the_readme(tmp_path: Path)
     `gpt-4o-mini-openai` (18); the deployment column was 14 wide, so on their rows every column
     after it stood right of its header (walks 1 and 4 widened the id and key columns one at a
     time). Each column is now as wide as the page's longest cell."""
-    mock, base_url = _mock()
-    cfg = _write(
+    asks = [{"model": "gpt-4o-mini"}, {"model": "claude-sonnet"}]
+    cfg = _served(
         tmp_path,
-        f"""\
-providers:
-  openai: {{base_url: "{base_url}", api_key: unused}}
+        """\
 deployments:
-  gpt-4o-mini-openai: {{provider: openai, model: gpt-4o-mini, price: catalogue}}
-  claude-sonnet-anthropic: {{provider: openai, model: claude-sonnet-4-5, price: catalogue}}
+  gpt-4o-mini-openai: {provider: openai, model: gpt-4o-mini, price: catalogue}
+  claude-sonnet-anthropic: {provider: openai, model: claude-sonnet-4-5, price: catalogue}
 models:
-  gpt-4o-mini: {{deployments: [gpt-4o-mini-openai]}}
-  claude-sonnet: {{deployments: [claude-sonnet-anthropic]}}
+  gpt-4o-mini: {deployments: [gpt-4o-mini-openai]}
+  claude-sonnet: {deployments: [claude-sonnet-anthropic]}
 """,
+        asks,
     )
-    try:
-        proc, url = _serve(cfg)
-        try:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-            for model in ("gpt-4o-mini", "claude-sonnet"):
-                client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
-        finally:
-            _term(proc)  # drains and flushes the ledger
-    finally:
-        _stop(mock)
     r = _cli("logs", "-c", str(cfg))
     assert r.returncode == 0, r.stderr
     header, *rows = r.stdout.splitlines()
@@ -333,3 +340,28 @@ keys:
         if drv is not None:
             drv.quit()
         _stop(mock)
+
+
+def test_the_logs_table_says_which_requests_the_cache_answered(tmp_path: Path) -> None:
+    """A request the response cache answered showed in `edgeroute logs` as a 200 with 0
+    attempts, 0/0 tokens and $0, like nothing else in the table and with nothing saying why
+    (the README says the request log carries the cache status). The table has a cache column."""
+    ask = {"model": "gpt-4o", "temperature": 0}
+    cfg = _served(
+        tmp_path,
+        """\
+deployments:
+  gpt-4o-openai: {provider: openai, model: gpt-4o, price: catalogue}
+models:
+  gpt-4o: {deployments: [gpt-4o-openai], cache: {ttl: 300}}
+""",
+        [ask, ask],
+    )
+    r = _cli("logs", "-c", str(cfg))
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    at = header.index("cache")
+    assert [(row[at:].split()[0], row[header.index("attempts") :].split()[0]) for row in rows] == [
+        ("miss", "1"),
+        ("hit", "0"),
+    ], r.stdout

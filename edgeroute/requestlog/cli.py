@@ -25,7 +25,7 @@ _FILTERS = ("since", "until", "model", "deployment", "key", "team", "status", "e
 # Least widths: a request id (28) and a managed key id (13, `k` and 12 hex digits) fit. A page's
 # longer cells (a deployment named `claude-sonnet-anthropic`) widen their column (`_widths`).
 _COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 13), ("status", 6),
-            ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
+            ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8), ("cache", 6),
             ("error_class", 14))  # fmt: skip
 
 _FILTER_HELP = {
