@@ -273,6 +273,16 @@ def _logged(url: str, request_id: str) -> None:
         time.sleep(0.1)
 
 
+def _logged_anonymous(url: str, n: int) -> None:
+    """Until the request log of a gateway without keys (loopback) holds `n` requests."""
+    deadline = time.monotonic() + 20
+    while True:
+        with urllib.request.urlopen(url + "/admin/requests", timeout=10) as r:
+            if len(json.loads(r.read())["data"]) >= n or time.monotonic() > deadline:
+                return
+        time.sleep(0.1)
+
+
 def test_the_console_shows_a_cache_hit_and_a_fast_request_as_they_were(tmp_path: Path) -> None:
     """A request's page in the console said of a cache hit (status 200, `Cache: hit`) "No
     attempt reached an upstream (refused before dispatch)"; showed the difficulty with 17
@@ -365,3 +375,49 @@ models:
         ("miss", "1"),
         ("hit", "0"),
     ], r.stdout
+
+
+def test_a_followed_record_keeps_the_columns_of_the_table(tmp_path: Path) -> None:
+    """`edgeroute logs --follow` sized its columns to the first page, so a record that came
+    later from a deployment with a longer name (`claude-sonnet-anthropic`) stood right of the
+    header. Columns fit every model and deployment name of the config from the start."""
+    mock, base_url = _mock()
+    cfg = _write(
+        tmp_path,
+        f"""\
+providers:
+  openai: {{base_url: "{base_url}", api_key: unused}}
+deployments:
+  mini: {{provider: openai, model: gpt-4o-mini, price: catalogue}}
+  claude-sonnet-anthropic: {{provider: openai, model: claude-sonnet-4-5, price: catalogue}}
+models:
+  mini: {{deployments: [mini]}}
+  claude-sonnet: {{deployments: [claude-sonnet-anthropic]}}
+""",
+    )
+    follow = None
+    try:
+        proc, url = _serve(cfg)
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+            client.chat.completions.create(model="mini", messages=[{"role": "user", "content": "hi"}])
+            _logged_anonymous(url, 1)
+            follow = subprocess.Popen(
+                [sys.executable, "-m", "edgeroute", "logs", "-c", str(cfg), "--follow"],
+                stdout=subprocess.PIPE, text=True, env=_env(), start_new_session=True,
+            )  # fmt: skip
+            assert follow.stdout is not None
+            header, first = follow.stdout.readline(), follow.stdout.readline()
+            client.chat.completions.create(model="claude-sonnet", messages=[{"role": "user", "content": "hi"}])
+            later = follow.stdout.readline()  # printed within the follow's poll (1 s) of being logged
+        finally:
+            _term(proc)
+    finally:
+        if follow is not None:
+            _stop(follow)
+        _stop(mock)
+    assert "claude-sonnet-anthropic" in later, later
+    for row in (first, later):
+        for column in ("key", "status", "latency_ms", "attempts"):
+            at = header.index(column)
+            assert row[at - 2 : at] == "  " and row[at] != " ", (column, header, first, later)

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute import config as config_mod
 from edgeroute import redact
 from edgeroute.cost.reports import open_backend
 from edgeroute.requestlog import query
@@ -96,9 +97,18 @@ def _cell(r: dict[str, Any], col: str) -> str:
 _WIDEST = 48  # a longer cell (a client's made-up model name) pushes its own row only
 
 
-def _widths(rows: list[dict[str, Any]]) -> list[int]:
-    """Each column as wide as its longest cell on the page (up to `_WIDEST`), at least its least width."""
-    return [max([w] + [min(_WIDEST, len(_cell(r, c))) for r in rows]) for c, w in _COLUMNS]
+def _widths(rows: list[dict[str, Any]], names: dict[str, list[str]]) -> list[int]:
+    """Each column as wide as its longest cell on the page or name the config gives it (its
+    models, its deployments: a record followed later fits too), up to `_WIDEST`, and at least
+    its least width."""
+    cells = [[_cell(r, c) for r in rows] + names.get(c, []) for c, _ in _COLUMNS]
+    return [max([w] + [min(_WIDEST, len(v)) for v in col]) for (_, w), col in zip(_COLUMNS, cells, strict=True)]
+
+
+def _config_names(path: str) -> dict[str, list[str]]:
+    """The model and deployment names of the config (already read once by `open_backend`)."""
+    cfg = config_mod.load(path, check_secrets=False)
+    return {"model": list(cfg.models), "deployment": list(cfg.deployments)}
 
 
 def _line(r: dict[str, Any], fmt: str, widths: list[int]) -> str:
@@ -133,7 +143,7 @@ def logs(a: argparse.Namespace) -> int:
             return 0
         q = {**_params(a, _FILTERS), "limit": a.limit}
         page = query.list_requests(backend, q)
-        widths = _widths(page["data"])  # followed records are printed to the first page's
+        widths = _widths(page["data"], _config_names(a.config))  # and followed records to them
         if a.format == "table":
             print(_header(widths))
         for r in reversed(page["data"]):  # oldest first, as a log reads
