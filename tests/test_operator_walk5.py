@@ -421,3 +421,43 @@ models:
         for column in ("key", "status", "latency_ms", "attempts"):
             at = header.index(column)
             assert row[at - 2 : at] == "  " and row[at] != " ", (column, header, first, later)
+
+
+# -- a budget's downgrade, explained --------------------------------------------------------------
+
+
+async def test_a_downgraded_request_s_explanation_says_so(start_upstream: Any, tmp_path: Path) -> None:
+    """Past a budget's `downgrade` threshold a request for `gpt-4o` was served by `gpt-4o-mini`
+    and `x-edgeroute-explain` said `route=gpt-4o-mini; rule=default; why=default route for
+    model=gpt-4o-mini`: the explanation of a request for the model it was sent to, as if the
+    client had asked for it, with nothing naming the budget. It says what was done and why."""
+    up = await start_upstream()
+    cfg = one_deployment(
+        up.base_url,
+        ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.1},
+        budgets={
+            "limits": [
+                {"name": "research-monthly", "scope": "global", "limit_usd": 0.00004,
+                 "actions": [{"at_percent": 50, "action": "downgrade", "to": "gpt-4o-mini"}]}
+            ]
+        },
+    )  # fmt: skip
+    cfg["models"] = {"gpt-4o": {"deployments": ["d-a"]}, "gpt-4o-mini": {"deployments": ["d-mini"]}}
+    cfg["deployments"]["d-mini"] = {
+        "provider": "a",
+        "model": "gpt-4o-mini",
+        "price": {"input_per_mtok": 0, "output_per_mtok": 0.5},
+    }
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        explained = []
+        for _ in range(3):  # the first answer's 10-20 tokens at $2 per million take it past 50 %
+            raw = await client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=20
+            )
+            explained.append((raw.headers["x-edgeroute-route"], raw.headers["x-edgeroute-explain"]))
+        await client.close()
+    assert [route for route, _ in explained] == ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"], explained
+    assert "downgraded" not in explained[0][1], explained
+    for _, why in explained[1:]:
+        assert why.startswith("route=gpt-4o-mini;") and "; downgraded from gpt-4o by budget research-monthly" in why
