@@ -461,3 +461,36 @@ async def test_a_downgraded_request_s_explanation_says_so(start_upstream: Any, t
     assert "downgraded" not in explained[0][1], explained
     for _, why in explained[1:]:
         assert why.startswith("route=gpt-4o-mini;") and "; downgraded from gpt-4o by budget research-monthly" in why
+
+
+def test_each_chart_of_a_deployment_s_history_says_what_it_draws(tmp_path: Path) -> None:
+    """The console's Deployments page draws three charts per deployment under "History": only
+    the latency chart named its lines (p50, p95); the error-rate and in-flight charts were bare
+    axes (0-100 %, 0-1) with nothing on the page saying what they were."""
+    from tests.ui.conftest import need_browser
+
+    need_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.ui.browser import console_errors, navigate, start_browser, wait_idle
+
+    proc, url = _serve(_write(tmp_path, ONE_MODEL))
+    drv = None
+    try:
+        drv = start_browser()
+
+        def drawn(d: Any) -> bool:  # the history has its first sample 5 s after the start
+            navigate(d, functools.partial(d.get, f"{url}/ui/#/deployments?at={time.monotonic()}"))
+            wait_idle(d)
+            return bool(d.find_elements(By.CSS_SELECTOR, ".grid3 .chart"))
+
+        WebDriverWait(drv, 30, poll_frequency=1).until(drawn, "no history drawn")
+        charts = drv.find_elements(By.CSS_SELECTOR, ".grid3 .chart")
+        named = [[li.text for li in c.find_elements(By.CSS_SELECTOR, ".legend li")] for c in charts]
+        assert named == [["error rate"], ["p50", "p95"], ["in flight"]], named
+        assert console_errors(drv) == []
+    finally:
+        if drv is not None:
+            drv.quit()
+        _term(proc)

@@ -73,7 +73,9 @@ export function timeChart(opts) {
   el.className = 'chart';
   const box = document.createElement('div');
   el.append(box);
-  if (opts.series.length > 1) el.append(legend(opts.series));
+  // Named even when it draws one series: a deployment's error rate and in-flight charts were
+  // two unlabelled axes beside the latency's legend.
+  el.append(legend(opts.series));
   const fmt = opts.yFormat || ((v) => String(v));
   const H = opts.height || 180;
   responsive(box, (W) => {
