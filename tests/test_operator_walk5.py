@@ -494,3 +494,31 @@ def test_each_chart_of_a_deployment_s_history_says_what_it_draws(tmp_path: Path)
         if drv is not None:
             drv.quit()
         _term(proc)
+
+
+def test_spend_by_key_names_each_managed_key(tmp_path: Path) -> None:
+    """`edgeroute spend --by key` (and `GET /admin/spend?by=key`, the console's Key tab) listed
+    managed keys by id alone (`k230dcccb1b60`): the operator who created `research-app` had to
+    look each id up in `keys list`. Each row has the key's name."""
+    proc, url = _serve(_managed(tmp_path))
+    try:
+        made = _create(url, "--team", "research", "--name", "research-app")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=made["secret"], max_retries=0)
+        with pytest.raises(openai.APIStatusError):  # its one upstream refuses every connection
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        req = urllib.request.Request(url + "/admin/spend?by=key", headers={"Authorization": f"Bearer {ROOT}"})
+        deadline = time.monotonic() + 20
+        while True:  # the ledger writes in batches
+            with urllib.request.urlopen(req, timeout=30) as r:
+                rows = json.loads(r.read())["rows"]
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [(row["key"], row["name"]) for row in rows] == [(made["id"], "research-app")], rows
+    finally:
+        _term(proc)
+    r = _cli("spend", "-c", str(tmp_path / "edge.yaml"), "--by", "key")
+    assert r.returncode == 0, r.stderr
+    header, row = r.stdout.splitlines()[:2]
+    assert header.split()[:3] == ["key", "name", "requests"], r.stdout
+    assert row.split()[:3] == [made["id"], "research-app", "1"], r.stdout
