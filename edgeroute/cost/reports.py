@@ -74,7 +74,7 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
         f"FROM spend {where} GROUP BY {col} ORDER BY SUM(cost_usd) DESC, {col}"
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in backend.query(sql, params):
         cost, base = float(r[5] or 0), float(r[6] or 0)
         rows.append(
