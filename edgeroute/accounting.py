@@ -28,6 +28,10 @@ from edgeroute.config import Price
 from edgeroute.cost.prices import multiplier_at
 from edgeroute.telemetry.trace_context import TraceContext
 
+# What the reports call the route of a request no route served (an unknown model, a body that
+# is not JSON): the ledger keeps its route empty and the request log the model the client sent.
+UNROUTED = "(unrouted)"
+
 
 @dataclass(slots=True)
 class Usage:

@@ -517,13 +517,24 @@ def _requested_model(body: bytes) -> str:
     return model[:200] if isinstance(model, str) else ""
 
 
+def _admission_note(rec: RequestRecord) -> str | None:
+    """What admission did to the route, for the explanation: a budget's downgrade (the decision
+    explained is the one for the model it sent the request to, which read as if the client had
+    asked for that model), then why a budget's action was not taken."""
+    action, _, budget = (rec.admission or "").partition(":")
+    if action != "downgraded":
+        return rec.admission_note
+    down = f"downgraded from {rec.model} by budget {budget}"
+    return down if rec.admission_note is None else f"{down}; {rec.admission_note}"
+
+
 def _route_headers(rid: str, d: _core.Decision, deployment: str | None, rec: RequestRecord) -> dict[str, str]:
     h = {
         headers.REQUEST_ID: rid,
         headers.ROUTE: d.route,
         headers.ATTEMPTS: str(len(rec.attempts)),
         headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
-        headers.EXPLAIN: explain_header(d, rec.admission_note),
+        headers.EXPLAIN: explain_header(d, _admission_note(rec)),
     }
     if deployment is not None:
         h[headers.DEPLOYMENT] = deployment

@@ -178,6 +178,19 @@ def _run(command: str) -> str:
     return _checked(value, "exec:")
 
 
+def url_problem(reference: str) -> str | None:
+    """Why `reference` (a webhook's URL, or a reference to one) cannot be used, or None.
+    Offline, a reference's URL is not read, so only its form is checked: its own text is no
+    URL, and the API's check refused every webhook given as the README advises."""
+    try:
+        url = resolve(reference).reveal()
+    except SecretError as e:
+        return str(e)
+    if _offline.get() and reference.startswith(REFERENCE_PREFIXES):
+        return None
+    return None if url.startswith(("http://", "https://")) else "a webhook URL starts with http:// or https://"
+
+
 def resolve(reference: str, *, base_dir: Path | None = None) -> Secret:
     """Resolves ``env:NAME`` / ``file:PATH`` (relative to `base_dir`) / ``exec:COMMAND`` / a literal."""
     if _offline.get():

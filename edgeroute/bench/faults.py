@@ -64,6 +64,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute.bench import provider_mock
 from edgeroute.bench.http1 import Conn, HttpServer, Request
 from edgeroute.bench.upstream import BackgroundServer, Latency, MockUpstream, UpstreamOptions, error_json
 
@@ -383,7 +384,15 @@ class AdminServer:
 
 
 def build_parser(prog: str = "python -m edgeroute.bench.faults") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="A mock OpenAI upstream with fault injection.")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="A mock OpenAI upstream with fault injection; --kind anthropic, gemini or azure "
+        "serves that provider's API instead (--host, --port, --api-key and --tokens apply to every kind).",
+    )
+    p.add_argument(
+        "--kind", default="openai", choices=provider_mock.KINDS,
+        help="the provider's API to speak, as a provider's kind: in a config (default: openai)",
+    )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on stdout)")
     p.add_argument("--admin-port", type=int, help="also serve /_fault here (survives `refuse`)")
@@ -417,18 +426,24 @@ async def serve(args: argparse.Namespace) -> None:
         extra = f" admin={await adm.http.start()}"
     # One line on stdout, parsed by the scenarios: "listening port=N [admin=M]".
     print(f"listening port={port}{extra}", flush=True)
+    print(provider_mock.base_url_note("openai", args.host, port), file=sys.stderr, flush=True)
     await asyncio.Event().wait()
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
+    parser = build_parser(prog) if prog else build_parser()
+    args = parser.parse_args(argv)
+    run = serve
+    if args.kind != "openai":
+        provider_mock.check_flags(args, parser)
+        run = provider_mock.serve
     with contextlib.suppress(KeyboardInterrupt):
         try:
             import uvloop
         except ImportError:  # pragma: no cover
-            asyncio.run(serve(args))
+            asyncio.run(run(args))
         else:
-            uvloop.run(serve(args))
+            uvloop.run(run(args))
     return 0
 
 

@@ -66,7 +66,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
     problems += telemetry_settings.cross_check(cfg.alerts, cfg.tracing, set(cfg.deployments), budgets)
     for i, b in enumerate(cfg.budgets.limits):
         for j, a in enumerate(b.actions):
-            if a.webhook is not None and (problem := _webhook_problem(a.webhook)) is not None:
+            if a.webhook is not None and (problem := secrets.url_problem(a.webhook)) is not None:
                 problems.append((f"budgets.limits[{i}].actions[{j}].webhook", problem))
     problems += _cross_check_credentials(cfg)
     return problems
@@ -289,12 +289,3 @@ def _cross_check_priority(cfg: Config) -> list[tuple[str, str]]:
         if d.reserve_percent and d.max_concurrency is None:
             problems.append((f"deployments.{name}.reserve_percent", "reserve_percent needs max_concurrency"))
     return problems
-
-
-def _webhook_problem(ref: str) -> str | None:
-    """Why a budget's webhook (a URL or a reference to one) cannot be used, or None."""
-    try:
-        url = secrets.resolve(ref).reveal()
-    except secrets.SecretError as e:
-        return str(e)
-    return None if url.startswith(("http://", "https://")) else "a webhook URL starts with http:// or https://"

@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import redact
+from edgeroute.accounting import UNROUTED
 from edgeroute.cost.keys import tenant_of
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
@@ -79,12 +80,13 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
         "SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), SUM(baseline_cost_usd) "
         f"FROM spend {where} GROUP BY 1 ORDER BY SUM(cost_usd) DESC, 1"
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in backend.query(sql, params):
         cost, base = float(r[5] or 0), float(r[6] or 0)
         rows.append(
             {
-                by: r[0],
+                # A request no route served has an empty route: its row was blank.
+                by: UNROUTED if by == "route" and not r[0] else r[0],
                 "requests": int(r[1]),
                 "ok": int(r[2] or 0),
                 "prompt_tokens": int(r[3] or 0),
@@ -94,6 +96,10 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
                 "savings_usd": round(base - cost, 8),
             }
         )
+    if by == "key" and rows:
+        named = _key_names(backend, [row["key"] for row in rows if row["key"]])
+        for row in rows:
+            row["name"] = named.get(row["key"])
     total: dict[str, Any] = {f: sum(r[f] for r in rows) for f in FIELDS}
     for f in ("cost_usd", "baseline_cost_usd", "savings_usd"):
         total[f] = round(total[f], 8)
@@ -108,9 +114,25 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
     }
 
 
+def _key_names(backend: Backend, ids: list[str]) -> dict[str, str]:
+    """The names managed keys were given (`keys create --name`), by id: a key's row read as
+    its id alone (`k230dcccb1b60`). A config key's id is its name; none without managed keys."""
+    exists = (
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'gov_keys'"
+        if backend.dialect == "sqlite"
+        else "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'gov_keys' AND schemaname = current_schema()"
+    )
+    if not ids or not backend.query(exists, [])[0][0]:
+        return {}
+    rows = backend.query(f"SELECT id, data FROM gov_keys WHERE id IN ({', '.join('?' * len(ids))})", ids)
+    names = {str(i): orjson.loads(d).get("name") for i, d in rows}
+    return {i: n for i, n in names.items() if isinstance(n, str)}
+
+
 def render(report: dict[str, Any], fmt: str) -> str:
     by = report["by"]
-    cols = [by, *FIELDS]
+    lead = [by, "name"] if by == "key" else [by]  # text, left-aligned
+    cols = [*lead, *FIELDS]
     # A group's name may be a client's text (the model a refused request asked for): it must
     # not drive the operator's terminal, nor be a formula in a spreadsheet.
     if fmt == "json":
@@ -123,11 +145,13 @@ def render(report: dict[str, Any], fmt: str) -> str:
             w.writerow([_csv_cell(r[c]) for c in cols])
         return buf.getvalue()
     cells = [[str(c) for c in cols]]
-    for r in [*report["rows"], {by: "TOTAL", **report["total"]}]:
+    for r in [*report["rows"], {by: "TOTAL", "name": "", **report["total"]}]:
         cells.append([_fmt(r.get(c)) for c in cols])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = [
-        "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            v.ljust(w) if i < len(lead) else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
         for row in cells
     ]
     t = report["total"]

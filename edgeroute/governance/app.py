@@ -404,12 +404,20 @@ def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
 
 async def create_key(request: web.Request) -> web.Response:
     managed = _managed(request)
-    f = _fields(await json_object(request))
+    body = await json_object(request)
+    creator, creator_raw = _creator(request)
+    if creator is not None:
+        # A team's key (or a region's) may make keys of its own team (region) alone: a body
+        # that leaves the field out means that one, rather than a 403 asking for the only value
+        # allowed (an explicit null still asks for a global key, and is refused).
+        for name, have in (("team", creator.team), ("residency", creator.residency)):
+            if have is not None and name not in body:
+                body[name] = have
+    f = _fields(body)
     if f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
-    creator, creator_raw = _creator(request)
     K.check_scope(creator, creator_raw, f)
     actor = actor_of(request)
     parent = creator.key if creator_raw is not None else None  # created by a managed key

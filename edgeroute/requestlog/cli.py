@@ -16,15 +16,17 @@ from typing import Any
 
 import orjson
 
+from edgeroute import config as config_mod
 from edgeroute import redact
 from edgeroute.cost.reports import open_backend
 from edgeroute.requestlog import query
 
 _FILTERS = ("since", "until", "model", "deployment", "key", "team", "status", "error_class", "rule",
             "min_latency_ms", "min_cost_usd")  # fmt: skip
-# Widths fit a request id (28) and a managed key id (13, `k` and 12 hex digits).
+# Least widths: a request id (28) and a managed key id (13, `k` and 12 hex digits) fit. A page's
+# longer cells (a deployment named `claude-sonnet-anthropic`) widen their column (`_widths`).
 _COLUMNS = (("ts", 19), ("id", 28), ("model", 14), ("deployment", 14), ("key", 13), ("status", 6),
-            ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8),
+            ("latency_ms", 10), ("ttft_ms", 8), ("tokens", 11), ("cost_usd", 10), ("attempts", 8), ("cache", 6),
             ("error_class", 14))  # fmt: skip
 
 _FILTER_HELP = {
@@ -92,14 +94,31 @@ def _cell(r: dict[str, Any], col: str) -> str:
     return redact.printable(str(v))  # a client-chosen model name must not drive the terminal
 
 
-def _line(r: dict[str, Any], fmt: str) -> str:
+_WIDEST = 48  # a longer cell (a client's made-up model name) pushes its own row only
+
+
+def _widths(rows: list[dict[str, Any]], names: dict[str, list[str]]) -> list[int]:
+    """Each column as wide as its longest cell on the page or name the config gives it (its
+    models, its deployments: a record followed later fits too), up to `_WIDEST`, and at least
+    its least width."""
+    cells = [[_cell(r, c) for r in rows] + names.get(c, []) for c, _ in _COLUMNS]
+    return [max([w] + [min(_WIDEST, len(v)) for v in col]) for (_, w), col in zip(_COLUMNS, cells, strict=True)]
+
+
+def _config_names(path: str) -> dict[str, list[str]]:
+    """The model and deployment names of the config (already read once by `open_backend`)."""
+    cfg = config_mod.load(path, check_secrets=False)
+    return {"model": list(cfg.models), "deployment": list(cfg.deployments)}
+
+
+def _line(r: dict[str, Any], fmt: str, widths: list[int]) -> str:
     if fmt == "jsonl":
         return _json(r)
-    return "  ".join(_cell(r, c).ljust(w)[: max(w, len(_cell(r, c)))] for c, w in _COLUMNS).rstrip()
+    return "  ".join(_cell(r, c).ljust(w) for (c, _), w in zip(_COLUMNS, widths, strict=True)).rstrip()
 
 
-def _header() -> str:
-    return "  ".join(c.ljust(w) for c, w in _COLUMNS).rstrip()
+def _header(widths: list[int]) -> str:
+    return "  ".join(c.ljust(w) for (c, _), w in zip(_COLUMNS, widths, strict=True)).rstrip()
 
 
 def logs(a: argparse.Namespace) -> int:
@@ -124,12 +143,13 @@ def logs(a: argparse.Namespace) -> int:
             return 0
         q = {**_params(a, _FILTERS), "limit": a.limit}
         page = query.list_requests(backend, q)
+        widths = _widths(page["data"], _config_names(a.config))  # and followed records to them
         if a.format == "table":
-            print(_header())
+            print(_header(widths))
         for r in reversed(page["data"]):  # oldest first, as a log reads
-            print(_line(r, a.format), flush=True)
+            print(_line(r, a.format, widths), flush=True)
         if a.follow:
-            _follow(backend, q, page["data"], a.format)
+            _follow(backend, q, page["data"], a.format, widths)
     except query.BadParam as e:
         print(f"error: --{e.param.replace('_', '-')}: {str(e).split(': ', 1)[1]}", file=sys.stderr)
         return 2
@@ -155,7 +175,7 @@ def _window(backend: Any, q: dict[str, str], since: float) -> list[dict[str, Any
         page_q["cursor"] = page["next_cursor"]
 
 
-def _follow(backend: Any, q: dict[str, str], shown: list[dict[str, Any]], fmt: str) -> None:
+def _follow(backend: Any, q: dict[str, str], shown: list[dict[str, Any]], fmt: str, widths: list[int]) -> None:
     """Polls for records that were not in the log when following began (looking back a little,
     since a long request lands after shorter ones that started later)."""
     seen = {r["id"] for r in shown} | {r["id"] for r in _window(backend, q, time.time() - _LOOK_BACK_S)}
@@ -164,7 +184,7 @@ def _follow(backend: Any, q: dict[str, str], shown: list[dict[str, Any]], fmt: s
         recent = _window(backend, q, time.time() - _LOOK_BACK_S)
         for r in reversed(recent):
             if r["id"] not in seen:
-                print(_line(r, fmt), flush=True)
+                print(_line(r, fmt, widths), flush=True)
         seen = {r["id"] for r in recent}  # bounded by the look-back window
 
 

@@ -50,9 +50,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from edgeroute.accounting import RequestRecord
+from edgeroute.accounting import UNROUTED, RequestRecord
 
-UNROUTED = "(unrouted)"  # the stats' model for requests no route served (the request log keeps the name)
 REQUEST_DIMS = ("model", "rule", "policy", "task", "variant", "team", "key")
 ATTEMPT_DIMS = ("deployment", "provider")
 # The groupings a team's own stats offer (beside its totals, the "team" row itself).

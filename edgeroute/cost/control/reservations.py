@@ -155,7 +155,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 c = charges[res.blocked]
                 rec.outcome = "blocked"
                 rec.admission = f"blocked:{c.budget.name}"
-                raise _budget_error(c, res.used_before[res.blocked], now)
+                raise _budget_error(c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None)
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, now, charges)
             if self._any_notify:
@@ -261,15 +261,27 @@ def usd(v: float) -> str:
     return f"${v:.{min(9, 2 - math.floor(math.log10(v)))}f}"
 
 
-def _budget_error(c: B.Charge, used: int, now: float) -> ProxyError:
+def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bool) -> ProxyError:
+    """429 for a budget that cannot hold the request's reservation. A budget with room left
+    refused it for its worst case, not for spend: it says so, and what reserves less (one that
+    read "exhausted" at half its limit left the caller nothing to change)."""
     b = c.budget
     who = "all requests" if b.scope == "global" else f"{b.scope} '{c.subject}'"
     period = {"day": "today", "month": "this month"}.get(b.period) or f"in the last {b.window_hours or 0:g} hours"
     wait = max(1, math.ceil(c.period.resets_at - now))
+    spent = f"{usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved {period}"
+    if used < c.block_at:
+        tokens = f"its max_tokens ({completion:,})" if asked else f"{completion:,} output tokens (it set no max_tokens)"
+        message = (
+            f"Budget '{b.name}' for {who} has {usd((c.block_at - used) / B.NANO)} left ({spent}), less than"
+            f" this request may cost: up to {usd(c.amount / B.NANO)} for its prompt and {tokens} at the highest"
+            " price of the deployments it may reach. A lower max_tokens reserves less."
+        )
+    else:
+        message = f"Budget '{b.name}' for {who} is exhausted: {spent}."
     return ProxyError(
         429,
-        f"Budget '{b.name}' for {who} is exhausted: {usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved "
-        f"{period}. It resets at {iso(c.period.resets_at)}.",
+        f"{message} It resets at {iso(c.period.resets_at)}.",
         code="budget_exceeded",
         headers={
             "Retry-After": str(wait),

@@ -73,7 +73,9 @@ export function timeChart(opts) {
   el.className = 'chart';
   const box = document.createElement('div');
   el.append(box);
-  if (opts.series.length > 1) el.append(legend(opts.series));
+  // Named even when it draws one series: a deployment's error rate and in-flight charts were
+  // two unlabelled axes beside the latency's legend.
+  el.append(legend(opts.series));
   const fmt = opts.yFormat || ((v) => String(v));
   const H = opts.height || 180;
   responsive(box, (W) => {
@@ -246,9 +248,13 @@ export function attemptsTimeline(opts) {
     const axis = s('g', { class: 'axis' });
     const ay = top + rows.length * rowH;
     axis.append(s('line', { x1: labelW, x2: W - 10, y1: ay, y2: ay }));
-    for (let v = 0; v <= xmax + 1e-9; v += step) {
+    // Ticks under a millisecond apart keep the decimals that tell them apart (a request of
+    // 0.8 ms read "0 ms, 0 ms, 0 ms, 1 ms, 1 ms, 1 ms").
+    const digits = step < 1 ? Math.ceil(-Math.log10(step) - 1e-9) : 0;
+    const label = (v) => v.toFixed(digits) + ' ms';
+    for (let i = 0, v = 0; v <= xmax + 1e-9; i += 1, v = i * step) {
       axis.append(s('line', { x1: x(v), x2: x(v), y1: top, y2: ay + 4 }));
-      axis.append(s('text', { x: x(v), y: ay + 16, 'text-anchor': 'middle' }, Math.round(v) + ' ms'));
+      axis.append(s('text', { x: x(v), y: ay + 16, 'text-anchor': 'middle' }, label(v)));
     }
     svg.append(axis);
     rows.forEach((a, i) => {
@@ -257,7 +263,7 @@ export function attemptsTimeline(opts) {
       const xa = x(a.start_ms || 0), w = Math.max(2, x((a.start_ms || 0) + (a.latency_ms || 0)) - xa);
       const cls = a.ok ? 'ok' : a.outcome === 'cancelled' || a.outcome === 'hedge_lost' ? 'other' : 'fail';
       svg.append(s('rect', { class: cls, x: xa, y: y0 + 5, width: w, height: rowH - 10, rx: 2 },
-        s('title', {}, `${a.kind || 'attempt'} ${a.name}: ${a.outcome}, starts at ${Math.round(a.start_ms || 0)} ms, ${Math.round(a.latency_ms || 0)} ms`)));
+        s('title', {}, `${a.kind || 'attempt'} ${a.name}: ${a.outcome}, starts at ${label(a.start_ms || 0)}, ${label(a.latency_ms || 0)}`)));
       if (a.ttft_ms !== null && a.ttft_ms !== undefined) {
         const xt = x((a.start_ms || 0) + a.ttft_ms);
         svg.append(s('line', { class: 'ttft', x1: xt, x2: xt, y1: y0 + 3, y2: y0 + rowH - 3 }, s('title', {}, 'first token at ' + Math.round(a.ttft_ms) + ' ms')));

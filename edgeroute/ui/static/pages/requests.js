@@ -112,12 +112,16 @@ function detail(main, ctx) {
     ]));
     const reasons = Array.isArray(r.reasons) ? r.reasons : r.reasons ? [String(r.reasons)] : [];
     decision.append(facts([
-      ['Rule', r.rule, 'rule'], ['Policy', r.policy], ['Task type', r.task], ['Difficulty', r.difficulty], ['Variant', r.variant],
+      ['Rule', r.rule, 'rule'], ['Policy', r.policy], ['Task type', r.task], ['Difficulty', r.difficulty === null || r.difficulty === undefined ? null : f.dec(r.difficulty, 2)], ['Variant', r.variant],
       ['Tags', r.tags && Object.keys(r.tags).length ? Object.entries(r.tags).map(([k, v]) => k + '=' + v).join(', ') : null],
     ]), reasons.length ? h('ol', { class: 'reasons', 'aria-label': 'Why this route' }, reasons.map((x) => h('li', {}, typeof x === 'string' ? x : JSON.stringify(x)))) : notice('No decision explanation was recorded.'));
     const att = r.attempts || [];
-    if (!att.length) attempts.append(notice('No attempt reached an upstream (refused before dispatch).'));
-    else {
+    if (!att.length) {
+      // A cache hit calls no upstream either, and was answered: it is not a refusal.
+      const cached = r.cache === 'hit' || r.cache === 'stale';
+      attempts.append(notice(cached ? `Answered from the response cache (${r.cache}): no upstream was called.`
+        : 'No attempt reached an upstream (refused before dispatch).'));
+    } else {
       attempts.append(attemptsTimeline({ label: 'Attempts of request ' + r.id + ' on a time axis',
         attempts: att.map((a) => ({ ...a, name: a.deployment, ok: OK_OUTCOMES.has(a.outcome) })) }),
       table([

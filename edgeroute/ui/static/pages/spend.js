@@ -33,6 +33,7 @@ export default {
         }
         body.append(table([
           { label: BY.find(([k]) => k === by)[1], key: by, format: (v) => v ?? '(none)' },
+          ...(by === 'key' ? [{ label: 'Name', key: 'name', field: 'name' }] : []),  // as `keys create --name` gave it
           { label: 'Requests', key: 'requests', num: true, format: f.num, field: 'requests' },
           { label: 'Succeeded', key: 'ok', num: true, format: f.num },
           { label: 'Prompt tokens', key: 'prompt_tokens', num: true, format: f.num },
