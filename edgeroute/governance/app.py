@@ -407,10 +407,10 @@ async def create_key(request: web.Request) -> web.Response:
     body = await json_object(request)
     creator, creator_raw = _creator(request)
     if creator is not None:
-        # A team's key (or a region's) may make keys of its own team (region) alone: a body
-        # that leaves the field out means that one, rather than a 403 asking for the only value
-        # allowed (an explicit null still asks for a global key, and is refused).
-        for name, have in (("team", creator.team), ("residency", creator.residency)):
+        # A team's key (or a user's, a region's) may make keys of its own team (user, region)
+        # alone: a body that leaves the field out means that one, rather than a 403 asking for
+        # the only value allowed (an explicit null still asks for a global key, and is refused).
+        for name, have in (("team", creator.team), ("user", creator.user), ("residency", creator.residency)):
             if have is not None and name not in body:
                 body[name] = have
     f = _fields(body)

@@ -61,6 +61,9 @@ async def test_a_users_key_cannot_mint_or_become_a_key_outside_its_users_budget(
         assert status == 201 and child["user"] == "alice"
         status, err = await call(s, "PATCH", keys + f"/{child['id']}", mine, {"user": "bob"})
         assert status == 403, err
+        # Leaving the user out means the maker's own, as a team's key leaves out its team.
+        status, unnamed = await call(s, "POST", keys, mine, {"name": "svc2", "role": "service"})
+        assert status == 201 and unnamed["user"] == "alice", unnamed
         # The root (no user of its own) still gives any user.
         status, other = await call(s, "POST", keys, ROOT, {"name": "bob", "role": "service", "user": "bob"})
         assert status == 201 and other["user"] == "bob"
