@@ -12,7 +12,9 @@ cannot take its lock stops before serving with an error that says why. A supervi
 process killed with SIGKILL releases it, so a restart after a crash is never refused.
 
 A PostgreSQL ledger is held the same way with an advisory lock on a connection of its own
-(released when the process dies and its connection closes). Several machines sharing one
+(released when the process dies and its connection closes). A ledger is its schema's tables
+(`search_path` in the DSN), so the lock is the schema's: two gateways whose ledgers live in two
+schemas of one database are two ledgers, not one held twice. Several machines sharing one
 ledger share budgets through `shared_state` (the README's "Several workers or several
 machines"): their locks are shared ones.
 
@@ -46,6 +48,12 @@ class LedgerInUse(Exception):
 
 
 _PG_LOCK = 7421  # pg_schema.SCHEMA_LOCK (7420) guards the tables' creation
+# The lock's key: 7421 for `public` (as before schemas had locks of their own, so a server of an
+# earlier version and this one still exclude each other there), else one per schema.
+_PG_KEY = (
+    f"CASE WHEN coalesce(current_schema(), 'public') = 'public' THEN {_PG_LOCK}::bigint "
+    f"ELSE ({_PG_LOCK}::bigint << 32) + hashtext(current_schema()) END"
+)
 _held: list[object] = []  # the PostgreSQL lock's holder (`_PgHold`), kept for the process's life
 WATCH_S = 1.0  # how often the held session is checked (a PostgreSQL restart ends it)
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
@@ -192,7 +200,7 @@ class _PgHold:
         self.close()
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock")
         fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
-        row = conn.execute(f"SELECT {fn}({_PG_LOCK})").fetchone()
+        row = conn.execute(f"SELECT {fn}({_PG_KEY})").fetchone()
         if row is None or not row[0]:
             conn.close()
             return False

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.scale.support import REDIS_URL, Spawn, kill_tree
+from tests.scale.support import REDIS_URL, Instance, Spawn, kill_tree
 from tests.serve_support import free_port
 from tests.test_cost_restart import CENT
 from tests.test_cost_support import answered, require_postgres
@@ -104,6 +105,41 @@ async def test_two_servers_on_one_postgres_ledger_without_redis_are_refused_too(
     await first.proc.wait()
     third = await spawn(cfg, name="pg")  # the lock went with the killed server's connection
     assert third.proc.returncode is None
+
+
+async def test_two_servers_with_ledgers_in_two_schemas_of_one_database_both_serve(
+    spawn: Spawn, start_upstream: Any, tmp_path: Path
+) -> None:
+    # Two gateways (two teams' sidecars) given one database and a schema each: two ledgers. The
+    # lock was the database's, so the second was refused as "another edgeroute serve".
+    import psycopg
+
+    dsn = require_postgres()
+    schemas = [f"own_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for schema in schemas:
+            c.execute(f"CREATE SCHEMA {schema}")
+    servers: list[Instance] = []
+    try:
+        up = await start_upstream()
+        for i, schema in enumerate(schemas):
+            ledger = {"backend": "postgres", "dsn": f"{dsn}?options=-csearch_path%3D{schema}", "flush_interval": 0.1}
+            servers.append(await spawn(config_with_a_budget(up.base_url, ledger=ledger), name=f"pg{i}"))
+        # Each counts its own ten cents.
+        assert [await answered(s.url, 12) for s in servers] == [10, 10]
+        # The same schema twice is still one ledger held twice.
+        other = tmp_path / "other" / "pg.yaml"
+        other.parent.mkdir()
+        other.write_text(servers[0].config.read_text())
+        second = await asyncio.to_thread(serve_until_stopped, other)
+        assert second.returncode == 1 and "PostgreSQL" in second.stdout, second.stdout
+    finally:
+        for server in servers:  # before the schemas go: their connections hold the tables
+            kill_tree(server.proc.pid)
+            await server.proc.wait()
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for schema in schemas:
+                c.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_servers_sharing_budgets_through_redis_may_share_a_sqlite_ledger(
