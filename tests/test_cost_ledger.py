@@ -127,7 +127,8 @@ def test_postgres_same_schema_and_throughput() -> None:
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT COUNT(*), SUM(cost_usd) FROM spend").fetchone() == (100, pytest.approx(0.1))
         cols = [r[0] for r in c.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'spend' ORDER BY ordinal_position"
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = 'spend' ORDER BY ordinal_position"
         )]  # fmt: skip
     conn = sqlite3.connect(":memory:")
     from edgeroute.cost.ledger_store import schema
