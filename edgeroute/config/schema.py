@@ -8,6 +8,7 @@ error. Checks across sections live in `checks`, loading and error reporting in `
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any, Literal
 
 import orjson
@@ -88,6 +89,13 @@ class Provider(_Strict):
     def _url(cls, v: str) -> str:
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if "@" in urllib.parse.urlsplit(v).netloc:
+            # The upstream client never sends a URL's user:password (nor should a URL carry a
+            # secret that logs and versions would show): refused rather than silently dropped.
+            raise ValueError(
+                "holds credentials (user:password@), which are never sent: give the key as api_key "
+                "(a secret reference such as env:NAME) or in headers"
+            )
         return v.rstrip("/")
 
     @field_validator("proxy")

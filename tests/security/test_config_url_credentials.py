@@ -4,7 +4,8 @@ endpoint with one. Every view of the config masks literal secrets, but these wer
 written to any viewer key (`/admin/config`, a version, a diff) and stored in clear in the
 config versions table, where every other literal secret is stored as its hash. They are
 masked and stored as hashes now, and a rollback still takes them back from the running
-config."""
+config. A `base_url` with credentials is refused when the config loads: the upstream client
+never sent them (the provider saw a request without them, and the operator no error)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from edgeroute import config as config_mod
 from edgeroute.state import STATE
 from tests.security.governed import ROOT, call
 from tests.test_cost_support import cost_proxy
 
 VIEWER = "tok-viewer-0123456789"
 PROXY = "http://egress-user:PROXY-PASS-0123@127.0.0.1:3128"
-BASE = "https://BASE-TOKEN-0123@upstream.example/v1"
+BASE = "https://BASE-TOKEN-0123@upstream.example/v1"  # refused at load
 TRACES = "https://otel:TRACE-PASS-0123@otel.example/v1/traces"
-SECRETS = ("PROXY-PASS-0123", "BASE-TOKEN-0123", "TRACE-PASS-0123")
+SECRETS = ("PROXY-PASS-0123", "TRACE-PASS-0123")
 
 
 def _config(tmp_path: Path) -> dict[str, Any]:
     price = {"input_per_mtok": 1, "output_per_mtok": 1}
     return {
-        "providers": {"a": {"base_url": BASE, "api_key": "env:NOT_USED_HERE", "proxy": PROXY}},
+        "providers": {"a": {"base_url": "https://upstream.example/v1", "api_key": "env:NOT_USED_HERE", "proxy": PROXY}},
         "deployments": {"d": {"provider": "a", "model": "x", "price": price}, "e": {"provider": "a", "model": "y"}},
         "models": {"m": {"deployments": ["d", "e"]}},
         "keys": {"root": {"token": ROOT, "role": "admin"}, "viewer": {"token": VIEWER, "role": "viewer"}},
@@ -49,7 +52,7 @@ async def test_credentials_in_config_urls_are_masked_and_stored_as_hashes(tmp_pa
             assert not [word for word in SECRETS if word in text], (path, text)
         status, shown = await call(s, "GET", proxy.url + "/admin/config", VIEWER)
         provider = shown["config"]["providers"]["a"]
-        assert provider["proxy"] == provider["base_url"] == shown["config"]["tracing"]["endpoint"] == "****"
+        assert provider["proxy"] == shown["config"]["tracing"]["endpoint"] == "****"
 
         with sqlite3.connect(tmp_path / "gov.db") as db:
             stored = [row for (row,) in db.execute("SELECT body FROM gov_config_versions")]
@@ -59,6 +62,15 @@ async def test_credentials_in_config_urls_are_masked_and_stored_as_hashes(tmp_pa
         assert status == 200, rolled
         running = proxy.app[STATE].live.config
         assert running.providers["a"].proxy == PROXY
-        assert running.providers["a"].base_url == BASE
         assert running.tracing.endpoint == TRACES
         assert running.deployments["e"].drained is False
+
+
+def test_a_base_url_with_credentials_is_refused_naming_the_field_not_the_secret(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    cfg["providers"]["a"]["base_url"] = BASE
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.parse(cfg, "edge.yaml")
+    (error,) = e.value.errors
+    assert "providers.a.base_url" in error and "credentials" in error and "api_key" in error, error
+    assert "BASE-TOKEN-0123" not in error
