@@ -1,5 +1,9 @@
 """Budget `notify` thresholds: a log line and an optional webhook, once per budget, subject,
-period and threshold across instances (marked in the shared store when there is one) and
+period and threshold, when a request settles and the budget's spend passes the threshold.
+Spend is the counter less what this process holds reserved for requests in flight: told at
+admission, by the reservation (a request's worst case), a budget small beside its requests'
+worst case was told "50 % reached" at 3 % spent, and, told once a period, never when it was.
+Once across instances (marked in the shared store when there is one) and
 across restarts (each threshold told is written to the ledger with its batches and read back
 at start: a process remembered only its own, so a restart told every one again).
 
@@ -46,7 +50,9 @@ def iso(ts: float) -> str:
 class Notifications(Stores):
     """Threshold notifications (a part of `CostControl`)."""
 
+    _any_notify: bool
     _notified: dict[str, float]  # threshold told (by this process, or before its start) -> in force until
+    reserved: dict[str, int]  # this process's reservations not yet settled (`Settlement`)
     _session: aiohttp.ClientSession | None  # for webhooks, opened on the first
     ledger: Ledger | None  # where a threshold told is recorded (see `ReadBack`)
 
@@ -62,10 +68,19 @@ class Notifications(Stores):
             if until > now:
                 self._notified[str(mark)] = max(until, self._notified.get(str(mark), 0.0))
 
-    def _notify(self, charges: list[B.Charge], used_before: list[int]) -> None:
+    def _settled(self, charges: list[B.Charge]) -> None:
+        if not self._any_notify:
+            return
+        # The counters (this process's, following the shared store's at each reservation) less
+        # the requests still in flight here: spent, as near as this process knows. With other
+        # instances, theirs in flight may count until they settle.
+        spent = [self.local_budgets.used(c) - self.reserved.get(c.store_key, 0) for c in charges]
+        self._notify(charges, spent)
+
+    def _notify(self, charges: list[B.Charge], spent: list[int]) -> None:
         now = time.time()
-        for c, used in zip(charges, used_before, strict=True):
-            a = B.crossed(c.budget, used + c.amount, "notify")
+        for c, used in zip(charges, spent, strict=True):
+            a = B.crossed(c.budget, used, "notify")
             if a is None:
                 continue
             mark = f"{c.store_key}:{a.at_percent}"
@@ -82,7 +97,7 @@ class Notifications(Stores):
                 "subject": c.subject,
                 "period": c.period.id,
                 "threshold_percent": a.at_percent,
-                "used_usd": round((used + c.amount) / B.NANO, 6),
+                "used_usd": round(used / B.NANO, 6),
                 "limit_usd": c.budget.limit_usd,
                 "resets_at": iso(c.period.resets_at),
             }

@@ -83,7 +83,6 @@ class Reservations(ReadBack, Notifications, Settlement):
     reserve_max_tokens: int
     _block_at: list[int]  # each budget's block threshold in nano-USD (-1: none)
     _any_downgrade: bool
-    _any_notify: bool
     _periods: dict[str, tuple[float, B.Period]]  # budget name -> (valid until, its period)
     _prices: list[Prices]  # the ceilings of the running generation (and of the one before)
 
@@ -158,8 +157,6 @@ class Reservations(ReadBack, Notifications, Settlement):
                 raise _budget_error(c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None)
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, now, charges)
-            if self._any_notify:
-                self._notify(charges, res.used_before)
             return route
         return route
 

@@ -84,6 +84,7 @@ class Settlement(Stores):
                 # Admitted while Redis was down: the other instances never saw it (they
                 # admitted the whole budget again once Redis was back).
                 self.shared.spent_later(ticket.charges, actual)
+            self._settled(ticket.charges)
         if actual > 0 and ticket.identity.spends_for:
             self._count_keys(ticket, actual)
         for h in ticket.held:

@@ -94,6 +94,9 @@ class Stores:
             elif i == res.blocked:
                 self.local_budgets.at_least(c, used)
 
+    def _settled(self, charges: list[B.Charge]) -> None:
+        """Called once a request's charges hold what it cost (`Notifications` tells thresholds)."""
+
     def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
         """Adds `deltas` to reservations; a task when they go to Redis (this process's counters
         follow them, see `_seen_shared`)."""
