@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import os
 import struct
 import time
@@ -85,6 +86,7 @@ def test_an_image_is_reserved_at_the_larger_of_the_providers_rules() -> None:
         _url(b"\xff\xd8" + b"\xff\xe1\x00\x00" * 10),  # a segment of length 0
         _url(b"\xff\xd8" + b"\xff\xe1\xff\xff" + b"\0" * 100),  # a segment past the end
         _url(b"\xff\xd8\xff" + b"\xff" * 200_000),  # fill bytes without end
+        _url(b"\xff\xd8" + b"\xff\xe1\x00\x02" * 20_000),  # empty segments without end
         _url(b"RIFF\0\0\0\0WEBPVP8L" + b"\0" * 20),
         _url(os.urandom(4096)),
         "data:image/png;base64," + "QUFB" * 1_000_000,  # 4 MB of base64 that is no image
@@ -122,7 +124,7 @@ def test_the_parts_of_chat_and_responses_bodies() -> None:
     }
     parts = M.body_parts(orjson.dumps(body))
     assert parts == M.MediaParts((M.IMAGE_CAP,), (M.AUDIO_PER_KB * 292,), 1)
-    assert parts.tokens(M.DEFAULT_RULE) == M.IMAGE_CAP + 2920 + M.FILE_TOKENS
+    assert parts.tokens(M.DEFAULT_RULE) == M.IMAGE_CAP + 32 * 292 + M.FILE_TOKENS
     responses = [{"role": "user", "content": [{"type": "input_image", "image_url": _url(_png(512, 512))}]}]
     assert M.message_parts(responses) == M.MediaParts((350,))  # Anthropic: 512 x 512 / 750
     assert M.body_parts(b"{not json") == M.NONE
@@ -135,8 +137,8 @@ def test_a_key_hidden_by_an_escape_is_read() -> None:
     assert M.body_parts(hidden) == M.MediaParts((M.IMAGE_CAP,))
 
 
-def _dep(**media: int) -> Deployment:
-    return Deployment.model_validate({"provider": "p", "model": "x", "media_tokens": media or None})
+def _dep(model: str = "x", **media: int) -> Deployment:
+    return Deployment.model_validate({"provider": "p", "model": model, "media_tokens": media or None})
 
 
 def test_a_deployments_media_tokens_replace_the_allowance() -> None:
@@ -147,3 +149,13 @@ def test_a_deployments_media_tokens_replace_the_allowance() -> None:
     # With one that does not: the larger of its default and the override, each part.
     assert parts.tokens(M.rule_of([_dep(image=1000), _dep()])) == 1000 + 1590 + 1000 + 2 * M.FILE_TOKENS
     assert parts.tokens(M.rule_of([_dep(image=40_000), _dep(file=10)])) == 80_000 + 1000 + 2 * M.FILE_TOKENS
+
+
+def test_models_that_count_images_at_a_multiple_are_reserved_at_it() -> None:
+    """gpt-4o-mini bills 2,833 + 5,667 a tile, 33.3 times gpt-4o's 85 + 170."""
+    parts = M.MediaParts((85 + 170 * 8,))  # 1,445: gpt-4o's most
+    assert parts.tokens(M.rule_of([_dep("gpt-4o-mini-2024-07-18")])) >= 2833 + 5667 * 8
+    assert parts.tokens(M.rule_of([_dep("openai/gpt-4.1-nano"), _dep("gpt-4o")])) == math.ceil(1445 * 2.46)
+    assert parts.tokens(M.rule_of([_dep("gpt-4o")])) == 1445
+    # Its own `media_tokens.image` says otherwise.
+    assert parts.tokens(M.rule_of([_dep("gpt-4o-mini", image=1000)])) == 1000

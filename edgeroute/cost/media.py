@@ -8,12 +8,14 @@ images each overshoot a budget many times over. Each part is reserved at an allo
   turns into one): the larger of OpenAI's tile rule (85 + 170 a 512-px tile, after the fit
   into 2048 px and the shortest side to 768 px; 85 at `detail: low`) and Anthropic's
   width x height / 750 (at most 1,600), by the size a base64 image's header gives, else the cap;
-- audio (`input_audio`): 10 tokens a kilobyte of its data, at least 1,000 (a second of audio
-  is about 10 tokens, and no common codec takes less than a kilobyte for it);
+- audio (`input_audio`): 32 tokens a kilobyte of its data, at least 1,000 (Gemini counts 32
+  tokens a second of audio, OpenAI about 10, and no common codec takes less than a kilobyte
+  for a second);
 - file (`file`): `FILE_TOKENS`, a PDF's text and page images of a few dozen pages.
 
-A deployment's `media_tokens` replaces the allowance of a kind for its requests (models that
-count an image as many more tokens, as gpt-4o-mini does, need it); a request reserves the
+The images of a deployment of an OpenAI model that counts them at a multiple of gpt-4o's
+count (gpt-4o-mini: 33 times) are reserved at that multiple (`IMAGE_SCALE`). A deployment's
+`media_tokens` replaces the allowance of a kind for its requests; a request reserves the
 largest allowance of the deployments it may reach.
 """
 
@@ -34,7 +36,7 @@ from edgeroute.config import Deployment
 IMAGE_LOW = 85  # OpenAI, `detail: low`: whatever the size
 IMAGE_CAP = 1600  # the most either rule gives one image: Anthropic's (OpenAI's is 1,445)
 AUDIO_MIN = 1000
-AUDIO_PER_KB = 10
+AUDIO_PER_KB = 32
 FILE_TOKENS = 50_000
 # An image header is read from this much of its base64 at most: a JPEG's size follows its
 # EXIF block (often tens of kilobytes); one later than this is reserved at the cap.
@@ -47,6 +49,7 @@ class MediaRule:
 
     image: int | None = None  # the largest `media_tokens.image` among them
     image_default: bool = True  # one of them has none: its images at the default rules
+    image_scale: float = 1.0  # the largest `IMAGE_SCALE` of those
     audio: int | None = None
     audio_default: bool = True
     file: int = FILE_TOKENS
@@ -65,7 +68,7 @@ class MediaParts:
 
     def tokens(self, rule: MediaRule) -> int:
         return (
-            _each(self.images, rule.image, rule.image_default)
+            _each(self.images, rule.image, rule.image_default, rule.image_scale)
             + _each(self.audio, rule.audio, rule.audio_default)
             + self.files * rule.file
         )
@@ -74,9 +77,11 @@ class MediaParts:
 NONE = MediaParts()
 
 
-def _each(defaults: tuple[int, ...], override: int | None, by_default: bool) -> int:
+def _each(defaults: tuple[int, ...], override: int | None, by_default: bool, scale: float = 1.0) -> int:
     if not defaults:
         return 0
+    if scale != 1.0:
+        defaults = tuple(math.ceil(d * scale) for d in defaults)
     if override is None:
         return sum(defaults)
     if not by_default:
@@ -89,11 +94,12 @@ def rule_of(deployments: Iterable[Deployment]) -> MediaRule:
     image: int | None = None
     audio: int | None = None
     image_default = audio_default = False
-    file = 0
+    file, scale = 0, 1.0
     for d in deployments:
         m = d.media_tokens
         if m is None or m.image is None:
             image_default = True
+            scale = max(scale, image_scale(d.model))
         else:
             image = max(image or 0, m.image)
         if m is None or m.audio is None:
@@ -101,9 +107,20 @@ def rule_of(deployments: Iterable[Deployment]) -> MediaRule:
         else:
             audio = max(audio or 0, m.audio)
         file = max(file, FILE_TOKENS if m is None or m.file is None else m.file)
-    if image is None and audio is None and file == FILE_TOKENS:
+    if image is None and audio is None and file == FILE_TOKENS and scale == 1.0:
         return DEFAULT_RULE
-    return MediaRule(image, image_default, audio, audio_default, file)
+    return MediaRule(image, image_default, scale, audio, audio_default, file)
+
+
+# OpenAI models that count an image as more than gpt-4o's tiles (their published multipliers,
+# over the patch or tile count; the default allowance is at least either): their deployments'
+# images are reserved at the default times this, unless `media_tokens.image` says otherwise.
+IMAGE_SCALE = {"gpt-4o-mini": 33.34, "gpt-4.1-nano": 2.46, "o4-mini": 1.72, "gpt-4.1-mini": 1.62}
+
+
+def image_scale(model: str) -> float:
+    name = model.rsplit("/", 1)[-1]  # `openai/gpt-4o-mini`, as some gateways name it
+    return next((v for k, v in IMAGE_SCALE.items() if name.startswith(k)), 1.0)
 
 
 # A request's media parts, read when a budget needs them (None: it has none).
@@ -249,10 +266,16 @@ def _webp(b: bytes) -> tuple[int, int] | None:
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
+# Segments (and fill bytes) walked before a JPEG's frame at most: a real one has a dozen.
+_JPEG_STEPS = 256
+
+
 def _jpeg(b: bytes) -> tuple[int, int] | None:
     """The first frame's size: a walk of the segments' lengths (each step moves forward)."""
     i = 2
-    while i + 9 <= len(b):
+    for _ in range(_JPEG_STEPS):
+        if i + 9 > len(b):
+            return None
         if b[i] != 0xFF:
             return None
         marker = b[i + 1]
