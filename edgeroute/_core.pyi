@@ -163,6 +163,11 @@ class Decision:
         """Completions asked for: ``n``, or ``best_of`` when larger; at least 1."""
 
     @property
+    def other_parts(self) -> int:
+        """Content parts of a type other than ``text`` (images, audio, files): budgets reserve
+        for them, reading the body only when there are some."""
+
+    @property
     def model_span(self) -> tuple[int, int]:
         """Byte range of the ``model`` value (quotes included) in the body."""
 

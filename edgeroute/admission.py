@@ -17,6 +17,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
+from edgeroute.cost.media import Media
 
 # The exact prompt tokens of the request being admitted, counted when first awaited.
 Counter = Callable[[], Awaitable[int]]
@@ -42,12 +43,14 @@ class Admission(Protocol):
         rec: RequestRecord,
         count: Counter | None = None,
         can_serve: CanServe | None = None,
+        media: Media | None = None,
     ) -> Ticket | None:
         """Raises `ProxyError` (429/402/403) to refuse; may return a ticket to settle later.
 
         Budgets reserve by an upper bound of the prompt's tokens unless the decision counted
         them exactly; `count` makes the exact count (off the event loop) for a request that the
-        bound alone would refuse. A budget's downgrade goes only to a model `can_serve` allows."""
+        bound alone would refuse. A budget's downgrade goes only to a model `can_serve` allows.
+        `media` (the request's image, audio and file parts) is reserved for at its allowances."""
         ...
 
     async def count_request(self, request: web.Request) -> None:
@@ -90,6 +93,7 @@ class AdmitAll:
         rec: RequestRecord,
         count: Counter | None = None,
         can_serve: CanServe | None = None,
+        media: Media | None = None,
     ) -> Ticket | None:
         return None
 

@@ -24,6 +24,7 @@ from edgeroute.config import Config, Model, Shadow
 from edgeroute.cost import ledger_lock
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.media import body_media
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
@@ -219,7 +220,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache.confine(plan, live.config, decision.rule, region)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
-            ticket = await admission.admit(request, decision, rec, _counter(live, body))
+            ticket = await admission.admit(
+                request, decision, rec, _counter(live, body), media=body_media(body, decision)
+            )
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise

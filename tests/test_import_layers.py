@@ -65,6 +65,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "prices, keys, counters, the response cache and the upstream pools",
         [
             "edgeroute.cost.prices",
+            "edgeroute.cost.media",
             "edgeroute.cost.limits",
             "edgeroute.cost.budgets",
             "edgeroute.cost.redis_store",

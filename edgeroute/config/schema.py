@@ -139,6 +139,16 @@ class Price(_Strict):
     source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"
 
 
+class MediaTokens(_Strict):
+    """Tokens a budget reserves for each part of a kind on this deployment, in place of the
+    default allowance (edgeroute.cost.media): a model that counts an image as many more tokens
+    (gpt-4o-mini: about 33 times gpt-4o's count) needs `image` set to its largest count."""
+
+    image: int | None = Field(None, ge=0)
+    audio: int | None = Field(None, ge=0)
+    file: int | None = Field(None, ge=0)
+
+
 class Deployment(_Strict):
     provider: str
     model: str
@@ -154,6 +164,7 @@ class Deployment(_Strict):
     max_queue: int = Field(0, ge=0)
     queue_timeout_ms: int | None = Field(None, ge=1)
     reserve_percent: int = Field(0, ge=0, le=100)  # of max_concurrency, for the highest priority class only
+    media_tokens: MediaTokens | None = None  # budgets' per-part allowance for images, audio, files
 
     @model_validator(mode="after")
     def _queue_needs_a_deadline(self) -> Deployment:

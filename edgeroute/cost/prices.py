@@ -23,6 +23,7 @@ from edgeroute.config import Config, Price
 
 # The catalogue lookups live with the config (which resolves references); re-exported for callers here.
 from edgeroute.config.prices import CATALOGUE_PATH, catalogue, catalogue_entry, parse_hhmm, resolve_price_input  # noqa: F401
+from edgeroute.cost.media import DEFAULT_RULE, MediaRule, rule_of
 from edgeroute.providers.anthropic import DEFAULT_MAX_TOKENS
 
 
@@ -59,12 +60,13 @@ class Ceiling:
     # deployment's provider sends one of its own (Anthropic requires `max_tokens`: its
     # provider's `default_max_tokens`); 0 when none does (`budgets.reserve_max_tokens` then).
     unbounded_output: int = 0
+    media: MediaRule = DEFAULT_RULE  # the deployments' allowances for image, audio and file parts
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6 + self.per_request
 
 
-def ceiling(prices: list[Price], unbounded_output: int = 0) -> Ceiling:
+def ceiling(prices: list[Price], unbounded_output: int = 0, media: MediaRule = DEFAULT_RULE) -> Ceiling:
     """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
     be below what the request can cost at any time of day). A prompt token costs at most the
     dearer of the input and cache-write prices: Anthropic bills a prompt written to its cache
@@ -77,6 +79,7 @@ def ceiling(prices: list[Price], unbounded_output: int = 0) -> Ceiling:
         max(p.output_per_mtok * m for p, m in zip(prices, mult, strict=True)),
         max(p.per_request * m for p, m in zip(prices, mult, strict=True)),
         unbounded_output,
+        media,
     )
 
 
@@ -128,7 +131,11 @@ def route_ceilings(cfg: Config) -> dict[str, Ceiling]:
     out = {}
     for name in cfg.models:
         deployments = reachable_deployments(cfg, name)
-        out[name] = ceiling([cfg.deployments[d].price for d in deployments], unbounded_output(cfg, deployments))
+        out[name] = ceiling(
+            [cfg.deployments[d].price for d in deployments],
+            unbounded_output(cfg, deployments),
+            rule_of(cfg.deployments[d] for d in deployments),
+        )
     return out
 
 

@@ -28,6 +28,7 @@ from edgeroute.cache.service import CACHE, Plan, ResponseCache
 from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.media import Media
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
@@ -80,6 +81,8 @@ class Parsed:
     check: Callable[[web.Request, Live], Awaitable[None]] | None = None
     # Records what the answer gives the caller (a stored response's id), before it is sent.
     bind: Callable[[web.Request, Live, JsonAnswer | StreamAnswer], Awaitable[None]] | None = None
+    # Its image, audio and file parts, which budgets reserve for (None: it has none).
+    media: Media | None = None
 
 
 # An endpoint: checks the client's body (a `ProxyError` 400 naming what is wrong) and says how to serve it.
@@ -252,6 +255,7 @@ async def serve(
                 rec,
                 lambda: asyncio.to_thread(live.router.count_prompt, counted),
                 partial(parsed.serves, live) if parsed.serves is not None else None,
+                parsed.media,
             )
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:

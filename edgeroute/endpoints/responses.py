@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import Usage
+from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
@@ -173,6 +174,7 @@ def parse(body: bytes) -> Parsed:
         answer_text=answer_text,
         check=partial(_check, req.raw),
         bind=owners.bind,
+        media=items_media(req.raw.get("input")),
     )
 
 

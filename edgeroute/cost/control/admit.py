@@ -23,6 +23,7 @@ from edgeroute.cost.control.stores import workers_store
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY
 from edgeroute.cost.limits import LocalLimiter
+from edgeroute.cost.media import Media
 from edgeroute.cost.prices import Ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
@@ -117,6 +118,7 @@ class CostControl(Reservations, RateLimits):
         rec: RequestRecord,
         count: Counter | None = None,
         can_serve: CanServe | None = None,
+        media: Media | None = None,
     ) -> CostTicket | None:
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
@@ -131,6 +133,8 @@ class CostControl(Reservations, RateLimits):
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
+        if media is not None and prices is not None:
+            ticket.media = await media()
         if wanted := parallel.caps(ident, self._key_parallel(ident)):
             # First: refused at its key's cap, a request takes nothing from its rate limits or budgets.
             try:

@@ -17,6 +17,7 @@ from edgeroute.cost.control.read_back import ReadBack
 from edgeroute.cost.control.settlement import Settlement
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import Identity
+from edgeroute.cost.media import rule_of
 from edgeroute.cost.prices import Ceiling, ceiling, may_hedge, reachable_models, route_ceilings, unbounded_output
 from edgeroute.errors import ProxyError
 
@@ -47,7 +48,8 @@ class Prices:
                 deployments += [d for n in names for d in cfg.models[n].deployments]
             prices = [table[i].price for i in order]
             prices += [cfg.deployments[d].price for d in deployments[len(order) :]]
-            hit = self.tops[key] = ceiling(prices, unbounded_output(cfg, deployments))
+            media = rule_of(cfg.deployments[d] for d in deployments if d in cfg.deployments)
+            hit = self.tops[key] = ceiling(prices, unbounded_output(cfg, deployments), media)
         return hit
 
     def largest_window(self, model: str) -> int | None:
@@ -108,6 +110,7 @@ class Reservations(ReadBack, Notifications, Settlement):
         """The reservations of the request's maximum cost on its own route."""
         completion = self._completion(decision, top) * decision.choices
         hedges = 2 if decision.hedge_after_ms is not None else 1
+        prompt += ticket.media.tokens(top.media)
         return self._charges(ticket, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
 
     async def _budgets(
@@ -131,7 +134,8 @@ class Reservations(ReadBack, Notifications, Settlement):
             if step == 0 and first is not None and first.reserved is not None:
                 charges, res, shared = first.charges, first.reserved, True
             else:
-                estimate = top.cost(prompt, completion) * hedges
+                # The media parts at the allowances of the deployments `top` covers (a downgrade's).
+                estimate = top.cost(prompt + ticket.media.tokens(top.media), completion) * hedges
                 charges = self._charges(ticket, route, B.to_nano(estimate), now)
                 if not charges:
                     return route
@@ -154,7 +158,10 @@ class Reservations(ReadBack, Notifications, Settlement):
                 c = charges[res.blocked]
                 rec.outcome = "blocked"
                 rec.admission = f"blocked:{c.budget.name}"
-                raise _budget_error(c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None)
+                media = ticket.media.tokens(top.media)
+                raise _budget_error(
+                    c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None, media
+                )
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, now, charges)
             return route
@@ -258,7 +265,7 @@ def usd(v: float) -> str:
     return f"${v:.{min(9, 2 - math.floor(math.log10(v)))}f}"
 
 
-def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bool) -> ProxyError:
+def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bool, media: int = 0) -> ProxyError:
     """429 for a budget that cannot hold the request's reservation. A budget with room left
     refused it for its worst case, not for spend: it says so, and what reserves less (one that
     read "exhausted" at half its limit left the caller nothing to change)."""
@@ -269,9 +276,12 @@ def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bo
     spent = f"{usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved {period}"
     if used < c.block_at:
         tokens = f"its max_tokens ({completion:,})" if asked else f"{completion:,} output tokens (it set no max_tokens)"
+        # Images, audio and files are reserved at allowances (edgeroute.cost.media): named, as
+        # a caller cannot tell them from its text.
+        parts = f" (with {media:,} tokens for its image, audio and file parts)" if media else ""
         message = (
             f"Budget '{b.name}' for {who} has {usd((c.block_at - used) / B.NANO)} left ({spent}), less than"
-            f" this request may cost: up to {usd(c.amount / B.NANO)} for its prompt and {tokens} at the highest"
+            f" this request may cost: up to {usd(c.amount / B.NANO)} for its prompt{parts} and {tokens} at the highest"
             " price of the deployments it may reach. A lower max_tokens reserves less."
         )
     else:

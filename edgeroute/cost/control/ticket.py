@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from edgeroute.cost import budgets as B
 from edgeroute.cost.keys import Identity
 from edgeroute.cost.limits import BucketState, Take
+from edgeroute.cost.media import NONE, MediaParts
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class CostTicket:
     started: float = 0.0  # the request's start (its record's ts): which budgets count it in memory
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
     tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
+    media: MediaParts = NONE  # its image, audio and file parts, which budgets reserve for too
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     held: list[Held] = field(default_factory=list)

@@ -107,6 +107,9 @@ pub struct ChatRequest<'a> {
     pub user: Option<Cow<'a, str>>,
     /// Raw tool definitions, if any.
     pub tools: Option<&'a RawValue>,
+    /// Content parts of a type other than `text` (images, audio, files): their tokens are not
+    /// in the text's count, and budgets read them from the body only when there are some.
+    pub other_parts: u32,
 }
 
 /// A count of choices (`n`, `best_of`): 1 when absent or null, else a JSON integer of at
@@ -157,6 +160,7 @@ impl<'a> ChatRequest<'a> {
         // RawValue borrows from `body`, so its offset is a plain pointer difference.
         let start = model_raw.get().as_ptr() as usize - body.as_ptr() as usize;
         let model_span = (start, start + model_raw.get().len());
+        let other_parts = messages.iter().map(|m| m.content.other_parts()).sum();
         Ok(Self {
             json: text,
             model,
@@ -168,6 +172,7 @@ impl<'a> ChatRequest<'a> {
             choices: count(raw.n, "n")?.max(count(raw.best_of, "best_of")?),
             user: raw.user,
             tools: raw.tools,
+            other_parts,
         })
     }
 }
@@ -176,9 +181,19 @@ impl Message<'_> {
     /// Calls `f` with each piece of text in the message content.
     pub fn for_each_text(&self, mut f: impl FnMut(&str)) {
         match &self.content {
-            Content::Empty => {}
+            Content::Empty | Content::Other => {}
             Content::Text(t) => f(t),
-            Content::Parts(parts) => parts.iter().for_each(|t| f(t)),
+            Content::Parts(parts, _) => parts.iter().for_each(|t| f(t)),
+        }
+    }
+}
+
+impl Content<'_> {
+    /// The parts of a type other than `text` (see [`ChatRequest::other_parts`]).
+    pub fn other_parts(&self) -> u32 {
+        match self {
+            Content::Parts(_, n) => *n,
+            _ => 0,
         }
     }
 }
@@ -193,8 +208,10 @@ pub enum Content<'a> {
     Empty,
     /// A plain string.
     Text(Cow<'a, str>),
-    /// The texts of the `text` parts, in order.
-    Parts(Vec<Cow<'a, str>>),
+    /// The texts of the `text` parts, in order, and how many parts have another type.
+    Parts(Vec<Cow<'a, str>>, u32),
+    /// One entry of a content array whose `type` is a string other than `text`.
+    Other,
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
@@ -240,24 +257,29 @@ impl<'de> Visitor<'de> for ContentVisitor {
         })
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
-        let mut parts = Vec::new();
+        let (mut parts, mut other) = (Vec::new(), 0u32);
         while let Some(part) = seq.next_element_seed(ContentVisitor { part: true })? {
-            if let (false, Content::Text(t)) = (self.part, part) {
-                parts.push(t);
+            match (self.part, part) {
+                (false, Content::Text(t)) => parts.push(t),
+                (false, Content::Other) => other = other.saturating_add(1),
+                _ => {}
             }
         }
-        Ok(if parts.is_empty() {
+        Ok(if parts.is_empty() && other == 0 {
             Content::Empty
         } else {
-            Content::Parts(parts)
+            Content::Parts(parts, other)
         })
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
-        let (mut is_text, mut text) = (false, None);
+        let (mut is_text, mut other, mut text) = (false, false, None);
         let value = ContentVisitor { part: false };
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match (self.part, key.as_ref()) {
-                (true, "type") => is_text = matches!(map.next_value_seed(value)?, Content::Text(t) if t == "text"),
+                (true, "type") => match map.next_value_seed(value)? {
+                    Content::Text(t) => (is_text, other) = (t == "text", t != "text"),
+                    _ => (is_text, other) = (false, false),
+                },
                 (true, "text") => text = Some(map.next_value_seed(value)?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -266,6 +288,7 @@ impl<'de> Visitor<'de> for ContentVisitor {
         }
         Ok(match text {
             Some(t @ Content::Text(_)) if is_text => t,
+            _ if other => Content::Other,
             _ => Content::Empty,
         })
     }
@@ -446,6 +469,21 @@ mod tests {
         let mut seen = String::new();
         req.messages[0].for_each_text(|t| seen.push_str(t));
         assert_eq!(seen, "ab");
+    }
+
+    #[test]
+    fn parts_other_than_text_are_counted() {
+        let body = br#"{"model":"m","messages":[
+            {"role":"system","content":"be brief"},
+            {"role":"user","content":[{"type":"text","text":"a"},{"type":"image_url","image_url":{"url":"x"}},
+                {"typ\u0065":"input\u005faudio"},{"type":"file","text":"not text"},{"type":7},{"type":"text"},"bare"]},
+            {"role":"user","content":[{"type":"image_url","image_url":{"url":"y"}}]}]}"#;
+        let req = ChatRequest::parse(body).unwrap();
+        let counts: Vec<u32> = req.messages.iter().map(|m| m.content.other_parts()).collect();
+        assert_eq!(counts, [0, 3, 1]);
+        assert_eq!(req.other_parts, 4);
+        let text = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"}]}]}"#;
+        assert_eq!(ChatRequest::parse(text).unwrap().other_parts, 0);
     }
 
     #[test]

@@ -125,6 +125,10 @@ impl Decision {
         self.inner.choices
     }
     #[getter]
+    fn other_parts(&self) -> u32 {
+        self.inner.other_parts
+    }
+    #[getter]
     fn model_span(&self) -> (usize, usize) {
         self.inner.model_span
     }

@@ -63,6 +63,8 @@ pub struct Decision {
     pub max_tokens: Option<u32>,
     /// Completions asked for (`n` / `best_of`), at least 1.
     pub choices: u32,
+    /// Content parts other than text (images, audio, files): budgets reserve for them.
+    pub other_parts: u32,
     /// Byte span of the `model` value in the body.
     pub model_span: (usize, usize),
     /// Send a hedge to `order[1]` after this many milliseconds without an answer.
@@ -150,6 +152,7 @@ impl Router {
             include_usage: req.include_usage,
             max_tokens: req.max_tokens,
             choices: req.choices,
+            other_parts: req.other_parts,
             model_span: req.model_span,
             hedge_after_ms,
             strategy,
