@@ -180,8 +180,12 @@ async def test_requests_in_flight_at_a_crash_count_against_rate_limits(start_ups
     slow = await start_upstream(latency_ms=30_000, record=True)
     db = tmp_path / "l.db"
     path = tmp_path / "edge.yaml"
-    # Nothing of a budget: the takes are journaled for the limits alone.
-    cfg = _config(slow.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 10_000}}})
+    # Nothing of a budget: the takes are journaled for the limits alone. A bucket refills its
+    # limit a minute: at 10,000 tokens the four requests' 56 (9 + 5 each) refilled within a
+    # third of a second of the restart, before a loaded machine read them. At 120 (2 a second)
+    # they last tens of seconds, and leave room for the four sent after the restart (the
+    # requests per minute alone refuse those).
+    cfg = _config(slow.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 120}}})
     del cfg["budgets"]
     path.write_text(yaml.safe_dump(cfg))
     first = await Served.start(path)
