@@ -11,7 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,6 +169,29 @@ async def start_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     yield start
     for s in servers:
         await s.close()
+
+
+@pytest.fixture
+def pg_schema_dsn() -> Iterator[str]:
+    """The test database's DSN with a schema of this test's own (created here, dropped after) as
+    its `search_path`: a ledger there is the test's alone. In `public`, two test runs at once (a
+    CI run beside a developer's) found each other's server holding the ledger's lock (it is per
+    schema) and refused to start, "another edgeroute serve is using the ledger"."""
+    import uuid
+
+    import psycopg
+
+    from tests.test_cost_support import require_postgres
+
+    dsn = require_postgres()
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 def simple_config(upstreams: dict[str, Upstream], **extra: Any) -> dict[str, Any]:

@@ -4,6 +4,7 @@ reservations of requests in flight at a crash), and budgets and limits that relo
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -18,6 +19,7 @@ import aiohttp
 import openai
 import orjson
 import yaml
+from aiohttp.test_utils import TestServer
 
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.config import Budget, parse
@@ -25,6 +27,8 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import PostgresBackend
+from edgeroute.server import create_app
+from edgeroute.state import RECORDER
 from tests.conftest import eventually
 from tests.scale.support import wait_ready
 from tests.serve_support import free_port
@@ -180,8 +184,12 @@ async def test_requests_in_flight_at_a_crash_count_against_rate_limits(start_ups
     slow = await start_upstream(latency_ms=30_000, record=True)
     db = tmp_path / "l.db"
     path = tmp_path / "edge.yaml"
-    # Nothing of a budget: the takes are journaled for the limits alone.
-    cfg = _config(slow.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 10_000}}})
+    # Nothing of a budget: the takes are journaled for the limits alone. A bucket refills its
+    # limit a minute: at 10,000 tokens the four requests' 56 (9 + 5 each) refilled within a
+    # third of a second of the restart, before a loaded machine read them. At 120 (2 a second)
+    # they last tens of seconds, and leave room for the four sent after the restart (the
+    # requests per minute alone refuse those).
+    cfg = _config(slow.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 120}}})
     del cfg["budgets"]
     path.write_text(yaml.safe_dump(cfg))
     first = await Served.start(path)
@@ -213,6 +221,48 @@ async def test_requests_in_flight_at_a_crash_count_against_rate_limits(start_ups
         assert fast.options.requests == []
     finally:
         second.kill()
+
+
+async def test_a_requests_takes_reach_the_ledger_in_one_batch(start_upstream: Any, tmp_path: Path) -> None:
+    """The ledger's writer thread takes the journal at any moment, also between two rows of one
+    request's takes: its requests row could be written in one batch and its tokens row in the
+    next, and a crash between the two counted the request against RPM but not TPM after the
+    restart. Here the writer takes its batch right after the first row the proxy journals."""
+    up = await start_upstream()
+    db = tmp_path / "l.db"
+    cfg = _config(up.base_url, db, rate_limits={"models": {"m": {"rpm": 4, "tpm": 10_000}}})
+    cfg["ledger"]["flush_interval"] = 1  # the longest: the writer waits, this test flushes
+    del cfg["budgets"]
+    app = create_app(parse(cfg, str(tmp_path / "edge.yaml")))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    ledger = app[RECORDER]
+    assert isinstance(ledger, Ledger)
+    seen: list[list[str]] = []
+
+    class Drained(collections.deque):  # type: ignore[type-arg]
+        """The journal; the writer drains it after the first row added to it."""
+
+        def append(self, row: Any) -> None:
+            super().append(row)
+            self._drained()
+
+        def extend(self, rows: Any) -> None:
+            super().extend(rows)
+            self._drained()
+
+        def _drained(self) -> None:
+            if self and not seen:
+                ledger._flush()
+                with sqlite3.connect(db) as c:
+                    seen.append(sorted(k.split("|")[2] for (k,) in c.execute("SELECT store_key FROM reservations")))
+
+    ledger._journal = Drained()
+    try:
+        assert await _admitted(f"http://127.0.0.1:{server.port}", 1) == 1
+    finally:
+        await server.close()
+    assert seen == [["requests", "tokens"]]
 
 
 async def test_budgets_and_limits_reload_keeping_their_spend(start_upstream: Any, tmp_path: Path) -> None:

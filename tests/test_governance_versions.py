@@ -265,14 +265,21 @@ async def test_rollback_guard_undoes_a_bad_reload(start_upstream, tmp_path: Path
         assert versions["versions"][0]["applied_by"] == "rollback-guard"
         assert versions["versions"][0]["active"]
 
-        # The guard then writes the file back and audits its reason, off the request path.
+        # The guard then audits its reason and writes the file back, off the request path. The
+        # audit entry is written with the version, before the swap (no change unaudited); the
+        # file after it (no reload reads the file meanwhile): right after the entry, it may not
+        # be written yet.
         async def reason() -> list[dict[str, Any]]:
             _, audit = await call("GET", url + "/admin/audit?action=config.auto_rollback.reason")
             return list(audit["entries"])
 
         entries = await eventually(reason, "the rollback guard's audit entry with its reason")
         assert entries[0]["actor"] == "rollback-guard" and "error rate" in entries[0]["after"]["reason"]
-        assert yaml.safe_load(path.read_text())["providers"]["a"]["base_url"] == good.base_url
+
+        async def written_back() -> bool:
+            return bool(yaml.safe_load(path.read_text())["providers"]["a"]["base_url"] == good.base_url)
+
+        await eventually(written_back, "the config file written back")
     finally:
         await client.close()
         await server.close()

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import simple_config
 from tests.governance_support import call, instances, write_config
-from tests.test_cost_support import require_postgres, require_redis
+from tests.test_cost_support import require_redis
 
 ALICE, ALICE_TOO, BOB, LONE = "sk-alice-1", "sk-alice-2", "sk-bob-1", "sk-lone-1"
 
@@ -125,13 +125,13 @@ async def test_a_keyless_sidecar_continues_its_responses_with_no_setup(start_ups
     assert "sidecar-secret" in out
 
 
-async def test_two_instances_on_postgres_share_the_bindings(start_upstream: Any, tmp_path: Path) -> None:
-    """An id made through one instance is continued through another by its tenant only."""
-    dsn = require_postgres()
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as c:
-        c.execute("DROP TABLE IF EXISTS gov_response_owners")
+async def test_two_instances_on_postgres_share_the_bindings(
+    pg_schema_dsn: str, start_upstream: Any, tmp_path: Path
+) -> None:
+    """An id made through one instance is continued through another by its tenant only. The
+    bindings live in a schema of the test's own: in `public`, another run's server held the
+    ledger alone (neither instance started) or dropped the bindings' table meanwhile."""
+    dsn = pg_schema_dsn
     up = await start_upstream()
     shared = {"redis_url": require_redis(), "prefix": f"rt-{uuid.uuid4().hex[:8]}"}
     cfg = simple_config({"a": up}, keys=_KEYS, ledger={"backend": "postgres", "dsn": dsn}, shared_state=shared)

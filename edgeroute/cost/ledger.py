@@ -215,6 +215,13 @@ class Ledger:
         """Notes a budget reservation (an append), written with the next batch."""
         self._journal.append((request_id, ts, store_key, amount_nano))
 
+    def journal_all(self, request_id: str, ts: float, amounts: Iterable[tuple[str, int]]) -> None:
+        """Notes a request's reservations or takes (store key, amount), written in one batch: one
+        `extend`, which the writer thread cannot take half of (row by row, it took a request's
+        requests row in one batch and its tokens row in the next, and a crash between the two
+        counted the request against RPM alone after the restart)."""
+        self._journal.extend([(request_id, ts, key, amount) for key, amount in amounts])
+
     def outcome(self, table: str, row: Row) -> None:
         """Queues a row of a `requestlog.outcomes` table (an append), written with the next batch."""
         self._outcomes.append((table, row))

@@ -49,8 +49,9 @@ class LedgerInUse(Exception):
 
 _PG_LOCK = 7421  # pg_schema.SCHEMA_LOCK (7420) guards the tables' creation
 # The lock's key: 7421 for `public` (as before schemas had locks of their own, so a server of an
-# earlier version and this one still exclude each other there), else one per schema.
-_PG_KEY = (
+# earlier version and this one still exclude each other there), else one per schema. An SQL
+# expression of the connection's schema (a test reads it to find the lock's holder).
+PG_KEY = (
     f"CASE WHEN coalesce(current_schema(), 'public') = 'public' THEN {_PG_LOCK}::bigint "
     f"ELSE ({_PG_LOCK}::bigint << 32) + hashtext(current_schema()) END"
 )
@@ -200,7 +201,7 @@ class _PgHold:
         self.close()
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock")
         fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
-        row = conn.execute(f"SELECT {fn}({_PG_KEY})").fetchone()
+        row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
         if row is None or not row[0]:
             conn.close()
             return False

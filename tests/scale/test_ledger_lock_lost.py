@@ -18,20 +18,27 @@ import openai
 import psycopg
 import pytest
 
+from edgeroute.cost import ledger_lock
 from tests.conftest import eventually
 from tests.scale.support import Spawn
 from tests.scale.test_ledger_ownership import config_with_a_budget
-from tests.test_cost_support import answered, require_postgres
+from tests.test_cost_support import answered
 
-LOCK = 7421
+# A lock's key as pg_locks shows it (its high and low 32 bits); the ledger's is its schema's.
 HOLDERS = (
-    "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-    "AND l.objid = %s AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
+    "AND (l.classid::bigint << 32) | l.objid::bigint = %s AND l.granted "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 
 
+def _key(conn: psycopg.Connection[Any]) -> int:
+    """The ledger lock's key in the schema `conn` is in (the test's own)."""
+    return int(conn.execute(f"SELECT {ledger_lock.PG_KEY}").fetchone()[0])  # type: ignore[index]
+
+
 def _holders(conn: psycopg.Connection[Any]) -> list[int]:
-    return [r[0] for r in conn.execute(HOLDERS, (LOCK,)).fetchall()]
+    return [r[0] for r in conn.execute(HOLDERS, (_key(conn),)).fetchall()]
 
 
 async def _readyz(url: str) -> tuple[int, dict[str, Any]]:
@@ -41,9 +48,9 @@ async def _readyz(url: str) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_the_ledger_lock_is_taken_back_after_its_session_ends(
-    spawn: Spawn, start_upstream: Any, workers: str
+    pg_schema_dsn: str, spawn: Spawn, start_upstream: Any, workers: str
 ) -> None:
-    dsn = require_postgres()
+    dsn = pg_schema_dsn
     up = await start_upstream()
     cfg = config_with_a_budget(up.base_url, ledger={"backend": "postgres", "dsn": dsn, "flush_interval": 0.1})
     # Counted alone (so the lock is exclusive), never reached (a copy: the shared dict is other tests' budget).
@@ -67,7 +74,7 @@ async def test_the_ledger_lock_is_taken_back_after_its_session_ends(
         test.execute("SELECT pg_terminate_backend(%s)", (holder,))
 
         async def mine() -> bool:
-            return bool(test.execute("SELECT pg_try_advisory_lock(%s)", (LOCK,)).fetchone()[0])  # type: ignore[index]
+            return bool(test.execute("SELECT pg_try_advisory_lock(%s)", (_key(test),)).fetchone()[0])  # type: ignore[index]
 
         await eventually(mine, "the test taking the freed lock", within=5)
 
@@ -97,7 +104,7 @@ async def test_the_ledger_lock_is_taken_back_after_its_session_ends(
         assert "another edgeroute serve took the ledger's lock" in inst.output()
 
         # The other holder goes: the server takes the lock and requests again.
-        test.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
+        test.execute("SELECT pg_advisory_unlock(%s)", (_key(test),))
 
         async def ready() -> bool:
             return (await _readyz(inst.url))[0] == 200

@@ -89,12 +89,10 @@ async def test_a_server_killed_hard_leaves_the_ledger_to_the_next(
 
 
 async def test_two_servers_on_one_postgres_ledger_without_redis_are_refused_too(
-    spawn: Spawn, start_upstream: Any, tmp_path: Path
+    pg_schema_dsn: str, spawn: Spawn, start_upstream: Any, tmp_path: Path
 ) -> None:
     up = await start_upstream()
-    cfg = config_with_a_budget(
-        up.base_url, ledger={"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.1}
-    )
+    cfg = config_with_a_budget(up.base_url, ledger={"backend": "postgres", "dsn": pg_schema_dsn, "flush_interval": 0.1})
     first = await spawn(cfg, name="pg")
     other = tmp_path / "other" / "pg.yaml"  # another directory: only the database is shared
     other.parent.mkdir()

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import Upstream
 from tests.perf import Perf
-from tests.scale.support import PG_DSN, REDIS_URL, Instance, Spawn
+from tests.scale.support import REDIS_URL, Instance, Spawn
 from tests.test_cost_support import require_postgres, require_redis
 
 ADMIN = "tok-rig-admin"
@@ -29,7 +29,7 @@ COST = MAX_TOKENS * 2.0 / 1e6  # output tokens only: every answered request cost
 FLUSH_S = 0.5
 
 
-def _config(ups: dict[str, Upstream], prefix: str, **extra: Any) -> dict[str, Any]:
+def _config(ups: dict[str, Upstream], prefix: str, dsn: str, **extra: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "providers": {n: {"base_url": u.base_url, "api_key": f"key-{n}"} for n, u in ups.items()},
         "deployments": {
@@ -39,7 +39,7 @@ def _config(ups: dict[str, Upstream], prefix: str, **extra: Any) -> dict[str, An
         "models": {"m": {"deployments": [f"d-{n}" for n in ups]}},
         "keys": {"root": {"token": ADMIN, "role": "admin"}},
         "shared_state": {"redis_url": REDIS_URL, "prefix": prefix, "timeout_ms": 2000},
-        "ledger": {"backend": "postgres", "dsn": PG_DSN, "flush_interval": FLUSH_S},
+        "ledger": {"backend": "postgres", "dsn": dsn, "flush_interval": FLUSH_S},
         "governance": {"managed_keys": True, "key_poll_interval": 0.25},
         "server": {"max_in_flight": 2000},
     }
@@ -84,14 +84,16 @@ async def _deployment(inst: Instance, name: str) -> dict[str, Any]:
     return next(d for d in deps if d["name"] == name)
 
 
-async def test_300_concurrent_requests_against_a_budget_for_10(start_upstream, spawn: Spawn, prefix: str) -> None:
+async def test_300_concurrent_requests_against_a_budget_for_10(
+    pg_schema_dsn: str, start_upstream, spawn: Spawn, prefix: str
+) -> None:
     up = await start_upstream(reply_words=40, latency_ms=20)
     # A key of this test's own: the ledger (one database for the suite) holds other tests'
     # spend today, which a global budget read back from it at start would count.
     key = f"rig-{prefix}"
     budget = {"limits": [{"name": key, "scope": "key", "match": key, "limit_usd": COST * 10.5, "period": "day"}]}
     insts = await _three(
-        spawn, _config({"a": up}, prefix, budgets=budget, keys={key: {"token": ADMIN, "role": "admin"}})
+        spawn, _config({"a": up}, prefix, pg_schema_dsn, budgets=budget, keys={key: {"token": ADMIN, "role": "admin"}})
     )
     clients = [_client(i) for i in insts]
     results = await asyncio.gather(*(_ask(clients[n % 3]) for n in range(300)))
@@ -102,10 +104,12 @@ async def test_300_concurrent_requests_against_a_budget_for_10(start_upstream, s
 
 @pytest.mark.perf
 async def test_an_outage_seen_by_one_instance_is_avoided_by_the_others(
-    start_upstream, spawn: Spawn, prefix: str, perf: Perf
+    pg_schema_dsn: str, start_upstream, spawn: Spawn, prefix: str, perf: Perf
 ) -> None:
     bad, good = await start_upstream(record=True), await start_upstream()
-    cfg = _config({"a": bad, "b": good}, prefix, health={"consecutive_failures": 2, "base_ejection_ms": 30_000})
+    cfg = _config(
+        {"a": bad, "b": good}, prefix, pg_schema_dsn, health={"consecutive_failures": 2, "base_ejection_ms": 30_000}
+    )
     cfg["models"]["m"]["strategy"] = "weighted"
     insts = await _three(spawn, cfg)
     bad.options.fail_status = 503
@@ -136,13 +140,13 @@ async def test_an_outage_seen_by_one_instance_is_avoided_by_the_others(
 
 @pytest.mark.perf
 async def test_sigkill_mid_load_loses_no_spend_beyond_the_flush_window(
-    start_upstream, spawn: Spawn, prefix: str, perf: Perf
+    pg_schema_dsn: str, start_upstream, spawn: Spawn, prefix: str, perf: Perf
 ) -> None:
     import psycopg
 
     up = await start_upstream(reply_words=40, latency_ms=5)
     budget = {"limits": [{"name": f"rig-{prefix}", "scope": "global", "limit_usd": 1000.0, "period": "day"}]}
-    cfg = _config({"a": up}, prefix, budgets=budget)
+    cfg = _config({"a": up}, prefix, pg_schema_dsn, budgets=budget)
     insts = await _three(spawn, cfg)
     clients = [_client(i) for i in insts]
     answered: list[tuple[int, str, float]] = []  # (instance, request id, when)
@@ -180,7 +184,7 @@ async def test_sigkill_mid_load_loses_no_spend_beyond_the_flush_window(
     assert budgets[1] >= len([a for a in answered if a[2] < t_kill]) * COST * 0.99
     await asyncio.sleep(FLUSH_S * 3)  # the survivors' last batches
     ids = [rid for _, rid, _ in answered]
-    with psycopg.connect(PG_DSN) as db:
+    with psycopg.connect(pg_schema_dsn) as db:
         rows = db.execute("SELECT request_id FROM spend WHERE request_id = ANY(%s)", (ids,)).fetchall()
     recorded = {r[0] for r in rows}
     lost = [(n, rid, t) for n, rid, t in answered if rid not in recorded]
@@ -191,10 +195,10 @@ async def test_sigkill_mid_load_loses_no_spend_beyond_the_flush_window(
 
 @pytest.mark.perf
 async def test_a_key_revoked_through_one_instance_is_refused_by_all(
-    start_upstream, spawn: Spawn, prefix: str, perf: Perf
+    pg_schema_dsn: str, start_upstream, spawn: Spawn, prefix: str, perf: Perf
 ) -> None:
     up = await start_upstream()
-    insts = await _three(spawn, _config({"a": up}, prefix))
+    insts = await _three(spawn, _config({"a": up}, prefix, pg_schema_dsn))
     async with aiohttp.ClientSession() as s:
         hdrs = {"Authorization": f"Bearer {ADMIN}"}
         async with s.post(insts[0].url + "/admin/keys", headers=hdrs, json={"user": "rig"}) as r:
@@ -230,12 +234,12 @@ async def _admin(method: str, url: str, body: Any = None) -> tuple[int, Any]:
 
 
 async def test_config_versions_live_in_the_database_every_instance_shares(
-    start_upstream, spawn: Spawn, prefix: str
+    pg_schema_dsn: str, start_upstream, spawn: Spawn, prefix: str
 ) -> None:
     """A config applied through one instance is a version (and an audit entry) that the others
     list, and any of them can roll back to it."""
     up = await start_upstream()
-    cfg = _config({"a": up}, prefix)
+    cfg = _config({"a": up}, prefix, pg_schema_dsn)
     insts = await _three(spawn, cfg)
     added = f"m-{prefix[-8:]}"
     changed = {**cfg, "models": {**cfg["models"], added: {"deployments": ["d-a"]}}}

@@ -19,19 +19,15 @@ import pytest
 
 from tests.conftest import simple_config
 from tests.security.governed import ROOT, USER, call
-from tests.test_cost_support import CostProxy, cost_proxy, require_postgres
+from tests.test_cost_support import CostProxy, cost_proxy
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def proxy(request: pytest.FixtureRequest, start_upstream: Any, tmp_path: Path) -> AsyncIterator[CostProxy]:
     ledger: dict[str, Any] = {"path": str(tmp_path / "gov.db")}
     if request.param == "postgres":
-        dsn = require_postgres()
-        import psycopg
-
-        with psycopg.connect(dsn, autocommit=True) as c:  # keys of an earlier run would be listed
-            c.execute("DROP TABLE IF EXISTS gov_keys")
-        ledger = {"backend": "postgres", "dsn": dsn}
+        # A schema of its own: no keys of an earlier run, and no other run's table dropped.
+        ledger = {"backend": "postgres", "dsn": request.getfixturevalue("pg_schema_dsn")}
     cfg = simple_config({"a": await start_upstream()})
     cfg |= {"keys": {"root": {"token": ROOT, "role": "admin"}}, "governance": {"managed_keys": True}, "ledger": ledger}
     async with cost_proxy(cfg) as p:

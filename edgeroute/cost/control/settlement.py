@@ -52,17 +52,16 @@ class Settlement(Stores):
         """Notes the reservations as held until settled, and journals them with the ledger."""
         for c in charges:
             self.reserved[c.store_key] = self.reserved.get(c.store_key, 0) + c.amount
-            if self.ledger is not None:
-                self.ledger.journal(request_id, now, c.store_key, c.amount)
+        if self.ledger is not None:
+            self.ledger.journal_all(request_id, now, [(c.store_key, c.amount) for c in charges])
 
     def _journal_takes(self, request_id: str, now: float, held: list[Held]) -> None:
         """Journals what an admitted request took from its rate limits, so that a restart after
         a crash counts it while it was in flight (`restore.bucket_usage`)."""
         if self.ledger is None:
             return
-        for h in held:
-            for t in h.takes:
-                self.ledger.journal(request_id, now, restore.bucket_key(t.name, t.kind, t.limit), math.ceil(t.amount))
+        takes = [(restore.bucket_key(t.name, t.kind, t.limit), math.ceil(t.amount)) for h in held for t in h.takes]
+        self.ledger.journal_all(request_id, now, takes)
 
     def _unhold(self, charges: list[B.Charge]) -> None:
         for c in charges:
