@@ -249,3 +249,20 @@ async def start_proxy() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[Pr
     yield start
     for s in servers:
         await s.close()
+
+
+@pytest.fixture
+async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook receiver on loopback: its URL, and the JSON bodies it was sent, in order."""
+    got: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}/hook", got
+    await server.close()

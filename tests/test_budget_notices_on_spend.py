@@ -9,14 +9,11 @@ fifth, went untold. Real app, the official SDK, a webhook receiver."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
 from tests.test_cost_support import cost_proxy
@@ -24,22 +21,6 @@ from tests.test_cost_support import cost_proxy
 # $0.10 a request, plus $100 per million output tokens: a few cents at most for the mock's
 # answers, but $0.41 for the 4,096 tokens a request without max_tokens is reserved for.
 PRICE = {"input_per_mtok": 0, "output_per_mtok": 100, "per_request": 0.10}
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    got: list[dict[str, Any]] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        got.append(await request.json())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/hook", got
-    await server.close()
 
 
 async def test_a_threshold_is_told_when_spend_passes_it_not_a_reservation(

@@ -12,15 +12,11 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
-import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
 from tests.test_cost_restart import Served
@@ -39,22 +35,6 @@ def _config(upstream: str, db: Path, hook: str) -> dict[str, Any]:
         "ledger": {"path": str(db), "flush_interval": 0.1},
         "budgets": {"limits": [{**limit, "actions": told}]},
     }
-
-
-@pytest.fixture
-async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    got: list[dict[str, Any]] = []
-
-    async def handle(request: web.Request) -> web.Response:
-        got.append(await request.json())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/hook", got
-    await server.close()
 
 
 async def _ask(url: str, n: int) -> None:
