@@ -19,8 +19,6 @@ from typing import Any
 import openai
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
 from tests.test_cost_restart import Served
@@ -52,41 +50,29 @@ def _stop(served: Served, how: signal.Signals) -> None:
 
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 async def test_a_threshold_told_before_a_restart_is_not_told_again(
-    start_upstream: Any, tmp_path: Path, how: signal.Signals
+    start_upstream: Any, tmp_path: Path, how: signal.Signals, hook: tuple[str, list[dict[str, Any]]]
 ) -> None:
-    got: list[dict[str, Any]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        got.append(await request.json())
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    receiver = TestServer(app, host="127.0.0.1")
-    await receiver.start_server()
+    url, got = hook
     up = await start_upstream()
     path = tmp_path / "edge.yaml"
-    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db", f"http://127.0.0.1:{receiver.port}/hook")))
+    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db", url)))
+    first = await Served.start(path)
     try:
-        first = await Served.start(path)
-        try:
-            await _ask(first.url, 3)  # $0.06 of $1: past 5%
-            await eventually(lambda: _async(len(got) == 1), "the 5% notice")
-            # A hard kill loses the ledger's last flush interval: wait until the third request is
-            # written (the notice was queued at its admission, before its record).
-            ledger = tmp_path / "l.db"
-            await eventually(lambda: _async(_spend_rows(ledger) == 3), "the three requests in the ledger")
-        finally:
-            _stop(first, how)
-        second = await Served.start(path)
-        try:
-            await _ask(second.url, 1)  # $0.08: past 5% still, not 10%
-            await _ask(second.url, 1)  # $0.10: past 10%
-            await eventually(lambda: _async(any(e["threshold_percent"] == 10 for e in got)), "the 10% notice")
-        finally:
-            _stop(second, signal.SIGTERM)
+        await _ask(first.url, 3)  # $0.06 of $1: past 5%
+        await eventually(lambda: _async(len(got) == 1), "the 5% notice")
+        # A hard kill loses the ledger's last flush interval: wait until the third request is
+        # written (its notice was queued as it settled, with its record).
+        ledger = tmp_path / "l.db"
+        await eventually(lambda: _async(_spend_rows(ledger) == 3), "the three requests in the ledger")
     finally:
-        await receiver.close()
+        _stop(first, how)
+    second = await Served.start(path)
+    try:
+        await _ask(second.url, 1)  # $0.08: past 5% still, not 10%
+        await _ask(second.url, 1)  # $0.10: past 10%
+        await eventually(lambda: _async(any(e["threshold_percent"] == 10 for e in got)), "the 10% notice")
+    finally:
+        _stop(second, signal.SIGTERM)
     assert sorted(e["threshold_percent"] for e in got) == [5, 10], got
     assert all(e["budget"] == "day" and e["subject"] == "*" for e in got)
 
