@@ -171,12 +171,14 @@ async def start_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
         await s.close()
 
 
-@pytest.fixture
-def pg_schema_dsn() -> Iterator[str]:
-    """The test database's DSN with a schema of this test's own (created here, dropped after) as
-    its `search_path`: a ledger there is the test's alone. In `public`, two test runs at once (a
-    CI run beside a developer's) found each other's server holding the ledger's lock (it is per
-    schema) and refused to start, "another edgeroute serve is using the ledger"."""
+_PG_SCHEMAS: list[str] = []
+
+
+def _pg_schema() -> tuple[str, str]:
+    """A new schema in the test database: (its name, the DSN with it as `search_path`). A ledger
+    there is its test's alone: in `public`, two test runs at once (a CI run beside a developer's)
+    found each other's server holding the ledger's lock (it is per schema) and refused to start,
+    "another edgeroute serve is using the ledger"."""
     import uuid
 
     import psycopg
@@ -187,11 +189,42 @@ def pg_schema_dsn() -> Iterator[str]:
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute(f"CREATE SCHEMA {schema}")
+    return schema, f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+
+
+def _drop_pg_schema(schema: str) -> None:
+    import psycopg
+
+    from tests.test_cost_support import require_postgres
+
+    with psycopg.connect(require_postgres(), autocommit=True) as c:
+        c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def new_pg_schema_dsn() -> str:
+    """`pg_schema_dsn` for helpers that are not fixtures: the schema is dropped when the test
+    session ends."""
+    schema, dsn = _pg_schema()
+    _PG_SCHEMAS.append(schema)
+    return dsn
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _drop_session_pg_schemas() -> Iterator[None]:
+    yield
+    for schema in _PG_SCHEMAS:
+        _drop_pg_schema(schema)
+
+
+@pytest.fixture
+def pg_schema_dsn() -> Iterator[str]:
+    """The test database's DSN with a schema of this test's own (created here, dropped after)
+    as its `search_path`."""
+    schema, dsn = _pg_schema()
     try:
-        yield f"{dsn}{'&' if '?' in dsn else '?'}options=-csearch_path%3D{schema}"
+        yield dsn
     finally:
-        with psycopg.connect(dsn, autocommit=True) as c:
-            c.execute(f"DROP SCHEMA {schema} CASCADE")
+        _drop_pg_schema(schema)
 
 
 def simple_config(upstreams: dict[str, Upstream], **extra: Any) -> dict[str, Any]:

@@ -115,11 +115,10 @@ def _pg_reset(dsn: str) -> None:
             c.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def test_postgres_same_schema_and_throughput() -> None:
-    dsn = require_postgres()
+def test_postgres_same_schema_and_throughput(pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     import psycopg
 
-    _pg_reset(dsn)
     ledger = Ledger(PostgresBackend(dsn), flush_interval=0.05)
     for i in range(100):
         ledger.record(_record(i, key="pg"))
@@ -142,7 +141,6 @@ def test_postgres_same_schema_and_throughput() -> None:
     print(f"\nledger postgres: {n} records (with 1 attempt each) in batches: {rate:,.0f} records/s")
     with psycopg.connect(dsn) as c:
         assert c.execute("SELECT COUNT(*) FROM spend").fetchone()[0] == n
-    _pg_reset(dsn)
 
 
 # -- a row the store rejects, a store that is down ---------------------------------------------
@@ -314,11 +312,10 @@ def test_rejects_row_tells_rejected_data_from_an_unavailable_store() -> None:
     assert not rejects_row(RuntimeError("something we cannot classify"))
 
 
-def test_postgres_poison_row_and_a_dropped_connection() -> None:
-    dsn = require_postgres()
+def test_postgres_poison_row_and_a_dropped_connection(pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     import psycopg
 
-    _pg_reset(dsn)
     backend = PostgresBackend(dsn)
     ledger = Ledger(backend, flush_interval=60, close_timeout=10)
     ledger.record(_record(0, key="pg"))
@@ -337,7 +334,6 @@ def test_postgres_poison_row_and_a_dropped_connection() -> None:
         assert ids == {f"req-{i}" for i in range(10)}
         assert c.execute("SELECT COUNT(*) FROM spend_attempts").fetchone()[0] == 10
     assert (ledger.written, ledger.set_aside, ledger.lost_at_close) == (10, 1, 0)
-    _pg_reset(dsn)
 
 
 # -- a real `edgeroute serve` process -------------------------------------------------------

@@ -32,8 +32,6 @@ from edgeroute.state import RECORDER
 from tests.conftest import eventually
 from tests.scale.support import wait_ready
 from tests.serve_support import free_port
-from tests.test_cost_ledger import _pg_reset
-from tests.test_cost_support import require_postgres
 
 CENT = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.01}  # every request costs exactly $0.01
 
@@ -336,9 +334,8 @@ async def test_a_budget_added_by_reload_counts_each_request_once(start_upstream:
         served.kill()
 
 
-def test_budget_report_projection_and_postgres_restore() -> None:
-    dsn = require_postgres()
-    _pg_reset(dsn)
+def test_budget_report_projection_and_postgres_restore(pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     ledger = Ledger(PostgresBackend(dsn), flush_interval=60)
     now = time.time()
     for i in range(30):

@@ -227,13 +227,8 @@ async def test_keys_off_without_the_setting(start_upstream) -> None:
         assert status == 409 and err["error"]["code"] == "managed_keys_off"
 
 
-async def test_postgres_shares_keys_between_instances(start_upstream) -> None:
-    dsn = require_postgres()
-    import psycopg
-
-    with psycopg.connect(dsn, autocommit=True) as c:
-        for t in ("gov_keys", "gov_meta", "gov_config_versions", "gov_audit"):
-            c.execute(f"DROP TABLE IF EXISTS {t}")
+async def test_postgres_shares_keys_between_instances(start_upstream, pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     up = await start_upstream()
     cfg = _cfg(up, ledger={"backend": "postgres", "dsn": dsn})
     async with _proxy(cfg) as a, _proxy(cfg) as b:

@@ -27,8 +27,7 @@ from edgeroute.learn import from_log
 from edgeroute.requestlog import outcomes
 from edgeroute.requestlog.settings import RequestLog
 from tests.conftest import Upstream
-from tests.test_cost_ledger import _pg_reset
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.test_cost_support import cost_proxy
 from tests.test_selection import STRONG_OUT, WEAK_OUT, config
 
 pytest.importorskip("numpy")
@@ -197,12 +196,13 @@ def _logged(rid: str, route: str, prompt: str, started: float) -> RequestRecord:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_feedback_rows_join_the_log_on_both_backends(backend: str, tmp_path: Path) -> None:
+def test_feedback_rows_join_the_log_on_both_backends(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Feedback rides the ledger's batches (the last score wins), joins its request by id,
     and goes with the request log's retention; the same on SQLite and PostgreSQL."""
     if backend == "postgres":
-        dsn = require_postgres()
-        _pg_reset(dsn)
+        dsn = request.getfixturevalue("pg_schema_dsn")
         db: Any = PostgresBackend(dsn)
     else:
         db = SqliteBackend(tmp_path / "log.db")

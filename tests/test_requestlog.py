@@ -21,8 +21,8 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup, store
 from edgeroute.requestlog.settings import RequestLog
-from tests.test_cost_ledger import _pg_reset, _poison, _record
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.test_cost_ledger import _poison, _record
+from tests.test_cost_support import cost_proxy
 from tests.test_requestlog_rollups import _open
 
 
@@ -383,11 +383,13 @@ class _AckLostOnce:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(backend: str, tmp_path: Path) -> None:
+def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """A batch the store rejects (one bad record) is written row by row; when a row's commit
     lands but its acknowledgement is lost, the retry recognises it: the stats count each
     request once (they counted it twice: the rest of the batch was kept under a new id)."""
-    inner, dsn = _open(backend, tmp_path)
+    inner, dsn = _open(backend, tmp_path, request)
     db = _AckLostOnce(inner, "/0")  # the first row written alone
     ledger = Ledger(db, flush_interval=60, request_log=RequestLog())  # type: ignore[arg-type]
     t = time.time()
@@ -404,9 +406,8 @@ def test_a_row_written_alone_whose_acknowledgement_is_lost_is_counted_once(backe
     reader.close()
 
 
-def test_postgres_request_log_idempotent_writes_and_stats() -> None:
-    dsn = require_postgres()
-    _pg_reset(dsn)
+def test_postgres_request_log_idempotent_writes_and_stats(pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     ledger = Ledger(PostgresBackend(dsn), flush_interval=60, request_log=RequestLog())
     t0 = (time.time() // 3600 - 2) * 3600
     recs = _synthetic(900, t0, random.Random(5))

@@ -21,8 +21,6 @@ from edgeroute.cost.ledger import Ledger, _Held
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query, rollup
 from edgeroute.requestlog.settings import RequestLog
-from tests.test_cost_ledger import _pg_reset
-from tests.test_cost_support import require_postgres
 
 HOURS = 14  # long enough for 6-hour rows inside a window and ragged ends at every level
 
@@ -236,13 +234,15 @@ def _stored_rollups(backend: str, path: Path, dsn: str) -> dict[tuple[Any, ...],
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(backend: str, tmp_path: Path) -> None:
+def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Each batch hands the database its minute rows only, and the database adds up the
     coarser levels itself (SQLite off the GIL; PostgreSQL summing a block's rows first): the
     table holds exactly the rows that every level built in Python gives."""
     rng = random.Random(12)
     recs = _records(2000, (time.time() // 86400 - 2) * 86400 + 37 * 60, rng)
-    db, dsn = _open(backend, tmp_path)
+    db, dsn = _open(backend, tmp_path, request)
     _write(Ledger(db, flush_interval=60, request_log=RequestLog()), recs, rng)
     stored = _stored_rollups(backend, tmp_path / "s.db", dsn)
     built = {r[:4]: r[4:] for r in rollup.aggregate((r, r.cost_usd) for r in recs)}
@@ -253,21 +253,18 @@ def test_the_database_spreads_the_minute_rows_over_the_levels_as_python_does(bac
         got = stored[key]
         assert got[:4] + got[6:] == values[:4] + values[6:], key
         assert all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(got[costs], values[costs], strict=True)), key
-    if backend == "postgres":
-        _pg_reset(dsn)
 
 
-def _open(backend: str, tmp_path: Path) -> tuple[Any, str]:
+def _open(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Any, str]:
     if backend == "sqlite":
         return SqliteBackend(tmp_path / "s.db"), ""
-    dsn = require_postgres()
-    _pg_reset(dsn)
+    dsn: str = request.getfixturevalue("pg_schema_dsn")
     return PostgresBackend(dsn), dsn
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_a_batch_adds_one_pending_row_per_minute_and_the_stats_count_it_before_and_after_the_spread(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A batch adds each (dimension, value, minute) once, as a pending row (one ~200-column
     upsert, not one per level); a batch that holds a newer minute spreads the rows before it
@@ -283,7 +280,7 @@ def test_a_batch_adds_one_pending_row_per_minute_and_the_stats_count_it_before_a
         in_first.append(r)
     rest = [r for r in recs if int(r.started // 60) != first_minute]
     late, rest = rest[::7], [r for i, r in enumerate(rest) if i % 7]
-    db, dsn = _open(backend, tmp_path)
+    db, dsn = _open(backend, tmp_path, request)
     ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
     stored = lambda: _stored_rollups(backend, tmp_path / "s.db", dsn)  # noqa: E731
 
@@ -319,13 +316,11 @@ def test_a_batch_adds_one_pending_row_per_minute_and_the_stats_count_it_before_a
     db = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
     _check(db, recs + in_first[-40:], t0, rng, cases=15)
     db.close()
-    if backend == "postgres":
-        _pg_reset(dsn)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_a_minute_of_many_keys_is_spread_over_several_flushes_and_counted_all_along(
-    backend: str, tmp_path: Path
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A spread moves at most twice the rows its flush wrote (at least 1,000): a minute of
     thousands of keys goes over the next flushes, not in one transaction that would hold up
@@ -337,7 +332,7 @@ def test_a_minute_of_many_keys_is_spread_over_several_flushes_and_counted_all_al
         r.key, r.started = f"key-{i}", t0 + rng.uniform(0, 59.9)
     (later,) = _records(1, t0, rng)
     later.request_id, later.started = "later", t0 + 90
-    db, dsn = _open(backend, tmp_path)
+    db, dsn = _open(backend, tmp_path, request)
     ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
 
     def pending() -> collections.Counter[int]:
@@ -357,19 +352,19 @@ def test_a_minute_of_many_keys_is_spread_over_several_flushes_and_counted_all_al
     assert pending() == collections.Counter({minute + 1: pending()[minute + 1]})
     _check(db, [*crowd, later], t0, rng, cases=10)
     ledger.close()
-    if backend == "postgres":
-        _pg_reset(dsn)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_a_database_an_older_release_wrote_counts_its_rows_and_the_new_ones(backend: str, tmp_path: Path) -> None:
+def test_a_database_an_older_release_wrote_counts_its_rows_and_the_new_ones(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """An older release added every batch at the five levels itself (no pending rows); this one
     adds pending rows beside them and spreads them into the same rows: the stats count both."""
     rng = random.Random(24)
     t0 = (time.time() // 86400 - 2) * 86400 + 113 * 60
     recs = _records(1600, t0, rng)
     old, new = recs[:800], recs[800:]
-    db, dsn = _open(backend, tmp_path)
+    db, dsn = _open(backend, tmp_path, request)
     ledger = Ledger(db, flush_interval=3600, request_log=RequestLog())
     for i in range(0, len(old), 200):  # as the older release wrote them: every level, from Python
         held = [ledger._rows(r, f"old-{r.request_id}") for r in old[i : i + 200]]
@@ -387,16 +382,13 @@ def test_a_database_an_older_release_wrote_counts_its_rows_and_the_new_ones(back
     db = SqliteBackend(tmp_path / "s.db") if backend == "sqlite" else PostgresBackend(dsn)
     _check(db, recs, t0, rng, cases=10)
     db.close()
-    if backend == "postgres":
-        _pg_reset(dsn)
 
 
-def test_postgres_instances_writing_and_spreading_at_once_add_up_exactly() -> None:
+def test_postgres_instances_writing_and_spreading_at_once_add_up_exactly(pg_schema_dsn: str) -> None:
     """Several instances on one database, each spreading its batches' pending rows as its
     minutes advance (their spreads and batches meeting on the same rows): every request is
     counted once, at every level."""
-    dsn = require_postgres()
-    _pg_reset(dsn)
+    dsn = pg_schema_dsn
     rng = random.Random(22)
     t0 = (time.time() // 86400 - 2) * 86400 + 77 * 60
     recs = sorted(_records(3000, t0, rng), key=lambda r: r.started)
@@ -430,7 +422,6 @@ def test_postgres_instances_writing_and_spreading_at_once_add_up_exactly() -> No
     db = PostgresBackend(dsn)
     _check(db, recs, t0, rng, cases=20)
     db.close()
-    _pg_reset(dsn)
 
 
 def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> None:
@@ -453,9 +444,8 @@ def test_levels_added_later_are_built_from_the_existing_rows(tmp_path: Path) -> 
     db.close()
 
 
-def test_postgres_stats_equal_the_raw_aggregation_and_levels_are_built_once() -> None:
-    dsn = require_postgres()
-    _pg_reset(dsn)
+def test_postgres_stats_equal_the_raw_aggregation_and_levels_are_built_once(pg_schema_dsn: str) -> None:
+    dsn = pg_schema_dsn
     rng = random.Random(13)
     t0 = (time.time() // 86400 - 2) * 86400 + 77 * 60
     recs = _records(1500, t0, rng)
@@ -528,12 +518,11 @@ def test_retention_drops_the_rollup_rows_wholly_before_the_cutoff_at_every_level
     db.close()
 
 
-def test_postgres_reads_keep_their_connection_and_drop_a_failed_one() -> None:
+def test_postgres_reads_keep_their_connection_and_drop_a_failed_one(pg_schema_dsn: str) -> None:
     """A new PostgreSQL connection costs more than most stats queries: reads reuse one."""
     import psycopg
 
-    dsn = require_postgres()
-    _pg_reset(dsn)
+    dsn = pg_schema_dsn
     db = PostgresBackend(dsn)
     assert db.query("SELECT pg_backend_pid()", []) == db.query("SELECT pg_backend_pid()", [])
     with pytest.raises(psycopg.errors.UndefinedTable):
@@ -541,4 +530,3 @@ def test_postgres_reads_keep_their_connection_and_drop_a_failed_one() -> None:
     # The connection that failed is closed, not reused; the next read gets a working one.
     assert db.query("SELECT 2", []) == [(2,)]
     db.close()
-    _pg_reset(dsn)

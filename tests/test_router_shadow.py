@@ -255,18 +255,15 @@ def test_waiting_requests_are_bounded_and_dropped_ones_counted(tmp_path: Path, m
     ledger.close()
 
 
-def test_the_report_on_postgresql_from_a_second_instance() -> None:
+def test_the_report_on_postgresql_from_a_second_instance(pg_schema_dsn: str) -> None:
     """Choices recorded by one instance's ledger are in another instance's report."""
     from edgeroute.cost.ledger import Ledger
     from edgeroute.cost.ledger_store import PostgresBackend
     from edgeroute.requestlog import outcomes
     from edgeroute.requestlog.settings import RequestLog
     from edgeroute.router_shadow import report
-    from tests.test_cost_ledger import _pg_reset
-    from tests.test_cost_support import require_postgres
 
-    dsn = require_postgres()
-    _pg_reset(dsn)
+    dsn = pg_schema_dsn
     ledger = Ledger(PostgresBackend(dsn), flush_interval=60, request_log=RequestLog())
     now = time.time()
     for i in range(4):  # two agree (strong), two the candidate would send to the weak route

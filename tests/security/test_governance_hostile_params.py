@@ -17,14 +17,14 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import new_pg_schema_dsn, simple_config
 from tests.security.governed import ROOT, USER
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.test_cost_support import cost_proxy
 
 
 def _ledger(backend: str, tmp_path: Path) -> dict[str, Any]:
     if backend == "postgres":
-        return {"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.05}
+        return {"backend": "postgres", "dsn": new_pg_schema_dsn(), "flush_interval": 0.05}
     return {"path": str(tmp_path / "gov.db")}
 
 

@@ -12,15 +12,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import eventually, simple_config
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.conftest import eventually, new_pg_schema_dsn, simple_config
+from tests.test_cost_support import cost_proxy
 
 
 async def test_a_nul_in_a_model_name_neither_hides_the_request_nor_splits_the_batch(
     start_upstream: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     up = await start_upstream()
-    cfg = simple_config({"a": up}, ledger={"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.2})
+    cfg = simple_config({"a": up}, ledger={"backend": "postgres", "dsn": new_pg_schema_dsn(), "flush_interval": 0.2})
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         body = b'{"model":"probe\\u0000model","messages":[{"role":"user","content":"hi"}]}'
         async with s.post(proxy.url + "/v1/chat/completions", data=body,

@@ -19,8 +19,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import eventually, simple_config
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.conftest import eventually, new_pg_schema_dsn, simple_config
+from tests.test_cost_support import cost_proxy
 
 
 def _cursor(ts: float, rid: str) -> str:
@@ -29,7 +29,7 @@ def _cursor(ts: float, rid: str) -> str:
 
 def _ledger(backend: str, tmp_path: Path) -> dict[str, Any]:
     if backend == "postgres":
-        return {"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.05}
+        return {"backend": "postgres", "dsn": new_pg_schema_dsn(), "flush_interval": 0.05}
     return {"path": str(tmp_path / "log.db"), "flush_interval": 0.05}
 
 

@@ -21,9 +21,9 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import eventually, simple_config
+from tests.conftest import eventually, new_pg_schema_dsn, simple_config
 from tests.security.governed import ROOT, call
-from tests.test_cost_support import cost_proxy, require_postgres
+from tests.test_cost_support import cost_proxy
 
 # Global-only views: they describe or change the whole gateway, and a team's key is refused.
 GLOBAL_ONLY = (
@@ -40,7 +40,7 @@ GLOBAL_ONLY = (
 
 def _ledger(backend: str, tmp_path: Path) -> dict[str, Any]:
     if backend == "postgres":
-        return {"backend": "postgres", "dsn": require_postgres(), "flush_interval": 0.05}
+        return {"backend": "postgres", "dsn": new_pg_schema_dsn(), "flush_interval": 0.05}
     return {"path": str(tmp_path / "log.db"), "flush_interval": 0.05}
 
 
