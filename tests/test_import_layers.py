@@ -121,6 +121,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "API endpoints",
         [
             "edgeroute.request_input",
+            "edgeroute.free_requests",
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
             "edgeroute.endpoints",
