@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cache",
             "edgeroute.governance.store",
             "edgeroute.governance.keys",
+            "edgeroute.governance.key_names",
             "edgeroute.governance.residency",
             "edgeroute.governance.drain",
             "edgeroute.governance.guard",
