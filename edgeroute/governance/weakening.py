@@ -11,6 +11,7 @@ target config is weaker than the running one:
   first match by priority wins, so it would take the PII requests first);
 - a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
   loses one its `exclude_tags` names (tags decide where those requests may go);
+- a deployment added to the models a PII rule's `route` sends its requests to (or falls back to);
 - a deployment those requests may reach (`_governed`) sent elsewhere: its provider's
   `base_url`, `proxy` or `options.region` changed, or (Bedrock, whose inference profiles
   `us.`/`eu.`/`global.` span regions) its model; compared as resolved through `provider:`,
@@ -122,8 +123,7 @@ def _governed(a: dict[str, Any]) -> dict[str, str]:
     required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
     excluded = [{str(t) for t in ex} for r in pii if (ex := _list(_at(r, "then", "exclude_tags")))]
     named = {str(d) for r in pii for d in _list(_at(r, "then", "deployments"))}
-    models = _mapping(a.get("models"))
-    routed = {str(d) for r in pii for d in _list(_at(models.get(_at(r, "then", "route")), "deployments"))}
+    routed = _routed(a, pii)
     prefix = str(_at(a, "governance", "residency", "tag_prefix") or "region:")
     resident = _at(a, "governance", "residency") is not None
     out = {}
@@ -139,10 +139,29 @@ def _governed(a: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _routed(data: dict[str, Any], pii: list[dict[str, Any]]) -> set[str]:
+    """The deployments PII rules' `route` sends their requests to in `data`: the route's, and
+    those of the models it falls back to."""
+    models = _mapping(data.get("models"))
+    out: set[str] = set()
+    for rule in pii:
+        route = _at(rule, "then", "route")
+        if not isinstance(route, str):  # none, or an odd shape in a stored version
+            continue
+        names = [
+            route,
+            *_list(_at(models.get(route), "fallbacks")),
+            *_list(_at(models.get(route), "context_window_fallbacks")),
+        ]
+        out |= {str(d) for m in names if isinstance(m, str) for d in _list(_at(models.get(m), "deployments"))}
+    return out
+
+
 def _where(data: dict[str, Any], dep: Any) -> dict[str, Any]:
     """Where a deployment's requests go: its provider's address, forward proxy and region,
     and a Bedrock model id (an inference profile's prefix picks the regions it spans)."""
-    provider = _mapping(_mapping(data.get("providers")).get(_at(dep, "provider")))
+    name = _at(dep, "provider")
+    provider = _mapping(_mapping(data.get("providers")).get(name) if isinstance(name, str) else None)
     url = provider.get("base_url")
     kind = provider.get("kind")
     return {
@@ -163,6 +182,8 @@ def _destinations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             continue  # removed: its requests go nowhere
         was, now = _where(a, _mapping(a.get("deployments"))[name]), _where(b, new[name])
         out += [f"deployments.{name} ({why}) changes its {f}" for f in was if was[f] != now[f]]
+    pii = [r for r in _rules(a) if _is_pii(r)]
+    out += [f"deployments.{d} joins the route of a PII rule" for d in sorted(_routed(b, pii) - _routed(a, pii))]
     return out
 
 

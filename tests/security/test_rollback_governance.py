@@ -227,10 +227,28 @@ def test_what_counts_as_weaker() -> None:
     out["providers"]["a"]["base_url"] = "https://api.elsewhere.example"
     out["providers"]["b"]["base_url"] = "https://api.elsewhere.example"
     assert _weaker(excluding, out) == ["deployments.d-a (open to a PII rule's requests) changes its base_url"]
+    # A PII rule that routes to a model: a deployment added to it (or to its fallback) takes PII.
+    routed = copy.deepcopy(loose)
+    routed["models"]["local"] = {"deployments": ["d-b"], "fallbacks": ["spare"]}
+    routed["models"]["spare"] = {"deployments": ["d-b"]}
+    routed["rules"] = [{"name": "pii-local", "when": {"pii": ["email"]}, "then": {"route": "local"}}]
+    widened = copy.deepcopy(routed)
+    widened["models"]["spare"]["deployments"].append("d-a")
+    assert _weaker(routed, widened) == ["deployments.d-a joins the route of a PII rule"]
+    moved_local = copy.deepcopy(routed)
+    moved_local["providers"]["b"]["base_url"] = "https://api.elsewhere.example"
+    assert _weaker(routed, moved_local) == ["deployments.d-b (named by a PII rule) changes its base_url"]
     # A stored version is read as written, before it is validated again: odd shapes are no 500.
     odd = {"rules": {"x": 1}, "deployments": {"d-a": {"tags": 5}}, "request_log": {"content_models": {1: "full"}}}
     assert _weaker(base, odd) == [
         "governance.residency removed",
         "PII rule 'pii-stays-in-eu' removed or changed",
         "request_log keeps full content, was redacted (model 1)",
+    ]
+    odd_where = copy.deepcopy(base)
+    odd_where["deployments"]["d-b"]["provider"] = ["b"]
+    odd_where["rules"][0]["then"]["route"] = ["m"]
+    assert _weaker(base, odd_where) == [
+        "PII rule 'pii-stays-in-eu' removed or changed",
+        "deployments.d-b (tagged eu, region:eu) changes its base_url",
     ]
