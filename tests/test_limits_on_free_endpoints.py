@@ -21,7 +21,7 @@ import pytest
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer
+from tests.conftest import ProxyTestServer, eventually
 from tests.dispatch_support import HELLO, StartProxy, ok
 from tests.dispatch_support import upstreams as upstreams  # a fixture
 from tests.governance_support import call
@@ -85,7 +85,10 @@ async def test_explain_and_count_tokens_take_from_the_keys_rpm(upstreams: Any, s
 
 
 async def test_their_429s_are_in_the_metrics_as_chats_are(upstreams: Any, start_proxy: StartProxy) -> None:
-    proxy = await start_proxy(_keys(await upstreams(ok), rpm=1))
+    cfg = _keys(await upstreams(ok), rpm=1)
+    rule = {"name": "limited", "kind": "rate_limited_rate", "threshold": 0.5, "min_requests": 3}
+    cfg["alerts"] = {"interval_s": 1, "rules": [rule]}
+    proxy = await start_proxy(cfg)
     assert (await _explain(proxy.url))[0] == 200
     assert (await _explain(proxy.url))[0] == 429
     with pytest.raises(anthropic.RateLimitError):
@@ -109,6 +112,14 @@ async def test_their_429s_are_in_the_metrics_as_chats_are(upstreams: Any, start_
     # The answered one is not a chat request: not counted; and they spend nothing (no record).
     assert m.total("edgeroute_requests_total", route="/v1/route/explain") == 1
     assert [r.route for r in proxy.recorder.records] == ["m"]
+
+    async def firing() -> Any:  # four 429s in the window, not the chat request's one alone
+        status, body = await call("GET", proxy.url + "/admin/alerts", ADMIN)
+        assert status == 200, body
+        return [a for a in body["firing"] if a["rule"] == "limited"]
+
+    (alert,) = await eventually(firing, "the rate_limited_rate alert", within=10)
+    assert alert["value"] == 1.0, alert
 
 
 async def test_they_take_no_tokens_and_spend_nothing(upstreams: Any, start_proxy: StartProxy) -> None:
