@@ -27,9 +27,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import openai_api, redact, sse
+from edgeroute import free_requests, openai_api, redact, sse
 from edgeroute.accounting import Usage
-from edgeroute.admission import ADMISSION
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
 from edgeroute.providers import openai_format as oa
@@ -528,7 +527,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's size in tokens, as the routing core counts it for the deployment it would
     choose (counted against its key's RPM first, as `/v1/route/explain` is)."""
-    await request.app[ADMISSION].count_request(request)
+    await free_requests.count(request, "/v1/messages/count_tokens")
     body = await read_request(request, counting=True)
     decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
     return web.Response(body=orjson.dumps({"input_tokens": decision.prompt_tokens}), content_type="application/json")

@@ -6,7 +6,8 @@ record, in the recording step (never per stream chunk); what describes state now
 (circuits, in-flight, budgets, queues) is read when scraped, by `StateCollector`.
 
 Labels are bounded by the config: `route` (a public model name from the config, empty
-when the request was refused before a decision), `deployment`, `team` (from the virtual
+when the request was refused before a decision, or the path of a free endpoint refused at
+its key's RPM: `free_requests`), `deployment`, `team` (from the virtual
 keys), `status`, `outcome`, `kind`, `error_class` (edgeroute's own vocabulary). Never a
 request id, a user or any other string a client chooses.
 

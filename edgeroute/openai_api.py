@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, headers, shadow
+from edgeroute import _core, free_requests, headers, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -593,7 +593,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def explain(request: web.Request) -> web.Response:
     """The routing decision for a chat request, without calling any upstream (counted against
     its key's RPM first: deciding a large body is CPU every tenant shares)."""
-    await request.app[ADMISSION].count_request(request)
+    await free_requests.count(request, "/v1/route/explain")
     live = request.app[STATE].live
     body = await read_body(request)
     d = await decide_soon(live, body, request, explain=True)

@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cache",
             "edgeroute.governance.store",
             "edgeroute.governance.keys",
+            "edgeroute.governance.key_names",
             "edgeroute.governance.residency",
             "edgeroute.governance.drain",
             "edgeroute.governance.guard",
@@ -121,6 +122,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "API endpoints",
         [
             "edgeroute.request_input",
+            "edgeroute.free_requests",
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
             "edgeroute.endpoints",

@@ -134,6 +134,31 @@ async def test_a_budget_given_to_a_key_later_counts_its_month_so_far(start_upstr
         served.kill()
 
 
+async def test_a_revoked_keys_budget_stays_listed_and_says_so(start_upstream: Any, tmp_path: Path) -> None:
+    """`/admin/budgets` listed a revoked key's budget like a live one's: its spend is real and
+    stays, but an operator reading it could not tell the key no longer works."""
+    up = await start_upstream()
+    path = _config(up.base_url, tmp_path)
+    served = await Served.start(path)
+    try:
+        maker = await _key(served.url, ADMIN, role="admin", budget_usd=1.0, name="ci-maker")
+        made = await _key(served.url, maker["secret"], budget_usd=0.5)
+        live = await _key(served.url, ADMIN, budget_usd=0.5)
+        assert await _admitted(served.url, made["secret"], 2) == 2
+        assert (await call("DELETE", served.url + f"/admin/keys/{maker['id']}", ADMIN))[0] == 200
+        status, view = await call("GET", served.url + "/admin/budgets", ADMIN)
+        assert status == 200, view
+        rows = {b["name"]: b for b in view["budgets"]}
+        assert rows[f"key:{maker['id']}"]["key_status"] == "revoked"
+        assert rows[f"key:{maker['id']}"]["spent_usd"] == 0.02  # what the key it made spent
+        assert rows[f"key:{made['id']}"]["key_status"] == "revoked"  # made by a revoked key
+        assert rows[f"key:{made['id']}"]["spent_usd"] == 0.02
+        assert rows[f"key:{maker['id']}"]["key_name"] == "ci-maker" and rows[f"key:{made['id']}"]["key_name"] is None
+        assert rows[f"key:{live['id']}"]["key_status"] == "active"
+    finally:
+        served.kill()
+
+
 async def test_a_managed_keys_rate_window_is_not_forgotten_across_a_hard_kill(
     start_upstream: Any, tmp_path: Path
 ) -> None:

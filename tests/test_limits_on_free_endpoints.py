@@ -2,7 +2,8 @@
 body of up to `max_body_bytes`: each counts against its key's RPM (and that of the keys that
 made it) with a chat request's 429, `Retry-After` and `x-ratelimit-*` headers, in process, through
 Redis and across the workers of one `serve --workers N`; it takes no tokens and spends nothing;
-a revoked or expired key is refused there as anywhere."""
+a revoked or expired key is refused there as anywhere. A 429 there is in `/metrics` as a chat
+request's is, its `route` label the endpoint's path."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import pytest
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer
+from tests.conftest import ProxyTestServer, eventually
 from tests.dispatch_support import HELLO, StartProxy, ok
 from tests.dispatch_support import upstreams as upstreams  # a fixture
 from tests.governance_support import call
+from tests.metrics_support import scrape
 from tests.scale.support import Spawn
 from tests.scale.support import spawn as spawn  # a fixture
 from tests.test_cost_support import require_redis
@@ -80,6 +82,44 @@ async def test_explain_and_count_tokens_take_from_the_keys_rpm(upstreams: Any, s
     assert e.response.headers["x-ratelimit-limit-requests"] == "3"
     # Another key has its own bucket.
     assert (await _explain(proxy.url, ADMIN))[0] == 200
+
+
+async def test_their_429s_are_in_the_metrics_as_chats_are(upstreams: Any, start_proxy: StartProxy) -> None:
+    cfg = _keys(await upstreams(ok), rpm=1)
+    rule = {"name": "limited", "kind": "rate_limited_rate", "threshold": 0.5, "min_requests": 3}
+    cfg["alerts"] = {"interval_s": 1, "rules": [rule]}
+    proxy = await start_proxy(cfg)
+    assert (await _explain(proxy.url))[0] == 200
+    assert (await _explain(proxy.url))[0] == 429
+    with pytest.raises(anthropic.RateLimitError):
+        await _count(proxy.url)
+    with pytest.raises(anthropic.RateLimitError):
+        await _count(proxy.url)
+    chat = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=LIMITED, max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        await chat.chat.completions.create(model="m", messages=HELLO)
+    await chat.close()
+    await asyncio.sleep(0.05)  # observed on the next loop turn
+    m = await scrape(proxy.url, ADMIN)
+    refused = {"status": "429", "outcome": "rate_limited"}
+    assert m.value("edgeroute_requests_total", route="m", **refused) == 1  # the chat request's
+    assert m.value("edgeroute_requests_total", route="/v1/route/explain", **refused) == 1
+    assert m.value("edgeroute_requests_total", route="/v1/messages/count_tokens", **refused) == 2
+    errors = "edgeroute_request_errors_total"
+    assert m.value(errors, route="m", error_class="rate_limit_exceeded") == 1
+    assert m.value(errors, route="/v1/route/explain", error_class="rate_limit_exceeded") == 1
+    assert m.value(errors, route="/v1/messages/count_tokens", error_class="rate_limit_exceeded") == 2
+    # The answered one is not a chat request: not counted; and they spend nothing (no record).
+    assert m.total("edgeroute_requests_total", route="/v1/route/explain") == 1
+    assert [r.route for r in proxy.recorder.records] == ["m"]
+
+    async def firing() -> Any:  # four 429s in the window, not the chat request's one alone
+        status, body = await call("GET", proxy.url + "/admin/alerts", ADMIN)
+        assert status == 200, body
+        return [a for a in body["firing"] if a["rule"] == "limited"]
+
+    (alert,) = await eventually(firing, "the rate_limited_rate alert", within=10)
+    assert alert["value"] == 1.0, alert
 
 
 async def test_they_take_no_tokens_and_spend_nothing(upstreams: Any, start_proxy: StartProxy) -> None:

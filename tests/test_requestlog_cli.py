@@ -13,6 +13,9 @@ import openai
 import orjson
 import yaml
 
+from tests.conftest import eventually
+from tests.governance_support import call
+from tests.test_cost_restart import Served
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
 
@@ -88,3 +91,57 @@ def test_logs_without_a_database_says_so(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     out = _cli("logs", "-c", str(path))
     assert out.returncode == 1 and "does not exist yet" in out.stderr
+
+
+async def test_a_managed_keys_name_is_beside_its_id(start_upstream: Any, tmp_path: Path) -> None:
+    """The request log and its stats by key named a managed key by its id alone (`k…`), which
+    says nothing to an operator; spend by key showed its name. Now every view of them does,
+    to a viewer too (it reads the names in spend by key already), and to a team's viewer for
+    its team's keys."""
+    up = await start_upstream()
+    cfg = _two_upstream_config(up.base_url, up.base_url, tmp_path / "log.db")
+    cfg["keys"] = {
+        "root": {"token": "tok-root", "role": "admin"},
+        "watcher": {"token": "tok-viewer", "role": "viewer"},
+        "team-watcher": {"token": "tok-team-viewer", "role": "viewer", "team": "billing"},
+    }
+    cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.2}
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    served = await Served.start(path)
+    try:
+        status, made = await call(
+            "POST", served.url + "/admin/keys", "tok-root", json={"name": "billing-bot", "team": "billing"}
+        )
+        assert status == 201, made
+        key = made["id"]
+        client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key=made["secret"], max_retries=0)
+        for _ in range(2):
+            await _ask(client, "m")
+        await client.close()
+
+        async def logged() -> Any:
+            status, page = await call("GET", served.url + f"/admin/requests?key={key}", "tok-viewer")
+            return page if status == 200 and len(page["data"]) == 2 else None
+
+        page = await eventually(logged, "the key's requests in the log")
+        assert {(r["key"], r["key_name"]) for r in page["data"]} == {(key, "billing-bot")}
+        status, one = await call("GET", served.url + f"/admin/requests/{page['data'][0]['id']}", "tok-viewer")
+        assert status == 200 and one["key_name"] == "billing-bot", one
+        status, stats = await call("GET", served.url + "/admin/stats?group_by=key&since=1h", "tok-viewer")
+        assert status == 200, stats
+        assert [(r["group"], r["name"], r["requests"]) for r in stats["rows"]] == [(key, "billing-bot", 2)]
+        status, mine = await call("GET", served.url + "/admin/requests", "tok-team-viewer")
+        assert status == 200 and {r["key_name"] for r in mine["data"]} == {"billing-bot"}, mine
+    finally:
+        served.kill()
+
+    table = await asyncio.to_thread(_cli, "logs", "-c", str(path), "--key", key)
+    assert table.returncode == 0, table.stderr
+    assert sum(f"{key} (billing-bot)" in line for line in table.stdout.splitlines()) == 2, table.stdout
+    jsonl = await asyncio.to_thread(_cli, "logs", "-c", str(path), "--format", "jsonl")
+    assert {orjson.loads(x)["key_name"] for x in jsonl.stdout.splitlines()} == {"billing-bot"}
+    text = await asyncio.to_thread(_cli, "stats", "-c", str(path), "--group-by", "key", "--since", "1h")
+    assert text.returncode == 0, text.stderr
+    head, row = text.stdout.splitlines()[:2]
+    assert head.split()[:3] == ["group", "name", "requests"] and row.split()[:3] == [key, "billing-bot", "2"]

@@ -11,11 +11,16 @@ figures; and, marked `shared` with their figures withheld (null), the budgets th
 it but count other teams' spend too: global, model and user budgets, and the budgets of
 managed keys outside the team that made its keys. Its rate limits: its keys' buckets, and the
 model and deployment limits with their use withheld. No other team's name or figure is in it.
+
+A budget of one key says whether that key still works (`key_status`: `active`; `revoked` or
+`expired`, a managed key ended by itself or a maker; `removed`, a config key no longer in the
+config): an ended key's budget stays listed, what it spent this period is real.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +80,24 @@ def _subjects(b: Budget, p: B.Period, counters: dict[str, int]) -> set[str]:
         return {b.match}
     prefix, suffix = f"{b.name}:", f":{p.id}"
     return {k[len(prefix) : -len(suffix)] for k in counters if k.startswith(prefix) and k.endswith(suffix)}
+
+
+def _key_status(control: CostControl) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Adds `key_status` and `key_name` (a managed key's, as spend by key shows it) to an entry
+    of a budget of one key (not to a withheld one's: it may be another team's key)."""
+    keys = control.keys
+    ended = keys.ended() if keys is not None else {}
+    names = keys.names() if keys is not None else {}
+    known = set(control.cfg.keys) | set(keys.key_ids() if keys is not None else ())
+
+    def add(e: dict[str, Any]) -> dict[str, Any]:
+        key = e["match"]
+        if e["scope"] != "key" or not key or e.get("shared"):
+            return e
+        status = ended.get(key) or ("active" if key in known else "removed")
+        return {**e, "key_status": status, "key_name": names.get(key)}
+
+    return add
 
 
 @dataclass(slots=True, frozen=True)
@@ -141,6 +164,7 @@ async def report(control: CostControl, now: float | None = None, team: str | Non
             else:
                 e = _entry(c.budget, c.subject, c.period, next(counted), control.reserved.get(c.store_key, 0), now)
             budgets.append({**e, "shared": shared})
+        budgets = list(map(_key_status(control), budgets))
         return {"team": team, "budgets": budgets, "rate_limits": rate_limits(control, of_team)}
     counters = control.local_budgets.counters()
     charges: list[B.Charge] = []
@@ -151,8 +175,9 @@ async def report(control: CostControl, now: float | None = None, team: str | Non
         assert b.match is not None
         charges.append(B.charge(b, b.match, B.period_of(b, now), 0, -1))
     counted_all = await used(control, charges)
+    status = _key_status(control)
     budgets = [
-        _entry(c.budget, c.subject, c.period, u, control.reserved.get(c.store_key, 0), now)
+        status(_entry(c.budget, c.subject, c.period, u, control.reserved.get(c.store_key, 0), now))
         for c, u in zip(charges, counted_all, strict=True)
     ]
     return {"budgets": budgets, "rate_limits": rate_limits(control)}
@@ -162,7 +187,7 @@ def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[st
     """Every configured limit (managed keys' as they are now), with what is used of it now, and
     every key bucket in use; for a team, its keys' alone, and the model and deployment limits
     with their use withheld. A key's row with a `max_parallel` adds its requests in flight on
-    this instance (`in_flight`, 0 when idle)."""
+    this instance (`in_flight`, 0 when idle), and a managed key's its `key_name`."""
     cfg = control.cfg
     rows: dict[str, dict[str, Any]] = {}
 
@@ -190,6 +215,10 @@ def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[st
             r["in_flight"] = 0
     for key, n in control.parallel.local.items():
         row(f"key:{key}")["in_flight"] = n
+    names = control.keys.names() if control.keys is not None else {}
+    for r in rows.values():
+        if r["scope"] == "key" and r["name"] in names:  # a managed key's, beside its id
+            r["key_name"] = names[r["name"]]
     if team is not None:
         rows = {n: r for n, r in rows.items() if r["scope"] != "key" or r["name"] in team.keys}
         for r in rows.values():

@@ -65,6 +65,14 @@ class KeySource(Protocol):
         """Every key's own budget, for `/admin/budgets`."""
         ...
 
+    def names(self) -> dict[str, str]:
+        """The names keys were given (`keys create --name`), for `/admin/budgets`."""
+        ...
+
+    def ended(self) -> dict[str, str]:
+        """The keys that no longer work (`revoked`, `expired`), for `/admin/budgets`."""
+        ...
+
     def key_ids(self) -> list[str]:
         """Every key (revoked ones too), for the ledger's read-back of their counters."""
         ...

@@ -20,6 +20,7 @@ from edgeroute.accounting import UNROUTED
 from edgeroute.cost.keys import tenant_of
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
+from edgeroute.governance.key_names import key_names
 
 # The only SQL that a request's parameters choose: a whitelist, never interpolated input.
 GROUPS = {
@@ -97,7 +98,7 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
             }
         )
     if by == "key" and rows:
-        named = _key_names(backend, [row["key"] for row in rows if row["key"]])
+        named = key_names(backend, [row["key"] for row in rows if row["key"]])
         for row in rows:
             row["name"] = named.get(row["key"])
     total: dict[str, Any] = {f: sum(r[f] for r in rows) for f in FIELDS}
@@ -112,21 +113,6 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
         "total": total,
         "savings_note": "baseline: the same tokens on the most expensive deployment of each request's route",
     }
-
-
-def _key_names(backend: Backend, ids: list[str]) -> dict[str, str]:
-    """The names managed keys were given (`keys create --name`), by id: a key's row read as
-    its id alone (`k230dcccb1b60`). A config key's id is its name; none without managed keys."""
-    exists = (
-        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'gov_keys'"
-        if backend.dialect == "sqlite"
-        else "SELECT COUNT(*) FROM pg_tables WHERE tablename = 'gov_keys' AND schemaname = current_schema()"
-    )
-    if not ids or not backend.query(exists, [])[0][0]:
-        return {}
-    rows = backend.query(f"SELECT id, data FROM gov_keys WHERE id IN ({', '.join('?' * len(ids))})", ids)
-    names = {str(i): orjson.loads(d).get("name") for i, d in rows}
-    return {i: n for i, n in names.items() if isinstance(n, str)}
 
 
 def render(report: dict[str, Any], fmt: str) -> str:

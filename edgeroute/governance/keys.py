@@ -330,6 +330,21 @@ class ManagedKeys:
         """Every key's own budget (revoked keys too: what their children spend still counts)."""
         return [b for data in self._raw.values() if (b := key_budget(data)) is not None]
 
+    def names(self) -> dict[str, str]:
+        return {k: n for k, data in self._raw.items() if isinstance(n := data.get("name"), str)}
+
+    def ended(self) -> dict[str, str]:
+        """The keys that no longer work, by id: `revoked` or `expired`, theirs or a maker's (as
+        `public` says), for the budgets view, which still lists their spend."""
+        now = time.time()
+        out = {}
+        for key_id, data in self._raw.items():
+            for node in lineage(data, self._raw.get):
+                if (why := _ended(node, now)) is not None:
+                    out[key_id] = why
+                    break
+        return out
+
     def key_ids(self) -> list[str]:
         """Every key (revoked keys too: what their children spend still counts)."""
         return list(self._raw)

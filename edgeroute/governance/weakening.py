@@ -11,6 +11,11 @@ target config is weaker than the running one:
   first match by priority wins, so it would take the PII requests first);
 - a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
   loses one its `exclude_tags` names (tags decide where those requests may go);
+- a deployment added to the models a PII rule's `route` sends its requests to (or falls back to);
+- a deployment those requests may reach (`_governed`) sent elsewhere: its provider's
+  `base_url`, `proxy` or `options.region` changed, or (Bedrock, whose inference profiles
+  `us.`/`eu.`/`global.` span regions) its model; compared as resolved through `provider:`,
+  so a provider renamed alone is no change (Azure's `api_version` moves nothing);
 - more content kept by the request log, for any key and model (`log_content`,
   `content_models`, `content_keys`, `enabled`: none < redacted < full).
 
@@ -31,7 +36,7 @@ def weakenings(running: str, target: str) -> list[str]:
     """How `target` weakens data governance against `running`, one line each (empty: it does not)."""
     a, b = yaml.safe_load(running), yaml.safe_load(target)
     a, b = (x if isinstance(x, dict) else {} for x in (a, b))
-    return _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _log_content(a, b)
+    return _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _destinations(a, b) + _log_content(a, b)
 
 
 def _at(data: Any, *path: str) -> Any:
@@ -107,6 +112,78 @@ def _tags(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
         lost = (was - now) & excluded
         out += [f"deployments.{name} gains tag {t}" for t in sorted(gained)]
         out += [f"deployments.{name} loses tag {t}" for t in sorted(lost)]
+    return out
+
+
+def _governed(a: dict[str, Any]) -> dict[str, str]:
+    """The deployments (of the running config) that residency or a PII rule sends requests to,
+    each with why: a region tag, a tag a PII rule requires, named by one (its `deployments`, its
+    `route`'s), or without every tag a PII rule excludes (those may take its requests)."""
+    pii = [r for r in _rules(a) if _is_pii(r)]
+    required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
+    excluded = [{str(t) for t in ex} for r in pii if (ex := _list(_at(r, "then", "exclude_tags")))]
+    named = {str(d) for r in pii for d in _list(_at(r, "then", "deployments"))}
+    routed = _routed(a, pii)
+    prefix = str(_at(a, "governance", "residency", "tag_prefix") or "region:")
+    resident = _at(a, "governance", "residency") is not None
+    out = {}
+    for name, dep in _mapping(a.get("deployments")).items():
+        tags = {str(t) for t in _list(_at(dep, "tags"))}
+        why = sorted(t for t in tags if t in required or (resident and t.startswith(prefix)))
+        if why:
+            out[name] = f"tagged {', '.join(why)}"
+        elif name in named or name in routed:
+            out[name] = "named by a PII rule"
+        elif any(not tags & ex for ex in excluded):
+            out[name] = "open to a PII rule's requests"
+    return out
+
+
+def _routed(data: dict[str, Any], pii: list[dict[str, Any]]) -> set[str]:
+    """The deployments PII rules' `route` sends their requests to in `data`: the route's, and
+    those of the models it falls back to."""
+    models = _mapping(data.get("models"))
+    out: set[str] = set()
+    for rule in pii:
+        route = _at(rule, "then", "route")
+        if not isinstance(route, str):  # none, or an odd shape in a stored version
+            continue
+        names = [
+            route,
+            *_list(_at(models.get(route), "fallbacks")),
+            *_list(_at(models.get(route), "context_window_fallbacks")),
+        ]
+        out |= {str(d) for m in names if isinstance(m, str) for d in _list(_at(models.get(m), "deployments"))}
+    return out
+
+
+def _where(data: dict[str, Any], dep: Any) -> dict[str, Any]:
+    """Where a deployment's requests go: its provider's address, forward proxy and region,
+    and a Bedrock model id (an inference profile's prefix picks the regions it spans)."""
+    name = _at(dep, "provider")
+    provider = _mapping(_mapping(data.get("providers")).get(name) if isinstance(name, str) else None)
+    url = provider.get("base_url")
+    kind = provider.get("kind")
+    return {
+        "base_url": url.rstrip("/") if isinstance(url, str) else url,
+        "proxy": provider.get("proxy"),
+        "region": _at(provider, "options", "region"),
+        "model": _at(dep, "model") if kind == "bedrock" else None,
+    }
+
+
+def _destinations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Governed deployments whose requests would go elsewhere. Names the field, never its
+    value (a proxy URL may hold credentials)."""
+    new = _mapping(b.get("deployments"))
+    out = []
+    for name, why in _governed(a).items():
+        if name not in new:
+            continue  # removed: its requests go nowhere
+        was, now = _where(a, _mapping(a.get("deployments"))[name]), _where(b, new[name])
+        out += [f"deployments.{name} ({why}) changes its {f}" for f in was if was[f] != now[f]]
+    pii = [r for r in _rules(a) if _is_pii(r)]
+    out += [f"deployments.{d} joins the route of a PII rule" for d in sorted(_routed(b, pii) - _routed(a, pii))]
     return out
 
 

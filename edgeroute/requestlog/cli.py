@@ -87,6 +87,8 @@ def _cell(r: dict[str, Any], col: str) -> str:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v or 0)))
     if col == "tokens":
         return f"{r['prompt_tokens']}/{r['completion_tokens']}{'~' if r['tokens_estimated'] else ''}"
+    if col == "key" and v is not None and r.get("key_name"):  # a managed key's id says nothing
+        v = f"{v} ({r['key_name']})"
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -205,6 +207,7 @@ def stats(a: argparse.Namespace) -> int:
     cols = ["requests", "success_rate", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "prompt_tokens",
             "completion_tokens", "cost_usd", "savings_usd"]  # fmt: skip
     lead = (["t"] if out["bucket"] else []) + (["group"] if out["group_by"] != "none" else [])
+    lead += ["name"] if out["group_by"] == "key" else []  # the key's, as `spend --by key` shows it
     table = [[*lead, *cols]]
     # Without a group or a bucket the one row is the total: print it once.
     rows = [*out["rows"], {**out["totals"], "total": True}] if lead else [out["totals"]]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from edgeroute.governance.key_names import key_names
 from edgeroute.requestlog import rollup
 from edgeroute.requestlog.content import error_text
 
@@ -205,9 +206,18 @@ def list_requests(
         f"ORDER BY ts DESC, id DESC LIMIT {limit + 1}"
     )
     found = db.query(sql, params)
-    data = [_summary(_SUMMARY, r) for r in found[:limit]]
+    data = _named(db, [_summary(_SUMMARY, r) for r in found[:limit]], "key", "key_name")
     more = len(found) > limit
     return {"data": data, "next_cursor": _encode_cursor(data[-1]["ts"], data[-1]["id"]) if more else None}
+
+
+def _named(db: Readable, rows: list[dict[str, Any]], field: str, name: str) -> list[dict[str, Any]]:
+    """Each row with `name`, the name its key (`field`) was given, beside its id (None: a config
+    key, whose id is its name, or a managed key given none), as spend by key shows it."""
+    names = key_names(db, [k for r in rows if isinstance(k := r.get(field), str)])
+    for r in rows:
+        r[name] = names.get(r[field]) if isinstance(r.get(field), str) else None
+    return rows
 
 
 def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None = None) -> dict[str, Any] | None:
@@ -217,7 +227,7 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
     found = db.query(f"SELECT {', '.join(_DETAIL)} FROM requests WHERE {where}", params)
     if not found:
         return None
-    out = _summary(_DETAIL, found[0])
+    out = _named(db, [_summary(_DETAIL, found[0])], "key", "key_name")[0]
     detail = orjson.loads(out.pop("detail"))
     raw_content = out.pop("content")
     out["attempt_count"] = out["attempts"]
@@ -372,6 +382,8 @@ def stats(db: Readable, q: Mapping[str, str], now: float | None = None, tenant: 
         total_lat = [a + b for a, b in zip(total_lat, lat, strict=True)]
         total_ttft = [a + b for a, b in zip(total_ttft, ttft, strict=True)]
     rows.sort(key=lambda x: (x.get("t", 0), -x["requests"], str(x.get("group"))))
+    if group == "key":
+        rows = _named(db, rows, "group", "name")
     return {
         "since": first * 60,
         "until": last * 60,

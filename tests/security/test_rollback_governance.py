@@ -4,7 +4,8 @@
 a version from before an admin set `governance.residency`, added a PII rule or lowered what
 the request log keeps undid those too, in an operator's hands (or the rollback guard's, when
 errors rose, which a client may cause). Now a rollback that removes or loosens residency,
-removes, changes or overtakes a PII rule, gives a deployment a tag those rely on, or keeps more
+removes, changes or overtakes a PII rule, gives a deployment a tag those rely on, sends a
+deployment they route to elsewhere (its provider's base_url, proxy or region), or keeps more
 content (`log_content` none < redacted < full, for any key or model) needs an admin key: 403
 `permission_denied` naming what, nothing changed, audited as refused.
 """
@@ -138,6 +139,39 @@ async def test_the_rollback_guard_does_not_undo_a_pii_rule(start_upstream: Any, 
         assert body["version"] == 2 and body["config"]["rules"][0]["name"] == "pii-stays-in-eu"
 
 
+async def test_an_operator_cannot_point_a_resident_deployment_elsewhere(start_upstream: Any, tmp_path: Path) -> None:
+    """Version 1 had the EU deployment's provider at another host; an admin moved it since. An
+    operator's rollback to version 1 kept residency and the PII rule as they were, and sent
+    every EU-bound prompt to the other host."""
+    eu, elsewhere, other = [await start_upstream(record=True) for _ in range(3)]
+    path = tmp_path / "edgeroute.yaml"
+    cfg = _governed(_loose(eu))
+    cfg["providers"]["b"]["base_url"] = elsewhere.base_url
+    with _serving(path, cfg) as url:  # version 1
+        cfg["providers"]["b"]["base_url"] = eu.base_url
+        write_config(path, cfg)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 2
+        cfg["providers"]["a"]["base_url"] = other.base_url  # d-a: neither tagged nor named by a rule
+        write_config(path, cfg)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 3
+
+        status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": 1})
+        assert status == 403, body
+        msg = body["error"]["message"]
+        assert body["error"]["code"] == "permission_denied" and "role 'admin'" in msg
+        assert "deployments.d-b (tagged eu, region:eu) changes its base_url" in msg, msg
+        assert elsewhere.base_url not in msg and "d-a" not in msg
+        _, body = await call("GET", url + "/admin/audit?action=config.rollback_refused", ROOT)
+        refused = body["entries"][0]
+        assert refused["actor"] == "op" and refused["after"]["version"] == 1
+        assert refused["after"]["weakens"] == ["deployments.d-b (tagged eu, region:eu) changes its base_url"]
+        assert {await _deployment(url, EMAIL) for _ in range(4)} == {"d-b"}
+        assert elsewhere.options.requests == [] and eu.options.requests
+        # Moving a deployment no residency or PII rule relies on is an operator's.
+        status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": 2})
+        assert status == 200, body
+
+
 def _weaker(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return weakenings(yaml.safe_dump(before), yaml.safe_dump(after))
 
@@ -167,10 +201,54 @@ def test_what_counts_as_weaker() -> None:
     model_up["request_log"]["content_models"] = {"m": "redacted"}
     assert _weaker(base, model_up) == ["request_log keeps redacted content, was none (model m)"]
     assert _weaker(model_up, base) == []
+    # Where a governed deployment's requests go: resolved through `provider:`, never its value.
+    proxied = copy.deepcopy(base)
+    proxied["providers"]["b"]["proxy"] = "http://user:secret@proxy.example:3128"
+    assert _weaker(base, proxied) == ["deployments.d-b (tagged eu, region:eu) changes its proxy"]
+    renamed = copy.deepcopy(base)
+    renamed["providers"]["b2"] = renamed["providers"].pop("b")
+    renamed["deployments"]["d-b"]["provider"] = "b2"
+    assert _weaker(base, renamed) == []
+    bedrock = copy.deepcopy(base)
+    bedrock["providers"]["b"] |= {"kind": "bedrock", "options": {"region": "eu-west-1"}}
+    bedrock["deployments"]["d-b"]["model"] = "eu.anthropic.claude-sonnet-4"
+    crossed = copy.deepcopy(bedrock)
+    crossed["providers"]["b"]["options"] = {"region": "us-east-1", "api_version": "x"}
+    crossed["deployments"]["d-b"]["model"] = "global.anthropic.claude-sonnet-4"
+    assert _weaker(bedrock, crossed) == [
+        "deployments.d-b (tagged eu, region:eu) changes its region",
+        "deployments.d-b (tagged eu, region:eu) changes its model",
+    ]
+    # A PII rule that excludes a tag lets every deployment without it take its requests.
+    excluding = copy.deepcopy(loose)
+    excluding["rules"] = [{"name": "no-pii-out", "when": {"pii": ["email"]}, "then": {"exclude_tags": ["external"]}}]
+    excluding["deployments"]["d-b"]["tags"] = ["external"]
+    out = copy.deepcopy(excluding)
+    out["providers"]["a"]["base_url"] = "https://api.elsewhere.example"
+    out["providers"]["b"]["base_url"] = "https://api.elsewhere.example"
+    assert _weaker(excluding, out) == ["deployments.d-a (open to a PII rule's requests) changes its base_url"]
+    # A PII rule that routes to a model: a deployment added to it (or to its fallback) takes PII.
+    routed = copy.deepcopy(loose)
+    routed["models"]["local"] = {"deployments": ["d-b"], "fallbacks": ["spare"]}
+    routed["models"]["spare"] = {"deployments": ["d-b"]}
+    routed["rules"] = [{"name": "pii-local", "when": {"pii": ["email"]}, "then": {"route": "local"}}]
+    widened = copy.deepcopy(routed)
+    widened["models"]["spare"]["deployments"].append("d-a")
+    assert _weaker(routed, widened) == ["deployments.d-a joins the route of a PII rule"]
+    moved_local = copy.deepcopy(routed)
+    moved_local["providers"]["b"]["base_url"] = "https://api.elsewhere.example"
+    assert _weaker(routed, moved_local) == ["deployments.d-b (named by a PII rule) changes its base_url"]
     # A stored version is read as written, before it is validated again: odd shapes are no 500.
     odd = {"rules": {"x": 1}, "deployments": {"d-a": {"tags": 5}}, "request_log": {"content_models": {1: "full"}}}
     assert _weaker(base, odd) == [
         "governance.residency removed",
         "PII rule 'pii-stays-in-eu' removed or changed",
         "request_log keeps full content, was redacted (model 1)",
+    ]
+    odd_where = copy.deepcopy(base)
+    odd_where["deployments"]["d-b"]["provider"] = ["b"]
+    odd_where["rules"][0]["then"]["route"] = ["m"]
+    assert _weaker(base, odd_where) == [
+        "PII rule 'pii-stays-in-eu' removed or changed",
+        "deployments.d-b (tagged eu, region:eu) changes its base_url",
     ]

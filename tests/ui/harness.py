@@ -51,7 +51,7 @@ class Traffic:
     team: int = 0  # sent by the team's key (model `cheap`), counted in `ok` too
 
 
-def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str, Any]:
+def config_data(urls: dict[str, str], ledger: Path, with_keys: bool, managed_keys: bool = False) -> dict[str, Any]:
     def dep(provider: str, price_in: float, price_out: float) -> dict[str, Any]:
         price = {"input_per_mtok": price_in, "output_per_mtok": price_out}
         return {"provider": provider, "model": "gpt-4o-mini", "price": price}
@@ -90,15 +90,18 @@ def config_data(urls: dict[str, str], ledger: Path, with_keys: bool) -> dict[str
         cfg["keys"] = {f"k-{role}": {"token": tok, "role": role} for role, tok in TOKENS.items()}
         cfg["keys"]["k-team-viewer"] = {"token": TEAM_TOKENS["team-viewer"], "role": "viewer", "team": TEAM}
         cfg["keys"]["k-team-app"] = {"token": TEAM_TOKENS["team-app"], "role": "service", "team": TEAM}
+    if managed_keys:
+        cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.2}
     return cfg
 
 
 class Console:
     """The upstreams and the proxy, each on an event loop in a thread; `start()` then `send_traffic()`."""
 
-    def __init__(self, workdir: Path, with_keys: bool = True) -> None:
+    def __init__(self, workdir: Path, with_keys: bool = True, managed_keys: bool = False) -> None:
         self.workdir = workdir
         self.with_keys = with_keys
+        self.managed_keys = managed_keys
         self.upstreams = {name: FaultUpstream.threaded() for name in ("primary", "backup", "cheap")}
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ui-proxy", daemon=True)
@@ -116,7 +119,7 @@ class Console:
         for name, bg in self.upstreams.items():
             bg.start()
             urls[name] = bg.server.url
-        data = config_data(urls, self.workdir / "ledger.db", self.with_keys)
+        data = config_data(urls, self.workdir / "ledger.db", self.with_keys, self.managed_keys)
         self.config_path.write_text(yaml.safe_dump(data))
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self._serve(), self.loop).result(30)

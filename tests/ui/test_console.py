@@ -430,3 +430,48 @@ def test_config_versions_diff_and_rollback(browser: Any, tmp_path: Any) -> None:
         assert "limit_usd: 5.0" in json.dumps(running) or '"limit_usd": 5.0' in json.dumps(running)
     finally:
         c.stop()
+
+
+def _call(console: Console, method: str, path: str, body: Any = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {TOKENS['admin']}", "Content-Type": "application/json"}
+    req = urllib.request.Request(console.url + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_managed_keys_by_name_and_a_revoked_keys_budget_marked(browser: Any, tmp_path: Any) -> None:
+    """A viewer's console named managed keys by id alone in the request log and the budgets,
+    and listed a revoked key's budget as a live one's."""
+    import openai
+    from selenium.webdriver.common.by import By
+
+    from tests.ui.harness import HELLO
+
+    c = Console(tmp_path, managed_keys=True).start()
+    try:
+        live = _call(c, "POST", "/admin/keys", {"name": "billing-bot", "budget_usd": 1.0, "rpm": 100})
+        gone = _call(c, "POST", "/admin/keys", {"name": "old-bot", "budget_usd": 2.0})
+        for k in (live, gone):
+            with openai.OpenAI(base_url=c.url + "/v1", api_key=k["secret"], max_retries=0, timeout=20) as client:
+                client.chat.completions.create(model="m", messages=HELLO)
+        _call(c, "DELETE", f"/admin/keys/{gone['id']}")
+        c._wait_written(2)
+        sign_in(browser, c, "viewer")
+        open_page(browser, c, "spend")
+        check_clean(browser, "the budgets of managed keys")
+        ended = browser.find_element(By.CSS_SELECTOR, f'[data-budget="key:{gone["id"]}"]')
+        assert field(browser, "key_status", ended).text == "revoked" and "old-bot" in ended.text
+        assert value(field(browser, "spent_usd", ended)) > 0  # its spend stays listed
+        active = browser.find_element(By.CSS_SELECTOR, f'[data-budget="key:{live["id"]}"]')
+        assert not active.find_elements(By.CSS_SELECTOR, '[data-field="key_status"]') and "billing-bot" in active.text
+        limited = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "tr.rate-limit") if live["id"] in r.text]
+        assert len(limited) == 1 and "(billing-bot)" in limited[0]
+        open_page(browser, c, f"requests?key={live['id']}")
+        check_clean(browser, "the request log of a managed key")
+        rows = browser.find_elements(By.CSS_SELECTOR, "tr[data-id]")
+        assert len(rows) == 1 and field(browser, "key_name", rows[0]).text == "(billing-bot)"
+        open_page(browser, c, "requests/" + rows[0].get_attribute("data-id"))
+        assert "billing-bot" in browser.find_element(By.ID, "main").text
+    finally:
+        c.stop()

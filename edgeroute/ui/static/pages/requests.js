@@ -21,6 +21,12 @@ function statusBadge(v) {
   return h('span', { class: 'badge ' + (v >= 200 && v < 300 ? 'ok' : v >= 500 || v === 0 ? 'bad' : 'warn') }, v === null ? '–' : String(v));
 }
 
+// A key as an operator knows it: a managed key's name beside its id (`k…` alone says nothing).
+function keyLabel(id, name) {
+  if (id === null || id === undefined) return null;
+  return name ? h('span', {}, id, ' ', h('span', { class: 'muted', 'data-field': 'key_name' }, '(' + name + ')')) : id;
+}
+
 function list(main, ctx) {
   const inputs = {};
   const form = h('form', { class: 'filters', 'aria-label': 'Filter requests' },
@@ -43,6 +49,7 @@ function list(main, ctx) {
     { label: 'Time', key: 'ts', format: f.time },
     { label: 'Request', key: 'id', format: (v) => h('a', { href: ctx.link('requests', v) }, v) },
     { label: 'Model', key: 'model' },
+    { label: 'Key', key: 'key', format: (v, r) => keyLabel(v, r.key_name) },
     { label: 'Deployment', key: 'deployment' },
     { label: 'Rule', key: 'rule' },
     { label: 'Status', key: 'status', format: statusBadge },
@@ -52,7 +59,6 @@ function list(main, ctx) {
     { label: 'Tokens', value: (r) => (r.prompt_tokens ?? 0) + (r.completion_tokens ?? 0), num: true, format: (v, r) => f.num(v) + (r.tokens_estimated ? '*' : '') },
     { label: 'Cost', key: 'cost_usd', num: true, format: f.usd },
     { label: 'Attempts', key: 'attempts', num: true, format: f.num },
-    { label: 'Key', key: 'key' },
   ];
   const refresh = () => {
     load(body, ctx, [LIST], () => api('/admin/requests', { params }), (b, d) => {
@@ -104,7 +110,7 @@ function detail(main, ctx) {
   api('/admin/requests/' + encodeURIComponent(id)).then((r) => {
     if (!ctx.alive()) return;
     clear(summary).append(facts([
-      ['Request id', r.id, 'id'], ['Client id', r.correlation_id], ['Time', f.time(r.ts)], ['Key', r.key], ['Team', r.team], ['User', r.user],
+      ['Request id', r.id, 'id'], ['Client id', r.correlation_id], ['Time', f.time(r.ts)], ['Key', keyLabel(r.key, r.key_name)], ['Team', r.team], ['User', r.user],
       ['Model asked', r.model], ['Route', r.route], ['Deployment', r.deployment, 'deployment'], ['Status', statusBadge(r.status), 'status'],
       ['Error class', r.error_class], ['Latency', f.ms(r.latency_ms)], ['Time to first token', r.ttft_ms === null ? null : f.ms(r.ttft_ms)],
       ['Tokens', `${f.num(r.prompt_tokens)} in, ${f.num(r.completion_tokens)} out${r.tokens_estimated ? ' (estimated)' : ''}`],

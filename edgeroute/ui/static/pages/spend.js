@@ -29,7 +29,8 @@ export default {
           body.append(timeChart({ label: 'Spend per day', t0: Math.min(t1 - ctx.seconds, ...pts.map((p) => p[0])), t1, bucket: 86400,
             series: [{ name: 'cost', kind: 'bar', points: pts }], yFormat: f.usd }));
         } else {
-          body.append(barList({ label: 'Spend by ' + by, rows: d.rows.slice(0, 15).map((r) => ({ label: r[by] ?? '(none)', value: r.cost_usd })), format: f.usd }));
+          // A managed key's bar by its name, as its row shows it beside the id.
+          body.append(barList({ label: 'Spend by ' + by, rows: d.rows.slice(0, 15).map((r) => ({ label: r.name || (r[by] ?? '(none)'), value: r.cost_usd })), format: f.usd }));
         }
         body.append(table([
           { label: BY.find(([k]) => k === by)[1], key: by, format: (v) => v ?? '(none)' },
@@ -49,11 +50,15 @@ export default {
         if (d.team) body.append(h('p', { class: 'muted', 'data-field': 'budget_team' }, `The budgets that apply to team ${d.team}.`));
         if (!d.budgets.length) body.append(notice('No budgets are configured.'));
         for (const b of d.budgets) {
-          const title = h('h3', {}, b.name, ' ', h('span', { class: 'muted' }, `(${b.scope}${b.match ? ' ' + b.match : ''}, ${b.period})`));
+          // A key's budget: its name, and a key that no longer works marked (its spend stays).
+          const ended = b.key_status && b.key_status !== 'active'
+            ? h('span', { class: 'badge bad', 'data-field': 'key_status' }, b.key_status) : null;
+          const what = b.scope === 'key' && b.key_name ? `key ${b.key_name}` : `${b.scope}${b.match ? ' ' + b.match : ''}`;
+          const title = h('h3', {}, b.name, ' ', h('span', { class: 'muted' }, `(${what}, ${b.period})`), ended ? ' ' : null, ended);
           const period = [h('dt', {}, 'Period'), h('dd', {}, f.time(b.period_start) + ' → ' + f.time(b.period_end))];
           if (b.shared) {
             // It counts every team's spend: a team's key is shown its limit, not the figures.
-            body.append(h('div', { class: 'budget', 'data-budget': b.name, 'data-shared': 'true' }, title,
+            body.append(h('div', { class: 'budget', 'data-budget': b.name, 'data-match': b.match, 'data-shared': 'true' }, title,
               h('dl', { class: 'facts' },
                 h('dt', {}, 'Limit'), h('dd', { 'data-field': 'limit_usd', 'data-value': String(b.limit_usd) }, f.usd(b.limit_usd)),
                 h('dt', {}, 'Spent'), h('dd', { class: 'muted', 'data-field': 'withheld' }, 'counts every team\'s spend: not shown to a team\'s key'),
@@ -62,7 +67,7 @@ export default {
           }
           const frac = b.limit_usd ? b.spent_usd / b.limit_usd : 0;
           const proj = b.limit_usd ? b.projected_usd / b.limit_usd : 0;
-          body.append(h('div', { class: 'budget', 'data-budget': b.name }, title,
+          body.append(h('div', { class: 'budget', 'data-budget': b.name, 'data-match': b.match, 'data-key-status': b.key_status }, title,
             meter(frac, `${b.name}: ${f.pct(frac)} of the limit spent`),
             h('dl', { class: 'facts' },
               h('dt', {}, 'Spent'), h('dd', { 'data-field': 'spent_usd', 'data-value': String(b.spent_usd) }, `${f.usd(b.spent_usd)} of ${f.usd(b.limit_usd)} (${f.pct(frac)})`),
@@ -86,7 +91,8 @@ export default {
           ? [{ label: 'In flight', value: (r) => r, format: (r) => cell(r.in_flight, r.max_parallel, 'requests in flight') }]
           : [];
         body.append(table([
-          { label: 'Scope', key: 'scope' }, { label: 'Name', key: 'name' },
+          { label: 'Scope', key: 'scope' },
+          { label: 'Name', key: 'name', format: (v, r) => (r.key_name ? h('span', {}, v, ' ', h('span', { class: 'muted' }, '(' + r.key_name + ')')) : v) },
           { label: 'Requests/min', value: (r) => r, format: (r) => cell(r.rpm_used, r.rpm_limit, 'requests per minute') },
           { label: 'Tokens/min', value: (r) => r, format: (r) => cell(r.tpm_used, r.tpm_limit, 'tokens per minute') },
           ...parallel,
