@@ -13,7 +13,7 @@ import aiohttp
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.security.governed import ROOT, call
+from tests.security.governed import ROOT, call, config_views
 from tests.test_cost_support import cost_proxy
 
 VIEWER = "tok-viewer-0123456789"
@@ -38,10 +38,7 @@ async def test_a_keyword_dsn_password_is_masked_and_stored_as_a_hash(tmp_path: P
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         status, drained = await call(s, "POST", proxy.url + "/admin/deployments/e/drain", ROOT)
         assert status == 200, drained  # version 2
-        for path in ("/admin/config", "/admin/config/versions/1", "/admin/config/diff?from=1&to=2"):
-            async with s.get(proxy.url + path, headers={"Authorization": f"Bearer {VIEWER}"}) as r:
-                assert r.status == 200, path
-                text = await r.text()
+        for path, text in (await config_views(s, proxy.url, VIEWER)).items():
             assert password not in text, (path, text)
         status, shown = await call(s, "GET", proxy.url + "/admin/config", VIEWER)
         assert shown["config"]["ledger"]["dsn"] == "****"
