@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from aiohttp import web
@@ -162,3 +163,11 @@ async def answered(url: str, n: int, token: str = "unused", refused_for: str | N
             except openai.InternalServerError:
                 await asyncio.sleep(0.1)
     return done
+
+
+async def budget_spent(url: str, admin: str, name: str = "b") -> float:
+    """Budget `name`'s spend as `GET /admin/budgets` reports it to key `admin`."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/admin/budgets", headers={"Authorization": f"Bearer {admin}"}) as r:
+            spent: float = next(b for b in (await r.json())["budgets"] if b["name"] == name)["spent_usd"]
+    return spent

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anthropic
 import openai
 import orjson
@@ -24,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.test_cost_support import cost_proxy
+from tests.test_cost_support import budget_spent, cost_proxy
 
 ADMIN = "sk-media-escape-admin"
 APP = "sk-media-escape-app"
@@ -123,13 +122,6 @@ async def _tool_output_images(url: str) -> None:
         )
 
 
-async def _spent(url: str) -> float:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-            spent: float = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
-    return spent
-
-
 @pytest.mark.parametrize(
     ("ask", "kind"),
     [(_messages_native, "anthropic"), (_tool_output_images, "openai")],
@@ -148,7 +140,7 @@ async def test_concurrent_image_requests_do_not_overshoot_a_budget(
             return 200
 
         statuses = sorted(await asyncio.gather(*(one() for _ in range(10))))
-        spent = await _spent(proxy.url)
+        spent = await budget_spent(proxy.url, ADMIN)
     # Each reserves $0.016 of $0.05: three fit; the rest are refused, not billed past the limit.
     assert spent <= LIMIT + 1e-9, f"${spent} spent against a ${LIMIT} budget ({statuses})"
     assert statuses == [200] * 3 + [429] * 7, statuses
