@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.test_cost_support import budget_spent, cost_proxy
+from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
 ADMIN = "sk-media-escape-admin"
 APP = "sk-media-escape-app"
@@ -131,15 +131,7 @@ async def test_concurrent_image_requests_do_not_overshoot_a_budget(
     ask: Callable[[str], Awaitable[None]], kind: str, upstream: str, tmp_path: Path
 ) -> None:
     async with cost_proxy(_config(upstream, tmp_path, kind)) as proxy:
-
-        async def one() -> int:
-            try:
-                await ask(proxy.url)
-            except (openai.APIStatusError, anthropic.APIStatusError) as e:
-                return e.status_code
-            return 200
-
-        statuses = sorted(await asyncio.gather(*(one() for _ in range(10))))
+        statuses = await statuses_of(lambda: ask(proxy.url))
         spent = await budget_spent(proxy.url, ADMIN)
     # Each reserves $0.016 of $0.05: three fit; the rest are refused, not billed past the limit.
     assert spent <= LIMIT + 1e-9, f"${spent} spent against a ${LIMIT} budget ({statuses})"
