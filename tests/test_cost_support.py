@@ -10,11 +10,13 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp import web
@@ -162,3 +164,25 @@ async def answered(url: str, n: int, token: str = "unused", refused_for: str | N
             except openai.InternalServerError:
                 await asyncio.sleep(0.1)
     return done
+
+
+async def budget_spent(url: str, admin: str, name: str = "b") -> float:
+    """Budget `name`'s spend as `GET /admin/budgets` reports it to key `admin`."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/admin/budgets", headers={"Authorization": f"Bearer {admin}"}) as r:
+            spent: float = next(b for b in (await r.json())["budgets"] if b["name"] == name)["spent_usd"]
+    return spent
+
+
+async def statuses_of(ask: Callable[[], Awaitable[object]], n: int = 10) -> list[int]:
+    """The statuses of `n` concurrent calls of `ask` (an SDK's request), sorted: 200, or the
+    status of the API error it raised."""
+
+    async def one() -> int:
+        try:
+            await ask()
+        except (openai.APIStatusError, anthropic.APIStatusError) as e:
+            return e.status_code
+        return 200
+
+    return sorted(await asyncio.gather(*(one() for _ in range(n))))

@@ -168,10 +168,7 @@ def message_parts(messages: list[Any]) -> MediaParts:
     audio: list[int] = []
     files = 0
     for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if not isinstance(content, list):
-            continue
-        for part in content:
+        for part in _content(m):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_url":
                 images.append(image_tokens(part.get("image_url")))
@@ -184,6 +181,15 @@ def message_parts(messages: list[Any]) -> MediaParts:
     if not (images or audio or files):
         return NONE
     return MediaParts(tuple(images), tuple(audio), files)
+
+
+def _content(item: Any) -> list[Any]:
+    """An item's content parts: a message's `content`, or a Responses `function_call_output`'s
+    `output` when it is an array of parts (a tool's screenshots reach the model, and are billed)."""
+    if not isinstance(item, dict):
+        return []
+    content = item.get("output") if item.get("type") == "function_call_output" else item.get("content")
+    return content if isinstance(content, list) else []
 
 
 def image_tokens(image: Any) -> int:

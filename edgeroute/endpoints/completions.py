@@ -59,6 +59,11 @@ class CompletionsRequest:
             v = req.get(name)
             if v is not None and (type(v) is not int or v < 0):
                 raise bad(f"'{name}' must be a non-negative integer.", name)
+        suffix = req.get("suffix")
+        if suffix is not None and not isinstance(suffix, str):
+            raise bad("'suffix' must be a string.", "suffix")
+        # The text after the insertion: read (and billed) with each prompt.
+        self.suffix: str = suffix or ""
         self.model: str = req["model"]
         self.prompts = _prompt_texts(req["prompt"])
         self.stream = bool(stream)
@@ -69,10 +74,14 @@ class CompletionsRequest:
         self.body = req
 
     def text(self) -> str:
-        return "\n".join(p for p in self.prompts if isinstance(p, str))
+        """The prompts' text and the suffix (once: `tokens` counts it with each prompt)."""
+        return "\n".join([*(p for p in self.prompts if isinstance(p, str)), *([self.suffix] if self.suffix else [])])
 
     def tokens(self, encoding: str) -> int:
-        return sum(len(p) if isinstance(p, list) else _core.Router.count_tokens(p, encoding) for p in self.prompts)
+        suffix = _core.Router.count_tokens(self.suffix, encoding) * len(self.prompts) if self.suffix else 0
+        return suffix + sum(
+            len(p) if isinstance(p, list) else _core.Router.count_tokens(p, encoding) for p in self.prompts
+        )
 
 
 class CompletionsCall(CountedCall):
@@ -116,7 +125,11 @@ def parse(body: bytes) -> Parsed:
     req = CompletionsRequest(body)
     route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices)
     ids = sum(len(p) for p in req.prompts if isinstance(p, list))  # a prompt is all text or all ids
-    return Parsed(req.model, route, req.stream, partial(CompletionsCall, req), token_ids=ids, answer_text=answer_text)
+    # The routing text holds the suffix once: several prompts, or ids, are counted exactly with it.
+    count = req.tokens if req.suffix and (ids or len(req.prompts) > 1) else None
+    return Parsed(
+        req.model, route, req.stream, partial(CompletionsCall, req), token_ids=ids, count=count, answer_text=answer_text
+    )
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
 from edgeroute.accounting import Usage
+from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
@@ -310,10 +311,21 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     """The request in `body` (checked by `handle`; its shadow mirror's body, the same request
     for another model without `stream`), whose chat translation the core decides on."""
     req = orjson.loads(body)
-    route = orjson.dumps(anthropic_api.to_openai(req))
+    chat = anthropic_api.to_openai(req)
     make = partial(MessagesCall, req, lost, headers)
     stream = bool(req.get("stream"))
-    return Parsed(req["model"], route, stream, make, ClientEncoder, serves=honoured_by, answer_text=answer_text)
+    # Its image blocks, as the translation's image parts: reserved for as on the chat path.
+    media = items_media(chat["messages"])
+    return Parsed(
+        req["model"],
+        orjson.dumps(chat),
+        stream,
+        make,
+        ClientEncoder,
+        serves=honoured_by,
+        answer_text=answer_text,
+        media=media,
+    )
 
 
 def _json(raw: bytes) -> Any:

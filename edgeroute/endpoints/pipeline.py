@@ -70,7 +70,8 @@ class Parsed:
     # The prompt's tokens sent as token ids (completions, embeddings): exact, and absent from
     # the routing body's text, so the decision (and admission, which reserves by it) counts them.
     token_ids: int = 0
-    # The whole prompt, exactly, under an encoding (text and ids), for a prompt holding both.
+    # The whole prompt, exactly, under an encoding, for a prompt the routing body's text does not
+    # hold as it is billed: text and ids, or a completions suffix read with each of several prompts.
     count: Callable[[str], int] | None = None
     # Whether a public model has a deployment that can serve the request (None: every model
     # can), so that a budget's downgrade does not send it where it can only fail.
@@ -150,9 +151,10 @@ def _ids_only(parsed: Parsed) -> int | None:
 
 
 async def _with_ids(parsed: Parsed, decision: _core.Decision) -> int | None:
-    """A prompt of text and token ids counted exactly under the decision's encoding (its text
-    off the loop when long); None for any other prompt (the first decision counted it)."""
-    if not parsed.token_ids or parsed.count is None:
+    """A prompt with an exact count (`Parsed.count`: text and token ids, a suffix read with each
+    prompt) counted under the decision's encoding (its text off the loop when long); None for any
+    other prompt (the first decision counted it)."""
+    if parsed.count is None:
         return None
     if len(parsed.routing_body) < _OFF_LOOP_CHARS:
         return min(parsed.count(decision.encoding), _U32)

@@ -67,8 +67,17 @@ class ResponsesRequest:
             self.why_not = e
 
     def text(self) -> str:
+        """What the model reads, for a request without a chat translation: the instructions and
+        the tools' definitions beside the input (the provider bills them as prompt tokens; the
+        input alone let a long system prompt pass a budget unreserved)."""
         raw = self.raw.get("input")
-        return raw if isinstance(raw, str) else orjson.dumps(raw).decode()
+        parts = [raw if isinstance(raw, str) else orjson.dumps(raw).decode()]
+        instructions = self.raw.get("instructions")
+        if isinstance(instructions, str):
+            parts.insert(0, instructions)
+        if self.raw.get("tools"):
+            parts.append(orjson.dumps(self.raw["tools"]).decode())
+        return "\n".join(parts)
 
 
 class Via:

@@ -111,8 +111,13 @@ def input_messages(raw: Any) -> list[dict[str, Any]]:
             call_id, output = item.get("call_id"), item.get("output")
             if not isinstance(call_id, str) or not isinstance(output, str | list):
                 raise bad(f"'input[{i}]' (function_call_output) needs call_id and output.", "input")
-            text = output if isinstance(output, str) else _flat(_text_parts(output, f"input[{i}]"))
-            out.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            parts = output if isinstance(output, str) else _text_parts(output, f"input[{i}]")
+            if not isinstance(parts, str) and any(p["type"] != "text" for p in parts):
+                # A chat tool message holds text alone: the image would be dropped unseen.
+                raise bad(
+                    f"'input[{i}].output' has an image, which a chat deployment's tool result cannot take.", "input"
+                )
+            out.append({"role": "tool", "tool_call_id": call_id, "content": _flat(parts)})
         elif kind == "reasoning":
             continue  # a previous answer's reasoning summary: chat has no place for it
         else:

@@ -12,7 +12,8 @@ fails leaves the id unbound. A request whose `previous_response_id` is bound to 
 else, or to no one (made before this check existed, directly at the provider, or whose
 binding failed), is answered OpenAI's own 404 for an unknown id: whether it exists is not
 revealed. Stored state named by id that no binding covers (an input `item_reference`, a
-provider-side `conversation`) is refused with a 400 before any call. A server without
+reasoning item without its encrypted content, a provider-side `conversation`, a code
+interpreter's container) is refused with a 400 before any call. A server without
 virtual keys (the config's `keys` or managed keys: a keyless sidecar, shared keys only) has
 one tenant: nothing is bound or checked there.
 """
@@ -83,6 +84,26 @@ def _names_stored_state(raw: dict[str, Any]) -> None:
                 f"'input[{i}]' names a stored item by its id, which edgeroute cannot confine to this key's tenant: "
                 "send the item itself, or continue its response with previous_response_id.",
                 param="input",
+            )
+        # A reasoning item without its encrypted_content is only its id: the provider reads the
+        # reasoning it names from its store, whoever's it is.
+        if kind == "reasoning" and isinstance(item, dict) and not item.get("encrypted_content"):
+            raise ProxyError(
+                400,
+                f"'input[{i}]' is a reasoning item without its encrypted_content, which names stored reasoning "
+                "edgeroute cannot confine to this key's tenant: send it with its encrypted_content (include "
+                "reasoning.encrypted_content), or continue its response with previous_response_id.",
+                param="input",
+            )
+    tools = raw.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        # A code interpreter's container named by id holds the files of whoever made it.
+        if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
+            raise ProxyError(
+                400,
+                f"'tools[{i}].container' names a container at the provider, which edgeroute cannot confine to "
+                'this key\'s tenant: ask for a new one ({"type": "auto"}).',
+                param="tools",
             )
 
 

@@ -60,6 +60,7 @@ _INDEXES = [
 
 _VERSIONS_LOCK = 7422  # adding a config version, one instance at a time (pg_schema.py lists the keys)
 RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
+CONTESTED = "!contested"  # the owner of an id given to two owners: no caller's
 RESPONSE_PRUNE_EVERY = 3600.0
 
 AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
@@ -176,14 +177,19 @@ class GovStore:
     # -- Responses ids: whose conversation each one is ----------------------------
 
     def bind_response(self, response_id: str, owner: str) -> None:
-        """Records that `owner` created response `response_id` (a first binding stands: an id
-        already bound stays its first owner's). Bindings older than a provider keeps a stored
+        """Records that `owner` created response `response_id`. An id already bound to another
+        owner becomes no one's (`CONTESTED`): an upstream that gave two tenants one id (its ids
+        counted from 1 again after a restart) stores the later conversation under it, which the
+        first owner would otherwise continue. Bindings older than a provider keeps a stored
         response (OpenAI: 30 days) go, at most once an hour per process."""
         now = time.time()
         with self._lock, self._tx() as cur:
             cur.execute(
-                self._sql("INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"),
-                (response_id, owner, now),
+                self._sql(
+                    "INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
+                    " SET owner = ? WHERE gov_response_owners.owner <> excluded.owner"
+                ),
+                (response_id, owner, now, CONTESTED),
             )
             if now - self._owners_pruned >= RESPONSE_PRUNE_EVERY:
                 self._owners_pruned = now

@@ -39,6 +39,8 @@ _SECRET_FIELDS = frozenset(
 )  # fmt: skip
 # Secret only when they carry credentials (user:password@); a proxy's may be written without a scheme.
 _URLS = frozenset({"dsn", "redis_url", "proxy"})
+# Or a password by name: libpq's keyword form (`host=db password=...`), a URL's `?password=`.
+_PASSWORD_PARAM = re.compile(r"(?i)\bpassword\s*=")
 # Any other URL with credentials in it (a `base_url`, a tracing endpoint): `scheme://user[:password]@`.
 _URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 
@@ -76,7 +78,7 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
 def _literal(field: str, v: str) -> bool:
     if v.startswith((*secrets.REFERENCE_PREFIXES, REDACTED)):
         return False
-    return "@" in v if field in _URLS else True
+    return ("@" in v or _PASSWORD_PARAM.search(v) is not None) if field in _URLS else True
 
 
 def _webhook_urls(data: Any) -> Iterator[tuple[dict[str, Any], str]]:

@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute.mock import openai as openai_mock
+from edgeroute.mock.unreadable import refused_as
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -255,7 +256,7 @@ OPTIONS = web.AppKey("anthropic_options", MockOptions)
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (`/v1/messages`, `/v1/models`)."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[refused_as(lambda m: anthropic_error(400, m))])
     app[OPTIONS] = options or MockOptions()
     app.router.add_post("/v1/messages", messages)
     app.router.add_get("/v1/models", list_models)

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute.mock import openai as openai_mock
+from edgeroute.mock.unreadable import refused_as
 
 STREAM_OPTIONS_SINCE = "2024-09-01-preview"  # Azure's first API version that takes `stream_options`
 
@@ -77,7 +78,10 @@ OPTIONS = web.AppKey("azure_options", MockOptions)
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (Azure's deployment routes)."""
     opts = options or MockOptions()
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(
+        client_max_size=64 * 1024 * 1024,
+        middlewares=[refused_as(lambda m: azure_error(400, "BadRequest", m))],
+    )
     app[OPTIONS] = opts
     # The OpenAI mock answers once Azure's own checks pass; the key was already checked.
     app[openai_mock.OPTIONS] = dataclasses.replace(opts, api_key=None)

@@ -38,6 +38,7 @@ from botocore.credentials import Credentials
 
 from edgeroute.mock import openai as openai_mock
 from edgeroute.mock.openai_endpoints import vector
+from edgeroute.mock.unreadable import refused_as
 
 _ERRORS = {
     400: "ValidationException",
@@ -339,7 +340,9 @@ async def invoke(request: web.Request) -> web.Response:
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (`/model/{modelId}/converse[-stream]`)."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(
+        client_max_size=64 * 1024 * 1024, middlewares=[refused_as(lambda m: aws_error(400, m, "ValidationException"))]
+    )
     app[OPTIONS] = options or MockOptions()
     app.router.add_post("/model/{model}/{action:converse|converse-stream}", converse)
     app.router.add_post("/model/{model}/invoke", invoke)

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from edgeroute.mock import openai as openai_mock
 from edgeroute.mock import openai_endpoints
+from edgeroute.mock.unreadable import refused_as
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
@@ -236,7 +237,7 @@ OPTIONS = web.AppKey("gemini_options", MockOptions)
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (`/v1beta/models/{model}:{method}`)."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[refused_as(lambda m: google_error(400, m))])
     app[OPTIONS] = options or MockOptions()
     app.router.add_post("/v1beta/models/{target}", generate)
     app.router.add_get("/v1beta/models", list_models)

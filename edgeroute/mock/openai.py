@@ -22,6 +22,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute.mock import openai_endpoints
+from edgeroute.mock.unreadable import refused_as
 
 _ERROR_TYPES = {
     400: ("invalid_request_error", None),
@@ -297,7 +298,7 @@ OPTIONS = web.AppKey("options", MockOptions)
 
 def build_app(options: MockOptions | None = None) -> web.Application:
     """The mock as an aiohttp application (paths with and without the /v1 prefix)."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[refused_as(lambda m: openai_error(400, m))])
     app[OPTIONS] = options or MockOptions()
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)

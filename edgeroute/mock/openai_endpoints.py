@@ -153,10 +153,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def is_item_reference(item: Any) -> bool:
-    """An input item that names a stored item by id (its `type` may be left out)."""
+    """An input item that names a stored item by id (its `type` may be left out), or a reasoning
+    item without its encrypted content, which the provider reads from its store by id."""
     if not isinstance(item, dict):
         return False
     kind = item.get("type")
+    if kind == "reasoning":
+        return not item.get("encrypted_content")
     return kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
 
 

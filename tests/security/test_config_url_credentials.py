@@ -18,7 +18,7 @@ import pytest
 
 from edgeroute import config as config_mod
 from edgeroute.state import STATE
-from tests.security.governed import ROOT, call
+from tests.security.governed import ROOT, call, config_views
 from tests.test_cost_support import cost_proxy
 
 VIEWER = "tok-viewer-0123456789"
@@ -45,10 +45,7 @@ async def test_credentials_in_config_urls_are_masked_and_stored_as_hashes(tmp_pa
     async with cost_proxy(_config(tmp_path)) as proxy, aiohttp.ClientSession() as s:
         status, drained = await call(s, "POST", proxy.url + "/admin/deployments/e/drain", ROOT)
         assert status == 200, drained  # version 2
-        for path in ("/admin/config", "/admin/config/versions/1", "/admin/config/diff?from=1&to=2"):
-            async with s.get(proxy.url + path, headers={"Authorization": f"Bearer {VIEWER}"}) as r:
-                assert r.status == 200, path
-                text = await r.text()
+        for path, text in (await config_views(s, proxy.url, VIEWER)).items():
             assert not [word for word in SECRETS if word in text], (path, text)
         status, shown = await call(s, "GET", proxy.url + "/admin/config", VIEWER)
         provider = shown["config"]["providers"]["a"]

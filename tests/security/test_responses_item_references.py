@@ -66,12 +66,14 @@ async def test_another_tenants_stored_item_cannot_be_referenced(
         assert "bob-secret" not in str(refused.value.body)
 
 
-async def test_a_keyless_sidecar_references_its_stored_items(start_upstream: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["item_reference", "reasoning"])
+async def test_a_keyless_sidecar_references_its_stored_items(start_upstream: Any, tmp_path: Path, kind: str) -> None:
+    """Items named by id (a reasoning item without its encrypted content is read from the store,
+    `test_responses_stored_state_by_id`) reach a one-tenant sidecar's provider."""
     up = await start_upstream()
     async with cost_proxy(_config(up, tmp_path, keys=False)) as proxy:
         item = await _bobs_item(proxy.url, "unused")
+        named: Any = {"type": kind, "id": item, **({"summary": []} if kind == "reasoning" else {})}
         async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
-            said = await client.responses.create(
-                model="m", input=[{"type": "item_reference", "id": item}, {"role": "user", "content": "again"}]
-            )
+            said = await client.responses.create(model="m", input=[named, {"role": "user", "content": "again"}])
     assert "bob-secret-4242" in said.output_text

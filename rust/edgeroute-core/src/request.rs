@@ -80,6 +80,10 @@ struct Body<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tools: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    functions: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    response_format: Option<&'a RawValue>,
 }
 
 /// The routing-relevant view of a chat-completions request.
@@ -107,6 +111,9 @@ pub struct ChatRequest<'a> {
     pub user: Option<Cow<'a, str>>,
     /// Raw tool definitions, if any.
     pub tools: Option<&'a RawValue>,
+    /// Other fields the provider renders into the prompt and bills as prompt tokens: the
+    /// legacy `functions` (tools by another name) and `response_format` (its JSON schema).
+    pub prompt_fields: [Option<&'a RawValue>; 2],
     /// Content parts of a type other than `text` (images, audio, files): their tokens are not
     /// in the text's count, and budgets read them from the body only when there are some.
     pub other_parts: u32,
@@ -172,6 +179,7 @@ impl<'a> ChatRequest<'a> {
             choices: count(raw.n, "n")?.max(count(raw.best_of, "best_of")?),
             user: raw.user,
             tools: raw.tools,
+            prompt_fields: [raw.functions, raw.response_format],
             other_parts,
         })
     }

@@ -9,6 +9,7 @@
 //! | chat framing of plain messages (`role`, string `content`, `name`) | **exact** per OpenAI's cookbook (`num_tokens_from_messages`): 3 tokens per message, the tokens of every string field, 1 more when a message has a `name`, 3 for the assistant reply priming |
 //! | content given as an array of parts | text parts are counted one by one; image, audio and file parts are **not** counted (their cost depends on sizes the body does not carry) |
 //! | `tools` (function definitions) | **estimate**: the cookbook's `num_tokens_for_tools` formula (see [`count_tools`]); OpenAI renders tools into an undocumented system-prompt format, and the formula was fitted to it for gpt-4o/gpt-4o-mini and gpt-4/gpt-3.5-turbo |
+//! | `functions` (the legacy name of `tools`) and `response_format` | **estimate**: the tokens of their JSON text (the provider renders them into the prompt and bills them) |
 //! | `tool_calls` of assistant messages | **estimate**: each call as a message of its own (3 tokens) plus its name and its JSON arguments |
 //! | [`Encoding::ClaudeEstimate`], [`Encoding::GeminiEstimate`] | **estimate**: these vendors publish no tokenizer usable here; the whole prompt is counted with an OpenAI encoding and scaled up once at the end |
 
@@ -194,6 +195,9 @@ pub fn count_chat(req: &ChatRequest<'_>, enc: Encoding) -> usize {
     if let Some(tools) = req.tools {
         total += count_tools_with(tools, tok, enc.tool_overheads());
     }
+    for field in req.prompt_fields.iter().flatten() {
+        total += count(field.get());
+    }
     scale(total, percent)
 }
 
@@ -228,6 +232,7 @@ pub fn bound_chat(req: &ChatRequest<'_>, enc: Encoding) -> TokenBounds {
     if let Some(tools) = req.tools {
         bytes += tools.get().len();
     }
+    bytes += req.prompt_fields.iter().flatten().map(|f| f.get().len()).sum::<usize>();
     let percent = enc.percent();
     TokenBounds {
         upper: scale(bytes + framing, percent),
@@ -361,6 +366,24 @@ mod tests {
         let req = ChatRequest::parse(named).unwrap();
         // + 1 ("bob") + 1 (name)
         assert_eq!(count_chat(&req, Encoding::O200kBase), 11);
+    }
+
+    #[test]
+    fn functions_and_response_format_are_prompt() {
+        let plain = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello world"}]}"#;
+        let with = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello world"}],
+            "functions":[{"name":"f","description":"hello world"}],
+            "response_format":{"type":"json_schema","json_schema":{"name":"x","schema":{"description":"hello"}}}}"#;
+        let (plain, with) = (ChatRequest::parse(plain).unwrap(), ChatRequest::parse(with).unwrap());
+        let text = |raw: &str| Encoding::O200kBase.count(raw);
+        let extra = text(r#"[{"name":"f","description":"hello world"}]"#)
+            + text(r#"{"type":"json_schema","json_schema":{"name":"x","schema":{"description":"hello"}}}"#);
+        assert_eq!(
+            count_chat(&with, Encoding::O200kBase),
+            count_chat(&plain, Encoding::O200kBase) + extra
+        );
+        let bytes = |r: &ChatRequest<'_>| bound_chat(r, Encoding::O200kBase).upper;
+        assert!(bytes(&with) > bytes(&plain) + 100);
     }
 
     #[test]
