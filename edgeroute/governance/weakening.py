@@ -141,20 +141,31 @@ def _governed(a: dict[str, Any]) -> dict[str, str]:
 
 def _routed(data: dict[str, Any], pii: list[dict[str, Any]]) -> set[str]:
     """The deployments PII rules' `route` sends their requests to in `data`: the route's, and
-    those of the models it falls back to."""
+    those of every route it hands requests on to (fallbacks of any kind, a shadow's mirror,
+    an experiment's variants, a policy's candidates), followed to the end."""
     models = _mapping(data.get("models"))
-    out: set[str] = set()
-    for rule in pii:
-        route = _at(rule, "then", "route")
-        if not isinstance(route, str):  # none, or an odd shape in a stored version
+    seen: set[str] = set()
+    todo = [r for r in (_at(rule, "then", "route") for rule in pii) if isinstance(r, str)]
+    while todo:  # an odd shape in a stored version is skipped, a cycle ends
+        name = todo.pop()
+        if name in seen:
             continue
-        names = [
-            route,
-            *_list(_at(models.get(route), "fallbacks")),
-            *_list(_at(models.get(route), "context_window_fallbacks")),
-        ]
-        out |= {str(d) for m in names if isinstance(m, str) for d in _list(_at(models.get(m), "deployments"))}
-    return out
+        seen.add(name)
+        todo += [m for m in _next_routes(models.get(name)) if isinstance(m, str)]
+    return {str(d) for m in seen for d in _list(_at(models.get(m), "deployments"))}
+
+
+def _next_routes(model: Any) -> list[Any]:
+    """The routes a model hands its requests (or copies of them) on to."""
+    fallbacks_on = _mapping(_at(model, "fallbacks_on"))
+    return [
+        *_list(_at(model, "fallbacks")),
+        *_list(_at(model, "context_window_fallbacks")),
+        *(m for routes in fallbacks_on.values() for m in _list(routes)),
+        _at(model, "shadow", "model"),
+        *(_at(v, "route") for v in _list(_at(model, "experiment", "variants"))),
+        *(_at(c, "route") for c in _list(_at(model, "policy", "candidates"))),
+    ]
 
 
 def _where(data: dict[str, Any], dep: Any) -> dict[str, Any]:

@@ -238,6 +238,22 @@ def test_what_counts_as_weaker() -> None:
     moved_local = copy.deepcopy(routed)
     moved_local["providers"]["b"]["base_url"] = "https://api.elsewhere.example"
     assert _weaker(routed, moved_local) == ["deployments.d-b (named by a PII rule) changes its base_url"]
+    # Every other way a route hands on its requests (or copies of them) reaches d-a as well.
+    routed["models"]["m"] = {"deployments": ["d-a"]}
+    handed_on = {
+        "shadow": {"shadow": {"model": "m", "percent": 10}},
+        "fallbacks_on": {"fallbacks_on": {"timeout": ["m"]}},
+        "experiment": {"experiment": {"variants": [{"route": "local", "percent": 50}, {"route": "m", "percent": 50}]}},
+        "policy": {"policy": {"candidates": [{"route": "m", "model": "x"}], "threshold": 0.5}},
+        "a fallback's fallback": {},
+    }
+    for how, extra in handed_on.items():
+        via = copy.deepcopy(routed)
+        via["models"]["spare"].update(extra or {"fallbacks": ["m"]})
+        assert _weaker(routed, via) == ["deployments.d-a joins the route of a PII rule"], how
+    looped = copy.deepcopy(routed)
+    looped["models"]["spare"]["fallbacks"] = ["local"]  # a cycle ends
+    assert _weaker(routed, looped) == []
     # A stored version is read as written, before it is validated again: odd shapes are no 500.
     odd = {"rules": {"x": 1}, "deployments": {"d-a": {"tags": 5}}, "request_log": {"content_models": {1: "full"}}}
     assert _weaker(base, odd) == [
