@@ -66,6 +66,45 @@ async def test_streaming_is_relayed_chunk_by_chunk(start_upstream, start_proxy) 
     await client.close()
 
 
+async def test_stream_head_goes_out_with_its_first_event(start_upstream, start_proxy, monkeypatch) -> None:
+    """The answer's head and its first event leave in one write: sent apart, the first token
+    waited for a second system call and the client was woken twice."""
+    from edgeroute import http_connection
+
+    writes: list[bytes] = []
+
+    class Recording:
+        def __init__(self, transport) -> None:
+            self._t = transport
+
+        def write(self, data) -> None:
+            writes.append(bytes(data))
+            self._t.write(data)
+
+        def writelines(self, chunks) -> None:
+            self.write(b"".join(chunks))
+
+        def __getattr__(self, name):
+            return getattr(self._t, name)
+
+    made = http_connection.Connection.connection_made
+
+    def recording(self, transport) -> None:
+        made(self, Recording(transport))
+
+    monkeypatch.setattr(http_connection.Connection, "connection_made", recording)
+    up = await start_upstream(chunk_interval=0.01, reply_words=5)
+    proxy = await start_proxy(simple_config({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.startswith("Hello from gpt-4o-mini.")
+    first = writes[0]
+    assert first.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in first
+    assert b"data: " in first and b'"content":"Hello' in first
+    await client.close()
+
+
 async def test_stream_without_include_usage_has_no_usage_chunk(start_upstream, start_proxy) -> None:
     up = await start_upstream()
     proxy = await start_proxy(simple_config({"a": up}))

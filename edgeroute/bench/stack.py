@@ -142,7 +142,9 @@ class Stack:
             env["PYTHONPATH"] = pythonpath
         err = open(Path(self.tmp.name) / f"{name}.stderr", "ab")  # the child keeps its own copy
         try:
-            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, preexec_fn=pre, env=env)
+            # Run in the tree: `python -m` puts the working directory on sys.path before
+            # PYTHONPATH, so a compare run from a checkout measured that checkout as every tree.
+            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, preexec_fn=pre, env=env, cwd=pythonpath)
         finally:
             err.close()
 

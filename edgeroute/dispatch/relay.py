@@ -87,11 +87,11 @@ async def relay_stream(
     upstream_error = False  # the upstream's own error event was relayed: the stream ends there
     server = request.app[STATE]
     timer: asyncio.Timeout | None = None
-    out = web.StreamResponse(status=200, headers=response_headers)
+    out = _EventStream(status=200, headers=response_headers)
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"
     try:
-        await out.prepare(request)
+        writer = await out.prepare(request)
         request[STREAM_STARTED] = True
         events = _Events(out, encode, strip_usage=call.usage_added)
         send = events.send  # bound once: called for every chunk
@@ -99,6 +99,10 @@ async def relay_stream(
         writing_slowly = False  # a write waits for a client that reads slowly
         try:
             upstream_error = await send(head)
+            # The head went with the first events, unless the guard held all of them. (An aiohttp
+            # that buffers no head, without `send_headers`, sent it in `prepare`.)
+            if (send_head := getattr(writer, "send_headers", None)) is not None:
+                send_head()
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -199,6 +203,14 @@ async def relay_stream(
             else:
                 log.info("a streamed answer of %d bytes was not offered to the cache, log or shadow", said.size)
     return out
+
+
+class _EventStream(web.StreamResponse):
+    """The stream's response: its head goes out with its first events, in one write. Sent
+    apart, as aiohttp sends a stream's head, it cost the first token a system call and a
+    wake-up of the client that read it (one more TCP segment, the same bytes)."""
+
+    _send_headers_immediately = False
 
 
 class _Events:

@@ -29,7 +29,7 @@ _MAX_CANDIDATES = 4
 
 def with_stream_usage(body: bytes) -> bytes:
     """`body` (a chat request's JSON object) with `stream_options.include_usage` true."""
-    if body[:2] == b'{"' and b'"stream_options"' not in body:  # the core's compact body: no parse
+    if body[:2] == b'{"' and body.find(b'"stream_options"') < 0:  # the core's compact body: no parse
         return b'{"stream_options":{"include_usage":true},' + body[1:]
     spliced = _splice(body)
     if spliced is not None:
