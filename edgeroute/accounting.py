@@ -6,8 +6,9 @@ even when the client has gone: spend is never left unrecorded.
 
 Cost: every attempt gets one (`AttemptRecord.cost_usd`: the upstream's usage at the
 deployment's price and time-of-day window; the prompt alone, estimated, for an attempt
-sent and then given up on: a hedge that lost, a client that left, a timeout; 0 for an
-attempt the upstream refused or never received). A JSON answer
+sent and then given up on: a hedge that lost, a client that left, a timeout; for one that
+failed after a 200, the prompt and what was received, `cost.received`; 0 for an attempt the
+upstream refused or never received, or answered 200 with its error object). A JSON answer
 carries the request's cost in `x-edgeroute-cost-usd`; a stream cannot, because its
 headers leave before the usage is known, so its cost is in the record (and the ledger)
 only. When a stream carries no usage, the completion is counted by the core's tokenizer
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -133,21 +135,30 @@ def stream_text(sse_bytes: bytes) -> str:
     return "".join(stream_parts(sse_bytes))
 
 
-def stream_parts(sse_bytes: bytes) -> list[str]:
-    """The text of each `data:` line in `sse_bytes` (whole lines: a line cut short is skipped)."""
-    parts: list[str] = []
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object; None when it is not JSON, or not an object."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def stream_objects(sse_bytes: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON object of each `data:` line in `sse_bytes` (whole lines: a line cut short, or
+    one that is not an object, is skipped)."""
     for line in sse_bytes.split(b"\n"):
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
-            continue
+        if data and data != b"[DONE]" and (obj := json_object(data)) is not None:
+            yield obj
+
+
+def stream_parts(sse_bytes: bytes) -> list[str]:
+    """The text of each `data:` line in `sse_bytes` (whole lines: a line cut short is skipped)."""
+    parts: list[str] = []
+    for obj in stream_objects(sse_bytes):
         for choice in obj.get("choices") or ():
             _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
             if isinstance(choice, dict) and isinstance(choice.get("text"), str):
@@ -199,6 +210,21 @@ class AttemptRecord:
     ttft_ms: float | None = None  # to the first content event (streams only)
     kind: str = "first"  # first | retry (the route's own deployments) | fallback (another model's) | hedge
     span_id: int = 0  # the attempt's trace span, when the request is traced (its traceparent upstream)
+
+
+def billed_usage(attempts: list[AttemptRecord]) -> Usage | None:
+    """The tokens of a request that no attempt answered, as its attempts were billed (given up
+    on, or failed after a 200: `cost.received`), summed; None when none was."""
+    billed = [a.usage for a in attempts if a.usage is not None]
+    if not billed:
+        return None
+    return Usage(
+        sum(u.prompt_tokens for u in billed),
+        sum(u.completion_tokens for u in billed),
+        sum(u.cached_tokens for u in billed),
+        any(u.estimated for u in billed),
+        sum(u.cache_write_tokens for u in billed),
+    )
 
 
 @dataclass(slots=True)
