@@ -42,6 +42,10 @@ class Usage:
     cached_tokens: int = 0
     estimated: bool = False  # counted by the core because the upstream reported none
     cache_write_tokens: int = 0  # prompt tokens written to a prompt cache (Anthropic, Bedrock), priced apart
+    # Audio among the prompt's and the completion's tokens (OpenAI's `*_tokens_details.audio_tokens`),
+    # priced at the audio prices where the deployment has them.
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False) -> Usage | None:
@@ -89,7 +93,17 @@ class Usage:
         except (TypeError, ValueError, OverflowError, AttributeError):
             written = 0
         out.cache_write_tokens = min(max(0, written), out.prompt_tokens - out.cached_tokens)
+        if isinstance(details, dict) and details.get("audio_tokens"):
+            out.audio_prompt_tokens = _part(details["audio_tokens"], out.prompt_tokens)
+        said = u.get("completion_tokens_details")
+        if isinstance(said, dict) and said.get("audio_tokens"):
+            out.audio_completion_tokens = _part(said["audio_tokens"], out.completion_tokens)
         return out
+
+
+def _part(count: Any, whole: int) -> int:
+    """A detail's count of `whole` (audio tokens): an integer within it, else none (garbage)."""
+    return min(max(0, count), whole) if type(count) is int else 0
 
 
 def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
@@ -105,7 +119,20 @@ def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
         + usage.cache_write_tokens * write_price
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
+    if usage.audio_prompt_tokens or usage.audio_completion_tokens:
+        base += _audio_extra(price, usage, fresh) / 1e6
     return base * multiplier_at(price, at) if price.windows else base
+
+
+def _audio_extra(price: Price, usage: Usage, fresh: int) -> float:
+    """What audio tokens cost above the text prices they were counted at (USD x 1e6): the audio
+    among the prompt's fresh tokens (a cached one keeps the cached price) and the completion's."""
+    extra = 0.0
+    if price.audio_input_per_mtok is not None:
+        extra += min(usage.audio_prompt_tokens, fresh) * (price.audio_input_per_mtok - price.input_per_mtok)
+    if price.audio_output_per_mtok is not None:
+        extra += usage.audio_completion_tokens * (price.audio_output_per_mtok - price.output_per_mtok)
+    return extra
 
 
 def _visible_text(part: Any, out: list[str]) -> None:
@@ -224,6 +251,8 @@ def billed_usage(attempts: list[AttemptRecord]) -> Usage | None:
         sum(u.cached_tokens for u in billed),
         any(u.estimated for u in billed),
         sum(u.cache_write_tokens for u in billed),
+        sum(u.audio_prompt_tokens for u in billed),
+        sum(u.audio_completion_tokens for u in billed),
     )
 
 
