@@ -7,6 +7,7 @@ provider's own error object, without usage, is still $0 (the provider did not bi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def _json(body: bytes) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         await request.read()
         return web.Response(body=body, content_type="application/json")  # HTTP 200
+
+    return handle
+
+
+def _stalled(body: bytes) -> Handler:
+    """A 200 whose body stops after `body`, the connection held open."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(body)
+        await asyncio.sleep(3)
+        return resp
 
     return handle
 
@@ -67,24 +82,25 @@ def _tokens(text: str) -> int:
 
 
 # (the upstream, whether the client streams, the output tokens expected: None when not
-# estimated (the upstream's usage), and whether it is billed at all)
+# estimated (the upstream's usage), whether it is billed at all, the client's status)
 CASES = {
-    "malformed-json": (_json(TRUNCATED), False, len(TRUNCATED) // 4, True),
-    "unreadable-choices-with-usage": (_json(orjson.dumps(NULL_CHOICES)), False, None, True),
-    "unreadable-message-with-text": (_json(orjson.dumps(TEXT_NO_MESSAGE)), False, _tokens(TEXT), True),
-    "stream-ended-before-content": (_stream(ROLE), True, 0, True),
-    "provider-error-object": (_json(orjson.dumps(ERROR_200)), False, 0, False),
-    "stream-error-event": (_stream(ERROR_200), True, 0, False),
+    "malformed-json": (_json(TRUNCATED), False, len(TRUNCATED) // 4, True, 502),
+    "unreadable-choices-with-usage": (_json(orjson.dumps(NULL_CHOICES)), False, None, True, 502),
+    "unreadable-message-with-text": (_json(orjson.dumps(TEXT_NO_MESSAGE)), False, _tokens(TEXT), True, 502),
+    "stalled-mid-body": (_stalled(TRUNCATED), False, len(TRUNCATED) // 4, True, 504),
+    "stream-ended-before-content": (_stream(ROLE), True, 0, True, 502),
+    "provider-error-object": (_json(orjson.dumps(ERROR_200)), False, 0, False, 502),
+    "stream-error-event": (_stream(ERROR_200), True, 0, False, 502),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 async def test_a_failure_after_a_200_is_priced_by_what_was_received(tmp_path: Path, case: str) -> None:
-    handle, stream, output, billed = CASES[case]
+    handle, stream, output, billed, status = CASES[case]
     up = await chat_upstream(handle)
     db = tmp_path / "l.db"
     cfg = {
-        "providers": {"p": {"base_url": f"http://127.0.0.1:{up.port}/v1"}},
+        "providers": {"p": {"base_url": f"http://127.0.0.1:{up.port}/v1", "timeouts": {"idle": 0.5}}},
         "deployments": {"d": {"provider": "p", "model": "gpt-4o", "price": PRICE}},
         "models": {"m": {"deployments": ["d"], "max_attempts": 1}},
         "ledger": {"path": str(db), "flush_interval": 0.1},
@@ -103,12 +119,12 @@ async def test_a_failure_after_a_200_is_priced_by_what_was_received(tmp_path: Pa
                 spent = float((await r.json())["budgets"][0]["spent_usd"])
     finally:
         await up.close()
-    assert failed.value.status_code == 502
+    assert failed.value.status_code == status
     prompt = _tokens("tell me about the sea " * 20)
     ((cost, p, c, est),) = _rows(db, "SELECT cost_usd, prompt_tokens, completion_tokens, usage_estimated FROM spend")
     ((outcome, a_cost),) = _rows(db, "SELECT outcome, cost_usd FROM spend_attempts")
     ((logged_est, logged_cost),) = _rows(db, "SELECT tokens_estimated, cost_usd FROM requests")
-    assert outcome == "server_error"  # recorded as the failure it was, whatever it cost
+    assert outcome == ("timeout" if status == 504 else "server_error")  # the failure it was, whatever it cost
     if not billed:  # the provider's own error, without usage: it did not bill it
         assert cost == a_cost == logged_cost == spent == 0 and (p, c) == (0, 0)
         return
