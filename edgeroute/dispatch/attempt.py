@@ -428,9 +428,8 @@ class Attempts:
                     return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                 if isinstance(obj, dict) and obj.get("error"):
                     err = obj["error"]
-                    msg = redact.cut(
-                        f"upstream stream error: {err.get('message') if isinstance(err, dict) else err}", 500
-                    )
+                    said = err.get("message") if isinstance(err, dict) else str(err)
+                    msg = redact.cut(f"upstream stream error: {said}", 500)
                     return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                 if self.has_content(obj):
                     return StreamAnswer(resp, b"".join(head), translator)
