@@ -6,8 +6,9 @@ even when the client has gone: spend is never left unrecorded.
 
 Cost: every attempt gets one (`AttemptRecord.cost_usd`: the upstream's usage at the
 deployment's price and time-of-day window; the prompt alone, estimated, for an attempt
-sent and then given up on: a hedge that lost, a client that left, a timeout; 0 for an
-attempt the upstream refused or never received). A JSON answer
+sent and then given up on: a hedge that lost, a client that left, a timeout; for one that
+failed after a 200, the prompt and what was received, `cost.received`; 0 for an attempt the
+upstream refused or never received, or answered 200 with its error object). A JSON answer
 carries the request's cost in `x-edgeroute-cost-usd`; a stream cannot, because its
 headers leave before the usage is known, so its cost is in the record (and the ledger)
 only. When a stream carries no usage, the completion is counted by the core's tokenizer
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -40,6 +42,10 @@ class Usage:
     cached_tokens: int = 0
     estimated: bool = False  # counted by the core because the upstream reported none
     cache_write_tokens: int = 0  # prompt tokens written to a prompt cache (Anthropic, Bedrock), priced apart
+    # Audio among the prompt's and the completion's tokens (OpenAI's `*_tokens_details.audio_tokens`),
+    # priced at the audio prices where the deployment has them.
+    audio_prompt_tokens: int = 0
+    audio_completion_tokens: int = 0
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False) -> Usage | None:
@@ -87,7 +93,17 @@ class Usage:
         except (TypeError, ValueError, OverflowError, AttributeError):
             written = 0
         out.cache_write_tokens = min(max(0, written), out.prompt_tokens - out.cached_tokens)
+        if isinstance(details, dict) and details.get("audio_tokens"):
+            out.audio_prompt_tokens = _part(details["audio_tokens"], out.prompt_tokens)
+        said = u.get("completion_tokens_details")
+        if isinstance(said, dict) and said.get("audio_tokens"):
+            out.audio_completion_tokens = _part(said["audio_tokens"], out.completion_tokens)
         return out
+
+
+def _part(count: Any, whole: int) -> int:
+    """A detail's count of `whole` (audio tokens): an integer within it, else none (garbage)."""
+    return min(max(0, count), whole) if type(count) is int else 0
 
 
 def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
@@ -103,7 +119,20 @@ def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
         + usage.cache_write_tokens * write_price
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
+    if usage.audio_prompt_tokens or usage.audio_completion_tokens:
+        base += _audio_extra(price, usage, fresh) / 1e6
     return base * multiplier_at(price, at) if price.windows else base
+
+
+def _audio_extra(price: Price, usage: Usage, fresh: int) -> float:
+    """What audio tokens cost above the text prices they were counted at (USD x 1e6): the audio
+    among the prompt's fresh tokens (a cached one keeps the cached price) and the completion's."""
+    extra = 0.0
+    if price.audio_input_per_mtok is not None:
+        extra += min(usage.audio_prompt_tokens, fresh) * (price.audio_input_per_mtok - price.input_per_mtok)
+    if price.audio_output_per_mtok is not None:
+        extra += usage.audio_completion_tokens * (price.audio_output_per_mtok - price.output_per_mtok)
+    return extra
 
 
 def _visible_text(part: Any, out: list[str]) -> None:
@@ -133,21 +162,30 @@ def stream_text(sse_bytes: bytes) -> str:
     return "".join(stream_parts(sse_bytes))
 
 
-def stream_parts(sse_bytes: bytes) -> list[str]:
-    """The text of each `data:` line in `sse_bytes` (whole lines: a line cut short is skipped)."""
-    parts: list[str] = []
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object; None when it is not JSON, or not an object."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def stream_objects(sse_bytes: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON object of each `data:` line in `sse_bytes` (whole lines: a line cut short, or
+    one that is not an object, is skipped)."""
     for line in sse_bytes.split(b"\n"):
         if not line.startswith(b"data:"):
             continue
         data = line[5:].strip()
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(obj, dict):
-            continue
+        if data and data != b"[DONE]" and (obj := json_object(data)) is not None:
+            yield obj
+
+
+def stream_parts(sse_bytes: bytes) -> list[str]:
+    """The text of each `data:` line in `sse_bytes` (whole lines: a line cut short is skipped)."""
+    parts: list[str] = []
+    for obj in stream_objects(sse_bytes):
         for choice in obj.get("choices") or ():
             _visible_text(choice.get("delta") if isinstance(choice, dict) else None, parts)
             if isinstance(choice, dict) and isinstance(choice.get("text"), str):
@@ -199,6 +237,23 @@ class AttemptRecord:
     ttft_ms: float | None = None  # to the first content event (streams only)
     kind: str = "first"  # first | retry (the route's own deployments) | fallback (another model's) | hedge
     span_id: int = 0  # the attempt's trace span, when the request is traced (its traceparent upstream)
+
+
+def billed_usage(attempts: list[AttemptRecord]) -> Usage | None:
+    """The tokens of a request that no attempt answered, as its attempts were billed (given up
+    on, or failed after a 200: `cost.received`), summed; None when none was."""
+    billed = [a.usage for a in attempts if a.usage is not None]
+    if not billed:
+        return None
+    return Usage(
+        sum(u.prompt_tokens for u in billed),
+        sum(u.completion_tokens for u in billed),
+        sum(u.cached_tokens for u in billed),
+        any(u.estimated for u in billed),
+        sum(u.cache_write_tokens for u in billed),
+        sum(u.audio_prompt_tokens for u in billed),
+        sum(u.audio_completion_tokens for u in billed),
+    )
 
 
 @dataclass(slots=True)

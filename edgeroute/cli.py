@@ -78,6 +78,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from edgeroute.cost.prices import audio_unpriced
     from edgeroute.words import counted
 
     if (cfg := _load(args.config)) is None:
@@ -97,6 +98,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
             f"{'has' if len(unpriced) == 1 else 'have'} no price, so {'its' if len(unpriced) == 1 else 'their'} "
             "requests cost $0 in spend, budgets and lowest_cost; give `price: catalogue` or "
             "`price: {input_per_mtok: N, output_per_mtok: N}` (zeros for a free one) to say so",
+            file=sys.stderr,
+        )
+    if audio := audio_unpriced(cfg):
+        print(
+            f"note: {', '.join(audio)} {'serves an audio model' if len(audio) == 1 else 'serve audio models'} "
+            "without audio prices: audio tokens are priced as text; give `audio_input_per_mtok` and "
+            "`audio_output_per_mtok` in its price",
             file=sys.stderr,
         )
     for note in [*_content_notes(cfg), *_residency_notes(cfg)]:

@@ -14,7 +14,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, free_requests, headers, shadow
-from edgeroute.accounting import RequestRecord
+from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, tenant_of
@@ -392,6 +392,9 @@ def finish(
         if a.usage is not None and a.outcome == "success":
             rec.usage = a.usage
             break
+    else:
+        if rec.cost_usd:  # none answered: what its attempts were billed (estimated) is its usage
+            rec.usage = billed_usage(attempts)
     if rec.outcome == "pending":
         rec.outcome = "ok" if rec.status == 200 else ("client_gone" if rec.status == 0 else "error")
     app[ADMISSION].settle(ticket, rec)

@@ -87,7 +87,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.governance.http",
         ],
     ),
-    ("records and the live state", ["edgeroute.accounting", "edgeroute.state"]),
+    ("records and the live state", ["edgeroute.accounting", "edgeroute.cost.received", "edgeroute.state"]),
     (
         "cost control, observability, governance",
         [

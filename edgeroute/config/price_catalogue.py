@@ -27,7 +27,7 @@ from edgeroute.atomic_file import replace_file
 
 FORMAT = 2
 REQUIRED = ("input", "output")
-OPTIONAL = ("cached_input", "cache_write", "batch_input", "batch_output", "per_request")
+OPTIONAL = ("cached_input", "cache_write", "audio_input", "audio_output", "batch_input", "batch_output", "per_request")
 PRICE_FIELDS = REQUIRED + OPTIONAL
 _TEXT = ("provider", "mode", "as_of", "source", "note")
 _MODES = ("chat", "embedding", "completion", "responses")
@@ -37,6 +37,8 @@ _LITELLM = {
     "output_cost_per_token": "output",
     "cache_read_input_token_cost": "cached_input",
     "cache_creation_input_token_cost": "cache_write",
+    "input_cost_per_audio_token": "audio_input",
+    "output_cost_per_audio_token": "audio_output",
     "input_cost_per_token_batches": "batch_input",
     "output_cost_per_token_batches": "batch_output",
 }

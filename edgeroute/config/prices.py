@@ -91,6 +91,9 @@ def catalogue_entry(name: str) -> dict[str, Any]:
         out["cached_input_per_mtok"] = e["cached_input"]
     if "cache_write" in e:
         out["cache_write_per_mtok"] = e["cache_write"]
+    for kind in ("audio_input", "audio_output"):
+        if kind in e:
+            out[f"{kind}_per_mtok"] = e[kind]
     if "per_request" in e:
         out["per_request"] = e["per_request"]
     out["source"] = f"catalogue:{key}@{e['as_of']}"

@@ -134,6 +134,9 @@ class Price(_Strict):
     output_per_mtok: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
     cached_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache reads (default: input)
     cache_write_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache writes (default: input)
+    # Audio tokens (OpenAI's `*_tokens_details.audio_tokens`), in and out (default: the text prices).
+    audio_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
+    audio_output_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
     per_request: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
     windows: list[PriceWindow] = []
     source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"

@@ -69,14 +69,18 @@ class Ceiling:
 def ceiling(prices: list[Price], unbounded_output: int = 0, media: MediaRule = DEFAULT_RULE) -> Ceiling:
     """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
     be below what the request can cost at any time of day). A prompt token costs at most the
-    dearer of the input and cache-write prices: Anthropic bills a prompt written to its cache
-    above the input price (1.25x or 2x), and a reservation at the input price was overshot."""
+    dearer of the input, cache-write and audio prices: Anthropic bills a prompt written to its cache
+    above the input price (1.25x or 2x), and a reservation at the input price was overshot; an
+    answer's token at the dearer of the output and audio-output prices."""
     if not prices:
         return Ceiling(0.0, 0.0, 0.0)
     mult = [max([1.0, *(w.multiplier for w in p.windows)]) for p in prices]
     return Ceiling(
-        max(max(p.input_per_mtok, p.cache_write_per_mtok or 0.0) * m for p, m in zip(prices, mult, strict=True)),
-        max(p.output_per_mtok * m for p, m in zip(prices, mult, strict=True)),
+        max(
+            max(p.input_per_mtok, p.cache_write_per_mtok or 0.0, p.audio_input_per_mtok or 0.0) * m
+            for p, m in zip(prices, mult, strict=True)
+        ),
+        max(max(p.output_per_mtok, p.audio_output_per_mtok or 0.0) * m for p, m in zip(prices, mult, strict=True)),
         max(p.per_request * m for p, m in zip(prices, mult, strict=True)),
         unbounded_output,
         media,
@@ -92,6 +96,22 @@ def unbounded_output(cfg: Config, deployments: Iterable[str]) -> int:
         if provider.kind == "anthropic":
             out = max(out, int(provider.options.get("default_max_tokens", DEFAULT_MAX_TOKENS)))
     return out
+
+
+# Model names of OpenAI's that take or give audio (gpt-4o-audio-preview, gpt-realtime, ...).
+_AUDIO_MODELS = ("audio", "realtime")
+
+
+def audio_unpriced(cfg: Config) -> list[str]:
+    """The priced deployments of audio models without an audio price: their audio tokens are
+    priced as text (OpenAI bills them at 8 to 16 times that)."""
+    return [
+        name
+        for name, d in cfg.deployments.items()
+        if "price" in d.model_fields_set
+        and any(w in d.model.lower() for w in _AUDIO_MODELS)
+        and (d.price.audio_input_per_mtok is None or d.price.audio_output_per_mtok is None)
+    ]
 
 
 def reachable_models(cfg: Config, model: str) -> list[str]:

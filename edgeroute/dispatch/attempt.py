@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -25,6 +26,7 @@ import orjson
 from edgeroute import _core, redact, sse
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.config import Timeouts
+from edgeroute.cost.received import received_usage
 from edgeroute.dispatch.stream_usage import with_stream_usage
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -66,6 +68,10 @@ class Failure:
     retry_after_s: float | None = None
     body: bytes = b""
     sent: bool = True  # False: the deployment could not take the request, so it was never called
+    # After a 2xx head: the answer as received (a JSON body, a stream's held events), which
+    # prices the attempt (`cost.received`); `whole`: read to its end, not cut.
+    received: bytes | None = None
+    whole: bool = True
 
     @property
     def maybe_the_requests(self) -> bool:
@@ -118,11 +124,16 @@ class StreamAnswer:
 Answer = JsonAnswer | StreamAnswer
 
 
-async def read_up_to(resp: Response, limit: int, each: Callable[[], None] | None = None) -> tuple[bytes, bool]:
+async def read_up_to(
+    resp: Response, limit: int, each: Callable[[], None] | None = None, chunks: list[bytes] | None = None
+) -> tuple[bytes, bool]:
     """An upstream body, read to its end or to `limit` bytes: (the bytes, whether that was its
     end). Past `limit` the rest is not read (the caller drops the connection). `each` runs
-    after every piece (e.g. to move an idle timer)."""
-    chunks, size = [], 0
+    after every piece (e.g. to move an idle timer); `chunks` collects the pieces (what had
+    arrived when the read failed)."""
+    size = 0
+    if chunks is None:
+        chunks = []
     while chunk := await resp.readany():
         chunks.append(chunk)
         size += len(chunk)
@@ -213,6 +224,7 @@ class Attempts:
         keep_open = False
         result: Answer | Failure
         reached: list[bool] = []  # non-empty once the request is written to the upstream
+        got: list[bytes] = []  # a JSON body's pieces as read (a failure mid-body is priced by them)
         try:
             loop = self.loop
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
@@ -242,14 +254,16 @@ class Attempts:
                     def more() -> None:
                         deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
 
-                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more)
+                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, got)
                     if not whole:
                         msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-                        result = Failure(Outcome.SERVER_ERROR, resp.status, msg)
+                        result = Failure(Outcome.SERVER_ERROR, resp.status, msg, received=data, whole=False)
                     else:
                         result = await self._answer(data, adapter, resp.status)
         except Exception as e:
             result = _failure_of(e, rec.status, dep)
+            if got:
+                result.received, result.whole = b"".join(got), False
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
@@ -268,11 +282,12 @@ class Attempts:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
-        if isinstance(result, Failure) and result.outcome is Outcome.TIMEOUT and reached:
+        if isinstance(result, Failure) and reached and (result.outcome is Outcome.TIMEOUT or _ok(rec.status)):
             # Given up on as a cancelled attempt is (the connection dropped while the upstream
-            # worked on it): its prompt is likely billed. Priced at nothing, a failover after a
-            # timeout, or a request whose every attempt timed out, spent outside every budget.
-            self.settle_attempt(rec, dep, None)
+            # worked on it), or failed after a 200: the prompt, and what was received, are
+            # likely billed. Priced at nothing, a failover after a timeout, or a request whose
+            # every attempt timed out, spent outside every budget.
+            await self._settle_failed(rec, dep, result)
         if self._refused_stream_options(result, adapter):
             return await self.attempt(dep, "retry")  # at once, without the field
         return result
@@ -343,11 +358,15 @@ class Attempts:
         if self._counting is not None and not self._counting.done():
             await asyncio.shield(self._counting)  # an answer without usage is priced with it
         if len(data) < OFF_LOOP_BYTES:
-            return self._json_answer(data, adapter, status)
-        # In the task's context (an embeddings batch's piece lives in a context variable): the
-        # thread saw none, and a Titan piece's answer over 256 KiB was read as the whole batch's.
-        run = contextvars.copy_context().run
-        return await asyncio.get_running_loop().run_in_executor(COUNTING, run, self._json_answer, data, adapter, status)
+            got = self._json_answer(data, adapter, status)
+        else:
+            # In the task's context (an embeddings batch's piece lives in a context variable): the
+            # thread saw none, and a Titan piece's answer over 256 KiB was read as the whole batch's.
+            run = contextvars.copy_context().run
+            got = await self.loop.run_in_executor(COUNTING, run, self._json_answer, data, adapter, status)
+        if type(got) is Failure:
+            got.received = data  # what prices it
+        return got
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         try:
@@ -390,7 +409,8 @@ class Attempts:
         while True:
             chunk = await resp.readany()
             if not chunk:
-                return Failure(Outcome.SERVER_ERROR, resp.status, "upstream stream ended before any content")
+                msg = "upstream stream ended before any content"
+                return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
             if translator is not None:
                 chunk = translator.feed(chunk)
             head.append(chunk)
@@ -404,11 +424,13 @@ class Attempts:
                 try:
                     obj = orjson.loads(data)
                 except orjson.JSONDecodeError:
-                    return Failure(Outcome.SERVER_ERROR, resp.status, "upstream sent a malformed stream event")
+                    msg = "upstream sent a malformed stream event"
+                    return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                 if isinstance(obj, dict) and obj.get("error"):
                     err = obj["error"]
-                    msg = err.get("message") if isinstance(err, dict) else str(err)
-                    return Failure(Outcome.SERVER_ERROR, resp.status, redact.cut(f"upstream stream error: {msg}", 500))
+                    said = err.get("message") if isinstance(err, dict) else str(err)
+                    msg = redact.cut(f"upstream stream error: {said}", 500)
+                    return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                 if self.has_content(obj):
                     return StreamAnswer(resp, b"".join(head), translator)
             if size > sse.HOLD_BYTES:
@@ -455,6 +477,28 @@ class Attempts:
             await asyncio.shield(self._counting)
         return self.prompt_tokens()
 
+    async def _settle_failed(self, rec: AttemptRecord, dep: DeploymentInfo, failure: Failure) -> None:
+        """Prices an attempt that failed once sent: its prompt, and after a 2xx head what was
+        received (`cost.received`: nothing for a provider's error object without usage). A
+        large body is read in a worker thread, the prompt's price standing meanwhile (kept if
+        the request is cancelled while it reads)."""
+        received = failure.received
+        if received is None or not _ok(rec.status):
+            self.settle_attempt(rec, dep, None)
+            return
+        d = self.decision
+        most = d.max_tokens * d.choices if d.max_tokens else None
+        price = partial(received_usage, self.prompt_tokens(), received, d.encoding, stream=self.stream, most=most)
+        if len(received) < OFF_LOOP_BYTES or not failure.whole:  # a cut body is not parsed
+            usage = price(whole=failure.whole)
+        else:
+            self.settle_attempt(rec, dep, None)
+            usage = await self.loop.run_in_executor(COUNTING, partial(price, whole=True))
+        if usage is None:
+            rec.usage, rec.cost_usd = None, 0.0
+        else:
+            self.settle_attempt(rec, dep, usage)
+
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """Fills in an attempt's usage (the upstream's, else the prompt alone) and its cost."""
         if usage is None:
@@ -480,6 +524,11 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _ok(status: int | None) -> bool:
+    """Whether an upstream's head said the answer follows (a 2xx)."""
+    return status is not None and 200 <= status < 300
 
 
 def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failure:

@@ -64,6 +64,9 @@ class CostControl(Reservations, RateLimits):
         self.budgets = []
         self.apply(cfg)
         self.local_budgets = B.LocalBudgetStore()
+        # The time admission goes by (rate-limit journal, Retry-After); a test's clock too. A
+        # request's budgets are charged in the periods of its start (`Reservations._charges`).
+        self.clock: Callable[[], float] = time.time
         self.reserved = {}
         self.ledger = None
         self._restoring = set()
@@ -145,7 +148,7 @@ class CostControl(Reservations, RateLimits):
         try:
             # With Redis, the four checks below are made in one round trip up front (`_at_once`)
             # and each step reads its result from it; otherwise each step checks on its own.
-            now = time.time()
+            now = self.clock()
             first = await self._at_once(live.deployments, decision, ticket, top, now, wanted)
             if wanted:
                 await self._lease_slots(wanted, ticket, rec, first)

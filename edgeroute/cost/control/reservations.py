@@ -85,7 +85,7 @@ class Reservations(ReadBack, Notifications, Settlement):
     reserve_max_tokens: int
     _block_at: list[int]  # each budget's block threshold in nano-USD (-1: none)
     _any_downgrade: bool
-    _periods: dict[str, tuple[float, B.Period]]  # budget name -> (valid until, its period)
+    _periods: dict[str, tuple[float, float, B.Period]]  # budget name -> (valid from, until, its period)
     _prices: list[Prices]  # the ceilings of the running generation (and of the one before)
 
     def _prices_for(self, cfg: Config) -> Prices:
@@ -163,7 +163,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                     c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None, media
                 )
             ticket.charges, ticket.charges_shared = charges, shared
-            self._hold(rec.request_id, now, charges)
+            self._hold(rec.request_id, _booked_at(ticket, now), charges)
             return route
         return route
 
@@ -204,7 +204,12 @@ class Reservations(ReadBack, Notifications, Settlement):
         return None
 
     def _charges(self, ticket: CostTicket, route: str, amount: int, now: float) -> list[B.Charge]:
+        """The request's charges of `amount`, in the periods of its start: where the ledger books
+        its spend (its row's time), so that what a restart or a Redis reseed reads back is what
+        was counted. By the admission's time, a request begun before a period's end and admitted
+        after it (a long prompt counted first) was counted in the new period and read back in the old."""
         ident = ticket.identity
+        now = _booked_at(ticket, now)
         out = []
         for b, block_at in zip(self.budgets, self._block_at, strict=True):
             if ticket.started < self._counted_from.get(b.name, 0.0):
@@ -218,18 +223,22 @@ class Reservations(ReadBack, Notifications, Settlement):
             out.append(B.charge(b, b.match, self._period(b, now), amount, B.block_limit(b)))
         return out
 
-    def _period(self, b: Budget, now: float) -> B.Period:
-        """The budget's current period, computed once per period (or rolling slot)."""
+    def _period(self, b: Budget, at: float) -> B.Period:
+        """The budget's period at `at`, computed once per period (or rolling slot). Requests'
+        starts do not come in order: one begun before a period's end may be admitted after
+        another begun in the next, so the period kept is checked at both ends."""
         hit = self._periods.get(b.name)
-        if hit is not None and now < hit[0]:
-            return hit[1]
-        p = B.period_of(b, now)
-        until = p.resets_at
-        if p.rolling:
-            assert b.window_hours is not None
-            until = (p.slot + 1) * (b.window_hours * 3600 / B.ROLLING_SLOTS)
-        self._periods[b.name] = (until, p)
+        if hit is not None and hit[0] <= at < hit[1]:
+            return hit[2]
+        p = B.period_of(b, at)
+        start, until = (p.slot * p.slot_s, (p.slot + 1) * p.slot_s) if p.rolling else (p.starts_at, p.resets_at)
+        self._periods[b.name] = (start, until, p)
         return p
+
+
+def _booked_at(ticket: CostTicket, now: float) -> float:
+    """The time a request's spend is booked at: its start (its ledger row's), else `now`."""
+    return ticket.started or now
 
 
 def _subject(b: Budget, ident: Identity, route: str) -> str | None:
