@@ -102,6 +102,8 @@ async def read_body(request: web.Request) -> bytes:
                     code="request_too_large",
                 )
             chunks.append(chunk)
+            if request.content.at_eof():  # all of it (a small body came with its head): no read of b"" to end
+                break
     except web.HTTPRequestEntityTooLarge:  # a compressed body past the limit once inflated
         raise ProxyError(
             413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
