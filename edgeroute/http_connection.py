@@ -40,6 +40,8 @@ from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web import Request as _AiohttpRequest
+from aiohttp.web import RequestKey
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -160,6 +162,19 @@ class Inflate:
             self._fail(ContentEncodingError("truncated compressed body"))
             return
         self.out.feed_eof()
+
+
+class Request(_AiohttpRequest):
+    """aiohttp's request, its values (`request[KEY]`) read in one dict lookup: the `Mapping`
+    base answers `get` and `in` through `__getitem__` and a KeyError caught when the value is
+    absent, ~3,500 instructions where this takes ~400, and a request without a virtual key
+    asks for its identity five times."""
+
+    def get(self, key: str | RequestKey[Any], default: Any = None) -> Any:
+        return self._state.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
 
 
 class Connection(BaseProtocol):
@@ -382,7 +397,7 @@ class Connection(BaseProtocol):
         writer = StreamWriter(self, self._loop)
         task = self._task  # set by `_next` before this coroutine first runs
         assert task is not None
-        request = self.app._make_request(message, payload, self, writer, task)  # type: ignore[arg-type]
+        request = self.app._make_request(message, payload, self, writer, task, _cls=Request)  # type: ignore[arg-type]
         try:
             resp = await self.server.handle(request)
             if not payload.is_eof() and not resp.prepared:

@@ -182,7 +182,8 @@ def explain_header(d: _core.Decision, note: str | None = None) -> str:
     if note is not None:
         parts.append(note)
     # Header values must be latin-1: rule names and reasons come from the config and the prompt.
-    return "; ".join(parts).encode("latin-1", "replace").decode("latin-1")
+    line = "; ".join(parts)
+    return line if line.isascii() else line.encode("latin-1", "replace").decode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,31 @@ def test_sqlite_ledger_batches_and_close_loses_nothing(tmp_path: Path) -> None:
     assert base == pytest.approx((100 * 10 + 20 * 30) / 1e6)
 
 
+def test_absent_values_are_stored_as_null(tmp_path: Path) -> None:
+    """A record's absent values (a keyless cache hit: no key, team, user, rule, attempts) are
+    NULL in the spend and request-log rows, as the reports and the stats filter them, and its
+    present ones keep their types."""
+    db = tmp_path / "l.db"
+    ledger = Ledger(SqliteBackend(db), flush_interval=3600, request_log=RequestLog())
+    hit = RequestRecord(
+        request_id="req-hit", started=time.time(), model="m", route="m", status=200, outcome="cache_hit",
+        latency_ms=0.4, deployment="d-a", cache="hit", saved_usd=0.002,
+    )  # fmt: skip
+    ledger.record(hit)
+    ledger.close()
+    conn = sqlite3.connect(db)
+    spend = dict(zip(("key_id", "team", "user_id", "rule", "admission", "deployment", "cost_usd"), conn.execute(
+        "SELECT typeof(key_id), typeof(team), typeof(user_id), typeof(rule), typeof(admission), typeof(deployment),"
+        " typeof(cost_usd) FROM spend WHERE request_id = 'req-hit'").fetchone(), strict=True))  # fmt: skip
+    assert spend == {"key_id": "null", "team": "null", "user_id": "null", "rule": "null", "admission": "null",
+                     "deployment": "text", "cost_usd": "real"}  # fmt: skip
+    logged = conn.execute(
+        "SELECT typeof(correlation_id), typeof(key_id), typeof(policy), typeof(difficulty), typeof(provider),"
+        " typeof(error_class), typeof(ttft_ms), typeof(content), typeof(cache) FROM requests WHERE id = 'req-hit'"
+    ).fetchone()
+    assert logged == ("null",) * 8 + ("text",)
+
+
 def _throughput(ledger: Ledger, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):

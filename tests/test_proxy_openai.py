@@ -269,3 +269,20 @@ async def test_concurrent_requests_each_answered_once(start_upstream, start_prox
     assert served.count("d-a") == 20 and served.count("d-b") == 20  # equal weights, smooth round robin
     assert proxy.recorder.count == 40
     await client.close()
+
+
+async def test_the_explanation_header_carries_a_rule_name_as_latin_1(start_upstream, start_proxy) -> None:
+    """A header value holds latin-1 characters only: in a rule's name past ASCII, a character
+    latin-1 has not is a `?` (the others go out as aiohttp writes them); an ASCII explanation
+    is as it was."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["rules"] = [{"name": "über-règle ✓", "when": {"keywords": ["zanzibar"]}, "then": {"route": "m"}}]
+    proxy = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        for text, want in (("zanzibar", "rule=über-règle ?; ".encode()), ("hello", b"rule=default; ")):
+            body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+            async with s.post(f"{proxy.url}/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                explain = dict((k.lower(), v) for k, v in r.raw_headers)[b"x-edgeroute-explain"]
+            assert explain.startswith(b"route=m; " + want) and explain.isascii() is (text == "hello")

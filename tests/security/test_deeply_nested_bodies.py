@@ -18,6 +18,7 @@ import anthropic
 import openai
 import pytest
 
+from edgeroute.request_input import too_deep
 from tests.conftest import simple_config
 
 
@@ -111,3 +112,18 @@ async def test_a_body_past_the_json_readers_own_bound_is_the_same_400(start_upst
         err = (await r.json())["error"]
     assert err["type"] == "invalid_request_error" and "nested more than 128 levels" in err["message"]
     assert up.options.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "deep"),
+    [
+        (b"[" * 128 + b"]" * 128, False),  # at the bound
+        (b"[" * 129 + b"]" * 129, True),  # one past it
+        (b"{" + b'"a":{' * 128 + b"1" + b"}" * 129, True),  # objects alone
+        (b'{"a":[' + b",".join([b'{"x":[1]}'] * 300) + b"]}", False),  # 901 brackets, 4 deep
+        (b'{"a":"' + b"[{" * 500 + b'"}', False),  # brackets in a string are text
+    ],
+)
+def test_depth_is_judged_by_nesting_not_by_the_number_of_brackets(body: bytes, deep: bool) -> None:
+    """The bracket count is only a shortcut: past it, the nesting itself decides."""
+    assert too_deep(body) is deep

@@ -13,9 +13,11 @@ import zlib
 
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 from edgeroute import config as config_mod
-from edgeroute.http_connection import MAX_HEAD_BYTES, MAX_PIPELINED
+from edgeroute.http_connection import MAX_HEAD_BYTES, MAX_PIPELINED, Request
 from edgeroute.http_server import ProxyServer
 from edgeroute.server import create_app
 from edgeroute.state import STATE
@@ -371,3 +373,16 @@ async def test_answers_name_edgeroute_not_its_python_and_aiohttp_versions(start_
             async with s.get(proxy.url + path) as r:
                 servers.append(r.headers.get("Server"))
     assert servers == ["edgeroute"] * 5
+
+
+def test_a_requests_values_read_as_aiohttps_do() -> None:
+    """The protocol's requests read their values in one lookup (`http_connection.Request`):
+    absent, given a default, present, and after a clone, as aiohttp's `Mapping` reads them."""
+    m = make_mocked_request("POST", "/v1/chat/completions")
+    request = Request(m._message, m._payload, m._protocol, m._payload_writer, m._task, m._loop)
+    key, other = web.RequestKey("key", int), web.RequestKey("other", int)
+    assert request.get(key) is None and request.get(key, 5) == 5 and key not in request
+    request[key] = 0
+    assert request.get(key) == 0 and request.get(key, 5) == 0 and key in request and other not in request
+    clone = request.clone()
+    assert clone.get(key) == 0 and key in clone and clone.get(other) is None
