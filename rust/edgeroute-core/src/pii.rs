@@ -165,7 +165,7 @@ fn numeric_runs(text: &str, min_digits: usize, mut f: impl FnMut(&str) -> bool) 
 fn has_email(text: &str) -> bool {
     let bytes = text.as_bytes();
     let mut searched_to = 0;
-    for (at, _) in text.match_indices('@') {
+    for at in memchr::memchr_iter(b'@', text.as_bytes()) {
         if at < searched_to {
             continue;
         }
@@ -435,7 +435,7 @@ pub fn find(text: &str) -> Vec<PiiSpan> {
     let mut spans = Vec::new();
     let mut searched_to = 0;
     let bytes = text.as_bytes();
-    for (at, _) in text.match_indices('@') {
+    for at in memchr::memchr_iter(b'@', text.as_bytes()) {
         if at < searched_to {
             continue;
         }
