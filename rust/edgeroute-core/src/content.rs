@@ -218,22 +218,22 @@ fn walk<const L: usize>(dfa: &DFA, bytes: &[u8], overlap: usize, found: &mut imp
     let lanes: [&[u8]; L] = std::array::from_fn(|j| &bytes[from[j]..from[j] + common]);
     for k in 0..common {
         let mut special = false;
-        for j in 0..L {
-            sid[j] = dfa.next_state(AcAnchored::No, sid[j], lanes[j][k]);
-            special |= dfa.is_special(sid[j]);
+        for (s, lane) in sid.iter_mut().zip(&lanes) {
+            *s = dfa.next_state(AcAnchored::No, *s, lane[k]);
+            special |= dfa.is_special(*s);
         }
         if special {
-            for j in 0..L {
-                if dfa.is_match(sid[j]) {
-                    found(sid[j], from[j] + k + 1);
+            for (&s, start) in sid.iter().zip(from) {
+                if dfa.is_match(s) {
+                    found(s, start + k + 1);
                 }
             }
         }
     }
     for (j, (start, end)) in from.iter().zip(to).enumerate() {
         let mut s = sid[j];
-        for i in start + common..end {
-            s = dfa.next_state(AcAnchored::No, s, bytes[i]);
+        for (i, &byte) in bytes.iter().enumerate().take(end).skip(start + common) {
+            s = dfa.next_state(AcAnchored::No, s, byte);
             if dfa.is_special(s) && dfa.is_match(s) {
                 found(s, i + 1);
             }
