@@ -207,6 +207,37 @@ async def test_bad_input(start_upstream, start_proxy, body, param) -> None:
     assert up.options.requests == []
 
 
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"input": {"role": "user", "content": "x"}}, "input"),
+        ({"tools": 5}, "tools"),
+        ({"instructions": ["be brief"]}, "instructions"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"store": "yes"}, "store"),
+        ({"include": [1]}, "include"),
+        ({"metadata": "x"}, "metadata"),
+        ({"max_tool_calls": 1.5}, "max_tool_calls"),
+    ],
+)
+async def test_a_parameter_of_the_wrong_type_is_a_400_naming_it_before_any_upstream(
+    start_upstream, start_proxy, extra, param
+) -> None:
+    """Through the SDK, with a Responses upstream (which would get the body as written): the
+    wrong type is edgeroute's own 400 in OpenAI's words, and no upstream is called."""
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(_config({"a": (up, "openai")}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.responses.create(model="m", input="x", extra_body=extra)
+    assert e.value.code == "invalid_type" and e.value.param == param
+    assert f"'{param}'" in e.value.message
+    assert up.options.requests == []
+    fine = await client.responses.create(model="m", input="x", temperature=1, include=["message.output_text.logprobs"])
+    assert fine.output_text and len(up.options.requests) == 1
+
+
 async def _broken_upstream(kind: str) -> TestServer:
     """An upstream whose stream breaks after its first content."""
 

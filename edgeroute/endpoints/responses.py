@@ -24,6 +24,7 @@ from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
+from edgeroute.endpoints import responses_params
 from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
@@ -45,6 +46,7 @@ class ResponsesRequest:
         req = json_object(body)
         if req.get("input") is None:
             raise bad("Missing required parameter: 'input'.", "input")
+        responses_params.check(req)
         stream = req.get("stream")
         if stream is not None and not isinstance(stream, bool):
             raise bad("'stream' must be a boolean.", "stream")
