@@ -248,3 +248,38 @@ async def test_count_tokens(start_mock, start_proxy) -> None:
     assert 0 < short.input_tokens < long.input_tokens
     with pytest.raises(anthropic.NotFoundError):
         await via.messages.count_tokens(model="nope", messages=HELLO)
+
+
+def _png(w: int, h: int) -> str:
+    """A real PNG of w x h pixels (one gray row repeated), base64."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = (b"\x00" + b"\x80" * w) * h
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
+async def test_count_tokens_counts_images_by_anthropics_rule(start_mock, start_proxy) -> None:
+    """An image is width x height / 750 tokens (at most 1,600) beside the text, as Anthropic's
+    own count_tokens says; an image by URL (its size unknown here) at the most."""
+    _, via, _ = await _clients(start_mock, start_proxy)
+    text = {"type": "text", "text": "What is in this picture?"}
+
+    async def count(*images: dict[str, Any]) -> int:
+        got = await via.messages.count_tokens(model="m", messages=[{"role": "user", "content": [*images, text]}])
+        return int(got.input_tokens)
+
+    def b64(w: int, h: int) -> dict[str, Any]:
+        return {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": _png(w, h)}}
+
+    alone = await count()
+    assert await count(b64(300, 200)) == alone + 80
+    assert await count(b64(300, 200), b64(1000, 1000)) == alone + 80 + 1334
+    assert await count(b64(4000, 3000)) == alone + 1600
+    assert await count({"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}) == alone + 1600

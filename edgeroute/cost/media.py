@@ -204,6 +204,25 @@ def image_tokens(image: Any) -> int:
     return max(IMAGE_LOW if low else openai_tiles(w, h), anthropic)
 
 
+def anthropic_image_tokens(image: Any) -> int:
+    """An `image_url` part's tokens by Anthropic's rule (width x height / 750, at most
+    `IMAGE_CAP` after its resize), when a base64 header gives the size; else the cap."""
+    url = image.get("url") if isinstance(image, dict) else image
+    size = data_url_size(url) if isinstance(url, str) else None
+    return IMAGE_CAP if size is None else min(IMAGE_CAP, math.ceil(size[0] * size[1] / 750))
+
+
+def body_images(body: bytes) -> list[Any]:
+    """The `image_url` objects of a chat-completions body's messages."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    messages = req.get("messages") if isinstance(req, dict) else None
+    parts = (part for m in (messages if isinstance(messages, list) else []) for part in _content(m))
+    return [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+
+
 def openai_tiles(w: int, h: int) -> int:
     """OpenAI's count of a high-detail image: fit into 2048 x 2048, shortest side to 768 px, then
     170 a 512-px tile and 85 more."""
