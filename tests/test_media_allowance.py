@@ -159,3 +159,23 @@ def test_models_that_count_images_at_a_multiple_are_reserved_at_it() -> None:
     assert parts.tokens(M.rule_of([_dep("gpt-4o")])) == 1445
     # Its own `media_tokens.image` says otherwise.
     assert parts.tokens(M.rule_of([_dep("gpt-4o-mini", image=1000)])) == 1000
+
+
+def test_a_gemini_models_images_are_reserved_by_its_tiles_too() -> None:
+    """Gemini counts 258 tokens a 768-px tile (one tile at most 384 px a side): past the cap the
+    other rules share for a large image; at most 4 x 4 tiles, and that for an image by URL."""
+
+    def chat(*urls: str) -> M.MediaParts:
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        return M.body_parts(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": content}]}))
+
+    big, small, by_url = _url(_png(3000, 3000)), _url(_png(300, 300)), "https://example.com/a.png"
+    gemini, other = M.rule_of([_dep("google/gemini-2.0-flash")]), M.rule_of([_dep("gpt-4o")])
+    assert chat(big).tokens(other) == M.IMAGE_CAP
+    assert chat(big).tokens(gemini) == 4 * 4 * M.GEMINI_TILE == M.GEMINI_MOST
+    assert M.gemini_image_tokens({"url": _url(_png(2000, 800))}) == 3 * 2 * M.GEMINI_TILE  # under the cap: 1,600
+    assert chat(small).tokens(other) == 85 + 170 and chat(small).tokens(gemini) == M.GEMINI_TILE
+    assert chat(by_url, small).tokens(gemini) == M.GEMINI_MOST + M.GEMINI_TILE
+    # Beside another deployment, the larger of the two; a Gemini one's own media_tokens decides for it.
+    assert chat(big).tokens(M.rule_of([_dep("gpt-4o"), _dep("gemini-2.5-pro")])) == M.GEMINI_MOST
+    assert chat(big).tokens(M.rule_of([_dep("gemini-2.5-pro", image=500)])) == 500

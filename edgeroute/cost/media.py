@@ -14,7 +14,11 @@ images each overshoot a budget many times over. Each part is reserved at an allo
 - file (`file`): `FILE_TOKENS`, a PDF's text and page images of a few dozen pages.
 
 The images of a deployment of an OpenAI model that counts them at a multiple of gpt-4o's
-count (gpt-4o-mini: 33 times) are reserved at that multiple (`IMAGE_SCALE`). A deployment's
+count (gpt-4o-mini: 33 times) are reserved at that multiple (`IMAGE_SCALE`). A Gemini model
+counts an image by tiles (258 tokens for one at most 384 px a side, else 258 a 768-px tile),
+which passes the cap for large images: its deployments' images are reserved at the larger of
+the two rules, an image of unknown size as one that fills 3,072 px a side (`GEMINI_MOST`: the
+most Gemini is taken to read of an image; a deployment's `media_tokens.image` says otherwise). A deployment's
 `media_tokens` replaces the allowance of a kind for its requests; a request reserves the
 largest allowance of the deployments it may reach.
 """
@@ -25,7 +29,7 @@ import asyncio
 import binascii
 import math
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -38,6 +42,8 @@ IMAGE_CAP = 1600  # the most either rule gives one image: Anthropic's (OpenAI's 
 AUDIO_MIN = 1000
 AUDIO_PER_KB = 32
 FILE_TOKENS = 50_000
+GEMINI_TILE = 258
+GEMINI_MOST = 16 * GEMINI_TILE  # 4 x 4 tiles of 768 px
 # An image header is read from this much of its base64 at most: a JPEG's size follows its
 # EXIF block (often tens of kilobytes); one later than this is reserved at the cap.
 _HEADER_B64 = 96 * 1024
@@ -50,6 +56,7 @@ class MediaRule:
     image: int | None = None  # the largest `media_tokens.image` among them
     image_default: bool = True  # one of them has none: its images at the default rules
     image_scale: float = 1.0  # the largest `IMAGE_SCALE` of those
+    gemini: bool = False  # one of those is a Gemini model: images by its tiles too
     audio: int | None = None
     audio_default: bool = True
     file: int = FILE_TOKENS
@@ -65,10 +72,15 @@ class MediaParts:
     images: tuple[int, ...] = ()
     audio: tuple[int, ...] = ()
     files: int = 0
+    # Each image by Gemini's tiles (derived from the images, so not compared).
+    gemini: tuple[int, ...] = field(default=(), compare=False)
 
     def tokens(self, rule: MediaRule) -> int:
+        images = self.images
+        if rule.gemini and self.gemini:
+            images = tuple(max(d, g) for d, g in zip(images, self.gemini, strict=True))
         return (
-            _each(self.images, rule.image, rule.image_default, rule.image_scale)
+            _each(images, rule.image, rule.image_default, rule.image_scale)
             + _each(self.audio, rule.audio, rule.audio_default)
             + self.files * rule.file
         )
@@ -93,13 +105,14 @@ def rule_of(deployments: Iterable[Deployment]) -> MediaRule:
     """The largest allowance of each kind among `deployments` (their `media_tokens`)."""
     image: int | None = None
     audio: int | None = None
-    image_default = audio_default = False
+    image_default = audio_default = gemini = False
     file, scale = 0, 1.0
     for d in deployments:
         m = d.media_tokens
         if m is None or m.image is None:
             image_default = True
             scale = max(scale, image_scale(d.model))
+            gemini |= d.model.rsplit("/", 1)[-1].startswith("gemini")
         else:
             image = max(image or 0, m.image)
         if m is None or m.audio is None:
@@ -107,9 +120,9 @@ def rule_of(deployments: Iterable[Deployment]) -> MediaRule:
         else:
             audio = max(audio or 0, m.audio)
         file = max(file, FILE_TOKENS if m is None or m.file is None else m.file)
-    if image is None and audio is None and file == FILE_TOKENS and scale == 1.0:
+    if image is None and audio is None and file == FILE_TOKENS and scale == 1.0 and not gemini:
         return DEFAULT_RULE
-    return MediaRule(image, image_default, scale, audio, audio_default, file)
+    return MediaRule(image, image_default, scale, gemini, audio, audio_default, file)
 
 
 # OpenAI models that count an image as more than gpt-4o's tiles (their published multipliers,
@@ -164,23 +177,24 @@ def body_parts(body: bytes) -> MediaParts:
 def message_parts(messages: list[Any]) -> MediaParts:
     """The non-text parts of chat `messages` or of Responses `input` items (an upstream judges
     whether each is valid)."""
-    images: list[int] = []
+    images: list[Any] = []
     audio: list[int] = []
     files = 0
     for m in messages:
         for part in _content(m):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "image_url":
-                images.append(image_tokens(part.get("image_url")))
+                images.append(part.get("image_url"))
             elif kind == "input_image":  # Responses: the URL and detail on the part itself
-                images.append(image_tokens(part))
+                images.append(part)
             elif kind == "input_audio":
                 audio.append(audio_tokens(part.get("input_audio")))
             elif kind in ("file", "input_file"):
                 files += 1
     if not (images or audio or files):
         return NONE
-    return MediaParts(tuple(images), tuple(audio), files)
+    gemini = tuple(gemini_image_tokens(i) for i in images)
+    return MediaParts(tuple(image_tokens(i) for i in images), tuple(audio), files, gemini)
 
 
 def _content(item: Any) -> list[Any]:
@@ -202,6 +216,19 @@ def image_tokens(image: Any) -> int:
     w, h = size
     anthropic = min(IMAGE_CAP, math.ceil(w * h / 750))
     return max(IMAGE_LOW if low else openai_tiles(w, h), anthropic)
+
+
+def gemini_image_tokens(image: Any) -> int:
+    """An image part's tokens by Gemini's tiles when a base64 header gives its size (at most
+    `GEMINI_MOST`), else `GEMINI_MOST`."""
+    url = image.get("url", image.get("image_url")) if isinstance(image, dict) else image
+    size = data_url_size(url) if isinstance(url, str) else None
+    if size is None:
+        return GEMINI_MOST
+    w, h = size
+    if w <= 384 and h <= 384:
+        return GEMINI_TILE
+    return min(GEMINI_MOST, math.ceil(w / 768) * math.ceil(h / 768) * GEMINI_TILE)
 
 
 def anthropic_image_tokens(image: Any) -> int:
