@@ -129,6 +129,33 @@ async def request_headers_are_sent() -> None:
 
 
 @scenario
+async def each_request_carries_its_own_headers_and_length() -> None:
+    """The head is built once per method, URL and headers: a rotated key, a trace header or
+    another body length reaches the upstream as sent, never a head an earlier request had."""
+    async with Server(ok) as srv:
+        c = client()
+        url = srv.url("/v1/chat/completions")
+        sent = [
+            ({"Content-Type": "application/json", "Authorization": "Bearer old"}, b"{}"),
+            ({"Content-Type": "application/json", "Authorization": "Bearer old"}, b'{"a": 1}'),
+            ({"Content-Type": "application/json", "Authorization": "Bearer new"}, b"{}"),
+            ({"Content-Type": "application/json", "Authorization": "Bearer new", "traceparent": "00-ab-cd-01"}, b""),
+        ]
+        for headers, body in sent:
+            r = await c.request("POST", url, headers, body)
+            await r.read()
+        for (headers, body), req in zip(sent, srv.seen, strict=True):
+            assert req.body == body and req.headers["content-length"] == str(len(body))
+            assert req.headers["authorization"] == headers["Authorization"]
+            assert req.headers.get("traceparent") == headers.get("traceparent")
+        for _ in range(2):  # refused again, not served from a head built before
+            with pytest.raises(ValueError):
+                await c.request("POST", url, {"Authorization": "Bearer new\r\nInjected: 1"}, b"{}")
+        assert len(srv.seen) == len(sent)
+        await c.close()
+
+
+@scenario
 async def content_length_chunked_and_interim_bodies() -> None:
     big = bytes(range(256)) * 4096  # 1 MiB: arrives over many socket reads
 

@@ -246,8 +246,10 @@ class FailoverPolicy:
                 state.pos += 1
                 skipped += 1
                 continue
-            fresh = dep not in state.called and not self._is_open(dep.index)
-            if state.attempts > 0 and not fresh and not self._try_retry():
+            # `fresh` matters from the second attempt only: the first asks no circuit (a dict
+            # of nine fields from the core, on every request).
+            fresh = state.attempts == 0 or (dep not in state.called and not self._is_open(dep.index))
+            if not fresh and not self._try_retry():
                 state.budget_refused = True
                 if state.rounds > 0:
                     return self._exhausted(state)

@@ -37,9 +37,30 @@ class Target:
 JOIN_BYTES = 64 * 1024
 
 
+# Request heads without their `Content-Length`, by method, target and headers: an adapter
+# sends the same few headers to a deployment on every request, so the head is built and
+# checked once (~2.5k of the ~4k instructions `encode` took). Bounded: a traced request's
+# `traceparent` makes each of its heads new.
+_HEADS: dict[tuple[object, ...], bytes] = {}
+_HEADS_MAX = 256
+
+
 def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: bytes) -> bytes:
     """The request `method` to `t` with `headers` and `body`, as written to the connection: the
     head and the body, or the head alone when the body is over `JOIN_BYTES` (written next)."""
+    key = (method, t.path_qs, t.host_header, *headers.items()) if headers else (method, t.path_qs, t.host_header)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _head(method, t, headers)
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[key] = head
+    end = b"Content-Length: %d\r\n\r\n" % len(body) if body or method != "GET" else b"\r\n"
+    return b"".join((head, end, body)) if body and len(body) <= JOIN_BYTES else head + end
+
+
+def _head(method: str, t: Target, headers: Mapping[str, str] | None) -> bytes:
+    """The request line and headers, `Content-Length` and the blank line left to `encode`."""
     lines = [f"{method} {t.path_qs} HTTP/1.1\r\n"]
     has_host = has_accept = False
     n = 0
@@ -58,13 +79,8 @@ def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: byte
     if not has_accept:
         lines.append("Accept: */*\r\n")  # what aiohttp sent; some gateways route on its presence
         n += 1
-    if body or method != "GET":
-        lines.append(f"Content-Length: {len(body)}\r\n")
-        n += 1
-    lines.append("\r\n")
     head = "".join(lines)
-    # Request line, headers and the blank line: anything more means a CR or LF inside a name or value.
-    if head.count("\n") != n + 2 or head.count("\r") != n + 2:
+    # The request line and the headers: anything more means a CR or LF inside a name or value.
+    if head.count("\n") != n + 1 or head.count("\r") != n + 1:
         raise ValueError("newline or carriage return in an upstream request header")
-    data = head.encode("utf-8")
-    return data + body if body and len(body) <= JOIN_BYTES else data
+    return head.encode("utf-8")
