@@ -24,7 +24,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
-from edgeroute.accounting import Usage
+from edgeroute.accounting import Usage, anthropic_tool_calls, with_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
@@ -68,6 +68,9 @@ def lost_fields(req: dict[str, Any], beta: str | None) -> list[str]:
         lost.add("metadata")
     if isinstance(output_config, dict) and set(output_config) - {"format"}:
         lost.add("output_config")
+    tools = req.get("tools")
+    if isinstance(tools, list) and any(anthropic_api.is_anthropic_tool(t) for t in tools):
+        lost.add("tools")  # Anthropic's server tools (web search): only Anthropic runs them
     if any(_has_key(req.get(k), "cache_control") for k in ("system", "messages", "tools")):
         lost.add("cache_control")
     history = req.get("messages")
@@ -146,7 +149,9 @@ class NativeStream:
     def usage(self) -> dict[str, Any] | None:
         # message_start's output count is provisional (1): a stream cut before message_delta is
         # counted from its text instead (it was priced as one output token, whatever it sent).
-        return openai_usage(self._usage_in) if self._final else None
+        if not self._final:
+            return None
+        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in))
 
     @property
     def prompt_usage(self) -> dict[str, Any] | None:
@@ -272,6 +277,7 @@ class MessagesCall(Call):
             text = _answer_text(obj.get("content"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+        usage.tool_calls = anthropic_tool_calls(obj.get("usage"))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:

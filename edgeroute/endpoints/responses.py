@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import Usage
+from edgeroute.accounting import Usage, responses_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
@@ -123,6 +123,7 @@ class ResponsesCall(Call):
             text = rf.output_text(obj.get("output"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+        usage.tool_calls = responses_tool_calls(obj.get("output"))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from edgeroute import sse
+from edgeroute.accounting import responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.providers.base import StreamTranslator
 
@@ -90,7 +91,10 @@ class NativeStream:
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
             if kind in _TERMINAL and isinstance(obj, dict):
-                self.usage = rf.usage_to_chat((obj.get("response") or {}).get("usage"))
+                final = obj.get("response") or {}
+                self.usage = with_tool_calls(
+                    rf.usage_to_chat(final.get("usage")), responses_tool_calls(final.get("output"))
+                )
                 out.append(SENTINEL)
         return b"".join(out)
 

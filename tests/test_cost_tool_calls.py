@@ -1,0 +1,111 @@
+"""Built-in tool calls are priced beside tokens: OpenAI's Responses `web_search_call` (and
+file search, code interpreter) items and Anthropic's `usage.server_tool_use.web_search_requests`,
+at the deployment's `price.tool_calls`, in `x-edgeroute-cost-usd` and the request's record."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from edgeroute.accounting import Usage, cost_of, responses_tool_calls
+from edgeroute.config import Price
+from tests.conftest import eventually
+from tests.providers_fixtures import provider_config, start_mock
+
+__all__ = ["start_mock"]
+
+TOKENS = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+SEARCH = 0.025  # USD a call, as configured (not a list price)
+
+
+def _cfg(up: Any, tool_calls: dict[str, float] | None, header: tuple[str, str]) -> dict[str, Any]:
+    cfg = provider_config({"u": up}, models={"u": "claude-x" if up.kind == "anthropic" else "gpt-4o"})
+    cfg["providers"]["u"]["headers"] = dict([header])  # what the mock answers
+    cfg["deployments"]["d-u"]["price"] = {**TOKENS, **({"tool_calls": tool_calls} if tool_calls else {})}
+    return cfg
+
+
+async def _record(proxy: Any) -> Any:
+    async def recorded() -> list[Any]:
+        return list(proxy.recorder.records)
+
+    (rec,) = await eventually(recorded, "the request's record")
+    return rec
+
+
+def _tokens_cost(usage: Usage) -> float:
+    return cost_of(Price(**TOKENS), Usage(usage.prompt_tokens, usage.completion_tokens))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_web_search_calls_of_a_response_are_priced(start_mock: Any, start_proxy: Any, stream: bool) -> None:
+    up = await start_mock("openai")
+    proxy = await start_proxy(_cfg(up, {"web_search": SEARCH}, ("x-mock-tool-calls", "web_search=2")))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    tools: Any = [{"type": "web_search"}]
+    if stream:
+        kinds = [
+            ev.type async for ev in await client.responses.create(model="m", input="news?", tools=tools, stream=True)
+        ]
+        assert kinds[-1] == "response.completed"
+    else:
+        raw = await client.responses.with_raw_response.create(model="m", input="news?", tools=tools)
+        assert [o.type for o in raw.parse().output].count("web_search_call") == 2
+    rec = await _record(proxy)
+    assert rec.usage.tool_calls == {"web_search": 2}
+    assert rec.cost_usd == pytest.approx(_tokens_cost(rec.usage) + 2 * SEARCH)
+    if not stream:
+        assert float(raw.headers["x-edgeroute-cost-usd"]) == pytest.approx(rec.cost_usd)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_anthropic_web_search_requests_are_priced(start_mock: Any, start_proxy: Any, stream: bool) -> None:
+    up = await start_mock("anthropic")
+    proxy = await start_proxy(_cfg(up, {"web_search": SEARCH}, ("x-mock-web-searches", "3")))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    msgs: Any = [{"role": "user", "content": "news?"}]
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]
+    if stream:
+        async with client.messages.stream(model="m", max_tokens=100, messages=msgs, tools=tools) as s:
+            final = await s.get_final_message()
+        assert final.usage.server_tool_use is not None and final.usage.server_tool_use.web_search_requests == 3
+    else:
+        raw = await client.messages.with_raw_response.create(model="m", max_tokens=100, messages=msgs, tools=tools)
+        used = (await raw.parse()).usage.server_tool_use
+        assert used is not None and used.web_search_requests == 3
+    rec = await _record(proxy)
+    assert rec.usage.tool_calls == {"web_search": 3}
+    assert rec.cost_usd == pytest.approx(_tokens_cost(rec.usage) + 3 * SEARCH)
+    if not stream:
+        assert float(raw.headers["x-edgeroute-cost-usd"]) == pytest.approx(rec.cost_usd)
+
+
+async def test_without_a_tool_price_the_calls_cost_nothing(start_mock: Any, start_proxy: Any) -> None:
+    up = await start_mock("openai")
+    proxy = await start_proxy(_cfg(up, None, ("x-mock-tool-calls", "web_search=2")))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.responses.with_raw_response.create(model="m", input="news?", tools=[{"type": "web_search"}])
+    rec = await _record(proxy)
+    assert rec.cost_usd > 0 and rec.cost_usd == pytest.approx(_tokens_cost(rec.usage))
+    assert float(raw.headers["x-edgeroute-cost-usd"]) == pytest.approx(rec.cost_usd)
+
+
+def test_a_code_interpreter_is_counted_by_its_container() -> None:
+    calls = [
+        {"type": "code_interpreter_call", "container_id": "c1"},
+        {"type": "code_interpreter_call", "container_id": "c1"},
+        {"type": "code_interpreter_call", "container_id": "c2"},
+        {"type": "file_search_call"},
+        {"type": "message"},
+    ]
+    assert responses_tool_calls(calls) == {"code_interpreter": 2, "file_search": 1}
+
+
+def test_a_tool_price_is_checked_like_any_price() -> None:
+    with pytest.raises(ValueError):
+        Price(tool_calls={"web_search": -1})
+    with pytest.raises(ValueError):
+        Price(tool_calls={"telepathy": 0.1})
