@@ -4,16 +4,21 @@ at the deployment's `price.tool_calls`, in `x-edgeroute-cost-usd` and the reques
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
 
 from edgeroute.accounting import Usage, cost_of, responses_tool_calls
 from edgeroute.config import Price
+from edgeroute.cost.tool_calls import anthropic_tools, responses_tools
 from tests.conftest import eventually
 from tests.providers_fixtures import provider_config, start_mock
+from tests.test_cost_support import cost_proxy
 
 __all__ = ["start_mock"]
 
@@ -109,3 +114,47 @@ def test_a_tool_price_is_checked_like_any_price() -> None:
         Price(tool_calls={"web_search": -1})
     with pytest.raises(ValueError):
         Price(tool_calls={"telepathy": 0.1})
+
+
+ADMIN, APP = "sk-tools-admin", "sk-tools-app"
+
+
+async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any, tmp_path: Path) -> None:
+    # Tokens are free: before tool calls were reserved for, the three requests reserved nothing.
+    up = await start_mock("openai", latency_ms=300)
+    cfg = _cfg(up, {"web_search": 1.0}, ("x-mock-tool-calls", "web_search=1"))
+    cfg["deployments"]["d-u"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 0, "tool_calls": {"web_search": 1.0}}
+    cfg |= {
+        "keys": {"app": {"token": APP, "team": "t"}, "ops": {"token": ADMIN, "role": "admin"}},
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [{"name": "b", "scope": "team", "match": "t", "limit_usd": 1.5, "period": "day"}]},
+    }
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
+
+        async def one() -> int:
+            try:
+                await client.responses.create(model="m", input="news?", tools=[{"type": "web_search"}])
+            except openai.APIStatusError as e:
+                return e.status_code
+            return 200
+
+        statuses = sorted(await asyncio.gather(*(one() for _ in range(3))))
+        await client.close()
+
+        async def spent() -> float | None:
+            async with aiohttp.ClientSession() as s:
+                async with s.get(proxy.url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+                    got = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
+            return float(got) if got else None
+
+        total = await eventually(spent, "the search's spend in the budget")
+    assert statuses == [200, 429, 429]
+    assert total == pytest.approx(1.0)  # the one search the answer reported, settled
+
+
+def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
+    tools = [{"type": "web_search_preview"}, {"type": "function", "name": "f"}, {"type": "file_search"}]
+    assert responses_tools(tools) == ("web_search", "file_search")
+    assert anthropic_tools([{"type": "web_search_20250305", "name": "web_search"}, {"name": "f"}]) == ("web_search",)
+    assert responses_tools("web_search") == ()

@@ -65,6 +65,7 @@ class MediaParts:
     images: tuple[int, ...] = ()
     audio: tuple[int, ...] = ()
     files: int = 0
+    tools: tuple[str, ...] = ()  # the built-in tools it enables, each reserved at one call (cost.tool_calls)
 
     def tokens(self, rule: MediaRule) -> int:
         return (

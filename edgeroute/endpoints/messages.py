@@ -27,6 +27,7 @@ from edgeroute import _core, anthropic_api, sse
 from edgeroute.accounting import Usage, anthropic_tool_calls, with_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
+from edgeroute.cost.tool_calls import anthropic_tools, with_tools
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
@@ -321,7 +322,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     make = partial(MessagesCall, req, lost, headers)
     stream = bool(req.get("stream"))
     # Its image blocks, as the translation's image parts: reserved for as on the chat path.
-    media = items_media(chat["messages"])
+    media = with_tools(items_media(chat["messages"]), anthropic_tools(req.get("tools")))
     return Parsed(
         req["model"],
         orjson.dumps(chat),
