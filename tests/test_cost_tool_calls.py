@@ -4,11 +4,9 @@ at the deployment's `price.tool_calls`, in `x-edgeroute-cost-usd` and the reques
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import anthropic
 import openai
 import pytest
@@ -18,7 +16,7 @@ from edgeroute.config import Price
 from edgeroute.cost.tool_calls import anthropic_tools, responses_tools
 from tests.conftest import eventually
 from tests.providers_fixtures import provider_config, start_mock
-from tests.test_cost_support import cost_proxy
+from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
 __all__ = ["start_mock"]
 
@@ -131,24 +129,10 @@ async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any
     }
     async with cost_proxy(cfg) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
-
-        async def one() -> int:
-            try:
-                await client.responses.create(model="m", input="news?", tools=[{"type": "web_search"}])
-            except openai.APIStatusError as e:
-                return e.status_code
-            return 200
-
-        statuses = sorted(await asyncio.gather(*(one() for _ in range(3))))
+        tools: Any = [{"type": "web_search"}]
+        statuses = await statuses_of(lambda: client.responses.create(model="m", input="news?", tools=tools), 3)
         await client.close()
-
-        async def spent() -> float | None:
-            async with aiohttp.ClientSession() as s:
-                async with s.get(proxy.url + "/admin/budgets", headers={"Authorization": f"Bearer {ADMIN}"}) as r:
-                    got = next(b for b in (await r.json())["budgets"] if b["name"] == "b")["spent_usd"]
-            return float(got) if got else None
-
-        total = await eventually(spent, "the search's spend in the budget")
+        total = await eventually(lambda: budget_spent(proxy.url, ADMIN), "the search's spend in the budget")
     assert statuses == [200, 429, 429]
     assert total == pytest.approx(1.0)  # the one search the answer reported, settled
 
