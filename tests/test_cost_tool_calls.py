@@ -4,6 +4,7 @@ at the deployment's `price.tool_calls`, in `x-edgeroute-cost-usd` and the reques
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,12 @@ async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any
         total = await eventually(lambda: budget_spent(proxy.url, ADMIN), "the search's spend in the budget")
     assert statuses == [200, 429, 429]
     assert total == pytest.approx(1.0)  # the one search the answer reported, settled
+    conn = sqlite3.connect(tmp_path / "l.db")
+    try:
+        rows = conn.execute("SELECT outcome, cost_usd FROM spend").fetchall()
+    finally:
+        conn.close()
+    assert sorted(rows) == [("blocked", 0.0), ("blocked", 0.0), ("ok", pytest.approx(1.0))]
 
 
 def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
