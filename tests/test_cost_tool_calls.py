@@ -4,13 +4,17 @@ at the deployment's `price.tool_calls`, in `x-edgeroute-cost-usd` and the reques
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from edgeroute.accounting import Usage, cost_of, responses_tool_calls
 from edgeroute.config import Price
@@ -149,3 +153,91 @@ def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
     assert responses_tools(tools) == ("web_search", "file_search")
     assert anthropic_tools([{"type": "web_search_20250305", "name": "web_search"}, {"name": "f"}]) == ("web_search",)
     assert responses_tools("web_search") == ()
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def _cut(request: web.Request, events: list[dict[str, Any]]) -> web.StreamResponse:
+    """`events`, then the connection closed: no terminal event, no final usage."""
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    await out.write(b"".join(map(_sse, events)))
+    await asyncio.sleep(0.05)
+    assert request.transport is not None
+    request.transport.close()
+    return out
+
+
+async def _responses_cut(request: web.Request) -> web.StreamResponse:
+    searches = [
+        {"type": "response.output_item.done", "sequence_number": 1 + i, "output_index": i,
+         "item": {"type": "web_search_call", "id": f"ws_{i}", "status": "completed", "action": {"type": "search"}}}
+        for i in range(2)
+    ]  # fmt: skip
+    delta = {"type": "response.output_text.delta", "sequence_number": 3, "item_id": "msg_x", "output_index": 2}
+    created = {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_x", "status": "in_progress"}}
+    return await _cut(request, [created, *searches, {**delta, "content_index": 0, "delta": "word ", "logprobs": []}])
+
+
+async def _messages_cut(request: web.Request) -> web.StreamResponse:
+    usage = {"input_tokens": 20, "output_tokens": 1}
+    message = {
+        "id": "msg_x",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [],
+        "usage": usage,
+    }
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": message}]
+    for i in range(3):
+        use = {"type": "server_tool_use", "id": f"srvtoolu_{i}", "name": "web_search", "input": {}}
+        events += [
+            {"type": "content_block_start", "index": 2 * i, "content_block": use},
+            {"type": "content_block_stop", "index": 2 * i},
+            {"type": "content_block_start", "index": 2 * i + 1,
+             "content_block": {"type": "web_search_tool_result", "tool_use_id": use["id"], "content": []}},
+            {"type": "content_block_stop", "index": 2 * i + 1},
+        ]  # fmt: skip
+    text = {"type": "content_block_start", "index": 6, "content_block": {"type": "text", "text": ""}}
+    delta = {"type": "content_block_delta", "index": 6, "delta": {"type": "text_delta", "text": "word "}}
+    return await _cut(request, [*events, text, delta])
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_tool_calls_of_a_stream_cut_before_its_usage_are_priced(start_proxy: Any, kind: str) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/responses", _responses_cut)
+    app.router.add_post("/v1/messages", _messages_cut)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = f"http://127.0.0.1:{server.port}" + ("/v1" if kind == "openai" else "")
+        proxy = await start_proxy(
+            {
+                "providers": {"p": {"kind": kind, "base_url": base, "api_key": "key-p"}},
+                "deployments": {"d": {"provider": "p", "model": "x", "price": {"tool_calls": {"web_search": SEARCH}}}},
+                "models": {"m": {"deployments": ["d"]}},
+            }
+        )
+        if kind == "openai":
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+            tools: Any = [{"type": "web_search"}]
+            async for _ in await client.responses.create(model="m", input="news?", tools=tools, stream=True):
+                pass
+        else:
+            ac = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+            server_tool: Any = [{"type": "web_search_20250305", "name": "web_search"}]
+            msgs: Any = [{"role": "user", "content": "news?"}]
+            with pytest.raises(anthropic.APIError):
+                async with ac.messages.stream(model="m", max_tokens=100, messages=msgs, tools=server_tool) as s:
+                    async for _ in s:
+                        pass
+        rec = await _record(proxy)
+    finally:
+        await server.close()
+    searches = 2 if kind == "openai" else 3
+    assert rec.usage.tool_calls == {"web_search": searches}
+    assert rec.cost_usd == pytest.approx(searches * SEARCH)  # tokens are free here

@@ -126,6 +126,7 @@ class NativeStream:
         self._usage_in: dict[str, Any] = {}
         self._final = False  # a message_delta brought the answer's output_tokens
         self._blocks = 0  # content blocks started
+        self.tool_calls_seen: dict[str, int] = {}  # server tool calls started, for a stream cut before its end
 
     def _check(self, obj: Any) -> None:
         """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
@@ -158,6 +159,14 @@ class NativeStream:
     def prompt_usage(self) -> dict[str, Any] | None:
         return prompt_side(self._usage_in)
 
+    def _count_server_tool(self, block: Any) -> None:
+        """A `server_tool_use` block: one request of Anthropic's web search or fetch (as its final
+        `usage.server_tool_use` counts them)."""
+        if isinstance(block, dict) and block.get("type") == "server_tool_use":
+            kind = block.get("name")
+            if kind in ("web_search", "web_fetch"):
+                self.tool_calls_seen[kind] = self.tool_calls_seen.get(kind, 0) + 1
+
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)
         out = []
@@ -175,7 +184,9 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
-                if kind == "message_start":
+                if kind == "content_block_start":
+                    self._count_server_tool(obj.get("content_block"))
+                elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                 elif kind == "message_delta":
                     self._final = self._final or type((obj.get("usage") or {}).get("output_tokens")) is int

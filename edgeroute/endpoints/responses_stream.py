@@ -60,6 +60,12 @@ class NativeStream:
         self._events = sse.EventSplitter()
         self._content = False
         self.usage: dict[str, Any] | None = None
+        self._done_items: list[Any] = []  # the output items done so far, for a stream cut before its end
+
+    @property
+    def tool_calls_seen(self) -> dict[str, int]:
+        """The built-in tool calls among the items done so far: billed though the stream broke."""
+        return responses_tool_calls(self._done_items)
 
     def _check(self, obj: Any) -> None:
         """An event the OpenAI SDK can read: relayed unchanged, an upstream's `data: [1]` or a
@@ -90,6 +96,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
+            if kind == "response.output_item.done" and isinstance(obj, dict):
+                self._done_items.append(obj.get("item"))
             if kind in _TERMINAL and isinstance(obj, dict):
                 final = obj.get("response") or {}
                 self.usage = with_tool_calls(
