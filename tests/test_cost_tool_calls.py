@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute.accounting import Usage, cost_of, responses_tool_calls
-from edgeroute.config import Price
+from edgeroute.config import Price, price_catalogue
 from edgeroute.cost.tool_calls import anthropic_tools, responses_tools
 from tests.conftest import eventually
 from tests.providers_fixtures import provider_config, start_mock
@@ -241,3 +241,25 @@ async def test_tool_calls_of_a_stream_cut_before_its_usage_are_priced(start_prox
     searches = 2 if kind == "openai" else 3
     assert rec.usage.tool_calls == {"web_search": searches}
     assert rec.cost_usd == pytest.approx(searches * SEARCH)  # tokens are free here
+
+
+async def test_anthropic_server_tools_are_refused_by_other_providers(start_mock: Any, start_proxy: Any) -> None:
+    up = await start_mock("openai", record=True)
+    proxy = await start_proxy(_cfg(up, {"web_search": SEARCH}, ("x-mock-web-searches", "1")))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    tools: Any = [{"type": "web_search_20250305", "name": "web_search"}]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        await client.messages.create(
+            model="m", max_tokens=10, messages=[{"role": "user", "content": "hi"}], tools=tools
+        )
+    assert "tools" in e.value.message and not up.options.requests
+
+
+def test_a_catalogue_entry_may_price_tool_calls() -> None:
+    entry = {"provider": "openai", "input": 1.0, "output": 2.0, "as_of": "2026-12-05", "source": "test"}
+    good = {"models": {"x": {**entry, "tool_calls": {"web_search": 0.01}}}}
+    assert price_catalogue.check(good, "t")["models"]["x"]["tool_calls"] == {"web_search": 0.01}
+    with pytest.raises(price_catalogue.CatalogueError, match=r"tool_calls\.telepathy: unknown tool"):
+        price_catalogue.check({"models": {"x": {**entry, "tool_calls": {"telepathy": 1}}}}, "t")
+    with pytest.raises(price_catalogue.CatalogueError, match=r"tool_calls\.web_search: must be a finite"):
+        price_catalogue.check({"models": {"x": {**entry, "tool_calls": {"web_search": -1}}}}, "t")
