@@ -111,7 +111,7 @@ class Usage:
 TOOL_CALLS = "edgeroute_tool_calls"
 
 # Responses output items of the built-in tools billed per call.
-_RESPONSES_TOOL_ITEMS = {
+RESPONSES_TOOL_ITEMS = {
     "web_search_call": "web_search",
     "file_search_call": "file_search",
     "code_interpreter_call": "code_interpreter",
@@ -124,7 +124,7 @@ def responses_tool_calls(output: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     containers: set[Any] = set()
     for item in output if isinstance(output, list) else ():
-        kind = _RESPONSES_TOOL_ITEMS.get(str(item.get("type"))) if isinstance(item, dict) else None
+        kind = RESPONSES_TOOL_ITEMS.get(str(item.get("type"))) if isinstance(item, dict) else None
         if kind is None:
             continue
         if kind == "code_interpreter":

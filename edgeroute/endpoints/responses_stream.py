@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from edgeroute import sse
-from edgeroute.accounting import responses_tool_calls, with_tool_calls
+from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.providers.base import StreamTranslator
 
@@ -60,7 +60,7 @@ class NativeStream:
         self._events = sse.EventSplitter()
         self._content = False
         self.usage: dict[str, Any] | None = None
-        self._done_items: list[Any] = []  # the output items done so far, for a stream cut before its end
+        self._done_items: list[dict[str, Any]] = []  # the tool call items done so far, for a cut stream
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -97,7 +97,9 @@ class NativeStream:
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
             if kind == "response.output_item.done" and isinstance(obj, dict):
-                self._done_items.append(obj.get("item"))
+                item = obj.get("item")
+                if isinstance(item, dict) and item.get("type") in RESPONSES_TOOL_ITEMS:  # not a message's text
+                    self._done_items.append({"type": item["type"], "container_id": item.get("container_id")})
             if kind in _TERMINAL and isinstance(obj, dict):
                 final = obj.get("response") or {}
                 self.usage = with_tool_calls(
