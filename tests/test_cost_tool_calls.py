@@ -263,3 +263,12 @@ def test_a_catalogue_entry_may_price_tool_calls() -> None:
         price_catalogue.check({"models": {"x": {**entry, "tool_calls": {"telepathy": 1}}}}, "t")
     with pytest.raises(price_catalogue.CatalogueError, match=r"tool_calls\.web_search: must be a finite"):
         price_catalogue.check({"models": {"x": {**entry, "tool_calls": {"web_search": -1}}}}, "t")
+
+
+def test_a_catalogue_update_names_a_changed_tool_price() -> None:
+    entry = {"provider": "openai", "input": 1.0, "output": 2.0, "as_of": "2026-12-05", "source": "test"}
+    old = {"models": {"x": {**entry, "tool_calls": {"web_search": 0.01}}}}
+    new = {"models": {"x": {**entry, "tool_calls": {"web_search": 0.02, "file_search": 0.0025}}}}
+    assert price_catalogue.diff(old, new).changed == [
+        ("x", ["tool_calls.file_search - → 0.0025", "tool_calls.web_search 0.01 → 0.02"])
+    ]

@@ -209,6 +209,12 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> Diff:
             for f in PRICE_FIELDS
             if a[name].get(f) != b[name].get(f)
         ]
+        tools_a, tools_b = a[name].get(TOOL_CALLS, {}), b[name].get(TOOL_CALLS, {})
+        what += [
+            f"{TOOL_CALLS}.{k} {tools_a.get(k, '-')} → {tools_b.get(k, '-')}"
+            for k in sorted(set(tools_a) | set(tools_b))
+            if tools_a.get(k) != tools_b.get(k)
+        ]
         if what:
             d.changed.append((name, what))
     return d
