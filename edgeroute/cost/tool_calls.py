@@ -9,6 +9,7 @@ request may reach; the calls the answer reports are what is settled.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from edgeroute.cost.media import NONE, Media, MediaParts
@@ -45,6 +46,6 @@ def with_tools(media: Media | None, tools: tuple[str, ...]) -> Media | None:
 
     async def parts() -> MediaParts:
         got = await media() if media is not None else NONE
-        return MediaParts(got.images, got.audio, got.files, tools)
+        return dataclasses.replace(got, tools=tools)
 
     return parts
