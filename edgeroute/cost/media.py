@@ -65,7 +65,6 @@ class MediaParts:
     images: tuple[int, ...] = ()
     audio: tuple[int, ...] = ()
     files: int = 0
-    tools: tuple[str, ...] = ()  # the built-in tools it enables, each reserved at one call (cost.tool_calls)
 
     def tokens(self, rule: MediaRule) -> int:
         return (
@@ -73,6 +72,9 @@ class MediaParts:
             + _each(self.audio, rule.audio, rule.audio_default)
             + self.files * rule.file
         )
+
+    # The built-in tools it enables (web search, ...), each reserved at one call (cost.tool_calls).
+    tools: tuple[str, ...] = ()
 
 
 NONE = MediaParts()
