@@ -46,6 +46,9 @@ class Usage:
     # priced at the audio prices where the deployment has them.
     audio_prompt_tokens: int = 0
     audio_completion_tokens: int = 0
+    # Calls of built-in tools the upstream ran and bills apart (web_search: 2), priced at the
+    # deployment's `price.tool_calls`.
+    tool_calls: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False) -> Usage | None:
@@ -98,7 +101,53 @@ class Usage:
         said = u.get("completion_tokens_details")
         if isinstance(said, dict) and said.get("audio_tokens"):
             out.audio_completion_tokens = _part(said["audio_tokens"], out.completion_tokens)
+        if isinstance(tools := u.get(TOOL_CALLS), dict):
+            out.tool_calls = {k: v for k, v in tools.items() if type(v) is int and 0 < v < 1 << 20}
         return out
+
+
+# The key under which an answer reader carries its tool calls in the chat-shaped usage it hands
+# to accounting (`Usage.from_openai`); never in a usage a client sees.
+TOOL_CALLS = "edgeroute_tool_calls"
+
+# Responses output items of the built-in tools billed per call.
+RESPONSES_TOOL_ITEMS = {
+    "web_search_call": "web_search",
+    "file_search_call": "file_search",
+    "code_interpreter_call": "code_interpreter",
+}
+
+
+def responses_tool_calls(output: Any) -> dict[str, int]:
+    """The billed tool calls among a Response's `output` items. A code interpreter is billed by
+    the container (each may run many calls): its calls count once per `container_id`."""
+    out: dict[str, int] = {}
+    containers: set[Any] = set()
+    for item in output if isinstance(output, list) else ():
+        kind = RESPONSES_TOOL_ITEMS.get(str(item.get("type"))) if isinstance(item, dict) else None
+        if kind is None:
+            continue
+        if kind == "code_interpreter":
+            container = item.get("container_id")
+            if container is not None and container in containers:
+                continue
+            containers.add(container)
+        out[kind] = out.get(kind, 0) + 1
+    return out
+
+
+def anthropic_tool_calls(usage: Any) -> dict[str, int]:
+    """Anthropic's server tool calls (`usage.server_tool_use`: web_search_requests, web_fetch_requests)."""
+    used = usage.get("server_tool_use") if isinstance(usage, dict) else None
+    if not isinstance(used, dict):
+        return {}
+    out = {kind: used.get(f"{kind}_requests") for kind in ("web_search", "web_fetch")}
+    return {k: v for k, v in out.items() if type(v) is int and v > 0}
+
+
+def with_tool_calls(usage: dict[str, Any] | None, calls: dict[str, int]) -> dict[str, Any] | None:
+    """A chat-shaped usage for accounting with `calls` added (as it is when there are none)."""
+    return {**usage, TOOL_CALLS: calls} if usage is not None and calls else usage
 
 
 def _part(count: Any, whole: int) -> int:
@@ -108,7 +157,8 @@ def _part(count: Any, whole: int) -> int:
 
 def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
     """USD for `usage` at `price`: cached prompt tokens at the cached price and cache writes at the
-    cache-write price when these are set, plus the per-request price, all times the multiplier of the
+    cache-write price when these are set, plus the per-request price and each built-in tool call
+    at its price (`price.tool_calls`), all times the multiplier of the
     price window in force at unix time `at` (now)."""
     cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
     write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
@@ -119,6 +169,8 @@ def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
         + usage.cache_write_tokens * write_price
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
+    if usage.tool_calls and price.tool_calls:
+        base += sum(each * usage.tool_calls.get(kind, 0) for kind, each in price.tool_calls.items())
     if usage.audio_prompt_tokens or usage.audio_completion_tokens:
         base += _audio_extra(price, usage, fresh) / 1e6
     return base * multiplier_at(price, at) if price.windows else base
@@ -253,6 +305,7 @@ def billed_usage(attempts: list[AttemptRecord]) -> Usage | None:
         sum(u.cache_write_tokens for u in billed),
         sum(u.audio_prompt_tokens for u in billed),
         sum(u.audio_completion_tokens for u in billed),
+        {k: sum(u.tool_calls.get(k, 0) for u in billed) for k in {k for u in billed for k in u.tool_calls}},
     )
 
 

@@ -166,11 +166,19 @@ def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
     return msg
 
 
+def is_anthropic_tool(t: Any) -> bool:
+    """A tool of Anthropic's own (`web_search_20250305`, `code_execution_...`): a versioned type
+    only Anthropic runs or knows."""
+    return isinstance(t, dict) and isinstance(t.get("type"), str) and t["type"] != "custom" and "_20" in t["type"]
+
+
 def _tools(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise _bad("tools: expected a list.", "tools")
     out = []
     for t in tools:
+        if is_anthropic_tool(t):
+            continue  # Anthropic's own (web search, ...): the request goes to Anthropic as sent (messages.lost_fields)
         if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
             raise _bad("tools: only custom tools (name, description, input_schema) are supported.", "tools")
         if t.get("input_schema") is not None and not isinstance(t["input_schema"], dict):

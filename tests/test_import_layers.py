@@ -66,6 +66,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "edgeroute.cost.prices",
             "edgeroute.cost.media",
+            "edgeroute.cost.tool_calls",
             "edgeroute.cost.limits",
             "edgeroute.cost.budgets",
             "edgeroute.cost.redis_store",

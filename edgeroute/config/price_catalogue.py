@@ -8,7 +8,8 @@ A catalogue is JSON::
                            "as_of": "2026-12-03", "source": "https://openai.com/api/pricing/"}},
      "aliases": {"gpt-4o-2024-08-06": "gpt-4o"}}
 
-Prices are USD per million tokens (`per_request`: USD per request). `input`, `output`,
+Prices are USD per million tokens (`per_request`: USD per request; `tool_calls`: USD a call
+of each built-in tool, e.g. `{"web_search": 0.01}`, the config's `price.tool_calls`). `input`, `output`,
 `as_of` and `source` are required in every entry: a price is a fact, so each says where and
 when it was read. LiteLLM's public `model_prices_and_context_window.json` (USD per token)
 is imported by `from_litellm`. Where the proxy reads the catalogue is `edgeroute.config.prices`'s.
@@ -29,6 +30,8 @@ FORMAT = 2
 REQUIRED = ("input", "output")
 OPTIONAL = ("cached_input", "cache_write", "audio_input", "audio_output", "batch_input", "batch_output", "per_request")
 PRICE_FIELDS = REQUIRED + OPTIONAL
+TOOL_CALLS = "tool_calls"  # an object: built-in tool → USD a call (the config schema's `ToolKind`s)
+TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter")
 _TEXT = ("provider", "mode", "as_of", "source", "note")
 _MODES = ("chat", "embedding", "completion", "responses")
 # LiteLLM's per-token fields → ours (per million tokens).
@@ -93,6 +96,7 @@ def check(data: Any, where: str) -> dict[str, Any]:
         for f in PRICE_FIELDS:
             if f in e and (problem := _price_error(e[f])) is not None:
                 errors.append(f"{at}.{f}: {problem}")
+        errors += _tool_call_errors(e.get(TOOL_CALLS, {}), at)
         for f in _TEXT:
             if f in e and not isinstance(e[f], str):
                 errors.append(f"{at}.{f}: must be a string")
@@ -104,8 +108,8 @@ def check(data: Any, where: str) -> dict[str, Any]:
             errors.append(f"{at}.as_of: must be the date the prices were read, YYYY-MM-DD")
         if e.get("mode", "chat") not in _MODES:
             errors.append(f"{at}.mode: must be one of {', '.join(_MODES)}")
-        for f in sorted(set(e) - set(PRICE_FIELDS) - set(_TEXT)):
-            errors.append(f"{at}.{f}: unknown field (known: {', '.join(PRICE_FIELDS + _TEXT)})")
+        for f in sorted(set(e) - set(PRICE_FIELDS) - set(_TEXT) - {TOOL_CALLS}):
+            errors.append(f"{at}.{f}: unknown field (known: {', '.join((*PRICE_FIELDS, TOOL_CALLS, *_TEXT))})")
     aliases = data.get("aliases", {})
     if not isinstance(aliases, dict):
         errors.append("'aliases' must be an object of alias → model")
@@ -116,6 +120,18 @@ def check(data: Any, where: str) -> dict[str, Any]:
     if errors:
         raise CatalogueError(where, errors)
     return data
+
+
+def _tool_call_errors(tools: Any, at: str) -> list[str]:
+    if not isinstance(tools, dict):
+        return [f"{at}.{TOOL_CALLS}: must be an object of tool → USD a call"]
+    errors = []
+    for kind, price in tools.items():
+        if kind not in TOOL_KINDS:
+            errors.append(f"{at}.{TOOL_CALLS}.{kind}: unknown tool (known: {', '.join(TOOL_KINDS)})")
+        elif (problem := _price_error(price)) is not None:
+            errors.append(f"{at}.{TOOL_CALLS}.{kind}: {problem}")
+    return errors
 
 
 def newest(models: dict[str, Any]) -> str:
@@ -192,6 +208,12 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> Diff:
             f"{f} {a[name].get(f, '-')} → {b[name].get(f, '-')}"
             for f in PRICE_FIELDS
             if a[name].get(f) != b[name].get(f)
+        ]
+        tools_a, tools_b = a[name].get(TOOL_CALLS, {}), b[name].get(TOOL_CALLS, {})
+        what += [
+            f"{TOOL_CALLS}.{k} {tools_a.get(k, '-')} → {tools_b.get(k, '-')}"
+            for k in sorted(set(tools_a) | set(tools_b))
+            if tools_a.get(k) != tools_b.get(k)
         ]
         if what:
             d.changed.append((name, what))

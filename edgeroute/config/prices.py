@@ -96,6 +96,8 @@ def catalogue_entry(name: str) -> dict[str, Any]:
             out[f"{kind}_per_mtok"] = e[kind]
     if "per_request" in e:
         out["per_request"] = e["per_request"]
+    if "tool_calls" in e:
+        out["tool_calls"] = dict(e["tool_calls"])
     out["source"] = f"catalogue:{key}@{e['as_of']}"
     return out
 

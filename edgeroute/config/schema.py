@@ -9,7 +9,7 @@ error. Checks across sections live in `checks`, loading and error reporting in `
 from __future__ import annotations
 
 import urllib.parse
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -123,6 +123,12 @@ class PriceWindow(_Strict):
 
 MAX_PRICE_USD = 1e6
 
+# Built-in tools an upstream runs itself and bills per call beside tokens (OpenAI's Responses
+# `web_search_call`, `file_search_call`, `code_interpreter_call` items; Anthropic's
+# `usage.server_tool_use.web_search_requests` / `web_fetch_requests`).
+ToolKind = Literal["web_search", "web_fetch", "file_search", "code_interpreter"]
+TOOL_KINDS: tuple[ToolKind, ...] = ("web_search", "web_fetch", "file_search", "code_interpreter")
+
 
 class Price(_Strict):
     """USD per million tokens, plus per request. In YAML also ``catalogue`` or ``{catalogue: NAME, ...}``
@@ -138,6 +144,8 @@ class Price(_Strict):
     audio_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
     audio_output_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
     per_request: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
+    # USD a call of each built-in tool the upstream runs (a code interpreter: a container); unset: free.
+    tool_calls: dict[ToolKind, Annotated[float, Field(ge=0, le=MAX_PRICE_USD)]] = {}
     windows: list[PriceWindow] = []
     source: str | None = None  # set by a catalogue reference, e.g. "catalogue:gpt-4o@2025-06-15"
 

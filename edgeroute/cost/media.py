@@ -85,6 +85,9 @@ class MediaParts:
             + self.files * rule.file
         )
 
+    # The built-in tools it enables (web search, ...), each reserved at one call (cost.tool_calls).
+    tools: tuple[str, ...] = ()
+
 
 NONE = MediaParts()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute.config import Config, Price
@@ -61,9 +61,17 @@ class Ceiling:
     # provider's `default_max_tokens`); 0 when none does (`budgets.reserve_max_tokens` then).
     unbounded_output: int = 0
     media: MediaRule = DEFAULT_RULE  # the deployments' allowances for image, audio and file parts
+    tool_calls: dict[str, float] = field(default_factory=dict)  # USD a call of each built-in tool
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6 + self.per_request
+    def cost(self, prompt_tokens: int, completion_tokens: int, tools: tuple[str, ...] = ()) -> float:
+        """The most a request may cost: its tokens, and one call of each of `tools` (the
+        built-in tools it enables: how many calls a model makes is its own choice)."""
+        fees = sum(self.tool_calls.get(t, 0.0) for t in tools) if self.tool_calls else 0.0
+        return (
+            (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
+            + self.per_request
+            + fees
+        )
 
 
 def ceiling(prices: list[Price], unbounded_output: int = 0, media: MediaRule = DEFAULT_RULE) -> Ceiling:
@@ -84,6 +92,10 @@ def ceiling(prices: list[Price], unbounded_output: int = 0, media: MediaRule = D
         max(p.per_request * m for p, m in zip(prices, mult, strict=True)),
         unbounded_output,
         media,
+        {
+            kind: max(p.tool_calls.get(kind, 0.0) * m for p, m in zip(prices, mult, strict=True))
+            for kind in {k for p in prices for k in p.tool_calls}
+        },
     )
 
 

@@ -98,6 +98,8 @@ def _show(args: argparse.Namespace) -> int:
         if f in e:
             unit = "USD per request" if f == "per_request" else "USD per million tokens"
             print(f"{f + ':':<13} {e[f]:g} {unit}")
+    for kind, each in sorted(e.get(pc.TOOL_CALLS, {}).items()):
+        print(f"{kind + ':':<13} {each:g} USD a call")
     print(f"as of:        {e['as_of']}\nsource:       {e['source']}")
     if "note" in e:
         print(f"note:         {e['note']}")

@@ -292,10 +292,26 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tai
     )
     if usage is None:
         rec = answer.rec
-        settle = (lambda u: call.settle_attempt(rec, dep, u)) if rec is not None else (lambda u: None)
+        seen = _tool_calls_seen(translator)
+
+        def settle(u: Usage) -> None:
+            u.tool_calls = seen  # built-in tool calls run before the cut: billed all the same
+            if rec is not None:
+                call.settle_attempt(rec, dep, u)
+
         usage = await _estimate(call, said, settle, _prompt_reported(translator))
+        usage.tool_calls = seen
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
+
+
+def _tool_calls_seen(translator: Any) -> dict[str, int]:
+    """The built-in tool calls a native stream showed before it was cut (it carried no final usage)."""
+    while translator is not None:
+        if (got := getattr(translator, "tool_calls_seen", None)) is not None:
+            return dict(got)
+        translator = getattr(translator, "inner", None)
+    return {}
 
 
 def _prompt_reported(translator: Any) -> Usage | None:

@@ -24,9 +24,10 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
-from edgeroute.accounting import Usage
+from edgeroute.accounting import Usage, anthropic_tool_calls, with_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
+from edgeroute.cost.tool_calls import anthropic_tools, with_tools
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
@@ -68,6 +69,9 @@ def lost_fields(req: dict[str, Any], beta: str | None) -> list[str]:
         lost.add("metadata")
     if isinstance(output_config, dict) and set(output_config) - {"format"}:
         lost.add("output_config")
+    tools = req.get("tools")
+    if isinstance(tools, list) and any(anthropic_api.is_anthropic_tool(t) for t in tools):
+        lost.add("tools")  # Anthropic's server tools (web search): only Anthropic runs them
     if any(_has_key(req.get(k), "cache_control") for k in ("system", "messages", "tools")):
         lost.add("cache_control")
     history = req.get("messages")
@@ -122,6 +126,7 @@ class NativeStream:
         self._usage_in: dict[str, Any] = {}
         self._final = False  # a message_delta brought the answer's output_tokens
         self._blocks = 0  # content blocks started
+        self.tool_calls_seen: dict[str, int] = {}  # server tool calls started, for a stream cut before its end
 
     def _check(self, obj: Any) -> None:
         """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
@@ -146,11 +151,21 @@ class NativeStream:
     def usage(self) -> dict[str, Any] | None:
         # message_start's output count is provisional (1): a stream cut before message_delta is
         # counted from its text instead (it was priced as one output token, whatever it sent).
-        return openai_usage(self._usage_in) if self._final else None
+        if not self._final:
+            return None
+        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in))
 
     @property
     def prompt_usage(self) -> dict[str, Any] | None:
         return prompt_side(self._usage_in)
+
+    def _count_server_tool(self, block: Any) -> None:
+        """A `server_tool_use` block: one request of Anthropic's web search or fetch (as its final
+        `usage.server_tool_use` counts them)."""
+        if isinstance(block, dict) and block.get("type") == "server_tool_use":
+            kind = block.get("name")
+            if kind in ("web_search", "web_fetch"):
+                self.tool_calls_seen[kind] = self.tool_calls_seen.get(kind, 0) + 1
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)
@@ -169,7 +184,9 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
-                if kind == "message_start":
+                if kind == "content_block_start":
+                    self._count_server_tool(obj.get("content_block"))
+                elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                 elif kind == "message_delta":
                     self._final = self._final or type((obj.get("usage") or {}).get("output_tokens")) is int
@@ -272,6 +289,7 @@ class MessagesCall(Call):
             text = _answer_text(obj.get("content"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+        usage.tool_calls = anthropic_tool_calls(obj.get("usage"))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
@@ -315,7 +333,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     make = partial(MessagesCall, req, lost, headers)
     stream = bool(req.get("stream"))
     # Its image blocks, as the translation's image parts: reserved for as on the chat path.
-    media = items_media(chat["messages"])
+    media = with_tools(items_media(chat["messages"]), anthropic_tools(req.get("tools")))
     return Parsed(
         req["model"],
         orjson.dumps(chat),

@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import Usage
+from edgeroute.accounting import Usage, responses_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
+from edgeroute.cost.tool_calls import responses_tools, with_tools
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
@@ -123,6 +124,7 @@ class ResponsesCall(Call):
             text = rf.output_text(obj.get("output"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+        usage.tool_calls = responses_tool_calls(obj.get("output"))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
@@ -185,7 +187,7 @@ def parse(body: bytes) -> Parsed:
         answer_text=answer_text,
         check=partial(_check, req.raw),
         bind=owners.bind,
-        media=items_media(req.raw.get("input")),
+        media=with_tools(items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"))),
     )
 
 

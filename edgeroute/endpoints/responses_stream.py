@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from edgeroute import sse
+from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.providers.base import StreamTranslator
 
@@ -59,6 +60,12 @@ class NativeStream:
         self._events = sse.EventSplitter()
         self._content = False
         self.usage: dict[str, Any] | None = None
+        self._done_items: list[dict[str, Any]] = []  # the tool call items done so far, for a cut stream
+
+    @property
+    def tool_calls_seen(self) -> dict[str, int]:
+        """The built-in tool calls among the items done so far: billed though the stream broke."""
+        return responses_tool_calls(self._done_items)
 
     def _check(self, obj: Any) -> None:
         """An event the OpenAI SDK can read: relayed unchanged, an upstream's `data: [1]` or a
@@ -89,8 +96,15 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
+            if kind == "response.output_item.done" and isinstance(obj, dict):
+                item = obj.get("item")
+                if isinstance(item, dict) and item.get("type") in RESPONSES_TOOL_ITEMS:  # not a message's text
+                    self._done_items.append({"type": item["type"], "container_id": item.get("container_id")})
             if kind in _TERMINAL and isinstance(obj, dict):
-                self.usage = rf.usage_to_chat((obj.get("response") or {}).get("usage"))
+                final = obj.get("response") or {}
+                self.usage = with_tool_calls(
+                    rf.usage_to_chat(final.get("usage")), responses_tool_calls(final.get("output"))
+                )
                 out.append(SENTINEL)
         return b"".join(out)
 

@@ -8,7 +8,9 @@ writes the same reply as the OpenAI mock for the same conversation, so answers
 translated from it can be compared field by field with OpenAI's.
 
 Per-request headers as in the OpenAI mock (``x-mock-latency-ms``, ``x-mock-status``,
-``x-mock-retry-after``, ``x-mock-content``), plus ``x-mock-stream-error``: a stream
+``x-mock-retry-after``, ``x-mock-content``), plus ``x-mock-web-searches: N``: the answer's usage
+reports N server web searches (`server_tool_use.web_search_requests`, in the JSON answer and the
+stream's final `message_delta`), and ``x-mock-stream-error``: a stream
 that fails with an `overloaded_error` event before any content.
 """
 
@@ -161,6 +163,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
             stop_reason, stop_sequence = "stop_sequence", seq
     output = 12 if call else len(pieces)
     mid = f"msg_mock{next(_ids):06d}"
+    searches = int(request.headers.get("x-mock-web-searches", 0))
+    server_tools = {"server_tool_use": {"web_search_requests": searches}} if searches else {}
 
     if not body.get("stream"):
         content = [call] if call else [{"type": "text", "text": " ".join(pieces)}]
@@ -174,7 +178,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
-            "usage": _usage(opts, prompt, output),
+            "usage": {**_usage(opts, prompt, output), **server_tools},
         }
         return web.Response(body=orjson.dumps(msg), content_type="application/json")
 
@@ -235,7 +239,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 _event("content_block_delta", {"type": "content_block_delta", "index": base, "delta": delta})
             )
     await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": base}))
-    end_usage = {"output_tokens": output}
+    end_usage = {"output_tokens": output, **server_tools}
     md = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
     await out.write(_event("message_delta", {**md, "usage": end_usage}))
     await out.write(_event("message_stop", {"type": "message_stop"}))

@@ -2,7 +2,9 @@
 `/v1/responses`, faithful to their wire formats (the tests check them with the SDK's types).
 
 Same options and per-request headers as the chat mock (``x-mock-status``,
-``x-mock-content``, ``x-mock-latency-ms``); embeddings are deterministic vectors derived
+``x-mock-content``, ``x-mock-latency-ms``), plus, for Responses, ``x-mock-tool-calls`` (e.g.
+``web_search=2,code_interpreter=1``): that many built-in tool call items (`web_search_call`, ...)
+before the answer's message, as the upstream reports the calls it ran; embeddings are deterministic vectors derived
 from each input, as float lists or base64 float32 as asked.
 """
 
@@ -226,8 +228,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
     part = {"type": "output_text", "text": text, "annotations": []}
     message = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
+    calls = _tool_call_items(request.headers.get("x-mock-tool-calls", ""), n)
     if not got.get("stream"):
-        return web.Response(body=orjson.dumps(response("completed", [message], True)), content_type="application/json")
+        answer = orjson.dumps(response("completed", [*calls, message], True))
+        return web.Response(body=answer, content_type="application/json")
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     seq = itertools.count()
@@ -238,21 +242,56 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
     await emit("response.created", response=response("in_progress", [], False))
     await emit("response.in_progress", response=response("in_progress", [], False))
+    for i, call in enumerate(calls):
+        await emit("response.output_item.added", output_index=i, item={**call, "status": "in_progress"})
+        await emit("response.output_item.done", output_index=i, item=call)
+    at = len(calls)  # the message's output index
     item = {**message, "status": "in_progress", "content": []}
-    await emit("response.output_item.added", output_index=0, item=item)
+    await emit("response.output_item.added", output_index=at, item=item)
     empty = {**part, "text": ""}
-    await emit("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=empty)
+    await emit("response.content_part.added", item_id=mid, output_index=at, content_index=0, part=empty)
     for i, p in enumerate(pieces):
         if opts.chunk_interval:
             await asyncio.sleep(opts.chunk_interval)
         delta = p if i == 0 else " " + p
-        await emit("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=delta, logprobs=[])
-    await emit("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text, logprobs=[])
-    await emit("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part)
-    await emit("response.output_item.done", output_index=0, item=message)
-    await emit("response.completed", response=response("completed", [message], True))
+        await emit(
+            "response.output_text.delta", item_id=mid, output_index=at, content_index=0, delta=delta, logprobs=[]
+        )
+    await emit("response.output_text.done", item_id=mid, output_index=at, content_index=0, text=text, logprobs=[])
+    await emit("response.content_part.done", item_id=mid, output_index=at, content_index=0, part=part)
+    await emit("response.output_item.done", output_index=at, item=message)
+    await emit("response.completed", response=response("completed", [*calls, message], True))
     await resp.write_eof()
     return resp
+
+
+def _tool_call_items(spec: str, n: int) -> list[dict[str, Any]]:
+    """The output items of the built-in tool calls `spec` asks for (`web_search=2,file_search=1`),
+    in the shapes OpenAI's Responses API gives them."""
+    items: list[dict[str, Any]] = []
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        kind, _, count = entry.partition("=")
+        for i in range(int(count or 1)):
+            iid = f"{kind}_mock{n:06d}_{i}"
+            if kind == "web_search":
+                action = {"type": "search", "query": "mock query"}
+                items.append({"type": "web_search_call", "id": "ws" + iid, "status": "completed", "action": action})
+            elif kind == "file_search":
+                items.append(
+                    {
+                        "type": "file_search_call",
+                        "id": "fs" + iid,
+                        "status": "completed",
+                        "queries": ["q"],
+                        "results": None,
+                    }
+                )
+            elif kind == "code_interpreter":
+                items.append(
+                    {"type": "code_interpreter_call", "id": "ci" + iid, "status": "completed", "code": "1+1",
+                     "container_id": f"cntr_mock{n:06d}", "outputs": None}
+                )  # fmt: skip
+    return items
 
 
 def add_routes(app: web.Application, prefix: str, options: MockOptions, error: Callable[..., web.Response]) -> None:

@@ -111,7 +111,9 @@ class Reservations(ReadBack, Notifications, Settlement):
         completion = self._completion(decision, top) * decision.choices
         hedges = 2 if decision.hedge_after_ms is not None else 1
         prompt += ticket.media.tokens(top.media)
-        return self._charges(ticket, decision.route, B.to_nano(top.cost(prompt, completion) * hedges), now)
+        return self._charges(
+            ticket, decision.route, B.to_nano(top.cost(prompt, completion, ticket.media.tools) * hedges), now
+        )
 
     async def _budgets(
         self,
@@ -135,7 +137,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 charges, res, shared = first.charges, first.reserved, True
             else:
                 # The media parts at the allowances of the deployments `top` covers (a downgrade's).
-                estimate = top.cost(prompt + ticket.media.tokens(top.media), completion) * hedges
+                estimate = top.cost(prompt + ticket.media.tokens(top.media), completion, ticket.media.tools) * hedges
                 charges = self._charges(ticket, route, B.to_nano(estimate), now)
                 if not charges:
                     return route
