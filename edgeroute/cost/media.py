@@ -74,6 +74,8 @@ class MediaParts:
     files: int = 0
     # Each image by Gemini's tiles (derived from the images, so not compared).
     gemini: tuple[int, ...] = field(default=(), compare=False)
+    # The built-in tools it enables (web search, ...), each reserved at one call (cost.tool_calls).
+    tools: tuple[str, ...] = ()
 
     def tokens(self, rule: MediaRule) -> int:
         images = self.images
@@ -84,9 +86,6 @@ class MediaParts:
             + _each(self.audio, rule.audio, rule.audio_default)
             + self.files * rule.file
         )
-
-    # The built-in tools it enables (web search, ...), each reserved at one call (cost.tool_calls).
-    tools: tuple[str, ...] = ()
 
 
 NONE = MediaParts()
