@@ -325,6 +325,21 @@ def answer_text(body: bytes) -> str | None:
     return _answer_text(obj.get("content")) if isinstance(obj, dict) else None
 
 
+async def _no_stored_container(req: dict[str, Any], request: web.Request, live: Live) -> None:
+    """With tenants (virtual keys), a code execution `container` named by id is refused before
+    any call: it holds the files of whoever made it, in the provider account every tenant shares
+    (as a Responses code interpreter's is, `responses_owners`)."""
+    container = req.get("container")
+    named = isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None)
+    if named and live.access.keyed(request):
+        raise ProxyError(
+            400,
+            "container: names a container at the provider, which edgeroute cannot confine to this key's tenant: "
+            "leave out its id for a new one.",
+            param="container",
+        )
+
+
 def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     """The request in `body` (checked by `handle`; its shadow mirror's body, the same request
     for another model without `stream`), whose chat translation the core decides on."""
@@ -342,6 +357,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
         ClientEncoder,
         serves=honoured_by,
         answer_text=answer_text,
+        check=partial(_no_stored_container, req),
         media=media,
     )
 

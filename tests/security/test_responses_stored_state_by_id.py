@@ -1,7 +1,8 @@
 """Other provider-side state a Responses request names by id, beside an `item_reference`: a
 reasoning item sent back without its `encrypted_content` is only its id (the provider reads
 the reasoning from its store: OpenAI answers "Item with id 'rs_…' not found" when it is not
-stored), and a code interpreter's `container` named by id holds the files of whoever made it.
+stored), and a code interpreter's `container` named by id holds the files of whoever made it
+(Anthropic's code execution `container`, passed through to an Anthropic deployment, too).
 Both were passed through: a tenant holding another's reasoning item id put that tenant's
 stored reasoning into its own prompt (the mock, as the provider, reads it into the answer), and
 one holding a container id ran code among another tenant's files. With tenants (virtual keys)
@@ -13,11 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
+from tests.providers_fixtures import provider_config, start_mock
 from tests.security.test_responses_item_references import ALICE, BOB, _bobs_item, _config
 from tests.test_cost_support import cost_proxy
+
+__all__ = ["start_mock"]
 
 
 async def test_another_tenants_reasoning_cannot_be_named_by_id(start_upstream: Any, tmp_path: Path) -> None:
@@ -60,3 +65,30 @@ async def test_another_tenants_reasoning_cannot_be_named_by_id(start_upstream: A
                 tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
             )
     assert said.status == "completed" and "bob-secret" not in said.output_text
+
+
+@pytest.mark.parametrize("container", ["container_011bobs", {"id": "container_011bobs"}])
+async def test_an_anthropic_container_cannot_be_named_by_id(
+    start_mock: Any, tmp_path: Path, container: str | dict[str, str]
+) -> None:
+    """Anthropic's code execution `container` is the same: passed through natively, it ran the
+    request in whichever tenant's container it named. A new one (no id) is served."""
+    up = await start_mock("anthropic", record=True)
+    cfg = provider_config({"a": up})
+    cfg |= {"keys": {"alice": {"token": ALICE, "team": "alice"}}, "ledger": {"path": str(tmp_path / "l.db")}}
+    say: Any = [{"role": "user", "content": "list the files"}]
+    async with cost_proxy(cfg) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=ALICE, max_retries=0) as alice:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await alice.messages.create(model="m", max_tokens=5, messages=say, extra_body={"container": container})
+            assert refused.value.body == {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "container: names a container at the provider, which edgeroute cannot confine to "
+                    "this key's tenant: leave out its id for a new one.",
+                },
+            }
+            assert up.options.requests == []  # it never reached the provider
+            said = await alice.messages.create(model="m", max_tokens=5, messages=say, extra_body={"container": {}})
+    assert said.content and len(up.options.requests) == 1
