@@ -16,7 +16,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -119,6 +119,8 @@ class StreamAnswer:
     translator: Any
     rec: AttemptRecord | None = None  # the attempt that produced it, settled when the stream ends
     slot: int | None = None  # the deployment whose capacity slot it holds, given back when the stream ends
+    # Awaited once the last event is written, before the stream's end reaches the client.
+    before_end: Callable[[], Awaitable[None]] | None = None
 
 
 Answer = JsonAnswer | StreamAnswer

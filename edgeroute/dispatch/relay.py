@@ -181,6 +181,8 @@ async def relay_stream(
             call.record.error_class = "upstream_error"
         else:
             await events.flush()
+        if answer.before_end is not None:  # what the stream gave the caller, recorded before its end
+            await answer.before_end()
         await out.write_eof()
     finally:
         if timer is not None:

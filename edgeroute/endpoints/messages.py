@@ -30,6 +30,7 @@ from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import anthropic_tools, with_tools
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
+from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
@@ -127,6 +128,7 @@ class NativeStream:
         self._final = False  # a message_delta brought the answer's output_tokens
         self._blocks = 0  # content blocks started
         self.tool_calls_seen: dict[str, int] = {}  # server tool calls started, for a stream cut before its end
+        self.containers: set[str] = set()  # the code execution containers it named, bound to the caller
 
     def _check(self, obj: Any) -> None:
         """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
@@ -167,6 +169,10 @@ class NativeStream:
             if kind in ("web_search", "web_fetch"):
                 self.tool_calls_seen[kind] = self.tool_calls_seen.get(kind, 0) + 1
 
+    def _saw_container(self, obj: Any) -> None:
+        if (cid := containers.anthropic_container(obj)) is not None:
+            self.containers.add(cid)
+
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)
         out = []
@@ -188,7 +194,9 @@ class NativeStream:
                     self._count_server_tool(obj.get("content_block"))
                 elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
+                    self._saw_container(obj.get("message"))
                 elif kind == "message_delta":
+                    self._saw_container(obj)
                     self._final = self._final or type((obj.get("usage") or {}).get("output_tokens")) is int
                     self._usage_in.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
             out.append(ev + b"\n\n")
@@ -325,19 +333,24 @@ def answer_text(body: bytes) -> str | None:
     return _answer_text(obj.get("content")) if isinstance(obj, dict) else None
 
 
-async def _no_stored_container(req: dict[str, Any], request: web.Request, live: Live) -> None:
-    """With tenants (virtual keys), a code execution `container` named by id is refused before
-    any call: it holds the files of whoever made it, in the provider account every tenant shares
-    (as a Responses code interpreter's is, `responses_owners`)."""
+async def _check_container(req: dict[str, Any], request: web.Request, live: Live) -> None:
+    """A code execution `container` named by id must be one made for the caller's tenant
+    (`container_owners`)."""
     container = req.get("container")
-    named = isinstance(container, str) or (isinstance(container, dict) and container.get("id") is not None)
-    if named and live.access.keyed(request):
-        raise ProxyError(
-            400,
-            "container: names a container at the provider, which edgeroute cannot confine to this key's tenant: "
-            "leave out its id for a new one.",
-            param="container",
-        )
+    if isinstance(container, dict) and container.get("id") is not None:
+        container = container["id"]
+        if not isinstance(container, str):
+            raise ProxyError(400, "container.id: Input should be a valid string", param="container.id")
+    if isinstance(container, str):
+        await containers.check(request, live, container, "container")
+
+
+async def _bind_containers(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
+    await containers.bind(request, live, containers.json_containers(got))
+
+
+async def _bind_stream_containers(request: web.Request, live: Live, got: StreamAnswer) -> None:
+    await containers.bind(request, live, containers.stream_containers(got))
 
 
 def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
@@ -357,7 +370,9 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
         ClientEncoder,
         serves=honoured_by,
         answer_text=answer_text,
-        check=partial(_no_stored_container, req),
+        check=partial(_check_container, req),
+        bind=_bind_containers,
+        after_stream=_bind_stream_containers,
         media=media,
     )
 

@@ -82,6 +82,8 @@ class Parsed:
     check: Callable[[web.Request, Live], Awaitable[None]] | None = None
     # Records what the answer gives the caller (a stored response's id), before it is sent.
     bind: Callable[[web.Request, Live, JsonAnswer | StreamAnswer], Awaitable[None]] | None = None
+    # Records what a stream gave the caller as it went (a code execution container), before its end.
+    after_stream: Callable[[web.Request, Live, StreamAnswer], Awaitable[None]] | None = None
     # Its image, audio and file parts, which budgets reserve for (None: it has none).
     media: Media | None = None
 
@@ -334,6 +336,8 @@ async def serve(
             ident, tags = request.get(IDENTITY), rec.tags
             keep_stream = shadow.after_stream(request.app, live, mirrored, body, rec, ident, tags, prepare, keep_stream)
         encode = parsed.encoder() if parsed.encoder is not None else None
+        if parsed.after_stream is not None:
+            got.before_end = partial(parsed.after_stream, request, live, got)
         return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, encode, keep_stream)
     except ProxyError as e:
         rec.status = e.status

@@ -23,6 +23,7 @@ from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import responses_tools, with_tools
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
 from edgeroute.endpoints import responses_params
@@ -186,13 +187,28 @@ def parse(body: bytes) -> Parsed:
         serves=serves,
         answer_text=answer_text,
         check=partial(_check, req.raw),
-        bind=owners.bind,
+        bind=_bind,
+        after_stream=_bind_stream,
         media=with_tools(items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"))),
     )
 
 
 async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
     await owners.check(request, live, raw)
+    tools = raw.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        # A code interpreter's container named by id holds the files of whoever it was made for.
+        if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
+            await containers.check(request, live, tool["container"], f"tools[{i}].container")
+
+
+async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
+    await owners.bind(request, live, got)
+    await containers.bind(request, live, containers.json_containers(got))
+
+
+async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> None:
+    await containers.bind(request, live, containers.stream_containers(got))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

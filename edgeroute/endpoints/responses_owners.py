@@ -12,8 +12,8 @@ fails leaves the id unbound. A request whose `previous_response_id` is bound to 
 else, or to no one (made before this check existed, directly at the provider, or whose
 binding failed), is answered OpenAI's own 404 for an unknown id: whether it exists is not
 revealed. Stored state named by id that no binding covers (an input `item_reference`, a
-reasoning item without its encrypted content, a provider-side `conversation`, a code
-interpreter's container) is refused with a 400 before any call. A server without
+reasoning item without its encrypted content, a provider-side `conversation`) is refused
+with a 400 before any call; a code interpreter's container is its tenant's (`container_owners`). A server without
 virtual keys (the config's `keys` or managed keys: a keyless sidecar, shared keys only) has
 one tenant: nothing is bound or checked there.
 """
@@ -36,7 +36,7 @@ from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.responses")
 
-_MAX_ID = 256  # a longer id is no provider's: refused without a lookup
+MAX_ID = 256  # a longer id is no provider's: refused without a lookup
 
 
 def _tenants(request: web.Request, live: Live) -> bool:
@@ -53,7 +53,7 @@ def owner_of(request: web.Request) -> str:
 
 def not_found(response_id: str) -> ProxyError:
     """OpenAI's answer for an id it does not know (the same whether the id exists or not)."""
-    shown = response_id[:_MAX_ID]
+    shown = response_id[:MAX_ID]
     return ProxyError(
         404,
         f"Previous response with id '{shown}' not found.",
@@ -95,16 +95,6 @@ def _names_stored_state(raw: dict[str, Any]) -> None:
                 "reasoning.encrypted_content), or continue its response with previous_response_id.",
                 param="input",
             )
-    tools = raw.get("tools")
-    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
-        # A code interpreter's container named by id holds the files of whoever made it.
-        if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
-            raise ProxyError(
-                400,
-                f"'tools[{i}].container' names a container at the provider, which edgeroute cannot confine to "
-                'this key\'s tenant: ask for a new one ({"type": "auto"}).',
-                param="tools",
-            )
 
 
 async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
@@ -118,18 +108,22 @@ async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
         return
     if not isinstance(prev, str) or not prev:
         raise ProxyError(400, "'previous_response_id' must be a non-empty string.", param="previous_response_id")
-    if len(prev) > _MAX_ID:
+    if len(prev) > MAX_ID:
         raise not_found(prev)
-    store = request.app[GOV].store
+    if await stored_owner(request, prev, "previous_response_id") != owner_of(request):
+        raise not_found(prev)
+
+
+async def stored_owner(request: web.Request, key: str, what: str) -> str | None:
+    """Who `key` is bound to (None: no one). A database that cannot answer is a 503: the id
+    cannot be checked, so it is not used."""
     try:
-        owner = await asyncio.to_thread(store.response_owner, prev)
-    except Exception as e:  # the database is down: the id cannot be checked, so it is not used
-        log.warning("could not look up the owner of a previous_response_id: %s", type(e).__name__)
+        return await asyncio.to_thread(request.app[GOV].store.response_owner, key)
+    except Exception as e:
+        log.warning("could not look up the owner of a %s: %s", what, type(e).__name__)
         raise ProxyError(
-            503, "edgeroute could not check previous_response_id; retry shortly.", code="owner_check_unavailable"
+            503, f"edgeroute could not check {what}; retry shortly.", code="owner_check_unavailable"
         ) from None
-    if owner != owner_of(request):
-        raise not_found(prev)
 
 
 def _stream_id(head: bytes) -> str | None:
@@ -168,7 +162,7 @@ async def bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer)
     if not _tenants(request, live):
         return
     rid = answer_id(got)
-    if rid is None or len(rid) > _MAX_ID:
+    if rid is None or len(rid) > MAX_ID:
         return  # an id not seen (or not a provider's) is bound to no one: refused later
     try:
         await asyncio.to_thread(request.app[GOV].store.bind_response, rid, owner_of(request))

@@ -23,6 +23,7 @@ from edgeroute.endpoints import responses_format as rf
 from edgeroute.providers.base import StreamTranslator
 
 SENTINEL = b"data: [DONE]\n\n"
+_ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _CONTENT = frozenset(
     {
@@ -61,6 +62,7 @@ class NativeStream:
         self._content = False
         self.usage: dict[str, Any] | None = None
         self._done_items: list[dict[str, Any]] = []  # the tool call items done so far, for a cut stream
+        self.containers: set[str] = set()  # the code interpreter containers it named, bound to the caller
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -100,6 +102,10 @@ class NativeStream:
                 item = obj.get("item")
                 if isinstance(item, dict) and item.get("type") in RESPONSES_TOOL_ITEMS:  # not a message's text
                     self._done_items.append({"type": item["type"], "container_id": item.get("container_id")})
+            if kind in _ITEM_EVENTS and isinstance(obj, dict):
+                item = obj.get("item")
+                if isinstance(item, dict) and isinstance(cid := item.get("container_id"), str):
+                    self.containers.add(cid)
             if kind in _TERMINAL and isinstance(obj, dict):
                 final = obj.get("response") or {}
                 self.usage = with_tool_calls(

@@ -11,7 +11,9 @@ Per-request headers as in the OpenAI mock (``x-mock-latency-ms``, ``x-mock-statu
 ``x-mock-retry-after``, ``x-mock-content``), plus ``x-mock-web-searches: N``: the answer's usage
 reports N server web searches (`server_tool_use.web_search_requests`, in the JSON answer and the
 stream's final `message_delta`), and ``x-mock-stream-error``: a stream
-that fails with an `overloaded_error` event before any content.
+that fails with an `overloaded_error` event before any content. A request with a code execution
+tool or a `container` is answered with its container (`container: {id, expires_at}`, in the
+stream's final `message_delta`): the one it names, or a new one.
 """
 
 from __future__ import annotations
@@ -112,6 +114,22 @@ def _usage(opts: MockOptions, prompt: int, output: int) -> dict[str, Any]:
     }
 
 
+def _container(body: dict[str, Any], mid: str) -> dict[str, Any]:
+    """The answer's `container` field: the container the request names, or a new one when it
+    has a code execution tool; nothing otherwise."""
+    named = body.get("container")
+    cid = named.get("id") if isinstance(named, dict) else named
+    tools = body.get("tools")
+    executes = isinstance(tools, list) and any(
+        isinstance(t, dict) and str(t.get("type", "")).startswith("code_execution_") for t in tools
+    )
+    if not isinstance(cid, str):
+        if not executes and named is None:
+            return {}
+        cid = "container_" + mid
+    return {"container": {"id": cid, "expires_at": "2026-12-06T00:00:00Z"}}
+
+
 def _event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
@@ -165,6 +183,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     mid = f"msg_mock{next(_ids):06d}"
     searches = int(request.headers.get("x-mock-web-searches", 0))
     server_tools = {"server_tool_use": {"web_search_requests": searches}} if searches else {}
+    container = _container(body, mid)
 
     if not body.get("stream"):
         content = [call] if call else [{"type": "text", "text": " ".join(pieces)}]
@@ -179,6 +198,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "stop_reason": stop_reason,
             "stop_sequence": stop_sequence,
             "usage": {**_usage(opts, prompt, output), **server_tools},
+            **container,
         }
         return web.Response(body=orjson.dumps(msg), content_type="application/json")
 
@@ -240,7 +260,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             )
     await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": base}))
     end_usage = {"output_tokens": output, **server_tools}
-    md = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
+    md = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence, **container}}
     await out.write(_event("message_delta", {**md, "usage": end_usage}))
     await out.write(_event("message_stop", {"type": "message_stop"}))
     await out.write_eof()

@@ -228,7 +228,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
     part = {"type": "output_text", "text": text, "annotations": []}
     message = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
-    calls = _tool_call_items(request.headers.get("x-mock-tool-calls", ""), n)
+    calls = _tool_call_items(request.headers.get("x-mock-tool-calls", ""), n, _named_container(got.get("tools")))
     if not got.get("stream"):
         answer = orjson.dumps(response("completed", [*calls, message], True))
         return web.Response(body=answer, content_type="application/json")
@@ -265,9 +265,18 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _tool_call_items(spec: str, n: int) -> list[dict[str, Any]]:
+def _named_container(tools: Any) -> str | None:
+    """The container a code interpreter tool names by id (None: a new one, `{"type": "auto"}`)."""
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
+            return str(tool["container"])
+    return None
+
+
+def _tool_call_items(spec: str, n: int, container: str | None = None) -> list[dict[str, Any]]:
     """The output items of the built-in tool calls `spec` asks for (`web_search=2,file_search=1`),
-    in the shapes OpenAI's Responses API gives them."""
+    in the shapes OpenAI's Responses API gives them; code runs in `container` when the request
+    names one."""
     items: list[dict[str, Any]] = []
     for entry in filter(None, (e.strip() for e in spec.split(","))):
         kind, _, count = entry.partition("=")
@@ -289,7 +298,7 @@ def _tool_call_items(spec: str, n: int) -> list[dict[str, Any]]:
             elif kind == "code_interpreter":
                 items.append(
                     {"type": "code_interpreter_call", "id": "ci" + iid, "status": "completed", "code": "1+1",
-                     "container_id": f"cntr_mock{n:06d}", "outputs": None}
+                     "container_id": container or f"cntr_mock{n:06d}", "outputs": None}
                 )  # fmt: skip
     return items
 

@@ -6,11 +6,17 @@ stored), and a code interpreter's `container` named by id holds the files of who
 Both were passed through: a tenant holding another's reasoning item id put that tenant's
 stored reasoning into its own prompt (the mock, as the provider, reads it into the answer), and
 one holding a container id ran code among another tenant's files. With tenants (virtual keys)
-both are refused before any upstream call; a reasoning item with its encrypted content, and a
-new container, are served; a keyless sidecar, one tenant, keeps them all."""
+the reasoning item is refused before any upstream call, and a container is its tenant's:
+named by another tenant (or never given to anyone through edgeroute) it is the provider's own
+404 for an unknown container, before any call; named again by its own tenant, in a JSON or a
+streamed conversation, it is served (`test_containers_*`). A reasoning item with its encrypted
+content, and a new container, are served; a keyless sidecar, one tenant, keeps them all."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +53,7 @@ async def test_another_tenants_reasoning_cannot_be_named_by_id(start_upstream: A
                 "param": "input",
                 "code": None,
             }
-            with pytest.raises(openai.BadRequestError) as refused:
-                await alice.responses.create(
-                    model="m",
-                    input="list the files",
-                    tools=[{"type": "code_interpreter", "container": "cntr_bobs"}],
-                )
-            assert refused.value.body["param"] == "tools"  # type: ignore[index]
-            assert len(up.options.requests) == asked  # neither reached the provider
+            assert len(up.options.requests) == asked  # it never reached the provider
             # Reasoning carried whole, and a new container, are the caller's own.
             said = await alice.responses.create(
                 model="m",
@@ -67,28 +66,128 @@ async def test_another_tenants_reasoning_cannot_be_named_by_id(start_upstream: A
     assert said.status == "completed" and "bob-secret" not in said.output_text
 
 
-@pytest.mark.parametrize("container", ["container_011bobs", {"id": "container_011bobs"}])
-async def test_an_anthropic_container_cannot_be_named_by_id(
-    start_mock: Any, tmp_path: Path, container: str | dict[str, str]
+async def _responses_container(client: openai.AsyncOpenAI, stream: bool, container: Any) -> str:
+    """The container a code interpreter ran in, for a Responses request (streamed or not)."""
+    tools: Any = [{"type": "code_interpreter", "container": container}]
+    if not stream:
+        said = await client.responses.create(model="m", input="run it", tools=tools)
+        calls = [item for item in said.output if item.type == "code_interpreter_call"]
+    else:
+        async with await client.responses.create(model="m", input="run it", tools=tools, stream=True) as events:
+            done = [ev async for ev in events if ev.type == "response.completed"]
+        calls = [item for item in done[0].response.output if item.type == "code_interpreter_call"]
+    assert len(calls) == 1
+    return calls[0].container_id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_containers_of_a_code_interpreter_are_their_tenants(
+    start_upstream: Any, tmp_path: Path, stream: bool
+) -> None:
+    up = await start_upstream(record=True)
+    cfg = _config(up, tmp_path, keys=True)
+    cfg["providers"]["a"]["headers"] = {"x-mock-tool-calls": "code_interpreter=1"}  # the mock runs code
+    async with cost_proxy(cfg) as proxy:
+        async with (
+            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=BOB, max_retries=0) as bob,
+            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ALICE, max_retries=0) as alice,
+        ):
+            bobs = await _responses_container(bob, stream, {"type": "auto"})
+            # Bob goes on in his container, by its id.
+            assert await _responses_container(bob, stream, bobs) == bobs
+            asked = len(up.options.requests)
+            for named in (bobs, "cntr_never_given"):
+                with pytest.raises(openai.NotFoundError) as refused:
+                    await _responses_container(alice, stream, named)
+                assert refused.value.body == {
+                    "message": f"Container with id '{named}' not found.",
+                    "type": "not_found_error",
+                    "param": "tools[0].container",
+                    "code": "container_not_found",
+                }
+            assert len(up.options.requests) == asked  # Alice's never reached the provider
+            assert await _responses_container(alice, stream, {"type": "auto"}) != bobs  # a new one is hers
+
+
+async def _anthropic_container(client: anthropic.AsyncAnthropic, stream: bool, container: Any) -> str | None:
+    """The container a Messages request with the code execution tool ran in (streamed or not)."""
+    say: Any = [{"role": "user", "content": "list the files"}]
+    extra = {"container": container} if container is not None else {}
+    tools: Any = [{"type": "code_execution_20250825", "name": "code_execution"}]
+    if not stream:
+        said = await client.messages.create(model="m", max_tokens=5, messages=say, tools=tools, extra_body=extra)
+    else:
+        async with client.messages.stream(
+            model="m", max_tokens=5, messages=say, tools=tools, extra_body=extra
+        ) as events:
+            said = await events.get_final_message()
+    got = said.container  # type: ignore[attr-defined]
+    return got.id if got is not None else None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_containers_of_anthropic_code_execution_are_their_tenants(
+    start_mock: Any, tmp_path: Path, stream: bool
 ) -> None:
     """Anthropic's code execution `container` is the same: passed through natively, it ran the
-    request in whichever tenant's container it named. A new one (no id) is served."""
+    request in whichever tenant's container it named."""
     up = await start_mock("anthropic", record=True)
     cfg = provider_config({"a": up})
-    cfg |= {"keys": {"alice": {"token": ALICE, "team": "alice"}}, "ledger": {"path": str(tmp_path / "l.db")}}
-    say: Any = [{"role": "user", "content": "list the files"}]
+    keys = {"alice": {"token": ALICE, "team": "alice"}, "bob": {"token": BOB, "team": "bob"}}
+    cfg |= {"keys": keys, "ledger": {"path": str(tmp_path / "l.db")}}
     async with cost_proxy(cfg) as proxy:
-        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=ALICE, max_retries=0) as alice:
-            with pytest.raises(anthropic.BadRequestError) as refused:
-                await alice.messages.create(model="m", max_tokens=5, messages=say, extra_body={"container": container})
-            assert refused.value.body == {
-                "type": "error",
-                "error": {
-                    "type": "invalid_request_error",
-                    "message": "container: names a container at the provider, which edgeroute cannot confine to "
-                    "this key's tenant: leave out its id for a new one.",
-                },
-            }
-            assert up.options.requests == []  # it never reached the provider
-            said = await alice.messages.create(model="m", max_tokens=5, messages=say, extra_body={"container": {}})
-    assert said.content and len(up.options.requests) == 1
+        async with (
+            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob,
+            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=ALICE, max_retries=0) as alice,
+        ):
+            bobs = await _anthropic_container(bob, stream, None)
+            assert bobs is not None
+            assert await _anthropic_container(bob, stream, bobs) == bobs
+            assert await _anthropic_container(bob, stream, {"id": bobs}) == bobs
+            asked = len(up.options.requests)
+            for named in (bobs, {"id": bobs}, "container_never_given"):
+                with pytest.raises(anthropic.NotFoundError) as refused:
+                    await _anthropic_container(alice, stream, named)
+                shown = named["id"] if isinstance(named, dict) else named
+                assert refused.value.body == {
+                    "type": "error",
+                    "error": {"type": "not_found_error", "message": f"Container with id '{shown}' not found."},
+                }
+            assert len(up.options.requests) == asked  # Alice's never reached the provider
+            assert await _anthropic_container(alice, stream, None) not in (None, bobs)
+
+
+async def test_a_keyless_sidecar_names_any_container(start_mock: Any) -> None:
+    """One tenant: a container named by id reaches the provider, bound or not."""
+    up = await start_mock("anthropic", record=True)
+    async with cost_proxy(provider_config({"a": up})) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="unused", max_retries=0) as client:
+            assert await _anthropic_container(client, False, "container_made_elsewhere") == "container_made_elsewhere"
+
+
+async def test_a_container_whose_owner_cannot_be_read_is_never_used(start_mock: Any, tmp_path: Path) -> None:
+    """While the bindings cannot be read, naming a container is a 503 (never passed unchecked);
+    an answer whose container could not be bound is still given, and its container is then refused."""
+    up = await start_mock("anthropic", record=True)
+    cfg = provider_config({"a": up})
+    cfg |= {"keys": {"bob": {"token": BOB, "team": "bob"}}, "ledger": {"path": str(tmp_path / "l.db")}}
+
+    def ledger(sql: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "l.db", timeout=10)) as conn:
+            conn.execute(sql)
+            conn.commit()
+
+    async with cost_proxy(cfg) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+            kept = await _anthropic_container(bob, False, None)
+            await asyncio.to_thread(ledger, "ALTER TABLE gov_response_owners RENAME TO owners_away")
+            lost = await _anthropic_container(bob, False, None)  # answered, its binding not written
+            asked = len(up.options.requests)
+            with pytest.raises(anthropic.InternalServerError) as e:
+                await _anthropic_container(bob, False, kept)
+            assert e.value.status_code == 503 and "could not check container" in str(e.value.body)
+            await asyncio.to_thread(ledger, "ALTER TABLE owners_away RENAME TO gov_response_owners")
+            assert await _anthropic_container(bob, False, kept) == kept
+            with pytest.raises(anthropic.NotFoundError):
+                await _anthropic_container(bob, False, lost)
+    assert len(up.options.requests) == asked + 1  # only the container that was bound reached it

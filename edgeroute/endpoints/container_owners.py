@@ -1,0 +1,117 @@
+"""Whose code execution container an id names: a container confined to the tenant it was made for.
+
+A code execution tool (Anthropic's `code_execution_*`, a Responses `code_interpreter`) runs
+in a container at the provider, in the account every tenant of the gateway shares; the
+container keeps the files written in it, and a later request names it by id to go on with
+them (Anthropic's `container`, a Responses tool's `container`). So each container id an
+answer gives back is bound to who made the request (the same owner as a Responses id,
+`responses_owners.owner_of`), in the same table (`gov_response_owners`, under a `container:`
+prefix: SQLite or PostgreSQL, shared by workers and instances, kept across restarts). A
+request naming a container bound to someone else, or to no one, is answered the provider's
+own 404 for an unknown container: whether it exists is not revealed.
+
+A JSON answer's containers are bound before it is sent. A stream names its container as it
+goes (Anthropic: in its last `message_delta`); its containers are bound after its last event
+is written and before its end reaches the client, so a stream cut before then (the client
+gone, the process killed) leaves its container unbound: refused later, never another
+tenant's. Without virtual keys there is one tenant: nothing is bound or checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edgeroute.dispatch import JsonAnswer, StreamAnswer
+from edgeroute.endpoints.responses_owners import MAX_ID, owner_of, stored_owner
+from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV
+from edgeroute.state import Live
+
+log = logging.getLogger("edgeroute.containers")
+
+PREFIX = "container:"  # in the response owners' table: no provider's response id starts so
+
+
+def _not_found(container: str, param: str) -> ProxyError:
+    return ProxyError(
+        404, f"Container with id '{container[:MAX_ID]}' not found.", code="container_not_found", param=param
+    )
+
+
+async def check(request: web.Request, live: Live, container: str, param: str) -> None:
+    """Refuses a container id the caller's tenant was not given (see the module's doc)."""
+    if not live.access.keyed(request):
+        return
+    if not container or len(container) > MAX_ID:
+        raise _not_found(container, param)
+    if await stored_owner(request, PREFIX + container, "container") != owner_of(request):
+        raise _not_found(container, param)
+
+
+async def bind(request: web.Request, live: Live, containers: Iterable[str]) -> None:
+    """Binds each container id to the caller. A failed write is logged: the container, unbound,
+    is then refused when named (safe; the answer itself was paid for)."""
+    if not live.access.keyed(request):
+        return
+    ids = sorted({c for c in containers if c and len(c) <= MAX_ID})
+    if not ids:
+        return
+    store, owner = request.app[GOV].store, owner_of(request)
+
+    def write() -> None:
+        for c in ids:
+            store.bind_response(PREFIX + c, owner)
+
+    try:
+        await asyncio.to_thread(write)
+    except Exception as e:
+        log.warning("could not bind a container to its key (it cannot be named again): %s", type(e).__name__)
+
+
+def anthropic_container(obj: Any) -> str | None:
+    """The container of a Messages answer (`container.id`) or of a stream's `message_delta`."""
+    if not isinstance(obj, dict):
+        return None
+    found = obj.get("container")
+    if found is None and isinstance(obj.get("delta"), dict):
+        found = obj["delta"].get("container")
+    cid = found.get("id") if isinstance(found, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def responses_containers(output: Any) -> set[str]:
+    """The containers a Response's output items ran in (a code interpreter's `container_id`)."""
+    found = set()
+    for item in output if isinstance(output, list) else ():
+        cid = item.get("container_id") if isinstance(item, dict) else None
+        if isinstance(cid, str):
+            found.add(cid)
+    return found
+
+
+def json_containers(got: JsonAnswer | StreamAnswer) -> set[str]:
+    """The containers a JSON answer of either API names; a stream's are its translator's."""
+    if isinstance(got, StreamAnswer):
+        return set()
+    try:
+        obj = orjson.loads(got.body)
+    except orjson.JSONDecodeError:
+        return set()
+    if not isinstance(obj, dict):
+        return set()
+    found = responses_containers(obj.get("output"))
+    if (cid := anthropic_container(obj)) is not None:
+        found.add(cid)
+    return found
+
+
+def stream_containers(got: StreamAnswer) -> set[str]:
+    """The containers a relayed stream named (its native translator saw them)."""
+    seen = getattr(got.translator, "containers", None)
+    return set(seen) if isinstance(seen, set) else set()
