@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, free_requests, headers, shadow
+from edgeroute import _core, free_requests, headers, provider_files, shadow
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -206,6 +206,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     plan: Plan | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
+        if live.config.server.provider_files == "refused" and live.access.keyed(request):
+            await provider_files.refuse_named(body)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
         decision = await decide_soon(live, body, request)

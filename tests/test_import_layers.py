@@ -124,6 +124,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "edgeroute.request_input",
             "edgeroute.free_requests",
+            "edgeroute.provider_files",
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
             "edgeroute.endpoints",

@@ -361,6 +361,10 @@ class Server(_Strict):
     # With keys configured, `/metrics` (team names, traffic per route and key) needs a key of
     # role viewer or above (Prometheus: `authorization: {credentials: …}`); true serves it to anyone.
     metrics_public: bool = False
+    # With virtual keys, a request naming a file or vector store kept at the provider (by id) is
+    # refused: the provider account is every tenant's (`edgeroute.provider_files`). `shared`
+    # says its files are meant for every tenant, and passes such requests.
+    provider_files: Literal["refused", "shared"] = "refused"
 
 
 # -- cost control (edgeroute/cost/): keys, limits, budgets, ledger, shared state ------------------

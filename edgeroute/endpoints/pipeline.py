@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, headers, shadow
+from edgeroute import _core, headers, provider_files, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Ticket, rerouted_model, with_model
 from edgeroute.cache.service import CACHE, Plan, ResponseCache
@@ -235,6 +235,8 @@ async def serve(
     reasons: list[str] = []
     try:
         body = await read_body(request)
+        if live.config.server.provider_files == "refused" and live.access.keyed(request):
+            await provider_files.refuse_named(body)
         # A body of megabytes (five million token ids) takes a second to parse and check: in a
         # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
         parsed = await asyncio.to_thread(endpoint, body) if len(body) > PARSE_ON_LOOP_BYTES else endpoint(body)

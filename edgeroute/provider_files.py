@@ -1,0 +1,82 @@
+"""Files and vector stores kept at a provider, named by id: no tenant's, so refused with tenants.
+
+A request can name what the provider account behind a deployment stores: a file (chat's
+`{"type": "file", "file": {"file_id": …}}`, a Responses `input_file` / `input_image`, an
+Anthropic `document` or `image` whose source is `{"type": "file"}`, a `container_upload`, a
+code interpreter container's `file_ids`) or a vector store (a `file_search` tool's
+`vector_store_ids`). That account is shared by every tenant of the gateway, and edgeroute
+relays no upload (`/v1/files`): no such id was given to a tenant through it, so none can be
+confined to one. A tenant holding another's id (from a log, a shared transcript) had the
+model read that file. With tenants (virtual keys) such a request is a 400 naming where, before
+any call, unless the operator says the account's files are for everyone
+(`server.provider_files: shared`). Without virtual keys there is one tenant: nothing is checked.
+
+Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
+a `file_id` of the application's own). A body without either key's name is not parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+
+from edgeroute.errors import ProxyError
+
+_MARKERS = (b"file_id", b"vector_store_ids")  # the first finds `file_ids` too
+_NAMES = ("file_id", "file_ids", "vector_store_ids")
+# Where such an id can sit: content lists and parts, and the tools that carry them. A dict
+# under another key (a tool's `parameters` or `input_schema`, a tool call's `input`,
+# `metadata`) is the application's own.
+_INTO = frozenset({"messages", "input", "content", "output", "source", "file", "tools", "container"})
+THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
+
+
+def _named(value: Any, path: str) -> str | None:
+    """The path of the first provider file or vector store `value` names, or None."""
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _named(v, f"{path}[{i}]")) is not None:
+                return found
+        return None
+    if not isinstance(value, dict):
+        return None
+    for name in _NAMES:
+        got = value.get(name)
+        if (name == "file_id" and isinstance(got, str) and got) or (isinstance(got, list) and got):
+            return f"{path}.{name}" if path else name
+    for key, v in value.items():
+        # A top-level `input` is a list (Responses); a tool call's `input` is its arguments.
+        if key in _INTO and (isinstance(v, list) or (isinstance(v, dict) and key != "input")):
+            if (found := _named(v, f"{path}.{key}" if path else key)) is not None:
+                return found
+    return None
+
+
+def check(body: bytes) -> None:
+    """Raises a 400 for a request body that names a provider's file or vector store."""
+    if not any(m in body for m in _MARKERS):
+        return
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return  # the endpoint answers a body that is not JSON
+    found = _named(obj, "")
+    if found is not None:
+        raise ProxyError(
+            400,
+            f"'{found}' names a file or vector store kept at the provider, which edgeroute cannot confine to this "
+            "key's tenant: send the file's content instead (file_data, base64), or ask the operator to allow "
+            "provider files (server.provider_files: shared).",
+            param=found,
+            code="provider_file_refused",
+        )
+
+
+async def refuse_named(body: bytes) -> None:
+    """`check`, off the loop for a large body."""
+    if len(body) >= THREAD_FROM_BYTES:
+        await asyncio.to_thread(check, body)
+    else:
+        check(body)
