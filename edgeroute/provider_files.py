@@ -12,7 +12,8 @@ any call, unless the operator says the account's files are for everyone
 (`server.provider_files: shared`). Without virtual keys there is one tenant: nothing is checked.
 
 Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
-a `file_id` of the application's own). A body without either key's name is not parsed.
+a `file_id` of the application's own). A body without either key's name, and without a backslash-u
+escape that could spell one, is not parsed.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def _named(value: Any, path: str) -> str | None:
 
 def check(body: bytes) -> None:
     """Raises a 400 for a request body that names a provider's file or vector store."""
-    if not any(m in body for m in _MARKERS):
+    # A key's name may be spelt with escapes (`"file\u005fid"`): such a body is always parsed.
+    if b"\\u" not in body and not any(m in body for m in _MARKERS):
         return
     try:
         obj = orjson.loads(body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -150,3 +151,20 @@ async def test_provider_files_pass_when_shared_or_without_tenants(
             for extra, _ in RESPONSES_NAMED:
                 await client.responses.create(model="m", extra_body=extra)
     assert len(up.options.requests) == len(RESPONSES_NAMED)
+
+
+async def test_a_file_id_spelt_with_escapes_is_refused(start_upstream: Any, tmp_path: Path) -> None:
+    """JSON lets a key's name be spelt with `\\u` escapes, which a search of the body's bytes for
+    `file_id` does not find: such a body is read as JSON before it passes."""
+    up = await start_upstream(record=True)
+    body = (
+        b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "file", '
+        b'"file": {"file\\u005fid": "file-bobs"}}, {"type": "text", "text": "summarise"}]}]}'
+    )
+    async with cost_proxy(_config(up, tmp_path, keys=True)) as proxy:
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"}
+            async with http.post(proxy.url + "/v1/chat/completions", data=body, headers=auth) as resp:
+                assert resp.status == 400
+                _refused((await resp.json())["error"], "messages[0].content[0].file.file_id")
+    assert up.options.requests == []
