@@ -171,6 +171,60 @@ async def start_upstream() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
         await s.close()
 
 
+# -- mock upstreams made of a test's own handlers ---------------------------------------------
+# A test whose upstream must answer as no bundled mock does (a careless provider, a webhook
+# receiver) writes the handlers and serves them with `routes_upstream`: aiohttp's route
+# definitions in, a started loopback server out, e.g.
+#
+#     async with routes_upstream(web.post("/v1/chat/completions", handle)) as up:
+#         cfg["providers"]["p"]["base_url"] = up.url + "/v1"
+#
+# `serve_routes` (a fixture) starts several, each closed at teardown; `start_routes` leaves
+# closing to the caller (a helper that hands the server on).
+
+
+class RoutesServer(TestServer):
+    """A mock upstream on loopback made of a test's routes; `url` is its root (no trailing slash)."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_routes(*routes: web.AbstractRouteDef, **app_options: Any) -> RoutesServer:
+    """A server for `routes` (`web.post(path, handler)`, ...), started; the caller closes it.
+    `app_options` go to `web.Application` (e.g. `client_max_size`)."""
+    app = web.Application(**app_options)
+    app.add_routes(routes)
+    server = RoutesServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+@contextlib.asynccontextmanager
+async def routes_upstream(*routes: web.AbstractRouteDef, **app_options: Any) -> AsyncIterator[RoutesServer]:
+    """`start_routes` for the length of a `with` block."""
+    server = await start_routes(*routes, **app_options)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+ServeRoutes = Callable[..., Awaitable[RoutesServer]]
+
+
+@pytest.fixture
+async def serve_routes() -> AsyncIterator[ServeRoutes]:
+    """`start_routes` for a test or fixture that starts several: all closed at teardown."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(*routes: web.AbstractRouteDef, **app_options: Any) -> RoutesServer:
+            return await stack.enter_async_context(routes_upstream(*routes, **app_options))
+
+        yield start
+
+
 _PG_SCHEMAS: list[str] = []
 
 
@@ -293,9 +347,5 @@ async def hook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
         got.append(await request.json())
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/hook", got
-    await server.close()
+    async with routes_upstream(web.post("/hook", handle)) as server:
+        yield server.url + "/hook", got

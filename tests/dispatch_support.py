@@ -9,10 +9,9 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.state import STATE
-from tests.conftest import Proxy
+from tests.conftest import Proxy, ServeRoutes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -20,23 +19,17 @@ HELLO: Any = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture
-async def upstreams() -> AsyncIterator[Callable[..., Awaitable[dict[str, Any]]]]:
+async def upstreams(serve_routes: ServeRoutes) -> AsyncIterator[Callable[..., Awaitable[dict[str, Any]]]]:
     """Starts one server per handler; returns a config with one deployment per server, in order."""
-    servers: list[TestServer] = []
 
     async def start(*handlers: Handler, kinds: tuple[str, ...] = ()) -> dict[str, Any]:
         names = []
         cfg: dict[str, Any] = {"providers": {}, "deployments": {}, "models": {}}
         for i, h in enumerate(handlers):
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", h)
-            app.router.add_post("/v1/messages", h)
-            srv = TestServer(app, host="127.0.0.1")
-            await srv.start_server()
-            servers.append(srv)
+            srv = await serve_routes(web.post("/v1/chat/completions", h), web.post("/v1/messages", h))
             name = "abcdefgh"[i]
             kind = kinds[i] if i < len(kinds) else "openai"
-            cfg["providers"][name] = {"kind": kind, "base_url": f"http://127.0.0.1:{srv.port}/v1", "api_key": "sk-up"}
+            cfg["providers"][name] = {"kind": kind, "base_url": srv.url + "/v1", "api_key": "sk-up"}
             price = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
             cfg["deployments"][f"d-{name}"] = {"provider": name, "model": "gpt-4o-mini", "price": price}
             names.append(f"d-{name}")
@@ -44,8 +37,6 @@ async def upstreams() -> AsyncIterator[Callable[..., Awaitable[dict[str, Any]]]]
         return cfg
 
     yield start
-    for s in servers:
-        await s.close()
 
 
 def answer(usage: Any = None) -> web.Response:

@@ -16,9 +16,8 @@ from typing import Any
 
 import openai
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import simple_config, wait_ready
+from tests.conftest import simple_config, start_routes, wait_ready
 from tests.serve_support import killed, start_serve
 
 
@@ -36,14 +35,11 @@ async def test_a_notification_being_retried_at_sigterm_is_delivered_before_exit(
         received.append(body)
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    hooks = TestServer(app, host="127.0.0.1")
-    await hooks.start_server()
+    hooks = await start_routes(web.post("/hook", hook))
     cfg = simple_config({"a": await start_upstream()})
     cfg["alerts"] = {
         "interval_s": 1,
-        "webhooks": {"oncall": {"url": f"http://127.0.0.1:{hooks.port}/hook", "timeout_s": 2}},
+        "webhooks": {"oncall": {"url": hooks.url + "/hook", "timeout_s": 2}},
         "rules": [{"name": "any-spend", "kind": "spend_per_hour", "threshold": 0, "window_s": 60}],
     }
     serving = await start_serve(tmp_path / "c.yaml", cfg)

@@ -21,8 +21,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.test_cost_support import cost_proxy
 
 ADMIN = "sk-media-admin"
@@ -73,14 +73,9 @@ def _upstream(per_image: int) -> Callable[[web.Request], Awaitable[web.Response]
 
 @pytest.fixture
 async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    app = web.Application()
     answer = _upstream(getattr(request, "param", 1000))
-    app.router.add_post("/v1/chat/completions", answer)
-    app.router.add_post("/v1/responses", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", answer), web.post("/v1/responses", answer)) as server:
+        yield server.url + "/v1"
 
 
 def _config(upstream: str, tmp_path: Path, **deployment: Any) -> dict[str, Any]:

@@ -13,12 +13,11 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import config as config_mod
 from edgeroute.cache.semantic import builtin_embedder
-from tests.conftest import simple_config
+from tests.conftest import routes_upstream, simple_config
 
 
 class Embeddings:
@@ -50,12 +49,8 @@ class Embeddings:
 @pytest.fixture
 async def embeddings() -> AsyncIterator[tuple[Embeddings, str]]:
     e = Embeddings()
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", e.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield e, str(server.make_url("/v1"))
-    await server.close()
+    async with routes_upstream(web.post("/v1/embeddings", e.handle)) as server:
+        yield e, server.url + "/v1"
 
 
 def _config(up: Any, emb_url: str, **cache: Any) -> dict[str, Any]:

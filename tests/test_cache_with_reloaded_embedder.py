@@ -16,11 +16,10 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.reload import apply_config
-from tests.conftest import eventually, simple_config
+from tests.conftest import eventually, routes_upstream, simple_config
 
 BREAD = "How do I bake bread?"
 BIKE = "How do I fix a bike?"
@@ -39,12 +38,8 @@ async def _embed(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def embedder_url() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", _embed)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield str(server.make_url("/v1"))
-    await server.close()
+    async with routes_upstream(web.post("/v1/embeddings", _embed)) as server:
+        yield server.url + "/v1"
 
 
 async def test_a_reload_to_another_embedding_model_never_matches_the_old_ones_vectors(

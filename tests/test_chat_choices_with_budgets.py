@@ -20,8 +20,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.test_cost_support import cost_proxy
 
 ADMIN = "sk-choices-admin"
@@ -50,12 +50,8 @@ async def _chat(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _chat)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", _chat)) as server:
+        yield server.url + "/v1"
 
 
 def _config(upstream: str, tmp_path: Path) -> dict[str, Any]:

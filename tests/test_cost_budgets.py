@@ -14,11 +14,11 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.config import ConfigError
 from edgeroute.state import STATE
+from tests.conftest import start_routes
 from tests.test_cost_support import cost_proxy, one_deployment
 
 # With max_tokens=5 and replies longer than that, the mock reports exactly 5 completion
@@ -176,11 +176,8 @@ async def test_notify_posts_a_webhook_once(start_upstream) -> None:
         events.append(orjson.loads(await request.read()))
         return web.Response()
 
-    hook_app = web.Application()
-    hook_app.router.add_post("/hook", hook)
-    hook_server = TestServer(hook_app, host="127.0.0.1")
-    await hook_server.start_server()
-    url = f"http://127.0.0.1:{hook_server.port}/hook"
+    hook_server = await start_routes(web.post("/hook", hook))
+    url = hook_server.url + "/hook"
     cfg = one_deployment(
         up.base_url,
         budgets={"limits": [{"name": "per-key", "scope": "key", "limit_usd": COST * 10, "period": "rolling",

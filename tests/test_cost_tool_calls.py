@@ -14,12 +14,11 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.accounting import Usage, cost_of, responses_tool_calls
 from edgeroute.config import Price, price_catalogue
 from edgeroute.cost.tool_calls import anthropic_tools, responses_tools
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream
 from tests.providers_fixtures import provider_config, start_mock
 from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
@@ -208,13 +207,10 @@ async def _messages_cut(request: web.Request) -> web.StreamResponse:
 
 @pytest.mark.parametrize("kind", ["openai", "anthropic"])
 async def test_tool_calls_of_a_stream_cut_before_its_usage_are_priced(start_proxy: Any, kind: str) -> None:
-    app = web.Application()
-    app.router.add_post("/v1/responses", _responses_cut)
-    app.router.add_post("/v1/messages", _messages_cut)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        base = f"http://127.0.0.1:{server.port}" + ("/v1" if kind == "openai" else "")
+    async with routes_upstream(
+        web.post("/v1/responses", _responses_cut), web.post("/v1/messages", _messages_cut)
+    ) as server:
+        base = server.url + ("/v1" if kind == "openai" else "")
         proxy = await start_proxy(
             {
                 "providers": {"p": {"kind": kind, "base_url": base, "api_key": "key-p"}},
@@ -236,8 +232,6 @@ async def test_tool_calls_of_a_stream_cut_before_its_usage_are_priced(start_prox
                     async for _ in s:
                         pass
         rec = await _record(proxy)
-    finally:
-        await server.close()
     searches = 2 if kind == "openai" else 3
     assert rec.usage.tool_calls == {"web_search": searches}
     assert rec.cost_usd == pytest.approx(searches * SEARCH)  # tokens are free here

@@ -12,9 +12,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.mock.openai_endpoints import vector
+from tests.conftest import routes_upstream
 from tests.providers_fixtures import BEDROCK_OPTIONS, MockUpstream, start_mock
 from tests.test_providers_bedrock import _boto
 
@@ -163,15 +163,11 @@ async def test_titan_failure_fails_over_to_cohere(start_mock, start_proxy) -> No
 @pytest.mark.parametrize("answer", [{"embedding": []}, {"embeddings": {"int8": [[1]]}}, {"embeddings": [[1, "x"]]}, {}])
 async def test_a_careless_upstream_answer_is_a_failure_not_a_200(start_proxy, answer: dict[str, Any]) -> None:
     """An answer without usable vectors is the deployment's fault: an error after the attempts, never a 200."""
-    app = web.Application()
 
     async def invoke(_: web.Request) -> web.Response:
         return web.json_response(answer)
 
-    app.router.add_post("/model/{model}/invoke", invoke)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with routes_upstream(web.post("/model/{model}/invoke", invoke)) as server:
         up = MockUpstream("bedrock", server, None)
         proxy = await start_proxy(_config(up, {"dep": TITAN}))
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
@@ -181,30 +177,22 @@ async def test_a_careless_upstream_answer_is_a_failure_not_a_200(start_proxy, an
         rec = proxy.recorder.records[-1]
         assert rec.attempts and {(a.deployment, a.outcome) for a in rec.attempts} == {("dep", "server_error")}
         assert rec.status == 502
-    finally:
-        await server.close()
 
 
 async def test_a_batch_for_titan_with_answers_over_256_kib_is_answered(start_proxy) -> None:
     """Each call of a batch for Titan reads its own answer: one over 256 KiB is read in a worker
     thread, which saw no piece of the batch and judged the answer against every input (502
     "upstream answered a different number of embeddings")."""
-    app = web.Application()
 
     async def invoke(request: web.Request) -> web.Response:
         text = orjson.loads(await request.read())["inputText"]
         return web.json_response({"embedding": [float(len(text))] * 60_000, "inputTextTokenCount": 1})
 
-    app.router.add_post("/model/{model}/invoke", invoke)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with routes_upstream(web.post("/model/{model}/invoke", invoke)) as server:
         proxy = await start_proxy(_config(MockUpstream("bedrock", server, None), {"dep": TITAN}))
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         r = await client.embeddings.create(model="embed", input=["a", "bb", "ccc"], encoding_format="float")
         await client.close()
-    finally:
-        await server.close()
     assert [(d.index, len(d.embedding), d.embedding[0]) for d in r.data] == [
         (0, 60_000, 1),
         (1, 60_000, 2),

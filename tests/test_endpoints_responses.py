@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from openai.types.responses import Response
 
 from edgeroute.mock.openai import MockOptions
-from tests.conftest import Upstream
+from tests.conftest import Upstream, start_routes
 from tests.providers_fixtures import provider_config, start_mock
 
 __all__ = ["start_mock"]
@@ -258,12 +258,7 @@ async def _broken_upstream(kind: str) -> TestServer:
         request.transport.close()  # mid-stream: no terminal event
         return out
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", handler)
-    app.router.add_post("/v1/chat/completions", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
+    return await start_routes(web.post("/v1/responses", handler), web.post("/v1/chat/completions", handler))
 
 
 @pytest.mark.parametrize("kind", ["openai", "openai_compatible"])

@@ -21,9 +21,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream
 from tests.providers_fixtures import provider_config, start_mock
 from tests.test_cost_support import cost_proxy
 
@@ -89,13 +88,8 @@ async def _messages(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def cutting() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/responses", _responses)
-    app.router.add_post("/v1/messages", _messages)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with routes_upstream(web.post("/v1/responses", _responses), web.post("/v1/messages", _messages)) as server:
+        yield server.url
 
 
 def _config(kind: str, base_url: str) -> dict[str, Any]:

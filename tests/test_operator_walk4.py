@@ -16,7 +16,7 @@ from typing import Any
 
 import openai
 
-from tests.conftest import eventually
+from tests.conftest import eventually, start_routes
 from tests.governance_support import call
 from tests.test_operator_walk3 import ONE_MODEL, _cli, _closed_url, _env, _serve, _term, _write
 
@@ -268,13 +268,8 @@ async def test_a_test_alert_reaches_a_local_webhook_as_the_readme_says(tmp_path:
         await got.put(await request.json())
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_post("/edgeroute", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    receiver = await start_routes(web.post("/edgeroute", hook))
+    port = receiver.port
     cfg = _write(
         tmp_path,
         ONE_MODEL
@@ -288,7 +283,7 @@ async def test_a_test_alert_reaches_a_local_webhook_as_the_readme_says(tmp_path:
         sent = await asyncio.wait_for(got.get(), 30)
     finally:
         await asyncio.to_thread(_term, proc)
-        await runner.cleanup()
+        await receiver.close()
     assert sent["source"] == "edgeroute" and sent["event"] == "test", sent
     assert (sent["alert"]["rule"], sent["alert"]["kind"]) == ("test", "test"), sent
     readme = await asyncio.to_thread(README.read_text)

@@ -19,7 +19,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.conftest import routes_upstream
 
 OUT = 10.0  # USD per million output tokens
 
@@ -38,12 +39,8 @@ async def edge_upstream() -> AsyncIterator[tuple[str, float]]:
         }  # fmt: skip
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1", edge
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", handler)) as server:
+        yield server.url + "/v1", edge
 
 
 async def test_a_request_across_a_windows_edge_is_priced_as_it_started(

@@ -16,17 +16,16 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import ServeRoutes
 from tests.providers_fixtures import BEDROCK_OPTIONS
 
 Raw = Callable[[Any], Awaitable[str]]
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Raw]:
+async def raw_upstream(serve_routes: ServeRoutes) -> AsyncIterator[Raw]:
     """Starts a server answering every POST with `body` (JSON), or with `body` as SSE when bytes."""
-    servers: list[TestServer] = []
 
     async def start(body: Any) -> str:
         async def answer(_req: web.Request) -> web.Response:
@@ -34,16 +33,9 @@ async def raw_upstream() -> AsyncIterator[Raw]:
                 return web.Response(body=body, content_type="text/event-stream")
             return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-        app = web.Application()
-        app.router.add_route("POST", "/{tail:.*}", answer)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.port}"
+        return (await serve_routes(web.post("/{tail:.*}", answer))).url
 
     yield start
-    for s in servers:
-        await s.close()
 
 
 def _config(kind: str, url: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute import _core
-from tests.conftest import wait_ready
+from tests.conftest import routes_upstream, wait_ready
 from tests.serve_support import start_serve
 
 TOKENS = 300_000
@@ -53,12 +53,8 @@ async def _long_stream(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[TestServer]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _long_stream)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", _long_stream)) as server:
+        yield server
 
 
 def _rss_mb(pid: int) -> float:

@@ -12,11 +12,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
-from tests.conftest import simple_config
+from tests.conftest import RoutesServer, simple_config, start_routes
 from tests.metrics_support import scrape
 from tests.serve_support import free_port
 
@@ -28,18 +27,15 @@ class Receiver:
 
     def __init__(self) -> None:
         self.bodies: dict[str, list[Any]] = {}
-        self.server: TestServer | None = None
+        self.server: RoutesServer | None = None
 
     async def start(self) -> str:
         async def hook(request: web.Request) -> web.Response:
             self.bodies.setdefault(request.path, []).append(await request.json())
             return web.Response(status=204)
 
-        app = web.Application()
-        app.router.add_post("/{name}", hook)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return f"http://127.0.0.1:{self.server.port}"
+        self.server = await start_routes(web.post("/{name}", hook))
+        return self.server.url
 
 
 @pytest.fixture

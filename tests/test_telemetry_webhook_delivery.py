@@ -16,9 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually, simple_config
+from tests.conftest import eventually, simple_config, start_routes
 from tests.metrics_support import scrape
 
 TOKEN = "T0KEN-in-the-url-4b1d"
@@ -43,11 +42,8 @@ async def test_retries_backoff_no_redirects_and_a_hung_webhook_delays_only_itsel
             await asyncio.Event().wait()
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/{name}", hook)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    base = f"http://127.0.0.1:{server.port}"
+    server = await start_routes(web.post("/{name}", hook))
+    base = server.url
     cfg = simple_config({"b": await start_upstream()})
     cfg["alerts"] = {
         "webhooks": {  # the hung one first: one sender for all sent it first

@@ -16,9 +16,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually, simple_config
+from tests.conftest import RoutesServer, eventually, simple_config, start_routes
 from tests.scale.support import Instance, Spawn, metric
 from tests.test_cost_support import RedisServer, require_redis
 
@@ -33,7 +32,7 @@ class Hooks:
         self.answered: list[dict[str, Any]] = []
         self.hold = hold  # this event's first message is never answered
         self.held = asyncio.Event()
-        self.server: TestServer | None = None
+        self.server: RoutesServer | None = None
 
     async def start(self) -> str:
         async def hook(request: web.Request) -> web.Response:
@@ -45,11 +44,8 @@ class Hooks:
             self.answered.append(body)
             return web.Response(status=204)
 
-        app = web.Application()
-        app.router.add_post("/ops", hook)
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return f"http://127.0.0.1:{self.server.port}/ops"
+        self.server = await start_routes(web.post("/ops", hook))
+        return self.server.url + "/ops"
 
     def events(self, bodies: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
         return [(b["event"], b["alert"]["rule"], b["alert"]["subject"]) for b in bodies]

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from edgeroute import config as config_mod
 from edgeroute.accounting import MemoryRecorder
 from edgeroute.server import create_app
-from tests.conftest import simple_config
+from tests.conftest import simple_config, start_routes
 from tests.security.governed import ROOT
 from tests.test_cost_support import CostProxy, cost_proxy
 
@@ -126,11 +126,7 @@ def priced_config(base_url: str, input_per_mtok: float = 1.0, output_per_mtok: f
 
 async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> TestServer:
     """A started upstream whose `POST /v1/chat/completions` is `handle` (a test's hostile provider)."""
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    return server
+    return await start_routes(web.post("/v1/chat/completions", handle))
 
 
 async def titan_upstream(
@@ -138,13 +134,10 @@ async def titan_upstream(
 ) -> tuple[TestServer, dict[str, Any]]:
     """A started Bedrock upstream whose Titan embeddings `invoke` is `handle`, and a config
     serving it as model `embed` (`model`: more of that model's settings)."""
-    app = web.Application()
-    app.router.add_post("/model/{model}/invoke", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await start_routes(web.post("/model/{model}/invoke", handle))
     options = {"region": "us-east-1", "aws_access_key_id": "AKIDEXAMPLE", "aws_secret_access_key": "dummy-secret"}
     cfg = {
-        "providers": {"aws": {"kind": "bedrock", "base_url": f"http://127.0.0.1:{server.port}", "options": options}},
+        "providers": {"aws": {"kind": "bedrock", "base_url": server.url, "options": options}},
         "deployments": {
             "t": {"provider": "aws", "model": "amazon.titan-embed-text-v2:0", "price": {"input_per_mtok": 1}}
         },
@@ -199,10 +192,7 @@ class ScriptedStreams:
         self.servers: list[TestServer] = []
 
     async def __call__(self, first: bytes, then: bytes = b"") -> TestServer:
-        app = web.Application()
-        app.router.add_post(self.path, _Scripted(first, then, self.go).handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
+        server = await start_routes(web.post(self.path, _Scripted(first, then, self.go).handle))
         self.servers.append(server)
         return server
 

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import simple_config
+from tests.conftest import simple_config, start_routes
 from tests.metrics_support import scrape
 
 TOKEN = "hook-token-5f1d2c3b4a"
@@ -38,21 +38,15 @@ class Hosts:
             self.elsewhere.append(dict(request.headers))
             return web.Response(status=204)
 
-        app = web.Application()
-        app.router.add_post("/{p}", other)
-        other_host = TestServer(app, host="127.0.0.1")
-        await other_host.start_server()
+        other_host = await start_routes(web.post("/{p}", other))
 
         async def moved(request: web.Request) -> web.Response:
             self.moved.append(request)
             raise web.HTTPTemporaryRedirect(f"http://localhost:{other_host.port}/stolen")
 
-        app2 = web.Application()
-        app2.router.add_post("/{p}", moved)
-        first = TestServer(app2, host="127.0.0.1")
-        await first.start_server()
+        first = await start_routes(web.post("/{p}", moved))
         self.servers = [other_host, first]
-        return f"http://127.0.0.1:{first.port}/hook"
+        return first.url + "/hook"
 
 
 @pytest.fixture

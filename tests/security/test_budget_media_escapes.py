@@ -21,8 +21,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
 ADMIN = "sk-media-escape-admin"
@@ -75,13 +75,8 @@ async def _answer(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/messages", _answer)
-    app.router.add_post("/v1/responses", _answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with routes_upstream(web.post("/v1/messages", _answer), web.post("/v1/responses", _answer)) as server:
+        yield server.url
 
 
 def _config(upstream: str, tmp_path: Path, kind: str) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.governance import versions
+from tests.conftest import start_routes
 from tests.test_cost_support import cost_proxy, one_deployment
 
 
@@ -34,12 +34,9 @@ async def test_a_budget_webhook_by_file_reference_receives_the_event(start_upstr
         got.append(await request.json())
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/services/T0/B0/secret-part", hook)
-    receiver = TestServer(app, host="127.0.0.1")
-    await receiver.start_server()
+    receiver = await start_routes(web.post("/services/T0/B0/secret-part", hook))
     ref = tmp_path / "budget-hook.url"
-    ref.write_text(f"http://127.0.0.1:{receiver.port}/services/T0/B0/secret-part\n")
+    ref.write_text(receiver.url + "/services/T0/B0/secret-part\n")
     up = await start_upstream(reply_words=10)
     cfg = one_deployment(up.base_url, budgets=_notify_budget(f"file:{ref}"))
     cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 0, "per_request": 0.02}

@@ -13,8 +13,8 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import ServeRoutes
 from tests.providers_fixtures import MockUpstream, provider_config, start_mock
 
 __all__ = ["start_mock"]
@@ -29,24 +29,16 @@ BODIES = {
 
 
 @pytest.fixture
-async def careless() -> AsyncIterator[Any]:
-    servers: list[TestServer] = []
+async def careless(serve_routes: ServeRoutes) -> AsyncIterator[Any]:
 
     async def start(kind: str, body: dict[str, Any]) -> MockUpstream:
         async def handle(request: web.Request) -> web.Response:
             await request.read()
             return web.json_response(body)  # HTTP 200
 
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return MockUpstream(kind, server, None)
+        return MockUpstream(kind, await serve_routes(web.post("/{tail:.*}", handle)), None)
 
     yield start
-    for s in servers:
-        await s.close()
 
 
 CASES = [("anthropic", "anthropic"), ("anthropic", "empty"), ("gemini", "gemini"), ("gemini", "empty"),

@@ -16,7 +16,8 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.conftest import routes_upstream
 
 ANSWER = " ".join(["word"] * 400)  # about 400 tokens of output
 OUT = 10.0
@@ -34,12 +35,8 @@ async def upstream() -> AsyncIterator[str]:
         }  # fmt: skip
         return web.json_response(msg)
 
-    app = web.Application()
-    app.router.add_post("/v1/messages", messages)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with routes_upstream(web.post("/v1/messages", messages)) as server:
+        yield server.url
 
 
 def _config(base_url: str) -> dict[str, Any]:

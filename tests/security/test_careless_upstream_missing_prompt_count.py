@@ -17,8 +17,8 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.security.conftest import openai_answer
 
 PROMPT = "lorem ipsum dolor " * 2000  # about 6,000 tokens
@@ -55,14 +55,12 @@ async def upstream() -> AsyncIterator[str]:
         }  # fmt: skip
         return web.json_response(msg)
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_post("/v1/messages", messages)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with routes_upstream(
+        web.post("/v1/chat/completions", chat),
+        web.post("/v1/embeddings", embeddings),
+        web.post("/v1/messages", messages),
+    ) as server:
+        yield server.url
 
 
 def _config(base_url: str) -> dict[str, Any]:

@@ -17,9 +17,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.mock.bedrock import event_frame
+from tests.conftest import routes_upstream
 
 ANSWER = " ".join(["word"] * 400)  # about 400 tokens of output
 OUT = 10.0
@@ -71,13 +71,10 @@ async def _gemini(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/model/{model}/{action}", _bedrock)
-    app.router.add_post("/v1beta/models/{tail}", _gemini)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    async with routes_upstream(
+        web.post("/model/{model}/{action}", _bedrock), web.post("/v1beta/models/{tail}", _gemini)
+    ) as server:
+        yield server.url
 
 
 def _config(root: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually
+from tests.conftest import ServeRoutes, eventually
 from tests.security.conftest import Served
 
 ODD = {"null": None, "string": "x"}
@@ -36,24 +36,16 @@ ANSWERS: dict[str, Callable[[Any], dict[str, Any]]] = {
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[TestServer]]]:
-    servers: list[TestServer] = []
+async def upstream(serve_routes: ServeRoutes) -> AsyncIterator[Callable[[dict[str, Any]], Awaitable[TestServer]]]:
 
     async def start(answer: dict[str, Any]) -> TestServer:
         async def handle(request: web.Request) -> web.Response:
             await request.read()
             return web.json_response(answer)
 
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return server
+        return await serve_routes(web.post("/{tail:.*}", handle))
 
     yield start
-    for s in servers:
-        await s.close()
 
 
 async def _ask(proxy: Served, endpoint: str) -> Any:

@@ -18,10 +18,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.dispatch import attempt
-from tests.conftest import eventually
+from tests.conftest import ServeRoutes, eventually
 from tests.security.conftest import Served, titan_upstream
 
 KEY = "7c0ffee5ba11ad5e1f2a3b4c5d6e7f80"  # our provider key: an upstream may quote it
@@ -79,20 +78,12 @@ class Flood:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
-    servers: list[TestServer] = []
+async def upstream(serve_routes: ServeRoutes) -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
 
     async def start(handle: Handler) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", handle)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.port}/v1"
+        return (await serve_routes(web.post("/v1/chat/completions", handle))).url + "/v1"
 
     yield start
-    for s in servers:
-        await s.close()
 
 
 def _config(*urls: str) -> dict[str, Any]:

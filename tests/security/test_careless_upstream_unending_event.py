@@ -25,7 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute import sse
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream, start_routes
 from tests.security.conftest import Served
 
 KEY = "7c0ffee5ba11ad5e1f2a3b4c5d6e7f80"  # our provider key, quoted by the upstream's error
@@ -130,11 +130,7 @@ async def upstreams() -> AsyncIterator[list[Unending]]:
 
 
 async def _start(made: list[Unending], up: Unending) -> Unending:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", up.handle)
-    app.router.add_post("/v1/messages", up.handle)
-    up.server = TestServer(app, host="127.0.0.1")
-    await up.server.start_server()
+    up.server = await start_routes(web.post("/v1/chat/completions", up.handle), web.post("/v1/messages", up.handle))
     made.append(up)
     return up
 
@@ -275,11 +271,7 @@ async def test_a_megabyte_of_events_without_content_is_relayed_not_held(upstream
         await resp.write(_content("openai") + _done("openai"))
         return resp
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", reasoning)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with routes_upstream(web.post("/v1/chat/completions", reasoning)) as server:
         proxy: Served = await serve(_config(Unending(server=server)))
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         text = []
@@ -287,7 +279,5 @@ async def test_a_megabyte_of_events_without_content_is_relayed_not_held(upstream
             go.set()
             text.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
         await client.close()
-    finally:
-        await server.close()
     assert waited == [True], "the client read nothing before the upstream's content: the events were held"
     assert "".join(text) == "partial"

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import eventually, simple_config
+from tests.conftest import eventually, routes_upstream, simple_config
 from tests.governance_support import Instance, call, write_config
 
 KEYS = {
@@ -37,17 +37,12 @@ async def _audit(url: str, action: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 async def receiver() -> Any:
-    app = web.Application()
-
     async def took(request: web.Request) -> web.Response:
         await request.read()
         return web.json_response({})
 
-    app.router.add_post("/hook", took)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/hook"
-    await server.close()
+    async with routes_upstream(web.post("/hook", took)) as server:
+        yield server.url + "/hook"
 
 
 @pytest.fixture

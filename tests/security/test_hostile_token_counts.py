@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream
 from tests.security.conftest import Served
 
 HOSTILE = "a" * 4_000_000  # one pre-tokenizer piece of 4 MB: seconds to count exactly
@@ -46,12 +46,8 @@ class Slow:
 
 @pytest.fixture
 async def slow() -> AsyncIterator[TestServer]:
-    app = web.Application(client_max_size=16 << 20)
-    app.router.add_post("/v1/chat/completions", Slow(2.0).handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", Slow(2.0).handle), client_max_size=16 << 20) as server:
+        yield server
 
 
 def _config(server: TestServer, **extra: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.security.conftest import Served
 
 
@@ -24,12 +25,8 @@ async def counting_upstream() -> AsyncIterator[tuple[TestServer, list[str]]]:
         seen.append(request.path)
         return web.json_response({"error": {"message": "not expected"}}, status=500)
 
-    app = web.Application()
-    app.router.add_route("POST", "/{tail:.*}", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server, seen
-    await server.close()
+    async with routes_upstream(web.post("/{tail:.*}", handle)) as server:
+        yield server, seen
 
 
 @pytest.mark.parametrize("kind", ["anthropic", "gemini"])

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute import sse
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream
 from tests.security.conftest import Served
 
 USER: Any = [{"role": "user", "content": "hello"}]
@@ -85,14 +85,9 @@ class Overloaded:
 @pytest.fixture
 async def upstream(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, TestServer]]:
     kind, goes_on = request.param
-    app = web.Application()
     handler = Overloaded(kind, goes_on).handle
-    app.router.add_post("/v1/messages", handler)
-    app.router.add_post("/v1/chat/completions", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield kind, server
-    await server.close()
+    async with routes_upstream(web.post("/v1/messages", handler), web.post("/v1/chat/completions", handler)) as server:
+        yield kind, server
 
 
 def _config(kind: str, server: TestServer) -> dict[str, Any]:
@@ -176,11 +171,7 @@ async def _odd_type(request: web.Request) -> web.StreamResponse:
 async def test_an_error_event_of_an_odd_type_reaches_the_anthropic_sdk_as_the_upstreams(serve: Any) -> None:
     """Its `type`, unhashable, was looked up in a set of Anthropic's types: the relay's encoder
     raised, and the client got "a stream edgeroute could not read" instead of the upstream's error."""
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _odd_type)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with routes_upstream(web.post("/v1/chat/completions", _odd_type)) as server:
         proxy: Served = await serve(_config("openai", server))
         client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="unused", max_retries=0)
         with pytest.raises(anthropic.APIStatusError) as raised:
@@ -188,5 +179,3 @@ async def test_an_error_event_of_an_odd_type_reaches_the_anthropic_sdk_as_the_up
                 async for _ in stream:
                     pass
         assert raised.value.body["error"] == {"type": "api_error", "message": "Overloaded"}  # type: ignore[index]
-    finally:
-        await server.close()

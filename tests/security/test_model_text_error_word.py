@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.security.conftest import Served
 
 WORDS = ["error", " password=hunter2", " is what the docs show"]
@@ -42,12 +43,8 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[TestServer]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _stream)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with routes_upstream(web.post("/v1/chat/completions", _stream)) as server:
+        yield server
 
 
 def _config(server: TestServer) -> dict[str, Any]:

@@ -17,8 +17,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
 ADMIN, APP = "sk-fields-admin", "sk-fields-app"
@@ -57,13 +57,10 @@ async def _completions(request: web.Request) -> web.Response:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/v1/completions", _completions)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with routes_upstream(
+        web.post("/v1/chat/completions", _chat), web.post("/v1/completions", _completions)
+    ) as server:
+        yield server.url + "/v1"
 
 
 _SCHEMA = {"type": "object", "description": WORDS, "properties": {}}

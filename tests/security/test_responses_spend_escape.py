@@ -15,7 +15,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.conftest import routes_upstream
 
 ANSWER = " ".join(["word"] * 400)
 OUT = 10.0
@@ -57,12 +58,8 @@ async def no_usage() -> AsyncIterator[str]:
             }
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/responses", responses)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with routes_upstream(web.post("/v1/responses", responses)) as server:
+        yield server.url + "/v1"
 
 
 @pytest.mark.parametrize("usage", ["none", "input"])

@@ -19,9 +19,9 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from edgeroute.cache.semantic import builtin_embedder
+from tests.conftest import routes_upstream
 from tests.providers_fixtures import provider_config, start_mock
 
 __all__ = ["start_mock"]
@@ -40,12 +40,8 @@ async def embedder() -> AsyncIterator[tuple[list[str], str]]:
         data = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": vector}], "model": "e"}
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/embeddings", handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield seen, str(server.make_url("/v1"))
-    await server.close()
+    async with routes_upstream(web.post("/v1/embeddings", handle)) as server:
+        yield seen, server.url + "/v1"
 
 
 async def test_the_embedder_never_gets_text_a_rule_keeps_elsewhere(

@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually
+from tests.conftest import eventually, routes_upstream, start_routes
 from tests.security.conftest import Served
 from tests.test_cost_support import cost_proxy
 
@@ -120,13 +120,9 @@ class Careless:
 @pytest.fixture
 async def careless() -> AsyncIterator[Careless]:
     up = Careless()
-    app = web.Application()
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
-        app.router.add_post(path, up.handle)
-    up.server = TestServer(app, host="127.0.0.1")
-    await up.server.start_server()
-    yield up
-    await up.server.close()
+    paths = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+    async with routes_upstream(*(web.post(path, up.handle) for path in paths)) as up.server:
+        yield up
 
 
 def _config(up: Careless, anthropic_kind: bool = False) -> dict[str, Any]:
@@ -256,13 +252,10 @@ async def test_a_secret_at_the_cut_of_an_error_message_is_not_halved(
         await request.read()
         return web.Response(status=500, body=body_for["body"], content_type="application/json")
 
-    app = web.Application()
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
-        app.router.add_post(path, error_500)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    paths = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+    server = await start_routes(*(web.post(path, error_500) for path in paths))
     cfg = _config(careless)
-    cfg["providers"]["p"]["base_url"] = f"http://127.0.0.1:{server.port}/v1"
+    cfg["providers"]["p"]["base_url"] = server.url + "/v1"
     cfg["ledger"] = {"path": str(tmp_path / "ledger.db"), "flush_interval": 0.05}
     cfg["request_log"] = {}
     try:

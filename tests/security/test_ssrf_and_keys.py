@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 
+from tests.conftest import routes_upstream
 from tests.security.conftest import Leaky, leaky_config, raw_exchange
 
 PROVIDER_KEY = "sk-provider-0123456789abcdefghij"
@@ -26,13 +27,8 @@ async def test_ssrf_body_fields_never_change_the_destination_or_credentials(leak
     leaky.mode = "ok"
     decoy = Leaky(mode="ok")
     from aiohttp import web
-    from aiohttp.test_utils import TestServer
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", decoy.handle)
-    decoy.server = TestServer(app, host="127.0.0.1")
-    await decoy.server.start_server()
-    try:
+    async with routes_upstream(web.post("/v1/chat/completions", decoy.handle)) as decoy.server:
         proxy = await start_proxy(leaky_config(leaky, api_key=PROVIDER_KEY))
         client = openai.AsyncOpenAI(
             base_url=proxy.url + "/v1",
@@ -53,8 +49,6 @@ async def test_ssrf_body_fields_never_change_the_destination_or_credentials(leak
             },
         )
         await client.close()
-    finally:
-        await decoy.server.close()
     assert decoy.seen == []
     (sent,) = leaky.seen
     assert sent["Authorization"] == f"Bearer {PROVIDER_KEY}"

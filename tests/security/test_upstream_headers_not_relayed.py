@@ -18,8 +18,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from tests.conftest import routes_upstream
 from tests.security.conftest import Served
 
 # What OpenAI, Anthropic and the CDNs in front of them send, with values a client could
@@ -97,13 +97,9 @@ async def _answer(request: web.Request) -> web.StreamResponse:
 
 @pytest.fixture
 async def provider() -> AsyncIterator[str]:
-    app = web.Application()
-    for path in ("/v1/chat/completions", "/v1/embeddings", "/v1/messages"):
-        app.router.add_post(path, _answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
+    paths = ("/v1/chat/completions", "/v1/embeddings", "/v1/messages")
+    async with routes_upstream(*(web.post(path, _answer) for path in paths)) as server:
+        yield server.url
 
 
 def _config(url: str) -> dict[str, Any]:
