@@ -28,23 +28,39 @@ class ReadyResponse(web.Response):
         self._ready = body
 
     async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
-        self._req = request
-        writer = self._payload_writer = request._payload_writer
-        keep_alive = self._keep_alive
-        if keep_alive is None:
-            keep_alive = self._keep_alive = request.keep_alive
-        version = request.version
-        headers = self._headers
-        headers[hdrs.CONTENT_LENGTH] = str(len(self._ready))
-        if hdrs.DATE not in headers:
-            headers[hdrs.DATE] = rfc822_formatted_time()
-        headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
-        if hdrs.CONNECTION not in headers:
-            if keep_alive:
-                if version == HttpVersion10:
-                    headers[hdrs.CONNECTION] = "keep-alive"
-            elif version == HttpVersion11:
-                headers[hdrs.CONNECTION] = "close"
-        await request._prepare_hook(self)
-        await writer.write_headers(f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}", headers)
+        writer, keep_alive = bind(self, request)
+        self._headers[hdrs.CONTENT_LENGTH] = str(len(self._ready))
+        await write_head(self, request, writer, keep_alive)
         return writer
+
+
+def bind(response: web.StreamResponse, request: web.BaseRequest) -> tuple[AbstractStreamWriter, bool]:
+    """The start of a `_start` of our own: `response` bound to `request` and its writer, as
+    aiohttp's binds it; returns the writer and whether the connection is to be kept."""
+    response._req = request
+    writer = response._payload_writer = request._payload_writer
+    keep_alive = response._keep_alive
+    if keep_alive is None:
+        keep_alive = response._keep_alive = request.keep_alive
+    return writer, keep_alive
+
+
+async def write_head(
+    response: web.StreamResponse, request: web.BaseRequest, writer: AbstractStreamWriter, keep_alive: bool
+) -> None:
+    """The end of a `_start` that aiohttp's general one would have made: the Date, default
+    Server and Connection headers added, the `on_response_prepare` signal sent, the head
+    written to `writer` (held there until the body's first bytes, unless sent apart)."""
+    version = request.version
+    headers = response.headers
+    if hdrs.DATE not in headers:
+        headers[hdrs.DATE] = rfc822_formatted_time()
+    headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
+    if hdrs.CONNECTION not in headers:
+        if keep_alive:
+            if version == HttpVersion10:
+                headers[hdrs.CONNECTION] = "keep-alive"
+        elif version == HttpVersion11:
+            headers[hdrs.CONNECTION] = "close"
+    await request._prepare_hook(response)
+    await writer.write_headers(f"HTTP/{version[0]}.{version[1]} {response.status} {response.reason}", headers)

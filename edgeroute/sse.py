@@ -135,13 +135,18 @@ class ChatChunks:
     (so do events that end in the same read). Only whole events go on, as a translator's do:
     an event is bounded as every other stream's is (an error event by :data:`HOLD_BYTES`, any
     other by :data:`MAX_EVENT_BYTES`), where one never ended was sent on in pieces, as one
-    line no client could read, up to the answer's bound."""
+    line no client could read, up to the answer's bound.
 
-    __slots__ = ("_events", "_slots")
+    While `parsed` is a list, each event's object (None for `[DONE]`) is appended to it as the
+    event is checked: what holds a stream until its first content reads them there rather than
+    parsing every event a second time."""
+
+    __slots__ = ("_events", "_slots", "parsed")
 
     def __init__(self) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
         self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
+        self.parsed: list[dict[str, Any] | None] | None = None
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -155,13 +160,13 @@ class ChatChunks:
             and not self._events.holding
         ):
             # the common read: one event of one line
-            unnumbered = _check_chunk(chunk[6:-2])
+            unnumbered = _check_chunk(chunk[6:-2], self.parsed)
             return chunk if unnumbered is None else self._numbered(unnumbered)
         events = self._events.feed(chunk)
         out = []
         for ev in events:
             data = event_data(ev)
-            unnumbered = _check_chunk(data) if data is not None else None
+            unnumbered = _check_chunk(data, self.parsed) if data is not None else None
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
         return b"".join(out)
 
@@ -177,10 +182,13 @@ class ChatChunks:
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _check_chunk(data: bytes) -> dict[str, Any] | None:
+def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dict[str, Any] | None:
     """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
-    whose tool-call deltas need their `index` (else None: the event goes on as it came)."""
+    whose tool-call deltas need their `index` (else None: the event goes on as it came). The
+    event's object (None for `[DONE]`) is appended to `parsed` when given."""
     if data == b"[DONE]":
+        if parsed is not None:
+            parsed.append(None)
         return None
     try:
         obj = orjson.loads(data)
@@ -188,6 +196,8 @@ def _check_chunk(data: bytes) -> dict[str, Any] | None:
         raise StreamProtocolError("sent a stream event that is not JSON in UTF-8") from None
     if type(obj) is not dict:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
+    if parsed is not None:
+        parsed.append(obj)
     choices = obj.get("choices")
     if choices is None:
         return None
@@ -315,20 +325,24 @@ class RelayGuard:
     megabyte has gone out as it was.
     """
 
-    __slots__ = ("_error", "_held", "_size")
+    __slots__ = ("_error", "_held", "_size", "error_key")
 
     def __init__(self) -> None:
         self._held: list[bytes] = []  # the unfinished event, as read (joined once it ends)
         self._size = 0
         self._error = False  # it has shown an `"error"` key: held whole, however long
+        # What the last `feed` returned may hold an error event (`has_error_key`): the relay
+        # looks for one only then, rather than searching every chunk a second time.
+        self.error_key = False
 
     def feed(self, chunk: bytes) -> bytes:
         """The part of the stream so far that may be sent now (all of `chunk` if it ends an event)."""
         if not self._held:
             if chunk.endswith(_EVENT_ENDS):
-                return _redact_bytes(chunk) if has_error_key(chunk) else chunk  # redact_errors
+                self.error_key = has_error_key(chunk)
+                return _redact_bytes(chunk) if self.error_key else chunk  # redact_errors
             end = _last_end(chunk)
-            whole, rest = redact_errors(chunk[:end]), chunk[end:]
+            whole, rest = self._redacted(chunk[:end]), chunk[end:]
             self._error = rest.find(b'"error"') >= 0
         else:
             # Only the new bytes are searched (and the few before them a marker may straddle):
@@ -339,15 +353,21 @@ class RelayGuard:
                 self._error = self._error or (before + chunk).find(b'"error"') >= 0
                 self._held.append(chunk)
                 self._size += len(chunk)
+                self.error_key = False  # the start of an event too long to hold shows none (`_overflow`)
                 return self._overflow()
             self._held.append(chunk[:end])
-            whole, rest = redact_errors(b"".join(self._held)), chunk[end:]
+            whole, rest = self._redacted(b"".join(self._held)), chunk[end:]
             self._error = rest.find(b'"error"') >= 0
         if rest:
             self._held, self._size = [rest], len(rest)
             return whole + self._overflow()
         self._held, self._size = [], 0
         return whole
+
+    def _redacted(self, whole: bytes) -> bytes:
+        """`redact_errors`, noting in `error_key` whether `whole` may hold an error event."""
+        self.error_key = has_error_key(whole)
+        return _redact_bytes(whole) if self.error_key else whole
 
     def _overflow(self) -> bytes:
         """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event
@@ -364,7 +384,7 @@ class RelayGuard:
         """What is left when the stream ended normally (an event without its blank line)."""
         rest = b"".join(self._held)
         self.drop()
-        return redact_errors(rest)
+        return self._redacted(rest)
 
     def drop(self) -> None:
         """Forgets an event the upstream left unfinished (the stream broke): a client reads
@@ -390,7 +410,7 @@ _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 def without_usage_chunks(data: bytes) -> bytes:
     """`data` (whole events) without the chunks that carry only usage (`choices` empty): what an
     upstream sends when asked `stream_options.include_usage`, for a client that did not ask."""
-    if not _USAGE_OBJECT.search(data):  # the common chunk: one search
+    if data.find(b'"usage"') < 0 or not _USAGE_OBJECT.search(data):  # the common chunk: one substring search
         return data
     events, rest = split_events(data)
     kept = []

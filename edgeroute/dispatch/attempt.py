@@ -16,7 +16,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -398,47 +398,51 @@ class Attempts:
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
-        translator = (
-            sse.ChatChunks()  # relayed as they come: checked, so that an unreadable one is the upstream's error
-            if adapter.passthrough
-            else adapter.stream_translator(self.decision.model, self.decision.include_usage)
-        )
+        parsed: list[dict[str, Any] | None] | None = None
+        if adapter.passthrough:
+            # Relayed as they come: checked, so that an unreadable one is the upstream's error;
+            # the objects it parsed to check them are read here (each event parsed once).
+            translator: Any = sse.ChatChunks()
+            parsed = translator.parsed = []
+        else:
+            translator = adapter.stream_translator(self.decision.model, self.decision.include_usage)
         # An error event before content is a failover, never relayed: one never ended is
         # bounded as the relay's guard bounds it (it was held until the first-byte timeout).
         events_of = sse.EventSplitter(error_limit=sse.HOLD_BYTES)
         head: list[bytes] = []
         size = 0
-        while True:
-            chunk = await resp.readany()
-            if not chunk:
-                msg = "upstream stream ended before any content"
-                return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
-            if translator is not None:
-                chunk = translator.feed(chunk)
-            head.append(chunk)
-            size += len(chunk)
-            for ev in events_of.feed(chunk):
-                data = sse.event_data(ev)
-                if data is None:
-                    continue
-                if data == b"[DONE]":
-                    return StreamAnswer(resp, b"".join(head), translator)
-                try:
-                    obj = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    msg = "upstream sent a malformed stream event"
+        try:
+            while True:
+                chunk = await resp.readany()
+                if not chunk:
+                    msg = "upstream stream ended before any content"
                     return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
-                if isinstance(obj, dict) and obj.get("error"):
-                    err = obj["error"]
-                    said = err.get("message") if isinstance(err, dict) else str(err)
-                    msg = redact.cut(f"upstream stream error: {said}", 500)
-                    return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
-                if self.has_content(obj):
+                if translator is not None:
+                    chunk = translator.feed(chunk)
+                head.append(chunk)
+                size += len(chunk)
+                for obj in parsed if parsed is not None else _objects(events_of.feed(chunk)):
+                    if obj is None:  # [DONE]
+                        return StreamAnswer(resp, b"".join(head), translator)
+                    if obj is _MALFORMED:
+                        msg = "upstream sent a malformed stream event"
+                        return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
+                    if obj.get("error"):
+                        err = obj["error"]
+                        said = err.get("message") if isinstance(err, dict) else str(err)
+                        msg = redact.cut(f"upstream stream error: {said}", 500)
+                        return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
+                    if self.has_content(obj):
+                        return StreamAnswer(resp, b"".join(head), translator)
+                if parsed is not None:
+                    parsed.clear()
+                if size > sse.HOLD_BYTES:
+                    # A megabyte of well-formed events and still nothing a user would see (a long
+                    # reasoning phase, or keep-alives): relayed from here, not held without bound.
                     return StreamAnswer(resp, b"".join(head), translator)
-            if size > sse.HOLD_BYTES:
-                # A megabyte of well-formed events and still nothing a user would see (a long
-                # reasoning phase, or keep-alives): relayed from here, not held without bound.
-                return StreamAnswer(resp, b"".join(head), translator)
+        finally:
+            if parsed is not None:
+                translator.parsed = None  # the relay keeps none
 
     def has_content(self, obj: Any) -> bool:
         """Whether a stream event carries something a user would see (other endpoints override it)."""
@@ -570,6 +574,29 @@ def _unreadable_choices(obj: dict[str, Any]) -> str | None:
 
 _MISSING = object()
 _EMPTY: dict[str, Any] = {}
+
+
+_MALFORMED = object()
+
+
+def _objects(events: list[bytes]) -> Iterator[Any]:
+    """The JSON objects of a translated stream's events, in order, as they are asked for: None
+    for `[DONE]`, `_MALFORMED` (and no more) for one that is not JSON; other JSON values, which
+    carry neither content nor an error, are passed over."""
+    for ev in events:
+        data = sse.event_data(ev)
+        if data is None:
+            continue
+        if data == b"[DONE]":
+            yield None
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            yield _MALFORMED
+            return
+        if isinstance(obj, dict):
+            yield obj
 
 
 def has_content(obj: Any) -> bool:

@@ -16,13 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion11
 
 from edgeroute import sse
 from edgeroute.accounting import Usage
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.dispatch.transcript import Transcript
+from edgeroute.ready_response import bind, write_head
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
 
@@ -38,13 +41,11 @@ STREAM_STARTED = web.RequestKey("stream_started", bool)
 
 
 def _through_error(data: bytes) -> tuple[bytes, bool]:
-    """`data` (whole events) up to and including the first error event, and whether it had one:
-    an OpenAI chunk `{"error": ...}`, an Anthropic or Responses event of type `error`. Such an
-    event ends the stream: what an upstream sends after it is no part of the answer, and an
-    error of ours after it was a second one for the client (the Anthropic SDK's `overloaded_error`
-    then "ended the stream early")."""
-    if not sse.has_error_key(data):  # the common chunk: one substring search
-        return data, False
+    """`data` (whole events that `sse.has_error_key` flags) up to and including the first error
+    event, and whether it had one: an OpenAI chunk `{"error": ...}`, an Anthropic or Responses
+    event of type `error`. Such an event ends the stream: what an upstream sends after it is no
+    part of the answer, and an error of ours after it was a second one for the client (the
+    Anthropic SDK's `overloaded_error` then "ended the stream early")."""
     events, _ = sse.split_events(data)  # what is left over (a piece of an overlong event) follows any error
     for i, ev in enumerate(events):
         payload = sse.event_data(ev)
@@ -81,15 +82,13 @@ async def relay_stream(
     said = Transcript(head, keep_whole=on_complete is not None)
     tail = head[-TAIL_BYTES:]
     translator = answer.translator
-    loop = asyncio.get_running_loop()
+    loop = call.loop  # kept by the call: asking for it again is a getpid() system call
     failure: tuple[str, str] | None = None
     upstream_broke = False
     upstream_error = False  # the upstream's own error event was relayed: the stream ends there
     server = request.app[STATE]
     timer: asyncio.Timeout | None = None
-    out = _EventStream(status=200, headers=response_headers)
-    out.content_type = "text/event-stream"
-    out.headers["Cache-Control"] = "no-cache"
+    out = _EventStream(response_headers)
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -210,9 +209,29 @@ async def relay_stream(
 class _EventStream(web.StreamResponse):
     """The stream's response: its head goes out with its first events, in one write. Sent
     apart, as aiohttp sends a stream's head, it cost the first token a system call and a
-    wake-up of the client that read it (one more TCP segment, the same bytes)."""
+    wake-up of the client that read it (one more TCP segment, the same bytes).
+
+    Its head is made as `ReadyResponse` makes a cache hit's, without aiohttp's general
+    `prepare` (cookies, compression, bodies that must be empty, a Content-Type parsed and
+    made again): all of it ran between the upstream's first content and the client's.
+    `headers` is taken, not copied."""
 
     _send_headers_immediately = False
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        headers[hdrs.CONTENT_TYPE] = "text/event-stream"
+        headers[hdrs.CACHE_CONTROL] = "no-cache"
+        super().__init__(status=200, headers=headers)
+
+    async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        writer, keep_alive = bind(self, request)
+        if request.version >= HttpVersion11:
+            writer.enable_chunking()
+            self._headers[hdrs.TRANSFER_ENCODING] = "chunked"
+        else:
+            keep_alive = False  # HTTP/1.0: the stream ends with the connection, as aiohttp has it
+        await write_head(self, request, writer, keep_alive)
+        return writer
 
 
 class _Events:
@@ -236,7 +255,11 @@ class _Events:
 
     async def send(self, data: bytes) -> bool:
         """Sends what may go of `data`; True once the upstream's own error event has gone."""
-        data, ended = _through_error(self._guard.feed(data))
+        guard = self._guard
+        data = guard.feed(data)
+        ended = False
+        if guard.error_key:  # the common chunk was searched once, by the guard
+            data, ended = _through_error(data)
         if self._strip_usage:
             data = sse.without_usage_chunks(data)
         data = self._encode(data) if self._encode is not None else data
