@@ -21,10 +21,10 @@ from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, ten
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
-from edgeroute.cost import ledger_lock
+from edgeroute.cost import ledger_lock, prediction
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
-from edgeroute.cost.media import body_media
+from edgeroute.cost.media import body_media, with_parts
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
@@ -214,6 +214,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         reasons = decision.reasons
         rec.reasons, rec.tags = reasons, tags
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
+        predicted = await prediction.tokens(body, decision.encoding)  # checked whether budgets count it or not
         cache = app[CACHE]
         model = live.config.models[decision.route]
         settings = route_cache(live.config, decision)
@@ -222,7 +223,11 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
             ticket = await admission.admit(
-                request, decision, rec, _counter(live, body), media=body_media(body, decision)
+                request,
+                decision,
+                rec,
+                _counter(live, body),
+                media=with_parts(body_media(body, decision), prediction=predicted),
             )
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or plan is None:

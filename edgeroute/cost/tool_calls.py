@@ -9,10 +9,9 @@ request may reach; the calls the answer reports are what is settled.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from edgeroute.cost.media import NONE, Media, MediaParts
+from edgeroute.cost.media import Media, with_parts
 
 # Responses tool types, by prefix (`web_search_preview`, `web_search_2025_08_26`), to priced kinds.
 _RESPONSES = (("web_search", "web_search"), ("file_search", "file_search"), ("code_interpreter", "code_interpreter"))
@@ -41,11 +40,4 @@ def anthropic_tools(tools: Any) -> tuple[str, ...]:
 
 def with_tools(media: Media | None, tools: tuple[str, ...]) -> Media | None:
     """`media` (a request's parts, reserved for) with the built-in tools it enables."""
-    if not tools:
-        return media
-
-    async def parts() -> MediaParts:
-        got = await media() if media is not None else NONE
-        return dataclasses.replace(got, tools=tools)
-
-    return parts
+    return with_parts(media, tools=tools)
