@@ -602,10 +602,10 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def explain(request: web.Request) -> web.Response:
     """The routing decision for a chat request, without calling any upstream (counted against
     its key's RPM first: deciding a large body is CPU every tenant shares)."""
-    await free_requests.count(request, "/v1/route/explain")
-    live = request.app[STATE].live
-    body = await read_body(request)
-    d = await decide_soon(live, body, request, explain=True)
+    async with free_requests.counted(request, "/v1/route/explain"):
+        live = request.app[STATE].live
+        body = await read_body(request)
+        d = await decide_soon(live, body, request, explain=True)
     table = live.deployments
     out: dict[str, Any] = {
         "model": d.model,
