@@ -187,7 +187,9 @@ def parse(body: bytes) -> Parsed:
         answer_text=answer_text,
         check=partial(_check, req.raw),
         bind=owners.bind,
-        media=with_tools(items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"))),
+        media=with_tools(
+            items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"), req.raw.get("max_tool_calls"))
+        ),
     )
 
 
