@@ -159,6 +159,9 @@ def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
     server = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}, {"name": "f"}]
     assert anthropic_tools(server) == (("web_search", 5),)
     assert anthropic_tools([{"type": "web_fetch_20250910", "max_uses": "5"}]) == (("web_fetch", 1),)
+    # Two versions of a tool, each with its own bound: either may run its whole bound.
+    both = [{"type": "web_search_20250305", "max_uses": 5}, {"type": "web_search_20260209", "max_uses": 2}]
+    assert anthropic_tools(both) == (("web_search", 7),)
     assert responses_tools("web_search") == ()
 
 
@@ -169,24 +172,26 @@ async def test_a_bound_on_tool_calls_is_reserved_whole(start_mock: Any, tmp_path
     up = await start_mock(kind, latency_ms=300)
     header = ("x-mock-tool-calls", "web_search=3") if kind == "openai" else ("x-mock-web-searches", "3")
     async with cost_proxy(_budgeted(up, header, 3.5, tmp_path)) as proxy:
-        if kind == "openai":
-            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
-            tools: Any = [{"type": "web_search"}]
-            statuses = await statuses_of(
-                lambda: client.responses.create(model="m", input="news?", tools=tools, max_tool_calls=3), 3
-            )
-            await client.close()
-        else:
-            ac = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0)
-            server: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
-            msgs: Any = [{"role": "user", "content": "news?"}]
-            statuses = await statuses_of(
-                lambda: ac.messages.create(model="m", max_tokens=100, messages=msgs, tools=server), 3
-            )
-            await ac.close()
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
+        ac = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0)
+        tools: Any = [{"type": "web_search"}]
+        server: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+        msgs: Any = [{"role": "user", "content": "news?"}]
+
+        async def ask() -> Any:
+            if kind == "openai":
+                return await client.responses.create(model="m", input="news?", tools=tools, max_tool_calls=3)
+            return await ac.messages.create(model="m", max_tokens=100, messages=msgs, tools=server)
+
+        statuses = await statuses_of(ask, 3)
         total = await eventually(lambda: budget_spent(proxy.url, ADMIN), "the searches' spend in the budget")
+        with pytest.raises((openai.RateLimitError, anthropic.RateLimitError)) as refused:
+            await ask()  # $0.50 left: the refusal names what the request reserves
+        await client.close()
+        await ac.close()
     assert statuses == [200, 429, 429]
     assert total == pytest.approx(3.0)  # the three searches the answer reported, settled
+    assert "3 web_search calls" in refused.value.message, refused.value.message
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

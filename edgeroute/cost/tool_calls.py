@@ -30,6 +30,8 @@ def _calls(bound: Any) -> int:
 
 
 def _kinds(tools: Any, prefixes: tuple[tuple[str, str], ...], bound: Any = None) -> Tools:
+    """Each priced kind among `tools` with its calls: `bound` (a request's, on each kind), else
+    the sum of its tools' `max_uses` (each tool is bounded on its own; one when it has none)."""
     found: dict[str, int] = {}
     for t in tools if isinstance(tools, list) else ():
         kind = t.get("type") if isinstance(t, dict) else None
@@ -37,8 +39,10 @@ def _kinds(tools: Any, prefixes: tuple[tuple[str, str], ...], bound: Any = None)
             continue
         for prefix, priced in prefixes:
             if kind.startswith(prefix):
-                uses = _calls(bound if bound is not None else t.get("max_uses"))
-                found[priced] = max(found.get(priced, 0), uses)
+                if bound is not None:
+                    found[priced] = _calls(bound)
+                else:
+                    found[priced] = found.get(priced, 0) + _calls(t.get("max_uses"))
     return tuple(found.items())
 
 

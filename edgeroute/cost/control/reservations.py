@@ -165,7 +165,14 @@ class Reservations(ReadBack, Notifications, Settlement):
                 rec.admission = f"blocked:{c.budget.name}"
                 media = ticket.media.tokens(top.media)
                 raise _budget_error(
-                    c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None, media, predicted
+                    c,
+                    res.used_before[res.blocked],
+                    now,
+                    completion,
+                    decision.max_tokens is not None,
+                    media,
+                    predicted,
+                    ticket.media.tools,
                 )
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
@@ -280,7 +287,14 @@ def usd(v: float) -> str:
 
 
 def _budget_error(
-    c: B.Charge, used: int, now: float, completion: int, asked: bool, media: int = 0, predicted: int = 0
+    c: B.Charge,
+    used: int,
+    now: float,
+    completion: int,
+    asked: bool,
+    media: int = 0,
+    predicted: int = 0,
+    tools: tuple[tuple[str, int], ...] = (),
 ) -> ProxyError:
     """429 for a budget that cannot hold the request's reservation. A budget with room left
     refused it for its worst case, not for spend: it says so, and what reserves less (one that
@@ -294,6 +308,8 @@ def _budget_error(
         tokens = f"its max_tokens ({completion:,})" if asked else f"{completion:,} output tokens (it set no max_tokens)"
         if predicted:  # billed at the output price when the answer does not use them
             tokens += f" and its prediction's {predicted:,} tokens"
+        if tools:  # billed a call (`max_uses`, `max_tool_calls`: cost.tool_calls)
+            tokens += " and " + ", ".join(f"{n:,} {kind} call{'s' * (n > 1)}" for kind, n in tools)
         # Images, audio and files are reserved at allowances (edgeroute.cost.media): named, as
         # a caller cannot tell them from its text.
         parts = f" (with {media:,} tokens for its image, audio and file parts)" if media else ""
