@@ -6,8 +6,8 @@ reservation of `max_tokens` alone let a request with a long prediction spend pas
 A request reserves its prediction's tokens for each answer, as it does `max_tokens`; what
 settles is the answer's `completion_tokens`, which counts the rejected ones.
 
-The body is parsed again only when it may hold the member: its name appears, or a `\\u`
-escape (a key may spell it `predict\\u0069on`, which the upstream reads as `prediction`).
+The core's parse of the body finds the member (`Decision.prediction`, as written; a key spelt
+`predict\\u0069on`, which the upstream reads as `prediction`, too): only it is read again here.
 """
 
 from __future__ import annotations
@@ -20,24 +20,13 @@ import orjson
 from edgeroute import _core
 from edgeroute.errors import ProxyError
 
-_ON_LOOP_BYTES = 256 * 1024  # a larger body is parsed again in a worker thread
-_ON_LOOP_CHARS = 16 * 1024  # a longer prediction is counted in a worker thread
+_ON_LOOP_CHARS = 16 * 1024  # a longer prediction is read and counted in a worker thread
 
 
-def may_have(body: bytes) -> bool:
-    return b"prediction" in body or b"\\u" in body
-
-
-def texts(body: bytes) -> list[str]:
-    """The texts of a chat body's `prediction` (none when it has none); a 400 in OpenAI's
-    words for one of a shape OpenAI refuses (a lenient server would take and bill it)."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return []  # the core refused it already
-    value = req.get("prediction") if isinstance(req, dict) else None
-    if value is None:
-        return []
+def texts(raw: str) -> list[str]:
+    """The texts of a `prediction` written as `raw` (JSON); a 400 in OpenAI's words for one of
+    a shape OpenAI refuses (a lenient server would take and bill it)."""
+    value = orjson.loads(raw)  # the core read it as JSON already
     if not isinstance(value, dict):
         raise _invalid_type("prediction", "an object", value)
     kind = value.get("type")
@@ -78,19 +67,20 @@ def texts(body: bytes) -> list[str]:
     return out
 
 
-async def tokens(body: bytes, encoding: str) -> int:
-    """The tokens of a chat body's prediction under `encoding` (0: it has none), each part
-    counted on its own (a join may merge tokens across parts); large ones off the loop."""
-    if not may_have(body):
-        return 0
-    parts = await asyncio.to_thread(texts, body) if len(body) > _ON_LOOP_BYTES else texts(body)
-    if not parts:
-        return 0
+def _count(raw: str, encoding: str) -> int:
+    # Each part on its own: a join may merge tokens across parts.
+    return sum(_core.Router.count_tokens(t, encoding) for t in texts(raw) if t)
 
-    def count() -> int:
-        return sum(_core.Router.count_tokens(t, encoding) for t in parts if t)
 
-    return await asyncio.to_thread(count) if sum(map(len, parts)) > _ON_LOOP_CHARS else count()
+async def tokens(decision: _core.Decision) -> int:
+    """The tokens of the decided request's prediction under its encoding (0: it has none),
+    a long one off the loop; raises the 400 of `texts`."""
+    raw = decision.prediction
+    if raw is None:
+        return 0
+    if len(raw) > _ON_LOOP_CHARS:
+        return await asyncio.to_thread(_count, raw, decision.encoding)
+    return _count(raw, decision.encoding)
 
 
 def _kind(value: Any) -> str:
