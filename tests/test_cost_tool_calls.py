@@ -122,14 +122,15 @@ def test_a_tool_price_is_checked_like_any_price() -> None:
 ADMIN, APP = "sk-tools-admin", "sk-tools-app"
 
 
-def _budgeted(up: Any, header: tuple[str, str], limit_usd: float, tmp_path: Path) -> dict[str, Any]:
+def _budgeted(up: Any, header: tuple[str, str], limit_usd: float, tmp_path: Path, **budgets: Any) -> dict[str, Any]:
     """A web search at $1 a call (tokens free) under team t's budget of `limit_usd` a day."""
     cfg = _cfg(up, {"web_search": 1.0}, header)
     cfg["deployments"]["d-u"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 0, "tool_calls": {"web_search": 1.0}}
+    limit = {"name": "b", "scope": "team", "match": "t", "limit_usd": limit_usd, "period": "day"}
     return cfg | {
         "keys": {"app": {"token": APP, "team": "t"}, "ops": {"token": ADMIN, "role": "admin"}},
         "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
-        "budgets": {"limits": [{"name": "b", "scope": "team", "match": "t", "limit_usd": limit_usd, "period": "day"}]},
+        "budgets": {"limits": [limit], **budgets},
     }
 
 
@@ -154,33 +155,42 @@ async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any
 
 def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
     tools = [{"type": "web_search_preview"}, {"type": "function", "name": "f"}, {"type": "file_search"}]
-    assert responses_tools(tools) == (("web_search", 1), ("file_search", 1))
-    assert responses_tools(tools, 4) == (("web_search", 4), ("file_search", 4))
+    # (kind, calls its bounds allow, its tools without a bound: `reserve_tool_calls` each)
+    assert responses_tools(tools) == (("web_search", 0, 1), ("file_search", 0, 1))
+    assert responses_tools(tools, 4) == (("web_search", 4, 0), ("file_search", 4, 0))
     server = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}, {"name": "f"}]
-    assert anthropic_tools(server) == (("web_search", 5),)
-    assert anthropic_tools([{"type": "web_fetch_20250910", "max_uses": "5"}]) == (("web_fetch", 1),)
-    # Two versions of a tool, each with its own bound: either may run its whole bound.
+    assert anthropic_tools(server) == (("web_search", 5, 0),)
+    assert anthropic_tools([{"type": "web_fetch_20250910", "max_uses": "5"}]) == (("web_fetch", 0, 1),)
+    # Two versions of a tool, each with its own bound (or none): either may run its whole bound.
     both = [{"type": "web_search_20250305", "max_uses": 5}, {"type": "web_search_20260209", "max_uses": 2}]
-    assert anthropic_tools(both) == (("web_search", 7),)
+    assert anthropic_tools(both) == (("web_search", 7, 0),)
+    assert anthropic_tools([*both, {"type": "web_search_20250305"}]) == (("web_search", 7, 1),)
     assert responses_tools("web_search") == ()
 
 
-@pytest.mark.parametrize("kind", ["openai", "anthropic"])
-async def test_a_bound_on_tool_calls_is_reserved_whole(start_mock: Any, tmp_path: Path, kind: str) -> None:
-    """A request that allows three searches (`max_tool_calls`, `max_uses`) and makes them: one
-    was reserved, three were billed, so three such requests at once spent $9 of a $3.50 budget."""
+@pytest.mark.parametrize(
+    ("kind", "bounded"), [("openai", True), ("anthropic", True), ("openai", False), ("anthropic", False)]
+)
+async def test_a_bound_on_tool_calls_is_reserved_whole(
+    start_mock: Any, tmp_path: Path, kind: str, bounded: bool
+) -> None:
+    """A request that allows three searches (`max_tool_calls`, `max_uses`; or sets no bound,
+    under `budgets.reserve_tool_calls: 3`) and makes them: one was reserved, three were
+    billed, so three such requests at once spent $9 of a $3.50 budget."""
     up = await start_mock(kind, latency_ms=300)
     header = ("x-mock-tool-calls", "web_search=3") if kind == "openai" else ("x-mock-web-searches", "3")
-    async with cost_proxy(_budgeted(up, header, 3.5, tmp_path)) as proxy:
+    reserve = {} if bounded else {"reserve_tool_calls": 3}
+    async with cost_proxy(_budgeted(up, header, 3.5, tmp_path, **reserve)) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
         ac = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0)
         tools: Any = [{"type": "web_search"}]
-        server: Any = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]
+        server: Any = [{"type": "web_search_20250305", "name": "web_search", **({"max_uses": 3} if bounded else {})}]
         msgs: Any = [{"role": "user", "content": "news?"}]
+        bound: Any = {"max_tool_calls": 3} if bounded else {}
 
         async def ask() -> Any:
             if kind == "openai":
-                return await client.responses.create(model="m", input="news?", tools=tools, max_tool_calls=3)
+                return await client.responses.create(model="m", input="news?", tools=tools, **bound)
             return await ac.messages.create(model="m", max_tokens=100, messages=msgs, tools=server)
 
         statuses = await statuses_of(ask, 3)

@@ -76,7 +76,7 @@ class MediaParts:
     # Each image by Gemini's tiles (derived from the images, so not compared).
     gemini: tuple[int, ...] = field(default=(), compare=False)
     # The built-in tools it enables (web search, ...), each with the calls reserved (cost.tool_calls).
-    tools: tuple[tuple[str, int], ...] = ()
+    tools: tuple[tuple[str, int, int], ...] = ()
     # The tokens of its Predicted Output, reserved at the output price for each answer (cost.prediction).
     prediction: int = 0
 

@@ -5,8 +5,9 @@ An upstream that runs a tool itself (OpenAI's Responses `web_search`, `file_sear
 each call apart from tokens (`price.tool_calls`). A reservation holds, at the highest price of
 the deployments the request may reach, the calls the request allows: an Anthropic tool's
 `max_uses`, a Responses request's `max_tool_calls` (of each tool it enables: the bound is on
-all of them, and any may be the dearest), else one of each (how many calls a model makes
-unbounded is its own choice). The calls the answer reports are what is settled.
+all of them, and any may be the dearest), else `budgets.reserve_tool_calls` of each (one by
+default: how many calls a model makes unbounded is its own choice). The calls the answer
+reports are what is settled.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ from edgeroute.cost.media import Media, with_parts
 _RESPONSES = (("web_search", "web_search"), ("file_search", "file_search"), ("code_interpreter", "code_interpreter"))
 _ANTHROPIC = (("web_search_", "web_search"), ("web_fetch_", "web_fetch"))
 
-# A tool's priced kind and the calls reserved for it.
-Tools = tuple[tuple[str, int], ...]
+# A tool's priced kind, the calls its bounds allow, and how many of its tools have none (each
+# reserved for `budgets.reserve_tool_calls`, which admission knows).
+Tools = tuple[tuple[str, int, int], ...]
 
 
-def _calls(bound: Any) -> int:
-    """The calls a client's bound allows: a positive integer as written, else one (an upstream
+def _bound(value: Any) -> int | None:
+    """The calls a client's bound allows: a positive integer as written, else none (an upstream
     refuses any other value)."""
-    return bound if type(bound) is int and bound >= 1 else 1
+    return value if type(value) is int and value >= 1 else None
 
 
 def _kinds(tools: Any, prefixes: tuple[tuple[str, str], ...], bound: Any = None) -> Tools:
     """Each priced kind among `tools` with its calls: `bound` (a request's, on each kind), else
-    the sum of its tools' `max_uses` (each tool is bounded on its own; one when it has none)."""
-    found: dict[str, int] = {}
+    the sum of its tools' `max_uses` (each tool is bounded on its own), and its tools without one."""
+    found: dict[str, tuple[int, int]] = {}
     for t in tools if isinstance(tools, list) else ():
         kind = t.get("type") if isinstance(t, dict) else None
         if not isinstance(t, dict) or not isinstance(kind, str):
@@ -40,21 +42,24 @@ def _kinds(tools: Any, prefixes: tuple[tuple[str, str], ...], bound: Any = None)
         for prefix, priced in prefixes:
             if kind.startswith(prefix):
                 if bound is not None:
-                    found[priced] = _calls(bound)
+                    calls = _bound(bound)
+                    found[priced] = (calls, 0) if calls is not None else (0, 1)
                 else:
-                    found[priced] = found.get(priced, 0) + _calls(t.get("max_uses"))
-    return tuple(found.items())
+                    calls, unbounded = found.get(priced, (0, 0))
+                    each = _bound(t.get("max_uses"))
+                    found[priced] = (calls + each, unbounded) if each is not None else (calls, unbounded + 1)
+    return tuple((kind, calls, unbounded) for kind, (calls, unbounded) in found.items())
 
 
 def responses_tools(tools: Any, max_tool_calls: Any = None) -> Tools:
     """The priced built-in tools of a Responses request's `tools`, each reserved for its
-    `max_tool_calls` (one when it sets none)."""
+    `max_tool_calls` (`reserve_tool_calls` when it sets none)."""
     return _kinds(tools, _RESPONSES, max_tool_calls)
 
 
 def anthropic_tools(tools: Any) -> Tools:
     """The priced server tools of an Anthropic Messages request's `tools`, each reserved for
-    its `max_uses` (one when it sets none)."""
+    its `max_uses` (`reserve_tool_calls` when it sets none)."""
     return _kinds(tools, _ANTHROPIC)
 
 

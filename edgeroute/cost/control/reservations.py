@@ -83,6 +83,7 @@ class Reservations(ReadBack, Notifications, Settlement):
 
     budgets: list[Budget]
     reserve_max_tokens: int
+    reserve_tool_calls: int  # calls of each built-in tool a request sets no bound on
     _block_at: list[int]  # each budget's block threshold in nano-USD (-1: none)
     _any_downgrade: bool
     _periods: dict[str, tuple[float, float, B.Period]]  # budget name -> (valid from, until, its period)
@@ -113,8 +114,12 @@ class Reservations(ReadBack, Notifications, Settlement):
         hedges = 2 if decision.hedge_after_ms is not None else 1
         prompt += ticket.media.tokens(top.media)
         return self._charges(
-            ticket, decision.route, B.to_nano(top.cost(prompt, completion, ticket.media.tools) * hedges), now
+            ticket, decision.route, B.to_nano(self._cost(top, prompt, completion, ticket) * hedges), now
         )
+
+    def _cost(self, top: Ceiling, prompt: int, completion: int, ticket: CostTicket) -> float:
+        """The request's worst case at `top`'s prices: its tokens and the tool calls it may make."""
+        return top.cost(prompt, completion, ticket.media.tools, self.reserve_tool_calls)
 
     async def _budgets(
         self,
@@ -140,7 +145,7 @@ class Reservations(ReadBack, Notifications, Settlement):
             else:
                 # The media parts at the allowances of the deployments `top` covers (a downgrade's).
                 output = completion + predicted
-                estimate = top.cost(prompt + ticket.media.tokens(top.media), output, ticket.media.tools) * hedges
+                estimate = self._cost(top, prompt + ticket.media.tokens(top.media), output, ticket) * hedges
                 charges = self._charges(ticket, route, B.to_nano(estimate), now)
                 if not charges:
                     return route
@@ -172,7 +177,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                     decision.max_tokens is not None,
                     media,
                     predicted,
-                    ticket.media.tools,
+                    tuple((kind, n + free * self.reserve_tool_calls) for kind, n, free in ticket.media.tools),
                 )
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
