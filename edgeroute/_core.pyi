@@ -168,6 +168,11 @@ class Decision:
         for them, reading the body only when there are some."""
 
     @property
+    def prediction(self) -> str | None:
+        """The request's Predicted Output (``prediction``) as written (JSON), when it has one
+        that is not null: budgets reserve for its tokens at the output price."""
+
+    @property
     def model_span(self) -> tuple[int, int]:
         """Byte range of the ``model`` value (quotes included) in the body."""
 

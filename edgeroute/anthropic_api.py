@@ -537,12 +537,12 @@ async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's size in tokens, as the routing core counts it for the deployment it would
     choose, and its images by Anthropic's rule (counted against its key's RPM first, as
     `/v1/route/explain` is). A PDF document's pages are not read: its text is not counted."""
-    await free_requests.count(request, "/v1/messages/count_tokens")
-    body = await read_request(request, counting=True)
-    decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
-    tokens = decision.prompt_tokens
-    if decision.other_parts:  # the core counts text; an image's tokens follow from its size
-        tokens += sum(media.anthropic_image_tokens(i) for i in media.body_images(body))
+    async with free_requests.counted(request, "/v1/messages/count_tokens"):
+        body = await read_request(request, counting=True)
+        decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
+        tokens = decision.prompt_tokens
+        if decision.other_parts:  # the core counts text; an image's tokens follow from its size
+            tokens += sum(media.anthropic_image_tokens(i) for i in media.body_images(body))
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type="application/json")
 
 

@@ -21,10 +21,10 @@ from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, ten
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
-from edgeroute.cost import ledger_lock
+from edgeroute.cost import ledger_lock, prediction
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
-from edgeroute.cost.media import body_media
+from edgeroute.cost.media import body_media, with_parts
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
@@ -216,6 +216,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         reasons = decision.reasons
         rec.reasons, rec.tags = reasons, tags
         rec.policy, rec.variant, rec.difficulty = decision.policy, decision.variant, decision.difficulty
+        predicted = await prediction.tokens(decision)  # checked whether budgets count it or not
         cache = app[CACHE]
         model = live.config.models[decision.route]
         settings = route_cache(live.config, decision)
@@ -224,7 +225,11 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
             ticket = await admission.admit(
-                request, decision, rec, _counter(live, body), media=body_media(body, decision)
+                request,
+                decision,
+                rec,
+                _counter(live, body),
+                media=with_parts(body_media(body, decision), prediction=predicted),
             )
         except ProxyError as e:
             if e.code not in CACHE_MAY_ANSWER or plan is None:
@@ -599,10 +604,10 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def explain(request: web.Request) -> web.Response:
     """The routing decision for a chat request, without calling any upstream (counted against
     its key's RPM first: deciding a large body is CPU every tenant shares)."""
-    await free_requests.count(request, "/v1/route/explain")
-    live = request.app[STATE].live
-    body = await read_body(request)
-    d = await decide_soon(live, body, request, explain=True)
+    async with free_requests.counted(request, "/v1/route/explain"):
+        live = request.app[STATE].live
+        body = await read_body(request)
+        d = await decide_soon(live, body, request, explain=True)
     table = live.deployments
     out: dict[str, Any] = {
         "model": d.model,

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, redact, secrets
+from edgeroute import _core, redact, secrets, upstream
 from edgeroute import config as config_mod
 from edgeroute.config import Config, Learning
 from edgeroute.cost.control import CostControl
@@ -197,6 +197,7 @@ def _retire(state: ServerState, gen: Live) -> None:
             state.retiring.discard(gen)
             for up in gen.upstreams.values():
                 await up.close()
+            upstream.retire_keys(gen.upstreams, state.live.upstreams)
 
     state.retiring.add(gen)  # at once: a budget read back after this reload waits for it
     task = asyncio.create_task(close())

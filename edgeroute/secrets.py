@@ -22,7 +22,7 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,8 +57,10 @@ class Secret:
     def _replace(self, value: str) -> None:
         if value != self._value:
             redact.register(value)
-            self._value = value
+            old, self._value = self._value, value
             self.version += 1
+            for forget in _on_replaced:
+                forget(old)
 
     def __repr__(self) -> str:
         return f"Secret({self.reference!r})"
@@ -90,6 +92,17 @@ class Status:
 
 STATUS = Status()
 _live: dict[str, _Live] = {}
+# Called with a secret's old value once a refresh replaces it, from the refresh's thread: what
+# holds copies of it (the upstream request heads built with it) drops them.
+_on_replaced: list[Callable[[str], None]] = []
+
+
+def on_replaced(forget: Callable[[str], None]) -> None:
+    """Calls `forget` with a secret's old value whenever a refresh replaces it."""
+    if forget not in _on_replaced:
+        _on_replaced.append(forget)
+
+
 _offline: contextvars.ContextVar[bool] = contextvars.ContextVar("offline", default=False)
 
 

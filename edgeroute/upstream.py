@@ -14,6 +14,7 @@ from edgeroute import secrets
 from edgeroute.config import Config, Deployment, Price
 from edgeroute.egress import Egress
 from edgeroute.providers import Adapter, adapter_for
+from edgeroute.upstream_http import wire
 from edgeroute.upstream_http.client import HttpClient
 from edgeroute.upstream_http.tls import tls_context
 
@@ -49,6 +50,19 @@ class DeploymentInfo:
         """Its name and what it is (provider and upstream model), for the response cache: an
         answer is reused only while the deployment of that name is still the same model."""
         return self.name, f"{self.provider}/{self.model}"
+
+
+# A provider key a refresh replaced leaves the cached request heads at once.
+secrets.on_replaced(wire.forget)
+
+
+def retire_keys(old: dict[str, Upstream], current: dict[str, Upstream]) -> None:
+    """Drops the cached request heads of the keys `old` (a retired generation's providers)
+    used that `current` does not: a reload that changed a key leaves none of the old behind."""
+    in_use = {u.adapter.api_key.reveal() for u in current.values() if u.adapter.api_key is not None}
+    for up in old.values():
+        if up.adapter.api_key is not None and (key := up.adapter.api_key.reveal()) not in in_use:
+            wire.forget(key)
 
 
 def make_upstreams(cfg: Config) -> dict[str, Upstream]:

@@ -121,17 +121,22 @@ def test_a_tool_price_is_checked_like_any_price() -> None:
 ADMIN, APP = "sk-tools-admin", "sk-tools-app"
 
 
+def _budgeted(up: Any, header: tuple[str, str], limit_usd: float, tmp_path: Path, **budgets: Any) -> dict[str, Any]:
+    """A web search at $1 a call (tokens free) under team t's budget of `limit_usd` a day."""
+    cfg = _cfg(up, {"web_search": 1.0}, header)
+    cfg["deployments"]["d-u"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 0, "tool_calls": {"web_search": 1.0}}
+    limit = {"name": "b", "scope": "team", "match": "t", "limit_usd": limit_usd, "period": "day"}
+    return cfg | {
+        "keys": {"app": {"token": APP, "team": "t"}, "ops": {"token": ADMIN, "role": "admin"}},
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [limit], **budgets},
+    }
+
+
 async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any, tmp_path: Path) -> None:
     # Tokens are free: before tool calls were reserved for, the three requests reserved nothing.
     up = await start_mock("openai", latency_ms=300)
-    cfg = _cfg(up, {"web_search": 1.0}, ("x-mock-tool-calls", "web_search=1"))
-    cfg["deployments"]["d-u"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 0, "tool_calls": {"web_search": 1.0}}
-    cfg |= {
-        "keys": {"app": {"token": APP, "team": "t"}, "ops": {"token": ADMIN, "role": "admin"}},
-        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
-        "budgets": {"limits": [{"name": "b", "scope": "team", "match": "t", "limit_usd": 1.5, "period": "day"}]},
-    }
-    async with cost_proxy(cfg) as proxy:
+    async with cost_proxy(_budgeted(up, ("x-mock-tool-calls", "web_search=1"), 1.5, tmp_path)) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
         tools: Any = [{"type": "web_search"}]
         statuses = await statuses_of(lambda: client.responses.create(model="m", input="news?", tools=tools), 3)
@@ -149,9 +154,53 @@ async def test_concurrent_web_searches_do_not_overshoot_a_budget(start_mock: Any
 
 def test_the_tools_a_request_enables_are_named_by_their_priced_kind() -> None:
     tools = [{"type": "web_search_preview"}, {"type": "function", "name": "f"}, {"type": "file_search"}]
-    assert responses_tools(tools) == ("web_search", "file_search")
-    assert anthropic_tools([{"type": "web_search_20250305", "name": "web_search"}, {"name": "f"}]) == ("web_search",)
+    # (kind, calls its bounds allow, its tools without a bound: `reserve_tool_calls` each)
+    assert responses_tools(tools) == (("web_search", 0, 1), ("file_search", 0, 1))
+    assert responses_tools(tools, 4) == (("web_search", 4, 0), ("file_search", 4, 0))
+    server = [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}, {"name": "f"}]
+    assert anthropic_tools(server) == (("web_search", 5, 0),)
+    assert anthropic_tools([{"type": "web_fetch_20250910", "max_uses": "5"}]) == (("web_fetch", 0, 1),)
+    # Two versions of a tool, each with its own bound (or none): either may run its whole bound.
+    both = [{"type": "web_search_20250305", "max_uses": 5}, {"type": "web_search_20260209", "max_uses": 2}]
+    assert anthropic_tools(both) == (("web_search", 7, 0),)
+    assert anthropic_tools([*both, {"type": "web_search_20250305"}]) == (("web_search", 7, 1),)
     assert responses_tools("web_search") == ()
+
+
+@pytest.mark.parametrize(
+    ("kind", "bounded"), [("openai", True), ("anthropic", True), ("openai", False), ("anthropic", False)]
+)
+async def test_a_bound_on_tool_calls_is_reserved_whole(
+    start_mock: Any, tmp_path: Path, kind: str, bounded: bool
+) -> None:
+    """A request that allows three searches (`max_tool_calls`, `max_uses`; or sets no bound,
+    under `budgets.reserve_tool_calls: 3`) and makes them: one was reserved, three were
+    billed, so three such requests at once spent $9 of a $3.50 budget."""
+    up = await start_mock(kind, latency_ms=300)
+    header = ("x-mock-tool-calls", "web_search=3") if kind == "openai" else ("x-mock-web-searches", "3")
+    reserve = {} if bounded else {"reserve_tool_calls": 3}
+    async with cost_proxy(_budgeted(up, header, 3.5, tmp_path, **reserve)) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0)
+        ac = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0)
+        tools: Any = [{"type": "web_search"}]
+        server: Any = [{"type": "web_search_20250305", "name": "web_search", **({"max_uses": 3} if bounded else {})}]
+        msgs: Any = [{"role": "user", "content": "news?"}]
+        bound: Any = {"max_tool_calls": 3} if bounded else {}
+
+        async def ask() -> Any:
+            if kind == "openai":
+                return await client.responses.create(model="m", input="news?", tools=tools, **bound)
+            return await ac.messages.create(model="m", max_tokens=100, messages=msgs, tools=server)
+
+        statuses = await statuses_of(ask, 3)
+        total = await eventually(lambda: budget_spent(proxy.url, ADMIN), "the searches' spend in the budget")
+        with pytest.raises((openai.RateLimitError, anthropic.RateLimitError)) as refused:
+            await ask()  # $0.50 left: the refusal names what the request reserves
+        await client.close()
+        await ac.close()
+    assert statuses == [200, 429, 429]
+    assert total == pytest.approx(3.0)  # the three searches the answer reported, settled
+    assert "3 web_search calls" in refused.value.message, refused.value.message
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -170,14 +219,20 @@ async def _cut(request: web.Request, events: list[dict[str, Any]]) -> web.Stream
 
 
 async def _responses_cut(request: web.Request) -> web.StreamResponse:
+    """Two searches done, a message begun, then a third search begun (it runs upstream, and is
+    billed) when the connection closes before its item is done."""
     searches = [
-        {"type": "response.output_item.done", "sequence_number": 1 + i, "output_index": i,
-         "item": {"type": "web_search_call", "id": f"ws_{i}", "status": "completed", "action": {"type": "search"}}}
+        {"type": f"response.output_item.{step}", "sequence_number": 1 + 2 * i + (step == "done"), "output_index": i,
+         "item": {"type": "web_search_call", "id": f"ws_{i}", "status": status, "action": {"type": "search"}}}
         for i in range(2)
+        for step, status in (("added", "in_progress"), ("done", "completed"))
     ]  # fmt: skip
-    delta = {"type": "response.output_text.delta", "sequence_number": 3, "item_id": "msg_x", "output_index": 2}
+    delta = {"type": "response.output_text.delta", "sequence_number": 5, "item_id": "msg_x", "output_index": 2}
     created = {"type": "response.created", "sequence_number": 0, "response": {"id": "resp_x", "status": "in_progress"}}
-    return await _cut(request, [created, *searches, {**delta, "content_index": 0, "delta": "word ", "logprobs": []}])
+    third = {**searches[0], "sequence_number": 6, "output_index": 3}
+    third["item"] = {**searches[0]["item"], "id": "ws_3"}
+    text = {**delta, "content_index": 0, "delta": "word ", "logprobs": []}
+    return await _cut(request, [created, *searches, text, third])
 
 
 async def _messages_cut(request: web.Request) -> web.StreamResponse:
@@ -232,7 +287,7 @@ async def test_tool_calls_of_a_stream_cut_before_its_usage_are_priced(start_prox
                     async for _ in s:
                         pass
         rec = await _record(proxy)
-    searches = 2 if kind == "openai" else 3
+    searches = 3  # OpenAI: two done and one begun; Anthropic: three `server_tool_use` blocks
     assert rec.usage.tool_calls == {"web_search": searches}
     assert rec.cost_usd == pytest.approx(searches * SEARCH)  # tokens are free here
 

@@ -67,6 +67,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.prices",
             "edgeroute.cost.media",
             "edgeroute.cost.tool_calls",
+            "edgeroute.cost.prediction",
             "edgeroute.cost.limits",
             "edgeroute.cost.budgets",
             "edgeroute.cost.redis_store",

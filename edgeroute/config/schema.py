@@ -444,6 +444,9 @@ class Budgets(_Strict):
     # Completion tokens reserved when a request sets no max_tokens (an Anthropic provider's
     # default_max_tokens instead where that is more: `Reservations._completion`).
     reserve_max_tokens: int = Field(4096, ge=1)
+    # Calls of each built-in tool (web search, ...) reserved when a request sets no bound on
+    # them (`max_uses`, `max_tool_calls`): a model may make more, which are paid as made.
+    reserve_tool_calls: int = Field(1, ge=1, le=1000)
     limits: list[Budget] = []
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import dataclasses
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -74,8 +75,10 @@ class MediaParts:
     files: int = 0
     # Each image by Gemini's tiles (derived from the images, so not compared).
     gemini: tuple[int, ...] = field(default=(), compare=False)
-    # The built-in tools it enables (web search, ...), each reserved at one call (cost.tool_calls).
-    tools: tuple[str, ...] = ()
+    # The built-in tools it enables (web search, ...), each with the calls reserved (cost.tool_calls).
+    tools: tuple[tuple[str, int, int], ...] = ()
+    # The tokens of its Predicted Output, reserved at the output price for each answer (cost.prediction).
+    prediction: int = 0
 
     def tokens(self, rule: MediaRule) -> int:
         images = self.images
@@ -140,6 +143,20 @@ def image_scale(model: str) -> float:
 
 # A request's media parts, read when a budget needs them (None: it has none).
 Media = Callable[[], Awaitable[MediaParts]]
+
+
+def with_parts(media: Media | None, **more: Any) -> Media | None:
+    """`media` with more of what a reservation holds (`MediaParts` fields: tools, prediction)."""
+    if not any(more.values()):
+        return media
+
+    async def parts() -> MediaParts:
+        got = await media() if media is not None else NONE
+        return dataclasses.replace(got, **more)
+
+    return parts
+
+
 _ON_LOOP_BYTES = 256 * 1024  # a larger body is parsed again in a worker thread
 
 

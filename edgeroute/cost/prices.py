@@ -63,10 +63,19 @@ class Ceiling:
     media: MediaRule = DEFAULT_RULE  # the deployments' allowances for image, audio and file parts
     tool_calls: dict[str, float] = field(default_factory=dict)  # USD a call of each built-in tool
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, tools: tuple[str, ...] = ()) -> float:
-        """The most a request may cost: its tokens, and one call of each of `tools` (the
-        built-in tools it enables: how many calls a model makes is its own choice)."""
-        fees = sum(self.tool_calls.get(t, 0.0) for t in tools) if self.tool_calls else 0.0
+    def cost(
+        self,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tools: tuple[tuple[str, int, int], ...] = (),
+        unbounded_calls: int = 1,
+    ) -> float:
+        """The most a request may cost: its tokens, and the calls of `tools` (the built-in tools
+        it enables, each with the calls its bounds allow and its tools without one, which may
+        make `unbounded_calls` each: `cost.tool_calls`)."""
+        fees = 0.0
+        if self.tool_calls:
+            fees = sum(self.tool_calls.get(t, 0.0) * (n + free * unbounded_calls) for t, n, free in tools)
         return (
             (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
             + self.per_request

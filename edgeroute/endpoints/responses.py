@@ -189,7 +189,9 @@ def parse(body: bytes) -> Parsed:
         check=partial(_check, req.raw),
         bind=_bind,
         after_stream=_bind_stream,
-        media=with_tools(items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"))),
+        media=with_tools(
+            items_media(req.raw.get("input")), responses_tools(req.raw.get("tools"), req.raw.get("max_tool_calls"))
+        ),
     )
 
 

@@ -61,13 +61,16 @@ class NativeStream:
         self._events = sse.EventSplitter()
         self._content = False
         self.usage: dict[str, Any] | None = None
-        self._done_items: list[dict[str, Any]] = []  # the tool call items done so far, for a cut stream
+        # The built-in tool call items begun so far (by output index), for a stream cut before its
+        # end: a call begun runs upstream (a search between its item's `added` and `done`), and
+        # is billed though the stream broke (as an Anthropic stream's `server_tool_use` blocks are).
+        self._tool_items: dict[object, dict[str, Any]] = {}
         self.containers: set[str] = set()  # the code interpreter containers it named, bound to the caller
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
-        """The built-in tool calls among the items done so far: billed though the stream broke."""
-        return responses_tool_calls(self._done_items)
+        """The built-in tool calls among the items begun so far: billed though the stream broke."""
+        return responses_tool_calls(list(self._tool_items.values()))
 
     def _check(self, obj: Any) -> None:
         """An event the OpenAI SDK can read: relayed unchanged, an upstream's `data: [1]` or a
@@ -80,6 +83,17 @@ class NativeStream:
         assert isinstance(obj, dict)
         if kind.endswith(".delta") and "delta" in obj and not isinstance(obj["delta"], str):
             raise UnreadableEvent(f"a {kind} event whose delta is not a string")
+
+    def _tool_item(self, event: dict[str, Any]) -> None:
+        """Keeps a built-in tool call item (not a message's text) as it begins, and its container
+        once it is done (a code interpreter's calls in one container are billed once)."""
+        item = event.get("item")
+        if not isinstance(item, dict) or item.get("type") not in RESPONSES_TOOL_ITEMS:
+            return
+        index, item_id = event.get("output_index"), item.get("id")
+        key = index if type(index) is int else item_id if isinstance(item_id, str) else len(self._tool_items)
+        kept = self._tool_items.setdefault(key, {"type": item["type"], "container_id": None})
+        kept["container_id"] = item.get("container_id") or kept["container_id"]
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._events.feed(chunk)
@@ -98,11 +112,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
-            if kind == "response.output_item.done" and isinstance(obj, dict):
-                item = obj.get("item")
-                if isinstance(item, dict) and item.get("type") in RESPONSES_TOOL_ITEMS:  # not a message's text
-                    self._done_items.append({"type": item["type"], "container_id": item.get("container_id")})
             if kind in _ITEM_EVENTS and isinstance(obj, dict):
+                self._tool_item(obj)
                 item = obj.get("item")
                 if isinstance(item, dict) and isinstance(cid := item.get("container_id"), str):
                     self.containers.add(cid)

@@ -7,8 +7,10 @@ target config is weaker than the running one:
 
 - `governance.residency` removed, its `tag_prefix` changed, a key's or team's region removed
   or changed (a new one is stronger);
-- a PII rule (a rule with `when.pii`) removed or changed, or a rule put ahead of one (the
-  first match by priority wins, so it would take the PII requests first);
+- a PII rule (a rule with `when.pii`, or `when.patterns`: a regular expression is how an
+  operator finds data the detectors do not know, an employee id or a case number) removed or
+  changed, or a rule put ahead of one (the first match by priority wins, so it would take the
+  PII requests first);
 - a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
   loses one its `exclude_tags` names (tags decide where those requests may go);
 - a deployment added to the models a PII rule's `route` sends its requests to (or falls back to);
@@ -17,7 +19,9 @@ target config is weaker than the running one:
   `us.`/`eu.`/`global.` span regions) its model; compared as resolved through `provider:`,
   so a provider renamed alone is no change (Azure's `api_version` moves nothing);
 - more content kept by the request log, for any key and model (`log_content`,
-  `content_models`, `content_keys`, `enabled`: none < redacted < full).
+  `content_models`, `content_keys`, `enabled`: none < redacted < full), or kept longer or
+  larger: `retention_days` or `max_db_mb` raised (or the size bound removed) while it records,
+  `max_content_bytes` raised while it keeps content.
 
 Read from the config texts as written (YAML), so a change of form alone (a default spelt
 out) may count as a change: the caller then needs an admin, never the other way round.
@@ -36,7 +40,9 @@ def weakenings(running: str, target: str) -> list[str]:
     """How `target` weakens data governance against `running`, one line each (empty: it does not)."""
     a, b = yaml.safe_load(running), yaml.safe_load(target)
     a, b = (x if isinstance(x, dict) else {} for x in (a, b))
-    return _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _destinations(a, b) + _log_content(a, b)
+    return (
+        _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _destinations(a, b) + _log_content(a, b) + _log_bounds(a, b)
+    )
 
 
 def _at(data: Any, *path: str) -> Any:
@@ -80,7 +86,7 @@ def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _is_pii(rule: dict[str, Any]) -> bool:
-    return bool(_at(rule, "when", "pii"))
+    return bool(_at(rule, "when", "pii")) or bool(_at(rule, "when", "patterns"))
 
 
 def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -200,6 +206,41 @@ def _destinations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def _level(value: Any) -> int:
     return _PRIVACY.index(value) if value in _PRIVACY else 0
+
+
+# The request log's bounds, with their defaults (`RequestLogSettings`): a larger one keeps more.
+_LOG_BOUNDS = (("retention_days", 30.0), ("max_db_mb", 1024.0), ("max_content_bytes", 64 * 1024))
+
+
+def _log_bounds(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Request records kept longer (`retention_days`), more of them (`max_db_mb`, null: no
+    bound) or more of each prompt and answer (`max_content_bytes`, while content is kept)."""
+    old, new = _mapping(a.get("request_log")), _mapping(b.get("request_log"))
+    if new.get("enabled", True) is False:
+        return []
+    keeps = any(level > 0 for level in _levels(new))
+    out = []
+    for name, default in _LOG_BOUNDS:
+        if name == "max_content_bytes" and not keeps:
+            continue
+        was, now = old.get(name, default), new.get(name, default)
+        if _bound(now) > _bound(was):
+            shown = "removed" if now is None else f"raised from {'none' if was is None else was} to {now}"
+            out.append(f"request_log.{name} {shown}")
+    return out
+
+
+def _bound(value: Any) -> float:
+    """A bound as a number; none (`max_db_mb: null`) is unbounded, an odd value no bound kept."""
+    if value is None:
+        return float("inf")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def _levels(log: dict[str, Any]) -> list[int]:
+    """Every content level a request log section names."""
+    named = [*_mapping(log.get("content_models")).values(), *_mapping(log.get("content_keys")).values()]
+    return [_level(log.get("log_content", "none")), *map(_level, named)]
 
 
 def _log_content(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -117,7 +117,18 @@ def tool_call_for(body: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def usage(prompt: int, completion: int) -> dict[str, Any]:
+def prediction_words(body: dict[str, Any]) -> list[str]:
+    """The words of a request's Predicted Output (`prediction.content`, a string or text parts)."""
+    p = body.get("prediction")
+    content = p.get("content") if isinstance(p, dict) else None
+    if isinstance(content, list):
+        content = " ".join(str(c.get("text", "")) for c in content if isinstance(c, dict))
+    return content.split() if isinstance(content, str) else []
+
+
+def usage(prompt: int, completion: int, rejected: int = 0) -> dict[str, Any]:
+    """`rejected`: the prediction's tokens the answer did not use, which OpenAI counts in
+    `completion_tokens` (and bills) too."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -127,7 +138,7 @@ def usage(prompt: int, completion: int) -> dict[str, Any]:
             "reasoning_tokens": 0,
             "audio_tokens": 0,
             "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
+            "rejected_prediction_tokens": rejected,
         },
     }
 
@@ -154,6 +165,7 @@ def completion_body(
     prompt_tokens: int,
     completion_tokens: int,
     call: dict[str, Any] | None = None,
+    rejected: int = 0,
 ) -> bytes:
     """A non-streaming `chat.completion` object, serialised."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
@@ -166,7 +178,7 @@ def completion_body(
             "created": created,
             "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens),
+            "usage": usage(prompt_tokens, completion_tokens, rejected),
             "service_tier": "default",
             "system_fingerprint": "fp_mock",
         }
@@ -198,9 +210,9 @@ def chunk_event(
     return _sse(c)
 
 
-def usage_event(base: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> bytes:
+def usage_event(base: dict[str, Any], prompt_tokens: int, completion_tokens: int, rejected: int = 0) -> bytes:
     """The final usage-only chunk sent when `stream_options.include_usage` is set."""
-    return _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    return _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, rejected)})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -242,11 +254,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         pieces = pieces[: body["max_tokens"]]
         completion_tokens = len(pieces)
         finish = "length"
+    # A Predicted Output's words the answer does not use are rejected: billed as completion tokens.
+    predicted = prediction_words(body)
+    rejected = len(predicted) - len(set(predicted) & set(pieces)) if predicted else 0
+    completion_tokens += rejected
 
     if not body.get("stream"):
         content = " ".join(pieces) if call is None else None
         return web.Response(
-            body=completion_body(cid, created, model, content, finish, prompt_tokens, completion_tokens, call),
+            body=completion_body(
+                cid, created, model, content, finish, prompt_tokens, completion_tokens, call, rejected
+            ),
             content_type="application/json",
         )
 
@@ -278,7 +296,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await out.write(chunk({"content": piece if i == 0 else " " + piece}))
     await out.write(chunk({}, finish))
     if include_usage:
-        await out.write(usage_event(base, prompt_tokens, completion_tokens))
+        await out.write(usage_event(base, prompt_tokens, completion_tokens, rejected))
     await out.write(DONE_EVENT)
     await out.write_eof()
     return out

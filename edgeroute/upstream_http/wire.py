@@ -45,6 +45,18 @@ _HEADS: dict[tuple[object, ...], bytes] = {}
 _HEADS_MAX = 256
 
 
+def forget(secret: str) -> None:
+    """Drops every head that carries `secret` (a provider key rotated or replaced by a reload):
+    kept, the old key stayed in memory, in the head and the cache's key, until 256 other heads
+    pushed it out. Safe from another thread (a secret's refresh runs in one)."""
+    if not secret:
+        return
+    raw = secret.encode()
+    for key, head in list(_HEADS.items()):
+        if raw in head:
+            _HEADS.pop(key, None)
+
+
 def encode(method: str, t: Target, headers: Mapping[str, str] | None, body: bytes) -> bytes:
     """The request `method` to `t` with `headers` and `body`, as written to the connection: the
     head and the body, or the head alone when the body is over `JOIN_BYTES` (written next)."""

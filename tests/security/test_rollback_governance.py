@@ -4,9 +4,10 @@
 a version from before an admin set `governance.residency`, added a PII rule or lowered what
 the request log keeps undid those too, in an operator's hands (or the rollback guard's, when
 errors rose, which a client may cause). Now a rollback that removes or loosens residency,
-removes, changes or overtakes a PII rule, gives a deployment a tag those rely on, sends a
-deployment they route to elsewhere (its provider's base_url, proxy or region), or keeps more
-content (`log_content` none < redacted < full, for any key or model) needs an admin key: 403
+removes, changes or overtakes a PII rule (`when.pii` or `when.patterns`), gives a deployment
+a tag those rely on, sends a deployment they route to elsewhere (its provider's base_url,
+proxy or region), or keeps more content (`log_content` none < redacted < full, for any key
+or model) or keeps it longer or larger (`retention_days`, `max_db_mb`, `max_content_bytes`) needs an admin key: 403
 `permission_denied` naming what, nothing changed, audited as refused.
 """
 
@@ -170,6 +171,93 @@ async def test_an_operator_cannot_point_a_resident_deployment_elsewhere(start_up
         # Moving a deployment no residency or PII rule relies on is an operator's.
         status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": 2})
         assert status == 200, body
+
+
+SSN_RULE = {
+    "name": "employee-ids-stay-in-eu",
+    "priority": 90,
+    "when": {"patterns": [r"\bEMP-\d{6}\b"]},
+    "then": {"require_tags": ["eu"]},
+}
+EMPLOYEE: Any = [{"role": "user", "content": "summarise the file of EMP-123456"}]
+
+
+async def test_an_operator_cannot_roll_back_a_pattern_rule_or_the_logs_bounds(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A rule that keeps data a regular expression finds (`when.patterns`) is a PII rule as
+    much as one on `when.pii`: an operator's rollback to before it removed it, and the
+    requests it kept on the EU deployment went anywhere. A version whose request log kept
+    records longer, or more of each prompt, is the admin's to restore too."""
+    path = tmp_path / "edgeroute.yaml"
+    cfg = _loose(await start_upstream())
+    cfg["request_log"] = {"log_content": "redacted", "retention_days": 365, "max_content_bytes": 1 << 20}
+    with _serving(path, cfg):  # version 1
+        pass
+    cfg["request_log"] = {"log_content": "redacted", "retention_days": 7, "max_content_bytes": 4096}
+    with _serving(path, cfg) as url:  # version 2 (the request log takes a restart)
+        ruled = copy.deepcopy(cfg)
+        ruled["rules"] = [SSN_RULE]
+        write_config(path, ruled)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 3
+        assert {await _deployment(url, EMPLOYEE) for _ in range(6)} == {"d-b"}
+
+        rule = "PII rule 'employee-ids-stay-in-eu' removed or changed"
+        bounds = ["request_log.retention_days raised from 7 to 365", "request_log.max_content_bytes raised from 4096"]
+        for version, named in [(2, [rule]), (1, [rule, *bounds])]:
+            status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": version})
+            assert status == 403, body
+            msg = body["error"]["message"]
+            assert body["error"]["code"] == "permission_denied" and "data governance" in msg, msg
+            assert [w for w in [rule, *bounds] if w in msg] == named, msg
+        _, body = await call("GET", url + "/admin/config", ROOT)
+        assert body["version"] == 3 and body["config"]["rules"][0]["name"] == "employee-ids-stay-in-eu"
+        assert {await _deployment(url, EMPLOYEE) for _ in range(6)} == {"d-b"}
+
+
+def test_pattern_rules_and_the_logs_bounds_count_as_weaker() -> None:
+    loose = _loose(SimpleNamespace(base_url="http://127.0.0.1:9"))
+    ruled = copy.deepcopy(loose)
+    ruled["rules"] = [SSN_RULE]
+    assert _weaker(ruled, loose) == ["PII rule 'employee-ids-stay-in-eu' removed or changed"]
+    widened = copy.deepcopy(ruled)
+    widened["rules"][0]["when"]["patterns"] = [r"\bEMP-\d{9}\b"]
+    assert _weaker(ruled, widened) == ["PII rule 'employee-ids-stay-in-eu' removed or changed"]
+    ahead = copy.deepcopy(ruled)
+    ahead["rules"].insert(0, {"name": "all-cheap", "priority": 200, "then": {"route": "m"}})
+    assert _weaker(ruled, ahead) == ["a rule put ahead of PII rule 'employee-ids-stay-in-eu'"]
+    # Its tags and destinations are guarded as a `when.pii` rule's are.
+    tagged = copy.deepcopy(ruled)
+    tagged["deployments"]["d-a"]["tags"] = ["eu"]
+    assert _weaker(ruled, tagged) == ["deployments.d-a gains tag eu"]
+
+    log = copy.deepcopy(loose)
+    log["request_log"] = {"log_content": "redacted", "retention_days": 7, "max_content_bytes": 4096, "max_db_mb": 100}
+    longer = copy.deepcopy(log)
+    longer["request_log"] |= {"retention_days": 90, "max_content_bytes": 65536, "max_db_mb": None}
+    assert _weaker(log, longer) == [
+        "request_log.retention_days raised from 7 to 90",
+        "request_log.max_db_mb removed",
+        "request_log.max_content_bytes raised from 4096 to 65536",
+    ]
+    assert _weaker(longer, log) == []  # shorter and smaller is an operator's
+    defaults = copy.deepcopy(log)
+    del defaults["request_log"]["retention_days"]  # 30 days by default
+    assert _weaker(log, defaults) == ["request_log.retention_days raised from 7 to 30.0"]
+    # No content kept: a larger max_content_bytes keeps nothing more; a log turned off keeps nothing.
+    private = copy.deepcopy(longer)
+    private["request_log"]["log_content"] = "none"
+    assert _weaker(log | {"request_log": log["request_log"] | {"log_content": "none"}}, private) == [
+        "request_log.retention_days raised from 7 to 90",
+        "request_log.max_db_mb removed",
+    ]
+    off = copy.deepcopy(longer)
+    off["request_log"]["enabled"] = False
+    assert _weaker(log, off) == []
+    # From redacted (or none) to full is more content kept, as before.
+    full = copy.deepcopy(log)
+    full["request_log"]["log_content"] = "full"
+    assert _weaker(log, full) == ["request_log keeps full content, was redacted (default)"]
 
 
 def _weaker(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

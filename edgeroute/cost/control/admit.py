@@ -102,6 +102,7 @@ class CostControl(Reservations, RateLimits):
         self.cfg = cfg
         self.budgets = cfg.budgets.limits
         self.reserve_max_tokens = cfg.budgets.reserve_max_tokens
+        self.reserve_tool_calls = cfg.budgets.reserve_tool_calls
         self._model_limits = cfg.rate_limits.models
         self._block_at = [B.block_limit(b) for b in self.budgets]
         self._any_downgrade = any(a.action == "downgrade" for b in self.budgets for a in b.actions)

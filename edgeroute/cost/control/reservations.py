@@ -83,6 +83,7 @@ class Reservations(ReadBack, Notifications, Settlement):
 
     budgets: list[Budget]
     reserve_max_tokens: int
+    reserve_tool_calls: int  # calls of each built-in tool a request sets no bound on
     _block_at: list[int]  # each budget's block threshold in nano-USD (-1: none)
     _any_downgrade: bool
     _periods: dict[str, tuple[float, float, B.Period]]  # budget name -> (valid from, until, its period)
@@ -108,12 +109,17 @@ class Reservations(ReadBack, Notifications, Settlement):
         self, decision: _core.Decision, ticket: CostTicket, top: Ceiling, prompt: int, now: float
     ) -> list[B.Charge]:
         """The reservations of the request's maximum cost on its own route."""
-        completion = self._completion(decision, top) * decision.choices
+        # A Predicted Output's rejected tokens are billed as output beyond max_tokens (cost.prediction).
+        completion = (self._completion(decision, top) + ticket.media.prediction) * decision.choices
         hedges = 2 if decision.hedge_after_ms is not None else 1
         prompt += ticket.media.tokens(top.media)
         return self._charges(
-            ticket, decision.route, B.to_nano(top.cost(prompt, completion, ticket.media.tools) * hedges), now
+            ticket, decision.route, B.to_nano(self._cost(top, prompt, completion, ticket) * hedges), now
         )
+
+    def _cost(self, top: Ceiling, prompt: int, completion: int, ticket: CostTicket) -> float:
+        """The request's worst case at `top`'s prices: its tokens and the tool calls it may make."""
+        return top.cost(prompt, completion, ticket.media.tools, self.reserve_tool_calls)
 
     async def _budgets(
         self,
@@ -130,6 +136,7 @@ class Reservations(ReadBack, Notifications, Settlement):
         """Reserves the request's maximum cost (its first reservation made already when `first`
         has it); returns the route reserved for (a downgrade's target)."""
         completion = self._completion(decision, top) * choices
+        predicted = ticket.media.prediction * choices  # billed as output beyond max_tokens when rejected
         route = decision.route
         hedges = 2 if decision.hedge_after_ms is not None else 1
         for step in range(2):
@@ -137,7 +144,8 @@ class Reservations(ReadBack, Notifications, Settlement):
                 charges, res, shared = first.charges, first.reserved, True
             else:
                 # The media parts at the allowances of the deployments `top` covers (a downgrade's).
-                estimate = top.cost(prompt + ticket.media.tokens(top.media), completion, ticket.media.tools) * hedges
+                output = completion + predicted
+                estimate = self._cost(top, prompt + ticket.media.tokens(top.media), output, ticket) * hedges
                 charges = self._charges(ticket, route, B.to_nano(estimate), now)
                 if not charges:
                     return route
@@ -162,7 +170,14 @@ class Reservations(ReadBack, Notifications, Settlement):
                 rec.admission = f"blocked:{c.budget.name}"
                 media = ticket.media.tokens(top.media)
                 raise _budget_error(
-                    c, res.used_before[res.blocked], now, completion, decision.max_tokens is not None, media
+                    c,
+                    res.used_before[res.blocked],
+                    now,
+                    completion,
+                    decision.max_tokens is not None,
+                    media,
+                    predicted,
+                    tuple((kind, n + free * self.reserve_tool_calls) for kind, n, free in ticket.media.tools),
                 )
             ticket.charges, ticket.charges_shared = charges, shared
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
@@ -276,7 +291,16 @@ def usd(v: float) -> str:
     return f"${v:.{min(9, 2 - math.floor(math.log10(v)))}f}"
 
 
-def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bool, media: int = 0) -> ProxyError:
+def _budget_error(
+    c: B.Charge,
+    used: int,
+    now: float,
+    completion: int,
+    asked: bool,
+    media: int = 0,
+    predicted: int = 0,
+    tools: tuple[tuple[str, int], ...] = (),
+) -> ProxyError:
     """429 for a budget that cannot hold the request's reservation. A budget with room left
     refused it for its worst case, not for spend: it says so, and what reserves less (one that
     read "exhausted" at half its limit left the caller nothing to change)."""
@@ -287,6 +311,10 @@ def _budget_error(c: B.Charge, used: int, now: float, completion: int, asked: bo
     spent = f"{usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved {period}"
     if used < c.block_at:
         tokens = f"its max_tokens ({completion:,})" if asked else f"{completion:,} output tokens (it set no max_tokens)"
+        if predicted:  # billed at the output price when the answer does not use them
+            tokens += f" and its prediction's {predicted:,} tokens"
+        if tools:  # billed a call (`max_uses`, `max_tool_calls`: cost.tool_calls)
+            tokens += " and " + ", ".join(f"{n:,} {kind} call{'s' * (n > 1)}" for kind, n in tools)
         # Images, audio and files are reserved at allowances (edgeroute.cost.media): named, as
         # a caller cannot tell them from its text.
         parts = f" (with {media:,} tokens for its image, audio and file parts)" if media else ""

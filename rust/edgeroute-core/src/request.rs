@@ -84,6 +84,8 @@ struct Body<'a> {
     functions: Option<&'a RawValue>,
     #[serde(borrow, default)]
     response_format: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prediction: Option<&'a RawValue>,
 }
 
 /// The routing-relevant view of a chat-completions request.
@@ -117,6 +119,10 @@ pub struct ChatRequest<'a> {
     /// Content parts of a type other than `text` (images, audio, files): their tokens are not
     /// in the text's count, and budgets read them from the body only when there are some.
     pub other_parts: u32,
+    /// The Predicted Output (`prediction`) as written, when not null: the predicted tokens an
+    /// answer rejects are billed as output beyond `max_tokens`, so budgets reserve for them.
+    /// Found by the parse itself, a key spelt with escapes (`predict\u0069on`) included.
+    pub prediction: Option<&'a RawValue>,
 }
 
 /// A count of choices (`n`, `best_of`): 1 when absent or null, else a JSON integer of at
@@ -181,6 +187,7 @@ impl<'a> ChatRequest<'a> {
             tools: raw.tools,
             prompt_fields: [raw.functions, raw.response_format],
             other_parts,
+            prediction: raw.prediction.filter(|p| p.get() != "null"),
         })
     }
 }
@@ -429,6 +436,23 @@ mod tests {
         assert_eq!(max(r#","max_completion_tokens":9"#), Some(9));
         assert_eq!(max(r#","max_tokens":200,"max_completion_tokens":1"#), Some(200));
         assert_eq!(max(r#","max_tokens":1,"max_completion_tokens":200"#), Some(200));
+    }
+
+    #[test]
+    fn prediction_is_found_as_written() {
+        let prediction = |extra: &str| {
+            let body = format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            ChatRequest::parse(body.as_bytes())
+                .unwrap()
+                .prediction
+                .map(|p| p.get().to_owned())
+        };
+        assert_eq!(prediction(""), None);
+        assert_eq!(prediction(r#","prediction":null"#), None);
+        let given = r#"{"type":"content","content":"a b"}"#;
+        assert_eq!(prediction(&format!(r#","prediction":{given}"#)).as_deref(), Some(given));
+        // A key spelt with an escape is the upstream's `prediction` too.
+        assert_eq!(prediction(r#","predict\u0069on":5"#).as_deref(), Some("5"));
     }
 
     #[test]

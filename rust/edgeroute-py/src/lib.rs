@@ -129,6 +129,10 @@ impl Decision {
         self.inner.other_parts
     }
     #[getter]
+    fn prediction(&self) -> Option<&str> {
+        self.inner.prediction.as_deref()
+    }
+    #[getter]
     fn model_span(&self) -> (usize, usize) {
         self.inner.model_span
     }

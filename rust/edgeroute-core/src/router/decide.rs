@@ -65,6 +65,9 @@ pub struct Decision {
     pub choices: u32,
     /// Content parts other than text (images, audio, files): budgets reserve for them.
     pub other_parts: u32,
+    /// The request's Predicted Output (`prediction`) as written, when it has one: budgets
+    /// reserve for its tokens at the output price.
+    pub prediction: Option<String>,
     /// Byte span of the `model` value in the body.
     pub model_span: (usize, usize),
     /// Send a hedge to `order[1]` after this many milliseconds without an answer.
@@ -153,6 +156,7 @@ impl Router {
             max_tokens: req.max_tokens,
             choices: req.choices,
             other_parts: req.other_parts,
+            prediction: req.prediction.map(|p| p.get().to_owned()),
             model_span: req.model_span,
             hedge_after_ms,
             strategy,
