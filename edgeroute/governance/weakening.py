@@ -21,7 +21,9 @@ target config is weaker than the running one:
 - more content kept by the request log, for any key and model (`log_content`,
   `content_models`, `content_keys`, `enabled`: none < redacted < full), or kept longer or
   larger: `retention_days` or `max_db_mb` raised (or the size bound removed) while it records,
-  `max_content_bytes` raised while it keeps content.
+  `max_content_bytes` raised while it keeps content;
+- `server.provider_files` from refused to shared (files at the provider named by id, passed
+  to every tenant).
 
 Read from the config texts as written (YAML), so a change of form alone (a default spelt
 out) may count as a change: the caller then needs an admin, never the other way round.
@@ -41,7 +43,13 @@ def weakenings(running: str, target: str) -> list[str]:
     a, b = yaml.safe_load(running), yaml.safe_load(target)
     a, b = (x if isinstance(x, dict) else {} for x in (a, b))
     return (
-        _residency(a, b) + _pii_rules(a, b) + _tags(a, b) + _destinations(a, b) + _log_content(a, b) + _log_bounds(a, b)
+        _residency(a, b)
+        + _pii_rules(a, b)
+        + _tags(a, b)
+        + _destinations(a, b)
+        + _log_content(a, b)
+        + _log_bounds(a, b)
+        + _provider_files(a, b)
     )
 
 
@@ -228,6 +236,12 @@ def _log_bounds(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             shown = "removed" if now is None else f"raised from {'none' if was is None else was} to {now}"
             out.append(f"request_log.{name} {shown}")
     return out
+
+
+def _provider_files(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Files and vector stores at the provider passed to every tenant (`edgeroute.provider_files`)."""
+    was, now = (_at(x, "server", "provider_files") or "refused" for x in (a, b))
+    return ["server.provider_files shared with every tenant"] if was == "refused" and now != "refused" else []
 
 
 def _bound(value: Any) -> float:

@@ -231,6 +231,11 @@ def test_pattern_rules_and_the_logs_bounds_count_as_weaker() -> None:
     tagged["deployments"]["d-a"]["tags"] = ["eu"]
     assert _weaker(ruled, tagged) == ["deployments.d-a gains tag eu"]
 
+    shared = copy.deepcopy(loose)
+    shared["server"] = {"provider_files": "shared"}
+    assert _weaker(loose, shared) == ["server.provider_files shared with every tenant"]
+    assert _weaker(shared, loose) == []
+
     log = copy.deepcopy(loose)
     log["request_log"] = {"log_content": "redacted", "retention_days": 7, "max_content_bytes": 4096, "max_db_mb": 100}
     longer = copy.deepcopy(log)
