@@ -6,7 +6,10 @@ body. A cache hit is none of these: a 200 to a POST whose body is bytes in memor
 is made here with what aiohttp would add (Content-Length, Date, the default Server, the
 Connection header for HTTP/1.0 keep-alive or HTTP/1.1 close) and the application's
 `on_response_prepare` signal (the Server header, rate-limit headers) runs as it would; the
-head goes out with the body in one write (aiohttp's `write_eof`, unchanged). It works under
+head is serialized by aiohttp's own serializer (which refuses a control character in a
+header: no header injection) and goes out with the body in one write straight to the
+transport: aiohttp's writer would only hold the head, join it to the body and count bytes
+(~2.5 % of a hit's instructions on the event loop). `write_eof` then finds the answer sent. It works under
 aiohttp's own server as under `http_connection`.
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.http_writer import _serialize_headers
 
 
 class ReadyResponse(web.Response):
@@ -30,7 +35,14 @@ class ReadyResponse(web.Response):
     async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
         writer, keep_alive = bind(self, request)
         self._headers[hdrs.CONTENT_LENGTH] = str(len(self._ready))
-        await write_head(self, request, writer, keep_alive)
+        head = _serialize_headers(await head_line(self, request, keep_alive), self._headers)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        transport.write(head + self._ready)  # one write, as aiohttp's writer joins them (Python < 3.12.9)
+        self._eof_sent = True  # `write_eof` has nothing left to do
+        self._body_length = len(self._ready)
+        self._req = self._payload_writer = None
         return writer
 
 
@@ -45,12 +57,9 @@ def bind(response: web.StreamResponse, request: web.BaseRequest) -> tuple[Abstra
     return writer, keep_alive
 
 
-async def write_head(
-    response: web.StreamResponse, request: web.BaseRequest, writer: AbstractStreamWriter, keep_alive: bool
-) -> None:
-    """The end of a `_start` that aiohttp's general one would have made: the Date, default
-    Server and Connection headers added, the `on_response_prepare` signal sent, the head
-    written to `writer` (held there until the body's first bytes, unless sent apart)."""
+async def head_line(response: web.StreamResponse, request: web.BaseRequest, keep_alive: bool) -> str:
+    """The Date, default Server and Connection headers added as aiohttp's general `_start`
+    adds them, the `on_response_prepare` signal sent; the status line."""
     version = request.version
     headers = response.headers
     if hdrs.DATE not in headers:
@@ -63,4 +72,12 @@ async def write_head(
         elif version == HttpVersion11:
             headers[hdrs.CONNECTION] = "close"
     await request._prepare_hook(response)
-    await writer.write_headers(f"HTTP/{version[0]}.{version[1]} {response.status} {response.reason}", headers)
+    return f"HTTP/{version[0]}.{version[1]} {response.status} {response.reason}"
+
+
+async def write_head(
+    response: web.StreamResponse, request: web.BaseRequest, writer: AbstractStreamWriter, keep_alive: bool
+) -> None:
+    """The end of a `_start` that aiohttp's general one would have made (`head_line`), the
+    head written to `writer` (held there until the body's first bytes, unless sent apart)."""
+    await writer.write_headers(await head_line(response, request, keep_alive), response.headers)

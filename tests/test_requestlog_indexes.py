@@ -1,0 +1,118 @@
+"""The request log's key and team indexes leave out requests without a key (or a team), and
+`/admin/requests?key=` / `?team=` (and a team key's own view) still find their rows through
+them; a database made by an earlier release has its full indexes replaced at start."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
+from edgeroute.requestlog import query
+from edgeroute.requestlog.settings import RequestLog
+from tests.test_requestlog import _synthetic
+
+
+class _Plans:
+    """A reader that answers each query and keeps its plan (SQLite's EXPLAIN QUERY PLAN)."""
+
+    dialect = "sqlite"
+
+    def __init__(self, db: SqliteBackend) -> None:
+        self.db = db
+        self.plans: list[str] = []
+
+    def query(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        if sql.startswith("SELECT") and "FROM requests" in sql:
+            self.plans.append(" | ".join(str(r[-1]) for r in self.db.query(f"EXPLAIN QUERY PLAN {sql}", params)))
+        return self.db.query(sql, params)
+
+
+def _filled(backend: SqliteBackend | PostgresBackend) -> float:
+    """60 requests in the last hour: a third of them (i % 3 == 1) without a key or a team."""
+    t0 = time.time() - 3600
+    recs = _synthetic(60, t0, random.Random(7))
+    for i, r in enumerate(recs):
+        if i % 3 == 1:
+            r.key = r.team = None
+    ledger = Ledger(backend, flush_interval=60, request_log=RequestLog())
+    for r in recs:
+        ledger.record(r)
+    ledger.close()
+    return t0
+
+
+def _ids(page: dict[str, Any]) -> set[str]:
+    return {r["id"] for r in page["data"]}
+
+
+def _expected(key: str | None = None, team: str | None = None) -> set[str]:
+    """The ids `_filled` gave that key or team (`_synthetic`: key k{i % 5}, team red/blue by parity)."""
+    return {
+        f"syn-{i}"
+        for i in range(60)
+        if i % 3 != 1 and (key is None or f"k{i % 5}" == key) and (team is None or ("red", "blue")[i % 2] == team)
+    }
+
+
+def test_key_and_team_filters_read_partial_indexes_without_keyless_requests(tmp_path: Path) -> None:
+    db = SqliteBackend(tmp_path / "l.db")
+    since = _filled(db)
+    reader = _Plans(db)
+    q = {"since": str(since - 1), "limit": "500"}
+    assert _ids(query.list_requests(reader, {**q, "key": "k2"})) == _expected(key="k2") != set()
+    assert "USING INDEX requests_by_key" in reader.plans[-1]
+    assert _ids(query.list_requests(reader, {**q, "team": "red"})) == _expected(team="red") != set()
+    assert "USING INDEX requests_by_team" in reader.plans[-1]
+    # A team key's view: its team's requests alone, keyless ones never among them.
+    assert _ids(query.list_requests(reader, q, tenant="red")) == _expected(team="red")
+    assert len(query.list_requests(reader, q)["data"]) == 60  # unfiltered, the keyless ones are there
+    conn = sqlite3.connect(tmp_path / "l.db")
+    partial = {name: bool(p) for _, name, _, _, p in conn.execute("PRAGMA index_list(requests)")}
+    assert partial["requests_by_key"] and partial["requests_by_team"]
+    assert "requests_key" not in partial and "requests_team" not in partial
+    conn.close()
+    db.close()
+
+
+def test_a_database_with_the_earlier_full_indexes_has_them_replaced_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    SqliteBackend(path).close()
+    conn = sqlite3.connect(path)  # as an earlier release left it
+    conn.execute("DROP INDEX requests_by_key")
+    conn.execute("DROP INDEX requests_by_team")
+    conn.execute("CREATE INDEX requests_key ON requests (key_id, ts)")
+    conn.execute("CREATE INDEX requests_team ON requests (team, ts)")
+    conn.commit()
+    conn.close()
+    db = SqliteBackend(path)
+    since = _filled(db)
+    names = {r[1] for r in sqlite3.connect(path).execute("PRAGMA index_list(requests)")}
+    assert {"requests_by_key", "requests_by_team"} <= names and not {"requests_key", "requests_team"} & names
+    page = query.list_requests(db, {"since": str(since - 1), "limit": "500", "key": "k4"})
+    assert _ids(page) == _expected(key="k4")
+    db.close()
+
+
+def test_postgres_key_and_team_indexes_are_partial_and_filters_find_their_rows(pg_schema_dsn: str) -> None:
+    db = PostgresBackend(pg_schema_dsn)
+    since = _filled(db)
+    defs = dict(
+        db.query(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'requests'",
+            [],
+        )
+    )
+    assert "WHERE (key_id IS NOT NULL)" in defs["requests_by_key"]
+    assert "WHERE (team IS NOT NULL)" in defs["requests_by_team"]
+    assert "requests_key" not in defs and "requests_team" not in defs
+    reader = PostgresBackend(pg_schema_dsn)
+    q = {"since": str(since - 1), "limit": "500"}
+    assert _ids(query.list_requests(reader, {**q, "key": "k1"})) == _expected(key="k1")
+    assert _ids(query.list_requests(reader, {**q, "team": "blue"})) == _expected(team="blue")
+    reader.close()
+    db.close()
