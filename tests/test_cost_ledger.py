@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import sqlite3
@@ -208,6 +209,36 @@ def test_sqlite_poison_row_is_set_aside_and_the_good_rows_are_written(
     assert "'cost_usd': 0.5" in line and "'key_id': 'k-poison'" in line
     assert "'started': nan" in _set_aside_logged(caplog, "no-date")
     assert _set_aside_logged(caplog, "poison-2")
+
+
+def test_sqlite_rows_go_many_to_a_statement_and_a_poison_row_among_them_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each executed INSERT lets go of the GIL around its step, and the event loop, which wants it
+    back after every system call, waited for it: a statement a row was a GIL handoff (futex,
+    context switches) per row on a host where the writer runs on another core. A batch's rows
+    go many to a statement; a rejected row among them still costs only itself."""
+    db = tmp_path / "many.db"
+    backend = SqliteBackend(db)
+    inserts: list[str] = []
+    backend._conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
+    ledger = Ledger(backend, flush_interval=60, request_log=RequestLog())
+    for i in range(100):
+        ledger.record(_record(i, key=f"k{i % 3}"))
+    assert ledger.flush() == 100
+    # a statement for each 32 rows of spend, attempts and requests (4 each), one for the rollups, ...
+    assert len(inserts) <= 15, collections.Counter(x[:30] for x in inserts)
+    backend._conn.set_trace_callback(None)
+    for i in range(100, 170):
+        ledger.record(_poison("poison-many") if i == 140 else _record(i))
+    assert ledger.flush() == 69
+    ledger.close()
+    assert _ids(db) == {f"req-{i}" for i in range(170) if i != 140}
+    assert _count(db, "SELECT COUNT(*) FROM spend_attempts") == 169
+    assert _count(db, "SELECT COUNT(*) FROM requests") == 169
+    assert _count(db, "SELECT SUM(requests) FROM request_rollups WHERE dim = 'none' AND res = 1") == 169
+    assert (ledger.written, ledger.set_aside, ledger.failed_batches) == (169, 1, 0)
+    assert "OverflowError" in _set_aside_logged(caplog, "poison-many")
 
 
 class _FlakyBackend:
