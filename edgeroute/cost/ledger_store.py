@@ -51,9 +51,6 @@ ATTEMPT_COLUMNS = (
 )  # fmt: skip
 JOURNAL_COLUMNS = ("row_id", "request_id", "ts", "store_key", "amount_nano")
 CHUNK_ROWS = 32  # rows (or records made into rows) between the writer's rests: well under its CPU slice
-# SQLite's statements of 2 to `CHUNK_ROWS` rows, for the five tables a batch fills: all of
-# them stay prepared (the connection's cache) and their text built (`_many_rows`).
-_MANY_STATEMENTS = 5 * CHUNK_ROWS
 
 _BODY = """
     request_id TEXT NOT NULL,
@@ -229,10 +226,17 @@ class _Statements:
     def _insert(self, cur: Any, sql: str, rows: list[Row], rest: Callable[[], None]) -> None:
         for i in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[i : i + CHUNK_ROWS]
-            if len(chunk) > 1 and len(chunk) * len(chunk[0]) <= self.many:
-                cur.execute(_many_rows(sql, len(chunk)), tuple(itertools.chain.from_iterable(chunk)))
-            else:
+            if len(chunk) == 1 or len(chunk) * len(chunk[0]) > self.many:
                 cur.executemany(sql, chunk)
+            else:
+                # In pieces of 32, 16, 8, 4, 2 and 1 rows: five statements a table stay prepared
+                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB).
+                at = 0
+                while at < len(chunk):
+                    n = 1 << (len(chunk) - at).bit_length() - 1
+                    piece = chunk[at : at + n]
+                    cur.execute(_many_rows(sql, n) if n > 1 else sql, tuple(itertools.chain.from_iterable(piece)))
+                    at += n
             rest()
 
     def run(
@@ -265,7 +269,7 @@ class _Statements:
                 cur.execute(sql)
 
 
-@functools.lru_cache(maxsize=_MANY_STATEMENTS)
+@functools.lru_cache(maxsize=64)
 def _many_rows(sql: str, n: int) -> str:
     """The single-row `INSERT ... VALUES (?, ...) ...` `sql` made to insert `n` rows at once.
 
@@ -305,9 +309,7 @@ class SqliteBackend:
         # No checkpoint inside a commit: SQLite's automatic one (every 1,000 WAL pages) made
         # every few commits 5-7 ms of CPU in one piece. The writer checkpoints after each
         # batch instead, in a slice of its own (~1.3 ms at 1,000 req/s), see `checkpoint`.
-        conn = sqlite_wal.connect(
-            self.path, check_same_thread=False, timeout=10, cached_statements=_MANY_STATEMENTS + 64
-        )
+        conn = sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
         conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
