@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.config import Price
 from edgeroute.cost.ledger import Ledger
-from edgeroute.cost.ledger_store import Batch, PostgresBackend, SqliteBackend, rejects_row
+from edgeroute.cost.ledger_store import Batch, PostgresBackend, SqliteBackend, _many_rows, rejects_row
 from edgeroute.cost.writer_breath import Breather, never
 from edgeroute.requestlog.settings import RequestLog
 from tests.perf import Perf
@@ -208,6 +209,51 @@ def test_sqlite_poison_row_is_set_aside_and_the_good_rows_are_written(
     assert "'cost_usd': 0.5" in line and "'key_id': 'k-poison'" in line
     assert "'started': nan" in _set_aside_logged(caplog, "no-date")
     assert _set_aside_logged(caplog, "poison-2")
+
+
+def test_sqlite_rows_go_many_to_a_statement_and_a_poison_row_among_them_is_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each executed INSERT lets go of the GIL around its step, and the event loop, which wants it
+    back after every system call, waited for it: a statement a row was a GIL handoff (futex,
+    context switches) per row on a host where the writer runs on another core. A batch's rows
+    go many to a statement; a rejected row among them still costs only itself."""
+    db = tmp_path / "many.db"
+    backend = SqliteBackend(db)
+    inserts: list[str] = []
+    backend._conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
+    ledger = Ledger(backend, flush_interval=60, request_log=RequestLog())
+    for i in range(100):
+        ledger.record(_record(i, key=f"k{i % 3}"))
+    assert ledger.flush() == 100
+    # spend, attempts, requests: 32 + 32 + 32 + 4 rows, 4 statements each; the 19 rollups: 16 + 2 + 1
+    assert len(inserts) <= 17, collections.Counter(x[:30] for x in inserts)
+    backend._conn.set_trace_callback(None)
+    for i in range(100, 170):
+        ledger.record(_poison("poison-many") if i == 140 else _record(i))
+    assert ledger.flush() == 69
+    ledger.close()
+    assert _ids(db) == {f"req-{i}" for i in range(170) if i != 140}
+    assert _count(db, "SELECT COUNT(*) FROM spend_attempts") == 169
+    assert _count(db, "SELECT COUNT(*) FROM requests") == 169
+    assert _count(db, "SELECT SUM(requests) FROM request_rollups WHERE dim = 'none' AND res = 1") == 169
+    assert (ledger.written, ledger.set_aside, ledger.failed_batches) == (169, 1, 0)
+    assert "OverflowError" in _set_aside_logged(caplog, "poison-many")
+
+
+def test_sqlite_batches_of_every_size_keep_few_statements_prepared(tmp_path: Path) -> None:
+    """A statement for each number of rows up to 32 kept 155 prepared statements (19 MB a
+    worker); batches of any size use pieces of 32, 16, 8, 4, 2 rows and single rows."""
+    ledger = Ledger(SqliteBackend(tmp_path / "sizes.db"), flush_interval=60, request_log=RequestLog())
+    n = 0
+    for size in range(1, 70):
+        for _ in range(size):
+            ledger.record(_record(n, key=f"k{n % 40}"))
+            n += 1
+        assert ledger.flush() == size
+    ledger.close()
+    assert _count(tmp_path / "sizes.db", "SELECT COUNT(*) FROM requests") == n
+    assert _many_rows.cache_info().currsize <= 5 * 4  # five tables, four sizes over one row
 
 
 class _FlakyBackend:

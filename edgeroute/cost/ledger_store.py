@@ -9,6 +9,8 @@ and what it does when a store fails, is `ledger.py`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import sqlite3
 import stat
@@ -205,6 +207,9 @@ class _Statements:
     outcomes: dict[str, str]
     # The batch's rollup rows, added in by these (in order; the first takes the rows).
     rollup: tuple[str, ...]
+    # SQLite: a chunk's rows go in one statement (`_many_rows`) binding at most this many
+    # values (the connection's limit); 0: one statement a row.
+    many: int = 0
 
     @classmethod
     def for_mark(cls, mark: str, dialect: str) -> _Statements:
@@ -217,6 +222,22 @@ class _Statements:
             requestlog_outcomes.insert_sql(mark),
             tuple(rollup.batch_sql(mark, dialect)),
         )
+
+    def _insert(self, cur: Any, sql: str, rows: list[Row], rest: Callable[[], None]) -> None:
+        for i in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[i : i + CHUNK_ROWS]
+            if len(chunk) == 1 or len(chunk) * len(chunk[0]) > self.many:
+                cur.executemany(sql, chunk)
+            else:
+                # In pieces of 32, 16, 8, 4, 2 and 1 rows: five statements a table stay prepared
+                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB).
+                at = 0
+                while at < len(chunk):
+                    n = 1 << (len(chunk) - at).bit_length() - 1
+                    piece = chunk[at : at + n]
+                    cur.execute(_many_rows(sql, n) if n > 1 else sql, tuple(itertools.chain.from_iterable(piece)))
+                    at += n
+            rest()
 
     def run(
         self,
@@ -235,21 +256,31 @@ class _Statements:
         for sql, rows in (
             (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal),
         ):  # fmt: skip
-            for i in range(0, len(rows), CHUNK_ROWS):
-                cur.executemany(sql, rows[i : i + CHUNK_ROWS])
-                rest()
+            self._insert(cur, sql, rows, rest)
         for table, rows in requestlog_outcomes.group(b.outcomes).items():
             cur.executemany(self.outcomes[table], rows)
         if b.rollup:
             insert, *then = self.rollup
             if stage is None:
-                for i in range(0, len(b.rollup), CHUNK_ROWS):
-                    cur.executemany(insert, b.rollup[i : i + CHUNK_ROWS])
-                    rest()
+                self._insert(cur, insert, b.rollup, rest)
             else:
                 stage(cur, b.rollup)
             for sql in then:
                 cur.execute(sql)
+
+
+@functools.lru_cache(maxsize=64)
+def _many_rows(sql: str, n: int) -> str:
+    """The single-row `INSERT ... VALUES (?, ...) ...` `sql` made to insert `n` rows at once.
+
+    Why: CPython's sqlite3 lets go of the GIL around every step, so `executemany` handed the
+    GIL over once a row; where the writer thread runs on another core than the event loop
+    (workers not pinned), the loop, which takes the GIL back after each of its system calls,
+    waited for it: 2.1-3.0 futex calls a proxied request with two workers, 1.3-1.5 with rows
+    many to a statement. The same rows, bound the same way."""
+    head, values, tail = sql.partition(" VALUES ")
+    row, close, rest = tail.partition(")")
+    return f"{head}{values}{', '.join([row + close] * n)}{rest}"
 
 
 class SqliteBackend:
@@ -268,7 +299,9 @@ class SqliteBackend:
             self._conn.execute(stmt)
         self._conn.execute(rollup.SPREAD_SCHEMA)
         self._conn.commit()
-        self._sql = _Statements.for_mark("?", self.dialect)
+        # SQLite before 3.32 binds at most 999 values a statement (a rollup row has 210)
+        most = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self._sql = dataclasses.replace(_Statements.for_mark("?", self.dialect), many=most)
         self._spread = rollup.spread_sql("?", self.dialect)
         self._checkpoint_told = -1e9
 

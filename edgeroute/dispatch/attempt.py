@@ -27,6 +27,7 @@ from edgeroute import _core, redact, sse
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.config import Timeouts
 from edgeroute.cost.received import received_usage
+from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.stream_usage import with_stream_usage
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -230,7 +231,7 @@ class Attempts:
         try:
             loop = self.loop
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
-            async with asyncio.timeout(min(self.timeouts.first_byte, self._remaining())) as deadline:
+            async with Deadline(loop, loop.time() + min(self.timeouts.first_byte, self._remaining())) as deadline:
                 resp = await up.client.request("POST", req.url, req.headers, req.body, lambda: reached.append(True))
                 rec.status = resp.status
                 if 300 <= resp.status < 400:

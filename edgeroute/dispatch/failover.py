@@ -39,34 +39,33 @@ class Call(Attempts):
     _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
 
     def policy(self) -> FailoverPolicy:
-        """The failover policy for this request, from the live config and the decision."""
+        """The failover policy for this request, from the live config and the decision (its
+        questions are this call's methods: no closures made per request)."""
         live, decision = self.live, self.decision
-        model = live.config.models[decision.route]
         retry = live.config.retry
-        settings = Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s)
-        router = self.router
-        served_at = live.served_at
-        capacity = live.capacity
-        rank = decision.priority
-
-        def is_full(index: int) -> bool:
-            return index != self.granted and (index in self._full_elsewhere or capacity.full(index, rank))
-
-        def serving(index: int) -> bool:
-            return time.monotonic() - served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
-
         return FailoverPolicy(
             decision.model,
-            model.deployments,
-            settings,
+            live.config.models[decision.route].deployments,
+            Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s),
             fallbacks_on=self._fallback_deployments,
             allowed=self._allowed,
-            is_open=lambda i: router.health(i)["circuit"] == "open",
-            try_retry=router.try_retry,
+            is_open=self._is_open,
+            try_retry=self.router.try_retry,
             remaining=self._remaining,
-            serving=serving,
-            is_full=is_full if capacity.bounded else None,
+            serving=self._serving,
+            is_full=self._is_full if live.capacity.bounded else None,
         )
+
+    def _is_full(self, index: int) -> bool:
+        return index != self.granted and (
+            index in self._full_elsewhere or self.live.capacity.full(index, self.decision.priority)
+        )
+
+    def _serving(self, index: int) -> bool:
+        return time.monotonic() - self.live.served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
+
+    def _is_open(self, index: int) -> bool:
+        return self.router.health(index)["circuit"] == "open"
 
     def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
         """The deployments of the models `fallbacks_on` names under `key`, in order."""

@@ -96,6 +96,11 @@ class Settings:
 class FailoverPolicy:
     """Answers the loop's questions for one request (see the module docstring)."""
 
+    __slots__ = (
+        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_serving", "_try_retry", "model",
+        "own", "settings",
+    )  # fmt: skip
+
     def __init__(
         self,
         model: str,
