@@ -234,9 +234,12 @@ mod tests {
 
     use super::*;
 
-    /// Every (needle, start) the dense walk reports, and every one aho-corasick's own
+    /// Occurrences: (needle, start).
+    type Found = BTreeSet<(usize, usize)>;
+
+    /// Every occurrence the dense walk reports, and every one aho-corasick's own
     /// overlapping search finds.
-    fn both(needles: &[Vec<u8>], text: &[u8]) -> (BTreeSet<(usize, usize)>, BTreeSet<(usize, usize)>) {
+    fn both(needles: &[Vec<u8>], text: &[u8]) -> (Found, Found) {
         let mut got = BTreeSet::new();
         Needles::new(needles).unwrap().find(text, |n, start| {
             got.insert((n, start));
