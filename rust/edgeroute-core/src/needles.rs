@@ -12,6 +12,7 @@
 //! pointers to the stack.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::dfa::DFA;
@@ -53,6 +54,27 @@ pub struct Needles {
     overlap: usize,
 }
 
+/// Hashes a state id (one `u32`) with a multiplication; SipHash made numbering the states
+/// most of the time a keyword list takes to compile.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // The product's high bits depend on all of the id's: ids are multiples of a row's
+        // length, so its low bits are zeros.
+        self.0.rotate_left(26)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u32(u32::from(b));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ u64::from(n)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 impl Needles {
     /// Compiles `needles` (matched ASCII case-insensitively).
     pub fn new(needles: &[Vec<u8>]) -> Result<Self> {
@@ -66,14 +88,36 @@ impl Needles {
             .build(needles)
             .map_err(|e| err(&e))?;
         let start = dfa.start_state(Anchored::No).map_err(|e| err(&e))?;
+        // Bytes that match the same needle bytes (an ASCII letter and its other case; any
+        // two bytes in no needle) lead every state to the same state: a class each, whose
+        // transitions are read from one byte of it.
+        let mut present = [false; 256];
+        for &b in needles.iter().flatten() {
+            present[usize::from(b.to_ascii_lowercase())] = true;
+        }
+        let (mut classes, mut reps) = ([0u8; 256], Vec::new());
+        let (mut by_folded, mut absent) = ([None::<u8>; 256], None);
+        for byte in 0..=255u8 {
+            let folded = usize::from(byte.to_ascii_lowercase());
+            let class = if present[folded] {
+                &mut by_folded[folded]
+            } else {
+                &mut absent
+            };
+            classes[usize::from(byte)] = *class.get_or_insert_with(|| {
+                reps.push(byte);
+                (reps.len() - 1) as u8 // at most 256 classes, numbered 0..=255
+            });
+        }
         // The states reachable from the start, numbered in the order they are found, and
-        // their transitions on each of the 256 bytes.
+        // their transitions on each class.
         let mut states = vec![start];
-        let mut number: HashMap<StateID, u32> = HashMap::from([(start, 0)]);
+        let mut number: HashMap<StateID, u32, BuildHasherDefault<IdHasher>> = HashMap::default();
+        number.insert(start, 0);
         let mut next: Vec<u32> = Vec::new();
         let mut i = 0;
         while let Some(&sid) = states.get(i) {
-            for byte in 0..=255u8 {
+            for &byte in &reps {
                 let to = dfa.next_state(Anchored::No, sid, byte);
                 let fresh = states.len() as u32;
                 next.push(*number.entry(to).or_insert_with(|| {
@@ -83,22 +127,11 @@ impl Needles {
             }
             i += 1;
         }
-        // Bytes that lead every state to the same state share a column.
-        let mut column: HashMap<Vec<u32>, u8> = HashMap::new();
-        let mut classes = [0u8; 256];
-        for (byte, class) in classes.iter_mut().enumerate() {
-            let col: Vec<u32> = (0..states.len()).map(|s| next[s * 256 + byte]).collect();
-            let fresh = column.len() as u8; // at most 256 columns, numbered 0..=255
-            *class = *column.entry(col).or_insert(fresh);
-        }
         let raw = (states.len() << 8).next_power_of_two() <= RAW_ENTRIES;
-        if raw {
-            classes = std::array::from_fn(|byte| byte as u8);
-        }
         let shift = if raw {
             8
         } else {
-            column.len().next_power_of_two().trailing_zeros()
+            reps.len().next_power_of_two().trailing_zeros()
         };
         let len = (states.len() << shift).next_power_of_two();
         if len > MATCH as usize {
@@ -106,10 +139,20 @@ impl Needles {
         }
         let entry = |s: u32| (s << shift) | if dfa.is_match(states[s as usize]) { MATCH } else { 0 };
         let mut table = vec![0u32; len].into_boxed_slice();
-        for (s, row) in next.chunks_exact(256).enumerate() {
-            for (byte, &to) in row.iter().enumerate() {
-                table[(s << shift) + usize::from(classes[byte])] = entry(to);
+        for (s, row) in next.chunks_exact(reps.len()).enumerate() {
+            let at = s << shift;
+            if raw {
+                for (byte, &class) in classes.iter().enumerate() {
+                    table[at + byte] = entry(row[usize::from(class)]);
+                }
+            } else {
+                for (class, &to) in row.iter().enumerate() {
+                    table[at + class] = entry(to);
+                }
             }
+        }
+        if raw {
+            classes = std::array::from_fn(|byte| byte as u8);
         }
         let (mut ends_at, mut ends) = (Vec::with_capacity(states.len() + 1), Vec::new());
         for &sid in &states {
