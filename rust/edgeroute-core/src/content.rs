@@ -14,21 +14,15 @@
 
 use std::collections::HashMap;
 
-use aho_corasick::automaton::{Automaton, StateID};
-use aho_corasick::dfa::DFA;
-use aho_corasick::{Anchored as AcAnchored, MatchKind};
 use regex::RegexSet;
 use regex_automata::{meta, Anchored, Input};
 use regex_syntax::hir::literal::Extractor;
 
 use crate::error::{CoreError, Result};
+use crate::needles::Needles;
 
 /// Shorter literals would hit too often in ordinary prose to be worth gating on.
 const MIN_LITERAL: usize = 3;
-/// Texts shorter than this are walked in one slice (see [`walk`]).
-const SHORT_TEXT: usize = 512;
-/// Slices of a longer text walked at once.
-const LANES: usize = 4;
 /// Beyond this many distinct lowercased prefixes, the pattern stays in the set.
 const MAX_LITERALS: usize = 64;
 /// Classes up to this size (case pairs such as `[Kk\u{212A}]`) expand into
@@ -40,7 +34,7 @@ const MAX_CLASS: usize = 4;
 #[derive(Debug)]
 pub struct ContentMatcher {
     /// Lowercased needles: every keyword and every gated pattern's literal prefixes.
-    needles: Option<DFA>,
+    needles: Option<Needles>,
     /// Per needle, the keywords it is.
     needle_keywords: Vec<Vec<usize>>,
     /// Per needle, the gated patterns that may start with it.
@@ -50,8 +44,6 @@ pub struct ContentMatcher {
     /// The patterns without literal prefixes, and their ids.
     ungated: Option<(RegexSet, Vec<usize>)>,
     keywords: usize,
-    /// The longest needle's length less one: how far walked slices overlap.
-    overlap: usize,
 }
 
 /// Which keywords and gated patterns occur in a text.
@@ -109,20 +101,10 @@ impl ContentMatcher {
                 needle_patterns[n].push(id);
             }
         }
-        let overlap = needles.iter().map(Vec::len).max().unwrap_or(1).saturating_sub(1);
         let automaton = if needles.is_empty() {
             None
         } else {
-            Some(
-                // Every occurrence of every needle is wanted, so no prefilter can
-                // skip ahead: a DFA walked byte by byte (see `scan`) is the floor.
-                DFA::builder()
-                    .match_kind(MatchKind::Standard)
-                    .prefilter(false)
-                    .ascii_case_insensitive(true)
-                    .build(&needles)
-                    .map_err(|e| CoreError::Config(format!("keywords: {e}")))?,
-            )
+            Some(Needles::new(&needles)?)
         };
         let ungated = if ungated_text.is_empty() {
             None
@@ -137,7 +119,6 @@ impl ContentMatcher {
             gated,
             ungated,
             keywords: keywords.len(),
-            overlap,
         })
     }
 
@@ -147,19 +128,8 @@ impl ContentMatcher {
             keywords: vec![false; self.keywords],
             patterns: vec![false; self.gated.len()],
         };
-        let Some(dfa) = &self.needles else { return hits };
-        let bytes = text.as_bytes();
-        let mut found = |sid: StateID, end: usize| {
-            for m in 0..dfa.match_len(sid) {
-                let n = dfa.match_pattern(sid, m);
-                self.hit(n.as_usize(), text, end - dfa.pattern_len(n), &mut hits);
-            }
-        };
-        if bytes.len() < SHORT_TEXT {
-            walk::<1>(dfa, bytes, self.overlap, &mut found);
-        } else {
-            walk::<LANES>(dfa, bytes, self.overlap, &mut found);
-        }
+        let Some(needles) = &self.needles else { return hits };
+        needles.find(text.as_bytes(), |n, start| self.hit(n, text, start, &mut hits));
         hits
     }
 
@@ -189,55 +159,6 @@ impl ContentMatcher {
             }
         }
         hits
-    }
-}
-
-/// Walks the DFA over `bytes` in `L` slices at once, calling `found` with each match
-/// state and the offset just past it.
-///
-/// One walk is a chain of dependent table loads, bound by load latency (about five
-/// cycles a byte) rather than by instructions; independent walks over `L` slices,
-/// interleaved step by step, overlap in the CPU (on the bench's 10 kB prompt the
-/// whole decision went from 20.9 to 13.7 µs with four; two give most of it, eight
-/// spill registers). With four slices instructions count as well: the slices' steps
-/// are taken over their common length as one unit, with one branch for a match in any
-/// of them (a branch per slice and byte made the bench's scan 21 instructions a byte;
-/// now 11). Each slice starts `overlap` bytes
-/// (the longest needle less one) before the previous one ends, so a needle that
-/// crosses a boundary lies whole in the next slice; a needle seen by two slices is
-/// reported twice, which marking hits makes harmless.
-fn walk<const L: usize>(dfa: &DFA, bytes: &[u8], overlap: usize, found: &mut impl FnMut(StateID, usize)) {
-    let n = bytes.len();
-    let width = n.div_ceil(L);
-    let from: [usize; L] = std::array::from_fn(|j| (j * width).saturating_sub(overlap));
-    let to: [usize; L] = std::array::from_fn(|j| ((j + 1) * width).min(n));
-    let common = (0..L).map(|j| to[j].saturating_sub(from[j])).min().unwrap_or(0);
-    let mut sid = [dfa.start_state(AcAnchored::No).expect("unanchored DFA"); L];
-    // The slices' first `common` bytes, in lockstep. Without a prefilter only match (and
-    // dead) states are special: one compare per slice a step, tested together.
-    let lanes: [&[u8]; L] = std::array::from_fn(|j| &bytes[from[j]..from[j] + common]);
-    for k in 0..common {
-        let mut special = false;
-        for (s, lane) in sid.iter_mut().zip(&lanes) {
-            *s = dfa.next_state(AcAnchored::No, *s, lane[k]);
-            special |= dfa.is_special(*s);
-        }
-        if special {
-            for (&s, start) in sid.iter().zip(from) {
-                if dfa.is_match(s) {
-                    found(s, start + k + 1);
-                }
-            }
-        }
-    }
-    for (j, (start, end)) in from.iter().zip(to).enumerate() {
-        let mut s = sid[j];
-        for (i, &byte) in bytes.iter().enumerate().take(end).skip(start + common) {
-            s = dfa.next_state(AcAnchored::No, s, byte);
-            if dfa.is_special(s) && dfa.is_match(s) {
-                found(s, i + 1);
-            }
-        }
     }
 }
 

@@ -39,6 +39,7 @@ pub mod error;
 pub mod health;
 pub mod hedge;
 pub mod json_text;
+mod needles;
 pub mod pii;
 pub mod policy;
 pub mod pretokenize;

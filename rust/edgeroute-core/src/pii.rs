@@ -126,7 +126,13 @@ fn numeric_runs(text: &str, min_digits: usize, mut f: impl FnMut(&str) -> bool) 
     let mut i = 0;
     while i < bytes.len() {
         let block = &bytes[i..bytes.len().min(i + 64)];
-        if !block.iter().fold(false, |acc, b| acc | b.is_ascii_digit()) {
+        // A whole block as an array: its test is four vector compares, without the loop and
+        // remainder a slice of unknown length takes (1.1 instructions a byte; now 0.4).
+        let digit = match block.first_chunk::<64>() {
+            Some(whole) => whole.iter().fold(false, |acc, b| acc | b.is_ascii_digit()),
+            None => block.iter().any(u8::is_ascii_digit),
+        };
+        if !digit {
             i += block.len();
             continue;
         }
@@ -339,9 +345,24 @@ fn next_fold_lead(bytes: &[u8], from: usize) -> Option<usize> {
         .map(|d| from + rest.len() - tail.len() + d)
 }
 
+/// Whether `text` has a character [`fold_char`] maps: its lead bytes are searched for with
+/// memchr (SIMD, about a quarter of an instruction a byte for each of three searches), and
+/// each one found is decoded. Testing each 64-byte block for any of the seven lead bytes
+/// cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has none to map.
+fn has_foldable(text: &str) -> bool {
+    let maps = |i: usize| text[i..].chars().next().and_then(fold_char).is_some();
+    let bytes = text.as_bytes();
+    memchr::memchr3_iter(0xE1, 0xE2, 0xE3, bytes).any(maps)
+        || memchr::memchr3_iter(0xC2, 0xD9, 0xDB, bytes).any(maps)
+        || memchr::memchr_iter(0xEF, bytes).any(maps)
+}
+
 /// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
 /// an ASCII text (most prompts) is found to be at memchr speed.
 pub fn fold(text: &str) -> Option<String> {
+    if !has_foldable(text) {
+        return None;
+    }
     let bytes = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
@@ -762,6 +783,17 @@ mod tests {
         "example.com",
         "\n",
     ];
+
+    #[test]
+    fn the_search_for_characters_to_fold_misses_none() {
+        // Every character below U+10000 (and a few above), alone and amid text that has lead
+        // bytes of characters that do not fold (`✅`, `é`, CJK).
+        for c in (0x80..0x10000u32).chain([0x1F680, 0x10FFFF]).filter_map(char::from_u32) {
+            for text in [c.to_string(), format!("✅é数{c}a")] {
+                assert_eq!(has_foldable(&text), fold_char(c).is_some(), "{c:?}");
+            }
+        }
+    }
 
     #[test]
     fn fold_maps_each_tricky_character_as_the_reference_does() {
