@@ -3,10 +3,10 @@
 A request can name what the provider account behind a deployment stores: a file (chat's
 `{"type": "file", "file": {"file_id": …}}`, a Responses `input_file` / `input_image`, an
 Anthropic `document` or `image` whose source is `{"type": "file"}`, a `container_upload`, a
-code interpreter container's `file_ids`) or a vector store (a `file_search` tool's
-`vector_store_ids`). That account is shared by every tenant of the gateway, and edgeroute
-relays no upload (`/v1/files`): no such id was given to a tenant through it, so none can be
-confined to one. A tenant holding another's id (from a log, a shared transcript) had the
+code interpreter container's `file_ids`, a stored prompt's `variables`) or a vector store (a
+`file_search` tool's `vector_store_ids`). That account is shared by every tenant of the gateway,
+and edgeroute relays no upload (`/v1/files`): no such id was given to a tenant through it, so
+none can be confined to one. A tenant holding another's id (from a log, a shared transcript) had the
 model read that file. With tenants (virtual keys) such a request is a 400 naming where, before
 any call, unless the operator says the account's files are for everyone
 (`server.provider_files: shared`). Without virtual keys there is one tenant: nothing is checked.
@@ -30,7 +30,7 @@ _NAMES = ("file_id", "file_ids", "vector_store_ids")
 # Where such an id can sit: content lists and parts, and the tools that carry them. A dict
 # under another key (a tool's `parameters` or `input_schema`, a tool call's `input`,
 # `metadata`) is the application's own.
-_INTO = frozenset({"messages", "input", "content", "output", "source", "file", "tools", "container"})
+_INTO = frozenset({"messages", "input", "content", "output", "source", "file", "tools", "container", "prompt"})
 THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
 
 
@@ -52,6 +52,11 @@ def _named(value: Any, path: str) -> str | None:
         if key in _INTO and (isinstance(v, list) or (isinstance(v, dict) and key != "input")):
             if (found := _named(v, f"{path}.{key}" if path else key)) is not None:
                 return found
+        # A stored prompt's variables (Responses `prompt.variables`) are input parts by name.
+        if key == "variables" and path == "prompt" and isinstance(v, dict):
+            for name, part in v.items():
+                if (found := _named(part, f"prompt.variables.{name}")) is not None:
+                    return found
     return None
 
 

@@ -52,6 +52,13 @@ RESPONSES_NAMED = [
         },
         "tools[0].container.file_ids",
     ),
+    (
+        {
+            "input": "summarise",
+            "prompt": {"id": "pmpt_1", "variables": {"report": {"type": "input_file", "file_id": "file-bobs"}}},
+        },
+        "prompt.variables.report.file_id",
+    ),
 ]
 
 
