@@ -3,17 +3,18 @@
 A request can name what the provider account behind a deployment stores: a file (chat's
 `{"type": "file", "file": {"file_id": …}}`, a Responses `input_file` / `input_image`, an
 Anthropic `document` or `image` whose source is `{"type": "file"}`, a `container_upload`, a
-code interpreter container's `file_ids`) or a vector store (a `file_search` tool's
-`vector_store_ids`). That account is shared by every tenant of the gateway, and edgeroute
-relays no upload (`/v1/files`): no such id was given to a tenant through it, so none can be
+code interpreter container's `file_ids`, a stored prompt's `variables`), a vector store (a
+`file_search` tool's `vector_store_ids`) or an Anthropic container's custom skill (`skill_id`).
+That account is shared by every tenant of the gateway, and edgeroute relays no upload
+(`/v1/files`, `/v1/skills`): no such id was given to a tenant through it, so none can be
 confined to one. A tenant holding another's id (from a log, a shared transcript) had the
 model read that file. With tenants (virtual keys) such a request is a 400 naming where, before
 any call, unless the operator says the account's files are for everyone
 (`server.provider_files: shared`). Without virtual keys there is one tenant: nothing is checked.
 
 Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
-a `file_id` of the application's own). A body without either key's name, and without a backslash-u
-escape that could spell one, is not parsed.
+a `file_id` of the application's own). A body without any of these keys' names, and without a
+backslash-u escape that could spell one, is not parsed.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import orjson
 
 from edgeroute.errors import ProxyError
 
-_MARKERS = (b"file_id", b"vector_store_ids")  # the first finds `file_ids` too
+_MARKERS = (b"file_id", b"vector_store_ids", b"skill_id")  # the first finds `file_ids` too
 _NAMES = ("file_id", "file_ids", "vector_store_ids")
 # Where such an id can sit: content lists and parts, and the tools that carry them. A dict
 # under another key (a tool's `parameters` or `input_schema`, a tool call's `input`,
 # `metadata`) is the application's own.
-_INTO = frozenset({"messages", "input", "content", "output", "source", "file", "tools", "container"})
+_INTO = frozenset(
+    {"messages", "input", "content", "output", "source", "file", "tools", "container", "prompt", "skills"}
+)
+_OWN_SKILLS = "anthropic"  # a `container.skills` entry of this type is the provider's own (`xlsx`, `pdf`)
 THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
 
 
@@ -47,11 +51,21 @@ def _named(value: Any, path: str) -> str | None:
         got = value.get(name)
         if (name == "file_id" and isinstance(got, str) and got) or (isinstance(got, list) and got):
             return f"{path}.{name}" if path else name
+    # An Anthropic container's custom skill (`{"type": "custom", "skill_id": ...}`) is code and
+    # files uploaded to the account (`/v1/skills`), as a file is.
+    if path.endswith("]") and ".skills[" in path and value.get("type") != _OWN_SKILLS:
+        if isinstance(value.get("skill_id"), str) and value["skill_id"]:
+            return f"{path}.skill_id"
     for key, v in value.items():
         # A top-level `input` is a list (Responses); a tool call's `input` is its arguments.
         if key in _INTO and (isinstance(v, list) or (isinstance(v, dict) and key != "input")):
             if (found := _named(v, f"{path}.{key}" if path else key)) is not None:
                 return found
+        # A stored prompt's variables (Responses `prompt.variables`) are input parts by name.
+        if key == "variables" and path == "prompt" and isinstance(v, dict):
+            for name, part in v.items():
+                if (found := _named(part, f"prompt.variables.{name}")) is not None:
+                    return found
     return None
 
 
@@ -65,15 +79,19 @@ def check(body: bytes) -> None:
     except orjson.JSONDecodeError:
         return  # the endpoint answers a body that is not JSON
     found = _named(obj, "")
-    if found is not None:
-        raise ProxyError(
-            400,
-            f"'{found}' names a file or vector store kept at the provider, which edgeroute cannot confine to this "
-            "key's tenant: send the file's content instead (file_data, base64), or ask the operator to allow "
-            "provider files (server.provider_files: shared).",
-            param=found,
-            code="provider_file_refused",
-        )
+    if found is None:
+        return
+    if found.endswith(".skill_id"):
+        what, instead = "a custom skill", "use Anthropic's own skills"
+    else:
+        what, instead = "a file or vector store", "send the file's content instead (file_data, base64)"
+    raise ProxyError(
+        400,
+        f"'{found}' names {what} kept at the provider, which edgeroute cannot confine to this key's tenant: "
+        f"{instead}, or ask the operator to allow provider files (server.provider_files: shared).",
+        param=found,
+        code="provider_file_refused",
+    )
 
 
 async def refuse_named(body: bytes) -> None:

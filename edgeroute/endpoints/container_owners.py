@@ -3,8 +3,9 @@
 A code execution tool (Anthropic's `code_execution_*`, a Responses `code_interpreter`) runs
 in a container at the provider, in the account every tenant of the gateway shares; the
 container keeps the files written in it, and a later request names it by id to go on with
-them (Anthropic's `container`, a Responses tool's `container`). So each container id an
-answer gives back is bound to who made the request (the same owner as a Responses id,
+them (Anthropic's `container`, a Responses code interpreter's `container`, a shell's
+`environment`, or a call sent back as input, whose container a tool in auto mode goes on in).
+So each container id an answer gives back is bound to who made the request (the same owner as a Responses id,
 `responses_owners.owner_of`), in the same table (`gov_response_owners`, under a `container:`
 prefix: SQLite or PostgreSQL, shared by workers and instances, kept across restarts). A
 request naming a container bound to someone else, or to no one, is answered the provider's
@@ -85,14 +86,38 @@ def anthropic_container(obj: Any) -> str | None:
     return cid if isinstance(cid, str) else None
 
 
-def responses_containers(output: Any) -> set[str]:
-    """The containers a Response's output items ran in (a code interpreter's `container_id`)."""
-    found = set()
-    for item in output if isinstance(output, list) else ():
-        cid = item.get("container_id") if isinstance(item, dict) else None
-        if isinstance(cid, str):
-            found.add(cid)
+def item_container(item: Any) -> str | None:
+    """The container a Responses item or tool names: a code interpreter call's `container_id`, a
+    shell's `environment` (`{"type": "container_reference", "container_id": ...}`)."""
+    if not isinstance(item, dict):
+        return None
+    env = item.get("environment")
+    cid = item.get("container_id", env.get("container_id") if isinstance(env, dict) else None)
+    return cid if isinstance(cid, str) else None
+
+
+def responses_named(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """The containers a Responses request names by id, with where: a code interpreter tool's
+    `container`, a shell tool's `environment`, and the items sent back as input (a tool in auto
+    mode goes on in the container of a call in its context)."""
+    found = []
+    tools, items = raw.get("tools"), raw.get("input")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if isinstance(tool, dict) and isinstance(tool.get("container"), str):
+            found.append((tool["container"], f"tools[{i}].container"))
+        elif (cid := item_container(tool)) is not None:
+            found.append((cid, f"tools[{i}].environment.container_id"))
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if (cid := item_container(item)) is not None:
+            where = "container_id" if isinstance(item.get("container_id"), str) else "environment.container_id"
+            found.append((cid, f"input[{i}].{where}"))
     return found
+
+
+def responses_containers(output: Any) -> set[str]:
+    """The containers a Response's output items ran in (a code interpreter's `container_id`, a
+    shell call's `environment`)."""
+    return {cid for item in (output if isinstance(output, list) else ()) if (cid := item_container(item))}
 
 
 def json_containers(got: JsonAnswer | StreamAnswer) -> set[str]:

@@ -197,11 +197,8 @@ def parse(body: bytes) -> Parsed:
 
 async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
     await owners.check(request, live, raw)
-    tools = raw.get("tools")
-    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
-        # A code interpreter's container named by id holds the files of whoever it was made for.
-        if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
-            await containers.check(request, live, tool["container"], f"tools[{i}].container")
+    for container, param in containers.responses_named(raw):
+        await containers.check(request, live, container, param)
 
 
 async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:

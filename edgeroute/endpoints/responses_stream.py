@@ -19,6 +19,7 @@ import orjson
 
 from edgeroute import sse
 from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
+from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.providers.base import StreamTranslator
 
@@ -115,7 +116,7 @@ class NativeStream:
             if kind in _ITEM_EVENTS and isinstance(obj, dict):
                 self._tool_item(obj)
                 item = obj.get("item")
-                if isinstance(item, dict) and isinstance(cid := item.get("container_id"), str):
+                if (cid := containers.item_container(item)) is not None:
                     self.containers.add(cid)
             if kind in _TERMINAL and isinstance(obj, dict):
                 final = obj.get("response") or {}

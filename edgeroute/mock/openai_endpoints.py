@@ -228,7 +228,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
     part = {"type": "output_text", "text": text, "annotations": []}
     message = {"type": "message", "id": mid, "status": "completed", "role": "assistant", "content": [part]}
-    calls = _tool_call_items(request.headers.get("x-mock-tool-calls", ""), n, _named_container(got.get("tools")))
+    calls = _tool_call_items(
+        request.headers.get("x-mock-tool-calls", ""), n, _named_container(got.get("tools"), got.get("input"))
+    )
     if not got.get("stream"):
         answer = orjson.dumps(response("completed", [*calls, message], True))
         return web.Response(body=answer, content_type="application/json")
@@ -265,12 +267,19 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _named_container(tools: Any) -> str | None:
-    """The container a code interpreter tool names by id (None: a new one, `{"type": "auto"}`)."""
+def _named_container(tools: Any, items: Any) -> str | None:
+    """The container a code interpreter tool names by id; in auto mode (`{"type": "auto"}`), as
+    OpenAI's, the container of the last `code_interpreter_call` item in the input is reused
+    (None: a new one)."""
     for tool in tools if isinstance(tools, list) else ():
         if isinstance(tool, dict) and tool.get("type") == "code_interpreter" and isinstance(tool.get("container"), str):
             return str(tool["container"])
-    return None
+    calls = (
+        [i for i in items if isinstance(i, dict) and i.get("type") == "code_interpreter_call"]
+        if isinstance(items, list)
+        else []
+    )
+    return str(calls[-1]["container_id"]) if calls and isinstance(calls[-1].get("container_id"), str) else None
 
 
 def _tool_call_items(spec: str, n: int, container: str | None = None) -> list[dict[str, Any]]:

@@ -52,6 +52,13 @@ RESPONSES_NAMED = [
         },
         "tools[0].container.file_ids",
     ),
+    (
+        {
+            "input": "summarise",
+            "prompt": {"id": "pmpt_1", "variables": {"report": {"type": "input_file", "file_id": "file-bobs"}}},
+        },
+        "prompt.variables.report.file_id",
+    ),
 ]
 
 
@@ -135,6 +142,40 @@ async def test_an_anthropic_tool_call_naming_a_file_id_is_the_applications(start
                 assert refused.value.body["error"]["message"].startswith(  # type: ignore[index]
                     f"'messages[0].content[0].{where}' names a file or vector store kept at the provider"
                 )
+    assert len(up.options.requests) == 1
+
+
+async def test_an_anthropic_containers_custom_skill_is_refused(start_mock: Any, tmp_path: Path) -> None:
+    """A custom skill (`container.skills`, `{"type": "custom", "skill_id": ...}`) is code and files
+    uploaded to the account, named by id, as a file is: refused with tenants. Anthropic's own
+    skills (`{"type": "anthropic", "skill_id": "xlsx"}`) are the provider's, and pass."""
+    up = await start_mock("anthropic", record=True)
+    cfg = provider_config({"a": up})
+    cfg |= {"keys": {"alice": {"token": ALICE, "team": "alice"}}, "ledger": {"path": str(tmp_path / "l.db")}}
+    say: Any = [{"role": "user", "content": "make the report"}]
+    tools: Any = [{"type": "code_execution_20250825", "name": "code_execution"}]
+    theirs = {"type": "anthropic", "skill_id": "xlsx", "version": "latest"}
+    async with cost_proxy(cfg) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=ALICE, max_retries=0) as alice:
+            bobs = {"type": "custom", "skill_id": "skill_01bobs", "version": "latest"}
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await alice.messages.create(
+                    model="m",
+                    max_tokens=5,
+                    messages=say,
+                    tools=tools,
+                    extra_body={"container": {"skills": [theirs, bobs]}},
+                )
+            assert refused.value.body["error"] == {  # type: ignore[index]
+                "type": "invalid_request_error",
+                "message": "'container.skills[1].skill_id' names a custom skill kept at the provider, which edgeroute "
+                "cannot confine to this key's tenant: use Anthropic's own skills, or ask the operator to allow "
+                "provider files (server.provider_files: shared).",
+            }
+            assert up.options.requests == []
+            await alice.messages.create(
+                model="m", max_tokens=5, messages=say, tools=tools, extra_body={"container": {"skills": [theirs]}}
+            )
     assert len(up.options.requests) == 1
 
 

@@ -191,3 +191,47 @@ async def test_a_container_whose_owner_cannot_be_read_is_never_used(start_mock: 
             with pytest.raises(anthropic.NotFoundError):
                 await _anthropic_container(bob, False, lost)
     assert len(up.options.requests) == asked + 1  # only the container that was bound reached it
+
+
+async def test_a_container_named_by_an_input_item_or_a_shell_is_its_tenants(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A `code_interpreter_call` item sent back as input names its container (`container_id`),
+    and a code interpreter in auto mode goes on in it (as OpenAI's does); a shell tool names one
+    as its `environment`. Another tenant's container, named there, is the same 404 as named by a
+    code interpreter tool, before any call."""
+    up = await start_upstream(record=True)
+    cfg = _config(up, tmp_path, keys=True)
+    cfg["providers"]["a"]["headers"] = {"x-mock-tool-calls": "code_interpreter=1"}
+    auto: Any = [{"type": "code_interpreter", "container": {"type": "auto"}}]
+    async with cost_proxy(cfg) as proxy:
+        async with (
+            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=BOB, max_retries=0) as bob,
+            openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ALICE, max_retries=0) as alice,
+        ):
+            bobs = await _responses_container(bob, False, {"type": "auto"})
+            sent_back: Any = [
+                {"type": "code_interpreter_call", "id": "ci_1", "status": "completed", "code": "ls",
+                 "container_id": bobs, "outputs": None},
+                {"role": "user", "content": "list the files again"},
+            ]  # fmt: skip
+            # Bob's own history goes on in his container.
+            said = await bob.responses.create(model="m", input=sent_back, tools=auto)
+            assert [i.container_id for i in said.output if i.type == "code_interpreter_call"] == [bobs]
+            # A shell tool names a container as its environment: Bob's own is his.
+            shell: Any = [{"type": "shell", "environment": {"type": "container_reference", "container_id": bobs}}]
+            await bob.responses.create(model="m", input="ls", tools=shell)
+            asked = len(up.options.requests)
+            for said_to, where in [
+                ({"input": sent_back, "tools": auto}, "input[0].container_id"),
+                ({"input": "ls", "tools": shell}, "tools[0].environment.container_id"),
+            ]:
+                with pytest.raises(openai.NotFoundError) as refused:
+                    await alice.responses.create(model="m", **said_to)
+                assert refused.value.body == {
+                    "message": f"Container with id '{bobs}' not found.",
+                    "type": "not_found_error",
+                    "param": where,
+                    "code": "container_not_found",
+                }
+            assert len(up.options.requests) == asked
