@@ -108,7 +108,27 @@ def _block_text(block: dict[str, Any], i: int, j: int) -> str:
     return text
 
 
-def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
+# History blocks of Anthropic's server tools beside these: `*_tool_result` (web search, code execution, ...).
+_SERVER_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use"})
+
+
+def is_server_block(block: Any) -> bool:
+    """A block of Anthropic's server tools in a conversation's history (`server_tool_use`,
+    `web_search_tool_result`, `code_execution_tool_result`, `mcp_tool_use`, ...): only Anthropic
+    takes it back."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    return isinstance(kind, str) and (
+        kind in _SERVER_BLOCKS or (kind.endswith("_tool_result") and kind != "tool_result")
+    )
+
+
+def _server_block_text(block: dict[str, Any]) -> str:
+    """A server tool's block as text, for routing and counting only (the request passes through
+    to Anthropic as sent): its JSON."""
+    return orjson.dumps(block).decode()
+
+
+def _user_turn(content: Any, i: int, native: bool = False) -> list[dict[str, Any]]:
     """OpenAI messages for one Anthropic user turn: its tool results first, then its other content."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
@@ -131,6 +151,8 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
             if failed and not text.startswith(oa.TOOL_ERROR_PREFIX):  # dropped, the model took it for an answer
                 text = oa.TOOL_ERROR_PREFIX + text  # (one that says so already is not told twice)
             results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
+        elif native and is_server_block(b):
+            parts.append({"type": "text", "text": _server_block_text(b)})
         else:
             raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
     if parts:
@@ -140,7 +162,7 @@ def _user_turn(content: Any, i: int) -> list[dict[str, Any]]:
     return results
 
 
-def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
+def _assistant_turn(content: Any, i: int, native: bool = False) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     if not isinstance(content, list):
@@ -158,6 +180,8 @@ def _assistant_turn(content: Any, i: int) -> dict[str, Any]:
             )
         elif kind in ("thinking", "redacted_thinking"):
             continue  # the model's own reasoning: other providers cannot take it back
+        elif native and is_server_block(b):
+            text.append(_server_block_text(b))
         else:
             raise _bad(f"messages.{i}.content: blocks of type {kind!r} are not supported by edgeroute.")
     msg: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
@@ -204,8 +228,10 @@ def _check_sampling(req: dict[str, Any]) -> None:
         raise _bad("top_k: Input should be a non-negative integer", "top_k")
 
 
-def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
-    """An Anthropic Messages request as an OpenAI chat request (`counting`: for count_tokens, no max_tokens)."""
+def to_openai(req: Any, *, counting: bool = False, native: bool = False) -> dict[str, Any]:
+    """An Anthropic Messages request as an OpenAI chat request (`counting`: for count_tokens, no
+    max_tokens). With `native` (a request passed through to Anthropic as sent, `messages.parse`),
+    Anthropic's server tool blocks in the history are read as text, for routing and counting."""
     if not isinstance(req, dict):
         raise _bad("The request body must be a JSON object.")
     if not isinstance(req.get("model"), str):
@@ -226,9 +252,9 @@ def to_openai(req: Any, *, counting: bool = False) -> dict[str, Any]:
         if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
             raise _bad(f"messages.{i}.role: must be user or assistant.", "messages")
         if m["role"] == "user":
-            messages.extend(_user_turn(m.get("content"), i))
+            messages.extend(_user_turn(m.get("content"), i, native))
         else:
-            messages.append(_assistant_turn(m.get("content"), i))
+            messages.append(_assistant_turn(m.get("content"), i, native))
     out: dict[str, Any] = {"model": req["model"], "messages": messages, "max_tokens": req["max_tokens"]}
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
         if req.get(ours) is not None:

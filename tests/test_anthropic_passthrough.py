@@ -104,3 +104,49 @@ async def test_failover_from_anthropic_to_a_dropping_deployment(start_mock, star
     raw = await client.messages.with_raw_response.create(model="m", max_tokens=100, messages=HELLO, **EXTRA)
     assert raw.headers["x-edgeroute-deployment"] == "d-o" and "thinking" in raw.headers["x-edgeroute-dropped-params"]
     assert (await raw.parse()).content[0].type == "text"
+
+
+# A code execution conversation's second turn: the model's server tool call and its result in
+# the history, as Anthropic's SDK sends them back.
+CODE_TOOLS: Any = [{"type": "code_execution_20250825", "name": "code_execution"}]
+CODE_TURNS: Any = [
+    {"role": "user", "content": "How many files are there?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "bash_code_execution", "input": {"command": "ls"}},
+            {
+                "type": "bash_code_execution_tool_result",
+                "tool_use_id": "srvtoolu_1",
+                "content": {"type": "bash_code_execution_result", "stdout": "a.txt\n", "stderr": "", "return_code": 0},
+            },
+            {"type": "text", "text": "One file."},
+        ],
+    },
+    {"role": "user", "content": "Show the first line of a.txt"},
+]
+
+
+async def test_a_conversation_with_server_tool_turns_goes_on_at_anthropic(start_mock, start_proxy) -> None:
+    """Its history's server tool blocks were refused ("blocks of type 'server_tool_use' are not
+    supported"), on every deployment: a web search or code execution conversation ended at its
+    first turn. An Anthropic deployment now gets them as sent; a chat deployment refuses them,
+    with `drop` too (a conversation cannot go on without its own turns)."""
+    up = await start_mock("anthropic", record=True)
+    proxy = await start_proxy(provider_config({"a": up}))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    said = await client.messages.create(model="m", max_tokens=50, messages=CODE_TURNS, tools=CODE_TOOLS)
+    assert said.content and up.options.requests[-1]["body"]["messages"] == CODE_TURNS
+    async with client.messages.stream(model="m", max_tokens=50, messages=CODE_TURNS, tools=CODE_TOOLS) as s:
+        assert (await s.get_final_message()).content
+    assert up.options.requests[-1]["body"]["messages"] == CODE_TURNS
+
+    chat = await start_mock("openai", record=True)
+    for options in ({}, {"o": {"unsupported_params": "drop"}}):
+        proxy = await start_proxy(provider_config({"o": chat}, options=options))
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(model="m", max_tokens=50, messages=CODE_TURNS)
+        message = refused.value.body["error"]["message"]  # type: ignore[index]
+        assert "bash_code_execution_tool_result" in message and "server_tool_use" in message
+    assert chat.options.requests == []

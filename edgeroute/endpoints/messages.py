@@ -82,6 +82,8 @@ def lost_fields(req: dict[str, Any], beta: str | None) -> list[str]:
             isinstance(b, dict) and b.get("type") in ("thinking", "redacted_thinking") for b in content
         ):
             lost.add("thinking")
+        if isinstance(content, list):  # a server tool's turns (web search, code execution): Anthropic's own
+            lost.update(str(b["type"]) for b in content if anthropic_api.is_server_block(b))
     if beta:
         lost.add("anthropic-beta")
     return sorted(lost)
@@ -280,6 +282,15 @@ class MessagesCall(Call):
                 code="unsupported_parameter",
                 param=self.lost[0],
             )
+        server = sorted(k for k in self.lost if k in _server_kinds(self.req))
+        if server:  # a conversation with a server tool's turns cannot go on without them
+            raise ProxyError(
+                400,
+                f"The deployment `{dep.name}` cannot take back {', '.join(server)} blocks (only an Anthropic "
+                "deployment can): a conversation that used Anthropic's server tools goes on at Anthropic.",
+                code="unsupported_parameter",
+                param="messages",
+            )
         self.dropped = self.lost
         return super().upstream_request(adapter, dep)
 
@@ -311,6 +322,16 @@ class MessagesCall(Call):
 
     def has_content(self, obj: Any) -> bool:
         return has_content(obj)
+
+
+def _server_kinds(req: dict[str, Any]) -> set[str]:
+    """The kinds of server tool blocks in the request's history."""
+    kinds: set[str] = set()
+    for m in req.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            kinds.update(str(b["type"]) for b in content if anthropic_api.is_server_block(b))
+    return kinds
 
 
 def honoured_by(live: Live, model: str) -> bool:
@@ -357,7 +378,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     """The request in `body` (checked by `handle`; its shadow mirror's body, the same request
     for another model without `stream`), whose chat translation the core decides on."""
     req = orjson.loads(body)
-    chat = anthropic_api.to_openai(req)
+    chat = anthropic_api.to_openai(req, native=True)
     make = partial(MessagesCall, req, lost, headers)
     stream = bool(req.get("stream"))
     # Its image blocks, as the translation's image parts: reserved for as on the chat path.
