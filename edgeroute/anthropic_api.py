@@ -304,7 +304,7 @@ def _translated(raw: bytes, counting: bool) -> bytes:
         req = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise _bad("The request body is not valid JSON.") from None
-    return orjson.dumps(to_openai(req, counting=counting))
+    return orjson.dumps(to_openai(req, counting=counting, native=counting))  # counted: server tool turns too
 
 
 # -- answer: OpenAI → Anthropic ----------------------------------------------

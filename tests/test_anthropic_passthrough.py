@@ -150,3 +150,13 @@ async def test_a_conversation_with_server_tool_turns_goes_on_at_anthropic(start_
         message = refused.value.body["error"]["message"]  # type: ignore[index]
         assert "bash_code_execution_tool_result" in message and "server_tool_use" in message
     assert chat.options.requests == []
+
+
+async def test_a_conversation_with_server_tool_turns_is_counted(start_mock, start_proxy) -> None:
+    """`count_tokens` refused it too; its server tool turns are counted as their JSON."""
+    up = await start_mock("anthropic")
+    proxy = await start_proxy(provider_config({"a": up}))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    whole = await client.messages.count_tokens(model="m", messages=CODE_TURNS, tools=CODE_TOOLS)
+    plain = [CODE_TURNS[0], {"role": "assistant", "content": "One file."}, CODE_TURNS[2]]
+    assert whole.input_tokens > (await client.messages.count_tokens(model="m", messages=plain)).input_tokens + 20
