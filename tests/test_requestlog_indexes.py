@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from edgeroute.cost import ledger_store
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import PostgresBackend, SqliteBackend
 from edgeroute.requestlog import query
@@ -116,3 +118,32 @@ def test_postgres_key_and_team_indexes_are_partial_and_filters_find_their_rows(p
     assert _ids(query.list_requests(reader, {**q, "team": "blue"})) == _expected(team="blue")
     reader.close()
     db.close()
+
+
+def test_a_second_worker_waits_for_an_index_another_builds_at_start(tmp_path: Path) -> None:
+    """Two workers start on a database an upgrade rebuilds indexes on: the first holds the write
+    lock while it builds (~5 s a million rows), and the second gave up after SQLite's ordinary
+    busy timeout (10 s): "database is locked", a worker that did not start. The schema's
+    statements now wait as long as such a build may take; writes after them wait as before."""
+    path = tmp_path / "l.db"
+    SqliteBackend(path).close()
+    held = threading.Event()
+
+    def build_for(seconds: float) -> None:  # the first worker, building an index
+        conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    first = threading.Thread(target=build_for, args=(ledger_store.BUSY_TIMEOUT_S + 1.5,))
+    first.start()
+    held.wait()
+    started = time.monotonic()
+    second = SqliteBackend(path)  # waits for it, then finds every index there
+    assert time.monotonic() - started > ledger_store.BUSY_TIMEOUT_S
+    first.join()
+    busy = second._conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    assert busy == int(ledger_store.BUSY_TIMEOUT_S * 1000)
+    second.close()

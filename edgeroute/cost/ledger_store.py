@@ -283,6 +283,14 @@ def _many_rows(sql: str, n: int) -> str:
     return f"{head}{values}{', '.join([row + close] * n)}{rest}"
 
 
+# How long a write waits for another connection's (SQLite's busy timeout), and how long the
+# schema's statements wait at start: another worker may be building an index an upgrade asks
+# for over millions of rows (~5 s a million), and a worker that gave up after the ordinary
+# wait did not start ("database is locked").
+BUSY_TIMEOUT_S = 10.0
+SCHEMA_TIMEOUT_S = 600.0
+
+
 class SqliteBackend:
     dialect = "sqlite"
     rollup_levels = (rollup.PENDING,)  # a batch's minute rows; `spread` adds them into the levels later
@@ -290,6 +298,7 @@ class SqliteBackend:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._conn = self._connect()
+        self._conn.execute(f"PRAGMA busy_timeout = {int(SCHEMA_TIMEOUT_S * 1000)}")
         for stmt in schema("sqlite"):
             self._conn.execute(stmt)
         for table in ("spend", "spend_attempts"):
@@ -299,6 +308,7 @@ class SqliteBackend:
             self._conn.execute(stmt)
         self._conn.execute(rollup.SPREAD_SCHEMA)
         self._conn.commit()
+        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         # SQLite before 3.32 binds at most 999 values a statement (a rollup row has 210)
         most = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self._sql = dataclasses.replace(_Statements.for_mark("?", self.dialect), many=most)
@@ -309,7 +319,7 @@ class SqliteBackend:
         # No checkpoint inside a commit: SQLite's automatic one (every 1,000 WAL pages) made
         # every few commits 5-7 ms of CPU in one piece. The writer checkpoints after each
         # batch instead, in a slice of its own (~1.3 ms at 1,000 req/s), see `checkpoint`.
-        conn = sqlite_wal.connect(self.path, check_same_thread=False, timeout=10)
+        conn = sqlite_wal.connect(self.path, check_same_thread=False, timeout=BUSY_TIMEOUT_S)
         conn.execute("PRAGMA wal_autocheckpoint=0")
         return conn
 
