@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
+import edgeroute
 from edgeroute import config as config_mod
 from edgeroute.bench.faults import FaultUpstream
 from edgeroute.bench.upstream import UpstreamOptions
@@ -55,6 +57,31 @@ async def test_a_repeated_request_is_a_hit_and_costs_nothing(start_upstream, sta
     assert hit.cache == "hit" and hit.cost_usd == 0 and miss.cost_usd > 0
     assert hit.saved_usd == pytest.approx(miss.cost_usd)
     assert miss.cache == "miss" and miss.saved_usd == 0
+    await client.close()
+
+
+async def test_a_hit_does_not_ask_asyncio_for_the_running_loop(start_upstream, start_proxy, monkeypatch) -> None:
+    # Each `asyncio.get_running_loop()` is a getpid() system call on Python 3.11: the proxy's
+    # own code on a hit's path uses the loop it kept (aiohttp's own call is not ours to keep).
+    up = await start_upstream()
+    proxy = await start_proxy(cached({"a": up}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    await client.chat.completions.create(model="m", messages=MSG, temperature=0)
+    await asyncio.sleep(0.05)
+    package, real, asked = os.path.dirname(edgeroute.__file__), asyncio.get_running_loop, []
+
+    def get_running_loop() -> asyncio.AbstractEventLoop:
+        caller = sys._getframe(1)
+        if caller.f_code.co_filename.startswith(package):
+            asked.append(f"{caller.f_code.co_filename}:{caller.f_lineno}")
+        return real()
+
+    monkeypatch.setattr(asyncio, "get_running_loop", get_running_loop)
+    hit = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
+    await asyncio.sleep(0.05)  # the hit is observed (metrics, alert window) on the next loop turn
+    assert hit.headers["x-edgeroute-cache"] == "hit"
+    assert asked == []
+    assert list(proxy.recorder.records)[-1].cache == "hit"
     await client.close()
 
 

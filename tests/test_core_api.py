@@ -75,3 +75,27 @@ def test_report_takes_every_outcome_and_only_those() -> None:
         router.report(0, "rate_limit", 1.0)  # type: ignore[arg-type]
     # Request-caused outcomes do not count as failures; auth, 5xx, timeouts, resets and 429 do.
     assert router.health(0)["failures"] == 5
+
+
+def test_a_decision_makes_each_string_once_and_hands_out_fresh_lists() -> None:
+    spec = {
+        "deployments": [
+            {"name": "a", "provider": "openai", "model": "m"},
+            {"name": "b", "provider": "openai", "model": "m"},
+        ],
+        "models": [{"name": "m", "deployments": ["a"]}, {"name": "big", "deployments": ["b"]}],
+        "rules": [{"name": "long", "when": {"keywords": ["contract"]}, "then": {"route": "big"}}],
+    }
+    body = {"model": "m", "messages": [{"role": "user", "content": "review this contract"}]}
+    d = Router(json.dumps(spec).encode()).decide(json.dumps(body).encode())
+    assert (d.model, d.route, d.rule, d.encoding) == ("m", "big", "long", "o200k_base")
+    # The handlers read these many times a request: later reads share the first read's string.
+    for name in ("model", "route", "rule", "encoding"):
+        assert getattr(d, name) is getattr(d, name), name
+    first, second = d.reasons, d.reasons
+    assert first == second and first and first[0] is second[0]
+    first.append("changed by a caller")  # each read is the caller's own list
+    assert d.reasons == second
+    assert (d.task, d.policy, d.variant) == (None, None, None)
+    with pytest.raises(AttributeError):
+        d.route = "elsewhere"  # type: ignore[misc]

@@ -77,6 +77,9 @@ class Telemetry:
         self.claims = AlertClaims(shared, self.notifier) if shared is not None else None
         named = shared is not None or (worker is not None and worker.count > 1)
         self.alerts = AlertEngine(self.notifier, worker is None or worker.id == 0, self.claims, named)
+        # The loop it runs on, kept while it runs: asking for the running loop is a getpid()
+        # system call on Python 3.11, and `finished` needs it once a request.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
         """`budgets`: their spend when the alerts are due (else None)."""
@@ -105,7 +108,7 @@ def observe_now(app: web.Application, rec: RequestRecord, reasons: list[str]) ->
 
 def finished(app: web.Application, rec: RequestRecord, reasons: list[str]) -> None:
     """Observes a finished request on the next loop turn (its context, hence its request id, kept)."""
-    asyncio.get_running_loop().call_soon(observe_now, app, rec, reasons)
+    (app[TELEMETRY].loop or asyncio.get_running_loop()).call_soon(observe_now, app, rec, reasons)
 
 
 async def _run(app: web.Application) -> None:
@@ -140,8 +143,10 @@ async def _run(app: web.Application) -> None:
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
     t = app[TELEMETRY]
+    t.loop = asyncio.get_running_loop()
     tasks = [asyncio.create_task(_run(app)), asyncio.create_task(t.notifier.run())]
     yield
+    t.loop = None
     tasks[0].cancel()  # no new evaluation; what was notified goes out, within a bound
     with contextlib.suppress(asyncio.CancelledError):
         await tasks[0]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use edgeroute_core as core;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 pyo3::create_exception!(
     edgeroute._core,
@@ -69,28 +69,51 @@ fn to_py(e: core::CoreError) -> PyErr {
 }
 
 /// A routing decision (read-only).
+///
+/// The handlers read `route` and friends many times a request: the text fields are made
+/// Python strings once, with the decision, and every read shares them.
 #[pyclass(frozen, module = "edgeroute._core")]
 struct Decision {
     inner: core::Decision,
+    #[pyo3(get)]
+    model: Py<PyString>,
+    #[pyo3(get)]
+    route: Py<PyString>,
+    #[pyo3(get)]
+    rule: Option<Py<PyString>>,
+    reasons: Py<PyTuple>,
+    #[pyo3(get)]
+    encoding: Py<PyString>,
+    #[pyo3(get)]
+    task: Option<Py<PyString>>,
+    #[pyo3(get)]
+    policy: Option<Py<PyString>>,
+    #[pyo3(get)]
+    variant: Option<Py<PyString>>,
+}
+
+impl Decision {
+    fn new(py: Python<'_>, inner: core::Decision) -> PyResult<Self> {
+        let text = |s: &str| PyString::new(py, s).unbind();
+        Ok(Decision {
+            model: text(&inner.model),
+            route: text(&inner.route),
+            rule: inner.rule.as_deref().map(text),
+            reasons: PyTuple::new(py, &inner.reasons)?.unbind(),
+            encoding: text(inner.encoding),
+            task: inner.task.map(text),
+            policy: inner.policy.as_deref().map(text),
+            variant: inner.variant.as_deref().map(text),
+            inner,
+        })
+    }
 }
 
 #[pymethods]
 impl Decision {
     #[getter]
-    fn model(&self) -> &str {
-        &self.inner.model
-    }
-    #[getter]
-    fn route(&self) -> &str {
-        &self.inner.route
-    }
-    #[getter]
-    fn rule(&self) -> Option<&str> {
-        self.inner.rule.as_deref()
-    }
-    #[getter]
-    fn reasons(&self) -> Vec<String> {
-        self.inner.reasons.clone()
+    fn reasons<'py>(&self, py: Python<'py>) -> Bound<'py, PyList> {
+        self.reasons.bind(py).to_list() // the caller's own list (it may keep or change it)
     }
     #[getter]
     fn order(&self) -> Vec<usize> {
@@ -103,10 +126,6 @@ impl Decision {
     #[getter]
     fn tokens_exact(&self) -> bool {
         self.inner.tokens_exact
-    }
-    #[getter]
-    fn encoding(&self) -> &'static str {
-        self.inner.encoding
     }
     #[getter]
     fn stream(&self) -> bool {
@@ -145,10 +164,6 @@ impl Decision {
         self.inner.strategy.name()
     }
     #[getter]
-    fn task(&self) -> Option<&'static str> {
-        self.inner.task
-    }
-    #[getter]
     fn task_confidence(&self) -> Option<f64> {
         self.inner.task_confidence
     }
@@ -159,14 +174,6 @@ impl Decision {
     #[getter]
     fn scores(&self) -> Vec<(String, f64)> {
         self.inner.scores.clone()
-    }
-    #[getter]
-    fn policy(&self) -> Option<&str> {
-        self.inner.policy.as_deref()
-    }
-    #[getter]
-    fn variant(&self) -> Option<&str> {
-        self.inner.variant.as_deref()
     }
     #[getter]
     fn priority(&self) -> usize {
@@ -341,7 +348,7 @@ impl Router {
             priority,
         };
         let inner = detached_if_long(py, body.len(), || self.inner.decide(body, &meta)).map_err(to_py)?;
-        Ok(Decision { inner })
+        Decision::new(py, inner)
     }
 
     /// The body with its `model` value replaced by deployment `index`'s upstream model.
