@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -55,12 +55,13 @@ async def check(request: web.Request, live: Live, container: str, param: str) ->
         raise _not_found(container, param)
 
 
-async def bind(request: web.Request, live: Live, containers: Iterable[str]) -> None:
-    """Binds each container id to the caller. A failed write is logged: the container, unbound,
-    is then refused when named (safe; the answer itself was paid for)."""
+async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[str]]) -> None:
+    """Binds each container id `named()` gives to the caller (read only with tenants: a keyless
+    server's answers are not parsed again for it). A failed write is logged: the container,
+    unbound, is then refused when named (safe; the answer itself was paid for)."""
     if not live.access.keyed(request):
         return
-    ids = sorted({c for c in containers if c and len(c) <= MAX_ID})
+    ids = sorted({c for c in named() if c and len(c) <= MAX_ID})
     if not ids:
         return
     store, owner = request.app[GOV].store, owner_of(request)

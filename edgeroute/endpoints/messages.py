@@ -367,11 +367,11 @@ async def _check_container(req: dict[str, Any], request: web.Request, live: Live
 
 
 async def _bind_containers(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
-    await containers.bind(request, live, containers.json_containers(got))
+    await containers.bind(request, live, partial(containers.json_containers, got))
 
 
 async def _bind_stream_containers(request: web.Request, live: Live, got: StreamAnswer) -> None:
-    await containers.bind(request, live, containers.stream_containers(got))
+    await containers.bind(request, live, partial(containers.stream_containers, got))
 
 
 def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:

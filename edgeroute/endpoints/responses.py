@@ -203,11 +203,11 @@ async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
 
 async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
     await owners.bind(request, live, got)
-    await containers.bind(request, live, containers.json_containers(got))
+    await containers.bind(request, live, partial(containers.json_containers, got))
 
 
 async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> None:
-    await containers.bind(request, live, containers.stream_containers(got))
+    await containers.bind(request, live, partial(containers.stream_containers, got))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
