@@ -186,9 +186,12 @@ def _cross_check_credentials(cfg: Config) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for i, ref in enumerate(cfg.server.api_keys):
         try:
-            secrets.resolve(ref)
+            empty = not secrets.resolve(ref).reveal()
         except secrets.SecretError as e:
             problems.append((f"server.api_keys[{i}]", str(e)))
+            continue
+        if empty:  # a variable set but empty (compose's `${VAR}` unset on the host), or ""
+            problems.append((f"server.api_keys[{i}]", "is empty: a request without any key would match it"))
     for name, p in cfg.providers.items():
         if p.api_key is not None:
             try:

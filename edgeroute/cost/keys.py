@@ -260,8 +260,8 @@ class Access:
                 check_role(request, ident)
             return ident
         if self.shared:
-            token = token_bytes(bearer_token(request) or "")
-            if not any(hmac.compare_digest(token, k) for k in self.shared):
+            bearer = bearer_token(request)  # none sent never matches (an empty key is refused at load too)
+            if bearer is None or not any(hmac.compare_digest(token_bytes(bearer), k) for k in self.shared):
                 raise _refused_key(request)
         elif self.guard is not None:
             self.guard.check(request)
