@@ -9,6 +9,7 @@ messages in turn, so a webhook that hung held every other webhook's alerts for i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -86,3 +87,44 @@ async def test_retries_backoff_no_redirects_and_a_hung_webhook_delays_only_itsel
 
 async def _got(hits: dict[str, list[float]], name: str) -> list[float]:
     return hits.get(name, [])
+
+
+async def test_a_webhook_whose_answer_never_ends_is_told_once(start_upstream: Any, start_proxy: Any) -> None:
+    """A receiver that answers 200 at once and then streams its body without end (a hostile
+    or broken one): its status is the answer. The body was read to its end within the
+    timeout, held in memory meanwhile (at loopback speed, gigabytes), and the delivered alert
+    counted failed and sent twice more."""
+    hits: list[float] = []
+    sent_bytes = [0]
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        hits.append(time.monotonic())
+        resp = web.StreamResponse(status=200)
+        await resp.prepare(request)
+        chunk = b"x" * 2**20
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(chunk)
+                sent_bytes[0] += len(chunk)
+        return resp
+
+    server = await start_routes(web.post("/hook", endless))
+    cfg = simple_config({"b": await start_upstream()})
+    cfg["alerts"] = {"webhooks": {"endless": {"url": f"{server.url}/hook", "timeout_s": 2}}}
+    proxy = await start_proxy(cfg)
+    try:
+        async with aiohttp.ClientSession() as s, s.post(proxy.url + "/admin/alerts/test") as r:
+            assert r.status == 200
+
+        async def settled() -> float:
+            m = await scrape(proxy.url)
+            return m.total("edgeroute_alert_notifications_total")
+
+        await eventually(settled, "the message settled", within=15)
+        m = await scrape(proxy.url)
+        assert m.value("edgeroute_alert_notifications_total", webhook="endless", result="sent") == 1
+        assert len(hits) == 1
+        assert sent_bytes[0] < 64 * 2**20  # the receiver's stream was not read on
+    finally:
+        await server.close()

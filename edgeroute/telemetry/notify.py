@@ -158,7 +158,8 @@ class Notifier:
                 # headers to a host the config did not name (aiohttp keeps all but Authorization).
                 body = body_for(hook.format, n)
                 async with session.post(url, data=body, headers=headers, allow_redirects=False) as r:
-                    await r.read()
+                    # The status is the answer; its body is never read (one without end was read
+                    # to the timeout, held in memory, and the delivered alert sent again).
                     if r.status < 300:
                         return True
                     status = f"HTTP {r.status}"
