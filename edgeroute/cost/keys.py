@@ -231,6 +231,12 @@ class Access:
                 code="permission_denied",
             )
 
+    def is_shared(self, token: str | None) -> bool:
+        """Whether `token` is one of `server.api_keys`, compared in constant time as the bytes
+        sent (not UTF-8: a bad key, not a 500). None sent never matches (nor does an empty
+        key, refused at load: a request without any key matched it)."""
+        return token is not None and any(hmac.compare_digest(token_bytes(token), k) for k in self.shared)
+
     def keyed(self, request: web.Request) -> bool:
         """Whether virtual keys are in use (the config's or managed ones)."""
         return self.ring is not None or request.app.get(MANAGED_KEYS) is not None
@@ -260,8 +266,7 @@ class Access:
                 check_role(request, ident)
             return ident
         if self.shared:
-            bearer = bearer_token(request)  # none sent never matches (an empty key is refused at load too)
-            if bearer is None or not any(hmac.compare_digest(token_bytes(bearer), k) for k in self.shared):
+            if not self.is_shared(bearer_token(request)):
                 raise _refused_key(request)
         elif self.guard is not None:
             self.guard.check(request)
