@@ -4,6 +4,7 @@ decoding the protobuf, W3C traceparent continued from the client and sent upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -251,3 +252,43 @@ def test_opentelemetry_is_loaded_only_when_tracing_is_on() -> None:
         for state in ("off", "on")
     }
     assert loaded == {"off": "[]", "on": "['opentelemetry']"}
+
+
+async def test_a_collector_whose_answer_never_ends_holds_no_export(start_upstream, serve_app) -> None:
+    """A collector (hostile or broken) that answers 200 and streams its body without end: the
+    status is the answer. The exporter read the whole body, which never came: the export
+    thread was held for good (every later span dropped) while the body grew in memory."""
+    received = asyncio.Event()
+    ending = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        received.set()
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-protobuf"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while not ending.is_set():  # 6 MB/s: bounded for the test's sake, endless for the exporter
+                await resp.write(b"\0" * 65536)
+                await asyncio.sleep(0.01)
+        return resp
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", endless)
+    endpoint = await serve_app(collector)
+    up = await start_upstream()
+    cfg = _config(up, endpoint=endpoint + "/v1/traces")
+    url = await serve_app(create_app(cfg, "test.yaml", MemoryRecorder()))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        await client.chat.completions.create(model="m", messages=MSG)
+        await asyncio.wait_for(received.wait(), 10)
+        exported = None
+        for _ in range(30):
+            exported = (await scrape(url)).value("edgeroute_trace_spans_total", result="exported")
+            if exported:
+                break
+            await asyncio.sleep(0.1)
+        assert exported == 3  # request, decision, attempt: counted while the collector still streams
+    finally:
+        ending.set()
+        await client.close()

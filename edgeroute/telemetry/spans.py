@@ -23,6 +23,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import requests
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
@@ -59,10 +60,27 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # How often the builder thread turns queued requests into spans (the processor batches them
 # again for export): a traced request costs the event loop an append, not ~0.1 ms of building.
 _BUILD_EVERY_S = 0.05
+_COLLECTOR_BODY_BYTES = 64 * 1024  # a longer (or unannounced) answer is not read
 
 
 def _ns(t: float) -> int:
     return int(t * 1e9)
+
+
+class _StatusOnly(requests.Session):
+    """A collector's answer is its status; its body is read only when it says it is small.
+    The exporter read it whole: a collector answering 200 and then streaming without end
+    (hostile or broken; each read came within the timeout) held the export thread for good,
+    the body growing in memory."""
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:
+        resp = super().request(*args, **{**kwargs, "stream": True})
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= _COLLECTOR_BODY_BYTES:
+            return resp  # read as usual (OTLP's answers are small), its connection kept
+        resp._content = b""  # as if read: the exporter's `text` and `content` see an empty body
+        resp.close()  # left unread, the connection is closed rather than reused
+        return resp
 
 
 class _CountingExporter(SpanExporter):
@@ -117,7 +135,9 @@ class Tracer:
         self.resource = Resource.create({"service.name": cfg.service_name})
         if exporter is None:
             headers = {k: secrets.resolve(v).reveal() for k, v in cfg.headers.items()}
-            exporter = OTLPSpanExporter(endpoint=cfg.endpoint, headers=headers, timeout=cfg.timeout_s)
+            exporter = OTLPSpanExporter(
+                endpoint=cfg.endpoint, headers=headers, timeout=cfg.timeout_s, session=_StatusOnly()
+            )
         self.exporter = _CountingExporter(exporter)
         # The SDK logs every failed batch and retry: an unreachable collector would flood the log.
         # Failures are counted instead, and logged once each time exports start or stop failing.
