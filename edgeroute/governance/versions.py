@@ -43,6 +43,16 @@ _URLS = frozenset({"dsn", "redis_url", "proxy"})
 _PASSWORD_PARAM = re.compile(r"(?i)\bpassword\s*=")
 # Any other URL with credentials in it (a `base_url`, a tracing endpoint): `scheme://user[:password]@`.
 _URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+# Or in its query, by a parameter's name (a collector's `?api_key=`, Google's `?key=`, a signature).
+_URL_WITH_KEY_PARAM = re.compile(
+    r"(?i)[a-z][a-z0-9+.-]*://[^?#\s]*\?(?:[^#\s]*&)?"
+    r"(?:api[-_]?key|key|token|access[-_]?token|auth|password|secret|sig|signature|code)=[^&#\s]"
+)
+
+
+def _url_with_credentials(v: str) -> bool:
+    return _URL_WITH_CREDENTIALS.match(v) is not None or _URL_WITH_KEY_PARAM.match(v) is not None
+
 
 Leaf = tuple[Any, Any, tuple[Any, ...]]  # (container, key or index, path from the root)
 
@@ -55,7 +65,7 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
     """Every literal secret in parsed config data (references such as `env:X` are not secrets)."""
     if isinstance(data, list):
         for i, x in enumerate(data):
-            if isinstance(x, str) and _URL_WITH_CREDENTIALS.match(x):
+            if isinstance(x, str) and _url_with_credentials(x):
                 yield data, i, (*path, i)
             else:
                 yield from _leaves(x, (*path, i), parent)
@@ -67,7 +77,7 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
         if secret and isinstance(v, str):
             if _literal(str(k), v):
                 yield data, k, (*path, k)
-        elif isinstance(v, str) and _URL_WITH_CREDENTIALS.match(v):
+        elif isinstance(v, str) and _url_with_credentials(v):
             yield data, k, (*path, k)
         elif secret and isinstance(v, list):
             yield from ((v, i, (*path, k, i)) for i, x in enumerate(v) if isinstance(x, str) and _literal(str(k), x))

@@ -71,3 +71,23 @@ def test_a_base_url_with_credentials_is_refused_naming_the_field_not_the_secret(
     (error,) = e.value.errors
     assert "providers.a.base_url" in error and "credentials" in error and "api_key" in error, error
     assert "BASE-TOKEN-0123" not in error
+
+
+async def test_a_key_in_a_urls_query_is_masked_and_stored_as_a_hash(tmp_path: Path, monkeypatch: Any) -> None:
+    """A credential in a URL's query (a collector's `?api_key=`, Google's `?key=`) is one too:
+    a viewer read it in every view of the config, and the versions table held it in clear."""
+    monkeypatch.setenv("NOT_USED_HERE", "sk-unused")
+    cfg = _config(tmp_path)
+    traces = "https://otel.example/v1/traces?tenant=a&api_key=TRACE-QUERY-KEY-0123"
+    cfg["tracing"]["endpoint"] = traces
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        status, drained = await call(s, "POST", proxy.url + "/admin/deployments/e/drain", ROOT)
+        assert status == 200, drained  # version 2
+        for path, text in (await config_views(s, proxy.url, VIEWER)).items():
+            assert "TRACE-QUERY-KEY-0123" not in text, (path, text)
+        with sqlite3.connect(tmp_path / "gov.db") as db:
+            stored = [row for (row,) in db.execute("SELECT body FROM gov_config_versions")]
+        assert stored and not [text for text in stored if "TRACE-QUERY-KEY-0123" in text]
+        status, rolled = await call(s, "POST", proxy.url + "/admin/config/rollback", ROOT, {"version": 1})
+        assert status == 200, rolled
+        assert proxy.app[STATE].live.config.tracing.endpoint == traces
