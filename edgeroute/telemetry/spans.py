@@ -77,7 +77,8 @@ class _StatusOnly(requests.Session):
         resp = super().request(*args, **{**kwargs, "stream": True})
         length = resp.headers.get("Content-Length", "")
         if length.isdigit() and int(length) <= _COLLECTOR_BODY_BYTES:
-            return resp  # read as usual (OTLP's answers are small), its connection kept
+            _ = resp.content  # read now, as requests does (OTLP's answers are small): the connection is kept
+            return resp
         resp._content = b""  # as if read: the exporter's `text` and `content` see an empty body
         resp.close()  # left unread, the connection is closed rather than reused
         return resp
