@@ -32,6 +32,7 @@ from edgeroute import (
     openai_api,
     reload_signal,
     shadow,
+    sidecar_guard,
     ui,
 )
 from edgeroute.accounting import Recorder
@@ -303,6 +304,18 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def warn_if_open(config: Config, host: str) -> None:
+    """Logs a warning when a keyless server listens beyond loopback: its `Host` checks stop
+    web pages, not programs, so any client that reaches the port may spend on the upstreams."""
+    keyless = not config.keys and not config.server.api_keys and not config.governance.managed_keys
+    if keyless and not sidecar_guard.is_loopback_host(host):
+        log.warning(
+            "no keys are configured and edgeroute listens on %s: any program that reaches this port "
+            "may call the upstreams at your expense (set server.api_keys or keys, or listen on 127.0.0.1)",
+            host,
+        )
+
+
 async def serve_async(
     config: Config,
     source: str,
@@ -349,6 +362,8 @@ async def serve_async(
     # objects: ~0.2 ms, 50,000: over 1 ms, a stall in the p99).
     gc.set_threshold(*GC_THRESHOLDS)
     trimmer = loop.create_task(memory.keep_trimmed())  # a burst's freed heap goes back to the kernel
+    if worker is None or worker.id == 0:  # once a server, whatever its workers
+        warn_if_open(config, h)
     if print_fn and worker is None:  # under a supervisor, it says when all workers listen
         models, deps = counted(len(config.models), "model"), counted(len(config.deployments), "deployment")
         # Port 0 asks for any free port: say which one it is.

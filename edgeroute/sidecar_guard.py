@@ -52,6 +52,12 @@ def is_loopback(remote: str | None) -> bool:
     return ip.is_loopback
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a listen address (a name or an address; empty means every interface) is loopback only."""
+    name = host_name(host)
+    return name in LOOPBACK_NAMES or (name != "" and is_loopback(name))
+
+
 class SidecarGuard:
     """The Host / Origin / loopback checks of one config generation (keyless configs only)."""
 
