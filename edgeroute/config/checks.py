@@ -181,6 +181,9 @@ def _cross_check_rules(cfg: Config) -> list[tuple[str, str]]:
     return problems
 
 
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
 def _cross_check_credentials(cfg: Config) -> list[tuple[str, str]]:
     """Client and provider keys that do not resolve, and provider TLS files that do not load."""
     problems: list[tuple[str, str]] = []
@@ -216,6 +219,9 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
             digest = k.token_sha256 or hashlib.sha256(secrets.resolve(k.token or "").reveal().encode()).hexdigest()
         except secrets.SecretError as e:
             problems.append((f"keys.{name}.token", str(e)))
+            continue
+        if digest.lower() == EMPTY_SHA256:  # `env:VAR` set but empty: a key no client could ever send
+            problems.append((f"keys.{name}.token", "is empty: no client could use this key"))
             continue
         if (other := owner_of.setdefault(digest.lower(), name)) != name:
             problems.append((f"keys.{name}", f"has the same token as keys.{other}"))

@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from edgeroute import config as config_mod
+from edgeroute.config import ConfigError
 from tests.conftest import simple_config, wait_ready
 from tests.serve_support import killed, start_serve
 
@@ -39,3 +41,22 @@ async def test_an_empty_shared_key_is_refused_at_start(start_upstream: Any, tmp_
         assert "server.api_keys[1]" in err and "empty" in err, err
     finally:
         await killed(serving.proc)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        {"token": "env:ER_TEST_EMPTY_KEY"},
+        {"token_sha256": "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855"},
+    ],
+    ids=["env-empty", "sha256-of-nothing"],
+)
+async def test_a_virtual_key_of_nothing_is_refused_at_load(
+    start_upstream: Any, monkeypatch: pytest.MonkeyPatch, key: dict[str, str]
+) -> None:
+    """The same typo on a virtual key: a key no client could send, kept silently as a dead key."""
+    monkeypatch.setenv("ER_TEST_EMPTY_KEY", "")
+    cfg = simple_config({"a": await start_upstream()}, keys={"app": key, "ops": {"token": "sk-ops-0123456789abcdef"}})
+    with pytest.raises(ConfigError) as ei:
+        config_mod.parse(cfg, "edge.yaml")
+    assert "keys.app.token: is empty" in str(ei.value) and "keys.ops" not in str(ei.value)
