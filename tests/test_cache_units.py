@@ -76,8 +76,25 @@ def test_the_key_memo_gives_the_key_of_the_parsed_body_and_stays_bounded() -> No
     assert memo.key(orjson.dumps(big), "route", "key:a") == (cache_key(big, "route", "key:a"), True)
     for i in range(20):
         memo.key(orjson.dumps(BODY | {"seed": i}), "route", "key:a")
-    assert len(memo._keys) <= 3 and memo._bytes <= 400
-    assert memo._bytes == sum(len(body) for _, _, body in memo._keys), "the bytes it holds, counted exactly"
+    assert len(memo.bodies()) <= 3 and memo._bytes <= 400
+    assert memo._bytes == sum(len(body) for body in memo.bodies()), "the bytes it holds, counted exactly"
+
+
+def test_the_key_memo_tells_apart_bodies_of_one_length_end_and_middle() -> None:
+    """Bodies alike where the memo looks first (templated prompts: one figure differs) each get
+    their own key, and a flood of them cannot make a lookup compare more than a few."""
+    memo = KeyMemo()
+    bodies = [
+        BODY | {"messages": [{"role": "user", "content": f"Invoice {i:04d}: " + "total due in full. " * 20}]}
+        for i in range(40)
+    ]
+    raws = [orjson.dumps(b) for b in bodies]
+    assert len({len(r) for r in raws}) == 1 and len({(r[-64:], r[len(r) // 2 :][:32]) for r in raws}) == 1
+    for _ in range(2):
+        for body, raw in zip(bodies, raws, strict=True):
+            assert memo.key(raw, "route", "key:a") == (cache_key(body, "route", "key:a"), True)
+    assert 0 < len(memo.bodies()) <= 8, "a spot holds a few bodies, the oldest forgotten"
+    assert memo._bytes == sum(len(body) for body in memo.bodies()) and memo._entries == len(memo.bodies())
 
 
 def test_a_replayed_stream_is_rendered_once_and_the_renders_stay_bounded() -> None:
