@@ -12,6 +12,10 @@ client unchanged. Another deployment cannot honour those fields: by its provider
 `unsupported_params` rule the request is refused (400 naming them and the deployment,
 the default) or served through chat without them (`drop`), the answer then carrying
 `x-edgeroute-dropped-params`. Either way the core decides on the chat translation.
+
+`document` blocks come here too: an Anthropic deployment gets them as sent; another gets their
+chat translation (`anthropic_api`: nothing is lost, whatever its rule), except a document by
+URL or Files API id, which only Anthropic reads: a 400 naming it, `drop` or not.
 """
 
 from __future__ import annotations
@@ -303,7 +307,7 @@ class MessagesCall(Call):
         if isinstance(adapter, AnthropicAdapter):
             return adapter.native_request(dep.model, self.req, self.client_headers)
         unread = _untranslatable(self.req)
-        if unread:  # no drop: the conversation is about that document
+        if unread:  # never dropped: the request is about that document
             raise ProxyError(
                 400,
                 f"The deployment `{dep.name}` cannot read {', '.join(unread)}: only an Anthropic deployment can;"
