@@ -171,3 +171,28 @@ async def test_a_budget_reserves_a_pdfs_pages(start_mock: Any, tmp_path: Path) -
             await client.messages.create(model="m", max_tokens=5, messages=_turn(PDF_DOC))  # 3 pages fit
         spent = await _spent(proxy.url)
     assert len(up.options.requests) == 1 and 0 < spent <= 0.1
+
+
+async def test_a_downgrade_takes_a_document_a_chat_model_reads(start_mock: Any, tmp_path: Path) -> None:
+    """A budget's downgrade left a request with a PDF on its Anthropic model, as one with fields
+    only Anthropic honours: a chat model reads a base64 PDF, so it goes down; one by URL stays."""
+    a = await start_mock("anthropic", record=True)
+    o = await start_mock("openai", record=True)
+    cfg = provider_config({"a": a, "o": o})
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
+    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-o"]}}
+    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
+    cfg |= {
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]},
+    }
+    async with cost_proxy(cfg) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
+            await client.messages.create(model="m", max_tokens=50, messages=_turn())  # crosses the threshold
+            served = {}
+            for name, doc in (("pdf", PDF_DOC), ("url", URL_DOC)):
+                raw = await client.messages.with_raw_response.create(model="m", max_tokens=50, messages=_turn(doc))
+                assert (await raw.parse()).content[0].type == "text"
+                served[name] = raw.headers["x-edgeroute-deployment"]
+    assert served == {"pdf": "d-o", "url": "d-a"}
+    assert o.options.requests[-1]["body"]["messages"][0]["content"][0]["type"] == "file"

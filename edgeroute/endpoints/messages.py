@@ -389,6 +389,12 @@ def honoured_by(live: Live, model: str) -> bool:
     return False
 
 
+def _translated_whole(req: dict[str, Any], lost: list[str]) -> bool:
+    """Whether every deployment serves the request: all it has beyond the chat translation are
+    documents a chat deployment reads (a budget's downgrade may then go to any model)."""
+    return set(lost) <= {"document"} and not _untranslatable(req)
+
+
 def answer_text(body: bytes) -> str | None:
     """The text of a Messages answer (text, thinking, tool inputs), for the shadow log."""
     try:
@@ -435,7 +441,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
         stream,
         make,
         ClientEncoder,
-        serves=honoured_by,
+        serves=None if _translated_whole(req, lost) else honoured_by,
         answer_text=answer_text,
         check=partial(_check_container, req),
         bind=_bind_containers,
