@@ -16,6 +16,7 @@ import pytest
 
 from edgeroute.mock.anthropic import FETCHED_TOKENS, PDF_PAGE_TOKENS
 from tests.providers_fixtures import provider_config, start_mock
+from tests.test_anthropic_with_budgets import downgrading_config
 from tests.test_budget_media_parts import ADMIN, APP, _spent
 from tests.test_cost_support import cost_proxy
 
@@ -178,15 +179,7 @@ async def test_a_downgrade_takes_a_document_a_chat_model_reads(start_mock: Any, 
     only Anthropic honours: a chat model reads a base64 PDF, so it goes down; one by URL stays."""
     a = await start_mock("anthropic", record=True)
     o = await start_mock("openai", record=True)
-    cfg = provider_config({"a": a, "o": o})
-    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
-    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-o"]}}
-    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
-    cfg |= {
-        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
-        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]},
-    }
-    async with cost_proxy(cfg) as proxy:
+    async with cost_proxy(downgrading_config(a, o, tmp_path)) as proxy:
         async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
             await client.messages.create(model="m", max_tokens=50, messages=_turn())  # crosses the threshold
             served = {}
