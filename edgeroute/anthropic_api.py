@@ -156,6 +156,25 @@ def _document_parts(block: dict[str, Any], where: str, native: bool) -> list[dic
     return parts
 
 
+def tool_result_media(block: Any) -> bool:
+    """Whether a `tool_result` holds more than text (an image, a document: a screenshot of
+    computer use), which a chat tool message cannot take; only Anthropic reads it back."""
+    inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+    return isinstance(inner, list) and any(isinstance(x, dict) and x.get("type") != "text" for x in inner)
+
+
+def _media_parts(block: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """A tool result's block as chat parts (`native`: for routing and counting)."""
+    kind = block.get("type")
+    if kind == "text" and isinstance(block.get("text"), str):
+        return [{"type": "text", "text": block["text"]}]
+    if kind == "image":
+        return [_image_part(block)]
+    if kind == "document":
+        return _document_parts(block, where, True)
+    return [{"type": "text", "text": _server_block_text(block)}]  # a search result, ...: Anthropic judges it
+
+
 def _block_text(block: dict[str, Any], i: int, j: int) -> str:
     """A text block's text: one that is not a string is a 400, as Anthropic answers it; read with
     `str()`, a null or missing text reached the model as the word "None" (or as "")."""
@@ -204,10 +223,15 @@ def _user_turn(content: Any, i: int, native: bool = False) -> list[dict[str, Any
             parts.extend(_document_parts(b, f"messages.{i}.content.{j}", native))
         elif kind == "tool_result":
             inner = b.get("content")
-            text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
             failed = b.get("is_error")
             if failed is not None and type(failed) is not bool:
                 raise _bad(f"messages.{i}.content.{j}.is_error: Input should be a valid boolean", "messages")
+            if native and tool_result_media(b):  # for routing and counting: passed through as sent
+                where = f"messages.{i}.content.{j}.content"
+                media = [p for k, x in enumerate(inner) if isinstance(x, dict) for p in _media_parts(x, f"{where}.{k}")]
+                results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": media})
+                continue
+            text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
             if failed and not text.startswith(oa.TOOL_ERROR_PREFIX):  # dropped, the model took it for an answer
                 text = oa.TOOL_ERROR_PREFIX + text  # (one that says so already is not told twice)
             results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})

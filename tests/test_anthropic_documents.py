@@ -135,7 +135,7 @@ async def test_a_chat_deployment_refuses_what_only_anthropic_reads(
                 "error": {
                     "type": "invalid_request_error",
                     "message": f"The deployment `d-o` cannot read messages.0.content.1 (a document whose source is "
-                    f"{why}): only an Anthropic deployment can; send a PDF as base64 data, or text, instead.",
+                    f"{why}: send it as base64 or text); only an Anthropic deployment can.",
                 },
             }
     cited = {**PDF_DOC, "citations": {"enabled": True}}
@@ -189,3 +189,48 @@ async def test_a_downgrade_takes_a_document_a_chat_model_reads(start_mock: Any, 
                 served[name] = raw.headers["x-edgeroute-deployment"]
     assert served == {"pdf": "d-o", "url": "d-a"}
     assert o.options.requests[-1]["body"]["messages"][0]["content"][0]["type"] == "file"
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+TOOL_TURNS: Any = [
+    {"role": "user", "content": "Open the report and take a screenshot"},
+    {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "screen", "input": {}}]},
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_1",
+                "content": [
+                    {"type": "text", "text": "Here it is"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+                    PDF_DOC,
+                ],
+            }
+        ],
+    },
+]
+SCREEN: Any = [{"name": "screen", "input_schema": {"type": "object"}}]
+
+
+async def test_a_tool_result_with_an_image_or_a_document(start_mock: Any, start_proxy: Any) -> None:
+    """A tool result holding an image (a computer use screenshot) or a document was refused
+    ("only text blocks are supported here") even on an Anthropic deployment. It reaches one as
+    sent; a chat deployment, whose tool messages hold text only, refuses it by name."""
+    up = await start_mock("anthropic", record=True)
+    proxy = await start_proxy(provider_config({"a": up}))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    said = await client.messages.create(model="m", max_tokens=20, messages=TOOL_TURNS, tools=SCREEN)
+    assert said.content and up.options.requests[-1]["body"]["messages"] == TOOL_TURNS
+    assert said.usage.input_tokens > 3 * PDF_PAGE_TOKENS
+
+    chat = await start_mock("openai", record=True)
+    proxy = await start_proxy(provider_config({"o": chat}, options={"o": {"unsupported_params": "drop"}}))
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(model="m", max_tokens=20, messages=TOOL_TURNS, tools=SCREEN)
+    assert refused.value.body["error"]["message"] == (  # type: ignore[index]
+        "The deployment `d-o` cannot read messages.2.content.0 (a tool_result holding images or documents: a chat "
+        "tool message holds text only); only an Anthropic deployment can."
+    )
+    assert chat.options.requests == []

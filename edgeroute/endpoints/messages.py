@@ -100,6 +100,8 @@ def _document_fields(content: list[Any]) -> set[str]:
     their translation), and `citations` for those that ask for them (only Anthropic cites)."""
     found: set[str] = set()
     for b in content:
+        if anthropic_api.tool_result_media(b):
+            found.add("tool_result")  # with an image or a document: Anthropic reads it back
         if isinstance(b, dict) and b.get("type") == "document":
             found.add("document")
             citations = b.get("citations")
@@ -115,7 +117,10 @@ def _untranslatable(req: dict[str, Any]) -> list[str]:
         content = m.get("content") if isinstance(m, dict) else None
         for j, b in enumerate(content if isinstance(content, list) else ()):
             if (why := anthropic_api.untranslatable_document(b)) is not None:
-                found.append(f"messages.{i}.content.{j} (a document whose source is {why})")
+                found.append(f"messages.{i}.content.{j} (a document whose source is {why}: send it as base64 or text)")
+            elif anthropic_api.tool_result_media(b):
+                found.append(f"messages.{i}.content.{j} (a tool_result holding images or documents: a chat tool"
+                             " message holds text only)")  # fmt: skip
     return found
 
 
@@ -310,8 +315,7 @@ class MessagesCall(Call):
         if unread:  # never dropped: the request is about that document
             raise ProxyError(
                 400,
-                f"The deployment `{dep.name}` cannot read {', '.join(unread)}: only an Anthropic deployment can;"
-                " send a PDF as base64 data, or text, instead.",
+                f"The deployment `{dep.name}` cannot read {'; '.join(unread)}; only an Anthropic deployment can.",
                 code="unsupported_parameter",
                 param="messages",
             )

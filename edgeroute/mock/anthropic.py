@@ -114,13 +114,14 @@ def _document_error(block: Any) -> str | None:
 
 
 def _documents(body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        b
-        for m in body["messages"]
-        if isinstance(m, dict) and isinstance(m.get("content"), list)
-        for b in m["content"]
-        if isinstance(b, dict) and b.get("type") == "document"
-    ]
+    """The request's document blocks: in its turns, and in its tool results."""
+    blocks = [b for m in body["messages"] if isinstance(m, dict) for b in _blocks(m.get("content"))]
+    inner = [b for t in blocks if t.get("type") == "tool_result" for b in _blocks(t.get("content"))]
+    return [b for b in blocks + inner if b.get("type") == "document"]
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
 
 
 def _document_tokens(block: dict[str, Any]) -> int:
