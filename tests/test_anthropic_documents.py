@@ -14,6 +14,7 @@ from typing import Any
 import anthropic
 import pytest
 
+from edgeroute.cost import media
 from edgeroute.mock.anthropic import FETCHED_TOKENS, PDF_PAGE_TOKENS
 from tests.providers_fixtures import provider_config, start_mock
 from tests.test_anthropic_with_budgets import downgrading_config
@@ -234,3 +235,15 @@ async def test_a_tool_result_with_an_image_or_a_document(start_mock: Any, start_
         "tool message holds text only); only an Anthropic deployment can."
     )
     assert chat.options.requests == []
+
+
+@pytest.mark.parametrize("pad", range(0, 80, 9))
+def test_a_large_pdfs_pages_are_counted_across_the_blocks_it_is_read_in(pad: int) -> None:
+    """A PDF is decoded and searched a block at a time (the GIL let go between): a page object
+    or `/Count` cut by a block's end is counted once."""
+    filler = bytes(range(256)) * 4000  # no `/` followed by a letter in it
+    page = b"%d 0 obj << /Type /Page /Parent 2 0 R >> endobj\n"
+    body = b"".join(filler[: 786_380 + pad] + page % i for i in range(5))
+    pdf = b"%PDF-1.4\n" + body + b"2 0 obj << /Type /Pages /Count 5 >> endobj\n"
+    assert media.pdf_pages({"file_data": "data:application/pdf;base64," + base64.b64encode(pdf).decode()}) == 5
+    assert media.pdf_pages({"file_data": "data:application/pdf;base64," + base64.b64encode(pdf + pdf).decode()}) == 10

@@ -188,9 +188,19 @@ def items_media(items: Any) -> Media | None:
         return None
 
     async def parts() -> MediaParts:
-        return message_parts(items)
+        # A large PDF's pages are read from all its bytes: in a worker thread (20 MB: ~50 ms).
+        heavy = any(len(_file_data(p)) > _ON_LOOP_BYTES for m in items for p in _content(m))
+        return await asyncio.to_thread(message_parts, items) if heavy else message_parts(items)
 
     return parts
+
+
+def _file_data(part: Any) -> str:
+    """A `file` or `input_file` part's inline data ("" for any other part)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    holder = part.get("file") if kind == "file" else part if kind == "input_file" else None
+    data = holder.get("file_data") if isinstance(holder, dict) else None
+    return data if isinstance(data, str) else ""
 
 
 def body_parts(body: bytes) -> MediaParts:
@@ -233,6 +243,8 @@ def message_parts(messages: list[Any]) -> MediaParts:
 _PDF_URL = "data:application/pdf;base64,"
 _PAGE_OBJECT = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 _PAGE_COUNT = re.compile(rb"/Count\s+(\d{1,9})")
+_PDF_BLOCK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+_PDF_OVERLAP = 64  # the longest match searched for, in bytes
 
 
 def pdf_pages(file: Any) -> int | None:
@@ -242,11 +254,21 @@ def pdf_pages(file: Any) -> int | None:
     data = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data, str) or not data.startswith(_PDF_URL):
         return None
-    try:
-        pdf = binascii.a2b_base64(data[len(_PDF_URL) :])
-    except (binascii.Error, ValueError):
-        return None
-    pages = max([len(_PAGE_OBJECT.findall(pdf)), *(int(n) for n in _PAGE_COUNT.findall(pdf))])
+    objects = count = 0
+    carry = b""
+    # Read a block at a time: each call holds the GIL for a few milliseconds only (the
+    # loop goes on meanwhile), where a 20 MB PDF's decode and search held it for 100 ms.
+    for at in range(len(_PDF_URL), len(data), _PDF_BLOCK):
+        try:
+            block = carry + binascii.a2b_base64(data[at : at + _PDF_BLOCK])
+        except (binascii.Error, ValueError):
+            return None
+        # A match may run past the block: one that starts in its last bytes is the next's.
+        end = len(block) if at + _PDF_BLOCK >= len(data) else len(block) - _PDF_OVERLAP
+        objects += sum(1 for m in _PAGE_OBJECT.finditer(block, 0, len(block)) if m.start() < end)
+        count = max([count, *(int(m[1]) for m in _PAGE_COUNT.finditer(block) if m.start() < end)])
+        carry = block[end:]
+    pages = max(objects, count)
     return min(pages, PDF_MOST_PAGES) if pages else None
 
 
