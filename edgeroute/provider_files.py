@@ -95,7 +95,7 @@ def refused(found: str) -> ProxyError:
         what, instead = "a custom skill", "use Anthropic's own skills"
     else:
         what, instead = "a file or vector store", "send the file's content instead (file_data, base64)"
-    raise ProxyError(
+    return ProxyError(
         400,
         f"'{found}' names {what} kept at the provider, which edgeroute cannot confine to this key's tenant: "
         f"{instead}, or ask the operator to allow provider files (server.provider_files: shared).",
@@ -105,7 +105,7 @@ def refused(found: str) -> ProxyError:
 
 
 def not_found(file_id: str, param: str) -> ProxyError:
-    """The provider's answer for a file it does not know (the same whether it exists or not)."""
+    """The provider's answer for a file it does not know, for one an answer gave someone else."""
     return ProxyError(404, f"File not found: '{file_id[:MAX_ID]}'.", code="file_not_found", param=param)
 
 
