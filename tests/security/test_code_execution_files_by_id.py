@@ -9,6 +9,9 @@ answer gave is refused as before."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +112,30 @@ async def test_code_execution_output_files_are_their_tenants(start_mock: Any, tm
             # Alice's own run's file is hers.
             hers = _output_file(await _run(alice, stream))
             await alice.messages.create(model="m", max_tokens=20, messages=_going_on(content, hers)[2:], tools=TOOLS)
+
+
+async def test_an_output_file_whose_owner_cannot_be_read_is_never_used(start_mock: Any, tmp_path: Path) -> None:
+    """While the bindings cannot be read, naming an output file is a 503 (never passed
+    unchecked); an answer whose files could not be bound is still given, and they are then
+    refused as files no answer gave."""
+    up = await start_mock("anthropic", record=True)
+
+    def ledger(sql: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "l.db", timeout=10)) as conn:
+            conn.execute(sql)
+            conn.commit()
+
+    async with cost_proxy(_config(up, tmp_path)) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+            kept = await _run(bob, False)
+            await asyncio.to_thread(ledger, "ALTER TABLE gov_response_owners RENAME TO owners_away")
+            lost = await _run(bob, False)  # answered, its file's binding not written
+            asked = len(up.options.requests)
+            with pytest.raises(anthropic.InternalServerError) as e:
+                await bob.messages.create(model="m", max_tokens=20, messages=_going_on(kept, _output_file(kept)))
+            assert e.value.status_code == 503 and "could not check a file_id" in str(e.value.body)
+            await asyncio.to_thread(ledger, "ALTER TABLE owners_away RENAME TO gov_response_owners")
+            await bob.messages.create(model="m", max_tokens=20, messages=_going_on(kept, _output_file(kept)))
+            with pytest.raises(anthropic.BadRequestError):
+                await bob.messages.create(model="m", max_tokens=20, messages=_going_on(lost, _output_file(lost)))
+    assert len(up.options.requests) == asked + 1  # only the conversation whose file was bound reached it
