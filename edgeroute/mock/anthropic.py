@@ -52,6 +52,7 @@ _ERROR_TYPES = {
 }
 
 _ids = itertools.count(1)
+_SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_")
 PDF_PAGE_TOKENS = 2_200  # a page of text as Claude counts it (its text and its image)
 FETCHED_TOKENS = 3_000  # a document the mock does not hold (a URL, a Files API file)
 _PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
@@ -163,8 +164,8 @@ def _code_run(body: dict[str, Any], name: str | None, mid: str) -> list[dict[str
 
 
 def _tool_use(body: dict[str, Any]) -> dict[str, Any] | None:
-    # Anthropic's own tools (`code_execution_...`) are run by it, never asked of the client.
-    tools = [t for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") in (None, "custom")]
+    # Anthropic's server tools (`code_execution_...`) are run by it, never asked of the client.
+    tools = [t for t in body.get("tools") or () if not str(t.get("type", "")).startswith(_SERVER_TOOLS)]
     choice = body.get("tool_choice") or {}
     if not tools or choice.get("type") == "none":
         return None
