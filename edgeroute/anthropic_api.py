@@ -15,7 +15,9 @@ such field; an Anthropic deployment gets `is_error` back). A request with
 what has no OpenAI equivalent (`top_k`, `thinking` and thinking blocks, `cache_control`,
 `output_config.effort`, an `anthropic-beta` header, ...) is served by
 `endpoints.messages` instead: passed through to Anthropic deployments, refused or
-dropped (by the provider's rule) elsewhere. Documents and server tools are rejected (400).
+dropped (by the provider's rule) elsewhere; so is a request with `document` blocks (an
+Anthropic deployment gets them as sent, a chat one their translation: a base64 PDF as a chat
+`file` part, a text or content document as text parts after its title and context).
 """
 
 from __future__ import annotations
@@ -99,6 +101,80 @@ def _image_part(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
+# A document's source that only Anthropic reads: a URL it fetches, a file of its Files API.
+_ANTHROPIC_SOURCES = {"url": "a URL Anthropic fetches", "file": "a file of Anthropic's Files API"}
+
+
+def untranslatable_document(block: Any) -> str | None:
+    """Why a `document` block cannot reach a chat deployment (its source only Anthropic reads),
+    or None: a base64 PDF becomes a chat `file` part, a text or content document text parts."""
+    if not isinstance(block, dict) or block.get("type") != "document":
+        return None
+    src = block.get("source")
+    kind = src.get("type") if isinstance(src, dict) else None
+    return _ANTHROPIC_SOURCES.get(kind) if isinstance(kind, str) else None
+
+
+def _document_parts(block: dict[str, Any], where: str, native: bool) -> list[dict[str, Any]]:
+    """A `document` block as chat parts: a base64 PDF as a `file` part (`file_data`), a plain
+    text or content document as text (its title and context first). A URL or Files API source
+    only Anthropic reads: with `native` (passed through as sent) a `file` part stands for it, so
+    that it is reserved for as a file; otherwise a 400."""
+    src = block.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{where}.source: Field required", "messages")
+    kind = src.get("type")
+    title = block.get("title") if isinstance(block.get("title"), str) else None
+    if kind == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str):
+        data = "data:application/pdf;base64," + src["data"]
+        return [{"type": "file", "file": {"filename": title or "document.pdf", "file_data": data}}]
+    if kind in _ANTHROPIC_SOURCES and isinstance(src.get(kind if kind == "url" else "file_id"), str):
+        if not native:
+            raise _bad(f"{where}: a document whose source is {_ANTHROPIC_SOURCES[kind]} is read by Anthropic only.")
+        return [{"type": "file", "file": {"filename": title or "document.pdf"}}]
+    if kind == "text" and isinstance(src.get("data"), str):
+        parts = [{"type": "text", "text": src["data"]}]
+    elif kind == "content" and isinstance(src.get("content"), (str, list)):
+        inner = src["content"]
+        blocks = [{"type": "text", "text": inner}] if isinstance(inner, str) else inner
+        parts = []
+        for k, b in enumerate(blocks):
+            if isinstance(b, dict) and b.get("type") == "image":
+                parts.append(_image_part(b))
+            elif isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+                parts.append({"type": "text", "text": b["text"]})
+            else:
+                raise _bad(f"{where}.source.content.{k}: a document's content holds text and image blocks.")
+    else:
+        raise _bad(
+            f"{where}.source: a document's source is a base64 PDF, plain text, content blocks, a url or a file.",
+            "messages",
+        )
+    head = "\n".join(x for x in (title, block.get("context")) if isinstance(x, str) and x)
+    if head:  # what the model is told of the document, before it
+        parts.insert(0, {"type": "text", "text": head + "\n\n"})
+    return parts
+
+
+def tool_result_media(block: Any) -> bool:
+    """Whether a `tool_result` holds more than text (an image, a document: a screenshot of
+    computer use), which a chat tool message cannot take; only Anthropic reads it back."""
+    inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+    return isinstance(inner, list) and any(isinstance(x, dict) and x.get("type") != "text" for x in inner)
+
+
+def _media_parts(block: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """A tool result's block as chat parts (`native`: for routing and counting)."""
+    kind = block.get("type")
+    if kind == "text" and isinstance(block.get("text"), str):
+        return [{"type": "text", "text": block["text"]}]
+    if kind == "image":
+        return [_image_part(block)]
+    if kind == "document":
+        return _document_parts(block, where, True)
+    return [{"type": "text", "text": _server_block_text(block)}]  # a search result, ...: Anthropic judges it
+
+
 def _block_text(block: dict[str, Any], i: int, j: int) -> str:
     """A text block's text: one that is not a string is a 400, as Anthropic answers it; read with
     `str()`, a null or missing text reached the model as the word "None" (or as "")."""
@@ -109,7 +185,8 @@ def _block_text(block: dict[str, Any], i: int, j: int) -> str:
 
 
 # History blocks of Anthropic's server tools beside these: `*_tool_result` (web search, code execution, ...).
-_SERVER_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use"})
+# A `container_upload` puts a file of its Files API into code execution's container.
+_SERVER_BLOCKS = frozenset({"server_tool_use", "mcp_tool_use", "container_upload"})
 
 
 def is_server_block(block: Any) -> bool:
@@ -142,12 +219,19 @@ def _user_turn(content: Any, i: int, native: bool = False) -> list[dict[str, Any
             parts.append({"type": "text", "text": _block_text(b, i, j)})
         elif kind == "image":
             parts.append(_image_part(b))
+        elif kind == "document":
+            parts.extend(_document_parts(b, f"messages.{i}.content.{j}", native))
         elif kind == "tool_result":
             inner = b.get("content")
-            text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
             failed = b.get("is_error")
             if failed is not None and type(failed) is not bool:
                 raise _bad(f"messages.{i}.content.{j}.is_error: Input should be a valid boolean", "messages")
+            if native and tool_result_media(b):  # for routing and counting: passed through as sent
+                where = f"messages.{i}.content.{j}.content"
+                media = [p for k, x in enumerate(inner) if isinstance(x, dict) for p in _media_parts(x, f"{where}.{k}")]
+                results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": media})
+                continue
+            text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
             if failed and not text.startswith(oa.TOOL_ERROR_PREFIX):  # dropped, the model took it for an answer
                 text = oa.TOOL_ERROR_PREFIX + text  # (one that says so already is not told twice)
             results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
@@ -561,15 +645,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     """The prompt's size in tokens, as the routing core counts it for the deployment it would
-    choose, and its images by Anthropic's rule (counted against its key's RPM first, as
-    `/v1/route/explain` is). A PDF document's pages are not read: its text is not counted."""
+    choose, its images by Anthropic's rule and a base64 PDF's pages at a page of text's typical
+    count (counted against its key's RPM first, as `/v1/route/explain` is). A document that
+    Anthropic fetches (a URL, a file of its Files API) is not read here: it is not counted."""
     async with free_requests.counted(request, "/v1/messages/count_tokens"):
         body = await read_request(request, counting=True)
         decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
         tokens = decision.prompt_tokens
         if decision.other_parts:  # the core counts text; an image's tokens follow from its size
-            tokens += sum(media.anthropic_image_tokens(i) for i in media.body_images(body))
+            large = len(body) > PARSE_ON_LOOP_BYTES
+            tokens += await asyncio.to_thread(_media_tokens, body) if large else _media_tokens(body)
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type="application/json")
+
+
+def _media_tokens(body: bytes) -> int:
+    images = sum(media.anthropic_image_tokens(i) for i in media.body_images(body))
+    return images + sum(p * media.PDF_PAGE_ESTIMATE for p in media.body_pdf_pages(body) if p is not None)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -207,7 +207,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
         if live.config.server.provider_files == "refused" and live.access.keyed(request):
-            await provider_files.refuse_named(body)
+            await provider_files.refuse_named(body, request)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
         decision = await decide_soon(live, body, request)

@@ -12,6 +12,13 @@ model read that file. With tenants (virtual keys) such a request is a 400 naming
 any call, unless the operator says the account's files are for everyone
 (`server.provider_files: shared`). Without virtual keys there is one tenant: nothing is checked.
 
+The files an answer gives a tenant are the exception: Anthropic's code execution writes output
+files and names them (`file_id`s in its `*_tool_result` blocks), which the tenant sends back
+(its conversation's history, a `container_upload`, a document). Each such id is bound to the
+caller (`container_owners`, under `FILE_PREFIX` in the response owners' table) and a `file_id`
+bound to the caller passes; one bound to someone else (or to two owners) is the provider's own
+404 for an unknown file, as a container is.
+
 Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
 a `file_id` of the application's own). A body without any of these keys' names, and without a
 backslash-u escape that could spell one, is not parsed.
@@ -20,9 +27,11 @@ backslash-u escape that could spell one, is not parsed.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from edgeroute.errors import ProxyError
 
@@ -36,56 +45,57 @@ _INTO = frozenset(
 )
 _OWN_SKILLS = "anthropic"  # a `container.skills` entry of this type is the provider's own (`xlsx`, `pdf`)
 THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
+FILE_PREFIX = "file:"  # an output file's binding in the response owners' table
+MAX_ID = 256  # a longer id is no provider's (as `responses_owners.MAX_ID`)
 
 
-def _named(value: Any, path: str) -> str | None:
-    """The path of the first provider file or vector store `value` names, or None."""
+def _named(value: Any, path: str) -> Iterator[tuple[str, str | None]]:
+    """The path of each provider file, vector store or skill `value` names, with the file's id
+    when it is one `file_id` (else None)."""
     if isinstance(value, list):
         for i, v in enumerate(value):
-            if (found := _named(v, f"{path}[{i}]")) is not None:
-                return found
-        return None
+            yield from _named(v, f"{path}[{i}]")
+        return
     if not isinstance(value, dict):
-        return None
+        return
     for name in _NAMES:
         got = value.get(name)
         if (name == "file_id" and isinstance(got, str) and got) or (isinstance(got, list) and got):
-            return f"{path}.{name}" if path else name
+            yield f"{path}.{name}" if path else name, got if isinstance(got, str) else None
     # An Anthropic container's custom skill (`{"type": "custom", "skill_id": ...}`) is code and
     # files uploaded to the account (`/v1/skills`), as a file is.
     if path.endswith("]") and ".skills[" in path and value.get("type") != _OWN_SKILLS:
         if isinstance(value.get("skill_id"), str) and value["skill_id"]:
-            return f"{path}.skill_id"
+            yield f"{path}.skill_id", None
     for key, v in value.items():
         # A top-level `input` is a list (Responses); a tool call's `input` is its arguments.
         if key in _INTO and (isinstance(v, list) or (isinstance(v, dict) and key != "input")):
-            if (found := _named(v, f"{path}.{key}" if path else key)) is not None:
-                return found
+            yield from _named(v, f"{path}.{key}" if path else key)
         # A stored prompt's variables (Responses `prompt.variables`) are input parts by name.
         if key == "variables" and path == "prompt" and isinstance(v, dict):
             for name, part in v.items():
-                if (found := _named(part, f"prompt.variables.{name}")) is not None:
-                    return found
-    return None
+                yield from _named(part, f"prompt.variables.{name}")
 
 
-def check(body: bytes) -> None:
-    """Raises a 400 for a request body that names a provider's file or vector store."""
+def named(body: bytes) -> list[tuple[str, str | None]]:
+    """What a request body names at the provider (see `_named`), in its order."""
     # A key's name may be spelt with escapes (`"file\u005fid"`): such a body is always parsed.
     if b"\\u" not in body and not any(m in body for m in _MARKERS):
-        return
+        return []
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return  # the endpoint answers a body that is not JSON
-    found = _named(obj, "")
-    if found is None:
-        return
+        return []  # the endpoint answers a body that is not JSON
+    return list(_named(obj, ""))
+
+
+def refused(found: str) -> ProxyError:
+    """The 400 for what names a file, vector store or skill of the provider's, at `found`."""
     if found.endswith(".skill_id"):
         what, instead = "a custom skill", "use Anthropic's own skills"
     else:
         what, instead = "a file or vector store", "send the file's content instead (file_data, base64)"
-    raise ProxyError(
+    return ProxyError(
         400,
         f"'{found}' names {what} kept at the provider, which edgeroute cannot confine to this key's tenant: "
         f"{instead}, or ask the operator to allow provider files (server.provider_files: shared).",
@@ -94,9 +104,28 @@ def check(body: bytes) -> None:
     )
 
 
-async def refuse_named(body: bytes) -> None:
-    """`check`, off the loop for a large body."""
-    if len(body) >= THREAD_FROM_BYTES:
-        await asyncio.to_thread(check, body)
-    else:
-        check(body)
+def not_found(file_id: str, param: str) -> ProxyError:
+    """The provider's answer for a file it does not know, for one an answer gave someone else."""
+    return ProxyError(404, f"File not found: '{file_id[:MAX_ID]}'.", code="file_not_found", param=param)
+
+
+async def refuse_named(body: bytes, request: web.Request) -> None:
+    """Refuses a request that names a provider's file, vector store or skill, unless it is a
+    file an answer gave the caller (see the module's doc); the body read off the loop when large."""
+    # Late: the endpoints package imports the API modules that import this one.
+    from edgeroute.endpoints.responses_owners import owner_of, stored_owner
+
+    found = await asyncio.to_thread(named, body) if len(body) >= THREAD_FROM_BYTES else named(body)
+    caller = owner_of(request) if found else ""
+    mine: set[str] = set()  # looked up once however often a history names it
+    for where, file_id in found:
+        if file_id is None or len(file_id) > MAX_ID:
+            raise refused(where)
+        if file_id in mine:
+            continue
+        owner = await stored_owner(request, FILE_PREFIX + file_id, "a file_id")
+        mine.add(file_id)
+        if owner is None:
+            raise refused(where)
+        if owner != caller:
+            raise not_found(file_id, where)

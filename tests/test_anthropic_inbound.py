@@ -222,11 +222,11 @@ async def test_request_errors_are_anthropic_errors(start_mock, start_proxy) -> N
             "type": "error",
             "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
         }
-    # A document block has no OpenAI equivalent: rejected, not dropped.
-    doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
+    # A document whose source is of no shape Anthropic takes: named, before any call.
+    doc = {"type": "document", "source": {"type": "pdf", "data": "x"}}
     with pytest.raises(anthropic.BadRequestError) as br:
         await good.messages.create(model="m", max_tokens=10, messages=[{"role": "user", "content": [doc]}])
-    assert "document" in br.value.body["error"]["message"]
+    assert br.value.body["error"]["message"].startswith("messages.0.content.0.source: a document's source is")
 
 
 async def test_structured_output_becomes_response_format(start_mock, start_proxy) -> None:

@@ -95,6 +95,19 @@ async def test_a_request_without_max_tokens_reserves_what_an_anthropic_deploymen
     assert spent == pytest.approx(3.0) and spent <= 6.0
 
 
+def downgrading_config(a: Any, o: Any, tmp_path: Path) -> dict[str, Any]:
+    """Model `m` on Anthropic mock `a`, downgraded to `cheap` (OpenAI mock `o`) from its first
+    request's spend on."""
+    cfg = provider_config({"a": a, "o": o})
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
+    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-o"]}}
+    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
+    return cfg | {
+        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
+        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]},
+    }
+
+
 async def test_a_downgrade_leaves_a_request_its_model_can_serve_where_it_is(start_mock: Any, tmp_path: Path) -> None:
     """A Messages request with Anthropic-only fields (`top_k`, `thinking`, ...) is served only by
     an Anthropic deployment (or one whose provider drops them). A budget's downgrade to a model
@@ -103,14 +116,7 @@ async def test_a_downgrade_leaves_a_request_its_model_can_serve_where_it_is(star
     bounds the spend), while a plain request is downgraded as before."""
     a = await start_mock("anthropic", record=True)
     o = await start_mock("openai", record=True)
-    cfg = provider_config({"a": a, "o": o})
-    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0, "output_per_mtok": 1000}
-    cfg["models"] = {"m": {"deployments": ["d-a"]}, "cheap": {"deployments": ["d-o"]}}
-    downgrade = {"at_percent": 1, "action": "downgrade", "to": "cheap"}
-    cfg |= {
-        "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
-        "budgets": {"limits": [{"name": "g", "scope": "global", "limit_usd": 1.0, "actions": [downgrade]}]},
-    }
+    cfg = downgrading_config(a, o, tmp_path)
     say = [{"role": "user", "content": "hi"}]
     async with cost_proxy(cfg) as proxy:
         client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)

@@ -11,7 +11,10 @@ images each overshoot a budget many times over. Each part is reserved at an allo
 - audio (`input_audio`): 32 tokens a kilobyte of its data, at least 1,000 (Gemini counts 32
   tokens a second of audio, OpenAI about 10, and no common codec takes less than a kilobyte
   for a second);
-- file (`file`): `FILE_TOKENS`, a PDF's text and page images of a few dozen pages.
+- file (`file`): `FILE_TOKENS`, a PDF's text and page images of a few dozen pages; a base64
+  PDF whose pages can be counted (its page objects, its page tree's `/Count`) at least
+  `PDF_PAGE_TOKENS` a page: Anthropic counts a page's text (1,500 to 3,000 tokens) and its
+  image (at most 1,600), and a PDF of a hundred pages passed the allowance many times over.
 
 The images of a deployment of an OpenAI model that counts them at a multiple of gpt-4o's
 count (gpt-4o-mini: 33 times) are reserved at that multiple (`IMAGE_SCALE`). A Gemini model
@@ -29,6 +32,7 @@ import asyncio
 import binascii
 import dataclasses
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +47,9 @@ IMAGE_CAP = 1600  # the most either rule gives one image: Anthropic's (OpenAI's 
 AUDIO_MIN = 1000
 AUDIO_PER_KB = 32
 FILE_TOKENS = 50_000
+PDF_PAGE_TOKENS = 4_600  # the most Anthropic counts a PDF page: 3,000 of text and a 1,600 image
+PDF_PAGE_ESTIMATE = 2_400  # what a page of text typically counts (a 1-page PDF: 2,115 to 2,347)
+PDF_MOST_PAGES = 1_000  # more than any provider reads: a `/Count` beyond is no real page tree
 GEMINI_TILE = 258
 GEMINI_MOST = 16 * GEMINI_TILE  # 4 x 4 tiles of 768 px
 # An image header is read from this much of its base64 at most: a JPEG's size follows its
@@ -75,6 +82,8 @@ class MediaParts:
     files: int = 0
     # Each image by Gemini's tiles (derived from the images, so not compared).
     gemini: tuple[int, ...] = field(default=(), compare=False)
+    # The pages of each base64 PDF whose pages were counted (not among `files`).
+    pdf_pages: tuple[int, ...] = ()
     # The built-in tools it enables (web search, ...), each with the calls reserved (cost.tool_calls).
     tools: tuple[tuple[str, int, int], ...] = ()
     # The tokens of its Predicted Output, reserved at the output price for each answer (cost.prediction).
@@ -88,6 +97,7 @@ class MediaParts:
             _each(images, rule.image, rule.image_default, rule.image_scale)
             + _each(self.audio, rule.audio, rule.audio_default)
             + self.files * rule.file
+            + sum(max(rule.file, pages * PDF_PAGE_TOKENS) for pages in self.pdf_pages)
         )
 
 
@@ -178,9 +188,19 @@ def items_media(items: Any) -> Media | None:
         return None
 
     async def parts() -> MediaParts:
-        return message_parts(items)
+        # A large PDF's pages are read from all its bytes: in a worker thread (20 MB: ~50 ms).
+        heavy = any(len(_file_data(p)) > _ON_LOOP_BYTES for m in items for p in _content(m))
+        return await asyncio.to_thread(message_parts, items) if heavy else message_parts(items)
 
     return parts
+
+
+def _file_data(part: Any) -> str:
+    """A `file` or `input_file` part's inline data ("" for any other part)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    holder = part.get("file") if kind == "file" else part if kind == "input_file" else None
+    data = holder.get("file_data") if isinstance(holder, dict) else None
+    return data if isinstance(data, str) else ""
 
 
 def body_parts(body: bytes) -> MediaParts:
@@ -199,6 +219,7 @@ def message_parts(messages: list[Any]) -> MediaParts:
     images: list[Any] = []
     audio: list[int] = []
     files = 0
+    pdfs: list[int] = []
     for m in messages:
         for part in _content(m):
             kind = part.get("type") if isinstance(part, dict) else None
@@ -209,11 +230,51 @@ def message_parts(messages: list[Any]) -> MediaParts:
             elif kind == "input_audio":
                 audio.append(audio_tokens(part.get("input_audio")))
             elif kind in ("file", "input_file"):
-                files += 1
-    if not (images or audio or files):
+                if (pages := pdf_pages(part.get("file") if kind == "file" else part)) is None:
+                    files += 1
+                else:
+                    pdfs.append(pages)
+    if not (images or audio or files or pdfs):
         return NONE
     gemini = tuple(gemini_image_tokens(i) for i in images)
-    return MediaParts(tuple(image_tokens(i) for i in images), tuple(audio), files, gemini)
+    return MediaParts(tuple(image_tokens(i) for i in images), tuple(audio), files, gemini, pdf_pages=tuple(pdfs))
+
+
+_PDF_URL = "data:application/pdf;base64,"
+_PAGE_OBJECT = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+_PAGE_COUNT = re.compile(rb"/Count\s+(\d{1,9})")
+_PDF_BLOCK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
+_PDF_OVERLAP = 64  # the longest match searched for, in bytes
+
+
+def pdf_pages(file: Any) -> int | None:
+    """The pages of a file part's base64 PDF (`file_data`), when its bytes show them: the more of
+    its page objects and its page tree's `/Count` (a PDF whose objects are all compressed
+    shows neither). None for anything else."""
+    data = file.get("file_data") if isinstance(file, dict) else None
+    if not isinstance(data, str) or not data.startswith(_PDF_URL):
+        return None
+    objects = count = 0
+    carry = b""
+    # Read a block at a time: each call holds the GIL for a few milliseconds only (the
+    # loop goes on meanwhile), where a 20 MB PDF's decode and search held it for 100 ms.
+    for at in range(len(_PDF_URL), len(data), _PDF_BLOCK):
+        try:
+            block = carry + binascii.a2b_base64(data[at : at + _PDF_BLOCK])
+        except (binascii.Error, ValueError):
+            return None
+        # A match may run past the block: one that starts in its last bytes is the next's.
+        end = len(block) if at + _PDF_BLOCK >= len(data) else len(block) - _PDF_OVERLAP
+        objects += sum(1 for m in _PAGE_OBJECT.finditer(block, 0, len(block)) if m.start() < end)
+        count = max([count, *(int(m[1]) for m in _PAGE_COUNT.finditer(block) if m.start() < end)])
+        carry = block[end:]
+    pages = max(objects, count)
+    return min(pages, PDF_MOST_PAGES) if pages else None
+
+
+def body_pdf_pages(body: bytes) -> list[int | None]:
+    """Each `file` part's PDF pages in a chat-completions body's messages (None: not counted)."""
+    return [pdf_pages(p.get("file")) for p in _body_parts(body, "file")]
 
 
 def _content(item: Any) -> list[Any]:
@@ -260,13 +321,18 @@ def anthropic_image_tokens(image: Any) -> int:
 
 def body_images(body: bytes) -> list[Any]:
     """The `image_url` objects of a chat-completions body's messages."""
+    return [p.get("image_url") for p in _body_parts(body, "image_url")]
+
+
+def _body_parts(body: bytes, kind: str) -> list[dict[str, Any]]:
+    """The content parts of type `kind` of a chat-completions body's messages."""
     try:
         req = orjson.loads(body)
     except orjson.JSONDecodeError:
         return []
     messages = req.get("messages") if isinstance(req, dict) else None
     parts = (part for m in (messages if isinstance(messages, list) else []) for part in _content(m))
-    return [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    return [p for p in parts if isinstance(p, dict) and p.get("type") == kind]
 
 
 def openai_tiles(w: int, h: int) -> int:

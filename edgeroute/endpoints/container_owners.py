@@ -16,6 +16,11 @@ goes (Anthropic: in its last `message_delta`); its containers are bound after it
 is written and before its end reaches the client, so a stream cut before then (the client
 gone, the process killed) leaves its container unbound: refused later, never another
 tenant's. Without virtual keys there is one tenant: nothing is bound or checked.
+
+The files code execution writes in a container are named in the answer too (a `file_id` in
+the content of Anthropic's `code_execution_tool_result` / `bash_code_execution_tool_result`
+blocks, for the Files API): each is bound to the caller the same way, under
+`provider_files.FILE_PREFIX`, so the tenant can send it back (`provider_files`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from edgeroute import anthropic_api
 from edgeroute.dispatch import JsonAnswer, StreamAnswer
 from edgeroute.endpoints.responses_owners import MAX_ID, owner_of, stored_owner
 from edgeroute.errors import ProxyError
@@ -55,10 +61,10 @@ async def check(request: web.Request, live: Live, container: str, param: str) ->
         raise _not_found(container, param)
 
 
-async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[str]]) -> None:
-    """Binds each container id `named()` gives to the caller (read only with tenants: a keyless
-    server's answers are not parsed again for it). A failed write is logged: the container,
-    unbound, is then refused when named (safe; the answer itself was paid for)."""
+async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[str]], prefix: str = PREFIX) -> None:
+    """Binds each container id (or, with `FILE_PREFIX`, output file) `named()` gives to the caller
+    (read only with tenants: a keyless server's answers are not parsed again for it). A failed
+    write is logged: the id, unbound, is then refused when named (safe; the answer was paid for)."""
     if not live.access.keyed(request):
         return
     ids = sorted({c for c in named() if c and len(c) <= MAX_ID})
@@ -68,12 +74,46 @@ async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[st
 
     def write() -> None:
         for c in ids:
-            store.bind_response(PREFIX + c, owner)
+            store.bind_response(prefix + c, owner)
 
     try:
         await asyncio.to_thread(write)
     except Exception as e:
-        log.warning("could not bind a container to its key (it cannot be named again): %s", type(e).__name__)
+        log.warning("could not bind %s to its key (it cannot be named again): %s", prefix[:-1], type(e).__name__)
+
+
+def _file_ids(value: Any, found: set[str]) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _file_ids(v, found)
+    elif isinstance(value, dict):
+        if isinstance(value.get("file_id"), str):
+            found.add(value["file_id"])
+        for v in value.values():
+            if isinstance(v, (list, dict)):
+                _file_ids(v, found)
+
+
+def output_files(block: Any) -> set[str]:
+    """The files a content block of a Messages answer says code execution wrote: the `file_id`s
+    in a server tool result's content (`code_execution_output`, `bash_code_execution_output`)."""
+    found: set[str] = set()
+    if anthropic_api.is_server_block(block) and str(block.get("type")).endswith("_tool_result"):
+        _file_ids(block.get("content"), found)
+    return found
+
+
+def json_files(got: JsonAnswer | StreamAnswer) -> set[str]:
+    """The output files a JSON Messages answer names; a stream's are its translator's."""
+    obj = _json_answer(got)
+    content = obj.get("content") if obj is not None else None
+    return {f for block in (content if isinstance(content, list) else ()) for f in output_files(block)}
+
+
+def stream_files(got: StreamAnswer) -> set[str]:
+    """The output files a relayed Messages stream named (its native translator saw them)."""
+    seen = getattr(got.translator, "files", None)
+    return set(seen) if isinstance(seen, set) else set()
 
 
 def anthropic_container(obj: Any) -> str | None:
@@ -123,18 +163,24 @@ def responses_containers(output: Any) -> set[str]:
 
 def json_containers(got: JsonAnswer | StreamAnswer) -> set[str]:
     """The containers a JSON answer of either API names; a stream's are its translator's."""
-    if isinstance(got, StreamAnswer):
-        return set()
-    try:
-        obj = orjson.loads(got.body)
-    except orjson.JSONDecodeError:
-        return set()
-    if not isinstance(obj, dict):
+    obj = _json_answer(got)
+    if obj is None:
         return set()
     found = responses_containers(obj.get("output"))
     if (cid := anthropic_container(obj)) is not None:
         found.add(cid)
     return found
+
+
+def _json_answer(got: JsonAnswer | StreamAnswer) -> dict[str, Any] | None:
+    """A JSON answer's object (None: a stream, or not an object)."""
+    if isinstance(got, StreamAnswer):
+        return None
+    try:
+        obj = orjson.loads(got.body)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
 
 
 def stream_containers(got: StreamAnswer) -> set[str]:

@@ -12,6 +12,10 @@ client unchanged. Another deployment cannot honour those fields: by its provider
 `unsupported_params` rule the request is refused (400 naming them and the deployment,
 the default) or served through chat without them (`drop`), the answer then carrying
 `x-edgeroute-dropped-params`. Either way the core decides on the chat translation.
+
+`document` blocks come here too: an Anthropic deployment gets them as sent; another gets their
+chat translation (`anthropic_api`: nothing is lost, whatever its rule), except a document by
+URL or Files API id, which only Anthropic reads: a 400 naming it, `drop` or not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
+from edgeroute.provider_files import FILE_PREFIX
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage, prompt_side
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.request_input import read_body
@@ -84,9 +89,39 @@ def lost_fields(req: dict[str, Any], beta: str | None) -> list[str]:
             lost.add("thinking")
         if isinstance(content, list):  # a server tool's turns (web search, code execution): Anthropic's own
             lost.update(str(b["type"]) for b in content if anthropic_api.is_server_block(b))
+            lost.update(_document_fields(content))
     if beta:
         lost.add("anthropic-beta")
     return sorted(lost)
+
+
+def _document_fields(content: list[Any]) -> set[str]:
+    """`document` for a turn's documents (an Anthropic deployment gets them as sent, a chat one
+    their translation), and `citations` for those that ask for them (only Anthropic cites)."""
+    found: set[str] = set()
+    for b in content:
+        if anthropic_api.tool_result_media(b):
+            found.add("tool_result")  # with an image or a document: Anthropic reads it back
+        if isinstance(b, dict) and b.get("type") == "document":
+            found.add("document")
+            citations = b.get("citations")
+            if isinstance(citations, dict) and citations.get("enabled"):
+                found.add("citations")
+    return found
+
+
+def _untranslatable(req: dict[str, Any]) -> list[str]:
+    """What a chat deployment cannot read of the request's documents, as said in a refusal."""
+    found = []
+    for i, m in enumerate(req.get("messages") or ()):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, b in enumerate(content if isinstance(content, list) else ()):
+            if (why := anthropic_api.untranslatable_document(b)) is not None:
+                found.append(f"messages.{i}.content.{j} (a document whose source is {why}: send it as base64 or text)")
+            elif anthropic_api.tool_result_media(b):
+                found.append(f"messages.{i}.content.{j} (a tool_result holding images or documents: a chat tool"
+                             " message holds text only)")  # fmt: skip
+    return found
 
 
 def has_content(obj: Any) -> bool:
@@ -131,6 +166,7 @@ class NativeStream:
         self._blocks = 0  # content blocks started
         self.tool_calls_seen: dict[str, int] = {}  # server tool calls started, for a stream cut before its end
         self.containers: set[str] = set()  # the code execution containers it named, bound to the caller
+        self.files: set[str] = set()  # the files code execution wrote (`container_owners.output_files`)
 
     def _check(self, obj: Any) -> None:
         """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
@@ -194,6 +230,7 @@ class NativeStream:
             if isinstance(obj, dict):
                 if kind == "content_block_start":
                     self._count_server_tool(obj.get("content_block"))
+                    self.files |= containers.output_files(obj.get("content_block"))
                 elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                     self._saw_container(obj.get("message"))
@@ -274,15 +311,26 @@ class MessagesCall(Call):
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if isinstance(adapter, AnthropicAdapter):
             return adapter.native_request(dep.model, self.req, self.client_headers)
+        unread = _untranslatable(self.req)
+        if unread:  # never dropped: the request is about that document
+            raise ProxyError(
+                400,
+                f"The deployment `{dep.name}` cannot read {'; '.join(unread)}; only an Anthropic deployment can.",
+                code="unsupported_parameter",
+                param="messages",
+            )
+        lost = [k for k in self.lost if k != "document"]  # the others are translated (`anthropic_api`)
+        if not lost:
+            return super().upstream_request(adapter, dep)
         if adapter.provider.options.get("unsupported_params", "reject") != "drop":
             raise ProxyError(
                 400,
-                f"The deployment `{dep.name}` cannot honour {', '.join(self.lost)} (only an Anthropic deployment"
+                f"The deployment `{dep.name}` cannot honour {', '.join(lost)} (only an Anthropic deployment"
                 " can); its provider's unsupported_params rule is reject.",
                 code="unsupported_parameter",
-                param=self.lost[0],
+                param=lost[0],
             )
-        server = sorted(k for k in self.lost if k in _server_kinds(self.req))
+        server = sorted(k for k in lost if k in _server_kinds(self.req))
         if server:  # a conversation with a server tool's turns cannot go on without them
             raise ProxyError(
                 400,
@@ -291,7 +339,7 @@ class MessagesCall(Call):
                 code="unsupported_parameter",
                 param="messages",
             )
-        self.dropped = self.lost
+        self.dropped = lost
         return super().upstream_request(adapter, dep)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
@@ -345,6 +393,12 @@ def honoured_by(live: Live, model: str) -> bool:
     return False
 
 
+def _translated_whole(req: dict[str, Any], lost: list[str]) -> bool:
+    """Whether every deployment serves the request: all it has beyond the chat translation are
+    documents a chat deployment reads (a budget's downgrade may then go to any model)."""
+    return set(lost) <= {"document"} and not _untranslatable(req)
+
+
 def answer_text(body: bytes) -> str | None:
     """The text of a Messages answer (text, thinking, tool inputs), for the shadow log."""
     try:
@@ -368,10 +422,12 @@ async def _check_container(req: dict[str, Any], request: web.Request, live: Live
 
 async def _bind_containers(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
     await containers.bind(request, live, partial(containers.json_containers, got))
+    await containers.bind(request, live, partial(containers.json_files, got), FILE_PREFIX)
 
 
 async def _bind_stream_containers(request: web.Request, live: Live, got: StreamAnswer) -> None:
     await containers.bind(request, live, partial(containers.stream_containers, got))
+    await containers.bind(request, live, partial(containers.stream_files, got), FILE_PREFIX)
 
 
 def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
@@ -389,7 +445,7 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
         stream,
         make,
         ClientEncoder,
-        serves=honoured_by,
+        serves=None if _translated_whole(req, lost) else honoured_by,
         answer_text=answer_text,
         check=partial(_check_container, req),
         bind=_bind_containers,

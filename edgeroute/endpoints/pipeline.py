@@ -236,7 +236,7 @@ async def serve(
     try:
         body = await read_body(request)
         if live.config.server.provider_files == "refused" and live.access.keyed(request):
-            await provider_files.refuse_named(body)
+            await provider_files.refuse_named(body, request)
         # A body of megabytes (five million token ids) takes a second to parse and check: in a
         # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
         parsed = await asyncio.to_thread(endpoint, body) if len(body) > PARSE_ON_LOOP_BYTES else endpoint(body)

@@ -13,13 +13,22 @@ reports N server web searches (`server_tool_use.web_search_requests`, in the JSO
 stream's final `message_delta`), and ``x-mock-stream-error``: a stream
 that fails with an `overloaded_error` event before any content. A request with a code execution
 tool or a `container` is answered with its container (`container: {id, expires_at}`, in the
-stream's final `message_delta`): the one it names, or a new one.
+stream's final `message_delta`): the one it names, or a new one; with ``x-mock-output-file:
+NAME`` too, its code writes a file: a `server_tool_use` block and its
+`bash_code_execution_tool_result`, whose output names the file's `file_id`, before the text.
+
+`document` blocks are read as Anthropic reads them: a base64 PDF (`application/pdf` only) at
+`PDF_PAGE_TOKENS` a page (its page objects counted), a plain text or content document as
+text, one fetched (`url`) or of the Files API (`file`) at `FETCHED_TOKENS`; a source of another
+shape is a 400.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +52,10 @@ _ERROR_TYPES = {
 }
 
 _ids = itertools.count(1)
+_SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_")
+PDF_PAGE_TOKENS = 2_200  # a page of text as Claude counts it (its text and its image)
+FETCHED_TOKENS = 3_000  # a document the mock does not hold (a URL, a Files API file)
+_PAGE = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 THOUGHT = "The user greets me; a short greeting back."
 SIGNATURE = "mock-signature-0001"
 
@@ -66,12 +79,59 @@ def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(
-            str(b.get("text", "")) if b.get("type") == "text" else _text(b.get("content"))
-            for b in content
-            if isinstance(b, dict)
-        )
+        return " ".join(_block_text(b) for b in content if isinstance(b, dict))
     return ""
+
+
+def _block_text(block: dict[str, Any]) -> str:
+    if block.get("type") == "text":
+        return str(block.get("text", ""))
+    if block.get("type") == "document":
+        src = block.get("source") or {}
+        inner = src.get("data") if src.get("type") == "text" else src.get("content")
+        return " ".join(x for x in (block.get("title"), block.get("context"), _text(inner)) if isinstance(x, str))
+    return _text(block.get("content"))
+
+
+def _document_error(block: Any) -> str | None:
+    """Anthropic's refusal of a document block of a shape it does not take, or None."""
+    src = block.get("source") if isinstance(block, dict) else None
+    if not isinstance(src, dict):
+        return "document.source: Field required"
+    kind = src.get("type")
+    if kind == "base64" and src.get("media_type") == "application/pdf" and isinstance(src.get("data"), str):
+        try:
+            binascii.a2b_base64(src["data"], strict_mode=True)
+        except (binascii.Error, ValueError):
+            return "The PDF specified was not valid."
+        return None
+    ok = (
+        (kind == "text" and src.get("media_type") == "text/plain" and isinstance(src.get("data"), str))
+        or (kind == "content" and isinstance(src.get("content"), (str, list)))
+        or (kind == "url" and isinstance(src.get("url"), str))
+        or (kind == "file" and isinstance(src.get("file_id"), str))
+    )
+    return None if ok else "document.source: Input tag does not match any of the expected tags"
+
+
+def _documents(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's document blocks: in its turns, and in its tool results."""
+    blocks = [b for m in body["messages"] if isinstance(m, dict) for b in _blocks(m.get("content"))]
+    inner = [b for t in blocks if t.get("type") == "tool_result" for b in _blocks(t.get("content"))]
+    return [b for b in blocks + inner if b.get("type") == "document"]
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+
+
+def _document_tokens(block: dict[str, Any]) -> int:
+    """A document's tokens beyond its text: a PDF's pages, or a fetched document's."""
+    src = block.get("source") or {}
+    if src.get("type") == "base64":
+        pdf = binascii.a2b_base64(src["data"])
+        return PDF_PAGE_TOKENS * max(1, len(_PAGE.findall(pdf)))
+    return FETCHED_TOKENS if src.get("type") in ("url", "file") else 0
 
 
 def _as_openai(body: dict[str, Any]) -> dict[str, Any]:
@@ -83,11 +143,29 @@ def _as_openai(body: dict[str, Any]) -> dict[str, Any]:
 def _prompt_tokens(body: dict[str, Any]) -> int:
     system = _text(body.get("system"))
     n = len(body["messages"]) + (1 if system else 0)
-    return 3 + 4 * n + len(system.split()) + sum(len(_text(m.get("content")).split()) for m in body["messages"])
+    text = sum(len(_text(m.get("content")).split()) for m in body["messages"])
+    return 3 + 4 * n + len(system.split()) + text + sum(_document_tokens(d) for d in _documents(body))
+
+
+def _code_run(body: dict[str, Any], name: str | None, mid: str) -> list[dict[str, Any]]:
+    """The blocks of a code execution run that writes file `name` (none without the tool)."""
+    tools = body.get("tools")
+    if name is None or not any(
+        isinstance(t, dict) and str(t.get("type", "")).startswith("code_execution_") for t in tools or ()
+    ):
+        return []
+    use_id = "srvtoolu_" + mid.removeprefix("msg_")
+    output = {"type": "bash_code_execution_output", "file_id": "file_" + mid.removeprefix("msg_")}
+    result = {"type": "bash_code_execution_result", "stdout": "", "stderr": "", "return_code": 0, "content": [output]}
+    return [
+        {"type": "server_tool_use", "id": use_id, "name": "bash_code_execution", "input": {"command": f"touch {name}"}},
+        {"type": "bash_code_execution_tool_result", "tool_use_id": use_id, "content": result},
+    ]
 
 
 def _tool_use(body: dict[str, Any]) -> dict[str, Any] | None:
-    tools = body.get("tools") or []
+    # Anthropic's server tools (`code_execution_...`) are run by it, never asked of the client.
+    tools = [t for t in body.get("tools") or () if not str(t.get("type", "")).startswith(_SERVER_TOOLS)]
     choice = body.get("tool_choice") or {}
     if not tools or choice.get("type") == "none":
         return None
@@ -151,6 +229,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
         return anthropic_error(400, "max_tokens: Field required")
     if not isinstance(body.get("messages"), list) or not body["messages"]:
         return anthropic_error(400, "messages: at least one message is required")
+    for doc in _documents(body):
+        if (refused := _document_error(doc)) is not None:
+            return anthropic_error(400, refused)
     if opts.record:
         opts.requests.append({"headers": dict(request.headers), "body": body})
     model = body["model"]
@@ -184,9 +265,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     searches = int(request.headers.get("x-mock-web-searches", 0))
     server_tools = {"server_tool_use": {"web_search_requests": searches}} if searches else {}
     container = _container(body, mid)
+    run = _code_run(body, request.headers.get("x-mock-output-file"), mid)
 
     if not body.get("stream"):
-        content = [call] if call else [{"type": "text", "text": " ".join(pieces)}]
+        content = [*run, call] if call else [*run, {"type": "text", "text": " ".join(pieces)}]
         if thinking:
             content.insert(0, {"type": "thinking", "thinking": THOUGHT, "signature": SIGNATURE})
         msg = {
@@ -230,6 +312,17 @@ async def messages(request: web.Request) -> web.StreamResponse:
         for d in ({"type": "thinking_delta", "thinking": THOUGHT}, {"type": "signature_delta", "signature": SIGNATURE}):
             await out.write(_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d}))
         await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    for block in run:  # the tool's call (its input streamed) and its result, whole
+        head = {**block, "input": {}} if block["type"] == "server_tool_use" else block
+        start_ev = {"type": "content_block_start", "index": base, "content_block": head}
+        await out.write(_event("content_block_start", start_ev))
+        if block["type"] == "server_tool_use":
+            delta = {"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()}
+            await out.write(
+                _event("content_block_delta", {"type": "content_block_delta", "index": base, "delta": delta})
+            )
+        await out.write(_event("content_block_stop", {"type": "content_block_stop", "index": base}))
+        base += 1
     if call:
         head = {**call, "input": {}}
         await out.write(

@@ -1,0 +1,141 @@
+"""The files Anthropic's code execution writes are their tenant's. An answer names each output
+file by id (a `bash_code_execution_output` in its `bash_code_execution_tool_result`), and the
+tenant sends it back: its conversation's history, a `container_upload`, a document. With
+tenants every such id was refused as a provider file no tenant owns, so an honest tenant could
+not go on with its own conversation. Each id an answer (JSON, or a stream after its last event)
+names is now bound to its caller: it passes for that tenant; named by another tenant (or spelt
+with `\\u` escapes) it is the provider's own 404 for an unknown file, before any call; an id no
+answer gave is refused as before."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import orjson
+import pytest
+
+from tests.providers_fixtures import provider_config, start_mock
+from tests.security.test_responses_item_references import ALICE, BOB
+from tests.test_cost_support import cost_proxy
+
+__all__ = ["start_mock"]
+
+TOOLS: Any = [{"type": "code_execution_20250825", "name": "code_execution"}]
+ASK: Any = {"role": "user", "content": "Write the report to report.csv"}
+
+
+async def _run(client: anthropic.AsyncAnthropic, stream: bool) -> Any:
+    """A code execution answer that writes a file: its content blocks, as the SDK gives them."""
+    if not stream:
+        said = await client.messages.create(model="m", max_tokens=20, messages=[ASK], tools=TOOLS)
+    else:
+        async with client.messages.stream(model="m", max_tokens=20, messages=[ASK], tools=TOOLS) as events:
+            said = await events.get_final_message()
+    return [b.model_dump(exclude_none=True) for b in said.content]
+
+
+def _output_file(content: Any) -> str:
+    result = next(b for b in content if b["type"] == "bash_code_execution_tool_result")
+    file_id: str = result["content"]["content"][0]["file_id"]
+    return file_id
+
+
+def _going_on(content: Any, file_id: str) -> Any:
+    """The conversation sent back: its history, and the file as a container upload and a document."""
+    upload = {"type": "container_upload", "file_id": file_id}
+    doc = {"type": "document", "source": {"type": "file", "file_id": file_id}}
+    return [
+        ASK,
+        {"role": "assistant", "content": content},
+        {"role": "user", "content": [upload, doc, {"type": "text", "text": "Read it back"}]},
+    ]
+
+
+def _config(up: Any, tmp_path: Path) -> dict[str, Any]:
+    cfg = provider_config({"a": up})
+    cfg["providers"]["a"]["headers"] = {"x-mock-output-file": "report.csv"}  # each run writes a file
+    keys = {"alice": {"token": ALICE, "team": "alice"}, "bob": {"token": BOB, "team": "bob"}}
+    return cfg | {"keys": keys, "ledger": {"path": str(tmp_path / "l.db")}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_code_execution_output_files_are_their_tenants(start_mock: Any, tmp_path: Path, stream: bool) -> None:
+    up = await start_mock("anthropic", record=True)
+    files_api = {"anthropic-beta": "files-api-2025-04-14"}
+    async with cost_proxy(_config(up, tmp_path)) as proxy:
+        async with (
+            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob,
+            anthropic.AsyncAnthropic(base_url=proxy.url, api_key=ALICE, max_retries=0) as alice,
+        ):
+            content = await _run(bob, stream)
+            bobs = _output_file(content)
+            said = _going_on(content, bobs)
+            # Bob goes on with his own file: served, as sent.
+            await bob.messages.create(model="m", max_tokens=20, messages=said, tools=TOOLS, extra_headers=files_api)
+            assert up.options.requests[-1]["body"]["messages"] == said
+            asked = len(up.options.requests)
+            # Alice, holding Bob's id: Anthropic's 404 for a file it does not know, before any call.
+            for messages in (said, [{"role": "user", "content": said[2]["content"][1:]}]):
+                with pytest.raises(anthropic.NotFoundError) as refused:
+                    await alice.messages.create(
+                        model="m", max_tokens=20, messages=messages, tools=TOOLS, extra_headers=files_api
+                    )
+                assert refused.value.body == {
+                    "type": "error",
+                    "error": {"type": "not_found_error", "message": f"File not found: '{bobs}'."},
+                }
+            # Spelt with escapes (the key's name and the id): the same.
+            escaped = orjson.dumps(
+                {
+                    "model": "m",
+                    "max_tokens": 20,
+                    "messages": [{"role": "user", "content": [{"type": "container_upload", "file_id": "@"}]}],
+                }
+            ).replace(b'"file_id":"@"', b'"file\\u005fid":"' + bobs[:-1].encode() + b"\\u%04x" % ord(bobs[-1]) + b'"')
+            headers = {"x-api-key": ALICE, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(proxy.url + "/v1/messages", data=escaped, headers={**headers, **files_api}) as r:
+                    assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+            assert len(up.options.requests) == asked  # none of Alice's reached the provider
+            # An id no answer gave is a provider file no tenant owns: refused as before, for Bob too.
+            with pytest.raises(anthropic.BadRequestError) as unknown:
+                await bob.messages.create(
+                    model="m", max_tokens=20, messages=_going_on(content, "file_never_given"), extra_headers=files_api
+                )
+            assert "names a file or vector store kept at the provider" in unknown.value.message
+            # Alice's own run's file is hers.
+            hers = _output_file(await _run(alice, stream))
+            await alice.messages.create(model="m", max_tokens=20, messages=_going_on(content, hers)[2:], tools=TOOLS)
+
+
+async def test_an_output_file_whose_owner_cannot_be_read_is_never_used(start_mock: Any, tmp_path: Path) -> None:
+    """While the bindings cannot be read, naming an output file is a 503 (never passed
+    unchecked); an answer whose files could not be bound is still given, and they are then
+    refused as files no answer gave."""
+    up = await start_mock("anthropic", record=True)
+
+    def ledger(sql: str) -> None:
+        with contextlib.closing(sqlite3.connect(tmp_path / "l.db", timeout=10)) as conn:
+            conn.execute(sql)
+            conn.commit()
+
+    async with cost_proxy(_config(up, tmp_path)) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+            kept = await _run(bob, False)
+            await asyncio.to_thread(ledger, "ALTER TABLE gov_response_owners RENAME TO owners_away")
+            lost = await _run(bob, False)  # answered, its file's binding not written
+            asked = len(up.options.requests)
+            with pytest.raises(anthropic.InternalServerError) as e:
+                await bob.messages.create(model="m", max_tokens=20, messages=_going_on(kept, _output_file(kept)))
+            assert e.value.status_code == 503 and "could not check a file_id" in str(e.value.body)
+            await asyncio.to_thread(ledger, "ALTER TABLE owners_away RENAME TO gov_response_owners")
+            await bob.messages.create(model="m", max_tokens=20, messages=_going_on(kept, _output_file(kept)))
+            with pytest.raises(anthropic.BadRequestError):
+                await bob.messages.create(model="m", max_tokens=20, messages=_going_on(lost, _output_file(lost)))
+    assert len(up.options.requests) == asked + 1  # only the conversation whose file was bound reached it
