@@ -16,8 +16,8 @@ The files an answer gives a tenant are the exception: Anthropic's code execution
 files and names them (`file_id`s in its `*_tool_result` blocks), which the tenant sends back
 (its conversation's history, a `container_upload`, a document). Each such id is bound to the
 caller (`container_owners`, under `FILE_PREFIX` in the response owners' table) and a `file_id`
-bound to the caller passes; one bound to someone else (or to two owners) is the provider's own
-404 for an unknown file, as a container is.
+bound to the caller passes; one bound to someone else (or to two owners) is refused as one no
+answer gave, so that the answer tells nobody whether an id is a tenant's.
 
 Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
 a `file_id` of the application's own). A body without any of these keys' names, and without a
@@ -104,11 +104,6 @@ def refused(found: str) -> ProxyError:
     )
 
 
-def not_found(file_id: str, param: str) -> ProxyError:
-    """The provider's answer for a file it does not know, for one an answer gave someone else."""
-    return ProxyError(404, f"File not found: '{file_id[:MAX_ID]}'.", code="file_not_found", param=param)
-
-
 async def refuse_named(body: bytes, request: web.Request) -> None:
     """Refuses a request that names a provider's file, vector store or skill, unless it is a
     file an answer gave the caller (see the module's doc); the body read off the loop when large."""
@@ -125,7 +120,7 @@ async def refuse_named(body: bytes, request: web.Request) -> None:
             continue
         owner = await stored_owner(request, FILE_PREFIX + file_id, "a file_id")
         mine.add(file_id)
-        if owner is None:
-            raise refused(where)
+        # Another's is refused as one no answer gave: a different answer would tell the
+        # holder of an id that some tenant owns it.
         if owner != caller:
-            raise not_found(file_id, where)
+            raise refused(where)

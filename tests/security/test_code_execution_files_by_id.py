@@ -4,8 +4,8 @@ tenant sends it back: its conversation's history, a `container_upload`, a docume
 tenants every such id was refused as a provider file no tenant owns, so an honest tenant could
 not go on with its own conversation. Each id an answer (JSON, or a stream after its last event)
 names is now bound to its caller: it passes for that tenant; named by another tenant (or spelt
-with `\\u` escapes) it is the provider's own 404 for an unknown file, before any call; an id no
-answer gave is refused as before."""
+with `\\u` escapes) it is refused before any call as an id no answer gave is, with the same
+answer (a different one would tell the holder of an id that some tenant owns it)."""
 
 from __future__ import annotations
 
@@ -80,16 +80,14 @@ async def test_code_execution_output_files_are_their_tenants(start_mock: Any, tm
             await bob.messages.create(model="m", max_tokens=20, messages=said, tools=TOOLS, extra_headers=files_api)
             assert up.options.requests[-1]["body"]["messages"] == said
             asked = len(up.options.requests)
-            # Alice, holding Bob's id: Anthropic's 404 for a file it does not know, before any call.
+            # Alice, holding Bob's id: refused before any call, as an id no answer gave.
             for messages in (said, [{"role": "user", "content": said[2]["content"][1:]}]):
-                with pytest.raises(anthropic.NotFoundError) as refused:
+                with pytest.raises(anthropic.BadRequestError) as refused:
                     await alice.messages.create(
                         model="m", max_tokens=20, messages=messages, tools=TOOLS, extra_headers=files_api
                     )
-                assert refused.value.body == {
-                    "type": "error",
-                    "error": {"type": "not_found_error", "message": f"File not found: '{bobs}'."},
-                }
+                assert refused.value.body["error"]["type"] == "invalid_request_error"
+                assert "names a file or vector store kept at the provider" in refused.value.message
             # Spelt with escapes (the key's name and the id): the same.
             escaped = orjson.dumps(
                 {
@@ -101,7 +99,7 @@ async def test_code_execution_output_files_are_their_tenants(start_mock: Any, tm
             headers = {"x-api-key": ALICE, "anthropic-version": "2023-06-01", "content-type": "application/json"}
             async with aiohttp.ClientSession() as http:
                 async with http.post(proxy.url + "/v1/messages", data=escaped, headers={**headers, **files_api}) as r:
-                    assert r.status == 404 and (await r.json())["error"]["type"] == "not_found_error"
+                    assert r.status == 400 and "kept at the provider" in (await r.json())["error"]["message"]
             assert len(up.options.requests) == asked  # none of Alice's reached the provider
             # An id no answer gave is a provider file no tenant owns: refused as before, for Bob too.
             with pytest.raises(anthropic.BadRequestError) as unknown:
