@@ -33,6 +33,9 @@ log = logging.getLogger("edgeroute.dispatch")
 
 TAIL_BYTES = 8192
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
+# Upstream pieces already arrived are relayed together up to this: one write (a system call, and a
+# wake-up of the client) a burst rather than an event. Under the slow-client mark: a burst is no stall.
+_BURST_BYTES = 8 * 1024
 
 
 # Set on a request once its stream response is prepared: from then on an error can only end
@@ -70,7 +73,8 @@ async def relay_stream(
     encode: Callable[[bytes], bytes] | None = None,
     on_complete: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Sends the held head, then each upstream chunk as it arrives, unmerged.
+    """Sends the held head, then the upstream's chunks as they arrive, never held back for
+    more (those that had arrived together go in one write).
 
     `encode` turns the OpenAI-format events (including the error events written here)
     into another API's stream format, e.g. Anthropic's for `/v1/messages`. The stream
@@ -115,7 +119,7 @@ async def relay_stream(
                 timer = idle
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error:
-                    chunk = await answer.resp.readany()
+                    chunk = await answer.resp.read_arrived(_BURST_BYTES)
                     if not chunk:
                         upstream_broke = True
                         failure = (
