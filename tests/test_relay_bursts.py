@@ -1,10 +1,12 @@
-"""A burst of stream events that reached the proxy together (a fast upstream, a busy loop)
-goes to the client in one write, not one write an event: the same bytes, in order, with the
-official openai SDK reading the same answer."""
+"""What a relayed stream costs the proxy: a burst of events that reached it together (a fast
+upstream, a busy loop) goes to the client in one write, not one write an event (the same bytes,
+in order, the official openai SDK reading the same answer), and its idle timer asks asyncio
+for nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -106,3 +108,33 @@ async def test_the_sdk_reads_a_burst_whole(burst_upstream, start_proxy) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in got if c.choices) == "".join(w + " " for w in WORDS)
     assert got[-1].choices[0].finish_reason == "stop"
     assert proxy.recorder.records[-1].attempts[-1].usage.completion_tokens == len(WORDS)
+
+
+async def test_a_relayed_stream_does_not_ask_asyncio_for_the_running_loop(
+    start_upstream, start_proxy, monkeypatch
+) -> None:
+    """The relay's idle timer is on the loop's shared deadline timer: `asyncio.timeout_at` asked
+    for the running loop three times a stream (each a getpid() system call on Python 3.11) and
+    made a uvloop timer of its own. The stream's timeouts are tested in test_stream_faults.py."""
+    up = await start_upstream(chunk_interval=0.002, reply_words=6)
+    proxy = await start_proxy(simple_config({"a": up}))
+    relay, asked = sys.modules["edgeroute.dispatch.relay"].__file__, []
+    real = asyncio.events.get_running_loop
+
+    def get_running_loop() -> asyncio.AbstractEventLoop:
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame.f_code.co_filename == relay:
+                asked.append(f"{sys._getframe(1).f_code.co_filename}:{sys._getframe(1).f_lineno}")
+                break
+            frame = frame.f_back
+        return real()
+
+    monkeypatch.setattr(asyncio.events, "get_running_loop", get_running_loop)
+    monkeypatch.setattr(asyncio, "get_running_loop", get_running_loop)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    await client.close()
+    assert text.startswith("Hello from gpt-4o-mini.")
+    assert asked == []

@@ -1,4 +1,5 @@
-"""An attempt's timer: `asyncio.timeout_at`'s behaviour, cheaper, on a loop already known.
+"""An attempt's timer, and a relayed stream's: `asyncio.timeout_at`'s behaviour, cheaper, on a
+loop already known.
 
 `asyncio.timeout` asks for the running loop three times (each a getpid() system call on
 Python 3.11) and starts a timer of its own: on uvloop a `call_at` and its `cancel` cost

@@ -24,6 +24,7 @@ from edgeroute import sse
 from edgeroute.accounting import Usage
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
+from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.transcript import Transcript
 from edgeroute.ready_response import bind, write_head
 from edgeroute.state import STATE
@@ -91,7 +92,7 @@ async def relay_stream(
     upstream_broke = False
     upstream_error = False  # the upstream's own error event was relayed: the stream ends there
     server = request.app[STATE]
-    timer: asyncio.Timeout | None = None
+    timer: Deadline | None = None
     out = _EventStream(response_headers)
     try:
         writer = await out.prepare(request)
@@ -115,7 +116,9 @@ async def relay_stream(
             send_timeout = server.live.config.server.send_timeout
             armed = loop.time()
             transport = request.transport
-            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
+            # On the loop's shared deadline timer, as an attempt's (asyncio.timeout_at asked for the
+            # running loop three times, each a getpid(), and made a uvloop timer of its own).
+            with Deadline(loop, min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error:
