@@ -454,11 +454,16 @@ def find_usage(tail: bytes) -> dict[str, Any] | None:
     """The last non-null `usage` object among the complete events in `tail` (written with
     spaces too: searched as `"usage":{` alone, it was missed and the answer counted from its
     visible text)."""
-    idx = -1
-    for m in _USAGE_OBJECT.finditer(tail):
-        idx = m.start()
-    if idx < 0:
-        return None
+    # From the end: the last `"usage"` that opens an object (a regex over the whole tail, up
+    # to 8 KiB a stream, cost more than the rest of its costing).
+    end = len(tail)
+    while True:
+        idx = tail.rfind(b'"usage"', 0, end)
+        if idx < 0:
+            return None
+        if _USAGE_OBJECT.match(tail, idx) is not None:
+            break
+        end = idx
     start = tail.rfind(b"data:", 0, idx)
     end = tail.find(b"\n", idx)
     if start < 0:
