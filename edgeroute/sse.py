@@ -162,6 +162,12 @@ class ChatChunks:
             # the common read: one event of one line
             unnumbered = _check_chunk(chunk[6:-2], self.parsed)
             return chunk if unnumbered is None else self._numbered(unnumbered)
+        if chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0 and not self._events.holding:
+            # A burst of whole events (several reads relayed together): when each is one `data:`
+            # line, checked where it lies and sent on as it came, not split, joined and copied.
+            lines = chunk.split(b"\n\n")
+            if not lines.pop() and (checked := self._burst(chunk, lines)) is not None:
+                return checked
         events = self._events.feed(chunk)
         out = []
         for ev in events:
@@ -169,6 +175,23 @@ class ChatChunks:
             unnumbered = _check_chunk(data, self.parsed) if data is not None else None
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
         return b"".join(out)
+
+    def _burst(self, chunk: bytes, lines: list[bytes]) -> bytes | None:
+        """`chunk`'s events (`lines`, each without its blank line) checked, as they are to be
+        sent; None, checking none, unless each is one `data:` line."""
+        for ev in lines:
+            if not ev.startswith(b"data:") or ev.find(b"\n") >= 0:
+                return None
+        out: list[bytes] | None = None
+        for i, ev in enumerate(lines):
+            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed)  # as `event_data` reads it
+            if unnumbered is not None:
+                if out is None:
+                    out = [e + b"\n\n" for e in lines[:i]]
+                out.append(self._numbered(unnumbered))
+            elif out is not None:
+                out.append(ev + b"\n\n")
+        return chunk if out is None else b"".join(out)
 
     def _numbered(self, obj: dict[str, Any]) -> bytes:
         """The event `obj` with an `index` in each of its tool-call deltas (see :class:`ToolCallSlots`):
@@ -431,11 +454,16 @@ def find_usage(tail: bytes) -> dict[str, Any] | None:
     """The last non-null `usage` object among the complete events in `tail` (written with
     spaces too: searched as `"usage":{` alone, it was missed and the answer counted from its
     visible text)."""
-    idx = -1
-    for m in _USAGE_OBJECT.finditer(tail):
-        idx = m.start()
-    if idx < 0:
-        return None
+    # From the end: the last `"usage"` that opens an object (a regex over the whole tail, up
+    # to 8 KiB a stream, cost more than the rest of its costing).
+    end = len(tail)
+    while True:
+        idx = tail.rfind(b'"usage"', 0, end)
+        if idx < 0:
+            return None
+        if _USAGE_OBJECT.match(tail, idx) is not None:
+            break
+        end = idx
     start = tail.rfind(b"data:", 0, idx)
     end = tail.find(b"\n", idx)
     if start < 0:

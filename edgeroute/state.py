@@ -6,6 +6,7 @@ import asyncio
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
@@ -124,6 +125,14 @@ class Counters:
     body_bytes: int = 0  # request bodies the requests in flight hold (declared, or the worst case)
 
 
+class StreamTimer(Protocol):
+    """A relayed stream's timer (`dispatch.deadline.Deadline`), as a drain moves it."""
+
+    def when(self) -> float | None: ...
+
+    def reschedule(self, when: float) -> None: ...
+
+
 @dataclass(slots=True)
 class ServerState:
     live: Live
@@ -137,7 +146,7 @@ class ServerState:
     # change together, so a restart or the next SIGHUP does not switch config silently.
     source_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
-    streams: set[asyncio.Timeout] = field(default_factory=set)
+    streams: set[StreamTimer] = field(default_factory=set)
     drain_at: float = math.inf
 
     def begin_drain(self, timeout: float) -> None:

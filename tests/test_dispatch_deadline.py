@@ -14,10 +14,25 @@ import uvloop
 
 from edgeroute.dispatch.deadline import Deadline
 
+
+class _With:
+    """A `Deadline` entered and left as a plain `with` (the attempt's), in the cases' `async with`."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+
+    async def __aenter__(self) -> Deadline:
+        return self.deadline.__enter__()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.deadline.__exit__(*exc)
+
+
 Timer = Callable[[asyncio.AbstractEventLoop, float], AbstractAsyncContextManager[Any]]
 TIMERS: dict[str, Timer] = {
     "asyncio": lambda loop, when: asyncio.timeout_at(when),
     "deadline": lambda loop, when: Deadline(loop, when),
+    "deadline-with": lambda loop, when: _With(Deadline(loop, when)),
 }
 
 
@@ -162,7 +177,7 @@ def test_deadline_behaves_as_asyncio_timeout_at(
         TIMER = timer
         seen[name] = _seen(case, loop_factory)
     TIMER = TIMERS["asyncio"]
-    assert seen["deadline"] == seen["asyncio"]
+    assert seen["deadline"] == seen["asyncio"] == seen["deadline-with"]
 
 
 def test_the_cases_tell_a_timeout_from_a_cancellation() -> None:
@@ -209,6 +224,6 @@ def test_many_deadlines_on_one_loop_each_fire_at_their_own_time(
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             seen[name] = runner.run(all_of(timer))
     outcomes = {name: [o for o, _ in got] for name, got in seen.items()}
-    assert outcomes["deadline"] == outcomes["asyncio"]
+    assert outcomes["deadline"] == outcomes["asyncio"] == outcomes["deadline-with"]
     assert outcomes["deadline"].count("timeout") == len([i for i in range(300) if i % 3 == 0 and i % 10 != 4])
     assert max(late for _, late in seen["deadline"]) < 0.1  # fired on time, not at some later sweep

@@ -3,6 +3,9 @@ stream read at once, and an event never ended is refused at its bound."""
 
 from __future__ import annotations
 
+import re
+
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,3 +48,107 @@ def test_an_error_event_has_its_own_bound() -> None:
         splitter.feed(b'or": "' + b"x" * (1 << 20))
     other = sse.EventSplitter(error_limit=1 << 20)  # not an error: up to the event bound
     assert other.feed(b"data: " + b"x" * (2 << 20)) == []
+
+
+# -- a burst of events (several reads relayed together) -----------------------------------------
+
+_BURSTS = [
+    b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    b'data:{"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n',
+    b'data: {"choices":[]}\n\ndata:   {"choices":[{"delta":{}}]}\n\ndata: [DONE]\n\n',
+    # tool calls without an index: numbered, the events around them as they came
+    b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
+    b'data: {"choices":[{"delta":{"tool_calls":[{"id":"t1","function":{"name":"f","arguments":"{}"}}]}}]}\n\n'
+    b'data: {"choices":[{"delta":{"tool_calls":[{"id":"t2","function":{"name":"g","arguments":"{}"}}]}}]}\n\n',
+    # shapes the burst's own path leaves to the general one
+    b'data: {"choices":[]}\n\n\n\ndata: {"choices":[]}\n\n',
+    b': keep-alive\n\ndata: {"choices":[]}\n\n',
+    b'event: x\ndata: {"choices":[]}\n\ndata: {"choices":[]}\n\n',
+    b'data: {"choices":[]}\r\n\r\ndata: {"choices":[]}\r\n\r\n',
+    b"data: {\ndata: }\n\ndata: {}\n\n",
+]
+_BAD_BURSTS = [
+    b'data: {"choices":[]}\n\ndata: not json\n\ndata: {"choices":[]}\n\n',
+    b'data: {"choices":[]}\n\ndata: [1]\n\n',
+    b'data: {"choices":[{"delta":null}]}\n\ndata: {"choices":[]}\n\n',
+]
+
+
+def _one_by_one(burst: bytes) -> tuple[bytes, list[object]]:
+    """What `ChatChunks` makes of `burst`'s events read one at a time (the relay's reads before)."""
+    c = sse.ChatChunks()
+    c.parsed = []
+    events, rest = sse.split_events(burst)
+    assert rest == b""
+    out = b"".join(c.feed(ev + b"\n\n") for ev in events)
+    return out, c.parsed
+
+
+@pytest.mark.parametrize("burst", _BURSTS)
+def test_a_burst_of_events_is_checked_and_sent_as_its_events_one_by_one(burst: bytes) -> None:
+    """Pins a speed-up (the burst's events checked where they lie): the same bytes out and the
+    same objects handed to the hold as when the events came one a read."""
+    c = sse.ChatChunks()
+    c.parsed = []
+    out = c.feed(burst)
+    assert (out, c.parsed) == _one_by_one(burst)
+
+
+@pytest.mark.parametrize("burst", _BAD_BURSTS)
+def test_a_burst_with_an_unreadable_event_fails_as_its_events_one_by_one(burst: bytes) -> None:
+    c = sse.ChatChunks()
+    c.parsed = []
+    with pytest.raises(sse.StreamProtocolError) as burst_error:
+        c.feed(burst)
+    one = sse.ChatChunks()
+    one.parsed = []
+    with pytest.raises(sse.StreamProtocolError) as one_error:
+        _one_by_one_into(one, burst)
+    assert str(burst_error.value) == str(one_error.value)
+    assert c.parsed == one.parsed  # the events before it were checked, and handed on, alike
+
+
+def _one_by_one_into(c: sse.ChatChunks, burst: bytes) -> None:
+    for ev in sse.split_events(burst)[0]:
+        c.feed(ev + b"\n\n")
+
+
+def test_a_burst_of_plain_events_goes_on_as_it_came() -> None:
+    """A burst of one-line events is not split, joined and copied again (it was, event by event)."""
+    burst = _BURSTS[0] + _BURSTS[1]
+    assert sse.ChatChunks().feed(burst) is burst
+
+
+def _find_usage_by_regex(tail: bytes) -> dict[str, object] | None:
+    """`sse.find_usage` as it was: the last match of the pattern over the whole tail."""
+    idx = -1
+    for m in re.finditer(rb'"usage"\s*:\s*\{', tail):
+        idx = m.start()
+    if idx < 0:
+        return None
+    start, end = tail.rfind(b"data:", 0, idx), tail.find(b"\n", idx)
+    if start < 0:
+        return None
+    try:
+        obj = orjson.loads(tail[start + 5 : end if end >= 0 else len(tail)])
+    except orjson.JSONDecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+_USAGE_PARTS = st.lists(
+    st.sampled_from(
+        [b"data: ", b'{"usage":{"prompt_tokens":1}}', b'{"usage": {"total_tokens":2}}', b'"usage"', b'"usage":null',
+         b'"usage"usage"', b":", b" ", b"{", b"}", b"\n\n", b'{"choices":[],', b'"usage" : {"a":3}}', b"x"]
+    ),
+    max_size=12,
+)  # fmt: skip
+
+
+@settings(max_examples=1500)
+@given(_USAGE_PARTS)
+def test_the_usage_found_from_the_end_is_the_last_the_pattern_matches(parts: list[bytes]) -> None:
+    """Pins a speed-up: the tail is searched from its end, with the same answer as a regex over all of it."""
+    tail = b"".join(parts)
+    assert sse.find_usage(tail) == _find_usage_by_regex(tail)

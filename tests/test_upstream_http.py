@@ -234,6 +234,48 @@ async def stream_pieces_arrive_one_by_one_unmerged() -> None:
 
 
 @scenario
+async def pieces_arrived_together_are_read_together_up_to_a_limit() -> None:
+    async def handler(req: Request, conn: Conn) -> None:
+        conn.start(200)
+        for i in range(10):
+            conn.chunk(b"data: %d%s\n\n" % (i, b"x" * 91))  # 100 bytes each, one HTTP chunk each
+        conn.end()
+
+    async with Server(handler) as srv:
+        c = client()
+        r = await c.request("POST", srv.url(), {}, b"{}")
+        await asyncio.sleep(0.2)  # all ten have arrived
+        first = await r.read_arrived(450)
+        assert len(first) == 500  # joined while under the limit: the fifth piece crossed it
+        assert await r.read_arrived(10_000) == b"".join(b"data: %d%s\n\n" % (i, b"x" * 91) for i in range(5, 10))
+        assert await r.read_arrived(10_000) == b""
+        await c.close()
+
+
+@scenario
+async def a_paused_socket_resumes_for_a_joined_read() -> None:
+    total = 8 * 1024 * 1024
+    piece = b"z" * 4096
+
+    async def handler(req: Request, conn: Conn) -> None:
+        conn.start(200, "application/octet-stream")
+        for _ in range(total // len(piece)):
+            conn.chunk(piece)
+            await conn.drain()
+        conn.end()
+
+    async with Server(handler) as srv:
+        c = client()
+        r = await c.request("POST", srv.url(), {}, b"{}")
+        await asyncio.sleep(0.3)  # not reading: the client stops reading the socket
+        n = 0
+        while chunk := await r.read_arrived(1 << 20):  # takes all that is held: the socket must resume
+            n += len(chunk)
+        assert n == total
+        await c.close()
+
+
+@scenario
 async def slow_reader_pauses_the_socket() -> None:
     total = 32 * 1024 * 1024
     piece = b"z" * 65536

@@ -231,7 +231,7 @@ class Attempts:
         try:
             loop = self.loop
             # One timer per attempt: the first-byte deadline, moved to the overall one once headers arrived.
-            async with Deadline(loop, loop.time() + min(self.timeouts.first_byte, self._remaining())) as deadline:
+            with Deadline(loop, loop.time() + min(self.timeouts.first_byte, self._remaining())) as deadline:
                 resp = await up.client.request("POST", req.url, req.headers, req.body, lambda: reached.append(True))
                 rec.status = resp.status
                 if 300 <= resp.status < 400:
@@ -566,11 +566,14 @@ def _unreadable_choices(obj: dict[str, Any]) -> str | None:
     choices = obj.get("choices", _MISSING)
     if choices is _MISSING:
         return "has no choices"
-    if not isinstance(choices, list) or not all(
-        isinstance(c, dict) and isinstance(c.get("message", _EMPTY), dict) for c in choices
-    ):
-        return "has choices that are not objects with a message object"
-    return None
+    # A loop, not `all()` over a generator: run for every answer, the generator cost more than its test.
+    if isinstance(choices, list):
+        for c in choices:
+            if not isinstance(c, dict) or not isinstance(c.get("message", _EMPTY), dict):
+                break
+        else:
+            return None
+    return "has choices that are not objects with a message object"
 
 
 _MISSING = object()

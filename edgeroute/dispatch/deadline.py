@@ -1,4 +1,5 @@
-"""An attempt's timer: `asyncio.timeout_at`'s behaviour, cheaper, on a loop already known.
+"""An attempt's timer, and a relayed stream's: `asyncio.timeout_at`'s behaviour, cheaper, on a
+loop already known.
 
 `asyncio.timeout` asks for the running loop three times (each a getpid() system call on
 Python 3.11) and starts a timer of its own: on uvloop a `call_at` and its `cancel` cost
@@ -130,7 +131,9 @@ class Deadline:
             return True
         return False
 
-    async def __aenter__(self) -> Deadline:
+    # A plain `with` in a coroutine (the attempt's): entering and leaving await nothing, and
+    # `async with` made and ran two coroutines an attempt for that. `async with` does the same.
+    def __enter__(self) -> Deadline:
         task = asyncio.current_task(self._loop)
         if task is None:
             raise RuntimeError("a deadline is used inside a task")
@@ -139,7 +142,7 @@ class Deadline:
         self._arm(self._when)
         return self
 
-    async def __aexit__(
+    def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._disarm()
@@ -147,6 +150,14 @@ class Deadline:
             # Ours alone (no other cancel asked meanwhile): the block ran out of time.
             if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
                 raise TimeoutError from exc
+
+    async def __aenter__(self) -> Deadline:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     def _on_timeout(self) -> None:
         assert self._task is not None

@@ -24,6 +24,7 @@ from edgeroute import sse
 from edgeroute.accounting import Usage
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
+from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.transcript import Transcript
 from edgeroute.ready_response import bind, write_head
 from edgeroute.state import STATE
@@ -33,6 +34,9 @@ log = logging.getLogger("edgeroute.dispatch")
 
 TAIL_BYTES = 8192
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
+# Upstream pieces already arrived are relayed together up to this: one write (a system call, and a
+# wake-up of the client) a burst rather than an event. Under the slow-client mark: a burst is no stall.
+_BURST_BYTES = 8 * 1024
 
 
 # Set on a request once its stream response is prepared: from then on an error can only end
@@ -70,7 +74,8 @@ async def relay_stream(
     encode: Callable[[bytes], bytes] | None = None,
     on_complete: Callable[[bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Sends the held head, then each upstream chunk as it arrives, unmerged.
+    """Sends the held head, then the upstream's chunks as they arrive, never held back for
+    more (those that had arrived together go in one write).
 
     `encode` turns the OpenAI-format events (including the error events written here)
     into another API's stream format, e.g. Anthropic's for `/v1/messages`. The stream
@@ -87,7 +92,7 @@ async def relay_stream(
     upstream_broke = False
     upstream_error = False  # the upstream's own error event was relayed: the stream ends there
     server = request.app[STATE]
-    timer: asyncio.Timeout | None = None
+    timer: Deadline | None = None
     out = _EventStream(response_headers)
     try:
         writer = await out.prepare(request)
@@ -111,11 +116,13 @@ async def relay_stream(
             send_timeout = server.live.config.server.send_timeout
             armed = loop.time()
             transport = request.transport
-            async with asyncio.timeout_at(min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
+            # On the loop's shared deadline timer, as an attempt's (asyncio.timeout_at asked for the
+            # running loop three times, each a getpid(), and made a uvloop timer of its own).
+            with Deadline(loop, min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error:
-                    chunk = await answer.resp.readany()
+                    chunk = await answer.resp.read_arrived(_BURST_BYTES)
                     if not chunk:
                         upstream_broke = True
                         failure = (

@@ -118,6 +118,26 @@ class Response:
             conn.resume()
         return data
 
+    async def read_arrived(self, limit: int) -> bytes:
+        """`readany`, with the pieces that had arrived behind it joined on, up to about `limit`
+        bytes: a stream relays a burst of events (a fast upstream, or a loop that fell behind)
+        in one write to its client, not one write and one loop turn an event."""
+        data = await self.readany()
+        chunks = self._chunks
+        if not chunks or len(data) >= limit:
+            return data
+        parts = [data]
+        size = len(data)
+        while chunks and size < limit:
+            piece = chunks.popleft()
+            parts.append(piece)
+            size += len(piece)
+            self._size -= len(piece)
+        conn = self._conn
+        if conn is not None and conn.paused and self._size <= _LOW_WATER:
+            conn.resume()
+        return b"".join(parts)
+
     async def read(self) -> bytes:
         """The whole (rest of the) body."""
         if self._eof and self._exc is None:
