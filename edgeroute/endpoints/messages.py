@@ -24,7 +24,13 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
-from edgeroute.accounting import Usage, anthropic_tool_calls, with_tool_calls
+from edgeroute.accounting import (
+    Usage,
+    anthropic_server_tools,
+    anthropic_tool_calls,
+    count_server_tool,
+    with_tool_calls,
+)
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import anthropic_tools, with_tools
@@ -157,19 +163,11 @@ class NativeStream:
         # counted from its text instead (it was priced as one output token, whatever it sent).
         if not self._final:
             return None
-        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in))
+        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in, self.tool_calls_seen))
 
     @property
     def prompt_usage(self) -> dict[str, Any] | None:
         return prompt_side(self._usage_in)
-
-    def _count_server_tool(self, block: Any) -> None:
-        """A `server_tool_use` block: one request of Anthropic's web search or fetch (as its final
-        `usage.server_tool_use` counts them)."""
-        if isinstance(block, dict) and block.get("type") == "server_tool_use":
-            kind = block.get("name")
-            if kind in ("web_search", "web_fetch"):
-                self.tool_calls_seen[kind] = self.tool_calls_seen.get(kind, 0) + 1
 
     def _saw_container(self, obj: Any) -> None:
         if (cid := containers.anthropic_container(obj)) is not None:
@@ -193,7 +191,7 @@ class NativeStream:
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
                 if kind == "content_block_start":
-                    self._count_server_tool(obj.get("content_block"))
+                    count_server_tool(obj.get("content_block"), self.tool_calls_seen)
                 elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                     self._saw_container(obj.get("message"))
@@ -308,7 +306,7 @@ class MessagesCall(Call):
             text = _answer_text(obj.get("content"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
-        usage.tool_calls = anthropic_tool_calls(obj.get("usage"))
+        usage.tool_calls = anthropic_tool_calls(obj.get("usage"), anthropic_server_tools(obj.get("content")))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
