@@ -111,6 +111,28 @@ async def test_a_429_with_an_absurd_retry_after_is_the_upstreams_rate_limit(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("retry_after", ["31536000", FAR_DATE])
+async def test_a_429_promises_a_client_no_longer_wait_than_the_deployments_cool_down(
+    upstreams: Any, start_proxy: StartProxy, retry_after: str
+) -> None:
+    """A careless upstream's `Retry-After` of a year was passed on to the client capped at a
+    day, though the deployment is tried again after at most `health.max_ejection_ms`: a client
+    that honours the header stopped for a day over a five-minute cool-down."""
+
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        err = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+        return web.json_response(err, status=429, headers={"Retry-After": retry_after})
+
+    cfg = await upstreams(limited)
+    cfg["health"] = {"base_ejection_ms": 1_000, "max_ejection_ms": 2_000}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    assert err.value.response.headers["Retry-After"] == "2"
+
+
 async def test_refused_provider_credentials_fail_over(upstreams: Any, start_proxy: StartProxy) -> None:
     async def refused(request: web.Request) -> web.Response:
         await request.read()
