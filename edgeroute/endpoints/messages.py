@@ -169,6 +169,11 @@ class NativeStream:
     def prompt_usage(self) -> dict[str, Any] | None:
         return prompt_side(self._usage_in)
 
+    def _count_server_tool(self, block: Any) -> None:
+        """A `server_tool_use` block: one request of Anthropic's web search or fetch (as its final
+        `usage.server_tool_use` counts them)."""
+        count_server_tool(block, self.tool_calls_seen)
+
     def _saw_container(self, obj: Any) -> None:
         if (cid := containers.anthropic_container(obj)) is not None:
             self.containers.add(cid)
@@ -191,7 +196,7 @@ class NativeStream:
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
                 if kind == "content_block_start":
-                    count_server_tool(obj.get("content_block"), self.tool_calls_seen)
+                    self._count_server_tool(obj.get("content_block"))
                 elif kind == "message_start":
                     self._usage_in.update((obj.get("message") or {}).get("usage") or {})
                     self._saw_container(obj.get("message"))
