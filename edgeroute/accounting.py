@@ -102,13 +102,19 @@ class Usage:
         if isinstance(said, dict) and said.get("audio_tokens"):
             out.audio_completion_tokens = _part(said["audio_tokens"], out.completion_tokens)
         if isinstance(tools := u.get(TOOL_CALLS), dict):
-            out.tool_calls = {k: v for k, v in tools.items() if type(v) is int and 0 < v < 1 << 20}
+            out.tool_calls = {k: v for k, v in tools.items() if type(v) is int and 0 < v < MAX_TOOL_CALLS}
         return out
 
 
 # The key under which an answer reader carries its tool calls in the chat-shaped usage it hands
 # to accounting (`Usage.from_openai`); never in a usage a client sees.
 TOOL_CALLS = "edgeroute_tool_calls"
+
+# More calls of a built-in tool than one answer can run: a count past it is an upstream's garbage.
+MAX_TOOL_CALLS = 1 << 20
+
+# Anthropic's server tools billed per call (`usage.server_tool_use.{kind}_requests`).
+ANTHROPIC_SERVER_TOOLS = ("web_search", "web_fetch")
 
 # Responses output items of the built-in tools billed per call.
 RESPONSES_TOOL_ITEMS = {
@@ -136,13 +142,36 @@ def responses_tool_calls(output: Any) -> dict[str, int]:
     return out
 
 
-def anthropic_tool_calls(usage: Any) -> dict[str, int]:
-    """Anthropic's server tool calls (`usage.server_tool_use`: web_search_requests, web_fetch_requests)."""
+def anthropic_tool_calls(usage: Any, seen: dict[str, int]) -> dict[str, int]:
+    """Anthropic's server tool calls (`usage.server_tool_use`: web_search_requests, web_fetch_requests).
+    A count that is not an integer one answer can run (past `MAX_TOOL_CALLS`, negative, a string,
+    a fraction, missing) is garbage, and that tool's calls are those the answer showed (`seen`:
+    its `server_tool_use` blocks): taken as written, 3,000,000,000 searches booked $30M."""
     used = usage.get("server_tool_use") if isinstance(usage, dict) else None
-    if not isinstance(used, dict):
-        return {}
-    out = {kind: used.get(f"{kind}_requests") for kind in ("web_search", "web_fetch")}
-    return {k: v for k, v in out.items() if type(v) is int and v > 0}
+    used = used if isinstance(used, dict) else {}
+    out = {}
+    for kind in ANTHROPIC_SERVER_TOOLS:
+        count = used.get(f"{kind}_requests")
+        count = count if type(count) is int and 0 <= count < MAX_TOOL_CALLS else seen.get(kind, 0)
+        if count > 0:
+            out[kind] = count
+    return out
+
+
+def anthropic_server_tools(content: Any) -> dict[str, int]:
+    """The server tool calls an Anthropic answer's `content` shows (its `server_tool_use` blocks)."""
+    seen: dict[str, int] = {}
+    for block in content if isinstance(content, list) else ():
+        count_server_tool(block, seen)
+    return seen
+
+
+def count_server_tool(block: Any, seen: dict[str, int]) -> None:
+    """Adds to `seen` the call of Anthropic's web search or fetch that `block` is, if it is one."""
+    if isinstance(block, dict) and block.get("type") == "server_tool_use":
+        kind = block.get("name")
+        if kind in ANTHROPIC_SERVER_TOOLS:
+            seen[kind] = seen.get(kind, 0) + 1
 
 
 def with_tool_calls(usage: dict[str, Any] | None, calls: dict[str, int]) -> dict[str, Any] | None:

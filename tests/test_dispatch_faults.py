@@ -8,6 +8,7 @@ proxy is the real one; clients are the official SDKs or raw HTTP where the wire 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -21,6 +22,8 @@ from aiohttp import web
 from edgeroute.state import STATE
 from tests.dispatch_support import HELLO, StartProxy, answer, chunk, in_flight, ok, sse_response
 from tests.dispatch_support import upstreams as upstreams  # a fixture
+
+FAR_DATE = "Mon, 01 Jan 99999999999 00:00:00 GMT"  # an HTTP date past any calendar
 
 
 async def test_client_leaving_during_the_hedge_delay_cancels_and_costs_the_attempt(
@@ -72,7 +75,7 @@ async def test_unreadable_usage_is_counted_not_trusted(upstreams: Any, start_pro
     assert rec.cost_usd > 0 and set(in_flight(proxy).values()) == {0}
 
 
-@pytest.mark.parametrize("retry_after", ["inf", "nan", "1e30", "-5"])
+@pytest.mark.parametrize("retry_after", ["inf", "nan", "1e30", "-5", FAR_DATE])
 async def test_absurd_retry_after_fails_over(upstreams: Any, start_proxy: StartProxy, retry_after: str) -> None:
     async def limited(request: web.Request) -> web.Response:
         await request.read()
@@ -84,6 +87,50 @@ async def test_absurd_retry_after_fails_over(upstreams: Any, start_proxy: StartP
     raw = await client.chat.completions.with_raw_response.create(model="m", messages=HELLO)
     assert raw.headers["x-edgeroute-deployment"] == "d-b"
     assert set(in_flight(proxy).values()) == {0}
+
+
+@pytest.mark.parametrize("retry_after", ["1e30", FAR_DATE])
+async def test_a_429_with_an_absurd_retry_after_is_the_upstreams_rate_limit(
+    upstreams: Any, start_proxy: StartProxy, retry_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream's 429 is its rate limit whatever its `Retry-After` says: an HTTP date past any
+    calendar made reading the answer raise, so it was a server error logged with a traceback,
+    retried at once against the limited upstream and a 502 for the client."""
+
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        err = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+        return web.json_response(err, status=429, headers={"Retry-After": retry_after})
+
+    proxy = await start_proxy(await upstreams(limited))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    assert err.value.code == "upstream_rate_limited"
+    assert [a.outcome for a in proxy.recorder.records[-1].attempts] == ["rate_limited"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("retry_after", ["31536000", FAR_DATE])
+async def test_a_429_promises_a_client_no_longer_wait_than_the_deployments_cool_down(
+    upstreams: Any, start_proxy: StartProxy, retry_after: str
+) -> None:
+    """A careless upstream's `Retry-After` of a year was passed on to the client capped at a
+    day, though the deployment is tried again after at most `health.max_ejection_ms`: a client
+    that honours the header stopped for a day over a five-minute cool-down."""
+
+    async def limited(request: web.Request) -> web.Response:
+        await request.read()
+        err = {"error": {"message": "slow down", "type": "rate_limit_error"}}
+        return web.json_response(err, status=429, headers={"Retry-After": retry_after})
+
+    cfg = await upstreams(limited)
+    cfg["health"] = {"base_ejection_ms": 1_000, "max_ejection_ms": 2_000}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        await client.chat.completions.create(model="m", messages=HELLO)
+    assert err.value.response.headers["Retry-After"] == "2"
 
 
 async def test_refused_provider_credentials_fail_over(upstreams: Any, start_proxy: StartProxy) -> None:

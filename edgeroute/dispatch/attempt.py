@@ -158,6 +158,8 @@ def parse_retry_after(value: str | None) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
+        except OverflowError:  # a year past any calendar: later than a day, as "1e30" is
+            return _MAX_RETRY_AFTER_S
         if when.tzinfo is None:  # HTTP dates are GMT
             when = when.replace(tzinfo=datetime.UTC)
         seconds = when.timestamp() - time.time()

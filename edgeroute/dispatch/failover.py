@@ -42,11 +42,11 @@ class Call(Attempts):
         """The failover policy for this request, from the live config and the decision (its
         questions are this call's methods: no closures made per request)."""
         live, decision = self.live, self.decision
-        retry = live.config.retry
+        retry, cool_down_ms = live.config.retry, live.config.health.max_ejection_ms
         return FailoverPolicy(
             decision.model,
             live.config.models[decision.route].deployments,
-            Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s),
+            Settings(self.max_attempts, retry.base_ms, retry.max_ms, retry.max_retry_after_s, cool_down_ms / 1000),
             fallbacks_on=self._fallback_deployments,
             allowed=self._allowed,
             is_open=self._is_open,

@@ -24,6 +24,7 @@ deployments' recent successes are given as callables, so tests drive it directly
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -91,6 +92,9 @@ class Settings:
     backoff_base_ms: float
     backoff_max_ms: float
     max_retry_after_s: float
+    # The longest a 429 cools a deployment down (`health.max_ejection_ms`): the longest wait a
+    # 429 of ours may promise, whatever the upstream's `Retry-After` said (a year, a far date).
+    max_cool_down_s: float = math.inf
 
 
 class FailoverPolicy:
@@ -338,7 +342,10 @@ class FailoverPolicy:
         tried = ", ".join(sorted({d.name for d in state.called})) or "none"
         why = "; the retry budget is exhausted" if state.budget_refused else ""
         waits = [f.retry_after_s for f in sent if f.retry_after_s is not None]
-        hdrs = {"Retry-After": str(max(1, int(min(waits) + 0.999)))} if waits and status == 429 else {}
+        hdrs = {}
+        if waits and status == 429:
+            wait = min(*waits, self.settings.max_cool_down_s)
+            hdrs["Retry-After"] = str(max(1, int(wait + 0.999)))
         return Stop(
             status,
             f"All deployments for model '{self.model}' failed (tried: {tried}{why}).",

@@ -28,7 +28,13 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core, anthropic_api, sse
-from edgeroute.accounting import Usage, anthropic_tool_calls, with_tool_calls
+from edgeroute.accounting import (
+    Usage,
+    anthropic_server_tools,
+    anthropic_tool_calls,
+    count_server_tool,
+    with_tool_calls,
+)
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import anthropic_tools, with_tools
@@ -193,7 +199,7 @@ class NativeStream:
         # counted from its text instead (it was priced as one output token, whatever it sent).
         if not self._final:
             return None
-        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in))
+        return with_tool_calls(openai_usage(self._usage_in), anthropic_tool_calls(self._usage_in, self.tool_calls_seen))
 
     @property
     def prompt_usage(self) -> dict[str, Any] | None:
@@ -202,10 +208,7 @@ class NativeStream:
     def _count_server_tool(self, block: Any) -> None:
         """A `server_tool_use` block: one request of Anthropic's web search or fetch (as its final
         `usage.server_tool_use` counts them)."""
-        if isinstance(block, dict) and block.get("type") == "server_tool_use":
-            kind = block.get("name")
-            if kind in ("web_search", "web_fetch"):
-                self.tool_calls_seen[kind] = self.tool_calls_seen.get(kind, 0) + 1
+        count_server_tool(block, self.tool_calls_seen)
 
     def _saw_container(self, obj: Any) -> None:
         if (cid := containers.anthropic_container(obj)) is not None:
@@ -356,7 +359,7 @@ class MessagesCall(Call):
             text = _answer_text(obj.get("content"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
-        usage.tool_calls = anthropic_tool_calls(obj.get("usage"))
+        usage.tool_calls = anthropic_tool_calls(obj.get("usage"), anthropic_server_tools(obj.get("content")))
         return JsonAnswer(data, usage)
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
