@@ -14,6 +14,7 @@ use crate::config::Strategy;
 use crate::content::{ContentMatcher, Hits};
 use crate::error::{CoreError, Result};
 use crate::pii::{self, PiiKind, PiiSet};
+use crate::rule_gates::RuleGates;
 
 /// A rule as written in config.
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +274,7 @@ pub struct Rules {
     keyword_text: Vec<String>,
     pattern_text: Vec<String>,
     pii_wanted: PiiSet,
+    gates: RuleGates,
 }
 
 #[derive(Default)]
@@ -331,6 +333,7 @@ impl Rules {
         }
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(specs[i].priority));
+        let gates = RuleGates::new(&specs);
         Ok(Self {
             specs,
             compiled,
@@ -339,6 +342,7 @@ impl Rules {
             keyword_text,
             pattern_text,
             pii_wanted,
+            gates,
         })
     }
 
@@ -360,13 +364,14 @@ impl Rules {
     /// The first rule, by priority, whose conditions all hold.
     pub fn evaluate(&self, input: &RuleInput<'_>) -> Option<RuleMatch> {
         let scan = ContentScan::default();
+        let live = self.gates.live(input);
         // Reasons are written only for the winner: most rules fail some condition,
         // and formatting theirs would cost an allocation per condition per rule.
         let index = self
             .order
             .iter()
             .copied()
-            .find(|&i| self.check(i, input, &scan, None))?;
+            .find(|&i| live.contains(i) && self.check(i, input, &scan, None))?;
         let mut reasons = Vec::new();
         self.check(index, input, &scan, Some(&mut reasons));
         Some(RuleMatch { index, reasons })

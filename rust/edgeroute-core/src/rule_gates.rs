@@ -1,0 +1,173 @@
+//! Which rules a request's model, tags and caller (user, team, role, priority class) let
+//! through, as bit sets over the rules, before any rule is checked.
+//!
+//! Most rules of a large rule set name a model, tag or team the request does not have;
+//! checking each of them condition by condition cost about a hundred instructions a rule.
+//! A few hash lookups per request give the set of rules whose value conditions may hold,
+//! and only those are checked (in full: a gate only ever lets through more than holds).
+
+use std::collections::HashMap;
+
+use crate::rules::{Conditions, RuleInput, RuleSpec};
+
+/// One condition on a value (`models`, `tags`, ...): per value some rule names, the rules
+/// naming it, and the rules without the condition.
+#[derive(Debug)]
+struct Gate {
+    open: Vec<u64>,
+    named: HashMap<String, Vec<u64>>,
+}
+
+/// Lookups of more values than this (tags) let every rule through the tag gate.
+const MAX_VALUES: usize = 8;
+
+impl Gate {
+    fn new(specs: &[RuleSpec], list: fn(&Conditions) -> &[String]) -> Self {
+        let words = specs.len().div_ceil(64);
+        let mut open = vec![0u64; words];
+        let mut named: HashMap<String, Vec<u64>> = HashMap::new();
+        for (i, r) in specs.iter().enumerate() {
+            let values = list(&r.when);
+            if values.is_empty() {
+                set(&mut open, i);
+            }
+            for v in values {
+                set(named.entry(v.clone()).or_insert_with(|| vec![0; words]), i);
+            }
+        }
+        Self { open, named }
+    }
+
+    /// Keeps in `live` only the rules without this condition and those naming one of `values`.
+    fn narrow<'v>(&self, live: &mut [u64], values: impl IntoIterator<Item = &'v str>) {
+        if self.named.is_empty() {
+            return; // no rule has the condition
+        }
+        let mut sets: [&[u64]; MAX_VALUES] = [&[]; MAX_VALUES];
+        let mut n = 0;
+        for v in values {
+            if n == MAX_VALUES {
+                return;
+            }
+            if let Some(s) = self.named.get(v) {
+                sets[n] = s;
+                n += 1;
+            }
+        }
+        for (w, word) in live.iter_mut().enumerate() {
+            *word &= sets[..n].iter().fold(self.open[w], |acc, s| acc | s[w]);
+        }
+    }
+}
+
+fn set(bits: &mut [u64], i: usize) {
+    bits[i / 64] |= 1 << (i % 64);
+}
+
+/// The gates of a rule set.
+#[derive(Debug)]
+pub(crate) struct RuleGates {
+    rules: usize,
+    models: Gate,
+    tags: Gate,
+    users: Gate,
+    teams: Gate,
+    roles: Gate,
+    priority: Gate,
+}
+
+impl RuleGates {
+    pub(crate) fn new(specs: &[RuleSpec]) -> Self {
+        Self {
+            rules: specs.len(),
+            models: Gate::new(specs, |w| &w.models),
+            tags: Gate::new(specs, |w| &w.tags),
+            users: Gate::new(specs, |w| &w.users),
+            teams: Gate::new(specs, |w| &w.teams),
+            roles: Gate::new(specs, |w| &w.roles),
+            priority: Gate::new(specs, |w| &w.priority),
+        }
+    }
+
+    /// The rules whose value conditions may hold for `input`, by index (a superset of those
+    /// that do: a rule let through is still checked).
+    pub(crate) fn live(&self, input: &RuleInput<'_>) -> Live {
+        let mut bits = vec![u64::MAX; self.rules.div_ceil(64)];
+        self.models.narrow(&mut bits, [input.model]);
+        self.tags.narrow(&mut bits, input.tags.iter().map(String::as_str));
+        self.users.narrow(&mut bits, input.user);
+        self.teams.narrow(&mut bits, input.team);
+        self.roles.narrow(&mut bits, input.role);
+        self.priority.narrow(&mut bits, input.priority);
+        Live(bits)
+    }
+}
+
+/// A set of rules by index (see [`RuleGates::live`]).
+pub(crate) struct Live(Vec<u64>);
+
+impl Live {
+    pub(crate) fn contains(&self, i: usize) -> bool {
+        self.0[i / 64] >> (i % 64) & 1 != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(json: &str) -> RuleSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn gates_let_through_the_rules_whose_values_match_and_those_without_the_condition() {
+        let specs: Vec<RuleSpec> = (0..70)
+            .map(|i| match i % 5 {
+                0 => rule(&format!(
+                    r#"{{"name":"r{i}","when":{{"models":["m{}"]}},"then":{{}}}}"#,
+                    i % 3
+                )),
+                1 => rule(&format!(
+                    r#"{{"name":"r{i}","when":{{"tags":["t{}","u"]}},"then":{{}}}}"#,
+                    i % 4
+                )),
+                2 => rule(&format!(
+                    r#"{{"name":"r{i}","when":{{"teams":["a"],"roles":["x"]}},"then":{{}}}}"#
+                )),
+                3 => rule(&format!(
+                    r#"{{"name":"r{i}","when":{{"users":["me"],"priority":["p"]}},"then":{{}}}}"#
+                )),
+                _ => rule(&format!(r#"{{"name":"r{i}","when":{{"min_tokens":5}},"then":{{}}}}"#)),
+            })
+            .collect();
+        let gates = RuleGates::new(&specs);
+        let tags = ["t1".to_string()];
+        let input = RuleInput {
+            model: "m0",
+            tags: &tags,
+            team: Some("a"),
+            role: Some("x"),
+            ..Default::default()
+        };
+        let live = gates.live(&input);
+        let got: Vec<usize> = (0..70).filter(|&i| live.contains(i)).collect();
+        let want: Vec<usize> = (0..70)
+            .filter(|&i| match i % 5 {
+                0 => i % 3 == 0,
+                1 => i % 4 == 1,
+                2 | 4 => true,
+                _ => false, // no user
+            })
+            .collect();
+        assert_eq!(got, want);
+        // More tags than are looked up: the tag gate lets every rule through.
+        let many: Vec<String> = (0..=MAX_VALUES).map(|i| format!("t{i}")).collect();
+        let input = RuleInput {
+            model: "m0",
+            tags: &many,
+            ..Default::default()
+        };
+        assert!((0..70).filter(|i| i % 5 == 1).all(|i| gates.live(&input).contains(i)));
+    }
+}
