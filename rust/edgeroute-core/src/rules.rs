@@ -377,38 +377,35 @@ impl Rules {
         Some(RuleMatch { index, reasons })
     }
 
-    /// Whether rule `i` holds; when `why` is given, the reason for each condition is pushed to it.
+    /// Whether rule `i`, let through by the gates, holds; when `why` is given, the reason for
+    /// each condition is pushed to it.
     fn check(&self, i: usize, input: &RuleInput<'_>, scan: &ContentScan, mut why: Option<&mut Vec<String>>) -> bool {
         let w = &self.specs[i].when;
         let c = &self.compiled[i];
+        let explain = why.is_some();
         let mut note = |reason: &dyn Fn() -> String| {
             if let Some(why) = why.as_deref_mut() {
                 why.push(reason());
             }
         };
-        if !w.models.is_empty() {
-            if !w.models.iter().any(|m| m == input.model) {
-                return false;
+        // The value conditions hold: `evaluate` checks only the rules its gates let through.
+        // They are read again for the winner's reasons.
+        if explain {
+            if !w.models.is_empty() {
+                note(&|| format!("model={}", input.model));
             }
-            note(&|| format!("model={}", input.model));
-        }
-        if !w.tags.is_empty() {
-            let Some(t) = w.tags.iter().find(|t| input.tags.contains(t)) else {
-                return false;
-            };
-            note(&|| format!("tag={t}"));
-        }
-        for (list, value, label) in [
-            (&w.users, input.user, "user"),
-            (&w.teams, input.team, "team"),
-            (&w.roles, input.role, "role"),
-            (&w.priority, input.priority, "priority"),
-        ] {
-            if !list.is_empty() {
-                let Some(v) = value.filter(|v| list.iter().any(|x| x == v)) else {
-                    return false;
-                };
-                note(&|| format!("{label}={v}"));
+            if let Some(t) = w.tags.iter().find(|t| input.tags.contains(t)) {
+                note(&|| format!("tag={t}"));
+            }
+            for (list, value, label) in [
+                (&w.users, input.user, "user"),
+                (&w.teams, input.team, "team"),
+                (&w.roles, input.role, "role"),
+                (&w.priority, input.priority, "priority"),
+            ] {
+                if let Some(v) = value.filter(|_| !list.is_empty()) {
+                    note(&|| format!("{label}={v}"));
+                }
             }
         }
         if let Some(t) = &w.time {
