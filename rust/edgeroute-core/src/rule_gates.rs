@@ -7,6 +7,7 @@
 //! only those are checked, for their other conditions.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::rules::{Conditions, RuleInput, RuleSpec};
 
@@ -15,14 +16,42 @@ use crate::rules::{Conditions, RuleInput, RuleSpec};
 #[derive(Debug)]
 struct Gate {
     open: Vec<u64>,
-    named: HashMap<String, Vec<u64>>,
+    named: HashMap<String, Vec<u64>, BuildHasherDefault<WordHasher>>,
+}
+
+/// Hashes a string a word at a time with a multiplication (FxHash's step). The keys are the
+/// config's values; a request only looks values up, so it cannot fill a bucket, and SipHash
+/// made the lookups a tenth of the gates' cost.
+#[derive(Default)]
+struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut words = bytes.chunks_exact(8);
+        for w in words.by_ref() {
+            self.add(u64::from_le_bytes(w.try_into().expect("eight bytes")));
+        }
+        let mut last = [0u8; 8];
+        let rest = words.remainder();
+        last[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(last) ^ rest.len() as u64);
+    }
+}
+
+impl WordHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
 }
 
 impl Gate {
     fn new(specs: &[RuleSpec], list: fn(&Conditions) -> &[String]) -> Self {
         let words = specs.len().div_ceil(64);
         let mut open = vec![0u64; words];
-        let mut named: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut named: HashMap<String, Vec<u64>, BuildHasherDefault<WordHasher>> = HashMap::default();
         for (i, r) in specs.iter().enumerate() {
             let values = list(&r.when);
             if values.is_empty() {

@@ -451,10 +451,13 @@ impl Rules {
                 Some(body) => pii::detect_json(body, self.pii_wanted),
                 None => pii::detect(input.text, self.pii_wanted),
             });
-            let Some(k) = c.pii.kinds().find(|k| found.contains(*k)) else {
+            if !c.pii.intersects(found) {
                 return false;
-            };
-            note(&|| format!("pii={}", k.name()));
+            }
+            note(&|| {
+                let k = c.pii.kinds().find(|k| found.contains(*k));
+                format!("pii={}", k.expect("the sets intersect").name())
+            });
         }
         // Token counts last: counting may run the tokenizer, the costliest check.
         if let Some(min) = w.min_tokens {
