@@ -433,12 +433,22 @@ mod tests {
         /// prefixes (where the walk goes on without the search).
         #[test]
         fn skipping_to_prefixes_finds_what_aho_corasick_finds(
-            needles in proptest::collection::vec("[abAB\u{e9}k-]{3,7}", 1..4),
-            pieces in proptest::collection::vec("[abABkK\u{e9}\u{212a}-]{1,6}|[xyz ]{1,80}", 0..120),
+            needles in proptest::collection::vec("[abAB\u{e9}k-]{3,7}", 1..8),
+            pieces in proptest::collection::vec(("[abABkK\u{e9}\u{212a}-]{1,6}|[xyz ]{1,30}", 0..40usize), 0..120),
         ) {
             let needles: Vec<Vec<u8>> = needles.into_iter().map(String::into_bytes).collect();
             prop_assert!(Needles::new(&needles).unwrap().starts.is_some(), "a prefix search");
-            let (got, want) = both(&needles, pieces.concat().as_bytes());
+            // A third of the pieces are needles (some uppercased), so that some texts are dense
+            // in prefixes from some point on.
+            let mut text = Vec::new();
+            for (piece, pick) in pieces {
+                match pick % 6 {
+                    0 => text.extend_from_slice(&needles[pick % needles.len()]),
+                    1 => text.extend(needles[pick % needles.len()].to_ascii_uppercase()),
+                    _ => text.extend_from_slice(piece.as_bytes()),
+                }
+            }
+            let (got, want) = both(&needles, &text);
             prop_assert_eq!(got, want);
         }
     }
