@@ -141,6 +141,66 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
+    /// The value conditions as `Rules::check` read them before the gates.
+    fn holds(w: &Conditions, input: &RuleInput<'_>) -> bool {
+        (w.models.is_empty() || w.models.iter().any(|m| m == input.model))
+            && (w.tags.is_empty() || w.tags.iter().any(|t| input.tags.contains(t)))
+            && [
+                (&w.users, input.user),
+                (&w.teams, input.team),
+                (&w.roles, input.role),
+                (&w.priority, input.priority),
+            ]
+            .iter()
+            .all(|(list, value)| list.is_empty() || value.is_some_and(|v| list.iter().any(|x| x == v)))
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// A rule is let through exactly when its value conditions hold, over rule sets of up to
+        /// two hundred rules (several words of bits) and requests with any number of tags.
+        #[test]
+        fn gates_let_through_exactly_the_rules_whose_value_conditions_hold(
+            lists in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec("[abc]", 0..3), 6), 1..200),
+            model in "[abc]",
+            tags in proptest::collection::vec("[abcd]", 0..12),
+            values in proptest::collection::vec(proptest::option::of("[abc]"), 4),
+        ) {
+            let specs: Vec<RuleSpec> = lists
+                .iter()
+                .enumerate()
+                .map(|(i, l)| RuleSpec {
+                    name: format!("r{i}"),
+                    priority: 0,
+                    when: Conditions {
+                        models: l[0].clone(),
+                        tags: l[1].clone(),
+                        users: l[2].clone(),
+                        teams: l[3].clone(),
+                        roles: l[4].clone(),
+                        priority: l[5].clone(),
+                        ..Default::default()
+                    },
+                    then: Default::default(),
+                })
+                .collect();
+            let input = RuleInput {
+                model: &model,
+                tags: &tags,
+                user: values[0].as_deref(),
+                team: values[1].as_deref(),
+                role: values[2].as_deref(),
+                priority: values[3].as_deref(),
+                ..Default::default()
+            };
+            let live = RuleGates::new(&specs).live(&input);
+            for (i, r) in specs.iter().enumerate() {
+                proptest::prop_assert_eq!(live.contains(i), holds(&r.when, &input), "rule {}: {:?}", i, r.when);
+            }
+        }
+    }
+
     #[test]
     fn gates_let_through_the_rules_whose_values_match_and_those_without_the_condition() {
         let specs: Vec<RuleSpec> = (0..70)
