@@ -99,8 +99,8 @@ impl Needles {
     /// Compiles `needles` (matched ASCII case-insensitively).
     pub fn new(needles: &[Vec<u8>]) -> Result<Self> {
         let err = |e: &dyn std::fmt::Display| CoreError::Config(format!("keywords: {e}"));
-        // Every occurrence of every needle is wanted, so no prefilter can
-        // skip ahead: a DFA walked byte by byte is the floor.
+        // Every occurrence of every needle is wanted: the crate's own prefilters skip only
+        // to a next match, and ours (`prefix_search`) is applied in `skip_walk`.
         let dfa = DFA::builder()
             .match_kind(MatchKind::Standard)
             .prefilter(false)
