@@ -45,6 +45,7 @@ pub mod policy;
 pub mod pretokenize;
 pub mod request;
 pub mod router;
+mod rule_gates;
 pub mod rules;
 pub mod select;
 pub mod tokens;

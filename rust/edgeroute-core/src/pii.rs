@@ -74,6 +74,10 @@ impl PiiSet {
     pub fn union(self, other: PiiSet) -> PiiSet {
         PiiSet(self.0 | other.0)
     }
+    /// Whether the sets share a kind.
+    pub fn intersects(self, other: PiiSet) -> bool {
+        self.0 & other.0 != 0
+    }
     fn insert(&mut self, kind: PiiKind) {
         self.0 |= kind.bit();
     }

@@ -25,7 +25,7 @@ pub struct Message<'a> {
     #[serde(borrow, default)]
     pub content: Content<'a>,
     /// The optional participant name.
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     pub name: Option<Cow<'a, str>>,
     /// Tool calls made by an assistant message.
     #[serde(borrow, default)]
@@ -49,6 +49,14 @@ pub struct FunctionCall<'a> {
     /// JSON-encoded arguments.
     #[serde(borrow, default)]
     pub arguments: Cow<'a, str>,
+}
+
+/// An optional string, borrowed from the body unless it has escapes. (`#[serde(borrow)]`
+/// borrows a `Cow<str>` field only: through an `Option` it always allocates a copy.)
+fn borrowed<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Cow<'a, str>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+    Ok(Option::<Text<'a>>::deserialize(d)?.map(|t| t.0))
 }
 
 #[derive(Deserialize)]
@@ -76,7 +84,7 @@ struct Body<'a> {
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
     best_of: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     tools: Option<&'a RawValue>,
@@ -469,6 +477,17 @@ mod tests {
             let err = ChatRequest::parse(body.as_bytes()).unwrap_err().to_string();
             assert!(err.starts_with("Invalid value for '"), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn names_and_users_are_borrowed_unless_escaped() {
+        let body = br#"{"model":"m","user":"u\u0031","messages":[{"role":"user","name":"ann","content":"x"},{"role":"user","name":null}]}"#;
+        let req = ChatRequest::parse(body).unwrap();
+        assert!(matches!(req.messages[0].name, Some(Cow::Borrowed("ann"))));
+        assert_eq!(req.messages[1].name, None);
+        assert!(matches!(req.user.as_deref(), Some("u1")));
+        let body = br#"{"model":"m","messages":[{"role":"user","name":7}]}"#;
+        assert!(matches!(ChatRequest::parse(body), Err(CoreError::BadRequest(_))));
     }
 
     #[test]

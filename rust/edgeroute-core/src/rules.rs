@@ -14,6 +14,7 @@ use crate::config::Strategy;
 use crate::content::{ContentMatcher, Hits};
 use crate::error::{CoreError, Result};
 use crate::pii::{self, PiiKind, PiiSet};
+use crate::rule_gates::RuleGates;
 
 /// A rule as written in config.
 #[derive(Debug, Clone, Deserialize)]
@@ -273,6 +274,7 @@ pub struct Rules {
     keyword_text: Vec<String>,
     pattern_text: Vec<String>,
     pii_wanted: PiiSet,
+    gates: RuleGates,
 }
 
 #[derive(Default)]
@@ -331,6 +333,7 @@ impl Rules {
         }
         let mut order: Vec<usize> = (0..specs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(specs[i].priority));
+        let gates = RuleGates::new(&specs);
         Ok(Self {
             specs,
             compiled,
@@ -339,6 +342,7 @@ impl Rules {
             keyword_text,
             pattern_text,
             pii_wanted,
+            gates,
         })
     }
 
@@ -360,50 +364,48 @@ impl Rules {
     /// The first rule, by priority, whose conditions all hold.
     pub fn evaluate(&self, input: &RuleInput<'_>) -> Option<RuleMatch> {
         let scan = ContentScan::default();
+        let live = self.gates.live(input);
         // Reasons are written only for the winner: most rules fail some condition,
         // and formatting theirs would cost an allocation per condition per rule.
         let index = self
             .order
             .iter()
             .copied()
-            .find(|&i| self.check(i, input, &scan, None))?;
+            .find(|&i| live.contains(i) && self.check(i, input, &scan, None))?;
         let mut reasons = Vec::new();
         self.check(index, input, &scan, Some(&mut reasons));
         Some(RuleMatch { index, reasons })
     }
 
-    /// Whether rule `i` holds; when `why` is given, the reason for each condition is pushed to it.
+    /// Whether rule `i`, let through by the gates, holds; when `why` is given, the reason for
+    /// each condition is pushed to it.
     fn check(&self, i: usize, input: &RuleInput<'_>, scan: &ContentScan, mut why: Option<&mut Vec<String>>) -> bool {
         let w = &self.specs[i].when;
         let c = &self.compiled[i];
+        let explain = why.is_some();
         let mut note = |reason: &dyn Fn() -> String| {
             if let Some(why) = why.as_deref_mut() {
                 why.push(reason());
             }
         };
-        if !w.models.is_empty() {
-            if !w.models.iter().any(|m| m == input.model) {
-                return false;
+        // The value conditions hold: `evaluate` checks only the rules its gates let through.
+        // They are read again for the winner's reasons.
+        if explain {
+            if !w.models.is_empty() {
+                note(&|| format!("model={}", input.model));
             }
-            note(&|| format!("model={}", input.model));
-        }
-        if !w.tags.is_empty() {
-            let Some(t) = w.tags.iter().find(|t| input.tags.contains(t)) else {
-                return false;
-            };
-            note(&|| format!("tag={t}"));
-        }
-        for (list, value, label) in [
-            (&w.users, input.user, "user"),
-            (&w.teams, input.team, "team"),
-            (&w.roles, input.role, "role"),
-            (&w.priority, input.priority, "priority"),
-        ] {
-            if !list.is_empty() {
-                let Some(v) = value.filter(|v| list.iter().any(|x| x == v)) else {
-                    return false;
-                };
-                note(&|| format!("{label}={v}"));
+            if let Some(t) = w.tags.iter().find(|t| input.tags.contains(t)) {
+                note(&|| format!("tag={t}"));
+            }
+            for (list, value, label) in [
+                (&w.users, input.user, "user"),
+                (&w.teams, input.team, "team"),
+                (&w.roles, input.role, "role"),
+                (&w.priority, input.priority, "priority"),
+            ] {
+                if let Some(v) = value.filter(|_| !list.is_empty()) {
+                    note(&|| format!("{label}={v}"));
+                }
             }
         }
         if let Some(t) = &w.time {
@@ -449,10 +451,13 @@ impl Rules {
                 Some(body) => pii::detect_json(body, self.pii_wanted),
                 None => pii::detect(input.text, self.pii_wanted),
             });
-            let Some(k) = c.pii.kinds().find(|k| found.contains(*k)) else {
+            if !c.pii.intersects(found) {
                 return false;
-            };
-            note(&|| format!("pii={}", k.name()));
+            }
+            note(&|| {
+                let k = c.pii.kinds().find(|k| found.contains(*k));
+                format!("pii={}", k.expect("the sets intersect").name())
+            });
         }
         // Token counts last: counting may run the tokenizer, the costliest check.
         if let Some(min) = w.min_tokens {
