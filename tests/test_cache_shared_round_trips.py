@@ -121,3 +121,30 @@ async def test_give_backs_waiting_when_redis_goes_away_never_undercount(start_up
     finally:
         await client.close()
         redis.stop()
+
+
+async def test_a_corrupt_entry_is_a_counted_miss_and_its_budget_exact(start_upstream, start_proxy) -> None:
+    """The lookup that goes out with the admission script finds bytes that do not decode: the
+    request is answered from upstream (a miss, counted as corrupt), and the budget holds what
+    the two answers cost, the reservations given back."""
+    r = aioredis.Redis.from_url(require_redis())
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(_config(up, REDIS_URL, prefix))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    assert await _ask(client) == "miss"
+    await asyncio.sleep(0.3)
+    keys = [k async for k in r.scan_iter(f"{prefix}:cache:*")]
+    assert len(keys) == 1
+    await r.set(keys[0], b"\x78\x9cnot an entry")
+    assert await _ask(client) == "miss"
+    assert proxy.app[CACHE].counters.corrupt == 1 and len(up.options.requests) == 2
+    await asyncio.sleep(0.4)  # stored again, and the give-backs sent
+    assert await _ask(client) == "hit"
+    await asyncio.sleep(0.4)
+    costs = [rec.cost_usd for rec in proxy.recorder.records]
+    assert costs[0] > 0 and costs[1] > 0 and costs[2] == 0
+    assert await _spent(r, prefix) == sum(to_nano(c) for c in costs)
+    await client.close()
+    await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")])
+    await r.aclose()
