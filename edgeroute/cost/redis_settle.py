@@ -150,9 +150,11 @@ class Settlements:
         """Drops budget deltas not yet sent that give back part of a reservation: Redis lost
         the reservations (it restarted empty) and the seed counted those requests from the
         ledger, so giving back into the seeded counters would count them below their cost."""
-        budgets = self._pending.budgets
-        for where in [w for w, v in budgets.items() if v[2] < 0 and not v[5]]:
-            del budgets[where]
+        pending = self._pending
+        for where in [w for w, v in pending.budgets.items() if v[2] < 0 and not v[5]]:
+            del pending.budgets[where]
+        if not pending and pending.done is not None and not pending.done.done():
+            pending.done.set_result(None)  # nothing left to send: its waiters are done
 
     def forget(self) -> None:
         """Drops what is pending, not sent (counted some other way)."""
