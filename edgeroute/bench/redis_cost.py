@@ -59,8 +59,15 @@ def measure(redis_url: str, n: int, redis_pid: int | None, tree: str | None = No
         cfg = ST.bench_config({"p0": f"http://127.0.0.1:{mock.port}/v1"}, rules=50)
         cfg["models"][ST.PUBLIC_MODEL]["cache"] = S.CACHE_EVERYTHING
         cfg["budgets"], cfg["rate_limits"] = S.BENCH_BUDGETS, S.BENCH_LIMITS
-        local, _ = stack.proxy(cfg, name="local", tree=tree)
-        shared_cfg = {**cfg, "shared_state": {"redis_url": redis_url, "prefix": f"edgeroute-bench-{os.getpid()}"}}
+        # A ledger each: a server that counts budgets alone refuses to share its ledger.
+        local, _ = stack.proxy(
+            {**cfg, "ledger": {"path": f"{stack.tmp.name}/local-ledger.db"}}, name="local", tree=tree
+        )
+        shared_cfg = {
+            **cfg,
+            "ledger": {"path": f"{stack.tmp.name}/redis-ledger.db"},
+            "shared_state": {"redis_url": redis_url, "prefix": f"edgeroute-bench-{os.getpid()}"},
+        }
         shared, _ = stack.proxy(shared_cfg, name="redis", tree=tree)
         urls = [f"http://127.0.0.1:{p.port}/v1/chat/completions" for p in (local, shared)]
         # CPU counted over the whole run less the warm-up's share (both are sequential and alike).

@@ -176,7 +176,9 @@ def _shared_state(cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with budgets, limits and cache in Redis (`EDGEROUTE_BENCH_REDIS_URL`, default the
     loopback server's db 14), under a prefix of this run's own; its keys expire on their own."""
     url = os.environ.get("EDGEROUTE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    return _with(cfg, shared_state={"redis_url": url, "prefix": f"edgeroute-bench-{os.getpid()}", "timeout_ms": 500})
+    shared = {"redis_url": url, "prefix": f"edgeroute-bench-{os.getpid()}", "timeout_ms": 500}
+    # A ledger of its own (beside the config): the first proxy counts budgets alone on the default one.
+    return _with(cfg, shared_state=shared, ledger={"path": "beside-ledger.db"})
 
 
 def _with(cfg: dict[str, Any], **changes: Any) -> dict[str, Any]:
