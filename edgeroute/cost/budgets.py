@@ -33,8 +33,21 @@ _LATEST_OFFSET_S = 14 * 3600  # a local date's period ends at most this long aft
 READ_AHEAD_S = 86400.0
 
 
+# The most one request's charge (or a period's spend read back) counts, in nano-USD: about
+# $72 million, far past any budget, so such a charge still exhausts it. A budget counter in
+# Redis (or the workers' SQLite) is a 64-bit integer: an absurd cost (a careless upstream's
+# 2^40 tokens at thousands of dollars a million) past 2^63 made the settlement fail, and the
+# budget kept only the request's reservation while the ledger held the whole cost.
+MAX_CHARGE_NANO = 1 << 56
+
+
 def to_nano(usd: float) -> int:
     return round(usd * NANO)
+
+
+def charge_nano(usd: float) -> int:
+    """A charge in nano-USD, at most `MAX_CHARGE_NANO`."""
+    return min(round(usd * NANO), MAX_CHARGE_NANO)
 
 
 @dataclass(slots=True, frozen=True)

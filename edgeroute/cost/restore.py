@@ -92,7 +92,7 @@ def budget_spend(
                 continue
             out[(f"{b.name}:{subject}:{p.id}", int(s))] += B.to_nano(float(usd or 0))
     _unsettled(db, budgets, periods, end, out)
-    return dict(out)
+    return {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,7 +126,7 @@ def key_budget_spend(
         if amount := sum(B.to_nano(spent.get(s, 0.0)) for s in k.spenders):
             out[(f"{k.budget.name}:{k.budget.match}:{p.id}", -1)] += amount
     _unsettled(db, [k.budget for k in budgets], periods, end, out)
-    return dict(out)
+    return {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
 
 
 def _unsettled(

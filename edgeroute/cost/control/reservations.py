@@ -114,7 +114,7 @@ class Reservations(ReadBack, Notifications, Settlement):
         hedges = 2 if decision.hedge_after_ms is not None else 1
         prompt += ticket.media.tokens(top.media)
         return self._charges(
-            ticket, decision.route, B.to_nano(self._cost(top, prompt, completion, ticket) * hedges), now
+            ticket, decision.route, B.charge_nano(self._cost(top, prompt, completion, ticket) * hedges), now
         )
 
     def _cost(self, top: Ceiling, prompt: int, completion: int, ticket: CostTicket) -> float:
@@ -146,7 +146,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                 # The media parts at the allowances of the deployments `top` covers (a downgrade's).
                 output = completion + predicted
                 estimate = self._cost(top, prompt + ticket.media.tokens(top.media), output, ticket) * hedges
-                charges = self._charges(ticket, route, B.to_nano(estimate), now)
+                charges = self._charges(ticket, route, B.charge_nano(estimate), now)
                 if not charges:
                     return route
                 res, shared = await self._reserve(charges, now)

@@ -75,7 +75,7 @@ class Settlement(Stores):
         if not isinstance(ticket, CostTicket):
             return
         self._free_slots(ticket)
-        actual = B.to_nano(rec.cost_usd)
+        actual = B.charge_nano(rec.cost_usd)
         if ticket.charges:
             self._unhold(ticket.charges)
             self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared, True)
