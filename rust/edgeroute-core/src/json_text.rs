@@ -118,7 +118,7 @@ fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
 
 /// Where the JSON string whose body starts at `start` ends: its first quote not
 /// escaped (None: unterminated).
-fn closing_quote(bytes: &[u8], start: usize) -> Option<usize> {
+pub(crate) fn closing_quote(bytes: &[u8], start: usize) -> Option<usize> {
     let mut at = start;
     loop {
         let i = at + find_quote_or_backslash(bytes.get(at..).unwrap_or_default())?;
