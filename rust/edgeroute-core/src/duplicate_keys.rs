@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 
-use crate::json_text::closing_quote;
+use crate::json_text::find_quote;
 
 /// Keys an object holds before its keys are also put in a hash set.
 const LINEAR_KEYS: usize = 16;
@@ -63,7 +63,7 @@ pub fn duplicate_key(body: &[u8]) -> Option<String> {
                 None => {}
             },
             b'"' => {
-                let end = closing_quote(body, i + 1)?; // unterminated: the parser's to report
+                let end = string_end(body, i + 1)?; // unterminated: the parser's to report
                 if expect_key {
                     expect_key = false;
                     let key = decoded(&body[i + 1..end]);
@@ -91,6 +91,21 @@ pub fn duplicate_key(body: &[u8]) -> Option<String> {
         i += 1;
     }
     None
+}
+
+/// Where the JSON string whose body starts at `start` ends: its first quote after an even run
+/// of backslashes (None: unterminated). Quotes alone are searched for: a search stopping at
+/// each backslash too (a chat's text has a `\n` every line) made twice the calls.
+fn string_end(body: &[u8], start: usize) -> Option<usize> {
+    let mut at = start;
+    loop {
+        let quote = at + find_quote(body.get(at..)?)?;
+        let run = body[start..quote].iter().rev().take_while(|&&b| b == b'\\').count();
+        if run % 2 == 0 {
+            return Some(quote);
+        }
+        at = quote + 1;
+    }
 }
 
 /// A key as parsers read it: its escapes decoded (its raw bytes when they do not decode).

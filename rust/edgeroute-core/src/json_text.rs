@@ -91,7 +91,7 @@ fn zero_bytes(v: u64) -> u64 {
 
 /// The first `"` in `bytes`, as `memchr(b'"', bytes)`.
 #[inline]
-fn find_quote(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn find_quote(bytes: &[u8]) -> Option<usize> {
     let Some(word) = bytes.first_chunk::<8>() else {
         return bytes.iter().position(|&b| b == b'"');
     };
@@ -118,7 +118,7 @@ fn find_quote_or_backslash(bytes: &[u8]) -> Option<usize> {
 
 /// Where the JSON string whose body starts at `start` ends: its first quote not
 /// escaped (None: unterminated).
-pub(crate) fn closing_quote(bytes: &[u8], start: usize) -> Option<usize> {
+fn closing_quote(bytes: &[u8], start: usize) -> Option<usize> {
     let mut at = start;
     loop {
         let i = at + find_quote_or_backslash(bytes.get(at..).unwrap_or_default())?;
