@@ -207,12 +207,11 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     plan: Plan | None = None
     try:
         body = await (dialect.read(request) if dialect else read_body(request))
-        if live.access.keyed(request):  # tenants: what a request names at the provider is checked
-            if live.config.server.provider_files == "refused":
-                await provider_files.refuse_named(body)
-            await audio_owners.check(request, live, body)
+        if live.config.server.provider_files == "refused" and live.access.keyed(request):
+            await provider_files.refuse_named(body)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
+        await audio_owners.check(request, live, body)  # with tenants: audio named by id is the caller's
         decision = await decide_soon(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
