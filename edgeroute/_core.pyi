@@ -355,3 +355,8 @@ class Router:
     def nesting_over(body: bytes, limit: int) -> bool:
         """Whether the JSON in ``body`` nests arrays and objects more than ``limit``
         deep: a byte scan that skips strings, no parse. Releases the GIL."""
+    @staticmethod
+    def duplicate_key(body: bytes) -> str | None:
+        """The path (``messages[1].content[0].file.file_id``) of the first key the JSON in
+        ``body`` repeats within one object, escapes decoded; None when none is. A byte
+        scan that skips strings, no parse. Releases the GIL for a long body."""

@@ -7,13 +7,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, free_requests, headers, provider_files, shadow
+from edgeroute import _core, audio_owners, free_requests, headers, provider_files, shadow
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -210,6 +211,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             await provider_files.refuse_named(body, request)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
+        await audio_owners.check(request, live, body)  # with tenants: audio named by id is the caller's
         decision = await decide_soon(live, body, request)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
@@ -303,9 +305,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 request.get(IDENTITY),
                 tags,
             )
+            if live.access.keyed(request):  # its audio is the caller's before its id is shown
+                await audio_owners.bind(request, live, audio_owners.answer_ids(answer.body))
             out = dialect.answer(answer.body) if dialect else answer.body
             return web.Response(body=out, headers=hdrs, content_type="application/json")
         rec.status = 200
+        if live.access.keyed(request) and answer.translator is not None:  # its audio bound before its end
+            seen = answer.translator = audio_owners.StreamAudio(answer.translator, answer.head)
+            answer.before_end = partial(audio_owners.bind, request, live, seen.seen)
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)

@@ -117,6 +117,15 @@ async def read_body(request: web.Request) -> bytes:
             f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
             code="invalid_request",
         )
+    if (repeated := _core.Router.duplicate_key(body)) is not None:
+        # Parsers differ on a repeated key (edgeroute's keep the last, some providers' the first):
+        # checked by one value and served by the other, such a body is no one's to guess at.
+        raise ProxyError(
+            400,
+            f"The request body repeats the key '{repeated[:200]}' in one object; each key may appear only once.",
+            code="duplicate_key",
+            param=repeated[:200],
+        )
     request[_BODY] = body
     return body
 

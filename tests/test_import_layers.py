@@ -126,6 +126,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.request_input",
             "edgeroute.free_requests",
             "edgeroute.provider_files",
+            "edgeroute.owners",
+            "edgeroute.audio_owners",
             "edgeroute.openai_api",
             "edgeroute.anthropic_api",
             "edgeroute.endpoints",

@@ -28,27 +28,20 @@ import orjson
 from aiohttp import web
 
 from edgeroute import sse
-from edgeroute.cost.keys import IDENTITY
 from edgeroute.dispatch import JsonAnswer, StreamAnswer
 from edgeroute.errors import ProxyError
 from edgeroute.governance.runtime import GOV
+from edgeroute.owners import MAX_ID as MAX_ID  # also the other owners' modules'
+from edgeroute.owners import owner_of as owner_of
+from edgeroute.owners import stored_owner as stored_owner
 from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.responses")
-
-MAX_ID = 256  # a longer id is no provider's: refused without a lookup
 
 
 def _tenants(request: web.Request, live: Live) -> bool:
     """Whether tenants are told apart: virtual keys in use (the config's, or managed ones)."""
     return live.access.keyed(request)
-
-
-def owner_of(request: web.Request) -> str:
-    ident = request.get(IDENTITY)
-    if ident is None:
-        return "shared"  # a shared `server.api_keys` key: its callers are one tenant
-    return f"team:{ident.team}" if ident.team else f"key:{ident.key}"
 
 
 def not_found(response_id: str) -> ProxyError:
@@ -112,18 +105,6 @@ async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
         raise not_found(prev)
     if await stored_owner(request, prev, "previous_response_id") != owner_of(request):
         raise not_found(prev)
-
-
-async def stored_owner(request: web.Request, key: str, what: str) -> str | None:
-    """Who `key` is bound to (None: no one). A database that cannot answer is a 503: the id
-    cannot be checked, so it is not used."""
-    try:
-        return await asyncio.to_thread(request.app[GOV].store.response_owner, key)
-    except Exception as e:
-        log.warning("could not look up the owner of a %s: %s", what, type(e).__name__)
-        raise ProxyError(
-            503, f"edgeroute could not check {what}; retry shortly.", code="owner_check_unavailable"
-        ) from None
 
 
 def _stream_id(head: bytes) -> str | None:

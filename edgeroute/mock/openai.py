@@ -8,6 +8,11 @@ provoke is set per server (:class:`MockOptions`) or per request with headers:
 - ``x-mock-latency-ms``: wait before answering;
 - ``x-mock-status`` (and ``x-mock-retry-after``): answer that error status instead;
 - ``x-mock-content``: the assistant's reply text.
+
+A request asking for audio (`modalities: ["text", "audio"]`) is answered with spoken audio
+kept under an id (`message.audio`, a stream's `delta.audio`); a later request naming that id
+in an assistant message (`"audio": {"id": ...}`) is answered with what the audio said, as a
+model hearing it again would; an id the mock never gave is OpenAI's 400.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class MockOptions:
     fail_message: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     record: bool = False
+    # The transcript of each audio answer, by its id (the provider's store of spoken answers).
+    audio: dict[str, str] = field(default_factory=dict)
 
 
 def openai_error(status: int, message: str, *, param: str | None = None) -> web.Response:
@@ -126,6 +133,26 @@ def prediction_words(body: dict[str, Any]) -> list[str]:
     return content.split() if isinstance(content, str) else []
 
 
+def _heard(body: dict[str, Any], opts: MockOptions) -> str | web.Response | None:
+    """What the audio named in the request's messages said (None: none named), or OpenAI's
+    error for an id the provider does not keep."""
+    said = []
+    for m in body["messages"]:
+        audio = m.get("audio") if isinstance(m, dict) else None
+        if isinstance(audio, dict) and "id" in audio:
+            if audio["id"] not in opts.audio:
+                return openai_error(400, f"Audio with id '{audio['id']}' not found.", param="messages")
+            said.append(opts.audio[audio["id"]])
+    return " ".join(said) if said else None
+
+
+def _spoken(opts: MockOptions, transcript: str) -> dict[str, Any]:
+    """A spoken answer, kept under a new id."""
+    aid = f"audio_mock{next(_ids):06d}"
+    opts.audio[aid] = transcript
+    return {"id": aid, "data": "UklGRg==", "transcript": transcript, "expires_at": int(time.time()) + 3600}
+
+
 def usage(prompt: int, completion: int, rejected: int = 0) -> dict[str, Any]:
     """`rejected`: the prediction's tokens the answer did not use, which OpenAI counts in
     `completion_tokens` (and bills) too."""
@@ -166,11 +193,15 @@ def completion_body(
     completion_tokens: int,
     call: dict[str, Any] | None = None,
     rejected: int = 0,
+    audio: dict[str, Any] | None = None,
 ) -> bytes:
-    """A non-streaming `chat.completion` object, serialised."""
+    """A non-streaming `chat.completion` object, serialised (`audio`: its spoken answer, whose
+    transcript is then its content)."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
     if call:
         message["tool_calls"] = [call]
+    if audio is not None:
+        message["content"], message["audio"] = None, audio
     return orjson.dumps(
         {
             "id": cid,
@@ -242,9 +273,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             resp.headers["retry-after"] = request.headers["x-mock-retry-after"]
         return resp
 
+    heard = _heard(body, opts)
+    if isinstance(heard, web.Response):
+        return heard
     prompt_tokens = 3 + 4 * len(body["messages"]) + count_words(body["messages"])
     call = tool_call_for(body)
     text = None if call else reply_text(body, opts, request.headers.get("x-mock-content"))
+    if heard is not None and call is None:
+        text = f"The audio said: {heard}"
+    speaks = "audio" in (body.get("modalities") or ()) and call is None
     pieces = text.split(" ") if text is not None else []
     completion_tokens = len(pieces) if call is None else 12
     cid = new_completion_id()
@@ -261,9 +298,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     if not body.get("stream"):
         content = " ".join(pieces) if call is None else None
+        audio = _spoken(opts, content or "") if speaks else None
         return web.Response(
             body=completion_body(
-                cid, created, model, content, finish, prompt_tokens, completion_tokens, call, rejected
+                cid, created, model, content, finish, prompt_tokens, completion_tokens, call, rejected, audio
             ),
             content_type="application/json",
         )
@@ -290,6 +328,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if opts.chunk_interval:
                 await asyncio.sleep(opts.chunk_interval)
             await out.write(chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]}))
+    if speaks:  # the transcript in pieces (the first with the audio's id), then the audio and its expiry
+        audio = _spoken(opts, " ".join(pieces))
+        for i, piece in enumerate(pieces):
+            said = {"transcript": piece if i == 0 else " " + piece}
+            await out.write(chunk({"audio": {"id": audio["id"], **said} if i == 0 else said}))
+        await out.write(chunk({"audio": {"data": audio["data"]}}))
+        await out.write(chunk({"audio": {"expires_at": audio["expires_at"]}}))
+        pieces = []
     for i, piece in enumerate(pieces):
         if opts.chunk_interval:
             await asyncio.sleep(opts.chunk_interval)

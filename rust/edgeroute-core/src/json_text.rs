@@ -91,7 +91,7 @@ fn zero_bytes(v: u64) -> u64 {
 
 /// The first `"` in `bytes`, as `memchr(b'"', bytes)`.
 #[inline]
-fn find_quote(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn find_quote(bytes: &[u8]) -> Option<usize> {
     let Some(word) = bytes.first_chunk::<8>() else {
         return bytes.iter().position(|&b| b == b'"');
     };

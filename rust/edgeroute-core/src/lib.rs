@@ -35,6 +35,7 @@ pub mod capacity;
 pub mod classify;
 pub mod config;
 pub mod content;
+pub mod duplicate_keys;
 pub mod error;
 pub mod health;
 pub mod hedge;
@@ -52,6 +53,7 @@ pub mod tokens;
 mod vocab;
 
 pub use config::{DeploymentSpec, HealthSpec, ModelSpec, RetryBudgetSpec, RouterSpec, Strategy};
+pub use duplicate_keys::duplicate_key;
 pub use error::{CoreError, Result};
 pub use health::{CircuitState, HealthSnapshot, Outcome};
 pub use request::{model_parts, nesting_over, rewrite_model};

@@ -467,6 +467,12 @@ impl Router {
     fn nesting_over(py: Python<'_>, body: &[u8], limit: usize) -> bool {
         detached_if_long(py, body.len(), || core::nesting_over(body, limit))
     }
+
+    /// The path of the first key the JSON in `body` repeats within one object (a byte scan).
+    #[staticmethod]
+    fn duplicate_key(py: Python<'_>, body: &[u8]) -> Option<String> {
+        detached_if_long(py, body.len(), || core::duplicate_key(body))
+    }
 }
 
 impl Router {
