@@ -111,9 +111,10 @@ def json_files(got: JsonAnswer | StreamAnswer) -> set[str]:
 
 
 def stream_files(got: StreamAnswer) -> set[str]:
-    """The output files a relayed Messages stream named (its native translator saw them)."""
+    """The output files a relayed Messages stream named (its native translator saw them), once
+    its last event was read: one cut before (the upstream gone, an error event) binds none."""
     seen = getattr(got.translator, "files", None)
-    return set(seen) if isinstance(seen, set) else set()
+    return set(seen) if isinstance(seen, set) and getattr(got.translator, "ended", False) is True else set()
 
 
 def anthropic_container(obj: Any) -> str | None:
