@@ -194,3 +194,43 @@ async def test_a_file_named_by_a_stream_cut_before_its_end_is_not_bound(tmp_path
                         model="m", max_tokens=20, messages=[{"role": "user", "content": [upload]}], tools=TOOLS
                     )
                 assert "names a file or vector store kept at the provider" in refused.value.message
+
+
+ACCOUNT_FILE = "file_011UploadedByTheAccount"
+
+
+async def _relays_a_tool_servers_answer(request: web.Request) -> web.StreamResponse:
+    """An answer holding an MCP tool's result as the tool's server gave it (the caller chose
+    the server: its answer says what it likes), naming a file it never wrote."""
+    await request.read()
+    result = {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "is_error": False,
+              "content": [{"type": "text", "text": "done", "file_id": ACCOUNT_FILE}]}  # fmt: skip
+    use = {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "echo", "server_name": "mine", "input": {}}
+    usage = {"input_tokens": 5, "output_tokens": 1}
+    said = {"id": "msg_z", "type": "message", "role": "assistant", "model": "x", "stop_reason": "end_turn",
+            "stop_sequence": None, "content": [use, result], "usage": usage}  # fmt: skip
+    return web.json_response(said)
+
+
+async def test_a_file_id_in_another_tools_result_is_not_bound(tmp_path: Path) -> None:
+    """Only code execution's outputs are files an answer gave: any `file_id` in any server
+    tool's result was bound, so a tenant whose own MCP server answered with an account file's
+    id (uploaded to the Files API by someone else) could then read it."""
+    async with routes_upstream(web.post("/v1/messages", _relays_a_tool_servers_answer)) as server:
+        cfg = {
+            "providers": {"a": {"kind": "anthropic", "base_url": server.url, "api_key": "key-a"}},
+            "deployments": {"d-a": {"provider": "a", "model": "x"}},
+            "models": {"m": {"deployments": ["d-a"]}},
+            "keys": {"bob": {"token": BOB, "team": "bob"}},
+            "ledger": {"path": str(tmp_path / "l.db")},
+        }
+        async with cost_proxy(cfg) as proxy:
+            async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+                mcp: Any = [{"type": "url", "url": "https://mcp.bob.example/sse", "name": "mine"}]
+                beta = {"anthropic-beta": "mcp-client-2025-04-04"}
+                await bob.messages.create(model="m", max_tokens=20, messages=[ASK], extra_body={"mcp_servers": mcp},
+                                          extra_headers=beta)  # fmt: skip
+                doc: Any = {"type": "document", "source": {"type": "file", "file_id": ACCOUNT_FILE}}
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await bob.messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [doc]}])
+                assert "names a file or vector store kept at the provider" in refused.value.message
