@@ -22,7 +22,7 @@ BLOCK = 1 << 20  # base64 characters decoded at a time
 _OVERLAP = 64  # the longest match searched for, in bytes
 _DICT_MOST = 2048  # an object stream's dictionary, from its `/Type` to its `stream` keyword
 _CARRY_MOST = 4 << 20  # an object stream's compressed bytes kept while its end is not read yet
-_INFLATE_MOST = 16 << 20  # what a PDF's object streams may inflate to, all together
+_INFLATE_MOST = 4 << 20  # what a PDF's object streams may inflate to, all together (~5 ms)
 _STREAMS_MOST = 1_000  # object streams read in a PDF (a writer puts 100 to 200 objects in each)
 
 
