@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import struct
 import textwrap
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,36 @@ async def test_a_budget_reserves_the_pages_of_a_compressed_pdf(start_mock: Any, 
                 assert tokens.input_tokens >= 100 * media.PDF_PAGE_ESTIMATE
         spent = await _spent(proxy.url)
     assert up.options.requests == [] and spent == 0
+
+
+async def test_many_pdfs_just_below_the_bound_are_read_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PDF above 256 KiB is read in a worker thread; forty just below it (10 MB, the default
+    body bound) were all read on the event loop, each inflating its object streams (up to
+    4 MiB each): every other request waited for them."""
+    read_on: list[str] = []
+    real = pdf.pages
+
+    def pages(data: str) -> int | None:
+        read_on.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(pdf, "pages", pages)
+    doc = base64.b64encode(object_streams(20, filler=190_000)).decode()
+    assert media._ON_LOOP_BYTES - 20_000 < len(URL + doc) <= media._ON_LOOP_BYTES
+    part = {"type": "file", "file": {"filename": "a.pdf", "file_data": URL + doc}}
+    items = [{"role": "user", "content": [part] * 40}]
+    got = media.items_media(items)
+    assert got is not None
+    parts = await got()
+    assert parts.pdf_pages == (20,) * 40
+    assert read_on and threading.main_thread().name not in read_on
+
+
+def test_a_small_pdf_inflates_a_few_times_its_size_at_most() -> None:
+    """Forty 5 KB PDFs (read on the loop) each inflated an object stream to 4 MiB: 350 ms of the
+    event loop for one request. An object stream inflating past 16 times its PDF's size is a
+    bomb, no writer's: the PDF is reserved at the most pages."""
+    bomb = b"1000 0 obj << /Type /ObjStm /N 1 /First 4 /Filter /FlateDecode >>\nstream\n"
+    small = b"%PDF-1.5\n" + bomb + zlib.compress(b" " * (4 << 20), 9) + b"\nendstream"
+    assert len(small) < 6_000 and counted(small) == pdf.MOST_PAGES
+    assert counted(object_streams(3)) == 3 and counted(object_streams(1000)) == 1000

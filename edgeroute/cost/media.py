@@ -187,8 +187,9 @@ def items_media(items: Any) -> Media | None:
         return None
 
     async def parts() -> MediaParts:
-        # A large PDF's pages are read from all its bytes: in a worker thread (20 MB: ~50 ms).
-        heavy = any(len(_file_data(p)) > _ON_LOOP_BYTES for m in items for p in _content(m))
+        # PDFs' pages are read from all their bytes: in a worker thread when large (20 MB: ~50 ms),
+        # or many (forty PDFs just below the bound, each inflating its object streams).
+        heavy = sum(len(_file_data(p)) for m in items for p in _content(m)) > _ON_LOOP_BYTES
         return await asyncio.to_thread(message_parts, items) if heavy else message_parts(items)
 
     return parts

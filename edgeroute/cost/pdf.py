@@ -5,8 +5,8 @@ of the two is taken. What a PDF reader reads, this reads too, or reserves the mo
 - base64 broken into lines (as `base64` and MIME write it) is read whole;
 - a name spelt with `#` escapes (`/P#61ge` is `/Page`) is the name;
 - pages kept in compressed object streams (`/Type /ObjStm`, PDF 1.5: most writers' default)
-  are inflated and read; one that cannot be (another filter, inflating past `_INFLATE_MOST`,
-  cut short) makes the PDF `MOST_PAGES` pages.
+  are inflated and read; one that cannot be (another filter, inflating past `_INFLATE_MOST` or
+  `_INFLATE_RATIO` times the PDF's size, cut short) makes the PDF `MOST_PAGES` pages.
 
 The base64 is decoded a block at a time: each call holds the GIL a few milliseconds only.
 """
@@ -23,6 +23,9 @@ _OVERLAP = 64  # the longest match searched for, in bytes
 _DICT_MOST = 2048  # an object stream's dictionary, from its `/Type` to its `stream` keyword
 _CARRY_MOST = 4 << 20  # an object stream's compressed bytes kept while its end is not read yet
 _INFLATE_MOST = 4 << 20  # what a PDF's object streams may inflate to, all together (~5 ms)
+# and at most this many times its own size (objects' dictionaries deflate 3 to 8 times): forty
+# small PDFs of a request read on the loop inflated 4 MiB each (350 ms).
+_INFLATE_RATIO = 16
 _STREAMS_MOST = 1_000  # object streams read in a PDF (a writer puts 100 to 200 objects in each)
 
 
@@ -56,7 +59,8 @@ def _inflate(block: bytes, at: int, most: int) -> tuple[zlib._Decompress, bytes]
 class _Scan:
     """Page objects, counts and object streams in a PDF's bytes given a block at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, inflate_most: int) -> None:
+        self.inflate_most = inflate_most  # what its object streams may inflate to, all together
         self.kept = b""  # the end of the last block, searched again with the next
         self.base = 0  # the offset of `kept` in the PDF
         self.searched = 0  # the offset up to which pages and counts were searched
@@ -102,11 +106,11 @@ class _Scan:
                     continue
                 return self._wait(m.start(), end)
             self.streams += 1
-            if self.streams > _STREAMS_MOST or self.inflated >= _INFLATE_MOST:
+            if self.streams > _STREAMS_MOST or self.inflated >= self.inflate_most:
                 self.unreadable = True
                 break
             try:
-                z, out = _inflate(block, opened.end(), _INFLATE_MOST - self.inflated)
+                z, out = _inflate(block, opened.end(), self.inflate_most - self.inflated)
             except zlib.error:
                 # An unfiltered one is plain text, searched already; any other filter is unread.
                 self.unreadable |= b"/Filter" in block[max(m.start() - _DICT_MOST, 0) : opened.start()]
@@ -137,7 +141,7 @@ class _Scan:
 def pages(data: str) -> int | None:
     """The pages of a PDF given as base64 (`data`), when its bytes show them; None when they do
     not (not base64, no page objects or count: not a PDF)."""
-    scan = _Scan()
+    scan = _Scan(min(_INFLATE_MOST, _INFLATE_RATIO * len(data) * 3 // 4))
     pending = ""  # characters of a quad a block's end cut
     for at in range(0, len(data), BLOCK):
         last = at + BLOCK >= len(data)
