@@ -190,3 +190,22 @@ def test_a_small_pdf_inflates_a_few_times_its_size_at_most() -> None:
     small = b"%PDF-1.5\n" + bomb + zlib.compress(b" " * (4 << 20), 9) + b"\nendstream"
     assert len(small) < 6_000 and counted(small) == pdf.MOST_PAGES
     assert counted(object_streams(3)) == 3 and counted(object_streams(1000)) == 1000
+
+
+def test_pages_without_a_type_are_read_by_their_parents_kids() -> None:
+    """PDF readers (qpdf, pdfium) take a page tree's leaves for pages with or without their
+    `/Type /Page`, and read a `/Count` given by reference: such a PDF of 300 pages (qpdf reads
+    300) was 3 pages here, the number of the object holding its count."""
+    kids = " ".join(f"{10 + i} 0 R" for i in range(300))
+    objs = [
+        "1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj",
+        f"2 0 obj << /Type /Pages /Kids [{kids}] /Count 3 0 R >> endobj",
+        "3 0 obj 300 endobj",
+        *(f"{10 + i} 0 obj << /Parent 2 0 R /MediaBox [0 0 612 792] >> endobj" for i in range(300)),
+    ]
+    doc = ("%PDF-1.4\n" + "\n".join(objs) + "\n%%EOF\n").encode()
+    assert counted(doc) == 300
+    for at in (-100, -20, 60):  # the second's `/Kids` array cut by the end of a block decoded
+        filler = b"%" + b"A" * (pdf.BLOCK * 3 // 4 + at - len(doc) - 2) + b"\n"
+        assert counted(doc + filler + doc) == 600
+    assert counted(doc.replace(f"/Kids [{kids}]".encode(), b"/Kids 4 0 R")) == pdf.MOST_PAGES
