@@ -141,6 +141,7 @@ class _Scan:
                 self.inflated += len(out)
                 for k in self._search(out, 0, len(out), len(out)):
                     close = out.find(b"]", k.end()) if k[4] == b"[" else -1
+                    self.unreadable |= k[4] is not None and close < 0  # kids by reference, or no end
                     self.kids += len(_REFERENCE.findall(out, k.end(), close)) if close >= 0 else 0
             elif z.unconsumed_tail or last:  # inflating past the limit, or cut short
                 self.unreadable = True
