@@ -209,3 +209,16 @@ def test_pages_without_a_type_are_read_by_their_parents_kids() -> None:
         filler = b"%" + b"A" * (pdf.BLOCK * 3 // 4 + at - len(doc) - 2) + b"\n"
         assert counted(doc + filler + doc) == 600
     assert counted(doc.replace(f"/Kids [{kids}]".encode(), b"/Kids 4 0 R")) == pdf.MOST_PAGES
+
+
+def test_an_object_stream_with_a_predictor_is_the_most_pages() -> None:
+    """Rows differenced by a PNG predictor (`/DecodeParms << /Predictor 12 >>`, which readers
+    undo) inflate to no text: its pages were none, the PDF reserved at the allowance."""
+    doc = object_streams(300)
+    params = b"/DecodeParms << /Pr#65dictor 12 /Columns 5 >> /Info (" + b"x" * 300 + b") /Type /ObjStm"
+    predicted = doc.replace(b"/Type /ObjStm", params)
+    assert counted(predicted) == pdf.MOST_PAGES
+    for at in range(-400, 0, 40):  # its dictionary cut by the end of a block decoded
+        filler = b"%" + b"A" * (pdf.BLOCK * 3 // 4 + at - len(doc) - 2) + b"\n"
+        assert counted(doc + filler + predicted) == pdf.MOST_PAGES
+        assert counted(doc + filler + doc) == 600

@@ -53,6 +53,11 @@ _NAMES = re.compile(
 )
 _REFERENCE = re.compile(rb"\d+\s+\d+\s+R")
 _STREAM = re.compile(rb"stream\r?\n")
+# Decoding parameters (a PNG predictor: its rows differenced) in an object stream's dictionary:
+# what inflates is no text to read, and no writer puts them there.
+_PARAMETERS = re.compile(
+    rb"/(?:" + _name("DecodeParms") + rb"|" + _name("DP") + rb"|" + _name("Predictor") + rb")" + _ENDS
+)
 
 
 def _inflate(block: bytes, at: int, most: int) -> tuple[zlib._Decompress, bytes]:
@@ -118,15 +123,20 @@ class _Scan:
                     continue
                 close = block.find(b"]", m.end())
                 if close < 0 and not last:
-                    return self._wait(m.start(), end)
+                    return self._wait(m.start(), m.start(), end)
                 self.kids += len(_REFERENCE.findall(block, m.end(), close)) if close >= 0 else 0
                 continue
             opened = _STREAM.search(block, m.end(), m.end() + _DICT_MOST + 8)
+            begun = block.rfind(b"obj", max(m.start() - _DICT_MOST, 0), m.start())  # its dictionary
+            begun = begun if begun >= 0 else max(m.start() - _DICT_MOST, 0)
             if opened is None:
                 if last or len(block) >= m.end() + _DICT_MOST + 8:
                     self.unreadable = True
                     continue
-                return self._wait(m.start(), end)
+                return self._wait(m.start(), begun, end)
+            if _PARAMETERS.search(block, begun, opened.start()):
+                self.unreadable = True
+                continue
             self.streams += 1
             if self.streams > _STREAMS_MOST or self.inflated >= self.inflate_most:
                 self.unreadable = True
@@ -135,7 +145,7 @@ class _Scan:
                 z, out = _inflate(block, opened.end(), self.inflate_most - self.inflated)
             except zlib.error:
                 # An unfiltered one is plain text, searched already; any other filter is unread.
-                self.unreadable |= b"/Filter" in block[max(m.start() - _DICT_MOST, 0) : opened.start()]
+                self.unreadable |= b"/Filter" in block[begun : opened.start()]
                 continue
             if z.eof:
                 self.inflated += len(out)
@@ -147,14 +157,15 @@ class _Scan:
                 self.unreadable = True
             else:
                 self.streams -= 1  # read again with the next block
-                return self._wait(m.start(), end)
+                return self._wait(m.start(), begun, end)
         self.streamed = self.base + end
-        return end
+        return max(end - _DICT_MOST, 0)  # the dictionary of an object stream the next block begins
 
-    def _wait(self, at: int, end: int) -> int:
-        """An object stream at `at` goes on in the next block: read again from there."""
+    def _wait(self, at: int, keep: int, end: int) -> int:
+        """What begins at `at` (its dictionary at `keep`) goes on in the next block: read again
+        from there."""
         self.streamed = self.base + at
-        return min(at, end)
+        return min(keep, end)
 
     def pages(self) -> int | None:
         if self.unreadable:
