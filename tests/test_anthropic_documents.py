@@ -152,10 +152,8 @@ async def test_a_chat_deployment_refuses_what_only_anthropic_reads(
         assert len(up.options.requests) == 1
 
 
-async def test_a_budget_reserves_a_pdfs_pages(start_mock: Any, tmp_path: Path) -> None:
-    """A PDF was reserved at 50,000 tokens whatever its pages: a hundred pages (220,000 tokens
-    billed) passed a budget that holds a fifth of them. Its pages are reserved for now."""
-    up = await start_mock("anthropic", record=True)
+def budget_config(up: Any, tmp_path: Path) -> dict[str, Any]:
+    """Deployment `d-a` on `up` at $1 a million input tokens, team `t` (key `APP`) held to $0.10 a day."""
     cfg = provider_config({"a": up})
     cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 1.0, "output_per_mtok": 0}
     cfg |= {
@@ -163,6 +161,14 @@ async def test_a_budget_reserves_a_pdfs_pages(start_mock: Any, tmp_path: Path) -
         "ledger": {"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
         "budgets": {"limits": [{"name": "b", "scope": "team", "match": "t", "limit_usd": 0.1, "period": "day"}]},
     }
+    return cfg
+
+
+async def test_a_budget_reserves_a_pdfs_pages(start_mock: Any, tmp_path: Path) -> None:
+    """A PDF was reserved at 50,000 tokens whatever its pages: a hundred pages (220,000 tokens
+    billed) passed a budget that holds a fifth of them. Its pages are reserved for now."""
+    up = await start_mock("anthropic", record=True)
+    cfg = budget_config(up, tmp_path)
     big = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf(100)}}
     async with cost_proxy(cfg) as proxy:
         async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0) as client:

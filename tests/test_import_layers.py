@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.writer_pace",
             "edgeroute.cost.writer_breath",
             "edgeroute.cost.store_errors",
+            "edgeroute.cost.pdf",
             "edgeroute.capacity",
             "edgeroute.telemetry.trace_context",
             "edgeroute.outcome",

@@ -32,7 +32,6 @@ import asyncio
 import binascii
 import dataclasses
 import math
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +40,7 @@ import orjson
 
 from edgeroute import _core
 from edgeroute.config import Deployment
+from edgeroute.cost import pdf
 
 IMAGE_LOW = 85  # OpenAI, `detail: low`: whatever the size
 IMAGE_CAP = 1600  # the most either rule gives one image: Anthropic's (OpenAI's is 1,445)
@@ -49,7 +49,6 @@ AUDIO_PER_KB = 32
 FILE_TOKENS = 50_000
 PDF_PAGE_TOKENS = 4_600  # the most Anthropic counts a PDF page: 3,000 of text and a 1,600 image
 PDF_PAGE_ESTIMATE = 2_400  # what a page of text typically counts (a 1-page PDF: 2,115 to 2,347)
-PDF_MOST_PAGES = 1_000  # more than any provider reads: a `/Count` beyond is no real page tree
 GEMINI_TILE = 258
 GEMINI_MOST = 16 * GEMINI_TILE  # 4 x 4 tiles of 768 px
 # An image header is read from this much of its base64 at most: a JPEG's size follows its
@@ -188,8 +187,9 @@ def items_media(items: Any) -> Media | None:
         return None
 
     async def parts() -> MediaParts:
-        # A large PDF's pages are read from all its bytes: in a worker thread (20 MB: ~50 ms).
-        heavy = any(len(_file_data(p)) > _ON_LOOP_BYTES for m in items for p in _content(m))
+        # PDFs' pages are read from all their bytes: in a worker thread when large (20 MB: ~50 ms),
+        # or many (forty PDFs just below the bound, each inflating its object streams).
+        heavy = sum(len(_file_data(p)) for m in items for p in _content(m)) > _ON_LOOP_BYTES
         return await asyncio.to_thread(message_parts, items) if heavy else message_parts(items)
 
     return parts
@@ -241,35 +241,14 @@ def message_parts(messages: list[Any]) -> MediaParts:
 
 
 _PDF_URL = "data:application/pdf;base64,"
-_PAGE_OBJECT = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
-_PAGE_COUNT = re.compile(rb"/Count\s+(\d{1,9})")
-_PDF_BLOCK = 1 << 20  # base64 characters decoded at a time (a multiple of 4)
-_PDF_OVERLAP = 64  # the longest match searched for, in bytes
 
 
 def pdf_pages(file: Any) -> int | None:
-    """The pages of a file part's base64 PDF (`file_data`), when its bytes show them: the more of
-    its page objects and its page tree's `/Count` (a PDF whose objects are all compressed
-    shows neither). None for anything else."""
+    """The pages of a file part's base64 PDF (`file_data`, see `pdf`); None for anything else."""
     data = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data, str) or not data.startswith(_PDF_URL):
         return None
-    objects = count = 0
-    carry = b""
-    # Read a block at a time: each call holds the GIL for a few milliseconds only (the
-    # loop goes on meanwhile), where a 20 MB PDF's decode and search held it for 100 ms.
-    for at in range(len(_PDF_URL), len(data), _PDF_BLOCK):
-        try:
-            block = carry + binascii.a2b_base64(data[at : at + _PDF_BLOCK])
-        except (binascii.Error, ValueError):
-            return None
-        # A match may run past the block: one that starts in its last bytes is the next's.
-        end = len(block) if at + _PDF_BLOCK >= len(data) else len(block) - _PDF_OVERLAP
-        objects += sum(1 for m in _PAGE_OBJECT.finditer(block, 0, len(block)) if m.start() < end)
-        count = max([count, *(int(m[1]) for m in _PAGE_COUNT.finditer(block) if m.start() < end)])
-        carry = block[end:]
-    pages = max(objects, count)
-    return min(pages, PDF_MOST_PAGES) if pages else None
+    return pdf.pages(data[len(_PDF_URL) :])
 
 
 def body_pdf_pages(body: bytes) -> list[int | None]:

@@ -33,7 +33,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import anthropic_api
 from edgeroute.dispatch import JsonAnswer, StreamAnswer
 from edgeroute.endpoints.responses_owners import MAX_ID, owner_of, stored_owner
 from edgeroute.errors import ProxyError
@@ -82,25 +81,26 @@ async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[st
         log.warning("could not bind %s to its key (it cannot be named again): %s", prefix[:-1], type(e).__name__)
 
 
-def _file_ids(value: Any, found: set[str]) -> None:
-    if isinstance(value, list):
-        for v in value:
-            _file_ids(v, found)
-    elif isinstance(value, dict):
-        if isinstance(value.get("file_id"), str):
-            found.add(value["file_id"])
-        for v in value.values():
-            if isinstance(v, (list, dict)):
-                _file_ids(v, found)
+# Code execution's results, and the outputs in them that name a file it wrote.
+_CODE_RESULTS = {
+    "code_execution_tool_result": "code_execution_output",
+    "bash_code_execution_tool_result": "bash_code_execution_output",
+}
 
 
 def output_files(block: Any) -> set[str]:
-    """The files a content block of a Messages answer says code execution wrote: the `file_id`s
-    in a server tool result's content (`code_execution_output`, `bash_code_execution_output`)."""
-    found: set[str] = set()
-    if anthropic_api.is_server_block(block) and str(block.get("type")).endswith("_tool_result"):
-        _file_ids(block.get("content"), found)
-    return found
+    """The files a content block of a Messages answer says code execution wrote: the `file_id` of
+    each output in a code execution result (`content.content[*]`). Another tool's result says
+    what its server likes (an MCP server is the caller's): a `file_id` in it is no file written."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    output = _CODE_RESULTS.get(kind) if isinstance(kind, str) else None
+    result = block.get("content") if output is not None else None
+    items = result.get("content") if isinstance(result, dict) else None
+    return {
+        x["file_id"]
+        for x in (items if isinstance(items, list) else ())
+        if isinstance(x, dict) and x.get("type") == output and isinstance(x.get("file_id"), str)
+    }
 
 
 def json_files(got: JsonAnswer | StreamAnswer) -> set[str]:
@@ -111,9 +111,10 @@ def json_files(got: JsonAnswer | StreamAnswer) -> set[str]:
 
 
 def stream_files(got: StreamAnswer) -> set[str]:
-    """The output files a relayed Messages stream named (its native translator saw them)."""
+    """The output files a relayed Messages stream named (its native translator saw them), once
+    its last event was read: one cut before (the upstream gone, an error event) binds none."""
     seen = getattr(got.translator, "files", None)
-    return set(seen) if isinstance(seen, set) else set()
+    return set(seen) if isinstance(seen, set) and getattr(got.translator, "ended", False) is True else set()
 
 
 def anthropic_container(obj: Any) -> str | None:

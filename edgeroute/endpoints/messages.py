@@ -172,7 +172,9 @@ class NativeStream:
         self._blocks = 0  # content blocks started
         self.tool_calls_seen: dict[str, int] = {}  # server tool calls started, for a stream cut before its end
         self.containers: set[str] = set()  # the code execution containers it named, bound to the caller
-        self.files: set[str] = set()  # the files code execution wrote (`container_owners.output_files`)
+        # The files code execution wrote (`container_owners.output_files`), bound once it has ended.
+        self.files: set[str] = set()
+        self.ended = False  # its message_stop was read: the answer was given whole
 
     def _check(self, obj: Any) -> None:
         """An event the Anthropic SDK can read: relayed unchanged, an upstream's `data: [1]`, a
@@ -243,6 +245,7 @@ class NativeStream:
                     self._usage_in.update({k: v for k, v in (obj.get("usage") or {}).items() if v is not None})
             out.append(ev + b"\n\n")
             if kind == "message_stop":
+                self.ended = True
                 out += [_usage_event(self.usage), SENTINEL]
         return b"".join(out)
 

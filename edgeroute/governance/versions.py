@@ -43,10 +43,11 @@ _URLS = frozenset({"dsn", "redis_url", "proxy"})
 _PASSWORD_PARAM = re.compile(r"(?i)\bpassword\s*=")
 # Any other URL with credentials in it (a `base_url`, a tracing endpoint): `scheme://user[:password]@`.
 _URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
-# Or in its query, by a parameter's name (a collector's `?api_key=`, Google's `?key=`, a signature).
+# Or in its query, by a parameter's name ending in a credential's word (a collector's
+# `?api_key=`, Google's `?key=`, a presigned URL's `X-Amz-Signature=`, `client_secret=`).
 _URL_WITH_KEY_PARAM = re.compile(
     r"(?i)[a-z][a-z0-9+.-]*://[^?#\s]*\?(?:[^#\s]*&)?"
-    r"(?:api[-_]?key|key|token|access[-_]?token|auth|password|secret|sig|signature|code)=[^&#\s]"
+    r"[a-z0-9_.-]*?(?:key|token|auth|password|secret|sig|signature|code|credential)=[^&#\s]"
 )
 
 

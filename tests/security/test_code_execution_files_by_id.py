@@ -19,10 +19,13 @@ import aiohttp
 import anthropic
 import orjson
 import pytest
+from aiohttp import web
 
+from tests.conftest import routes_upstream
 from tests.providers_fixtures import provider_config, start_mock
 from tests.security.test_responses_item_references import ALICE, BOB
 from tests.test_cost_support import cost_proxy
+from tests.test_cost_tool_calls import _cut
 
 __all__ = ["start_mock"]
 
@@ -137,3 +140,97 @@ async def test_an_output_file_whose_owner_cannot_be_read_is_never_used(start_moc
             with pytest.raises(anthropic.BadRequestError):
                 await bob.messages.create(model="m", max_tokens=20, messages=_going_on(lost, _output_file(lost)))
     assert len(up.options.requests) == asked + 1  # only the conversation whose file was bound reached it
+
+
+async def _written_then_cut(request: web.Request) -> web.StreamResponse:
+    """A code execution run whose file is named, then the connection closed before the answer's
+    end; a request without `stream` is answered in full (so that one reaching it is seen)."""
+    body = await request.json()
+    if not body.get("stream"):
+        usage = {"input_tokens": 5, "output_tokens": 1}
+        said = {"id": "msg_y", "type": "message", "role": "assistant", "model": "x", "stop_reason": "end_turn",
+                "stop_sequence": None, "content": [{"type": "text", "text": "read"}], "usage": usage}  # fmt: skip
+        return web.json_response(said)
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "x", "content": [],
+               "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+    use = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "bash_code_execution", "input": {}}
+    output = {"type": "bash_code_execution_output", "file_id": CUT_FILE}
+    result = {"type": "bash_code_execution_result", "stdout": "", "stderr": "", "return_code": 0, "content": [output]}
+    return await _cut(
+        request,
+        [
+            {"type": "message_start", "message": message},
+            {"type": "content_block_start", "index": 0, "content_block": use},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "content_block_start", "index": 1, "content_block": {
+                "type": "bash_code_execution_tool_result", "tool_use_id": "srvtoolu_1", "content": result}},
+            {"type": "content_block_stop", "index": 1},
+        ],
+    )  # fmt: skip
+
+
+CUT_FILE = "file_011CutBeforeItsEnd"
+
+
+async def test_a_file_named_by_a_stream_cut_before_its_end_is_not_bound(tmp_path: Path) -> None:
+    """A stream's files are bound once its last event is read: one cut after naming a file (the
+    upstream gone, an error event) bound it all the same, its answer never given whole."""
+    async with routes_upstream(web.post("/v1/messages", _written_then_cut)) as server:
+        cfg = {
+            "providers": {"a": {"kind": "anthropic", "base_url": server.url, "api_key": "key-a"}},
+            "deployments": {"d-a": {"provider": "a", "model": "x"}},
+            "models": {"m": {"deployments": ["d-a"]}},
+        }
+        cfg |= {"keys": {"bob": {"token": BOB, "team": "bob"}}, "ledger": {"path": str(tmp_path / "l.db")}}
+        async with cost_proxy(cfg) as proxy:
+            async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+                with pytest.raises(anthropic.APIError):
+                    async with bob.messages.stream(model="m", max_tokens=20, messages=[ASK], tools=TOOLS) as s:
+                        async for _ in s:
+                            pass
+                upload: Any = {"type": "container_upload", "file_id": CUT_FILE}
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await bob.messages.create(
+                        model="m", max_tokens=20, messages=[{"role": "user", "content": [upload]}], tools=TOOLS
+                    )
+                assert "names a file or vector store kept at the provider" in refused.value.message
+
+
+ACCOUNT_FILE = "file_011UploadedByTheAccount"
+
+
+async def _relays_a_tool_servers_answer(request: web.Request) -> web.StreamResponse:
+    """An answer holding an MCP tool's result as the tool's server gave it (the caller chose
+    the server: its answer says what it likes), naming a file it never wrote."""
+    await request.read()
+    result = {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "is_error": False,
+              "content": [{"type": "text", "text": "done", "file_id": ACCOUNT_FILE}]}  # fmt: skip
+    use = {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "echo", "server_name": "mine", "input": {}}
+    usage = {"input_tokens": 5, "output_tokens": 1}
+    said = {"id": "msg_z", "type": "message", "role": "assistant", "model": "x", "stop_reason": "end_turn",
+            "stop_sequence": None, "content": [use, result], "usage": usage}  # fmt: skip
+    return web.json_response(said)
+
+
+async def test_a_file_id_in_another_tools_result_is_not_bound(tmp_path: Path) -> None:
+    """Only code execution's outputs are files an answer gave: any `file_id` in any server
+    tool's result was bound, so a tenant whose own MCP server answered with an account file's
+    id (uploaded to the Files API by someone else) could then read it."""
+    async with routes_upstream(web.post("/v1/messages", _relays_a_tool_servers_answer)) as server:
+        cfg = {
+            "providers": {"a": {"kind": "anthropic", "base_url": server.url, "api_key": "key-a"}},
+            "deployments": {"d-a": {"provider": "a", "model": "x"}},
+            "models": {"m": {"deployments": ["d-a"]}},
+            "keys": {"bob": {"token": BOB, "team": "bob"}},
+            "ledger": {"path": str(tmp_path / "l.db")},
+        }
+        async with cost_proxy(cfg) as proxy:
+            async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+                mcp: Any = [{"type": "url", "url": "https://mcp.bob.example/sse", "name": "mine"}]
+                beta = {"anthropic-beta": "mcp-client-2025-04-04"}
+                await bob.messages.create(model="m", max_tokens=20, messages=[ASK], extra_body={"mcp_servers": mcp},
+                                          extra_headers=beta)  # fmt: skip
+                doc: Any = {"type": "document", "source": {"type": "file", "file_id": ACCOUNT_FILE}}
+                with pytest.raises(anthropic.BadRequestError) as refused:
+                    await bob.messages.create(model="m", max_tokens=20, messages=[{"role": "user", "content": [doc]}])
+                assert "names a file or vector store kept at the provider" in refused.value.message
