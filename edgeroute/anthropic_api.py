@@ -653,7 +653,8 @@ async def count_tokens(request: web.Request) -> web.Response:
         decision = await openai_api.decide_soon(request.app[STATE].live, body, request)
         tokens = decision.prompt_tokens
         if decision.other_parts:  # the core counts text; an image's tokens follow from its size
-            large = len(body) > PARSE_ON_LOOP_BYTES
+            # As a request's reservation does: its PDFs' object streams are inflated to be read.
+            large = len(body) > media.ON_LOOP_BYTES
             tokens += await asyncio.to_thread(_media_tokens, body) if large else _media_tokens(body)
     return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type="application/json")
 

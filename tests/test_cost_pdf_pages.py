@@ -159,20 +159,26 @@ async def test_a_budget_reserves_the_pages_of_a_compressed_pdf(start_mock: Any, 
     assert up.options.requests == [] and spent == 0
 
 
-async def test_many_pdfs_just_below_the_bound_are_read_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A PDF above 256 KiB is read in a worker thread; forty just below it (10 MB, the default
-    body bound) were all read on the event loop, each inflating its object streams (up to
-    4 MiB each): every other request waited for them."""
-    read_on: list[str] = []
+@pytest.fixture
+def read_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each PDF's pages are read on, in order."""
+    names: list[str] = []
     real = pdf.pages
 
     def pages(data: str) -> int | None:
-        read_on.append(threading.current_thread().name)
+        names.append(threading.current_thread().name)
         return real(data)
 
     monkeypatch.setattr(pdf, "pages", pages)
+    return names
+
+
+async def test_many_pdfs_just_below_the_bound_are_read_off_the_loop(read_on: list[str]) -> None:
+    """A PDF above 256 KiB is read in a worker thread; forty just below it (10 MB, the default
+    body bound) were all read on the event loop, each inflating its object streams (up to
+    4 MiB each): every other request waited for them."""
     doc = base64.b64encode(object_streams(20, filler=190_000)).decode()
-    assert media._ON_LOOP_BYTES - 20_000 < len(URL + doc) <= media._ON_LOOP_BYTES
+    assert media.ON_LOOP_BYTES - 20_000 < len(URL + doc) <= media.ON_LOOP_BYTES
     part = {"type": "file", "file": {"filename": "a.pdf", "file_data": URL + doc}}
     items = [{"role": "user", "content": [part] * 40}]
     got = media.items_media(items)
@@ -180,6 +186,23 @@ async def test_many_pdfs_just_below_the_bound_are_read_off_the_loop(monkeypatch:
     parts = await got()
     assert parts.pdf_pages == (20,) * 40
     assert read_on and threading.main_thread().name not in read_on
+
+
+async def test_count_tokens_reads_pdfs_below_a_megabyte_off_the_loop(
+    start_mock: Any, tmp_path: Path, read_on: list[str]
+) -> None:
+    """`count_tokens` read a body's PDFs on the event loop up to 1 MB (a body's parse bound),
+    where a request's reservation moves them to a worker thread past 256 KiB: four PDFs of
+    200 KB, each inflating its object streams, held every other request meanwhile."""
+    data = base64.b64encode(object_streams(20, filler=150_000)).decode()
+    doc = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}}
+    turn: Any = [{"role": "user", "content": [doc] * 4 + [{"type": "text", "text": "Summarise"}]}]
+    async with cost_proxy(budget_config(await start_mock("anthropic"), tmp_path)) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0) as client:
+            tokens = await client.messages.count_tokens(model="m", messages=turn)
+    assert media.ON_LOOP_BYTES < 4 * len(data) < 1 << 20
+    assert tokens.input_tokens >= 4 * 20 * media.PDF_PAGE_ESTIMATE
+    assert len(read_on) == 4 and threading.main_thread().name not in read_on
 
 
 def test_a_small_pdf_inflates_a_few_times_its_size_at_most() -> None:

@@ -166,7 +166,7 @@ def with_parts(media: Media | None, **more: Any) -> Media | None:
     return parts
 
 
-_ON_LOOP_BYTES = 256 * 1024  # a larger body is parsed again in a worker thread
+ON_LOOP_BYTES = 256 * 1024  # a larger body is parsed again (its PDFs' pages read) in a worker thread
 
 
 def body_media(body: bytes, decision: _core.Decision) -> Media | None:
@@ -176,7 +176,7 @@ def body_media(body: bytes, decision: _core.Decision) -> Media | None:
         return None
 
     async def parts() -> MediaParts:
-        return await asyncio.to_thread(body_parts, body) if len(body) > _ON_LOOP_BYTES else body_parts(body)
+        return await asyncio.to_thread(body_parts, body) if len(body) > ON_LOOP_BYTES else body_parts(body)
 
     return parts
 
@@ -189,7 +189,7 @@ def items_media(items: Any) -> Media | None:
     async def parts() -> MediaParts:
         # PDFs' pages are read from all their bytes: in a worker thread when large (20 MB: ~50 ms),
         # or many (forty PDFs just below the bound, each inflating its object streams).
-        heavy = sum(len(_file_data(p)) for m in items for p in _content(m)) > _ON_LOOP_BYTES
+        heavy = sum(len(_file_data(p)) for m in items for p in _content(m)) > ON_LOOP_BYTES
         return await asyncio.to_thread(message_parts, items) if heavy else message_parts(items)
 
     return parts

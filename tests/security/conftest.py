@@ -129,6 +129,21 @@ async def chat_upstream(handle: Callable[[web.Request], Awaitable[web.StreamResp
     return await start_routes(web.post("/v1/chat/completions", handle))
 
 
+@contextlib.asynccontextmanager
+async def usage_upstream(usage: dict[str, Any]) -> AsyncIterator[str]:
+    """A chat upstream answering "hello" with `usage` whatever it was asked (a careless
+    provider's counts); yields its base URL."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await openai_answer(request, await request.json(), "hello", usage)
+
+    server = await chat_upstream(chat)
+    try:
+        yield f"http://127.0.0.1:{server.port}/v1"
+    finally:
+        await server.close()
+
+
 async def titan_upstream(
     handle: Callable[[web.Request], Awaitable[web.StreamResponse]], **model: Any
 ) -> tuple[TestServer, dict[str, Any]]:

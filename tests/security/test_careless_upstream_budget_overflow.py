@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from aiohttp import web
 
 from tests.conftest import eventually
-from tests.security.conftest import chat_upstream, openai_answer, priced_config
+from tests.security.conftest import priced_config, usage_upstream
 from tests.test_cost_support import cost_proxy, require_redis
 
 TOKENS = 2**40 - 1  # the largest count accepted as a count
@@ -27,13 +26,8 @@ PRICE = 10_000.0  # USD a million output tokens: 1.1e10 USD for the answer, 1.1e
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        return await openai_answer(request, body, "hello", {"prompt_tokens": 5, "completion_tokens": TOKENS})
-
-    server = await chat_upstream(chat)
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with usage_upstream({"prompt_tokens": 5, "completion_tokens": TOKENS}) as url:
+        yield url
 
 
 async def test_a_charge_past_a_redis_counter_still_exhausts_the_budget(upstream: str) -> None:

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from edgeroute.cost.ledger_store import PostgresBackend
 from tests.conftest import eventually
-from tests.security.conftest import chat_upstream, openai_answer, priced_config, titan_upstream
+from tests.security.conftest import priced_config, titan_upstream, usage_upstream
 from tests.test_cost_support import cost_proxy, require_postgres
 
 HUGE = 3_000_000_000  # past 32 bits, within the 2^40 a count may be
@@ -50,13 +50,8 @@ def old_ledger() -> Iterator[str]:
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    async def chat(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        return await openai_answer(request, body, "hello", {"prompt_tokens": 5, "completion_tokens": HUGE})
-
-    server = await chat_upstream(chat)
-    yield f"http://127.0.0.1:{server.port}/v1"
-    await server.close()
+    async with usage_upstream({"prompt_tokens": 5, "completion_tokens": HUGE}) as url:
+        yield url
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
