@@ -1,8 +1,6 @@
 """Settlements on their way to Redis: summed per key, sent as one `SETTLE` script at a time.
 
-Under load many requests settle in one round trip, after their answers have gone out; what
-only gives back (most settlements: a reservation is an upper bound, a cache hit used nothing)
-waits up to `COUNT_FLUSH_S` for company, so that a request costs one round trip, not two.
+Under load many requests settle in one round trip, after their answers have gone out.
 Deltas Redis never received (it was down: `StoreUnavailable.sent` is False) are carried
 into the next batch, sent again once Redis is back: a reservation is released late, never
 twice. Managed keys' counts that no settlement carries go within `COUNT_FLUSH_S`.
@@ -18,8 +16,8 @@ from typing import Any
 from edgeroute.cost.store_errors import StoreUnavailable
 
 RESEND_S = 1.0  # settlements Redis never received are sent again this often while it is down
-# Managed keys' counters and give-backs that no other settlement carried are sent at most this
-# long after (`send_later`): under any load one script a tenth of a second, not one per request.
+# Managed keys' counters that no other settlement carried are sent at most this long after
+# (`send_later`): under any load one script a tenth of a second, not one per request.
 COUNT_FLUSH_S = 0.1
 
 
@@ -32,7 +30,6 @@ class _Pending:
     budgets: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
     buckets: dict[str, list[Any]] = field(default_factory=dict)  # key -> [delta, capacity]
     done: asyncio.Future[str | None] | None = None  # an error's name, or None when sent
-    urgent: bool = False  # someone waits for these to be sent now, not within `COUNT_FLUSH_S`
 
     def __bool__(self) -> bool:
         return bool(self.budgets or self.buckets)
@@ -77,25 +74,17 @@ class Settlements:
         """Takes `delta` more from bucket `key` (gives back when negative)."""
         self._pending.add_bucket(key, delta, capacity)
 
-    async def sent(self, later: bool = False) -> None:
+    async def sent(self) -> None:
         """Waits until the pending settlements (this one among them) are in Redis: one script
-        for every request settled since the last one was sent, one script in flight at a time.
-        `later`: they only give back (a reservation larger than the cost, a cache hit's tokens):
-        sent with the next batch, or within `COUNT_FLUSH_S`, not in a round trip of their own.
-        Held a little longer, a reservation errs towards refusing, never towards overspending."""
+        for every request settled since the last one was sent, one script in flight at a time."""
         pending = self._pending
         if not pending:
             return  # nothing to send (all deltas were zero)
-        loop = asyncio.get_running_loop()
         if pending.done is None:
-            pending.done = loop.create_future()
+            pending.done = asyncio.get_running_loop().create_future()
         done = pending.done
-        pending.urgent |= not later
         if self._flusher is None:
-            if later:
-                self.send_later()
-            else:
-                self._flusher = loop.create_task(self._flush())
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
         error = await asyncio.shield(done)
         if error is not None:
             raise StoreUnavailable(error)
@@ -111,12 +100,9 @@ class Settlements:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def _flush(self) -> None:
-        first = True
         try:
             await asyncio.sleep(0)  # settlements of the same loop pass join this batch
-            # Then one batch after another while someone waits; give-backs alone wait for the timer.
-            while self._pending and (first or self._pending.urgent or self._closing):
-                first = False
+            while self._pending:
                 batch, self._pending = self._pending, _Pending()
                 keys = [v[0] for v in batch.budgets.values()]
                 args: list[Any] = [len(keys)]
@@ -143,18 +129,6 @@ class Settlements:
                     batch.done.set_result(None)
         finally:
             self._flusher = None
-            if self._pending and not self._closing:
-                self.send_later()
-
-    def forget_give_backs(self) -> None:
-        """Drops budget deltas not yet sent that give back part of a reservation: Redis lost
-        the reservations (it restarted empty) and the seed counted those requests from the
-        ledger, so giving back into the seeded counters would count them below their cost."""
-        pending = self._pending
-        for where in [w for w, v in pending.budgets.items() if v[2] < 0 and not v[5]]:
-            del pending.budgets[where]
-        if not pending and pending.done is not None and not pending.done.done():
-            pending.done.set_result(None)  # nothing left to send: its waiters are done
 
     def forget(self) -> None:
         """Drops what is pending, not sent (counted some other way)."""

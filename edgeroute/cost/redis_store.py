@@ -137,9 +137,6 @@ class RedisState:
             # What this instance admitted while Redis was down is in what was read (its records
             # are written first): sent too, it would count twice.
             self._outage_spend.forget()
-        # Give-backs waiting for their batch (or for Redis to come back) were of reservations
-        # the restart lost: given back into the seeded counters, they would undercount.
-        self._settlements.forget_give_backs()
         if await self.seed(spent):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
@@ -241,14 +238,13 @@ class RedisState:
         out = await self._seeded(lambda: self._run(RESERVE, keys, self._reserve_args(charges)))
         return self._read_reserve(out, 0, charges)
 
-    async def adjust_async(self, charges: list[Charge], deltas: list[int], later: bool = False) -> None:
-        """Adds `deltas` to reservations, batched with other requests' settlements. `later`: a
-        request's settlement, which may wait for company when it only gives back (`Settlements.sent`)."""
+    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
+        """Adds `deltas` to reservations, batched with other requests' settlements."""
         for c, d in zip(charges, deltas, strict=True):
             if d:
                 p = c.period
                 self._settlements.add_budget(self._bkey(c), 1 if p.rolling else 0, d, p.ttl_s, p.slot)
-        await self._settlements.sent(later and all(d <= 0 for d in deltas))
+        await self._settlements.sent()
 
     def count_later(self, store_keys: list[str], amount: int, ttl_s: int) -> None:
         """Adds `amount` to managed keys' monthly counters (created where missing, see SETTLE):
@@ -324,11 +320,11 @@ class RedisState:
         out = await self._run(TAKE, [self._rkey(t) for t in takes], self._take_args(takes))
         return self._read_take(out, 0, takes)[0]
 
-    async def adjust_buckets(self, takes: list[Take], deltas: list[float], later: bool = False) -> None:
+    async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
         """Takes `deltas` more from buckets (gives back when negative), batched like `adjust_async`."""
         for t, d in zip(takes, deltas, strict=True):
             self._settlements.add_bucket(self._rkey(t), d, t.limit)
-        await self._settlements.sent(later and all(d <= 0 for d in deltas))
+        await self._settlements.sent()
 
     # -- settlement, batched (`redis_settle`) ------------------------------------
 

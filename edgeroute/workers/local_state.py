@@ -117,8 +117,7 @@ class SqliteState:
 
         return await self._run(tx)
 
-    async def adjust_async(self, charges: list[Charge], deltas: list[int], later: bool = False) -> None:
-        # `later` (Redis's batching of give-backs): a local file has no round trip to save.
+    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
         pairs = [(c, d) for c, d in zip(charges, deltas, strict=True) if d]
         if not pairs:
             return
@@ -252,7 +251,7 @@ class SqliteState:
 
         return await self._run(tx)
 
-    async def adjust_buckets(self, takes: list[Take], deltas: list[float], later: bool = False) -> None:
+    async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
         def tx(db: sqlite3.Connection) -> None:
             for t, d in zip(takes, deltas, strict=True):
                 q = "UPDATE bucket SET level = MIN(?, level - ?) WHERE key = ?"

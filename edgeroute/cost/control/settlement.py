@@ -78,7 +78,7 @@ class Settlement(Stores):
         actual = B.charge_nano(rec.cost_usd)
         if ticket.charges:
             self._unhold(ticket.charges)
-            self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared, True)
+            self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
             if not ticket.charges_shared and isinstance(self.shared, RedisState):
                 # Admitted while Redis was down: the other instances never saw it (they
                 # admitted the whole budget again once Redis was back).
@@ -90,12 +90,12 @@ class Settlement(Stores):
             if h.deployment is not None and not any(a.deployment == h.deployment for a in rec.attempts):
                 # Never sent there (a cache hit, a failover, a downgrade): its provider saw
                 # nothing, so its request and tokens go back, as for a refused request.
-                self._give(h.takes, [-t.amount for t in h.takes], h.shared, True)
+                self._give(h.takes, [-t.amount for t in h.takes], h.shared)
                 continue
             used = _tokens_used(rec, h)
             if used is not None:
                 tokens = [t for t in h.takes if t.kind == "tokens"]
-                self._give(tokens, [used - t.amount for t in tokens], h.shared, True)
+                self._give(tokens, [used - t.amount for t in tokens], h.shared)
 
     def _count_keys(self, ticket: CostTicket, actual: int) -> None:
         """Adds the request's cost to the monthly counter of each managed key above its key

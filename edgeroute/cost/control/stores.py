@@ -97,27 +97,21 @@ class Stores:
     def _settled(self, charges: list[B.Charge]) -> None:
         """Called once a request's charges hold what it cost (`Notifications` tells thresholds)."""
 
-    def _adjust(
-        self, charges: list[B.Charge], deltas: list[int], shared: bool, later: bool = False
-    ) -> asyncio.Task[None] | None:
+    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
         """Adds `deltas` to reservations; a task when they go to Redis (this process's counters
-        follow them, see `_seen_shared`). `later`: a settlement nothing waits for, which may
-        go with the next batch when it only gives back (`RedisState.adjust_async`)."""
+        follow them, see `_seen_shared`)."""
         self.local_budgets.adjust(charges, deltas)
         if shared and self.shared is not None:
-            return self._spawn(self.shared.adjust_async(charges, deltas, later))
+            return self._spawn(self.shared.adjust_async(charges, deltas))
         return None
 
-    def _give(
-        self, takes: list[Take], deltas: list[float], shared: bool, later: bool = False
-    ) -> asyncio.Task[None] | None:
-        """Takes `deltas` more from buckets (gives back when negative); a task when they are in
-        Redis. `later`: as `_adjust`'s."""
+    def _give(self, takes: list[Take], deltas: list[float], shared: bool) -> asyncio.Task[None] | None:
+        """Takes `deltas` more from buckets (gives back when negative); a task when they are in Redis."""
         pairs = [(t, d) for t, d in zip(takes, deltas, strict=True) if d]
         if not pairs:
             return None
         if shared and self.shared is not None:
-            return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs], later))
+            return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs]))
         for t, d in pairs:
             self.local_limits.adjust(t.name, t.kind, d)
         return None
