@@ -4,6 +4,7 @@ its key is held to. Shared by every endpoint; it decides nothing and calls no up
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -117,7 +118,11 @@ async def read_body(request: web.Request) -> bytes:
             f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
             code="invalid_request",
         )
-    if (repeated := _core.Router.duplicate_key(body)) is not None:
+    scan = _core.Router.duplicate_key
+    # A large body's keys are many (a flat object of a million short keys: tens of ms): the
+    # scan lets go of the GIL past a few KiB, so a worker thread keeps the loop serving.
+    repeated = await asyncio.to_thread(scan, body) if len(body) > SCAN_ON_LOOP_BYTES else scan(body)
+    if repeated is not None:
         # Parsers differ on a repeated key (edgeroute's keep the last, some providers' the first):
         # checked by one value and served by the other, such a body is no one's to guess at.
         raise ProxyError(
@@ -131,6 +136,7 @@ async def read_body(request: web.Request) -> bytes:
 
 
 _BODY = web.RequestKey("body", bytes)  # a request's body once read
+SCAN_ON_LOOP_BYTES = 64 * 1024  # a larger body's repeated keys are searched in a worker thread
 
 
 # JSON nested deeper than this is refused (the core's own parser refuses a message nested

@@ -10,6 +10,7 @@ the official SDK shows that ordinary requests, the same key in different objects
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,29 @@ async def test_the_same_key_in_different_objects_is_served(proxied: Any) -> None
         )
     assert done.choices[0].message.content
     assert len(up.options.requests) == 1
+
+
+async def test_a_large_body_is_searched_off_the_event_loop(proxied: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large body's keys are searched in a worker thread (a flat object of a million short
+    keys took the event loop for tens of milliseconds), with the same answers: a key repeated
+    at its end is still found, a body without one still served."""
+    proxy, up = proxied
+    scanned: list[str] = []
+    real = asyncio.to_thread
+
+    async def to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        scanned.append(getattr(func, "__name__", ""))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", to_thread)
+    many = ", ".join(f'"k{i}": {i}' for i in range(20_000))  # ~240 KB of metadata-like keys
+    status, body = await _post(
+        proxy.url, "/v1/chat/completions", f'{{"model": "m", "messages": [{_USER}], "x": {{{many}, "k7": 0}}}}'
+    )
+    assert status == 400 and body["error"]["param"] == "x.k7", body
+    assert "duplicate_key" in scanned
+    status, body = await _post(
+        proxy.url, "/v1/chat/completions", f'{{"model": "m", "messages": [{_USER}], "x": {{{many}}}}}'
+    )
+    assert status == 200, body
+    assert up.options.requests and scanned.count("duplicate_key") == 2
