@@ -129,6 +129,23 @@ def test_an_object_stream_not_read_is_the_most_pages() -> None:
     assert counted(b"%PDF-1.5\n" + many) == pdf.MOST_PAGES
 
 
+async def test_a_pdf_not_read_is_reserved_at_the_most_but_not_counted(start_mock: Any, tmp_path: Path) -> None:
+    """A PDF whose object streams cannot be read is reserved as the most pages (a budget
+    refuses it), but `count_tokens`, an estimate a client checks against its context window,
+    does not count it: it reported 2.4 million tokens for any such PDF."""
+    doc = object_streams(5)
+    start = doc.index(b"stream\n", doc.index(b"/ObjStm")) + 7
+    data = base64.b64encode(doc[:start] + b"\x00" + doc[start + 1 :]).decode()
+    source = {"type": "base64", "media_type": "application/pdf", "data": data}
+    turn: Any = [{"role": "user", "content": [{"type": "document", "source": source}, {"type": "text", "text": "Hi"}]}]
+    async with cost_proxy(budget_config(await start_mock("anthropic"), tmp_path)) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=APP, max_retries=0) as client:
+            with pytest.raises(anthropic.RateLimitError):
+                await client.messages.create(model="m", max_tokens=5, messages=turn)
+            tokens = await client.messages.count_tokens(model="m", messages=turn)
+    assert 0 < tokens.input_tokens < media.PDF_PAGE_ESTIMATE
+
+
 def test_padding_before_the_end_is_not_base64() -> None:
     """A decoder stops at padding (or refuses it): what follows is no part of the PDF."""
     assert counted("QQ==" + base64.b64encode(plain(5)).decode()) is None
@@ -165,9 +182,9 @@ def read_on(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     real = pdf.pages
 
-    def pages(data: str) -> int | None:
+    def pages(data: str, unreadable: int | None = pdf.MOST_PAGES) -> int | None:
         names.append(threading.current_thread().name)
-        return real(data)
+        return real(data, unreadable)
 
     monkeypatch.setattr(pdf, "pages", pages)
     return names

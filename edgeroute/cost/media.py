@@ -243,17 +243,18 @@ def message_parts(messages: list[Any]) -> MediaParts:
 _PDF_URL = "data:application/pdf;base64,"
 
 
-def pdf_pages(file: Any) -> int | None:
-    """The pages of a file part's base64 PDF (`file_data`, see `pdf`); None for anything else."""
+def pdf_pages(file: Any, unreadable: int | None = pdf.MOST_PAGES) -> int | None:
+    """The pages of a file part's base64 PDF (`file_data`, see `pdf.pages`); None for anything else."""
     data = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data, str) or not data.startswith(_PDF_URL):
         return None
-    return pdf.pages(data[len(_PDF_URL) :])
+    return pdf.pages(data[len(_PDF_URL) :], unreadable)
 
 
 def body_pdf_pages(body: bytes) -> list[int | None]:
-    """Each `file` part's PDF pages in a chat-completions body's messages (None: not counted)."""
-    return [pdf_pages(p.get("file")) for p in _body_parts(body, "file")]
+    """Each `file` part's PDF pages in a chat-completions body's messages, for an estimate
+    (`count_tokens`): None where not counted, a PDF whose pages cannot be read too."""
+    return [pdf_pages(p.get("file"), unreadable=None) for p in _body_parts(body, "file")]
 
 
 def _content(item: Any) -> list[Any]:

@@ -167,16 +167,17 @@ class _Scan:
         self.streamed = self.base + at
         return min(keep, end)
 
-    def pages(self) -> int | None:
+    def pages(self, unreadable: int | None) -> int | None:
         if self.unreadable:
-            return MOST_PAGES
+            return unreadable
         pages = max(self.objects, self.count, self.kids)
         return min(pages, MOST_PAGES) if pages else None
 
 
-def pages(data: str) -> int | None:
+def pages(data: str, unreadable: int | None = MOST_PAGES) -> int | None:
     """The pages of a PDF given as base64 (`data`), when its bytes show them; None when they do
-    not (not base64, no page objects or count: not a PDF)."""
+    not (not base64, no page objects or count: not a PDF). One whose object streams cannot be
+    read is `unreadable` pages: the most for a reservation, None (not counted) for an estimate."""
     scan = _Scan(min(_INFLATE_MOST, _INFLATE_RATIO * len(data) * 3 // 4))
     pending = ""  # characters of a quad a block's end cut
     for at in range(0, len(data), BLOCK):
@@ -188,7 +189,7 @@ def pages(data: str) -> int | None:
         scan.feed(block, last)
         if scan.unreadable:
             break
-    return scan.pages()
+    return scan.pages(unreadable)
 
 
 def _decode(chars: str, last: bool) -> tuple[bytes, str] | None:
