@@ -76,9 +76,10 @@ def test_a_base_url_with_credentials_is_refused_naming_the_field_not_the_secret(
 @pytest.mark.parametrize(
     "param",
     # A name that ends in one of the words was shown as written: S3's and GCS's presigned URLs,
-    # OAuth's client secret, GitLab's private token, Azure API Management's subscription key.
+    # OAuth's client secret, GitLab's private token, Azure API Management's subscription key;
+    # a word inside the name, or its name spelt with percent-escapes, was shown too.
     ["api_key", "X-Amz-Signature", "X-Goog-Signature", "client_secret", "private_token", "x-api-key",
-     "subscription-key", "access_key", "apiToken"],
+     "subscription-key", "access_key", "apiToken", "pwd", "passwd", "sessionid", "api%5Fkey", "sig_v4"],
 )  # fmt: skip
 async def test_a_key_in_a_urls_query_is_masked_and_stored_as_a_hash(
     tmp_path: Path, monkeypatch: Any, param: str
