@@ -185,7 +185,7 @@ async def test_a_container_whose_owner_cannot_be_read_is_never_used(start_mock: 
             asked = len(up.options.requests)
             with pytest.raises(anthropic.InternalServerError) as e:
                 await _anthropic_container(bob, False, kept)
-            assert e.value.status_code == 503 and "could not check container" in str(e.value.body)
+            assert e.value.status_code == 503 and "could not check a container" in str(e.value.body)
             await asyncio.to_thread(ledger, "ALTER TABLE owners_away RENAME TO gov_response_owners")
             assert await _anthropic_container(bob, False, kept) == kept
             with pytest.raises(anthropic.NotFoundError):
