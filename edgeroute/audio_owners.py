@@ -35,7 +35,7 @@ from edgeroute.state import Live
 
 PREFIX = "audio:"  # in the response owners' table: no provider's response id starts so
 _MARKER = b'"audio"'  # not `"input_audio"`: an input part's audio is the request's own
-_ESCAPE = b"\\u"  # a key may be spelt with escapes: such a body is always parsed
+_ESCAPE = b"\\u"  # a request's key may be spelt with escapes: such a request is always parsed
 THREAD_FROM_BYTES = 1 << 20  # a body this large is parsed in a worker thread
 
 
