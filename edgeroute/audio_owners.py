@@ -13,8 +13,10 @@ whether it exists is not revealed.
 A JSON answer's audio is bound before it is sent; a stream's after its last event is written
 and before its end reaches the client (a stream cut before then leaves its audio unbound:
 refused later, never another tenant's). Without virtual keys there is one tenant: nothing is
-bound, checked or parsed. With them, a body without `"audio"` and without a backslash-u escape
-that could spell it (`"\\u0061udio"`) is not parsed either.
+bound, checked or parsed. With them, a request without `"audio"` and without a backslash-u
+escape that could spell it (`"\\u0061udio"`) is not parsed either; an answer (the upstream's
+own) only when it holds `"audio"`: one spelling the key with escapes leaves its audio unbound,
+refused later (safe).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ from edgeroute.state import Live
 
 PREFIX = "audio:"  # in the response owners' table: no provider's response id starts so
 _MARKER = b'"audio"'  # not `"input_audio"`: an input part's audio is the request's own
-_ESCAPE = b"\\u"  # a key may be spelt with escapes: such a body is always parsed
+_ESCAPE = b"\\u"  # a request's key may be spelt with escapes: such a request is always parsed
 THREAD_FROM_BYTES = 1 << 20  # a body this large is parsed in a worker thread
 
 
 def _may_name(data: bytes) -> bool:
+    """Whether a request may name audio (an access check must read escaped keys too)."""
     return _MARKER in data or _ESCAPE in data
 
 
@@ -73,18 +76,22 @@ async def check(request: web.Request, live: Live, body: bytes) -> None:
     if not live.access.keyed(request) or not _may_name(body):
         return
     named = await asyncio.to_thread(_named, body) if len(body) >= THREAD_FROM_BYTES else _named(body)
+    mine: set[str] = set()  # looked up once however often a history names it
     for aid, param in named:
         if not isinstance(aid, str):
             raise ProxyError(400, f"Invalid type for '{param}': expected a string.", param=param)
+        if aid in mine:
+            continue
         if not aid or len(aid) > MAX_ID:
             raise _not_found(aid, param)
         if await stored_owner(request, PREFIX + aid, "an audio id") != owner_of(request):
             raise _not_found(aid, param)
+        mine.add(aid)
 
 
 def answer_ids(body: bytes) -> set[str]:
     """The audio ids of a chat completion (`choices[].message.audio.id`)."""
-    if not _may_name(body):
+    if _MARKER not in body:
         return set()
     try:
         obj = orjson.loads(body)
@@ -100,15 +107,14 @@ def _ids(holders: Iterable[Any]) -> set[str]:
 
 async def bind(request: web.Request, live: Live, ids: Iterable[str]) -> None:
     """Binds each audio id to the caller (see `owners.bind_all`)."""
-    keys = [PREFIX + a for a in ids if len(a) <= MAX_ID]
-    if keys and live.access.keyed(request):
-        await bind_all(request, keys, "an audio id")
+    if live.access.keyed(request):
+        await bind_all(request, {PREFIX: ids}, "an audio id")
 
 
 class StreamAudio:
     """Wraps a chat stream's translator (the relay feeds it every upstream read) to see the audio
     ids its events give (`delta.audio.id`); `inner` is followed by the relay, as for any
-    translator that wraps another. Only events that may name audio are parsed again."""
+    translator that wraps another. Only events holding `"audio"` are parsed again."""
 
     __slots__ = ("_events", "inner", "seen")
 
@@ -128,11 +134,11 @@ class StreamAudio:
         return out
 
     def _read(self, out: bytes) -> None:
-        if not _may_name(out) and not self._events.holding:
+        if _MARKER not in out and not self._events.holding:
             return
         for ev in self._events.feed(out):
             data = sse.event_data(ev)
-            if data is None or not _may_name(data):
+            if data is None or _MARKER not in data:
                 continue
             try:
                 obj = orjson.loads(data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aiohttp import web
 
@@ -31,28 +31,26 @@ def owner_of(request: web.Request) -> str:
 
 
 async def stored_owner(request: web.Request, key: str, what: str) -> str | None:
-    """Who `key` is bound to (None: no one). A database that cannot answer is a 503: the id
-    cannot be checked, so it is not used."""
+    """Who `key` is bound to (None: no one). `what` names the id with its article ("an audio
+    id"). A database that cannot answer is a 503: the id cannot be checked, so it is not used."""
     try:
         return await asyncio.to_thread(request.app[GOV].store.response_owner, key)
     except Exception as e:
-        log.warning("could not look up the owner of a %s: %s", what, type(e).__name__)
+        log.warning("could not look up the owner of %s: %s", what, type(e).__name__)
         raise ProxyError(
             503, f"edgeroute could not check {what}; retry shortly.", code="owner_check_unavailable"
         ) from None
 
 
-async def bind_all(request: web.Request, keys: Iterable[str], what: str) -> None:
-    """Binds each key to the caller. A failed write is logged: the id, unbound, is then refused
-    when named (safe; the answer that gave it was paid for)."""
-    store, owner = request.app[GOV].store, owner_of(request)
-    ordered = sorted(set(keys))
-
-    def write() -> None:
-        for key in ordered:
-            store.bind_response(key, owner)
-
+async def bind_all(request: web.Request, named: Mapping[str, Iterable[str]], what: str) -> None:
+    """Binds each id `named` gives under its prefix (`{prefix: ids}`) to the caller, in one
+    write; an empty id, or one longer than `MAX_ID` (no provider's), is left out. A failed write
+    is logged: the ids, unbound, are then refused when named (safe; the answer that gave them
+    was paid for)."""
+    keys = sorted({prefix + i for prefix, ids in named.items() for i in ids if i and len(i) <= MAX_ID})
+    if not keys:
+        return
     try:
-        await asyncio.to_thread(write)
+        await asyncio.to_thread(request.app[GOV].store.bind_responses, keys, owner_of(request))
     except Exception as e:
         log.warning("could not bind %s to its key (it cannot be named again): %s", what, type(e).__name__)

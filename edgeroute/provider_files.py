@@ -34,6 +34,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute.errors import ProxyError
+from edgeroute.owners import MAX_ID, owner_of, stored_owner
 
 _MARKERS = (b"file_id", b"vector_store_ids", b"skill_id")  # the first finds `file_ids` too
 _NAMES = ("file_id", "file_ids", "vector_store_ids")
@@ -46,7 +47,6 @@ _INTO = frozenset(
 _OWN_SKILLS = "anthropic"  # a `container.skills` entry of this type is the provider's own (`xlsx`, `pdf`)
 THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
 FILE_PREFIX = "file:"  # an output file's binding in the response owners' table
-MAX_ID = 256  # a longer id is no provider's (as `responses_owners.MAX_ID`)
 
 
 def _named(value: Any, path: str) -> Iterator[tuple[str, str | None]]:
@@ -107,9 +107,6 @@ def refused(found: str) -> ProxyError:
 async def refuse_named(body: bytes, request: web.Request) -> None:
     """Refuses a request that names a provider's file, vector store or skill, unless it is a
     file an answer gave the caller (see the module's doc); the body read off the loop when large."""
-    # Late: the endpoints package imports the API modules that import this one.
-    from edgeroute.endpoints.responses_owners import owner_of, stored_owner
-
     found = await asyncio.to_thread(named, body) if len(body) >= THREAD_FROM_BYTES else named(body)
     caller = owner_of(request) if found else ""
     mine: set[str] = set()  # looked up once however often a history names it

@@ -89,3 +89,18 @@ def ledger_sql(config_dir: Path, sql: str) -> None:
         conn.commit()
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def store_statements(app: Any) -> Iterator[list[str]]:
+    """The SQL a SQLite ledger's governance store runs while in the block, as SQLite traces it:
+    how a test counts the store's lookups and writes from the database's side."""
+    from edgeroute.governance.runtime import GOV
+
+    conn: sqlite3.Connection = app[GOV].store._conn
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        conn.set_trace_callback(None)

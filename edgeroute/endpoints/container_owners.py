@@ -6,7 +6,7 @@ container keeps the files written in it, and a later request names it by id to g
 them (Anthropic's `container`, a Responses code interpreter's `container`, a shell's
 `environment`, or a call sent back as input, whose container a tool in auto mode goes on in).
 So each container id an answer gives back is bound to who made the request (the same owner as a Responses id,
-`responses_owners.owner_of`), in the same table (`gov_response_owners`, under a `container:`
+`owners.owner_of`), in the same table (`gov_response_owners`, under a `container:`
 prefix: SQLite or PostgreSQL, shared by workers and instances, kept across restarts). A
 request naming a container bound to someone else, or to no one, is answered the provider's
 own 404 for an unknown container: whether it exists is not revealed.
@@ -25,21 +25,17 @@ blocks, for the Files API): each is bound to the caller the same way, under
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from edgeroute.dispatch import JsonAnswer, StreamAnswer
-from edgeroute.endpoints.responses_owners import MAX_ID, owner_of, stored_owner
 from edgeroute.errors import ProxyError
-from edgeroute.governance.runtime import GOV
+from edgeroute.owners import MAX_ID, bind_all, owner_of, stored_owner
+from edgeroute.provider_files import FILE_PREFIX
 from edgeroute.state import Live
-
-log = logging.getLogger("edgeroute.containers")
 
 PREFIX = "container:"  # in the response owners' table: no provider's response id starts so
 
@@ -56,29 +52,15 @@ async def check(request: web.Request, live: Live, container: str, param: str) ->
         return
     if not container or len(container) > MAX_ID:
         raise _not_found(container, param)
-    if await stored_owner(request, PREFIX + container, "container") != owner_of(request):
+    if await stored_owner(request, PREFIX + container, "a container") != owner_of(request):
         raise _not_found(container, param)
 
 
-async def bind(request: web.Request, live: Live, named: Callable[[], Iterable[str]], prefix: str = PREFIX) -> None:
-    """Binds each container id (or, with `FILE_PREFIX`, output file) `named()` gives to the caller
-    (read only with tenants: a keyless server's answers are not parsed again for it). A failed
-    write is logged: the id, unbound, is then refused when named (safe; the answer was paid for)."""
-    if not live.access.keyed(request):
-        return
-    ids = sorted({c for c in named() if c and len(c) <= MAX_ID})
-    if not ids:
-        return
-    store, owner = request.app[GOV].store, owner_of(request)
-
-    def write() -> None:
-        for c in ids:
-            store.bind_response(prefix + c, owner)
-
-    try:
-        await asyncio.to_thread(write)
-    except Exception as e:
-        log.warning("could not bind %s to its key (it cannot be named again): %s", prefix[:-1], type(e).__name__)
+async def bind(request: web.Request, live: Live, containers: Iterable[str], files: Iterable[str] = ()) -> None:
+    """Binds each container id and output file (under `FILE_PREFIX`) to the caller, in one write
+    (see `owners.bind_all`), with tenants only."""
+    if live.access.keyed(request):
+        await bind_all(request, {PREFIX: containers, FILE_PREFIX: files}, "a container or file id")
 
 
 # Code execution's results, and the outputs in them that name a file it wrote.
@@ -103,9 +85,8 @@ def output_files(block: Any) -> set[str]:
     }
 
 
-def json_files(got: JsonAnswer | StreamAnswer) -> set[str]:
-    """The output files a JSON Messages answer names; a stream's are its translator's."""
-    obj = _json_answer(got)
+def answer_files(obj: dict[str, Any] | None) -> set[str]:
+    """The output files a JSON Messages answer's object names."""
     content = obj.get("content") if obj is not None else None
     return {f for block in (content if isinstance(content, list) else ()) for f in output_files(block)}
 
@@ -162,9 +143,8 @@ def responses_containers(output: Any) -> set[str]:
     return {cid for item in (output if isinstance(output, list) else ()) if (cid := item_container(item))}
 
 
-def json_containers(got: JsonAnswer | StreamAnswer) -> set[str]:
-    """The containers a JSON answer of either API names; a stream's are its translator's."""
-    obj = _json_answer(got)
+def answer_containers(obj: dict[str, Any] | None) -> set[str]:
+    """The containers a JSON answer's object of either API names."""
     if obj is None:
         return set()
     found = responses_containers(obj.get("output"))
@@ -173,10 +153,8 @@ def json_containers(got: JsonAnswer | StreamAnswer) -> set[str]:
     return found
 
 
-def _json_answer(got: JsonAnswer | StreamAnswer) -> dict[str, Any] | None:
-    """A JSON answer's object (None: a stream, or not an object)."""
-    if isinstance(got, StreamAnswer):
-        return None
+def json_answer(got: JsonAnswer) -> dict[str, Any] | None:
+    """A JSON answer's object (None: not an object)."""
     try:
         obj = orjson.loads(got.body)
     except orjson.JSONDecodeError:

@@ -44,7 +44,6 @@ from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
 from edgeroute.endpoints.responses import Via
 from edgeroute.errors import ProxyError
-from edgeroute.provider_files import FILE_PREFIX
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage, prompt_side
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.request_input import read_body
@@ -427,13 +426,19 @@ async def _check_container(req: dict[str, Any], request: web.Request, live: Live
 
 
 async def _bind_containers(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
-    await containers.bind(request, live, partial(containers.json_containers, got))
-    await containers.bind(request, live, partial(containers.json_files, got), FILE_PREFIX)
+    """A JSON answer's container and the files code execution wrote, bound in one write before
+    it is sent (a stream's once it has ended); the answer is parsed for it only with tenants,
+    and once. Files are looked for only in an answer naming code execution: one spelling that
+    with escapes (the upstream's own) leaves its files unbound, refused later (safe)."""
+    if isinstance(got, StreamAnswer) or not live.access.keyed(request):
+        return
+    obj = containers.json_answer(got)
+    files = containers.answer_files(obj) if b"code_execution" in got.body else ()
+    await containers.bind(request, live, containers.answer_containers(obj), files)
 
 
 async def _bind_stream_containers(request: web.Request, live: Live, got: StreamAnswer) -> None:
-    await containers.bind(request, live, partial(containers.stream_containers, got))
-    await containers.bind(request, live, partial(containers.stream_files, got), FILE_PREFIX)
+    await containers.bind(request, live, containers.stream_containers(got), containers.stream_files(got))
 
 
 def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:

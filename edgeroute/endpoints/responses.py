@@ -202,12 +202,19 @@ async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
 
 
 async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
-    await owners.bind(request, live, got)
-    await containers.bind(request, live, partial(containers.json_containers, got))
+    """The answer's id (a stream's, from its first event) and a JSON answer's containers, bound
+    before the client sees them; an answer is parsed for it only with tenants, and once."""
+    if not live.access.keyed(request):
+        return
+    if isinstance(got, StreamAnswer):
+        await owners.bind(request, live, owners.stream_id(got.head))
+        return
+    obj = containers.json_answer(got)
+    await owners.bind(request, live, owners.json_id(obj), containers.answer_containers(obj))
 
 
 async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> None:
-    await containers.bind(request, live, partial(containers.stream_containers, got))
+    await containers.bind(request, live, containers.stream_containers(got))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -20,23 +20,17 @@ one tenant: nothing is bound or checked there.
 
 from __future__ import annotations
 
-import asyncio
-import logging
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from edgeroute import sse
-from edgeroute.dispatch import JsonAnswer, StreamAnswer
+from edgeroute.endpoints.container_owners import PREFIX as CONTAINER
 from edgeroute.errors import ProxyError
-from edgeroute.governance.runtime import GOV
-from edgeroute.owners import MAX_ID as MAX_ID  # also the other owners' modules'
-from edgeroute.owners import owner_of as owner_of
-from edgeroute.owners import stored_owner as stored_owner
+from edgeroute.owners import MAX_ID, bind_all, owner_of, stored_owner
 from edgeroute.state import Live
-
-log = logging.getLogger("edgeroute.responses")
 
 
 def _tenants(request: web.Request, live: Live) -> bool:
@@ -103,11 +97,11 @@ async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> None:
         raise ProxyError(400, "'previous_response_id' must be a non-empty string.", param="previous_response_id")
     if len(prev) > MAX_ID:
         raise not_found(prev)
-    if await stored_owner(request, prev, "previous_response_id") != owner_of(request):
+    if await stored_owner(request, prev, "a previous_response_id") != owner_of(request):
         raise not_found(prev)
 
 
-def _stream_id(head: bytes) -> str | None:
+def stream_id(head: bytes) -> str | None:
     """The id in a Responses stream's `response.created` event, among the bytes held so far."""
     splitter = sse.EventSplitter()
     for ev in splitter.feed(head if head.endswith(b"\n\n") else head + b"\n\n"):
@@ -125,27 +119,17 @@ def _stream_id(head: bytes) -> str | None:
     return None
 
 
-def answer_id(got: JsonAnswer | StreamAnswer) -> str | None:
-    if isinstance(got, StreamAnswer):
-        return _stream_id(got.head)
-    try:
-        obj = orjson.loads(got.body)
-    except orjson.JSONDecodeError:
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
+def json_id(obj: dict[str, Any] | None) -> str | None:
+    """The id of a JSON Response (its object, `container_owners.json_answer`)."""
+    rid = obj.get("id") if obj is not None else None
     return rid if isinstance(rid, str) else None
 
 
-async def bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
-    """Binds the answer's id to the caller, before the answer is sent. A failed write is
-    logged and the answer still sent: its id, unbound, is then refused as a
-    `previous_response_id` (safe, and the answer itself was paid for)."""
-    if not _tenants(request, live):
-        return
-    rid = answer_id(got)
-    if rid is None or len(rid) > MAX_ID:
-        return  # an id not seen (or not a provider's) is bound to no one: refused later
-    try:
-        await asyncio.to_thread(request.app[GOV].store.bind_response, rid, owner_of(request))
-    except Exception as e:
-        log.warning("could not bind a response id to its key (it cannot be continued): %s", type(e).__name__)
+async def bind(request: web.Request, live: Live, rid: str | None, containers: Iterable[str] = ()) -> None:
+    """Binds the answer's id, and the containers it ran in (`container_owners`), to the caller in
+    one write, before the answer is sent. A failed write is logged and the answer still sent:
+    its id, unbound, is then refused as a `previous_response_id` (safe, and the answer itself
+    was paid for). An id not seen (or not a provider's) is bound to no one: refused later."""
+    if _tenants(request, live):
+        named = {"": [rid] if rid is not None else [], CONTAINER: containers}
+        await bind_all(request, named, "a response or container id")

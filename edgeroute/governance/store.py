@@ -176,21 +176,23 @@ class GovStore:
 
     # -- Responses ids: whose conversation each one is ----------------------------
 
-    def bind_response(self, response_id: str, owner: str) -> None:
-        """Records that `owner` created response `response_id`. An id already bound to another
-        owner becomes no one's (`CONTESTED`): an upstream that gave two tenants one id (its ids
-        counted from 1 again after a restart) stores the later conversation under it, which the
-        first owner would otherwise continue. Bindings older than a provider keeps a stored
-        response (OpenAI: 30 days) go, at most once an hour per process."""
+    def bind_responses(self, ids: Sequence[str], owner: str) -> None:
+        """Records that `owner` created each of `ids` (a response, or a prefixed id: `audio:`,
+        `container:`, `file:`), in one transaction. An id already bound to another owner becomes
+        no one's (`CONTESTED`): an upstream that gave two tenants one id (its ids counted from 1
+        again after a restart) stores the later conversation under it, which the first owner
+        would otherwise continue. Bindings older than a provider keeps a stored response
+        (OpenAI: 30 days) go, at most once an hour per process."""
         now = time.time()
         with self._lock, self._tx() as cur:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
-                    " SET owner = ? WHERE gov_response_owners.owner <> excluded.owner"
-                ),
-                (response_id, owner, now, CONTESTED),
-            )
+            for response_id in ids:
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
+                        " SET owner = ? WHERE gov_response_owners.owner <> excluded.owner"
+                    ),
+                    (response_id, owner, now, CONTESTED),
+                )
             if now - self._owners_pruned >= RESPONSE_PRUNE_EVERY:
                 self._owners_pruned = now
                 cur.execute(self._sql("DELETE FROM gov_response_owners WHERE ts < ?"), (now - RESPONSE_OWNER_TTL,))

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import simple_config
-from tests.governance_support import instances, write_config
+from tests.governance_support import instances, store_statements, write_config
 from tests.test_cost_support import cost_proxy, require_redis
 
 ALICE, ALICE_TOO, BOB = "sk-alice-1", "sk-alice-2", "sk-bob-1"
@@ -123,6 +123,21 @@ async def test_an_escaped_key_names_the_audio_all_the_same(start_upstream: Any, 
     assert status == 404, body
     assert body["error"]["code"] == "audio_not_found" and body["error"]["param"] == "messages[1].audio.id"
     assert "charlie-secret" not in str(body)
+
+
+async def test_a_history_naming_its_audio_often_looks_it_up_once(start_upstream: Any, tmp_path: Path) -> None:
+    """A long conversation sends its spoken turns back each time: each distinct audio id is
+    looked up once (the store's SELECTs counted by SQLite), not once per time it is named."""
+    up = await start_upstream()
+    async with cost_proxy(_config(up, {"path": str(tmp_path / "l.db")})) as proxy:
+        aid = await _spoken(proxy.url, ALICE, "echo-secret", False)
+        turn: Any = [{"role": "assistant", "audio": {"id": aid}}, {"role": "user", "content": "and again?"}]
+        messages: Any = [{"role": "user", "content": "say something"}, *turn * 200]
+        with store_statements(proxy.app) as sql:
+            async with _client(proxy.url, ALICE_TOO) as client:
+                done = await client.chat.completions.create(model="m", messages=messages)
+        assert "echo-secret" in (done.choices[0].message.content or "")  # served: the team's own audio
+        assert sum("FROM gov_response_owners" in s for s in sql) == 1
 
 
 async def test_a_keyless_server_replays_audio_with_no_setup(start_upstream: Any, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import routes_upstream
+from tests.governance_support import store_statements
 from tests.providers_fixtures import provider_config, start_mock
 from tests.security.test_responses_item_references import ALICE, BOB
 from tests.test_cost_support import cost_proxy
@@ -113,6 +114,22 @@ async def test_code_execution_output_files_are_their_tenants(start_mock: Any, tm
             # Alice's own run's file is hers.
             hers = _output_file(await _run(alice, stream))
             await alice.messages.create(model="m", max_tokens=20, messages=_going_on(content, hers)[2:], tools=TOOLS)
+
+
+async def test_an_answer_binds_its_container_and_files_in_one_write(start_mock: Any, tmp_path: Path) -> None:
+    """A code execution answer's container and output file are bound in one transaction (the
+    store's statements traced by SQLite); an answer without code execution writes no binding."""
+    up = await start_mock("anthropic", record=True)
+    async with cost_proxy(_config(up, tmp_path)) as proxy:
+        async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key=BOB, max_retries=0) as bob:
+            with store_statements(proxy.app) as sql:
+                said = await bob.messages.create(model="m", max_tokens=20, messages=[ASK], tools=TOOLS)
+            assert said.container is not None
+            bound = [s for s in sql if s.startswith("INSERT INTO gov_response_owners")]
+            assert len(bound) == 2 and sum(s == "BEGIN IMMEDIATE" for s in sql) == 1, sql
+            with store_statements(proxy.app) as sql:
+                await bob.messages.create(model="m", max_tokens=20, messages=[ASK])
+            assert not [s for s in sql if s.startswith("INSERT")], sql
 
 
 async def test_an_output_file_whose_owner_cannot_be_read_is_never_used(start_mock: Any, tmp_path: Path) -> None:

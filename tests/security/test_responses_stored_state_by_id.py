@@ -24,6 +24,7 @@ import anthropic
 import openai
 import pytest
 
+from tests.governance_support import store_statements
 from tests.providers_fixtures import provider_config, start_mock
 from tests.security.test_responses_item_references import ALICE, BOB, _bobs_item, _config
 from tests.test_cost_support import cost_proxy
@@ -109,6 +110,21 @@ async def test_containers_of_a_code_interpreter_are_their_tenants(
             assert await _responses_container(alice, stream, {"type": "auto"}) != bobs  # a new one is hers
 
 
+async def test_a_response_and_its_container_are_bound_in_one_write(start_upstream: Any, tmp_path: Path) -> None:
+    """A JSON Response's id and the container its code ran in go to the store in one
+    transaction (its statements traced by SQLite), and both are the caller's."""
+    up = await start_upstream(record=True)
+    cfg = _config(up, tmp_path, keys=True)
+    cfg["providers"]["a"]["headers"] = {"x-mock-tool-calls": "code_interpreter=1"}
+    async with cost_proxy(cfg) as proxy:
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=BOB, max_retries=0) as bob:
+            with store_statements(proxy.app) as sql:
+                bobs = await _responses_container(bob, False, {"type": "auto"})
+            bound = [s for s in sql if s.startswith("INSERT INTO gov_response_owners")]
+            assert len(bound) == 2 and sum(s == "BEGIN IMMEDIATE" for s in sql) == 1, sql
+            assert await _responses_container(bob, False, bobs) == bobs
+
+
 async def _anthropic_container(client: anthropic.AsyncAnthropic, stream: bool, container: Any) -> str | None:
     """The container a Messages request with the code execution tool ran in (streamed or not)."""
     say: Any = [{"role": "user", "content": "list the files"}]
@@ -185,7 +201,7 @@ async def test_a_container_whose_owner_cannot_be_read_is_never_used(start_mock: 
             asked = len(up.options.requests)
             with pytest.raises(anthropic.InternalServerError) as e:
                 await _anthropic_container(bob, False, kept)
-            assert e.value.status_code == 503 and "could not check container" in str(e.value.body)
+            assert e.value.status_code == 503 and "could not check a container" in str(e.value.body)
             await asyncio.to_thread(ledger, "ALTER TABLE owners_away RENAME TO gov_response_owners")
             assert await _anthropic_container(bob, False, kept) == kept
             with pytest.raises(anthropic.NotFoundError):
