@@ -134,7 +134,9 @@ class StreamAudio:
         return out
 
     def _read(self, out: bytes) -> None:
-        if _MARKER not in out and not self._events.holding:
+        # Whole events without audio (what an upstream read almost always is) are not split; a
+        # read that ends inside an event is, so that its rest, read next, is whole with it.
+        if not self._events.holding and _MARKER not in out and out.endswith((b"\n\n", b"\r\n\r\n")):
             return
         for ev in self._events.feed(out):
             data = sse.event_data(ev)

@@ -10,15 +10,18 @@ each spoken answer and replays it when its id is named, as OpenAI does."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
+from aiohttp import web
 
-from tests.conftest import simple_config
+from tests.conftest import routes_upstream, simple_config
 from tests.governance_support import instances, store_statements, write_config
 from tests.test_cost_support import cost_proxy, require_redis
 
@@ -159,3 +162,43 @@ async def test_two_instances_on_postgres_share_the_audio_bindings(
         with pytest.raises(openai.NotFoundError):
             await _replayed(two.url, ALICE, aid)
         assert "echo-secret-5" in await _replayed(two.url, BOB, aid)
+
+
+async def test_an_audio_id_split_across_upstream_reads_is_still_its_tenants(tmp_path: Path) -> None:
+    """An upstream read that ends inside an event (`..."aud` | `io": {"id": ...}}`) still binds
+    the id to its tenant. This pins behaviour (it held before: the chat translator hands the
+    binding whole events); the binding now also splits any read that does not end an event."""
+    event = b"data: " + orjson.dumps(
+        {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "x",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "audio": {"id": "audio_split_1", "transcript": "hi"}},
+                      "finish_reason": None}]}
+    ) + b"\n\n"  # fmt: skip
+    cut = event.index(b'"audio"') + 4
+    finish = b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"x",' + (
+        b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    )
+    said = {"id": "c2", "object": "chat.completion", "created": 1, "model": "x",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "heard it"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}  # fmt: skip
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(said)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in (event[:cut], event[cut:], finish, b"data: [DONE]\n\n"):
+            await resp.write(piece)
+            await asyncio.sleep(0.05)  # each its own read at the proxy
+        return resp
+
+    async with routes_upstream(web.post("/v1/chat/completions", chat)) as up:
+        cfg = {
+            "providers": {"a": {"kind": "openai", "base_url": up.url + "/v1", "api_key": "k"}},
+            "deployments": {"d": {"provider": "a", "model": "x", "price": {"input_per_mtok": 1, "output_per_mtok": 2}}},
+            "models": {"m": {"deployments": ["d"]}},
+            "ledger": {"path": str(tmp_path / "l.db")},
+            "keys": _KEYS,
+        }
+        async with cost_proxy(cfg) as proxy:
+            assert await _spoken(proxy.url, ALICE, "hello", stream=True) == "audio_split_1"
+            assert await _replayed(proxy.url, ALICE_TOO, "audio_split_1") == "heard it"
