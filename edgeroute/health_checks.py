@@ -25,6 +25,15 @@ PROBE_EJECTION_MS = 60_000
 FOLLOW_S = 1.0  # how soon a reload's probe settings take effect
 
 
+def _healthy(status: int, with_credentials: bool) -> bool:
+    """Whether a probe's answer says the provider serves requests. A 401 or 403 to a probe that
+    carried our credentials is the provider refusing them, as it refuses every real request (a
+    revoked or rotated key): counted healthy, the probe brought the deployment back each interval."""
+    if with_credentials and status in (401, 403):
+        return False
+    return status < 500 and status != 429
+
+
 async def probe_once(app: web.Application, provider: str) -> bool:
     live = app[STATE].live
     up = live.upstreams.get(provider)
@@ -32,10 +41,11 @@ async def probe_once(app: web.Application, provider: str) -> bool:
     hc = settings.health_check if settings is not None else None
     if up is None or hc is None:  # a reload took the provider or its probe away
         return True
+    headers = up.adapter.health_headers()
     try:
         async with asyncio.timeout(hc.timeout):
-            async with await up.client.request("GET", up.adapter.health_url(), up.adapter.health_headers()) as r:
-                healthy = r.status < 500 and r.status != 429
+            async with await up.client.request("GET", up.adapter.health_url(), headers) as r:
+                healthy = _healthy(r.status, bool(headers))
     except (TimeoutError, UpstreamError, OSError):
         healthy = False
     for d in live.deployments:
