@@ -32,10 +32,11 @@ FOLLOW_S = 1.0  # how soon a reload's probe settings take effect
 def _healthy(status: int, with_credentials: bool) -> bool:
     """Whether a probe's answer says the provider serves requests. A 401 or 403 to a probe that
     carried our credentials is the provider refusing them, as it refuses every real request (a
-    revoked or rotated key): counted healthy, the probe brought the deployment back each interval."""
+    revoked or rotated key); a redirect is one every request gets and edgeroute never follows (a
+    provider that moved). Counted healthy, they brought the deployment back each interval."""
     if with_credentials and status in (401, 403):
         return False
-    return status < 500 and status != 429
+    return status < 300 or (400 <= status < 500 and status != 429)
 
 
 async def probe_once(app: web.Application, provider: str, failing: set[str]) -> bool:

@@ -1,8 +1,9 @@
 """What an active health probe's answer says, and what it may undo.
 
-A probe refused our credentials (401/403) is a failed probe: it counted as healthy, so a
-provider that revoked our key was never ejected by its probe, and every interval the probe
-restored the deployments that user requests' auth errors had ejected. And a good probe brings
+A probe refused our credentials (401/403) or redirected (3xx, which edgeroute never follows) is
+a failed probe, as requests so answered fail: it counted as healthy, so a provider that revoked
+our key or moved was never ejected by its probe, and every interval the probe restored the
+deployments that user requests' failures had ejected. And a good probe brings
 back only what a failed probe saw failing: one whose models list answered while its requests
 failed restored their ejection every interval.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 from aiohttp import web
 
 from tests.conftest import eventually, simple_config
@@ -22,9 +24,23 @@ async def _probed(check: Any) -> bool:
     return bool(check())
 
 
-async def test_a_probe_refused_our_key_ejects_and_never_restores(start_upstream: Any, start_proxy: Any) -> None:
-    revoked, good = await start_upstream(api_key="a-rotated-key"), await start_upstream(record=True)
-    cfg = simple_config({"a": revoked, "b": good}, health={"base_ejection_ms": 600_000})
+async def _moved(request: web.Request) -> web.Response:
+    """A provider that moved: every path redirects (edgeroute never follows a redirect, which
+    would send our credentials wherever it points)."""
+    raise web.HTTPTemporaryRedirect("https://elsewhere.invalid" + request.path)
+
+
+@pytest.mark.parametrize("refusal", ["revoked key", "redirect"])
+async def test_a_probe_refused_as_requests_are_ejects_and_never_restores(
+    refusal: str, start_upstream: Any, serve_routes: Any, start_proxy: Any
+) -> None:
+    good = await start_upstream(record=True)
+    cfg = simple_config({"a": good, "b": good}, health={"base_ejection_ms": 600_000})
+    if refusal == "revoked key":
+        cfg["providers"]["a"]["base_url"] = (await start_upstream(api_key="a-rotated-key")).base_url
+    else:
+        moved = await serve_routes(web.get("/v1/models", _moved), web.post("/v1/chat/completions", _moved))
+        cfg["providers"]["a"]["base_url"] = moved.url + "/v1"
     cfg["providers"]["a"]["health_check"] = {"interval": 0.05, "timeout": 2}
     cfg["models"]["m"]["strategy"] = "weighted"
     cfg["deployments"]["d-a"]["weight"] = 1000  # chosen first whenever it is in
@@ -37,8 +53,8 @@ async def test_a_probe_refused_our_key_ejects_and_never_restores(start_upstream:
     async def ejected() -> bool:
         return await circuit_of_a() == "open"
 
-    # Before any user request: the probe alone finds the provider refusing our key.
-    await eventually(ejected, "d-a ejected by its probe (the provider refuses our key)", within=10)
+    # Before any user request: the probe alone finds the provider refusing what requests would send.
+    await eventually(ejected, f"d-a ejected by its probe ({refusal})", within=10)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     for _ in range(3):
         raw = await client.chat.completions.with_raw_response.create(
