@@ -20,6 +20,12 @@ from aiohttp import web
 from tests.conftest import eventually, simple_config
 
 
+def _a_first(cfg: dict[str, Any]) -> None:
+    """d-a, the cheaper, is every request's first choice whenever it is in (`lowest_cost`)."""
+    cfg["models"]["m"]["strategy"] = "lowest_cost"
+    cfg["deployments"]["d-a"]["price"] = {"input_per_mtok": 0.5, "output_per_mtok": 1.0}
+
+
 async def _probed(check: Any) -> bool:
     return bool(check())
 
@@ -42,8 +48,7 @@ async def test_a_probe_refused_as_requests_are_ejects_and_never_restores(
         moved = await serve_routes(web.get("/v1/models", _moved), web.post("/v1/chat/completions", _moved))
         cfg["providers"]["a"]["base_url"] = moved.url + "/v1"
     cfg["providers"]["a"]["health_check"] = {"interval": 0.05, "timeout": 2}
-    cfg["models"]["m"]["strategy"] = "weighted"
-    cfg["deployments"]["d-a"]["weight"] = 1000  # chosen first whenever it is in
+    _a_first(cfg)
     proxy = await start_proxy(cfg)
 
     async def circuit_of_a() -> str:
@@ -87,8 +92,7 @@ async def test_a_good_probe_does_not_restore_what_failing_requests_ejected(
     cfg = simple_config({"a": good, "b": good}, health={"consecutive_failures": 1, "base_ejection_ms": 600_000})
     cfg["providers"]["a"] = {"base_url": broken.url + "/v1", "api_key": "key-a"}
     cfg["providers"]["a"]["health_check"] = {"interval": 0.05, "timeout": 2}
-    cfg["models"]["m"]["strategy"] = "weighted"
-    cfg["deployments"]["d-a"]["weight"] = 1000
+    _a_first(cfg)
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
 
