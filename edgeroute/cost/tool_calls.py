@@ -2,11 +2,11 @@
 
 An upstream that runs a tool itself (OpenAI's Responses `web_search`, `file_search`,
 `code_interpreter`, `image_generation`; Anthropic's `web_search_2025...` and `web_fetch_2025...`
-server tools) bills each call apart from tokens (`price.tool_calls`). A reservation holds, at the highest price of
-the deployments the request may reach, the calls the request allows: an Anthropic tool's
-`max_uses`, a Responses request's `max_tool_calls` (of each tool it enables: the bound is on
-all of them, and any may be the dearest), else `budgets.reserve_tool_calls` of each (one by
-default: how many calls a model makes unbounded is its own choice). The calls the answer
+server tools) bills each call apart from tokens (`price.tool_calls`). A reservation holds, at
+the highest price of the deployments the request may reach, the calls the request allows: an
+Anthropic tool's `max_uses`, a Responses request's `max_tool_calls` (of each tool it enables:
+the bound is on all of them, and any may be the dearest), else `budgets.reserve_tool_calls` of
+each (one by default: how many calls a model makes unbounded is its own choice). The calls the answer
 reports are what is settled.
 """
 
