@@ -1,9 +1,13 @@
 """Active health checks: a periodic cheap probe per provider that has one configured.
 
 Passive checks (every attempt reported to the core) take a failing deployment out;
-an active probe brings it back as soon as its provider answers again, instead of
-waiting for the ejection to run out, and takes out deployments whose provider
-stopped answering before a user request has to find out.
+an active probe takes out deployments whose provider stopped answering before a user
+request has to find out, and brings them back as soon as it answers again, instead of
+waiting for the ejection to run out. Only a probe that failed since its last good one
+brings a deployment back: a provider whose models list answers while its requests fail
+(a crashed model behind a healthy gateway) keeps the ejection those requests earned, which
+grows with each one. A good probe that never failed says nothing about them; it restored
+the deployment every interval, and requests went on trying it first.
 """
 
 from __future__ import annotations
@@ -25,24 +29,42 @@ PROBE_EJECTION_MS = 60_000
 FOLLOW_S = 1.0  # how soon a reload's probe settings take effect
 
 
-async def probe_once(app: web.Application, provider: str) -> bool:
+def _healthy(status: int, with_credentials: bool) -> bool:
+    """Whether a probe's answer says the provider serves requests. A 401 or 403 to a probe that
+    carried our credentials is the provider refusing them, as it refuses every real request (a
+    revoked or rotated key); a redirect is one every request gets and edgeroute never follows (a
+    provider that moved). Counted healthy, they brought the deployment back each interval."""
+    if with_credentials and status in (401, 403):
+        return False
+    return status < 300 or (400 <= status < 500 and status != 429)
+
+
+async def probe_once(app: web.Application, provider: str, failing: set[str]) -> bool:
+    """Probes `provider` once; `failing` holds the providers whose last probe failed (the
+    only ones a good probe restores), updated here."""
     live = app[STATE].live
     up = live.upstreams.get(provider)
     settings = live.config.providers.get(provider)
     hc = settings.health_check if settings is not None else None
     if up is None or hc is None:  # a reload took the provider or its probe away
         return True
+    headers = up.adapter.health_headers()
     try:
         async with asyncio.timeout(hc.timeout):
-            async with await up.client.request("GET", up.adapter.health_url(), up.adapter.health_headers()) as r:
-                healthy = r.status < 500 and r.status != 429
+            async with await up.client.request("GET", up.adapter.health_url(), headers) as r:
+                healthy = _healthy(r.status, bool(headers))
     except (TimeoutError, UpstreamError, OSError):
         healthy = False
+    restore = healthy and provider in failing
+    if healthy:
+        failing.discard(provider)
+    else:
+        failing.add(provider)
     for d in live.deployments:
         if d.provider != provider:
             continue
         circuit = live.router.health(d.index)["circuit"]
-        if healthy and circuit != "closed":
+        if restore and circuit != "closed":
             log.info("deployment %s is answering again; restoring it", d.name)
             live.router.set_probe_result(d.index, True, 0)
         elif not healthy and circuit == "closed":
@@ -51,11 +73,11 @@ async def probe_once(app: web.Application, provider: str) -> bool:
     return healthy
 
 
-async def _loop(app: web.Application, provider: str, interval: float) -> None:
+async def _loop(app: web.Application, provider: str, interval: float, failing: set[str]) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            await probe_once(app, provider)
+            await probe_once(app, provider, failing)
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug in one probe must not stop the others
@@ -67,6 +89,7 @@ async def _follow_config(app: web.Application) -> None:
     adds, changes or removes a probe starts, restarts or stops its loop within `FOLLOW_S` (the
     loops were started once, from the config at start)."""
     loops: dict[str, tuple[float, asyncio.Task[None]]] = {}
+    failing: set[str] = set()  # kept across a loop's restart: a reload mid-outage still restores
     try:
         while True:
             providers = app[STATE].live.config.providers
@@ -75,7 +98,7 @@ async def _follow_config(app: web.Application) -> None:
                 loops.pop(name)[1].cancel()
             for name, interval in wanted.items():
                 if name not in loops:
-                    loops[name] = (interval, asyncio.create_task(_loop(app, name, interval)))
+                    loops[name] = (interval, asyncio.create_task(_loop(app, name, interval, failing)))
             await asyncio.sleep(FOLLOW_S)
     finally:
         for _, t in loops.values():

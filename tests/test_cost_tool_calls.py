@@ -69,6 +69,30 @@ async def test_web_search_calls_of_a_response_are_priced(start_mock: Any, start_
 
 
 @pytest.mark.parametrize("stream", [False, True])
+async def test_image_generation_calls_of_a_response_are_priced(start_mock: Any, start_proxy: Any, stream: bool) -> None:
+    """OpenAI bills its Responses `image_generation` tool per image, apart from the response's
+    usage: its `image_generation_call` items could not be priced, so a tenant drew images past
+    every budget, recorded at the text's cost alone."""
+    image = 0.17  # USD an image, as configured (not a list price)
+    up = await start_mock("openai")
+    cfg = _cfg(up, {"image_generation": image}, ("x-mock-tool-calls", "image_generation=2"))
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    tools: Any = [{"type": "image_generation", "quality": "high"}]
+    if stream:
+        events = [ev async for ev in await client.responses.create(model="m", input="a cat", tools=tools, stream=True)]
+        assert events[-1].type == "response.completed"
+        output = events[-1].response.output  # type: ignore[union-attr]
+    else:
+        output = (await client.responses.create(model="m", input="a cat", tools=tools)).output
+    assert [o.type for o in output].count("image_generation_call") == 2
+    rec = await _record(proxy)
+    assert rec.usage.tool_calls == {"image_generation": 2}
+    assert rec.cost_usd == pytest.approx(_tokens_cost(rec.usage) + 2 * image)
+    assert responses_tools(tools) == (("image_generation", 0, 1),)  # reserved for: one call, by default
+
+
+@pytest.mark.parametrize("stream", [False, True])
 async def test_anthropic_web_search_requests_are_priced(start_mock: Any, start_proxy: Any, stream: bool) -> None:
     up = await start_mock("anthropic")
     proxy = await start_proxy(_cfg(up, {"web_search": SEARCH}, ("x-mock-web-searches", "3")))

@@ -307,3 +307,34 @@ async def test_a_budgets_downgrade_keeps_what_only_responses_can_serve_on_its_mo
         plain = await client.responses.with_raw_response.create(model="m", input="Say hello")
         assert plain.headers["x-edgeroute-deployment"] == "d-c"  # downgraded, through chat
         await client.close()
+
+
+@pytest.mark.parametrize("usage", [None, {"prompt_tokens": "many", "completion_tokens": 3}], ids=["none", "garbage"])
+async def test_through_chat_without_a_readable_usage_the_response_says_what_is_charged(
+    start_proxy: Any, usage: Any
+) -> None:
+    """A chat upstream that reports no usage (or one that cannot be read): the request is charged
+    at edgeroute's count, which the Response's `usage` now gives, as a stream's does. It said 0
+    tokens beside a cost; and an unreadable count failed the answer (a 502 after four calls,
+    each paid for) where chat clients got it."""
+
+    async def chat(request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": "hello there friend"}
+        answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                  "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}  # fmt: skip
+        return web.json_response(answer if usage is None else {**answer, "usage": usage})
+
+    up = await start_routes(web.post("/v1/chat/completions", chat))
+    try:
+        proxy = await start_proxy(_config({"a": (Upstream(up, MockOptions()), "openai_compatible")}))
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        raw = await client.responses.with_raw_response.create(model="m", input="hi there")
+        r = raw.parse()
+        assert r.output_text == "hello there friend"
+        rec = proxy.recorder.records[-1]
+        assert rec.usage is not None and rec.usage.estimated and len(rec.attempts) == 1
+        assert r.usage is not None and r.usage.output_tokens == rec.usage.completion_tokens > 0
+        assert r.usage.input_tokens == rec.usage.prompt_tokens > 0
+        assert float(raw.headers["x-edgeroute-cost-usd"]) == pytest.approx(rec.cost_usd)
+    finally:
+        await up.close()

@@ -31,7 +31,7 @@ REQUIRED = ("input", "output")
 OPTIONAL = ("cached_input", "cache_write", "audio_input", "audio_output", "batch_input", "batch_output", "per_request")
 PRICE_FIELDS = REQUIRED + OPTIONAL
 TOOL_CALLS = "tool_calls"  # an object: built-in tool → USD a call (the config schema's `ToolKind`s)
-TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter")
+TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter", "image_generation")
 _TEXT = ("provider", "mode", "as_of", "source", "note")
 _MODES = ("chat", "embedding", "completion", "responses")
 # LiteLLM's per-token fields → ours (per million tokens).

@@ -9,7 +9,7 @@ error. Checks across sections live in `checks`, loading and error reporting in `
 from __future__ import annotations
 
 import urllib.parse
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -124,10 +124,10 @@ class PriceWindow(_Strict):
 MAX_PRICE_USD = 1e6
 
 # Built-in tools an upstream runs itself and bills per call beside tokens (OpenAI's Responses
-# `web_search_call`, `file_search_call`, `code_interpreter_call` items; Anthropic's
-# `usage.server_tool_use.web_search_requests` / `web_fetch_requests`).
-ToolKind = Literal["web_search", "web_fetch", "file_search", "code_interpreter"]
-TOOL_KINDS: tuple[ToolKind, ...] = ("web_search", "web_fetch", "file_search", "code_interpreter")
+# `web_search_call`, `file_search_call`, `code_interpreter_call`, `image_generation_call` items;
+# Anthropic's `usage.server_tool_use.web_search_requests` / `web_fetch_requests`).
+ToolKind = Literal["web_search", "web_fetch", "file_search", "code_interpreter", "image_generation"]
+TOOL_KINDS: tuple[ToolKind, ...] = get_args(ToolKind)
 
 
 class Price(_Strict):

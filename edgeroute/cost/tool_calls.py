@@ -1,12 +1,12 @@
 """The built-in tools a request enables, and how many calls of each budgets reserve for.
 
 An upstream that runs a tool itself (OpenAI's Responses `web_search`, `file_search`,
-`code_interpreter`; Anthropic's `web_search_2025...` and `web_fetch_2025...` server tools) bills
-each call apart from tokens (`price.tool_calls`). A reservation holds, at the highest price of
-the deployments the request may reach, the calls the request allows: an Anthropic tool's
-`max_uses`, a Responses request's `max_tool_calls` (of each tool it enables: the bound is on
-all of them, and any may be the dearest), else `budgets.reserve_tool_calls` of each (one by
-default: how many calls a model makes unbounded is its own choice). The calls the answer
+`code_interpreter`, `image_generation`; Anthropic's `web_search_2025...` and `web_fetch_2025...`
+server tools) bills each call apart from tokens (`price.tool_calls`). A reservation holds, at
+the highest price of the deployments the request may reach, the calls the request allows: an
+Anthropic tool's `max_uses`, a Responses request's `max_tool_calls` (of each tool it enables:
+the bound is on all of them, and any may be the dearest), else `budgets.reserve_tool_calls` of
+each (one by default: how many calls a model makes unbounded is its own choice). The calls the answer
 reports are what is settled.
 """
 
@@ -17,7 +17,12 @@ from typing import Any
 from edgeroute.cost.media import Media, with_parts
 
 # Responses tool types, by prefix (`web_search_preview`, `web_search_2025_08_26`), to priced kinds.
-_RESPONSES = (("web_search", "web_search"), ("file_search", "file_search"), ("code_interpreter", "code_interpreter"))
+_RESPONSES = (
+    ("web_search", "web_search"),
+    ("file_search", "file_search"),
+    ("code_interpreter", "code_interpreter"),
+    ("image_generation", "image_generation"),
+)
 _ANTHROPIC = (("web_search_", "web_search"), ("web_fetch_", "web_fetch"))
 
 # A tool's priced kind, the calls its bounds allow, and how many of its tools have none (each

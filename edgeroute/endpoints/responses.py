@@ -115,7 +115,12 @@ class ResponsesCall(Call):
         if not speaks_responses(adapter):
             got = super()._json_answer(data, adapter, status)
             if isinstance(got, JsonAnswer):
-                got.body = orjson.dumps(rf.from_chat(self.req.raw, orjson.loads(got.body)))
+                chat = orjson.loads(got.body)
+                if got.usage is not None and got.usage.estimated:
+                    # None reported, or unreadable: the Response gives the count it is charged at (as
+                    # a stream's does); it said 0 tokens, and a count it could not read failed it.
+                    chat["usage"] = rf.chat_usage(got.usage)
+                got.body = orjson.dumps(rf.from_chat(self.req.raw, chat))
             return got
         obj = answer_object(data, status, "output")
         if isinstance(obj, Failure):

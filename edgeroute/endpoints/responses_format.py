@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute.accounting import Usage
 from edgeroute.endpoints.pipeline import bad
 
 # Parameters that have a chat meaning (or none needed), checked and translated below.
@@ -193,6 +194,16 @@ def to_chat(req: dict[str, Any]) -> dict[str, Any]:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}  # for the usage of `response.completed`
     return body
+
+
+def chat_usage(u: Usage) -> dict[str, Any]:
+    """A usage edgeroute counted, as a chat answer reports one (for `usage_from_chat`)."""
+    details = {"cached_tokens": u.cached_tokens}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "prompt_tokens_details": details,
+    }
 
 
 def usage_from_chat(u: Any) -> dict[str, Any]:

@@ -67,6 +67,9 @@ class NativeStream:
         # is billed though the stream broke (as an Anthropic stream's `server_tool_use` blocks are).
         self._tool_items: dict[object, dict[str, Any]] = {}
         self.containers: set[str] = set()  # the code interpreter containers it named, bound to the caller
+        # Past its terminal event the stream has ended: what a careless upstream sends after it in
+        # the same read (another answer's events) is dropped, never relayed, priced or bound.
+        self._ended = False
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -100,6 +103,8 @@ class NativeStream:
         events = self._events.feed(chunk)
         out = []
         for ev in events:
+            if self._ended:
+                break
             data = sse.event_data(ev)
             obj = orjson.loads(data) if data is not None and data != b"[DONE]" else None
             if data is not None and data != b"[DONE]":
@@ -124,6 +129,7 @@ class NativeStream:
                     rf.usage_to_chat(final.get("usage")), responses_tool_calls(final.get("output"))
                 )
                 out.append(SENTINEL)
+                self._ended = True
         return b"".join(out)
 
 

@@ -212,10 +212,15 @@ def _event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _key_refused(request: web.Request, opts: MockOptions) -> bool:
+    """Whether the request lacks the mock's API key (as `x-api-key` or a bearer token)."""
+    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return opts.api_key is not None and opts.api_key not in (request.headers.get("x-api-key"), bearer)
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     opts: MockOptions = request.app[OPTIONS]
-    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if opts.api_key is not None and opts.api_key not in (request.headers.get("x-api-key"), bearer):
+    if _key_refused(request, opts):
         return anthropic_error(401, "invalid x-api-key")
     if "anthropic-version" not in request.headers:
         return anthropic_error(400, "anthropic-version: header is required")
@@ -362,6 +367,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     opts: MockOptions = request.app[OPTIONS]
+    if _key_refused(request, opts):
+        return anthropic_error(401, "invalid x-api-key")  # the real API asks for the key here too
     names = opts.models or ["claude-sonnet-4-5", "claude-haiku-4-5"]
     data = [{"type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"} for m in names]
     body = {"data": data, "has_more": False, "first_id": names[0], "last_id": names[-1]}

@@ -350,6 +350,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def list_models(request: web.Request) -> web.Response:
     opts: MockOptions = request.app[OPTIONS]
+    if opts.api_key is not None and request.headers.get("Authorization") != f"Bearer {opts.api_key}":
+        return openai_error(401, "Incorrect API key provided.")  # OpenAI's /v1/models asks for the key too
     if opts.fail_status is not None:
         return openai_error(opts.fail_status, f"Mock error {opts.fail_status}.")
     names = opts.models or ["gpt-4o", "gpt-4o-mini"]

@@ -3,9 +3,10 @@
 
 Same options and per-request headers as the chat mock (``x-mock-status``,
 ``x-mock-content``, ``x-mock-latency-ms``), plus, for Responses, ``x-mock-tool-calls`` (e.g.
-``web_search=2,code_interpreter=1``): that many built-in tool call items (`web_search_call`, ...)
-before the answer's message, as the upstream reports the calls it ran; embeddings are deterministic vectors derived
-from each input, as float lists or base64 float32 as asked.
+``web_search=2,code_interpreter=1,image_generation=1``): that many built-in tool call items
+(`web_search_call`, ...) before the answer's message, as the upstream reports the calls it
+ran; embeddings are deterministic vectors derived from each input, as float lists or base64
+float32 as asked.
 """
 
 from __future__ import annotations
@@ -282,6 +283,10 @@ def _named_container(tools: Any, items: Any) -> str | None:
     return str(calls[-1]["container_id"]) if calls and isinstance(calls[-1].get("container_id"), str) else None
 
 
+# A 1x1 PNG, base64: what an `image_generation_call` item's `result` holds (a whole image).
+_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+
+
 def _tool_call_items(spec: str, n: int, container: str | None = None) -> list[dict[str, Any]]:
     """The output items of the built-in tool calls `spec` asks for (`web_search=2,file_search=1`),
     in the shapes OpenAI's Responses API gives them; code runs in `container` when the request
@@ -309,6 +314,8 @@ def _tool_call_items(spec: str, n: int, container: str | None = None) -> list[di
                     {"type": "code_interpreter_call", "id": "ci" + iid, "status": "completed", "code": "1+1",
                      "container_id": container or f"cntr_mock{n:06d}", "outputs": None}
                 )  # fmt: skip
+            elif kind == "image_generation":
+                items.append({"type": "image_generation_call", "id": "ig" + iid, "status": "completed", "result": _PNG})
     return items
 
 

@@ -303,6 +303,8 @@ class BedrockStream:
         out = b""
         try:
             for msg in self.frames:
+                if self.out.done:  # ended: what follows (another answer) is not read
+                    break
                 headers = msg.headers
                 try:
                     payload = orjson.loads(msg.payload) if msg.payload else {}

@@ -525,6 +525,8 @@ class SseJsonStream:
         events = self.events.feed(chunk)
         out = b""
         for ev in events:
+            if self.out.done:  # ended: what an upstream sends after it (another answer) is not read
+                break
             data = sse.event_data(ev)
             if not data:
                 continue
