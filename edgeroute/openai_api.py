@@ -557,6 +557,8 @@ def _route_headers(rid: str, d: _core.Decision, deployment: str | None, rec: Req
         headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
         headers.EXPLAIN: explain_header(d, _admission_note(rec)),
     }
+    if rec.skipped:
+        h[headers.EXPLAIN] += f"; skipped {', '.join(name for name, _ in rec.skipped)}: cannot read the request"
     if deployment is not None:
         h[headers.DEPLOYMENT] = deployment
     if d.rule is not None:
