@@ -9,8 +9,12 @@ naming what they cannot read."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -19,6 +23,7 @@ from edgeroute.state import STATE
 from tests.providers_fixtures import MockUpstream, provider_config, start_mock
 from tests.test_anthropic_documents import ASK, FILE_DOC, TEXT_DOC, URL_DOC
 from tests.test_anthropic_passthrough import CODE_TURNS, EXTRA, HELLO
+from tests.test_cost_support import cost_proxy
 
 __all__ = ["start_mock"]
 
@@ -184,3 +189,21 @@ async def test_a_chat_request_skips_a_deployment_whose_provider_cannot_read_a_pa
         "code": "invalid_request",
     }
     assert claude.options.requests == []
+
+
+async def test_the_request_log_says_which_deployments_were_skipped_and_why(start_mock: Any, tmp_path: Path) -> None:
+    chat, claude = await start_mock("openai", record=True), await start_mock("anthropic", record=True)
+    cfg = one_route({"o": chat, "a": claude}, {"o": 1000, "a": 1})
+    cfg["ledger"] = {"path": str(tmp_path / "log.db"), "flush_interval": 0.05}
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        raw = await client_of(proxy).messages.with_raw_response.create(model="m", max_tokens=20, messages=URL_TURN)
+        rid = raw.headers["x-request-id"]
+        deadline = time.monotonic() + 30  # the writer flushes every 50 ms: generous on a stalled host
+        while True:
+            async with s.get(f"{proxy.url}/admin/requests/{rid}") as r:
+                if r.status == 200 or time.monotonic() > deadline:
+                    one = await r.json()
+                    break
+            await asyncio.sleep(0.05)
+    assert one["deployment"] == "d-a" and [a["deployment"] for a in one["attempts"]] == ["d-a"]
+    assert one["skipped"] == [{"deployment": "d-o", "why": REFUSED.format("d-o")}]
