@@ -138,7 +138,8 @@ class Call(Attempts):
                     result = await self.attempt(dep, step.kind)
                 if not isinstance(result, Failure):
                     return result, dep
-                await self._screen(policy, state)  # before a retry is chosen: none is spent on one that cannot read it
+                # Choosing one whose circuit is open spends a retry: found out before, not after.
+                await self._screen(policy, state, lambda d: self._is_open(d.index))
                 step = policy.next_attempt(state, (dep, result))
             stop = step
             self.record.error_class = stop.error_class
@@ -177,19 +178,21 @@ class Call(Attempts):
         self._prepared = (dep.index, req)
         return True
 
-    async def _screen(self, policy: FailoverPolicy, state: FailoverState) -> None:
-        """Takes out of the plan every deployment that cannot read the request (each built once
-        a request), so that no later choice spends a retry or a hedge on one."""
+    async def _screen(
+        self, policy: FailoverPolicy, state: FailoverState, which: Callable[[DeploymentInfo], bool]
+    ) -> None:
+        """Takes out of the plan the deployments `which` picks that cannot read the request (each
+        built once a request; the others are found out when chosen, before any call)."""
         for dep in list(state.plan):
-            if not await self._readable(dep):
+            if dep.index not in self._verdicts and which(dep) and not await self._readable(dep):
                 policy.cannot_read(state, dep, self._refusal(dep), chosen=False)
 
     async def _skip_unreadable(self, policy: FailoverPolicy, state: FailoverState, dep: DeploymentInfo) -> None:
-        """`dep`, just chosen, cannot read the request: it and the plan's others that cannot are
-        skipped; a first choice the weighted strategy drew is drawn again among those left."""
+        """`dep`, just chosen, cannot read the request: skipped. A first choice the weighted
+        strategy drew is drawn again, by weight, among the route's own that can read it."""
         policy.cannot_read(state, dep, self._refusal(dep), chosen=True)
-        await self._screen(policy, state)
         if state.attempts == 0 and self.decision.strategy == "weighted":
+            await self._screen(policy, state, lambda d: d.name in policy.own)
             deployments = self.live.config.deployments
             policy.redraw_first(state, lambda d: deployments[d.name].weight)
 
