@@ -113,13 +113,13 @@ class Call(Attempts):
                     continue
                 if not isinstance(step, Try):
                     break
+                if step.wait > 0:
+                    await asyncio.sleep(step.wait)  # a new round's backoff, whichever deployment it starts with
                 dep = step.deployment
                 if not await self._readable(dep):
                     await self._skip_unreadable(policy, state, dep)
                     step = policy.next_attempt(state, None)
                     continue
-                if step.wait > 0:
-                    await asyncio.sleep(step.wait)
                 if self.live.capacity.shared is not None and self.live.capacity.bounded and not await self._claim(dep):
                     step = policy.passed_over(state, dep)
                     continue
