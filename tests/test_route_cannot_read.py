@@ -207,3 +207,18 @@ async def test_the_request_log_says_which_deployments_were_skipped_and_why(start
             await asyncio.sleep(0.05)
     assert one["deployment"] == "d-a" and [a["deployment"] for a in one["attempts"]] == ["d-a"]
     assert one["skipped"] == [{"deployment": "d-o", "why": REFUSED.format("d-o")}]
+
+
+async def test_a_skipped_first_choice_does_not_skew_the_weights(start_mock: Any, start_proxy: Any) -> None:
+    """Three deployments of weight 1, the chat one drawn first a third of the time: its turns
+    went all to the Anthropic one after it in the core's order (40 of 60 against 20); they are
+    drawn again between the two by weight."""
+    chat = await start_mock("openai", record=True)
+    one, two = await start_mock("anthropic", record=True), await start_mock("anthropic", record=True)
+    proxy = await start_proxy(one_route({"o": chat, "a": one, "b": two}, {}))
+    client = client_of(proxy)
+    for _ in range(60):
+        await client.messages.create(model="m", max_tokens=5, messages=URL_TURN)
+    firsts, seconds = len(one.options.requests), len(two.options.requests)
+    assert chat.options.requests == [] and firsts + seconds == 60
+    assert seconds > 20  # its own 20, and about half the chat one's 20 (all 20 to the other: 2^-20)
