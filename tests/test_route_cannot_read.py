@@ -136,7 +136,7 @@ async def test_a_fallback_chain_never_hands_the_request_to_a_deployment_that_can
 async def test_a_hedge_never_goes_to_a_deployment_that_cannot_read_the_request(
     start_mock: Any, start_proxy: Any
 ) -> None:
-    slow = await start_mock("anthropic", record=True, latency_ms=5000)
+    slow = await start_mock("anthropic", record=True, latency_ms=30_000)
     chat, fast = await start_mock("openai", record=True), await start_mock("anthropic", record=True)
     cfg = one_route({"s": slow, "o": chat, "f": fast}, {"s": 1000, "o": 10, "f": 1})  # hedge target: the chat one
     cfg["models"]["m"]["hedge"] = {"delay_ms": 50, "budget_percent": 100}
