@@ -18,6 +18,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
 from edgeroute.state import STATE
 from tests.providers_fixtures import MockUpstream, provider_config, start_mock
@@ -28,6 +29,11 @@ from tests.test_cost_support import cost_proxy
 __all__ = ["start_mock"]
 
 URL_TURN: Any = [{"role": "user", "content": [TEXT_DOC, URL_DOC, ASK]}]
+MESSAGE: Any = {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude", "stop_reason": "end_turn",
+    "stop_sequence": None, "content": [{"type": "text", "text": "Done."}],
+    "usage": {"input_tokens": 9, "output_tokens": 2},
+}  # fmt: skip
 REFUSED = (
     "The deployment `{}` cannot read messages.0.content.1 (a document whose source is a URL Anthropic fetches:"
     " send it as base64 or text); only an Anthropic deployment can."
@@ -222,3 +228,34 @@ async def test_a_skipped_first_choice_does_not_skew_the_weights(start_mock: Any,
     firsts, seconds = len(one.options.requests), len(two.options.requests)
     assert chat.options.requests == [] and firsts + seconds == 60
     assert seconds > 20  # its own 20, and about half the chat one's 20 (all 20 to the other: 2^-20)
+
+
+async def test_no_retry_is_spent_on_a_deployment_that_cannot_read_the_request(
+    start_mock: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    """One retry in the budget, a route [Anthropic deployment that fails once, chat deployment
+    whose circuit is open]: choosing the chat one after the failure spent the retry (its circuit
+    open), and the Anthropic one could not be tried again (502). It is found out before."""
+    calls: list[int] = []
+
+    async def once_down(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(1)
+        if len(calls) == 1:
+            return web.json_response({"type": "error", "error": {"type": "api_error", "message": "down"}}, status=500)
+        return web.json_response(MESSAGE)
+
+    flaky, chat = await serve_routes(web.post("/v1/messages", once_down)), await start_mock("openai", record=True)
+    cfg = one_route({"o": chat}, {})
+    cfg["providers"]["a"] = {"kind": "anthropic", "base_url": flaky.url, "api_key": "key-a"}
+    cfg["deployments"]["d-a"] = {**cfg["deployments"]["d-o"], "provider": "a", "weight": 1000}
+    cfg["models"]["m"]["deployments"] = ["d-a", "d-o"]
+    cfg["retry_budget"] = {"ratio": 0, "min_per_sec": 1, "ttl_ms": 1000}  # one retry a second
+    proxy = await start_proxy(cfg)
+    live = proxy.app[STATE].live
+    for _ in range(5):  # its circuit opened by failures of other requests
+        live.router.report(live.index_of["d-o"], "server_error", 1.0)
+    assert live.router.health(live.index_of["d-o"])["circuit"] == "open"
+    raw = await client_of(proxy).messages.with_raw_response.create(model="m", max_tokens=20, messages=URL_TURN)
+    assert raw.headers["x-edgeroute-deployment"] == "d-a" and len(calls) == 2
+    assert chat.options.requests == []
