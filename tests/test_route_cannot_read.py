@@ -259,3 +259,23 @@ async def test_no_retry_is_spent_on_a_deployment_that_cannot_read_the_request(
     raw = await client_of(proxy).messages.with_raw_response.create(model="m", max_tokens=20, messages=URL_TURN)
     assert raw.headers["x-edgeroute-deployment"] == "d-a" and len(calls) == 2
     assert chat.options.requests == []
+
+
+async def test_the_502_lists_the_deployments_that_could_not_read_it(start_mock: Any, start_proxy: Any) -> None:
+    down, claude = await start_mock("openai", fail_status=500), await start_mock("anthropic", record=True)
+    proxy = await start_proxy(one_route({"o": down, "a": claude}, {"o": 1000, "a": 1}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as failed:
+        await client.chat.completions.create(model="m", messages=AUDIO)
+    body: Any = failed.value.body
+    assert failed.value.status_code == 502 and "(tried: d-o" in body["message"]
+    skipped = [a for a in body["attempts"] if a["deployment"] == "d-a"]
+    assert skipped == [
+        {
+            "deployment": "d-a",
+            "status": 400,
+            "error": "cannot_read",
+            "message": "Content parts of type `input_audio` are not supported by this provider.",
+        }
+    ]
+    assert claude.options.requests == []
