@@ -371,6 +371,8 @@ class RequestRecord:
     # dispatch.outcome), a stream's cut reason, or the proxy's error code; None when answered.
     error_class: str | None = None
     queue_ms: float = 0.0  # time spent waiting for capacity before the first attempt
+    # Deployments passed over before any call because they cannot read the request: (name, why).
+    skipped: list[tuple[str, str]] | None = None
     priority: str | None = None  # the priority class it was served in (edgeroute.config.priority)
     # For the request log: the explanation and the core's predictions.
     tags: list[str] | None = None

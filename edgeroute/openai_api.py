@@ -550,12 +550,16 @@ def _admission_note(rec: RequestRecord) -> str | None:
 
 
 def _route_headers(rid: str, d: _core.Decision, deployment: str | None, rec: RequestRecord) -> dict[str, str]:
+    note = _admission_note(rec)
+    if rec.skipped:  # passed over before any call (`dispatch`)
+        skipped = f"skipped {', '.join(name for name, _ in rec.skipped)}: cannot read the request"
+        note = skipped if note is None else f"{note}; {skipped}"
     h = {
         headers.REQUEST_ID: rid,
         headers.ROUTE: d.route,
         headers.ATTEMPTS: str(len(rec.attempts)),
         headers.PROMPT_TOKENS: str(d.prompt_tokens) if d.tokens_exact else f"~{d.prompt_tokens}",
-        headers.EXPLAIN: explain_header(d, _admission_note(rec)),
+        headers.EXPLAIN: explain_header(d, note),
     }
     if deployment is not None:
         h[headers.DEPLOYMENT] = deployment

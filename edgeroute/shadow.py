@@ -294,16 +294,21 @@ _OFF_LOOP_BODY = 1 << 20
 
 
 def _unfit(live: Live, call: Call, decision: _core.Decision) -> str | None:
-    """Why the decision's first deployment cannot take the mirror in its format (None: it can).
-    The request is built as the attempt would build it, and not sent: the endpoint's own rule
-    (a completions request to a provider without the endpoint, Anthropic-only fields to one
-    that rejects them, a Responses request without a chat form to a chat-only deployment)."""
-    dep = live.deployments[decision.order[0]]
-    try:
-        call.upstream_request(live.upstreams[dep.provider].adapter, dep)
-    except ProxyError as e:
-        return e.message
-    return None
+    """Why none of the decision's deployments can take the mirror in its format (None: one can;
+    the dispatch passes over those that cannot), the first one's reason. The request is built
+    as the attempt would build it, and not sent: the endpoint's own rule (a completions request
+    to a provider without the endpoint, Anthropic-only fields to one that rejects them, a
+    Responses request without a chat form to a chat-only deployment)."""
+    why = None
+    for index in decision.order:
+        dep = live.deployments[index]
+        try:
+            call.upstream_request(live.upstreams[dep.provider].adapter, dep)
+        except ProxyError as e:
+            why = why or e.message
+            continue
+        return None
+    return why
 
 
 async def _mirror(

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from edgeroute.config import Price
 from edgeroute.dispatch.attempt import Failure
 from edgeroute.dispatch.policy import FailoverPolicy, Settings, Stop, Try
+from edgeroute.errors import ProxyError
 from edgeroute.outcome import FALLBACK_ALIASES, Outcome
 from edgeroute.upstream import DeploymentInfo
 
@@ -178,3 +179,69 @@ def test_a_deployment_the_rule_excludes_is_never_a_fallback() -> None:
     # connect_error has no entry of its own: server_error's applies, and its deployment is excluded.
     step = policy.next_attempt(state, (first.deployment, Failure(Outcome.CONNECT_ERROR, None, "refused")))
     assert isinstance(step, Try) and step.deployment is order[0] and step.kind == "retry"
+
+
+def _simple(order: list[DeploymentInfo], retries: list[bool]) -> FailoverPolicy:
+    """A policy for `order` whose retries are all granted, and noted in `retries`."""
+
+    def retry() -> bool:
+        retries.append(True)
+        return True
+
+    return FailoverPolicy(
+        "m",
+        [d.name for d in order],
+        Settings(2, 0.0, 0.0, 0.0),
+        fallbacks_on=lambda key: None,
+        allowed=lambda d: True,
+        is_open=lambda i: False,
+        try_retry=retry,
+        remaining=lambda: 100.0,
+        serving=lambda i: True,
+        rng=random.Random(7),
+    )
+
+
+def test_a_deployment_that_cannot_read_the_request_is_no_attempt() -> None:
+    """Skipped before any call: not counted against `max_attempts`, never chosen again, no retry
+    taken; with none left that can read it, the first refusal is the answer."""
+    order = [dep(0), dep(1), dep(2)]
+    retries: list[bool] = []
+    policy = _simple(order, retries)
+    state = policy.start(order)
+    first = policy.next_attempt(state, None)
+    assert isinstance(first, Try) and first.deployment == order[0]
+    refusal = ProxyError(400, "`d0` cannot read it", code="unsupported_parameter", param="messages")
+    policy.cannot_read(state, order[0], refusal, chosen=True)
+    policy.cannot_read(state, order[2], ProxyError(400, "`d2` cannot read it"), chosen=False)
+    again = policy.next_attempt(state, None)
+    assert isinstance(again, Try) and again.deployment == order[1] and again.kind == "first"
+    failed = Failure(Outcome.SERVER_ERROR, 500, "boom")
+    stop = policy.next_attempt(state, (order[1], failed))  # d1 again after a round: d0 and d2 never
+    assert isinstance(stop, Try) and stop.deployment == order[1]
+    assert retries == [True]  # the one retry was d1's own
+
+    alone = policy.start([order[0]])
+    assert isinstance(policy.next_attempt(alone, None), Try)
+    policy.cannot_read(alone, order[0], refusal, chosen=True)
+    end = policy.next_attempt(alone, None)
+    assert isinstance(end, Stop) and end.error() is refusal and end.error_class == "unsupported_parameter"
+
+
+def test_the_first_choice_redrawn_by_weight_among_the_routes_own() -> None:
+    """The core orders a route's deployments after its weighted first pick by weight: taking
+    the next one when the first cannot read the request gave the heaviest all of its share."""
+    order = [dep(0), dep(1), dep(2), dep(3)]  # d3: another model's (a fallback), never drawn
+    weights = {"d0": 1, "d1": 3, "d2": 1, "d3": 100}
+    policy = _simple(order, [])
+    policy.own = ["d0", "d1", "d2"]
+    firsts = []
+    for _ in range(4000):
+        state = policy.start(order)
+        policy.cannot_read(state, order[0], ProxyError(400, "no"), chosen=False)
+        policy.redraw_first(state, lambda d: weights[d.name])
+        step = policy.next_attempt(state, None)
+        assert isinstance(step, Try)
+        firsts.append(step.deployment.name)
+    share = firsts.count("d2") / len(firsts)
+    assert set(firsts) == {"d1", "d2"} and 0.2 < share < 0.3  # 1 in 4 (seeded: never flaky)

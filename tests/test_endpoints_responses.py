@@ -188,6 +188,18 @@ async def test_what_chat_cannot_carry_is_a_400_naming_the_deployment(start_upstr
     assert up.options.requests == []
 
 
+async def test_what_chat_cannot_carry_goes_to_the_routes_responses_deployment(start_upstream, start_proxy) -> None:
+    """A built-in tool on a route [chat deployment, OpenAI deployment]: the chat one was chosen
+    and answered 400, never going on to the OpenAI one; it is now skipped before any call."""
+    chat, native = await start_upstream(record=True), await start_upstream(record=True)
+    proxy = await start_proxy(_config({"c": (chat, "openai_compatible"), "a": (native, "openai")}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="client", max_retries=0)
+    raw = await client.responses.with_raw_response.create(model="m", input="Find it", tools=[{"type": "web_search"}])
+    assert raw.headers["x-edgeroute-deployment"] == "d-a" and raw.parse().output_text
+    assert "skipped d-c: cannot read the request" in raw.headers["x-edgeroute-explain"]
+    assert chat.options.requests == [] and native.options.requests[-1]["body"]["tools"] == [{"type": "web_search"}]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -271,6 +271,24 @@ async def test_a_mirror_without_a_faithful_form_is_skipped_and_counted(
     assert f"route {primary}-to-{target} skipped (untranslatable" in said and f"s-{target}" in said
 
 
+async def test_a_mirror_goes_to_the_candidate_deployment_that_can_read_it(start_mock: Any, start_proxy: Any) -> None:
+    """A candidate route [chat deployment, Anthropic deployment] and a Messages request with
+    `top_k`: the mirror was skipped as untranslatable when the chat one came first; it now goes
+    to the Anthropic one, the chat one never called."""
+    m = await _mocks(start_mock)
+    cfg = _config(m)
+    cfg["deployments"]["d-so"]["weight"] = 1000  # drawn first
+    cfg["models"]["s-mixed"] = {"deployments": ["d-so", "d-sa"]}
+    cfg["models"]["anthropic-to-mixed"] = {"deployments": ["d-pa"], "shadow": {"model": "s-mixed", "percent": 100}}
+    proxy = await start_proxy(cfg)
+    got = await ask(proxy.url, "messages", "anthropic-to-mixed", False)
+    mirror = await _mirror_of(proxy, got.request_id)
+    assert mirror.status == 200 and mirror.deployment == "d-sa" and mirror.skipped is not None
+    (sent,) = _sent(m.sa)
+    _check_format("messages", "anthropic", sent)
+    assert _sent(m.so) == []
+
+
 async def test_mirrors_are_in_the_ledger_spend_report_and_request_log(
     start_mock: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -8,7 +8,10 @@ attempt back to the core. Invariants it keeps:
   committed to one upstream only when that upstream's first real content arrives,
   and after that an upstream failure ends the stream with an explicit error event;
 - every attempt, won, lost or cancelled, is reported to the core and recorded;
-- client errors (400, 404 model unknown upstream, 413, ...) are returned, not retried.
+- client errors (400, 404 model unknown upstream, 413, ...) are returned, not retried;
+- a deployment that cannot read the request (building its request is refused) is skipped
+  before any call, for a first attempt, a retry, a fallback or a hedge: never an attempt
+  nor a failure; only a request none can read gets the first one's refusal.
 
 Modules: `attempt` (one upstream attempt and reading its answer), `failover` (the loop
 over attempts and the hedging race), `relay` (relaying a committed stream).

@@ -29,6 +29,7 @@ from edgeroute.config import Timeouts
 from edgeroute.cost.received import received_usage
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.stream_usage import with_stream_usage
+from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.state import Live
@@ -205,12 +206,19 @@ class Attempts:
         self.hedged = False
         self.granted: int | None = None  # a capacity slot handed over while queued, not yet used
         self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
+        # By deployment: None once its request was built, else why it cannot read the request.
+        self._verdicts: dict[int, ProxyError | None] = {}
+        self._prepared: tuple[int, UpstreamRequest] | None = None  # the last request built, not yet sent
 
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         self._start_counting()
         up = self.live.upstreams[dep.provider]
         adapter = up.adapter
-        req = await self._upstream_request_soon(adapter, dep)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared[0] == dep.index:
+            req = prepared[1]  # built when the deployment was found to read the request
+        else:
+            req = await self._upstream_request_soon(adapter, dep)
         rec = AttemptRecord(
             dep.name, dep.provider, "pending", None, 0.0, hedge=kind == "hedge", started_at=time.time(), kind=kind
         )

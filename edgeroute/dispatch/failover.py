@@ -114,8 +114,12 @@ class Call(Attempts):
                 if not isinstance(step, Try):
                     break
                 if step.wait > 0:
-                    await asyncio.sleep(step.wait)
+                    await asyncio.sleep(step.wait)  # a new round's backoff, whichever deployment it starts with
                 dep = step.deployment
+                if not await self._readable(dep):
+                    await self._skip_unreadable(policy, state, dep)
+                    step = policy.next_attempt(state, None)
+                    continue
                 if self.live.capacity.shared is not None and self.live.capacity.bounded and not await self._claim(dep):
                     step = policy.passed_over(state, dep)
                     continue
@@ -131,15 +135,11 @@ class Call(Attempts):
                     result, dep = await self._race(dep, second, hedge_ms / 1000, policy, state)
                     hedge_ms = None
                 else:
-                    try:
-                        result = await self.attempt(dep, step.kind)
-                    except ProxyError as e:
-                        if not state.failures:
-                            raise  # the request does not fit the deployment the decision chose: say why
-                        # A fallback that cannot take this request (e.g. a parameter it does not support): skip it.
-                        result = Failure(Outcome.CLIENT_ERROR, e.status, e.message, sent=False)
+                    result = await self.attempt(dep, step.kind)
                 if not isinstance(result, Failure):
                     return result, dep
+                # Choosing one whose circuit is open spends a retry: found out before, not after.
+                await self._screen(policy, state, lambda d: self._is_open(d.index))
                 step = policy.next_attempt(state, (dep, result))
             stop = step
             self.record.error_class = stop.error_class
@@ -152,6 +152,8 @@ class Call(Attempts):
                 )
             raise stop.error()
         finally:
+            if state.unreadable:
+                self.record.skipped = [(d.name, e.message) for d, e in state.unreadable]
             if self.granted is not None:  # handed a slot it did not use (another had room first)
                 self.live.capacity.release(self.granted)
                 self.granted = None
@@ -159,6 +161,45 @@ class Call(Attempts):
                 self.live.capacity.unclaim(index)
             self.claimed.clear()
             self._report_deferred(stop)
+
+    async def _readable(self, dep: DeploymentInfo) -> bool:
+        """Whether `dep` can read this request: its request is built before any call, and kept
+        for the attempt that follows; a refusal to build it (a `ProxyError`: what the deployment
+        cannot take) is remembered for the rest of the request."""
+        verdicts = self._verdicts
+        if dep.index in verdicts:
+            return verdicts[dep.index] is None
+        try:
+            req = await self._upstream_request_soon(self.live.upstreams[dep.provider].adapter, dep)
+        except ProxyError as e:
+            verdicts[dep.index] = e
+            return False
+        verdicts[dep.index] = None
+        self._prepared = (dep.index, req)
+        return True
+
+    async def _screen(
+        self, policy: FailoverPolicy, state: FailoverState, which: Callable[[DeploymentInfo], bool]
+    ) -> None:
+        """Takes out of the plan the deployments `which` picks that cannot read the request (each
+        built once a request; the others are found out when chosen, before any call)."""
+        for dep in list(state.plan):
+            if dep.index not in self._verdicts and which(dep) and not await self._readable(dep):
+                policy.cannot_read(state, dep, self._refusal(dep), chosen=False)
+
+    async def _skip_unreadable(self, policy: FailoverPolicy, state: FailoverState, dep: DeploymentInfo) -> None:
+        """`dep`, just chosen, cannot read the request: skipped. A first choice the weighted
+        strategy drew is drawn again, by weight, among the route's own that can read it."""
+        policy.cannot_read(state, dep, self._refusal(dep), chosen=True)
+        if state.attempts == 0 and self.decision.strategy == "weighted":
+            await self._screen(policy, state, lambda d: d.name in policy.own)
+            deployments = self.live.config.deployments
+            policy.redraw_first(state, lambda d: deployments[d.name].weight)
+
+    def _refusal(self, dep: DeploymentInfo) -> ProxyError:
+        why = self._verdicts[dep.index]
+        assert why is not None
+        return why
 
     async def _gate(self, dep: DeploymentInfo, kind: str) -> bool:
         """Whether `dep` may take one more attempt under its provider limit (taken if so); the
@@ -230,8 +271,15 @@ class Call(Attempts):
         tasks = {t1: first}
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
+            hedge: DeploymentInfo | None = second
+            while not done and hedge is not None and not await self._readable(hedge):
+                policy.cannot_read(state, hedge, self._refusal(hedge), chosen=False)  # never hedged to
+                hedge = policy.hedge_target(state)
+            if done or hedge is None:
+                return await t1, first
+            second = hedge
             full = self.live.capacity.full(second.index, self.decision.priority)
-            if done or full or (self.live.capacity.shared is not None and not await self._claim(second)):
+            if full or (self.live.capacity.shared is not None and not await self._claim(second)):
                 return await t1, first
             if (
                 t1.done()

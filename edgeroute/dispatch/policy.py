@@ -59,15 +59,19 @@ class Stop:
     status: int
     reason: str
     code: str
-    error_class: str  # an Outcome value, or "poison"
+    error_class: str  # an Outcome value, "poison", or a refusal's code
     headers: dict[str, str] = field(default_factory=dict)
     details: list[dict[str, Any]] | None = None
+    # No deployment could read the request: the first one's refusal, as it said it (its param).
+    refusal: ProxyError | None = None
 
     @property
     def poison(self) -> bool:
         return self.error_class == "poison"
 
     def error(self) -> ProxyError:
+        if self.refusal is not None:
+            return self.refusal
         return ProxyError(self.status, self.reason, code=self.code, headers=dict(self.headers), details=self.details)
 
 
@@ -84,6 +88,12 @@ class FailoverState:
     budget_refused: bool = False
     spilled: list[DeploymentInfo] = field(default_factory=list)  # skipped because at capacity
     capacity_fallbacks: bool = False  # `fallbacks_on: capacity` added already
+    # Out of the plan for good: they cannot read this request (never sent it), with why.
+    unreadable: list[tuple[DeploymentInfo, ProxyError]] = field(default_factory=list)
+
+    def excluded(self, dep: DeploymentInfo) -> bool:
+        """Whether `dep` is planned already or cannot read the request (no fallback adds it)."""
+        return dep in self.plan or any(d == dep for d, _ in self.unreadable)
 
 
 @dataclass(slots=True)
@@ -190,7 +200,7 @@ class FailoverPolicy:
                 continue
             out: list[DeploymentInfo] = []
             for d in deps:
-                if d in state.plan or d in out or self._is_open(d.index) or not self._allowed(d):
+                if state.excluded(d) or d in out or self._is_open(d.index) or not self._allowed(d):
                     continue
                 if outcome is Outcome.CONTEXT_WINDOW and 0 < d.context_window <= failed.context_window:
                     continue
@@ -277,7 +287,7 @@ class FailoverPolicy:
         extra = [
             d
             for d in self._fallbacks_on("capacity") or ()
-            if d not in state.plan and not self._is_open(d.index) and self._allowed(d)
+            if not state.excluded(d) and not self._is_open(d.index) and self._allowed(d)
         ]
         state.plan.extend(extra)
         return bool(extra)
@@ -299,6 +309,35 @@ class FailoverPolicy:
         if dep not in state.spilled:
             state.spilled.append(dep)
         return self._choose(state)
+
+    def cannot_read(self, state: FailoverState, dep: DeploymentInfo, why: ProxyError, chosen: bool) -> None:
+        """`dep` cannot read this request (building its request was refused: a document only
+        Anthropic reads on a chat deployment, a parameter its provider rejects): out of the plan
+        for good, before any call. Not an attempt (`chosen`: the one just chosen is taken back),
+        not a failure: no retry budget, no health report."""
+        i = state.plan.index(dep)
+        del state.plan[i]
+        if i < state.pos:
+            state.pos -= 1
+        if chosen:
+            state.attempts -= 1
+        state.unreadable.append((dep, why))
+
+    def redraw_first(self, state: FailoverState, weight: Callable[[DeploymentInfo], int]) -> None:
+        """The first choice could not read the request: the next one drawn by weight among the
+        route's own deployments that lead the plan (with room, circuit not open), as the weighted
+        strategy draws its first. The core orders the rest by weight: taking the next in that
+        order gave the heaviest all of the skipped one's share."""
+        lead: list[DeploymentInfo] = []
+        for d in state.plan[state.pos :]:
+            if d.name not in self.own:
+                break
+            if not self._is_full(d.index) and not self._is_open(d.index):
+                lead.append(d)
+        if len(lead) > 1:
+            pick = self._rng.choices(lead, [max(1, weight(d)) for d in lead])[0]
+            state.plan.remove(pick)
+            state.plan.insert(state.pos, pick)
 
     def restart(self, state: FailoverState) -> None:
         """After a wait for capacity: go through the plan again from the start."""
@@ -326,9 +365,16 @@ class FailoverPolicy:
         return [
             {"deployment": d.name, "status": f.status, "error": f.outcome.value, "message": f.message}
             for d, f in state.failures
+        ] + [
+            {"deployment": d.name, "status": e.status, "error": "cannot_read", "message": e.message}
+            for d, e in state.unreadable
         ]
 
     def _exhausted(self, state: FailoverState) -> Stop:
+        if not state.failures and state.unreadable and not state.spilled:
+            # No deployment could read it: the first one's refusal, naming what it cannot read.
+            e = state.unreadable[0][1]
+            return Stop(e.status, e.message, e.code or e.type, e.code or e.type, refusal=e)
         sent = [f for _, f in state.failures if f.sent]
         outcomes = {f.outcome for f in sent}
         if outcomes and outcomes <= {Outcome.TIMEOUT}:

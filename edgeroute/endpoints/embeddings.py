@@ -146,6 +146,7 @@ class EmbeddingsCall(CountedCall):
             return await super().attempt(dep, kind)
         if any(not isinstance(x, str) for x in self.req.inputs):
             raise unsupported(dep, "token-array inputs (send text)", "input")
+        self._prepared = None  # the whole batch's, built to find that it reads them: each call builds its own
         return await self._split_attempt(dep, kind, n)
 
     async def _split_attempt(self, dep: DeploymentInfo, kind: str, n: int) -> Answer | Failure:
@@ -217,7 +218,10 @@ class EmbeddingsCall(CountedCall):
         if isinstance(adapter, GeminiAdapter):
             return _gemini_request(adapter, dep, self.req)
         if isinstance(adapter, BedrockAdapter):
-            return bedrock_request(adapter, dep, self._inputs(), self.req.dimensions)
+            inputs = self._inputs()
+            if len(inputs) > 1 and one_text_per_call(dep) and all(isinstance(x, str) for x in inputs):
+                inputs = inputs[:1]  # sent one call per text (`attempt`): each reads as the first does
+            return bedrock_request(adapter, dep, inputs, self.req.dimensions)
         raise unsupported(dep, "embeddings")
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:

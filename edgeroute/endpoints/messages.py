@@ -311,7 +311,13 @@ class MessagesCall(Call):
         self.req = req
         self.lost = lost
         self.client_headers = headers  # anthropic-version / anthropic-beta, forwarded to Anthropic
-        self.dropped: list[str] | None = None
+        self._dropped: dict[str, list[str]] = {}  # by deployment: the fields its request left out
+
+    @property
+    def dropped(self) -> list[str] | None:
+        """What the answering deployment's request left out (`x-edgeroute-dropped-params`): not
+        another's, built for an attempt that failed over or to find whether it reads the request."""
+        return self._dropped.get(self.record.deployment or "")
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if isinstance(adapter, AnthropicAdapter):
@@ -344,7 +350,7 @@ class MessagesCall(Call):
                 code="unsupported_parameter",
                 param="messages",
             )
-        self.dropped = lost
+        self._dropped[dep.name] = lost
         return super().upstream_request(adapter, dep)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:

@@ -238,6 +238,8 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
         attempts=detail.get("attempts", []) if with_content else _without_quotes(detail.get("attempts", [])),
         priority=detail.get("priority"),
     )
+    skipped = detail.get("skipped", [])  # deployments that could not read it, and why (a refusal, quoted as errors are)
+    out["skipped"] = skipped if with_content else [{**k, "why": error_text(k["why"], "none")} for k in skipped]
     if raw_content is None:
         out["content"] = None
     elif with_content:
