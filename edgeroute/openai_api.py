@@ -308,7 +308,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             if live.access.keyed(request):  # its audio is the caller's before its id is shown
                 await audio_owners.bind(request, live, audio_owners.answer_ids(answer.body))
             out = dialect.answer(answer.body) if dialect else answer.body
-            return web.Response(body=out, headers=hdrs, content_type="application/json")
+            return ReadyResponse(out, hdrs, "application/json")  # a 200 of bytes in hand: no general prepare
         rec.status = 200
         if live.access.keyed(request) and answer.translator is not None:  # its audio bound before its end
             seen = answer.translator = audio_owners.StreamAudio(answer.translator, answer.head)

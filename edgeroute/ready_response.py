@@ -1,16 +1,17 @@
-"""A whole answer of ready bytes (a cache hit's), prepared without aiohttp's general path.
+"""A whole answer of ready bytes (a cache hit's, an upstream's JSON answer), prepared without
+aiohttp's general path.
 
 `web.Response.prepare` serves every kind of answer: cookies, compression, chunking, payload
 objects, bodies that must be empty (HEAD, 204, 304), a Content-Length to check against the
-body. A cache hit is none of these: a 200 to a POST whose body is bytes in memory. Its head
-is made here with what aiohttp would add (Content-Length, Date, the default Server, the
-Connection header for HTTP/1.0 keep-alive or HTTP/1.1 close) and the application's
-`on_response_prepare` signal (the Server header, rate-limit headers) runs as it would; the
-head is serialized by aiohttp's own serializer (which refuses a control character in a
-header: no header injection) and goes out with the body in one write straight to the
-transport: aiohttp's writer would only hold the head, join it to the body and count bytes
-(~2.5 % of a hit's instructions on the event loop). `write_eof` then finds the answer sent. It works under
-aiohttp's own server as under `http_connection`.
+body. A cache hit or a proxied JSON answer is none of these: a 200 to a POST whose body is
+bytes in memory. Its head is made here with what aiohttp would add (Content-Length, Date,
+the default Server, the Connection header for HTTP/1.0 keep-alive or HTTP/1.1 close) and the
+application's `on_response_prepare` signal (the Server header, rate-limit headers) runs as
+it would; the head is serialized by aiohttp's own serializer (which refuses a control
+character in a header: no header injection) and goes out with the body in one write
+straight to the transport: aiohttp's writer would only hold the head, join it to the body
+and count bytes (~2.5 % of a hit's instructions on the event loop). `write_eof` then finds
+the answer sent. It works under aiohttp's own server as under `http_connection`.
 """
 
 from __future__ import annotations

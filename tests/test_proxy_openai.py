@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from tests.conftest import simple_config
@@ -34,6 +35,48 @@ async def test_non_streaming_answer_and_headers(start_upstream, start_proxy) -> 
     assert seen["headers"]["Authorization"] == "Bearer key-a"
     assert "client-secret-must-not-leak" not in str(seen["headers"])
     await client.close()
+
+
+async def _answer_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, version: bytes, extra: bytes = b""
+) -> tuple[dict[str, str], bytes]:
+    """One chat request written by hand (HTTP/`version`), and its answer's headers and body."""
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "Say hello"}]})
+    writer.write(
+        b"POST /v1/chat/completions HTTP/" + version + b"\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    lines = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    assert lines[0] == f"HTTP/{version.decode()} 200 OK", lines[0]
+    got = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    return got, await reader.readexactly(int(got["content-length"]))
+
+
+async def test_an_answer_is_framed_for_each_http_version(start_upstream, start_proxy) -> None:
+    """A proxied JSON answer (written as one head and body, without aiohttp's general prepare:
+    this pins that speed-up) has its Server, Date, Content-Type and Content-Length headers and
+    keeps or closes the connection as HTTP/1.1 and HTTP/1.0 with and without keep-alive ask."""
+    up = await start_upstream()
+    proxy = await start_proxy(simple_config({"a": up}))
+    port = int(proxy.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(2):  # kept alive between them
+        got, body = await _answer_head(reader, writer, b"1.1")
+        assert orjson.loads(body)["choices"][0]["message"]["content"].startswith("Hello from")
+        assert got["server"] == "edgeroute" and got["content-type"] == "application/json" and got["date"]
+        assert got["x-edgeroute-deployment"] == "d-a" and "connection" not in got and "transfer-encoding" not in got
+    got, _ = await _answer_head(reader, writer, b"1.1", b"Connection: close\r\n")
+    assert got["connection"] == "close"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+    writer.close()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    got, _ = await _answer_head(reader, writer, b"1.0", b"Connection: keep-alive\r\n")
+    assert got["connection"].lower() == "keep-alive"
+    got, _ = await _answer_head(reader, writer, b"1.0")  # HTTP/1.0 without keep-alive: the last answer
+    assert "connection" not in got
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
 
 
 async def test_streaming_is_relayed_chunk_by_chunk(start_upstream, start_proxy) -> None:

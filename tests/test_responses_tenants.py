@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 import yaml
 
+from edgeroute.dispatch import JsonAnswer
+from edgeroute.endpoints.container_owners import json_answer
 from tests.conftest import simple_config
 from tests.governance_support import call, instances, write_config
 from tests.test_cost_support import require_redis
@@ -254,3 +257,13 @@ async def test_a_client_gone_while_its_id_is_bound_gives_back_the_deployments_sl
         for _ in range(3):  # a leaked slot would refuse these (max_concurrency 1)
             _, out = await _create(server.url, ALICE, "after", stream=True)
             assert "after" in out
+
+
+def test_an_answer_parsed_by_its_reader_is_read_again_once_its_body_changed() -> None:
+    """A native answer's ids are read from the object its reader parsed (not parsed again),
+    but only while the body sent is the one parsed: a body rewritten since is read itself."""
+    body = b'{"id":"resp_1","output":[]}'
+    got = JsonAnswer(body, None, (body, orjson.loads(body)))
+    assert (found := json_answer(got)) is not None and found["id"] == "resp_1"
+    got.body = b'{"id":"resp_2","output":[]}'
+    assert (found := json_answer(got)) is not None and found["id"] == "resp_2"

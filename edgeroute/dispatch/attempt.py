@@ -110,6 +110,9 @@ def preload_tokenizer(encoding: str) -> None:
 class JsonAnswer:
     body: bytes
     usage: Usage | None
+    # The body its reader parsed and the object it got (a native Messages or Responses answer):
+    # its ids are read from that object with tenants, not parsed again, while `body` is that body.
+    read: tuple[bytes, dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)

@@ -154,7 +154,10 @@ def answer_containers(obj: dict[str, Any] | None) -> set[str]:
 
 
 def json_answer(got: JsonAnswer) -> dict[str, Any] | None:
-    """A JSON answer's object (None: not an object)."""
+    """A JSON answer's object (None: not an object): the one its reader parsed, if it is of
+    the body as it stands."""
+    if got.read is not None and got.read[0] is got.body:
+        return got.read[1]
     try:
         obj = orjson.loads(got.body)
     except orjson.JSONDecodeError:

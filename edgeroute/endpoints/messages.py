@@ -368,7 +368,7 @@ class MessagesCall(Call):
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
         usage.tool_calls = anthropic_tool_calls(obj.get("usage"), anthropic_server_tools(obj.get("content")))
-        return JsonAnswer(data, usage)
+        return JsonAnswer(data, usage, (data, obj))
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         translator: StreamTranslator

@@ -46,6 +46,7 @@ from edgeroute.openai_api import (
     servable,
 )
 from edgeroute.outcome import Outcome
+from edgeroute.ready_response import ReadyResponse
 from edgeroute.request_input import read_body, region_of, tags_of
 from edgeroute.requestlog import content
 from edgeroute.state import Live
@@ -331,7 +332,7 @@ async def serve(
                 ident, tags = request.get(IDENTITY), rec.tags
                 shadow.start(request.app, live, mirrored, body, rec, got.body, ident, tags, prepare, parsed.answer_text)
             out = answer(got.body) if answer is not None else got.body
-            return web.Response(body=out, headers=hdrs, content_type="application/json")
+            return ReadyResponse(out, hdrs, "application/json")
         keep_stream = content.keep_stream(rec, None)
         if mirrored is not None and parsed.answer_text is not None:  # mirrored once the stream has ended cleanly
             prepare = _mirror_of(endpoint, parsed.answer_text)

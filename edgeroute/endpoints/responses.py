@@ -131,7 +131,7 @@ class ResponsesCall(Call):
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
         usage.tool_calls = responses_tool_calls(obj.get("output"))
-        return JsonAnswer(data, usage)
+        return JsonAnswer(data, usage, (data, obj))
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         translator: StreamTranslator
