@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edgeroute.admission import ADMISSION
+from edgeroute.config.schema import Budget, SharedState
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.control import read_back as read_back_mod
@@ -185,3 +187,47 @@ async def test_settlements_held_through_a_refill_count_each_request_once(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_later_refill_decides_by_what_it_read(tmp_path: Path) -> None:
+    """Redis comes back empty twice; each time another instance refills it. Settlements made
+    in the first generation and sent after the third follow what the last refill read: a
+    request it read as spent is not given back (r1), one it read in flight is settled to its
+    cost (r2 given back, r3 charged above its reservation). A rolling budget's slot likewise."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    r = aioredis.Redis.from_url(redis.url)
+    cfg = SharedState(redis_url=redis.url, prefix="gen3")
+    a, b, c = RedisState(cfg), RedisState(cfg), RedisState(cfg)
+    try:
+        now = time.time()
+        day = Budget(name="d", scope="global", limit_usd=1.0, period="day")
+        hours = Budget(name="h", scope="global", limit_usd=1.0, period="rolling", window_hours=1)
+        charges = [B.charge(x, "*", B.period_of(x, now), 100, -1) for x in (day, hours)]
+        keys = [(ch.store_key, ch.period.slot if ch.period.rolling else -1) for ch in charges]
+        assert await b.seed({})
+        made = [await a.reserve(charges, now) for _ in range(3)]  # r1, r2, r3: 100 each
+        assert all(m.ok for m in made) and len({m.generation for m in made}) == 1
+
+        async def refill(by: RedisState, spent: int, in_flight: list[str]) -> None:
+            await r.flushall()  # Redis restarted empty
+            assert await by.seed(dict.fromkeys(keys, spent), in_flight)
+
+        await refill(b, 300, ["r1", "r2", "r3"])  # all three in flight
+        await refill(c, 30 + 100 + 100, ["r2", "r3"])  # r1 ended, its cost (30) written
+        # A sends what it held: r1 cost 30, r2 20, r3 120 (10 more than reserved and read back).
+        for request_id, cost in (("r1", 30), ("r2", 20), ("r3", 120)):
+            gen = made[0].generation
+            await a.adjust_async(charges, [cost - ch.amount for ch in charges], gen, request_id)
+        assert int(await r.get(f"gen3:b:{charges[0].store_key}") or 0) == 30 + 20 + 120
+        rolling = await r.hget(f"gen3:b:{charges[1].store_key}", str(charges[1].period.slot))
+        assert int(rolling or 0) == 30 + 20 + 120
+        # Made in the generation Redis holds now, a give-back applies as it always did.
+        again = await a.reserve(charges[:1], now)
+        await a.adjust_async(charges[:1], [-100], again.generation, "r4")
+        assert int(await r.get(f"gen3:b:{charges[0].store_key}") or 0) == 170
+    finally:
+        for s in (a, b, c):
+            await s.close()
+        await r.aclose()
+        redis.stop()
