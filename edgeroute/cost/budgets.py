@@ -156,6 +156,7 @@ class Reserved:
     ok: bool
     used_before: list[int]  # per charge, nano-USD, before this reservation
     blocked: int = -1  # index of the refusing charge
+    generation: str = ""  # Redis's: the generation of the counters reserved in (`redis_scripts`)
 
 
 class BudgetStore(Protocol):

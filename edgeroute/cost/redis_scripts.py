@@ -5,6 +5,12 @@ Each check-and-charge is one script, so it is atomic across instances. Keys are
 slots) and `{prefix}:rl:{name}:{kind}` (a hash: level, stamp in ms from Redis's clock);
 all of them expire on their own. The comment above each script gives its KEYS and ARGV
 layout, which the callers build.
+
+The marker saying that Redis holds the budgets (the last key of the scripts that reserve or
+settle) holds the *generation* of its counters: an id the seed that filled them from the
+ledger chose. Each reservation answers it, and each settlement names the generation its
+reservation was made in: a give-back of a reservation that a later seed never saw (it
+counted the request's spend from the ledger instead) is not applied (`SETTLE_STALE`).
 """
 
 from __future__ import annotations
@@ -94,12 +100,14 @@ end
 
 TAKE = Script.of(FUNCTIONS + "local out = {} take(0, 0, #KEYS, now_ms(), out) return out")
 # A store that lost its budgets (Redis restarted empty, or never seeded) has no marker, the
-# last key: the scripts that reserve then answer {-1} and change nothing (`unseeded`).
+# last key: the scripts that reserve then answer {-1} and change nothing (`unseeded`). After
+# the reservation's results comes the marker's generation.
 RESERVE = Script.of(
     FUNCTIONS
     + """
-if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
-local out = {} reserve(0, 0, #KEYS - 1, out) return out
+local gen = redis.call('GET', KEYS[#KEYS])
+if not gen then return {-1} end
+local out = {} reserve(0, 0, #KEYS - 1, out) out[#out + 1] = gen return out
 """
 )
 
@@ -109,13 +117,14 @@ local out = {} reserve(0, 0, #KEYS - 1, out) return out
 # deployment's buckets (at its limit the caller reroutes, so the rest goes on), then the
 # budgets. ARGV[1..4]: how many keys each group has (buckets, deployment buckets, budgets,
 # lease sets); the lease sets' ARGV after the budgets': lease ms, then two each: cap, lease
-# id. The first value answered is the lease set refused (1-based; 0: none); the marker is
-# the last key.
+# id. The first value answered is the lease set refused (1-based; 0: none), the last the
+# marker's generation when budgets were reserved; the marker is the last key.
 ADMIT = Script.of(
     FUNCTIONS
     + """
 local na, nb, nc, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if nc > 0 and redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local gen = nc > 0 and redis.call('GET', KEYS[#KEYS])
+if nc > 0 and not gen then return {-1} end
 local out, now = {0}, now_ms()
 local l0, la = na + nb + nc, 4 + 3 * (na + nb) + 6 * nc
 for i = 1, nl do
@@ -130,62 +139,105 @@ for i = 1, nl do
 end
 take(na, 4 + 3 * na, nb, now, out)
 reserve(na + nb, 4 + 3 * (na + nb), nc, out)
+if nc > 0 then out[#out + 1] = gen end
 return out
 """
 )
 
-# Settlement of many requests at once: budget deltas (ARGV from 2, five each: rolling, delta,
-# ttl, slot, create), then bucket deltas (two each: delta taken, capacity; a bucket that expired
-# stays full); the marker is the last key. ARGV[1]: how many budget keys come first. A counter
-# Redis lost since its reservation is not recreated from a delta: the seed (below) counts that
-# request from the ledger. A counter with create 1 (a managed key's, or spend admitted while
-# Redis was down) is created by the delta in a seeded store; in one that lost its budgets, the
-# seed counts that cost too.
+# Settlement of many requests at once: budget deltas (ARGV from 2, six each: rolling, delta,
+# ttl, slot, create, generation), then bucket deltas (two each: delta taken, capacity; a bucket
+# that expired stays full); the marker is the last key. ARGV[1]: how many budget keys come
+# first. A counter Redis lost since its reservation is not recreated from a delta: the seed
+# (below) counts that request from the ledger. A counter with create 1 (a managed key's, or
+# spend admitted while Redis was down) is created by the delta in a seeded store; in one that
+# lost its budgets, the seed counts that cost too. A delta of reservations made in another
+# generation than the marker's is not applied: its index is answered (`SETTLE_STALE` decides
+# request by request); one with generation '' is of no reservation, applied in any.
 _SETTLE = """
 local nb = tonumber(ARGV[1])
-local seeded = redis.call('EXISTS', KEYS[#KEYS]) == 1
+local gen = redis.call('GET', KEYS[#KEYS])
+local stale = {}
 for i = 1, nb do
-  local b = 1 + (i - 1) * 5
-  if ARGV[b + 1] == '1' then
-    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 or (seeded and ARGV[b + 5] == '1') then
+  local b = 1 + (i - 1) * 6
+  local made = ARGV[b + 6]
+  if gen and made ~= '' and made ~= gen then
+    stale[#stale + 1] = i
+  elseif ARGV[b + 1] == '1' then
+    if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 or (gen and ARGV[b + 5] == '1') then
       redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
       redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
     end
-  elseif redis.call('EXISTS', KEYS[i]) == 1 or (seeded and ARGV[b + 5] == '1') then
+  elseif redis.call('EXISTS', KEYS[i]) == 1 or (gen and ARGV[b + 5] == '1') then
     redis.call('INCRBY', KEYS[i], ARGV[b + 2])
     redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
   end
 end
 for i = nb + 1, #KEYS - 1 do
-  local b = 1 + nb * 5 + (i - nb - 1) * 2
+  local b = 1 + nb * 6 + (i - nb - 1) * 2
   if redis.call('EXISTS', KEYS[i]) == 1 then
     local cap = tonumber(ARGV[b + 2])
     local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[b + 1])
     redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, l)))
   end
 end
-return 1
+return stale
 """
 SETTLE = Script.of(_SETTLE)
 # The same, for spend admitted while Redis was down: a store that lost its budgets answers
 # {-1} and changes nothing (`unseeded`), so the caller seeds it first, then sends it again.
 SETTLE_SEEDED = Script.of("if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end\n" + _SETTLE)
 
+# The deltas `SETTLE` found stale, request by request (ARGV five each: rolling, delta, ttl,
+# slot, request id; KEYS: each one's counter, then the seed's set of the requests it counted
+# at their reservation). A seed read each request from the ledger either as
+# spent (its cost: the counter holds it, and a give-back would count it below its cost) or
+# as in flight (its reservation, counted in that set: its settlement applies as in the
+# generation it was made in). A delta above the reservation is applied either way: a charge
+# is never lost, at worst counted twice (towards refusing). Answers how many were applied.
+SETTLE_STALE = Script.of("""
+local set, n = KEYS[#KEYS], 0
+for i = 1, #KEYS - 1 do
+  local b = (i - 1) * 5
+  local delta = tonumber(ARGV[b + 2])
+  if delta > 0 or redis.call('SISMEMBER', set, ARGV[b + 5]) == 1 then
+    if ARGV[b + 1] == '1' then
+      if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 then
+        redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
+        redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
+        n = n + 1
+      end
+    elseif redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCRBY', KEYS[i], ARGV[b + 2])
+      redis.call('EXPIRE', KEYS[i], ARGV[b + 3])
+      n = n + 1
+    end
+  end
+end
+return n
+""")
+
 # What the ledger says was spent, into a store without the marker (KEYS[1]): each counter
-# (KEYS from 2; ARGV two each: slot, -1 for a calendar period, and nano-USD) only where it
-# does not exist, then the marker. Atomic, so of instances seeding at once the first counts.
+# (KEYS from 3; ARGV two each after the ids: slot, -1 for a calendar period, and nano-USD) only
+# where it does not exist, then the set of requests counted at their reservation (KEYS[2]: in
+# flight, ARGV[3] ids from ARGV[4]), then the marker, holding the new generation (ARGV[2]).
+# Atomic, so of instances seeding at once the first counts.
 SEED = Script.of("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ttl = tonumber(ARGV[1])
-for i = 2, #KEYS do
-  local slot, amount = ARGV[2 * i - 2], ARGV[2 * i - 1]
+local ttl, m = tonumber(ARGV[1]), tonumber(ARGV[3])
+for i = 3, #KEYS do
+  local a = 2 + m + 2 * (i - 2)
+  local slot, amount = ARGV[a], ARGV[a + 1]
   if slot == '-1' then
     redis.call('SET', KEYS[i], amount, 'NX', 'EX', ttl)
   elseif redis.call('HSETNX', KEYS[i], slot, amount) == 1 then
     redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
-redis.call('SET', KEYS[1], '1')
+redis.call('DEL', KEYS[2])
+for i = 4, 3 + m, 1000 do
+  redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 999, 3 + m)))
+end
+redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """)
 # The same into a store seeded already, for the budgets of a config that was not the seeder's (a

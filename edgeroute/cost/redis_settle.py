@@ -4,6 +4,11 @@ Under load many requests settle in one round trip, after their answers have gone
 Deltas Redis never received (it was down: `StoreUnavailable.sent` is False) are carried
 into the next batch, sent again once Redis is back: a reservation is released late, never
 twice. Managed keys' counts that no settlement carries go within `COUNT_FLUSH_S`.
+
+Deltas are summed per key and per generation of the counters their reservations were made in
+(`redis_scripts`); each request's part is kept beside the sum, so that a sum Redis finds stale
+(it restarted empty and was seeded again meanwhile) is sent again request by request
+(`SETTLE_STALE`): one more round trip, only after a seed.
 """
 
 from __future__ import annotations
@@ -21,25 +26,45 @@ RESEND_S = 1.0  # settlements Redis never received are sent again this often whi
 COUNT_FLUSH_S = 0.1
 
 
+# A stale delta sent request by request: key, rolling, delta, ttl, slot, request id.
+Stale = tuple[str, int, int, int, int, str]
+
+
 @dataclass(slots=True)
 class _Pending:
     """Settlements not yet sent: deltas summed per budget key and per bucket key."""
 
-    # (key, slot) -> [key, rolling, delta, ttl, slot, create]: a rolling budget's slots are
-    # fields of one key; create 1 for a managed key's counter (see SETTLE)
-    budgets: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
+    # (key, slot, generation) -> [key, rolling, delta, ttl, slot, create, generation, parts]: a
+    # rolling budget's slots are fields of one key; create 1 for a managed key's counter (see
+    # SETTLE); generation '' for a delta of no reservation; parts: (request id, delta) each
+    budgets: dict[tuple[str, int, str], list[Any]] = field(default_factory=dict)
     buckets: dict[str, list[Any]] = field(default_factory=dict)  # key -> [delta, capacity]
     done: asyncio.Future[str | None] | None = None  # an error's name, or None when sent
 
     def __bool__(self) -> bool:
         return bool(self.budgets or self.buckets)
 
-    def add_budget(self, key: str, rolling: int, delta: int, ttl_s: int, slot: int, create: int) -> None:
-        if (have := self.budgets.get((key, slot))) is None:
-            self.budgets[(key, slot)] = [key, rolling, delta, ttl_s, slot, create]
+    def add_budget(
+        self, key: str, rolling: int, delta: int, ttl_s: int, slot: int, create: int, gen: str, request_id: str
+    ) -> None:
+        if (have := self.budgets.get((key, slot, gen))) is None:
+            have = self.budgets[(key, slot, gen)] = [key, rolling, delta, ttl_s, slot, create, gen, []]
         else:
             have[2] += delta
             have[5] |= create
+        if gen:
+            have[7].append((request_id, delta))
+
+    def stale(self, indices: list[int]) -> tuple[_Pending, list[Stale]]:
+        """The budget entries `SETTLE` answered stale (1-based), as a batch and request by request."""
+        left, parts = _Pending(), []
+        entries = list(self.budgets.items())
+        for i in indices:
+            where, have = entries[int(i) - 1]
+            left.budgets[where] = have
+            key, rolling, _, ttl, slot = have[:5]
+            parts += [(key, rolling, delta, ttl, slot, request_id) for request_id, delta in have[7]]
+        return left, parts
 
     def add_bucket(self, key: str, delta: float, capacity: int) -> None:
         if (have := self.buckets.get(key)) is None:
@@ -49,13 +74,19 @@ class _Pending:
 
 
 class Settlements:
-    """The deltas waiting for Redis. `send(keys, args)` runs `SETTLE`; `marker` is the store's
+    """The deltas waiting for Redis. `send(keys, args)` runs `SETTLE` and answers the stale
+    entries' indices, which `send_stale` sends request by request; `marker` is the store's
     seeded marker, its last key."""
 
     def __init__(
-        self, send: Callable[[list[str], list[Any]], Awaitable[object]], marker: str, resend_unsure: bool = False
+        self,
+        send: Callable[[list[str], list[Any]], Awaitable[list[int]]],
+        send_stale: Callable[[list[Stale]], Awaitable[None]],
+        marker: str,
+        resend_unsure: bool = False,
     ) -> None:
         self._send = send
+        self._send_stale = send_stale
         self._marker = marker
         # Also send again what Redis may have applied (a timeout): for additions only, where
         # counting twice errs towards blocking (a reservation given back twice would not).
@@ -65,10 +96,21 @@ class Settlements:
         self._count_timer: asyncio.TimerHandle | None = None  # sends counts nothing else carried
         self._closing = False
 
-    def add_budget(self, key: str, rolling: int, delta: int, ttl_s: int, slot: int, create: int = 0) -> None:
+    def add_budget(
+        self,
+        key: str,
+        rolling: int,
+        delta: int,
+        ttl_s: int,
+        slot: int,
+        create: int = 0,
+        gen: str = "",
+        request_id: str = "",
+    ) -> None:
         """Adds `delta` to budget `key` (a rolling budget's `slot`); `create` 1: a managed key's
-        counter, created where missing (see SETTLE)."""
-        self._pending.add_budget(key, rolling, delta, ttl_s, slot, create)
+        counter, created where missing (see SETTLE); `gen`: the generation of the counters
+        request `request_id` reserved in ('': a delta of no reservation)."""
+        self._pending.add_budget(key, rolling, delta, ttl_s, slot, create, gen, request_id)
 
     def add_bucket(self, key: str, delta: float, capacity: int) -> None:
         """Takes `delta` more from bucket `key` (gives back when negative)."""
@@ -106,21 +148,24 @@ class Settlements:
                 batch, self._pending = self._pending, _Pending()
                 keys = [v[0] for v in batch.budgets.values()]
                 args: list[Any] = [len(keys)]
-                for _, rolling, delta, ttl, slot, create in batch.budgets.values():
-                    args += [rolling, delta, ttl, slot, create]
+                for _, rolling, delta, ttl, slot, create, gen, _ in batch.budgets.values():
+                    args += [rolling, delta, ttl, slot, create, gen]
                 for key, (delta, cap) in batch.buckets.items():
                     keys.append(key)
                     args += [delta, cap]
                 keys.append(self._marker)
                 if batch.done is None:  # deltas carried over, nobody waiting for them
                     batch.done = asyncio.get_running_loop().create_future()
+                unsent = batch  # what Redis has not applied yet
                 try:
-                    await self._send(keys, args)
+                    if stale := await self._send(keys, args):
+                        unsent, parts = batch.stale(stale)
+                        await self._send_stale(parts)
                 except StoreUnavailable as e:
                     batch.done.set_result(str(e))
                     if (not e.sent or self._resend_unsure) and not self._closing:
                         # Redis never saw these deltas: they go with the next batch.
-                        self._carry_over(batch)
+                        self._carry_over(unsent)
                         await asyncio.sleep(RESEND_S)
                 except BaseException:
                     batch.done.set_result("not sent")
@@ -137,8 +182,9 @@ class Settlements:
             pending.done.set_result(None)
 
     def _carry_over(self, batch: _Pending) -> None:
-        for key, rolling, delta, ttl, slot, create in batch.budgets.values():
-            self._pending.add_budget(key, rolling, delta, ttl, slot, create)
+        for key, rolling, delta, ttl, slot, create, gen, parts in batch.budgets.values():
+            for request_id, part in parts or [("", delta)]:
+                self._pending.add_budget(key, rolling, part, ttl, slot, create, gen, request_id)
         for key, (delta, cap) in batch.buckets.items():
             self._pending.add_bucket(key, delta, cap)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +23,19 @@ from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
 from edgeroute.cost.limits import BucketState, Take
-from edgeroute.cost.redis_scripts import ADD_SPENT, ADMIT, FILL, RESERVE, SEED, SETTLE, SETTLE_SEEDED, TAKE, unseeded
-from edgeroute.cost.redis_settle import Settlements
+from edgeroute.cost.redis_scripts import (
+    ADD_SPENT,
+    ADMIT,
+    FILL,
+    RESERVE,
+    SEED,
+    SETTLE,
+    SETTLE_SEEDED,
+    SETTLE_STALE,
+    TAKE,
+    unseeded,
+)
+from edgeroute.cost.redis_settle import Settlements, Stale
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.leases import LEASE_S
 from edgeroute.redis_pipe import NotSent, RedisPipe, Script
@@ -50,6 +62,9 @@ class Admitted:
 
 # A slot to lease in the admission script: the lease set's Redis key, its cap, the lease id.
 Lease = tuple[str, int, str]
+# What the ledger says was spent (store key and rolling slot -> nano-USD), and the requests it
+# counted at their reservation (in flight: no spend row yet), by id.
+LedgerSpend = tuple[dict[tuple[str, int], int], Collection[str]]
 
 
 class RedisState:
@@ -62,13 +77,16 @@ class RedisState:
         self._giving_back: set[asyncio.Task[None]] = set()
         # Named anew when what a seed counts grew (every managed key's counter, budgeted or not):
         # a store seeded by an earlier release is seeded again, its counters kept (SET NX).
+        # It holds the counters' generation (`redis_scripts`); beside it, the requests its seed
+        # counted at their reservation.
         self.seeded_key = f"{self.prefix}:budgets-seeded:2"
-        self._settlements = Settlements(self._settle, self.seeded_key)
+        self.in_flight_key = f"{self.seeded_key}:in-flight"
+        self._settlements = Settlements(self._settle, self._settle_stale, self.seeded_key)
         # What this instance admitted by its own counters while Redis was down (`spent_later`).
-        self._outage_spend = Settlements(self._settle_outage, self.seeded_key, resend_unsure=True)
+        self._outage_spend = Settlements(self._settle_outage, self._settle_stale, self.seeded_key, resend_unsure=True)
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`unseeded`), once at a time.
-        self.spent_from_ledger: Callable[[], Awaitable[dict[tuple[str, int], int]]] | None = None
+        self.spent_from_ledger: Callable[[], Awaitable[LedgerSpend]] | None = None
         self._seeding: asyncio.Task[None] | None = None
 
     async def _run(
@@ -129,7 +147,7 @@ class RedisState:
 
     async def _read_and_seed(self) -> None:
         try:
-            spent = await self.spent_from_ledger() if self.spent_from_ledger is not None else {}
+            spent, in_flight = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, ())
         except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
             log.exception("shared state: could not read budgets back from the ledger")
             raise StoreUnavailable(f"the ledger could not be read ({type(e).__name__})") from None
@@ -137,17 +155,22 @@ class RedisState:
             # What this instance admitted while Redis was down is in what was read (its records
             # are written first): sent too, it would count twice.
             self._outage_spend.forget()
-        if await self.seed(spent):
+        if await self.seed(spent, in_flight):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
                 len(spent),
             )
 
-    async def seed(self, spent: dict[tuple[str, int], int]) -> bool:
+    async def seed(self, spent: dict[tuple[str, int], int], in_flight: Collection[str] = ()) -> bool:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
-        nano-USD) into Redis if it holds no budgets; True when this call did. Each counter is
-        set only where Redis has none, so budgets Redis kept are never counted twice."""
-        return bool(await self._run(SEED, *self._seed_args(spent)))
+        nano-USD) into Redis if it holds no budgets, as a new generation; True when this call
+        did. Each counter is set only where Redis has none, so budgets Redis kept are never
+        counted twice. `in_flight`: the requests counted at their reservation, whose
+        settlements made in an earlier generation still apply (`SETTLE_STALE`)."""
+        counters, pairs = self._seed_args(spent)
+        ids = list(in_flight)
+        args = [pairs[0], os.urandom(8).hex(), len(ids), *ids, *pairs[1:]]
+        return bool(await self._run(SEED, [counters[0], self.in_flight_key, *counters[1:]], args))
 
     async def fill(self, spent: dict[tuple[str, int], int]) -> int:
         """Counts what the ledger says was spent into a seeded store where it has no counter
@@ -195,7 +218,8 @@ class RedisState:
         if got.leased:
             work += [self._unlease(key, lease) for key, _, lease in leases]
         if got.reserved is not None and got.reserved.ok:
-            work.append(self.adjust_async(charges, [-c.amount for c in charges]))
+            # Never journaled: no seed counted it, so only its own generation takes it back.
+            work.append(self.adjust_async(charges, [-c.amount for c in charges], got.reserved.generation))
         for coro in work:
             task = asyncio.get_running_loop().create_task(self._logged(coro))
             self._giving_back.add(task)
@@ -231,19 +255,24 @@ class RedisState:
     def _read_reserve(out: list[Any], at: int, charges: list[Charge]) -> Reserved:
         used = [int(float(x)) for x in out[at + 2 : at + 2 + len(charges)]]
         used += [0] * (len(charges) - len(used))
-        return Reserved(bool(int(out[at])), used, int(out[at + 1]) - 1)
+        gen = out[at + 2 + len(charges)] if len(out) > at + 2 + len(charges) else b""
+        generation = gen.decode() if isinstance(gen, bytes) else str(gen)
+        return Reserved(bool(int(out[at])), used, int(out[at + 1]) - 1, generation)
 
     async def reserve(self, charges: list[Charge], now: float) -> Reserved:
         keys = [self._bkey(c) for c in charges] + [self.seeded_key]
         out = await self._seeded(lambda: self._run(RESERVE, keys, self._reserve_args(charges)))
         return self._read_reserve(out, 0, charges)
 
-    async def adjust_async(self, charges: list[Charge], deltas: list[int]) -> None:
-        """Adds `deltas` to reservations, batched with other requests' settlements."""
+    async def adjust_async(self, charges: list[Charge], deltas: list[int], gen: str = "", request_id: str = "") -> None:
+        """Adds `deltas` to reservations made in generation `gen` (`Reserved.generation`) by
+        request `request_id` ('': one never journaled), batched with other requests' settlements."""
         for c, d in zip(charges, deltas, strict=True):
             if d:
                 p = c.period
-                self._settlements.add_budget(self._bkey(c), 1 if p.rolling else 0, d, p.ttl_s, p.slot)
+                self._settlements.add_budget(
+                    self._bkey(c), 1 if p.rolling else 0, d, p.ttl_s, p.slot, 0, gen, request_id
+                )
         await self._settlements.sent()
 
     def count_later(self, store_keys: list[str], amount: int, ttl_s: int) -> None:
@@ -328,10 +357,25 @@ class RedisState:
 
     # -- settlement, batched (`redis_settle`) ------------------------------------
 
-    async def _settle(self, keys: list[str], args: list[Any]) -> None:
-        await self._run(SETTLE, keys, args, soon=True)  # with the cache's writes, after answers
+    async def _settle(self, keys: list[str], args: list[Any]) -> list[int]:
+        return list(await self._run(SETTLE, keys, args, soon=True))  # with the cache's writes, after answers
 
-    async def _settle_outage(self, keys: list[str], args: list[Any]) -> None:
+    async def _settle_stale(self, parts: list[Stale]) -> None:
+        """Sends settlements `SETTLE` found made in an earlier generation, request by request
+        (`SETTLE_STALE`): after a seed only, so once per restart of Redis at most."""
+        keys, args = [], []
+        for key, rolling, delta, ttl, slot, request_id in parts:
+            keys.append(key)
+            args += [rolling, delta, ttl, slot, request_id]
+        applied = await self._run(SETTLE_STALE, [*keys, self.in_flight_key], args)
+        log.info(
+            "shared state: of %d settlements made before Redis was seeded again, %d applied (the others' "
+            "requests were counted from the ledger)",
+            len(parts),
+            applied,
+        )
+
+    async def _settle_outage(self, keys: list[str], args: list[Any]) -> list[int]:
         """Sends spend admitted while Redis was down (`spent_later`). A Redis that restarted
         empty is seeded first, as a request finding it so does, whichever comes first: with a
         ledger the seed reads this spend back (and `_read_and_seed` drops it here); without
@@ -339,10 +383,12 @@ class RedisState:
         out = await self._run(SETTLE_SEEDED, keys, args, soon=True)
         if unseeded(out):
             await self._reseed()
-            if self.spent_from_ledger is None:
-                out = await self._run(SETTLE_SEEDED, keys, args, soon=True)
-                if unseeded(out):
-                    raise StoreUnavailable("Redis holds no budgets", sent=False)
+            if self.spent_from_ledger is not None:
+                return []
+            out = await self._run(SETTLE_SEEDED, keys, args, soon=True)
+            if unseeded(out):
+                raise StoreUnavailable("Redis holds no budgets", sent=False)
+        return list(out)
 
     async def close(self) -> None:
         await self._settlements.close()

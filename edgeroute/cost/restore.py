@@ -58,6 +58,8 @@ class Restored:
     budgets: dict[tuple[str, int], int]  # (store key, rolling slot or -1) -> nano-USD
     buckets: list[tuple[str, str, int, float]]  # (name, kind, limit, used)
     read_at: float
+    # The requests `budgets` counts at their reservation (no spend row: in flight), by id.
+    in_flight: frozenset[str] = frozenset()
 
 
 def _slot_sql(dialect: str, size: float) -> str:
@@ -68,10 +70,11 @@ def _slot_sql(dialect: str, size: float) -> str:
 
 
 def budget_spend(
-    db: Backend, budgets: Sequence[Budget], now: float, until: float | None = None
+    db: Backend, budgets: Sequence[Budget], now: float, until: float | None = None, in_flight: set[str] | None = None
 ) -> dict[tuple[str, int], int]:
     """Each budget's spend in its current period, per subject (and rolling slot), by requests
-    that started before `until` (all when None), in-flight reservations included."""
+    that started before `until` (all when None), in-flight reservations included (their
+    requests' ids added to `in_flight`)."""
     end = until if until is not None else now + B.READ_AHEAD_S  # a clock that moved back: still counted
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {b.name: B.period_of(b, now) for b in budgets}
@@ -91,7 +94,7 @@ def budget_spend(
             if p.rolling and int(s) < p.first_slot:
                 continue
             out[(f"{b.name}:{subject}:{p.id}", int(s))] += B.to_nano(float(usd or 0))
-    _unsettled(db, budgets, periods, end, out)
+    _unsettled(db, budgets, periods, end, out, in_flight)
     return {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
 
 
@@ -105,7 +108,11 @@ class KeyBudget:
 
 
 def key_budget_spend(
-    db: Backend, budgets: Sequence[KeyBudget], now: float, until: float | None = None
+    db: Backend,
+    budgets: Sequence[KeyBudget],
+    now: float,
+    until: float | None = None,
+    in_flight: set[str] | None = None,
 ) -> dict[tuple[str, int], int]:
     """Managed keys' counters in their current period (a calendar month), as `budget_spend`
     counts: one grouped read per period start, not one per key; counters with nothing spent
@@ -125,35 +132,44 @@ def key_budget_spend(
         spent = by_start[p.starts_at]
         if amount := sum(B.to_nano(spent.get(s, 0.0)) for s in k.spenders):
             out[(f"{k.budget.name}:{k.budget.match}:{p.id}", -1)] += amount
-    _unsettled(db, [k.budget for k in budgets], periods, end, out)
+    _unsettled(db, [k.budget for k in budgets], periods, end, out, in_flight)
     return {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
 
 
 def _unsettled(
-    db: Backend, budgets: Sequence[Budget], periods: dict[str, B.Period], end: float, out: dict[tuple[str, int], int]
+    db: Backend,
+    budgets: Sequence[Budget],
+    periods: dict[str, B.Period],
+    end: float,
+    out: dict[tuple[str, int], int],
+    in_flight: set[str] | None,
 ) -> None:
     """Adds the reservations of requests with no spend row: in flight at a crash, they count
-    as spent at their reserved (maximum) cost."""
+    as spent at their reserved (maximum) cost (and their ids go to `in_flight`: a seed of
+    Redis lets their settlements apply, `redis_scripts.SETTLE_STALE`)."""
     if not budgets:
         return
     earliest = min(p.starts_at for p in periods.values())
     # A budget with `match` has one counter in its period (every managed key's: thousands).
     exact = {f"{b.name}:{b.match}:{periods[b.name].id}": b for b in budgets if b.match is not None}
     unsettled = (
-        "SELECT store_key, ts, amount_nano FROM reservations r WHERE ts >= ? AND ts < ? "
+        "SELECT store_key, ts, amount_nano, request_id FROM reservations r WHERE ts >= ? AND ts < ? "
         "AND NOT EXISTS (SELECT 1 FROM spend s WHERE s.request_id = r.request_id)"
     )
-    for store_key, ts, amount in db.query(unsettled, [earliest, end]):
+    counted = in_flight if in_flight is not None else set()
+    for store_key, ts, amount, request_id in db.query(unsettled, [earliest, end]):
         if (hit := exact.get(store_key)) is not None:
             p = periods[hit.name]
             if ts >= p.starts_at:
                 out[(store_key, int(ts // p.slot_s) if p.rolling else -1)] += int(amount)
+                counted.add(str(request_id))
                 continue
         for b in budgets:
             p = periods[b.name]
             if store_key.startswith(f"{b.name}:") and store_key.endswith(f":{p.id}") and ts >= p.starts_at:
                 s = int(ts // p.slot_s) if p.rolling else -1
                 out[(store_key, s)] += int(amount)
+                counted.add(str(request_id))
                 break
 
 
@@ -222,7 +238,9 @@ def read(
     and the rate-limit windows (at start), or just `budgets` and `key_budgets` by requests that
     started before `until` (a budget added by a reload, or a key's budget first seen)."""
     now = time.time() if now is None else now
-    keyed = key_budget_spend(db, key_budgets, now, until) if key_budgets else {}
+    in_flight: set[str] = set()
+    keyed = key_budget_spend(db, key_budgets, now, until, in_flight) if key_budgets else {}
     if budgets is not None:
-        return Restored(budget_spend(db, budgets, now, until) | keyed, [], now)
-    return Restored(budget_spend(db, cfg.budgets.limits, now) | keyed, bucket_usage(db, cfg, now, key_limits), now)
+        return Restored(budget_spend(db, budgets, now, until, in_flight) | keyed, [], now, frozenset(in_flight))
+    spent = budget_spend(db, cfg.budgets.limits, now, None, in_flight) | keyed
+    return Restored(spent, bucket_usage(db, cfg, now, key_limits), now, frozenset(in_flight))

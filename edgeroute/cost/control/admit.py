@@ -74,6 +74,7 @@ class CostControl(Reservations, RateLimits):
         self._months = (B.Period("", 0.0, 0), {})
         self.keys = None
         self._read_at_start = {}
+        self._in_flight_at_start = frozenset()
         self._buckets_at_start = []
         self.local_limits = LocalLimiter()
         self.shared = RedisState(cfg.shared_state) if cfg.shared_state else workers_store()
@@ -126,7 +127,7 @@ class CostControl(Reservations, RateLimits):
     ) -> CostTicket | None:
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
-        ticket = CostTicket(ident, started=rec.started, can_serve=can_serve)
+        ticket = CostTicket(ident, rec.request_id, started=rec.started, can_serve=can_serve)
         state = request.app[STATE]
         live = state.live
         if live.config is not self.cfg:
@@ -160,7 +161,8 @@ class CostControl(Reservations, RateLimits):
                 )
             except BaseException:
                 if first.reserved is not None and first.reserved.ok:
-                    await self._wait([self._adjust(first.charges, [-c.amount for c in first.charges], True)])
+                    back = [-c.amount for c in first.charges]
+                    await self._wait([self._adjust(first.charges, back, True, first.reserved.generation)])
                 raise
             if prices is not None and top is not None:
                 try:

@@ -24,7 +24,7 @@ from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.keys import KeySource, key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
-from edgeroute.cost.redis_store import RedisState
+from edgeroute.cost.redis_store import LedgerSpend, RedisState
 from edgeroute.cost.restore import Restored
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.state import ServerState
@@ -49,6 +49,7 @@ class ReadBack(Stores):
     # requests that started before count from the ledger, not in memory (see `apply`).
     _counted_from: dict[str, float]
     _read_at_start: dict[tuple[str, int], int]  # the ledger's spend, for `seed_shared`
+    _in_flight_at_start: frozenset[str]  # the requests it counted at their reservation, likewise
     _buckets_at_start: list[tuple[str, str, int, float]]  # the last minute's rate-limit use, likewise
 
     def restore_at_start(self, db: Backend, keys: KeySource | None) -> None:
@@ -59,6 +60,7 @@ class ReadBack(Stores):
         found = restore.read(db, self.cfg, key_budgets=self._key_counters(), key_limits=limits)
         self.restore(found)
         self._read_at_start = found.budgets
+        self._in_flight_at_start = found.in_flight
         self._buckets_at_start = found.buckets
 
     async def seed_shared(self) -> None:
@@ -74,7 +76,7 @@ class ReadBack(Stores):
             if isinstance(self.shared, RedisState):
                 # Redis keeps its buckets while instances restart (one that restarted empty
                 # starts them full: a minute's window at most).
-                seeded = await self.shared.seed(self._read_at_start)
+                seeded = await self.shared.seed(self._read_at_start, self._in_flight_at_start)
                 if not seeded and (filled := await self.shared.fill(self._config_budgets_spent())):
                     log.info("shared state: %d budget counters new to Redis read back from the ledger", filled)
             else:
@@ -99,7 +101,7 @@ class ReadBack(Stores):
         spent = self._read_at_start.items()
         return {k: v for k, v in spent if names and k[0].startswith(names) and not k[0].startswith(keys)}
 
-    async def _spent_now(self) -> dict[tuple[str, int], int]:
+    async def _spent_now(self) -> LedgerSpend:
         """Every budget's spend this period, from the ledger: this instance's records written
         first, and the other instances' given the longest flush interval a config may set (a
         request they answered just before Redis lost its budgets settles into no counter: the
@@ -108,9 +110,10 @@ class ReadBack(Stores):
         assert ledger is not None
         await asyncio.gather(asyncio.to_thread(ledger.flush), asyncio.sleep(MAX_FLUSH_INTERVAL_S + 0.25))
 
-        def read() -> dict[tuple[str, int], int]:  # in a thread: thousands of keys take a while
+        def read() -> LedgerSpend:  # in a thread: thousands of keys take a while
             keyed = self._key_counters()
-            return restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed).budgets
+            found = restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed)
+            return found.budgets, found.in_flight
 
         return await asyncio.to_thread(read)
 

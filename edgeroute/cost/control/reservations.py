@@ -157,7 +157,8 @@ class Reservations(ReadBack, Notifications, Settlement):
                 rec.admission = f"downgraded:{target[1]}"
                 if res.ok:
                     # Undone before reserving again, or the second reservation would see both.
-                    await self._wait([self._adjust(charges, [-c.amount for c in charges], shared)])
+                    # Never journaled: no seed of Redis counted it (request id '').
+                    await self._wait([self._adjust(charges, [-c.amount for c in charges], shared, res.generation)])
                 route = target[0]
                 ticket.reroute = route
                 top = prices.routes[route]
@@ -179,7 +180,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                     predicted,
                     tuple((kind, n + free * self.reserve_tool_calls) for kind, n, free in ticket.media.tools),
                 )
-            ticket.charges, ticket.charges_shared = charges, shared
+            ticket.charges, ticket.charges_shared, ticket.charges_generation = charges, shared, res.generation
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
             return route
         return route

@@ -78,7 +78,8 @@ class Settlement(Stores):
         actual = B.charge_nano(rec.cost_usd)
         if ticket.charges:
             self._unhold(ticket.charges)
-            self._adjust(ticket.charges, [actual - c.amount for c in ticket.charges], ticket.charges_shared)
+            deltas = [actual - c.amount for c in ticket.charges]
+            self._adjust(ticket.charges, deltas, ticket.charges_shared, ticket.charges_generation, ticket.request_id)
             if not ticket.charges_shared and isinstance(self.shared, RedisState):
                 # Admitted while Redis was down: the other instances never saw it (they
                 # admitted the whole budget again once Redis was back).
@@ -132,7 +133,9 @@ class Settlement(Stores):
             tasks.append(self._give(back, [-t.amount for t in back], h.shared))
         if ticket.charges:
             self._unhold(ticket.charges)
-            tasks.append(self._adjust(ticket.charges, [-c.amount for c in ticket.charges], ticket.charges_shared))
+            given = [-c.amount for c in ticket.charges]
+            gen, request_id = ticket.charges_generation, ticket.request_id
+            tasks.append(self._adjust(ticket.charges, given, ticket.charges_shared, gen, request_id))
         ticket.held, ticket.charges = [], []
         return tasks
 

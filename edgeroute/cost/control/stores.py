@@ -97,10 +97,15 @@ class Stores:
     def _settled(self, charges: list[B.Charge]) -> None:
         """Called once a request's charges hold what it cost (`Notifications` tells thresholds)."""
 
-    def _adjust(self, charges: list[B.Charge], deltas: list[int], shared: bool) -> asyncio.Task[None] | None:
+    def _adjust(
+        self, charges: list[B.Charge], deltas: list[int], shared: bool, gen: str = "", request_id: str = ""
+    ) -> asyncio.Task[None] | None:
         """Adds `deltas` to reservations; a task when they go to Redis (this process's counters
-        follow them, see `_seen_shared`)."""
+        follow them, see `_seen_shared`). In Redis they are of generation `gen`'s counters,
+        by `request_id` ('': a reservation never journaled; see `RedisState.adjust_async`)."""
         self.local_budgets.adjust(charges, deltas)
+        if shared and isinstance(self.shared, RedisState):
+            return self._spawn(self.shared.adjust_async(charges, deltas, gen, request_id))
         if shared and self.shared is not None:
             return self._spawn(self.shared.adjust_async(charges, deltas))
         return None

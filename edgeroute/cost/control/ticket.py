@@ -25,12 +25,14 @@ class CostTicket:
     """What one request holds until settlement."""
 
     identity: Identity
+    request_id: str = ""  # its record's, which journals its reservations
     started: float = 0.0  # the request's start (its record's ts): which budgets count it in memory
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
     tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
     media: MediaParts = NONE  # its image, audio and file parts, which budgets reserve for too
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
+    charges_generation: str = ""  # the generation of Redis's counters they are in (`Reserved.generation`)
     held: list[Held] = field(default_factory=list)
     parallel: list[str] = field(default_factory=list)  # the keys whose `max_parallel` slot it holds
     parallel_leased: bool = False  # and holds their shared leases too
