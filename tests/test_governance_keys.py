@@ -154,7 +154,7 @@ async def test_key_policies_and_scope(start_upstream) -> None:
         assert status == 403
         # Its model list, denied tags and RPM hold.
         assert await _chat(url, token)
-        with pytest.raises(openai.PermissionDeniedError, match="may not use model 'm2'"):
+        with pytest.raises(openai.NotFoundError, match="model `m2` does not exist or you do not have access"):
             await _chat(url, token, model="m2")
         with pytest.raises(openai.PermissionDeniedError, match="may not use the tag 'vip'"):
             await _chat(url, token, tags="batch,vip")

@@ -117,5 +117,9 @@ def key_tags(ident: Identity, tags: list[str] | None, known: frozenset[str]) -> 
 
 
 def check_model(ident: Identity, model: str) -> None:
+    """A key held to some models is answered for another as for a model that does not exist
+    (OpenAI's answer, and `GET /v1/models/{id}`'s): a 403 told the key which other teams' model
+    names exist."""
     if ident.models is not None and model not in ident.models:
-        raise ProxyError(403, f"This key may not use model '{model}'.", code="model_not_allowed", param="model")
+        msg = f"The model `{model}` does not exist or you do not have access to it."  # the core's UnknownModel
+        raise ProxyError(404, msg, code="model_not_found", param="model")

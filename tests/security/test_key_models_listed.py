@@ -1,7 +1,7 @@
 """A key held to some models (`--model`, `"models"`) is listed those models alone.
 
 `GET /v1/models` listed every model of the config to every key, and `GET /v1/models/{id}`
-answered 200 for a model the key is refused (403 `model_not_allowed` when it asks): a client
+answered 200 for a model the key is refused (and chat a 403 `model_not_allowed`): a client
 (a chat UI, an SDK's model picker) offered models its key cannot use, and a key learnt the
 names of every other team's models. As OpenAI's API does, the list holds what the key may
 use, and another model is the 404 of one that does not exist.
@@ -40,8 +40,15 @@ async def test_a_key_held_to_a_model_lists_and_retrieves_that_model_alone(start_
             with pytest.raises(openai.NotFoundError) as e:
                 await held.models.retrieve("finance-only")
             assert e.value.status_code == 404 and e.value.code == "model_not_found"
-            with pytest.raises(openai.PermissionDeniedError):  # what the listing says is what it may ask for
-                await held.chat.completions.create(model="finance-only", messages=USER, max_tokens=5)
+            # What the listing says is what it may ask for; another team's model is answered as one
+            # that does not exist, word for word (a 403 confirmed that the name exists).
+            refused = []
+            for model in ("finance-only", "no-such-model"):
+                with pytest.raises(openai.NotFoundError) as e:
+                    await held.chat.completions.create(model=model, messages=USER, max_tokens=5)
+                refused.append((e.value.status_code, e.value.body))
+            assert refused[0][0] == refused[1][0] == 404
+            assert str(refused[0][1]).replace("finance-only", "X") == str(refused[1][1]).replace("no-such-model", "X")
             await held.chat.completions.create(model="m", messages=USER, max_tokens=5)
             # A key without a bound lists every model, as before.
             assert sorted(m.id for m in (await root.models.list()).data) == ["finance-only", "m", "research-large"]
