@@ -231,7 +231,7 @@ async def test_unreachable_upstream_is_502(start_proxy) -> None:
 
 
 async def test_upstream_timeout_is_504(start_upstream, start_proxy) -> None:
-    up = await start_upstream(latency_ms=2000)
+    up = await start_upstream(latency_ms=10_000)  # far past the 0.2 s timeout: a slow host cannot blur them
     cfg = simple_config({"a": up})
     cfg["providers"]["a"]["timeouts"] = {"first_byte": 0.2}
     proxy = await start_proxy(cfg)
@@ -240,7 +240,7 @@ async def test_upstream_timeout_is_504(start_upstream, start_proxy) -> None:
     with pytest.raises(openai.APIStatusError) as e:
         await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 504
-    assert time.perf_counter() - t0 < 1.9
+    assert time.perf_counter() - t0 < 8  # by the first-byte timeout, not the upstream's answer
     await client.close()
 
 
