@@ -245,8 +245,8 @@ async def test_the_total_timeout_bounds_a_committed_stream(upstreams: Any, start
         async with s.post(
             proxy.url + "/v1/chat/completions", json={"model": "m", "messages": HELLO, "stream": True}
         ) as r:
-            raw = await asyncio.wait_for(r.read(), 5)
-    assert time.perf_counter() - t0 < 2.0
+            raw = await asyncio.wait_for(r.read(), 8)
+    assert time.perf_counter() - t0 < 6.0  # the total timeout's 1 s, not the upstream's 10 s (room for a slow host)
     assert raw.rstrip().endswith(b"}") and b"stream_timeout" in raw and b"total timeout" in raw
 
 
