@@ -10,8 +10,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from edgeroute.accounting import RequestRecord
 from edgeroute.state import STATE
-from tests.conftest import Proxy, ServeRoutes
+from tests.conftest import Proxy, ServeRoutes, eventually
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
@@ -71,6 +72,17 @@ async def sse_response(request: web.Request) -> web.StreamResponse:
 async def ok(request: web.Request) -> web.Response:
     await request.read()
     return answer()
+
+
+async def recorded(proxy: Proxy, n: int = 1) -> RequestRecord:
+    """The latest record once the proxy holds `n`: a request is recorded when its handler ends,
+    which may be after the client saw its end (a slow host can take longer than any fixed sleep)."""
+
+    async def enough() -> bool:
+        return len(proxy.recorder.records) >= n
+
+    await eventually(enough, f"{n} request(s) recorded", within=10)
+    return proxy.recorder.records[-1]
 
 
 def in_flight(proxy: Proxy) -> dict[str, int]:

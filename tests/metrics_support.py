@@ -5,6 +5,8 @@ from __future__ import annotations
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import eventually
+
 
 class Scrape:
     """One scrape, parsed: `value(name, **labels)` for a sample, `families` by name."""
@@ -54,3 +56,15 @@ async def scrape(base_url: str, token: str | None = None) -> Scrape:
         text = await r.text()
     check_exposition(text)
     return Scrape(text)
+
+
+async def ledger_written(base_url: str, n: int, token: str | None = None) -> None:
+    """Until the spend ledger has written `n` requests, as `/metrics` counts them. Its writer is a
+    thread that flushes on its own interval: on a loaded host that can take longer than any
+    fixed sleep a test would allow it."""
+
+    async def written() -> float:
+        got = (await scrape(base_url, token)).value("edgeroute_ledger_written_total") or 0.0
+        return got if got >= n else 0.0
+
+    await eventually(written, f"{n} requests written to the ledger", within=20)

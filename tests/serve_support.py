@@ -4,6 +4,7 @@ config written, the process started and, at the end, killed by its PID if it is 
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import sys
 from dataclasses import dataclass
@@ -14,9 +15,29 @@ import yaml
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, for a server another process will bind later. Chosen below the
+    kernel's ephemeral range: a port that `bind(0)` hands out comes from that range, where any
+    process's outgoing connection may take it before the server binds it (seen under load:
+    "Address already in use" at a server's start)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 20_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # that range full: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.conftest import Upstream
+from tests.metrics_support import ledger_written
 from tests.test_cost_support import budget_spent, cost_proxy
 
 ADMIN = "sk-predict-admin"
@@ -85,7 +86,7 @@ async def test_rejected_prediction_tokens_are_settled(start_upstream: Any, tmp_p
         )
         await client.close()
         answer = raw.parse()
-        await asyncio.sleep(0.2)  # the ledger's flush
+        await ledger_written(proxy.url, 1, ADMIN)
         spent = await budget_spent(proxy.url, ADMIN)
     assert answer.usage is not None and answer.usage.completion_tokens_details is not None
     assert answer.usage.completion_tokens_details.rejected_prediction_tokens == 300

@@ -21,7 +21,7 @@ from edgeroute.bench.faults import FaultUpstream
 from edgeroute.bench.upstream import UpstreamOptions
 from edgeroute.cache.service import CACHE
 from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer, simple_config
+from tests.conftest import ProxyTestServer, eventually, simple_config
 from tests.test_cost_support import REDIS_URL, require_redis
 
 MSG = [{"role": "user", "content": "What is the capital of France?"}]
@@ -35,6 +35,16 @@ def cached(upstreams: dict[str, Any], **cache: Any) -> dict[str, Any]:
 
 def calls(*ups: Any) -> int:
     return sum(len(u.options.requests) for u in ups)
+
+
+async def stored(proxy: Any) -> None:
+    """Until the cache's writes have ended: an answer is stored (and, by meaning, embedded and
+    indexed) off the request path, which a loaded host may take longer to do than a fixed sleep."""
+
+    async def idle() -> bool:
+        return not proxy.app[CACHE]._writes
+
+    await eventually(idle, "the cache's writes", within=20, every=0.01)
 
 
 async def test_a_repeated_request_is_a_hit_and_costs_nothing(start_upstream, start_proxy) -> None:
@@ -356,7 +366,7 @@ async def test_semantic_mode_reuses_a_paraphrase_but_never_a_near_miss(start_ups
         return await client.chat.completions.with_raw_response.create(model="m", messages=msgs, temperature=0)
 
     first = await ask("How do I reset my password?")
-    await asyncio.sleep(0.2)
+    await stored(proxy)
     para = await ask("How can I reset my password?")
     assert para.headers["x-edgeroute-cache"] == "hit" and calls(up) == 1
     assert 0.91 <= float(para.headers["x-edgeroute-cache-similarity"]) < 1

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edgeroute import config as config_mod
 from edgeroute.cache.semantic import builtin_embedder
 from tests.conftest import routes_upstream, simple_config
+from tests.test_cache import stored
 
 
 class Embeddings:
@@ -75,7 +76,7 @@ async def test_a_configured_embedder_serves_paraphrases_and_refuses_near_misses(
 
     first = await ask("How do I reset my password?")
     assert first.headers["x-edgeroute-cache"] == "miss"
-    await asyncio.sleep(0.2)
+    await stored(proxy)
     para = await ask("How can I reset my password?")
     assert para.headers["x-edgeroute-cache"] == "hit" and len(up.options.requests) == 1
     assert para.parse().choices[0].message.content == first.parse().choices[0].message.content

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from edgeroute import config as config_mod
 from edgeroute.cost.reports import parse_since
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer
+from tests.metrics_support import ledger_written
 from tests.test_cost_support import CostProxy
 
 
@@ -51,7 +51,7 @@ async def test_spend_cli_and_admin_endpoint(start_upstream, tmp_path: Path, caps
             for _ in range(n):
                 await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi there"}])
             await client.close()
-        await asyncio.sleep(0.3)  # one flush interval
+        await ledger_written(proxy.url, 4, "tok-root")
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer tok-root"}) as s:
             async with s.get(proxy.url + "/admin/spend", params={"by": "team", "since": "1h"}) as r:
                 assert r.status == 200

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edgeroute import redact, secrets
-from tests.conftest import Upstream, simple_config
+from tests.conftest import Upstream, eventually, simple_config
 from tests.test_governance_keys import _proxy
 
 
@@ -36,6 +36,11 @@ async def _until(url: str, up: Upstream, want: str, seconds: float = 5.0) -> flo
         assert time.monotonic() - t0 < seconds, f"still sending {got!r}"
         await asyncio.sleep(0.1)
     return time.monotonic() - t0
+
+
+async def _failing(before: int, ref: str) -> bool:
+    """A refresh failed since `before` was read, and `ref` is listed as failing."""
+    return secrets.STATUS.refresh_failures_total > before and any(ref in f for f in secrets.STATUS.failing)
 
 
 def _cfg(up: Upstream, ref: str, **gov: Any) -> dict[str, Any]:
@@ -61,10 +66,8 @@ async def test_file_secret_rotates_in_place(start_upstream, tmp_path: Path, capl
         # The file disappears (a broken mount): the last good value stays, and that is counted.
         before = secrets.STATUS.refresh_failures_total
         key.unlink()
-        await asyncio.sleep(1.5)
+        await eventually(lambda: _failing(before, str(key)), "the refresh that could not read the file", within=10)
         assert await _key_seen(url, up) == "Bearer sk-two"
-        assert secrets.STATUS.refresh_failures_total > before
-        assert any(str(key) in f for f in secrets.STATUS.failing)
         async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as r:
             exposed = {x.name: x.value for f in text_string_to_metric_families(await r.text()) for x in f.samples}
         assert exposed["edgeroute_secrets_failing"] >= 1
@@ -100,9 +103,8 @@ async def test_exec_secret_refreshes_and_survives_failures(
         await _until(url, up, "Bearer sk-exec-2")
         before = secrets.STATUS.refresh_failures_total
         source.unlink()
-        await asyncio.sleep(2.0)
+        await eventually(lambda: _failing(before, ref), "the refresh whose command failed", within=10)
         assert await _key_seen(url, up) == "Bearer sk-exec-2"  # the last good value
-        assert secrets.STATUS.refresh_failures_total > before and ref in secrets.STATUS.failing
     assert "exited with status 3" in caplog.text
     assert "sk-exec" not in caplog.text
 

@@ -313,14 +313,21 @@ async def test_a_killed_instance_gives_its_slots_back_within_the_lease(
     with pytest.raises(openai.RateLimitError):  # its leases outlive it, for a while
         await _ask(survivor.url)
 
+    refused_at: list[float] = []
+
     async def admitted() -> bool:
+        sent = time.monotonic()
         try:
             return (await _ask(survivor.url)).choices[0].message.content == "hi there"
         except openai.RateLimitError:
+            refused_at.append(sent)
             return False
 
     await eventually(admitted, "the dead instance's slots", within=LEASE_S + 10, every=0.25)
-    assert time.monotonic() - killed <= LEASE_S + 1.0
+    # Judged by when each request was sent, not by when the wait saw one through (a slow host
+    # delays that): none sent past the leases' end (renewed at most until the kill) was refused.
+    late = [t - killed for t in refused_at if t - killed > LEASE_S + 0.5]
+    assert not late, f"refused {late} s after the kill: the dead instance's slots outlived its leases"
 
 
 async def test_the_workers_of_one_serve_hold_the_cap_together(upstreams: Any, spawn: Spawn) -> None:

@@ -93,10 +93,11 @@ def test_an_image_is_reserved_at_the_larger_of_the_providers_rules() -> None:
     ],
 )
 def test_hostile_bytes_give_the_cap_quickly(url: str) -> None:
-    started = time.perf_counter()
+    # This thread's CPU time, not the wall clock: a stall of a busy host is not work done here.
+    started = time.thread_time()
     assert M.data_url_size(url) is None
     assert M.image_tokens({"url": url}) == M.IMAGE_CAP
-    assert time.perf_counter() - started < 0.05  # the header alone is read
+    assert time.thread_time() - started < 0.05  # the header alone is read
 
 
 def test_a_huge_claimed_size_is_capped() -> None:

@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import eventually
 from tests.governance_support import call
+from tests.metrics_support import ledger_written
 from tests.test_cost_restart import Served
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
@@ -40,7 +41,7 @@ async def test_logs_and_stats_from_the_command_line(start_upstream: Any, tmp_pat
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0)
         for model in ("m", "m", "flaky"):
             await _ask(client, model)
-        await asyncio.sleep(0.3)  # flushed
+        await ledger_written(proxy.url, 3)
 
         out = await asyncio.to_thread(_cli, "logs", "-c", str(path), "--format", "jsonl")
         assert out.returncode == 0, out.stderr

@@ -68,7 +68,8 @@ async def test_a_reload_that_runs_a_slow_secret_command_serves_meanwhile(start_u
         await eventually(lambda: asyncio.sleep(0, started.exists()), "the secret command started", 10)
         # While the command waits, clients are served (by the running config, its old key).
         took = [await _ask(serving.url) for _ in range(5)]
-        assert max(took) < 1.0, f"requests waited for the reload's secret command: {took}"
+        # Waiting for the command would take until its own 8 s bound (it is released below).
+        assert max(took) < 4.0, f"requests waited for the reload's secret command: {took}"
         assert up.options.requests[-1]["headers"]["Authorization"] == "Bearer sk-first"
         release.touch()
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import ProxyTestServer, Upstream
-from tests.metrics_support import scrape
+from tests.metrics_support import ledger_written, scrape
 
 STRONG_OUT = "gpt-4-1106-preview"
 WEAK_OUT = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -146,7 +146,7 @@ async def test_policy_and_experiment_routes_with_a_ledger(pair, tmp_path: Path) 
         for model in ("auto", "ab"):
             r = await client.chat.completions.create(model=model, messages=msg("hello"))  # type: ignore[arg-type]
             assert r.choices[0].message.content
-        await asyncio.sleep(0.3)  # a few flush intervals
+        await ledger_written(f"http://127.0.0.1:{server.port}", 2)
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{server.port}/admin/spend?by=model") as r:
             assert r.status == 200
             spend = await r.json()

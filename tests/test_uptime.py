@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import openai
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.metrics_support import scrape
 
 MSG = [{"role": "user", "content": "hello"}]
@@ -87,8 +88,13 @@ async def test_client_error_is_returned_not_retried(start_upstream, start_proxy)
     await client.close()
 
 
+async def _is(read: Callable[[], Awaitable[str]], want: str) -> bool:
+    return await read() == want
+
+
 async def test_hedge_answers_from_the_fast_deployment(start_upstream, start_proxy) -> None:
-    slow = await start_upstream(latency_ms=1500, record=True)
+    # The slow one answers long after any hedge could (its handler is not awaited at teardown).
+    slow = await start_upstream(latency_ms=5000, record=True)
     fast = await start_upstream(record=True)
     cfg = simple_config({"slow": slow, "fast": fast})
     cfg["models"] = {
@@ -106,7 +112,7 @@ async def test_hedge_answers_from_the_fast_deployment(start_upstream, start_prox
     elapsed = time.perf_counter() - t0
     assert raw.headers["x-edgeroute-deployment"] == "d-fast"
     assert raw.headers["x-edgeroute-hedged"] == "true"
-    assert elapsed < 1.0
+    assert elapsed < 4.0  # answered by the hedge at 100 ms, not after the slow one's 5 s
     rec = proxy.recorder.records[-1]
     outcomes = sorted((a.deployment, a.outcome, a.hedge) for a in rec.attempts)
     assert outcomes == [("d-fast", "success", True), ("d-slow", "cancelled", False)]
@@ -126,16 +132,19 @@ async def test_load_shedding_answers_503_at_once(start_upstream, start_proxy) ->
         body = {"model": "m", "messages": MSG}
 
         async def post() -> tuple[int, str | None, float]:
-            t0 = time.perf_counter()
             async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
                 await r.read()
-                return r.status, r.headers.get("Retry-After"), time.perf_counter() - t0
+                return r.status, r.headers.get("Retry-After"), time.monotonic()
 
         results = await asyncio.gather(*[post() for _ in range(6)])
     shed = [r for r in results if r[0] == 503]
-    assert len([r for r in results if r[0] == 200]) == 2
+    served = [r for r in results if r[0] == 200]
+    assert len(served) == 2
     assert len(shed) == 4
-    assert all(r[1] == "1" and r[2] < 0.4 for r in shed)
+    assert all(r[1] == "1" for r in shed)
+    # At once: each refusal came before either admitted request's 0.5 s upstream answer, not
+    # after a slot freed (judged by order, which a stall of the host delays alike).
+    assert max(r[2] for r in shed) < min(r[2] for r in served)
 
 
 async def test_client_disconnect_cancels_upstream(start_upstream, start_proxy) -> None:
@@ -145,8 +154,9 @@ async def test_client_disconnect_cancels_upstream(start_upstream, start_proxy) -
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await s.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": MSG})
-    await asyncio.sleep(0.3)
-    rec = proxy.recorder.records[-1]
+    # Recorded once the proxy has seen the client go (cancelled at once; not served after 3 s).
+    records = await eventually(lambda: asyncio.sleep(0, proxy.recorder.records), "the request's record", within=10)
+    rec = records[-1]
     assert rec.attempts[0].outcome == "cancelled"
     assert rec.outcome == "client_gone"
     live = proxy.app[__import__("edgeroute.state", fromlist=["STATE"]).STATE].live
@@ -166,15 +176,13 @@ async def test_active_health_check_ejects_and_restores(start_upstream, start_pro
             return str(deps["d-a"]["circuit"])
 
     up.options.fail_status = 503  # an outage: the probe sees it before any user request does
-    await asyncio.sleep(0.3)
-    assert await circuit() == "open"
+    await eventually(lambda: _is(circuit, "open"), "the probe's ejection", within=10)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     for _ in range(4):
         raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG)
         assert raw.headers["x-edgeroute-deployment"] == "d-b"
     up.options.fail_status = None  # back: restored long before the 10-minute ejection would end
-    await asyncio.sleep(0.3)
-    assert await circuit() == "closed"
+    await eventually(lambda: _is(circuit, "closed"), "the probe's restoration", within=10)
     served = set()
     for _ in range(4):
         raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG)
