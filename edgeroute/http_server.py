@@ -160,7 +160,12 @@ class ProxyServer:
         for listener in self._listeners:
             listener.close()  # no new connections (not `wait_closed`: it waits for every open one)
         self._listeners.clear()
-        deadline = (self._loop or asyncio.get_running_loop()).time() + self.shutdown_timeout
+        # The drain ends streams still running at `shutdown_timeout` with an error event, and
+        # timers of other attempts fire then too: their answers are being written as this
+        # deadline comes. On a stalled loop both fell due in one turn, and closing first cut a
+        # stream's error event off (the client read a truncated body). Connections still busy
+        # then get `CUT_GRACE_S` to finish before they are closed.
+        deadline = (self._loop or asyncio.get_running_loop()).time() + self.shutdown_timeout + CUT_GRACE_S
         while True:
             busy = [c for c in list(self.connections) if not c.close_idle()]
             if not busy or asyncio.get_running_loop().time() >= deadline:
@@ -171,6 +176,10 @@ class ProxyServer:
                 c.transport.close()  # what is still running is cancelled (connection_lost)
         await asyncio.sleep(0)
         await self._runner.cleanup()
+
+
+# How long past the drain timeout connections still answering are waited for (see `cleanup`).
+CUT_GRACE_S = 0.5
 
 
 def _idle_since(c: Connection) -> int:
