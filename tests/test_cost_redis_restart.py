@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tests.metrics_support import ledger_written
 from tests.test_cost_restart import CENT, Served
 from tests.test_cost_support import RedisServer, answered
 
@@ -37,7 +38,7 @@ async def test_a_budget_holds_when_redis_restarts_empty(start_upstream: Any, tmp
     try:
         served = await Served.start(_config(up.base_url, tmp_path, redis.url))
         assert await answered(served.url, 6) == 6
-        await asyncio.sleep(0.4)  # past one flush interval
+        await ledger_written(served.url, 6)  # the read-back counts what the ledger holds
         redis.stop()  # killed: it had no persistence, so it comes back empty
         redis.start()
         # $0.06 of $0.10 spent: four more, not ten.
@@ -59,7 +60,7 @@ async def test_two_instances_read_the_budget_back_once(start_upstream: Any, tmp_
         path = _config(up.base_url, tmp_path, redis.url)
         a, b = await Served.start(path), await Served.start(path)
         assert await answered(a.url, 3) + await answered(b.url, 3) == 6
-        await asyncio.sleep(0.4)
+        await asyncio.gather(ledger_written(a.url, 3), ledger_written(b.url, 3))
         redis.stop()
         redis.start()
         got = await asyncio.gather(answered(a.url, 5), answered(b.url, 5))
@@ -81,7 +82,7 @@ async def test_a_new_redis_starts_from_the_ledger(start_upstream: Any, tmp_path:
     first = await Served.start(path)
     try:
         assert await answered(first.url, 7) == 7
-        await asyncio.sleep(0.4)
+        await ledger_written(first.url, 7)
     finally:
         first.kill()
     redis = RedisServer(tmp_path)

