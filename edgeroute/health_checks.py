@@ -29,13 +29,16 @@ PROBE_EJECTION_MS = 60_000
 FOLLOW_S = 1.0  # how soon a reload's probe settings take effect
 
 
-def _healthy(status: int, with_credentials: bool) -> bool:
-    """Whether a probe's answer says the provider serves requests. A 401 or 403 to a probe that
-    carried our credentials is the provider refusing them, as it refuses every real request (a
-    revoked or rotated key); a redirect is one every request gets and edgeroute never follows (a
-    provider that moved). Counted healthy, they brought the deployment back each interval."""
-    if with_credentials and status in (401, 403):
-        return False
+def _verdict(status: int, with_credentials: bool) -> bool | None:
+    """What a probe's answer says of the provider: True serving, False not, None nothing.
+    A 401 or 403 to a probe that carried our credentials, or a redirect (which edgeroute never
+    follows), says nothing either way: a key may be refused the models list and still serve
+    requests (OpenAI's project keys scoped without "Models: read"), or the list may have moved
+    alone. Counted healthy, they restored every interval the deployments that requests' auth
+    errors had taken out; counted failed, a working provider was ejected and, no request
+    reaching it, never came back. Requests so refused fail over and take it out themselves."""
+    if (with_credentials and status in (401, 403)) or 300 <= status < 400:
+        return None
     return status < 300 or (400 <= status < 500 and status != 429)
 
 
@@ -49,12 +52,16 @@ async def probe_once(app: web.Application, provider: str, failing: set[str]) -> 
     if up is None or hc is None:  # a reload took the provider or its probe away
         return True
     headers = up.adapter.health_headers()
+    verdict: bool | None
     try:
         async with asyncio.timeout(hc.timeout):
             async with await up.client.request("GET", up.adapter.health_url(), headers) as r:
-                healthy = _healthy(r.status, bool(headers))
+                verdict = _verdict(r.status, bool(headers))
     except (TimeoutError, UpstreamError, OSError):
-        healthy = False
+        verdict = False
+    if verdict is None:  # neither restores nor ejects (see `_verdict`)
+        return provider not in failing
+    healthy = verdict
     restore = healthy and provider in failing
     if healthy:
         failing.discard(provider)
