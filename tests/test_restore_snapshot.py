@@ -30,7 +30,7 @@ from edgeroute.cost.keys import key_counter
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend, PostgresBackend, SqliteBackend
 
-NOW = time.time()
+NOW = time.time() // 86400 * 86400 + 43200  # midday UTC: a day's and a month's budget period hold every row
 EARLIER_USD = 0.5  # request "a": settled, its spend row written before the read-back
 RESERVED_USD, COST_USD = 0.25, 0.10  # request "x": in flight when the read starts; then settled
 RPM = 100
