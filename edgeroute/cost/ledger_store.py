@@ -8,6 +8,7 @@ and what it does when a store fails, is `ledger.py`'s.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -16,7 +17,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -161,6 +162,16 @@ class Batch:
     outcomes: list[tuple[str, tuple[Any, ...]]] = dataclasses.field(default_factory=list)
 
 
+class Reader(Protocol):
+    """Runs read queries: a store's, each on its own, or a `Backend.snapshot`'s, all at one moment."""
+
+    dialect: str
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Runs a read query written with `?` placeholders."""
+        ...
+
+
 class Backend(Protocol):
     dialect: str
 
@@ -177,6 +188,11 @@ class Backend(Protocol):
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Runs a read query written with `?` placeholders, on its own connection."""
+        ...
+
+    def snapshot(self) -> contextlib.AbstractContextManager[Reader]:
+        """A reader whose queries all see the store as one moment left it (one read transaction):
+        what another connection commits after the first of them, none of them sees."""
         ...
 
     def close(self) -> None: ...
@@ -363,12 +379,21 @@ class SqliteBackend:
     def scalar(self, sql: str) -> int:
         return int(self._conn.execute(sql).fetchone()[0])
 
+    def _reader(self) -> sqlite3.Connection:
+        # Autocommit: a snapshot's BEGIN is its own (no transaction the module opens or ends).
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        try:
+        with contextlib.closing(self._reader()) as conn:
             return list(conn.execute(sql, tuple(params)).fetchall())
-        finally:
-            conn.close()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reader]:
+        # A deferred BEGIN: the first read takes the WAL's snapshot and the others read it too,
+        # whatever the writer commits meanwhile. Closing the connection ends the transaction.
+        with contextlib.closing(self._reader()) as conn:
+            conn.execute("BEGIN")
+            yield _Snapshot(self.dialect, lambda sql, params: list(conn.execute(sql, tuple(params)).fetchall()))
 
     def close(self) -> None:
         self._conn.close()
@@ -447,7 +472,8 @@ class PostgresBackend:
         with conn.transaction():
             return int(conn.execute(sql).fetchone()[0])
 
-    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[Any]:
         # Read connections are kept for the next query (a new one costs 30-60 ms on a busy
         # host, more than most stats queries; and a kept one prepares repeated queries).
         try:
@@ -455,7 +481,7 @@ class PostgresBackend:
         except IndexError:
             conn = self._psycopg.connect(self._dsn, autocommit=True)
         try:
-            found = [tuple(r) for r in conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
+            yield conn
         except BaseException:
             conn.close()  # it may be broken: the next query opens a new one
             raise
@@ -463,12 +489,35 @@ class PostgresBackend:
             self._readers.append(conn)
         else:
             conn.close()
-        return found
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._reader() as conn:
+            return _pg_rows(conn, sql, params)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Reader]:
+        # REPEATABLE READ: the transaction's first query takes the snapshot every later one reads.
+        with self._reader() as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield _Snapshot(self.dialect, lambda sql, params: _pg_rows(conn, sql, params))
+            conn.execute("ROLLBACK")  # read only: nothing to keep (on an error the connection is closed)
 
     def close(self) -> None:
         self._conn.close()
         while self._readers:
             self._readers.pop().close()
+
+
+def _pg_rows(conn: Any, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
+
+
+@dataclasses.dataclass(slots=True)
+class _Snapshot:
+    """`Backend.snapshot`'s reader: its queries run in the store's read transaction."""
+
+    dialect: str
+    query: Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 
 def _copy_stage(cur: Any, rows: list[Row]) -> None:

@@ -13,8 +13,9 @@ deployment's requests and tokens per minute after the restart as it did before (
 forgotten, and a key held to 10 requests a minute got 10 more at once).
 
 What a crash can lose is what the ledger had not written: the last flush interval.
-Everything here runs in a thread, on a read connection, before the proxy serves (or in the
-background after a reload).
+Everything here runs in a thread, in one read transaction (a snapshot of the ledger, which
+other instances and workers write meanwhile), before the proxy serves (or in the background
+after a reload, or when Redis lost its budgets).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from edgeroute.config import Budget, Config, Limit
 from edgeroute.cost import budgets as B
-from edgeroute.cost.ledger_store import Backend
+from edgeroute.cost.ledger_store import Backend, Reader
 
 _SUBJECT = {"key": "key_id", "team": "team", "user": "user_id", "model": "route", "global": "'*'"}
 # Shadow mirrors (`edgeroute.shadow`) bypass admission: no budget or rate limit counts them
@@ -70,7 +71,7 @@ def _slot_sql(dialect: str, size: float) -> str:
 
 
 def budget_spend(
-    db: Backend, budgets: Sequence[Budget], now: float, until: float | None = None, in_flight: set[str] | None = None
+    db: Reader, budgets: Sequence[Budget], now: float, until: float | None = None, in_flight: set[str] | None = None
 ) -> dict[tuple[str, int], int]:
     """Each budget's spend in its current period, per subject (and rolling slot), by requests
     that started before `until` (all when None), in-flight reservations included (their
@@ -108,7 +109,7 @@ class KeyBudget:
 
 
 def key_budget_spend(
-    db: Backend,
+    db: Reader,
     budgets: Sequence[KeyBudget],
     now: float,
     until: float | None = None,
@@ -137,7 +138,7 @@ def key_budget_spend(
 
 
 def _unsettled(
-    db: Backend,
+    db: Reader,
     budgets: Sequence[Budget],
     periods: dict[str, B.Period],
     end: float,
@@ -190,7 +191,7 @@ def _limit_names(
 
 
 def bucket_usage(
-    db: Backend, cfg: Config, now: float, key_limits: Mapping[str, Limit] | None = None
+    db: Reader, cfg: Config, now: float, key_limits: Mapping[str, Limit] | None = None
 ) -> list[tuple[str, str, int, float]]:
     """(name, kind, limit, used) for every rate-limit bucket the last minute's requests touched
     (`key_limits`: managed keys' own limits)."""
@@ -239,8 +240,13 @@ def read(
     started before `until` (a budget added by a reload, or a key's budget first seen)."""
     now = time.time() if now is None else now
     in_flight: set[str] = set()
-    keyed = key_budget_spend(db, key_budgets, now, until, in_flight) if key_budgets else {}
-    if budgets is not None:
-        return Restored(budget_spend(db, budgets, now, until, in_flight) | keyed, [], now, frozenset(in_flight))
-    spent = budget_spend(db, cfg.budgets.limits, now, None, in_flight) | keyed
-    return Restored(spent, bucket_usage(db, cfg, now, key_limits), now, frozenset(in_flight))
+    # Every read at one moment: a request whose spend row another writer committed between
+    # two of them was counted in neither (its spend row read before it was there, its
+    # reservation after it was settled) or both ways (spent in one counter, in flight in
+    # another): Redis's refill then kept no give-back for it, or gave one back from its cost.
+    with db.snapshot() as at:
+        keyed = key_budget_spend(at, key_budgets, now, until, in_flight) if key_budgets else {}
+        if budgets is not None:
+            return Restored(budget_spend(at, budgets, now, until, in_flight) | keyed, [], now, frozenset(in_flight))
+        spent = budget_spend(at, cfg.budgets.limits, now, None, in_flight) | keyed
+        return Restored(spent, bucket_usage(at, cfg, now, key_limits), now, frozenset(in_flight))
