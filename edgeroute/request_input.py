@@ -112,16 +112,16 @@ async def read_body(request: web.Request) -> bytes:
     except HttpProcessingError as e:  # late or malformed: answered (and recorded) as the client's error
         raise body_read_error(e) from None
     body = b"".join(chunks)
-    if too_deep(body):
+    # A large body's scans take milliseconds (the depth scan reads every byte: 20 ms for 10 MB
+    # of token ids; a flat object of a million short keys, tens of ms for its keys): they let
+    # go of the GIL past a few KiB, so a worker thread keeps the loop serving meanwhile.
+    deep, repeated = await asyncio.to_thread(_scans, body) if len(body) > SCAN_ON_LOOP_BYTES else _scans(body)
+    if deep:
         raise ProxyError(
             400,
             f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.",
             code="invalid_request",
         )
-    scan = _core.Router.duplicate_key
-    # A large body's keys are many (a flat object of a million short keys: tens of ms): the
-    # scan lets go of the GIL past a few KiB, so a worker thread keeps the loop serving.
-    repeated = await asyncio.to_thread(scan, body) if len(body) > SCAN_ON_LOOP_BYTES else scan(body)
     if repeated is not None:
         # Parsers differ on a repeated key (edgeroute's keep the last, some providers' the first):
         # checked by one value and served by the other, such a body is no one's to guess at.
@@ -153,6 +153,13 @@ def too_deep(body: bytes) -> bool:
     Python first cost three times the scan (a `bytes.find` parses its arguments with a format
     string: ~1,500 instructions a call; the bench's 7 kB chat, 15,200 against 5,000)."""
     return _core.Router.nesting_over(body, MAX_JSON_DEPTH)
+
+
+def _scans(body: bytes) -> tuple[bool, str | None]:
+    """Whether `body` nests too deep, else the first key it repeats in one object (or None)."""
+    if too_deep(body):
+        return True, None
+    return False, _core.Router.duplicate_key(body)
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")

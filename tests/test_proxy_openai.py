@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import aiohttp
@@ -77,6 +78,35 @@ async def test_an_answer_is_framed_for_each_http_version(start_upstream, start_p
     assert "connection" not in got
     assert await asyncio.wait_for(reader.read(), 5) == b""
     writer.close()
+
+
+async def test_a_client_reading_no_answer_is_not_sent_more(start_upstream, start_proxy) -> None:
+    """A client pipelining requests and reading none of the answers: once the kernel's buffers
+    and the transport's are full, the proxy waits, taking no more of its requests (each one an
+    upstream call, paid for, and an answer held in memory). Writing an answer in one piece
+    without waiting for the client took all 30 and buffered megabytes."""
+    up = await start_upstream(reply_words=150_000, record=True)  # ~1 MB an answer: 30 fill any buffers
+    proxy = await start_proxy(simple_config({"a": up}))
+    port = int(proxy.url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "Say hello"}]})
+    one = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, one * 30)  # within the 32 a connection may queue
+    try:
+        seen = -1
+        while seen != len(up.options.requests):  # until the proxy stops taking them
+            seen = len(up.options.requests)
+            await asyncio.sleep(0.5)
+        assert 0 < seen < 30, seen
+    finally:
+        sock.close()
 
 
 async def test_streaming_is_relayed_chunk_by_chunk(start_upstream, start_proxy) -> None:

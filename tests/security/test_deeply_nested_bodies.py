@@ -127,3 +127,37 @@ async def test_a_body_past_the_json_readers_own_bound_is_the_same_400(start_upst
 def test_depth_is_judged_by_nesting_not_by_the_number_of_brackets(body: bytes, deep: bool) -> None:
     """The bracket count is only a shortcut: past it, the nesting itself decides."""
     assert too_deep(body) is deep
+
+
+async def test_a_large_body_is_scanned_off_the_event_loop(
+    start_upstream: Any, start_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The depth scan reads every byte (20 ms for 10 MB of token ids, a body with few brackets):
+    it ran on the event loop for any body, every other request waiting; past 64 KiB it runs in
+    a worker thread with the repeated-key scan, and still refuses a deep body."""
+    import threading
+
+    from edgeroute import request_input
+
+    seen: list[bool] = []
+
+    def spied(body: bytes) -> bool:
+        seen.append(threading.current_thread() is threading.main_thread())
+        return too_deep(body)
+
+    monkeypatch.setattr(request_input, "too_deep", spied)
+    proxy = await start_proxy(simple_config({"a": await start_upstream()}))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        big = "word " * 30_000  # 150 kB, no brackets to speak of
+        await client.chat.completions.create(model="m", messages=[{"role": "user", "content": big}])
+        with pytest.raises(openai.BadRequestError, match="nested more than 128"):
+            await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": big}],
+                tools=[{"type": "function", "function": {"name": "f", "parameters": _schema(200)}}],
+            )
+    finally:
+        await client.close()
+    assert seen == [True, False, False]  # a small body on the loop, the large ones in a worker
