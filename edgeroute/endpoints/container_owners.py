@@ -155,9 +155,11 @@ def answer_containers(obj: dict[str, Any] | None) -> set[str]:
 
 def json_answer(got: JsonAnswer) -> dict[str, Any] | None:
     """A JSON answer's object (None: not an object): the one its reader parsed, if it is of
-    the body as it stands."""
-    if got.read is not None and got.read[0] is got.body:
-        return got.read[1]
+    the body as it stands. Taken from `got`: the parsed object (several times an answer of up to
+    128 MiB) is not held while the answer is bound and sent."""
+    read, got.read = got.read, None
+    if read is not None and read[0] is got.body:
+        return read[1]
     try:
         obj = orjson.loads(got.body)
     except orjson.JSONDecodeError:

@@ -436,7 +436,10 @@ async def _bind_containers(request: web.Request, live: Live, got: JsonAnswer | S
     it is sent (a stream's once it has ended); the answer is parsed for it only with tenants,
     and once. Files are looked for only in an answer naming code execution: one spelling that
     with escapes (the upstream's own) leaves its files unbound, refused later (safe)."""
-    if isinstance(got, StreamAnswer) or not live.access.keyed(request):
+    if isinstance(got, StreamAnswer):
+        return
+    if not live.access.keyed(request):
+        got.read = None  # its reader's parsed object, held for this alone
         return
     obj = containers.json_answer(got)
     files = containers.answer_files(obj) if b"code_execution" in got.body else ()

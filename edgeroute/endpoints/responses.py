@@ -210,6 +210,8 @@ async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer
     """The answer's id (a stream's, from its first event) and a JSON answer's containers, bound
     before the client sees them; an answer is parsed for it only with tenants, and once."""
     if not live.access.keyed(request):
+        if isinstance(got, JsonAnswer):
+            got.read = None  # its reader's parsed object, held for this alone
         return
     if isinstance(got, StreamAnswer):
         await owners.bind(request, live, owners.stream_id(got.head))
