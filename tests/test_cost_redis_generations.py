@@ -285,6 +285,28 @@ async def _all_sent(state: RedisState) -> None:
     await eventually(lambda: _true(not s._pending and s._flusher is None), "every settlement sent")
 
 
+async def test_a_give_back_sent_while_redis_is_empty_waits_for_the_refill(tmp_path: Path) -> None:
+    """Redis restarted empty, and nothing refilled it yet, when an instance sends two
+    give-backs (r1 cost 30 of its 100, r2 20). They were dropped (no counter, no marker), and
+    the refill (another instance's admission found Redis empty) then counted r1 at its whole
+    reservation. They wait for the refill, which decides by what it read: r1 in flight is given
+    back, r2 already spent at its cost is not."""
+    async with _two_instances(tmp_path, "held") as (r, a, b):
+        now = time.time()
+        charges = _day_and_hour(now, 100)
+        assert await a.seed({})
+        made = [await a.reserve(charges, now) for _ in range(2)]
+        await r.flushall()  # Redis restarted empty
+        reads: list[int] = []
+        a.spent_from_ledger = b.spent_from_ledger = _ledger(_spent(charges, 100 + 20), ["r1"], reads)
+        for request_id, cost in (("r1", 30), ("r2", 20)):
+            await a.adjust_async(charges, [cost - 100] * 2, made[0].generation, request_id)
+        await b.reserve(charges[:1], now)  # another instance's admission finds Redis empty: 100 more
+        await _all_sent(a)
+        assert await _counted(r, "held", charges) == [30 + 20 + 100, 30 + 20]
+        assert reads == [1]  # one refill, from the ledger
+
+
 async def test_an_upgrade_shares_no_generation_with_the_previous_release(tmp_path: Path) -> None:
     """The previous release marked its refills '1' under the same marker: a new instance
     reserving in a store it filled reserved in generation '1', and when Redis restarted and an

@@ -83,9 +83,11 @@ class RedisState:
         # an old instance's refill looked current and was applied again.)
         self.seeded_key = f"{self.prefix}:budgets-seeded:3"
         self.in_flight_key = f"{self.seeded_key}:in-flight"
-        self._settlements = Settlements(self._settle, self._settle_stale, self.seeded_key)
+        self._settlements = Settlements(self._settle, self._settle_stale, self._reseed, self.seeded_key)
         # What this instance admitted by its own counters while Redis was down (`spent_later`).
-        self._outage_spend = Settlements(self._settle_outage, self._settle_stale, self.seeded_key, resend_unsure=True)
+        self._outage_spend = Settlements(
+            self._settle_outage, self._settle_stale, self._reseed, self.seeded_key, resend_unsure=True
+        )
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[LedgerSpend]] | None = None
