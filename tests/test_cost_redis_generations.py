@@ -231,3 +231,108 @@ async def test_a_later_refill_decides_by_what_it_read(tmp_path: Path) -> None:
             await s.close()
         await r.aclose()
         redis.stop()
+
+
+def _day_and_hour(now: float, amount: int) -> list[B.Charge]:
+    """A calendar and a rolling budget, one charge of `amount` nano-USD each."""
+    day = Budget(name="d", scope="global", limit_usd=1.0, period="day")
+    hours = Budget(name="h", scope="global", limit_usd=1.0, period="rolling", window_hours=1)
+    return [B.charge(x, "*", B.period_of(x, now), amount, -1) for x in (day, hours)]
+
+
+def _spent(charges: list[B.Charge], amount: int) -> dict[tuple[str, int], int]:
+    """What a ledger read back says: `amount` for each charge's counter (`restore.read`'s keys)."""
+    return {(ch.store_key, ch.period.slot if ch.period.rolling else -1): amount for ch in charges}
+
+
+async def _counted(r: aioredis.Redis, prefix: str, charges: list[B.Charge]) -> list[int]:
+    """Each charge's counter in Redis (a rolling budget's slot)."""
+    day = int(await r.get(f"{prefix}:b:{charges[0].store_key}") or 0)
+    hour = int(await r.hget(f"{prefix}:b:{charges[1].store_key}", str(charges[1].period.slot)) or 0)
+    return [day, hour]
+
+
+def _ledger(spent: dict[tuple[str, int], int], in_flight: list[str], reads: list[int]) -> Any:
+    """A ledger read back (`RedisState.spent_from_ledger`) saying `spent`, with `in_flight`
+    requests counted at their reservation; each read is appended to `reads`."""
+
+    async def read() -> tuple[dict[tuple[str, int], int], list[str]]:
+        reads.append(1)
+        return spent, in_flight
+
+    return read
+
+
+@contextlib.asynccontextmanager
+async def _two_instances(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[aioredis.Redis, RedisState, RedisState]]:
+    """A Redis of the test's own, a client of it, and two instances' shared state in it."""
+    redis = RedisServer(tmp_path)
+    redis.start()
+    r = aioredis.Redis.from_url(redis.url)
+    cfg = SharedState(redis_url=redis.url, prefix=prefix)
+    a, b = RedisState(cfg), RedisState(cfg)
+    try:
+        yield r, a, b
+    finally:
+        for s in (a, b):
+            await s.close()
+        await r.aclose()
+        redis.stop()
+
+
+async def _all_sent(state: RedisState) -> None:
+    s = state._settlements
+    await eventually(lambda: _true(not s._pending and s._flusher is None), "every settlement sent")
+
+
+async def test_a_give_back_sent_while_redis_is_empty_waits_for_the_refill(tmp_path: Path) -> None:
+    """Redis restarted empty, and nothing refilled it yet, when an instance sends two
+    give-backs (r1 cost 30 of its 100, r2 20). They were dropped (no counter, no marker), and
+    the refill (another instance's admission found Redis empty) then counted r1 at its whole
+    reservation. They wait for the refill, which decides by what it read: r1 in flight is given
+    back, r2 already spent at its cost is not."""
+    async with _two_instances(tmp_path, "held") as (r, a, b):
+        now = time.time()
+        charges = _day_and_hour(now, 100)
+        assert await a.seed({})
+        made = [await a.reserve(charges, now) for _ in range(2)]
+        await r.flushall()  # Redis restarted empty
+        reads: list[int] = []
+        a.spent_from_ledger = b.spent_from_ledger = _ledger(_spent(charges, 100 + 20), ["r1"], reads)
+        for request_id, cost in (("r1", 30), ("r2", 20)):
+            await a.adjust_async(charges, [cost - 100] * 2, made[0].generation, request_id)
+        await b.reserve(charges[:1], now)  # another instance's admission finds Redis empty: 100 more
+        await _all_sent(a)
+        assert await _counted(r, "held", charges) == [30 + 20 + 100, 30 + 20]
+        assert reads == [1]  # one refill, from the ledger
+
+
+async def test_an_upgrade_shares_no_generation_with_the_previous_release(tmp_path: Path) -> None:
+    """The previous release marked its refills '1' under the same marker: a new instance
+    reserving in a store it filled reserved in generation '1', and when Redis restarted and an
+    old instance refilled it ('1' again), the new instance's held give-back looked current and
+    was applied on top of a refill that had counted the request at its cost. The new release
+    keeps its generations under a marker of its own: its first reservation reads the ledger
+    back once (counters kept), and the give-back is decided by the new refill."""
+    async with _two_instances(tmp_path, "upg") as (r, a, b):
+        now = time.time()
+        charges = _day_and_hour(now, 100)
+        day, hour = (f"upg:b:{ch.store_key}" for ch in charges)
+
+        async def old_refill(spent: int) -> None:  # Redis as the previous release's SEED left it
+            await r.set(day, spent)
+            await r.hset(hour, str(charges[1].period.slot), spent)
+            await r.set("upg:budgets-seeded:2", "1")
+
+        await old_refill(50)
+        reads: list[int] = []
+        a.spent_from_ledger = _ledger(_spent(charges, 50), [], reads)
+        made = await a.reserve(charges, now)  # r1, 100
+        assert made.ok
+        assert await _counted(r, "upg", charges) == [150] * 2  # the read-back kept the counters
+        await r.flushall()  # Redis restarted empty; an old instance refilled it: r1 cost 30
+        await old_refill(50 + 30)
+        await b.seed(_spent(charges, 80))  # and a new one, at its start
+        await a.adjust_async(charges, [30 - 100] * 2, made.generation, "r1")
+        await _all_sent(a)
+        assert await _counted(r, "upg", charges) == [80] * 2

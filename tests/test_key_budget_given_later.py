@@ -273,7 +273,7 @@ async def test_a_redis_seeded_by_an_earlier_release_is_seeded_again_with_every_k
 
     with redis_py.Redis.from_url(redis_url) as client:  # Redis as the earlier release left it
         assert client.delete(*client.keys(f"{prefix}:b:key:*")) == 1
-        client.rename(f"{prefix}:budgets-seeded:2", f"{prefix}:budgets-seeded")
+        client.rename(f"{prefix}:budgets-seeded:3", f"{prefix}:budgets-seeded")
     second = await Served.start(path)
     try:
         await _patch(second.url, key["id"], 0.05)

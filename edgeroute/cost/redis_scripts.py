@@ -151,17 +151,20 @@ return out
 # (below) counts that request from the ledger. A counter with create 1 (a managed key's, or
 # spend admitted while Redis was down) is created by the delta in a seeded store; in one that
 # lost its budgets, the seed counts that cost too. A delta of reservations made in another
-# generation than the marker's is not applied: its index is answered (`SETTLE_STALE` decides
-# request by request); one with generation '' is of no reservation, applied in any.
+# generation than the marker's is not applied, nor one sent while there is no marker (Redis
+# restarted empty: whether the request is spent or in flight is for the refill to read). Their
+# indices are answered after 1 (stale: `SETTLE_STALE` decides request by request) or 0 (held:
+# sent again once Redis is refilled, then stale); nothing when every delta was applied. One
+# with generation '' is of no reservation, applied in any.
 _SETTLE = """
 local nb = tonumber(ARGV[1])
 local gen = redis.call('GET', KEYS[#KEYS])
-local stale = {}
+local left = {}
 for i = 1, nb do
   local b = 1 + (i - 1) * 6
   local made = ARGV[b + 6]
-  if gen and made ~= '' and made ~= gen then
-    stale[#stale + 1] = i
+  if made ~= '' and made ~= gen then
+    left[#left + 1] = i
   elseif ARGV[b + 1] == '1' then
     if redis.call('HEXISTS', KEYS[i], ARGV[b + 4]) == 1 or (gen and ARGV[b + 5] == '1') then
       redis.call('HINCRBY', KEYS[i], ARGV[b + 4], ARGV[b + 2])
@@ -180,7 +183,8 @@ for i = nb + 1, #KEYS - 1 do
     redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, l)))
   end
 end
-return stale
+if #left > 0 then table.insert(left, 1, gen and 1 or 0) end
+return left
 """
 SETTLE = Script.of(_SETTLE)
 # The same, for spend admitted while Redis was down: a store that lost its budgets answers

@@ -8,7 +8,9 @@ twice. Managed keys' counts that no settlement carries go within `COUNT_FLUSH_S`
 Deltas are summed per key and per generation of the counters their reservations were made in
 (`redis_scripts`); each request's part is kept beside the sum, so that a sum Redis finds stale
 (it restarted empty and was seeded again meanwhile) is sent again request by request
-(`SETTLE_STALE`): one more round trip, only after a seed.
+(`SETTLE_STALE`): one more round trip, only after a seed. A sum of reservations that Redis
+receives while it holds no budgets (it restarted empty, not seeded yet) is held, carried into
+the next batch once Redis is seeded again, where it is stale.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class _Pending:
             have[7].append((request_id, delta))
 
     def stale(self, indices: list[int]) -> tuple[_Pending, list[Stale]]:
-        """The budget entries `SETTLE` answered stale (1-based), as a batch and request by request."""
+        """The budget entries `SETTLE` did not apply (1-based), as a batch and request by request."""
         left, parts = _Pending(), []
         entries = list(self.budgets.items())
         for i in indices:
@@ -74,19 +76,22 @@ class _Pending:
 
 
 class Settlements:
-    """The deltas waiting for Redis. `send(keys, args)` runs `SETTLE` and answers the stale
-    entries' indices, which `send_stale` sends request by request; `marker` is the store's
-    seeded marker, its last key."""
+    """The deltas waiting for Redis. `send(keys, args)` runs `SETTLE` and answers the entries
+    it did not apply (see SETTLE): stale ones `send_stale` sends request by request, held ones
+    wait for `refilled` (Redis seeded again) and go with the next batch; `marker` is the
+    store's seeded marker, its last key."""
 
     def __init__(
         self,
         send: Callable[[list[str], list[Any]], Awaitable[list[int]]],
         send_stale: Callable[[list[Stale]], Awaitable[None]],
+        refilled: Callable[[], Awaitable[None]],
         marker: str,
         resend_unsure: bool = False,
     ) -> None:
         self._send = send
         self._send_stale = send_stale
+        self._refilled = refilled
         self._marker = marker
         # Also send again what Redis may have applied (a timeout): for additions only, where
         # counting twice errs towards blocking (a reservation given back twice would not).
@@ -117,8 +122,9 @@ class Settlements:
         self._pending.add_bucket(key, delta, capacity)
 
     async def sent(self) -> None:
-        """Waits until the pending settlements (this one among them) are in Redis: one script
-        for every request settled since the last one was sent, one script in flight at a time."""
+        """Waits until the pending settlements (this one among them) are in Redis, or held there
+        for its refill (see SETTLE): one script for every request settled since the last one was
+        sent, one script in flight at a time."""
         pending = self._pending
         if not pending:
             return  # nothing to send (all deltas were zero)
@@ -156,11 +162,15 @@ class Settlements:
                 keys.append(self._marker)
                 if batch.done is None:  # deltas carried over, nobody waiting for them
                     batch.done = asyncio.get_running_loop().create_future()
-                unsent = batch  # what Redis has not applied yet
+                unsent, held = batch, False  # what Redis has not applied yet
                 try:
-                    if stale := await self._send(keys, args):
-                        unsent, parts = batch.stale(stale)
-                        await self._send_stale(parts)
+                    if left := await self._send(keys, args):
+                        unsent, parts = batch.stale(left[1:])
+                        if left[0]:
+                            await self._send_stale(parts)
+                        elif not self._closing:  # Redis holds no budgets: the refill decides
+                            self._carry_over(unsent)
+                            held = True
                 except StoreUnavailable as e:
                     batch.done.set_result(str(e))
                     if (not e.sent or self._resend_unsure) and not self._closing:
@@ -172,8 +182,18 @@ class Settlements:
                     raise
                 else:
                     batch.done.set_result(None)
+                    if held:
+                        await self._wait_refilled()
         finally:
             self._flusher = None
+
+    async def _wait_refilled(self) -> None:
+        """Waits for Redis to be seeded again (this instance reads the ledger back into it if no
+        other does first); failing that, sends the held deltas again in `RESEND_S`."""
+        try:
+            await self._refilled()
+        except StoreUnavailable:
+            await asyncio.sleep(RESEND_S)
 
     def forget(self) -> None:
         """Drops what is pending, not sent (counted some other way)."""

@@ -75,15 +75,19 @@ class RedisState:
         self.pipe = RedisPipe.shared(cfg.redis_url, cfg.timeout_ms / 1000)
         self.prefix = cfg.prefix
         self._giving_back: set[asyncio.Task[None]] = set()
-        # Named anew when what a seed counts grew (every managed key's counter, budgeted or not):
-        # a store seeded by an earlier release is seeded again, its counters kept (SET NX).
-        # It holds the counters' generation (`redis_scripts`); beside it, the requests its seed
-        # counted at their reservation.
-        self.seeded_key = f"{self.prefix}:budgets-seeded:2"
+        # Named anew when what a seed counts grew (every managed key's counter, budgeted or not),
+        # or what the marker means: a store seeded by an earlier release is seeded again, its
+        # counters kept (SET NX). It holds the counters' generation (`redis_scripts`); beside
+        # it, the requests its seed counted at their reservation. (`:2` was set to '1' by every
+        # refill of the release before generations: shared with it, a give-back made before
+        # an old instance's refill looked current and was applied again.)
+        self.seeded_key = f"{self.prefix}:budgets-seeded:3"
         self.in_flight_key = f"{self.seeded_key}:in-flight"
-        self._settlements = Settlements(self._settle, self._settle_stale, self.seeded_key)
+        self._settlements = Settlements(self._settle, self._settle_stale, self._reseed, self.seeded_key)
         # What this instance admitted by its own counters while Redis was down (`spent_later`).
-        self._outage_spend = Settlements(self._settle_outage, self._settle_stale, self.seeded_key, resend_unsure=True)
+        self._outage_spend = Settlements(
+            self._settle_outage, self._settle_stale, self._reseed, self.seeded_key, resend_unsure=True
+        )
         # What the ledger says was spent this period (`CostControl` sets it): read back into
         # Redis when Redis turns out to hold no budgets (`unseeded`), once at a time.
         self.spent_from_ledger: Callable[[], Awaitable[LedgerSpend]] | None = None
