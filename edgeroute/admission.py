@@ -70,7 +70,8 @@ class Admission(Protocol):
     def attempt_gate(self, ticket: Ticket | None) -> AttemptGate | None:
         """For the attempts admission did not count (retries, fallbacks, hedges): takes the
         provider limit of the deployment named before each is sent (False: at its limit, pass
-        it over). None when no deployment has a limit."""
+        it over), and gives back the one admission took for a first choice the request is not
+        sent to. None when no deployment has a limit."""
         ...
 
     def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
@@ -79,8 +80,17 @@ class Admission(Protocol):
         ...
 
 
-# Takes a deployment's provider limit for one more attempt on it; False: at its limit.
-AttemptGate = Callable[[str], Awaitable[bool]]
+class AttemptGate(Protocol):
+    """A request's provider limits, from admission on, as its attempts go out."""
+
+    async def take(self, deployment: str) -> bool:
+        """Takes the deployment's provider limit for one more attempt on it; False: at its limit."""
+        ...
+
+    def give_back(self, deployment: str) -> None:
+        """The deployment admission counted as the first choice cannot read the request: its
+        request and tokens go back now, not when the request ends (nothing is sent to it)."""
+        ...
 
 
 class AdmitAll:

@@ -234,6 +234,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 media=with_parts(body_media(body, decision), prediction=predicted),
             )
         except ProxyError as e:
+            await unreadable_first(e, partial(Call, live, decision, body, rec, model.timeouts, 1))
             if e.code not in CACHE_MAY_ANSWER or plan is None:
                 raise
             entry = await cache.lookup(plan, servable(live, decision, region))
@@ -264,14 +265,17 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             cache.confine(plan, live.config, decision.rule, region)
-            await admission.rerouted(request, decision, ticket)
+            try:
+                await admission.rerouted(request, decision, ticket)
+            except ProxyError as e:
+                await unreadable_first(e, partial(Call, live, decision, body, rec, model.timeouts, 1))
+                raise
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         if plan is not None:
             if (entry := await cache.lookup(plan, servable(live, decision, region))) is not None:
                 return await _cached_answer(request, rec, decision, plan, entry, dialect)
-        timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
-        call = Call(live, decision, body, rec, timeouts, model.max_attempts)
+        call = Call(live, decision, body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
         try:
             answer, dep = await call.run()
@@ -320,7 +324,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete)
         if (candidate := app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
-        return await relay_stream(request, answer, hdrs, timeouts.idle, call, dep, encode, on_complete)
+        return await relay_stream(request, answer, hdrs, call.timeouts.idle, call, dep, encode, on_complete)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type
@@ -339,6 +343,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
     finally:
         ResponseCache.discard(plan)  # a prefetch the request did not get to use
         finish(request, live, rec, started, ticket, reasons, app)
+
+
+async def unreadable_first(e: ProxyError, call: Callable[[], Call]) -> None:
+    """Admission's 429 for a deployment at its provider limit gives way to the 400 dispatch
+    answers when none of the decision's deployments can read the request: it said "try again in
+    12s" to a request no wait would let through (a URL document on a route of chat deployments)."""
+    if e.code == "upstream_rate_limited":
+        await call().refuse_unreadable()
 
 
 def _not_recording(app: web.Application, live: Live) -> str | None:
@@ -619,7 +631,9 @@ async def explain(request: web.Request) -> web.Response:
         live = request.app[STATE].live
         body = await read_body(request)
         d = await decide_soon(live, body, request, explain=True)
-    table = live.deployments
+        # What dispatch would do: the deployments that cannot read the request are skipped.
+        rec = RequestRecord(request_id="", started=0.0, model=d.model)
+        can, cannot = await Call(live, d, body, rec, live.config.models[d.route].timeouts, 1).readers()
     out: dict[str, Any] = {
         "model": d.model,
         "route": d.route,
@@ -629,8 +643,9 @@ async def explain(request: web.Request) -> web.Response:
         "prompt_tokens": d.prompt_tokens,
         "tokens_exact": d.tokens_exact,
         "encoding": d.encoding,
-        "deployment": table[d.order[0]].name,
-        "fallbacks": [table[i].name for i in d.order[1:]],
+        "deployment": can[0].name if can else None,
+        "fallbacks": [dep.name for dep in can[1:]],
+        "skipped": [{"deployment": dep.name, "why": e.message} for dep, e in cannot],
         "hedge_after_ms": d.hedge_after_ms,
         "variant": d.variant,
         "policy": d.policy,

@@ -38,7 +38,6 @@ from edgeroute.admission import ADMISSION
 from edgeroute.config import Config, Shadow, Timeouts
 from edgeroute.cost.keys import Identity
 from edgeroute.dispatch import Call, JsonAnswer
-from edgeroute.errors import ProxyError
 from edgeroute.governance.residency import check_order, key_tags
 from edgeroute.metrics import METRICS
 from edgeroute.state import RECORDER, STATE, Live
@@ -130,7 +129,7 @@ def decide_as(
 
 
 # Makes a mirror's dispatch, in its endpoint's format: (live, decision, record, timeouts, max attempts).
-MakeCall = Callable[[Live, _core.Decision, RequestRecord, Timeouts, int], Call]
+MakeCall = Callable[[Live, _core.Decision, RequestRecord, Timeouts | None, int], Call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,22 +292,15 @@ def start(
 _OFF_LOOP_BODY = 1 << 20
 
 
-def _unfit(live: Live, call: Call, decision: _core.Decision) -> str | None:
+async def _unfit(call: Call) -> str | None:
     """Why none of the decision's deployments can take the mirror in its format (None: one can;
-    the dispatch passes over those that cannot), the first one's reason. The request is built
-    as the attempt would build it, and not sent: the endpoint's own rule (a completions request
-    to a provider without the endpoint, Anthropic-only fields to one that rejects them, a
-    Responses request without a chat form to a chat-only deployment)."""
-    why = None
-    for index in decision.order:
-        dep = live.deployments[index]
-        try:
-            call.upstream_request(live.upstreams[dep.provider].adapter, dep)
-        except ProxyError as e:
-            why = why or e.message
-            continue
-        return None
-    return why
+    the dispatch passes over those that cannot), the first one's reason, found as the dispatch
+    finds it (`Call.readers`: the request built as the attempt would build it, and not sent):
+    the endpoint's own rule (a completions request to a provider without the endpoint,
+    Anthropic-only fields to one that rejects them, a Responses request without a chat form to
+    a chat-only deployment)."""
+    can, cannot = await call.readers(until_one=True)
+    return cannot[0][1].message if cannot and not can else None
 
 
 async def _mirror(
@@ -341,9 +333,8 @@ async def _mirror(
         d = decide_as(live, mirror.decide_on, ident, request_tags=tags, prompt_tokens=mirror.prompt_tokens)
         rec.route, rec.rule, rec.task = d.route, d.rule, d.task
         cfg = live.config.models[d.route]
-        timeouts = cfg.timeouts or live.config.providers[live.deployments[d.order[0]].provider].timeouts
-        call = mirror.call(live, d, rec, timeouts, cfg.max_attempts)
-        if (skipped := _unfit(live, call, d)) is not None:
+        call = mirror.call(live, d, rec, cfg.timeouts, cfg.max_attempts)
+        if (skipped := await _unfit(call)) is not None:
             return  # nothing sent, nothing spent: counted and logged, not recorded
         admission = app.get(ADMISSION)
         ticket = admission.mirror_ticket(d) if admission is not None else None

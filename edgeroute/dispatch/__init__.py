@@ -11,7 +11,8 @@ attempt back to the core. Invariants it keeps:
 - client errors (400, 404 model unknown upstream, 413, ...) are returned, not retried;
 - a deployment that cannot read the request (building its request is refused) is skipped
   before any call, for a first attempt, a retry, a fallback or a hedge: never an attempt
-  nor a failure; only a request none can read gets the first one's refusal.
+  nor a failure, and the provider limit admission took for it goes back at once; only a
+  request none can read gets the first one's refusal (before a provider limit's 429).
 
 Modules: `attempt` (one upstream attempt and reading its answer), `failover` (the loop
 over attempts and the hedging race), `relay` (relaying a committed stream).

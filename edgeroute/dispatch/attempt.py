@@ -182,7 +182,7 @@ class Attempts:
         decision: _core.Decision,
         body: bytes,
         record: RequestRecord,
-        timeouts: Timeouts,
+        timeouts: Timeouts | None,
         max_attempts: int,
     ) -> None:
         self.live = live
@@ -190,12 +190,16 @@ class Attempts:
         self.decision = decision
         self.body = body
         self.record = record
-        self.timeouts = timeouts
+        # The route's own timeouts (`timeouts`), else the provider's of the deployment the request
+        # is first sent to (`time_by`): the decision's first until one is chosen.
+        self.own_timeouts = timeouts is not None
+        self.timeouts = timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
         self.max_attempts = max_attempts
         self.stream = decision.stream
         # Kept: each `asyncio.get_running_loop()` is a getpid() system call on Python 3.11 (~0.5 µs).
         self.loop = asyncio.get_running_loop()
-        self.deadline = self.loop.time() + timeouts.total
+        self.begun = self.loop.time()
+        self.deadline = self.begun + self.timeouts.total
         # Server errors that may turn out to be the request's own fault (see `policy`): their
         # health report waits until the request ends: (deployment index, latency, failure).
         self.deferred: list[tuple[int, float, Failure]] = []
@@ -212,6 +216,17 @@ class Attempts:
         # By deployment: None once its request was built, else why it cannot read the request.
         self._verdicts: dict[int, ProxyError | None] = {}
         self._prepared: tuple[int, UpstreamRequest] | None = None  # the last request built, not yet sent
+
+    def time_by(self, dep: DeploymentInfo) -> None:
+        """Without timeouts of its route's own, the request is timed by the provider of `dep`,
+        its first attempt's (the decision's first may be skipped or passed over): a skipped chat
+        deployment's `first_byte` of 5 s timed out the Anthropic one that read the request."""
+        if self.own_timeouts:
+            return
+        timeouts = self.live.config.providers[dep.provider].timeouts
+        if timeouts is not self.timeouts:
+            self.timeouts = timeouts
+            self.deadline = self.begun + timeouts.total
 
     async def attempt(self, dep: DeploymentInfo, kind: str = "first") -> Answer | Failure:
         self._start_counting()

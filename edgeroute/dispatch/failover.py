@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
+from edgeroute.admission import AttemptGate
 from edgeroute.config import Rule
 from edgeroute.dispatch.attempt import Answer, Attempts, Failure, StreamAnswer
 from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
@@ -31,9 +32,10 @@ class Call(Attempts):
     """One client request's dispatch over the decision's deployments."""
 
     spilled: list[str] | None = None  # deployments passed over because they were at capacity
-    # Takes a deployment's provider limit for an attempt admission did not count (False: at its
-    # limit); None: no deployment has one. Set by the endpoint (`Admission.attempt_gate`).
-    gate: Callable[[str], Awaitable[bool]] | None = None
+    # Takes a deployment's provider limit for an attempt admission did not count, gives back the
+    # one admission counted for a first choice that cannot read the request; None: no deployment
+    # has one. Set by the endpoint (`Admission.attempt_gate`).
+    gate: AttemptGate | None = None
     first_counted = True  # admission took the first deployment's limit (not for a shadow mirror)
     _queue_deadline: float | None = None
     _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
@@ -126,6 +128,8 @@ class Call(Attempts):
                 if self.gate is not None and not await self._gate(dep, step.kind):
                     step = policy.passed_over(state, dep)  # at its provider's limit: as if full
                     continue
+                if step.kind == "first":
+                    self.time_by(dep)
                 if self.decision.spilled or state.spilled:
                     # The core placed the deployments full at decision time last; the policy saw the rest.
                     full = [table[i].name for i in self.decision.spilled]
@@ -173,10 +177,40 @@ class Call(Attempts):
             req = await self._upstream_request_soon(self.live.upstreams[dep.provider].adapter, dep)
         except ProxyError as e:
             verdicts[dep.index] = e
+            if self.gate is not None and self.first_counted and dep.index == self.decision.order[0]:
+                self.gate.give_back(dep.name)  # admission counted it as the first choice: never sent
             return False
         verdicts[dep.index] = None
         self._prepared = (dep.index, req)
         return True
+
+    async def readers(
+        self, until_one: bool = False
+    ) -> tuple[list[DeploymentInfo], list[tuple[DeploymentInfo, ProxyError]]]:
+        """The decision's deployments that can read the request, and those that cannot with why,
+        in its order, as dispatch finds them (`_readable`), before any call; `until_one`: up to
+        the first that can."""
+        table = self.live.deployments
+        can: list[DeploymentInfo] = []
+        cannot: list[tuple[DeploymentInfo, ProxyError]] = []
+        for index in self.decision.order:
+            dep = table[index]
+            if await self._readable(dep):
+                can.append(dep)
+                if until_one:
+                    break
+            else:
+                cannot.append((dep, self._refusal(dep)))
+        return can, cannot
+
+    async def refuse_unreadable(self) -> None:
+        """Raises what dispatch answers a request none of the decision's deployments can read (the
+        first one's 400, the skips in the record) without making the dispatch: for a request
+        refused before it (a provider limit of a deployment it would never be sent to)."""
+        can, cannot = await self.readers(until_one=True)
+        if not can and cannot:
+            self.record.skipped = [(d.name, e.message) for d, e in cannot]
+            raise cannot[0][1]
 
     async def _screen(
         self, policy: FailoverPolicy, state: FailoverState, which: Callable[[DeploymentInfo], bool]
@@ -207,7 +241,7 @@ class Call(Attempts):
         if kind == "first" and dep.index == self.decision.order[0] and self.first_counted:
             return True
         assert self.gate is not None
-        return await self.gate(dep.name)
+        return await self.gate.take(dep.name)
 
     async def _claim(self, dep: DeploymentInfo) -> bool:
         """With shared capacity, a lease on `dep` for the next attempt (False: the fleet has it

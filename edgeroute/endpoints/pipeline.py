@@ -44,6 +44,7 @@ from edgeroute.openai_api import (
     route_cache,
     route_shadow,
     servable,
+    unreadable_first,
 )
 from edgeroute.outcome import Outcome
 from edgeroute.ready_response import ReadyResponse
@@ -53,7 +54,7 @@ from edgeroute.state import Live
 
 # Makes the dispatch of a checked request over the decision's deployments, in the endpoint's
 # format: (live, decision, routing body the decision was made on, record, timeouts, max attempts).
-MakeCall = Callable[[Live, _core.Decision, bytes, RequestRecord, Timeouts, int], Call]
+MakeCall = Callable[[Live, _core.Decision, bytes, RequestRecord, Timeouts | None, int], Call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +185,7 @@ def _mirror_of(endpoint: Endpoint, text: Callable[[bytes], str | None]) -> shado
         parsed = endpoint(body)
         route_body = parsed.routing_body
 
-        def call(live: Live, d: _core.Decision, rec: RequestRecord, timeouts: Timeouts, attempts: int) -> Call:
+        def call(live: Live, d: _core.Decision, rec: RequestRecord, timeouts: Timeouts | None, attempts: int) -> Call:
             return parsed.call(live, d, route_body, rec, timeouts, attempts)
 
         return shadow.Mirror(policy_body(route_body, body), call, text, _ids_only(parsed))
@@ -265,6 +266,7 @@ async def serve(
                 parsed.media,
             )
         except ProxyError as e:
+            await unreadable_first(e, lambda: parsed.call(live, decision, route_body, rec, None, 1))
             if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:
                 raise
             entry = await request.app[CACHE].lookup(plan, _same_model(request, live, decision))
@@ -288,15 +290,18 @@ async def serve(
                     return await _cached_answer(request, rec, first, plan, entry, None)
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
-            await admission.rerouted(request, decision, ticket)
+            try:
+                await admission.rerouted(request, decision, ticket)
+            except ProxyError as e:
+                await unreadable_first(e, lambda: parsed.call(live, decision, route_body, rec, None, 1))
+                raise
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         model = live.config.models[decision.route]
         plan = _plan(request, live, decision, parsed)
         if plan is not None and (entry := await request.app[CACHE].lookup(plan, _same_model(request, live, decision))):
             return await _cached_answer(request, rec, decision, plan, entry, None)
-        timeouts = model.timeouts or live.config.providers[live.deployments[decision.order[0]].provider].timeouts
-        call = parsed.call(live, decision, route_body, rec, timeouts, model.max_attempts)
+        call = parsed.call(live, decision, route_body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
         try:
             got, dep = await call.run()
@@ -341,7 +346,7 @@ async def serve(
         encode = parsed.encoder() if parsed.encoder is not None else None
         if parsed.after_stream is not None:
             got.before_end = partial(parsed.after_stream, request, live, got)
-        return await relay_stream(request, got, hdrs, timeouts.idle, call, dep, encode, keep_stream)
+        return await relay_stream(request, got, hdrs, call.timeouts.idle, call, dep, encode, keep_stream)
     except ProxyError as e:
         rec.status = e.status
         rec.error_class = rec.error_class or e.code or e.type

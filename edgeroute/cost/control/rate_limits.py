@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +27,45 @@ def bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
     if lim.tpm:
         takes.append(Take(name, "tokens", lim.tpm, tokens))
     return takes
+
+
+class ProviderGate:
+    """One request's provider limits as its attempts go out (`Admission.attempt_gate`)."""
+
+    __slots__ = ("_control", "_limits", "_ticket")
+
+    def __init__(self, control: RateLimits, limits: dict[str, Limit], ticket: CostTicket) -> None:
+        self._control, self._limits, self._ticket = control, limits, ticket
+
+    async def take(self, name: str) -> bool:
+        """Takes `name`'s provider limit for one more attempt (False: at its limit), added to
+        what the request holds on that deployment already, so that settlement counts its
+        tokens once."""
+        lim = self._limits.get(name)
+        if lim is None:
+            return True
+        ticket = self._ticket
+        takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens)
+        ok, _, shared = await self._control._take(takes)
+        if not ok:
+            return False
+        held = next((h for h in ticket.held if h.deployment == name and h.shared == shared), None)
+        if held is None:
+            ticket.held.append(Held(takes, shared, name))
+        else:  # the same buckets: one take of the sum
+            pairs = zip(held.takes, takes, strict=True)
+            held.takes = [dataclasses.replace(t, amount=t.amount + n.amount) for t, n in pairs]
+        return True
+
+    def give_back(self, name: str) -> None:
+        """`name`, admission's first choice, cannot read the request: what the request holds on
+        it goes back now (it held the deployment's last request a minute until the request
+        ended, turning others away from it), and no longer at settlement (given back twice,
+        its provider would be sent more than its limit)."""
+        ticket = self._ticket
+        for h in [h for h in ticket.held if h.deployment == name]:
+            ticket.held.remove(h)
+            self._control._give(h.takes, [-t.amount for t in h.takes], h.shared)
 
 
 class RateLimits(Stores):
@@ -165,33 +203,15 @@ class RateLimits(Stores):
             headers={"Retry-After": str(max(1, math.ceil(min(wait, 60.0))))},
         )
 
-    def attempt_gate(self, ticket: Any) -> Callable[[str], Awaitable[bool]] | None:
+    def attempt_gate(self, ticket: Any) -> ProviderGate | None:
         """Admission took the provider limit of the decision's first deployment for its first
         attempt; each other attempt (a retry, a fallback, a hedge) takes its deployment's here,
         before it is sent. A failover or a hedge to a deployment at its limit went out
-        uncounted: every request to it beyond its RPM. Added to what the request holds on that
-        deployment already, so that settlement counts its tokens once."""
+        uncounted: every request to it beyond its RPM."""
         limits = self.cfg.rate_limits.deployments
         if not limits or not isinstance(ticket, CostTicket):
             return None
-
-        async def gate(name: str) -> bool:
-            lim = limits.get(name)
-            if lim is None:
-                return True
-            takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens)
-            ok, _, shared = await self._take(takes)
-            if not ok:
-                return False
-            held = next((h for h in ticket.held if h.deployment == name and h.shared == shared), None)
-            if held is None:
-                ticket.held.append(Held(takes, shared, name))
-            else:  # the same buckets: one take of the sum
-                pairs = zip(held.takes, takes, strict=True)
-                held.takes = [dataclasses.replace(t, amount=t.amount + n.amount) for t, n in pairs]
-            return True
-
-        return gate
+        return ProviderGate(self, limits, ticket)
 
     def mirror_ticket(self, decision: _core.Decision) -> CostTicket | None:
         """A shadow mirror's ticket: no client limit or budget counts a mirror, but the provider
