@@ -279,3 +279,27 @@ async def test_the_502_lists_the_deployments_that_could_not_read_it(start_mock: 
         }
     ]
     assert claude.options.requests == []
+
+
+async def test_a_misconfigured_deployment_is_skipped_and_logged_as_an_error(
+    start_mock: Any, start_proxy: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deployment whose request cannot be built for a reason of its own setup (a Bedrock
+    provider without AWS credentials: a 5xx, not the request's doing) is passed over as one that
+    cannot read the request, and the operator is told at ERROR, not only in the request's record."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    rock, gpt = await start_mock("bedrock"), await start_mock("openai", record=True)
+    cfg = one_route({"b": rock, "o": gpt}, {"b": 1000, "o": 1})
+    cfg["providers"]["b"]["options"] = {"region": "us-east-1"}  # no keys of its own, none found
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert raw.headers["x-edgeroute-deployment"] == "d-o"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "edgeroute.dispatch"]
+    assert errors == ["deployment d-b skipped: No AWS credentials are configured for provider 'b'."], errors

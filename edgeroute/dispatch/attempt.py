@@ -106,6 +106,12 @@ def preload_tokenizer(encoding: str) -> None:
         asyncio.get_running_loop().run_in_executor(None, _core.Router.count_tokens, "warm up: caf\u00e9", encoding)
 
 
+# How long a request built to see whether its deployment can read it may wait to be sent: one
+# passed over (full, at its provider's limit, a hedge not sent) may be tried much later, after
+# a queue or a slow primary, and a signed request (Bedrock's SigV4) ages; built again then.
+PREPARED_FRESH_S = 5.0
+
+
 @dataclass(slots=True)
 class JsonAnswer:
     body: bytes
@@ -215,7 +221,8 @@ class Attempts:
         self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
         # By deployment: None once its request was built, else why it cannot read the request.
         self._verdicts: dict[int, ProxyError | None] = {}
-        self._prepared: tuple[int, UpstreamRequest] | None = None  # the last request built, not yet sent
+        # The last request built, not yet sent: (deployment, request, loop time it was built).
+        self._prepared: tuple[int, UpstreamRequest, float] | None = None
 
     def time_by(self, dep: DeploymentInfo) -> None:
         """Without timeouts of its route's own, the request is timed by the provider of `dep`,
@@ -233,7 +240,7 @@ class Attempts:
         up = self.live.upstreams[dep.provider]
         adapter = up.adapter
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared[0] == dep.index:
+        if prepared is not None and prepared[0] == dep.index and self.loop.time() - prepared[2] < PREPARED_FRESH_S:
             req = prepared[1]  # built when the deployment was found to read the request
         else:
             req = await self._upstream_request_soon(adapter, dep)

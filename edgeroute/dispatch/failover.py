@@ -177,11 +177,13 @@ class Call(Attempts):
             req = await self._upstream_request_soon(self.live.upstreams[dep.provider].adapter, dep)
         except ProxyError as e:
             verdicts[dep.index] = e
+            if e.status >= 500:  # not the request's doing: the deployment's setup (no AWS credentials)
+                log.error("deployment %s skipped: %s", dep.name, e.message)
             if self.gate is not None and self.first_counted and dep.index == self.decision.order[0]:
                 self.gate.give_back(dep.name)  # admission counted it as the first choice: never sent
             return False
         verdicts[dep.index] = None
-        self._prepared = (dep.index, req)
+        self._prepared = (dep.index, req, self.loop.time())
         return True
 
     async def readers(
