@@ -105,6 +105,9 @@ class _Health(TypedDict):
     in_flight: int
     cooldown_ms: int
     """Milliseconds until a rate-limit cool-down ends (0: none)."""
+    limit_hold_ms: int
+    """Milliseconds until the provider limit edgeroute counts has a request again (0: none);
+    selection routes around the deployment meanwhile. Not a failure."""
     requests: int
     """Attempts reported since start."""
     failures: int
@@ -316,6 +319,16 @@ class Router:
         ``retry_after_ms`` (from ``Retry-After``) applies to ``"rate_limited"``.
         ``ValueError`` for a bad index or an unknown outcome.
         """
+
+    def hold_for_limit(self, index: int, ms: int) -> None:
+        """Keeps selection off deployment ``index`` for ``ms``: the provider limit edgeroute
+        counts for it has no request left. Not an attempt: health shows no failure, and the
+        in-flight count is unchanged. ``ValueError`` for a bad index."""
+
+    def end_limit_hold(self, index: int) -> None:
+        """Ends deployment ``index``'s ``hold_for_limit`` at once (the take that drained the
+        limit was given back); an upstream's cool-down (``Retry-After``) and the circuit stay.
+        ``ValueError`` for a bad index."""
 
     def try_retry(self) -> bool:
         """Takes one retry from the shared retry budget; ``False``: do not retry."""

@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+from edgeroute.state import STATE
 from tests.conftest import simple_config
 
 MSG: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
@@ -114,3 +115,25 @@ async def test_a_cached_answer_is_served_while_its_deployment_is_at_its_limit_an
     assert again.headers["x-edgeroute-cache"] == "hit" and again.headers["x-edgeroute-deployment"] == "d-a"
     assert len(a.options.requests) == 1 and len(b.options.requests) == 1
     await client.close()
+
+
+async def test_a_hit_that_took_the_last_provider_request_does_not_keep_selection_away(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """d-a (the cheaper, chosen first) has two requests a minute; a hit took its second at
+    admission, then gave it back, but d-a stayed cooled down in the core for half a minute with a
+    failure: the next question went to d-b, though d-a's provider had seen one request."""
+    a, b = await start_upstream(record=True), await start_upstream(record=True)
+    cfg = simple_config({"a": a, "b": b}, rate_limits={"deployments": {"d-a": {"rpm": 2}}})
+    cfg["deployments"]["d-b"]["price"] = {"input_per_mtok": 10.0, "output_per_mtok": 20.0}
+    cfg["models"]["m"].update(cache={"ttl": 60}, strategy="lowest_cost")
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    labels = []
+    for messages in (MSG, MSG, [{"role": "user", "content": "And of Spain?"}]):
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=messages, temperature=0)
+        labels.append((raw.headers["x-edgeroute-cache"], raw.headers["x-edgeroute-deployment"]))
+    assert labels == [("miss", "d-a"), ("hit", "d-a"), ("miss", "d-a")]
+    assert len(a.options.requests) == 2 and b.options.requests == []
+    live = proxy.app[STATE].live
+    assert live.router.health(live.index_of["d-a"])["failures"] == 0

@@ -17,6 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from edgeroute.state import STATE
 from tests.conftest import eventually
 from tests.providers_fixtures import start_mock
 from tests.test_anthropic_passthrough import HELLO
@@ -79,6 +80,81 @@ async def test_a_skipped_first_choice_gives_its_provider_limit_back_at_once(
     with pytest.raises(anthropic.RateLimitError) as limited:
         await client.messages.create(model="only-o", max_tokens=20, messages=HELLO)
     assert "provider's rate limit" in limited.value.message and len(chat.options.requests) == 1
+
+
+@pytest.mark.parametrize("store", ["local", "redis"])
+async def test_a_skipped_first_choice_is_not_held_out_of_selection_nor_failed(
+    store: str, start_mock: Any, start_proxy: Any
+) -> None:
+    """d-o (one request a minute at its provider, drawn first) cannot read a URL document, which
+    d-a served. Admission's take of d-o's last request had cooled d-o down in the core as a 429
+    would: given back, d-o still showed a failure (`consecutive_failures: 1, error_rate: 1.0`)
+    and a minute's cool-down, and the next request it can read went to d-a. A drained limit
+    holds d-o out of selection without a failure, and a give-back ends the hold."""
+    chat, claude = await start_mock("openai", record=True), await start_mock("anthropic", record=True)
+    cfg = chat_then_anthropic(chat, claude.base_url)
+    cfg["rate_limits"] = {"deployments": {"d-o": {"rpm": 1}}}
+    if store == "redis":
+        cfg["shared_state"] = {"redis_url": require_redis(), "prefix": f"hold-{uuid.uuid4().hex[:8]}"}
+    proxy = await start_proxy(cfg)
+    client = client_of(proxy)
+    live = proxy.app[STATE].live
+    d_o = live.index_of["d-o"]
+
+    def health() -> tuple[Any, ...]:
+        h = live.router.health(d_o)
+        return h["failures"], h["consecutive_failures"], h["error_rate"], h["cooldown_ms"], h["circuit"]
+
+    raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, messages=URL_TURN)
+    assert raw.headers["x-edgeroute-deployment"] == "d-a" and chat.options.requests == []
+    assert health() == (0, 0, 0.0, 0, "closed") and live.router.health(d_o)["limit_hold_ms"] == 0
+    raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, messages=HELLO)
+    assert raw.headers["x-edgeroute-deployment"] == "d-o" and len(chat.options.requests) == 1
+    # Its last request of the minute sent: held out of selection, and still no failure.
+    assert health() == (0, 0, 0.0, 0, "closed") and live.router.health(d_o)["limit_hold_ms"] > 0
+    raw = await client.messages.with_raw_response.create(model="m", max_tokens=20, messages=HELLO)
+    assert raw.headers["x-edgeroute-deployment"] == "d-a" and len(chat.options.requests) == 1
+
+
+async def test_a_drained_provider_limit_leaves_the_in_flight_count_alone(
+    start_mock: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    """d-a has two requests a minute. The second, taken while the first was in flight, ended an
+    attempt in the core that never began (a `rate_limited` report): d-a showed one request in
+    flight with two, and load balancing saw it lighter than it was."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+    got: list[bytes] = []
+
+    async def claude(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        arrived.set()
+        await release.wait()
+        return web.json_response(MESSAGE)
+
+    chat = await start_mock("openai", record=True)
+    cfg = chat_then_anthropic(chat, (await serve_routes(web.post("/v1/messages", claude))).url)
+    cfg["models"]["only-a"] = {"deployments": ["d-a"]}
+    cfg["rate_limits"] = {"deployments": {"d-a": {"rpm": 2}}}
+    proxy = await start_proxy(cfg)
+    client = client_of(proxy)
+    live = proxy.app[STATE].live
+    d_a = live.index_of["d-a"]
+    calls = [asyncio.ensure_future(client.messages.create(model="only-a", max_tokens=20, messages=HELLO))]
+    try:
+        await asyncio.wait_for(arrived.wait(), 30)
+        calls.append(asyncio.ensure_future(client.messages.create(model="only-a", max_tokens=20, messages=HELLO)))
+
+        async def both_sent() -> bool:
+            return len(got) == 2
+
+        await eventually(both_sent, "both requests at d-a", every=0.01)
+        h = live.router.health(d_a)
+        assert (h["in_flight"], h["failures"]) == (2, 0) and h["limit_hold_ms"] > 0
+    finally:
+        release.set()
+    for answer in await asyncio.gather(*calls):
+        assert answer.content[0].type == "text"
+    assert live.router.health(d_a)["in_flight"] == 0
 
 
 async def test_a_request_no_deployment_can_read_gets_its_400_at_a_provider_limit(

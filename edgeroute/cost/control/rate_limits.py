@@ -5,6 +5,7 @@ the 429 that name the bucket."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -66,6 +67,7 @@ class ProviderGate:
         for h in [h for h in ticket.held if h.deployment == name]:
             ticket.held.remove(h)
             self._control._give(h.takes, [-t.amount for t in h.takes], h.shared)
+            h.give_back_hold()
 
 
 class RateLimits(Stores):
@@ -144,6 +146,8 @@ class RateLimits(Stores):
         for h in ticket.held:
             back = h.takes if h.deployment is not None else [t for t in h.takes if t.name == gone]
             tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+            if h.deployment is not None:
+                h.give_back_hold()
             h.takes = [t for t in h.takes if t not in back]
         ticket.held = [h for h in ticket.held if h.takes]
         await self._wait(tasks)
@@ -180,17 +184,21 @@ class RateLimits(Stores):
         dep = table[decision.order[0]]
         takes = bucket_takes(f"deployment:{name}", lim, tokens)
         ok, states, shared = got if got is not None else await self._take(takes)
-        # The core has no limit-aware selection: cool the deployment down in it until a request's
-        # worth is back, so that selection routes around it (a rate-limit report, counted as a failure).
+        # The core has no limit-aware selection: hold the deployment out of it until a request's
+        # worth is back, so that selection routes around it. A hold, not a `rate_limited` report:
+        # the provider was sent nothing, so its health shows no failure, and no upstream 429's
+        # cool-down is shortened when a give-back ends the hold. Not shared with other instances:
+        # each learns a shared bucket's state by its own take.
         if not ok:
             wait = max(s.wait_s for s in states)
         else:
             drained = [s for s in states if s.kind == "requests" and s.remaining < 1]
             wait = 60 / drained[0].limit if drained else 0.0
         if wait > 0:
-            router.report(dep.index, "rate_limited", 0.0, math.ceil(min(wait, 60.0) * 1000))
+            router.hold_for_limit(dep.index, math.ceil(min(wait, 60.0) * 1000))
         if ok:
-            ticket.held.append(Held(takes, shared, name))
+            end = functools.partial(router.end_limit_hold, dep.index) if wait > 0 else None
+            ticket.held.append(Held(takes, shared, name, end))
             return
         if again and len(decision.order) > 1:
             ticket.reroute = decision.model

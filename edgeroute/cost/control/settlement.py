@@ -92,6 +92,7 @@ class Settlement(Stores):
                 # Never sent there (a cache hit, a failover, a downgrade): its provider saw
                 # nothing, so its request and tokens go back, as for a refused request.
                 self._give(h.takes, [-t.amount for t in h.takes], h.shared)
+                h.give_back_hold()
                 continue
             used = _tokens_used(rec, h)
             if used is not None:
@@ -131,6 +132,8 @@ class Settlement(Stores):
         for h in ticket.held:
             back = [t for t in h.takes if t.kind == "tokens" or h.deployment is not None]
             tasks.append(self._give(back, [-t.amount for t in back], h.shared))
+            if h.deployment is not None:
+                h.give_back_hold()
         if ticket.charges:
             self._unhold(ticket.charges)
             given = [-c.amount for c in ticket.charges]

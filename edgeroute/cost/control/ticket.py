@@ -18,6 +18,14 @@ class Held:
     takes: list[Take]
     shared: bool
     deployment: str | None = None  # a provider limit: settled to that deployment's own tokens
+    # Its take drained the limit and held the deployment out of selection: ends that hold.
+    end_hold: Callable[[], None] | None = None
+
+    def give_back_hold(self) -> None:
+        """Its takes are given back: a deployment its take held out of selection has room again."""
+        if self.end_hold is not None:
+            self.end_hold()
+            self.end_hold = None
 
 
 @dataclass(slots=True)

@@ -1,6 +1,7 @@
 //! Passive health of one deployment: peak-EWMA latency, an error-rate EWMA,
-//! consecutive failures, a circuit breaker with growing ejection, and a
-//! cool-down until a provider's `Retry-After`.
+//! consecutive failures, a circuit breaker with growing ejection, a
+//! cool-down until a provider's `Retry-After`, and a hold while the provider
+//! limit edgeroute counts for the deployment has no request left.
 //!
 //! Every attempt is reported here. A 429 is a failure: it answers fast, so a
 //! latency-only balancer would otherwise send *more* traffic to a rate-limited
@@ -136,6 +137,9 @@ struct State {
     ejections: u32,
     open_until_ms: u64,
     cooldown_until_ms: u64,
+    /// Selection only: the provider limit edgeroute counts has no request left (not a failure,
+    /// not the upstream's cool-down, which it must not shorten).
+    limit_hold_until_ms: u64,
     probing: bool,
     requests: u64,
     failures: u64,
@@ -156,6 +160,8 @@ pub struct HealthSnapshot {
     pub in_flight: u32,
     /// Milliseconds until a rate-limit cool-down ends (0: none).
     pub cooldown_ms: u64,
+    /// Milliseconds until the provider limit edgeroute counts has a request again (0: none).
+    pub limit_hold_ms: u64,
     /// Attempts reported since start.
     pub requests: u64,
     /// Failed attempts reported since start.
@@ -199,7 +205,8 @@ impl Health {
     /// Whether a request may be sent now (closed, or half-open with no probe out).
     pub fn available(&self, now_ms: u64) -> bool {
         let s = self.lock();
-        now_ms >= s.cooldown_until_ms && (now_ms >= s.open_until_ms && !(s.probing && s.ejections > 0))
+        now_ms >= s.cooldown_until_ms.max(s.limit_hold_until_ms)
+            && (now_ms >= s.open_until_ms && !(s.probing && s.ejections > 0))
     }
 
     /// Whether the circuit is open (ejected) at `now_ms`.
@@ -295,6 +302,19 @@ impl Health {
         s.fail(now_ms, spec);
     }
 
+    /// Keeps selection off the deployment for `ms`: the provider limit edgeroute counts for it
+    /// has no request left. Not an attempt: no failure, no in-flight change.
+    pub fn hold_for_limit(&self, ms: u64, now_ms: u64) {
+        let mut s = self.lock();
+        s.limit_hold_until_ms = s.limit_hold_until_ms.max(now_ms + ms);
+    }
+
+    /// Ends a [`Health::hold_for_limit`] at once (the request that drained the limit gave its
+    /// take back); an upstream's cool-down and the circuit stay as they are.
+    pub fn end_limit_hold(&self) {
+        self.lock().limit_hold_until_ms = 0;
+    }
+
     /// Clears an ejection at once, e.g. after an active health check answered.
     pub fn restore(&self) {
         let mut s = self.lock();
@@ -329,6 +349,7 @@ impl Health {
             consecutive_failures: s.consecutive_failures,
             in_flight: self.in_flight(),
             cooldown_ms: s.cooldown_until_ms.saturating_sub(now_ms),
+            limit_hold_ms: s.limit_hold_until_ms.saturating_sub(now_ms),
             requests: s.requests,
             failures: s.failures,
         }
@@ -438,6 +459,31 @@ mod tests {
         assert!(!h.available(1_999));
         assert!(h.available(2_000));
         assert_eq!(h.snapshot(0).failures, 1);
+    }
+
+    #[test]
+    fn a_limit_hold_is_no_failure_and_ends_without_shortening_a_retry_after() {
+        let h = Health::default();
+        h.hold_for_limit(60_000, 0);
+        let snap = h.snapshot(0);
+        assert!(!h.available(59_999) && h.available(60_000));
+        assert_eq!((snap.limit_hold_ms, snap.cooldown_ms, snap.failures), (60_000, 0, 0));
+        assert_eq!(
+            (snap.consecutive_failures, snap.error_rate, snap.in_flight),
+            (0, 0.0, 0)
+        );
+        h.end_limit_hold();
+        assert!(h.available(1));
+        // The upstream's own 429 cool-down outlives the end of a hold.
+        h.hold_for_limit(60_000, 0);
+        h.begin(0);
+        let limited = Outcome::RateLimited {
+            retry_after_ms: Some(2_000),
+        };
+        h.report(limited, 1.0, 0, &spec());
+        h.end_limit_hold();
+        assert!(!h.available(1_999) && h.available(2_000));
+        assert_eq!(h.snapshot(0).limit_hold_ms, 0);
     }
 
     #[test]

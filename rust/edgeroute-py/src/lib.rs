@@ -412,6 +412,18 @@ impl Router {
         Ok(())
     }
 
+    fn hold_for_limit(&self, index: usize, ms: u64) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.hold_for_limit(index, ms);
+        Ok(())
+    }
+
+    fn end_limit_hold(&self, index: usize) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.end_limit_hold(index);
+        Ok(())
+    }
+
     fn report_broken_stream(&self, index: usize) -> PyResult<()> {
         self.checked(index)?;
         self.inner.report_broken_stream(index);
@@ -442,6 +454,7 @@ impl Router {
         d.set_item("consecutive_failures", h.consecutive_failures)?;
         d.set_item("in_flight", h.in_flight)?;
         d.set_item("cooldown_ms", h.cooldown_ms)?;
+        d.set_item("limit_hold_ms", h.limit_hold_ms)?;
         d.set_item("requests", h.requests)?;
         d.set_item("failures", h.failures)?;
         Ok(d)

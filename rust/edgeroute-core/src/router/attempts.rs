@@ -57,6 +57,16 @@ impl Router {
         }
     }
 
+    /// Keeps selection off deployment `index` for `ms`: its provider limit has no request left.
+    pub fn hold_for_limit(&self, index: usize, ms: u64) {
+        self.deployments[index].health.hold_for_limit(ms, self.now_ms());
+    }
+
+    /// Ends deployment `index`'s provider-limit hold (its last take was given back).
+    pub fn end_limit_hold(&self, index: usize) {
+        self.deployments[index].health.end_limit_hold();
+    }
+
     /// A stream on deployment `index`, reported a success at its first content, broke later.
     pub fn report_broken_stream(&self, index: usize) {
         self.deployments[index]
