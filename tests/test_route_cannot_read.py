@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from edgeroute.state import STATE
+from tests.conftest import eventually
 from tests.providers_fixtures import MockUpstream, provider_config, start_mock
 from tests.test_anthropic_documents import ASK, FILE_DOC, TEXT_DOC, URL_DOC
 from tests.test_anthropic_passthrough import CODE_TURNS, EXTRA, HELLO
@@ -342,3 +343,31 @@ async def test_a_provider_without_credentials_is_not_looked_up_for_each_request(
             assert said["deployment"] == "d-o" and [x["deployment"] for x in said["skipped"]] == ["d-b"]
     assert len(lookups) == 1
     assert len(gpt.options.requests) == 3 and rock.options.requests == []
+
+
+async def test_a_request_no_deployment_can_read_gets_its_400_when_they_are_full(
+    start_mock: Any, start_proxy: Any
+) -> None:
+    """The route's only deployment (chat) is at its capacity when a URL document comes, which it
+    could never read: passed over as full before its request was built, the request was told
+    "at capacity; retry shortly" (429, Retry-After: 1), and an SDK retried what no wait lets
+    through. It gets the 400 naming what the deployment cannot read, at once."""
+    chat = await start_mock("openai", record=True, latency_ms=5000)
+    cfg = one_route({"o": chat}, {"o": 1})
+    cfg["deployments"]["d-o"]["max_concurrency"] = 1
+    proxy = await start_proxy(cfg)
+    client = client_of(proxy)
+    busy = asyncio.ensure_future(client.messages.create(model="m", max_tokens=20, messages=HELLO))
+    live = proxy.app[STATE].live
+    try:
+
+        async def full() -> bool:
+            return live.capacity.active(live.index_of["d-o"]) == 1
+
+        await eventually(full, "d-o busy", every=0.01)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(model="m", max_tokens=20, messages=URL_TURN)
+        assert (refused.value.body or {})["error"]["message"] == REFUSED.format("d-o")  # type: ignore[index]
+        assert len(chat.options.requests) == 1
+    finally:
+        busy.cancel()
