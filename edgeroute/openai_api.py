@@ -29,7 +29,7 @@ from edgeroute.cost.media import body_media, with_parts
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
-from edgeroute.governance.residency import check_model, check_order, key_tags
+from edgeroute.governance.residency import check_asked_model, check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
 from edgeroute.ready_response import ReadyResponse
 from edgeroute.request_input import correlation_id, new_request_id, read_body, region_of, tags_of
@@ -102,17 +102,21 @@ def decide(
         if ident.residency is not None:
             check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
         return d
-    except _core.ContextLengthError as e:  # OpenAI's answer: a 5xx would have SDKs retry it in vain
-        raise ProxyError(400, str(e), code="context_length_exceeded", param="messages") from None
-    except _core.BadRequestError as e:
+    except (_core.ContextLengthError, _core.ForbiddenError, _core.NoDeploymentError) as e:
+        # Said of a model the core found: for one the key may not use, its 404 (a context
+        # window's 400 told a held key another team's model exists, and its window).
+        if ident is not None and not rerouted:
+            check_asked_model(ident, body)
+        if isinstance(e, _core.ContextLengthError):  # OpenAI's answer: a 5xx would have SDKs retry it in vain
+            raise ProxyError(400, str(e), code="context_length_exceeded", param="messages") from None
+        if isinstance(e, _core.ForbiddenError):
+            raise ProxyError(403, str(e), code="request_refused_by_rule") from None
+        raise ProxyError(503, str(e), code="no_deployment_available") from None
+    except _core.BadRequestError as e:  # the body's own (ContextLengthError is one: above)
         named = _NAMED_PARAM.match(str(e))  # "Invalid value for 'n': ..." names its field
         raise ProxyError(400, str(e), code="invalid_request", param=named[1] if named else None) from None
-    except _core.ForbiddenError as e:
-        raise ProxyError(403, str(e), code="request_refused_by_rule") from None
     except _core.UnknownModelError as e:
         raise ProxyError(404, str(e), code="model_not_found", param="model") from None
-    except _core.NoDeploymentError as e:
-        raise ProxyError(503, str(e), code="no_deployment_available") from None
 
 
 # Per config generation (the running one and the one before it): (variant, model, route) ->

@@ -16,11 +16,13 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import botocore.session
 import openai
 import pytest
 from aiohttp import web
 
 from edgeroute.state import STATE
+from tests.conftest import eventually
 from tests.providers_fixtures import MockUpstream, provider_config, start_mock
 from tests.test_anthropic_documents import ASK, FILE_DOC, TEXT_DOC, URL_DOC
 from tests.test_anthropic_passthrough import CODE_TURNS, EXTRA, HELLO
@@ -303,3 +305,69 @@ async def test_a_misconfigured_deployment_is_skipped_and_logged_as_an_error(
     assert raw.headers["x-edgeroute-deployment"] == "d-o"
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and r.name == "edgeroute.dispatch"]
     assert errors == ["deployment d-b skipped: No AWS credentials are configured for provider 'b'."], errors
+
+
+async def test_a_provider_without_credentials_is_not_looked_up_for_each_request(
+    start_mock: Any, start_proxy: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request on a route with a Bedrock deployment without credentials, and every
+    `/v1/route/explain` (free), built a request for it, and each build looked for AWS
+    credentials again on the event loop: the environment, files and the instance metadata
+    service (seconds where it does not answer). Not found, they are not looked for again for
+    a while; the deployment is still skipped with why."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    lookups: list[None] = []
+    look = botocore.session.Session.get_credentials
+
+    def counted(self: botocore.session.Session) -> Any:
+        lookups.append(None)
+        return look(self)
+
+    monkeypatch.setattr(botocore.session.Session, "get_credentials", counted)
+    rock, gpt = await start_mock("bedrock"), await start_mock("openai", record=True)
+    cfg = one_route({"b": rock, "o": gpt}, {"b": 1000, "o": 1})
+    cfg["providers"]["b"]["options"] = {"region": "us-east-1"}  # no keys of its own, none found
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    hi = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            raw = await client.chat.completions.with_raw_response.create(**hi)  # type: ignore[call-overload]
+            assert raw.headers["x-edgeroute-deployment"] == "d-o"
+            async with s.post(f"{proxy.url}/v1/route/explain", json=hi) as r:
+                said = await r.json()
+            assert said["deployment"] == "d-o" and [x["deployment"] for x in said["skipped"]] == ["d-b"]
+    assert len(lookups) == 1
+    assert len(gpt.options.requests) == 3 and rock.options.requests == []
+
+
+async def test_a_request_no_deployment_can_read_gets_its_400_when_they_are_full(
+    start_mock: Any, start_proxy: Any
+) -> None:
+    """The route's only deployment (chat) is at its capacity when a URL document comes, which it
+    could never read: passed over as full before its request was built, the request was told
+    "at capacity; retry shortly" (429, Retry-After: 1), and an SDK retried what no wait lets
+    through. It gets the 400 naming what the deployment cannot read, at once."""
+    chat = await start_mock("openai", record=True, latency_ms=5000)
+    cfg = one_route({"o": chat}, {"o": 1})
+    cfg["deployments"]["d-o"]["max_concurrency"] = 1
+    proxy = await start_proxy(cfg)
+    client = client_of(proxy)
+    busy = asyncio.ensure_future(client.messages.create(model="m", max_tokens=20, messages=HELLO))
+    live = proxy.app[STATE].live
+    try:
+
+        async def full() -> bool:
+            return live.capacity.active(live.index_of["d-o"]) == 1
+
+        await eventually(full, "d-o busy", every=0.01)
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(model="m", max_tokens=20, messages=URL_TURN)
+        assert (refused.value.body or {})["error"]["message"] == REFUSED.format("d-o")  # type: ignore[index]
+        assert len(chat.options.requests) == 1
+    finally:
+        busy.cancel()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from edgeroute.cost.store_errors import StoreUnavailable
@@ -73,6 +74,20 @@ class _Pending:
             self.buckets[key] = [delta, capacity]
         else:
             have[0] += delta
+
+
+def _left_of(answer: Any, entries: int) -> list[int]:
+    """`SETTLE`'s answer, checked: nothing, or 1 (stale) or 0 (held) then the 1-based indices of
+    budget entries it did not apply, each once, in order. Anything else (a Redis that is not
+    one, a proxy in the way) is an answer of unknown effect: as a timeout, not sent again. (An
+    index 0 read as the last entry had one applied delta sent again, counted twice.)"""
+    if answer == []:
+        return []
+    if isinstance(answer, list) and all(type(i) is int for i in answer) and answer[0] in (0, 1):
+        indices = answer[1:]
+        if indices and 0 < indices[0] and indices[-1] <= entries and all(a < b for a, b in pairwise(indices)):
+            return answer
+    raise StoreUnavailable(f"Redis answered SETTLE with {str(answer)[:80]!r}, not its indices")
 
 
 class Settlements:
@@ -164,7 +179,7 @@ class Settlements:
                     batch.done = asyncio.get_running_loop().create_future()
                 unsent, held = batch, False  # what Redis has not applied yet
                 try:
-                    if left := await self._send(keys, args):
+                    if left := _left_of(await self._send(keys, args), len(batch.budgets)):
                         unsent, parts = batch.stale(left[1:])
                         if left[0]:
                             await self._send_stale(parts)

@@ -108,6 +108,13 @@ class Call(Attempts):
         try:
             step = policy.next_attempt(state, None)
             while True:
+                if isinstance(step, Stop) and step.error_class == "capacity":
+                    # Passed over as full before their requests were built: those that cannot read
+                    # it are out, and with none left to wait for, the request gets its 400 (a
+                    # 429 "retry shortly" had clients retry what no wait lets through).
+                    await self._screen(policy, state, lambda d: d in state.spilled)
+                    if not state.spilled:
+                        step = policy.next_attempt(state, None)
                 if isinstance(step, Stop) and step.error_class == "capacity" and await self._queue(state):
                     self._full_elsewhere = frozenset()
                     policy.restart(state)

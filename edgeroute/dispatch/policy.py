@@ -321,6 +321,8 @@ class FailoverPolicy:
             state.pos -= 1
         if chosen:
             state.attempts -= 1
+        if dep in state.spilled:  # passed over as full first: no wait for its room helps
+            state.spilled.remove(dep)
         state.unreadable.append((dep, why))
 
     def redraw_first(self, state: FailoverState, weight: Callable[[DeploymentInfo], int]) -> None:

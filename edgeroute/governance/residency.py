@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import orjson
+
 from edgeroute.config import Config, Rule
 from edgeroute.cost.keys import Identity
 from edgeroute.errors import ProxyError
@@ -123,3 +125,16 @@ def check_model(ident: Identity, model: str) -> None:
     if ident.models is not None and model not in ident.models:
         msg = f"The model `{model}` does not exist or you do not have access to it."  # the core's UnknownModel
         raise ProxyError(404, msg, code="model_not_found", param="model")
+
+
+def check_asked_model(ident: Identity, body: bytes) -> None:
+    """`check_model` for the model a request body the core parsed asks for, when the core
+    refused it without a decision (its context window, a rule, no deployment)."""
+    if ident.models is None:
+        return
+    try:
+        asked = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):  # what the core reads, orjson may not
+        return
+    if isinstance(asked, str):
+        check_model(ident, asked)

@@ -18,6 +18,7 @@ the provider's `api_key` as a Bedrock API key instead, `unsupported_params`.
 
 from __future__ import annotations
 
+import time
 import urllib.parse
 from typing import Any
 
@@ -35,6 +36,11 @@ from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
 
 _SUPPORTED = oa.COMMON_PARAMS
+# How long a provider found without AWS credentials is taken to have none: the lookup (the
+# environment, files, the instance metadata service: up to seconds where that does not answer)
+# runs on the event loop as each request is built, and every request and `/v1/route/explain`
+# on a route with such a deployment builds one for it.
+NO_CREDENTIALS_S = 30.0
 
 FINISH = {
     "end_turn": "stop",
@@ -142,6 +148,7 @@ class BedrockAdapter(Adapter):
         self.region = str(opts.get("region") or _region_of(self.provider.base_url) or "us-east-1")
         self.use_api_key = opts.get("auth") == "api_key"
         self._credentials: Credentials | None = None
+        self._none_until = 0.0  # monotonic time until which none are looked for (`NO_CREDENTIALS_S`)
         if "aws_access_key_id" in opts:
             token = opts.get("aws_session_token")
             self._credentials = Credentials(
@@ -154,8 +161,10 @@ class BedrockAdapter(Adapter):
         if self._credentials is None:
             import botocore.session
 
-            found = botocore.session.get_session().get_credentials()
+            now = time.monotonic()
+            found = None if now < self._none_until else botocore.session.get_session().get_credentials()
             if found is None:
+                self._none_until = max(self._none_until, now + NO_CREDENTIALS_S)
                 raise ProxyError(
                     502,
                     f"No AWS credentials are configured for provider '{self.name}'.",

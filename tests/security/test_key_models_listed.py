@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 
@@ -56,3 +57,43 @@ async def test_a_key_held_to_a_model_lists_and_retrieves_that_model_alone(start_
         finally:
             await held.close()
             await root.close()
+
+
+async def test_a_held_key_learns_nothing_of_another_model_from_its_context_window(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A prompt longer than another team's model's context window was refused by that window
+    (400 `context_length_exceeded`, naming it) before the key's bound was checked, while a model
+    that does not exist was a 404: the key could tell which names exist, and their windows."""
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["deployments"]["d-f"] = cfg["deployments"]["d-a"] | {"context_window": 50}
+    cfg["models"] |= {"finance-only": {"deployments": ["d-f"]}}
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db")},
+    }
+    long = [{"role": "user", "content": "word " * 400}]
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        status, made = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "research", "models": ["m"]})
+        assert status == 201, made
+        held = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=made["secret"], max_retries=0)
+        claude = anthropic.AsyncAnthropic(base_url=proxy.url, api_key=made["secret"], max_retries=0)
+        try:
+            said: dict[str, list[tuple[int, str]]] = {}
+            for model in ("finance-only", "no-such-model"):
+                with pytest.raises(openai.APIStatusError) as e:
+                    await held.chat.completions.create(model=model, messages=long, max_tokens=5)  # type: ignore[arg-type]
+                with pytest.raises(anthropic.APIStatusError) as a:
+                    await claude.messages.count_tokens(model=model, messages=long)  # type: ignore[arg-type]
+                said[model] = [(x.status_code, str(x.body).replace(model, "X")) for x in (e.value, a.value)]
+            assert said["finance-only"] == said["no-such-model"]
+            assert [status for status, _ in said["finance-only"]] == [404, 404]
+            # The root key still hears the window of a model it may use.
+            root = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
+            with pytest.raises(openai.BadRequestError, match="maximum context length is 50"):
+                await root.chat.completions.create(model="finance-only", messages=long, max_tokens=5)  # type: ignore[arg-type]
+            await root.close()
+        finally:
+            await held.close()
+            await claude.close()
