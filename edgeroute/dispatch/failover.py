@@ -28,6 +28,19 @@ log = logging.getLogger("edgeroute.dispatch")
 SERVING_WINDOW_S = 60.0
 
 
+# A deployment skipped for its own setup, logged once a minute at most: every request (and every
+# free `/v1/route/explain`) finds it so, and a tenant could flood the log at its key's RPM.
+MISCONFIGURED_LOG_S = 60.0
+_misconfigured_logged: dict[str, float] = {}
+
+
+def _log_misconfigured(name: str, why: str) -> None:
+    now = time.monotonic()
+    if now - _misconfigured_logged.get(name, -MISCONFIGURED_LOG_S) >= MISCONFIGURED_LOG_S:
+        _misconfigured_logged[name] = now
+        log.error("deployment %s skipped: %s (logged once a minute)", name, why)
+
+
 class Call(Attempts):
     """One client request's dispatch over the decision's deployments."""
 
@@ -185,7 +198,7 @@ class Call(Attempts):
         except ProxyError as e:
             verdicts[dep.index] = e
             if e.status >= 500:  # not the request's doing: the deployment's setup (no AWS credentials)
-                log.error("deployment %s skipped: %s", dep.name, e.message)
+                _log_misconfigured(dep.name, e.message)
             if self.gate is not None and self.first_counted and dep.index == self.decision.order[0]:
                 self.gate.give_back(dep.name)  # admission counted it as the first choice: never sent
             return False
