@@ -115,11 +115,12 @@ def test_every_body_decided_off_the_loop_is_decided_without_the_gil() -> None:
 
 def test_a_long_decision_lets_other_threads_run() -> None:
     """A decision of a long body runs with the GIL released: a Python thread makes progress
-    during it (with the GIL held it could not run at all until the decision returned)."""
+    during it (with the GIL held it could not run at all until the decision returned). The body
+    is 12 MB: 4 MB took the core 20 ms once it got faster, too short a call to judge."""
     import threading
 
     router = build_router(config_mod.parse(_config("http://127.0.0.1:9/v1"), "test.yaml"))
-    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": WORDS[: 4 << 20]}]})
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": WORDS[: 12 << 20]}]})
     seen: list[float] = []  # when the thread ran, every 1,000 turns of its loop
     stop = threading.Event()
 
@@ -132,24 +133,31 @@ def test_a_long_decision_lets_other_threads_run() -> None:
 
     # Right before and after the call the thread may get a turn (the interpreter hands over the
     # GIL between bytecodes, and the thread asked for it while the call ran): only its runs in
-    # the call's first half count.
+    # the call's first half count. The thread also needs a core: on a busy host it may get none
+    # during one call, so up to five calls are tried. With the GIL held, no call could ever show
+    # the thread running, so the retries cannot let that bug through.
     switch = sys.getswitchinterval()
     sys.setswitchinterval(0.001)
     t = threading.Thread(target=spin)
     t.start()
+    tries: list[tuple[int, float]] = []
     try:
         router.decide(body)
-        started = time.perf_counter()
-        router.decide(body)
-        ended = time.perf_counter()
+        margin = 0.005
+        for _ in range(5):
+            started = time.perf_counter()
+            router.decide(body)
+            ended = time.perf_counter()
+            half = started + (ended - started) / 2
+            tries.append((sum(started + margin < s < half for s in seen), ended - started))
+            assert ended - started > 4 * margin, ended - started  # long enough for the thread to show
+            if tries[-1][0] >= 3:
+                break
     finally:
         stop.set()
         t.join()
         sys.setswitchinterval(switch)
-    margin, half = 0.005, started + (ended - started) / 2
-    during = sum(started + margin < s < half for s in seen)
-    assert ended - started > 4 * margin, ended - started  # long enough for the thread to show
-    assert during >= 3, (during, ended - started)
+    assert tries[-1][0] >= 3, tries
 
 
 async def test_a_large_stream_with_its_own_stream_options_is_built_off_the_loop(
