@@ -1,4 +1,5 @@
-"""Instructions a cache hit costs the proxy, thread by thread, under callgrind.
+"""Instructions a cache hit (or, with `--proxied`, a proxied request) costs the proxy, thread
+by thread, under callgrind.
 
 Wall-clock figures on a machine shared with other jobs move by more than most changes to the
 hit path; instruction counts do not. `edgeroute serve` (from `--tree` when given) runs under
@@ -9,7 +10,10 @@ thread: the event loop's (thread 1) and the ledger writer's apart. The writer's 
 depends on its batches (a few dozen records here, a thousand or more under `bench
 throughput`): compare it between builds measured here, not with the closed loop's.
 
-    python -m edgeroute.bench.hit_instructions [--requests 400] [--tree OTHER] [--out DIR]
+With `--proxied` the cache is off: every request goes to the bench's mock upstream, and the
+writer writes its ledger row and request-log record (with its attempt) as `serve` does.
+
+    python -m edgeroute.bench.hit_instructions [--requests 400] [--proxied] [--tree OTHER] [--out DIR]
 
 Needs valgrind (Debian: valgrind); ~30 s for 400 hits.
 """
@@ -73,14 +77,15 @@ def per_thread(out_dir: Path, hits: int) -> dict[int, float]:
     return found
 
 
-def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None) -> dict[int, float]:
+def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None, proxied: bool = False) -> dict[int, float]:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     with ST.Stack(False) as stack:
         mock = stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = ST.bench_config({"p0": url, "p1": url})
-        cfg["models"][ST.PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
+        if not proxied:
+            cfg["models"][ST.PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
         cfg["ledger"] = {"backend": "sqlite", "path": str(out_dir / "ledger.db"), "flush_interval": FLUSH_S}
         config = out_dir / "edgeroute.yaml"
         config.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -97,8 +102,8 @@ def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None) -> d
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 for _ in range(WARMUP):
                     head = _answer(sock, request)
-                if b"x-edgeroute-cache: hit" not in head.lower():
-                    raise RuntimeError(f"the warm-up did not end in hits: {head[:500]!r}")
+                if not head.startswith(b"HTTP/1.1 200") or proxied == (b"x-edgeroute-cache: hit" in head.lower()):
+                    raise RuntimeError(f"the warm-up did not end in {'answers' if proxied else 'hits'}: {head[:500]!r}")
                 time.sleep(2 * FLUSH_S)  # the warm-up's records written before counting starts
                 subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True, capture_output=True)
                 for _ in range(hits):
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--requests", type=int, default=400, help="hits counted (after a warm-up of 60)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="the chat body's size, as in `bench throughput`")
+    p.add_argument("--proxied", action="store_true", help="the cache off: proxied requests, not hits")
     p.add_argument("--tree", help="run the proxy from this source tree (a checkout with its extension built)")
     p.add_argument(
         "--out", help="keep callgrind's files here (callgrind_annotate them); default: a temporary directory"
@@ -128,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("callgrind.out.*"):
             old.unlink()
-        found = measure(a.requests, a.prompt_tokens, out, a.tree)
+        found = measure(a.requests, a.prompt_tokens, out, a.tree, a.proxied)
     names = {1: "event loop", 2: "ledger writer"}
-    print(f"instructions a hit ({a.requests} hits, {a.prompt_tokens}-token body, callgrind):")
+    what = "proxied request" if a.proxied else "hit"
+    print(f"instructions a {what} ({a.requests} {what}s, {a.prompt_tokens}-token body, callgrind):")
     for thread, per in found.items():
         print(f"  thread {thread} ({names.get(thread, 'other')}): {per / 1000:.1f}k")
     return 0
