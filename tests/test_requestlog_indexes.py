@@ -147,3 +147,37 @@ def test_a_second_worker_waits_for_an_index_another_builds_at_start(tmp_path: Pa
     busy = second._conn.execute("PRAGMA busy_timeout").fetchone()[0]
     assert busy == int(ledger_store.BUSY_TIMEOUT_S * 1000)
     second.close()
+
+
+def _attempt_indexes(db: SqliteBackend | PostgresBackend) -> set[str]:
+    if isinstance(db, SqliteBackend):
+        return {r[1] for r in db.query("PRAGMA index_list(spend_attempts)", [])}
+    sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'spend_attempts'"
+    return {r[0] for r in db.query(sql, [])}
+
+
+def test_the_attempts_index_no_query_reads_is_dropped_at_start(tmp_path: Path) -> None:
+    """`spend_attempts` by request id served no query (a request's attempts are read from its
+    request-log row): a B-tree insert per attempt, for nothing. An earlier release's database
+    loses it at start; the attempts are still written, each once (their row id's index)."""
+    path = tmp_path / "old.db"
+    SqliteBackend(path).close()
+    conn = sqlite3.connect(path)  # as an earlier release left it
+    conn.execute("CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)")
+    conn.commit()
+    conn.close()
+    db = SqliteBackend(path)
+    _filled(db)
+    assert _attempt_indexes(db) == {"spend_attempts_row_id"}
+    assert db.query("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM spend_attempts", []) == [(60, 60)]
+    db.close()
+
+
+def test_postgres_drops_the_attempts_index_no_query_reads(pg_schema_dsn: str) -> None:
+    db = PostgresBackend(pg_schema_dsn)
+    db.execute("CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)")
+    db.close()
+    db = PostgresBackend(pg_schema_dsn)
+    _filled(db)
+    assert _attempt_indexes(db) == {"spend_attempts_row_id"}
+    db.close()

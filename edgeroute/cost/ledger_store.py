@@ -106,12 +106,16 @@ CREATE TABLE IF NOT EXISTS reservations (
     store_key TEXT NOT NULL,
     amount_nano BIGINT NOT NULL
 )"""
+# Each serves a query: reports and the budgets' restore read `spend` by time, and look a
+# reservation's request up in it (`spend_request`); retention reads `reservations` by time.
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts)",
     "CREATE INDEX IF NOT EXISTS spend_request ON spend (request_id)",
-    "CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)",
     "CREATE INDEX IF NOT EXISTS reservations_ts ON reservations (ts)",
 )
+# Indexes of earlier releases no query reads, dropped at start: `spend_attempts` by request id
+# (a request's attempts are read from its request-log row), a B-tree insert per attempt.
+RETIRED_INDEXES = ("spend_attempts_request",)
 # After the migration, on databases old and new.
 _ROW_IDS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS spend_row_id ON spend (row_id)",
@@ -128,6 +132,7 @@ def schema(dialect: str) -> list[str]:
         _BATCHES,
         _JOURNAL,
         *_INDEXES,
+        *(f"DROP INDEX IF EXISTS {old}" for old in RETIRED_INDEXES),
         *requestlog_store.schema(dialect),
         *requestlog_outcomes.schema(dialect),
     ]
