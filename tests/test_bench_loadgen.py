@@ -135,6 +135,20 @@ async def test_loadgen_against_the_mock_streaming() -> None:
         await up.stop()
 
 
+async def test_every_request_has_its_own_prompt_unless_a_cache_bench_repeats_them(start_upstream) -> None:  # type: ignore[no-untyped-def]
+    # The proxy remembers what its rules found in prompts seen lately (for cache hits): a bench
+    # cycling through a few bodies would measure that memory instead of traffic.
+    up = await start_upstream(record=True)
+    t = Target("mock", up.base_url, "gpt-4o-mini")
+    for distinct, kinds in ((True, 40), (False, 16)):
+        up.options.requests.clear()
+        load = Load(requests=40, duration=5.0, rate=None, concurrency=4)
+        (st,) = await loadgen.run([t], load, prompt_tokens=200, distinct=distinct)
+        turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+        assert st.ok == len(turns) == 40 + load.warmup
+        assert len(set(turns)) == kinds
+
+
 def test_tiny_end_to_end_overhead_run(tmp_path: object) -> None:
     """Real `edgeroute serve` and a mock subprocess; ~1 s of interleaved direct/proxied load."""
     c = stack.Common(duration=0.8, requests=40, prompt_tokens=200, pin=False, warmup=5,

@@ -39,3 +39,17 @@ async def test_wrk_drives_a_real_server(start_upstream) -> None:  # type: ignore
     assert res.requests > 0 and res.non_2xx == 0 and res.errors == 0
     assert len(up.options.requests) >= res.requests  # every answer counted was a chat request
     assert res.cpu_s > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/start-services installs it)")
+async def test_wrk_sends_every_request_its_own_prompt_unless_told_to_repeat(start_upstream) -> None:  # type: ignore[no-untyped-def]
+    # The proxy remembers what its rules found in prompts seen lately: a bench repeating one
+    # body would measure that memory, not traffic whose prompts differ.
+    up = await start_upstream(record=True)
+    body = loadgen.chat_body("gpt-4o-mini", 32)
+    for distinct in (True, False):
+        up.options.requests.clear()
+        await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, 1, distinct)
+        turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+        assert len(turns) > 10
+        assert len(set(turns)) == (len(turns) if distinct else 1)

@@ -170,6 +170,20 @@ def chat_body(model: str, prompt_tokens: int = 32, stream: bool = False, seed: i
     return orjson.dumps(body)
 
 
+# The end of chat_body's last user turn, where `numbered` writes a request's number.
+LAST_TURN_END = b' Summarise the design in three bullets."'
+
+
+def numbered(body: bytes, n: int) -> bytes:
+    """`body` (a chat_body) with `n` in its last user turn: a prompt no other request sends.
+    The proxy remembers what its rules found in prompts seen lately (a cache hit's, by design),
+    so a bench cycling through a few bodies would measure that memory, not real traffic."""
+    i = body.rfind(LAST_TURN_END)
+    if i < 0:
+        return body
+    return b"%s (request %d)%s" % (body[:i], n, body[i:])
+
+
 # -- one request -------------------------------------------------------------------
 
 
@@ -504,15 +518,19 @@ async def run(
     label: str = "",
     on_tick: Callable[[], None] | None = None,
     client: str = "auto",
+    distinct: bool = True,
 ) -> list[Stats]:
     """Runs one load against the targets; returns one Stats per target.
 
     `client`: "raw" (the minimal HTTP/1.1 client of :mod:`edgeroute.bench.http1`), "aiohttp", or
-    "auto" (raw for http:// URLs, aiohttp for https://)."""
+    "auto" (raw for http:// URLs, aiohttp for https://). `distinct`: every request's prompt is
+    its own (`numbered`), as real traffic's are, unless `bodies` are given; a cache's bench
+    passes False, so that its few bodies repeat and hit."""
     stats = [Stats(t.name) for t in targets]
     per_target = [
         bodies if bodies else [chat_body(t.model, prompt_tokens, stream, seed) for seed in range(16)] for t in targets
     ]
+    number = numbered if distinct and not bodies else None
     counter = [0]
     conns = load.connections
     if load.rate is None and conns:
@@ -527,6 +545,8 @@ async def run(
         async def send(ti: int, intended: float, st: Stats | None) -> None:
             counter[0] += 1
             b = per_target[ti][counter[0] % len(per_target[ti])]
+            if number is not None:
+                b = number(b, counter[0])
             pool = pools[ti]
             if pool is not None:
                 await send_one_raw(pool, targets[ti], b, stream, intended, st)

@@ -114,7 +114,7 @@ def overhead(
             fcpu0 = floor_proc.cpu_seconds() if floor_proc is not None else 0.0
             stats = loadgen.arun(
                 loadgen.run(targets, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
-                            label=f"{rate:g}/s ")
+                            label=f"{rate:g}/s ", distinct=not cache)
             )  # fmt: skip
             cpu = proxy.cpu_seconds() - cpu0
             if spy is not None:
@@ -139,7 +139,7 @@ def overhead(
                     fcpu0 = floor_proc.cpu_seconds()
                     fd, f = loadgen.arun(
                         loadgen.run(pair, load, stream=stream, prompt_tokens=c.prompt_tokens, progress=c.progress,
-                                    label=f"floor {rate:g}/s ")
+                                    label=f"floor {rate:g}/s ", distinct=not cache)
                     )  # fmt: skip
                 fcpu = floor_proc.cpu_seconds() - fcpu0
                 res["floor_added_ms"] = added(f, fd, "ttft_ms" if stream else "latency_ms")
@@ -228,12 +228,14 @@ def throughput(
         ):
             load = Load(requests=c.requests, duration=c.duration, rate=None, concurrency=concurrency, warmup=50)
             if generator == "wrk":
-                _wrk_phase(c, t, load, stack, proxy, mock, name, out, workers)
+                _wrk_phase(c, t, load, stack, proxy, mock, name, out, workers, cache)
                 continue
             spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
             cpu0, gen0, mock0 = proxy.cpu_seconds(), time.process_time(), mock.cpu_seconds()
             (st,) = loadgen.arun(
-                loadgen.run([t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ")
+                loadgen.run(
+                    [t], load, prompt_tokens=c.prompt_tokens, progress=c.progress, label=name + " ", distinct=not cache
+                )
             )
             cpu = proxy.cpu_seconds() - cpu0
             # Who else used the cores: the load generator (this process) and the mock, per request.
@@ -269,15 +271,17 @@ def _cpu_split(out: dict[str, Any], proxy_ms: float, gen_ms: float, mock_ms: flo
 
 def _wrk_phase(
     c: Common, t: Target, load: Load, stack: Stack, proxy: Proc, mock: Proc, name: str, out: dict[str, Any],
-    workers: int,
+    workers: int, cache: bool,
 ) -> None:  # fmt: skip
-    """One target of `throughput` under wrk: a short warm-up run, then the measured one."""
+    """One target of `throughput` under wrk: a short warm-up run, then the measured one (each
+    request's prompt its own unless the run measures `cache` hits)."""
     body = loadgen.chat_body(t.model, c.prompt_tokens)
     url = t.url + "/chat/completions"
-    wrk.run(url, body, 1, load.concurrency)
+    distinct = not cache
+    wrk.run(url, body, 1, load.concurrency, distinct=distinct)
     spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
     cpu0, mock0 = proxy.cpu_seconds(), mock.cpu_seconds()
-    res = wrk.run(url, body, c.duration, load.concurrency)
+    res = wrk.run(url, body, c.duration, load.concurrency, distinct=distinct)
     cpu, mock_s = proxy.cpu_seconds() - cpu0, mock.cpu_seconds() - mock0
     if spy is not None:
         spy.wait(30)

@@ -4,8 +4,9 @@ the Python one, for `bench throughput --generator wrk`.
 On a machine whose cores the proxy shares with the load generator and the mock, the
 generator's own CPU per request caps what the proxy can be shown to serve: Python's costs
 about as much as the proxy, wrk's a small fraction. wrk posts one chat body (a Lua script
-sets the method, headers and body), reports requests per second and non-2xx answers; its
-CPU time is read from the kernel once it has exited.
+sets the method, headers and body; with `distinct`, each request's prompt is its own),
+reports requests per second and non-2xx answers; its CPU time is read from the kernel once
+it has exited.
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeroute.bench import loadgen
+
 _SCRIPT = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer bench"
 local f = io.open("{body}", "rb")
 wrk.body = f:read("*a")
 f:close()
+"""
+
+# With `distinct`: every request's prompt is its own, as `loadgen.numbered` writes it.
+_DISTINCT = """local cut = string.find(wrk.body, '{marker}', 1, true)
+local head, tail = string.sub(wrk.body, 1, cut - 1), string.sub(wrk.body, cut)
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, nil, nil, head .. " (request " .. n .. ")" .. tail)
+end
 """
 
 
@@ -44,8 +57,9 @@ def available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run(url: str, body: bytes, seconds: float, connections: int, threads: int = 1) -> WrkResult:
-    """`wrk` against `url` (a full path, e.g. …/v1/chat/completions) for `seconds`."""
+def run(url: str, body: bytes, seconds: float, connections: int, threads: int = 1, distinct: bool = False) -> WrkResult:
+    """`wrk` against `url` (a full path, e.g. …/v1/chat/completions) for `seconds`; with
+    `distinct`, `body` (a `loadgen.chat_body`) carries each request's number in its last turn."""
     exe = shutil.which("wrk")
     if exe is None:
         raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
@@ -53,7 +67,11 @@ def run(url: str, body: bytes, seconds: float, connections: int, threads: int = 
         body_path = Path(tmp) / "body.json"
         body_path.write_bytes(body)
         script = Path(tmp) / "post.lua"
-        script.write_text(_SCRIPT.format(body=body_path))
+        text = _SCRIPT.format(body=body_path)
+        marker = loadgen.LAST_TURN_END.decode()
+        if distinct and marker in body.decode():
+            text += _DISTINCT.format(marker=marker)
+        script.write_text(text)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         argv = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(script)]
         out = subprocess.run([*argv, url], capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
