@@ -21,6 +21,7 @@ Needs valgrind (Debian: valgrind); ~30 s for 400 hits.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -98,16 +99,19 @@ def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None, prox
             proxy = subprocess.Popen(argv, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=err)
         try:
             ST.wait_ready(f"http://127.0.0.1:{port}/readyz", proxy, timeout=300)
-            request = _request(port, loadgen.chat_body(ST.PUBLIC_MODEL, prompt_tokens))
+            body = loadgen.chat_body(ST.PUBLIC_MODEL, prompt_tokens)
+            # Hits repeat one body; proxied requests each have a prompt of their own (as
+            # traffic does: the core remembers what its rules found in prompts seen lately).
+            requests = (_request(port, loadgen.numbered(body, n) if proxied else body) for n in itertools.count())
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 for _ in range(WARMUP):
-                    head = _answer(sock, request)
+                    head = _answer(sock, next(requests))
                 if not head.startswith(b"HTTP/1.1 200") or proxied == (b"x-edgeroute-cache: hit" in head.lower()):
                     raise RuntimeError(f"the warm-up did not end in {'answers' if proxied else 'hits'}: {head[:500]!r}")
                 time.sleep(2 * FLUSH_S)  # the warm-up's records written before counting starts
                 subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True, capture_output=True)
                 for _ in range(hits):
-                    _answer(sock, request)
+                    _answer(sock, next(requests))
                 time.sleep(2 * FLUSH_S)  # the hits' records written
                 subprocess.run(["callgrind_control", "-i", "off", str(proxy.pid)], check=True, capture_output=True)
         finally:
