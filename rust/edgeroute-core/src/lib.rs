@@ -48,6 +48,7 @@ pub mod request;
 pub mod router;
 mod rule_gates;
 pub mod rules;
+mod scan_memo;
 pub mod select;
 pub mod tokens;
 mod vocab;
