@@ -30,6 +30,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod body_faults;
 pub mod budget;
 pub mod capacity;
 pub mod classify;
@@ -53,6 +54,7 @@ pub mod select;
 pub mod tokens;
 mod vocab;
 
+pub use body_faults::body_faults;
 pub use config::{DeploymentSpec, HealthSpec, ModelSpec, RetryBudgetSpec, RouterSpec, Strategy};
 pub use duplicate_keys::duplicate_key;
 pub use error::{CoreError, Result};

@@ -277,7 +277,7 @@ pub struct Rules {
     pii_wanted: PiiSet,
     gates: RuleGates,
     /// What keywords, patterns and PII conditions found in prompts seen lately.
-    memo: ScanMemo,
+    memo: ScanMemo<Findings>,
 }
 
 #[derive(Default)]
@@ -391,10 +391,11 @@ impl Rules {
         if !self.needs_text() {
             return self.evaluate_with(input, &ContentScan::default());
         }
-        let known = self.memo.get(input.text, input.body);
+        let (text, body) = (input.text.as_bytes(), input.body.map(str::as_bytes));
+        let known = self.memo.get(text, body);
         let scan = ContentScan::from(known.clone());
         let matched = self.evaluate_with(input, &scan);
-        self.memo.put(input.text, input.body, &known, scan.findings());
+        self.memo.put(text, body, &known, scan.findings());
         matched
     }
 
