@@ -373,3 +373,8 @@ class Router:
         """The path (``messages[1].content[0].file.file_id``) of the first key the JSON in
         ``body`` repeats within one object, escapes decoded; None when none is. A byte
         scan that skips strings, no parse. Releases the GIL for a long body."""
+    @staticmethod
+    def body_faults(body: bytes, limit: int) -> tuple[bool, str | None]:
+        """``(nesting_over(body, limit), None)`` when it nests too deep, else ``(False,
+        duplicate_key(body))``. A body found clean is remembered (bounded; compared whole),
+        so the same bytes sent again are not scanned again. Releases the GIL for a long body."""

@@ -67,6 +67,24 @@ MAX_PIPELINED = 32
 LINGER_S = 2.0
 # A body buffered beyond this is not read from the socket until the handler takes it.
 READ_BUFFER_BYTES = 2**16
+# Request targets whose URL is kept (see `_url_of`).
+URLS_KEPT = 256
+_URLS: dict[str, URL] = {}
+
+
+def _url_of(target: str) -> URL:
+    """The URL of an origin-form request target (`/v1/chat/completions?x=1`). Clients send a
+    handful of targets, again and again: building one cost about as much as parsing the head's
+    headers, so the URLs (immutable) of the targets seen lately are kept, at most `URLS_KEPT`
+    (a client sending a new target each time empties them, and is served as before)."""
+    url = _URLS.get(target)
+    if url is None:
+        path, _, query = target.partition("?")
+        url = URL.build(path=path, query_string=query, encoded=True)
+        if len(_URLS) >= URLS_KEPT:
+            _URLS.clear()
+        _URLS[target] = url
+    return url
 
 
 class BodyTimeout(HttpProcessingError):
@@ -333,8 +351,7 @@ class Connection(BaseProtocol):
         target = self._url.decode("utf-8", "surrogateescape")
         try:
             if target.startswith("/"):
-                path, _, query = target.partition("?")
-                url = URL.build(path=path, query_string=query, encoded=True)
+                url = _url_of(target)
             else:  # absolute-form or asterisk: routed as aiohttp would (to a 404)
                 url = URL(target, encoded=True)
         except (ValueError, TypeError):

@@ -156,10 +156,9 @@ def too_deep(body: bytes) -> bool:
 
 
 def _scans(body: bytes) -> tuple[bool, str | None]:
-    """Whether `body` nests too deep, else the first key it repeats in one object (or None)."""
-    if too_deep(body):
-        return True, None
-    return False, _core.Router.duplicate_key(body)
+    """Whether `body` nests too deep, else the first key it repeats (or None). One call to
+    the core, which remembers bodies found clean: a cache hit's body is compared, not scanned."""
+    return _core.Router.body_faults(body, MAX_JSON_DEPTH)
 
 
 _CORRELATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=@\-]{0,127}")

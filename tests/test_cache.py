@@ -280,6 +280,44 @@ async def test_a_cached_answer_never_crosses_a_pii_rule(start_upstream, start_pr
     await client.close()
 
 
+async def test_a_body_seen_before_is_judged_by_each_callers_rules(start_upstream, start_proxy) -> None:
+    """The core remembers what the rules found in a body (its PII, keywords) for the next time
+    it comes, as a hit's body does; the conditions on the caller are judged afresh each time.
+    One body with an email, sent by two teams under a rule only for `legal`: `eng`'s answer
+    (from the public deployment) is never served to `legal`, whether the body was first
+    judged for `eng` (the rule not reached: no PII looked for) or for `legal` (PII found)."""
+    public, private = await start_upstream(record=True), await start_upstream(record=True)
+    cfg = cached({"pub": public, "priv": private}, scope="global")
+    cfg["models"]["m"]["strategy"] = "lowest_cost"
+    cfg["deployments"]["d-priv"]["tags"] = ["privacy:high"]
+    cfg["deployments"]["d-priv"]["price"] = {"input_per_mtok": 5.0, "output_per_mtok": 10.0}
+    rule = {"teams": ["legal"], "pii": ["email"]}
+    cfg["rules"] = [{"name": "legal-pii", "when": rule, "then": {"deployments": ["d-priv"]}}]
+    cfg["keys"] = {"e": {"token": "tok-eng", "team": "eng"}, "l": {"token": "tok-legal", "team": "legal"}}
+    proxy = await start_proxy(cfg)
+    eng = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-eng", max_retries=0)
+    legal = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-legal", max_retries=0)
+
+    async def ask(client: openai.AsyncOpenAI, text: str) -> tuple[str, str]:
+        msgs: Any = [{"role": "user", "content": text}]
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=msgs, temperature=0)
+        await stored(proxy)
+        return raw.headers["x-edgeroute-deployment"], raw.headers["x-edgeroute-cache"]
+
+    first = "Mail ann@example.com the capital of France."
+    assert await ask(eng, first) == ("d-pub", "miss")
+    assert await ask(eng, first) == ("d-pub", "hit")
+    assert await ask(legal, first) == ("d-priv", "miss")  # eng's answer is not legal's
+    assert await ask(legal, first) == ("d-priv", "hit")
+    second = "Mail bob@example.com the capital of Spain."
+    assert await ask(legal, second) == ("d-priv", "miss")  # PII found for legal first
+    assert await ask(eng, second) == ("d-priv", "hit")  # legal's answer is one eng may get
+    assert await ask(legal, second) == ("d-priv", "hit")
+    assert len(public.options.requests) == 1 and len(private.options.requests) == 2
+    await eng.close()
+    await legal.close()
+
+
 async def test_oversized_answers_are_not_cached(start_upstream, start_proxy) -> None:
     up = await start_upstream(record=True, reply_words=300)
     proxy = await start_proxy(cached({"a": up}, max_entry_bytes=500))

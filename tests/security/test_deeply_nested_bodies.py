@@ -141,11 +141,13 @@ async def test_a_large_body_is_scanned_off_the_event_loop(
 
     seen: list[bool] = []
 
-    def spied(body: bytes) -> bool:
-        seen.append(threading.current_thread() is threading.main_thread())
-        return too_deep(body)
+    scans = request_input._scans
 
-    monkeypatch.setattr(request_input, "too_deep", spied)
+    def spied(body: bytes) -> tuple[bool, str | None]:
+        seen.append(threading.current_thread() is threading.main_thread())
+        return scans(body)
+
+    monkeypatch.setattr(request_input, "_scans", spied)
     proxy = await start_proxy(simple_config({"a": await start_upstream()}))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     try:

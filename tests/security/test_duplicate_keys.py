@@ -18,6 +18,7 @@ import aiohttp
 import openai
 import pytest
 
+from edgeroute import _core
 from tests.conftest import simple_config
 from tests.test_cost_support import cost_proxy
 
@@ -123,3 +124,25 @@ async def test_a_large_body_is_searched_off_the_event_loop(proxied: Any, monkeyp
     )
     assert status == 200, body
     assert up.options.requests and scanned.count("_scans") == 2
+
+
+async def test_a_body_sent_again_is_judged_by_its_own_bytes(proxied: Any) -> None:
+    """Bodies found clean are remembered (a cache hit's body is compared, not scanned again):
+    a body sent again is judged as the first time, one a key apart from a remembered clean
+    body is scanned and refused, and a body remembered clean at one depth limit is not
+    taken as clean at a lower one."""
+    proxy, up = proxied
+    clean = f'{{"model": "m", "max_tokens": 1, "messages": [{_USER}], "user": "alice"}}'
+    twice = clean.replace('"user": "alice"', '"m\\u0061x_tokens": 9')
+    for _ in range(2):
+        status, body = await _post(proxy.url, "/v1/chat/completions", clean)
+        assert status == 200, body
+        status, body = await _post(proxy.url, "/v1/chat/completions", twice)
+        assert status == 400 and body["error"]["param"] == "max_tokens", body
+    assert len(up.options.requests) == 2
+    deep = f'{{"model": "m", "messages": [{_USER}], "x": {"[" * 130}{"]" * 130}}}'.encode()
+    for _ in range(2):
+        assert _core.Router.body_faults(deep, 128) == (True, None)
+        assert _core.Router.body_faults(deep, 200) == (False, None)  # remembered clean at 200
+        assert _core.Router.body_faults(clean.encode(), 128) == (False, None)
+        assert _core.Router.body_faults(twice.encode(), 128) == (False, "max_tokens")

@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from edgeroute import config as config_mod
+from edgeroute import http_connection
 from edgeroute.http_connection import MAX_HEAD_BYTES, MAX_PIPELINED, Request
 from edgeroute.http_server import ProxyServer
 from edgeroute.server import create_app
@@ -65,6 +66,31 @@ async def test_pipelined_requests_are_answered_in_order_once_each(leaky: Leaky, 
     assert [status for status, _, _ in answers] == [200] * 6
     assert len(leaky.seen) == 5  # each request went upstream once
     assert orjson.loads(answers[-1][2]) == {"status": "ok"}
+
+
+async def test_each_target_is_its_own_when_urls_are_kept(leaky: Leaky, serve) -> None:
+    """The URLs of targets seen lately are kept (building one per request cost as much as
+    parsing the headers): a target sent again, or one differing only in its query, is
+    routed as its own; a flood of new targets empties what is kept, never grows it."""
+    proxy = await serve(leaky_config(leaky))
+    targets = [b"/healthz", b"/healthz?probe=1", b"/nope?x=1", b"/healthz"]
+    sent = b"".join(b"GET " + t + b" HTTP/1.1\r\nHost: a\r\n\r\n" for t in targets * 2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(sent)
+    data = b""
+    async with asyncio.timeout(10):
+        while len(_complete_answers(data)) < 8:
+            data += await reader.read(65536)
+    writer.close()
+    statuses = [status for status, _, _ in _answers(data)]
+    assert statuses[:4] == statuses[4:] and statuses[2] in (403, 404), statuses
+    assert statuses.count(200) == 6, statuses
+    kept = http_connection._url_of("/v1/models?after=a")
+    assert http_connection._url_of("/v1/models?after=a") is kept and kept.query["after"] == "a"
+    assert http_connection._url_of("/v1/models?after=b").query["after"] == "b"
+    for i in range(http_connection.URLS_KEPT * 2):
+        assert http_connection._url_of(f"/t{i}").path == f"/t{i}"
+    assert len(http_connection._URLS) <= http_connection.URLS_KEPT
 
 
 def _complete_answers(data: bytes) -> list[tuple[int, bytes, bytes]]:

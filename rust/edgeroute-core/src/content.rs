@@ -47,7 +47,7 @@ pub struct ContentMatcher {
 }
 
 /// Which keywords and gated patterns occur in a text.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Hits {
     /// By keyword id.
     pub keywords: Vec<bool>,

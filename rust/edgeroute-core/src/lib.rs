@@ -30,6 +30,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod body_faults;
 pub mod budget;
 pub mod capacity;
 pub mod classify;
@@ -48,10 +49,12 @@ pub mod request;
 pub mod router;
 mod rule_gates;
 pub mod rules;
+mod scan_memo;
 pub mod select;
 pub mod tokens;
 mod vocab;
 
+pub use body_faults::body_faults;
 pub use config::{DeploymentSpec, HealthSpec, ModelSpec, RetryBudgetSpec, RouterSpec, Strategy};
 pub use duplicate_keys::duplicate_key;
 pub use error::{CoreError, Result};

@@ -15,6 +15,7 @@ use crate::content::{ContentMatcher, Hits};
 use crate::error::{CoreError, Result};
 use crate::pii::{self, PiiKind, PiiSet};
 use crate::rule_gates::RuleGates;
+use crate::scan_memo::{Findings, ScanMemo};
 
 /// A rule as written in config.
 #[derive(Debug, Clone, Deserialize)]
@@ -275,6 +276,8 @@ pub struct Rules {
     pattern_text: Vec<String>,
     pii_wanted: PiiSet,
     gates: RuleGates,
+    /// What keywords, patterns and PII conditions found in prompts seen lately.
+    memo: ScanMemo<Findings>,
 }
 
 #[derive(Default)]
@@ -282,6 +285,27 @@ struct ContentScan {
     hits: OnceCell<Hits>,
     ungated: OnceCell<Vec<bool>>,
     pii: OnceCell<PiiSet>,
+}
+
+impl ContentScan {
+    fn from(known: Findings) -> Self {
+        fn cell<T>(v: Option<T>) -> OnceCell<T> {
+            v.map_or_else(OnceCell::new, OnceCell::from)
+        }
+        Self {
+            hits: cell(known.hits),
+            ungated: cell(known.ungated),
+            pii: cell(known.pii),
+        }
+    }
+
+    fn findings(self) -> Findings {
+        Findings {
+            hits: self.hits.into_inner(),
+            ungated: self.ungated.into_inner(),
+            pii: self.pii.into_inner(),
+        }
+    }
 }
 
 impl Rules {
@@ -343,6 +367,7 @@ impl Rules {
             pattern_text,
             pii_wanted,
             gates,
+            memo: ScanMemo::default(),
         })
     }
 
@@ -363,7 +388,18 @@ impl Rules {
 
     /// The first rule, by priority, whose conditions all hold.
     pub fn evaluate(&self, input: &RuleInput<'_>) -> Option<RuleMatch> {
-        let scan = ContentScan::default();
+        if !self.needs_text() {
+            return self.evaluate_with(input, &ContentScan::default());
+        }
+        let (text, body) = (input.text.as_bytes(), input.body.map(str::as_bytes));
+        let known = self.memo.get(text, body);
+        let scan = ContentScan::from(known.clone());
+        let matched = self.evaluate_with(input, &scan);
+        self.memo.put(text, body, &known, scan.findings());
+        matched
+    }
+
+    fn evaluate_with(&self, input: &RuleInput<'_>, scan: &ContentScan) -> Option<RuleMatch> {
         let live = self.gates.live(input);
         // Reasons are written only for the winner: most rules fail some condition,
         // and formatting theirs would cost an allocation per condition per rule.
@@ -371,9 +407,9 @@ impl Rules {
             .order
             .iter()
             .copied()
-            .find(|&i| live.contains(i) && self.check(i, input, &scan, None))?;
+            .find(|&i| live.contains(i) && self.check(i, input, scan, None))?;
         let mut reasons = Vec::new();
-        self.check(index, input, &scan, Some(&mut reasons));
+        self.check(index, input, scan, Some(&mut reasons));
         Some(RuleMatch { index, reasons })
     }
 
@@ -520,6 +556,49 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(rules.specs()[rules.evaluate(&i).unwrap().index].name, "pii");
+    }
+
+    #[test]
+    fn a_prompt_seen_before_is_judged_as_it_was_whoever_sends_it() {
+        let rules = Rules::compile(vec![
+            rule(r#"{"name":"ml-pii","priority":3,"when":{"teams":["ml"],"pii":["email"]},"then":{}}"#),
+            rule(r#"{"name":"ticket","priority":2,"when":{"patterns":["TICKET-\\d+"]},"then":{}}"#),
+            rule(r#"{"name":"code","priority":1,"when":{"keywords":["def "]},"then":{}}"#),
+        ])
+        .unwrap();
+        let judge = |text: &str, team: Option<&str>| {
+            let i = RuleInput {
+                text,
+                team,
+                ..Default::default()
+            };
+            rules
+                .evaluate(&i)
+                .map(|m| (rules.specs()[m.index].name.clone(), m.reasons))
+        };
+        let text = "def f(): mail a@b.io about TICKET-42";
+        let web = Some(("ticket".to_string(), vec![r#"pattern="TICKET-\\d+""#.to_string()]));
+        let ml = Some((
+            "ml-pii".to_string(),
+            vec!["team=ml".to_string(), "pii=email".to_string()],
+        ));
+        assert_eq!(judge(text, Some("web")), web);
+        assert_eq!(rules.memo.size().0, 1); // its keywords and patterns remembered
+                                            // Another caller reaches a rule the first did not (PII): looked for, and remembered too.
+        assert_eq!(judge(text, Some("ml")), ml);
+        assert_eq!(judge(text, Some("web")), web);
+        assert_eq!(judge(text, Some("ml")), ml);
+        assert_eq!(rules.memo.size().0, 1);
+        // A prompt one byte apart is its own.
+        assert_eq!(
+            judge("def f(): mail a@b.io about TICKET-x2", Some("web")).unwrap().0,
+            "code"
+        );
+        assert_eq!(
+            judge("def f(): mail a.b.io about TICKET-42", Some("ml")).unwrap().0,
+            "ticket"
+        );
+        assert_eq!(rules.memo.size().0, 3);
     }
 
     #[test]

@@ -486,6 +486,13 @@ impl Router {
     fn duplicate_key(py: Python<'_>, body: &[u8]) -> Option<String> {
         detached_if_long(py, body.len(), || core::duplicate_key(body))
     }
+
+    /// Whether `body` nests more than `limit` deep, else the first key it repeats (a body
+    /// found clean is remembered: the same bytes again are compared, not scanned).
+    #[staticmethod]
+    fn body_faults(py: Python<'_>, body: &[u8], limit: usize) -> (bool, Option<String>) {
+        detached_if_long(py, body.len(), || core::body_faults(body, limit))
+    }
 }
 
 impl Router {
