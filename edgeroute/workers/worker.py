@@ -15,6 +15,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +124,12 @@ def pin(default: int | None = None) -> int | None:
     writer, thread pools) stays on its core and its threads hand the GIL over on one core
     instead of waking each other across two."""
     raw = os.environ.get(ENV_CPU)
-    cpu = int(raw) if raw else default
+    cpu = int(raw) if raw and raw.isdigit() else default
     if cpu is None or not hasattr(os, "sched_setaffinity"):
         return None
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as e:  # the CPU went offline, or a cgroup took it away: serve unpinned
+        print(f"edgeroute: cannot pin to CPU {cpu} ({e.strerror}); running on every CPU", file=sys.stderr, flush=True)
+        return None
     return cpu

@@ -273,3 +273,13 @@ async def test_cpu_affinity_pins_a_single_process_to_its_first_cpu(start_upstrea
     inst = await spawn(simple_config({"a": up}), "--cpu-affinity")
     assert _cpus_of(inst.proc.pid) == {frozenset({first})}
     assert f"pinned to CPU {first}" in inst.output()
+
+
+def test_a_cpu_that_cannot_be_had_leaves_the_worker_unpinned(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from edgeroute.workers import worker
+
+    before = os.sched_getaffinity(0)
+    monkeypatch.setenv(worker.ENV_CPU, str(max(before) + 4096))  # no such CPU: the worker still serves
+    assert worker.pin() is None
+    assert os.sched_getaffinity(0) == before
+    assert "cannot pin to CPU" in capsys.readouterr().err
