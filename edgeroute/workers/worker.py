@@ -118,12 +118,12 @@ def cpu_for(worker: int, allowed: list[int]) -> int:
 
 
 def pin(default: int | None = None) -> int | None:
-    """Pins this process to the CPU its supervisor chose (`ENV_CPU`), else to `default`; returns
+    """Pins this process to the CPU its supervisor chose (`ENV_CPU`, in a worker), else to `default`; returns
     the CPU, or None when there is none to pin to. Called before any thread starts: threads
     inherit the CPU set of the thread that starts them, so the whole worker (event loop, ledger
     writer, thread pools) stays on its core and its threads hand the GIL over on one core
     instead of waking each other across two."""
-    raw = os.environ.get(ENV_CPU)
+    raw = os.environ.get(ENV_CPU) if current() is not None else None  # a supervisor's word only
     cpu = int(raw) if raw and raw.isdigit() else default
     if cpu is None or not hasattr(os, "sched_setaffinity"):
         return None

@@ -275,10 +275,14 @@ async def test_cpu_affinity_pins_a_single_process_to_its_first_cpu(start_upstrea
     assert f"pinned to CPU {first}" in inst.output()
 
 
-def test_a_cpu_that_cannot_be_had_leaves_the_worker_unpinned(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_a_cpu_that_cannot_be_had_leaves_the_worker_unpinned(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from edgeroute.workers import worker
 
     before = os.sched_getaffinity(0)
+    monkeypatch.setenv(worker.ENV_CPU, "0")
+    assert worker.pin() is None  # outside a supervisor's worker the variable means nothing
+    monkeypatch.setenv(worker.ENV_ID, "0")
+    monkeypatch.setenv(worker.ENV_DIR, str(tmp_path))
     monkeypatch.setenv(worker.ENV_CPU, str(max(before) + 4096))  # no such CPU: the worker still serves
     assert worker.pin() is None
     assert os.sched_getaffinity(0) == before
