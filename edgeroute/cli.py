@@ -166,6 +166,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from edgeroute import reload_signal
 
     reload_signal.hold()  # a reload asked while starting is applied once serving, not fatal
+    from edgeroute.workers import worker as workers
+
+    if args.workers == "1":  # one process: a worker of `--cpu-affinity`, or alone
+        allowed = workers.cpus()
+        if args.cpu_affinity and not allowed:
+            print("edgeroute: --cpu-affinity: this system cannot pin a process to a CPU", file=sys.stderr)
+            return 2
+        cpu = workers.pin(allowed[0] if args.cpu_affinity else None)  # before any thread starts
+        if args.cpu_affinity and workers.current() is None:
+            print(f"edgeroute: pinned to CPU {cpu}", flush=True)
     if (cfg := _load(args.config)) is None:
         return 1
     from edgeroute.server import serve
@@ -173,8 +183,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     logging = {k: v for k in ("log_format", "log_level") if (v := getattr(args, k)) is not None}
     if logging:  # the flags win over the config file's `server:` settings
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=logging)})
-    from edgeroute.workers import worker as workers
-
     if workers.current() is None:  # a supervisor holds it for its workers
         from edgeroute.cost import ledger_lock
 
@@ -287,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_workers,
         default=None,  # $EDGEROUTE_WORKERS, else 1: see `_main`
         help=f"worker processes on the one port, or 'auto' for one per core (default: ${ENV_WORKERS}, else 1)",
+    )
+    s.add_argument(
+        "--cpu-affinity",
+        action="store_true",
+        help="pin each worker process to one CPU, in turn (as nginx's worker_cpu_affinity auto)",
     )
     s.set_defaults(fn=_cmd_serve)
 

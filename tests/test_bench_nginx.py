@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -45,3 +49,42 @@ async def test_the_proxy_serves_nginx_answers_under_load(start_proxy) -> None:  
             body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
             res = await asyncio.to_thread(wrk.run, proxy.url + "/v1/chat/completions", body, 1, 8)
             assert res.requests > 0 and res.non_2xx == 0 and res.errors == 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_throughputs_placement_shields_no_worker_count_from_the_generator_and_upstream() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    with Stack() as shielded:  # the other scenarios: the proxy's CPU its own
+        assert os.sched_getaffinity(shielded.nginx().pid) == set(cpus[:-1])
+    with Stack(shield=False) as stack:  # `throughput`: one worker or two, the same placement
+        up = stack.nginx()
+        assert os.sched_getaffinity(up.pid) == set(cpus)
+        assert os.sched_getaffinity(0) == set(cpus)  # the generator's too (wrk is started from here)
+        cfg = {
+            "providers": {"p": {"base_url": f"http://127.0.0.1:{up.port}/v1", "api_key": "k"}},
+            "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+        proxy, _ = stack.proxy(cfg, workers=2, cpu_affinity=True)
+        deadline = time.monotonic() + 30  # /readyz answered from one worker: the other may be starting
+        while (pinned := [os.sched_getaffinity(w) for w in _children(proxy.pid)]) != [{cpus[0]}, {cpus[1]}]:
+            assert time.monotonic() < deadline, pinned
+            time.sleep(0.05)
+        assert stack.placement(2, cpu_affinity=True) == (
+            "each worker pinned to one CPU (serve --cpu-affinity); "
+            "generator and upstream on every CPU (the proxy's shared)"
+        )
+        assert (
+            stack.placement(1)
+            == f"the proxy pinned to CPU {cpus[-1]}; generator and upstream on every CPU (the proxy's shared)"
+        )

@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("throughput", help="max req/s of one proxy process (closed loop), and of the mock")
     t.add_argument("--concurrency", type=int, default=64)
     t.add_argument("--cache", action="store_true", help="the response cache on: hits per second of one process")
-    t.add_argument("--workers", type=int, default=1, help="serve --workers N (unpinned, on every CPU)")
+    t.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serve --workers N, each pinned to a CPU (--cpu-affinity; --no-pin: free)",
+    )
     t.add_argument(
         "--generator", choices=("python", "wrk"), default="python", help="the load: this process, or wrk (cheaper)"
     )

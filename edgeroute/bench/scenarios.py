@@ -214,13 +214,19 @@ def throughput(
     upstream is nginx with a canned answer (`nginx_upstream`) instead of the Python mock."""
     out: dict[str, Any] = {"scenario": "throughput", "cache": cache, "workers": workers, "generator": generator,
                            "upstream": upstream}  # fmt: skip
-    with Stack(c.pin) as stack:
+    # The same placement whatever the worker count, so that one worker and two compare: each worker
+    # on a CPU of its own (serve --cpu-affinity), the generator and upstream on every CPU. Two
+    # workers leave them no core to themselves; one worker shielded from them (the other
+    # scenarios' placement) paid for none of their wake-ups on its core.
+    with Stack(c.pin, shield=False) as stack:
         mock = stack.nginx() if upstream == "nginx" else stack.upstream()
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = bench_config({"p0": url, "p1": url})
         if cache:
             cfg["models"][PUBLIC_MODEL]["cache"] = CACHE_EVERYTHING
-        proxy, _ = stack.proxy(cfg, workers=workers)
+        proxy, _ = stack.proxy(cfg, workers=workers, cpu_affinity=True)
+        out["placement"] = stack.placement(workers, cpu_affinity=True)
+        say(f"placement: {out['placement']}")
         all_stats = []
         for name, t in (
             ("direct", Target("direct", url, MOCK_MODEL)),

@@ -6,7 +6,9 @@ Processes: mocks run as ``python -m edgeroute.bench.faults`` subprocesses and th
 everything started is stopped by PID (SIGTERM, then SIGKILL) when the scenario ends,
 whatever happens. On a machine with two or more CPUs the proxy is pinned to the
 last CPU and the generator and mocks to the others, so that what is measured is one
-proxy process on one core (``pin=False`` to disable).
+proxy process on one core (``pin=False`` to disable). With ``shield=False`` the generator
+and mocks run on every CPU, the proxy's included: what a comparison of one worker with
+several needs, as several workers leave no core to themselves (`placement`).
 """
 
 from __future__ import annotations
@@ -114,13 +116,14 @@ class Stack:
     """The processes a scenario started; `close` stops them all, by PID."""
 
     pin: bool = True
+    shield: bool = True  # the proxy's CPU its own (else the generator and mocks share it)
     procs: list[Proc] = field(default_factory=list)
     tmp: tempfile.TemporaryDirectory[str] = field(default_factory=tempfile.TemporaryDirectory)
 
     def __post_init__(self) -> None:
         cpus = usable_cpus()
         self.proxy_cpus = cpus[-1:] if self.pin and len(cpus) >= 2 else []
-        self.other_cpus = cpus[:-1] if self.pin and len(cpus) >= 2 else []
+        self.other_cpus = (cpus[:-1] if self.shield else cpus) if self.proxy_cpus else []
         self._saved_cpus = cpus
         if self.other_cpus:
             os.sched_setaffinity(0, self.other_cpus)
@@ -211,12 +214,33 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def pins_workers(self, workers: int) -> bool:
+        """Whether `proxy(..., cpu_affinity=True)` pins `workers` workers one per CPU."""
+        return workers > 1 and bool(self.proxy_cpus)
+
+    def placement(self, workers: int, cpu_affinity: bool = False) -> str:
+        """Where the proxy, the generator and the mocks run, in words (printed with the results)."""
+        if not self.proxy_cpus:
+            return "nothing pinned"
+        if workers > 1:
+            proxy = "each worker pinned to one CPU (serve --cpu-affinity)" if cpu_affinity else "workers on every CPU"
+        else:
+            proxy = f"the proxy pinned to CPU {self.proxy_cpus[0]}"
+        others = "on the other CPUs" if self.shield else "on every CPU (the proxy's shared)"
+        return f"{proxy}; generator and upstream {others}"
+
     def proxy(
-        self, cfg: dict[str, Any], name: str = "edgeroute", tree: str | None = None, workers: int = 1
+        self,
+        cfg: dict[str, Any],
+        name: str = "edgeroute",
+        tree: str | None = None,
+        workers: int = 1,
+        cpu_affinity: bool = False,
     ) -> tuple[Proc, float]:
         """`edgeroute serve` on `cfg` (from source tree `tree` when given, else this install); returns
         it and the seconds from spawn to /readyz answering 200. With `workers` > 1 the proxy runs
-        that many worker processes on every CPU (not pinned)."""
+        that many worker processes on every CPU: each pinned to one of them with `cpu_affinity`
+        (when this stack pins), else free."""
         path = Path(self.tmp.name) / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         port = free_port()
@@ -224,6 +248,8 @@ class Stack:
         argv = [sys.executable, "-m", "edgeroute", "serve", "-c", str(path), "--port", str(port)]
         if workers > 1:
             argv += ["--workers", str(workers)]
+            if cpu_affinity and self.pins_workers(workers):
+                argv += ["--cpu-affinity"]
         p = self._spawn(name, argv, self.proxy_cpus if workers == 1 else self._saved_cpus, tree)
         proc = Proc(name, p, port)
         self.procs.append(proc)

@@ -1,4 +1,4 @@
-"""`edgeroute serve --workers N|auto`: checks the flags, holds the port, runs the supervisor."""
+"""`edgeroute serve --workers N|auto [--cpu-affinity]`: checks the flags, holds the port, runs the supervisor."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from edgeroute.config import Config
 from edgeroute.cost import ledger_lock
 from edgeroute.workers import run_dir
+from edgeroute.workers import worker as workers
 from edgeroute.workers.supervisor import Supervisor, cannot_listen, reserve_port, resolve_workers
 
 
@@ -26,6 +27,10 @@ def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"edgeroute: {e}", file=sys.stderr)
         return 2
+    cpus = workers.cpus() if args.cpu_affinity else None
+    if cpus is not None and not cpus:
+        print("edgeroute: --cpu-affinity: this system cannot pin a process to a CPU", file=sys.stderr)
+        return 2
     host = args.host or cfg.server.host
     port = args.port if args.port is not None else cfg.server.port
     try:
@@ -42,6 +47,7 @@ def serve_workers(cfg: Config, args: argparse.Namespace) -> int:
     sup = Supervisor(
         worker_command(args, host, port), count, cfg.server.drain_timeout, lambda s: print(s, flush=True), run
     )
+    sup.cpus = cpus
     sup.on_tick = ledger_lock.publish  # the workers refuse spend while another server holds the ledger
     try:
         return sup.run(f"http://{shown}:{port}")

@@ -12,7 +12,9 @@ supervisor does no request work; it
   the admin API asks for the same, for its siblings; a worker still starting gets it once
   ready, as a SIGHUP before its handler is set would end it) and SIGTERM/SIGINT (each worker drains
   its in-flight requests and streams), then waits for all of them; a worker still running
-  `server.drain_timeout` + 10 s later is killed.
+  `server.drain_timeout` + 10 s later is killed;
+- with `cpus` (`serve --cpu-affinity`), gives worker i the i-th of them (in turn), which the
+  worker pins itself to before it starts a thread (`worker.pin`).
 
 A worker's state that must be one for the whole server (budgets, limits, health, cache)
 goes through `shared_state` (Redis) or, without it, the local stores in the run directory
@@ -36,7 +38,7 @@ from types import FrameType
 
 from edgeroute import reload_signal
 from edgeroute.workers import run_dir as run_dirs
-from edgeroute.workers.worker import ENV_COUNT, ENV_DIR, ENV_ID, write_restarts
+from edgeroute.workers.worker import ENV_COUNT, ENV_CPU, ENV_DIR, ENV_ID, cpu_for, write_restarts
 
 # A worker that lived this long before exiting is not "crashing in a loop": its restart delay resets.
 _STABLE_S = 30.0
@@ -105,6 +107,7 @@ class Supervisor:
     owned: run_dirs.RunDir = field(default_factory=lambda: run_dirs.create(run_dirs.base()))
     restarts: int = 0
     on_tick: Callable[[Path], None] | None = None  # given the run directory, every 0.1 s
+    cpus: list[int] | None = None  # `--cpu-affinity`: the CPUs the workers are pinned to, one each
     _slots: list[_Slot] = field(default_factory=list)
     _stop: bool = False
     _hup: bool = False
@@ -116,6 +119,9 @@ class Supervisor:
     def _env(self, wid: int) -> dict[str, str]:
         env = dict(os.environ)
         env[ENV_ID], env[ENV_DIR], env[ENV_COUNT] = str(wid), str(self.run_dir), str(self.count)
+        env.pop(ENV_CPU, None)
+        if self.cpus:
+            env[ENV_CPU] = str(cpu_for(wid, self.cpus))
         return env
 
     def _start(self, slot: _Slot) -> None:
@@ -155,6 +161,8 @@ class Supervisor:
                     self._stop = True
                     return self._shutdown() or 1
             else:
+                if self.cpus:
+                    self.print_fn(f"edgeroute: workers pinned to CPUs {self._placement()} (--cpu-affinity)")
                 self.print_fn(f"edgeroute listening on {listening} ({self.count} workers)")
             while not self._stop:
                 self._tick()
@@ -162,6 +170,10 @@ class Supervisor:
             return self._shutdown()
         finally:
             self.owned.remove()
+
+    def _placement(self) -> str:
+        cpus = self.cpus or []
+        return ", ".join(str(cpu_for(i, cpus)) for i in range(self.count)) if cpus else ""
 
     def _tick(self) -> None:
         if self.on_tick is not None:

@@ -4,6 +4,7 @@ The supervisor (`edgeroute serve --workers N`) starts each worker with its numbe
 private run directory in the environment. The directory holds one Unix socket per worker
 (its own `/metrics`, for the merged scrape), one readiness file per worker, and the
 supervisor's restart count. Without those variables the process is a single server.
+Under `serve --cpu-affinity` it also names the one CPU the worker runs on (`pin`).
 A worker holds a shared lock on the directory's `owner.lock` for its life, as the
 supervisor does (`run_dir.py`): a directory is abandoned only when none of them lives.
 """
@@ -14,6 +15,7 @@ import ctypes
 import fcntl
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from aiohttp import web
 from edgeroute.atomic_file import replace_file
 
 ENV_ID, ENV_DIR, ENV_COUNT = "EDGEROUTE_WORKER_ID", "EDGEROUTE_WORKER_DIR", "EDGEROUTE_WORKER_COUNT"
+ENV_CPU = "EDGEROUTE_WORKER_CPU"  # `serve --cpu-affinity`: the CPU the supervisor gave this worker
 _PR_SET_PDEATHSIG = 1
 RESTARTS_FILE = "restarts"  # the supervisor's restart count (`write_restarts`)
 OWNER_LOCK = "owner.lock"  # shared-locked by the supervisor and each worker while they live
@@ -99,3 +102,34 @@ def hold(worker: Worker) -> None:
         return
     fcntl.flock(fd, fcntl.LOCK_SH)
     _held.append(fd)
+
+
+def cpus() -> list[int]:
+    """The CPUs this process may run on, in order (empty where the OS cannot pin a process)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return []
+    return sorted(os.sched_getaffinity(0))
+
+
+def cpu_for(worker: int, allowed: list[int]) -> int:
+    """`serve --cpu-affinity`: worker `worker`'s CPU, one per CPU in turn (as nginx's
+    `worker_cpu_affinity auto`); a restarted worker gets the same one back."""
+    return allowed[worker % len(allowed)]
+
+
+def pin(default: int | None = None) -> int | None:
+    """Pins this process to the CPU its supervisor chose (`ENV_CPU`, in a worker), else to `default`; returns
+    the CPU, or None when there is none to pin to. Called before any thread starts: threads
+    inherit the CPU set of the thread that starts them, so the whole worker (event loop, ledger
+    writer, thread pools) stays on its core and its threads hand the GIL over on one core
+    instead of waking each other across two."""
+    raw = os.environ.get(ENV_CPU) if current() is not None else None  # a supervisor's word only
+    cpu = int(raw) if raw and raw.isdigit() else default
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as e:  # the CPU went offline, or a cgroup took it away: serve unpinned
+        print(f"edgeroute: cannot pin to CPU {cpu} ({e.strerror}); running on every CPU", file=sys.stderr, flush=True)
+        return None
+    return cpu

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -59,6 +60,7 @@ async def test_workers_share_one_port_and_one_metrics_endpoint(start_upstream, s
     workers = children(inst.proc.pid)
     assert len(workers) == 2
     assert "(2 workers)" in inst.output()
+    assert {frozenset(os.sched_getaffinity(w)) for w in workers} == {frozenset(os.sched_getaffinity(0))}  # not pinned
     client = openai.AsyncOpenAI(base_url=inst.url + "/v1", api_key="x")
     reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
     assert reply.choices[0].message.content
@@ -241,3 +243,47 @@ async def test_an_admin_reload_through_one_worker_reaches_all(start_upstream, sp
         assert r.status == 200  # answered by one worker; the supervisor tells the other
     await _until(lambda: _model_everywhere(inst.url, "m3"), 20)
     assert children(inst.proc.pid) == workers
+
+
+def _cpus_of(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of `pid` (one set when they all run on the same CPUs)."""
+    return {frozenset(os.sched_getaffinity(int(t.name))) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+async def test_cpu_affinity_pins_each_worker_whole_to_a_cpu_of_its_own(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream()
+    cpus = sorted(os.sched_getaffinity(0))
+    inst = await spawn(simple_config({"a": up}), "--workers", "2", "--cpu-affinity")
+    first, second = children(inst.proc.pid)
+    # Every thread of a worker (event loop, ledger writer, pools) on the worker's one CPU.
+    assert _cpus_of(first) == {frozenset({cpus[0]})}
+    assert _cpus_of(second) == {frozenset({cpus[1]})}
+    assert _cpus_of(inst.proc.pid) == {frozenset(cpus)}  # the supervisor is not pinned
+    assert f"workers pinned to CPUs {cpus[0]}, {cpus[1]} (--cpu-affinity)" in inst.output()
+    client = openai.AsyncOpenAI(base_url=inst.url + "/v1", api_key="x")
+    reply = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
+    assert reply.choices[0].message.content
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+async def test_cpu_affinity_pins_a_single_process_to_its_first_cpu(start_upstream, spawn: Spawn) -> None:
+    up = await start_upstream()
+    first = min(os.sched_getaffinity(0))
+    inst = await spawn(simple_config({"a": up}), "--cpu-affinity")
+    assert _cpus_of(inst.proc.pid) == {frozenset({first})}
+    assert f"pinned to CPU {first}" in inst.output()
+
+
+def test_a_cpu_that_cannot_be_had_leaves_the_worker_unpinned(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from edgeroute.workers import worker
+
+    before = os.sched_getaffinity(0)
+    monkeypatch.setenv(worker.ENV_CPU, "0")
+    assert worker.pin() is None  # outside a supervisor's worker the variable means nothing
+    monkeypatch.setenv(worker.ENV_ID, "0")
+    monkeypatch.setenv(worker.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(worker.ENV_CPU, str(max(before) + 4096))  # no such CPU: the worker still serves
+    assert worker.pin() is None
+    assert os.sched_getaffinity(0) == before
+    assert "cannot pin to CPU" in capsys.readouterr().err
