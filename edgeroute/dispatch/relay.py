@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.http import HttpVersion11
+from aiohttp.http_writer import StreamWriter
 
 from edgeroute import sse
 from edgeroute.accounting import Usage
@@ -32,11 +34,11 @@ from edgeroute.upstream import DeploymentInfo
 
 log = logging.getLogger("edgeroute.dispatch")
 
-TAIL_BYTES = 8192
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
 # Upstream pieces already arrived are relayed together up to this: one write (a system call, and a
 # wake-up of the client) a burst rather than an event. Under the slow-client mark: a burst is no stall.
 _BURST_BYTES = 8 * 1024
+_DRAIN_BYTES = 0x10000  # bytes written between waits for a slow client's buffer (aiohttp's `write` LIMIT)
 
 
 # Set on a request once its stream response is prepared: from then on an error can only end
@@ -85,7 +87,6 @@ async def relay_stream(
     # short, is still costed for what it produced: in bounded memory (see transcript.py).
     head, completed = sse.through_done(answer.head)
     said = Transcript(head, keep_whole=on_complete is not None)
-    tail = head[-TAIL_BYTES:]
     translator = answer.translator
     loop = call.loop  # kept by the call: asking for it again is a getpid() system call
     failure: tuple[str, str] | None = None
@@ -134,7 +135,7 @@ async def relay_stream(
                         # Whole events: cut after [DONE], what an upstream sends past its end goes nowhere.
                         chunk, completed = sse.through_done(translator.feed(chunk))
                     else:  # raw reads (no adapter relays so): [DONE] may straddle two
-                        completed = sse.through_done(tail[-len(sse.DONE) - 1 :] + chunk)[1]
+                        completed = sse.through_done(said.tail(len(sse.DONE) + 1) + chunk)[1]
                     if chunk:
                         # A write waits for the client only once its transport holds more than
                         # its high-water mark (64 KiB by default): stop the timer well before.
@@ -149,7 +150,6 @@ async def relay_stream(
                             writing_slowly = True
                         upstream_error = await send(chunk)
                         writing_slowly = False
-                        tail = (tail + chunk)[-TAIL_BYTES:]
                         said.add(chunk)
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
@@ -202,7 +202,7 @@ async def relay_stream(
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
-        await _settle(call, dep, answer, tail, said)
+        await _settle(call, dep, answer, said)
         if on_complete is not None and completed and failure is None and not upstream_error:
             # The whole answer, as OpenAI-format events (for the cache, the request log, a
             # shadow): one past `transcript.WHOLE_BYTES` is too large for any of them.
@@ -224,11 +224,36 @@ class _EventStream(web.StreamResponse):
     `headers` is taken, not copied."""
 
     _send_headers_immediately = False
+    # The writer, once its head went, when nothing but chunking stands between an event and the
+    # socket (no compression, length or callbacks): `write` frames the chunk itself.
+    _plain: StreamWriter | None = None
 
     def __init__(self, headers: dict[str, str]) -> None:
         headers[hdrs.CONTENT_TYPE] = "text/event-stream"
         headers[hdrs.CACHE_CONTROL] = "no-cache"
         super().__init__(status=200, headers=headers)
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """aiohttp's `write`, the bytes on the wire the same: a chunk's size line, the chunk and
+        its CRLF in one transport write, a wait for a slow client every `_DRAIN_BYTES`. aiohttp's
+        path (three coroutines deep, the chunk framed in three pieces and joined) cost each
+        relayed event a few thousand instructions more."""
+        writer = self._plain
+        if writer is None or self._eof_sent or type(data) is not bytes:
+            await super().write(data)
+            if self._plain is None:
+                self._plain = _plain_writer(self._payload_writer)
+            return
+        transport = writer._protocol.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        writer.buffer_size += len(framed)
+        writer.output_size += len(framed)
+        transport.write(framed)
+        if writer.buffer_size > _DRAIN_BYTES:
+            writer.buffer_size = 0
+            await writer.drain()
 
     async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
         writer, keep_alive = bind(self, request)
@@ -239,6 +264,22 @@ class _EventStream(web.StreamResponse):
             keep_alive = False  # HTTP/1.0: the stream ends with the connection, as aiohttp has it
         await write_head(self, request, writer, keep_alive)
         return writer
+
+
+def _plain_writer(writer: AbstractStreamWriter | None) -> StreamWriter | None:
+    """`writer`, if it is aiohttp's, its head written, chunking and doing nothing else to a chunk."""
+    if (
+        type(writer) is StreamWriter
+        and writer.chunked
+        and getattr(writer, "_headers_written", False)
+        and getattr(writer, "_headers_buf", None) is None
+        and writer._compress is None
+        and writer.length is None
+        and getattr(writer, "_on_chunk_sent", None) is None
+        and getattr(writer, "on_body_write", None) is None
+    ):
+        return writer
+    return None
 
 
 class _Events:
@@ -316,11 +357,11 @@ def _failure_of(
     ), True
 
 
-async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tail: bytes, said: Transcript) -> None:
+async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, said: Transcript) -> None:
     """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
     translator = answer.translator
     usage = Usage.from_openai(
-        sse.find_usage(tail) or (translator.usage if translator is not None else None), answered=True
+        sse.find_usage(said.tail()) or (translator.usage if translator is not None else None), answered=True
     )
     if usage is None:
         rec = answer.rec
