@@ -233,17 +233,16 @@ class _EventStream(web.StreamResponse):
         headers[hdrs.CACHE_CONTROL] = "no-cache"
         super().__init__(status=200, headers=headers)
 
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """aiohttp's `write`, the bytes on the wire the same: a chunk's size line, the chunk and
-        its CRLF in one transport write, a wait for a slow client every `_DRAIN_BYTES`. aiohttp's
+    def put(self, data: bytes) -> int:
+        """Writes `data` as one chunk, as aiohttp's `write` would put it on the wire (its size
+        line, the chunk and its CRLF), in one transport write: the bytes written since the last
+        wait for the client (past `_DRAIN_BYTES`, await `drained`); -1 if not written (await
+        `write`: the head has not gone yet, or aiohttp's writer does more than chunk). aiohttp's
         path (three coroutines deep, the chunk framed in three pieces and joined) cost each
         relayed event a few thousand instructions more."""
         writer = self._plain
-        if writer is None or self._eof_sent or type(data) is not bytes:
-            await super().write(data)
-            if self._plain is None:
-                self._plain = _plain_writer(self._payload_writer)
-            return
+        if writer is None or self._eof_sent:
+            return -1
         transport = writer._protocol.transport
         if transport is None or transport.is_closing():
             raise ClientConnectionResetError("Cannot write to closing transport")
@@ -251,9 +250,22 @@ class _EventStream(web.StreamResponse):
         writer.buffer_size += len(framed)
         writer.output_size += len(framed)
         transport.write(framed)
-        if writer.buffer_size > _DRAIN_BYTES:
-            writer.buffer_size = 0
-            await writer.drain()
+        return writer.buffer_size
+
+    async def drained(self) -> None:
+        """Waits, as aiohttp's `write` does every 64 KiB, until a slow client's buffer has room."""
+        writer = self._payload_writer
+        assert writer is not None
+        writer.buffer_size = 0
+        await writer.drain()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if type(data) is not bytes or (pending := self.put(data)) < 0:
+            await super().write(data)
+            if self._plain is None:
+                self._plain = _plain_writer(self._payload_writer)
+        elif pending > _DRAIN_BYTES:
+            await self.drained()
 
     async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
         writer, keep_alive = bind(self, request)
@@ -292,9 +304,7 @@ class _Events:
 
     __slots__ = ("_encode", "_guard", "_out", "_strip_usage")
 
-    def __init__(
-        self, out: web.StreamResponse, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False
-    ) -> None:
+    def __init__(self, out: _EventStream, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False) -> None:
         self._out = out
         self._encode = encode
         self._guard = sse.RelayGuard()
@@ -312,7 +322,11 @@ class _Events:
             data = sse.without_usage_chunks(data)
         data = self._encode(data) if self._encode is not None else data
         if data:
-            await self._out.write(data)
+            out = self._out
+            if (pending := out.put(data)) < 0:  # before the head went (see `_EventStream.put`)
+                await out.write(data)
+            elif pending > _DRAIN_BYTES:
+                await out.drained()
         return ended
 
     async def error(self, failure: tuple[str, str]) -> None:
