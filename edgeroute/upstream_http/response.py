@@ -114,10 +114,7 @@ class Response:
         while not self._chunks:
             if (waiter := self._arrival()) is None:
                 return b""
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await waiter  # left in `_waiter` once done: `_wake` passes a done one by
         data = self._chunks.popleft()
         self._size -= len(data)
         conn = self._conn
@@ -134,10 +131,7 @@ class Response:
         while not chunks:
             if (waiter := self._arrival()) is None:
                 return b""
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await waiter  # left in `_waiter` once done: `_wake` passes a done one by
         data = chunks.popleft()
         self._size -= len(data)
         if chunks and len(data) < limit:
