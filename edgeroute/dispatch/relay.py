@@ -99,11 +99,11 @@ async def relay_stream(
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
         events = _Events(out, encode, strip_usage=call.usage_added)
-        send = events.send  # bound once: called for every chunk
+        sendable = events.sendable  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         writing_slowly = False  # a write waits for a client that reads slowly
         try:
-            upstream_error = await send(head)
+            upstream_error = await events.send(head)
             # The head went with the first events, unless the guard held all of them. (An aiohttp
             # that buffers no head, without `send_headers`, sent it in `prepare`.)
             if (send_head := getattr(writer, "send_headers", None)) is not None:
@@ -148,7 +148,10 @@ async def relay_stream(
                             idle.reschedule(min(loop.time() + send_timeout, call.deadline, server.drain_at))
                             armed = -math.inf
                             writing_slowly = True
-                        upstream_error = await send(chunk)
+                        # `events.send`, inline: no coroutine an event, only a wait for a slow client
+                        data, upstream_error = sendable(chunk)
+                        if data and ((pending := out.put(data)) < 0 or pending > _DRAIN_BYTES):
+                            await (out.write(data) if pending < 0 else out.drained())
                         writing_slowly = False
                         said.add(chunk)
                         # Bounded as a non-streamed answer is.
@@ -311,8 +314,9 @@ class _Events:
         # The usage chunk edgeroute asked for and the client did not: kept from it.
         self._strip_usage = strip_usage
 
-    async def send(self, data: bytes) -> bool:
-        """Sends what may go of `data`; True once the upstream's own error event has gone."""
+    def sendable(self, data: bytes) -> tuple[bytes, bool]:
+        """What may go of `data`, in the client's format, and whether it ends with the upstream's
+        own error event."""
         guard = self._guard
         data = guard.feed(data)
         ended = False
@@ -320,7 +324,11 @@ class _Events:
             data, ended = _through_error(data)
         if self._strip_usage:
             data = sse.without_usage_chunks(data)
-        data = self._encode(data) if self._encode is not None else data
+        return (self._encode(data) if self._encode is not None else data), ended
+
+    async def send(self, data: bytes) -> bool:
+        """Sends what may go of `data`; True once the upstream's own error event has gone."""
+        data, ended = self.sendable(data)
         if data:
             out = self._out
             if (pending := out.put(data)) < 0:  # before the head went (see `_EventStream.put`)
