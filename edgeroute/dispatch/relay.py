@@ -263,6 +263,7 @@ class _EventStream(web.StreamResponse):
         await writer.drain()
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """aiohttp's `write`; by `put` once the head went (the same bytes on the wire)."""
         if type(data) is not bytes or (pending := self.put(data)) < 0:
             await super().write(data)
             if self._plain is None:
