@@ -16,6 +16,9 @@ writer writes its ledger row and request-log record (with its attempt) as `serve
 With `--stream N [M ...]` requests are streamed (and proxied): the mock answers N tokens, one SSE
 event each, `--tps` a second (paced as a model streams: each event its own read and relay; 0
 sends them in one burst). Two token counts give the cost of one more relayed event (the slope).
+The slope holds the loop's idle work over an event's interval too (its timers: ~0.7M
+instructions a second on the bench's config, ~2k an event at 400 tokens a second), and a slow
+host merges some events into one read: compare builds at one `--tps`, alternating.
 
     python -m edgeroute.bench.hit_instructions [--requests 400] [--proxied] [--stream 16 64 [--tps 400]]
         [--tree OTHER] [--out DIR]
