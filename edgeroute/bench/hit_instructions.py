@@ -13,7 +13,15 @@ throughput`): compare it between builds measured here, not with the closed loop'
 With `--proxied` the cache is off: every request goes to the bench's mock upstream, and the
 writer writes its ledger row and request-log record (with its attempt) as `serve` does.
 
-    python -m edgeroute.bench.hit_instructions [--requests 400] [--proxied] [--tree OTHER] [--out DIR]
+With `--stream N [M ...]` requests are streamed (and proxied): the mock answers N tokens, one SSE
+event each, `--tps` a second (paced as a model streams: each event its own read and relay; 0
+sends them in one burst). Two token counts give the cost of one more relayed event (the slope).
+The slope holds the loop's idle work over an event's interval too (its timers: ~0.7M
+instructions a second on the bench's config, ~2k an event at 400 tokens a second), and a slow
+host merges some events into one read: compare builds at one `--tps`, alternating.
+
+    python -m edgeroute.bench.hit_instructions [--requests 400] [--proxied] [--stream 16 64 [--tps 400]]
+        [--tree OTHER] [--out DIR]
 
 Needs valgrind (Debian: valgrind); ~30 s for 400 hits.
 """
@@ -51,7 +59,8 @@ def _request(port: int, body: bytes) -> bytes:
 
 
 def _answer(sock: socket.socket, request: bytes) -> bytes:
-    """Sends `request`, returns the answer's head (the body read whole, by its Content-Length)."""
+    """Sends `request`, returns the answer's head (the body read whole, by its Content-Length or,
+    a stream's, to its last chunk after `data: [DONE]`)."""
     sock.sendall(request)
     got = b""
     while True:
@@ -63,8 +72,13 @@ def _answer(sock: socket.socket, request: bytes) -> bytes:
         if sep:
             length = re.search(rb"(?im)^content-length: *(\d+)", head)
             if length is None:
-                raise RuntimeError(f"an answer without Content-Length: {head[:300]!r}")
-            if len(body) >= int(length.group(1)):
+                if b"chunked" not in head.lower():
+                    raise RuntimeError(f"an answer without Content-Length: {head[:300]!r}")
+                if body.endswith(b"\r\n0\r\n\r\n"):
+                    if b"data: [DONE]" not in body:
+                        raise RuntimeError(f"a stream without [DONE]: {body[-300:]!r}")
+                    return head
+            elif len(body) >= int(length.group(1)):
                 return head
 
 
@@ -78,11 +92,21 @@ def per_thread(out_dir: Path, hits: int) -> dict[int, float]:
     return found
 
 
-def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None, proxied: bool = False) -> dict[int, float]:
+def measure(
+    hits: int,
+    prompt_tokens: int,
+    out_dir: Path,
+    tree: str | None,
+    proxied: bool = False,
+    stream_tokens: int = 0,
+    tps: float = 0.0,
+) -> dict[int, float]:
+    """Instructions a request by thread; `stream_tokens` > 0: streamed requests of that many tokens."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    proxied = proxied or stream_tokens > 0
     with ST.Stack(False) as stack:
-        mock = stack.upstream()
+        mock = stack.upstream(*(["--tokens", str(stream_tokens), "--tps", str(tps)] if stream_tokens else []))
         url = f"http://127.0.0.1:{mock.port}/v1"
         cfg = ST.bench_config({"p0": url, "p1": url})
         if not proxied:
@@ -99,7 +123,7 @@ def measure(hits: int, prompt_tokens: int, out_dir: Path, tree: str | None, prox
             proxy = subprocess.Popen(argv, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=err)
         try:
             ST.wait_ready(f"http://127.0.0.1:{port}/readyz", proxy, timeout=300)
-            body = loadgen.chat_body(ST.PUBLIC_MODEL, prompt_tokens)
+            body = loadgen.chat_body(ST.PUBLIC_MODEL, prompt_tokens, stream=stream_tokens > 0)
             # Hits repeat one body; proxied requests each have a prompt of their own (as
             # traffic does: the core remembers what its rules found in prompts seen lately).
             requests = (_request(port, loadgen.numbered(body, n) if proxied else body) for n in itertools.count())
@@ -128,22 +152,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400, help="hits counted (after a warm-up of 60)")
     p.add_argument("--prompt-tokens", type=int, default=1500, help="the chat body's size, as in `bench throughput`")
     p.add_argument("--proxied", action="store_true", help="the cache off: proxied requests, not hits")
+    p.add_argument(
+        "--stream",
+        type=int,
+        nargs="+",
+        metavar="TOKENS",
+        help="streamed requests of this many tokens (one run each; two give the cost of one more event)",
+    )
+    p.add_argument("--tps", type=float, default=400.0, help="--stream: tokens a second from the mock (0: one burst)")
     p.add_argument("--tree", help="run the proxy from this source tree (a checkout with its extension built)")
     p.add_argument(
         "--out", help="keep callgrind's files here (callgrind_annotate them); default: a temporary directory"
     )
     a = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(a.out or tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob("callgrind.out.*"):
-            old.unlink()
-        found = measure(a.requests, a.prompt_tokens, out, a.tree, a.proxied)
     names = {1: "event loop", 2: "ledger writer"}
-    what = "proxied request" if a.proxied else "hit"
-    print(f"instructions a {what} ({a.requests} {what}s, {a.prompt_tokens}-token body, callgrind):")
-    for thread, per in found.items():
-        print(f"  thread {thread} ({names.get(thread, 'other')}): {per / 1000:.1f}k")
+    loop: dict[int, float] = {}
+    for tokens in a.stream or [0]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(a.out or tmp) / (f"stream{tokens}" if tokens else "")
+            out.mkdir(parents=True, exist_ok=True)
+            for old in out.glob("callgrind.out.*"):
+                old.unlink()
+            found = measure(a.requests, a.prompt_tokens, out, a.tree, a.proxied, tokens, a.tps)
+        what = f"{tokens}-token stream" if tokens else "proxied request" if a.proxied else "hit"
+        print(f"instructions a {what} ({a.requests} of them, {a.prompt_tokens}-token body, callgrind):")
+        for thread, per in found.items():
+            print(f"  thread {thread} ({names.get(thread, 'other')}): {per / 1000:.1f}k")
+        loop[tokens] = found.get(1, 0.0)
+    if len(loop) > 1:
+        (t0, i0), (t1, i1) = sorted(loop.items())[0], sorted(loop.items())[-1]
+        print(f"event loop, one more relayed event: {(i1 - i0) / (t1 - t0) / 1000:.1f}k ({t0} -> {t1} tokens)")
     return 0
 
 

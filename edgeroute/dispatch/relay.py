@@ -18,7 +18,9 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.http import HttpVersion11
+from aiohttp.http_writer import StreamWriter
 
 from edgeroute import sse
 from edgeroute.accounting import Usage
@@ -32,11 +34,11 @@ from edgeroute.upstream import DeploymentInfo
 
 log = logging.getLogger("edgeroute.dispatch")
 
-TAIL_BYTES = 8192
 _SLOW_CLIENT_BYTES = 16 * 1024  # unsent bytes to a client above which its stream's idle timer stops
 # Upstream pieces already arrived are relayed together up to this: one write (a system call, and a
 # wake-up of the client) a burst rather than an event. Under the slow-client mark: a burst is no stall.
 _BURST_BYTES = 8 * 1024
+_DRAIN_BYTES = 0x10000  # bytes written between waits for a slow client's buffer (aiohttp's `write` LIMIT)
 
 
 # Set on a request once its stream response is prepared: from then on an error can only end
@@ -85,7 +87,6 @@ async def relay_stream(
     # short, is still costed for what it produced: in bounded memory (see transcript.py).
     head, completed = sse.through_done(answer.head)
     said = Transcript(head, keep_whole=on_complete is not None)
-    tail = head[-TAIL_BYTES:]
     translator = answer.translator
     loop = call.loop  # kept by the call: asking for it again is a getpid() system call
     failure: tuple[str, str] | None = None
@@ -98,11 +99,11 @@ async def relay_stream(
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
         events = _Events(out, encode, strip_usage=call.usage_added)
-        send = events.send  # bound once: called for every chunk
+        sendable = events.sendable  # bound once: called for every chunk
         call.record.ttft_ms = (time.time() - call.record.started) * 1000
         writing_slowly = False  # a write waits for a client that reads slowly
         try:
-            upstream_error = await send(head)
+            upstream_error = await events.send(head)
             # The head went with the first events, unless the guard held all of them. (An aiohttp
             # that buffers no head, without `send_headers`, sent it in `prepare`.)
             if (send_head := getattr(writer, "send_headers", None)) is not None:
@@ -134,7 +135,7 @@ async def relay_stream(
                         # Whole events: cut after [DONE], what an upstream sends past its end goes nowhere.
                         chunk, completed = sse.through_done(translator.feed(chunk))
                     else:  # raw reads (no adapter relays so): [DONE] may straddle two
-                        completed = sse.through_done(tail[-len(sse.DONE) - 1 :] + chunk)[1]
+                        completed = sse.through_done(said.tail(len(sse.DONE) + 1) + chunk)[1]
                     if chunk:
                         # A write waits for the client only once its transport holds more than
                         # its high-water mark (64 KiB by default): stop the timer well before.
@@ -147,9 +148,11 @@ async def relay_stream(
                             idle.reschedule(min(loop.time() + send_timeout, call.deadline, server.drain_at))
                             armed = -math.inf
                             writing_slowly = True
-                        upstream_error = await send(chunk)
+                        # `events.send`, inline: no coroutine an event, only a wait for a slow client
+                        data, upstream_error = sendable(chunk)
+                        if data and ((pending := out.put(data)) < 0 or pending > _DRAIN_BYTES):
+                            await (out.write(data) if pending < 0 else out.drained())
                         writing_slowly = False
-                        tail = (tail + chunk)[-TAIL_BYTES:]
                         said.add(chunk)
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
@@ -202,7 +205,7 @@ async def relay_stream(
             answer.resp.close()
         if upstream_broke:
             call.router.report_broken_stream(dep.index)
-        await _settle(call, dep, answer, tail, said)
+        await _settle(call, dep, answer, said)
         if on_complete is not None and completed and failure is None and not upstream_error:
             # The whole answer, as OpenAI-format events (for the cache, the request log, a
             # shadow): one past `transcript.WHOLE_BYTES` is too large for any of them.
@@ -224,11 +227,49 @@ class _EventStream(web.StreamResponse):
     `headers` is taken, not copied."""
 
     _send_headers_immediately = False
+    # The writer, once its head went, when nothing but chunking stands between an event and the
+    # socket (no compression, length or callbacks): `write` frames the chunk itself.
+    _plain: StreamWriter | None = None
 
     def __init__(self, headers: dict[str, str]) -> None:
         headers[hdrs.CONTENT_TYPE] = "text/event-stream"
         headers[hdrs.CACHE_CONTROL] = "no-cache"
         super().__init__(status=200, headers=headers)
+
+    def put(self, data: bytes) -> int:
+        """Writes `data` as one chunk, as aiohttp's `write` would put it on the wire (its size
+        line, the chunk and its CRLF), in one transport write: the bytes written since the last
+        wait for the client (past `_DRAIN_BYTES`, await `drained`); -1 if not written (await
+        `write`: the head has not gone yet, or aiohttp's writer does more than chunk). aiohttp's
+        path (three coroutines deep, the chunk framed in three pieces and joined) cost each
+        relayed event a few thousand instructions more."""
+        writer = self._plain
+        if writer is None or self._eof_sent:
+            return -1
+        transport = writer._protocol.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        writer.buffer_size += len(framed)
+        writer.output_size += len(framed)
+        transport.write(framed)
+        return writer.buffer_size
+
+    async def drained(self) -> None:
+        """Waits, as aiohttp's `write` does every 64 KiB, until a slow client's buffer has room."""
+        writer = self._payload_writer
+        assert writer is not None
+        writer.buffer_size = 0
+        await writer.drain()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """aiohttp's `write`; by `put` once the head went (the same bytes on the wire)."""
+        if type(data) is not bytes or (pending := self.put(data)) < 0:
+            await super().write(data)
+            if self._plain is None:
+                self._plain = _plain_writer(self._payload_writer)
+        elif pending > _DRAIN_BYTES:
+            await self.drained()
 
     async def _start(self, request: web.BaseRequest) -> AbstractStreamWriter:
         writer, keep_alive = bind(self, request)
@@ -241,6 +282,22 @@ class _EventStream(web.StreamResponse):
         return writer
 
 
+def _plain_writer(writer: AbstractStreamWriter | None) -> StreamWriter | None:
+    """`writer`, if it is aiohttp's, its head written, chunking and doing nothing else to a chunk."""
+    if (
+        type(writer) is StreamWriter
+        and writer.chunked
+        and getattr(writer, "_headers_written", False)
+        and getattr(writer, "_headers_buf", None) is None
+        and writer._compress is None
+        and writer.length is None
+        and getattr(writer, "_on_chunk_sent", None) is None
+        and getattr(writer, "on_body_write", None) is None
+    ):
+        return writer
+    return None
+
+
 class _Events:
     """What a relay writes to its client: whole events only, in the client's format.
 
@@ -251,17 +308,16 @@ class _Events:
 
     __slots__ = ("_encode", "_guard", "_out", "_strip_usage")
 
-    def __init__(
-        self, out: web.StreamResponse, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False
-    ) -> None:
+    def __init__(self, out: _EventStream, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False) -> None:
         self._out = out
         self._encode = encode
         self._guard = sse.RelayGuard()
         # The usage chunk edgeroute asked for and the client did not: kept from it.
         self._strip_usage = strip_usage
 
-    async def send(self, data: bytes) -> bool:
-        """Sends what may go of `data`; True once the upstream's own error event has gone."""
+    def sendable(self, data: bytes) -> tuple[bytes, bool]:
+        """What may go of `data`, in the client's format, and whether it ends with the upstream's
+        own error event."""
         guard = self._guard
         data = guard.feed(data)
         ended = False
@@ -269,9 +325,17 @@ class _Events:
             data, ended = _through_error(data)
         if self._strip_usage:
             data = sse.without_usage_chunks(data)
-        data = self._encode(data) if self._encode is not None else data
+        return (self._encode(data) if self._encode is not None else data), ended
+
+    async def send(self, data: bytes) -> bool:
+        """Sends what may go of `data`; True once the upstream's own error event has gone."""
+        data, ended = self.sendable(data)
         if data:
-            await self._out.write(data)
+            out = self._out
+            if (pending := out.put(data)) < 0:  # before the head went (see `_EventStream.put`)
+                await out.write(data)
+            elif pending > _DRAIN_BYTES:
+                await out.drained()
         return ended
 
     async def error(self, failure: tuple[str, str]) -> None:
@@ -316,11 +380,11 @@ def _failure_of(
     ), True
 
 
-async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, tail: bytes, said: Transcript) -> None:
+async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, said: Transcript) -> None:
     """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
     translator = answer.translator
     usage = Usage.from_openai(
-        sse.find_usage(tail) or (translator.usage if translator is not None else None), answered=True
+        sse.find_usage(said.tail()) or (translator.usage if translator is not None else None), answered=True
     )
     if usage is None:
         rec = answer.rec

@@ -95,22 +95,26 @@ class Response:
         """Whether the whole body has arrived (reading the rest waits for nothing)."""
         return self._eof and self._exc is None
 
+    def _arrival(self) -> asyncio.Future[None] | None:
+        """With no piece here: a future the next one (or the end, or a failure) sets, None at the
+        body's end; raises the failure the response met."""
+        if self._exc is not None:
+            raise self._exc
+        if self._eof:
+            return None
+        if self._discard >= 0:
+            raise UpstreamError("the response was released")
+        conn = self._conn
+        assert conn is not None
+        waiter = self._waiter = conn.loop.create_future()
+        return waiter
+
     async def readany(self) -> bytes:
         """The next body piece as it came off the wire; b"" at the end of the body."""
         while not self._chunks:
-            if self._exc is not None:
-                raise self._exc
-            if self._eof:
+            if (waiter := self._arrival()) is None:
                 return b""
-            if self._discard >= 0:
-                raise UpstreamError("the response was released")
-            conn = self._conn
-            assert conn is not None
-            waiter = self._waiter = conn.loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await waiter  # left in `_waiter` once done: `_wake` passes a done one by
         data = self._chunks.popleft()
         self._size -= len(data)
         conn = self._conn
@@ -121,22 +125,28 @@ class Response:
     async def read_arrived(self, limit: int) -> bytes:
         """`readany`, with the pieces that had arrived behind it joined on, up to about `limit`
         bytes: a stream relays a burst of events (a fast upstream, or a loop that fell behind)
-        in one write to its client, not one write and one loop turn an event."""
-        data = await self.readany()
+        in one write to its client, not one write and one loop turn an event. It waits itself
+        (not through `readany`: a coroutine less an event)."""
         chunks = self._chunks
-        if not chunks or len(data) >= limit:
-            return data
-        parts = [data]
-        size = len(data)
-        while chunks and size < limit:
-            piece = chunks.popleft()
-            parts.append(piece)
-            size += len(piece)
-            self._size -= len(piece)
+        while not chunks:
+            if (waiter := self._arrival()) is None:
+                return b""
+            await waiter  # left in `_waiter` once done: `_wake` passes a done one by
+        data = chunks.popleft()
+        self._size -= len(data)
+        if chunks and len(data) < limit:
+            parts = [data]
+            size = len(data)
+            while chunks and size < limit:
+                piece = chunks.popleft()
+                parts.append(piece)
+                size += len(piece)
+                self._size -= len(piece)
+            data = b"".join(parts)
         conn = self._conn
         if conn is not None and conn.paused and self._size <= _LOW_WATER:
             conn.resume()
-        return b"".join(parts)
+        return data
 
     async def read(self) -> bytes:
         """The whole (rest of the) body."""
