@@ -17,6 +17,10 @@
 //!   full (what the capacity check adds: the difference to the case without);
 //! * `tokens/*`: counting alone, the chat's text and the chat with its framing.
 //!
+//! The chat cases cycle through 2,048 copies of the chat, each with its own last message
+//! (`support/chat_variants.rs`): the rules remember what they found in recent prompts, and
+//! one body decided again and again would time that memory, not a request seen first.
+//!
 //! `cargo bench -p edgeroute-core --bench decide` also prints per-call p50/p99/p99.9 of the decide cases,
 //! timed call by call (criterion reports means and medians only).
 
@@ -27,6 +31,10 @@ use criterion::{Criterion, Throughput};
 use edgeroute_core::request::ChatRequest;
 use edgeroute_core::tokens::{self, Encoding};
 use edgeroute_core::{RequestMeta, Router};
+
+#[path = "support/chat_variants.rs"]
+mod chat_variants;
+use chat_variants::{chat_variants, Cycle};
 
 const CONFIG: &[u8] = include_bytes!("data/router.json");
 const CHAT_2K: &[u8] = include_bytes!("data/chat_2k.json");
@@ -91,19 +99,23 @@ fn bench_decide(c: &mut Criterion) {
     let tokens = router.decide(CHAT_2K, &counted).expect("decides").prompt_tokens;
     let given = meta(Some(tokens));
     let plain = RequestMeta::default();
+    let chats = chat_variants(CHAT_2K);
     let mut g = c.benchmark_group("decide");
     g.bench_function("chat_2k_counting", |b| {
-        b.iter(|| router.decide(black_box(CHAT_2K), &counted).unwrap())
+        let mut cycle = Cycle::new(&chats);
+        b.iter(|| router.decide(black_box(cycle.body()), &counted).unwrap())
     });
     g.bench_function("chat_2k_tokens_given", |b| {
-        b.iter(|| router.decide(black_box(CHAT_2K), &given).unwrap())
+        let mut cycle = Cycle::new(&chats);
+        b.iter(|| router.decide(black_box(cycle.body()), &given).unwrap())
     });
     g.bench_function("trivial_body", |b| {
         b.iter(|| router.decide(black_box(TRIVIAL), &plain).unwrap())
     });
     let full = router_with_capacity();
     g.bench_function("chat_2k_tokens_given_capacity", |b| {
-        b.iter(|| full.decide(black_box(CHAT_2K), &given).unwrap())
+        let mut cycle = Cycle::new(&chats);
+        b.iter(|| full.decide(black_box(cycle.body()), &given).unwrap())
     });
     g.bench_function("trivial_body_capacity", |b| {
         b.iter(|| full.decide(black_box(TRIVIAL), &plain).unwrap())
@@ -160,19 +172,21 @@ fn print_percentiles() {
     let given = meta(Some(tokens));
     let plain = RequestMeta::default();
     let budget = Duration::from_secs(3);
+    let chats = chat_variants(CHAT_2K);
+    let mut cycle = Cycle::new(&chats);
     println!("\nper-call latency of Router::decide (one thread)");
     percentiles("decide/chat_2k_counting", budget, || {
-        black_box(router.decide(black_box(CHAT_2K), &counted).unwrap());
+        black_box(router.decide(black_box(cycle.body()), &counted).unwrap());
     });
     percentiles("decide/chat_2k_tokens_given", budget, || {
-        black_box(router.decide(black_box(CHAT_2K), &given).unwrap());
+        black_box(router.decide(black_box(cycle.body()), &given).unwrap());
     });
     percentiles("decide/trivial_body", budget, || {
         black_box(router.decide(black_box(TRIVIAL), &plain).unwrap());
     });
     let full = router_with_capacity();
     percentiles("decide/chat_2k_tokens_given_capacity", budget, || {
-        black_box(full.decide(black_box(CHAT_2K), &given).unwrap());
+        black_box(full.decide(black_box(cycle.body()), &given).unwrap());
     });
     percentiles("decide/trivial_body_capacity", budget, || {
         black_box(full.decide(black_box(TRIVIAL), &plain).unwrap());

@@ -7,10 +7,15 @@
 //! ```
 //!
 //! The first decision counts the tokens; subtract a run with `N` = 1 and divide by the difference in `N`.
+//! Each decision is of a copy of the chat not seen lately (see `benches/support/chat_variants.rs`).
 
 use std::hint::black_box;
 
 use edgeroute_core::{RequestMeta, Router};
+
+#[path = "../benches/support/chat_variants.rs"]
+mod chat_variants;
+use chat_variants::{chat_variants, Cycle};
 
 const CONFIG: &[u8] = include_bytes!("../benches/data/router.json");
 const CHAT_2K: &[u8] = include_bytes!("../benches/data/chat_2k.json");
@@ -29,11 +34,13 @@ fn main() {
         prompt_tokens: Some(tokens),
         ..counted
     };
+    let chats = chat_variants(CHAT_2K);
+    let mut cycle = Cycle::new(&chats);
     let mut total = 0u64;
     for _ in 0..n {
         total += u64::from(
             router
-                .decide(black_box(CHAT_2K), &given)
+                .decide(black_box(cycle.body()), &given)
                 .expect("decides")
                 .prompt_tokens,
         );
