@@ -181,3 +181,42 @@ def test_postgres_drops_the_attempts_index_no_query_reads(pg_schema_dsn: str) ->
     _filled(db)
     assert _attempt_indexes(db) == {"spend_attempts_row_id"}
     db.close()
+
+
+def test_postgres_start_neither_waits_for_a_reader_nor_queues_writes_behind_a_retired_index(
+    pg_schema_dsn: str,
+) -> None:
+    """DROP INDEX takes its table's strongest lock: run in the start's schema transaction, it
+    waited for any open reader of `spend_attempts` (a pg_dump, a report) with the other tables'
+    locks held, and every instance's writes queued behind it. Now it waits a second at most,
+    alone, and the index is dropped at a later start."""
+    import psycopg
+
+    db = PostgresBackend(pg_schema_dsn)
+    db.execute("CREATE INDEX IF NOT EXISTS spend_attempts_request ON spend_attempts (request_id)")
+    db.close()
+    with psycopg.connect(pg_schema_dsn) as reader:  # a report left open in its transaction
+        reader.execute("SELECT COUNT(*) FROM spend_attempts").fetchone()
+        started: list[float] = []
+        t0 = time.monotonic()
+        th = threading.Thread(target=lambda: (PostgresBackend(pg_schema_dsn).close(), started.append(time.monotonic())))
+        th.start()
+        with psycopg.connect(pg_schema_dsn) as writer:  # another instance's writes go on meanwhile
+            writer.execute("SET lock_timeout = '5s'")
+            for table in ("spend", "spend_attempts"):  # what an insert takes
+                writer.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+            writer.commit()
+        th.join(30)
+        assert started and started[0] - t0 < 10  # not held until the reader went
+        reader.rollback()
+    assert "spend_attempts_request" in _attempt_indexes_pg(pg_schema_dsn)  # left for the next start
+    PostgresBackend(pg_schema_dsn).close()
+    assert "spend_attempts_request" not in _attempt_indexes_pg(pg_schema_dsn)
+
+
+def _attempt_indexes_pg(dsn: str) -> set[str]:
+    import psycopg
+
+    with psycopg.connect(dsn) as c:
+        sql = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'spend_attempts'"
+        return {r[0] for r in c.execute(sql)}

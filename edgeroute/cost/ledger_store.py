@@ -114,7 +114,11 @@ _INDEXES = (
 )
 # Indexes of earlier releases no query reads, dropped at start: `spend_attempts` by request id
 # (a request's attempts are read from its request-log row), a B-tree insert per attempt.
-RETIRED_INDEXES = ("spend_attempts_request",)
+RETIRED_INDEXES = ("spend_attempts_request", *requestlog_store.RETIRED_INDEXES)
+# PostgreSQL's DROP INDEX waits for every open reader of the table (a pg_dump, a report) and,
+# while it waits, queues every instance's writes behind it: it may wait this long, in a
+# transaction of its own, and is tried again at the next start.
+RETIRE_LOCK_TIMEOUT = "1s"
 # After the migration, on databases old and new.
 _ROW_IDS = (
     "CREATE UNIQUE INDEX IF NOT EXISTS spend_row_id ON spend (row_id)",
@@ -131,7 +135,6 @@ def schema(dialect: str) -> list[str]:
         _BATCHES,
         _JOURNAL,
         *_INDEXES,
-        *(f"DROP INDEX IF EXISTS {old}" for old in RETIRED_INDEXES),
         *requestlog_store.schema(dialect),
         *requestlog_outcomes.schema(dialect),
     ]
@@ -336,6 +339,8 @@ class SqliteBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
         for stmt in _ROW_IDS:
             self._conn.execute(stmt)
+        for old in RETIRED_INDEXES:
+            self._conn.execute(f"DROP INDEX IF EXISTS {old}")
         self._conn.execute(rollup.SPREAD_SCHEMA)
         self._conn.commit()
         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -450,8 +455,29 @@ class PostgresBackend:
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
             self._conn.execute(_STAGE)
+        self._retire_indexes()
         self._sql = _Statements.for_mark("%s", self.dialect)
         self._spread = rollup.spread_sql("%s", self.dialect)
+
+    def _retire_indexes(self) -> None:
+        """Drops `RETIRED_INDEXES` where an earlier release made them: out of the schema's
+        transaction (which holds its tables' share locks while DROP INDEX waits), waiting at
+        most `RETIRE_LOCK_TIMEOUT` for a reader; an index left is harmless until the next start."""
+        present = [
+            old
+            for old in RETIRED_INDEXES
+            if self._conn.execute(
+                "SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() AND indexname = %s", (old,)
+            ).fetchone()
+        ]
+        self._conn.commit()
+        for old in present:
+            try:
+                with self._conn.transaction():
+                    self._conn.execute(f"SET LOCAL lock_timeout = '{RETIRE_LOCK_TIMEOUT}'")
+                    self._conn.execute(f"DROP INDEX IF EXISTS {old}")
+            except self._psycopg.errors.LockNotAvailable:
+                log.warning("ledger: index %s not dropped (its table is in use); tried again at the next start", old)
 
     def _live(self) -> Any:
         if self._conn.closed:

@@ -25,7 +25,8 @@ log = logging.getLogger("edgeroute.requestlog")
 _PRUNE_CHUNK = 128
 
 
-# Indexes of earlier releases, replaced by partial ones (`requests_by_key`, `requests_by_team`).
+# Indexes of earlier releases, replaced by partial ones (`requests_by_key`, `requests_by_team`):
+# dropped at start by the ledger's store, after the schema (`ledger_store.RETIRED_INDEXES`).
 RETIRED_INDEXES = ("requests_key", "requests_team")
 
 
@@ -73,7 +74,6 @@ def schema(dialect: str) -> list[str]:
         # record (~9,000 instructions of the writer's, ~1.3 % of a keyless cache hit's CPU).
         "CREATE INDEX IF NOT EXISTS requests_by_key ON requests (key_id, ts) WHERE key_id IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS requests_by_team ON requests (team, ts) WHERE team IS NOT NULL",
-        *(f"DROP INDEX IF EXISTS {old}" for old in RETIRED_INDEXES),  # after their successors exist
         "CREATE INDEX IF NOT EXISTS requests_deployment ON requests (deployment, ts)",
         *rollup.schema(dialect),
     ]
