@@ -583,21 +583,25 @@ mod tests {
             vec!["team=ml".to_string(), "pii=email".to_string()],
         ));
         assert_eq!(judge(text, Some("web")), web);
-        assert_eq!(rules.memo.size().0, 1); // its keywords and patterns remembered
+        assert_eq!(rules.memo.size().0, 0); // seen once: not copied
+        assert_eq!(judge(text, Some("web")), web);
+        assert_eq!(rules.memo.size().0, 1); // seen again: its keywords and patterns remembered
                                             // Another caller reaches a rule the first did not (PII): looked for, and remembered too.
         assert_eq!(judge(text, Some("ml")), ml);
         assert_eq!(judge(text, Some("web")), web);
         assert_eq!(judge(text, Some("ml")), ml);
         assert_eq!(rules.memo.size().0, 1);
         // A prompt one byte apart is its own.
-        assert_eq!(
-            judge("def f(): mail a@b.io about TICKET-x2", Some("web")).unwrap().0,
-            "code"
-        );
-        assert_eq!(
-            judge("def f(): mail a.b.io about TICKET-42", Some("ml")).unwrap().0,
-            "ticket"
-        );
+        for _ in 0..2 {
+            assert_eq!(
+                judge("def f(): mail a@b.io about TICKET-x2", Some("web")).unwrap().0,
+                "code"
+            );
+            assert_eq!(
+                judge("def f(): mail a.b.io about TICKET-42", Some("ml")).unwrap().0,
+                "ticket"
+            );
+        }
         assert_eq!(rules.memo.size().0, 3);
     }
 

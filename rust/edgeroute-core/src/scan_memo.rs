@@ -6,15 +6,19 @@
 //! and repeated-key scans ~10k. Each is a pure function of the bytes it reads (and of the
 //! rule set, whose memo goes with it), so bytes seen before take what was found then; the
 //! conditions that depend on the caller (tags, team, time, tokens) are checked afresh.
-//! Bytes are looked for by their lengths and a few of them (the first part's end and
-//! middle), then compared whole, so two requests never share findings. A spot holds at
-//! most [`SHARED`] of them (crafted ones that share it are scanned afresh, never searched
-//! longer), and the memo is bounded by entries and bytes, the oldest going first.
+//! Bytes are looked for by a hash of all of them (xxh3, seeded at random for each memo, so
+//! that bodies cannot be crafted to share a spot), then compared whole, so two requests
+//! never share findings. Bytes are kept only when seen a second time (most prompts are
+//! seen once: only their hash is kept, in a bounded ring, and nothing is copied). A spot
+//! holds at most [`SHARED`] entries, and the memo is bounded by entries and bytes, the
+//! oldest going first.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::content::Hits;
 use crate::pii::PiiSet;
@@ -25,11 +29,10 @@ const MAX_ENTRIES: usize = 1024;
 const MAX_BYTES: usize = 4 << 20;
 /// Larger ones are scanned afresh every time (they would crowd out many small ones).
 const MAX_PROMPT: usize = 256 << 10;
-/// Entries remembered under one spot.
+/// Entries remembered under one spot (bytes of one hash: a collision, or none).
 const SHARED: usize = 8;
-/// Bytes of the first part's end and middle that, with the lengths, make a spot.
-const TAIL: usize = 64;
-const MIDDLE: usize = 32;
+/// Hashes of bytes seen once, remembered at most (their bytes are kept at a second sight).
+const ONCE: usize = 4096;
 
 /// What the rules computed of one prompt: each part once some rule needed it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -62,6 +65,9 @@ struct Inner<V> {
     /// Oldest first, with their spots.
     order: VecDeque<(u64, Arc<Seen<V>>)>,
     bytes: usize,
+    /// Spots of bytes seen once lately, and their order (oldest first).
+    once: HashSet<u64>,
+    once_order: VecDeque<u64>,
 }
 
 impl<V> Default for Inner<V> {
@@ -70,6 +76,8 @@ impl<V> Default for Inner<V> {
             spots: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
+            once: HashSet::new(),
+            once_order: VecDeque::new(),
         }
     }
 }
@@ -78,23 +86,27 @@ impl<V> Default for Inner<V> {
 #[derive(Debug)]
 pub(crate) struct ScanMemo<V> {
     inner: Mutex<Inner<V>>,
+    seed: u64,
 }
 
 impl<V> Default for ScanMemo<V> {
     fn default() -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            seed: RandomState::new().hash_one(0u8),
         }
     }
 }
 
-fn spot(t: &[u8], body: Option<&[u8]>) -> u64 {
-    let half = t.len() / 2;
-    let mut h = DefaultHasher::new();
-    (t.len(), body.map(<[u8]>::len)).hash(&mut h);
-    t[t.len().saturating_sub(TAIL)..].hash(&mut h);
-    t[half..(half + MIDDLE).min(t.len())].hash(&mut h);
-    h.finish()
+impl<V> ScanMemo<V> {
+    fn spot(&self, text: &[u8], body: Option<&[u8]>) -> u64 {
+        let h = xxh3_64_with_seed(text, self.seed);
+        match body {
+            // The body hashed under the text's hash: (text, body) pairs split differently differ.
+            Some(b) => xxh3_64_with_seed(b, h ^ (text.len() as u64).rotate_left(32)),
+            None => h,
+        }
+    }
 }
 
 impl<V: Clone + Default + PartialEq> ScanMemo<V> {
@@ -103,7 +115,7 @@ impl<V: Clone + Default + PartialEq> ScanMemo<V> {
         if text.len() + body.map_or(0, <[u8]>::len) > MAX_PROMPT {
             return V::default();
         }
-        let key = spot(text, body);
+        let key = self.spot(text, body);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner
             .spots
@@ -119,9 +131,19 @@ impl<V: Clone + Default + PartialEq> ScanMemo<V> {
         if found == *known || text.len() + body.map_or(0, <[u8]>::len) > MAX_PROMPT {
             return;
         }
-        let key = spot(text, body);
+        let key = self.spot(text, body);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
+        if !inner.spots.contains_key(&key) && inner.once.insert(key) {
+            // Seen once: its hash kept, not its bytes (most prompts never come again).
+            inner.once_order.push_back(key);
+            if inner.once_order.len() > ONCE {
+                if let Some(gone) = inner.once_order.pop_front() {
+                    inner.once.remove(&gone);
+                }
+            }
+            return;
+        }
         let shared = inner.spots.entry(key).or_default();
         if let Some(old) = shared.iter_mut().find(|s| s.is(text, body)) {
             // Found more in bytes remembered (a rule reached only by another caller).
@@ -187,8 +209,11 @@ mod tests {
         let text = "x".repeat(300);
         let (text, braces) = (text.as_bytes(), Some(&b"{}"[..]));
         memo.put(text, braces, &Findings::default(), found(1));
+        // Seen once: only its hash kept, nothing copied.
+        assert_eq!((memo.get(text, braces), memo.size()), (Findings::default(), (0, 0)));
+        memo.put(text, braces, &Findings::default(), found(1));
         assert_eq!(memo.get(text, braces), found(1));
-        // One byte apart where the spot does not look (early in the text): compared whole.
+        // One byte apart: its own.
         let mut other = text.to_vec();
         other[3] = b'y';
         assert_eq!(memo.get(&other, braces), Findings::default());
@@ -203,8 +228,11 @@ mod tests {
     #[test]
     fn bounded_by_prompts_bytes_and_spot() {
         let memo = ScanMemo::default();
-        let put =
-            |memo: &ScanMemo<Findings>, text: &str| memo.put(text.as_bytes(), None, &Findings::default(), found(1));
+        let put = |memo: &ScanMemo<Findings>, text: &str| {
+            for _ in 0..2 {
+                memo.put(text.as_bytes(), None, &Findings::default(), found(1));
+            }
+        };
         for i in 0..MAX_ENTRIES + 10 {
             put(&memo, &format!("prompt {i}"));
         }
@@ -219,10 +247,19 @@ mod tests {
         assert_eq!(memo.get(big.as_bytes(), None), Findings::default());
         let memo = ScanMemo::default();
         for i in 0..20 {
-            let (a, b) = ((b'a' + i) as char, "z".repeat(200)); // same lengths, end and middle
+            let (a, b) = ((b'a' + i) as char, "z".repeat(200)); // same length, end and middle
             put(&memo, &format!("{a}{b}"));
         }
-        assert_eq!(memo.size().0, SHARED);
+        assert_eq!(memo.size().0, 20); // each by its own hash: none crowds another out
+                                       // A prompt's hash is forgotten after `ONCE` others seen once: a second sight is a first.
+        let memo = ScanMemo::default();
+        memo.put(b"first", None, &Findings::default(), found(1));
+        for i in 0..ONCE {
+            memo.put(format!("other {i}").as_bytes(), None, &Findings::default(), found(1));
+        }
+        memo.put(b"first", None, &Findings::default(), found(1));
+        assert_eq!(memo.size().0, 0);
+        let memo = ScanMemo::default();
         let chunk = "w".repeat(200 << 10);
         for i in 0..40 {
             put(&memo, &format!("{i:03}{chunk}"));
