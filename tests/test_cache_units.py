@@ -313,3 +313,11 @@ def test_the_semantic_index_is_bounded_and_filters_by_context_and_guards() -> No
     assert index.search(vectors[0], "ctx", g, 0.99) == [], "the oldest went out first"
     assert index.search(vectors[7], "other", g, 0.99) == []
     assert index.search(vectors[7], "ctx", guards("hello 2"), 0.99) == []
+
+
+def test_an_entry_counts_against_max_bytes_at_least_what_it_takes_in_memory() -> None:
+    # The in-memory store is bounded by `max_bytes` as counted by `Entry.size` (its body plus
+    # a fixed overhead): an overhead set below the real one let a full store hold about a fifth
+    # more memory than its bound.
+    in_memory, counted = evaluate.entry_memory(2000)
+    assert in_memory <= counted

@@ -1,6 +1,6 @@
 """How precise semantic cache hits are, and how fast a lookup is.
 
-    python -m edgeroute.cache.evaluate [--pairs FILE] [--latency]
+    python -m edgeroute.cache.evaluate [--pairs FILE] [--latency] [--memory]
 
 The protocol is fixed before any figure is looked at. The pairs file holds prompts pairs
 labelled `paraphrase` (the same request, worded differently: a hit is right) or a kind of
@@ -13,20 +13,26 @@ guards) at their own chosen threshold, and exact matching (hit rate 0 on paraphr
 
 `--latency` times a lookup as the proxy does it (embed the last user turn and compute its
 guards, then search an index) for a 1,000-token prompt against 100,000 indexed entries.
+`--memory` measures what an exact entry costs in memory (tracemalloc) and that the in-memory
+store keeps its bounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import os
 import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
+from edgeroute.cache.entry import Entry
 from edgeroute.cache.semantic import SemanticIndex, builtin_embedder, guards
+from edgeroute.cache.stores import CacheCounters, MemoryStore
 
 DEFAULT_PAIRS = Path(__file__).resolve().parents[2] / "tests" / "data" / "semantic_cache_pairs.jsonl"
 TARGET_PRECISION = 0.99
@@ -170,14 +176,79 @@ def latency(entries: int = 100_000, runs: int = 1000) -> None:
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
+# A chat completion as a cache keeps it: the bench's canned answer, about 600 bytes.
+_ANSWER = {
+    "id": "chatcmpl-0",
+    "object": "chat.completion",
+    "created": 1764979200,
+    "model": "gpt-4o-mini-2024-07-18",
+    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                 "message": {"role": "assistant", "content": "A routing edge proxy sends each request to the "
+                             "cheapest deployment that can answer it well, fails over when one breaks, and records "
+                             "what each request cost. " * 2, "refusal": None}}],
+    "usage": {"prompt_tokens": 1500, "completion_tokens": 64, "total_tokens": 1564},
+}  # fmt: skip
+
+
+def _fill(store: MemoryStore, n: int, bounds: tuple[int, int]) -> None:
+    answer = orjson.dumps(_ANSWER)
+
+    async def fill() -> None:
+        for i in range(n):
+            key = hashlib.sha256(b"%d" % i).hexdigest()  # as the proxy's keys: 64 hex digits
+            body = answer.replace(b"chatcmpl-0", b"chatcmpl-%d" % i)  # a body of its own
+            await store.put("route", key, Entry(body, "deployment-a", time.time(), 0.001, "openai:gpt-4o-mini"),
+                            3600.0, bounds)  # fmt: skip
+
+    asyncio.run(fill())
+
+
+def entry_memory(entries: int) -> tuple[float, float]:
+    """(bytes of memory, bytes counted against `max_bytes`) an exact entry of the bench's answer
+    costs in the in-memory store: its answer, key, entry and LRU link (tracemalloc)."""
+    store = MemoryStore(CacheCounters())
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _fill(store, entries, (entries, 1 << 40))
+        per = (tracemalloc.get_traced_memory()[0] - before) / entries
+    finally:
+        tracemalloc.stop()
+    return per, store.totals()[1] / entries
+
+
+def memory(entries: int = 20_000) -> None:
+    """An exact entry's memory in the in-memory store, and the store held to `max_entries`
+    and `max_bytes`."""
+    answer = orjson.dumps(_ANSWER)
+
+    per, counted = entry_memory(entries)
+    print(
+        f"exact entry, {len(answer)}-byte answer: {per:.0f} bytes of memory each ({entries} entries, "
+        f"tracemalloc), {counted:.0f} counted against max_bytes"
+    )
+    for bounds in ((1000, 1 << 40), (1 << 30, 1 << 20)):
+        store = MemoryStore(CacheCounters())
+        _fill(store, 5000, bounds)
+        held, size = store.totals()
+        assert held <= bounds[0] and size <= bounds[1], (held, size, bounds)
+        print(
+            f"bounds max_entries={bounds[0]}, max_bytes={bounds[1]}: 5000 put, {held} held, "
+            f"{size} bytes counted, {store.counters.evictions} evicted"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=Path, default=DEFAULT_PAIRS, help="JSON lines of {id, kind, a, b}")
     ap.add_argument("--latency", action="store_true", help="also time a lookup against 100,000 entries")
+    ap.add_argument("--memory", action="store_true", help="also measure an exact entry's memory and the bounds")
     args = ap.parse_args()
     report(args.pairs)
     if args.latency:
         latency()
+    if args.memory:
+        memory()
 
 
 if __name__ == "__main__":
