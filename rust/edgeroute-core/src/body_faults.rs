@@ -17,7 +17,7 @@ fn clean() -> &'static ScanMemo<usize> {
 
 /// Whether `body` nests more than `limit` deep, else the first key it repeats (if any).
 pub fn body_faults(body: &[u8], limit: usize) -> (bool, Option<String>) {
-    let known = clean().get(body, None);
+    let (known, key) = clean().get(body, None);
     if known == limit && limit > 0 {
         return (false, None);
     }
@@ -26,7 +26,7 @@ pub fn body_faults(body: &[u8], limit: usize) -> (bool, Option<String>) {
     }
     let repeated = duplicate_key(body);
     if repeated.is_none() && limit > 0 {
-        clean().put(body, None, &known, limit);
+        clean().put(key, body, None, &known, limit);
     }
     (false, repeated)
 }
@@ -50,6 +50,6 @@ mod tests {
             assert_eq!(body_faults(deep.as_bytes(), 16), (false, None));
             assert_eq!(body_faults(deep.as_bytes(), 8), (true, None));
         }
-        assert_eq!(clean().get(deep.as_bytes(), None), 16);
+        assert_eq!(clean().get(deep.as_bytes(), None).0, 16);
     }
 }

@@ -392,10 +392,10 @@ impl Rules {
             return self.evaluate_with(input, &ContentScan::default());
         }
         let (text, body) = (input.text.as_bytes(), input.body.map(str::as_bytes));
-        let known = self.memo.get(text, body);
+        let (known, key) = self.memo.get(text, body);
         let scan = ContentScan::from(known.clone());
         let matched = self.evaluate_with(input, &scan);
-        self.memo.put(text, body, &known, scan.findings());
+        self.memo.put(key, text, body, &known, scan.findings());
         matched
     }
 

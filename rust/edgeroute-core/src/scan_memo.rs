@@ -100,38 +100,39 @@ impl<V> Default for ScanMemo<V> {
 
 impl<V> ScanMemo<V> {
     fn spot(&self, text: &[u8], body: Option<&[u8]>) -> u64 {
-        let h = xxh3_64_with_seed(text, self.seed);
         match body {
-            // The body hashed under the text's hash: (text, body) pairs split differently differ.
-            Some(b) => xxh3_64_with_seed(b, h ^ (text.len() as u64).rotate_left(32)),
-            None => h,
+            // The text is read from the body (the rules' prompt is its messages' texts): the
+            // body alone finds it, and the whole comparison checks both.
+            Some(b) => xxh3_64_with_seed(b, self.seed ^ (text.len() as u64).rotate_left(32)),
+            None => xxh3_64_with_seed(text, self.seed),
         }
     }
 }
 
 impl<V: Clone + Default + PartialEq> ScanMemo<V> {
-    /// What was found in these bytes before (the default: not seen lately, or too large).
-    pub fn get(&self, text: &[u8], body: Option<&[u8]>) -> V {
+    /// What was found in these bytes before (the default: not seen lately, or too large),
+    /// and their spot, for `put` (hashed once a request).
+    pub fn get(&self, text: &[u8], body: Option<&[u8]>) -> (V, u64) {
         if text.len() + body.map_or(0, <[u8]>::len) > MAX_PROMPT {
-            return V::default();
+            return (V::default(), 0);
         }
         let key = self.spot(text, body);
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner
+        let found = inner
             .spots
             .get(&key)
             .and_then(|shared| shared.iter().find(|s| s.is(text, body)))
             .map(|s| s.findings.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        (found, key)
     }
 
-    /// Remembers what was found in these bytes (`known`: what `get` gave; nothing is
-    /// written when no more was found).
-    pub fn put(&self, text: &[u8], body: Option<&[u8]>, known: &V, found: V) {
+    /// Remembers what was found in these bytes (`key` and `known`: what `get` gave for them;
+    /// nothing is written when no more was found).
+    pub fn put(&self, key: u64, text: &[u8], body: Option<&[u8]>, known: &V, found: V) {
         if found == *known || text.len() + body.map_or(0, <[u8]>::len) > MAX_PROMPT {
             return;
         }
-        let key = self.spot(text, body);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *inner;
         if !inner.spots.contains_key(&key) && inner.once.insert(key) {
@@ -183,6 +184,12 @@ impl<V: Clone + Default + PartialEq> ScanMemo<V> {
         }
     }
 
+    /// `put` with the spot found afresh (for tests).
+    #[cfg(test)]
+    pub fn put_new(&self, text: &[u8], body: Option<&[u8]>, known: &V, found: V) {
+        self.put(self.spot(text, body), text, body, known, found);
+    }
+
     /// Entries remembered now, and their bytes (for tests).
     #[cfg(test)]
     pub fn size(&self) -> (usize, usize) {
@@ -208,20 +215,20 @@ mod tests {
         let memo = ScanMemo::default();
         let text = "x".repeat(300);
         let (text, braces) = (text.as_bytes(), Some(&b"{}"[..]));
-        memo.put(text, braces, &Findings::default(), found(1));
+        memo.put_new(text, braces, &Findings::default(), found(1));
         // Seen once: only its hash kept, nothing copied.
-        assert_eq!((memo.get(text, braces), memo.size()), (Findings::default(), (0, 0)));
-        memo.put(text, braces, &Findings::default(), found(1));
-        assert_eq!(memo.get(text, braces), found(1));
+        assert_eq!((memo.get(text, braces).0, memo.size()), (Findings::default(), (0, 0)));
+        memo.put_new(text, braces, &Findings::default(), found(1));
+        assert_eq!(memo.get(text, braces).0, found(1));
         // One byte apart: its own.
         let mut other = text.to_vec();
         other[3] = b'y';
-        assert_eq!(memo.get(&other, braces), Findings::default());
-        assert_eq!(memo.get(text, Some(b"[]")), Findings::default());
-        assert_eq!(memo.get(text, None), Findings::default());
+        assert_eq!(memo.get(&other, braces).0, Findings::default());
+        assert_eq!(memo.get(text, Some(b"[]")).0, Findings::default());
+        assert_eq!(memo.get(text, None).0, Findings::default());
         // More found later replaces what was remembered; nothing new writes nothing.
-        memo.put(text, braces, &found(1), found(0));
-        assert_eq!(memo.get(text, braces), found(0));
+        memo.put_new(text, braces, &found(1), found(0));
+        assert_eq!(memo.get(text, braces).0, found(0));
         assert_eq!(memo.size(), (1, 302));
     }
 
@@ -230,21 +237,21 @@ mod tests {
         let memo = ScanMemo::default();
         let put = |memo: &ScanMemo<Findings>, text: &str| {
             for _ in 0..2 {
-                memo.put(text.as_bytes(), None, &Findings::default(), found(1));
+                memo.put_new(text.as_bytes(), None, &Findings::default(), found(1));
             }
         };
         for i in 0..MAX_ENTRIES + 10 {
             put(&memo, &format!("prompt {i}"));
         }
         assert_eq!(memo.size().0, MAX_ENTRIES);
-        assert_eq!(memo.get(b"prompt 0", None), Findings::default()); // the oldest went first
+        assert_eq!(memo.get(b"prompt 0", None).0, Findings::default()); // the oldest went first
         assert_eq!(
-            memo.get(format!("prompt {}", MAX_ENTRIES + 9).as_bytes(), None),
+            memo.get(format!("prompt {}", MAX_ENTRIES + 9).as_bytes(), None).0,
             found(1)
         );
         let big = "y".repeat(MAX_PROMPT + 1);
         put(&memo, &big);
-        assert_eq!(memo.get(big.as_bytes(), None), Findings::default());
+        assert_eq!(memo.get(big.as_bytes(), None).0, Findings::default());
         let memo = ScanMemo::default();
         for i in 0..20 {
             let (a, b) = ((b'a' + i) as char, "z".repeat(200)); // same length, end and middle
@@ -253,11 +260,11 @@ mod tests {
         assert_eq!(memo.size().0, 20); // each by its own hash: none crowds another out
                                        // A prompt's hash is forgotten after `ONCE` others seen once: a second sight is a first.
         let memo = ScanMemo::default();
-        memo.put(b"first", None, &Findings::default(), found(1));
+        memo.put_new(b"first", None, &Findings::default(), found(1));
         for i in 0..ONCE {
-            memo.put(format!("other {i}").as_bytes(), None, &Findings::default(), found(1));
+            memo.put_new(format!("other {i}").as_bytes(), None, &Findings::default(), found(1));
         }
-        memo.put(b"first", None, &Findings::default(), found(1));
+        memo.put_new(b"first", None, &Findings::default(), found(1));
         assert_eq!(memo.size().0, 0);
         let memo = ScanMemo::default();
         let chunk = "w".repeat(200 << 10);
