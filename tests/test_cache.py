@@ -13,6 +13,8 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 import edgeroute
@@ -217,6 +219,44 @@ async def test_client_cache_directives(start_upstream, start_proxy) -> None:
     await client.close()
 
 
+async def test_repeated_cache_header_lines_are_all_read(start_upstream, start_proxy) -> None:
+    """HTTP folds repeated `Cache-Control` lines into one list: a `no-store` on the second line
+    is still a `no-store`. Two `x-edgeroute-cache` lines that disagree are a 400, never a guess
+    (a guess of `bypass` for `only-if-cached` would spend upstream)."""
+    up = await start_upstream(record=True)
+    proxy = await start_proxy(cached({"a": up}))
+    url = proxy.url + "/v1/chat/completions"
+    body = orjson.dumps({"model": "m", "messages": MSG, "temperature": 0})
+    async with aiohttp.ClientSession() as s:
+
+        async def post(*headers: tuple[str, str]) -> aiohttp.ClientResponse:
+            h = [("content-type", "application/json"), *headers]
+            async with s.post(url, data=body, headers=CIMultiDict(h)) as r:
+                await r.read()
+                return r
+
+        assert (await post(("Cache-Control", "private"), ("Cache-Control", "no-store"))).headers[
+            "x-edgeroute-cache"
+        ] == "miss"
+        await stored(proxy)
+        assert (await post()).headers["x-edgeroute-cache"] == "miss", "no-store on a second line: nothing stored"
+        await stored(proxy)
+        assert (await post(("Cache-Control", "max-age=0"))).headers["x-edgeroute-cache"] == "bypass"
+        assert (await post(("Cache-Control", "only-if-cached"))).headers["x-edgeroute-cache"] == "hit"
+        spent = calls(up)
+        r = await post(("x-edgeroute-cache", "refresh"), ("x-edgeroute-cache", "only-if-cached"))
+        assert r.status == 400 and calls(up) == spent
+        r = await post(("x-edgeroute-cache", "bypass"), ("x-edgeroute-cache", "yes-please"))
+        assert r.status == 400 and calls(up) == spent
+        assert (
+            await post(
+                ("x-edgeroute-cache", "hit-me"),
+            )
+        ).status == 400
+        r = await post(("x-edgeroute-cache", "only-if-cached"), ("x-edgeroute-cache", "Only-If-Cached"))
+        assert r.status == 200 and r.headers["x-edgeroute-cache"] == "hit", "the same directive twice is that directive"
+
+
 async def test_entries_are_scoped_to_a_key_unless_configured(start_upstream, start_proxy) -> None:
     keys = {
         "alice": {"token": "tok-alice", "team": "red"},
@@ -259,25 +299,36 @@ async def test_stale_if_error_serves_an_expired_answer_when_every_deployment_fai
 
 
 async def test_a_cached_answer_never_crosses_a_pii_rule(start_upstream, start_proxy) -> None:
-    """An answer produced by an untagged deployment is not served to a request that the
-    PII rule may only send to the private one."""
+    """One body, two instances sharing entries through Redis: the one without the PII rule
+    (say, before the rule was rolled out to it) stores the public deployment's answer; the
+    one with the rule must not serve it to the same body, which it may only send to the
+    private deployment."""
+    require_redis()
     public, private = await start_upstream(record=True), await start_upstream(record=True)
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
     cfg = cached({"pub": public, "priv": private}, scope="global")
     cfg["models"]["m"]["strategy"] = "lowest_cost"
     cfg["deployments"]["d-priv"]["tags"] = ["privacy:high"]
     cfg["deployments"]["d-priv"]["price"] = {"input_per_mtok": 5.0, "output_per_mtok": 10.0}
-    cfg["rules"] = [{"name": "pii", "when": {"pii": ["email"]}, "then": {"require_tags": ["privacy:high"]}}]
-    proxy = await start_proxy(cfg)
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
+    cfg["shared_state"] = {"redis_url": REDIS_URL, "prefix": prefix}
+    ruled = cfg | {"rules": [{"name": "pii", "when": {"pii": ["email"]}, "then": {"require_tags": ["privacy:high"]}}]}
+    before, after = await start_proxy(cfg), await start_proxy(ruled)
     pii = [{"role": "user", "content": "Mail ann@example.com the capital of France."}]
-    # Force the first answer onto the public deployment by asking without the rule's reach:
-    # the same body is sent, the rule sends it to the private one, so prime the cache by hand.
-    raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
-    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
-    raw = await client.chat.completions.with_raw_response.create(model="m", messages=pii, temperature=0)
-    assert raw.headers["x-edgeroute-deployment"] == "d-priv"
+
+    async def ask(proxy: Any) -> tuple[str, str]:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=pii, temperature=0)
+        await stored(proxy)
+        await client.close()
+        return raw.headers["x-edgeroute-deployment"], raw.headers["x-edgeroute-cache"]
+
+    assert await ask(before) == ("d-pub", "miss")
+    assert await ask(before) == ("d-pub", "hit"), "the entry is shared"
+    assert await ask(after) == ("d-priv", "miss"), "the public answer is not served under the rule"
     assert len(public.options.requests) == 1 and len(private.options.requests) == 1
-    await client.close()
+    r = aioredis.Redis.from_url(REDIS_URL)
+    await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")])
+    await r.aclose()
 
 
 async def test_a_body_seen_before_is_judged_by_each_callers_rules(start_upstream, start_proxy) -> None:
@@ -325,7 +376,11 @@ async def test_oversized_answers_are_not_cached(start_upstream, start_proxy) -> 
     for _ in range(2):
         raw = await client.chat.completions.with_raw_response.create(model="m", messages=MSG, temperature=0)
         assert raw.headers["x-edgeroute-cache"] == "miss"
-    assert calls(up) == 2
+    for _ in range(2):  # streamed: its events are far above the bound, and counted alike
+        async for _chunk in await client.chat.completions.create(model="m", messages=MSG, temperature=0, stream=True):
+            pass
+    await stored(proxy)
+    assert calls(up) == 4 and proxy.app[CACHE].counters.too_large == 4
     await client.close()
 
 
@@ -526,3 +581,64 @@ async def test_a_hit_is_framed_and_headed_as_a_miss_is(start_upstream, start_pro
     assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
     writer.close()
     assert calls(up) == 1
+
+
+@pytest.mark.parametrize("careless", ["logprobs", "arguments_object"])
+async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
+    serve_routes, start_proxy, careless: str
+) -> None:
+    """A cache replays answers from their text and tool calls. An answer with log
+    probabilities (a replay would drop them) or with a tool call's `arguments` as a JSON object
+    (some OpenAI-compatible servers send one; a stream replay could not frame it) is relayed
+    as it came and never stored: the next request is a miss, streamed or not, never a 500."""
+    served: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        served.append(1)
+        message: dict[str, Any] = {"role": "assistant", "content": "Paris."}
+        logprobs = None
+        if careless == "logprobs":
+            logprobs = {"content": [{"token": "Paris", "logprob": -0.01, "bytes": [80], "top_logprobs": []}]}
+        else:
+            call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": "stop"}
+        completion = {"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"]}
+        usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+        if not body.get("stream"):
+            return web.json_response(completion | {"choices": [choice], "usage": usage})
+        head = completion | {"object": "chat.completion.chunk"}
+        delta = {"role": "assistant", "content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": 0} | message["tool_calls"][0]]
+        chunks = [
+            {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None},
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"},
+        ]
+        events = b"".join(b"data: " + orjson.dumps(head | {"choices": [c]}) + b"\n\n" for c in chunks)
+        return web.Response(body=events + b"data: [DONE]\n\n", content_type="text/event-stream")
+
+    up = await serve_routes(web.post("/v1/chat/completions", answer))
+    cfg = {
+        "providers": {"p": {"base_url": up.url + "/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
+        "models": {"m": {"deployments": ["d"], "cache": {"ttl": 60}, "max_attempts": 1}},
+    }
+    proxy = await start_proxy(cfg)
+    payload = {"model": "m", "messages": MSG, "temperature": 0}
+    if careless == "logprobs":
+        payload["logprobs"] = True
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=payload) as r:
+            first = await r.json()
+            assert r.status == 200 and r.headers["x-edgeroute-cache"] == "miss"
+        await stored(proxy)
+        async with s.post(proxy.url + "/v1/chat/completions", json=payload | {"stream": True}) as r:
+            await r.read()
+            assert r.status == 200 and r.headers["x-edgeroute-cache"] == "miss"
+        async with s.post(proxy.url + "/v1/chat/completions", json=payload) as r:
+            again = await r.json()
+            assert r.status == 200 and r.headers["x-edgeroute-cache"] == "miss"
+    assert again["choices"][0]["logprobs"] == first["choices"][0]["logprobs"]
+    assert len(served) == 3

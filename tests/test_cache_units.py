@@ -267,6 +267,20 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
         ("What is the capital of France?", "Quelle est la capitale de la France ?", False),
         ("What is photosynthesis?", "光合作用是什么？", False),  # noqa: RUF001
         ('Translate "good night" to Spanish.', 'Translate "good morning" to Spanish.', False),
+        # Order: the same words, another request.
+        ("How to convert km to miles", "How to convert miles to km", False),
+        ("copy a file from my laptop to the server", "copy a file from the server to my laptop", False),
+        ("is python faster than java", "is java faster than python", False),
+        ("Did Germany beat Brazil in 2014?", "Did Brazil beat Germany in 2014?", False),
+        ("Add 5 and 10", "Add 10 and 5", False),
+        ("How to convert km to miles", "How do I convert km to miles", True),
+        ("Explain recursion to a beginner", "Explain recursion for a beginner", True),
+        ("Convert 100 USD to EUR", "Convert USD 100 to EUR", True),
+        # Decimal commas, exponents, hex, comparisons.
+        ("Is 1,5 bigger than 1?", "Is 15 bigger than 1?", False),
+        ("Set the limit to 1e3", "Set the limit to 1e6", False),
+        ("What is 0x1F in decimal?", "What is 0x2F in decimal?", False),
+        ("Why is x >= y here?", "Why is x <= y here?", False),
     ],
 )
 def test_guards_refuse_near_misses_and_keep_paraphrases(a: str, b: str, compatible: bool) -> None:
@@ -288,11 +302,12 @@ def test_only_a_plain_text_last_user_turn_is_matched_by_meaning() -> None:
 
 def test_the_default_similarity_is_the_one_the_published_protocol_chooses() -> None:
     """The README's semantic-cache figures come from `python -m edgeroute.cache.evaluate`;
-    the shipped default must be the threshold that protocol picks on its development half."""
+    the shipped default is never looser than the threshold that protocol picks on its
+    development half (stricter since the order guards: see the evaluate module)."""
     rows = evaluate.score(evaluate.DEFAULT_PAIRS)
     dev = [r for r in rows if evaluate.dev_half(r.id)]
     test = [r for r in rows if not evaluate.dev_half(r.id)]
-    assert evaluate.choose(dev, use_guards=True) == SEMANTIC_THRESHOLD
+    assert evaluate.choose(dev, use_guards=True) <= SEMANTIC_THRESHOLD
     f = evaluate.figures(test, SEMANTIC_THRESHOLD, use_guards=True)
     assert f.precision is not None and f.precision >= 0.99 and f.hit_rate > 0.5
     assert max(f.false_hits.values()) <= 0.01

@@ -149,9 +149,31 @@ def completion_from_json(body: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(obj, dict) or obj.get("error") or not isinstance(obj.get("choices"), list):
         return None
-    if not all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in obj["choices"]):
+    if not all(isinstance(c, dict) and _replayable(c) for c in obj["choices"]):
         return None
     return obj
+
+
+def _replayable(choice: dict[str, Any]) -> bool:
+    """Whether a choice is one `replay_chunks` gives back whole: text as strings, tool calls
+    as OpenAI writes them, and no log probabilities (a replay does not carry them, and a
+    client that asked for them must not be served an answer without). Anything else (some
+    OpenAI-compatible servers send `arguments` as an object) is answered, never stored."""
+    msg = choice.get("message")
+    if not isinstance(msg, dict) or choice.get("logprobs") is not None:
+        return False
+    if not all(msg.get(k) is None or isinstance(msg[k], str) for k in ("content", "refusal")):
+        return False
+    calls = msg.get("tool_calls")
+    if calls is None:
+        return True
+    return isinstance(calls, list) and all(
+        isinstance(tc, dict)
+        and isinstance(fn := tc.get("function"), dict)
+        and isinstance(fn.get("name"), str)
+        and isinstance(fn.get("arguments"), str)
+        for tc in calls
+    )
 
 
 # Finish reasons of an answer that ended as the model meant it to. `length` (cut at a token
@@ -207,10 +229,10 @@ def completion_from_stream(data: bytes) -> dict[str, Any] | None:
         if chunk.get("usage"):
             usage = chunk["usage"]
         for c in chunk.get("choices") or ():
-            if not isinstance(c, dict) or not isinstance(c.get("index", 0), int):
-                return None
+            if not isinstance(c, dict) or not isinstance(c.get("index", 0), int) or c.get("logprobs") is not None:
+                return None  # (log probabilities: see `_replayable`)
             _fold_choice(choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0))), c)
-    if not done or not choices or any(c["finish_reason"] is None for c in choices.values()):
+    if not done or not choices or any(c["finish_reason"] is None or c["unreplayable"] for c in choices.values()):
         return None
     out: dict[str, Any] = {"id": head.get("id", ""), "object": "chat.completion", "created": head.get("created", 0)}
     out["model"] = head.get("model", "")
@@ -223,7 +245,10 @@ def completion_from_stream(data: bytes) -> dict[str, Any] | None:
 
 
 def _empty_choice(index: int) -> dict[str, Any]:
-    return {"index": index, "role": "assistant", "content": None, "refusal": None, "tools": {}, "finish_reason": None}
+    return {
+        "index": index, "role": "assistant", "content": None, "refusal": None, "tools": {}, "finish_reason": None,
+        "unreplayable": False,
+    }  # fmt: skip
 
 
 def _fold_choice(acc: dict[str, Any], c: dict[str, Any]) -> None:
@@ -242,9 +267,11 @@ def _fold_choice(acc: dict[str, Any], c: dict[str, Any]) -> None:
         if tc.get("id"):
             t["id"] = tc["id"]
         fn = tc.get("function") or {}
-        if isinstance(fn, dict):
-            t["name"] += fn.get("name") or ""
-            t["arguments"] += fn.get("arguments") or ""
+        if not isinstance(fn, dict) or not all(isinstance(fn.get(k) or "", str) for k in ("name", "arguments")):
+            acc["unreplayable"] = True  # see `_replayable`
+            return
+        t["name"] += fn.get("name") or ""
+        t["arguments"] += fn.get("arguments") or ""
     if c.get("finish_reason"):
         acc["finish_reason"] = c["finish_reason"]
 

@@ -36,8 +36,18 @@ from edgeroute.cache.key import cache_key
 
 DIM = 256
 
-# Numbers as written ("3", "3.5", "1,000", "-2"), normalised so "1,000" == "1000".
-_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*")
+# Numbers as written ("3", "3.5", "1,000", "-2", "1e6", "0x1F"), normalised so "1,000" == "1000"
+# while "1,25" (a decimal comma) stays 1.25, not 125.
+_NUMBER = re.compile(r"(?<![\w.])-?(?:0[xX][0-9a-fA-F]+|\d+(?:[.,]\d+)*(?:[eE][-+]?\d+)?)")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# Comparisons and percentages: "x > 5" and "x < 5" embed as twins.
+_OPERATOR = re.compile(r"[<>!=]=|=>|->|<-|[<>%]")
+# Words that tie what comes before them to what comes after, one way round: "100 USD to EUR",
+# "Rust faster than Go", "from the laptop to the server". The same words on the other
+# sides is another request, and static embeddings do not see order.
+_CONNECTORS = frozenset("to from into onto than vs versus over against toward towards".split())
+_WINDOW = 4  # content words on each side of a connector that must not have swapped sides
+_MAX_SPANS = 32  # connectors looked at in a prompt (the first ones): bounds the pairwise check
 _WORD = re.compile(r"[^\W_][\w'\u2019-]*", re.UNICODE)
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|'([^'\s][^']{0,200})'")
 # Possessive quantifiers: the next character can never be one they would give back, and
@@ -118,19 +128,73 @@ class Guards:
     actions: frozenset[str]  # opposed words present ("enable", "export", ...)
     script: str
     language: str | None  # a guess from common words; None when too few to tell
+    operators: frozenset[str] = frozenset()  # "<", ">=", "%", ...
+    order: tuple[str, ...] = ()  # the entities, then the numbers, each in the order they first appear
+    spans: tuple[Span, ...] = ()  # each connector with the content words just before and after it
 
     def compatible(self, other: Guards) -> bool:
-        """Everything equal; the language only where both prompts say enough to tell it."""
+        """Everything equal; the language only where both prompts say enough to tell it; no
+        word on the other side of a connector ("km to miles" / "miles to km")."""
         same_language = self.language is None or other.language is None or self.language == other.language
-        return same_language and (
-            self.numbers,
-            self.entities,
-            self.quoted,
-            self.code,
-            self.negated,
-            self.actions,
-            self.script,
-        ) == (other.numbers, other.entities, other.quoted, other.code, other.negated, other.actions, other.script)
+        return (
+            same_language
+            and (
+                self.numbers,
+                self.entities,
+                self.quoted,
+                self.code,
+                self.negated,
+                self.actions,
+                self.script,
+                self.operators,
+                self.order,
+            )
+            == (
+                other.numbers,
+                other.entities,
+                other.quoted,
+                other.code,
+                other.negated,
+                other.actions,
+                other.script,
+                other.operators,
+                other.order,
+            )
+            and not _crossed(self.spans, other.spans)
+        )
+
+
+# (connector, content words before it, content words after it)
+Span = tuple[str, frozenset[str], frozenset[str]]
+
+
+def _crossed(a: tuple[Span, ...], b: tuple[Span, ...]) -> bool:
+    """Whether some connector has words before it in one prompt that come after it in the
+    other, and the other way round: the two ask for opposite directions."""
+    return any(
+        c == d and not before.isdisjoint(after2) and not after.isdisjoint(before2)
+        for c, before, after in a
+        for d, before2, after2 in b
+    )
+
+
+def _spans(lows: list[str]) -> tuple[Span, ...]:
+    seq = [w for w in lows if w in _CONNECTORS or not (w in _STOP_INDEX or w in _COMMON_OPENERS or len(w) < 2)]
+    spans: list[Span] = []
+    for i, w in enumerate(seq):
+        if w in _CONNECTORS:
+            before = [x for x in seq[max(0, i - _WINDOW) : i] if x not in _CONNECTORS]
+            after = [x for x in seq[i + 1 : i + 1 + _WINDOW] if x not in _CONNECTORS]
+            spans.append((w, frozenset(before), frozenset(after)))
+            if len(spans) == _MAX_SPANS:
+                break
+    return tuple(spans)
+
+
+def _number(raw: str) -> str:
+    if "," in raw:
+        return raw.replace(",", "") if _THOUSANDS.fullmatch(raw) else raw.replace(",", ".")
+    return raw.lower()
 
 
 def guards(text: str) -> Guards:
@@ -138,7 +202,7 @@ def guards(text: str) -> Guards:
     of tokens, so each pass that needs no order works on distinct words and chunks only
     (none of the patterns but backquotes reaches across whitespace)."""
     chunks = " ".join(set(text.split()))  # each distinct whitespace-free chunk once
-    digits = {m.replace(",", "") for m in _NUMBER.findall(chunks)}
+    digits = {_number(m) for m in _NUMBER.findall(chunks)}
     words = _WORD.findall(text)
     counts = collections.Counter(words)
     lower = {w: w.lower().replace("\u2019", "'") for w in counts}
@@ -164,7 +228,16 @@ def guards(text: str) -> Guards:
     negated = not distinct.isdisjoint(_NEGATIONS) or any(w.endswith("n't") or _negating_prefix(w) for w in distinct)
     actions = frozenset(_OPPOSED_FORMS[w] for w in distinct if w in _OPPOSED_FORMS)
     script, language = _language(text, counts, lower)
-    return Guards(numbers, frozenset(entities), quoted, code, negated, actions, script, language)
+    operators = frozenset(_OPERATOR.findall(chunks))
+    lows = [lower[w] for w in words]
+    order = (
+        *(w for w in dict.fromkeys(lows) if w in entities),
+        "",  # then the numbers, in their own order: "100 USD" and "USD 100" are one request
+        *dict.fromkeys(_number(m) for m in _NUMBER.findall(text)),
+    )
+    return Guards(
+        numbers, frozenset(entities), quoted, code, negated, actions, script, language, operators, order, _spans(lows)
+    )
 
 
 def _is_common(word: str) -> bool:

@@ -52,6 +52,12 @@ _DIRECTIVES = ("bypass", "refresh", "only-if-cached")
 Label = Literal["hit", "miss", "stale", "bypass"]
 
 
+# The longest last user turn (characters) looked up and indexed by meaning. Embedding runs on
+# one thread: a turn of megabytes would hold every other semantic lookup up for a second.
+# Longer turns are matched exactly only (a paraphrase of a 10,000-word turn is rare anyway).
+MAX_SEMANTIC_TURN = 32 * 1024
+
+
 @dataclass(slots=True, frozen=True)
 class Directive:
     """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`)."""
@@ -69,7 +75,15 @@ class Directive:
         lookup = store = True
         only_if_cached = False
         if raw is not None:
-            value = raw.strip().lower()
+            values = {v.strip().lower() for v in got.getall(HEADER)}
+            if len(values) > 1:  # two lines that disagree: which one the client meant is a guess
+                raise ProxyError(
+                    400,
+                    f"Header {HEADER} was sent more than once with different values; send it once.",
+                    code="invalid_header",
+                    param=HEADER,
+                )
+            value = values.pop()
             if value not in _DIRECTIVES:
                 shown = raw[:40].encode("ascii", "replace").decode("ascii")
                 raise ProxyError(
@@ -84,12 +98,16 @@ class Directive:
                 lookup = False
             else:
                 only_if_cached = True
-        for part in (control or "").lower().split(","):
-            part = part.strip()
-            if part == "no-store":
-                store = False
-            elif part == "no-cache":  # serve nothing stored without going upstream
-                lookup = False
+        # Repeated Cache-Control lines are one list (RFC 9110 5.3): each line counts.
+        for line in got.getall("Cache-Control", ()):
+            for part in line.lower().split(","):
+                part = part.strip().replace(" ", "")
+                if part == "no-store":
+                    store = False
+                elif part in ("no-cache", "max-age=0"):  # serve nothing stored without going upstream
+                    lookup = False
+                elif part == "only-if-cached":
+                    only_if_cached = True
         return cls(lookup, store, only_if_cached)
 
 
@@ -215,7 +233,7 @@ class ResponseCache:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
         plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable, owner=_owner(request))
-        if (split := split_last_user_turn(obj)) is not None:
+        if (split := split_last_user_turn(obj)) is not None and len(split[0]) <= MAX_SEMANTIC_TURN:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         return self._bypass_unless_looked_up(plan)
 
@@ -246,7 +264,8 @@ class ResponseCache:
         """For an endpoint whose answers are never cached: its cache header still means what it
         means elsewhere (400 for a bad value; 504 for `only-if-cached`, which a client sends so
         that nothing is spent upstream)."""
-        if HEADER in request.headers and Directive.of(request).only_if_cached:
+        got = request.headers
+        if (HEADER in got or "Cache-Control" in got) and Directive.of(request).only_if_cached:
             raise _not_cached()
 
     def _bypass_unless_looked_up(self, plan: Plan) -> Plan:
@@ -396,7 +415,10 @@ class ResponseCache:
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
-        if not plan.stores or len(stream) > 4 * plan.settings.max_entry_bytes:
+        if not plan.stores:
+            return
+        if len(stream) > 4 * plan.settings.max_entry_bytes:  # its answer is too, or near it: not folded
+            self.counters.too_large += 1
             return
         completion = completion_from_stream(stream)
         if completion is not None and finished(completion):

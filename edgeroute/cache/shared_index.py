@@ -37,7 +37,7 @@ from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
 log = logging.getLogger("edgeroute.cache")
 
-_VERSION = 1
+_VERSION = 2  # 2: the order guards (operators, order, spans); a version-1 record is a miss
 _MAX_DIM = 16_384
 _MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
@@ -54,6 +54,7 @@ def encode(origin: str, key: str, context: str, g: Guards, vector: Any) -> bytes
     head = [
         _VERSION, origin, key, context, sorted(g.numbers), sorted(g.entities), sorted(g.quoted), sorted(g.code),
         g.negated, sorted(g.actions), g.script, g.language, len(half),
+        sorted(g.operators), list(g.order), [[c, sorted(b), sorted(a)] for c, b, a in g.spans],
     ]  # fmt: skip
     return zlib.compress(orjson.dumps(head) + b"\n" + half.tobytes(), 1)
 
@@ -65,17 +66,19 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
     try:
         raw = inflate(data, _MAX_RECORD_BYTES)
         head, _, vec = raw.partition(b"\n")
-        v, origin, key, context, numbers, entities, quoted, code, negated, actions, script, language, ndim = (
-            orjson.loads(head)
-        )
+        (v, origin, key, context, numbers, entities, quoted, code, negated, actions, script, language, ndim,
+         operators, order, raw_spans) = orjson.loads(head)  # fmt: skip
+        spans = tuple((c, frozenset(b), frozenset(a)) for c, b, a in raw_spans)
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as e:
         raise ValueError(f"not a semantic index record: {type(e).__name__}") from None
     strings = (origin, key, context, script)
-    lists = (numbers, entities, quoted, code, actions)
+    lists = (numbers, entities, quoted, code, actions, operators, order)
+    span_words = [c for c, _, _ in spans] + [w for _, b, a in spans for w in (*b, *a)]
     if (
         v != _VERSION
         or not all(isinstance(s, str) for s in strings)
         or not all(isinstance(x, list) and all(isinstance(s, str) for s in x) for x in lists)
+        or not all(isinstance(w, str) for w in span_words)
         or not isinstance(negated, bool)
         or not (language is None or isinstance(language, str))
         or not isinstance(ndim, int)
@@ -88,7 +91,7 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
         raise ValueError("a vector that is not finite")
     g = Guards(
         frozenset(numbers), frozenset(entities), frozenset(quoted), frozenset(code), negated, frozenset(actions),
-        script, language,
+        script, language, frozenset(operators), tuple(order), spans,
     )  # fmt: skip
     return origin, key, context, g, vector
 

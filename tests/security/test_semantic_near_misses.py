@@ -18,6 +18,14 @@ NEAR_MISSES = [
     ("List three benefits of exercise", "List four benefits of exercise"),
     ("Is it safe to take ibuprofen with alcohol?", "Is it unsafe to take ibuprofen with alcohol?"),
     ("Write a python function to sort a list ascending", "Write a python function to sort a list descending"),
+    # The same words the other way round (static embeddings see no order: similarity 1.000),
+    # a decimal comma, an exponent, a comparison.
+    ("Convert 100 USD to EUR", "Convert 100 EUR to USD"),
+    ("convert 5 km to miles", "convert 5 miles to km"),
+    ("Is Rust faster than Go?", "Is Go faster than Rust?"),
+    ("How much is 1,25 euros in dollars?", "How much is 125 euros in dollars?"),
+    ("Set the timeout to 1e3 ms", "Set the timeout to 1e6 ms"),
+    ("Is x > 5 in this code: if x > 5: print(x)", "Is x < 5 in this code: if x < 5: print(x)"),
 ]
 
 
@@ -44,5 +52,7 @@ async def test_near_misses_of_number_words_negating_prefixes_and_antonyms_are_mi
     assert got == [(second, "miss") for _, second in NEAR_MISSES]
     # What the guards must still let through: the same question in other words.
     assert await cache_of("Is it not safe to take ibuprofen with alcohol?") == "hit"
-    assert len(up.options.requests) == 2 * len(NEAR_MISSES)
+    assert await cache_of("In Python, how do I sort a list?") == "miss"
+    assert await cache_of("How do I sort a list in Python?") == "hit", "words moved, none across a connector"
+    assert len(up.options.requests) == 2 * len(NEAR_MISSES) + 1
     await client.close()
