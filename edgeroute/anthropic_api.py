@@ -605,9 +605,11 @@ class StreamEncoder:
                 ti = self.tool_slots.of(tc)
                 fn = tc.get("function") or {}
                 if ti not in self.tool_blocks:
-                    if self.text_block is not None:
-                        out += self._close(self.text_block)
-                        self.text_block = None
+                    # Anthropic streams one block at a time: the text, or the previous tool call
+                    # (OpenAI sends parallel calls one after another), ends before the next starts.
+                    for idx in list(self.open):
+                        out += self._close(idx)
+                    self.text_block = None
                     block = {
                         "type": "tool_use",
                         "id": _string(tc.get("id")),

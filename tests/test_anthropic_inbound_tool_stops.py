@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
+import orjson
 import pytest
+from aiohttp import web
 
 from tests.providers_fixtures import provider_config, start_mock
 
@@ -67,3 +69,49 @@ async def test_an_answer_without_calls_still_ends_its_turn(start_mock: Any, star
     else:
         msg = await client.messages.create(**ask)
     assert [b.type for b in msg.content] == ["text"] and msg.stop_reason == "end_turn"
+
+
+async def test_parallel_tool_calls_stream_one_block_at_a_time(serve_routes: Any, start_proxy: Any) -> None:
+    """An OpenAI upstream streams two parallel tool calls one after the other; the Anthropic
+    client gets them as Anthropic streams blocks: each block stopped before the next starts."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+        deltas: list[Any] = [{"role": "assistant", "content": None}]
+        for i, city in enumerate(("Paris", "Rome")):
+            call = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": "get_weather"}}
+            deltas.append({"tool_calls": [call | {"function": {"name": "get_weather", "arguments": ""}}]})
+            deltas.append(
+                {"tool_calls": [{"index": i, "function": {"arguments": orjson.dumps({"city": city}).decode()}}]}
+            )
+        chunks = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+        chunks.append({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for c in chunks:
+            await resp.write(b"data: " + orjson.dumps(head | {"choices": [c]}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", answer))
+    cfg = {
+        "providers": {"p": {"base_url": up.url + "/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
+        "models": {"m": {"deployments": ["d"]}},
+    }
+    proxy = await start_proxy(cfg)
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    events: list[tuple[str, int]] = []
+    async with client.messages.stream(model="m", max_tokens=100, tools=TOOLS, messages=ASK) as s:
+        async for ev in s:
+            if ev.type in ("content_block_start", "content_block_stop"):
+                events.append((ev.type, ev.index))
+        msg = await s.get_final_message()
+    assert events == [
+        ("content_block_start", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_stop", 1),
+    ]
+    assert [(u.type, u.input) for u in msg.content] == [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]
+    assert msg.stop_reason == "tool_use"
