@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import sys
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from pathlib import Path
 import orjson
 
 from edgeroute.cache.entry import Entry
-from edgeroute.cache.semantic import SemanticIndex, builtin_embedder, guards
+from edgeroute.cache.semantic import Guards, SemanticIndex, builtin_embedder, guards
 from edgeroute.cache.settings import SEMANTIC_THRESHOLD
 from edgeroute.cache.stores import CacheCounters, MemoryStore
 
@@ -184,8 +185,13 @@ def latency(entries: int = 100_000, runs: int = 1000) -> None:
     print(f"semantic lookup, {tokens}-token last turn, {entries} entries (index built in {built:.1f} s): "
           f"wall p50 {p(times, 0.5):.3f} ms, p99 {p(times, 0.99):.3f} ms; "
           f"CPU p50 {p(cpu, 0.5):.3f} ms, p99 {p(cpu, 0.99):.3f} ms (no word seen before: p50 {p(cold, 0.5):.3f} ms); "
-          f"index memory {index.memory_bytes() / entries:.0f} bytes per entry; "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"index memory {index.memory_bytes() / entries:.0f} bytes per entry, and its guards "
+          f"{_guards_bytes(gd)} bytes; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
+def _guards_bytes(g: Guards) -> int:
+    """What an entry's guards keep in memory (kept with its label beside the index)."""
+    return sys.getsizeof(g) + sys.getsizeof(g.exact) + sys.getsizeof(g.spans)
 
 
 # A chat completion as a cache keeps it: the bench's canned answer, about 600 bytes.

@@ -24,13 +24,18 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import math
 import re
+import struct
 import threading
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from edgeroute.cache.key import cache_key
 
@@ -42,12 +47,13 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:0[xX][0-9a-fA-F]+|\d+(?:[.,]\d+)*(?:[eE][-
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # Comparisons and percentages: "x > 5" and "x < 5" embed as twins.
 _OPERATOR = re.compile(r"[<>!=]=|=>|->|<-|[<>%]")
+_MAY_COMPARE = re.compile(r"[<>%]|[!=]=")
 # Words that tie what comes before them to what comes after, one way round: "100 USD to EUR",
 # "Rust faster than Go", "from the laptop to the server". The same words on the other
 # sides is another request, and static embeddings do not see order.
 _CONNECTORS = frozenset("to from into onto than vs versus over against toward towards".split())
 _WINDOW = 4  # content words on each side of a connector that must not have swapped sides
-_MAX_SPANS = 32  # connectors looked at in a prompt (the first ones): bounds the pairwise check
+_MAX_SPANS = 16  # connectors looked at in a prompt (the first ones): bounds its memory and the pairwise check
 _WORD = re.compile(r"[^\W_][\w'\u2019-]*", re.UNICODE)
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|'([^'\s][^']{0,200})'")
 # Possessive quantifiers: the next character can never be one they would give back, and
@@ -118,77 +124,80 @@ _WHOLE_VOTE = math.lcm(*range(1, len(_STOPWORDS) + 1))  # divisible by any numbe
 
 @dataclass(frozen=True, slots=True)
 class Guards:
-    """What must be identical between two prompts for one's answer to serve the other."""
+    """What must be identical between two prompts for one's answer to serve the other.
 
-    numbers: frozenset[str]
-    entities: frozenset[str]
-    quoted: frozenset[str]
-    code: frozenset[str]
-    negated: bool
-    actions: frozenset[str]  # opposed words present ("enable", "export", ...)
-    script: str
+    Kept with every indexed entry, so kept small: what must be equal (the numbers, named
+    entities, quoted text, code identifiers, negation, opposed words, comparisons, script, and
+    the order of the entities and of the numbers) as one digest; the language apart (it need
+    match only where both prompts say enough to tell it); the connectors' neighbours packed
+    (`_pack_spans`). A 5 KB prompt's guards took 12 KB as sets of strings."""
+
+    exact: bytes  # blake2b-128 of the fields that must be equal
     language: str | None  # a guess from common words; None when too few to tell
-    operators: frozenset[str] = frozenset()  # "<", ">=", "%", ...
-    order: tuple[str, ...] = ()  # the entities, then the numbers, each in the order they first appear
-    spans: tuple[Span, ...] = ()  # each connector with the content words just before and after it
+    spans: bytes = b""  # each connector with the content words just before and after it, packed
 
     def compatible(self, other: Guards) -> bool:
         """Everything equal; the language only where both prompts say enough to tell it; no
         word on the other side of a connector ("km to miles" / "miles to km")."""
         same_language = self.language is None or other.language is None or self.language == other.language
-        return (
-            same_language
-            and (
-                self.numbers,
-                self.entities,
-                self.quoted,
-                self.code,
-                self.negated,
-                self.actions,
-                self.script,
-                self.operators,
-                self.order,
-            )
-            == (
-                other.numbers,
-                other.entities,
-                other.quoted,
-                other.code,
-                other.negated,
-                other.actions,
-                other.script,
-                other.operators,
-                other.order,
-            )
-            and not _crossed(self.spans, other.spans)
-        )
+        return same_language and self.exact == other.exact and not _crossed(self.spans, other.spans)
 
 
-# (connector, content words before it, content words after it)
-Span = tuple[str, frozenset[str], frozenset[str]]
+# A span: the connector's number in _CONNECTOR_LIST, then _WINDOW words before it and _WINDOW
+# after it, each a 32-bit CRC (0: no word), the same in every process (shared indexes).
+_SPAN = struct.Struct(f"<B{2 * _WINDOW}I")
+_CONNECTOR_LIST = sorted(_CONNECTORS)
+_CONNECTOR_ID = {c: i for i, c in enumerate(_CONNECTOR_LIST)}
 
 
-def _crossed(a: tuple[Span, ...], b: tuple[Span, ...]) -> bool:
+def _word_id(word: str) -> int:
+    return zlib.crc32(word.encode()) or 1
+
+
+def _unpack_spans(packed: bytes) -> list[tuple[int, set[int], set[int]]]:
+    out = []
+    for c, *ids in _SPAN.iter_unpack(packed):
+        out.append((c, {i for i in ids[:_WINDOW] if i}, {i for i in ids[_WINDOW:] if i}))
+    return out
+
+
+def is_packed_spans(packed: bytes) -> bool:
+    """Whether `packed` is what `_pack_spans` writes (a record from another instance)."""
+    n, rest = divmod(len(packed), _SPAN.size)
+    return rest == 0 and n <= _MAX_SPANS and all(s[0] < len(_CONNECTOR_LIST) for s in _SPAN.iter_unpack(packed))
+
+
+def _crossed(a: bytes, b: bytes) -> bool:
     """Whether some connector has words before it in one prompt that come after it in the
     other, and the other way round: the two ask for opposite directions."""
+    if not a or not b:
+        return False
+    spans_b = _unpack_spans(b)
     return any(
         c == d and not before.isdisjoint(after2) and not after.isdisjoint(before2)
-        for c, before, after in a
-        for d, before2, after2 in b
+        for c, before, after in _unpack_spans(a)
+        for d, before2, after2 in spans_b
     )
 
 
-def _spans(lows: list[str]) -> tuple[Span, ...]:
-    seq = [w for w in lows if w in _CONNECTORS or not (w in _STOP_INDEX or w in _COMMON_OPENERS or len(w) < 2)]
-    spans: list[Span] = []
-    for i, w in enumerate(seq):
-        if w in _CONNECTORS:
-            before = [x for x in seq[max(0, i - _WINDOW) : i] if x not in _CONNECTORS]
-            after = [x for x in seq[i + 1 : i + 1 + _WINDOW] if x not in _CONNECTORS]
-            spans.append((w, frozenset(before), frozenset(after)))
-            if len(spans) == _MAX_SPANS:
-                break
-    return tuple(spans)
+def _pack_spans(words: list[str], lower: dict[str, str], distinct: set[str]) -> bytes:
+    if distinct.isdisjoint(_CONNECTORS):
+        return b""
+    seq = [low for w in words if (low := lower[w]) not in _FILLER]
+    at = [i for i, w in enumerate(seq) if w in _CONNECTORS][:_MAX_SPANS]
+    ids: dict[str, int] = {}
+    out = bytearray()
+    for i in at:
+        before = [
+            ids.get(x) or ids.setdefault(x, _word_id(x)) for x in seq[max(0, i - _WINDOW) : i] if x not in _CONNECTORS
+        ]
+        after = [
+            ids.get(x) or ids.setdefault(x, _word_id(x)) for x in seq[i + 1 : i + 1 + _WINDOW] if x not in _CONNECTORS
+        ]
+        out += _SPAN.pack(
+            _CONNECTOR_ID[seq[i]], *before, *[0] * (_WINDOW - len(before)), *after, *[0] * (_WINDOW - len(after))
+        )
+    return bytes(out)
 
 
 def _number(raw: str) -> str:
@@ -228,16 +237,14 @@ def guards(text: str) -> Guards:
     negated = not distinct.isdisjoint(_NEGATIONS) or any(w.endswith("n't") or _negating_prefix(w) for w in distinct)
     actions = frozenset(_OPPOSED_FORMS[w] for w in distinct if w in _OPPOSED_FORMS)
     script, language = _language(text, counts, lower)
-    operators = frozenset(_OPERATOR.findall(chunks))
-    lows = [lower[w] for w in words]
-    order = (
-        *(w for w in dict.fromkeys(lows) if w in entities),
-        "",  # then the numbers, in their own order: "100 USD" and "USD 100" are one request
-        *dict.fromkeys(_number(m) for m in _NUMBER.findall(text)),
-    )
-    return Guards(
-        numbers, frozenset(entities), quoted, code, negated, actions, script, language, operators, order, _spans(lows)
-    )
+    operators = frozenset(_OPERATOR.findall(chunks)) if _MAY_COMPARE.search(chunks) else frozenset()
+    order = [w for w in dict.fromkeys(lower.values()) if w in entities]  # `lower` is in order of first sight
+    if len(digits) > 1:  # then the numbers, in their own order ("100 USD" and "USD 100" are one request)
+        order += ["", *dict.fromkeys(_number(m) for m in _NUMBER.findall(text))]
+    exact = [sorted(numbers), sorted(entities), sorted(quoted), sorted(code), negated, sorted(actions), script]
+    exact += [sorted(operators), order]
+    packed = _pack_spans(words, lower, distinct)
+    return Guards(hashlib.blake2b(orjson.dumps(exact), digest_size=16).digest(), language, packed)
 
 
 def _is_common(word: str) -> bool:
@@ -250,6 +257,9 @@ _COMMON_OPENERS = frozenset(
     "the a an in on at for of to from with by about if there this that these those it its hi hello hey "
     "summarize translate compare calculate define convert generate suggest recommend draft outline".split()
 )
+# Words around a connector that say nothing of what goes where ("the", "my", "how", "x"): the
+# content words on each side are what must not change sides.
+_FILLER = (frozenset(_STOP_INDEX) | _COMMON_OPENERS | frozenset("abcdefghijklmnopqrstuvwxyz0123456789")) - _CONNECTORS
 
 
 def _language(text: str, counts: collections.Counter[str], lower: dict[str, str]) -> tuple[str, str | None]:

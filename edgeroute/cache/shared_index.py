@@ -32,7 +32,7 @@ import orjson
 
 from edgeroute import redis_client
 from edgeroute.cache.entry import inflate
-from edgeroute.cache.semantic import Guards
+from edgeroute.cache.semantic import Guards, is_packed_spans
 from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
 log = logging.getLogger("edgeroute.cache")
@@ -51,11 +51,7 @@ def encode(origin: str, key: str, context: str, g: Guards, vector: Any) -> bytes
     import numpy as np
 
     half = np.asarray(vector, dtype=np.float16)
-    head = [
-        _VERSION, origin, key, context, sorted(g.numbers), sorted(g.entities), sorted(g.quoted), sorted(g.code),
-        g.negated, sorted(g.actions), g.script, g.language, len(half),
-        sorted(g.operators), list(g.order), [[c, sorted(b), sorted(a)] for c, b, a in g.spans],
-    ]  # fmt: skip
+    head = [_VERSION, origin, key, context, g.exact.hex(), g.language, g.spans.hex(), len(half)]
     return zlib.compress(orjson.dumps(head) + b"\n" + half.tobytes(), 1)
 
 
@@ -66,20 +62,15 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
     try:
         raw = inflate(data, _MAX_RECORD_BYTES)
         head, _, vec = raw.partition(b"\n")
-        (v, origin, key, context, numbers, entities, quoted, code, negated, actions, script, language, ndim,
-         operators, order, raw_spans) = orjson.loads(head)  # fmt: skip
-        spans = tuple((c, frozenset(b), frozenset(a)) for c, b, a in raw_spans)
+        v, origin, key, context, exact, language, spans, ndim = orjson.loads(head)
+        g = Guards(bytes.fromhex(exact), language, bytes.fromhex(spans))
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as e:
         raise ValueError(f"not a semantic index record: {type(e).__name__}") from None
-    strings = (origin, key, context, script)
-    lists = (numbers, entities, quoted, code, actions, operators, order)
-    span_words = [c for c, _, _ in spans] + [w for _, b, a in spans for w in (*b, *a)]
     if (
         v != _VERSION
-        or not all(isinstance(s, str) for s in strings)
-        or not all(isinstance(x, list) and all(isinstance(s, str) for s in x) for x in lists)
-        or not all(isinstance(w, str) for w in span_words)
-        or not isinstance(negated, bool)
+        or not all(isinstance(s, str) for s in (origin, key, context))
+        or len(g.exact) != 16
+        or not is_packed_spans(g.spans)
         or not (language is None or isinstance(language, str))
         or not isinstance(ndim, int)
         or not 0 < ndim <= _MAX_DIM
@@ -89,10 +80,6 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
     vector = np.frombuffer(vec, dtype=np.float16).astype(np.float32)
     if not np.all(np.isfinite(vector)):
         raise ValueError("a vector that is not finite")
-    g = Guards(
-        frozenset(numbers), frozenset(entities), frozenset(quoted), frozenset(code), negated, frozenset(actions),
-        script, language, frozenset(operators), tuple(order), spans,
-    )  # fmt: skip
     return origin, key, context, g, vector
 
 

@@ -150,9 +150,10 @@ def test_records_round_trip_and_anything_else_is_refused() -> None:
         zlib.compress(b"[1]\n"),
         zlib.compress(head + b"\n" + vec[:-2]),  # a vector shorter than it says
         zlib.compress(orjson.dumps([1, *fields[1:]]) + b"\n" + vec),  # another version
-        zlib.compress(orjson.dumps(fields[:13]) + b"\n" + vec),  # a version-1 record: no order guards
-        zlib.compress(orjson.dumps([*fields[:15], [["to", [1], []]]]) + b"\n" + vec),  # a span not of words
-        zlib.compress(orjson.dumps([*fields[:4], "3", *fields[5:]]) + b"\n" + vec),  # numbers not a list
+        zlib.compress(orjson.dumps([*fields[:4], "zz", *fields[5:]]) + b"\n" + vec),  # a digest not in hex
+        zlib.compress(orjson.dumps([*fields[:4], "ab", *fields[5:]]) + b"\n" + vec),  # a digest too short
+        zlib.compress(orjson.dumps([*fields[:6], "ff" * 33, *fields[7:]]) + b"\n" + vec),  # no connector 255
+        zlib.compress(orjson.dumps([*fields[:6], "00" * 34, *fields[7:]]) + b"\n" + vec),  # not whole spans
         zlib.compress(head + b"\n" + np.full(256, np.inf, dtype=np.float16).tobytes()),
     ]
     for bad in bad_records:
