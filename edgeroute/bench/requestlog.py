@@ -24,7 +24,8 @@ with its split: building the rows, adding up the rollups, each statement, the co
 
 `instructions` is the writer's work a record in instructions (callgrind; needs valgrind), which
 a busy host does not move: `--batches` batches written after four that warm the statements, the
-count on only while they are (`--tree`: the writer of another checkout, for before and after).
+count on only while they are (`--tree`: the writer of another checkout, for before and after;
+its records start at one minute's beginning, so that no minute's spread falls among them).
 
 Records are realistic in shape (five models, eight deployments over four providers, twenty
 teams, two hundred keys, one request in ten failing over to a second attempt) and written
@@ -419,7 +420,8 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import SqliteBackend
 from edgeroute.requestlog.settings import RequestLog
 batch, batches, single = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "single"
-rng, now = random.Random(4), time.time()
+# All in one minute (a batch past a minute's end spreads the one before: counted or not, by chance)
+rng, now = random.Random(4), time.time() // 60 * 60 - 59
 recs = [_mixed(i, now + i / 1000, rng, False, single) for i in range(batch * (batches + 4))]
 def counting(on):
     switch = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
