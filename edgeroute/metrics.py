@@ -103,8 +103,11 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]]
                        ("budget", "action"), None),
 }  # fmt: skip
 
-# The series an attempt adds to, as `_Attempt` lists them (None until first added to).
+# The series an attempt adds to, as `Metrics._attempt_series` lists them (None until first added to).
 _COUNT, _PROMPT, _COMPLETION, _CACHED, _COST, _UPSTREAM, _UPSTREAM_TTFT = range(7)
+# Attempts' label combinations kept for the lookup (route x team x deployment x outcome x kind can
+# be many more than any one family's series, which stay whatever is dropped here).
+_SERIES_KEPT = 4096
 
 
 class Metrics:
@@ -204,6 +207,8 @@ class Metrics:
             dep, kind, outcome = a.deployment, a.kind, a.outcome
             series = every.get((route, team, dep, outcome, kind))
             if series is None:
+                if len(every) >= _SERIES_KEPT:  # a lookup's shortcut: the counters stay in their families
+                    every.clear()
                 series = every[(route, team, dep, outcome, kind)] = [None] * 7
                 series[_COUNT] = self._count("attempts", (dep, outcome, kind))
             series[_COUNT].n += 1
