@@ -3,6 +3,7 @@ builds (a real receiver decodes a traced proxy's export: test_telemetry_tracing)
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -10,10 +11,15 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
+from edgeroute import config as config_mod
+from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.telemetry import otlp
+from edgeroute.telemetry.spans import Tracer
+from edgeroute.telemetry.trace_context import TraceContext, new_span_id, new_trace_id
 
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
@@ -90,3 +96,60 @@ def test_what_it_does_not_write_the_sdk_encodes(odd: ReadableSpan) -> None:
     with pytest.raises(otlp.Unencodable):
         otlp.encode([*SPANS, odd])
     _same_as_the_sdk([*SPANS, odd])
+
+
+def test_the_spans_of_every_kind_of_request_encode_as_the_sdk_does() -> None:
+    """What the tracer builds from records: a stream (its relay), a failover (a failed attempt),
+    a client's context continued (a remote parent, a tracestate), a request no route served."""
+    cfg = config_mod.parse(
+        {
+            "providers": {
+                "p": {"base_url": "http://127.0.0.1:9/v1"},
+                "a": {"kind": "anthropic", "base_url": "http://127.0.0.1:9", "api_key": "k"},
+            },
+            "deployments": {"d-a": {"provider": "p", "model": "gpt-4o-mini"}, "d-b": {"provider": "a", "model": "c"}},
+            "models": {"m": {"deployments": ["d-a", "d-b"]}},
+            "tracing": {"enabled": True},
+        },
+        "t.yaml",
+    )
+    tracer = Tracer(cfg.tracing, InMemorySpanExporter(), builder=False)
+    now = time.time()
+    stream = RequestRecord("req_s", now, "m", route="m", rule="r1", stream=True, status=200, outcome="ok")
+    stream.latency_ms, stream.ttft_ms, stream.deployment, stream.usage, stream.task = (
+        80.0,
+        20.5,
+        "d-b",
+        Usage(12, 40),
+        "c",
+    )
+    stream.attempts = [
+        AttemptRecord("d-a", "p", "timeout", None, 30.0, started_at=now, kind="first"),
+        AttemptRecord(
+            "d-b",
+            "a",
+            "success",
+            200,
+            45.0,
+            usage=Usage(12, 40),
+            cost_usd=0.01,
+            started_at=now + 0.03,
+            ttft_ms=15.0,
+            kind="fallback",
+            span_id=99,
+        ),
+    ]
+    stream.trace = TraceContext(new_trace_id(), new_span_id(), 0x00F067AA0BA902B7, True, None, "vendor=x1")
+    unrouted = RequestRecord("req_u", now, "nope", status=404, outcome="error", error_class="model_not_found")
+    unrouted.trace = TraceContext(new_trace_id(), new_span_id(), 0, True)
+
+    class Live:
+        config = cfg
+
+    for rec in (stream, unrouted):
+        tracer.record(rec, Live)  # type: ignore[arg-type]
+    tracer.force_flush()
+    spans = list(tracer.exporter.inner.get_finished_spans())  # type: ignore[attr-defined]
+    assert len(spans) == 7  # request, decision, two attempts, relay; request, decision
+    _same_as_the_sdk(spans)
+    tracer.shutdown()
