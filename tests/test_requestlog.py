@@ -234,6 +234,16 @@ def test_bucket_edges_and_percentile_error_bound() -> None:
     assert rollup.bucket(0) == 0 and rollup.bucket(float("nan")) == 0 and rollup.bucket(1e12) == rollup.BUCKETS - 1
 
 
+def test_the_bisected_bucket_is_the_logarithms_to_the_float() -> None:
+    """`bucket` bisects precomputed starts (the writer's rollups, two or three times a record):
+    each duration lands where the logarithm puts it, at every bucket's edge too."""
+    rng = random.Random(3)
+    values = [rng.lognormvariate(3, 3) for _ in range(50_000)] + [-1.0, 0.0, float("nan"), float("-inf")]
+    for start in rollup._STARTS:
+        values += [start, math.nextafter(start, 0.0), math.nextafter(start, math.inf)]
+    assert [rollup.bucket(v) for v in values] == [rollup.bucket_by_log(v) for v in values]
+
+
 def test_stats_match_known_answers(tmp_path: Path) -> None:
     ledger = Ledger(SqliteBackend(tmp_path / "s.db"), flush_interval=0.05, request_log=RequestLog())
     t0 = (time.time() // 3600 - 5) * 3600  # a whole hour, five hours ago

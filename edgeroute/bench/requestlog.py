@@ -6,6 +6,7 @@ grow?) and `GET /admin/stats` over a million stored requests.
     python -m edgeroute.bench.requestlog stall --rate 1000 --seconds 10
     python -m edgeroute.bench.requestlog stats --rows 1000000
     python -m edgeroute.bench.requestlog cpu --records 20000 --batch 500 --rate 1000 [--mix single]
+    python -m edgeroute.bench.requestlog instructions [--batch 500] [--mix single] [--tree OTHER]
 
 `writes` reports the most records ever not yet in the store (queued or in the batch being
 written: what a `kill -9` at that moment would lose) in flush intervals' worth of records;
@@ -21,6 +22,11 @@ request log), with the ledger alone and with no writer, is the time it waited fo
 mostly time it holds the GIL) for records arriving at `rate` and written `batch` at a time,
 with its split: building the rows, adding up the rollups, each statement, the commit.
 
+`instructions` is the writer's work a record in instructions (callgrind; needs valgrind), which
+a busy host does not move: `--batches` batches written after four that warm the statements, the
+count on only while they are (`--tree`: the writer of another checkout, for before and after;
+its records start at one minute's beginning, so that no minute's spread falls among them).
+
 Records are realistic in shape (five models, eight deployments over four providers, twenty
 teams, two hundred keys, one request in ten failing over to a second attempt) and written
 through the real ledger writer into SQLite in a temporary directory.
@@ -34,6 +40,7 @@ import dataclasses
 import mmap
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -402,6 +409,52 @@ def cpu(records: int, batch: int, rate: int, runs: int, random_ids: bool = False
     print(f"    {'other':<24} {rest:6.1f} us")
 
 
+# Run under callgrind, counting off (`--instr-atstart=no`): writes argv[3] batches of argv[2]
+# records (argv[4]: the mix) after four that prepare the statements, counting on only meanwhile.
+# Code that the writers of earlier checkouts run too (`--tree`).
+_COUNTED = """
+import os, random, subprocess, sys, tempfile, time
+from pathlib import Path
+from edgeroute.bench.requestlog import _mixed
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import SqliteBackend
+from edgeroute.requestlog.settings import RequestLog
+batch, batches, single = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "single"
+# All in one minute (a batch past a minute's end spreads the one before: counted or not, by chance)
+rng, now = random.Random(4), time.time() // 60 * 60 - 59
+recs = [_mixed(i, now + i / 1000, rng, False, single) for i in range(batch * (batches + 4))]
+def counting(on):
+    switch = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+    subprocess.run(switch, check=True, capture_output=True)
+with tempfile.TemporaryDirectory() as tmp:
+    ledger = Ledger(SqliteBackend(Path(tmp) / "l.db"), flush_interval=3600, request_log=RequestLog())
+    for i in range(0, len(recs), batch):
+        if i == batch * 4:
+            counting(True)
+        for r in recs[i : i + batch]:
+            ledger.record(r)
+        ledger.flush()
+    counting(False)
+    ledger.close()
+"""
+
+
+def instructions(batch: int, batches: int, mix: str, tree: str | None) -> None:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
+    root = tree or str(Path(__file__).resolve().parents[2])
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}/cg.out",
+                sys.executable, "-c", _COUNTED, str(batch), str(batches), mix]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": root}
+        subprocess.run(argv, check=True, capture_output=True, env=env, cwd=root)
+        total = next(int(line.split()[1]) for line in Path(out, "cg.out").read_text().splitlines()
+                     if line.startswith("totals:"))  # fmt: skip
+    what = "one model, no key or team" if mix == "single" else "200 keys in 20 teams"
+    print(f"writer instructions a record ({root}; {batches} batches of {batch}, {what}, SQLite, request log on): "
+          f"{total / (batch * batches) / 1000:.1f}k")  # fmt: skip
+
+
 def _fill(backend: Backend, rows: int, hours: float) -> float:
     ledger = Ledger(backend, flush_interval=3600, request_log=RequestLog())
     rng = random.Random(2)
@@ -501,8 +554,15 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--random-ids", action="store_true", help="request ids random throughout (before 2026-12-04)")
     u.add_argument("--mix", choices=("tenants", "single"), default="tenants",
                    help="tenants: 200 keys in 20 teams, five models; single: one model, no key or team")  # fmt: skip
+    n = sub.add_parser("instructions", help="the writer's instructions a record (callgrind)")
+    n.add_argument("--batch", type=int, default=500)
+    n.add_argument("--batches", type=int, default=8)
+    n.add_argument("--mix", choices=("tenants", "single"), default="single")
+    n.add_argument("--tree", help="the writer of this checkout (its extension built), for before and after")
     a = p.parse_args(argv)
-    if a.what == "cpu":
+    if a.what == "instructions":
+        instructions(a.batch, a.batches, a.mix, a.tree)
+    elif a.what == "cpu":
         cpu(a.records, a.batch, a.rate, a.runs, a.random_ids, a.mix)
     elif a.what == "writes":
         writes(a.rate, a.seconds, a.flush)

@@ -471,7 +471,11 @@ class Ledger:
         baseline = cost_of(base, r.usage, r.started) if base is not None and r.usage is not None else r.cost_usd
         # A cached answer's baseline is at least what it would have cost without the cache, so
         # its saving shows in the spend report (`--by outcome`: the cache_hit rows) and the stats.
-        baseline = max(baseline, r.cost_usd, r.saved_usd)
+        # max(baseline, r.cost_usd, r.saved_usd), as builtin max compares, without its ~4,000 instructions
+        if r.cost_usd > baseline:
+            baseline = r.cost_usd
+        if r.saved_usd > baseline:
+            baseline = r.saved_usd
         row = (
             r.request_id, r.started, _day(int(r.started // 86400)), r.key, r.team,
             r.user, r.model, r.route, r.rule, r.deployment, int(r.stream), r.status, r.outcome,

@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import requests
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -36,6 +35,7 @@ from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
 from edgeroute.background import lower_priority
 from edgeroute.config import Config
 from edgeroute.state import Live
+from edgeroute.telemetry import otlp
 from edgeroute.telemetry.settings import Tracing as TracingSettings
 from edgeroute.telemetry.trace_context import (
     TraceContext,
@@ -136,7 +136,7 @@ class Tracer:
         self.resource = Resource.create({"service.name": cfg.service_name})
         if exporter is None:
             headers = {k: secrets.resolve(v).reveal() for k, v in cfg.headers.items()}
-            exporter = OTLPSpanExporter(
+            exporter = otlp.Exporter(
                 endpoint=cfg.endpoint, headers=headers, timeout=cfg.timeout_s, session=_StatusOnly()
             )
         self.exporter = _CountingExporter(exporter)

@@ -76,7 +76,9 @@ class Window:
 
     def add(self, rec: RequestRecord, now: float, mirror: bool = False) -> None:
         """`mirror`: a shadow mirror, whose spend and upstream calls count, not as a request."""
-        s = self._slot(now)
+        slots = self.slots  # `_slot`, its usual case inline (this runs once a request, on the loop)
+        if not slots or (s := slots[-1]).start < now - now % SLOT_S:
+            s = self._slot(now)
         s.cost_usd += rec.cost_usd
         if not mirror:
             s.requests += 1
@@ -95,7 +97,11 @@ class Window:
                 d.failures += 1
                 continue
             d.seen_latency += 1
-            _keep(d.latencies_ms, d.seen_latency, a.latency_ms)
+            kept = d.latencies_ms  # `_keep`, inline: every answered attempt comes here
+            if len(kept) < _SAMPLES:
+                kept.append(a.latency_ms)
+            elif (j := int(random.random() * d.seen_latency)) < _SAMPLES:
+                kept[j] = a.latency_ms
             if a.ttft_ms is not None:
                 d.seen_ttft += 1
                 _keep(d.ttfts_ms, d.seen_ttft, a.ttft_ms)
