@@ -527,17 +527,21 @@ async def test_the_spend_report_shows_what_the_cache_saved(start_upstream, tmp_p
             await asyncio.sleep(0.05)
         await client.close()
         await asyncio.sleep(0.3)  # a flush interval
-        async with (
-            aiohttp.ClientSession() as s,
-            s.get(f"http://127.0.0.1:{server.port}/admin/spend", params={"by": "outcome"}) as r,
-        ):
-            report = await r.json()
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{server.port}/admin/spend", params={"by": "outcome"}) as r:
+                report = await r.json()
+            async with s.get(f"http://127.0.0.1:{server.port}/admin/stats", params={"group_by": "cache"}) as r:
+                stats = await r.json()
     finally:
         await server.close()
     rows = {row["outcome"]: row for row in report["rows"]}
     miss, hits = rows["ok"], rows["cache_hit"]
     assert hits["requests"] == hits["ok"] == 3 and hits["cost_usd"] == 0
     assert hits["savings_usd"] == pytest.approx(3 * miss["cost_usd"])
+    # The stats say the same, by the cache's label.
+    by = {row["group"]: row for row in stats["rows"]}
+    assert set(by) == {"hit", "miss"} and by["hit"]["requests"] == 3 and by["miss"]["requests"] == 1
+    assert by["hit"]["cost_usd"] == 0 and by["hit"]["savings_usd"] == pytest.approx(3 * miss["cost_usd"])
 
 
 async def _exchange(

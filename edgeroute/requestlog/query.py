@@ -260,7 +260,7 @@ def _without_quotes(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- stats -----------------------------------------------------------------------------
 
-GROUPS = ("none", "model", "deployment", "provider", "rule", "policy", "task", "variant", "team", "key")
+GROUPS = ("none", "model", "deployment", "provider", "rule", "policy", "task", "variant", "team", "key", "cache")
 STATS_PARAMS = frozenset({"since", "until", "group_by", "bucket", "team"})
 
 

@@ -53,7 +53,7 @@ from typing import Any
 
 from edgeroute.accounting import UNROUTED, RequestRecord
 
-REQUEST_DIMS = ("model", "rule", "policy", "task", "variant", "team", "key")
+REQUEST_DIMS = ("model", "rule", "policy", "task", "variant", "team", "key", "cache")  # cache: hit, miss, ...
 ATTEMPT_DIMS = ("deployment", "provider")
 # The groupings a team's own stats offer (beside its totals, the "team" row itself).
 TEAM_REQUEST_DIMS = ("model", "rule", "policy", "task", "variant")
@@ -173,7 +173,7 @@ def aggregate(records: Iterable[tuple[RequestRecord, float]], levels: Sequence[i
         # A model no route serves is a client's free text: one value for all, or a client
         # naming a new model with each refused request grows the rollups without bound.
         model = rec.model if rec.route else UNROUTED
-        sig = (minute, model, rec.rule, rec.policy, rec.task, rec.variant, team, rec.key)
+        sig = (minute, model, rec.rule, rec.policy, rec.task, rec.variant, team, rec.key, rec.cache)
         acc = sig_get(sig)
         if acc is None:
             acc = sigs[sig] = [0, 0, 0, 0, 0.0, 0.0, {}]
