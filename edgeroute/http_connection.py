@@ -221,7 +221,6 @@ class Connection(BaseProtocol):
         self._idle_since = 0
         # The request being parsed.
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
         self._raw: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes received while a head goes on (it may be trickled in pieces)
         self._head_size = 0  # the request line and the headers parsed so far
@@ -320,7 +319,6 @@ class Connection(BaseProtocol):
         self._head_bytes = 0
         self._head_size = 0
         self._url = b""
-        self._headers = []
         self._raw = []
 
     def on_url(self, url: bytes) -> None:
@@ -335,8 +333,6 @@ class Connection(BaseProtocol):
         if size > MAX_LINE_BYTES or len(self._raw) >= MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
             raise HeadTooLarge()
         self._raw.append((name, value))
-        # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that reads them to refuse.
-        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -356,7 +352,13 @@ class Connection(BaseProtocol):
                 url = URL(target, encoded=True)
         except (ValueError, TypeError):
             raise MalformedRequest() from None
-        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that
+        # reads them to refuse. Decoded here, all at once: a call per header cost more.
+        headers = CIMultiDictProxy(
+            CIMultiDict(
+                [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw]
+            )
+        )
         version = HttpVersion11 if http.get_http_version() == "1.1" else HttpVersion10
         if version is HttpVersion11 and "Host" not in headers:
             raise MalformedRequest()  # RFC 9112: an HTTP/1.1 request without Host is a 400

@@ -15,6 +15,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.web_app import _cached_build_middleware
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from edgeroute import anthropic_api
 from edgeroute.config import Config
@@ -115,7 +117,7 @@ class ProxyServer:
             # aiohttp answers it before the application, in plain text quoting the header.
             return _expectation_failed(request.path)
         try:
-            return await self.app._handle(request)
+            return await (self._handle(request) if expect is None else self.app._handle(request))
         except web.HTTPException as e:  # a response in aiohttp 3 (the middleware turns most into JSON)
             return e
         except (ConnectionError, asyncio.CancelledError):
@@ -126,6 +128,24 @@ class ProxyServer:
             resp.content_type = "application/json"
             resp.force_close()
             return resp
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """aiohttp's `Application._handle` for a request to a route of the application (no
+        `Expect`, new-style middleware only), without what it does for every request besides:
+        `asyncio.get_event_loop()` (a getpid() system call on Python 3.11) to ask whether the
+        loop debugs, and an ABC `isinstance` for a system route. Anything else (a 404 or 405, a
+        sub-application) goes through aiohttp's own, which resolves it again."""
+        app = self.app
+        match_info = await app._router.resolve(request)
+        if type(match_info) is not UrlMappingMatchInfo or app._has_legacy_middlewares or app._subapps:
+            return await app._handle(request)
+        match_info.add_app(app)
+        match_info.freeze()
+        request._match_info = match_info
+        handler = match_info.handler
+        if app._run_middlewares:
+            handler = _cached_build_middleware(handler, match_info.apps)
+        return await handler(request)
 
     def admit(self, conn: Connection) -> bool:
         """Whether a new connection is kept. At the cap, the longest-idle connections (no
