@@ -12,10 +12,11 @@ import asyncio
 import itertools
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from functools import partial, update_wrapper
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.web_app import _cached_build_middleware
 from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from edgeroute import anthropic_api
@@ -84,6 +85,8 @@ class ProxyServer:
         self._listeners: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics: Metrics | None = None
+        # Each route handler within the application's middleware (see `_handle`).
+        self._chains: dict[Callable[..., Any], Callable[[web.Request], Awaitable[web.StreamResponse]]] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -131,10 +134,12 @@ class ProxyServer:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         """aiohttp's `Application._handle` for a request to a route of the application (no
-        `Expect`, new-style middleware only), without what it does for every request besides:
-        `asyncio.get_event_loop()` (a getpid() system call on Python 3.11) to ask whether the
-        loop debugs, and an ABC `isinstance` for a system route. Anything else (a 404 or 405, a
-        sub-application) goes through aiohttp's own, which resolves it again."""
+        `Expect`, new-style middleware only, no sub-application), without what it does for
+        every request besides: `asyncio.get_event_loop()` (a getpid() system call on Python
+        3.11) to ask whether the loop debugs, an ABC `isinstance` for a system route, and the
+        middleware it puts around every chain to make a sub-application the request's `app`
+        (with none, the application is already: one coroutine fewer at each step of the
+        request). Anything else (a 404 or 405) goes through aiohttp's own, which resolves it again."""
         app = self.app
         match_info = await app._router.resolve(request)
         if type(match_info) is not UrlMappingMatchInfo or app._has_legacy_middlewares or app._subapps:
@@ -142,9 +147,13 @@ class ProxyServer:
         match_info.add_app(app)
         match_info.freeze()
         request._match_info = match_info
-        handler = match_info.handler
-        if app._run_middlewares:
-            handler = _cached_build_middleware(handler, match_info.apps)
+        route_handler = match_info.handler
+        handler = self._chains.get(route_handler)
+        if handler is None:
+            handler = route_handler
+            for m in reversed(app.middlewares):  # as aiohttp chains them: the first outermost
+                handler = update_wrapper(partial(m, handler=handler), handler)
+            self._chains[route_handler] = handler
         return await handler(request)
 
     def admit(self, conn: Connection) -> bool:
