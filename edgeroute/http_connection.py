@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 from aiohttp.base_protocol import BaseProtocol
+from aiohttp.helpers import TimerNoop
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
@@ -67,6 +68,8 @@ MAX_PIPELINED = 32
 LINGER_S = 2.0
 # A body buffered beyond this is not read from the socket until the handler takes it.
 READ_BUFFER_BYTES = 2**16
+# The body reader's timer (none: `server.body_timeout` is the connection's), one for all: it holds nothing.
+_NO_TIMER = TimerNoop()
 # Request targets whose URL is kept (see `_url_of`).
 URLS_KEPT = 256
 _URLS: dict[str, URL] = {}
@@ -231,6 +234,7 @@ class Connection(BaseProtocol):
         self._idle_since = 0
         # The request being parsed.
         self._url = b""
+        self._headers: list[tuple[str, str]] = []
         self._raw: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # bytes received while a head goes on (it may be trickled in pieces)
         self._head_size = 0  # the request line and the headers parsed so far
@@ -329,6 +333,7 @@ class Connection(BaseProtocol):
         self._head_bytes = 0
         self._head_size = 0
         self._url = b""
+        self._headers = []
         self._raw = []
 
     def on_url(self, url: bytes) -> None:
@@ -343,6 +348,8 @@ class Connection(BaseProtocol):
         if size > MAX_LINE_BYTES or len(self._raw) >= MAX_HEADERS or self._head_size > MAX_HEAD_BYTES:
             raise HeadTooLarge()
         self._raw.append((name, value))
+        # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that reads them to refuse.
+        self._headers.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -362,13 +369,7 @@ class Connection(BaseProtocol):
                 url = URL(target, encoded=True)
         except (ValueError, TypeError):
             raise MalformedRequest() from None
-        # As aiohttp does: bytes that are not UTF-8 arrive as lone surrogates, for the code that
-        # reads them to refuse. Decoded here, all at once: a call per header cost more.
-        headers = CIMultiDictProxy(
-            CIMultiDict(
-                [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for n, v in self._raw]
-            )
-        )
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
         version = HttpVersion11 if http.get_http_version() == "1.1" else HttpVersion10
         if version is HttpVersion11 and "Host" not in headers:
             raise MalformedRequest()  # RFC 9112: an HTTP/1.1 request without Host is a 400
@@ -387,7 +388,7 @@ class Connection(BaseProtocol):
             url,
         )
         if has_body:
-            payload = StreamReader(self, READ_BUFFER_BYTES, loop=self._loop)
+            payload = StreamReader(self, READ_BUFFER_BYTES, timer=_NO_TIMER, loop=self._loop)
             self._payload = payload
             encoding = headers.get("Content-Encoding", "identity").strip().lower()
             self._inflate = None if encoding == "identity" else Inflate(payload, encoding, self.app._client_max_size)
