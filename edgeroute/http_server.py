@@ -12,9 +12,13 @@ import asyncio
 import itertools
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from functools import partial, update_wrapper
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractMatchInfo
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 
 from edgeroute import anthropic_api
 from edgeroute.config import Config
@@ -31,6 +35,8 @@ else:
         import resource
     except ImportError:  # not on Windows: no limit to read or raise
         resource = None
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _RESERVE_FDS = 4096  # kept for upstream connections, databases, files: the cap leaves them
 _SHED_SHARE = 8  # at the cap, the longest-idle eighth of the idle connections are closed
@@ -82,6 +88,8 @@ class ProxyServer:
         self._listeners: list[asyncio.Server] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._metrics: Metrics | None = None
+        # Each route handler within the application's middleware (see `_handle`).
+        self._chains: dict[Callable[..., Any], Handler] = {}
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -115,6 +123,10 @@ class ProxyServer:
             # aiohttp answers it before the application, in plain text quoting the header.
             return _expectation_failed(request.path)
         try:
+            if expect is None:
+                handler = self._chain(request, await self.app._router.resolve(request))
+                if handler is not None:
+                    return await handler(request)
             return await self.app._handle(request)
         except web.HTTPException as e:  # a response in aiohttp 3 (the middleware turns most into JSON)
             return e
@@ -126,6 +138,30 @@ class ProxyServer:
             resp.content_type = "application/json"
             resp.force_close()
             return resp
+
+    def _chain(self, request: web.Request, match_info: AbstractMatchInfo) -> Handler | None:
+        """What aiohttp's `Application._handle` does with a request to a route of the application
+        (no `Expect`, new-style middleware only, no sub-application) once it is resolved: the
+        route's handler within the application's middleware, kept per handler. Without what
+        `_handle` does for every request besides: `asyncio.get_event_loop()` (a getpid() system
+        call on Python 3.11) to ask whether the loop debugs, an ABC `isinstance` for a system
+        route, and a middleware around every chain to make a sub-application the request's
+        `app` (with none, the application is already: a coroutine fewer at each step of the
+        request). None for anything else (a 404 or 405): aiohttp's own resolves it again."""
+        app = self.app
+        if type(match_info) is not UrlMappingMatchInfo or app._has_legacy_middlewares or app._subapps:
+            return None
+        match_info.add_app(app)
+        match_info.freeze()
+        request._match_info = match_info
+        route_handler = match_info.handler
+        handler = self._chains.get(route_handler)
+        if handler is None:
+            handler = route_handler
+            for m in reversed(app.middlewares):  # as aiohttp chains them: the first outermost
+                handler = update_wrapper(partial(m, handler=handler), handler)
+            self._chains[route_handler] = handler
+        return handler
 
     def admit(self, conn: Connection) -> bool:
         """Whether a new connection is kept. At the cap, the longest-idle connections (no

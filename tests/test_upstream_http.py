@@ -187,6 +187,34 @@ async def content_length_chunked_and_interim_bodies() -> None:
 
 
 @scenario
+async def a_head_sent_in_pieces_is_read_as_sent() -> None:
+    """A head's fields are read from its bytes when first asked for: as sent, however the head
+    was cut across reads (a name, a value), repeated fields kept in order, an interim head's
+    fields and a chunked body's trailer not among them."""
+    pieces = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 429 Too Many Requests\r\nRetry-Af",
+        b"ter: 7\r\nX-Many: a\r\nX-Ma",
+        b"ny: b\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\nX-Trailer: t\r\n\r\n",
+    )
+
+    async def handler(req: Request, conn: Conn) -> None:
+        for piece in pieces:
+            conn.write_raw(piece)
+            await asyncio.sleep(0.01)
+
+    async with Server(handler) as srv:
+        c = client()
+        for _ in range(2):  # the second on the connection the first left in the pool
+            r = await c.request("POST", srv.url(), {}, b"{}")
+            assert r.status == 429
+            assert await r.read() == b"hi"
+            assert r.headers["retry-after"] == "7" and r.headers.getall("x-many") == ["a", "b"]
+            assert "link" not in r.headers and "x-trailer" not in r.headers
+        assert srv.accepted == 1
+        await c.close()
+
+
+@scenario
 async def close_delimited_body_is_read_to_eof_and_not_reused() -> None:
     async def handler(req: Request, conn: Conn) -> None:
         conn.write_raw(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")

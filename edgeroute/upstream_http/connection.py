@@ -119,6 +119,8 @@ class Connection(asyncio.Protocol):
         if self.resp is None:
             self.drop()  # bytes nobody asked for: the connection's state is unknown
             return
+        if not self.resp._head.done():
+            self.resp._head_data.append(data)  # its fields are read from them if asked for
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
@@ -163,18 +165,13 @@ class Connection(asyncio.Protocol):
         if self.resp is None:
             self._unsolicited = True
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.resp is not None:
-            self.resp._raw.append((name, value))
-
     def on_headers_complete(self) -> None:
         resp = self.resp
         if resp is None:
             return
         status = self.parser.get_status_code()
         if status < 200:
-            self._interim = True  # 100 Continue, 103 Early Hints: the real answer follows
-            resp._raw.clear()
+            self._interim = True  # 100 Continue, 103 Early Hints: the real answer follows (`head_fields` skips these)
             return
         resp.status = status
         if not resp._head.done():

@@ -13,6 +13,7 @@ import collections
 from types import TracebackType
 from typing import Protocol
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from edgeroute.upstream_http.errors import UpstreamError
@@ -57,9 +58,10 @@ class Response:
         "_drain_timer",
         "_eof",
         "_exc",
+        "_fields",
         "_head",
+        "_head_data",
         "_headers",
-        "_raw",
         "_size",
         "_waiter",
         "status",
@@ -69,7 +71,10 @@ class Response:
         self.status = 0
         self._conn: Carrier | None = conn  # until the whole response arrived or the connection was dropped
         self._head = head
-        self._raw: list[tuple[bytes, bytes]] = []
+        # The bytes received until the head was whole (some of the body, or of interim heads,
+        # with them): its fields are read from them when first asked for (`_raw`).
+        self._head_data: list[bytes] = []
+        self._fields: list[tuple[bytes, bytes]] | None = None
         self._headers: CIMultiDictProxy[str] | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
@@ -89,6 +94,19 @@ class Response:
                 )
             )
         return self._headers
+
+    @property
+    def _raw(self) -> list[tuple[bytes, bytes]]:
+        """The head's fields as they came (names and values), read from its bytes on first use.
+        The connection's parser hands them over no more: a call into Python for each one cost
+        ~1.9k instructions (an OpenAI answer has about twenty), though only a failure's
+        `Retry-After` or a stream's end (is its body delimited by the close?) looks at them."""
+        if self._fields is None:
+            if not self._head.done():
+                return []
+            self._fields = head_fields(b"".join(self._head_data))
+            self._head_data = []
+        return self._fields
 
     @property
     def complete(self) -> bool:
@@ -236,3 +254,33 @@ class Response:
         if self.status in (204, 304) or not self._head.done():
             return False
         return not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in self._raw)
+
+
+class _Fields:
+    """Collects the fields of the final head a response parser reads (its 1xx heads skipped)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.fields: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.done:  # a chunked body's trailer is none of the head's
+            self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self.parser.get_status_code() < 200:
+            self.fields = []  # 100 Continue, 103 Early Hints: the answer's own head follows
+        else:
+            self.done = True
+
+
+def head_fields(data: bytes) -> list[tuple[bytes, bytes]]:
+    """The fields of the head of the response whose first bytes are `data`, as the connection's
+    parser read it (the same parser: names and values alike, however they were split)."""
+    got = _Fields()
+    try:
+        got.parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        pass  # what follows the head (a body cut here, a protocol switch) is not the head's
+    return got.fields
