@@ -124,7 +124,7 @@ class ProxyServer:
             return _expectation_failed(request.path)
         try:
             if expect is None:
-                handler = self._chain(request, await self.app._router.resolve(request))
+                handler = self._chain(request, await self.app.router.resolve(request))
                 if handler is not None:
                     return await handler(request)
             return await self.app._handle(request)
@@ -149,7 +149,9 @@ class ProxyServer:
         `app` (with none, the application is already: a coroutine fewer at each step of the
         request). None for anything else (a 404 or 405): aiohttp's own resolves it again."""
         app = self.app
-        if type(match_info) is not UrlMappingMatchInfo or app._has_legacy_middlewares or app._subapps:
+        # aiohttp's private state, read with defaults: an aiohttp without it gets its own `_handle`.
+        legacy, subapps = getattr(app, "_has_legacy_middlewares", True), getattr(app, "_subapps", True)
+        if type(match_info) is not UrlMappingMatchInfo or legacy or subapps:
             return None
         match_info.add_app(app)
         match_info.freeze()
