@@ -514,6 +514,9 @@ class StreamEncoder:
         self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
         self.tool_slots = sse.ToolCallSlots()
         self.open: list[int] = []
+        # Tool calls that started while another tool block was open: held whole (block, argument
+        # pieces) and sent once that block ends, since an upstream may interleave their deltas.
+        self.held: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self.stop_reason = "end_turn"
         self.usage: dict[str, Any] | None = None
 
@@ -576,6 +579,18 @@ class StreamEncoder:
         self.open.remove(idx)
         return _event("content_block_stop", {"type": "content_block_stop", "index": idx})
 
+    def _close_all(self) -> bytes:
+        """Ends the open blocks, then sends the held tool calls, each whole."""
+        out = b"".join(self._close(idx) for idx in list(self.open))
+        for ti, (block, pieces) in self.held.items():
+            self.tool_blocks[ti], ev = self._open(block)
+            out += ev
+            if pieces:
+                out += self._delta(self.tool_blocks[ti], {"type": "input_json_delta", "partial_json": "".join(pieces)})
+            out += self._close(self.tool_blocks[ti])
+        self.held.clear()
+        return out
+
     def _delta(self, idx: int, delta: dict[str, Any]) -> bytes:
         return _event("content_block_delta", {"type": "content_block_delta", "index": idx, "delta": delta})
 
@@ -596,43 +611,43 @@ class StreamEncoder:
                 raise UnreadableAnswer("delta content is not a string")
             if text:
                 if self.text_block is None:
-                    for idx in list(self.open):
-                        out += self._close(idx)
+                    out += self._close_all()
                     self.text_block, ev = self._open({"type": "text", "text": ""})
                     out += ev
                 out += self._delta(self.text_block, {"type": "text_delta", "text": text})
             for tc in delta.get("tool_calls") or ():
                 ti = self.tool_slots.of(tc)
                 fn = tc.get("function") or {}
-                if ti not in self.tool_blocks:
-                    # Anthropic streams one block at a time: the text, or the previous tool call
-                    # (OpenAI sends parallel calls one after another), ends before the next starts.
-                    for idx in list(self.open):
-                        out += self._close(idx)
-                    self.text_block = None
+                if ti not in self.tool_blocks and ti not in self.held:
                     block = {
                         "type": "tool_use",
                         "id": _string(tc.get("id")),
                         "name": _string(fn.get("name")),
                         "input": {},
                     }
-                    self.tool_blocks[ti], ev = self._open(block)
-                    out += ev
+                    if any(i in self.open for i in self.tool_blocks.values()):
+                        self.held[ti] = (block, [])  # sent whole when the open tool block ends
+                    else:
+                        for idx in list(self.open):  # the text ends before a tool call starts
+                            out += self._close(idx)
+                        self.text_block = None
+                        self.tool_blocks[ti], ev = self._open(block)
+                        out += ev
                 if fn.get("arguments"):
-                    partial = {"type": "input_json_delta", "partial_json": fn["arguments"]}
-                    out += self._delta(self.tool_blocks[ti], partial)
+                    if ti in self.held:
+                        self.held[ti][1].append(fn["arguments"])
+                    else:
+                        partial = {"type": "input_json_delta", "partial_json": fn["arguments"]}
+                        out += self._delta(self.tool_blocks[ti], partial)
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason(choice["finish_reason"], bool(self.tool_blocks))
-                for idx in list(self.open):
-                    out += self._close(idx)
+                out += self._close_all()
                 self.text_block = None
         return out
 
     def _end(self) -> bytes:
         self.ended = True
-        out = self._start({})
-        for idx in list(self.open):
-            out += self._close(idx)
+        out = self._start({}) + self._close_all()
         u = anthropic_usage(self.usage)
         delta = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": None}, "usage": u}
         return out + _event("message_delta", delta) + _event("message_stop", {"type": "message_stop"})

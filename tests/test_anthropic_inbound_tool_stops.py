@@ -115,3 +115,51 @@ async def test_parallel_tool_calls_stream_one_block_at_a_time(serve_routes: Any,
     ]
     assert [(u.type, u.input) for u in msg.content] == [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]
     assert msg.stop_reason == "tool_use"
+
+
+async def test_interleaved_parallel_tool_calls_stop_whole(serve_routes: Any, start_proxy: Any) -> None:
+    """An upstream that sends both calls' headers, then their arguments in alternating pieces:
+    each Anthropic block still stops with its input whole (a client runs a tool at its
+    `content_block_stop`), and no block gets a delta after its stop."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
+        deltas: list[Any] = [{"role": "assistant", "content": None}]
+        for i in (0, 1):
+            fn = {"name": "get_weather", "arguments": ""}
+            deltas.append({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function", "function": fn}]})
+        for piece in ('{"city": ', None):
+            for i, city in enumerate(("Paris", "Rome")):
+                args = piece or orjson.dumps(city).decode() + "}"
+                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": args}}]})
+        chunks = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
+        chunks.append({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for c in chunks:
+            await resp.write(b"data: " + orjson.dumps(head | {"choices": [c]}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", answer))
+    cfg = {
+        "providers": {"p": {"base_url": up.url + "/v1"}},
+        "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
+        "models": {"m": {"deployments": ["d"]}},
+    }
+    proxy = await start_proxy(cfg)
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    stopped: set[int] = set()
+    late: list[tuple[str, int]] = []
+    at_stop: list[tuple[int, Any]] = []
+    async with client.messages.stream(model="m", max_tokens=100, tools=TOOLS, messages=ASK) as s:
+        async for ev in s:
+            if ev.type == "content_block_stop":
+                stopped.add(ev.index)
+                at_stop.append((ev.index, ev.content_block.input))  # type: ignore[union-attr]
+            elif ev.type in ("content_block_start", "content_block_delta") and ev.index in stopped:
+                late.append((ev.type, ev.index))
+        msg = await s.get_final_message()
+    assert at_stop == [(0, {"city": "Paris"}), (1, {"city": "Rome"})]
+    assert late == []
+    assert [(u.type, u.input) for u in msg.content] == [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]

@@ -587,14 +587,16 @@ async def test_a_hit_is_framed_and_headed_as_a_miss_is(start_upstream, start_pro
     assert calls(up) == 1
 
 
-@pytest.mark.parametrize("careless", ["logprobs", "arguments_object"])
+@pytest.mark.parametrize("careless", ["logprobs", "arguments_object", "reasoning", "empty_extras"])
 async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
     serve_routes, start_proxy, careless: str
 ) -> None:
     """A cache replays answers from their text and tool calls. An answer with log
-    probabilities (a replay would drop them) or with a tool call's `arguments` as a JSON object
-    (some OpenAI-compatible servers send one; a stream replay could not frame it) is relayed
-    as it came and never stored: the next request is a miss, streamed or not, never a 500."""
+    probabilities or reasoning text (a replay would drop them), or with a tool call's
+    `arguments` as a JSON object (some OpenAI-compatible servers send one; a stream replay
+    could not frame it) is relayed as it came and never stored: the next request is a miss,
+    streamed or not, never a 500. Empty extras (`annotations: []`, `audio: null`, as OpenAI
+    sends them) are still cached."""
     served: list[int] = []
 
     async def answer(request: web.Request) -> web.Response:
@@ -604,6 +606,10 @@ async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
         logprobs = None
         if careless == "logprobs":
             logprobs = {"content": [{"token": "Paris", "logprob": -0.01, "bytes": [80], "top_logprobs": []}]}
+        elif careless == "reasoning":
+            message["reasoning_content"] = "The capital of France is Paris."
+        elif careless == "empty_extras":
+            message |= {"annotations": [], "audio": None, "refusal": None}
         else:
             call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -613,7 +619,7 @@ async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
         if not body.get("stream"):
             return web.json_response(completion | {"choices": [choice], "usage": usage})
         head = completion | {"object": "chat.completion.chunk"}
-        delta = {"role": "assistant", "content": message["content"]}
+        delta = {k: v for k, v in message.items() if k != "tool_calls"}
         if "tool_calls" in message:
             delta["tool_calls"] = [{"index": 0} | message["tool_calls"][0]]
         chunks = [
@@ -633,6 +639,7 @@ async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
     payload = {"model": "m", "messages": MSG, "temperature": 0}
     if careless == "logprobs":
         payload["logprobs"] = True
+    later = "hit" if careless == "empty_extras" else "miss"
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions", json=payload) as r:
             first = await r.json()
@@ -640,9 +647,11 @@ async def test_an_answer_a_replay_cannot_give_back_whole_is_not_stored(
         await stored(proxy)
         async with s.post(proxy.url + "/v1/chat/completions", json=payload | {"stream": True}) as r:
             await r.read()
-            assert r.status == 200 and r.headers["x-edgeroute-cache"] == "miss"
+            assert r.status == 200 and r.headers["x-edgeroute-cache"] == later
+        await stored(proxy)
         async with s.post(proxy.url + "/v1/chat/completions", json=payload) as r:
             again = await r.json()
-            assert r.status == 200 and r.headers["x-edgeroute-cache"] == "miss"
+            assert r.status == 200 and r.headers["x-edgeroute-cache"] == later
+    assert again["choices"][0]["message"] == first["choices"][0]["message"]
     assert again["choices"][0]["logprobs"] == first["choices"][0]["logprobs"]
-    assert len(served) == 3
+    assert len(served) == (1 if careless == "empty_extras" else 3)

@@ -281,6 +281,8 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
         ("Set the limit to 1e3", "Set the limit to 1e6", False),
         ("What is 0x1F in decimal?", "What is 0x2F in decimal?", False),
         ("Why is x >= y here?", "Why is x <= y here?", False),
+        ("Convert \u221240 degrees celsius to kelvin", "Convert 40 degrees celsius to kelvin", False),
+        ("Add \u00bd cup of sugar", "Add \u00be cup of sugar", False),
     ],
 )
 def test_guards_refuse_near_misses_and_keep_paraphrases(a: str, b: str, compatible: bool) -> None:

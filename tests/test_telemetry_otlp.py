@@ -153,3 +153,13 @@ def test_the_spans_of_every_kind_of_request_encode_as_the_sdk_does() -> None:
     assert len(spans) == 7  # request, decision, two attempts, relay; request, decision
     _same_as_the_sdk(spans)
     tracer.shutdown()
+
+
+def test_text_that_is_not_utf8_is_left_to_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resource attribute read from the environment with a byte that is not UTF-8 (Python
+    decodes it to a lone surrogate): the SDK's encoder drops that attribute and exports the
+    rest; edgeroute's raised past its fallback and every batch was lost."""
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=caf\udce9")
+    odd = _span("chat m", 12, resource=Resource.create({"service.name": "edgeroute"}))
+    decoded = ExportTraceServiceRequest.FromString(otlp.serialized([*SPANS, odd]))
+    assert [s.name for r in decoded.resource_spans for ss in r.scope_spans for s in ss.spans][-1] == "chat m"

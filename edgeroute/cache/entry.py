@@ -154,6 +154,12 @@ def completion_from_json(body: bytes) -> dict[str, Any] | None:
     return obj
 
 
+# The message fields a replay gives back; any other that says something makes an answer one
+# a replay would cut short. (OpenAI sends `annotations: []` and `audio: null` on most answers.)
+_REPLAYED = frozenset({"role", "content", "refusal", "tool_calls"})
+_EMPTY: tuple[Any, ...] = (None, [], {}, "")
+
+
 def _replayable(choice: dict[str, Any]) -> bool:
     """Whether a choice is one `replay_chunks` gives back whole: text as strings, tool calls
     as OpenAI writes them, and no log probabilities (a replay does not carry them, and a
@@ -161,6 +167,8 @@ def _replayable(choice: dict[str, Any]) -> bool:
     OpenAI-compatible servers send `arguments` as an object) is answered, never stored."""
     msg = choice.get("message")
     if not isinstance(msg, dict) or choice.get("logprobs") is not None:
+        return False
+    if any(v not in _EMPTY for k, v in msg.items() if k not in _REPLAYED):  # reasoning, annotations, audio ...
         return False
     if not all(msg.get(k) is None or isinstance(msg[k], str) for k in ("content", "refusal")):
         return False
@@ -255,6 +263,8 @@ def _fold_choice(acc: dict[str, Any], c: dict[str, Any]) -> None:
     delta = c.get("delta") or {}
     if not isinstance(delta, dict):
         return
+    if any(v not in _EMPTY for k, v in delta.items() if k not in _REPLAYED):
+        acc["unreplayable"] = True  # see `_replayable`
     if isinstance(delta.get("role"), str):
         acc["role"] = delta["role"]
     for k in ("content", "refusal"):

@@ -163,6 +163,8 @@ def _unpack_spans(packed: bytes) -> list[tuple[int, set[int], set[int]]]:
 
 def is_packed_spans(packed: bytes) -> bool:
     """Whether `packed` is what `_pack_spans` writes (a record from another instance)."""
+    if packed[:1] == b"\xff":  # a long prompt's spans, as their digest
+        return len(packed) == 17
     n, rest = divmod(len(packed), _SPAN.size)
     return rest == 0 and n <= _MAX_SPANS and all(s[0] < len(_CONNECTOR_LIST) for s in _SPAN.iter_unpack(packed))
 
@@ -170,6 +172,8 @@ def is_packed_spans(packed: bytes) -> bool:
 def _crossed(a: bytes, b: bytes) -> bool:
     """Whether some connector has words before it in one prompt that come after it in the
     other, and the other way round: the two ask for opposite directions."""
+    if a[:1] == b"\xff" or b[:1] == b"\xff":  # a long prompt's spans, as one digest
+        return a != b
     if not a or not b:
         return False
     spans_b = _unpack_spans(b)
@@ -184,7 +188,7 @@ def _pack_spans(words: list[str], lower: dict[str, str], distinct: set[str]) -> 
     if distinct.isdisjoint(_CONNECTORS):
         return b""
     seq = [low for w in words if (low := lower[w]) not in _FILLER]
-    at = [i for i, w in enumerate(seq) if w in _CONNECTORS][:_MAX_SPANS]
+    at = [i for i, w in enumerate(seq) if w in _CONNECTORS]
     ids: dict[str, int] = {}
     out = bytearray()
     for i in at:
@@ -197,6 +201,8 @@ def _pack_spans(words: list[str], lower: dict[str, str], distinct: set[str]) -> 
         out += _SPAN.pack(
             _CONNECTOR_ID[seq[i]], *before, *[0] * (_WINDOW - len(before)), *after, *[0] * (_WINDOW - len(after))
         )
+    if len(at) > _MAX_SPANS:  # past the bound, every span must be equal: kept as their digest
+        return b"\xff" + hashlib.blake2b(bytes(out), digest_size=16).digest()
     return bytes(out)
 
 
@@ -211,7 +217,9 @@ def guards(text: str) -> Guards:
     of tokens, so each pass that needs no order works on distinct words and chunks only
     (none of the patterns but backquotes reaches across whitespace)."""
     chunks = " ".join(set(text.split()))  # each distinct whitespace-free chunk once
-    digits = {_number(m) for m in _NUMBER.findall(chunks)}
+    # Numbers as NFKC writes them: "½" / "¾", a minus sign (U+2212) as "-".
+    numeric = chunks if chunks.isascii() else unicodedata.normalize("NFKC", chunks).replace("\u2212", "-")
+    digits = {_number(m) for m in _NUMBER.findall(numeric)}
     words = _WORD.findall(text)
     counts = collections.Counter(words)
     lower = {w: w.lower().replace("\u2019", "'") for w in counts}
@@ -259,7 +267,7 @@ _COMMON_OPENERS = frozenset(
 )
 # Words around a connector that say nothing of what goes where ("the", "my", "how", "x"): the
 # content words on each side are what must not change sides.
-_FILLER = (frozenset(_STOP_INDEX) | _COMMON_OPENERS | frozenset("abcdefghijklmnopqrstuvwxyz0123456789")) - _CONNECTORS
+_FILLER = (frozenset(_STOP_INDEX) | _COMMON_OPENERS) - _CONNECTORS
 
 
 def _language(text: str, counts: collections.Counter[str], lower: dict[str, str]) -> tuple[str, str | None]:

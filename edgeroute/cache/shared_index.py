@@ -55,15 +55,25 @@ def encode(origin: str, key: str, context: str, g: Guards, vector: Any) -> bytes
     return zlib.compress(orjson.dumps(head) + b"\n" + half.tobytes(), 1)
 
 
+class OtherVersion(ValueError):
+    """A record of another release's format (a rolling upgrade): skipped, not corrupt."""
+
+
 def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
-    """(origin, exact key, context, guards, vector); ValueError for anything this module did not write."""
+    """(origin, exact key, context, guards, vector); ValueError for anything this module did not write
+    (`OtherVersion` for a record of another release's format)."""
     import numpy as np
 
     try:
         raw = inflate(data, _MAX_RECORD_BYTES)
         head, _, vec = raw.partition(b"\n")
-        v, origin, key, context, exact, language, spans, ndim = orjson.loads(head)
+        fields = orjson.loads(head)
+        if isinstance(fields, list) and fields and type(fields[0]) is int and fields[0] != _VERSION:
+            raise OtherVersion(f"a version-{fields[0]} record")
+        v, origin, key, context, exact, language, spans, ndim = fields
         g = Guards(bytes.fromhex(exact), language, bytes.fromhex(spans))
+    except OtherVersion:
+        raise
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as e:
         raise ValueError(f"not a semantic index record: {type(e).__name__}") from None
     if (
@@ -175,6 +185,8 @@ class SharedIndexes:
                     last = rid.decode() if isinstance(rid, bytes) else str(rid)
                     try:
                         origin, key, context, g, vector = decode(fields.get(b"r", b""))
+                    except OtherVersion:
+                        continue  # another release's instance indexed it: its answer is still found exactly
                     except ValueError:
                         self.counters.corrupt += 1
                         continue

@@ -161,7 +161,7 @@ def serialized(spans: Sequence[ReadableSpan]) -> bytes:
     """`spans` as OTLP's protobuf bytes: `encode`'s, or the SDK encoder's where it cannot."""
     try:
         return encode(spans)
-    except Unencodable:
+    except (Unencodable, UnicodeEncodeError):  # a lone surrogate: the SDK drops that attribute
         return bytes(encode_spans(spans).SerializePartialToString())
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from edgeroute.cache.semantic import guards
 from edgeroute.cache.service import CACHE
-from edgeroute.cache.shared_index import decode, encode
+from edgeroute.cache.shared_index import OtherVersion, decode, encode
 from tests.conftest import simple_config
 from tests.test_cost_support import RedisServer
 
@@ -159,3 +159,6 @@ def test_records_round_trip_and_anything_else_is_refused() -> None:
     for bad in bad_records:
         with pytest.raises(ValueError):
             decode(bad)
+    # A rolling upgrade: a record of the release before is another version, not a corrupt one.
+    with pytest.raises(OtherVersion):
+        decode(zlib.compress(orjson.dumps([1, *fields[1:]]) + b"\n" + vec))

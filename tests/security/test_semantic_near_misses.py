@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import simple_config
 
+_PREAMBLE = "".join(f"Step {w}: go to the {w} folder. " for w in "abcdefghijklmnopq").replace("Step", "Then")
+
 # (cached first, asked second): every one a hit at similarity 0.91-0.97 before the guards knew it.
 NEAR_MISSES = [
     ("Transfer one hundred dollars to Bob", "Transfer one thousand dollars to Bob"),
@@ -26,6 +28,12 @@ NEAR_MISSES = [
     ("How much is 1,25 euros in dollars?", "How much is 125 euros in dollars?"),
     ("Set the timeout to 1e3 ms", "Set the timeout to 1e6 ms"),
     ("Is x > 5 in this code: if x > 5: print(x)", "Is x < 5 in this code: if x < 5: print(x)"),
+    ("convert 250 mg to g", "convert 250 g to mg"),  # one-letter words are words
+    # Past the 16 connectors whose neighbours are kept one by one, all of them must match.
+    (
+        _PREAMBLE + "Copy the file from the laptop to the server.",
+        _PREAMBLE + "Copy the file from the server to the laptop.",
+    ),
 ]
 
 
