@@ -51,7 +51,10 @@ _MAY_COMPARE = re.compile(r"[<>%]|[!=]=")
 # Words that tie what comes before them to what comes after, one way round: "100 USD to EUR",
 # "Rust faster than Go", "from the laptop to the server". The same words on the other
 # sides is another request, and static embeddings do not see order.
-_CONNECTORS = frozenset("to from into onto than vs versus over against toward towards".split())
+# Negation's scope too: "with eggs but without cheese" / "with cheese but without eggs".
+_CONNECTORS = frozenset(
+    "to from into onto than vs versus over against toward towards without except not instead unlike".split()
+)
 _WINDOW = 4  # content words on each side of a connector that must not have swapped sides
 _MAX_SPANS = 16  # connectors looked at in a prompt (the first ones): bounds its memory and the pairwise check
 _WORD = re.compile(r"[^\W_][\w'\u2019-]*", re.UNICODE)
@@ -74,7 +77,8 @@ _OPPOSED = frozenset(
     "send receive read write push pull encode decode compress decompress above below inside outside input output "
     "left right accept reject approve decline login logout ascend descend increment decrement forward backward "
     "expand collapse maximize minimize horizontal vertical positive negative true false valid invalid legal "
-    "illegal possible impossible correct incorrect celsius fahrenheit".split()
+    "illegal possible impossible correct incorrect celsius fahrenheit bigger smaller larger better worse "
+    "longer shorter older younger newer taller cheaper heavier lighter stronger weaker warmer colder".split()
 )
 
 
