@@ -44,12 +44,21 @@ async def test_wrk_drives_a_real_server(start_upstream) -> None:  # type: ignore
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/start-services installs it)")
 async def test_wrk_sends_every_request_its_own_prompt_unless_told_to_repeat(start_upstream) -> None:  # type: ignore[no-untyped-def]
     # The proxy remembers what its rules found in prompts seen lately: a bench repeating one
-    # body would measure that memory, not traffic whose prompts differ.
+    # body would measure that memory, not traffic whose prompts differ. `bench throughput`
+    # warms up with one wrk run, then measures with another: a second run that numbered its
+    # prompts from 1 again sent the warm-up's prompts a second time.
     up = await start_upstream(record=True)
     body = loadgen.chat_body("gpt-4o-mini", 32)
-    for distinct in (True, False):
-        up.options.requests.clear()
-        await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, 1, distinct)
-        turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
-        assert len(turns) > 10
-        assert len(set(turns)) == (len(turns) if distinct else 1)
+    sent = 0
+    for threads in (1, 2):
+        res = await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, threads, True)
+        assert res.requests > 10 and res.non_2xx == 0 and res.errors == 0  # each body's length as sent
+        sent += res.requests
+    turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+    assert len(turns) >= sent
+    assert len(set(turns)) == len(turns)
+    up.options.requests.clear()
+    await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, 1, False)
+    turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+    assert len(turns) > 10
+    assert len(set(turns)) == 1
