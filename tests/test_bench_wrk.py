@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from edgeroute.bench import loadgen, wrk
+from edgeroute.bench import loadgen, scenarios, wrk
 
 SAMPLE = """Running 2s test @ http://127.0.0.1:4000/v1/chat/completions
   1 threads and 8 connections
@@ -62,3 +62,17 @@ async def test_wrk_sends_every_request_its_own_prompt_unless_told_to_repeat(star
     turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
     assert len(turns) > 10
     assert len(set(turns)) == 1
+
+
+def test_a_run_of_several_workers_says_how_busy_each_was(capsys: pytest.CaptureFixture[str]) -> None:
+    # A worker given few of wrk's kept-alive connections idles while the other is full: the
+    # run then measures less than two workers, and says so.
+    res: dict[str, object] = {}
+    before, after = {10: 1.0, 11: 5.0, 12: 5.0}, {10: 1.1, 11: 9.5, 12: 6.0}  # pid 10: the supervisor
+    scenarios._worker_split(res, before, after, 10, 5)
+    assert res["worker_cpu_s"] == [1.0, 4.5]
+    out = capsys.readouterr().out
+    assert "workers' CPU over the run: 1.00 s, 4.50 s of 5 s each" in out
+    assert "half idle" in out
+    scenarios._worker_split(res, before, {10: 1.1, 11: 9.5, 12: 9.0}, 10, 5)
+    assert "half idle" not in capsys.readouterr().out

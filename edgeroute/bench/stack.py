@@ -80,7 +80,11 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """CPU time of the process and of its live children (the workers of `serve --workers`)."""
-        total = 0.0
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """CPU time by pid: the process's and each live child's (a supervisor's workers)."""
+        found: dict[int, float] = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -89,8 +93,8 @@ class Proc:
             except OSError:
                 continue
             if int(entry.name) == self.pid or int(parts[1]) == self.pid:
-                total += (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-        return total
+                found[int(entry.name)] = (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+        return found
 
     def alive(self) -> bool:
         return self.popen.poll() is None
