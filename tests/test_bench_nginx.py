@@ -75,10 +75,10 @@ def _workers_answering(port: int, connections: int = 32) -> set[int]:
 def test_throughputs_placement_shields_no_worker_count_from_the_generator_and_upstream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Worker 1 starts a second late: the bench must not load the proxy before it listens (it
+    # Worker 1 starts half a second late: the bench must not load the proxy before it listens (it
     # did once /readyz answered, from worker 0, and wrk's kept-alive connections all went there).
     (tmp_path / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('EDGEROUTE_WORKER_ID') == '1':\n    time.sleep(1.0)\n"
+        "import os, time\nif os.environ.get('EDGEROUTE_WORKER_ID') == '1':\n    time.sleep(0.5)\n"
     )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     cpus = sorted(os.sched_getaffinity(0))
