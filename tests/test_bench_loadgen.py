@@ -185,5 +185,8 @@ def test_bench_config_is_valid_and_cli_parses() -> None:
     assert len(cfg.rules) == 50 and len(cfg.deployments) == 4
     a = cli.build_parser().parse_args(["overhead", "--rates", "500,1000", "--floor", "--no-progress"])
     assert a.rates == "500,1000" and a.floor and not a.progress
+    # `--upstream nginx` was read as `--upstream-latency nginx`: the mock failed to start, no reason given.
+    a = cli.build_parser().parse_args(["overhead", "--upstream", "nginx", "--workers", "2"])
+    assert (a.upstream, a.upstream_latency, a.workers) == ("nginx", "0", 2)
     a = cli.build_parser().parse_args(["chaos", "--total", "100"])
     assert a.total == 100 and a.base_ejection_ms == 2000

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import os
 import shutil
-import time
+import urllib.request
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
 from edgeroute.bench import nginx_upstream, wrk
@@ -61,8 +62,25 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def _workers_answering(port: int, connections: int = 32) -> set[int]:
+    """The workers that answer `connections` new connections (the kernel spreads them)."""
+    seen = set()
+    for _ in range(connections):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/deployments", timeout=10) as r:
+            seen.add(orjson.loads(r.read())["worker"])
+    return seen
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_throughputs_placement_shields_no_worker_count_from_the_generator_and_upstream() -> None:
+def test_throughputs_placement_shields_no_worker_count_from_the_generator_and_upstream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 1 starts half a second late: the bench must not load the proxy before it listens (it
+    # did once /readyz answered, from worker 0, and wrk's kept-alive connections all went there).
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('EDGEROUTE_WORKER_ID') == '1':\n    time.sleep(0.5)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     cpus = sorted(os.sched_getaffinity(0))
     with Stack() as shielded:  # the other scenarios: the proxy's CPU its own
         assert os.sched_getaffinity(shielded.nginx().pid) == set(cpus[:-1])
@@ -76,10 +94,8 @@ def test_throughputs_placement_shields_no_worker_count_from_the_generator_and_up
             "models": {"m": {"deployments": ["d"]}},
         }
         proxy, _ = stack.proxy(cfg, workers=2, cpu_affinity=True)
-        deadline = time.monotonic() + 30  # /readyz answered from one worker: the other may be starting
-        while (pinned := [os.sched_getaffinity(w) for w in _children(proxy.pid)]) != [{cpus[0]}, {cpus[1]}]:
-            assert time.monotonic() < deadline, pinned
-            time.sleep(0.05)
+        assert _workers_answering(proxy.port) == {0, 1}
+        assert [os.sched_getaffinity(w) for w in _children(proxy.pid)] == [{cpus[0]}, {cpus[1]}]
         assert stack.placement(2, cpu_affinity=True) == (
             "each worker pinned to one CPU (serve --cpu-affinity); "
             "generator and upstream on every CPU (the proxy's shared)"

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from edgeroute.bench import loadgen, wrk
+from edgeroute.bench import loadgen, scenarios, wrk
 
 SAMPLE = """Running 2s test @ http://127.0.0.1:4000/v1/chat/completions
   1 threads and 8 connections
@@ -44,12 +44,35 @@ async def test_wrk_drives_a_real_server(start_upstream) -> None:  # type: ignore
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed (.ci/start-services installs it)")
 async def test_wrk_sends_every_request_its_own_prompt_unless_told_to_repeat(start_upstream) -> None:  # type: ignore[no-untyped-def]
     # The proxy remembers what its rules found in prompts seen lately: a bench repeating one
-    # body would measure that memory, not traffic whose prompts differ.
+    # body would measure that memory, not traffic whose prompts differ. `bench throughput`
+    # warms up with one wrk run, then measures with another: a second run that numbered its
+    # prompts from 1 again sent the warm-up's prompts a second time.
     up = await start_upstream(record=True)
     body = loadgen.chat_body("gpt-4o-mini", 32)
-    for distinct in (True, False):
-        up.options.requests.clear()
-        await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, 1, distinct)
-        turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
-        assert len(turns) > 10
-        assert len(set(turns)) == (len(turns) if distinct else 1)
+    sent = 0
+    for threads in (1, 2):
+        res = await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, threads, True)
+        assert res.requests > 10 and res.non_2xx == 0 and res.errors == 0  # each body's length as sent
+        sent += res.requests
+    turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+    assert len(turns) >= sent
+    assert len(set(turns)) == len(turns)
+    up.options.requests.clear()
+    await asyncio.to_thread(wrk.run, up.base_url + "/chat/completions", body, 1, 4, 1, False)
+    turns = [r["body"]["messages"][-1]["content"] for r in up.options.requests]
+    assert len(turns) > 10
+    assert len(set(turns)) == 1
+
+
+def test_a_run_of_several_workers_says_how_busy_each_was(capsys: pytest.CaptureFixture[str]) -> None:
+    # A worker given few of wrk's kept-alive connections idles while the other is full: the
+    # run then measures less than two workers, and says so.
+    res: dict[str, object] = {}
+    before, after = {10: 1.0, 11: 5.0, 12: 5.0}, {10: 1.1, 11: 9.5, 12: 6.0}  # pid 10: the supervisor
+    scenarios._worker_split(res, before, after, 10, 5)
+    assert res["worker_cpu_s"] == [1.0, 4.5]
+    out = capsys.readouterr().out
+    assert "workers' CPU over the run: 1.00 s, 4.50 s of 5 s each" in out
+    assert "half idle" in out
+    scenarios._worker_split(res, before, {10: 1.1, 11: 9.5, 12: 9.0}, 10, 5)
+    assert "half idle" not in capsys.readouterr().out

@@ -90,6 +90,7 @@ def _overhead(a: argparse.Namespace) -> int:
         limits=a.limits,
         beside=a.beside,
         workers=a.workers,
+        upstream=a.upstream,
     )
     return 0
 
@@ -121,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor", action="store_true", help="also measure a bare aiohttp pass-through (see edgeroute.bench.floor)"
     )
     o.add_argument("--upstream-latency", default="0", help="mock delay before headers: 5 | normal:50,10 | ...")
+    # Named here, `--upstream nginx` was read as `--upstream-latency nginx` (an abbreviation) and
+    # the mock failed to start with no reason given.
+    o.add_argument(
+        "--upstream",
+        choices=("mock", "nginx"),
+        default="mock",
+        help="the Python mock, or nginx with one canned answer (non-streaming chat, no latency, no OTLP sink)",
+    )
     o.add_argument("--trace-ratio", type=float, help="tracing on at this sampling ratio (spans sent to the mock)")
     o.add_argument("--request-log", choices=("on", "off"), default="on", help="the request log (no content), as served")
     o.add_argument("--cache", action="store_true", help="the response cache on: after warm-up, every request is a hit")

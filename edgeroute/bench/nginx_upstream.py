@@ -50,6 +50,10 @@ http {{
     access_log off;
     {temp}
     keepalive_requests 1000000;
+    # The whole request (headers and the bench's 7 kB body) in one read: with the default 1k
+    # buffer nginx read the headers, then discarded the body in 4k reads (3 receives and an
+    # ioctl a request, 5 system calls where 2 do; 0.0067 -> 0.0052 ms of CPU a request).
+    client_header_buffer_size 16k;
     server {{
         listen 127.0.0.1:{port} reuseport;
         location = /v1/chat/completions {{

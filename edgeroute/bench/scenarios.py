@@ -286,9 +286,10 @@ def _wrk_phase(
     distinct = not cache
     wrk.run(url, body, 1, load.concurrency, distinct=distinct)
     spy = stack.profiler(proxy, c.duration, c.profile if name == "edgeroute" else None)
-    cpu0, mock0 = proxy.cpu_seconds(), mock.cpu_seconds()
+    cpu0, mock0 = proxy.cpu_by_process(), mock.cpu_seconds()
     res = wrk.run(url, body, c.duration, load.concurrency, distinct=distinct)
-    cpu, mock_s = proxy.cpu_seconds() - cpu0, mock.cpu_seconds() - mock0
+    cpu1, mock_s = proxy.cpu_by_process(), mock.cpu_seconds() - mock0
+    cpu = sum(cpu1.values()) - sum(cpu0.values())
     if spy is not None:
         spy.wait(30)
     per = 1000 / max(1, res.requests)
@@ -297,8 +298,21 @@ def _wrk_phase(
                  "mock_cpu_ms_per_request": round(mock_s * per, 4)}  # fmt: skip
     say(f"{name}: {res.rps:.0f} req/s under wrk ({res.requests} answers, {res.non_2xx} not 2xx, "
            f"{res.errors} socket errors, concurrency {load.concurrency})")  # fmt: skip
+    if name == "edgeroute" and workers > 1:
+        _worker_split(out[name], cpu0, cpu1, proxy.pid, c.duration)
     if name == "edgeroute" and cpu > 0:
         _cpu_split(out, cpu * per, res.cpu_s * per, mock_s * per, workers)
+
+
+def _worker_split(res: dict[str, Any], before: dict[int, float], after: dict[int, float], supervisor: int,
+                  seconds: float) -> None:  # fmt: skip
+    """Each worker's CPU over the run: the kernel gives each a share of the connections, and a
+    worker that got few (or none: it was not listening yet when they opened) leaves its core idle."""
+    used = sorted(after[pid] - before.get(pid, 0.0) for pid in after if pid != supervisor)
+    res["worker_cpu_s"] = [round(u, 2) for u in used]
+    say(f"workers' CPU over the run: {', '.join(f'{u:.2f} s' for u in used)} of {seconds:g} s each")
+    if used and used[0] < 0.5 * used[-1]:
+        say("a worker was left half idle: the connections were not spread over the workers")
 
 
 def compare(c: Common, trees: list[str], rounds: int = 3, concurrency: int = 64) -> dict[str, Any]:
