@@ -8,7 +8,9 @@ precision figures (measured through the fast paths) would not describe the guard
 from __future__ import annotations
 
 import collections
+import hashlib
 import re
+import unicodedata
 from fractions import Fraction
 
 import orjson
@@ -38,7 +40,9 @@ def reference_guards(text: str) -> sem.Guards:
     words = sem._WORD.findall(text)
     lowered = [w.lower().replace("\u2019", "'") for w in words]
     spelled = {w for w in lowered if w in sem._NUMBER_WORDS}
-    numbers = frozenset({m.replace(",", "") for m in sem._NUMBER.findall(text)} | spelled)
+    numeric = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    found = [sem._number(m) for m in sem._NUMBER.findall(numeric)]
+    numbers = frozenset(set(found) | spelled)
     entities: set[str] = set()
     for i, (w, low) in enumerate(zip(words, lowered, strict=True)):
         if len(w) > 1 and ((w[0].isupper() and i > 0 and low not in sem._STOP_INDEX) or w.isupper()):
@@ -52,7 +56,32 @@ def reference_guards(text: str) -> sem.Guards:
     code = frozenset(next(g for g in m if g) for m in sem._CODE.findall(text))
     negated = any(w in sem._NEGATIONS or w.endswith("n't") or sem._negating_prefix(w) for w in lowered)
     actions = frozenset(sem._OPPOSED_FORMS[w] for w in set(lowered) if w in sem._OPPOSED_FORMS)
-    return sem.Guards(numbers, frozenset(entities), quoted, code, negated, actions, *reference_language(text, lowered))
+    script, language = reference_language(text, lowered)
+    operators = frozenset(sem._OPERATOR.findall(text))
+    order: list[str] = [w for w in dict.fromkeys(lowered) if w in entities]
+    if len(set(found)) > 1:
+        order += ["", *dict.fromkeys(sem._number(m) for m in sem._NUMBER.findall(text))]
+    exact = (numbers, frozenset(entities), quoted, code, negated, actions, script, operators, order)
+    return sem.seal(exact, language, reference_spans(lowered))
+
+
+def reference_spans(lowered: list[str]) -> bytes:
+    """Each connector (the first 16 of them, then all of them as one digest) with the content
+    words within the window on each side."""
+    content = [w for w in lowered if w not in sem._FILLER]
+    out = b""
+    n = 0
+    for i, w in enumerate(content):
+        if w in sem._CONNECTORS:
+            near = [(x, j) for j, x in enumerate(content) if 0 < abs(j - i) <= sem._WINDOW]
+            before = [sem._word_id(x) for x, j in near if j < i and x not in sem._CONNECTORS]
+            after = [sem._word_id(x) for x, j in near if j > i and x not in sem._CONNECTORS]
+            pad = lambda ids: ids + [0] * (sem._WINDOW - len(ids))  # noqa: E731
+            out += sem._SPAN.pack(sem._CONNECTOR_ID[w], *pad(before), *pad(after))
+            n += 1
+    if n > sem._MAX_SPANS:
+        return b"\xff" + hashlib.blake2b(out, digest_size=16).digest()
+    return out
 
 
 def reference_language(text: str, lowered: list[str]) -> tuple[str, str | None]:

@@ -253,10 +253,15 @@ def guards(text: str) -> Guards:
     order = [w for w in dict.fromkeys(lower.values()) if w in entities]  # `lower` is in order of first sight
     if len(digits) > 1:  # then the numbers, in their own order ("100 USD" and "USD 100" are one request)
         order += ["", *dict.fromkeys(_number(m) for m in _NUMBER.findall(text))]
-    exact = [sorted(numbers), sorted(entities), sorted(quoted), sorted(code), negated, sorted(actions), script]
-    exact += [sorted(operators), order]
-    packed = _pack_spans(words, lower, distinct)
-    return Guards(hashlib.blake2b(orjson.dumps(exact), digest_size=16).digest(), language, packed)
+    exact = (numbers, frozenset(entities), quoted, code, negated, actions, script, operators, order)
+    return seal(exact, language, _pack_spans(words, lower, distinct))
+
+
+def seal(exact: tuple[Any, ...], language: str | None, spans: bytes) -> Guards:
+    """The guards from what must be equal (sets, flags and sequences: their digest), the
+    language and the packed spans."""
+    canonical = orjson.dumps([sorted(x) if isinstance(x, frozenset) else x for x in exact])
+    return Guards(hashlib.blake2b(canonical, digest_size=16).digest(), language, spans)
 
 
 def _is_common(word: str) -> bool:
