@@ -44,6 +44,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web import Application, RequestKey
 from aiohttp.web import Request as _AiohttpRequest
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
+from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -194,15 +195,17 @@ class Request(_AiohttpRequest):
     def get(self, key: str | RequestKey[Any], default: Any = None) -> Any:
         return self._state.get(key, default)
 
-    @property
-    def app(self) -> Application:
-        """aiohttp's, without the second property it reads (`match_info.current_app`): asked
-        for about ten times a request."""
-        match_info = self._match_info
-        assert match_info is not None
-        app: Application | None = match_info._current_app
-        assert app is not None
-        return app
+    if "_current_app" in getattr(UrlMappingMatchInfo, "__slots__", ()):  # else aiohttp's own property
+
+        @property
+        def app(self) -> Application:
+            """aiohttp's, without the second property it reads (`match_info.current_app`): asked
+            for about ten times a request."""
+            match_info = self._match_info
+            assert match_info is not None
+            app: Application | None = match_info._current_app
+            assert app is not None
+            return app
 
     def __contains__(self, key: object) -> bool:
         return key in self._state

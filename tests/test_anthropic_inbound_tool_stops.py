@@ -71,19 +71,34 @@ async def test_an_answer_without_calls_still_ends_its_turn(start_mock: Any, star
     assert [b.type for b in msg.content] == ["text"] and msg.stop_reason == "end_turn"
 
 
-async def test_parallel_tool_calls_stream_one_block_at_a_time(serve_routes: Any, start_proxy: Any) -> None:
-    """An OpenAI upstream streams two parallel tool calls one after the other; the Anthropic
-    client gets them as Anthropic streams blocks: each block stopped before the next starts."""
+def _two_calls(interleaved: bool) -> list[Any]:
+    """OpenAI deltas of two parallel `get_weather` calls, each's arguments in two pieces: one
+    call after the other (as OpenAI sends them), or both heads first and the pieces alternating."""
+    heads = [
+        {"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function", "function": {"name": "get_weather"}}]}
+        for i in (0, 1)
+    ]
+    pieces = [
+        [{"tool_calls": [{"index": i, "function": {"arguments": a}}]} for a in ('{"city": ', f'"{city}"}}')]
+        for i, city in enumerate(("Paris", "Rome"))
+    ]
+    if interleaved:
+        return [*heads, pieces[0][0], pieces[1][0], pieces[0][1], pieces[1][1]]
+    return [heads[0], *pieces[0], heads[1], *pieces[1]]
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["one-after-the-other", "interleaved"])
+async def test_parallel_tool_calls_stream_one_whole_block_at_a_time(
+    serve_routes: Any, start_proxy: Any, interleaved: bool
+) -> None:
+    """An OpenAI upstream streams two parallel tool calls; the Anthropic client gets them as
+    Anthropic streams blocks: each block stopped before the next starts, with its input whole
+    at its `content_block_stop` (where a client runs the tool), and no delta after its stop.
+    An upstream may interleave the calls' argument pieces; the blocks still come one by one."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
         head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
-        deltas: list[Any] = [{"role": "assistant", "content": None}]
-        for i, city in enumerate(("Paris", "Rome")):
-            call = {"index": i, "id": f"call_{i}", "type": "function", "function": {"name": "get_weather"}}
-            deltas.append({"tool_calls": [call | {"function": {"name": "get_weather", "arguments": ""}}]})
-            deltas.append(
-                {"tool_calls": [{"index": i, "function": {"arguments": orjson.dumps({"city": city}).decode()}}]}
-            )
+        deltas = [{"role": "assistant", "content": None}, *_two_calls(interleaved)]
         chunks = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
         chunks.append({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -101,65 +116,27 @@ async def test_parallel_tool_calls_stream_one_block_at_a_time(serve_routes: Any,
     }
     proxy = await start_proxy(cfg)
     client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
-    events: list[tuple[str, int]] = []
+    blocks: list[tuple[str, int]] = []
+    late: list[tuple[str, int]] = []
+    at_stop: list[tuple[int, Any]] = []
     async with client.messages.stream(model="m", max_tokens=100, tools=TOOLS, messages=ASK) as s:
         async for ev in s:
             if ev.type in ("content_block_start", "content_block_stop"):
-                events.append((ev.type, ev.index))
+                blocks.append((ev.type, ev.index))
+            if ev.type == "content_block_stop":
+                at_stop.append((ev.index, ev.content_block.input))  # type: ignore[union-attr]
+            elif (
+                ev.type in ("content_block_start", "content_block_delta") and ("content_block_stop", ev.index) in blocks
+            ):
+                late.append((ev.type, ev.index))
         msg = await s.get_final_message()
-    assert events == [
+    assert blocks == [
         ("content_block_start", 0),
         ("content_block_stop", 0),
         ("content_block_start", 1),
         ("content_block_stop", 1),
     ]
+    assert at_stop == [(0, {"city": "Paris"}), (1, {"city": "Rome"})] and late == []
     assert [(u.type, u.input) for u in msg.content] == [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]
     assert msg.stop_reason == "tool_use"
-
-
-async def test_interleaved_parallel_tool_calls_stop_whole(serve_routes: Any, start_proxy: Any) -> None:
-    """An upstream that sends both calls' headers, then their arguments in alternating pieces:
-    each Anthropic block still stops with its input whole (a client runs a tool at its
-    `content_block_stop`), and no block gets a delta after its stop."""
-
-    async def answer(request: web.Request) -> web.StreamResponse:
-        head = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini"}
-        deltas: list[Any] = [{"role": "assistant", "content": None}]
-        for i in (0, 1):
-            fn = {"name": "get_weather", "arguments": ""}
-            deltas.append({"tool_calls": [{"index": i, "id": f"call_{i}", "type": "function", "function": fn}]})
-        for piece in ('{"city": ', None):
-            for i, city in enumerate(("Paris", "Rome")):
-                args = piece or orjson.dumps(city).decode() + "}"
-                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": args}}]})
-        chunks = [{"index": 0, "delta": d, "finish_reason": None} for d in deltas]
-        chunks.append({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
-        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await resp.prepare(request)
-        for c in chunks:
-            await resp.write(b"data: " + orjson.dumps(head | {"choices": [c]}) + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-    up = await serve_routes(web.post("/v1/chat/completions", answer))
-    cfg = {
-        "providers": {"p": {"base_url": up.url + "/v1"}},
-        "deployments": {"d": {"provider": "p", "model": "gpt-4o-mini"}},
-        "models": {"m": {"deployments": ["d"]}},
-    }
-    proxy = await start_proxy(cfg)
-    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
-    stopped: set[int] = set()
-    late: list[tuple[str, int]] = []
-    at_stop: list[tuple[int, Any]] = []
-    async with client.messages.stream(model="m", max_tokens=100, tools=TOOLS, messages=ASK) as s:
-        async for ev in s:
-            if ev.type == "content_block_stop":
-                stopped.add(ev.index)
-                at_stop.append((ev.index, ev.content_block.input))  # type: ignore[union-attr]
-            elif ev.type in ("content_block_start", "content_block_delta") and ev.index in stopped:
-                late.append((ev.type, ev.index))
-        msg = await s.get_final_message()
-    assert at_stop == [(0, {"city": "Paris"}), (1, {"city": "Rome"})]
-    assert late == []
-    assert [(u.type, u.input) for u in msg.content] == [("tool_use", {"city": "Paris"}), ("tool_use", {"city": "Rome"})]
+    await client.close()

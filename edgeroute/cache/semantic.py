@@ -8,7 +8,9 @@ context hash. A candidate must pass three gates:
    its package: nothing is downloaded) at or above the route's `similarity`;
 2. the same *guard signature*: the same numbers (in digits or words), named entities,
    quoted strings, code identifiers, negation (a `not`, or an `un-`/`non-` word), opposed
-   words ("enable" / "disable", "ascending" / "descending") and language. Near
+   words ("enable" / "disable", "ascending" / "descending"), comparisons and language; the
+   entities and the numbers in the same order; no word on the other side of a connector
+   ("5 km to miles" / "5 miles to km": static embeddings do not see order). Near
    misses ("2 eggs" / "3 eggs", "Paris" / "Lyon", "is" / "is not", English / French) embed
    close together; they are the classic false hit, so they are refused by these exact
    checks rather than by a tighter threshold;
@@ -56,7 +58,7 @@ _CONNECTORS = frozenset(
     "to from into onto than vs versus over against toward towards without except not instead unlike".split()
 )
 _WINDOW = 4  # content words on each side of a connector that must not have swapped sides
-_MAX_SPANS = 16  # connectors looked at in a prompt (the first ones): bounds its memory and the pairwise check
+_MAX_SPANS = 16  # connectors kept one by one; past them all must match (a digest): bounds memory and the pairwise check
 _WORD = re.compile(r"[^\W_][\w'\u2019-]*", re.UNICODE)
 _QUOTED = re.compile(r"\"([^\"]{1,200})\"|“([^”]{1,200})”|'([^'\s][^']{0,200})'")
 # Possessive quantifiers: the next character can never be one they would give back, and

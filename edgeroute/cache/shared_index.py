@@ -37,7 +37,7 @@ from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
 log = logging.getLogger("edgeroute.cache")
 
-_VERSION = 2  # 2: the order guards (operators, order, spans); a version-1 record is a miss
+_VERSION = 2  # 2: the guards as a digest and packed spans; another version's record is skipped (`OtherVersion`)
 _MAX_DIM = 16_384
 _MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
