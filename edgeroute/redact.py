@@ -20,6 +20,14 @@ Two kinds of thing are replaced by :data:`MARKER`:
   keys, JWTs, `api-key=`/`x-api-key:`/`password=`-style pairs, `key=` URL parameters
   (Gemini), passwords in URLs.
 
+What goes to a client (error bodies, in-stream error events) is also cleared of what is
+not a credential but is nobody's business outside (:func:`outbound`): the addresses of the
+upstreams edgeroute calls (each provider's `base_url`, its origin, host and port: an
+internal vLLM's `http://10.1.2.3:9000/v1` quoted in its own error message), the shared
+state's hosts, and the provider account's organisation and project ids (`org-…`,
+`proj_…`, as OpenAI's rate-limit messages name them). Logs keep them: an operator needs
+to see which upstream failed.
+
 The log filter also neutralises control characters (newlines, ANSI escapes) in the
 values interpolated into a log line, so that a client-chosen string cannot forge a log
 line or repaint a terminal (log injection).
@@ -102,14 +110,15 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
 class _Known:
     """The registered secret values and one regex over them, rebuilt lazily after a change."""
 
-    def __init__(self) -> None:
+    def __init__(self, min_len: int = MIN_SECRET_LEN) -> None:
+        self._min_len = min_len
         self._values: dict[str, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
         self._regex: re.Pattern[str] | None = None
         self._dirty = False
 
     def add(self, value: str) -> None:
-        if len(value) < MIN_SECRET_LEN or value in self._values:
+        if len(value) < self._min_len or value in self._values:
             return
         with self._lock:
             self._values[value] = None
@@ -132,6 +141,10 @@ class _Known:
 
 
 _KNOWN = _Known()
+# The upstreams' addresses: a host name may be short ("vllm:8000"), a word it may not be.
+_ENDPOINTS = _Known(min_len=4)
+# Provider account ids, in what a client is sent only (see the module's docstring).
+_ACCOUNT_IDS = re.compile(r"\b(?:org-[A-Za-z0-9]{12,}|proj_[A-Za-z0-9]{12,})\b")
 
 
 def register(value: str) -> None:
@@ -151,11 +164,38 @@ def register(value: str) -> None:
 
 
 def register_config(cfg: Any) -> None:
-    """Registers the secrets a config holds as plain values rather than references."""
+    """Registers the secrets a config holds as plain values rather than references, and the
+    addresses of the upstreams and stores it names (kept from clients, see :func:`outbound`)."""
     shared = getattr(cfg, "shared_state", None)
     url = getattr(shared, "redis_url", None)
     if isinstance(url, str):
         register(url)
+        register_endpoint(url)
+    for provider in (getattr(cfg, "providers", None) or {}).values():
+        base = getattr(provider, "base_url", None)
+        if isinstance(base, str):
+            register_endpoint(base)
+
+
+def register_endpoint(url: str) -> None:
+    """Marks an upstream's or store's address as kept from clients: the URL as written, its
+    origin (`scheme://host:port`), `host:port`, and the host when it has a dot (an IP or a
+    domain: a bare name such as `vllm` could be an ordinary word)."""
+    url = url.strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return
+    if not host:
+        return
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # never the credentials: those are secrets already
+    _ENDPOINTS.add(f"{parts.scheme}://{netloc}{parts.path}")
+    _ENDPOINTS.add(f"{parts.scheme}://{netloc}")
+    if port is not None:
+        _ENDPOINTS.add(netloc)
+    if "." in host or ":" in host:
+        _ENDPOINTS.add(host)
 
 
 def text(s: str) -> str:
@@ -187,11 +227,26 @@ def cut(s: str, limit: int) -> str:
     return f"{head[:at]} …[{len(s) - at} characters cut]"
 
 
+def outbound(s: str) -> str:
+    """`s` as a client may see it: :func:`text`, then the upstreams' addresses and the
+    provider accounts' ids replaced by :data:`MARKER` as well."""
+    s = text(s)
+    if not s:
+        return s
+    endpoints = _ENDPOINTS.regex()
+    if endpoints is not None:
+        s = endpoints.sub(MARKER, s)
+    if "org-" in s or "proj_" in s:
+        s = _ACCOUNT_IDS.sub(MARKER, s)
+    return s
+
+
 def message(s: str) -> str:
-    """An error message as it may leave: cut to :data:`MAX_MESSAGE`, then redacted. A client
-    can make a message huge (an unknown model named with megabytes), and redacting megabytes
-    would hold the event loop for seconds: every other request would wait."""
-    return text(cut(s, MAX_MESSAGE))
+    """An error message as it may leave for a client: cut to :data:`MAX_MESSAGE`, then
+    redacted (:func:`outbound`). A client can make a message huge (an unknown model named
+    with megabytes), and redacting megabytes would hold the event loop for seconds: every
+    other request would wait."""
+    return outbound(cut(s, MAX_MESSAGE))
 
 
 def value(v: Any) -> Any:

@@ -320,7 +320,7 @@ def redact_errors(chunk: bytes) -> bytes:
 
 def _redact_bytes(data: bytes) -> bytes:
     # surrogateescape: a UTF-8 sequence cut at a piece's edge goes out as the bytes it was.
-    return redact.text(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
+    return redact.outbound(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
 # A blank line, whatever the line ends (LF, CRLF, CR): in an event stream, these bytes occur
