@@ -343,6 +343,16 @@ def _fields(body: dict[str, Any]) -> K.KeyFields:
         raise K.bad_fields(e) from None
 
 
+def _check_models(request: web.Request, f: K.KeyFields) -> None:
+    """A key's models must be the config's public models: a misspelt one made a key that every
+    request of it was refused with, without a word when it was made."""
+    known = request.app[STATE].live.config.models
+    unknown = [m for m in f.models or () if m not in known]
+    if unknown:
+        raise ProxyError(400, f"models: no model {', '.join(map(repr, unknown[:5]))} in the config.",
+                         code="invalid_key", param="models")  # fmt: skip
+
+
 def _check_residency(request: web.Request, f: K.KeyFields) -> None:
     if f.residency is None:
         return
@@ -416,6 +426,7 @@ async def create_key(request: web.Request) -> web.Response:
     f = _fields(body)
     if f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    _check_models(request, f)
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(creator, creator_raw, f)
@@ -488,6 +499,8 @@ async def update_key(request: web.Request) -> web.Response:
     f = _fields(merged)
     if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    if "models" in body:  # a model since taken out of the config does not block other changes
+        _check_models(request, f)
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)

@@ -60,11 +60,14 @@ LAST_DATE = 253402300799.0  # 9999-12-31T23:59:59Z
 class KeyFields(BaseModel):
     """What a client may set on a managed key (create and update)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `"rpm": true` was a limit of 1 and `"budget_usd": "5"` five dollars; a client
+    # that sends the wrong type gets a 400 naming the field, as for any other bad value.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str | None = Field(None, max_length=200)
-    user: str | None = Field(None, max_length=200)
-    team: str | None = Field(None, max_length=200)
+    # An empty owner is no owner: `"team": ""` made a key confined to a team nobody is in.
+    user: str | None = Field(None, min_length=1, max_length=200)
+    team: str | None = Field(None, min_length=1, max_length=200)
     role: roles.Role = "service"
     # Each name at most 200 characters: a key is held in every instance's memory, and a tenant's
     # admin key makes keys; a body of 10 MiB of one model name was a key of 10 MiB.

@@ -74,10 +74,14 @@ async def test_a_keys_names_are_bounded(governed: Any) -> None:
                 body = await r.json()
                 assert r.status == 400 and body["error"]["code"] == "invalid_key", body
                 assert body["error"]["problems"][0]["field"] == f"{field}.0"
-        async with s.post(governed.url + "/admin/keys", headers=auth, json={"models": ["m" * 200]}) as r:
+        async with s.post(governed.url + "/admin/keys", headers=auth, json={"deny_tags": ["t" * 200]}) as r:
             assert r.status == 201
         async with s.get(governed.url + "/admin/keys", headers=auth) as r:
-            assert [len(k["models"][0]) for k in (await r.json())["keys"] if k.get("models")] == [200]
+            assert [len(k["deny_tags"][0]) for k in (await r.json())["keys"] if k.get("deny_tags")] == [200]
+        # A model name of 200 characters passes the bound, and is then refused for naming no model.
+        async with s.post(governed.url + "/admin/keys", headers=auth, json={"models": ["m" * 200]}) as r:
+            body = await r.json()
+            assert r.status == 400 and "no model" in body["error"]["message"], body
 
 
 @pytest.mark.parametrize("fields", [{"budget_usd": 1e308}, {"budget_usd": 1e300}, {"expires_at": 1e308}])
@@ -140,3 +144,47 @@ async def test_an_admin_body_nested_past_the_bound_is_a_400(governed: Any, metho
         if field == "metadata":
             async with s.request(method, url, json={"metadata": {"team": {"a": [1]}}}) as r:
                 assert r.status in (200, 201) and (await r.json())["metadata"] == {"team": {"a": [1]}}
+
+
+async def test_key_fields_of_the_wrong_type_or_naming_no_model_are_a_400(start_upstream: Any, tmp_path: Path) -> None:
+    """`"rpm": true` made a key limited to 1 request a minute, `"budget_usd": "5"` five dollars,
+    `"team": ""` a key confined to a team nobody is in, and `"models": ["nope"]` a key every
+    request of which was refused: each was made without a word. Now each is a 400 naming the
+    field, on create and on update, and nothing is made or changed."""
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True},
+        "ledger": _ledger("sqlite", tmp_path),
+    }
+    auth = {"Authorization": f"Bearer {ROOT}"}
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"rpm": True}, "rpm"),
+        ({"tpm": 1.5}, "tpm"),
+        ({"budget_usd": "5"}, "budget_usd"),
+        ({"max_parallel": "2"}, "max_parallel"),
+        ({"team": ""}, "team"),
+        ({"user": ""}, "user"),
+        ({"models": ["nope"]}, "models"),
+        ({"models": ["m", "gpt-5-typo"]}, "models"),
+    ]
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/admin/keys", headers=auth, json={"name": "good", "models": ["m"]}) as r:
+            assert r.status == 201, await r.text()
+            good = await r.json()
+        for body, field in bad:
+            for method, path in (("POST", "/admin/keys"), ("PATCH", f"/admin/keys/{good['id']}")):
+                async with s.request(method, proxy.url + path, headers=auth, json=body) as r:
+                    answer = await r.json()
+                    assert r.status == 400, (method, body, answer)
+                    assert field in answer["error"]["message"] and answer["error"]["code"] == "invalid_key", answer
+        async with s.get(proxy.url + "/admin/keys", headers=auth) as r:
+            managed = [k for k in (await r.json())["keys"] if k.get("source") != "config"]
+        assert [k["id"] for k in managed] == [good["id"]]  # nothing else was made...
+        (now,) = managed
+        assert now["models"] == ["m"] and now.get("rpm") is None and now.get("team") is None  # ...nor changed
+        # Well-typed values still go through, an int for a dollar amount included.
+        async with s.patch(
+            proxy.url + f"/admin/keys/{good['id']}", headers=auth, json={"budget_usd": 5, "rpm": 30}
+        ) as r:
+            assert r.status == 200 and (await r.json())["rpm"] == 30
