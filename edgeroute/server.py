@@ -55,7 +55,7 @@ from edgeroute.leases import SharedSlots
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
 from edgeroute.router_shadow import evaluator as router_shadow
-from edgeroute.state import RECORDER, STATE, Live, ServerState
+from edgeroute.state import RECORDER, STATE, Counters, Live, ServerState
 from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import logs
 from edgeroute.words import counted
@@ -134,6 +134,10 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
         raise ProxyError(
             503, "edgeroute is at capacity; retry shortly.", code="overloaded", headers={"Retry-After": "1"}
         )
+    holder = ident.key if ident is not None and body else None
+    if holder is not None:
+        _within_share(c, holder, body, server.max_body_bytes_in_flight)
+        c.body_bytes_by[holder] = c.body_bytes_by.get(holder, 0) + body
     c.in_flight += 1
     c.requests += 1
     c.body_bytes += body
@@ -142,6 +146,29 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     finally:
         c.in_flight -= 1
         c.body_bytes -= body
+        if holder is not None:
+            if (left := c.body_bytes_by[holder] - body) > 0:
+                c.body_bytes_by[holder] = left
+            else:
+                del c.body_bytes_by[holder]
+
+
+def _within_share(c: Counters, holder: str, body: int, cap: int) -> None:
+    """Once request bodies hold half of `server.max_body_bytes_in_flight`, a key that holds a
+    quarter of it already gets no more: a tenant trickling bodies it declared large (one byte
+    every few seconds, never admitted, so no RPM or budget is spent) held the whole of it, and
+    every other tenant's larger requests were refused as at capacity. A key alone on an idle
+    server may still use more; a request alone always passes, as for the cap itself."""
+    held = c.body_bytes_by.get(holder, 0)
+    if held and held + body > cap // 4 and c.body_bytes + body > cap // 2:
+        c.shed += 1
+        raise ProxyError(
+            429,
+            "This key's request bodies in flight hold its share of edgeroute's room for bodies; "
+            "retry once some are sent.",
+            code="body_bytes_in_flight",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _body_bytes(request: web.Request, limit: int) -> int:

@@ -123,6 +123,7 @@ class Counters:
     in_flight: int = 0
     shed: int = 0
     body_bytes: int = 0  # request bodies the requests in flight hold (declared, or the worst case)
+    body_bytes_by: dict[str, int] = field(default_factory=dict)  # the same, by key id (`_admitted`)
 
 
 class StreamTimer(Protocol):

@@ -124,3 +124,51 @@ async def test_a_chunked_body_counts_as_the_largest_body(held: tuple[Held, TestS
             assert r.status == 503, await r.text()
     up.go.set()
     assert await first == "ok"
+
+
+HOG, OTHER = "hog-token-0123456789", "other-token-0123456789"
+
+
+async def _declare(port: int, token: str, size: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request whose head declares `size` bytes of body, of which it sends ten."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
+    )
+    writer.write(head.encode() + b'{"model": ')
+    await writer.drain()
+    return reader, writer
+
+
+async def test_one_key_trickling_bodies_cannot_hold_every_tenants_room(
+    held: tuple[Held, TestServer], serve: Any
+) -> None:
+    """A tenant that declares large bodies and sends them a byte at a time is never admitted
+    (no RPM, no budget spent), yet it held all of `max_body_bytes_in_flight`: every other
+    tenant's larger request was a 503. Once bodies hold half the room, a key holding a quarter
+    gets a 429 for more, and the other tenants keep the rest."""
+    up, server = held
+    up.go.set()
+    cfg = _config(server, 4 * 1024 * KB) | {"keys": {"hog": {"token": HOG}, "other": {"token": OTHER}}}
+    proxy: Served = await serve(cfg)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    held_open, statuses = [], []
+    for _ in range(5):
+        reader, writer = await _declare(port, HOG, 900 * KB)
+        held_open.append(writer)
+        try:
+            async with asyncio.timeout(1):
+                statuses.append((await reader.readline()).decode().split(" ")[1])
+        except TimeoutError:
+            statuses.append("waiting")  # admitted: its handler waits for the rest of the body
+    try:
+        assert statuses == ["waiting", "waiting", "429", "429", "429"], statuses
+        # Another tenant's 900 KB request passes meanwhile (1.8 MB of the 4 MB held).
+        r = await openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=OTHER, max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x " * (450 * KB)}]
+        )
+        assert r.choices[0].message.content == "ok"
+    finally:
+        for w in held_open:
+            w.close()
