@@ -127,6 +127,12 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     c = state.counters
     server = state.live.config.server
     body = _body_bytes(request, server.max_body_bytes)
+    if body == server.max_body_bytes and (request.content_length or 0) > body and _identity(request):
+        # Declared past the limit: refused before a byte of it is read (it was read up to the
+        # limit first, 10 MiB of the client's upload and of the event loop's time).
+        raise ProxyError(
+            413, f"The request body is too large (limit {server.max_body_bytes} bytes).", code="request_too_large"
+        )
     if c.in_flight >= server.max_in_flight or (
         body and c.body_bytes and c.body_bytes + body > server.max_body_bytes_in_flight
     ):
@@ -171,6 +177,12 @@ def _within_share(c: Counters, holder: str, body: int, cap: int) -> None:
         )
 
 
+def _identity(request: web.Request) -> bool:
+    """Whether the body is sent as it is (its Content-Length is its size once read)."""
+    encoding = request.headers.get("Content-Encoding")
+    return encoding is None or encoding.strip().lower() == "identity"
+
+
 def _body_bytes(request: web.Request, limit: int) -> int:
     """The body a request will hold, for `server.max_body_bytes_in_flight`: its Content-Length,
     or the limit when it may grow to that (chunked, or compressed). Before any of it is read:
@@ -179,8 +191,7 @@ def _body_bytes(request: web.Request, limit: int) -> int:
     if not request.body_exists:
         return 0
     length = request.content_length
-    encoding = request.headers.get("Content-Encoding")
-    if length is None or (encoding is not None and encoding.strip().lower() != "identity"):
+    if length is None or not _identity(request):
         return limit
     return min(length, limit)
 

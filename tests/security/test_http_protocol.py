@@ -412,3 +412,14 @@ def test_a_requests_values_read_as_aiohttps_do() -> None:
     assert request.get(key) == 0 and request.get(key, 5) == 0 and key in request and other not in request
     clone = request.clone()
     assert clone.get(key) == 0 and key in clone and clone.get(other) is None
+
+
+async def test_a_body_declared_past_the_limit_is_a_413_before_it_is_sent(leaky: Leaky, serve) -> None:
+    """A Content-Length past `server.max_body_bytes` is refused from the head alone: it was read
+    up to the limit first (10 MiB of upload and of the event loop by default), so a client that
+    sent the head and waited got nothing until the body timeout."""
+    proxy = await serve(leaky_config(leaky, server={"max_body_bytes": 65536}))
+    request = _chat("").split(b"Content-Length:")[0] + b"Content-Length: 1000000\r\n\r\n" + b'{"model": '
+    got, head, body = _answers(await raw_exchange(proxy.port, request, read_timeout=5))[0]
+    assert got == 413 and b"application/json" in head.lower(), (head, body)
+    assert orjson.loads(body)["error"]["code"] == "request_too_large" and leaky.seen == []
