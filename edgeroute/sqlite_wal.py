@@ -65,6 +65,8 @@ def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     transaction, whichever process's, starts the WAL over (and cuts the file back). Busy
     (a writer mid-batch, a reader holding an old snapshot) is no error: the WAL waits for the
     next call. Returns SQLite's row: (busy, frames in the WAL, frames copied)."""
+    # PASSIVE first: the copy and its fsyncs (tens of ms on a busy disk) hold no lock; the
+    # RESTART after it holds the write lock with little left to copy.
     row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     if row[1] < RESTART_FRAMES:
         return int(row[0]), int(row[1]), int(row[2])
