@@ -10,6 +10,11 @@ bounded time.
 A file it creates is readable by its owner alone (0600; SQLite gives its `-wal` and `-shm`
 files the database's mode): a ledger holds the request log's prompts and answers where
 `log_content` keeps them, a key store the audit log and config versions.
+
+The WAL stays bounded with several writers (`checkpoint`): SQLite writes the WAL from its
+start again only when a transaction begins with every frame copied into the database and no
+reader left in the WAL, which two workers' interleaved batches rarely leave it; and without
+`journal_size_limit` a WAL started over keeps the size of its longest run on disk.
 """
 
 from __future__ import annotations
@@ -21,6 +26,17 @@ from pathlib import Path
 from typing import Any
 
 RETRY_FOR_S = 10.0
+# A WAL started over is cut back to this at its first commit (`journal_size_limit`, which is
+# the connection's own: every writer of a shared file sets it, as whichever starts the WAL
+# over cuts it). Kept rather than cut to nothing: the next batches reuse its blocks.
+WAL_KEEP_BYTES = 4 * 1024 * 1024
+# Frames (4 KiB pages) past which `checkpoint` makes sure the WAL is started over.
+RESTART_FRAMES = 1024
+# How long that checkpoint waits for another process's writer and for readers of an old
+# snapshot (SQLite's busy handler) before it gives up until the next batch. It holds the
+# write lock while it waits for readers, so every writer waits with it: short, and a writer
+# mid-batch (tens of ms) is let be rather than waited for.
+RESTART_WAIT_MS = 20
 
 
 def connect(path: str | Path, synchronous: str = "NORMAL", **options: Any) -> sqlite3.Connection:
@@ -33,12 +49,34 @@ def connect(path: str | Path, synchronous: str = "NORMAL", **options: Any) -> sq
             if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
             return conn
         except sqlite3.OperationalError as e:
             conn.close()
             if "locked" not in str(e) or time.monotonic() >= deadline:
                 raise
             time.sleep(0.05)
+
+
+def checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """Copies the WAL's committed frames into the database as far as readers allow, waiting
+    for nobody (PASSIVE); once the WAL is `RESTART_FRAMES` long, then also RESTART: waits up
+    to `RESTART_WAIT_MS` for the write lock and for readers to leave the WAL, so that the next
+    transaction, whichever process's, starts the WAL over (and cuts the file back). Busy
+    (a writer mid-batch, a reader holding an old snapshot) is no error: the WAL waits for the
+    next call. Returns SQLite's row: (busy, frames in the WAL, frames copied)."""
+    # PASSIVE first: the copy and its fsyncs (tens of ms on a busy disk) hold no lock; the
+    # RESTART after it holds the write lock with little left to copy.
+    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    if row[1] < RESTART_FRAMES:
+        return int(row[0]), int(row[1]), int(row[2])
+    wait_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    conn.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")
+    try:
+        row = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={wait_ms}")
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def private(path: str | Path) -> None:

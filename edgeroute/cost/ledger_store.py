@@ -359,10 +359,11 @@ class SqliteBackend:
         return conn
 
     def checkpoint(self) -> None:
-        """Copies the WAL's committed pages into the database file, as far as readers allow
-        (PASSIVE: it never waits for one), so that the WAL stays about one batch long."""
-        try:  # another process's checkpoint running is not an error: its row says busy
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        """Copies the WAL's committed pages into the database file, as far as readers allow,
+        and has the WAL started over once it is long (`sqlite_wal.checkpoint`), so that it stays
+        a few batches long however the workers' batches interleave."""
+        try:  # another process's checkpoint running, or a reader, is not an error: its row says busy
+            sqlite_wal.checkpoint(self._conn)
         except sqlite3.OperationalError as e:  # a full disk, I/O: the next batch tries again
             if time.monotonic() - self._checkpoint_told >= 60:
                 self._checkpoint_told = time.monotonic()
