@@ -27,6 +27,7 @@ def test_the_summary_is_read() -> None:
     assert (r.requests, r.non_2xx, r.errors, r.elapsed_s, r.cpu_s) == (13210, 7, 3, 2.0, 0.5)
     assert r.rps == pytest.approx(6605)
     assert wrk.parse(SAMPLE.replace("in 2.00s", "in 500.00ms"), 0).elapsed_s == 0.5
+    assert wrk.parse(SAMPLE.replace("in 2.00s", "in 1.00m"), 0).elapsed_s == 60  # a run of a minute or more
     with pytest.raises(RuntimeError):
         wrk.parse("wrk: unknown option", 0)
 

@@ -104,12 +104,15 @@ def run(url: str, body: bytes, seconds: float, connections: int, threads: int = 
     return parse(out, cpu)
 
 
+_SECONDS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}  # wrk's units for a run's length
+
+
 def parse(out: str, cpu_s: float) -> WrkResult:
     """Reads wrk's summary: `N requests in 10.00s`, `Non-2xx or 3xx responses: K`, socket errors."""
-    done = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    done = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h)\b", out)
     if done is None:
         raise RuntimeError(f"wrk's output was not understood: {out[-500:]!r}")
-    elapsed = float(done.group(2)) / (1000 if done.group(3) == "ms" else 1)
+    elapsed = float(done.group(2)) * _SECONDS[done.group(3)]
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return WrkResult(
