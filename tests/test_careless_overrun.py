@@ -119,15 +119,21 @@ async def test_chat_stream_past_max_tokens_ends_at_its_length(start_proxy, serve
     proxy = await _proxy(start_proxy, serve_routes, flood)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     stream = await client.chat.completions.create(
-        model="m", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hi"}]
+        model="m",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi"}],
     )
-    text, finish = "", None
+    text, finish, usage = "", None, None
     async with asyncio.timeout(20):
         async for chunk in stream:
             for c in chunk.choices:
                 text += c.delta.content or ""
                 finish = c.finish_reason or finish
+            usage = chunk.usage or usage
     assert finish == "length"
+    assert usage is not None and usage.completion_tokens > 74  # edgeroute's count, as asked for
     assert 74 < text.count("word") <= 300  # past the limit (2 x 5 + 64), by one burst at most
     await _closed(flood)
     rec = await _record(proxy)
@@ -142,7 +148,7 @@ async def test_chat_stream_past_max_tokens_ends_at_its_length(start_proxy, serve
 async def test_messages_stream_past_max_tokens_stops_at_max_tokens(start_proxy, serve_routes) -> None:
     # Through the chat translation (an OpenAI-format upstream), and an Anthropic upstream's
     # events relayed as they are (`top_k`: only Anthropic honours it).
-    for kind, extra in (("openai_compatible", {}), ("anthropic", {"extra_body": {"top_k": 5}})):
+    for kind, extra in (("openai_compatible", {}), ("anthropic", {}), ("anthropic", {"extra_body": {"top_k": 5}})):
         flood = Flood()
         proxy = await _proxy(start_proxy, serve_routes, flood, kind)
         client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
@@ -153,7 +159,7 @@ async def test_messages_stream_past_max_tokens_stops_at_max_tokens(start_proxy, 
                 async for _ in stream:
                     pass
                 msg = await stream.get_final_message()
-        assert msg.stop_reason == "max_tokens", kind
+        assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens > 74, kind
         assert 74 < msg.content[0].text.count("word") <= 300, kind
         await _closed(flood)
         rec = await _record(proxy)

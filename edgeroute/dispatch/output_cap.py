@@ -119,9 +119,10 @@ class OutputCap:
                     if isinstance(c, dict) and type(c.get("index")) is int:
                         self._indices[c["index"]] = None
 
-    def end(self) -> bytes | None:
-        """The events that end the stream at its length, in the relayed format; None for a format
-        (Responses) whose end is an error event."""
+    def end(self, prompt_tokens: int | None) -> bytes | None:
+        """The events that end the stream at its length, in the relayed format (a chat stream's
+        with its usage chunk, counted, given `prompt_tokens`); None for a format (Responses) whose
+        end is an error event."""
         if self._open is not None:  # Anthropic's events, relayed as they are
             out = [_anthropic("content_block_stop", {"index": i}) for i in self._open]
             usage = {"output_tokens": self.tokens}
@@ -145,6 +146,10 @@ class OutputCap:
             else:
                 choice["delta"] = {}
             out.append(b"data: " + orjson.dumps({**base, "choices": [choice]}) + b"\n\n")
+        if prompt_tokens is not None:  # asked for (Anthropic's message_delta carries it)
+            done = self.tokens
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+            out.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         return b"".join(out) + b"data: [DONE]\n\n"
 
 

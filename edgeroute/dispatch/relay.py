@@ -383,7 +383,7 @@ async def _overran(call: Attempts, dep: DeploymentInfo, cap: OutputCap, events: 
         cap.limit,
     )
     call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
-    end = cap.end()
+    end = cap.end(call.prompt_tokens() if call.decision.include_usage else None)
     if end is None:
         return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", "max_tokens")
     await events.end(end)
