@@ -8,15 +8,18 @@ calls, reasoning) is certainly past the bound by a margin is ended here, the cli
 API's format that the answer stopped at its length, the upstream's connection closed.
 
 "Certainly": the output is counted exactly with the route's tokenizer, and only past twice the
-bound and `MARGIN_TOKENS` more (another model's tokenizer counts the same text differently;
-never by half). The count is made only when the relayed bytes could hold that many tokens (a
-token is at least one byte of text, its event many more), then again each time the bytes grow
-by half, so a stream is counted a few times at most and a short one never.
+bound and `MARGIN_TOKENS` more (another model's tokenizer counts the same text otherwise; never
+by half). Nothing is looked at before the relayed bytes could hold that many tokens (a token is
+at least a byte of text, its event many more); then the JSON strings that may hold text are
+measured by a regular expression (about 3 ns a byte, no parse), and the text is read and
+counted only once those bytes pass the limit, again each time the stream grows by half: an
+answer well within its bound is never parsed nor counted, one near it a few times.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import orjson
@@ -27,7 +30,13 @@ from edgeroute.accounting import stream_objects, stream_parts
 MARGIN_TOKENS = 64
 # Text past this is counted in a worker thread (as a usage-less stream's count is).
 _OFF_LOOP_CHARS = 16 * 1024
-_ANTHROPIC = frozenset({"message_start", "content_block_start", "content_block_delta", "content_block_stop"})
+_ANTHROPIC = frozenset({"content_block_start", "content_block_delta", "content_block_stop"})
+# The JSON strings an answer's text may be in (an upper bound of its bytes: escapes only lengthen).
+_STRINGS = re.compile(
+    rb'"(?:content|refusal|text|arguments|name|delta|partial_json|thinking|reasoning_content|reasoning)"'
+    rb'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
+)
+_HELD_BYTES = 256 * 1024  # events held unread past this are read (a long stream's, most under its limit)
 
 
 def output_limit(max_tokens: int | None, choices: int) -> int | None:
@@ -41,8 +50,16 @@ class OutputCap:
     """A stream's relayed output, measured against its limit (see the module's docstring)."""
 
     __slots__ = (
-        *("_check_at", "_encoding", "_held", "_indices", "_open", "_seen", "_text", "_text_size"),
-        *("chunk", "limit", "tokens"),
+        "_check_at",
+        "_encoding",
+        "_fresh",
+        "_held",
+        "_held_size",
+        "_seen",
+        "_text",
+        "_upper",
+        "limit",
+        "tokens",
     )
 
     def __init__(self, limit: int, encoding: str, head: bytes) -> None:
@@ -50,31 +67,39 @@ class OutputCap:
         self._encoding = encoding
         self._seen = 0  # bytes relayed
         self._check_at = limit  # fewer bytes cannot hold `limit` tokens
-        self._held: list[bytes] = []  # relayed since the last look
-        self._text: list[str] = []
-        self._text_size = 0
+        self._fresh: list[bytes] = []  # relayed since the last look
+        self._held: list[bytes] = []  # looked at, whole lines, not yet read for their text
+        self._held_size = 0
+        self._upper = 0  # the bytes of the strings that may be text: at least the text's, so its tokens'
+        self._text: list[str] | None = None  # the text, once read (`_upper` past the limit)
         self.tokens = 0  # the last count
-        self.chunk: dict[str, Any] | None = None  # the last chat or completion chunk (its id, model)
-        self._indices: dict[int, None] = {}  # the chat choices seen, each ended
-        self._open: dict[int, None] | None = None  # an Anthropic stream's open content blocks
         self.add(head)
 
     def add(self, chunk: bytes) -> bool:
         """Takes what was relayed; True when it is time to look at it (`past`)."""
-        self._held.append(chunk)
+        self._fresh.append(chunk)
         self._seen += len(chunk)
         return self._seen >= self._check_at
 
     async def past(self) -> bool:
-        """Whether the output relayed so far is past the limit (counted, in a worker thread if long)."""
-        raw = b"".join(self._held)
+        """Whether the output relayed so far is past the limit. Its strings are measured first (a
+        regular expression, no parse); only past the limit is the text read and counted (in a
+        worker thread if long), which most answers never are."""
+        raw = b"".join(self._fresh)
         cut = raw.rfind(b"\n") + 1  # whole lines only: the rest waits for its end
-        self._held = [raw[cut:]] if cut < len(raw) else []
-        self._read(raw[:cut])
-        # Upper bounds first: a token is at least a character's byte.
-        if self._text_size > self.limit:
-            text = "".join(self._text)
-            self._text = [text]
+        self._fresh = [raw[cut:]] if cut < len(raw) else []
+        whole = raw[:cut]
+        self._upper += sum(map(len, _STRINGS.findall(whole)))
+        self._held.append(whole)
+        self._held_size += len(whole)
+        if self._text is None and self._upper <= self.limit:
+            if self._held_size > _HELD_BYTES:  # read now, its events dropped: bounded memory
+                self._read()
+            self._check_at = self._seen + self.limit - self._upper
+            return False
+        text = self._read()
+        bound = len(text.encode())
+        if bound > self.limit:
             if len(text) > _OFF_LOOP_CHARS:
                 loop = asyncio.get_running_loop()
                 self.tokens = await loop.run_in_executor(None, _core.Router.count_tokens, text, self._encoding)
@@ -82,12 +107,15 @@ class OutputCap:
                 self.tokens = _core.Router.count_tokens(text, self._encoding)
             if self.tokens > self.limit:
                 return True
-        bound = self.tokens if self._text_size > self.limit else self._text_size
+            bound = self.tokens
         # No miss: the bytes to come hold at most as many tokens; at least half again (a few counts).
         self._check_at = self._seen + max(self.limit - bound, self._seen // 2)
         return False
 
-    def _read(self, data: bytes) -> None:
+    def _read(self) -> str:
+        """The text relayed so far (what was held read, and dropped)."""
+        data = b"".join(self._held)
+        self._held, self._held_size = [], 0
         parts = stream_parts(data)
         if b'"reasoning' in data:  # a chat stream's reasoning, billed as output
             for obj in stream_objects(data):
@@ -96,50 +124,42 @@ class OutputCap:
                     for k in ("reasoning_content", "reasoning"):
                         if isinstance(delta, dict) and isinstance(delta.get(k), str):
                             parts.append(delta[k])
-        for p in parts:
-            self._text.append(p)
-            self._text_size += len(p.encode())
-        if b'"choices"' in data or b"content_block_" in data:
-            self._follow(data)
+        text = "".join((self._text or []) + parts)
+        self._text = [text]
+        return text
 
-    def _follow(self, data: bytes) -> None:
-        """What the end needs: the last chunk's id and model, or the Anthropic blocks left open."""
-        for obj in stream_objects(data):
-            kind = obj.get("type")
+    def end(self, tail: bytes, prompt_tokens: int | None) -> bytes | None:
+        """The events that end the stream at its length, in the relayed format (read from its
+        `tail`; a chat stream's with its usage chunk, counted, given `prompt_tokens`); None for a
+        format (Responses) whose end is an error event."""
+        last: dict[str, Any] | None = None
+        indices: dict[int, None] = {}  # the chat choices seen, each ended
+        blocks: dict[int, None] | None = None  # Anthropic's content blocks still open
+        for obj in stream_objects(tail):
+            kind, index = obj.get("type"), obj.get("index")
             if kind in _ANTHROPIC:
-                blocks = self._open if self._open is not None else {}
-                self._open = blocks
-                if kind == "content_block_start" and type(obj.get("index")) is int:
-                    blocks[obj["index"]] = None
-                elif kind == "content_block_stop":
-                    blocks.pop(obj.get("index"), None)  # type: ignore[arg-type]
+                blocks = {} if blocks is None else blocks
+                if kind == "content_block_stop":
+                    blocks.pop(index, None)  # type: ignore[arg-type]
+                elif type(index) is int:
+                    blocks[index] = None
             elif isinstance(choices := obj.get("choices"), list):
-                self.chunk = obj
-                for c in choices:
-                    if isinstance(c, dict) and type(c.get("index")) is int:
-                        self._indices[c["index"]] = None
-
-    def end(self, prompt_tokens: int | None) -> bytes | None:
-        """The events that end the stream at its length, in the relayed format (a chat stream's
-        with its usage chunk, counted, given `prompt_tokens`); None for a format (Responses) whose
-        end is an error event."""
-        if self._open is not None:  # Anthropic's events, relayed as they are
-            out = [_anthropic("content_block_stop", {"index": i}) for i in self._open]
-            usage = {"output_tokens": self.tokens}
-            out.append(
-                _anthropic(
-                    "message_delta", {"delta": {"stop_reason": "max_tokens", "stop_sequence": None}, "usage": usage}
+                last = obj
+                indices.update(
+                    (c["index"], None) for c in choices if isinstance(c, dict) and type(c.get("index")) is int
                 )
-            )
+        if blocks is not None:  # Anthropic's events, relayed as they are
+            out = [_anthropic("content_block_stop", {"index": i}) for i in blocks]
+            delta = {"stop_reason": "max_tokens", "stop_sequence": None}
+            out.append(_anthropic("message_delta", {"delta": delta, "usage": {"output_tokens": self.tokens}}))
             out.append(_anthropic("message_stop", {}))
             return b"".join(out)
-        last = self.chunk
         if last is None:
             return None
         text = last.get("object") == "text_completion"
         base = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
         out = []
-        for i in self._indices or (0,):
+        for i in indices or (0,):
             choice: dict[str, Any] = {"index": i, "finish_reason": "length"}
             if text:
                 choice["text"] = ""

@@ -190,7 +190,7 @@ async def relay_stream(
             upstream_broke = upstream_broke or broke
         if overran:
             assert cap is not None
-            failure = await _overran(call, dep, cap, events)
+            failure = await _overran(call, dep, cap, said.tail(), events)
         if failure is not None:
             await events.error(failure)
             call.record.outcome = "stream_interrupted"
@@ -370,7 +370,9 @@ class _Events:
                 await self._out.write(rest)
 
 
-async def _overran(call: Attempts, dep: DeploymentInfo, cap: OutputCap, events: _Events) -> tuple[str, str] | None:
+async def _overran(
+    call: Attempts, dep: DeploymentInfo, cap: OutputCap, tail: bytes, events: _Events
+) -> tuple[str, str] | None:
     """Ends a stream whose upstream sent past its bound: in the client's format, as an answer
     stopped at its length (an error event where that format has no such end), the upstream's
     connection closed by the caller. The operator sees it in the log and the request's outcome."""
@@ -383,7 +385,7 @@ async def _overran(call: Attempts, dep: DeploymentInfo, cap: OutputCap, events: 
         cap.limit,
     )
     call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
-    end = cap.end(call.prompt_tokens() if call.decision.include_usage else None)
+    end = cap.end(tail, call.prompt_tokens() if call.decision.include_usage else None)
     if end is None:
         return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", "max_tokens")
     await events.end(end)
