@@ -100,8 +100,7 @@ async def test_messages_stream_answered_with_json(start_proxy, raw_upstream) -> 
         _charged(rec)
 
 
-async def test_other_stream_answered_with_json_is_charged(start_proxy, raw_upstream) -> None:
-    # A legacy completions stream: not made here from a JSON answer; refused, charged, once.
+async def test_completions_stream_answered_with_json(start_proxy, raw_upstream) -> None:
     text = {
         **CHAT,
         "object": "text_completion",
@@ -109,11 +108,20 @@ async def test_other_stream_answered_with_json_is_charged(start_proxy, raw_upstr
     }
     proxy = await start_proxy(_config(await raw_upstream(text)))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    got = ""
+    async for chunk in await client.completions.create(model="m", prompt="hi", stream=True):
+        got += "".join(c.text for c in chunk.choices)
+    assert got == "hello there"
+    _charged(await _record(proxy))
+
+
+async def test_responses_stream_answered_with_json_is_charged(start_proxy, raw_upstream) -> None:
+    # A Responses stream is not made here from a JSON answer: refused, charged by its usage.
+    proxy = await start_proxy(_config(await raw_upstream(CHAT)))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIStatusError) as e:
-        async for _ in await client.completions.create(model="m", prompt="hi", stream=True):
+        async for _ in await client.responses.create(model="m", input="hi", stream=True):
             pass
     assert e.value.status_code == 502
     rec = await _record(proxy)
-    usage = rec.attempts[0].usage
-    assert usage is not None and usage.completion_tokens == 2000
-    assert sum(a.cost_usd for a in rec.attempts) == pytest.approx(len(rec.attempts) * 2010 / 1e6)
+    assert rec.attempts and all(a.usage is not None and a.usage.completion_tokens == 2000 for a in rec.attempts)

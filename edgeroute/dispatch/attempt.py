@@ -16,7 +16,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -479,13 +479,19 @@ class Attempts:
         return StreamAnswer(resp, events, None, usage=got.usage)
 
     def stream_of(self, got: JsonAnswer) -> bytes | None:
-        """A chat answer as the stream that delivers it (as the response cache replays one); None
-        for another API's (other endpoints override it)."""
+        """A chat answer as the stream that delivers it (as the response cache replays one), a
+        legacy completion's as its chunks; None for another API's (other endpoints override it)."""
         obj = orjson.loads(got.body)
         choices = obj.get("choices")
-        if not isinstance(choices, list) or not all(isinstance(c, dict) and "message" in c for c in choices):
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             return None
-        chunks = replay_chunks(obj, self.decision.include_usage)
+        usage = self.decision.include_usage
+        if all("message" in c for c in choices):
+            chunks: Iterable[dict[str, Any]] = replay_chunks(obj, usage)
+        elif all(isinstance(c.get("text"), str) for c in choices):
+            chunks = _text_chunks(obj, usage)
+        else:
+            return None
         return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + sse.DONE + b"\n\n"
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
@@ -625,6 +631,17 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _text_chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """The chunks of a legacy completions stream that delivers `completion`: one a choice."""
+    base = {k: completion[k] for k in ("id", "object", "created", "model") if k in completion}
+    chunks = [
+        base | {"choices": [{**c, "finish_reason": c.get("finish_reason") or "stop"}]} for c in completion["choices"]
+    ]
+    if include_usage and completion.get("usage") is not None:
+        chunks.append(base | {"choices": [], "usage": completion["usage"]})
+    return chunks
 
 
 def _is_json(resp: Response) -> bool:
