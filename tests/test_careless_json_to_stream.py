@@ -115,7 +115,7 @@ async def test_completions_stream_answered_with_json(start_proxy, raw_upstream) 
     _charged(await _record(proxy))
 
 
-async def test_responses_stream_answered_with_json_is_charged(start_proxy, raw_upstream) -> None:
+async def test_responses_stream_answered_with_json_is_charged_once(start_proxy, raw_upstream) -> None:
     # A Responses stream is not made here from a JSON answer: refused, charged by its usage.
     proxy = await start_proxy(_config(await raw_upstream(CHAT)))
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
@@ -124,4 +124,5 @@ async def test_responses_stream_answered_with_json_is_charged(start_proxy, raw_u
             pass
     assert e.value.status_code == 502
     rec = await _record(proxy)
-    assert rec.attempts and all(a.usage is not None and a.usage.completion_tokens == 2000 for a in rec.attempts)
+    assert [a.deployment for a in rec.attempts] == ["d"]  # the same answer, paid again: not asked again
+    assert rec.attempts[0].usage is not None and rec.attempts[0].usage.completion_tokens == 2000

@@ -77,6 +77,7 @@ class Failure:
     received: bytes | None = None
     whole: bool = True
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
+    again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
 
     @property
     def maybe_the_requests(self) -> bool:
@@ -475,7 +476,7 @@ class Attempts:
         events = self.stream_of(got)
         if events is None:  # no stream of this API's answers is made here: charged, not served
             msg = "the upstream answered a stream request with a whole JSON answer"
-            return Failure(Outcome.SERVER_ERROR, resp.status, msg, usage=got.usage)
+            return Failure(Outcome.SERVER_ERROR, resp.status, msg, usage=got.usage, again=False)
         return StreamAnswer(resp, events, None, usage=got.usage)
 
     def stream_of(self, got: JsonAnswer) -> bytes | None:
