@@ -204,3 +204,22 @@ async def test_whole_answer_past_max_tokens_is_charged_and_counted(start_proxy, 
     assert rec.error_class == "upstream_overran_max_tokens"
     metrics = await scrape(proxy.url)
     assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1
+
+
+async def test_responses_stream_past_max_output_tokens_ends_with_an_error_event(start_proxy, serve_routes) -> None:
+    # A Responses stream has no end "at its length" an SDK reads mid-item: an error event ends it.
+    flood = Flood()
+    proxy = await _proxy(start_proxy, serve_routes, flood)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    kinds: list[str] = []
+    async with asyncio.timeout(20):
+        try:
+            async for event in await client.responses.create(model="m", input="hi", max_output_tokens=16, stream=True):
+                kinds.append(event.type)
+        except openai.APIError as e:
+            kinds.append("raised: " + str(e))
+    assert kinds[-1] == "error" or kinds[-1].startswith("raised: "), kinds[-3:]
+    assert "response.completed" not in kinds
+    await _closed(flood)
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"

@@ -387,7 +387,7 @@ async def _overran(
     call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
     end = cap.end(tail, call.prompt_tokens() if call.decision.include_usage else None)
     if end is None:
-        return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", "max_tokens")
+        return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", OVERRAN)
     await events.end(end)
     return None
 
