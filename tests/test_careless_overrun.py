@@ -12,6 +12,7 @@ import anthropic
 import openai
 from aiohttp import web
 
+from edgeroute.dispatch.output_cap import OutputCap, output_limit
 from tests.conftest import ServeRoutes, eventually
 from tests.metrics_support import scrape
 
@@ -223,3 +224,33 @@ async def test_responses_stream_past_max_output_tokens_ends_with_an_error_event(
     await _closed(flood)
     rec = await _record(proxy)
     assert rec.error_class == "upstream_overran_max_tokens"
+
+
+def _chunk(delta: dict[str, Any]) -> bytes:
+    ev = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "x",
+        "choices": [{"index": 0, "delta": delta}],
+    }
+    return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+
+async def _past(cap: OutputCap, events: list[bytes]) -> int | None:
+    """The event after which `cap` found the stream past its limit, or None."""
+    for i, ev in enumerate(events):
+        if cap.add(ev) and await cap.past():
+            return i
+    return None
+
+
+async def test_the_limit_counts_reasoning_and_reads_escapes() -> None:
+    limit = output_limit(16, 1)
+    assert limit == 96
+    # Reasoning is billed as output: a flood of it is stopped as text is.
+    flood = [_chunk({"reasoning_content": "think " * 20})] * 50
+    assert await _past(OutputCap(limit, "o200k_base", b""), flood) == 4  # 100 tokens: past 96
+    # Escaped text is counted as the text it is (its escapes would count many more tokens).
+    accents = [_chunk({"content": "\u00e9t\u00e9\n" * 8})] * 5  # JSON-escaped: 6 bytes a letter
+    assert await _past(OutputCap(limit, "o200k_base", b""), accents) is None

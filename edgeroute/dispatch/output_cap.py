@@ -52,6 +52,7 @@ class OutputCap:
     __slots__ = (
         "_check_at",
         "_encoding",
+        "_events",
         "_fresh",
         "_held",
         "_held_size",
@@ -68,10 +69,11 @@ class OutputCap:
         self._seen = 0  # bytes relayed
         self._check_at = limit  # fewer bytes cannot hold `limit` tokens
         self._fresh: list[bytes] = []  # relayed since the last look
-        self._held: list[bytes] = []  # looked at, whole lines, not yet read for their text
+        self._held: list[bytes] = []  # looked at (whole lines, or their strings), not yet read for their text
         self._held_size = 0
         self._upper = 0  # the bytes of the strings that may be text: at least the text's, so its tokens'
         self._text: list[str] | None = None  # the text, once read (`_upper` past the limit)
+        self._events: bool | None = None  # whether the whole events are held (Responses), else their strings
         self.tokens = 0  # the last count
         self.add(head)
 
@@ -89,13 +91,20 @@ class OutputCap:
         cut = raw.rfind(b"\n") + 1  # whole lines only: the rest waits for its end
         self._fresh = [raw[cut:]] if cut < len(raw) else []
         whole = raw[:cut]
-        self._upper += sum(map(len, _STRINGS.findall(whole)))
-        self._held.append(whole)
-        self._held_size += len(whole)
+        strings = _STRINGS.findall(whole)
+        self._upper += sum(map(len, strings))
+        if self._events is None:  # the first look (the head's events) says the format
+            # Responses events repeat the text in their `done` events: their text is read by a parse.
+            self._events = b'"response.' in whole
+        held = [whole] if self._events else strings
+        self._held += held
+        self._held_size += sum(map(len, held))
         if self._text is None and self._upper <= self.limit:
             if self._held_size > _HELD_BYTES:  # read now, its events dropped: bounded memory
                 self._read()
-            self._check_at = self._seen + self.limit - self._upper
+            # Looked at again once the bytes to come could pass the limit, or a quarter more came
+            # (a look costs a microsecond or two beside its bytes: not one an event near the limit).
+            self._check_at = self._seen + max(self.limit - self._upper, self._seen // 4)
             return False
         text = self._read()
         bound = len(text.encode())
@@ -114,16 +123,12 @@ class OutputCap:
 
     def _read(self) -> str:
         """The text relayed so far (what was held read, and dropped)."""
-        data = b"".join(self._held)
+        held = self._held
         self._held, self._held_size = [], 0
-        parts = stream_parts(data)
-        if b'"reasoning' in data:  # a chat stream's reasoning, billed as output
-            for obj in stream_objects(data):
-                for choice in obj.get("choices") or ():
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    for k in ("reasoning_content", "reasoning"):
-                        if isinstance(delta, dict) and isinstance(delta.get(k), str):
-                            parts.append(delta[k])
+        if self._events:
+            parts = stream_parts(b"".join(held))
+        else:  # the strings the expression found, as JSON strings: read in one parse
+            parts = _strings(held)
         text = "".join((self._text or []) + parts)
         self._text = [text]
         return text
@@ -171,6 +176,21 @@ class OutputCap:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
             out.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": usage}) + b"\n\n")
         return b"".join(out) + b"data: [DONE]\n\n"
+
+
+def _strings(found: list[bytes]) -> list[str]:
+    """The JSON strings' bodies `_STRINGS` found, read (escapes undone): one parse of them all, else
+    each alone, one that is not JSON left out (a count from fewer is still a lower bound)."""
+    try:
+        got = orjson.loads(b'["' + b'","'.join(found) + b'"]')
+    except orjson.JSONDecodeError:
+        got = []
+        for s in found:
+            try:
+                got.append(orjson.loads(b'"' + s + b'"'))
+            except orjson.JSONDecodeError:
+                continue
+    return [s for s in got if isinstance(s, str)]
 
 
 def _anthropic(kind: str, fields: dict[str, Any]) -> bytes:
