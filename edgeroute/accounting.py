@@ -309,6 +309,11 @@ def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: 
     return counted_usage(prompt_tokens, parts, encoding)
 
 
+# A request's error class when its upstream answered past the request's `max_tokens` (its status
+# stays 200: a stream is ended at edgeroute's limit, `dispatch.output_cap`; a whole answer charged).
+OVERRAN = "upstream_overran_max_tokens"
+
+
 @dataclass(slots=True)
 class AttemptRecord:
     deployment: str

@@ -312,17 +312,30 @@ def _check_sampling(req: dict[str, Any]) -> None:
         raise _bad("top_k: Input should be a non-negative integer", "top_k")
 
 
+def _check_types(req: dict[str, Any]) -> None:
+    """`model`, `max_tokens` and `stream` of the types Anthropic reads them as: `"stream": "yes"`
+    was a stream, and a `max_tokens` of `"5"` or `5.5` (or a `model` of 5) "Field required"."""
+    if req.get("model") is None:
+        raise _bad("model: Field required", "model")
+    if not isinstance(req["model"], str):
+        raise _bad("model: Input should be a valid string", "model")
+    max_tokens = req.get("max_tokens")
+    if max_tokens is not None and type(max_tokens) is not int:
+        raise _bad("max_tokens: Input should be a valid integer", "max_tokens")
+    if req.get("stream") is not None and type(req["stream"]) is not bool:
+        raise _bad("stream: Input should be a valid boolean", "stream")
+
+
 def to_openai(req: Any, *, counting: bool = False, native: bool = False) -> dict[str, Any]:
     """An Anthropic Messages request as an OpenAI chat request (`counting`: for count_tokens, no
     max_tokens). With `native` (a request passed through to Anthropic as sent, `messages.parse`),
     Anthropic's server tool blocks in the history are read as text, for routing and counting."""
     if not isinstance(req, dict):
         raise _bad("The request body must be a JSON object.")
-    if not isinstance(req.get("model"), str):
-        raise _bad("model: Field required", "model")
     if counting:
         req = {**req, "max_tokens": 1, "stream": False}
-    if not isinstance(req.get("max_tokens"), int) or isinstance(req["max_tokens"], bool):
+    _check_types(req)
+    if req.get("max_tokens") is None:
         raise _bad("max_tokens: Field required", "max_tokens")
     if req["max_tokens"] < 1:
         raise _bad("max_tokens: Input should be greater than or equal to 1", "max_tokens")

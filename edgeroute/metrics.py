@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from edgeroute import redact, secrets
-from edgeroute.accounting import RequestRecord
+from edgeroute.accounting import OVERRAN, RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
 from edgeroute.cost import budget_report
@@ -101,6 +101,8 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]]
              ("route", "deployment", "team"), None),
     "budget_actions": ("edgeroute_budget_actions", "Requests a budget refused or downgraded.",
                        ("budget", "action"), None),
+    "overruns": ("edgeroute_upstream_overruns", "Answers an upstream sent past the request's max_tokens (a stream "
+                 "ended there), by deployment.", ("deployment",), None),
 }  # fmt: skip
 
 # The series an attempt adds to, as `Metrics._attempt_series` lists them (None until first added to).
@@ -177,8 +179,11 @@ class Metrics:
         key = (route, rec.status, rec.outcome)
         count, duration, ttft = self._requests.get(key) or self._request(key)
         count.n += 1
-        if rec.status != 200 and rec.error_class:
-            self._count("request_errors", (route, rec.error_class)).n += 1
+        if rec.error_class:
+            if rec.status != 200:
+                self._count("request_errors", (route, rec.error_class)).n += 1
+            elif rec.error_class == OVERRAN:
+                self._count("overruns", (rec.deployment or "",)).n += 1
         seconds = rec.latency_ms / 1000
         duration.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         duration.sum += seconds

@@ -40,6 +40,35 @@ from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
 _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
+# The core's parse names no field of a wrong type ("invalid type: string "yes", expected a boolean").
+_TYPE_ERROR = "The request body is not valid JSON for this endpoint: invalid type"
+_TYPED = (("stream", bool, "a boolean"), ("max_tokens", int, "an integer"),
+          ("max_completion_tokens", int, "an integer"), ("messages", list, "an array"),
+          ("stream_options", dict, "an object"), ("user", str, "a string"))  # fmt: skip
+_JSON_KINDS = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a decimal",
+    str: "a string",
+    list: "an array",
+    dict: "an object",
+}
+
+
+def _wrong_type(body: bytes) -> ProxyError | None:
+    """The 400 OpenAI gives for a field of the wrong type, naming it (`"stream": "yes"`,
+    `"max_tokens": "5"`); None when the core's error was about another."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    for name, kind, expected in _TYPED if isinstance(req, dict) else ():
+        value = req.get(name)
+        if value is not None and type(value) is not kind:
+            got = _JSON_KINDS.get(type(value), "another type")
+            msg = f"Invalid type for '{name}': expected {expected}, but got {got} instead."
+            return ProxyError(400, msg, code="invalid_type", param=name)
+    return None
 
 
 # Past this size the core's decision (parsing, rules and PII over the text: ~5 ns a byte, more
@@ -113,6 +142,8 @@ def decide(
             raise ProxyError(403, str(e), code="request_refused_by_rule") from None
         raise ProxyError(503, str(e), code="no_deployment_available") from None
     except _core.BadRequestError as e:  # the body's own (ContextLengthError is one: above)
+        if str(e).startswith(_TYPE_ERROR) and (wrong := _wrong_type(body)) is not None:
+            raise wrong from None
         named = _NAMED_PARAM.match(str(e))  # "Invalid value for 'n': ..." names its field
         raise ProxyError(400, str(e), code="invalid_request", param=named[1] if named else None) from None
     except _core.UnknownModelError as e:

@@ -16,7 +16,7 @@ import email.utils
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,10 +24,12 @@ from typing import Any
 import orjson
 
 from edgeroute import _core, redact, sse
-from edgeroute.accounting import AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
+from edgeroute.accounting import OVERRAN, AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
+from edgeroute.cache.entry import replay_chunks
 from edgeroute.config import Timeouts
 from edgeroute.cost.received import received_usage
 from edgeroute.dispatch.deadline import Deadline
+from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
@@ -74,6 +76,8 @@ class Failure:
     # prices the attempt (`cost.received`); `whole`: read to its end, not cut.
     received: bytes | None = None
     whole: bool = True
+    usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
+    again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
 
     @property
     def maybe_the_requests(self) -> bool:
@@ -132,6 +136,7 @@ class StreamAnswer:
     slot: int | None = None  # the deployment whose capacity slot it holds, given back when the stream ends
     # Awaited once the last event is written, before the stream's end reaches the client.
     before_end: Callable[[], Awaitable[None]] | None = None
+    usage: Usage | None = None  # a whole JSON answer's, served as a stream (`_stream_of_json`)
 
 
 Answer = JsonAnswer | StreamAnswer
@@ -280,7 +285,10 @@ class Attempts:
                 elif resp.status >= 400:
                     result = await _error_answer(resp, adapter, dep)
                 elif self.stream:
-                    result = await self._hold_stream(resp, adapter)
+                    if _is_json(resp):  # a server that ignores `stream: true`: its whole answer
+                        result = await self._stream_of_json(resp, adapter, deadline)
+                    else:
+                        result = await self._hold_stream(resp, adapter)
                     if isinstance(result, StreamAnswer):
                         rec.ttft_ms = (time.perf_counter() - t0) * 1000
                         keep_open = True
@@ -362,8 +370,25 @@ class Attempts:
             self.live.served_at[dep.index] = time.monotonic()
             if isinstance(result, JsonAnswer):
                 self.settle_attempt(rec, dep, result.usage)
+                self._check_overrun(dep, result.usage)
             else:
                 result.rec = rec
+
+    def _check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
+        """A whole answer past the request's bound cannot be stopped: it is charged as the upstream
+        reports it (what its provider bills), and the operator told (as a stream's is, `relay`)."""
+        d = self.decision
+        limit = output_limit(d.max_tokens, d.choices)
+        if limit is not None and usage is not None and usage.completion_tokens > limit:
+            log.warning(
+                "deployment %s answered %d output tokens past max_tokens %s x %d (edgeroute's limit %d)",
+                dep.name,
+                usage.completion_tokens,
+                d.max_tokens,
+                d.choices,
+                limit,
+            )
+            self.record.error_class = OVERRAN
 
     async def _upstream_request_soon(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         """`upstream_request`, in a worker thread for a large body: building it may parse and
@@ -431,6 +456,44 @@ class Attempts:
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
         return JsonAnswer(data, usage)
+
+    async def _stream_of_json(self, resp: Response, adapter: Any, deadline: Deadline) -> StreamAnswer | Failure:
+        """A stream request answered with a whole JSON answer (a server that ignores `stream`),
+        served as a stream of it, charged by its usage. Retried as a failure, each such answer
+        was paid for and priced at its prompt alone, and the request failed after every attempt."""
+        loop = self.loop
+
+        def more() -> None:
+            deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
+
+        data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more)
+        if not whole:
+            msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+            return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=data, whole=False)
+        got = await self._answer(data, adapter, resp.status)
+        if isinstance(got, Failure):
+            return got
+        events = self.stream_of(got)
+        if events is None:  # no stream of this API's answers is made here: charged, not served
+            msg = "the upstream answered a stream request with a whole JSON answer"
+            return Failure(Outcome.SERVER_ERROR, resp.status, msg, usage=got.usage, again=False)
+        return StreamAnswer(resp, events, None, usage=got.usage)
+
+    def stream_of(self, got: JsonAnswer) -> bytes | None:
+        """A chat answer as the stream that delivers it (as the response cache replays one), a
+        legacy completion's as its chunks; None for another API's (other endpoints override it)."""
+        obj = orjson.loads(got.body)
+        choices = obj.get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            return None
+        usage = self.decision.include_usage
+        if all("message" in c for c in choices):
+            chunks: Iterable[dict[str, Any]] = replay_chunks(obj, usage)
+        elif all(isinstance(c.get("text"), str) for c in choices):
+            chunks = _text_chunks(obj, usage)
+        else:
+            return None
+        return b"".join(b"data: " + orjson.dumps(c) + b"\n\n" for c in chunks) + sse.DONE + b"\n\n"
 
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         """Reads until the first real content event, so that an error before it can fail over."""
@@ -525,6 +588,9 @@ class Attempts:
         large body is read in a worker thread, the prompt's price standing meanwhile (kept if
         the request is cancelled while it reads)."""
         received = failure.received
+        if failure.usage is not None:  # what the upstream reported (and its provider bills)
+            self.settle_attempt(rec, dep, failure.usage)
+            return
         if received is None or not _ok(rec.status):
             self.settle_attempt(rec, dep, None)
             return
@@ -566,6 +632,22 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _text_chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """The chunks of a legacy completions stream that delivers `completion`: one a choice."""
+    base = {k: completion[k] for k in ("id", "object", "created", "model") if k in completion}
+    chunks = [
+        base | {"choices": [{**c, "finish_reason": c.get("finish_reason") or "stop"}]} for c in completion["choices"]
+    ]
+    if include_usage and completion.get("usage") is not None:
+        chunks.append(base | {"choices": [], "usage": completion["usage"]})
+    return chunks
+
+
+def _is_json(resp: Response) -> bool:
+    """Whether an answer's head says JSON (not the event stream asked for)."""
+    return resp.headers.get("Content-Type", "").partition(";")[0].strip().lower() == "application/json"
 
 
 def _ok(status: int | None) -> bool:

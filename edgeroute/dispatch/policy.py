@@ -245,8 +245,9 @@ class FailoverPolicy:
                 if not state.plan or state.budget_refused or skipped >= len(state.plan):
                     return self._exhausted(state)
                 # Every deployment failed once: back off and go round again, but not to one that
-                # refused edgeroute's credentials (the same key would be refused again).
-                refused = {d.name for d, f in state.failures if f.outcome is Outcome.AUTH_ERROR}
+                # refused edgeroute's credentials (the same key would be refused again), nor one
+                # whose failure would come again, paid (`Failure.again`).
+                refused = {d.name for d, f in state.failures if f.outcome is Outcome.AUTH_ERROR or not f.again}
                 if refused:
                     state.plan = [d for d in state.plan if d.name not in refused]
                     if not state.plan:

@@ -23,10 +23,11 @@ from aiohttp.http import HttpVersion11
 from aiohttp.http_writer import StreamWriter
 
 from edgeroute import sse
-from edgeroute.accounting import Usage
+from edgeroute.accounting import OVERRAN, Usage
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.dispatch.deadline import Deadline
+from edgeroute.dispatch.output_cap import OutputCap, output_limit
 from edgeroute.dispatch.transcript import Transcript
 from edgeroute.ready_response import bind, write_head
 from edgeroute.state import STATE
@@ -95,6 +96,10 @@ async def relay_stream(
     server = request.app[STATE]
     timer: Deadline | None = None
     out = _EventStream(response_headers)
+    # An upstream that ignores the request's completion bound is stopped (see output_cap.py).
+    limit = output_limit(call.decision.max_tokens, call.decision.choices)
+    cap = OutputCap(limit, call.decision.encoding, head) if limit is not None else None
+    overran = False
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -154,6 +159,9 @@ async def relay_stream(
                             await (out.write(data) if pending < 0 else out.drained())
                         writing_slowly = False
                         said.add(chunk)
+                        if cap is not None and cap.add(chunk) and not completed and await cap.past():
+                            overran = True
+                            break
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
                             upstream_broke = True
@@ -180,6 +188,9 @@ async def relay_stream(
                     raise
             failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
             upstream_broke = upstream_broke or broke
+        if overran:
+            assert cap is not None
+            failure = await _overran(call, dep, cap, said.tail(), events)
         if failure is not None:
             await events.error(failure)
             call.record.outcome = "stream_interrupted"
@@ -344,6 +355,11 @@ class _Events:
         self._guard.drop()
         await self.send(sse.error_event(*failure))
 
+    async def end(self, events: bytes) -> None:
+        """Ends the stream with `events` of ours (whole), dropping whatever unfinished event was held back."""
+        self._guard.drop()
+        await self.send(events)
+
     async def flush(self) -> None:
         """Sends the stream's last event, held back for want of its blank line."""
         if rest := self._guard.close():
@@ -352,6 +368,28 @@ class _Events:
             rest = self._encode(rest) if self._encode is not None else rest
             if rest:
                 await self._out.write(rest)
+
+
+async def _overran(
+    call: Attempts, dep: DeploymentInfo, cap: OutputCap, tail: bytes, events: _Events
+) -> tuple[str, str] | None:
+    """Ends a stream whose upstream sent past its bound: in the client's format, as an answer
+    stopped at its length (an error event where that format has no such end), the upstream's
+    connection closed by the caller. The operator sees it in the log and the request's outcome."""
+    log.warning(
+        "deployment %s streamed %d output tokens past max_tokens %s x %d: stopped at edgeroute's limit of %d",
+        dep.name,
+        cap.tokens,
+        call.decision.max_tokens,
+        call.decision.choices,
+        cap.limit,
+    )
+    call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
+    end = cap.end(tail, call.prompt_tokens() if call.decision.include_usage else None)
+    if end is None:
+        return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", OVERRAN)
+    await events.end(end)
+    return None
 
 
 def _failure_of(
@@ -383,6 +421,10 @@ def _failure_of(
 async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, said: Transcript) -> None:
     """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
     translator = answer.translator
+    if answer.usage is not None:  # a whole JSON answer's, served as a stream
+        if answer.rec is not None:
+            call.settle_attempt(answer.rec, dep, answer.usage)
+        return
     usage = Usage.from_openai(
         sse.find_usage(said.tail()) or (translator.usage if translator is not None else None), answered=True
     )

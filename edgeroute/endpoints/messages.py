@@ -382,6 +382,51 @@ class MessagesCall(Call):
     def has_content(self, obj: Any) -> bool:
         return has_content(obj)
 
+    def stream_of(self, got: JsonAnswer) -> bytes | None:
+        return stream_of_message(got.body)
+
+
+def _event(kind: str, fields: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
+
+
+def stream_of_message(body: bytes) -> bytes | None:
+    """A Messages answer as the events that deliver it (an upstream that ignored `stream`), with
+    the relay's end; None for one that is not a message."""
+    obj = orjson.loads(body)
+    content = obj.get("content")
+    if obj.get("type") != "message" or not isinstance(content, list):
+        return None
+    start = {**obj, "content": [], "stop_reason": None, "stop_sequence": None}
+    out = [_event("message_start", {"message": start})]
+    for i, block in enumerate(content):
+        if not isinstance(block, dict):
+            return None
+        kind, delta = block.get("type"), None
+        if kind == "text" and isinstance(block.get("text"), str):
+            opened, delta = {**block, "text": ""}, {"type": "text_delta", "text": block["text"]}
+        elif kind == "tool_use":
+            opened = {**block, "input": {}}
+            delta = {"type": "input_json_delta", "partial_json": orjson.dumps(block.get("input", {})).decode()}
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            opened, delta = (
+                {"type": "thinking", "thinking": ""},
+                {"type": "thinking_delta", "thinking": block["thinking"]},
+            )
+        else:  # sent whole (a server tool's result, redacted thinking)
+            opened = block
+        out.append(_event("content_block_start", {"index": i, "content_block": opened}))
+        if delta is not None:
+            out.append(_event("content_block_delta", {"index": i, "delta": delta}))
+        if kind == "thinking" and isinstance(block.get("signature"), str):
+            signed = {"type": "signature_delta", "signature": block["signature"]}
+            out.append(_event("content_block_delta", {"index": i, "delta": signed}))
+        out.append(_event("content_block_stop", {"index": i}))
+    end = {"stop_reason": obj.get("stop_reason"), "stop_sequence": obj.get("stop_sequence")}
+    out.append(_event("message_delta", {"delta": end, "usage": obj.get("usage") or {}}))
+    out.append(_event("message_stop", {}))
+    return b"".join(out) + SENTINEL
+
 
 def _server_kinds(req: dict[str, Any]) -> set[str]:
     """The kinds of server tool blocks in the request's history."""

@@ -1,0 +1,256 @@
+"""An upstream that ignores `max_tokens` and streams on: the stream is ended at edgeroute's
+limit (twice the bound and 64 tokens more), in the client's format, the upstream's connection
+closed and the output it sent priced; an answer within the limit is never cut."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import anthropic
+import openai
+from aiohttp import web
+
+from edgeroute.dispatch.output_cap import OutputCap, output_limit
+from tests.conftest import ServeRoutes, eventually
+from tests.metrics_support import scrape
+
+WORDS = "word " * 100  # 100 tokens an event
+
+
+class Flood:
+    """An upstream that streams `events` words-events after its first, forever unless `events` is set."""
+
+    def __init__(self, events: int | None = None) -> None:
+        self.events = events
+        self.sent = 0
+        self.closed = asyncio.Event()
+
+    async def _pump(self, request: web.Request, write: Any) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            n = 0
+            while self.events is None or n < self.events:
+                await resp.write(write(WORDS))
+                self.sent += 1
+                n += 1
+                await asyncio.sleep(0.01)
+            await resp.write(write(None))
+        finally:  # a write to the closed connection fails, or the handler is cancelled
+            self.closed.set()
+        return resp
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+
+        def chunk(text: str | None) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": None}
+            if text is None:
+                choice["finish_reason"] = "stop"
+            ev = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [choice],
+            }
+            return b"data: " + json.dumps(ev).encode() + b"\n\n" + (b"data: [DONE]\n\n" if text is None else b"")
+
+        return await self._pump(request, chunk)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        started = [False]
+
+        def ev(name: str, obj: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps({'type': name, **obj})}\n\n".encode()
+
+        def event(text: str | None) -> bytes:
+            out = b""
+            if not started[0]:
+                started[0] = True
+                msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "content": [],
+                       "stop_reason": None, "usage": {"input_tokens": 10, "output_tokens": 1}}  # fmt: skip
+                out += ev("message_start", {"message": msg})
+                out += ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+            if text is None:
+                return (
+                    out
+                    + ev("content_block_stop", {"index": 0})
+                    + ev("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}})
+                    + ev("message_stop", {})
+                )
+            return out + ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+        return await self._pump(request, event)
+
+
+def _config(url: str, kind: str = "openai_compatible") -> dict[str, Any]:
+    base = url + "/v1" if kind == "openai_compatible" else url
+    return {
+        "providers": {"p": {"kind": kind, "base_url": base, "api_key": "k"}},
+        "deployments": {
+            "d": {"provider": "p", "model": "x", "price": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}
+        },
+        "models": {"m": {"deployments": ["d"]}},
+    }
+
+
+async def _proxy(start_proxy: Any, serve_routes: ServeRoutes, flood: Flood, kind: str = "openai_compatible") -> Any:
+    up = await serve_routes(web.post("/v1/chat/completions", flood.chat), web.post("/v1/messages", flood.messages))
+    return await start_proxy(_config(up.url, kind))
+
+
+async def _record(proxy: Any) -> Any:
+    async def written() -> Any:
+        return proxy.recorder.records[-1] if proxy.recorder.records else None
+
+    return await eventually(written, "the request's record")
+
+
+async def _closed(flood: Flood) -> None:
+    await asyncio.wait_for(flood.closed.wait(), 10)  # the upstream saw its connection closed
+
+
+async def test_chat_stream_past_max_tokens_ends_at_its_length(start_proxy, serve_routes) -> None:
+    # Was: every event relayed for as long as the upstream sent (199 events, $19.9 of a $1 budget).
+    flood = Flood()
+    proxy = await _proxy(start_proxy, serve_routes, flood)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m",
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    text, finish, usage = "", None, None
+    async with asyncio.timeout(20):
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                finish = c.finish_reason or finish
+            usage = chunk.usage or usage
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens > 74  # edgeroute's count, as asked for
+    assert 74 < text.count("word") <= 300  # past the limit (2 x 5 + 64), by one burst at most
+    await _closed(flood)
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"
+    usage = rec.attempts[0].usage
+    assert usage is not None and usage.completion_tokens >= 74  # what was relayed is priced
+    assert rec.attempts[0].cost_usd > 0.07
+    metrics = await scrape(proxy.url)
+    assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1
+
+
+async def test_messages_stream_past_max_tokens_stops_at_max_tokens(start_proxy, serve_routes) -> None:
+    # Through the chat translation (an OpenAI-format upstream), and an Anthropic upstream's
+    # events relayed as they are (`top_k`: only Anthropic honours it).
+    for kind, extra in (("openai_compatible", {}), ("anthropic", {}), ("anthropic", {"extra_body": {"top_k": 5}})):
+        flood = Flood()
+        proxy = await _proxy(start_proxy, serve_routes, flood, kind)
+        client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        async with asyncio.timeout(20):
+            async with client.messages.stream(
+                model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}], **extra
+            ) as stream:
+                async for _ in stream:
+                    pass
+                msg = await stream.get_final_message()
+        assert msg.stop_reason == "max_tokens" and msg.usage.output_tokens > 74, kind
+        assert 74 < msg.content[0].text.count("word") <= 300, kind
+        await _closed(flood)
+        rec = await _record(proxy)
+        assert rec.error_class == "upstream_overran_max_tokens", kind
+        assert rec.attempts[0].usage is not None and rec.attempts[0].usage.completion_tokens >= 74, kind
+
+
+async def test_answer_within_the_limit_is_not_cut(start_proxy, serve_routes) -> None:
+    # 100 tokens for max_tokens 40: past the bound, within its margin (2 x 40 + 64), relayed whole.
+    flood = Flood(events=1)
+    proxy = await _proxy(start_proxy, serve_routes, flood)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m", max_tokens=40, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    text, finish = "", None
+    async for chunk in stream:
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert finish == "stop" and text == WORDS
+    rec = await _record(proxy)
+    assert rec.error_class is None
+
+
+async def test_whole_answer_past_max_tokens_is_charged_and_counted(start_proxy, serve_routes) -> None:
+    # A JSON answer cannot be stopped: charged as its upstream reports it, and the operator told.
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({
+            "id": "c1", "object": "chat.completion", "created": 1, "model": "x",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": WORDS * 10}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": 1000, "total_tokens": 1008},
+        })  # fmt: skip
+
+    up = await serve_routes(web.post("/v1/chat/completions", answer))
+    proxy = await start_proxy(_config(up.url))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    got = await client.chat.completions.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert got.usage is not None and got.usage.completion_tokens == 1000
+    rec = await _record(proxy)
+    assert rec.attempts[0].usage is not None and rec.attempts[0].usage.completion_tokens == 1000
+    assert rec.error_class == "upstream_overran_max_tokens"
+    metrics = await scrape(proxy.url)
+    assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1
+
+
+async def test_responses_stream_past_max_output_tokens_ends_with_an_error_event(start_proxy, serve_routes) -> None:
+    # A Responses stream has no end "at its length" an SDK reads mid-item: an error event ends it.
+    flood = Flood()
+    proxy = await _proxy(start_proxy, serve_routes, flood)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    kinds: list[str] = []
+    async with asyncio.timeout(20):
+        try:
+            async for event in await client.responses.create(model="m", input="hi", max_output_tokens=16, stream=True):
+                kinds.append(event.type)
+        except openai.APIError as e:
+            kinds.append("raised: " + str(e))
+    assert kinds[-1] == "error" or kinds[-1].startswith("raised: "), kinds[-3:]
+    assert "response.completed" not in kinds
+    await _closed(flood)
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"
+
+
+def _chunk(delta: dict[str, Any]) -> bytes:
+    ev = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "x",
+        "choices": [{"index": 0, "delta": delta}],
+    }
+    return b"data: " + json.dumps(ev).encode() + b"\n\n"
+
+
+async def _past(cap: OutputCap, events: list[bytes]) -> int | None:
+    """The event after which `cap` found the stream past its limit, or None."""
+    for i, ev in enumerate(events):
+        if cap.add(ev) and await cap.past():
+            return i
+    return None
+
+
+async def test_the_limit_counts_reasoning_and_reads_escapes() -> None:
+    limit = output_limit(16, 1)
+    assert limit == 96
+    # Reasoning is billed as output: a flood of it is stopped as text is.
+    flood = [_chunk({"reasoning_content": "think " * 20})] * 50
+    assert await _past(OutputCap(limit, "o200k_base", b""), flood) == 4  # 100 tokens: past 96
+    # Escaped text is counted as the text it is (its escapes would count many more tokens).
+    accents = [_chunk({"content": "\u00e9t\u00e9\n" * 8})] * 5  # JSON-escaped: 6 bytes a letter
+    assert await _past(OutputCap(limit, "o200k_base", b""), accents) is None
