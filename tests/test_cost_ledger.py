@@ -100,12 +100,16 @@ def test_absent_values_are_stored_as_null(tmp_path: Path) -> None:
 
 
 def _mixed(i: int, started: float) -> RequestRecord:
-    """Keyless requests (no key, team, user, rule), with a keyed one every third, some of them with a rule."""
+    """Keyless requests (no key, team, user, rule), with a keyed one every third, some of them
+    with a rule; from the hundredth, one in seven with a task and one in four with a TTFT."""
     rec = _record(i, key=f"k{i % 2}")
     rec.started = started + i / 1000
     if i % 3:
         rec.key = rec.team = rec.user = None
     rec.rule = "r" if i % 15 == 0 else None
+    if i >= 100:
+        rec.task = "t" if i % 7 == 0 else None
+        rec.ttft_ms = 5.0 if i % 4 == 0 else None
     return rec
 
 
@@ -134,6 +138,12 @@ def test_nulls_common_to_rows_are_written_into_the_statement_and_stored_the_same
         for i in range(100):
             ledger.record(_mixed(i, started))
         assert ledger.flush() == 100
+        n = 100
+        for size in range(1, 20):  # pieces of every size, with more sets of NULL columns than are kept
+            for i in range(n, n + size):
+                ledger.record(_mixed(i, started))
+            assert ledger.flush() == size
+            n += size
         ledger.close()
         dbs.append(db)
     assert adapted == [0, 22 * 18]  # no None bound for the keyless batch; 18 a record when bound
@@ -146,7 +156,7 @@ def test_nulls_common_to_rows_are_written_into_the_statement_and_stored_the_same
             with_literals, bound_all = ([r[:-1] for r in rows] for rows in (with_literals, bound_all))
         assert with_literals == bound_all and len(with_literals) >= 100
     nulls = _rows_of(dbs[0], "SELECT COUNT(*) FROM spend WHERE key_id IS NULL AND team IS NULL AND user_id IS NULL")
-    assert nulls == [((int, 22 + 66),)]
+    assert nulls == [((int, 22 + sum(1 for i in range(n) if i % 3)),)]
 
 
 def _rows_of(db: Path, sql: str) -> list[tuple[Any, ...]]:

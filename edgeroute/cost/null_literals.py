@@ -18,7 +18,10 @@ from typing import Any
 
 Row = tuple[Any, ...]
 
-_MOST_SHAPES = 64  # sets of NULL columns whose statement a table keeps (past it: made each time)
+# Sets of NULL columns a table has statements for: each is prepared in as many sizes as a
+# piece has (`ledger_store._many_rows`), and the connection keeps 128 prepared statements
+# (sqlite3's default), a re-prepared 32-row insert costing more than its Nones did.
+_MOST_SHAPES = 4
 
 
 def nullable(create_table: str, columns: Sequence[str]) -> tuple[int, ...]:
@@ -59,16 +62,27 @@ class NullLiterals:
         # Nones compares in a few instructions a row and any other stops at its first value.
         columns = list(zip(*rows, strict=False))  # rows of one table: one width
         nulls = tuple([p for p in self._positions if columns[p] == nones])
-        if not nulls:
-            return None
-        shape = self._shapes.get(nulls)
+        shape = self._shape(nulls) if nulls else None
         if shape is None:
-            shape = (with_nulls(self.sql, nulls), tuple(i for i in range(self._width) if i not in nulls))
-            if len(self._shapes) < _MOST_SHAPES:
-                self._shapes[nulls] = shape
+            return None
         sql, kept = shape
         values: list[Any] = []
         add = values.extend
         for r in zip(*[columns[i] for i in kept], strict=False):
             add(r)
         return sql, values
+
+    def _shape(self, nulls: tuple[int, ...]) -> tuple[str, tuple[int, ...]] | None:
+        """The statement for the NULL columns `nulls` and the columns it binds: its own while
+        there is room for it, else the known one with the most of them NULL (None: none fits)."""
+        shape = self._shapes.get(nulls)
+        if shape is not None:
+            return shape
+        if len(self._shapes) < _MOST_SHAPES:
+            shape = self._shapes[nulls] = (
+                with_nulls(self.sql, nulls),
+                tuple(i for i in range(self._width) if i not in nulls),
+            )
+            return shape
+        fits = [known for known in self._shapes if set(known) <= set(nulls)]
+        return self._shapes[max(fits, key=len)] if fits else None
