@@ -268,7 +268,8 @@ class _Statements:
                 cur.executemany(sql, chunk)
             else:
                 # In pieces of 32, 16, 8, 4, 2 and 1 rows: five statements a table stay prepared
-                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB).
+                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB), five for each
+                # set of NULL columns spend and requests have statements for (`null_literals`).
                 at = 0
                 while at < len(chunk):
                     n = 1 << (len(chunk) - at).bit_length() - 1
@@ -319,7 +320,7 @@ def _flat(rows: list[Row]) -> list[Any]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)  # five tables, up to five statements each for two of them, five sizes
 def _many_rows(sql: str, n: int) -> str:
     """The single-row `INSERT ... VALUES (?, ...) ...` `sql` made to insert `n` rows at once.
 
