@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -96,6 +97,75 @@ def test_absent_values_are_stored_as_null(tmp_path: Path) -> None:
         " typeof(error_class), typeof(ttft_ms), typeof(content), typeof(cache) FROM requests WHERE id = 'req-hit'"
     ).fetchone()
     assert logged == ("null",) * 8 + ("text",)
+
+
+def _mixed(i: int, started: float) -> RequestRecord:
+    """Keyless requests (no key, team, user, rule), with a keyed one every third, some of them
+    with a rule; from the hundredth, one in seven with a task and one in four with a TTFT."""
+    rec = _record(i, key=f"k{i % 2}")
+    rec.started = started + i / 1000
+    if i % 3:
+        rec.key = rec.team = rec.user = None
+    rec.rule = "r" if i % 15 == 0 else None
+    if i >= 100:
+        rec.task = "t" if i % 7 == 0 else None
+        rec.ttft_ms = 5.0 if i % 4 == 0 else None
+    return rec
+
+
+def test_nulls_common_to_rows_are_written_into_the_statement_and_stored_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython's sqlite3 binds a None through its adapter registry (~1,200 instructions each; a
+    keyless request's spend and request-log rows hold eighteen): a column NULL in every row of a
+    statement is written as NULL into it instead. The rows stored are those binding every value
+    stores, for keyless batches and batches that mix keyed and keyless requests."""
+    started = time.time()
+    dbs = []
+    adapted: list[int] = []
+    for literals in (True, False):
+        db = tmp_path / f"nulls-{literals}.db"
+        backend = SqliteBackend(db)
+        if not literals:  # the same rows, every value bound, a statement a row
+            backend._sql = dataclasses.replace(backend._sql, many=0)
+        ledger = Ledger(backend, flush_interval=3600, request_log=RequestLog())
+        bound: list[None] = []
+        monkeypatch.setitem(sqlite3.adapters, (type(None), sqlite3.PrepareProtocol), bound.append)
+        for i in range(1, 67, 3):  # keyless: 22 records, in pieces of 16, 4 and 2 rows
+            ledger.record(_mixed(i, started))
+        assert ledger.flush() == 22
+        adapted.append(len(bound))
+        for i in range(100):
+            ledger.record(_mixed(i, started))
+        assert ledger.flush() == 100
+        n = 100
+        for size in range(1, 20):  # pieces of every size, with more sets of NULL columns than are kept
+            for i in range(n, n + size):
+                ledger.record(_mixed(i, started))
+            assert ledger.flush() == size
+            n += size
+        ledger.close()
+        dbs.append(db)
+    assert adapted == [0, 22 * 18]  # no None bound for the keyless batch; 18 a record when bound
+    spend = "SELECT * FROM spend ORDER BY id"
+    requests = "SELECT * FROM requests ORDER BY ts"
+    rollups = "SELECT * FROM request_rollups ORDER BY dim, res, minute, value"
+    for sql in (spend, requests, rollups):
+        with_literals, bound_all = (_rows_of(db, sql) for db in dbs)
+        if sql == spend:  # the writers' row ids differ
+            with_literals, bound_all = ([r[:-1] for r in rows] for rows in (with_literals, bound_all))
+        assert with_literals == bound_all and len(with_literals) >= 100
+    nulls = _rows_of(dbs[0], "SELECT COUNT(*) FROM spend WHERE key_id IS NULL AND team IS NULL AND user_id IS NULL")
+    assert nulls == [((int, 22 + sum(1 for i in range(n) if i % 3)),)]
+
+
+def _rows_of(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    """The rows `sql` reads, each value with its SQLite type."""
+    conn = sqlite3.connect(db)
+    try:
+        return [tuple((type(v), v) for v in r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
 
 
 def _throughput(ledger: Ledger, n: int) -> float:

@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.background",
             "edgeroute.cost.writer_pace",
             "edgeroute.cost.writer_breath",
+            "edgeroute.cost.null_literals",
             "edgeroute.cost.store_errors",
             "edgeroute.cost.pdf",
             "edgeroute.capacity",

@@ -22,10 +22,12 @@ from typing import Any, Protocol, cast
 
 from edgeroute import pg_schema, redact, secrets, sqlite_wal
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.cost.null_literals import NullLiterals, nullable
 from edgeroute.cost.writer_breath import never
 from edgeroute.errors import StartError
 from edgeroute.requestlog import outcomes as requestlog_outcomes
 from edgeroute.requestlog import rollup
+from edgeroute.requestlog import rows as requestlog_rows
 from edgeroute.requestlog import store as requestlog_store
 
 log = logging.getLogger("edgeroute.ledger")
@@ -233,6 +235,9 @@ class _Statements:
     # SQLite: a chunk's rows go in one statement (`_many_rows`) binding at most this many
     # values (the connection's limit); 0: one statement a row.
     many: int = 0
+    # SQLite: the tables whose rows' NULLs go into the statement, not bound (`null_literals`),
+    # by their insert statement: spend and requests, whose rows hold most of the Nones.
+    nulls: Mapping[str, NullLiterals] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_mark(cls, mark: str, dialect: str) -> _Statements:
@@ -246,19 +251,32 @@ class _Statements:
             tuple(rollup.batch_sql(mark, dialect)),
         )
 
+    def with_nulls(self) -> _Statements:
+        """These statements with NULL literals for the spend and requests tables (SQLite's)."""
+        tables = (
+            (self.spend, _BODY, COLUMNS),
+            (self.requests, requestlog_store.schema("sqlite")[0], requestlog_rows.COLUMNS),
+        )
+        nulls = {sql: NullLiterals(sql, nullable(body, cols), len(cols)) for sql, body, cols in tables}
+        return dataclasses.replace(self, nulls=nulls)
+
     def _insert(self, cur: Any, sql: str, rows: list[Row], rest: Callable[[], None]) -> None:
+        nulls = self.nulls.get(sql)
         for i in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[i : i + CHUNK_ROWS]
-            if len(chunk) == 1 or len(chunk) * len(chunk[0]) > self.many:
+            if len(chunk) * len(chunk[0]) > self.many:
                 cur.executemany(sql, chunk)
             else:
                 # In pieces of 32, 16, 8, 4, 2 and 1 rows: five statements a table stay prepared
-                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB).
+                # (one for each size up to 32 held 19 MB a worker; these 2.6 MB), five for each
+                # set of NULL columns spend and requests have statements for (`null_literals`).
                 at = 0
                 while at < len(chunk):
                     n = 1 << (len(chunk) - at).bit_length() - 1
                     piece = chunk[at : at + n]
-                    cur.execute(_many_rows(sql, n) if n > 1 else sql, _flat(piece))
+                    shaped = nulls.statement(piece) if nulls is not None else None
+                    one, values = shaped if shaped is not None else (sql, _flat(piece))
+                    cur.execute(_many_rows(one, n) if n > 1 else one, values)
                     at += n
             rest()
 
@@ -302,7 +320,7 @@ def _flat(rows: list[Row]) -> list[Any]:
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=128)  # five tables, up to five statements each for two of them, five sizes
 def _many_rows(sql: str, n: int) -> str:
     """The single-row `INSERT ... VALUES (?, ...) ...` `sql` made to insert `n` rows at once.
 
@@ -346,7 +364,7 @@ class SqliteBackend:
         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         # SQLite before 3.32 binds at most 999 values a statement (a rollup row has 210)
         most = self._conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-        self._sql = dataclasses.replace(_Statements.for_mark("?", self.dialect), many=most)
+        self._sql = dataclasses.replace(_Statements.for_mark("?", self.dialect), many=most).with_nulls()
         self._spread = rollup.spread_sql("?", self.dialect)
         self._checkpoint_told = -1e9
 
