@@ -250,7 +250,97 @@ async def test_the_limit_counts_reasoning_and_reads_escapes() -> None:
     assert limit == 96
     # Reasoning is billed as output: a flood of it is stopped as text is.
     flood = [_chunk({"reasoning_content": "think " * 20})] * 50
-    assert await _past(OutputCap(limit, "o200k_base", b""), flood) == 4  # 100 tokens: past 96
+    assert await _past(OutputCap(limit, "o200k_base"), flood) == 4  # 100 tokens: past 96
     # Escaped text is counted as the text it is (its escapes would count many more tokens).
     accents = [_chunk({"content": "\u00e9t\u00e9\n" * 8})] * 5  # JSON-escaped: 6 bytes a letter
-    assert await _past(OutputCap(limit, "o200k_base", b""), accents) is None
+    assert await _past(OutputCap(limit, "o200k_base"), accents) is None
+
+
+def _words(n: int) -> bytes:
+    return _chunk({"content": "word " * n})
+
+
+async def _chat_text(proxy: Any) -> tuple[str, str | None]:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m", max_tokens=5, stream=True, messages=[{"role": "user", "content": "hi"}]
+    )
+    text, finish = "", None
+    async with asyncio.timeout(20):
+        async for chunk in stream:
+            for c in chunk.choices:
+                text += c.delta.content or ""
+                finish = c.finish_reason or finish
+    return text, finish
+
+
+async def test_a_first_event_past_the_limit_is_the_last_sent(start_proxy, serve_routes) -> None:
+    """One content event of 2,000 tokens for `max_tokens: 5`, then the end: its first event went
+    unmeasured, the end's read was never looked at, and the stream was recorded as a whole answer
+    (the red team's 216 KB event: $40 of a $1 budget, outcome ok). The event has gone when it is
+    seen (the client needs a stream's first events to read any end), but nothing after it does."""
+    closed = asyncio.Event()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(_words(2000))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                await resp.write(_words(100))
+            await resp.write(b"data: [DONE]\n\n")
+        finally:
+            closed.set()
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", chat))
+    proxy = await start_proxy(_config(up.url))
+    text, finish = await _chat_text(proxy)
+    assert finish == "length" and text.count("word") == 2000
+    await asyncio.wait_for(closed.wait(), 10)
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"
+
+
+async def test_events_read_together_past_the_limit_are_not_sent(start_proxy, serve_routes) -> None:
+    """A burst of events read in one piece (up to 8 KiB) went out whole before the look that found
+    it past the limit: 300-1,300 tokens for a limit of 74. Now a piece past the limit is not sent,
+    and is still priced (the upstream produced it)."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_words(3))
+        await asyncio.sleep(0.05)
+        await resp.write(b"".join([_words(100)] * 40) + b"data: [DONE]\n\n")
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", chat))
+    proxy = await start_proxy(_config(up.url))
+    text, finish = await _chat_text(proxy)
+    assert finish == "length" and text.count("word") <= 74, text.count("word")
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"
+    usage = rec.attempts[0].usage
+    assert usage is not None and usage.completion_tokens > 74  # what was read, sent or not, is priced
+
+
+async def test_a_whole_stream_past_the_limit_in_its_first_read_is_counted(start_proxy, serve_routes) -> None:
+    """The whole answer, [DONE] included, in the first read: delivered (it is complete), and, as
+    a JSON answer past the bound is, charged as it came and counted for the operator."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_words(500) + b"data: [DONE]\n\n")
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", chat))
+    proxy = await start_proxy(_config(up.url))
+    text, _ = await _chat_text(proxy)
+    assert text.count("word") == 500
+    rec = await _record(proxy)
+    assert rec.error_class == "upstream_overran_max_tokens"
+    metrics = await scrape(proxy.url)
+    assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1

@@ -370,11 +370,11 @@ class Attempts:
             self.live.served_at[dep.index] = time.monotonic()
             if isinstance(result, JsonAnswer):
                 self.settle_attempt(rec, dep, result.usage)
-                self._check_overrun(dep, result.usage)
+                self.check_overrun(dep, result.usage)
             else:
                 result.rec = rec
 
-    def _check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
+    def check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A whole answer past the request's bound cannot be stopped: it is charged as the upstream
         reports it (what its provider bills), and the operator told (as a stream's is, `relay`)."""
         d = self.decision

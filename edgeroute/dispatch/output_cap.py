@@ -36,6 +36,9 @@ _STRINGS = re.compile(
     rb'"(?:content|refusal|text|arguments|name|delta|partial_json|thinking|reasoning_content|reasoning)"'
     rb'\s*:\s*"([^"\\]*(?:\\.[^"\\]*)*)"'
 )
+# A chat or completions event's own fields, read from the start of the stream's first event: an
+# end needs them, and an event past `Transcript`'s tail (one of 2,000 tokens) is not in it whole.
+_ENVELOPE = re.compile(rb'"(id|object|model)"\s*:\s*"([^"\\]{0,200})"|"(created)"\s*:\s*(\d{1,12})')
 _HELD_BYTES = 256 * 1024  # events held unread past this are read (a long stream's, most under its limit)
 
 
@@ -52,6 +55,7 @@ class OutputCap:
     __slots__ = (
         "_check_at",
         "_encoding",
+        "_envelope",
         "_events",
         "_fresh",
         "_held",
@@ -63,7 +67,7 @@ class OutputCap:
         "tokens",
     )
 
-    def __init__(self, limit: int, encoding: str, head: bytes) -> None:
+    def __init__(self, limit: int, encoding: str) -> None:
         self.limit = limit
         self._encoding = encoding
         self._seen = 0  # bytes relayed
@@ -75,7 +79,7 @@ class OutputCap:
         self._text: list[str] | None = None  # the text, once read (`_upper` past the limit)
         self._events: bool | None = None  # whether the whole events are held (Responses), else their strings
         self.tokens = 0  # the last count
-        self.add(head)
+        self._envelope: dict[str, Any] = {}  # the first event's id, object, created and model
 
     def add(self, chunk: bytes) -> bool:
         """Takes what was relayed; True when it is time to look at it (`past`)."""
@@ -96,6 +100,12 @@ class OutputCap:
         if self._events is None:  # the first look (the head's events) says the format
             # Responses events repeat the text in their `done` events: their text is read by a parse.
             self._events = b'"response.' in whole
+            if (at := whole.find(b"data: {")) >= 0:
+                for m in _ENVELOPE.finditer(whole, at, at + 512):
+                    if m.group(3):
+                        self._envelope.setdefault("created", int(m.group(4)))
+                    else:
+                        self._envelope.setdefault(m.group(1).decode(), m.group(2).decode(errors="replace"))
         held = [whole] if self._events else strings
         self._held += held
         self._held_size += sum(map(len, held))
@@ -159,8 +169,10 @@ class OutputCap:
             out.append(_anthropic("message_delta", {"delta": delta, "usage": {"output_tokens": self.tokens}}))
             out.append(_anthropic("message_stop", {}))
             return b"".join(out)
-        if last is None:
-            return None
+        if last is None:  # no whole event in the tail: the first event's own fields
+            if self._events or "object" not in self._envelope:
+                return None
+            last = self._envelope
         text = last.get("object") == "text_completion"
         base = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
         out = []

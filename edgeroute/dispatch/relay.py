@@ -98,8 +98,9 @@ async def relay_stream(
     out = _EventStream(response_headers)
     # An upstream that ignores the request's completion bound is stopped (see output_cap.py).
     limit = output_limit(call.decision.max_tokens, call.decision.choices)
-    cap = OutputCap(limit, call.decision.encoding, head) if limit is not None else None
+    cap = OutputCap(limit, call.decision.encoding) if limit is not None else None
     overran = False
+    withheld = b""  # the events that would have taken the stream past its limit: not sent, still priced
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -113,6 +114,9 @@ async def relay_stream(
             # that buffers no head, without `send_headers`, sent it in `prepare`.)
             if (send_head := getattr(writer, "send_headers", None)) is not None:
                 send_head()
+            # A head past the limit has gone (the client needs its first events to read any end),
+            # but nothing more does: one event of 40,000 tokens for `max_tokens: 5` went on unread.
+            overran = cap is not None and not completed and cap.add(head) and await cap.past()
             # One timer for the whole stream: the idle timeout, capped by the total deadline.
             # Moving it costs a timer-heap operation, so it is moved at most once per `slack`,
             # to `idle_timeout + slack` from then: a stall is reported after between 1 and 1.1
@@ -127,7 +131,7 @@ async def relay_stream(
             with Deadline(loop, min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
-                while not completed and not upstream_error:
+                while not completed and not upstream_error and not overran:
                     chunk = await answer.resp.read_arrived(_BURST_BYTES)
                     if not chunk:
                         upstream_broke = True
@@ -142,6 +146,12 @@ async def relay_stream(
                     else:  # raw reads (no adapter relays so): [DONE] may straddle two
                         completed = sse.through_done(said.tail(len(sse.DONE) + 1) + chunk)[1]
                     if chunk:
+                        # Measured before it is sent: events read together (up to `_BURST_BYTES`)
+                        # went out whole before the look that found them past the limit.
+                        if cap is not None and cap.add(chunk) and await cap.past():
+                            overran, withheld = True, chunk
+                            completed = False  # cut: not a whole answer for the cache or the log
+                            break
                         # A write waits for the client only once its transport holds more than
                         # its high-water mark (64 KiB by default): stop the timer well before.
                         if (
@@ -159,9 +169,6 @@ async def relay_stream(
                             await (out.write(data) if pending < 0 else out.drained())
                         writing_slowly = False
                         said.add(chunk)
-                        if cap is not None and cap.add(chunk) and not completed and await cap.past():
-                            overran = True
-                            break
                         # Bounded as a non-streamed answer is.
                         if said.size > attempt.MAX_ANSWER_BYTES and not completed:
                             upstream_broke = True
@@ -190,7 +197,9 @@ async def relay_stream(
             upstream_broke = upstream_broke or broke
         if overran:
             assert cap is not None
-            failure = await _overran(call, dep, cap, said.tail(), events)
+            failure = await _overran(call, dep, cap, said.tail(), events)  # ended after what was sent
+            if withheld:
+                said.add(withheld)  # its usage, or its text, is what the upstream bills
         if failure is not None:
             await events.error(failure)
             call.record.outcome = "stream_interrupted"
@@ -424,6 +433,7 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
     if answer.usage is not None:  # a whole JSON answer's, served as a stream
         if answer.rec is not None:
             call.settle_attempt(answer.rec, dep, answer.usage)
+        call.check_overrun(dep, answer.usage)
         return
     usage = Usage.from_openai(
         sse.find_usage(said.tail()) or (translator.usage if translator is not None else None), answered=True
@@ -441,6 +451,8 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
         usage.tool_calls = seen
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
+    if call.record.error_class != OVERRAN:  # whole, yet past the bound (one event, ended at once)
+        call.check_overrun(dep, usage)
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:
