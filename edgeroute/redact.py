@@ -267,9 +267,12 @@ def contains_secret(s: str) -> bool:
 
 # -- logs ------------------------------------------------------------------------------------
 
-# C0 and C1 controls, line and paragraph separators, and the bidi overrides and isolates
-# (which make a terminal show text in another order than it is: "Trojan source").
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]|\n")
+# C0 and C1 controls, line and paragraph separators, the bidi overrides and isolates (which make
+# a terminal show text in another order than it is: "Trojan source"), the bidi marks (U+200E,
+# U+200F, U+061C) and the invisible characters (soft hyphen, zero-width space, word joiner and
+# invisible operators, BOM, U+180E). Zero-width (non-)joiners are kept: scripts and emoji use them.
+_INVISIBLE = r"\u00ad\u061c\u180e\u200b\u200e\u200f\u2060-\u2064\ufeff"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069" + _INVISIBLE + r"]|\n")
 
 
 def printable(s: str) -> str:
@@ -281,7 +284,7 @@ def printable(s: str) -> str:
 # What JSON leaves raw that a terminal acts on: C1 controls (U+009B is CSI to a terminal
 # honouring 8-bit controls), line separators and bidi controls. In a JSON string a `\u`
 # escape is the same value; JSON's structure is ASCII, so only strings hold these.
-_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_JSON_UNSAFE = re.compile(r"[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069" + _INVISIBLE + "]")
 
 
 def json_printable(encoded: str) -> str:

@@ -27,9 +27,16 @@ from tests.serve_support import start_serve
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
 
-# ESC-based (7-bit) and C1 (8-bit) sequences, a line break with a forged row, and a bidi override.
-EVIL = "x\x1b]0;owned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\x9d0;t\x9c\n2026-01-01 forged row\u202eabc"
-_RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# ESC-based (7-bit) and C1 (8-bit) sequences, a line break with a forged row, a bidi override,
+# bidi marks (right-to-left, Arabic letter mark) and invisible characters (soft hyphen, zero-width
+# space, BOM), which reached `edgeroute logs` and `spend` raw.
+EVIL = (
+    "x\x1b]0;owned\x07\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b2J\x9d0;t\x9c\n2026-01-01 forged row\u202eabc"
+    "\u200fgpt\u061c-4\u00ad\u200b\ufeff"
+)
+_RAW_CONTROL = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200b\u200e\u200f\u061c\u00ad\ufeff]"
+)
 
 
 async def _logged_refusal(tmp_path: Path, start_upstream: Any) -> tuple[Path, str]:
