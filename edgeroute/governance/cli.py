@@ -137,6 +137,18 @@ class ApiError(Exception):
     pass
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is refused, not followed: urllib's default handler sends the admin key on to
+    wherever `Location` points (an SSO proxy in front of the server, say) and turns a POST into
+    a GET there, whose JSON answer the command then printed as done."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(args.url.rstrip("/") + path, data=data, method=method)
@@ -144,9 +156,14 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) ->
     if args.key:
         req.add_header("Authorization", f"Bearer {args.key}")
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with _OPENER.open(req, timeout=30) as r:
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise ApiError(
+                f"{e.code}: {args.url} redirects to {e.headers.get('Location', '(nowhere)')!r}; not followed"
+                " (the admin key goes to edgeroute alone): name the server's own address with --url"
+            ) from None
         try:
             err = json.loads(e.read())["error"]
             msg = err["message"]
