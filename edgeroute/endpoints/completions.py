@@ -10,7 +10,6 @@ that `echo` repeats in each answer, which is no output.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Any
 
@@ -136,10 +135,12 @@ class CompletionsCall(CountedCall):
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A completion counted from text elsewhere (a stream's, a cut answer's) holds the echoed
         prompts too: left out, as `_json_answer` leaves them (a 602-token prompt echoed with a
-        3-token answer was billed 605 output tokens)."""
+        3-token answer was billed 605 output tokens). In place, once: what checks the usage
+        against `max_tokens` after it is settled reads it so."""
         if usage is not None and usage.estimated and self.req.echo and not any(u is usage for u in self._counted):
             echoed = self.req.echoed(usage.prompt_tokens, self.decision.encoding)
-            usage = dataclasses.replace(usage, completion_tokens=max(0, usage.completion_tokens - echoed))
+            usage.completion_tokens = max(0, usage.completion_tokens - echoed)
+            self._counted.append(usage)
         super().settle_attempt(rec, dep, usage)
 
     def has_content(self, obj: Any) -> bool:
