@@ -51,12 +51,14 @@ class Usage:
     tool_calls: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False) -> Usage | None:
+    def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False, prompted: bool = True) -> Usage | None:
         """Usage from an OpenAI-format `usage` object; None when it is absent or unreadable
         (then the caller counts the tokens itself rather than trusting garbage). With
         `answered` (a text answer; an embedding has no completion), also when it counts the
         prompt but not the completion and no `total_tokens` gives it: read as 0, a careless
-        upstream's long answer was priced as its prompt alone."""
+        upstream's long answer was priced as its prompt alone. With `prompted` (the request
+        has a prompt: only a completions prompt of "" has none), also when it counts no prompt
+        tokens: taken as said, a careless upstream's usage of zeros was priced at nothing."""
         if not isinstance(u, dict):
             return None
         completion = u.get("completion_tokens")
@@ -80,6 +82,8 @@ class Usage:
         # upstream's garbage, counted as a stream's is, never read as a number of tokens.
         # (Two tests, not `all()` over a generator: this runs once an answer, on the event loop.)
         if (prompt is not None and type(prompt) is not int) or (completion is not None and type(completion) is not int):
+            return None
+        if prompted and not prompt:
             return None
         try:
             out = cls(

@@ -410,8 +410,9 @@ def _translated(raw: bytes, counting: bool) -> bytes:
 def anthropic_usage(u: Any) -> dict[str, Any]:
     """OpenAI usage in Anthropic's terms: input_tokens excludes cache reads. Read as the ledger
     reads it (`Usage.from_openai`): an upstream's garbage (a list, a string, a negative or
-    64-bit-overflowing count) is zeros, never an exception after the answer was paid for."""
-    usage = Usage.from_openai(u) or Usage()
+    64-bit-overflowing count) is zeros, never an exception after the answer was paid for. A
+    prompt of no tokens is shown as said (the ledger counts it instead)."""
+    usage = Usage.from_openai(u, prompted=False) or Usage()
     cached, written = usage.cached_tokens, usage.cache_write_tokens
     return {
         "input_tokens": usage.prompt_tokens - cached - written,

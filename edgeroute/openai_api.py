@@ -371,9 +371,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
         raise
     except asyncio.CancelledError:
-        if rec.outcome == "pending":  # not what already ended it (an upstream cutting its stream)
-            rec.outcome = "client_gone"  # the client hung up; the upstream call was cancelled with it
-        rec.error_class = rec.error_class or "client_gone"
+        client_left(request, rec)  # the client hung up; the upstream call was cancelled with it
         raise
     finally:
         ResponseCache.discard(plan)  # a prefetch the request did not get to use
@@ -429,6 +427,17 @@ def begin(request: web.Request, app: web.Application | None = None) -> tuple[Liv
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
     tracing.begin(request, rec)
     return live, rec, started
+
+
+def client_left(request: web.Request, rec: RequestRecord) -> None:
+    """Records a request whose client went away (its handler cancelled), unless its answer
+    ended first: a client that closes once a stream's end is written (curl does) cancels the
+    handler as it prices the stream, and an answer delivered whole was recorded `client_gone`."""
+    if rec.outcome == "pending" and getattr(request.writer, "_eof", False):  # aiohttp's: its end written
+        return
+    if rec.outcome == "pending":  # not what already ended it (an upstream cutting its stream)
+        rec.outcome = "client_gone"
+    rec.error_class = rec.error_class or "client_gone"
 
 
 def finish(

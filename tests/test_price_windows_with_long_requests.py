@@ -35,7 +35,7 @@ async def edge_upstream() -> AsyncIterator[tuple[str, float]]:
         out = {
             "id": "c", "object": "chat.completion", "created": 1, "model": "x",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 0, "completion_tokens": 100, "total_tokens": 100},
+            "usage": {"prompt_tokens": 5, "completion_tokens": 100, "total_tokens": 105},
         }  # fmt: skip
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 

@@ -3,7 +3,9 @@
 Served by OpenAI, Azure and OpenAI-compatible deployments (vLLM, Ollama, ... serve it);
 other providers get a 400 naming the deployment. JSON and streams (ending with `[DONE]`)
 pass through unchanged but for `model`; a stream is held until its first text, so an
-upstream failing before it fails over. Usage is the upstream's, else counted.
+upstream failing before it fails over. Usage is the upstream's (a stream asks for it, as a
+chat stream does, and the client gets it only if it asked), else counted: without the prompt
+that `echo` repeats in each answer, which is no output.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import _core
-from edgeroute.accounting import Usage
+from edgeroute.accounting import AttemptRecord, Usage
 from edgeroute.dispatch import Failure, JsonAnswer
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
@@ -64,6 +66,10 @@ class CompletionsRequest:
             raise bad("'suffix' must be a string.", "suffix")
         # The text after the insertion: read (and billed) with each prompt.
         self.suffix: str = suffix or ""
+        self.echo = req.get("echo") is True
+        self.n: int = req.get("n") or 1  # the answers to each prompt returned (`best_of` are written)
+        opts = req.get("stream_options")
+        self.wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
         self.model: str = req["model"]
         self.prompts = _prompt_texts(req["prompt"])
         self.stream = bool(stream)
@@ -78,30 +84,64 @@ class CompletionsRequest:
         return "\n".join([*(p for p in self.prompts if isinstance(p, str)), *([self.suffix] if self.suffix else [])])
 
     def tokens(self, encoding: str) -> int:
-        suffix = _core.Router.count_tokens(self.suffix, encoding) * len(self.prompts) if self.suffix else 0
-        return suffix + sum(
+        return self._suffix_tokens(encoding) + sum(
             len(p) if isinstance(p, list) else _core.Router.count_tokens(p, encoding) for p in self.prompts
         )
+
+    def _suffix_tokens(self, encoding: str) -> int:
+        return _core.Router.count_tokens(self.suffix, encoding) * len(self.prompts) if self.suffix else 0
+
+    @property
+    def empty(self) -> bool:
+        """Whether the prompt is "" (a usage's prompt count of 0 is then its own)."""
+        return not self.suffix and all(p == "" for p in self.prompts)
+
+    def echoed(self, prompt_tokens: int, encoding: str) -> int:
+        """The tokens of the prompts (`prompt_tokens` of them, with the suffix) that `echo`
+        repeats at the start of each answer: each prompt in each of its `n` answers."""
+        return self.n * max(0, prompt_tokens - self._suffix_tokens(encoding)) if self.echo else 0
 
 
 class CompletionsCall(CountedCall):
     def __init__(self, req: CompletionsRequest, *args: Any) -> None:
         super().__init__(req, *args)
         self.req = req
+        self._counted: list[Usage] = []  # the answers' usages counted here, echo left out already
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
-        return openai_request(adapter, dep, "/completions", self.req.body, self.req.stream)
+        body = self.req.body
+        if self.req.stream and not self.req.wants_usage and "stream_options" not in getattr(adapter, "unsupported", ()):
+            # As a chat stream is (`Attempts.upstream_request`): counted from its text instead,
+            # every stream was priced by edgeroute's estimate. The relay keeps the usage from
+            # the client; an upstream that refuses the field is asked again without it.
+            opts = body.get("stream_options")
+            body = {**body, "stream_options": {**(opts if isinstance(opts, dict) else {}), "include_usage": True}}
+            self.usage_added = True
+        return openai_request(adapter, dep, "/completions", body, self.req.stream)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
         obj = answer_object(data, status, "choices")
         if isinstance(obj, Failure):
             return obj
-        usage = Usage.from_openai(obj.get("usage"), answered=True)
+        usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)
         if usage is None:
             text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
-            usage = Usage(self.prompt_tokens(), done, estimated=True)
+            prompt = self.prompt_tokens()
+            usage = Usage(prompt, max(0, done - self.req.echoed(prompt, self.decision.encoding)), estimated=True)
+            self._counted.append(usage)
         return JsonAnswer(data, usage)
+
+    def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
+        """A completion counted from text elsewhere (a stream's, a cut answer's) holds the echoed
+        prompts too: left out, as `_json_answer` leaves them (a 602-token prompt echoed with a
+        3-token answer was billed 605 output tokens). In place, once: what checks the usage
+        against `max_tokens` after it is settled reads it so."""
+        if usage is not None and usage.estimated and self.req.echo and not any(u is usage for u in self._counted):
+            echoed = self.req.echoed(usage.prompt_tokens, self.decision.encoding)
+            usage.completion_tokens = max(0, usage.completion_tokens - echoed)
+            self._counted.append(usage)
+        super().settle_attempt(rec, dep, usage)
 
     def has_content(self, obj: Any) -> bool:
         if isinstance(obj, dict):

@@ -246,7 +246,7 @@ class EmbeddingsCall(CountedCall):
         if len(obj["data"]) != len(self._inputs()):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
         usage = Usage.from_openai(obj.get("usage"))
-        if usage is None and reported is not None:  # Titan's own count
+        if usage is None and reported:  # Titan's own count (of none: garbage, for an input is never empty)
             usage = Usage(prompt_tokens=reported)
             obj["usage"] = {"prompt_tokens": reported, "total_tokens": reported}
         if usage is None:

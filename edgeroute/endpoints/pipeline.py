@@ -38,6 +38,7 @@ from edgeroute.openai_api import (
     _tenant,
     answered_headers,
     begin,
+    client_left,
     decide_soon,
     finish,
     keep_content,
@@ -355,9 +356,7 @@ async def serve(
             e.headers.setdefault(headers.CORRELATION_ID, rec.correlation_id)
         raise
     except asyncio.CancelledError:
-        if rec.outcome == "pending":  # not what already ended it (an upstream cutting its stream)
-            rec.outcome = "client_gone"
-        rec.error_class = rec.error_class or "client_gone"
+        client_left(request, rec)
         raise
     finally:
         finish(request, live, rec, started, ticket, reasons)
