@@ -374,6 +374,11 @@ class Attempts:
             else:
                 result.rec = rec
 
+    def output_allowance(self) -> int:
+        """Output tokens an answer carries beside what the request's bound covers (a completions
+        `echo` repeats the prompt): the output cap (`output_cap.py`) lets them through."""
+        return 0
+
     def check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A whole answer past the request's bound cannot be stopped: it is charged as the upstream
         reports it (what its provider bills), and the operator told (as a stream's is, `relay`)."""

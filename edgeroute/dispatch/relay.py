@@ -98,6 +98,8 @@ async def relay_stream(
     out = _EventStream(response_headers)
     # An upstream that ignores the request's completion bound is stopped (see output_cap.py).
     limit = output_limit(call.decision.max_tokens, call.decision.choices)
+    if limit is not None:
+        limit += call.output_allowance()
     cap = OutputCap(limit, call.decision.encoding) if limit is not None else None
     overran = False
     withheld = b""  # the events that would have taken the stream past its limit: not sent, still priced

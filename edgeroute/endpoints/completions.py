@@ -132,6 +132,10 @@ class CompletionsCall(CountedCall):
             self._counted.append(usage)
         return JsonAnswer(data, usage)
 
+    def output_allowance(self) -> int:
+        """The echoed prompts are in the stream's text beside the answers: past `max_tokens`, not an overrun."""
+        return self.req.echoed(self.prompt_tokens(), self.decision.encoding) if self.req.echo else 0
+
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A completion counted from text elsewhere (a stream's, a cut answer's) holds the echoed
         prompts too: left out, as `_json_answer` leaves them (a 602-token prompt echoed with a
