@@ -34,6 +34,7 @@ from edgeroute.cost.control import CostControl
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.cost.teams import team_in_view
 from edgeroute.errors import ProxyError
+from edgeroute.state import STATE
 
 _FIGURES = ("spent_usd", "reserved_usd", "percent", "projected_usd")
 
@@ -233,4 +234,5 @@ async def admin_budgets(request: web.Request) -> web.Response:
     control = request.app.get(ADMISSION)
     if not isinstance(control, CostControl):
         raise ProxyError(404, "No budgets or rate limits are configured.", code="no_budgets")
+    control.current(request.app[STATE])
     return web.Response(body=orjson.dumps(await report(control, team=team)), content_type="application/json")

@@ -114,6 +114,14 @@ class CostControl(Reservations, RateLimits):
                 self._counted_from[b.name] = since
             self._restore_later(changed, since, state)
 
+    def current(self, state: ServerState) -> None:
+        """Takes the running config generation's budgets and limits if a reload swapped it in
+        since: at an admission, and before `/admin/budgets` shows them (it showed the old ones,
+        $7 left of a budget lowered to $3, until a request was admitted)."""
+        live = state.live
+        if live.config is not self.cfg:
+            self.apply(live.config, live.since, state)
+
     # -- admission -------------------------------------------------------------
 
     async def admit(
@@ -129,9 +137,8 @@ class CostControl(Reservations, RateLimits):
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident, rec.request_id, started=rec.started, can_serve=can_serve)
         state = request.app[STATE]
+        self.current(state)
         live = state.live
-        if live.config is not self.cfg:
-            self.apply(live.config, live.since, state)
         choices = decision.choices
         tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
         ticket.tokens = tokens
@@ -190,10 +197,7 @@ class CostControl(Reservations, RateLimits):
         a minute cannot have bodies decided or counted without end (CPU every tenant shares).
         It spends nothing: no tokens (TPM counts what upstreams are sent), no budget, and no
         model or provider limit (no model serves it)."""
-        state = request.app[STATE]
-        live = state.live
-        if live.config is not self.cfg:
-            self.apply(live.config, live.since, state)
+        self.current(request.app[STATE])
         await self._request_limits(request, request.get(IDENTITY, ANONYMOUS))
 
     async def _at_once(
