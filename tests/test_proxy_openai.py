@@ -231,7 +231,7 @@ async def test_missing_messages_is_400(start_upstream, start_proxy) -> None:
         (b"{not json", 400, "not valid JSON"),
         (b"", 400, "empty"),
         (b'{"messages":[{"role":"user","content":"x"}]}', 400, "model"),
-        (b'{"model":"m","messages":"hi"}', 400, "JSON"),
+        (b'{"model":"m","messages":"hi"}', 400, "Invalid type for 'messages': expected an array"),
         (b"[1,2]", 400, "JSON"),
     ],
 )

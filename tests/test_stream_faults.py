@@ -134,7 +134,8 @@ async def test_hang_everywhere_is_504_within_the_timeout(ups, start_proxy) -> No
     with pytest.raises(openai.APIStatusError) as e:
         await client.chat.completions.create(model="m", messages=MSG)
     assert e.value.status_code == 504
-    assert time.perf_counter() - t0 < 1.6
+    # By the total timeout (1 s), not the 30 s default: room for a busy host's stalls (536 ms seen in CI).
+    assert time.perf_counter() - t0 < 3.0
     await client.close()
 
 
