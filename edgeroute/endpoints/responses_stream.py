@@ -21,9 +21,10 @@ from edgeroute import sse
 from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
+from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar
+from edgeroute.endpoints.responses_events import event as _event
 from edgeroute.providers.base import StreamTranslator
 
-SENTINEL = b"data: [DONE]\n\n"
 _ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _CONTENT = frozenset(
@@ -43,10 +44,6 @@ def has_content(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("type") in _CONTENT
 
 
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
-
-
 def _chat_error(message: str, code: str | None) -> bytes:
     return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
 
@@ -58,9 +55,11 @@ class UnreadableEvent(ValueError):
 class NativeStream:
     """An upstream's Responses stream, relayed event by event (see the module's doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounded: bool = False) -> None:
         self._events = sse.EventSplitter()
         self._content = False
+        # A request with `max_output_tokens` may be ended at its length (`length_end`): its output kept.
+        self._so_far = OutputSoFar() if bounded else None
         self.usage: dict[str, Any] | None = None
         # The built-in tool call items begun so far (by output index), for a stream cut before its
         # end: a call begun runs upstream (a search between its item's `added` and `done`), and
@@ -118,6 +117,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
+            if self._so_far is not None and isinstance(obj, dict):
+                self._so_far.see(obj)
             if kind in _ITEM_EVENTS and isinstance(obj, dict):
                 self._tool_item(obj)
                 item = obj.get("item")
@@ -131,6 +132,11 @@ class NativeStream:
                 out.append(SENTINEL)
                 self._ended = True
         return b"".join(out)
+
+    def length_end(self, prompt_tokens: int, output_tokens: int) -> bytes | None:
+        """The events that end the stream at its length (the relay's, for an upstream that sent past
+        `max_output_tokens`): `response.incomplete`, with the output so far."""
+        return self._so_far.length_end(prompt_tokens, output_tokens) if self._so_far is not None else None
 
 
 class ChatToResponses:
@@ -264,8 +270,17 @@ class ChatToResponses:
         assert self._text is not None
         return self._emit(kind, item_id=self._text["id"], output_index=self._text["index"], content_index=0, part=part)
 
-    def _end(self) -> bytes:
-        """The items' closing events, the terminal event, then the sentinel."""
+    def length_end(self, prompt_tokens: int, output_tokens: int) -> bytes | None:
+        """The events that end the stream at its length (the relay's, for an upstream that sent past
+        `max_output_tokens`): its items closed, `response.incomplete` with the usage counted."""
+        if not self._started or self._done:
+            return None
+        self._finish = "length"
+        return self._end({"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens}, "incomplete")
+
+    def _end(self, cut: dict[str, Any] | None = None, status: str = "completed") -> bytes:
+        """The items' closing events (each item `status`), the terminal event, then the sentinel;
+        with the usage `cut` reports (the stream's own kept for its pricing), else the stream's."""
         self._done = True
         out = []
         items = []
@@ -283,7 +298,7 @@ class ChatToResponses:
                             delta="{}",
                         )
                     )
-                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"])
+                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"], status)
                 out.append(
                     self._emit(
                         "response.function_call_arguments.done",
@@ -293,7 +308,7 @@ class ChatToResponses:
                     )
                 )
             else:
-                item = rf.message_item(o["id"], o["text"])
+                item = rf.message_item(o["id"], o["text"], status)
                 out.append(
                     self._emit(
                         "response.output_text.done",
@@ -307,7 +322,7 @@ class ChatToResponses:
                 out.append(self._part("response.content_part.done", item["content"][0]))
             out.append(self._emit("response.output_item.done", output_index=o["index"], item=item))
             items.append(item)
-        chat_usage = self.usage
+        chat_usage = cut or self.usage
         if chat_usage is None:
             text = "".join(o.get("text", "") or o.get("arguments", "") for o in self._outputs)
             chat_usage = self._chat_usage = self.fallback_usage(text)
