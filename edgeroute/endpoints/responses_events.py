@@ -18,12 +18,13 @@ from edgeroute.endpoints import responses_format as rf
 
 SENTINEL = b"data: [DONE]\n\n"  # the relay's end of a stream (`responses_stream`), taken out for the client
 _TEXTS = {"output_text": "text", "refusal": "refusal"}  # a message part's kind → its text's field
-# A delta event → where its text goes: the item's list of parts (None: the item itself) and the field.
+# A delta event → where its text goes: the item's list of parts (None: the item itself), the field,
+# and the event's field that says which part.
 _DELTAS = {
-    "response.output_text.delta": ("content", "text"),
-    "response.refusal.delta": ("content", "refusal"),
-    "response.function_call_arguments.delta": (None, "arguments"),
-    "response.reasoning_summary_text.delta": ("summary", "text"),
+    "response.output_text.delta": ("content", "text", "content_index"),
+    "response.refusal.delta": ("content", "refusal", "content_index"),
+    "response.function_call_arguments.delta": (None, "arguments", "output_index"),
+    "response.reasoning_summary_text.delta": ("summary", "text", "summary_index"),
 }
 _PARTS = {"response.content_part.added": "content", "response.reasoning_summary_part.added": "summary"}
 _TERMINAL = {"incomplete": "response.incomplete", "failed": "response.failed"}
@@ -122,8 +123,8 @@ class OutputSoFar:
         self._response: dict[str, Any] | None = None
         self._items: dict[int, dict[str, Any]] = {}  # by output index
         self._done: set[int] = set()  # the items whose `done` event was relayed (whole)
-        # The deltas by where they go: (output index, `_DELTAS`' (parts' key, field), part index).
-        self._pieces: dict[tuple[Any, tuple[str | None, str], Any], list[Any]] = {}
+        # The deltas by where they go: (output index, `_DELTAS`' entry, part index).
+        self._pieces: dict[tuple[Any, tuple[str | None, str, str], Any], list[Any]] = {}
         self._last: dict[str, Any] = {}  # the last event (its sequence number)
 
     def see(self, obj: dict[str, Any]) -> None:
@@ -131,7 +132,7 @@ class OutputSoFar:
         self._last = obj
         kind = obj.get("type")
         if (where := _DELTAS.get(kind)) is not None:  # type: ignore[arg-type]
-            at = (obj.get("output_index"), where, obj.get("content_index", obj.get("summary_index", 0)))
+            at = (obj.get("output_index"), where, obj.get(where[2]))
             if (pieces := self._pieces.get(at)) is None:
                 pieces = self._pieces[at] = []
             pieces.append(obj.get("delta"))
@@ -160,7 +161,7 @@ class OutputSoFar:
         the upstream's `response.created`."""
         if self._response is None:
             return None
-        for (index, (key, field), at), pieces in self._pieces.items():
+        for (index, (key, field, _), at), pieces in self._pieces.items():
             item = self._items.get(index) if type(index) is int else None
             target = item if item is None or key is None else _part(item, key, at)
             if target is not None and index not in self._done:
