@@ -388,7 +388,7 @@ async def _overran(
     call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
     end = cap.end(tail, call.prompt_tokens() if call.decision.include_usage else None)
     if end is None and (length_end := getattr(translator, "length_end", None)) is not None:
-        end = length_end(call.prompt_tokens(), cap.tokens)
+        end = length_end(call.prompt_tokens(), cap.tokens, tail)
     if end is None:
         return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", OVERRAN)
     await events.end(end)

@@ -140,7 +140,8 @@ class ResponsesCall(Call):
             translator = NativeStream(bounded=self.req.raw.get("max_output_tokens") is not None)
         else:
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
-            translator = ChatToResponses(self.req.raw, inner, self._counted_usage)
+            bounded = self.req.raw.get("max_output_tokens") is not None
+            translator = ChatToResponses(self.req.raw, inner, self._counted_usage, bounded)
         return await super()._hold_stream(resp, Via(translator))
 
     def stream_of(self, got: JsonAnswer) -> bytes | None:

@@ -112,12 +112,22 @@ def stream_of_response(body: bytes) -> bytes | None:
     return b"".join(out) + SENTINEL
 
 
+def was_sent(out: bytes, tail: bytes) -> bool:
+    """Whether a translator's last output `out` was relayed: the relayed stream (its `tail`) ends
+    with it. The relay withholds the read that would take a stream past its limit (one event of
+    40,000 tokens for `max_output_tokens: 5`): a stream's end at its length gives none of it."""
+    n = min(len(out), len(tail))
+    return out[len(out) - n :] == tail[len(tail) - n :]
+
+
 class OutputSoFar:
     """An upstream's Responses stream as relayed so far: its response, its items and the text
     their deltas added (kept as pieces: joined once, at the end), for `length_end`. A delta (most
-    events) costs a lookup and an append; what it says is checked only at the end."""
+    events) costs a lookup and an append; what it says is checked only at the end. A read's
+    events are taken once the next read comes (the relay asks for none after one it withheld),
+    or at the end if it was relayed (`was_sent`)."""
 
-    __slots__ = ("_done", "_items", "_last", "_pieces", "_response")
+    __slots__ = ("_done", "_items", "_last", "_out", "_pending", "_pieces", "_response")
 
     def __init__(self) -> None:
         self._response: dict[str, Any] | None = None
@@ -126,9 +136,24 @@ class OutputSoFar:
         # The deltas by where they go: (output index, `_DELTAS`' entry, part index).
         self._pieces: dict[tuple[Any, tuple[str | None, str, str], Any], list[Any]] = {}
         self._last: dict[str, Any] = {}  # the last event (its sequence number)
+        self._pending: list[dict[str, Any]] = []  # the last read's events
+        self._out = b""  # the last read's output
+
+    def read(self) -> None:
+        """A new read begins: the last one's events were relayed."""
+        for obj in self._pending:
+            self._take(obj)
+        self._pending = []
 
     def see(self, obj: dict[str, Any]) -> None:
-        """Takes a relayed event."""
+        """Takes an event of this read."""
+        self._pending.append(obj)
+
+    def fed(self, out: bytes) -> None:
+        """This read's output, as the relay was given it."""
+        self._out = out
+
+    def _take(self, obj: dict[str, Any]) -> None:
         self._last = obj
         kind = obj.get("type")
         if (where := _DELTAS.get(kind)) is not None:  # type: ignore[arg-type]
@@ -155,10 +180,12 @@ class OutputSoFar:
             if isinstance(parts, list) and isinstance(obj.get("part"), dict):
                 parts.append(obj["part"])
 
-    def length_end(self, prompt_tokens: int, output_tokens: int) -> bytes | None:
-        """The events that end the stream at its length: each open item closed (`incomplete`),
-        then `response.incomplete` with the output so far and the usage counted; None before
-        the upstream's `response.created`."""
+    def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
+        """The events that end the stream at its length (`tail`: the end of what was relayed):
+        each open item closed (`incomplete`), then `response.incomplete` with the output so far
+        and the usage counted; None before the upstream's `response.created`."""
+        if was_sent(self._out, tail):
+            self.read()
         if self._response is None:
             return None
         for (index, (key, field, _), at), pieces in self._pieces.items():

@@ -21,7 +21,7 @@ from edgeroute import sse
 from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
-from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar
+from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar, was_sent
 from edgeroute.endpoints.responses_events import event as _event
 from edgeroute.providers.base import StreamTranslator
 
@@ -99,6 +99,8 @@ class NativeStream:
         kept["container_id"] = item.get("container_id") or kept["container_id"]
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._so_far is not None:
+            self._so_far.read()
         events = self._events.feed(chunk)
         out = []
         for ev in events:
@@ -131,12 +133,18 @@ class NativeStream:
                 )
                 out.append(SENTINEL)
                 self._ended = True
-        return b"".join(out)
+        relayed = b"".join(out)
+        if self._so_far is not None:
+            self._so_far.fed(relayed)
+        return relayed
 
-    def length_end(self, prompt_tokens: int, output_tokens: int) -> bytes | None:
+    def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
         """The events that end the stream at its length (the relay's, for an upstream that sent past
-        `max_output_tokens`): `response.incomplete`, with the output so far."""
-        return self._so_far.length_end(prompt_tokens, output_tokens) if self._so_far is not None else None
+        `max_output_tokens`; `tail`: the end of what it relayed): `response.incomplete`, with the
+        output so far."""
+        if self._so_far is None:
+            return None
+        return self._so_far.length_end(prompt_tokens, output_tokens, tail)
 
 
 class ChatToResponses:
@@ -147,8 +155,14 @@ class ChatToResponses:
         req: dict[str, Any],
         inner: StreamTranslator | None,
         fallback_usage: Callable[[str], dict[str, Any]],
+        bounded: bool = False,
     ) -> None:
         self.req = req
+        # A request with `max_output_tokens` may be ended at its length (`length_end`): each read
+        # marks where its output began, to be taken back if the relay withheld that read's events.
+        self._bounded = bounded
+        self._mark: tuple[int, bool, str | None, list[tuple[dict[str, Any], int]]] | None = None
+        self._out = b""
         self.inner = inner
         self.fallback_usage = fallback_usage
         self.rid = rf.new_id("resp")
@@ -177,6 +191,13 @@ class ChatToResponses:
         return obj
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._bounded:
+            self._mark = (self._seq, self._done, self._finish, [(o, len(_grown(o))) for o in self._outputs])
+            self._out = self._feed(chunk)
+            return self._out
+        return self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> bytes:
         if self.inner is not None:
             chunk = self.inner.feed(chunk)
         events = self._events.feed(chunk)
@@ -270,9 +291,16 @@ class ChatToResponses:
         assert self._text is not None
         return self._emit(kind, item_id=self._text["id"], output_index=self._text["index"], content_index=0, part=part)
 
-    def length_end(self, prompt_tokens: int, output_tokens: int) -> bytes | None:
+    def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
         """The events that end the stream at its length (the relay's, for an upstream that sent past
-        `max_output_tokens`): its items closed, `response.incomplete` with the usage counted."""
+        `max_output_tokens`; `tail`: the end of what it relayed): its items closed, as far as they
+        were relayed, `response.incomplete` with the usage counted."""
+        if self._mark is not None and not was_sent(self._out, tail):  # the last read's output taken back
+            self._seq, self._done, self._finish, kept = self._mark
+            self._outputs = [o for o, _ in kept]
+            for o, n in kept:
+                key = "arguments" if o.get("function") else "text"
+                o[key] = o[key][:n]
         if not self._started or self._done:
             return None
         self._finish = "length"
@@ -331,6 +359,11 @@ class ChatToResponses:
         out.append(self._emit(kind, response=final))
         out.append(SENTINEL)
         return b"".join(out)
+
+
+def _grown(output: dict[str, Any]) -> str:
+    """What an output item's deltas have added to: a call's arguments, a message's text."""
+    return str(output["arguments"] if output.get("function") else output["text"])
 
 
 _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
