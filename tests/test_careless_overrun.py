@@ -10,6 +10,7 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 from aiohttp import web
 
 from edgeroute.dispatch.output_cap import OutputCap, output_limit
@@ -248,41 +249,45 @@ async def test_whole_answer_past_max_tokens_is_charged_and_counted(start_proxy, 
     assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1
 
 
-async def test_responses_stream_past_max_output_tokens_ends_incomplete(start_proxy, serve_routes) -> None:
+@pytest.mark.parametrize("responses", [False, True], ids=["chat", "native"])
+async def test_responses_stream_past_max_output_tokens_ends_incomplete(start_proxy, serve_routes, responses) -> None:
     # Was: an `error` event (the SDK raised). Now `response.incomplete`, as OpenAI ends a stream at
     # its `max_output_tokens`: through the chat translation, and an upstream's own Responses events.
-    for responses in (False, True):
+    # 16: the first event (100 tokens) is past the limit; 40: the second is.
+    for bound in (16, 40):
+        limit = output_limit(bound, 1)
+        assert limit is not None
         flood = Flood()
         proxy = await _proxy(start_proxy, serve_routes, flood, responses=responses)
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         kinds: list[str] = []
         deltas: list[str] = []
         async with asyncio.timeout(20):
-            async with client.responses.stream(model="m", input="hi", max_output_tokens=16) as stream:
+            async with client.responses.stream(model="m", input="hi", max_output_tokens=bound) as stream:
                 async for event in stream:
                     kinds.append(event.type)
                     if event.type == "response.output_text.delta":
                         deltas.append(event.delta)
                     last = event
-        assert kinds[-1] == "response.incomplete" and "error" not in kinds, (responses, kinds[-5:])
+        assert kinds[-1] == "response.incomplete" and "error" not in kinds, (bound, kinds[-5:])
         assert last.type == "response.incomplete"
         final = last.response
-        assert final.status == "incomplete" and final.incomplete_details is not None, responses
+        assert final.status == "incomplete" and final.incomplete_details is not None, bound
         assert final.incomplete_details.reason == "max_output_tokens"
         message = final.output[-1]
-        assert message.type == "message" and message.status == "incomplete", responses
+        assert message.type == "message" and message.status == "incomplete", bound
         text = message.content[0].text  # type: ignore[union-attr]
-        assert text == "".join(deltas), responses  # the output so far: what the client was sent
-        # Past the limit (2 x 16 + 64 tokens), by one read at most (8 KiB of events: ~14 of 100 words).
-        assert 96 < text.count("word") <= 1500, responses
-        assert final.usage is not None and final.usage.output_tokens > 96, responses  # edgeroute's count
+        assert text == "".join(deltas), bound  # the output so far: what the client was sent, no more
+        # Stopped within a read of the limit (8 KiB of events: ~14 of 100 words).
+        assert 100 <= text.count("word") <= 1500, bound
+        assert final.usage is not None and final.usage.output_tokens > limit, bound  # edgeroute's count
         if responses:
             assert final.id == "resp_1" and final.output[0].type == "reasoning"
         await _closed(flood)
         rec = await _record(proxy)
-        assert rec.error_class == "upstream_overran_max_tokens", responses
+        assert rec.error_class == "upstream_overran_max_tokens", bound
         usage = rec.attempts[0].usage
-        assert usage is not None and usage.completion_tokens >= 96, responses  # charged as before
+        assert usage is not None and usage.completion_tokens > limit, bound  # charged as before
 
 
 def _chunk(delta: dict[str, Any]) -> bytes:
