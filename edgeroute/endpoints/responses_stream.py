@@ -192,7 +192,7 @@ class ChatToResponses:
 
     def feed(self, chunk: bytes) -> bytes:
         if self._bounded:
-            self._mark = (self._seq, self._done, self._finish, [(o, len(_grown(o))) for o in self._outputs])
+            self._mark = (self._seq, self._done, self._finish, [(o, len(o[_grown_field(o)])) for o in self._outputs])
             self._out = self._feed(chunk)
             return self._out
         return self._feed(chunk)
@@ -299,8 +299,7 @@ class ChatToResponses:
             self._seq, self._done, self._finish, kept = self._mark
             self._outputs = [o for o, _ in kept]
             for o, n in kept:
-                key = "arguments" if o.get("function") else "text"
-                o[key] = o[key][:n]
+                o[_grown_field(o)] = o[_grown_field(o)][:n]
         if not self._started or self._done:
             return None
         self._finish = "length"
@@ -361,9 +360,9 @@ class ChatToResponses:
         return b"".join(out)
 
 
-def _grown(output: dict[str, Any]) -> str:
-    """What an output item's deltas have added to: a call's arguments, a message's text."""
-    return str(output["arguments"] if output.get("function") else output["text"])
+def _grown_field(output: dict[str, Any]) -> str:
+    """The field an output item's deltas add to: a call's arguments, a message's text."""
+    return "arguments" if output.get("function") else "text"
 
 
 _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
