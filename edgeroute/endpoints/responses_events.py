@@ -139,29 +139,28 @@ class OutputSoFar:
         self._pending: list[dict[str, Any]] = []  # the last read's events
         self._out = b""  # the last read's output
 
-    def read(self) -> None:
-        """A new read begins: the last one's events were relayed."""
+    def fed(self, out: bytes, events: list[dict[str, Any]]) -> None:
+        """A read's output, as the relay was given it, and its events: the last read's were relayed."""
+        self._take()
+        self._out, self._pending = out, events
+
+    def _take(self) -> None:
+        """Takes the last read's events (a delta's inline: most events are)."""
+        pieces_of = self._pieces
         for obj in self._pending:
-            self._take(obj)
+            if (where := _DELTAS.get(obj.get("type"))) is not None:  # type: ignore[arg-type]
+                at = (obj.get("output_index"), where, obj.get(where[2]))
+                if (pieces := pieces_of.get(at)) is None:
+                    pieces = pieces_of[at] = []
+                pieces.append(obj.get("delta"))
+            else:
+                self._take_other(obj)
+        if self._pending:
+            self._last = self._pending[-1]
         self._pending = []
 
-    def see(self, obj: dict[str, Any]) -> None:
-        """Takes an event of this read."""
-        self._pending.append(obj)
-
-    def fed(self, out: bytes) -> None:
-        """This read's output, as the relay was given it."""
-        self._out = out
-
-    def _take(self, obj: dict[str, Any]) -> None:
-        self._last = obj
+    def _take_other(self, obj: dict[str, Any]) -> None:
         kind = obj.get("type")
-        if (where := _DELTAS.get(kind)) is not None:  # type: ignore[arg-type]
-            at = (obj.get("output_index"), where, obj.get(where[2]))
-            if (pieces := self._pieces.get(at)) is None:
-                pieces = self._pieces[at] = []
-            pieces.append(obj.get("delta"))
-            return
         index = obj.get("output_index")
         if kind in ("response.created", "response.in_progress"):
             if isinstance(obj.get("response"), dict):
@@ -185,7 +184,7 @@ class OutputSoFar:
         each open item closed (`incomplete`), then `response.incomplete` with the output so far
         and the usage counted; None before the upstream's `response.created`."""
         if was_sent(self._out, tail):
-            self.read()
+            self._take()
         if self._response is None:
             return None
         for (index, (key, field, _), at), pieces in self._pieces.items():

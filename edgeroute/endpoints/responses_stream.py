@@ -99,8 +99,8 @@ class NativeStream:
         kept["container_id"] = item.get("container_id") or kept["container_id"]
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._so_far is not None:
-            self._so_far.read()
+        so_far = self._so_far
+        kept: list[dict[str, Any]] = []  # the events relayed, for `so_far`
         events = self._events.feed(chunk)
         out = []
         for ev in events:
@@ -119,8 +119,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
-            if self._so_far is not None and isinstance(obj, dict):
-                self._so_far.see(obj)
+            if so_far is not None and isinstance(obj, dict):
+                kept.append(obj)
             if kind in _ITEM_EVENTS and isinstance(obj, dict):
                 self._tool_item(obj)
                 item = obj.get("item")
@@ -134,8 +134,8 @@ class NativeStream:
                 out.append(SENTINEL)
                 self._ended = True
         relayed = b"".join(out)
-        if self._so_far is not None:
-            self._so_far.fed(relayed)
+        if so_far is not None:
+            so_far.fed(relayed, kept)
         return relayed
 
     def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
