@@ -115,14 +115,84 @@ async def test_completions_stream_answered_with_json(start_proxy, raw_upstream) 
     _charged(await _record(proxy))
 
 
-async def test_responses_stream_answered_with_json_is_charged_once(start_proxy, raw_upstream) -> None:
-    # A Responses stream is not made here from a JSON answer: refused, charged by its usage.
-    proxy = await start_proxy(_config(await raw_upstream(CHAT)))
+RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "created_at": 1,
+    "status": "completed",
+    "model": "x",
+    "output": [
+        {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "thought"}]},
+        {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "hello there", "annotations": []}],
+        },
+        {
+            "type": "function_call",
+            "id": "fc_1",
+            "call_id": "call_1",
+            "name": "weather",
+            "arguments": '{"city": "Paris"}',
+            "status": "completed",
+        },
+    ],
+    "usage": {"input_tokens": 10, "output_tokens": 2000, "total_tokens": 2010},
+}
+
+
+async def test_responses_stream_answered_with_json(start_proxy, raw_upstream) -> None:
+    # Was: refused (a 502), though charged. Now its Responses events, through the chat translation
+    # and from an upstream that speaks Responses, read by the SDK as the answer.
+    for answer, options in ((CHAT, {}), (RESPONSE, {"responses": True})):
+        config = _config(await raw_upstream(answer))
+        config["providers"]["p"]["options"] = options
+        proxy = await start_proxy(config)
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        async with client.responses.stream(model="m", input="hi") as stream:
+            deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+            final = await stream.get_final_response()
+        assert "".join(deltas) == final.output_text == "hello there", options
+        assert final.status == "completed" and final.usage is not None and final.usage.output_tokens == 2000
+        if options:
+            assert [o.type for o in final.output] == ["reasoning", "message", "function_call"]
+            call = final.output[2]
+            assert call.type == "function_call" and call.arguments == '{"city": "Paris"}'
+        rec = await _record(proxy)
+        assert rec.status == 200, options
+        _charged(rec)
+    # An answer cut at its length is delivered as such (`response.incomplete`).
+    cut = {**RESPONSE, "status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    config = _config(await raw_upstream(cut))
+    config["providers"]["p"]["options"] = {"responses": True}
+    proxy = await start_proxy(config)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.APIStatusError) as e:
-        async for _ in await client.responses.create(model="m", input="hi", stream=True):
-            pass
-    assert e.value.status_code == 502
-    rec = await _record(proxy)
-    assert [a.deployment for a in rec.attempts] == ["d"]  # the same answer, paid again: not asked again
-    assert rec.attempts[0].usage is not None and rec.attempts[0].usage.completion_tokens == 2000
+    kinds = [e.type async for e in await client.responses.create(model="m", input="hi", stream=True)]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+
+
+async def test_responses_stream_answered_with_json_binds_its_container(start_proxy, raw_upstream, tmp_path) -> None:
+    # With tenants, the code interpreter container a JSON answer named is its caller's, as a
+    # stream's is: Bob goes on in it, Alice is refused it.
+    ran = {"type": "code_interpreter_call", "id": "ci_1", "container_id": "cntr_bob", "code": "print(1)",
+           "outputs": [], "status": "completed"}  # fmt: skip
+    config = _config(await raw_upstream({**RESPONSE, "output": [ran, *RESPONSE["output"]]}))
+    config["providers"]["p"]["options"] = {"responses": True}
+    config["ledger"] = {"path": str(tmp_path / "l.db")}
+    config["keys"] = {"alice": {"token": "sk-alice-1", "team": "alice"}, "bob": {"token": "sk-bob-1", "team": "bob"}}
+    proxy = await start_proxy(config)
+
+    def tools(container: Any) -> Any:
+        return [{"type": "code_interpreter", "container": container}]
+
+    bob = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-bob-1", max_retries=0)
+    async with bob.responses.stream(model="m", input="run it", tools=tools({"type": "auto"})) as stream:
+        final = await stream.get_final_response()
+    assert final.output[0].type == "code_interpreter_call" and final.output[0].container_id == "cntr_bob"
+    again = await bob.responses.create(model="m", input="go on", tools=tools("cntr_bob"))
+    assert again.status == "completed"
+    alice = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="sk-alice-1", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        await alice.responses.create(model="m", input="go on", tools=tools("cntr_bob"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import anthropic
 import openai
+import pytest
 from aiohttp import web
 
 from edgeroute.dispatch.output_cap import OutputCap, output_limit
@@ -86,11 +87,46 @@ class Flood:
 
         return await self._pump(request, event)
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """A Responses stream of one message (after a reasoning item), its text never ending."""
+        body = await request.json()
+        seq = iter(range(1 << 30))
+        at = {"item_id": "msg_1", "output_index": 1, "content_index": 0}
 
-def _config(url: str, kind: str = "openai_compatible") -> dict[str, Any]:
+        def ev(name: str, **fields: Any) -> bytes:
+            obj = {"type": name, "sequence_number": next(seq), **fields}
+            return f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode()
+
+        reasoning = {"type": "reasoning", "id": "rs_1", "summary": []}
+        response = {"id": "resp_1", "object": "response", "created_at": 1, "status": "in_progress",
+                    "model": body["model"], "output": [], "usage": None}  # fmt: skip
+        head = (
+            ev("response.created", response=response)
+            + ev("response.output_item.added", output_index=0, item=reasoning)
+            + ev("response.output_item.done", output_index=0, item=reasoning)
+            + ev("response.output_item.added", output_index=1, item={
+                "type": "message", "id": "msg_1", "status": "in_progress", "role": "assistant", "content": []})
+            + ev("response.content_part.added", **at, part={"type": "output_text", "text": "", "annotations": []})
+        )  # fmt: skip
+        started = [False]
+
+        def event(text: str | None) -> bytes:
+            out = b"" if started[0] else head
+            started[0] = True
+            if text is not None:
+                return out + ev("response.output_text.delta", **at, delta=text, logprobs=[])
+            done = {**response, "status": "completed", "output": [], "usage": {"input_tokens": 1, "output_tokens": 1}}
+            return out + ev("response.completed", response=done)
+
+        return await self._pump(request, event)
+
+
+def _config(url: str, kind: str = "openai_compatible", responses: bool = False) -> dict[str, Any]:
     base = url + "/v1" if kind == "openai_compatible" else url
     return {
-        "providers": {"p": {"kind": kind, "base_url": base, "api_key": "k"}},
+        "providers": {
+            "p": {"kind": kind, "base_url": base, "api_key": "k", "options": {"responses": True} if responses else {}}
+        },
         "deployments": {
             "d": {"provider": "p", "model": "x", "price": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}
         },
@@ -98,9 +134,15 @@ def _config(url: str, kind: str = "openai_compatible") -> dict[str, Any]:
     }
 
 
-async def _proxy(start_proxy: Any, serve_routes: ServeRoutes, flood: Flood, kind: str = "openai_compatible") -> Any:
-    up = await serve_routes(web.post("/v1/chat/completions", flood.chat), web.post("/v1/messages", flood.messages))
-    return await start_proxy(_config(up.url, kind))
+async def _proxy(
+    start_proxy: Any, serve_routes: ServeRoutes, flood: Flood, kind: str = "openai_compatible", responses: bool = False
+) -> Any:
+    up = await serve_routes(
+        web.post("/v1/chat/completions", flood.chat),
+        web.post("/v1/messages", flood.messages),
+        web.post("/v1/responses", flood.responses),
+    )
+    return await start_proxy(_config(up.url, kind, responses))
 
 
 async def _record(proxy: Any) -> Any:
@@ -207,23 +249,45 @@ async def test_whole_answer_past_max_tokens_is_charged_and_counted(start_proxy, 
     assert metrics.value("edgeroute_upstream_overruns_total", deployment="d") == 1
 
 
-async def test_responses_stream_past_max_output_tokens_ends_with_an_error_event(start_proxy, serve_routes) -> None:
-    # A Responses stream has no end "at its length" an SDK reads mid-item: an error event ends it.
-    flood = Flood()
-    proxy = await _proxy(start_proxy, serve_routes, flood)
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    kinds: list[str] = []
-    async with asyncio.timeout(20):
-        try:
-            async for event in await client.responses.create(model="m", input="hi", max_output_tokens=16, stream=True):
-                kinds.append(event.type)
-        except openai.APIError as e:
-            kinds.append("raised: " + str(e))
-    assert kinds[-1] == "error" or kinds[-1].startswith("raised: "), kinds[-3:]
-    assert "response.completed" not in kinds
-    await _closed(flood)
-    rec = await _record(proxy)
-    assert rec.error_class == "upstream_overran_max_tokens"
+@pytest.mark.parametrize("responses", [False, True], ids=["chat", "native"])
+async def test_responses_stream_past_max_output_tokens_ends_incomplete(start_proxy, serve_routes, responses) -> None:
+    # Was: an `error` event (the SDK raised). Now `response.incomplete`, as OpenAI ends a stream at
+    # its `max_output_tokens`: through the chat translation, and an upstream's own Responses events.
+    # 16: the first event (100 tokens) is past the limit; 40: the second is.
+    for bound in (16, 40):
+        limit = output_limit(bound, 1)
+        assert limit is not None
+        flood = Flood()
+        proxy = await _proxy(start_proxy, serve_routes, flood, responses=responses)
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        kinds: list[str] = []
+        deltas: list[str] = []
+        async with asyncio.timeout(20):
+            async with client.responses.stream(model="m", input="hi", max_output_tokens=bound) as stream:
+                async for event in stream:
+                    kinds.append(event.type)
+                    if event.type == "response.output_text.delta":
+                        deltas.append(event.delta)
+                    last = event
+        assert kinds[-1] == "response.incomplete" and "error" not in kinds, (bound, kinds[-5:])
+        assert last.type == "response.incomplete"
+        final = last.response
+        assert final.status == "incomplete" and final.incomplete_details is not None, bound
+        assert final.incomplete_details.reason == "max_output_tokens"
+        message = final.output[-1]
+        assert message.type == "message" and message.status == "incomplete", bound
+        text = message.content[0].text  # type: ignore[union-attr]
+        assert text == "".join(deltas), bound  # the output so far: what the client was sent, no more
+        # Stopped within a read of the limit (8 KiB of events: ~14 of 100 words).
+        assert 100 <= text.count("word") <= 1500, bound
+        assert final.usage is not None and final.usage.output_tokens > limit, bound  # edgeroute's count
+        if responses:
+            assert final.id == "resp_1" and final.output[0].type == "reasoning"
+        await _closed(flood)
+        rec = await _record(proxy)
+        assert rec.error_class == "upstream_overran_max_tokens", bound
+        usage = rec.attempts[0].usage
+        assert usage is not None and usage.completion_tokens > limit, bound  # charged as before
 
 
 def _chunk(delta: dict[str, Any]) -> bytes:

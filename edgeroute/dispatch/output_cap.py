@@ -146,7 +146,7 @@ class OutputCap:
     def end(self, tail: bytes, prompt_tokens: int | None) -> bytes | None:
         """The events that end the stream at its length, in the relayed format (read from its
         `tail`; a chat stream's with its usage chunk, counted, given `prompt_tokens`); None for a
-        format (Responses) whose end is an error event."""
+        format (Responses) whose end needs more than its tail (its translator makes it)."""
         last: dict[str, Any] | None = None
         indices: dict[int, None] = {}  # the chat choices seen, each ended
         blocks: dict[int, None] | None = None  # Anthropic's content blocks still open

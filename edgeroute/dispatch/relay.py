@@ -199,7 +199,7 @@ async def relay_stream(
             upstream_broke = upstream_broke or broke
         if overran:
             assert cap is not None
-            failure = await _overran(call, dep, cap, said.tail(), events)  # ended after what was sent
+            failure = await _overran(call, dep, cap, said.tail(), events, translator)  # ended after what was sent
             if withheld:
                 said.add(withheld)  # its usage, or its text, is what the upstream bills
         if failure is not None:
@@ -382,11 +382,12 @@ class _Events:
 
 
 async def _overran(
-    call: Attempts, dep: DeploymentInfo, cap: OutputCap, tail: bytes, events: _Events
+    call: Attempts, dep: DeploymentInfo, cap: OutputCap, tail: bytes, events: _Events, translator: Any
 ) -> tuple[str, str] | None:
     """Ends a stream whose upstream sent past its bound: in the client's format, as an answer
-    stopped at its length (an error event where that format has no such end), the upstream's
-    connection closed by the caller. The operator sees it in the log and the request's outcome."""
+    stopped at its length (a Responses stream's by its translator, which kept its output; an error
+    event where the format has no such end), the upstream's connection closed by the caller. The
+    operator sees it in the log and the request's outcome."""
     log.warning(
         "deployment %s streamed %d output tokens past max_tokens %s x %d: stopped at edgeroute's limit of %d",
         dep.name,
@@ -397,6 +398,8 @@ async def _overran(
     )
     call.record.outcome, call.record.error_class = "stream_interrupted", OVERRAN
     end = cap.end(tail, call.prompt_tokens() if call.decision.include_usage else None)
+    if end is None and (length_end := getattr(translator, "length_end", None)) is not None:
+        end = length_end(call.prompt_tokens(), cap.tokens, tail)
     if end is None:
         return ("The upstream sent more than the request's max_output_tokens; the answer was stopped.", OVERRAN)
     await events.end(end)

@@ -28,6 +28,7 @@ from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
 from edgeroute.endpoints import responses_params
 from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
+from edgeroute.endpoints.responses_events import stream_of_response
 from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
 from edgeroute.errors import ProxyError
@@ -136,11 +137,15 @@ class ResponsesCall(Call):
     async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
         translator: StreamTranslator
         if speaks_responses(adapter):
-            translator = NativeStream()
+            translator = NativeStream(bounded=self.req.raw.get("max_output_tokens") is not None)
         else:
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
-            translator = ChatToResponses(self.req.raw, inner, self._counted_usage)
+            bounded = self.req.raw.get("max_output_tokens") is not None
+            translator = ChatToResponses(self.req.raw, inner, self._counted_usage, bounded)
         return await super()._hold_stream(resp, Via(translator))
+
+    def stream_of(self, got: JsonAnswer) -> bytes | None:
+        return stream_of_response(got.body)  # a chat upstream's answer, already a Response
 
     def _counted_usage(self, text: str) -> dict[str, Any]:
         done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
@@ -221,6 +226,12 @@ async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer
 
 
 async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> None:
+    if got.translator is None and live.access.keyed(request):
+        # A whole Response served as its stream (`stream_of`): its events are all in its head.
+        seen = NativeStream()
+        seen.feed(got.head)
+        await containers.bind(request, live, seen.containers)
+        return
     await containers.bind(request, live, containers.stream_containers(got))
 
 

@@ -21,9 +21,10 @@ from edgeroute import sse
 from edgeroute.accounting import RESPONSES_TOOL_ITEMS, responses_tool_calls, with_tool_calls
 from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
+from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar, was_sent
+from edgeroute.endpoints.responses_events import event as _event
 from edgeroute.providers.base import StreamTranslator
 
-SENTINEL = b"data: [DONE]\n\n"
 _ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _CONTENT = frozenset(
@@ -43,10 +44,6 @@ def has_content(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("type") in _CONTENT
 
 
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
-
-
 def _chat_error(message: str, code: str | None) -> bytes:
     return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
 
@@ -58,9 +55,11 @@ class UnreadableEvent(ValueError):
 class NativeStream:
     """An upstream's Responses stream, relayed event by event (see the module's doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounded: bool = False) -> None:
         self._events = sse.EventSplitter()
         self._content = False
+        # A request with `max_output_tokens` may be ended at its length (`length_end`): its output kept.
+        self._so_far = OutputSoFar() if bounded else None
         self.usage: dict[str, Any] | None = None
         # The built-in tool call items begun so far (by output index), for a stream cut before its
         # end: a call begun runs upstream (a search between its item's `added` and `done`), and
@@ -100,6 +99,8 @@ class NativeStream:
         kept["container_id"] = item.get("container_id") or kept["container_id"]
 
     def feed(self, chunk: bytes) -> bytes:
+        so_far = self._so_far
+        kept: list[dict[str, Any]] = []  # the events relayed, for `so_far`
         events = self._events.feed(chunk)
         out = []
         for ev in events:
@@ -118,6 +119,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
+            if so_far is not None and isinstance(obj, dict):
+                kept.append(obj)
             if kind in _ITEM_EVENTS and isinstance(obj, dict):
                 self._tool_item(obj)
                 item = obj.get("item")
@@ -130,7 +133,18 @@ class NativeStream:
                 )
                 out.append(SENTINEL)
                 self._ended = True
-        return b"".join(out)
+        relayed = b"".join(out)
+        if so_far is not None:
+            so_far.fed(relayed, kept)
+        return relayed
+
+    def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
+        """The events that end the stream at its length (the relay's, for an upstream that sent past
+        `max_output_tokens`; `tail`: the end of what it relayed): `response.incomplete`, with the
+        output so far."""
+        if self._so_far is None:
+            return None
+        return self._so_far.length_end(prompt_tokens, output_tokens, tail)
 
 
 class ChatToResponses:
@@ -141,8 +155,14 @@ class ChatToResponses:
         req: dict[str, Any],
         inner: StreamTranslator | None,
         fallback_usage: Callable[[str], dict[str, Any]],
+        bounded: bool = False,
     ) -> None:
         self.req = req
+        # A request with `max_output_tokens` may be ended at its length (`length_end`): each read
+        # marks where its output began, to be taken back if the relay withheld that read's events.
+        self._bounded = bounded
+        self._mark: tuple[int, bool, str | None, list[tuple[dict[str, Any], int]]] | None = None
+        self._out = b""
         self.inner = inner
         self.fallback_usage = fallback_usage
         self.rid = rf.new_id("resp")
@@ -171,6 +191,13 @@ class ChatToResponses:
         return obj
 
     def feed(self, chunk: bytes) -> bytes:
+        if self._bounded:
+            self._mark = (self._seq, self._done, self._finish, [(o, len(o[_grown_field(o)])) for o in self._outputs])
+            self._out = self._feed(chunk)
+            return self._out
+        return self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> bytes:
         if self.inner is not None:
             chunk = self.inner.feed(chunk)
         events = self._events.feed(chunk)
@@ -264,8 +291,23 @@ class ChatToResponses:
         assert self._text is not None
         return self._emit(kind, item_id=self._text["id"], output_index=self._text["index"], content_index=0, part=part)
 
-    def _end(self) -> bytes:
-        """The items' closing events, the terminal event, then the sentinel."""
+    def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
+        """The events that end the stream at its length (the relay's, for an upstream that sent past
+        `max_output_tokens`; `tail`: the end of what it relayed): its items closed, as far as they
+        were relayed, `response.incomplete` with the usage counted."""
+        if self._mark is not None and not was_sent(self._out, tail):  # the last read's output taken back
+            self._seq, self._done, self._finish, kept = self._mark
+            self._outputs = [o for o, _ in kept]
+            for o, n in kept:
+                o[_grown_field(o)] = o[_grown_field(o)][:n]
+        if not self._started or self._done:
+            return None
+        self._finish = "length"
+        return self._end({"prompt_tokens": prompt_tokens, "completion_tokens": output_tokens}, "incomplete")
+
+    def _end(self, cut: dict[str, Any] | None = None, status: str = "completed") -> bytes:
+        """The items' closing events (each item `status`), the terminal event, then the sentinel;
+        with the usage `cut` reports (the stream's own kept for its pricing), else the stream's."""
         self._done = True
         out = []
         items = []
@@ -283,7 +325,7 @@ class ChatToResponses:
                             delta="{}",
                         )
                     )
-                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"])
+                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"], status)
                 out.append(
                     self._emit(
                         "response.function_call_arguments.done",
@@ -293,7 +335,7 @@ class ChatToResponses:
                     )
                 )
             else:
-                item = rf.message_item(o["id"], o["text"])
+                item = rf.message_item(o["id"], o["text"], status)
                 out.append(
                     self._emit(
                         "response.output_text.done",
@@ -307,7 +349,7 @@ class ChatToResponses:
                 out.append(self._part("response.content_part.done", item["content"][0]))
             out.append(self._emit("response.output_item.done", output_index=o["index"], item=item))
             items.append(item)
-        chat_usage = self.usage
+        chat_usage = cut or self.usage
         if chat_usage is None:
             text = "".join(o.get("text", "") or o.get("arguments", "") for o in self._outputs)
             chat_usage = self._chat_usage = self.fallback_usage(text)
@@ -316,6 +358,11 @@ class ChatToResponses:
         out.append(self._emit(kind, response=final))
         out.append(SENTINEL)
         return b"".join(out)
+
+
+def _grown_field(output: dict[str, Any]) -> str:
+    """The field an output item's deltas add to: a call's arguments, a message's text."""
+    return "arguments" if output.get("function") else "text"
 
 
 _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
