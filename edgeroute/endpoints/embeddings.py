@@ -71,8 +71,6 @@ def inputs_of(raw: Any) -> list[str | list[int]]:
             out.append(_token_list(item, f"'input[{i}]'"))
         else:
             raise bad(f"'input[{i}]' must be a string or an array of tokens.", "input")
-    if len({type(x) for x in out}) > 1:  # OpenAI's schema: strings, or token arrays, never both
-        raise bad("'input' must be an array of strings or an array of token arrays, not both.", "input")
     return out
 
 
