@@ -161,10 +161,14 @@ async def test_a_lost_hedge_is_costed_too(start_upstream, tmp_path: Path) -> Non
         assert raw.headers["x-edgeroute-hedged"] == "true" and raw.headers["x-edgeroute-deployment"] == "d-fast"
         await client.close()
     conn = sqlite3.connect(db)
-    rows = conn.execute("SELECT deployment, outcome, hedge, prompt_tokens, cost_usd FROM spend_attempts").fetchall()
+    rows = conn.execute(
+        "SELECT deployment, outcome, hedge, prompt_tokens, cost_usd, completion_tokens FROM spend_attempts"
+    ).fetchall()
     by = {r[0]: r for r in rows}
     assert by["d-slow"][1] == "cancelled" and by["d-slow"][3] > 0 and by["d-slow"][4] > 0  # the prompt was billed
-    assert by["d-fast"][1] == "success" and by["d-fast"][2] == 1
+    assert by["d-fast"][1] == "success" and by["d-fast"][2] == 1 and by["d-fast"][5] > 0
+    # The slow upstream goes on to write (and bill) its whole answer: estimated as the winner's.
+    assert by["d-slow"][5] == by["d-fast"][5] and by["d-slow"][4] == pytest.approx(by["d-fast"][4])
     (total,) = conn.execute("SELECT cost_usd FROM spend").fetchone()
     assert total == pytest.approx(by["d-slow"][4] + by["d-fast"][4])
 

@@ -12,11 +12,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import cast
 
+from edgeroute.accounting import AttemptRecord
 from edgeroute.admission import AttemptGate
 from edgeroute.config import Rule
-from edgeroute.dispatch.attempt import Answer, Attempts, Failure, StreamAnswer
+from edgeroute.dispatch.attempt import Answer, Attempts, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
@@ -323,8 +325,10 @@ class Call(Attempts):
         request is recorded. When both fail, the first to fail is noted with the policy
         and the last is returned for the loop to ask about.
         """
+        mark = len(self.record.attempts)  # this race's attempts are recorded from here on
         t1 = asyncio.ensure_future(self.attempt(first, "first"))
         tasks = {t1: first}
+        winner: tuple[Answer, DeploymentInfo] | None = None
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
             hedge: DeploymentInfo | None = second
@@ -352,7 +356,6 @@ class Call(Attempts):
             tasks[t2] = second
             pending = {t1, t2}
             failed: list[tuple[DeploymentInfo, Failure]] = []
-            winner: tuple[Answer, DeploymentInfo] | None = None
             while pending and winner is None:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for t in (t1, t2):  # the primary first when both finished together
@@ -380,10 +383,30 @@ class Call(Attempts):
                 t.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+                if winner is not None and isinstance(winner[0], JsonAnswer):
+                    self._price_lost_answers(self.record.attempts[mark:], list(tasks.values()), winner[0])
         for dep, f in failed[:-1]:
             policy.note(state, dep, f)
         last_dep, last = failed[-1]
         return last, last_dep
+
+    def _price_lost_answers(self, attempts: list[AttemptRecord], deps: list[DeploymentInfo], won: JsonAnswer) -> None:
+        """Prices a non-streamed attempt that lost the race as if it had answered like the
+        winner: its upstream was sent the request and, unlike a stream's, goes on writing the
+        whole answer after the connection closes, and bills it. Priced at its prompt alone,
+        every hedge that lost understated the ledger by an answer. The winner's output (at
+        most `max_tokens` a choice) is the estimate; the record says it is one."""
+        if won.usage is None or not won.usage.completion_tokens:
+            return
+        d = self.decision
+        output = won.usage.completion_tokens
+        if d.max_tokens:
+            output = min(output, d.max_tokens * d.choices)
+        by_name = {dep.name: dep for dep in deps}
+        for rec in attempts:
+            billed, dep = rec.usage, by_name.get(rec.deployment)
+            if rec.outcome == "cancelled" and billed is not None and not billed.completion_tokens and dep is not None:
+                self.settle_attempt(rec, dep, replace(billed, completion_tokens=output, estimated=True))
 
     def _discard(self, answer: Answer, dep: DeploymentInfo) -> None:
         """Drops an answer that lost a tie; a stream's prompt is likely billed already."""
