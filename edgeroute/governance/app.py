@@ -200,14 +200,17 @@ async def _rolled_back(
             if not as_admin:
                 running = gov.versions.running_text
                 access, weaker = access_changes(running, text), weakenings(running, text)
-                if access or weaker:
-                    raise _NeedsAdmin(access, weaker)
+                held = guard.held_for_a_human(running, text) if how == "auto_rollback" else []
+                if access or weaker or held:
+                    raise _NeedsAdmin(access, weaker, held)
             return text
 
         try:
             written = await apply_text(app, restored, f"{how}:{version}", actor, audit, every_worker)
         except _NeedsAdmin as e:
             after = {"version": version, "needs": "admin", "changes": e.access, "weakens": e.governance}
+            if e.held:
+                after["undoes"] = e.held
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, after)
             raise ProxyError(403, e.message(version), code="permission_denied") from None
         except config_mod.ConfigError as e:
@@ -219,11 +222,12 @@ async def _rolled_back(
 
 class _NeedsAdmin(Exception):
     """A rollback below admin would change these access fields (`access_changes`) or weaken
-    data governance so (`weakenings`)."""
+    data governance so (`weakenings`); the guard's would also undo a cost control or a
+    deployment's removal (`guard.held_for_a_human`)."""
 
-    def __init__(self, access: list[str], governance: list[str]) -> None:
-        super().__init__(access, governance)
-        self.access, self.governance = access, governance
+    def __init__(self, access: list[str], governance: list[str], held: list[str] | None = None) -> None:
+        super().__init__(access, governance, held)
+        self.access, self.governance, self.held = access, governance, held or []
 
     def message(self, version: int) -> str:
         what = []
@@ -232,6 +236,8 @@ class _NeedsAdmin(Exception):
         if self.governance:
             shown = self.governance[:5] + ([f"{len(self.governance) - 5} more"] if len(self.governance) > 5 else [])
             what.append(f"weakens data governance ({'; '.join(shown)})")
+        if self.held:
+            what.append(f"undoes a cost control or a removal ({'; '.join(self.held[:5])})")
         return (
             f"Version {version} {' and '.join(what)}: rolling back to it needs a key with role 'admin'. "
             "The running config is unchanged."
@@ -258,6 +264,7 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                 # Never an access change nor a weaker governance: a revocation or demotion undone
                 # because errors rose (which a client may cause) would hand the key back to whoever
                 # held it, a PII rule or residency undone would send prompts where they may not go.
+                # Nor a tighter budget or rate limit, nor a deployment or provider brought back.
                 # Each worker's guard judges its own answers: a file that cannot be written (the
                 # other workers cannot follow) does not keep a failing config on this one.
                 await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason],
