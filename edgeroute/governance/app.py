@@ -375,6 +375,29 @@ def _check_residency(request: web.Request, f: K.KeyFields) -> None:
         )  # fmt: skip
 
 
+def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
+    """A team's key names only its own team's users: a user that a key of another team (or of
+    none) names, or that a `scope: user` budget holds while no key of the team names it, is
+    someone else's, and a key bound to them would spend their budget (a 429 for its owners)
+    and be routed by rules for them. 403; a key of no team names any user."""
+    team = creator.team if creator is not None else None
+    if team is None or f.user is None:
+        return
+    cfg = request.app[STATE].live.config
+    named = [(k.team, k.user) for k in cfg.keys.values()]
+    if (managed := request.app[GOV].managed) is not None:
+        named += [(d.get("team"), d.get("user")) for d in managed.all()]
+    ours = any(u == f.user and t == team for t, u in named)
+    elsewhere = any(u == f.user and t != team for t, u in named)
+    budgeted = any(b.scope == "user" and b.match == f.user for b in cfg.budgets.limits)
+    if elsewhere or (budgeted and not ours):
+        raise ProxyError(
+            403,
+            f"User '{f.user}' is not one of team '{team}''s users: a team's key may name only its own team's users.",
+            code="permission_denied", param="user",
+        )  # fmt: skip
+
+
 async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
     """Runs a key change (with its audit entry, one transaction) off the loop; a database that
     cannot take it is a 503 saying nothing was changed, so the caller knows to try again."""
@@ -437,6 +460,7 @@ async def create_key(request: web.Request) -> web.Response:
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(creator, creator_raw, f)
+    _check_user(request, creator, f)
     actor = actor_of(request)
     parent = creator.key if creator_raw is not None else None  # created by a managed key
     if parent is not None and managed.depth(parent) >= K.MAX_DEPTH:
@@ -511,6 +535,8 @@ async def update_key(request: web.Request) -> web.Response:
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)
+    if "user" in body:
+        _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
     _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
     await _read_back(managed)
