@@ -196,7 +196,7 @@ async def _rolled_back(
         def restored() -> str:  # against the running config once no reload is in progress
             nonlocal before
             before = gov.versions.active
-            text = restore(target.body, gov.versions.running_text, version)
+            text = restore(target.body, gov.versions.running_text, version, gov.versions.key)
             if not as_admin:
                 running = gov.versions.running_text
                 access, weaker = access_changes(running, text), weakenings(running, text)
