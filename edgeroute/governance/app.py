@@ -538,7 +538,9 @@ async def update_key(request: web.Request) -> web.Response:
     if "user" in body:
         _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
-    _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
+    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
+    if before is after:  # nothing to change: no audit entry, as for a deployment
+        return json_response({**K.public(after), "action": "unchanged"})
     await _read_back(managed)
     return json_response(K.public(after))
 
@@ -575,9 +577,11 @@ async def revoke_key(request: web.Request) -> web.Response:
     _not_config(request, key_id)
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
-    _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
+    before, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
     await _read_back(managed)
     await managed.settle()  # what it (and the keys it made) stored in the cache goes now
+    if before is after:  # revoked already: no second entry, as for a deployment unchanged
+        return json_response({**K.public(after), "action": "unchanged"})
     return json_response(K.public(after))
 
 

@@ -236,15 +236,17 @@ class GovStore:
         """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
         no other change falls between (a revocation written between a rotation's read and its
         write was undone by it), with its `audit` entry; an exception from `change` writes
-        nothing. Returns (before, after)."""
+        nothing, and neither does a `change` that returns the key itself (nothing to change: no
+        write, no audit entry). Returns (before, after)."""
         lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
         with self._lock, self._tx() as cur:
             cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
             row = cur.fetchone()
             before = orjson.loads(row[0]) if row is not None else None
             after = change(before)
-            if after is not before:
-                self._write_key(cur, after)
+            if after is before:
+                return before, after
+            self._write_key(cur, after)
             if audit is not None:
                 was = audit.describe(before) if before is not None else None
                 self._append_audit(cur, audit.actor, audit.action, key_id, was, audit.describe(after))
