@@ -6,8 +6,9 @@ for alerting. A rollback itself is not watched (no flapping between two bad vers
 Only what the config decides is judged, never what a client chose: the latency is a stream's
 time to its first token, or a whole answer's with at most `FEW_TOKENS` output tokens (a long
 generation takes as long as the client asked); a client's own cancellation, slow reading or
-`only-if-cached` miss is not counted at all. And the guard never undoes, by itself, a change
-that tightened cost controls or took a deployment or provider away (`held_for_a_human`).
+`only-if-cached` miss is not counted at all. While several teams or keys send, the bad answers
+must come from more than one of them. And the guard never undoes, by itself, a change that
+tightened cost controls or took a deployment or provider away (`held_for_a_human`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ FEW_TOKENS = 32
 
 @dataclass(slots=True)
 class GenerationStats:
-    """Answers of one config generation, as the request path records them (an append)."""
+    """Answers of one config generation, as the request path records them (an append). Who
+    sent each (its team, else its key) is kept as far as telling one sender from several."""
 
     requests: int = 0
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
+    latency_senders: list[str] = field(default_factory=list)
+    senders: set[str] = field(default_factory=set)  # at most 2: whether more than one sends
+    failing: set[str] = field(default_factory=set)  # senders of 5xx answers, at most 2
 
     def observe(
         self,
@@ -50,20 +55,37 @@ class GenerationStats:
         *,
         ttft_ms: float | None = None,
         output_tokens: int | None = None,
+        sender: str = "",
     ) -> None:
         """One answer: `ttft_ms` set for a stream, `output_tokens` for a whole answer."""
         if error_class in NOT_THE_CONFIGS or status == 0:
             return
         self.requests += 1
+        _add(self.senders, sender)
         if status >= 500:
             self.errors += 1
+            _add(self.failing, sender)
         elif (sample := _config_latency(status, latency_ms, ttft_ms, output_tokens)) is not None:
             if len(self.latencies) < _MAX_SAMPLES:
                 self.latencies.append(sample)
+                self.latency_senders.append(sender)
 
     def p95(self) -> float:
         xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(len(xs) * 0.95))] if xs else 0.0
+
+    def from_several(self, bad: set[str]) -> bool:
+        """Whether bad answers came from more than one sender, or only one sends at all: one
+        team or key among others cannot roll back the config that holds them all."""
+        return len(self.senders) < 2 or len(bad) >= 2
+
+    def slow_senders(self, bound: float) -> set[str]:
+        return {s for x, s in zip(self.latencies, self.latency_senders, strict=True) if x > bound}
+
+
+def _add(few: set[str], sender: str) -> None:
+    if len(few) < 2:
+        few.add(sender)
 
 
 def _config_latency(status: int, latency_ms: float, ttft_ms: float | None, output_tokens: int | None) -> float | None:
@@ -82,10 +104,11 @@ def verdict(stats: GenerationStats, guard: RollbackGuard) -> str | None:
     if stats.requests < guard.min_requests:
         return None
     rate = stats.errors / stats.requests
-    if guard.max_error_rate is not None and rate > guard.max_error_rate:
+    if guard.max_error_rate is not None and rate > guard.max_error_rate and stats.from_several(stats.failing):
         return f"error rate {rate:.0%} over {stats.requests} answers passed {guard.max_error_rate:.0%}"
-    if guard.max_p95_ms is not None and (p95 := stats.p95()) > guard.max_p95_ms:
-        n, bound = len(stats.latencies), guard.max_p95_ms
+    bound = guard.max_p95_ms
+    if bound is not None and (p95 := stats.p95()) > bound and stats.from_several(stats.slow_senders(bound)):
+        n = len(stats.latencies)
         return f"p95 latency {p95:.0f} ms (first token, or short answers) over {n} answers passed {bound:.0f} ms"
     return None
 

@@ -23,7 +23,7 @@ from edgeroute.server import create_app
 from tests.conftest import ServeRoutes, eventually, patience
 from tests.governance_support import call, write_config
 
-ADMIN, TENANT = "tok-admin-0123456789", "tok-tenant-0123456789"
+ADMIN, TENANT, OTHER = "tok-admin-0123456789", "tok-tenant-0123456789", "tok-other-0123456789"
 MS_PER_TOKEN = 0.004  # the upstream's generation speed: max_tokens 150 take 0.6 s
 
 
@@ -43,7 +43,7 @@ class _Upstream:
 async def _generate(request: web.Request, broken: bool) -> web.Response:
     body = await request.json()
     n = int(body.get("max_tokens") or 1)
-    if broken:
+    if broken or "poison" in str(body["messages"]):  # a prompt this upstream fails on (a 500)
         return web.json_response({"error": {"message": "down", "type": "server_error"}}, status=500)
     await asyncio.sleep(n * MS_PER_TOKEN)
     return web.json_response({
@@ -59,7 +59,11 @@ def _config(base_url: str) -> dict[str, Any]:
         "providers": {"p": {"base_url": base_url, "api_key": "key-p"}},
         "deployments": {n: {"provider": "p", "model": "gpt-4o-mini", "price": price} for n in ("d1", "d2")},
         "models": {"m": {"deployments": ["d1", "d2"]}},
-        "keys": {"ops": {"token": ADMIN, "role": "admin"}, "tenant": {"token": TENANT, "team": "t1"}},
+        "keys": {
+            "ops": {"token": ADMIN, "role": "admin"},
+            "tenant": {"token": TENANT, "team": "t1"},
+            "other": {"token": OTHER, "team": "t2"},
+        },
         "budgets": {"limits": [{"name": "t1", "scope": "team", "match": "t1", "limit_usd": 100}]},
         "governance": {"rollback_guard": {"window_s": 3.0, "max_p95_ms": 300, "min_requests": 5}},
     }
@@ -85,6 +89,23 @@ async def _head(url: str) -> dict[str, Any]:
     return dict(body["versions"][0])
 
 
+async def _stays(url: str, reloaded: dict[str, Any], watched_until: float) -> None:
+    """Through the guard's window (checked every 0.5 s), the reloaded version stays."""
+    while time.monotonic() < watched_until + patience(1.0):
+        head = await _head(url)
+        assert head["version"] == reloaded["version"] and head["active"], head
+        await asyncio.sleep(0.1)
+
+
+async def _error_guarded(serve_routes: ServeRoutes, tmp_path: Path) -> tuple[_Upstream, dict[str, Any], Path]:
+    """The upstream, the config (a guard on the error rate alone) and its file."""
+    mock = _Upstream()
+    up = await serve_routes(mock.route())
+    cfg = _config(up.url + "/v1")
+    cfg["governance"]["rollback_guard"] = {"window_s": 3.0, "max_error_rate": 0.5, "min_requests": 5}
+    return mock, cfg, write_config(tmp_path / "edgeroute.yaml", cfg)
+
+
 async def test_long_generations_do_not_roll_back_a_reload(serve_routes: ServeRoutes, tmp_path: Path) -> None:
     mock = _Upstream()
     up = await serve_routes(mock.route())
@@ -103,20 +124,13 @@ async def test_long_generations_do_not_roll_back_a_reload(serve_routes: ServeRou
             asks = [tenant.chat.completions.create(model="m", messages=essay, max_tokens=150) for _ in range(4)]
             got = await asyncio.gather(*asks)
             assert all(r.usage is not None and r.usage.completion_tokens == 150 for r in got)
-        while time.monotonic() < watched_until + patience(1.0):
-            head = await _head(url)
-            assert head["version"] == reloaded["version"] and head["active"], head
-            await asyncio.sleep(0.1)
+        await _stays(url, reloaded, watched_until)
 
 
 async def test_the_guard_leaves_a_budget_cut_and_a_removal_to_a_human(
     serve_routes: ServeRoutes, tmp_path: Path
 ) -> None:
-    mock = _Upstream()
-    up = await serve_routes(mock.route())
-    cfg = _config(up.url + "/v1")
-    cfg["governance"]["rollback_guard"] = {"window_s": 3.0, "max_error_rate": 0.5, "min_requests": 5}
-    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    mock, cfg, path = await _error_guarded(serve_routes, tmp_path)
     async with _gateway(path) as (url, tenant):
         # The operator cuts the tenant's budget and takes d2 away; then the upstream fails.
         cfg["budgets"]["limits"][0]["limit_usd"] = 1
@@ -141,3 +155,38 @@ async def test_the_guard_leaves_a_budget_cut_and_a_removal_to_a_human(
         head = await _head(url)
         assert head["version"] == reloaded["version"] and head["active"], head
         assert "limit_usd: 1\n" in path.read_text() and "d2:" not in path.read_text()
+
+
+async def test_one_teams_failing_requests_do_not_roll_back_while_others_are_served(
+    serve_routes: ServeRoutes, tmp_path: Path
+) -> None:
+    mock, cfg, path = await _error_guarded(serve_routes, tmp_path)
+    async with _gateway(path) as (url, tenant):
+        other = openai.AsyncOpenAI(base_url=url + "/v1", api_key=OTHER, max_retries=0)
+        try:
+            cfg["deployments"]["d2"]["weight"] = 3
+            write_config(path, cfg)
+            assert (await call("POST", url + "/admin/reload", ADMIN))[0] == 200
+            reloaded = await _head(url)
+            # Team t1 sends prompts the upstream fails on; team t2 is served as before.
+            watched_until = time.monotonic() + 3.0
+            hi: Any = [{"role": "user", "content": "hi"}]
+            for _ in range(3):
+                await other.chat.completions.create(model="m", messages=hi)
+            for _ in range(10):
+                with contextlib.suppress(openai.APIStatusError):
+                    await tenant.chat.completions.create(model="m", messages=[{"role": "user", "content": "poison"}])
+            await _stays(url, reloaded, watched_until)
+            # Failing for both teams, the config goes.
+            cfg["deployments"]["d2"]["weight"] = 4
+            write_config(path, cfg)
+            assert (await call("POST", url + "/admin/reload", ADMIN))[0] == 200
+            mock.broken = True
+            deadline = time.monotonic() + patience(10)
+            while not (await _head(url))["source"].startswith("auto_rollback"):
+                assert time.monotonic() < deadline, "the guard did not roll back a config failing for everyone"
+                for client in (tenant, other):
+                    with contextlib.suppress(openai.APIStatusError):
+                        await client.chat.completions.create(model="m", messages=hi)
+        finally:
+            await other.close()
