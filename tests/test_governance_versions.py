@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -199,6 +201,43 @@ async def test_literal_secrets_never_reach_the_database(served) -> None:  # type
     status, body = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 1})
     assert status == 200, body
     assert yaml.safe_load(path.read_text())["providers"]["a"]["headers"] == {"x-team-secret": "literal-header-value"}
+
+
+def _old_scheme(value: str) -> str:
+    """A literal secret as versions stored it before the keyed hash: an unsalted SHA-256."""
+    return "redacted:sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+async def test_literal_secrets_are_stored_keyed_and_old_versions_still_restore(served) -> None:  # type: ignore[no-untyped-def]
+    url, path, _, _ = served
+    db_path = path.parent / "edgeroute-ledger.db"
+    with sqlite3.connect(db_path) as db:
+        (body,) = db.execute("SELECT body FROM gov_config_versions WHERE version = 1").fetchone()
+    # A reader of the database cannot check a guess: plain SHA-256 of the secret is not there.
+    stored = yaml.safe_load(body)
+    header = stored["providers"]["a"]["headers"]["x-team-secret"]
+    assert header.startswith("redacted:hmac-sha256:") and len(header) == len("redacted:hmac-sha256:") + 32
+    assert stored["keys"]["root"]["token"] != stored["keys"]["ops"]["token"]
+    for secret in ("literal-header-value", "tok-admin", "tok-operator"):
+        assert hashlib.sha256(secret.encode()).hexdigest()[:16] not in body
+    # A version stored by the old scheme (before an upgrade) still compares: it restores.
+    old = yaml.safe_load(path.read_text())
+    old["providers"]["a"]["headers"]["x-team-secret"] = _old_scheme("literal-header-value")
+    for k in old["keys"].values():
+        k["token"] = _old_scheme(k["token"])
+    old["models"]["m-old"] = {"deployments": ["d-a"]}
+    text = yaml.safe_dump(old, sort_keys=False)
+    with sqlite3.connect(db_path) as db:
+        row = db.execute(
+            "INSERT INTO gov_config_versions (hash, created_at, source, applied_by, body)"
+            " VALUES (?, ?, 'file', NULL, ?) RETURNING version",
+            (hashlib.sha256(text.encode()).hexdigest(), time.time(), text),
+        ).fetchone()
+    status, got = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": row[0]})
+    assert status == 200, got
+    restored = yaml.safe_load(path.read_text())
+    assert "m-old" in restored["models"] and restored["keys"]["root"]["token"] == "tok-admin"
+    assert restored["providers"]["a"]["headers"] == {"x-team-secret": "literal-header-value"}
 
 
 async def test_a_reloaded_config_answers_only_once_its_version_is_listed(served, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -196,18 +196,21 @@ async def _rolled_back(
         def restored() -> str:  # against the running config once no reload is in progress
             nonlocal before
             before = gov.versions.active
-            text = restore(target.body, gov.versions.running_text, version)
+            text = restore(target.body, gov.versions.running_text, version, gov.versions.key)
             if not as_admin:
                 running = gov.versions.running_text
                 access, weaker = access_changes(running, text), weakenings(running, text)
-                if access or weaker:
-                    raise _NeedsAdmin(access, weaker)
+                held = guard.held_for_a_human(running, text) if how == "auto_rollback" else []
+                if access or weaker or held:
+                    raise _NeedsAdmin(access, weaker, held)
             return text
 
         try:
             written = await apply_text(app, restored, f"{how}:{version}", actor, audit, every_worker)
         except _NeedsAdmin as e:
             after = {"version": version, "needs": "admin", "changes": e.access, "weakens": e.governance}
+            if e.held:
+                after["undoes"] = e.held
             await gov.audit(actor, f"config.{how}_refused", "config", {"version": before}, after)
             raise ProxyError(403, e.message(version), code="permission_denied") from None
         except config_mod.ConfigError as e:
@@ -219,11 +222,12 @@ async def _rolled_back(
 
 class _NeedsAdmin(Exception):
     """A rollback below admin would change these access fields (`access_changes`) or weaken
-    data governance so (`weakenings`)."""
+    data governance so (`weakenings`); the guard's would also undo a cost control or a
+    deployment's removal (`guard.held_for_a_human`)."""
 
-    def __init__(self, access: list[str], governance: list[str]) -> None:
-        super().__init__(access, governance)
-        self.access, self.governance = access, governance
+    def __init__(self, access: list[str], governance: list[str], held: list[str] | None = None) -> None:
+        super().__init__(access, governance, held)
+        self.access, self.governance, self.held = access, governance, held or []
 
     def message(self, version: int) -> str:
         what = []
@@ -232,6 +236,8 @@ class _NeedsAdmin(Exception):
         if self.governance:
             shown = self.governance[:5] + ([f"{len(self.governance) - 5} more"] if len(self.governance) > 5 else [])
             what.append(f"weakens data governance ({'; '.join(shown)})")
+        if self.held:
+            what.append(f"undoes a cost control or a removal ({'; '.join(self.held[:5])})")
         return (
             f"Version {version} {' and '.join(what)}: rolling back to it needs a key with role 'admin'. "
             "The running config is unchanged."
@@ -258,6 +264,7 @@ def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None]
                 # Never an access change nor a weaker governance: a revocation or demotion undone
                 # because errors rose (which a client may cause) would hand the key back to whoever
                 # held it, a PII rule or residency undone would send prompts where they may not go.
+                # Nor a tighter budget or rate limit, nor a deployment or provider brought back.
                 # Each worker's guard judges its own answers: a file that cannot be written (the
                 # other workers cannot follow) does not keep a failing config on this one.
                 await rollback_to(app, previous, "rollback-guard", "auto_rollback", [reason],
@@ -368,6 +375,29 @@ def _check_residency(request: web.Request, f: K.KeyFields) -> None:
         )  # fmt: skip
 
 
+def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
+    """A team's key names only its own team's users: a user that a key of another team (or of
+    none) names, or that a `scope: user` budget holds while no key of the team names it, is
+    someone else's, and a key bound to them would spend their budget (a 429 for its owners)
+    and be routed by rules for them. 403; a key of no team names any user."""
+    team = creator.team if creator is not None else None
+    if team is None or f.user is None:
+        return
+    cfg = request.app[STATE].live.config
+    named = [(k.team, k.user) for k in cfg.keys.values()]
+    if (managed := request.app[GOV].managed) is not None:
+        named += [(d.get("team"), d.get("user")) for d in managed.all()]
+    ours = any(u == f.user and t == team for t, u in named)
+    elsewhere = any(u == f.user and t != team for t, u in named)
+    budgeted = any(b.scope == "user" and b.match == f.user for b in cfg.budgets.limits)
+    if elsewhere or (budgeted and not ours):
+        raise ProxyError(
+            403,
+            f"User '{f.user}' is not one of team '{team}''s users: a team's key may name only its own team's users.",
+            code="permission_denied", param="user",
+        )  # fmt: skip
+
+
 async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
     """Runs a key change (with its audit entry, one transaction) off the loop; a database that
     cannot take it is a 503 saying nothing was changed, so the caller knows to try again."""
@@ -430,6 +460,7 @@ async def create_key(request: web.Request) -> web.Response:
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(creator, creator_raw, f)
+    _check_user(request, creator, f)
     actor = actor_of(request)
     parent = creator.key if creator_raw is not None else None  # created by a managed key
     if parent is not None and managed.depth(parent) >= K.MAX_DEPTH:
@@ -504,8 +535,12 @@ async def update_key(request: web.Request) -> web.Response:
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
     K.check_scope(*_creator(request), f)
+    if "user" in body:
+        _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
-    _, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
+    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
+    if before is after:  # nothing to change: no audit entry, as for a deployment
+        return json_response({**K.public(after), "action": "unchanged"})
     await _read_back(managed)
     return json_response(K.public(after))
 
@@ -542,9 +577,11 @@ async def revoke_key(request: web.Request) -> web.Response:
     _not_config(request, key_id)
     managed = _managed(request)
     await _within_scope(request, managed, key_id, "revoke")
-    _, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
+    before, after = await _key_change(K.revoke, managed.store, key_id, actor_of(request))
     await _read_back(managed)
     await managed.settle()  # what it (and the keys it made) stored in the cache goes now
+    if before is after:  # revoked already: no second entry, as for a deployment unchanged
+        return json_response({**K.public(after), "action": "unchanged"})
     return json_response(K.public(after))
 
 

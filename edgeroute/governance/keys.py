@@ -536,10 +536,14 @@ def _audit(actor: str | None, action: str) -> AuditOf | None:
 def update(
     store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Applies validated changes; returns (before, after)."""
+    """Applies validated changes; returns (before, after), `after is before` when they change
+    nothing (nothing written nor audited: `unchanged`)."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
-        return {**_existing(key_id, before), **changes, "updated_at": time.time()}
+        current = _existing(key_id, before)
+        if all(current.get(k) == v for k, v in changes.items()):
+            return current
+        return {**current, **changes, "updated_at": time.time()}
 
     before, after = store.change_key(key_id, change, _audit(actor, "key.updated"))
     assert before is not None
@@ -565,6 +569,8 @@ def rotate(
 
 
 def revoke(store: GovStore, key_id: str, actor: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Revokes a key; returns (before, after), `after is before` when it was revoked already."""
+
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         if before is None:
             raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")

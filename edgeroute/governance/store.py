@@ -11,6 +11,7 @@ The audit log is append-only from the API: nothing here updates or deletes its r
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ from edgeroute.config import Ledger as LedgerConfig
 _TABLES = {
     "sqlite": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS gov_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
         """CREATE TABLE IF NOT EXISTS gov_response_owners (
             id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
@@ -40,6 +42,7 @@ _TABLES = {
     ],
     "postgres": [
         "CREATE TABLE IF NOT EXISTS gov_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS gov_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
         """CREATE TABLE IF NOT EXISTS gov_response_owners (
             id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
@@ -233,15 +236,17 @@ class GovStore:
         """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
         no other change falls between (a revocation written between a rotation's read and its
         write was undone by it), with its `audit` entry; an exception from `change` writes
-        nothing. Returns (before, after)."""
+        nothing, and neither does a `change` that returns the key itself (nothing to change: no
+        write, no audit entry). Returns (before, after)."""
         lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
         with self._lock, self._tx() as cur:
             cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
             row = cur.fetchone()
             before = orjson.loads(row[0]) if row is not None else None
             after = change(before)
-            if after is not before:
-                self._write_key(cur, after)
+            if after is before:
+                return before, after
+            self._write_key(cur, after)
             if audit is not None:
                 was = audit.describe(before) if before is not None else None
                 self._append_audit(cur, audit.actor, audit.action, key_id, was, audit.describe(after))
@@ -260,6 +265,18 @@ class GovStore:
         return seq
 
     # -- config versions --------------------------------------------------------
+
+    def versions_key(self) -> bytes:
+        """The store's own random key for the HMAC of literal secrets in stored versions: made by
+        the first instance that asks, the same for every instance and worker on this store."""
+        with self._lock, self._tx() as cur:
+            fresh = os.urandom(32).hex()
+            cur.execute(
+                self._sql("INSERT INTO gov_secrets (name, value) VALUES ('versions', ?) ON CONFLICT DO NOTHING"),
+                (fresh,),
+            )
+            cur.execute("SELECT value FROM gov_secrets WHERE name = 'versions'")
+            return bytes.fromhex(cur.fetchone()[0])
 
     def add_version(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -31,7 +32,12 @@ from edgeroute.governance.store import AuditRow, GovStore, Version
 log = logging.getLogger("edgeroute.governance")
 
 MASK = "****"
-REDACTED = "redacted:sha256:"
+# A literal secret in a stored version is its HMAC-SHA256 under the store's own random key
+# (`GovStore.versions_key`): a database read alone (a replica, a backup) cannot check guesses.
+# Versions stored before it hold an unsalted SHA-256 (`OLD_REDACTED`), still read.
+REDACTED = "redacted:hmac-sha256:"
+OLD_REDACTED = "redacted:sha256:"
+_MARKERS = (REDACTED, OLD_REDACTED)
 # Mapping keys whose string values are credentials (or may embed one), and every header value.
 _SECRET_FIELDS = frozenset(
     {"api_key", "token", "token_sha256", "dsn", "redis_url", "api_keys", "secret", "aws_access_key_id",
@@ -64,6 +70,18 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def sealed(secret: str, key: bytes) -> str:
+    """What a stored version holds for a literal secret."""
+    return REDACTED + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _matches(marker: str, secret: str, key: bytes) -> bool:
+    """Whether a stored marker is `secret`'s, by either scheme."""
+    if marker.startswith(REDACTED):
+        return hmac.compare_digest(sealed(secret, key), marker)
+    return hmac.compare_digest(OLD_REDACTED + digest(secret)[:16], marker)
+
+
 def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator[Leaf]:
     """Every literal secret in parsed config data (references such as `env:X` are not secrets)."""
     if isinstance(data, list):
@@ -89,7 +107,7 @@ def _leaves(data: Any, path: tuple[Any, ...] = (), parent: str = "") -> Iterator
 
 
 def _literal(field: str, v: str) -> bool:
-    if v.startswith((*secrets.REFERENCE_PREFIXES, REDACTED)):
+    if v.startswith((*secrets.REFERENCE_PREFIXES, *_MARKERS)):
         return False
     return ("@" in v or _PASSWORD_PARAM.search(v) is not None) if field in _URLS else True
 
@@ -136,35 +154,38 @@ def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
     else:
         return
     for k, v in items:
-        if isinstance(v, str) and v.startswith(REDACTED):
+        if isinstance(v, str) and v.startswith(_MARKERS):
             yield data, k, (*path, k)
         else:
             yield from _redacted(v, (*path, k))
 
 
-def for_storage(text: str) -> str:
+def for_storage(text: str, key: Callable[[], bytes]) -> str:
     """The text to store for an applied config: itself, unless it holds literal secrets; then a
-    dump with each replaced by its hash (no secret goes into the database; a rollback takes the
-    value back from the running config when it is unchanged)."""
+    dump with each replaced by its HMAC under the store's `key()` (no secret goes into the
+    database; a rollback takes the value back from the running config when it is unchanged)."""
     data = yaml.safe_load(text)
     found = list(_leaves(data))
     if not found:
         return text
-    for container, key, _ in found:
-        container[key] = REDACTED + digest(container[key])[:16]
+    k = key()
+    for container, at, _ in found:
+        container[at] = sealed(container[at], k)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def restore(stored: str, running: str, version: int) -> str:
+def restore(stored: str, running: str, version: int, key: Callable[[], bytes]) -> str:
     """A stored text ready to apply: each redacted literal secret taken from the running config's
-    text at the same place, when its hash matches; ConfigError otherwise."""
+    text at the same place, when its HMAC under the store's `key()` (or, stored before it, its
+    hash) matches; ConfigError otherwise."""
     data = yaml.safe_load(stored)
     found = list(_redacted(data))
     if not found:
         return stored
     current = yaml.safe_load(running)
     missing = []
-    for container, key, path in found:
+    k = key()
+    for container, at, path in found:
         value: Any = current
         for part in path:
             try:
@@ -172,8 +193,8 @@ def restore(stored: str, running: str, version: int) -> str:
             except (KeyError, IndexError, TypeError):
                 value = None
                 break
-        if isinstance(value, str) and REDACTED + digest(value)[:16] == container[key]:
-            container[key] = value
+        if isinstance(value, str) and _matches(container[at], value, k):
+            container[at] = value
         else:
             missing.append(".".join(str(p) for p in path))
     if missing:
@@ -264,6 +285,7 @@ class Versions:
         self.active: int | None = None
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
+        self._key: bytes | None = None
 
     def save(
         self,
@@ -276,11 +298,17 @@ class Versions:
         """Stores a config about to be applied, with its audit entries (`audit(version, hash)`)
         in one transaction (blocking: call off the event loop); `activate` makes it the running
         version."""
-        stored = for_storage(text)
+        stored = for_storage(text, self.key)
         h = digest(stored)
         entries = None if audit is None else lambda v: audit(v, h)
         v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same)
         return Saved(v, stored, text, created)
+
+    def key(self) -> bytes:
+        """The store's key for literal secrets (`GovStore.versions_key`), read once."""
+        if self._key is None:
+            self._key = self.store.versions_key()
+        return self._key
 
     def activate(self, saved: Saved) -> None:
         self.active, self.active_text, self.running_text = saved.version, saved.stored, saved.text

@@ -1,0 +1,61 @@
+"""A team's key cannot make a key for another team's user.
+
+A team's admin key (team alpha, no user of its own) could `POST /admin/keys {"user": "carol"}`
+where carol is beta's user, held to a `scope: user` budget: the alpha key then spent carol's
+budget (beta's own key got 429 `budget_exceeded`) and was routed by rules for her. A team's
+key now names only its own team's users: a user another team's key names, or a user budget
+holds while no key of the team names it, is a 403.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+
+from tests.conftest import simple_config
+from tests.security.governed import ROOT, USER, call
+from tests.test_cost_support import cost_proxy
+
+ALPHA, CAROL = "tok-alpha-admin-0123456789", "tok-carol-beta-0123456789"
+
+
+async def test_a_teams_key_names_only_its_own_teams_users(start_upstream: Any, tmp_path: Path) -> None:
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {
+            "root": {"token": ROOT, "role": "admin"},
+            "adminA": {"token": ALPHA, "role": "admin", "team": "alpha"},
+            "carolB": {"token": CAROL, "role": "service", "team": "beta", "user": "carol"},
+        },
+        "governance": {"managed_keys": True},
+        "ledger": {"path": str(tmp_path / "gov.db"), "flush_interval": 0.05},
+        "budgets": {
+            "limits": [
+                {"name": "carol-monthly", "scope": "user", "match": "carol", "limit_usd": 5},
+                {"name": "dave-monthly", "scope": "user", "match": "dave", "limit_usd": 5},
+            ]
+        },
+    }
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        keys = proxy.url + "/admin/keys"
+        for user in ("carol", "dave"):  # beta's user; a user a budget holds, of no alpha key
+            status, err = await call(s, "POST", keys, ALPHA, {"name": "svc", "role": "service", "user": user})
+            assert status == 403, err
+            assert err["error"]["code"] == "permission_denied" and err["error"]["param"] == "user", err
+            assert err["error"]["message"] == (
+                f"User '{user}' is not one of team 'alpha''s users: a team's key may name only its own team's users."
+            )
+        # A user of its own (no other team's, no budget's) is alpha's to name; not renamed to carol.
+        status, alan = await call(s, "POST", keys, ALPHA, {"name": "alan", "role": "service", "user": "alan"})
+        assert status == 201 and alan["user"] == "alan" and alan["team"] == "alpha", alan
+        status, err = await call(s, "PATCH", keys + f"/{alan['id']}", ALPHA, {"user": "carol"})
+        assert status == 403, err
+        # The root (no team) still gives any user; beta's own key is untouched.
+        status, other = await call(s, "POST", keys, ROOT, {"name": "c2", "role": "service", "user": "carol"})
+        assert status == 201 and other["user"] == "carol"
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=CAROL, max_retries=0)
+        await client.chat.completions.create(model="m", messages=USER, max_tokens=5)
+        await client.close()
