@@ -223,6 +223,10 @@ def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dic
         parsed.append(obj)
     choices = obj.get("choices")
     if choices is None:
+        if type(obj.get("type")) is str and "error" not in obj:
+            # Another API's event (Anthropic's `message_start`, a Responses event): relayed, it
+            # reached an OpenAI client as a 200 it cannot read; its whole JSON answer fails over.
+            raise StreamProtocolError("sent a stream event of another API, not a chat chunk")
         return None
     if type(choices) is list:
         unnumbered = False

@@ -762,7 +762,8 @@ def has_content(obj: Any) -> bool:
     """Whether a chunk carries something a user would see (text, tool call, refusal, reasoning,
     finish). Reasoning (`reasoning_content`: DeepSeek, vLLM; `reasoning`: OpenRouter) commits
     the stream as Anthropic's thinking does: held, a model that thought past the first-byte
-    timeout was timed out while it streamed, and failed over."""
+    timeout was timed out while it streamed, and failed over. Usage alone does not: a chunk of
+    it before an error committed the stream, and the client got the error, not a failover."""
     if not isinstance(obj, dict):
         return False
     for choice in obj.get("choices") or ():
@@ -773,4 +774,4 @@ def has_content(obj: Any) -> bool:
             return True
         if choice.get("finish_reason"):
             return True
-    return bool(obj.get("usage")) and not obj.get("choices")
+    return False
