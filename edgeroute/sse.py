@@ -141,12 +141,13 @@ class ChatChunks:
     event is checked: what holds a stream until its first content reads them there rather than
     parsing every event a second time."""
 
-    __slots__ = ("_events", "_slots", "parsed")
+    __slots__ = ("_choices", "_events", "_slots", "parsed")
 
-    def __init__(self) -> None:
+    def __init__(self, choices: int | None = None) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
         self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
         self.parsed: list[dict[str, Any] | None] | None = None
+        self._choices = Choices(choices)
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -160,7 +161,7 @@ class ChatChunks:
             and not self._events.holding
         ):
             # the common read: one event of one line
-            unnumbered = _check_chunk(chunk[6:-2], self.parsed)
+            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices)
             return chunk if unnumbered is None else self._numbered(unnumbered)
         if chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0 and not self._events.holding:
             # A burst of whole events (several reads relayed together): when each is one `data:`
@@ -172,7 +173,7 @@ class ChatChunks:
         out = []
         for ev in events:
             data = event_data(ev)
-            unnumbered = _check_chunk(data, self.parsed) if data is not None else None
+            unnumbered = _check_chunk(data, self.parsed, self._choices) if data is not None else None
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
         return b"".join(out)
 
@@ -184,7 +185,7 @@ class ChatChunks:
                 return None
         out: list[bytes] | None = None
         for i, ev in enumerate(lines):
-            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed)  # as `event_data` reads it
+            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed, self._choices)  # as `event_data` reads it
             if unnumbered is not None:
                 if out is None:
                     out = [e + b"\n\n" for e in lines[:i]]
@@ -195,9 +196,12 @@ class ChatChunks:
 
     def _numbered(self, obj: dict[str, Any]) -> bytes:
         """The event `obj` with an `index` in each of its tool-call deltas (see :class:`ToolCallSlots`):
-        without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError."""
+        without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError.
+        Nothing for an event whose every choice was dropped (`Choices`)."""
+        if obj is DROPPED:
+            return b""
         for c in obj["choices"]:
-            calls = c["delta"].get("tool_calls")
+            calls = (c.get("delta") or _EMPTY).get("tool_calls")
             for tc in calls if type(calls) is list else ():
                 if type(tc) is dict and tc.get("index") is None:
                     choice = c.get("index") if type(c.get("index")) is int else 0
@@ -205,10 +209,47 @@ class ChatChunks:
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dict[str, Any] | None:
+DROPPED: dict[str, Any] = {}  # `_check_chunk`'s event that is not sent at all
+
+
+class Choices:
+    """Which choices of a chat stream are still open: one past its `finish_reason`, or whose
+    index is not below the request's `n` (`count`, when known), says nothing more. Relayed, a
+    second answer after the first one's `stop` reached the client as two finishes and was
+    cached as one text ("firstsecond"), and a choice `n` did not ask for became part of an
+    Anthropic client's answer."""
+
+    __slots__ = ("count", "finished")
+
+    def __init__(self, count: int | None) -> None:
+        self.count = count
+        self.finished: set[int] = set()
+
+    def keep(self, obj: dict[str, Any], choices: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """None if every one of `choices` (the event's) is open, else the event without the
+        others (`DROPPED` if nothing of it is left); records the choices that finish."""
+        kept = []
+        for c in choices:
+            index = c.get("index")
+            index = index if type(index) is int else 0  # as the clients read a careless one
+            if index in self.finished or (self.count is not None and index >= self.count):
+                continue
+            if c.get("finish_reason"):
+                self.finished.add(index)
+            kept.append(c)
+        if len(kept) == len(choices):
+            return None
+        obj["choices"] = kept  # (the object a held stream reads too)
+        return DROPPED if not kept and obj.get("usage") is None else obj
+
+
+def _check_chunk(
+    data: bytes, parsed: list[dict[str, Any] | None] | None, open_choices: Choices | None = None
+) -> dict[str, Any] | None:
     """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
-    whose tool-call deltas need their `index` (else None: the event goes on as it came). The
-    event's object (None for `[DONE]`) is appended to `parsed` when given."""
+    to send in another form: whose tool-call deltas need their `index`, or without the choices
+    `open_choices` closed (`DROPPED`: none at all); else None (the event goes on as it came).
+    The event's object (None for `[DONE]`) is appended to `parsed` when given."""
     if data == b"[DONE]":
         if parsed is not None:
             parsed.append(None)
@@ -236,6 +277,8 @@ def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dic
             if (calls := delta.get("tool_calls")) and type(calls) is list:
                 unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
         else:
+            if open_choices is not None and (kept := open_choices.keep(obj, choices)) is not None:
+                return kept
             return obj if unnumbered else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
 

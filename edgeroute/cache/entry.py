@@ -253,7 +253,9 @@ def completion_from_stream(data: bytes) -> dict[str, Any] | None:
         for c in chunk.get("choices") or ():
             if not isinstance(c, dict) or not isinstance(c.get("index", 0), int) or c.get("logprobs") is not None:
                 return None  # (log probabilities: see `_replayable`)
-            _fold_choice(choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0))), c)
+            acc = choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0)))
+            if acc["finish_reason"] is None:  # what follows a choice's finish is none of its answer
+                _fold_choice(acc, c)
     if not done or not choices or any(c["finish_reason"] is None or c["unreplayable"] for c in choices.values()):
         return None
     out: dict[str, Any] = {"id": head.get("id", ""), "object": "chat.completion", "created": head.get("created", 0)}

@@ -517,7 +517,7 @@ class Attempts:
         if adapter.passthrough:
             # Relayed as they come: checked, so that an unreadable one is the upstream's error;
             # the objects it parsed to check them are read here (each event parsed once).
-            translator: Any = sse.ChatChunks()
+            translator: Any = sse.ChatChunks(self.decision.choices)
             parsed = translator.parsed = []
         else:
             translator = adapter.stream_translator(self.decision.model, self.decision.include_usage)
