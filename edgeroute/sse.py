@@ -56,8 +56,17 @@ class EventTooLarge(StreamProtocolError):
 
 
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    """Splits complete events (separated by a blank line) off `buf`; returns (events, rest)."""
-    return _split(buf.replace(b"\r\n", b"\n"))
+    """Splits complete events (separated by a blank line) off `buf`; returns (events, rest).
+    A line may end in CRLF, LF or a lone CR, as the SSE specification has it."""
+    return _split(_lf(buf))
+
+
+def _lf(buf: bytes) -> bytes:
+    """`buf` with its line ends (CRLF, CR) as LF: a raw CR is a line end in SSE, never text
+    (JSON writes it `\\r`). A server ending lines with CR alone was read as one unending line."""
+    if buf.find(b"\r") < 0:
+        return buf
+    return buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _split(buf: bytes) -> tuple[list[bytes], bytes]:
@@ -84,7 +93,7 @@ class EventSplitter:
         self.error_limit = error_limit
         self._held: list[bytes] = []
         self._size = 0
-        self._cr = False  # the last read ended in CR: it may begin a CRLF with the next one
+        self._cr = False  # the last read ended in CR: the next one's first LF would end the same line
         self._error = False
 
     @property
@@ -94,22 +103,22 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes (each without its blank line)."""
-        if self._cr:
-            chunk = b"\r" + chunk
-        self._cr = chunk.endswith(b"\r")
-        if self._cr:
-            chunk = chunk[:-1]
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF whose CR ended the last read (read as a line end)
+            self._cr = False
         if not chunk:
             return []
-        if chunk.find(b"\r") >= 0:
-            chunk = chunk.replace(b"\r\n", b"\n")
+        # A CR that ends a read is a line end either way (alone, or a CRLF's): taken as one now,
+        # an event that ends the stream with it is not kept waiting for a byte that never comes.
+        self._cr = chunk.endswith(b"\r")
+        chunk = _lf(chunk)
         held = self._held
         if held and (held[-1][-1:] + chunk[:1]).find(b"\n\n") < 0 and chunk.find(b"\n\n") < 0:
             held.append(chunk)
             self._size += len(chunk)
             self._check(chunk)
             return []
-        events, rest = _split(b"".join(held) + chunk if held else chunk)  # normalised once: "\r\r\n" is "\r\n"
+        events, rest = _split(b"".join(held) + chunk if held else chunk)
         self._held, self._size, self._error = ([rest] if rest else []), len(rest), False
         self._check(rest)
         return events
@@ -152,6 +161,12 @@ class ChatChunks:
     @property
     def usage(self) -> dict[str, Any] | None:
         return None  # read from the stream's own events (`find_usage`)
+
+    def answered(self) -> bool:
+        """Whether every choice the request asked for has given its `finish_reason`: the answer
+        is whole, `[DONE]` or not (some OpenAI-compatible servers end the stream without it)."""
+        gate = self._choices
+        return gate.count is not None and len(gate.finished) >= gate.count
 
     def feed(self, chunk: bytes) -> bytes:
         if (
