@@ -225,6 +225,21 @@ class ChatChunks:
 
 
 DROPPED: dict[str, Any] = {}  # `_check_chunk`'s event that is not sent at all
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+MAX_COUNT = 1 << 40  # tokens past which a count is garbage (as `Usage.from_openai` reads one)
+
+
+def absurd_usage(usage: Any) -> bool:
+    """Whether an upstream's `usage` holds a count no answer has (negative, 1e30, past
+    `MAX_COUNT`): relayed as it came, a client showed -1,000,000 tokens, and the cache
+    replayed them to every later caller. The ledger never took them (it counts instead)."""
+    if not isinstance(usage, dict):
+        return False
+    for k in _COUNTS:
+        v = usage.get(k)
+        if (type(v) is int or type(v) is float) and not 0 <= v < MAX_COUNT:  # (NaN is not either)
+            return True
+    return False
 
 
 class Choices:
@@ -277,13 +292,16 @@ def _check_chunk(
         raise StreamProtocolError("sent a stream event that is not a JSON object")
     if parsed is not None:
         parsed.append(obj)
+    garbage = (usage := obj.get("usage")) is not None and absurd_usage(usage)
+    if garbage:
+        obj["usage"] = None  # the stream is counted from its text instead
     choices = obj.get("choices")
     if choices is None:
         if type(obj.get("type")) is str and "error" not in obj:
             # Another API's event (Anthropic's `message_start`, a Responses event): relayed, it
             # reached an OpenAI client as a 200 it cannot read; its whole JSON answer fails over.
             raise StreamProtocolError("sent a stream event of another API, not a chat chunk")
-        return None
+        return obj if garbage else None
     if type(choices) is list:
         unnumbered = False
         for c in choices:
@@ -294,7 +312,7 @@ def _check_chunk(
         else:
             if open_choices is not None and (kept := open_choices.keep(obj, choices)) is not None:
                 return kept
-            return obj if unnumbered else None
+            return obj if unnumbered or garbage else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
 
 

@@ -472,6 +472,9 @@ class Attempts:
         usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
+            if sse.absurd_usage(obj.get("usage")):  # the count, not the garbage, for the client and cache
+                obj["usage"] = _openai_usage(usage)
+                data = orjson.dumps(obj)
         return JsonAnswer(data, usage)
 
     async def _stream_of_json(self, resp: Response, adapter: Any, deadline: Deadline) -> StreamAnswer | Failure:
@@ -663,6 +666,12 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _openai_usage(usage: Usage) -> dict[str, int]:
+    """`usage` as an OpenAI answer's `usage` member."""
+    total = usage.prompt_tokens + usage.completion_tokens
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": total}
 
 
 def _too_large(status: int) -> Failure:
