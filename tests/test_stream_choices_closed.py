@@ -45,7 +45,10 @@ UNASKED_CHOICE = [
 
 
 async def _proxy(
-    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes, events: list[bytes]
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]],
+    serve_routes: ServeRoutes,
+    events: list[bytes],
+    **extra: Any,
 ) -> tuple[Proxy, list[int]]:
     calls: list[int] = []
 
@@ -61,6 +64,7 @@ async def _proxy(
             "providers": {"p": {"base_url": up.url + "/v1"}},
             "deployments": {"d": {"provider": "p", "model": "x"}},
             "models": {"m": {"deployments": ["d"], "cache": {"ttl": 300}}},
+            **extra,
         }
     )
     return proxy, calls

@@ -42,14 +42,17 @@ STREAMS = {
 
 @pytest.mark.parametrize("name", list(STREAMS))
 @pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.parametrize("keyed", [False, True], ids=["keyless", "keyed"])  # keyed: a translator that wraps
 async def test_a_whole_answer_is_whole(
     start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]],
     serve_routes: ServeRoutes,
     name: str,
     include_usage: bool,
+    keyed: bool,
 ) -> None:
-    proxy, calls = await _proxy(start_proxy, serve_routes, STREAMS[name])
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    keys = {"keys": {"alice": {"token": "tok-alice-0123456789"}}} if keyed else {}
+    proxy, calls = await _proxy(start_proxy, serve_routes, STREAMS[name], **keys)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="tok-alice-0123456789", max_retries=0)
     extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
     try:
         for label in ("miss", "hit"):

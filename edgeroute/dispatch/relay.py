@@ -76,8 +76,9 @@ def _whole_without_done(translator: Any, said: Transcript, call: Attempts) -> bo
     unasked, a server that ignores `stream_options` never sends: the answer is counted).
     Some OpenAI-compatible servers never send `[DONE]`: their every answer got an error event
     appended after its end (the OpenAI SDK raised it) and was never cached."""
-    answered = getattr(translator, "answered", None)
-    if answered is None or not answered():
+    while translator is not None and getattr(translator, "answered", None) is None:
+        translator = getattr(translator, "inner", None)  # (one that wraps it: `StreamAudio`)
+    if translator is None or not translator.answered():
         return False
     return not call.decision.include_usage or sse.find_usage(said.tail()) is not None
 
