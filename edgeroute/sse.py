@@ -257,18 +257,21 @@ class Choices:
 
     def keep(self, obj: dict[str, Any], choices: list[dict[str, Any]]) -> dict[str, Any] | None:
         """None if every one of `choices` (the event's) is open, else the event without the
-        others (`DROPPED` if nothing of it is left); records the choices that finish."""
-        kept = []
+        others (`DROPPED` if nothing of it is left); records the choices that finish. (Run for
+        every event: nothing is built unless something is dropped.)"""
+        finished, count = self.finished, self.count
+        dropped: list[dict[str, Any]] | None = None
         for c in choices:
             index = c.get("index")
-            index = index if type(index) is int else 0  # as the clients read a careless one
-            if index in self.finished or (self.count is not None and index >= self.count):
-                continue
-            if c.get("finish_reason"):
-                self.finished.add(index)
-            kept.append(c)
-        if len(kept) == len(choices):
+            if type(index) is not int:
+                index = 0  # as the clients read a careless one
+            if index in finished or (count is not None and index >= count):
+                dropped = [c] if dropped is None else [*dropped, c]
+            elif c.get("finish_reason"):
+                finished.add(index)
+        if dropped is None:
             return None
+        kept = [c for c in choices if all(c is not d for d in dropped)]
         obj["choices"] = kept  # (the object a held stream reads too)
         return DROPPED if not kept and obj.get("usage") is None else obj
 
@@ -304,13 +307,21 @@ def _check_chunk(
         return obj if garbage else None
     if type(choices) is list:
         unnumbered = False
+        closing = False  # a choice that finishes, or is not choice 0: what `open_choices` looks at
         for c in choices:
             if type(c) is not dict or type(delta := c.get("delta", _EMPTY)) is not dict:
                 break
             if (calls := delta.get("tool_calls")) and type(calls) is list:
                 unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
+            closing = closing or bool(c.get("finish_reason") or c.get("index"))
         else:
-            if open_choices is not None and (kept := open_choices.keep(obj, choices)) is not None:
+            # Looked at only once a choice has finished, or one is not choice 0: an event of
+            # the one choice's content (nearly every event) costs no more.
+            if (
+                open_choices is not None
+                and (closing or open_choices.finished)
+                and (kept := open_choices.keep(obj, choices)) is not None
+            ):
                 return kept
             return obj if unnumbered or garbage else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
