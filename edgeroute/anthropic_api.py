@@ -532,6 +532,7 @@ class StreamEncoder:
         # pieces) and sent once that block ends, since an upstream may interleave their deltas.
         self.held: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self.stop_reason = "end_turn"
+        self.finished = False  # the choice gave its finish_reason: nothing after it is the answer's
         self.usage: dict[str, Any] | None = None
 
     def __call__(self, data: bytes) -> bytes:
@@ -619,6 +620,10 @@ class StreamEncoder:
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         for choice in obj.get("choices") or ():
+            if self.finished or choice.get("index") not in (0, None):
+                # An Anthropic answer is one choice's, until its finish: another choice's text
+                # ("zeroFIVE"), or a second answer after the first's stop, is none of it.
+                continue
             delta = choice.get("delta") or {}
             text = delta.get("content") or delta.get("refusal")
             if text and not isinstance(text, str):
@@ -657,6 +662,7 @@ class StreamEncoder:
                 self.stop_reason = stop_reason(choice["finish_reason"], bool(self.tool_blocks))
                 out += self._close_all()
                 self.text_block = None
+                self.finished = True
         return out
 
     def _end(self) -> bytes:

@@ -24,8 +24,9 @@ What goes to a client (error bodies, in-stream error events) is also cleared of 
 not a credential but is nobody's business outside (:func:`outbound`): the addresses of the
 upstreams edgeroute calls (each provider's `base_url`, its origin, host and port: an
 internal vLLM's `http://10.1.2.3:9000/v1` quoted in its own error message), the shared
-state's hosts, and the provider account's organisation and project ids (`org-…`,
-`proj_…`, as OpenAI's rate-limit messages name them). Logs keep them: an operator needs
+state's hosts, any address at an internal IP (private, loopback, link-local: a load
+balancer quoting its backend) or `localhost`, and the provider account's organisation and
+project ids (`org-…`, `proj_…`, as OpenAI's rate-limit messages name them). Logs keep them: an operator needs
 to see which upstream failed.
 
 The log filter also neutralises control characters (newlines, ANSI escapes) in the
@@ -35,6 +36,7 @@ line or repaint a terminal (log injection).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import threading
@@ -58,7 +60,7 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
               |client[-_]?secret|password|passwd|authorization|proxy-authorization)
             ("?'?\s*[:=]\s*"?'?)
             (?:(?:bearer|basic|token)\s+)?
-            [^\s"'&,;}\]]+"""
+            (?:\[REDACTED\]|[^\s"'&,;}\]]+)"""
         ),
         r"\1\2" + MARKER,
         ("api", "token", "secret", "passw", "authorization"),
@@ -145,6 +147,37 @@ _KNOWN = _Known()
 _ENDPOINTS = _Known(min_len=4)
 # Provider account ids, in what a client is sent only (see the module's docstring).
 _ACCOUNT_IDS = re.compile(r"\b(?:org-[A-Za-z0-9]{12,}|proj_[A-Za-z0-9]{12,})\b")
+# An address that names an IP or `localhost`, with its scheme, port and path when it has
+# them: kept from clients when the IP is internal (`_internal`), whoever's it is (a provider's
+# load balancer quoting its backend, `http://10.0.0.5:8443/internal`).
+_ADDRESS = re.compile(
+    r"""(?ix)
+    (?:\b[a-z][a-z0-9+.\-]*://(?:[^\s/@"'<>]*@)?)?
+    (\[[0-9a-z:.%]+\]|(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\w)|\blocalhost\b|(?<![\w:.])::1(?![\w:]))
+    (?::\d{1,5})?
+    (?:/[^\s"'<>)\],;]*)?"""
+)
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT: internal, not `is_private` before 3.12
+
+
+def _internal(host: str) -> bool:
+    """Whether `host` (an IP, bracketed or not, or `localhost`) is no public address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_reserved or ip in _CGNAT
+
+
+def _internal_addresses(s: str) -> str:
+    def hide(m: re.Match[str]) -> str:
+        if not _internal(m.group(1)):
+            return m.group()
+        return MARKER + "." if m.group().endswith(".") else MARKER  # a sentence's full stop stays
+
+    return _ADDRESS.sub(hide, s)
 
 
 def register(value: str) -> None:
@@ -238,7 +271,7 @@ def outbound(s: str) -> str:
         s = endpoints.sub(MARKER, s)
     if "org-" in s or "proj_" in s:
         s = _ACCOUNT_IDS.sub(MARKER, s)
-    return s
+    return _internal_addresses(s)
 
 
 def message(s: str) -> str:

@@ -56,8 +56,17 @@ class EventTooLarge(StreamProtocolError):
 
 
 def split_events(buf: bytes) -> tuple[list[bytes], bytes]:
-    """Splits complete events (separated by a blank line) off `buf`; returns (events, rest)."""
-    return _split(buf.replace(b"\r\n", b"\n"))
+    """Splits complete events (separated by a blank line) off `buf`; returns (events, rest).
+    A line may end in CRLF, LF or a lone CR, as the SSE specification has it."""
+    return _split(_lf(buf))
+
+
+def _lf(buf: bytes) -> bytes:
+    """`buf` with its line ends (CRLF, CR) as LF: a raw CR is a line end in SSE, never text
+    (JSON writes it `\\r`). A server ending lines with CR alone was read as one unending line."""
+    if buf.find(b"\r") < 0:
+        return buf
+    return buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _split(buf: bytes) -> tuple[list[bytes], bytes]:
@@ -84,7 +93,7 @@ class EventSplitter:
         self.error_limit = error_limit
         self._held: list[bytes] = []
         self._size = 0
-        self._cr = False  # the last read ended in CR: it may begin a CRLF with the next one
+        self._cr = False  # the last read ended in CR: the next one's first LF would end the same line
         self._error = False
 
     @property
@@ -94,22 +103,22 @@ class EventSplitter:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events `chunk` completes (each without its blank line)."""
-        if self._cr:
-            chunk = b"\r" + chunk
-        self._cr = chunk.endswith(b"\r")
-        if self._cr:
-            chunk = chunk[:-1]
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF whose CR ended the last read (read as a line end)
+            self._cr = False
         if not chunk:
             return []
-        if chunk.find(b"\r") >= 0:
-            chunk = chunk.replace(b"\r\n", b"\n")
+        # A CR that ends a read is a line end either way (alone, or a CRLF's): taken as one now,
+        # an event that ends the stream with it is not kept waiting for a byte that never comes.
+        self._cr = chunk.endswith(b"\r")
+        chunk = _lf(chunk)
         held = self._held
         if held and (held[-1][-1:] + chunk[:1]).find(b"\n\n") < 0 and chunk.find(b"\n\n") < 0:
             held.append(chunk)
             self._size += len(chunk)
             self._check(chunk)
             return []
-        events, rest = _split(b"".join(held) + chunk if held else chunk)  # normalised once: "\r\r\n" is "\r\n"
+        events, rest = _split(b"".join(held) + chunk if held else chunk)
         self._held, self._size, self._error = ([rest] if rest else []), len(rest), False
         self._check(rest)
         return events
@@ -141,16 +150,23 @@ class ChatChunks:
     event is checked: what holds a stream until its first content reads them there rather than
     parsing every event a second time."""
 
-    __slots__ = ("_events", "_slots", "parsed")
+    __slots__ = ("_choices", "_events", "_slots", "parsed")
 
-    def __init__(self) -> None:
+    def __init__(self, choices: int | None = None) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
         self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
         self.parsed: list[dict[str, Any] | None] | None = None
+        self._choices = Choices(choices)
 
     @property
     def usage(self) -> dict[str, Any] | None:
         return None  # read from the stream's own events (`find_usage`)
+
+    def answered(self) -> bool:
+        """Whether every choice the request asked for has given its `finish_reason`: the answer
+        is whole, `[DONE]` or not (some OpenAI-compatible servers end the stream without it)."""
+        gate = self._choices
+        return gate.count is not None and len(gate.finished) >= gate.count
 
     def feed(self, chunk: bytes) -> bytes:
         if (
@@ -160,7 +176,7 @@ class ChatChunks:
             and not self._events.holding
         ):
             # the common read: one event of one line
-            unnumbered = _check_chunk(chunk[6:-2], self.parsed)
+            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices)
             return chunk if unnumbered is None else self._numbered(unnumbered)
         if chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0 and not self._events.holding:
             # A burst of whole events (several reads relayed together): when each is one `data:`
@@ -172,7 +188,7 @@ class ChatChunks:
         out = []
         for ev in events:
             data = event_data(ev)
-            unnumbered = _check_chunk(data, self.parsed) if data is not None else None
+            unnumbered = _check_chunk(data, self.parsed, self._choices) if data is not None else None
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
         return b"".join(out)
 
@@ -184,7 +200,7 @@ class ChatChunks:
                 return None
         out: list[bytes] | None = None
         for i, ev in enumerate(lines):
-            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed)  # as `event_data` reads it
+            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed, self._choices)  # as `event_data` reads it
             if unnumbered is not None:
                 if out is None:
                     out = [e + b"\n\n" for e in lines[:i]]
@@ -195,9 +211,12 @@ class ChatChunks:
 
     def _numbered(self, obj: dict[str, Any]) -> bytes:
         """The event `obj` with an `index` in each of its tool-call deltas (see :class:`ToolCallSlots`):
-        without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError."""
+        without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError.
+        Nothing for an event whose every choice was dropped (`Choices`)."""
+        if obj is DROPPED:
+            return b""
         for c in obj["choices"]:
-            calls = c["delta"].get("tool_calls")
+            calls = (c.get("delta") or _EMPTY).get("tool_calls")
             for tc in calls if type(calls) is list else ():
                 if type(tc) is dict and tc.get("index") is None:
                     choice = c.get("index") if type(c.get("index")) is int else 0
@@ -205,10 +224,65 @@ class ChatChunks:
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dict[str, Any] | None:
+DROPPED: dict[str, Any] = {}  # `_check_chunk`'s event that is not sent at all
+_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+MAX_COUNT = 1 << 40  # tokens past which a count is garbage (as `Usage.from_openai` reads one)
+
+
+def absurd_usage(usage: Any) -> bool:
+    """Whether an upstream's `usage` holds a count no answer has (negative, 1e30, past
+    `MAX_COUNT`): relayed as it came, a client showed -1,000,000 tokens, and the cache
+    replayed them to every later caller. The ledger never took them (it counts instead)."""
+    if not isinstance(usage, dict):
+        return False
+    for k in _COUNTS:
+        v = usage.get(k)
+        if (type(v) is int or type(v) is float) and not 0 <= v < MAX_COUNT:  # (NaN is not either)
+            return True
+    return False
+
+
+class Choices:
+    """Which choices of a chat stream are still open: one past its `finish_reason`, or whose
+    index is not below the request's `n` (`count`, when known), says nothing more. Relayed, a
+    second answer after the first one's `stop` reached the client as two finishes and was
+    cached as one text ("firstsecond"), and a choice `n` did not ask for became part of an
+    Anthropic client's answer."""
+
+    __slots__ = ("count", "finished")
+
+    def __init__(self, count: int | None) -> None:
+        self.count = count
+        self.finished: set[int] = set()
+
+    def keep(self, obj: dict[str, Any], choices: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """None if every one of `choices` (the event's) is open, else the event without the
+        others (`DROPPED` if nothing of it is left); records the choices that finish. (Run for
+        every event: nothing is built unless something is dropped.)"""
+        finished, count = self.finished, self.count
+        dropped: list[dict[str, Any]] | None = None
+        for c in choices:
+            index = c.get("index")
+            if type(index) is not int:
+                index = 0  # as the clients read a careless one
+            if index in finished or (count is not None and index >= count):
+                dropped = [c] if dropped is None else [*dropped, c]
+            elif c.get("finish_reason"):
+                finished.add(index)
+        if dropped is None:
+            return None
+        kept = [c for c in choices if all(c is not d for d in dropped)]
+        obj["choices"] = kept  # (the object a held stream reads too)
+        return DROPPED if not kept and obj.get("usage") is None else obj
+
+
+def _check_chunk(
+    data: bytes, parsed: list[dict[str, Any] | None] | None, open_choices: Choices | None = None
+) -> dict[str, Any] | None:
     """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
-    whose tool-call deltas need their `index` (else None: the event goes on as it came). The
-    event's object (None for `[DONE]`) is appended to `parsed` when given."""
+    to send in another form: whose tool-call deltas need their `index`, or without the choices
+    `open_choices` closed (`DROPPED`: none at all); else None (the event goes on as it came).
+    The event's object (None for `[DONE]`) is appended to `parsed` when given."""
     if data == b"[DONE]":
         if parsed is not None:
             parsed.append(None)
@@ -221,18 +295,35 @@ def _check_chunk(data: bytes, parsed: list[dict[str, Any] | None] | None) -> dic
         raise StreamProtocolError("sent a stream event that is not a JSON object")
     if parsed is not None:
         parsed.append(obj)
+    garbage = (usage := obj.get("usage")) is not None and absurd_usage(usage)
+    if garbage:
+        obj["usage"] = None  # the stream is counted from its text instead
     choices = obj.get("choices")
     if choices is None:
-        return None
+        if type(obj.get("type")) is str and "error" not in obj:
+            # Another API's event (Anthropic's `message_start`, a Responses event): relayed, it
+            # reached an OpenAI client as a 200 it cannot read; its whole JSON answer fails over.
+            raise StreamProtocolError("sent a stream event of another API, not a chat chunk")
+        return obj if garbage else None
     if type(choices) is list:
         unnumbered = False
+        closing = False  # a choice that finishes, or is not choice 0: what `open_choices` looks at
         for c in choices:
             if type(c) is not dict or type(delta := c.get("delta", _EMPTY)) is not dict:
                 break
             if (calls := delta.get("tool_calls")) and type(calls) is list:
                 unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
+            closing = closing or bool(c.get("finish_reason") or c.get("index"))
         else:
-            return obj if unnumbered else None
+            # Looked at only once a choice has finished, or one is not choice 0: an event of
+            # the one choice's content (nearly every event) costs no more.
+            if (
+                open_choices is not None
+                and (closing or open_choices.finished)
+                and (kept := open_choices.keep(obj, choices)) is not None
+            ):
+                return kept
+            return obj if unnumbered or garbage else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
 
 

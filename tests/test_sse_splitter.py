@@ -29,8 +29,14 @@ def test_pieces_split_as_the_whole_stream(parts: list[bytes], cuts: list[int]) -
 
 
 def test_a_cr_before_a_crlf_is_normalised_once_as_in_one_piece() -> None:
+    # A line ended by CR, then a blank line ended by CRLF (SSE's three line ends): one event.
     stream = b"data: {}\r\r\n\n"
-    assert sse.EventSplitter().feed(stream) == sse.split_events(stream)[0] == [b"data: {}\r"]
+    assert sse.EventSplitter().feed(stream) == sse.split_events(stream)[0] == [b"data: {}"]
+
+
+def test_lines_ended_by_cr_alone_are_events() -> None:
+    stream = b"data: {}\r\rdata: [DONE]\r\r"
+    assert sse.EventSplitter().feed(stream) == sse.split_events(stream)[0] == [b"data: {}", b"data: [DONE]"]
 
 
 def test_an_event_never_ended_is_refused_at_its_bound() -> None:

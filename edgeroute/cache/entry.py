@@ -179,9 +179,23 @@ def _replayable(choice: dict[str, Any]) -> bool:
         isinstance(tc, dict)
         and isinstance(fn := tc.get("function"), dict)
         and isinstance(fn.get("name"), str)
-        and isinstance(fn.get("arguments"), str)
+        and _arguments_object(fn.get("arguments"))
         for tc in calls
     )
+
+
+def _arguments_object(arguments: Any) -> bool:
+    """Whether a tool call's `arguments` is a JSON object's text (or empty), as every client
+    reads it: one that is not was stored from a stream, and served to every later caller of
+    the tenant for the entry's life (a 502 to an Anthropic client, which reads it as `input`)."""
+    if not isinstance(arguments, str):
+        return False
+    if not arguments.strip():
+        return True
+    try:
+        return isinstance(orjson.loads(arguments), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 # Finish reasons of an answer that ended as the model meant it to. `length` (cut at a token
@@ -239,7 +253,9 @@ def completion_from_stream(data: bytes) -> dict[str, Any] | None:
         for c in chunk.get("choices") or ():
             if not isinstance(c, dict) or not isinstance(c.get("index", 0), int) or c.get("logprobs") is not None:
                 return None  # (log probabilities: see `_replayable`)
-            _fold_choice(choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0))), c)
+            acc = choices.setdefault(c.get("index", 0), _empty_choice(c.get("index", 0)))
+            if acc["finish_reason"] is None:  # what follows a choice's finish is none of its answer
+                _fold_choice(acc, c)
     if not done or not choices or any(c["finish_reason"] is None or c["unreplayable"] for c in choices.values()):
         return None
     out: dict[str, Any] = {"id": head.get("id", ""), "object": "chat.completion", "created": head.get("created", 0)}
@@ -247,6 +263,8 @@ def completion_from_stream(data: bytes) -> dict[str, Any] | None:
     if head.get("system_fingerprint") is not None:
         out["system_fingerprint"] = head["system_fingerprint"]
     out["choices"] = [_finish_choice(choices[i]) for i in sorted(choices)]
+    if not all(_replayable(c) for c in out["choices"]):  # tool arguments that do not parse
+        return None
     if usage is not None:
         out["usage"] = usage
     return out

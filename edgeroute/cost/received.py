@@ -31,14 +31,11 @@ BYTES_PER_TOKEN = 4  # the estimate of a body in which nothing reads
 
 
 def received_usage(
-    prompt_tokens: int, body: bytes, encoding: str, *, stream: bool, whole: bool = True, most: int | None = None
+    prompt_tokens: int, body: bytes, encoding: str, *, stream: bool, most: int | None = None
 ) -> Usage | None:
-    """The usage of an answer received as `body` (a JSON body, or a stream's OpenAI-format
+    """The usage of an answer received whole as `body` (a JSON body, or a stream's OpenAI-format
     events as held) and not delivered; None when it is the provider's error and not billed.
-    `whole`: the body was read to its end (else it is cut, so not parsed); `most`: the output
-    tokens the request allowed (an estimate never goes past them)."""
-    if not whole:
-        return _estimated(prompt_tokens, len(body) // BYTES_PER_TOKEN, most)
+    `most`: the output tokens the request could have had (an estimate never goes past them)."""
     seen = _stream(body) if stream else _json(body)
     if seen is None:  # nothing in it reads
         return _estimated(prompt_tokens, len(body) // BYTES_PER_TOKEN, most)
@@ -49,6 +46,11 @@ def received_usage(
         return None
     text = "".join(parts)
     return _estimated(prompt_tokens, _core.Router.count_tokens(text, encoding) if text else 0, most)
+
+
+def cut_usage(prompt_tokens: int, size: int, most: int | None = None) -> Usage:
+    """The usage of an answer cut short after `size` bytes (not parsed: only its size is kept)."""
+    return _estimated(prompt_tokens, size // BYTES_PER_TOKEN, most)
 
 
 def _estimated(prompt_tokens: int, completion: int, most: int | None) -> Usage:

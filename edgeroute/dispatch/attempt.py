@@ -27,7 +27,8 @@ from edgeroute import _core, redact, sse
 from edgeroute.accounting import OVERRAN, AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
 from edgeroute.cache.entry import replay_chunks
 from edgeroute.config import Timeouts
-from edgeroute.cost.received import received_usage
+from edgeroute.cost.prices import unbounded_output
+from edgeroute.cost.received import cut_usage, received_usage
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
@@ -73,9 +74,10 @@ class Failure:
     body: bytes = b""
     sent: bool = True  # False: the deployment could not take the request, so it was never called
     # After a 2xx head: the answer as received (a JSON body, a stream's held events), which
-    # prices the attempt (`cost.received`); `whole`: read to its end, not cut.
+    # prices the attempt (`cost.received`); `cut`: instead, the size of a body cut short (over
+    # the bound, or broken mid-body), all that prices it (keeping the bytes held 128 MiB a failure).
     received: bytes | None = None
-    whole: bool = True
+    cut: int | None = None
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
     again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
 
@@ -143,12 +145,19 @@ Answer = JsonAnswer | StreamAnswer
 
 
 async def read_up_to(
-    resp: Response, limit: int, each: Callable[[], None] | None = None, chunks: list[bytes] | None = None
+    resp: Response,
+    limit: int,
+    each: Callable[[], None] | None = None,
+    chunks: list[bytes] | None = None,
+    *,
+    keep_cut: bool = True,
 ) -> tuple[bytes, bool]:
     """An upstream body, read to its end or to `limit` bytes: (the bytes, whether that was its
-    end). Past `limit` the rest is not read (the caller drops the connection). `each` runs
-    after every piece (e.g. to move an idle timer); `chunks` collects the pieces (what had
-    arrived when the read failed)."""
+    end). Past `limit` the rest is not read (the caller drops the connection), and with
+    `keep_cut` false nothing of it is kept (b""): an answer's first 128 MiB, joined and sliced
+    on the loop, cost three copies and half a second of every client's time, for nothing
+    (a cut answer is priced by its size). `each` runs after every piece (e.g. to move an idle
+    timer); `chunks` collects the pieces (what had arrived when the read failed)."""
     size = 0
     if chunks is None:
         chunks = []
@@ -156,6 +165,9 @@ async def read_up_to(
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
+            if not keep_cut:
+                chunks.clear()
+                return b"", False
             return b"".join(chunks)[:limit], False
         if each is not None:
             each()
@@ -300,16 +312,16 @@ class Attempts:
                     def more() -> None:
                         deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
 
-                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, got)
+                    data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, got, keep_cut=False)
                     if not whole:
-                        msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-                        result = Failure(Outcome.SERVER_ERROR, resp.status, msg, received=data, whole=False)
+                        result = _too_large(resp.status)
                     else:
                         result = await self._answer(data, adapter, resp.status)
         except Exception as e:
             result = _failure_of(e, rec.status, dep)
             if got:
-                result.received, result.whole = b"".join(got), False
+                result.cut = sum(map(len, got))
+                got.clear()
         except asyncio.CancelledError:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
@@ -460,6 +472,9 @@ class Attempts:
         usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
+            if sse.absurd_usage(obj.get("usage")):  # the count, not the garbage, for the client and cache
+                obj["usage"] = _openai_usage(usage)
+                data = orjson.dumps(obj)
         return JsonAnswer(data, usage)
 
     async def _stream_of_json(self, resp: Response, adapter: Any, deadline: Deadline) -> StreamAnswer | Failure:
@@ -471,10 +486,9 @@ class Attempts:
         def more() -> None:
             deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
 
-        data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more)
+        data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, keep_cut=False)
         if not whole:
-            msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
-            return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=data, whole=False)
+            return _too_large(resp.status)
         got = await self._answer(data, adapter, resp.status)
         if isinstance(got, Failure):
             return got
@@ -506,7 +520,7 @@ class Attempts:
         if adapter.passthrough:
             # Relayed as they come: checked, so that an unreadable one is the upstream's error;
             # the objects it parsed to check them are read here (each event parsed once).
-            translator: Any = sse.ChatChunks()
+            translator: Any = sse.ChatChunks(self.decision.choices)
             parsed = translator.parsed = []
         else:
             translator = adapter.stream_translator(self.decision.model, self.decision.include_usage)
@@ -596,21 +610,36 @@ class Attempts:
         if failure.usage is not None:  # what the upstream reported (and its provider bills)
             self.settle_attempt(rec, dep, failure.usage)
             return
-        if received is None or not _ok(rec.status):
+        if (received is None and failure.cut is None) or not _ok(rec.status):
             self.settle_attempt(rec, dep, None)
             return
-        d = self.decision
-        most = d.max_tokens * d.choices if d.max_tokens else None
-        price = partial(received_usage, self.prompt_tokens(), received, d.encoding, stream=self.stream, most=most)
-        if len(received) < OFF_LOOP_BYTES or not failure.whole:  # a cut body is not parsed
-            usage = price(whole=failure.whole)
+        most = self.most_output(dep)
+        if received is None:  # a cut body is not parsed: priced by its size
+            usage: Usage | None = cut_usage(self.prompt_tokens(), failure.cut or 0, most)
+        elif len(received) < OFF_LOOP_BYTES:
+            usage = received_usage(
+                self.prompt_tokens(), received, self.decision.encoding, stream=self.stream, most=most
+            )
         else:
             self.settle_attempt(rec, dep, None)
-            usage = await self.loop.run_in_executor(COUNTING, partial(price, whole=True))
+            price = partial(
+                received_usage, self.prompt_tokens(), received, self.decision.encoding, stream=self.stream, most=most
+            )
+            usage = await self.loop.run_in_executor(COUNTING, price)
         if usage is None:
             rec.usage, rec.cost_usd = None, 0.0
         else:
             self.settle_attempt(rec, dep, usage)
+
+    def most_output(self, dep: DeploymentInfo) -> int:
+        """The most output tokens the request could have had from `dep`: what an estimate of a
+        failed answer never goes past. Its `max_tokens` a choice, else the bound its budgets
+        reserve for it (`Reservations._completion`): a cut 128 MiB answer was priced as 33 M
+        tokens ($268 for one 502, at each of four attempts), whatever the model can write."""
+        d = self.decision
+        cfg = self.live.config
+        per_choice = d.max_tokens or max(cfg.budgets.reserve_max_tokens, unbounded_output(cfg, (dep.name,)))
+        return per_choice * max(1, d.choices)
 
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """Fills in an attempt's usage (the upstream's, else the prompt alone) and its cost."""
@@ -637,6 +666,19 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def _openai_usage(usage: Usage) -> dict[str, int]:
+    """`usage` as an OpenAI answer's `usage` member."""
+    total = usage.prompt_tokens + usage.completion_tokens
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": total}
+
+
+def _too_large(status: int) -> Failure:
+    """An answer over `MAX_ANSWER_BYTES`: the deployment would send it again (and be paid), so
+    the request fails over rather than asking it again."""
+    msg = f"the upstream's answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB"
+    return Failure(Outcome.SERVER_ERROR, status, msg, cut=MAX_ANSWER_BYTES, again=False)
 
 
 def _text_chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
@@ -729,7 +771,8 @@ def has_content(obj: Any) -> bool:
     """Whether a chunk carries something a user would see (text, tool call, refusal, reasoning,
     finish). Reasoning (`reasoning_content`: DeepSeek, vLLM; `reasoning`: OpenRouter) commits
     the stream as Anthropic's thinking does: held, a model that thought past the first-byte
-    timeout was timed out while it streamed, and failed over."""
+    timeout was timed out while it streamed, and failed over. Usage alone does not: a chunk of
+    it before an error committed the stream, and the client got the error, not a failover."""
     if not isinstance(obj, dict):
         return False
     for choice in obj.get("choices") or ():
@@ -740,4 +783,4 @@ def has_content(obj: Any) -> bool:
             return True
         if choice.get("finish_reason"):
             return True
-    return bool(obj.get("usage")) and not obj.get("choices")
+    return False

@@ -67,6 +67,22 @@ def _through_error(data: bytes) -> tuple[bytes, bool]:
     return data, False
 
 
+_DONE_EVENT = sse.DONE + b"\n\n"
+
+
+def _whole_without_done(translator: Any, said: Transcript, call: Attempts) -> bool:
+    """Whether a chat stream that ended without `[DONE]` is a whole answer all the same: every
+    choice finished, and its usage came if the client asked for it (what edgeroute asked for
+    unasked, a server that ignores `stream_options` never sends: the answer is counted).
+    Some OpenAI-compatible servers never send `[DONE]`: their every answer got an error event
+    appended after its end (the OpenAI SDK raised it) and was never cached."""
+    while translator is not None and getattr(translator, "answered", None) is None:
+        translator = getattr(translator, "inner", None)  # (one that wraps it: `StreamAudio`)
+    if translator is None or not translator.answered():
+        return False
+    return not call.decision.include_usage or sse.find_usage(said.tail()) is not None
+
+
 async def relay_stream(
     request: web.Request,
     answer: StreamAnswer,
@@ -135,6 +151,11 @@ async def relay_stream(
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error and not overran:
                     chunk = await answer.resp.read_arrived(_BURST_BYTES)
+                    if not chunk and _whole_without_done(translator, said, call):
+                        upstream_error = await events.send(_DONE_EVENT)  # as the client's SDK expects
+                        said.add(_DONE_EVENT)
+                        completed = True
+                        break
                     if not chunk:
                         upstream_broke = True
                         failure = (

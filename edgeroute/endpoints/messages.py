@@ -47,7 +47,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.providers.anthropic import AnthropicAdapter, openai_usage, prompt_side
 from edgeroute.providers.base import Adapter, StreamTranslator, UpstreamRequest
 from edgeroute.request_input import read_body
-from edgeroute.state import Live
+from edgeroute.state import STATE, Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.response import Response
 
@@ -330,7 +330,7 @@ class MessagesCall(Call):
                 code="unsupported_parameter",
                 param="messages",
             )
-        lost = [k for k in self.lost if k != "document"]  # the others are translated (`anthropic_api`)
+        lost = [k for k in self.lost if k not in _TRANSLATABLE]  # the others are translated (`anthropic_api`)
         if not lost:
             return super().upstream_request(adapter, dep)
         if adapter.provider.options.get("unsupported_params", "reject") != "drop":
@@ -451,8 +451,32 @@ def honoured_by(live: Live, model: str) -> bool:
 
 def _translated_whole(req: dict[str, Any], lost: list[str]) -> bool:
     """Whether every deployment serves the request: all it has beyond the chat translation are
-    documents a chat deployment reads (a budget's downgrade may then go to any model)."""
-    return set(lost) <= {"document"} and not _untranslatable(req)
+    documents a chat deployment reads, or stop sequences (a budget's downgrade may then go to
+    any model)."""
+    return set(lost) <= _TRANSLATABLE and not _untranslatable(req)
+
+
+# Stop sequences: the chat translation sends them (`stop`), but OpenAI's `stop` finish does not
+# say which one ended the answer: an Anthropic deployment's `stop_reason: "stop_sequence"` and
+# `stop_sequence: "###"` came back `end_turn` and null. Asked of a model that reaches one, the
+# request goes natively (a chat deployment still gets the translation).
+STOP_SEQUENCES = "stop_sequences"
+_TRANSLATABLE = frozenset({"document", STOP_SEQUENCES})
+
+
+def _says_stop_sequence(req: Any) -> bool:
+    return isinstance(req, dict) and isinstance(seqs := req.get(STOP_SEQUENCES), list) and bool(seqs)
+
+
+def _reaches_anthropic(live: Live, model: Any) -> bool:
+    """Whether public model `model` has an Anthropic deployment among those it may reach."""
+    cfg = live.config
+    if not isinstance(model, str) or model not in cfg.models:
+        return False
+    return any(
+        isinstance(live.upstreams[cfg.deployments[name].provider].adapter, AnthropicAdapter)
+        for name in reachable_deployments(cfg, model)
+    )
 
 
 def answer_text(body: bytes) -> str | None:
@@ -531,6 +555,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     req = await asyncio.to_thread(_json, raw) if len(raw) > PARSE_ON_LOOP_BYTES else _json(raw)
     beta = request.headers.get("anthropic-beta")
     lost = lost_fields(req, beta) if isinstance(req, dict) else []
+    if not lost and _says_stop_sequence(req) and _reaches_anthropic(request.app[STATE].live, req.get("model")):
+        lost = [STOP_SEQUENCES]
     if not lost:
         return await anthropic_api.messages(request)  # nothing the translation would lose
     forwarded = {k: v for k in ("anthropic-version", "anthropic-beta") if (v := request.headers.get(k))}
