@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -39,6 +40,7 @@ from edgeroute.telemetry import app as telemetry
 from edgeroute.telemetry import tracing
 from edgeroute.telemetry.logs import bind_request
 
+log = logging.getLogger(__name__)
 _NAMED_PARAM = re.compile(r"Invalid (?:type|value) for '(\w+)'")
 # The core's parse names no field of a wrong type ("invalid type: string "yes", expected a boolean").
 _TYPE_ERROR = "The request body is not valid JSON for this endpoint: invalid type"
@@ -308,8 +310,11 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         if plan is not None:
-            if (entry := await cache.lookup(plan, servable(live, decision, region))) is not None:
-                return await _cached_answer(request, rec, decision, plan, entry, dialect)
+            entry = await cache.lookup(plan, servable(live, decision, region))
+            if entry is not None:
+                if _renders(entry, dialect, decision.stream, decision.include_usage):
+                    return await _cached_answer(request, rec, decision, plan, entry, dialect)
+                cache.unusable(plan)
         call = Call(live, decision, body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
         try:
@@ -549,6 +554,24 @@ def keep_content(live: Live, rec: RequestRecord, decision: _core.Decision, body:
     """Hands the request body to the request log where `request_log` keeps content (only there)."""
     if (keep := live.config.request_log.content_for(rec.model, decision.route, rec.key)) != "none":
         rec.content_mode, rec.content_request = keep, body
+
+
+def _renders(entry: Entry, dialect: Dialect | None, stream: bool, usage: bool) -> bool:
+    """Whether a hit can be given in the client's API (rendered once per entry and form, so the
+    hit then serves what this rendered). One that cannot is a miss, the upstream asked: served
+    from the cache, its refusal (a 502 of an answer another API cannot carry) reached every
+    caller of the tenant for the entry's life, and no retry could fix it."""
+    if dialect is None:
+        return True
+    try:
+        if stream:
+            entry.rendered((dialect, usage), lambda _: dialect.stream()(entry.sse_body(usage)))
+        else:
+            entry.rendered(dialect, dialect.answer)
+    except ProxyError as e:
+        log.warning("a cached answer cannot be given in the client's API (%s): asked upstream", e.message)
+        return False
+    return True
 
 
 async def _cached_answer(

@@ -126,3 +126,34 @@ async def test_an_openai_stream_with_unreadable_arguments_is_not_stored(
     finally:
         await client.close()
     assert up.calls == 2
+
+
+async def test_a_hit_the_clients_api_cannot_carry_is_a_miss(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]],
+    serve_routes: ServeRoutes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An entry stored before its answer was checked (by an earlier release, on a shared cache
+    during a rolling upgrade) that cannot be rendered for the client is a miss: the upstream is
+    asked and its answer served, where the cache's 502 reached every caller of the tenant."""
+    from edgeroute.cache import entry
+
+    monkeypatch.setattr(entry, "_arguments_object", lambda arguments: True)  # the earlier release's store
+    up = Careless('{"a": }}}not json')
+    proxy = await _proxy(start_proxy, serve_routes, up)
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    ask: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 100,
+        "extra_body": {"temperature": 0},
+        "tools": [TOOL],
+        "messages": [{"role": "user", "content": "look it up"}],
+    }
+    try:
+        _ = [e async for e in await client.messages.create(**ask, stream=True)]
+        got = await client.messages.with_raw_response.create(**ask)
+    finally:
+        await client.close()
+    assert up.calls == 2  # asked again, not answered from the entry
+    assert got.headers["x-edgeroute-cache"] == "miss"
+    assert (await got.parse()).content[0].input == {"q": 1}  # type: ignore[union-attr]

@@ -117,3 +117,36 @@ async def test_a_stream_in_another_apis_format_is_a_502_not_a_200(
     finally:
         await client.close()
     assert err.value.status_code == 502 and "another API" in str(err.value.body)
+
+
+def _text_chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": "c", "object": "text_completion", "created": 1, "model": "x", "choices": [choice]}
+
+
+async def test_a_completions_stream_of_usage_alone_before_its_failure_fails_over(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes
+) -> None:
+    usage_then_error = _sse(
+        {"id": "c", "object": "text_completion", "created": 1, "model": "x", "choices": [], "usage": USAGE},
+        {"error": {"message": "first attempt died after usage", "type": "server_error"}},
+    )
+    healthy = [*_sse(_text_chunk("fine"), _text_chunk("", "stop")), b"data: [DONE]\n\n"]
+    bad = await serve_routes(web.post("/v1/completions", _streaming(usage_then_error)))
+    good = await serve_routes(web.post("/v1/completions", _streaming(healthy)))
+    proxy = await start_proxy(
+        {
+            "providers": {"bad": {"base_url": bad.url + "/v1"}, "good": {"base_url": good.url + "/v1"}},
+            "deployments": {"d-bad": {"provider": "bad", "model": "x"}, "d-good": {"provider": "good", "model": "x"}},
+            "models": {"m": {"deployments": ["d-bad"], "fallbacks": ["m2"]}, "m2": {"deployments": ["d-good"]}},
+        }
+    )
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.completions.create(model="m", prompt="hi", stream=True)
+        text = "".join([c.choices[0].text async for c in stream if c.choices])
+    finally:
+        await client.close()
+    assert text == "fine"
+    rec = proxy.recorder.records[-1]
+    assert [a.deployment for a in rec.attempts] == ["d-bad", "d-good"]

@@ -321,6 +321,15 @@ class ResponseCache:
             raise _not_cached()
         return None
 
+    def unusable(self, plan: Plan) -> None:
+        """The hit `lookup` found cannot be given to this client: a miss after all (asked
+        upstream, its answer stored over the entry), never served as stale either."""
+        if plan.label == "hit":
+            plan.label = "miss"
+            self.counters.hits -= 1
+            self.counters.misses += 1
+        plan.stale = None
+
     async def _analyze(self, plan: Plan) -> bool:
         """Embeds the last user turn and computes its guards (off the loop); False when the
         configured embedder failed (counted; the request goes on as a miss)."""

@@ -148,11 +148,11 @@ class CompletionsCall(CountedCall):
         super().settle_attempt(rec, dep, usage)
 
     def has_content(self, obj: Any) -> bool:
+        """Text or a finish commits the stream; usage alone does not (as `attempt.has_content`)."""
         if isinstance(obj, dict):
             for c in obj.get("choices") or ():
                 if isinstance(c, dict) and (c.get("text") or c.get("finish_reason")):
                     return True
-            return bool(obj.get("usage")) and not obj.get("choices")
         return False
 
 
