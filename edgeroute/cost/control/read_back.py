@@ -20,6 +20,7 @@ from edgeroute.config import Budget, Config
 from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
+from edgeroute.cost.control import crashed
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.keys import KeySource, key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
@@ -28,6 +29,7 @@ from edgeroute.cost.redis_store import LedgerSpend, RedisState
 from edgeroute.cost.restore import Restored
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.state import ServerState
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.cost")
 # How long reloaded budgets wait for the previous config's requests before reading the
@@ -59,6 +61,9 @@ class ReadBack(Stores):
         limits = keys.limits() if keys is not None else None
         found = restore.read(db, self.cfg, key_budgets=self._key_counters(), key_limits=limits)
         self.restore(found)
+        if self.ledger is not None and found.in_flight and _only_writer(self.cfg):
+            for rec in crashed.records(db, self.cfg.budgets.limits, found.in_flight):
+                self.ledger.record(rec)  # written with the first batch: reports show what budgets count
         self._read_at_start = found.budgets
         self._in_flight_at_start = found.in_flight
         self._buckets_at_start = found.buckets
@@ -174,6 +179,13 @@ class ReadBack(Stores):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+def _only_writer(cfg: Config) -> bool:
+    """Whether this process is the ledger's only writer: it counts budgets alone, without
+    shared_state (so its ledger lock is exclusive: `ledger_lock.counts_alone`), and is not one
+    of a supervisor's workers, whose siblings may be running requests still."""
+    return cfg.shared_state is None and workers.current() is None
 
 
 _COUNTING = ("scope", "match", "period", "window_hours", "utc_offset_minutes")  # what a budget counts
