@@ -63,6 +63,10 @@ async def test_requests_in_flight_at_a_crash_are_reported_as_crashed(start_upstr
         assert crashed is not None, report["rows"]
         assert crashed["requests"] == 4 and crashed["cost_usd"] == 0.04 and crashed["ok"] == 0
         assert report["total"]["cost_usd"] == 0.05  # the budget's spend: the same
+        async with aiohttp.ClientSession() as http, http.get(second.url + "/admin/requests?limit=50") as r:
+            listed = (await r.json())["data"]
+        lost = [q for q in listed if q["outcome"] == "crashed"]
+        assert len(lost) == 4 and all(q["cost_usd"] == 0.01 and q["route"] == "m" for q in lost), listed
         (route,) = (await _spend(second.url, "route"))["rows"]
         assert route["route"] == "m" and route["requests"] == 5  # the route their reservations named
     finally:
