@@ -41,6 +41,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ _DEAD_PEER: dict[str, Any] = {
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
 _lost: str | None = None  # set by the watcher while another server holds the lock
 _read: tuple[float, str | None] = (0.0, None)  # a worker's last read of the supervisor's file
+# Run by the watcher once it holds the lock again after losing it, before requests are taken
+# again: the budgets read back what another server may have spent meanwhile (one that raises
+# keeps requests refused, and is run again a tick later).
+_taken_back: list[Callable[[], None]] = []
+
+
+def on_taken_back(fn: Callable[[], None]) -> Callable[[], None]:
+    """Runs `fn` (in the watcher's thread) each time the lock is held again after a loss;
+    returns what unregisters it."""
+    _taken_back.append(fn)
+    return lambda: _taken_back.remove(fn) if fn in _taken_back else None
 
 
 def lost() -> str | None:
@@ -244,6 +256,8 @@ class _PgHold:
             try:
                 if self.conn is not None:
                     self.conn.execute("SELECT 1")
+                    if _lost is not None:  # held again, not caught up with the ledger yet
+                        self._caught_up()
                     continue
             except psycopg.Error:
                 self.close()  # the session ended: the lock went with it
@@ -255,10 +269,10 @@ class _PgHold:
                 continue  # still down: spend goes on being held by the ledger, which says so
             if taken:
                 if _lost is not None:
-                    _say("edgeroute: the ledger's lock is held again; taking requests again")
+                    self._caught_up()
                 elif down_since is not None:
                     _say("edgeroute: the ledger's PostgreSQL session ended (a restart?); its lock is taken again")
-                _lost, down_since = None, None
+                down_since = None
             elif _lost is None:
                 _lost = (
                     "another edgeroute serve took the ledger's lock (PostgreSQL: ledger.dsn) while this "
@@ -269,6 +283,20 @@ class _PgHold:
                     "every budget in full: this one refuses requests (503) and is not ready until it "
                     "holds the lock again. Stop one of the two servers, or share budgets through shared_state."
                 )
+
+    def _caught_up(self) -> None:
+        """Takes requests again once what another server may have spent while this one did not
+        hold the lock is counted (`on_taken_back`): else it resumed on its own counters, and
+        the two servers' spend together passed the budget."""
+        global _lost
+        try:
+            for fn in list(_taken_back):
+                fn()
+        except Exception as e:
+            _say(f"edgeroute: the ledger's lock is held again, but its spend could not be read back yet ({e!r})")
+            return
+        _lost = None
+        _say("edgeroute: the ledger's lock is held again and its spend read back; taking requests again")
 
     def _unreachable(self, down_since: float | None) -> None:
         """The session is down and cannot be made again: a server counting alone stops spending

@@ -20,7 +20,7 @@ import aiohttp
 import openai
 
 from tests.conftest import eventually
-from tests.scale.support import Spawn
+from tests.scale.support import Spawn, kill_tree
 from tests.scale.test_ledger_ownership import config_with_a_budget
 from tests.serve_support import free_port
 from tests.test_cost_support import answered
@@ -78,6 +78,13 @@ async def _refusal(url: str) -> openai.APIStatusError | None:
     return None
 
 
+async def _lock_lost(url: str) -> bool:
+    """`/readyz` says not ready for the ledger's lock (asked without spending: a request
+    answered during the grace would spend)."""
+    async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as r:
+        return r.status == 503 and "ledger_lock" in await r.json()
+
+
 async def test_a_partitioned_server_counting_alone_refuses_until_it_holds_the_lock_again(
     pg_schema_dsn: str, spawn: Spawn, start_upstream: Any
 ) -> None:
@@ -114,6 +121,44 @@ async def test_a_partitioned_server_counting_alone_refuses_until_it_holds_the_lo
 
         await eventually(serving, "requests answered again", within=20, every=0.2)
         assert "taking requests again" in inst.output()
+    finally:
+        with contextlib.suppress(Exception):
+            await fwd.cut()
+
+
+async def test_after_the_partition_the_server_counts_what_another_spent_meanwhile(
+    pg_schema_dsn: str, spawn: Spawn, start_upstream: Any
+) -> None:
+    """The reported case: a second server took the ledger during the partition and spent the
+    budget's rest. The first, once it holds the lock again, counts that spend before it takes
+    requests: it resumed on its own counters, and the two spent $0.15 of $0.10."""
+    pg = urlsplit(pg_schema_dsn)
+    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
+    await fwd.start()
+    up = await start_upstream()
+    ledger = {"backend": "postgres", "flush_interval": 0.1}
+    # $0.01 a request, $0.10 a day, counted alone by each server.
+    first = await spawn(config_with_a_budget(up.base_url, ledger={**ledger, "dsn": _through(pg_schema_dsn, fwd.port)}))
+    try:
+        assert await answered(first.url, 3) == 3
+        await asyncio.sleep(0.5)  # written
+        await fwd.cut()
+        await eventually(lambda: _lock_lost(first.url), "the first server not ready", within=20, every=0.2)
+        second = await spawn(config_with_a_budget(up.base_url, ledger={**ledger, "dsn": pg_schema_dsn}), name="two")
+        assert await answered(second.url, 10, refused_for="budget") == 7  # the budget's rest
+        await asyncio.sleep(0.5)  # written
+        kill_tree(second.proc.pid)  # its session, and the lock with it, end
+        await second.proc.wait()
+
+        await fwd.start()
+
+        async def taking() -> bool:  # answered, or refused for its budget: not for the ledger
+            e = await _refusal(first.url)
+            return e is None or e.status_code == 429
+
+        await eventually(taking, "the first server holding the lock again", within=20, every=0.2)
+        assert await answered(first.url, 5, refused_for="budget") == 0  # the second spent the rest
+        assert "spend read back" in first.output()
     finally:
         with contextlib.suppress(Exception):
             await fwd.cut()

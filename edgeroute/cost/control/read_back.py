@@ -137,6 +137,21 @@ class ReadBack(Stores):
         for name, kind, limit, used in found.buckets:
             self.local_limits.seed(name, kind, limit, used)
 
+    async def read_back_again(self) -> None:
+        """After the ledger's lock was taken back from another server (`ledger_lock`): what that
+        server spent meanwhile, counted before requests are taken again. This process's own
+        records are written first, so the ledger holds all of its spend too, and each counter is
+        raised to the ledger's (never lowered). Raises while the ledger cannot write them."""
+        ledger = self.ledger
+        if ledger is None or self.shared is not None:
+            return
+        await asyncio.to_thread(ledger.flush)
+        if ledger.failing_since is not None or ledger.queue_depth():
+            raise StoreUnavailable(f"{ledger.queue_depth()} records of this server not written yet")
+        found = await asyncio.to_thread(restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters())
+        for (key, slot), amount in found.budgets.items():
+            self.local_budgets.raise_read_back(key, amount, slot)
+
     def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:
             return
