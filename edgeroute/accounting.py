@@ -27,7 +27,7 @@ import orjson
 
 from edgeroute import _core
 from edgeroute.config import Price
-from edgeroute.cost.prices import multiplier_at
+from edgeroute.cost.prices import cache_write_1h_price, multiplier_at
 from edgeroute.telemetry.trace_context import TraceContext
 
 # What the reports call the route of a request no route served (an unknown model, a body that
@@ -49,6 +49,8 @@ class Usage:
     # Calls of built-in tools the upstream ran and bills apart (web_search: 2), priced at the
     # deployment's `price.tool_calls`.
     tool_calls: dict[str, int] = field(default_factory=dict)
+    # Of `cache_write_tokens`, those written to Anthropic's 1-hour cache, billed at 2x input (not 1.25x).
+    cache_write_1h_tokens: int = 0
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None, *, answered: bool = False, prompted: bool = True) -> Usage | None:
@@ -103,7 +105,9 @@ class Usage:
         except (TypeError, ValueError, OverflowError, AttributeError):
             written = 0
         room = prompt - cached
-        out.cache_write_tokens = 0 if written < 0 else written if written <= room else room
+        out.cache_write_tokens = written = 0 if written < 0 else written if written <= room else room
+        if isinstance(details, dict) and details.get(CACHE_WRITE_1H):
+            out.cache_write_1h_tokens = _part(details[CACHE_WRITE_1H], written)
         if isinstance(details, dict) and details.get("audio_tokens"):
             out.audio_prompt_tokens = _part(details["audio_tokens"], out.prompt_tokens)
         said = u.get("completion_tokens_details")
@@ -113,6 +117,9 @@ class Usage:
             out.tool_calls = {k: v for k, v in tools.items() if type(v) is int and 0 < v < MAX_TOOL_CALLS}
         return out
 
+
+# `prompt_tokens_details`' count of the cache writes made to Anthropic's 1-hour cache (of `cache_write_tokens`).
+CACHE_WRITE_1H = "cache_write_1h_tokens"
 
 # The key under which an answer reader carries its tool calls in the chat-shaped usage it hands
 # to accounting (`Usage.from_openai`); never in a usage a client sees.
@@ -200,12 +207,14 @@ def cost_of(price: Price, usage: Usage, at: float | None = None) -> float:
     price window in force at unix time `at` (now)."""
     cached_price = price.cached_input_per_mtok if price.cached_input_per_mtok is not None else price.input_per_mtok
     write_price = price.cache_write_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+    hour = usage.cache_write_1h_tokens
     fresh = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
     fresh = fresh if fresh > 0 else 0  # max(0, fresh), without builtin max's ~4,000 instructions
     base = (
         fresh * price.input_per_mtok
         + usage.cached_tokens * cached_price
-        + usage.cache_write_tokens * write_price
+        + (usage.cache_write_tokens - hour) * write_price
+        + (hour * cache_write_1h_price(price) if hour else 0.0)
         + usage.completion_tokens * price.output_per_mtok
     ) / 1e6 + price.per_request
     if usage.tool_calls and price.tool_calls:
@@ -350,6 +359,7 @@ def billed_usage(attempts: list[AttemptRecord]) -> Usage | None:
         sum(u.audio_prompt_tokens for u in billed),
         sum(u.audio_completion_tokens for u in billed),
         {k: sum(u.tool_calls.get(k, 0) for u in billed) for k in {k for u in billed for k in u.tool_calls}},
+        sum(u.cache_write_1h_tokens for u in billed),
     )
 
 

@@ -128,10 +128,9 @@ async def test_a_budget_is_not_forgotten_across_a_hard_kill(start_upstream: Any,
         second.kill()
 
 
-async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any, tmp_path: Path) -> None:
-    up = await start_upstream(latency_ms=5000)  # answers after the crash
-    path = tmp_path / "edge.yaml"
-    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
+async def crash_with_four_in_flight(path: Path) -> None:
+    """Serves `path` (whose upstream answers after 5 s), sends it 4 requests at once, and kills
+    it with SIGKILL once their reservations ($0.01 each) are journaled."""
     first = await Served.start(path)
     try:
         flight = asyncio.ensure_future(_admitted(first.url, 4, concurrent=True))
@@ -143,6 +142,13 @@ async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any,
     finally:
         first.kill()
     await asyncio.gather(flight, return_exceptions=True)
+
+
+async def test_requests_in_flight_at_a_crash_count_as_spent(start_upstream: Any, tmp_path: Path) -> None:
+    up = await start_upstream(latency_ms=5000)  # answers after the crash
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(_config(up.base_url, tmp_path / "l.db")))
+    await crash_with_four_in_flight(path)
     fast = await start_upstream()
     path.write_text(yaml.safe_dump(_config(fast.base_url, tmp_path / "l.db")))
     second = await Served.start(path)

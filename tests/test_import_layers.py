@@ -114,6 +114,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.teams",
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",
+            "edgeroute.cost.underreport",
             "edgeroute.telemetry",
             "edgeroute.governance.versions",
             "edgeroute.governance.runtime",

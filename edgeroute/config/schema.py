@@ -140,6 +140,9 @@ class Price(_Strict):
     output_per_mtok: float = Field(0.0, ge=0, le=MAX_PRICE_USD)
     cached_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache reads (default: input)
     cache_write_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)  # prompt-cache writes (default: input)
+    # Anthropic's 1-hour prompt-cache writes (default: 2x input where cache writes have a price, as
+    # Anthropic bills them; else input): `cache_write_per_mtok` is its 5-minute write.
+    cache_write_1h_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
     # Audio tokens (OpenAI's `*_tokens_details.audio_tokens`), in and out (default: the text prices).
     audio_input_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)
     audio_output_per_mtok: float | None = Field(None, ge=0, le=MAX_PRICE_USD)

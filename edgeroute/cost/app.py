@@ -17,6 +17,7 @@ from aiohttp import web
 from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
+from edgeroute.cost import ledger_lock
 from edgeroute.cost.budget_report import admin_budgets
 from edgeroute.cost.control import CostControl, on_response_prepare
 from edgeroute.cost.keys import MANAGED_KEYS
@@ -55,12 +56,18 @@ def install(
             # Before serving: budgets (managed keys' too) and rate-limit windows as the ledger
             # left them. Managed keys are loaded by now (governance's install).
             await asyncio.to_thread(control.restore_at_start, ledger.backend, app.get(MANAGED_KEYS))
+            loop = asyncio.get_running_loop()
+            forget = ledger_lock.on_taken_back(
+                lambda: asyncio.run_coroutine_threadsafe(control.read_back_again(), loop).result(60)
+            )
             await asyncio.to_thread(control.told_before, ledger.backend, control.budgets, time.time())
             await control.seed_shared()
         elif control is not None:
             control.keys = app.get(MANAGED_KEYS)
         yield
         # After the drain: settle what is pending, then write every record.
+        if control is not None and ledger is not None:
+            forget()
         if control is not None:
             await control.close()
         if ledger is not None:

@@ -278,6 +278,12 @@ class LocalBudgetStore:
         elif store_key not in self._ends or slot >= 0:
             self._keep_until(store_key, _end_of_key(store_key, slot, self._clock()))
 
+    def raise_read_back(self, store_key: str, amount: int, slot: int = -1) -> None:
+        """Raises a counter (a rolling window's `slot`) to `amount` read back from the ledger, where lower."""
+        have = self._rolling.get(store_key, {}).get(slot, 0) if slot >= 0 else self._cal.get(store_key, 0)
+        if amount > have:
+            self.add_read_back(store_key, amount - have, slot)
+
     def counters(self) -> dict[str, int]:
         """Every counter: store key -> nano-USD used (a rolling window's slots summed, stale ones too)."""
         out = dict(self._cal)

@@ -25,6 +25,12 @@ another server holds it by then, this one says so on stderr and `lost()` tells w
 server answers 503 to every request that could spend and `/readyz` is 503, until it holds
 the lock again (it keeps trying). Under a supervisor, which holds the lock for its workers,
 the workers read it from a file in the run directory (`publish`).
+
+While the session is down and cannot be made again (a network partition, PostgreSQL down), a
+server that counts budgets alone no longer holds the lock either: a second server could take
+the ledger meanwhile and spend beside it (a partition let each of two servers spend half the
+budget again, $1.52 of $1.00). So after `LOCK_GRACE_S` without the lock it refuses too, as
+`ledger.on_unavailable: closed` does, until it holds the lock again.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +64,32 @@ PG_KEY = (
 )
 _held: list[object] = []  # the PostgreSQL lock's holder (`_PgHold`), kept for the process's life
 WATCH_S = 1.0  # how often the held session is checked (a PostgreSQL restart ends it)
+# How long a server counting alone goes on spending while it cannot take its lock back: a
+# restart of PostgreSQL passes within it unnoticed, a partition does not.
+LOCK_GRACE_S = 3.0
+# libpq's bounds on a session whose peer vanished without a word (a partition drops packets):
+# without them the watcher's query waited for the kernel's TCP timeout, about 15 minutes.
+_DEAD_PEER: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 3000,
+}
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
 _lost: str | None = None  # set by the watcher while another server holds the lock
 _read: tuple[float, str | None] = (0.0, None)  # a worker's last read of the supervisor's file
+# Run by the watcher once it holds the lock again after losing it, before requests are taken
+# again: the budgets read back what another server may have spent meanwhile (one that raises
+# keeps requests refused, and is run again a tick later).
+_taken_back: list[Callable[[], None]] = []
+
+
+def on_taken_back(fn: Callable[[], None]) -> Callable[[], None]:
+    """Runs `fn` (in the watcher's thread) each time the lock is held again after a loss;
+    returns what unregisters it."""
+    _taken_back.append(fn)
+    return lambda: _taken_back.remove(fn) if fn in _taken_back else None
 
 
 def lost() -> str | None:
@@ -199,7 +229,9 @@ class _PgHold:
         import psycopg
 
         self.close()
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock")
+        conn = psycopg.connect(
+            self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock", **_DEAD_PEER
+        )
         fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
         row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
         if row is None or not row[0]:
@@ -224,6 +256,8 @@ class _PgHold:
             try:
                 if self.conn is not None:
                     self.conn.execute("SELECT 1")
+                    if _lost is not None:  # held again, not caught up with the ledger yet
+                        self._caught_up()
                     continue
             except psycopg.Error:
                 self.close()  # the session ended: the lock went with it
@@ -231,13 +265,14 @@ class _PgHold:
             try:
                 taken = self.take()
             except psycopg.Error:
+                self._unreachable(down_since)
                 continue  # still down: spend goes on being held by the ledger, which says so
             if taken:
                 if _lost is not None:
-                    _say("edgeroute: the ledger's lock is held again; taking requests again")
+                    self._caught_up()
                 elif down_since is not None:
                     _say("edgeroute: the ledger's PostgreSQL session ended (a restart?); its lock is taken again")
-                _lost, down_since = None, None
+                down_since = None
             elif _lost is None:
                 _lost = (
                     "another edgeroute serve took the ledger's lock (PostgreSQL: ledger.dsn) while this "
@@ -248,6 +283,37 @@ class _PgHold:
                     "every budget in full: this one refuses requests (503) and is not ready until it "
                     "holds the lock again. Stop one of the two servers, or share budgets through shared_state."
                 )
+
+    def _caught_up(self) -> None:
+        """Takes requests again once what another server may have spent while this one did not
+        hold the lock is counted (`on_taken_back`): else it resumed on its own counters, and
+        the two servers' spend together passed the budget."""
+        global _lost
+        try:
+            for fn in list(_taken_back):
+                fn()
+        except Exception as e:
+            _say(f"edgeroute: the ledger's lock is held again, but its spend could not be read back yet ({e!r})")
+            return
+        _lost = None
+        _say("edgeroute: the ledger's lock is held again and its spend read back; taking requests again")
+
+    def _unreachable(self, down_since: float | None) -> None:
+        """The session is down and cannot be made again: a server counting alone stops spending
+        once `LOCK_GRACE_S` has passed, since it cannot prove that it still holds the ledger."""
+        global _lost
+        if not self.alone or _lost is not None or down_since is None:
+            return
+        if (gone := time.monotonic() - down_since) < LOCK_GRACE_S:
+            return
+        _lost = (
+            f"this server's session with the ledger's database (PostgreSQL: ledger.dsn) has been down for "
+            f"{gone:.0f}s, so it no longer holds the ledger's lock and another edgeroute serve could take it"
+        )
+        _say(
+            f"edgeroute: {_lost}. Without shared_state, two servers on one ledger would each spend every budget "
+            "in full: this one refuses requests (503) and is not ready until it holds the lock again."
+        )
 
 
 def _say(line: str) -> None:

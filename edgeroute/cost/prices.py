@@ -41,6 +41,16 @@ def multiplier_at(price: Price, at: float | None = None) -> float:
     return 1.0
 
 
+def cache_write_1h_price(price: Price) -> float:
+    """USD a million tokens written to a 1-hour prompt cache: the price's own, else Anthropic's
+    rule (2x input) for a price that bills cache writes (the catalogue's Claude entries: their
+    `cache_write` is the 5-minute write, 1.25x), else the input price, as a cache write without
+    a price is."""
+    if price.cache_write_1h_per_mtok is not None:
+        return price.cache_write_1h_per_mtok
+    return 2 * price.input_per_mtok if price.cache_write_per_mtok is not None else price.input_per_mtok
+
+
 def apply_windows(router: Any, deployments: list[tuple[int, Price]], at: float | None = None) -> None:
     """Tells the core the price multiplier in force now for each deployment with windows,
     so that lowest-cost selection and policies route by the current price."""
@@ -86,15 +96,17 @@ class Ceiling:
 def ceiling(prices: list[Price], unbounded_output: int = 0, media: MediaRule = DEFAULT_RULE) -> Ceiling:
     """Componentwise maximum, at the highest multiplier any window may apply (a reservation must not
     be below what the request can cost at any time of day). A prompt token costs at most the
-    dearer of the input, cache-write and audio prices: Anthropic bills a prompt written to its cache
-    above the input price (1.25x or 2x), and a reservation at the input price was overshot; an
+    dearest of the input, cache-write (5-minute and 1-hour) and audio prices: Anthropic bills a
+    prompt written to its cache above the input price (1.25x or 2x), and a reservation at the
+    input price was overshot; an
     answer's token at the dearer of the output and audio-output prices."""
     if not prices:
         return Ceiling(0.0, 0.0, 0.0)
     mult = [max([1.0, *(w.multiplier for w in p.windows)]) for p in prices]
     return Ceiling(
         max(
-            max(p.input_per_mtok, p.cache_write_per_mtok or 0.0, p.audio_input_per_mtok or 0.0) * m
+            max(p.input_per_mtok, p.cache_write_per_mtok or 0.0, cache_write_1h_price(p), p.audio_input_per_mtok or 0.0)
+            * m
             for p, m in zip(prices, mult, strict=True)
         ),
         max(max(p.output_per_mtok, p.audio_output_per_mtok or 0.0) * m for p, m in zip(prices, mult, strict=True)),

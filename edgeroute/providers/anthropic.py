@@ -51,7 +51,20 @@ def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     if counts is None:
         return None
     output, given, cached, written = counts
-    return oa.usage(given + written + cached, output, cached, cache_write=written)
+    five, hour = _cache_ttls(u)
+    written = max(written, five + hour)  # the breakdown, when its sum is more than the total said
+    out = oa.usage(given + written + cached, output, cached, cache_write=written)
+    if hour:  # priced apart (2x input, not 1.25x): Anthropic's 1-hour cache writes
+        out["prompt_tokens_details"]["cache_write_1h_tokens"] = hour
+    return out
+
+
+def _cache_ttls(u: dict[str, Any] | None) -> tuple[int, int]:
+    """The cache writes `usage.cache_creation` breaks down by lifetime (5-minute, 1-hour); (0, 0)
+    without it or with a count that is not one (the total is then priced as 5-minute writes)."""
+    split = u.get("cache_creation") if isinstance(u, dict) else None
+    counts = oa.token_counts(split, (), ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"))
+    return (counts[0], counts[1]) if counts is not None else (0, 0)
 
 
 def prompt_side(u: dict[str, Any]) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from edgeroute.config import Budget, Config
 from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
+from edgeroute.cost.control import crashed
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.keys import KeySource, key_budget_name, key_counter
 from edgeroute.cost.ledger import Ledger
@@ -28,6 +29,7 @@ from edgeroute.cost.redis_store import LedgerSpend, RedisState
 from edgeroute.cost.restore import Restored
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.state import ServerState
+from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.cost")
 # How long reloaded budgets wait for the previous config's requests before reading the
@@ -59,6 +61,9 @@ class ReadBack(Stores):
         limits = keys.limits() if keys is not None else None
         found = restore.read(db, self.cfg, key_budgets=self._key_counters(), key_limits=limits)
         self.restore(found)
+        if self.ledger is not None and found.in_flight and _only_writer(self.cfg):
+            for rec in crashed.records(db, self.cfg.budgets.limits, found.in_flight):
+                self.ledger.record(rec)  # written with the first batch: reports show what budgets count
         self._read_at_start = found.budgets
         self._in_flight_at_start = found.in_flight
         self._buckets_at_start = found.buckets
@@ -132,6 +137,21 @@ class ReadBack(Stores):
         for name, kind, limit, used in found.buckets:
             self.local_limits.seed(name, kind, limit, used)
 
+    async def read_back_again(self) -> None:
+        """After the ledger's lock was taken back from another server (`ledger_lock`): what that
+        server spent meanwhile, counted before requests are taken again. This process's own
+        records are written first, so the ledger holds all of its spend too, and each counter is
+        raised to the ledger's (never lowered). Raises while the ledger cannot write them."""
+        ledger = self.ledger
+        if ledger is None or self.shared is not None:
+            return
+        await asyncio.to_thread(ledger.flush)
+        if ledger.failing_since is not None or ledger.queue_depth():
+            raise StoreUnavailable(f"{ledger.queue_depth()} records of this server not written yet")
+        found = await asyncio.to_thread(restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters())
+        for (key, slot), amount in found.budgets.items():
+            self.local_budgets.raise_read_back(key, amount, slot)
+
     def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:
             return
@@ -174,6 +194,13 @@ class ReadBack(Stores):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+def _only_writer(cfg: Config) -> bool:
+    """Whether this process is the ledger's only writer: it counts budgets alone, without
+    shared_state (so its ledger lock is exclusive: `ledger_lock.counts_alone`), and is not one
+    of a supervisor's workers, whose siblings may be running requests still."""
+    return cfg.shared_state is None and workers.current() is None
 
 
 _COUNTING = ("scope", "match", "period", "window_hours", "utc_offset_minutes")  # what a budget counts

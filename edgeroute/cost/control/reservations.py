@@ -179,6 +179,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                     media,
                     predicted,
                     tuple((kind, n + free * self.reserve_tool_calls) for kind, n, free in ticket.media.tools),
+                    self.reserved.get(c.store_key, 0),
                 )
             ticket.charges, ticket.charges_shared, ticket.charges_generation = charges, shared, res.generation
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
@@ -284,6 +285,12 @@ def prompt_upper(decision: _core.Decision) -> int:
     return decision.prompt_tokens if decision.tokens_exact else 4 * decision.prompt_tokens
 
 
+def _held_by_requests(c: B.Charge, used: int, in_flight: int) -> bool:
+    """Whether the request would fit the budget once the reservations in flight were given back
+    (what they spend is not known yet: the budget's room is theirs, not spent)."""
+    return 0 < in_flight <= used and used - in_flight + c.amount <= c.block_at
+
+
 def usd(v: float) -> str:
     """Dollars with cents, or with three significant digits below a cent (a budget of $0.00005
     read "$0.00", and what it had spent "$0.0000")."""
@@ -301,15 +308,24 @@ def _budget_error(
     media: int = 0,
     predicted: int = 0,
     tools: tuple[tuple[str, int], ...] = (),
+    in_flight: int = 0,
 ) -> ProxyError:
     """429 for a budget that cannot hold the request's reservation. A budget with room left
     refused it for its worst case, not for spend: it says so, and what reserves less (one that
-    read "exhausted" at half its limit left the caller nothing to change)."""
+    read "exhausted" at half its limit left the caller nothing to change). `in_flight`: what
+    this process's requests in flight hold of `used` (nano-USD), reserved at their worst case
+    and mostly given back when they finish: a budget whose room they hold says so, and to retry
+    then (Retry-After 1 s, not the period's end), for the caller could not tell it from spend."""
     b = c.budget
     who = "all requests" if b.scope == "global" else f"{b.scope} '{c.subject}'"
     period = {"day": "today", "month": "this month"}.get(b.period) or f"in the last {b.window_hours or 0:g} hours"
     wait = max(1, math.ceil(c.period.resets_at - now))
     spent = f"{usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved {period}"
+    held = _held_by_requests(c, used, in_flight)
+    if held:
+        reserved = f"{usd(in_flight / B.NANO)} reserved by requests in flight"
+        spent = f"{usd((used - in_flight) / B.NANO)} spent and {reserved}, of {usd(b.limit_usd)} {period}"
+        wait = 1
     if used < c.block_at:
         tokens = f"its max_tokens ({completion:,})" if asked else f"{completion:,} output tokens (it set no max_tokens)"
         if predicted:  # billed at the output price when the answer does not use them
@@ -324,8 +340,12 @@ def _budget_error(
             f" this request may cost: up to {usd(c.amount / B.NANO)} for its prompt{parts} and {tokens} at the highest"
             " price of the deployments it may reach. A lower max_tokens reserves less."
         )
+    elif held:
+        message = f"Budget '{b.name}' for {who} has no room left now: {spent}."
     else:
         message = f"Budget '{b.name}' for {who} is exhausted: {spent}."
+    if held:
+        message += " The requests in flight give back what they do not spend: retry when they finish."
     return ProxyError(
         429,
         f"{message} It resets at {iso(c.period.resets_at)}.",
