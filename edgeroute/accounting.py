@@ -314,6 +314,14 @@ _RESPONSES_DELTAS = frozenset(
 )
 
 
+def answer_text(answer: dict[str, Any]) -> str:
+    """What a (non-stream) chat answer's messages say (content, refusals, tool calls), joined."""
+    parts: list[str] = []
+    for choice in answer.get("choices") or ():
+        _visible_text(choice.get("message") if isinstance(choice, dict) else None, parts)
+    return "".join(parts)
+
+
 def estimate_answer_usage(prompt_tokens: int, answer: dict[str, Any], encoding: str) -> Usage:
     """Usage for a (non-stream) answer that carried none, counted from its messages."""
     parts: list[str] = []

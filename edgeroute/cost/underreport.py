@@ -12,11 +12,8 @@ log and a metric.
 The normal case costs a comparison of lengths (a `str`'s length is at most its UTF-8 length,
 so the text is encoded only when its characters alone do not settle it).
 
-Use (not wired yet): at settlement, with the usage the upstream reported and what the client
-was sent (a JSON answer's visible text, a stream's joined deltas: `accounting.stream_text`):
-
-    if (fix := underreport.check(usage, text, decision.encoding)) is not None:
-        usage = fix.usage  # charge this; log fix.reason; count fix.code in a metric
+Used where a chat answer is settled: a JSON answer's visible text (`dispatch.attempt`), a
+stream's joined deltas (`dispatch.relay`, read only when its events are long for the count).
 """
 
 from __future__ import annotations

@@ -24,9 +24,18 @@ from typing import Any
 import orjson
 
 from edgeroute import _core, redact, sse
-from edgeroute.accounting import OVERRAN, AttemptRecord, RequestRecord, Usage, cost_of, estimate_answer_usage
+from edgeroute.accounting import (
+    OVERRAN,
+    AttemptRecord,
+    RequestRecord,
+    Usage,
+    answer_text,
+    cost_of,
+    estimate_answer_usage,
+)
 from edgeroute.cache.entry import replay_chunks
 from edgeroute.config import Timeouts
+from edgeroute.cost import underreport
 from edgeroute.cost.prices import unbounded_output
 from edgeroute.cost.received import cut_usage, received_usage
 from edgeroute.dispatch.deadline import Deadline
@@ -483,6 +492,12 @@ class Attempts:
             if sse.absurd_usage(obj.get("usage")):  # the count, not the garbage, for the client and cache
                 obj["usage"] = _openai_usage(usage)
                 data = orjson.dumps(obj)
+        elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
+            fix = underreport.check(usage, answer_text(obj), self.decision.encoding)
+            if fix is not None:
+                log.warning("%s", fix.reason)
+                self.record.error_class = fix.code
+                usage = fix.usage
         return JsonAnswer(data, usage)
 
     async def _stream_of_json(self, resp: Response, adapter: Any, deadline: Deadline) -> StreamAnswer | Failure:

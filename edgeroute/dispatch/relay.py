@@ -24,6 +24,7 @@ from aiohttp.http_writer import StreamWriter
 
 from edgeroute import sse
 from edgeroute.accounting import OVERRAN, Usage
+from edgeroute.cost import underreport
 from edgeroute.dispatch import attempt
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.dispatch.deadline import Deadline
@@ -475,10 +476,37 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
 
         usage = await _estimate(call, said, settle, _prompt_reported(translator))
         usage.tool_calls = seen
+    elif said.size > usage.completion_tokens * _EVENT_BYTES_PER_TOKEN + _EVENT_SLACK_BYTES:
+        usage = await _underreported(call, dep, usage, said)
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
     if call.record.error_class != OVERRAN:  # whole, yet past the bound (one event, ended at once)
         call.check_overrun(dep, usage)
+
+
+# A stream's bytes a reported output token may come with before its text is read and checked
+# (`cost.underreport`): an event is ~200 bytes for a token or two, with `logprobs` a few KiB.
+# Past it (an upstream that reported 5 tokens for 4,000), the text is counted.
+_EVENT_BYTES_PER_TOKEN = 1024
+_EVENT_SLACK_BYTES = 8192
+
+
+async def _underreported(call: Attempts, dep: DeploymentInfo, usage: Usage, said: Transcript) -> Usage:
+    """The usage to charge a stream whose reported output may be fewer tokens than its text."""
+    encoding = call.decision.encoding
+
+    def check() -> underreport.Corrected | None:
+        return underreport.check(usage, said.text(), encoding)
+
+    if said.size < OFF_LOOP_BYTES:
+        fix = check()
+    else:  # reading and counting a long stream's text: the event loop serves meanwhile
+        fix = await asyncio.get_running_loop().run_in_executor(COUNTING, check)
+    if fix is None:
+        return usage
+    log.warning("deployment %s: %s", dep.name, fix.reason)
+    call.record.error_class = fix.code
+    return fix.usage
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:

@@ -70,6 +70,10 @@ class Transcript:
         """The stream as relayed, if nothing of it was compacted."""
         return b"".join(self._raw) if self.whole else None
 
+    def text(self) -> str:
+        """What the model wrote in the stream (its content, refusals and tool calls), joined."""
+        return "".join(self._parts) + "".join(stream_parts(b"".join(self._raw)))
+
     def usage(self, prompt_tokens: int, encoding: str) -> Usage:
         """The usage of a stream that carried none: its completion counted from its text."""
         return counted_usage(prompt_tokens, self._parts + stream_parts(b"".join(self._raw)), encoding)
