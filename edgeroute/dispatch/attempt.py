@@ -688,6 +688,10 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         # For the operator's log only: the client learns that our credentials failed.
         log.warning("deployment %s refused our credentials: %s", dep.name, redact.cut(msg, 300))
         msg = f"The provider refused edgeroute's credentials for this deployment (HTTP {resp.status})."
+    if cls is Outcome.RATE_LIMITED and adapter.too_large(data):
+        # This request's size, not the deployment's load: no cool-down for everyone (a Retry-After
+        # of 300 s took the deployment out for five minutes), and not asked again.
+        return Failure(cls, resp.status, msg, 0.0, data, again=False)
     return Failure(cls, resp.status, msg, retry_after, data)
 
 

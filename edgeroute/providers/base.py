@@ -71,6 +71,13 @@ class Adapter:
             return Outcome.CONTENT_POLICY
         return Outcome.CLIENT_ERROR
 
+    def too_large(self, body: bytes) -> bool:
+        """Whether a 429 says this request is larger than the deployment's limit allows (OpenAI's
+        and Azure's "Request too large for gpt-4o … on tokens per min (TPM): Limit 30000,
+        Requested 50000"), which no wait lets through, rather than that the limit is in use."""
+        low = body[:2048].lower()
+        return b"request too large" in low or b"must be reduced" in low
+
     def error_message(self, status: int, body: bytes) -> str:
         """A client-safe message for a non-2xx answer (`error.message` in most providers' bodies)."""
         try:
