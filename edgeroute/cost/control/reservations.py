@@ -180,6 +180,7 @@ class Reservations(ReadBack, Notifications, Settlement):
                     predicted,
                     tuple((kind, n + free * self.reserve_tool_calls) for kind, n, free in ticket.media.tools),
                     self.reserved.get(c.store_key, 0),
+                    hide=ticket.identity.team is not None and c.budget.scope in _OTHER_TEAMS_COUNT,
                 )
             ticket.charges, ticket.charges_shared, ticket.charges_generation = charges, shared, res.generation
             self._hold(rec.request_id, _booked_at(ticket, now), charges)
@@ -299,6 +300,10 @@ def usd(v: float) -> str:
     return f"${v:.{min(9, 2 - math.floor(math.log10(v)))}f}"
 
 
+# Budgets whose spend other teams' requests count too (`budget_report._team_charges` says so).
+_OTHER_TEAMS_COUNT = frozenset({"global", "model", "user"})
+
+
 def _budget_error(
     c: B.Charge,
     used: int,
@@ -309,17 +314,26 @@ def _budget_error(
     predicted: int = 0,
     tools: tuple[tuple[str, int], ...] = (),
     in_flight: int = 0,
+    hide: bool = False,
 ) -> ProxyError:
     """429 for a budget that cannot hold the request's reservation. A budget with room left
     refused it for its worst case, not for spend: it says so, and what reserves less (one that
     read "exhausted" at half its limit left the caller nothing to change). `in_flight`: what
     this process's requests in flight hold of `used` (nano-USD), reserved at their worst case
     and mostly given back when they finish: a budget whose room they hold says so, and to retry
-    then (Retry-After 1 s, not the period's end), for the caller could not tell it from spend."""
+    then (Retry-After 1 s, not the period's end), for the caller could not tell it from spend.
+    `hide`: the caller is a team's and the budget counts other teams' spend too: its figures
+    are withheld, as `/admin/budgets` withholds them from the team."""
     b = c.budget
     who = "all requests" if b.scope == "global" else f"{b.scope} '{c.subject}'"
     period = {"day": "today", "month": "this month"}.get(b.period) or f"in the last {b.window_hours or 0:g} hours"
     wait = max(1, math.ceil(c.period.resets_at - now))
+    if hide:
+        message = (
+            f"Budget '{b.name}' for {who} has no room for this request {period} (it counts other teams' spend"
+            " too, so its figures are not shown)."
+        )
+        return _budget_refusal(c, message, wait)
     spent = f"{usd(used / B.NANO)} of {usd(b.limit_usd)} spent or reserved {period}"
     held = _held_by_requests(c, used, in_flight)
     if held:
@@ -346,13 +360,14 @@ def _budget_error(
         message = f"Budget '{b.name}' for {who} is exhausted: {spent}."
     if held:
         message += " The requests in flight give back what they do not spend: retry when they finish."
+    return _budget_refusal(c, message, wait)
+
+
+def _budget_refusal(c: B.Charge, message: str, wait: int) -> ProxyError:
+    resets = iso(c.period.resets_at)
     return ProxyError(
         429,
-        f"{message} It resets at {iso(c.period.resets_at)}.",
+        f"{message} It resets at {resets}.",
         code="budget_exceeded",
-        headers={
-            "Retry-After": str(wait),
-            "x-edgeroute-budget": b.name,
-            "x-edgeroute-budget-reset": iso(c.period.resets_at),
-        },
+        headers={"Retry-After": str(wait), "x-edgeroute-budget": c.budget.name, "x-edgeroute-budget-reset": resets},
     )
