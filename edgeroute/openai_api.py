@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, audio_owners, free_requests, headers, provider_files, shadow
+from edgeroute import _core, audio_owners, free_requests, headers, provider_files, service_tiers, shadow
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -246,6 +246,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         body = await (dialect.read(request) if dialect else read_body(request))
         if live.config.server.provider_files == "refused" and live.access.keyed(request):
             await provider_files.refuse_named(body, request)
+        if dialect is None:  # Anthropic's tiers (`auto`, `standard_only`) bill no premium
+            service_tiers.check_body(body, live.config.server.service_tiers)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
         await audio_owners.check(request, live, body)  # with tenants: audio named by id is the caller's

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "edgeroute._core",
             "edgeroute.errors",
+            "edgeroute.service_tiers",
             "edgeroute.words",
             "edgeroute.headers",
             "edgeroute.sse",

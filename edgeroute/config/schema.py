@@ -339,6 +339,9 @@ class Server(_Strict):
     # alone is always let in. See server._admitted.
     max_body_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1024)
     drain_timeout: float = Field(30.0, ge=0)
+    # The `service_tier` values clients may ask for (edgeroute.service_tiers): `priority` is billed
+    # above the price its deployments are priced at, so it is refused unless listed here.
+    service_tiers: list[str] = ["auto", "default", "flex"]
     # Keys clients must present (by reference); none means no authentication (sidecar on loopback).
     api_keys: list[str] = []
     # One JSON line per request on stderr: the decision (route, rule and why), who served, cost.

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, service_tiers
 from edgeroute.accounting import Usage, responses_tool_calls
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
@@ -206,6 +206,7 @@ def parse(body: bytes) -> Parsed:
 
 
 async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
+    service_tiers.check(raw, live.config.server.service_tiers)
     await owners.check(request, live, raw)
     for container, param in containers.responses_named(raw):
         await containers.check(request, live, container, param)

@@ -1,0 +1,48 @@
+"""Which `service_tier` a client may ask a provider for.
+
+OpenAI bills a request by the tier it names: `priority` (and the older `scale`) at a
+premium over the standard price, `flex` at a discount. edgeroute prices every request at its
+deployment's price, so a client naming `priority` passed it on and spent more than every
+budget and the ledger counted. A tier outside `server.service_tiers` (by default `auto`,
+`default` and `flex`, which costs no more than priced) is refused with a 400 naming the field;
+an operator who allows `priority` prices its deployments at that tier's price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import orjson
+
+from edgeroute.errors import ProxyError
+
+DEFAULT = ("auto", "default", "flex")
+_FIELD = b'"service_tier"'
+
+
+def check_body(body: bytes, allowed: Collection[str]) -> None:
+    """Refuses a chat body that names a tier outside `allowed` (a scan for the field's name
+    first: a body without it is not parsed again)."""
+    if _FIELD not in body:
+        return
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return  # the core's parse says what is wrong with it
+    if isinstance(req, dict):
+        check(req, allowed)
+
+
+def check(req: dict[str, Any], allowed: Collection[str]) -> None:
+    tier = req.get("service_tier")
+    if tier is None or tier in allowed:
+        return
+    shown = tier if isinstance(tier, str) else orjson.dumps(tier).decode()
+    raise ProxyError(
+        400,
+        f"service_tier {shown[:40]!r} is not allowed on this gateway (allowed: {', '.join(allowed)}): it is billed"
+        " at another price than its deployments are priced at.",
+        code="service_tier_not_allowed",
+        param="service_tier",
+    )
