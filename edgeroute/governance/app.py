@@ -57,7 +57,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
     gov = Gov(store, managed)
-    gov.on_applied = _guard_after_apply(app)
+    gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
     gov.versions.record(text_of(cfg, source), "start", None)
@@ -244,14 +244,17 @@ class _NeedsAdmin(Exception):
         )
 
 
-def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None], None]:
+def _guard_after_apply(app: web.Application, at_start: frozenset[str]) -> Callable[[Live, str, int | None], None]:
     """Starts the rollback guard's watch of a generation applied by reload (not by rollback)."""
 
+    models = [at_start]  # the models of the generation applied before: a 404 for one gone is the reload's
+
     def start(live: Live, how: str, previous: int | None) -> None:
+        had, models[0] = models[0], frozenset(live.config.models)
         guard_cfg = live.config.governance.rollback_guard
         if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start", "follow")):
             return
-        stats = live.stats = guard.GenerationStats()
+        stats = live.stats = guard.GenerationStats(gone_models=had - models[0])
 
         async def run() -> None:
             why = await guard.watch(stats, guard_cfg, lambda: app[STATE].live is live)
