@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -390,15 +391,24 @@ def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
     named = [(k.team, k.user) for k in cfg.keys.values()]
     if (managed := request.app[GOV].managed) is not None:
         named += [(d.get("team"), d.get("user")) for d in managed.all()]
-    ours = any(u == f.user and t == team for t, u in named)
-    elsewhere = any(u == f.user and t != team for t, u in named)
-    budgeted = any(b.scope == "user" and b.match == f.user for b in cfg.budgets.limits)
+    user = _look(f.user)
+    ours = any(u is not None and _look(u) == user and t == team for t, u in named)
+    elsewhere = any(u is not None and _look(u) == user and t != team for t, u in named)
+    budgeted = any(b.scope == "user" and b.match is not None and _look(b.match) == user for b in cfg.budgets.limits)
     if elsewhere or (budgeted and not ours):
         raise ProxyError(
             403,
             f"User '{f.user}' is not one of team '{team}''s users: a team's key may name only its own team's users.",
             code="permission_denied", param="user",
         )  # fmt: skip
+
+
+def _look(user: str) -> str:
+    """What a user name looks like: NFKC, case-folded, without whitespace or invisible format
+    characters (zero-width space, joiners): `Bob`, ` bob`, `bob\u200b` and full-width `\uff42\uff4f\uff42` are
+    `bob` to whoever reads the spend by user, so one team's key cannot pass as another's user."""
+    folded = unicodedata.normalize("NFKC", user).casefold()
+    return "".join(c for c in folded if not c.isspace() and unicodedata.category(c) != "Cf")
 
 
 async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
