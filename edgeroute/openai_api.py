@@ -479,10 +479,7 @@ def finish(
     app[RECORDER].record(rec)
     telemetry.finished(app, rec, reasons)
     if live.stats is not None:  # the rollback guard watches this config generation
-        out = rec.usage.completion_tokens if rec.usage is not None and not rec.stream else None
-        ttft = rec.ttft_ms if rec.stream else None
-        sender = f"team:{rec.team}" if rec.team is not None else f"key:{rec.key}"
-        live.stats.observe(rec.status, rec.latency_ms, rec.error_class, ttft_ms=ttft, output_tokens=out, sender=sender)
+        live.stats.answered(rec)
     if (learner := app.get(LEARNER)) is not None and rec.status == 200:
         learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
 

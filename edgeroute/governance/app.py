@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +58,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
     gov = Gov(store, managed)
-    gov.on_applied = _guard_after_apply(app)
+    gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
     gov.versions.record(text_of(cfg, source), "start", None)
@@ -244,14 +245,17 @@ class _NeedsAdmin(Exception):
         )
 
 
-def _guard_after_apply(app: web.Application) -> Callable[[Live, str, int | None], None]:
+def _guard_after_apply(app: web.Application, at_start: frozenset[str]) -> Callable[[Live, str, int | None], None]:
     """Starts the rollback guard's watch of a generation applied by reload (not by rollback)."""
 
+    models = [at_start]  # the models of the generation applied before: a 404 for one gone is the reload's
+
     def start(live: Live, how: str, previous: int | None) -> None:
+        had, models[0] = models[0], frozenset(live.config.models)
         guard_cfg = live.config.governance.rollback_guard
         if guard_cfg is None or previous is None or how.startswith(("rollback", "auto_rollback", "start", "follow")):
             return
-        stats = live.stats = guard.GenerationStats()
+        stats = live.stats = guard.GenerationStats(gone_models=had - models[0])
 
         async def run() -> None:
             why = await guard.watch(stats, guard_cfg, lambda: app[STATE].live is live)
@@ -387,15 +391,24 @@ def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
     named = [(k.team, k.user) for k in cfg.keys.values()]
     if (managed := request.app[GOV].managed) is not None:
         named += [(d.get("team"), d.get("user")) for d in managed.all()]
-    ours = any(u == f.user and t == team for t, u in named)
-    elsewhere = any(u == f.user and t != team for t, u in named)
-    budgeted = any(b.scope == "user" and b.match == f.user for b in cfg.budgets.limits)
+    user = _look(f.user)
+    ours = any(u is not None and _look(u) == user and t == team for t, u in named)
+    elsewhere = any(u is not None and _look(u) == user and t != team for t, u in named)
+    budgeted = any(b.scope == "user" and b.match is not None and _look(b.match) == user for b in cfg.budgets.limits)
     if elsewhere or (budgeted and not ours):
         raise ProxyError(
             403,
             f"User '{f.user}' is not one of team '{team}''s users: a team's key may name only its own team's users.",
             code="permission_denied", param="user",
         )  # fmt: skip
+
+
+def _look(user: str) -> str:
+    """What a user name looks like: NFKC, case-folded, without whitespace or invisible format
+    characters (zero-width space, joiners): `Bob`, ` bob`, `bob\u200b` and full-width `\uff42\uff4f\uff42` are
+    `bob` to whoever reads the spend by user, so one team's key cannot pass as another's user."""
+    folded = unicodedata.normalize("NFKC", user).casefold()
+    return "".join(c for c in folded if not c.isspace() and unicodedata.category(c) != "Cf")
 
 
 async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:

@@ -21,7 +21,7 @@ import yaml
 from tests.conftest import eventually, simple_config
 from tests.scale.support import Instance, Spawn
 
-ADMIN = "sk-combos2-admin"
+ADMIN, APP = "sk-combos2-admin", "sk-combos2-app-0123"
 H = {"Authorization": f"Bearer {ADMIN}"}
 
 
@@ -77,26 +77,27 @@ async def test_the_rollback_guard_rolls_back_once_whatever_the_workers(
     up = await start_upstream(fail_status=500)
     cfg = simple_config(
         {"a": up},
-        keys={"ops": {"token": ADMIN, "role": "admin"}},
+        keys={"ops": {"token": ADMIN, "role": "admin"}, "app": {"token": APP}},
         ledger={"path": str(tmp_path / "l.db"), "flush_interval": 0.05},
         governance={"rollback_guard": {"window_s": 2, "max_error_rate": 0.5, "min_requests": 2}},
         retry={"base_ms": 1, "max_ms": 2},
     )
     inst = await spawn(cfg, "--workers", "2")
 
-    async def traffic(seconds: float) -> None:
+    async def traffic(seconds: float, headers: dict[str, str]) -> None:
         end = asyncio.get_running_loop().time() + seconds
         while asyncio.get_running_loop().time() < end:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as c:
                 body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-                async with c.post(inst.url + "/v1/chat/completions", json=body, headers=H) as r:
+                async with c.post(inst.url + "/v1/chat/completions", json=body, headers=headers) as r:
                     assert r.status >= 500
             await asyncio.sleep(0.02)
 
     async with aiohttp.ClientSession() as s:
         async with s.patch(inst.url + "/admin/deployments/d-a", json={"weight": 5}, headers=H) as r:
             assert r.status == 200, await r.text()
-        await asyncio.gather(traffic(9), traffic(9))  # four and a half windows
+        # Failing for two senders (one is never evidence enough), four and a half windows.
+        await asyncio.gather(traffic(9, H), traffic(9, {"Authorization": f"Bearer {APP}"}))
         got = await _audit(s, inst.url)
         async with s.get(inst.url + "/admin/config/versions", headers=H) as r:
             versions = [v["source"] for v in reversed((await r.json())["versions"])]

@@ -22,8 +22,9 @@ from tests.test_cost_support import cost_proxy
 ALPHA, CAROL = "tok-alpha-admin-0123456789", "tok-carol-beta-0123456789"
 
 
-async def test_a_teams_key_names_only_its_own_teams_users(start_upstream: Any, tmp_path: Path) -> None:
-    cfg = simple_config({"a": await start_upstream()})
+def _config(up: Any, tmp_path: Path) -> dict[str, Any]:
+    """Alpha's admin key, beta's user carol (and her budget), and a budget for dave, of no key."""
+    cfg = simple_config({"a": up})
     cfg |= {
         "keys": {
             "root": {"token": ROOT, "role": "admin"},
@@ -39,6 +40,11 @@ async def test_a_teams_key_names_only_its_own_teams_users(start_upstream: Any, t
             ]
         },
     }
+    return cfg
+
+
+async def test_a_teams_key_names_only_its_own_teams_users(start_upstream: Any, tmp_path: Path) -> None:
+    cfg = _config(await start_upstream(), tmp_path)
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         keys = proxy.url + "/admin/keys"
         for user in ("carol", "dave"):  # beta's user; a user a budget holds, of no alpha key
@@ -59,3 +65,21 @@ async def test_a_teams_key_names_only_its_own_teams_users(start_upstream: Any, t
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=CAROL, max_retries=0)
         await client.chat.completions.create(model="m", messages=USER, max_tokens=5)
         await client.close()
+
+
+async def test_a_look_alike_of_another_teams_user_is_refused(start_upstream: Any, tmp_path: Path) -> None:
+    """`Carol`, ` carol`, `carol` with a zero-width space, `carol` in full-width letters: accepted, each
+    passed in spend by user as beta's carol (and `Dave` as the budgeted dave)."""
+    async with cost_proxy(_config(await start_upstream(), tmp_path)) as proxy, aiohttp.ClientSession() as s:
+        keys = proxy.url + "/admin/keys"
+        for user in ("Carol", " carol", "carol\u200b", "\uff43\uff41\uff52\uff4f\uff4c", "DAVE "):
+            status, err = await call(s, "POST", keys, ALPHA, {"name": "svc", "role": "service", "user": user})
+            assert status == 403, (user, err)
+            assert err["error"]["code"] == "permission_denied" and err["error"]["param"] == "user", err
+        status, alan = await call(s, "POST", keys, ALPHA, {"name": "alan", "role": "service", "user": "alan"})
+        assert status == 201, alan
+        status, err = await call(s, "PATCH", keys + f"/{alan['id']}", ALPHA, {"user": "CAROL"})
+        assert status == 403, err
+        # A global admin still names anyone, look-alikes included.
+        status, other = await call(s, "POST", keys, ROOT, {"name": "c3", "role": "service", "user": "Carol"})
+        assert status == 201 and other["user"] == "Carol", other

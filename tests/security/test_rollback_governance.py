@@ -131,7 +131,8 @@ async def test_the_rollback_guard_does_not_undo_a_pii_rule(start_upstream: Any, 
         up.options.fail_status = 500
 
         async def refused() -> bool:
-            await call("POST", url + "/v1/chat/completions", ROOT, json={"model": "m", "messages": USER})
+            for key in (ROOT, OP):  # failing for more than one sender: the guard judges the config
+                await call("POST", url + "/v1/chat/completions", key, json={"model": "m", "messages": USER})
             status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", ROOT)
             return status == 200 and bool(body["entries"])
 

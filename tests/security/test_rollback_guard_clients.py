@@ -97,6 +97,19 @@ async def _stays(url: str, reloaded: dict[str, Any], watched_until: float) -> No
         await asyncio.sleep(0.1)
 
 
+async def _refusals(url: str) -> list[dict[str, Any]]:
+    """The guard's audited refusals to roll back, once there is one."""
+
+    async def refused() -> list[dict[str, Any]] | None:
+        status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", ADMIN)
+        assert status == 200, body
+        return body["entries"] or None
+
+    entries = await eventually(refused, "the guard's refusal, audited", within=patience(10))
+    assert entries is not None
+    return entries
+
+
 async def _error_guarded(serve_routes: ServeRoutes, tmp_path: Path) -> tuple[_Upstream, dict[str, Any], Path]:
     """The upstream, the config (a guard on the error rate alone) and its file."""
     mock = _Upstream()
@@ -139,17 +152,15 @@ async def test_the_guard_leaves_a_budget_cut_and_a_removal_to_a_human(
         write_config(path, cfg)
         assert (await call("POST", url + "/admin/reload", ADMIN))[0] == 200
         reloaded = await _head(url)
-        mock.broken = True
+        mock.broken = True  # for every team
+        other = openai.AsyncOpenAI(base_url=url + "/v1", api_key=OTHER, max_retries=0)
         for _ in range(8):
-            with contextlib.suppress(openai.APIStatusError):
-                await tenant.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            for client in (tenant, other):
+                with contextlib.suppress(openai.APIStatusError):
+                    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await other.close()
 
-        async def refused() -> list[dict[str, Any]] | None:
-            status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", ADMIN)
-            assert status == 200, body
-            return body["entries"] or None
-
-        entries = await eventually(refused, "the guard's refusal, audited", within=patience(10))
+        entries = await _refusals(url)
         undoes = entries[0]["after"]["undoes"]
         assert "deployments.d2 brought back" in undoes and "budget t1 loosened" in undoes, entries[0]
         head = await _head(url)

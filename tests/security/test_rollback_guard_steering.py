@@ -26,7 +26,7 @@ from edgeroute.server import create_app
 from tests.conftest import patience, simple_config
 from tests.governance_support import call, write_config
 
-ADMIN, TENANT = "tok-admin-0123456789", "tok-tenant-0123456789"
+ADMIN, TENANT, OTHER = "tok-admin-0123456789", "tok-tenant-0123456789", "tok-other-0123456789"
 HI: Any = [{"role": "user", "content": "hi"}]
 
 
@@ -43,6 +43,7 @@ async def test_only_if_cached_misses_do_not_roll_back_a_reload(start_upstream: A
     cfg["keys"] = {
         "ops": {"token": ADMIN, "role": "admin"},
         "tenant": {"token": TENANT, "team": "t1"},
+        "other": {"token": OTHER, "team": "t2"},
     }
     window_s = 3.0
     cfg["governance"] = {"rollback_guard": {"window_s": window_s, "max_error_rate": 0.5, "min_requests": 5}}
@@ -52,6 +53,7 @@ async def test_only_if_cached_misses_do_not_roll_back_a_reload(start_upstream: A
     await server.start_server()
     url = f"http://127.0.0.1:{server.port}"
     tenant = openai.AsyncOpenAI(base_url=url + "/v1", api_key=TENANT, max_retries=0)
+    other = openai.AsyncOpenAI(base_url=url + "/v1", api_key=OTHER, max_retries=0)
     try:
         # The operator holds the tenant to a budget (a reload, watched by the guard).
         cfg["budgets"] = {"limits": [{"name": "t1", "scope": "team", "match": "t1", "limit_usd": 5}]}
@@ -73,15 +75,18 @@ async def test_only_if_cached_misses_do_not_roll_back_a_reload(start_upstream: A
             head = (await _versions(url))[0]
             assert head["version"] == reloaded["version"] and head["active"], head
             await asyncio.sleep(0.1)
-        # The upstream's failures are still the config's: a reload onto a broken provider goes.
+        # The upstream's failures are still the config's (for every team): a reload onto a broken
+        # provider goes.
         cfg["providers"]["a"]["base_url"] = broken.base_url
         write_config(path, cfg)
         assert (await call("POST", url + "/admin/reload", ADMIN))[0] == 200
         deadline = time.monotonic() + patience(20)
         while not (await _versions(url))[0]["source"].startswith("auto_rollback"):
             assert time.monotonic() < deadline, "the guard did not roll back a broken provider"
-            with contextlib.suppress(openai.APIStatusError):
-                await tenant.chat.completions.create(model="m", messages=HI, max_tokens=5)
+            for client in (tenant, other):
+                with contextlib.suppress(openai.APIStatusError):
+                    await client.chat.completions.create(model="m", messages=HI, max_tokens=5)
     finally:
         await tenant.close()
+        await other.close()
         await server.close()
