@@ -106,6 +106,8 @@ class GenerationStats:
     def error_rate_without_worst(self) -> tuple[float, int]:
         """The error rate once the answers of the sender with most errors are set aside, and
         how many answers are left: one team or key failing cannot condemn the config."""
+        if len(self.answers_by) < 2:  # one sender alone (a sidecar's app): nobody to tell it from the config
+            return (self.errors / self.requests if self.requests else 0.0), self.requests
         worst = max(self.errors_by, key=self.errors_by.__getitem__, default=None)
         left = self.requests - self.answers_by.get(worst, 0) if worst is not None else self.requests
         bad = self.errors - self.errors_by.get(worst, 0) if worst is not None else 0
@@ -114,6 +116,8 @@ class GenerationStats:
     def p95_without_slowest(self, bound: float) -> tuple[float, int, int]:
         """The p95 once the answers of the sender with most answers over `bound` are set aside,
         how many are left, and how many of those are over `bound`."""
+        if len(set(self.latency_senders)) < 2:  # one sender alone: all its answers are judged
+            return _p95(self.latencies), len(self.latencies), sum(1 for x in self.latencies if x > bound)
         slow: dict[str, int] = {}
         for x, s in zip(self.latencies, self.latency_senders, strict=True):
             if x > bound:
