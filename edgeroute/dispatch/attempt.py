@@ -89,28 +89,22 @@ class Failure:
     cut: int | None = None
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
     again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
-    begun: float = 0.0  # time.monotonic() when its attempt began (the deployment served others since?)
 
     @property
     def maybe_the_requests(self) -> bool:
         """Whether the failure could be the request's own fault (a poison request): a server
-        error (HTTP 5xx) or a timeout once sent. Its report to the deployment's health waits
-        for the request's end (`FailoverPolicy._is_poison` decides)."""
-        return self.sent and (
-            (self.outcome is Outcome.SERVER_ERROR and self.status is not None and self.status >= 500)
-            or self.outcome is Outcome.TIMEOUT
+        error with an HTTP status other than those that mean an unwell or overloaded server."""
+        return (
+            self.sent
+            and self.outcome is Outcome.SERVER_ERROR
+            and self.status is not None
+            and self.status >= 500
+            and self.status not in _INFRA_STATUSES
         )
 
-    @property
-    def like_an_outage(self) -> bool:
-        """A timeout or a 502/503/504, which an unwell or overloaded server gives every
-        request: the request's own only where each deployment it failed on served others
-        while it waited (one client's dozen hanging requests opened every circuit of a model
-        and of its fallback)."""
-        return self.outcome is Outcome.TIMEOUT or self.status in _INFRA_STATUSES
 
-
-# 5xx statuses that say "the server is unwell or overloaded", rarely "this request is bad".
+# 5xx statuses that say "the server is unwell or overloaded", never "this request is bad":
+# the same one from two deployments is an outage, not a poison request.
 _INFRA_STATUSES = frozenset({502, 503, 504})
 
 
@@ -289,7 +283,7 @@ class Attempts:
             if dep.index in self.claimed:
                 self.claimed.remove(dep.index)  # its lease now goes with the slot
             self.live.capacity.take(dep.index)
-        t0, begun = time.perf_counter(), time.monotonic()
+        t0 = time.perf_counter()
         resp: Response | None = None
         keep_open = False
         result: Answer | Failure
@@ -354,8 +348,6 @@ class Attempts:
             if resp is not None and not keep_open:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
-        if isinstance(result, Failure):
-            result.begun = begun
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
         if isinstance(result, Failure) and reached and (result.outcome is Outcome.TIMEOUT or _ok(rec.status)):
             # Given up on as a cancelled attempt is (the connection dropped while the upstream

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -71,7 +70,6 @@ class Call(Attempts):
             try_retry=self.router.try_retry,
             remaining=self._remaining,
             serving=self._serving,
-            served_since=self._served_since,
             is_full=self._is_full if live.capacity.bounded else None,
         )
 
@@ -82,9 +80,6 @@ class Call(Attempts):
 
     def _serving(self, index: int) -> bool:
         return time.monotonic() - self.live.served_at.get(index, -SERVING_WINDOW_S) < SERVING_WINDOW_S
-
-    def _served_since(self, index: int, since: float) -> bool:
-        return self.live.served_at.get(index, -math.inf) > since
 
     def _is_open(self, index: int) -> bool:
         return self.router.health(index)["circuit"] == "open"

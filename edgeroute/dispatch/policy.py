@@ -15,8 +15,7 @@ loop must not decide by itself:
   a healthy second choice;
 - backoff between rounds (full jitter, or the upstream's `Retry-After`);
 - poison requests: the same server error from two deployments that are serving
-  other requests is the request's fault: stop, and it does not count against them
-  (a timeout or a 502/503/504 only where each served another request meanwhile);
+  other requests is the request's fault: stop, and it does not count against them;
 - the final status and error the client gets.
 
 No I/O and no clock of its own: health, the retry budget, the time left and the
@@ -112,8 +111,8 @@ class FailoverPolicy:
     """Answers the loop's questions for one request (see the module docstring)."""
 
     __slots__ = (
-        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_served_since", "_serving",
-        "_try_retry", "model", "own", "settings",
+        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_serving", "_try_retry", "model",
+        "own", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -129,7 +128,6 @@ class FailoverPolicy:
         remaining: Callable[[], float],
         serving: Callable[[int], bool],
         is_full: Callable[[int], bool] | None = None,
-        served_since: Callable[[int, float], bool] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.model = model  # as the client named it, for messages
@@ -141,8 +139,6 @@ class FailoverPolicy:
         self._try_retry = try_retry
         self._remaining = remaining
         self._serving = serving  # whether a deployment answered other requests lately
-        # Whether a deployment answered another request after a time (`Failure.begun`).
-        self._served_since = served_since or _never_since
         self._is_full = is_full or _never  # whether a deployment is at its max_concurrency
         self._rng = rng or _RNG  # one per process: seeding a new one costs ~50 µs
 
@@ -213,26 +209,19 @@ class FailoverPolicy:
         return []
 
     def _is_poison(self, state: FailoverState, dep: DeploymentInfo, f: Failure) -> bool:
-        """The same failure from two deployments, each of which serves others: the request's.
-        A timeout or a 502/503/504 (an outage's look too) needs each deployment it came from
-        to have served another request while this one waited on it."""
         if not f.maybe_the_requests:
             return False
         sig = signature(f)
-        same = [(d, p) for d, p in state.failures[:-1] if d != dep and p.maybe_the_requests and signature(p) == sig]
-        if not same:
-            return False
-        if f.like_an_outage:
-            return all(self._served_since(d.index, p.begun) for d, p in [(dep, f), *same])
-        return all(self._serving(d.index) for d in [dep, *(d for d, p in state.failures[:-1] if p.sent)])
+        return any(
+            d != dep and prev.maybe_the_requests and signature(prev) == sig for d, prev in state.failures[:-1]
+        ) and all(self._serving(d.index) for d in [dep, *(d for d, p in state.failures[:-1] if p.sent)])
 
     def _poison(self, state: FailoverState, f: Failure) -> Stop:
         names = ", ".join(d.name for d in state.called)
-        what = f.message if f.status is None else f"HTTP {f.status}: {f.message}"
         return Stop(
-            504 if f.outcome is Outcome.TIMEOUT else 502,
+            502,
             f"The request failed with the same upstream error on {len(state.called)} deployments ({names}): "
-            + redact.cut(what, 800)
+            + redact.cut(f"HTTP {f.status}: {f.message}", 800)
             + " It was not retried further: the request itself appears to cause the error.",
             "upstream_request_failed",
             "poison",
@@ -417,10 +406,6 @@ class FailoverPolicy:
 
 
 def _never(index: int) -> bool:
-    return False
-
-
-def _never_since(index: int, since: float) -> bool:
     return False
 
 
