@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import sys
 import threading
 import time
@@ -76,6 +77,10 @@ _DEAD_PEER: dict[str, Any] = {
     "keepalives_count": 2,
     "tcp_user_timeout": 3000,
 }
+# The same for PostgreSQL's side of the lock's session, which holds the lock: by default it
+# learns of a peer gone in a partition after its keepalive's two hours, and no restarted server
+# could take the lock meanwhile (a healed one ends its own session: `_PgHold._end_orphans`).
+_SERVER_DEAD_PEER = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3"
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
 _lost: str | None = None  # set by the watcher while another server holds the lock
 _read: tuple[float, str | None] = (0.0, None)  # a worker's last read of the supervisor's file
@@ -223,22 +228,40 @@ class _PgHold:
     def __init__(self, dsn: str, alone: bool) -> None:
         self.dsn, self.alone = dsn, alone
         self.conn: Any = None
+        # This process's sessions alone carry the name: one a partition cut off is found by it.
+        self.name = f"edgeroute ledger lock {os.getpid()} {secrets.token_hex(6)}"
 
     def take(self) -> bool:
         """Connects and tries the lock (raises psycopg.Error when the database cannot be reached)."""
         import psycopg
 
         self.close()
-        conn = psycopg.connect(
-            self.dsn, autocommit=True, connect_timeout=5, application_name="edgeroute ledger lock", **_DEAD_PEER
-        )
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name=self.name, **_DEAD_PEER)
+        with contextlib.suppress(psycopg.Error):  # PostgreSQL's own side: it ends a vanished peer's session
+            conn.execute(_SERVER_DEAD_PEER)
         fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
-        row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
-        if row is None or not row[0]:
-            conn.close()
-            return False
-        self.conn = conn
-        return True
+        for _ in range(20):
+            row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
+            if row is not None and row[0]:
+                self.conn = conn
+                return True
+            if not self._end_orphans(conn):
+                break
+            time.sleep(0.05)  # the ended session lets go of the lock as its backend exits
+        conn.close()
+        return False
+
+    def _end_orphans(self, conn: Any) -> bool:
+        """Ends this process's own earlier lock sessions (whether any was found): a partition
+        that drops packets leaves PostgreSQL's side of the lock's session open, holding the lock
+        for hours (its keepalive), and the healed server read its own session as another
+        server's and refused spend until then."""
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s"
+            " AND pid <> pg_backend_pid()",
+            (self.name,),
+        ).fetchall()
+        return bool(rows)
 
     def close(self) -> None:
         if self.conn is not None:

@@ -33,6 +33,21 @@ class Forwarder:
         self.target, self.port = target, free_port()
         self.server: asyncio.Server | None = None
         self.writers: list[asyncio.StreamWriter] = []
+        self.upstreams: list[asyncio.StreamWriter] = []
+        self.upstreams_kept = False  # after `cut_one_side`: PostgreSQL's side is not closed
+
+    async def cut_one_side(self) -> None:
+        """A partition that drops packets, as each side ends up seeing it: the server's side of
+        every connection fails (its keepalives went unanswered), PostgreSQL's stays open and
+        silent (it sends nothing on an idle session, so it notices nothing for hours)."""
+        assert self.server is not None
+        self.upstreams_kept = True
+        self.server.close()
+        for w in self.writers:
+            if w not in self.upstreams:
+                w.transport.abort()
+        self.writers.clear()
+        await self.server.wait_closed()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port, reuse_address=True)
@@ -40,9 +55,10 @@ class Forwarder:
     async def cut(self) -> None:
         assert self.server is not None
         self.server.close()
-        for w in self.writers:
+        for w in self.writers + self.upstreams:
             w.transport.abort()
         self.writers.clear()
+        self.upstreams.clear()
         await self.server.wait_closed()
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -52,13 +68,15 @@ class Forwarder:
             w.transport.abort()
             return
         self.writers += [w, uw]
+        self.upstreams.append(uw)
 
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
-            dst.transport.abort()
+            if dst not in self.upstreams or not self.upstreams_kept:
+                dst.transport.abort()
 
         await asyncio.gather(copy(r, uw), copy(ur, w))
 
@@ -159,6 +177,34 @@ async def test_after_the_partition_the_server_counts_what_another_spent_meanwhil
         await eventually(taking, "the first server holding the lock again", within=20, every=0.2)
         assert await answered(first.url, 5, refused_for="budget") == 0  # the second spent the rest
         assert "spend read back" in first.output()
+    finally:
+        with contextlib.suppress(Exception):
+            await fwd.cut()
+
+
+async def test_after_a_silent_partition_the_server_ends_its_own_orphaned_lock_session(
+    pg_schema_dsn: str, spawn: Spawn, start_upstream: Any
+) -> None:
+    """A partition that drops packets leaves PostgreSQL's side of the lock's session open, and
+    the lock held, for as long as its keepalive (hours): the healed server read its own session
+    as another server's and refused spend until then. It ends its own orphaned session."""
+    pg = urlsplit(pg_schema_dsn)
+    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
+    await fwd.start()
+    up = await start_upstream()
+    ledger = {"backend": "postgres", "dsn": _through(pg_schema_dsn, fwd.port), "flush_interval": 0.1}
+    inst = await spawn(config_with_a_budget(up.base_url, ledger=ledger), name="silent")
+    try:
+        assert await answered(inst.url, 2) == 2
+        await fwd.cut_one_side()
+        await eventually(lambda: _lock_lost(inst.url), "the server not ready in the partition", within=20, every=0.2)
+        await fwd.start()  # healed: new connections pass; PostgreSQL's side of the old session holds the lock
+
+        async def serving() -> bool:
+            return await _refusal(inst.url) is None
+
+        await eventually(serving, "requests answered again", within=20, every=0.2)
+        assert "taking requests again" in inst.output()
     finally:
         with contextlib.suppress(Exception):
             await fwd.cut()
