@@ -242,6 +242,19 @@ def absurd_usage(usage: Any) -> bool:
     return False
 
 
+def repaired_usage(usage: Any) -> dict[str, Any] | None:
+    """An absurd `usage` whose prompt and completion counts are sound, with the total they
+    make (a total of -1 beside 10 prompt and 5,000 completion tokens, 4,990 of them reasoning);
+    None when those counts are garbage too (the answer is then counted from its text). Nulled
+    whole, such a stream's reasoning tokens, which its text does not show, went unbilled."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is int and type(completion) is int and 0 <= prompt < MAX_COUNT and 0 <= completion < MAX_COUNT:
+        return {**usage, "total_tokens": prompt + completion}
+    return None
+
+
 class Choices:
     """Which choices of a chat stream are still open: one past its `finish_reason`, or whose
     index is not below the request's `n` (`count`, when known), says nothing more. Relayed, a
@@ -262,10 +275,11 @@ class Choices:
         finished, count = self.finished, self.count
         dropped: list[dict[str, Any]] | None = None
         for c in choices:
-            index = c.get("index")
-            if type(index) is not int:
+            index = c.get("index", 0)
+            if index is None:
                 index = 0  # as the clients read a careless one
-            if index in finished or (count is not None and index >= count):
+            if type(index) is not int or index < 0 or index in finished or (count is not None and index >= count):
+                # Finished, not asked for, or no choice at all (-1, "1"): it cannot close choice 0.
                 dropped = [c] if dropped is None else [*dropped, c]
             elif c.get("finish_reason"):
                 finished.add(index)
@@ -297,7 +311,7 @@ def _check_chunk(
         parsed.append(obj)
     garbage = (usage := obj.get("usage")) is not None and absurd_usage(usage)
     if garbage:
-        obj["usage"] = None  # the stream is counted from its text instead
+        obj["usage"] = repaired_usage(usage)  # else None: the stream is counted from its text instead
     choices = obj.get("choices")
     if choices is None:
         if type(obj.get("type")) is str and "error" not in obj:

@@ -87,3 +87,24 @@ async def test_a_finished_answer_whose_asked_usage_never_came_is_incomplete(
             _ = [c async for c in stream]
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("index", [-1, "1", "0"])
+async def test_a_finish_for_no_choice_does_not_end_the_answer(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes, index: Any
+) -> None:
+    """A finish whose choice index is no choice at all (-1, a string) cannot make a cut stream
+    (choice 0 never finished, no [DONE]) whole: it was ended with a clean [DONE] and logged ok."""
+    bogus = _chunk({}, "stop")
+    bogus["choices"][0]["index"] = index
+    events = [_event(o) for o in (_chunk({"role": "assistant", "content": "cut"}), bogus)]
+    proxy, _ = await _proxy(start_proxy, serve_routes, events)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        with pytest.raises(openai.APIError, match="incomplete"):
+            _ = [c async for c in stream]
+    finally:
+        await client.close()

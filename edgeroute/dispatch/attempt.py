@@ -478,7 +478,10 @@ class Attempts:
             # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
             # string or null, a null message) was a 200, recorded as served and never failed over.
             return Failure(Outcome.SERVER_ERROR, status, f"upstream answer {unreadable}")
-        usage = Usage.from_openai(obj.get("usage"), answered=True)
+        if sse.absurd_usage(reported := obj.get("usage")) and (repaired := sse.repaired_usage(reported)):
+            obj["usage"] = reported = repaired  # sound counts, and the total they make, for the client
+            data = orjson.dumps(obj)
+        usage = Usage.from_openai(reported, answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
             if sse.absurd_usage(obj.get("usage")):  # the count, not the garbage, for the client and cache

@@ -11,6 +11,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.conftest import eventually
 from tests.security.conftest import priced_config, usage_upstream
 
 ABSURD = [
@@ -57,3 +58,38 @@ async def test_absurd_counts_never_reach_a_client(
                 assert all(_sane(c.usage) for c in chunks if c.usage is not None)
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_an_absurd_total_beside_sound_counts_keeps_them(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Any]], stream: bool
+) -> None:
+    """Only the total is garbage: the prompt and completion counts stand (4,990 reasoning
+    tokens the text does not show among them), with the total they make. A stream's usage was
+    dropped whole and its answer counted from its text: billed 417 times less."""
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": 5000,
+        "total_tokens": -1,
+        "completion_tokens_details": {"reasoning_tokens": 4990},
+    }
+    async with usage_upstream(usage) as base:
+        proxy = await start_proxy(priced_config(base))
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        try:
+            if stream:
+                got = await client.chat.completions.create(
+                    model="m", messages=USER, stream=True, stream_options={"include_usage": True}
+                )
+                shown = [c.usage async for c in got if c.usage is not None][-1]
+            else:
+                shown = (await client.chat.completions.create(model="m", messages=USER)).usage
+        finally:
+            await client.close()
+    assert shown is not None and (shown.prompt_tokens, shown.completion_tokens, shown.total_tokens) == (10, 5000, 5010)
+
+    async def recorded() -> Any:
+        return proxy.recorder.records[-1] if proxy.recorder.records else None
+
+    rec = await eventually(recorded, "the request's record")
+    assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (10, 5000)
