@@ -24,7 +24,7 @@ from edgeroute.accounting import Usage, cost_of
 from edgeroute.config import Price
 from edgeroute.config.prices import catalogue_entry
 from edgeroute.cost.prices import ceiling
-from tests.conftest import ServeRoutes
+from tests.conftest import ServeRoutes, eventually
 
 # $/Mtok, as red team B's repro had them: input 1000, 5-minute writes 1250, reads 100, output 1000.
 PRICE = {
@@ -132,3 +132,40 @@ async def test_anthropic_clients_are_charged_the_one_hour_price(
             msg = await client.messages.create(**args)
     assert msg.usage.cache_creation_input_tokens == 1000
     _charged(proxy)
+
+
+async def _cut_after_content(request: web.Request) -> web.StreamResponse:
+    """A stream cut after its first content: only message_start carried the usage."""
+    body = await request.json()
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"], "stop_reason": None}
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for ev in (
+        {"type": "message_start", "message": {**msg, "content": [], "usage": {**USAGE, "output_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi there"}},
+    ):
+        await resp.write(b"event: " + ev["type"].encode() + b"\ndata: " + orjson.dumps(ev) + b"\n\n")
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+async def test_a_cut_stream_keeps_its_one_hour_writes(serve_routes: ServeRoutes, start_proxy: Any) -> None:
+    """Counted from its text, a stream cut before its last usage keeps the prompt's counts that
+    message_start reported, its 1-hour writes among them (they were priced as 5-minute ones)."""
+    proxy = await start_proxy(_config((await serve_routes(web.post("/v1/messages", _cut_after_content))).url))
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20, stream=True
+        )
+        with pytest.raises(openai.APIError):
+            _ = [c async for c in stream]
+
+    async def settled() -> Any:
+        recs = proxy.recorder.records
+        return recs[-1] if recs and recs[-1].attempts and recs[-1].attempts[0].usage else None
+
+    rec = await eventually(settled, "the cut stream's record")
+    usage = rec.attempts[0].usage
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1000, 400)

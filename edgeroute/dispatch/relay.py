@@ -547,6 +547,7 @@ async def _estimate(
             return said.usage(call.prompt_tokens(), encoding)
         u = said.usage(prompt.prompt_tokens, encoding)
         u.cached_tokens, u.cache_write_tokens = prompt.cached_tokens, prompt.cache_write_tokens
+        u.cache_write_1h_tokens = prompt.cache_write_1h_tokens
         return u
 
     counting: asyncio.Future[Usage] | None = None
