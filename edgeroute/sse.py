@@ -278,8 +278,14 @@ class Choices:
             index = c.get("index", 0)
             if index is None:
                 index = 0  # as the clients read a careless one
-            if type(index) is not int or index < 0 or index in finished or (count is not None and index >= count):
-                # Finished, not asked for, or no choice at all (-1, "1"): it cannot close choice 0.
+            if (
+                type(index) is not int
+                or index < 0
+                or (count is not None and index >= count)
+                or (index in finished and _says_something(c))
+            ):
+                # Not asked for, no choice at all (-1, "1"), or more of a finished answer: dropped
+                # (a finished choice's annotations, such as Azure's content filter results, go on).
                 dropped = [c] if dropped is None else [*dropped, c]
             elif c.get("finish_reason"):
                 finished.add(index)
@@ -288,6 +294,16 @@ class Choices:
         kept = [c for c in choices if all(c is not d for d in dropped)]
         obj["choices"] = kept  # (the object a held stream reads too)
         return DROPPED if not kept and obj.get("usage") is None else obj
+
+
+def _says_something(choice: dict[str, Any]) -> bool:
+    """Whether a choice's chunk carries an answer's content or a finish (not annotations alone)."""
+    delta = choice.get("delta")
+    if choice.get("finish_reason"):
+        return True
+    return type(delta) is dict and any(
+        delta.get(k) for k in ("content", "tool_calls", "refusal", "function_call", "reasoning_content", "reasoning")
+    )
 
 
 def _check_chunk(
@@ -314,9 +330,10 @@ def _check_chunk(
         obj["usage"] = repaired_usage(usage)  # else None: the stream is counted from its text instead
     choices = obj.get("choices")
     if choices is None:
-        if type(obj.get("type")) is str and "error" not in obj:
+        if _other_apis_event(obj.get("type")) and "error" not in obj:
             # Another API's event (Anthropic's `message_start`, a Responses event): relayed, it
             # reached an OpenAI client as a 200 it cannot read; its whole JSON answer fails over.
+            # Only those: a server's own `{"type": "ping"}` goes on as it did.
             raise StreamProtocolError("sent a stream event of another API, not a chat chunk")
         return obj if garbage else None
     if type(choices) is list:
@@ -339,6 +356,14 @@ def _check_chunk(
                 return kept
             return obj if unnumbered or garbage else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
+
+
+_OTHER_APIS = frozenset({"message_start", "message_delta", "message_stop"})
+
+
+def _other_apis_event(kind: Any) -> bool:
+    """Whether an event's `type` is one of Anthropic's Messages or OpenAI's Responses events."""
+    return type(kind) is str and (kind in _OTHER_APIS or kind.startswith(("content_block_", "response.")))
 
 
 class ToolCallSlots:

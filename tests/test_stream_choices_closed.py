@@ -122,3 +122,41 @@ def test_the_anthropic_encoder_reads_one_choice_to_its_finish() -> None:
         if line.startswith(b"data: ") and (e := orjson.loads(line[6:]))["type"] == "content_block_delta"
     ]
     assert texts == ["zero"]
+
+
+async def test_annotations_after_a_finish_and_a_servers_own_events_go_on(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes
+) -> None:
+    """What is not more of the answer is relayed as before: Azure's content-filter results in a
+    chunk after the finish (dropped with the check above, and lost to clients), and a server's
+    own event with a `type` (`{"type": "ping"}`: taken for another API's event, the stream
+    failed over, then was a 502)."""
+    filtered = {"hate": {"filtered": False, "severity": "safe"}}
+    annotations = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "x",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": None, "content_filter_results": filtered}],
+    }
+    events = [
+        b'data: {"type":"ping"}\n\n',
+        _chunk({"role": "assistant", "content": "answer"}),
+        _chunk({}, "stop"),
+        b"data: " + orjson.dumps(annotations) + b"\n\n",
+        b"data: [DONE]\n\n",
+    ]
+    proxy, calls = await _proxy(start_proxy, serve_routes, events)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        chunks = [c async for c in stream]
+    finally:
+        await client.close()
+    choices = [ch for c in chunks for ch in c.choices or ()]  # (the ping has none: relayed as it came)
+    assert "".join(ch.delta.content or "" for ch in choices) == "answer"
+    extra = [ch.model_extra for ch in choices if ch.model_extra]
+    assert {"content_filter_results": filtered} in extra
+    assert len(calls) == 1

@@ -236,20 +236,27 @@ class _PgHold:
         import psycopg
 
         self.close()
-        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5, application_name=self.name, **_DEAD_PEER)
-        with contextlib.suppress(psycopg.Error):  # PostgreSQL's own side: it ends a vanished peer's session
-            conn.execute(_SERVER_DEAD_PEER)
-        fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
-        for _ in range(20):
-            row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
-            if row is not None and row[0]:
-                self.conn = conn
-                return True
-            if not self._end_orphans(conn):
-                break
-            time.sleep(0.05)  # the ended session lets go of the lock as its backend exits
-        conn.close()
-        return False
+        conn: Any = psycopg.connect(
+            self.dsn, autocommit=True, connect_timeout=5, application_name=self.name, **_DEAD_PEER
+        )
+        try:
+            try:  # PostgreSQL's own side: it ends a vanished peer's session
+                conn.execute(_SERVER_DEAD_PEER)
+            except psycopg.Error as e:
+                _say(f"edgeroute: the ledger's lock session keeps PostgreSQL's keepalive defaults ({e})")
+            fn = "pg_try_advisory_lock" if self.alone else "pg_try_advisory_lock_shared"
+            for _ in range(20):
+                row = conn.execute(f"SELECT {fn}({PG_KEY})").fetchone()
+                if row is not None and row[0]:
+                    self.conn, conn = conn, None
+                    return True
+                if not self._end_orphans(conn):
+                    break
+                time.sleep(0.05)  # the ended session lets go of the lock as its backend exits
+            return False
+        finally:
+            if conn is not None:  # not holding the lock: a query failed, or another holds it
+                conn.close()
 
     def _end_orphans(self, conn: Any) -> bool:
         """Ends this process's own earlier lock sessions (whether any was found): a partition
