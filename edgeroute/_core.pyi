@@ -158,6 +158,10 @@ class Decision:
         """Whether the client asked for ``stream_options.include_usage``."""
 
     @property
+    def service_tier(self) -> str | None:
+        """The request's ``service_tier`` as written (JSON text), when it names one."""
+
+    @property
     def max_tokens(self) -> int | None:
         """``max_completion_tokens``, or else ``max_tokens``, from the body."""
 

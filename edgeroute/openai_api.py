@@ -246,12 +246,12 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         body = await (dialect.read(request) if dialect else read_body(request))
         if live.config.server.provider_files == "refused" and live.access.keyed(request):
             await provider_files.refuse_named(body, request)
-        if dialect is None:  # Anthropic's tiers (`auto`, `standard_only`) bill no premium
-            service_tiers.check_body(body, live.config.server.service_tiers)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
         await audio_owners.check(request, live, body)  # with tenants: audio named by id is the caller's
         decision = await decide_soon(live, body, request)
+        if dialect is None:  # Anthropic's tiers (`auto`, `standard_only`) bill no premium
+            service_tiers.check_raw(decision.service_tier, live.config.server.service_tiers)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
         rec.task = decision.task
         reasons = decision.reasons

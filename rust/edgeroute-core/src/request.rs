@@ -94,6 +94,8 @@ struct Body<'a> {
     response_format: Option<&'a RawValue>,
     #[serde(borrow, default)]
     prediction: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
 }
 
 /// The routing-relevant view of a chat-completions request.
@@ -131,6 +133,9 @@ pub struct ChatRequest<'a> {
     /// answer rejects are billed as output beyond `max_tokens`, so budgets reserve for them.
     /// Found by the parse itself, a key spelt with escapes (`predict\u0069on`) included.
     pub prediction: Option<&'a RawValue>,
+    /// The `service_tier` as written, when not null: the server checks which tiers clients may
+    /// name (one billed above its deployments' price is refused), without parsing the body again.
+    pub service_tier: Option<&'a RawValue>,
 }
 
 /// A count of choices (`n`, `best_of`): 1 when absent or null, else a JSON integer of at
@@ -196,6 +201,7 @@ impl<'a> ChatRequest<'a> {
             prompt_fields: [raw.functions, raw.response_format],
             other_parts,
             prediction: raw.prediction.filter(|p| p.get() != "null"),
+            service_tier: raw.service_tier.filter(|t| t.get() != "null"),
         })
     }
 }

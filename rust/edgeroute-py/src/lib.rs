@@ -136,6 +136,10 @@ impl Decision {
         self.inner.include_usage
     }
     #[getter]
+    fn service_tier(&self) -> Option<&str> {
+        self.inner.service_tier.as_deref()
+    }
+    #[getter]
     fn max_tokens(&self) -> Option<u32> {
         self.inner.max_tokens
     }

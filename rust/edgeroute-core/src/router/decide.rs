@@ -68,6 +68,8 @@ pub struct Decision {
     /// The request's Predicted Output (`prediction`) as written, when it has one: budgets
     /// reserve for its tokens at the output price.
     pub prediction: Option<String>,
+    /// The request's `service_tier` as written (JSON), when it names one.
+    pub service_tier: Option<String>,
     /// Byte span of the `model` value in the body.
     pub model_span: (usize, usize),
     /// Send a hedge to `order[1]` after this many milliseconds without an answer.
@@ -157,6 +159,7 @@ impl Router {
             choices: req.choices,
             other_parts: req.other_parts,
             prediction: req.prediction.map(|p| p.get().to_owned()),
+            service_tier: req.service_tier.map(|t| t.get().to_owned()),
             model_span: req.model_span,
             hedge_after_ms,
             strategy,
