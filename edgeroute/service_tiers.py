@@ -4,8 +4,8 @@ OpenAI bills a request by the tier it names: `priority` (and the older `scale`) 
 premium over the standard price, `flex` at a discount. edgeroute prices every request at its
 deployment's price, so a client naming `priority` passed it on and spent more than every
 budget and the ledger counted. A tier outside `server.service_tiers` (by default `auto`,
-`default` and `flex`, which costs no more than priced) is refused with a 400 naming the field;
-an operator who allows `priority` prices its deployments at that tier's price.
+`default` and `flex`, which costs no more than priced) is refused with a 400 naming the
+field; an operator who allows `priority` prices its deployments at that tier's price.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from typing import Any
 import orjson
 
 from edgeroute.errors import ProxyError
-
-DEFAULT = ("auto", "default", "flex")
 
 
 def check_raw(raw: str | None, allowed: Collection[str]) -> None:

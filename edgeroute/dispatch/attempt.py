@@ -478,22 +478,30 @@ class Attempts:
             # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
             # string or null, a null message) was a 200, recorded as served and never failed over.
             return Failure(Outcome.SERVER_ERROR, status, f"upstream answer {unreadable}")
-        if sse.absurd_usage(reported := obj.get("usage")) and (repaired := sse.repaired_usage(reported)):
+        reported = obj.get("usage")
+        absurd = sse.absurd_usage(reported)
+        if absurd and (repaired := sse.repaired_usage(reported)) is not None:
             obj["usage"] = reported = repaired  # sound counts, and the total they make, for the client
-            data = orjson.dumps(obj)
+            data, absurd = orjson.dumps(obj), False
         usage = Usage.from_openai(reported, answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
-            if sse.absurd_usage(obj.get("usage")):  # the count, not the garbage, for the client and cache
+            if absurd:  # the count, not the garbage, for the client and cache
                 obj["usage"] = _openai_usage(usage)
                 data = orjson.dumps(obj)
         elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
             fix = underreport.check(usage, answer_text(obj), self.decision.encoding)
-            if fix is not None:
-                log.warning("%s", fix.reason)
-                self.record.error_class = fix.code
-                usage = fix.usage
+            usage = self.charged(usage, fix, f"provider {adapter.name}")
         return JsonAnswer(data, usage)
+
+    def charged(self, usage: Usage, fix: underreport.Corrected | None, source: str) -> Usage:
+        """The usage to charge: `fix`'s where the upstream's report was impossible for its
+        answer's text (logged, and the request's error class says so), else `usage`."""
+        if fix is None:
+            return usage
+        log.warning("%s: %s", source, fix.reason)
+        self.record.error_class = fix.code
+        return fix.usage
 
     async def _stream_of_json(self, resp: Response, adapter: Any, deadline: Deadline) -> StreamAnswer | Failure:
         """A stream request answered with a whole JSON answer (a server that ignores `stream`),

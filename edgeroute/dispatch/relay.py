@@ -502,11 +502,7 @@ async def _underreported(call: Attempts, dep: DeploymentInfo, usage: Usage, said
         fix = check()
     else:  # reading and counting a long stream's text: the event loop serves meanwhile
         fix = await asyncio.get_running_loop().run_in_executor(COUNTING, check)
-    if fix is None:
-        return usage
-    log.warning("deployment %s: %s", dep.name, fix.reason)
-    call.record.error_class = fix.code
-    return fix.usage
+    return call.charged(usage, fix, f"deployment {dep.name}")
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:

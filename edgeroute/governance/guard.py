@@ -9,7 +9,8 @@ generation takes as long as the client asked); a client's own cancellation, slow
 `only-if-cached` miss is not counted at all; a stream is timed from its upstream attempt's
 start (no capacity queue). The bound must still be passed once the answers of the sender
 (team, else key) with most bad ones are set aside, with `min_requests` answers left: one team
-or key cannot condemn the config that serves all. A 404 for a model the reload took away, or
+or key cannot condemn the config that serves all (a window with one sender alone, a sidecar's
+application, is judged whole: nobody else tells it from the config). A 404 for a model the reload took away, or
 an upstream's 404, counts as an error (a renamed model); a client's own 4xx never does. And
 the guard never undoes, by itself, a change that tightened cost controls or took a deployment
 or provider out of service (`held_for_a_human`).
@@ -151,16 +152,16 @@ def verdict(stats: GenerationStats, guard: RollbackGuard) -> str | None:
     bound = guard.max_error_rate
     rate, left = stats.error_rate_without_worst()
     if bound is not None and left >= guard.min_requests and rate > bound:
-        return f"error rate {rate:.0%} over {left} answers (the most failing sender's set aside) passed {bound:.0%}"
+        aside = " (the most failing sender's set aside)" if len(stats.answers_by) > 1 else ""
+        return f"error rate {rate:.0%} over {left} answers{aside} passed {bound:.0%}"
     ms = guard.max_p95_ms
     if ms is not None and stats.p95() > ms:
         # Of a few answers the p95 is the slowest: one incidental slow answer is not several.
         p95, n, slow = stats.p95_without_slowest(ms)
         if n >= guard.min_requests and p95 > ms and slow >= 2:
-            return (
-                f"p95 latency {p95:.0f} ms (first token, or short answers) over {n} answers"
-                f" (the slowest sender's set aside) passed {ms:.0f} ms"
-            )
+            aside = " (the slowest sender's set aside)" if len(set(stats.latency_senders)) > 1 else ""
+            what = f"p95 latency {p95:.0f} ms (first token, or short answers) over {n} answers"
+            return f"{what}{aside} passed {ms:.0f} ms"
     return None
 
 

@@ -96,6 +96,18 @@ async def _refusal(url: str) -> openai.APIStatusError | None:
     return None
 
 
+async def _forwarder(dsn: str) -> Forwarder:
+    """A started forwarder to the PostgreSQL of `dsn` (reach it with `_through(dsn, fwd.port)`)."""
+    pg = urlsplit(dsn)
+    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
+    await fwd.start()
+    return fwd
+
+
+async def _answering(url: str) -> bool:
+    return await _refusal(url) is None
+
+
 async def _lock_lost(url: str) -> bool:
     """`/readyz` says not ready for the ledger's lock (asked without spending: a request
     answered during the grace would spend)."""
@@ -106,9 +118,7 @@ async def _lock_lost(url: str) -> bool:
 async def test_a_partitioned_server_counting_alone_refuses_until_it_holds_the_lock_again(
     pg_schema_dsn: str, spawn: Spawn, start_upstream: Any
 ) -> None:
-    pg = urlsplit(pg_schema_dsn)
-    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
-    await fwd.start()
+    fwd = await _forwarder(pg_schema_dsn)
     up = await start_upstream()
     cfg = config_with_a_budget(
         up.base_url, ledger={"backend": "postgres", "dsn": _through(pg_schema_dsn, fwd.port), "flush_interval": 0.1}
@@ -134,10 +144,7 @@ async def test_a_partitioned_server_counting_alone_refuses_until_it_holds_the_lo
 
         await fwd.start()  # the partition heals: the lock is taken again, and requests with it
 
-        async def serving() -> bool:
-            return await _refusal(inst.url) is None
-
-        await eventually(serving, "requests answered again", within=20, every=0.2)
+        await eventually(lambda: _answering(inst.url), "requests answered again", within=20, every=0.2)
         assert "taking requests again" in inst.output()
     finally:
         with contextlib.suppress(Exception):
@@ -150,9 +157,7 @@ async def test_after_the_partition_the_server_counts_what_another_spent_meanwhil
     """The reported case: a second server took the ledger during the partition and spent the
     budget's rest. The first, once it holds the lock again, counts that spend before it takes
     requests: it resumed on its own counters, and the two spent $0.15 of $0.10."""
-    pg = urlsplit(pg_schema_dsn)
-    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
-    await fwd.start()
+    fwd = await _forwarder(pg_schema_dsn)
     up = await start_upstream()
     ledger = {"backend": "postgres", "flush_interval": 0.1}
     # $0.01 a request, $0.10 a day, counted alone by each server.
@@ -188,9 +193,7 @@ async def test_after_a_silent_partition_the_server_ends_its_own_orphaned_lock_se
     """A partition that drops packets leaves PostgreSQL's side of the lock's session open, and
     the lock held, for as long as its keepalive (hours): the healed server read its own session
     as another server's and refused spend until then. It ends its own orphaned session."""
-    pg = urlsplit(pg_schema_dsn)
-    fwd = Forwarder((pg.hostname or "127.0.0.1", pg.port or 5432))
-    await fwd.start()
+    fwd = await _forwarder(pg_schema_dsn)
     up = await start_upstream()
     ledger = {"backend": "postgres", "dsn": _through(pg_schema_dsn, fwd.port), "flush_interval": 0.1}
     inst = await spawn(config_with_a_budget(up.base_url, ledger=ledger), name="silent")
@@ -200,10 +203,7 @@ async def test_after_a_silent_partition_the_server_ends_its_own_orphaned_lock_se
         await eventually(lambda: _lock_lost(inst.url), "the server not ready in the partition", within=20, every=0.2)
         await fwd.start()  # healed: new connections pass; PostgreSQL's side of the old session holds the lock
 
-        async def serving() -> bool:
-            return await _refusal(inst.url) is None
-
-        await eventually(serving, "requests answered again", within=20, every=0.2)
+        await eventually(lambda: _answering(inst.url), "requests answered again", within=20, every=0.2)
         assert "taking requests again" in inst.output()
     finally:
         with contextlib.suppress(Exception):

@@ -59,11 +59,11 @@ async def test_a_request_too_large_for_a_limit_does_not_cool_the_deployment_down
     proxy = await start_proxy(
         {
             "providers": {"a": {"base_url": a.url + "/v1"}, "b": {"base_url": b.url + "/v1"}},
-            "deployments": {
-                "d-a": {"provider": "a", "model": "x", "weight": 1000},
-                "d-b": {"provider": "b", "model": "x", "weight": 1},
+            "deployments": {  # d-a first (the cheaper), d-b its failover
+                "d-a": {"provider": "a", "model": "x", "price": {"input_per_mtok": 1, "output_per_mtok": 1}},
+                "d-b": {"provider": "b", "model": "x", "price": {"input_per_mtok": 2, "output_per_mtok": 2}},
             },
-            "models": {"m": {"deployments": ["d-a", "d-b"]}},
+            "models": {"m": {"deployments": ["d-a", "d-b"], "strategy": "lowest_cost"}},
         }
     )
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
