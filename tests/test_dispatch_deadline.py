@@ -223,12 +223,25 @@ def test_many_deadlines_on_one_loop_each_fire_at_their_own_time(
         return await asyncio.gather(*(one(i, timer) for i in range(300)))
 
     given_up = [i for i in range(300) if i % 3 == 0 and i % 10 != 4]
-    for name, timer in TIMERS.items():
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            got = runner.run(all_of(timer))
-        for i, (outcome, _) in enumerate(got):
-            if i in given_up:  # the others may time out too if the host stalls, never early (see one)
-                assert outcome == "timeout", f"{name}: attempt {i} outlived its deadline yet finished"
-        lates = sorted(late for outcome, late in got if outcome == "timeout")
-        # fired on time, not at some later sweep (the median: a stall delays a few, a sweep all)
-        assert lates[len(lates) // 2] < 0.05, f"{name}: timeouts fired late: median {lates[len(lates) // 2]:.3f} s"
+
+    def late_medians() -> dict[str, float]:
+        medians = {}
+        for name, timer in TIMERS.items():
+            with asyncio.Runner(loop_factory=loop_factory) as runner:
+                got = runner.run(all_of(timer))
+            for i, (outcome, _) in enumerate(got):
+                if i in given_up:  # the others may time out too if the host stalls, never early (see one)
+                    assert outcome == "timeout", f"{name}: attempt {i} outlived its deadline yet finished"
+            lates = sorted(late for outcome, late in got if outcome == "timeout")
+            medians[name] = lates[len(lates) // 2]  # a stall delays a few, a sweep all
+        return medians
+
+    # Fired on time, not at some later sweep. A stalled host delays asyncio's own timers too (a
+    # median 0.32 s late once on CI): such a run is tried again, and the last try judges each timer
+    # against asyncio's in the same try, which a sweep would still trail.
+    for _ in range(3):
+        medians = late_medians()
+        if max(medians.values()) < 0.05:
+            return
+    for name, median in medians.items():
+        assert median < medians["asyncio"] + 0.05, f"{name}: timeouts fired late: median {median:.3f} s ({medians})"

@@ -65,10 +65,12 @@ async def hooks() -> Any:
             await h.server.close()
 
 
-def _config(down: Any, up: Any, url: str, redis_url: str | None = None, traffic: bool = False) -> dict[str, Any]:
+def _config(
+    down: Any, up: Any, url: str, redis_url: str | None = None, traffic: bool = False, ejection_ms: int = EJECTION_MS
+) -> dict[str, Any]:
     cfg = simple_config({"a": down, "b": up}, ledger={"backend": "memory"})
     cfg["deployments"]["d-a"]["weight"] = 1000  # tried first until its circuit opens
-    cfg["health"] = {"consecutive_failures": 3, "base_ejection_ms": EJECTION_MS, "min_requests": 1000}
+    cfg["health"] = {"consecutive_failures": 3, "base_ejection_ms": ejection_ms, "min_requests": 1000}
     prefix = f"alerts-x-{os.getpid()}-{os.urandom(4).hex()}"
     cfg["shared_state"] = {"redis_url": redis_url or require_redis(), "prefix": prefix, "timeout_ms": 1000}
     cfg["alerts"] = {
@@ -129,10 +131,13 @@ async def test_an_instance_killed_while_sending_leaves_it_to_another(
 ) -> None:
     down, up = await start_upstream(fail_status=500), await start_upstream()
     rx = hooks(hold="firing")
-    cfg = _config(down, up, await rx.start())
+    # The others take over only a transition they saw: the circuit stays open long enough for
+    # every instance to see it on a stalled CI host (at 4 s, once, they had not).
+    cfg = _config(down, up, await rx.start(), ejection_ms=15_000)
     instances = [await spawn(cfg, name=f"i{n}") for n in range(3)]
     await _open_circuit(instances[0])
     await asyncio.wait_for(rx.held.wait(), 30)  # one instance is sending the firing message
+    await _all_saw_it(instances)  # and the two others wait on its claim
     sender = _pid(rx.received[0])
     (victim,) = [i for i in instances if i.proc.pid == sender]
     os.kill(sender, signal.SIGKILL)
