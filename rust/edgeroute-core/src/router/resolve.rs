@@ -44,7 +44,16 @@ impl Router {
         } else {
             String::new()
         };
-        let user = meta.user.as_deref().or(req.user.as_deref());
+        // The body's `user` is the client's own word. A keyed caller's rules see its key's user
+        // alone (`users:` may grant a route or a priority class: a key without a user must not
+        // claim another's); a keyless caller (a sidecar's app) has only the body's. Experiments
+        // stay sticky by the body's user: a client choosing its own variant takes nothing.
+        let body_user = meta.user.as_deref().or(req.user.as_deref());
+        let user = if meta.key.is_some() {
+            meta.user.as_deref()
+        } else {
+            body_user
+        };
         // The class the caller asked for, else the default one (rules may route classes apart).
         let asked = meta
             .priority
@@ -81,8 +90,8 @@ impl Router {
         let mut variant = None;
         if let Some(exp) = &self.routes[route].spec.experiment {
             let sticky = match exp.sticky {
-                policy::Sticky::User => user.or(meta.key.as_deref()),
-                policy::Sticky::Key => meta.key.as_deref().or(user),
+                policy::Sticky::User => body_user.or(meta.key.as_deref()),
+                policy::Sticky::Key => meta.key.as_deref().or(body_user),
             };
             let drawn;
             let key = match sticky {

@@ -111,3 +111,27 @@ fn a_request_over_every_window_is_the_clients_error() {
     let d = with_fallback.decide(long.as_bytes(), &RequestMeta::default()).unwrap();
     assert_eq!(with_fallback.deployment(d.order[0]).name, "big");
 }
+
+#[test]
+fn a_keyed_callers_rules_see_its_keys_user_not_the_bodys() {
+    let r = Router::from_json(
+        br#"{"deployments": [
+            {"name": "plain", "provider": "p", "model": "m"},
+            {"name": "premium", "provider": "p", "model": "m"}],
+          "models": [{"name": "m", "deployments": ["plain"]}, {"name": "bobs", "deployments": ["premium"]}],
+          "rules": [{"name": "bob-gets-premium", "when": {"users": ["bob"]}, "then": {"route": "bobs"}}]}"#,
+    )
+    .unwrap();
+    let claims_bob = br#"{"model":"m","user":"bob","messages":[{"role":"user","content":"hi"}]}"#;
+    let rule = |meta: RequestMeta| r.decide(claims_bob, &meta).unwrap().rule;
+    let keyed = |user: Option<&str>| RequestMeta {
+        key: Some("k-a".to_owned()),
+        user: user.map(str::to_owned),
+        ..RequestMeta::default()
+    };
+    // A key without a user claims bob in its body: not bob's rule.
+    assert_eq!(rule(keyed(None)), None);
+    // Bob's own key; a keyless caller (a sidecar's app) has only the body's word.
+    assert_eq!(rule(keyed(Some("bob"))).as_deref(), Some("bob-gets-premium"));
+    assert_eq!(rule(RequestMeta::default()).as_deref(), Some("bob-gets-premium"));
+}
