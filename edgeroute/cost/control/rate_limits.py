@@ -119,7 +119,7 @@ class RateLimits(Stores):
         if not takes:
             return
         ok, states, shared = got if got is not None else await self._take(takes)
-        request[RATE_STATES] = states  # headers are made when the answer goes out
+        request[RATE_STATES] = _visible(states, ticket.identity)  # headers are made when the answer goes out
         if not ok:
             rec.outcome = "rate_limited"
             raise _rate_limit_error(states, headers_for(states))
@@ -132,7 +132,7 @@ class RateLimits(Stores):
         if not takes:
             return
         ok, states, _ = await self._take(takes)
-        request[RATE_STATES] = states
+        request[RATE_STATES] = _visible(states, ident)
         if not ok:
             raise _rate_limit_error(states, headers_for(states))
 
@@ -237,6 +237,16 @@ class RateLimits(Stores):
         name: str = table[decision.order[0]].name
         lim = limits.get(name)
         return None if lim is None else (name, lim)
+
+
+def _visible(states: list[BucketState], ident: Identity) -> list[BucketState]:
+    """The buckets an answer's `x-ratelimit-*` may show its caller: a team's key sees its own
+    (and those of the keys that made it), not a model's that every team takes from, whose
+    remaining count is other teams' traffic (`/admin/budgets` shows such a bucket to a team key
+    as `shared`, without its figures). Its 429 still names the bucket that refused it."""
+    if ident.team is None:
+        return states
+    return [s for s in states if s.name.startswith("key:")]
 
 
 def _rate_limit_error(states: list[BucketState], hdrs: dict[str, str]) -> ProxyError:
