@@ -383,9 +383,19 @@ def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
     """A team's key names only its own team's users: a user that a key of another team (or of
     none) names, or that a `scope: user` budget holds while no key of the team names it, is
     someone else's, and a key bound to them would spend their budget (a 429 for its owners)
-    and be routed by rules for them. 403; a key of no team names any user."""
-    team = creator.team if creator is not None else None
-    if team is None or f.user is None:
+    and be routed by rules for them. 403 for a team's key; a global key putting a key of one team
+    on a user another team's keys name is told which (409): the two teams would share the
+    user's budget. A key of no team names any user. A name mixing Latin, Greek and Cyrillic
+    letters (`b\u043eb`, a Cyrillic o) is refused: it passes for another user's in every view."""
+    if f.user is None:
+        return
+    if _mixed_script(f.user):
+        raise ProxyError(
+            400, "user: mixes letters of Latin, Greek or Cyrillic script; name the user in one script.",
+            code="invalid_key", param="user",
+        )  # fmt: skip
+    team = f.team
+    if team is None:
         return
     cfg = request.app[STATE].live.config
     named = [(k.team, k.user) for k in cfg.keys.values()]
@@ -393,9 +403,18 @@ def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
         named += [(d.get("team"), d.get("user")) for d in managed.all()]
     user = _look(f.user)
     ours = any(u is not None and _look(u) == user and t == team for t, u in named)
-    elsewhere = any(u is not None and _look(u) == user and t != team for t, u in named)
+    others = sorted({str(t) for t, u in named if u is not None and _look(u) == user and t != team})
+    if others and (creator is None or creator.team is None):
+        raise ProxyError(
+            409,
+            f"User '{f.user}' is named by keys of {', '.join(repr(t) for t in others)}: a key of team '{team}' "
+            "for them would share their budget. Name another user, or revoke or move those keys first.",
+            code="user_conflict", param="user",
+        )  # fmt: skip
+    if creator is None or creator.team is None:
+        return
     budgeted = any(b.scope == "user" and b.match is not None and _look(b.match) == user for b in cfg.budgets.limits)
-    if elsewhere or (budgeted and not ours):
+    if others or (budgeted and not ours):
         raise ProxyError(
             403,
             f"User '{f.user}' is not one of team '{team}''s users: a team's key may name only its own team's users.",
@@ -403,12 +422,29 @@ def _check_user(request: web.Request, creator: Any, f: K.KeyFields) -> None:
         )  # fmt: skip
 
 
+_CONFUSABLE_SCRIPTS = ("LATIN", "GREEK", "CYRILLIC")
+
+
+def _mixed_script(name: str) -> bool:
+    """Whether `name` has letters of more than one of Latin, Greek and Cyrillic, the scripts
+    whose letters pass for each other (UTS #39's mixed-script check, for those three)."""
+    seen = set()
+    for c in unicodedata.normalize("NFKC", name):
+        if c.isalpha():
+            script = unicodedata.name(c, "").partition(" ")[0]
+            if script in _CONFUSABLE_SCRIPTS:
+                seen.add(script)
+    return len(seen) > 1
+
+
 def _look(user: str) -> str:
-    """What a user name looks like: NFKC, case-folded, without whitespace or invisible format
-    characters (zero-width space, joiners): `Bob`, ` bob`, `bob\u200b` and full-width `\uff42\uff4f\uff42` are
-    `bob` to whoever reads the spend by user, so one team's key cannot pass as another's user."""
+    """What a user name looks like: NFKC, case-folded, without whitespace, invisible format
+    characters (zero-width space, joiners) or combining marks on their own (the grapheme
+    joiner, variation selectors): `Bob`, ` bob`, `bob\u200b`, `bob\u034f`, `bob\ufe0f` and
+    full-width `\uff42\uff4f\uff42` are `bob` to whoever reads the spend by user, so one team's key
+    cannot pass as another's user."""
     folded = unicodedata.normalize("NFKC", user).casefold()
-    return "".join(c for c in folded if not c.isspace() and unicodedata.category(c) != "Cf")
+    return "".join(c for c in folded if not c.isspace() and unicodedata.category(c) not in ("Cf", "Mn", "Me"))
 
 
 async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:

@@ -83,3 +83,40 @@ async def test_a_look_alike_of_another_teams_user_is_refused(start_upstream: Any
         # A global admin still names anyone, look-alikes included.
         status, other = await call(s, "POST", keys, ROOT, {"name": "c3", "role": "service", "user": "Carol"})
         assert status == 201 and other["user"] == "Carol", other
+
+
+async def test_marks_and_mixed_scripts_do_not_make_another_user(start_upstream: Any, tmp_path: Path) -> None:
+    """`carol` with a combining grapheme joiner or a variation selector passed as a new user (and
+    read as carol in spend by user); `c\u0430rol` with a Cyrillic a, or a Greek omicron, likewise. The first
+    are carol's look-alikes (403); a name mixing those scripts is refused for anyone (400)."""
+    async with cost_proxy(_config(await start_upstream(), tmp_path)) as proxy, aiohttp.ClientSession() as s:
+        keys = proxy.url + "/admin/keys"
+        for user in ("carol\u034f", "carol\ufe0f"):
+            status, err = await call(s, "POST", keys, ALPHA, {"name": "svc", "role": "service", "user": user})
+            assert status == 403 and err["error"]["code"] == "permission_denied", (user, err)
+        for token in (ALPHA, ROOT):
+            for user in ("c\u0430rol", "car\u03bfl", "\u0392ob"):
+                status, err = await call(s, "POST", keys, token, {"name": "svc", "role": "service", "user": user})
+                assert status == 400 and err["error"]["param"] == "user", (user, err)
+                assert "mixes letters of Latin, Greek or Cyrillic" in err["error"]["message"]
+        # One script is a name like any other, whatever the script.
+        status, key = await call(
+            s, "POST", keys, ALPHA, {"name": "svc", "role": "service", "user": "\u0431\u043e\u0440\u0438\u0441"}
+        )
+        assert status == 201, key
+
+
+async def test_a_global_admin_is_told_when_another_team_names_the_user(start_upstream: Any, tmp_path: Path) -> None:
+    """A team that named a user first (squatting, or a mistake) shared that user's budget with
+    the team a global admin later put the user in: the 201 said nothing. Now a 409 names the team."""
+    async with cost_proxy(_config(await start_upstream(), tmp_path)) as proxy, aiohttp.ClientSession() as s:
+        keys = proxy.url + "/admin/keys"
+        status, err = await call(
+            s, "POST", keys, ROOT, {"name": "c", "role": "service", "team": "gamma", "user": "Carol"}
+        )
+        assert status == 409 and err["error"]["code"] == "user_conflict", err
+        assert "named by keys of 'beta'" in err["error"]["message"]
+        status, key = await call(
+            s, "POST", keys, ROOT, {"name": "c", "role": "service", "team": "beta", "user": "carol"}
+        )
+        assert status == 201 and key["team"] == "beta", key
