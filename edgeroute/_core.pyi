@@ -112,6 +112,9 @@ class _Health(TypedDict):
     """Attempts reported since start."""
     failures: int
     """Failed attempts reported since start."""
+    trips_withheld: int
+    """Times one sender's failures alone would have opened the circuit while other senders
+    were served, since start (the circuit stayed closed)."""
 
 @final
 class Decision:
@@ -317,10 +320,14 @@ class Router:
         outcome_kind: _Outcome,
         latency_ms: float,
         retry_after_ms: int | None = None,
-    ) -> None:
+        sender: int = 0,
+    ) -> int | None:
         """Reports the end of an attempt started with ``begin``.
 
-        ``retry_after_ms`` (from ``Retry-After``) applies to ``"rate_limited"``.
+        ``retry_after_ms`` (from ``Retry-After``) applies to ``"rate_limited"``. ``sender``
+        (a u64; 0: unknown) says whose request it was: the virtual key's team, else the key,
+        hashed. A failure streak or error rate that is one sender's alone while other senders
+        are served does not open the circuit; the sender is returned then (else ``None``).
         ``ValueError`` for a bad index or an unknown outcome.
         """
 
@@ -345,9 +352,10 @@ class Router:
         """Applies an active health check: restores deployment ``index``, or
         ejects it for ``eject_ms``. ``ValueError`` for a bad index."""
 
-    def report_broken_stream(self, index: int) -> None:
-        """A stream on deployment ``index`` that was reported a success at its first
-        content broke later: count it as a failure (not in flight, not a new request)."""
+    def report_broken_stream(self, index: int, sender: int = 0) -> int | None:
+        """A stream of ``sender`` on deployment ``index`` that was reported a success at its
+        first content broke later: count it as a failure (not in flight, not a new request).
+        Returns a withheld trip's sender as ``report`` does."""
 
     def health(self, index: int) -> _Health:
         """Health of deployment ``index`` now. ``ValueError`` for a bad index."""

@@ -340,6 +340,12 @@ class StateCollector(Collector):
         cooldown = GaugeMetricFamily(
             "edgeroute_deployment_cooldown_seconds", "Time left in a rate-limit cool-down.", labels=["deployment"]
         )
+        withheld = CounterMetricFamily(
+            "edgeroute_circuit_trips_withheld",
+            "Failure streaks or error rates of one sender (key or team) alone that did not open the"
+            " deployment's circuit, since other senders were served.",
+            labels=["deployment"],
+        )
         for d in live.deployments:
             h = live.router.health(d.index)
             name = redact.text(d.name)
@@ -348,7 +354,8 @@ class StateCollector(Collector):
             latency.add_metric([name], h["latency_ms"] / 1000)
             errors.add_metric([name], h["error_rate"])
             cooldown.add_metric([name], h["cooldown_ms"] / 1000)
-        yield from (circuit, in_flight, latency, errors, cooldown)
+            withheld.add_metric([name], h["trips_withheld"])
+        yield from (circuit, in_flight, latency, errors, cooldown, withheld)
         for source in self._metrics.sources:
             yield from source(self._app)
 

@@ -38,6 +38,7 @@ from edgeroute.config import Timeouts
 from edgeroute.cost import underreport
 from edgeroute.cost.prices import unbounded_output
 from edgeroute.cost.received import cut_usage, received_usage
+from edgeroute.dispatch import senders
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
@@ -222,6 +223,9 @@ class Attempts:
         self.decision = decision
         self.body = body
         self.record = record
+        # Whose request the core's health counts it as: its failures alone open no circuit
+        # while others are served (`senders`).
+        self.sender = senders.sender_of(record.team, record.key)
         # The route's own timeouts (`timeouts`), else the provider's of the deployment the request
         # is first sent to (`time_by`): the decision's first until one is chosen.
         self.own_timeouts = timeouts is not None
@@ -335,7 +339,7 @@ class Attempts:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
-            self.router.report(dep.index, "client_error", rec.latency_ms)
+            self.router.report(dep.index, "client_error", rec.latency_ms, None, self.sender)
             # Sent, the upstream has likely billed the prompt already: cost it as such.
             if reached:
                 self.settle_attempt(rec, dep, None)
@@ -384,16 +388,22 @@ class Attempts:
                 self.deferred.append((dep.index, latency, result))
             else:
                 retry_ms = int(result.retry_after_s * 1000) if result.retry_after_s is not None else None
-                self.router.report(dep.index, result.outcome.value, latency, retry_ms)
+                self.report_health(dep.index, result.outcome, latency, retry_ms)
         else:
             rec.outcome = "success"
-            self.router.report(dep.index, "success", latency)
+            self.router.report(dep.index, "success", latency, None, self.sender)
             self.live.served_at[dep.index] = time.monotonic()
             if isinstance(result, JsonAnswer):
                 self.settle_attempt(rec, dep, result.usage)
                 self.check_overrun(dep, result.usage)
             else:
                 result.rec = rec
+
+    def report_health(self, index: int, outcome: Outcome, latency: float, retry_ms: int | None = None) -> None:
+        """Reports a failed attempt to the core as this request's sender's; logs a trip the
+        core withheld (the failures were this sender's alone while others are served)."""
+        aside = self.router.report(index, outcome.value, latency, retry_ms, self.sender)
+        senders.withheld(self.live.deployments[index].name, aside)
 
     def output_allowance(self) -> int:
         """Output tokens an answer carries beside what the request's bound covers (a completions

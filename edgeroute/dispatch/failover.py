@@ -312,7 +312,7 @@ class Call(Attempts):
             poison = signature(self.deferred[-1][2])
         for index, latency, f in self.deferred:
             fault = Outcome.CLIENT_ERROR if poison is not None and signature(f) == poison else f.outcome
-            self.router.report(index, fault.value, latency)
+            self.report_health(index, fault, latency)
         self.deferred.clear()
 
     async def _race(

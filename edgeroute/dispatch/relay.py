@@ -25,7 +25,7 @@ from aiohttp.http_writer import StreamWriter
 from edgeroute import sse
 from edgeroute.accounting import OVERRAN, Usage
 from edgeroute.cost import underreport
-from edgeroute.dispatch import attempt
+from edgeroute.dispatch import attempt, senders
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import OutputCap, output_limit
@@ -248,7 +248,7 @@ async def relay_stream(
         else:
             answer.resp.close()
         if upstream_broke:
-            call.router.report_broken_stream(dep.index)
+            senders.withheld(dep.name, call.router.report_broken_stream(dep.index, call.sender))
         await _settle(call, dep, answer, said)
         if on_complete is not None and completed and failure is None and not upstream_error:
             # The whole answer, as OpenAI-format events (for the cache, the request log, a

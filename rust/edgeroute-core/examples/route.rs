@@ -85,7 +85,7 @@ fn main() {
     let mini = router.deployment_index("openai-mini").expect("declared");
     for _ in 0..3 {
         router.begin(mini);
-        router.report(mini, Outcome::ServerError, 120.0);
+        router.report(mini, Outcome::ServerError, 120.0, 0);
     }
     println!(
         "\nafter 3 server errors, openai-mini is {:?}",

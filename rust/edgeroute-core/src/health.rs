@@ -6,11 +6,16 @@
 //! Every attempt is reported here. A 429 is a failure: it answers fast, so a
 //! latency-only balancer would otherwise send *more* traffic to a rate-limited
 //! deployment (see Linkerd's and Finagle's notes on this).
+//!
+//! Each report names its sender (the virtual key's team, else the key; 0 when unknown):
+//! failures one sender alone causes while others are served do not open the circuit for
+//! everyone (`senders.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::HealthSpec;
+use crate::senders::{Senders, Streak};
 
 /// What happened on one attempt: the one outcome vocabulary of edgeroute.
 ///
@@ -143,6 +148,13 @@ struct State {
     probing: bool,
     requests: u64,
     failures: u64,
+    /// Recent counts by sender, and who failed in the current streak.
+    senders: Senders,
+    streak: Streak,
+    /// `streak` just before the last success reset it (with `streak_before_success`).
+    streak_before: Streak,
+    /// Trips not taken because one sender alone failed while others were served.
+    withheld: u64,
 }
 
 /// A snapshot of a deployment's health.
@@ -166,6 +178,8 @@ pub struct HealthSnapshot {
     pub requests: u64,
     /// Failed attempts reported since start.
     pub failures: u64,
+    /// Trips withheld since start: one sender's failures while others were served.
+    pub trips_withheld: u64,
 }
 
 /// Health of one deployment; shared by all requests, cheap to read.
@@ -176,23 +190,78 @@ pub struct Health {
 }
 
 impl State {
+    /// Decays the recent counts for the time since the last report; `w` is the weight kept.
+    fn decay(&mut self, now_ms: u64, spec: &HealthSpec) -> f64 {
+        let dt = now_ms.saturating_sub(self.last_ms) as f64;
+        self.last_ms = now_ms;
+        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        self.senders.decay(w);
+        w
+    }
+
+    /// A failure of `sender` joins the streak (a 429, too: it counts but does not eject).
+    fn note_failure(&mut self, sender: u64) {
+        self.failures += 1;
+        self.streak.add(sender, self.consecutive_failures == 0);
+        self.consecutive_failures += 1;
+    }
+
     /// A failure counts towards ejection: after enough in a row, a high recent error
     /// rate, or a failed half-open probe, the circuit opens for an exponential time.
-    fn fail(&mut self, now_ms: u64, spec: &HealthSpec) {
-        self.failures += 1;
-        self.consecutive_failures += 1;
+    /// A streak or rate that is one sender's alone while others are served is withheld:
+    /// returns that sender (the circuit stays closed).
+    fn fail(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
+        self.note_failure(sender);
         let was_probe = self.probing;
         self.probing = false;
         let rate_trips = self.error_rate >= spec.failure_rate && self.volume >= f64::from(spec.min_requests);
-        if was_probe || rate_trips || self.consecutive_failures >= spec.consecutive_failures {
-            let factor = 1u64 << self.ejections.min(16);
-            let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
-            self.open_until_ms = now_ms + ejection;
-            self.ejections += 1;
-            self.consecutive_failures = 0;
-            self.volume = 0.0;
-            self.failed_volume = 0.0;
+        let streak_trips = self.consecutive_failures >= spec.consecutive_failures;
+        if !(was_probe || rate_trips || streak_trips) {
+            return None;
         }
+        if !was_probe {
+            if let Some(aside) = self.one_senders(rate_trips, streak_trips, spec) {
+                self.withheld += 1;
+                return Some(aside);
+            }
+        }
+        let factor = 1u64 << self.ejections.min(16);
+        let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
+        self.open_until_ms = now_ms + ejection;
+        self.ejections += 1;
+        self.consecutive_failures = 0;
+        self.volume = 0.0;
+        self.failed_volume = 0.0;
+        self.senders.clear();
+        None
+    }
+
+    /// The sender whose failures alone make what tripped, when others were served recently:
+    /// a trip counts if the failures behind it come from two senders, or if it still trips
+    /// with the most failing sender set aside, or if no other sender was seen.
+    fn one_senders(&self, rate_trips: bool, streak_trips: bool, spec: &HealthSpec) -> Option<u64> {
+        let streak_shared = streak_trips && self.streak.shared();
+        let streak_alone = streak_trips && self.senders.alone(self.streak.sender, self.volume);
+        if streak_shared || streak_alone {
+            return None;
+        }
+        if rate_trips {
+            match self.senders.worst() {
+                None => return None,
+                Some(w) if self.senders.alone(w.id, self.volume) => return None,
+                Some(w) => {
+                    let rest = (self.volume - w.volume).max(0.0);
+                    let failed = (self.failed_volume - w.failed).max(0.0);
+                    if rest >= f64::from(spec.min_requests) && failed / rest >= spec.failure_rate {
+                        return None;
+                    }
+                    if !streak_trips {
+                        return Some(w.id);
+                    }
+                }
+            }
+        }
+        Some(self.streak.sender)
     }
 }
 
@@ -240,21 +309,29 @@ impl Health {
         lat * f64::from(self.in_flight() + 1)
     }
 
-    /// Records the end of an attempt started with [`Health::begin`].
-    pub fn report(&self, outcome: Outcome, latency_ms: f64, now_ms: u64, spec: &HealthSpec) {
+    /// Records the end of an attempt started with [`Health::begin`], sent by `sender` (0:
+    /// unknown). Returns the sender whose failures alone would have opened the circuit, when
+    /// that trip was withheld because other senders are served.
+    pub fn report(
+        &self,
+        outcome: Outcome,
+        latency_ms: f64,
+        sender: u64,
+        now_ms: u64,
+        spec: &HealthSpec,
+    ) -> Option<u64> {
         let _ = self
             .in_flight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         let mut s = self.lock();
-        let dt = now_ms.saturating_sub(s.last_ms) as f64;
-        s.last_ms = now_ms;
-        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        let w = s.decay(now_ms, spec);
         s.requests += 1;
         let failed = outcome.is_failure();
         // Decayed counts of failures and of all requests: their ratio is the recent error rate.
         s.failed_volume = s.failed_volume * w + if failed { 1.0 } else { 0.0 };
         s.volume = s.volume * w + 1.0;
         s.error_rate = s.failed_volume / s.volume;
+        s.senders.add(sender, failed);
         match outcome {
             Outcome::Success => {
                 // Peak EWMA: jump up at once, decay slowly.
@@ -264,42 +341,48 @@ impl Health {
                     s.ewma_latency_ms * w + latency_ms * (1.0 - w)
                 };
                 s.streak_before_success = s.consecutive_failures;
+                s.streak_before = s.streak;
                 s.consecutive_failures = 0;
                 if s.probing || s.ejections > 0 {
                     s.ejections = 0;
                     s.probing = false;
                     s.open_until_ms = 0;
                 }
+                None
             }
             Outcome::ClientError | Outcome::ContextWindow | Outcome::ContentPolicy => {
                 s.probing = false;
+                None
             }
             Outcome::RateLimited { retry_after_ms } => {
-                s.failures += 1;
-                s.consecutive_failures += 1;
+                s.note_failure(sender);
                 let wait = retry_after_ms.unwrap_or(1_000).min(spec.max_ejection_ms);
                 s.cooldown_until_ms = s.cooldown_until_ms.max(now_ms + wait);
                 s.probing = false;
+                None
             }
             Outcome::ServerError | Outcome::AuthError | Outcome::Timeout | Outcome::ConnectError => {
-                s.fail(now_ms, spec)
+                s.fail(sender, now_ms, spec)
             }
         }
     }
 
-    /// Turns the last reported success into a failure: a stream that broke after its first
-    /// content was reported. The attempt is neither in flight nor counted again; only its
-    /// verdict changes, so the error rate sees one failed request, not a success and a failure.
-    pub fn fail_after_success(&self, now_ms: u64, spec: &HealthSpec) {
+    /// Turns the last reported success of `sender` into a failure: a stream that broke after
+    /// its first content was reported. The attempt is neither in flight nor counted again; only
+    /// its verdict changes, so the error rate sees one failed request, not a success and a
+    /// failure. Returns a withheld trip's sender as [`Health::report`] does.
+    pub fn fail_after_success(&self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
         let mut s = self.lock();
-        let dt = now_ms.saturating_sub(s.last_ms) as f64;
-        s.last_ms = now_ms;
-        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        let w = s.decay(now_ms, spec);
         s.volume = (s.volume * w).max(1.0);
         s.failed_volume = (s.failed_volume * w + 1.0).min(s.volume);
         s.error_rate = s.failed_volume / s.volume;
-        s.consecutive_failures = s.consecutive_failures.max(s.streak_before_success);
-        s.fail(now_ms, spec);
+        s.senders.fail_last(sender);
+        if s.streak_before_success > s.consecutive_failures {
+            s.consecutive_failures = s.streak_before_success;
+            s.streak = s.streak_before;
+        }
+        s.fail(sender, now_ms, spec)
     }
 
     /// Keeps selection off the deployment for `ms`: the provider limit edgeroute counts for it
@@ -352,6 +435,7 @@ impl Health {
             limit_hold_ms: s.limit_hold_until_ms.saturating_sub(now_ms),
             requests: s.requests,
             failures: s.failures,
+            trips_withheld: s.withheld,
         }
     }
 }
@@ -381,14 +465,14 @@ mod tests {
         for o in [Outcome::ClientError, Outcome::ContextWindow, Outcome::ContentPolicy] {
             let h = Health::default();
             for t in 0..10 {
-                h.report(o, 1.0, t, &spec());
+                h.report(o, 1.0, 0, t, &spec());
             }
             assert!(h.available(11), "{o:?}");
             assert_eq!(h.snapshot(11).failures, 0, "{o:?}");
         }
         let h = Health::default();
         for t in 0..3 {
-            h.report(Outcome::AuthError, 1.0, t, &spec());
+            h.report(Outcome::AuthError, 1.0, 0, t, &spec());
         }
         assert!(h.is_ejected(4));
     }
@@ -407,15 +491,15 @@ mod tests {
         let sp = spec();
         h.begin(0);
         h.begin(0); // another request still in flight
-        h.report(Outcome::Success, 5.0, 1, &sp);
-        h.fail_after_success(2, &sp);
+        h.report(Outcome::Success, 5.0, 0, 1, &sp);
+        h.fail_after_success(0, 2, &sp);
         let snap = h.snapshot(2);
         assert_eq!((snap.in_flight, snap.requests, snap.failures), (1, 1, 1));
         assert!((snap.error_rate - 1.0).abs() < 1e-9, "{snap:?}");
         for t in 3..5 {
             h.begin(t);
-            h.report(Outcome::Success, 5.0, t, &sp);
-            h.fail_after_success(t, &sp);
+            h.report(Outcome::Success, 5.0, 0, t, &sp);
+            h.fail_after_success(0, t, &sp);
         }
         assert_eq!(h.snapshot(5).circuit, CircuitState::Open);
     }
@@ -426,7 +510,7 @@ mod tests {
         let sp = spec();
         for _ in 0..3 {
             h.begin(0);
-            h.report(Outcome::ServerError, 5.0, 0, &sp);
+            h.report(Outcome::ServerError, 5.0, 0, 0, &sp);
         }
         assert!(!h.available(10));
         assert_eq!(h.snapshot(10).circuit, CircuitState::Open);
@@ -434,12 +518,12 @@ mod tests {
         assert!(h.available(1_000));
         h.begin(1_000);
         assert!(!h.available(1_001));
-        h.report(Outcome::ServerError, 5.0, 1_001, &sp);
+        h.report(Outcome::ServerError, 5.0, 0, 1_001, &sp);
         // Second ejection is twice as long.
         assert!(!h.available(2_900));
         assert!(h.available(3_001));
         h.begin(3_001);
-        h.report(Outcome::Success, 5.0, 3_002, &sp);
+        h.report(Outcome::Success, 5.0, 0, 3_002, &sp);
         assert_eq!(h.snapshot(3_003).circuit, CircuitState::Closed);
         assert!(h.available(3_003));
     }
@@ -453,6 +537,7 @@ mod tests {
                 retry_after_ms: Some(2_000),
             },
             1.0,
+            0,
             0,
             &spec(),
         );
@@ -480,7 +565,7 @@ mod tests {
         let limited = Outcome::RateLimited {
             retry_after_ms: Some(2_000),
         };
-        h.report(limited, 1.0, 0, &spec());
+        h.report(limited, 1.0, 0, 0, &spec());
         h.end_limit_hold();
         assert!(!h.available(1_999) && h.available(2_000));
         assert_eq!(h.snapshot(0).limit_hold_ms, 0);
@@ -491,7 +576,7 @@ mod tests {
         let h = Health::default();
         for _ in 0..10 {
             h.begin(0);
-            h.report(Outcome::ClientError, 1.0, 0, &spec());
+            h.report(Outcome::ClientError, 1.0, 0, 0, &spec());
         }
         assert!(h.available(0));
         assert_eq!(h.in_flight(), 0);
@@ -515,12 +600,163 @@ mod tests {
             } else {
                 Outcome::Success
             };
-            h.report(o, 1.0, i, &sp);
+            h.report(o, 1.0, 0, i, &sp);
             if opened_at.is_none() && !h.available(i) {
                 opened_at = Some(i);
             }
         }
         let at = opened_at.expect("the error rate should open the circuit");
         assert!(at >= 9, "not before min_requests: {at}");
+    }
+
+    const A: u64 = 11;
+    const B: u64 = 22;
+
+    /// Only the error rate trips: at half of at least 10 recent requests.
+    fn rate_spec() -> HealthSpec {
+        HealthSpec {
+            consecutive_failures: 100,
+            failure_rate: 0.5,
+            min_requests: 10,
+            ..spec()
+        }
+    }
+
+    /// Half of all recent requests failed, and yet the circuit is closed: a trip was withheld.
+    fn closed_at_half_failed(h: &Health, t: u64) {
+        let snap = h.snapshot(t);
+        assert_eq!(snap.circuit, CircuitState::Closed, "{snap:?}");
+        assert!(snap.error_rate >= 0.5 && snap.trips_withheld > 0, "{snap:?}");
+    }
+
+    /// One attempt of `sender` at `t`: begun and reported; the withheld sender, if any.
+    fn one(h: &Health, o: Outcome, sender: u64, t: u64, sp: &HealthSpec) -> Option<u64> {
+        h.begin(t);
+        h.report(o, 5.0, sender, t, sp)
+    }
+
+    #[test]
+    fn one_senders_streak_while_others_are_served_does_not_open_the_circuit() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        // A's failures, in a row and between B's successes: withheld, and said so.
+        for t in 5..15 {
+            assert_eq!(one(&h, Outcome::Timeout, A, t, &sp), (t >= 7).then_some(A), "{t}");
+        }
+        for t in 15..40 {
+            one(&h, Outcome::ServerError, A, t, &sp);
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        let snap = h.snapshot(40);
+        assert_eq!(snap.circuit, CircuitState::Closed);
+        assert!(snap.trips_withheld >= 8, "{snap:?}");
+        assert!(h.available(40));
+    }
+
+    #[test]
+    fn two_senders_failing_open_the_circuit() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, B, t, &sp);
+            one(&h, Outcome::Success, A, t, &sp);
+        }
+        one(&h, Outcome::Timeout, A, 6, &sp);
+        one(&h, Outcome::ServerError, B, 7, &sp);
+        assert_eq!(one(&h, Outcome::ConnectError, A, 8, &sp), None);
+        assert_eq!(h.snapshot(9).circuit, CircuitState::Open);
+        assert_eq!(h.snapshot(9).trips_withheld, 0);
+    }
+
+    #[test]
+    fn a_deployment_only_one_sender_uses_opens_as_before() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, A, t, &sp);
+        }
+        // B was seen, but a minute ago: long decayed.
+        one(&h, Outcome::Success, B, 0, &sp);
+        for t in 60_000..60_003 {
+            assert_eq!(one(&h, Outcome::ServerError, A, t, &sp), None);
+        }
+        assert_eq!(h.snapshot(60_003).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn the_error_rate_trips_only_with_the_most_failing_sender_set_aside() {
+        let h = Health::default();
+        let sp = rate_spec();
+        // A fails every request, B none: half of all fail, but none of B's.
+        for t in 0..40 {
+            one(&h, Outcome::ServerError, A, t, &sp);
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        closed_at_half_failed(&h, 40);
+        // Now B's requests fail too: without A, B's own rate trips.
+        let mut opened = None;
+        for t in 40..100 {
+            one(&h, Outcome::ServerError, A, t, &sp);
+            one(&h, Outcome::Timeout, B, t, &sp);
+            if opened.is_none() && h.is_ejected(t) {
+                opened = Some(t);
+            }
+        }
+        // B's own rate reaches 0.5 after its 40th failure (40 of 80).
+        assert_eq!(opened, Some(79), "{:?}", h.snapshot(100));
+    }
+
+    #[test]
+    fn a_failed_half_open_probe_reopens_whoever_sent_it() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        one(&h, Outcome::Timeout, A, 5, &sp);
+        one(&h, Outcome::Timeout, B, 6, &sp);
+        one(&h, Outcome::Timeout, A, 7, &sp);
+        assert_eq!(h.snapshot(8).circuit, CircuitState::Open);
+        for t in 100..110 {
+            one(&h, Outcome::ClientError, B, t, &sp); // B is seen while A probes
+        }
+        // Half-open after the ejection: A's probe fails, and the circuit opens again.
+        assert!(h.available(1_007));
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_007, &sp), None);
+        assert_eq!(h.snapshot(1_008).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn passing_senders_churning_the_table_do_not_evict_the_failing_one() {
+        let h = Health::default();
+        let sp = rate_spec();
+        // Forty senders of one request each take the table's quiet slots in turn; A, whose
+        // every request fails, keeps its own, so it is still the one set aside.
+        for t in 0..40 {
+            one(&h, Outcome::Success, 1_000 + t, t, &sp);
+            one(&h, Outcome::ServerError, A, t, &sp);
+        }
+        closed_at_half_failed(&h, 40);
+    }
+
+    #[test]
+    fn a_broken_stream_counts_for_its_sender() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for t in 5..10 {
+            one(&h, Outcome::Success, A, t, &sp);
+            let aside = h.fail_after_success(A, t, &sp);
+            assert_eq!(aside, (t >= 7).then_some(A), "{t}");
+        }
+        assert_eq!(h.snapshot(10).circuit, CircuitState::Closed);
+        one(&h, Outcome::Success, B, 10, &sp);
+        h.fail_after_success(B, 10, &sp);
+        assert_eq!(h.snapshot(10).circuit, CircuitState::Open);
     }
 }

@@ -51,6 +51,7 @@ mod rule_gates;
 pub mod rules;
 mod scan_memo;
 pub mod select;
+mod senders;
 pub mod tokens;
 mod vocab;
 

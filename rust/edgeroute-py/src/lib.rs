@@ -408,12 +408,18 @@ impl Router {
         Ok(())
     }
 
-    #[pyo3(signature = (index, outcome_kind, latency_ms, retry_after_ms=None))]
-    fn report(&self, index: usize, outcome_kind: &str, latency_ms: f64, retry_after_ms: Option<u64>) -> PyResult<()> {
+    #[pyo3(signature = (index, outcome_kind, latency_ms, retry_after_ms=None, sender=0))]
+    fn report(
+        &self,
+        index: usize,
+        outcome_kind: &str,
+        latency_ms: f64,
+        retry_after_ms: Option<u64>,
+        sender: u64,
+    ) -> PyResult<Option<u64>> {
         self.checked(index)?;
-        self.inner
-            .report(index, outcome(outcome_kind, retry_after_ms)?, latency_ms);
-        Ok(())
+        let outcome = outcome(outcome_kind, retry_after_ms)?;
+        Ok(self.inner.report(index, outcome, latency_ms, sender))
     }
 
     fn hold_for_limit(&self, index: usize, ms: u64) -> PyResult<()> {
@@ -428,10 +434,10 @@ impl Router {
         Ok(())
     }
 
-    fn report_broken_stream(&self, index: usize) -> PyResult<()> {
+    #[pyo3(signature = (index, sender=0))]
+    fn report_broken_stream(&self, index: usize, sender: u64) -> PyResult<Option<u64>> {
         self.checked(index)?;
-        self.inner.report_broken_stream(index);
-        Ok(())
+        Ok(self.inner.report_broken_stream(index, sender))
     }
 
     fn try_retry(&self) -> bool {
@@ -461,6 +467,7 @@ impl Router {
         d.set_item("limit_hold_ms", h.limit_hold_ms)?;
         d.set_item("requests", h.requests)?;
         d.set_item("failures", h.failures)?;
+        d.set_item("trips_withheld", h.trips_withheld)?;
         Ok(d)
     }
 

@@ -47,14 +47,17 @@ impl Router {
         self.deployments[index].health.begin(self.now_ms());
     }
 
-    /// Reports the end of an attempt on deployment `index`.
-    pub fn report(&self, index: usize, outcome: Outcome, latency_ms: f64) {
+    /// Reports the end of an attempt on deployment `index`, sent by `sender` (the virtual key's
+    /// team or key, hashed; 0: unknown). Returns the sender whose failures alone would have
+    /// opened the circuit while others were served (the trip was withheld).
+    pub fn report(&self, index: usize, outcome: Outcome, latency_ms: f64, sender: u64) -> Option<u64> {
         let now = self.now_ms();
         let d = &self.deployments[index];
-        d.health.report(outcome, latency_ms, now, &self.health_spec);
+        let withheld = d.health.report(outcome, latency_ms, sender, now, &self.health_spec);
         if outcome == Outcome::Success {
             d.latency.record(latency_ms, now);
         }
+        withheld
     }
 
     /// Keeps selection off deployment `index` for `ms`: its provider limit has no request left.
@@ -67,11 +70,12 @@ impl Router {
         self.deployments[index].health.end_limit_hold();
     }
 
-    /// A stream on deployment `index`, reported a success at its first content, broke later.
-    pub fn report_broken_stream(&self, index: usize) {
+    /// A stream of `sender` on deployment `index`, reported a success at its first content,
+    /// broke later. Returns a withheld trip's sender as [`Router::report`] does.
+    pub fn report_broken_stream(&self, index: usize, sender: u64) -> Option<u64> {
         self.deployments[index]
             .health
-            .fail_after_success(self.now_ms(), &self.health_spec);
+            .fail_after_success(sender, self.now_ms(), &self.health_spec)
     }
 
     /// Takes a deployment out or puts it back after an active health check.

@@ -1,0 +1,133 @@
+"""One client cannot open a deployment's circuit for everyone (red team D, session 28, F1).
+
+Key A sends prompts deployment d1 fails (503), key B's requests keep being served by d1: A's
+failures alone, while B is served, leave d1's circuit closed (each withheld trip is counted
+and logged with A's team). An outage that fails both keys still opens it, and so do one
+keyless client's failures, as before. Seen through the openai SDK, `/admin/deployments`
+and `/metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from edgeroute.mock.openai import completion_body, openai_error
+from tests.conftest import simple_config
+from tests.metrics_support import scrape
+
+A, B, OPS = "sk-team-a-key", "sk-team-b-key", "sk-ops-key"
+BOOM = "BOOM: a prompt d1 cannot serve"
+
+
+class D1:
+    """Deployment d1's upstream: 503 for a prompt with the marker, or for all in an outage."""
+
+    def __init__(self) -> None:
+        self.outage = False
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        if self.outage or BOOM in orjson.dumps(body["messages"]).decode():
+            return openai_error(503, "The server is overloaded.")
+        data = completion_body("chatcmpl-d1", int(time.time()), body["model"], "from d1", "stop", 5, 2)
+        return web.Response(body=data, content_type="application/json")
+
+
+async def _setup(start_upstream: Any, start_proxy: Any, serve_routes: Any, keys: bool) -> tuple[Any, D1]:
+    d1 = D1()
+    up1 = await serve_routes(web.post("/v1/chat/completions", d1.chat))
+    d2 = await start_upstream()
+    cfg = simple_config(
+        {"d1": d2, "d2": d2},
+        health={"consecutive_failures": 3, "min_requests": 6, "base_ejection_ms": 600_000},
+    )
+    cfg["providers"]["d1"]["base_url"] = up1.url + "/v1"
+    # lowest_cost: d1 (cheaper) serves every request its circuit lets through; d2 is the fallback.
+    cfg["deployments"]["d-d2"]["price"] = {"input_per_mtok": 5.0, "output_per_mtok": 10.0}
+    cfg["models"]["m"]["strategy"] = "lowest_cost"
+    if keys:
+        cfg["keys"] = {
+            "a": {"token": A, "team": "team-a"},
+            "b": {"token": B, "team": "team-b"},
+            "ops": {"token": OPS, "role": "admin"},
+        }
+    return await start_proxy(cfg), d1
+
+
+async def _chat(proxy: Any, key: str, text: str) -> str:
+    """The deployment that served a chat request (it is always served: d2 takes d1's failures)."""
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": text}]
+        )
+    assert raw.parse().choices[0].message.content
+    return raw.headers["x-edgeroute-deployment"]
+
+
+async def _d1(proxy: Any, token: str | None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.get(proxy.url + "/admin/deployments", headers=headers) as r:
+        assert r.status == 200
+        return next(d for d in (await r.json())["deployments"] if d["name"] == "d-d1")
+
+
+async def test_one_keys_failing_prompts_do_not_open_the_circuit_others_are_served_by(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy, _ = await _setup(start_upstream, start_proxy, serve_routes, keys=True)
+    for _ in range(4):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    caplog.set_level(logging.WARNING, logger="edgeroute.health")
+    # A's failing prompts between B's requests, then a burst of them in a row.
+    for _ in range(8):
+        assert await _chat(proxy, A, BOOM) == "d-d2"
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    for _ in range(8):
+        assert await _chat(proxy, A, BOOM) == "d-d2"
+    for _ in range(3):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    d1 = await _d1(proxy, OPS)
+    assert d1["circuit"] == "closed", d1
+    assert d1["failures"] == 16 and d1["trips_withheld"] > 0, d1
+    m = await scrape(proxy.url, OPS)
+    assert (m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d1") or 0) > 0
+    assert m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d2") == 0
+    # The operator is told whose failures they were (the team, never a key's secret), once.
+    said = [r.getMessage() for r in caplog.records if "would have opened" in r.getMessage()]
+    assert len(said) == 1 and "d-d1" in said[0] and "team team-a" in said[0], said
+    assert A not in caplog.text
+
+
+async def test_an_outage_both_keys_see_still_opens_the_circuit(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes, keys=True)
+    for _ in range(4):
+        assert await _chat(proxy, A, "hello") == "d-d1"
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    d1.outage = True
+    for key in (A, B, A):
+        assert await _chat(proxy, key, "hello") == "d-d2"
+    state = await _d1(proxy, OPS)
+    assert state["circuit"] == "open" and state["trips_withheld"] == 0, state
+
+
+async def test_one_keyless_client_still_opens_the_circuit(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    proxy, _ = await _setup(start_upstream, start_proxy, serve_routes, keys=False)
+    for _ in range(4):
+        assert await _chat(proxy, "x", "hello") == "d-d1"
+    for _ in range(3):
+        assert await _chat(proxy, "x", BOOM) == "d-d2"
+    state = await _d1(proxy, None)
+    assert state["circuit"] == "open", state
+    assert await _chat(proxy, "x", "hello") == "d-d2"
