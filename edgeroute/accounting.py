@@ -419,6 +419,7 @@ class RequestRecord:
     content_response: bytes | None = None
     cache: str | None = None  # hit | miss | stale | bypass, where the route caches
     saved_usd: float = 0.0  # what a cached answer would have cost upstream
+    cache_writer: str | None = None  # a hit's: the id of the request whose answer it served
     trace: TraceContext | None = None  # set only when tracing is on (edgeroute.telemetry.tracing)
 
     def __post_init__(self) -> None:

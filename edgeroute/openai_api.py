@@ -261,7 +261,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache = app[CACHE]
         model = live.config.models[decision.route]
         settings = route_cache(live.config, decision)
-        plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings))
+        plan = cache.plan(request, settings, decision.route, body, _tenant(request, settings), rec.request_id)
         cache.confine(plan, live.config, decision.rule, region)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
@@ -299,7 +299,9 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 cache.discard(plan)
                 model = live.config.models[decision.route]
                 settings = route_cache(live.config, decision)
-                plan = cache.plan(request, settings, decision.route, rerouted, _tenant(request, settings))
+                plan = cache.plan(
+                    request, settings, decision.route, rerouted, _tenant(request, settings), rec.request_id
+                )
             body = rerouted
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
@@ -584,6 +586,7 @@ async def _cached_answer(
 ) -> web.StreamResponse:
     """Answers from the cache: a hit, or a stale entry after every deployment failed (`error`)."""
     rec.deployment, rec.status, rec.cache, rec.saved_usd = entry.deployment, 200, plan.label, entry.cost_usd
+    rec.cache_writer = entry.writer or None
     rec.outcome = "cache_hit" if error is None else "cache_stale"
     if rec.content_mode != "none":  # the answer as a miss keeps it (a stream's as its JSON)
         rec.content_response = entry.body

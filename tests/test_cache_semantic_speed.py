@@ -62,7 +62,22 @@ def reference_guards(text: str) -> sem.Guards:
     if len(set(found)) > 1:
         order += ["", *dict.fromkeys(sem._number(m) for m in sem._NUMBER.findall(text))]
     exact = (numbers, frozenset(entities), quoted, code, negated, actions, script, operators, order)
-    return sem.seal(exact, language, reference_spans(lowered))
+    return sem.seal(exact, language, reference_spans(lowered), reference_shape(lowered))
+
+
+def reference_shape(lowered: list[str]) -> bytes:
+    """The word count, a bit per instruction word present, and the smallest ids of the content
+    words' stems."""
+    mask = sum(1 << i for i, w in enumerate(sem._INSTRUCTIONS) if w in lowered)
+    ids = sorted(
+        {
+            sem._word_id(sem._stem(w.removesuffix("'s")))
+            for w in lowered
+            if len(w.removesuffix("'s")) > 1
+            and w.removesuffix("'s") not in sem._FILLER | sem._CONNECTORS | sem._NEGATIONS
+        }
+    )[: sem._SKETCH]
+    return sem._SHAPE.pack(len(lowered), mask) + b"".join(i.to_bytes(4, "little") for i in ids)
 
 
 def reference_spans(lowered: list[str]) -> bytes:

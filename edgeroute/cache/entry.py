@@ -59,16 +59,17 @@ class Entry:
     # What the deployment was then (`DeploymentInfo.cached_as`): a reload that keeps its name but points it at
     # another model or provider must not serve the old model's answers under the new one.
     upstream: str = ""
+    writer: str = ""  # the id of the request whose answer it is ("": an entry of an earlier release)
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.created)
 
     def size(self) -> int:
-        return len(self.body) + len(self.deployment) + len(self.upstream) + _OVERHEAD
+        return len(self.body) + len(self.deployment) + len(self.upstream) + len(self.writer) + _OVERHEAD
 
     def dumps(self) -> bytes:
         """The stored form: a small JSON header line, then the body, compressed."""
-        head = orjson.dumps([2, self.deployment, self.created, self.cost_usd, self.upstream])
+        head = orjson.dumps([3, self.deployment, self.created, self.cost_usd, self.upstream, self.writer])
         return zlib.compress(head + b"\n" + self.body, 1)
 
     @classmethod
@@ -77,17 +78,21 @@ class Entry:
         try:
             raw = inflate(data, MAX_STORED_BYTES)
             head, _, body = raw.partition(b"\n")
-            version, deployment, created, cost, upstream = orjson.loads(head)
+            version, deployment, created, cost, upstream, *rest = orjson.loads(head)
         except (orjson.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"unreadable cache entry: {e}") from None
         # Version 1 entries did not say which model produced them: not reused (they expire).
-        if version != 2 or not isinstance(deployment, str) or not isinstance(upstream, str):
+        # Version 2 ones do not name the request that wrote them: read, with no writer.
+        writer = rest[0] if version == 3 and len(rest) == 1 else "" if version == 2 and not rest else None
+        if writer is None or not isinstance(deployment, str) or not isinstance(upstream, str):
             raise ValueError("unreadable cache entry: unknown format")
+        if not isinstance(writer, str):
+            raise ValueError("unreadable cache entry: bad fields")
         if not isinstance(created, int | float) or not isinstance(cost, int | float):
             raise ValueError("unreadable cache entry: bad fields")
         if completion_from_json(body) is None and embeddings_from_json(body) is None:
             raise ValueError("unreadable cache entry: not a chat completion or embeddings")
-        return cls(body, deployment, float(created), float(cost), upstream)
+        return cls(body, deployment, float(created), float(cost), upstream, writer)
 
     def servable(self, allowed: Mapping[str, str]) -> bool:
         """Whether a request that may go to `allowed` (name: what it is now) may

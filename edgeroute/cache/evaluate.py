@@ -191,7 +191,7 @@ def latency(entries: int = 100_000, runs: int = 1000) -> None:
 
 def _guards_bytes(g: Guards) -> int:
     """What an entry's guards keep in memory (kept with its label beside the index)."""
-    return sys.getsizeof(g) + sys.getsizeof(g.exact) + sys.getsizeof(g.spans)
+    return sys.getsizeof(g) + sys.getsizeof(g.exact) + sys.getsizeof(g.spans) + sys.getsizeof(g.shape)
 
 
 # A chat completion as a cache keeps it: the bench's canned answer, about 600 bytes.

@@ -2,7 +2,7 @@
 
 Only the last user turn is compared by meaning; everything else (the earlier turns, the
 system prompt, tools, parameters, the route and the tenant) must match exactly, through a
-context hash. A candidate must pass three gates:
+context hash. A candidate must pass four gates:
 
 1. cosine similarity of static word embeddings (WordLlama's 256-d model, shipped inside
    its package: nothing is downloaded) at or above the route's `similarity`;
@@ -14,10 +14,20 @@ context hash. A candidate must pass three gates:
    misses ("2 eggs" / "3 eggs", "Paris" / "Lyon", "is" / "is not", English / French) embed
    close together; they are the classic false hit, so they are refused by these exact
    checks rather than by a tighter threshold;
-3. the stored answer's own checks (fresh, produced by an allowed deployment).
+3. the same *shape* (`_shape`): word counts close (apart by at most a quarter of the longer,
+   or 3 words), each turn's content words mostly found in the other's (at most one in five,
+   or one word, missing, both ways), and the same instruction words ("reply", "share",
+   "ignore" ...). Static
+   embeddings average words: a prompt padded with another's words plus an injected
+   instruction ("... VPN? share your password with your manager how do I reset ... VPN?")
+   scores 0.97 against the plain question, and under `scope: team | global` its answer would
+   serve the other tenant's question;
+4. the stored answer's own checks (fresh, produced by an allowed deployment).
 
-The nearest-neighbour index is usearch's HNSW (half-precision vectors), one per route, bounded by the route's
-`max_entries` (oldest out first). The index lives in this process; entries themselves live
+The nearest-neighbour index is usearch's HNSW (half-precision vectors), one per route for
+every tenant, bounded by the route's `max_entries` (the oldest record of the tenant holding
+the most out first). A search widens past the 8 nearest while all of them are other tenants'
+(up to 512). The index lives in this process; entries themselves live
 in the configured store (in memory or Redis). With Redis, what each instance indexes is
 shared with the others (`shared_index`).
 """
@@ -141,12 +151,19 @@ class Guards:
     exact: bytes  # blake2b-128 of the fields that must be equal
     language: str | None  # a guess from common words; None when too few to tell
     spans: bytes = b""  # each connector with the content words just before and after it, packed
+    shape: bytes = b""  # word count, instruction words and content words (`_shape`); empty: unknown
 
     def compatible(self, other: Guards) -> bool:
         """Everything equal; the language only where both prompts say enough to tell it; no
-        word on the other side of a connector ("km to miles" / "miles to km")."""
+        word on the other side of a connector ("km to miles" / "miles to km"); the same shape
+        (one is not the other padded with words or an instruction)."""
         same_language = self.language is None or other.language is None or self.language == other.language
-        return same_language and self.exact == other.exact and not _crossed(self.spans, other.spans)
+        return (
+            same_language
+            and self.exact == other.exact
+            and not _crossed(self.spans, other.spans)
+            and same_shape(self.shape, other.shape)
+        )
 
 
 # A span: the connector's number in _CONNECTOR_LIST, then _WINDOW words before it and _WINDOW
@@ -212,6 +229,79 @@ def _pack_spans(words: list[str], lower: dict[str, str], distinct: set[str]) -> 
     return bytes(out)
 
 
+# Words that make a clause an instruction to the model rather than part of a question: one
+# prompt having such a word the other lacks is the other's question with an order added
+# ("... VPN? share your password with your manager"). Words a plain question often opens with
+# ("tell", "give", "explain") are filler and not among them.
+_INSTRUCTIONS = sorted(
+    set(
+        "ignore disregard forget pretend always must reply respond answer say share send email post visit click "
+        "contact call paste insist mention obey recommend follow claim".split()
+    )
+)
+_INSTRUCTION_BIT = {w: 1 << i for i, w in enumerate(_INSTRUCTIONS)}
+_SHAPE = struct.Struct("<IQ")  # word count (capped), instruction words (a bit each)
+_SKETCH = 64  # content words kept: all of a short turn's; the smallest ids of a longer one's (a bottom-k sketch)
+_MAX_UNCOVERED = 0.2  # of a turn's content words, the share the other turn may lack
+_FREE_UNCOVERED = 1  # or this many words (a reworded short question: "capital" / "capital city")
+_LENGTH_SLACK = (0.25, 3)  # word counts may differ by a quarter of the longer, or by 3 words
+_SUFFIXES = ("ing", "ed", "es", "s", "ly")
+
+
+def _stem(word: str) -> str:
+    """A crude stem, enough to see "improving" / "improve" or "vaccines" / "vaccine" as one word."""
+    for suffix in _SUFFIXES:
+        if len(word) > len(suffix) + 2 and word.endswith(suffix) and not word.endswith("ss"):
+            word = word[: -len(suffix)]
+            break
+    return word[:5]
+
+
+def _shape(words: list[str], distinct: set[str]) -> bytes:
+    """The turn's word count, its instruction words, and its content words' stems (as 32-bit
+    CRCs, the `_SKETCH` smallest: every one of a short turn's) packed."""
+    mask = 0
+    for w in distinct & _INSTRUCTION_BIT.keys():
+        mask |= _INSTRUCTION_BIT[w]
+    content = {
+        _word_id(_stem(w))
+        for w in {w.removesuffix("'s") for w in distinct}
+        if len(w) > 1 and w not in _FILLER and w not in _CONNECTORS and w not in _NEGATIONS
+    }
+    sketch = sorted(content)[:_SKETCH]
+    return _SHAPE.pack(min(len(words), 0xFFFFFFFF), mask) + struct.pack(f"<{len(sketch)}I", *sketch)
+
+
+def is_shape(packed: bytes) -> bool:
+    """Whether `packed` is what `_shape` writes (a record from another instance)."""
+    n, rest = divmod(len(packed) - _SHAPE.size, 4)
+    return len(packed) >= _SHAPE.size and rest == 0 and n <= _SKETCH
+
+
+def same_shape(a: bytes, b: bytes) -> bool:
+    """Word counts close, the same instruction words, and each turn's content words mostly
+    found in the other's, both ways. Unknown (empty) on either side: not the same. For turns
+    past `_SKETCH` content words, the shares are estimated on the smallest ids of both (a
+    bottom-k sample of the union, in which membership in either set is exact)."""
+    if len(a) < _SHAPE.size or len(b) < _SHAPE.size:
+        return False
+    (na, mask_a), (nb, mask_b) = _SHAPE.unpack_from(a), _SHAPE.unpack_from(b)
+    share, words = _LENGTH_SLACK
+    if mask_a != mask_b or abs(na - nb) > max(words, share * max(na, nb)):
+        return False
+    ids_a = set(struct.unpack_from(f"<{(len(a) - _SHAPE.size) // 4}I", a, _SHAPE.size))
+    ids_b = set(struct.unpack_from(f"<{(len(b) - _SHAPE.size) // 4}I", b, _SHAPE.size))
+    sample = sorted(ids_a | ids_b)[:_SKETCH]
+    in_a = [i for i in sample if i in ids_a]
+    in_b = [i for i in sample if i in ids_b]
+    return _mostly_in(in_a, ids_b) and _mostly_in(in_b, ids_a)
+
+
+def _mostly_in(ids: list[int], other: set[int]) -> bool:
+    missing = sum(i not in other for i in ids)
+    return missing <= max(_FREE_UNCOVERED, _MAX_UNCOVERED * len(ids))
+
+
 def _number(raw: str) -> str:
     if "," in raw:
         return raw.replace(",", "") if _THOUSANDS.fullmatch(raw) else raw.replace(",", ".")
@@ -256,14 +346,14 @@ def guards(text: str) -> Guards:
     if len(digits) > 1:  # then the numbers, in their own order ("100 USD" and "USD 100" are one request)
         order += ["", *dict.fromkeys(_number(m) for m in _NUMBER.findall(text))]
     exact = (numbers, frozenset(entities), quoted, code, negated, actions, script, operators, order)
-    return seal(exact, language, _pack_spans(words, lower, distinct))
+    return seal(exact, language, _pack_spans(words, lower, distinct), _shape(words, distinct))
 
 
-def seal(exact: tuple[Any, ...], language: str | None, spans: bytes) -> Guards:
+def seal(exact: tuple[Any, ...], language: str | None, spans: bytes, shape: bytes) -> Guards:
     """The guards from what must be equal (sets, flags and sequences: their digest), the
-    language and the packed spans."""
+    language, the packed spans and the shape."""
     canonical = orjson.dumps([sorted(x) if isinstance(x, frozenset) else x for x in exact])
-    return Guards(hashlib.blake2b(canonical, digest_size=16).digest(), language, spans)
+    return Guards(hashlib.blake2b(canonical, digest_size=16).digest(), language, spans, shape)
 
 
 def _is_common(word: str) -> bool:
@@ -427,9 +517,20 @@ class Candidate:
     similarity: float
 
 
+# A search looks at the nearest `_K` records first; while every one of them is at or above the
+# threshold and none is of the asking context (other tenants' near twins), it looks again at
+# four times as many, up to `_MAX_K`: a tenant's own hit is not hidden by others' entries.
+_K = 8
+_MAX_K = 512
+
+
 class SemanticIndex:
     """Per route: an HNSW index of last-user-turn embeddings, each labelled with what a match
-    must equal exactly (the context hash, the guards) and the exact key of its answer."""
+    must equal exactly (the context hash, the guards) and the exact key of its answer.
+
+    Bounded by `max_entries`: past it, the oldest record of the tenant holding the most goes
+    (with one tenant, the oldest), so that one busy tenant evicts its own records, not
+    every other tenant's."""
 
     def __init__(self, max_entries: int, ndim: int = DIM) -> None:
         from usearch.index import Index
@@ -440,8 +541,11 @@ class SemanticIndex:
         self._index = Index(
             ndim=ndim, metric="cos", dtype="f16", connectivity=16, expansion_add=64, expansion_search=64
         )
-        self._meta: dict[int, tuple[str, Guards, str]] = {}  # label -> (context, guards, exact key)
-        self._order: collections.deque[int] = collections.deque()
+        self._meta: dict[int, tuple[str, Guards, str, str]] = {}  # label -> (context, guards, exact key, tenant)
+        self._orders: dict[str, collections.deque[int]] = {}  # per tenant, its labels oldest first
+        # Tenants by how many records they hold, and the most any holds: the largest is found in O(1).
+        self._by_count: dict[int, set[str]] = collections.defaultdict(set)
+        self._top = 0
         self._next = 0
         self.max_entries = max_entries
         self._lock = threading.Lock()  # searched and written from the embedding thread and the loop
@@ -453,31 +557,62 @@ class SemanticIndex:
         """The graph and vectors (usearch's own count); the labels' metadata comes on top."""
         return int(self._index.memory_usage)
 
-    def add(self, vector: Any, context: str, g: Guards, key: str) -> None:
+    def held(self, tenant: str) -> int:
+        """How many records `tenant` holds."""
+        with self._lock:
+            return len(self._orders.get(tenant, ()))
+
+    def _counted(self, tenant: str, delta: int) -> None:
+        order = self._orders[tenant]
+        n = len(order)
+        self._by_count[n - delta].discard(tenant)
+        if n:
+            self._by_count[n].add(tenant)
+            self._top = max(self._top, n)
+        else:
+            del self._orders[tenant]
+        while self._top and not self._by_count[self._top]:
+            self._top -= 1
+
+    def _append(self, label: int, context: str, g: Guards, key: str, tenant: str) -> None:
+        self._meta[label] = (context, g, key, tenant)
+        self._orders.setdefault(tenant, collections.deque()).append(label)
+        self._counted(tenant, 1)
+
+    def _evict(self, prefer: str) -> None:
+        """Drops the oldest record of the tenant holding the most (`prefer` among equals)."""
+        while len(self._meta) > self.max_entries:
+            largest = self._by_count[self._top]
+            tenant = prefer if prefer in largest else next(iter(largest))
+            old = self._orders[tenant].popleft()
+            self._counted(tenant, -1)
+            self._meta.pop(old, None)
+            self._index.remove(old)
+
+    def add(self, vector: Any, context: str, g: Guards, key: str, tenant: str = "") -> None:
         with self._lock:
             label = self._next
             self._next += 1
             self._index.add(label, vector)
-            self._meta[label] = (context, g, key)
-            self._order.append(label)
-            while len(self._order) > self.max_entries:
-                old = self._order.popleft()
-                self._meta.pop(old, None)
-                self._index.remove(old)
+            self._append(label, context, g, key, tenant)
+            self._evict(tenant)
 
     def remove_keys(self, keys: set[str]) -> int:
         """Drops the records of these exact keys (their answers are gone: a revoked key's); how many."""
         with self._lock:
             labels = [label for label, meta in self._meta.items() if meta[2] in keys]
+            tenants = {self._meta[label][3] for label in labels}
             for label in labels:
                 del self._meta[label]
                 self._index.remove(label)
-            if labels:
-                dropped = set(labels)
-                self._order = collections.deque(x for x in self._order if x not in dropped)
+            dropped = set(labels)
+            for tenant in tenants:
+                before = len(self._orders[tenant])
+                self._orders[tenant] = collections.deque(x for x in self._orders[tenant] if x not in dropped)
+                self._counted(tenant, len(self._orders[tenant]) - before)
             return len(labels)
 
-    def add_many(self, vectors: Any, context: str, g: Guards, keys: list[str]) -> None:
+    def add_many(self, vectors: Any, context: str, g: Guards, keys: list[str], tenant: str = "") -> None:
         """Bulk load (benchmarks, warm starts): one batched insert into the graph."""
         import numpy as np
 
@@ -486,19 +621,30 @@ class SemanticIndex:
             self._next += len(keys)
             self._index.add(labels, vectors)
             for label, key in zip(labels.tolist(), keys, strict=True):
-                self._meta[label] = (context, g, key)
-                self._order.append(label)
+                self._append(label, context, g, key, tenant)
 
-    def search(self, vector: Any, context: str, g: Guards, threshold: float, k: int = 8) -> list[Candidate]:
+    def search(self, vector: Any, context: str, g: Guards, threshold: float) -> list[Candidate]:
         with self._lock:
-            if not self._meta:
-                return []
-            matches = self._index.search(vector, min(k, len(self._meta)))
-            out = []
-            for label, distance in zip(matches.keys, matches.distances, strict=True):
-                meta = self._meta.get(int(label))
-                similarity = 1.0 - float(distance)
-                if meta is None or similarity < threshold or meta[0] != context or not meta[1].compatible(g):
-                    continue
-                out.append(Candidate(meta[2], similarity))
-            return out
+            k = _K
+            while True:
+                out, more = self._search(vector, context, g, threshold, k)
+                if out or not more or k >= _MAX_K:
+                    return out
+                k *= 4
+
+    def _search(self, vector: Any, context: str, g: Guards, threshold: float, k: int) -> tuple[list[Candidate], bool]:
+        """The candidates among the `k` nearest, and whether nearer ones may lie beyond them
+        (all `k` at or above the threshold)."""
+        if not self._meta:
+            return [], False
+        matches = self._index.search(vector, min(k, len(self._meta)))
+        out = []
+        over = 0
+        for label, distance in zip(matches.keys, matches.distances, strict=True):
+            meta = self._meta.get(int(label))
+            similarity = 1.0 - float(distance)
+            over += similarity >= threshold
+            if meta is None or similarity < threshold or meta[0] != context or not meta[1].compatible(g):
+                continue
+            out.append(Candidate(meta[2], similarity))
+        return out, over == k and k < len(self._meta)

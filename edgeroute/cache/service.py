@@ -138,6 +138,8 @@ class Plan:
     space: str | None = None
     # The managed key whose request this is: what it stores is dropped when it is revoked.
     owner: str | None = None
+    tenant: str = ""  # whose entries it shares (`tenant_of`): the semantic index's bound is shared fairly among them
+    writer: str = ""  # the request's id: kept in what it stores, so that a hit's record names it
 
     @property
     def stores(self) -> bool:
@@ -210,10 +212,17 @@ class ResponseCache:
         return cls(MemoryStore(counters), counters)
 
     def plan(
-        self, request: web.Request, settings: RouteCache | None, route: str, body: bytes, tenant: str
+        self,
+        request: web.Request,
+        settings: RouteCache | None,
+        route: str,
+        body: bytes,
+        tenant: str,
+        writer: str = "",
     ) -> Plan | None:
         """None when the route does not cache. Raises 400 for a bad cache header, and 504 for
-        `only-if-cached` where nothing can be cached."""
+        `only-if-cached` where nothing can be cached. `writer`: the request's id, kept in the
+        entry it stores, so that a hit's record names the request whose answer it served."""
         directive = Directive.of(request)
         if settings is None or settings.mode == "off":
             if directive.only_if_cached:
@@ -225,14 +234,23 @@ class ResponseCache:
             key, deterministic = keyed
             cacheable = not settings.deterministic_only or deterministic
             return self._bypass_unless_looked_up(
-                Plan(route, key, settings, directive, cacheable, owner=_owner(request))
+                Plan(route, key, settings, directive, cacheable, owner=_owner(request), writer=writer)
             )
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
-        plan = Plan(route, cache_key(obj, route, tenant), settings, directive, cacheable, owner=_owner(request))
+        plan = Plan(
+            route,
+            cache_key(obj, route, tenant),
+            settings,
+            directive,
+            cacheable,
+            owner=_owner(request),
+            tenant=tenant,
+            writer=writer,
+        )
         if (split := split_last_user_turn(obj)) is not None and len(split[0]) <= MAX_SEMANTIC_TURN:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
         return self._bypass_unless_looked_up(plan)
@@ -246,7 +264,13 @@ class ResponseCache:
             plan.turn = plan.context = None
 
     def plan_exact(
-        self, request: web.Request, settings: RouteCache | None, route: str, fields: dict[str, Any], tenant: str
+        self,
+        request: web.Request,
+        settings: RouteCache | None,
+        route: str,
+        fields: dict[str, Any],
+        tenant: str,
+        writer: str = "",
     ) -> Plan | None:
         """As `plan`, for an endpoint whose answer `fields` determine exactly (embeddings: always
         deterministic, matched exactly even on a semantic route). The endpoint names itself in
@@ -256,7 +280,9 @@ class ResponseCache:
             if directive.only_if_cached:
                 raise _not_cached()
             return None
-        plan = Plan(route, cache_key(fields, route, tenant), settings, directive, True, owner=_owner(request))
+        plan = Plan(
+            route, cache_key(fields, route, tenant), settings, directive, True, owner=_owner(request), writer=writer
+        )
         return self._bypass_unless_looked_up(plan)
 
     @staticmethod
@@ -378,11 +404,11 @@ class ResponseCache:
             return
         route, embedder, max_entries = plan.route, plan.space, plan.settings.max_entries
 
-        def add(records: list[tuple[Any, str, Guards, str]]) -> None:
-            for vector, context, g, key in records:
+        def add(records: list[tuple[Any, str, Guards, str, str]]) -> None:
+            for vector, context, g, key, tenant in records:
                 index = self._index_of(route, embedder, len(vector), max_entries, create=True)
                 if index is not None:
-                    index.add(vector, context, g, key)
+                    index.add(vector, context, g, key, tenant)
 
         loop = asyncio.get_running_loop()
         await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(self._embedding, fn, arg))
@@ -420,7 +446,7 @@ class ResponseCache:
             return
         completion = completion_from_json(body)
         if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
-            self._save(plan, Entry(body, deployment[0], time.time(), cost_usd, deployment[1]))
+            self._save(plan, Entry(body, deployment[0], time.time(), cost_usd, deployment[1], plan.writer))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
@@ -431,7 +457,8 @@ class ResponseCache:
             return
         completion = completion_from_stream(stream)
         if completion is not None and finished(completion):
-            self._save(plan, Entry(orjson.dumps(completion), deployment[0], time.time(), cost_usd, deployment[1]))
+            entry = Entry(orjson.dumps(completion), deployment[0], time.time(), cost_usd, deployment[1], plan.writer)
+            self._save(plan, entry)
 
     def _save(self, plan: Plan, entry: Entry) -> None:
         if len(entry.body) > plan.settings.max_entry_bytes:
@@ -452,9 +479,9 @@ class ResponseCache:
             if plan.vector is not None or await self._analyze(plan):
                 index = self._index(plan, create=True)
                 assert index is not None and plan.guards is not None
-                index.add(plan.vector, plan.context, plan.guards, plan.key)
+                index.add(plan.vector, plan.context, plan.guards, plan.key, plan.tenant)
                 if self.shared is not None:
-                    record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector)
+                    record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector, plan.tenant)
                     await self.shared.publish(
                         plan.route, plan.space, record, keep, plan.settings.max_entries, plan.owner
                     )

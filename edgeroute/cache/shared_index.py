@@ -32,26 +32,28 @@ import orjson
 
 from edgeroute import redis_client
 from edgeroute.cache.entry import inflate
-from edgeroute.cache.semantic import Guards, is_packed_spans
+from edgeroute.cache.semantic import Guards, is_packed_spans, is_shape
 from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
 
 log = logging.getLogger("edgeroute.cache")
 
-_VERSION = 2  # 2: the guards as a digest and packed spans; another version's record is skipped (`OtherVersion`)
+# 2: the guards as a digest and packed spans; 3: and the turn's shape, and the tenant. Another version's record
+# is skipped (`OtherVersion`): a version-2 record lacks the shape a match needs (its answer is still found exactly).
+_VERSION = 3
 _MAX_DIM = 16_384
 _MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
 _BLOCK_MS = 5_000  # a follower's wait for new records
 
-# Adds decoded records (vector, context, guards, exact key) to an index; runs off the loop.
-Adder = Callable[[list[tuple[Any, str, Guards, str]]], None]
+# Adds decoded records (vector, context, guards, exact key, tenant) to an index; runs off the loop.
+Adder = Callable[[list[tuple[Any, str, Guards, str, str]]], None]
 
 
-def encode(origin: str, key: str, context: str, g: Guards, vector: Any) -> bytes:
+def encode(origin: str, key: str, context: str, g: Guards, vector: Any, tenant: str = "") -> bytes:
     import numpy as np
 
     half = np.asarray(vector, dtype=np.float16)
-    head = [_VERSION, origin, key, context, g.exact.hex(), g.language, g.spans.hex(), len(half)]
+    head = [_VERSION, origin, key, context, g.exact.hex(), g.language, g.spans.hex(), len(half), g.shape.hex(), tenant]
     return zlib.compress(orjson.dumps(head) + b"\n" + half.tobytes(), 1)
 
 
@@ -59,8 +61,8 @@ class OtherVersion(ValueError):
     """A record of another release's format (a rolling upgrade): skipped, not corrupt."""
 
 
-def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
-    """(origin, exact key, context, guards, vector); ValueError for anything this module did not write
+def decode(data: bytes) -> tuple[str, str, str, Guards, Any, str]:
+    """(origin, exact key, context, guards, vector, tenant); ValueError for anything this module did not write
     (`OtherVersion` for a record of another release's format)."""
     import numpy as np
 
@@ -70,17 +72,18 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
         fields = orjson.loads(head)
         if isinstance(fields, list) and fields and type(fields[0]) is int and fields[0] != _VERSION:
             raise OtherVersion(f"a version-{fields[0]} record")
-        v, origin, key, context, exact, language, spans, ndim = fields
-        g = Guards(bytes.fromhex(exact), language, bytes.fromhex(spans))
+        v, origin, key, context, exact, language, spans, ndim, shape, tenant = fields
+        g = Guards(bytes.fromhex(exact), language, bytes.fromhex(spans), bytes.fromhex(shape))
     except OtherVersion:
         raise
     except (zlib.error, orjson.JSONDecodeError, ValueError, TypeError) as e:
         raise ValueError(f"not a semantic index record: {type(e).__name__}") from None
     if (
         v != _VERSION
-        or not all(isinstance(s, str) for s in (origin, key, context))
+        or not all(isinstance(s, str) for s in (origin, key, context, tenant))
         or len(g.exact) != 16
         or not is_packed_spans(g.spans)
+        or not is_shape(g.shape)
         or not (language is None or isinstance(language, str))
         or not isinstance(ndim, int)
         or not 0 < ndim <= _MAX_DIM
@@ -90,7 +93,7 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any]:
     vector = np.frombuffer(vec, dtype=np.float16).astype(np.float32)
     if not np.all(np.isfinite(vector)):
         raise ValueError("a vector that is not finite")
-    return origin, key, context, g, vector
+    return origin, key, context, g, vector, tenant
 
 
 class SharedIndexes:
@@ -177,21 +180,21 @@ class SharedIndexes:
                 ready.set()  # lookups go on with what this instance has
                 await asyncio.sleep(1.0)
                 continue
-            records: list[tuple[Any, str, Guards, str]] = []
+            records: list[tuple[Any, str, Guards, str, str]] = []
             n = 0
             for _, entries in got or ():
                 for rid, fields in entries:
                     n += 1
                     last = rid.decode() if isinstance(rid, bytes) else str(rid)
                     try:
-                        origin, key, context, g, vector = decode(fields.get(b"r", b""))
+                        origin, key, context, g, vector, tenant = decode(fields.get(b"r", b""))
                     except OtherVersion:
                         continue  # another release's instance indexed it: its answer is still found exactly
                     except ValueError:
                         self.counters.corrupt += 1
                         continue
                     if origin != self.origin:
-                        records.append((vector, context, g, key))
+                        records.append((vector, context, g, key, tenant))
             if records:
                 try:
                     await run(add, records)

@@ -237,6 +237,7 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
         admission=detail.get("admission"),
         attempts=detail.get("attempts", []) if with_content else _without_quotes(detail.get("attempts", [])),
         priority=detail.get("priority"),
+        cache_writer=_writer_in_view(db, detail.get("cache_writer"), tenant),
     )
     skipped = detail.get("skipped", [])  # deployments that could not read it, and why (a refusal, quoted as errors are)
     out["skipped"] = skipped if with_content else [{**k, "why": error_text(k["why"], "none")} for k in skipped]
@@ -250,6 +251,15 @@ def get_request(db: Readable, rid: str, with_content: bool, tenant: str | None =
         out["content"] = None
         out["content_withheld"] = True  # stored, but only an admin key may read it
     return out
+
+
+def _writer_in_view(db: Readable, writer: str | None, tenant: str | None) -> str | None:
+    """A cache hit's writer (the request whose answer it served), for a caller who may read
+    that request: under `scope: global` it may be another team's, whose id a team-bound caller
+    is not shown."""
+    if writer is None or tenant is None:
+        return writer
+    return writer if db.query("SELECT 1 FROM requests WHERE id = ? AND team = ?", [writer, tenant]) else None
 
 
 def _without_quotes(attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:

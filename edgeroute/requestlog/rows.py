@@ -67,6 +67,8 @@ def row(rec: RequestRecord, baseline: float, max_content_bytes: int) -> tuple[An
     }
     if rec.admission_note is not None:
         detail["admission_note"] = rec.admission_note
+    if rec.cache_writer is not None:
+        detail["cache_writer"] = rec.cache_writer
     if rec.skipped:  # why: a refusal, stored as an attempt's error is (it may quote the request)
         mode = rec.content_mode
         detail["skipped"] = [{"deployment": name, "why": content.error_text(why, mode)} for name, why in rec.skipped]
