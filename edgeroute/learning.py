@@ -8,10 +8,10 @@ to its predictions for `policy` routes: a fresh draw from each posterior, minus 
 prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and every
 few seconds, so exploration continues without a random number per request.
 
-Ratings are kept per tenant (the rated request's team, else its key, else one anonymous
-tenant: a keyless sidecar), because the shifts steer every tenant's requests: with
-`tenants: balanced` a tenant's ratings count up to all the others' together (`pool`), so
-no tenant alone moves another's routing. Cache hits are remembered but not learned from:
+Ratings are kept per tenant (the rated request's team; the keys of no team, which are the
+operator's, and keyless callers are one tenant), because the shifts steer every tenant's
+requests: with `tenants: balanced` a team's ratings count up to all the others' together
+(`pool`), so no team alone moves another's routing. Cache hits are remembered but not learned from:
 their route was not chosen by routing now, and they cost nothing to make.
 
 State persists in a small JSON file (written atomically) so that learning survives
@@ -63,12 +63,17 @@ class Posterior:
         return self.alpha / (self.alpha + self.beta)
 
 
-ANONYMOUS = "anonymous"  # the one tenant of callers without a key (a sidecar, `server.api_keys`)
+# The operator's tenant: keys of no team (global keys, which see every team) and callers without
+# a key (a sidecar, `server.api_keys`). Its ratings always count in full.
+ANONYMOUS = "anonymous"
 
 
 def tenant_id(key: str | None, team: str | None) -> str:
-    """Whose ratings these are: the key's team, else the key, else the anonymous tenant."""
-    return f"team:{team}" if team else f"key:{key}" if key else ANONYMOUS
+    """Whose ratings these are: the key's team, else the operator's tenant. Teams are the
+    boundary between tenants (a team's keys mint keys of that team); a key of no team is the
+    operator's, trusted as a keyless sidecar is. `key` is for the caller's symmetry only."""
+    del key
+    return f"team:{team}" if team else ANONYMOUS
 
 
 @dataclass(slots=True)
@@ -93,14 +98,14 @@ Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of c
 
 def pool(by_tenant: Evidence, prior: tuple[float, float], balanced: bool) -> Posterior:
     """The posterior routing uses: the prior plus each tenant's evidence, which, when
-    `balanced`, weighs at most all other tenants' together (a tenant alone: nothing, but
-    the anonymous tenant alone, a keyless gateway's only one, counts in full)."""
+    `balanced`, weighs at most all other tenants' together for a team (a team alone: nothing)
+    and in full for the operator's tenant (keys of no team and keyless callers)."""
     alpha, beta = prior
     total = sum(a + b for a, b in by_tenant.values())
-    alone = by_tenant.keys() == {ANONYMOUS}
-    for a, b in by_tenant.values():
+    for tenant, (a, b) in by_tenant.items():
         n = a + b
-        weight = 1.0 if not balanced or alone or n <= 0 else min(1.0, (total - n) / n)
+        trusted = not balanced or tenant == ANONYMOUS or n <= 0
+        weight = 1.0 if trusted else min(1.0, (total - n) / n)
         alpha, beta = alpha + weight * a, beta + weight * b
     return Posterior(alpha, beta)
 

@@ -29,7 +29,7 @@ from edgeroute.config import SharedState
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import SqliteBackend
 from edgeroute.learn import from_log
-from edgeroute.learning import ANONYMOUS, FeedbackLearner, Posterior, pool
+from edgeroute.learning import ANONYMOUS, FeedbackLearner, Posterior, pool, tenant_id
 from edgeroute.learning_share import LearningShare, RedisLearnStore, SqliteLearnStore
 from edgeroute.requestlog import outcomes
 from edgeroute.requestlog.settings import RequestLog
@@ -143,6 +143,10 @@ def test_pooling_bounds_each_tenant_by_all_the_others() -> None:
     # B rated 3 answers 1, A 30 answers 0: A weighs as much as B, no more.
     assert pool({"team:A": (0.0, 30.0), "team:B": (3.0, 0.0)}, prior, balanced=True) == Posterior(4.0, 4.0)
     assert pool({"team:A": (0.0, 30.0), "team:B": (3.0, 0.0)}, prior, balanced=False) == Posterior(4.0, 31.0)
+    # The operator's tenant (keys of no team, keyless callers) counts in full; a team beside it is bounded.
+    assert pool({ANONYMOUS: (3.0, 0.0), "team:A": (0.0, 30.0)}, prior, balanced=True) == Posterior(4.0, 4.0)
+    assert tenant_id("key-of-no-team", None) == tenant_id(None, None) == ANONYMOUS
+    assert tenant_id("k", "A") == "team:A"
 
 
 def test_a_tenant_alone_gives_no_shift_and_a_keyless_one_learns(tmp_path: Path) -> None:
