@@ -8,6 +8,12 @@ to its predictions for `policy` routes: a fresh draw from each posterior, minus 
 prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and every
 few seconds, so exploration continues without a random number per request.
 
+Ratings are kept per tenant (the rated request's team; the keys of no team, which are the
+operator's, and keyless callers are one tenant), because the shifts steer every tenant's
+requests: with `tenants: balanced` a team's ratings count up to all the others' together
+(`pool`), so no team alone moves another's routing. Cache hits are remembered but not learned from:
+their route was not chosen by routing now, and they cost nothing to make.
+
 State persists in a small JSON file (written atomically) so that learning survives
 restarts; with `shared_state`, posteriors and recent requests are shared through Redis,
 and between the workers of one `serve --workers N` through a file (`learning_share.py`).
@@ -57,6 +63,19 @@ class Posterior:
         return self.alpha / (self.alpha + self.beta)
 
 
+# The operator's tenant: keys of no team (global keys, which see every team) and callers without
+# a key (a sidecar, `server.api_keys`). Its ratings always count in full.
+ANONYMOUS = "anonymous"
+
+
+def tenant_id(key: str | None, team: str | None) -> str:
+    """Whose ratings these are: the key's team, else the operator's tenant. Teams are the
+    boundary between tenants (a team's keys mint keys of that team); a key of no team is the
+    operator's, trusted as a keyless sidecar is. `key` is for the caller's symmetry only."""
+    del key
+    return f"team:{team}" if team else ANONYMOUS
+
+
 @dataclass(slots=True)
 class Served:
     """What feedback needs to know about a recent request."""
@@ -64,38 +83,67 @@ class Served:
     route: str
     task: str
     cost_usd: float
+    key: str | None = None  # whose request it was: only that key (or an admin over it) rates it
+    team: str | None = None
+    cached: bool = False  # a cache hit: no routing outcome, so not learned from
     rated: bool = False  # the learner counts a request's first score only
+
+    @property
+    def tenant(self) -> str:
+        return tenant_id(self.key, self.team)
+
+
+Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of complements)
+
+
+def pool(by_tenant: Evidence, prior: tuple[float, float], balanced: bool) -> Posterior:
+    """The posterior routing uses: the prior plus each tenant's evidence, which, when
+    `balanced`, weighs at most all other tenants' together for a team (a team alone: nothing)
+    and in full for the operator's tenant (keys of no team and keyless callers)."""
+    alpha, beta = prior
+    total = sum(a + b for a, b in by_tenant.values())
+    for tenant, (a, b) in by_tenant.items():
+        n = a + b
+        trusted = not balanced or tenant == ANONYMOUS or n <= 0
+        weight = 1.0 if trusted else min(1.0, (total - n) / n)
+        alpha, beta = alpha + weight * a, beta + weight * b
+    return Posterior(alpha, beta)
+
+
+def _evidence_rows(data: dict[str, Any], prior: tuple[float, float]) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """(task, route, tenant) -> evidence, from a state file; one from before ratings were kept
+    per tenant holds posteriors only, counted as the anonymous tenant's."""
+    if "evidence" in data:
+        return {(r["task"], r["route"], r["tenant"]): (float(r["a"]), float(r["b"])) for r in data["evidence"]}
+    return {
+        (r["task"], r["route"], ANONYMOUS): (float(r["alpha"]) - prior[0], float(r["beta"]) - prior[1])
+        for r in data.get("posteriors", [])
+    }
 
 
 class Sharing(Protocol):
     """Where a learner shares what it learns with other instances (`learning_share.py`)."""
 
     def on_served(self, request_id: str, s: Served) -> None: ...
-    def on_feedback(self, s: Served, reward: float) -> None: ...
+    def on_feedback(self, s: Served, reward: float) -> None: ...  # counted as `s.tenant`'s
     async def lookup(self, request_id: str) -> Served | None: ...
     async def claim(self, request_id: str) -> bool: ...
 
 
-def _keep_ahead(snapshot: dict[str, Any], path: Path) -> None:
-    """Processes that share a learner save the one file: each its view as of its last sync. A
-    posterior only grows, so per (task, route) the larger saved counts are the later view;
+def _keep_ahead(learner: FeedbackLearner, path: Path) -> dict[tuple[str, str], Evidence]:
+    """Processes that share a learner save the one file: each its view as of its last sync.
+    Evidence only grows, so per (task, route, tenant) the larger saved sums are the later view;
     keeping them means a process that synced earlier never writes back less than is known."""
+    merged = {k: dict(v) for k, v in learner.evidence.items()}
     try:
-        saved = json.loads(path.read_text()).get("posteriors", [])
-        ahead = {(r["task"], r["route"]): (float(r["alpha"]), float(r["beta"])) for r in saved}
+        ahead = _evidence_rows(json.loads(path.read_text()), learner.prior)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return
-    for row in snapshot["posteriors"]:
-        alpha, beta = ahead.pop((row["task"], row["route"]), (0.0, 0.0))
-        row["alpha"], row["beta"] = max(row["alpha"], alpha), max(row["beta"], beta)
-        row["mean"] = round(row["alpha"] / (row["alpha"] + row["beta"]), 4)
-    rows = snapshot["posteriors"]
-    rows += [
-        {"task": t, "route": r, "alpha": a, "beta": b, "mean": round(a / (a + b), 4)}
-        for (t, r), (a, b) in ahead.items()
-        if a + b > 0
-    ]
-    rows.sort(key=lambda row: (row["task"], row["route"]))
+        return merged
+    for (task, route, tenant), (a, b) in ahead.items():
+        mine = merged.setdefault((task, route), {})
+        have = mine.get(tenant, (0.0, 0.0))
+        mine[tenant] = (max(have[0], a), max(have[1], b))
+    return merged
 
 
 class FeedbackLearner:
@@ -108,6 +156,7 @@ class FeedbackLearner:
         max_shift: float = 0.15,
         cost_weight: float = 0.0,
         prior: tuple[float, float] = (1.0, 1.0),
+        balanced: bool = True,
         remember: int = 100_000,
         seed: int | None = None,
     ) -> None:
@@ -115,7 +164,9 @@ class FeedbackLearner:
         self.max_shift = max_shift
         self.cost_weight = cost_weight
         self.prior = prior
-        self.posteriors: dict[tuple[str, str], Posterior] = {}
+        self.balanced = balanced
+        self.evidence: dict[tuple[str, str], Evidence] = {}  # (task, route) -> per tenant
+        self.posteriors: dict[tuple[str, str], Posterior] = {}  # pooled from the evidence
         self.recent: OrderedDict[str, Served] = OrderedDict()
         self.remember = remember
         self.rng = random.Random(seed)
@@ -127,13 +178,16 @@ class FeedbackLearner:
 
     def _load(self, path: Path) -> None:
         try:
-            data = json.loads(path.read_text())
-            for row in data.get("posteriors", []):
-                self.posteriors[(row["task"], row["route"])] = Posterior(float(row["alpha"]), float(row["beta"]))
+            rows = _evidence_rows(json.loads(path.read_text()), self.prior)
+            found: dict[tuple[str, str], Evidence] = {}
+            for (task, route, tenant), sums in rows.items():
+                found.setdefault((task, route), {})[tenant] = sums
+            self.set_evidence(found)
         except OSError as e:
             log.warning("ignoring unreadable learning state %s: %s", path, e)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             # Set aside, not overwritten by the first save: what was learned may be recovered by hand.
+            self.evidence.clear()
             self.posteriors.clear()
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}-{os.getpid()}")
             try:
@@ -144,31 +198,59 @@ class FeedbackLearner:
                 "ignoring unreadable learning state %s (%s); kept as %s, learning starts afresh", path, e, aside
             )
 
-    def snapshot(self) -> dict[str, Any]:
-        rows = [
-            {"task": t, "route": r, "alpha": p.alpha, "beta": p.beta, "mean": round(p.mean, 4)}
-            for (t, r), p in sorted(self.posteriors.items())
+    def snapshot(self, evidence: dict[tuple[str, str], Evidence] | None = None) -> dict[str, Any]:
+        """The posteriors of every score received (as before tenants were kept), the ones
+        routing draws from (`routing`: pooled per tenant) and each tenant's evidence."""
+        evidence = self.evidence if evidence is None else evidence
+
+        def rows(balanced: bool) -> list[dict[str, Any]]:
+            pooled = {k: pool(v, self.prior, balanced) for k, v in sorted(evidence.items())}
+            return [
+                {"task": t, "route": r, "alpha": p.alpha, "beta": p.beta, "mean": round(p.mean, 4)}
+                for (t, r), p in pooled.items()
+            ]
+
+        per_tenant = [
+            {"task": t, "route": r, "tenant": tenant, "a": a, "b": b}
+            for (t, r), by_tenant in sorted(evidence.items())
+            for tenant, (a, b) in sorted(by_tenant.items())
         ]
-        return {"posteriors": rows, "max_shift": self.max_shift, "cost_weight": self.cost_weight}
+        return {
+            "posteriors": rows(balanced=False),
+            "routing": rows(self.balanced),
+            "evidence": per_tenant,
+            "tenants": "balanced" if self.balanced else "pooled",
+            "max_shift": self.max_shift,
+            "cost_weight": self.cost_weight,
+        }
 
     def save(self) -> None:
         if self.state_path is None:
             return
         with self._write_lock:
-            snapshot = self.snapshot()
-            if self.share is not None:
-                _keep_ahead(snapshot, self.state_path)
+            shared = self.share is not None
+            snapshot = self.snapshot(_keep_ahead(self, self.state_path) if shared else None)
             # A temporary file of its own: the workers of one `serve --workers N` share the
             # path, and one fixed name let one rename the other's file away mid-write.
             replace_file(self.state_path, json.dumps(snapshot, indent=1).encode())
 
     # -- learning ------------------------------------------------------------
 
-    def served(self, request_id: str, route: str, task: str | None, cost_usd: float) -> None:
-        """Remembers a request so that feedback on it can be attributed."""
+    def served(
+        self,
+        request_id: str,
+        route: str,
+        task: str | None,
+        cost_usd: float,
+        *,
+        key: str | None = None,
+        team: str | None = None,
+        cached: bool = False,
+    ) -> None:
+        """Remembers a request so that feedback on it can be attributed (and checked: whose it is)."""
         if task is None:
             return
-        served = self.recent[request_id] = Served(route, task, cost_usd)
+        served = self.recent[request_id] = Served(route, task, cost_usd, key, team, cached)
         if len(self.recent) > self.remember:
             self.recent.popitem(last=False)
         if self.share is not None:
@@ -184,22 +266,31 @@ class FeedbackLearner:
         s = self.recent.get(request_id)
         if s is None:
             return None
-        if s.rated:
+        if s.rated or s.cached:  # a cache hit's route was not chosen now: no routing outcome
             return s
         s.rated = True
         reward = min(1.0, max(0.0, score - self.cost_weight * s.cost_usd))
-        p = self.posteriors.setdefault((s.task, s.route), Posterior(*self.prior))
-        p.alpha += reward
-        p.beta += 1.0 - reward
+        by_tenant = self.evidence.setdefault((s.task, s.route), {})
+        a, b = by_tenant.get(s.tenant, (0.0, 0.0))
+        by_tenant[s.tenant] = (a + reward, b + 1.0 - reward)
+        self.posteriors[(s.task, s.route)] = pool(by_tenant, self.prior, self.balanced)
         if self.share is not None:
             self.share.on_feedback(s, reward)
         return s
+
+    def set_evidence(self, found: dict[tuple[str, str], Evidence]) -> None:
+        """Replaces the evidence of each (task, route) in `found` (a state file, a shared sync)."""
+        for key, by_tenant in found.items():
+            self.evidence[key] = by_tenant
+            self.posteriors[key] = pool(by_tenant, self.prior, self.balanced)
 
     def shifts(self) -> dict[tuple[str, str], float]:
         """One Thompson draw per (task, route), as a bounded shift from the prior mean."""
         prior_mean = self.prior[0] / (self.prior[0] + self.prior[1])
         out = {}
         for key, p in self.posteriors.items():
+            if p.alpha + p.beta <= sum(self.prior):  # no evidence that counts: no shift, not a prior's draw
+                continue
             draw = self.rng.betavariate(p.alpha, p.beta)
             out[key] = max(-self.max_shift, min(self.max_shift, draw - prior_mean))
         return out
@@ -219,6 +310,7 @@ def _request_log(app: web.Application) -> Ledger | None:
     return rec if isinstance(rec, Ledger) and rec.request_log is not None else None
 
 
+NOT_LEARNED = "a cached answer: its route was not chosen by routing now, so its score does not teach the router"
 FIND_FOR_S = 5.0  # how long feedback waits for its request to reach the log (a busy writer)
 # Feedback calls waiting on the log at once: past it, 503 at once (each waits up to FIND_FOR_S,
 # reading the database every flush, so unbounded waits would turn a flood into database load).
@@ -294,6 +386,13 @@ async def _lookup(
         gate.lookups -= 1
 
 
+def _owned(request: web.Request, key: str | None, team: str | None) -> bool:
+    """Whether the caller may rate a request of `key` (in `team`): its own, or any an admin key
+    over it may; a keyless caller (a sidecar) rates any."""
+    ident = request.get(IDENTITY)
+    return ident is None or key == ident.key or _may_rate_others(request, ident.role, team)
+
+
 def _may_rate_others(request: web.Request, role: str | None, team: str | None) -> bool:
     """An admin key may rate another key's request: any, or its own team's when it is bound
     to one (`tenant_of`, as `/admin/requests` shows it only those)."""
@@ -330,12 +429,7 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     unknown = ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
     ident = request.get(IDENTITY)
     logged = await _lookup(gate, ledger, rid) if ledger is not None else None
-    if (
-        logged is not None
-        and ident is not None
-        and logged[0] != ident.key
-        and not _may_rate_others(request, ident.role, logged[3])
-    ):
+    if logged is not None and not _owned(request, logged[0], logged[3]):
         raise unknown  # another key's (or team's) request: not even its existence is told
     if ledger is not None and logged is None and ident is not None:
         raise unknown  # with keys, only a request the log shows to be the caller's is rated
@@ -345,7 +439,15 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
         share = learner.share
         if served is None and share is not None and (served := await share.lookup(rid)) is not None:
             learner.recent[rid] = served  # served by another instance
-        if served is not None and not served.rated and share is not None and not await share.claim(rid):
+        if served is not None and logged is None and not _owned(request, served.key, served.team):
+            raise unknown  # the log off: the learner's record says whose it is, the same rule
+        if (
+            served is not None
+            and not served.cached
+            and not served.rated
+            and share is not None
+            and not await share.claim(rid)
+        ):
             served.rated = True  # rated through another instance already: it counted there
         if served is not None:
             learner.feedback(rid, score)
@@ -360,7 +462,10 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     else:
         assert logged is not None
         route, task = logged[1], logged[2]
-    body = {"request_id": rid, "task": task, "route": route, "accepted": True, "stored": logged is not None}
+    stored = logged is not None
+    body: dict[str, Any] = {"request_id": rid, "task": task, "route": route, "accepted": True, "stored": stored}
+    if served is not None and served.cached:  # stored for the log (when on), never learned from
+        body |= {"accepted": stored, "learned": False, "reason": NOT_LEARNED}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -381,7 +486,8 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
     path = Path(fb.state_path) if fb.state_path else None
     if path is not None and base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    learner = FeedbackLearner(path, max_shift=fb.max_shift, cost_weight=fb.cost_weight)
+    balanced = fb.tenants == "balanced"
+    learner = FeedbackLearner(path, max_shift=fb.max_shift, cost_weight=fb.cost_weight, balanced=balanced)
     app[LEARNER] = learner
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:

@@ -4,12 +4,15 @@ without it (a SQLite file in the supervisor's run directory).
 
 Feedback then counts the same wherever it is posted and wherever the request was served:
 
-- each process sends what it learned (the reward and its complement per (task, route)) as
-  increments of one table of sums (`{prefix}:learn:posteriors`, a hash, in Redis), and every
+- each process sends what it learned (the reward and its complement per (task, route, tenant))
+  as increments of one table of sums (in Redis, hashes: `{prefix}:learn:posteriors` for the
+  anonymous tenant, as releases before tenants were kept wrote it, and `{prefix}:learn:tenant-sums`
+  for the others, which such a release does not read), and every
   `SYNC_S` reads the sums back: every process's posteriors are then the prior plus everyone's
-  feedback;
-- each routed request it served (route, task, cost) is kept for `REMEMBER_S`, so feedback
-  posted to another process finds it.
+  feedback, pooled per tenant as the learner does (`learning.pool`); a sum from before tenants
+  were kept (task, route only) counts as the anonymous tenant's;
+- each request it answered (route, task, cost, key, team, whether a cache hit) is kept for
+  `REMEMBER_S`, so feedback posted to another process finds it, and checks whose it is.
 
 Both are sent in batches every `SYNC_S`, off the request path, in one transaction. A store
 that was never seeded (a new Redis, one restarted empty, or the workers' new file at each
@@ -41,7 +44,7 @@ from aiohttp import web
 from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.cost.store_errors import StoreUnavailable
-from edgeroute.learning import LEARNER, FeedbackLearner, Posterior, Served
+from edgeroute.learning import ANONYMOUS, LEARNER, Evidence, FeedbackLearner, Served
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
 
@@ -86,29 +89,51 @@ class Seeded(enum.IntEnum):
     FILLED = 2  # with this process's sums
 
 
-# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark; ARGV: field, value, field, value...
-_SEED = """
-if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end
-for i = 1, #ARGV, 2 do redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 2
+# The anonymous tenant's sums keep the hash and field names (task, route, a|b) of releases before
+# tenants were kept, which read them alike; other tenants' (task, route, tenant, a|b) go to a
+# hash of their own (KEYS[3]), which such a release never reads (its fields would not parse).
+# Field, value pairs name their hash by a leading 1 (KEYS[1]) or 3 (KEYS[3]).
+_SUMS = """
+local function add(i, last)
+  while i <= last do
+    local field = ARGV[i]
+    redis.call('HINCRBYFLOAT', KEYS[tonumber(string.sub(field, 1, 1))], string.sub(field, 2), ARGV[i + 1])
+    i = i + 2
+  end
+end
 """
 
-# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark; ARGV[1]: how many served requests,
-# ARGV[2]: their time to live; then request key, record... and then field, increment...
-_WRITE = """
+# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark, KEYS[3]: the tenants' sums; ARGV: field, value...
+_SEED = (
+    _SUMS
+    + """
+if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
+add(1, #ARGV)
+return 2
+"""
+)
+
+# KEYS as `_SEED`'s; ARGV[1]: how many served requests, ARGV[2]: their time to live; then
+# request key, record... and then field, increment...
+_WRITE = (
+    _SUMS
+    + """
 local n, i = tonumber(ARGV[1]), 3
 for _ = 1, n do
   redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ARGV[2])
   i = i + 2
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-while i <= #ARGV do
-  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
+add(i, #ARGV)
 return 1
 """
+)
+
+
+def _hashed(field: str) -> str:
+    """`field` prefixed with the number of the hash it goes to (see `_SUMS`)."""
+    return ("3" if field.count(_SEP) == 3 else "1") + field
 
 
 class RedisLearnStore:
@@ -119,6 +144,7 @@ class RedisLearnStore:
         )
         self.hash = f"{cfg.prefix}:learn:posteriors"
         self.mark = f"{cfg.prefix}:learn:seeded"
+        self.tenants = f"{cfg.prefix}:learn:tenant-sums"
         self.req_prefix = f"{cfg.prefix}:learn:req:"
         self.rated_prefix = f"{cfg.prefix}:learn:rated:"
 
@@ -138,23 +164,24 @@ class RedisLearnStore:
     async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
         args: list[str | bytes | int] = [len(served), REMEMBER_S]
         args += [x for rid, value in served for x in (self.req_prefix + rid, value)]
-        args += [x for field, delta in sums for x in (field, repr(delta))]
+        args += [x for field, delta in sums for x in (_hashed(field), repr(delta))]
         try:
-            return bool(await self.client.eval(_WRITE, 2, self.hash, self.mark, *args))
+            return bool(await self.client.eval(_WRITE, 3, self.hash, self.mark, self.tenants, *args))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def sums(self) -> dict[str, float]:
         try:
             got = await self.client.hgetall(self.hash)
+            got |= await self.client.hgetall(self.tenants)
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
         return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
 
     async def seed_sums(self, sums: dict[str, float]) -> Seeded:
-        args = [x for field, value in sums.items() for x in (field, repr(value))]
+        args = [x for field, value in sums.items() for x in (_hashed(field), repr(value))]
         try:
-            return Seeded(int(await self.client.eval(_SEED, 2, self.hash, self.mark, *args)))
+            return Seeded(int(await self.client.eval(_SEED, 3, self.hash, self.mark, self.tenants, *args)))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -230,12 +257,26 @@ class SqliteLearnStore(SqliteState):
         return await self._run(tx)
 
 
+def _record(s: Served) -> list[object]:
+    """What another process needs of a request: a keyless non-hit one as releases before
+    tenants were kept wrote it (which read three items), else whose it is and if a hit."""
+    if s.key is None and s.team is None and not s.cached:
+        return [s.route, s.task, s.cost_usd]
+    return [s.route, s.task, s.cost_usd, s.key, s.team, s.cached]
+
+
+def _field(task: str, route: str, tenant: str, which: str) -> str:
+    """A sum's name: the anonymous tenant's as before tenants were kept (task, route, a|b)."""
+    parts = (task, route, which) if tenant == ANONYMOUS else (task, route, tenant.replace(_SEP, " "), which)
+    return _SEP.join(parts)
+
+
 class LearningShare:
     def __init__(self, store: LearnStore, learner: FeedbackLearner) -> None:
         self.store = store
         self.learner = learner
         self.served: list[tuple[str, Served]] = []
-        self.rewards: list[tuple[str, str, float]] = []
+        self.rewards: list[tuple[str, str, str, float]] = []  # task, route, tenant, reward
         self.failed = 0
 
     def on_served(self, request_id: str, s: Served) -> None:
@@ -244,7 +285,7 @@ class LearningShare:
 
     def on_feedback(self, s: Served, reward: float) -> None:
         if len(self.rewards) < MAX_PENDING:
-            self.rewards.append((s.task, s.route, reward))
+            self.rewards.append((s.task, s.route, s.tenant, reward))
 
     async def lookup(self, request_id: str) -> Served | None:
         """A request another process served, or None (unknown, expired, or the store down). One
@@ -262,8 +303,9 @@ class LearningShare:
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(LOOKUP_POLL_S)
-        route, task, cost = orjson.loads(raw)
-        return Served(str(route), str(task), float(cost))
+        route, task, cost, *who = orjson.loads(raw)  # a record from before: no key, team, hit flag
+        key, team, cached = [*who, None, None, False][:3]
+        return Served(str(route), str(task), float(cost), key, team, bool(cached))
 
     async def claim(self, request_id: str) -> bool:
         """Whether this process is the first to rate `request_id` (one request moves the shared
@@ -279,11 +321,11 @@ class LearningShare:
         """Seeds a store that is not yet with this process's posteriors (less the prior): those
         it loaded at start, or, for a store restarted empty, those it routes with, which hold
         the scores it has not sent yet."""
-        a0, b0 = self.learner.prior
         sums: dict[str, float] = {}
-        for (task, route), p in self.learner.posteriors.items():
-            sums[f"{task}{_SEP}{route}{_SEP}a"] = p.alpha - a0
-            sums[f"{task}{_SEP}{route}{_SEP}b"] = p.beta - b0
+        for (task, route), by_tenant in self.learner.evidence.items():
+            for tenant, (a, b) in by_tenant.items():
+                sums[_field(task, route, tenant, "a")] = a
+                sums[_field(task, route, tenant, "b")] = b
         return await self.store.seed_sums(sums)
 
     async def flush(self) -> None:
@@ -291,10 +333,10 @@ class LearningShare:
         if not served and not rewards:
             return
         self.served, self.rewards = [], []
-        records = [(rid, orjson.dumps([s.route, s.task, s.cost_usd])) for rid, s in served]
+        records = [(rid, orjson.dumps(_record(s))) for rid, s in served]
         sums = [
-            (f"{task}{_SEP}{route}{_SEP}{which}", value)
-            for task, route, reward in rewards
+            (_field(task, route, tenant, which), value)
+            for task, route, tenant, reward in rewards
             for which, value in (("a", reward), ("b", 1.0 - reward))
         ]
         try:
@@ -311,16 +353,14 @@ class LearningShare:
 
     async def sync(self) -> None:
         sums = await self.store.sums()
-        a0, b0 = self.learner.prior
-        found: dict[tuple[str, str], Posterior] = {}
+        found: dict[tuple[str, str], Evidence] = {}
         for name, value in sums.items():
-            task, route, which = name.split(_SEP)
-            p = found.setdefault((task, route), Posterior(a0, b0))
-            if which == "a":
-                p.alpha = a0 + value
-            else:
-                p.beta = b0 + value
-        self.learner.posteriors.update(found)
+            parts = name.split(_SEP)
+            task, route, tenant, which = parts if len(parts) == 4 else (parts[0], parts[1], ANONYMOUS, parts[-1])
+            by_tenant = found.setdefault((task, route), {})
+            a, b = by_tenant.get(tenant, (0.0, 0.0))
+            by_tenant[tenant] = (a + value, b) if which == "a" else (a, b + value)
+        self.learner.set_evidence(found)
 
     async def run(self) -> None:
         try:

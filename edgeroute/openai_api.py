@@ -483,7 +483,9 @@ def finish(
     if live.stats is not None:  # the rollback guard watches this config generation
         live.stats.answered(rec)
     if (learner := app.get(LEARNER)) is not None and rec.status == 200:
-        learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd)
+        # Whose it is (feedback's owner check); a hit (no attempt) is remembered, not learned from.
+        cached = not attempts
+        learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd, key=rec.key, team=rec.team, cached=cached)
 
 
 def servable(live: Live, d: _core.Decision, region: str | None) -> Mapping[str, str]:

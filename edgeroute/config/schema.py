@@ -487,6 +487,11 @@ class Feedback(_Strict):
     max_shift: float = Field(0.15, ge=0, le=1)
     cost_weight: float = Field(0.0, ge=0)
     state_path: str | None = None
+    # The shifts steer every tenant's requests. `balanced`: a tenant's (team's, else key's)
+    # ratings count up to all other tenants' together, so one tenant alone moves nothing (a
+    # keyless sidecar is one tenant and learns alone). `pooled`: every rating counts, for a
+    # gateway whose keys are all one trusted tenant.
+    tenants: Literal["balanced", "pooled"] = "balanced"
 
 
 class Learning(_Strict):

@@ -10,19 +10,22 @@ default (`request_log.log_content: none`): then there is nothing to train on, an
 
 Only answered requests count (status 200, not a cache hit: a hit says nothing of the route's
 cost); a prompt cut at `max_content_bytes` or a body that is not a chat request is skipped
-and counted.
+and counted. The trained router routes every tenant's requests, so the rows are counted per
+tenant (team, else key) and a tenant that gave most of them is named: check its ratings first.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute.config import Config
 from edgeroute.cost.ledger_store import Backend
+from edgeroute.learning import tenant_id
 
-_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score
+_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.key_id, r.team
 FROM feedback f JOIN requests r ON r.id = f.request_id
 WHERE r.status = 200 AND (r.cache IS NULL OR r.cache IN ('miss', 'bypass')) AND f.ts >= ?
 ORDER BY r.ts"""
@@ -37,6 +40,14 @@ class LogRows:
     no_content: int = 0  # ... whose prompt the log did not keep
     cut: int = 0  # ... whose body was cut at max_content_bytes
     unreadable: int = 0  # ... whose body is not a chat request with user text
+    tenants: Counter[str] = field(default_factory=Counter)  # usable rows per tenant
+
+    def dominant(self) -> tuple[str, int] | None:
+        """The tenant that gave more than half the usable rows, when several gave some."""
+        if len(self.tenants) < 2:
+            return None
+        tenant, n = self.tenants.most_common(1)[0]
+        return (tenant, n) if 2 * n > len(self.rows) else None
 
     def explain(self) -> str:
         parts = [f"{self.rated} rated request(s) in the request log, {len(self.rows)} usable"]
@@ -47,6 +58,8 @@ class LogRows:
         ):
             if n:
                 parts.append(f"{n} {why}")
+        if (top := self.dominant()) is not None:
+            parts.append(f"{top[1]} of the usable from {top[0]} alone: check its ratings before using the router")
         return "; ".join(parts)
 
     def hint(self) -> str | None:
@@ -97,7 +110,7 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
     """The rated requests' outcome rows (feedback given at or after `since`)."""
     outputs = route_outputs(cfg)
     found = LogRows()
-    for _rid, route, cost, content, score in db.query(_SQL, (since,)):
+    for _rid, route, cost, content, score, key, team in db.query(_SQL, (since,)):
         found.rated += 1
         stored = json.loads(content) if content else None
         if not isinstance(stored, dict) or not isinstance(stored.get("request"), str):
@@ -115,4 +128,5 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
         found.rows.append(
             {"prompt": prompt, "model": outputs.get(route, route), "score": float(score), "cost_usd": float(cost)}
         )
+        found.tenants[tenant_id(key, team)] += 1
     return found
