@@ -24,7 +24,7 @@ import yaml
 
 from edgeroute import config as config_mod
 from edgeroute import secrets
-from edgeroute.atomic_file import replace_file
+from edgeroute.atomic_file import Staged, stage_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import AuditRow, GovStore, Version
@@ -286,6 +286,9 @@ class Versions:
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
         self._key: bytes | None = None
+        # The config file's next text, written beside it (`stage_write`): put in place by `save`
+        # right after the version is committed, before the config is swapped in.
+        self.staged: Staged | None = None
 
     def save(
         self,
@@ -302,7 +305,21 @@ class Versions:
         h = digest(stored)
         entries = None if audit is None else lambda v: audit(v, h)
         v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same)
+        self._publish(text)
         return Saved(v, stored, text, created)
+
+    def _publish(self, text: str) -> None:
+        """Renames the staged config file over the file once its version is committed. Written
+        after the swap, a kill -9 in between left the change recorded and audited but not in
+        the file, and the restart applied the old file as a new version, silently undoing it;
+        now only the rename itself follows the commit."""
+        staged = self.staged
+        if staged is None or staged.data != text.encode():
+            return
+        try:
+            staged.publish()
+        except OSError as e:  # the change is recorded: it is applied, `file_updated: false`
+            log.warning("config applied, but the config file %s could not be updated: %s", staged.path, e.strerror)
 
     def key(self) -> bytes:
         """The store's key for literal secrets (`GovStore.versions_key`), read once."""
@@ -350,7 +367,7 @@ def check_text(text: str, source: str = "<check>") -> list[str]:
 
 
 def cannot_write(source: str) -> str | None:
-    """Why `write_back` could not replace the config file (a read-only mount, a directory it may
+    """Why `stage_write` could not replace the config file (a read-only mount, a directory it may
     not write), or None when it can: the file is replaced through a temporary file beside it."""
     p = Path(source)
     if not p.is_file():
@@ -364,15 +381,16 @@ def cannot_write(source: str) -> str | None:
     return None
 
 
-def write_back(source: str, text: str) -> bool:
-    """Writes the rolled-back text over the config file (atomically) so that a restart or a
-    later reload keeps it; False when there is no file or it cannot be written."""
+def stage_write(source: str, text: str) -> Staged | None:
+    """The config file's next text, written and synced beside it (`Versions.save` puts it in
+    place); None, logged, when there is no file or it cannot be written (`file_updated: false`)."""
     p = Path(source)
     if not p.is_file():
-        return False
+        return None
     try:
-        replace_file(p, text.encode())  # keeps the file's mode: it may hold literal tokens
-        return True
+        return stage_file(p, text.encode())  # keeps the file's mode: it may hold literal tokens
     except OSError as e:
-        log.warning("rollback applied, but the config file %s could not be updated: %s", p, e.strerror)
-        return False
+        log.warning(
+            "the config file %s cannot be updated (%s): a change applied now is undone by a reload", p, e.strerror
+        )
+        return None
