@@ -43,11 +43,12 @@ class Staged:
             self.tmp.unlink(missing_ok=True)
 
 
-def stage_file(path: Path, data: bytes, *, durable: bool = True) -> Staged:
-    """Writes `data` to a temporary file beside `path` (synced unless not `durable`). A file
-    replaced keeps its mode and owner (a config kept 0600 stays so); a new one is 0600."""
+def stage_file(path: Path, data: bytes, *, durable: bool = True, prefix: str | None = None) -> Staged:
+    """Writes `data` to a temporary file beside `path` (synced unless not `durable`), named
+    `prefix` (by default `.NAME.`) and a random part. A file replaced keeps its mode and owner
+    (a config kept 0600 stays so); a new one is 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", dir=path.parent)
     try:
         try:
             was = os.stat(path)

@@ -120,6 +120,27 @@ runtime.Gov.save = save
 sys.exit(main(sys.argv[1:]))
 """
 
+# Killed as the database commits, before the process hears back (PostgreSQL's commit takes a
+# round trip and a WAL flush): the change is recorded, the config file untouched.
+_KILLED_AS_COMMITTED = """
+import os, signal, sys
+from edgeroute.cli import main
+from edgeroute.governance import store
+
+committed = store.GovStore.add_version
+
+
+def add_version(self, digest, source, *args, **kwargs):
+    got = committed(self, digest, source, *args, **kwargs)
+    if source == "api":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return got
+
+
+store.GovStore.add_version = add_version
+sys.exit(main(sys.argv[1:]))
+"""
+
 
 async def test_a_change_recorded_before_a_kill_is_not_undone_by_the_restart(start_upstream, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A kill -9 once a deployment change was recorded (version and audit entry committed): the
@@ -127,7 +148,7 @@ async def test_a_change_recorded_before_a_kill_is_not_undone_by_the_restart(star
     silently undoing a change the audit log listed. The file now takes it before the swap."""
     up = await start_upstream()
     path = write_config(tmp_path / "edgeroute.yaml", _cfg({"a": up}))
-    answer, code = await asyncio.to_thread(_patch_killed_once_recorded, path, {"weight": 9})
+    answer, code = await asyncio.to_thread(_patch_killed, _KILLED_ONCE_RECORDED, path, {"weight": 9})
     assert isinstance(answer, OSError) and code == -signal.SIGKILL, (answer, code)  # no answer: killed
     restarted = Instance(path, tmp_path / "restarted.log")
     try:
@@ -139,18 +160,51 @@ async def test_a_change_recorded_before_a_kill_is_not_undone_by_the_restart(star
         assert (newest["version"], newest["source"], newest["active"]) == (2, "api", True), versions
         _, audit = await call("GET", restarted.url + "/admin/audit?action=deployment", ADMIN)
         assert [(e["target"], e["after"]) for e in audit["entries"]] == [("d-a", {"weight": 9})]
+        # A copy staged by a process killed before its record (a config, secrets and all) is
+        # removed by the next change.
+        (path.parent / f".{path.name}.staged.left").write_text(path.read_text())
+        status, _ = await call("PATCH", restarted.url + "/admin/deployments/d-a", ADMIN, json={"weight": 4})
+        assert status == 200 and _file_weights(path) == {"d-a": 4}
+        assert not [f.name for f in path.parent.iterdir() if f.name.startswith(f".{path.name}.staged.")]
     finally:
         await asyncio.to_thread(restarted.stop)
 
 
-def _patch_killed_once_recorded(path: Path, change: dict[str, Any]) -> tuple[Any, int]:
-    """Starts edgeroute with the kill hook, sends `PATCH /admin/deployments/d-a` with `change`;
+async def test_a_change_recorded_but_never_written_is_audited_as_undone_at_the_restart(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A kill -9 as the database commits a change, before the file is renamed in place: the
+    restart applies the file the change was made on. It was recorded as a start like any
+    other, nothing linking it to the change it undid; now the restart audits
+    `config.reverted_at_start` naming both versions and logs how to apply the change again."""
+    up = await start_upstream()
+    path = write_config(tmp_path / "edgeroute.yaml", _cfg({"a": up}))
+    answer, code = await asyncio.to_thread(_patch_killed, _KILLED_AS_COMMITTED, path, {"weight": 9})
+    assert isinstance(answer, OSError) and code == -signal.SIGKILL, (answer, code)
+    restarted = Instance(path, tmp_path / "restarted.log")
+    try:
+        await asyncio.to_thread(restarted.wait_ready)
+        assert _file_weights(path) == {"d-a": None} and await _weights(restarted.url) == {"d-a": 1}
+        _, audit = await call("GET", restarted.url + "/admin/audit?action=config.reverted_at_start", ADMIN)
+        undone = [(e["actor"], e["before"], e["after"]) for e in audit["entries"]]
+        assert undone == [("server", {"version": 2, "source": "api", "applied_by": "root"}, {"version": 3})], undone
+        assert "config rollback 2" in restarted.log_path.read_text()
+        # Applied again as the log says: the change is back, in the file too.
+        status, body = await call("POST", restarted.url + "/admin/config/rollback", ADMIN, json={"version": 2})
+        assert status == 200 and body["file_updated"], body
+        assert _file_weights(path) == {"d-a": 9} and await _weights(restarted.url) == {"d-a": 9}
+    finally:
+        await asyncio.to_thread(restarted.stop)
+
+
+def _patch_killed(hook: str, path: Path, change: dict[str, Any]) -> tuple[Any, int]:
+    """Starts edgeroute with a kill `hook`, sends `PATCH /admin/deployments/d-a` with `change`;
     returns what the call got (an OSError when the connection was cut) and the exit status."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (path.parent / "killed.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _KILLED_ONCE_RECORDED, "serve", "--config", str(path), "--port", str(port)],
+            [sys.executable, "-c", hook, "serve", "--config", str(path), "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
