@@ -339,14 +339,14 @@ async def test_a_reload_during_a_rollback_leaves_the_file_and_the_running_config
     """A rollback applies a version, then writes it over the file; a reload that read the file
     between the two applied the newer text while the file got the older one, and the next
     SIGHUP or restart switched config silently. The reload now waits for the write."""
-    from edgeroute.governance import apply
+    from edgeroute.governance import apply, versions
 
     url, path, cfg, _ = served
     cfg["models"]["second"] = {"deployments": ["d-a"]}
     write_config(path, cfg)
     assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200  # version 2, on file too
     slow_write = asyncio.Event()
-    real_stage_write = apply.stage_write
+    real_stage_write = versions.stage_write
 
     def stage_write_late(source: str, text: str) -> Any:
         slow_write.set()
