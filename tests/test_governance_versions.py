@@ -339,21 +339,21 @@ async def test_a_reload_during_a_rollback_leaves_the_file_and_the_running_config
     """A rollback applies a version, then writes it over the file; a reload that read the file
     between the two applied the newer text while the file got the older one, and the next
     SIGHUP or restart switched config silently. The reload now waits for the write."""
-    from edgeroute.governance import apply
+    from edgeroute.governance import apply, versions
 
     url, path, cfg, _ = served
     cfg["models"]["second"] = {"deployments": ["d-a"]}
     write_config(path, cfg)
     assert (await call("POST", url + "/admin/reload", "tok-admin"))[0] == 200  # version 2, on file too
     slow_write = asyncio.Event()
-    real_write_back = apply.write_back
+    real_stage_write = versions.stage_write
 
-    def write_back_late(source: str, text: str) -> bool:
+    def stage_write_late(source: str, text: str) -> Any:
         slow_write.set()
         time.sleep(0.3)  # the window a reload fell into
-        return real_write_back(source, text)
+        return real_stage_write(source, text)
 
-    monkeypatch.setattr(apply, "write_back", write_back_late)
+    monkeypatch.setattr(apply, "stage_write", stage_write_late)
 
     async def reload_in_the_window() -> int:
         await slow_write.wait()

@@ -24,7 +24,7 @@ import yaml
 
 from edgeroute import config as config_mod
 from edgeroute import secrets
-from edgeroute.atomic_file import replace_file
+from edgeroute.atomic_file import Staged, stage_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import AuditRow, GovStore, Version
@@ -267,6 +267,12 @@ def version_json(v: Version, active: int | None) -> dict[str, Any]:
     }
 
 
+# Sources of versions written back over the config file (`apply.apply_text`), and their audit actions.
+_WRITTEN_BACK = ("api", "rollback:", "auto_rollback:")
+_WRITTEN_BACK_ACTIONS = frozenset({"config.api", "config.rollback", "config.auto_rollback"})
+_AUDIT_LOOKBACK = 200  # config entries searched for the newest version's own
+
+
 @dataclass(frozen=True, slots=True)
 class Saved:
     """A stored version: its number, its text as stored (literal secrets redacted) and as applied."""
@@ -286,6 +292,9 @@ class Versions:
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
         self._key: bytes | None = None
+        # The config file's next text, written beside it (`stage_write`): put in place by `save`
+        # right after the version is committed, before the config is swapped in.
+        self.staged: Staged | None = None
 
     def save(
         self,
@@ -302,7 +311,21 @@ class Versions:
         h = digest(stored)
         entries = None if audit is None else lambda v: audit(v, h)
         v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same)
+        self._publish(text)
         return Saved(v, stored, text, created)
+
+    def _publish(self, text: str) -> None:
+        """Renames the staged config file over the file once its version is committed. Written
+        after the swap, a kill -9 in between left the change recorded and audited but not in
+        the file, and the restart applied the old file as a new version, silently undoing it;
+        now only the rename itself follows the commit."""
+        staged = self.staged
+        if staged is None or staged.data != text.encode():
+            return
+        try:
+            staged.publish()
+        except OSError as e:  # the change is recorded: it is applied, `file_updated: false`
+            log.warning("config applied, but the config file %s could not be updated: %s", staged.path, e.strerror)
 
     def key(self) -> bytes:
         """The store's key for literal secrets (`GovStore.versions_key`), read once."""
@@ -314,10 +337,45 @@ class Versions:
         self.active, self.active_text, self.running_text = saved.version, saved.stored, saved.text
 
     def record(self, text: str, source: str, applied_by: str | None) -> int:
-        """Stores an applied config and makes it active (blocking: call off the event loop)."""
+        """Stores an applied config and makes it active (blocking: call off the event loop). At
+        start, says when it undoes a change recorded but never written to the file
+        (`_undone_at_start`)."""
+        newest = self.store.versions(1) if source == "start" else []
         saved = self.save(text, source, applied_by)
         self.activate(saved)
+        if newest and saved.created:  # the worker that stored the start version says it, once
+            try:
+                self._undone_at_start(newest[0], saved)
+            except Exception as e:  # a notice: the start is recorded, and goes on
+                log.error("config versions: cannot check the start against the newest version (%s)", type(e).__name__)
         return saved.version
+
+    def _undone_at_start(self, newest: Version, started: Saved) -> None:
+        """Audits `config.reverted_at_start` (and logs a warning) when this start applies the
+        very config the newest version, a change through the API, was made on: a process killed
+        after that change was committed and before its file was renamed in place (the commit's
+        round trip) restarted with the old file, silently undoing a change the audit log listed."""
+        if not newest.source.startswith(_WRITTEN_BACK):
+            return
+        base = self._made_on(newest.version)
+        if base is None or base.hash != digest(started.stored):
+            return  # another config (an edit, another instance's file): a start, as any other
+        log.warning(
+            "config version %d (%s by %s) was recorded but the process ended before it was written to the "
+            "config file: this start applied the file as it was before it (version %d) as version %d, undoing "
+            "it. `edgeroute config rollback %d` applies it again.",
+            newest.version, newest.source, newest.applied_by, base.version, started.version, newest.version,
+        )  # fmt: skip
+        undone = {"version": newest.version, "source": newest.source, "applied_by": newest.applied_by}
+        self.store.audit("server", "config.reverted_at_start", "config", undone, {"version": started.version})
+
+    def _made_on(self, version: int) -> Version | None:
+        """The version an API change was made on, as its audit entry says (`before`)."""
+        for e in self.store.audit_entries(action="config", limit=_AUDIT_LOOKBACK):
+            if e.action in _WRITTEN_BACK_ACTIONS and isinstance(e.after, dict) and e.after.get("version") == version:
+                was = e.before.get("version") if isinstance(e.before, dict) else None
+                return self.store.version(was) if isinstance(was, int) else None
+        return None
 
     def get(self, v: int) -> Version:
         # Past 64 bits no version exists, and the database could not take the number (a 500).
@@ -350,7 +408,7 @@ def check_text(text: str, source: str = "<check>") -> list[str]:
 
 
 def cannot_write(source: str) -> str | None:
-    """Why `write_back` could not replace the config file (a read-only mount, a directory it may
+    """Why `stage_write` could not replace the config file (a read-only mount, a directory it may
     not write), or None when it can: the file is replaced through a temporary file beside it."""
     p = Path(source)
     if not p.is_file():
@@ -364,15 +422,27 @@ def cannot_write(source: str) -> str | None:
     return None
 
 
-def write_back(source: str, text: str) -> bool:
-    """Writes the rolled-back text over the config file (atomically) so that a restart or a
-    later reload keeps it; False when there is no file or it cannot be written."""
+def stage_write(source: str, text: str) -> Staged | None:
+    """The config file's next text, written and synced beside it (`Versions.save` puts it in
+    place); None, logged, when there is no file or it cannot be written (`file_updated: false`)."""
     p = Path(source)
     if not p.is_file():
-        return False
+        return None
+    prefix = f".{p.name}.staged."
     try:
-        replace_file(p, text.encode())  # keeps the file's mode: it may hold literal tokens
-        return True
+        _clear_staged(p.parent, prefix)
+        return stage_file(p, text.encode(), prefix=prefix)  # keeps the file's mode: it may hold literal tokens
     except OSError as e:
-        log.warning("rollback applied, but the config file %s could not be updated: %s", p, e.strerror)
-        return False
+        log.warning(
+            "the config file %s cannot be updated (%s): a change applied now is undone by a reload", p, e.strerror
+        )
+        return None
+
+
+def _clear_staged(directory: Path, prefix: str) -> None:
+    """Removes staged config files left by a process killed before putting one in place (each a
+    copy of a config, its literal secrets too). Called under the config file's edit lock, so
+    none is another change's."""
+    for leftover in directory.iterdir():
+        if leftover.name.startswith(prefix):
+            leftover.unlink(missing_ok=True)
