@@ -382,7 +382,18 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
         "Records not in the database yet (queued, or in the batch being written).",
         ledger.queue_depth(),
     )
+    failing = ledger.failing_since
+    yield _gauge(
+        "edgeroute_ledger_failing_seconds",
+        "How long the ledger has not written (its writes fail, or one has hung past its bound); 0 while it writes.",
+        0.0 if failing is None else time.monotonic() - failing,
+    )
     yield _counter("edgeroute_ledger_written", "Requests written to the spend ledger.", ledger.written)
+    yield _counter(
+        "edgeroute_ledger_spilled",
+        "Records logged instead of held in memory: too many waited unwritten.",
+        ledger.spilled,
+    )
     yield _counter(
         "edgeroute_ledger_failed_batches", "Ledger writes that failed and were kept to retry.", ledger.failed_batches
     )

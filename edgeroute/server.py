@@ -218,7 +218,13 @@ async def readyz(request: web.Request) -> web.Response:
     }
     if isinstance(ledger, Ledger) and failing is not None:
         since = round(time.monotonic() - failing, 1)
-        body["ledger"] = {"writing": False, "failing_for_s": since, "unwritten_records": ledger.queue_depth()}
+        why = ledger.failing_why() or "it has just written"  # a write that raised, or one that hangs
+        body["ledger"] = {
+            "writing": False,
+            "failing_for_s": since,
+            "unwritten_records": ledger.queue_depth(),
+            "why": why,
+        }
     if lock_lost is not None:
         body["ledger_lock"] = {"held": False, "why": lock_lost}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")

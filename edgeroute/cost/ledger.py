@@ -93,6 +93,14 @@ _ALL_MINUTES = 2**62  # a `before` past any minute
 _SPREAD_ROWS = 1000  # pending rollup rows a spread may always move (see Ledger._spread_pending)
 _SPREAD_STEP = 16  # pending rows a SQLite spread's transaction moves (~1 ms of CPU), with a rest after it
 _MAINTAIN_EVERY = 60.0  # seconds between the full retention runs (rollups, batch ids, reservations)
+# A writer that has not finished a flush for this many intervals (at least `STALL_FLOOR_S`) is
+# failing as one whose writes raise is: a database that stops answering raises nothing.
+STALL_INTERVALS = 4
+STALL_FLOOR_S = 3.0
+# Records held in memory while the store cannot write, at most: past it the oldest are logged
+# instead (every column, as a set-aside record) and counted in `Ledger.spilled`.
+MAX_HELD = 100_000
+_WATCH_S = 0.5  # how often the watcher looks at the writer
 T = TypeVar("T")
 
 
@@ -149,7 +157,12 @@ class Ledger:
     Counters: `written` (requests in the store), `failed_batches` (writes that failed and
     were kept for later), `set_aside` (records the store rejected, logged instead),
     `lost_at_close` (records `close()` could not write: the store stayed unavailable) and
-    `log_dropped` (request-log rows skipped over the backlog bound; spend still written).
+    `log_dropped` (request-log rows skipped over the backlog bound; spend still written),
+    `spilled` (records logged instead of held: `MAX_HELD` were waiting already).
+
+    The store is failing (`failing_since`) from a write that raised until one succeeds, and
+    also while the writer has not finished a flush for `stall_s` (a database that does not
+    answer): a thread of its own watches for that, since the writer is the one stuck.
     """
 
     def __init__(
@@ -161,8 +174,10 @@ class Ledger:
         close_timeout: float = 5.0,
         request_log: RequestLog | None = None,
         low_priority: bool = False,
+        on_unavailable: str = "open",
     ) -> None:
         self.backend = backend
+        self.on_unavailable = on_unavailable  # only for what the log says: the server refuses
         self.low_priority = low_priority
         self.flush_interval = flush_interval
         self.record_attempts = record_attempts
@@ -196,13 +211,37 @@ class Ledger:
         self.lost_at_close = 0
         # Since when (monotonic) the store has refused every write: records pile up in memory
         # meanwhile, all of them lost to a kill -9, so `/readyz` says so (None: writing).
-        self.failing_since: float | None = None
+        self._failed_since: float | None = None
+        self._failed_why = ""
         self._fail_told = 0.0
+        self.stall_s = max(STALL_FLOOR_S, STALL_INTERVALS * flush_interval)
+        self._flushed = time.monotonic()  # when a flush last finished (written or failed)
+        self.spilled = 0
+        self._halt = threading.Event()
         self.log_dropped = 0  # request-log rows not written: over the backlog bound
         self.writer_cpu_s = 0.0  # CPU time the writer spent flushing (its share of the GIL, mostly)
         self._drop_warned = -1e9
         self._thread = threading.Thread(target=self._run, name="edgeroute-ledger", daemon=True)
         self._thread.start()
+        self._watcher = threading.Thread(target=self._watch, name="edgeroute-ledger-watch", daemon=True)
+        self._watcher.start()
+
+    @property
+    def failing_since(self) -> float | None:
+        """Since when (monotonic) the store has not taken a write: the first failure of a write
+        that raised, or the end of the last flush once the one after it has taken `stall_s`."""
+        if self._failed_since is not None:
+            return self._failed_since
+        flushed = self._flushed
+        return flushed if time.monotonic() - flushed > self.stall_s else None
+
+    def failing_why(self) -> str | None:
+        """Why the ledger is not writing, for `/readyz` (no error text: it may name hosts)."""
+        if (since := self.failing_since) is None:
+            return None
+        if self._failed_since is not None:
+            return f"its writes fail ({self._failed_why})"
+        return f"a write has not completed for {time.monotonic() - since:.1f} s (the database does not answer)"
 
     # the hot path: an append (and, once per burst, a wake-up)
     def record(self, rec: RequestRecord) -> None:
@@ -289,6 +328,7 @@ class Ledger:
         try:
             return self._flush()
         finally:
+            self._flushed = time.monotonic()
             self.writer_cpu_s += time.thread_time() - cpu
 
     def _flush(self) -> int:
@@ -300,9 +340,7 @@ class Ledger:
                     return done
                 done += n
                 self._retry.pop(0)
-            batch: list[RequestRecord] = []
-            while self._queue:
-                batch.append(self._queue.popleft())
+            batch = _take_all(self._queue)
             journal: list[Row] = []
             while self._journal:
                 journal.append((self._next_id(), *self._journal.popleft()))
@@ -329,7 +367,7 @@ class Ledger:
             finally:
                 self._inflight = 0
             if not self._retry:
-                self.failing_since = None
+                self._failed_since = None
             if self._newest_minute > self._spread_before:
                 self._breath.rest()
                 self._spread_pending(self._newest_minute)
@@ -427,19 +465,57 @@ class Ledger:
         """The store is unavailable: keep the batch for the next flush rather than lose spend."""
         self.failed_batches += 1
         now = time.monotonic()
-        if self.failing_since is None:  # once per outage with its traceback, then a line every 10 s
-            self.failing_since = self._fail_told = now
+        self._failed_why = type(exc).__name__
+        if self._failed_since is None:  # once per outage with its traceback, then a line every 10 s
+            self._failed_since = self._fail_told = now
             log.error("ledger write failed; %d records kept for the next flush", len(held.pending), exc_info=exc)
         elif now - self._fail_told >= 10.0:
             self._fail_told = now
             log.error(
                 "ledger write still failing after %.0f s (%s); %d records in memory, lost if the process is killed",
-                now - self.failing_since, exc, self.queue_depth(),
+                now - self._failed_since, exc, self.queue_depth(),
             )  # fmt: skip
         if not retry:
             self._retry.append(held)
         elif held.batch_id != self._retry[0].batch_id:
             self._retry.append(held)
+
+    def _watch(self) -> None:
+        """Tells (log) when the writer has been stuck past `stall_s` and when it writes again, and
+        keeps what waits in memory under `MAX_HELD`: the writer cannot, being the one stuck."""
+        stuck = False
+        while not self._halt.wait(_WATCH_S):
+            try:
+                stuck = self._tell_stall(stuck)
+                self._spill(self.queue_depth() - MAX_HELD)
+            except Exception:  # a bug must not end the watch
+                log.exception("ledger watch failed")
+
+    def _tell_stall(self, was: bool) -> bool:
+        """Logs a stall's start (then every 10 s; `_keep` tells a write that raised) and the end
+        of any failure; whether the ledger is failing now."""
+        since = self.failing_since
+        now = time.monotonic()
+        if since is None:
+            if was:
+                log.warning("ledger: writing again; the records held in memory are being written")
+            return False
+        if self._failed_since is None and (not was or now - self._fail_told >= 10.0):
+            self._fail_told = now
+            then = "requests that could spend are refused (503)" if self.on_unavailable == "closed" else "served on"
+            log.error(
+                "ledger write has not completed for %.0f s (the database does not answer); %d records in memory,"
+                " lost if the process is killed; %s (ledger.on_unavailable: %s)",
+                now - since, self.queue_depth(), then, self.on_unavailable,
+            )  # fmt: skip
+        return True
+
+    def _spill(self, over: int) -> None:
+        """Logs the `over` oldest waiting records instead of holding them (the store cannot write
+        and `MAX_HELD` wait): their spend stays in the log, and memory stays bounded."""
+        for rec in _take_all(self._queue, over):
+            self.spilled += 1
+            log.error("ledger: not held, %d records wait unwritten already: %s", MAX_HELD, _describe(rec, None, []))
 
     def _set_aside(self, rec: RequestRecord, row: Row | None, attempts: list[Row], exc: BaseException) -> None:
         """Logs a record the store will not take, with every column (ids and numbers only,
@@ -504,6 +580,7 @@ class Ledger:
         store will take): retries for up to `close_timeout` seconds while it is unavailable;
         then logs each record it could not write and counts it in `lost_at_close`."""
         self._stop = True
+        self._halt.set()
         self._wake.set()
         self._thread.join(timeout=30)
         deadline = time.monotonic() + self.close_timeout
@@ -525,6 +602,17 @@ class Ledger:
                 self.lost_at_close += 1
                 log.error("ledger: not written at shutdown, the store is unavailable: %s", _describe(rec, None, []))
         self.backend.close()
+
+
+def _take_all(queue: collections.deque[T], most: int | None = None) -> list[T]:
+    """The oldest `most` (all) items of a queue another thread also takes from."""
+    taken: list[T] = []
+    while queue and (most is None or len(taken) < most):
+        try:
+            taken.append(queue.popleft())
+        except IndexError:  # the other thread took the last one
+            break
+    return taken
 
 
 def _describe(rec: RequestRecord, row: Row | None, attempts: list[Row]) -> dict[str, Any]:
@@ -560,4 +648,5 @@ def ledger_from_config(cfg: Config, base_dir: Path | None = None) -> Ledger | No
         most_expensive(cfg),
         request_log=cfg.request_log,
         low_priority=lc.writer_priority == "low",
+        on_unavailable=lc.on_unavailable,
     )

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sqlite3
 import stat
 import sys
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from edgeroute import pg_schema, redact, secrets, sqlite_wal
+from edgeroute import pg_dead_peer, pg_schema, redact, secrets, sqlite_wal
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.null_literals import NullLiterals, nullable
 from edgeroute.cost.writer_breath import never
@@ -438,6 +439,15 @@ class SqliteBackend:
 
 
 _STAGE = rollup.stage_schema("postgres") or ""
+# The writer's bounds beside `pg_dead_peer`'s: a connection attempt PostgreSQL does not answer,
+# and a statement it does not finish (waiting for another session's lock, say), fail and are
+# retried instead of holding the writer. PostgreSQL, too, ends a vanished writer's session within
+# seconds: its open transaction held the batch's id, and the same batch's retry waited for it.
+CONNECT_TIMEOUT_S = 5
+_WRITER_SESSION = f"{pg_dead_peer.SERVER}; SET statement_timeout = '30s'"
+_END_ORPHANS = (
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND pid <> pg_backend_pid()"
+)
 _IDLE_READERS = 4  # PostgreSQL read connections kept between queries
 
 
@@ -451,7 +461,8 @@ class PostgresBackend:
         self._psycopg = psycopg
         self._dsn = dsn
         self._readers: list[Any] = []  # idle read connections (list.append/pop: thread-safe)
-        self._conn = psycopg.connect(dsn, autocommit=False)
+        self._name = f"edgeroute-ledger-{os.getpid()}-{os.urandom(4).hex()}"  # the writer's sessions
+        self._conn = self._connect(autocommit=False, name=self._name)
         with self._conn.transaction():
             pg_schema.serialise(self._conn.execute)
             for stmt in schema("postgres"):
@@ -475,6 +486,8 @@ class PostgresBackend:
                 self._conn.execute(stmt)
             self._conn.execute(_STAGE)
         self._retire_indexes()
+        with self._conn.transaction():  # after the schema's statements, which may rewrite a table
+            self._conn.execute(_WRITER_SESSION)
         self._sql = _Statements.for_mark("%s", self.dialect)
         self._spread = rollup.spread_sql("%s", self.dialect)
 
@@ -498,11 +511,27 @@ class PostgresBackend:
             except self._psycopg.errors.LockNotAvailable:
                 log.warning("ledger: index %s not dropped (its table is in use); tried again at the next start", old)
 
+    def _connect(self, autocommit: bool, name: str | None = None) -> Any:
+        """A connection that fails rather than hangs when PostgreSQL stops answering (a partition
+        drops packets): without the bounds a write waited for TCP to give up, about 15 minutes,
+        and the ledger never counted as failing. The DSN's own settings of them win."""
+        given = self._psycopg.conninfo.conninfo_to_dict(self._dsn)
+        bounds = {"connect_timeout": CONNECT_TIMEOUT_S, **pg_dead_peer.CLIENT}
+        bounds = {k: v for k, v in bounds.items() if k not in given}
+        if name is not None:
+            bounds["application_name"] = name
+        return self._psycopg.connect(self._dsn, autocommit=autocommit, **bounds)
+
     def _live(self) -> Any:
         if self._conn.closed:
-            self._conn = self._psycopg.connect(self._dsn, autocommit=False)
+            self._conn = self._connect(autocommit=False, name=self._name)
             with self._conn.transaction():  # the stage is the connection's own
                 self._conn.execute(_STAGE)
+                self._conn.execute(_WRITER_SESSION)
+                # A lost connection's session may live on at PostgreSQL (a partition drops packets:
+                # its side stays open), in the transaction of the batch this one retries: the
+                # retry waited for its lock on the batch's id until PostgreSQL gave up on it.
+                self._conn.execute(_END_ORPHANS, (self._name,))
         return self._conn
 
     def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
@@ -538,7 +567,7 @@ class PostgresBackend:
         try:
             conn = self._readers.pop()
         except IndexError:
-            conn = self._psycopg.connect(self._dsn, autocommit=True)
+            conn = self._connect(autocommit=True)
         try:
             yield conn
         except BaseException:

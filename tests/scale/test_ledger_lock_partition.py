@@ -35,6 +35,10 @@ class Forwarder:
         self.writers: list[asyncio.StreamWriter] = []
         self.upstreams: list[asyncio.StreamWriter] = []
         self.upstreams_kept = False  # after `cut_one_side`: PostgreSQL's side is not closed
+        # Cleared: bytes are held, every connection left open (a partition that drops packets,
+        # as neither end sees a thing); set again, they pass.
+        self.passing = asyncio.Event()
+        self.passing.set()
 
     async def cut_one_side(self) -> None:
         """A partition that drops packets, as each side ends up seeing it: the server's side of
@@ -73,6 +77,7 @@ class Forwarder:
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
+                    await self.passing.wait()
                     dst.write(data)
                     await dst.drain()
             if dst not in self.upstreams or not self.upstreams_kept:
