@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.redis_pipe",
             "edgeroute.sqlite_wal",
             "edgeroute.pg_schema",
+            "edgeroute.pg_dead_peer",
             "edgeroute.memory",
             "edgeroute.reload_signal",
             "edgeroute.atomic_file",
