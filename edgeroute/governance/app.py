@@ -342,19 +342,38 @@ async def check_config(request: web.Request) -> web.Response:
 
 
 async def audit_log(request: web.Request) -> web.Response:
-    only_params(request, {"since", "actor", "action", "limit"})
+    """Newest first, a page at a time: `next_before_id`, when set, is the `before_id` of the
+    next (older) page. Without it a flood of new entries (an operator's refused calls) pushed an
+    admin's action past the 1000 a call returns, out of reach of `since` alone."""
+    only_params(request, {"since", "until", "actor", "action", "limit", "before_id"})
     q = request.query
     since = parse_since(q["since"]) if "since" in q else None
-    try:
-        limit = int(q.get("limit", "200"))
-        if not 1 <= limit <= 1000:
-            raise ValueError
-    except ValueError:
-        raise ProxyError(400, "'limit' must be an integer from 1 to 1000.", param="limit") from None
+    until = _until(q["until"]) if "until" in q else None
+    limit = _int_param(q.get("limit", "200"), "limit", 1000)
+    before_id = _int_param(q["before_id"], "before_id", 2**63 - 1) if "before_id" in q else None
     actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
     gov = request.app[GOV]
-    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit)
-    return json_response({"entries": [e.as_json() for e in entries]})
+    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit, before_id, until)
+    more = entries[-1].id if len(entries) == limit else None
+    return json_response({"entries": [e.as_json() for e in entries], "next_before_id": more})
+
+
+def _until(raw: str) -> float:
+    """`until` as `since` reads it (epoch seconds, or a span back from now)."""
+    try:
+        return parse_since(raw)
+    except ProxyError:
+        raise ProxyError(400, "'until' must be epoch seconds or a span such as 15m, 24h, 7d.", param="until") from None
+
+
+def _int_param(raw: str, name: str, most: int) -> int:
+    try:
+        n = int(raw)
+        if not 1 <= n <= most:
+            raise ValueError
+    except ValueError:
+        raise ProxyError(400, f"'{name}' must be an integer from 1 to {most}.", param=name) from None
+    return n
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -341,13 +341,22 @@ class GovStore:
         )
 
     def audit_entries(
-        self, since: float | None = None, actor: str | None = None, action: str | None = None, limit: int = 200
+        self,
+        since: float | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+        until: float | None = None,
     ) -> list[AuditEntry]:
+        """The newest `limit` entries that match, newest first; `before_id` continues a page
+        (entries older than that id: a flood of new entries does not shift the pages)."""
         where: list[str] = []
         params: list[Any] = []
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
+        for clause, value in (("ts >= ?", since), ("ts < ?", until), ("id < ?", before_id)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
         if actor is not None:
             where.append("actor = ?")
             params.append(actor)
