@@ -43,12 +43,13 @@ from edgeroute.capacity_share import SHARED_SLOTS
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost import ledger_lock
-from edgeroute.cost.keys import IDENTITY, PUBLIC_PATHS
+from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, PUBLIC_PATHS
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
 from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
+from edgeroute.governance.keys import ManagedKeys
 from edgeroute.health_checks import health_check_ctx
 from edgeroute.http_server import ProxyServer
 from edgeroute.leases import SharedSlots
@@ -209,7 +210,10 @@ async def readyz(request: web.Request) -> web.Response:
     ledger = request.app.get(RECORDER)
     failing = ledger.failing_since if isinstance(ledger, Ledger) else None
     lock_lost = ledger_lock.lost()
-    ready = bool(usable) and not state.draining and failing is None and lock_lost is None
+    # Keys not read from their store past the bound are refused: this instance cannot serve them.
+    keys = request.app.get(MANAGED_KEYS)
+    keys_stale = keys.stale_for() if isinstance(keys, ManagedKeys) else None
+    ready = bool(usable) and not state.draining and failing is None and lock_lost is None and keys_stale is None
     body: dict[str, object] = {
         "ready": ready,
         "draining": state.draining,
@@ -227,6 +231,9 @@ async def readyz(request: web.Request) -> web.Response:
         }
     if lock_lost is not None:
         body["ledger_lock"] = {"held": False, "why": lock_lost}
+    if keys_stale is not None:
+        why = "the managed keys cannot be read from the database; requests with them are refused"
+        body["key_store"] = {"reachable": False, "last_read_s_ago": round(keys_stale, 1), "why": why}
     return web.Response(status=200 if ready else 503, body=orjson.dumps(body), content_type="application/json")
 
 

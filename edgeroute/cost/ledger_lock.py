@@ -48,6 +48,8 @@ from typing import Any
 
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.pg_dead_peer import CLIENT as _DEAD_PEER
+from edgeroute.pg_dead_peer import SERVER as _SERVER_DEAD_PEER
 from edgeroute.workers import worker as workers
 
 
@@ -68,19 +70,6 @@ WATCH_S = 1.0  # how often the held session is checked (a PostgreSQL restart end
 # How long a server counting alone goes on spending while it cannot take its lock back: a
 # restart of PostgreSQL passes within it unnoticed, a partition does not.
 LOCK_GRACE_S = 3.0
-# libpq's bounds on a session whose peer vanished without a word (a partition drops packets):
-# without them the watcher's query waited for the kernel's TCP timeout, about 15 minutes.
-_DEAD_PEER: dict[str, Any] = {
-    "keepalives": 1,
-    "keepalives_idle": 2,
-    "keepalives_interval": 1,
-    "keepalives_count": 2,
-    "tcp_user_timeout": 3000,
-}
-# The same for PostgreSQL's side of the lock's session, which holds the lock: by default it
-# learns of a peer gone in a partition after its keepalive's two hours, and no restarted server
-# could take the lock meanwhile (a healed one ends its own session: `_PgHold._end_orphans`).
-_SERVER_DEAD_PEER = "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3"
 LOST_FILE = "ledger-lock.lost"  # in a supervisor's run directory: why its workers must not spend
 _lost: str | None = None  # set by the watcher while another server holds the lock
 _read: tuple[float, str | None] = (0.0, None)  # a worker's last read of the supervisor's file

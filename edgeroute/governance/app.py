@@ -10,15 +10,16 @@ import asyncio
 import logging
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 from pydantic import ValidationError
 
 from edgeroute import config as config_mod
-from edgeroute import roles, secrets
+from edgeroute import metrics, roles, secrets
 from edgeroute.cache.service import CACHE
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
@@ -38,6 +39,7 @@ from edgeroute.governance.versions import (
     version_json,
 )
 from edgeroute.governance.weakening import weakenings
+from edgeroute.metrics import METRICS
 from edgeroute.reload import to_the_end
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
@@ -53,10 +55,15 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     store = GovStore.for_config(cfg, p.parent if p.is_file() else None, shared)
     managed = None
     if cfg.governance.managed_keys:
-        managed = K.ManagedKeys(store, lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
+        managed = K.ManagedKeys(
+            store,
+            lambda key_id, team, own: residency.region_of(cfg, key_id, team, own),
+            cfg.governance.keys_stale_after_s,
+        )
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
+        app[METRICS].sources.append(lambda _: _key_store_metrics(managed))
     gov = Gov(store, managed)
     gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
     app[GOV] = gov
@@ -68,7 +75,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         tasks = [asyncio.create_task(_follow_secrets())]
         if managed is not None:
-            tasks.append(asyncio.create_task(managed.follow(app[STATE].live.config.governance.key_poll_interval)))
+            interval = app[STATE].live.config.governance.key_poll_interval
+            tasks.append(asyncio.create_task(managed.follow(interval, lambda: _stale_after(app))))
         yield
         for t in tasks:
             t.cancel()
@@ -91,6 +99,22 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     r.add_delete("/admin/keys/{id}", revoke_key)
     r.add_post("/admin/keys/{id}/rotate", rotate_key)
     deployments.install(app)
+
+
+def _stale_after(app: web.Application) -> float:
+    return app[STATE].live.config.governance.keys_stale_after_s
+
+
+def _key_store_metrics(managed: K.ManagedKeys) -> Iterable[Metric]:
+    """The key poll's failures, and how old the view of the managed keys is."""
+    yield metrics.counter(
+        "edgeroute_key_store_poll_failures", "Managed-key polls that failed or went unanswered.", managed.poll_failures
+    )
+    yield metrics.gauge(
+        "edgeroute_key_store_age_seconds",
+        "Seconds since the managed keys were last read (past governance.keys_stale_after_s they are refused).",
+        time.monotonic() - managed.last_good,
+    )
 
 
 async def _follow_secrets() -> None:
@@ -318,19 +342,38 @@ async def check_config(request: web.Request) -> web.Response:
 
 
 async def audit_log(request: web.Request) -> web.Response:
-    only_params(request, {"since", "actor", "action", "limit"})
+    """Newest first, a page at a time: `next_before_id`, when set, is the `before_id` of the
+    next (older) page. Without it a flood of new entries (an operator's refused calls) pushed an
+    admin's action past the 1000 a call returns, out of reach of `since` alone."""
+    only_params(request, {"since", "until", "actor", "action", "limit", "before_id"})
     q = request.query
     since = parse_since(q["since"]) if "since" in q else None
-    try:
-        limit = int(q.get("limit", "200"))
-        if not 1 <= limit <= 1000:
-            raise ValueError
-    except ValueError:
-        raise ProxyError(400, "'limit' must be an integer from 1 to 1000.", param="limit") from None
+    until = _until(q["until"]) if "until" in q else None
+    limit = _int_param(q.get("limit", "200"), "limit", 1000)
+    before_id = _int_param(q["before_id"], "before_id", 2**63 - 1) if "before_id" in q else None
     actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
     gov = request.app[GOV]
-    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit)
-    return json_response({"entries": [e.as_json() for e in entries]})
+    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit, before_id, until)
+    more = entries[-1].id if len(entries) == limit else None
+    return json_response({"entries": [e.as_json() for e in entries], "next_before_id": more})
+
+
+def _until(raw: str) -> float:
+    """`until` as `since` reads it (epoch seconds, or a span back from now)."""
+    try:
+        return parse_since(raw)
+    except ProxyError:
+        raise ProxyError(400, "'until' must be epoch seconds or a span such as 15m, 24h, 7d.", param="until") from None
+
+
+def _int_param(raw: str, name: str, most: int) -> int:
+    try:
+        n = int(raw)
+        if not 1 <= n <= most:
+            raise ValueError
+    except ValueError:
+        raise ProxyError(400, f"'{name}' must be an integer from 1 to {most}.", param=name) from None
+    return n
 
 
 # -- keys -------------------------------------------------------------------------------------

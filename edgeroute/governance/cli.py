@@ -64,7 +64,15 @@ def add_parsers(sub: Any) -> None:
     a.add_argument("--since", help="epoch seconds or a span such as 24h, 7d")
     a.add_argument("--actor", help="only what this key id (or rollback-guard, signal:SIGHUP) did")
     a.add_argument("--action", help="e.g. key, key.revoked, config.rollback")
-    a.add_argument("--limit", type=int, default=50, help="at most this many entries, newest first (default: 50)")
+    a.add_argument("--until", help="only entries before this (epoch seconds or a span such as 1h)")
+    a.add_argument(
+        "--limit",
+        type=int,
+        default=50,
+        help="at most this many entries, newest first, fetched a page at a time (default: 50)",
+    )
+    a.add_argument("--all", action="store_true", help="every entry that matches (no --limit)")
+    a.add_argument("--before-id", type=int, help="only entries older than this id (where the last call stopped)")
     a.set_defaults(fn=_audit)
 
 
@@ -267,18 +275,39 @@ def _config(args: argparse.Namespace) -> int:
     return _run(go, args)
 
 
+AUDIT_PAGE = 1000  # the most `GET /admin/audit` returns at once
+
+
 def _audit(args: argparse.Namespace) -> int:
     def go(args: argparse.Namespace) -> None:
-        if args.since is not None:
-            try:
-                parse_since(args.since)
-            except ProxyError:  # it speaks to API callers ('since' must be ...)
-                raise ValueError(
-                    f"--since: {args.since!r} is not epoch seconds or a span such as 15m, 24h, 7d"
-                ) from None
-        q = {"since": args.since, "actor": args.actor, "action": args.action, "limit": str(args.limit)}
-        query = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in q.items() if v)
-        got = _call(args, "GET", f"/admin/audit?{query}")
-        _print(args, got, got["entries"], ("ts", "actor", "action", "target"))
+        for flag in ("since", "until"):
+            if (raw := getattr(args, flag)) is not None:
+                try:
+                    parse_since(raw)
+                except ProxyError:  # it speaks to API callers ('since' must be ...)
+                    raise ValueError(f"--{flag}: {raw!r} is not epoch seconds or a span such as 15m, 24h, 7d") from None
+        if args.limit < 1:
+            raise ValueError("--limit: must be 1 or more")
+        entries, more = _audit_pages(args)
+        _print(args, {"entries": entries, "next_before_id": more}, entries, ("id", "ts", "actor", "action", "target"))
+        if more is not None and not args.json:
+            print(f"(more: --before-id {more})", file=sys.stderr)
 
     return _run(go, args)
+
+
+def _audit_pages(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int | None]:
+    """Up to `--limit` entries (every one with `--all`), following the API's `next_before_id`;
+    returns them and where to continue (None: nothing older matches)."""
+    q = {"since": args.since, "until": args.until, "actor": args.actor, "action": args.action}
+    base = "&".join(f"{k}={urllib.parse.quote(v)}" for k, v in q.items() if v)
+    entries: list[dict[str, Any]] = []
+    more: int | None = args.before_id
+    while True:
+        want = AUDIT_PAGE if args.all else min(AUDIT_PAGE, args.limit - len(entries))
+        cursor = f"&before_id={more}" if more is not None else ""
+        got = _call(args, "GET", f"/admin/audit?{base}&limit={want}{cursor}")
+        entries += got["entries"]
+        more = got.get("next_before_id")
+        if more is None or (not args.all and len(entries) >= args.limit):
+            return entries, more

@@ -13,6 +13,11 @@ Every instance polls one change counter in the database (`governance.key_poll_in
 or rotation made on one instance applies on all of them within that interval. A rotation
 may keep the previous secret valid for a grace period.
 
+When the database cannot be read (a partition, PostgreSQL down), this view may hold keys
+revoked or downgraded since, with nothing to say so: past `governance.keys_stale_after_s`
+without a good read, managed keys are refused (503 `key_store_unavailable`) and `/readyz` is
+503, until a read succeeds again. A local SQLite store is read on this machine: never stale.
+
 A key created by a managed key records it as its `parent`, and spends against its parent's
 budget (and its parent's parent's, up the chain) besides its own: a key held to $10 can
 hand out keys, but all of them together spend at most those $10.
@@ -51,6 +56,8 @@ _PUBLIC = (
     "revoked_at", "rotated_at", "grace_until", "parent",
 )  # fmt: skip
 MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
+POLL_DEADLINE_S = 2.0  # a poll not answered by then is a failed one (logged; the next waits for it)
+STALE_RETRY_AFTER_S = 5  # the Retry-After of a refusal for a stale view
 
 
 _Name = Annotated[str, Field(max_length=200)]
@@ -231,8 +238,13 @@ def _entry(
 class ManagedKeys:
     """The in-memory view of the managed keys, kept current by :meth:`poll`."""
 
-    def __init__(self, store: GovStore, region_of: Any = None) -> None:
+    def __init__(self, store: GovStore, region_of: Any = None, stale_after: float = 30.0) -> None:
         self.store = store
+        # When the view was last known current (the start of the last read that succeeded), and
+        # how old it may grow before managed keys are refused: a local SQLite file is never stale.
+        self.last_good = time.monotonic()
+        self.stale_after = stale_after if store.dialect == "postgres" else math.inf
+        self.poll_failures = 0  # polls that failed or passed POLL_DEADLINE_S
         self._by_id: dict[str, _Entry] = {}
         self._raw: dict[str, dict[str, Any]] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> the keys it created
@@ -255,9 +267,11 @@ class ManagedKeys:
 
     def load(self) -> None:
         """Reads what changed since the last call (blocking: run it off the event loop)."""
+        started = time.monotonic()  # what is read is at least this recent
         seq = self.store.keys_seq()
         if seq == self.seq:
             self._loaded = True
+            self.last_good = started
             return
         for row_seq, data in self.store.keys_since(self.seq):
             self._raw[data["id"]] = data
@@ -265,6 +279,7 @@ class ManagedKeys:
         self.seq = max(self.seq, seq)
         self._rebuild()  # a changed budget reaches every key below it
         self._loaded = True
+        self.last_good = started
 
     def set_region_of(self, region_of: Any) -> None:
         """A reload can change team residencies: recompute every key's region."""
@@ -384,9 +399,18 @@ class ManagedKeys:
 
     def identify(self, token: str) -> Identity | None:
         """The key of `token`, None when it is not a valid managed key; a valid secret of a
-        revoked or expired key is a 401 that says so."""
+        revoked or expired key is a 401 that says so; any managed key, a 503 while the view is
+        past its bound (`stale_for`)."""
         if not token.startswith(PREFIX):
             return None
+        if (stale := self.stale_for()) is not None:
+            raise ProxyError(
+                503,
+                f"edgeroute cannot read its key store (last read {stale:.0f} s ago), so it cannot tell whether "
+                "this key is still valid; managed keys are refused until it can. Retry shortly.",
+                code="key_store_unavailable",
+                headers={"Retry-After": str(STALE_RETRY_AFTER_S)},
+            )
         key_id, _, secret = token[len(PREFIX) :].partition(".")
         e = self._by_id.get(key_id)
         if e is None or not secret:
@@ -416,22 +440,75 @@ class ManagedKeys:
     def all(self) -> list[dict[str, Any]]:
         return list(self._raw.values())
 
-    async def follow(self, interval: float) -> None:
-        """Polls the change counter until cancelled; a failing database keeps the last view."""
-        failing = False
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await asyncio.to_thread(self.load)
+    def stale_for(self) -> float | None:
+        """Seconds since the view was last known current, once past `stale_after` (else None)."""
+        age = time.monotonic() - self.last_good
+        return age if age > self.stale_after else None
+
+    async def follow(self, interval: float, stale_after: Callable[[], float] | None = None) -> None:
+        """Polls the change counter until cancelled. A poll gets POLL_DEADLINE_S: one that fails
+        or passes it is logged (once an outage) and counted, and the next waits for the same read
+        (a hung read is not started again, each holding a thread). `stale_after`: the running
+        config's bound, read at each poll (a reload changes it)."""
+        outage = _Outage(self)
+        read: asyncio.Future[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                if stale_after is not None and self.store.dialect == "postgres":
+                    self.stale_after = stale_after()
+                read = read or asyncio.ensure_future(asyncio.to_thread(self.load))
+                try:
+                    await asyncio.wait_for(asyncio.shield(read), POLL_DEADLINE_S)
+                except TimeoutError:
+                    outage.failed(read, f"no answer within {POLL_DEADLINE_S:g} s")
+                    continue
+                except Exception as e:
+                    outage.failed(read, type(e).__name__)
+                    read = None
+                    continue
+                read = None
                 await self.settle()
-                if failing:
-                    log.warning("managed keys: the database answers again")
-                failing = False
-            except Exception as e:
-                if not failing:
-                    what = type(e).__name__
-                    log.error("managed keys: cannot read the database (%s); keeping the keys as they were", what)
-                failing = True
+                if self.stale_for() is None:  # a hung read come back late: the next one is current
+                    outage.ended()
+        finally:
+            if read is not None:
+                read.cancel()  # a read still hung at shutdown: nobody waits for it now
+
+
+class _Outage:
+    """The key poll's failures: counted, and logged once when they start, once when the view
+    passes its bound (managed keys refused from then), and once when a read succeeds again."""
+
+    def __init__(self, keys: ManagedKeys) -> None:
+        self.keys = keys
+        self.since: float | None = None  # the first failure's time (monotonic)
+        self.counted: asyncio.Future[None] | None = None  # the read counted last (a hung one once)
+        self.refusing = False
+
+    def failed(self, read: asyncio.Future[None], why: str) -> None:
+        if read is not self.counted:
+            self.counted = read
+            self.keys.poll_failures += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            bound = self.keys.stale_after
+            until = f"for at most {bound:g} s (governance.keys_stale_after_s)" if bound < math.inf else "meanwhile"
+            log.error("managed keys: cannot read the key store (%s); serving the keys as last read %s", why, until)
+        if not self.refusing and (stale := self.keys.stale_for()) is not None:
+            self.refusing = True
+            log.error(
+                "managed keys: no good read of the key store for %.0f s (governance.keys_stale_after_s: %g); "
+                "refusing managed keys (503) until it answers",
+                stale,
+                self.keys.stale_after,
+            )
+
+    def ended(self) -> None:
+        if self.since is not None:
+            down = time.monotonic() - self.since
+            log.warning("managed keys: the key store answers again after %.1f s; changes read, keys served", down)
+        self.since, self.counted, self.refusing = None, None, False
 
 
 # -- changes (blocking: run off the event loop) -----------------------------------------------

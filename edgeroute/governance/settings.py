@@ -44,6 +44,11 @@ class Governance(_Strict):
     # How often each instance looks for key changes in the database (revocation reaches every
     # instance within this interval plus one query).
     key_poll_interval: float = Field(0.25, gt=0, le=1.0)
+    # How long an instance that cannot read the keys from PostgreSQL (a partition, the database
+    # down) serves them as last read before it refuses managed keys (503) and is not ready: a
+    # key revoked meanwhile works on it for up to this long; shorter, and a brief outage of the
+    # database refuses every managed key. A SQLite store (one machine) is never stale.
+    keys_stale_after_s: float = Field(30.0, ge=1.0, le=86400.0)
     residency: Residency | None = None
     # Seconds between re-reads of `file:` and `exec:` secrets (a changed value is applied
     # without a restart; a failed re-read keeps the last good value).

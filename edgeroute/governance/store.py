@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from edgeroute import pg_schema, secrets, sqlite_wal
+from edgeroute import pg_dead_peer, pg_schema, secrets, sqlite_wal
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
 
@@ -153,9 +153,7 @@ class GovStore:
 
     def _connect(self) -> Any:
         if self.dialect == "postgres":
-            import psycopg
-
-            return psycopg.connect(self._target, autocommit=False, connect_timeout=5)
+            return _pg_connect(self._target)
         if self._target == ":memory:":
             return sqlite3.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
         return sqlite_wal.connect(self._target, check_same_thread=False, timeout=10, isolation_level=None)
@@ -343,13 +341,22 @@ class GovStore:
         )
 
     def audit_entries(
-        self, since: float | None = None, actor: str | None = None, action: str | None = None, limit: int = 200
+        self,
+        since: float | None = None,
+        actor: str | None = None,
+        action: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+        until: float | None = None,
     ) -> list[AuditEntry]:
+        """The newest `limit` entries that match, newest first; `before_id` continues a page
+        (entries older than that id: a flood of new entries does not shift the pages)."""
         where: list[str] = []
         params: list[Any] = []
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
+        for clause, value in (("ts >= ?", since), ("ts < ?", until), ("id < ?", before_id)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
         if actor is not None:
             where.append("actor = ?")
             params.append(actor)
@@ -373,6 +380,21 @@ class GovStore:
             )
             for r in rows
         ]
+
+
+def _pg_connect(dsn: str) -> Any:
+    """A session bounded against a vanished peer: the key poll on one a partition cut off hung
+    (no error, so no log) for the kernel's 15 minutes, serving keys revoked meanwhile; and
+    PostgreSQL held a cut-off change's row locks for its keepalive's two hours."""
+    import psycopg
+
+    conn = psycopg.connect(dsn, autocommit=False, connect_timeout=5, **pg_dead_peer.CLIENT)
+    try:
+        conn.execute(pg_dead_peer.SERVER)
+        conn.commit()
+    except psycopg.Error:
+        conn.rollback()  # a pooler may refuse SET: PostgreSQL's defaults then, the client's bounds hold
+    return conn
 
 
 def _version(r: tuple[Any, ...]) -> Version:
