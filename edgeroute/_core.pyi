@@ -357,6 +357,10 @@ class Router:
         first content broke later: count it as a failure (not in flight, not a new request).
         Returns a withheld trip's sender as ``report`` does."""
 
+    def serving_well(self, index: int) -> bool:
+        """Whether deployment ``index`` serves this process's traffic well now: enough recent
+        requests, failing at under half the failure rate. ``ValueError`` for a bad index."""
+
     def health(self, index: int) -> _Health:
         """Health of deployment ``index`` now. ``ValueError`` for a bad index."""
 

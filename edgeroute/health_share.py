@@ -14,7 +14,9 @@ estimates, and probes the deployment itself once the shared ejection runs out.
   (re)connects, so one started or restarted during an outage knows it at once. Redis's
   own TTL says how much is left, whatever the instances' clocks say.
 - An opened circuit is shared for `health.base_ejection_ms` (the core does not say how
-  long its own, growing, ejection lasts); a cool-down for what is left of it.
+  long its own, growing, ejection lasts); a cool-down for what is left of it. An instance
+  whose own recent traffic the deployment serves well does not apply a received ejection
+  (it may be one client's doing on the other instance); it opens by its own failures.
 
 Redis down: nothing is shared (each instance learns by its own failures, as without
 `shared_state`), and the subscriber reconnects every second.
@@ -160,6 +162,7 @@ class HealthShare:
         self.sent = 0
         self.received = 0
         self.failed = 0
+        self.not_applied = 0  # opens received while the deployment served this instance well
         self._open: dict[str, bool] = {}
         self._cool_end: dict[str, float] = {}
         # Until when (monotonic) an ejection or cool-down applied from another instance runs.
@@ -176,6 +179,13 @@ class HealthShare:
         now = time.monotonic()
         router = live.router
         if kind == _OPEN:
+            # The other instance may have seen one sender's failures alone (a client making a
+            # deployment fail on purpose, sent to an instance others do not use): a deployment
+            # that serves this instance's traffic well stays in; a real outage soon fails the
+            # requests here too, and this instance opens by its own failures.
+            if router.serving_well(idx):
+                self.not_applied += 1
+                return
             self._remote_open[dep] = now + ms / 1000
             if router.health(idx)["circuit"] != "open":
                 router.set_probe_result(idx, False, ms)
@@ -243,12 +253,14 @@ class HealthShare:
     def metrics(self, _: web.Application) -> Iterable[Metric]:
         c = CounterMetricFamily(
             "edgeroute_shared_health_events",
-            "Deployment ejections and cool-downs shared with other instances, by direction.",
+            "Deployment ejections and cool-downs shared with other instances, by direction (not_applied: "
+            "an ejection received while the deployment served this instance's traffic well).",
             labels=["direction"],
         )
         c.add_metric(["sent"], self.sent)
         c.add_metric(["received"], self.received)
         c.add_metric(["failed"], self.failed)
+        c.add_metric(["not_applied"], self.not_applied)
         yield c
 
 

@@ -9,7 +9,9 @@ and `/metrics`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -19,9 +21,11 @@ import orjson
 import pytest
 from aiohttp import web
 
+from edgeroute.health_share import HEALTH_SHARE
 from edgeroute.mock.openai import completion_body, openai_error
 from tests.conftest import simple_config
 from tests.metrics_support import scrape
+from tests.test_cost_support import require_redis
 
 A, B, OPS = "sk-team-a-key", "sk-team-b-key", "sk-ops-key"
 BOOM = "BOOM: a prompt d1 cannot serve"
@@ -131,3 +135,39 @@ async def test_one_keyless_client_still_opens_the_circuit(
     state = await _d1(proxy, None)
     assert state["circuit"] == "open", state
     assert await _chat(proxy, "x", "hello") == "d-d2"
+
+
+async def test_an_instance_serving_others_well_does_not_take_an_ejection_one_key_caused_elsewhere(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    """Red team P2 (B1): key A sent its failing prompts to a second instance that no one else
+    used; there A was the only sender, so d1 opened, and health sharing opened it on the first
+    instance too, where B was served by d1 all along. A received ejection is not applied by an
+    instance whose own traffic the deployment serves well; one with no traffic of its own applies it."""
+    url = require_redis()
+    d1 = D1()
+    up1 = await serve_routes(web.post("/v1/chat/completions", d1.chat))
+    d2 = await start_upstream()
+    cfg = simple_config(
+        {"d1": d2, "d2": d2}, health={"consecutive_failures": 3, "min_requests": 6, "base_ejection_ms": 600_000}
+    )
+    cfg["providers"]["d1"]["base_url"] = up1.url + "/v1"
+    cfg["deployments"]["d-d2"]["price"] = {"input_per_mtok": 5.0, "output_per_mtok": 10.0}
+    cfg["models"]["m"]["strategy"] = "lowest_cost"
+    cfg["keys"] = {"a": {"token": A, "team": "team-a"}, "b": {"token": B, "team": "team-b"}}
+    prefix = f"edgeroute-one-sender-{os.getpid()}-{os.urandom(4).hex()}"
+    cfg["shared_state"] = {"redis_url": url, "prefix": prefix, "timeout_ms": 2000}
+    first, second, idle = await start_proxy(cfg), await start_proxy(cfg), await start_proxy(cfg)
+    for _ in range(6):
+        assert await _chat(first, B, "hello") == "d-d1"
+    for _ in range(3):  # A alone on the second instance: d1 opens there, and is shared
+        assert await _chat(second, A, BOOM) == "d-d2"
+    share, idle_share = first.app[HEALTH_SHARE], idle.app[HEALTH_SHARE]
+    t0 = time.monotonic()
+    while share.not_applied == 0 or idle_share.received == 0:
+        assert time.monotonic() - t0 < 10, (share.not_applied, share.received, idle_share.received)
+        await asyncio.sleep(0.05)
+    assert share.received == 0
+    for _ in range(3):
+        assert await _chat(first, B, "hello") == "d-d1"  # still served by d1
+    assert await _chat(idle, B, "hello") == "d-d2"  # no traffic of its own: it took the ejection

@@ -1,9 +1,9 @@
 """Who sent a request, as the core's passive health counts it.
 
 One client's failing requests (prompts its upstream times out on, say) must not open a
-deployment's circuit for every other client: the core (`health.rs`, `senders.rs`) opens it
-for a failure streak or error rate only when the failures are not one sender's alone, or
-when no other sender was served recently. The sender is the virtual key's team when it has
+deployment's circuit for every other client: the core (`health.rs`, `senders.rs`) withholds
+a failure streak or error rate that is one sender's while the other senders' recent requests
+are enough to judge and fail rarely; otherwise it opens as before. The sender is the virtual key's team when it has
 one (a team's keys can mint keys of that team: one sender), else the key's id, else 0 (a
 keyless set-up is one client). Never a value the client chooses (not `user`, not a header).
 """
@@ -46,7 +46,7 @@ def sender_of(team: str | None, key: str | None) -> int:
 
 def withheld(deployment: str, sender: int | None) -> None:
     """Tells the operator, once a window per deployment, whose failures alone would have
-    opened `deployment`'s circuit (the core kept it closed: others are served)."""
+    opened `deployment`'s circuit (the core kept it closed: others are served well)."""
     if sender is None:
         return
     now = time.monotonic()
@@ -55,8 +55,8 @@ def withheld(deployment: str, sender: int | None) -> None:
     _logged[deployment] = now + LOG_EVERY_S
     who = _NAMES.get(sender, "an anonymous client") if sender else "the keyless clients"
     log.warning(
-        "deployment %s: failures of %s alone would have opened its circuit; kept closed while other "
-        "clients are served (edgeroute_circuit_trips_withheld_total counts each time)",
+        "deployment %s: failures of %s alone would have opened its circuit; kept closed while others "
+        "are served well (edgeroute_circuit_trips_withheld_total counts each time)",
         redact.text(deployment),
         redact.text(who),
     )

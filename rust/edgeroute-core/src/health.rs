@@ -8,7 +8,7 @@
 //! deployment (see Linkerd's and Finagle's notes on this).
 //!
 //! Each report names its sender (the virtual key's team, else the key; 0 when unknown):
-//! failures one sender alone causes while others are served do not open the circuit for
+//! failures one sender alone causes while others are served well do not open the circuit for
 //! everyone (`senders.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -153,7 +153,7 @@ struct State {
     streak: Streak,
     /// `streak` just before the last success reset it (with `streak_before_success`).
     streak_before: Streak,
-    /// Trips not taken because one sender alone failed while others were served.
+    /// Trips not taken because one sender alone failed while others were served well.
     withheld: u64,
 }
 
@@ -178,7 +178,7 @@ pub struct HealthSnapshot {
     pub requests: u64,
     /// Failed attempts reported since start.
     pub failures: u64,
-    /// Trips withheld since start: one sender's failures while others were served.
+    /// Trips withheld since start: one sender's failures while others were served well.
     pub trips_withheld: u64,
 }
 
@@ -208,7 +208,7 @@ impl State {
 
     /// A failure counts towards ejection: after enough in a row, a high recent error
     /// rate, or a failed half-open probe, the circuit opens for an exponential time.
-    /// A streak or rate that is one sender's alone while others are served is withheld:
+    /// A streak or rate that is one sender's alone while others are served well is withheld:
     /// returns that sender (the circuit stays closed).
     fn fail(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
         self.note_failure(sender);
@@ -220,7 +220,7 @@ impl State {
             return None;
         }
         if !was_probe {
-            if let Some(aside) = self.one_senders(rate_trips, streak_trips, spec) {
+            if let Some(aside) = self.one_senders(streak_trips, spec) {
                 self.withheld += 1;
                 return Some(aside);
             }
@@ -236,32 +236,23 @@ impl State {
         None
     }
 
-    /// The sender whose failures alone make what tripped, when others were served recently:
-    /// a trip counts if the failures behind it come from two senders, or if it still trips
-    /// with the most failing sender set aside, or if no other sender was seen.
-    fn one_senders(&self, rate_trips: bool, streak_trips: bool, spec: &HealthSpec) -> Option<u64> {
-        let streak_shared = streak_trips && self.streak.shared();
-        let streak_alone = streak_trips && self.senders.alone(self.streak.sender, self.volume);
-        if streak_shared || streak_alone {
-            return None;
-        }
-        if rate_trips {
-            match self.senders.worst() {
-                None => return None,
-                Some(w) if self.senders.alone(w.id, self.volume) => return None,
-                Some(w) => {
-                    let rest = (self.volume - w.volume).max(0.0);
-                    let failed = (self.failed_volume - w.failed).max(0.0);
-                    if rest >= f64::from(spec.min_requests) && failed / rest >= spec.failure_rate {
-                        return None;
-                    }
-                    if !streak_trips {
-                        return Some(w.id);
-                    }
-                }
+    /// The sender whose failures alone make what tripped, withheld only on evidence that the
+    /// others are served well: the streak is that sender's alone (for a rate trip, it fails
+    /// most), and the other senders' recent requests are enough to judge and fail at under half
+    /// the failure rate. A flaky or dead deployment fails the others too, and opens as before;
+    /// too little of the others' traffic to judge opens as before.
+    fn one_senders(&self, streak_trips: bool, spec: &HealthSpec) -> Option<u64> {
+        let suspect = if streak_trips {
+            if self.streak.shared() {
+                return None;
             }
-        }
-        Some(self.streak.sender)
+            self.streak.sender
+        } else {
+            self.senders.worst()?.id
+        };
+        self.senders
+            .others_served_well(suspect, spec.failure_rate)
+            .then_some(suspect)
     }
 }
 
@@ -331,7 +322,14 @@ impl Health {
         s.failed_volume = s.failed_volume * w + if failed { 1.0 } else { 0.0 };
         s.volume = s.volume * w + 1.0;
         s.error_rate = s.failed_volume / s.volume;
-        s.senders.add(sender, failed);
+        // A client's own errors (and its cancellations, lost hedges) say nothing of how the
+        // deployment serves it: they are not evidence that others are served.
+        if !matches!(
+            outcome,
+            Outcome::ClientError | Outcome::ContextWindow | Outcome::ContentPolicy
+        ) {
+            s.senders.add(sender, failed);
+        }
         match outcome {
             Outcome::Success => {
                 // Peak EWMA: jump up at once, decay slowly.
@@ -413,6 +411,18 @@ impl Health {
         let mut s = self.lock();
         s.open_until_ms = now_ms + ms;
         s.ejections = s.ejections.max(1);
+    }
+
+    /// Whether the deployment serves this process's traffic well now: enough recent requests
+    /// to judge, failing at under half the failure rate. A circuit another instance opened
+    /// (health sharing) is not applied against such evidence: it may be one sender's doing
+    /// there, and a real outage soon fails the requests here too.
+    pub fn serving_well(&self, now_ms: u64, spec: &HealthSpec) -> bool {
+        let s = self.lock();
+        let dt = now_ms.saturating_sub(s.last_ms) as f64;
+        let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
+        let volume = s.volume * w;
+        volume >= crate::senders::OTHERS_MIN && s.failed_volume * w < volume * spec.failure_rate / 2.0
     }
 
     /// The state for status pages and tests.
@@ -696,7 +706,8 @@ mod tests {
             one(&h, Outcome::Success, B, t, &sp);
         }
         closed_at_half_failed(&h, 40);
-        // Now B's requests fail too: without A, B's own rate trips.
+        // Now B's requests fail too: once more than a quarter of B's own recent requests fail
+        // (half the threshold), B is not served well, and the trip opens the circuit.
         let mut opened = None;
         for t in 40..100 {
             one(&h, Outcome::ServerError, A, t, &sp);
@@ -705,8 +716,8 @@ mod tests {
                 opened = Some(t);
             }
         }
-        // B's own rate reaches 0.5 after its 40th failure (40 of 80).
-        assert_eq!(opened, Some(79), "{:?}", h.snapshot(100));
+        // B's 14th failure is more than a quarter of its 54 recent requests.
+        assert_eq!(opened, Some(53), "{:?}", h.snapshot(100));
     }
 
     #[test]
@@ -740,6 +751,59 @@ mod tests {
             one(&h, Outcome::ServerError, A, t, &sp);
         }
         closed_at_half_failed(&h, 40);
+    }
+
+    #[test]
+    fn a_flaky_deployment_opens_when_one_sender_sends_most_of_its_traffic() {
+        let h = Health::default();
+        let sp = rate_spec();
+        // Nine requests in ten are A's, one B's; half of each sender's requests fail (a
+        // balancer with one of two backends dead). B is not served well: the rate opens it.
+        let mut opened = None;
+        for t in 0..200u64 {
+            let sender = if t % 10 == 0 { B } else { A };
+            let o = if t % 4 < 2 {
+                Outcome::ServerError
+            } else {
+                Outcome::Success
+            };
+            one(&h, o, sender, t, &sp);
+            if opened.is_none() && h.is_ejected(t) {
+                opened = Some(t);
+            }
+        }
+        assert!(opened.is_some_and(|t| t < 20), "{opened:?} {:?}", h.snapshot(200));
+    }
+
+    #[test]
+    fn others_client_errors_and_cancellations_are_not_evidence_they_are_served() {
+        let h = Health::default();
+        let sp = spec();
+        // B's requests all end as its own errors or cancellations (a short client timeout
+        // against a hung deployment); A's time out. The deployment serves no one: it opens.
+        for t in 0..10 {
+            one(&h, Outcome::ClientError, B, t, &sp);
+        }
+        for t in 10..13 {
+            assert_eq!(one(&h, Outcome::Timeout, A, t, &sp), None);
+        }
+        assert_eq!(h.snapshot(13).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn serving_well_needs_enough_recent_requests_failing_rarely() {
+        let h = Health::default();
+        let sp = rate_spec();
+        for t in 0..4 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        assert!(!h.serving_well(4, &sp), "four requests: too few to judge");
+        one(&h, Outcome::Success, B, 4, &sp);
+        one(&h, Outcome::ServerError, A, 5, &sp);
+        assert!(h.serving_well(6, &sp));
+        one(&h, Outcome::ServerError, A, 6, &sp);
+        assert!(!h.serving_well(7, &sp), "2 failed of 7: over a quarter");
+        assert!(!h.serving_well(60_000, &sp), "a minute later: long decayed");
     }
 
     #[test]

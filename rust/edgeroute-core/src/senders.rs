@@ -9,9 +9,9 @@
 
 /// Senders kept apart per deployment.
 const SLOTS: usize = 8;
-/// Decayed volume under which the other senders count as not seen: one request in the
-/// last ~0.7 decay times (a deployment only one client uses trips as before).
-const SEEN: f64 = 0.5;
+/// Decayed requests of the other senders (about five) under which their health cannot be judged: a
+/// deployment only one client uses (or others use rarely) trips as before.
+pub(crate) const OTHERS_MIN: f64 = 4.5;
 
 /// One sender's decayed counts of requests and of failures.
 #[derive(Debug, Default, Clone, Copy)]
@@ -80,10 +80,16 @@ impl Senders {
         (w.failed > 0.0).then_some(*w)
     }
 
-    /// Whether `id` is the only sender seen recently, of `total` recent requests.
-    pub fn alone(&self, id: u64, total: f64) -> bool {
-        let own = self.slots.iter().find(|s| s.id == id).map_or(0.0, |s| s.volume);
-        total - own < SEEN
+    /// Whether the senders other than `id` are served well: enough of their recent requests
+    /// to judge (`OTHERS_MIN`), failing at under half `failure_rate`. Only such evidence keeps
+    /// one sender's failures from opening the circuit.
+    pub fn others_served_well(&self, id: u64, failure_rate: f64) -> bool {
+        let (mut volume, mut failed) = (0.0, 0.0);
+        for s in self.slots.iter().filter(|s| s.id != id) {
+            volume += s.volume;
+            failed += s.failed;
+        }
+        volume >= OTHERS_MIN && failed < volume * failure_rate / 2.0
     }
 
     /// Forgets the counts (the circuit opened: the deployment starts anew).
@@ -141,7 +147,12 @@ mod tests {
         t.decay(0.5);
         let three = t.slots.iter().find(|s| s.id == 3).copied().unwrap_or_default();
         assert!((three.volume - 1.5).abs() < 1e-9 && (three.failed - 1.5).abs() < 1e-9);
-        assert!(!t.alone(100, 10.0));
-        assert!(t.alone(100, 0.9));
+        // The others (ids 2..8 but 3, and 3 failing all of its 1.5) against 100's failures.
+        assert!(t.others_served_well(100, 0.5));
+        assert!(!t.others_served_well(100, 0.05)); // 1.5 failed of 16.5: not under 2.5 %
+        let mut lone = Senders::default();
+        lone.add(7, false);
+        lone.add(8, true);
+        assert!(!lone.others_served_well(8, 0.5)); // one request of another: too little to judge
     }
 }

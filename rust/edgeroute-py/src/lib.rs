@@ -454,6 +454,13 @@ impl Router {
         Ok(())
     }
 
+    /// Whether deployment `index` serves this process's traffic well now: enough recent
+    /// requests, failing at under half the failure rate (a shared circuit is not applied then).
+    fn serving_well(&self, index: usize) -> PyResult<bool> {
+        self.checked(index)?;
+        Ok(self.inner.serving_well(index))
+    }
+
     fn health<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Bound<'py, PyDict>> {
         self.checked(index)?;
         let h = self.inner.health(index);

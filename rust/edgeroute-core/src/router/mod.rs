@@ -151,6 +151,13 @@ impl Router {
         self.deployments[index].health.snapshot(self.now_ms())
     }
 
+    /// Whether deployment `index` serves this process's traffic well now (`Health::serving_well`).
+    pub fn serving_well(&self, index: usize) -> bool {
+        self.deployments[index]
+            .health
+            .serving_well(self.now_ms(), &self.health_spec)
+    }
+
     /// Number of deployments.
     pub fn deployment_count(&self) -> usize {
         self.deployments.len()
