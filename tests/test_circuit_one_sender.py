@@ -143,7 +143,8 @@ async def test_an_instance_serving_others_well_does_not_take_an_ejection_one_key
     """Red team P2 (B1): key A sent its failing prompts to a second instance that no one else
     used; there A was the only sender, so d1 opened, and health sharing opened it on the first
     instance too, where B was served by d1 all along. A received ejection is not applied by an
-    instance whose own traffic the deployment serves well; one with no traffic of its own applies it."""
+    instance whose own traffic the deployment serves well, the most failing sender's (A's, which
+    failed there too) set aside; one with no traffic of its own applies it."""
     url = require_redis()
     d1 = D1()
     up1 = await serve_routes(web.post("/v1/chat/completions", d1.chat))
@@ -160,6 +161,8 @@ async def test_an_instance_serving_others_well_does_not_take_an_ejection_one_key
     first, second, idle = await start_proxy(cfg), await start_proxy(cfg), await start_proxy(cfg)
     for _ in range(6):
         assert await _chat(first, B, "hello") == "d-d1"
+    for _ in range(2):  # A fails here too, a quarter of this instance's recent requests to d1
+        assert await _chat(first, A, BOOM) == "d-d2"
     for _ in range(3):  # A alone on the second instance: d1 opens there, and is shared
         assert await _chat(second, A, BOOM) == "d-d2"
     share, idle_share = first.app[HEALTH_SHARE], idle.app[HEALTH_SHARE]

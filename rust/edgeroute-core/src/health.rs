@@ -413,16 +413,18 @@ impl Health {
         s.ejections = s.ejections.max(1);
     }
 
-    /// Whether the deployment serves this process's traffic well now: enough recent requests
-    /// to judge, failing at under half the failure rate. A circuit another instance opened
-    /// (health sharing) is not applied against such evidence: it may be one sender's doing
-    /// there, and a real outage soon fails the requests here too.
+    /// Whether the deployment serves this process's traffic well now, its most failing sender
+    /// set aside: the others' recent requests are enough to judge and fail at under half the
+    /// failure rate. A circuit another instance opened (health sharing) is not applied against
+    /// such evidence: it may be one sender's doing there (that sender may be failing here too,
+    /// hence set aside), and a real outage soon fails the others' requests here as well.
     pub fn serving_well(&self, now_ms: u64, spec: &HealthSpec) -> bool {
         let s = self.lock();
         let dt = now_ms.saturating_sub(s.last_ms) as f64;
         let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
-        let volume = s.volume * w;
-        volume >= crate::senders::OTHERS_MIN && s.failed_volume * w < volume * spec.failure_rate / 2.0
+        let aside = s.senders.worst().map(|x| x.id);
+        let rate = spec.failure_rate;
+        s.senders.served_well_without(None, rate, w) || s.senders.served_well_without(aside, rate, w)
     }
 
     /// The state for status pages and tests.
@@ -791,6 +793,25 @@ mod tests {
     }
 
     #[test]
+    fn serving_well_sets_the_most_failing_sender_aside() {
+        // A sends a few failing requests to this instance too, beside B's successes: B is
+        // still served well, so an ejection A caused elsewhere is not applied here.
+        let h = Health::default();
+        let sp = rate_spec();
+        for t in 0..8 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for t in 8..12 {
+            one(&h, Outcome::ServerError, A, t, &sp);
+        }
+        assert!(h.serving_well(12, &sp));
+        one(&h, Outcome::ServerError, B, 12, &sp);
+        one(&h, Outcome::ServerError, B, 13, &sp);
+        one(&h, Outcome::ServerError, B, 14, &sp);
+        assert!(!h.serving_well(15, &sp), "3 of B's 11 failed: over a quarter");
+    }
+
+    #[test]
     fn serving_well_needs_enough_recent_requests_failing_rarely() {
         let h = Health::default();
         let sp = rate_spec();
@@ -799,9 +820,9 @@ mod tests {
         }
         assert!(!h.serving_well(4, &sp), "four requests: too few to judge");
         one(&h, Outcome::Success, B, 4, &sp);
-        one(&h, Outcome::ServerError, A, 5, &sp);
-        assert!(h.serving_well(6, &sp));
-        one(&h, Outcome::ServerError, A, 6, &sp);
+        one(&h, Outcome::ServerError, B, 5, &sp);
+        assert!(h.serving_well(6, &sp), "1 failed of 6");
+        one(&h, Outcome::ServerError, B, 6, &sp);
         assert!(!h.serving_well(7, &sp), "2 failed of 7: over a quarter");
         assert!(!h.serving_well(60_000, &sp), "a minute later: long decayed");
     }

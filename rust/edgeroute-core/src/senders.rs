@@ -84,12 +84,18 @@ impl Senders {
     /// to judge (`OTHERS_MIN`), failing at under half `failure_rate`. Only such evidence keeps
     /// one sender's failures from opening the circuit.
     pub fn others_served_well(&self, id: u64, failure_rate: f64) -> bool {
+        self.served_well_without(Some(id), failure_rate, 1.0)
+    }
+
+    /// Whether the senders but `aside` (all, for `None`) are served well, their counts decayed
+    /// by `w` more (a read long after the last report).
+    pub fn served_well_without(&self, aside: Option<u64>, failure_rate: f64, w: f64) -> bool {
         let (mut volume, mut failed) = (0.0, 0.0);
-        for s in self.slots.iter().filter(|s| s.id != id) {
+        for s in self.slots.iter().filter(|s| Some(s.id) != aside) {
             volume += s.volume;
             failed += s.failed;
         }
-        volume >= OTHERS_MIN && failed < volume * failure_rate / 2.0
+        volume * w >= OTHERS_MIN && failed < volume * failure_rate / 2.0
     }
 
     /// Forgets the counts (the circuit opened: the deployment starts anew).
