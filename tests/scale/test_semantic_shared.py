@@ -138,10 +138,10 @@ def test_records_round_trip_and_anything_else_is_refused() -> None:
     g = guards("How do I reset the password of Alice's 2 accounts?")
     vector = np.random.default_rng(1).standard_normal(256).astype(np.float32)
     vector /= np.linalg.norm(vector)
-    origin, key, context, got, back = decode(encode("o", "k", "c", g, vector))
-    assert (origin, key, context, got) == ("o", "k", "c", g)
+    origin, key, context, got, back, tenant = decode(encode("o", "k", "c", g, vector, "team:a"))
+    assert (origin, key, context, got, tenant) == ("o", "k", "c", g, "team:a")
     assert np.allclose(back, vector, atol=1e-3)
-    good = encode("o", "k", "c", g, vector)
+    good = encode("o", "k", "c", g, vector, "team:a")
     head, _, vec = zlib.decompress(good).partition(b"\n")
     fields = orjson.loads(head)
     bad_records = [
@@ -155,6 +155,9 @@ def test_records_round_trip_and_anything_else_is_refused() -> None:
         zlib.compress(orjson.dumps([*fields[:6], "ff" * 33, *fields[7:]]) + b"\n" + vec),  # no connector 255
         zlib.compress(orjson.dumps([*fields[:6], "00" * 34, *fields[7:]]) + b"\n" + vec),  # not whole spans
         zlib.compress(head + b"\n" + np.full(256, np.inf, dtype=np.float16).tobytes()),
+        zlib.compress(orjson.dumps([*fields[:8], "zz", *fields[9:]]) + b"\n" + vec),  # a shape not in hex
+        zlib.compress(orjson.dumps([*fields[:9], 7]) + b"\n" + vec),  # a tenant that is not a string
+        zlib.compress(orjson.dumps(fields[:9]) + b"\n" + vec),  # no tenant
     ]
     for bad in bad_records:
         with pytest.raises(ValueError):
