@@ -68,11 +68,10 @@ class Posterior:
 ANONYMOUS = "anonymous"
 
 
-def tenant_id(key: str | None, team: str | None) -> str:
+def tenant_id(team: str | None) -> str:
     """Whose ratings these are: the key's team, else the operator's tenant. Teams are the
     boundary between tenants (a team's keys mint keys of that team); a key of no team is the
-    operator's, trusted as a keyless sidecar is. `key` is for the caller's symmetry only."""
-    del key
+    operator's, trusted as a keyless sidecar is."""
     return f"team:{team}" if team else ANONYMOUS
 
 
@@ -90,7 +89,7 @@ class Served:
 
     @property
     def tenant(self) -> str:
-        return tenant_id(self.key, self.team)
+        return tenant_id(self.team)
 
 
 Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of complements)

@@ -145,8 +145,8 @@ def test_pooling_bounds_each_tenant_by_all_the_others() -> None:
     assert pool({"team:A": (0.0, 30.0), "team:B": (3.0, 0.0)}, prior, balanced=False) == Posterior(4.0, 31.0)
     # The operator's tenant (keys of no team, keyless callers) counts in full; a team beside it is bounded.
     assert pool({ANONYMOUS: (3.0, 0.0), "team:A": (0.0, 30.0)}, prior, balanced=True) == Posterior(4.0, 4.0)
-    assert tenant_id("key-of-no-team", None) == tenant_id(None, None) == ANONYMOUS
-    assert tenant_id("k", "A") == "team:A"
+    assert tenant_id(None) == ANONYMOUS
+    assert tenant_id("A") == "team:A"
 
 
 def test_a_tenant_alone_gives_no_shift_and_a_keyless_one_learns(tmp_path: Path) -> None:

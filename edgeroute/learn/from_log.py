@@ -11,7 +11,8 @@ default (`request_log.log_content: none`): then there is nothing to train on, an
 Only answered requests count (status 200, not a cache hit: a hit says nothing of the route's
 cost); a prompt cut at `max_content_bytes` or a body that is not a chat request is skipped
 and counted. The trained router routes every tenant's requests, so the rows are counted per
-tenant (team, else key) and a tenant that gave most of them is named: check its ratings first.
+tenant (the team; keys of no team and keyless callers are the operator's one) and a team
+that gave most of them is named: check its ratings first.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 
 from edgeroute.config import Config
 from edgeroute.cost.ledger_store import Backend
-from edgeroute.learning import tenant_id
+from edgeroute.learning import ANONYMOUS, tenant_id
 
-_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.key_id, r.team
+_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.team
 FROM feedback f JOIN requests r ON r.id = f.request_id
 WHERE r.status = 200 AND (r.cache IS NULL OR r.cache IN ('miss', 'bypass')) AND f.ts >= ?
 ORDER BY r.ts"""
@@ -43,11 +44,12 @@ class LogRows:
     tenants: Counter[str] = field(default_factory=Counter)  # usable rows per tenant
 
     def dominant(self) -> tuple[str, int] | None:
-        """The tenant that gave more than half the usable rows, when several gave some."""
+        """The team that gave more than half the usable rows, when several tenants gave some
+        (the operator's own tenant, keys of no team and keyless callers, is trusted)."""
         if len(self.tenants) < 2:
             return None
         tenant, n = self.tenants.most_common(1)[0]
-        return (tenant, n) if 2 * n > len(self.rows) else None
+        return (tenant, n) if tenant != ANONYMOUS and 2 * n > len(self.rows) else None
 
     def explain(self) -> str:
         parts = [f"{self.rated} rated request(s) in the request log, {len(self.rows)} usable"]
@@ -110,7 +112,7 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
     """The rated requests' outcome rows (feedback given at or after `since`)."""
     outputs = route_outputs(cfg)
     found = LogRows()
-    for _rid, route, cost, content, score, key, team in db.query(_SQL, (since,)):
+    for _rid, route, cost, content, score, team in db.query(_SQL, (since,)):
         found.rated += 1
         stored = json.loads(content) if content else None
         if not isinstance(stored, dict) or not isinstance(stored.get("request"), str):
@@ -128,5 +130,5 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
         found.rows.append(
             {"prompt": prompt, "model": outputs.get(route, route), "score": float(score), "cost_usd": float(cost)}
         )
-        found.tenants[tenant_id(key, team)] += 1
+        found.tenants[tenant_id(team)] += 1
     return found

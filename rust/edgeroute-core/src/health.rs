@@ -248,7 +248,7 @@ impl State {
             }
             self.streak.sender
         } else {
-            self.senders.worst()?.id
+            self.senders.worst()?
         };
         self.senders
             .others_served_well(suspect, spec.failure_rate)
@@ -422,7 +422,7 @@ impl Health {
         let s = self.lock();
         let dt = now_ms.saturating_sub(s.last_ms) as f64;
         let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
-        let aside = s.senders.worst().map(|x| x.id);
+        let aside = s.senders.worst();
         let rate = spec.failure_rate;
         s.senders.served_well_without(None, rate, w) || s.senders.served_well_without(aside, rate, w)
     }

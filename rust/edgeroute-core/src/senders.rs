@@ -15,10 +15,10 @@ pub(crate) const OTHERS_MIN: f64 = 4.5;
 
 /// One sender's decayed counts of requests and of failures.
 #[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Sender {
-    pub id: u64,
-    pub volume: f64,
-    pub failed: f64,
+struct Sender {
+    id: u64,
+    volume: f64,
+    failed: f64,
 }
 
 /// Recent counts of the senders seen most, decayed like the deployment's error rate.
@@ -75,9 +75,9 @@ impl Senders {
     }
 
     /// The sender with the most recent failures, if any failed.
-    pub fn worst(&self) -> Option<Sender> {
+    pub fn worst(&self) -> Option<u64> {
         let w = self.slots.iter().max_by(|a, b| a.failed.total_cmp(&b.failed))?;
-        (w.failed > 0.0).then_some(*w)
+        (w.failed > 0.0).then_some(w.id)
     }
 
     /// Whether the senders other than `id` are served well: enough of their recent requests
@@ -149,7 +149,7 @@ mod tests {
         }
         t.add(100, true); // a new sender takes the slot of the quietest (id 1)
         assert!(t.slots.iter().all(|s| s.id != 1));
-        assert_eq!(t.worst().map(|w| w.id), Some(3));
+        assert_eq!(t.worst(), Some(3));
         t.decay(0.5);
         let three = t.slots.iter().find(|s| s.id == 3).copied().unwrap_or_default();
         assert!((three.volume - 1.5).abs() < 1e-9 && (three.failed - 1.5).abs() < 1e-9);
