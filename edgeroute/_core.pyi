@@ -271,6 +271,7 @@ class Router:
         explain: bool = False,
         exact_tokens: bool = False,
         priority: str | None = None,
+        priority_ceiling: str | None = None,
     ) -> Decision:
         """Decides how to serve a chat-completions ``body``; releases the GIL.
 
@@ -285,6 +286,8 @@ class Router:
         (``Decision.tokens_exact`` says which).
         ``priority`` is the caller's class (its key's, or a header its key may set); a matched
         rule's class comes first; selection passes over deployments without a slot for it.
+        ``priority_ceiling``, the highest class the caller's key may use: a rule that does not
+        name its sender (``users``, ``teams``, ``roles``) cannot raise the class above it.
 
         Raises :class:`BadRequestError` (bad body), :class:`ForbiddenError` (a rule rejects it),
         :class:`UnknownModelError` or :class:`NoDeploymentError`.

@@ -193,6 +193,15 @@ def unknown_class(name: str, classes: Sequence[str]) -> str:
     return f"unknown priority class '{shown}' (classes: {', '.join(classes)})"
 
 
+def class_ceiling(own: str | None, allowed: frozenset[str], default: str, classes: Sequence[str]) -> str:
+    """The highest class a key may use: its own (else the default) or one it may ask for. A
+    rule triggered by what the client chooses (tags, content) cannot raise it further."""
+    best = own or default
+    if allowed:
+        best = min((best, *allowed), key=lambda c: classes.index(c) if c in classes else len(classes))
+    return best
+
+
 def request_class(
     asked: str | None, own: str | None, allowed: frozenset[str] | None, classes: Sequence[str]
 ) -> str | None:

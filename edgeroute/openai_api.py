@@ -21,7 +21,7 @@ from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, re
 from edgeroute.cache.entry import Entry, completion_from_stream
 from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, tenant_of
 from edgeroute.cache.settings import RouteCache
-from edgeroute.capacity import class_name, request_class, spill_note
+from edgeroute.capacity import class_ceiling, class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
 from edgeroute.cost import ledger_lock, prediction
 from edgeroute.cost.keys import IDENTITY
@@ -126,6 +126,7 @@ def decide(
             explain=explain,
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),
+            priority_ceiling=class_ceiling(ident.priority, ident.priorities, live.default_class, live.classes),
             prompt_tokens=prompt_tokens,
         )
         if not rerouted:

@@ -46,6 +46,7 @@ class Live:
     served_at: dict[int, float] = field(default_factory=dict)
     capacity: Capacity = field(init=False)
     classes: list[str] = field(init=False)  # priority class names, highest first
+    default_class: str = field(init=False)  # the class of a request that names none
     # time.time() when a reload swapped it in (0: the first generation). A request's record
     # starts after its generation's `since` and before the next one's: budgets a reload adds
     # count the requests before it from the ledger, those after it in memory (cost.control).
@@ -72,6 +73,7 @@ class Live:
             [d.reserve_percent for d in deps],
         )
         self.classes = self.config.priority.classes
+        self.default_class = self.config.priority.default_class
         self.access = Access(self.config)
         self.regions = residency.regions(self.config)
         limits = self.config.rate_limits

@@ -106,8 +106,16 @@ async def test_the_class_from_header_key_and_rule_and_403_for_a_class_the_key_ma
     cfg = await upstreams(recording(calls, 0.0), recording(calls, 0.0))
     # Half of d-a's two slots are kept for `interactive`: other classes see one slot.
     cfg["deployments"]["d-a"].update(max_concurrency=2, reserve_percent=50, weight=1000)
-    cfg["keys"] = KEYS
-    cfg["rules"] = [{"name": "urgent", "when": {"tags": ["urgent"]}, "then": {"priority": "interactive"}}]
+    cfg["keys"] = {**KEYS, "olga": {"token": "tok-olga", "priority": "batch", "team": "ops"}}
+    cfg["rules"] = [
+        {
+            "name": "ops-urgent",
+            "priority": 2,
+            "when": {"tags": ["urgent"], "teams": ["ops"]},
+            "then": {"priority": "interactive"},
+        },
+        {"name": "urgent", "priority": 1, "when": {"tags": ["urgent"]}, "then": {"priority": "interactive"}},
+    ]
     proxy = await start_proxy(cfg)
     live = proxy.app[STATE].live
     live.router.acquire(0)  # one slot of d-a busy: only `interactive` may take the other
@@ -125,7 +133,10 @@ async def test_the_class_from_header_key_and_rule_and_403_for_a_class_the_key_ma
     assert await served(ivy) == "d-a"  # the key's own class may use the reserve
     assert await served(alice) == "d-b"  # batch: the reserve is not alice's
     assert await served(alice, "default") == "d-b"  # a class she may ask for; still not the top
-    assert await served(alice, tags="urgent") == "d-a"  # a rule's class comes first
+    # A rule naming the sender's team comes first; one any client can trigger with a tag is
+    # held at the highest class the key may use (alice's `default`: still not the reserve).
+    assert await served(client(proxy, "tok-olga"), tags="urgent") == "d-a"
+    assert await served(alice, tags="urgent") == "d-b"
     raw = await alice.chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": "q"}], extra_headers={"x-edgeroute-priority": "batch"}
     )

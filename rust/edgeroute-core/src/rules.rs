@@ -82,6 +82,14 @@ pub struct Conditions {
     pub priority: Vec<String>,
 }
 
+impl Conditions {
+    /// Whether the rule says who sends the request (its `users`, `teams` or `roles`): the
+    /// caller's key decides those, the client the rest.
+    pub fn names_sender(&self) -> bool {
+        !(self.users.is_empty() && self.teams.is_empty() && self.roles.is_empty())
+    }
+}
+
 /// A daily window `[start, end)` in minutes since local midnight; wraps past midnight when end < start.
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -324,7 +324,7 @@ impl Router {
         self.inner.has_classifier()
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false, priority=None))]
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false, priority=None, priority_ceiling=None))]
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -339,6 +339,7 @@ impl Router {
         explain: bool,
         exact_tokens: bool,
         priority: Option<String>,
+        priority_ceiling: Option<String>,
     ) -> PyResult<Decision> {
         let meta = core::RequestMeta {
             tags: tags.unwrap_or_default(),
@@ -350,6 +351,7 @@ impl Router {
             explain,
             exact_tokens,
             priority,
+            priority_ceiling,
         };
         let inner = detached_if_long(py, body.len(), || self.inner.decide(body, &meta)).map_err(to_py)?;
         Decision::new(py, inner)

@@ -34,6 +34,10 @@ pub struct RequestMeta {
     /// The priority class the caller asked for (its key's, or a header its key may set);
     /// a matched rule's class comes first.
     pub priority: Option<String>,
+    /// The highest class the caller's key may use (None: any, as without keys). A matched rule
+    /// that does not name its sender (`users`, `teams`, `roles`) cannot raise the class above
+    /// it: its other conditions (tags, content, the model) are the client's to choose.
+    pub priority_ceiling: Option<String>,
 }
 
 /// The router's answer for one request.

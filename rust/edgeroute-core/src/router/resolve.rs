@@ -76,7 +76,7 @@ impl Router {
                 .map(|c| c.task.probabilities.iter().copied().fold(0.0, f64::max)),
             priority: self.classes.get(asked).map(String::as_str),
         };
-        let matched = self.rules.evaluate(&input);
+        let mut matched = self.rules.evaluate(&input);
         let (prompt_tokens, tokens_exact) = self.settle_tokens(&input.prompt_tokens, bounds, req.max_tokens);
         let action = matched.as_ref().map(|m| &self.rules.specs()[m.index].then);
         if let Some(msg) = action.and_then(|a| a.reject.as_ref()) {
@@ -137,10 +137,13 @@ impl Router {
         let strategy = action
             .and_then(|a| a.strategy)
             .unwrap_or(self.routes[route].spec.strategy);
-        let priority = action
+        let ruled = action
             .and_then(|a| a.priority.as_deref())
-            .and_then(|p| self.classes.iter().position(|c| c == p))
-            .unwrap_or(asked);
+            .and_then(|p| self.classes.iter().position(|c| c == p));
+        let priority = match (&mut matched, ruled) {
+            (Some(m), Some(rank)) => self.rule_class(rank, m, meta.priority_ceiling.as_deref()),
+            _ => asked,
+        };
         Ok(Resolved {
             priority,
             route,
@@ -155,6 +158,23 @@ impl Router {
             variant,
             policy_note,
         })
+    }
+
+    /// The class (`rank`) a matched rule's `then.priority` gives. Lowered freely; raised above
+    /// the `ceiling` the caller's key may use only by a rule that names its sender, else held
+    /// at the ceiling, and the explanation says so.
+    fn rule_class(&self, rank: usize, m: &mut RuleMatch, ceiling: Option<&str>) -> usize {
+        let Some(top) = ceiling.and_then(|c| self.classes.iter().position(|x| x == c)) else {
+            return rank;
+        };
+        if rank >= top || self.rules.specs()[m.index].when.names_sender() {
+            return rank;
+        }
+        let (asked, held) = (&self.classes[rank], &self.classes[top]);
+        m.reasons.push(format!(
+            "priority {asked} held at {held}: the rule does not name its sender and the key may not use {asked}"
+        ));
+        top
     }
 
     /// The prompt's tokens after the rules ran: exact if they (or the caller)

@@ -71,6 +71,54 @@ fn the_reserve_is_kept_for_the_highest_class_and_rules_set_the_class() {
 }
 
 #[test]
+fn a_rule_the_client_can_trigger_cannot_raise_the_class_past_the_key() {
+    let spec = String::from_utf8_lossy(CAPACITY).replace(
+        r#""rules": [{"name": "bulk""#,
+        r#""rules": [{"name": "urgent", "when": {"tags": ["urgent"]}, "then": {"priority": "interactive"}},
+                   {"name": "web-urgent", "priority": 1, "when": {"teams": ["web"], "tags": ["now"]}, "then": {"priority": "interactive"}},
+                   {"name": "bulk""#,
+    );
+    let r = Router::from_json(spec.as_bytes()).unwrap();
+    let decide = |tags: &[&str], team: Option<&str>, ceiling: Option<&str>| {
+        let meta = RequestMeta {
+            priority: Some("batch".to_owned()),
+            priority_ceiling: ceiling.map(str::to_owned),
+            team: team.map(str::to_owned),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            explain: true,
+            ..RequestMeta::default()
+        };
+        r.decide(BODY, &meta).unwrap()
+    };
+    // A batch-only key tagging its request `urgent`: the rule names no sender, so it holds.
+    let held = decide(&["urgent"], None, Some("batch"));
+    assert_eq!((held.rule.as_deref(), held.priority), (Some("urgent"), 2));
+    assert!(
+        held.reasons
+            .iter()
+            .any(|r| r.contains("priority interactive held at batch")),
+        "{:?}",
+        held.reasons
+    );
+    // A key that may use `default` is raised that far, not further.
+    assert_eq!(decide(&["urgent"], None, Some("default")).priority, 1);
+    // Without keys (no ceiling) the rule's class applies, as it does to a key that may use it.
+    assert_eq!(decide(&["urgent"], None, None).priority, 0);
+    assert_eq!(decide(&["urgent"], None, Some("interactive")).priority, 0);
+    // A rule naming its sender (the team) raises the class past the key's own.
+    let web = decide(&["now"], Some("web"), Some("batch"));
+    assert_eq!((web.rule.as_deref(), web.priority), (Some("web-urgent"), 0));
+    // Lowering is never held: `bulk` takes an interactive key's request to batch.
+    let meta = RequestMeta {
+        priority: Some("interactive".to_owned()),
+        priority_ceiling: Some("interactive".to_owned()),
+        tags: vec!["bulk".to_owned()],
+        ..RequestMeta::default()
+    };
+    assert_eq!(r.decide(BODY, &meta).unwrap().priority, 2);
+}
+
+#[test]
 fn a_reload_keeps_the_counts_and_bad_capacities_are_refused() {
     let r = Router::from_json(CAPACITY).unwrap();
     r.acquire(0);
