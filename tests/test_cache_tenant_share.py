@@ -11,6 +11,7 @@ whose answer it served, as a chat hit does.
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from edgeroute.cache.entry import Entry
-from edgeroute.cache.stores import CacheCounters, MemoryStore
+from edgeroute.cache.stores import CacheCounters, MemoryStore, _Largest
 from tests.metrics_support import scrape
 from tests.test_cache import cached, calls, stored
 from tests.test_cache_semantic_tenants import KEYS, _client, _record
@@ -179,3 +180,20 @@ def _entry(n: int) -> Entry:
     body = orjson.dumps({"object": "chat.completion", "choices": [
         {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "x" * n}}]})  # fmt: skip
     return Entry(body, "d-a", time.time(), 0.0)
+
+
+def test_the_largest_tenant_is_found_as_sizes_grow_and_shrink() -> None:
+    rng = random.Random(5)
+    largest, sizes = _Largest(), dict.fromkeys("abcdefg", 0)
+    for _ in range(20_000):
+        tenant = rng.choice("abcdefg")
+        delta = rng.randint(-sizes[tenant], 50) or 1
+        sizes[tenant] += delta
+        largest.add(tenant, delta)
+        if any(sizes.values()):
+            prefer = rng.choice("abcdefg")
+            most = max(sizes.values())
+            expected = prefer if sizes[prefer] == most else None
+            got = largest.largest(prefer)
+            assert sizes[got] == most and (expected is None or got == expected)
+    assert len(largest._heap) <= 4 * 7 + 64 + 1

@@ -115,8 +115,9 @@ class Store(Protocol):
 
 class _Largest:
     """Tenants by a size that changes (entries held, bytes held), the largest found without a
-    scan: a max-heap of the sizes as they were set, where a size since replaced is skipped
-    when it surfaces (and the heap rebuilt once such stale ones outnumber the live 3 to 1)."""
+    scan: a max-heap holding, for each tenant, a size at or above what it holds now. A growth
+    is pushed; a shrink is not (the larger size stands for it until it surfaces, and is then
+    replaced by the size held). Rebuilt when it is four times as long as there are tenants."""
 
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
@@ -124,22 +125,28 @@ class _Largest:
 
     def add(self, tenant: str, delta: int) -> None:
         size = self.sizes.get(tenant, 0) + delta
-        if size > 0:
-            self.sizes[tenant] = size
-            heapq.heappush(self._heap, (-size, tenant))
-        else:
+        if size <= 0:
             self.sizes.pop(tenant, None)
-        if len(self._heap) > 4 * len(self.sizes) + 64:
-            self._heap = [(-n, t) for t, n in self.sizes.items()]
-            heapq.heapify(self._heap)
+            return
+        self.sizes[tenant] = size
+        if delta > 0:
+            heapq.heappush(self._heap, (-size, tenant))
+            if len(self._heap) > 4 * len(self.sizes) + 64:
+                self._heap = [(-n, t) for t, n in self.sizes.items()]
+                heapq.heapify(self._heap)
 
     def largest(self, prefer: str) -> str:
         """The tenant holding the most (`prefer` among equals). Only while some tenant holds any."""
-        heap = self._heap
-        while self.sizes.get(heap[0][1]) != -heap[0][0]:
-            heapq.heappop(heap)
-        most, tenant = -heap[0][0], heap[0][1]
-        return prefer if self.sizes.get(prefer) == most else tenant
+        heap, sizes = self._heap, self.sizes
+        while True:
+            most, tenant = heap[0]
+            held = sizes.get(tenant, 0)
+            if held == -most:
+                return prefer if sizes.get(prefer) == held else tenant
+            if held:
+                heapq.heapreplace(heap, (-held, tenant))
+            else:
+                heapq.heappop(heap)
 
 
 @dataclass(slots=True)
