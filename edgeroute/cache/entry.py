@@ -25,10 +25,11 @@ from edgeroute.cache.settings import MAX_ENTRY_BYTES
 _PIECE = 48  # characters of text per replayed chunk: streaming clients render it as it comes
 
 
-# Bytes an in-memory entry costs beyond its body (its key, the entry, the LRU link and tuple),
-# for the bound: 385 measured (`python -m edgeroute.cache.evaluate --memory`); it was 200, and
-# a store at its `max_bytes` held about a fifth more than that.
-_OVERHEAD = 400
+# Bytes an in-memory entry costs beyond its body (its key, the entry, its record and its place
+# in its tenant's LRU order), for the bound: 411 to 427 measured as the dicts fill (`python -m
+# edgeroute.cache.evaluate --memory`; 385 with one LRU for every tenant); it was 200, and a
+# store at its `max_bytes` held about a fifth more than that.
+_OVERHEAD = 440
 # The most a stored entry may inflate to (the largest `max_entry_bytes`, and its header): past
 # it, what Redis holds was not written by edgeroute (a compression bomb: a few kilobytes that
 # inflate to gigabytes, on the event loop) and is a corrupt entry.

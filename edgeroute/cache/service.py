@@ -138,7 +138,9 @@ class Plan:
     space: str | None = None
     # The managed key whose request this is: what it stores is dropped when it is revoked.
     owner: str | None = None
-    tenant: str = ""  # whose entries it shares (`tenant_of`): the semantic index's bound is shared fairly among them
+    # Whose share of the route's bounds what it stores counts against (`share_of`): the store's
+    # and the semantic index's bounds are shared fairly among tenants.
+    tenant: str = ""
     writer: str = ""  # the request's id: kept in what it stores, so that a hit's record names it
 
     @property
@@ -233,23 +235,15 @@ class ResponseCache:
                 return None  # not a JSON object: the core parsed it already, unreachable in practice
             key, deterministic = keyed
             cacheable = not settings.deterministic_only or deterministic
-            return self._bypass_unless_looked_up(
-                Plan(route, key, settings, directive, cacheable, owner=_owner(request), writer=writer)
-            )
+            plan = _new_plan(request, (route, key, tenant, writer), settings, directive, cacheable)
+            return self._bypass_unless_looked_up(plan)
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None  # the core parsed it already; unreachable in practice
         cacheable = not settings.deterministic_only or is_deterministic(obj)
-        plan = Plan(
-            route,
-            cache_key(obj, route, tenant),
-            settings,
-            directive,
-            cacheable,
-            owner=_owner(request),
-            tenant=tenant,
-            writer=writer,
+        plan = _new_plan(
+            request, (route, cache_key(obj, route, tenant), tenant, writer), settings, directive, cacheable
         )
         if (split := split_last_user_turn(obj)) is not None and len(split[0]) <= MAX_SEMANTIC_TURN:
             plan.turn, plan.context = split[0], context_hash(split[1], route, tenant)
@@ -280,9 +274,7 @@ class ResponseCache:
             if directive.only_if_cached:
                 raise _not_cached()
             return None
-        plan = Plan(
-            route, cache_key(fields, route, tenant), settings, directive, True, owner=_owner(request), writer=writer
-        )
+        plan = _new_plan(request, (route, cache_key(fields, route, tenant), tenant, writer), settings, directive, True)
         return self._bypass_unless_looked_up(plan)
 
     @staticmethod
@@ -473,7 +465,7 @@ class ResponseCache:
         # The exact entry first: a slow or failing embedder must not delay exact hits.
         keep = plan.settings.ttl + plan.settings.stale_if_error
         bounds = (plan.settings.max_entries, plan.settings.max_bytes)
-        await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner)
+        await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner, plan.tenant)
         if plan.turn is not None and plan.context is not None:
             # Not looked up (refresh, bypass), or the embedder failed then: embed it now.
             if plan.vector is not None or await self._analyze(plan):
@@ -521,6 +513,16 @@ class ResponseCache:
         self._embedding.shutdown(wait=False)
 
 
+def _new_plan(
+    request: web.Request, names: tuple[str, str, str, str], settings: RouteCache, directive: Directive, cacheable: bool
+) -> Plan:
+    """A request's plan; `names`: its (route, key, tenant, writer). What it stores is dropped
+    with its managed key, counts against its share (`share_of`) and names its writer."""
+    route, key, tenant, writer = names
+    owner, share = _owner(request), share_of(tenant, request)
+    return Plan(route, key, settings, directive, cacheable, owner=owner, tenant=share, writer=writer)
+
+
 def _owner(request: web.Request) -> str | None:
     """The managed key a request came with (a key of the config is not revoked but removed)."""
     ident = request.get(IDENTITY)
@@ -538,6 +540,17 @@ def tenant_of(scope: str, key: str | None, team: str | None) -> str:
     if scope == "team" and team:
         return f"team:{team}"
     return f"key:{key or 'anonymous'}"
+
+
+def share_of(tenant: str, request: web.Request) -> str:
+    """Whose share of a route's bounds a request's entry counts against: the tenant whose entries
+    it shares (its key or its team); under `scope: global`, the writer's team (else its key),
+    so that one tenant filling the cache pushes out its own entries, not everyone else's.
+    Without keys, "": one tenant, whose share is the whole bound."""
+    ident = request.get(IDENTITY)
+    if ident is None:
+        return ""
+    return tenant if tenant != "*" else tenant_of("team", ident.key, ident.team)
 
 
 CACHE = web.AppKey("response_cache", ResponseCache)
@@ -559,7 +572,16 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
         events.add_metric([result], value)
     yield events
     yield CounterMetricFamily("edgeroute_cache_stores", "Answers stored in the response cache.", value=c.stores)
-    yield CounterMetricFamily("edgeroute_cache_evictions", "Entries evicted to stay within bounds.", value=c.evictions)
+    evictions = CounterMetricFamily(
+        "edgeroute_cache_evictions",
+        "Entries evicted to stay within bounds: lru, the writing tenant's least recently used; tenant_share, "
+        "another tenant's, which held the most; tenant_cap, the writing tenant's oldest past max_entries (Redis).",
+        labels=["reason"],
+    )
+    evictions.add_metric(["lru"], c.evictions - c.evicted_share - c.evicted_capped)
+    evictions.add_metric(["tenant_share"], c.evicted_share)
+    evictions.add_metric(["tenant_cap"], c.evicted_capped)
+    yield evictions
     yield CounterMetricFamily(
         "edgeroute_cache_not_stored_too_large", "Answers above max_entry_bytes, not stored.", value=c.too_large
     )

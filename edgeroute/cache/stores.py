@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -24,20 +25,42 @@ DECODED_MAX_BYTES = 4 * 1024 * 1024  # decoded Redis entries kept in process, st
 
 ENTRY = "e "  # a member of an `owned_set` naming an entry
 RECORD = "s "  # one naming a shared semantic record: "s <id> <stream>"
-# The entry, and its name in its writer's set (scored by when it expires, so that the names of
-# expired entries go at the next write: a key that stores all day keeps a set of what is live),
-# whose own expiry is pushed to the entry's if later.
-_PUT_OWNED = Script.of(
+# The entry; its name in its tenant's share of the route (scored by when it was written; the
+# names of entries past their keep time go first), of which past `max_entries` the oldest go
+# (at most 64 a write: a lowered bound is reached over the next writes); and, for a managed
+# key's request, its name in the key's set (scored by when it expires, so that the names of
+# expired entries go at the next write: a key that stores all day keeps a set of what is live;
+# its expiry pushed to the entry's if later). Returns how many entries went.
+_PUT = Script.of(
     """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-return 1
+local px = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - px)
+redis.call('ZADD', KEYS[2], now, KEYS[1])
+local over = math.min(redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3]), 64)
+if over > 0 then
+  redis.call('DEL', unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+else
+  over = 0
+end
+redis.call('PEXPIRE', KEYS[2], px)
+if #KEYS == 3 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  redis.call('ZADD', KEYS[3], now + px, ARGV[4])
+  if redis.call('PTTL', KEYS[3]) < px then redis.call('PEXPIRE', KEYS[3], px) end
+end
+return over
 """
 )
+
+
+def share_set(prefix: str, route: str, tenant: str) -> str:
+    """The sorted set of a tenant's entries of a route, by when each was written: what bounds
+    the tenant to `max_entries` there (entry names only, no content)."""
+    return f"{prefix}:cache-share:{route}:{tenant}"
 
 
 def owned_set(prefix: str, owner: str) -> str:
@@ -56,7 +79,9 @@ class CacheCounters:
     stale: int = 0
     bypass: int = 0
     stores: int = 0
-    evictions: int = 0
+    evictions: int = 0  # entries evicted to stay within bounds, of which:
+    evicted_share: int = 0  # another tenant's, which held the most (in memory; see `_Route`)
+    evicted_capped: int = 0  # the writing tenant's oldest, past its `max_entries` (Redis; see `_PUT`)
     too_large: int = 0
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
@@ -67,10 +92,18 @@ class Store(Protocol):
     async def get(self, route: str, key: str) -> Entry | None: ...
 
     async def put(
-        self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int], owner: str | None = None
+        self,
+        route: str,
+        key: str,
+        entry: Entry,
+        keep_s: float,
+        bounds: tuple[int, int],
+        owner: str | None = None,
+        tenant: str = "",
     ) -> None:
         """`bounds`: the route's (max entries, max bytes), for stores that enforce them. `owner`:
-        the managed key whose request wrote it, whose revocation drops it (`forget`)."""
+        the managed key whose request wrote it, whose revocation drops it (`forget`). `tenant`:
+        whose share of the bounds it counts against (`service.share_of`)."""
         ...
 
     async def forget(self, owners: Collection[str]) -> set[str]:
@@ -80,68 +113,162 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
 
+class _Largest:
+    """Tenants by a size that changes (entries held, bytes held), the largest found without a
+    scan: a max-heap holding, for each tenant, a size at or above what it holds now. A growth
+    is pushed; a shrink is not (the larger size stands for it until it surfaces, and is then
+    replaced by the size held). Rebuilt when it is four times as long as there are tenants."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def add(self, tenant: str, delta: int) -> None:
+        size = self.sizes.get(tenant, 0) + delta
+        if size <= 0:
+            self.sizes.pop(tenant, None)
+            return
+        self.sizes[tenant] = size
+        if delta > 0:
+            heapq.heappush(self._heap, (-size, tenant))
+            if len(self._heap) > 4 * len(self.sizes) + 64:
+                self._heap = [(-n, t) for t, n in self.sizes.items()]
+                heapq.heapify(self._heap)
+
+    def largest(self, prefer: str) -> str:
+        """The tenant holding the most (`prefer` among equals). Only while some tenant holds any."""
+        heap, sizes = self._heap, self.sizes
+        while True:
+            most, tenant = heap[0]
+            held = sizes.get(tenant, 0)
+            if held == -most:
+                return prefer if sizes.get(prefer) == held else tenant
+            if held:
+                heapq.heapreplace(heap, (-held, tenant))
+            else:
+                heapq.heappop(heap)
+
+
+@dataclass(slots=True)
+class _Held:
+    keep_s: float  # seconds kept: ttl plus stale-if-error
+    entry: Entry
+    size: int
+    owner: str | None  # the managed key whose request wrote it (dropped when it is revoked)
+    tenant: str  # whose share of the route's bounds it counts against
+
+
+class _Route:
+    """One route's entries, each in its tenant's least-recently-used order. Past a bound, the
+    oldest entry of the tenant holding the most (entries past `max_entries`, bytes past
+    `max_bytes`) goes: a tenant alone has the whole bound, and one that writes many distinct
+    answers pushes out its own older ones once it holds the most, not every other tenant's."""
+
+    __slots__ = ("bytes", "bytes_of", "entries_of", "held", "orders")
+
+    def __init__(self) -> None:
+        self.held: dict[str, _Held] = {}
+        self.orders: dict[str, collections.OrderedDict[str, None]] = {}  # tenant -> its keys, oldest first
+        self.bytes = 0
+        self.entries_of, self.bytes_of = _Largest(), _Largest()
+
+    def add(self, key: str, item: _Held) -> None:
+        self.held[key] = item
+        self.orders.setdefault(item.tenant, collections.OrderedDict())[key] = None
+        self.bytes += item.size
+        self.entries_of.add(item.tenant, 1)
+        self.bytes_of.add(item.tenant, item.size)
+
+    def drop(self, key: str) -> _Held:
+        item = self.held.pop(key)
+        order = self.orders[item.tenant]
+        del order[key]
+        if not order:
+            del self.orders[item.tenant]
+        self.bytes -= item.size
+        self.entries_of.add(item.tenant, -1)
+        self.bytes_of.add(item.tenant, -item.size)
+        return item
+
+    def victim(self, bounds: tuple[int, int], writer: str) -> str | None:
+        """The key to evict to stay within `bounds` (None: within them)."""
+        if len(self.held) > bounds[0]:
+            tenant = self.entries_of.largest(writer)
+        elif self.bytes > bounds[1]:
+            tenant = self.bytes_of.largest(writer)
+        else:
+            return None
+        return next(iter(self.orders[tenant]))
+
+
 class MemoryStore:
-    """One LRU per route, bounded by entries and by bytes (each entry's body plus a fixed
-    overhead); a JSON hit sends the stored body as it is."""
+    """Per route, entries bounded by count and by bytes (each entry's body plus a fixed
+    overhead), shared fairly by the tenants writing them (`_Route`); a JSON hit sends the
+    stored body as it is."""
 
     def __init__(self, counters: CacheCounters) -> None:
         self.counters = counters
-        # route -> key -> (seconds kept, the entry, its size, the managed key that wrote it)
-        self._lrus: dict[str, collections.OrderedDict[str, tuple[float, Entry, int, str | None]]] = {}
-        self._bytes: dict[str, int] = {}
+        self._routes: dict[str, _Route] = {}
 
     async def get(self, route: str, key: str) -> Entry | None:
         return self.get_now(route, key)
 
     def get_now(self, route: str, key: str, now: float | None = None) -> Entry | None:
-        lru = self._lrus.get(route)
-        item = lru.get(key) if lru is not None else None
+        lru = self._routes.get(route)
+        item = lru.held.get(key) if lru is not None else None
         if item is None or lru is None:
             return None
-        keep_s, entry, _, _ = item
-        if entry.age(now) > keep_s:
-            self._drop(route, key)
+        if item.entry.age(now) > item.keep_s:
+            lru.drop(key)
             return None
-        lru.move_to_end(key)
-        return entry
+        lru.orders[item.tenant].move_to_end(key)
+        return item.entry
 
     async def put(
-        self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int], owner: str | None = None
+        self,
+        route: str,
+        key: str,
+        entry: Entry,
+        keep_s: float,
+        bounds: tuple[int, int],
+        owner: str | None = None,
+        tenant: str = "",
     ) -> None:
-        max_entries, max_bytes = bounds
         size = entry.size()
-        if size > max_bytes:
+        if size > bounds[1]:
             self.counters.too_large += 1
             return
-        lru = self._lrus.setdefault(route, collections.OrderedDict())
-        if key in lru:
-            self._drop(route, key)
-        lru[key] = (keep_s, entry, size, owner)
-        self._bytes[route] = self._bytes.get(route, 0) + size
-        while len(lru) > max_entries or self._bytes[route] > max_bytes:
-            oldest = next(iter(lru))
-            self._drop(route, oldest)
+        lru = self._routes.get(route)
+        if lru is None:
+            lru = self._routes[route] = _Route()
+        if key in lru.held:
+            lru.drop(key)
+        lru.add(key, _Held(keep_s, entry, size, owner, tenant))
+        while (old := lru.victim(bounds, tenant)) is not None:
+            if lru.drop(old).tenant != tenant:
+                self.counters.evicted_share += 1
             self.counters.evictions += 1
-
-    def _drop(self, route: str, key: str) -> None:
-        _, _, size, _ = self._lrus[route].pop(key)
-        self._bytes[route] -= size
 
     async def forget(self, owners: Collection[str]) -> set[str]:
         """A scan of every entry (bounded by the routes' `max_entries`; revocations are rare)."""
         wanted = set(owners)
-        gone = [(route, key) for route, lru in self._lrus.items() for key, item in lru.items() if item[3] in wanted]
-        for route, key in gone:
-            self._drop(route, key)
+        gone = [(r, key) for r, lru in self._routes.items() for key, item in lru.held.items() if item.owner in wanted]
+        for r, key in gone:
+            self._routes[r].drop(key)
         return {key for _, key in gone}
 
     def totals(self) -> tuple[int, int]:
         """(entries, bytes) held over all routes."""
-        return sum(len(lru) for lru in self._lrus.values()), sum(self._bytes.values())
+        return sum(len(lru.held) for lru in self._routes.values()), sum(lru.bytes for lru in self._routes.values())
 
-    def size(self, route: str) -> tuple[int, int]:
-        """(entries, bytes) held for a route."""
-        return len(self._lrus.get(route, ())), self._bytes.get(route, 0)
+    def size(self, route: str, tenant: str | None = None) -> tuple[int, int]:
+        """(entries, bytes) held for a route (of them, `tenant`'s)."""
+        lru = self._routes.get(route)
+        if lru is None:
+            return 0, 0
+        if tenant is None:
+            return len(lru.held), lru.bytes
+        return lru.entries_of.sizes.get(tenant, 0), lru.bytes_of.sizes.get(tenant, 0)
 
     async def close(self) -> None:
         return None
@@ -204,19 +331,36 @@ class RedisStore:
         return owned_set(self.prefix, owner)
 
     async def put(
-        self, route: str, key: str, entry: Entry, keep_s: float, bounds: tuple[int, int], owner: str | None = None
+        self,
+        route: str,
+        key: str,
+        entry: Entry,
+        keep_s: float,
+        bounds: tuple[int, int],
+        owner: str | None = None,
+        tenant: str = "",
     ) -> None:
-        """Redis bounds the whole cache by its own `maxmemory` policy, not per route."""
+        """A tenant holds at most `max_entries` of a route (its oldest written go first; without
+        keys, one tenant: the entry is just written); the bytes of the whole cache are bounded
+        by Redis's own `maxmemory` policy."""
         try:
             px = max(1, int(keep_s * 1000))
-            if owner is None:
+            if not tenant:  # (a request without a key has no managed `owner` either)
                 await self.pipe.call("SET", self._key(route, key), entry.dumps(), "PX", px, soon=True)  # off the path
-            else:
-                keys = [self._key(route, key), self.owned(owner)]
-                await self.pipe.eval(_PUT_OWNED, keys, [entry.dumps(), px, ENTRY + keys[0]], soon=True)
+                return
+            keys = [self._key(route, key), share_set(self.prefix, route, tenant)]
+            args: list[Any] = [entry.dumps(), px, bounds[0]]
+            if owner is not None:
+                keys.append(self.owned(owner))
+                args.append(ENTRY + keys[0])
+            evicted = await self.pipe.eval(_PUT, keys, args, soon=True)  # off the path
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); answer not stored", type(e).__name__)
+            return
+        if isinstance(evicted, int) and evicted > 0:
+            self.counters.evictions += evicted
+            self.counters.evicted_capped += evicted
 
     async def forget(self, owners: Collection[str]) -> set[str]:
         """Deletes the entries these keys' requests wrote (their `owned` sets); the exact keys.

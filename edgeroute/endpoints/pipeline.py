@@ -110,15 +110,16 @@ class CountedCall(Call):
         return self._req.tokens(self.decision.encoding)
 
 
-def _plan(request: web.Request, live: Live, decision: _core.Decision, parsed: Parsed) -> Plan | None:
-    """The cache's plan for the request (None: not cached; an endpoint never cached still
-    answers its cache header: 400 for a bad value, 504 for `only-if-cached`)."""
+def _plan(request: web.Request, live: Live, decision: _core.Decision, parsed: Parsed, rid: str) -> Plan | None:
+    """The cache's plan for the request `rid` (None: not cached; an endpoint never cached still
+    answers its cache header: 400 for a bad value, 504 for `only-if-cached`). What it stores
+    names `rid`, so that a hit's record says whose answer it served, as on chat."""
     if parsed.cache_fields is None:
         ResponseCache.never_cached(request)
         return None
     settings = route_cache(live.config, decision)
     tenant = _tenant(request, settings)
-    return request.app[CACHE].plan_exact(request, settings, decision.route, parsed.cache_fields, tenant)
+    return request.app[CACHE].plan_exact(request, settings, decision.route, parsed.cache_fields, tenant, rid)
 
 
 def _same_model(request: web.Request, live: Live, decision: _core.Decision) -> dict[str, str]:
@@ -268,7 +269,7 @@ async def serve(
             )
         except ProxyError as e:
             await unreadable_first(e, lambda: parsed.call(live, decision, route_body, rec, None, 1))
-            if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed)) is None:
+            if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed, rid)) is None:
                 raise
             entry = await request.app[CACHE].lookup(plan, _same_model(request, live, decision))
             if entry is None:
@@ -283,7 +284,7 @@ async def serve(
             decision = await decide_soon(
                 live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known
             )
-            if decision.route != first.route and (plan := _plan(request, live, first, parsed)) is not None:
+            if decision.route != first.route and (plan := _plan(request, live, first, parsed, rid)) is not None:
                 # As on chat: the cached answer of the route asked for, rather than paying another.
                 if entry := await request.app[CACHE].lookup(plan, _same_model(request, live, first), False):
                     rec.admission = None
@@ -299,7 +300,7 @@ async def serve(
         rec.priority = class_name(live.classes, decision.priority)
         keep_content(live, rec, decision, body)
         model = live.config.models[decision.route]
-        plan = _plan(request, live, decision, parsed)
+        plan = _plan(request, live, decision, parsed, rid)
         if plan is not None and (entry := await request.app[CACHE].lookup(plan, _same_model(request, live, decision))):
             return await _cached_answer(request, rec, decision, plan, entry, None)
         call = parsed.call(live, decision, route_body, rec, model.timeouts, model.max_attempts)
