@@ -43,7 +43,7 @@ from edgeroute.capacity_share import SHARED_SLOTS
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost import ledger_lock
-from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, PUBLIC_PATHS
+from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, PUBLIC_PATHS, NotYetRead
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.dispatch import STREAM_STARTED
@@ -122,7 +122,10 @@ async def _admitted(request: web.Request, handler: Handler) -> web.StreamRespons
     reload revokes them), then caps in-flight requests: above the cap, 503 at once instead
     of queueing."""
     state = request.app[STATE]
-    ident = state.live.access.identify(request)
+    try:
+        ident = state.live.access.identify(request)
+    except NotYetRead as miss:  # a managed key made on another instance a moment ago: read, look again
+        ident = await state.live.access.identify_after_read(request, miss)
     if ident is not None:
         request[IDENTITY] = ident
     c = state.counters

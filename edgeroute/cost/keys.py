@@ -17,6 +17,7 @@ import functools
 import hashlib
 import hmac
 import math
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -60,6 +61,14 @@ class KeySource(Protocol):
     raises a 401 `ProxyError` for a known key that is revoked or expired."""
 
     def identify(self, token: str) -> Identity | None: ...
+
+    def may_be_new(self, token: str) -> bool:
+        """Whether a token `identify` refused may be a key made or rotated since its last read."""
+        ...
+
+    async def identify_after_read(self, token: str, since: float) -> Identity | None:
+        """`identify` once a read started at or after `since` (monotonic) has come in (bounded)."""
+        ...
 
     def budgets(self) -> list[Budget]:
         """Every key's own budget, for `/admin/budgets`."""
@@ -144,6 +153,17 @@ def _refused_key(request: web.Request) -> ProxyError:
             code="invalid_api_key",
         )
     return ProxyError(401, "Invalid API key: it is not one of this gateway's keys.", code="invalid_api_key")
+
+
+class NotYetRead(ProxyError):
+    """The 401 for a well-formed managed key this instance has not read: one made or rotated on
+    another instance a moment ago. The request path awaits `Access.identify_after_read` and
+    answers that (every other caller answers this 401 as it is)."""
+
+    def __init__(self, request: web.Request, token: str, managed: KeySource) -> None:
+        refused = _refused_key(request)
+        super().__init__(refused.status, refused.message, code=refused.code)
+        self.token, self.managed, self.since = token, managed, time.monotonic()
 
 
 class KeyRing:
@@ -251,8 +271,29 @@ class Access:
             ident = managed.identify(bearer)
         return ident
 
+    def _unknown(self, request: web.Request) -> ProxyError:
+        """The 401 for a key this gateway does not know: `NotYetRead` when it is shaped as a
+        managed key (the caller may look again after a fresh read)."""
+        bearer = bearer_token(request)
+        managed = request.app.get(MANAGED_KEYS)
+        if managed is not None and bearer and managed.may_be_new(bearer):
+            return NotYetRead(request, bearer, managed)
+        return _refused_key(request)
+
+    async def identify_after_read(self, request: web.Request, miss: NotYetRead) -> Identity:
+        """The caller's managed key once the key store has been read after `miss` (a key made
+        or rotated on another instance is served at once, not refused until the next poll);
+        raises the 401 still, or 401/403 as `identify` does."""
+        ident = await miss.managed.identify_after_read(miss.token, miss.since)
+        if ident is None:
+            raise _refused_key(request)
+        if roles.is_admin_path(request.path):
+            check_role(request, ident)
+        return ident
+
     def identify(self, request: web.Request) -> Identity | None:
-        """The caller's virtual key (None when keys are not in use); raises 401/403."""
+        """The caller's virtual key (None when keys are not in use); raises 401/403, or
+        `NotYetRead` (a 401) for a well-formed managed key not read yet."""
         if roles.is_console_shell(request.path):
             # The console's shell checks its key itself; keyless, it is still a sidecar's.
             if self.guard is not None:
@@ -261,7 +302,7 @@ class Access:
         if self.keyed(request):
             ident = self.key_of(request)
             if ident is None:
-                raise _refused_key(request)
+                raise self._unknown(request)
             if roles.is_admin_path(request.path):
                 check_role(request, ident)
             return ident

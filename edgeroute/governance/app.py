@@ -23,6 +23,7 @@ from edgeroute import metrics, roles, secrets
 from edgeroute.cache.service import CACHE
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
@@ -110,6 +111,11 @@ def _key_store_metrics(managed: K.ManagedKeys) -> Iterable[Metric]:
     yield metrics.counter(
         "edgeroute_key_store_poll_failures", "Managed-key polls that failed or went unanswered.", managed.poll_failures
     )
+    yield metrics.counter(
+        "edgeroute_key_store_refreshes",
+        "Key store reads started for well-formed managed keys this instance did not know (beyond the poll).",
+        managed.miss_reads,
+    )
     yield metrics.gauge(
         "edgeroute_key_store_age_seconds",
         "Seconds since the managed keys were last read (past governance.keys_stale_after_s they are refused).",
@@ -144,7 +150,7 @@ async def get_config(request: web.Request) -> web.Response:
 
 async def list_versions(request: web.Request) -> web.Response:
     gov = request.app[GOV]
-    found = await asyncio.to_thread(gov.store.versions)
+    found = await _stored(_VERSIONS, gov.store.versions)
     return json_response({"versions": [version_json(v, gov.versions.active) for v in found]})
 
 
@@ -162,7 +168,7 @@ def _version_param(raw: str | None, name: str) -> int:
 
 async def get_version(request: web.Request) -> web.Response:
     gov = request.app[GOV]
-    v = await asyncio.to_thread(gov.versions.get, _version_param(request.match_info["version"], "version"))
+    v = await _stored(_VERSIONS, gov.versions.get, _version_param(request.match_info["version"], "version"))
     return json_response({**version_json(v, gov.versions.active), "config": masked_data(v.body)})
 
 
@@ -171,7 +177,7 @@ async def diff_versions(request: web.Request) -> web.Response:
     only_params(request, {"from", "to"})
     a = _version_param(request.query.get("from"), "from")
     b = _version_param(request.query.get("to") or str(gov.versions.active or ""), "to")
-    return json_response({"from": a, "to": b, "diff": await asyncio.to_thread(gov.versions.diff, a, b)})
+    return json_response({"from": a, "to": b, "diff": await _stored(_VERSIONS, gov.versions.diff, a, b)})
 
 
 async def rollback(request: web.Request) -> web.Response:
@@ -214,7 +220,7 @@ async def _rolled_back(
     every_worker: bool,
 ) -> dict[str, Any]:
     gov = app[GOV]
-    target = await asyncio.to_thread(gov.versions.get, version)
+    target = await _stored(_VERSIONS, gov.versions.get, version)
     async with gov.lock, editing(app):
         before = gov.versions.active
 
@@ -353,7 +359,7 @@ async def audit_log(request: web.Request) -> web.Response:
     before_id = _int_param(q["before_id"], "before_id", 2**63 - 1) if "before_id" in q else None
     actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
     gov = request.app[GOV]
-    entries = await asyncio.to_thread(gov.store.audit_entries, since, actor, action, limit, before_id, until)
+    entries = await _stored(_AUDIT, gov.store.audit_entries, since, actor, action, limit, before_id, until)
     more = entries[-1].id if len(entries) == limit else None
     return json_response({"entries": [e.as_json() for e in entries], "next_before_id": more})
 
@@ -494,7 +500,16 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
     """Runs a key change (with its audit entry, one transaction) off the loop; a database that
     cannot take it is a 503 saying nothing was changed, so the caller knows to try again."""
     try:
-        return await asyncio.to_thread(fn, *args)
+        return await _bounded(fn, *args)
+    except TimeoutError:
+        log.error("managed keys: the key store did not answer a change within %g s", STORE_DEADLINE_S)
+        raise ProxyError(
+            503,
+            f"The key store did not answer within {STORE_DEADLINE_S:g} s. A change is made whole (with its audit "
+            "entry) or not at all: look at the key before trying again.",
+            code="key_store_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
     except ProxyError:
         raise
     except Exception as e:
@@ -509,22 +524,49 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
         ) from None
 
 
+# What `_stored` names in a 503: the part of the governance store a route reads, and its code.
+_KEYS = ("key store", "key_store_unavailable")
+_VERSIONS = ("config version store", "config_store_unavailable")
+_AUDIT = ("audit log store", "audit_store_unavailable")
+STORE_DEADLINE_S = 5.0  # an admin call's wait for the governance store (past store.LOCK_WAIT_S)
+
+
+async def _bounded(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` off the loop, waited for at most STORE_DEADLINE_S (TimeoutError): a query hung
+    on a vanished peer held the admin call until the connection's keepalives ended it."""
+    return await asyncio.wait_for(asyncio.to_thread(fn, *args), STORE_DEADLINE_S)
+
+
+async def _stored(what: tuple[str, str], fn: Callable[..., _T], *args: Any) -> _T:
+    """A read of the governance store for an admin call: a database that cannot answer, or not
+    within STORE_DEADLINE_S, is a 503 naming `what` (in the API's error format), never a hang."""
+    name, code = what
+    try:
+        return await _bounded(fn, *args)
+    except TimeoutError:
+        why = f"did not answer within {STORE_DEADLINE_S:g} s"
+    except StoreUnavailable:
+        why = "does not answer (a call before this one is still waiting for it)"
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        why = f"cannot be read now ({type(e).__name__})"
+    log.error("governance: the %s %s", name, why)
+    raise ProxyError(503, f"The {name} {why}. Try again shortly.", code=code, headers={"Retry-After": "1"})
+
+
 def _database_error(e: Exception) -> bool:
-    return type(e).__module__.startswith(("sqlite3", "psycopg"))
+    return isinstance(e, StoreUnavailable) or type(e).__module__.startswith(("sqlite3", "psycopg"))
 
 
 async def _read_back(managed: K.ManagedKeys) -> None:
     """Reads a key change just committed into this instance's view. Made and audited already, it
     is answered whatever the database does now: its connection lost after the commit turned the
     answer into a 500, and the secret a creation or rotation shows once was lost with it (a
-    rotation without grace left the key with no secret anyone knew). The poller reads it then."""
-    try:
-        await asyncio.to_thread(managed.load)
-    except Exception as e:
-        if not _database_error(e):
-            raise
-        log.warning("managed keys: a change was made but not read back yet (%s); the next poll reads it",
-                    type(e).__name__)  # fmt: skip
+    rotation without grace left the key with no secret anyone knew). The poller reads it then.
+    Waited for at most the poll's deadline: a hung poll held the answer as long as it hung."""
+    if not await managed.read_since(time.monotonic(), K.POLL_DEADLINE_S):
+        log.warning("managed keys: a change was made but not read back yet; the next poll reads it")
 
 
 def _creator(request: web.Request) -> tuple[Any, dict[str, Any] | None]:
@@ -594,7 +636,7 @@ async def get_key(request: web.Request) -> web.Response:
     key_id = text_param(request.match_info["id"], "id")
     if (ck := _config_key(request, key_id)) is None:
         managed = _managed(request)
-        data = await asyncio.to_thread(managed.store.get_key, key_id)
+        data = await _stored(_KEYS, managed.store.get_key, key_id)
         ck = K.public(data, managed.raw) if data is not None else None
     if not _visible(request, ck):  # another team's key: as unknown as a key that never was
         raise ProxyError(404, f"No key {key_id}.", code="key_not_found")
@@ -614,7 +656,7 @@ async def update_key(request: web.Request) -> web.Response:
     _not_config(request, key_id)
     managed = _managed(request)
     body = await json_object(request)
-    current = await asyncio.to_thread(managed.store.get_key, key_id)
+    current = await _stored(_KEYS, managed.store.get_key, key_id)
     if current is None:
         raise ProxyError(404, f"No managed key {key_id}.", code="key_not_found")
     await _within_scope(request, managed, key_id, "change")
@@ -641,7 +683,7 @@ async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: st
     """A key may rotate or revoke only a key it could have created: a rotation hands over the
     new secret, so a key held to a budget, rate limits or models would otherwise take over a
     broader one (an unlimited admin key, say)."""
-    current = await asyncio.to_thread(managed.store.get_key, key_id)
+    current = await _stored(_KEYS, managed.store.get_key, key_id)
     if current is None:
         return  # the change itself answers 404
     if not _visible(request, current):  # another team's key: the 404 of an unknown one

@@ -11,7 +11,11 @@ the hash are stored; the secret is shown once, when the key is created or rotate
 Every instance polls one change counter in the database (`governance.key_poll_interval`,
 0.25 s by default) and, when it moved, reads only the keys changed since, so a revocation
 or rotation made on one instance applies on all of them within that interval. A rotation
-may keep the previous secret valid for a grace period.
+may keep the previous secret valid for a grace period. A well-formed token this instance
+does not know (a key just made, or just rotated, on another instance) is looked up again
+after a fresh read before its 401 (`read_since`): one read in flight per instance, shared by
+every request waiting, at most `MISS_READS_PER_S` a second beyond the poll, and a wait of at
+most `MISS_WAIT_S`; a known key costs what it did (a dict lookup and a hash).
 
 When the database cannot be read (a partition, PostgreSQL down), this view may hold keys
 revoked or downgraded since, with nothing to say so: past `governance.keys_stale_after_s`
@@ -32,6 +36,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +63,9 @@ _PUBLIC = (
 MAX_DEPTH = 16  # levels of keys below a config key (each level adds a budget to every request)
 POLL_DEADLINE_S = 2.0  # a poll not answered by then is a failed one (logged; the next waits for it)
 STALE_RETRY_AFTER_S = 5  # the Retry-After of a refusal for a stale view
+MISS_WAIT_S = 1.0  # how long a request with an unknown well-formed key waits for a fresh read
+MISS_READS_PER_S = 5.0  # reads such requests may start beyond the poll (random tokens: no query each)
+_TOKEN = re.compile(r"k[0-9a-f]{12}\.[A-Za-z0-9_-]{43}")  # what `create` and `new_secret` make
 
 
 _Name = Annotated[str, Field(max_length=200)]
@@ -261,6 +269,11 @@ class ManagedKeys:
         self._gone_lock = threading.Lock()
         self._loaded = False
         self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
+        # The read in flight, the poll's or another's (one at a time: two loads at once raced
+        # on the view), and the reads started for unknown keys, capped by a token bucket.
+        self._read: asyncio.Future[None] | None = None
+        self.miss_reads = 0
+        self._miss_read_at = -math.inf
 
     def __len__(self) -> int:
         return sum(1 for e in self._by_id.values() if not e.revoked)
@@ -434,6 +447,50 @@ class ManagedKeys:
             raise ProxyError(401, msg, code="key_expired")
         return e.identity
 
+    def may_be_new(self, token: str) -> bool:
+        """Whether a token `identify` refused is shaped as this store's keys are: one made or
+        rotated on another instance since the last read (a malformed one is refused at once)."""
+        return token.startswith(PREFIX) and _TOKEN.fullmatch(token, len(PREFIX)) is not None
+
+    async def identify_after_read(self, token: str, since: float) -> Identity | None:
+        """`identify` once a read started at or after `since` (monotonic) has come in, or after
+        MISS_WAIT_S without one (the view as it is then)."""
+        await self.read_since(since, MISS_WAIT_S, miss=True)
+        return self.identify(token)
+
+    async def read_since(self, since: float, within: float, miss: bool = False) -> bool:
+        """Waits at most `within` s for a good read started at or after `since` (monotonic):
+        the one in flight if it started then, else a new one. For a `miss` (an unknown key), a
+        new read only every 1/MISS_READS_PER_S s, else the next one anyone starts (the poll's).
+        False when none came in time, or the read failed (the poll logs and counts that)."""
+        end = time.monotonic() + within
+        while self.last_good < since:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            read = self._read
+            if read is None or read.done():
+                now = time.monotonic()
+                if miss and now - self._miss_read_at < 1 / MISS_READS_PER_S:
+                    await asyncio.sleep(min(left, 1 / MISS_READS_PER_S))
+                    continue
+                if miss:
+                    self._miss_read_at, self.miss_reads = now, self.miss_reads + 1
+                read = self._reading()
+            try:
+                await asyncio.wait_for(asyncio.shield(read), left)
+            except Exception:
+                return False
+        return True
+
+    def _reading(self) -> asyncio.Future[None]:
+        """The read in flight, or a new one: one at a time, whoever asks (the poll, a change's
+        read-back, an unknown key)."""
+        if self._read is None or self._read.done():
+            self._read = asyncio.ensure_future(asyncio.to_thread(self.load))
+            self._read.add_done_callback(_retrieved)
+        return self._read
+
     def raw(self, key_id: str) -> dict[str, Any] | None:
         return self._raw.get(key_id)
 
@@ -451,13 +508,12 @@ class ManagedKeys:
         (a hung read is not started again, each holding a thread). `stale_after`: the running
         config's bound, read at each poll (a reload changes it)."""
         outage = _Outage(self)
-        read: asyncio.Future[None] | None = None
         try:
             while True:
                 await asyncio.sleep(interval)
                 if stale_after is not None and self.store.dialect == "postgres":
                     self.stale_after = stale_after()
-                read = read or asyncio.ensure_future(asyncio.to_thread(self.load))
+                read = self._reading()  # a hung one is waited for again, not started anew
                 try:
                     await asyncio.wait_for(asyncio.shield(read), POLL_DEADLINE_S)
                 except TimeoutError:
@@ -465,15 +521,19 @@ class ManagedKeys:
                     continue
                 except Exception as e:
                     outage.failed(read, type(e).__name__)
-                    read = None
                     continue
-                read = None
                 await self.settle()
                 if self.stale_for() is None:  # a hung read come back late: the next one is current
                     outage.ended()
         finally:
-            if read is not None:
-                read.cancel()  # a read still hung at shutdown: nobody waits for it now
+            if self._read is not None:
+                self._read.cancel()  # a read still hung at shutdown: nobody waits for it now
+
+
+def _retrieved(read: asyncio.Future[None]) -> None:
+    """Marks a read's failure as seen: the poll logs it, whoever started the read."""
+    if not read.cancelled():
+        read.exception()
 
 
 class _Outage:

@@ -2,9 +2,11 @@
 
 One small synchronous store over SQLite or PostgreSQL (the same database as the spend
 ledger, so every instance sharing the ledger shares keys, versions and audit). Every call
-is short and runs off the event loop (`asyncio.to_thread`); the request path never
-touches it: keys are served from memory and refreshed by a poller that reads one counter
-(`gov_meta.keys`) and, when it moved, only the rows changed since.
+is short and runs off the event loop (`asyncio.to_thread`): keys are served from memory and
+refreshed by a poller that reads one counter (`gov_meta.keys`) and, when it moved, only the
+rows changed since. On PostgreSQL that poll has a connection of its own: a poll hung on a
+vanished peer held the one connection, and every admin call of the instance waited behind
+it. A call waits at most `LOCK_WAIT_S` for its connection (`StoreUnavailable`, nothing sent).
 
 The audit log is append-only from the API: nothing here updates or deletes its rows.
 """
@@ -15,7 +17,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ import orjson
 from edgeroute import pg_dead_peer, pg_schema, secrets, sqlite_wal
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.cost.store_errors import StoreUnavailable
 
 _TABLES = {
     "sqlite": [
@@ -65,6 +69,8 @@ _VERSIONS_LOCK = 7422  # adding a config version, one instance at a time (pg_sch
 RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
 CONTESTED = "!contested"  # the owner of an id given to two owners: no caller's
 RESPONSE_PRUNE_EVERY = 3600.0
+
+LOCK_WAIT_S = 3.0  # how long a call waits for its connection, held by another call, before it fails
 
 AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
 
@@ -113,15 +119,18 @@ class AuditOf:
 
 
 class GovStore:
-    """Thread-safe access to the governance tables (one connection, one lock)."""
+    """Thread-safe access to the governance tables (one connection, one lock; on PostgreSQL a
+    second pair for the key poll's reads)."""
 
     def __init__(self, dialect: str, target: str) -> None:
         self.dialect = dialect
         self._target = target
         self._lock = threading.Lock()
         self._conn: Any = self._connect()
+        self._poll_lock = threading.Lock()
+        self._poll_conn: Any = None  # connected at the first poll (a local SQLite store shares `_conn`)
         self._owners_pruned = 0.0
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             if dialect == "postgres":
                 pg_schema.serialise(cur.execute)
             for stmt in (*_TABLES[dialect], *_INDEXES):
@@ -166,14 +175,58 @@ class GovStore:
             self._conn = self._connect()
         return _Tx(self._conn, self.dialect, write)
 
+    @contextmanager
+    def _held(self, lock: threading.Lock | None = None) -> Iterator[None]:
+        """Holds `lock` (the main connection's by default), waiting at most LOCK_WAIT_S."""
+        lock = self._lock if lock is None else lock
+        if not lock.acquire(timeout=LOCK_WAIT_S):
+            # Still held by a call that has not returned (a query hung on a vanished peer): fail
+            # before sending anything rather than queue behind it.
+            msg = f"the governance store's connection has been busy for over {LOCK_WAIT_S:g} s"
+            raise StoreUnavailable(msg, sent=False)
+        try:
+            yield
+        finally:
+            lock.release()
+
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock, self._tx(write=False) as cur:
+        with self._held():
+            try:
+                return self._read(sql, params)
+            except Exception:
+                if self.dialect != "postgres" or not self._conn.closed:
+                    raise
+            # The connection was lost since its last call (a restart, a cut after a commit): a
+            # read is asked again on a new one. The poll, on this connection, used to find that first.
+            return self._read(sql, params)
+
+    def _read(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self._tx(write=False) as cur:
             cur.execute(self._sql(sql), tuple(params))
             return [tuple(r) for r in cur.fetchall()]
 
+    def _poll_query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read for the key poll, on its own connection (PostgreSQL): a poll that hangs holds
+        that one alone, and no admin call waits behind it."""
+        if self.dialect != "postgres":
+            return self._query(sql, params)
+        with self._held(self._poll_lock):
+            if self._poll_conn is None or self._poll_conn.closed:
+                self._poll_conn = self._connect()
+            with _Tx(self._poll_conn, self.dialect, write=False) as cur:
+                cur.execute(self._sql(sql), tuple(params))
+                return [tuple(r) for r in cur.fetchall()]
+
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        # A connection held by a hung call is closed all the same: shutdown must not wait for it.
+        for lock, conn in ((self._lock, self._conn), (self._poll_lock, self._poll_conn)):
+            held = lock.acquire(timeout=LOCK_WAIT_S)
+            try:
+                if conn is not None:
+                    conn.close()
+            finally:
+                if held:
+                    lock.release()
 
     # -- Responses ids: whose conversation each one is ----------------------------
 
@@ -185,7 +238,7 @@ class GovStore:
         would otherwise continue. Bindings older than a provider keeps a stored response
         (OpenAI: 30 days) go, at most once an hour per process."""
         now = time.time()
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             for response_id in ids:
                 cur.execute(
                     self._sql(
@@ -205,10 +258,10 @@ class GovStore:
     # -- managed keys -----------------------------------------------------------
 
     def keys_seq(self) -> int:
-        return int(self._query("SELECT value FROM gov_meta WHERE name = 'keys'")[0][0])
+        return int(self._poll_query("SELECT value FROM gov_meta WHERE name = 'keys'")[0][0])
 
     def keys_since(self, seq: int) -> list[tuple[int, dict[str, Any]]]:
-        rows = self._query("SELECT seq, data FROM gov_keys WHERE seq > ? ORDER BY seq", (seq,))
+        rows = self._poll_query("SELECT seq, data FROM gov_keys WHERE seq > ? ORDER BY seq", (seq,))
         return [(int(s), orjson.loads(d)) for s, d in rows]
 
     def get_key(self, key_id: str) -> dict[str, Any] | None:
@@ -218,7 +271,7 @@ class GovStore:
     def put_key(self, data: dict[str, Any], *, create: bool = False, audit: AuditOf | None = None) -> int:
         """Writes a key and moves the change counter (and appends `audit`), in one transaction;
         returns the new counter. With `create`, an existing id is an error (`KeyError`)."""
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             if create:
                 cur.execute(self._sql("SELECT 1 FROM gov_keys WHERE id = ?"), (data["id"],))
                 if cur.fetchone() is not None:
@@ -237,7 +290,7 @@ class GovStore:
         nothing, and neither does a `change` that returns the key itself (nothing to change: no
         write, no audit entry). Returns (before, after)."""
         lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
             row = cur.fetchone()
             before = orjson.loads(row[0]) if row is not None else None
@@ -267,7 +320,7 @@ class GovStore:
     def versions_key(self) -> bytes:
         """The store's own random key for the HMAC of literal secrets in stored versions: made by
         the first instance that asks, the same for every instance and worker on this store."""
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             fresh = os.urandom(32).hex()
             cur.execute(
                 self._sql("INSERT INTO gov_secrets (name, value) VALUES ('versions', ?) ON CONFLICT DO NOTHING"),
@@ -288,7 +341,7 @@ class GovStore:
         """Stores a config about to be applied, with its audit entries (`audit(version)`) in the
         same transaction: both or neither. A config identical to the latest version reuses its
         number (audited only with `audit_if_same`). Returns (version, created)."""
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: instances started at once
                 # each found no version (READ COMMITTED) and added the same config again
                 cur.execute(f"SELECT pg_advisory_xact_lock({_VERSIONS_LOCK})")
@@ -328,7 +381,7 @@ class GovStore:
     # -- audit ------------------------------------------------------------------
 
     def audit(self, actor: str, action: str, target: str | None, before: Any = None, after: Any = None) -> None:
-        with self._lock, self._tx() as cur:
+        with self._held(), self._tx() as cur:
             self._append_audit(cur, actor, action, target, before, after)
 
     def _append_audit(self, cur: Any, actor: str, action: str, target: str | None, before: Any, after: Any) -> None:
