@@ -7,23 +7,17 @@
 //! sender with the least recent volume gives its slot to a new one. The deployment's
 //! totals (in `health.rs`) cover every sender, kept or not.
 //!
-//! Besides the recent counts (decayed like the error rate, ~10 s) each sender keeps a slower
-//! memory of how it was served (`SLOW_DECAY_MS`, capped at `SLOW_CAP` requests), so that a
-//! client quiet for a while is still evidence that the deployment serves others, and the time
-//! it last wanted the deployment but was routed past it (its circuit open): such a sender is
-//! waiting for it, which is no evidence of health but says the deployment has other users.
+//! Each sender also keeps the time it last wanted the deployment but was routed past it (its
+//! circuit open): such a sender is waiting for it, which is no evidence of health but says the
+//! deployment has other users (the half-open probe is then not the blamed sender's). How it
+//! was served is only ever judged from recent requests: a slower memory (tried) let a client
+//! quiet for a minute hold a genuine outage's circuit closed while another client failed.
 
 /// Senders kept apart per deployment.
 const SLOTS: usize = 8;
 /// Decayed requests of the other senders (about five) under which their health cannot be judged: a
 /// deployment only one client uses (or others use rarely) trips as before.
 pub(crate) const OTHERS_MIN: f64 = 4.5;
-/// Time constant of the slow memory of how senders were served.
-pub(crate) const SLOW_DECAY_MS: f64 = 60_000.0;
-/// The slow memory's most requests per sender: however busy a sender was, its history alone
-/// protects for at most `SLOW_DECAY_MS * ln(SLOW_CAP / OTHERS_MIN)` (about 66 s) after its last
-/// request; a genuine outage only one (other) client is active in waits no longer to open.
-const SLOW_CAP: f64 = 3.0 * OTHERS_MIN;
 
 /// One sender's decayed counts of requests and of failures.
 #[derive(Debug, Default, Clone, Copy)]
@@ -31,9 +25,6 @@ struct Sender {
     id: u64,
     volume: f64,
     failed: f64,
-    /// The same counts, decayed slowly (`SLOW_DECAY_MS`) and capped (`SLOW_CAP`).
-    slow_volume: f64,
-    slow_failed: f64,
     /// When it last wanted the deployment and was routed past it (ms on the router clock).
     waited_ms: Option<u64>,
 }
@@ -45,15 +36,12 @@ pub(crate) struct Senders {
 }
 
 impl Senders {
-    /// Keeps the share `w` of every recent count and `slow` of the slow ones (the time since
-    /// the last report decayed the rest).
-    pub fn decay(&mut self, w: f64, slow: f64) {
+    /// Keeps the share `w` of every count (the time since the last report decayed the rest).
+    pub fn decay(&mut self, w: f64) {
         if w < 1.0 {
             for s in &mut self.slots {
                 s.volume *= w;
                 s.failed *= w;
-                s.slow_volume *= slow;
-                s.slow_failed *= slow;
             }
         }
     }
@@ -61,17 +49,8 @@ impl Senders {
     /// Counts one request of `id`, failed or not.
     pub fn add(&mut self, id: u64, failed: bool) {
         let s = self.slot(id);
-        let f = if failed { 1.0 } else { 0.0 };
         s.volume += 1.0;
-        s.failed += f;
-        if s.slow_volume + 1.0 > SLOW_CAP {
-            // Full: the new request takes the place of an average old one.
-            let keep = (SLOW_CAP - 1.0) / s.slow_volume;
-            s.slow_volume *= keep;
-            s.slow_failed *= keep;
-        }
-        s.slow_volume += 1.0;
-        s.slow_failed += f;
+        s.failed += if failed { 1.0 } else { 0.0 };
     }
 
     /// Turns `id`'s last request (counted a success) into a failure.
@@ -79,8 +58,6 @@ impl Senders {
         let s = self.slot(id);
         s.volume = s.volume.max(1.0);
         s.failed = (s.failed + 1.0).min(s.volume);
-        s.slow_volume = s.slow_volume.max(1.0);
-        s.slow_failed = (s.slow_failed + 1.0).min(s.slow_volume);
     }
 
     /// `id` wanted the deployment at `now_ms` and was routed past it (its circuit open).
@@ -95,10 +72,10 @@ impl Senders {
             .any(|s| s.id != id && s.waited_ms.is_some_and(|t| now_ms.saturating_sub(t) < window_ms))
     }
 
-    /// `id`'s slot: its own, else the one with the least volume (recent and remembered, a
-    /// waiting sender counting as one request), emptied for it.
+    /// `id`'s slot: its own, else the one with the least volume (a waiting sender counting as
+    /// one request), emptied for it.
     fn slot(&mut self, id: u64) -> &mut Sender {
-        let weight = |s: &Sender| s.volume + s.slow_volume + if s.waited_ms.is_some() { 1.0 } else { 0.0 };
+        let weight = |s: &Sender| s.volume + if s.waited_ms.is_some() { 1.0 } else { 0.0 };
         let mut at = 0;
         for (i, s) in self.slots.iter().enumerate() {
             if s.id == id {
@@ -133,23 +110,10 @@ impl Senders {
     }
 
     /// Whether the senders other than `id` are served well: enough of their recent requests
-    /// to judge (`OTHERS_MIN`), failing at under half `failure_rate`; with too few recent ones,
-    /// enough remembered ones (the slow memory) failing as rarely, and none of the few recent
-    /// ones failing beyond that. Only such evidence keeps one sender's failures from opening
-    /// the circuit: no requests of others is no evidence.
+    /// to judge (`OTHERS_MIN`), failing at under half `failure_rate`. Only such evidence keeps
+    /// one sender's failures from opening the circuit: no requests of others is no evidence.
     pub fn others_served_well(&self, id: u64, failure_rate: f64) -> bool {
-        if self.served_well_without(Some(id), failure_rate, 1.0) {
-            return true;
-        }
-        let (mut recent, mut recent_failed, mut volume, mut failed) = (0.0, 0.0, 0.0, 0.0);
-        for s in self.slots.iter().filter(|s| s.id != id) {
-            recent += s.volume;
-            recent_failed += s.failed;
-            volume += s.slow_volume;
-            failed += s.slow_failed;
-        }
-        let half = failure_rate / 2.0;
-        recent < OTHERS_MIN && recent_failed <= recent * half && volume >= OTHERS_MIN && failed < volume * half
+        self.served_well_without(Some(id), failure_rate, 1.0)
     }
 
     /// Whether the senders but `aside` (all, for `None`) are served well, their counts decayed
@@ -169,8 +133,7 @@ impl Senders {
         volume >= min && failed < volume * failure_rate / 2.0
     }
 
-    /// Forgets the recent counts (the circuit opened: the deployment starts anew); the slow
-    /// memory of how each sender was served stays.
+    /// Forgets the counts (the circuit opened: the deployment starts anew).
     pub fn clear(&mut self) {
         for s in &mut self.slots {
             s.volume = 0.0;
@@ -222,7 +185,7 @@ mod tests {
         t.add(100, true); // a new sender takes the slot of the quietest (id 1)
         assert!(t.slots.iter().all(|s| s.id != 1));
         assert_eq!(t.worst(), Some(3));
-        t.decay(0.5, 1.0);
+        t.decay(0.5);
         let three = t.slots.iter().find(|s| s.id == 3).copied().unwrap_or_default();
         assert!((three.volume - 1.5).abs() < 1e-9 && (three.failed - 1.5).abs() < 1e-9);
         // The others (ids 2..8 but 3, and 3 failing all of its 1.5) against 100's failures.
@@ -235,21 +198,17 @@ mod tests {
     }
 
     #[test]
-    fn the_slow_memory_is_capped_and_waiting_is_anothers_within_the_window() {
+    fn waiting_is_anothers_within_the_window_and_no_evidence_of_health() {
         let mut t = Senders::default();
-        for _ in 0..1_000 {
+        for _ in 0..20 {
             t.add(7, false);
         }
-        t.add(7, true);
-        let s = t.slots.iter().find(|s| s.id == 7).copied().unwrap_or_default();
-        assert!((s.slow_volume - SLOW_CAP).abs() < 1e-9 && s.slow_failed <= 1.0, "{s:?}");
-        // Long quiet: the recent counts are gone, the slow ones are evidence for a while.
-        t.decay(1e-6, (-30.0f64 / 60.0).exp());
-        assert!(t.others_served_well(8, 0.5));
-        t.decay(1.0 - 1e-9, (-60.0f64 / 60.0).exp());
-        assert!(!t.others_served_well(8, 0.5), "{:?}", t.slots[0]);
         t.wait(8, 1_000);
         assert!(t.others_waiting(7, 5_000, 10_000) && !t.others_waiting(8, 5_000, 10_000));
         assert!(!t.others_waiting(7, 11_000, 10_000));
+        // Waiting is not being served: 8 failing alone beside a waiting 9 is 8's and 7's call.
+        t.wait(9, 1_000);
+        t.decay(1e-6); // 7 quiet for long: its requests are no evidence any more
+        assert!(!t.others_served_well(8, 0.5));
     }
 }
