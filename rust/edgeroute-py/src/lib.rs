@@ -404,9 +404,21 @@ impl Router {
         self.inner.priority_classes().to_vec()
     }
 
-    fn begin(&self, index: usize) -> PyResult<()> {
+    #[pyo3(signature = (index, sender=None))]
+    fn begin(&self, index: usize, sender: Option<u64>) -> PyResult<bool> {
         self.checked(index)?;
-        self.inner.begin(index);
+        Ok(match sender {
+            Some(sender) => self.inner.begin_by(index, sender),
+            None => {
+                self.inner.begin(index);
+                true
+            }
+        })
+    }
+
+    fn routed_past(&self, index: usize, sender: u64) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.routed_past(index, sender);
         Ok(())
     }
 
@@ -477,6 +489,7 @@ impl Router {
         d.set_item("requests", h.requests)?;
         d.set_item("failures", h.failures)?;
         d.set_item("trips_withheld", h.trips_withheld)?;
+        d.set_item("probes_reassigned", h.probes_reassigned)?;
         Ok(d)
     }
 
