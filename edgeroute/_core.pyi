@@ -115,9 +115,6 @@ class _Health(TypedDict):
     trips_withheld: int
     """Times one sender's failures alone would have opened the circuit while other senders
     were served, since start (the circuit stayed closed)."""
-    probes_reassigned: int
-    """Half-open probes since start not taken by the sender whose failures opened the circuit,
-    because another sender was waiting for the deployment (the request was routed on)."""
 
 @final
 class Decision:
@@ -316,17 +313,9 @@ class Router:
     def priority_classes(self) -> list[str]:
         """Priority class names, highest first."""
 
-    def begin(self, index: int, sender: int | None = None) -> bool:
+    def begin(self, index: int) -> None:
         """Marks an attempt on deployment ``index`` as started (in-flight count,
-        half-open probe). With ``sender``: False, and nothing started, when the attempt would
-        take the half-open probe while the circuit's opening was that sender's doing and
-        another sender waits for the deployment (``routed_past``): route it on as if open.
-        ``ValueError`` for a bad index."""
-
-    def routed_past(self, index: int, sender: int) -> None:
-        """``sender`` wanted deployment ``index`` but was routed past it: while its circuit is
-        open (or its probe out) the sender is noted as waiting for it. ``ValueError`` for a
-        bad index."""
+        half-open probe). ``ValueError`` for a bad index."""
 
     def report(
         self,

@@ -346,12 +346,6 @@ class StateCollector(Collector):
             " deployment's circuit, since other senders were served.",
             labels=["deployment"],
         )
-        reassigned = CounterMetricFamily(
-            "edgeroute_circuit_probes_reassigned",
-            "Half-open probes the sender (key or team) whose failures opened the deployment's circuit"
-            " did not take, left to another sender waiting for it (its request was routed on).",
-            labels=["deployment"],
-        )
         for d in live.deployments:
             h = live.router.health(d.index)
             name = redact.text(d.name)
@@ -361,8 +355,7 @@ class StateCollector(Collector):
             errors.add_metric([name], h["error_rate"])
             cooldown.add_metric([name], h["cooldown_ms"] / 1000)
             withheld.add_metric([name], h["trips_withheld"])
-            reassigned.add_metric([name], h["probes_reassigned"])
-        yield from (circuit, in_flight, latency, errors, cooldown, withheld, reassigned)
+        yield from (circuit, in_flight, latency, errors, cooldown, withheld)
         for source in self._metrics.sources:
             yield from source(self._app)
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
@@ -49,9 +49,6 @@ from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.errors import UpstreamProtocolError, UpstreamTlsError
 from edgeroute.upstream_http.response import Response
-
-if TYPE_CHECKING:
-    from edgeroute.admission import AttemptGate
 
 log = logging.getLogger("edgeroute.dispatch")
 
@@ -212,9 +209,6 @@ class Attempts:
     """One client request's attempts: the state they share, and how one attempt is made
     and its answer read. The loop over attempts (`failover.Call`) builds on it."""
 
-    gate: AttemptGate | None = None  # the request's provider limits (set on `failover.Call`)
-    first_counted = True  # admission took the first deployment's limit
-
     def __init__(
         self,
         live: Live,
@@ -280,16 +274,13 @@ class Attempts:
             req = prepared[1]  # built when the deployment was found to read the request
         else:
             req = await self._upstream_request_soon(adapter, dep)
-        if kind == "first":
-            self._note_routed_past(dep)
-        if not self.router.begin(dep.index, self.sender):
-            return self._probe_left(dep, kind)
         rec = AttemptRecord(
             dep.name, dep.provider, "pending", None, 0.0, hedge=kind == "hedge", started_at=time.time(), kind=kind
         )
         self.record.attempts.append(rec)
         if self.record.trace is not None:  # traced: the upstream continues the trace (W3C traceparent)
             rec.span_id = self.record.trace.inject(req.headers)
+        self.router.begin(dep.index)
         if self.granted == dep.index:
             self.granted = None  # the slot a freed deployment handed this request while it waited
         else:
@@ -407,27 +398,6 @@ class Attempts:
                 self.check_overrun(dep, result.usage)
             else:
                 result.rec = rec
-
-    def _note_routed_past(self, dep: DeploymentInfo) -> None:
-        """The first attempt goes to `dep`: the route's other deployments were passed over (or
-        ranked after it). The core notes this sender as waiting for those whose circuit is open
-        (or whose probe is out), so that their half-open probe is not left to the one client
-        whose failures opened them. A route of one deployment asks nothing while it is chosen."""
-        own = self.live.config.models[self.decision.route].deployments
-        if len(own) == 1 and own[0] == dep.name:
-            return
-        index_of, router, sender = self.live.index_of, self.router, self.sender
-        for name in own:
-            if name != dep.name:
-                router.routed_past(index_of[name], sender)
-
-    def _probe_left(self, dep: DeploymentInfo, kind: str) -> Failure:
-        """The core left `dep`'s half-open probe to another client waiting for it (its circuit
-        opened on this sender's failures): the request goes on as if the circuit were open."""
-        if self.gate is not None and kind == "first" and self.first_counted and dep.index == self.decision.order[0]:
-            self.gate.give_back(dep.name)  # admission counted it as the first choice: never sent
-        why = f"deployment {dep.name} is half-open and its probe is left to another client"
-        return Failure(Outcome.CONNECT_ERROR, None, why, sent=False, again=False)
 
     def report_health(self, index: int, outcome: Outcome, latency: float, retry_ms: int | None = None) -> None:
         """Reports a failed attempt to the core as this request's sender's; logs a trip the

@@ -6,8 +6,6 @@ a failure streak or error rate that is one sender's while the other senders' rec
 are enough to judge and fail rarely; otherwise it opens as before. The sender is the virtual key's team when it has
 one (a team's keys can mint keys of that team: one sender), else the key's id, else 0 (a
 keyless set-up is one client). Never a value the client chooses (not `user`, not a header).
-Once a circuit is open, a sender routed past it waits for it, and the half-open probe is not
-left to the sender whose failures opened it while another waits (`attempt.Attempts`).
 """
 
 from __future__ import annotations

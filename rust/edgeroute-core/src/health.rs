@@ -9,21 +9,13 @@
 //!
 //! Each report names its sender (the virtual key's team, else the key; 0 when unknown):
 //! failures one sender alone causes while others are served well do not open the circuit for
-//! everyone (`senders.rs`). Once open, the circuit remembers the sender its failures were mostly
-//! from: while half-open, that sender's requests do not take the probe when another sender has
-//! been waiting for the deployment (routed past it), so the probe is another's: one client cannot
-//! keep the circuit open by winning every probe, and a genuine outage, which fails the other
-//! sender's probe too, stays open and its ejection grows as before.
+//! everyone (`senders.rs`).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::HealthSpec;
 use crate::senders::{Senders, Streak};
-
-/// The others' recent requests (decayed) that set an acquitted sender's failures aside: about
-/// one within the error rate's decay time.
-const ACQUITTED_MIN: f64 = 0.5;
 
 /// What happened on one attempt: the one outcome vocabulary of edgeroute.
 ///
@@ -163,17 +155,6 @@ struct State {
     streak_before: Streak,
     /// Trips not taken because one sender alone failed while others were served well.
     withheld: u64,
-    /// The sender whose failures were most of those that last opened the circuit (None: no
-    /// one's were, or the circuit closed since).
-    blamed: Option<u64>,
-    /// Half-open probes the blamed sender did not take because another sender was waiting.
-    reassigned: u64,
-    /// The length of the last ejection (ms).
-    ejected_ms: u64,
-    /// The sender blamed for the last opening when another sender's probe then closed the
-    /// circuit: the deployment served that other, so its failures need less evidence to be
-    /// set aside (`one_senders`).
-    acquitted: Option<u64>,
 }
 
 /// A snapshot of a deployment's health.
@@ -199,9 +180,6 @@ pub struct HealthSnapshot {
     pub failures: u64,
     /// Trips withheld since start: one sender's failures while others were served well.
     pub trips_withheld: u64,
-    /// Half-open probes since start left to another sender: the sender the circuit's opening was
-    /// blamed on was routed on while another sender was waiting for the deployment.
-    pub probes_reassigned: u64,
 }
 
 /// Health of one deployment; shared by all requests, cheap to read.
@@ -219,11 +197,6 @@ impl State {
         let w = (-dt / spec.ewma_decay_ms.max(1) as f64).exp();
         self.senders.decay(w);
         w
-    }
-
-    /// Whether the circuit is half-open at `now_ms` (its ejection over, no success since).
-    fn half_open(&self, now_ms: u64) -> bool {
-        self.ejections > 0 && now_ms >= self.open_until_ms
     }
 
     /// A failure of `sender` joins the streak (a 429, too: it counts but does not eject).
@@ -255,19 +228,10 @@ impl State {
         let factor = 1u64 << self.ejections.min(16);
         let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
         self.open_until_ms = now_ms + ejection;
-        self.ejected_ms = ejection;
         self.ejections += 1;
         self.consecutive_failures = 0;
         self.volume = 0.0;
         self.failed_volume = 0.0;
-        // A failed probe of another sender than the blamed one clears the blame: the deployment
-        // fails others too.
-        self.blamed = if was_probe {
-            self.blamed.filter(|&b| b == sender)
-        } else {
-            self.senders.dominant()
-        };
-        self.acquitted = None;
         self.senders.clear();
         None
     }
@@ -286,12 +250,9 @@ impl State {
         } else {
             self.senders.worst()?
         };
-        let rate = spec.failure_rate;
-        // After another sender's probe closed a circuit this sender's failures had opened, the
-        // others' requests since (one, decayed over the error rate's time) are evidence enough.
-        let served = self.senders.others_served_well(suspect, rate)
-            || (self.acquitted == Some(suspect) && self.senders.served_without(Some(suspect), rate, ACQUITTED_MIN));
-        served.then_some(suspect)
+        self.senders
+            .others_served_well(suspect, spec.failure_rate)
+            .then_some(suspect)
     }
 }
 
@@ -315,42 +276,10 @@ impl Health {
 
     /// Marks an attempt as started; a half-open circuit lets only one probe through.
     pub fn begin(&self, now_ms: u64) {
-        self.start(None, now_ms, 0);
-    }
-
-    /// Marks an attempt of `sender` as started, unless it would be the half-open probe of the
-    /// sender the circuit's opening was blamed on while another sender is waiting for the
-    /// deployment (routed past it, see [`Health::routed_past`], within the last ejection's length
-    /// or the error rate's decay time, the longer): then nothing starts and the caller routes the
-    /// request on as if the circuit were open (returns false), so the probe is the other's.
-    pub fn begin_by(&self, sender: u64, now_ms: u64, spec: &HealthSpec) -> bool {
-        self.start(Some(sender), now_ms, spec.ewma_decay_ms)
-    }
-
-    fn start(&self, sender: Option<u64>, now_ms: u64, decay_ms: u64) -> bool {
-        let mut s = self.lock();
-        if s.half_open(now_ms) {
-            if let Some(id) = sender.filter(|&id| !s.probing && s.blamed == Some(id)) {
-                let window = decay_ms.max(s.ejected_ms);
-                if s.senders.others_waiting(id, now_ms, window) {
-                    s.reassigned += 1;
-                    return false;
-                }
-            }
-            s.probing = true;
-        }
-        drop(s);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        true
-    }
-
-    /// `sender` wanted the deployment at `now_ms` but was routed past it: if its circuit is open
-    /// or its half-open probe is out, the sender is remembered as waiting for it. Evidence that
-    /// the deployment has other users, not that it serves them.
-    pub fn routed_past(&self, sender: u64, now_ms: u64) {
         let mut s = self.lock();
-        if now_ms < s.open_until_ms || (s.half_open(now_ms) && s.probing) {
-            s.senders.wait(sender, now_ms);
+        if s.ejections > 0 && now_ms >= s.open_until_ms {
+            s.probing = true;
         }
     }
 
@@ -416,7 +345,6 @@ impl Health {
                     s.ejections = 0;
                     s.probing = false;
                     s.open_until_ms = 0;
-                    s.acquitted = s.blamed.take().filter(|&b| b != sender);
                 }
                 None
             }
@@ -476,8 +404,6 @@ impl Health {
         s.probing = false;
         s.consecutive_failures = 0;
         s.cooldown_until_ms = 0;
-        s.blamed = None;
-        s.acquitted = None;
     }
 
     /// Takes the deployment out now for `ms`, e.g. after a failed active health check.
@@ -522,7 +448,6 @@ impl Health {
             requests: s.requests,
             failures: s.failures,
             trips_withheld: s.withheld,
-            probes_reassigned: s.reassigned,
         }
     }
 }
@@ -836,23 +761,20 @@ mod tests {
         let sp = rate_spec();
         // Nine requests in ten are A's, one B's; half of each sender's requests fail (a
         // balancer with one of two backends dead). B is not served well: the rate opens it.
-        let opened = first_ejected_of_a_flaky_run(&h, &sp, 0, |t| t % 4 < 2);
-        assert!(opened.is_some_and(|t| t < 20), "{opened:?} {:?}", h.snapshot(200));
-    }
-
-    /// 200 requests from `t0`, one a ms, nine in ten A's and one B's, failing where `fails`
-    /// says: when the circuit first opened.
-    fn first_ejected_of_a_flaky_run(h: &Health, sp: &HealthSpec, t0: u64, fails: fn(u64) -> bool) -> Option<u64> {
-        (t0..t0 + 200).find(|&t| {
+        let mut opened = None;
+        for t in 0..200u64 {
             let sender = if t % 10 == 0 { B } else { A };
-            let o = if fails(t) {
+            let o = if t % 4 < 2 {
                 Outcome::ServerError
             } else {
                 Outcome::Success
             };
-            one(h, o, sender, t, sp);
-            h.is_ejected(t)
-        })
+            one(&h, o, sender, t, &sp);
+            if opened.is_none() && h.is_ejected(t) {
+                opened = Some(t);
+            }
+        }
+        assert!(opened.is_some_and(|t| t < 20), "{opened:?} {:?}", h.snapshot(200));
     }
 
     #[test]
@@ -921,144 +843,5 @@ mod tests {
         one(&h, Outcome::Success, B, 10, &sp);
         h.fail_after_success(B, 10, &sp);
         assert_eq!(h.snapshot(10).circuit, CircuitState::Open);
-    }
-
-    /// One attempt of `sender` at `t` through the probe gate: None when it was routed on.
-    fn sent(h: &Health, o: Outcome, sender: u64, t: u64, sp: &HealthSpec) -> Option<Option<u64>> {
-        h.begin_by(sender, t, sp).then(|| h.report(o, 5.0, sender, t, sp))
-    }
-
-    /// B was served three times long ago; A's failures open the circuit (no evidence for B).
-    fn opened_by_a_while_b_was_quiet(sp: &HealthSpec) -> Health {
-        let h = Health::default();
-        for t in 0..3 {
-            one(&h, Outcome::Success, B, t, sp);
-        }
-        for t in 60_000..60_003 {
-            assert_eq!(one(&h, Outcome::ServerError, A, t, sp), None);
-        }
-        assert_eq!(h.snapshot(60_003).circuit, CircuitState::Open);
-        h
-    }
-
-    #[test]
-    fn the_blamed_senders_failed_probes_do_not_hold_the_circuit_open_while_another_waits() {
-        let sp = spec();
-        let h = opened_by_a_while_b_was_quiet(&sp);
-        // B wants the deployment while it is open: routed past, B is waiting for it.
-        h.routed_past(B, 60_500);
-        // Half-open: A polls, but the probe is B's. A is routed on, counted, and its failing
-        // requests neither reach the deployment nor re-open it.
-        for t in (61_003..61_100).step_by(10) {
-            assert_eq!(sent(&h, Outcome::ServerError, A, t, &sp), None, "{t}");
-        }
-        let snap = h.snapshot(61_100);
-        assert_eq!(
-            (snap.circuit, snap.probes_reassigned, snap.in_flight),
-            (CircuitState::HalfOpen, 10, 0)
-        );
-        // B's probe succeeds: closed, for everyone.
-        assert_eq!(sent(&h, Outcome::Success, B, 61_100, &sp), Some(None));
-        assert_eq!(h.snapshot(61_101).circuit, CircuitState::Closed);
-        assert!(h.available(61_101));
-        // A keeps failing: the deployment just served B, so A's streak is set aside while B's
-        // requests are served (one is enough now) ...
-        for t in 61_101..61_200 {
-            let aside = sent(&h, Outcome::ServerError, A, t, &sp);
-            assert_eq!(aside, Some((t >= 61_103).then_some(A)), "{t}");
-            if t % 20 == 0 {
-                sent(&h, Outcome::Success, B, t, &sp);
-            }
-        }
-        assert_eq!(h.snapshot(61_200).circuit, CircuitState::Closed);
-        // ... but not once B has been quiet for two minutes (no evidence): an outage opens.
-        for t in 200_000..200_003 {
-            assert_eq!(sent(&h, Outcome::ServerError, A, t, &sp), Some(None));
-        }
-        assert_eq!(h.snapshot(200_003).circuit, CircuitState::Open);
-    }
-
-    #[test]
-    fn a_genuine_outage_fails_the_waiting_senders_probe_and_stays_open_growing() {
-        let sp = spec();
-        let h = opened_by_a_while_b_was_quiet(&sp);
-        h.routed_past(B, 60_500);
-        // The deployment is down for everyone: A is routed on, B's probe fails, it re-opens for
-        // twice as long.
-        assert_eq!(sent(&h, Outcome::Timeout, A, 61_003, &sp), None);
-        assert_eq!(sent(&h, Outcome::Timeout, B, 61_004, &sp), Some(None));
-        assert!(h.is_ejected(63_003) && !h.is_ejected(63_004));
-        // B's failed probe cleared A of the blame: the next probe is whoever's, as before, and
-        // a failed one keeps growing the ejection.
-        h.routed_past(B, 62_000);
-        assert_eq!(sent(&h, Outcome::Timeout, A, 63_004, &sp), Some(None));
-        assert!(h.is_ejected(67_003) && !h.is_ejected(67_004));
-        assert_eq!(h.snapshot(67_004).probes_reassigned, 1);
-    }
-
-    #[test]
-    fn one_sender_alone_probes_and_reopens_as_before() {
-        let sp = spec();
-        let h = Health::default();
-        for t in 0..3 {
-            assert_eq!(sent(&h, Outcome::ServerError, A, t, &sp), Some(None));
-        }
-        // A is routed past while open: it waits too, but no one else does.
-        h.routed_past(A, 500);
-        assert!(!h.available(1_001) || h.snapshot(1_002).circuit == CircuitState::HalfOpen);
-        assert_eq!(sent(&h, Outcome::ServerError, A, 1_002, &sp), Some(None));
-        assert!(h.is_ejected(3_001) && !h.is_ejected(3_002));
-        assert_eq!(sent(&h, Outcome::Success, A, 3_002, &sp), Some(None));
-        let snap = h.snapshot(3_003);
-        assert_eq!((snap.circuit, snap.probes_reassigned), (CircuitState::Closed, 0));
-    }
-
-    #[test]
-    fn a_genuine_outage_opens_at_once_however_well_a_quiet_sender_was_served_before() {
-        let sp = spec();
-        let h = Health::default();
-        // B was served twenty times, then went quiet for 30 s (its recent counts decayed): an
-        // outage A alone meets opens on A's streak, as it did before senders were counted.
-        for t in 0..20 {
-            one(&h, Outcome::Success, B, t * 100, &sp);
-        }
-        for t in 32_000..32_003 {
-            one(&h, Outcome::Timeout, A, t, &sp);
-        }
-        let snap = h.snapshot(32_003);
-        assert_eq!((snap.circuit, snap.trips_withheld), (CircuitState::Open, 0), "{snap:?}");
-    }
-
-    #[test]
-    fn a_quiet_senders_one_failure_among_its_own_successes_does_not_hide_an_outage() {
-        let sp = spec();
-        let h = Health::default();
-        for t in 0..20 {
-            one(&h, Outcome::Success, B, t * 100, &sp);
-        }
-        // 30 s later the deployment is down: B's one request fails, then A's: it opens.
-        one(&h, Outcome::Timeout, B, 32_000, &sp);
-        one(&h, Outcome::Success, B, 32_001, &sp); // breaks the streak: A's alone follows
-        for t in 32_002..32_005 {
-            one(&h, Outcome::Timeout, A, t, &sp);
-        }
-        assert_eq!(h.snapshot(32_005).circuit, CircuitState::Open);
-    }
-
-    #[test]
-    fn a_flaky_deployment_opens_for_the_dominant_sender_after_the_others_were_served_well() {
-        let h = Health::default();
-        let sp = rate_spec();
-        // B was served well for a while, then a backend dies: three in five of every sender's
-        // requests fail, nine in ten of them A's. B's past is no cover for B's recent failures.
-        for t in 0..30u64 {
-            one(&h, Outcome::Success, B, t * 100, &sp);
-        }
-        let opened = first_ejected_of_a_flaky_run(&h, &sp, 20_000, |t| t % 5 < 3);
-        assert!(
-            opened.is_some_and(|t| t < 20_030),
-            "{opened:?} {:?}",
-            h.snapshot(20_200)
-        );
     }
 }

@@ -6,12 +6,6 @@
 //! 0 when unknown): never a value the client chooses. The table is fixed-size: the
 //! sender with the least recent volume gives its slot to a new one. The deployment's
 //! totals (in `health.rs`) cover every sender, kept or not.
-//!
-//! Each sender also keeps the time it last wanted the deployment but was routed past it (its
-//! circuit open): such a sender is waiting for it, which is no evidence of health but says the
-//! deployment has other users (the half-open probe is then not the blamed sender's). How it
-//! was served is only ever judged from recent requests: a slower memory (tried) let a client
-//! quiet for a minute hold a genuine outage's circuit closed while another client failed.
 
 /// Senders kept apart per deployment.
 const SLOTS: usize = 8;
@@ -25,8 +19,6 @@ struct Sender {
     id: u64,
     volume: f64,
     failed: f64,
-    /// When it last wanted the deployment and was routed past it (ms on the router clock).
-    waited_ms: Option<u64>,
 }
 
 /// Recent counts of the senders seen most, decayed like the deployment's error rate.
@@ -60,29 +52,15 @@ impl Senders {
         s.failed = (s.failed + 1.0).min(s.volume);
     }
 
-    /// `id` wanted the deployment at `now_ms` and was routed past it (its circuit open).
-    pub fn wait(&mut self, id: u64, now_ms: u64) {
-        self.slot(id).waited_ms = Some(now_ms);
-    }
-
-    /// Whether a sender other than `id` was routed past the deployment within `window_ms`.
-    pub fn others_waiting(&self, id: u64, now_ms: u64, window_ms: u64) -> bool {
-        self.slots
-            .iter()
-            .any(|s| s.id != id && s.waited_ms.is_some_and(|t| now_ms.saturating_sub(t) < window_ms))
-    }
-
-    /// `id`'s slot: its own, else the one with the least volume (a waiting sender counting as
-    /// one request), emptied for it.
+    /// `id`'s slot: its own, else the one with the least volume, emptied for it.
     fn slot(&mut self, id: u64) -> &mut Sender {
-        let weight = |s: &Sender| s.volume + if s.waited_ms.is_some() { 1.0 } else { 0.0 };
         let mut at = 0;
         for (i, s) in self.slots.iter().enumerate() {
             if s.id == id {
                 at = i;
                 break;
             }
-            if weight(s) < weight(&self.slots[at]) {
+            if s.volume < self.slots[at].volume {
                 at = i;
             }
         }
@@ -102,16 +80,9 @@ impl Senders {
         (w.failed > 0.0).then_some(w.id)
     }
 
-    /// The sender whose recent failures are most of all the recent failures, if one is.
-    pub fn dominant(&self) -> Option<u64> {
-        let all: f64 = self.slots.iter().map(|s| s.failed).sum();
-        let w = self.slots.iter().max_by(|a, b| a.failed.total_cmp(&b.failed))?;
-        (w.failed > 0.0 && w.failed * 2.0 > all).then_some(w.id)
-    }
-
     /// Whether the senders other than `id` are served well: enough of their recent requests
     /// to judge (`OTHERS_MIN`), failing at under half `failure_rate`. Only such evidence keeps
-    /// one sender's failures from opening the circuit: no requests of others is no evidence.
+    /// one sender's failures from opening the circuit.
     pub fn others_served_well(&self, id: u64, failure_rate: f64) -> bool {
         self.served_well_without(Some(id), failure_rate, 1.0)
     }
@@ -119,18 +90,12 @@ impl Senders {
     /// Whether the senders but `aside` (all, for `None`) are served well, their counts decayed
     /// by `w` more (a read long after the last report).
     pub fn served_well_without(&self, aside: Option<u64>, failure_rate: f64, w: f64) -> bool {
-        self.served_without(aside, failure_rate, OTHERS_MIN / w)
-    }
-
-    /// Whether the senders but `aside` (all, for `None`) have at least `min` recent requests,
-    /// failing at under half `failure_rate`.
-    pub fn served_without(&self, aside: Option<u64>, failure_rate: f64, min: f64) -> bool {
         let (mut volume, mut failed) = (0.0, 0.0);
         for s in self.slots.iter().filter(|s| Some(s.id) != aside) {
             volume += s.volume;
             failed += s.failed;
         }
-        volume >= min && failed < volume * failure_rate / 2.0
+        volume * w >= OTHERS_MIN && failed < volume * failure_rate / 2.0
     }
 
     /// Forgets the counts (the circuit opened: the deployment starts anew).
@@ -195,20 +160,5 @@ mod tests {
         lone.add(7, false);
         lone.add(8, true);
         assert!(!lone.others_served_well(8, 0.5)); // one request of another: too little to judge
-    }
-
-    #[test]
-    fn waiting_is_anothers_within_the_window_and_no_evidence_of_health() {
-        let mut t = Senders::default();
-        for _ in 0..20 {
-            t.add(7, false);
-        }
-        t.wait(8, 1_000);
-        assert!(t.others_waiting(7, 5_000, 10_000) && !t.others_waiting(8, 5_000, 10_000));
-        assert!(!t.others_waiting(7, 11_000, 10_000));
-        // Waiting is not being served: 8 failing alone beside a waiting 9 is 8's and 7's call.
-        t.wait(9, 1_000);
-        t.decay(1e-6); // 7 quiet for long: its requests are no evidence any more
-        assert!(!t.others_served_well(8, 0.5));
     }
 }

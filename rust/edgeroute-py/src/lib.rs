@@ -404,21 +404,9 @@ impl Router {
         self.inner.priority_classes().to_vec()
     }
 
-    #[pyo3(signature = (index, sender=None))]
-    fn begin(&self, index: usize, sender: Option<u64>) -> PyResult<bool> {
+    fn begin(&self, index: usize) -> PyResult<()> {
         self.checked(index)?;
-        Ok(match sender {
-            Some(sender) => self.inner.begin_by(index, sender),
-            None => {
-                self.inner.begin(index);
-                true
-            }
-        })
-    }
-
-    fn routed_past(&self, index: usize, sender: u64) -> PyResult<()> {
-        self.checked(index)?;
-        self.inner.routed_past(index, sender);
+        self.inner.begin(index);
         Ok(())
     }
 
@@ -489,7 +477,6 @@ impl Router {
         d.set_item("requests", h.requests)?;
         d.set_item("failures", h.failures)?;
         d.set_item("trips_withheld", h.trips_withheld)?;
-        d.set_item("probes_reassigned", h.probes_reassigned)?;
         Ok(d)
     }
 

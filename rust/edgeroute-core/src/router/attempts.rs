@@ -47,20 +47,6 @@ impl Router {
         self.deployments[index].health.begin(self.now_ms());
     }
 
-    /// Marks an attempt of `sender` on deployment `index` as started, unless it would take the
-    /// half-open probe from another sender waiting for the deployment (`Health::begin_by`):
-    /// false, nothing started, and the request goes on to its next deployment.
-    pub fn begin_by(&self, index: usize, sender: u64) -> bool {
-        self.deployments[index]
-            .health
-            .begin_by(sender, self.now_ms(), &self.health_spec)
-    }
-
-    /// `sender` wanted deployment `index` but was routed past it (`Health::routed_past`).
-    pub fn routed_past(&self, index: usize, sender: u64) {
-        self.deployments[index].health.routed_past(sender, self.now_ms());
-    }
-
     /// Reports the end of an attempt on deployment `index`, sent by `sender` (the virtual key's
     /// team or key, hashed; 0: unknown). Returns the sender whose failures alone would have
     /// opened the circuit while others were served (the trip was withheld).
