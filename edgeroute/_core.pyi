@@ -246,8 +246,14 @@ class Router:
     def set_price_multiplier(self, index: int, multiplier: float) -> None:
         """Scales deployment ``index``'s prices (a time-of-day window) for cost-aware selection."""
 
-    def set_shifts(self, shifts: Mapping[tuple[str, str], float]) -> None:
-        """Replaces the feedback-learning shifts added to predicted scores, keyed by (task, route)."""
+    def set_shifts(
+        self,
+        shifts: Mapping[tuple[str, str], float],
+        teams: Mapping[str, Mapping[tuple[str, str], float]] | None = None,
+    ) -> None:
+        """Replaces the feedback-learning shifts added to predicted scores, keyed by (task, route):
+        ``shifts`` for every request, and per team in ``teams`` those its requests see instead
+        (where the team's own ratings made one)."""
 
     def count_prompt(self, body: bytes) -> int:
         """Exact prompt tokens of a chat ``body`` under its route's encoding; releases the GIL."""

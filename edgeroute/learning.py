@@ -9,10 +9,12 @@ prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and ev
 few seconds, so exploration continues without a random number per request.
 
 Ratings are kept per tenant (the rated request's team; the keys of no team, which are the
-operator's, and keyless callers are one tenant), because the shifts steer every tenant's
-requests: with `tenants: balanced` a team's ratings count up to all the others' together
-(`pool`), so no team alone moves another's routing. Cache hits are remembered but not learned from:
-their route was not chosen by routing now, and they cost nothing to make.
+operator's, and keyless callers are one tenant). With `tenants: per_team` (the default) a
+team's ratings shift its own requests alone: the core keeps a table of shifts per team beside
+the global one, which the operator's tenant's ratings make and every request sees (`routing`).
+With `balanced` there is one table, where a team's ratings count up to all the others'
+together (`pool`); with `pooled`, one table where every rating counts. Cache hits are remembered
+but not learned from: their route was not chosen by routing now, and they cost nothing to make.
 
 State persists in a small JSON file (written atomically) so that learning survives
 restarts; with `shared_state`, posteriors and recent requests are shared through Redis,
@@ -35,7 +37,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 from aiohttp import web
@@ -93,6 +95,8 @@ class Served:
 
 
 Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of complements)
+Tenants = Literal["per_team", "balanced", "pooled"]  # `learning.feedback.tenants`
+TEAM = "team:"  # a team tenant's prefix (`tenant_id`)
 
 
 def pool(by_tenant: Evidence, prior: tuple[float, float], balanced: bool) -> Posterior:
@@ -107,6 +111,23 @@ def pool(by_tenant: Evidence, prior: tuple[float, float], balanced: bool) -> Pos
         weight = 1.0 if trusted else min(1.0, (total - n) / n)
         alpha, beta = alpha + weight * a, beta + weight * b
     return Posterior(alpha, beta)
+
+
+def routing(
+    by_tenant: Evidence, prior: tuple[float, float], tenants: Tenants
+) -> tuple[Posterior, dict[str, Posterior]]:
+    """The posterior every request's routing draws from, and per team (`per_team` only) the one
+    its own requests draw from: the operator's evidence and that team's. `per_team` keeps the
+    teams' ratings out of the global posterior; `balanced` and `pooled` count them in it (`pool`)."""
+    if tenants != "per_team":
+        return pool(by_tenant, prior, tenants == "balanced"), {}
+    operator = {t: e for t, e in by_tenant.items() if t == ANONYMOUS}
+    teams = {
+        tenant.removeprefix(TEAM): pool(operator | {tenant: sums}, prior, balanced=False)
+        for tenant, sums in by_tenant.items()
+        if tenant.startswith(TEAM)
+    }
+    return pool(operator, prior, balanced=False), teams
 
 
 def _evidence_rows(data: dict[str, Any], prior: tuple[float, float]) -> dict[tuple[str, str, str], tuple[float, float]]:
@@ -155,7 +176,7 @@ class FeedbackLearner:
         max_shift: float = 0.15,
         cost_weight: float = 0.0,
         prior: tuple[float, float] = (1.0, 1.0),
-        balanced: bool = True,
+        tenants: Tenants = "per_team",
         remember: int = 100_000,
         seed: int | None = None,
     ) -> None:
@@ -163,9 +184,10 @@ class FeedbackLearner:
         self.max_shift = max_shift
         self.cost_weight = cost_weight
         self.prior = prior
-        self.balanced = balanced
+        self.tenants: Tenants = tenants
         self.evidence: dict[tuple[str, str], Evidence] = {}  # (task, route) -> per tenant
-        self.posteriors: dict[tuple[str, str], Posterior] = {}  # pooled from the evidence
+        self.posteriors: dict[tuple[str, str], Posterior] = {}  # every request's, from the evidence
+        self.team_posteriors: dict[tuple[str, str], dict[str, Posterior]] = {}  # a team's own requests'
         self.recent: OrderedDict[str, Served] = OrderedDict()
         self.remember = remember
         self.rng = random.Random(seed)
@@ -188,6 +210,7 @@ class FeedbackLearner:
             # Set aside, not overwritten by the first save: what was learned may be recovered by hand.
             self.evidence.clear()
             self.posteriors.clear()
+            self.team_posteriors.clear()
             aside = path.with_name(f"{path.name}.unreadable-{int(time.time())}-{os.getpid()}")
             try:
                 path.rename(aside)
@@ -197,28 +220,40 @@ class FeedbackLearner:
                 "ignoring unreadable learning state %s (%s); kept as %s, learning starts afresh", path, e, aside
             )
 
-    def snapshot(self, evidence: dict[tuple[str, str], Evidence] | None = None) -> dict[str, Any]:
-        """The posteriors of every score received (as before tenants were kept), the ones
-        routing draws from (`routing`: pooled per tenant) and each tenant's evidence."""
+    def snapshot(
+        self, evidence: dict[tuple[str, str], Evidence] | None = None, *, team: str | None = None
+    ) -> dict[str, Any]:
+        """The posteriors of every score received (as before tenants were kept), the ones every
+        request's routing draws from (`routing`), each team's own (`teams`, `per_team`) and
+        each tenant's evidence. With `team` (a team-bound viewer): that team's view, in which
+        no other team's ratings show (`posteriors` and `routing` hold the operator's and its own)."""
         evidence = self.evidence if evidence is None else evidence
+        if team is not None:
+            mine = {ANONYMOUS, tenant_id(team)}
+            evidence = {k: {t: e for t, e in v.items() if t in mine} for k, v in evidence.items()}
+            evidence = {k: v for k, v in evidence.items() if v}
 
-        def rows(balanced: bool) -> list[dict[str, Any]]:
-            pooled = {k: pool(v, self.prior, balanced) for k, v in sorted(evidence.items())}
-            return [
-                {"task": t, "route": r, "alpha": p.alpha, "beta": p.beta, "mean": round(p.mean, 4)}
-                for (t, r), p in pooled.items()
-            ]
+        def row(task: str, route: str, p: Posterior) -> dict[str, Any]:
+            return {"task": task, "route": route, "alpha": p.alpha, "beta": p.beta, "mean": round(p.mean, 4)}
 
+        everything = {k: pool(v, self.prior, balanced=False) for k, v in sorted(evidence.items())}
+        routed = {k: routing(v, self.prior, self.tenants) for k, v in sorted(evidence.items())}
         per_tenant = [
             {"task": t, "route": r, "tenant": tenant, "a": a, "b": b}
             for (t, r), by_tenant in sorted(evidence.items())
             for tenant, (a, b) in sorted(by_tenant.items())
         ]
+        teams = [
+            row(t, r, p) | {"team": name}
+            for (t, r), (_, by_team) in routed.items()
+            for name, p in sorted(by_team.items())
+        ]
         return {
-            "posteriors": rows(balanced=False),
-            "routing": rows(self.balanced),
+            "posteriors": [row(t, r, p) for (t, r), p in everything.items()],
+            "routing": [row(t, r, glob) for (t, r), (glob, _) in routed.items()],
+            "teams": teams,
             "evidence": per_tenant,
-            "tenants": "balanced" if self.balanced else "pooled",
+            "tenants": self.tenants,
             "max_shift": self.max_shift,
             "cost_weight": self.cost_weight,
         }
@@ -272,7 +307,7 @@ class FeedbackLearner:
         by_tenant = self.evidence.setdefault((s.task, s.route), {})
         a, b = by_tenant.get(s.tenant, (0.0, 0.0))
         by_tenant[s.tenant] = (a + reward, b + 1.0 - reward)
-        self.posteriors[(s.task, s.route)] = pool(by_tenant, self.prior, self.balanced)
+        self._route((s.task, s.route), by_tenant)
         if self.share is not None:
             self.share.on_feedback(s, reward)
         return s
@@ -281,17 +316,37 @@ class FeedbackLearner:
         """Replaces the evidence of each (task, route) in `found` (a state file, a shared sync)."""
         for key, by_tenant in found.items():
             self.evidence[key] = by_tenant
-            self.posteriors[key] = pool(by_tenant, self.prior, self.balanced)
+            self._route(key, by_tenant)
+
+    def _route(self, key: tuple[str, str], by_tenant: Evidence) -> None:
+        """Recomputes the posteriors routing draws from for (task, route) `key`."""
+        self.posteriors[key], by_team = routing(by_tenant, self.prior, self.tenants)
+        if by_team:
+            self.team_posteriors[key] = by_team
+        else:
+            self.team_posteriors.pop(key, None)
+
+    def _draw(self, p: Posterior) -> float | None:
+        """One Thompson draw as a bounded shift from the prior mean; None with no evidence that
+        counts (no shift, not a draw from the prior)."""
+        if p.alpha + p.beta <= sum(self.prior):
+            return None
+        prior_mean = self.prior[0] / (self.prior[0] + self.prior[1])
+        draw = self.rng.betavariate(p.alpha, p.beta)
+        return max(-self.max_shift, min(self.max_shift, draw - prior_mean))
 
     def shifts(self) -> dict[tuple[str, str], float]:
-        """One Thompson draw per (task, route), as a bounded shift from the prior mean."""
-        prior_mean = self.prior[0] / (self.prior[0] + self.prior[1])
-        out = {}
-        for key, p in self.posteriors.items():
-            if p.alpha + p.beta <= sum(self.prior):  # no evidence that counts: no shift, not a prior's draw
-                continue
-            draw = self.rng.betavariate(p.alpha, p.beta)
-            out[key] = max(-self.max_shift, min(self.max_shift, draw - prior_mean))
+        """Every request's shifts: one draw per (task, route)."""
+        return {key: d for key, p in self.posteriors.items() if (d := self._draw(p)) is not None}
+
+    def team_shifts(self) -> dict[str, dict[tuple[str, str], float]]:
+        """Per team, the shifts of the (task, route)s its ratings moved, for its requests alone
+        (the core uses the global shift elsewhere)."""
+        out: dict[str, dict[tuple[str, str], float]] = {}
+        for key, by_team in self.team_posteriors.items():
+            for team, p in by_team.items():
+                if (d := self._draw(p)) is not None:
+                    out.setdefault(team, {})[key] = d
         return out
 
 
@@ -300,7 +355,7 @@ REFRESH_SECONDS = 5.0
 
 
 def _apply(app: web.Application, learner: FeedbackLearner) -> None:
-    app[STATE].live.router.set_shifts(learner.shifts())
+    app[STATE].live.router.set_shifts(learner.shifts(), learner.team_shifts())
 
 
 def _request_log(app: web.Application) -> Ledger | None:
@@ -469,8 +524,9 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
 
 
 async def learning_state(request: web.Request) -> web.Response:
+    """`GET /admin/learning`: the posteriors; a team-bound key's, its own team's and the operator's."""
     learner = request.app.get(LEARNER)
-    body = learner.snapshot() if learner is not None else {"enabled": False}
+    body = learner.snapshot(team=tenant_of(request)) if learner is not None else {"enabled": False}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
@@ -485,8 +541,7 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
     path = Path(fb.state_path) if fb.state_path else None
     if path is not None and base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    balanced = fb.tenants == "balanced"
-    learner = FeedbackLearner(path, max_shift=fb.max_shift, cost_weight=fb.cost_weight, balanced=balanced)
+    learner = FeedbackLearner(path, max_shift=fb.max_shift, cost_weight=fb.cost_weight, tenants=fb.tenants)
     app[LEARNER] = learner
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ A key bound to a team (`team:` on a config key, `--team` on a managed one) is a 
 key: whatever its role, it may call only the routes in `TEAM_ROUTES`, each of which answers
 with its own team's data alone (`cost.keys.tenant_of` is the one place that says which
 team a caller is confined to). Every other admin route describes or changes the whole
-gateway (config, audit, alerts, the learner, reload, drain) and is refused to it
+gateway (config, audit, alerts, the router's shadow, reload, drain) and is refused to it
 with a 403: fail closed, a new route is global-only until it is listed here and filters.
 """
 
@@ -65,8 +65,8 @@ ROUTE_ROLES: dict[str, Role] = {
 
 
 # Routes a team-bound key may call (at its role): each filters to the caller's team in
-# its query (request log, stats, spend, budgets) or in its key checks (keys), or holds no tenant
-# data (the console's shell; deployments' health, which names no key, team or request).
+# its query (request log, stats, spend, budgets, the learner's ratings) or in its key checks
+# (keys), or holds no tenant data (the console's shell; deployments' health, which names no key, team or request).
 TEAM_ROUTES: frozenset[str] = frozenset(
     {
         "GET /admin/requests",
@@ -74,6 +74,7 @@ TEAM_ROUTES: frozenset[str] = frozenset(
         "GET /admin/stats",
         "GET /admin/spend",
         "GET /admin/budgets",
+        "GET /admin/learning",
         "GET /admin/deployments",
         "GET /admin/deployments/history",
         "POST /admin/keys",

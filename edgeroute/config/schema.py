@@ -487,11 +487,12 @@ class Feedback(_Strict):
     max_shift: float = Field(0.15, ge=0, le=1)
     cost_weight: float = Field(0.0, ge=0)
     state_path: str | None = None
-    # The shifts steer every tenant's requests. `balanced`: a tenant's (team's, else key's)
-    # ratings count up to all other tenants' together, so one tenant alone moves nothing (a
-    # keyless sidecar is one tenant and learns alone). `pooled`: every rating counts, for a
-    # gateway whose keys are all one trusted tenant.
-    tenants: Literal["balanced", "pooled"] = "balanced"
+    # Whose requests a rating steers. `per_team`: a team's ratings its own team's requests
+    # alone; the operator's (keys of no team, keyless callers) everyone's. `balanced`: one set
+    # of shifts for everyone, where a team's ratings count up to all other tenants' together
+    # (one team alone moves nothing). `pooled`: every rating steers everyone, for a gateway
+    # whose teams all trust one another.
+    tenants: Literal["per_team", "balanced", "pooled"] = "per_team"
 
 
 class Learning(_Strict):

@@ -31,7 +31,6 @@ GLOBAL_ONLY = (
     ("GET", "/admin/config"),
     ("GET", "/admin/config/versions"),
     ("GET", "/admin/alerts"),
-    ("GET", "/admin/learning"),
     ("GET", "/admin/router/shadow"),
     ("POST", "/admin/reload"),  # an operator's route: the team's admin is refused it still
     ("POST", "/admin/deployments/d-a/drain"),

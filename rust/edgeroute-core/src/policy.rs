@@ -11,7 +11,7 @@
 //! cost the objective.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use serde::Deserialize;
 
@@ -148,25 +148,76 @@ pub fn cheapest_sufficient(scored: &[Scored], threshold: f64) -> Option<&Scored>
         .or_else(|| scored.iter().max_by(|a, b| a.score.total_cmp(&b.score)))
 }
 
+/// Shifts keyed by (task class, route), as feedback learning sets them.
+pub type FlatShifts = HashMap<(String, String), f64>;
+
+/// Shifts by task class, then route: looked up with borrowed `&str`s, no allocation per request.
+type Table = HashMap<String, HashMap<String, f64>>;
+
+/// The global shifts and, per team, those its own ratings (with the operator's) make.
+#[derive(Debug, Default)]
+struct Tables {
+    global: Table,
+    teams: HashMap<String, Table>,
+}
+
+fn table(flat: FlatShifts) -> Table {
+    let mut out = Table::new();
+    for ((task, route), shift) in flat {
+        out.entry(task).or_default().insert(route, shift);
+    }
+    out
+}
+
+fn lookup(table: &Table, task: &str, route: &str) -> Option<f64> {
+    table.get(task)?.get(route).copied()
+}
+
 /// Score shifts per (task class, route) set by feedback learning, bounded by the caller.
+/// A team's table holds the (task, route) pairs its own ratings moved; its requests see
+/// those and the global shifts elsewhere, so one team's ratings never steer another's.
 #[derive(Debug, Default)]
 pub struct Shifts {
-    map: RwLock<HashMap<(String, String), f64>>,
+    tables: RwLock<Tables>,
 }
 
 impl Shifts {
-    /// Replaces all shifts at once.
-    pub fn replace(&self, shifts: HashMap<(String, String), f64>) {
-        *self.map.write().unwrap_or_else(|p| p.into_inner()) = shifts;
+    /// Replaces all shifts at once: the global ones (every request's) and each team's.
+    pub fn replace(&self, global: FlatShifts, teams: HashMap<String, FlatShifts>) {
+        let tables = Tables {
+            global: table(global),
+            teams: teams.into_iter().map(|(team, flat)| (team, table(flat))).collect(),
+        };
+        *self.tables.write().unwrap_or_else(|p| p.into_inner()) = tables;
     }
 
-    /// The shift for `task` on `route` (0 when none).
+    /// The shifts a request of `team` (None: no team) sees, read under one lock for a decision.
+    pub fn view<'a>(&'a self, team: Option<&'a str>) -> ShiftView<'a> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        ShiftView { tables, team }
+    }
+
+    /// The shift for `task` on `route` for a request of `team` (0 when none).
+    pub fn get(&self, team: Option<&str>, task: &str, route: &str) -> f64 {
+        self.view(team).get(task, route)
+    }
+}
+
+/// The shifts of one request's team, under the read lock.
+#[derive(Debug)]
+pub struct ShiftView<'a> {
+    tables: RwLockReadGuard<'a, Tables>,
+    team: Option<&'a str>,
+}
+
+impl ShiftView<'_> {
+    /// The team's own shift for (`task`, `route`) when its ratings made one, else the global one.
     pub fn get(&self, task: &str, route: &str) -> f64 {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        if map.is_empty() {
-            return 0.0;
-        }
-        map.get(&(task.to_string(), route.to_string())).copied().unwrap_or(0.0)
+        let own = self
+            .team
+            .and_then(|t| self.tables.teams.get(t))
+            .and_then(|t| lookup(t, task, route));
+        own.or_else(|| lookup(&self.tables.global, task, route)).unwrap_or(0.0)
     }
 }
 
@@ -242,8 +293,36 @@ mod tests {
     #[test]
     fn shifts_default_to_zero() {
         let s = Shifts::default();
-        assert_eq!(s.get("code", "gpt"), 0.0);
-        s.replace(HashMap::from([(("code".to_string(), "gpt".to_string()), 0.1)]));
-        assert_eq!(s.get("code", "gpt"), 0.1);
+        assert_eq!(s.get(None, "code", "gpt"), 0.0);
+        s.replace(
+            HashMap::from([(("code".to_string(), "gpt".to_string()), 0.1)]),
+            HashMap::new(),
+        );
+        assert_eq!(s.get(None, "code", "gpt"), 0.1);
+        assert_eq!(s.get(Some("a"), "code", "gpt"), 0.1);
+    }
+
+    #[test]
+    fn a_teams_shifts_steer_its_own_requests_alone() {
+        let flat = |task: &str, route: &str, v: f64| HashMap::from([((task.to_string(), route.to_string()), v)]);
+        let s = Shifts::default();
+        s.replace(
+            flat("code", "cheap", 0.05),
+            HashMap::from([
+                ("a".to_string(), flat("code", "cheap", -0.15)),
+                ("b".to_string(), flat("math", "cheap", 0.1)),
+            ]),
+        );
+        // Team a's ratings moved (code, cheap) for team a alone.
+        assert_eq!(s.get(Some("a"), "code", "cheap"), -0.15);
+        assert_eq!(s.get(Some("b"), "code", "cheap"), 0.05);
+        assert_eq!(s.get(Some("c"), "code", "cheap"), 0.05);
+        assert_eq!(s.get(None, "code", "cheap"), 0.05);
+        // Where a team's ratings made no shift, its requests see the global one (none here).
+        assert_eq!(s.get(Some("a"), "math", "cheap"), 0.0);
+        assert_eq!(s.get(Some("b"), "math", "cheap"), 0.1);
+        assert_eq!(s.get(None, "math", "cheap"), 0.0);
+        let view = s.view(Some("a"));
+        assert_eq!((view.get("code", "cheap"), view.get("code", "dear")), (-0.15, 0.0));
     }
 }

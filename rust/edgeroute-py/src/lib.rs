@@ -303,9 +303,11 @@ impl Router {
         Ok(())
     }
 
-    /// Replaces the feedback-learning shifts: {(task, route): shift}.
-    fn set_shifts(&self, shifts: HashMap<(String, String), f64>) {
-        self.inner.set_shifts(shifts);
+    /// Replaces the feedback-learning shifts: {(task, route): shift}, and per team
+    /// {team: {(task, route): shift}} for that team's requests.
+    #[pyo3(signature = (shifts, teams=None))]
+    fn set_shifts(&self, shifts: core::policy::FlatShifts, teams: Option<HashMap<String, core::policy::FlatShifts>>) {
+        self.inner.set_shifts(shifts, teams.unwrap_or_default());
     }
 
     /// Exact prompt tokens of a chat body (for accounting when a decision only estimated them).

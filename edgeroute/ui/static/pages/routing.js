@@ -87,6 +87,14 @@ export default {
             { label: 'α', key: 'alpha', num: true, format: (v) => f.dec(v, 1) },
             { label: 'β', key: 'beta', num: true, format: (v) => f.dec(v, 1) },
           ], d.posteriors, { caption: 'Feedback learning' }));
+        if ((d.teams || []).length) {  // a team's own shifts: its ratings steer its requests alone
+          body.append(table([
+            { label: 'Team', key: 'team' }, { label: 'Task', key: 'task' }, { label: 'Route', key: 'route' },
+            { label: 'Mean', key: 'mean', num: true, format: (v) => f.dec(v, 3) },
+            { label: 'α', key: 'alpha', num: true, format: (v) => f.dec(v, 1) },
+            { label: 'β', key: 'beta', num: true, format: (v) => f.dec(v, 1) },
+          ], d.teams, { caption: 'Per-team learning (a team\'s ratings steer its own requests)' }));
+        }
       });
     };
     refresh();

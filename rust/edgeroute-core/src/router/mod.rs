@@ -37,7 +37,7 @@ use crate::config::{DeploymentSpec, HealthSpec, ModelSpec};
 use crate::error::{CoreError, Result};
 use crate::health::{Health, HealthSnapshot};
 use crate::hedge::{HedgeBudget, RotatingHistogram};
-use crate::policy::Shifts;
+use crate::policy::{FlatShifts, Shifts};
 use crate::rules::Rules;
 use crate::select::{FastRng, Swrr};
 use crate::tokens::Encoding;
@@ -115,9 +115,10 @@ impl Router {
             .store(multiplier.max(0.0).to_bits(), Ordering::Relaxed);
     }
 
-    /// Sets the feedback-learning shifts added to predicted scores, per (task, route).
-    pub fn set_shifts(&self, shifts: HashMap<(String, String), f64>) {
-        self.shifts.replace(shifts);
+    /// Sets the feedback-learning shifts added to predicted scores, per (task, route): the
+    /// global ones, and per team those its requests see instead where its ratings made one.
+    pub fn set_shifts(&self, shifts: FlatShifts, teams: HashMap<String, FlatShifts>) {
+        self.shifts.replace(shifts, teams);
     }
 
     /// Whether the router can classify prompts.

@@ -8,7 +8,8 @@ use crate::rules::Action;
 
 impl Router {
     /// The cheapest candidate of policy route `r` whose predicted score (plus its
-    /// feedback shift) reaches `threshold`; returns the route and an explanation.
+    /// feedback shift for the caller's `team`) reaches the policy's threshold; returns the route
+    /// and an explanation.
     /// Only candidates with a deployment the matched rule's `action` allows compete (a rule
     /// keeping tagged requests to some deployments must not leave the policy choosing a route
     /// with none of them, which would refuse a request another candidate can serve); when
@@ -16,18 +17,20 @@ impl Router {
     pub(super) fn apply_policy(
         &self,
         r: usize,
-        threshold: f64,
         c: &Classification,
         needed: u32,
         max_tokens: Option<u32>,
         action: Option<&Action>,
+        team: Option<&str>,
     ) -> (usize, String) {
+        let threshold = self.routes[r].spec.policy.as_ref().expect("a policy route").threshold;
         let task = c.task.class.as_str();
+        let shifts = self.shifts.view(team); // the caller's team's ratings, and the operator's
         let allowed = |route: usize| self.route_allowed(route, action);
         let score = |(i, &(route, out)): (usize, &(usize, usize))| Scored {
             candidate: i,
             cost: self.cheapest_cost(route, needed, max_tokens),
-            score: c.scores[out] + self.shifts.get(task, &self.routes[route].spec.name),
+            score: c.scores[out] + shifts.get(task, &self.routes[route].spec.name),
         };
         let candidates = &self.routes[r].candidates;
         let mut scored: Vec<Scored> = candidates

@@ -113,8 +113,8 @@ impl Router {
             variant = Some(self.routes[route].spec.name.clone());
         }
         let mut policy_note = None;
-        if let (Some(p), Some(c)) = (&self.routes[route].spec.policy, &class) {
-            let (chosen, note) = self.apply_policy(route, p.threshold, c, needed, req.max_tokens, action);
+        if let (Some(_), Some(c)) = (&self.routes[route].spec.policy, &class) {
+            let (chosen, note) = self.apply_policy(route, c, needed, req.max_tokens, action, meta.team.as_deref());
             route = chosen;
             policy_note = Some(note);
         }
