@@ -515,6 +515,7 @@ def builtin_embedder() -> Embedder:
 class Candidate:
     key: str  # the exact key the stored answer lives under
     similarity: float
+    tenant: str = ""  # whose share of the bounds it counts against (that of the request that stored it)
 
 
 # A search looks at the nearest `_K` records first; while every one of them is at or above the
@@ -646,5 +647,5 @@ class SemanticIndex:
             over += similarity >= threshold
             if meta is None or similarity < threshold or meta[0] != context or not meta[1].compatible(g):
                 continue
-            out.append(Candidate(meta[2], similarity))
+            out.append(Candidate(meta[2], similarity, meta[3]))
         return out, over == k and k < len(self._meta)

@@ -318,8 +318,9 @@ class ResponseCache:
         if plan.label == "bypass":
             return None
         fetching, plan.fetching = plan.fetching, None
-        if fetching is not None and isinstance(self.store, RedisStore):
-            entry = await self.store.get(plan.route, plan.key, fetching)
+        shared = self.store if isinstance(self.store, RedisStore) else None
+        if fetching is not None and shared is not None:
+            entry = await shared.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
@@ -327,6 +328,8 @@ class ResponseCache:
             if age <= plan.settings.ttl:
                 plan.label = "hit"
                 self.counters.hits += 1
+                if shared is not None:  # (in memory, `get` moved it already)
+                    shared.touch(plan.route, plan.key, plan.tenant)
                 return entry
             if age <= plan.settings.ttl + plan.settings.stale_if_error:
                 plan.stale = entry
@@ -421,6 +424,8 @@ class ResponseCache:
                 plan.label, plan.similarity = "hit", cand.similarity
                 self.counters.hits += 1
                 self.counters.semantic_hits += 1
+                if isinstance(self.store, RedisStore):  # the share of the tenant that stored it
+                    self.store.touch(plan.route, cand.key, cand.tenant)
                 return entry
         return None
 
@@ -475,7 +480,7 @@ class ResponseCache:
                 if self.shared is not None:
                     record = encode(self.shared.origin, plan.key, plan.context, plan.guards, plan.vector, plan.tenant)
                     await self.shared.publish(
-                        plan.route, plan.space, record, keep, plan.settings.max_entries, plan.owner
+                        plan.route, plan.space, record, keep, plan.settings.max_entries, plan.owner, plan.tenant
                     )
 
     async def forget(self, owners: Collection[str]) -> int:
@@ -574,13 +579,15 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     yield CounterMetricFamily("edgeroute_cache_stores", "Answers stored in the response cache.", value=c.stores)
     evictions = CounterMetricFamily(
         "edgeroute_cache_evictions",
-        "Entries evicted to stay within bounds: lru, the writing tenant's least recently used; tenant_share, "
-        "another tenant's, which held the most; tenant_cap, the writing tenant's oldest past max_entries (Redis).",
+        "Entries evicted: lru, the writing tenant's least recently used; tenant_share, another tenant's, which "
+        "held the most; tenant_cap, the writing tenant's least recently used past max_entries (Redis); revoked, "
+        "those of a managed key that ended.",
         labels=["reason"],
     )
     evictions.add_metric(["lru"], c.evictions - c.evicted_share - c.evicted_capped)
     evictions.add_metric(["tenant_share"], c.evicted_share)
     evictions.add_metric(["tenant_cap"], c.evicted_capped)
+    evictions.add_metric(["revoked"], c.evicted_revoked)
     yield evictions
     yield CounterMetricFamily(
         "edgeroute_cache_not_stored_too_large", "Answers above max_entry_bytes, not stored.", value=c.too_large

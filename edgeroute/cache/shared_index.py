@@ -4,9 +4,12 @@ Each instance keeps its own nearest-neighbour index: a search stays in process (
 trip, no vector module needed in Redis). What instances share is what was indexed. An
 instance that stores an answer matchable by meaning appends a record (the exact key of the
 answer, the context hash, the guards and the embedding in half precision, compressed) to a
-Redis stream per route and embedder, trimmed to the route's `max_entries` and expiring with
-the route's ttl when no answer is added; a record older than the route's ttl (and
-stale-if-error) is trimmed at the next one added, so that it never outlives its answer. Every
+Redis stream per route and embedder, expiring with the route's ttl when no answer is added; a
+record older than the route's ttl (and stale-if-error) is trimmed at the next one added, so
+that it never outlives its answer. Each tenant holds at most the route's `max_entries` records
+of a stream (its oldest go first: a sorted set of its record ids per stream, kept by the
+publishing script), so that one tenant's flood of prompts trims its own records, not the
+others' (an instance that starts later reads theirs still). Every
 instance follows the streams of the routes it looks up: a new or restarted one reads the
 stream from its start (the first lookup waits for that, within the Redis timeout), then
 blocks for new records and adds them to its index. The answers stay the exact entries, so a
@@ -21,9 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
-import time
 import zlib
 from collections.abc import Callable, Collection
 from typing import Any
@@ -33,7 +34,7 @@ import orjson
 from edgeroute import redis_client
 from edgeroute.cache.entry import inflate
 from edgeroute.cache.semantic import Guards, is_packed_spans, is_shape
-from edgeroute.cache.stores import RECORD, CacheCounters, owned_set
+from edgeroute.cache.stores import FORGET, RECORD, CacheCounters, owned_set, owner_shares
 
 log = logging.getLogger("edgeroute.cache")
 
@@ -44,6 +45,38 @@ _MAX_DIM = 16_384
 _MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
 _BLOCK_MS = 5_000  # a follower's wait for new records
+
+# Appends a record (ARGV[1]) to the stream (KEYS[1]) and its id to its tenant's share of it
+# (KEYS[2]; scored by when it was added), of which past ARGV[3] records the oldest go from both
+# (at most 64 an add); records and ids older than the keep time (ARGV[2], ms) go too. For a
+# managed key's request, the id goes into the key's set (KEYS[3], `owned_set`) and the share's
+# name into its set of shares (KEYS[4], `owner_shares`), for its revocation. Returns how many
+# of the tenant's records went.
+_PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local px = tonumber(ARGV[2])
+local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])
+redis.call('XTRIM', KEYS[1], 'MINID', tostring(math.max(0, now - px)) .. '-0')
+redis.call('PEXPIRE', KEYS[1], px)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - px)
+redis.call('ZADD', KEYS[2], now, id)
+local over = math.min(redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3]), 64)
+if over > 0 then
+  redis.call('XDEL', KEYS[1], unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
+else
+  over = 0
+end
+redis.call('PEXPIRE', KEYS[2], px)
+if #KEYS == 4 then
+  redis.call('ZADD', KEYS[3], now + px, 's ' .. id .. ' ' .. KEYS[1])
+  if redis.call('PTTL', KEYS[3]) < px then redis.call('PEXPIRE', KEYS[3], px) end
+  redis.call('SADD', KEYS[4], KEYS[2])
+  if redis.call('PTTL', KEYS[4]) < px then redis.call('PEXPIRE', KEYS[4], px) end
+end
+return over
+"""
 
 # Adds decoded records (vector, context, guards, exact key, tenant) to an index; runs off the loop.
 Adder = Callable[[list[tuple[Any, str, Guards, str, str]]], None]
@@ -117,9 +150,14 @@ class SharedIndexes:
             health_check_interval=0,
         )
         self._followers: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self._publish = self.client.register_script(_PUBLISH)
 
     def stream(self, route: str, embedder: str | None) -> str:
         return f"{self.prefix}:cache:sem:{embedder or '-'}:{route}"
+
+    def share(self, route: str, embedder: str | None, tenant: str) -> str:
+        """A tenant's record ids in a stream, by when each was added (ids only, no content)."""
+        return f"{self.prefix}:cache-sem-share:{embedder or '-'}:{route}:{tenant}"
 
     async def publish(
         self,
@@ -129,24 +167,20 @@ class SharedIndexes:
         keep_s: float,
         max_entries: int,
         owner: str | None = None,
+        tenant: str = "",
     ) -> None:
-        """Appends a record (`encode`) for the other instances; a Redis error loses it (counted).
-        `owner`: the managed key whose request it indexes; its id goes into the key's set of
-        what it wrote (`owned_set`), so that its revocation deletes the record (`forget`)."""
+        """Appends a record (`encode`) for the other instances, within `tenant`'s share of the
+        stream (`_PUBLISH`); a Redis error loses it (counted). `owner`: the managed key whose
+        request it indexes; its id goes into the key's set of what it wrote (`owned_set`), so
+        that its revocation deletes the record (`forget`)."""
         stream = self.stream(route, embedder)
+        keys = [stream, self.share(route, embedder, tenant)]
+        if owner is not None:
+            keys += [owned_set(self.prefix, owner), owner_shares(self.prefix, owner)]
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xadd(stream, {b"r": record}, maxlen=max_entries, approximate=True)
-                # Records older than their answers go too: each holds the prompt's numbers, names
-                # and quoted text (its guards), which must not outlive the answer they point to.
-                pipe.xtrim(stream, minid=f"{max(0, int((time.time() - keep_s) * 1000))}-0", approximate=False)
-                pipe.expire(stream, max(1, math.ceil(keep_s)))
-                rid = (await pipe.execute())[0]
-            if owner is not None:
-                rid = rid.decode() if isinstance(rid, bytes) else str(rid)
-                # The entry's own write set the set's expiry, at least as late as this record's.
-                until = int((time.time() + keep_s) * 1000)
-                await self.client.zadd(owned_set(self.prefix, owner), {f"{RECORD}{rid} {stream}": until})
+            # Records older than their answers go too: each holds the prompt's numbers, names
+            # and quoted text (its guards), which must not outlive the answer they point to.
+            await self._publish(keys=keys, args=[record, max(1, int(keep_s * 1000)), max_entries])
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); a semantic entry was not shared", type(e).__name__)
@@ -204,14 +238,11 @@ class SharedIndexes:
                 ready.set()  # caught up: from now on, wait for new records
 
     async def forget(self, owners: Collection[str]) -> None:
-        """Deletes the records these keys' requests published (their prompts' guards)."""
+        """Deletes the records these keys' requests published (their prompts' guards), and
+        strikes them from their tenants' shares of the streams."""
         for owner in owners:
-            members = await self.client.zrange(owned_set(self.prefix, owner), 0, -1)
-            for m in members:
-                text = m.decode() if isinstance(m, bytes) else str(m)
-                if text.startswith(RECORD):
-                    rid, _, stream = text[len(RECORD) :].partition(" ")
-                    await self.client.xdel(stream, rid)
+            keys = [owned_set(self.prefix, owner), owner_shares(self.prefix, owner)]
+            await self.client.eval(FORGET.body.decode(), 2, *keys, RECORD)
 
     async def close(self) -> None:
         for task, _ in self._followers.values():

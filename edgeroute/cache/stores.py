@@ -25,12 +25,14 @@ DECODED_MAX_BYTES = 4 * 1024 * 1024  # decoded Redis entries kept in process, st
 
 ENTRY = "e "  # a member of an `owned_set` naming an entry
 RECORD = "s "  # one naming a shared semantic record: "s <id> <stream>"
-# The entry; its name in its tenant's share of the route (scored by when it was written; the
-# names of entries past their keep time go first), of which past `max_entries` the oldest go
-# (at most 64 a write: a lowered bound is reached over the next writes); and, for a managed
-# key's request, its name in the key's set (scored by when it expires, so that the names of
-# expired entries go at the next write: a key that stores all day keeps a set of what is live;
-# its expiry pushed to the entry's if later). Returns how many entries went.
+# The entry; its name in its tenant's share of the route (scored by when it was last used:
+# written, or hit (`_TOUCH`); names unused for longer than the entry is kept go first), of
+# which past `max_entries` the least recently used go (at most 64 a write: a lowered bound is
+# reached over the next writes); and, for a managed key's request, its name in the key's set
+# (scored by when it expires, so that the names of expired entries go at the next write: a
+# key that stores all day keeps a set of what is live; its expiry pushed to the entry's if
+# later) and the share's name in the key's set of shares (`owner_shares`: where its names are
+# struck when it ends). Returns how many live entries went.
 _PUT = Script.of(
     """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -40,21 +42,64 @@ local px = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - px)
 redis.call('ZADD', KEYS[2], now, KEYS[1])
 local over = math.min(redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3]), 64)
+local gone = 0
 if over > 0 then
-  redis.call('DEL', unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
+  gone = redis.call('DEL', unpack(redis.call('ZRANGE', KEYS[2], 0, over - 1)))
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
-else
-  over = 0
 end
 redis.call('PEXPIRE', KEYS[2], px)
-if #KEYS == 3 then
+if #KEYS == 4 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('ZADD', KEYS[3], now + px, ARGV[4])
   if redis.call('PTTL', KEYS[3]) < px then redis.call('PEXPIRE', KEYS[3], px) end
+  redis.call('SADD', KEYS[4], KEYS[2])
+  if redis.call('PTTL', KEYS[4]) < px then redis.call('PEXPIRE', KEYS[4], px) end
 end
-return over
+return gone
 """
 )
+# Hits: each entry's name (ARGV[i]) moved to now in its tenant's share (KEYS[i]), if still
+# there (XX: an entry evicted or expired meanwhile is not named again).
+_TOUCH = Script.of(
+    """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[i]) end
+return #KEYS
+"""
+)
+# A managed key ended: what its requests stored of one kind (ARGV[1]: ENTRY or RECORD) goes,
+# and its names are struck from every share it counted against (`owner_shares`), so that
+# they no longer take up its tenant's `max_entries`. Returns {how many were still there, the
+# names}. The key's own sets stay (each instance reads them to drop what it holds in memory).
+FORGET = Script.of(
+    """
+local names, gone = {}, 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, 2) == ARGV[1] then
+    local name = string.sub(m, 3)
+    if ARGV[1] == 'e ' then
+      gone = gone + redis.call('DEL', name)
+    else
+      local sp = string.find(name, ' ', 1, true)
+      local stream = string.sub(name, sp + 1)
+      name = string.sub(name, 1, sp - 1)
+      gone = gone + redis.call('XDEL', stream, name)
+    end
+    names[#names + 1] = name
+  end
+end
+for _, share in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  for i = 1, #names, 1000 do
+    redis.call('ZREM', share, unpack(names, i, math.min(i + 999, #names)))
+  end
+end
+return {gone, names}
+"""
+)
+TOUCH_EVERY_S = 0.1  # hits' touches are sent together at most this late
+TOUCH_MAX = 1024  # or once this many are pending (the pending touches' bound)
+TOUCH_SENDING_MAX = 4  # batches awaiting Redis at once; past it, new ones are dropped
 
 
 def share_set(prefix: str, route: str, tenant: str) -> str:
@@ -71,6 +116,12 @@ def owned_set(prefix: str, owner: str) -> str:
     return f"{prefix}:cache-owner:{owner}"
 
 
+def owner_shares(prefix: str, owner: str) -> str:
+    """The set of the shares (`share_set`, the semantic index's) a managed key's requests
+    stored in: where their names are struck when it ends. Kept as long as its `owned_set`."""
+    return f"{prefix}:cache-owner-shares:{owner}"
+
+
 @dataclass(slots=True)
 class CacheCounters:
     hits: int = 0
@@ -81,7 +132,8 @@ class CacheCounters:
     stores: int = 0
     evictions: int = 0  # entries evicted to stay within bounds, of which:
     evicted_share: int = 0  # another tenant's, which held the most (in memory; see `_Route`)
-    evicted_capped: int = 0  # the writing tenant's oldest, past its `max_entries` (Redis; see `_PUT`)
+    evicted_capped: int = 0  # the writing tenant's least recently used, past its `max_entries` (Redis; `_PUT`)
+    evicted_revoked: int = 0  # entries of a managed key that ended (not in `evictions`: no bound asked it)
     too_large: int = 0
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
@@ -255,6 +307,7 @@ class MemoryStore:
         gone = [(r, key) for r, lru in self._routes.items() for key, item in lru.held.items() if item.owner in wanted]
         for r, key in gone:
             self._routes[r].drop(key)
+        self.counters.evicted_revoked += len(gone)
         return {key for _, key in gone}
 
     def totals(self) -> tuple[int, int]:
@@ -287,6 +340,10 @@ class RedisStore:
         # so an entry replaced or expired there is never served from here).
         self._decoded: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
         self._decoded_bytes = 0
+        # Hits not yet told to their tenants' shares: (share, entry name), sent together (`touch`).
+        self._touches: dict[tuple[str, str], None] = {}
+        self._touching: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     def _key(self, route: str, key: str) -> str:
         return f"{self.prefix}:cache:{route}:{key}"
@@ -330,6 +387,36 @@ class RedisStore:
     def owned(self, owner: str) -> str:
         return owned_set(self.prefix, owner)
 
+    def touch(self, route: str, key: str, tenant: str) -> None:
+        """A hit: the entry becomes its tenant's most recently used, so that past `max_entries`
+        the tenant's unused entries go before it. Not on the request path: touches are sent
+        together, one script for up to `TOUCH_MAX` of them, within `TOUCH_EVERY_S`."""
+        if not tenant:
+            return  # written without a share (no keys): nothing bounds it but Redis's memory
+        self._touches[(share_set(self.prefix, route, tenant), self._key(route, key))] = None
+        if len(self._touches) >= TOUCH_MAX:
+            self._send_touches()
+        elif self._touching is None:
+            self._touching = asyncio.get_running_loop().call_later(TOUCH_EVERY_S, self._send_touches)
+
+    def _send_touches(self) -> None:
+        if self._touching is not None:
+            self._touching.cancel()
+            self._touching = None
+        pending, self._touches = list(self._touches), {}
+        if not pending or len(self._sending) >= TOUCH_SENDING_MAX:
+            return  # Redis is slow: these entries keep their older place, memory stays bounded
+        task = asyncio.get_running_loop().create_task(self._touch([s for s, _ in pending], [n for _, n in pending]))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _touch(self, shares: list[str], names: list[str]) -> None:
+        try:
+            await self.pipe.eval(_TOUCH, shares, names, soon=True)
+        except redis_client.errors() as e:  # lost: those entries keep their older place
+            self.counters.errors += 1
+            log.warning("response cache: Redis unavailable (%s); hits not recorded", type(e).__name__)
+
     async def put(
         self,
         route: str,
@@ -340,7 +427,7 @@ class RedisStore:
         owner: str | None = None,
         tenant: str = "",
     ) -> None:
-        """A tenant holds at most `max_entries` of a route (its oldest written go first; without
+        """A tenant holds at most `max_entries` of a route (its least recently used go first; without
         keys, one tenant: the entry is just written); the bytes of the whole cache are bounded
         by Redis's own `maxmemory` policy."""
         try:
@@ -351,7 +438,7 @@ class RedisStore:
             keys = [self._key(route, key), share_set(self.prefix, route, tenant)]
             args: list[Any] = [entry.dumps(), px, bounds[0]]
             if owner is not None:
-                keys.append(self.owned(owner))
+                keys += [self.owned(owner), owner_shares(self.prefix, owner)]
                 args.append(ENTRY + keys[0])
             evicted = await self.pipe.eval(_PUT, keys, args, soon=True)  # off the path
         except redis_client.errors() as e:
@@ -363,19 +450,20 @@ class RedisStore:
             self.counters.evicted_capped += evicted
 
     async def forget(self, owners: Collection[str]) -> set[str]:
-        """Deletes the entries these keys' requests wrote (their `owned` sets); the exact keys.
-        Every instance does it on seeing the revocation: the first deletes, the others find
-        nothing left to delete but still learn which keys to drop from memory."""
+        """Deletes the entries these keys' requests wrote (their `owned` sets) and strikes their
+        names from the shares they counted against; the exact keys. Every instance does it on
+        seeing the key end: the first deletes (and counts), the others find nothing left to
+        delete but still learn which keys to drop from memory."""
         dropped: set[str] = set()
         self._decoded.clear()  # a memo of decoded entries: it may hold theirs
         for owner in owners:
-            members = await self.pipe.call("ZRANGE", self.owned(owner), 0, -1)
-            entries = [m.decode() for m in members or () if isinstance(m, bytes) and m.startswith(ENTRY.encode())]
-            names = [m[len(ENTRY) :] for m in entries]
-            for i in range(0, len(names), 500):
-                await self.pipe.call("DEL", *names[i : i + 500])
-            dropped |= {name.rpartition(":")[2] for name in names}
+            gone, names = await self.pipe.eval(FORGET, [self.owned(owner), owner_shares(self.prefix, owner)], [ENTRY])
+            self.counters.evicted_revoked += int(gone)
+            dropped |= {n.decode().rpartition(":")[2] for n in names if isinstance(n, bytes)}
         return dropped
 
     async def close(self) -> None:
+        self._send_touches()
+        if self._sending:
+            await asyncio.wait(self._sending, timeout=2)
         await self.pipe.close()
