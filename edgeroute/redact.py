@@ -57,6 +57,7 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
         re.compile(
             r"""(?ix)
             ((?:x-)?api[-_]?key|x-goog-api-key|access[-_]?token|refresh[-_]?token|secret(?:[-_]?access)?[-_]?key
+              |(?:x-amz-)?security[-_]?token|session[-_]?token
               |client[-_]?secret|password|passwd|authorization|proxy-authorization)
             ("?'?\s*[:=]\s*"?'?)
             (?:(?:bearer|basic|token)\s+)?

@@ -29,7 +29,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
-from edgeroute import secrets
+from edgeroute import redact, secrets
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
@@ -149,6 +149,7 @@ class BedrockAdapter(Adapter):
         self.use_api_key = opts.get("auth") == "api_key"
         self._credentials: Credentials | None = None
         self._none_until = 0.0  # monotonic time until which none are looked for (`NO_CREDENTIALS_S`)
+        self._registered_token: str | None = ""  # the session token of the last set given to `redact`
         if "aws_access_key_id" in opts:
             token = opts.get("aws_session_token")
             self._credentials = Credentials(
@@ -171,7 +172,15 @@ class BedrockAdapter(Adapter):
                     code="provider_misconfigured",
                 )
             self._credentials = found
-        return self._credentials.get_frozen_credentials()
+        frozen = self._credentials.get_frozen_credentials()
+        if frozen.token != self._registered_token:
+            # The chain's credentials (environment, profile, a role's) come from no reference
+            # of ours, and a role's are replaced as they expire: each set is a secret as soon
+            # as it is first used, so an upstream quoting the headers back quotes no token.
+            for value in (frozen.access_key, frozen.secret_key, frozen.token):
+                redact.register(value or "")
+            self._registered_token = frozen.token
+        return frozen
 
     def _signed(self, url: str, body: bytes, headers: dict[str, str]) -> dict[str, str]:
         if self.use_api_key:
