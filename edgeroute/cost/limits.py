@@ -2,8 +2,10 @@
 
 A bucket holds up to `capacity` and refills at `capacity` per minute; a request takes
 1 from each requests bucket and its estimated tokens (prompt + max completion) from
-each tokens bucket, all or nothing. Settlement puts back (or takes more of) the
-difference between the estimate and the actual tokens, so a bucket may go into debt.
+each tokens bucket, all or nothing. A request that names no output bound takes its prompt
+and one token per answer for sure, and as much more as each bucket holds up to what budgets
+reserve for it (`Take.more`). Settlement puts back (or takes more of) the difference
+between what was taken and the actual tokens, so a bucket may go into debt.
 Headers follow OpenAI's `x-ratelimit-*` names.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(slots=True)
@@ -53,6 +55,7 @@ class BucketState:
     remaining: int
     reset_s: float
     wait_s: float  # 0 when allowed
+    taken: float = 0.0  # what the take took (its amount, and as much of its `more` as there was)
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,7 +65,21 @@ class Take:
     name: str
     kind: str
     limit: int
-    amount: float
+    amount: float  # what must fit (else the take is refused)
+    # Taken too as far as the bucket holds after `amount`: the output of a request that names no
+    # bound, which the bucket would not otherwise see until the answer ends (ten such streams
+    # passed a TPM of 2,000 by their output), nor refuse it outright when smaller than the bound.
+    more: float = 0.0
+
+
+def take_of(t: Take, level: float) -> float:
+    """What `t` takes from a bucket at `level` (at least `t.amount`): whole tokens of `more`."""
+    return t.amount + max(0.0, min(t.more, math.floor(level - t.amount)))
+
+
+def held_takes(takes: list[Take], states: list[BucketState]) -> list[Take]:
+    """`takes` as they were taken (`BucketState.taken`), for settlement to give back the rest."""
+    return [replace(t, amount=s.taken, more=0.0) if t.more else t for t, s in zip(takes, states, strict=True)]
 
 
 class LocalLimiter:
@@ -106,12 +123,12 @@ class LocalLimiter:
         buckets = [self._bucket(t, now) for t in takes]
         waits = [b.wait_for(t.amount) for b, t in zip(buckets, takes, strict=True)]
         ok = not any(waits)
-        if ok:
-            for b, t in zip(buckets, takes, strict=True):
-                b.level -= t.amount
+        taken = [take_of(t, b.level) if ok else 0.0 for b, t in zip(buckets, takes, strict=True)]
+        for b, n in zip(buckets, taken, strict=True):
+            b.level -= n
         states = [
-            BucketState(t.name, t.kind, t.limit, max(0, int(b.level)), b.reset_after(), w)
-            for b, t, w in zip(buckets, takes, waits, strict=True)
+            BucketState(t.name, t.kind, t.limit, max(0, int(b.level)), b.reset_after(), w, n)
+            for b, t, w, n in zip(buckets, takes, waits, taken, strict=True)
         ]
         return ok, states
 

@@ -27,12 +27,13 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Buckets KEYS[k0+1 .. k0+n]; ARGV from a0+1, three each: capacity, refill per ms, amount.
--- Appends ok (1/0), each level after, each wait in ms (-1: never fits).
+-- Buckets KEYS[k0+1 .. k0+n]; ARGV from a0+1, four each: capacity, refill per ms, amount, more
+-- (taken too, in whole tokens, as far as the bucket holds after the amount: `limits.Take`).
+-- Appends ok (1/0), each level after, each wait in ms (-1: never fits), each amount taken.
 local function take(k0, a0, n, now, out)
-  local levels, waits, ok = {}, {}, 1
+  local levels, waits, taken, ok = {}, {}, {}, 1
   for i = 1, n do
-    local b = a0 + (i - 1) * 3
+    local b = a0 + (i - 1) * 4
     local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
     local v = redis.call('HMGET', KEYS[k0 + i], 'l', 't')
     local level, ts = tonumber(v[1]) or cap, tonumber(v[2]) or now
@@ -46,14 +47,19 @@ local function take(k0, a0, n, now, out)
   end
   out[#out + 1] = ok
   for i = 1, n do
-    local b = a0 + (i - 1) * 3
+    local b = a0 + (i - 1) * 4
     local cap, rate, amt = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-    if ok == 1 then levels[i] = levels[i] - amt end
+    taken[i] = 0
+    if ok == 1 then
+      taken[i] = amt + math.max(0, math.min(tonumber(ARGV[b + 4]), math.floor(levels[i] - amt)))
+      levels[i] = levels[i] - taken[i]
+    end
     redis.call('HSET', KEYS[k0 + i], 'l', tostring(levels[i]), 't', now)
     redis.call('PEXPIRE', KEYS[k0 + i], math.ceil(cap / rate) + 1000)
     out[#out + 1] = tostring(levels[i])
   end
   for i = 1, n do out[#out + 1] = waits[i] end
+  for i = 1, n do out[#out + 1] = tostring(taken[i]) end
   return ok
 end
 
@@ -126,7 +132,7 @@ local na, nb, nc, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), 
 local gen = nc > 0 and redis.call('GET', KEYS[#KEYS])
 if nc > 0 and not gen then return {-1} end
 local out, now = {0}, now_ms()
-local l0, la = na + nb + nc, 4 + 3 * (na + nb) + 6 * nc
+local l0, la = na + nb + nc, 4 + 4 * (na + nb) + 6 * nc
 for i = 1, nl do
   redis.call('ZREMRANGEBYSCORE', KEYS[l0 + i], '-inf', now)
   if redis.call('ZCARD', KEYS[l0 + i]) >= tonumber(ARGV[la + 2 * i]) then return {i} end
@@ -137,8 +143,8 @@ for i = 1, nl do
   redis.call('ZADD', KEYS[l0 + i], now + ttl, ARGV[la + 2 * i + 1])
   redis.call('PEXPIRE', KEYS[l0 + i], ttl)
 end
-take(na, 4 + 3 * na, nb, now, out)
-reserve(na + nb, 4 + 3 * (na + nb), nc, out)
+take(na, 4 + 4 * na, nb, now, out)
+reserve(na + nb, 4 + 4 * (na + nb), nc, out)
 if nc > 0 then out[#out + 1] = gen end
 return out
 """

@@ -22,7 +22,7 @@ from typing import Any
 from edgeroute import redis_client
 from edgeroute.config import SharedState
 from edgeroute.cost.budgets import Charge, Reserved
-from edgeroute.cost.limits import BucketState, Take
+from edgeroute.cost.limits import BucketState, Take, held_takes
 from edgeroute.cost.redis_scripts import (
     ADD_SPENT,
     ADMIT,
@@ -215,9 +215,11 @@ class RedisState:
         got = self._read_admit(out, takes, deployment, charges, leases)
         if got.lease_refused >= 0:
             return  # refused at a key's cap: it took nothing
-        back = [t for t in takes if t.kind == "tokens"] if got.rate is None or got.rate[0] else []
+        back = []
+        if got.rate is not None and got.rate[0]:
+            back = [t for t in held_takes(takes, got.rate[1]) if t.kind == "tokens"]
         if got.deployment is not None and got.deployment[0]:
-            back += deployment
+            back += held_takes(deployment, got.deployment[1])
         work = [self.adjust_buckets(back, [-t.amount for t in back])] if back else []
         if got.leased:
             work += [self._unlease(key, lease) for key, _, lease in leases]
@@ -324,7 +326,7 @@ class RedisState:
     def _take_args(takes: list[Take]) -> list[Any]:
         args: list[Any] = []
         for t in takes:
-            args += [t.limit, t.limit / 60_000, t.amount]
+            args += [t.limit, t.limit / 60_000, t.amount, t.more]
         return args
 
     @staticmethod
@@ -336,6 +338,7 @@ class RedisState:
         for i, t in enumerate(takes):
             level = float(out[at + 1 + i])
             wait_ms = int(out[at + 1 + n + i])
+            taken = float(out[at + 1 + 2 * n + i])
             per_s = t.limit / 60
             states.append(
                 BucketState(
@@ -345,9 +348,10 @@ class RedisState:
                     max(0, int(level)),
                     max(0.0, (t.limit - level) / per_s),
                     math.inf if wait_ms < 0 else wait_ms / 1000,
+                    taken,
                 )
             )
-        return (ok, states), at + 1 + 2 * n
+        return (ok, states), at + 1 + 3 * n
 
     async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
         out = await self._run(TAKE, [self._rkey(t) for t in takes], self._take_args(takes))

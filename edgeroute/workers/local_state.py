@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from edgeroute import sqlite_wal
 from edgeroute.cost.budgets import Charge, Reserved
-from edgeroute.cost.limits import BucketState, Take
+from edgeroute.cost.limits import BucketState, Take, take_of
 from edgeroute.cost.store_errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -236,8 +236,8 @@ class SqliteState:
                 waits.append(wait)
             states = []
             for t, level, wait in zip(takes, levels, waits, strict=True):
-                if ok:
-                    level -= t.amount
+                taken = take_of(t, level) if ok else 0.0
+                level -= taken
                 expires = now_ms / 1000 + 61  # a bucket refills whole within a minute
                 db.execute(
                     "INSERT OR REPLACE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)",
@@ -245,7 +245,9 @@ class SqliteState:
                 )
                 per_s = t.limit / 60
                 states.append(
-                    BucketState(t.name, t.kind, t.limit, max(0, int(level)), max(0.0, (t.limit - level) / per_s), wait)
+                    BucketState(
+                        t.name, t.kind, t.limit, max(0, int(level)), max(0.0, (t.limit - level) / per_s), wait, taken
+                    )
                 )
             return ok, states
 

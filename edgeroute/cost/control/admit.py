@@ -29,7 +29,7 @@ from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
 from edgeroute.leases import RedisLeases, SharedSlots, SqliteLeases
-from edgeroute.state import STATE, ServerState
+from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
 
@@ -140,11 +140,12 @@ class CostControl(Reservations, RateLimits):
         self.current(state)
         live = state.live
         choices = decision.choices
-        tokens = decision.prompt_tokens + (decision.max_tokens or 0) * choices
-        ticket.tokens = tokens
         budgeted = bool(self.budgets) or bool(ident.budgets)
         prices = self._prices_for(live.config) if budgeted else None
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
+        tokens = ticket.tokens = decision.prompt_tokens + (decision.max_tokens or 1) * choices
+        if not decision.max_tokens:
+            ticket.more = self._unbounded_more(decision, top, live)
         if media is not None and prices is not None:
             ticket.media = await media()
         if wanted := parallel.caps(ident, self._key_parallel(ident)):
@@ -191,6 +192,16 @@ class CostControl(Reservations, RateLimits):
         self._journal_takes(rec.request_id, now, ticket.held)
         return ticket
 
+    def _unbounded_more(self, decision: _core.Decision, top: Ceiling | None, live: Live) -> int:
+        """The output a request naming no bound takes from TPM buckets beyond one token per
+        answer, as far as each holds: up to what its budgets reserve for it
+        (`Reservations._completion`). So a lone one is served under a TPM below that bound, and
+        those sent alongside find the bucket drained and get its 429; settlement gives back
+        what the answer did not use."""
+        if top is None:
+            top = self._prices_for(live.config).top(decision.route, decision.order, live.deployments)
+        return (self._completion(decision, top) - 1) * decision.choices
+
     async def count_request(self, request: web.Request) -> None:
         """A request that reaches no upstream (`/v1/route/explain`, `/v1/messages/count_tokens`)
         counts against its key's RPM, as a cache hit does, so that a key held to a few requests
@@ -215,9 +226,9 @@ class CostControl(Reservations, RateLimits):
         file, or after Redis failed)."""
         if not isinstance(self.shared, RedisState) or not self.shared_up():
             return AtOnce()
-        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens)
+        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens, ticket.more)
         dep = self._deployment_of(table, decision)
-        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens) if dep is not None else []
+        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens, ticket.more) if dep else []
         charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
         leases = (self.parallel.in_script(wanted) or []) if wanted else []
         if not (takes or deployment or charges or leases):

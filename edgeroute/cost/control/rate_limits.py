@@ -17,16 +17,17 @@ from edgeroute.config import Config, Limit
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held, Taken
 from edgeroute.cost.keys import ANONYMOUS, Identity
-from edgeroute.cost.limits import BucketState, Take, headers_for
+from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes
 from edgeroute.errors import ProxyError
 
 RATE_STATES = web.RequestKey("rate_states", list)
 
 
-def bucket_takes(name: str, lim: Limit, tokens: int) -> list[Take]:
+def bucket_takes(name: str, lim: Limit, tokens: int, more: int = 0) -> list[Take]:
+    """`lim`'s buckets' demand: a request, and `tokens` (and up to `more` beyond: `Take.more`)."""
     takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
     if lim.tpm:
-        takes.append(Take(name, "tokens", lim.tpm, tokens))
+        takes.append(Take(name, "tokens", lim.tpm, tokens, more))
     return takes
 
 
@@ -46,10 +47,11 @@ class ProviderGate:
         if lim is None:
             return True
         ticket = self._ticket
-        takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens)
-        ok, _, shared = await self._control._take(takes)
+        takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens, ticket.more)
+        ok, states, shared = await self._control._take(takes)
         if not ok:
             return False
+        takes = held_takes(takes, states)
         held = next((h for h in ticket.held if h.deployment == name and h.shared == shared), None)
         if held is None:
             ticket.held.append(Held(takes, shared, name))
@@ -91,18 +93,18 @@ class RateLimits(Stores):
         per_key = self.cfg.rate_limits.per_key
         return own if own is not None else (per_key.max_parallel if per_key is not None else None)
 
-    def _key_takes(self, ident: Identity, tokens: int) -> list[Take]:
+    def _key_takes(self, ident: Identity, tokens: int, more: int = 0) -> list[Take]:
         key_limit = self._key_limit(ident)
-        takes = bucket_takes(f"key:{ident.key}", key_limit, tokens) if key_limit else []
+        takes = bucket_takes(f"key:{ident.key}", key_limit, tokens, more) if key_limit else []
         for ancestor, lim in ident.ancestor_limits:  # the keys that made it share their limits
-            takes += bucket_takes(f"key:{ancestor}", lim, tokens)
+            takes += bucket_takes(f"key:{ancestor}", lim, tokens, more)
         return takes
 
-    def _rate_takes(self, ident: Identity, route: str, tokens: int) -> list[Take]:
+    def _rate_takes(self, ident: Identity, route: str, tokens: int, more: int = 0) -> list[Take]:
         model_limit = self._model_limits.get(route)
-        takes = self._key_takes(ident, tokens)
+        takes = self._key_takes(ident, tokens, more)
         if model_limit is not None:
-            takes += bucket_takes(f"model:{route}", model_limit, tokens)
+            takes += bucket_takes(f"model:{route}", model_limit, tokens, more)
         return takes
 
     async def _rate_limits(
@@ -115,7 +117,7 @@ class RateLimits(Stores):
         got: Taken | None = None,
     ) -> None:
         """Takes the key and model limits (or reads `got`, their result taken already)."""
-        takes = self._rate_takes(ticket.identity, route, tokens)
+        takes = self._rate_takes(ticket.identity, route, tokens, ticket.more)
         if not takes:
             return
         ok, states, shared = got if got is not None else await self._take(takes)
@@ -123,7 +125,7 @@ class RateLimits(Stores):
         if not ok:
             rec.outcome = "rate_limited"
             raise _rate_limit_error(states, headers_for(states))
-        ticket.held.append(Held(takes, shared))
+        ticket.held.append(Held(held_takes(takes, states), shared))
 
     async def _request_limits(self, request: web.Request, ident: Identity) -> None:
         """Takes one request from the key's requests-per-minute limits (and those of the keys
@@ -154,7 +156,7 @@ class RateLimits(Stores):
         states = [s for s in request.get(RATE_STATES, []) if s.name != gone]
         request[RATE_STATES] = states
         lim = self._model_limits.get(new)
-        takes = bucket_takes(f"model:{new}", lim, tokens) if lim is not None else []
+        takes = bucket_takes(f"model:{new}", lim, tokens, ticket.more) if lim is not None else []
         if not takes:
             return
         ok, taken, shared = await self._take(takes)
@@ -162,7 +164,7 @@ class RateLimits(Stores):
         if not ok:
             rec.outcome = "rate_limited"
             raise _rate_limit_error(states, headers_for(states))
-        ticket.held.append(Held(takes, shared))
+        ticket.held.append(Held(held_takes(takes, taken), shared))
 
     async def _deployment_limits(
         self,
@@ -182,7 +184,7 @@ class RateLimits(Stores):
             return
         name, lim = found
         dep = table[decision.order[0]]
-        takes = bucket_takes(f"deployment:{name}", lim, tokens)
+        takes = bucket_takes(f"deployment:{name}", lim, tokens, ticket.more)
         ok, states, shared = got if got is not None else await self._take(takes)
         # The core has no limit-aware selection: hold the deployment out of it until a request's
         # worth is back, so that selection routes around it. A hold, not a `rate_limited` report:
@@ -198,7 +200,7 @@ class RateLimits(Stores):
             router.hold_for_limit(dep.index, math.ceil(min(wait, 60.0) * 1000))
         if ok:
             end = functools.partial(router.end_limit_hold, dep.index) if wait > 0 else None
-            ticket.held.append(Held(takes, shared, name, end))
+            ticket.held.append(Held(held_takes(takes, states), shared, name, end))
             return
         if again and len(decision.order) > 1:
             ticket.reroute = decision.model

@@ -37,6 +37,9 @@ class CostTicket:
     started: float = 0.0  # the request's start (its record's ts): which budgets count it in memory
     reroute: str | None = None  # the endpoint decides again for this model before dispatch
     tokens: int = 0  # the request's token estimate (prompt + max completions), for limits
+    # Beyond `tokens`, taken from TPM buckets as far as they hold (`limits.Take.more`): the output
+    # a request that names no bound may write (`tokens` then counts one token per answer).
+    more: int = 0
     media: MediaParts = NONE  # its image, audio and file parts, which budgets reserve for too
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False

@@ -1,0 +1,161 @@
+"""A token-per-minute limit bounds requests that name no `max_tokens`: each takes its prompt
+and what the bucket has left, up to the output budgets reserve for it, and settles to what its
+answer used. Ten such requests at once no longer pass a TPM by their output, while a lone one
+under a TPM below that reservation is served and sequential ones keep their pace."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from edgeroute.config import SharedState
+from edgeroute.cost.limits import BucketState, LocalLimiter, Take, held_takes
+from edgeroute.cost.redis_store import RedisState
+from edgeroute.workers.local_state import SqliteState
+from tests.test_cost_support import REDIS_URL, cost_proxy, one_deployment, require_redis
+
+PROMPT = " ".join(["hello"] * 100)  # ~100 tokens: a refill of the bucket's prompt takes seconds
+ANSWER_WORDS = 1500  # the mock's answer: ~1,500 output tokens, which a TPM of 2,000 nearly holds
+TPM = 2000
+
+
+@pytest.fixture(params=["in_process", "redis"])
+def shared(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Where the buckets are counted: this process, or Redis (`shared_state`, a prefix of its own)."""
+    if request.param == "in_process":
+        return {}
+    require_redis()
+    return {"shared_state": {"redis_url": REDIS_URL, "prefix": f"edgeroute-test-tpm-{os.urandom(4).hex()}"}}
+
+
+def _config(base_url: str, shared: dict[str, Any], tpm: int = TPM) -> dict[str, Any]:
+    return one_deployment(base_url, rate_limits={"models": {"m": {"tpm": tpm}}}, **shared)
+
+
+async def _tokens_or_refusal(client: openai.AsyncOpenAI, stream: bool) -> int | openai.RateLimitError:
+    """The tokens one request without `max_tokens` was served (its usage), or its 429."""
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    try:
+        if not stream:
+            done = await client.chat.completions.create(model="m", messages=messages)
+            assert done.usage is not None
+            return done.usage.total_tokens
+        chunks = await client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        total = 0
+        async for chunk in chunks:
+            if chunk.usage is not None:
+                total = chunk.usage.total_tokens
+        assert total > 0
+        return total
+    except openai.RateLimitError as e:
+        return e
+
+
+@pytest.fixture
+async def client(start_upstream: Any, shared: dict[str, Any]) -> AsyncIterator[openai.AsyncOpenAI]:
+    up = await start_upstream(reply_words=ANSWER_WORDS, latency_ms=400, chunk_interval=0.0005)
+    async with (
+        cost_proxy(_config(up.base_url, shared)) as proxy,
+        openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        yield c
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_concurrent_requests_without_max_tokens_are_held_to_tpm(client: openai.AsyncOpenAI, stream: bool) -> None:
+    started = time.monotonic()
+    got = await asyncio.gather(*(_tokens_or_refusal(client, stream) for _ in range(10)))
+    elapsed = time.monotonic() - started
+    served = [n for n in got if isinstance(n, int)]
+    refused = [e for e in got if isinstance(e, openai.RateLimitError)]
+    # The first takes all the bucket holds (its answer may need ~1,600); the others find it drained.
+    assert len(served) == 1 and len(refused) == 9, got
+    for e in refused:
+        assert e.code == "rate_limit_exceeded"
+        assert "tokens per minute on model 'm'" in e.message
+        assert int(e.response.headers["x-ratelimit-remaining-tokens"]) < 100  # less than its prompt
+    # What was served stays within the limit and what refilled meanwhile (a minute's TPM per minute).
+    assert served[0] > ANSWER_WORDS  # the answer is whole: no cut to fit the bucket
+    assert sum(served) <= TPM + TPM * elapsed / 60
+
+
+async def test_a_lone_request_under_a_small_tpm_is_served_and_sequential_ones_keep_pace(
+    start_upstream: Any, shared: dict[str, Any]
+) -> None:
+    """Below `budgets.reserve_max_tokens` (4,096), a request without `max_tokens` takes what is
+    left instead of being refused as too large; settlement gives back what its answer did not
+    use, so the next one finds the bucket as full as the answers left it."""
+    up = await start_upstream(reply_words=100)
+    async with (
+        cost_proxy(_config(up.base_url, shared, tpm=1500)) as proxy,
+        openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        messages: Any = [{"role": "user", "content": "hi"}]
+        used, started = 0, time.monotonic()
+        for _ in range(5):  # ~110 tokens each: 550 of a TPM of 1,500, one after the other
+            raw = await c.chat.completions.with_raw_response.create(model="m", messages=messages)
+            answer = raw.parse()
+            assert answer.usage is not None
+            # It took all that was left, and says so; the next sees the rest given back.
+            assert raw.headers["x-ratelimit-remaining-tokens"] == "0"
+            used += answer.usage.total_tokens
+        assert used < 1500
+        # A request naming a bound takes exactly that: what the unbounded ones gave back is there.
+        raw = await c.chat.completions.with_raw_response.create(model="m", messages=messages, max_tokens=10)
+        left = int(raw.headers["x-ratelimit-remaining-tokens"])
+        refilled = 1500 / 60 * (time.monotonic() - started)
+        assert 1500 - used - 20 <= left <= 1500 - used - 18 + refilled + 1  # less its prompt (8) and 10
+
+
+@pytest.fixture(params=["in_process", "workers_file", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Each place buckets are counted, with `take` and `adjust_buckets` as admission calls them."""
+    if request.param == "in_process":
+        lim = LocalLimiter()
+
+        class InProcess:
+            async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+                return lim.take(takes)
+
+            async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
+                for t, d in zip(takes, deltas, strict=True):
+                    lim.adjust(t.name, t.kind, d)
+
+        yield InProcess()
+        return
+    if request.param == "workers_file":
+        sqlite = SqliteState(tmp_path / "shared.db")
+        yield sqlite
+        await sqlite.close()
+        return
+    require_redis()
+    redis = RedisState(SharedState(redis_url=REDIS_URL, prefix=f"edgeroute-test-tpm-{os.urandom(4).hex()}"))
+    yield redis
+    await redis.close()
+
+
+async def test_each_store_takes_what_is_left_and_says_how_much(store: Any) -> None:
+    """A take with `more` takes its amount for sure and whole tokens of `more` as far as the bucket
+    holds, and answers what it took, which settlement gives back from (the `SETTLE` script or the
+    workers' file alike). An amount that does not fit is refused as before, taking nothing."""
+    unbounded = [Take("model:m", "tokens", 1000, 101, 4095)]  # a prompt of 100, one token, up to 4,096
+    ok, states = await store.take(unbounded)
+    assert ok and 999 <= states[0].taken <= 1000 and states[0].remaining == 0
+    assert held_takes(unbounded, states)[0].amount == states[0].taken
+    ok, states = await store.take(unbounded)  # drained: not even its prompt and a token fit
+    assert not ok and states[0].taken == 0 and 0 < states[0].wait_s < 7
+    await store.adjust_buckets([Take("model:m", "tokens", 1000, 1000)], [-600.0])  # it used 400 of 1,000
+    ok, states = await store.take(unbounded)
+    assert ok and 600 <= states[0].taken <= 602 and states[0].remaining == 0
+    ok, states = await store.take([Take("model:m", "tokens", 1000, 1001, 10)])
+    assert not ok and states[0].wait_s == math.inf  # more than the limit: too large, whatever `more`
