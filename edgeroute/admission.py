@@ -18,6 +18,7 @@ from aiohttp import web
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
 from edgeroute.cost.media import Media
+from edgeroute.state import Live
 
 # The exact prompt tokens of the request being admitted, counted when first awaited.
 Counter = Callable[[], Awaitable[int]]
@@ -74,7 +75,7 @@ class Admission(Protocol):
         sent to. None when no deployment has a limit."""
         ...
 
-    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
+    def mirror_ticket(self, decision: _core.Decision, live: Live) -> Ticket | None:
         """A ticket for a request no client sent (a shadow mirror): held to the provider limits
         of the deployments it goes to (`attempt_gate`, every attempt), settled like any other."""
         ...
@@ -119,7 +120,7 @@ class AdmitAll:
     def attempt_gate(self, ticket: Ticket | None) -> AttemptGate | None:
         return None
 
-    def mirror_ticket(self, decision: _core.Decision) -> Ticket | None:
+    def mirror_ticket(self, decision: _core.Decision, live: Live) -> Ticket | None:
         return None
 
 

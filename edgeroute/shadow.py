@@ -337,7 +337,7 @@ async def _mirror(
         if (skipped := await _unfit(call)) is not None:
             return  # nothing sent, nothing spent: counted and logged, not recorded
         admission = app.get(ADMISSION)
-        ticket = admission.mirror_ticket(d) if admission is not None else None
+        ticket = admission.mirror_ticket(d, live) if admission is not None else None
         if admission is not None:
             call.gate, call.first_counted = admission.attempt_gate(ticket), False
         result, dep = await call.run()

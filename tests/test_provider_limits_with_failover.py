@@ -9,6 +9,7 @@ limit, the deployment is passed over (no hedge is sent; a failover goes elsewher
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import openai
@@ -73,3 +74,33 @@ async def test_shadow_mirrors_keep_to_a_deployments_limit(start_upstream: Any, s
     await eventually(mirrors_done, "five mirrors recorded (sent or passed over)")
     assert len(primary.options.requests) == 5
     assert len(candidate.options.requests) == 2, f"d-s (2 a minute) was sent {len(candidate.options.requests)}"
+
+
+async def test_shadow_mirrors_without_max_tokens_keep_to_a_deployments_tpm(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """A mirror naming no output bound takes its output from a deployment's TPM as a client's
+    request does (as much as the bucket holds, given back at its end): mirrors sent together
+    took their prompts alone, and their answers passed the candidate's TPM by their output."""
+    primary = await start_upstream(record=True, latency_ms=300)
+    candidate = await start_upstream(record=True, latency_ms=300)
+    cfg = simple_config({"a": primary, "s": candidate})
+    cfg["models"] = {
+        "m": {"deployments": ["d-a"], "shadow": {"model": "s", "percent": 100}},
+        "s": {"deployments": ["d-s"]},
+    }
+    cfg["rate_limits"] = {"deployments": {"d-s": {"tpm": 2000}}}
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    ask = [{"role": "user", "content": "hi"}]
+    await asyncio.gather(*(client.chat.completions.create(model="m", messages=ask) for _ in range(5)))
+    await client.close()
+
+    async def mirrors_done() -> bool:
+        return sum(1 for r in proxy.recorder.records if r.outcome == "shadow") == 5
+
+    await eventually(mirrors_done, "five mirrors recorded (sent or passed over)")
+    assert len(primary.options.requests) == 5
+    # The first mirror took what the bucket held beyond its prompt (up to the 4,096 reserved):
+    # the four beside it found it drained.
+    assert len(candidate.options.requests) == 1, f"d-s was sent {len(candidate.options.requests)}"

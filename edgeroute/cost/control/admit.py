@@ -202,6 +202,18 @@ class CostControl(Reservations, RateLimits):
             top = self._prices_for(live.config).top(decision.route, decision.order, live.deployments)
         return (self._completion(decision, top) - 1) * decision.choices
 
+    def mirror_ticket(self, decision: _core.Decision, live: Live) -> CostTicket | None:
+        """A shadow mirror's ticket: no client limit or budget counts a mirror, but the provider
+        limits of the deployments it is sent to do (a mirror of every request took a
+        deployment's provider quota from its own traffic, uncounted), by the client's rule:
+        a mirror naming no output bound takes as much of a TPM as holds, up to the reservation."""
+        if not self.cfg.rate_limits.deployments:
+            return None
+        ticket = CostTicket(ANONYMOUS, tokens=decision.prompt_tokens + (decision.max_tokens or 1) * decision.choices)
+        if not decision.max_tokens:
+            ticket.more = self._unbounded_more(decision, None, live)
+        return ticket
+
     async def count_request(self, request: web.Request) -> None:
         """A request that reaches no upstream (`/v1/route/explain`, `/v1/messages/count_tokens`)
         counts against its key's RPM, as a cache hit does, so that a key held to a few requests

@@ -16,7 +16,7 @@ from edgeroute.accounting import RequestRecord
 from edgeroute.config import Config, Limit
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held, Taken
-from edgeroute.cost.keys import ANONYMOUS, Identity
+from edgeroute.cost.keys import Identity
 from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes
 from edgeroute.errors import ProxyError
 
@@ -222,14 +222,6 @@ class RateLimits(Stores):
         if not limits or not isinstance(ticket, CostTicket):
             return None
         return ProviderGate(self, limits, ticket)
-
-    def mirror_ticket(self, decision: _core.Decision) -> CostTicket | None:
-        """A shadow mirror's ticket: no client limit or budget counts a mirror, but the provider
-        limits of the deployments it is sent to do (a mirror of every request took a
-        deployment's provider quota from its own traffic, uncounted)."""
-        if not self.cfg.rate_limits.deployments:
-            return None
-        return CostTicket(ANONYMOUS, tokens=decision.prompt_tokens + (decision.max_tokens or 0) * decision.choices)
 
     def _deployment_of(self, table: list[Any], decision: _core.Decision) -> tuple[str, Limit] | None:
         """The decision's first deployment and its provider limit, when it has one."""
