@@ -69,7 +69,10 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
-    gov.versions.use_external(cfg.governance.versions_key, p.parent if p.is_file() else None)
+    try:  # a key that cannot be read is the config's problem, said as one (not a traceback)
+        gov.versions.use_external(cfg.governance.versions_key, p.parent if p.is_file() else None)
+    except secrets.SecretError as e:
+        raise config_mod.ConfigError([f"{source}: governance.versions_key: {e}"]) from None
     gov.versions.record(text_of(cfg, source), "start", None)
     if worker is None or worker.id == 0:  # one server start, whatever its workers
         store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
