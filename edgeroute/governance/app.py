@@ -29,8 +29,8 @@ from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
-from edgeroute.governance.runtime import GOV, Change, Gov, actor_of
-from edgeroute.governance.store import GovStore
+from edgeroute.governance.runtime import GOV, Change, Gov, actor_of, answered
+from edgeroute.governance.store import STORE_DEADLINE_S, GovStore
 from edgeroute.governance.versions import (
     access_changes,
     check_text,
@@ -69,6 +69,10 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
     app[GOV] = gov
     secrets.set_refresh_interval(cfg.governance.secrets_refresh)
+    try:  # a key that cannot be read is the config's problem, said as one (not a traceback)
+        gov.versions.use_external(cfg.governance.versions_key, p.parent if p.is_file() else None)
+    except secrets.SecretError as e:
+        raise config_mod.ConfigError([f"{source}: governance.versions_key: {e}"]) from None
     gov.versions.record(text_of(cfg, source), "start", None)
     if worker is None or worker.id == 0:  # one server start, whatever its workers
         store.audit("server", "config.start", "config", None, {"version": gov.versions.active})
@@ -189,7 +193,8 @@ async def rollback(request: web.Request) -> web.Response:
         raise ProxyError(400, "'version' must be a version number.", param="version")
     ident = request.get(IDENTITY)
     as_admin = ident is None or roles.permits(ident.role, "admin")  # no key: loopback, shared key
-    return json_response(await rollback_to(request.app, raw, actor_of(request), as_admin=as_admin))
+    # A store that does not confirm the change within its deadline: 503, the change may apply yet.
+    return json_response(await answered(rollback_to(request.app, raw, actor_of(request), as_admin=as_admin)))
 
 
 async def rollback_to(
@@ -221,13 +226,13 @@ async def _rolled_back(
 ) -> dict[str, Any]:
     gov = app[GOV]
     target = await _stored(_VERSIONS, gov.versions.get, version)
-    async with gov.lock, editing(app):
+    async with gov.changing(), editing(app):
         before = gov.versions.active
 
         def restored() -> str:  # against the running config once no reload is in progress
             nonlocal before
             before = gov.versions.active
-            text = restore(target.body, gov.versions.running_text, version, gov.versions.key)
+            text = restore(target.body, gov.versions.running_text, version, gov.versions.keys)
             if not as_admin:
                 running = gov.versions.running_text
                 access, weaker = access_changes(running, text), weakenings(running, text)
@@ -528,7 +533,6 @@ async def _key_change(fn: Callable[..., _T], *args: Any) -> _T:
 _KEYS = ("key store", "key_store_unavailable")
 _VERSIONS = ("config version store", "config_store_unavailable")
 _AUDIT = ("audit log store", "audit_store_unavailable")
-STORE_DEADLINE_S = 5.0  # an admin call's wait for the governance store (past store.LOCK_WAIT_S)
 
 
 async def _bounded(fn: Callable[..., _T], *args: Any) -> _T:

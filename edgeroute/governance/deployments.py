@@ -21,7 +21,7 @@ from edgeroute import config as config_mod
 from edgeroute.errors import ProxyError
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response
-from edgeroute.governance.runtime import GOV, Change, actor_of
+from edgeroute.governance.runtime import GOV, Change, actor_of, answered
 from edgeroute.reload import to_the_end
 from edgeroute.state import STATE
 
@@ -41,8 +41,9 @@ Mutation = Callable[[dict[str, Any]], tuple[Any, Any]]
 
 
 async def _change(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
-    # To its end once begun, its client gone or not: a change recorded is a change applied.
-    return await to_the_end(_made(request, action, target, mutate))
+    # To its end once begun, its client gone or not: a change recorded is a change applied. A
+    # store that does not confirm it within its deadline: 503, the change may apply yet.
+    return await answered(to_the_end(_made(request, action, target, mutate)))
 
 
 async def _made(request: web.Request, action: str, target: str, mutate: Mutation) -> web.Response:
@@ -58,7 +59,7 @@ async def _made(request: web.Request, action: str, target: str, mutate: Mutation
         audit.append((f"deployment.{action}", target, before, after))
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
-    async with gov.lock, editing(request.app):
+    async with gov.changing(), editing(request.app):
         try:
             written = await apply_text(request.app, changed, "api", actor, audit)
         except _Unchanged:  # no version, no audit entry, the file untouched

@@ -7,23 +7,31 @@ without importing them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
+from edgeroute.errors import ProxyError
 from edgeroute.governance import residency
 from edgeroute.governance.keys import ManagedKeys
-from edgeroute.governance.store import AuditRow, GovStore
+from edgeroute.governance.store import STORE_DEADLINE_S, AuditRow, Gate, GovStore
 from edgeroute.governance.versions import Saved, Versions, mask
 from edgeroute.state import Live
 
 log = logging.getLogger("edgeroute.governance")
 
 Change = tuple[str, str | None, Any, Any]  # an audit entry for a change: action, target, before, after
+_T = TypeVar("_T")
+# Set by `answered` for the change it runs: `Gov.save` resolves it when the change's record was
+# sent to the store and not confirmed within STORE_DEADLINE_S (the change waits on; its caller not).
+_UNCONFIRMED: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.ContextVar("unconfirmed", default=None)
+_LOCK_LOOK_S = 0.25  # how often a change waiting for another one looks whether that one is stuck
 
 
 def actor_of(request: web.Request) -> str:
@@ -40,15 +48,22 @@ class Gov:
         self.versions = Versions(store)
         self.managed = managed
         self.lock = asyncio.Lock()  # one config change (rollback, deployment change) at a time
+        self.unconfirmed = 0  # changes whose record the store has not confirmed past STORE_DEADLINE_S
         self.checking = False  # a `POST /admin/config/check` is running (one at a time)
         # Told of each applied generation (how, the version before): the rollback guard.
         self.on_applied: Callable[[Live, str, int | None], None] | None = None
 
     async def audit(self, actor: str, action: str, target: str | None, before: Any = None, after: Any = None) -> None:
         """Appends to the audit log; a failing database is logged, never raised to the caller
-        (the change itself has already happened)."""
+        (the change itself has already happened), and waited for at most STORE_DEADLINE_S: a
+        write hung on a vanished peer held the caller's answer (a refused rollback's 409) as long."""
+        write = asyncio.ensure_future(asyncio.to_thread(self.store.audit, actor, action, target, before, after))
+        write.add_done_callback(_retrieved)
         try:
-            await asyncio.to_thread(self.store.audit, actor, action, target, before, after)
+            await asyncio.wait_for(asyncio.shield(write), STORE_DEADLINE_S)
+        except TimeoutError:
+            log.error("audit log: %s %s by %s not confirmed within %g s (it may be written yet)",
+                      action, target, actor, STORE_DEADLINE_S)  # fmt: skip
         except Exception as e:
             log.error("audit log: cannot write %s %s by %s (%s)", action, target, actor, type(e).__name__)
 
@@ -81,11 +96,61 @@ class Gov:
             rows += [(who, action, target, was, now) for action, target, was, now in extra]
             return rows
 
+        self.versions.external_ref = new.governance.versions_key  # resolved off the loop, by `save`
+        gate = Gate()
+        job = asyncio.ensure_future(
+            asyncio.to_thread(self.versions.save, text, how, actor, entries, audit_if_same, gate)
+        )
+        job.add_done_callback(_retrieved)
         try:
-            return await asyncio.to_thread(self.versions.save, text, how, actor, entries, audit_if_same)
+            return await self._recorded(job, gate)
         except Exception as e:
-            log.error("config versions: cannot record the applied config or its audit (%s)", type(e).__name__)
+            log.error("config versions: cannot record the applied config or its audit (%s: %s)", type(e).__name__, e)
             return None
+
+    async def _recorded(self, job: asyncio.Future[Saved], gate: Gate) -> Saved:
+        """`job`'s version within STORE_DEADLINE_S. Past it, a record not sent yet never is
+        (TimeoutError: nothing changed); one sent may still be committed, so the change waits for
+        it (a change recorded is a change applied) while its caller is answered that it may have
+        been applied (`answered`). The store's own bound (LOCK_WAIT_S) ends a call that waits
+        for its connection sooner, nothing sent."""
+        done, _ = await asyncio.wait({job}, timeout=STORE_DEADLINE_S)
+        if done:
+            return job.result()
+        if gate.abandon():
+            raise TimeoutError(f"the store did not answer within {STORE_DEADLINE_S:g} s; nothing was sent")
+        log.error("config versions: the store has not confirmed a change's record within %g s; "
+                  "the change is applied once it does", STORE_DEADLINE_S)  # fmt: skip
+        if (waiting := _UNCONFIRMED.get()) is not None and not waiting.done():
+            waiting.set_result(None)
+        self.unconfirmed += 1
+        try:
+            return await job
+        finally:
+            self.unconfirmed -= 1
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """Holds `lock` for a config change; a 503 (nothing changed) rather than a wait behind a
+        change whose record the store has not confirmed (it waits as long as the store hangs)."""
+        while True:
+            if self.unconfirmed:
+                raise ProxyError(
+                    503,
+                    "Another config change is still waiting for the config version store to confirm it: this "
+                    "change was not applied. Look at GET /admin/config/versions, then try again.",
+                    code="config_store_unavailable",
+                    headers={"Retry-After": "5"},
+                )
+            try:
+                await asyncio.wait_for(self.lock.acquire(), _LOCK_LOOK_S)
+                break
+            except TimeoutError:
+                continue
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def activate(self, live: Live, saved: Saved, how: str) -> int | None:
         """Makes `saved` the running version, follows its residencies and starts the rollback
@@ -100,6 +165,40 @@ class Gov:
         if self.on_applied is not None:
             self.on_applied(live, how, before)
         return before
+
+
+async def answered(change: Coroutine[Any, Any, _T]) -> _T:
+    """Awaits a config change (run `reload.to_the_end`) until it ends, or until its record was
+    sent to the store and not confirmed within STORE_DEADLINE_S: then a 503 saying it may have
+    been applied, while it goes on (applied once the store records it, not at all if it
+    refuses). A change not sent by then ends with the 503 that says nothing changed. An apply on
+    a hung store answered when the connection's keepalives gave up, long past any client's
+    patience."""
+    unconfirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    token = _UNCONFIRMED.set(unconfirmed)
+    try:
+        task = asyncio.ensure_future(change)  # runs with `unconfirmed` in its context
+    finally:
+        _UNCONFIRMED.reset(token)
+    task.add_done_callback(_retrieved)
+    either: set[asyncio.Future[Any]] = {task, unconfirmed}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    raise ProxyError(
+        503,
+        f"The config version store did not confirm this change within {STORE_DEADLINE_S:g} s. Its record was "
+        "sent, so the change may have been applied: it is applied once the store records it, and not at all if "
+        "the store refuses it. Look at GET /admin/config/versions (edgeroute config versions) before trying again.",
+        code="config_change_unconfirmed",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """Marks a background job's exception as seen (its waiter, if any, handles it)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 GOV = web.AppKey("governance", Gov)

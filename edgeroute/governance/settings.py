@@ -5,7 +5,9 @@ Schema only (pydantic models, no I/O); `edgeroute.config` holds one field of thi
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+REFERENCE_PREFIXES = ("env:", "file:", "exec:")  # as edgeroute.secrets reads them (schema only here)
 
 
 class _Strict(BaseModel):
@@ -54,3 +56,18 @@ class Governance(_Strict):
     # without a restart; a failed re-read keeps the last good value).
     secrets_refresh: float = Field(30.0, ge=0.5)
     rollback_guard: RollbackGuard | None = None
+    # The key literal secrets in stored config versions are sealed under (HMAC-SHA256), kept
+    # outside the database: a reference (`env:`, `file:`, `exec:`). Without it they are sealed
+    # under a key the store keeps beside them, so a copy of the whole database can check
+    # guesses. Several keys split by spaces or commas: the first seals, the others (kept
+    # through a rotation) still check the versions they sealed.
+    versions_key: str | None = None
+
+    @field_validator("versions_key")
+    @classmethod
+    def _a_reference(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(REFERENCE_PREFIXES):
+            raise ValueError(
+                "give the key as a reference (env:NAME, file:PATH or exec:COMMAND), kept out of the config"
+            )
+        return v

@@ -71,6 +71,7 @@ CONTESTED = "!contested"  # the owner of an id given to two owners: no caller's
 RESPONSE_PRUNE_EVERY = 3600.0
 
 LOCK_WAIT_S = 3.0  # how long a call waits for its connection, held by another call, before it fails
+STORE_DEADLINE_S = 5.0  # an admin call's wait for the governance store (past LOCK_WAIT_S)
 
 AuditRow = tuple[str, str, str | None, Any, Any]  # actor, action, target, before, after
 
@@ -105,6 +106,30 @@ class AuditEntry:
             "before": self.before,
             "after": self.after,
         }
+
+
+class Gate:
+    """Between a write and the caller waiting for it: the caller that stops waiting (`abandon`)
+    learns whether the write was sent (it may land yet) or not, and then it never is. A config
+    change answered 503 at its deadline can so say truly whether it may have been applied."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent = False
+        self.abandoned = False
+
+    def send(self) -> None:
+        """Called right before the write is sent; raises when the caller stopped waiting."""
+        with self._lock:
+            if self.abandoned:
+                raise StoreUnavailable("the caller stopped waiting before the write was sent", sent=False)
+            self.sent = True
+
+    def abandon(self) -> bool:
+        """Stops a write not sent yet; True when so (nothing was or will be written)."""
+        with self._lock:
+            self.abandoned = not self.sent
+            return self.abandoned
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,11 +362,27 @@ class GovStore:
         body: str,
         audit: Callable[[int], Sequence[AuditRow]] | None = None,
         audit_if_same: bool = True,
+        gate: Gate | None = None,
     ) -> tuple[int, bool]:
         """Stores a config about to be applied, with its audit entries (`audit(version)`) in the
         same transaction: both or neither. A config identical to the latest version reuses its
-        number (audited only with `audit_if_same`). Returns (version, created)."""
-        with self._held(), self._tx() as cur:
+        number (audited only with `audit_if_same`). Returns (version, created). With `gate`, the
+        write is sent only if its caller still waits (`Gate`)."""
+        with self._held():
+            if gate is not None:
+                gate.send()
+            return self._add_version(digest, source, applied_by, body, audit, audit_if_same)
+
+    def _add_version(
+        self,
+        digest: str,
+        source: str,
+        applied_by: str | None,
+        body: str,
+        audit: Callable[[int], Sequence[AuditRow]] | None,
+        audit_if_same: bool,
+    ) -> tuple[int, bool]:
+        with self._tx() as cur:
             if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: instances started at once
                 # each found no version (READ COMMITTED) and added the same config again
                 cur.execute(f"SELECT pg_advisory_xact_lock({_VERSIONS_LOCK})")

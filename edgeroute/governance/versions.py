@@ -27,17 +27,20 @@ from edgeroute import secrets
 from edgeroute.atomic_file import Staged, stage_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import AuditRow, GovStore, Version
+from edgeroute.governance.store import AuditRow, Gate, GovStore, Version
 
 log = logging.getLogger("edgeroute.governance")
 
 MASK = "****"
 # A literal secret in a stored version is its HMAC-SHA256 under the store's own random key
 # (`GovStore.versions_key`): a database read alone (a replica, a backup) cannot check guesses.
-# Versions stored before it hold an unsalted SHA-256 (`OLD_REDACTED`), still read.
+# That key is in the same database, so a copy of all of it can: with `governance.versions_key`
+# (a reference) a secret is sealed under the operator's key instead (`EXTERNAL`), kept outside
+# the store. Versions stored before it hold an unsalted SHA-256 (`OLD_REDACTED`), still read.
 REDACTED = "redacted:hmac-sha256:"
+EXTERNAL = "redacted:hmac-sha256-ext:"
 OLD_REDACTED = "redacted:sha256:"
-_MARKERS = (REDACTED, OLD_REDACTED)
+_MARKERS = (REDACTED, EXTERNAL, OLD_REDACTED)
 # Mapping keys whose string values are credentials (or may embed one), and every header value.
 _SECRET_FIELDS = frozenset(
     {"api_key", "token", "token_sha256", "dsn", "redis_url", "api_keys", "secret", "aws_access_key_id",
@@ -70,15 +73,28 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def sealed(secret: str, key: bytes) -> str:
-    """What a stored version holds for a literal secret."""
-    return REDACTED + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
+def sealed(secret: str, key: bytes, prefix: str = REDACTED) -> str:
+    """What a stored version holds for a literal secret (`prefix` says whose key sealed it)."""
+    return prefix + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _matches(marker: str, secret: str, key: bytes) -> bool:
-    """Whether a stored marker is `secret`'s, by either scheme."""
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The keys a version's literal secrets are sealed and checked with: `seal` seals new ones
+    (the operator's first key when there is one, else the store's), `store` checks those the
+    store's key sealed, `external` those the operator's keys sealed (each one it gave)."""
+
+    seal: tuple[str, bytes]  # (marker prefix, key)
+    store: Callable[[], bytes]
+    external: tuple[bytes, ...] = ()
+
+
+def _matches(marker: str, secret: str, keys: Keys) -> bool:
+    """Whether a stored marker is `secret`'s, by whichever scheme and key sealed it."""
+    if marker.startswith(EXTERNAL):
+        return any(hmac.compare_digest(sealed(secret, k, EXTERNAL), marker) for k in keys.external)
     if marker.startswith(REDACTED):
-        return hmac.compare_digest(sealed(secret, key), marker)
+        return hmac.compare_digest(sealed(secret, keys.store()), marker)
     return hmac.compare_digest(OLD_REDACTED + digest(secret)[:16], marker)
 
 
@@ -160,31 +176,31 @@ def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
             yield from _redacted(v, (*path, k))
 
 
-def for_storage(text: str, key: Callable[[], bytes]) -> str:
+def for_storage(text: str, keys: Callable[[], Keys]) -> str:
     """The text to store for an applied config: itself, unless it holds literal secrets; then a
-    dump with each replaced by its HMAC under the store's `key()` (no secret goes into the
-    database; a rollback takes the value back from the running config when it is unchanged)."""
+    dump with each replaced by its HMAC under `keys().seal` (no secret goes into the database; a
+    rollback takes the value back from the running config when it is unchanged)."""
     data = yaml.safe_load(text)
     found = list(_leaves(data))
     if not found:
         return text
-    k = key()
+    prefix, k = keys().seal
     for container, at, _ in found:
-        container[at] = sealed(container[at], k)
+        container[at] = sealed(container[at], k, prefix)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
-def restore(stored: str, running: str, version: int, key: Callable[[], bytes]) -> str:
+def restore(stored: str, running: str, version: int, keys: Callable[[], Keys]) -> str:
     """A stored text ready to apply: each redacted literal secret taken from the running config's
-    text at the same place, when its HMAC under the store's `key()` (or, stored before it, its
-    hash) matches; ConfigError otherwise."""
+    text at the same place, when its HMAC under the key that sealed it (`keys()`; or, stored
+    before them, its hash) matches; ConfigError otherwise."""
     data = yaml.safe_load(stored)
     found = list(_redacted(data))
     if not found:
         return stored
     current = yaml.safe_load(running)
     missing = []
-    k = key()
+    k = keys()
     for container, at, path in found:
         value: Any = current
         for part in path:
@@ -200,7 +216,8 @@ def restore(stored: str, running: str, version: int, key: Callable[[], bytes]) -
     if missing:
         raise config_mod.ConfigError(
             [f"version {version}: the literal secret at {p} was never stored and the running config no longer "
-             "has it (use env:, file: or exec: references to make versions restorable)" for p in missing]
+             "has it, or it was sealed under a governance.versions_key this server no longer has (use env:, "
+             "file: or exec: references to make versions restorable)" for p in missing]
         )  # fmt: skip
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
@@ -292,6 +309,13 @@ class Versions:
         self.active_text = ""  # as stored (literal secrets redacted)
         self.running_text = ""  # as applied (for a rollback to take unchanged literal secrets from)
         self._key: bytes | None = None
+        # The operator's key for literal secrets (`governance.versions_key`, resolved from
+        # `external_ref` relative to `base_dir`), and every value it has had in this process: a
+        # version sealed before a rotation (the secret's refresh) still restores.
+        self.external_ref: str | None = None
+        self.base_dir: Path | None = None
+        self.external: secrets.Secret | None = None
+        self._external_seen: list[bytes] = []
         # The config file's next text, written beside it (`stage_write`): put in place by `save`
         # right after the version is committed, before the config is swapped in.
         self.staged: Staged | None = None
@@ -303,14 +327,16 @@ class Versions:
         applied_by: str | None,
         audit: Callable[[int, str], Sequence[AuditRow]] | None = None,
         audit_if_same: bool = True,
+        gate: Gate | None = None,
     ) -> Saved:
         """Stores a config about to be applied, with its audit entries (`audit(version, hash)`)
         in one transaction (blocking: call off the event loop); `activate` makes it the running
-        version."""
-        stored = for_storage(text, self.key)
+        version. `gate`: see `GovStore.add_version`."""
+        self._follow_external()  # here, off the loop (an `exec:` runs its command), not in a restore
+        stored = for_storage(text, self.keys)
         h = digest(stored)
         entries = None if audit is None else lambda v: audit(v, h)
-        v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same)
+        v, created = self.store.add_version(h, source, applied_by, stored, entries, audit_if_same, gate)
         self._publish(text)
         return Saved(v, stored, text, created)
 
@@ -333,6 +359,53 @@ class Versions:
             self._key = self.store.versions_key()
         return self._key
 
+    def keys(self) -> Keys:
+        """The keys to seal and check literal secrets with: the operator's when the config names
+        one (`governance.versions_key`), whose first value seals; the store's for versions it
+        sealed. Each value the operator's key has had stays known to this process, so a
+        rotation (the secret's refresh) leaves the versions sealed before it restorable."""
+        self._follow_external()
+        if self.external is None:
+            return Keys((REDACTED, self.key()), self.key)
+        given = _values(self.external) or self._external_seen[:1]
+        for k in given:
+            if k not in self._external_seen:
+                self._external_seen.append(k)
+        return Keys((EXTERNAL, given[0]), self.key, tuple(self._external_seen))
+
+    def use_external(self, ref: str | None, base_dir: Path | None) -> None:
+        """Seals new versions under the key `ref` resolves to (None: the store's own) from now
+        on; raises SecretError when it does not resolve, or to nothing (blocking: an `exec:`
+        runs its command)."""
+        self.external_ref, self.base_dir = ref, base_dir
+        self.external = None if ref is None else secrets.resolve(ref, base_dir=base_dir)
+        if self.external is not None and not _values(self.external):
+            self.external = None
+            raise secrets.SecretError("governance.versions_key resolves to nothing")
+        self.keys()  # its value now is known from now on, whatever it is rotated to
+
+    def _follow_external(self) -> None:
+        """Resolves `external_ref` when a reload changed it; one that does not resolve keeps the
+        key before it (logged): the config is applied, its version sealed as the one before."""
+        ref = self.external_ref
+        if ref == (self.external.reference if self.external is not None else None):
+            return
+        if ref is None:
+            self.external = None
+            return
+        try:
+            secret = secrets.resolve(ref, base_dir=self.base_dir)
+        except secrets.SecretError as e:
+            log.error("governance.versions_key: %s; versions are sealed under the key before it", e)
+            self.external_ref = self.external.reference if self.external is not None else None
+            return
+        if _values(secret):
+            self.external = secret
+        else:
+            log.error(
+                "governance.versions_key: %s resolves to nothing; versions are sealed under the key before it", ref
+            )
+
     def activate(self, saved: Saved) -> None:
         self.active, self.active_text, self.running_text = saved.version, saved.stored, saved.text
 
@@ -341,6 +414,8 @@ class Versions:
         start, says when it undoes a change recorded but never written to the file
         (`_undone_at_start`)."""
         newest = self.store.versions(1) if source == "start" else []
+        if source == "start":  # read now, off the loop: a rollback's restore needs it on the loop
+            self.key()
         saved = self.save(text, source, applied_by)
         self.activate(saved)
         if newest and saved.created:  # the worker that stored the start version says it, once
@@ -393,6 +468,12 @@ class Versions:
             tofile=f"version {b}",
         )
         return "".join(lines)
+
+
+def _values(key: secrets.Secret) -> list[bytes]:
+    """The keys a `governance.versions_key` holds: one, or several split by spaces or commas (the
+    first seals; the others, earlier keys kept through a rotation, only check)."""
+    return [v.encode() for v in re.split(r"[\s,]+", key.reveal()) if v]
 
 
 def check_text(text: str, source: str = "<check>") -> list[str]:

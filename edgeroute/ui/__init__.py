@@ -11,6 +11,7 @@ inline script, nothing from another origin), no framing and no referrer.
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 from importlib.resources.abc import Traversable
 
@@ -18,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from edgeroute import roles
-from edgeroute.cost.keys import bearer_token
+from edgeroute.cost.keys import MANAGED_KEYS, Identity, bearer_token
 from edgeroute.errors import ProxyError
 from edgeroute.state import STATE
 
@@ -82,13 +83,13 @@ async def ui_static(request: web.Request) -> web.Response:
     return _file_response(node, name, "no-cache")
 
 
-def _signed_in(request: web.Request) -> tuple[bool, dict[str, object]]:
+async def _signed_in(request: web.Request) -> tuple[bool, dict[str, object]]:
     """Whether the request's key may use the console, and who it is."""
     access = request.app[STATE].live.access
     token = bearer_token(request)
     if access.keyed(request):
         try:  # judged as the admin routes judge it: the config's keys, then managed ones
-            ident = access.key_of(request)
+            ident = await _key_of(request, token)
         except ProxyError:  # revoked or expired: refused like an unknown key, still a 200
             ident = None
         if ident is None:
@@ -103,11 +104,25 @@ def _signed_in(request: web.Request) -> tuple[bool, dict[str, object]]:
     return True, {"auth": "loopback", "key": None, "role": "admin"}
 
 
+async def _key_of(request: web.Request, token: str | None) -> Identity | None:
+    """The console's key, as `Access.key_of` finds it; a well-formed managed key this instance
+    has not read yet (made on another instance a moment ago) once the key store has been read
+    after this request came in, as the admin routes wait for it (bounded: `MISS_WAIT_S`).
+    Without it, a key made on one instance could not sign in to another's console until that
+    instance's next poll."""
+    since = time.monotonic()
+    ident = request.app[STATE].live.access.key_of(request)
+    managed = request.app.get(MANAGED_KEYS)
+    if ident is None and token and managed is not None and managed.may_be_new(token):
+        ident = await managed.identify_after_read(token, since)
+    return ident
+
+
 async def ui_session(request: web.Request) -> web.Response:
     """Who the console's key is, and the admin routes it may call (so that the console
     shows a feature this server lacks as such without calling it). Always 200: a sign-in
     page must not be an error in the browser's console."""
-    ok, body = _signed_in(request)
+    ok, body = await _signed_in(request)
     if ok:
         role = str(body["role"])
         routes, withheld = set(), set()
