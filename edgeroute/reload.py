@@ -38,7 +38,7 @@ from edgeroute import config as config_mod
 from edgeroute.config import Config, Learning
 from edgeroute.cost.control import CostControl
 from edgeroute.errors import ProxyError
-from edgeroute.governance.runtime import GOV, Change, actor_of
+from edgeroute.governance.runtime import GOV, Change, actor_of, answered
 from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
@@ -252,7 +252,9 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 async def admin_reload(request: web.Request) -> web.Response:
     try:
-        live = await reload_from_source(request.app, "reload", actor_of(request))
+        # Answered within the store's deadline, as the admin API's other changes are: a reload
+        # on a hung version store hung its caller (and the next) until TCP keepalives gave up.
+        live = await answered(reload_from_source(request.app, "reload", actor_of(request)))
     except config_mod.ConfigError as e:
         raise ProxyError(
             400,

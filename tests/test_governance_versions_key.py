@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
@@ -130,3 +131,20 @@ async def test_the_versions_key_must_be_a_reference(start_upstream: Any, tmp_pat
         assert any("versions_key" in p and "reference" in p for p in e.errors), e.errors
     else:
         raise AssertionError("a literal versions_key was accepted")
+
+
+@pytest.mark.parametrize("value", [None, ""])
+async def test_a_versions_key_that_does_not_resolve_is_a_config_error(
+    start_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    """Named by `edgeroute check` and at `serve`'s start as any unresolvable key is: it was a
+    traceback at start-up, and `check` said the config was fine."""
+    if value is None:
+        monkeypatch.delenv("EDGEROUTE_TEST_VERSIONS_KEY", raising=False)
+    else:
+        monkeypatch.setenv("EDGEROUTE_TEST_VERSIONS_KEY", value)
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["governance"] = {"versions_key": "env:EDGEROUTE_TEST_VERSIONS_KEY"}
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(write_config(tmp_path / "edgeroute.yaml", cfg))
+    assert any("governance.versions_key" in p for p in e.value.errors), e.value.errors

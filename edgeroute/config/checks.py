@@ -7,6 +7,7 @@ import difflib
 import hashlib
 import importlib.util
 from collections.abc import Iterable
+from pathlib import Path
 
 from edgeroute import secrets
 from edgeroute.config.prices import parse_hhmm
@@ -49,9 +50,10 @@ def _chooses(cfg: Config, name: str) -> str | None:
     )
 
 
-def cross_check(cfg: Config) -> list[tuple[str, str]]:
+def cross_check(cfg: Config, base_dir: Path | None = None) -> list[tuple[str, str]]:
     """Every problem a single field's schema cannot see: references between sections, secrets
-    that do not resolve, TLS files; as (path in the file, message), section by section."""
+    that do not resolve, TLS files; as (path in the file, message), section by section.
+    `base_dir`: the config file's folder, where `governance.versions_key`'s `file:` is read."""
     problems: list[tuple[str, str]] = []
     for name, d in cfg.deployments.items():
         if d.provider not in cfg.providers:
@@ -68,7 +70,7 @@ def cross_check(cfg: Config) -> list[tuple[str, str]]:
         for j, a in enumerate(b.actions):
             if a.webhook is not None and (problem := secrets.url_problem(a.webhook)) is not None:
                 problems.append((f"budgets.limits[{i}].actions[{j}].webhook", problem))
-    problems += _cross_check_credentials(cfg)
+    problems += _cross_check_credentials(cfg, base_dir)
     return problems
 
 
@@ -184,7 +186,7 @@ def _cross_check_rules(cfg: Config) -> list[tuple[str, str]]:
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
-def _cross_check_credentials(cfg: Config) -> list[tuple[str, str]]:
+def _cross_check_credentials(cfg: Config, base_dir: Path | None) -> list[tuple[str, str]]:
     """Client and provider keys that do not resolve, and provider TLS files that do not load."""
     problems: list[tuple[str, str]] = []
     for i, ref in enumerate(cfg.server.api_keys):
@@ -203,6 +205,16 @@ def _cross_check_credentials(cfg: Config) -> list[tuple[str, str]]:
                 problems.append((f"providers.{name}.api_key", str(e)))
         if p.tls is not None and not secrets.is_offline():
             problems += check_tls(f"providers.{name}.tls", p.tls)
+    if (versions_key := cfg.governance.versions_key) is not None:
+        try:
+            empty = not secrets.resolve(versions_key, base_dir=base_dir).reveal().strip()
+        except secrets.SecretError as e:
+            problems.append(("governance.versions_key", str(e)))
+        else:
+            if empty:
+                problems.append(
+                    ("governance.versions_key", "is empty: literal secrets in versions would be sealed under no key")
+                )
     return problems
 
 

@@ -141,10 +141,10 @@ def parse(
             msg = _unknown_key(err["loc"]) if err["type"] == "extra_forbidden" else _plain(err["msg"])
             lines.append(line(_path(err["loc"]), msg, err["loc"]))
         raise ConfigError(_in_file_order(lines, source)) from None
-    problems = cross_check(cfg)
+    problems = cross_check(cfg, Path(source).parent if Path(source).is_file() else None)
     if not check_secrets:
         secret_paths = (".api_key", ".token", "ledger.dsn", ".url", ".webhook")
-        secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers")
+        secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers", "governance.versions_key")
         problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
     if problems:
         raise ConfigError(_in_file_order([line(path, msg) for path, msg in problems], source))

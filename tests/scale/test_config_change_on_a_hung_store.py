@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import aiohttp
+import yaml
 
 from tests.conftest import simple_config
 from tests.scale import test_admin_calls_with_a_hung_key_poll as hung_poll
@@ -93,3 +94,20 @@ async def test_a_config_change_on_a_hung_store_answers_at_the_deadline_truly(
     assert running["config"]["deployments"]["d-a"]["weight"] == 3, running
     status, audit, _ = await _admin(inst.url, "GET", "/admin/audit?action=deployment")
     assert [e["after"] for e in audit["entries"]] == [{"weight": 3}], audit
+
+    # A reload of the edited file on a hung store answers at the deadline too (it hung as long).
+    on_disk = yaml.safe_load(inst.config.read_text())
+    on_disk["deployments"]["d-a"]["weight"] = 7
+    inst.config.write_text(yaml.safe_dump(on_disk))
+    r.all = True
+    status, got, took = await _admin(inst.url, "POST", "/admin/reload")
+    assert status == 503 and took < DEADLINE_S + SLACK_S, (status, got, took)
+    assert got["error"]["code"] == "config_change_unconfirmed", got
+    r.heal()
+    deadline = time.monotonic() + 20
+    while True:
+        status, running, _ = await _admin(inst.url, "GET", "/admin/config")
+        if running["config"]["deployments"]["d-a"]["weight"] == 7 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    assert running["config"]["deployments"]["d-a"]["weight"] == 7, running
