@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +97,7 @@ class GenerationStats:
         if status >= 500 or (status == 404 and (upstream_404 or model in self.gone_models)):
             self.errors += 1
             self.errors_by[sender] = self.errors_by.get(sender, 0) + 1
-        elif (sample := _config_latency(status, latency_ms, ttft_ms, output_tokens)) is not None:
+        elif (sample := config_latency(status, latency_ms, ttft_ms, output_tokens)) is not None:
             if len(self.latencies) < _MAX_SAMPLES:
                 self.latencies.append(sample)
                 self.latency_senders.append(sender)
@@ -107,12 +108,8 @@ class GenerationStats:
     def error_rate_without_worst(self) -> tuple[float, int]:
         """The error rate once the answers of the sender with most errors are set aside, and
         how many answers are left: one team or key failing cannot condemn the config."""
-        if len(self.answers_by) < 2:  # one sender alone (a sidecar's app): nobody to tell it from the config
-            return (self.errors / self.requests if self.requests else 0.0), self.requests
-        worst = max(self.errors_by, key=self.errors_by.__getitem__, default=None)
-        left = self.requests - self.answers_by.get(worst, 0) if worst is not None else self.requests
-        bad = self.errors - self.errors_by.get(worst, 0) if worst is not None else 0
-        return (bad / left if left else 0.0), left
+        rate, left, _ = without_worst(self.requests, self.errors, self.answers_by, self.errors_by)
+        return rate, left
 
     def p95_without_slowest(self, bound: float) -> tuple[float, int, int]:
         """The p95 once the answers of the sender with most answers over `bound` are set aside,
@@ -128,13 +125,27 @@ class GenerationStats:
         return _p95(rest), len(rest), sum(1 for x in rest if x > bound)
 
 
+def without_worst(
+    total: int, bad: int, total_by: Mapping[str, int], bad_by: Mapping[str, int]
+) -> tuple[float, int, str | None]:
+    """The rate of bad ones once the sender with most bad ones is set aside, how many are left,
+    and that sender: None when none is (one sender alone, a sidecar's app: nobody tells it from
+    the deployment or config; or none bad). The rollback guard's rule, and the alerts'."""
+    worst = max(bad_by, key=bad_by.__getitem__, default=None) if len(total_by) >= 2 else None
+    if worst is None:
+        return (bad / total if total else 0.0), total, None
+    left = total - total_by.get(worst, 0)
+    return ((bad - bad_by[worst]) / left if left else 0.0), left, worst
+
+
 def _p95(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * 0.95))] if xs else 0.0
 
 
-def _config_latency(status: int, latency_ms: float, ttft_ms: float | None, output_tokens: int | None) -> float | None:
-    """The part of an answer's latency the config controls, or None when the client chose it."""
+def config_latency(status: int, latency_ms: float, ttft_ms: float | None, output_tokens: int | None) -> float | None:
+    """The part of an answer's latency the config (or deployment) controls, or None when the
+    client chose it: a stream's time to first token, a whole answer's with few output tokens."""
     if status != 200:
         return None
     if ttft_ms is not None:

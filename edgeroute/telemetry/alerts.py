@@ -18,6 +18,14 @@ and the cooldown is shared. The traffic kinds stay per instance, named in their 
 (`on HOST:PID`): each instance routes on its own view of a deployment, a p95 cannot be
 merged from several, and a failure that one instance alone sees (its network path) is one
 to hear about, not to average away.
+
+A deployment's rules judge what the deployment does, not what one client chose (the rollback
+guard's rule, `governance.guard`): `latency_p95` is over streams' times to first token and
+whole answers of at most `FEW_TOKENS` output tokens (a long generation takes as long as its
+client asked); `error_rate` sets aside the sender (team, else key) with most failures when the
+other senders' attempts are enough (`min_requests`) and fail at most at the threshold, and says
+so in the message. Positive evidence only, as the circuit: with one sender, or when the others
+fail too, the whole rate is judged. A firing alert's message is rebuilt with its value.
 """
 
 from __future__ import annotations
@@ -32,15 +40,19 @@ from typing import Any
 
 from edgeroute import redact, secrets
 from edgeroute.config import Budget
+from edgeroute.governance.guard import FEW_TOKENS, without_worst
 from edgeroute.state import Live
 from edgeroute.telemetry.alert_claims import INSTANCE, AlertClaims, Transition
 from edgeroute.telemetry.notify import Notification, Notifier
 from edgeroute.telemetry.settings import AlertRule, Alerts
-from edgeroute.telemetry.window import Window, by_deployment, percentile
+from edgeroute.telemetry.window import KEYLESS, DeploymentStats, Window, by_deployment, percentile
 
 RECENT = 200  # resolved alerts kept for `GET /admin/alerts`
 _ids = itertools.count(1)
 _PREFIX = os.urandom(3).hex()
+# What a rule measured of one subject: the value (None: too few samples, changes nothing) and a
+# note for its message (what was set aside).
+Measure = tuple[str, float | None, str]
 
 
 @dataclass(slots=True)
@@ -62,10 +74,13 @@ class Alert:
         return asdict(self)
 
 
-def _message(rule: AlertRule, subject: str, value: float, state: str, named: bool = False) -> str:
+def _message(rule: AlertRule, subject: str, value: float, state: str, named: bool = False, note: str = "") -> str:
     what = {
         "error_rate": f"error rate {value:.1%} (threshold {rule.threshold:.1%})",
-        "latency_p95": f"p95 latency {value:.0f} ms (threshold {rule.threshold:.0f} ms)",
+        "latency_p95": (
+            f"p95 latency {value:.0f} ms (first token, or answers of at most {FEW_TOKENS} tokens;"
+            f" threshold {rule.threshold:.0f} ms)"
+        ),
         "ttft_p95": f"p95 time to first token {value:.0f} ms (threshold {rule.threshold:.0f} ms)",
         "circuit_open": "circuit open" if state == "firing" else "circuit closed",
         "budget_percent": f"{value:.1f}% spent (threshold {rule.threshold:g}%)",
@@ -80,7 +95,23 @@ def _message(rule: AlertRule, subject: str, value: float, state: str, named: boo
     window = f" over {rule.window_s:g} s" if rule.kind not in _STATE_KINDS | {"budget_percent"} else ""
     tail = "" if state == "firing" else " — resolved"
     where = f" on {INSTANCE}" if named and rule.kind not in _SHARED_KINDS else ""
-    return f"{rule.name}: {subject}{where}: {what}{window}{tail}"
+    aside = f" ({note})" if note else ""
+    return f"{rule.name}: {subject}{where}: {what}{window}{aside}{tail}"
+
+
+def _error_rate(rule: AlertRule, st: DeploymentStats | None) -> tuple[float | None, str]:
+    """A deployment's error rate, without its most failing sender when the others are enough
+    and served well (then the note says whose attempts were set aside), else the whole rate."""
+    if st is None or st.attempts < rule.min_requests:
+        return None, ""
+    rate, left, worst = without_worst(st.attempts, st.failures, st.sent_by, st.failed_by)
+    if worst is None or left < rule.min_requests or rate > rule.threshold:
+        return st.error_rate, ""
+    # Alerts are read by global keys only (a team's key gets a 403) and sent to the operators'
+    # webhooks: naming the team, as the circuit's log line does, tells no tenant of another.
+    who = redact.text(worst) if worst != KEYLESS else "the keyless clients"
+    failed, sent = st.failed_by[worst], st.sent_by[worst]
+    return rate, f"{who}: {failed} failed of {sent} attempts set aside, the others served well"
 
 
 # Kinds that are a state (1 while it holds) rather than a measure over a threshold.
@@ -106,22 +137,22 @@ class AlertEngine:
 
     def _measure(
         self, rule: AlertRule, live: Live, window: Window, budgets: Iterable[tuple[Budget, float]], now: float
-    ) -> Iterator[tuple[str, float | None]]:
+    ) -> Iterator[Measure]:
         kind = rule.kind
         if kind == "circuit_open":
             for d in live.deployments:
                 if not rule.deployments or d.name in rule.deployments:
-                    yield d.name, 1.0 if live.router.health(d.index)["circuit"] == "open" else 0.0
+                    yield d.name, 1.0 if live.router.health(d.index)["circuit"] == "open" else 0.0, ""
             return
         if kind == "budget_percent":
             for b, spent in budgets:
                 if not rule.budgets or b.name in rule.budgets:
-                    yield b.name, spent / b.limit_usd * 100
+                    yield b.name, spent / b.limit_usd * 100, ""
             return
         if kind == "secret_refresh_failed":
             # Only the failing references: one that reads again is no longer seen, so it resolves.
             for reference in sorted(secrets.STATUS.failing):
-                yield redact.text(reference), 1.0
+                yield redact.text(reference), 1.0, ""
             return
         slots = window.since(now - rule.window_s)
         if kind in ("error_rate", "latency_p95", "ttft_p95"):
@@ -131,24 +162,23 @@ class AlertEngine:
                     continue
                 st = stats.get(d.name)
                 if kind == "error_rate":
-                    enough = st is not None and st.attempts >= rule.min_requests
-                    yield d.name, st.error_rate if enough and st is not None else None
+                    yield d.name, *_error_rate(rule, st)
                 else:
-                    samples = (st.latencies_ms if kind == "latency_p95" else st.ttfts_ms) if st else []
-                    yield d.name, percentile(samples, 0.95) if len(samples) >= rule.min_requests else None
+                    samples = (st.judged_ms() if kind == "latency_p95" else st.ttfts_ms) if st else []
+                    yield d.name, percentile(samples, 0.95) if len(samples) >= rule.min_requests else None, ""
             return
         requests = sum(s.requests for s in slots)
         if kind == "spend_per_hour":
-            yield "all", sum(s.cost_usd for s in slots) * 3600 / rule.window_s
+            yield "all", sum(s.cost_usd for s in slots) * 3600 / rule.window_s, ""
         elif kind == "poison_requests":
-            yield "all", float(sum(s.poison for s in slots))
+            yield "all", float(sum(s.poison for s in slots)), ""
         elif kind == "shed_rate":
             shed = sum(s.shed for s in slots)
             total = requests + shed
-            yield "all", shed / total if total >= rule.min_requests else None
+            yield "all", shed / total if total >= rule.min_requests else None, ""
         elif kind == "rate_limited_rate":
             limited = sum(s.rate_limited for s in slots)
-            yield "all", limited / requests if requests >= rule.min_requests else None
+            yield "all", limited / requests if requests >= rule.min_requests else None, ""
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -169,7 +199,7 @@ class AlertEngine:
             self._resolve(key, None, self.firing[key].value, now)
         for rule in cfg.rules:
             seen: set[str] = set()
-            for subject, value in self._measure(rule, live, window, budgets, now):
+            for subject, value, note in self._measure(rule, live, window, budgets, now):
                 seen.add(subject)
                 if value is None:
                     continue
@@ -177,11 +207,12 @@ class AlertEngine:
                 breach = value > 0.5 if rule.kind in _STATE_KINDS else value > rule.threshold
                 alert = self.firing.get(key)
                 if breach and alert is None:
-                    self._fire(rule, subject, value, now, cfg)
-                elif alert is not None:
+                    self._fire(rule, subject, value, now, cfg, note)
+                elif alert is not None and not breach:
+                    self._resolve(key, rule, value, now, cfg, note)
+                elif alert is not None:  # the message says the value it shows, not the one it fired at
                     alert.value = value
-                    if not breach:
-                        self._resolve(key, rule, value, now, cfg)
+                    alert.message = _message(rule, subject, value, "firing", self.named, note)
             for key in [k for k in self.firing if k[0] == rule.name and k[1] not in seen]:
                 self._resolve(key, rule, self.firing[key].value, now, cfg)  # its subject is gone
 
@@ -206,12 +237,12 @@ class AlertEngine:
             taken += 1
         return taken
 
-    def _fire(self, rule: AlertRule, subject: str, value: float, now: float, cfg: Alerts) -> None:
+    def _fire(self, rule: AlertRule, subject: str, value: float, now: float, cfg: Alerts, note: str = "") -> None:
         key = (rule.name, subject)
         threshold = 0.5 if rule.kind in _STATE_KINDS else rule.threshold
         alert = Alert(
             f"alr_{_PREFIX}{next(_ids):06x}", rule.name, rule.kind, subject, rule.severity, "firing",
-            value, threshold, now, None, _message(rule, subject, value, "firing", self.named), INSTANCE,
+            value, threshold, now, None, _message(rule, subject, value, "firing", self.named, note), INSTANCE,
         )  # fmt: skip
         self.firing[key] = alert
         last = self._notified_at.get(key)
@@ -222,12 +253,18 @@ class AlertEngine:
         self._notify(rule, "firing", alert, cfg)
 
     def _resolve(
-        self, key: tuple[str, str], rule: AlertRule | None, value: float, now: float, cfg: Alerts | None = None
+        self,
+        key: tuple[str, str],
+        rule: AlertRule | None,
+        value: float,
+        now: float,
+        cfg: Alerts | None = None,
+        note: str = "",
     ) -> None:
         alert = self.firing.pop(key)
         alert.state, alert.resolved_at, alert.value = "resolved", now, value
         if rule is not None:
-            alert.message = _message(rule, alert.subject, value, "resolved", self.named)
+            alert.message = _message(rule, alert.subject, value, "resolved", self.named, note)
         self.recent.appendleft(alert)
         if alert.id in self._silenced:
             self._silenced.discard(alert.id)

@@ -4,6 +4,12 @@ Each finished request adds to the current slot (a few counter increments and at 
 two list appends per attempt); alert rules and the history sampler merge the slots of
 the window they look at. Latency samples per slot and deployment are capped (a
 uniform reservoir), so memory stays bounded at any request rate.
+
+What the alerts judge is the deployment's doing, not a client's choice (the rollback guard's
+rule, `governance.guard`): latency by a stream's time to first token or a whole answer's with
+few output tokens (a long generation takes as long as its client asked), and attempts and
+failures by sender (the team, else the key, as the circuit tells them apart), so that one
+sender's failures can be set aside while the others are served well.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from edgeroute.accounting import RequestRecord
+from edgeroute.cost.keys import ANONYMOUS
+from edgeroute.governance.guard import config_latency
 
 SLOT_S = 5.0
 _SAMPLES = 256  # latency samples kept per slot and deployment
 # Attempt outcomes that say nothing about the deployment's health.
 _NEUTRAL = frozenset({"cancelled", "client_error"})
+# Senders counted apart per slot and deployment; past it, the others' attempts are in the
+# totals alone (never set aside: that errs towards alerting).
+_SENDERS = 64
+KEYLESS = ""  # the sender of requests without a key: the keyless clients are one
 
 
 @dataclass(slots=True)
@@ -32,12 +44,21 @@ class DeploymentStats:
     # samples per busy deployment, 8 bytes each here against 32 as a list of floats.
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
     ttfts_ms: array[float] = field(default_factory=lambda: array("d"))
+    # Of whole answers with few output tokens (or unknown), as streams' are in `ttfts_ms`.
+    short_ms: array[float] = field(default_factory=lambda: array("d"))
     seen_latency: int = 0  # values offered to the reservoirs
     seen_ttft: int = 0
+    seen_short: int = 0
+    sent_by: dict[str, int] = field(default_factory=dict)  # attempts by sender (`sender_of`)
+    failed_by: dict[str, int] = field(default_factory=dict)
 
     @property
     def error_rate(self) -> float:
         return self.failures / self.attempts if self.attempts else 0.0
+
+    def judged_ms(self) -> array[float]:
+        """The latencies the deployment answers for: streams' first tokens, short answers."""
+        return self.ttfts_ms + self.short_ms
 
 
 @dataclass(slots=True)
@@ -76,6 +97,11 @@ class Window:
 
     def add(self, rec: RequestRecord, now: float, mirror: bool = False) -> None:
         """`mirror`: a shadow mirror, whose spend and upstream calls count, not as a request."""
+        sender = sender_of(rec.team, rec.key)
+        # Whether an answer of this request is one the deployment answers for whole (the guard's
+        # rule): few output tokens, or unknown (no usage): nothing says the client made it long.
+        out = rec.usage.completion_tokens if rec.usage is not None else 0
+        short = not rec.stream and config_latency(200, 0.0, None, out) is not None
         slots = self.slots  # `_slot`, its usual case inline (this runs once a request, on the loop)
         if not slots or (s := slots[-1]).start < now - now % SLOT_S:
             s = self._slot(now)
@@ -93,8 +119,16 @@ class Window:
             if d is None:
                 d = s.deployments[a.deployment] = DeploymentStats()
             d.attempts += 1
+            by = d.sent_by  # by sender, up to `_SENDERS` of them (past it, in the totals alone)
+            if (n := by.get(sender)) is not None or len(by) < _SENDERS:
+                by[sender] = (n or 0) + 1
+                counted = True
+            else:
+                counted = False
             if a.outcome != "success":
                 d.failures += 1
+                if counted:
+                    d.failed_by[sender] = d.failed_by.get(sender, 0) + 1
                 continue
             d.seen_latency += 1
             kept = d.latencies_ms  # `_keep`, inline: every answered attempt comes here
@@ -105,6 +139,9 @@ class Window:
             if a.ttft_ms is not None:
                 d.seen_ttft += 1
                 _keep(d.ttfts_ms, d.seen_ttft, a.ttft_ms)
+            elif short:
+                d.seen_short += 1
+                _keep(d.short_ms, d.seen_short, a.latency_ms)
 
     def add_shed(self, shed_total: int, now: float) -> None:
         """Puts the requests shed since the last call into the current slot."""
@@ -113,6 +150,14 @@ class Window:
 
     def since(self, t: float) -> list[Slot]:
         return [s for s in self.slots if s.start + SLOT_S > t]
+
+
+def sender_of(team: str | None, key: str | None) -> str:
+    """Who sent a request, as the circuit tells senders apart (`dispatch.senders`): its team,
+    else its key, else the keyless clients as one. Never a value the client chooses."""
+    if team:
+        return f"team {team}"
+    return f"key {key}" if key and key != ANONYMOUS.key else KEYLESS
 
 
 def by_deployment(slots: list[Slot]) -> dict[str, DeploymentStats]:
@@ -126,6 +171,11 @@ def by_deployment(slots: list[Slot]) -> dict[str, DeploymentStats]:
             st.failures += d.failures
             st.latencies_ms += d.latencies_ms
             st.ttfts_ms += d.ttfts_ms
+            st.short_ms += d.short_ms
+            for sender, n in d.sent_by.items():
+                st.sent_by[sender] = st.sent_by.get(sender, 0) + n
+            for sender, n in d.failed_by.items():
+                st.failed_by[sender] = st.failed_by.get(sender, 0) + n
     return out
 
 
