@@ -3,8 +3,8 @@
 They run on a small pool of their own (QUERY_THREADS), never on the default executor that the
 request path (large bodies' scans, token counts) and the key store share: a viewer's slow
 queries, however many, wait here, not in front of a revocation or a long prompt. Each key has at
-most `request_log.max_queries_per_key` of them in flight (429 `too_many_queries`), the pool at
-most MAX_WAITING (503 `queries_busy`), and each query `request_log.query_timeout_s` (503
+most `request_log.max_queries_per_key` of them in flight and a team's keys together twice that
+(429 `too_many_queries`), the pool at most MAX_WAITING (503 `queries_busy`), and each query `request_log.query_timeout_s` (503
 `query_timeout`, saying how to narrow it): SQLite stops it from a progress handler, PostgreSQL
 by the transaction's `statement_timeout`.
 """
@@ -87,24 +87,26 @@ def _postgres(backend: PostgresBackend, sql: str, params: Any, left: float) -> l
 
 
 class Gate:
-    """Counts of the queries in flight (queued or running), by key and in all; changed from the
-    loop (admission) and from the pool's threads (a query's end), so under a lock."""
+    """Counts of the queries in flight (queued or running), by key, by team and in all; changed
+    from the loop (admission) and from the pool's threads (a query's end), so under a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.by_key: dict[str, int] = {}
+        self.held: dict[str, int] = {}  # "key:<id>", "peer:<address>", "team:<name>"
         self.total = 0
 
-    def admit(self, key: str, per_key: int) -> None:
+    def admit(self, holders: list[tuple[str, int, str]]) -> None:
+        """`holders`: (counter, its limit, who it is in a refusal) for the key and its team."""
         with self._lock:
-            if self.by_key.get(key, 0) >= per_key:
-                raise ProxyError(
-                    429,
-                    f"This key already has {per_key} request-log or spend queries in flight; wait for them to"
-                    " finish before sending more.",
-                    code="too_many_queries",
-                    headers={"Retry-After": "1"},
-                )
+            for name, limit, who in holders:
+                if self.held.get(name, 0) >= limit:
+                    raise ProxyError(
+                        429,
+                        f"{who} already has {limit} request-log or spend queries in flight; wait for them to"
+                        " finish before sending more.",
+                        code="too_many_queries",
+                        headers={"Retry-After": "1"},
+                    )
             if self.total >= MAX_WAITING:
                 raise ProxyError(
                     503,
@@ -112,25 +114,34 @@ class Gate:
                     code="queries_busy",
                     headers={"Retry-After": "1"},
                 )
-            self.by_key[key] = self.by_key.get(key, 0) + 1
+            for name, _, _ in holders:
+                self.held[name] = self.held.get(name, 0) + 1
             self.total += 1
 
-    def release(self, key: str) -> None:
+    def release(self, holders: list[tuple[str, int, str]]) -> None:
         with self._lock:
             self.total -= 1
-            if (n := self.by_key.get(key, 0) - 1) > 0:
-                self.by_key[key] = n
-            else:
-                self.by_key.pop(key, None)
+            for name, _, _ in holders:
+                if (n := self.held.get(name, 0) - 1) > 0:
+                    self.held[name] = n
+                else:
+                    self.held.pop(name, None)
 
 
 GATE = web.AppKey("query_gate", Gate)
 
 
-def _caller(request: web.Request) -> str:
-    """Whom a query counts against: the key, else (keyless admin from loopback) the peer."""
+def _holders(request: web.Request, per_key: int) -> list[tuple[str, int, str]]:
+    """Whom a query counts against: the key (a keyless admin from loopback: its address) and,
+    for a team's key, the team, which may have twice a key's (so that one team's many keys
+    cannot fill the pool for the others and the operator)."""
     ident = request.get(IDENTITY)
-    return f"key:{ident.key}" if ident is not None else f"peer:{request.remote}"
+    if ident is None:
+        return [(f"peer:{request.remote}", per_key, "This client")]
+    out = [(f"key:{ident.key}", per_key, "This key")]
+    if ident.team is not None:
+        out.append((f"team:{ident.team}", 2 * per_key, f"Team {ident.team!r}"))
+    return out
 
 
 def _settings(request: web.Request) -> tuple[int, float]:
@@ -149,8 +160,8 @@ async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backen
     if gate is None:
         raise RuntimeError("requestlog.gate.install was not called")
     per_key, timeout_s = _settings(request)
-    who = _caller(request)
-    gate.admit(who, per_key)
+    who = _holders(request, per_key)
+    gate.admit(who)
     try:
         done: Future[_T] = _POOL.submit(lambda: fn(Bounded(backend, timeout_s)))
     except BaseException:
