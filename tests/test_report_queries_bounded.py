@@ -229,3 +229,15 @@ def test_a_report_past_the_row_cap_folds_the_smallest_into_other() -> None:
     assert report["total"]["requests"] == 1205 and report["total"]["prompt_tokens"] == 12050
     csv_rows = reports.render(report, "csv").splitlines()
     assert len(csv_rows) == 1 + reports.MAX_ROWS and csv_rows[-1].startswith("(other),206,")
+
+
+async def test_a_console_pages_panels_sent_at_once_are_all_answered(start_upstream, tmp_path: Path) -> None:
+    """The routing page loads seven panels at once with one key: past the key's two, they wait
+    for a slot (briefly) rather than getting the 429."""
+    up = await start_upstream()
+    async with _proxy(_cfg(up, {"backend": "sqlite", "path": str(tmp_path / "ledger.db")}, timeout_s=10)) as url:
+        viewer = await _key(url, "beta", "viewer")
+        panels = [f"/admin/stats?since=24h&group_by={g}" for g in ("deployment", "rule", "policy", "task", "variant")]
+        panels += ["/admin/spend?by=route&since=24h", "/admin/spend?by=outcome&since=24h"]
+        answers = await asyncio.gather(*(_get(url + p, viewer["secret"]) for p in panels))
+        assert [s for s, _, _ in answers] == [200] * 7, answers

@@ -4,9 +4,10 @@ They run on a small pool of their own (QUERY_THREADS), never on the default exec
 request path (large bodies' scans, token counts) and the key store share: a viewer's slow
 queries, however many, wait here, not in front of a revocation or a long prompt. Each key has at
 most `request_log.max_queries_per_key` of them in flight and a team's keys together twice that
-(429 `too_many_queries`), the pool at most MAX_WAITING (503 `queries_busy`), and each query `request_log.query_timeout_s` (503
-`query_timeout`, saying how to narrow it): SQLite stops it from a progress handler, PostgreSQL
-by the transaction's `statement_timeout`.
+(a few more wait briefly for a slot, then 429 `too_many_queries`), the pool at most MAX_WAITING
+(503 `queries_busy`), and each query `request_log.query_timeout_s` (503 `query_timeout`, saying
+how to narrow it): SQLite stops it from a progress handler, PostgreSQL by the transaction's
+`statement_timeout`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ _T = TypeVar("_T")
 
 QUERY_THREADS = 2
 MAX_WAITING = 8  # running and queued, all keys together
+# A query past its key's or team's limit waits for a slot (half its deadline, at most this
+# long; at most LINE_PER_KEY of a key's) before its 429: a console page's panels come at once.
+MAX_LINE_WAIT_S = 5.0
+LINE_PER_KEY = 16
+_LINE_POLL_S = 0.05
 _PROGRESS_STEPS = 1000  # SQLite VM steps between deadline checks (well under a millisecond)
 _POOL = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="edgeroute-query")
 
@@ -93,6 +99,7 @@ class Gate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.held: dict[str, int] = {}  # "key:<id>", "peer:<address>", "team:<name>"
+        self.waiting: dict[str, int] = {}  # a key's queries waiting for a slot (loop only)
         self.total = 0
 
     def admit(self, holders: list[tuple[str, int, str]]) -> None:
@@ -161,7 +168,7 @@ async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backen
         raise RuntimeError("requestlog.gate.install was not called")
     per_key, timeout_s = _settings(request)
     who = _holders(request, per_key)
-    gate.admit(who)
+    await _admitted(gate, who, min(timeout_s / 2, MAX_LINE_WAIT_S))
     try:
         done: Future[_T] = _POOL.submit(lambda: fn(Bounded(backend, timeout_s)))
     except BaseException:
@@ -177,6 +184,28 @@ async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backen
             " filters that the indexes serve (key, team, model, route), or a smaller page.",
             code="query_timeout",
         ) from None
+
+
+async def _admitted(gate: Gate, who: list[tuple[str, int, str]], wait_s: float) -> None:
+    """Admits the query, a query past its key's or team's limit after waiting in line for a
+    while (the console loads a page's panels at once: seven on the routing page), at most
+    LINE_PER_KEY of a key's at a time; past that, or once the wait is over, the 429."""
+    end = time.monotonic() + wait_s
+    line = who[0][0]
+    while True:
+        try:
+            return gate.admit(who)
+        except ProxyError as e:
+            if e.status != 429 or time.monotonic() >= end or gate.waiting.get(line, 0) >= LINE_PER_KEY:
+                raise
+        gate.waiting[line] = gate.waiting.get(line, 0) + 1
+        try:
+            await asyncio.sleep(_LINE_POLL_S)
+        finally:
+            if (n := gate.waiting[line] - 1) > 0:
+                gate.waiting[line] = n
+            else:
+                del gate.waiting[line]
 
 
 def install(app: web.Application) -> None:
