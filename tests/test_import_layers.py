@@ -113,6 +113,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.looplag",
             "edgeroute.reload",
             "edgeroute.requestlog",
+            "edgeroute.requestlog.gate",  # the operator's queries' pool (imports the live state)
             "edgeroute.cost.teams",
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",

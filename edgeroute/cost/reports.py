@@ -4,7 +4,6 @@ savings against the route's most expensive model. Used by `edgeroute spend` and
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
@@ -21,6 +20,8 @@ from edgeroute.cost.keys import tenant_of
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.errors import ProxyError
 from edgeroute.governance.key_names import key_names
+from edgeroute.requestlog import gate
+from edgeroute.requestlog.query import Readable
 
 # The only SQL that a request's parameters choose: a whitelist, never interpolated input.
 GROUPS = {
@@ -33,6 +34,12 @@ GROUPS = {
     "day": "day",
     "outcome": "outcome",
 }
+# A request that no route served keeps the model its client sent, any text at all: by model,
+# those are one row, as in the stats, or one client's made-up names would be a row each.
+_MODEL = f"CASE WHEN COALESCE(route, '') = '' THEN '{UNROUTED}' ELSE model END"
+# Past this many groups (users are the client's text too), the smallest spenders are one row.
+MAX_ROWS = 1000
+OTHER_GROUP = "(other)"
 # Groups that say who asked: a shadow mirror carries its primary's key, team and user, but the
 # operator pays it (no budget counts it), so it is its own group there, and out of a team's view.
 _WHO = ("key", "team", "user")
@@ -59,12 +66,12 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
     return when.timestamp()
 
 
-def spend(backend: Backend, by: str = "key", since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
+def spend(backend: Readable, by: str = "key", since: float | None = None, tenant: str | None = None) -> dict[str, Any]:
     """Rows grouped `by`, biggest spend first, and totals with savings. With `tenant`, that
     team's spend alone (a condition of the query: no other team's row or total)."""
     if by not in GROUPS:
         raise ValueError(f"by must be one of {', '.join(GROUPS)}")
-    col = GROUPS[by]
+    col = _MODEL if by == "model" else GROUPS[by]
     if by in _WHO:
         col = f"CASE WHEN outcome = 'shadow' THEN '{SHADOW_GROUP}' ELSE {col} END"
     conds: list[str] = []
@@ -97,6 +104,7 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
                 "savings_usd": round(base - cost, 8),
             }
         )
+    rows, folded = _capped(by, rows)
     if by == "key" and rows:
         named = key_names(backend, [row["key"] for row in rows if row["key"]])
         for row in rows:
@@ -110,9 +118,22 @@ def spend(backend: Backend, by: str = "key", since: float | None = None, tenant:
         "by": by,
         "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
         "rows": rows,
+        "folded_groups": folded,
         "total": total,
         "savings_note": "baseline: the same tokens on the most expensive deployment of each request's route",
     }
+
+
+def _capped(by: str, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The MAX_ROWS biggest spenders' rows and one `(other)` row summing the rest, and how many
+    groups that row holds (0: none folded)."""
+    if len(rows) <= MAX_ROWS:
+        return rows, 0
+    kept, rest = rows[: MAX_ROWS - 1], rows[MAX_ROWS - 1 :]
+    other: dict[str, Any] = {by: OTHER_GROUP, **{f: sum(r[f] for r in rest) for f in FIELDS}}
+    for f in ("cost_usd", "baseline_cost_usd", "savings_usd"):
+        other[f] = round(other[f], 8)
+    return [*kept, other], len(rest)
 
 
 def render(report: dict[str, Any], fmt: str) -> str:
@@ -170,13 +191,14 @@ async def admin_spend(request: web.Request) -> web.Response:
     backend = request.app.get(LEDGER)
     if backend is None:
         raise ProxyError(404, "No ledger is configured (add a `ledger:` section).", code="no_ledger")
-    by = request.query.get("by", "key")
+    by, tenant = request.query.get("by", "key"), tenant_of(request)
     try:
         since = parse_since(request.query.get("since"))
-        report = await asyncio.to_thread(spend, backend, by, since, tenant_of(request))
+        # On the query pool, serialised there too: a large answer is built off the loop.
+        body = await gate.run(request, lambda bounded: orjson.dumps(spend(bounded, by, since, tenant)), backend)
     except ValueError as e:
         raise ProxyError(400, str(e), code="invalid_request") from None
-    return web.Response(body=orjson.dumps(report), content_type="application/json")
+    return web.Response(body=body, content_type="application/json")
 
 
 def open_backend(config_path: str) -> Backend | None:

@@ -50,7 +50,7 @@ from edgeroute.capacity import unknown_class
 from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import AuditOf, GovStore
+from edgeroute.governance.store import KEY_READS, AuditOf, GovStore
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -487,7 +487,7 @@ class ManagedKeys:
         """The read in flight, or a new one: one at a time, whoever asks (the poll, a change's
         read-back, an unknown key)."""
         if self._read is None or self._read.done():
-            self._read = asyncio.ensure_future(asyncio.to_thread(self.load))
+            self._read = asyncio.ensure_future(asyncio.get_running_loop().run_in_executor(KEY_READS, self.load))
             self._read.add_done_callback(_retrieved)
         return self._read
 

@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,12 @@ from edgeroute import pg_dead_peer, pg_schema, secrets, sqlite_wal
 from edgeroute.config import Config
 from edgeroute.config import Ledger as LedgerConfig
 from edgeroute.cost.store_errors import StoreUnavailable
+
+# The managed keys' reads (the poll, a change's read-back, an unknown key's) run here, not on the
+# default executor: whatever else queues there (large bodies' scans, token counts) never holds
+# the key store's view back until it is stale. The poll runs one read at a time; the spare
+# threads are for a second store's poll while a reload replaces it.
+KEY_READS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeroute-keys")
 
 _TABLES = {
     "sqlite": [

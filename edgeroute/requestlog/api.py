@@ -6,12 +6,13 @@ at all). A key bound to a team reads its team's requests and stats alone (`tenan
 team is a condition of every query, and another team's request id is a 404 like an unknown one.
 `/admin/stats?team=` confines the stats to one team (`cost.teams.team_in_view`: a team the
 gateway does not know, or another team than a team-bound caller's own, is a 404).
-The queries run in a thread: a page or a day of stats never stalls the proxy.
+The queries run on the query pool (`gate`): a page or a day of stats never stalls the proxy,
+and a viewer's slow queries are bounded in number and time and never wait in front of the
+request path's or the key store's threads.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ from edgeroute.cost.keys import IDENTITY, tenant_of
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.cost.teams import no_such_team, team_in_view
 from edgeroute.errors import ProxyError
-from edgeroute.requestlog import query
+from edgeroute.requestlog import gate, query
 
 REQUEST_LOG = web.AppKey("request_log_db", Backend)
 
@@ -44,11 +45,12 @@ def _json(body: object) -> web.Response:
 
 
 async def _answer(
-    request: web.Request, run: Callable[[Backend, Mapping[str, str], float | None, str | None], dict[str, Any]]
+    request: web.Request, run: Callable[[query.Readable, Mapping[str, str], float | None, str | None], dict[str, Any]]
 ) -> web.Response:
     db = _db(request)
     try:
-        body = await asyncio.to_thread(run, db, request.query, None, tenant_of(request))
+        q, tenant = request.query, tenant_of(request)
+        body = await gate.run(request, lambda bounded: run(bounded, q, None, tenant), db)
     except query.BadParam as e:
         raise ProxyError(400, f"Invalid parameter {e}", code="invalid_parameter", param=e.param) from None
     except query.TeamScope as e:
@@ -74,7 +76,8 @@ async def admin_request(request: web.Request) -> web.Response:
         raise ProxyError(
             400, "Invalid parameter id: longer than 256 characters or with a NUL", code="invalid_parameter", param="id"
         )
-    found = await asyncio.to_thread(query.get_request, db, rid, may_read_content(request), tenant_of(request))
+    content, tenant = may_read_content(request), tenant_of(request)
+    found = await gate.run(request, lambda bounded: query.get_request(bounded, rid, content, tenant), db)
     if found is None:
         raise ProxyError(404, f"No request {rid!r} in the request log.", code="request_not_found")
     return _json(found)
@@ -89,6 +92,7 @@ def install(app: web.Application, db: Backend | None) -> None:
     """Adds the routes; `db` is the ledger's backend when the request log is on."""
     if db is not None:
         app[REQUEST_LOG] = db
+    gate.install(app)  # the spend report's queries pass it too, with or without a request log
     app.router.add_get("/admin/requests", admin_requests)
     app.router.add_get("/admin/requests/{id}", admin_request)
     app.router.add_get("/admin/stats", admin_stats)

@@ -41,11 +41,20 @@ def _text(raw: bytes | None, max_bytes: int) -> tuple[str | None, bool]:
     return raw[:max_bytes].decode("utf-8", "ignore"), cut
 
 
+# A request refused and not paid for (a 4xx or 5xx at $0: an unknown model, a limit, an
+# upstream's refusal) keeps at most this much of its prompt and answer: a key sending large
+# prompts to be refused stored ~64 KB a request for nothing, and the size cap's oldest-first
+# eviction then dropped every team's history.
+REFUSED_CONTENT_BYTES = 2048
+
+
 def stored(rec: RequestRecord, max_bytes: int) -> dict[str, Any] | None:
     """The content to store for `rec`, or None (the default: nothing)."""
     mode = rec.content_mode
     if mode not in ("full", "redacted"):
         return None
+    if rec.status >= 400 and not rec.cost_usd:
+        max_bytes = min(max_bytes, REFUSED_CONTENT_BYTES)
     out: dict[str, Any] = {"mode": mode, "truncated": False}
     for name, raw in (("request", rec.content_request), ("response", rec.content_response)):
         text, cut = _text(raw, max_bytes)

@@ -42,6 +42,11 @@ class RequestLog(BaseModel):
     # written): the backlog drains at the writer's faster pace, and each one is counted in
     # `edgeroute_request_log_dropped_total`, rather than the queue growing without end.
     max_backlog: int = Field(25_000, ge=100)
+    # The operator's queries (`/admin/requests`, `/admin/stats`, `/admin/spend`, the console's
+    # pages): each is stopped past this many seconds (503 `query_timeout`), and one key has at
+    # most this many in flight (429 `too_many_queries`), so that no viewer can hold the pool.
+    query_timeout_s: float = Field(10.0, gt=0, le=600)
+    max_queries_per_key: int = Field(2, ge=1, le=32)
 
     def content_for(self, asked: str, route: str, key: str | None) -> LogContent:
         """What is kept of a request for model `asked` served by `route` (the same name when

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -21,7 +22,7 @@ from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from edgeroute import redact, redis_client
-from edgeroute.accounting import RequestRecord
+from edgeroute.accounting import UNROUTED, RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
 from edgeroute.errors import ProxyError
@@ -48,7 +49,7 @@ def decision_fields(rec: RequestRecord, reasons: list[str]) -> dict[str, object]
     """What was decided for a request and how it went; ids and numbers only, no prompt, no key."""
     return {
         "request_id": rec.request_id,
-        "model": rec.model,
+        "model": redact.text(rec.model),  # the client's text: it may hold a pasted key
         "route": rec.route,
         "rule": rec.rule,
         "why": reasons,
@@ -95,12 +96,24 @@ class Telemetry:
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 
 
+def _traced(rec: RequestRecord) -> RequestRecord:
+    """The record as its spans show it: the asked model redacted, and a request no route served
+    under the route `(unrouted)`, so its span is `chat (unrouted)` whatever model the client
+    made up (span names must be few), the model kept in `gen_ai.request.model`."""
+    model = redact.text(rec.model)
+    if rec.route and model == rec.model:
+        return rec
+    shown = copy.copy(rec)  # the request log and the ledger keep the record as it is
+    shown.model, shown.route = model, rec.route or UNROUTED
+    return shown
+
+
 def observe_now(app: web.Application, rec: RequestRecord, reasons: list[str]) -> None:
     """What `finished` schedules (also called directly by the telemetry cost benchmark)."""
     app[METRICS].observe(rec)
     app[TELEMETRY].window.add(rec, time.time())
     if rec.trace is not None and (tracer := app.get(TRACER)) is not None:
-        tracer.record(rec, app[STATE].live)
+        tracer.record(_traced(rec), app[STATE].live)
     if DECISIONS.isEnabledFor(logging.INFO):
         # The fields are the line (JSON in either log format; see `logs`).
         DECISIONS.info("request finished", extra={"fields": decision_fields(rec, reasons)})

@@ -44,6 +44,12 @@ def _iso(created: float) -> str:
     return dt.datetime.fromtimestamp(created, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def redacted(fields: dict[str, Any]) -> dict[str, Any]:
+    """A record's `fields` with credential shapes replaced in their text: the redaction filter
+    sees only the message, and a field may be a client's text (the model it asked for)."""
+    return {k: redact.text(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, request_id, the record's `fields`, exc."""
 
@@ -59,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             out["request_id"] = rid
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            for k, v in fields.items():
+            for k, v in redacted(fields).items():
                 out.setdefault(k, v)
         if record.exc_text:  # already formatted (and redacted) by the redaction filter
             out["exc"] = record.exc_text
@@ -78,7 +84,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
         if record.name == _DECISIONS and isinstance(fields, dict):
-            line = {"ts": _iso(record.created), **fields}
+            line = {"ts": _iso(record.created), **redacted(fields)}
             return redact.json_printable(orjson.dumps(line, default=str).decode())  # a client's model name
         rid = getattr(record, "request_id", None)
         record.rid = f" [{rid}]" if rid else ""
