@@ -7,6 +7,8 @@ who made it and the state before and after (secrets and key hashes never include
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 import unicodedata
@@ -30,7 +32,7 @@ from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
 from edgeroute.governance.runtime import GOV, Change, Gov, actor_of, answered
-from edgeroute.governance.store import STORE_DEADLINE_S, GovStore
+from edgeroute.governance.store import ADMIN_CALLS, STORE_DEADLINE_S, GovStore
 from edgeroute.governance.versions import (
     access_changes,
     check_text,
@@ -538,7 +540,9 @@ _AUDIT = ("audit log store", "audit_store_unavailable")
 async def _bounded(fn: Callable[..., _T], *args: Any) -> _T:
     """`fn(*args)` off the loop, waited for at most STORE_DEADLINE_S (TimeoutError): a query hung
     on a vanished peer held the admin call until the connection's keepalives ended it."""
-    return await asyncio.wait_for(asyncio.to_thread(fn, *args), STORE_DEADLINE_S)
+    run = functools.partial(contextvars.copy_context().run, fn, *args)  # as `asyncio.to_thread` does
+    call = asyncio.get_running_loop().run_in_executor(ADMIN_CALLS, run)
+    return await asyncio.wait_for(call, STORE_DEADLINE_S)
 
 
 async def _stored(what: tuple[str, str], fn: Callable[..., _T], *args: Any) -> _T:

@@ -36,6 +36,10 @@ from edgeroute.cost.store_errors import StoreUnavailable
 # the key store's view back until it is stale. The poll runs one read at a time; the spare
 # threads are for a second store's poll while a reload replaces it.
 KEY_READS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeroute-keys")
+# The admin API's calls on the store (key create, rotate, revoke; audit and version reads) run
+# here: on the default executor, a flood of other work delayed a revocation past its deadline, and
+# on KEY_READS, calls hung on a store that does not answer would hold back the poll itself.
+ADMIN_CALLS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="edgeroute-gov")
 
 _TABLES = {
     "sqlite": [
