@@ -18,6 +18,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import AttemptRecord, Usage
+from edgeroute.cost import underreport
 from edgeroute.dispatch import Failure, JsonAnswer
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
@@ -96,6 +97,21 @@ class CompletionsRequest:
         """Whether the prompt is "" (a usage's prompt count of 0 is then its own)."""
         return not self.suffix and all(p == "" for p in self.prompts)
 
+    def answered(self, choices: list[Any]) -> str:
+        """What the model wrote in `choices`, joined: each choice's text, without the prompt
+        `echo` repeats at its start. A text that does not start with its prompt's (an upstream
+        that ignores `echo`; a prompt of token ids, whose text is not known here) is counted
+        whole: no answer is taken for an echo it does not hold."""
+        out = []
+        for i, c in enumerate(choices):
+            text = c.get("text") if isinstance(c, dict) else None
+            if not isinstance(text, str):
+                continue
+            at = c.get("index") if type(c.get("index")) is int else i
+            prompt = self.prompts[min(at // max(self.n, 1), len(self.prompts) - 1)] if self.echo else ""
+            out.append(text[len(prompt) :] if isinstance(prompt, str) and text.startswith(prompt) else text)
+        return "".join(out)
+
     def echoed(self, prompt_tokens: int, encoding: str) -> int:
         """The tokens of the prompts (`prompt_tokens` of them, with the suffix) that `echo`
         repeats at the start of each answer: each prompt in each of its `n` answers."""
@@ -124,12 +140,20 @@ class CompletionsCall(CountedCall):
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)
+        choices = obj["choices"] if isinstance(obj["choices"], list) else []
         if usage is None:
-            text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
+            text = self.req.answered(choices)
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
-            prompt = self.prompt_tokens()
-            usage = Usage(prompt, max(0, done - self.req.echoed(prompt, self.decision.encoding)), estimated=True)
+            usage = Usage(self.prompt_tokens(), done, estimated=True)
             self._counted.append(usage)
+        elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
+            fix = underreport.check(usage, self.req.answered(choices), self.decision.encoding)
+            usage = self.charged(usage, fix, f"provider {adapter.name}")
+        if len(choices) > (asked := len(self.req.prompts) * self.req.n):
+            # More answers than asked for (`n` of each prompt): billed, but not the client's to
+            # get (a stream relays those asked for alone).
+            obj["choices"] = choices[:asked]
+            data = orjson.dumps(obj)
         return JsonAnswer(data, usage)
 
     def output_allowance(self) -> int:
