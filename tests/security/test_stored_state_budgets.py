@@ -167,3 +167,42 @@ async def test_a_stored_prompt_is_reserved_to_the_window(provider: tuple[str, Pr
         spent = await budget_spent(proxy.url, ADMIN)
     assert statuses == [200, 429, 429], (statuses, spent)
     assert spent <= LIMIT + 1e-9
+
+
+def _old_table(ledger: dict[str, Any], tmp_path: Path) -> None:
+    """The bindings' table as an earlier release made it (no sizes), with team t's `resp_old`."""
+    create = "CREATE TABLE gov_response_owners (id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)"
+    row = "INSERT INTO gov_response_owners VALUES ('resp_old', 'team:t', 1e10)"
+    if ledger.get("backend") == "postgres":
+        import psycopg
+
+        with psycopg.connect(ledger["dsn"], autocommit=True) as db:
+            db.execute(create)
+            db.execute(row)
+        return
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        db.execute(create)
+        db.execute(row)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_bindings_made_before_the_upgrade_reserve_the_window(
+    backend: str, provider: tuple[str, Provider], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A ledger an earlier release used: its bindings have no size, and their conversations
+    (10,000 tokens at the provider) reserve the 60,000-token window ($0.06: past the budget); a
+    conversation made after the upgrade reserves its recorded size."""
+    cfg = _config(provider[0], tmp_path, 60_000)
+    if backend == "postgres":
+        cfg["ledger"] = {"backend": "postgres", "dsn": request.getfixturevalue("pg_schema_dsn"), "flush_interval": 0.05}
+    _old_table(cfg["ledger"], tmp_path)
+    provider[1].sizes["resp_old"] = 10_001
+    async with cost_proxy(cfg) as proxy:
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=APP, max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError):
+                await client.responses.create(model="m", input="go on", previous_response_id="resp_old")
+            rid = (await client.responses.create(model="m", input=WORDS, max_output_tokens=5)).id
+            said = await client.responses.create(
+                model="m", input="go on", previous_response_id=rid, max_output_tokens=5
+            )
+    assert said.status == "completed"
