@@ -4,7 +4,8 @@
 text was worth $2 and $4), with no trace in the ledger. The answer is now charged at its
 counted text, flagged estimated and recorded `upstream_underreported_usage`. A completions
 answer with more choices than asked for (`n` of each prompt) is trimmed to those asked for:
-50 choices were relayed for `n: 1`."""
+50 choices were relayed for `n: 1`. An embeddings usage of fewer prompt tokens than the inputs
+can be (ten 2,000-token texts reported as 1 token) is charged at the inputs' count."""
 
 from __future__ import annotations
 
@@ -38,9 +39,21 @@ async def _responses(request: web.Request) -> web.Response:
                               "status": "completed", "output": [message], "usage": usage})  # fmt: skip
 
 
+async def _embeddings(request: web.Request) -> web.Response:
+    inputs = (await request.json())["input"]
+    data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(len(inputs))]
+    return web.json_response(
+        {"object": "list", "data": data, "model": "x", "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+    )
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[Any]:
-    routes = (web.post("/v1/completions", _completions), web.post("/v1/responses", _responses))
+    routes = (
+        web.post("/v1/completions", _completions),
+        web.post("/v1/responses", _responses),
+        web.post("/v1/embeddings", _embeddings),
+    )
     async with routes_upstream(*routes) as server:
         yield server
 
@@ -73,3 +86,13 @@ async def test_completions_choices_past_those_asked_for_are_not_relayed(upstream
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
         said = await client.completions.create(model="m", prompt="many", n=1, max_tokens=4000)
     assert [c.index for c in said.choices] == [0]
+
+
+async def test_embeddings_inputs_reported_as_fewer_tokens_than_they_can_be_are_counted(
+    upstream: Any, serve: Any
+) -> None:
+    proxy: Served = await serve(failover_config(upstream))
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
+        await client.embeddings.create(model="m", input=[TEXT] * 10)  # 20,000 tokens reported as 1
+    rec = await _record(proxy)
+    assert rec.attempts[-1].usage.prompt_tokens >= 15_000 and rec.error_class == "upstream_underreported_usage"
