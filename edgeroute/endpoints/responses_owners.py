@@ -106,10 +106,11 @@ def _names_stored_state(raw: dict[str, Any]) -> None:
 
 
 def _stored_prompt(raw: dict[str, Any]) -> int:
-    """1 when the request names a stored prompt (`prompt.id`): its text is at the provider, of a
-    size no one here knows, and billed as prompt tokens."""
+    """How many of a stored prompt (`prompt.id`) and a stored `conversation` (refused with
+    tenants) the request names: their text is at the provider, of a size no one here knows,
+    and billed as prompt tokens."""
     prompt = raw.get("prompt")
-    return 1 if isinstance(prompt, dict) and prompt.get("id") is not None else 0
+    return int(isinstance(prompt, dict) and prompt.get("id") is not None) + int(raw.get("conversation") is not None)
 
 
 async def check(request: web.Request, live: Live, raw: dict[str, Any]) -> Stored:

@@ -206,3 +206,20 @@ async def test_bindings_made_before_the_upgrade_reserve_the_window(
                 model="m", input="go on", previous_response_id=rid, max_output_tokens=5
             )
     assert said.status == "completed"
+
+
+async def test_a_keyless_server_reserves_stored_state_to_the_window(
+    provider: tuple[str, Provider], tmp_path: Path
+) -> None:
+    """Without virtual keys nothing is bound: a continuation, a stored prompt and a stored
+    `conversation` each reserve the 60,000-token window ($0.06), which a $0.05 global budget
+    cannot hold; a request naming none is served."""
+    cfg = _config(provider[0], tmp_path, 60_000)
+    del cfg["keys"]
+    cfg["budgets"]["limits"][0] = {"name": "b", "scope": "global", "limit_usd": LIMIT, "period": "day"}
+    async with cost_proxy(cfg) as proxy:
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0) as client:
+            rid = (await client.responses.create(model="m", input="hi", max_output_tokens=5)).id
+            for named in ({"previous_response_id": rid}, {"prompt": {"id": "pmpt_1"}}, {"conversation": "conv_1"}):
+                with pytest.raises(openai.RateLimitError):
+                    await client.responses.create(model="m", input="go on", max_output_tokens=5, extra_body=named)
