@@ -222,6 +222,8 @@ def _user_turn(content: Any, i: int, native: bool = False) -> list[dict[str, Any
         elif kind == "document":
             parts.extend(_document_parts(b, f"messages.{i}.content.{j}", native))
         elif kind == "tool_result":
+            if not isinstance(b.get("tool_use_id"), str):  # a tool message answering no call
+                raise _bad(f"messages.{i}.content.{j}.tool_result.tool_use_id: Field required", "messages")
             inner = b.get("content")
             failed = b.get("is_error")
             if failed is not None and type(failed) is not bool:
@@ -229,12 +231,12 @@ def _user_turn(content: Any, i: int, native: bool = False) -> list[dict[str, Any
             if native and tool_result_media(b):  # for routing and counting: passed through as sent
                 where = f"messages.{i}.content.{j}.content"
                 media = [p for k, x in enumerate(inner) if isinstance(x, dict) for p in _media_parts(x, f"{where}.{k}")]
-                results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": media})
+                results.append({"role": "tool", "tool_call_id": b["tool_use_id"], "content": media})
                 continue
             text = "" if inner is None else _text(inner, f"messages.{i}.content.tool_result")
             if failed and not text.startswith(oa.TOOL_ERROR_PREFIX):  # dropped, the model took it for an answer
                 text = oa.TOOL_ERROR_PREFIX + text  # (one that says so already is not told twice)
-            results.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": text})
+            results.append({"role": "tool", "tool_call_id": b["tool_use_id"], "content": text})
         elif native and is_server_block(b):
             parts.append({"type": "text", "text": _server_block_text(b)})
         else:
@@ -284,12 +286,14 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     if not isinstance(tools, list):
         raise _bad("tools: expected a list.", "tools")
     out = []
-    for t in tools:
+    for i, t in enumerate(tools):
         if is_anthropic_tool(t):
             continue  # Anthropic's own (web search, ...): the request goes to Anthropic as sent (messages.lost_fields)
         if not isinstance(t, dict) or t.get("type") not in (None, "custom") or not isinstance(t.get("name"), str):
             raise _bad("tools: only custom tools (name, description, input_schema) are supported.", "tools")
-        if t.get("input_schema") is not None and not isinstance(t["input_schema"], dict):
+        if t.get("input_schema") is None:  # Anthropic's 400: no schema is no tool
+            raise _bad(f"tools.{i}.custom.input_schema: Field required", "tools")
+        if not isinstance(t["input_schema"], dict):
             raise _bad("tools: a tool's input_schema must be a JSON Schema object.", "tools")
         if t.get("description") is not None and not isinstance(t["description"], str):
             raise _bad("tools: a tool's description must be a string.", "tools")
@@ -353,6 +357,9 @@ def to_openai(req: Any, *, counting: bool = False, native: bool = False) -> dict
         else:
             messages.append(_assistant_turn(m.get("content"), i, native))
     out: dict[str, Any] = {"model": req["model"], "messages": messages, "max_tokens": req["max_tokens"]}
+    stops = req.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(x, str) for x in stops)):
+        raise _bad("stop_sequences: Input should be a valid list of strings", "stop_sequences")
     for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("stop_sequences", "stop")):
         if req.get(ours) is not None:
             out[theirs] = req[ours]
@@ -360,15 +367,21 @@ def to_openai(req: Any, *, counting: bool = False, native: bool = False) -> dict
     if metadata is not None and not isinstance(metadata, dict):
         raise _bad("metadata: expected an object.", "metadata")
     user = (metadata or {}).get("user_id")
+    if user is not None and not isinstance(user, str):
+        raise _bad("metadata.user_id: Input should be a valid string", "metadata")
     if isinstance(user, str):
         out["user"] = user
     if req.get("tools"):
         out["tools"] = _tools(req["tools"])
     tc = req.get("tool_choice")
+    if tc is not None and not isinstance(tc, dict):
+        raise _bad("tool_choice: Input should be a valid dictionary", "tool_choice")
     if isinstance(tc, dict):
         kind = tc.get("type")
+        if kind == "tool" and not isinstance(tc.get("name"), str):
+            raise _bad("tool_choice.tool.name: Field required", "tool_choice")
         if kind == "tool":
-            out["tool_choice"] = {"type": "function", "function": {"name": tc.get("name")}}
+            out["tool_choice"] = {"type": "function", "function": {"name": tc["name"]}}
         elif kind in ("auto", "any", "none"):
             out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[str(kind)]
         else:
@@ -512,6 +525,9 @@ def _event(name: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+_CUT = "The upstream ended the stream before the answer did; the answer is incomplete."
+
+
 class StreamEncoder:
     """OpenAI chunks → Anthropic stream events, one content block per text run or tool call.
 
@@ -543,7 +559,8 @@ class StreamEncoder:
             if payload is None or self.ended:
                 continue
             if payload == b"[DONE]":
-                out += self._end()
+                # Without a finish_reason the answer was cut short: an error, never `end_turn`.
+                out += self._end() if self.finished or not self.started else self._fail(_CUT, {})
                 continue
             try:
                 obj = orjson.loads(payload)

@@ -19,9 +19,11 @@ caller (`container_owners`, under `FILE_PREFIX` in the response owners' table) a
 bound to the caller passes; one bound to someone else (or to two owners) is refused as one no
 answer gave, so that the answer tells nobody whether an id is a tenant's.
 
-Only the shapes above are read (a tool's schema, a tool call's arguments or `metadata` may hold
-a `file_id` of the application's own). A body without any of these keys' names, and without a
-backslash-u escape that could spell one, is not parsed.
+Only the shapes above are read, and every field of a tool but those that hold the
+application's own (a tool's schema, a tool call's arguments or `metadata` may hold a `file_id`
+of the application's own): an image generation tool's `input_image_mask` names a file too. A
+body without any of these keys' names, and without a backslash-u escape that could spell one,
+is not parsed.
 """
 
 from __future__ import annotations
@@ -42,8 +44,24 @@ _NAMES = ("file_id", "file_ids", "vector_store_ids")
 # under another key (a tool's `parameters` or `input_schema`, a tool call's `input`,
 # `metadata`) is the application's own.
 _INTO = frozenset(
-    {"messages", "input", "content", "output", "source", "file", "tools", "container", "prompt", "skills"}
+    {
+        "messages",
+        "input",
+        "content",
+        "output",
+        "source",
+        "file",
+        "tools",
+        "container",
+        "prompt",
+        "skills",
+        "input_image_mask",  # the image generation tool's mask: `{"file_id": ...}`
+    }
 )
+# A tool's fields are read whole (the next built-in tool's field that names a file is caught by
+# default), except those that hold the application's own: a function's schema, a custom tool's
+# grammar, an MCP server's headers.
+_TOOL_OWN = frozenset({"parameters", "input_schema", "function", "custom", "format", "headers", "metadata"})
 _OWN_SKILLS = "anthropic"  # a `container.skills` entry of this type is the provider's own (`xlsx`, `pdf`)
 THREAD_FROM_BYTES = 1 << 20  # a body this large is searched and parsed in a worker thread
 FILE_PREFIX = "file:"  # an output file's binding in the response owners' table
@@ -67,7 +85,10 @@ def _named(value: Any, path: str) -> Iterator[tuple[str, str | None]]:
     if path.endswith("]") and ".skills[" in path and value.get("type") != _OWN_SKILLS:
         if isinstance(value.get("skill_id"), str) and value["skill_id"]:
             yield f"{path}.skill_id", None
+    tool = path.endswith("]") and path.rpartition("[")[0].endswith("tools")
     for key, v in value.items():
+        if tool and key not in _INTO and key not in _TOOL_OWN and isinstance(v, (dict, list)):
+            yield from _named(v, f"{path}.{key}")
         # A top-level `input` is a list (Responses); a tool call's `input` is its arguments.
         if key in _INTO and (isinstance(v, list) or (isinstance(v, dict) and key != "input")):
             yield from _named(v, f"{path}.{key}" if path else key)

@@ -16,13 +16,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core
+from edgeroute import _core, sse
 from edgeroute.accounting import AttemptRecord, Usage
-from edgeroute.dispatch import Failure, JsonAnswer
+from edgeroute.cost import underreport
+from edgeroute.dispatch import Failure, JsonAnswer, StreamAnswer
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.upstream import DeploymentInfo
+from edgeroute.upstream_http.response import Response
 
 _TOKEN_MAX = 1 << 32  # token ids are non-negative 32-bit integers
 
@@ -96,6 +98,41 @@ class CompletionsRequest:
         """Whether the prompt is "" (a usage's prompt count of 0 is then its own)."""
         return not self.suffix and all(p == "" for p in self.prompts)
 
+    def answered(self, choices: list[Any]) -> str:
+        """What the model wrote in `choices`, joined: each choice's text, without the prompt
+        `echo` repeats at its start. A text that does not start with its prompt's (an upstream
+        that ignores `echo`; a prompt of token ids, whose text is not known here) is counted
+        whole: no answer is taken for an echo it does not hold."""
+        out = []
+        for i, c in enumerate(choices):
+            text = c.get("text") if isinstance(c, dict) else None
+            if not isinstance(text, str):
+                continue
+            at = c.get("index") if type(c.get("index")) is int else i
+            prompt = self.prompts[min(at // max(self.n, 1), len(self.prompts) - 1)] if self.echo else ""
+            out.append(text[len(prompt) :] if isinstance(prompt, str) and text.startswith(prompt) else text)
+        return "".join(out)
+
+    def echoes(self, head: bytes) -> bool:
+        """Whether a stream echoes its prompt: its first choice's first text (in the events held
+        before the stream is relayed) starts the prompt, or starts with it. A text prompt only
+        (the text of token ids is not known here); an upstream that ignores `echo` starts with
+        its answer."""
+        first = self.prompts[0]
+        if not self.echo or not isinstance(first, str):
+            return False
+        for ev in sse.EventSplitter().feed(head if head.endswith(b"\n\n") else head + b"\n\n"):
+            data = sse.event_data(ev)
+            try:
+                obj = orjson.loads(data) if data and data != b"[DONE]" else None
+            except orjson.JSONDecodeError:
+                continue
+            for c in obj.get("choices") or () if isinstance(obj, dict) else ():
+                text = c.get("text") if isinstance(c, dict) and c.get("index", 0) == 0 else None
+                if isinstance(text, str) and text:
+                    return first.startswith(text) or text.startswith(first)
+        return False
+
     def echoed(self, prompt_tokens: int, encoding: str) -> int:
         """The tokens of the prompts (`prompt_tokens` of them, with the suffix) that `echo`
         repeats at the start of each answer: each prompt in each of its `n` answers."""
@@ -107,6 +144,7 @@ class CompletionsCall(CountedCall):
         super().__init__(req, *args)
         self.req = req
         self._counted: list[Usage] = []  # the answers' usages counted here, echo left out already
+        self._stream_echoes = False  # whether the stream relayed starts with its prompt (`echo`)
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         body = self.req.body
@@ -124,13 +162,27 @@ class CompletionsCall(CountedCall):
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)
+        choices = obj["choices"] if isinstance(obj["choices"], list) else []
         if usage is None:
-            text = "".join(c["text"] for c in obj["choices"] if isinstance(c, dict) and isinstance(c.get("text"), str))
+            text = self.req.answered(choices)
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
-            prompt = self.prompt_tokens()
-            usage = Usage(prompt, max(0, done - self.req.echoed(prompt, self.decision.encoding)), estimated=True)
+            usage = Usage(self.prompt_tokens(), done, estimated=True)
             self._counted.append(usage)
+        elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
+            fix = underreport.check(usage, self.req.answered(choices), self.decision.encoding)
+            usage = self.charged(usage, fix, f"provider {adapter.name}")
+        if len(choices) > (asked := len(self.req.prompts) * self.req.n):
+            # More answers than asked for (`n` of each prompt): billed, but not the client's to
+            # get (a stream relays those asked for alone).
+            obj["choices"] = choices[:asked]
+            data = orjson.dumps(obj)
         return JsonAnswer(data, usage)
+
+    async def _hold_stream(self, resp: Response, adapter: Any) -> StreamAnswer | Failure:
+        got = await super()._hold_stream(resp, adapter)
+        if isinstance(got, StreamAnswer):  # the stream relayed: whether its count holds an echo
+            self._stream_echoes = self.req.echoes(got.head)
+        return got
 
     def output_allowance(self) -> int:
         """The echoed prompts are in the stream's text beside the answers: past `max_tokens`, not an overrun."""
@@ -139,9 +191,10 @@ class CompletionsCall(CountedCall):
     def settle_attempt(self, rec: AttemptRecord, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A completion counted from text elsewhere (a stream's, a cut answer's) holds the echoed
         prompts too: left out, as `_json_answer` leaves them (a 602-token prompt echoed with a
-        3-token answer was billed 605 output tokens). In place, once: what checks the usage
-        against `max_tokens` after it is settled reads it so."""
-        if usage is not None and usage.estimated and self.req.echo and not any(u is usage for u in self._counted):
+        3-token answer was billed 605 output tokens), when the stream starts with its prompt
+        (`echoes`): one that does not was counted as no output. In place, once: what checks the
+        usage against `max_tokens` after it is settled reads it so."""
+        if usage is not None and usage.estimated and self._stream_echoes and not any(u is usage for u in self._counted):
             echoed = self.req.echoed(usage.prompt_tokens, self.decision.encoding)
             usage.completion_tokens = max(0, usage.completion_tokens - echoed)
             self._counted.append(usage)

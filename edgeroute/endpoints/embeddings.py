@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import logging
 import struct
 from contextvars import ContextVar
 from functools import partial
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from edgeroute.accounting import AttemptRecord, Usage
+from edgeroute.cost import underreport
 from edgeroute.dispatch import Answer, Failure, JsonAnswer, attempt
 from edgeroute.endpoints.embeddings_bedrock import TITAN_PARALLEL, bedrock_request, one_text_per_call, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
@@ -32,6 +34,8 @@ from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.bedrock import BedrockAdapter
 from edgeroute.providers.gemini import GeminiAdapter
 from edgeroute.upstream import DeploymentInfo
+
+log = logging.getLogger("edgeroute.embeddings")
 
 MAX_INPUTS = 2048
 # The input one call of a batch split over several calls carries (None: the whole request).
@@ -72,6 +76,9 @@ def inputs_of(raw: Any) -> list[str | list[int]]:
         else:
             raise bad(f"'input[{i}]' must be a string or an array of tokens.", "input")
     return out
+
+
+_COUNT_ON_LOOP_CHARS = 64 * 1024  # inputs an impossible usage is corrected by counting (past it: estimated)
 
 
 class EmbeddingsRequest:
@@ -252,8 +259,34 @@ class EmbeddingsCall(CountedCall):
         if usage is None:
             usage = Usage(prompt_tokens=self.prompt_tokens(), estimated=True)
             obj["usage"] = {"prompt_tokens": usage.prompt_tokens, "total_tokens": usage.prompt_tokens}
+        elif self._impossible(usage.prompt_tokens):
+            usage = self._counted(usage, f"provider {adapter.name}")
         obj["model"] = self.req.model
         return JsonAnswer(orjson.dumps(obj), usage)
+
+    def _impossible(self, reported: int) -> bool:
+        """Whether the inputs cannot be `reported` tokens: fewer than their token ids, or than
+        their text's bytes can be at `underreport.MAX_BYTES_PER_TOKEN` a token."""
+        inputs = self._inputs()
+        ids = sum(len(x) for x in inputs if isinstance(x, list))
+        text = sum(len(x.encode("utf-8", "surrogatepass")) for x in inputs if isinstance(x, str))
+        return reported < ids or underreport.impossible(reported - ids, text)
+
+    def _counted(self, usage: Usage, source: str) -> Usage:
+        """The inputs counted, charged in place of an impossible report (as a chat answer's
+        output is: `upstream_underreported_usage`): ten 100-token texts reported as 1 token."""
+        inputs = self._inputs()
+        text = sum(len(x) for x in inputs if isinstance(x, str))
+        if text <= _COUNT_ON_LOOP_CHARS:
+            counted = sum(_tokens_of(x, self.decision.encoding) for x in inputs)
+        else:  # megabytes of text are not counted on the event loop: the core's estimate of it
+            ids = sum(len(x) for x in inputs if isinstance(x, list))
+            counted = ids + text // underreport.ESTIMATE_BYTES_PER_TOKEN
+        if counted <= usage.prompt_tokens:
+            return usage
+        log.warning("%s: reported %d prompt tokens for inputs counted at %d", source, usage.prompt_tokens, counted)
+        self.record.error_class = underreport.CODE
+        return Usage(prompt_tokens=counted, estimated=True)
 
     def _from_gemini(self, embeddings: list[Any]) -> dict[str, Any] | None:
         vectors = []

@@ -220,9 +220,11 @@ class NativeStream:
         out = []
         for ev in events:
             data = sse.event_data(ev)
+            if data == b"[DONE]":
+                continue  # no Anthropic event: before `message_stop` it would end a cut stream cleanly
             obj = orjson.loads(data) if data else None
             kind = obj.get("type") if isinstance(obj, dict) else None
-            if data is not None and data != b"[DONE]":
+            if data is not None:
                 self._check(obj)
             if kind == "error" and not self._content:
                 assert isinstance(obj, dict)
@@ -269,6 +271,8 @@ class ChatToAnthropic:
         out = []
         for ev in events:
             data = sse.event_data(ev)
+            if data == b"[DONE]" and not self.enc.finished:
+                continue  # without a finish_reason the answer was cut: the relay's error, not `end_turn`
             if data and data != b"[DONE]" and not self._content:
                 obj = orjson.loads(data)
                 if isinstance(obj, dict) and obj.get("error"):

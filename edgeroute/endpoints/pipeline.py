@@ -53,6 +53,20 @@ from edgeroute.request_input import read_body, region_of, tags_of
 from edgeroute.requestlog import content
 from edgeroute.state import Live
 
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What a request names that the provider keeps and bills as prompt tokens, though its text
+    is not in the request (a continued conversation, a stored prompt): the decision counts it
+    into the prompt, so that context windows, budgets and token rate limits see it."""
+
+    tokens: int = 0  # sizes known (a conversation's input and output tokens as billed)
+    unknown: int = 0  # references of unknown size: each taken to fill the context window
+
+
+# A reference of unknown size where no deployment of the route has a context window configured.
+UNKNOWN_STORED_TOKENS = 128_000
+
 # Makes the dispatch of a checked request over the decision's deployments, in the endpoint's
 # format: (live, decision, routing body the decision was made on, record, timeouts, max attempts).
 MakeCall = Callable[[Live, _core.Decision, bytes, RequestRecord, Timeouts | None, int], Call]
@@ -81,8 +95,9 @@ class Parsed:
     serves: Callable[[Live, str], bool] | None = None
     # The text of a JSON answer, for the shadow log; None: the endpoint is not mirrored (`shadow:`).
     answer_text: Callable[[bytes], str | None] | None = None
-    # Refuses a request that names what the caller may not use (another tenant's stored response).
-    check: Callable[[web.Request, Live], Awaitable[None]] | None = None
+    # Refuses a request that names what the caller may not use (another tenant's stored response),
+    # and says what it names that the provider keeps and bills as prompt tokens.
+    check: Callable[[web.Request, Live], Awaitable[Stored | None]] | None = None
     # Records what the answer gives the caller (a stored response's id), before it is sent.
     bind: Callable[[web.Request, Live, JsonAnswer | StreamAnswer], Awaitable[None]] | None = None
     # Records what a stream gave the caller as it went (a code execution container), before its end.
@@ -167,6 +182,34 @@ async def _with_ids(parsed: Parsed, decision: _core.Decision) -> int | None:
     return min(await asyncio.to_thread(parsed.count, decision.encoding), _U32)
 
 
+def _window(live: Live, decision: _core.Decision) -> int:
+    """The smallest context window configured among the deployments the decision may use (0: none)."""
+    windows = [w for i in decision.order if (w := live.deployments[i].context_window) > 0]
+    return min(windows, default=0)
+
+
+async def _with_stored(
+    live: Live, body: bytes, route_body: bytes, request: web.Request, decision: _core.Decision, stored: Stored
+) -> _core.Decision:
+    """The decision again, its prompt counted with the stored state the request names (`Stored`):
+    the request's own tokens exactly, plus the sizes known; a reference of unknown size takes
+    the prompt to the context window (no more can be billed as prompt), else adds
+    `UNKNOWN_STORED_TOKENS`. Within a configured window, the total never passes it: a provider
+    that truncates a long conversation bills no more."""
+    own = decision.prompt_tokens
+    if not decision.tokens_exact:
+        own = await asyncio.to_thread(live.router.count_prompt, route_body)
+    room = (window := _window(live, decision)) - (decision.max_tokens or 0)
+    total = own + stored.tokens
+    if window:
+        total = min(total, max(room, own))
+        if stored.unknown:
+            total = max(total, room)
+    else:
+        total += stored.unknown * UNKNOWN_STORED_TOKENS
+    return await decide_soon(live, body, request, prompt_tokens=min(total, _U32))
+
+
 def policy_body(route_body: bytes, sent: bytes) -> bytes:
     """`route_body` with the client's body `sent` as the value of a key the core does not
     read, for the decision: a deployment that speaks the endpoint gets `sent` as it is, and
@@ -245,13 +288,16 @@ async def serve(
         # worker thread, so the loop serves everyone else meanwhile (it takes the GIL back every 5 ms).
         parsed = await asyncio.to_thread(endpoint, body) if len(body) > PARSE_ON_LOOP_BYTES else endpoint(body)
         rec.model = parsed.model[:200]  # a client's unknown name is stored as asked: bounded
-        if parsed.check is not None:
-            await parsed.check(request, live)
+        stored = await parsed.check(request, live) if parsed.check is not None else None
         route_body = parsed.routing_body
         routed = policy_body(route_body, body)
         decision = await decide_soon(live, routed, request, prompt_tokens=_ids_only(parsed))
         if (exact := await _with_ids(parsed, decision)) is not None:
             decision = await decide_soon(live, routed, request, prompt_tokens=exact)
+        if stored is not None and not (stored.tokens or stored.unknown):
+            stored = None  # nothing stored named: decided once, as any request
+        if stored is not None:
+            decision = await _with_stored(live, routed, route_body, request, decision, stored)
         rec.route, rec.rule, rec.stream, rec.task = decision.route, decision.rule, parsed.stream, decision.task
         reasons = decision.reasons
         rec.reasons, rec.policy, rec.variant = reasons, decision.policy, decision.variant
@@ -280,7 +326,8 @@ async def serve(
         if (reroute := rerouted_model(ticket)) is not None:
             first = decision
             route_body = with_model(route_body, decision, reroute)
-            known = decision.prompt_tokens if parsed.token_ids else None  # exact: the ids are not in the text
+            # Exact, and more than the text: the ids, the stored state are not in it.
+            known = decision.prompt_tokens if parsed.token_ids or stored is not None else None
             decision = await decide_soon(
                 live, policy_body(route_body, body), request, rerouted=True, prompt_tokens=known
             )

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edgeroute import _core, service_tiers
 from edgeroute.accounting import Usage, responses_tool_calls
+from edgeroute.cost import underreport
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import responses_tools, with_tools
@@ -27,7 +28,7 @@ from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
 from edgeroute.endpoints import responses_params
-from edgeroute.endpoints.pipeline import Parsed, answer_object, bad, json_object, routing_body, serve
+from edgeroute.endpoints.pipeline import Parsed, Stored, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.responses_events import stream_of_response
 from edgeroute.endpoints.responses_stream import ChatToResponses, ClientEncoder, NativeStream, has_content
 from edgeroute.endpoints.upstream import openai_request, speaks_openai
@@ -131,6 +132,10 @@ class ResponsesCall(Call):
             text = rf.output_text(obj.get("output"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+        elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
+            # As a chat answer's: more text than the reported output can be is charged as counted.
+            fix = underreport.check(usage, rf.output_text(obj.get("output")), self.decision.encoding)
+            usage = self.charged(usage, fix, f"provider {adapter.name}")
         usage.tool_calls = responses_tool_calls(obj.get("output"))
         return JsonAnswer(data, usage, (data, obj))
 
@@ -205,11 +210,23 @@ def parse(body: bytes) -> Parsed:
     )
 
 
-async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> None:
+async def _check(raw: dict[str, Any], request: web.Request, live: Live) -> Stored:
     service_tiers.check(raw, live.config.server.service_tiers)
-    await owners.check(request, live, raw)
+    stored = await owners.check(request, live, raw)
     for container, param in containers.responses_named(raw):
         await containers.check(request, live, container, param)
+    return stored
+
+
+def _size(usage: Usage | dict[str, Any] | None) -> int | None:
+    """A conversation's size after an answer: its input and output tokens as billed (what a
+    continuation of it is billed again as input); None when its usage is not known."""
+    if isinstance(usage, Usage):
+        return usage.prompt_tokens + usage.completion_tokens
+    prompt, done = (usage.get(k) if usage is not None else None for k in ("prompt_tokens", "completion_tokens"))
+    if type(prompt) is not int or prompt < 0:
+        return None
+    return prompt + (done if type(done) is int and done > 0 else 0)
 
 
 async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer) -> None:
@@ -223,17 +240,22 @@ async def _bind(request: web.Request, live: Live, got: JsonAnswer | StreamAnswer
         await owners.bind(request, live, owners.stream_id(got.head))
         return
     obj = containers.json_answer(got)
-    await owners.bind(request, live, owners.json_id(obj), containers.answer_containers(obj))
+    await owners.bind(request, live, owners.json_id(obj), containers.answer_containers(obj), _size(got.usage))
 
 
 async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> None:
-    if got.translator is None and live.access.keyed(request):
+    if not live.access.keyed(request):
+        return
+    rid = owners.stream_id(got.head)
+    if got.translator is None:
         # A whole Response served as its stream (`stream_of`): its events are all in its head.
         seen = NativeStream()
         seen.feed(got.head)
         await containers.bind(request, live, seen.containers)
+        await owners.sized(request, live, rid, _size(seen.usage))
         return
     await containers.bind(request, live, containers.stream_containers(got))
+    await owners.sized(request, live, rid, _size(getattr(got.translator, "usage", None)))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

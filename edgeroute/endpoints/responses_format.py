@@ -240,7 +240,10 @@ def usage_to_chat(u: Any) -> dict[str, Any] | None:
     """A Response's usage in chat's shape (what accounting reads); None when absent."""
     if not isinstance(u, dict):
         return None
-    cached = (u.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    details = u.get("input_tokens_details")
+    # Details that are not an object (an odd server's `"x"`) are absent: a complete answer was
+    # failed (an AttributeError: retried and paid again, then a 502) for a field it need not read.
+    cached = (details.get("cached_tokens") if isinstance(details, dict) else None) or 0
     return {
         "prompt_tokens": u.get("input_tokens"),
         "completion_tokens": u.get("output_tokens"),

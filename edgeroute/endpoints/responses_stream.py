@@ -107,8 +107,12 @@ class NativeStream:
             if self._ended:
                 break
             data = sse.event_data(ev)
-            obj = orjson.loads(data) if data is not None and data != b"[DONE]" else None
-            if data is not None and data != b"[DONE]":
+            if data == b"[DONE]":
+                # A Responses stream ends at its terminal event: a `[DONE]` before one is a cut
+                # stream (the relay's `stream_incomplete`), not the clean end it is to the relay.
+                continue
+            obj = orjson.loads(data) if data is not None else None
+            if data is not None:
                 self._check(obj)
             kind = obj.get("type") if isinstance(obj, dict) else None
             if not self._content and kind in ("error", "response.failed"):
@@ -207,7 +211,10 @@ class ChatToResponses:
             if data is None or self._done:
                 continue
             if data == b"[DONE]":
-                out.append(self._end())
+                # Without a finish_reason the answer was cut: not `response.completed`, but the
+                # relay's `stream_incomplete` error, as for a stream that ends without `[DONE]`.
+                if self._finish is not None:
+                    out.append(self._end())
                 continue
             obj = orjson.loads(data)
             if not isinstance(obj, dict):

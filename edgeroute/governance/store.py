@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +47,7 @@ _TABLES = {
         "CREATE TABLE IF NOT EXISTS gov_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
         """CREATE TABLE IF NOT EXISTS gov_response_owners (
-            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, tokens BIGINT)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version INTEGER PRIMARY KEY AUTOINCREMENT, hash TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
             source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -60,7 +60,7 @@ _TABLES = {
         "CREATE TABLE IF NOT EXISTS gov_secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "CREATE TABLE IF NOT EXISTS gov_keys (id TEXT PRIMARY KEY, seq BIGINT NOT NULL, data TEXT NOT NULL)",
         """CREATE TABLE IF NOT EXISTS gov_response_owners (
-            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL)""",
+            id TEXT PRIMARY KEY, owner TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, tokens BIGINT)""",
         """CREATE TABLE IF NOT EXISTS gov_config_versions (
             version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, hash TEXT NOT NULL,
             created_at DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, applied_by TEXT, body TEXT NOT NULL)""",
@@ -169,9 +169,27 @@ class GovStore:
         with self._held(), self._tx() as cur:
             if dialect == "postgres":
                 pg_schema.serialise(cur.execute)
-            for stmt in (*_TABLES[dialect], *_INDEXES):
+            for stmt in _TABLES[dialect]:
+                cur.execute(stmt)
+            self._add_tokens_column(cur)
+            for stmt in _INDEXES:
                 cur.execute(stmt)
             cur.execute(self._sql("INSERT INTO gov_meta (name, value) VALUES ('keys', 0) ON CONFLICT DO NOTHING"))
+
+    def _add_tokens_column(self, cur: Any) -> None:
+        """Adds `gov_response_owners.tokens` (a conversation's size) to a table an earlier release
+        made, only where it lacks it: ALTER TABLE takes the table's strongest lock even when it
+        does nothing. Its rows keep no size (NULL): a continuation of one reserves an allowance."""
+        if self.dialect == "postgres":
+            cur.execute(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = 'gov_response_owners'"
+            )
+        else:
+            cur.execute("PRAGMA table_info(gov_response_owners)")
+        names = [str(r[0] if self.dialect == "postgres" else r[1]) for r in cur.fetchall()]
+        if "tokens" not in names:
+            cur.execute("ALTER TABLE gov_response_owners ADD COLUMN tokens BIGINT")
 
     @classmethod
     def for_config(cls, cfg: Config, base_dir: Path | None, workers_dir: Path | None = None) -> GovStore:
@@ -266,30 +284,48 @@ class GovStore:
 
     # -- Responses ids: whose conversation each one is ----------------------------
 
-    def bind_responses(self, ids: Sequence[str], owner: str) -> None:
+    def bind_responses(self, ids: Sequence[str], owner: str, sizes: Mapping[str, int] | None = None) -> None:
         """Records that `owner` created each of `ids` (a response, or a prefixed id: `audio:`,
-        `container:`, `file:`), in one transaction. An id already bound to another owner becomes
-        no one's (`CONTESTED`): an upstream that gave two tenants one id (its ids counted from 1
-        again after a restart) stores the later conversation under it, which the first owner
-        would otherwise continue. Bindings older than a provider keeps a stored response
-        (OpenAI: 30 days) go, at most once an hour per process."""
+        `container:`, `file:`), in one transaction; `sizes`: the size of the conversation a
+        response id continues (its input and output tokens as billed), by id, where known. An id
+        already bound to another owner becomes no one's (`CONTESTED`): an upstream that gave two
+        tenants one id (its ids counted from 1 again after a restart) stores the later
+        conversation under it, which the first owner would otherwise continue. Bindings older
+        than a provider keeps a stored response (OpenAI: 30 days) go, at most once an hour per
+        process."""
         now = time.time()
         with self._held(), self._tx() as cur:
             for response_id in ids:
                 cur.execute(
                     self._sql(
-                        "INSERT INTO gov_response_owners (id, owner, ts) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE"
-                        " SET owner = ? WHERE gov_response_owners.owner <> excluded.owner"
+                        "INSERT INTO gov_response_owners (id, owner, ts, tokens) VALUES (?, ?, ?, ?)"
+                        " ON CONFLICT (id) DO UPDATE SET owner = ? WHERE gov_response_owners.owner <> excluded.owner"
                     ),
-                    (response_id, owner, now, CONTESTED),
+                    (response_id, owner, now, (sizes or {}).get(response_id), CONTESTED),
                 )
             if now - self._owners_pruned >= RESPONSE_PRUNE_EVERY:
                 self._owners_pruned = now
                 cur.execute(self._sql("DELETE FROM gov_response_owners WHERE ts < ?"), (now - RESPONSE_OWNER_TTL,))
 
     def response_owner(self, response_id: str) -> str | None:
-        rows = self._query("SELECT owner FROM gov_response_owners WHERE id = ?", (response_id,))
-        return str(rows[0][0]) if rows else None
+        return self.response_binding(response_id)[0]
+
+    def response_binding(self, response_id: str) -> tuple[str | None, int | None]:
+        """(who `response_id` is bound to, the conversation's size recorded with it): None for what is not known."""
+        rows = self._query("SELECT owner, tokens FROM gov_response_owners WHERE id = ?", (response_id,))
+        if not rows:
+            return None, None
+        owner, tokens = rows[0]
+        return str(owner), int(tokens) if tokens is not None else None
+
+    def size_response(self, response_id: str, owner: str, tokens: int) -> None:
+        """Records the size of `owner`'s conversation `response_id` once known (a stream's, at its
+        end: its id was bound at its first event); an id bound to anyone else is left as it is."""
+        with self._held(), self._tx() as cur:
+            cur.execute(
+                self._sql("UPDATE gov_response_owners SET tokens = ? WHERE id = ? AND owner = ?"),
+                (tokens, response_id, owner),
+            )
 
     # -- managed keys -----------------------------------------------------------
 
