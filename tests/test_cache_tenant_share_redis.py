@@ -238,19 +238,22 @@ async def test_the_shared_semantic_stream_has_a_bound_whatever_the_number_of_ten
         await _clean(r, prefix)
 
 
-@pytest.mark.parametrize("backend", ["memory", "redis"])
+@pytest.mark.parametrize("backend", ["memory", "redis", "semantic"])
 async def test_child_keys_of_one_holder_count_as_one_tenant(
     start_upstream: Any, start_proxy: Any, tmp_path: Path, backend: str
 ) -> None:
     """Under `scope: key`, a team admin key makes 20 keys and writes one answer with each: they
     share its one share, so another key's answers stay (in memory, where tenants share the
-    route's bound) and Redis holds one share of theirs, not 20."""
+    route's bound) and Redis holds one share of theirs, not 20 (of entries; and of semantic
+    records, whose per-tenant shares bound the shared stream)."""
     r = aioredis.Redis.from_url(require_redis())
     prefix = "edgeroute-test-" + os.urandom(4).hex()
     up = await start_upstream(record=True)
     cfg = _governed(up, tmp_path)
     cfg["models"]["m"]["cache"]["scope"] = "key"
-    if backend == "redis":
+    if backend == "semantic":
+        cfg["models"]["m"]["cache"]["mode"] = "semantic"
+    if backend != "memory":
         cfg["shared_state"] = {"redis_url": REDIS_URL, "prefix": prefix}
     proxy = await start_proxy(cfg)
     async with aiohttp.ClientSession() as s:
@@ -268,10 +271,10 @@ async def test_child_keys_of_one_holder_count_as_one_tenant(
         for text in mine:
             assert await _ask(clients[0], text) == ("hit", 0.0), "20 child keys took 20 shares"
         assert calls(up) == paid
-        if backend == "redis":
-            shares = [k async for k in r.scan_iter(f"{prefix}:cache-share:m:*")]
-            assert sorted(shares) == sorted(f"{prefix}:cache-share:m:key:{k['id']}".encode() for k in (holder, victim))
-            assert await r.zcard(f"{prefix}:cache-share:m:key:{holder['id']}") == BOUND
+        for kind in ("cache-share:", "cache-sem-share:-:")[: {"memory": 0, "redis": 1, "semantic": 2}[backend]]:
+            shares = [k async for k in r.scan_iter(f"{prefix}:{kind}m:*")]
+            assert sorted(shares) == sorted(f"{prefix}:{kind}m:key:{k['id']}".encode() for k in (holder, victim))
+            assert await r.zcard(f"{prefix}:{kind}m:key:{holder['id']}") == BOUND
     finally:
         for c in clients:
             await c.close()
