@@ -19,9 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from edgeroute.cache.entry import Entry
+from edgeroute.cache.semantic import Guards
+from edgeroute.cache.shared_index import STREAM_TENANTS, SharedIndexes, encode
+from edgeroute.cache.stores import FORGET, CacheCounters, RedisStore
 from tests.metrics_support import scrape
 from tests.security.governed import ROOT, call
 from tests.test_cache import cached, calls
@@ -167,3 +172,110 @@ async def test_a_teams_semantic_flood_leaves_another_teams_records_in_the_shared
         await red.close()
         await r.aclose()
         server.stop()
+
+
+# Round 2 (redM2 #5, #6, #7): an ended key's entries go a page at a time, by one instance; the
+# shared stream has a bound whatever the number of tenants; child keys share their root's share.
+
+
+async def test_an_ended_keys_many_entries_go_a_page_at_a_time_and_once() -> None:
+    """5,000 entries of one managed key: the instance that claims the key deletes them in short
+    scripts (Redis serves others between them), and a second instance deletes nothing more but
+    still learns which entries to drop from its memory."""
+    url, prefix = require_redis(), "edgeroute-test-" + os.urandom(4).hex()
+    first, second = RedisStore(CacheCounters(), url, prefix, 2000), RedisStore(CacheCounters(), url, prefix, 2001)
+    scripts: list[int] = []  # names each FORGET script returned, per instance
+    for store in (first, second):
+        store.pipe.eval = _counting(store.pipe.eval, scripts)  # type: ignore[method-assign]
+    n, body = 5_000, Entry(b'{"id": "x"}', "a", time.time(), 0.0)
+    r = aioredis.Redis.from_url(url)
+    try:
+        for at in range(0, n, 500):
+            keys = [f"{i:040x}" for i in range(at, at + 500)]
+            await asyncio.gather(*(first.put("m", k, body, 600, (n, 1 << 30), "leaker", "team:red") for k in keys))
+        share = f"{prefix}:cache-share:m:team:red"
+        assert await r.zcard(share) == n
+        scripts.clear()
+        dropped = await first.forget(["leaker"])
+        assert len(dropped) == n and first.counters.evicted_revoked == n
+        assert len(scripts) >= n // 1000 and max(scripts) <= 1000, f"one long script: {scripts}"
+        assert await r.zcard(share) == 0 and not [k async for k in r.scan_iter(f"{prefix}:cache:m:*")]
+        assert 0 < await r.pttl(f"{prefix}:cache-owner:leaker") <= 600_000, "the names are kept only a while"
+        scripts.clear()
+        assert await second.forget(["leaker"]) == dropped, "the other instance must drop them from memory too"
+        assert second.counters.evicted_revoked == 0 and scripts == [], "a second instance deleted again"
+    finally:
+        await first.close()
+        await second.close()
+        await _clean(r, prefix)
+
+
+def _counting(run: Any, seen: list[int]) -> Any:
+    async def counted(script: Any, keys: list[str], args: list[Any], **kw: Any) -> Any:
+        got = await run(script, keys, args, **kw)
+        if script.sha == FORGET.sha:
+            seen.append(len(got[-1]))
+        return got
+
+    return counted
+
+
+async def test_the_shared_semantic_stream_has_a_bound_whatever_the_number_of_tenants() -> None:
+    """60 tenants each publish their `max_entries` (20) records: the stream holds about
+    `STREAM_TENANTS` shares (Redis trims whole nodes of up to 100 records), not 60."""
+    url, prefix = require_redis(), "edgeroute-test-" + os.urandom(4).hex()
+    shared = SharedIndexes(url, prefix, 2000, CacheCounters())
+    vector, g = np.ones(8, dtype=np.float32), Guards(b"x" * 16, None)
+    r = aioredis.Redis.from_url(url)
+    try:
+        for t in range(60):
+            for i in range(20):
+                record = encode("o", f"k{t}-{i}", "ctx", g, vector, f"key:t{t}")
+                await shared.publish("m", None, record, 600, 20, None, f"key:t{t}")
+        assert await r.xlen(shared.stream("m", None)) <= 20 * STREAM_TENANTS + 100, "it grew with the tenants"
+    finally:
+        await shared.close()
+        await _clean(r, prefix)
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis", "semantic"])
+async def test_child_keys_of_one_holder_count_as_one_tenant(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path, backend: str
+) -> None:
+    """Under `scope: key`, a team admin key makes 20 keys and writes one answer with each: they
+    share its one share, so another key's answers stay (in memory, where tenants share the
+    route's bound) and Redis holds one share of theirs, not 20 (of entries; and of semantic
+    records, whose per-tenant shares bound the shared stream)."""
+    r = aioredis.Redis.from_url(require_redis())
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    up = await start_upstream(record=True)
+    cfg = _governed(up, tmp_path)
+    cfg["models"]["m"]["cache"]["scope"] = "key"
+    if backend == "semantic":
+        cfg["models"]["m"]["cache"]["mode"] = "semantic"
+    if backend != "memory":
+        cfg["shared_state"] = {"redis_url": REDIS_URL, "prefix": prefix}
+    proxy = await start_proxy(cfg)
+    async with aiohttp.ClientSession() as s:
+        _, holder = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "red", "role": "admin"})
+        _, victim = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "blue"})
+        children = [(await call(s, "POST", proxy.url + "/admin/keys", holder["secret"], {}))[1] for _ in range(20)]
+    assert all("secret" in c for c in children), children[0]
+    mine = ["blue question 1", "blue question 2"]
+    clients = [_client(proxy.url, k["secret"]) for k in (victim, *children)]
+    try:
+        assert await _ask_all(proxy, clients[0], mine) == ["miss", "miss"]
+        for i, child in enumerate(clients[1:]):
+            assert await _ask_all(proxy, child, [f"red question {i}"]) == ["miss"]
+        paid = calls(up)
+        for text in mine:
+            assert await _ask(clients[0], text) == ("hit", 0.0), "20 child keys took 20 shares"
+        assert calls(up) == paid
+        for kind in ("cache-share:", "cache-sem-share:-:")[: {"memory": 0, "redis": 1, "semantic": 2}[backend]]:
+            shares = [k async for k in r.scan_iter(f"{prefix}:{kind}m:*")]
+            assert sorted(shares) == sorted(f"{prefix}:{kind}m:key:{k['id']}".encode() for k in (holder, victim))
+            assert await r.zcard(f"{prefix}:{kind}m:key:{holder['id']}") == BOUND
+    finally:
+        for c in clients:
+            await c.close()
+        await _clean(r, prefix)

@@ -41,7 +41,7 @@ from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.cache.shared_index import SharedIndexes, encode
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
-from edgeroute.cost.keys import IDENTITY
+from edgeroute.cost.keys import IDENTITY, Identity
 from edgeroute.errors import ProxyError
 from edgeroute.upstream import Upstream
 
@@ -548,14 +548,26 @@ def tenant_of(scope: str, key: str | None, team: str | None) -> str:
 
 
 def share_of(tenant: str, request: web.Request) -> str:
-    """Whose share of a route's bounds a request's entry counts against: the tenant whose entries
-    it shares (its key or its team); under `scope: global`, the writer's team (else its key),
-    so that one tenant filling the cache pushes out its own entries, not everyone else's.
-    Without keys, "": one tenant, whose share is the whole bound."""
+    """Whose share of a route's bounds a request's entry counts against: its team's when the
+    entries are the team's (`scope: team`, or the writer's team under `scope: global`), else
+    its root key's (the managed key at the top of the chain that made it, `root_key`), so that
+    one tenant filling the cache pushes out its own entries, not everyone else's, and a holder
+    minting child keys gets one share, not one per key. Without keys, "": one tenant, whose
+    share is the whole bound. Which entries a request may be served (`tenant`) is unchanged."""
     ident = request.get(IDENTITY)
     if ident is None:
         return ""
-    return tenant if tenant != "*" else tenant_of("team", ident.key, ident.team)
+    if tenant.startswith("team:"):
+        return tenant
+    if tenant == "*" and ident.team:
+        return tenant_of("team", ident.key, ident.team)
+    return f"key:{root_key(ident)}"
+
+
+def root_key(ident: Identity) -> str:
+    """The key at the top of the chain of managed keys that made this one (`spends_for`: the
+    key, then its makers); the key itself for a key of the config or one it made."""
+    return ident.spends_for[-1] if ident.spends_for else ident.key
 
 
 CACHE = web.AppKey("response_cache", ResponseCache)

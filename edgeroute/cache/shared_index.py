@@ -9,7 +9,8 @@ record older than the route's ttl (and stale-if-error) is trimmed at the next on
 that it never outlives its answer. Each tenant holds at most the route's `max_entries` records
 of a stream (its oldest go first: a sorted set of its record ids per stream, kept by the
 publishing script), so that one tenant's flood of prompts trims its own records, not the
-others' (an instance that starts later reads theirs still). Every
+others' (an instance that starts later reads theirs still); the whole stream holds at most
+`STREAM_TENANTS` times `max_entries` (its oldest go, whoever wrote them). Every
 instance follows the streams of the routes it looks up: a new or restarted one reads the
 stream from its start (the first lookup waits for that, within the Redis timeout), then
 blocks for new records and adds them to its index. The answers stay the exact entries, so a
@@ -34,7 +35,8 @@ import orjson
 from edgeroute import redis_client
 from edgeroute.cache.entry import inflate
 from edgeroute.cache.semantic import Guards, is_packed_spans, is_shape
-from edgeroute.cache.stores import FORGET, RECORD, CacheCounters, owned_set, owner_shares
+from edgeroute.cache.stores import RECORD, CacheCounters, forget_owned, owned_set, owner_shares
+from edgeroute.redis_pipe import RedisPipe
 
 log = logging.getLogger("edgeroute.cache")
 
@@ -45,19 +47,26 @@ _MAX_DIM = 16_384
 _MAX_RECORD_BYTES = 1 << 20  # a vector of _MAX_DIM halves is 32 KiB; past this, a record no instance wrote
 _PAGE = 500  # records per read while catching up
 _BLOCK_MS = 5_000  # a follower's wait for new records
+# A stream holds at most this many tenants' full shares (`max_entries` records each; Redis
+# trims by whole nodes, so up to about 100 more): its size, and what an instance starting
+# reads, do not grow with the number of tenants. Past it, tenants that fill their shares push
+# the oldest records out whoever wrote them.
+STREAM_TENANTS = 8
 
 # Appends a record (ARGV[1]) to the stream (KEYS[1]) and its id to its tenant's share of it
 # (KEYS[2]; scored by when it was added), of which past ARGV[3] records the oldest go from both
 # (at most 64 an add); records and ids older than the keep time (ARGV[2], ms) go too. For a
 # managed key's request, the id goes into the key's set (KEYS[3], `owned_set`) and the share's
-# name into its set of shares (KEYS[4], `owner_shares`), for its revocation. Returns how many
-# of the tenant's records went.
+# name into its set of shares (KEYS[4], `owner_shares`), for its revocation. Past ARGV[4]
+# records (`STREAM_TENANTS` shares) the stream's oldest go whoever wrote them: its backstop.
+# Returns how many of the tenant's records went.
 _PUBLISH = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local px = tonumber(ARGV[2])
 local id = redis.call('XADD', KEYS[1], '*', 'r', ARGV[1])
 redis.call('XTRIM', KEYS[1], 'MINID', tostring(math.max(0, now - px)) .. '-0')
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], px)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - px)
 redis.call('ZADD', KEYS[2], now, id)
@@ -149,6 +158,7 @@ class SharedIndexes:
             socket_connect_timeout=timeout,
             health_check_interval=0,
         )
+        self._pipe = RedisPipe.shared(url, timeout)  # for `forget`'s pages, the exact store's connection
         self._followers: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self._publish = self.client.register_script(_PUBLISH)
 
@@ -180,7 +190,8 @@ class SharedIndexes:
         try:
             # Records older than their answers go too: each holds the prompt's numbers, names
             # and quoted text (its guards), which must not outlive the answer they point to.
-            await self._publish(keys=keys, args=[record, max(1, int(keep_s * 1000)), max_entries])
+            args: list[bytes | int] = [record, max(1, int(keep_s * 1000)), max_entries, max_entries * STREAM_TENANTS]
+            await self._publish(keys=keys, args=args)
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); a semantic entry was not shared", type(e).__name__)
@@ -239,10 +250,11 @@ class SharedIndexes:
 
     async def forget(self, owners: Collection[str]) -> None:
         """Deletes the records these keys' requests published (their prompts' guards), and
-        strikes them from their tenants' shares of the streams."""
+        strikes them from their tenants' shares of the streams (one instance deletes; see
+        `forget_owned`)."""
         for owner in owners:
-            keys = [owned_set(self.prefix, owner), owner_shares(self.prefix, owner)]
-            await self.client.eval(FORGET.body.decode(), 2, *keys, RECORD)
+            async for _ in forget_owned(self._pipe, self.prefix, owner, RECORD):
+                pass
 
     async def close(self) -> None:
         for task, _ in self._followers.values():
@@ -251,3 +263,4 @@ class SharedIndexes:
             await asyncio.wait([t for t, _ in self._followers.values()], timeout=2)
         await self.client.aclose()
         await self._reader.aclose()
+        await self._pipe.close()

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import heapq
 import logging
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,18 +68,21 @@ for i = 1, #KEYS do redis.call('ZADD', KEYS[i], 'XX', now, ARGV[i]) end
 return #KEYS
 """
 )
-# A managed key ended: what its requests stored of one kind (ARGV[1]: ENTRY or RECORD) goes,
-# and its names are struck from every share it counted against (`owner_shares`), so that
-# they no longer take up its tenant's `max_entries`. Returns {how many were still there, the
-# names}. The key's own sets stay (each instance reads them to drop what it holds in memory).
+# A managed key ended: one page of what its requests stored (its `owned_set`, ranks ARGV[2]
+# to ARGV[3]) of one kind (ARGV[1]: ENTRY or RECORD) goes, and those names are struck from
+# every share it counted against (`owner_shares`), so that they no longer take up its tenant's
+# `max_entries`. Returns {how many were still there, the page's size, the names}. One page a
+# script (`FORGET_PAGE`): a key that wrote 100,000 entries must not hold Redis for a second.
+# The last page (shorter than asked) cuts both sets' life to ARGV[4] ms (`FORGOTTEN_KEEP_MS`).
 FORGET = Script.of(
     """
 local names, gone = {}, 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+local page = redis.call('ZRANGE', KEYS[1], ARGV[2], ARGV[3])
+for _, m in ipairs(page) do
   if string.sub(m, 1, 2) == ARGV[1] then
     local name = string.sub(m, 3)
     if ARGV[1] == 'e ' then
-      gone = gone + redis.call('DEL', name)
+      gone = gone + redis.call('UNLINK', name)
     else
       local sp = string.find(name, ' ', 1, true)
       local stream = string.sub(name, sp + 1)
@@ -89,14 +92,22 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     names[#names + 1] = name
   end
 end
-for _, share in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  for i = 1, #names, 1000 do
-    redis.call('ZREM', share, unpack(names, i, math.min(i + 999, #names)))
+if #names > 0 then
+  for _, share in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('ZREM', share, unpack(names)) end
+end
+if #page <= tonumber(ARGV[3]) - tonumber(ARGV[2]) then
+  for i = 1, 2 do
+    local left = redis.call('PTTL', KEYS[i])
+    if left == -1 or left > tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
   end
 end
-return {gone, names}
+return {gone, #page, names}
 """
 )
+FORGET_PAGE = 500  # members of a key's `owned_set` a FORGET script reads (about a millisecond of Redis)
+# Once an instance has forgotten a key, its sets stay this long at most (the others, seeing the
+# key end within their governance poll, read them to drop what they hold in memory).
+FORGOTTEN_KEEP_MS = 600_000
 TOUCH_EVERY_S = 0.1  # hits' touches are sent together at most this late
 TOUCH_MAX = 1024  # or once this many are pending (the pending touches' bound)
 TOUCH_SENDING_MAX = 4  # batches awaiting Redis at once; past it, new ones are dropped
@@ -111,8 +122,8 @@ def share_set(prefix: str, route: str, tenant: str) -> str:
 def owned_set(prefix: str, owner: str) -> str:
     """The sorted set of the entries (and semantic records) a managed key's requests wrote,
     scored by their expiry (ms): hashes and stream ids, no content. Kept as long as its
-    longest-kept entry, and not deleted when the key ends: every instance reads it to drop
-    what it holds in memory."""
+    longest-kept entry; once the key has ended, `FORGOTTEN_KEEP_MS` at most (every instance
+    reads it to drop what it holds in memory)."""
     return f"{prefix}:cache-owner:{owner}"
 
 
@@ -451,15 +462,15 @@ class RedisStore:
 
     async def forget(self, owners: Collection[str]) -> set[str]:
         """Deletes the entries these keys' requests wrote (their `owned` sets) and strikes their
-        names from the shares they counted against; the exact keys. Every instance does it on
-        seeing the key end: the first deletes (and counts), the others find nothing left to
-        delete but still learn which keys to drop from memory."""
+        names from the shares they counted against; the exact keys. Every instance calls it on
+        seeing the key end: the first to claim the key deletes (and counts), page by page; the
+        others only read the names, to drop what they hold in memory (`forget_owned`)."""
         dropped: set[str] = set()
         self._decoded.clear()  # a memo of decoded entries: it may hold theirs
         for owner in owners:
-            gone, names = await self.pipe.eval(FORGET, [self.owned(owner), owner_shares(self.prefix, owner)], [ENTRY])
-            self.counters.evicted_revoked += int(gone)
-            dropped |= {n.decode().rpartition(":")[2] for n in names if isinstance(n, bytes)}
+            async for gone, names in forget_owned(self.pipe, self.prefix, owner, ENTRY):
+                self.counters.evicted_revoked += gone
+                dropped.update(n.decode().rpartition(":")[2] for n in names)
         return dropped
 
     async def close(self) -> None:
@@ -467,3 +478,27 @@ class RedisStore:
         if self._sending:
             await asyncio.wait(self._sending, timeout=2)
         await self.pipe.close()
+
+
+async def forget_owned(pipe: RedisPipe, prefix: str, owner: str, kind: str) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """What an ended key's requests stored of `kind` (ENTRY or RECORD), a page at a time: (how
+    many this call deleted, their names). One instance deletes: the first whose `SET NX`
+    claims the key runs `FORGET` a page at a time, Redis serving others between pages; every
+    other instance (each sees the key end) reads the same pages with plain `ZRANGE`s and
+    deletes nothing. An instance that stops mid-way leaves the rest to expire with their ttl."""
+    owned, shares = owned_set(prefix, owner), owner_shares(prefix, owner)
+    claim = f"{prefix}:cache-owner-forgot:{owner}:{kind.strip()}"
+    mine = await pipe.call("SET", claim, b"1", "NX", "PX", FORGOTTEN_KEEP_MS) is not None
+    start = 0
+    while True:
+        stop = start + FORGET_PAGE - 1
+        if mine:
+            deleted, size, page = await pipe.eval(FORGET, [owned, shares], [kind, start, stop, FORGOTTEN_KEEP_MS])
+            yield int(deleted), [n for n in page if isinstance(n, bytes)]
+        else:
+            members = await pipe.call("ZRANGE", owned, start, stop)
+            size = len(members)
+            yield 0, [m[2:] for m in members if isinstance(m, bytes) and m.startswith(kind.encode())]
+        if size < FORGET_PAGE:
+            return
+        start += FORGET_PAGE
