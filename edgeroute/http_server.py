@@ -80,6 +80,7 @@ class ProxyServer:
         self.app = app
         self.header_timeout = srv.header_timeout
         self.body_timeout = srv.body_timeout
+        self.send_timeout = srv.send_timeout
         self.shutdown_timeout = srv.drain_timeout if shutdown_timeout is None else shutdown_timeout
         self.connections: set[Connection] = set()
         self.idle_starts = itertools.count()  # orders idle connections, longest idle first
