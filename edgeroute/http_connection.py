@@ -71,6 +71,9 @@ MAX_PIPELINED = 32
 LINGER_S = 2.0
 # A body buffered beyond this is not read from the socket until the handler takes it.
 READ_BUFFER_BYTES = 2**16
+# Bytes a chunked body may take on the wire beyond the body limit: its framing (a size line
+# and CRLF a chunk), an eighth of the limit more, plus this.
+CHUNK_FRAMING_BYTES = 2**16
 # The body reader's timer (none: `server.body_timeout` is the connection's), one for all: it holds nothing.
 _NO_TIMER = TimerNoop()
 # Request targets whose URL is kept (see `_url_of`).
@@ -114,6 +117,15 @@ class MalformedRequest(HttpProcessingError):
     message = "malformed request"
 
 
+class BodyTooLarge(HttpProcessingError):
+    """A chunked body whose bytes on the wire, its framing and chunk extensions with it, pass
+    the body limit by more than framing takes (answered 413): extensions are not body, and a
+    client sent hundreds of MB of them, parsed at line rate for the whole body timeout."""
+
+    code = 413
+    message = "request body too large"
+
+
 class VersionNotSupported(HttpProcessingError):
     """A request line naming HTTP/2.0 (or another but 1.0, 1.1 and 0.9): answered 505."""
 
@@ -127,6 +139,9 @@ def malformed_answer(exc: HttpProcessingError, target: bytes = b"") -> bytes:
     if isinstance(exc, HeadTooLarge):
         status, reason = 431, "Request Header Fields Too Large"
         msg = f"A request line or header is too long (limit {MAX_LINE_BYTES} bytes, {MAX_HEAD_BYTES} in all)."
+    elif isinstance(exc, BodyTooLarge):
+        status, reason = 413, "Payload Too Large"
+        msg = "The request body is too large (its chunks and their extensions, on the wire)."
     elif isinstance(exc, VersionNotSupported):
         status, reason = 505, "HTTP Version Not Supported"
         msg = "Only HTTP/1.1 and HTTP/1.0 are served."
@@ -154,6 +169,27 @@ def _version(version: str) -> Any:
     if version == "0.9":  # a request line with no version: not HTTP/1.x
         raise MalformedRequest()
     raise VersionNotSupported()
+
+
+class ContinueReader(StreamReader):
+    """The body of a request whose client waits for `100 Continue` (`Expect: 100-continue`):
+    told to send it when the handler first waits for the body, so after authentication and
+    the size checks. Sent before the application (as aiohttp does), a client without a key
+    uploaded a body only to be refused."""
+
+    __slots__ = ("continued",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.continued = False
+
+    async def _wait(self, func_name: str) -> None:
+        if not self.continued:
+            self.continued = True
+            transport = self._protocol.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await super()._wait(func_name)
 
 
 def _expire_body(payload: StreamReader) -> None:
@@ -274,6 +310,7 @@ class Connection(BaseProtocol):
         self._in_head = False
         self._payload: StreamReader | None = None
         self._inflate: Inflate | None = None  # a compressed body's decompressor, in front of `_payload`
+        self._wire_left: int | None = None  # what a chunked body may still take on the wire (see `BodyTooLarge`)
 
     # -- the transport ---------------------------------------------------------
 
@@ -309,8 +346,13 @@ class Connection(BaseProtocol):
         if self._closing:
             return
         in_head = self._in_head
+        chunked = self._wire_left is not None
         try:
             self._http.feed_data(data)
+            if chunked and self._wire_left is not None:  # a chunked body went on through `data`
+                self._wire_left -= len(data)
+                if self._wire_left < 0:
+                    raise BodyTooLarge()
             if self._task is None and self._queue:
                 self._next()  # only once the bytes parsed whole: a request followed by an error is refused
             if self._in_head:  # a head goes on
@@ -320,7 +362,7 @@ class Connection(BaseProtocol):
                     self._head_bytes = self._head_size
                 if self._head_bytes > MAX_HEAD_BYTES:
                     raise HeadTooLarge()
-        except HeadTooLarge as e:
+        except (HeadTooLarge, BodyTooLarge) as e:
             self._refuse(e)
         except httptools.HttpParserCallbackError as e:
             self._refuse(e.__context__ if isinstance(e.__context__, HttpProcessingError) else MalformedRequest())
@@ -460,6 +502,9 @@ class Connection(BaseProtocol):
             # RFC 9112 6.1: HTTP/1.0 with Transfer-Encoding: the framing is faulty, close after it.
             should_close = should_close or version is HttpVersion10
         has_body = chunked or headers.get("Content-Length", "0") not in ("0", "")
+        if chunked:
+            limit = self.app._client_max_size
+            self._wire_left = limit + limit // 8 + CHUNK_FRAMING_BYTES
         message = RawRequestMessage(
             http.get_method().decode("ascii", "replace"),
             target,
@@ -473,7 +518,10 @@ class Connection(BaseProtocol):
             url,
         )
         if has_body:
-            payload = StreamReader(self, READ_BUFFER_BYTES, timer=_NO_TIMER, loop=self._loop)
+            waits = version is HttpVersion11 and "Expect" in headers  # any other than 100-continue: a 417
+            payload = (ContinueReader if waits else StreamReader)(
+                self, READ_BUFFER_BYTES, timer=_NO_TIMER, loop=self._loop
+            )
             self._payload = payload
             encoding = headers.get("Content-Encoding", "identity").strip().lower()
             self._inflate = None if encoding == "identity" else Inflate(payload, encoding, self.app._client_max_size)
@@ -495,6 +543,7 @@ class Connection(BaseProtocol):
             self._payload.feed_data(body)
 
     def on_message_complete(self) -> None:
+        self._wire_left = None
         payload, self._payload = self._payload, None
         inflate, self._inflate = self._inflate, None
         if inflate is not None:
@@ -559,8 +608,14 @@ class Connection(BaseProtocol):
         if payload is not None and self._task is not None and not payload.is_eof():
             # The body of the request being handled is malformed (e.g. a bad chunk): its read
             # fails (one answer, a 400, from the handler) and the connection closes after it.
-            payload.set_exception(exc)
-            payload.feed_eof()
+            limit = self.app._client_max_size  # a body past the limit on the wire: a 413, as past it in bytes
+            payload.set_exception(
+                HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1)
+                if isinstance(exc, BodyTooLarge)
+                else exc
+            )
+            # Not ended: a handler that read part of the body and found it at its end would take
+            # the part for the whole; its next read raises.
             return
         if self._task is not None:
             return  # an answer is being written: it is the last one

@@ -282,3 +282,38 @@ async def test_protocol_refusals_on_messages_are_in_anthropics_format(
     data = await _exchange(proxy.port, request_bytes)
     error = orjson.loads(data.partition(b"\r\n\r\n")[2])
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+
+
+async def test_100_continue_comes_only_after_authentication(serve: Any, serve_routes: ServeRoutes) -> None:
+    up = await serve_routes(web.post("/v1/chat/completions", _upstream))
+    cfg = _config(up.url, api_keys=["sk-shared-0123456789abcdef"])
+    proxy = await serve(cfg)
+    head, _, body = _chat("x" * 2000, extra=b"Expect: 100-continue\r\n").partition(b"\r\n\r\n")
+    refused = await _exchange(proxy.port, head + b"\r\n\r\n")  # no key: told so without asking for the body
+    assert _statuses(refused) == [401] and b"100 Continue" not in refused
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head + b"\r\nAuthorization: Bearer sk-shared-0123456789abcdef\r\n\r\n")
+    async with asyncio.timeout(5):
+        interim = await reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(body)
+    async with asyncio.timeout(5):
+        answer = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_chunk_extensions_count_toward_the_body_limit(serve: Any, serve_routes: ServeRoutes) -> None:
+    proxy = await _proxy(serve, serve_routes, max_body_bytes=65536)
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    ext = b";" + b"a" * 60_000
+    chunks = b"".join(b"%x%b\r\n%b\r\n" % (1, ext, body[i : i + 1]) for i in range(len(body)))  # ~3 MB, body 60 bytes
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head + chunks + b"0\r\n\r\n")
+    data, _ = await _until_closed(reader, 5)
+    writer.transport.abort()
+    assert _statuses(data) == [413]
