@@ -35,6 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
+import orjson
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.helpers import TimerNoop
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
@@ -48,6 +49,7 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from edgeroute import anthropic_api
 from edgeroute.errors import ProxyError, error_body
 
 if TYPE_CHECKING:
@@ -69,6 +71,9 @@ MAX_PIPELINED = 32
 LINGER_S = 2.0
 # A body buffered beyond this is not read from the socket until the handler takes it.
 READ_BUFFER_BYTES = 2**16
+# Bytes a chunked body may take on the wire beyond the body limit: its framing (a size line
+# and CRLF a chunk), an eighth of the limit more, plus this.
+CHUNK_FRAMING_BYTES = 2**16
 # The body reader's timer (none: `server.body_timeout` is the connection's), one for all: it holds nothing.
 _NO_TIMER = TimerNoop()
 # Request targets whose URL is kept (see `_url_of`).
@@ -112,20 +117,79 @@ class MalformedRequest(HttpProcessingError):
     message = "malformed request"
 
 
-def malformed_answer(exc: HttpProcessingError) -> bytes:
-    """The whole answer to a request that never parsed: says what kind, never quotes it, closes."""
+class BodyTooLarge(HttpProcessingError):
+    """A chunked body whose bytes on the wire, its framing and chunk extensions with it, pass
+    the body limit by more than framing takes (answered 413): extensions are not body, and a
+    client sent hundreds of MB of them, parsed at line rate for the whole body timeout."""
+
+    code = 413
+    message = "request body too large"
+
+
+class VersionNotSupported(HttpProcessingError):
+    """A request line naming HTTP/2.0 (or another but 1.0, 1.1 and 0.9): answered 505."""
+
+    code = 505
+    message = "HTTP version not supported"
+
+
+def malformed_answer(exc: HttpProcessingError, target: bytes = b"") -> bytes:
+    """The whole answer to a request that never parsed: says what kind, never quotes it, closes.
+    In Anthropic's error format when the target (as far as it was read) is one of its paths."""
     if isinstance(exc, HeadTooLarge):
         status, reason = 431, "Request Header Fields Too Large"
         msg = f"A request line or header is too long (limit {MAX_LINE_BYTES} bytes, {MAX_HEAD_BYTES} in all)."
+    elif isinstance(exc, BodyTooLarge):
+        status, reason = 413, "Payload Too Large"
+        msg = "The request body is too large (its chunks and their extensions, on the wire)."
+    elif isinstance(exc, VersionNotSupported):
+        status, reason = 505, "HTTP Version Not Supported"
+        msg = "Only HTTP/1.1 and HTTP/1.0 are served."
     else:
         status, reason = 400, "Bad Request"
         msg = "The request could not be parsed as HTTP/1.1 (malformed request line, headers or body)."
-    body = error_body(status, msg, code="malformed_request")
+    if target.partition(b"?")[0].decode("latin-1") in anthropic_api.PATHS:
+        error = {"type": anthropic_api.error_type(status), "message": msg}
+        body = orjson.dumps({"type": "error", "error": error})
+    else:
+        body = error_body(status, msg, code="malformed_request")
     head = (
         f"HTTP/1.1 {status} {reason}\r\nServer: edgeroute\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def _version(version: str) -> Any:
+    """aiohttp's version of a request line's; only 1.1 and 1.0 are served."""
+    if version == "1.1":
+        return HttpVersion11
+    if version == "1.0":
+        return HttpVersion10
+    if version == "0.9":  # a request line with no version: not HTTP/1.x
+        raise MalformedRequest()
+    raise VersionNotSupported()
+
+
+class ContinueReader(StreamReader):
+    """The body of a request whose client waits for `100 Continue` (`Expect: 100-continue`):
+    told to send it when the handler first waits for the body, so after authentication and
+    the size checks. Sent before the application (as aiohttp does), a client without a key
+    uploaded a body only to be refused."""
+
+    __slots__ = ("continued",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.continued = False
+
+    async def _wait(self, func_name: str) -> None:
+        if not self.continued:
+            self.continued = True
+            transport = self._protocol.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await super()._wait(func_name)
 
 
 def _expire_body(payload: StreamReader) -> None:
@@ -232,6 +296,8 @@ class Connection(BaseProtocol):
         # A head that asked for a protocol upgrade: (method, target, headers), parsed again without it.
         self._upgrade: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Armed while the client reads nothing of an answer (see `pause_writing`).
+        self._send_timer: asyncio.TimerHandle | None = None
         # When the next head must have arrived (None: not waiting for one); `_timer` checks it.
         self._head_deadline: float | None = None
         self._idle_since = 0
@@ -244,6 +310,7 @@ class Connection(BaseProtocol):
         self._in_head = False
         self._payload: StreamReader | None = None
         self._inflate: Inflate | None = None  # a compressed body's decompressor, in front of `_payload`
+        self._wire_left: int | None = None  # what a chunked body may still take on the wire (see `BodyTooLarge`)
 
     # -- the transport ---------------------------------------------------------
 
@@ -262,6 +329,9 @@ class Connection(BaseProtocol):
         super().connection_lost(exc)
         self._closing = True
         self._cancel_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         lost = ConnectionResetError("the client closed the connection")
         if self._payload is not None and not self._payload.is_eof():
             self._payload.set_exception(lost)
@@ -276,15 +346,23 @@ class Connection(BaseProtocol):
         if self._closing:
             return
         in_head = self._in_head
+        chunked = self._wire_left is not None
         try:
             self._http.feed_data(data)
+            if chunked and self._wire_left is not None:  # a chunked body went on through `data`
+                self._wire_left -= len(data)
+                if self._wire_left < 0:
+                    raise BodyTooLarge()
             if self._task is None and self._queue:
                 self._next()  # only once the bytes parsed whole: a request followed by an error is refused
-            if in_head and self._in_head:  # all of `data` was head, and the head goes on
-                self._head_bytes += len(data)
+            if self._in_head:  # a head goes on
+                if in_head and self._head_bytes >= 0:  # all of `data` was head
+                    self._head_bytes += len(data)
+                else:  # it began in `data`, after another request's bytes: what of it parsed
+                    self._head_bytes = self._head_size
                 if self._head_bytes > MAX_HEAD_BYTES:
                     raise HeadTooLarge()
-        except HeadTooLarge as e:
+        except (HeadTooLarge, BodyTooLarge) as e:
             self._refuse(e)
         except httptools.HttpParserCallbackError as e:
             self._refuse(e.__context__ if isinstance(e.__context__, HttpProcessingError) else MalformedRequest())
@@ -327,13 +405,47 @@ class Connection(BaseProtocol):
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         self._reading_paused = False
-        self._resume_transport_reading()
+        if not self._buffer_paused:  # not holding a pipelined request (see `on_headers_complete`)
+            self._resume_transport_reading()
+
+    def pause_writing(self) -> None:
+        """The client stopped reading (the transport's buffer is past its high-water mark).
+        An answer it does not read for `server.send_timeout` (nginx's send_timeout: no progress
+        for that long) is dropped with its connection: a whole answer waiting here is held in
+        memory, counted nowhere, and the connection is never shed."""
+        super().pause_writing()
+        self._watch_send(self._unsent())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _unsent(self) -> int:
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def _watch_send(self, unsent: int) -> None:
+        self._send_timer = self._loop.call_later(self.server.send_timeout, self._send_timer_fired, unsent)
+
+    def _send_timer_fired(self, unsent: int) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if not self._paused or transport is None:
+            return
+        now = self._unsent()
+        if now != unsent:  # the client read some (or more was written): another `send_timeout`
+            self._watch_send(now)
+            return
+        log.info("client %s read nothing for server.send_timeout: connection dropped", self.peername)
+        transport.abort()
 
     # -- parser callbacks ------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._head_bytes = 0
+        self._head_bytes = -1  # began within the bytes being parsed (see `data_received`)
         self._head_size = 0
         self._url = b""
         self._headers = []
@@ -370,28 +482,46 @@ class Connection(BaseProtocol):
                 url = _url_of(target)
             else:  # absolute-form or asterisk: routed as aiohttp would (to a 404)
                 url = URL(target, encoded=True)
+                # yarl checks the host and port when first read (aiohttp's request does, later,
+                # outside any handler): a bad one (`:99999`, `xn--`) is refused here.
+                url.host, url.port  # noqa: B018
         except (ValueError, TypeError):
             raise MalformedRequest() from None
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
-        version = HttpVersion11 if http.get_http_version() == "1.1" else HttpVersion10
-        if version is HttpVersion11 and "Host" not in headers:
-            raise MalformedRequest()  # RFC 9112: an HTTP/1.1 request without Host is a 400
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        version = _version(http.get_http_version())
+        # RFC 9112: an HTTP/1.1 request without Host, or any with two, is a 400.
+        if (version is HttpVersion11 and "Host" not in headers) or len(headers.getall("Host", ())) > 1:
+            raise MalformedRequest()
+        should_close = not http.should_keep_alive()
+        te = headers.get("Transfer-Encoding")
+        chunked = False
+        if te is not None:
+            if len(headers.getall("Transfer-Encoding")) > 1:
+                raise MalformedRequest()  # read whole by the parser, by one header here: one reading only
+            chunked = "chunked" in te.lower()
+            # RFC 9112 6.1: HTTP/1.0 with Transfer-Encoding: the framing is faulty, close after it.
+            should_close = should_close or version is HttpVersion10
         has_body = chunked or headers.get("Content-Length", "0") not in ("0", "")
+        if chunked:
+            limit = self.app._client_max_size
+            self._wire_left = limit + limit // 8 + CHUNK_FRAMING_BYTES
         message = RawRequestMessage(
             http.get_method().decode("ascii", "replace"),
             target,
             version,
             headers,
             tuple(self._raw),
-            not http.should_keep_alive(),
+            should_close,
             None,
             False,
             chunked,
             url,
         )
         if has_body:
-            payload = StreamReader(self, READ_BUFFER_BYTES, timer=_NO_TIMER, loop=self._loop)
+            waits = version is HttpVersion11 and "Expect" in headers  # any other than 100-continue: a 417
+            payload = (ContinueReader if waits else StreamReader)(
+                self, READ_BUFFER_BYTES, timer=_NO_TIMER, loop=self._loop
+            )
             self._payload = payload
             encoding = headers.get("Content-Encoding", "identity").strip().lower()
             self._inflate = None if encoding == "identity" else Inflate(payload, encoding, self.app._client_max_size)
@@ -401,6 +531,10 @@ class Connection(BaseProtocol):
         if len(self._queue) >= MAX_PIPELINED:
             raise MalformedRequest()
         self._queue.append((message, payload))
+        if self._task is not None or len(self._queue) > 1:
+            # Pipelined behind a request not yet answered: nothing more is read until its turn
+            # (`_next`), or each queued body would be held, unauthenticated and uncounted.
+            self._pause_reading_for_buffer()
 
     def on_body(self, body: bytes) -> None:
         if self._inflate is not None:
@@ -409,6 +543,7 @@ class Connection(BaseProtocol):
             self._payload.feed_data(body)
 
     def on_message_complete(self) -> None:
+        self._wire_left = None
         payload, self._payload = self._payload, None
         inflate, self._inflate = self._inflate, None
         if inflate is not None:
@@ -420,6 +555,8 @@ class Connection(BaseProtocol):
 
     def _next(self) -> None:
         message, payload = self._queue.popleft()
+        if self._buffer_paused and not self._queue:
+            self._resume_reading_for_buffer()  # nothing left pipelined: this body, and what follows, may come
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             # The body has `server.body_timeout` to arrive whole (a small one came with its headers).
             timer = self._loop.call_later(self.server.body_timeout, _expire_body, payload)
@@ -430,27 +567,29 @@ class Connection(BaseProtocol):
         writer = StreamWriter(self, self._loop)
         task = self._task  # set by `_next` before this coroutine first runs
         assert task is not None
-        request = self.app._make_request(message, payload, self, writer, task, _cls=Request)  # type: ignore[arg-type]
+        request: _AiohttpRequest | None = None
         try:
-            resp = await self.server.handle(request)
+            request = made = self.app._make_request(message, payload, self, writer, task, _cls=Request)  # type: ignore[arg-type]
+            resp = await self.server.handle(made)
             if not payload.is_eof() and not resp.prepared:
                 resp.force_close()  # its body unread: the stream is out of step, this is the last answer
-            await resp.prepare(request)
+            await resp.prepare(made)
             await resp.write_eof()
         except (ConnectionError, asyncio.CancelledError):
-            self._task = None
             self._close()
             return
         except Exception:
-            # An answer that failed half-way (a handler's stream ended by an error): the
-            # client has part of a response; nothing more can be sent on this connection.
-            log.exception("answering %s %s failed", message.method, message.url.path)
-            self._task = None
+            # An answer that failed half-way (a handler's stream ended by an error), or a
+            # request that could not be made: nothing more can be sent on this connection.
+            log.exception("answering %s %s failed", message.method, message.path)
             self._close()
             return
         finally:
-            request._task = None  # type: ignore[assignment]  # no reference cycle through the task
-        self._task = None
+            # Whatever happened, the connection is no longer answering: never left "busy"
+            # (unshed, undrained, without a header timer) by an exception.
+            self._task = None
+            if request is not None:
+                request._task = None  # type: ignore[assignment]  # no reference cycle through the task
         if not resp.keep_alive or message.should_close or self._closing or not payload.is_eof():
             # An unread body leaves the stream out of step: close rather than parse it as a request.
             self._close(linger=self._refused or not payload.is_eof())
@@ -469,14 +608,20 @@ class Connection(BaseProtocol):
         if payload is not None and self._task is not None and not payload.is_eof():
             # The body of the request being handled is malformed (e.g. a bad chunk): its read
             # fails (one answer, a 400, from the handler) and the connection closes after it.
-            payload.set_exception(exc)
-            payload.feed_eof()
+            limit = self.app._client_max_size  # a body past the limit on the wire: a 413, as past it in bytes
+            payload.set_exception(
+                HTTPRequestEntityTooLarge(max_size=limit, actual_size=limit + 1)
+                if isinstance(exc, BodyTooLarge)
+                else exc
+            )
+            # Not ended: a handler that read part of the body and found it at its end would take
+            # the part for the whole; its next read raises.
             return
         if self._task is not None:
             return  # an answer is being written: it is the last one
         self._queue.clear()  # requests that came with the malformed bytes are not answered
         assert self.transport is not None
-        self.transport.write(malformed_answer(exc))
+        self.transport.write(malformed_answer(exc, self._url))
         self._close(linger=True)
 
     # -- closing and timers ----------------------------------------------------
@@ -493,6 +638,7 @@ class Connection(BaseProtocol):
             return
         if linger and transport.can_write_eof():
             transport.write_eof()
+            self._resume_transport_reading()  # what still comes is dropped, not left to reset the connection
             self._timer = self._loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()
@@ -508,10 +654,13 @@ class Connection(BaseProtocol):
     @property
     def idle_since(self) -> int | None:
         """When (in the server's count of idle starts) the connection began waiting for a head;
-        None while a request is answered."""
-        if self._task is not None or self._queue or self._head_deadline is None:
+        None while a request is answered; -1 (shed first) once closing with nothing to answer
+        (lingering after a refusal)."""
+        if self._task is not None or self._queue:
             return None
-        return self._idle_since
+        if self._closing:
+            return -1
+        return None if self._head_deadline is None else self._idle_since
 
     def shed(self) -> None:
         """Closed to make room at the server's connection cap (see `ProxyServer.admit`)."""

@@ -23,7 +23,7 @@ from aiohttp.web_urldispatcher import UrlMappingMatchInfo
 from edgeroute import anthropic_api
 from edgeroute.config import Config
 from edgeroute.errors import error_body
-from edgeroute.http_connection import Connection
+from edgeroute.http_connection import Connection, ContinueReader
 from edgeroute.metrics import METRICS, Metrics
 
 log = logging.getLogger("edgeroute.http")
@@ -80,6 +80,7 @@ class ProxyServer:
         self.app = app
         self.header_timeout = srv.header_timeout
         self.body_timeout = srv.body_timeout
+        self.send_timeout = srv.send_timeout
         self.shutdown_timeout = srv.drain_timeout if shutdown_timeout is None else shutdown_timeout
         self.connections: set[Connection] = set()
         self.idle_starts = itertools.count()  # orders idle connections, longest idle first
@@ -123,10 +124,12 @@ class ProxyServer:
             # aiohttp answers it before the application, in plain text quoting the header.
             return _expectation_failed(request.path)
         try:
-            if expect is None:
-                handler = self._chain(request, await self.app.router.resolve(request))
-                if handler is not None:
-                    return await handler(request)
+            # `100 Continue` is sent when the handler first waits for the body (`ContinueReader`).
+            handler = self._chain(request, await self.app.router.resolve(request))
+            if handler is not None:
+                return await handler(request)
+            if expect is not None and isinstance(request.content, ContinueReader):
+                request.content.continued = True  # aiohttp's `_handle` answers it itself
             return await self.app._handle(request)
         except web.HTTPException as e:  # a response in aiohttp 3 (the middleware turns most into JSON)
             return e

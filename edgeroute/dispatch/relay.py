@@ -321,7 +321,10 @@ class _EventStream(web.StreamResponse):
             writer.enable_chunking()
             self._headers[hdrs.TRANSFER_ENCODING] = "chunked"
         else:
-            keep_alive = False  # HTTP/1.0: the stream ends with the connection, as aiohttp has it
+            # HTTP/1.0: the stream ends with the connection, as aiohttp has it; stored (as
+            # aiohttp's `_start` stores it) so the connection closes after it, not kept for a
+            # next answer the client would read as more of this body.
+            keep_alive = self._keep_alive = False
         await write_head(self, request, writer, keep_alive)
         return writer
 
