@@ -24,10 +24,10 @@ from tests.security.conftest import Served
 WORDS = ["error", " password=hunter2", " is what the docs show"]
 
 
-def _chunk(text: str) -> bytes:
-    delta = {"role": "assistant", "content": text}
+def _chunk(text: str, finish: str | None = None) -> bytes:
+    delta = {"role": "assistant", "content": text} if text else {}
     obj = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "x",
-           "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
@@ -36,7 +36,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await resp.prepare(request)
     # One write: the relay reads the word and the text after it together.
-    await resp.write(b"".join(_chunk(w) for w in WORDS) + b"data: [DONE]\n\n")
+    await resp.write(b"".join(_chunk(w) for w in WORDS) + _chunk("", "stop") + b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
