@@ -17,7 +17,7 @@ from edgeroute.config import Config, Limit
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held, Taken
 from edgeroute.cost.keys import Identity
-from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes
+from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes, unbounded_take
 from edgeroute.errors import ProxyError
 
 RATE_STATES = web.RequestKey("rate_states", list)
@@ -27,7 +27,7 @@ def bucket_takes(name: str, lim: Limit, tokens: int, more: int = 0) -> list[Take
     """`lim`'s buckets' demand: a request, and `tokens` (and up to `more` beyond: `Take.more`)."""
     takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
     if lim.tpm:
-        takes.append(Take(name, "tokens", lim.tpm, tokens, more))
+        takes.append(unbounded_take(name, lim.tpm, tokens, more) if more else Take(name, "tokens", lim.tpm, tokens))
     return takes
 
 
@@ -57,7 +57,7 @@ class ProviderGate:
             ticket.held.append(Held(takes, shared, name))
         else:  # the same buckets: one take of the sum
             pairs = zip(held.takes, takes, strict=True)
-            held.takes = [dataclasses.replace(t, amount=t.amount + n.amount) for t, n in pairs]
+            held.takes = [dataclasses.replace(t, amount=t.amount + n.amount, hold=t.hold + n.hold) for t, n in pairs]
         return True
 
     def give_back(self, name: str) -> None:

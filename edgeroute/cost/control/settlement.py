@@ -95,9 +95,13 @@ class Settlement(Stores):
                 h.give_back_hold()
                 continue
             used = _tokens_used(rec, h)
+            tokens = [t for t in h.takes if t.kind == "tokens"]
             if used is not None:
-                tokens = [t for t in h.takes if t.kind == "tokens"]
                 self._give(tokens, [used - t.amount for t in tokens], h.shared)
+            elif held := [t for t in tokens if t.hold]:
+                # Nothing measured (an upstream error without usage): the prompt stays counted,
+                # the output held for it goes back (kept, it drained the TPM a minute).
+                self._give(held, [-t.hold for t in held], h.shared)
 
     def _count_keys(self, ticket: CostTicket, actual: int) -> None:
         """Adds the request's cost to the monthly counter of each managed key above its key

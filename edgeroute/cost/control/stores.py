@@ -118,7 +118,7 @@ class Stores:
         if shared and self.shared is not None:
             return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs]))
         for t, d in pairs:
-            self.local_limits.adjust(t.name, t.kind, d)
+            self.local_limits.adjust(t.name, t.kind, d, limit=t.limit)
         return None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
