@@ -16,7 +16,8 @@ from typing import Any
 import openai
 import pytest
 
-from edgeroute.config import SharedState
+from edgeroute.config import SharedState, parse
+from edgeroute.cost.control import CostControl
 from edgeroute.cost.limits import BucketState, LocalLimiter, Take, held_takes
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.workers.local_state import SqliteState
@@ -289,3 +290,57 @@ async def test_each_store_keeps_a_bucket_in_debt_until_it_has_refilled(store: An
     assert await _kept_s(store, "model:gone") >= 120
     ok, states = await store.take([Take("model:gone", "tokens", 60, 1)])
     assert not ok and states[0].wait_s > 50
+
+
+async def test_a_take_whose_client_left_while_the_store_answered_is_given_back(tmp_path: Path) -> None:
+    """A client that hangs up while the workers' file (or Redis's TAKE) answers a take cancels
+    admission before the ticket holds anything: what the store took stayed taken (up to a whole
+    bucket for a request without max_tokens) until it refilled. It goes back once the store answers."""
+    cfg = parse(_config("http://127.0.0.1:9/v1", {}), "t.yaml")
+    control = CostControl(cfg)
+    sqlite = SqliteState(tmp_path / "shared.db")
+
+    class Slow:
+        async def take(self, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+            got = await sqlite.take(takes)
+            await asyncio.sleep(0.2)  # taken; the store's answer on its way
+            return got
+
+        async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
+            await sqlite.adjust_buckets(takes, deltas)
+
+    control.shared = Slow()  # type: ignore[assignment]
+    unbounded = [Take("model:m", "tokens", TPM, 101, 4095)]
+    admission = asyncio.ensure_future(control._take(unbounded))
+    await asyncio.sleep(0.05)
+    admission.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admission
+    await asyncio.sleep(0.4)
+    ok, states = await sqlite.take([Take("model:m", "tokens", TPM, TPM - 10)])
+    assert ok, states  # what it took is back: the bucket holds (nearly) its whole limit again
+    await sqlite.close()
+
+
+async def test_a_hedge_that_lost_counts_against_tpm_as_the_ledger_counts_it(start_upstream: Any) -> None:
+    """Both attempts of a hedged request reached an upstream, which bills both: the model's TPM
+    counted the winner's tokens alone (budgets and the ledger count the loser too)."""
+    ups = [await start_upstream(reply_words=1000, latency_ms=400, record=True) for _ in range(2)]
+    cfg = one_deployment(ups[0].base_url, rate_limits={"models": {"m": {"tpm": 30_000}}})
+    cfg["providers"]["b"] = {"base_url": ups[1].base_url, "api_key": "key-b"}
+    cfg["deployments"]["d-b"] = {**cfg["deployments"]["d-a"], "provider": "b"}
+    cfg["models"]["m"] = {"deployments": ["d-a", "d-b"], "hedge": {"delay_ms": 50, "budget_percent": 100}}
+    async with (
+        cost_proxy(cfg) as proxy,
+        openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        started = time.monotonic()
+        done = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert done.usage is not None and done.usage.total_tokens > 1000
+        assert sum(len(u.options.requests) for u in ups) == 2  # it was hedged
+        await asyncio.sleep(0.5)  # settled
+        status, headers = await _status(c, max_tokens=1)
+        refilled = 30_000 / 60 * (time.monotonic() - started)
+    assert status == 200
+    # Two answers' worth (~2,000), not the winner's alone.
+    assert int(headers["x-ratelimit-remaining-tokens"]) <= 30_000 - 2 * done.usage.total_tokens + refilled
