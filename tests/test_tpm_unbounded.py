@@ -344,3 +344,26 @@ async def test_a_hedge_that_lost_counts_against_tpm_as_the_ledger_counts_it(star
     assert status == 200
     # Two answers' worth (~2,000), not the winner's alone.
     assert int(headers["x-ratelimit-remaining-tokens"]) <= 30_000 - 2 * done.usage.total_tokens + refilled
+
+
+async def test_each_answer_of_a_request_without_max_tokens_needs_its_floor(
+    start_upstream: Any, shared: dict[str, Any]
+) -> None:
+    """`n` answers of no bound need `n` floors (as far as the limit holds): with one floor for all,
+    a request asking `n: 4` was admitted for the price of one answer and wrote four."""
+    up = await start_upstream(reply_words=ANSWER_WORDS, chunk_interval=0.002)  # ~3 s an answer
+    async with (
+        cost_proxy(_config(up.base_url, shared)) as proxy,
+        openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        # A bounded stream holds 1,400 of the 2,000 while it runs: ~600 are left.
+        running = asyncio.ensure_future(
+            c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=1400, stream=True
+            )
+        )
+        first = await running
+        assert (await _status(c, n=4))[0] == 429  # four answers need four floors of 500: too few left
+        assert (await _status(c))[0] == 200  # one answer's floor (500) is there
+        async for _ in first:
+            pass

@@ -76,13 +76,14 @@ class Take:
     hold: float = 0.0
 
 
-def unbounded_take(name: str, limit: int, tokens: float, more: float) -> Take:
+def unbounded_take(name: str, limit: int, tokens: float, more: float, answers: int = 1) -> Take:
     """A TPM take of a request naming no output bound: it must find its prompt (one token per
-    answer) and a floor of its output hold, a quarter of the limit at most, and takes up to
-    `more` beyond. With a floor of one token a paced client was admitted on every few refilled
-    tokens and wrote unbounded answers (~30x the TPM); a quarter (within what is left after the
-    prompt) still serves a lone request when the bucket is full."""
-    floor = max(0.0, min(more, float(limit // 4), limit - tokens))
+    answer) and a floor of its output hold, a quarter of the limit per answer at most, and takes
+    up to `more` beyond. With a floor of one token a paced client was admitted on every few
+    refilled tokens and wrote unbounded answers (~30x the TPM), `n` of them for one token each;
+    a quarter (within what is left after the prompt) still serves a lone request when the
+    bucket is full."""
+    floor = max(0.0, min(more, float(limit // 4) * max(1, answers), limit - tokens))
     return Take(name, "tokens", limit, tokens + floor, more - floor, floor)
 
 

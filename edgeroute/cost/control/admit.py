@@ -145,7 +145,7 @@ class CostControl(Reservations, RateLimits):
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
         tokens = ticket.tokens = decision.prompt_tokens + (decision.max_tokens or 1) * choices
         if not decision.max_tokens:
-            ticket.more = self._unbounded_more(decision, top, live)
+            ticket.more, ticket.answers = self._unbounded_more(decision, top, live), choices
         if media is not None and prices is not None:
             ticket.media = await media()
         if wanted := parallel.caps(ident, self._key_parallel(ident)):
@@ -217,7 +217,7 @@ class CostControl(Reservations, RateLimits):
             return None
         ticket = CostTicket(ANONYMOUS, tokens=decision.prompt_tokens + (decision.max_tokens or 1) * decision.choices)
         if not decision.max_tokens:
-            ticket.more = self._unbounded_more(decision, None, live)
+            ticket.more, ticket.answers = self._unbounded_more(decision, None, live), decision.choices
         return ticket
 
     async def count_request(self, request: web.Request) -> None:
@@ -244,9 +244,10 @@ class CostControl(Reservations, RateLimits):
         file, or after Redis failed)."""
         if not isinstance(self.shared, RedisState) or not self.shared_up():
             return AtOnce()
-        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens, ticket.more)
+        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens, ticket.more, ticket.answers)
         dep = self._deployment_of(table, decision)
-        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens, ticket.more) if dep else []
+        more, answers = ticket.more, ticket.answers
+        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens, more, answers) if dep else []
         charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
         leases = (self.parallel.in_script(wanted) or []) if wanted else []
         if not (takes or deployment or charges or leases):
