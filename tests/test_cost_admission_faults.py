@@ -182,9 +182,11 @@ async def test_deployment_tpm_settles_to_actual_tokens(start_upstream) -> None:
         client = _client(proxy.url)
         statuses = [await _status(client, "m") for _ in range(5)]
         await client.close()
-    # Three answers use up d1's 1000 tokens per minute; the only deployment then refuses.
-    assert statuses[:3] == [(200, None)] * 3
-    assert statuses[3:] == [(429, "upstream_rate_limited")] * 2
+    # Each settles to its ~410 tokens (held at its take, the first would refuse the second). Two
+    # leave less than a request without max_tokens must find (its prompt and a quarter of the
+    # limit for its output): the only deployment then refuses.
+    assert statuses[:2] == [(200, None)] * 2
+    assert statuses[2:] == [(429, "upstream_rate_limited")] * 3
 
 
 async def test_downgraded_requests_take_the_target_models_rate_limit(start_upstream) -> None:

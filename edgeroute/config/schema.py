@@ -408,6 +408,9 @@ class RateLimits(_Strict):
     per_key: Limit | None = None
     models: dict[str, Limit] = {}
     deployments: dict[str, Limit] = {}
+    # The output a request naming no max_tokens holds in TPM buckets per answer until it settles;
+    # None: what budgets reserve for it. A TPM holds about TPM / this many such requests at once.
+    unbounded_output_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
 class BudgetAction(_Strict):

@@ -70,6 +70,21 @@ class Take:
     # bound, which the bucket would not otherwise see until the answer ends (ten such streams
     # passed a TPM of 2,000 by their output), nor refuse it outright when smaller than the bound.
     more: float = 0.0
+    # Of `amount`, the output held for a request that names no bound (its floor at admission,
+    # then all it took beyond its prompt and one token per answer: `held_takes`). Given back
+    # when nothing was measured (an upstream error without usage kept it a minute).
+    hold: float = 0.0
+
+
+def unbounded_take(name: str, limit: int, tokens: float, more: float, answers: int = 1) -> Take:
+    """A TPM take of a request naming no output bound: it must find its prompt (one token per
+    answer) and a floor of its output hold, a quarter of the limit per answer at most, and takes
+    up to `more` beyond. With a floor of one token a paced client was admitted on every few
+    refilled tokens and wrote unbounded answers (~30x the TPM), `n` of them for one token each;
+    a quarter (within what is left after the prompt) still serves a lone request when the
+    bucket is full."""
+    floor = max(0.0, min(more, float(limit // 4) * max(1, answers), limit - tokens))
+    return Take(name, "tokens", limit, tokens + floor, more - floor, floor)
 
 
 def take_of(t: Take, level: float) -> float:
@@ -79,7 +94,26 @@ def take_of(t: Take, level: float) -> float:
 
 def held_takes(takes: list[Take], states: list[BucketState]) -> list[Take]:
     """`takes` as they were taken (`BucketState.taken`), for settlement to give back the rest."""
-    return [replace(t, amount=s.taken, more=0.0) if t.more else t for t, s in zip(takes, states, strict=True)]
+    return [
+        replace(t, amount=s.taken, more=0.0, hold=t.hold + s.taken - t.amount) if t.more or t.hold else t
+        for t, s in zip(takes, states, strict=True)
+    ]
+
+
+def given_back(states: list[BucketState]) -> list[BucketState]:
+    """`states` once their tokens were given back (a request refused after its take, by a
+    budget or a deployment's limit): its headers tell the bucket as the next request finds it."""
+    return [
+        replace(
+            s,
+            remaining=min(s.limit, s.remaining + int(s.taken)),
+            reset_s=max(0.0, s.reset_s - s.taken * 60 / s.limit),
+            taken=0.0,
+        )
+        if s.kind == "tokens" and s.taken and s.limit
+        else s
+        for s in states
+    ]
 
 
 class LocalLimiter:
@@ -144,11 +178,17 @@ class LocalLimiter:
             if b.level >= b.capacity:
                 del self._buckets[k]
 
-    def adjust(self, name: str, kind: str, delta: float, now: float | None = None) -> None:
-        """Takes `delta` more (or gives back when negative), without a check."""
+    def adjust(self, name: str, kind: str, delta: float, now: float | None = None, limit: int = 0) -> None:
+        """Takes `delta` more (or gives back when negative), without a check. A bucket dropped
+        meanwhile (`forget_full`: it had refilled) is full: a give-back changes nothing, and a
+        take of `limit`'s bucket starts it again in debt (the answer of a request longer than a
+        minute was not counted)."""
+        now = time.monotonic() if now is None else now
         b = self._buckets.get((name, kind))
+        if b is None and delta > 0 and limit > 0:
+            b = self._buckets[(name, kind)] = Bucket.per_minute(limit, now)
         if b is not None:
-            b.refill(time.monotonic() if now is None else now)
+            b.refill(now)
             b.level = min(b.capacity, b.level - delta)
 
 

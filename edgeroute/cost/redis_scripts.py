@@ -55,7 +55,8 @@ local function take(k0, a0, n, now, out)
       levels[i] = levels[i] - taken[i]
     end
     redis.call('HSET', KEYS[k0 + i], 'l', tostring(levels[i]), 't', now)
-    redis.call('PEXPIRE', KEYS[k0 + i], math.ceil(cap / rate) + 1000)
+    -- Kept until it has refilled (a bucket in debt for longer than a minute): expired, it came back full.
+    redis.call('PEXPIRE', KEYS[k0 + i], math.ceil((cap - math.min(cap, levels[i])) / rate) + 1000)
     out[#out + 1] = tostring(levels[i])
   end
   for i = 1, n do out[#out + 1] = waits[i] end
@@ -152,16 +153,18 @@ return out
 
 # Settlement of many requests at once: budget deltas (ARGV from 2, six each: rolling, delta,
 # ttl, slot, create, generation), then bucket deltas (two each: delta taken, capacity; a bucket
-# that expired stays full); the marker is the last key. ARGV[1]: how many budget keys come
-# first. A counter Redis lost since its reservation is not recreated from a delta: the seed
-# (below) counts that request from the ledger. A counter with create 1 (a managed key's, or
-# spend admitted while Redis was down) is created by the delta in a seeded store; in one that
-# lost its budgets, the seed counts that cost too. A delta of reservations made in another
-# generation than the marker's is not applied, nor one sent while there is no marker (Redis
-# restarted empty: whether the request is spent or in flight is for the refill to read). Their
-# indices are answered after 1 (stale: `SETTLE_STALE` decides request by request) or 0 (held:
-# sent again once Redis is refilled, then stale); nothing when every delta was applied. One
-# with generation '' is of no reservation, applied in any.
+# that expired stays full on a give-back and is written in debt by a take; each is kept until
+# it has refilled, so debt is not forgotten a minute after its last take); the marker is the
+# last key. ARGV[1]: how many budget keys come first. A counter Redis lost since its
+# reservation is not recreated from a delta: the seed (below) counts that request from the
+# ledger. A counter with create 1 (a managed key's, or spend admitted while Redis was down) is
+# created by the delta in a seeded store; in one that lost its budgets, the seed counts that
+# cost too. A delta of reservations made in another generation than the marker's is not
+# applied, nor one sent while there is no marker (Redis restarted empty: whether the request is
+# spent or in flight is for the refill to read). Their indices are answered after 1 (stale:
+# `SETTLE_STALE` decides request by request) or 0 (held: sent again once Redis is refilled,
+# then stale); nothing when every delta was applied. One with generation '' is of no
+# reservation, applied in any.
 _SETTLE = """
 local nb = tonumber(ARGV[1])
 local gen = redis.call('GET', KEYS[#KEYS])
@@ -183,10 +186,17 @@ for i = 1, nb do
 end
 for i = nb + 1, #KEYS - 1 do
   local b = 1 + nb * 6 + (i - nb - 1) * 2
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    local cap = tonumber(ARGV[b + 2])
-    local l = tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - tonumber(ARGV[b + 1])
-    redis.call('HSET', KEYS[i], 'l', tostring(math.min(cap, l)))
+  local cap, delta = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 1])
+  local exists = redis.call('EXISTS', KEYS[i]) == 1
+  if exists or delta > 0 then
+    local l = math.min(cap, tonumber(redis.call('HGET', KEYS[i], 'l') or cap) - delta)
+    if exists then
+      redis.call('HSET', KEYS[i], 'l', tostring(l))
+    else
+      local t = redis.call('TIME')
+      redis.call('HSET', KEYS[i], 'l', tostring(l), 't', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+    end
+    redis.call('PEXPIRE', KEYS[i], math.ceil((cap - l) * 60000 / cap) + 1000)
   end
 end
 if #left > 0 then table.insert(left, 1, gen and 1 or 0) end

@@ -50,6 +50,12 @@ COUNT_FLUSH_S = 0.1  # managed keys' counts are written together this often (`co
 log = logging.getLogger("edgeroute.cost")
 
 
+def _refilled_in(limit: int, level: float) -> float:
+    """Seconds a bucket at `level` is kept: until it has refilled (at `limit` a minute), and a
+    second more. A fixed minute forgot the debt of a bucket below zero: it came back full."""
+    return max(0.0, limit - level) * 60 / limit + 1 if limit > 0 else 61.0
+
+
 class SqliteState:
     """One SQLite connection (per worker) to the shared file."""
 
@@ -183,7 +189,12 @@ class SqliteState:
             for name, kind, limit, used in buckets:  # as `take` keeps them: level, stamped now
                 db.execute(
                     "INSERT OR IGNORE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)",
-                    (f"{name}:{kind}", max(-float(limit), limit - used), int(wall * 1000), wall + 61),
+                    (
+                        f"{name}:{kind}",
+                        level := max(-float(limit), limit - used),
+                        int(wall * 1000),
+                        wall + _refilled_in(limit, level),
+                    ),
                 )
             db.execute("INSERT INTO once (key, expires) VALUES (?, ?)", (SEEDED, math.inf))
             return True
@@ -238,7 +249,7 @@ class SqliteState:
             for t, level, wait in zip(takes, levels, waits, strict=True):
                 taken = take_of(t, level) if ok else 0.0
                 level -= taken
-                expires = now_ms / 1000 + 61  # a bucket refills whole within a minute
+                expires = now_ms / 1000 + _refilled_in(t.limit, level)
                 db.execute(
                     "INSERT OR REPLACE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)",
                     (f"{t.name}:{t.kind}", level, now_ms, expires),
@@ -255,9 +266,22 @@ class SqliteState:
 
     async def adjust_buckets(self, takes: list[Take], deltas: list[float]) -> None:
         def tx(db: sqlite3.Connection) -> None:
+            now_ms = int(time.time() * 1000)
             for t, d in zip(takes, deltas, strict=True):
-                q = "UPDATE bucket SET level = MIN(?, level - ?) WHERE key = ?"
-                db.execute(q, (float(t.limit), d, f"{t.name}:{t.kind}"))
+                key, cap = f"{t.name}:{t.kind}", float(t.limit)
+                row = db.execute("SELECT level FROM bucket WHERE key = ?", (key,)).fetchone()
+                if row is None and d <= 0:
+                    continue  # gone, it is full: a give-back changes nothing
+                # A take on a bucket gone meanwhile is written in debt; either way it is kept until
+                # it has refilled (expired, a bucket in debt came back full a minute after its take).
+                level = min(cap, (cap if row is None else float(row[0])) - d)
+                expires = now_ms / 1000 + _refilled_in(t.limit, level)
+                if row is None:
+                    q = "INSERT OR REPLACE INTO bucket (key, level, stamp_ms, expires) VALUES (?, ?, ?, ?)"
+                    db.execute(q, (key, level, now_ms, expires))
+                else:
+                    q = "UPDATE bucket SET level = ?, expires = MAX(expires, ?) WHERE key = ?"
+                    db.execute(q, (level, expires, key))
 
         await self._run(tx)
 

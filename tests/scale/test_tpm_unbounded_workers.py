@@ -34,3 +34,20 @@ async def test_workers_hold_requests_without_max_tokens_to_tpm(spawn: Spawn, sta
     assert len(served) == 1 and len(refused) == 9, got
     assert all(e.code == "rate_limit_exceeded" and "tokens per minute on model 'm'" in e.message for e in refused)
     assert sum(served) <= TPM
+
+
+async def test_workers_give_back_a_failed_requests_output_hold(spawn: Spawn, start_upstream: Any) -> None:
+    """Under `--workers`, as in one process: an upstream error without usage keeps the request's
+    prompt counted and gives back the output it held; the next requests reach the upstream (its
+    502), where they got the proxy's 429 for a minute."""
+    up = await start_upstream(fail_status=500)
+    cfg = one_deployment(up.base_url, rate_limits={"models": {"m": {"tpm": TPM}}}, ledger={"backend": "memory"})
+    inst = await spawn(cfg, "--workers", "2")
+    statuses = []
+    for kw in ({}, {}, {"max_tokens": 1}, {}):
+        async with openai.AsyncOpenAI(base_url=inst.url + "/v1", api_key="x", max_retries=0) as c:
+            try:
+                await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], **kw)
+            except openai.APIStatusError as e:
+                statuses.append(e.status_code)
+    assert statuses == [502] * 4

@@ -16,13 +16,13 @@ from edgeroute.admission import CanServe, Counter
 from edgeroute.config import Config
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import parallel
-from edgeroute.cost.control.rate_limits import RateLimits, bucket_takes
+from edgeroute.cost.control.rate_limits import RATE_STATES, RateLimits, bucket_takes
 from edgeroute.cost.control.read_back import same_counting
 from edgeroute.cost.control.reservations import Prices, Reservations, prompt_upper
 from edgeroute.cost.control.stores import workers_store
 from edgeroute.cost.control.ticket import AtOnce, CostTicket
 from edgeroute.cost.keys import ANONYMOUS, IDENTITY
-from edgeroute.cost.limits import LocalLimiter
+from edgeroute.cost.limits import LocalLimiter, given_back
 from edgeroute.cost.media import Media
 from edgeroute.cost.prices import Ceiling, route_ceilings
 from edgeroute.cost.redis_store import RedisState
@@ -145,7 +145,7 @@ class CostControl(Reservations, RateLimits):
         top = prices.top(decision.route, decision.order, live.deployments) if prices is not None else None
         tokens = ticket.tokens = decision.prompt_tokens + (decision.max_tokens or 1) * choices
         if not decision.max_tokens:
-            ticket.more = self._unbounded_more(decision, top, live)
+            ticket.more, ticket.answers = self._unbounded_more(decision, top, live), choices
         if media is not None and prices is not None:
             ticket.media = await media()
         if wanted := parallel.caps(ident, self._key_parallel(ident)):
@@ -188,19 +188,25 @@ class CostControl(Reservations, RateLimits):
         except BaseException:
             # Refused (or the client went away): nothing it took may stay taken.
             await self._wait(self._release(ticket))
+            if states := request.get(RATE_STATES):
+                request[RATE_STATES] = given_back(states)
             raise
         self._journal_takes(rec.request_id, now, ticket.held)
         return ticket
 
     def _unbounded_more(self, decision: _core.Decision, top: Ceiling | None, live: Live) -> int:
         """The output a request naming no bound takes from TPM buckets beyond one token per
-        answer, as far as each holds: up to what its budgets reserve for it
+        answer, as far as each holds (a quarter of the limit at least: `limits.unbounded_take`):
+        up to `rate_limits.unbounded_output_tokens`, else what its budgets reserve for it
         (`Reservations._completion`). So a lone one is served under a TPM below that bound, and
         those sent alongside find the bucket drained and get its 429; settlement gives back
         what the answer did not use."""
-        if top is None:
-            top = self._prices_for(live.config).top(decision.route, decision.order, live.deployments)
-        return (self._completion(decision, top) - 1) * decision.choices
+        per_answer = self.cfg.rate_limits.unbounded_output_tokens
+        if per_answer is None:
+            if top is None:
+                top = self._prices_for(live.config).top(decision.route, decision.order, live.deployments)
+            per_answer = self._completion(decision, top)
+        return (per_answer - 1) * decision.choices
 
     def mirror_ticket(self, decision: _core.Decision, live: Live) -> CostTicket | None:
         """A shadow mirror's ticket: no client limit or budget counts a mirror, but the provider
@@ -211,7 +217,7 @@ class CostControl(Reservations, RateLimits):
             return None
         ticket = CostTicket(ANONYMOUS, tokens=decision.prompt_tokens + (decision.max_tokens or 1) * decision.choices)
         if not decision.max_tokens:
-            ticket.more = self._unbounded_more(decision, None, live)
+            ticket.more, ticket.answers = self._unbounded_more(decision, None, live), decision.choices
         return ticket
 
     async def count_request(self, request: web.Request) -> None:
@@ -238,9 +244,10 @@ class CostControl(Reservations, RateLimits):
         file, or after Redis failed)."""
         if not isinstance(self.shared, RedisState) or not self.shared_up():
             return AtOnce()
-        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens, ticket.more)
+        takes = self._rate_takes(ticket.identity, decision.route, ticket.tokens, ticket.more, ticket.answers)
         dep = self._deployment_of(table, decision)
-        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens, ticket.more) if dep else []
+        more, answers = ticket.more, ticket.answers
+        deployment = bucket_takes(f"deployment:{dep[0]}", dep[1], ticket.tokens, more, answers) if dep else []
         charges = [] if top is None else self._first_charges(decision, ticket, top, prompt_upper(decision), now)
         leases = (self.parallel.in_script(wanted) or []) if wanted else []
         if not (takes or deployment or charges or leases):

@@ -17,17 +17,20 @@ from edgeroute.config import Config, Limit
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held, Taken
 from edgeroute.cost.keys import Identity
-from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes
+from edgeroute.cost.limits import BucketState, Take, headers_for, held_takes, unbounded_take
 from edgeroute.errors import ProxyError
 
 RATE_STATES = web.RequestKey("rate_states", list)
 
 
-def bucket_takes(name: str, lim: Limit, tokens: int, more: int = 0) -> list[Take]:
-    """`lim`'s buckets' demand: a request, and `tokens` (and up to `more` beyond: `Take.more`)."""
+def bucket_takes(name: str, lim: Limit, tokens: int, more: int = 0, answers: int = 1) -> list[Take]:
+    """`lim`'s buckets' demand: a request, and `tokens` (and up to `more` beyond for `answers`
+    answers of no bound: `limits.unbounded_take`)."""
     takes = [Take(name, "requests", lim.rpm, 1)] if lim.rpm else []
     if lim.tpm:
-        takes.append(Take(name, "tokens", lim.tpm, tokens, more))
+        takes.append(
+            unbounded_take(name, lim.tpm, tokens, more, answers) if more else Take(name, "tokens", lim.tpm, tokens)
+        )
     return takes
 
 
@@ -47,7 +50,7 @@ class ProviderGate:
         if lim is None:
             return True
         ticket = self._ticket
-        takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens, ticket.more)
+        takes = bucket_takes(f"deployment:{name}", lim, ticket.tokens, ticket.more, ticket.answers)
         ok, states, shared = await self._control._take(takes)
         if not ok:
             return False
@@ -57,7 +60,7 @@ class ProviderGate:
             ticket.held.append(Held(takes, shared, name))
         else:  # the same buckets: one take of the sum
             pairs = zip(held.takes, takes, strict=True)
-            held.takes = [dataclasses.replace(t, amount=t.amount + n.amount) for t, n in pairs]
+            held.takes = [dataclasses.replace(t, amount=t.amount + n.amount, hold=t.hold + n.hold) for t, n in pairs]
         return True
 
     def give_back(self, name: str) -> None:
@@ -93,18 +96,18 @@ class RateLimits(Stores):
         per_key = self.cfg.rate_limits.per_key
         return own if own is not None else (per_key.max_parallel if per_key is not None else None)
 
-    def _key_takes(self, ident: Identity, tokens: int, more: int = 0) -> list[Take]:
+    def _key_takes(self, ident: Identity, tokens: int, more: int = 0, answers: int = 1) -> list[Take]:
         key_limit = self._key_limit(ident)
-        takes = bucket_takes(f"key:{ident.key}", key_limit, tokens, more) if key_limit else []
+        takes = bucket_takes(f"key:{ident.key}", key_limit, tokens, more, answers) if key_limit else []
         for ancestor, lim in ident.ancestor_limits:  # the keys that made it share their limits
-            takes += bucket_takes(f"key:{ancestor}", lim, tokens, more)
+            takes += bucket_takes(f"key:{ancestor}", lim, tokens, more, answers)
         return takes
 
-    def _rate_takes(self, ident: Identity, route: str, tokens: int, more: int = 0) -> list[Take]:
+    def _rate_takes(self, ident: Identity, route: str, tokens: int, more: int = 0, answers: int = 1) -> list[Take]:
         model_limit = self._model_limits.get(route)
-        takes = self._key_takes(ident, tokens, more)
+        takes = self._key_takes(ident, tokens, more, answers)
         if model_limit is not None:
-            takes += bucket_takes(f"model:{route}", model_limit, tokens, more)
+            takes += bucket_takes(f"model:{route}", model_limit, tokens, more, answers)
         return takes
 
     async def _rate_limits(
@@ -117,7 +120,7 @@ class RateLimits(Stores):
         got: Taken | None = None,
     ) -> None:
         """Takes the key and model limits (or reads `got`, their result taken already)."""
-        takes = self._rate_takes(ticket.identity, route, tokens, ticket.more)
+        takes = self._rate_takes(ticket.identity, route, tokens, ticket.more, ticket.answers)
         if not takes:
             return
         ok, states, shared = got if got is not None else await self._take(takes)
@@ -156,7 +159,7 @@ class RateLimits(Stores):
         states = [s for s in request.get(RATE_STATES, []) if s.name != gone]
         request[RATE_STATES] = states
         lim = self._model_limits.get(new)
-        takes = bucket_takes(f"model:{new}", lim, tokens, ticket.more) if lim is not None else []
+        takes = bucket_takes(f"model:{new}", lim, tokens, ticket.more, ticket.answers) if lim is not None else []
         if not takes:
             return
         ok, taken, shared = await self._take(takes)
@@ -184,7 +187,7 @@ class RateLimits(Stores):
             return
         name, lim = found
         dep = table[decision.order[0]]
-        takes = bucket_takes(f"deployment:{name}", lim, tokens, ticket.more)
+        takes = bucket_takes(f"deployment:{name}", lim, tokens, ticket.more, ticket.answers)
         ok, states, shared = got if got is not None else await self._take(takes)
         # The core has no limit-aware selection: hold the deployment out of it until a request's
         # worth is back, so that selection routes around it. A hold, not a `rate_limited` report:

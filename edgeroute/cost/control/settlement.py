@@ -25,7 +25,7 @@ def _total(u: Usage) -> int:
 
 
 def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
-    """Actual tokens to settle `h` to; None keeps the estimate (nothing was measured). A
+    """Actual tokens to settle `h` to, every attempt's; None: nothing was measured. A
     deployment's `h` is settled only when an attempt reached that deployment. A request that
     made no attempt (a cache hit, one refused before it was sent) used none:
     it counted against RPM as a request, and the ledger records it with no tokens, which is
@@ -33,7 +33,12 @@ def _tokens_used(rec: RequestRecord, h: Held) -> int | None:
     if h.deployment is None:
         if rec.usage is None and not rec.attempts:
             return 0
-        return _total(rec.usage) if rec.usage is not None else None
+        # Every attempt's, as the ledger and budgets count them: a hedge that lost was sent
+        # (and billed) too, where only the winner's answer was counted.
+        billed = sum(_total(a.usage) for a in rec.attempts if a.usage is not None)
+        if rec.usage is not None:
+            return max(billed, _total(rec.usage))
+        return billed or None
     measured = [_total(a.usage) for a in rec.attempts if a.deployment == h.deployment and a.usage is not None]
     return sum(measured) if measured else None
 
@@ -95,9 +100,13 @@ class Settlement(Stores):
                 h.give_back_hold()
                 continue
             used = _tokens_used(rec, h)
+            tokens = [t for t in h.takes if t.kind == "tokens"]
             if used is not None:
-                tokens = [t for t in h.takes if t.kind == "tokens"]
                 self._give(tokens, [used - t.amount for t in tokens], h.shared)
+            elif held := [t for t in tokens if t.hold]:
+                # Nothing measured (an upstream error without usage): the prompt stays counted,
+                # the output held for it goes back (kept, it drained the TPM a minute).
+                self._give(held, [-t.hold for t in held], h.shared)
 
     def _count_keys(self, ticket: CostTicket, actual: int) -> None:
         """Adds the request's cost to the monthly counter of each managed key above its key

@@ -14,7 +14,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from edgeroute.cost import budgets as B
-from edgeroute.cost.limits import BucketState, LocalLimiter, Take
+from edgeroute.cost.limits import BucketState, LocalLimiter, Take, held_takes
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
@@ -66,12 +66,31 @@ class Stores:
         if self.shared_up():
             assert self.shared is not None
             try:
-                ok, states = await self.shared.take(takes)
+                ok, states = await self._shared_take(self.shared, takes)
                 return ok, states, True
             except StoreUnavailable as e:
                 self._unavailable("rate limits", e)
         ok, states = self.local_limits.take(takes)
         return ok, states, False
+
+    async def _shared_take(self, shared: RedisState | SqliteState, takes: list[Take]) -> tuple[bool, list[BucketState]]:
+        """`shared.take(takes)`; a caller cancelled meanwhile (its client hung up) gives back the
+        tokens it took once the store answers: it had no ticket to give them back from, so its
+        take (up to a whole bucket without max_tokens) stayed until the bucket refilled."""
+        task = asyncio.ensure_future(shared.take(takes))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._give_back_abandoned(takes, done))
+            raise
+
+    def _give_back_abandoned(self, takes: list[Take], done: asyncio.Future[tuple[bool, list[BucketState]]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        ok, states = done.result()
+        if ok:  # the request itself still counts against its rate, as a refused one's does
+            back = [t for t in held_takes(takes, states) if t.kind == "tokens"]
+            self._give(back, [-t.amount for t in back], True)
 
     async def _reserve(self, charges: list[B.Charge], now: float) -> tuple[B.Reserved, bool]:
         self._check_closed()
@@ -118,7 +137,7 @@ class Stores:
         if shared and self.shared is not None:
             return self._spawn(self.shared.adjust_buckets([t for t, _ in pairs], [d for _, d in pairs]))
         for t, d in pairs:
-            self.local_limits.adjust(t.name, t.kind, d)
+            self.local_limits.adjust(t.name, t.kind, d, limit=t.limit)
         return None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:

@@ -40,6 +40,7 @@ class CostTicket:
     # Beyond `tokens`, taken from TPM buckets as far as they hold (`limits.Take.more`): the output
     # a request that names no bound may write (`tokens` then counts one token per answer).
     more: int = 0
+    answers: int = 1  # how many answers `more` is for (`n`): each needs its floor (`limits.unbounded_take`)
     media: MediaParts = NONE  # its image, audio and file parts, which budgets reserve for too
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
