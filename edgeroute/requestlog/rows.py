@@ -75,9 +75,10 @@ def row(rec: RequestRecord, baseline: float, max_content_bytes: int) -> tuple[An
         detail["skipped"] = [{"deployment": name, "why": content.error_text(why, mode)} for name, why in rec.skipped]
     ttft = rec.ttft_ms
     stored = content.stored(rec, max_content_bytes)
+    model = redact.text(rec.model)[:200]  # cut after: a repeated `key=` shape grows as it is redacted
     return (
         rec.request_id, rec.correlation_id, rec.started, rec.key, rec.team, rec.user,
-        redact.text(rec.model)[:200], rec.route, rec.rule, rec.policy, rec.task, rec.difficulty, rec.variant, rec.deployment,
+        model, rec.route, rec.rule, rec.policy, rec.task, rec.difficulty, rec.variant, rec.deployment,
         provider, int(rec.stream), rec.status, rec.outcome, _error_class(rec), rec.latency_ms, ttft,
         rec.queue_ms, u.prompt_tokens if u else 0, u.completion_tokens if u else 0,
         int(u.estimated) if u else 0, rec.cost_usd, baseline, rec.cache, len(rec.attempts),
