@@ -7,15 +7,21 @@
 //! latency-only balancer would otherwise send *more* traffic to a rate-limited
 //! deployment (see Linkerd's and Finagle's notes on this).
 //!
-//! Each report names its sender (the virtual key's team, else the key; 0 when unknown):
-//! failures one sender alone causes while others are served well do not open the circuit for
-//! everyone (`senders.rs`).
+//! Each report names its sender (the virtual key's team, else the key; 0 when unknown). A trip
+//! whose failures are one sender's alone, while other senders were seen lately, ejects the
+//! deployment for that sender only (`senders.rs`): the others are still served, and that
+//! sender's requests stop reaching the upstream. Another sender's failure while one is ejected
+//! opens the circuit for everyone; so does a second sender's failed half-open probe.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use crate::config::HealthSpec;
 use crate::senders::{Senders, Streak};
+
+/// Other senders count as present for `ewma_decay_ms` times this (40 s by default): a trip of one
+/// sender while none other was seen that recently opens the circuit for everyone, as before.
+const SEEN_DECAYS: u64 = 4;
 
 /// What happened on one attempt: the one outcome vocabulary of edgeroute.
 ///
@@ -153,8 +159,8 @@ struct State {
     streak: Streak,
     /// `streak` just before the last success reset it (with `streak_before_success`).
     streak_before: Streak,
-    /// Trips not taken because one sender alone failed while others were served well.
-    withheld: u64,
+    /// Ejections for one sender since start.
+    sender_ejections: u64,
 }
 
 /// A snapshot of a deployment's health.
@@ -178,8 +184,10 @@ pub struct HealthSnapshot {
     pub requests: u64,
     /// Failed attempts reported since start.
     pub failures: u64,
-    /// Trips withheld since start: one sender's failures while others were served well.
-    pub trips_withheld: u64,
+    /// Ejections for one sender alone since start (its failures alone tripped).
+    pub sender_ejections: u64,
+    /// Senders the deployment is ejected for now (their own ejection, or its probe out).
+    pub senders_ejected: u32,
 }
 
 /// Health of one deployment; shared by all requests, cheap to read.
@@ -187,6 +195,8 @@ pub struct HealthSnapshot {
 pub struct Health {
     state: Mutex<State>,
     in_flight: AtomicU32,
+    /// Some sender has an ejection on record: only then is the table asked per request.
+    scoped: AtomicBool,
 }
 
 impl State {
@@ -206,25 +216,45 @@ impl State {
         self.consecutive_failures += 1;
     }
 
-    /// A failure counts towards ejection: after enough in a row, a high recent error
-    /// rate, or a failed half-open probe, the circuit opens for an exponential time.
-    /// A streak or rate that is one sender's alone while others are served well is withheld:
-    /// returns that sender (the circuit stays closed).
+    /// A failure counts towards ejection: after enough in a row, a high recent error rate, or
+    /// a failed half-open probe, the circuit opens for an exponential time. When the failures
+    /// that tripped are one sender's alone and other senders were seen lately, the deployment is
+    /// ejected for that sender only: returns it (the circuit stays as it was for the others).
     fn fail(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
         self.note_failure(sender);
-        let was_probe = self.probing;
-        self.probing = false;
-        let rate_trips = self.error_rate >= spec.failure_rate && self.volume >= f64::from(spec.min_requests);
-        let streak_trips = self.consecutive_failures >= spec.consecutive_failures;
-        if !(was_probe || rate_trips || streak_trips) {
+        let was_probe = std::mem::take(&mut self.probing);
+        let own_probe = self.senders.end_probe(sender);
+        if self.senders.other_ejected(sender, now_ms) {
+            // A second sender fails while one is ejected: not one sender's doing.
+            self.open(now_ms, spec);
             return None;
         }
-        if !was_probe {
-            if let Some(aside) = self.one_senders(streak_trips, spec) {
-                self.withheld += 1;
-                return Some(aside);
+        let window = spec.ewma_decay_ms.saturating_mul(SEEN_DECAYS);
+        if was_probe || own_probe {
+            // A failed probe ejects its sender alone while others may still be served; the next
+            // probe is theirs (a poller cannot hold the circuit open for everyone).
+            if self.senders.others_seen(sender, now_ms, window) {
+                return Some(self.eject_sender(sender, now_ms, spec));
+            }
+            self.open(now_ms, spec);
+            return None;
+        }
+        let rate_trips = self.error_rate >= spec.failure_rate && self.volume >= f64::from(spec.min_requests);
+        let streak_trips = self.consecutive_failures >= spec.consecutive_failures;
+        if !(rate_trips || streak_trips) {
+            return None;
+        }
+        match self.one_senders(streak_trips, spec) {
+            Some(one) if self.senders.others_seen(one, now_ms, window) => Some(self.eject_sender(one, now_ms, spec)),
+            _ => {
+                self.open(now_ms, spec);
+                None
             }
         }
+    }
+
+    /// Opens the circuit for everyone, for `base_ejection_ms` doubled per opening in a row.
+    fn open(&mut self, now_ms: u64, spec: &HealthSpec) {
         let factor = 1u64 << self.ejections.min(16);
         let ejection = spec.base_ejection_ms.saturating_mul(factor).min(spec.max_ejection_ms);
         self.open_until_ms = now_ms + ejection;
@@ -233,14 +263,20 @@ impl State {
         self.volume = 0.0;
         self.failed_volume = 0.0;
         self.senders.clear();
-        None
     }
 
-    /// The sender whose failures alone make what tripped, withheld only on evidence that the
-    /// others are served well: the streak is that sender's alone (for a rate trip, it fails
-    /// most), and the other senders' recent requests are enough to judge and fail at under half
-    /// the failure rate. A flaky or dead deployment fails the others too, and opens as before;
-    /// too little of the others' traffic to judge opens as before.
+    /// Ejects the deployment for `sender` alone (its own escalation); its streak is spent.
+    fn eject_sender(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> u64 {
+        self.senders
+            .eject(sender, now_ms, spec.base_ejection_ms, spec.max_ejection_ms);
+        self.sender_ejections += 1;
+        self.consecutive_failures = 0;
+        sender
+    }
+
+    /// The sender whose failures alone make what tripped: the streak is that sender's alone
+    /// (for a rate trip, it fails most), and the other senders fail at under half the failure
+    /// rate (or not at all). A flaky or dead deployment fails the others too: no one sender.
     fn one_senders(&self, streak_trips: bool, spec: &HealthSpec) -> Option<u64> {
         let suspect = if streak_trips {
             if self.streak.shared() {
@@ -250,9 +286,7 @@ impl State {
         } else {
             self.senders.worst()?
         };
-        self.senders
-            .others_served_well(suspect, spec.failure_rate)
-            .then_some(suspect)
+        self.senders.others_fine(suspect, spec.failure_rate).then_some(suspect)
     }
 }
 
@@ -283,6 +317,29 @@ impl Health {
         }
     }
 
+    /// [`Health::begin`] for an attempt of `sender`: after its own ejection it is its probe.
+    pub fn begin_sender(&self, now_ms: u64, sender: u64) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.lock();
+        if s.ejections > 0 && now_ms >= s.open_until_ms {
+            s.probing = true;
+        }
+        if self.scoped.load(Ordering::Relaxed) {
+            s.senders.begin(sender, now_ms);
+        }
+    }
+
+    /// Whether the deployment is ejected for `sender` alone at `now_ms` (its own ejection, or
+    /// its own probe is out): its requests skip it as if the circuit were open.
+    pub fn ejected_for(&self, sender: u64, now_ms: u64) -> bool {
+        self.scoped.load(Ordering::Relaxed) && self.lock().senders.ejected(sender, now_ms)
+    }
+
+    /// Keeps the fast-path flag in step with the table.
+    fn note_scoped(&self, s: &State) {
+        self.scoped.store(s.senders.any_ejection(), Ordering::Relaxed);
+    }
+
     /// Requests in flight.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
@@ -301,8 +358,8 @@ impl Health {
     }
 
     /// Records the end of an attempt started with [`Health::begin`], sent by `sender` (0:
-    /// unknown). Returns the sender whose failures alone would have opened the circuit, when
-    /// that trip was withheld because other senders are served.
+    /// unknown). Returns the sender the deployment was just ejected for alone (its failures
+    /// alone tripped while other senders were seen lately).
     pub fn report(
         &self,
         outcome: Outcome,
@@ -328,8 +385,25 @@ impl Health {
             outcome,
             Outcome::ClientError | Outcome::ContextWindow | Outcome::ContentPolicy
         ) {
-            s.senders.add(sender, failed);
+            s.senders.add(sender, failed, now_ms);
         }
+        let aside = self.outcome(&mut s, outcome, latency_ms, sender, now_ms, spec, w);
+        self.note_scoped(&s);
+        aside
+    }
+
+    /// The circuit's part of [`Health::report`].
+    #[allow(clippy::too_many_arguments)]
+    fn outcome(
+        &self,
+        s: &mut State,
+        outcome: Outcome,
+        latency_ms: f64,
+        sender: u64,
+        now_ms: u64,
+        spec: &HealthSpec,
+        w: f64,
+    ) -> Option<u64> {
         match outcome {
             Outcome::Success => {
                 // Peak EWMA: jump up at once, decay slowly.
@@ -345,11 +419,15 @@ impl Health {
                     s.ejections = 0;
                     s.probing = false;
                     s.open_until_ms = 0;
+                    s.senders.pardon_all(); // it serves again: every sender's ejection ends
+                } else if self.scoped.load(Ordering::Relaxed) {
+                    s.senders.pardon(sender);
                 }
                 None
             }
             Outcome::ClientError | Outcome::ContextWindow | Outcome::ContentPolicy => {
                 s.probing = false;
+                s.senders.end_probe(sender);
                 None
             }
             Outcome::RateLimited { retry_after_ms } => {
@@ -357,6 +435,7 @@ impl Health {
                 let wait = retry_after_ms.unwrap_or(1_000).min(spec.max_ejection_ms);
                 s.cooldown_until_ms = s.cooldown_until_ms.max(now_ms + wait);
                 s.probing = false;
+                s.senders.end_probe(sender);
                 None
             }
             Outcome::ServerError | Outcome::AuthError | Outcome::Timeout | Outcome::ConnectError => {
@@ -368,7 +447,7 @@ impl Health {
     /// Turns the last reported success of `sender` into a failure: a stream that broke after
     /// its first content was reported. The attempt is neither in flight nor counted again; only
     /// its verdict changes, so the error rate sees one failed request, not a success and a
-    /// failure. Returns a withheld trip's sender as [`Health::report`] does.
+    /// failure. Returns the sender ejected alone as [`Health::report`] does.
     pub fn fail_after_success(&self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
         let mut s = self.lock();
         let w = s.decay(now_ms, spec);
@@ -380,7 +459,9 @@ impl Health {
             s.consecutive_failures = s.streak_before_success;
             s.streak = s.streak_before;
         }
-        s.fail(sender, now_ms, spec)
+        let aside = s.fail(sender, now_ms, spec);
+        self.note_scoped(&s);
+        aside
     }
 
     /// Keeps selection off the deployment for `ms`: the provider limit edgeroute counts for it
@@ -404,6 +485,8 @@ impl Health {
         s.probing = false;
         s.consecutive_failures = 0;
         s.cooldown_until_ms = 0;
+        s.senders.pardon_all();
+        self.note_scoped(&s);
     }
 
     /// Takes the deployment out now for `ms`, e.g. after a failed active health check.
@@ -447,7 +530,8 @@ impl Health {
             limit_hold_ms: s.limit_hold_until_ms.saturating_sub(now_ms),
             requests: s.requests,
             failures: s.failures,
-            trips_withheld: s.withheld,
+            sender_ejections: s.sender_ejections,
+            senders_ejected: s.senders.ejected_count(now_ms),
         }
     }
 }
@@ -634,38 +718,115 @@ mod tests {
         }
     }
 
-    /// Half of all recent requests failed, and yet the circuit is closed: a trip was withheld.
+    /// Half of all recent requests failed, and yet the circuit is closed: the trip ejected the
+    /// deployment for one sender (A) alone.
     fn closed_at_half_failed(h: &Health, t: u64) {
         let snap = h.snapshot(t);
         assert_eq!(snap.circuit, CircuitState::Closed, "{snap:?}");
-        assert!(snap.error_rate >= 0.5 && snap.trips_withheld > 0, "{snap:?}");
+        assert!(snap.error_rate >= 0.5 && snap.sender_ejections > 0, "{snap:?}");
+        assert!(
+            h.ejected_for(A, t) && !h.ejected_for(B, t) && h.available(t),
+            "{snap:?}"
+        );
     }
 
-    /// One attempt of `sender` at `t`: begun and reported; the withheld sender, if any.
+    /// One attempt of `sender` at `t`: begun and reported; the sender ejected alone, if any.
     fn one(h: &Health, o: Outcome, sender: u64, t: u64, sp: &HealthSpec) -> Option<u64> {
-        h.begin(t);
+        h.begin_sender(t, sender);
         h.report(o, 5.0, sender, t, sp)
     }
 
     #[test]
-    fn one_senders_streak_while_others_are_served_does_not_open_the_circuit() {
+    fn one_senders_streak_ejects_the_deployment_for_that_sender_alone() {
         let h = Health::default();
         let sp = spec();
         for t in 0..5 {
             one(&h, Outcome::Success, B, t, &sp);
         }
-        // A's failures, in a row and between B's successes: withheld, and said so.
-        for t in 5..15 {
-            assert_eq!(one(&h, Outcome::Timeout, A, t, &sp), (t >= 7).then_some(A), "{t}");
+        // A's third failure in a row ejects d for A alone, and says so.
+        for t in 5..8 {
+            assert_eq!(one(&h, Outcome::Timeout, A, t, &sp), (t == 7).then_some(A), "{t}");
         }
-        for t in 15..40 {
-            one(&h, Outcome::ServerError, A, t, &sp);
+        let snap = h.snapshot(8);
+        assert_eq!(
+            (snap.circuit, snap.sender_ejections, snap.senders_ejected),
+            (CircuitState::Closed, 1, 1)
+        );
+        assert!(h.ejected_for(A, 8) && !h.ejected_for(B, 8) && h.available(8));
+        for t in 8..40 {
+            one(&h, Outcome::Success, B, t, &sp); // B is served throughout
+        }
+        assert!(
+            h.ejected_for(A, 1_006) && !h.ejected_for(A, 1_007),
+            "for base_ejection_ms"
+        );
+        assert_eq!(h.snapshot(40).circuit, CircuitState::Closed);
+    }
+
+    #[test]
+    fn a_quiet_victim_seen_lately_still_keeps_the_circuit_closed() {
+        // B was served 20 s ago and is quiet since (no evidence it is served now): A's streak
+        // ejects d for A alone; B's next request is served.
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
             one(&h, Outcome::Success, B, t, &sp);
         }
-        let snap = h.snapshot(40);
-        assert_eq!(snap.circuit, CircuitState::Closed);
-        assert!(snap.trips_withheld >= 8, "{snap:?}");
-        assert!(h.available(40));
+        for t in 20_000..20_003 {
+            one(&h, Outcome::ServerError, A, t, &sp);
+        }
+        assert!(h.ejected_for(A, 20_003) && h.available(20_003));
+        assert_eq!(h.snapshot(20_003).circuit, CircuitState::Closed);
+    }
+
+    #[test]
+    fn another_senders_failure_while_one_is_ejected_opens_for_everyone_and_escalates() {
+        // A real outage seen by two senders: A's streak ejects d for A; B's first failure
+        // opens it for all (B's request fails over: one extra attempt); probes escalate.
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, A, t, &sp);
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for t in 10..13 {
+            one(&h, Outcome::ConnectError, A, t, &sp);
+        }
+        assert!(h.ejected_for(A, 13) && h.available(13));
+        assert_eq!(one(&h, Outcome::ConnectError, B, 13, &sp), None);
+        let snap = h.snapshot(14);
+        assert_eq!((snap.circuit, snap.senders_ejected), (CircuitState::Open, 0));
+        assert!(!h.available(1_012) && h.available(1_013));
+        // B probes and fails: A was seen lately, so B alone is ejected; A's probe fails next:
+        // a second sender, and it opens for all for twice as long.
+        assert_eq!(one(&h, Outcome::Timeout, B, 1_013, &sp), Some(B));
+        assert!(h.ejected_for(B, 1_014) && h.available(1_014));
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_014, &sp), None);
+        assert!(!h.available(3_013) && h.available(3_014));
+        assert_eq!(h.snapshot(3_013).circuit, CircuitState::Open);
+        // Recovered: the next probe closes it, and no sender stays ejected.
+        one(&h, Outcome::Success, A, 3_014, &sp);
+        assert!(h.available(3_015) && !h.ejected_for(A, 3_015) && !h.ejected_for(B, 3_015));
+    }
+
+    #[test]
+    fn a_senders_own_probe_goes_alone_and_escalates_its_ejection() {
+        let h = Health::default();
+        let sp = spec();
+        for t in 0..5 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for t in 5..8 {
+            one(&h, Outcome::Timeout, A, t, &sp);
+        }
+        // After its ejection A's next attempt is its probe: its other requests still skip d.
+        h.begin_sender(1_007, A);
+        assert!(h.ejected_for(A, 1_008));
+        assert_eq!(h.report(Outcome::Timeout, 1.0, A, 1_008, &sp), Some(A));
+        assert!(h.ejected_for(A, 3_007) && !h.ejected_for(A, 3_008), "twice as long");
+        one(&h, Outcome::Success, A, 3_008, &sp);
+        assert!(!h.ejected_for(A, 3_009), "served: its ejection is over");
+        assert_eq!(h.snapshot(3_009).circuit, CircuitState::Closed);
     }
 
     #[test]
@@ -680,7 +841,7 @@ mod tests {
         one(&h, Outcome::ServerError, B, 7, &sp);
         assert_eq!(one(&h, Outcome::ConnectError, A, 8, &sp), None);
         assert_eq!(h.snapshot(9).circuit, CircuitState::Open);
-        assert_eq!(h.snapshot(9).trips_withheld, 0);
+        assert_eq!(h.snapshot(9).sender_ejections, 0);
     }
 
     #[test]
@@ -708,8 +869,7 @@ mod tests {
             one(&h, Outcome::Success, B, t, &sp);
         }
         closed_at_half_failed(&h, 40);
-        // Now B's requests fail too: once more than a quarter of B's own recent requests fail
-        // (half the threshold), B is not served well, and the trip opens the circuit.
+        // Now B's requests fail too: B's first failure, while A is ejected, opens the circuit.
         let mut opened = None;
         for t in 40..100 {
             one(&h, Outcome::ServerError, A, t, &sp);
@@ -718,12 +878,11 @@ mod tests {
                 opened = Some(t);
             }
         }
-        // B's 14th failure is more than a quarter of its 54 recent requests.
-        assert_eq!(opened, Some(53), "{:?}", h.snapshot(100));
+        assert_eq!(opened, Some(40), "{:?}", h.snapshot(100));
     }
 
     #[test]
-    fn a_failed_half_open_probe_reopens_whoever_sent_it() {
+    fn a_failed_half_open_probe_ejects_its_sender_and_a_second_senders_reopens() {
         let h = Health::default();
         let sp = spec();
         for t in 0..5 {
@@ -736,10 +895,16 @@ mod tests {
         for t in 100..110 {
             one(&h, Outcome::ClientError, B, t, &sp); // B is seen while A probes
         }
-        // Half-open after the ejection: A's probe fails, and the circuit opens again.
+        // Half-open after the ejection: A's probe fails; B was seen lately, so d is ejected
+        // for A alone (a poller cannot hold it open for all), and the next probe is B's.
         assert!(h.available(1_007));
-        assert_eq!(one(&h, Outcome::Timeout, A, 1_007, &sp), None);
-        assert_eq!(h.snapshot(1_008).circuit, CircuitState::Open);
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_007, &sp), Some(A));
+        assert_eq!(h.snapshot(1_008).circuit, CircuitState::HalfOpen);
+        assert!(h.ejected_for(A, 1_008) && h.available(1_008));
+        // B's probe fails too: it opens for everyone, twice as long.
+        assert_eq!(one(&h, Outcome::Timeout, B, 1_008, &sp), None);
+        assert_eq!(h.snapshot(1_009).circuit, CircuitState::Open);
+        assert!(!h.available(3_007) && h.available(3_008));
     }
 
     #[test]
@@ -837,7 +1002,7 @@ mod tests {
         for t in 5..10 {
             one(&h, Outcome::Success, A, t, &sp);
             let aside = h.fail_after_success(A, t, &sp);
-            assert_eq!(aside, (t >= 7).then_some(A), "{t}");
+            assert_eq!(aside, (t == 7).then_some(A), "{t}");
         }
         assert_eq!(h.snapshot(10).circuit, CircuitState::Closed);
         one(&h, Outcome::Success, B, 10, &sp);
