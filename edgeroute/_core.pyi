@@ -326,6 +326,10 @@ class Router:
         half-open probe; after the deployment's ejection for that sender alone, that sender's
         probe). ``ValueError`` for a bad index."""
 
+    def any_sender_ejection(self) -> bool:
+        """Whether some deployment (of any router in the process) may be ejected for a sender
+        alone: one atomic read; while ``False`` no request need ask ``ejected_for``."""
+
     def ejected_for(self, index: int, sender: int) -> bool:
         """Whether deployment ``index`` is ejected for ``sender`` alone now (its own ejection,
         or its own probe is out): its requests skip it as if its circuit were open.

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from edgeroute.dispatch import senders
 from edgeroute.health_share import HEALTH_SHARE
 from edgeroute.mock.openai import completion_body, openai_error
 from tests.conftest import simple_config
@@ -84,8 +85,13 @@ async def _d1(proxy: Any, token: str | None) -> dict[str, Any]:
 
 
 async def test_one_keys_failing_prompts_eject_the_deployment_for_it_alone(
-    start_upstream: Any, start_proxy: Any, serve_routes: Any, caplog: pytest.LogCaptureFixture
+    start_upstream: Any,
+    start_proxy: Any,
+    serve_routes: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(senders, "_logged", {})  # logged once a minute per deployment: not by an earlier test
     proxy, _ = await _setup(start_upstream, start_proxy, serve_routes, keys=True)
     for _ in range(4):
         assert await _chat(proxy, B, "hello") == "d-d1"

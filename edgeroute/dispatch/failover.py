@@ -71,7 +71,8 @@ class Call(Attempts):
             remaining=self._remaining,
             serving=self._serving,
             is_full=self._is_full if live.capacity.bounded else None,
-            sender_ejected=self._sender_ejected,
+            # Asked per deployment only while some deployment is ejected for a sender at all.
+            sender_ejected=self._sender_ejected if self.router.any_sender_ejection() else None,
         )
 
     def _is_full(self, index: int) -> bool:

@@ -23,6 +23,16 @@ use crate::senders::{Senders, Streak};
 /// sender while none other was seen that recently opens the circuit for everyone, as before.
 const SEEN_DECAYS: u64 = 4;
 
+/// Deployments (of every router in the process) with a sender's ejection on record: while 0, a
+/// request asks no deployment whether it is ejected for its sender ([`any_sender_ejection`]).
+static SCOPED_DEPLOYMENTS: AtomicU32 = AtomicU32::new(0);
+
+/// Whether some deployment may be ejected for a sender alone (one atomic read; a hint: a
+/// deployment must still be asked, [`Health::ejected_for`]).
+pub fn any_sender_ejection() -> bool {
+    SCOPED_DEPLOYMENTS.load(Ordering::Relaxed) > 0
+}
+
 /// What happened on one attempt: the one outcome vocabulary of edgeroute.
 ///
 /// The binding parses report strings with [`Outcome::from_name`] and exports
@@ -335,9 +345,16 @@ impl Health {
         self.scoped.load(Ordering::Relaxed) && self.lock().senders.ejected(sender, now_ms)
     }
 
-    /// Keeps the fast-path flag in step with the table.
+    /// Keeps the fast-path flags in step with the table.
     fn note_scoped(&self, s: &State) {
-        self.scoped.store(s.senders.any_ejection(), Ordering::Relaxed);
+        let now = s.senders.any_ejection();
+        if self.scoped.swap(now, Ordering::Relaxed) != now {
+            if now {
+                SCOPED_DEPLOYMENTS.fetch_add(1, Ordering::Relaxed);
+            } else {
+                SCOPED_DEPLOYMENTS.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Requests in flight.
@@ -532,6 +549,14 @@ impl Health {
             failures: s.failures,
             sender_ejections: s.sender_ejections,
             senders_ejected: s.senders.ejected_count(now_ms),
+        }
+    }
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        if *self.scoped.get_mut() {
+            SCOPED_DEPLOYMENTS.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

@@ -413,6 +413,11 @@ impl Router {
         Ok(())
     }
 
+    /// Whether some deployment may be ejected for a sender alone (else none need be asked).
+    fn any_sender_ejection(&self) -> bool {
+        self.inner.any_sender_ejection()
+    }
+
     /// Whether deployment `index` is ejected for `sender` alone (its requests skip it).
     fn ejected_for(&self, index: usize, sender: u64) -> PyResult<bool> {
         self.checked(index)?;

@@ -53,6 +53,12 @@ impl Router {
         self.deployments[index].health.begin_sender(self.now_ms(), sender);
     }
 
+    /// Whether some deployment may be ejected for a sender alone (one atomic read): else no
+    /// request need ask [`Router::ejected_for`].
+    pub fn any_sender_ejection(&self) -> bool {
+        crate::health::any_sender_ejection()
+    }
+
     /// Whether deployment `index` is ejected for `sender` alone now: its requests skip it as if
     /// its circuit were open.
     pub fn ejected_for(&self, index: usize, sender: u64) -> bool {
