@@ -346,6 +346,11 @@ class StateCollector(Collector):
             " the circuit while other senders were seen; the others are still served.",
             labels=["deployment"],
         )
+        withheld = CounterMetricFamily(  # deprecated alias, kept so dashboards do not break
+            "edgeroute_circuit_trips_withheld",
+            "Deprecated: the same count as edgeroute_circuit_sender_ejections_total.",
+            labels=["deployment"],
+        )
         for d in live.deployments:
             h = live.router.health(d.index)
             name = redact.text(d.name)
@@ -355,7 +360,8 @@ class StateCollector(Collector):
             errors.add_metric([name], h["error_rate"])
             cooldown.add_metric([name], h["cooldown_ms"] / 1000)
             sender_ejections.add_metric([name], h["sender_ejections"])
-        yield from (circuit, in_flight, latency, errors, cooldown, sender_ejections)
+            withheld.add_metric([name], h["sender_ejections"])
+        yield from (circuit, in_flight, latency, errors, cooldown, sender_ejections, withheld)
         for source in self._metrics.sources:
             yield from source(self._app)
 

@@ -249,6 +249,7 @@ async def admin_deployments(request: web.Request) -> web.Response:
     sender = senders.sender_of(team, None) if team else None
     for d in live.deployments:
         h: dict[str, object] = {**live.router.health(d.index)}
+        h["trips_withheld"] = h["sender_ejections"]  # deprecated alias (session 29's field)
         if sender is not None:
             h["ejected_for_you"] = live.router.ejected_for(d.index, sender)
         spec = live.config.deployments[d.name]

@@ -111,6 +111,8 @@ async def test_one_keys_failing_prompts_eject_the_deployment_for_it_alone(
     assert d1["failures"] == 11 and d1["sender_ejections"] == 1 and d1["senders_ejected"] == 1, d1
     m = await scrape(proxy.url, OPS)
     assert m.value("edgeroute_circuit_sender_ejections_total", deployment="d-d1") == 1
+    assert m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d1") == 1  # deprecated alias
+    assert d1["trips_withheld"] == 1, d1
     assert m.value("edgeroute_circuit_sender_ejections_total", deployment="d-d2") == 0
     # The operator is told whose failures they were (the team, never a key's secret), once.
     said = [r.getMessage() for r in caplog.records if "ejected for" in r.getMessage()]

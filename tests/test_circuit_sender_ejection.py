@@ -34,23 +34,32 @@ class D1:
     def __init__(self) -> None:
         self.outage = False
         self.calls = 0
+        self.fail_next = 0  # the next requests of anyone that fail (a stray error)
 
     async def chat(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = orjson.loads(await request.read())
-        if self.outage or BOOM in orjson.dumps(body["messages"]).decode():
+        stray, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
+        if stray or self.outage or BOOM in orjson.dumps(body["messages"]).decode():
             return openai_error(503, "The server is overloaded.")
         data = completion_body("chatcmpl-d1", int(time.time()), body["model"], "from d1", "stop", 5, 2)
         return web.Response(body=data, content_type="application/json")
 
 
-async def _setup(start_upstream: Any, start_proxy: Any, serve_routes: Any, max_attempts: int = 3) -> tuple[Any, D1]:
+async def _setup(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any, max_attempts: int = 3, base_ejection_ms: int = 1_000
+) -> tuple[Any, D1]:
     d1 = D1()
     up1 = await serve_routes(web.post("/v1/chat/completions", d1.chat))
     d2 = await start_upstream()
     cfg = simple_config(
         {"d1": d2, "d2": d2},
-        health={"consecutive_failures": 3, "min_requests": 6, "base_ejection_ms": 1_000, "max_ejection_ms": 8_000},
+        health={
+            "consecutive_failures": 3,
+            "min_requests": 6,
+            "base_ejection_ms": base_ejection_ms,
+            "max_ejection_ms": 8 * base_ejection_ms,
+        },
     )
     cfg["providers"]["d1"]["base_url"] = up1.url + "/v1"
     # lowest_cost: d1 (cheaper) serves every request its circuit lets through; d2 (50x) is the fallback.
@@ -129,7 +138,7 @@ async def test_an_outage_both_keys_see_opens_for_both_and_both_come_back(
         assert await _chat(proxy, A, "hello") == "d-d1"
         assert await _chat(proxy, B, "hello") == "d-d1"
     d1.outage = True
-    for key in (A, A, A, B):  # A's streak ejects d1 for A; B's first failure opens it for all
+    for key in (A, A, A, B, B, B):  # A's streak ejects d1 for A; B's own streak opens it for all
         assert await _chat(proxy, key, "hello") == "d-d2"
     state = await _d1(proxy, OPS)
     assert state["circuit"] == "open" and state["senders_ejected"] == 0, state
@@ -153,7 +162,7 @@ async def test_with_one_attempt_neither_client_gets_a_503_once_an_outage_is_over
         assert await _chat(proxy, A, "hello") == "d-d1"
         assert await _chat(proxy, B, "hello") == "d-d1"
     d1.outage = True
-    seen = [await _chat(proxy, key, "hello") for key in (A, A, A, B)]  # each tried once: d1's 503 relayed
+    seen = [await _chat(proxy, key, "hello") for key in (A, A, A, B, B, B)]  # each tried once: d1's 503 relayed
     assert all(s.startswith("error 5") for s in seen), seen
     state = await _d1(proxy, OPS)
     assert state["circuit"] == "open", state
@@ -192,3 +201,28 @@ def test_a_deployment_ejected_for_the_sender_is_skipped_before_an_attempt_is_cou
     state = p.start([d1])
     step = p.next_attempt(state, None)
     assert isinstance(step, Try) and step.deployment == d1, step
+
+
+async def test_one_stray_failure_of_another_key_while_one_is_ejected_keeps_d1_for_it(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    # redQ2 F1: while A's team is ejected from d1, one stray 503 of well-served B is not an
+    # outage: B stays on the cheap d1 (it used to open d1 for everyone for the whole ejection).
+    # redQ2 F2: A's first ejection is short (1 s); its failed probe then ejects it for base (20 s).
+    proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes, base_ejection_ms=20_000)
+    for _ in range(8):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    for _ in range(3):
+        assert await _chat(proxy, A, BOOM) == "d-d2"
+    await asyncio.sleep(1.1)
+    calls = d1.calls
+    assert await _chat(proxy, A, BOOM) == "d-d2"
+    assert d1.calls == calls + 1  # A's own probe, after 1 s rather than 20 s
+    for _ in range(8):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    d1.fail_next = 1
+    assert await _chat(proxy, B, "hello") == "d-d2"  # failed over within its own request
+    for _ in range(4):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    state = await _d1(proxy, OPS)
+    assert state["circuit"] == "closed" and state["senders_ejected"] == 1, state

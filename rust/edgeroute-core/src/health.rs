@@ -10,8 +10,9 @@
 //! Each report names its sender (the virtual key's team, else the key; 0 when unknown). A trip
 //! whose failures are one sender's alone, while other senders were seen lately, ejects the
 //! deployment for that sender only (`senders.rs`): the others are still served, and that
-//! sender's requests stop reaching the upstream. Another sender's failure while one is ejected
-//! opens the circuit for everyone; so does a second sender's failed half-open probe.
+//! sender's requests stop reaching the upstream. While one is ejected, the others open the circuit
+//! for everyone on their own evidence only (streak or error rate, the ejected senders' failures
+//! left out); so does a second sender's failed half-open probe.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -235,16 +236,29 @@ impl State {
         let was_probe = std::mem::take(&mut self.probing);
         let own_probe = self.senders.end_probe(sender);
         if self.senders.other_ejected(sender, now_ms) {
-            // A second sender fails while one is ejected: not one sender's doing.
-            self.open(now_ms, spec);
-            return None;
+            // While one sender is ejected, the others open the circuit for everyone on their own
+            // evidence only (the trip rule, the ejected senders' failures left out), or a failed
+            // half-open probe: one stray failure of theirs is not an outage.
+            if was_probe || self.others_trip(now_ms, spec) {
+                self.open(now_ms, spec);
+                return None;
+            }
+            if !own_probe {
+                return None;
+            }
         }
         let window = spec.ewma_decay_ms.saturating_mul(SEEN_DECAYS);
         if was_probe || own_probe {
             // A failed probe ejects its sender alone while others may still be served; the next
             // probe is theirs (a poller cannot hold the circuit open for everyone).
             if self.senders.others_seen(sender, now_ms, window) {
-                return Some(self.eject_sender(sender, now_ms, spec));
+                // Its own probe's failure is not in the others' streak.
+                let others_streak = self.consecutive_failures.saturating_sub(u32::from(own_probe));
+                let ejected = self.eject_sender(sender, now_ms, spec);
+                if own_probe {
+                    self.consecutive_failures = others_streak;
+                }
+                return Some(ejected);
             }
             self.open(now_ms, spec);
             return None;
@@ -263,6 +277,15 @@ impl State {
         }
     }
 
+    /// Whether the senders not ejected trip the circuit on their own: their streak (the ejected
+    /// senders' requests skip the deployment, their probes are kept out of it) or their error
+    /// rate over `min_requests`.
+    fn others_trip(&self, now_ms: u64, spec: &HealthSpec) -> bool {
+        let (volume, failed) = self.senders.counts_not_ejected(now_ms);
+        let rate_trips = volume >= f64::from(spec.min_requests) && failed >= volume * spec.failure_rate;
+        rate_trips || self.consecutive_failures >= spec.consecutive_failures
+    }
+
     /// Opens the circuit for everyone, for `base_ejection_ms` doubled per opening in a row.
     fn open(&mut self, now_ms: u64, spec: &HealthSpec) {
         let factor = 1u64 << self.ejections.min(16);
@@ -277,8 +300,13 @@ impl State {
 
     /// Ejects the deployment for `sender` alone (its own escalation); its streak is spent.
     fn eject_sender(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> u64 {
-        self.senders
-            .eject(sender, now_ms, spec.base_ejection_ms, spec.max_ejection_ms);
+        self.senders.eject(
+            sender,
+            now_ms,
+            spec.base_ejection_ms,
+            spec.max_ejection_ms,
+            spec.ewma_decay_ms,
+        );
         self.sender_ejections += 1;
         self.consecutive_failures = 0;
         sender
@@ -328,26 +356,37 @@ impl Health {
     }
 
     /// [`Health::begin`] for an attempt of `sender`: after its own ejection it is its probe.
-    pub fn begin_sender(&self, now_ms: u64, sender: u64) {
+    /// `keep_ms` (the decay window): a sender's escalation is forgotten that long after its last
+    /// ejection ended (at least the ejection's length), as if it were new.
+    pub fn begin_sender(&self, now_ms: u64, sender: u64, keep_ms: u64) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut s = self.lock();
         if s.ejections > 0 && now_ms >= s.open_until_ms {
             s.probing = true;
         }
-        if self.scoped.load(Ordering::Relaxed) {
-            s.senders.begin(sender, now_ms);
-        }
+        // Always asked (the lock is held anyway): a sender whose ejection ended probes even
+        // after the fast-path flag went off, and a long-gone sender's escalation is forgotten.
+        s.senders.begin(sender, now_ms, keep_ms);
+        self.note_scoped(&s, now_ms);
     }
 
     /// Whether the deployment is ejected for `sender` alone at `now_ms` (its own ejection, or
     /// its own probe is out): its requests skip it as if the circuit were open.
     pub fn ejected_for(&self, sender: u64, now_ms: u64) -> bool {
-        self.scoped.load(Ordering::Relaxed) && self.lock().senders.ejected(sender, now_ms)
+        if !self.scoped.load(Ordering::Relaxed) {
+            return false;
+        }
+        let s = self.lock();
+        let ejected = s.senders.ejected(sender, now_ms);
+        if !ejected {
+            self.note_scoped(&s, now_ms); // the last ejection may have run out: fast path again
+        }
+        ejected
     }
 
-    /// Keeps the fast-path flags in step with the table.
-    fn note_scoped(&self, s: &State) {
-        let now = s.senders.any_ejection();
+    /// Keeps the fast-path flags in step with the table: on while some sender is ejected now.
+    fn note_scoped(&self, s: &State, now_ms: u64) {
+        let now = s.senders.any_ejected(now_ms);
         if self.scoped.swap(now, Ordering::Relaxed) != now {
             if now {
                 SCOPED_DEPLOYMENTS.fetch_add(1, Ordering::Relaxed);
@@ -405,7 +444,7 @@ impl Health {
             s.senders.add(sender, failed, now_ms);
         }
         let aside = self.outcome(&mut s, outcome, latency_ms, sender, now_ms, spec, w);
-        self.note_scoped(&s);
+        self.note_scoped(&s, now_ms);
         aside
     }
 
@@ -437,7 +476,7 @@ impl Health {
                     s.probing = false;
                     s.open_until_ms = 0;
                     s.senders.pardon_all(); // it serves again: every sender's ejection ends
-                } else if self.scoped.load(Ordering::Relaxed) {
+                } else {
                     s.senders.pardon(sender);
                 }
                 None
@@ -477,7 +516,7 @@ impl Health {
             s.streak = s.streak_before;
         }
         let aside = s.fail(sender, now_ms, spec);
-        self.note_scoped(&s);
+        self.note_scoped(&s, now_ms);
         aside
     }
 
@@ -503,7 +542,8 @@ impl Health {
         s.consecutive_failures = 0;
         s.cooldown_until_ms = 0;
         s.senders.pardon_all();
-        self.note_scoped(&s);
+        let now_ms = s.last_ms;
+        self.note_scoped(&s, now_ms);
     }
 
     /// Takes the deployment out now for `ms`, e.g. after a failed active health check.
@@ -757,7 +797,7 @@ mod tests {
 
     /// One attempt of `sender` at `t`: begun and reported; the sender ejected alone, if any.
     fn one(h: &Health, o: Outcome, sender: u64, t: u64, sp: &HealthSpec) -> Option<u64> {
-        h.begin_sender(t, sender);
+        h.begin_sender(t, sender, sp.ewma_decay_ms);
         h.report(o, 5.0, sender, t, sp)
     }
 
@@ -805,9 +845,9 @@ mod tests {
     }
 
     #[test]
-    fn another_senders_failure_while_one_is_ejected_opens_for_everyone_and_escalates() {
-        // A real outage seen by two senders: A's streak ejects d for A; B's first failure
-        // opens it for all (B's request fails over: one extra attempt); probes escalate.
+    fn another_senders_streak_while_one_is_ejected_opens_for_everyone_and_escalates() {
+        // A real outage seen by two senders: A's streak ejects d for A; B's own streak opens it
+        // for all (B's requests fail over); probes escalate.
         let h = Health::default();
         let sp = spec();
         for t in 0..5 {
@@ -818,20 +858,24 @@ mod tests {
             one(&h, Outcome::ConnectError, A, t, &sp);
         }
         assert!(h.ejected_for(A, 13) && h.available(13));
-        assert_eq!(one(&h, Outcome::ConnectError, B, 13, &sp), None);
-        let snap = h.snapshot(14);
+        for t in 13..15 {
+            assert_eq!(one(&h, Outcome::ConnectError, B, t, &sp), None);
+            assert_eq!(h.snapshot(t).circuit, CircuitState::Closed, "not yet B's streak");
+        }
+        assert_eq!(one(&h, Outcome::ConnectError, B, 15, &sp), None);
+        let snap = h.snapshot(16);
         assert_eq!((snap.circuit, snap.senders_ejected), (CircuitState::Open, 0));
-        assert!(!h.available(1_012) && h.available(1_013));
+        assert!(!h.available(1_014) && h.available(1_015));
         // B probes and fails: A was seen lately, so B alone is ejected; A's probe fails next:
-        // a second sender, and it opens for all for twice as long.
-        assert_eq!(one(&h, Outcome::Timeout, B, 1_013, &sp), Some(B));
-        assert!(h.ejected_for(B, 1_014) && h.available(1_014));
-        assert_eq!(one(&h, Outcome::Timeout, A, 1_014, &sp), None);
-        assert!(!h.available(3_013) && h.available(3_014));
-        assert_eq!(h.snapshot(3_013).circuit, CircuitState::Open);
+        // a failed half-open probe while B is ejected, and it opens for all for twice as long.
+        assert_eq!(one(&h, Outcome::Timeout, B, 1_015, &sp), Some(B));
+        assert!(h.ejected_for(B, 1_016) && h.available(1_016));
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_016, &sp), None);
+        assert!(!h.available(3_015) && h.available(3_016));
+        assert_eq!(h.snapshot(3_015).circuit, CircuitState::Open);
         // Recovered: the next probe closes it, and no sender stays ejected.
-        one(&h, Outcome::Success, A, 3_014, &sp);
-        assert!(h.available(3_015) && !h.ejected_for(A, 3_015) && !h.ejected_for(B, 3_015));
+        one(&h, Outcome::Success, A, 3_016, &sp);
+        assert!(h.available(3_017) && !h.ejected_for(A, 3_017) && !h.ejected_for(B, 3_017));
     }
 
     #[test]
@@ -845,13 +889,13 @@ mod tests {
             one(&h, Outcome::Timeout, A, t, &sp);
         }
         // After its ejection A's next attempt is its probe: its other requests still skip d.
-        h.begin_sender(1_007, A);
+        h.begin_sender(1_007, A, sp.ewma_decay_ms);
         assert!(h.ejected_for(A, 1_008));
         assert_eq!(h.report(Outcome::Timeout, 1.0, A, 1_008, &sp), Some(A));
-        assert!(h.ejected_for(A, 3_007) && !h.ejected_for(A, 3_008), "twice as long");
-        one(&h, Outcome::Success, A, 3_008, &sp);
-        assert!(!h.ejected_for(A, 3_009), "served: its ejection is over");
-        assert_eq!(h.snapshot(3_009).circuit, CircuitState::Closed);
+        assert!(h.ejected_for(A, 2_007) && !h.ejected_for(A, 2_008), "base_ejection_ms");
+        one(&h, Outcome::Success, A, 2_008, &sp);
+        assert!(!h.ejected_for(A, 2_009), "served: its ejection is over");
+        assert_eq!(h.snapshot(2_009).circuit, CircuitState::Closed);
     }
 
     #[test]
@@ -894,7 +938,8 @@ mod tests {
             one(&h, Outcome::Success, B, t, &sp);
         }
         closed_at_half_failed(&h, 40);
-        // Now B's requests fail too: B's first failure, while A is ejected, opens the circuit.
+        // Now B's requests fail too: once B's own error rate trips (A's failures left out), while
+        // A is ejected, it opens for everyone.
         let mut opened = None;
         for t in 40..100 {
             one(&h, Outcome::ServerError, A, t, &sp);
@@ -903,7 +948,7 @@ mod tests {
                 opened = Some(t);
             }
         }
-        assert_eq!(opened, Some(40), "{:?}", h.snapshot(100));
+        assert!(matches!(opened, Some(t) if t > 40), "{opened:?} {:?}", h.snapshot(100));
     }
 
     #[test]
@@ -1033,5 +1078,103 @@ mod tests {
         one(&h, Outcome::Success, B, 10, &sp);
         h.fail_after_success(B, 10, &sp);
         assert_eq!(h.snapshot(10).circuit, CircuitState::Open);
+    }
+
+    /// B's requests served over `b`, then A's timing out over `a` (one a millisecond).
+    fn b_served_then_a_times_out(h: &Health, sp: &HealthSpec, b: std::ops::Range<u64>, a: std::ops::Range<u64>) {
+        for t in b {
+            one(h, Outcome::Success, B, t, sp);
+        }
+        for t in a {
+            one(h, Outcome::Timeout, A, t, sp);
+        }
+    }
+
+    /// Default-like health: a streak of 5, half of 20 recent requests, 30 s base ejection.
+    fn default_like() -> HealthSpec {
+        HealthSpec {
+            consecutive_failures: 5,
+            failure_rate: 0.5,
+            min_requests: 20,
+            base_ejection_ms: 30_000,
+            ..HealthSpec::default()
+        }
+    }
+
+    #[test]
+    fn a_stray_failure_of_another_sender_while_one_is_ejected_keeps_the_circuit_closed() {
+        // redQ2 F1 (armed.py): one stray 500 of well-served B while A is ejected is not an outage.
+        let h = Health::default();
+        let sp = default_like();
+        b_served_then_a_times_out(&h, &sp, 0..30, 30..35);
+        assert!(h.ejected_for(A, 35));
+        for t in 35..65 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        assert_eq!(one(&h, Outcome::ServerError, B, 65, &sp), None);
+        assert_eq!(h.snapshot(66).circuit, CircuitState::Closed);
+        assert!(h.available(66) && !h.ejected_for(B, 66));
+        // A genuine outage still opens for everyone: B's own streak.
+        for t in 66..69 {
+            one(&h, Outcome::ServerError, B, t, &sp);
+            assert_eq!(h.snapshot(t).circuit, CircuitState::Closed);
+        }
+        one(&h, Outcome::ServerError, B, 69, &sp);
+        assert_eq!(h.snapshot(70).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn a_senders_first_ejection_is_short_and_escalates_from_base_ejection() {
+        // redQ2 F2: a busy client that alone saw a blip is back after a short pause; a sender
+        // whose probes keep failing escalates from base_ejection_ms.
+        let h = Health::default();
+        let sp = default_like();
+        b_served_then_a_times_out(&h, &sp, 0..10, 10..15);
+        assert!(h.ejected_for(A, 1_013) && !h.ejected_for(A, 1_014), "first: 1 s");
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_014, &sp), Some(A));
+        assert!(h.ejected_for(A, 31_013) && !h.ejected_for(A, 31_014), "then base");
+        assert_eq!(one(&h, Outcome::Timeout, A, 31_014, &sp), Some(A));
+        assert!(h.ejected_for(A, 91_013) && !h.ejected_for(A, 91_014), "then doubled");
+    }
+
+    #[test]
+    fn a_senders_escalation_is_forgotten_after_its_absence() {
+        // redQ2 F3 (stale.py): A, ejected three times in a row, leaves before its probe and
+        // returns a minute later: its first request is no probe, one stray failure ejects
+        // nothing, and its next streak's ejection is a first one again.
+        let h = Health::default();
+        let sp = spec(); // streak 3, base 1 s, decay window 10 s
+        b_served_then_a_times_out(&h, &sp, 0..5, 5..8);
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_007, &sp), Some(A));
+        assert_eq!(one(&h, Outcome::Timeout, A, 2_007, &sp), Some(A));
+        let back = 60_000;
+        one(&h, Outcome::Success, B, back, &sp);
+        h.begin_sender(back, A, sp.ewma_decay_ms);
+        assert!(!h.ejected_for(A, back), "its first request back is not a probe");
+        assert_eq!(h.report(Outcome::ServerError, 1.0, A, back, &sp), None);
+        assert!(!h.ejected_for(A, back + 1));
+        for t in back + 1..back + 3 {
+            one(&h, Outcome::Timeout, A, t, &sp);
+        }
+        assert!(
+            h.ejected_for(A, back + 1_001) && !h.ejected_for(A, back + 1_003),
+            "a first ejection"
+        );
+    }
+
+    #[test]
+    fn the_fast_path_turns_off_once_no_sender_is_ejected() {
+        // redQ2 F5: the per-request table lookups stop when the last ejection has run out.
+        let h = Health::default();
+        let sp = spec();
+        b_served_then_a_times_out(&h, &sp, 0..5, 5..8);
+        assert!(h.scoped.load(Ordering::Relaxed));
+        assert!(!h.ejected_for(B, 2_000));
+        assert!(!h.scoped.load(Ordering::Relaxed), "no ejection running: fast path");
+        // A's next request is still its probe (one at a time), and the flag is back on meanwhile.
+        h.begin_sender(2_001, A, sp.ewma_decay_ms);
+        assert!(h.scoped.load(Ordering::Relaxed) && h.ejected_for(A, 2_002));
+        h.report(Outcome::Success, 1.0, A, 2_002, &sp);
+        assert!(!h.ejected_for(A, 2_003) && !h.scoped.load(Ordering::Relaxed));
     }
 }

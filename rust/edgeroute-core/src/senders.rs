@@ -16,6 +16,9 @@ const SLOTS: usize = 8;
 /// Decayed requests of the other senders (about five) under which their health cannot be judged: a
 /// deployment only one client uses (or others use rarely) trips as before.
 pub(crate) const OTHERS_MIN: f64 = 4.5;
+/// A sender's first ejection lasts at most this long: an honest client that alone saw a short
+/// blip is soon back; a sender whose probe fails again escalates from `base_ejection_ms`.
+pub(crate) const FIRST_EJECTION_MS: u64 = 1_000;
 
 /// One sender's decayed counts of requests and of failures, and its own ejection.
 #[derive(Debug, Default, Clone, Copy)]
@@ -29,6 +32,9 @@ struct Sender {
     until_ms: u64,
     /// Its own ejections in a row (its next one is `base_ejection_ms` doubled this often).
     ejections: u32,
+    /// Length of its last ejection (ms): its escalation is forgotten that long (at least the
+    /// decay window) after the ejection ended.
+    len_ms: u64,
     /// Its own probe is out (its ejection ended; one request of it may go).
     probing: bool,
 }
@@ -37,6 +43,19 @@ impl Sender {
     /// Whether its requests skip the deployment at `now_ms`.
     fn ejected(&self, now_ms: u64) -> bool {
         self.ejections > 0 && (now_ms < self.until_ms || self.probing)
+    }
+
+    /// Whether its last ejection ended more than `max(its length, keep_ms)` before `now_ms` with
+    /// no probe out: its escalation is forgotten (a sender back long after is a new sender).
+    fn stale(&self, now_ms: u64, keep_ms: u64) -> bool {
+        self.ejections > 0 && !self.probing && now_ms >= self.until_ms.saturating_add(self.len_ms.max(keep_ms))
+    }
+
+    /// Forgets its escalation if stale.
+    fn forget_stale(&mut self, now_ms: u64, keep_ms: u64) {
+        if self.stale(now_ms, keep_ms) {
+            (self.ejections, self.until_ms, self.len_ms) = (0, 0, 0);
+        }
     }
 }
 
@@ -146,24 +165,39 @@ impl Senders {
         self.slots.iter().filter(|s| s.ejected(now_ms)).count() as u32
     }
 
-    /// Whether any sender has an ejection on record (the fast path skips the table otherwise).
-    pub fn any_ejection(&self) -> bool {
-        self.slots.iter().any(|s| s.ejections > 0)
+    /// Whether some sender is ejected now (its ejection runs or its probe is out): the fast path
+    /// skips the table otherwise.
+    pub fn any_ejected(&self, now_ms: u64) -> bool {
+        self.slots.iter().any(|s| s.ejected(now_ms))
     }
 
-    /// Ejects the deployment for `id` alone, for `base_ms` doubled per ejection in a row, up
-    /// to `max_ms`.
-    pub fn eject(&mut self, id: u64, now_ms: u64, base_ms: u64, max_ms: u64) {
+    /// Decayed requests and failures of the senders not ejected at `now_ms`: the evidence of
+    /// those still served, the ejected senders' failures left out.
+    pub fn counts_not_ejected(&self, now_ms: u64) -> (f64, f64) {
+        let served = self.slots.iter().filter(|s| !s.ejected(now_ms));
+        served.fold((0.0, 0.0), |(v, f), s| (v + s.volume, f + s.failed))
+    }
+
+    /// Ejects the deployment for `id` alone: its first ejection (in a row, not forgotten) for
+    /// `base_ms` at most [`FIRST_EJECTION_MS`], then `base_ms` doubled per ejection, up to `max_ms`.
+    pub fn eject(&mut self, id: u64, now_ms: u64, base_ms: u64, max_ms: u64, keep_ms: u64) {
         let s = self.slot(id);
-        let factor = 1u64 << s.ejections.min(16);
-        s.until_ms = now_ms + base_ms.saturating_mul(factor).min(max_ms);
+        s.forget_stale(now_ms, keep_ms);
+        let len = match s.ejections {
+            0 => base_ms.min(FIRST_EJECTION_MS),
+            k => base_ms.saturating_mul(1u64 << (k - 1).min(16)),
+        };
+        s.len_ms = len.min(max_ms);
+        s.until_ms = now_ms + s.len_ms;
         s.ejections += 1;
         s.probing = false;
     }
 
-    /// An attempt of `id` starts: after its own ejection, it is its probe.
-    pub fn begin(&mut self, id: u64, now_ms: u64) {
+    /// An attempt of `id` starts: after its own ejection, it is its probe (unless the ejection
+    /// is long over: then its escalation is forgotten and it is a request like any other).
+    pub fn begin(&mut self, id: u64, now_ms: u64, keep_ms: u64) {
         if let Some(s) = self.slots.iter_mut().find(|s| s.id == id) {
+            s.forget_stale(now_ms, keep_ms);
             if s.ejections > 0 && now_ms >= s.until_ms {
                 s.probing = true;
             }

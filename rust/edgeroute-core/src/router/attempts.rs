@@ -50,7 +50,9 @@ impl Router {
     /// Marks an attempt of `sender` on deployment `index` as started (after the deployment's
     /// ejection for that sender alone, it is that sender's probe).
     pub fn begin_for(&self, index: usize, sender: u64) {
-        self.deployments[index].health.begin_sender(self.now_ms(), sender);
+        self.deployments[index]
+            .health
+            .begin_sender(self.now_ms(), sender, self.health_spec.ewma_decay_ms);
     }
 
     /// Whether some deployment may be ejected for a sender alone (one atomic read): else no
