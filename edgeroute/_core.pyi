@@ -112,9 +112,11 @@ class _Health(TypedDict):
     """Attempts reported since start."""
     failures: int
     """Failed attempts reported since start."""
-    trips_withheld: int
-    """Times one sender's failures alone would have opened the circuit while other senders
-    were served, since start (the circuit stayed closed)."""
+    sender_ejections: int
+    """Times one sender's failures alone tripped and the deployment was ejected for that
+    sender only (the circuit stayed as it was for the others), since start."""
+    senders_ejected: int
+    """Senders the deployment is ejected for now (their own ejection, or their own probe out)."""
 
 @final
 class Decision:
@@ -319,9 +321,19 @@ class Router:
     def priority_classes(self) -> list[str]:
         """Priority class names, highest first."""
 
-    def begin(self, index: int) -> None:
-        """Marks an attempt on deployment ``index`` as started (in-flight count,
-        half-open probe). ``ValueError`` for a bad index."""
+    def begin(self, index: int, sender: int = 0) -> None:
+        """Marks an attempt of ``sender`` on deployment ``index`` as started (in-flight count,
+        half-open probe; after the deployment's ejection for that sender alone, that sender's
+        probe). ``ValueError`` for a bad index."""
+
+    def any_sender_ejection(self) -> bool:
+        """Whether some deployment (of any router in the process) may be ejected for a sender
+        alone: one atomic read; while ``False`` no request need ask ``ejected_for``."""
+
+    def ejected_for(self, index: int, sender: int) -> bool:
+        """Whether deployment ``index`` is ejected for ``sender`` alone now (its own ejection,
+        or its own probe is out): its requests skip it as if its circuit were open.
+        ``ValueError`` for a bad index."""
 
     def report(
         self,
@@ -335,8 +347,9 @@ class Router:
 
         ``retry_after_ms`` (from ``Retry-After``) applies to ``"rate_limited"``. ``sender``
         (a u64; 0: unknown) says whose request it was: the virtual key's team, else the key,
-        hashed. A failure streak or error rate that is one sender's alone while other senders
-        are served does not open the circuit; the sender is returned then (else ``None``).
+        hashed. A failure streak or error rate (or a failed half-open probe) that is one
+        sender's alone while other senders were seen lately ejects the deployment for that
+        sender only; the sender is returned then (else ``None``).
         ``ValueError`` for a bad index or an unknown outcome.
         """
 
@@ -364,7 +377,7 @@ class Router:
     def report_broken_stream(self, index: int, sender: int = 0) -> int | None:
         """A stream of ``sender`` on deployment ``index`` that was reported a success at its
         first content broke later: count it as a failure (not in flight, not a new request).
-        Returns a withheld trip's sender as ``report`` does."""
+        Returns the sender ejected alone as ``report`` does."""
 
     def serving_well(self, index: int) -> bool:
         """Whether deployment ``index`` serves this process's traffic well now: enough recent

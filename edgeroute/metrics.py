@@ -340,10 +340,15 @@ class StateCollector(Collector):
         cooldown = GaugeMetricFamily(
             "edgeroute_deployment_cooldown_seconds", "Time left in a rate-limit cool-down.", labels=["deployment"]
         )
-        withheld = CounterMetricFamily(
+        sender_ejections = CounterMetricFamily(
+            "edgeroute_circuit_sender_ejections",
+            "Ejections of a deployment for one sender (key or team) alone: its failures alone tripped"
+            " the circuit while other senders were seen; the others are still served.",
+            labels=["deployment"],
+        )
+        withheld = CounterMetricFamily(  # deprecated alias, kept so dashboards do not break
             "edgeroute_circuit_trips_withheld",
-            "Failure streaks or error rates of one sender (key or team) alone that did not open the"
-            " deployment's circuit, since other senders were served.",
+            "Deprecated: the same count as edgeroute_circuit_sender_ejections_total.",
             labels=["deployment"],
         )
         for d in live.deployments:
@@ -354,8 +359,9 @@ class StateCollector(Collector):
             latency.add_metric([name], h["latency_ms"] / 1000)
             errors.add_metric([name], h["error_rate"])
             cooldown.add_metric([name], h["cooldown_ms"] / 1000)
-            withheld.add_metric([name], h["trips_withheld"])
-        yield from (circuit, in_flight, latency, errors, cooldown, withheld)
+            sender_ejections.add_metric([name], h["sender_ejections"])
+            withheld.add_metric([name], h["sender_ejections"])
+        yield from (circuit, in_flight, latency, errors, cooldown, sender_ejections, withheld)
         for source in self._metrics.sources:
             yield from source(self._app)
 

@@ -43,10 +43,10 @@ from edgeroute.capacity_share import SHARED_SLOTS
 from edgeroute.config import Config, ConfigError
 from edgeroute.cost import app as cost_app
 from edgeroute.cost import ledger_lock
-from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, PUBLIC_PATHS, NotYetRead
+from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, PUBLIC_PATHS, NotYetRead, tenant_of
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.store_errors import StoreUnavailable
-from edgeroute.dispatch import STREAM_STARTED
+from edgeroute.dispatch import STREAM_STARTED, senders
 from edgeroute.errors import ProxyError, StartError, body_read_error, error_body
 from edgeroute.governance import app as governance_app
 from edgeroute.governance.keys import ManagedKeys
@@ -243,8 +243,15 @@ async def readyz(request: web.Request) -> web.Response:
 async def admin_deployments(request: web.Request) -> web.Response:
     live = request.app[STATE].live
     out = []
+    # A team's key is told whether a deployment is ejected for its own team alone (the count of
+    # senders it is ejected for names none of them).
+    team = tenant_of(request)
+    sender = senders.sender_of(team, None) if team else None
     for d in live.deployments:
-        h = live.router.health(d.index)
+        h: dict[str, object] = {**live.router.health(d.index)}
+        h["trips_withheld"] = h["sender_ejections"]  # deprecated alias (session 29's field)
+        if sender is not None:
+            h["ejected_for_you"] = live.router.ejected_for(d.index, sender)
         spec = live.config.deployments[d.name]
         cap, i = live.capacity, d.index
         slots = {"max_concurrency": cap.limits[i], "active": cap.active(i), "queued": cap.waiting(i),

@@ -1,8 +1,8 @@
 """One client cannot open a deployment's circuit for everyone (red team D, session 28, F1).
 
 Key A sends prompts deployment d1 fails (503), key B's requests keep being served by d1: A's
-failures alone, while B is served, leave d1's circuit closed (each withheld trip is counted
-and logged with A's team). An outage that fails both keys still opens it, and so do one
+failures alone eject d1 for A only (session 31: counted, and logged with A's team), and leave
+its circuit closed for B; A's requests then skip d1. An outage that fails both keys still opens it, and so do one
 keyless client's failures, as before. Seen through the openai SDK, `/admin/deployments`
 and `/metrics`.
 """
@@ -21,6 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from edgeroute.dispatch import senders
 from edgeroute.health_share import HEALTH_SHARE
 from edgeroute.mock.openai import completion_body, openai_error
 from tests.conftest import simple_config
@@ -83,9 +84,14 @@ async def _d1(proxy: Any, token: str | None) -> dict[str, Any]:
         return next(d for d in (await r.json())["deployments"] if d["name"] == "d-d1")
 
 
-async def test_one_keys_failing_prompts_do_not_open_the_circuit_others_are_served_by(
-    start_upstream: Any, start_proxy: Any, serve_routes: Any, caplog: pytest.LogCaptureFixture
+async def test_one_keys_failing_prompts_eject_the_deployment_for_it_alone(
+    start_upstream: Any,
+    start_proxy: Any,
+    serve_routes: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(senders, "_logged", {})  # logged once a minute per deployment: not by an earlier test
     proxy, _ = await _setup(start_upstream, start_proxy, serve_routes, keys=True)
     for _ in range(4):
         assert await _chat(proxy, B, "hello") == "d-d1"
@@ -100,12 +106,16 @@ async def test_one_keys_failing_prompts_do_not_open_the_circuit_others_are_serve
         assert await _chat(proxy, B, "hello") == "d-d1"
     d1 = await _d1(proxy, OPS)
     assert d1["circuit"] == "closed", d1
-    assert d1["failures"] == 16 and d1["trips_withheld"] > 0, d1
+    # A's 8 failures between B's successes trip nothing; its third in a row then ejected d1 for
+    # A alone: its 5 later prompts never reached d1.
+    assert d1["failures"] == 11 and d1["sender_ejections"] == 1 and d1["senders_ejected"] == 1, d1
     m = await scrape(proxy.url, OPS)
-    assert (m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d1") or 0) > 0
-    assert m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d2") == 0
+    assert m.value("edgeroute_circuit_sender_ejections_total", deployment="d-d1") == 1
+    assert m.value("edgeroute_circuit_trips_withheld_total", deployment="d-d1") == 1  # deprecated alias
+    assert d1["trips_withheld"] == 1, d1
+    assert m.value("edgeroute_circuit_sender_ejections_total", deployment="d-d2") == 0
     # The operator is told whose failures they were (the team, never a key's secret), once.
-    said = [r.getMessage() for r in caplog.records if "would have opened" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "ejected for" in r.getMessage()]
     assert len(said) == 1 and "d-d1" in said[0] and "team team-a" in said[0], said
     assert A not in caplog.text
 
@@ -121,7 +131,7 @@ async def test_an_outage_both_keys_see_still_opens_the_circuit(
     for key in (A, B, A):
         assert await _chat(proxy, key, "hello") == "d-d2"
     state = await _d1(proxy, OPS)
-    assert state["circuit"] == "open" and state["trips_withheld"] == 0, state
+    assert state["circuit"] == "open" and state["sender_ejections"] == 0, state
 
 
 async def test_one_keyless_client_still_opens_the_circuit(

@@ -223,8 +223,8 @@ class Attempts:
         self.decision = decision
         self.body = body
         self.record = record
-        # Whose request the core's health counts it as: its failures alone open no circuit
-        # while others are served (`senders`).
+        # Whose request the core's health counts it as: its failures alone eject a deployment
+        # for it only (`senders`).
         self.sender = senders.sender_of(record.team, record.key)
         # The route's own timeouts (`timeouts`), else the provider's of the deployment the request
         # is first sent to (`time_by`): the decision's first until one is chosen.
@@ -280,7 +280,7 @@ class Attempts:
         self.record.attempts.append(rec)
         if self.record.trace is not None:  # traced: the upstream continues the trace (W3C traceparent)
             rec.span_id = self.record.trace.inject(req.headers)
-        self.router.begin(dep.index)
+        self.router.begin(dep.index, self.sender)
         if self.granted == dep.index:
             self.granted = None  # the slot a freed deployment handed this request while it waited
         else:
@@ -400,10 +400,10 @@ class Attempts:
                 result.rec = rec
 
     def report_health(self, index: int, outcome: Outcome, latency: float, retry_ms: int | None = None) -> None:
-        """Reports a failed attempt to the core as this request's sender's; logs a trip the
-        core withheld (the failures were this sender's alone while others are served)."""
+        """Reports a failed attempt to the core as this request's sender's; logs an ejection
+        for this sender alone (its failures alone tripped while others were seen)."""
         aside = self.router.report(index, outcome.value, latency, retry_ms, self.sender)
-        senders.withheld(self.live.deployments[index].name, aside)
+        senders.ejected(self.live.deployments[index].name, aside)
 
     def output_allowance(self) -> int:
         """Output tokens an answer carries beside what the request's bound covers (a completions

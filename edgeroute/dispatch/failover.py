@@ -71,6 +71,8 @@ class Call(Attempts):
             remaining=self._remaining,
             serving=self._serving,
             is_full=self._is_full if live.capacity.bounded else None,
+            # Asked per deployment only while some deployment is ejected for a sender at all.
+            sender_ejected=self._sender_ejected if self.router.any_sender_ejection() else None,
         )
 
     def _is_full(self, index: int) -> bool:
@@ -83,6 +85,9 @@ class Call(Attempts):
 
     def _is_open(self, index: int) -> bool:
         return self.router.health(index)["circuit"] == "open"
+
+    def _sender_ejected(self, index: int) -> bool:
+        return self.router.ejected_for(index, self.sender)
 
     def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
         """The deployments of the models `fallbacks_on` names under `key`, in order."""
@@ -118,6 +123,14 @@ class Call(Attempts):
         policy = self.policy()
         table = self.live.deployments
         state = policy.start([table[i] for i in self.decision.order])
+        if (
+            state.sender_skipped
+            and self.gate is not None
+            and self.first_counted
+            and state.sender_skipped[0].index == self.decision.order[0]
+        ):
+            self.gate.give_back(state.sender_skipped[0].name)  # admission counted it as the first choice: never sent
+            self.first_counted = False
         hedge_ms = self.decision.hedge_after_ms
         stop: Stop | None = None
         try:

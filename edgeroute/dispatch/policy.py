@@ -9,6 +9,9 @@ loop must not decide by itself:
   the outcome that just happened, restricted to what the decision's rule allows
   (its deployments, required and excluded tags: residency holds on fallbacks too);
 - pruning: after a context-window overflow, no deployment as small is tried;
+- a deployment ejected for this request's sender alone (its own failures tripped it) is
+  left out of the plan before any attempt is counted, as an open circuit is; kept, last,
+  only when nothing else is left;
 - budgets: at most `max_attempts`; a deployment not yet called whose circuit is not
   open is tried freely, and only going back to one (or to an ejected one) takes from
   the shared retry budget, so the budget damps retry storms without ever refusing
@@ -90,6 +93,8 @@ class FailoverState:
     capacity_fallbacks: bool = False  # `fallbacks_on: capacity` added already
     # Out of the plan for good: they cannot read this request (never sent it), with why.
     unreadable: list[tuple[DeploymentInfo, ProxyError]] = field(default_factory=list)
+    # Left out of the plan: ejected for this request's sender alone (never sent it).
+    sender_skipped: list[DeploymentInfo] = field(default_factory=list)
 
     def excluded(self, dep: DeploymentInfo) -> bool:
         """Whether `dep` is planned already or cannot read the request (no fallback adds it)."""
@@ -111,8 +116,8 @@ class FailoverPolicy:
     """Answers the loop's questions for one request (see the module docstring)."""
 
     __slots__ = (
-        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_serving", "_try_retry", "model",
-        "own", "settings",
+        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_sender_ejected", "_serving",
+        "_try_retry", "model", "own", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -129,6 +134,7 @@ class FailoverPolicy:
         serving: Callable[[int], bool],
         is_full: Callable[[int], bool] | None = None,
         rng: random.Random | None = None,
+        sender_ejected: Callable[[int], bool] | None = None,
     ) -> None:
         self.model = model  # as the client named it, for messages
         self.own = own  # the route's own deployment names (attempts on others are fallbacks)
@@ -141,9 +147,21 @@ class FailoverPolicy:
         self._serving = serving  # whether a deployment answered other requests lately
         self._is_full = is_full or _never  # whether a deployment is at its max_concurrency
         self._rng = rng or _RNG  # one per process: seeding a new one costs ~50 µs
+        self._sender_ejected = sender_ejected  # whether a deployment is ejected for this sender alone
 
     def start(self, order: Sequence[DeploymentInfo]) -> FailoverState:
+        """The plan: `order` without the deployments ejected for this request's sender alone
+        (skipped before any attempt is counted, as open circuits are), unless none would be left."""
+        ejected = self._sender_ejected
+        if ejected is not None:
+            kept = [d for d in order if not ejected(d.index)]
+            if kept and len(kept) < len(order):
+                return FailoverState(plan=kept, sender_skipped=[d for d in order if d not in kept])
         return FailoverState(plan=list(order))
+
+    def _open(self, index: int) -> bool:
+        """Whether deployment `index`'s circuit is open, or it is ejected for this sender alone."""
+        return self._is_open(index) or (self._sender_ejected is not None and self._sender_ejected(index))
 
     def next_attempt(self, state: FailoverState, failed: tuple[DeploymentInfo, Failure] | None) -> Try | Stop:
         """The next step after `failed` (None before the first attempt)."""
@@ -200,7 +218,7 @@ class FailoverPolicy:
                 continue
             out: list[DeploymentInfo] = []
             for d in deps:
-                if state.excluded(d) or d in out or self._is_open(d.index) or not self._allowed(d):
+                if state.excluded(d) or d in out or self._open(d.index) or not self._allowed(d):
                     continue
                 if outcome is Outcome.CONTEXT_WINDOW and 0 < d.context_window <= failed.context_window:
                     continue
@@ -268,7 +286,7 @@ class FailoverPolicy:
                 continue
             # `fresh` matters from the second attempt only: the first asks no circuit (a dict
             # of nine fields from the core, on every request).
-            fresh = state.attempts == 0 or (dep not in state.called and not self._is_open(dep.index))
+            fresh = state.attempts == 0 or (dep not in state.called and not self._open(dep.index))
             if not fresh and not self._try_retry():
                 state.budget_refused = True
                 if state.rounds > 0:
@@ -288,7 +306,7 @@ class FailoverPolicy:
         extra = [
             d
             for d in self._fallbacks_on("capacity") or ()
-            if not state.excluded(d) and not self._is_open(d.index) and self._allowed(d)
+            if not state.excluded(d) and not self._open(d.index) and self._allowed(d)
         ]
         state.plan.extend(extra)
         return bool(extra)
@@ -335,7 +353,7 @@ class FailoverPolicy:
         for d in state.plan[state.pos :]:
             if d.name not in self.own:
                 break
-            if not self._is_full(d.index) and not self._is_open(d.index):
+            if not self._is_full(d.index) and not self._open(d.index):
                 lead.append(d)
         if len(lead) > 1:
             pick = self._rng.choices(lead, [max(1, weight(d)) for d in lead])[0]

@@ -406,10 +406,22 @@ impl Router {
         self.inner.priority_classes().to_vec()
     }
 
-    fn begin(&self, index: usize) -> PyResult<()> {
+    #[pyo3(signature = (index, sender=0))]
+    fn begin(&self, index: usize, sender: u64) -> PyResult<()> {
         self.checked(index)?;
-        self.inner.begin(index);
+        self.inner.begin_for(index, sender);
         Ok(())
+    }
+
+    /// Whether some deployment may be ejected for a sender alone (else none need be asked).
+    fn any_sender_ejection(&self) -> bool {
+        self.inner.any_sender_ejection()
+    }
+
+    /// Whether deployment `index` is ejected for `sender` alone (its requests skip it).
+    fn ejected_for(&self, index: usize, sender: u64) -> PyResult<bool> {
+        self.checked(index)?;
+        Ok(self.inner.ejected_for(index, sender))
     }
 
     #[pyo3(signature = (index, outcome_kind, latency_ms, retry_after_ms=None, sender=0))]
@@ -478,7 +490,8 @@ impl Router {
         d.set_item("limit_hold_ms", h.limit_hold_ms)?;
         d.set_item("requests", h.requests)?;
         d.set_item("failures", h.failures)?;
-        d.set_item("trips_withheld", h.trips_withheld)?;
+        d.set_item("sender_ejections", h.sender_ejections)?;
+        d.set_item("senders_ejected", h.senders_ejected)?;
         Ok(d)
     }
 

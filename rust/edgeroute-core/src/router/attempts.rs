@@ -47,9 +47,29 @@ impl Router {
         self.deployments[index].health.begin(self.now_ms());
     }
 
+    /// Marks an attempt of `sender` on deployment `index` as started (after the deployment's
+    /// ejection for that sender alone, it is that sender's probe).
+    pub fn begin_for(&self, index: usize, sender: u64) {
+        self.deployments[index]
+            .health
+            .begin_sender(self.now_ms(), sender, self.health_spec.ewma_decay_ms);
+    }
+
+    /// Whether some deployment may be ejected for a sender alone (one atomic read): else no
+    /// request need ask [`Router::ejected_for`].
+    pub fn any_sender_ejection(&self) -> bool {
+        crate::health::any_sender_ejection()
+    }
+
+    /// Whether deployment `index` is ejected for `sender` alone now: its requests skip it as if
+    /// its circuit were open.
+    pub fn ejected_for(&self, index: usize, sender: u64) -> bool {
+        self.deployments[index].health.ejected_for(sender, self.now_ms())
+    }
+
     /// Reports the end of an attempt on deployment `index`, sent by `sender` (the virtual key's
-    /// team or key, hashed; 0: unknown). Returns the sender whose failures alone would have
-    /// opened the circuit while others were served (the trip was withheld).
+    /// team or key, hashed; 0: unknown). Returns the sender the deployment was just ejected for
+    /// alone (its failures alone tripped while other senders were seen lately).
     pub fn report(&self, index: usize, outcome: Outcome, latency_ms: f64, sender: u64) -> Option<u64> {
         let now = self.now_ms();
         let d = &self.deployments[index];
@@ -71,7 +91,7 @@ impl Router {
     }
 
     /// A stream of `sender` on deployment `index`, reported a success at its first content,
-    /// broke later. Returns a withheld trip's sender as [`Router::report`] does.
+    /// broke later. Returns the sender ejected alone as [`Router::report`] does.
     pub fn report_broken_stream(&self, index: usize, sender: u64) -> Option<u64> {
         self.deployments[index]
             .health
