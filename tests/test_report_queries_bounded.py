@@ -72,13 +72,18 @@ def _pg_locked(dsn: str) -> Iterator[None]:
 
 async def test_a_viewers_flood_cannot_hold_back_a_revocation_on_postgres(start_upstream, pg_schema_dsn: str) -> None:
     up = await start_upstream()
-    async with _proxy(_cfg(up, {"backend": "postgres", "dsn": pg_schema_dsn}, timeout_s=2)) as url:
+    # A deadline of 4 s: the team's slots stay held well past the refused query's wait (half of it).
+    async with _proxy(_cfg(up, {"backend": "postgres", "dsn": pg_schema_dsn}, timeout_s=4)) as url:
         victim = await _key(url, "alpha", "service")
         assert (await call("GET", url + "/v1/models", victim["secret"]))[0] == 200
         viewers = [await _key(url, "beta", "viewer") for _ in range(DEFAULT_THREADS // 2 + 2)]
         with _pg_locked(pg_schema_dsn):
             flood = [asyncio.create_task(_get(url + FLOOD, v["secret"])) for v in viewers for _ in range(2)]
             await asyncio.sleep(0.5)  # every query sent, and waiting
+            # A query of a viewer (of a team) with queries in flight waits briefly, then is refused.
+            status, body, _ = await _get(url + FLOOD, viewers[0]["secret"])
+            assert status == 429 and body["error"]["code"] == "too_many_queries", body
+            assert body["_retry_after"] == "1"
             t0 = time.monotonic()
             status, revoked = await call("DELETE", url + f"/admin/keys/{victim['id']}", ROOT)
             took = time.monotonic() - t0
@@ -86,10 +91,6 @@ async def test_a_viewers_flood_cannot_hold_back_a_revocation_on_postgres(start_u
             assert took < 2.0, f"the revocation took {took:.1f} s"
             status, err = await call("GET", url + "/v1/models", victim["secret"])
             assert status == 401 and err["error"]["code"] == "key_revoked", err
-            # A query of a viewer (of a team) with queries in flight is refused at once.
-            status, body, _ = await _get(url + FLOOD, viewers[0]["secret"])
-            assert status == 429 and body["error"]["code"] == "too_many_queries", body
-            assert body["_retry_after"] == "1"
             # The operator's own report still gets its turn: one team cannot fill the pool.
             status, body, took = await _get(url + "/admin/spend?by=model", ROOT)
             assert status == 200 and took < 8, (status, body, took)
@@ -98,8 +99,8 @@ async def test_a_viewers_flood_cannot_hold_back_a_revocation_on_postgres(start_u
         # The team's four (twice a key's) ran to their deadline; the rest were refused at once.
         assert codes == [(429, "too_many_queries")] * (len(answers) - 4) + [(503, "query_timeout")] * 4, codes
         timed_out = [b for s, b, _ in answers if b["error"]["code"] == "query_timeout"]
-        assert "longer than 2 s" in timed_out[0]["error"]["message"], timed_out[0]
-        assert max(t for *_, t in answers) < 15
+        assert "longer than 4 s" in timed_out[0]["error"]["message"], timed_out[0]
+        assert max(t for *_, t in answers) < 20
 
 
 def _fill(path: Path, rows: int) -> None:
