@@ -248,7 +248,7 @@ async def relay_stream(
         else:
             answer.resp.close()
         if upstream_broke:
-            senders.withheld(dep.name, call.router.report_broken_stream(dep.index, call.sender))
+            senders.ejected(dep.name, call.router.report_broken_stream(dep.index, call.sender))
         await _settle(call, dep, answer, said)
         if on_complete is not None and completed and failure is None and not upstream_error:
             # The whole answer, as OpenAI-format events (for the cache, the request log, a

@@ -63,9 +63,6 @@ def ejected(deployment: str, sender: int | None) -> None:
     )
 
 
-withheld = ejected  # the name the relay calls it by (a broken stream's report)
-
-
 def name_of(sender: int) -> str:
     """What the log says of `sender`."""
     return _NAMES.get(sender, "an anonymous client") if sender else "the keyless clients"
