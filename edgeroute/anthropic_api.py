@@ -550,6 +550,8 @@ class StreamEncoder:
         self.stop_reason = "end_turn"
         self.finished = False  # the choice gave its finish_reason: nothing after it is the answer's
         self.usage: dict[str, Any] | None = None
+        # Why it ended a stream the upstream ended cleanly as cut (an error class), for the relay's record.
+        self.cut: str | None = None
 
     def __call__(self, data: bytes) -> bytes:
         events = self.events.feed(data)
@@ -560,7 +562,11 @@ class StreamEncoder:
                 continue
             if payload == b"[DONE]":
                 # Without a finish_reason the answer was cut short: an error, never `end_turn`.
-                out += self._end() if self.finished or not self.started else self._fail(_CUT, {})
+                if self.finished or not self.started:
+                    out += self._end()
+                else:
+                    self.cut = "stream_incomplete"
+                    out += self._fail(_CUT, {})
                 continue
             try:
                 obj = orjson.loads(payload)
@@ -575,6 +581,7 @@ class StreamEncoder:
                     # head): end with an error event in Anthropic's format, never an exception
                     # written into a started answer (nor one without its message_start).
                     self.started = started
+                    self.cut = "upstream_protocol_error"
                     out += self._fail(
                         "The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj
                     )

@@ -26,7 +26,7 @@ from edgeroute.config import Config, Model, Shadow
 from edgeroute.cost import ledger_lock, prediction
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
-from edgeroute.cost.media import body_media, with_parts
+from edgeroute.cost.media import audio_allowance, body_media, rule_of, with_parts
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
 from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
 from edgeroute.errors import ProxyError
@@ -87,6 +87,55 @@ async def decide_soon(live: Live, body: bytes, request: web.Request, **options: 
     if len(body) > DECIDE_ON_LOOP_BYTES or (live.exact_tokens and len(body) > COUNT_ON_LOOP_BYTES):
         return await asyncio.to_thread(decide, live, body, request, **options)
     return decide(live, body, request, **options)
+
+
+# A reference of unknown size where no deployment of the route has a context window configured.
+UNKNOWN_STORED_TOKENS = 128_000
+_U32 = 2**32 - 1  # the core counts in 32 bits
+
+
+def _window(live: Live, decision: _core.Decision) -> int:
+    """The smallest context window configured among the deployments the decision may use (0: none)."""
+    windows = [w for i in decision.order if (w := live.deployments[i].context_window) > 0]
+    return min(windows, default=0)
+
+
+async def with_stored(
+    live: Live,
+    body: bytes,
+    counted: bytes,
+    request: web.Request,
+    decision: _core.Decision,
+    tokens: int,
+    unknown: int = 0,
+) -> _core.Decision:
+    """The decision on `body` again, its prompt counted with what the request names that the
+    provider keeps and bills as prompt tokens, though it is not in the request (a stored
+    conversation, a stored prompt, a spoken answer's audio): the request's own tokens exactly
+    (`counted`: the chat body they are counted on), plus `tokens` known; each of `unknown`
+    references of unknown size takes the prompt to the context window (no more can be billed
+    as prompt), else adds `UNKNOWN_STORED_TOKENS`. Within a configured window, the total never
+    passes it: a provider that truncates a long conversation bills no more. Context windows,
+    budgets and token rate limits all see it."""
+    own = decision.prompt_tokens
+    if not decision.tokens_exact:
+        own = await asyncio.to_thread(live.router.count_prompt, counted)
+    room = (window := _window(live, decision)) - (decision.max_tokens or 0)
+    total = own + tokens
+    if window:
+        total = min(total, max(room, own))
+        if unknown:
+            total = max(total, room)
+    else:
+        total += unknown * UNKNOWN_STORED_TOKENS
+    return await decide_soon(live, body, request, prompt_tokens=min(total, _U32))
+
+
+def audio_named_tokens(live: Live, decision: _core.Decision, named: audio_owners.Named) -> int:
+    """The prompt tokens of the audio clips a chat request names by id: the sizes known, and a
+    clip of unknown size at the audio allowance of the decision's deployments (`media_tokens.audio`)."""
+    rule = rule_of(live.config.deployments[live.deployments[i].name] for i in decision.order)
+    return named.tokens + audio_allowance(rule, named.unknown)
 
 
 def decide(
@@ -249,8 +298,11 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             await provider_files.refuse_named(body, request)
         # The request's tags and its key's region, read once (the headers and the key do not change).
         tags, region = tags_of(request), region_of(request)
-        await audio_owners.check(request, live, body)  # with tenants: audio named by id is the caller's
+        # With tenants, audio named by id is the caller's; the provider bills each reference as prompt.
+        named = await audio_owners.check(request, live, body)
         decision = await decide_soon(live, body, request)
+        if named is not None:
+            decision = await with_stored(live, body, body, request, decision, audio_named_tokens(live, decision, named))
         if dialect is None:  # Anthropic's tiers (`auto`, `standard_only`) bill no premium
             service_tiers.check_raw(decision.service_tier, live.config.server.service_tiers)
         rec.model, rec.route, rec.rule, rec.stream = decision.model, decision.route, decision.rule, decision.stream
@@ -287,7 +339,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             # A budget downgraded the request, or its deployment is at a provider limit: decide again.
             first = decision
             rerouted = with_model(body, decision, reroute)
-            decision = await decide_soon(live, rerouted, request, rerouted=True)
+            known = decision.prompt_tokens if named is not None else None  # its audio is not in the text
+            decision = await decide_soon(live, rerouted, request, rerouted=True, prompt_tokens=known)
             if decision.route != first.route:
                 # The cache's answer of the route asked for costs nothing and reaches no
                 # provider: served rather than paying another route (as a spent budget lets a
@@ -355,13 +408,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 tags,
             )
             if live.access.keyed(request):  # its audio is the caller's before its id is shown
-                await audio_owners.bind(request, live, audio_owners.answer_ids(answer.body))
+                ids = audio_owners.answer_ids(answer.body)
+                await audio_owners.bind(request, live, ids, audio_owners.clip_tokens(answer.usage) if ids else None)
             out = dialect.answer(answer.body) if dialect else answer.body
             return ReadyResponse(out, hdrs, "application/json")  # a 200 of bytes in hand: no general prepare
         rec.status = 200
         if live.access.keyed(request) and answer.translator is not None:  # its audio bound before its end
             seen = answer.translator = audio_owners.StreamAudio(answer.translator, answer.head)
-            answer.before_end = partial(audio_owners.bind, request, live, seen.seen)
+            answer.before_end = partial(seen.bind, request, live)
         encode = dialect.stream() if dialect else None
         on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)

@@ -327,6 +327,15 @@ def openai_tiles(w: int, h: int) -> int:
     return 85 + 170 * math.ceil(fw / 512) * math.ceil(fh / 512)
 
 
+def audio_allowance(rule: MediaRule, clips: int) -> int:
+    """The tokens reserved for `clips` audio clips of unknown length (a chat turn naming a
+    stored clip by its id, whose size is not known): each as an `input_audio` part without its
+    data, `AUDIO_MIN`, or the deployments' `media_tokens.audio`."""
+    if rule.audio is None:
+        return AUDIO_MIN * clips
+    return (max(AUDIO_MIN, rule.audio) if rule.audio_default else rule.audio) * clips
+
+
 def audio_tokens(audio: Any) -> int:
     data = audio.get("data") if isinstance(audio, dict) else None
     kb = len(data) * 3 // 4 // 1024 if isinstance(data, str) else 0

@@ -234,6 +234,11 @@ async def relay_stream(
             call.record.error_class = "upstream_error"
         else:
             await events.flush()
+            if (cut := events.cut()) is not None:
+                # The client's format ended it as cut (an Anthropic client's chat answer without
+                # its finish_reason before `[DONE]`): recorded and blamed as any cut stream.
+                upstream_broke, completed = True, False
+                call.record.outcome, call.record.error_class = "stream_interrupted", cut
         if answer.before_end is not None:  # what the stream gave the caller, recorded before its end
             await answer.before_end()
         await out.write_eof()
@@ -395,6 +400,12 @@ class _Events:
         """Ends the stream with `events` of ours (whole), dropping whatever unfinished event was held back."""
         self._guard.drop()
         await self.send(events)
+
+    def cut(self) -> str | None:
+        """Why the client's encoder ended as cut a stream the upstream ended cleanly (an error
+        class; the error event has gone), else None."""
+        cut: str | None = getattr(self._encode, "cut", None)
+        return cut
 
     async def flush(self) -> None:
         """Sends the stream's last event, held back for want of its blank line."""

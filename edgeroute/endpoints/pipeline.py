@@ -46,6 +46,7 @@ from edgeroute.openai_api import (
     route_shadow,
     servable,
     unreadable_first,
+    with_stored,
 )
 from edgeroute.outcome import Outcome
 from edgeroute.ready_response import ReadyResponse
@@ -63,9 +64,6 @@ class Stored:
     tokens: int = 0  # sizes known (a conversation's input and output tokens as billed)
     unknown: int = 0  # references of unknown size: each taken to fill the context window
 
-
-# A reference of unknown size where no deployment of the route has a context window configured.
-UNKNOWN_STORED_TOKENS = 128_000
 
 # Makes the dispatch of a checked request over the decision's deployments, in the endpoint's
 # format: (live, decision, routing body the decision was made on, record, timeouts, max attempts).
@@ -182,32 +180,12 @@ async def _with_ids(parsed: Parsed, decision: _core.Decision) -> int | None:
     return min(await asyncio.to_thread(parsed.count, decision.encoding), _U32)
 
 
-def _window(live: Live, decision: _core.Decision) -> int:
-    """The smallest context window configured among the deployments the decision may use (0: none)."""
-    windows = [w for i in decision.order if (w := live.deployments[i].context_window) > 0]
-    return min(windows, default=0)
-
-
 async def _with_stored(
     live: Live, body: bytes, route_body: bytes, request: web.Request, decision: _core.Decision, stored: Stored
 ) -> _core.Decision:
-    """The decision again, its prompt counted with the stored state the request names (`Stored`):
-    the request's own tokens exactly, plus the sizes known; a reference of unknown size takes
-    the prompt to the context window (no more can be billed as prompt), else adds
-    `UNKNOWN_STORED_TOKENS`. Within a configured window, the total never passes it: a provider
-    that truncates a long conversation bills no more."""
-    own = decision.prompt_tokens
-    if not decision.tokens_exact:
-        own = await asyncio.to_thread(live.router.count_prompt, route_body)
-    room = (window := _window(live, decision)) - (decision.max_tokens or 0)
-    total = own + stored.tokens
-    if window:
-        total = min(total, max(room, own))
-        if stored.unknown:
-            total = max(total, room)
-    else:
-        total += stored.unknown * UNKNOWN_STORED_TOKENS
-    return await decide_soon(live, body, request, prompt_tokens=min(total, _U32))
+    """The decision again, its prompt counted with the stored state the request names (`Stored`,
+    see `with_stored`)."""
+    return await with_stored(live, body, route_body, request, decision, stored.tokens, stored.unknown)
 
 
 def policy_body(route_body: bytes, sent: bytes) -> bytes:

@@ -12,7 +12,11 @@ provoke is set per server (:class:`MockOptions`) or per request with headers:
 A request asking for audio (`modalities: ["text", "audio"]`) is answered with spoken audio
 kept under an id (`message.audio`, a stream's `delta.audio`); a later request naming that id
 in an assistant message (`"audio": {"id": ...}`) is answered with what the audio said, as a
-model hearing it again would; an id the mock never gave is OpenAI's 400.
+model hearing it again would; an id the mock never gave is OpenAI's 400. Its usage counts the
+audio as OpenAI's does: a spoken answer's clip (`audio_tokens_per_word` a word of its
+transcript) among its completion tokens (`completion_tokens_details.audio_tokens`), and the
+clip again among the prompt tokens (`prompt_tokens_details.audio_tokens`) each time a
+request names it.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class MockOptions:
     record: bool = False
     # The transcript of each audio answer, by its id (the provider's store of spoken answers).
     audio: dict[str, str] = field(default_factory=dict)
+    # A spoken answer's audio tokens a word of its transcript (OpenAI: ~20 a second of speech).
+    audio_tokens_per_word: int = 8
 
 
 def openai_error(status: int, message: str, *, param: str | None = None) -> web.Response:
@@ -133,9 +139,10 @@ def prediction_words(body: dict[str, Any]) -> list[str]:
     return content.split() if isinstance(content, str) else []
 
 
-def _heard(body: dict[str, Any], opts: MockOptions) -> str | web.Response | None:
-    """What the audio named in the request's messages said (None: none named), or OpenAI's
-    error for an id the provider does not keep."""
+def _heard(body: dict[str, Any], opts: MockOptions) -> tuple[str, int] | web.Response | None:
+    """What the audio named in the request's messages said and its audio tokens, each
+    reference read (and billed) again (None: none named), or OpenAI's error for an id the
+    provider does not keep."""
     said = []
     for m in body["messages"]:
         audio = m.get("audio") if isinstance(m, dict) else None
@@ -143,7 +150,11 @@ def _heard(body: dict[str, Any], opts: MockOptions) -> str | web.Response | None
             if audio["id"] not in opts.audio:
                 return openai_error(400, f"Audio with id '{audio['id']}' not found.", param="messages")
             said.append(opts.audio[audio["id"]])
-    return " ".join(said) if said else None
+    return (" ".join(said), sum(_clip_tokens(opts, t) for t in said)) if said else None
+
+
+def _clip_tokens(opts: MockOptions, transcript: str) -> int:
+    return max(1, len(transcript.split())) * opts.audio_tokens_per_word
 
 
 def _spoken(opts: MockOptions, transcript: str) -> dict[str, Any]:
@@ -153,17 +164,18 @@ def _spoken(opts: MockOptions, transcript: str) -> dict[str, Any]:
     return {"id": aid, "data": "UklGRg==", "transcript": transcript, "expires_at": int(time.time()) + 3600}
 
 
-def usage(prompt: int, completion: int, rejected: int = 0) -> dict[str, Any]:
+def usage(prompt: int, completion: int, rejected: int = 0, heard: int = 0, spoke: int = 0) -> dict[str, Any]:
     """`rejected`: the prediction's tokens the answer did not use, which OpenAI counts in
-    `completion_tokens` (and bills) too."""
+    `completion_tokens` (and bills) too; `heard`, `spoke`: the audio tokens among the prompt's
+    and the completion's."""
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": heard},
         "completion_tokens_details": {
             "reasoning_tokens": 0,
-            "audio_tokens": 0,
+            "audio_tokens": spoke,
             "accepted_prediction_tokens": 0,
             "rejected_prediction_tokens": rejected,
         },
@@ -194,9 +206,11 @@ def completion_body(
     call: dict[str, Any] | None = None,
     rejected: int = 0,
     audio: dict[str, Any] | None = None,
+    heard: int = 0,
+    spoke: int = 0,
 ) -> bytes:
     """A non-streaming `chat.completion` object, serialised (`audio`: its spoken answer, whose
-    transcript is then its content)."""
+    transcript is then its content; `heard`, `spoke`: the audio tokens of its usage)."""
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None, "annotations": []}
     if call:
         message["tool_calls"] = [call]
@@ -209,7 +223,7 @@ def completion_body(
             "created": created,
             "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, completion_tokens, rejected),
+            "usage": usage(prompt_tokens, completion_tokens, rejected, heard, spoke),
             "service_tier": "default",
             "system_fingerprint": "fp_mock",
         }
@@ -241,9 +255,11 @@ def chunk_event(
     return _sse(c)
 
 
-def usage_event(base: dict[str, Any], prompt_tokens: int, completion_tokens: int, rejected: int = 0) -> bytes:
+def usage_event(
+    base: dict[str, Any], prompt_tokens: int, completion_tokens: int, rejected: int = 0, heard: int = 0, spoke: int = 0
+) -> bytes:
     """The final usage-only chunk sent when `stream_options.include_usage` is set."""
-    return _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, rejected)})
+    return _sse({**base, "choices": [], "usage": usage(prompt_tokens, completion_tokens, rejected, heard, spoke)})
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -276,11 +292,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     heard = _heard(body, opts)
     if isinstance(heard, web.Response):
         return heard
-    prompt_tokens = 3 + 4 * len(body["messages"]) + count_words(body["messages"])
+    heard_tokens = heard[1] if heard is not None else 0  # each clip named is read again: prompt
+    prompt_tokens = 3 + 4 * len(body["messages"]) + count_words(body["messages"]) + heard_tokens
     call = tool_call_for(body)
     text = None if call else reply_text(body, opts, request.headers.get("x-mock-content"))
     if heard is not None and call is None:
-        text = f"The audio said: {heard}"
+        text = f"The audio said: {heard[0]}"
     speaks = "audio" in (body.get("modalities") or ()) and call is None
     pieces = text.split(" ") if text is not None else []
     completion_tokens = len(pieces) if call is None else 12
@@ -295,13 +312,27 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     predicted = prediction_words(body)
     rejected = len(predicted) - len(set(predicted) & set(pieces)) if predicted else 0
     completion_tokens += rejected
+    # The spoken clip is among the completion tokens, as its audio tokens.
+    spoke = _clip_tokens(opts, " ".join(pieces)) if speaks else 0
+    completion_tokens += spoke
 
     if not body.get("stream"):
         content = " ".join(pieces) if call is None else None
         audio = _spoken(opts, content or "") if speaks else None
         return web.Response(
             body=completion_body(
-                cid, created, model, content, finish, prompt_tokens, completion_tokens, call, rejected, audio
+                cid,
+                created,
+                model,
+                content,
+                finish,
+                prompt_tokens,
+                completion_tokens,
+                call,
+                rejected,
+                audio,
+                heard_tokens,
+                spoke,
             ),
             content_type="application/json",
         )
@@ -342,7 +373,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await out.write(chunk({"content": piece if i == 0 else " " + piece}))
     await out.write(chunk({}, finish))
     if include_usage:
-        await out.write(usage_event(base, prompt_tokens, completion_tokens, rejected))
+        await out.write(usage_event(base, prompt_tokens, completion_tokens, rejected, heard_tokens, spoke))
     await out.write(DONE_EVENT)
     await out.write_eof()
     return out

@@ -180,6 +180,9 @@ async def test_careless_upstream_messages_unreadable_first_chunk_ends_in_an_erro
         assert "could not read" in str(err.value)
     await settled(proxy)
     assert proxy.recorder.count == 1
+    # Recorded as the upstream's broken stream it is (it was `ok`: the relay saw a clean `[DONE]`).
+    rec = proxy.recorder.records[0]
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_protocol_error")
 
 
 async def test_careless_upstream_messages_unreadable_usage_chunk_still_ends_the_stream(
