@@ -43,6 +43,7 @@ class _Upstream:
     def __init__(self) -> None:
         self.first_s = 0.0
         self.broken = False
+        self.heavy_s = 0.0  # a prompt marked `heavy` (long, hard) waits this long for its first token
 
     def route(self) -> web.RouteDef:
         return web.post("/v1/chat/completions", self.generate)
@@ -52,7 +53,7 @@ class _Upstream:
         n = int(body.get("max_tokens") or 8)
         if self.broken or "poison" in str(body["messages"]):
             return web.json_response({"error": {"message": "down", "type": "server_error"}}, status=500)
-        await asyncio.sleep(self.first_s)
+        await asyncio.sleep(self.first_s + (self.heavy_s if "heavy" in str(body["messages"]) else 0.0))
         usage = {"prompt_tokens": 5, "completion_tokens": n, "total_tokens": n + 5}
         if not body.get("stream"):
             await asyncio.sleep(n * MS_PER_TOKEN)
@@ -145,6 +146,8 @@ async def gateway(start_proxy: Any, serve_routes: ServeRoutes, request: pytest.F
 
 
 LATENCY = {"name": "slow", "kind": "latency_p95", "threshold": THRESHOLD_MS}
+FIRST_TOKEN = {"name": "slow", "kind": "ttft_p95", "threshold": THRESHOLD_MS}
+HEAVY: Any = [{"role": "user", "content": "heavy: a prompt this deployment is slow on"}]
 ERRORS = {"name": "dep-errors", "kind": "error_rate", "threshold": 0.2}
 
 
@@ -179,6 +182,35 @@ async def test_long_generations_of_one_team_do_not_fire_the_latency_alert(gatewa
     alert = await eventually(lambda: gw.firing("slow"), "the slow first token's alert", within=5)
     assert alert["subject"] == "d" and alert["value"] >= 400, alert
     assert f"p95 latency {alert['value']:.0f} ms (first token" in alert["message"], alert
+
+
+@pytest.mark.parametrize("gateway", [LATENCY, FIRST_TOKEN], indirect=True)
+async def test_one_teams_slow_prompts_do_not_fire_the_latency_alert(gateway: Any) -> None:
+    """Beta's prompts are slow to answer (0.6 s to a first token, short answers): the alert judged
+    its answers with alpha's and fired for a deployment that answers alpha in milliseconds."""
+    upstream, gw = gateway
+    upstream.heavy_s = 0.6
+    _, alpha = await gw.key("alpha-app", "alpha")
+    _, beta = await gw.key("beta-app", "beta")
+
+    async def short_stream(client: openai.AsyncOpenAI, messages: Any = HI) -> None:
+        stream = await client.chat.completions.create(model="m", messages=messages, max_tokens=4, stream=True)
+        async for _ in stream:
+            pass
+
+    for _ in range(10):
+        await short_stream(alpha)
+    await asyncio.gather(*(short_stream(beta, HEAVY) for _ in range(8)))
+    # Beta's whole answers too, where the rule judges them (short ones).
+    await asyncio.gather(*(beta.chat.completions.create(model="m", messages=HEAVY, max_tokens=4) for _ in range(4)))
+    await gw.stays_quiet("slow")
+
+    # The deployment becomes slow for everyone: that fires, judged whole.
+    upstream.first_s = 0.4
+    await asyncio.gather(*(short_stream(c) for c in (alpha, beta) * 5))
+    alert = await eventually(lambda: gw.firing("slow"), "the slow deployment's alert", within=5)
+    assert alert["subject"] == "d" and alert["value"] >= 400, alert
+    assert "set aside" not in alert["message"], alert
 
 
 @pytest.mark.parametrize("gateway", [ERRORS], indirect=True)
@@ -252,3 +284,31 @@ async def test_the_resolved_message_says_whose_failures_were_set_aside() -> None
     engine.evaluate(cfg, live, window, (), later + 1)
     assert not engine.firing and engine.recent[0].value == 0.0
     assert "team beta: 10 failed of 10 attempts set aside, the others served well" in engine.recent[0].message
+
+
+def _timed(team: str, ms: float, t: float) -> RequestRecord:
+    r = RequestRecord("req", t, "m", route="m", status=200, team=team, stream=True)
+    r.attempts.append(AttemptRecord("d-a", "p", "success", 200, ms, ttft_ms=ms))
+    return r
+
+
+async def test_the_resolved_latency_message_says_whose_slow_answers_were_set_aside() -> None:
+    """A slow deployment fires; once only one team's answers are slow (here the team floods:
+    far more answers than the others, which the shared reservoir would have crowded out), the
+    alert resolves at the others' p95 and its message says that team's answers were set aside."""
+    from tests.test_telemetry_alert_rules import T0, _live
+
+    rule = {"name": "slow", "kind": "latency_p95", "threshold": 300, "window_s": 10, "min_requests": 5}
+    live, cfg = _live({"cooldown_s": 0, "rules": [rule]})
+    engine, window = AlertEngine(Notifier()), Window()
+    for team in ("alpha", "beta") * 5:
+        window.add(_timed(team, 900.0, T0), T0)
+    engine.evaluate(cfg, live, window, (), T0 + 1)
+    (alert,) = engine.firing.values()
+    assert alert.value == 900.0 and "set aside" not in alert.message
+    later = T0 + 20
+    for ms, team in [(40.0, "alpha")] * 10 + [(900.0, "beta")] * 2000:
+        window.add(_timed(team, ms, later), later)
+    engine.evaluate(cfg, live, window, (), later + 1)
+    assert not engine.firing and engine.recent[0].value == 40.0, engine.recent[0]
+    assert "team beta: 2000 of 2000 answers over the threshold set aside" in engine.recent[0].message

@@ -229,6 +229,7 @@ class _Statements:
     spend: str
     attempts: str
     requests: str
+    holdings: str  # the requests' counts by tenant (`requestlog.store.held`)
     journal: str
     outcomes: dict[str, str]
     # The batch's rollup rows, added in by these (in order; the first takes the rows).
@@ -247,6 +248,7 @@ class _Statements:
             _insert("spend", COLUMNS, mark, "row_id"),
             _insert("spend_attempts", ATTEMPT_COLUMNS, mark, "row_id, n"),
             requestlog_store.insert_sql(mark),
+            requestlog_store.holdings_sql(mark, dialect),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
             requestlog_outcomes.insert_sql(mark),
             tuple(rollup.batch_sql(mark, dialect)),
@@ -299,6 +301,8 @@ class _Statements:
             (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal),
         ):  # fmt: skip
             self._insert(cur, sql, rows, rest)
+        if b.requests:
+            self._insert(cur, self.holdings, requestlog_store.held(b.requests), rest)
         for table, rows in requestlog_outcomes.group(b.outcomes).items():
             cur.executemany(self.outcomes[table], rows)
         if b.rollup:
@@ -361,6 +365,9 @@ class SqliteBackend:
         for old in RETIRED_INDEXES:
             self._conn.execute(f"DROP INDEX IF EXISTS {old}")
         self._conn.execute(rollup.SPREAD_SCHEMA)
+        self._conn.commit()
+        self._conn.execute("BEGIN IMMEDIATE")  # no other worker's rows between the count and its triggers
+        requestlog_store.count_holdings(self._conn.execute, "sqlite")
         self._conn.commit()
         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         # SQLite before 3.32 binds at most 999 values a statement (a rollup row has 210)
@@ -484,6 +491,7 @@ class PostgresBackend:
                     self._conn.execute(f"ALTER TABLE {table} {widen}")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
+            requestlog_store.count_holdings(self._conn.execute, "postgres")
             self._conn.execute(_STAGE)
         self._retire_indexes()
         with self._conn.transaction():  # after the schema's statements, which may rewrite a table

@@ -30,7 +30,9 @@ class RequestLog(BaseModel):
 
     enabled: bool = True
     retention_days: float = Field(30.0, gt=0, le=3660)
-    # SQLite only: past this size the oldest request records go first (the spend ledger stays).
+    # Past this size the oldest records of the tenant holding the most go first (the spend
+    # ledger stays): SQLite's database file; PostgreSQL's request log as `request_holdings`
+    # counts it, and only where the config writes it (`requestlog.store.capped`).
     max_db_mb: float | None = Field(1024.0, gt=0)
     log_content: LogContent = "none"
     content_models: dict[str, LogContent] = {}

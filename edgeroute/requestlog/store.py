@@ -2,9 +2,18 @@
 
 The ledger's writer (`cost.ledger`) writes them in the same transactions as the spend
 rows, so one place owns batching and a crash loses the same last interval of both.
-Retention runs in that writer thread too: rows older than `retention_days` go, and with
-SQLite the oldest request rows go first once the database passes `max_db_mb` (the spend
-rows, which are money, are never pruned).
+Retention runs in that writer thread too: rows older than `retention_days` go, and past
+`max_db_mb` (SQLite: the database's size; PostgreSQL, where it is written in the config: the
+request log's own, as `request_holdings` counts it) the oldest rows of the tenant holding the
+most go first: a team, else a key without one, else the keyless clients. One key's flood takes
+its own history, not every team's (the spend rows, which are money, are never pruned).
+
+`request_holdings` keeps each tenant's rows and bytes (content and detail text, plus `ROW_BYTES`
+a row), counted in the transaction that inserts or deletes them (the writer's batch; a trigger), so
+that choosing whose rows go reads a table of tenants, never the requests. On PostgreSQL each
+writer session counts into rows of its own (`writer`: its application_name), so instances
+sharing the database never wait on each other's counts; rows of writers gone are folded into a
+live writer's once a minute.
 """
 
 from __future__ import annotations
@@ -12,8 +21,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from edgeroute.requestlog import outcomes, rollup, rows
 from edgeroute.requestlog.settings import RequestLog
@@ -79,6 +88,112 @@ def schema(dialect: str) -> list[str]:
     ]
 
 
+# What a request row holds beside its text columns, in its table and six indexes (SQLite: 1,000
+# small rows took ~420 KB): a flood of small rows weighs too, not only one of large content.
+ROW_BYTES = 400
+HOLDINGS = "request_holdings"
+_TENANT = (
+    "CASE WHEN {r}.team IS NOT NULL THEN 't:' || {r}.team"
+    " WHEN {r}.key_id IS NOT NULL THEN 'k:' || {r}.key_id ELSE '' END"
+)
+_WEIGHT = f"COALESCE(length({{r}}.content), 0) + length({{r}}.detail) + {ROW_BYTES}"
+_ADD = f"n = {HOLDINGS}.n + excluded.n, bytes = {HOLDINGS}.bytes + excluded.bytes"
+# Who counts: SQLite has one writer at a time (its lock); each PostgreSQL writer session its own.
+_SQLITE_WRITER = "''"
+_PG_WRITER = "current_setting('application_name')"
+_TEAM, _KEY, _DETAIL, _CONTENT = (rows.COLUMNS.index(c) for c in ("team", "key_id", "detail", "content"))
+
+
+def holdings_sql(mark: str, dialect: str) -> str:
+    """The upsert of a batch's counts (`held`'s rows) into the writer's holdings."""
+    writer = _SQLITE_WRITER if dialect == "sqlite" else _PG_WRITER
+    return (
+        f"INSERT INTO {HOLDINGS} (tenant, writer, n, bytes) VALUES ({mark}, {writer}, {mark}, {mark})"
+        f" ON CONFLICT (tenant, writer) DO UPDATE SET {_ADD}"
+    )
+
+
+def held(batch: Sequence[tuple[Any, ...]]) -> list[tuple[str, int, int]]:
+    """A batch's request rows counted by tenant, as `_TENANT` and `_WEIGHT` count them: the
+    writer adds them in the transaction that inserts the rows (one upsert a tenant; a trigger
+    a row cost SQLite's writer 3-5 µs a record, PostgreSQL 24), in the tenants' order."""
+    out: dict[str, list[int]] = {}
+    for r in batch:
+        team, key = r[_TEAM], r[_KEY]
+        tenant = f"t:{team}" if team is not None else f"k:{key}" if key is not None else ""
+        c = out.get(tenant)
+        if c is None:
+            c = out[tenant] = [0, 0]
+        c[0] += 1
+        c[1] += len(r[_CONTENT] or "") + len(r[_DETAIL]) + ROW_BYTES
+    return [(t, n, b) for t, (n, b) in sorted(out.items())]
+
+
+def holdings_schema(dialect: str) -> list[str]:
+    """The holdings table, its delete trigger and its fill from the rows already kept
+    (`count_holdings`). Rows deleted are counted by the trigger, whichever statement deletes
+    them (PostgreSQL: once a statement, from its transition table)."""
+    table = (
+        f"CREATE TABLE IF NOT EXISTS {HOLDINGS} (tenant TEXT NOT NULL, writer TEXT NOT NULL,"
+        " n BIGINT NOT NULL, bytes BIGINT NOT NULL, PRIMARY KEY (tenant, writer))"
+    )
+    # PostgreSQL: the fill's counts as a writer gone, folded into a live one's at the next prune.
+    filler = _SQLITE_WRITER if dialect == "sqlite" else "'edgeroute-holdings-fill'"
+    fill = (
+        f"INSERT INTO {HOLDINGS} (tenant, writer, n, bytes) SELECT {_TENANT.format(r='r')}, {filler}, count(*),"
+        f" sum({_WEIGHT.format(r='r')}) FROM requests r GROUP BY 1"
+    )
+    if dialect == "sqlite":
+        tenant, weight = _TENANT.format(r="OLD"), _WEIGHT.format(r="OLD")
+        let_go = (
+            f"CREATE TRIGGER IF NOT EXISTS requests_let_go AFTER DELETE ON requests BEGIN"
+            f" INSERT INTO {HOLDINGS} (tenant, writer, n, bytes) VALUES ({tenant}, {filler}, -1, -({weight}))"
+            f" ON CONFLICT (tenant, writer) DO UPDATE SET {_ADD}; END"
+        )
+        return [table, let_go, fill]
+    return [
+        table,
+        f"""CREATE OR REPLACE FUNCTION request_holdings_let_go() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {HOLDINGS} (tenant, writer, n, bytes)
+    SELECT {_TENANT.format(r="g")}, {_PG_WRITER}, -count(*), -sum({_WEIGHT.format(r="g")})
+    FROM gone g GROUP BY 1 ORDER BY 1
+    ON CONFLICT (tenant, writer) DO UPDATE SET {_ADD};
+    RETURN NULL;
+END $$""",
+        "CREATE TRIGGER requests_let_go AFTER DELETE ON requests REFERENCING OLD TABLE AS gone"
+        " FOR EACH STATEMENT EXECUTE FUNCTION request_holdings_let_go()",
+        fill,
+    ]
+
+
+def count_holdings(execute: Callable[[str], Any], dialect: str) -> None:
+    """Makes `request_holdings` where the database has none (a new one, or an earlier release's,
+    whose rows it counts once: a scan of the request log, ~1 s a million rows), inside the
+    caller's transaction, which must keep other writers out until it ends (SQLite: BEGIN
+    IMMEDIATE; PostgreSQL: CREATE TRIGGER locks `requests` against writes), so that no row is
+    counted twice or never."""
+    probe = (
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{HOLDINGS}'"
+        if dialect == "sqlite"
+        else f"SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = '{HOLDINGS}'"
+    )
+    if execute(probe).fetchone()[0]:
+        return
+    for stmt in holdings_schema(dialect):
+        execute(stmt)
+
+
+# PostgreSQL: the counts of writer sessions no longer connected, folded into this session's.
+_FOLD = f"""WITH gone AS (
+    DELETE FROM {HOLDINGS} WHERE writer <> {_PG_WRITER}
+        AND writer NOT IN (SELECT application_name FROM pg_stat_activity WHERE application_name IS NOT NULL)
+    RETURNING tenant, n, bytes)
+INSERT INTO {HOLDINGS} (tenant, writer, n, bytes)
+SELECT tenant, {_PG_WRITER}, sum(n), sum(bytes) FROM gone GROUP BY tenant ORDER BY tenant
+ON CONFLICT (tenant, writer) DO UPDATE SET {_ADD}"""
+
+
 def insert_sql(mark: str) -> str:
     cols = ", ".join(rows.COLUMNS)
     return f"INSERT INTO requests ({cols}) VALUES ({', '.join([mark] * len(rows.COLUMNS))}) ON CONFLICT (id) DO NOTHING"
@@ -92,6 +207,8 @@ class Maintained(Protocol):
         ...
 
     def scalar(self, sql: str) -> int: ...
+
+    def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]: ...
 
 
 def _no_rest() -> None:
@@ -120,9 +237,18 @@ def prune_some(
         rest()
         if n < chunk:
             break
-    if db.dialect == "sqlite" and cfg.max_db_mb is not None and left > 0:
-        deleted += _cap(db, cfg.max_db_mb * 1024 * 1024, left, rest)
+    if left > 0 and (cap := capped(db.dialect, cfg)) is not None:
+        deleted += _cap(db, cap, left, rest)
     return deleted
+
+
+def capped(dialect: str, cfg: RequestLog) -> float | None:
+    """The size bound in bytes, if any: on PostgreSQL only where the config writes `max_db_mb`
+    (the default bounds SQLite's file; a PostgreSQL request log of earlier releases had none,
+    and an upgrade must not start deleting it)."""
+    if cfg.max_db_mb is None or (dialect != "sqlite" and "max_db_mb" not in cfg.model_fields_set):
+        return None
+    return cfg.max_db_mb * 1024 * 1024
 
 
 def prune(
@@ -136,6 +262,10 @@ def prune(
     now = time.time() if now is None else now
     deleted = prune_some(db, cfg, budget, now, rest)
     outcomes.prune(db, now - cfg.retention_days * 86400)  # feedback and shadow rows: few, once a minute
+    if db.dialect != "sqlite":
+        db.execute(_FOLD)
+    writer = _SQLITE_WRITER if db.dialect == "sqlite" else _PG_WRITER  # its own: no other writer's lock
+    db.execute(f"DELETE FROM {HOLDINGS} WHERE n = 0 AND bytes = 0 AND writer = {writer}")  # nothing left
     # Rows wholly before the cutoff (a coarse row that straddles it stays until it does not),
     # one range of the primary key (dim, res, minute) at a time: a condition on `minute` alone
     # would scan the whole table every minute, holding up the writer.
@@ -152,16 +282,68 @@ def used_bytes(db: Maintained) -> int:
     return (db.scalar("PRAGMA page_count") - db.scalar("PRAGMA freelist_count")) * db.scalar("PRAGMA page_size")
 
 
+def held_bytes(db: Maintained) -> int:
+    """The request log's bytes as `request_holdings` counts them (every writer's)."""
+    return db.scalar(f"SELECT COALESCE(sum(bytes), 0) FROM {HOLDINGS}")
+
+
+def _over(db: Maintained, max_bytes: float) -> bool:
+    return (used_bytes(db) if db.dialect == "sqlite" else held_bytes(db)) > max_bytes
+
+
+def biggest(db: Maintained) -> str | None:
+    """The tenant holding the most bytes of the request log (`_TENANT`'s form), if any."""
+    rows = db.query(
+        f"SELECT tenant FROM {HOLDINGS} GROUP BY tenant HAVING sum(n) > 0 ORDER BY sum(bytes) DESC, tenant LIMIT 1", ()
+    )
+    return str(rows[0][0]) if rows else None
+
+
+# The keyless clients' rows have no index of their own (a keyless gateway's every record would
+# pay for one): they are found by time, from where the last chunk of theirs ended (per database),
+# not from the oldest row each time past every keyed row older than theirs.
+_keyless_from: dict[int, float] = {}
+
+
+def _oldest_of(db: Maintained, tenant: str, chunk: int) -> tuple[str, tuple[object, ...]]:
+    """The query of a tenant's `chunk` oldest rows (ids), each served by an index: the team's,
+    the key's, or (the keyless clients) the rows by time."""
+    if tenant.startswith("t:"):
+        return "SELECT id FROM requests WHERE team = ? ORDER BY ts LIMIT ?", (tenant[2:], chunk)
+    if tenant.startswith("k:"):
+        return "SELECT id FROM requests WHERE key_id = ? AND team IS NULL ORDER BY ts LIMIT ?", (tenant[2:], chunk)
+    keyless = "key_id IS NULL AND team IS NULL AND ts >= ?"
+    oldest = f"SELECT id FROM requests WHERE {keyless} ORDER BY ts LIMIT ?"
+    for start in dict.fromkeys((_keyless_from.get(id(db), 0.0), 0.0)):  # from 0 again: late rows
+        last = db.query(
+            f"SELECT max(ts) FROM (SELECT ts FROM requests WHERE {keyless} ORDER BY ts LIMIT ?) t", (start, chunk)
+        )
+        if last and last[0][0] is not None:
+            _keyless_from[id(db)] = float(last[0][0])
+            return oldest, (start, chunk)
+    _keyless_from.pop(id(db), None)
+    return oldest, (0.0, chunk)
+
+
 def _cap(db: Maintained, max_bytes: float, budget: int, rest: Callable[[], None]) -> int:
-    deleted = 0
-    while deleted < budget and used_bytes(db) > max_bytes:
-        # A chunk of the oldest at a time, measured again after each: the size falls by less
-        # than the rows dropped (freed pages are kept for reuse), so it cannot be computed.
-        chunk = min(_PRUNE_CHUNK, budget - deleted)
-        n = db.execute("DELETE FROM requests WHERE id IN (SELECT id FROM requests ORDER BY ts LIMIT ?)", (chunk,))
-        if n == 0:
+    deleted = idle = 0
+    while deleted < budget and idle < 3 and _over(db, max_bytes):
+        # A chunk of the biggest tenant's oldest at a time, measured again after each: SQLite's
+        # size falls by less than the rows dropped (freed pages are kept for reuse), and the
+        # biggest tenant changes as its rows go (down to the next one's share).
+        tenant = biggest(db)
+        if tenant is None:
             log.warning("request log: the database is over max_db_mb with no request rows left to drop")
             break
+        chunk = min(_PRUNE_CHUNK, budget - deleted)
+        oldest, params = _oldest_of(db, tenant, chunk)
+        n = db.execute(f"DELETE FROM requests WHERE id IN ({oldest})", params)
+        idle = 0 if n else idle + 1
+        if n == 0 and not db.query(oldest, (*params[:-1], 1)):
+            # Its counts name rows it no longer has (a database edited by hand): forget them. With
+            # rows left, another instance deleted the same chunk first: the next round goes on.
+            log.warning("request log: the holdings of %s named rows it no longer has; recounted", tenant)
+            db.execute(f"DELETE FROM {HOLDINGS} WHERE tenant = ?", (tenant,))
         deleted += n
         rest()
     return deleted

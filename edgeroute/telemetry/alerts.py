@@ -24,8 +24,11 @@ guard's rule, `governance.guard`): `latency_p95` is over streams' times to first
 whole answers of at most `FEW_TOKENS` output tokens (a long generation takes as long as its
 client asked); `error_rate` sets aside the sender (team, else key) with most failures when the
 other senders' attempts are enough (`min_requests`) and fail at most at the threshold, and says
-so in the message. Positive evidence only, as the circuit: with one sender, or when the others
-fail too, the whole rate is judged. A firing alert's message is rebuilt with its value.
+so in the message; `latency_p95` and `ttft_p95` likewise set aside the sender with most answers
+over the threshold when the others' answers are enough and their p95 is within it (a team whose
+long prompts or own requests are slow). Positive evidence only, as the circuit: with one sender,
+or when the others fail or are slow too, the whole rate or p95 is judged. A firing alert's
+message is rebuilt with its value.
 """
 
 from __future__ import annotations
@@ -45,7 +48,16 @@ from edgeroute.state import Live
 from edgeroute.telemetry.alert_claims import INSTANCE, AlertClaims, Transition
 from edgeroute.telemetry.notify import Notification, Notifier
 from edgeroute.telemetry.settings import AlertRule, Alerts
-from edgeroute.telemetry.window import KEYLESS, DeploymentStats, Window, by_deployment, percentile
+from edgeroute.telemetry.window import (
+    KEYLESS,
+    DeploymentStats,
+    Slot,
+    Window,
+    by_deployment,
+    judged_by_sender,
+    percentile,
+    weighted_percentile,
+)
 
 RECENT = 200  # resolved alerts kept for `GET /admin/alerts`
 _ids = itertools.count(1)
@@ -114,6 +126,30 @@ def _error_rate(rule: AlertRule, st: DeploymentStats | None) -> tuple[float | No
     return rate, f"{who}: {failed} failed of {sent} attempts set aside, the others served well"
 
 
+def _latency(rule: AlertRule, st: DeploymentStats | None, slots: list[Slot], name: str) -> tuple[float | None, str]:
+    """A deployment's p95 (first tokens, and short answers for `latency_p95`), without the
+    sender with most answers over the threshold when the others' are enough and within it."""
+    first_token_only = rule.kind == "ttft_p95"
+    samples = (st.ttfts_ms if first_token_only else st.judged_ms()) if st else []
+    if len(samples) < rule.min_requests:
+        return None, ""
+    whole = percentile(samples, 0.95)
+    if whole is None or whole <= rule.threshold:
+        return whole, ""
+    senders = judged_by_sender(slots, name, first_token_only)
+    if senders is None or len(senders) < 2:
+        return whole, ""
+    worst = max(senders, key=lambda s: senders[s].over(rule.threshold))
+    others = [w for s, w in senders.items() if s != worst]
+    left = sum(w.answers for w in others)
+    p95 = weighted_percentile(others, 0.95)
+    if p95 is None or left < rule.min_requests or p95 > rule.threshold:
+        return whole, ""
+    who = redact.text(worst) if worst != KEYLESS else "the keyless clients"
+    slow, answered = senders[worst].over(rule.threshold), senders[worst].answers
+    return p95, f"{who}: {slow:.0f} of {answered:.0f} answers over the threshold set aside, the others served fast"
+
+
 # Kinds that are a state (1 while it holds) rather than a measure over a threshold.
 _STATE_KINDS = frozenset({"circuit_open", "secret_refresh_failed"})
 # What every worker of a server measures alike (see the module's doc).
@@ -164,8 +200,7 @@ class AlertEngine:
                 if kind == "error_rate":
                     yield d.name, *_error_rate(rule, st)
                 else:
-                    samples = (st.judged_ms() if kind == "latency_p95" else st.ttfts_ms) if st else []
-                    yield d.name, percentile(samples, 0.95) if len(samples) >= rule.min_requests else None, ""
+                    yield d.name, *_latency(rule, st, slots, d.name)
             return
         requests = sum(s.requests for s in slots)
         if kind == "spend_per_hour":

@@ -9,7 +9,9 @@ What the alerts judge is the deployment's doing, not a client's choice (the roll
 rule, `governance.guard`): latency by a stream's time to first token or a whole answer's with
 few output tokens (a long generation takes as long as its client asked), and attempts and
 failures by sender (the team, else the key, as the circuit tells them apart), so that one
-sender's failures can be set aside while the others are served well.
+sender's failures can be set aside while the others are served well. The judged latencies
+are also kept by sender (a small reservoir each, with how many it stands for), so that the
+sender with most slow answers can be set aside when the others' answers are fast.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ _NEUTRAL = frozenset({"cancelled", "client_error"})
 # totals alone (never set aside: that errs towards alerting).
 _SENDERS = 64
 KEYLESS = ""  # the sender of requests without a key: the keyless clients are one
+# Judged latencies kept per sender, slot and deployment (each weighs the answers it stands for):
+# a flooding sender cannot crowd the others' samples out of the window, as it would of one
+# shared reservoir; 64 senders at most, 2 x 32 doubles each.
+_SENDER_SAMPLES = 32
+
+
+@dataclass(slots=True)
+class SenderTimes:
+    """One sender's judged latencies in one slot: streams' first tokens and short answers."""
+
+    ttfts_ms: array[float] = field(default_factory=lambda: array("d"))
+    short_ms: array[float] = field(default_factory=lambda: array("d"))
+    seen_ttft: int = 0
+    seen_short: int = 0
 
 
 @dataclass(slots=True)
@@ -51,6 +67,11 @@ class DeploymentStats:
     seen_short: int = 0
     sent_by: dict[str, int] = field(default_factory=dict)  # attempts by sender (`sender_of`)
     failed_by: dict[str, int] = field(default_factory=dict)
+    # Judged latencies by sender (of the senders `sent_by` counts), and how many of a sender
+    # past those were judged (kept in the shared reservoirs alone).
+    times_by: dict[str, SenderTimes] = field(default_factory=dict)
+    untold_ttft: int = 0
+    untold_short: int = 0
 
     @property
     def error_rate(self) -> float:
@@ -72,13 +93,13 @@ class Slot:
     deployments: dict[str, DeploymentStats] = field(default_factory=dict)
 
 
-def _keep(samples: array[float], seen: int, value: float) -> None:
+def _keep(samples: array[float], seen: int, value: float, size: int = _SAMPLES) -> None:
     """Reservoir sampling: each of the `seen` values has the same chance to be kept."""
-    if len(samples) < _SAMPLES:
+    if len(samples) < size:
         samples.append(value)
     else:
         j = int(random.random() * seen)  # randrange's checks cost more than the rest of `add`
-        if j < _SAMPLES:
+        if j < size:
             samples[j] = value
 
 
@@ -139,9 +160,11 @@ class Window:
             if a.ttft_ms is not None:
                 d.seen_ttft += 1
                 _keep(d.ttfts_ms, d.seen_ttft, a.ttft_ms)
+                _by_sender(d, sender if counted else None, a.ttft_ms, first_token=True)
             elif short:
                 d.seen_short += 1
                 _keep(d.short_ms, d.seen_short, a.latency_ms)
+                _by_sender(d, sender if counted else None, a.latency_ms, first_token=False)
 
     def add_shed(self, shed_total: int, now: float) -> None:
         """Puts the requests shed since the last call into the current slot."""
@@ -150,6 +173,81 @@ class Window:
 
     def since(self, t: float) -> list[Slot]:
         return [s for s in self.slots if s.start + SLOT_S > t]
+
+
+def _by_sender(d: DeploymentStats, sender: str | None, ms: float, first_token: bool) -> None:
+    """Keeps a judged latency in its sender's reservoir (None: a sender past those counted apart)."""
+    if sender is None:
+        if first_token:
+            d.untold_ttft += 1
+        else:
+            d.untold_short += 1
+        return
+    t = d.times_by.get(sender)
+    if t is None:
+        t = d.times_by[sender] = SenderTimes()
+    if first_token:
+        t.seen_ttft += 1
+        _keep(t.ttfts_ms, t.seen_ttft, ms, _SENDER_SAMPLES)
+    else:
+        t.seen_short += 1
+        _keep(t.short_ms, t.seen_short, ms, _SENDER_SAMPLES)
+
+
+@dataclass(slots=True)
+class Weighted:
+    """A sender's judged latencies over a window, each with the number of answers it stands for."""
+
+    values: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    def add(self, samples: array[float], seen: int) -> None:
+        if samples:
+            self.values += samples
+            self.weights += [seen / len(samples)] * len(samples)
+
+    @property
+    def answers(self) -> float:
+        return sum(self.weights)
+
+    def over(self, bound: float) -> float:
+        """About how many of its answers took longer than `bound`."""
+        return sum(w for v, w in zip(self.values, self.weights, strict=True) if v > bound)
+
+
+def judged_by_sender(slots: list[Slot], deployment: str, first_token_only: bool) -> dict[str, Weighted] | None:
+    """A deployment's judged latencies over `slots` by sender (streams' first tokens, and short
+    answers unless `first_token_only`); None when some were of senders past those counted apart
+    (their answers cannot be told from the one set aside: nothing is)."""
+    out: dict[str, Weighted] = {}
+    for s in slots:
+        d = s.deployments.get(deployment)
+        if d is None:
+            continue
+        if d.untold_ttft or (d.untold_short and not first_token_only):
+            return None
+        for sender, t in d.times_by.items():
+            w = out.get(sender)
+            if w is None:
+                w = out[sender] = Weighted()
+            w.add(t.ttfts_ms, t.seen_ttft)
+            if not first_token_only:
+                w.add(t.short_ms, t.seen_short)
+    return {k: v for k, v in out.items() if v.values}
+
+
+def weighted_percentile(parts: list[Weighted], q: float) -> float | None:
+    """The `q` quantile of several senders' weighted latencies, by nearest rank."""
+    pairs = sorted((v, w) for p in parts for v, w in zip(p.values, p.weights, strict=True))
+    total = sum(w for _, w in pairs)
+    if not pairs:
+        return None
+    run = 0.0
+    for v, w in pairs:
+        run += w
+        if run >= q * total - 1e-9:
+            return v
+    return pairs[-1][0]
 
 
 def sender_of(team: str | None, key: str | None) -> str:
