@@ -78,6 +78,7 @@ def _config_option(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from edgeroute.config.checks import shared_state_notes
     from edgeroute.cost.prices import audio_unpriced
     from edgeroute.words import counted
 
@@ -107,7 +108,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "`audio_output_per_mtok` in its price",
             file=sys.stderr,
         )
-    for note in [*_content_notes(cfg), *_residency_notes(cfg)]:
+    for note in [*_content_notes(cfg), *_residency_notes(cfg), *shared_state_notes(cfg)]:
         print(f"note: {note}", file=sys.stderr)
     return 0
 

@@ -112,3 +112,42 @@ rules:
 def test_errors_without_a_place_still_name_the_file(tmp_path: Path, text: str) -> None:
     code, err = check(tmp_path, text)
     assert code == 1 and err.startswith("edge.yaml:") and "\n" in err
+
+
+SHARED_BUDGETS = (
+    HEAD
+    + """\
+shared_state: {redis_url: "redis://127.0.0.1:9/0"}
+budgets:
+  limits: [{name: day, scope: global, limit_usd: 5}]
+"""
+)
+
+
+def test_budgets_in_redis_beside_a_ledger_per_instance_are_noted(tmp_path: Path) -> None:
+    """A Redis restarted empty is filled from one instance's ledger: the others' spend is
+    forgotten (red3M F5). Valid, so `check` says OK, and notes it; a shared PostgreSQL
+    ledger holds every instance's spend, and is not noted."""
+    code, err = check(tmp_path, SHARED_BUDGETS)
+    assert code == 0, err
+    assert (
+        "note: shared_state with a sqlite ledger: after Redis restarts empty, budgets count this instance's"
+        " spend only, and the other instances' spend may be spent again; share one PostgreSQL ledger"
+    ) in err
+    shared_pg = SHARED_BUDGETS + "ledger: {backend: postgres, dsn: 'postgresql://u@127.0.0.1:9/db'}\n"
+    code, err = check(tmp_path, shared_pg)
+    assert code == 0 and "shared_state" not in err, err
+
+
+def test_serve_logs_the_note_on_budgets_in_redis_beside_a_ledger_per_instance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from edgeroute.server import create_app
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(SHARED_BUDGETS + f"ledger: {{backend: sqlite, path: {tmp_path / 'ledger.db'}}}\n")
+    with caplog.at_level("WARNING", logger="edgeroute.cost"):
+        create_app(config_mod.load(path), str(path))
+    assert any(
+        "after Redis restarts empty, budgets count this instance's spend only" in r.message for r in caplog.records
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edgeroute import secrets
 from edgeroute.config.prices import parse_hhmm
-from edgeroute.config.schema import Config, Model
+from edgeroute.config.schema import Config, Ledger, Model
 from edgeroute.config.tls import check_tls
 from edgeroute.telemetry import settings as telemetry_settings
 
@@ -286,6 +286,24 @@ def _cross_check_cost(cfg: Config) -> list[tuple[str, str]]:
         except secrets.SecretError as e:
             problems.append(("ledger.dsn", str(e)))
     return problems
+
+
+def shared_state_notes(cfg: Config) -> list[str]:
+    """What a valid config loses without saying (`check` prints it, `serve` logs it): budgets
+    shared through Redis beside a ledger of this instance's own. A Redis that restarts empty
+    is filled again from one instance's ledger: the others' spend is forgotten, and each
+    budget may be spent again (red3M F5: $3.28 spent against $2)."""
+    if cfg.shared_state is None or not (cfg.budgets.limits or cfg.governance.managed_keys):
+        return []
+    backend = (cfg.ledger or Ledger()).backend
+    if backend == "postgres":
+        return []
+    counted = "this instance's spend only" if backend == "sqlite" else "no spend at all (a memory ledger)"
+    return [
+        f"shared_state with a {backend} ledger: after Redis restarts empty, budgets count {counted},"
+        " and the other instances' spend may be spent again; share one PostgreSQL ledger"
+        " (ledger.backend: postgres), or give Redis persistence (appendonly) so that it keeps them"
+    ]
 
 
 def _cross_check_priority(cfg: Config) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from aiohttp import web
 from edgeroute.accounting import MemoryRecorder, Recorder
 from edgeroute.admission import ADMISSION, Admission, AdmitAll
 from edgeroute.config import Config
+from edgeroute.config.checks import shared_state_notes
 from edgeroute.cost import ledger_lock
 from edgeroute.cost.budget_report import admin_budgets
 from edgeroute.cost.control import CostControl, on_response_prepare
@@ -44,6 +45,8 @@ def install(
     control = CostControl(config) if admission is None and CostControl.wanted(config) else None
     if control is not None:
         control.ledger = ledger
+        for note in shared_state_notes(config):  # as `edgeroute check` prints it
+            log.warning(note)
     app[ADMISSION] = admission or control or AdmitAll()
     app.router.add_get("/admin/spend", admin_spend)
     app.router.add_get("/admin/budgets", admin_budgets)

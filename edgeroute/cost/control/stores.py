@@ -97,10 +97,34 @@ class Stores:
         if self.shared_up():
             assert self.shared is not None
             try:
-                return await self.shared.reserve(charges, now), True
+                return await self._shared_reserve(self.shared, charges, now), True
             except StoreUnavailable as e:
                 self._unavailable("budgets", e)
         return self.local_budgets.reserve_now(charges), False
+
+    async def _shared_reserve(
+        self, shared: RedisState | SqliteState, charges: list[B.Charge], now: float
+    ) -> B.Reserved:
+        """`shared.reserve(charges)`, as `_shared_take`: a caller cancelled meanwhile (its client
+        hung up) gives its reservation back once the store answers. The workers' file commits in
+        its thread and Redis runs its script whatever the caller does; with no ticket holding
+        the charges, nothing gave them back, and the budget counted them as spent to the end
+        of its period."""
+        task = asyncio.ensure_future(shared.reserve(charges, now))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._give_back_reserved(charges, done))
+            raise
+
+    def _give_back_reserved(self, charges: list[B.Charge], done: asyncio.Future[B.Reserved]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        res = done.result()
+        if res.ok:
+            self._seen_shared(charges, res)  # this process's counters, as the admitted one's follow
+            # Never journaled: no seed of Redis counted it (request id '').
+            self._adjust(charges, [-c.amount for c in charges], True, res.generation)
 
     def _seen_shared(self, charges: list[B.Charge], res: B.Reserved) -> None:
         """This process's counters follow what the shared store said at each reservation (and
