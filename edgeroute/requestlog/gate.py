@@ -4,10 +4,15 @@ They run on a small pool of their own (QUERY_THREADS), never on the default exec
 request path (large bodies' scans, token counts) and the key store share: a viewer's slow
 queries, however many, wait here, not in front of a revocation or a long prompt. Each key has at
 most `request_log.max_queries_per_key` of them in flight and a team's keys together twice that
-(a few more wait briefly for a slot, then 429 `too_many_queries`), the pool at most MAX_WAITING
-(503 `queries_busy`), and each query `request_log.query_timeout_s` (503 `query_timeout`, saying
-how to narrow it): SQLite stops it from a progress handler, PostgreSQL by the transaction's
-`statement_timeout`.
+(a few more wait briefly for a slot, then 429 `too_many_queries`); all teams together, and apart
+from them the operator's callers (keys of no team, keyless loopback clients), at most MAX_WAITING
+(503 `queries_busy`). The pool is shared out, not first come first served: a team runs at most
+TEAM_THREADS at a time and all teams at most TEAMS_THREADS, so that one team's slow queries leave
+a thread to the other teams and one is always the operator's; a free thread goes to the tenant
+served least recently. Each query is answered within `request_log.query_timeout_s` of its
+arrival, its wait included (503 `query_timeout`, saying how to narrow it): SQLite stops it from
+a progress handler, PostgreSQL by the transaction's `statement_timeout`, and one still waiting
+for a thread at its deadline leaves the line. The limits are each process's (`serve --workers`).
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
@@ -30,15 +36,18 @@ from edgeroute.state import STATE
 
 _T = TypeVar("_T")
 
-QUERY_THREADS = 2
-MAX_WAITING = 8  # running and queued, all keys together
+QUERY_THREADS = 3
+# One team's queries leave a thread to the other teams, and all teams' one to the operator's.
+TEAM_THREADS = QUERY_THREADS - 2
+TEAMS_THREADS = QUERY_THREADS - 1
+MAX_WAITING = 16  # running and queued: all teams' together, and the operator's apart
+OPERATOR = "operator"  # the class of the callers of no team (the teams' is "teams")
 # A query past its key's or team's limit waits for a slot (half its deadline, at most this
 # long; at most LINE_PER_KEY of a key's) before its 429: a console page's panels come at once.
 MAX_LINE_WAIT_S = 5.0
 LINE_PER_KEY = 16
 _LINE_POLL_S = 0.05
 _PROGRESS_STEPS = 1000  # SQLite VM steps between deadline checks (well under a millisecond)
-_POOL = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="edgeroute-query")
 
 
 class QueryTimeout(Exception):
@@ -51,10 +60,10 @@ class Bounded:
     def __init__(self, backend: Backend, timeout_s: float) -> None:
         self.dialect = backend.dialect
         self._backend = backend
-        self._end = time.monotonic() + timeout_s
+        self.end = time.monotonic() + timeout_s
 
     def _left(self) -> float:
-        left = self._end - time.monotonic()
+        left = self.end - time.monotonic()
         if left <= 0:
             raise QueryTimeout
         return left
@@ -71,12 +80,12 @@ class Bounded:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=min(10.0, left), isolation_level=None)
         with contextlib.closing(conn):
             # A non-zero return aborts the statement ("interrupted"): the deadline has passed.
-            conn.set_progress_handler(lambda: int(time.monotonic() > self._end), _PROGRESS_STEPS)
+            conn.set_progress_handler(lambda: int(time.monotonic() > self.end), _PROGRESS_STEPS)
             try:
                 return list(conn.execute(sql, tuple(params)).fetchall())
             except sqlite3.OperationalError as e:
                 # Stopped by the handler, or still locked out (busy) when the deadline came.
-                if "interrupt" in str(e) or time.monotonic() >= self._end:
+                if "interrupt" in str(e) or time.monotonic() >= self.end:
                     raise QueryTimeout from None
                 raise
 
@@ -92,53 +101,187 @@ def _postgres(backend: PostgresBackend, sql: str, params: Any, left: float) -> l
             raise QueryTimeout from None
 
 
+Holder = tuple[str, int, str]  # (counter, its limit, who it is in a refusal)
+
+
+@dataclass(eq=False)
+class _Job:
+    """A query admitted, waiting in its tenant's line for a thread, then running."""
+
+    who: list[Holder]
+    tenant: str  # "team:<name>", else the operator's caller's own counter ("key:<id>", "peer:<address>")
+    call: Callable[[], Any]
+    done: asyncio.Future[Any]
+    expiry: asyncio.TimerHandle | None = None
+
+    @property
+    def team(self) -> bool:
+        return self.tenant.startswith("team:")
+
+
 class Gate:
-    """Counts of the queries in flight (queued or running), by key, by team and in all; changed
-    from the loop (admission) and from the pool's threads (a query's end), so under a lock."""
+    """The queries in flight (waiting for a thread or running) and which thread each gets; kept
+    on the event loop: a query's end comes back to it from its thread."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    def __init__(self, threads: int = QUERY_THREADS) -> None:
         self.held: dict[str, int] = {}  # "key:<id>", "peer:<address>", "team:<name>"
-        self.waiting: dict[str, int] = {}  # a key's queries waiting for a slot (loop only)
-        self.total = 0
+        self.waiting: dict[str, int] = {}  # a key's queries waiting for a slot (before admission)
+        self.in_flight: dict[str, int] = {}  # by class: "teams", OPERATOR
+        self._threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgeroute-query")
+        self._lines: dict[str, deque[_Job]] = {}  # by tenant, each first come first served
+        self._running: dict[str, int] = {}  # by tenant
+        self._served: dict[str, int] = {}  # by tenant: when it last got a thread (a count of starts)
+        self._starts = 0
+        self._busy = 0
+        self._teams_busy = 0
+        self._closed = False
 
-    def admit(self, holders: list[tuple[str, int, str]]) -> None:
-        """`holders`: (counter, its limit, who it is in a refusal) for the key and its team."""
-        with self._lock:
-            for name, limit, who in holders:
-                if self.held.get(name, 0) >= limit:
-                    raise ProxyError(
-                        429,
-                        f"{who} already has {limit} request-log or spend queries in flight; wait for them to"
-                        " finish before sending more.",
-                        code="too_many_queries",
-                        headers={"Retry-After": "1"},
-                    )
-            if self.total >= MAX_WAITING:
+    def admit(self, who: list[Holder]) -> None:
+        """Counts a query against its key, its team and its class, or refuses it."""
+        for name, limit, label in who:
+            if self.held.get(name, 0) >= limit:
                 raise ProxyError(
-                    503,
-                    "Too many request-log and spend queries are waiting; try again shortly.",
-                    code="queries_busy",
+                    429,
+                    f"{label} already has {limit} request-log or spend queries in flight; wait for them to"
+                    " finish before sending more.",
+                    code="too_many_queries",
                     headers={"Retry-After": "1"},
                 )
-            for name, _, _ in holders:
-                self.held[name] = self.held.get(name, 0) + 1
-            self.total += 1
+        if self.in_flight.get(_class(who), 0) >= MAX_WAITING:
+            raise ProxyError(
+                503,
+                "Too many request-log and spend queries are waiting; try again shortly.",
+                code="queries_busy",
+                headers={"Retry-After": "1"},
+            )
+        for name, _, _ in who:
+            self.held[name] = self.held.get(name, 0) + 1
+        _add(self.in_flight, _class(who), 1)
 
-    def release(self, holders: list[tuple[str, int, str]]) -> None:
-        with self._lock:
-            self.total -= 1
-            for name, _, _ in holders:
-                if (n := self.held.get(name, 0) - 1) > 0:
-                    self.held[name] = n
-                else:
-                    self.held.pop(name, None)
+    def release(self, who: list[Holder]) -> None:
+        _add(self.in_flight, _class(who), -1)
+        for name, _, _ in who:
+            _add(self.held, name, -1)
+
+    def submit(self, who: list[Holder], call: Callable[[], _T], end: float) -> _Job:
+        """Puts an admitted query in its tenant's line; at `end` (monotonic), if it is still
+        there, it leaves it with `QueryTimeout`."""
+        loop = asyncio.get_running_loop()
+        job = _Job(who, _tenant(who), call, loop.create_future())
+        self._lines.setdefault(job.tenant, deque()).append(job)
+        job.expiry = loop.call_later(max(0.0, end - time.monotonic()), self._expire, job)
+        self._dispatch()
+        return job
+
+    def withdraw(self, job: _Job) -> None:
+        """Its client is gone: a query still in line leaves it (a running one ends at its deadline,
+        and frees its slots then, so that hanging up and asking again cannot pass the limits)."""
+        if self._leave_line(job):
+            self.release(job.who)
+
+    def close(self) -> None:
+        """The app's end: no query starts any more, those in line are cancelled."""
+        self._closed = True
+        for line in self._lines.values():
+            for job in line:
+                if job.expiry is not None:
+                    job.expiry.cancel()
+                job.done.cancel()
+        self._lines.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _expire(self, job: _Job) -> None:
+        if self._leave_line(job):
+            self.release(job.who)
+            if not job.done.done():
+                job.done.set_exception(QueryTimeout())
+
+    def _leave_line(self, job: _Job) -> bool:
+        line = self._lines.get(job.tenant)
+        if line is None or job not in line:
+            return False
+        line.remove(job)
+        if not line:
+            del self._lines[job.tenant]
+        if job.expiry is not None:
+            job.expiry.cancel()
+        return True
+
+    def _dispatch(self) -> None:
+        """Starts queries while threads are free: of the tenants that may start one, the one
+        served least recently (a tenant never served yet first)."""
+        while self._busy < self._threads and not self._closed:
+            ready = [t for t in self._lines if self._may_start(t)]
+            if not ready:
+                return
+            tenant = min(ready, key=lambda t: self._served.get(t, -1))
+            line = self._lines[tenant]
+            job = line.popleft()
+            if not line:
+                del self._lines[tenant]
+            self._start(job)
+
+    def _may_start(self, tenant: str) -> bool:
+        if not tenant.startswith("team:"):
+            return True
+        return self._running.get(tenant, 0) < TEAM_THREADS and self._teams_busy < TEAMS_THREADS
+
+    def _start(self, job: _Job) -> None:
+        if job.expiry is not None:
+            job.expiry.cancel()  # running, it is stopped at its deadline by the backend
+        _add(self._running, job.tenant, 1)
+        self._served[job.tenant] = self._starts
+        self._starts += 1
+        self._busy += 1
+        self._teams_busy += job.team
+        loop = asyncio.get_running_loop()
+        ran = self._pool.submit(job.call)
+        ran.add_done_callback(lambda f: _back_to(loop, self._ended, job, f))
+
+    def _ended(self, job: _Job, ran: Future[Any]) -> None:
+        _add(self._running, job.tenant, -1)
+        self._busy -= 1
+        self._teams_busy -= job.team
+        if job.tenant not in self._running and job.tenant not in self._lines:
+            self._served.pop(job.tenant, None)  # idle: its next query is first in line
+        self.release(job.who)
+        if job.done.done():  # cancelled: its client is gone
+            pass
+        elif ran.cancelled():  # never ran: the pool was shut down
+            job.done.cancel()
+        elif (err := ran.exception()) is not None:
+            job.done.set_exception(err)
+        else:
+            job.done.set_result(ran.result())
+        self._dispatch()
+
+
+def _back_to(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the app is gone with its gate
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def _add(counts: dict[str, int], name: str, n: int) -> None:
+    if (left := counts.get(name, 0) + n) > 0:
+        counts[name] = left
+    else:
+        counts.pop(name, None)
+
+
+def _tenant(who: list[Holder]) -> str:
+    """The line a query waits in: its team's, else its caller's own."""
+    return who[-1][0] if who[-1][0].startswith("team:") else who[0][0]
+
+
+def _class(who: list[Holder]) -> str:
+    return "teams" if _tenant(who).startswith("team:") else OPERATOR
 
 
 GATE = web.AppKey("query_gate", Gate)
 
 
-def _holders(request: web.Request, per_key: int) -> list[tuple[str, int, str]]:
+def _holders(request: web.Request, per_key: int) -> list[Holder]:
     """Whom a query counts against: the key (a keyless admin from loopback: its address) and,
     for a team's key, the team, which may have twice a key's (so that one team's many keys
     cannot fill the pool for the others and the operator)."""
@@ -160,23 +303,27 @@ def _settings(request: web.Request) -> tuple[int, float]:
 
 
 async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backend) -> _T:
-    """`fn` on the query pool with the caller's backend under the deadline; the caller's slot
-    is freed when the query ends (a client that hangs up does not free it early, so hanging up
-    and asking again cannot pass the limit)."""
+    """`fn` on the query pool with the caller's backend, answered within the deadline from now
+    (the wait for a slot and for a thread included); the caller's slots are freed when the query
+    ends (a client that hangs up does not free a running query's early, so hanging up and asking
+    again cannot pass the limit)."""
     gate = request.app.get(GATE)
     if gate is None:
         raise RuntimeError("requestlog.gate.install was not called")
     per_key, timeout_s = _settings(request)
+    bounded = Bounded(backend, timeout_s)
     who = _holders(request, per_key)
     await _admitted(gate, who, min(timeout_s / 2, MAX_LINE_WAIT_S))
     try:
-        done: Future[_T] = _POOL.submit(lambda: fn(Bounded(backend, timeout_s)))
+        job = gate.submit(who, lambda: fn(bounded), bounded.end)
     except BaseException:
         gate.release(who)
         raise
-    done.add_done_callback(lambda _: gate.release(who))
     try:
-        return await asyncio.wrap_future(done)
+        return cast(_T, await job.done)
+    except asyncio.CancelledError:
+        gate.withdraw(job)
+        raise
     except QueryTimeout:
         raise ProxyError(
             503,
@@ -186,7 +333,7 @@ async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backen
         ) from None
 
 
-async def _admitted(gate: Gate, who: list[tuple[str, int, str]], wait_s: float) -> None:
+async def _admitted(gate: Gate, who: list[Holder], wait_s: float) -> None:
     """Admits the query, a query past its key's or team's limit after waiting in line for a
     while (the console loads a page's panels at once: seven on the routing page), at most
     LINE_PER_KEY of a key's at a time; past that, or once the wait is over, the 429."""
@@ -198,15 +345,17 @@ async def _admitted(gate: Gate, who: list[tuple[str, int, str]], wait_s: float) 
         except ProxyError as e:
             if e.status != 429 or time.monotonic() >= end or gate.waiting.get(line, 0) >= LINE_PER_KEY:
                 raise
-        gate.waiting[line] = gate.waiting.get(line, 0) + 1
+        _add(gate.waiting, line, 1)
         try:
             await asyncio.sleep(_LINE_POLL_S)
         finally:
-            if (n := gate.waiting[line] - 1) > 0:
-                gate.waiting[line] = n
-            else:
-                del gate.waiting[line]
+            _add(gate.waiting, line, -1)
 
 
 def install(app: web.Application) -> None:
-    app[GATE] = Gate()
+    app[GATE] = gate = Gate()
+
+    async def close(_: web.Application) -> None:
+        gate.close()
+
+    app.on_cleanup.append(close)
