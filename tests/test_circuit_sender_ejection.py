@@ -35,10 +35,19 @@ class D1:
         self.outage = False
         self.calls = 0
         self.fail_next = 0  # the next requests of anyone that fail (a stray error)
+        self.blip: asyncio.Event | None = None  # set: a blip, requests held until it ends, then 503
+        self.to_hold = 0  # `all_held` is set once that many requests are held in the blip
+        self.all_held = asyncio.Event()
 
     async def chat(self, request: web.Request) -> web.Response:
         self.calls += 1
         body = orjson.loads(await request.read())
+        if self.blip is not None:
+            self.to_hold -= 1
+            if self.to_hold <= 0:
+                self.all_held.set()
+            await self.blip.wait()
+            return openai_error(503, "The server is overloaded.")
         stray, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
         if stray or self.outage or BOOM in orjson.dumps(body["messages"]).decode():
             return openai_error(503, "The server is overloaded.")
@@ -47,8 +56,14 @@ class D1:
 
 
 async def _setup(
-    start_upstream: Any, start_proxy: Any, serve_routes: Any, max_attempts: int = 3, base_ejection_ms: int = 1_000
+    start_upstream: Any,
+    start_proxy: Any,
+    serve_routes: Any,
+    max_attempts: int = 3,
+    base_ejection_ms: int = 1_000,
+    models: dict[str, Any] | None = None,
 ) -> tuple[Any, D1]:
+    """d1 (cheap, failing as `D1` says) and d2 (50x) for model `m`, or the routes `models` name."""
     d1 = D1()
     up1 = await serve_routes(web.post("/v1/chat/completions", d1.chat))
     d2 = await start_upstream()
@@ -66,12 +81,22 @@ async def _setup(
     cfg["deployments"]["d-d2"]["price"] = {"input_per_mtok": 50.0, "output_per_mtok": 100.0}
     cfg["models"]["m"]["strategy"] = "lowest_cost"
     cfg["models"]["m"]["max_attempts"] = max_attempts
+    if models is not None:
+        cfg["models"] = models
     cfg["keys"] = {
         "a": {"token": A, "team": "team-a", "role": "viewer"},
         "b": {"token": B, "team": "team-b", "role": "viewer"},
         "ops": {"token": OPS, "role": "admin"},
     }
     return await start_proxy(cfg), d1
+
+
+async def _both_served_then_outage(proxy: Any, d1: D1) -> None:
+    """A and B are served by d1 (four requests each), then d1 fails everyone."""
+    for _ in range(4):
+        assert await _chat(proxy, A, "hello") == "d-d1"
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    d1.outage = True
 
 
 async def _chat(proxy: Any, key: str, text: str) -> str:
@@ -85,6 +110,15 @@ async def _chat(proxy: Any, key: str, text: str) -> str:
             return f"error {e.status_code}"
     assert raw.parse().choices[0].message.content
     return raw.headers["x-edgeroute-deployment"]
+
+
+async def _served(proxy: Any, key: str, text: str) -> tuple[str, str]:
+    """The deployment that served a chat request, and the attempts it took (`x-edgeroute-attempts`)."""
+    async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": text}]
+        )
+    return raw.headers["x-edgeroute-deployment"], raw.headers["x-edgeroute-attempts"]
 
 
 async def _d1(proxy: Any, token: str) -> dict[str, Any]:
@@ -134,10 +168,7 @@ async def test_an_outage_both_keys_see_opens_for_both_and_both_come_back(
     start_upstream: Any, start_proxy: Any, serve_routes: Any
 ) -> None:
     proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes)
-    for _ in range(4):
-        assert await _chat(proxy, A, "hello") == "d-d1"
-        assert await _chat(proxy, B, "hello") == "d-d1"
-    d1.outage = True
+    await _both_served_then_outage(proxy, d1)
     for key in (A, A, A, B, B, B):  # A's streak ejects d1 for A; B's own streak opens it for all
         assert await _chat(proxy, key, "hello") == "d-d2"
     state = await _d1(proxy, OPS)
@@ -158,10 +189,7 @@ async def test_with_one_attempt_neither_client_gets_a_503_once_an_outage_is_over
     start_upstream: Any, start_proxy: Any, serve_routes: Any
 ) -> None:
     proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes, max_attempts=1)
-    for _ in range(4):
-        assert await _chat(proxy, A, "hello") == "d-d1"
-        assert await _chat(proxy, B, "hello") == "d-d1"
-    d1.outage = True
+    await _both_served_then_outage(proxy, d1)
     seen = [await _chat(proxy, key, "hello") for key in (A, A, A, B, B, B)]  # each tried once: d1's 503 relayed
     assert all(s.startswith("error 5") for s in seen), seen
     state = await _d1(proxy, OPS)
@@ -226,3 +254,72 @@ async def test_one_stray_failure_of_another_key_while_one_is_ejected_keeps_d1_fo
         assert await _chat(proxy, B, "hello") == "d-d1"
     state = await _d1(proxy, OPS)
     assert state["circuit"] == "closed" and state["senders_ejected"] == 1, state
+
+
+async def test_a_busy_keys_requests_failing_together_in_a_blip_eject_it_once_and_briefly(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    # red3Q R1: A's 20 requests in flight fail together in a short blip of d1. The first streak
+    # ejects d1 for A, briefly (1 s); the rest were sent before it and neither eject it again nor
+    # double its ejection (they did: 18 ejections here, A kept on the 50x fallback for the 8 s max).
+    proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes)
+    for _ in range(4):
+        assert await _chat(proxy, B, "hello") == "d-d1"
+    d1.blip, d1.to_hold = asyncio.Event(), 20
+    burst = [asyncio.create_task(_chat(proxy, A, "hello")) for _ in range(20)]
+    await asyncio.wait_for(d1.all_held.wait(), 10)
+    d1.blip.set()
+    d1.blip = None  # the blip is over: d1 serves again
+    assert set(await asyncio.gather(*burst)) == {"d-d2"}  # each failed over
+    state = await _d1(proxy, OPS)
+    assert state["circuit"] == "closed" and state["sender_ejections"] == 1, state
+    assert (await _d1(proxy, A))["ejected_for_you"] is True
+    assert await _chat(proxy, B, "hello") == "d-d1"
+    await asyncio.sleep(1.1)
+    assert await _chat(proxy, A, "hello") == "d-d1"  # its probe, served: back on d1
+    assert (await _d1(proxy, A))["ejected_for_you"] is False
+
+
+async def test_an_outage_a_quiet_key_sees_twice_opens_for_all_once_the_busy_keys_probe_failed(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    # red3Q R2: with `max_attempts: 1`, an outage seen by A (ejected alone by its streak) and by
+    # quiet B. A's probe fails too, and B's second failure opens d1 for everyone: B's next request
+    # goes to d2, where it waited for a whole streak of its own failures (a 502 each).
+    proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes, max_attempts=1)
+    await _both_served_then_outage(proxy, d1)
+    assert [await _chat(proxy, A, "hello") for _ in range(3)] == ["error 502"] * 3
+    assert (await _d1(proxy, OPS))["senders_ejected"] == 1
+    assert await _chat(proxy, B, "hello") == "error 502"  # one failure of B: not yet an outage
+    assert (await _d1(proxy, OPS))["circuit"] == "closed"
+    await asyncio.sleep(1.1)
+    assert await _chat(proxy, A, "hello") == "error 502"  # A's probe fails too
+    assert await _chat(proxy, B, "hello") == "error 502"
+    state = await _d1(proxy, OPS)
+    assert state["circuit"] == "open", state
+    assert await _chat(proxy, B, "hello") == "d-d2"
+    assert await _chat(proxy, A, "hello") == "d-d2"
+
+
+async def test_a_route_with_fallbacks_on_sends_the_ejected_keys_requests_to_the_fallback_first(
+    start_upstream: Any, start_proxy: Any, serve_routes: Any
+) -> None:
+    # red3Q R3: model m has d1 alone, its fallback by `fallbacks_on`. Once d1 is ejected for A,
+    # A's requests go to the fallback first (they went to d1 each time, failed, then fell back,
+    # and each third failure counted another ejection).
+    models = {
+        "m": {"deployments": ["d-d1"], "fallbacks_on": {"server_error": ["m2"], "timeout": ["m2"]}},
+        "m2": {"deployments": ["d-d2"]},
+    }
+    proxy, d1 = await _setup(start_upstream, start_proxy, serve_routes, base_ejection_ms=20_000, models=models)
+    for _ in range(4):
+        assert await _served(proxy, B, "hello") == ("d-d1", "1")
+    for _ in range(3):
+        assert await _served(proxy, A, BOOM) == ("d-d2", "2")  # d1's 503, then the fallback
+    calls = d1.calls
+    for _ in range(6):  # within A's first ejection (1 s)
+        assert await _served(proxy, A, BOOM) == ("d-d2", "1")
+    assert d1.calls == calls  # none of A's requests reached d1
+    assert await _served(proxy, B, "hello") == ("d-d1", "1")
+    state = await _d1(proxy, OPS)
+    assert state["circuit"] == "closed" and state["sender_ejections"] == 1 and state["senders_ejected"] == 1, state

@@ -10,8 +10,9 @@ loop must not decide by itself:
   (its deployments, required and excluded tags: residency holds on fallbacks too);
 - pruning: after a context-window overflow, no deployment as small is tried;
 - a deployment ejected for this request's sender alone (its own failures tripped it) is
-  left out of the plan before any attempt is counted, as an open circuit is; kept, last,
-  only when nothing else is left;
+  left out of the plan before any attempt is counted, as an open circuit is; with nothing
+  else in the order, the `fallbacks_on` models of a failure that ejects take its place, and
+  without those it is kept;
 - budgets: at most `max_attempts`; a deployment not yet called whose circuit is not
   open is tried freely, and only going back to one (or to an ejected one) takes from
   the shared retry budget, so the budget damps retry storms without ever refusing
@@ -44,6 +45,9 @@ _VOLATILE = re.compile(r"[0-9a-f]{8,}(?:-[0-9a-f]{4,})*|\d+")  # ids, counters, 
 
 
 _RNG = random.Random()
+
+# Failures that count against a deployment's health, and so may eject it for one sender.
+_EJECTING = (Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECT_ERROR, Outcome.AUTH_ERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,13 +155,27 @@ class FailoverPolicy:
 
     def start(self, order: Sequence[DeploymentInfo]) -> FailoverState:
         """The plan: `order` without the deployments ejected for this request's sender alone
-        (skipped before any attempt is counted, as open circuits are), unless none would be left."""
+        (skipped before any attempt is counted, as open circuits are). When that leaves none, the
+        `fallbacks_on` models a failure that ejects would add (so its requests stop reaching the
+        deployment on a route whose fallback is only there); `order` as it is without them."""
         ejected = self._sender_ejected
         if ejected is not None:
             kept = [d for d in order if not ejected(d.index)]
-            if kept and len(kept) < len(order):
-                return FailoverState(plan=kept, sender_skipped=[d for d in order if d not in kept])
+            if len(kept) < len(order):
+                skipped = [d for d in order if d not in kept]
+                state = FailoverState(plan=[], sender_skipped=skipped)
+                state.plan = kept or self._ejection_fallbacks(state, skipped[0])
+                if state.plan:
+                    return state
         return FailoverState(plan=list(order))
+
+    def _ejection_fallbacks(self, state: FailoverState, ejected: DeploymentInfo) -> list[DeploymentInfo]:
+        """The `fallbacks_on` deployments for the outcomes whose failures eject a deployment for a
+        sender, in that order, each once."""
+        out: list[DeploymentInfo] = []
+        for outcome in _EJECTING:
+            out += [d for d in self._outcome_fallbacks(state, ejected, outcome) if d not in out]
+        return out
 
     def _open(self, index: int) -> bool:
         """Whether deployment `index`'s circuit is open, or it is ejected for this sender alone."""

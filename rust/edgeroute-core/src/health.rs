@@ -10,9 +10,12 @@
 //! Each report names its sender (the virtual key's team, else the key; 0 when unknown). A trip
 //! whose failures are one sender's alone, while other senders were seen lately, ejects the
 //! deployment for that sender only (`senders.rs`): the others are still served, and that
-//! sender's requests stop reaching the upstream. While one is ejected, the others open the circuit
-//! for everyone on their own evidence only (streak or error rate, the ejected senders' failures
-//! left out); so does a second sender's failed half-open probe.
+//! sender's requests stop reaching the upstream. Its requests still in flight when it tripped count
+//! for it alone: they neither eject it again nor escalate its ejection (only its failed probe does).
+//! While one is ejected, the others open the circuit for everyone on their own evidence only (streak
+//! or error rate, the ejected senders' failures left out; a streak of two once the ejected sender's
+//! probe failed too and theirs fail at half the failure rate); so does a second sender's failed
+//! half-open probe.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
@@ -23,6 +26,13 @@ use crate::senders::{Senders, Streak};
 /// Other senders count as present for `ewma_decay_ms` times this (40 s by default): a trip of one
 /// sender while none other was seen that recently opens the circuit for everyone, as before.
 const SEEN_DECAYS: u64 = 4;
+
+/// The others' streak that opens the circuit for everyone (at most `consecutive_failures`) while a
+/// sender is set aside whose own probe failed too, when their own recent requests fail at half the
+/// failure rate or more: two senders failing is an outage, and a quiet client should not pay a
+/// whole streak of failed requests to learn it. One stray failure is not, nor are two stray
+/// failures among a busy client's successes.
+const OUTAGE_STREAK: u32 = 2;
 
 /// Deployments (of every router in the process) with a sender's ejection on record: while 0, a
 /// request asks no deployment whether it is ejected for its sender ([`any_sender_ejection`]).
@@ -220,11 +230,17 @@ impl State {
         w
     }
 
-    /// A failure of `sender` joins the streak (a 429, too: it counts but does not eject).
-    fn note_failure(&mut self, sender: u64) {
+    /// A failure of `sender` joins the streak (a 429, too: it counts but does not eject), unless
+    /// the sender is inside its own ejection: then it is a request sent before it (in flight when
+    /// it tripped), which counts for its numbers only. Returns whether it joined the streak.
+    fn note_failure(&mut self, sender: u64) -> bool {
         self.failures += 1;
+        if self.senders.inside(sender) {
+            return false;
+        }
         self.streak.add(sender, self.consecutive_failures == 0);
         self.consecutive_failures += 1;
+        true
     }
 
     /// A failure counts towards ejection: after enough in a row, a high recent error rate, or
@@ -232,14 +248,20 @@ impl State {
     /// that tripped are one sender's alone and other senders were seen lately, the deployment is
     /// ejected for that sender only: returns it (the circuit stays as it was for the others).
     fn fail(&mut self, sender: u64, now_ms: u64, spec: &HealthSpec) -> Option<u64> {
-        self.note_failure(sender);
+        if !self.note_failure(sender) {
+            // Sent before its sender's own ejection: it neither ejects it again nor escalates it
+            // (only its failed probe does), and is not in the others' streak.
+            return None;
+        }
         let was_probe = std::mem::take(&mut self.probing);
         let own_probe = self.senders.end_probe(sender);
-        if self.senders.other_ejected(sender, now_ms) {
-            // While one sender is ejected, the others open the circuit for everyone on their own
+        // Its own probe's failure is not in the others' streak.
+        let others_streak = self.consecutive_failures.saturating_sub(u32::from(own_probe));
+        if self.senders.other_set_aside(sender, now_ms, spec.ewma_decay_ms) {
+            // While one sender is set aside, the others open the circuit for everyone on their own
             // evidence only (the trip rule, the ejected senders' failures left out), or a failed
             // half-open probe: one stray failure of theirs is not an outage.
-            if was_probe || self.others_trip(now_ms, spec) {
+            if was_probe || self.others_trip(sender, others_streak, now_ms, spec) {
                 self.open(now_ms, spec);
                 return None;
             }
@@ -252,8 +274,6 @@ impl State {
             // A failed probe ejects its sender alone while others may still be served; the next
             // probe is theirs (a poller cannot hold the circuit open for everyone).
             if self.senders.others_seen(sender, now_ms, window) {
-                // Its own probe's failure is not in the others' streak.
-                let others_streak = self.consecutive_failures.saturating_sub(u32::from(own_probe));
                 let ejected = self.eject_sender(sender, now_ms, spec);
                 if own_probe {
                     self.consecutive_failures = others_streak;
@@ -277,13 +297,18 @@ impl State {
         }
     }
 
-    /// Whether the senders not ejected trip the circuit on their own: their streak (the ejected
-    /// senders' requests skip the deployment, their probes are kept out of it) or their error
-    /// rate over `min_requests`.
-    fn others_trip(&self, now_ms: u64, spec: &HealthSpec) -> bool {
-        let (volume, failed) = self.senders.counts_not_ejected(now_ms);
+    /// Whether the senders not set aside trip the circuit on their own (`sender` failed last):
+    /// their `streak` (the set-aside senders' failures are kept out of it) or their error rate
+    /// over `min_requests`; or, once a set-aside sender's probe failed too, a streak of
+    /// [`OUTAGE_STREAK`] while their recent requests fail at half `failure_rate` or more.
+    fn others_trip(&self, sender: u64, streak: u32, now_ms: u64, spec: &HealthSpec) -> bool {
+        let keep = spec.ewma_decay_ms;
+        let (volume, failed) = self.senders.counts_not_set_aside(now_ms, keep);
         let rate_trips = volume >= f64::from(spec.min_requests) && failed >= volume * spec.failure_rate;
-        rate_trips || self.consecutive_failures >= spec.consecutive_failures
+        let outage = streak >= spec.consecutive_failures.min(OUTAGE_STREAK)
+            && failed >= volume * spec.failure_rate / 2.0
+            && self.senders.other_probe_failed(sender, now_ms, keep);
+        rate_trips || streak >= spec.consecutive_failures || outage
     }
 
     /// Opens the circuit for everyone, for `base_ejection_ms` doubled per opening in a row.
@@ -511,7 +536,7 @@ impl Health {
         s.failed_volume = (s.failed_volume * w + 1.0).min(s.volume);
         s.error_rate = s.failed_volume / s.volume;
         s.senders.fail_last(sender);
-        if s.streak_before_success > s.consecutive_failures {
+        if s.streak_before_success > s.consecutive_failures && !s.senders.inside(sender) {
             s.consecutive_failures = s.streak_before_success;
             s.streak = s.streak_before;
         }
@@ -1160,6 +1185,114 @@ mod tests {
             h.ejected_for(A, back + 1_001) && !h.ejected_for(A, back + 1_003),
             "a first ejection"
         );
+    }
+
+    #[test]
+    fn a_senders_requests_in_flight_when_it_tripped_do_not_eject_it_again() {
+        // red3Q R1 (escalate.py): A's 20 requests in flight time out together in a blip. The first
+        // streak ejects d for A (1 s); the other 15 count for A alone: no ejection more, no escalation.
+        let h = Health::default();
+        let sp = default_like();
+        for t in 0..40 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for _ in 0..20 {
+            h.begin_sender(40, A, sp.ewma_decay_ms);
+        }
+        let ejected: Vec<_> = (0..20)
+            .filter_map(|i| h.report(Outcome::Timeout, 1.0, A, 41 + i, &sp))
+            .collect();
+        assert_eq!(ejected, vec![A], "one ejection");
+        let snap = h.snapshot(61);
+        assert_eq!(
+            (snap.circuit, snap.sender_ejections, snap.failures),
+            (CircuitState::Closed, 1, 20)
+        );
+        assert_eq!(snap.consecutive_failures, 0, "not in the others' streak");
+        assert!(
+            h.ejected_for(A, 1_044) && !h.ejected_for(A, 1_045),
+            "the first ejection: 1 s"
+        );
+        one(&h, Outcome::Success, A, 1_045, &sp);
+        assert!(!h.ejected_for(A, 1_046));
+    }
+
+    #[test]
+    fn an_ejected_senders_late_failures_and_one_stray_failure_keep_the_circuit_closed() {
+        // red3Q R5 (inflight.py): 4 of A's failures reported after its ejection, then one stray
+        // failure of B: the others' streak is B's one failure, not five.
+        let h = Health::default();
+        let sp = default_like();
+        for t in 0..30 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for _ in 0..9 {
+            h.begin_sender(30, A, sp.ewma_decay_ms);
+        }
+        for t in 31..40 {
+            h.report(Outcome::Timeout, 1.0, A, t, &sp);
+        }
+        assert_eq!(one(&h, Outcome::ServerError, B, 40, &sp), None);
+        assert_eq!(h.snapshot(41).circuit, CircuitState::Closed);
+        assert!(h.ejected_for(A, 41) && !h.ejected_for(B, 41));
+    }
+
+    #[test]
+    fn two_failures_of_a_quiet_sender_open_for_all_once_the_ejected_senders_probe_failed() {
+        // red3Q R2 (quiet.py): an outage seen by busy A and quiet B (a request every 4 s). A's
+        // streak ejects d for A; B's first failure alone is no outage; A's probe fails too, and
+        // B's second failure in a row opens it for everyone (B no longer pays a whole streak of
+        // `consecutive_failures`).
+        let h = Health::default();
+        let sp = default_like();
+        for t in (0..=12_000).step_by(4_000) {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        for t in 12_001..12_006 {
+            one(&h, Outcome::Timeout, A, t, &sp);
+        }
+        assert!(h.ejected_for(A, 12_006));
+        assert_eq!(one(&h, Outcome::Timeout, B, 12_500, &sp), None);
+        assert_eq!(h.snapshot(12_501).circuit, CircuitState::Closed);
+        assert_eq!(one(&h, Outcome::Timeout, A, 13_006, &sp), Some(A), "A's probe");
+        assert_eq!(
+            h.snapshot(13_007).consecutive_failures,
+            1,
+            "B's failure; A's probe is not in it"
+        );
+        assert_eq!(one(&h, Outcome::Timeout, B, 16_000, &sp), None);
+        assert_eq!(h.snapshot(16_001).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn two_stray_failures_of_a_busy_sender_keep_the_circuit_closed_though_the_ejected_probe_failed() {
+        // redQ2 F1 kept (red3Q's arm): A keeps its own probes failing; B, served well at a high
+        // rate, has two stray failures in a row. B's recent requests do not fail: no outage.
+        let h = Health::default();
+        let sp = default_like();
+        b_served_then_a_times_out(&h, &sp, 0..100, 100..105);
+        assert_eq!(one(&h, Outcome::Timeout, A, 1_104, &sp), Some(A), "A's probe");
+        for t in 1_105..1_200 {
+            one(&h, Outcome::Success, B, t, &sp);
+        }
+        assert_eq!(one(&h, Outcome::ServerError, B, 1_200, &sp), None);
+        assert_eq!(one(&h, Outcome::ServerError, B, 1_201, &sp), None);
+        assert_eq!(h.snapshot(1_202).circuit, CircuitState::Closed);
+        assert!(h.ejected_for(A, 1_202) && !h.ejected_for(B, 1_202));
+    }
+
+    #[test]
+    fn two_stray_failures_while_a_sender_is_ejected_for_a_blip_keep_the_circuit_closed() {
+        // Before A's probe failed (one blip, or its probe was served), B's own streak is needed.
+        let h = Health::default();
+        let sp = default_like();
+        b_served_then_a_times_out(&h, &sp, 0..10, 10..15);
+        for t in 500..504 {
+            assert_eq!(one(&h, Outcome::ServerError, B, t, &sp), None);
+        }
+        assert_eq!(h.snapshot(504).circuit, CircuitState::Closed);
+        one(&h, Outcome::ServerError, B, 504, &sp);
+        assert_eq!(h.snapshot(505).circuit, CircuitState::Open, "B's own streak");
     }
 
     #[test]

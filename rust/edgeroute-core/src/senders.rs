@@ -45,6 +45,19 @@ impl Sender {
         self.ejections > 0 && (now_ms < self.until_ms || self.probing)
     }
 
+    /// Whether its ejection is on record and its probe not out: running, or over with no request
+    /// of it begun since (its next one is its probe). A failure of it then is of a request sent
+    /// before the ejection (in flight when it tripped), or one nothing else could take.
+    fn inside(&self) -> bool {
+        self.ejections > 0 && self.until_ms > 0 && !self.probing
+    }
+
+    /// Whether its ejection is on record (running, awaiting its probe, or the probe out) and not
+    /// stale: its failures are set aside from the others' evidence.
+    fn set_aside(&self, now_ms: u64, keep_ms: u64) -> bool {
+        self.ejections > 0 && self.until_ms > 0 && !self.stale(now_ms, keep_ms)
+    }
+
     /// Whether its last ejection ended more than `max(its length, keep_ms)` before `now_ms` with
     /// no probe out: its escalation is forgotten (a sender back long after is a new sender).
     fn stale(&self, now_ms: u64, keep_ms: u64) -> bool {
@@ -155,9 +168,23 @@ impl Senders {
         self.slots.iter().any(|s| s.id == id && s.ejected(now_ms))
     }
 
-    /// Whether a sender but `id` is ejected now.
-    pub fn other_ejected(&self, id: u64, now_ms: u64) -> bool {
-        self.slots.iter().any(|s| s.id != id && s.ejected(now_ms))
+    /// Whether `id` is inside its own ejection, its probe not out: its failures are of requests
+    /// sent before it (they count for it, and neither eject nor escalate it again).
+    pub fn inside(&self, id: u64) -> bool {
+        self.slots.iter().any(|s| s.id == id && s.inside())
+    }
+
+    /// Whether a sender but `id` is set aside now (its ejection on record, not stale).
+    pub fn other_set_aside(&self, id: u64, now_ms: u64, keep_ms: u64) -> bool {
+        self.slots.iter().any(|s| s.id != id && s.set_aside(now_ms, keep_ms))
+    }
+
+    /// Whether a sender but `id` is set aside after its own probe failed too (ejected twice or
+    /// more in a row): it kept failing, not only a blip.
+    pub fn other_probe_failed(&self, id: u64, now_ms: u64, keep_ms: u64) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.id != id && s.ejections >= 2 && s.set_aside(now_ms, keep_ms))
     }
 
     /// Senders ejected now (for status pages).
@@ -171,10 +198,10 @@ impl Senders {
         self.slots.iter().any(|s| s.ejected(now_ms))
     }
 
-    /// Decayed requests and failures of the senders not ejected at `now_ms`: the evidence of
+    /// Decayed requests and failures of the senders not set aside at `now_ms`: the evidence of
     /// those still served, the ejected senders' failures left out.
-    pub fn counts_not_ejected(&self, now_ms: u64) -> (f64, f64) {
-        let served = self.slots.iter().filter(|s| !s.ejected(now_ms));
+    pub fn counts_not_set_aside(&self, now_ms: u64, keep_ms: u64) -> (f64, f64) {
+        let served = self.slots.iter().filter(|s| !s.set_aside(now_ms, keep_ms));
         served.fold((0.0, 0.0), |(v, f), s| (v + s.volume, f + s.failed))
     }
 
