@@ -138,9 +138,47 @@ class _Known:
                 # Whole tokens only: a secret that is also a word ("edgeroute" as a test
                 # database's password) is replaced where it stands alone (quoted, in a URL,
                 # after "key:"), not inside a longer name ("x-edgeroute-tags").
-                alternatives = "|".join(map(re.escape, values))
-                self._regex = re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])") if values else None
+                self._regex = re.compile(rf"(?<![\w-])(?:{_alternatives(values)})(?![\w-])") if values else None
         return self._regex
+
+
+_END = ""  # a trie node's key for "a value ends here"
+_TRIE_DEPTH = 200  # branch points along one value (recursion): past it, the plain alternation
+
+
+def _alternatives(values: list[str]) -> str:
+    """A regex matching any of `values` (longest first), as a trie: `re` tries a plain
+    alternation's values one after another at every position of a text, so with 4,096
+    registered (a test process, or many rotated keys) a short error message took 1 ms to
+    redact; branching on each next character, the work is about the text's length."""
+    trie: dict[str, Any] = {}
+    for v in values:
+        node = trie
+        for ch in v:
+            node = node.setdefault(ch, {})
+        node[_END] = None
+    try:
+        return _node_pattern(trie, 0)
+    except RecursionError:  # a chain of values each a prefix of the next, past the depth bound
+        return "|".join(map(re.escape, values))
+
+
+def _node_pattern(node: dict[str, Any], depth: int) -> str:
+    if depth > _TRIE_DEPTH:
+        raise RecursionError
+    branches = []
+    for ch, child in node.items():
+        if ch == _END:
+            continue
+        run = ch  # a run of single-child nodes is one literal
+        while len(child) == 1 and _END not in child:
+            ((nxt, child),) = child.items()
+            run += nxt
+        branches.append(re.escape(run) + _node_pattern(child, depth + 1))
+    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+    if _END in node:  # a value ends here; a longer one goes on: greedy `?` tries the longer first
+        return f"(?:{body})?" if branches else ""
+    return body
 
 
 _KNOWN = _Known()
