@@ -174,7 +174,14 @@ def fit(
     m = np.ones_like(y) if mask is None else mask
     sw = np.ones(n) if sample_weight is None else sample_weight
     denom = float(sw.sum()) or 1.0
-    w = np.zeros((x.n_buckets, k))
+    # Only the buckets the rows use can move off zero (an unused bucket's gradient, its L2 term
+    # included, stays 0, and so does its Adam step): the run is on those alone, numbered
+    # densely, and written into the full table, with the very values a run on the full table
+    # computes. On 2^18 buckets the full table's elementwise steps were nearly all the time.
+    full = np.zeros((x.n_buckets, k))
+    used, dense_cols = np.unique(x.cols, return_inverse=True)
+    x = SparseDocs(x.rows, dense_cols.astype(np.int64).reshape(-1), x.vals, x.n_docs, len(used))
+    w = np.zeros((len(used), k))
     wd = np.zeros((d, k))
     prior = np.clip((y * m).sum(0) / np.maximum(m.sum(0), 1.0), 1e-3, 1 - 1e-3)
     b = np.log(prior) if activation == "softmax" else np.log(prior / (1 - prior))
@@ -203,8 +210,10 @@ def fit(
             vhat = vel[i] / (1 - b2**t)
             p_ -= opts.lr * mhat / (np.sqrt(vhat) + eps)
         if checkpoint is not None:
-            checkpoint(t, w, wd, b)
-    return w, wd, b
+            full[used] = w
+            checkpoint(t, full, wd, b)
+    full[used] = w
+    return full, wd, b
 
 
 def quantize(
