@@ -1,4 +1,5 @@
-"""One tenant's slow report queries cannot hold the query threads of the others (red3M F2, F3).
+"""One tenant's slow report queries cannot hold the query threads of the others (red3M F2, F3;
+red4 F2, F3: a viewer key of no team is a tenant too, and a few teams' floods leave the others a place).
 
 Team viewers keep their queries in flight, each running to its deadline (on PostgreSQL the
 request log's table is locked by another session; on SQLite the page's scan does not end,
@@ -19,7 +20,9 @@ from typing import Any
 
 import pytest
 
+from edgeroute.errors import ProxyError
 from edgeroute.requestlog import gate, query
+from tests.governance_support import call
 from tests.test_governance_keys import _proxy
 from tests.test_report_queries_bounded import FLOOD, ROOT, _cfg, _get, _key, _pg_locked
 
@@ -65,7 +68,7 @@ def _timed_out(answers: list[tuple[int, dict[str, Any], float]]) -> None:
 
 @pytest.mark.parametrize("viewers", [1, 2], ids=["one-key", "the-teams-four"])
 async def test_a_viewers_slow_queries_leave_root_and_other_teams_their_thread(
-    start_upstream, ledger: tuple[str, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, viewers: int
+    start_upstream: Any, ledger: tuple[str, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, viewers: int
 ) -> None:
     backend, dsn, cfg_ledger = ledger
     up = await start_upstream()
@@ -87,7 +90,7 @@ async def test_a_viewers_slow_queries_leave_root_and_other_teams_their_thread(
 
 
 async def test_two_teams_floods_do_not_lock_the_operator_out(
-    start_upstream, ledger: tuple[str, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    start_upstream: Any, ledger: tuple[str, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     backend, dsn, cfg_ledger = ledger
     up = await start_upstream()
@@ -99,6 +102,53 @@ async def test_two_teams_floods_do_not_lock_the_operator_out(
             for path in ("/admin/stats?since=1h", "/admin/spend?by=team"):
                 status, body, took = await _get(url + path, ROOT)
                 assert status == 200 and took < QUICK_S, (path, status, body, took)
+            _timed_out(await asyncio.gather(*flood))
+
+
+async def _team_less(url: str, role: str) -> dict[str, Any]:
+    status, made = await call("POST", url + "/admin/keys", ROOT, json={"role": role})
+    assert status == 201, made
+    return dict(made)
+
+
+@pytest.mark.parametrize("other", ["a-team", "a-second-team-less-viewer"])
+async def test_team_less_viewers_slow_queries_leave_root_its_thread(
+    start_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, other: str
+) -> None:
+    """A viewer key of no team (a dashboard's) is a tenant of its own: it no longer shares the
+    thread kept for root and the team-less operator keys."""
+    up = await start_upstream()
+    cfg = _cfg(up, {"backend": "sqlite", "path": str(tmp_path / "ledger.db")}, timeout_s=TIMEOUT_S)
+    async with _proxy(cfg) as url:
+        viewers = [await _team_less(url, "viewer")]
+        viewers.append(await _key(url, "beta", "viewer") if other == "a-team" else await _team_less(url, "viewer"))
+        operator = await _team_less(url, "operator")
+        with _slow_pages("sqlite", "", monkeypatch):
+            flood = [asyncio.create_task(_get(url + FLOOD, v["secret"])) for v in viewers for _ in range(2)]
+            await asyncio.sleep(0.3)  # every flooding query in flight
+            for token in (ROOT, operator["secret"]):
+                status, body, took = await _get(url + "/admin/stats?since=1h", token)
+                assert status == 200 and took < QUICK_S, (status, body, took)
+            _timed_out(await asyncio.gather(*flood))
+
+
+async def test_four_teams_floods_leave_a_fifth_team_its_place(
+    start_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four teams' viewers with all of their teams' queries in flight (16) no longer refuse a
+    fifth team 503 `queries_busy`: it has its share of the places, and the next free thread."""
+    up = await start_upstream()
+    cfg = _cfg(up, {"backend": "sqlite", "path": str(tmp_path / "ledger.db")}, timeout_s=TIMEOUT_S)
+    async with _proxy(cfg) as url:
+        viewers = [await _key(url, team, "viewer") for team in ("b", "c", "d", "e") for _ in range(2)]
+        fifth = await _key(url, "f", "viewer")
+        with _slow_pages("sqlite", "", monkeypatch):
+            flood = [asyncio.create_task(_get(url + FLOOD, v["secret"])) for v in viewers for _ in range(2)]
+            await asyncio.sleep(1.0)  # all 16 in flight (and room before the first two's deadline)
+            status, body, took = await _get(url + "/admin/stats?since=1h", ROOT)
+            assert status == 200 and took < QUICK_S, (status, body, took)
+            status, body, took = await _get(url + "/admin/stats?since=1h", fifth["secret"])
+            assert status == 200 and took < TIMEOUT_S, (status, body, took)
             _timed_out(await asyncio.gather(*flood))
 
 
@@ -137,7 +187,7 @@ async def test_a_free_thread_goes_to_the_team_served_least_recently_and_a_gone_c
         assert sorted(started) == ["b1", "g1", "r1"] and await asked["r1"] == "r1", started
         asked["b3"].cancel()  # its client hung up while it waited: its slots are free again
         await asyncio.sleep(0.05)
-        assert g.held["key:beta"] == 2 and g.in_flight["teams"] == 4, (g.held, g.in_flight)
+        assert g.held["key:beta"] == 2 and g.in_flight["tenants"] == 4, (g.held, g.in_flight)
         hold["b1"].set()  # beta's thread is free: delta, never served, goes before beta's second
         await asyncio.sleep(0.2)
         assert started[3:] == ["d1"], started
@@ -149,4 +199,27 @@ async def test_a_free_thread_goes_to_the_team_served_least_recently_and_a_gone_c
     finally:
         for e in hold.values():
             e.set()
+        g.close()
+
+
+def test_past_the_places_a_tenant_gets_its_fair_share_and_no_more() -> None:
+    """The places stay bounded: past 16 in flight, a tenant is admitted up to 16 over the
+    tenants in flight (at least one each), then refused 503 `queries_busy`."""
+    g = gate.Gate()
+    try:
+        for team in "bcde":
+            for k in range(2):
+                for _ in range(2):
+                    g.admit([(f"key:{team}{k}", 2, "This key"), (f"team:{team}", 4, "Team")])
+        answers = []
+        for k in range(4):
+            try:
+                g.admit([(f"key:f{k}", 2, "This key"), ("team:f", 4, "Team")])
+                answers.append(200)
+            except ProxyError as e:
+                answers.append(e.status)
+        assert answers == [200, 200, 200, 503], answers  # 16 // 5 tenants in flight: 3
+        g.admit([("solo:v", 2, "This key")])  # a sixth tenant still gets one
+        g.admit([("key:root", 2, "This key")])  # and the operator's places are apart
+    finally:
         g.close()

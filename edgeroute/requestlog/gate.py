@@ -4,15 +4,19 @@ They run on a small pool of their own (QUERY_THREADS), never on the default exec
 request path (large bodies' scans, token counts) and the key store share: a viewer's slow
 queries, however many, wait here, not in front of a revocation or a long prompt. Each key has at
 most `request_log.max_queries_per_key` of them in flight and a team's keys together twice that
-(a few more wait briefly for a slot, then 429 `too_many_queries`); all teams together, and apart
-from them the operator's callers (keys of no team, keyless loopback clients), at most MAX_WAITING
-(503 `queries_busy`). The pool is shared out, not first come first served: a team runs at most
-TEAM_THREADS at a time and all teams at most TEAMS_THREADS, so that one team's slow queries leave
-a thread to the other teams and one is always the operator's; a free thread goes to the tenant
-served least recently. Each query is answered within `request_log.query_timeout_s` of its
-arrival, its wait included (503 `query_timeout`, saying how to narrow it): SQLite stops it from
-a progress handler, PostgreSQL by the transaction's `statement_timeout`, and one still waiting
-for a thread at its deadline leaves the line. The limits are each process's (`serve --workers`).
+(a few more wait briefly for a slot, then 429 `too_many_queries`). The tenants are the teams and
+the keys of no team below `operator` (a dashboard's viewer key: each its own tenant); the
+operator's callers are the rest (keys of no team with role `operator` or `admin`, keyless and
+shared-key clients). The pool is shared out, not first come first served: a tenant runs at most
+TEAM_THREADS at a time and all tenants at most TEAMS_THREADS, so that one tenant's slow queries
+leave a thread to the others and one is always the operator's; a free thread goes to the tenant
+served least recently. Past MAX_WAITING in flight, a tenant that holds its fair share of them
+(MAX_WAITING over the tenants in flight, at least one) is refused (503 `queries_busy`), so that a
+few tenants' floods cannot shut the others out; the operator's callers have MAX_WAITING apart.
+Each query is answered within `request_log.query_timeout_s` of its arrival, its wait included
+(503 `query_timeout`, saying how to narrow it): SQLite stops it from a progress handler,
+PostgreSQL by the transaction's `statement_timeout`, and one still waiting for a thread at its
+deadline leaves the line. The limits are each process's (`serve --workers`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
+from edgeroute import roles
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger_store import Backend, PostgresBackend, SqliteBackend
 from edgeroute.errors import ProxyError
@@ -37,11 +42,14 @@ from edgeroute.state import STATE
 _T = TypeVar("_T")
 
 QUERY_THREADS = 3
-# One team's queries leave a thread to the other teams, and all teams' one to the operator's.
+# One tenant's queries leave a thread to the other tenants, and all tenants' one to the operator's.
 TEAM_THREADS = QUERY_THREADS - 2
 TEAMS_THREADS = QUERY_THREADS - 1
-MAX_WAITING = 16  # running and queued: all teams' together, and the operator's apart
-OPERATOR = "operator"  # the class of the callers of no team (the teams' is "teams")
+MAX_WAITING = 16  # running and queued: the operator's; the tenants' past it only to their fair share
+OPERATOR = "operator"  # the class of the operator's callers (the tenants' is TENANTS)
+TENANTS = "tenants"
+# A tenant's counter: a team's, or a key's of no team below `operator` (its own tenant).
+_TENANT_PREFIXES = ("team:", "solo:")
 # A query past its key's or team's limit waits for a slot (half its deadline, at most this
 # long; at most LINE_PER_KEY of a key's) before its 429: a console page's panels come at once.
 MAX_LINE_WAIT_S = 5.0
@@ -109,14 +117,14 @@ class _Job:
     """A query admitted, waiting in its tenant's line for a thread, then running."""
 
     who: list[Holder]
-    tenant: str  # "team:<name>", else the operator's caller's own counter ("key:<id>", "peer:<address>")
+    tenant: str  # "team:<name>", "solo:<key id>", else the operator's caller's ("key:<id>", "peer:<address>")
     call: Callable[[], Any]
     done: asyncio.Future[Any]
     expiry: asyncio.TimerHandle | None = None
 
     @property
-    def team(self) -> bool:
-        return self.tenant.startswith("team:")
+    def capped(self) -> bool:
+        return _capped(self.tenant)
 
 
 class Gate:
@@ -124,9 +132,9 @@ class Gate:
     on the event loop: a query's end comes back to it from its thread."""
 
     def __init__(self, threads: int = QUERY_THREADS) -> None:
-        self.held: dict[str, int] = {}  # "key:<id>", "peer:<address>", "team:<name>"
+        self.held: dict[str, int] = {}  # "key:<id>", "solo:<id>", "peer:<address>", "team:<name>"
         self.waiting: dict[str, int] = {}  # a key's queries waiting for a slot (before admission)
-        self.in_flight: dict[str, int] = {}  # by class: "teams", OPERATOR
+        self.in_flight: dict[str, int] = {}  # by class: TENANTS, OPERATOR
         self._threads = threads
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgeroute-query")
         self._lines: dict[str, deque[_Job]] = {}  # by tenant, each first come first served
@@ -134,7 +142,7 @@ class Gate:
         self._served: dict[str, int] = {}  # by tenant: when it last got a thread (a count of starts)
         self._starts = 0
         self._busy = 0
-        self._teams_busy = 0
+        self._tenants_busy = 0
         self._closed = False
 
     def admit(self, who: list[Holder]) -> None:
@@ -148,7 +156,7 @@ class Gate:
                     code="too_many_queries",
                     headers={"Retry-After": "1"},
                 )
-        if self.in_flight.get(_class(who), 0) >= MAX_WAITING:
+        if self._busy_for(who):
             raise ProxyError(
                 503,
                 "Too many request-log and spend queries are waiting; try again shortly.",
@@ -158,6 +166,21 @@ class Gate:
         for name, _, _ in who:
             self.held[name] = self.held.get(name, 0) + 1
         _add(self.in_flight, _class(who), 1)
+
+    def _busy_for(self, who: list[Holder]) -> bool:
+        """Whether the query's class is full: the operator's at MAX_WAITING; the tenants' past it
+        only for a tenant that holds its fair share already: each other tenant still gets its
+        own (one each past MAX_WAITING tenants), so a few tenants' floods cannot shut the others
+        out, and the places grow only with the tenants in flight, keys an admin made."""
+        cls = _class(who)
+        if self.in_flight.get(cls, 0) < MAX_WAITING:
+            return False
+        if cls == OPERATOR:
+            return True
+        tenant = _tenant(who)
+        holds = self.held.get(tenant, 0)
+        active = sum(1 for name in self.held if _capped(name)) + (holds == 0)
+        return holds >= max(1, MAX_WAITING // active)
 
     def release(self, who: list[Holder]) -> None:
         _add(self.in_flight, _class(who), -1)
@@ -223,9 +246,9 @@ class Gate:
             self._start(job)
 
     def _may_start(self, tenant: str) -> bool:
-        if not tenant.startswith("team:"):
+        if not _capped(tenant):
             return True
-        return self._running.get(tenant, 0) < TEAM_THREADS and self._teams_busy < TEAMS_THREADS
+        return self._running.get(tenant, 0) < TEAM_THREADS and self._tenants_busy < TEAMS_THREADS
 
     def _start(self, job: _Job) -> None:
         if job.expiry is not None:
@@ -234,7 +257,7 @@ class Gate:
         self._served[job.tenant] = self._starts
         self._starts += 1
         self._busy += 1
-        self._teams_busy += job.team
+        self._tenants_busy += job.capped
         loop = asyncio.get_running_loop()
         ran = self._pool.submit(job.call)
         ran.add_done_callback(lambda f: _back_to(loop, self._ended, job, f))
@@ -242,7 +265,7 @@ class Gate:
     def _ended(self, job: _Job, ran: Future[Any]) -> None:
         _add(self._running, job.tenant, -1)
         self._busy -= 1
-        self._teams_busy -= job.team
+        self._tenants_busy -= job.capped
         if job.tenant not in self._running and job.tenant not in self._lines:
             self._served.pop(job.tenant, None)  # idle: its next query is first in line
         self.release(job.who)
@@ -269,13 +292,18 @@ def _add(counts: dict[str, int], name: str, n: int) -> None:
         counts.pop(name, None)
 
 
+def _capped(name: str) -> bool:
+    return name.startswith(_TENANT_PREFIXES)
+
+
 def _tenant(who: list[Holder]) -> str:
-    """The line a query waits in: its team's, else its caller's own."""
-    return who[-1][0] if who[-1][0].startswith("team:") else who[0][0]
+    """The line a query waits in: its tenant's (its team's, or a solo key's own), else its
+    caller's own."""
+    return who[-1][0] if _capped(who[-1][0]) else who[0][0]
 
 
 def _class(who: list[Holder]) -> str:
-    return "teams" if _tenant(who).startswith("team:") else OPERATOR
+    return TENANTS if _capped(_tenant(who)) else OPERATOR
 
 
 GATE = web.AppKey("query_gate", Gate)
@@ -284,10 +312,13 @@ GATE = web.AppKey("query_gate", Gate)
 def _holders(request: web.Request, per_key: int) -> list[Holder]:
     """Whom a query counts against: the key (a keyless admin from loopback: its address) and,
     for a team's key, the team, which may have twice a key's (so that one team's many keys
-    cannot fill the pool for the others and the operator)."""
+    cannot fill the pool for the others and the operator). A key of no team below `operator`
+    (a viewer's dashboard) is a tenant of its own ("solo:"): the operator's thread is not its."""
     ident = request.get(IDENTITY)
     if ident is None:
         return [(f"peer:{request.remote}", per_key, "This client")]
+    if ident.team is None and not roles.permits(ident.role, "operator"):
+        return [(f"solo:{ident.key}", per_key, "This key")]
     out = [(f"key:{ident.key}", per_key, "This key")]
     if ident.team is not None:
         out.append((f"team:{ident.team}", 2 * per_key, f"Team {ident.team!r}"))
