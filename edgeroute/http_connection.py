@@ -83,7 +83,7 @@ CHUNK_FRAMING_BYTES = 2**16
 _NO_TIMER = TimerNoop()
 # Linux's `struct tcp_info`, as far as `tcpi_bytes_acked` (what the client's TCP took of the
 # answer, the send timer's measure of progress); elsewhere the unsent bytes shrinking is.
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
 _BYTES_ACKED = slice(120, 128)
 # Request targets whose URL is kept (see `_url_of`).
 URLS_KEPT = 256
