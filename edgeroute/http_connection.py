@@ -14,7 +14,8 @@ What it guarantees (tests/security/test_hostile_input.py):
   or of the previous answer (slowloris); the connection is closed otherwise.
 - Its body within `server.body_timeout` of its headers; the handler's read fails with
   :class:`BodyTimeout` (answered 408).
-- A request line or header over `MAX_LINE_BYTES`, or a head over `MAX_HEAD_BYTES`: 431.
+- A request line or header over `MAX_LINE_BYTES`, or a head over `MAX_HEAD_BYTES`: 431 (a
+  chunked body's trailer section over `MAX_HEAD_BYTES`: 400).
   Anything else the parser refuses: 400. Both in OpenAI's JSON format, never quoting the
   request, counted, logged at debug level as one line, and the connection closed after.
 - Requests on one connection are answered in order, one at a time (pipelining, at most
@@ -22,14 +23,18 @@ What it guarantees (tests/security/test_hostile_input.py):
 - A body sent with `Content-Encoding: gzip | deflate` is decompressed, never past the body
   limit (413); another encoding is a 415.
 - A request asking to switch protocols (`Upgrade: h2c`, which Java's HTTP client sends on
-  every first request) is answered in HTTP/1.1, body and all, as aiohttp does.
-- A client that goes away cancels its handler (and so its upstream call).
+  every first request) is answered in its HTTP/1.x version, body and all, as aiohttp does.
+- A client that goes away cancels its handler (and so its upstream call); one that takes
+  nothing of what waits unsent for `server.send_timeout` is dropped, and so is one shed at
+  the connection cap (never left open waiting for a flush).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import sys
 import zlib
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -76,6 +81,10 @@ READ_BUFFER_BYTES = 2**16
 CHUNK_FRAMING_BYTES = 2**16
 # The body reader's timer (none: `server.body_timeout` is the connection's), one for all: it holds nothing.
 _NO_TIMER = TimerNoop()
+# Linux's `struct tcp_info`, as far as `tcpi_bytes_acked` (what the client's TCP took of the
+# answer, the send timer's measure of progress); elsewhere the unsent bytes shrinking is.
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_BYTES_ACKED = slice(120, 128)
 # Request targets whose URL is kept (see `_url_of`).
 URLS_KEPT = 256
 _URLS: dict[str, URL] = {}
@@ -293,14 +302,17 @@ class Connection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._closing = False  # no more requests are read: close once the current answer is out
         self._refused = False  # the parser refused bytes: the client may be sending more
-        # A head that asked for a protocol upgrade: (method, target, headers), parsed again without it.
-        self._upgrade: tuple[bytes, bytes, list[tuple[bytes, bytes]]] | None = None
+        # A head that asked for a protocol upgrade: (method, target, version, headers), parsed again without it.
+        self._upgrade: tuple[bytes, bytes, str, list[tuple[bytes, bytes]]] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # Armed while the client reads nothing of an answer (see `pause_writing`).
+        # Armed while bytes wait unsent: paused, after an answer, closing (see `_watch_send`).
         self._send_timer: asyncio.TimerHandle | None = None
         # When the next head must have arrived (None: not waiting for one); `_timer` checks it.
         self._head_deadline: float | None = None
         self._idle_since = 0
+        # The body the request being answered waits for, and since when (see `body_since`).
+        self._body: StreamReader | None = None
+        self._body_since = 0
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -311,6 +323,9 @@ class Connection(BaseProtocol):
         self._payload: StreamReader | None = None
         self._inflate: Inflate | None = None  # a compressed body's decompressor, in front of `_payload`
         self._wire_left: int | None = None  # what a chunked body may still take on the wire (see `BodyTooLarge`)
+        # Bytes of what may be a trailer section: after a chunk's size line with no data since
+        # (-1: it began within the bytes being parsed); None otherwise (see `data_received`).
+        self._trailer_bytes: int | None = None
 
     # -- the transport ---------------------------------------------------------
 
@@ -353,6 +368,8 @@ class Connection(BaseProtocol):
                 self._wire_left -= len(data)
                 if self._wire_left < 0:
                     raise BodyTooLarge()
+            if self._trailer_bytes is not None:
+                self._count_trailer(len(data))
             if self._task is None and self._queue:
                 self._next()  # only once the bytes parsed whole: a request followed by an error is refused
             if self._in_head:  # a head goes on
@@ -364,27 +381,48 @@ class Connection(BaseProtocol):
                     raise HeadTooLarge()
         except (HeadTooLarge, BodyTooLarge) as e:
             self._refuse(e)
+            return
         except httptools.HttpParserCallbackError as e:
             self._refuse(e.__context__ if isinstance(e.__context__, HttpProcessingError) else MalformedRequest())
+            return
         except httptools.HttpParserUpgrade as e:
-            self._decline_upgrade(data[int(e.args[0]) :] if e.args else b"")
+            rest = data[int(e.args[0]) :] if e.args else b""
         except httptools.HttpParserError:
             self._refuse(MalformedRequest())
+            return
+        else:
+            return
+        # Parsed again outside the handler: an error raised then would have the upgrade, not
+        # itself, as its context (a 505 answered as a 400).
+        self._decline_upgrade(rest)
+
+    def _count_trailer(self, size: int) -> None:
+        """A trailer section (after the last chunk) is headers: the parser joins a field that
+        arrives in pieces by copying, so it is held to the head's limit, as a head is (a
+        trailer field trickled for the body's wire allowance cost its size squared)."""
+        if self._trailer_bytes == -1:  # began within these bytes: what of them is trailer is not known
+            self._trailer_bytes = 0
+            return
+        self._trailer_bytes = (self._trailer_bytes or 0) + size  # all of them: no callback came
+        if self._trailer_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge()
 
     def _decline_upgrade(self, rest: bytes) -> None:
         """A request asked to switch protocols (`Upgrade: h2c`, as Java's HTTP client does on
         every first request, or `websocket`). Nothing is upgraded on this port: as aiohttp
         does, the request is answered in HTTP/1.1 (a client that asked must accept that), so
-        its head is parsed again without the upgrade, then its body and what follows."""
+        its head is parsed again without the upgrade (in its own HTTP version), then its body
+        and what follows."""
         if self._upgrade is None:
             self._refuse(MalformedRequest())
             return
-        method, url, raw = self._upgrade
+        method, url, version, raw = self._upgrade
         self._upgrade = None
         if method == b"CONNECT":  # a tunnel: this is not a forward proxy
             self._refuse(MalformedRequest())
             return
-        head = [method + b" " + url + b" HTTP/1.1\r\n"]
+        # In its own version: HTTP/1.0 keeps its framing and close (no chunked answer), 2.0 its 505.
+        head = [method + b" " + url + b" HTTP/" + version.encode("ascii") + b"\r\n"]
         for name, value in raw:
             low = name.lower()
             if low in (b"upgrade", b"http2-settings"):
@@ -414,29 +452,59 @@ class Connection(BaseProtocol):
         for that long) is dropped with its connection: a whole answer waiting here is held in
         memory, counted nowhere, and the connection is never shed."""
         super().pause_writing()
-        self._watch_send(self._unsent())
+        self._watch_send()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
+        if self._closing:
+            self._watch_tail()  # no answer to end and watch its tail: the close's last bytes
 
     def _unsent(self) -> int:
         transport = self.transport
         return 0 if transport is None else transport.get_write_buffer_size()
 
-    def _watch_send(self, unsent: int) -> None:
-        self._send_timer = self._loop.call_later(self.server.send_timeout, self._send_timer_fired, unsent)
+    def _acked(self) -> int | None:
+        """Bytes the client's TCP acknowledged (Linux), None where that is not known."""
+        transport = self.transport
+        sock = None if transport is None or _TCP_INFO is None else transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED.stop)
+        except OSError:
+            return None
+        return int.from_bytes(info[_BYTES_ACKED], sys.byteorder) if len(info) >= _BYTES_ACKED.stop else None
 
-    def _send_timer_fired(self, unsent: int) -> None:
+    def _progress(self) -> int:
+        """Grows as the client takes what is sent: what it acknowledged, else (not known) the
+        unsent bytes shrinking, which more answers written also grow."""
+        acked = self._acked()
+        return -self._unsent() if acked is None else acked
+
+    def _watch_send(self) -> None:
+        """Bytes wait unsent: the client must take some within `server.send_timeout`. Watched
+        below the high-water mark too (an answer's tail, a closing connection's last bytes):
+        the kernel's buffers hold megabytes, and a tail the client never reads kept its
+        connection open, counted and unsheddable, forever (a close waits for the flush). One
+        timer: a watch under way keeps its clock (more answers written are not progress)."""
+        if self._send_timer is None:
+            self._send_timer = self._loop.call_later(self.server.send_timeout, self._send_timer_fired, self._progress())
+
+    def _watch_tail(self) -> None:
+        """After an answer (or at a close), watches what is left unsent, if anything."""
+        if self._unsent() > 0:
+            self._watch_send()
+
+    def _send_timer_fired(self, progress: int) -> None:
         self._send_timer = None
         transport = self.transport
-        if not self._paused or transport is None:
+        if transport is None or self._unsent() == 0:
             return
-        now = self._unsent()
-        if now != unsent:  # the client read some (or more was written): another `send_timeout`
-            self._watch_send(now)
+        if self._progress() > progress:  # the client took some: another `send_timeout`
+            self._watch_send()
             return
         log.info("client %s read nothing for server.send_timeout: connection dropped", self.peername)
         transport.abort()
@@ -473,7 +541,7 @@ class Connection(BaseProtocol):
         if http.should_upgrade():
             # The parser stops here and would read what follows as the new protocol, body
             # included: the request is parsed again without its upgrade (`_decline_upgrade`).
-            self._upgrade = (http.get_method(), self._url, self._raw)
+            self._upgrade = (http.get_method(), self._url, http.get_http_version(), self._raw)
             self._payload = None
             return
         target = self._url.decode("utf-8", "surrogateescape")
@@ -536,14 +604,21 @@ class Connection(BaseProtocol):
             # (`_next`), or each queued body would be held, unauthenticated and uncounted.
             self._pause_reading_for_buffer()
 
+    def on_chunk_header(self) -> None:
+        self._trailer_bytes = -1  # the last chunk's (size 0) is followed by its trailer section
+
+    def on_chunk_complete(self) -> None:
+        self._trailer_bytes = None
+
     def on_body(self, body: bytes) -> None:
+        self._trailer_bytes = None  # the chunk had data: not the last one
         if self._inflate is not None:
             self._inflate.feed_data(body)
         elif self._payload is not None:
             self._payload.feed_data(body)
 
     def on_message_complete(self) -> None:
-        self._wire_left = None
+        self._wire_left = self._trailer_bytes = None
         payload, self._payload = self._payload, None
         inflate, self._inflate = self._inflate, None
         if inflate is not None:
@@ -555,12 +630,19 @@ class Connection(BaseProtocol):
 
     def _next(self) -> None:
         message, payload = self._queue.popleft()
+        if self._send_timer is not None and not self._paused and _TCP_INFO is None:
+            # Progress told by the unsent bytes alone: this answer's writes would hide the
+            # client's reads. The previous answer's tail is watched from this answer's end.
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._buffer_paused and not self._queue:
             self._resume_reading_for_buffer()  # nothing left pipelined: this body, and what follows, may come
+        self._body = None
         if payload is not EMPTY_PAYLOAD and not payload.is_eof():
             # The body has `server.body_timeout` to arrive whole (a small one came with its headers).
             timer = self._loop.call_later(self.server.body_timeout, _expire_body, payload)
             payload.on_eof(timer.cancel)
+            self._body, self._body_since = payload, next(self.server.idle_starts)
         self._task = self._loop.create_task(self._answer(message, payload))
 
     async def _answer(self, message: RawRequestMessage, payload: StreamReader) -> None:
@@ -588,12 +670,16 @@ class Connection(BaseProtocol):
             # Whatever happened, the connection is no longer answering: never left "busy"
             # (unshed, undrained, without a header timer) by an exception.
             self._task = None
+            self._body = None
             if request is not None:
                 request._task = None  # type: ignore[assignment]  # no reference cycle through the task
         if not resp.keep_alive or message.should_close or self._closing or not payload.is_eof():
-            # An unread body leaves the stream out of step: close rather than parse it as a request.
-            self._close(linger=self._refused or not payload.is_eof())
-        elif self._queue:
+            # An unread body leaves the stream out of step: close rather than parse it as a
+            # request; one cut short (late, shed) may still be coming: linger.
+            self._close(linger=self._refused or not payload.is_eof() or payload.exception() is not None)
+            return
+        self._watch_tail()
+        if self._queue:
             self._next()
         else:
             self._arm_header_timer()
@@ -642,6 +728,7 @@ class Connection(BaseProtocol):
             self._timer = self._loop.call_later(LINGER_S, transport.close)
         else:
             transport.close()
+        self._watch_tail()  # a close waits for the last bytes to go: not forever (see `_watch_send`)
 
     def close_idle(self) -> bool:
         """Closes the connection if no request is being answered (a drain); says whether it did."""
@@ -662,9 +749,27 @@ class Connection(BaseProtocol):
             return -1
         return None if self._head_deadline is None else self._idle_since
 
+    @property
+    def body_since(self) -> int | None:
+        """When (in the server's count of idle starts) the request being answered began
+        waiting for its body; None if it is not (no request, or its body is all here)."""
+        body = self._body
+        if body is None or self._closing or self._task is None or body.is_eof():
+            return None
+        return self._body_since
+
     def shed(self) -> None:
-        """Closed to make room at the server's connection cap (see `ProxyServer.admit`)."""
+        """Closed to make room at the server's connection cap (see `ProxyServer.admit`): at
+        once, bytes still unsent dropped (a close would wait for a client that does not read,
+        and leave the connection open past the cap). A request still waiting for its body
+        is answered as if its body were late (408), and the connection closed after."""
+        if self.body_since is not None and self._body is not None:
+            self._closing = True  # nothing more is read; closed once the 408 is out
+            _expire_body(self._body)
+            return
         self._close()
+        if self._unsent() > 0 and self.transport is not None:
+            self.transport.abort()
 
     @property
     def busy(self) -> bool:

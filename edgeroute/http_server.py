@@ -172,12 +172,14 @@ class ProxyServer:
         """Whether a new connection is kept. At the cap, the longest-idle connections (no
         request under way: a client keeping a connection for later, or one trickling a head)
         are closed first, an eighth of them at a time so a flood costs a sort now and then,
-        not one per connection; if every connection is answering, the new one is refused."""
+        not one per connection. With none idle, those whose request still waits for its body
+        (a body trickled, or never sent after `100 Continue`) are, longest waiting first:
+        else a few such clients held everyone else out for `body_timeout`, again and again.
+        If every connection is answering a request it has whole, the new one is refused."""
         if len(self.connections) < self.max_connections:
             self.connections.add(conn)
             return True
-        idle = sorted((c for c in self.connections if c.idle_since is not None), key=_idle_since)
-        shed = idle[: max(1, len(idle) // _SHED_SHARE)]
+        shed = _sheddable(self.connections)
         for c in shed:
             c.shed()
         self._count_shed(len(shed) + (0 if shed else 1))
@@ -225,6 +227,19 @@ CUT_GRACE_S = 0.5
 
 def _idle_since(c: Connection) -> int:
     return c.idle_since or 0
+
+
+def _body_since(c: Connection) -> int:
+    return c.body_since or 0
+
+
+def _sheddable(connections: set[Connection]) -> list[Connection]:
+    """The connections closed at the cap (see `ProxyServer.admit`): idle ones, else those
+    waiting for a request body; the longest waiting eighth."""
+    waiting = sorted((c for c in connections if c.idle_since is not None), key=_idle_since)
+    if not waiting:
+        waiting = sorted((c for c in connections if c.body_since is not None), key=_body_since)
+    return waiting[: max(1, len(waiting) // _SHED_SHARE)]
 
 
 def _expectation_failed(path: str) -> web.StreamResponse:

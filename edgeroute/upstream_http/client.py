@@ -139,11 +139,11 @@ class HttpClient:
         now = idle[-1].loop.time()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed
-            if conn.open and now - conn.idle_since < self.keepalive_timeout:
+            if conn.open and now - conn.idle_since < self.keepalive_timeout and not conn.unread():
                 conn.reused = True
                 return conn
             if conn.open:
-                conn.drop()
+                conn.drop()  # idle too long, or bytes nobody asked for wait on it
         return None
 
     async def _acquire(self, t: Target, reuse: bool = True) -> Connection:

@@ -5,12 +5,14 @@ time. It goes back to its pool only once its whole response arrived and allowed
 keep-alive; one the peer closed is never reused. A reused connection closed before any
 response byte, within the pool's `stale_window` of the request being written, fails its
 response with `StaleConnection` (the keep-alive race: the client sends it again once);
-any other close, a malformed response or a head over `MAX_HEAD_BYTES` with UpstreamError.
+any other close with UpstreamError; a malformed response or a head over `MAX_HEAD_BYTES` with
+UpstreamProtocolError (the upstream's fault).
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections.abc import Callable
 from typing import Protocol
@@ -58,6 +60,7 @@ class Connection(asyncio.Protocol):
         self.head_bytes = 0  # of the response being read, until its head is complete
         self._interim = False  # parsing a 1xx response, which is skipped
         self._unsolicited = False
+        self._fd = -1  # the socket's, to see whether bytes wait unread (see `unread`)
 
     # -- the exchange ----------------------------------------------------------
 
@@ -91,6 +94,16 @@ class Connection(asyncio.Protocol):
             raise
         return resp
 
+    def unread(self) -> bool:
+        """Whether bytes (or the upstream's close) wait on the idle connection, not yet read by
+        the loop: nobody asked for them (a late or extra response), so the connection is out
+        of step and the next request would take them for its answer. Asked before reuse."""
+        if self._fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        return bool(poller.poll(0))
+
     def drop(self) -> None:
         self.open = False
         if self.transport is not None:
@@ -112,7 +125,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
-        no_delay(transport)
+        sock = no_delay(transport)
+        if sock is not None:
+            self._fd = sock.fileno()
 
     def data_received(self, data: bytes) -> None:
         self.got_bytes = True
@@ -127,7 +142,8 @@ class Connection(asyncio.Protocol):
             resp, self.resp = self.resp, None
             self.drop()
             if resp is not None:
-                resp._fail(UpstreamError(f"malformed response from upstream: {e}"))
+                # The upstream's fault (bad framing), not a failed connection: labelled as such.
+                resp._fail(UpstreamProtocolError(f"sent a malformed HTTP response ({type(e).__name__})"))
             return
         if self._unsolicited:
             self.drop()
@@ -195,11 +211,13 @@ class Connection(asyncio.Protocol):
             self.drop()
 
 
-def no_delay(transport: asyncio.BaseTransport) -> None:
-    """Small writes (one SSE event, one request) go out at once, not after Nagle's wait."""
-    sock = transport.get_extra_info("socket")
+def no_delay(transport: asyncio.BaseTransport) -> socket.socket | None:
+    """Small writes (one SSE event, one request) go out at once, not after Nagle's wait.
+    Returns the transport's socket, if it has one."""
+    sock: socket.socket | None = transport.get_extra_info("socket")
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+    return sock

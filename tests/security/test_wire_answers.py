@@ -7,8 +7,11 @@ while one is answered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -28,6 +31,8 @@ async def _upstream(request: web.Request) -> web.StreamResponse:
     content = body["messages"][0]["content"]
     if content == "stall":
         await asyncio.sleep(30)
+    if content.startswith("bytes:"):  # an answer of about this many bytes
+        return await openai_answer(request, body, "x" * int(content[6:]), USAGE)
     return await openai_answer(request, body, "x" * BIG if content == "big" else "hi", USAGE)
 
 
@@ -181,6 +186,166 @@ async def test_a_client_reading_nothing_of_an_answer_is_dropped_at_send_timeout(
     assert got < BIG  # cut off: not the whole answer kept for it
 
 
+# -- red3W H1: an answer whose tail stays below the high-water mark, never read -------------
+# The kernel's buffers take megabytes of answers a client does not read; the last answer's
+# tail then waits in the transport (under 64 KiB: writing never pauses). A close waited for it
+# forever, so the connection stayed open, counted, and shedding it did nothing.
+
+TAIL = 56_000  # one answer's content: its tail stays under the transport's 64 KiB high-water mark
+
+
+def _send_queue(port: int, client_port: int) -> int | None:
+    """The kernel's send queue of the server's end of one connection (None: not established)."""
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} and dport = :{client_port} )"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return int(out[1]) if out else None
+
+
+async def _send_queue_after(port: int, client_port: int, before: int) -> int:
+    """The send queue once an answer went into it: grown, then steady (or, grown by
+    nothing within a second, the answer is all in the transport)."""
+    now = before
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        last, now = now, _send_queue(port, client_port) or 0
+        if now == last != before:
+            return now
+    return now
+
+
+async def _zombie(port: int) -> tuple[socket.socket, int]:
+    """A client that asks for answers and reads none, until one no longer fits in the
+    kernel's buffers: that answer waits (in part) in the server's transport, under 64 KiB."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    client_port = sock.getsockname()[1]
+    request = _chat(f"bytes:{TAIL}")
+    queued = None  # the first answer fills the client's small receive buffer too
+    for _ in range(400):
+        await loop.sock_sendall(sock, request)
+        now = await _send_queue_after(port, client_port, queued or 0)
+        if queued is not None and now - queued < TAIL - 2000:  # part of this answer waits in the transport
+            return sock, client_port
+        queued = now
+    raise AssertionError("the kernel took every answer")
+
+
+async def test_a_client_never_reading_an_answers_tail_is_dropped(serve: Any, serve_routes: ServeRoutes) -> None:
+    proxy = await _proxy(serve, serve_routes, header_timeout=1, send_timeout=2)
+    sock, client_port = await _zombie(proxy.port)
+    # The header timer closes it at 1 s (the close waits for its last bytes); they do not go for 2 s.
+    await asyncio.sleep(5)
+    gone = _send_queue(proxy.port, client_port) is None
+    sock.close()
+    assert gone, "the server still holds a connection whose client read nothing for 5 s"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="progress is read from Linux's tcp_info")
+async def test_a_client_never_reading_but_asking_again_is_dropped(serve: Any, serve_routes: ServeRoutes) -> None:
+    """More answers written behind the tail (a small request now and then, each answer
+    under the high-water mark) are not the client reading: the clock is not set back."""
+    proxy = await _proxy(serve, serve_routes, header_timeout=5, send_timeout=1)
+    sock, client_port = await _zombie(proxy.port)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionError):
+        for _ in range(12):  # 4 s: a request every 0.3 s keeps it from being idle
+            await loop.sock_sendall(sock, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await asyncio.sleep(0.3)
+    gone = _send_queue(proxy.port, client_port) is None
+    sock.close()
+    assert gone, "the server still holds a connection whose client read nothing for 4 s"
+
+
+def _server_connections(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, check=True
+    ).stdout
+    return len(out.splitlines())
+
+
+async def test_clients_never_reading_are_shed_at_the_connection_cap(serve: Any, serve_routes: ServeRoutes) -> None:
+    proxy = await _proxy(serve, serve_routes, header_timeout=1, send_timeout=60, max_client_connections=2)
+    zombies = [await _zombie(proxy.port) for _ in range(2)]
+    await asyncio.sleep(1.5)  # closed by the header timer, their last bytes unsent
+    clients = []
+    for _ in range(2):  # each new client sheds one: it must go, not stay open past the cap
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(4):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        clients.append(writer)
+    await asyncio.sleep(0.2)
+    held = [c for _, c in zombies if _send_queue(proxy.port, c) is not None]
+    open_now = _server_connections(proxy.port)
+    for sock, _ in zombies:
+        sock.close()
+    for writer in clients:
+        writer.close()
+    assert not held and open_now <= 2, f"{open_now} connections open at a cap of 2, {len(held)} shed but open"
+
+
+# -- red3W M1: at the cap, requests whose body never comes are shed (after idle ones) --------
+
+
+def _head_of(request: bytes) -> bytes:
+    return request.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+
+
+async def _healthz(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    data, _ = await _until_closed(reader, 4)
+    writer.close()
+    return data
+
+
+async def _trickle(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection whose request sends one byte of its body, and no more."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = _chat("hi")
+    writer.write(request[: len(_head_of(request)) + 1])
+    await asyncio.sleep(0.1)
+    return reader, writer
+
+
+async def _shed_with_a_408(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    data, _ = await _until_closed(reader, 4)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in head
+    assert orjson.loads(body)["error"]["code"] == "body_timeout"
+    writer.close()  # gone, not lingering (a lingering connection is the first shed)
+    await asyncio.sleep(0.2)
+
+
+async def test_bodies_that_never_come_are_shed_at_the_connection_cap(serve: Any, serve_routes: ServeRoutes) -> None:
+    proxy = await _proxy(serve, serve_routes, max_client_connections=3)  # body_timeout: 30 s
+    answering = await asyncio.open_connection("127.0.0.1", proxy.port)
+    answering[1].write(_chat("stall"))  # its body whole: answered (slowly), never shed
+    trickled = await _trickle(proxy.port)
+    expecting = await asyncio.open_connection("127.0.0.1", proxy.port)
+    expecting[1].write(_head_of(_chat("hi", extra=b"Expect: 100-continue\r\n")))
+    async with asyncio.timeout(4):
+        assert (await expecting[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+    # Every connection answering: a new client is served, the longest-waiting body shed.
+    assert (await _healthz(proxy.port)).startswith(b"HTTP/1.1 200 ")
+    await _shed_with_a_408(*trickled)
+    assert not expecting[0].at_eof()
+    trickled = await _trickle(proxy.port)  # at the cap again: now `expecting` waits longest
+    assert (await _healthz(proxy.port)).startswith(b"HTTP/1.1 200 ")
+    await _shed_with_a_408(*expecting)
+    assert not trickled[0].at_eof() and not answering[0].at_eof()  # still waiting
+    for _, writer in (answering, trickled):
+        writer.transport.abort()
+
+
 # -- M3: pipelined requests are not read while one is answered -------------------------------
 
 
@@ -317,3 +482,117 @@ async def test_chunk_extensions_count_toward_the_body_limit(serve: Any, serve_ro
     data, _ = await _until_closed(reader, 5)
     writer.transport.abort()
     assert _statuses(data) == [413]
+
+
+# -- red3W L1: a trailer section is held to the head's limit ----------------------------------
+
+
+async def test_a_trailer_field_that_never_ends_is_refused_at_the_head_limit(
+    serve: Any, serve_routes: ServeRoutes
+) -> None:
+    proxy = await _proxy(serve, serve_routes)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-T: "
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(head)
+    answer = asyncio.ensure_future(_until_closed(reader, 20))
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 1024 * 1024 and not answer.done():  # each piece a read of its own
+            writer.write(b"a" * 1024)
+            await writer.drain()
+            sent += 1024
+            await asyncio.sleep(0.001)
+    data, _ = await answer
+    writer.transport.abort()
+    assert _statuses(data) in ([400], [431]) and sent <= 256 * 1024, f"{sent} bytes of one trailer field taken"
+
+
+# -- red3W L2: a request asking to upgrade keeps its HTTP version -----------------------------
+
+
+@pytest.mark.parametrize(("version", "status_line"), [(b"1.0", b"HTTP/1.0 200 "), (b"2.0", b"HTTP/1.1 505 ")])
+async def test_an_upgrade_request_is_answered_in_its_own_version(
+    serve: Any, serve_routes: ServeRoutes, version: bytes, status_line: bytes
+) -> None:
+    proxy = await _proxy(serve, serve_routes)
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    upgrade = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(_post(b"/v1/chat/completions", payload, version=version, extra=upgrade))
+    data, took = await _until_closed(reader, 4.5)  # header_timeout is 5: kept open, it ended there
+    writer.close()
+    head = data.partition(b"\r\n\r\n")[0]
+    assert head.startswith(status_line) and b"Transfer-Encoding" not in head
+    assert took < 3
+
+
+# -- red3W L4 / L9: an upstream out of step --------------------------------------------------
+
+
+def _upstream_response(text: bytes) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%b" % (len(text), text)
+
+
+def _late_upstream(listener: socket.socket) -> None:
+    """Answers the first request, then sends a response nobody asked for; every later request
+    (on any connection) is answered with its own."""
+    with contextlib.suppress(OSError):  # the listener closed: the test is over
+        for n in range(3):
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(ConnectionError):  # dropped by the client
+                answered = 0
+                while data := conn.recv(65536):
+                    answered += data.count(b"HTTP/1.1\r\n")
+                    first = n == 0 and answered == 1
+                    conn.sendall(_upstream_response(b"first" if first else b"its own answer"))
+                    if first:
+                        time.sleep(0.05)
+                        conn.sendall(_upstream_response(b"LATE"))
+
+
+async def test_a_late_upstream_response_is_not_the_next_requests_answer() -> None:
+    """Bytes waiting unread on a pooled connection (here: arrived while the loop was busy)
+    put it out of step: it is dropped, not reused for the next request."""
+    import threading
+
+    from edgeroute.upstream_http.client import HttpClient
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=_late_upstream, args=(listener,), daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1/x"
+    client = HttpClient(limit=1, connect_timeout=2)
+    try:
+        async with asyncio.timeout(5):
+            assert await (await client.request("POST", url, {}, b"{}")).read() == b"first"
+            time.sleep(0.3)  # noqa: ASYNC251  # the loop busy: the late response waits in the kernel, unread
+            second = await (await client.request("POST", url, {}, b"{}")).read()
+    finally:
+        await client.close()
+        listener.close()
+    assert second == b"its own answer"
+
+
+async def test_a_malformed_upstream_response_is_the_upstreams_error(serve: Any) -> None:
+    async def both_lengths(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"id":"x"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+        )
+        await writer.drain()
+
+    raw = await asyncio.start_server(both_lengths, "127.0.0.1", 0)
+    proxy = await serve(_config(f"http://127.0.0.1:{raw.sockets[0].getsockname()[1]}"))
+    try:
+        data = await _exchange(proxy.port, _chat("hi", extra=b"Connection: close\r\n"))
+    finally:
+        raw.close()
+    assert _statuses(data) == [502]
+    error = orjson.loads(data.partition(b"\r\n\r\n")[2])["error"]
+    assert "connection failed" not in error["message"]
+    attempt = proxy.recorder.records[-1].attempts[0]
+    assert attempt.outcome == "server_error" and "malformed HTTP response" in attempt.error
