@@ -26,11 +26,22 @@ USAGE = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
 BIG = 16 * 1024 * 1024  # an answer far larger than any socket buffer
 
 
+_STALLED: list[asyncio.Event] = []  # the "stall" answers held until the test releases them
+
+
+def _release_stalls() -> None:
+    """Lets the held answers go (the server's shutdown waits for requests in flight)."""
+    while _STALLED:
+        _STALLED.pop().set()
+
+
 async def _upstream(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     content = body["messages"][0]["content"]
     if content == "stall":
-        await asyncio.sleep(30)
+        _STALLED.append(held := asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(held.wait(), 30)
     if content.startswith("bytes:"):  # an answer of about this many bytes
         return await openai_answer(request, body, "x" * int(content[6:]), USAGE)
     return await openai_answer(request, body, "x" * BIG if content == "big" else "hi", USAGE)
@@ -344,6 +355,7 @@ async def test_bodies_that_never_come_are_shed_at_the_connection_cap(serve: Any,
     assert not trickled[0].at_eof() and not answering[0].at_eof()  # still waiting
     for _, writer in (answering, trickled):
         writer.transport.abort()
+    _release_stalls()
 
 
 # -- M3: pipelined requests are not read while one is answered -------------------------------
@@ -363,6 +375,7 @@ async def test_pipelined_bodies_are_not_read_ahead_while_a_request_is_answered(
     await asyncio.sleep(2)
     taken = len(queued) - writer.transport.get_write_buffer_size()
     writer.transport.abort()
+    _release_stalls()
     assert taken < 1024 * 1024, f"{taken} bytes of pipelined requests read while the first is answered"
 
 
