@@ -41,7 +41,7 @@ from aiohttp import web
 
 from edgeroute import sse
 from edgeroute.accounting import Usage
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, checked_json
 from edgeroute.owners import MAX_ID, bind_all, owner_of, stored_binding
 from edgeroute.state import Live
 
@@ -73,10 +73,7 @@ def _audio_id(holder: Any) -> tuple[bool, Any]:
 
 def _named(body: bytes) -> list[tuple[Any, str]]:
     """The audio ids a chat request names (`messages[i].audio.id`), with where."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return []  # the core answers a body that is not JSON
+    req = checked_json(body)  # one the core took may not parse here: refused, not unchecked
     messages = req.get("messages") if isinstance(req, dict) else None
     found = []
     for i, m in enumerate(messages if isinstance(messages, list) else ()):

@@ -406,6 +406,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
                 answer.body,
                 request.get(IDENTITY),
                 tags,
+                prompt_tokens=decision.prompt_tokens if named is not None else None,  # its audio is not in the text
             )
             if live.access.keyed(request):  # its audio is the caller's before its id is shown
                 ids = audio_owners.answer_ids(answer.body)
@@ -420,7 +421,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         on_complete = _stream_saver(request, plan, dep.cached_as, rec) if plan is not None and plan.stores else None
         on_complete = content.keep_stream(rec, on_complete)
         if (mirrored := route_shadow(live.config, decision)) is not None:  # mirrored once the stream is whole
-            on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete)
+            known = decision.prompt_tokens if named is not None else None  # its audio is not in the text
+            on_complete = _stream_mirror(request, live, mirrored, body, rec, on_complete, known)
         if (candidate := app.get(shadow.CANDIDATE_ROUTER)) is not None:  # sees the stream once complete
             on_complete = candidate.after_stream(live, body, decision, rec, request.get(IDENTITY), on_complete)
         return await relay_stream(request, answer, hdrs, call.timeouts.idle, call, dep, encode, on_complete)
@@ -594,16 +596,19 @@ def _stream_mirror(
     body: bytes,
     rec: RequestRecord,
     then: Callable[[bytes], None] | None,
+    prompt_tokens: int | None,
 ) -> Callable[[bytes], None]:
     """A stream's completion callback that also mirrors the request (`shadow:`), as a JSON
-    answer's is mirrored, with the streamed answer made whole for the shadow log."""
+    answer's is mirrored, with the streamed answer made whole for the shadow log
+    (`prompt_tokens`: see `shadow.start`)."""
 
     def done(stream: bytes) -> None:
         if then is not None:
             then(stream)
         if shadow.sampled(settings.percent) and (completion := completion_from_stream(stream)) is not None:
             answer = orjson.dumps(completion)
-            shadow.start(request.app, live, settings, body, rec, answer, request.get(IDENTITY), tags_of(request))
+            ident, tags = request.get(IDENTITY), tags_of(request)
+            shadow.start(request.app, live, settings, body, rec, answer, ident, tags, prompt_tokens=prompt_tokens)
 
     return done
 

@@ -32,10 +32,9 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, checked_json
 from edgeroute.owners import MAX_ID, owner_of, stored_owner
 
 _MARKERS = (b"file_id", b"vector_store_ids", b"skill_id")  # the first finds `file_ids` too
@@ -103,11 +102,7 @@ def named(body: bytes) -> list[tuple[str, str | None]]:
     # A key's name may be spelt with escapes (`"file\u005fid"`): such a body is always parsed.
     if b"\\u" not in body and not any(m in body for m in _MARKERS):
         return []
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return []  # the endpoint answers a body that is not JSON
-    return list(_named(obj, ""))
+    return list(_named(checked_json(body), ""))  # one the core took may not parse here: refused
 
 
 def refused(found: str) -> ProxyError:

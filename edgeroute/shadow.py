@@ -227,13 +227,15 @@ def maybe_mirror(
     answer: bytes,
     ident: Identity | None = None,
     tags: list[str] | None = None,
+    prompt_tokens: int | None = None,
 ) -> None:
     """Mirrors this answered request to the shadow candidate `settings` name, if it is sampled, and
-    shows it to the candidate router under evaluation, if any (`tags`: the request's)."""
+    shows it to the candidate router under evaluation, if any (`tags`: the request's;
+    `prompt_tokens`: see `start`)."""
     if (candidate := app.get(CANDIDATE_ROUTER)) is not None:
         candidate.observe(live, body, decision, rec, ident)
     if settings is not None and sampled(settings.percent):
-        start(app, live, settings, body, rec, answer, ident, tags)
+        start(app, live, settings, body, rec, answer, ident, tags, prompt_tokens=prompt_tokens)
 
 
 def after_stream(
@@ -271,16 +273,20 @@ def start(
     tags: list[str] | None = None,
     prepare: Prepare = chat,
     read: Callable[[bytes], str | None] = answer_text,
+    *,
+    prompt_tokens: int | None = None,
 ) -> None:
     """Mirrors a request sampled already, in the background, unless the route's `max_in_flight`
     mirrors are running (skipped, counted). `answer`: the primary's, whose text `read` finds
-    for the shadow log (a chat completion, a stream's made whole); `prepare`: the endpoint's."""
+    for the shadow log (a chat completion, a stream's made whole); `prepare`: the endpoint's;
+    `prompt_tokens`: the primary's prompt count when its text is not all of it (audio named by
+    id, which the provider reads again for the mirror), for the mirror's provider limits."""
     state = app[STATE]
     mirrors = app.get(MIRRORS)
     route = rec.route
     if mirrors is not None and not mirrors.take(route, settings.max_in_flight):
         return
-    mirror = _mirror(app, live, settings.model, body, rec, answer, ident, tags, prepare, read, mirrors)
+    mirror = _mirror(app, live, settings.model, body, rec, answer, ident, tags, prepare, read, mirrors, prompt_tokens)
     task = asyncio.get_running_loop().create_task(mirror)
     state.background.add(task)
     task.add_done_callback(state.background.discard)
@@ -315,6 +321,7 @@ async def _mirror(
     prepare: Prepare,
     read: Callable[[bytes], str | None],
     mirrors: Mirrors | None,
+    prompt_tokens: int | None,
 ) -> None:
     rec = RequestRecord(request_id=primary.request_id + "-shadow", started=time.time(), model=candidate)
     rec.shadow_of = primary.request_id
@@ -330,7 +337,8 @@ async def _mirror(
             return prepare(shadow_body(body, candidate))
 
         mirror = await asyncio.to_thread(made) if len(body) > _OFF_LOOP_BODY else made()
-        d = decide_as(live, mirror.decide_on, ident, request_tags=tags, prompt_tokens=mirror.prompt_tokens)
+        known = mirror.prompt_tokens if mirror.prompt_tokens is not None else prompt_tokens
+        d = decide_as(live, mirror.decide_on, ident, request_tags=tags, prompt_tokens=known)
         rec.route, rec.rule, rec.task = d.route, d.rule, d.task
         cfg = live.config.models[d.route]
         call = mirror.call(live, d, rec, cfg.timeouts, cfg.max_attempts)

@@ -14,6 +14,7 @@ import pytest
 
 from edgeroute.config import Deployment
 from edgeroute.cost import media as M
+from edgeroute.errors import ProxyError
 
 
 def _png(w: int, h: int) -> bytes:
@@ -128,7 +129,9 @@ def test_the_parts_of_chat_and_responses_bodies() -> None:
     assert parts.tokens(M.DEFAULT_RULE) == M.IMAGE_CAP + 32 * 292 + M.FILE_TOKENS
     responses = [{"role": "user", "content": [{"type": "input_image", "image_url": _url(_png(512, 512))}]}]
     assert M.message_parts(responses) == M.MediaParts((350,))  # Anthropic: 512 x 512 / 750
-    assert M.body_parts(b"{not json") == M.NONE
+    with pytest.raises(ProxyError, match="not valid JSON") as e:  # one the core took: never reserved at nothing
+        M.body_parts(b'{"zz":1e400}')
+    assert e.value.status == 400
 
 
 def test_a_key_hidden_by_an_escape_is_read() -> None:

@@ -184,3 +184,41 @@ def test_a_key_without_a_team_and_the_keyless_clients_are_tenants_too(tmp_path: 
     oldest_kept = db.query("SELECT min(ts) FROM requests WHERE key_id IS NULL", ())
     assert newest_gone[0][0] < oldest_kept[0][0]
     ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_holdings_weigh_non_ascii_text_in_bytes(backend: str, tmp_path: Path, request: Any) -> None:
+    """Holdings weigh text in UTF-8 bytes, as written and as deleted, on every database encoding:
+    rows were weighed in characters as written but by SQL length() as deleted, which counts bytes
+    on a SQL_ASCII PostgreSQL database, so a tenant of non-ASCII text read as holding less than it
+    did (or less than nothing) and the others were evicted in its place."""
+    if backend == "sqlite":
+        db: Any = SqliteBackend(tmp_path / "u.db")
+    else:
+        db = PostgresBackend(request.getfixturevalue("pg_schema_dsn"))
+    ledger = Ledger(db, flush_interval=60, request_log=RequestLog())
+    texts = ["é" * 50, "✓ done", "漢字のテキスト" * 20, "plain ascii", "mixed é ✓ 漢"]
+    for i, r in enumerate(_synthetic(60, time.time() - 600, random.Random(7))):
+        r.request_id, r.team = f"u-{i}", ("alpha", "beta", None)[i % 3]
+        r.content_mode, r.content_request = "full", texts[i % len(texts)].encode()
+        ledger.record(r)
+    ledger.flush()
+
+    def recount() -> dict[str, int]:
+        """Each tenant's rows weighed in UTF-8 bytes, read back from the log."""
+        got: dict[str, int] = {}
+        for team, key, content, detail in db.query("SELECT team, key_id, content, detail FROM requests", ()):
+            tenant = f"t:{team}" if team is not None else f"k:{key}" if key is not None else ""
+            size = len((content or "").encode()) + len(detail.encode()) + store.ROW_BYTES
+            got[tenant] = got.get(tenant, 0) + size
+        return got
+
+    def holdings() -> dict[str, int]:
+        held = db.query(f"SELECT tenant, sum(bytes) FROM {store.HOLDINGS} GROUP BY tenant", ())
+        return {str(t): int(b) for t, b in held if int(b)}
+
+    assert any(not (c or "").isascii() for (c,) in db.query("SELECT content FROM requests", ()))
+    assert holdings() == recount()
+    db.execute("DELETE FROM requests WHERE team = ?", ("alpha",))  # the trigger weighs what goes
+    assert holdings() == recount() and "t:alpha" not in holdings()
+    ledger.close()

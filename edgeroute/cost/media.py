@@ -41,6 +41,7 @@ import orjson
 from edgeroute import _core
 from edgeroute.config import Deployment
 from edgeroute.cost import pdf
+from edgeroute.errors import checked_json
 
 IMAGE_LOW = 85  # OpenAI, `detail: low`: whatever the size
 IMAGE_CAP = 1600  # the most either rule gives one image: Anthropic's (OpenAI's is 1,445)
@@ -205,10 +206,7 @@ def _file_data(part: Any) -> str:
 
 def body_parts(body: bytes) -> MediaParts:
     """The non-text parts of a chat-completions body."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return NONE  # the core refused it already
+    req = checked_json(body)  # the core took it; unread here, its media would go unreserved
     messages = req.get("messages") if isinstance(req, dict) else None
     return message_parts(messages) if isinstance(messages, list) else NONE
 

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from edgeroute import _core
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, checked_json
 
 _ON_LOOP_CHARS = 16 * 1024  # a longer prediction is read and counted in a worker thread
 
@@ -26,7 +26,7 @@ _ON_LOOP_CHARS = 16 * 1024  # a longer prediction is read and counted in a worke
 def texts(raw: str) -> list[str]:
     """The texts of a `prediction` written as `raw` (JSON); a 400 in OpenAI's words for one of
     a shape OpenAI refuses (a lenient server would take and bill it)."""
-    value = orjson.loads(raw)  # the core read it as JSON already
+    value = checked_json(raw)  # the core kept it unread: `1e400` within is not orjson's
     if not isinstance(value, dict):
         raise _invalid_type("prediction", "an object", value)
     kind = value.get("type")

@@ -15,6 +15,7 @@ import re
 import orjson
 
 from edgeroute import _core
+from edgeroute.errors import checked_json
 
 _KEY = re.compile(rb'"stream_options"\s*:\s*')
 # Brackets put after a prefix of the body to read its depth off the core's scan. Deeper than
@@ -34,7 +35,9 @@ def with_stream_usage(body: bytes) -> bytes:
     spliced = _splice(body)
     if spliced is not None:
         return spliced
-    obj = orjson.loads(body)  # anything unusual (an odd value, a duplicate key): the slow way
+    # Anything unusual (an odd value, a duplicate key): the slow way. A body the core took that
+    # orjson cannot read (a field it skips holding `1e400`) is a 400, not a 500.
+    obj = checked_json(body)
     opts = obj.get("stream_options")
     obj["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
     return orjson.dumps(obj)

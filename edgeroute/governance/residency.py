@@ -18,13 +18,15 @@ unchanged (and pays nothing on the request path).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 
 from edgeroute.config import Config, Rule
 from edgeroute.cost.keys import Identity
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, checked_json
 
 MARK = "@residency:"
 
@@ -127,14 +129,27 @@ def check_model(ident: Identity, model: str) -> None:
         raise ProxyError(404, msg, code="model_not_found", param="model")
 
 
+def _asked(body: bytes) -> Any:
+    """The request body the core took, read. A field it skips is not decoded, so orjson may refuse
+    the body (a lone surrogate `"\ud800"`, a number past a double `1e400`): it is read then as most
+    parsers read it, so the asked model gets the 404 a model that does not exist gets (a 400 would
+    tell the two apart); refused (fail closed) when even that cannot read it."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return checked_json(body)
+
+
 def check_asked_model(ident: Identity, body: bytes) -> None:
     """`check_model` for the model a request body the core parsed asks for, when the core
     refused it without a decision (its context window, a rule, no deployment)."""
     if ident.models is None:
         return
-    try:
-        asked = orjson.loads(body).get("model")
-    except (orjson.JSONDecodeError, AttributeError):  # what the core reads, orjson may not
-        return
+    req = _asked(body)
+    asked = req.get("model") if isinstance(req, dict) else None
     if isinstance(asked, str):
         check_model(ident, asked)

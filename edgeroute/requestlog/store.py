@@ -8,8 +8,8 @@ request log's own, as `request_holdings` counts it) the oldest rows of the tenan
 most go first: a team, else a key without one, else the keyless clients. One key's flood takes
 its own history, not every team's (the spend rows, which are money, are never pruned).
 
-`request_holdings` keeps each tenant's rows and bytes (content and detail text, plus `ROW_BYTES`
-a row), counted in the transaction that inserts or deletes them (the writer's batch; a trigger), so
+`request_holdings` keeps each tenant's rows and bytes (content and detail text in UTF-8, plus
+`ROW_BYTES` a row), counted in the transaction that inserts or deletes them (the writer's batch; a trigger), so
 that choosing whose rows go reads a table of tenants, never the requests. On PostgreSQL each
 writer session counts into rows of its own (`writer`: its application_name), so instances
 sharing the database never wait on each other's counts; rows of writers gone are folded into a
@@ -96,7 +96,24 @@ _TENANT = (
     "CASE WHEN {r}.team IS NOT NULL THEN 't:' || {r}.team"
     " WHEN {r}.key_id IS NOT NULL THEN 'k:' || {r}.key_id ELSE '' END"
 )
-_WEIGHT = f"COALESCE(length({{r}}.content), 0) + length({{r}}.detail) + {ROW_BYTES}"
+# Text is weighed in bytes on both sides, the writer's (`octets`) and the database's: length()
+# counts characters on SQLite and UTF8 PostgreSQL but bytes on a SQL_ASCII one, where a tenant of
+# non-ASCII text was let go of more than it was counted for.
+_SQLITE_OCTETS, _PG_OCTETS = "length(CAST({x} AS BLOB))", "octet_length({x})"
+
+
+def _weight(r: str, dialect: str) -> str:
+    """A row's weight in SQL (`r`: the row's name), as `held` weighs it."""
+    octets = _SQLITE_OCTETS if dialect == "sqlite" else _PG_OCTETS
+    content, detail = octets.format(x=f"{r}.content"), octets.format(x=f"{r}.detail")
+    return f"COALESCE({content}, 0) + {detail} + {ROW_BYTES}"
+
+
+def octets(text: str) -> int:
+    """`text`'s bytes in UTF-8, as the database weighs it (`_weight`)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 _ADD = f"n = {HOLDINGS}.n + excluded.n, bytes = {HOLDINGS}.bytes + excluded.bytes"
 # Who counts: SQLite has one writer at a time (its lock); each PostgreSQL writer session its own.
 _SQLITE_WRITER = "''"
@@ -114,7 +131,7 @@ def holdings_sql(mark: str, dialect: str) -> str:
 
 
 def held(batch: Sequence[tuple[Any, ...]]) -> list[tuple[str, int, int]]:
-    """A batch's request rows counted by tenant, as `_TENANT` and `_WEIGHT` count them: the
+    """A batch's request rows counted by tenant, as `_TENANT` and `_weight` count them: the
     writer adds them in the transaction that inserts the rows (one upsert a tenant; a trigger
     a row cost SQLite's writer 3-5 µs a record, PostgreSQL 24), in the tenants' order."""
     out: dict[str, list[int]] = {}
@@ -125,7 +142,7 @@ def held(batch: Sequence[tuple[Any, ...]]) -> list[tuple[str, int, int]]:
         if c is None:
             c = out[tenant] = [0, 0]
         c[0] += 1
-        c[1] += len(r[_CONTENT] or "") + len(r[_DETAIL]) + ROW_BYTES
+        c[1] += octets(r[_CONTENT] or "") + octets(r[_DETAIL]) + ROW_BYTES
     return [(t, n, b) for t, (n, b) in sorted(out.items())]
 
 
@@ -141,10 +158,10 @@ def holdings_schema(dialect: str) -> list[str]:
     filler = _SQLITE_WRITER if dialect == "sqlite" else "'edgeroute-holdings-fill'"
     fill = (
         f"INSERT INTO {HOLDINGS} (tenant, writer, n, bytes) SELECT {_TENANT.format(r='r')}, {filler}, count(*),"
-        f" sum({_WEIGHT.format(r='r')}) FROM requests r GROUP BY 1"
+        f" sum({_weight('r', dialect)}) FROM requests r GROUP BY 1"
     )
     if dialect == "sqlite":
-        tenant, weight = _TENANT.format(r="OLD"), _WEIGHT.format(r="OLD")
+        tenant, weight = _TENANT.format(r="OLD"), _weight("OLD", dialect)
         let_go = (
             f"CREATE TRIGGER IF NOT EXISTS requests_let_go AFTER DELETE ON requests BEGIN"
             f" INSERT INTO {HOLDINGS} (tenant, writer, n, bytes) VALUES ({tenant}, {filler}, -1, -({weight}))"
@@ -156,7 +173,7 @@ def holdings_schema(dialect: str) -> list[str]:
         f"""CREATE OR REPLACE FUNCTION request_holdings_let_go() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO {HOLDINGS} (tenant, writer, n, bytes)
-    SELECT {_TENANT.format(r="g")}, {_PG_WRITER}, -count(*), -sum({_WEIGHT.format(r="g")})
+    SELECT {_TENANT.format(r="g")}, {_PG_WRITER}, -count(*), -sum({_weight("g", dialect)})
     FROM gone g GROUP BY 1 ORDER BY 1
     ON CONFLICT (tenant, writer) DO UPDATE SET {_ADD};
     RETURN NULL;

@@ -21,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.test_cost_support import budget_spent, cost_proxy, statuses_of
 
 ADMIN, APP, LIMITED = "sk-audio-admin", "sk-audio-app", "sk-audio-limited"
@@ -123,3 +123,39 @@ async def test_a_clip_of_unknown_size_is_reserved_at_the_audio_allowance(
                 await _naming(client, aid, 3)
             said = await _naming(client, aid, 1)
     assert said.choices[0].message.content is not None and "The audio said" in said.choices[0].message.content
+
+
+async def test_a_shadow_mirror_counts_the_audio_it_names(start_upstream: Any, start_proxy: Any, tmp_path: Path) -> None:
+    """A mirror of a chat naming a clip is read again by its provider, clip and all: its
+    deployment's provider TPM (10,000) counted the text alone, and the mirror of a 12,000-token
+    prompt was sent to it."""
+    up = await start_upstream(audio_tokens_per_word=1000)
+    candidate = await start_upstream(record=True)
+    cfg = _config(up, tmp_path)
+    cfg["providers"]["s"] = {"base_url": candidate.base_url, "api_key": "key-s"}
+    cfg["deployments"]["d-s"] = cfg["deployments"]["d-a"] | {"provider": "s"}
+    cfg["models"] = {
+        "speaker": {"deployments": ["d-a"]},  # the clip is made unmirrored
+        "m": {"deployments": ["d-a"], "shadow": {"model": "s", "percent": 100}},
+        "s": {"deployments": ["d-s"]},
+    }
+    cfg["rate_limits"] = {"deployments": {"d-s": {"tpm": 10_000}}}
+    proxy = await start_proxy(cfg)
+    async with _client(proxy.url, APP) as client:
+        spoken = await client.chat.completions.create(
+            model="speaker", messages=[{"role": "user", "content": "speak"}], **_SPEAK
+        )
+        assert spoken.choices[0].message.audio is not None
+        messages: Any = [
+            {"role": "user", "content": "speak"},
+            {"role": "assistant", "audio": {"id": spoken.choices[0].message.audio.id}},
+            {"role": "user", "content": "again?"},
+        ]
+        said = await client.chat.completions.create(model="m", messages=messages, max_tokens=5)
+    assert said.usage is not None and said.usage.prompt_tokens > CLIP  # the primary's provider read the clip
+
+    async def mirrored() -> bool:
+        return any(r.outcome == "shadow" for r in proxy.recorder.records)
+
+    await eventually(mirrored, "the mirror recorded (sent or passed over)")
+    assert candidate.options.requests == [], "a 12,000-token mirror was sent to a deployment of 10,000 a minute"

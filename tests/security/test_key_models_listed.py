@@ -59,13 +59,12 @@ async def test_a_key_held_to_a_model_lists_and_retrieves_that_model_alone(start_
             await root.close()
 
 
-async def test_a_held_key_learns_nothing_of_another_model_from_its_context_window(
-    start_upstream: Any, tmp_path: Path
-) -> None:
-    """A prompt longer than another team's model's context window was refused by that window
-    (400 `context_length_exceeded`, naming it) before the key's bound was checked, while a model
-    that does not exist was a 404: the key could tell which names exist, and their windows."""
-    cfg = simple_config({"a": await start_upstream()})
+LONG: Any = [{"role": "user", "content": "word " * 400}]
+
+
+def _with_finance_only(up: Any, tmp_path: Path) -> dict[str, Any]:
+    """A config with model `finance-only` (a 50-token window) and managed keys."""
+    cfg = simple_config({"a": up})
     cfg["deployments"]["d-f"] = cfg["deployments"]["d-a"] | {"context_window": 50}
     cfg["models"] |= {"finance-only": {"deployments": ["d-f"]}}
     cfg |= {
@@ -73,7 +72,16 @@ async def test_a_held_key_learns_nothing_of_another_model_from_its_context_windo
         "governance": {"managed_keys": True},
         "ledger": {"path": str(tmp_path / "gov.db")},
     }
-    long = [{"role": "user", "content": "word " * 400}]
+    return cfg
+
+
+async def test_a_held_key_learns_nothing_of_another_model_from_its_context_window(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """A prompt longer than another team's model's context window was refused by that window
+    (400 `context_length_exceeded`, naming it) before the key's bound was checked, while a model
+    that does not exist was a 404: the key could tell which names exist, and their windows."""
+    cfg = _with_finance_only(await start_upstream(), tmp_path)
     async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         status, made = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "research", "models": ["m"]})
         assert status == 201, made
@@ -83,17 +91,38 @@ async def test_a_held_key_learns_nothing_of_another_model_from_its_context_windo
             said: dict[str, list[tuple[int, str]]] = {}
             for model in ("finance-only", "no-such-model"):
                 with pytest.raises(openai.APIStatusError) as e:
-                    await held.chat.completions.create(model=model, messages=long, max_tokens=5)  # type: ignore[arg-type]
+                    await held.chat.completions.create(model=model, messages=LONG, max_tokens=5)
                 with pytest.raises(anthropic.APIStatusError) as a:
-                    await claude.messages.count_tokens(model=model, messages=long)  # type: ignore[arg-type]
+                    await claude.messages.count_tokens(model=model, messages=LONG)
                 said[model] = [(x.status_code, str(x.body).replace(model, "X")) for x in (e.value, a.value)]
             assert said["finance-only"] == said["no-such-model"]
             assert [status for status, _ in said["finance-only"]] == [404, 404]
             # The root key still hears the window of a model it may use.
             root = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
             with pytest.raises(openai.BadRequestError, match="maximum context length is 50"):
-                await root.chat.completions.create(model="finance-only", messages=long, max_tokens=5)  # type: ignore[arg-type]
+                await root.chat.completions.create(model="finance-only", messages=LONG, max_tokens=5)
             await root.close()
         finally:
             await held.close()
             await claude.close()
+
+
+async def test_a_held_key_learns_nothing_of_another_model_through_a_field_orjson_refuses(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """The key's bound was read from the body again with orjson, and skipped when that failed: a
+    field the core skips undecoded (a number past a double) made another team's model answer with
+    its window (400) where a model that does not exist is a 404."""
+    async with cost_proxy(_with_finance_only(await start_upstream(), tmp_path)) as proxy, aiohttp.ClientSession() as s:
+        status, made = await call(s, "POST", proxy.url + "/admin/keys", ROOT, {"team": "research", "models": ["m"]})
+        assert status == 201, made
+        async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=made["secret"], max_retries=0) as held:
+            said: dict[str, tuple[int, str]] = {}
+            for model in ("finance-only", "no-such-model"):
+                with pytest.raises(openai.APIStatusError) as e:
+                    await held.chat.completions.create(
+                        model=model, messages=LONG, max_tokens=5, extra_body={"zz": 10**400}
+                    )
+                said[model] = (e.value.status_code, str(e.value.body).replace(model, "X"))
+    assert said["finance-only"] == said["no-such-model"]
+    assert said["finance-only"][0] == 404
