@@ -79,6 +79,8 @@ READ_BUFFER_BYTES = 2**16
 # Bytes a chunked body may take on the wire beyond the body limit: its framing (a size line
 # and CRLF a chunk), an eighth of the limit more, plus this.
 CHUNK_FRAMING_BYTES = 2**16
+# A body silent this long may be shed at the connection cap (`body_since`); one arriving is not.
+BODY_STALL_S = 1.0
 # The body reader's timer (none: `server.body_timeout` is the connection's), one for all: it holds nothing.
 _NO_TIMER = TimerNoop()
 # Linux's `struct tcp_info`, as far as `tcpi_bytes_acked` (what the client's TCP took of the
@@ -313,6 +315,9 @@ class Connection(BaseProtocol):
         # The body the request being answered waits for, and since when (see `body_since`).
         self._body: StreamReader | None = None
         self._body_since = 0
+        # Its bytes when last looked at, and when they last grew (see `body_since`).
+        self._body_got = 0
+        self._body_heard = 0.0
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
@@ -465,6 +470,11 @@ class Connection(BaseProtocol):
     def _unsent(self) -> int:
         transport = self.transport
         return 0 if transport is None else transport.get_write_buffer_size()
+
+    @property
+    def unsent(self) -> int:
+        """Bytes written that wait in the transport for the client to take them."""
+        return self._unsent()
 
     def _acked(self) -> int | None:
         """Bytes the client's TCP acknowledged (Linux), None where that is not known."""
@@ -643,6 +653,7 @@ class Connection(BaseProtocol):
             timer = self._loop.call_later(self.server.body_timeout, _expire_body, payload)
             payload.on_eof(timer.cancel)
             self._body, self._body_since = payload, next(self.server.idle_starts)
+            self._body_got, self._body_heard = payload.total_bytes, self._loop.time()
         self._task = self._loop.create_task(self._answer(message, payload))
 
     async def _answer(self, message: RawRequestMessage, payload: StreamReader) -> None:
@@ -752,11 +763,16 @@ class Connection(BaseProtocol):
     @property
     def body_since(self) -> int | None:
         """When (in the server's count of idle starts) the request being answered began
-        waiting for its body; None if it is not (no request, or its body is all here)."""
+        waiting for its body, if no byte of it has come for `BODY_STALL_S`; None if it is not
+        waiting (no request, or its body is all here) or its body is coming: an honest upload
+        at the cap is not shed for a newcomer (one was, 1.5 s into its 30 s `body_timeout`)."""
         body = self._body
         if body is None or self._closing or self._task is None or body.is_eof():
             return None
-        return self._body_since
+        now = self._loop.time()
+        if body.total_bytes != self._body_got:
+            self._body_got, self._body_heard = body.total_bytes, now
+        return self._body_since if now - self._body_heard >= BODY_STALL_S else None
 
     def shed(self) -> None:
         """Closed to make room at the server's connection cap (see `ProxyServer.admit`): at

@@ -225,18 +225,21 @@ class ProxyServer:
 CUT_GRACE_S = 0.5
 
 
-def _idle_since(c: Connection) -> int:
-    return c.idle_since or 0
-
-
 def _body_since(c: Connection) -> int:
     return c.body_since or 0
 
 
+def _idle_order(c: Connection) -> tuple[bool, int]:
+    # Closing ones (-1) first; then idle ones, one whose answer's tail is still unsent last:
+    # shedding it drops that tail.
+    since = c.idle_since or 0
+    return since >= 0 and c.unsent > 0, since
+
+
 def _sheddable(connections: set[Connection]) -> list[Connection]:
     """The connections closed at the cap (see `ProxyServer.admit`): idle ones, else those
-    waiting for a request body; the longest waiting eighth."""
-    waiting = sorted((c for c in connections if c.idle_since is not None), key=_idle_since)
+    whose request body has stopped coming; the longest waiting eighth."""
+    waiting = sorted((c for c in connections if c.idle_since is not None), key=_idle_order)
     if not waiting:
         waiting = sorted((c for c in connections if c.body_since is not None), key=_body_since)
     return waiting[: max(1, len(waiting) // _SHED_SHARE)]

@@ -19,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from edgeroute.http_connection import BODY_STALL_S
 from tests.conftest import ServeRoutes
 from tests.security.conftest import openai_answer
 
@@ -345,16 +346,50 @@ async def test_bodies_that_never_come_are_shed_at_the_connection_cap(serve: Any,
     expecting[1].write(_head_of(_chat("hi", extra=b"Expect: 100-continue\r\n")))
     async with asyncio.timeout(4):
         assert (await expecting[0].readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+    await asyncio.sleep(BODY_STALL_S + 0.2)  # neither body has come on since
     # Every connection answering: a new client is served, the longest-waiting body shed.
     assert (await _healthz(proxy.port)).startswith(b"HTTP/1.1 200 ")
     await _shed_with_a_408(*trickled)
     assert not expecting[0].at_eof()
     trickled = await _trickle(proxy.port)  # at the cap again: now `expecting` waits longest
+    await asyncio.sleep(BODY_STALL_S + 0.2)
     assert (await _healthz(proxy.port)).startswith(b"HTTP/1.1 200 ")
     await _shed_with_a_408(*expecting)
     assert not trickled[0].at_eof() and not answering[0].at_eof()  # still waiting
     for _, writer in (answering, trickled):
         writer.transport.abort()
+    _release_stalls()
+
+
+async def test_an_upload_still_coming_is_not_shed_at_the_connection_cap(serve: Any, serve_routes: ServeRoutes) -> None:
+    """A newcomer at the cap, with no idle connection to shed, does not cost an honest upload
+    its request (a 408 1.5 s into its 30 s `body_timeout`): it is refused instead."""
+    proxy = await _proxy(serve, serve_routes, max_client_connections=3)
+    answering = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(2)]
+    for _, writer in answering:
+        writer.write(_chat("stall"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    request = _chat("hi" + "p" * 200_000)
+    head = _head_of(request)
+    body = request[len(head) :]
+    writer.write(head)
+
+    async def upload() -> None:  # about 40 KB/s, for 5 s
+        for at in range(0, len(body), 4000):
+            writer.write(body[at : at + 4000])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    sending = asyncio.create_task(upload())
+    await asyncio.sleep(1.5)  # under way, a byte never more than 0.1 s apart
+    newcomer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    await sending
+    async with asyncio.timeout(8):
+        answer = await reader.readuntil(b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    for _, w in (*answering, newcomer):
+        w.transport.abort()
+    writer.close()
     _release_stalls()
 
 
