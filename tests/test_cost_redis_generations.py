@@ -28,7 +28,7 @@ from edgeroute.cost.control import read_back as read_back_mod
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.mock.openai import MockOptions, build_app
 from tests.conftest import eventually
-from tests.test_cost_support import RedisServer, budget_spent, cost_proxy, one_deployment
+from tests.test_cost_support import LOADED_HOST_MS, RedisServer, budget_spent, cost_proxy, one_deployment
 
 ADMIN = "sk-gen-admin"
 
@@ -197,7 +197,7 @@ async def test_a_later_refill_decides_by_what_it_read(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path)
     redis.start()
     r = aioredis.Redis.from_url(redis.url)
-    cfg = SharedState(redis_url=redis.url, prefix="gen3")
+    cfg = SharedState(redis_url=redis.url, prefix="gen3", timeout_ms=LOADED_HOST_MS)
     a, b, c = RedisState(cfg), RedisState(cfg), RedisState(cfg)
     try:
         now = time.time()
@@ -269,7 +269,7 @@ async def _two_instances(tmp_path: Path, prefix: str) -> AsyncIterator[tuple[aio
     redis = RedisServer(tmp_path)
     redis.start()
     r = aioredis.Redis.from_url(redis.url)
-    cfg = SharedState(redis_url=redis.url, prefix=prefix)
+    cfg = SharedState(redis_url=redis.url, prefix=prefix, timeout_ms=LOADED_HOST_MS)
     a, b = RedisState(cfg), RedisState(cfg)
     try:
         yield r, a, b

@@ -18,7 +18,7 @@ from edgeroute.cost import redis_scripts, redis_store
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.redis_pipe import Script
 from tests.test_cost_redis_generations import _counted, _day_and_hour
-from tests.test_cost_support import require_redis
+from tests.test_cost_support import LOADED_HOST_MS, require_redis
 
 
 @pytest.mark.parametrize("answer", ["{1, 0}", "{1, 3}", "{1, 2, 2}", "{2, 1}", "'ok'"])
@@ -30,7 +30,7 @@ async def test_a_malformed_settle_answer_applies_nothing_twice(answer: str, monk
     applied_then = redis_scripts._SETTLE.replace("return left\n", f"return {answer}\n")
     monkeypatch.setattr(redis_store, "SETTLE", Script.of(applied_then))
     r = aioredis.Redis.from_url(url)
-    state = redis_store.RedisState(SharedState(redis_url=url, prefix=prefix))
+    state = redis_store.RedisState(SharedState(redis_url=url, prefix=prefix, timeout_ms=LOADED_HOST_MS))
     try:
         now = time.time()
         charges = _day_and_hour(now, 100)

@@ -27,6 +27,9 @@ from tests.conftest import ProxyTestServer
 from tests.serve_support import free_port
 
 REDIS_URL = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# For tests whose subject is not a timeout: the product's 200 ms covers a first connect (AUTH,
+# SELECT) on a quiet host, and a loaded 2-core CI host once took longer (a NotSent flake).
+LOADED_HOST_MS = 5_000
 PG_DSN = os.environ.get("EDGEROUTE_TEST_PG_DSN", "postgresql://edgeroute:ci-pg-only-5d1e@127.0.0.1:5432/edgeroute_test")
 
 
@@ -75,17 +78,22 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        """Starts it on `port` (kept across restarts), ready once it answers PING: a port taken
+        meanwhile by another process fails here, not later as a client's unreachable Redis."""
         self.proc = subprocess.Popen(
             [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
              "--dir", str(self.tmp)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG") and self.proc.poll() is None:
+                    return
             time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -21,7 +21,7 @@ from edgeroute.cost.control import CostControl
 from edgeroute.cost.limits import BucketState, LocalLimiter, Take, held_takes
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.workers.local_state import SqliteState
-from tests.test_cost_support import REDIS_URL, cost_proxy, one_deployment, require_redis
+from tests.test_cost_support import LOADED_HOST_MS, REDIS_URL, cost_proxy, one_deployment, require_redis
 
 PROMPT = " ".join(["hello"] * 100)  # ~100 tokens: a refill of the bucket's prompt takes seconds
 ANSWER_WORDS = 1500  # the mock's answer: ~1,500 output tokens, which a TPM of 2,000 nearly holds
@@ -140,7 +140,9 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await sqlite.close()
         return
     require_redis()
-    redis = RedisState(SharedState(redis_url=REDIS_URL, prefix=f"edgeroute-test-tpm-{os.urandom(4).hex()}"))
+    redis = RedisState(
+        SharedState(redis_url=REDIS_URL, prefix=f"edgeroute-test-tpm-{os.urandom(4).hex()}", timeout_ms=LOADED_HOST_MS)
+    )
     yield redis
     await redis.close()
 

@@ -16,7 +16,7 @@ from edgeroute.cost import budgets as B
 from edgeroute.cost.limits import Take
 from edgeroute.cost.redis_store import RedisState
 from tests.metrics_support import scrape
-from tests.test_cost_support import RedisServer, ask_status, cost_proxy, one_deployment
+from tests.test_cost_support import LOADED_HOST_MS, RedisServer, ask_status, cost_proxy, one_deployment
 
 MAX_TOKENS = 5
 COST = MAX_TOKENS * 2.0 / 1e6  # output-only prices (one_deployment): a request's cost is exact
@@ -88,7 +88,9 @@ async def test_admission_is_one_script_and_settlement_follows_in_the_background(
 
 
 async def test_concurrent_settlements_go_out_together(redis_server: RedisServer) -> None:
-    state = RedisState(SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}"))
+    state = RedisState(
+        SharedState(redis_url=redis_server.url, prefix=f"edgeroute-rt-{os.urandom(4).hex()}", timeout_ms=LOADED_HOST_MS)
+    )
     budget = Budget(name="g", scope="global", limit_usd=1.0, period="day")
     charge = B.charge(budget, "*", B.period_of(budget, 1.7e9), 0, -1)
     take = Take("key:k", "tokens", 1000, 0)
