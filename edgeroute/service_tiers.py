@@ -15,14 +15,15 @@ from typing import Any
 
 import orjson
 
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, checked_json
 
 
 def check_raw(raw: str | None, allowed: Collection[str]) -> None:
     """Refuses a chat request whose `service_tier` (as the core read it, JSON text: the body is
-    not parsed nor scanned again in Python) is outside `allowed`."""
+    not parsed nor scanned again in Python) is outside `allowed`. The core skips what it does not
+    decode (`1e400`, a lone surrogate): such a value is refused, never a 500."""
     if raw is not None:
-        check({"service_tier": orjson.loads(raw)}, allowed)
+        check({"service_tier": checked_json(raw)}, allowed)
 
 
 def check(req: dict[str, Any], allowed: Collection[str]) -> None:

@@ -71,3 +71,24 @@ async def test_the_default_tiers_pass_and_an_operator_may_allow_priority(
     finally:
         await client.close()
     assert [b["service_tier"] for b in echo.bodies] == ["auto", "flex", "priority"]
+
+
+@pytest.mark.parametrize("tier", [b"1e400", b'"\\ud800"', b"[1e400]", b'{"a": "\\udfff"}'])
+async def test_a_tier_that_is_not_json_python_reads_is_refused(
+    start_proxy: Any, serve_routes: ServeRoutes, tier: bytes
+) -> None:
+    """The core hands the check the field's text without decoding it: a number past a double or a
+    lone surrogate was a 500 (and a provider reading it leniently would pick a tier unchecked)."""
+    echo = Echo()
+    client = await _client(start_proxy, serve_routes, echo)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "service_tier": ' + tier + b"}"
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.post("/chat/completions", content=body, cast_to=object, options={"headers": _JSON})
+    finally:
+        await client.close()
+    assert refused.value.code == "invalid_request" and "not valid JSON" in refused.value.message
+    assert echo.bodies == []
+
+
+_JSON = {"Content-Type": "application/json"}
