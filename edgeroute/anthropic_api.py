@@ -555,7 +555,9 @@ class StreamEncoder:
 
     def __call__(self, data: bytes) -> bytes:
         events = self.events.feed(data)
-        out = b""
+        # Parts joined once: `bytes +=` copies all so far, and a replay or a whole answer fed
+        # at once (a long cached answer as a stream) made it seconds of the event loop.
+        out: list[bytes] = []
         for ev in events:
             payload = sse.event_data(ev)
             if payload is None or self.ended:
@@ -563,10 +565,10 @@ class StreamEncoder:
             if payload == b"[DONE]":
                 # Without a finish_reason the answer was cut short: an error, never `end_turn`.
                 if self.finished or not self.started:
-                    out += self._end()
+                    out.append(self._end())
                 else:
                     self.cut = "stream_incomplete"
-                    out += self._fail(_CUT, {})
+                    out.append(self._fail(_CUT, {}))
                 continue
             try:
                 obj = orjson.loads(payload)
@@ -575,17 +577,19 @@ class StreamEncoder:
             if isinstance(obj, dict):
                 started = self.started
                 try:
-                    out += self._chunk(obj)
+                    out.append(self._chunk(obj))
                 except _SHAPE_ERRORS:
                     # The relay may hand us this chunk before it can catch anything (the held
                     # head): end with an error event in Anthropic's format, never an exception
                     # written into a started answer (nor one without its message_start).
                     self.started = started
                     self.cut = "upstream_protocol_error"
-                    out += self._fail(
-                        "The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj
+                    out.append(
+                        self._fail(
+                            "The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj
+                        )
                     )
-        return out
+        return b"".join(out)
 
     def _fail(self, message: str, obj: dict[str, Any], etype: str = "api_error") -> bytes:
         self.ended = True

@@ -370,8 +370,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         if plan is not None:
             entry = await cache.lookup(plan, servable(live, decision, region))
             if entry is not None:
-                if _renders(entry, dialect, decision.stream, decision.include_usage):
-                    return await _cached_answer(request, rec, decision, plan, entry, dialect)
+                if (data := await _rendered(entry, dialect, decision.stream, decision.include_usage)) is not None:
+                    return await _cached_answer(request, rec, decision, plan, entry, dialect, data=data)
                 cache.unusable(plan)
         call = Call(live, decision, body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
@@ -619,22 +619,38 @@ def keep_content(live: Live, rec: RequestRecord, decision: _core.Decision, body:
         rec.content_mode, rec.content_request = keep, body
 
 
-def _renders(entry: Entry, dialect: Dialect | None, stream: bool, usage: bool) -> bool:
-    """Whether a hit can be given in the client's API (rendered once per entry and form, so the
-    hit then serves what this rendered). One that cannot is a miss, the upstream asked: served
-    from the cache, its refusal (a 502 of an answer another API cannot carry) reached every
-    caller of the tenant for the entry's life, and no retry could fix it."""
+# A stored answer past this many bytes is rendered for a hit off the event loop: the memo
+# keeps small renders only, and a 900 KB answer as an Anthropic stream is tens of milliseconds.
+RENDER_ON_LOOP_BYTES = 64 * 1024
+
+
+def _rendering(entry: Entry, dialect: Dialect | None, stream: bool, usage: bool) -> Callable[[], bytes]:
+    """What a hit sends, the stored answer in the client's API and form, as a call (rendered once
+    per entry and form while the entry is hot; the encoders are deterministic)."""
     if dialect is None:
-        return True
+        return partial(entry.sse_body, usage) if stream else lambda: entry.body
+    if not stream:
+        return partial(entry.rendered, dialect, dialect.answer)
+    return partial(entry.rendered, (dialect, usage), lambda _: dialect.stream()(entry.sse_body(usage)))
+
+
+async def _replay(entry: Entry, dialect: Dialect | None, stream: bool, usage: bool) -> bytes:
+    render = _rendering(entry, dialect, stream, usage)
+    if len(entry.body) > RENDER_ON_LOOP_BYTES and (stream or dialect is not None):
+        return await asyncio.to_thread(render)
+    return render()
+
+
+async def _rendered(entry: Entry, dialect: Dialect | None, stream: bool, usage: bool) -> bytes | None:
+    """What a hit sends, or None when it cannot be given in the client's API. Such a hit is a
+    miss, the upstream asked: served from the cache, its refusal (a 502 of an answer another API
+    cannot carry) reached every caller of the tenant for the entry's life, and no retry could
+    fix it."""
     try:
-        if stream:
-            entry.rendered((dialect, usage), lambda _: dialect.stream()(entry.sse_body(usage)))
-        else:
-            entry.rendered(dialect, dialect.answer)
+        return await _replay(entry, dialect, stream, usage)
     except ProxyError as e:
         log.warning("a cached answer cannot be given in the client's API (%s): asked upstream", e.message)
-        return False
-    return True
+        return None
 
 
 async def _cached_answer(
@@ -645,8 +661,10 @@ async def _cached_answer(
     entry: Entry,
     dialect: Dialect | None,
     error: ProxyError | None = None,
+    data: bytes | None = None,
 ) -> web.StreamResponse:
-    """Answers from the cache: a hit, or a stale entry after every deployment failed (`error`)."""
+    """Answers from the cache: a hit, or a stale entry after every deployment failed (`error`);
+    `data` is what it sends when already rendered (`_rendered`)."""
     rec.deployment, rec.status, rec.cache, rec.saved_usd = entry.deployment, 200, plan.label, entry.cost_usd
     rec.cache_writer = entry.writer or None
     rec.outcome = "cache_hit" if error is None else "cache_stale"
@@ -659,15 +677,11 @@ async def _cached_answer(
     hdrs["Age"] = str(int(entry.age()))
     if plan.similarity is not None:
         hdrs[headers.CACHE_SIMILARITY] = f"{plan.similarity:.3f}"
+    if data is None:
+        data = await _replay(entry, dialect, decision.stream, decision.include_usage)
     if not decision.stream:
         hdrs[headers.COST] = f"{sum(a.cost_usd for a in rec.attempts):.8f}" if rec.attempts else "0.00000000"
-        body = entry.rendered(dialect, dialect.answer) if dialect else entry.body
-        return ReadyResponse(body, hdrs, "application/json")
-    usage = decision.include_usage
-    if dialect is None:
-        data = entry.sse_body(usage)
-    else:  # the client's own stream format; its encoder is deterministic, so rendered once per entry too
-        data = entry.rendered((dialect, usage), lambda _: dialect.stream()(entry.sse_body(usage)))
+        return ReadyResponse(data, hdrs, "application/json")
     out = web.StreamResponse(status=200, headers=hdrs)
     out.content_type = "text/event-stream"
     out.headers["Cache-Control"] = "no-cache"

@@ -5,6 +5,7 @@ budget held it. An honest answer's report stands."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,20 +22,21 @@ PRICE = {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}  # $0.001 a token
 
 
 class Upstream:
-    def __init__(self, reported: int) -> None:
+    def __init__(self, reported: int, text: str = TEXT) -> None:
         self.reported = reported
+        self.text = text
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         usage = {"prompt_tokens": 10, "completion_tokens": self.reported, "total_tokens": 10 + self.reported}
         base = {"id": "c", "created": 1, "model": "x"}
         if not body.get("stream"):
-            msg = {"role": "assistant", "content": TEXT}
+            msg = {"role": "assistant", "content": self.text}
             choice = {"index": 0, "message": msg, "finish_reason": "stop"}
             return web.json_response({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        words = TEXT.split(" ")
+        words = self.text.split(" ")
         for i in range(0, len(words), 50):  # a few hundred events, as a server that batches tokens sends
             piece = " ".join(words[i : i + 50]) + " "
             chunk = {**base, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
@@ -101,3 +103,39 @@ async def test_an_honest_report_stands(
     _, rec = await _cost(start_proxy, serve_routes, honest, stream)
     assert rec.usage.completion_tokens == honest and not rec.usage.estimated
     assert rec.error_class is None
+
+
+async def test_a_client_that_closes_as_the_stream_ends_still_pays_for_the_text(
+    start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes
+) -> None:
+    """The text is counted off the event loop after `[DONE]` went out; a client that closes then
+    (curl does) cancelled the count, and the answer was recorded with no usage at all: not even
+    the 5 tokens reported, the request free."""
+    long = TEXT * 20  # its count off the loop takes a while: the client is gone before it ends
+    server = await serve_routes(web.post("/v1/chat/completions", Upstream(5, long).handle))
+    proxy = await start_proxy(
+        {
+            "providers": {"p": {"base_url": server.url + "/v1"}},
+            "deployments": {"d": {"provider": "p", "model": "gpt-4o", "price": PRICE}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+    )
+    ask = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000, "stream": True}
+    body = orjson.dumps(ask)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    writer.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    seen = b""
+    while b"data: [DONE]" not in seen:
+        got = await reader.read(65536)
+        assert got, f"the stream ended before [DONE]: {seen[:300]!r}"
+        seen += got
+    writer.transport.abort()  # gone the moment the answer ended, as curl is
+
+    async def recorded() -> Any:
+        return proxy.recorder.records[-1] if proxy.recorder.records else None
+
+    rec = await eventually(recorded, "the request's record")
+    counted = _core.Router.count_tokens(long, "o200k_base")
+    assert rec.usage is not None and rec.usage.completion_tokens >= counted - 2 and rec.usage.estimated
+    assert rec.cost_usd == pytest.approx((10 + rec.usage.completion_tokens) * 0.001)

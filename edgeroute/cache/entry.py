@@ -9,6 +9,7 @@ a streaming SDK cannot tell a hit from a miss but by speed and the header.
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -121,26 +122,31 @@ class _Replays:
     """Bodies rendered lately, by the stored body and the form (the body is the same bytes
     object on every hit of an entry, so finding it costs no hashing of the body after the
     first). Bounded by bytes, the bodies it keeps alive included; a large answer is rendered
-    every time."""
+    every time. Used from the event loop and from threads (a large hit renders off the loop):
+    the memo's updates hold a lock, a render does not."""
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self._done: OrderedDict[tuple[bytes, Hashable], bytes] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def render(self, body: bytes, form: Hashable, render: Callable[[bytes], bytes]) -> bytes:
         memo = (body, form)
-        if (got := self._done.get(memo)) is not None:
-            self._done.move_to_end(memo)
-            return got
+        with self._lock:
+            if (got := self._done.get(memo)) is not None:
+                self._done.move_to_end(memo)
+                return got
         got = render(body)
         size = len(body) + len(got)
         if size <= self.max_bytes // 16:
-            self._done[memo] = got
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                (old, _), gone = self._done.popitem(last=False)
-                self._bytes -= len(old) + len(gone)
+            with self._lock:
+                if memo not in self._done:
+                    self._done[memo] = got
+                    self._bytes += size
+                while self._bytes > self.max_bytes:
+                    (old, _), gone = self._done.popitem(last=False)
+                    self._bytes -= len(old) + len(gone)
         return got
 
 

@@ -491,7 +491,12 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
         usage = await _estimate(call, said, settle, _prompt_reported(translator))
         usage.tool_calls = seen
     elif said.size > usage.completion_tokens * _EVENT_BYTES_PER_TOKEN + _EVENT_SLACK_BYTES:
-        usage = await _underreported(call, dep, usage, said)
+
+        def settle_counted(u: Usage) -> None:
+            if answer.rec is not None:
+                call.settle_attempt(answer.rec, dep, u)
+
+        usage = await _underreported(call, dep, usage, said, settle_counted)
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
     if call.record.error_class != OVERRAN:  # whole, yet past the bound (one event, ended at once)
@@ -505,17 +510,30 @@ _EVENT_BYTES_PER_TOKEN = 1024
 _EVENT_SLACK_BYTES = 8192
 
 
-async def _underreported(call: Attempts, dep: DeploymentInfo, usage: Usage, said: Transcript) -> Usage:
-    """The usage to charge a stream whose reported output may be fewer tokens than its text."""
+async def _underreported(
+    call: Attempts, dep: DeploymentInfo, usage: Usage, said: Transcript, settle_cancelled: Callable[[Usage], None]
+) -> Usage:
+    """The usage to charge a stream whose reported output may be fewer tokens than its text.
+    A long text is counted in a worker thread after the stream's end went out; a client that
+    closes then cancels the handler, and the answer is still priced (`settle_cancelled`, as
+    `_estimate` does): it was recorded with no usage at all, free."""
     encoding = call.decision.encoding
 
     def check() -> underreport.Corrected | None:
         return underreport.check(usage, said.text(), encoding)
 
     if said.size < OFF_LOOP_BYTES:
-        fix = check()
-    else:  # reading and counting a long stream's text: the event loop serves meanwhile
-        fix = await asyncio.get_running_loop().run_in_executor(COUNTING, check)
+        return call.charged(usage, check(), f"deployment {dep.name}")
+    checking = asyncio.get_running_loop().run_in_executor(COUNTING, check)
+    try:
+        fix = await asyncio.shield(checking)
+    except asyncio.CancelledError:
+        try:
+            fix = await asyncio.shield(checking)
+        except asyncio.CancelledError:
+            fix = None  # a shutdown that stops waiting: what the upstream reported
+        settle_cancelled(call.charged(usage, fix, f"deployment {dep.name}"))
+        raise
     return call.charged(usage, fix, f"deployment {dep.name}")
 
 

@@ -318,7 +318,7 @@ class BedrockStream:
         if self.failed:
             return b""
         self.frames.add_data(chunk)
-        out = b""
+        out: list[bytes] = []  # joined once: many frames fed at once must not be quadratic
         try:
             for msg in self.frames:
                 if self.out.done:  # ended: what follows (another answer) is not read
@@ -329,15 +329,17 @@ class BedrockStream:
                 except orjson.JSONDecodeError:
                     payload = {}
                 if headers.get(":message-type") == "event":
-                    out += self._event(str(headers.get(":event-type")), payload if isinstance(payload, dict) else {})
+                    out.append(
+                        self._event(str(headers.get(":event-type")), payload if isinstance(payload, dict) else {})
+                    )
                 else:
                     kind = str(headers.get(":exception-type") or headers.get(":error-code") or "upstream_error")
                     message = payload.get("message") if isinstance(payload, dict) else None
-                    out += oa.error_event(str(message or headers.get(":error-message") or kind), kind)
+                    out.append(oa.error_event(str(message or headers.get(":error-message") or kind), kind))
         except ParserError:
             self.failed = True
-            out += oa.error_event("upstream sent a malformed event-stream frame", "upstream_error")
-        return out
+            out.append(oa.error_event("upstream sent a malformed event-stream frame", "upstream_error"))
+        return b"".join(out)
 
     def _event(self, kind: str, ev: dict[str, Any]) -> bytes:
         w = self.out

@@ -265,25 +265,24 @@ class GeminiStream(oa.SseJsonStream):
             w.model = str(obj["modelVersion"])
         if obj.get("usageMetadata"):
             w.usage = openai_usage(obj["usageMetadata"])
-        out = w.start()
+        out = [w.start()]  # joined once: an event of many parts must not be quadratic
         cands = obj.get("candidates") or []
         if not cands:
             if (obj.get("promptFeedback") or {}).get("blockReason"):
-                return out + w.finish("content_filter") + w.end()
-            return out
+                return b"".join((*out, w.finish("content_filter"), w.end()))
+            return out[0]
         cand = cands[0]
         for part in (cand.get("content") or {}).get("parts") or ():
             if part.get("thought"):
                 continue
             if "text" in part:
-                out += w.text(oa.text_field(part["text"]))
+                out.append(w.text(oa.text_field(part["text"])))
             elif "functionCall" in part:
                 fc = part["functionCall"]
                 self.has_calls = True
                 args = orjson.dumps(fc.get("args") or {}).decode()
-                out += w.tool_head(
-                    w.new_tool(), str(fc.get("id") or oa.new_id("call_")), oa.text_field(fc.get("name")), args
-                )
+                call_id = str(fc.get("id") or oa.new_id("call_"))
+                out.append(w.tool_head(w.new_tool(), call_id, oa.text_field(fc.get("name")), args))
         if cand.get("finishReason"):
-            out += w.finish(finish_reason(cand["finishReason"], self.has_calls)) + w.end()
-        return out
+            out += (w.finish(finish_reason(cand["finishReason"], self.has_calls)), w.end())
+        return b"".join(out)

@@ -523,7 +523,7 @@ class SseJsonStream:
 
     def feed(self, chunk: bytes) -> bytes:
         events = self.events.feed(chunk)
-        out = b""
+        out: list[bytes] = []  # joined once: a whole answer fed at once must not be quadratic
         for ev in events:
             if self.out.done:  # ended: what an upstream sends after it (another answer) is not read
                 break
@@ -533,10 +533,11 @@ class SseJsonStream:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
-                return out + error_event("upstream sent a malformed stream event", "upstream_error")
+                out.append(error_event("upstream sent a malformed stream event", "upstream_error"))
+                break
             if isinstance(obj, dict):
-                out += self.on_event(obj)
-        return out
+                out.append(self.on_event(obj))
+        return b"".join(out)
 
     def on_event(self, obj: dict[str, Any]) -> bytes:
         raise NotImplementedError
