@@ -222,10 +222,16 @@ async def test_a_prompt_past_the_requests_bytes_is_charged_at_them(
         (_usage(9, 100_000), {}, "hello"),
         # a Predicted Output: rejected prediction tokens are billed beyond max_tokens
         (_usage(9, 5000), {"max_tokens": 10, "prediction": {"type": "content", "content": "x " * 4000}}, "hello"),
+        # a thinking budget (Anthropic's interleaved thinking may think past max_tokens)
+        (
+            _usage(9, 5000),
+            {"max_tokens": 10, "extra_body": {"thinking": {"type": "enabled", "budget_tokens": 8000}}},
+            "hello",
+        ),
         # a search tool adds input edgeroute never sent
         (_usage(60_000, 5), {"web_search_options": {}}, "hello"),
     ],
-    ids=["reasoning", "n", "ignored_bound", "unbounded", "prediction", "web_search"],
+    ids=["reasoning", "n", "ignored_bound", "unbounded", "prediction", "thinking_budget", "web_search"],
 )
 async def test_counts_a_provider_could_bill_are_charged_as_reported(
     start_proxy: Any, serve_routes: ServeRoutes, usage: dict[str, Any], asked: dict[str, Any], text: str

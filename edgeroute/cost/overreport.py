@@ -13,7 +13,8 @@ What a real provider can bill is bounded where edgeroute knows the request:
   tokens more, plus an echo's prompts), or more when the answer's text is longer (an upstream
   that ignored the bound and wrote on: its text's UTF-8 bytes, since no token is shorter than a
   byte). A request with a Predicted Output has no such bound (rejected prediction tokens are
-  billed beyond `max_tokens`).
+  billed beyond `max_tokens`), nor one that names a thinking budget (Anthropic's interleaved
+  thinking may think past `max_tokens`, and its full thinking is billed, a summary streamed).
 - The prompt, when edgeroute sent the whole of it: the request body's bytes (no token is shorter
   than a byte; the body holds every message, tool definition and cached prefix) and a margin for
   what a provider adds unseen (a tool-use system prompt, a chat template's tokens). Not when the
@@ -27,6 +28,7 @@ A usage past a bound is charged at the bound, flagged estimated, with a reason f
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from edgeroute.accounting import Usage
@@ -60,8 +62,18 @@ _INPUT_ADDED_BY_PROVIDER = (
     b"grounding",
     b"encrypted_content",  # reasoning passed back encrypted: its tokens are not its bytes
     b"redacted_thinking",
-    b"\"audio\"",  # a chat turn naming stored audio by id: read and billed again as input
+    b'"audio"',  # a chat turn naming stored audio by id: read and billed again as input
 )
+
+
+# A thinking budget a request names: Anthropic's interleaved thinking may think past `max_tokens`
+# (`budget_tokens` is then the whole turn's), billed in full though only a summary is streamed.
+_THINKING_BUDGET = re.compile(rb"(?i)budget_tokens|thinking_?budget")
+
+
+def output_bounded(body: bytes) -> bool:
+    """Whether a request's output bound holds what it can be billed (not when it names a thinking budget)."""
+    return _THINKING_BUDGET.search(body) is None
 
 
 @dataclass(frozen=True, slots=True)

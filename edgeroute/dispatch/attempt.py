@@ -424,7 +424,7 @@ class Attempts:
         limit = None if d.prediction is not None else output_limit(d.max_tokens, d.choices)
         if limit is not None:
             limit += self.output_allowance()
-        over = limit is not None and usage.completion_tokens > limit
+        over = limit is not None and usage.completion_tokens > limit and overreport.output_bounded(self.body)
         prompt = max(usage.prompt_tokens, usage.cached_tokens + usage.cache_write_tokens)
         most_prompt = self.most_prompt() if prompt > len(self.body) + overreport.PROMPT_MARGIN_TOKENS else None
         if not over and most_prompt is None:
