@@ -63,6 +63,15 @@ _INPUT_ADDED_BY_PROVIDER = (
     b"encrypted_content",  # reasoning passed back encrypted: its tokens are not its bytes
     b"redacted_thinking",
     b'"audio"',  # a chat turn naming stored audio by id: read and billed again as input
+    b"item_reference",  # a Responses input item by id
+    # Media wherever it is (a tool result's image, which the core's count of parts may not reach):
+    # its tokens are not its bytes (an image by URL is 1,600 tokens).
+    b'"image',
+    b"input_audio",
+    b"input_file",
+    b'"file"',
+    b"document",
+    b"video",
 )
 
 
