@@ -87,8 +87,9 @@ async def test_messages_stream_answered_with_json(start_proxy, raw_upstream) -> 
     for kind, answer, extra in (("openai_compatible", CHAT, {}), ("anthropic", MESSAGE, {"top_k": 5})):
         proxy = await start_proxy(_config(await raw_upstream(answer), kind))
         client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+        # `max_tokens` above the answers' 2,000 reported tokens: past it they are capped (`cost.overreport`).
         async with client.messages.stream(
-            model="m", max_tokens=100, messages=[{"role": "user", "content": "hi"}], extra_body=extra
+            model="m", max_tokens=2000, messages=[{"role": "user", "content": "hi"}], extra_body=extra
         ) as stream:
             msg = await stream.get_final_message()
         assert msg.content[0].type == "text" and msg.content[0].text == "hello there", kind

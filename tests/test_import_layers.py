@@ -118,6 +118,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.budget_report",
             "edgeroute.cost.restore",
             "edgeroute.cost.underreport",
+            "edgeroute.cost.overreport",
             "edgeroute.telemetry",
             "edgeroute.governance.versions",
             "edgeroute.governance.runtime",

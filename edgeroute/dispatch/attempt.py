@@ -35,7 +35,7 @@ from edgeroute.accounting import (
 )
 from edgeroute.cache.entry import replay_chunks
 from edgeroute.config import Timeouts
-from edgeroute.cost import underreport
+from edgeroute.cost import overreport, underreport
 from edgeroute.cost.prices import unbounded_output
 from edgeroute.cost.received import cut_usage, received_usage
 from edgeroute.dispatch import senders
@@ -44,7 +44,7 @@ from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
-from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.base import Adapter, UpstreamRequest, in_band_status
 from edgeroute.state import Live
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.errors import UpstreamProtocolError, UpstreamTlsError
@@ -394,8 +394,13 @@ class Attempts:
             self.router.report(dep.index, "success", latency, None, self.sender)
             self.live.served_at[dep.index] = time.monotonic()
             if isinstance(result, JsonAnswer):
-                self.settle_attempt(rec, dep, result.usage)
-                self.check_overrun(dep, result.usage)
+                # The body bounds the answer's text (no token is shorter than a byte).
+                size = len(result.body)
+                usage = result.usage and self.bounded(result.usage, lambda: size, f"deployment {dep.name}")
+                self.settle_attempt(rec, dep, usage)
+                if usage is result.usage:  # a capped one was told of already
+                    self.check_overrun(dep, usage)
+                result.usage = usage
             else:
                 result.rec = rec
 
@@ -409,6 +414,31 @@ class Attempts:
         """Output tokens an answer carries beside what the request's bound covers (a completions
         `echo` repeats the prompt): the output cap (`output_cap.py`) lets them through."""
         return 0
+
+    def bounded(self, usage: Usage, text_bytes: Callable[[], int], source: str) -> Usage:
+        """`usage`, or what a real provider could have billed the request for where the upstream
+        reported more (`cost.overreport`: output past the request's bound, a prompt past the bytes
+        sent), logged and flagged. `text_bytes`: the UTF-8 bytes of the answer's text, or a bound
+        on them (asked only when the output is past the bound)."""
+        d = self.decision
+        limit = None if d.prediction is not None else output_limit(d.max_tokens, d.choices)
+        if limit is not None:
+            limit += self.output_allowance()
+        over = limit is not None and usage.completion_tokens > limit and overreport.output_bounded(self.body)
+        prompt = max(usage.prompt_tokens, usage.cached_tokens + usage.cache_write_tokens)
+        most_prompt = self.most_prompt() if prompt > len(self.body) + overreport.PROMPT_MARGIN_TOKENS else None
+        if not over and most_prompt is None:
+            return usage  # the usual case: two comparisons
+        fix = overreport.check(usage, limit if over else None, text_bytes() if over else 0, most_prompt)
+        if fix is None:
+            return usage
+        log.warning("%s: %s", source, fix.reason)
+        self.record.error_class = OVERRAN if fix.output else overreport.CODE
+        return fix.usage
+
+    def most_prompt(self) -> int | None:
+        """The most prompt tokens the upstream can bill for this request (None: not bounded here)."""
+        return overreport.prompt_bound(self.body, self.decision.other_parts)
 
     def check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A whole answer past the request's bound cannot be stopped: it is charged as the upstream
@@ -476,7 +506,9 @@ class Attempts:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
             keys = adapter.answer_keys
-            if obj.get("error") or obj.get("type") == "error" or (keys and not any(k in obj for k in keys)):
+            if obj.get("error") and (not keys or not any(k in obj for k in keys)):
+                return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+            if obj.get("type") == "error" or (keys and not any(k in obj for k in keys)):
                 # A careless upstream's 200 carrying an error (`{"type": "error", ...}`) read as an
                 # answer was an empty one for the client, paid for, and never failed over.
                 msg = redact.cut(f"upstream answered 200 without an answer: {adapter.error_message(status, data)}", 500)
@@ -484,6 +516,10 @@ class Attempts:
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
+        elif obj.get("error") and "choices" not in obj:
+            # A client error in a 200 (a proxy's `{"error": {"code": 400}}`): the client's error,
+            # as its HTTP twin is; as a server error it was retried everywhere and opened circuits.
+            return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
         elif (unreadable := _unreadable_choices(obj)) is not None:
             # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
             # string or null, a null message) was a 200, recorded as served and never failed over.
@@ -576,16 +612,19 @@ class Attempts:
                 head.append(chunk)
                 size += len(chunk)
                 for obj in parsed if parsed is not None else _objects(events_of.feed(chunk)):
-                    if obj is None:  # [DONE]
-                        return StreamAnswer(resp, b"".join(head), translator)
+                    if obj is None:
+                        # `[DONE]` before any content or finish (`has_content` commits on one): the
+                        # client has seen nothing, so the deployment's failure, failed over. Relayed,
+                        # it was an empty "successful" answer, paid for, the next deployment never asked.
+                        msg = "upstream stream ended before any content"
+                        return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                     if obj is _MALFORMED:
                         msg = "upstream sent a malformed stream event"
                         return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
                     if obj.get("error"):
-                        err = obj["error"]
-                        said = err.get("message") if isinstance(err, dict) else str(err)
-                        msg = redact.cut(f"upstream stream error: {said}", 500)
-                        return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
+                        return in_band_failure(
+                            adapter, obj["error"], resp.status, b"".join(head), "upstream stream error"
+                        )
                     if self.has_content(obj):
                         return StreamAnswer(resp, b"".join(head), translator)
                 if parsed is not None:
@@ -594,6 +633,13 @@ class Attempts:
                     # A megabyte of well-formed events and still nothing a user would see (a long
                     # reasoning phase, or keep-alives): relayed from here, not held without bound.
                     return StreamAnswer(resp, b"".join(head), translator)
+        except OSError as e:
+            if isinstance(e, TimeoutError | UpstreamProtocolError):
+                raise
+            # Answered 200, then broken before any content: not a connection that failed (a
+            # route's `fallbacks_on: connect_error` is not for it); priced by what it held (its usage).
+            msg = "upstream stream broke before any content"
+            return Failure(Outcome.SERVER_ERROR, resp.status, msg, received=b"".join(head))
         finally:
             if parsed is not None:
                 translator.parsed = None  # the relay keeps none
@@ -644,7 +690,8 @@ class Attempts:
         the request is cancelled while it reads)."""
         received = failure.received
         if failure.usage is not None:  # what the upstream reported (and its provider bills)
-            self.settle_attempt(rec, dep, failure.usage)
+            size = len(received) if received is not None else failure.cut or 0
+            self.settle_attempt(rec, dep, self.bounded(failure.usage, lambda: size, f"deployment {dep.name}"))
             return
         if (received is None and failure.cut is None) or not _ok(rec.status):
             self.settle_attempt(rec, dep, None)
@@ -664,8 +711,9 @@ class Attempts:
             usage = await self.loop.run_in_executor(COUNTING, price)
         if usage is None:
             rec.usage, rec.cost_usd = None, 0.0
-        else:
-            self.settle_attempt(rec, dep, usage)
+        else:  # the usage a broken stream's head reported is the upstream's word too
+            size = len(received) if received is not None else failure.cut or 0
+            self.settle_attempt(rec, dep, usage if usage.estimated else self.bounded(usage, lambda: size, dep.name))
 
     def most_output(self, dep: DeploymentInfo) -> int:
         """The most output tokens the request could have had from `dep`: what an estimate of a
@@ -706,6 +754,24 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         # of 300 s took the deployment out for five minutes), and not asked again.
         return Failure(cls, resp.status, msg, 0.0, data, again=False)
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def in_band_failure(adapter: Adapter, err: Any, status: int, received: bytes | None, what: str) -> Failure:
+    """An error an upstream sent inside a 200 (a stream's error event, a JSON body that is an
+    error), classified as its HTTP twin would be (`in_band_status`, the adapter's rules): a
+    client error is relayed as that 4xx without failover and without counting against the
+    deployment (as a server error it was asked of every deployment, answered 502, and opened
+    their circuits for everyone). Other classes keep the 200 they came with."""
+    said = err.get("message") if isinstance(err, dict) else err
+    body = orjson.dumps({"error": err}, default=str)
+    cls = adapter.classify(in_band_status(err), body)
+    msg = redact.cut(f"{what}: {said}", 500)
+    if cls.about_request and cls is not Outcome.SUCCESS:
+        return Failure(cls, in_band_status(err), redact.cut(str(said), 500), received=received, body=body)
+    if cls is Outcome.AUTH_ERROR:  # never the provider's text (it can quote our key)
+        log.warning("deployment of provider %s refused our credentials in a 200: %s", adapter.name, msg)
+        msg = "The provider refused edgeroute's credentials for this deployment."
+    return Failure(cls, status, msg, received=received, body=body)
 
 
 def _openai_usage(usage: Usage) -> dict[str, int]:
@@ -753,6 +819,8 @@ def _failure_of(e: Exception, status: int | None, dep: DeploymentInfo) -> Failur
         return Failure(Outcome.CONNECT_ERROR, None, f"TLS handshake failed: {e.reason}")
     if isinstance(e, UpstreamProtocolError):
         return Failure(Outcome.SERVER_ERROR, None, f"the upstream {e}")
+    if isinstance(e, OSError) and _ok(status):  # answered 2xx, then broken mid-body: not a failed connection
+        return Failure(Outcome.SERVER_ERROR, status, f"the upstream's answer broke off: {type(e).__name__}")
     if isinstance(e, OSError):  # UpstreamError is one
         return Failure(Outcome.CONNECT_ERROR, None, f"connection failed: {type(e).__name__}")
     if isinstance(e, sse.StreamProtocolError):
@@ -776,8 +844,18 @@ def _unreadable_choices(obj: dict[str, Any]) -> str | None:
             if not isinstance(c, dict) or not isinstance(c.get("message", _EMPTY), dict):
                 break
         else:
-            return None
+            # No choice, or none with anything in it nor a finish: an empty "answer" the client's
+            # `choices[0]` fails on (or reads as nothing), paid for, and never failed over.
+            return None if any(map(_answered, choices)) else "has no answer (no choice with content or a finish)"
     return "has choices that are not objects with a message object"
+
+
+def _answered(choice: dict[str, Any]) -> bool:
+    """Whether a JSON answer's choice holds something or says it finished (an empty `stop` is an answer)."""
+    if choice.get("finish_reason"):
+        return True
+    msg = choice.get("message") or _EMPTY
+    return any(msg.get(k) for k in ("content", "tool_calls", "function_call", "refusal", "audio"))
 
 
 _MISSING = object()

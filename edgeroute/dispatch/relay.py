@@ -472,9 +472,13 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
     """Costs the stream's attempt: by the usage its last events carried, else counted from its text."""
     translator = answer.translator
     if answer.usage is not None:  # a whole JSON answer's, served as a stream
+        size = said.size  # the stream of the answer bounds its text
+        whole = call.bounded(answer.usage, lambda: size, f"deployment {dep.name}")
         if answer.rec is not None:
-            call.settle_attempt(answer.rec, dep, answer.usage)
-        call.check_overrun(dep, answer.usage)
+            call.settle_attempt(answer.rec, dep, whole)
+        if whole is answer.usage:  # a capped one was told of already
+            call.check_overrun(dep, whole)
+        answer.usage = whole
         return
     usage = Usage.from_openai(
         sse.find_usage(said.tail()) or (translator.usage if translator is not None else None), answered=True
@@ -497,10 +501,17 @@ async def _settle(call: Attempts, dep: DeploymentInfo, answer: StreamAnswer, sai
                 call.settle_attempt(answer.rec, dep, u)
 
         usage = await _underreported(call, dep, usage, said, settle_counted)
+    if not usage.estimated:  # the upstream's own count: no more than the request could be billed
+        usage = call.bounded(usage, lambda: _text_bytes(said), f"deployment {dep.name}")
     if answer.rec is not None:
         call.settle_attempt(answer.rec, dep, usage)
     if call.record.error_class != OVERRAN:  # whole, yet past the bound (one event, ended at once)
         call.check_overrun(dep, usage)
+
+
+def _text_bytes(said: Transcript) -> int:
+    """The UTF-8 bytes of what a stream said (its text, tool calls, reasoning): no token is shorter."""
+    return len(said.text().encode("utf-8", "surrogatepass"))
 
 
 # A stream's bytes a reported output token may come with before its text is read and checked

@@ -30,6 +30,34 @@ class StreamTranslator(Protocol):
         ...
 
 
+# The HTTP status an error object's `type` stands for (OpenAI's and Anthropic's names), for an
+# error sent inside a 200 (a stream's error event, a JSON body that is an error) without a code.
+_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "request_too_large": 413,
+    "not_found_error": 404,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "rate_limit_error": 429,
+    "overloaded_error": 529,
+}
+
+
+def in_band_status(err: Any) -> int:
+    """The HTTP status an error sent inside a 200 answer stands for: its `code` (or `status`)
+    when that is one (vLLM, TGI and LiteLLM-style servers send `"code": 400`), else its `type`'s;
+    500 (the server's error) for anything else."""
+    if isinstance(err, dict):
+        for key in ("code", "status"):
+            code = err.get(key)
+            if isinstance(code, str) and code.isdigit():
+                code = int(code)
+            if type(code) is int and 400 <= code <= 599:
+                return code
+        return _TYPE_STATUS.get(str(err.get("type")), 500)
+    return 500
+
+
 @dataclass(slots=True)
 class UpstreamRequest:
     url: str | URL  # a prebuilt URL saves aiohttp parsing the string on every request
