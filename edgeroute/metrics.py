@@ -35,7 +35,7 @@ from edgeroute import redact, secrets
 from edgeroute.accounting import OVERRAN, RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
-from edgeroute.cost import budget_report
+from edgeroute.cost import budget_report, overreport, underreport
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import CostControl
 from edgeroute.cost.ledger import Ledger
@@ -103,8 +103,14 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]]
                        ("budget", "action"), None),
     "overruns": ("edgeroute_upstream_overruns", "Answers an upstream sent past the request's max_tokens (a stream "
                  "ended there), by deployment.", ("deployment",), None),
+    "usage_corrections": ("edgeroute_upstream_usage_corrections", "Answers whose reported usage could not be true "
+                          "for the request and its text, charged as edgeroute counted or bounded it, by deployment "
+                          "and kind (upstream_underreported_usage, upstream_overreported_usage).",
+                          ("deployment", "kind"), None),
 }  # fmt: skip
 
+# The error classes of a usage charged otherwise than reported (`cost.underreport`, `cost.overreport`).
+_USAGE_CORRECTIONS = frozenset({underreport.CODE, overreport.CODE})
 # The series an attempt adds to, as `Metrics._attempt_series` lists them (None until first added to).
 _COUNT, _PROMPT, _COMPLETION, _CACHED, _COST, _UPSTREAM, _UPSTREAM_TTFT = range(7)
 # Attempts' label combinations kept for the lookup (route x team x deployment x outcome x kind can
@@ -184,6 +190,8 @@ class Metrics:
                 self._count("request_errors", (route, rec.error_class)).n += 1
             elif rec.error_class == OVERRAN:
                 self._count("overruns", (rec.deployment or "",)).n += 1
+            elif rec.error_class in _USAGE_CORRECTIONS:
+                self._count("usage_corrections", (rec.deployment or "", rec.error_class)).n += 1
         seconds = rec.latency_ms / 1000
         duration.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         duration.sum += seconds

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from edgeroute import _core
 from tests.conftest import Proxy, ServeRoutes, eventually
+from tests.metrics_support import scrape
 
 TEXT = "hello world " * 2000
 PRICE = {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}  # $0.001 a token
@@ -55,7 +56,7 @@ class Upstream:
 
 async def _cost(
     start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes, reported: int, stream: bool
-) -> tuple[float, Any]:
+) -> tuple[float, Any, Proxy]:
     server = await serve_routes(web.post("/v1/chat/completions", Upstream(reported).handle))
     proxy = await start_proxy(
         {
@@ -81,18 +82,20 @@ async def _cost(
         return proxy.recorder.records[-1] if proxy.recorder.records else None
 
     rec = await eventually(recorded, "the request's record")  # a stream's once it has ended
-    return rec.cost_usd, rec
+    return rec.cost_usd, rec, proxy
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_an_answer_longer_than_its_reported_tokens_is_charged_for_its_text(
     start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes, stream: bool
 ) -> None:
-    cost, rec = await _cost(start_proxy, serve_routes, 5, stream)
+    cost, rec, proxy = await _cost(start_proxy, serve_routes, 5, stream)
     counted = _core.Router.count_tokens(TEXT, "o200k_base")
     assert rec.usage.completion_tokens >= counted - 2 and rec.usage.estimated
     assert cost == pytest.approx((10 + rec.usage.completion_tokens) * 0.001)  # not (10 + 5) x $0.001
     assert rec.error_class == "upstream_underreported_usage"
+    metrics = await scrape(proxy.url)
+    assert metrics.value("edgeroute_upstream_usage_corrections_total", deployment="d", kind=rec.error_class) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -100,7 +103,7 @@ async def test_an_honest_report_stands(
     start_proxy: Callable[[dict[str, Any]], Awaitable[Proxy]], serve_routes: ServeRoutes, stream: bool
 ) -> None:
     honest = _core.Router.count_tokens(TEXT, "o200k_base") + 7  # another tokenizer's count, a little more
-    _, rec = await _cost(start_proxy, serve_routes, honest, stream)
+    _, rec, _ = await _cost(start_proxy, serve_routes, honest, stream)
     assert rec.usage.completion_tokens == honest and not rec.usage.estimated
     assert rec.error_class is None
 

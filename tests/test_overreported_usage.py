@@ -21,6 +21,7 @@ from aiohttp import web
 from edgeroute.accounting import OVERRAN
 from edgeroute.cost.overreport import CODE
 from tests.conftest import Proxy, ServeRoutes, eventually
+from tests.metrics_support import scrape
 
 HUGE = 1_000_000_000
 PRICE = {"input_per_mtok": 1000.0, "output_per_mtok": 2000.0}
@@ -207,6 +208,8 @@ async def test_a_prompt_past_the_requests_bytes_is_charged_at_them(
     rec = await _record(proxy)
     assert rec.usage.prompt_tokens <= 5000 and rec.usage.estimated and rec.error_class == CODE
     assert rec.cost_usd < 6.0  # not $1,000,000
+    metrics = await scrape(proxy.url)  # the operator sees which deployment reports impossible counts
+    assert metrics.value("edgeroute_upstream_usage_corrections_total", deployment="d-a", kind=CODE) == 1
 
 
 @pytest.mark.parametrize(
