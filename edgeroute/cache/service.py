@@ -48,8 +48,33 @@ from edgeroute.upstream import Upstream
 log = logging.getLogger("edgeroute.cache")
 
 HEADER = "x-edgeroute-cache"
+# On a stale answer: the code of the error it stands in for (`upstream_failed`, `upstream_timeout`,
+# `upstream_rate_limited`, `no_deployment_available`, ...), so that a client can tell.
+STALE_REASON = "x-edgeroute-stale-reason"
 _DIRECTIVES = ("bypass", "refresh", "only-if-cached")
 Label = Literal["hit", "miss", "stale", "bypass"]
+
+
+# How attempts fail when the deployments cannot answer now (down, slow, overloaded), or cannot
+# read this request (skipped, never sent): what a stale answer may stand in for. Not a verdict on
+# the request (4xx, context window, content policy) nor the refusal of edgeroute's credentials
+# (`auth_error`): a stale 200 would hide from the client that the request will never succeed,
+# and from the operator's clients that a key broke, for the whole stale-if-error window.
+_UNAVAILABLE = frozenset({"server_error", "timeout", "connect_error", "rate_limited", "cannot_read"})
+# How long a managed key that ended is remembered (`forget`): a request of it still in flight
+# then stores nothing when it ends (the longest `timeouts.total` is well within it).
+ENDED_KEEP_S = 600.0
+
+
+def stale_reason(error: ProxyError) -> str | None:
+    """Why a failed call may be answered with a stale entry (the error's code), or None when
+    it may not: only a failure of availability (a 5xx or 429 whose attempts all failed so, or
+    no deployment to call), never the request's own fault or a refusal of our credentials."""
+    if error.status != 429 and error.status < 500:
+        return None
+    if any(d.get("error") not in _UNAVAILABLE for d in error.details or ()):
+        return None
+    return error.code or error.type
 
 
 # The longest last user turn (characters) looked up and indexed by meaning. Embedding runs on
@@ -185,6 +210,9 @@ class ResponseCache:
         self.shared = shared  # the semantic index's records, shared through Redis with the entries
         self.keys = KeyMemo()  # exact keys of the bodies seen lately: a hit does not parse its body again
         self._writes: set[asyncio.Task[None]] = set()
+        # Managed keys seen to end lately, and when (`forget`): what their requests still in
+        # flight then answer is not stored (`_put`).
+        self._ended: dict[str, float] = {}
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedding space
         self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
         # The running config and its upstream pools, for configured embedders (bound by the
@@ -325,7 +353,7 @@ class ResponseCache:
             entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
             age = entry.age()
-            if age <= plan.settings.ttl:
+            if age <= plan.settings.ttl and not entry.fallback:
                 plan.label = "hit"
                 self.counters.hits += 1
                 if shared is not None:  # (in memory, `get` moved it already)
@@ -420,7 +448,12 @@ class ResponseCache:
             return None
         for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
             entry = await self.store.get(plan.route, cand.key)
-            if entry is not None and entry.servable(allowed) and entry.age() <= plan.settings.ttl:
+            if (
+                entry is not None
+                and entry.servable(allowed)
+                and entry.age() <= plan.settings.ttl
+                and not entry.fallback
+            ):
                 plan.label, plan.similarity = "hit", cand.similarity
                 self.counters.hits += 1
                 self.counters.semantic_hits += 1
@@ -429,9 +462,10 @@ class ResponseCache:
                 return entry
         return None
 
-    def serve_stale(self, plan: Plan) -> Entry | None:
-        """The stale entry to answer with now that every deployment failed, if there is one."""
-        if plan.stale is None:
+    def serve_stale(self, plan: Plan, error: ProxyError) -> Entry | None:
+        """The stale entry to answer with now that every deployment failed with `error`, if
+        there is one and the failure is one of availability (`stale_reason`)."""
+        if plan.stale is None or stale_reason(error) is None:
             return None
         plan.label = "stale"
         self.counters.stale += 1
@@ -443,7 +477,7 @@ class ResponseCache:
             return
         completion = completion_from_json(body)
         if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
-            self._save(plan, Entry(body, deployment[0], time.time(), cost_usd, deployment[1], plan.writer))
+            self._save(plan, self._entry(plan, body, deployment, cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
@@ -454,10 +488,24 @@ class ResponseCache:
             return
         completion = completion_from_stream(stream)
         if completion is not None and finished(completion):
-            entry = Entry(orjson.dumps(completion), deployment[0], time.time(), cost_usd, deployment[1], plan.writer)
-            self._save(plan, entry)
+            self._save(plan, self._entry(plan, orjson.dumps(completion), deployment, cost_usd))
+
+    def _entry(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> Entry:
+        name, upstream = deployment
+        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan.route, name))
+
+    def _fallback(self, route: str, deployment: str) -> bool:
+        """Whether `deployment` is a fallback of `route` (not among the route's own deployments
+        in the running config): its answer stands in for the route's while they fail, and would
+        otherwise be served as the route's, fresh, for the whole ttl after they are back."""
+        if self._live is None:
+            return False
+        model = self._live()[0].models.get(route)
+        return model is not None and deployment not in model.deployments
 
     def _save(self, plan: Plan, entry: Entry) -> None:
+        if entry.fallback and plan.settings.stale_if_error <= 0:
+            return  # kept only to be served stale, which the route never does
         if len(entry.body) > plan.settings.max_entry_bytes:
             self.counters.too_large += 1
             return
@@ -470,8 +518,11 @@ class ResponseCache:
         # The exact entry first: a slow or failing embedder must not delay exact hits.
         keep = plan.settings.ttl + plan.settings.stale_if_error
         bounds = (plan.settings.max_entries, plan.settings.max_bytes)
-        await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner, plan.tenant)
-        if plan.turn is not None and plan.context is not None:
+        if plan.owner is not None and self._has_ended(plan.owner):
+            return  # its key ended while it was answered: `forget` dropped what it stored before
+        if not await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner, plan.tenant):
+            return
+        if plan.turn is not None and plan.context is not None and not entry.fallback:
             # Not looked up (refresh, bypass), or the embedder failed then: embed it now.
             if plan.vector is not None or await self._analyze(plan):
                 index = self._index(plan, create=True)
@@ -491,6 +542,7 @@ class ResponseCache:
         one now) and what it put in a team's or everyone's cache go at once, not at their ttl.
         Returns how many entries went; a store that cannot be reached is logged."""
         owners = sorted(owners)
+        self._remember_ended(owners)
         try:
             dropped = await self.store.forget(owners)
             if self.shared is not None:
@@ -503,6 +555,17 @@ class ResponseCache:
                 index.remove_keys(dropped)
             log.info("response cache: dropped %d entries of revoked keys %s", len(dropped), ", ".join(owners))
         return len(dropped)
+
+    def _has_ended(self, owner: str) -> bool:
+        since = self._ended.get(owner)
+        return since is not None and time.monotonic() - since <= ENDED_KEEP_S
+
+    def _remember_ended(self, owners: Collection[str]) -> None:
+        now = time.monotonic()
+        for owner, since in list(self._ended.items()):
+            if now - since > ENDED_KEEP_S:
+                del self._ended[owner]
+        self._ended.update(dict.fromkeys(owners, now))
 
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
