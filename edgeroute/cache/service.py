@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import orjson
 from aiohttp import web
@@ -53,6 +53,7 @@ HEADER = "x-edgeroute-cache"
 STALE_REASON = "x-edgeroute-stale-reason"
 _DIRECTIVES = ("bypass", "refresh", "only-if-cached")
 Label = Literal["hit", "miss", "stale", "bypass"]
+_T = TypeVar("_T")
 
 
 # How attempts fail when the deployments cannot answer now (down, slow, overloaded), or cannot
@@ -81,6 +82,48 @@ def stale_reason(error: ProxyError) -> str | None:
 # one thread: a turn of megabytes would hold every other semantic lookup up for a second.
 # Longer turns are matched exactly only (a paraphrase of a 10,000-word turn is rare anyway).
 MAX_SEMANTIC_TURN = 32 * 1024
+# What one tenant may have waiting for or on the embedding thread at once, in UTF-8 bytes of
+# last user turns (a CJK character costs about three Latin ones to embed); past it, its further
+# turns are matched exactly only. A tenant with none waiting always gets one turn in. The thread
+# embeds for every tenant: one key's flood of long turns sent `only-if-cached` (free: a 504,
+# no upstream call) held every tenant's semantic lookups for seconds.
+EMBED_SHARE_BYTES = 64 * 1024
+# A turn that has not started embedding within this is matched exactly only (the thread skips
+# it when it comes to it), so that many tenants' floods at once cannot hold a lookup longer.
+EMBED_START_WITHIN_S = 0.5
+_LATE = object()  # what a job that started too late gives back
+
+
+class EmbeddingQueue:
+    """The one embedding thread, shared fairly by tenants (`EMBED_SHARE_BYTES`, `EMBED_START_WITHIN_S`)."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
+        self.held: dict[str, int] = {}  # tenant -> bytes of its turns waiting or being embedded
+
+    def submit(self, tenant: str, fn: Callable[[str], _T], turn: str) -> asyncio.Future[_T | object] | None:
+        """`fn(turn)` on the thread (`_LATE` if it could not start in time), or None when the
+        tenant's share is full. Without keys every request is one tenant's: only the deadline holds."""
+        cost = len(turn.encode("utf-8", "surrogatepass"))
+        held = self.held.get(tenant, 0)
+        if tenant and held and held + cost > EMBED_SHARE_BYTES:
+            return None
+        self.held[tenant] = held + cost
+        deadline = time.monotonic() + EMBED_START_WITHIN_S
+
+        def job() -> _T | object:
+            return _LATE if time.monotonic() > deadline else fn(turn)
+
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, job)
+        fut.add_done_callback(lambda _: self._release(tenant, cost))
+        return fut
+
+    def _release(self, tenant: str, cost: int) -> None:
+        left = self.held.get(tenant, 0) - cost
+        if left > 0:
+            self.held[tenant] = left
+        else:
+            self.held.pop(tenant, None)
 
 
 @dataclass(slots=True, frozen=True)
@@ -214,7 +257,7 @@ class ResponseCache:
         # flight then answer is not stored (`_put`).
         self._ended: dict[str, float] = {}
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedding space
-        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
+        self._embedding = EmbeddingQueue()
         # The running config and its upstream pools, for configured embedders (bound by the
         # server: a reload replaces both).
         self._live: Callable[[], tuple[Config, Mapping[str, Upstream]]] | None = None
@@ -381,13 +424,16 @@ class ResponseCache:
 
     async def _analyze(self, plan: Plan) -> bool:
         """Embeds the last user turn and computes its guards (off the loop); False when the
-        configured embedder failed (counted; the request goes on as a miss)."""
+        configured embedder failed (counted; the request goes on as a miss), or when the
+        embedding thread could not take the turn in time or the tenant's share of it is full
+        (counted: matched exactly only)."""
         assert plan.turn is not None
-        loop = asyncio.get_running_loop()
         name = plan.settings.embedder
         if name is None:
-            analyze = builtin_embedder().analyze
-            plan.vector, plan.guards = await loop.run_in_executor(self._embedding, analyze, plan.turn)
+            analyzed = await self._on_thread(plan, builtin_embedder().analyze)
+            if analyzed is None:
+                return False
+            plan.vector, plan.guards = analyzed
             return True
         target = self._embedders(name)
         if target is not None:
@@ -395,17 +441,33 @@ class ResponseCache:
         try:
             if target is None:
                 raise remote.EmbeddingError(f"deployment {name} is not in the running config")
-            guarding = loop.run_in_executor(self._embedding, guards, plan.turn)
-            try:
-                plan.vector = await remote.embed(*target, plan.turn, plan.settings.embed_timeout_ms / 1000)
-            finally:
-                plan.guards = await guarding
+            guarding, got = self._embedding.submit(plan.tenant, guards, plan.turn), _LATE
+            if guarding is not None:  # (else the tenant's share is full: nothing is sent either)
+                try:
+                    plan.vector = await remote.embed(*target, plan.turn, plan.settings.embed_timeout_ms / 1000)
+                finally:
+                    got = await guarding
+            if got is _LATE:
+                self.counters.embedding_skipped += 1
+                plan.vector = None
+                return False
+            plan.guards = cast(Guards, got)
         except remote.EmbeddingError as e:
             self.counters.embedding_errors += 1
             plan.vector = None
             log.warning("cache: the embedder %s failed (%s); served as a miss", name, e)
             return False
         return True
+
+    async def _on_thread(self, plan: Plan, fn: Callable[[str], _T]) -> _T | None:
+        """`fn(plan.turn)` on the embedding thread; None (counted) when it could not be done in time."""
+        assert plan.turn is not None
+        fut = self._embedding.submit(plan.tenant, fn, plan.turn)
+        got = _LATE if fut is None else await fut
+        if got is _LATE:
+            self.counters.embedding_skipped += 1
+            return None
+        return got  # type: ignore[return-value]
 
     def _index(self, plan: Plan, create: bool) -> SemanticIndex | None:
         """The route's index for its embedder; a new one when the vectors' size changed (another model)."""
@@ -434,7 +496,8 @@ class ResponseCache:
                     index.add(vector, context, g, key, tenant)
 
         loop = asyncio.get_running_loop()
-        await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(self._embedding, fn, arg))
+        run = self._embedding.executor
+        await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(run, fn, arg))
 
     async def _semantic_lookup(self, plan: Plan, allowed: Mapping[str, str]) -> Entry | None:
         """The freshest allowed answer of a request whose last user turn means the same."""
@@ -570,7 +633,7 @@ class ResponseCache:
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
         if any(r.mode == "semantic" and r.embedder is None for r in routes):
-            await asyncio.get_running_loop().run_in_executor(self._embedding, builtin_embedder)
+            await asyncio.get_running_loop().run_in_executor(self._embedding.executor, builtin_embedder)
 
     async def close(self) -> None:
         if self._writes:
@@ -578,7 +641,7 @@ class ResponseCache:
         await self.store.close()
         if self.shared is not None:
             await self.shared.close()
-        self._embedding.shutdown(wait=False)
+        self._embedding.executor.shutdown(wait=False)
 
 
 def _new_plan(
@@ -671,6 +734,12 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     errors.add_metric(["unavailable"], c.errors)
     errors.add_metric(["corrupt"], c.corrupt)
     yield errors
+    yield CounterMetricFamily(
+        "edgeroute_cache_semantic_skipped",
+        "Semantic lookups and indexings matched exactly only: the embedding thread could not start them within "
+        "0.5 s, or the tenant's share of it was full.",
+        value=c.embedding_skipped,
+    )
     yield CounterMetricFamily(
         "edgeroute_cache_embedding_errors",
         "Semantic lookups whose configured embedder failed (served as misses).",

@@ -158,6 +158,7 @@ class CacheCounters:
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
     embedding_errors: int = 0  # a configured embedder failed: a miss, never an error
+    embedding_skipped: int = 0  # a turn the embedding thread could not take in time: matched exactly only
 
 
 class Store(Protocol):
