@@ -114,3 +114,21 @@ async def test_a_fallbacks_answer_is_not_kept_without_stale_if_error(start_upstr
         )
     assert e.value.status_code == 504
     await client.close()
+
+
+async def test_a_fallbacks_answer_the_route_could_never_give_is_kept(start_upstream: Any, start_proxy: Any) -> None:
+    """A prompt too long for every deployment of the route goes to the fallback: its answer is
+    the only one the request can get, not a blip's, and is a hit next time."""
+    primary, fallback = await start_upstream(record=True), await start_upstream(record=True)
+    cfg = _with_fallback(primary, fallback)
+    cfg["deployments"]["d-a"]["context_window"] = 64
+    proxy = await start_proxy(cfg)
+    client = _client(proxy.url)
+    long = [{"role": "user", "content": "Summarise this: " + "the quick brown fox jumps over the lazy dog " * 20}]
+    labels = []
+    for _ in range(2):
+        raw = await client.chat.completions.with_raw_response.create(model="m", messages=long, temperature=0)
+        labels.append((raw.headers["x-edgeroute-cache"], raw.headers["x-edgeroute-deployment"]))
+    assert labels == [("miss", "d-b"), ("hit", "d-b")]
+    assert not primary.options.requests
+    await client.close()

@@ -210,6 +210,9 @@ class Plan:
     # and the semantic index's bounds are shared fairly among tenants.
     tenant: str = ""
     writer: str = ""  # the request's id: kept in what it stores, so that a hit's record names it
+    # The deployments the request may be sent to (`lookup`'s `allowed`): whether the route's own
+    # are among them tells a fallback's answer in a blip from the only answer it can get.
+    allowed: Mapping[str, str] | None = None
 
     @property
     def stores(self) -> bool:
@@ -386,6 +389,7 @@ class ResponseCache:
         (`DeploymentInfo.cached_as`). `final=False`: a first look before the request is
         rerouted, whose new plan is looked up next (a miss here is neither counted nor an
         `only-if-cached` 504)."""
+        plan.allowed = allowed
         if plan.label == "bypass":
             return None
         fetching, plan.fetching = plan.fetching, None
@@ -555,16 +559,20 @@ class ResponseCache:
 
     def _entry(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> Entry:
         name, upstream = deployment
-        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan.route, name))
+        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan, name))
 
-    def _fallback(self, route: str, deployment: str) -> bool:
-        """Whether `deployment` is a fallback of `route` (not among the route's own deployments
-        in the running config): its answer stands in for the route's while they fail, and would
-        otherwise be served as the route's, fresh, for the whole ttl after they are back."""
+    def _fallback(self, plan: Plan, deployment: str) -> bool:
+        """Whether `deployment` answered in a blip of the route's own deployments (it is not one
+        of them in the running config, and one of them could have taken the request): its answer
+        would otherwise be served as the route's, fresh, for the whole ttl after they are back.
+        When none of them could (the prompt fits none, a rule bars them), the fallback's answer
+        is the only one the request can get: kept as any other."""
         if self._live is None:
             return False
-        model = self._live()[0].models.get(route)
-        return model is not None and deployment not in model.deployments
+        model = self._live()[0].models.get(plan.route)
+        if model is None or deployment in model.deployments:
+            return False
+        return plan.allowed is None or any(d in plan.allowed for d in model.deployments)
 
     def _save(self, plan: Plan, entry: Entry) -> None:
         if entry.fallback and plan.settings.stale_if_error <= 0:
