@@ -19,7 +19,7 @@ from edgeroute import _core, audio_owners, free_requests, headers, provider_file
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
-from edgeroute.cache.service import CACHE, Plan, ResponseCache, rule_admits, tenant_of
+from edgeroute.cache.service import CACHE, STALE_REASON, Plan, ResponseCache, rule_admits, stale_reason, tenant_of
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_ceiling, class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
@@ -378,7 +378,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         try:
             answer, dep = await call.run()
         except ProxyError as e:
-            if plan is not None and (stale := cache.serve_stale(plan)) is not None:
+            if plan is not None and (stale := cache.serve_stale(plan, e)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, dialect, error=e)
             e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:
@@ -675,6 +675,8 @@ async def _cached_answer(
         hdrs[headers.CORRELATION_ID] = rec.correlation_id
     hdrs[headers.CACHE] = plan.label
     hdrs["Age"] = str(int(entry.age()))
+    if error is not None and (why := stale_reason(error)) is not None:  # what the stale answer stands in for
+        hdrs[STALE_REASON] = why
     if plan.similarity is not None:
         hdrs[headers.CACHE_SIMILARITY] = f"{plan.similarity:.3f}"
     if data is None:

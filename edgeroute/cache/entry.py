@@ -62,6 +62,9 @@ class Entry:
     # another model or provider must not serve the old model's answers under the new one.
     upstream: str = ""
     writer: str = ""  # the id of the request whose answer it is ("": an entry of an earlier release)
+    # Given by a fallback model (outside the route's own deployments) while the route's failed:
+    # never a fresh hit (the client asked for the route's model), only a stale-if-error answer.
+    fallback: bool = False
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.created)
@@ -71,7 +74,10 @@ class Entry:
 
     def dumps(self) -> bytes:
         """The stored form: a small JSON header line, then the body, compressed."""
-        head = orjson.dumps([3, self.deployment, self.created, self.cost_usd, self.upstream, self.writer])
+        fields = [self.deployment, self.created, self.cost_usd, self.upstream, self.writer]
+        # Version 4 only for a fallback's answer: an earlier release reads it as corrupt (a miss),
+        # never as a fresh hit; every other entry stays readable by it.
+        head = orjson.dumps([4, *fields, True] if self.fallback else [3, *fields])
         return zlib.compress(head + b"\n" + self.body, 1)
 
     @classmethod
@@ -84,8 +90,10 @@ class Entry:
         except (orjson.JSONDecodeError, TypeError, ValueError) as e:
             raise ValueError(f"unreadable cache entry: {e}") from None
         # Version 1 entries did not say which model produced them: not reused (they expire).
-        # Version 2 ones do not name the request that wrote them: read, with no writer.
-        writer = rest[0] if version == 3 and len(rest) == 1 else "" if version == 2 and not rest else None
+        # Version 2 ones do not name the request that wrote them: read, with no writer. Version 4
+        # ones are a fallback's answers (`fallback`).
+        fallback = version == 4 and len(rest) == 2 and rest[1] is True
+        writer = rest[0] if (version == 3 and len(rest) == 1) or fallback else "" if version == 2 and not rest else None
         if writer is None or not isinstance(deployment, str) or not isinstance(upstream, str):
             raise ValueError("unreadable cache entry: unknown format")
         if not isinstance(writer, str):
@@ -94,7 +102,7 @@ class Entry:
             raise ValueError("unreadable cache entry: bad fields")
         if completion_from_json(body) is None and embeddings_from_json(body) is None:
             raise ValueError("unreadable cache entry: not a chat completion or embeddings")
-        return cls(body, deployment, float(created), float(cost), upstream, writer)
+        return cls(body, deployment, float(created), float(cost), upstream, writer, fallback)
 
     def servable(self, allowed: Mapping[str, str]) -> bool:
         """Whether a request that may go to `allowed` (name: what it is now) may
@@ -218,9 +226,16 @@ _COMPLETE = frozenset({"stop", "tool_calls", "function_call"})
 
 
 def finished(completion: dict[str, Any]) -> bool:
-    """Whether every choice of `completion` ended normally, so that it may be stored."""
+    """Whether every choice of `completion` ended normally, so that it may be stored. A refusal
+    (`message.refusal`) did not: it is a verdict as a content filter's is (an Anthropic refusal
+    arrives as `content_filter`), often transient, and must not be pinned for the ttl."""
     choices = completion.get("choices") or ()
-    return len(choices) > 0 and all(c.get("finish_reason") in _COMPLETE for c in choices)
+    return len(choices) > 0 and all(c.get("finish_reason") in _COMPLETE and not _refused(c) for c in choices)
+
+
+def _refused(choice: dict[str, Any]) -> bool:
+    msg = choice.get("message")
+    return isinstance(msg, dict) and bool(msg.get("refusal"))
 
 
 def embeddings_from_json(body: bytes) -> dict[str, Any] | None:

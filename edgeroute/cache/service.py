@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import orjson
 from aiohttp import web
@@ -48,14 +48,82 @@ from edgeroute.upstream import Upstream
 log = logging.getLogger("edgeroute.cache")
 
 HEADER = "x-edgeroute-cache"
+# On a stale answer: the code of the error it stands in for (`upstream_failed`, `upstream_timeout`,
+# `upstream_rate_limited`, `no_deployment_available`, ...), so that a client can tell.
+STALE_REASON = "x-edgeroute-stale-reason"
 _DIRECTIVES = ("bypass", "refresh", "only-if-cached")
 Label = Literal["hit", "miss", "stale", "bypass"]
+_T = TypeVar("_T")
+
+
+# How attempts fail when the deployments cannot answer now (down, slow, overloaded), or cannot
+# read this request (skipped, never sent): what a stale answer may stand in for. Not a verdict on
+# the request (4xx, context window, content policy) nor the refusal of edgeroute's credentials
+# (`auth_error`): a stale 200 would hide from the client that the request will never succeed,
+# and from the operator's clients that a key broke, for the whole stale-if-error window.
+_UNAVAILABLE = frozenset({"server_error", "timeout", "connect_error", "rate_limited", "cannot_read"})
+# How long a managed key that ended is remembered (`forget`): a request of it still in flight
+# then stores nothing when it ends (the longest `timeouts.total` is well within it).
+ENDED_KEEP_S = 600.0
+
+
+def stale_reason(error: ProxyError) -> str | None:
+    """Why a failed call may be answered with a stale entry (the error's code), or None when
+    it may not: only a failure of availability (a 5xx or 429 whose attempts all failed so, or
+    no deployment to call), never the request's own fault or a refusal of our credentials."""
+    if error.status != 429 and error.status < 500:
+        return None
+    if any(d.get("error") not in _UNAVAILABLE for d in error.details or ()):
+        return None
+    return error.code or error.type
 
 
 # The longest last user turn (characters) looked up and indexed by meaning. Embedding runs on
 # one thread: a turn of megabytes would hold every other semantic lookup up for a second.
 # Longer turns are matched exactly only (a paraphrase of a 10,000-word turn is rare anyway).
 MAX_SEMANTIC_TURN = 32 * 1024
+# What one tenant may have waiting for or on the embedding thread at once, in UTF-8 bytes of
+# last user turns (a CJK character costs about three Latin ones to embed); past it, its further
+# turns are matched exactly only. A tenant with none waiting always gets one turn in. The thread
+# embeds for every tenant: one key's flood of long turns sent `only-if-cached` (free: a 504,
+# no upstream call) held every tenant's semantic lookups for seconds.
+EMBED_SHARE_BYTES = 64 * 1024
+# A turn that has not started embedding within this is matched exactly only (the thread skips
+# it when it comes to it), so that many tenants' floods at once cannot hold a lookup longer.
+EMBED_START_WITHIN_S = 0.5
+_LATE = object()  # what a job that started too late gives back
+
+
+class EmbeddingQueue:
+    """The one embedding thread, shared fairly by tenants (`EMBED_SHARE_BYTES`, `EMBED_START_WITHIN_S`)."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
+        self.held: dict[str, int] = {}  # tenant -> bytes of its turns waiting or being embedded
+
+    def submit(self, tenant: str, fn: Callable[[str], _T], turn: str) -> asyncio.Future[_T | object] | None:
+        """`fn(turn)` on the thread (`_LATE` if it could not start in time), or None when the
+        tenant's share is full. Without keys every request is one tenant's: only the deadline holds."""
+        cost = len(turn.encode("utf-8", "surrogatepass"))
+        held = self.held.get(tenant, 0)
+        if tenant and held and held + cost > EMBED_SHARE_BYTES:
+            return None
+        self.held[tenant] = held + cost
+        deadline = time.monotonic() + EMBED_START_WITHIN_S
+
+        def job() -> _T | object:
+            return _LATE if time.monotonic() > deadline else fn(turn)
+
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, job)
+        fut.add_done_callback(lambda _: self._release(tenant, cost))
+        return fut
+
+    def _release(self, tenant: str, cost: int) -> None:
+        left = self.held.get(tenant, 0) - cost
+        if left > 0:
+            self.held[tenant] = left
+        else:
+            self.held.pop(tenant, None)
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,6 +210,9 @@ class Plan:
     # and the semantic index's bounds are shared fairly among tenants.
     tenant: str = ""
     writer: str = ""  # the request's id: kept in what it stores, so that a hit's record names it
+    # The deployments the request may be sent to (`lookup`'s `allowed`): whether the route's own
+    # are among them tells a fallback's answer in a blip from the only answer it can get.
+    allowed: Mapping[str, str] | None = None
 
     @property
     def stores(self) -> bool:
@@ -185,8 +256,11 @@ class ResponseCache:
         self.shared = shared  # the semantic index's records, shared through Redis with the entries
         self.keys = KeyMemo()  # exact keys of the bodies seen lately: a hit does not parse its body again
         self._writes: set[asyncio.Task[None]] = set()
+        # Managed keys seen to end lately, and when (`forget`): what their requests still in
+        # flight then answer is not stored (`_put`).
+        self._ended: dict[str, float] = {}
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedding space
-        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="edgeroute-embed")
+        self._embedding = EmbeddingQueue()
         # The running config and its upstream pools, for configured embedders (bound by the
         # server: a reload replaces both).
         self._live: Callable[[], tuple[Config, Mapping[str, Upstream]]] | None = None
@@ -315,6 +389,7 @@ class ResponseCache:
         (`DeploymentInfo.cached_as`). `final=False`: a first look before the request is
         rerouted, whose new plan is looked up next (a miss here is neither counted nor an
         `only-if-cached` 504)."""
+        plan.allowed = allowed
         if plan.label == "bypass":
             return None
         fetching, plan.fetching = plan.fetching, None
@@ -325,7 +400,7 @@ class ResponseCache:
             entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
             age = entry.age()
-            if age <= plan.settings.ttl:
+            if age <= plan.settings.ttl and not entry.fallback:
                 plan.label = "hit"
                 self.counters.hits += 1
                 if shared is not None:  # (in memory, `get` moved it already)
@@ -353,13 +428,16 @@ class ResponseCache:
 
     async def _analyze(self, plan: Plan) -> bool:
         """Embeds the last user turn and computes its guards (off the loop); False when the
-        configured embedder failed (counted; the request goes on as a miss)."""
+        configured embedder failed (counted; the request goes on as a miss), or when the
+        embedding thread could not take the turn in time or the tenant's share of it is full
+        (counted: matched exactly only)."""
         assert plan.turn is not None
-        loop = asyncio.get_running_loop()
         name = plan.settings.embedder
         if name is None:
-            analyze = builtin_embedder().analyze
-            plan.vector, plan.guards = await loop.run_in_executor(self._embedding, analyze, plan.turn)
+            analyzed = await self._on_thread(plan, builtin_embedder().analyze)
+            if analyzed is None:
+                return False
+            plan.vector, plan.guards = analyzed
             return True
         target = self._embedders(name)
         if target is not None:
@@ -367,17 +445,33 @@ class ResponseCache:
         try:
             if target is None:
                 raise remote.EmbeddingError(f"deployment {name} is not in the running config")
-            guarding = loop.run_in_executor(self._embedding, guards, plan.turn)
-            try:
-                plan.vector = await remote.embed(*target, plan.turn, plan.settings.embed_timeout_ms / 1000)
-            finally:
-                plan.guards = await guarding
+            guarding, got = self._embedding.submit(plan.tenant, guards, plan.turn), _LATE
+            if guarding is not None:  # (else the tenant's share is full: nothing is sent either)
+                try:
+                    plan.vector = await remote.embed(*target, plan.turn, plan.settings.embed_timeout_ms / 1000)
+                finally:
+                    got = await guarding
+            if got is _LATE:
+                self.counters.embedding_skipped += 1
+                plan.vector = None
+                return False
+            plan.guards = cast(Guards, got)
         except remote.EmbeddingError as e:
             self.counters.embedding_errors += 1
             plan.vector = None
             log.warning("cache: the embedder %s failed (%s); served as a miss", name, e)
             return False
         return True
+
+    async def _on_thread(self, plan: Plan, fn: Callable[[str], _T]) -> _T | None:
+        """`fn(plan.turn)` on the embedding thread; None (counted) when it could not be done in time."""
+        assert plan.turn is not None
+        fut = self._embedding.submit(plan.tenant, fn, plan.turn)
+        got = _LATE if fut is None else await fut
+        if got is _LATE:
+            self.counters.embedding_skipped += 1
+            return None
+        return got  # type: ignore[return-value]
 
     def _index(self, plan: Plan, create: bool) -> SemanticIndex | None:
         """The route's index for its embedder; a new one when the vectors' size changed (another model)."""
@@ -406,7 +500,8 @@ class ResponseCache:
                     index.add(vector, context, g, key, tenant)
 
         loop = asyncio.get_running_loop()
-        await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(self._embedding, fn, arg))
+        run = self._embedding.executor
+        await self.shared.follow(route, embedder, add, lambda fn, arg: loop.run_in_executor(run, fn, arg))
 
     async def _semantic_lookup(self, plan: Plan, allowed: Mapping[str, str]) -> Entry | None:
         """The freshest allowed answer of a request whose last user turn means the same."""
@@ -420,7 +515,12 @@ class ResponseCache:
             return None
         for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
             entry = await self.store.get(plan.route, cand.key)
-            if entry is not None and entry.servable(allowed) and entry.age() <= plan.settings.ttl:
+            if (
+                entry is not None
+                and entry.servable(allowed)
+                and entry.age() <= plan.settings.ttl
+                and not entry.fallback
+            ):
                 plan.label, plan.similarity = "hit", cand.similarity
                 self.counters.hits += 1
                 self.counters.semantic_hits += 1
@@ -429,9 +529,10 @@ class ResponseCache:
                 return entry
         return None
 
-    def serve_stale(self, plan: Plan) -> Entry | None:
-        """The stale entry to answer with now that every deployment failed, if there is one."""
-        if plan.stale is None:
+    def serve_stale(self, plan: Plan, error: ProxyError) -> Entry | None:
+        """The stale entry to answer with now that every deployment failed with `error`, if
+        there is one and the failure is one of availability (`stale_reason`)."""
+        if plan.stale is None or stale_reason(error) is None:
             return None
         plan.label = "stale"
         self.counters.stale += 1
@@ -443,7 +544,7 @@ class ResponseCache:
             return
         completion = completion_from_json(body)
         if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
-            self._save(plan, Entry(body, deployment[0], time.time(), cost_usd, deployment[1], plan.writer))
+            self._save(plan, self._entry(plan, body, deployment, cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """A stream that ended cleanly, as OpenAI-format SSE bytes; a partial one is never stored."""
@@ -454,10 +555,28 @@ class ResponseCache:
             return
         completion = completion_from_stream(stream)
         if completion is not None and finished(completion):
-            entry = Entry(orjson.dumps(completion), deployment[0], time.time(), cost_usd, deployment[1], plan.writer)
-            self._save(plan, entry)
+            self._save(plan, self._entry(plan, orjson.dumps(completion), deployment, cost_usd))
+
+    def _entry(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> Entry:
+        name, upstream = deployment
+        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan, name))
+
+    def _fallback(self, plan: Plan, deployment: str) -> bool:
+        """Whether `deployment` answered in a blip of the route's own deployments (it is not one
+        of them in the running config, and one of them could have taken the request): its answer
+        would otherwise be served as the route's, fresh, for the whole ttl after they are back.
+        When none of them could (the prompt fits none, a rule bars them), the fallback's answer
+        is the only one the request can get: kept as any other."""
+        if self._live is None:
+            return False
+        model = self._live()[0].models.get(plan.route)
+        if model is None or deployment in model.deployments:
+            return False
+        return plan.allowed is None or any(d in plan.allowed for d in model.deployments)
 
     def _save(self, plan: Plan, entry: Entry) -> None:
+        if entry.fallback and plan.settings.stale_if_error <= 0:
+            return  # kept only to be served stale, which the route never does
         if len(entry.body) > plan.settings.max_entry_bytes:
             self.counters.too_large += 1
             return
@@ -470,8 +589,11 @@ class ResponseCache:
         # The exact entry first: a slow or failing embedder must not delay exact hits.
         keep = plan.settings.ttl + plan.settings.stale_if_error
         bounds = (plan.settings.max_entries, plan.settings.max_bytes)
-        await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner, plan.tenant)
-        if plan.turn is not None and plan.context is not None:
+        if plan.owner is not None and self._has_ended(plan.owner):
+            return  # its key ended while it was answered: `forget` dropped what it stored before
+        if not await self.store.put(plan.route, plan.key, entry, keep, bounds, plan.owner, plan.tenant):
+            return
+        if plan.turn is not None and plan.context is not None and not entry.fallback:
             # Not looked up (refresh, bypass), or the embedder failed then: embed it now.
             if plan.vector is not None or await self._analyze(plan):
                 index = self._index(plan, create=True)
@@ -491,6 +613,7 @@ class ResponseCache:
         one now) and what it put in a team's or everyone's cache go at once, not at their ttl.
         Returns how many entries went; a store that cannot be reached is logged."""
         owners = sorted(owners)
+        self._remember_ended(owners)
         try:
             dropped = await self.store.forget(owners)
             if self.shared is not None:
@@ -504,10 +627,21 @@ class ResponseCache:
             log.info("response cache: dropped %d entries of revoked keys %s", len(dropped), ", ".join(owners))
         return len(dropped)
 
+    def _has_ended(self, owner: str) -> bool:
+        since = self._ended.get(owner)
+        return since is not None and time.monotonic() - since <= ENDED_KEEP_S
+
+    def _remember_ended(self, owners: Collection[str]) -> None:
+        now = time.monotonic()
+        for owner, since in list(self._ended.items()):
+            if now - since > ENDED_KEEP_S:
+                del self._ended[owner]
+        self._ended.update(dict.fromkeys(owners, now))
+
     async def warm_up(self, routes: Collection[RouteCache]) -> None:
         """Loads the embedder before serving when a route matches by meaning (about a second)."""
         if any(r.mode == "semantic" and r.embedder is None for r in routes):
-            await asyncio.get_running_loop().run_in_executor(self._embedding, builtin_embedder)
+            await asyncio.get_running_loop().run_in_executor(self._embedding.executor, builtin_embedder)
 
     async def close(self) -> None:
         if self._writes:
@@ -515,7 +649,7 @@ class ResponseCache:
         await self.store.close()
         if self.shared is not None:
             await self.shared.close()
-        self._embedding.shutdown(wait=False)
+        self._embedding.executor.shutdown(wait=False)
 
 
 def _new_plan(
@@ -608,6 +742,12 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     errors.add_metric(["unavailable"], c.errors)
     errors.add_metric(["corrupt"], c.corrupt)
     yield errors
+    yield CounterMetricFamily(
+        "edgeroute_cache_semantic_skipped",
+        "Semantic lookups and indexings matched exactly only: the embedding thread could not start them within "
+        "0.5 s, or the tenant's share of it was full.",
+        value=c.embedding_skipped,
+    )
     yield CounterMetricFamily(
         "edgeroute_cache_embedding_errors",
         "Semantic lookups whose configured embedder failed (served as misses).",

@@ -32,9 +32,12 @@ RECORD = "s "  # one naming a shared semantic record: "s <id> <stream>"
 # (scored by when it expires, so that the names of expired entries go at the next write: a
 # key that stores all day keeps a set of what is live; its expiry pushed to the entry's if
 # later) and the share's name in the key's set of shares (`owner_shares`: where its names are
-# struck when it ends). Returns how many live entries went.
+# struck when it ends). Returns how many live entries went; -1, writing nothing, when the managed
+# key has ended already (KEYS[5], `forget_owned`'s claim, exists: another instance saw it end and
+# dropped what it had stored, and a request of it in flight then must not store after that).
 _PUT = Script.of(
     """
+if #KEYS == 5 and redis.call('EXISTS', KEYS[5]) == 1 then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -48,7 +51,7 @@ if over > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1)
 end
 redis.call('PEXPIRE', KEYS[2], px)
-if #KEYS == 4 then
+if #KEYS >= 4 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   redis.call('ZADD', KEYS[3], now + px, ARGV[4])
   if redis.call('PTTL', KEYS[3]) < px then redis.call('PEXPIRE', KEYS[3], px) end
@@ -133,6 +136,12 @@ def owner_shares(prefix: str, owner: str) -> str:
     return f"{prefix}:cache-owner-shares:{owner}"
 
 
+def forgot_claim(prefix: str, owner: str, kind: str) -> str:
+    """Set (for `FORGOTTEN_KEEP_MS`) by the instance that drops what an ended key stored of
+    `kind` (`forget_owned`): while it is there, the key's requests store no entry (`_PUT`)."""
+    return f"{prefix}:cache-owner-forgot:{owner}:{kind.strip()}"
+
+
 @dataclass(slots=True)
 class CacheCounters:
     hits: int = 0
@@ -149,6 +158,7 @@ class CacheCounters:
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
     embedding_errors: int = 0  # a configured embedder failed: a miss, never an error
+    embedding_skipped: int = 0  # a turn the embedding thread could not take in time: matched exactly only
 
 
 class Store(Protocol):
@@ -163,14 +173,15 @@ class Store(Protocol):
         bounds: tuple[int, int],
         owner: str | None = None,
         tenant: str = "",
-    ) -> None:
+    ) -> bool:
         """`bounds`: the route's (max entries, max bytes), for stores that enforce them. `owner`:
         the managed key whose request wrote it, whose revocation drops it (`forget`). `tenant`:
-        whose share of the bounds it counts against (`service.share_of`)."""
+        whose share of the bounds it counts against (`service.share_of`). Whether it was stored."""
         ...
 
     async def forget(self, owners: Collection[str]) -> set[str]:
-        """Drops every entry these keys' requests wrote; the exact keys dropped."""
+        """Drops every entry these keys' requests wrote; the exact keys dropped. A `put` for
+        one of them after this writes nothing (Redis: `_PUT`; in memory: the caller's check)."""
         ...
 
     async def close(self) -> None: ...
@@ -296,11 +307,11 @@ class MemoryStore:
         bounds: tuple[int, int],
         owner: str | None = None,
         tenant: str = "",
-    ) -> None:
+    ) -> bool:
         size = entry.size()
         if size > bounds[1]:
             self.counters.too_large += 1
-            return
+            return False
         lru = self._routes.get(route)
         if lru is None:
             lru = self._routes[route] = _Route()
@@ -311,6 +322,7 @@ class MemoryStore:
             if lru.drop(old).tenant != tenant:
                 self.counters.evicted_share += 1
             self.counters.evictions += 1
+        return True
 
     async def forget(self, owners: Collection[str]) -> set[str]:
         """A scan of every entry (bounded by the routes' `max_entries`; revocations are rare)."""
@@ -437,7 +449,7 @@ class RedisStore:
         bounds: tuple[int, int],
         owner: str | None = None,
         tenant: str = "",
-    ) -> None:
+    ) -> bool:
         """A tenant holds at most `max_entries` of a route (its least recently used go first; without
         keys, one tenant: the entry is just written); the bytes of the whole cache are bounded
         by Redis's own `maxmemory` policy."""
@@ -445,20 +457,21 @@ class RedisStore:
             px = max(1, int(keep_s * 1000))
             if not tenant:  # (a request without a key has no managed `owner` either)
                 await self.pipe.call("SET", self._key(route, key), entry.dumps(), "PX", px, soon=True)  # off the path
-                return
+                return True
             keys = [self._key(route, key), share_set(self.prefix, route, tenant)]
             args: list[Any] = [entry.dumps(), px, bounds[0]]
             if owner is not None:
-                keys += [self.owned(owner), owner_shares(self.prefix, owner)]
+                keys += [self.owned(owner), owner_shares(self.prefix, owner), forgot_claim(self.prefix, owner, ENTRY)]
                 args.append(ENTRY + keys[0])
             evicted = await self.pipe.eval(_PUT, keys, args, soon=True)  # off the path
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); answer not stored", type(e).__name__)
-            return
+            return False
         if isinstance(evicted, int) and evicted > 0:
             self.counters.evictions += evicted
             self.counters.evicted_capped += evicted
+        return bool(evicted != -1)
 
     async def forget(self, owners: Collection[str]) -> set[str]:
         """Deletes the entries these keys' requests wrote (their `owned` sets) and strikes their
@@ -486,8 +499,7 @@ async def forget_owned(pipe: RedisPipe, prefix: str, owner: str, kind: str) -> A
     claims the key runs `FORGET` a page at a time, Redis serving others between pages; every
     other instance (each sees the key end) reads the same pages with plain `ZRANGE`s and
     deletes nothing. An instance that stops mid-way leaves the rest to expire with their ttl."""
-    owned, shares = owned_set(prefix, owner), owner_shares(prefix, owner)
-    claim = f"{prefix}:cache-owner-forgot:{owner}:{kind.strip()}"
+    owned, shares, claim = owned_set(prefix, owner), owner_shares(prefix, owner), forgot_claim(prefix, owner, kind)
     mine = await pipe.call("SET", claim, b"1", "NX", "PX", FORGOTTEN_KEEP_MS) is not None
     start = 0
     while True:

@@ -333,7 +333,7 @@ async def serve(
         try:
             got, dep = await call.run()
         except ProxyError as e:
-            if plan is not None and (stale := request.app[CACHE].serve_stale(plan)) is not None:
+            if plan is not None and (stale := request.app[CACHE].serve_stale(plan, e)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, None, error=e)
             e.headers.update(_route_headers(rid, decision, None, rec))
             if plan is not None:

@@ -181,6 +181,25 @@ async def test_a_revoked_keys_entries_and_records_leave_redis(
         await r.aclose()
 
 
+async def _keys_on_both(a: str, b: str, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two keys made at instance `a`, "leaving" and "staying", once `b` serves the first (its
+    question `text` answered there, a miss)."""
+    async with aiohttp.ClientSession() as s:
+        status, gone = await call(s, "POST", a + "/admin/keys", ROOT, {"name": "leaving"})
+        assert status == 201
+        status, stays = await call(s, "POST", a + "/admin/keys", ROOT, {"name": "staying"})
+        assert status == 201
+
+    async def seen_on_b() -> bool:
+        try:
+            return await _ask(b, gone["secret"], text) == "miss"
+        except openai.AuthenticationError:
+            return False  # B has not read the new key yet
+
+    await eventually(seen_on_b, "B serving the new key")
+    return gone, stays
+
+
 async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
     start_upstream: Any, tmp_path: Path
 ) -> None:
@@ -195,19 +214,7 @@ async def test_another_instance_drops_a_revoked_keys_entries_from_its_memory(
     cm = instances(path, 2)
     a, b = await asyncio.to_thread(cm.__enter__)
     try:
-        async with aiohttp.ClientSession() as s:
-            status, gone = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "leaving"})
-            assert status == 201
-            status, stays = await call(s, "POST", a.url + "/admin/keys", ROOT, {"name": "staying"})
-            assert status == 201
-
-        async def seen_on_b() -> bool:
-            try:
-                return await _ask(b.url, gone["secret"], PRIVATE) == "miss"
-            except openai.AuthenticationError:
-                return False  # B has not polled the new key yet
-
-        await eventually(seen_on_b, "B serving the new key")
+        gone, stays = await _keys_on_both(a.url, b.url, PRIVATE)
 
         async def cached_on_b() -> int:
             return await _only_if_cached(b.url, stays["secret"], PRIVATE)
@@ -276,5 +283,73 @@ async def test_a_keys_set_of_what_it_stored_holds_only_live_entries(
         await eventually(third_named, "the second and third entries named in the key's set")
         assert not [n for n in await names() if n.endswith(first)], "an expired entry's name stayed in the set"
     finally:
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()
+
+
+async def _revoke_in_flight(up: Any, asked: str, admin: str, gone: dict[str, Any], latency_ms: int = 1000) -> None:
+    """The key `gone` asks `asked` a question the upstream takes `latency_ms` to answer, and is
+    revoked at `admin` meanwhile; its answer is still given (it was paid for)."""
+    up.options.latency_ms = latency_ms
+    slow = asyncio.create_task(_ask(asked, gone["secret"], PRIVATE))
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as s:
+        status, _ = await call(s, "DELETE", admin + f"/admin/keys/{gone['id']}", ROOT)
+        assert status == 200
+    assert await slow == "miss"
+    up.options.latency_ms = 0
+    await asyncio.sleep(0.5)  # when its answer would have been stored
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_an_answer_in_flight_when_its_key_is_revoked_is_not_stored(
+    start_upstream: Any, start_proxy: Any, tmp_path: Path, backend: str
+) -> None:
+    """The entries a key stored went at its revocation, but the answer of its request then in
+    flight was stored after it, and served to the team for the ttl."""
+    up = await start_upstream()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    cfg = _config(up, tmp_path, scope="team")
+    if backend == "redis":
+        cfg["shared_state"] = {"redis_url": require_redis(), "prefix": prefix}
+    proxy = await start_proxy(cfg)
+    keys = proxy.url + "/admin/keys"
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, gone = await call(s, "POST", keys, ROOT, {"name": "leaving", "team": "research"})
+            assert status == 201
+            status, stays = await call(s, "POST", keys, ROOT, {"name": "staying", "team": "research"})
+            assert status == 201
+        assert await _ask(proxy.url, gone["secret"], OTHER) == "miss"
+        assert await _only_if_cached(proxy.url, stays["secret"], OTHER) == 200  # the premise: the team shares
+        await _revoke_in_flight(up, proxy.url, proxy.url, gone)
+        assert await _only_if_cached(proxy.url, stays["secret"], OTHER) == 504
+        assert await _only_if_cached(proxy.url, stays["secret"], PRIVATE) == 504, "stored after the revocation"
+    finally:
+        if backend == "redis":
+            r = await _redis()
+            await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+            await r.aclose()
+
+
+async def test_an_answer_in_flight_on_another_instance_is_not_stored(start_upstream: Any, tmp_path: Path) -> None:
+    """Two instances sharing the cache in Redis: one revokes the key and drops what it stored
+    while the other, which has not polled the revocation yet, still answers a request of it."""
+    up = await start_upstream()
+    prefix = "edgeroute-test-" + os.urandom(4).hex()
+    cfg = _config(up, tmp_path, scope="global")
+    cfg["shared_state"] = {"redis_url": require_redis(), "prefix": prefix}
+    cfg["governance"]["key_poll_interval"] = 1  # the other instance learns of the revocation late
+    cfg.pop("ledger")  # the default, beside the config file: both instances share it
+    cm = instances(write_config(tmp_path / "edgeroute.yaml", cfg), 2)
+    a, b = await asyncio.to_thread(cm.__enter__)
+    try:
+        gone, stays = await _keys_on_both(a.url, b.url, OTHER)
+        await _revoke_in_flight(up, b.url, a.url, gone, latency_ms=600)  # ends before B's poll, mostly
+        assert await _only_if_cached(a.url, stays["secret"], PRIVATE) == 504, "stored after the revocation"
+        assert await _only_if_cached(b.url, stays["secret"], PRIVATE) == 504
+    finally:
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+        r = await _redis()
         await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
         await r.aclose()
