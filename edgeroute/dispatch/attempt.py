@@ -90,6 +90,7 @@ class Failure:
     cut: int | None = None
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
     again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
+    reached: bool = True  # False: never written to a connection (the upstream cannot have run it)
 
     @property
     def maybe_the_requests(self) -> bool:
@@ -353,6 +354,8 @@ class Attempts:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
+        if isinstance(result, Failure) and not reached:
+            result.reached = False  # a side-effect request may still fail over (`side_effects`)
         if isinstance(result, Failure) and reached and (result.outcome is Outcome.TIMEOUT or _ok(rec.status)):
             # Given up on as a cancelled attempt is (the connection dropped while the upstream
             # worked on it), or failed after a 200: the prompt, and what was received, are
