@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -288,3 +289,59 @@ async def test_a_responses_stream_with_an_mcp_tool_broken_before_content_is_not_
             _ = [event async for event in stream]
     assert e.value.status_code == 502 and (a.calls, b.calls) == (1, 0)
     assert "side effects upstream" in e.value.message
+
+
+# -- a whole answer's body is bounded as a whole ------------------------------------------------
+
+
+def paced_json(body: dict[str, Any], piece: int, every: float) -> RawHandler:
+    """Sends its head at once, then `body` as JSON `piece` bytes every `every` seconds."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        data = orjson.dumps(body)
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        for i in range(0, len(data), piece):
+            await resp.write(data[i : i + piece])
+            await asyncio.sleep(every)
+        return resp
+
+    return handle
+
+
+async def trickle_pair(serve_routes: ServeRoutes, start_proxy: Any, first: RawHandler) -> tuple[Any, Up, Up]:
+    a = await Up(answers({}), raw=first).start(serve_routes)
+    b = await Up(answers(chat_answer("from b"))).start(serve_routes)
+    timeouts = {"first_byte": 1, "idle": 0.5, "total": 8}
+    proxy = await start_proxy(
+        config({"a": (a.url, "openai"), "b": (b.url, "openai")}, {"m": {"deployments": ["d-a", "d-b"]}}, timeouts)
+    )
+    return proxy, a, b
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream-answered-as-json"])
+async def test_an_answer_body_trickled_under_the_idle_timeout_fails_over_in_time(
+    stream: bool, serve_routes: ServeRoutes, start_proxy: Any
+) -> None:
+    trickle = paced_json(chat_answer("from a"), 1, 0.2)  # one byte under every `idle`
+    proxy, a, b = await trickle_pair(serve_routes, start_proxy, trickle)
+    t0 = time.monotonic()
+    got = await oai(proxy).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=stream
+    )
+    if isinstance(got, openai.AsyncStream):
+        text = "".join([c.choices[0].delta.content or "" async for c in got if c.choices])
+    else:
+        text = got.choices[0].message.content or ""
+    assert text == "from b" and (a.calls, b.calls) == (1, 1)
+    assert time.monotonic() - t0 < 4  # first_byte + idle, not the total timeout (8 s)
+
+
+async def test_a_large_answer_body_sent_steadily_past_first_byte_is_served(
+    serve_routes: ServeRoutes, start_proxy: Any
+) -> None:
+    steady = paced_json(chat_answer("x" * 2_000_000), 64 * 1024, 0.05)  # ~1.3 MB/s for 1.5 s
+    proxy, a, b = await trickle_pair(serve_routes, start_proxy, steady)
+    got = await oai(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert len(got.choices[0].message.content or "") == 2_000_000 and (a.calls, b.calls) == (1, 0)
