@@ -23,7 +23,8 @@ from aiohttp import web
 from anthropic.types.beta import BetaRequestMCPServerURLDefinitionParam
 from openai.types.responses.tool_param import Mcp
 
-from tests.conftest import RoutesServer, ServeRoutes
+from edgeroute.shadow import MIRRORS
+from tests.conftest import RoutesServer, ServeRoutes, eventually
 
 Handler = Callable[[dict[str, Any]], Awaitable[web.StreamResponse]]
 RawHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -345,3 +346,23 @@ async def test_a_large_answer_body_sent_steadily_past_first_byte_is_served(
     proxy, a, b = await trickle_pair(serve_routes, start_proxy, steady)
     got = await oai(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert len(got.choices[0].message.content or "") == 2_000_000 and (a.calls, b.calls) == (1, 0)
+
+
+async def test_a_request_with_side_effects_is_not_mirrored_to_the_shadow_model(
+    serve_routes: ServeRoutes, start_proxy: Any
+) -> None:
+    a = await Up(answers(response_answer("from a"))).start(serve_routes)
+    s = await Up(answers(response_answer("from the shadow"))).start(serve_routes)
+    models = {"m": {"deployments": ["d-a"], "shadow": {"model": "s", "percent": 100}}, "s": {"deployments": ["d-s"]}}
+    proxy = await start_proxy(config({"a": (a.url, "openai"), "s": (s.url, "openai")}, models))
+    client = oai(proxy)
+    assert (await client.responses.create(model="m", input="email the board", tools=[MCP_TOOL])).output_text == "from a"
+    assert (await client.responses.create(model="m", input="hi")).output_text == "from a"
+    await eventually(lambda: _calls(s, 1), "the request without side effects mirrored")
+    await asyncio.sleep(0.2)
+    assert (a.calls, s.calls) == (2, 1)
+    assert proxy.app[MIRRORS].skipped == {("m", "side_effects"): 1}
+
+
+async def _calls(up: Up, n: int) -> bool:
+    return up.calls >= n
