@@ -21,9 +21,17 @@ import orjson
 import pytest
 from aiohttp import web
 from anthropic.types.beta import BetaRequestMCPServerURLDefinitionParam
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.responses.tool_param import Mcp
 
+from edgeroute.config import Price
+from edgeroute.dispatch import side_effects
+from edgeroute.dispatch.attempt import Failure
+from edgeroute.dispatch.policy import FailoverPolicy, Settings, Stop, Try
+from edgeroute.outcome import Outcome
 from edgeroute.shadow import MIRRORS
+from edgeroute.upstream import DeploymentInfo
 from tests.conftest import RoutesServer, ServeRoutes, eventually
 
 Handler = Callable[[dict[str, Any]], Awaitable[web.StreamResponse]]
@@ -366,3 +374,44 @@ async def test_a_request_with_side_effects_is_not_mirrored_to_the_shadow_model(
 
 async def _calls(up: Up, n: int) -> bool:
     return up.calls >= n
+
+
+# -- the policy, driven directly ------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    answers=st.lists(
+        st.tuples(
+            st.sampled_from([o for o in Outcome if o is not Outcome.SUCCESS]),
+            st.sampled_from([None, 200, 400, 429, 500, 502, 503, 504, 529]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    once=st.booleans(),
+)
+def test_the_policy_never_sends_a_request_with_side_effects_on_after_it_may_have_run(
+    answers: list[tuple[Outcome, int | None, bool]], once: bool
+) -> None:
+    deps = [DeploymentInfo(i, f"d{i}", "m", "p", Price(input_per_mtok=1.0, output_per_mtok=1.0), 0) for i in range(4)]
+    policy = FailoverPolicy(
+        "m", ["d0", "d1"], Settings(8, 0.0, 0.0, 0.0), fallbacks_on=lambda key: deps[2:], allowed=lambda d: True,
+        is_open=lambda i: False, try_retry=lambda: True, remaining=lambda: 100.0, serving=lambda i: True,
+        once=(lambda: "`store: true`" if once else None),
+    )  # fmt: skip
+    state = policy.start(deps[:2])
+    assert policy.hedge_target(state) is None or policy.hedge_target(state) in deps[:2]
+    failures: list[Failure] = []
+    step = policy.next_attempt(state, None)
+    while isinstance(step, Try):
+        outcome, status, reached = answers[len(failures) % len(answers)]
+        failures.append(Failure(outcome, status, "failed", reached=reached))
+        step = policy.next_attempt(state, (step.deployment, failures[-1]))
+        if once and side_effects.may_have_run(failures[-1]):
+            assert isinstance(step, Stop), "sent on after an upstream may have run it"
+            if failures[-1].outcome.retryable:  # one another deployment could have served: said why not
+                assert "not retried on another deployment" in step.reason
+            else:  # the request's own error, as without side effects
+                assert step.error_class == failures[-1].outcome.value

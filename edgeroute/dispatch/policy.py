@@ -224,10 +224,9 @@ class FailoverPolicy:
         self.note(state, dep, f)
         if not f.sent:
             return None  # the deployment cannot take this request (e.g. a parameter): skip it
-        if self._once is not None and side_effects.may_have_run(f):
-            what = self._once()
-            if what is not None:
-                return self._not_again(state, dep, f, what)
+        if self._once is not None and side_effects.may_have_run(f) and (what := self._once()) is not None:
+            # The request's own error (a client error inside a 200) as it is, else why no retry.
+            return self._client_error(f) if not f.outcome.retryable else self._not_again(state, dep, f, what)
         if self._is_poison(state, dep, f):
             return self._poison(state, f)
         extra = self._outcome_fallbacks(state, dep, f.outcome)
