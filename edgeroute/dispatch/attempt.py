@@ -38,7 +38,8 @@ from edgeroute.config import Timeouts
 from edgeroute.cost import underreport
 from edgeroute.cost.prices import unbounded_output
 from edgeroute.cost.received import cut_usage, received_usage
-from edgeroute.dispatch import body_pace, senders
+from edgeroute.dispatch import senders
+from edgeroute.dispatch.body_pace import pacer
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
@@ -323,7 +324,7 @@ class Attempts:
                     result = await self._answer(await resp.read(), adapter, resp.status)
                 else:
                     # The body: each piece within the idle timeout, the whole within its allowance (`body_pace`).
-                    more = body_pace.pacer(loop, deadline, self.timeouts.idle, self.deadline, got)
+                    more = pacer(loop, deadline, self.timeouts.idle, self.deadline, got)
                     data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, got, keep_cut=False)
                     if not whole:
                         result = _too_large(resp.status)
@@ -519,7 +520,7 @@ class Attempts:
         served as a stream of it, charged by its usage. Retried as a failure, each such answer
         was paid for and priced at its prompt alone, and the request failed after every attempt."""
         pieces: list[bytes] = []
-        more = body_pace.pacer(self.loop, deadline, self.timeouts.idle, self.deadline, pieces)
+        more = pacer(self.loop, deadline, self.timeouts.idle, self.deadline, pieces)
         data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, pieces, keep_cut=False)
         if not whole:
             return _too_large(resp.status)
