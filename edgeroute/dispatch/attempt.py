@@ -39,6 +39,7 @@ from edgeroute.cost import overreport, underreport
 from edgeroute.cost.prices import unbounded_output
 from edgeroute.cost.received import cut_usage, received_usage
 from edgeroute.dispatch import senders
+from edgeroute.dispatch.body_pace import pacer
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import output_limit
 from edgeroute.dispatch.stream_usage import with_stream_usage
@@ -90,6 +91,7 @@ class Failure:
     cut: int | None = None
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
     again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
+    reached: bool = True  # False: never written to a connection (the upstream cannot have run it)
 
     @property
     def maybe_the_requests(self) -> bool:
@@ -321,10 +323,8 @@ class Attempts:
                 elif resp.complete:  # the usual JSON answer: it came with its headers, no timer to move
                     result = await self._answer(await resp.read(), adapter, resp.status)
                 else:
-                    # The body: each piece within the idle timeout (a stalled body fails over).
-                    def more() -> None:
-                        deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
-
+                    # The body: each piece within the idle timeout, the whole within its allowance (`body_pace`).
+                    more = pacer(loop, deadline, self.timeouts.idle, self.deadline, got)
                     data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, got, keep_cut=False)
                     if not whole:
                         result = _too_large(resp.status)
@@ -353,6 +353,8 @@ class Attempts:
                 # Pooled already if the whole answer arrived; else (a failure mid-body) dropped: the upstream sees it.
                 resp.close()
         self._report(rec, dep, result, (time.perf_counter() - t0) * 1000)
+        if isinstance(result, Failure) and not reached:
+            result.reached = False  # a side-effect request may still fail over (`side_effects`)
         if isinstance(result, Failure) and reached and (result.outcome is Outcome.TIMEOUT or _ok(rec.status)):
             # Given up on as a cancelled attempt is (the connection dropped while the upstream
             # worked on it), or failed after a 200: the prompt, and what was received, are
@@ -553,12 +555,9 @@ class Attempts:
         """A stream request answered with a whole JSON answer (a server that ignores `stream`),
         served as a stream of it, charged by its usage. Retried as a failure, each such answer
         was paid for and priced at its prompt alone, and the request failed after every attempt."""
-        loop = self.loop
-
-        def more() -> None:
-            deadline.reschedule(min(loop.time() + self.timeouts.idle, self.deadline))
-
-        data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, keep_cut=False)
+        pieces: list[bytes] = []
+        more = pacer(self.loop, deadline, self.timeouts.idle, self.deadline, pieces)
+        data, whole = await read_up_to(resp, MAX_ANSWER_BYTES, more, pieces, keep_cut=False)
         if not whole:
             return _too_large(resp.status)
         got = await self._answer(data, adapter, resp.status)

@@ -18,6 +18,7 @@ from typing import cast
 from edgeroute.accounting import AttemptRecord
 from edgeroute.admission import AttemptGate
 from edgeroute.config import Rule
+from edgeroute.dispatch import side_effects
 from edgeroute.dispatch.attempt import Answer, Attempts, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
 from edgeroute.errors import ProxyError
@@ -54,6 +55,19 @@ class Call(Attempts):
     first_counted = True  # admission took the first deployment's limit (not for a shadow mirror)
     _queue_deadline: float | None = None
     _full_elsewhere: frozenset[int] = frozenset()  # shared capacity refused a lease on these
+    _side: tuple[str | None] | None = None  # `side_effect()`, once asked
+
+    def side_effect(self) -> str | None:
+        """What of the request acts upstream beyond its answer (`side_effects`), or None: such a
+        request is not hedged, nor sent elsewhere once an upstream may have run it. Read once,
+        and only when a hedge or a retry would follow."""
+        if self._side is None:
+            self._side = (self.find_side_effect(),)
+        return self._side[0]
+
+    def find_side_effect(self) -> str | None:
+        """`side_effect()` for this endpoint's request (chat's body: `store: true`)."""
+        return side_effects.chat(self.body)
 
     def policy(self) -> FailoverPolicy:
         """The failover policy for this request, from the live config and the decision (its
@@ -73,6 +87,7 @@ class Call(Attempts):
             is_full=self._is_full if live.capacity.bounded else None,
             # Asked per deployment only while some deployment is ejected for a sender at all.
             sender_ejected=self._sender_ejected if self.router.any_sender_ejection() else None,
+            once=self.side_effect,
         )
 
     def _is_full(self, index: int) -> bool:
@@ -132,6 +147,8 @@ class Call(Attempts):
             self.gate.give_back(state.sender_skipped[0].name)  # admission counted it as the first choice: never sent
             self.first_counted = False
         hedge_ms = self.decision.hedge_after_ms
+        if hedge_ms is not None and self.side_effect() is not None:
+            hedge_ms = None  # a second upstream would repeat what the request does there
         stop: Stop | None = None
         try:
             step = policy.next_attempt(state, None)

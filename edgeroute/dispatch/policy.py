@@ -20,6 +20,9 @@ loop must not decide by itself:
 - backoff between rounds (full jitter, or the upstream's `Retry-After`);
 - poison requests: the same server error from two deployments that are serving
   other requests is the request's fault: stop, and it does not count against them;
+- requests with side effects upstream (`side_effects`): once an upstream may have run
+  one, stop: no other deployment runs it again;
+- hedges: only to the route's own deployments (a fallback model is for failures);
 - the final status and error the client gets.
 
 No I/O and no clock of its own: health, the retry budget, the time left and the
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeroute import redact
+from edgeroute.dispatch import side_effects
 from edgeroute.dispatch.attempt import Failure
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome, fallback_keys
@@ -120,8 +124,8 @@ class FailoverPolicy:
     """Answers the loop's questions for one request (see the module docstring)."""
 
     __slots__ = (
-        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_remaining", "_rng", "_sender_ejected", "_serving",
-        "_try_retry", "model", "own", "settings",
+        "_allowed", "_fallbacks_on", "_is_full", "_is_open", "_once", "_remaining", "_rng", "_sender_ejected",
+        "_serving", "_try_retry", "model", "own", "settings",
     )  # fmt: skip
 
     def __init__(
@@ -139,6 +143,7 @@ class FailoverPolicy:
         is_full: Callable[[int], bool] | None = None,
         rng: random.Random | None = None,
         sender_ejected: Callable[[int], bool] | None = None,
+        once: Callable[[], str | None] | None = None,
     ) -> None:
         self.model = model  # as the client named it, for messages
         self.own = own  # the route's own deployment names (attempts on others are fallbacks)
@@ -152,6 +157,8 @@ class FailoverPolicy:
         self._is_full = is_full or _never  # whether a deployment is at its max_concurrency
         self._rng = rng or _RNG  # one per process: seeding a new one costs ~50 µs
         self._sender_ejected = sender_ejected  # whether a deployment is ejected for this sender alone
+        # The request's side effect upstream (None: none), asked only once an upstream may have run it.
+        self._once = once
 
     def start(self, order: Sequence[DeploymentInfo]) -> FailoverState:
         """The plan: `order` without the deployments ejected for this request's sender alone
@@ -196,10 +203,14 @@ class FailoverPolicy:
             state.called.append(dep)
 
     def hedge_target(self, state: FailoverState) -> DeploymentInfo | None:
-        """Where a hedge for the first attempt would go, if one may be sent."""
+        """Where a hedge for the first attempt would go, if one may be sent: the next of the
+        route's own deployments, never a fallback model's (another model's answer, at its price,
+        for a request that has not failed)."""
         if state.pos < len(state.plan) and state.attempts < self.settings.max_attempts:
             dep = state.plan[state.pos]
-            return None if self._is_full(dep.index) else dep  # no hedge into a full deployment
+            if dep.name not in self.own or self._is_full(dep.index):  # no hedge into a full deployment
+                return None
+            return dep
         return None
 
     def hedged(self, state: FailoverState) -> None:
@@ -213,6 +224,9 @@ class FailoverPolicy:
         self.note(state, dep, f)
         if not f.sent:
             return None  # the deployment cannot take this request (e.g. a parameter): skip it
+        if self._once is not None and side_effects.may_have_run(f) and (what := self._once()) is not None:
+            # The request's own error (a client error inside a 200) as it is, else why no retry.
+            return self._client_error(f) if not f.outcome.retryable else self._not_again(state, dep, f, what)
         if self._is_poison(state, dep, f):
             return self._poison(state, f)
         extra = self._outcome_fallbacks(state, dep, f.outcome)
@@ -261,6 +275,21 @@ class FailoverPolicy:
             + " It was not retried further: the request itself appears to cause the error.",
             "upstream_request_failed",
             "poison",
+            details=self._details(state),
+        )
+
+    def _not_again(self, state: FailoverState, dep: DeploymentInfo, f: Failure, what: str) -> Stop:
+        """The request's upstream may have run it, and it has side effects: not sent elsewhere."""
+        status, code = (504, "upstream_timeout") if f.outcome is Outcome.TIMEOUT else (502, "upstream_failed")
+        said = f"HTTP {f.status}: {f.message}" if f.status is not None else f.message
+        return Stop(
+            status,
+            f"Deployment {dep.name} failed for model '{self.model}' after the request reached it ("
+            + redact.cut(said, 800)
+            + "). "
+            + side_effects.why_not_again(what),
+            code,
+            f.outcome.value,
             details=self._details(state),
         )
 

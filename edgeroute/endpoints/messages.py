@@ -38,7 +38,7 @@ from edgeroute.accounting import (
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import anthropic_tools, with_tools
-from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, side_effects
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
 from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints.pipeline import Parsed, answer_object, serve
@@ -316,6 +316,9 @@ class MessagesCall(Call):
         self.lost = lost
         self.client_headers = headers  # anthropic-version / anthropic-beta, forwarded to Anthropic
         self._dropped: dict[str, list[str]] = {}  # by deployment: the fields its request left out
+
+    def find_side_effect(self) -> str | None:
+        return side_effects.messages(self.req)
 
     @property
     def dropped(self) -> list[str] | None:

@@ -199,6 +199,18 @@ def policy_body(route_body: bytes, sent: bytes) -> bytes:
     return route_body[:-1] + b',"edgeroute_client_body":' + sent + b"}"
 
 
+def _side_effect_skip(request: web.Request, rec: RequestRecord, call: Call, percent: float) -> bool:
+    """Whether the request has side effects upstream (`side_effects`): its mirror would run them
+    again at the candidate, so it is not sent; a sampled one is counted and logged as skipped."""
+    what = call.side_effect()
+    if what is None:
+        return False
+    mirrors = request.app.get(shadow.MIRRORS)
+    if mirrors is not None and shadow.sampled(percent):
+        mirrors.skip(rec.route or "", "side_effects", f"the request has side effects upstream ({what})")
+    return True
+
+
 def _mirror_of(endpoint: Endpoint, text: Callable[[bytes], str | None]) -> shadow.Prepare:
     """How a mirror of a request on `endpoint` is made from its shadow body: parsed and checked
     as the client's was, decided on its routing body (as `serve` decides), dispatched by the
@@ -352,6 +364,8 @@ async def serve(
         if plan is not None:
             hdrs[headers.CACHE] = rec.cache = plan.label
         mirrored = route_shadow(live.config, decision)  # a fresh answer only: never a cached one
+        if mirrored is not None and _side_effect_skip(request, rec, call, mirrored.percent):
+            mirrored = None
         if isinstance(got, JsonAnswer):
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"

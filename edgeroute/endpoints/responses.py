@@ -23,7 +23,7 @@ from edgeroute.cost import underreport
 from edgeroute.cost.media import items_media
 from edgeroute.cost.prices import reachable_deployments
 from edgeroute.cost.tool_calls import responses_tools, with_tools
-from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer
+from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, side_effects
 from edgeroute.endpoints import container_owners as containers
 from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints import responses_owners as owners
@@ -102,6 +102,9 @@ class ResponsesCall(Call):
     def __init__(self, req: ResponsesRequest, *args: Any) -> None:
         super().__init__(*args)
         self.req = req
+
+    def find_side_effect(self) -> str | None:
+        return side_effects.responses(self.req.raw)
 
     def upstream_request(self, adapter: Adapter, dep: DeploymentInfo) -> UpstreamRequest:
         if speaks_responses(adapter):
