@@ -214,7 +214,7 @@ class ChatToResponses:
                 # Without a finish_reason the answer was cut: not `response.completed`, but the
                 # relay's `stream_incomplete` error, as for a stream that ends without `[DONE]`.
                 if self._finish is not None:
-                    out.append(self._end())
+                    out.append(self._announce_held() + self._end())
                 continue
             obj = orjson.loads(data)
             if not isinstance(obj, dict):
@@ -236,7 +236,11 @@ class ChatToResponses:
         return b"".join(out)
 
     def _choice(self, choice: Any) -> bytes:
-        if not isinstance(choice, dict):
+        if not isinstance(choice, dict) or choice.get("index") not in (0, None):
+            return b""
+        if self._finish is not None:
+            # The answer ended at its finish_reason: what a careless upstream sends after it (text,
+            # another answer) is none of it, as a chat stream's relay has it ("abcLATE" was completed).
             return b""
         out = []
         delta = choice.get("delta") or {}
@@ -261,38 +265,52 @@ class ChatToResponses:
                 )
             )
         for tc in delta.get("tool_calls") or ():
-            if not isinstance(tc, dict):
-                continue
-            fn = tc.get("function") or {}
-            slot = self._slots.of(tc)
-            call = self._calls.get(slot)
-            if call is None:
-                call = {
-                    "id": rf.new_id("fc"),
-                    "index": len(self._outputs),
-                    "call_id": str(tc.get("id") or rf.new_id("call")),
-                    "name": str(fn.get("name") or ""),
-                    "arguments": "",
-                    "function": True,
-                }
-                self._calls[slot] = call
-                self._outputs.append(call)
-                item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
-                out.append(self._emit("response.output_item.added", output_index=call["index"], item=item))
-            args = fn.get("arguments")
-            if isinstance(args, str) and args:
-                call["arguments"] += args
-                out.append(
-                    self._emit(
-                        "response.function_call_arguments.delta",
-                        item_id=call["id"],
-                        output_index=call["index"],
-                        delta=args,
-                    )
-                )
+            if isinstance(tc, dict):
+                out.append(self._tool_delta(tc))
         if choice.get("finish_reason"):
             self._finish = str(choice["finish_reason"])
         return b"".join(out)
+
+    def _tool_delta(self, tc: dict[str, Any]) -> bytes:
+        """A tool-call delta. Its item is added once the call has its name, and its id or first
+        arguments (an upstream may send them after its first delta: the item had an empty name and
+        a made-up call_id); until then its arguments are kept, and sent with the item."""
+        fn = tc.get("function") or {}
+        slot = self._slots.of(tc)
+        call = self._calls.get(slot)
+        if call is None:
+            call = {"id": rf.new_id("fc"), "index": -1, "call_id": "", "name": "", "arguments": "", "function": True}
+            self._calls[slot] = call
+        call["call_id"] = call["call_id"] or _text(tc.get("id"))
+        call["name"] = call["name"] or _text(fn.get("name"))
+        args = fn.get("arguments")
+        args = args if isinstance(args, str) else ""
+        call["arguments"] += args
+        if call["index"] >= 0:
+            return self._args_delta(call, args)
+        if call["name"] and (call["call_id"] or call["arguments"]):
+            return self._announce(call)
+        return b""
+
+    def _announce(self, call: dict[str, Any]) -> bytes:
+        """The call's item added, with the arguments it has so far."""
+        call["index"] = len(self._outputs)
+        call["call_id"] = call["call_id"] or rf.new_id("call")
+        self._outputs.append(call)
+        item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
+        added = self._emit("response.output_item.added", output_index=call["index"], item=item)
+        return added + self._args_delta(call, call["arguments"])
+
+    def _args_delta(self, call: dict[str, Any], args: str) -> bytes:
+        if not args:
+            return b""
+        return self._emit(
+            "response.function_call_arguments.delta", item_id=call["id"], output_index=call["index"], delta=args
+        )
+
+    def _announce_held(self) -> bytes:
+        """The calls still held at the answer's end (never named), each added as it is."""
+        return b"".join(self._announce(c) for c in self._calls.values() if c["index"] < 0)
 
     def _part(self, kind: str, part: dict[str, Any]) -> bytes:
         assert self._text is not None
@@ -365,6 +383,11 @@ class ChatToResponses:
         out.append(self._emit(kind, response=final))
         out.append(SENTINEL)
         return b"".join(out)
+
+
+def _text(value: Any) -> str:
+    """A tool call's id or name as given: a careless upstream's null (or number) is none or its text."""
+    return value if isinstance(value, str) else "" if value is None else str(value)
 
 
 def _grown_field(output: dict[str, Any]) -> str:

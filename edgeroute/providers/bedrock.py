@@ -29,7 +29,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
-from edgeroute import redact, secrets
+from edgeroute import redact, secrets, sse
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
@@ -309,6 +309,7 @@ class BedrockStream:
         self.args_seen: set[int] = set()
         self.json_mode = False
         self.failed = False
+        self.message = False  # its messageStart came
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -344,6 +345,9 @@ class BedrockStream:
     def _event(self, kind: str, ev: dict[str, Any]) -> bytes:
         w = self.out
         if kind == "messageStart":
+            if self.message:  # two answers spliced in one stream: the upstream's protocol error
+                raise sse.StreamProtocolError("sent a second message in one stream")
+            self.message = True
             return w.start()
         if kind == "contentBlockStart":
             idx = int(ev.get("contentBlockIndex", 0))

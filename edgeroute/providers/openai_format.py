@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +23,8 @@ import orjson
 
 from edgeroute import sse
 from edgeroute.errors import ProxyError
+
+log = logging.getLogger("edgeroute.dispatch")
 
 # The tool used to emulate `response_format` (JSON mode) on providers whose only
 # structured output is a forced tool call; its call is turned back into text content.
@@ -413,7 +416,8 @@ class Reply:
         self.json_answer = False
 
     def tool_use(self, call_id: str, name: str, arguments: Any) -> None:
-        args = orjson.dumps(arguments or {}).decode()
+        # An input given as JSON text (a gateway's) is the arguments' text, not a string to quote.
+        args = arguments if isinstance(arguments, str) and arguments else orjson.dumps(arguments or {}).decode()
         if name == JSON_TOOL:
             self.text.append(args)
             self.json_answer = True
@@ -448,6 +452,7 @@ class ChunkWriter:
         self.finished = False
         self.done = False
         self.tools = 0
+        self.late = False  # the upstream went on after its finish (logged once)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         obj = {
@@ -465,8 +470,18 @@ class ChunkWriter:
         self.started = True
         return self._chunk({"role": "assistant", "content": "", "refusal": None})
 
+    def _after_finish(self) -> bool:
+        """Whether the answer has ended (its finish went out): what an upstream sends after it (text
+        after Anthropic's `message_delta`, Bedrock's `messageStop`) is none of the answer, as a chat
+        stream's after its `finish_reason` is not. Relayed, the client's text was "abcLATE" while the
+        cache kept "abc"."""
+        if self.finished and not self.late:
+            self.late = True
+            log.warning("an upstream of model %s went on after its answer's finish: dropped", self.model)
+        return self.finished
+
     def text(self, text: str) -> bytes:
-        if not text:
+        if not text or self._after_finish():
             return b""
         return self.start() + self._chunk({"content": text})
 
@@ -476,11 +491,13 @@ class ChunkWriter:
         return self.tools - 1
 
     def tool_head(self, index: int, call_id: str, name: str, arguments: str = "") -> bytes:
+        if self._after_finish():
+            return b""
         head = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         return self.start() + self._chunk({"tool_calls": [head]})
 
     def tool_args(self, index: int, fragment: str) -> bytes:
-        if not fragment:
+        if not fragment or self._after_finish():
             return b""
         return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
 
