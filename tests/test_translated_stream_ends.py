@@ -100,9 +100,9 @@ async def test_a_second_message_after_content_ends_the_stream_with_an_error(
     proxy = await _anthropic_proxy(start_proxy, serve_routes, SPLICED)
     text, ids, finishes, error = await _openai_stream(proxy)
     assert (text, ids, finishes) == ("AAA", {"msg_A"}, [])
-    assert error is not None and "second message" in str(error)
+    assert error is not None and "second answer" in str(error)
     rec = await _record(proxy)
-    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_protocol_error")
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_error")
     assert rec.usage.prompt_tokens == 10  # the first message's prompt, not the spliced one's 99
 
 
@@ -134,7 +134,7 @@ BR_SPLICED = [_BR_START, _br_text("AAA"), _BR_START, _br_text("BBB"), _BR_STOP, 
 
 @pytest.mark.parametrize(
     ("frames", "want_text", "want_error"),
-    [(BR_LATE_TEXT, "abc", None), (BR_SPLICED, "AAA", "second message")],
+    [(BR_LATE_TEXT, "abc", None), (BR_SPLICED, "AAA", "second answer")],
     ids=["text-after-stop", "second-message"],
 )
 async def test_a_bedrock_stream_ends_with_its_message(
@@ -191,3 +191,73 @@ async def test_a_responses_client_gets_the_chat_answer_to_its_finish(
     finally:
         await client.close()
     assert (final.output_text, final.status) == ("abc", "completed")
+
+
+def _event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _response(rid: str, status: str = "in_progress", **extra: Any) -> dict[str, Any]:
+    return {"id": rid, "object": "response", "created_at": 1, "status": status, "model": "x", "output": [], **extra}
+
+
+def _text_events(iid: str, text: str, seq: int) -> list[bytes]:
+    item = {"type": "message", "id": iid, "status": "in_progress", "role": "assistant", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    at = {"item_id": iid, "output_index": 0, "content_index": 0}
+    return [
+        _event({"type": "response.output_item.added", "output_index": 0, "item": item, "sequence_number": seq}),
+        _event({"type": "response.content_part.added", **at, "part": part, "sequence_number": seq + 1}),
+        _event({"type": "response.output_text.delta", **at, "delta": text, "sequence_number": seq + 2}),
+    ]
+
+
+BOOM = {"code": "server_error", "message": "boom"}
+FAILED_AFTER_CONTENT = [
+    _event({"type": "response.created", "response": _response("resp_A"), "sequence_number": 0}),
+    *_text_events("msg_A", "AAA", 1),
+    _event({"type": "response.failed", "response": _response("resp_A", "failed", error=BOOM), "sequence_number": 4}),
+]
+TWO_RESPONSES = [
+    _event({"type": "response.created", "response": _response("resp_A"), "sequence_number": 0}),
+    *_text_events("msg_A", "AAA", 1),
+    _event({"type": "response.created", "response": _response("resp_B"), "sequence_number": 4}),
+    *_text_events("msg_B", "BBB", 5),
+]
+
+
+@pytest.mark.parametrize(
+    ("events", "error_class"),
+    [(FAILED_AFTER_CONTENT, "upstream_error"), (TWO_RESPONSES, "upstream_error")],
+    ids=["failed-after-content", "second-response"],
+)
+async def test_a_native_responses_stream_that_breaks_after_content_is_not_ok(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, events: list[bytes], error_class: str
+) -> None:
+    """`response.failed` after content is relayed (the upstream's words) but is a broken stream,
+    where it was recorded ok; a second `response.created` is not relayed (the SDK raised
+    "Lifecycle response identity changed")."""
+    up = await serve_routes(web.post("/v1/responses", _streaming(events)))
+    proxy = await start_proxy(
+        {
+            "providers": {"p": {"base_url": up.url + "/v1"}},
+            "deployments": {"d": {"provider": "p", "model": "x", "price": PRICE}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+    )
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    deltas: list[str] = []
+    kinds: list[str] = []
+    try:
+        with pytest.raises((openai.APIError, RuntimeError)) as e:
+            async with client.responses.stream(model="m", input="hi") as stream:
+                async for ev in stream:
+                    kinds.append(ev.type)
+                    deltas += [ev.delta] if ev.type == "response.output_text.delta" else []
+                await stream.get_final_response()
+    finally:
+        await client.close()
+    assert deltas == ["AAA"] and kinds.count("response.created") == 1
+    assert "identity" not in str(e.value)
+    rec = await _record(proxy)
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", error_class)

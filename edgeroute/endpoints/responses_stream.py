@@ -24,6 +24,7 @@ from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar, was_sent
 from edgeroute.endpoints.responses_events import event as _event
 from edgeroute.providers.base import StreamTranslator
+from edgeroute.providers.openai_format import SPLICED
 
 _ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -69,6 +70,7 @@ class NativeStream:
         # Past its terminal event the stream has ended: what a careless upstream sends after it in
         # the same read (another answer's events) is dropped, never relayed, priced or bound.
         self._ended = False
+        self._id: str | None = None  # the response's id, as its first event gave it
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -115,6 +117,13 @@ class NativeStream:
             if data is not None:
                 self._check(obj)
             kind = obj.get("type") if isinstance(obj, dict) else None
+            if isinstance(obj, dict) and isinstance(obj.get("response"), dict) and self._spliced(kind, obj["response"]):
+                # Two answers spliced in one stream (relayed, the OpenAI SDK raised "Lifecycle
+                # response identity changed", recorded ok and billed the second's usage): the
+                # upstream's protocol error, failed over before content.
+                out.append(_chat_error(SPLICED, "upstream_protocol_error"))
+                self._ended = True
+                break
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)
                 err = obj.get("response", {}).get("error") if kind == "response.failed" else obj
@@ -141,6 +150,14 @@ class NativeStream:
         if so_far is not None:
             so_far.fed(relayed, kept)
         return relayed
+
+    def _spliced(self, kind: Any, response: dict[str, Any]) -> bool:
+        """Whether an event is a second `response.created`, or one of another response."""
+        rid = response.get("id")
+        if self._id is None:
+            self._id = rid if isinstance(rid, str) else ""
+            return False
+        return kind == "response.created" or (isinstance(rid, str) and bool(rid and self._id) and rid != self._id)
 
     def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
         """The events that end the stream at its length (the relay's, for an upstream that sent past
@@ -400,14 +417,21 @@ _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
 
 class ClientEncoder:
     """What the client receives: the sentinel removed, a chat error event (a stream cut by the
-    upstream or the proxy) turned into a Responses `error` event."""
+    upstream or the proxy) turned into a Responses `error` event.
+
+    An upstream's `response.failed` reaches it only after content (before, the attempt failed
+    over): relayed as the upstream's words, it is a broken stream all the same (`cut`, for the
+    relay's record and the deployment's health), where it was recorded ok."""
 
     def __init__(self) -> None:
         self._seq = 0
+        self.cut: str | None = None
 
     def __call__(self, data: bytes) -> bytes:
         if (found := _SEQ.findall(data)) and (last := int(found[-1])) >= self._seq:
             self._seq = last + 1
+        if self.cut is None and data.find(b'"response.failed"') >= 0 and _failed(data):
+            self.cut = "upstream_error"
         if SENTINEL in data:
             data = data.replace(SENTINEL, b"")
         if b'"error"' not in data:
@@ -431,3 +455,13 @@ class ClientEncoder:
             else:
                 out.append(ev + b"\n\n")
         return b"".join(out) + rest
+
+
+def _failed(data: bytes) -> bool:
+    """Whether `data` (whole events) holds a `response.failed` event."""
+    for ev in sse.split_events(data)[0]:
+        payload = sse.event_data(ev)
+        obj = orjson.loads(payload) if payload and payload != b"[DONE]" else None
+        if isinstance(obj, dict) and obj.get("type") == "response.failed":
+            return True
+    return False

@@ -19,7 +19,6 @@ from typing import Any
 
 import orjson
 
-from edgeroute import sse
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -307,7 +306,7 @@ class AnthropicStream(oa.SseJsonStream):
             if self.message:
                 # Two answers spliced in one stream ("AAABBB", billed for the second's prompt):
                 # the upstream's protocol error (before content it fails over).
-                raise sse.StreamProtocolError("sent a second message in one stream")
+                return w.spliced()
             self.message = True
             msg = ev.get("message") or {}
             if msg.get("id"):

@@ -29,7 +29,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
-from edgeroute import redact, secrets, sse
+from edgeroute import redact, secrets
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
@@ -346,7 +346,7 @@ class BedrockStream:
         w = self.out
         if kind == "messageStart":
             if self.message:  # two answers spliced in one stream: the upstream's protocol error
-                raise sse.StreamProtocolError("sent a second message in one stream")
+                return w.spliced()
             self.message = True
             return w.start()
         if kind == "contentBlockStart":

@@ -428,6 +428,9 @@ class Reply:
         return completion(cid, model, "".join(self.text), self.calls, "stop" if self.json_answer else finish, use)
 
 
+SPLICED = "The upstream sent a second answer in one stream; the answer is incomplete."
+
+
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
     return (
         b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
@@ -500,6 +503,14 @@ class ChunkWriter:
         if not fragment or self._after_finish():
             return b""
         return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+
+    def spliced(self) -> bytes:
+        """The error event that ends a stream into which the upstream spliced a second answer (a
+        second message start): before content the attempt fails over on it, after it the client
+        gets it. Nothing after it is read. (Sent in the stream, not raised, so that the answer's
+        events read with it go first, wherever the reads split.)"""
+        self.done = True
+        return error_event(SPLICED, "upstream_error", "upstream_protocol_error")
 
     def finish(self, reason: str) -> bytes:
         if self.finished:
