@@ -476,12 +476,26 @@ def _string(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def content_text(content: Any) -> Any:
+    """An answer's content as text: a list of parts (Mistral's reasoning models answer
+    `[{type: thinking}, {type: text}]`) is its text parts joined, other parts dropped (it was a
+    paid 502); anything else as it came."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(p, dict) for p in content):
+        raise UnreadableAnswer("content is a list of something other than parts")
+    texts = [p.get("text") for p in content if p.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise UnreadableAnswer("a text part's text is not a string")
+    return "".join(texts)
+
+
 def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat completion as an Anthropic `message`."""
     choice = (obj.get("choices") or [{}])[0]
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
-    text = msg.get("content") or msg.get("refusal")
+    text = content_text(msg.get("content")) or msg.get("refusal")
     if text and not isinstance(text, str):
         raise UnreadableAnswer("content is not a string")
     if text:
@@ -722,7 +736,7 @@ class StreamEncoder:
                 # ("zeroFIVE"), or a second answer after the first's stop, is none of it.
                 continue
             delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
+            text = content_text(delta.get("content")) or delta.get("refusal")
             if text and not isinstance(text, str):
                 raise UnreadableAnswer("delta content is not a string")
             if text:
