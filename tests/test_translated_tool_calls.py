@@ -214,3 +214,57 @@ async def test_a_calls_input_given_in_its_blocks_start_is_kept(
     ]
     message, _ = await _anthropic_stream(proxy)  # translated both ways: Anthropic → OpenAI → Anthropic
     assert _blocks(message) == [("tool_use", "toolu_1", "get_w", {"city": "Oslo"})]
+
+
+TOOL_USE_STOP_WITHOUT_CALL = [
+    _start("msg_A", 10),
+    _ant("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+    _ant("content_block_delta", index=0, delta={"type": "text_delta", "text": "abc"}),
+    _ant("content_block_stop", index=0),
+    _ant("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 5}),
+    STOP,
+]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+async def test_a_tool_use_stop_without_a_call_is_stop_for_an_openai_client(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, stream: bool
+) -> None:
+    """The other way (an Anthropic-format gateway's `tool_use` stop with no `tool_use` block):
+    `finish_reason: tool_calls` with no `tool_calls` sent a loop over them into a TypeError."""
+    answer = {
+        "id": "msg_A",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-x",
+        "content": [{"type": "text", "text": "abc"}],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if (await request.json()).get("stream"):
+            resp: web.StreamResponse = await _streaming(TOOL_USE_STOP_WITHOUT_CALL)(request)
+            return resp
+        return web.json_response(answer)
+
+    up = await serve_routes(web.post("/v1/messages", handle))
+    proxy = await start_proxy(
+        {
+            "providers": {"a": {"kind": "anthropic", "base_url": up.url, "api_key": "k"}},
+            "deployments": {"d": {"provider": "a", "model": "claude-x"}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+    )
+    oai = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    final: Any
+    try:
+        if stream:
+            async with oai.chat.completions.stream(model="m", messages=HI) as s:  # type: ignore[arg-type]
+                final = await s.get_final_completion()
+        else:
+            final = await oai.chat.completions.create(model="m", messages=HI)  # type: ignore[arg-type]
+    finally:
+        await oai.close()
+    choice = final.choices[0]
+    assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("abc", None, "stop")

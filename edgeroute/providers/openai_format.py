@@ -425,7 +425,8 @@ class Reply:
             self.calls.append(tool_call(call_id, name, args))
 
     def completion(self, cid: str, model: str, finish: str, use: dict[str, Any] | None) -> dict[str, Any]:
-        return completion(cid, model, "".join(self.text), self.calls, "stop" if self.json_answer else finish, use)
+        stop = self.json_answer or (finish == "tool_calls" and not self.calls)  # see `ChunkWriter.finish`
+        return completion(cid, model, "".join(self.text), self.calls, "stop" if stop else finish, use)
 
 
 SPLICED = "The upstream sent a second answer in one stream; the answer is incomplete."
@@ -516,6 +517,10 @@ class ChunkWriter:
         if self.finished:
             return b""
         self.finished = True
+        if reason == "tool_calls" and not self.tools:
+            # A provider's tool_use stop with no call (a gateway's): `tool_calls` with none sent
+            # an OpenAI client's loop over `message.tool_calls` (None) into a TypeError.
+            reason = "stop"
         return self.start() + self._chunk({}, reason)
 
     def end(self) -> bytes:
