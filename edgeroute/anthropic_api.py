@@ -589,14 +589,19 @@ class UnreadableCall(ValueError):
 
 
 class StreamEncoder:
-    """OpenAI chunks → Anthropic stream events: text as it comes, in one block per run, each tool
-    call whole in its own block at the choice's finish.
+    """OpenAI chunks → Anthropic stream events: text as it comes, in one block per run, until the
+    first tool call; tool calls' arguments, and all that follows the first call's start, at the
+    choice's finish.
 
-    A tool call is held to the finish (its arguments are not read token by token): an upstream
-    may name it after its first delta (the block had an empty id and name), send its arguments
-    around text (a delta went to a block already stopped) or send arguments that are not JSON
-    (the Anthropic SDK's `messages.stream` raised ValueError and the answer was lost; the answer
-    not streamed is a 502). Such a call ends the stream with an error event.
+    The first call's block starts once the call has its id and name (an upstream may send them
+    after its first delta: the block had an empty id and name), which shows the answer has begun
+    (a relay holding the stream until then fails over no later). Its arguments, the other calls and
+    any later text are held to the finish (arguments are not read token by token): an upstream may
+    send a call's arguments around text (a delta went to a block already stopped, whose stop said
+    `input {}`), or arguments that are not JSON (the Anthropic SDK's `messages.stream` raised
+    ValueError and the answer was lost; the answer not streamed is a 502): such a call ends the
+    stream with an error event. Then the first call's arguments go in one delta and its block
+    stops, the later text follows in a block of its own, then each other call whole.
 
     The message_delta (stop reason and usage) goes out at `[DONE]`, after the usage
     chunk, so that it carries the final token counts.
@@ -609,6 +614,8 @@ class StreamEncoder:
         self.blocks = 0
         self.text_block: int | None = None
         self.calls: dict[int, _HeldCall] = {}  # OpenAI tool-call index → the call, held to the finish
+        self.first_call: tuple[int, int] | None = None  # (tool-call index, block) of the call whose block started
+        self.late_text: list[str] = []  # text after the first call's start, held to the finish
         self.tool_slots = sse.ToolCallSlots()
         self.stop_reason = "end_turn"
         self.finished = False  # the choice gave its finish_reason: nothing after it is the answer's
@@ -701,19 +708,41 @@ class StreamEncoder:
         idx, self.text_block = self.text_block, None
         return b"" if idx is None else _event("content_block_stop", {"type": "content_block_stop", "index": idx})
 
-    def _tool_blocks(self, truncated: bool) -> bytes:
-        """The held tool calls, each a whole block (all checked before any goes); an error event
-        if one cannot be run, recorded as the upstream's protocol error."""
+    def _tool_delta(self, tc: dict[str, Any]) -> bytes:
+        """Holds a tool-call delta; the first call named starts its block (the text's ends)."""
+        ti = self.tool_slots.of(tc)
+        call = self.calls.setdefault(ti, _HeldCall())
+        call.add(tc)
+        if self.first_call is not None or not (call.id and call.name):
+            return b""
+        out = self._close_text()
+        self.first_call = (ti, self.blocks)
+        self.blocks += 1
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        start = {"type": "content_block_start", "index": self.first_call[1], "content_block": block}
+        return out + _event("content_block_start", start)
+
+    def _held_blocks(self, truncated: bool) -> bytes:
+        """At the finish: the first call's arguments and stop, the later text, then each other call
+        whole (every call checked before any goes); an error event if one cannot be run, recorded
+        as the upstream's protocol error."""
         try:
-            calls = [(c, c.arguments(truncated)) for c in self.calls.values()]
+            args = {ti: c.arguments(truncated) for ti, c in self.calls.items()}
         except UnreadableCall as e:
             self.cut = "upstream_protocol_error"
             return self._fail(str(e), {})
-        out = []
-        for call, args in calls:
+        out = [self._close_text()]
+        if self.first_call is not None:
+            ti, idx = self.first_call
+            if first := args.pop(ti):
+                out.append(self._delta(idx, {"type": "input_json_delta", "partial_json": first}))
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": idx}))
+        if late := "".join(self.late_text):
+            out.append(self._block({"type": "text", "text": ""}, {"type": "text_delta", "text": late}))
+        for ti, text in args.items():
+            call = self.calls[ti]
             block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
-            deltas = [{"type": "input_json_delta", "partial_json": args}] if args else []
-            out.append(self._block(block, *deltas))
+            out.append(self._block(block, *([{"type": "input_json_delta", "partial_json": text}] if text else [])))
         self.calls.clear()
         return b"".join(out)
 
@@ -739,14 +768,16 @@ class StreamEncoder:
             text = content_text(delta.get("content")) or delta.get("refusal")
             if text and not isinstance(text, str):
                 raise UnreadableAnswer("delta content is not a string")
-            if text:
+            if text and self.first_call is not None:
+                self.late_text.append(text)
+            elif text:
                 out += self._text(text)
             for tc in delta.get("tool_calls") or ():
-                self.calls.setdefault(self.tool_slots.of(tc), _HeldCall()).add(tc)
+                out += self._tool_delta(tc)
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason(choice["finish_reason"], bool(self.calls))
                 self.finished = True
-                out += self._close_text() + self._tool_blocks(choice["finish_reason"] == "length")
+                out += self._held_blocks(choice["finish_reason"] == "length")
         return out
 
     def _end(self) -> bytes:

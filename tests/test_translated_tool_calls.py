@@ -11,6 +11,7 @@ keeps it (it was `{}`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -114,7 +115,7 @@ async def test_text_between_a_calls_arguments_leaves_the_call_whole(
 ) -> None:
     proxy = await _chat_proxy(start_proxy, serve_routes, TEXT_BETWEEN_ARGS)
     message, events = await _anthropic_stream(proxy)
-    assert _blocks(message) == [("text", "AB"), ("tool_use", "call_1", "get_w", {"x": 1})]
+    assert _blocks(message) == [("text", "A"), ("tool_use", "call_1", "get_w", {"x": 1}), ("text", "B")]
     stopped: set[int] = set()
     for e in events:
         if e.type == "content_block_stop":
@@ -268,3 +269,48 @@ async def test_a_tool_use_stop_without_a_call_is_stop_for_an_openai_client(
         await oai.close()
     choice = final.choices[0]
     assert (choice.message.content, choice.message.tool_calls, choice.finish_reason) == ("abc", None, "stop")
+
+
+@pytest.mark.parametrize("extra", [{}, {"top_k": 5}], ids=["translated", "passed-through"])
+async def test_a_call_whose_arguments_take_longer_than_first_byte_is_not_failed_over(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, extra: dict[str, Any]
+) -> None:
+    """Held to the finish, a call's arguments streamed for longer than the first-byte timeout (a
+    large file written by a coding agent's tool): its block's start, once named, shows the answer
+    has begun (`top_k` serves the request on the pass-through path, its stream held on Anthropic
+    events), where the relay held on and failed the attempt over."""
+    calls: list[int] = []
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        calls.append(1)
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_chunk({"role": "assistant", "content": None}))
+        await resp.write(_call("", id="call_1", type="function", name="get_w"))
+        for piece in ('{"path": "a.py", ', '"text": "', "x" * 10, '"}'):
+            await asyncio.sleep(0.25)  # 1 s in all, past first_byte
+            await resp.write(_call(piece))
+        for event in (_chunk({}, "tool_calls"), USAGE, b"data: [DONE]\n\n"):
+            await resp.write(event)
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", handle))
+    timeouts = {"first_byte": 0.6, "idle": 5}
+    provider = {"kind": "openai_compatible", "base_url": up.url + "/v1", "timeouts": timeouts}
+    proxy = await start_proxy(
+        {
+            "providers": {"p": {**provider, "options": {"unsupported_params": "drop"}}},
+            "deployments": {"d": {"provider": "p", "model": "x"}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+    )
+    client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    try:
+        ask: Any = {"model": "m", "max_tokens": 50, "messages": HI, "tools": TOOLS, "extra_body": extra}
+        async with client.messages.stream(**ask) as stream:
+            message = await stream.get_final_message()
+    finally:
+        await client.close()
+    assert _blocks(message) == [("tool_use", "call_1", "get_w", {"path": "a.py", "text": "x" * 10})]
+    assert len(calls) == 1
