@@ -461,7 +461,11 @@ def stop_reason(finish: Any, called: bool) -> str:
     tool `tool_choice` forced by name (Gemini's OpenAI-compatible API, any answer with calls);
     told `end_turn`, an agent loop took the call for the final answer and never ran it."""
     reason = STOP_REASONS.get(str(finish), "end_turn")
-    return "tool_use" if called and reason == "end_turn" else reason
+    if called:
+        return "tool_use" if reason == "end_turn" else reason
+    # `tool_calls` with no call (a server whose tool parser failed sends the call as text): told
+    # `tool_use` with no tool_use block, an agent loop sent an empty tool-result turn or spun.
+    return "end_turn" if reason == "tool_use" else reason
 
 
 def _string(value: Any) -> str:
@@ -472,12 +476,26 @@ def _string(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def content_text(content: Any) -> Any:
+    """An answer's content as text: a list of parts (Mistral's reasoning models answer
+    `[{type: thinking}, {type: text}]`) is its text parts joined, other parts dropped (it was a
+    paid 502); anything else as it came."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(p, dict) for p in content):
+        raise UnreadableAnswer("content is a list of something other than parts")
+    texts = [p.get("text") for p in content if p.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise UnreadableAnswer("a text part's text is not a string")
+    return "".join(texts)
+
+
 def to_anthropic(obj: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat completion as an Anthropic `message`."""
     choice = (obj.get("choices") or [{}])[0]
     msg = choice.get("message") or {}
     content: list[dict[str, Any]] = []
-    text = msg.get("content") or msg.get("refusal")
+    text = content_text(msg.get("content")) or msg.get("refusal")
     if text and not isinstance(text, str):
         raise UnreadableAnswer("content is not a string")
     if text:
@@ -528,8 +546,62 @@ def _event(name: str, obj: dict[str, Any]) -> bytes:
 _CUT = "The upstream ended the stream before the answer did; the answer is incomplete."
 
 
+class _HeldCall:
+    """A streamed tool call, held until the answer's finish: its id and name may come after its
+    first delta, its arguments after text between them, and they must be JSON to be sent."""
+
+    __slots__ = ("args", "id", "name")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.args: list[str] = []
+
+    def add(self, tc: dict[str, Any]) -> None:
+        fn = tc.get("function") or {}
+        self.id = self.id or _string(tc.get("id"))
+        self.name = self.name or _string(fn.get("name"))
+        if (args := fn.get("arguments")) and isinstance(args, str):
+            self.args.append(args)
+
+    def arguments(self, truncated: bool) -> str:
+        """The arguments' JSON text ("" for none), checked as the answer not streamed checks them
+        (`_tool_input`): a call cut by the token limit has none. Raises `UnreadableCall`."""
+        text = "".join(self.args)
+        if not text.strip():
+            return ""
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            if truncated:
+                return ""
+            msg = "The upstream sent a tool call with invalid JSON arguments; the answer is incomplete."
+            raise UnreadableCall(msg) from None
+        if not isinstance(value, dict):
+            raise UnreadableCall(
+                "The upstream sent a tool call whose arguments are not a JSON object; the answer is incomplete."
+            )
+        return text
+
+
+class UnreadableCall(ValueError):
+    """A streamed tool call no Anthropic client can run (its message is the client's error)."""
+
+
 class StreamEncoder:
-    """OpenAI chunks → Anthropic stream events, one content block per text run or tool call.
+    """OpenAI chunks → Anthropic stream events: text as it comes, in one block per run, until the
+    first tool call; tool calls' arguments, and all that follows the first call's start, at the
+    choice's finish.
+
+    The first call's block starts once the call has its id and name (an upstream may send them
+    after its first delta: the block had an empty id and name), which shows the answer has begun
+    (a relay holding the stream until then fails over no later). Its arguments, the other calls and
+    any later text are held to the finish (arguments are not read token by token): an upstream may
+    send a call's arguments around text (a delta went to a block already stopped, whose stop said
+    `input {}`), or arguments that are not JSON (the Anthropic SDK's `messages.stream` raised
+    ValueError and the answer was lost; the answer not streamed is a 502): such a call ends the
+    stream with an error event. Then the first call's arguments go in one delta and its block
+    stops, the later text follows in a block of its own, then each other call whole.
 
     The message_delta (stop reason and usage) goes out at `[DONE]`, after the usage
     chunk, so that it carries the final token counts.
@@ -541,12 +613,10 @@ class StreamEncoder:
         self.ended = False
         self.blocks = 0
         self.text_block: int | None = None
-        self.tool_blocks: dict[int, int] = {}  # OpenAI tool-call index → block index
+        self.calls: dict[int, _HeldCall] = {}  # OpenAI tool-call index → the call, held to the finish
+        self.first_call: tuple[int, int] | None = None  # (tool-call index, block) of the call whose block started
+        self.late_text: list[str] = []  # text after the first call's start, held to the finish
         self.tool_slots = sse.ToolCallSlots()
-        self.open: list[int] = []
-        # Tool calls that started while another tool block was open: held whole (block, argument
-        # pieces) and sent once that block ends, since an upstream may interleave their deltas.
-        self.held: dict[int, tuple[dict[str, Any], list[str]]] = {}
         self.stop_reason = "end_turn"
         self.finished = False  # the choice gave its finish_reason: nothing after it is the answer's
         self.usage: dict[str, Any] | None = None
@@ -575,21 +645,20 @@ class StreamEncoder:
             except orjson.JSONDecodeError:
                 continue
             if isinstance(obj, dict):
-                started = self.started
-                try:
-                    out.append(self._chunk(obj))
-                except _SHAPE_ERRORS:
-                    # The relay may hand us this chunk before it can catch anything (the held
-                    # head): end with an error event in Anthropic's format, never an exception
-                    # written into a started answer (nor one without its message_start).
-                    self.started = started
-                    self.cut = "upstream_protocol_error"
-                    out.append(
-                        self._fail(
-                            "The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj
-                        )
-                    )
+                out.append(self._read(obj))
         return b"".join(out)
+
+    def _read(self, obj: dict[str, Any]) -> bytes:
+        started = self.started
+        try:
+            return self._chunk(obj)
+        except _SHAPE_ERRORS:
+            # The relay may hand us this chunk before it can catch anything (the held
+            # head): end with an error event in Anthropic's format, never an exception
+            # written into a started answer (nor one without its message_start).
+            self.started = started
+            self.cut = "upstream_protocol_error"
+            return self._fail("The upstream sent a stream edgeroute could not read; the answer is incomplete.", obj)
 
     def _fail(self, message: str, obj: dict[str, Any], etype: str = "api_error") -> bytes:
         self.ended = True
@@ -612,27 +681,70 @@ class StreamEncoder:
         }
         return _event("message_start", {"type": "message_start", "message": message})
 
-    def _open(self, block: dict[str, Any]) -> tuple[int, bytes]:
+    def _block(self, block: dict[str, Any], *deltas: dict[str, Any]) -> bytes:
+        """A whole content block: its start, `deltas`, its stop."""
         idx = self.blocks
         self.blocks += 1
-        self.open.append(idx)
-        return idx, _event("content_block_start", {"type": "content_block_start", "index": idx, "content_block": block})
+        start = {"type": "content_block_start", "index": idx, "content_block": block}
+        return (
+            _event("content_block_start", start)
+            + b"".join(self._delta(idx, d) for d in deltas)
+            + _event("content_block_stop", {"type": "content_block_stop", "index": idx})
+        )
 
-    def _close(self, idx: int) -> bytes:
-        self.open.remove(idx)
-        return _event("content_block_stop", {"type": "content_block_stop", "index": idx})
+    def _text(self, text: str) -> bytes:
+        """`text` as a delta of the open text block (opened first if none is)."""
+        out = b""
+        if self.text_block is None:
+            self.text_block = self.blocks
+            self.blocks += 1
+            block = {"type": "text", "text": ""}
+            out = _event(
+                "content_block_start", {"type": "content_block_start", "index": self.text_block, "content_block": block}
+            )
+        return out + self._delta(self.text_block, {"type": "text_delta", "text": text})
 
-    def _close_all(self) -> bytes:
-        """Ends the open blocks, then sends the held tool calls, each whole."""
-        out = b"".join(self._close(idx) for idx in list(self.open))
-        for ti, (block, pieces) in self.held.items():
-            self.tool_blocks[ti], ev = self._open(block)
-            out += ev
-            if pieces:
-                out += self._delta(self.tool_blocks[ti], {"type": "input_json_delta", "partial_json": "".join(pieces)})
-            out += self._close(self.tool_blocks[ti])
-        self.held.clear()
-        return out
+    def _close_text(self) -> bytes:
+        idx, self.text_block = self.text_block, None
+        return b"" if idx is None else _event("content_block_stop", {"type": "content_block_stop", "index": idx})
+
+    def _tool_delta(self, tc: dict[str, Any]) -> bytes:
+        """Holds a tool-call delta; the first call named starts its block (the text's ends)."""
+        ti = self.tool_slots.of(tc)
+        call = self.calls.setdefault(ti, _HeldCall())
+        call.add(tc)
+        if self.first_call is not None or not (call.id and call.name):
+            return b""
+        out = self._close_text()
+        self.first_call = (ti, self.blocks)
+        self.blocks += 1
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+        start = {"type": "content_block_start", "index": self.first_call[1], "content_block": block}
+        return out + _event("content_block_start", start)
+
+    def _held_blocks(self, truncated: bool) -> bytes:
+        """At the finish: the first call's arguments and stop, the later text, then each other call
+        whole (every call checked before any goes); an error event if one cannot be run, recorded
+        as the upstream's protocol error."""
+        try:
+            args = {ti: c.arguments(truncated) for ti, c in self.calls.items()}
+        except UnreadableCall as e:
+            self.cut = "upstream_protocol_error"
+            return self._fail(str(e), {})
+        out = [self._close_text()]
+        if self.first_call is not None:
+            ti, idx = self.first_call
+            if first := args.pop(ti):
+                out.append(self._delta(idx, {"type": "input_json_delta", "partial_json": first}))
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": idx}))
+        if late := "".join(self.late_text):
+            out.append(self._block({"type": "text", "text": ""}, {"type": "text_delta", "text": late}))
+        for ti, text in args.items():
+            call = self.calls[ti]
+            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+            out.append(self._block(block, *([{"type": "input_json_delta", "partial_json": text}] if text else [])))
+        self.calls.clear()
+        return b"".join(out)
 
     def _delta(self, idx: int, delta: dict[str, Any]) -> bytes:
         return _event("content_block_delta", {"type": "content_block_delta", "index": idx, "delta": delta})
@@ -653,49 +765,24 @@ class StreamEncoder:
                 # ("zeroFIVE"), or a second answer after the first's stop, is none of it.
                 continue
             delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
+            text = content_text(delta.get("content")) or delta.get("refusal")
             if text and not isinstance(text, str):
                 raise UnreadableAnswer("delta content is not a string")
-            if text:
-                if self.text_block is None:
-                    out += self._close_all()
-                    self.text_block, ev = self._open({"type": "text", "text": ""})
-                    out += ev
-                out += self._delta(self.text_block, {"type": "text_delta", "text": text})
+            if text and self.first_call is not None:
+                self.late_text.append(text)
+            elif text:
+                out += self._text(text)
             for tc in delta.get("tool_calls") or ():
-                ti = self.tool_slots.of(tc)
-                fn = tc.get("function") or {}
-                if ti not in self.tool_blocks and ti not in self.held:
-                    block = {
-                        "type": "tool_use",
-                        "id": _string(tc.get("id")),
-                        "name": _string(fn.get("name")),
-                        "input": {},
-                    }
-                    if any(i in self.open for i in self.tool_blocks.values()):
-                        self.held[ti] = (block, [])  # sent whole when the open tool block ends
-                    else:
-                        for idx in list(self.open):  # the text ends before a tool call starts
-                            out += self._close(idx)
-                        self.text_block = None
-                        self.tool_blocks[ti], ev = self._open(block)
-                        out += ev
-                if fn.get("arguments"):
-                    if ti in self.held:
-                        self.held[ti][1].append(fn["arguments"])
-                    else:
-                        partial = {"type": "input_json_delta", "partial_json": fn["arguments"]}
-                        out += self._delta(self.tool_blocks[ti], partial)
+                out += self._tool_delta(tc)
             if choice.get("finish_reason"):
-                self.stop_reason = stop_reason(choice["finish_reason"], bool(self.tool_blocks))
-                out += self._close_all()
-                self.text_block = None
+                self.stop_reason = stop_reason(choice["finish_reason"], bool(self.calls))
                 self.finished = True
+                out += self._held_blocks(choice["finish_reason"] == "length")
         return out
 
     def _end(self) -> bytes:
         self.ended = True
-        out = self._start({}) + self._close_all()
+        out = self._start({}) + self._close_text()
         u = anthropic_usage(self.usage)
         delta = {"type": "message_delta", "delta": {"stop_reason": self.stop_reason, "stop_sequence": None}, "usage": u}
         return out + _event("message_delta", delta) + _event("message_stop", {"type": "message_stop"})

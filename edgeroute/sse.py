@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -317,10 +318,13 @@ def _check_chunk(
         if parsed is not None:
             parsed.append(None)
         return None
+    repaired = False
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise StreamProtocolError("sent a stream event that is not JSON in UTF-8") from None
+        if (obj := _surrogates_replaced(data)) is None:
+            raise StreamProtocolError("sent a stream event that is not JSON in UTF-8") from None
+        repaired = True
     if type(obj) is not dict:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
     if parsed is not None:
@@ -335,7 +339,7 @@ def _check_chunk(
             # reached an OpenAI client as a 200 it cannot read; its whole JSON answer fails over.
             # Only those: a server's own `{"type": "ping"}` goes on as it did.
             raise StreamProtocolError("sent a stream event of another API, not a chat chunk")
-        return obj if garbage else None
+        return obj if garbage or repaired else None
     if type(choices) is list:
         unnumbered = False
         closing = False  # a choice that finishes, or is not choice 0: what `open_choices` looks at
@@ -354,8 +358,35 @@ def _check_chunk(
                 and (kept := open_choices.keep(obj, choices)) is not None
             ):
                 return kept
-            return obj if unnumbered or garbage else None
+            return obj if unnumbered or garbage or repaired else None
     raise StreamProtocolError("sent a stream event whose choices are not objects with a delta object")
+
+
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _surrogates_replaced(data: bytes) -> Any:
+    """An event orjson refused for a UTF-16 surrogate escape alone (`\\ud83c`: a server that
+    detokenizes per token split an emoji over two deltas), read as the OpenAI SDK reads it, each
+    lone surrogate made U+FFFD: the answer goes on, where the stream was cut. None if it is not
+    such an event."""
+    if _LONE_SURROGATE.search(data) is None:
+        return None
+    try:
+        obj = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return _without_lone_surrogates(obj)
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {k: _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 _OTHER_APIS = frozenset({"message_start", "message_delta", "message_stop"})

@@ -1,7 +1,8 @@
-"""A streamed answer whose tool call's arguments are not a JSON object is relayed as it came
-but never stored: stored, it was served from the cache to every later caller of the tenant
-for the entry's life, to an Anthropic client as a 502 ("invalid JSON arguments") that no
-retry or failover could fix, the upstream never asked again."""
+"""A streamed answer whose tool call's arguments are not a JSON object is relayed as it came to
+an OpenAI client (an Anthropic client's stream ends with an error event) but never stored:
+stored, it was served from the cache to every later caller of the tenant for the entry's life,
+to an Anthropic client as a 502 ("invalid JSON arguments") that no retry or failover could fix,
+the upstream never asked again."""
 
 from __future__ import annotations
 
@@ -86,9 +87,10 @@ async def test_a_hit_never_replays_tool_arguments_no_client_can_read(
         "messages": [{"role": "user", "content": "look it up"}],
     }
     try:
-        # The stream's events, as they came (the SDK's raw events: nothing parses the arguments).
-        events = [e async for e in await client.messages.create(**ask, stream=True)]
-        assert any(e.type == "message_stop" for e in events)
+        # The stream ends with an error event, as the answer not streamed is a 502 (the SDK's raw
+        # events: nothing parses the arguments).
+        with pytest.raises(anthropic.APIStatusError, match="arguments"):
+            _ = [e async for e in await client.messages.create(**ask, stream=True)]
         # Not from the cache: the upstream is asked again, and its sound answer served.
         got = await client.messages.create(**ask)
     finally:
@@ -136,9 +138,12 @@ async def test_a_hit_the_clients_api_cannot_carry_is_a_miss(
     """An entry stored before its answer was checked (by an earlier release, on a shared cache
     during a rolling upgrade) that cannot be rendered for the client is a miss: the upstream is
     asked and its answer served, where the cache's 502 reached every caller of the tenant."""
+    from edgeroute import anthropic_api
     from edgeroute.cache import entry
 
     monkeypatch.setattr(entry, "_arguments_object", lambda arguments: True)  # the earlier release's store
+    # and its stream, which relayed the arguments as they came (it now ends with an error event)
+    monkeypatch.setattr(anthropic_api._HeldCall, "arguments", lambda self, truncated: "".join(self.args))
     up = Careless('{"a": }}}not json')
     proxy = await _proxy(start_proxy, serve_routes, up)
     client = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)

@@ -24,6 +24,7 @@ from edgeroute.endpoints import responses_format as rf
 from edgeroute.endpoints.responses_events import SENTINEL, OutputSoFar, was_sent
 from edgeroute.endpoints.responses_events import event as _event
 from edgeroute.providers.base import StreamTranslator
+from edgeroute.providers.openai_format import SPLICED
 
 _ITEM_EVENTS = frozenset({"response.output_item.added", "response.output_item.done"})
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -69,6 +70,7 @@ class NativeStream:
         # Past its terminal event the stream has ended: what a careless upstream sends after it in
         # the same read (another answer's events) is dropped, never relayed, priced or bound.
         self._ended = False
+        self._id: str | None = None  # the response's id, as its first event gave it
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -115,6 +117,13 @@ class NativeStream:
             if data is not None:
                 self._check(obj)
             kind = obj.get("type") if isinstance(obj, dict) else None
+            if isinstance(obj, dict) and isinstance(obj.get("response"), dict) and self._spliced(kind, obj["response"]):
+                # Two answers spliced in one stream (relayed, the OpenAI SDK raised "Lifecycle
+                # response identity changed", recorded ok and billed the second's usage): the
+                # upstream's protocol error, failed over before content.
+                out.append(_chat_error(SPLICED, "upstream_protocol_error"))
+                self._ended = True
+                break
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)
                 err = obj.get("response", {}).get("error") if kind == "response.failed" else obj
@@ -141,6 +150,14 @@ class NativeStream:
         if so_far is not None:
             so_far.fed(relayed, kept)
         return relayed
+
+    def _spliced(self, kind: Any, response: dict[str, Any]) -> bool:
+        """Whether an event is a second `response.created`, or one of another response."""
+        rid = response.get("id")
+        if self._id is None:
+            self._id = rid if isinstance(rid, str) else ""
+            return False
+        return kind == "response.created" or (isinstance(rid, str) and bool(rid and self._id) and rid != self._id)
 
     def length_end(self, prompt_tokens: int, output_tokens: int, tail: bytes) -> bytes | None:
         """The events that end the stream at its length (the relay's, for an upstream that sent past
@@ -214,7 +231,7 @@ class ChatToResponses:
                 # Without a finish_reason the answer was cut: not `response.completed`, but the
                 # relay's `stream_incomplete` error, as for a stream that ends without `[DONE]`.
                 if self._finish is not None:
-                    out.append(self._end())
+                    out.append(self._announce_held() + self._end())
                 continue
             obj = orjson.loads(data)
             if not isinstance(obj, dict):
@@ -236,7 +253,11 @@ class ChatToResponses:
         return b"".join(out)
 
     def _choice(self, choice: Any) -> bytes:
-        if not isinstance(choice, dict):
+        if not isinstance(choice, dict) or choice.get("index") not in (0, None):
+            return b""
+        if self._finish is not None:
+            # The answer ended at its finish_reason: what a careless upstream sends after it (text,
+            # another answer) is none of it, as a chat stream's relay has it ("abcLATE" was completed).
             return b""
         out = []
         delta = choice.get("delta") or {}
@@ -261,38 +282,52 @@ class ChatToResponses:
                 )
             )
         for tc in delta.get("tool_calls") or ():
-            if not isinstance(tc, dict):
-                continue
-            fn = tc.get("function") or {}
-            slot = self._slots.of(tc)
-            call = self._calls.get(slot)
-            if call is None:
-                call = {
-                    "id": rf.new_id("fc"),
-                    "index": len(self._outputs),
-                    "call_id": str(tc.get("id") or rf.new_id("call")),
-                    "name": str(fn.get("name") or ""),
-                    "arguments": "",
-                    "function": True,
-                }
-                self._calls[slot] = call
-                self._outputs.append(call)
-                item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
-                out.append(self._emit("response.output_item.added", output_index=call["index"], item=item))
-            args = fn.get("arguments")
-            if isinstance(args, str) and args:
-                call["arguments"] += args
-                out.append(
-                    self._emit(
-                        "response.function_call_arguments.delta",
-                        item_id=call["id"],
-                        output_index=call["index"],
-                        delta=args,
-                    )
-                )
+            if isinstance(tc, dict):
+                out.append(self._tool_delta(tc))
         if choice.get("finish_reason"):
             self._finish = str(choice["finish_reason"])
         return b"".join(out)
+
+    def _tool_delta(self, tc: dict[str, Any]) -> bytes:
+        """A tool-call delta. Its item is added once the call has its name, and its id or first
+        arguments (an upstream may send them after its first delta: the item had an empty name and
+        a made-up call_id); until then its arguments are kept, and sent with the item."""
+        fn = tc.get("function") or {}
+        slot = self._slots.of(tc)
+        call = self._calls.get(slot)
+        if call is None:
+            call = {"id": rf.new_id("fc"), "index": -1, "call_id": "", "name": "", "arguments": "", "function": True}
+            self._calls[slot] = call
+        call["call_id"] = call["call_id"] or _text(tc.get("id"))
+        call["name"] = call["name"] or _text(fn.get("name"))
+        args = fn.get("arguments")
+        args = args if isinstance(args, str) else ""
+        call["arguments"] += args
+        if call["index"] >= 0:
+            return self._args_delta(call, args)
+        if call["name"] and (call["call_id"] or call["arguments"]):
+            return self._announce(call)
+        return b""
+
+    def _announce(self, call: dict[str, Any]) -> bytes:
+        """The call's item added, with the arguments it has so far."""
+        call["index"] = len(self._outputs)
+        call["call_id"] = call["call_id"] or rf.new_id("call")
+        self._outputs.append(call)
+        item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
+        added = self._emit("response.output_item.added", output_index=call["index"], item=item)
+        return added + self._args_delta(call, call["arguments"])
+
+    def _args_delta(self, call: dict[str, Any], args: str) -> bytes:
+        if not args:
+            return b""
+        return self._emit(
+            "response.function_call_arguments.delta", item_id=call["id"], output_index=call["index"], delta=args
+        )
+
+    def _announce_held(self) -> bytes:
+        """The calls still held at the answer's end (never named), each added as it is."""
+        return b"".join(self._announce(c) for c in self._calls.values() if c["index"] < 0)
 
     def _part(self, kind: str, part: dict[str, Any]) -> bytes:
         assert self._text is not None
@@ -367,6 +402,11 @@ class ChatToResponses:
         return b"".join(out)
 
 
+def _text(value: Any) -> str:
+    """A tool call's id or name as given: a careless upstream's null (or number) is none or its text."""
+    return value if isinstance(value, str) else "" if value is None else str(value)
+
+
 def _grown_field(output: dict[str, Any]) -> str:
     """The field an output item's deltas add to: a call's arguments, a message's text."""
     return "arguments" if output.get("function") else "text"
@@ -377,14 +417,21 @@ _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
 
 class ClientEncoder:
     """What the client receives: the sentinel removed, a chat error event (a stream cut by the
-    upstream or the proxy) turned into a Responses `error` event."""
+    upstream or the proxy) turned into a Responses `error` event.
+
+    An upstream's `response.failed` reaches it only after content (before, the attempt failed
+    over): relayed as the upstream's words, it is a broken stream all the same (`cut`, for the
+    relay's record and the deployment's health), where it was recorded ok."""
 
     def __init__(self) -> None:
         self._seq = 0
+        self.cut: str | None = None
 
     def __call__(self, data: bytes) -> bytes:
         if (found := _SEQ.findall(data)) and (last := int(found[-1])) >= self._seq:
             self._seq = last + 1
+        if self.cut is None and data.find(b'"response.failed"') >= 0 and _failed(data):
+            self.cut = "upstream_error"
         if SENTINEL in data:
             data = data.replace(SENTINEL, b"")
         if b'"error"' not in data:
@@ -408,3 +455,13 @@ class ClientEncoder:
             else:
                 out.append(ev + b"\n\n")
         return b"".join(out) + rest
+
+
+def _failed(data: bytes) -> bool:
+    """Whether `data` (whole events) holds a `response.failed` event."""
+    for ev in sse.split_events(data)[0]:
+        payload = sse.event_data(ev)
+        obj = orjson.loads(payload) if payload and payload != b"[DONE]" else None
+        if isinstance(obj, dict) and obj.get("type") == "response.failed":
+            return True
+    return False

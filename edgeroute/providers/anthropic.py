@@ -275,6 +275,14 @@ class AnthropicAdapter(Adapter):
         return self._auth_headers()
 
 
+def _given_input(value: Any) -> str:
+    """A tool_use block start's `input` as the call's first argument text: "" for Anthropic's own
+    `{}` (its input follows in deltas), the JSON of a non-empty object, or a JSON text as it came."""
+    if isinstance(value, dict) and value:
+        return orjson.dumps(value).decode()
+    return value if isinstance(value, str) else ""
+
+
 class AnthropicStream(oa.SseJsonStream):
     """Anthropic's SSE events → OpenAI chunks; tool-use blocks become indexed tool-call deltas."""
 
@@ -285,6 +293,7 @@ class AnthropicStream(oa.SseJsonStream):
         self.args_seen: set[int] = set()
         self.stop_reason: str | None = None
         self.output_reported = False  # a message_delta carried the answer's output_tokens
+        self.message = False  # its message_start came
 
     @property
     def prompt_usage(self) -> dict[str, Any] | None:
@@ -294,6 +303,11 @@ class AnthropicStream(oa.SseJsonStream):
         kind = ev.get("type")
         w = self.out
         if kind == "message_start":
+            if self.message:
+                # Two answers spliced in one stream ("AAABBB", billed for the second's prompt):
+                # the upstream's protocol error (before content it fails over).
+                return w.spliced()
+            self.message = True
             msg = ev.get("message") or {}
             if msg.get("id"):
                 w.id = str(msg["id"])
@@ -304,12 +318,17 @@ class AnthropicStream(oa.SseJsonStream):
         if kind == "content_block_start":
             idx = int(ev.get("index", 0))
             block = ev.get("content_block") or {}
+            # A gateway may give a call's input whole in its start, with no deltas after it.
+            given = _given_input(block.get("input"))
+            if given:
+                self.args_seen.add(idx)
             if block.get("type") == "tool_use" and block.get("name") == oa.JSON_TOOL:
                 self.blocks[idx] = ("json", -1)
+                return w.text(given)
             elif block.get("type") == "tool_use":
                 ti = w.new_tool()
                 self.blocks[idx] = ("tool", ti)
-                return w.tool_head(ti, oa.text_field(block.get("id")), oa.text_field(block.get("name")))
+                return w.tool_head(ti, oa.text_field(block.get("id")), oa.text_field(block.get("name")), given)
             elif block.get("type") == "text":
                 self.blocks[idx] = ("text", -1)
                 return w.text(str(block.get("text") or ""))

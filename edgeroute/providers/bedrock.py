@@ -309,6 +309,7 @@ class BedrockStream:
         self.args_seen: set[int] = set()
         self.json_mode = False
         self.failed = False
+        self.message = False  # its messageStart came
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -344,6 +345,9 @@ class BedrockStream:
     def _event(self, kind: str, ev: dict[str, Any]) -> bytes:
         w = self.out
         if kind == "messageStart":
+            if self.message:  # two answers spliced in one stream: the upstream's protocol error
+                return w.spliced()
+            self.message = True
             return w.start()
         if kind == "contentBlockStart":
             idx = int(ev.get("contentBlockIndex", 0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -22,6 +23,8 @@ import orjson
 
 from edgeroute import sse
 from edgeroute.errors import ProxyError
+
+log = logging.getLogger("edgeroute.dispatch")
 
 # The tool used to emulate `response_format` (JSON mode) on providers whose only
 # structured output is a forced tool call; its call is turned back into text content.
@@ -413,7 +416,8 @@ class Reply:
         self.json_answer = False
 
     def tool_use(self, call_id: str, name: str, arguments: Any) -> None:
-        args = orjson.dumps(arguments or {}).decode()
+        # An input given as JSON text (a gateway's) is the arguments' text, not a string to quote.
+        args = arguments if isinstance(arguments, str) and arguments else orjson.dumps(arguments or {}).decode()
         if name == JSON_TOOL:
             self.text.append(args)
             self.json_answer = True
@@ -421,7 +425,11 @@ class Reply:
             self.calls.append(tool_call(call_id, name, args))
 
     def completion(self, cid: str, model: str, finish: str, use: dict[str, Any] | None) -> dict[str, Any]:
-        return completion(cid, model, "".join(self.text), self.calls, "stop" if self.json_answer else finish, use)
+        stop = self.json_answer or (finish == "tool_calls" and not self.calls)  # see `ChunkWriter.finish`
+        return completion(cid, model, "".join(self.text), self.calls, "stop" if stop else finish, use)
+
+
+SPLICED = "The upstream sent a second answer in one stream; the answer is incomplete."
 
 
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
@@ -448,6 +456,7 @@ class ChunkWriter:
         self.finished = False
         self.done = False
         self.tools = 0
+        self.late = False  # the upstream went on after its finish (logged once)
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         obj = {
@@ -465,8 +474,18 @@ class ChunkWriter:
         self.started = True
         return self._chunk({"role": "assistant", "content": "", "refusal": None})
 
+    def _after_finish(self) -> bool:
+        """Whether the answer has ended (its finish went out): what an upstream sends after it (text
+        after Anthropic's `message_delta`, Bedrock's `messageStop`) is none of the answer, as a chat
+        stream's after its `finish_reason` is not. Relayed, the client's text was "abcLATE" while the
+        cache kept "abc"."""
+        if self.finished and not self.late:
+            self.late = True
+            log.warning("an upstream of model %s went on after its answer's finish: dropped", self.model)
+        return self.finished
+
     def text(self, text: str) -> bytes:
-        if not text:
+        if not text or self._after_finish():
             return b""
         return self.start() + self._chunk({"content": text})
 
@@ -476,18 +495,32 @@ class ChunkWriter:
         return self.tools - 1
 
     def tool_head(self, index: int, call_id: str, name: str, arguments: str = "") -> bytes:
+        if self._after_finish():
+            return b""
         head = {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         return self.start() + self._chunk({"tool_calls": [head]})
 
     def tool_args(self, index: int, fragment: str) -> bytes:
-        if not fragment:
+        if not fragment or self._after_finish():
             return b""
         return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+
+    def spliced(self) -> bytes:
+        """The error event that ends a stream into which the upstream spliced a second answer (a
+        second message start): before content the attempt fails over on it, after it the client
+        gets it. Nothing after it is read. (Sent in the stream, not raised, so that the answer's
+        events read with it go first, wherever the reads split.)"""
+        self.done = True
+        return error_event(SPLICED, "upstream_error", "upstream_protocol_error")
 
     def finish(self, reason: str) -> bytes:
         if self.finished:
             return b""
         self.finished = True
+        if reason == "tool_calls" and not self.tools:
+            # A provider's tool_use stop with no call (a gateway's): `tool_calls` with none sent
+            # an OpenAI client's loop over `message.tool_calls` (None) into a TypeError.
+            reason = "stop"
         return self.start() + self._chunk({}, reason)
 
     def end(self) -> bytes:
