@@ -152,6 +152,10 @@ class AuditOf:
     actor: str
     action: str
     describe: Callable[[dict[str, Any]], Any]  # what the log shows of a key (never its secret's hash)
+    # A change's entry: (before, after) of what changed alone, from the two keys; None: each
+    # key whole, by `describe`. A key written whole twice per change let 200 KB lists,
+    # alternated, fill the ledger's disk.
+    changes: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, Any]] | None = None
 
 
 class GovStore:
@@ -371,8 +375,11 @@ class GovStore:
                 return before, after
             self._write_key(cur, after)
             if audit is not None:
-                was = audit.describe(before) if before is not None else None
-                self._append_audit(cur, audit.actor, audit.action, key_id, was, audit.describe(after))
+                if audit.changes is not None and before is not None:
+                    was, now = audit.changes(before, after)
+                else:
+                    was, now = (audit.describe(before) if before is not None else None), audit.describe(after)
+                self._append_audit(cur, audit.actor, audit.action, key_id, was, now)
             return before, after
 
     def _write_key(self, cur: Any, data: dict[str, Any]) -> int:
