@@ -91,3 +91,24 @@ async def test_keys_a_config_key_made_share_its_rate_limit(served: Served) -> No
     finally:
         await maker.close()
         await minted.close()
+
+
+async def test_keys_a_config_key_made_spend_its_budget(served: Served) -> None:
+    url, path, cfg = served
+    cfg["budgets"] = {"limits": [{"name": "maker-day", "scope": "key", "match": "maker", "period": "day",
+                                  "limit_usd": 0.000001}]}  # fmt: skip
+    await _reload(url, path, cfg)
+    status, child = await call("POST", url + "/admin/keys", MAKER, json={"role": "service", "rpm": 2})
+    assert status == 201, child
+    status, free = await call("POST", url + "/admin/keys", ROOT, json={"role": "service", "team": "alpha"})
+    assert status == 201, free
+    ask: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    minted = openai.AsyncOpenAI(base_url=url + "/v1", api_key=child["secret"], max_retries=0)
+    other = openai.AsyncOpenAI(base_url=url + "/v1", api_key=free["secret"], max_retries=0)
+    try:
+        with pytest.raises(openai.RateLimitError, match="maker-day"):
+            await minted.chat.completions.create(**ask)  # its maker's budget has no room
+        await other.chat.completions.create(**ask)  # a key the config key did not make: served
+    finally:
+        await minted.close()
+        await other.close()

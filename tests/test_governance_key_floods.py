@@ -11,6 +11,7 @@ their size and digest.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,24 @@ def test_a_revoked_key_keeps_only_what_revocation_needs_in_memory(tmp_path: Path
     with pytest.raises(Exception, match="has been revoked"):
         view.identify(token)
     assert len(view.ended()) == 1 and view.live("t") == 0
+
+
+async def test_the_audit_log_keeps_entries_for_its_retention(start_upstream: Any, tmp_path: Path) -> None:
+    db = tmp_path / "gov.db"
+    store = GovStore("sqlite", str(db))
+    for action in ("key.old", "key.recent"):
+        store.audit("someone", action, None, None, {"n": 1})
+    store.close()
+    with sqlite3.connect(db) as c:  # one entry from 40 days ago, one from 20
+        c.execute("UPDATE gov_audit SET ts = ts - 40 * 86400 WHERE action = 'key.old'")
+        c.execute("UPDATE gov_audit SET ts = ts - 20 * 86400 WHERE action = 'key.recent'")
+    cfg = simple_config({"a": await start_upstream()})
+    cfg |= {
+        "keys": {"root": {"token": ROOT, "role": "admin"}},
+        "governance": {"managed_keys": True, "audit_retention_days": 30},
+        "ledger": {"path": str(db), "flush_interval": 0.05},
+    }
+    async with cost_proxy(cfg) as p, aiohttp.ClientSession() as s:
+        status, audit = await call(s, "GET", p.url + "/admin/audit", ROOT)
+        assert status == 200, audit
+        assert [e["action"] for e in audit["entries"]] == ["config.start", "key.recent"], audit

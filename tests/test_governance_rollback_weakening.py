@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.governance_support import call, served_file, write_config
 
 ADMIN, OPERATOR = "tok-admin-0123456789", "tok-operator-0123456789"
@@ -89,3 +89,30 @@ async def test_tenants_keep_their_own_cache_after_a_refused_rollback(served: tup
     finally:
         await a.close()
         await b.close()
+
+
+async def test_the_rollback_guard_does_not_widen_a_cache(start_upstream: Any, tmp_path: Path) -> None:
+    """Errors a client may cause within the guard's window rolled a reload back whole: a cache
+    narrowed to `scope: key` went back to `global`."""
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["models"]["m"]["cache"] = {"ttl": 300, "scope": "global"}
+    cfg["keys"] = {"root": {"token": ADMIN, "role": "admin"}, "a": {"token": TEAM_A, "team": "a"},
+                   "b": {"token": TEAM_B, "team": "b"}}  # fmt: skip
+    cfg["governance"] = {"rollback_guard": {"window_s": 30, "max_error_rate": 0.5, "min_requests": 3}}
+    path = tmp_path / "edgeroute.yaml"
+    async with served_file(path, cfg) as url:
+        write_config(path, _merged(cfg, CHANGES[0][1]))
+        assert (await call("POST", url + "/admin/reload", ADMIN))[0] == 200
+        up.options.fail_status = 500
+
+        async def refused() -> list[Any]:
+            for key in (TEAM_A, TEAM_B):  # failing for more than one sender: the guard judges the config
+                await call("POST", url + "/v1/chat/completions", key, json=ASK)
+            status, body = await call("GET", url + "/admin/audit?action=config.auto_rollback_refused", ADMIN)
+            return body["entries"] if status == 200 else []
+
+        entries = await eventually(refused, "the guard trying to roll back", within=20, every=0.2)
+        assert "models.m.cache shared more widely (global)" in entries[0]["after"]["weakens"], entries
+        _, body = await call("GET", url + "/admin/config", ADMIN)
+        assert body["version"] == 2 and body["config"]["models"]["m"]["cache"]["scope"] == "key"

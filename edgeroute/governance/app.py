@@ -57,6 +57,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     worker = workers.current()
     shared = worker.dir if worker is not None and worker.count > 1 else None
     store = GovStore.for_config(cfg, p.parent if p.is_file() else None, shared)
+    store.audit_retention_s = cfg.governance.audit_retention_s
     managed = None
     if cfg.governance.managed_keys:
         managed = K.ManagedKeys(

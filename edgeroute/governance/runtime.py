@@ -159,6 +159,7 @@ class Gov:
         does not show yet, or that the guard does not count."""
         before = self.versions.active
         self.versions.activate(saved)
+        self.store.audit_retention_s = live.config.governance.audit_retention_s
         if self.managed is not None:
             cfg = live.config
             self.managed.set_region_of(

@@ -59,6 +59,13 @@ class Governance(_Strict):
     # one instance (429 past it; revocations are never held back): each write is an audit
     # entry and a re-read on every instance.
     key_writes_per_minute: int = Field(120, ge=1, le=100_000)
+    # Days the audit log keeps an entry (None: for ever); older ones go at most once an hour.
+    audit_retention_days: float | None = Field(None, gt=0, le=36_500)
+
+    @property
+    def audit_retention_s(self) -> float | None:
+        return self.audit_retention_days * 86400 if self.audit_retention_days is not None else None
+
     residency: Residency | None = None
     # Seconds between re-reads of `file:` and `exec:` secrets (a changed value is applied
     # without a restart; a failed re-read keeps the last good value).

@@ -170,6 +170,10 @@ class GovStore:
         self._poll_lock = threading.Lock()
         self._poll_conn: Any = None  # connected at the first poll (a local SQLite store shares `_conn`)
         self._owners_pruned = 0.0
+        # `governance.audit_retention_days` in seconds (None: kept for ever), and when this
+        # process last dropped older entries (at most once an hour, at an entry's write).
+        self.audit_retention_s: float | None = None
+        self._audit_pruned = 0.0
         with self._held(), self._tx() as cur:
             if dialect == "postgres":
                 pg_schema.serialise(cur.execute)
@@ -483,10 +487,14 @@ class GovStore:
         def enc(v: Any) -> str | None:
             return None if v is None else orjson.dumps(v).decode()
 
+        now = time.time()
         cur.execute(
             self._sql("INSERT INTO gov_audit (ts, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)"),
-            (time.time(), actor, action, target, enc(before), enc(after)),
+            (now, actor, action, target, enc(before), enc(after)),
         )
+        if self.audit_retention_s is not None and now - self._audit_pruned >= RESPONSE_PRUNE_EVERY:
+            self._audit_pruned = now
+            cur.execute(self._sql("DELETE FROM gov_audit WHERE ts < ?"), (now - self.audit_retention_s,))
 
     def audit_entries(
         self,
