@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +104,22 @@ def store_statements(app: Any) -> Iterator[list[str]]:
         yield seen
     finally:
         conn.set_trace_callback(None)
+
+
+@contextlib.asynccontextmanager
+async def served_file(path: Path, cfg: dict[str, Any] | None = None) -> AsyncIterator[str]:
+    """edgeroute in this process on the config file `path` (`cfg` written to it first, when
+    given), so reloads and rollbacks have a file to read and write; yields its base URL."""
+    from aiohttp.test_utils import TestServer
+
+    from edgeroute import config as config_mod
+    from edgeroute.server import create_app
+
+    if cfg is not None:
+        write_config(path, cfg)
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()

@@ -14,33 +14,19 @@ import asyncio
 import hashlib
 import hmac
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 
 from edgeroute import config as config_mod
 from edgeroute import secrets
-from edgeroute.server import create_app
 from tests.conftest import simple_config
-from tests.governance_support import call, write_config
+from tests.governance_support import call, served_file, write_config
 
 HEADER = "literal-header-value"  # a literal secret in the config file
 KEY_A, KEY_B = "versions-key-a-5f1c0e", "versions-key-b-93d2aa"
-
-
-@asynccontextmanager
-async def _serving(path: Path) -> AsyncIterator[str]:
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
 
 
 def _row(path: Path, version: int) -> tuple[dict[str, Any], str, bytes]:
@@ -66,7 +52,7 @@ async def test_versions_sealed_under_an_external_key(start_upstream: Any, tmp_pa
     cfg["providers"]["a"]["headers"] = {"x-team-secret": HEADER}
     cfg["keys"] = {"root": {"token": "tok-admin", "role": "admin"}}
     path = write_config(tmp_path / "edgeroute.yaml", cfg)
-    async with _serving(path):  # version 1: sealed under the store's own key, as before
+    async with served_file(path):  # version 1: sealed under the store's own key, as before
         pass
     old, _, store_key = _row(path, 1)
     assert old["providers"]["a"]["headers"]["x-team-secret"] == "redacted:hmac-sha256:" + _hmac(store_key, HEADER)
@@ -75,7 +61,7 @@ async def test_versions_sealed_under_an_external_key(start_upstream: Any, tmp_pa
     key_file.write_text(KEY_A + "\n")
     cfg["governance"] = {"versions_key": "file:versions.key"}  # relative to the config's directory
     write_config(path, cfg)
-    async with _serving(path) as url:  # version 2: the start with the external key
+    async with served_file(path) as url:  # version 2: the start with the external key
         stored, body, store_key = _row(path, 2)
         marker = stored["providers"]["a"]["headers"]["x-team-secret"]
         assert "redacted:hmac-sha256:" not in body, body  # nothing sealed under the store's key
@@ -113,11 +99,11 @@ async def test_versions_sealed_under_an_external_key(start_upstream: Any, tmp_pa
     # the operator gives A after the new key.
     write_config(path, cfg)
     key_file.write_text("versions-key-c-77e0b1\n")
-    async with _serving(path) as url:
+    async with served_file(path) as url:
         status, got = await call("POST", url + "/admin/config/rollback", "tok-admin", json={"version": 2})
         assert status == 409 and "governance.versions_key" in str(got), got
     key_file.write_text(f"versions-key-c-77e0b1 {KEY_A}\n")
-    async with _serving(path) as url:
+    async with served_file(path) as url:
         await _rollback(url, 2)
         assert yaml.safe_load(path.read_text())["providers"]["a"]["headers"]["x-team-secret"] == HEADER
 

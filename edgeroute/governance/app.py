@@ -10,6 +10,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -56,6 +57,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     worker = workers.current()
     shared = worker.dir if worker is not None and worker.count > 1 else None
     store = GovStore.for_config(cfg, p.parent if p.is_file() else None, shared)
+    store.audit_retention_s = cfg.governance.audit_retention_s
     managed = None
     if cfg.governance.managed_keys:
         managed = K.ManagedKeys(
@@ -63,6 +65,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
             lambda key_id, team, own: residency.region_of(cfg, key_id, team, own),
             cfg.governance.keys_stale_after_s,
         )
+        managed.makers = K.config_makers(cfg)
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
@@ -604,17 +607,62 @@ async def create_key(request: web.Request) -> web.Response:
     K.check_scope(creator, creator_raw, f)
     _check_user(request, creator, f)
     actor = actor_of(request)
-    parent = creator.key if creator_raw is not None else None  # created by a managed key
-    if parent is not None and managed.depth(parent) >= K.MAX_DEPTH:
+    parent = _maker(request, creator, creator_raw)
+    if creator_raw is not None and managed.depth(creator.key) >= K.MAX_DEPTH:
         raise ProxyError(
             403, f"Keys can be created at most {K.MAX_DEPTH} levels below a key from the config.",
             code="permission_denied",
         )  # fmt: skip
+    _room_for(request, managed, f.team)
+    _may_write(request, managed)
     # The audit entry is written in the change's own transaction (governance/store.py).
     data, token = await _key_change(K.create, managed.store, f, actor, parent)
     await _read_back(managed)
     out = K.public(data)
     return json_response({**out, "secret": token}, status=201)
+
+
+def _maker(request: web.Request, creator: Any, creator_raw: dict[str, Any] | None) -> str | None:
+    """The `parent` a new key records: the managed key that made it, or the config key
+    (`config:<id>`), whose removal or demotion ends it and whose limits and budgets bound it."""
+    if creator is None:
+        return None
+    if creator_raw is not None:
+        return str(creator.key)
+    return K.CONFIG_PARENT + creator.key if creator.key in request.app[STATE].live.config.keys else None
+
+
+def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) -> None:
+    """409 when `team` (None: no team) holds as many live keys as the config allows."""
+    gov = request.app[STATE].live.config.governance
+    most, setting = (
+        (gov.max_keys_per_team, "max_keys_per_team") if team is not None
+        else (gov.max_keys_without_team, "max_keys_without_team")
+    )  # fmt: skip
+    if managed.live(team) >= most:
+        whose = f"Team '{team}' has" if team is not None else "Keys of no team number"
+        raise ProxyError(
+            409,
+            f"{whose} {most} live keys (governance.{setting}): revoke keys no longer used first.",
+            code="key_limit_reached",
+        )
+
+
+def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
+    """429 (with Retry-After) past `governance.key_writes_per_minute` writes by the caller's team,
+    or by the caller when it has none: each write is an audit entry and a read on every instance."""
+    ident = request.get(IDENTITY)
+    writer = f"team:{ident.team}" if ident is not None and ident.team else f"key:{actor_of(request)}"
+    per_minute = request.app[STATE].live.config.governance.key_writes_per_minute
+    wait = managed.writes.take(writer, per_minute)
+    if wait > 0:
+        raise ProxyError(
+            429,
+            f"Too many key changes: at most {per_minute} a minute (governance.key_writes_per_minute). "
+            "Revocations are never held back.",
+            code="key_writes_rate_limited",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
 
 
 def _config_key(request: web.Request, key_id: str) -> dict[str, Any] | None:
@@ -636,7 +684,7 @@ async def list_keys(request: web.Request) -> web.Response:
     out = [_config_key(request, k) for k in request.app[STATE].live.config.keys]
     managed = request.app[GOV].managed
     if managed is not None:
-        out += [K.public(d, managed.raw) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
+        out += [managed.shown(d) for d in sorted(managed.all(), key=lambda d: d["created_at"])]
     return json_response({"keys": [k for k in out if _visible(request, k)]})
 
 
@@ -645,7 +693,7 @@ async def get_key(request: web.Request) -> web.Response:
     if (ck := _config_key(request, key_id)) is None:
         managed = _managed(request)
         data = await _stored(_KEYS, managed.store.get_key, key_id)
-        ck = K.public(data, managed.raw) if data is not None else None
+        ck = managed.shown(data) if data is not None else None
     if not _visible(request, ck):  # another team's key: as unknown as a key that never was
         raise ProxyError(404, f"No key {key_id}.", code="key_not_found")
     return json_response(ck)
@@ -680,6 +728,9 @@ async def update_key(request: web.Request) -> web.Response:
     if "user" in body:
         _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
+    if "team" in body and f.team != current.get("team"):
+        _room_for(request, managed, f.team)
+    _may_write(request, managed)
     before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
     if before is after:  # nothing to change: no audit entry, as for a deployment
         return json_response({**K.public(after), "action": "unchanged"})
@@ -738,6 +789,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 30 * 86400:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
     await _within_scope(request, managed, key_id, "rotate")
+    _may_write(request, managed)
     _, after, token = await _key_change(K.rotate, managed.store, key_id, float(grace), actor_of(request))
     await _read_back(managed)
     return json_response({**K.public(after), "secret": token})

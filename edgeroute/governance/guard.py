@@ -201,7 +201,7 @@ def held_for_a_human(running: str, target: str) -> list[str]:
     rise; a budget cut, a rate limit or a compromised upstream taken away must not be undone
     by them: the guard alerts and audits, an operator decides."""
     a, b = (_mapping(yaml.safe_load(t)) for t in (running, target))
-    return _brought_back(a, b) + _looser_budgets(a, b) + _looser_limits(a, b)
+    return _brought_back(a, b) + looser_budgets(a, b) + _looser_limits(a, b)
 
 
 def _mapping(data: Any) -> dict[str, Any]:
@@ -257,7 +257,7 @@ def _budgets(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(x.get("name")): x for x in items if isinstance(x, dict)}
 
 
-def _looser_budgets(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def looser_budgets(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """A budget of the running config gone or changed in the target, but for a lower limit."""
     old, new = _budgets(a), _budgets(b)
     out = []

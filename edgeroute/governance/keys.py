@@ -24,7 +24,9 @@ without a good read, managed keys are refused (503 `key_store_unavailable`) and 
 
 A key created by a managed key records it as its `parent`, and spends against its parent's
 budget (and its parent's parent's, up the chain) besides its own: a key held to $10 can
-hand out keys, but all of them together spend at most those $10.
+hand out keys, but all of them together spend at most those $10. A key created by a config
+key records `config:<id>`: it takes from that key's limits and `scope: key` budgets, and ends
+when that key leaves the config or loses the role or team to make it (`ConfigMaker`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgeroute import roles
@@ -69,6 +72,11 @@ _TOKEN = re.compile(r"k[0-9a-f]{12}\.[A-Za-z0-9_-]{43}")  # what `create` and `n
 
 
 _Name = Annotated[str, Field(max_length=200)]
+# A request tag or priority class a key names: short, as the values it is compared with are.
+_Tag = Annotated[str, Field(min_length=1, max_length=100)]
+MAX_TAGS = 100  # denied tags (and 64 priority classes) a key lists: each is in every instance's memory
+MAX_MODELS = 256  # models a key lists (each one of the config's)
+AUDIT_VALUE_BYTES = 512  # a changed field larger than this is audited as its size and digest
 LAST_DATE = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
@@ -86,8 +94,10 @@ class KeyFields(BaseModel):
     role: roles.Role = "service"
     # Each name at most 200 characters: a key is held in every instance's memory, and a tenant's
     # admin key makes keys; a body of 10 MiB of one model name was a key of 10 MiB.
-    models: list[_Name] | None = Field(None, max_length=1000)  # None: every model
-    deny_tags: list[_Name] = Field([], max_length=1000)  # request tags (x-edgeroute-tags) it may not send
+    # Lists bounded in count and length (a team holds up to governance.max_keys_per_team keys):
+    # 1,000 denied tags of 200 characters a key, hundreds of keys, grew every instance by 120 MB.
+    models: list[_Name] | None = Field(None, max_length=MAX_MODELS)  # None: every model
+    deny_tags: list[_Tag] = Field([], max_length=MAX_TAGS)  # request tags (x-edgeroute-tags) it may not send
     # Bounded: past year 9999 no date prints it (`keys list` ended in a traceback), and a budget
     # past MAX_LIMIT_USD is infinite in nano-dollars (every request of the key was a 500).
     expires_at: float | None = Field(None, gt=0, le=LAST_DATE)  # unix seconds
@@ -97,14 +107,12 @@ class KeyFields(BaseModel):
     max_parallel: int | None = Field(None, ge=1)  # its requests in flight at once
     residency: str | None = Field(None, min_length=1, max_length=64)
     priority: str | None = Field(None, max_length=64)  # its requests' priority class
-    priorities: list[_Name] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
+    priorities: list[_Tag] = Field([], max_length=64)  # further classes it may ask for (x-edgeroute-priority)
     metadata: dict[str, Any] = {}
 
     @field_validator("metadata")
     @classmethod
     def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
-        import orjson
-
         if len(orjson.dumps(v)) > 8192:
             raise ValueError("metadata is limited to 8 KiB of JSON")
         return v
@@ -154,6 +162,30 @@ def public(data: dict[str, Any], raw_of: Callable[[str], dict[str, Any] | None] 
     return out
 
 
+def _shown(value: Any) -> Any:
+    """A field as an audit entry shows it: as it is, or past AUDIT_VALUE_BYTES of JSON its size,
+    item count and digest (enough to tell two values apart, never a disk's worth of them)."""
+    raw = orjson.dumps(value)
+    if len(raw) <= AUDIT_VALUE_BYTES:
+        return value
+    out: dict[str, Any] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()[:16]}
+    if isinstance(value, list | dict):
+        out["items"] = len(value)
+    return out
+
+
+def audited(data: dict[str, Any]) -> dict[str, Any]:
+    """A key as its creation's audit entry shows it (`public`, large fields as `_shown`)."""
+    return {k: _shown(v) for k, v in public(data).items()}
+
+
+def changed(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a change's audit entry shows: the fields that changed, before and after (`_shown`)."""
+    a, b = public(before), public(after)
+    names = [k for k in (*_PUBLIC, "status") if a.get(k) != b.get(k)]
+    return {k: _shown(a.get(k)) for k in names}, {k: _shown(b.get(k)) for k in names}
+
+
 def _ancestor_limits(chain: list[dict[str, Any]]) -> tuple[tuple[str, Limit], ...]:
     """The rate limits of each managed key above the chain's first, by id (a key a rate-limited
     key made would otherwise have buckets of its own: ten keys of 3 a minute sent 30)."""
@@ -178,6 +210,50 @@ def bad_fields(e: ValidationError) -> ProxyError:
     return ProxyError(400, f"Invalid key fields: {msg}", code="invalid_key", details=problems, details_key="problems")
 
 
+CONFIG_PARENT = "config:"  # a key made by a config key has `parent: "config:<its id>"`
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigMaker:
+    """What a config key passes to the keys it made (and theirs): its role and team bound theirs,
+    its rate limits and `scope: key` budgets bound them together with it."""
+
+    role: str
+    team: str | None
+    limits: Limit | None
+    budgets: tuple[Budget, ...]
+
+
+def config_makers(cfg: Any) -> dict[str, ConfigMaker]:
+    """The config's keys as makers of managed keys, by id."""
+    return {
+        name: ConfigMaker(
+            roles.access_role(k.role),
+            k.team,
+            k.limits,
+            tuple(b for b in cfg.budgets.limits if b.scope == "key" and b.match == name),
+        )
+        for name, k in cfg.keys.items()
+    }
+
+
+def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMaker] | None) -> str | None:
+    """Why the keys of `chain` (a key and its managed makers) end with their config maker: it is
+    gone from the config, or no longer has the role or team to make them (None: they do not)."""
+    parent = chain[-1].get("parent")
+    if makers is None or not isinstance(parent, str) or not parent.startswith(CONFIG_PARENT):
+        return None
+    name = parent[len(CONFIG_PARENT) :]
+    maker = makers.get(name)
+    if maker is None:
+        return f"config key {name}, which is no longer in the config"
+    if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
+        return f"config key {name}, whose role no longer allows it"
+    if maker.team is not None and any(n.get("team") != maker.team for n in chain):
+        return f"config key {name}, which is no longer of its team"
+    return None
+
+
 @dataclass(slots=True)
 class _Entry:
     salt: bytes
@@ -192,6 +268,8 @@ class _Entry:
     # that outlived its revocation. The revoked maker's id; the earliest-expiring maker's.
     revoked_above: str | None = None
     expires_above: tuple[str, float] | None = None
+    # Made (itself or a maker) by a config key since removed or demoted: why, for its 401.
+    config_ended: str | None = None
 
 
 def key_budget(data: dict[str, Any]) -> Budget | None:
@@ -254,6 +332,9 @@ class ManagedKeys:
         self.stale_after = stale_after if store.dialect == "postgres" else math.inf
         self.poll_failures = 0  # polls that failed or passed POLL_DEADLINE_S
         self._by_id: dict[str, _Entry] = {}
+        # The config's keys, as makers of managed keys (None: not known, as in tools and tests).
+        self.makers: dict[str, ConfigMaker] | None = None
+        self.writes = WriteLimit()
         self._raw: dict[str, dict[str, Any]] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> the keys it created
         self.seq = 0
@@ -287,16 +368,19 @@ class ManagedKeys:
             self.last_good = started
             return
         for row_seq, data in self.store.keys_since(self.seq):
-            self._raw[data["id"]] = data
+            self._raw[data["id"]] = _kept(data)
             self.seq = max(self.seq, row_seq)
         self.seq = max(self.seq, seq)
         self._rebuild()  # a changed budget reaches every key below it
         self._loaded = True
         self.last_good = started
 
-    def set_region_of(self, region_of: Any) -> None:
-        """A reload can change team residencies: recompute every key's region."""
+    def set_region_of(self, region_of: Any, makers: dict[str, ConfigMaker] | None = None) -> None:
+        """A reload can change team residencies and the config's keys: recompute every key's
+        region, and what the keys config keys made inherit from them (`makers`, when given)."""
         self._region_of = region_of
+        if makers is not None:
+            self.makers = makers
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -307,7 +391,14 @@ class ManagedKeys:
             chain = self._chain(data)
             budgets = tuple(b for node in chain if (b := key_budget(node)) is not None)
             spends_for = tuple(node["id"] for node in chain)
-            entry = by_id[key_id] = _entry(data, region, budgets, _ancestor_limits(chain), spends_for)
+            limits = _ancestor_limits(chain)
+            maker = self._config_maker(chain)
+            if maker is not None:  # the config key that made the chain bounds it as a managed maker would
+                name, made_by = maker
+                budgets += made_by.budgets
+                limits += ((name, made_by.limits),) if made_by.limits is not None else ()
+            entry = by_id[key_id] = _entry(data, region, budgets, limits, spends_for)
+            entry.config_ended = _config_maker_ends(chain, self.makers)
             makers = chain[1:]
             entry.revoked_above = next((m["id"] for m in makers if m.get("revoked_at")), None)
             expiring = [(m["id"], float(m["expires_at"])) for m in makers if m.get("expires_at")]
@@ -323,7 +414,7 @@ class ManagedKeys:
         gone: set[str] = set()
         next_expiry = math.inf
         for k, e in self._by_id.items():
-            if e.revoked or e.revoked_above is not None:
+            if e.revoked or e.revoked_above is not None or e.config_ended is not None:
                 gone.add(k)
                 continue
             until = min(e.expires_at or math.inf, e.expires_above[1] if e.expires_above else math.inf)
@@ -351,6 +442,24 @@ class ManagedKeys:
             except Exception:
                 log.exception("managed keys: a revocation's follow-up failed")
 
+    def _config_maker(self, chain: list[dict[str, Any]]) -> tuple[str, ConfigMaker] | None:
+        """The config key at the top of `chain`, when one made it and is still in the config."""
+        parent = chain[-1].get("parent")
+        if self.makers is None or not isinstance(parent, str) or not parent.startswith(CONFIG_PARENT):
+            return None
+        name = parent[len(CONFIG_PARENT) :]
+        return (name, self.makers[name]) if name in self.makers else None
+
+    def config_ended(self, key_id: str) -> str | None:
+        """Why a key ended with the config key that made it (or its makers), if it did."""
+        e = self._by_id.get(key_id)
+        return e.config_ended if e is not None else None
+
+    def live(self, team: str | None) -> int:
+        """The keys of `team` (None: of no team) that have not ended."""
+        gone = self._gone
+        return sum(1 for k, data in self._raw.items() if data.get("team") == team and k not in gone)
+
     def _chain(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The key, then each managed key above it (whose budgets, if any, it spends too)."""
         return lineage(data, self._raw.get)
@@ -374,6 +483,16 @@ class ManagedKeys:
                 if (why := _ended(node, now)) is not None:
                     out[key_id] = why
                     break
+            else:
+                if self.config_ended(key_id) is not None:
+                    out[key_id] = "revoked"
+        return out
+
+    def shown(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A key as the API shows it (`public`), ended too when the config key that made it is gone."""
+        out = public(data, self.raw)
+        if out["status"] == "active" and self.config_ended(data["id"]) is not None:
+            out["status"], out["ended_by"] = "revoked", lineage(data, self.raw)[-1].get("parent")
         return out
 
     def key_ids(self) -> list[str]:
@@ -445,6 +564,8 @@ class ManagedKeys:
         if e.expires_above is not None and now >= e.expires_above[1]:
             msg = f"API key {key_id} was made by key {e.expires_above[0]}, which has expired."
             raise ProxyError(401, msg, code="key_expired")
+        if e.config_ended is not None:
+            raise ProxyError(401, f"API key {key_id} was made by {e.config_ended}.", code="key_revoked")
         return e.identity
 
     def may_be_new(self, token: str) -> bool:
@@ -528,6 +649,40 @@ class ManagedKeys:
         finally:
             if self._read is not None:
                 self._read.cancel()  # a read still hung at shutdown: nobody waits for it now
+
+
+# What a revoked key keeps in memory: what its 401 and its makers' and children's views need
+# (a revoked key's lists and metadata are read from the store by `GET /admin/keys/{id}`).
+_BULKY = ("models", "deny_tags", "priorities", "metadata")
+
+
+def _kept(data: dict[str, Any]) -> dict[str, Any]:
+    """A key as the view holds it: a revoked one without its lists and metadata, which no
+    request reads (revoking hundreds of keys with 1,000 tags each freed nothing)."""
+    if not data.get("revoked_at"):
+        return data
+    return {k: v for k, v in data.items() if k not in _BULKY}
+
+
+class WriteLimit:
+    """Key writes a minute per writer (a team, or a key of no team) on this instance: a token
+    bucket of `per_minute` tokens, refilled evenly over the minute."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # writer -> (tokens, when, monotonic)
+
+    def take(self, writer: str, per_minute: int) -> float:
+        """0 when a write may go now (a token taken), else the seconds until one may."""
+        now = time.monotonic()
+        tokens, at = self._buckets.get(writer, (float(per_minute), now))
+        tokens = min(float(per_minute), tokens + (now - at) * per_minute / 60)
+        if tokens < 1:
+            self._buckets[writer] = (tokens, now)
+            return (1 - tokens) * 60 / per_minute
+        self._buckets[writer] = (tokens - 1, now)
+        if len(self._buckets) > 10_000:  # writers idle a minute are full again: forget them
+            self._buckets = {w: b for w, b in self._buckets.items() if now - b[1] < 60}
+        return 0.0
 
 
 def _retrieved(read: asyncio.Future[None]) -> None:
@@ -652,7 +807,7 @@ def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None)
     data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
     data["parent"] = parent
     data["updated_at"] = now
-    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", public))
+    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited))
     return data, token
 
 
@@ -667,7 +822,7 @@ def _existing(key_id: str, before: dict[str, Any] | None) -> dict[str, Any]:
 
 def _audit(actor: str | None, action: str) -> AuditOf | None:
     """The entry a change writes with itself (`actor` None: none, for tools and tests)."""
-    return AuditOf(actor, action, public) if actor is not None else None
+    return AuditOf(actor, action, audited, changed) if actor is not None else None
 
 
 def update(

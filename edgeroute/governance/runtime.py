@@ -19,7 +19,7 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.errors import ProxyError
 from edgeroute.governance import residency
-from edgeroute.governance.keys import ManagedKeys
+from edgeroute.governance.keys import ManagedKeys, config_makers
 from edgeroute.governance.store import STORE_DEADLINE_S, AuditRow, Gate, GovStore
 from edgeroute.governance.versions import Saved, Versions, mask
 from edgeroute.state import Live
@@ -159,9 +159,12 @@ class Gov:
         does not show yet, or that the guard does not count."""
         before = self.versions.active
         self.versions.activate(saved)
+        self.store.audit_retention_s = live.config.governance.audit_retention_s
         if self.managed is not None:
             cfg = live.config
-            self.managed.set_region_of(lambda key_id, team, own: residency.region_of(cfg, key_id, team, own))
+            self.managed.set_region_of(
+                lambda key_id, team, own: residency.region_of(cfg, key_id, team, own), config_makers(cfg)
+            )
         if self.on_applied is not None:
             self.on_applied(live, how, before)
         return before

@@ -51,6 +51,21 @@ class Governance(_Strict):
     # key revoked meanwhile works on it for up to this long; shorter, and a brief outage of the
     # database refuses every managed key. A SQLite store (one machine) is never stale.
     keys_stale_after_s: float = Field(30.0, ge=1.0, le=86400.0)
+    # Live (not revoked, not expired) managed keys a team may hold, and keys of no team (the
+    # operator's): every instance holds every key in memory, and a team's admin key makes keys.
+    max_keys_per_team: int = Field(1000, ge=1, le=1_000_000)
+    max_keys_without_team: int = Field(10_000, ge=1, le=1_000_000)
+    # Key creations, changes and rotations a team (or a key of no team) may make a minute on
+    # one instance (429 past it; revocations are never held back): each write is an audit
+    # entry and a re-read on every instance.
+    key_writes_per_minute: int = Field(120, ge=1, le=100_000)
+    # Days the audit log keeps an entry (None: for ever); older ones go at most once an hour.
+    audit_retention_days: float | None = Field(None, gt=0, le=36_500)
+
+    @property
+    def audit_retention_s(self) -> float | None:
+        return self.audit_retention_days * 86400 if self.audit_retention_days is not None else None
+
     residency: Residency | None = None
     # Seconds between re-reads of `file:` and `exec:` secrets (a changed value is applied
     # without a restart; a failed re-read keeps the last good value).

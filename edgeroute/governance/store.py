@@ -152,6 +152,10 @@ class AuditOf:
     actor: str
     action: str
     describe: Callable[[dict[str, Any]], Any]  # what the log shows of a key (never its secret's hash)
+    # A change's entry: (before, after) of what changed alone, from the two keys; None: each
+    # key whole, by `describe`. A key written whole twice per change let 200 KB lists,
+    # alternated, fill the ledger's disk.
+    changes: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, Any]] | None = None
 
 
 class GovStore:
@@ -166,6 +170,10 @@ class GovStore:
         self._poll_lock = threading.Lock()
         self._poll_conn: Any = None  # connected at the first poll (a local SQLite store shares `_conn`)
         self._owners_pruned = 0.0
+        # `governance.audit_retention_days` in seconds (None: kept for ever), and when this
+        # process last dropped older entries (at most once an hour, at an entry's write).
+        self.audit_retention_s: float | None = None
+        self._audit_pruned = 0.0
         with self._held(), self._tx() as cur:
             if dialect == "postgres":
                 pg_schema.serialise(cur.execute)
@@ -371,8 +379,11 @@ class GovStore:
                 return before, after
             self._write_key(cur, after)
             if audit is not None:
-                was = audit.describe(before) if before is not None else None
-                self._append_audit(cur, audit.actor, audit.action, key_id, was, audit.describe(after))
+                if audit.changes is not None and before is not None:
+                    was, now = audit.changes(before, after)
+                else:
+                    was, now = (audit.describe(before) if before is not None else None), audit.describe(after)
+                self._append_audit(cur, audit.actor, audit.action, key_id, was, now)
             return before, after
 
     def _write_key(self, cur: Any, data: dict[str, Any]) -> int:
@@ -476,10 +487,14 @@ class GovStore:
         def enc(v: Any) -> str | None:
             return None if v is None else orjson.dumps(v).decode()
 
+        now = time.time()
         cur.execute(
             self._sql("INSERT INTO gov_audit (ts, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)"),
-            (time.time(), actor, action, target, enc(before), enc(after)),
+            (now, actor, action, target, enc(before), enc(after)),
         )
+        if self.audit_retention_s is not None and now - self._audit_pruned >= RESPONSE_PRUNE_EVERY:
+            self._audit_pruned = now
+            cur.execute(self._sql("DELETE FROM gov_audit WHERE ts < ?"), (now - self.audit_retention_s,))
 
     def audit_entries(
         self,

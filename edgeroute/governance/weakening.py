@@ -1,16 +1,17 @@
 """Which config changes weaken data governance, an admin's act (as access changes are).
 
-An operator may roll back routing, deployments and budgets; a version from before an admin
+An operator may roll back routing, deployments and tighter budgets; a version from before an admin
 set residency, added a PII rule or lowered what the request log keeps also undid those, and
 with them where prompts may go and what is kept of them. :func:`weakenings` names each way a
 target config is weaker than the running one:
 
 - `governance.residency` removed, its `tag_prefix` changed, a key's or team's region removed
   or changed (a new one is stronger);
-- a PII rule (a rule with `when.pii`, or `when.patterns`: a regular expression is how an
-  operator finds data the detectors do not know, an employee id or a case number) removed or
-  changed, or a rule put ahead of one (the first match by priority wins, so it would take the
-  PII requests first);
+- a PII rule (a rule with `when.pii`, `when.patterns` or `when.keywords`: a regular expression
+  or a literal is how an operator finds data the detectors do not know, an employee id or a
+  project's name) removed or changed, or a rule put ahead of one (the first match by priority
+  wins, so it would take the PII requests first); likewise a rule that rejects (`then.reject`:
+  a team's suspension, a user's or a role's refusal decides who may call what);
 - a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
   loses one its `exclude_tags` names (tags decide where those requests may go);
 - a deployment added to the models a PII rule's `route` sends its requests to (or falls back to);
@@ -23,7 +24,13 @@ target config is weaker than the running one:
   larger: `retention_days` or `max_db_mb` raised (or the size bound removed) while it records,
   `max_content_bytes` raised while it keeps content;
 - `server.provider_files` from refused to shared (files at the provider named by id, passed
-  to every tenant).
+  to every tenant);
+- a model's response cache shared more widely (`cache.scope` key < team < global), or, under a
+  shared scope, made semantic or its `similarity` lowered (one tenant's answers served to others);
+- a budget of `budgets.limits` removed, or changed but for a lower limit (as the rollback
+  guard holds it: `guard.held_for_a_human`);
+- `governance.keys_stale_after_s` raised (an instance cut off from the key store serves keys
+  revoked meanwhile that much longer).
 
 Read from the config texts as written (YAML), so a change of form alone (a default spelt
 out) may count as a change: the caller then needs an admin, never the other way round.
@@ -34,6 +41,9 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+
+from edgeroute.cache.settings import SEMANTIC_THRESHOLD
+from edgeroute.governance import guard
 
 _PRIVACY = ("none", "redacted", "full")  # what the request log keeps, most private first
 
@@ -50,6 +60,9 @@ def weakenings(running: str, target: str) -> list[str]:
         + _log_content(a, b)
         + _log_bounds(a, b)
         + _provider_files(a, b)
+        + _cache_sharing(a, b)
+        + guard.looser_budgets(a, b)
+        + _stale_keys(a, b)
     )
 
 
@@ -94,19 +107,26 @@ def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _is_pii(rule: dict[str, Any]) -> bool:
-    return bool(_at(rule, "when", "pii")) or bool(_at(rule, "when", "patterns"))
+    return any(bool(_at(rule, "when", w)) for w in ("pii", "patterns", "keywords"))
+
+
+def _kind(rule: dict[str, Any]) -> str | None:
+    """What a rule guards: 'PII' (data it finds), 'reject' (who or what it refuses), or nothing."""
+    if _is_pii(rule):
+        return "PII"
+    return "reject" if _at(rule, "then", "reject") else None
 
 
 def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     old, new = _rules(a), _rules(b)
     out = []
     for i, rule in enumerate(old):
-        if not _is_pii(rule):
+        if (kind := _kind(rule)) is None:
             continue
         if rule not in new:
-            out.append(f"PII rule '{rule.get('name')}' removed or changed")
+            out.append(f"{kind} rule '{rule.get('name')}' removed or changed")
         elif any(r not in old[:i] for r in new[: new.index(rule)]):
-            out.append(f"a rule put ahead of PII rule '{rule.get('name')}'")
+            out.append(f"a rule put ahead of {kind} rule '{rule.get('name')}'")
     return out
 
 
@@ -242,6 +262,44 @@ def _provider_files(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Files and vector stores at the provider passed to every tenant (`edgeroute.provider_files`)."""
     was, now = (_at(x, "server", "provider_files") or "refused" for x in (a, b))
     return ["server.provider_files shared with every tenant"] if was == "refused" and now != "refused" else []
+
+
+_SCOPES = ("key", "team", "global")  # who shares a model's cached answers, narrowest first
+
+
+def _sharing(model: Any) -> tuple[int, str, float]:
+    """A model's cache as (how widely it is shared: -1 none, else an index of _SCOPES; its
+    mode; its semantic similarity), from its section as written (defaults as `RouteCache`'s)."""
+    cache = _at(model, "cache")
+    if not isinstance(cache, dict) or cache.get("mode") == "off":
+        return -1, "off", 1.0
+    scope = cache.get("scope", "key")
+    similarity = cache.get("similarity", SEMANTIC_THRESHOLD)
+    if not isinstance(similarity, int | float) or isinstance(similarity, bool):
+        similarity = 0.0  # an odd one: the loosest
+    level = _SCOPES.index(scope) if scope in _SCOPES else len(_SCOPES)  # an odd one: the widest
+    return level, str(cache.get("mode", "exact")), float(similarity)
+
+
+def _cache_sharing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Models whose cached answers would reach more tenants: a wider `scope`, or under a shared
+    scope (team, global) a semantic cache turned on or its `similarity` lowered."""
+    old, new = _mapping(a.get("models")), _mapping(b.get("models"))
+    out = []
+    for name in sorted(set(old) & set(new), key=str):
+        (was, was_mode, was_sim), (now, mode, sim) = _sharing(old[name]), _sharing(new[name])
+        if now > max(was, 0):
+            shown = _SCOPES[now] if now < len(_SCOPES) else "an unknown scope"
+            out.append(f"models.{name}.cache shared more widely ({shown})")
+        elif now >= 1 and mode == "semantic" and (was_mode != "semantic" or sim < was_sim):
+            out.append(f"models.{name}.cache matches more loosely under a shared scope (semantic)")
+    return out
+
+
+def _stale_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    was, now = (_at(x, "governance", "keys_stale_after_s") for x in (a, b))
+    was, now = (v if isinstance(v, int | float) and not isinstance(v, bool) else 30.0 for v in (was, now))
+    return [f"governance.keys_stale_after_s raised from {was:g} to {now:g}"] if now > was else []
 
 
 def _bound(value: Any) -> float:

@@ -1,0 +1,114 @@
+"""Keys made by a config key end with it and share its limits, as keys made by a managed key do.
+
+A config key's minted keys had no parent: removing a leaked config key from the config (its only
+revocation) left the admin keys it had made working, demoting it reached nothing it made, and its
+rate limit and `scope: key` budget bounded none of them. A key made by a config key now records
+`parent: "config:<id>"`; it is refused (401 `key_revoked`, naming the config key) once that key is
+gone from the config or no longer has the role or team to make it, and its requests take from the
+config key's rate limits and budgets too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import simple_config
+from tests.governance_support import call, served_file, write_config
+
+ROOT = "tok-root-0123456789"
+MAKER = "tok-maker-0123456789"
+
+Served = tuple[str, Path, dict[str, Any]]
+
+
+@pytest.fixture
+async def served(start_upstream: Any, tmp_path: Path) -> AsyncIterator[Served]:
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["keys"] = {
+        "root": {"token": ROOT, "role": "admin"},
+        "maker": {"token": MAKER, "role": "admin", "team": "alpha", "limits": {"rpm": 2}},
+    }
+    cfg["governance"] = {"managed_keys": True}
+    path = tmp_path / "edgeroute.yaml"
+    async with served_file(path, cfg) as url:
+        yield url, path, cfg
+
+
+async def _reload(url: str, path: Path, cfg: dict[str, Any]) -> None:
+    write_config(path, cfg)
+    status, body = await call("POST", url + "/admin/reload", ROOT)
+    assert status == 200, body
+
+
+async def test_keys_a_config_key_made_end_when_it_is_removed(served: Served) -> None:
+    url, path, cfg = served
+    status, made = await call("POST", url + "/admin/keys", MAKER, json={"role": "admin", "rpm": 2})
+    assert status == 201 and made["parent"] == "config:maker", made
+    status, grand = await call("POST", url + "/admin/keys", made["secret"], json={"role": "service", "rpm": 2})
+    assert status == 201 and grand["parent"] == made["id"], grand
+    assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200
+    del cfg["keys"]["maker"]  # the leaked config key is taken out
+    await _reload(url, path, cfg)
+    for secret in (made["secret"], grand["secret"]):
+        status, err = await call("GET", url + "/admin/keys", secret)
+        assert status == 401 and err["error"]["code"] == "key_revoked", err
+        assert "config key maker" in err["error"]["message"], err
+    status, listed = await call("GET", url + f"/admin/keys/{made['id']}", ROOT)
+    assert status == 200 and (listed["status"], listed["ended_by"]) == ("revoked", "config:maker"), listed
+
+
+async def test_keys_a_config_key_made_end_when_it_is_demoted_below_them(served: Served) -> None:
+    url, path, cfg = served
+    status, admin = await call("POST", url + "/admin/keys", MAKER, json={"role": "admin", "rpm": 2})
+    assert status == 201, admin
+    status, viewer = await call("POST", url + "/admin/keys", MAKER, json={"role": "viewer", "rpm": 2})
+    assert status == 201, viewer
+    cfg["keys"]["maker"]["role"] = "viewer"
+    await _reload(url, path, cfg)
+    status, err = await call("POST", url + "/admin/keys", admin["secret"], json={"role": "service"})
+    assert status == 401 and err["error"]["code"] == "key_revoked", err
+    assert "whose role no longer allows it" in err["error"]["message"], err
+    assert (await call("GET", url + "/admin/deployments", viewer["secret"]))[0] == 200  # within its role: works
+
+
+async def test_keys_a_config_key_made_share_its_rate_limit(served: Served) -> None:
+    url, _, _ = served
+    status, child = await call("POST", url + "/admin/keys", MAKER, json={"role": "service", "rpm": 2})
+    assert status == 201, child
+    ask: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    maker = openai.AsyncOpenAI(base_url=url + "/v1", api_key=MAKER, max_retries=0)
+    minted = openai.AsyncOpenAI(base_url=url + "/v1", api_key=child["secret"], max_retries=0)
+    try:
+        for _ in range(2):
+            await maker.chat.completions.create(**ask)
+        with pytest.raises(openai.RateLimitError):
+            await minted.chat.completions.create(**ask)  # its maker's minute is spent
+    finally:
+        await maker.close()
+        await minted.close()
+
+
+async def test_keys_a_config_key_made_spend_its_budget(served: Served) -> None:
+    url, path, cfg = served
+    cfg["budgets"] = {"limits": [{"name": "maker-day", "scope": "key", "match": "maker", "period": "day",
+                                  "limit_usd": 0.000001}]}  # fmt: skip
+    await _reload(url, path, cfg)
+    status, child = await call("POST", url + "/admin/keys", MAKER, json={"role": "service", "rpm": 2})
+    assert status == 201, child
+    status, free = await call("POST", url + "/admin/keys", ROOT, json={"role": "service", "team": "alpha"})
+    assert status == 201, free
+    ask: Any = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    minted = openai.AsyncOpenAI(base_url=url + "/v1", api_key=child["secret"], max_retries=0)
+    other = openai.AsyncOpenAI(base_url=url + "/v1", api_key=free["secret"], max_retries=0)
+    try:
+        with pytest.raises(openai.RateLimitError, match="maker-day"):
+            await minted.chat.completions.create(**ask)  # its maker's budget has no room
+        await other.chat.completions.create(**ask)  # a key the config key did not make: served
+    finally:
+        await minted.close()
+        await other.close()
