@@ -213,7 +213,7 @@ class ChatToResponses:
 
     def feed(self, chunk: bytes) -> bytes:
         if self._bounded:
-            self._mark = (self._seq, self._done, self._finish, [(o, len(o[_grown_field(o)])) for o in self._outputs])
+            self._mark = (self._seq, self._done, self._finish, [(o, len(o["parts"])) for o in self._outputs])
             self._out = self._feed(chunk)
             return self._out
         return self._feed(chunk)
@@ -264,13 +264,15 @@ class ChatToResponses:
         text = delta.get("content") or delta.get("refusal")
         if isinstance(text, str) and text:
             if self._text is None:
-                self._text = {"id": rf.new_id("msg"), "index": len(self._outputs), "text": ""}
+                # An item's text (a call's arguments) as its pieces, joined at the end: `+=` on a
+                # string held in a dict copies it whole each delta (a 900 KB answer: seconds).
+                self._text = {"id": rf.new_id("msg"), "index": len(self._outputs), "parts": []}
                 self._outputs.append(self._text)
                 item = {**rf.message_item(self._text["id"], "", "in_progress"), "content": []}
                 empty = {"type": "output_text", "text": "", "annotations": []}
                 out.append(self._emit("response.output_item.added", output_index=self._text["index"], item=item))
                 out.append(self._part("response.content_part.added", empty))
-            self._text["text"] += text
+            self._text["parts"].append(text)
             out.append(
                 self._emit(
                     "response.output_text.delta",
@@ -296,16 +298,17 @@ class ChatToResponses:
         slot = self._slots.of(tc)
         call = self._calls.get(slot)
         if call is None:
-            call = {"id": rf.new_id("fc"), "index": -1, "call_id": "", "name": "", "arguments": "", "function": True}
+            call = {"id": rf.new_id("fc"), "index": -1, "call_id": "", "name": "", "parts": [], "function": True}
             self._calls[slot] = call
         call["call_id"] = call["call_id"] or _text(tc.get("id"))
         call["name"] = call["name"] or _text(fn.get("name"))
         args = fn.get("arguments")
         args = args if isinstance(args, str) else ""
-        call["arguments"] += args
+        if args:
+            call["parts"].append(args)
         if call["index"] >= 0:
             return self._args_delta(call, args)
-        if call["name"] and (call["call_id"] or call["arguments"]):
+        if call["name"] and (call["call_id"] or call["parts"]):
             return self._announce(call)
         return b""
 
@@ -316,7 +319,7 @@ class ChatToResponses:
         self._outputs.append(call)
         item = rf.call_item(call["id"], call["call_id"], call["name"], "", "in_progress")
         added = self._emit("response.output_item.added", output_index=call["index"], item=item)
-        return added + self._args_delta(call, call["arguments"])
+        return added + self._args_delta(call, "".join(call["parts"]))
 
     def _args_delta(self, call: dict[str, Any], args: str) -> bytes:
         if not args:
@@ -341,7 +344,7 @@ class ChatToResponses:
             self._seq, self._done, self._finish, kept = self._mark
             self._outputs = [o for o, _ in kept]
             for o, n in kept:
-                o[_grown_field(o)] = o[_grown_field(o)][:n]
+                del o["parts"][n:]
         if not self._started or self._done:
             return None
         self._finish = "length"
@@ -354,11 +357,12 @@ class ChatToResponses:
         out = []
         items = []
         for o in self._outputs:
+            whole = "".join(o["parts"])
             if o.get("function"):
-                if not o["arguments"]:
+                if not whole:
                     # A call without arguments (a chat upstream's ""): `{}`, as the answer
                     # not streamed has it; "" failed the client's json.loads.
-                    o["arguments"] = "{}"
+                    whole = "{}"
                     out.append(
                         self._emit(
                             "response.function_call_arguments.delta",
@@ -367,24 +371,24 @@ class ChatToResponses:
                             delta="{}",
                         )
                     )
-                item = rf.call_item(o["id"], o["call_id"], o["name"], o["arguments"], status)
+                item = rf.call_item(o["id"], o["call_id"], o["name"], whole, status)
                 out.append(
                     self._emit(
                         "response.function_call_arguments.done",
                         item_id=o["id"],
                         output_index=o["index"],
-                        arguments=o["arguments"],
+                        arguments=whole,
                     )
                 )
             else:
-                item = rf.message_item(o["id"], o["text"], status)
+                item = rf.message_item(o["id"], whole, status)
                 out.append(
                     self._emit(
                         "response.output_text.done",
                         item_id=o["id"],
                         output_index=o["index"],
                         content_index=0,
-                        text=o["text"],
+                        text=whole,
                         logprobs=[],
                     )
                 )
@@ -393,7 +397,7 @@ class ChatToResponses:
             items.append(item)
         chat_usage = cut or self.usage
         if chat_usage is None:
-            text = "".join(o.get("text", "") or o.get("arguments", "") for o in self._outputs)
+            text = "".join(piece for o in self._outputs for piece in o["parts"])
             chat_usage = self._chat_usage = self.fallback_usage(text)
         final = self._response("completed", items, rf.usage_from_chat(chat_usage))
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
@@ -405,11 +409,6 @@ class ChatToResponses:
 def _text(value: Any) -> str:
     """A tool call's id or name as given: a careless upstream's null (or number) is none or its text."""
     return value if isinstance(value, str) else "" if value is None else str(value)
-
-
-def _grown_field(output: dict[str, Any]) -> str:
-    """The field an output item's deltas add to: a call's arguments, a message's text."""
-    return "arguments" if output.get("function") else "text"
 
 
 _SEQ = re.compile(rb'"sequence_number":\s*(\d+)')
