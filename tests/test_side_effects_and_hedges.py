@@ -1,10 +1,10 @@
 """Hedges stay within the route's own model, and a request with side effects upstream runs once.
 
 Through the proxy with the official SDKs: a slow but healthy request is never hedged to a
-fallback model's deployment; a Responses request with an MCP tool or `store: true`, a Messages
-request with MCP servers, a chat request with `store: true` is not hedged, and not retried
-elsewhere once its upstream may have run it (a timeout after it was sent, a 500), while a
-refusal at the door (429, 503) or a connection never made still fails over.
+fallback model's deployment; a Responses request with an MCP tool, a Messages request with MCP
+servers is not hedged, and not retried elsewhere once its upstream may have run it (a timeout
+after it was sent, a 500), while a refusal at the door (429, 503) or a connection never made
+still fails over, and a request that only asks to be stored (`store: true`) is retried.
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ async def responses_pair(
     return proxy, a, b
 
 
-@pytest.mark.parametrize("side_effect", [{"tools": [MCP_TOOL]}, {"store": True}], ids=["mcp", "store"])
+@pytest.mark.parametrize(
+    "side_effect", [{"tools": [MCP_TOOL]}, {"tools": [MCP_TOOL], "store": False}], ids=["mcp", "mcp-unstored"]
+)
 @pytest.mark.parametrize(
     ("first", "status", "code"),
     [(answers(response_answer("from a"), delay=2.5), 504, "upstream_timeout"), (answers({}, status=500), 502, None)],
@@ -263,16 +265,25 @@ async def test_a_messages_request_with_mcp_servers_is_not_retried_after_a_500(
     assert "side effects upstream (`mcp_servers`)" in str(e.value)
 
 
-async def test_a_stored_chat_request_is_not_retried_after_a_500(serve_routes: ServeRoutes, start_proxy: Any) -> None:
+@pytest.mark.parametrize("api", ["chat", "responses"])
+async def test_a_stored_request_is_still_retried_after_a_500(
+    api: str, serve_routes: ServeRoutes, start_proxy: Any
+) -> None:
+    """`store: true` keeps a record, not an action: a retry keeps two, and failover is worth more."""
+    if api == "responses":
+        proxy, a, b = await responses_pair(serve_routes, start_proxy, answers({}, status=500))
+        got = await oai(proxy).responses.create(model="m", input="hi", store=True)
+        assert got.output_text == "from b" and (a.calls, b.calls) == (1, 1)
+        return
     a = await Up(answers({}, status=500)).start(serve_routes)
     b = await Up(answers(chat_answer("from b"))).start(serve_routes)
     proxy = await start_proxy(
         config({"a": (a.url, "openai"), "b": (b.url, "openai")}, {"m": {"deployments": ["d-a", "d-b"]}})
     )
-    with pytest.raises(openai.InternalServerError) as e:
-        await oai(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], store=True)
-    assert e.value.status_code == 502 and (a.calls, b.calls) == (1, 0)
-    assert "`store: true`" in e.value.message
+    answer = await oai(proxy).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], store=True
+    )
+    assert answer.choices[0].message.content == "from b" and (a.calls, b.calls) == (1, 1)
 
 
 async def breaks_after_created(request: web.Request) -> web.StreamResponse:

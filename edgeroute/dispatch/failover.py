@@ -18,7 +18,6 @@ from typing import cast
 from edgeroute.accounting import AttemptRecord
 from edgeroute.admission import AttemptGate
 from edgeroute.config import Rule
-from edgeroute.dispatch import side_effects
 from edgeroute.dispatch.attempt import Answer, Attempts, Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
 from edgeroute.errors import ProxyError
@@ -66,8 +65,8 @@ class Call(Attempts):
         return self._side[0]
 
     def find_side_effect(self) -> str | None:
-        """`side_effect()` for this endpoint's request (chat's body: `store: true`)."""
-        return side_effects.chat(self.body)
+        """`side_effect()` for this endpoint's request (chat: none; its server tools only search)."""
+        return None
 
     def policy(self) -> FailoverPolicy:
         """The failover policy for this request, from the live config and the decision (its

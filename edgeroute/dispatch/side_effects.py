@@ -2,9 +2,10 @@
 
 A Responses request with a tool its upstream runs itself against the world (an MCP server's
 tools, a code interpreter's container), an Anthropic Messages request with an MCP server or the
-code execution tool, and a request that asks its upstream to keep a copy (`store: true`, chat or
-Responses) each leave something behind at the upstream that runs them: sent twice, the MCP
-server's "send email" runs twice. Such a request is never hedged, and once an upstream may have
+code execution tool each act at the upstream that runs them: sent twice, the MCP server's "send
+email" runs twice. `store: true` alone is not one: a stored copy is a record, not an action (a
+retry keeps two, and the client gets the id of the one that answered), and failover is worth
+more than a duplicate record. Such a request is never hedged, and once an upstream may have
 run it (it was written to the connection and the answer was not a refusal at the door: a 4xx,
 503, or 529) it is not sent to another deployment; a connection that failed before the request
 was written still fails over. Read-only server tools (web search, file search, web fetch) and
@@ -14,8 +15,6 @@ tools the client runs (functions, computer use, shell) are not side effects.
 from __future__ import annotations
 
 from typing import Any
-
-import orjson
 
 from edgeroute.dispatch.attempt import Failure
 
@@ -36,13 +35,9 @@ def _tool(tools: Any, prefixes: tuple[str, ...]) -> str | None:
     return None
 
 
-def _stored(req: dict[str, Any]) -> str | None:
-    return "`store: true`" if req.get("store") is True else None
-
-
 def responses(req: dict[str, Any]) -> str | None:
-    """What of a Responses request acts upstream (a server-run tool, `store: true`), or None."""
-    return _tool(req.get("tools"), _RESPONSES_TOOLS) or _stored(req)
+    """What of a Responses request acts upstream (a server-run tool), or None."""
+    return _tool(req.get("tools"), _RESPONSES_TOOLS)
 
 
 def messages(req: dict[str, Any]) -> str | None:
@@ -50,18 +45,6 @@ def messages(req: dict[str, Any]) -> str | None:
     if req.get("mcp_servers"):
         return "`mcp_servers`"
     return _tool(req.get("tools"), _ANTHROPIC_TOOLS)
-
-
-def chat(body: bytes) -> str | None:
-    """What of a chat request's body acts upstream (`store: true`), or None; read only when the
-    body names `store` at all (most do not: no parse for them)."""
-    if b'"store"' not in body:
-        return None
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return _stored(req) if isinstance(req, dict) else None
 
 
 def may_have_run(f: Failure) -> bool:
