@@ -10,11 +10,13 @@ config key's rate limits and budgets too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from tests.conftest import simple_config
@@ -112,3 +114,26 @@ async def test_keys_a_config_key_made_spend_its_budget(served: Served) -> None:
     finally:
         await minted.close()
         await other.close()
+
+
+async def test_a_key_made_while_its_config_maker_is_removed_is_refused(served: Served) -> None:
+    """A leaked config key holds a creation open (its body trickled) while the admin removes it:
+    the key made when the body came in had no parent (its maker gone from the config), and so
+    outlived the removal that was to end everything the key had made."""
+    url, path, cfg = served
+    host, port = url.removeprefix("http://").split(":")
+    body = orjson.dumps({"role": "admin", "name": "held", "rpm": 2})
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = f"POST /admin/keys HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {MAKER}\r\n"
+    writer.write(f"{head}Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:5])
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the request is identified and reading its body
+    del cfg["keys"]["maker"]
+    await _reload(url, path, cfg)
+    writer.write(body[5:])
+    answer = await reader.read(65536)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"key_revoked" in answer
+    status, keys = await call("GET", url + "/admin/keys", ROOT)
+    assert status == 200 and all(k.get("name") != "held" for k in keys["keys"]), keys

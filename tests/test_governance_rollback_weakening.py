@@ -17,6 +17,7 @@ from typing import Any
 import openai
 import pytest
 
+from edgeroute.governance.weakening import weakenings
 from tests.conftest import eventually, simple_config
 from tests.governance_support import call, served_file, write_config
 
@@ -34,7 +35,17 @@ CHANGES: list[tuple[str, Any, str]] = [
     ("budget", {"budgets": {"limits": [{"name": "b-day", "scope": "team", "match": "b", "period": "day",
                                         "limit_usd": 1}]}}, "budget b-day removed"),
     ("stale", {"governance": {"keys_stale_after_s": 5}}, "governance.keys_stale_after_s raised from 5 to 30"),
+    ("key-caps", {"governance": {"max_keys_per_team": 10}}, "governance.max_keys_per_team raised from 10 to 1000"),
 ]  # fmt: skip
+
+
+def test_a_shorter_audit_retention_weakens_governance() -> None:
+    """A rollback to a version keeping the audit for fewer days deleted entries at the next write,
+    the rollback's own among them."""
+    keep = "governance: {audit_retention_days: %s}\n"
+    assert weakenings(keep % 365, keep % 7) == ["governance.audit_retention_days shortened from 365 to 7"]
+    assert weakenings("{}", keep % 30) == ["governance.audit_retention_days shortened from for ever to 30"]
+    assert weakenings(keep % 7, keep % 365) == weakenings(keep % 7, "{}") == []
 
 
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

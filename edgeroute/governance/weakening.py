@@ -63,6 +63,7 @@ def weakenings(running: str, target: str) -> list[str]:
         + _cache_sharing(a, b)
         + guard.looser_budgets(a, b)
         + _stale_keys(a, b)
+        + _key_and_audit_bounds(a, b)
     )
 
 
@@ -300,6 +301,25 @@ def _stale_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     was, now = (_at(x, "governance", "keys_stale_after_s") for x in (a, b))
     was, now = (v if isinstance(v, int | float) and not isinstance(v, bool) else 30.0 for v in (was, now))
     return [f"governance.keys_stale_after_s raised from {was:g} to {now:g}"] if now > was else []
+
+
+# Governance bounds an operator may not loosen: the audit's retention (days; none: for ever)
+# and the caps on managed keys (a team admin's key flood), with their defaults.
+_KEY_CAPS = {"max_keys_per_team": 1000, "max_keys_without_team": 10000, "key_writes_per_minute": 120}
+
+
+def _key_and_audit_bounds(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    out = []
+    was, now = (_bound(_at(x, "governance", "audit_retention_days")) for x in (a, b))
+    if now < was:  # a shorter retention deletes audit entries, the rollback's own among them
+        shown = "for ever" if was == float("inf") else f"{was:g}"
+        out.append(f"governance.audit_retention_days shortened from {shown} to {now:g}")
+    for name, default in _KEY_CAPS.items():
+        was, now = (_at(x, "governance", name) for x in (a, b))
+        was, now = (v if isinstance(v, int) and not isinstance(v, bool) else default for v in (was, now))
+        if now > was:
+            out.append(f"governance.{name} raised from {was} to {now}")
+    return out
 
 
 def _bound(value: Any) -> float:
