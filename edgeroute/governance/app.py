@@ -633,7 +633,7 @@ def _maker(request: web.Request, creator: Any, creator_raw: dict[str, Any] | Non
         # Removed from the config while its request's body came in (a reload during the read):
         # a key made now would have no parent, and outlive the removal that was to end it.
         raise ProxyError(401, f"API key {creator.key} is no longer in the config.", code="key_revoked")
-    return K.CONFIG_PARENT + creator.key
+    return K.CONFIG_PARENT + str(creator.key)
 
 
 def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) -> None:
