@@ -47,7 +47,7 @@ async def _reload(url: str, path: Path, cfg: dict[str, Any]) -> None:
     assert status == 200, body
 
 
-async def test_keys_a_config_key_made_end_when_it_is_removed(served: Served) -> None:
+async def test_keys_a_config_key_made_end_when_it_is_removed(served: Served, caplog: pytest.LogCaptureFixture) -> None:
     url, path, cfg = served
     status, made = await call("POST", url + "/admin/keys", MAKER, json={"role": "admin", "rpm": 2})
     assert status == 201 and made["parent"] == "config:maker", made
@@ -62,6 +62,9 @@ async def test_keys_a_config_key_made_end_when_it_is_removed(served: Served) -> 
         assert "config key maker" in err["error"]["message"], err
     status, listed = await call("GET", url + f"/admin/keys/{made['id']}", ROOT)
     assert status == 200 and (listed["status"], listed["ended_by"]) == ("revoked", "config:maker"), listed
+    # A typo in the key's id ends them the same way: the operator is told, not left to find out.
+    said = [r.getMessage() for r in caplog.records if "ended, made by config key maker" in r.getMessage()]
+    assert said and said[0].startswith("managed keys: 2 key(s) ended"), said
 
 
 async def test_keys_a_config_key_made_end_when_it_is_demoted_below_them(served: Served) -> None:

@@ -248,3 +248,55 @@ async def test_counts_a_provider_could_bill_are_charged_as_reported(
         usage["completion_tokens"],
     )
     assert not rec.usage.estimated
+
+
+async def test_a_word_hidden_by_an_escape_still_keeps_an_honest_bill(
+    start_proxy: Any, serve_routes: ServeRoutes
+) -> None:
+    """The bound read the body's bytes for what makes a provider bill more: `web_\\u0073earch_options`
+    reaches the upstream as `web_search_options`, and an honest 60,000-token bill was charged 4,182."""
+    proxy = await _proxy(start_proxy, serve_routes, Liar(_usage(60_000, 5)))
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hello"}], "web_\\u0073earch_options": {}}'
+    async with _client(proxy) as client:
+        await client.post("/chat/completions", content=body, cast_to=object, options={"headers": _JSON})
+    rec = await _record(proxy)
+    assert rec.usage.prompt_tokens == 60_000 and not rec.usage.estimated
+
+
+async def test_azure_data_sources_keep_an_honest_bill(start_proxy: Any, serve_routes: ServeRoutes) -> None:
+    """Azure OpenAI "On Your Data" bills the documents it retrieved as prompt."""
+    proxy = await _proxy(start_proxy, serve_routes, Liar(_usage(30_000, 5)))
+    sources = [{"type": "azure_search", "parameters": {"endpoint": "https://s.example", "index_name": "docs"}}]
+    async with _client(proxy) as client:
+        await client.chat.completions.create(model="m", messages=HELLO, extra_body={"data_sources": sources})
+    rec = await _record(proxy)
+    assert rec.usage.prompt_tokens == 30_000 and not rec.usage.estimated
+
+
+async def test_other_apis_are_bounded_by_the_clients_own_request(start_proxy: Any, serve_routes: ServeRoutes) -> None:
+    """`/v1/responses` and `/v1/messages` were bounded by the routing body edgeroute makes of the
+    request, without the stored conversation, server tools or thinking budget that bill more:
+    honest 100,000- and 40,000-token prompts and a 5,000-token thinking answer were charged a fraction."""
+    liar = Liar(_usage(100_000, 5))
+    proxy = await _proxy(start_proxy, serve_routes, liar)
+    async with _client(proxy) as client:
+        events = await client.responses.create(model="m", input="hi", previous_response_id="resp_0", stream=True)
+        [e async for e in events]
+    rec = await _record(proxy)
+    assert rec.usage.prompt_tokens == 100_000 and not rec.usage.estimated
+    anthropic_proxy = await _proxy(start_proxy, serve_routes, Liar(_usage(40_000, 5_000)), kind="anthropic")
+    claude = anthropic.AsyncAnthropic(base_url=anthropic_proxy.url, api_key="x", max_retries=0)
+    try:
+        async with claude.messages.stream(
+            model="m", max_tokens=1000, messages=HELLO,
+            tools=[{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+            thinking={"type": "enabled", "budget_tokens": 800},
+        ) as stream:  # fmt: skip
+            await stream.get_final_message()
+    finally:
+        await claude.close()
+    rec = await _record(anthropic_proxy)
+    assert (rec.usage.prompt_tokens, rec.usage.completion_tokens) == (40_000, 5_000) and not rec.usage.estimated
+
+
+_JSON = {"Content-Type": "application/json"}

@@ -31,6 +31,8 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+import orjson
+
 from edgeroute.accounting import Usage
 
 CODE = "upstream_overreported_usage"  # the error_class of a prompt count capped here
@@ -72,6 +74,7 @@ _INPUT_ADDED_BY_PROVIDER = (
     b'"file"',
     b"document",
     b"video",
+    b"data_sources",  # Azure OpenAI "On Your Data": retrieved documents billed as prompt
 )
 
 
@@ -80,9 +83,18 @@ _INPUT_ADDED_BY_PROVIDER = (
 _THINKING_BUDGET = re.compile(rb"(?i)budget_tokens|thinking_?budget")
 
 
+def _plain(body: bytes) -> bytes:
+    """The body as JSON with no escapes to hide a word (`"web_\\u0073earch_options"` is the
+    upstream's `web_search_options`): read again only when a usage is past a bound (rare)."""
+    try:
+        return orjson.dumps(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return body
+
+
 def output_bounded(body: bytes) -> bool:
     """Whether a request's output bound holds what it can be billed (not when it names a thinking budget)."""
-    return _THINKING_BUDGET.search(body) is None
+    return _THINKING_BUDGET.search(_plain(body)) is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +111,7 @@ def prompt_bound(body: bytes, media_parts: int) -> int | None:
     bound it (media parts, or input the provider adds itself)."""
     if media_parts:
         return None
-    low = body.lower()
+    low = _plain(body).lower()
     if any(word in low for word in _INPUT_ADDED_BY_PROVIDER):
         return None
     return len(body) + PROMPT_MARGIN_TOKENS

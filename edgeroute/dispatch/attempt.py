@@ -426,11 +426,17 @@ class Attempts:
         limit = None if d.prediction is not None else output_limit(d.max_tokens, d.choices)
         if limit is not None:
             limit += self.output_allowance()
-        over = limit is not None and usage.completion_tokens > limit and overreport.output_bounded(self.body)
+        over = limit is not None and usage.completion_tokens > limit
         prompt = max(usage.prompt_tokens, usage.cached_tokens + usage.cache_write_tokens)
-        most_prompt = self.most_prompt() if prompt > len(self.body) + overreport.PROMPT_MARGIN_TOKENS else None
-        if not over and most_prompt is None:
+        margin = overreport.PROMPT_MARGIN_TOKENS
+        if not over and prompt <= len(self.body) + margin:
             return usage  # the usual case: two comparisons
+        if (body := self.usage_body()) is None:
+            return usage
+        over = over and overreport.output_bounded(body)
+        most_prompt = overreport.prompt_bound(body, d.other_parts) if prompt > len(body) + margin else None
+        if not over and most_prompt is None:
+            return usage
         fix = overreport.check(usage, limit if over else None, text_bytes() if over else 0, most_prompt)
         if fix is None:
             return usage
@@ -438,9 +444,12 @@ class Attempts:
         self.record.error_class = OVERRAN if fix.output else overreport.CODE
         return fix.usage
 
-    def most_prompt(self) -> int | None:
-        """The most prompt tokens the upstream can bill for this request (None: not bounded here)."""
-        return overreport.prompt_bound(self.body, self.decision.other_parts)
+    def usage_body(self) -> bytes | None:
+        """The client's request as JSON, which `bounded` reads for what makes a provider bill
+        more (a stored conversation, server tools, a thinking budget); None: not bounded. A chat
+        request's body is the client's; another endpoint's `body` is the routing body edgeroute
+        made of it, without those: bounded on it, honest bills were charged a fraction."""
+        return self.body
 
     def check_overrun(self, dep: DeploymentInfo, usage: Usage | None) -> None:
         """A whole answer past the request's bound cannot be stopped: it is charged as the upstream

@@ -310,6 +310,9 @@ class ClientEncoder:
 
 
 class MessagesCall(Call):
+    def usage_body(self) -> bytes | None:
+        return orjson.dumps(self.req)  # the client's request (`Attempts.usage_body`)
+
     def __init__(self, req: dict[str, Any], lost: list[str], headers: dict[str, str], *args: Any) -> None:
         super().__init__(*args)
         self.req = req

@@ -115,6 +115,11 @@ class Countable(Protocol):
 class CountedCall(Call):
     """A dispatch whose prompt is counted from the endpoint's own request (when the upstream reports no usage)."""
 
+    def usage_body(self) -> bytes | None:
+        """None: not bounded (`Attempts.usage_body`). Embeddings and completions prompts may be
+        token ids, and `best_of`, `echo` and suffixes bill beyond what the routing body shows."""
+        return None
+
     def __init__(self, req: Countable, *args: Any) -> None:
         super().__init__(*args)
         self._req = req

@@ -99,6 +99,9 @@ class Via:
 
 
 class ResponsesCall(Call):
+    def usage_body(self) -> bytes | None:
+        return orjson.dumps(self.req.raw)  # the client's request (`Attempts.usage_body`)
+
     def __init__(self, req: ResponsesRequest, *args: Any) -> None:
         super().__init__(*args)
         self.req = req

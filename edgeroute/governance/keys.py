@@ -425,6 +425,7 @@ class ManagedKeys:
         with self._gone_lock:
             if self._loaded:
                 self._newly_gone |= gone - self._gone
+                _say_config_ends(self._by_id, gone - self._gone)
             self._gone, self._next_expiry = frozenset(gone), next_expiry
 
     async def settle(self) -> None:
@@ -653,6 +654,22 @@ class ManagedKeys:
 
 # What a revoked key keeps in memory: what its 401 and its makers' and children's views need
 # (a revoked key's lists and metadata are read from the store by `GET /admin/keys/{id}`).
+def _say_config_ends(by_id: dict[str, Any], ended: set[str]) -> None:
+    """Logs the keys a reload ended with their config-key maker (removed, demoted or moved):
+    a typo in a key's id ends every key it made, silently until now."""
+    makers: dict[str, int] = {}
+    for k in ended:
+        if (e := by_id.get(k)) is not None and e.config_ended is not None:
+            makers[e.config_ended] = makers.get(e.config_ended, 0) + 1
+    for maker, n in sorted(makers.items()):
+        log.warning(
+            "managed keys: %d key(s) ended, made by %s (putting it back as it was restores them;"
+            " revoke them to end them for good)",
+            n,
+            maker,
+        )
+
+
 _BULKY = ("models", "deny_tags", "priorities", "metadata")
 
 
