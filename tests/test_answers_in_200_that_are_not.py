@@ -2,8 +2,11 @@
 
 - A client error inside a 200 (a stream's `{"error": {"code": 400}}` as vLLM/TGI/LiteLLM-style
   servers send it, an Anthropic `error` event of type `invalid_request_error`, a 200 JSON body
-  that is an error) is the client's 400 with the upstream's message, asked of one deployment
-  only, never counted against its health. A server error inside a 200 still fails over.
+  that is an error) is the client's 400 with the upstream's message once a second deployment
+  says the same (or none is left), never counted against their health; one another deployment
+  answers was the first one's failure (vLLM labels its own crashes `"code": 400`: a sick
+  replica answered half the traffic with 400s, never ejected). A server error inside a 200
+  still fails over.
 - A stream that ends (`[DONE]`) before any content or finish, and a JSON answer with no choice
   holding anything, are the deployment's failure: failed over, the client having seen nothing.
   An empty answer that says it finished (`finish_reason: "stop"` with "") is an answer.
@@ -144,9 +147,9 @@ async def test_a_client_error_event_in_a_stream_is_the_clients_400(
         for _ in range(6):
             with pytest.raises(openai.BadRequestError, match="max_tokens must be <= 2048"):
                 await _stream_text(client)
-    assert a.calls + b.calls == 6  # one deployment asked, once, each time
+    assert (a.calls, b.calls) == (6, 6)  # each deployment asked once a request: they agree
     rec = await _record(proxy, 6)
-    assert rec.status == 400 and [t.outcome for t in rec.attempts] == ["client_error"]
+    assert rec.status == 400 and [t.outcome for t in rec.attempts] == ["server_error", "server_error"]
     for dep in (await _deployments(proxy)).values():  # the request's fault, not theirs
         assert dep["circuit"] == "closed" and dep["failures"] == 0
 
@@ -161,7 +164,7 @@ async def test_a_client_error_in_a_200_json_body_is_the_clients_400(
     async with _oai(proxy) as client:
         with pytest.raises(openai.BadRequestError, match="max_tokens must be <= 2048"):
             await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
-    assert a.calls + b.calls == 1
+    assert (a.calls, b.calls) == (1, 1)
 
 
 async def test_an_anthropic_invalid_request_error_event_is_the_clients_400(
@@ -182,7 +185,23 @@ async def test_an_anthropic_invalid_request_error_event_is_the_clients_400(
                 model="m", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
             ) as stream:
                 await stream.get_final_message()
-    assert a.calls + b.calls == 1
+    assert (a.calls, b.calls) == (1, 1)
+
+
+async def test_a_replica_that_calls_its_own_crash_a_400_is_failed_over_and_charged(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    """vLLM reports any exception in a stream as `{"type": "BadRequestError", "code": 400}`: a
+    sick replica's CUDA error was the client's 400, half the traffic failed and it was never ejected."""
+    crash = {"error": {"message": "CUDA error: an illegal memory access", "type": "BadRequestError", "code": 400}}
+    a = Hostile([b"data: " + json.dumps(crash).encode() + b"\n\n"])
+    proxy = await _proxy(start_proxy, serve_routes, a, Hostile(HEALTHY))
+    async with _oai(proxy) as client:
+        assert await _stream_text(client) == "BB"
+    rec = await _record(proxy)
+    assert rec.status == 200 and [t.outcome for t in rec.attempts] == ["server_error", "success"]
+    deployments = await _deployments(proxy)
+    assert deployments["d-a"]["failures"] >= 1  # the replica's failure, counted against it
 
 
 async def test_a_server_error_event_in_a_stream_still_fails_over(start_proxy: Start, serve_routes: ServeRoutes) -> None:

@@ -92,12 +92,16 @@ class Failure:
     usage: Usage | None = None  # a whole answer's own, when it was not what the client asked for
     again: bool = True  # False: the deployment would answer so again (and be paid): not tried again
     reached: bool = True  # False: never written to a connection (the upstream cannot have run it)
+    # A client error an upstream sent inside a 200 (`in_band_failure`): failed over as a server
+    # error whose health report waits (a sick vLLM replica labels its crashes `"code": 400`), and
+    # the client's 4xx once a second deployment says the same, or none is left to ask.
+    in_band: bool = False
 
     @property
     def maybe_the_requests(self) -> bool:
         """Whether the failure could be the request's own fault (a poison request): a server
         error with an HTTP status other than those that mean an unwell or overloaded server."""
-        return (
+        return self.in_band or (
             self.sent
             and self.outcome is Outcome.SERVER_ERROR
             and self.status is not None
@@ -766,16 +770,25 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
 
 def in_band_failure(adapter: Adapter, err: Any, status: int, received: bytes | None, what: str) -> Failure:
     """An error an upstream sent inside a 200 (a stream's error event, a JSON body that is an
-    error), classified as its HTTP twin would be (`in_band_status`, the adapter's rules): a
-    client error is relayed as that 4xx without failover and without counting against the
-    deployment (as a server error it was asked of every deployment, answered 502, and opened
-    their circuits for everyone). Other classes keep the 200 they came with."""
+    error), classified as its HTTP twin would be (`in_band_status`, the adapter's rules). A
+    client error is not taken at its word: vLLM and SGLang label their own crashes `"code": 400`,
+    and a sick replica then answered half the traffic with 400s, never failed over nor ejected.
+    It fails over as a server error (`Failure.in_band`) whose health report waits: once a second
+    deployment says the same, or none is left, the client gets the 4xx and no deployment's health
+    is charged (as a server error it was asked of every deployment, answered 502, and opened
+    their circuits for everyone); one another deployment answers is the first one's failure.
+    Other classes keep the 200 they came with."""
     said = err.get("message") if isinstance(err, dict) else err
     body = orjson.dumps({"error": err}, default=str)
     cls = adapter.classify(in_band_status(err), body)
     msg = redact.cut(f"{what}: {said}", 500)
-    if cls.about_request and cls is not Outcome.SUCCESS:
+    if cls is Outcome.CONTEXT_WINDOW:  # a larger deployment may take it; never the deployment's health
         return Failure(cls, in_band_status(err), redact.cut(str(said), 500), received=received, body=body)
+    if cls.about_request and cls is not Outcome.SUCCESS:
+        said = redact.cut(str(said), 500)
+        return Failure(
+            Outcome.SERVER_ERROR, in_band_status(err), said, received=received, body=body, again=False, in_band=True
+        )
     if cls is Outcome.AUTH_ERROR:  # never the provider's text (it can quote our key)
         log.warning("deployment of provider %s refused our credentials in a 200: %s", adapter.name, msg)
         msg = "The provider refused edgeroute's credentials for this deployment."

@@ -226,7 +226,9 @@ class FailoverPolicy:
             return None  # the deployment cannot take this request (e.g. a parameter): skip it
         if self._once is not None and side_effects.may_have_run(f) and (what := self._once()) is not None:
             # The request's own error (a client error inside a 200) as it is, else why no retry.
-            return self._client_error(f) if not f.outcome.retryable else self._not_again(state, dep, f, what)
+            if not f.outcome.retryable or f.in_band:
+                return self._client_error(f)
+            return self._not_again(state, dep, f, what)
         if self._is_poison(state, dep, f):
             return self._poison(state, f)
         extra = self._outcome_fallbacks(state, dep, f.outcome)
@@ -267,6 +269,8 @@ class FailoverPolicy:
         ) and all(self._serving(d.index) for d in [dep, *(d for d, p in state.failures[:-1] if p.sent)])
 
     def _poison(self, state: FailoverState, f: Failure) -> Stop:
+        if f.in_band:  # two deployments called it the request's fault in a 200: the client's 4xx
+            return self._in_band_error(f)
         names = ", ".join(d.name for d in state.called)
         return Stop(
             502,
@@ -424,6 +428,12 @@ class FailoverPolicy:
 
     # -- the final answer --------------------------------------------------------------
 
+    def _in_band_error(self, f: Failure) -> Stop:
+        """The client error deployments sent inside a 200, as its 4xx; its failures are the
+        request's (`poison`: no deployment's health is charged)."""
+        stop = self._client_error(f)
+        return Stop(stop.status, stop.reason, stop.code, "poison")
+
     def _client_error(self, f: Failure) -> Stop:
         status = f.status or 400
         code = "upstream_client_error" if status != 404 else "model_not_found"
@@ -444,6 +454,8 @@ class FailoverPolicy:
             e = state.unreadable[0][1]
             return Stop(e.status, e.message, e.code or e.type, e.code or e.type, refusal=e)
         sent = [f for _, f in state.failures if f.sent]
+        if sent and all(f.in_band for f in sent):  # no deployment left to ask: the client's 4xx
+            return self._in_band_error(sent[-1])
         outcomes = {f.outcome for f in sent}
         if outcomes and outcomes <= {Outcome.TIMEOUT}:
             status, code = 504, "upstream_timeout"
