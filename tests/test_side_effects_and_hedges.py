@@ -367,6 +367,26 @@ async def test_a_large_answer_body_sent_steadily_past_first_byte_is_served(
     assert len(got.choices[0].message.content or "") == 2_000_000 and (a.calls, b.calls) == (1, 0)
 
 
+async def test_an_answer_kept_alive_with_whitespace_until_it_is_written_is_served(
+    serve_routes: ServeRoutes, start_proxy: Any
+) -> None:
+    """Some servers send the head at once and a space every few seconds while the model writes;
+    the body's allowance counted from the head cut such an answer (a 504 after four paid calls)."""
+
+    async def kept_alive(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(8):  # 3.2 s of keep-alives: past first_byte + idle (1.5 s), each within idle
+            await resp.write(b" ")
+            await asyncio.sleep(0.4)
+        await resp.write(orjson.dumps(chat_answer("from a")))
+        return resp
+
+    proxy, a, b = await trickle_pair(serve_routes, start_proxy, kept_alive)
+    got = await oai(proxy).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert got.choices[0].message.content == "from a" and (a.calls, b.calls) == (1, 0)
+
+
 async def test_a_request_with_side_effects_is_not_mirrored_to_the_shadow_model(
     serve_routes: ServeRoutes, start_proxy: Any
 ) -> None:

@@ -26,13 +26,21 @@ def pacer(
 ) -> Callable[[], None]:
     """What to run after each piece of a body (`read_up_to`'s `each`) that `pieces` collects:
     the attempt's `deadline` (still its first-byte one) moves to `idle` after the piece, but
-    never past `overall` nor past the body's own allowance."""
-    by = deadline.when() + idle
+    never past `overall` nor past the body's own allowance, which starts with its content:
+    whitespace before it is a server's keep-alive while the model still writes (oMLX sends the
+    head at once, then a space every few seconds), each bounded by `idle` as before."""
+    by: float | None = None  # when the content began, plus `idle`
     size = 0
 
     def more() -> None:
-        nonlocal size
-        size += len(pieces[-1])
+        nonlocal size, by
+        piece = pieces[-1]
+        if by is None:
+            if not piece.strip():
+                deadline.reschedule(min(loop.time() + idle, overall))
+                return
+            by = loop.time() + idle
+        size += len(piece)
         deadline.reschedule(min(loop.time() + idle, overall, by + size / MIN_BODY_RATE))
 
     return more
