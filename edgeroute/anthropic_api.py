@@ -23,6 +23,7 @@ Anthropic deployment gets them as sent, a chat one their translation: a base64 P
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -588,6 +589,11 @@ class UnreadableCall(ValueError):
     """A streamed tool call no Anthropic client can run (its message is the client's error)."""
 
 
+# The longest the client hears nothing while a tool call's arguments are held (`StreamEncoder`).
+PING_S = 5.0
+_PING = _event("ping", {"type": "ping"})
+
+
 class StreamEncoder:
     """OpenAI chunks → Anthropic stream events: text as it comes, in one block per run, until the
     first tool call; tool calls' arguments, and all that follows the first call's start, at the
@@ -622,6 +628,7 @@ class StreamEncoder:
         self.usage: dict[str, Any] | None = None
         # Why it ended a stream the upstream ended cleanly as cut (an error class), for the relay's record.
         self.cut: str | None = None
+        self._sent_at = time.monotonic()  # when it last gave the client bytes (`PING_S`)
 
     def __call__(self, data: bytes) -> bytes:
         events = self.events.feed(data)
@@ -646,7 +653,16 @@ class StreamEncoder:
                 continue
             if isinstance(obj, dict):
                 out.append(self._read(obj))
-        return b"".join(out)
+        got = b"".join(out)
+        now = time.monotonic()
+        if got:
+            self._sent_at = now
+        elif self.first_call is not None and not self.ended and now - self._sent_at >= PING_S:
+            # Arguments held to the finish (a coding agent's file, minutes long): a ping, as
+            # Anthropic sends, so a proxy's or balancer's idle timeout does not cut a paid answer.
+            self._sent_at = now
+            return _PING
+        return got
 
     def _read(self, obj: dict[str, Any]) -> bytes:
         started = self.started

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import orjson
@@ -314,3 +315,40 @@ async def test_a_call_whose_arguments_take_longer_than_first_byte_is_not_failed_
         await client.close()
     assert _blocks(message) == [("tool_use", "call_1", "get_w", {"path": "a.py", "text": "x" * 10})]
     assert len(calls) == 1
+
+
+async def test_a_client_hears_pings_while_a_calls_arguments_are_held(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call's arguments are held to the finish: an agent writing a large file through a tool
+    heard nothing for minutes, and a proxy's idle timeout (nginx: 60 s) cut the paid answer.
+    Anthropic's own `ping` events go out meanwhile (every 5 s; 0.2 s here)."""
+    monkeypatch.setattr("edgeroute.anthropic_api.PING_S", 0.2)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_chunk({"role": "assistant", "content": None}))
+        await resp.write(_call("", id="call_1", type="function", name="get_w"))
+        for piece in ('{"path": "a.py", ', '"text": "', *(["x"] * 8), '"}'):
+            await asyncio.sleep(0.1)
+            await resp.write(_call(piece))
+        for event in (_chunk({}, "tool_calls"), USAGE, b"data: [DONE]\n\n"):
+            await resp.write(event)
+        return resp
+
+    up = await serve_routes(web.post("/v1/chat/completions", handle))
+    proxy = await start_proxy(
+        {
+            "providers": {"p": {"kind": "openai_compatible", "base_url": up.url + "/v1"}},
+            "deployments": {"d": {"provider": "p", "model": "x"}},
+            "models": {"m": {"deployments": ["d"]}},
+        }
+    )
+    message, _ = await _anthropic_stream(proxy)  # the SDK reads the answer whole, pings and all
+    assert _blocks(message) == [("tool_use", "call_1", "get_w", {"path": "a.py", "text": "x" * 8})]
+    ask = {"model": "m", "max_tokens": 50, "messages": HI, "tools": TOOLS, "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(proxy.url + "/v1/messages", json=ask) as r:
+        wire = await r.read()
+    assert wire.count(b"event: ping\n") >= 2
