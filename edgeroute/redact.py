@@ -12,8 +12,11 @@ Two kinds of thing are replaced by :data:`MARKER`:
 - every secret value edgeroute knows: each `env:`/`file:`/literal reference resolved by
   `secrets.resolve` registers its value here (provider keys, virtual-key tokens,
   `server.api_keys`, DSNs), and :func:`register_config` adds what the config holds as
-  plain URLs (the Redis URL's password). Values shorter than :data:`MIN_SECRET_LEN` are
-  not registered: they would blank ordinary words and cannot be secret anyway;
+  plain values (the Redis URL's password, a provider's credential headers, the credential
+  parameters of its paths' queries). Each is registered URL-encoded too. Values shorter
+  than :data:`MIN_SECRET_LEN` are not registered: they would blank ordinary words and
+  cannot be secret anyway. A value that is no word (see `_anywhere`) is replaced wherever
+  it occurs, glued to the upstream's own text too; a word only as a whole token;
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
   `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
@@ -40,13 +43,27 @@ import ipaddress
 import logging
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 MARKER = "[REDACTED]"
 MIN_SECRET_LEN = 8
 _MAX_KNOWN = 4096  # a bound on what reloads can accumulate (rotated secrets stay secret)
+
+# A query parameter's name that says it carries a credential (the words config versions mask by).
+_QUERY_WORDS = ("key", "token", "auth", "pass", "pwd", "secret", "sig", "code", "credential", "session")
+_QUERY_NAME = rf"[a-z0-9_.%\-]*?(?:{'|'.join(_QUERY_WORDS)})[a-z0-9_.%\-]*"
+_QUERY_CREDENTIAL = re.compile(rf"(?i){_QUERY_NAME}")
+# A header's name that says its value is a credential.
+_HEADER_CREDENTIAL = re.compile(r"(?i)auth|key|token|secret|cookie|sig|pass|session|credential")
+# A value at least this long with a digit, both cases or a sign in it is no word: it is
+# replaced wherever it occurs, glued to other characters too (see `_anywhere`).
+_ANYWHERE_LEN = 16
+# How far before a cut a known value's head is looked for (a longer value, a key file's PEM,
+# keeps its first characters past this: its shape goes whole).
+_PARTIAL_WINDOW = 512
 
 # Credential shapes: (pattern, replacement, needles). Group 1 (when present) is kept, the
 # rest replaced. A pattern runs only when one of its needles occurs in the lower-cased text:
@@ -99,47 +116,93 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
         MARKER,
         ("private key-----",),
     ),
-    # Query parameters that carry keys (Gemini's `?key=`), anywhere in a URL.
+    # Query parameters that carry keys, anywhere in a URL or a path: by a name holding a
+    # credential's word, as config versions mask them (Gemini's `?key=`, Azure Functions'
+    # `?code=`, API Management's `?subscription-key=`, a presigned URL's `X-Amz-Signature=`).
     (
-        re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"),
+        re.compile(rf"(?i)([?&]{_QUERY_NAME}=)[^&\s\"'#]+"),
         r"\1" + MARKER,
-        ("key=", "token=", "sig"),
+        _QUERY_WORDS,
     ),
     # user:password@ in any URL (DSNs, Redis URLs, proxies).
     (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^@\s/\"']+@"), r"\1" + MARKER + "@", ("://",)),
 ]
 
 
+def _anywhere(value: str) -> bool:
+    """Whether a known value is replaced wherever it occurs, not only as a whole token. An
+    upstream quotes a key glued to its own text (`token<key>was`, `key_<key>`, `x-<key>`);
+    a value that is a word (letters only, or short: a test database's password `edgeroute`)
+    must not blank the names it is part of (`x-edgeroute-tags`), a long one with digits,
+    both cases or signs is part of no name."""
+    if len(value) < _ANYWHERE_LEN:
+        return False
+    return not (value.islower() or value.isupper()) or any(not (c.isalpha() or c in "-_. ") for c in value)
+
+
 class _Known:
     """The registered secret values and one regex over them, rebuilt lazily after a change."""
 
-    def __init__(self, min_len: int = MIN_SECRET_LEN) -> None:
+    def __init__(self, min_len: int = MIN_SECRET_LEN, anywhere: bool = False) -> None:
         self._min_len = min_len
-        self._values: dict[str, None] = {}  # insertion-ordered set
+        self._anywhere = anywhere  # whether values that are no words match inside other text
+        self._values: dict[str, None] = {}  # insertion-ordered set, the oldest first
         self._lock = threading.Lock()
         self._regex: re.Pattern[str] | None = None
+        self._sorted: list[str] = []  # for prefix look-ups (`partial_at`)
+        self._longest = 0
         self._dirty = False
 
     def add(self, value: str) -> None:
-        if len(value) < self._min_len or value in self._values:
+        if len(value) < self._min_len:
             return
         with self._lock:
+            if value in self._values:
+                # Seen again (a live secret re-registered): the youngest, last to be evicted.
+                del self._values[value]
+                self._values[value] = None
+                return
             self._values[value] = None
             while len(self._values) > _MAX_KNOWN:
                 del self._values[next(iter(self._values))]
             self._dirty = True
 
+    def _rebuild(self) -> None:
+        with self._lock:
+            self._dirty = False
+            # Longest first, so that a secret containing another is replaced whole.
+            values = sorted(self._values, key=len, reverse=True)
+            self._sorted = sorted(values)
+            self._longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
+            anywhere = [v for v in values if self._anywhere and _anywhere(v)]
+            words = [v for v in values if not (self._anywhere and _anywhere(v))]
+            # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
+            # database's password) is replaced where it stands alone (quoted, in a URL, after
+            # "key:"), not inside a longer name ("x-edgeroute-tags").
+            parts = [f"(?:{_alternatives(anywhere)})"] if anywhere else []
+            if words:
+                parts.append(rf"(?<![\w-])(?:{_alternatives(words)})(?![\w-])")
+            self._regex = re.compile("|".join(parts)) if parts else None
+
     def regex(self) -> re.Pattern[str] | None:
         if self._dirty:
-            with self._lock:
-                self._dirty = False
-                # Longest first, so that a secret containing another is replaced whole.
-                values = sorted(self._values, key=len, reverse=True)
-                # Whole tokens only: a secret that is also a word ("edgeroute" as a test
-                # database's password) is replaced where it stands alone (quoted, in a URL,
-                # after "key:"), not inside a longer name ("x-edgeroute-tags").
-                self._regex = re.compile(rf"(?<![\w-])(?:{_alternatives(values)})(?![\w-])") if values else None
+            self._rebuild()
         return self._regex
+
+    def partial_at(self, s: str, at: int) -> int:
+        """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
+        of it kept), or `at`: cutting there leaves no known secret's head behind."""
+        if self._dirty:
+            self._rebuild()
+        values = self._sorted
+        if not values:
+            return at
+        for j in range(max(0, at - self._longest + 1), at - MIN_SECRET_LEN + 1):
+            tail = s[j:at]
+            i = bisect_left(values, tail)
+            if i < len(values) and values[i].startswith(tail):
+                return j
+        return at
 
 
 _END = ""  # a trie node's key for "a value ends here"
@@ -181,7 +244,7 @@ def _node_pattern(node: dict[str, Any], depth: int) -> str:
     return body
 
 
-_KNOWN = _Known()
+_KNOWN = _Known(anywhere=True)
 # The upstreams' addresses: a host name may be short ("vllm:8000"), a word it may not be.
 _ENDPOINTS = _Known(min_len=4)
 # Provider account ids, in what a client is sent only (see the module's docstring).
@@ -223,8 +286,12 @@ def register(value: str) -> None:
     """Marks `value` (and the password inside it, when it is a URL) as a secret."""
     if not value:
         return
-    _KNOWN.add(value)
-    _KNOWN.add(value.strip())
+    for v in {value, value.strip()}:
+        _KNOWN.add(v)
+        # As an upstream quoting a URL or a form it was sent writes it (`+` as `%2B`, `/` as `%2F`).
+        for encoded in (quote(v, safe=""), quote(v), quote_plus(v)):
+            if encoded != v:
+                _KNOWN.add(encoded)
     if "://" in value and "@" in value:
         try:
             password = urlsplit(value.strip()).password
@@ -237,7 +304,10 @@ def register(value: str) -> None:
 
 def register_config(cfg: Any) -> None:
     """Registers the secrets a config holds as plain values rather than references, and the
-    addresses of the upstreams and stores it names (kept from clients, see :func:`outbound`)."""
+    addresses of the upstreams and stores it names (kept from clients, see :func:`outbound`):
+    the Redis URL, a provider's credential headers (`x-api-key`, `Authorization`, a gateway's
+    `Ocp-Apim-Subscription-Key`; sent as written, never resolved as references) and the
+    credential parameters in the query of its URLs and paths (`?code=`, `?subscription-key=`)."""
     shared = getattr(cfg, "shared_state", None)
     url = getattr(shared, "redis_url", None)
     if isinstance(url, str):
@@ -247,6 +317,37 @@ def register_config(cfg: Any) -> None:
         base = getattr(provider, "base_url", None)
         if isinstance(base, str):
             register_endpoint(base)
+        for name, v in (getattr(provider, "headers", None) or {}).items():
+            if isinstance(v, str):
+                register_header(name, v)
+        check = getattr(provider, "health_check", None)
+        paths = [base, getattr(check, "path", None), *(getattr(provider, "options", None) or {}).values()]
+        for path in paths:
+            if isinstance(path, str):
+                register_query(path)
+
+
+def register_header(name: str, v: str) -> None:
+    """Marks a header's value as a secret when its name says it is a credential, and the token
+    after an auth scheme (`Bearer <token>`) in any header."""
+    scheme, _, token = v.strip().partition(" ")
+    if scheme.lower() in ("bearer", "basic", "token", "apikey", "key") and token.strip():
+        register(token.strip())
+    if _HEADER_CREDENTIAL.search(name):
+        register(v)
+
+
+def register_query(url: str) -> None:
+    """Marks the values of a URL's or path's credential parameters (`?key=`, `?code=`,
+    `&subscription-key=`, `X-Amz-Signature=`) as secrets."""
+    if "?" not in url:
+        return
+    query = url.split("?", 1)[1].split("#", 1)[0]
+    for raw in query.split("&"):
+        name, eq, v = raw.partition("=")
+        if eq and v and _QUERY_CREDENTIAL.fullmatch(name):
+            register(v)
+            register(unquote(v))
 
 
 def register_endpoint(url: str) -> None:
@@ -289,13 +390,16 @@ _SEPARATOR = re.compile(r"[\s\"'`,;:=&]")
 
 
 def cut(s: str, limit: int) -> str:
-    """`s` cut to about `limit` characters, before the word that straddles the limit: half a
-    secret left at the end would no longer match its pattern, so it goes whole."""
+    """`s` cut to about `limit` characters, before the word that straddles the limit and before
+    any known secret it cuts into: half a secret left at the end would no longer match its
+    pattern, so it goes whole."""
     if len(s) <= limit:
         return s
     head = s[:limit]
     ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
     at = ends[-1] if ends else limit
+    # A known secret glued to the text before it has no separator to cut at: never keep its head.
+    at = _KNOWN.partial_at(s, at)
     return f"{head[:at]} …[{len(s) - at} characters cut]"
 
 

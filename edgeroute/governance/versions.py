@@ -54,10 +54,11 @@ _PASSWORD_PARAM = re.compile(r"(?i)\bpassword\s*=")
 _URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 # Or in its query, by a parameter's name holding a credential's word anywhere, percent-escapes
 # and all (a collector's `?api_key=`, Google's `?key=`, a presigned URL's `X-Amz-Signature=`,
-# `client_secret=`, `pwd=`, `sessionid=`, `api%5Fkey=`). Masking a harmless one costs nothing:
-# a rollback puts the running value back.
+# `client_secret=`, `pwd=`, `sessionid=`, `api%5Fkey=`), in a URL or a path (a provider's
+# `options.chat_path: /chat?code=...`, `health_check.path: /models?subscription-key=...`).
+# Masking a harmless one costs nothing: a rollback puts the running value back.
 _URL_WITH_KEY_PARAM = re.compile(
-    r"(?i)[a-z][a-z0-9+.-]*://[^?#\s]*\?(?:[^#\s]*&)?[a-z0-9_.%-]*?"
+    r"(?i)(?:[a-z][a-z0-9+.-]*://|/)[^?#\s]*\?(?:[^#\s]*&)?[a-z0-9_.%-]*?"
     r"(?:key|token|auth|pass|pwd|secret|sig|code|credential|session|sid)[a-z0-9_.%-]*=[^&#\s]"
 )
 
