@@ -75,13 +75,14 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
             r"""(?ix)
             ((?:x-)?api[-_]?key|x-goog-api-key|access[-_]?token|refresh[-_]?token|secret(?:[-_]?access)?[-_]?key
               |(?:x-amz-)?security[-_]?token|session[-_]?token
-              |client[-_]?secret|password|passwd|authorization|proxy-authorization)
+              |client[-_]?secret|password|passwd|authorization|proxy-authorization
+              |subscription[-_]?key|(?:x-)?(?:vault|auth)[-_]?token|helicone-auth)
             ("?'?\s*[:=]\s*"?'?)
             (?:(?:bearer|basic|token)\s+)?
             (?:\[REDACTED\]|[^\s"'&,;}\]]+)"""
         ),
         r"\1\2" + MARKER,
-        ("api", "token", "secret", "passw", "authorization"),
+        ("api", "token", "secret", "passw", "authorization", "subscription", "helicone-auth"),
     ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER, ("bearer", "basic")),
     (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER, ("sk-",)),
@@ -99,16 +100,32 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
     # edgeroute's own managed keys (`er-<id>.<secret>`): only their hashes are known here.
     (re.compile(r"\ber-k[0-9a-f]{6,}\.[A-Za-z0-9_\-]{16,}"), MARKER, ("er-k",)),
     # Other providers' and platforms' prefixed tokens (Hugging Face, xAI, Groq, Perplexity,
-    # Replicate, Slack, Stripe secret and restricted keys, GitHub fine-grained, GitLab, npm).
+    # Replicate, Slack, Stripe secret and restricted keys, GitHub fine-grained, GitLab, npm,
+    # HashiCorp Vault's service, batch and recovery tokens).
     (
         re.compile(
             r"""\b(?:hf_[A-Za-z0-9]{30,}|xai-[A-Za-z0-9]{20,}|gsk_[A-Za-z0-9]{20,}|pplx-[A-Za-z0-9]{20,}
             |r8_[A-Za-z0-9]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}
-            |github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{30,})""",
+            |github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{30,}|hv[sbr]\.[A-Za-z0-9_\-]{20,})""",
             re.X,
         ),
         MARKER,
-        ("hf_", "xai-", "gsk_", "pplx-", "r8_", "xox", "k_live_", "k_test_", "github_pat_", "glpat-", "npm_"),
+        (
+            "hf_",
+            "xai-",
+            "gsk_",
+            "pplx-",
+            "r8_",
+            "xox",
+            "k_live_",
+            "k_test_",
+            "github_pat_",
+            "glpat-",
+            "npm_",
+            "hvs.",
+            "hvb.",
+            "hvr.",
+        ),
     ),
     # A private key block; one cut short (a truncated log) is replaced to its end.
     (
@@ -310,8 +327,9 @@ def register_config(cfg: Any) -> None:
     credential parameters in the query of its URLs and paths (`?code=`, `?subscription-key=`)."""
     shared = getattr(cfg, "shared_state", None)
     url = getattr(shared, "redis_url", None)
+    found: list[str] = []
     if isinstance(url, str):
-        register(url)
+        found.append(url)
         register_endpoint(url)
     for provider in (getattr(cfg, "providers", None) or {}).values():
         base = getattr(provider, "base_url", None)
@@ -319,35 +337,47 @@ def register_config(cfg: Any) -> None:
             register_endpoint(base)
         for name, v in (getattr(provider, "headers", None) or {}).items():
             if isinstance(v, str):
-                register_header(name, v)
+                found += header_secrets(name, v)
         check = getattr(provider, "health_check", None)
         paths = [base, getattr(check, "path", None), *(getattr(provider, "options", None) or {}).values()]
-        for path in paths:
-            if isinstance(path, str):
-                register_query(path)
+        found += [v for path in paths if isinstance(path, str) for v in query_secrets(path)]
+    for v in found:
+        register(v)
+    _config_secrets[:] = found  # the running config's: kept current with the resolved ones
 
 
-def register_header(name: str, v: str) -> None:
-    """Marks a header's value as a secret when its name says it is a credential, and the token
-    after an auth scheme (`Bearer <token>`) in any header."""
+def header_secrets(name: str, v: str) -> list[str]:
+    """A header's value when its name says it is a credential, and the token after an auth
+    scheme (`Bearer <token>`) in any header."""
+    found = [v] if _HEADER_CREDENTIAL.search(name) else []
     scheme, _, token = v.strip().partition(" ")
     if scheme.lower() in ("bearer", "basic", "token", "apikey", "key") and token.strip():
-        register(token.strip())
-    if _HEADER_CREDENTIAL.search(name):
-        register(v)
+        found.append(token.strip())
+    return found
 
 
-def register_query(url: str) -> None:
-    """Marks the values of a URL's or path's credential parameters (`?key=`, `?code=`,
-    `&subscription-key=`, `X-Amz-Signature=`) as secrets."""
+def query_secrets(url: str) -> list[str]:
+    """The values of a URL's or path's credential parameters (`?key=`, `?code=`,
+    `&subscription-key=`, `X-Amz-Signature=`), as written and unquoted."""
     if "?" not in url:
-        return
+        return []
     query = url.split("?", 1)[1].split("#", 1)[0]
+    found = []
     for raw in query.split("&"):
         name, eq, v = raw.partition("=")
         if eq and v and _QUERY_CREDENTIAL.fullmatch(name):
-            register(v)
-            register(unquote(v))
+            found += [v, unquote(v)]
+    return found
+
+
+_config_secrets: list[str] = []  # what the last `register_config` found
+
+
+def keep_current(values: Iterable[str]) -> None:
+    """Registers `values` (the secrets in use) and the running config's plain ones again: the
+    youngest, so the bound on known values drops superseded (rotated) ones first."""
+    for v in [*values, *_config_secrets]:
+        register(v)
 
 
 def register_endpoint(url: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from edgeroute import config as config_mod
-from edgeroute import secrets
+from edgeroute import redact, secrets
 from edgeroute.atomic_file import Staged, stage_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
@@ -160,7 +160,21 @@ def mask(data: Any) -> Any:
         hook[key] = MASK
     for container, key, _ in list(_redacted(data)):
         container[key] = MASK
+    for container, key in list(_commands(data)):
+        container[key] = redact.text(container[key])
     return data
+
+
+def _commands(data: Any) -> Iterator[tuple[Any, Any]]:
+    """Every `exec:` reference: shown, as references are, but a command may carry a credential
+    of its own (`exec:curl -H 'X-Vault-Token: hvs.…' …`), which is redacted in views."""
+    items: Any = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        if isinstance(v, str):
+            if v.startswith("exec:"):
+                yield data, k
+        else:
+            yield from _commands(v)
 
 
 def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:

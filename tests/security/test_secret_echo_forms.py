@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from edgeroute import config as config_mod
+from edgeroute import redact
 from edgeroute.state import STATE
 from tests.conftest import ServeRoutes
 from tests.security.governed import ROOT, call, config_views
@@ -37,6 +38,7 @@ APIM_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 CODE = "AzFnKEYsecret0123456789"  # an Azure Functions key in the chat path's query
 HEALTH = "HealthKEYsecret987654"  # API Management's key parameter in the probe's path
 GATEWAY = "GatewayTOKENref0123456789"  # a header given by reference (`file:`)
+VAULT = "hvs.CAESIJabcdefghijklmnopqrstuvwxyz0123"
 VIEWER = "tok-viewer-echo-0123456789"
 USER: Any = [{"role": "user", "content": "hi"}]
 CONTENT = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "x"}
@@ -153,14 +155,19 @@ async def test_an_upstream_quoting_a_credential_in_another_form_gives_none_of_it
 async def test_a_credential_in_a_providers_paths_is_masked_for_viewers_and_stored_as_a_hash(
     serve_routes: ServeRoutes, tmp_path: Path
 ) -> None:
-    async with cost_proxy(await _config(serve_routes, tmp_path)) as proxy, aiohttp.ClientSession() as s:
+    cfg = await _config(serve_routes, tmp_path)
+    # A command given with a credential of its own (a Vault token): references are shown, that is not.
+    command = f'exec:sh -c "echo ExecProviderKEY0123456789" X-Vault-Token: {VAULT}'
+    cfg["providers"]["q"] = {"base_url": "https://other.example/v1", "api_key": command}
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
         status, drained = await call(s, "PATCH", proxy.url + "/admin/deployments/d", ROOT, {"weight": 3})
         assert status == 200, drained  # version 2
         for path, text in (await config_views(s, proxy.url, VIEWER)).items():
-            assert not _leaked(text), (path, text)
+            assert not _leaked(text) and VAULT not in text, (path, text)
         status, shown = await call(s, "GET", proxy.url + "/admin/config", VIEWER)
         p = shown["config"]["providers"]["p"]
         assert p["options"]["chat_path"] == p["health_check"]["path"] == "****"
+        assert shown["config"]["providers"]["q"]["api_key"].endswith("X-Vault-Token: [REDACTED]")
         with sqlite3.connect(tmp_path / "gov.db") as db:
             stored = [row for (row,) in db.execute("SELECT body FROM gov_config_versions")]
         assert stored and not [text for text in stored if _leaked(text)]
@@ -179,3 +186,19 @@ def test_a_header_reference_that_does_not_resolve_is_a_config_error_naming_the_h
         config_mod.parse(cfg, "edge.yaml")
     (error,) = e.value.errors
     assert "providers.p.headers.X-Key" in error and "cannot read secret file" in error, error
+
+
+@pytest.mark.parametrize(
+    "quoted",
+    [
+        "Ocp-Apim-Subscription-Key: 9a8b7c6d5e4f3a2b1c0d",
+        "X-Auth-Token: 9a8b7c6d5e4f3a2b1c0d",
+        "Helicone-Auth: 9a8b7c6d5e4f3a2b1c0d",
+        "X-Vault-Token: 9a8b7c6d5e4f3a2b1c0d",
+        "the token hvs.CAESIJ9a8b7c6d5e4f3a2b1c0d was",
+        "GET /api?subscription-key=9a8b7c6d5e4f3a2b1c0d&x=1",
+    ],
+)
+def test_credential_headers_and_parameters_of_any_name_are_a_shape(quoted: str) -> None:
+    """Whoever's they are (a gateway's, a vault's): an upstream quoting them hands over a credential."""
+    assert "9a8b7c6d5e4f3a2b1c0d" not in redact.outbound(quoted)
