@@ -194,15 +194,51 @@ def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
 def for_storage(text: str, keys: Callable[[], Keys]) -> str:
     """The text to store for an applied config: itself, unless it holds literal secrets; then a
     dump with each replaced by its HMAC under `keys().seal` (no secret goes into the database; a
-    rollback takes the value back from the running config when it is unchanged)."""
+    rollback takes the value back from the running config when it is unchanged). A credential
+    in a comment (a commented-out key) is redacted too."""
     data = yaml.safe_load(text)
     found = list(_leaves(data))
     if not found:
-        return text
+        return _comments_redacted(text, data)
     prefix, k = keys().seal
     for container, at, _ in found:
         container[at] = sealed(container[at], k, prefix)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _comments_redacted(text: str, data: Any) -> str:
+    """`text` with the credentials in its comments redacted (`# was sk-proj-…`): no parsed value
+    is a literal secret, but the text, comments and all, went into the database as written. When
+    a value would change too (a `#` inside a multi-line scalar taken for a comment), the parsed
+    config is stored instead, without its comments."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        at = _comment_at(line)
+        if at is not None:
+            lines[i] = line[:at] + redact.text(line[at:])
+    cleaned = "".join(lines)
+    if cleaned == text:
+        return text
+    try:
+        same = yaml.safe_load(cleaned) == data
+    except yaml.YAMLError:
+        same = False
+    return cleaned if same else yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _comment_at(line: str) -> int | None:
+    """Where a YAML comment begins in `line` (a `#` at its start or after a blank, outside a
+    quoted scalar), or None. A guess for lines of multi-line scalars: `_comments_redacted`
+    checks that the values came through unchanged."""
+    quote = ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"" and (i == 0 or line[i - 1] in " \t:[{,-"):
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
+            return i
+    return None
 
 
 def restore(stored: str, running: str, version: int, keys: Callable[[], Keys]) -> str:
