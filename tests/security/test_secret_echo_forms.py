@@ -28,7 +28,7 @@ from aiohttp import web
 from edgeroute import config as config_mod
 from edgeroute import redact
 from edgeroute.state import STATE
-from tests.conftest import ServeRoutes
+from tests.conftest import ServeRoutes, eventually
 from tests.security.governed import ROOT, call, config_views
 from tests.test_cost_support import cost_proxy
 
@@ -202,3 +202,28 @@ def test_a_header_reference_that_does_not_resolve_is_a_config_error_naming_the_h
 def test_credential_headers_and_parameters_of_any_name_are_a_shape(quoted: str) -> None:
     """Whoever's they are (a gateway's, a vault's): an upstream quoting them hands over a credential."""
     assert "9a8b7c6d5e4f3a2b1c0d" not in redact.outbound(quoted)
+
+
+async def test_the_request_log_keeps_the_upstreams_words_not_the_glued_key(
+    serve_routes: ServeRoutes, tmp_path: Path
+) -> None:
+    """With `log_content: full` an admin reads the upstream's message in the attempts: the key glued in it is gone."""
+    cfg = await _config(serve_routes, tmp_path)
+    cfg["ledger"]["flush_interval"] = 0.05
+    cfg["request_log"] = {"log_content": "full"}
+    async with cost_proxy(cfg) as proxy, aiohttp.ClientSession() as s:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
+        try:
+            with pytest.raises(openai.APIStatusError) as e:
+                await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "glued:500"}])
+        finally:
+            await client.close()
+        request_id = e.value.response.headers["x-request-id"]
+
+        async def stored() -> str | None:
+            status, body = await call(s, "GET", proxy.url + f"/admin/requests/{request_id}", ROOT)
+            return orjson.dumps(body).decode() if status == 200 else None
+
+        text = await eventually(stored, "the request logged", within=10)
+    assert "Incorrect API key provided" in text, text
+    assert not _leaked(text), text
