@@ -97,6 +97,9 @@ _live: dict[str, _Live] = {}
 # Every secret something still holds (a config's keys, a provider's adapter): re-registered at each
 # refresh pass, so that the redaction set's bound drops superseded values, never one in use.
 _in_use: weakref.WeakSet[Secret] = weakref.WeakSet()
+# How often: a refresh adds at most one value per `exec:` secret a second, and the bound is 4,096.
+KEEP_KNOWN_S = 10.0
+_keep_at = 0.0
 # Called with a secret's old value once a refresh replaces it, from the refresh's thread: what
 # holds copies of it (the upstream request heads built with it) drops them.
 _on_replaced: list[Callable[[str], None]] = []
@@ -291,7 +294,10 @@ def refresh(now: float | None = None) -> int:
             live.secret._replace(value)
             changed += 1
             log.info("secret %s changed; applied", key)
-    _keep_known()
+    global _keep_at
+    if now >= _keep_at:
+        _keep_at = now + KEEP_KNOWN_S
+        _keep_known()
     return changed
 
 

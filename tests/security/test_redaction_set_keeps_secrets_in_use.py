@@ -7,6 +7,7 @@ refresh pass now marks every secret in use as current, so the bound drops supers
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ HEADER = "CustomAUTHstatic0123456789xyz"  # a credential header, a plain value o
 
 
 @pytest.fixture
-def known_values_restored() -> Iterator[None]:
+def known_values_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The churn below pushes every other test's values out of the process-wide set: put them back."""
+    monkeypatch.setattr(secrets, "_keep_at", 0.0, raising=False)  # the passes below run on a clock of their own
     saved = dict(redact._KNOWN._values)
     try:
         yield
@@ -41,7 +43,7 @@ async def _quoting(request: web.Request) -> web.Response:
 
 
 async def test_secrets_in_use_stay_redacted_after_thousands_of_rotations_of_another(
-    known_values_restored: None, serve_routes: ServeRoutes, tmp_path: Path
+    known_values_restored: None, serve_routes: ServeRoutes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     up = await serve_routes(web.post("/v1/chat/completions", _quoting))
     key = tmp_path / "key"
@@ -55,9 +57,12 @@ async def test_secrets_in_use_stay_redacted_after_thousands_of_rotations_of_anot
     }
     async with cost_proxy(cfg) as proxy:
         minted = secrets.Secret("ya29.initialTOKEN0000000", "exec:mint-token")
-        for i in range(4200):  # the refresh passes of 35 hours, each minting a new token
+        # Only this test's secrets refreshed (earlier tests' files and commands are gone or slow).
+        monkeypatch.setattr(secrets, "_live", {k: v for k, v in secrets._live.items() if str(tmp_path) in k})
+        start = time.monotonic()
+        for i in range(4200):  # the refresh passes of 35 hours, 30 s apart, each minting a new token
             minted._replace(f"ya29.a0AfB_{i:08d}shortlivedTOKEN")
-            secrets.refresh()
+            secrets.refresh(start + 30.0 * i)
         client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
         try:
             with pytest.raises(openai.APIStatusError) as e:
