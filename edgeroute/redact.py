@@ -163,7 +163,8 @@ def _anywhere(value: str) -> bool:
 
 
 class _Known:
-    """The registered secret values and one regex over them, rebuilt lazily after a change."""
+    """The registered secret values and the patterns over them (values that are no words,
+    inside runs of key characters or anywhere; words as whole tokens), rebuilt lazily after a change."""
 
     def __init__(self, min_len: int = MIN_SECRET_LEN, anywhere: bool = False) -> None:
         self._min_len = min_len
