@@ -12,8 +12,11 @@ Two kinds of thing are replaced by :data:`MARKER`:
 - every secret value edgeroute knows: each `env:`/`file:`/literal reference resolved by
   `secrets.resolve` registers its value here (provider keys, virtual-key tokens,
   `server.api_keys`, DSNs), and :func:`register_config` adds what the config holds as
-  plain URLs (the Redis URL's password). Values shorter than :data:`MIN_SECRET_LEN` are
-  not registered: they would blank ordinary words and cannot be secret anyway;
+  plain values (the Redis URL's password, a provider's credential headers, the credential
+  parameters of its paths' queries). Each is registered URL-encoded too. Values shorter
+  than :data:`MIN_SECRET_LEN` are not registered: they would blank ordinary words and
+  cannot be secret anyway. A value that is no word (see `_anywhere`) is replaced wherever
+  it occurs, glued to the upstream's own text too; a word only as a whole token;
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
   `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
@@ -40,13 +43,32 @@ import ipaddress
 import logging
 import re
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 MARKER = "[REDACTED]"
 MIN_SECRET_LEN = 8
 _MAX_KNOWN = 4096  # a bound on what reloads can accumulate (rotated secrets stay secret)
+
+# A query parameter's name that says it carries a credential (the words config versions mask by).
+_QUERY_WORDS = ("key", "token", "auth", "pass", "pwd", "secret", "sig", "code", "credential", "session")
+_QUERY_NAME = rf"[a-z0-9_.%\-]*?(?:{'|'.join(_QUERY_WORDS)})[a-z0-9_.%\-]*"
+_QUERY_CREDENTIAL = re.compile(rf"(?i){_QUERY_NAME}")
+# A header's name that says its value is a credential.
+_HEADER_CREDENTIAL = re.compile(r"(?i)auth|key|token|secret|cookie|sig|pass|session|credential")
+# A value at least this long with a digit, both cases or a sign in it is no word: it is
+# replaced wherever it occurs, glued to other characters too (see `_anywhere`).
+_ANYWHERE_LEN = 16
+# The characters of keys and tokens (base64, URL-safe base64, hex, percent-escapes): a known
+# value made of them lies inside one run of them in any text that holds it.
+_KEY_CHARS = r"[A-Za-z0-9+/=_.~%\-]"
+_RUN = re.compile(rf"{_KEY_CHARS}+")
+_RUN_AT_LEAST = re.compile(rf"{_KEY_CHARS}{{{_ANYWHERE_LEN},}}")
+# How far before a cut a known value's head is looked for (a longer value, a key file's PEM,
+# keeps its first characters past this: its shape goes whole).
+_PARTIAL_WINDOW = 512
 
 # Credential shapes: (pattern, replacement, needles). Group 1 (when present) is kept, the
 # rest replaced. A pattern runs only when one of its needles occurs in the lower-cased text:
@@ -58,13 +80,14 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
             r"""(?ix)
             ((?:x-)?api[-_]?key|x-goog-api-key|access[-_]?token|refresh[-_]?token|secret(?:[-_]?access)?[-_]?key
               |(?:x-amz-)?security[-_]?token|session[-_]?token
-              |client[-_]?secret|password|passwd|authorization|proxy-authorization)
+              |client[-_]?secret|password|passwd|authorization|proxy-authorization
+              |subscription[-_]?key|(?:x-)?(?:vault|auth)[-_]?token|helicone-auth)
             ("?'?\s*[:=]\s*"?'?)
             (?:(?:bearer|basic|token)\s+)?
             (?:\[REDACTED\]|[^\s"'&,;}\]]+)"""
         ),
         r"\1\2" + MARKER,
-        ("api", "token", "secret", "passw", "authorization"),
+        ("api", "token", "secret", "passw", "authorization", "subscription", "helicone-auth"),
     ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{4,}"), r"\1 " + MARKER, ("bearer", "basic")),
     (re.compile(r"\bsk-(?:ant-|proj-)?[A-Za-z0-9_\-*]{8,}"), MARKER, ("sk-",)),
@@ -82,16 +105,32 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
     # edgeroute's own managed keys (`er-<id>.<secret>`): only their hashes are known here.
     (re.compile(r"\ber-k[0-9a-f]{6,}\.[A-Za-z0-9_\-]{16,}"), MARKER, ("er-k",)),
     # Other providers' and platforms' prefixed tokens (Hugging Face, xAI, Groq, Perplexity,
-    # Replicate, Slack, Stripe secret and restricted keys, GitHub fine-grained, GitLab, npm).
+    # Replicate, Slack, Stripe secret and restricted keys, GitHub fine-grained, GitLab, npm,
+    # HashiCorp Vault's service, batch and recovery tokens).
     (
         re.compile(
             r"""\b(?:hf_[A-Za-z0-9]{30,}|xai-[A-Za-z0-9]{20,}|gsk_[A-Za-z0-9]{20,}|pplx-[A-Za-z0-9]{20,}
             |r8_[A-Za-z0-9]{20,}|xox[abposr]-[A-Za-z0-9\-]{10,}|[sr]k_(?:live|test)_[A-Za-z0-9]{10,}
-            |github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{30,})""",
+            |github_pat_[A-Za-z0-9_]{22,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{30,}|hv[sbr]\.[A-Za-z0-9_\-]{20,})""",
             re.X,
         ),
         MARKER,
-        ("hf_", "xai-", "gsk_", "pplx-", "r8_", "xox", "k_live_", "k_test_", "github_pat_", "glpat-", "npm_"),
+        (
+            "hf_",
+            "xai-",
+            "gsk_",
+            "pplx-",
+            "r8_",
+            "xox",
+            "k_live_",
+            "k_test_",
+            "github_pat_",
+            "glpat-",
+            "npm_",
+            "hvs.",
+            "hvb.",
+            "hvr.",
+        ),
     ),
     # A private key block; one cut short (a truncated log) is replaced to its end.
     (
@@ -99,47 +138,112 @@ _SHAPES: list[tuple[re.Pattern[str], str, tuple[str, ...]]] = [
         MARKER,
         ("private key-----",),
     ),
-    # Query parameters that carry keys (Gemini's `?key=`), anywhere in a URL.
+    # Query parameters that carry keys, anywhere in a URL or a path: by a name holding a
+    # credential's word, as config versions mask them (Gemini's `?key=`, Azure Functions'
+    # `?code=`, API Management's `?subscription-key=`, a presigned URL's `X-Amz-Signature=`).
     (
-        re.compile(r"(?i)([?&](?:key|api_key|apikey|token|access_token|sig|signature)=)[^&\s\"'#]+"),
+        re.compile(rf"(?i)([?&]{_QUERY_NAME}=)[^&\s\"'#]+"),
         r"\1" + MARKER,
-        ("key=", "token=", "sig"),
+        _QUERY_WORDS,
     ),
     # user:password@ in any URL (DSNs, Redis URLs, proxies).
     (re.compile(r"(\b[a-z][a-z0-9+.\-]*://[^/\s:@\"']*:)[^@\s/\"']+@"), r"\1" + MARKER + "@", ("://",)),
 ]
 
 
-class _Known:
-    """The registered secret values and one regex over them, rebuilt lazily after a change."""
+def _anywhere(value: str) -> bool:
+    """Whether a known value is replaced wherever it occurs, not only as a whole token. An
+    upstream quotes a key glued to its own text (`token<key>was`, `key_<key>`, `x-<key>`);
+    a value that is a word (letters only, or short: a test database's password `edgeroute`)
+    must not blank the names it is part of (`x-edgeroute-tags`), a long one with digits,
+    both cases or signs is part of no name."""
+    if len(value) < _ANYWHERE_LEN:
+        return False
+    return not (value.islower() or value.isupper()) or any(not (c.isalpha() or c in "-_. ") for c in value)
 
-    def __init__(self, min_len: int = MIN_SECRET_LEN) -> None:
+
+class _Known:
+    """The registered secret values and the patterns over them (values that are no words,
+    inside runs of key characters or anywhere; words as whole tokens), rebuilt lazily after a change."""
+
+    def __init__(self, min_len: int = MIN_SECRET_LEN, anywhere: bool = False) -> None:
         self._min_len = min_len
-        self._values: dict[str, None] = {}  # insertion-ordered set
+        self._anywhere = anywhere  # whether values that are no words match inside other text
+        self._values: dict[str, None] = {}  # insertion-ordered set, the oldest first
         self._lock = threading.Lock()
         self._regex: re.Pattern[str] | None = None
+        self._runs: re.Pattern[str] | None = None
+        self._others: re.Pattern[str] | None = None
+        self._sorted: list[str] = []  # for prefix look-ups (`partial_at`)
+        self._longest = 0
         self._dirty = False
 
     def add(self, value: str) -> None:
-        if len(value) < self._min_len or value in self._values:
+        if len(value) < self._min_len:
             return
         with self._lock:
+            if value in self._values:
+                # Seen again (a live secret re-registered): the youngest, last to be evicted.
+                del self._values[value]
+                self._values[value] = None
+                return
             self._values[value] = None
             while len(self._values) > _MAX_KNOWN:
                 del self._values[next(iter(self._values))]
             self._dirty = True
 
+    def _rebuild(self) -> None:
+        with self._lock:
+            self._dirty = False
+            # Longest first, so that a secret containing another is replaced whole.
+            values = sorted(self._values, key=len, reverse=True)
+            self._sorted = sorted(values)
+            self._longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
+            anywhere = [v for v in values if self._anywhere and _anywhere(v)]
+            words = [v for v in values if not (self._anywhere and _anywhere(v))]
+            # A value that is no word is looked for inside the runs of key characters that can
+            # hold it (`_RUN`), not at every position of the text: the trie's first branching
+            # tried at each character of a message cost a plain message 3 times as much.
+            runs = [v for v in anywhere if _RUN.fullmatch(v)]
+            others = [v for v in anywhere if not _RUN.fullmatch(v)]  # URLs, DSNs: anywhere in the text
+            self._runs = re.compile(_alternatives(runs)) if runs else None
+            self._others = re.compile(_alternatives(others)) if others else None
+            # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
+            # database's password) is replaced where it stands alone (quoted, in a URL, after
+            # "key:"), not inside a longer name ("x-edgeroute-tags").
+            self._regex = re.compile(rf"(?<![\w-])(?:{_alternatives(words)})(?![\w-])") if words else None
+
     def regex(self) -> re.Pattern[str] | None:
+        """The pattern of the values matched as whole tokens (all of them, unless `anywhere`)."""
         if self._dirty:
-            with self._lock:
-                self._dirty = False
-                # Longest first, so that a secret containing another is replaced whole.
-                values = sorted(self._values, key=len, reverse=True)
-                # Whole tokens only: a secret that is also a word ("edgeroute" as a test
-                # database's password) is replaced where it stands alone (quoted, in a URL,
-                # after "key:"), not inside a longer name ("x-edgeroute-tags").
-                self._regex = re.compile(rf"(?<![\w-])(?:{_alternatives(values)})(?![\w-])") if values else None
+            self._rebuild()
         return self._regex
+
+    def sub(self, s: str) -> str:
+        """`s` with every known value replaced by :data:`MARKER`."""
+        if self._dirty:
+            self._rebuild()
+        runs, others, words = self._runs, self._others, self._regex
+        if runs is not None:
+            s = _RUN_AT_LEAST.sub(lambda m: runs.sub(MARKER, m.group()), s)
+        if others is not None:
+            s = others.sub(MARKER, s)
+        return s if words is None else words.sub(MARKER, s)
+
+    def partial_at(self, s: str, at: int) -> int:
+        """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
+        of it kept), or `at`: cutting there leaves no known secret's head behind."""
+        if self._dirty:
+            self._rebuild()
+        values = self._sorted
+        if not values:
+            return at
+        for j in range(max(0, at - self._longest + 1), at - MIN_SECRET_LEN + 1):
+            tail = s[j:at]
+            i = bisect_left(values, tail)
+            if i < len(values) and values[i].startswith(tail):
+                return j
+        return at
 
 
 _END = ""  # a trie node's key for "a value ends here"
@@ -181,7 +285,7 @@ def _node_pattern(node: dict[str, Any], depth: int) -> str:
     return body
 
 
-_KNOWN = _Known()
+_KNOWN = _Known(anywhere=True)
 # The upstreams' addresses: a host name may be short ("vllm:8000"), a word it may not be.
 _ENDPOINTS = _Known(min_len=4)
 # Provider account ids, in what a client is sent only (see the module's docstring).
@@ -223,8 +327,12 @@ def register(value: str) -> None:
     """Marks `value` (and the password inside it, when it is a URL) as a secret."""
     if not value:
         return
-    _KNOWN.add(value)
-    _KNOWN.add(value.strip())
+    for v in {value, value.strip()}:
+        _KNOWN.add(v)
+        # As an upstream quoting a URL or a form it was sent writes it (`+` as `%2B`, `/` as `%2F`).
+        for encoded in (quote(v, safe=""), quote(v), quote_plus(v)):
+            if encoded != v:
+                _KNOWN.add(encoded)
     if "://" in value and "@" in value:
         try:
             password = urlsplit(value.strip()).password
@@ -237,16 +345,63 @@ def register(value: str) -> None:
 
 def register_config(cfg: Any) -> None:
     """Registers the secrets a config holds as plain values rather than references, and the
-    addresses of the upstreams and stores it names (kept from clients, see :func:`outbound`)."""
+    addresses of the upstreams and stores it names (kept from clients, see :func:`outbound`):
+    the Redis URL, a provider's credential headers (`x-api-key`, `Authorization`, a gateway's
+    `Ocp-Apim-Subscription-Key`; sent as written, never resolved as references) and the
+    credential parameters in the query of its URLs and paths (`?code=`, `?subscription-key=`)."""
     shared = getattr(cfg, "shared_state", None)
     url = getattr(shared, "redis_url", None)
+    found: list[str] = []
     if isinstance(url, str):
-        register(url)
+        found.append(url)
         register_endpoint(url)
     for provider in (getattr(cfg, "providers", None) or {}).values():
         base = getattr(provider, "base_url", None)
         if isinstance(base, str):
             register_endpoint(base)
+        for name, v in (getattr(provider, "headers", None) or {}).items():
+            if isinstance(v, str):
+                found += header_secrets(name, v)
+        check = getattr(provider, "health_check", None)
+        paths = [base, getattr(check, "path", None), *(getattr(provider, "options", None) or {}).values()]
+        found += [v for path in paths if isinstance(path, str) for v in query_secrets(path)]
+    for v in found:
+        register(v)
+    _config_secrets[:] = found  # the running config's: kept current with the resolved ones
+
+
+def header_secrets(name: str, v: str) -> list[str]:
+    """A header's value when its name says it is a credential, and the token after an auth
+    scheme (`Bearer <token>`) in any header."""
+    found = [v] if _HEADER_CREDENTIAL.search(name) else []
+    scheme, _, token = v.strip().partition(" ")
+    if scheme.lower() in ("bearer", "basic", "token", "apikey", "key") and token.strip():
+        found.append(token.strip())
+    return found
+
+
+def query_secrets(url: str) -> list[str]:
+    """The values of a URL's or path's credential parameters (`?key=`, `?code=`,
+    `&subscription-key=`, `X-Amz-Signature=`), as written and unquoted."""
+    if "?" not in url:
+        return []
+    query = url.split("?", 1)[1].split("#", 1)[0]
+    found = []
+    for raw in query.split("&"):
+        name, eq, v = raw.partition("=")
+        if eq and v and _QUERY_CREDENTIAL.fullmatch(name):
+            found += [v, unquote(v)]
+    return found
+
+
+_config_secrets: list[str] = []  # what the last `register_config` found
+
+
+def keep_current(values: Iterable[str]) -> None:
+    """Registers `values` (the secrets in use) and the running config's plain ones again: the
+    youngest, so the bound on known values drops superseded (rotated) ones first."""
+    for v in [*values, *_config_secrets]:
+        register(v)
 
 
 def register_endpoint(url: str) -> None:
@@ -274,9 +429,7 @@ def text(s: str) -> str:
     """`s` with every known secret and credential shape replaced by :data:`MARKER`."""
     if not s:
         return s
-    known = _KNOWN.regex()
-    if known is not None:
-        s = known.sub(MARKER, s)
+    s = _KNOWN.sub(s)
     low = s.lower()
     for pattern, repl, needles in _SHAPES:
         if any(n in low for n in needles):
@@ -289,13 +442,16 @@ _SEPARATOR = re.compile(r"[\s\"'`,;:=&]")
 
 
 def cut(s: str, limit: int) -> str:
-    """`s` cut to about `limit` characters, before the word that straddles the limit: half a
-    secret left at the end would no longer match its pattern, so it goes whole."""
+    """`s` cut to about `limit` characters, before the word that straddles the limit and before
+    any known secret it cuts into: half a secret left at the end would no longer match its
+    pattern, so it goes whole."""
     if len(s) <= limit:
         return s
     head = s[:limit]
     ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
     at = ends[-1] if ends else limit
+    # A known secret glued to the text before it has no separator to cut at: never keep its head.
+    at = _KNOWN.partial_at(s, at)
     return f"{head[:at]} …[{len(s) - at} characters cut]"
 
 

@@ -22,6 +22,7 @@ import os
 import shlex
 import subprocess
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +44,14 @@ class SecretError(ValueError):
 class Secret:
     """A resolved credential whose repr and str hide the value."""
 
-    __slots__ = ("_value", "reference", "version")
+    __slots__ = ("__weakref__", "_value", "reference", "version")
 
     def __init__(self, value: str, reference: str) -> None:
         self._value = value
         self.reference = reference
         self.version = 0  # moves when a refresh changes the value (for headers built ahead)
         redact.register(value)  # whatever edgeroute resolves as a secret is redacted from every exit
+        _in_use.add(self)
 
     def reveal(self) -> str:
         return self._value
@@ -92,6 +94,12 @@ class Status:
 
 STATUS = Status()
 _live: dict[str, _Live] = {}
+# Every secret something still holds (a config's keys, a provider's adapter): re-registered at each
+# refresh pass, so that the redaction set's bound drops superseded values, never one in use.
+_in_use: weakref.WeakSet[Secret] = weakref.WeakSet()
+# How often: a refresh adds at most one value per `exec:` secret a second, and the bound is 4,096.
+KEEP_KNOWN_S = 10.0
+_keep_at = 0.0
 # Called with a secret's old value once a refresh replaces it, from the refresh's thread: what
 # holds copies of it (the upstream request heads built with it) drops them.
 _on_replaced: list[Callable[[str], None]] = []
@@ -286,4 +294,19 @@ def refresh(now: float | None = None) -> int:
             live.secret._replace(value)
             changed += 1
             log.info("secret %s changed; applied", key)
+    global _keep_at
+    if now >= _keep_at:
+        _keep_at = now + KEEP_KNOWN_S
+        _keep_known()
     return changed
+
+
+def _keep_known() -> None:
+    """Marks every secret in use as current for redaction (see `redact.keep_current`): an `exec:`
+    command minting a new token at each run adds a value every refresh, and after 4,096 of them
+    the bound dropped the oldest, the config's own provider keys and tokens, still in use."""
+    try:
+        values = [s.reveal() for s in list(_in_use)]
+    except RuntimeError:  # a config loading in another thread changed the set: the next pass
+        return
+    redact.keep_current(values)

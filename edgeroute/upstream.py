@@ -65,10 +65,21 @@ def retire_keys(old: dict[str, Upstream], current: dict[str, Upstream]) -> None:
             wire.forget(key)
 
 
+def resolved_headers(headers: dict[str, str]) -> dict[str, str]:
+    """A provider's `headers` with each value given by reference (`x-api-key: file:...`) read:
+    sent as its text, it was a credential the upstream never got, and no secret to redact.
+    Read at load and reload (as `proxy`); a credential rotated without a reload goes in `api_key`."""
+    return {
+        k: secrets.resolve(v).reveal() if v.startswith(secrets.REFERENCE_PREFIXES) else v for k, v in headers.items()
+    }
+
+
 def make_upstreams(cfg: Config) -> dict[str, Upstream]:
     out: dict[str, Upstream] = {}
     for name, p in cfg.providers.items():
         key = secrets.resolve(p.api_key) if p.api_key else None
+        if any(v.startswith(secrets.REFERENCE_PREFIXES) for v in p.headers.values()):
+            p = p.model_copy(update={"headers": resolved_headers(p.headers)})
         adapter = adapter_for(p.kind)(name, p, key)
         tls = tls_context(p.tls.ca_bundle, p.tls.client_cert, p.tls.client_key) if p.tls else None
         proxy = p.proxy if p.proxy in (None, "direct") else secrets.resolve(p.proxy).reveal()

@@ -203,6 +203,12 @@ def _cross_check_credentials(cfg: Config, base_dir: Path | None) -> list[tuple[s
                 secrets.resolve(p.api_key)
             except secrets.SecretError as e:
                 problems.append((f"providers.{name}.api_key", str(e)))
+        for header, value in p.headers.items():
+            if value.startswith(secrets.REFERENCE_PREFIXES):
+                try:
+                    secrets.resolve(value)
+                except secrets.SecretError as e:
+                    problems.append((f"providers.{name}.headers.{header}", str(e)))
         if p.tls is not None and not secrets.is_offline():
             problems += check_tls(f"providers.{name}.tls", p.tls)
     if (versions_key := cfg.governance.versions_key) is not None:

@@ -145,7 +145,11 @@ def parse(
     if not check_secrets:
         secret_paths = (".api_key", ".token", "ledger.dsn", ".url", ".webhook")
         secret_sections = ("server.api_keys", "alerts.webhooks", "tracing.headers", "governance.versions_key")
-        problems = [p for p in problems if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections))]
+        problems = [
+            p
+            for p in problems
+            if not (p[0].endswith(secret_paths) or p[0].startswith(secret_sections) or ".headers." in p[0])
+        ]
     if problems:
         raise ConfigError(_in_file_order([line(path, msg) for path, msg in problems], source))
     # The core compiles regexes and checks what Python cannot.

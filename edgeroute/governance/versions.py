@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from edgeroute import config as config_mod
-from edgeroute import secrets
+from edgeroute import redact, secrets
 from edgeroute.atomic_file import Staged, stage_file
 from edgeroute.config import Config
 from edgeroute.errors import ProxyError
@@ -54,10 +54,11 @@ _PASSWORD_PARAM = re.compile(r"(?i)\bpassword\s*=")
 _URL_WITH_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
 # Or in its query, by a parameter's name holding a credential's word anywhere, percent-escapes
 # and all (a collector's `?api_key=`, Google's `?key=`, a presigned URL's `X-Amz-Signature=`,
-# `client_secret=`, `pwd=`, `sessionid=`, `api%5Fkey=`). Masking a harmless one costs nothing:
-# a rollback puts the running value back.
+# `client_secret=`, `pwd=`, `sessionid=`, `api%5Fkey=`), in a URL or a path (a provider's
+# `options.chat_path: /chat?code=...`, `health_check.path: /models?subscription-key=...`).
+# Masking a harmless one costs nothing: a rollback puts the running value back.
 _URL_WITH_KEY_PARAM = re.compile(
-    r"(?i)[a-z][a-z0-9+.-]*://[^?#\s]*\?(?:[^#\s]*&)?[a-z0-9_.%-]*?"
+    r"(?i)(?:[a-z][a-z0-9+.-]*://|/)[^?#\s]*\?(?:[^#\s]*&)?[a-z0-9_.%-]*?"
     r"(?:key|token|auth|pass|pwd|secret|sig|code|credential|session|sid)[a-z0-9_.%-]*=[^&#\s]"
 )
 
@@ -159,7 +160,21 @@ def mask(data: Any) -> Any:
         hook[key] = MASK
     for container, key, _ in list(_redacted(data)):
         container[key] = MASK
+    for container, key in list(_commands(data)):
+        container[key] = redact.text(container[key])
     return data
+
+
+def _commands(data: Any) -> Iterator[tuple[Any, Any]]:
+    """Every `exec:` reference: shown, as references are, but a command may carry a credential
+    of its own (`exec:curl -H 'X-Vault-Token: hvs.…' …`), which is redacted in views."""
+    items: Any = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for k, v in items:
+        if isinstance(v, str):
+            if v.startswith("exec:"):
+                yield data, k
+        else:
+            yield from _commands(v)
 
 
 def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
@@ -179,15 +194,51 @@ def _redacted(data: Any, path: tuple[Any, ...] = ()) -> Iterator[Leaf]:
 def for_storage(text: str, keys: Callable[[], Keys]) -> str:
     """The text to store for an applied config: itself, unless it holds literal secrets; then a
     dump with each replaced by its HMAC under `keys().seal` (no secret goes into the database; a
-    rollback takes the value back from the running config when it is unchanged)."""
+    rollback takes the value back from the running config when it is unchanged). A credential
+    in a comment (a commented-out key) is redacted too."""
     data = yaml.safe_load(text)
     found = list(_leaves(data))
     if not found:
-        return text
+        return _comments_redacted(text, data)
     prefix, k = keys().seal
     for container, at, _ in found:
         container[at] = sealed(container[at], k, prefix)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _comments_redacted(text: str, data: Any) -> str:
+    """`text` with the credentials in its comments redacted (`# was sk-proj-…`): no parsed value
+    is a literal secret, but the text, comments and all, went into the database as written. When
+    a value would change too (a `#` inside a multi-line scalar taken for a comment), the parsed
+    config is stored instead, without its comments."""
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        at = _comment_at(line)
+        if at is not None:
+            lines[i] = line[:at] + redact.text(line[at:])
+    cleaned = "".join(lines)
+    if cleaned == text:
+        return text
+    try:
+        same = yaml.safe_load(cleaned) == data
+    except yaml.YAMLError:
+        same = False
+    return cleaned if same else yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _comment_at(line: str) -> int | None:
+    """Where a YAML comment begins in `line` (a `#` at its start or after a blank, outside a
+    quoted scalar), or None. A guess for lines of multi-line scalars: `_comments_redacted`
+    checks that the values came through unchanged."""
+    quote = ""
+    for i, c in enumerate(line):
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"" and (i == 0 or line[i - 1] in " \t:[{,-"):
+            quote = c
+        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
+            return i
+    return None
 
 
 def restore(stored: str, running: str, version: int, keys: Callable[[], Keys]) -> str:

@@ -150,15 +150,36 @@ class BedrockAdapter(Adapter):
         self._credentials: Credentials | None = None
         self._none_until = 0.0  # monotonic time until which none are looked for (`NO_CREDENTIALS_S`)
         self._registered_token: str | None = ""  # the session token of the last set given to `redact`
+        # Configured credentials stay references: a `file:`/`exec:` one is kept current by the
+        # secrets' refresh (an agent rewriting short-lived STS credentials), read per request.
+        self._configured: tuple[secrets.Secret, secrets.Secret, secrets.Secret | None] | None = None
+        self._configured_at: tuple[int, ...] = ()  # the secrets' versions `_configured_frozen` was built at
+        self._configured_frozen: ReadOnlyCredentials | None = None
         if "aws_access_key_id" in opts:
             token = opts.get("aws_session_token")
-            self._credentials = Credentials(
-                secrets.resolve(str(opts["aws_access_key_id"])).reveal(),
-                secrets.resolve(str(opts.get("aws_secret_access_key", ""))).reveal(),
-                secrets.resolve(str(token)).reveal() if token else None,
+            self._configured = (
+                secrets.resolve(str(opts["aws_access_key_id"])),
+                secrets.resolve(str(opts.get("aws_secret_access_key", ""))),
+                secrets.resolve(str(token)) if token else None,
             )
 
+    def _configured_credentials(self) -> ReadOnlyCredentials | None:
+        """The configured credentials as they are now (the secrets register their new values)."""
+        if self._configured is None:
+            return None
+        at = tuple(s.version for s in self._configured if s is not None)
+        if self._configured_frozen is None or at != self._configured_at:
+            key_id, secret, token = self._configured
+            self._configured_frozen = ReadOnlyCredentials(
+                key_id.reveal(), secret.reveal(), token.reveal() if token is not None else None
+            )
+            self._configured_at = at
+        return self._configured_frozen
+
     def _frozen_credentials(self) -> ReadOnlyCredentials:
+        configured = self._configured_credentials()
+        if configured is not None:
+            return configured
         if self._credentials is None:
             import botocore.session
 
