@@ -109,15 +109,15 @@ def store_statements(app: Any) -> Iterator[list[str]]:
 @contextlib.asynccontextmanager
 async def served_file(path: Path, cfg: dict[str, Any] | None = None) -> AsyncIterator[str]:
     """edgeroute in this process on the config file `path` (`cfg` written to it first, when
-    given), so reloads and rollbacks have a file to read and write; yields its base URL."""
-    from aiohttp.test_utils import TestServer
-
+    given), so reloads and rollbacks have a file to read and write; yields its base URL. Served
+    by edgeroute's own HTTP server, as `edgeroute serve` serves it."""
     from edgeroute import config as config_mod
     from edgeroute.server import create_app
+    from tests.conftest import ProxyTestServer
 
     if cfg is not None:
         write_config(path, cfg)
-    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
     await server.start_server()
     try:
         yield f"http://127.0.0.1:{server.port}"

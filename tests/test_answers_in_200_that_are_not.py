@@ -150,6 +150,7 @@ async def test_a_client_error_event_in_a_stream_is_the_clients_400(
     assert (a.calls, b.calls) == (6, 6)  # each deployment asked once a request: they agree
     rec = await _record(proxy, 6)
     assert rec.status == 400 and [t.outcome for t in rec.attempts] == ["server_error", "server_error"]
+    assert rec.error_class == "client_error"  # the client's error: no poison alert counts it
     for dep in (await _deployments(proxy)).values():  # the request's fault, not theirs
         assert dep["circuit"] == "closed" and dep["failures"] == 0
 

@@ -7,10 +7,8 @@ Redis, refused requests, provider TPM settlement, and a downgrade's target limit
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ import yaml
 
 from edgeroute import config as config_mod
 from edgeroute.cost import budgets as B
-from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer
+from tests.governance_support import served_file
 from tests.test_cost_support import RedisServer, cost_proxy
 
 HI = [{"role": "user", "content": "hi"}]
@@ -60,17 +57,6 @@ async def _status(client: openai.AsyncOpenAI, model: str, **kw: Any) -> tuple[in
         return e.status_code, e.code
 
 
-@contextlib.asynccontextmanager
-async def _proxy_from_file(path: Path) -> AsyncIterator[str]:
-    """A proxy serving the config file at `path` (so that `/admin/reload` rereads it)."""
-    server = ProxyTestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
-
-
 async def test_n_choices_reserve_and_count_n_completions(start_upstream) -> None:
     up = await start_upstream(reply_words=40)
     # One completion of 100 tokens costs $0.10 at most; the budget has room for two and a half.
@@ -100,7 +86,7 @@ async def test_reload_reserves_at_the_new_prices(start_upstream, tmp_path: Path)
     budget = {"limits": [{"name": "g", "scope": "global", "limit_usd": 0.5, "period": "day"}]}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(_two_models(up.base_url, 1.0, 1.0, budgets=budget)))
-    async with _proxy_from_file(path) as url:
+    async with served_file(path) as url:  # `/admin/reload` rereads the file
         client = _client(url)
         assert await _status(client, "smart", max_tokens=1000) == (200, None)
         # At $20,000 per million output tokens, 1000 tokens may cost $20: over the $0.50 budget.

@@ -337,7 +337,7 @@ class Call(Attempts):
         if not self.deferred:
             return
         poison = None
-        if stop is not None and stop.poison:
+        if stop is not None and stop.request_fault:
             poison = signature(self.deferred[-1][2])
         for index, latency, f in self.deferred:
             fault = Outcome.CLIENT_ERROR if poison is not None and signature(f) == poison else f.outcome

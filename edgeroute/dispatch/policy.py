@@ -75,10 +75,18 @@ class Stop:
     details: list[dict[str, Any]] | None = None
     # No deployment could read the request: the first one's refusal, as it said it (its param).
     refusal: ProxyError | None = None
+    # The failures were the request's own (a client error the deployments sent inside a 200):
+    # none is charged to a deployment's health, as a poison request's are not.
+    the_requests: bool = False
 
     @property
     def poison(self) -> bool:
         return self.error_class == "poison"
+
+    @property
+    def request_fault(self) -> bool:
+        """Whether the held health reports are the request's fault, not the deployments'."""
+        return self.poison or self.the_requests
 
     def error(self) -> ProxyError:
         if self.refusal is not None:
@@ -430,9 +438,10 @@ class FailoverPolicy:
 
     def _in_band_error(self, f: Failure) -> Stop:
         """The client error deployments sent inside a 200, as its 4xx; its failures are the
-        request's (`poison`: no deployment's health is charged)."""
+        request's (no deployment's health is charged), a client error, not a poison request (no
+        upstream failed: no poison alert nor warning)."""
         stop = self._client_error(f)
-        return Stop(stop.status, stop.reason, stop.code, "poison")
+        return Stop(stop.status, stop.reason, stop.code, Outcome.CLIENT_ERROR.value, the_requests=True)
 
     def _client_error(self, f: Failure) -> Stop:
         status = f.status or 400
