@@ -50,9 +50,7 @@ async def _deployment(url: str, token: str) -> str:
         await client.close()
 
 
-async def test_an_operator_cannot_lift_a_teams_restriction_or_a_rate_limit(
-    start_upstream: Any, tmp_path: Path
-) -> None:
+async def test_an_operator_cannot_lift_a_teams_restriction_or_a_rate_limit(start_upstream: Any, tmp_path: Path) -> None:
     path = tmp_path / "edgeroute.yaml"
     cfg = _open(await start_upstream())
     async with served_file(path, cfg) as url:  # version 1
@@ -136,7 +134,10 @@ def test_what_counts_as_a_restriction() -> None:
     limited["rate_limits"] = {"per_key": {"rpm": 60, "tpm": 1000}, "models": {"m": {"max_parallel": 2}}}
     looser = copy.deepcopy(limited)
     looser["rate_limits"] = {"per_key": {"rpm": 120, "tpm": 1000}}
-    assert _weaker(limited, looser) == ["rate_limits.per_key.rpm loosened", "rate_limits.models.m.max_parallel loosened"]
+    assert _weaker(limited, looser) == [
+        "rate_limits.per_key.rpm loosened",
+        "rate_limits.models.m.max_parallel loosened",
+    ]
     assert _weaker(looser, limited) == []
     reserved = copy.deepcopy(base)
     reserved["budgets"] = {"reserve_max_tokens": 8192}
