@@ -13,9 +13,9 @@ target config is weaker than the running one:
   wins, so it would take the PII requests first); likewise a rule that rejects (`then.reject`:
   a team's suspension, a user's or a role's refusal decides who may call what), and a
   restriction rule: one that confines where its requests may go (`then.require_tags` or
-  `then.exclude_tags`, whoever it matches), or confines a team's, user's or role's requests to
-  given deployments or a route (`when.teams`/`users`/`roles` with `then.deployments` or
-  `then.route`: a team kept on its EU deployments or its own model);
+  `then.exclude_tags`, whoever it matches), or confines a team's, user's or role's requests,
+  or those a client tagged, to given deployments or a route (`when.teams`/`users`/`roles`/`tags`
+  with `then.deployments` or `then.route`: a team kept on its EU deployments or its own model);
 - a deployment that gains a tag a residency region, a PII or a restriction rule's
   `require_tags` names, or loses one its `exclude_tags` names (tags decide where those
   requests may go);
@@ -124,10 +124,11 @@ def _is_pii(rule: dict[str, Any]) -> bool:
 
 def _restricts(rule: dict[str, Any]) -> bool:
     """Whether a rule confines where its requests may go: tags required or excluded (residency
-    by hand), or a team's, user's or role's requests kept on given deployments or a route."""
+    by hand), or a team's, user's or role's requests (or those a client tagged, `confidential`)
+    kept on given deployments or a route."""
     if any(bool(_list(_at(rule, "then", t))) for t in ("require_tags", "exclude_tags")):
         return True
-    who = any(bool(_list(_at(rule, "when", w))) for w in ("teams", "users", "roles"))
+    who = any(bool(_list(_at(rule, "when", w))) for w in ("teams", "users", "roles", "tags"))
     return who and (bool(_list(_at(rule, "then", "deployments"))) or _at(rule, "then", "route") is not None)
 
 

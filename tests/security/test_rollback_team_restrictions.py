@@ -97,7 +97,8 @@ def test_what_counts_as_a_restriction() -> None:
     pinned = {"name": "legal-on-d-b", "when": {"teams": ["legal"]}, "then": {"deployments": ["d-b"]}}
     routed = {"name": "interns-local", "when": {"roles": ["intern"]}, "then": {"route": "legal-only"}}
     excluding = {"name": "no-external", "then": {"exclude_tags": ["external"]}}
-    for rule in (TEAM_RULE, pinned, routed, excluding):
+    tagged = {"name": "confidential-on-d-b", "when": {"tags": ["confidential"]}, "then": {"deployments": ["d-b"]}}
+    for rule in (TEAM_RULE, pinned, routed, excluding, tagged):
         ruled = copy.deepcopy(base)
         ruled["rules"] = [rule]
         assert _weaker(ruled, base) == [f"restriction rule '{rule['name']}' removed or changed"], rule
