@@ -8,6 +8,7 @@ may quote the credentials it was sent: :func:`error_body` passes every text thro
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -96,6 +97,11 @@ def error_body(
         # E.g. which deployments were tried and why they failed: safe summaries only.
         err[details_key] = redact.value(details)
     return orjson.dumps({"error": err})
+
+
+def too_many(message: str, code: str, wait_s: float) -> ProxyError:
+    """A 429 for an admin action past its rate, with `Retry-After` (whole seconds, rounded up)."""
+    return ProxyError(429, message, code=code, headers={"Retry-After": str(math.ceil(wait_s))})
 
 
 def body_read_error(e: HttpProcessingError) -> ProxyError:

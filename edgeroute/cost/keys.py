@@ -257,6 +257,13 @@ class Access:
         key, refused at load: a request without any key matched it)."""
         return token is not None and any(hmac.compare_digest(token_bytes(token), k) for k in self.shared)
 
+    def shared_actor(self, request: web.Request) -> str | None:
+        """Who a caller with a shared `server.api_keys` key is, for the audit log: `shared:`
+        and the first 8 hex of the key's SHA-256 (`printf %s "$KEY" | sha256sum` tells which
+        key, the entry never holds it); None when the caller sent none of them."""
+        token = bearer_token(request)
+        return f"shared:{token_digest(token)[:8]}" if token is not None and self.is_shared(token) else None
+
     def keyed(self, request: web.Request) -> bool:
         """Whether virtual keys are in use (the config's or managed ones)."""
         return self.ring is not None or request.app.get(MANAGED_KEYS) is not None

@@ -10,7 +10,6 @@ import asyncio
 import contextvars
 import functools
 import logging
-import math
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -27,7 +26,7 @@ from edgeroute.cache.service import CACHE
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.cost.store_errors import StoreUnavailable
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, too_many
 from edgeroute.governance import deployments, guard, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
@@ -660,12 +659,11 @@ def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
     per_minute = request.app[STATE].live.config.governance.key_writes_per_minute
     wait = managed.writes.take(writer, per_minute)
     if wait > 0:
-        raise ProxyError(
-            429,
+        raise too_many(
             f"Too many key changes: at most {per_minute} a minute (governance.key_writes_per_minute). "
             "Revocations are never held back.",
-            code="key_writes_rate_limited",
-            headers={"Retry-After": str(math.ceil(wait))},
+            "key_writes_rate_limited",
+            wait,
         )
 
 

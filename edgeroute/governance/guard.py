@@ -201,7 +201,7 @@ def held_for_a_human(running: str, target: str) -> list[str]:
     rise; a budget cut, a rate limit or a compromised upstream taken away must not be undone
     by them: the guard alerts and audits, an operator decides."""
     a, b = (_mapping(yaml.safe_load(t)) for t in (running, target))
-    return _brought_back(a, b) + looser_budgets(a, b) + _looser_limits(a, b)
+    return _brought_back(a, b) + looser_budgets(a, b) + looser_limits(a, b)
 
 
 def _mapping(data: Any) -> dict[str, Any]:
@@ -284,7 +284,8 @@ def _limits(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _looser_limits(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def looser_limits(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """A rate limit of the running config removed or raised in the target."""
     old, new = _limits(a), _limits(b)
     out = []
     for where, limit in old.items():

@@ -22,7 +22,7 @@ from edgeroute.governance import residency
 from edgeroute.governance.keys import ManagedKeys, config_makers
 from edgeroute.governance.store import STORE_DEADLINE_S, AuditRow, Gate, GovStore
 from edgeroute.governance.versions import Saved, Versions, mask
-from edgeroute.state import Live
+from edgeroute.state import STATE, Live
 
 log = logging.getLogger("edgeroute.governance")
 
@@ -35,11 +35,12 @@ _LOCK_LOOK_S = 0.25  # how often a change waiting for another one looks whether 
 
 
 def actor_of(request: web.Request) -> str:
-    """Who is acting: the caller's key id, or where an unauthenticated (loopback) call came from."""
+    """Who is acting: the caller's key id, a shared key's fingerprint, or where an
+    unauthenticated (loopback) call came from."""
     ident = request.get(IDENTITY)
     if ident is not None:
         return str(ident.key)
-    return f"anonymous@{request.remote or '-'}"
+    return request.app[STATE].live.access.shared_actor(request) or f"anonymous@{request.remote or '-'}"
 
 
 class Gov:

@@ -11,10 +11,16 @@ target config is weaker than the running one:
   or a literal is how an operator finds data the detectors do not know, an employee id or a
   project's name) removed or changed, or a rule put ahead of one (the first match by priority
   wins, so it would take the PII requests first); likewise a rule that rejects (`then.reject`:
-  a team's suspension, a user's or a role's refusal decides who may call what);
-- a deployment that gains a tag a residency region or a PII rule's `require_tags` names, or
-  loses one its `exclude_tags` names (tags decide where those requests may go);
-- a deployment added to the models a PII rule's `route` sends its requests to (or falls back to);
+  a team's suspension, a user's or a role's refusal decides who may call what), and a
+  restriction rule: one that confines where its requests may go (`then.require_tags` or
+  `then.exclude_tags`, whoever it matches), or confines a team's, user's or role's requests,
+  or those a client tagged, to given deployments or a route (`when.teams`/`users`/`roles`/`tags`
+  with `then.deployments` or `then.route`: a team kept on its EU deployments or its own model);
+- a deployment that gains a tag a residency region, a PII or a restriction rule's
+  `require_tags` names, or loses one its `exclude_tags` names (tags decide where those
+  requests may go);
+- a deployment added to the models a PII or restriction rule's `route` sends its requests to
+  (or falls back to);
 - a deployment those requests may reach (`_governed`) sent elsewhere: its provider's
   `base_url`, `proxy` or `options.region` changed, or (Bedrock, whose inference profiles
   `us.`/`eu.`/`global.` span regions) its model; compared as resolved through `provider:`,
@@ -27,8 +33,11 @@ target config is weaker than the running one:
   to every tenant);
 - a model's response cache shared more widely (`cache.scope` key < team < global), or, under a
   shared scope, made semantic or its `similarity` lowered (one tenant's answers served to others);
-- a budget of `budgets.limits` removed, or changed but for a lower limit (as the rollback
-  guard holds it: `guard.held_for_a_human`);
+- a budget of `budgets.limits` removed, or changed but for a lower limit, and a rate limit
+  (`rate_limits.per_key`, `.models`, `.deployments`, a key's `limits`: rpm, tpm, max_parallel)
+  removed or raised (as the rollback guard holds them: `guard.held_for_a_human`); the output
+  a request naming no `max_tokens` holds against budgets and TPM
+  (`budgets.reserve_max_tokens`, `rate_limits.unbounded_output_tokens`) lowered;
 - `governance.keys_stale_after_s` raised (an instance cut off from the key store serves keys
   revoked meanwhile that much longer).
 
@@ -62,6 +71,8 @@ def weakenings(running: str, target: str) -> list[str]:
         + _provider_files(a, b)
         + _cache_sharing(a, b)
         + guard.looser_budgets(a, b)
+        + guard.looser_limits(a, b)
+        + _reservations(a, b)
         + _stale_keys(a, b)
         + _key_and_audit_bounds(a, b)
     )
@@ -111,11 +122,30 @@ def _is_pii(rule: dict[str, Any]) -> bool:
     return any(bool(_at(rule, "when", w)) for w in ("pii", "patterns", "keywords"))
 
 
+def _restricts(rule: dict[str, Any]) -> bool:
+    """Whether a rule confines where its requests may go: tags required or excluded (residency
+    by hand), or a team's, user's or role's requests (or those a client tagged, `confidential`)
+    kept on given deployments or a route."""
+    if any(bool(_list(_at(rule, "then", t))) for t in ("require_tags", "exclude_tags")):
+        return True
+    who = any(bool(_list(_at(rule, "when", w))) for w in ("teams", "users", "roles", "tags"))
+    return who and (bool(_list(_at(rule, "then", "deployments"))) or _at(rule, "then", "route") is not None)
+
+
 def _kind(rule: dict[str, Any]) -> str | None:
-    """What a rule guards: 'PII' (data it finds), 'reject' (who or what it refuses), or nothing."""
+    """What a rule guards: 'PII' (data it finds), 'reject' (who or what it refuses),
+    'restriction' (where its requests may go, `_restricts`), or nothing."""
     if _is_pii(rule):
         return "PII"
-    return "reject" if _at(rule, "then", "reject") else None
+    if _at(rule, "then", "reject"):
+        return "reject"
+    return "restriction" if _restricts(rule) else None
+
+
+def _guarding(data: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The rules that decide where requests may go, by kind: PII rules, then restriction rules."""
+    rules = _rules(data)
+    return [("PII", [r for r in rules if _is_pii(r)]), ("restriction", [r for r in rules if _kind(r) == "restriction"])]
 
 
 def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -132,8 +162,9 @@ def _pii_rules(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _tags(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Deployments' tags that would let PII or a resident key's requests go where they could not."""
-    pii = [r for r in _rules(a) if _is_pii(r)]
+    """Deployments' tags that would let PII, a restricted team's or a resident key's requests go
+    where they could not."""
+    pii = [r for _, rules in _guarding(a) for r in rules]
     required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
     excluded = {str(t) for r in pii for t in _list(_at(r, "then", "exclude_tags"))}
     prefix = _at(a, "governance", "residency", "tag_prefix") or "region:"
@@ -151,26 +182,30 @@ def _tags(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def _governed(a: dict[str, Any]) -> dict[str, str]:
-    """The deployments (of the running config) that residency or a PII rule sends requests to,
-    each with why: a region tag, a tag a PII rule requires, named by one (its `deployments`, its
-    `route`'s), or without every tag a PII rule excludes (those may take its requests)."""
-    pii = [r for r in _rules(a) if _is_pii(r)]
-    required = {str(t) for r in pii for t in _list(_at(r, "then", "require_tags"))}
-    excluded = [{str(t) for t in ex} for r in pii if (ex := _list(_at(r, "then", "exclude_tags")))]
-    named = {str(d) for r in pii for d in _list(_at(r, "then", "deployments"))}
-    routed = _routed(a, pii)
+    """The deployments (of the running config) that residency, a PII or a restriction rule sends
+    requests to, each with why: a region tag, a tag such a rule requires, named by one (its
+    `deployments`, its `route`'s), or without every tag one excludes (those may take its requests)."""
     prefix = str(_at(a, "governance", "residency", "tag_prefix") or "region:")
     resident = _at(a, "governance", "residency") is not None
+    guarding = _guarding(a)
+    required = {str(t) for _, rules in guarding for r in rules for t in _list(_at(r, "then", "require_tags"))}
     out = {}
     for name, dep in _mapping(a.get("deployments")).items():
         tags = {str(t) for t in _list(_at(dep, "tags"))}
         why = sorted(t for t in tags if t in required or (resident and t.startswith(prefix)))
         if why:
             out[name] = f"tagged {', '.join(why)}"
-        elif name in named or name in routed:
-            out[name] = "named by a PII rule"
-        elif any(not tags & ex for ex in excluded):
-            out[name] = "open to a PII rule's requests"
+    for kind, rules in guarding:
+        excluded = [{str(t) for t in ex} for r in rules if (ex := _list(_at(r, "then", "exclude_tags")))]
+        named = {str(d) for r in rules for d in _list(_at(r, "then", "deployments"))} | _routed(a, rules)
+        for name, dep in _mapping(a.get("deployments")).items():
+            tags = {str(t) for t in _list(_at(dep, "tags"))}
+            if name in out:
+                continue  # one reason is enough, the first found
+            if name in named:
+                out[name] = f"named by a {kind} rule"
+            elif any(not tags & ex for ex in excluded):
+                out[name] = f"open to a {kind} rule's requests"
     return out
 
 
@@ -228,8 +263,9 @@ def _destinations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             continue  # removed: its requests go nowhere
         was, now = _where(a, _mapping(a.get("deployments"))[name]), _where(b, new[name])
         out += [f"deployments.{name} ({why}) changes its {f}" for f in was if was[f] != now[f]]
-    pii = [r for r in _rules(a) if _is_pii(r)]
-    out += [f"deployments.{d} joins the route of a PII rule" for d in sorted(_routed(b, pii) - _routed(a, pii))]
+    for kind, rules in _guarding(a):
+        joined = sorted(_routed(b, rules) - _routed(a, rules))
+        out += [f"deployments.{d} joins the route of a {kind} rule" for d in joined]
     return out
 
 
@@ -294,6 +330,23 @@ def _cache_sharing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             out.append(f"models.{name}.cache shared more widely ({shown})")
         elif now >= 1 and mode == "semantic" and (was_mode != "semantic" or sim < was_sim):
             out.append(f"models.{name}.cache matches more loosely under a shared scope (semantic)")
+    return out
+
+
+def _reservations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The output a request naming no `max_tokens` is held to before it settles, lowered: more
+    such requests pass a budget's or a TPM bucket's check at once (each may spend past it)."""
+
+    def number(value: Any, default: int) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    was_b, now_b = (number(_at(x, "budgets", "reserve_max_tokens"), 4096) for x in (a, b))
+    out = [f"budgets.reserve_max_tokens lowered from {was_b} to {now_b}"] if now_b < was_b else []
+    set_ = [_at(x, "rate_limits", "unbounded_output_tokens") for x in (a, b)]
+    if any(v is not None for v in set_):  # unset: the budgets' reserve, said above
+        was_t, now_t = number(set_[0], was_b), number(set_[1], now_b)
+        if now_t < was_t:
+            out.append(f"rate_limits.unbounded_output_tokens lowered from {was_t} to {now_t}")
     return out
 
 

@@ -25,7 +25,8 @@ from edgeroute import redact, redis_client
 from edgeroute.accounting import UNROUTED, RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
-from edgeroute.errors import ProxyError
+from edgeroute.errors import ProxyError, too_many
+from edgeroute.governance.keys import WriteLimit
 from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
 from edgeroute.shadow import MIRRORED
@@ -81,6 +82,7 @@ class Telemetry:
         # The loop it runs on, kept while it runs: asking for the running loop is a getpid()
         # system call on Python 3.11, and `finished` needs it once a request.
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.tests = WriteLimit()  # `POST /admin/alerts/test` calls by caller (ALERT_TESTS_PER_MINUTE)
 
     def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
         """`budgets`: their spend when the alerts are due (else None)."""
@@ -237,8 +239,15 @@ async def admin_alerts(request: web.Request) -> web.Response:
     return _json(request.app[TELEMETRY].alerts.listing())
 
 
+# Test notifications a caller may ask for a minute on one instance (a token bucket, so a few at
+# once): each one pages every on-call channel named, and writes an audit entry.
+ALERT_TESTS_PER_MINUTE = 3
+
+
 async def admin_alerts_test(request: web.Request) -> web.Response:
-    """Queues a test notification to every webhook, or to `?webhook=NAME`."""
+    """Queues a test notification to every webhook, or to `?webhook=NAME`; 429 past
+    ALERT_TESTS_PER_MINUTE notifications a minute by the caller (a 404 for an unknown webhook,
+    which pages no one, is not counted)."""
     _only(request, {"webhook"})
     cfg = request.app[STATE].live.config.alerts
     name = request.query.get("webhook")
@@ -249,6 +258,13 @@ async def admin_alerts_test(request: web.Request) -> web.Response:
             await gov.audit(actor_of(request), "alerts.test_refused", "alerts", None, {"webhook": shown, "queued": []})
         raise ProxyError(404, f"No webhook {name[:80]!r} in alerts.webhooks.", code="not_found", param="webhook")
     names = [name] if name is not None else list(cfg.webhooks)
+    if names and (wait := request.app[TELEMETRY].tests.take(actor_of(request), ALERT_TESTS_PER_MINUTE)) > 0:
+        raise too_many(
+            f"Too many test notifications: at most {ALERT_TESTS_PER_MINUTE} a minute per caller "
+            "(each one pages every webhook it names).",
+            "alerts_test_rate_limited",
+            wait,
+        )
     request.app[TELEMETRY].alerts.test(cfg, names, time.time())
     if gov is not None:  # a notification sent to every on-call channel in the operator's name
         await gov.audit(actor_of(request), "alerts.test", "alerts", None, {"queued": names})
