@@ -246,17 +246,13 @@ ALERT_TESTS_PER_MINUTE = 3
 
 async def admin_alerts_test(request: web.Request) -> web.Response:
     """Queues a test notification to every webhook, or to `?webhook=NAME`; 429 past
-    ALERT_TESTS_PER_MINUTE notifications a minute by the caller (a 404 for an unknown webhook,
-    which pages no one, is not counted)."""
+    ALERT_TESTS_PER_MINUTE calls a minute by the caller. A probe for an unknown webhook pages no
+    one but counts too: it writes an audit entry, and the audit is not the caller's to fill."""
     _only(request, {"webhook"})
     cfg = request.app[STATE].live.config.alerts
     name = request.query.get("webhook")
     gov = request.app.get(GOV)
-    if name is not None and name not in cfg.webhooks:
-        if gov is not None:  # who probed for which webhook, and that none was sent
-            shown = redact.text(name[:80])
-            await gov.audit(actor_of(request), "alerts.test_refused", "alerts", None, {"webhook": shown, "queued": []})
-        raise ProxyError(404, f"No webhook {name[:80]!r} in alerts.webhooks.", code="not_found", param="webhook")
+    unknown = name is not None and name not in cfg.webhooks
     names = [name] if name is not None else list(cfg.webhooks)
     if names and (wait := request.app[TELEMETRY].tests.take(actor_of(request), ALERT_TESTS_PER_MINUTE)) > 0:
         raise too_many(
@@ -265,6 +261,12 @@ async def admin_alerts_test(request: web.Request) -> web.Response:
             "alerts_test_rate_limited",
             wait,
         )
+    if unknown:
+        assert name is not None
+        if gov is not None:  # who probed for which webhook, and that none was sent
+            shown = redact.text(name[:80])
+            await gov.audit(actor_of(request), "alerts.test_refused", "alerts", None, {"webhook": shown, "queued": []})
+        raise ProxyError(404, f"No webhook {name[:80]!r} in alerts.webhooks.", code="not_found", param="webhook")
     request.app[TELEMETRY].alerts.test(cfg, names, time.time())
     if gov is not None:  # a notification sent to every on-call channel in the operator's name
         await gov.audit(actor_of(request), "alerts.test", "alerts", None, {"queued": names})

@@ -53,9 +53,9 @@ async def test_a_caller_cannot_page_the_webhooks_without_bound(start_upstream: A
     assert 1 <= int(headers["Retry-After"]) <= 60 // ALERT_TESTS_PER_MINUTE, headers
     status, body, _ = await _post(test + "?webhook=pager", OPS)
     assert status == 429, body
-    # An unknown webhook pages no one: a 404 as before, not counted.
+    # A probe for an unknown webhook pages no one but writes an audit entry: it counts too.
     status, body, _ = await _post(test + "?webhook=nope", OPS)
-    assert status == 404, body
+    assert status == 429, body
     # Another caller has its own allowance.
     status, body, _ = await _post(test, OPS2)
     assert status == 200, body
@@ -74,3 +74,17 @@ async def test_a_caller_cannot_page_the_webhooks_without_bound(start_upstream: A
     tested = [e["actor"] for e in entries if e["action"] == "alerts.test"]
     assert sorted(tested) == sorted(["ops"] * ALERT_TESTS_PER_MINUTE + ["ops2"]), entries
     assert hits == ["pager"] * sent
+
+
+async def test_probes_for_unknown_webhooks_cannot_fill_the_audit(start_upstream: Any, start_proxy: Any) -> None:
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["keys"] = {"root": {"token": ROOT, "role": "admin"}, "ops": {"token": OPS, "role": "operator"}}
+    proxy = await start_proxy(cfg)
+    statuses = [(await _post(proxy.url + "/admin/alerts/test?webhook=bogus", OPS))[0] for _ in range(20)]
+    assert statuses == [404] * ALERT_TESTS_PER_MINUTE + [429] * (20 - ALERT_TESTS_PER_MINUTE), statuses
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {ROOT}"}) as s,
+        s.get(proxy.url + "/admin/audit?action=alerts.test_refused") as r,
+    ):
+        entries = (await r.json())["entries"]
+    assert len(entries) == ALERT_TESTS_PER_MINUTE, entries
