@@ -48,6 +48,23 @@ def test_a_shorter_audit_retention_weakens_governance() -> None:
     assert weakenings(keep % 7, keep % 365) == weakenings(keep % 7, "{}") == []
 
 
+def test_traces_and_alerts_sent_elsewhere_weaken_governance() -> None:
+    hooks = "alerts: {webhooks: {pager: {url: '%s'}}}"
+    assert weakenings(hooks % "https://pager.example/x", hooks % "https://evil.example/tok") == [
+        "alerts.webhooks.pager sends notifications to another address"
+    ]
+    assert weakenings("{}", hooks % "https://evil.example/tok") == [
+        "alerts.webhooks.pager sends notifications to another address"
+    ]
+    assert weakenings(hooks % "https://pager.example/x", "{}") == []  # fewer receivers: nothing leaves
+    tracing = "tracing: {enabled: %s, endpoint: '%s'}"
+    assert weakenings(tracing % ("false", "http://evil:4318"), tracing % ("true", "http://evil:4318")) == [
+        "tracing.endpoint sends traces to another address"
+    ]
+    assert weakenings(tracing % ("true", "http://a:4318"), tracing % ("true", "http://a:4318")) == []
+    assert weakenings(tracing % ("true", "http://a:4318"), tracing % ("false", "http://b:4318")) == []
+
+
 def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():

@@ -75,7 +75,23 @@ def weakenings(running: str, target: str) -> list[str]:
         + _reservations(a, b)
         + _stale_keys(a, b)
         + _key_and_audit_bounds(a, b)
+        + _telemetry_destinations(a, b)
     )
+
+
+def _telemetry_destinations(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Traces and alert notifications sent to an address the running config does not use: a
+    rollback could otherwise bring back a receiver set once, by whoever could edit the config
+    then. Names the field, never the address (a webhook URL is often its own credential)."""
+    out = []
+    ta, tb = _mapping(a.get("tracing")), _mapping(b.get("tracing"))
+    if tb.get("enabled") is True and (ta.get("enabled") is not True or tb.get("endpoint") != ta.get("endpoint")):
+        out.append("tracing.endpoint sends traces to another address")
+    was = {repr(_at(hook, "url")) for hook in _mapping(_at(a, "alerts", "webhooks")).values()}
+    for name, hook in _mapping(_at(b, "alerts", "webhooks")).items():
+        if repr(_at(hook, "url")) not in was:
+            out.append(f"alerts.webhooks.{name} sends notifications to another address")
+    return out
 
 
 def _at(data: Any, *path: str) -> Any:
