@@ -128,18 +128,42 @@ class EmbeddingQueue:
 
 @dataclass(slots=True, frozen=True)
 class Directive:
-    """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`)."""
+    """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`, `Pragma`).
+
+    `max_age`, `min_fresh`, `max_stale`: the request's `Cache-Control` bounds (RFC 9111
+    5.2.1), in seconds, None when not sent. The first two judge a fresh hit (`fresh`);
+    `max_age` and `max_stale` judge a stale-if-error answer (`stale_ok`), which is still given
+    only when every deployment fails (a client's `max-stale` never makes a stale hit)."""
 
     lookup: bool = True
     store: bool = True
     only_if_cached: bool = False
+    max_age: float | None = None
+    min_fresh: float | None = None
+    max_stale: float | None = None
+
+    def fresh(self, age: float, ttl: float) -> bool:
+        """Whether an entry this old may be served as a hit (its route's `ttl`)."""
+        if age > ttl:
+            return False
+        if self.max_age is not None and age > self.max_age:
+            return False
+        return self.min_fresh is None or ttl - age >= self.min_fresh
+
+    def stale_ok(self, age: float, ttl: float) -> bool:
+        """Whether an entry this old may stand in for a failed call (within `stale_if_error`)."""
+        if self.max_age is not None and age > self.max_age:
+            return False
+        return self.max_stale is None or age - ttl <= self.max_stale
 
     @classmethod
     def of(cls, request: web.Request) -> Directive:
         got = request.headers
         raw, control = got.get(HEADER), got.get("Cache-Control")
         if raw is None and control is None:
-            return _DEFAULT  # most requests: one object shared, nothing parsed
+            # Most requests: one object shared, nothing parsed. `Pragma: no-cache` counts only
+            # without `Cache-Control` (RFC 9111 5.4): an HTTP/1.0 client's "revalidate".
+            return _REVALIDATE if "Pragma" in got and _pragma_no_cache(got) else _DEFAULT
         lookup = store = True
         only_if_cached = False
         if raw is not None:
@@ -166,20 +190,58 @@ class Directive:
                 lookup = False
             else:
                 only_if_cached = True
+        if control is None:
+            if _pragma_no_cache(got):
+                lookup = False
+            return cls(lookup, store, only_if_cached)
+        bounds: dict[str, float] = {}
         # Repeated Cache-Control lines are one list (RFC 9110 5.3): each line counts.
         for line in got.getall("Cache-Control", ()):
             for part in line.lower().split(","):
-                part = part.strip().replace(" ", "")
-                if part == "no-store":
+                name, _, arg = part.replace(" ", "").replace("\t", "").partition("=")
+                if name == "no-store":
                     store = False
-                elif part in ("no-cache", "max-age=0"):  # serve nothing stored without going upstream
+                elif name == "no-cache":  # serve nothing stored without going upstream
                     lookup = False
-                elif part == "only-if-cached":
+                elif name == "only-if-cached":
                     only_if_cached = True
-        return cls(lookup, store, only_if_cached)
+                elif name in _BOUNDS:
+                    if name == "max-stale" and not arg:
+                        seconds: float | None = _DELTA_MAX  # any staleness (the route's window still bounds it)
+                    else:
+                        seconds = _delta_seconds(arg)
+                    if seconds is not None:  # an invalid value is ignored (RFC 9111 4.2.1, 5.2)
+                        # A directive sent twice: the stricter of the two.
+                        tighter = max if name == "min-fresh" else min
+                        bounds[name] = tighter(bounds.get(name, seconds), seconds)
+        if bounds.get("max-age") == 0:
+            lookup = False  # nothing stored is young enough: a refresh (labelled `bypass`)
+        return cls(
+            lookup, store, only_if_cached, bounds.get("max-age"), bounds.get("min-fresh"), bounds.get("max-stale")
+        )
+
+
+# The request directives that bound an entry's age, and the largest delta-seconds value kept:
+# a larger one (or one of more digits than int() takes) is this (RFC 9111 1.2.2).
+_BOUNDS = frozenset({"max-age", "min-fresh", "max-stale"})
+_DELTA_MAX = float(2**31)
+
+
+def _delta_seconds(arg: str) -> float | None:
+    """A directive's delta-seconds (digits, optionally quoted), or None when it is not one."""
+    if len(arg) >= 2 and arg[0] == arg[-1] == '"':
+        arg = arg[1:-1]
+    if not arg or not arg.isascii() or not arg.isdigit():
+        return None
+    return _DELTA_MAX if len(arg) > 10 else min(float(int(arg)), _DELTA_MAX)
+
+
+def _pragma_no_cache(got: Any) -> bool:
+    return any(p.strip().lower() == "no-cache" for v in got.getall("Pragma", ()) for p in v.split(","))
 
 
 _DEFAULT = Directive()
+_REVALIDATE = Directive(lookup=False)
 
 
 @dataclass(slots=True)
@@ -399,14 +461,14 @@ class ResponseCache:
         else:
             entry = await self.store.get(plan.route, plan.key)
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
-            age = entry.age()
-            if age <= plan.settings.ttl and not entry.fallback:
+            age, ttl, wants = entry.age(), plan.settings.ttl, plan.directive
+            if not entry.fallback and wants.fresh(age, ttl):
                 plan.label = "hit"
                 self.counters.hits += 1
                 if shared is not None:  # (in memory, `get` moved it already)
                     shared.touch(plan.route, plan.key, plan.tenant)
                 return entry
-            if age <= plan.settings.ttl + plan.settings.stale_if_error:
+            if age <= ttl + plan.settings.stale_if_error and wants.stale_ok(age, ttl):
                 plan.stale = entry
         if plan.turn is not None and (similar := await self._semantic_lookup(plan, allowed)) is not None:
             return similar
@@ -518,7 +580,7 @@ class ResponseCache:
             if (
                 entry is not None
                 and entry.servable(allowed)
-                and entry.age() <= plan.settings.ttl
+                and plan.directive.fresh(entry.age(), plan.settings.ttl)
                 and not entry.fallback
             ):
                 plan.label, plan.similarity = "hit", cand.similarity
