@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from edgeroute import redis_client
 from edgeroute.cache import remote
-from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json, finished
+from edgeroute.cache.entry import Entry, completion_from_stream, kind_of, storable
 from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import (
     Guards,
@@ -275,6 +275,10 @@ class Plan:
     # The deployments the request may be sent to (`lookup`'s `allowed`): whether the route's own
     # are among them tells a fallback's answer in a blip from the only answer it can get.
     allowed: Mapping[str, str] | None = None
+    # Whose entries it may be served (`tenant_of`) and what its endpoint answers ("chat",
+    # "embeddings"): kept in what it stores, checked on what it reads (`_belongs`).
+    scope: str = ""
+    kind: str = "chat"
 
     @property
     def stores(self) -> bool:
@@ -411,6 +415,7 @@ class ResponseCache:
                 raise _not_cached()
             return None
         plan = _new_plan(request, (route, cache_key(fields, route, tenant), tenant, writer), settings, directive, True)
+        plan.kind = "embeddings"
         return self._bypass_unless_looked_up(plan)
 
     @staticmethod
@@ -460,6 +465,8 @@ class ResponseCache:
             entry = await shared.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
+        if entry is not None and not self._belongs(plan, plan.key, entry):
+            entry = None
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
             age, ttl, wants = entry.age(), plan.settings.ttl, plan.directive
             if not entry.fallback and wants.fresh(age, ttl):
@@ -478,6 +485,16 @@ class ResponseCache:
         if plan.directive.only_if_cached:
             raise _not_cached()
         return None
+
+    def _belongs(self, plan: Plan, key: str, entry: Entry) -> bool:
+        """Whether `entry`, read under `key`, was stored there for a request of this plan's
+        tenant and endpoint: one copied under another key in the shared store, or a shared
+        semantic record pointing another tenant's lookups at it, is a miss (counted)."""
+        if entry.key == key and entry.tenant == plan.scope and entry.kind == plan.kind:
+            return True
+        self.counters.invalid += 1
+        log.warning("response cache: an entry stored for another request was ignored (route %s)", plan.route)
+        return False
 
     def unusable(self, plan: Plan) -> None:
         """The hit `lookup` found cannot be given to this client: a miss after all (asked
@@ -579,6 +596,7 @@ class ResponseCache:
             entry = await self.store.get(plan.route, cand.key)
             if (
                 entry is not None
+                and self._belongs(plan, cand.key, entry)
                 and entry.servable(allowed)
                 and plan.directive.fresh(entry.age(), plan.settings.ttl)
                 and not entry.fallback
@@ -604,8 +622,7 @@ class ResponseCache:
         """`deployment`: the answering deployment's `DeploymentInfo.cached_as`."""
         if not plan.stores:
             return
-        completion = completion_from_json(body)
-        if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
+        if kind_of(body) == plan.kind:  # (what `Entry.loads` reads back)
             self._save(plan, self._entry(plan, body, deployment, cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
@@ -616,12 +633,15 @@ class ResponseCache:
             self.counters.too_large += 1
             return
         completion = completion_from_stream(stream)
-        if completion is not None and finished(completion):
+        if completion is not None and storable(completion) and plan.kind == "chat":
             self._save(plan, self._entry(plan, orjson.dumps(completion), deployment, cost_usd))
 
     def _entry(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> Entry:
         name, upstream = deployment
-        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan, name))
+        fallback = self._fallback(plan, name)
+        return Entry(
+            body, name, time.time(), cost_usd, upstream, plan.writer, fallback, plan.key, plan.scope, plan.kind
+        )
 
     def _fallback(self, plan: Plan, deployment: str) -> bool:
         """Whether `deployment` answered in a blip of the route's own deployments (it is not one
@@ -721,7 +741,7 @@ def _new_plan(
     with its managed key, counts against its share (`share_of`) and names its writer."""
     route, key, tenant, writer = names
     owner, share = _owner(request), share_of(tenant, request)
-    return Plan(route, key, settings, directive, cacheable, owner=owner, tenant=share, writer=writer)
+    return Plan(route, key, settings, directive, cacheable, owner=owner, tenant=share, writer=writer, scope=tenant)
 
 
 def _owner(request: web.Request) -> str | None:
@@ -800,9 +820,15 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "edgeroute_cache_not_stored_too_large", "Answers above max_entry_bytes, not stored.", value=c.too_large
     )
-    errors = CounterMetricFamily("edgeroute_cache_store_errors", "Store failures served as misses.", labels=["kind"])
+    errors = CounterMetricFamily(
+        "edgeroute_cache_store_errors",
+        "Store failures served as misses: unavailable, corrupt (did not decode), invalid (fields edgeroute does not "
+        "write, or stored for another request's key, tenant or endpoint).",
+        labels=["kind"],
+    )
     errors.add_metric(["unavailable"], c.errors)
     errors.add_metric(["corrupt"], c.corrupt)
+    errors.add_metric(["invalid"], c.invalid)
     yield errors
     yield CounterMetricFamily(
         "edgeroute_cache_semantic_skipped",
