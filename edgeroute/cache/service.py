@@ -782,7 +782,12 @@ def share_of(tenant: str, request: web.Request) -> str:
 
 def root_key(ident: Identity) -> str:
     """The key at the top of the chain of managed keys that made this one (`spends_for`: the
-    key, then its makers); the key itself for a key of the config or one it made."""
+    key, then its makers), or the config key of a team that made that chain (`share_root`: a
+    team's admin key minting keys must not get a share per key); the key itself for a key of
+    the config. Keys an operator's global config key made are each their own root: it makes
+    them for different tenants."""
+    if ident.share_root is not None:
+        return ident.share_root
     return ident.spends_for[-1] if ident.spends_for else ident.key
 
 
