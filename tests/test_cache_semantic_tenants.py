@@ -19,6 +19,7 @@ import aiohttp
 import numpy as np
 import openai
 import orjson
+import pytest
 
 from edgeroute.cache import semantic as sem
 from edgeroute.cache.entry import Entry
@@ -125,12 +126,15 @@ def test_a_busy_tenant_evicts_its_own_index_records_not_the_others() -> None:
     assert (len(index), index.held("key:a"), index.held("key:b"), index.held("key:c")) == (10, 2, 5, 3)
 
 
-def test_entries_of_the_previous_format_are_still_read_without_a_writer() -> None:
+def test_entries_of_earlier_formats_are_misses_and_the_writer_is_kept() -> None:
+    # Earlier formats name neither the key nor the tenant they were stored for, which a read
+    # now checks (`test_cache_planted_entries.py`): they are asked again once.
     body = orjson.dumps({"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
                         "message": {"role": "assistant", "content": "hi"}}]})  # fmt: skip
-    old = zlib.compress(orjson.dumps([2, "d-a", 1.0, 0.5, "a:gpt"]) + b"\n" + body, 1)
-    assert Entry.loads(old) == Entry(body, "d-a", 1.0, 0.5, "a:gpt", "")
-    new = Entry(body, "d-a", 1.0, 0.5, "a:gpt", "req_1")
+    for head in ([2, "d-a", 1.0, 0.5, "a:gpt"], [3, "d-a", 1.0, 0.5, "a:gpt", "req_1"]):
+        with pytest.raises(ValueError):
+            Entry.loads(zlib.compress(orjson.dumps(head) + b"\n" + body, 1))
+    new = Entry(body, "d-a", 1.0, 0.5, "a:gpt", "req_1", key="k", tenant="key:a")
     assert Entry.loads(new.dumps()) == new
 
 

@@ -9,6 +9,7 @@ a streaming SDK cannot tell a hit from a miss but by speed and the header.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import zlib
@@ -26,11 +27,12 @@ from edgeroute.cache.settings import MAX_ENTRY_BYTES
 _PIECE = 48  # characters of text per replayed chunk: streaming clients render it as it comes
 
 
-# Bytes an in-memory entry costs beyond its body (its key, the entry, its record and its place
-# in its tenant's LRU order), for the bound: 411 to 427 measured as the dicts fill (`python -m
-# edgeroute.cache.evaluate --memory`; 385 with one LRU for every tenant); it was 200, and a
-# store at its `max_bytes` held about a fifth more than that.
-_OVERHEAD = 440
+# Bytes an in-memory entry costs beyond its body and names (its key, the entry, its record and
+# its place in its tenant's LRU order), for the bound: 411 to 427 measured as the dicts fill
+# (`python -m edgeroute.cache.evaluate --memory`; 385 with one LRU for every tenant), 24 more
+# since an entry names its key (the store's own string) and tenant; it was 200, and a store at
+# its `max_bytes` held about a fifth more than that.
+_OVERHEAD = 464
 # The most a stored entry may inflate to (the largest `max_entry_bytes`, and its header): past
 # it, what Redis holds was not written by edgeroute (a compression bomb: a few kilobytes that
 # inflate to gigabytes, on the event loop) and is a corrupt entry.
@@ -52,6 +54,21 @@ def inflate(data: bytes, limit: int) -> bytes:
     return out
 
 
+# What a stored entry's fields may be (`Entry.loads`): edgeroute writes nothing outside these,
+# so an entry outside them was planted in or corrupted by the shared store. Names (deployment,
+# what it was, request id, key, tenant) are short; a cost is finite and below what any one
+# call costs; a date is not ahead of this host's clock by more than instances' clocks differ.
+_MAX_NAME = 512
+MAX_COST_USD = 10_000.0
+CLOCK_SKEW_S = 300.0
+VERSION = 5
+
+
+class InvalidEntry(ValueError):
+    """An entry that decodes but that edgeroute did not write so (counted apart from one that
+    does not decode: `CacheCounters.invalid`)."""
+
+
 @dataclass(slots=True, frozen=True)
 class Entry:
     body: bytes  # an OpenAI `chat.completion` (or, for /v1/embeddings, `list` of embeddings) as JSON, sent as it is
@@ -61,48 +78,53 @@ class Entry:
     # What the deployment was then (`DeploymentInfo.cached_as`): a reload that keeps its name but points it at
     # another model or provider must not serve the old model's answers under the new one.
     upstream: str = ""
-    writer: str = ""  # the id of the request whose answer it is ("": an entry of an earlier release)
+    writer: str = ""  # the id of the request whose answer it is
     # Given by a fallback model (outside the route's own deployments) while the route's failed:
     # never a fresh hit (the client asked for the route's model), only a stale-if-error answer.
     fallback: bool = False
+    # The cache key it is stored under and the tenant whose entries it is (`service.tenant_of`):
+    # a read checks both, so that an entry copied under another request's key (another
+    # tenant's answer, another model's) in the shared store is never served as that request's.
+    key: str = ""
+    tenant: str = ""
+    kind: str = "chat"  # or "embeddings": what its body is (not stored: read from the body)
 
     def age(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.created)
 
     def size(self) -> int:
-        return len(self.body) + len(self.deployment) + len(self.upstream) + len(self.writer) + _OVERHEAD
+        names = len(self.deployment) + len(self.upstream) + len(self.writer) + len(self.tenant)
+        return len(self.body) + names + _OVERHEAD
 
     def dumps(self) -> bytes:
         """The stored form: a small JSON header line, then the body, compressed."""
-        fields = [self.deployment, self.created, self.cost_usd, self.upstream, self.writer]
-        # Version 4 only for a fallback's answer: an earlier release reads it as corrupt (a miss),
-        # never as a fresh hit; every other entry stays readable by it.
-        head = orjson.dumps([4, *fields, True] if self.fallback else [3, *fields])
+        fields = [self.deployment, self.created, self.cost_usd, self.upstream, self.writer, self.fallback]
+        head = orjson.dumps([VERSION, *fields, self.key, self.tenant])
         return zlib.compress(head + b"\n" + self.body, 1)
 
     @classmethod
     def loads(cls, data: bytes) -> Entry:
-        """Raises ValueError on anything but an entry this module wrote."""
+        """Raises ValueError on anything that does not decode to an entry of this version (an
+        earlier release's entries, which name no key, are read so too: they are asked again
+        once), InvalidEntry on one that decodes to fields or a body edgeroute does not write."""
         try:
             raw = inflate(data, MAX_STORED_BYTES)
             head, _, body = raw.partition(b"\n")
-            version, deployment, created, cost, upstream, *rest = orjson.loads(head)
-        except (orjson.JSONDecodeError, TypeError, ValueError) as e:
+            fields = orjson.loads(head)
+        except (orjson.JSONDecodeError, ValueError) as e:
             raise ValueError(f"unreadable cache entry: {e}") from None
-        # Version 1 entries did not say which model produced them: not reused (they expire).
-        # Version 2 ones do not name the request that wrote them: read, with no writer. Version 4
-        # ones are a fallback's answers (`fallback`).
-        fallback = version == 4 and len(rest) == 2 and rest[1] is True
-        writer = rest[0] if (version == 3 and len(rest) == 1) or fallback else "" if version == 2 and not rest else None
-        if writer is None or not isinstance(deployment, str) or not isinstance(upstream, str):
+        if not isinstance(fields, list) or len(fields) != 9 or fields[0] != VERSION:
             raise ValueError("unreadable cache entry: unknown format")
-        if not isinstance(writer, str):
-            raise ValueError("unreadable cache entry: bad fields")
-        if not isinstance(created, int | float) or not isinstance(cost, int | float):
-            raise ValueError("unreadable cache entry: bad fields")
-        if completion_from_json(body) is None and embeddings_from_json(body) is None:
-            raise ValueError("unreadable cache entry: not a chat completion or embeddings")
-        return cls(body, deployment, float(created), float(cost), upstream, writer, fallback)
+        _, deployment, created, cost, upstream, writer, fallback, key, tenant = fields
+        if not all(isinstance(n, str) and len(n) <= _MAX_NAME for n in (deployment, upstream, writer, key, tenant)):
+            raise InvalidEntry("cache entry: bad names")
+        if not _number(created) or not 0 < created <= time.time() + CLOCK_SKEW_S:
+            raise InvalidEntry("cache entry: bad date")
+        if not _number(cost) or not 0 <= cost <= MAX_COST_USD or not isinstance(fallback, bool):
+            raise InvalidEntry("cache entry: bad fields")
+        if (kind := kind_of(body)) is None:
+            raise InvalidEntry("cache entry: not a finished chat completion or embeddings")
+        return cls(body, deployment, float(created), float(cost), upstream, writer, fallback, key, tenant, kind)
 
     def servable(self, allowed: Mapping[str, str]) -> bool:
         """Whether a request that may go to `allowed` (name: what it is now) may
@@ -118,6 +140,32 @@ class Entry:
         depend on the body alone, `form` naming it. Rendered once per entry and form while the
         entry is hot, not once per hit."""
         return _REPLAYS.render(self.body, form, render)
+
+
+def kind_of(body: bytes) -> str | None:
+    """What an answer is, if it is one the cache keeps (and reads back): "chat" (a finished
+    completion, `storable`), "embeddings", or None."""
+    completion = completion_from_json(body)
+    if completion is not None:
+        return "chat" if storable(completion) else None
+    return "embeddings" if embeddings_from_json(body) is not None else None
+
+
+def storable(completion: dict[str, Any]) -> bool:
+    """Whether a completion is one the cache keeps: finished (`finished`), its `usage` an
+    object of counts, as a replay and the request log read it."""
+    usage = completion.get("usage")
+    if usage is not None and not (isinstance(usage, dict) and all(_count(v) for v in usage.values())):
+        return False
+    return finished(completion)
+
+
+def _count(v: Any) -> bool:
+    return v is None or isinstance(v, int | float | dict)
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _render_sse(body: bytes, include_usage: bool) -> bytes:

@@ -215,8 +215,8 @@ def _fill(store: MemoryStore, n: int, bounds: tuple[int, int]) -> None:
         for i in range(n):
             key = hashlib.sha256(b"%d" % i).hexdigest()  # as the proxy's keys: 64 hex digits
             body = answer.replace(b"chatcmpl-0", b"chatcmpl-%d" % i)  # a body of its own
-            await store.put("route", key, Entry(body, "deployment-a", time.time(), 0.001, "openai:gpt-4o-mini"),
-                            3600.0, bounds)  # fmt: skip
+            entry = Entry(body, "deployment-a", time.time(), 0.001, "openai:gpt-4o-mini", "req", False, key, "key:k")
+            await store.put("route", key, entry, 3600.0, bounds)
 
     asyncio.run(fill())
 

@@ -27,7 +27,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from edgeroute import redis_client
 from edgeroute.cache import remote
-from edgeroute.cache.entry import Entry, completion_from_json, completion_from_stream, embeddings_from_json, finished
+from edgeroute.cache.entry import Entry, completion_from_stream, kind_of, storable
 from edgeroute.cache.key import KeyMemo, cache_key, is_deterministic
 from edgeroute.cache.semantic import (
     Guards,
@@ -128,18 +128,42 @@ class EmbeddingQueue:
 
 @dataclass(slots=True, frozen=True)
 class Directive:
-    """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`)."""
+    """What the client asked of the cache (`x-edgeroute-cache`, `Cache-Control`, `Pragma`).
+
+    `max_age`, `min_fresh`, `max_stale`: the request's `Cache-Control` bounds (RFC 9111
+    5.2.1), in seconds, None when not sent. The first two judge a fresh hit (`fresh`);
+    `max_age` and `max_stale` judge a stale-if-error answer (`stale_ok`), which is still given
+    only when every deployment fails (a client's `max-stale` never makes a stale hit)."""
 
     lookup: bool = True
     store: bool = True
     only_if_cached: bool = False
+    max_age: float | None = None
+    min_fresh: float | None = None
+    max_stale: float | None = None
+
+    def fresh(self, age: float, ttl: float) -> bool:
+        """Whether an entry this old may be served as a hit (its route's `ttl`)."""
+        if age > ttl:
+            return False
+        if self.max_age is not None and age > self.max_age:
+            return False
+        return self.min_fresh is None or ttl - age >= self.min_fresh
+
+    def stale_ok(self, age: float, ttl: float) -> bool:
+        """Whether an entry this old may stand in for a failed call (within `stale_if_error`)."""
+        if self.max_age is not None and age > self.max_age:
+            return False
+        return self.max_stale is None or age - ttl <= self.max_stale
 
     @classmethod
     def of(cls, request: web.Request) -> Directive:
         got = request.headers
         raw, control = got.get(HEADER), got.get("Cache-Control")
         if raw is None and control is None:
-            return _DEFAULT  # most requests: one object shared, nothing parsed
+            # Most requests: one object shared, nothing parsed. `Pragma: no-cache` counts only
+            # without `Cache-Control` (RFC 9111 5.4): an HTTP/1.0 client's "revalidate".
+            return _REVALIDATE if "Pragma" in got and _pragma_no_cache(got) else _DEFAULT
         lookup = store = True
         only_if_cached = False
         if raw is not None:
@@ -166,20 +190,58 @@ class Directive:
                 lookup = False
             else:
                 only_if_cached = True
+        if control is None:
+            if _pragma_no_cache(got):
+                lookup = False
+            return cls(lookup, store, only_if_cached)
+        bounds: dict[str, float] = {}
         # Repeated Cache-Control lines are one list (RFC 9110 5.3): each line counts.
         for line in got.getall("Cache-Control", ()):
             for part in line.lower().split(","):
-                part = part.strip().replace(" ", "")
-                if part == "no-store":
+                name, _, arg = part.replace(" ", "").replace("\t", "").partition("=")
+                if name == "no-store":
                     store = False
-                elif part in ("no-cache", "max-age=0"):  # serve nothing stored without going upstream
+                elif name == "no-cache":  # serve nothing stored without going upstream
                     lookup = False
-                elif part == "only-if-cached":
+                elif name == "only-if-cached":
                     only_if_cached = True
-        return cls(lookup, store, only_if_cached)
+                elif name in _BOUNDS:
+                    if name == "max-stale" and not arg:
+                        seconds: float | None = _DELTA_MAX  # any staleness (the route's window still bounds it)
+                    else:
+                        seconds = _delta_seconds(arg)
+                    if seconds is not None:  # an invalid value is ignored (RFC 9111 4.2.1, 5.2)
+                        # A directive sent twice: the stricter of the two.
+                        tighter = max if name == "min-fresh" else min
+                        bounds[name] = tighter(bounds.get(name, seconds), seconds)
+        if bounds.get("max-age") == 0:
+            lookup = False  # nothing stored is young enough: a refresh (labelled `bypass`)
+        return cls(
+            lookup, store, only_if_cached, bounds.get("max-age"), bounds.get("min-fresh"), bounds.get("max-stale")
+        )
+
+
+# The request directives that bound an entry's age, and the largest delta-seconds value kept:
+# a larger one (or one of more digits than int() takes) is this (RFC 9111 1.2.2).
+_BOUNDS = frozenset({"max-age", "min-fresh", "max-stale"})
+_DELTA_MAX = float(2**31)
+
+
+def _delta_seconds(arg: str) -> float | None:
+    """A directive's delta-seconds (digits, optionally quoted), or None when it is not one."""
+    if len(arg) >= 2 and arg[0] == arg[-1] == '"':
+        arg = arg[1:-1]
+    if not arg or not arg.isascii() or not arg.isdigit():
+        return None
+    return _DELTA_MAX if len(arg) > 10 else min(float(int(arg)), _DELTA_MAX)
+
+
+def _pragma_no_cache(got: Any) -> bool:
+    return any(p.strip().lower() == "no-cache" for v in got.getall("Pragma", ()) for p in v.split(","))
 
 
 _DEFAULT = Directive()
+_REVALIDATE = Directive(lookup=False)
 
 
 @dataclass(slots=True)
@@ -213,6 +275,10 @@ class Plan:
     # The deployments the request may be sent to (`lookup`'s `allowed`): whether the route's own
     # are among them tells a fallback's answer in a blip from the only answer it can get.
     allowed: Mapping[str, str] | None = None
+    # Whose entries it may be served (`tenant_of`) and what its endpoint answers ("chat",
+    # "embeddings"): kept in what it stores, checked on what it reads (`_belongs`).
+    scope: str = ""
+    kind: str = "chat"
 
     @property
     def stores(self) -> bool:
@@ -349,6 +415,7 @@ class ResponseCache:
                 raise _not_cached()
             return None
         plan = _new_plan(request, (route, cache_key(fields, route, tenant), tenant, writer), settings, directive, True)
+        plan.kind = "embeddings"
         return self._bypass_unless_looked_up(plan)
 
     @staticmethod
@@ -398,15 +465,17 @@ class ResponseCache:
             entry = await shared.get(plan.route, plan.key, fetching)
         else:
             entry = await self.store.get(plan.route, plan.key)
+        if entry is not None and not self._belongs(plan, plan.key, entry):
+            entry = None
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
-            age = entry.age()
-            if age <= plan.settings.ttl and not entry.fallback:
+            age, ttl, wants = entry.age(), plan.settings.ttl, plan.directive
+            if not entry.fallback and wants.fresh(age, ttl):
                 plan.label = "hit"
                 self.counters.hits += 1
                 if shared is not None:  # (in memory, `get` moved it already)
                     shared.touch(plan.route, plan.key, plan.tenant)
                 return entry
-            if age <= plan.settings.ttl + plan.settings.stale_if_error:
+            if age <= ttl + plan.settings.stale_if_error and wants.stale_ok(age, ttl):
                 plan.stale = entry
         if plan.turn is not None and (similar := await self._semantic_lookup(plan, allowed)) is not None:
             return similar
@@ -416,6 +485,16 @@ class ResponseCache:
         if plan.directive.only_if_cached:
             raise _not_cached()
         return None
+
+    def _belongs(self, plan: Plan, key: str, entry: Entry) -> bool:
+        """Whether `entry`, read under `key`, was stored there for a request of this plan's
+        tenant and endpoint: one copied under another key in the shared store, or a shared
+        semantic record pointing another tenant's lookups at it, is a miss (counted)."""
+        if entry.key == key and entry.tenant == plan.scope and entry.kind == plan.kind:
+            return True
+        self.counters.invalid += 1
+        log.warning("response cache: an entry stored for another request was ignored (route %s)", plan.route)
+        return False
 
     def unusable(self, plan: Plan) -> None:
         """The hit `lookup` found cannot be given to this client: a miss after all (asked
@@ -517,8 +596,9 @@ class ResponseCache:
             entry = await self.store.get(plan.route, cand.key)
             if (
                 entry is not None
+                and self._belongs(plan, cand.key, entry)
                 and entry.servable(allowed)
-                and entry.age() <= plan.settings.ttl
+                and plan.directive.fresh(entry.age(), plan.settings.ttl)
                 and not entry.fallback
             ):
                 plan.label, plan.similarity = "hit", cand.similarity
@@ -542,8 +622,7 @@ class ResponseCache:
         """`deployment`: the answering deployment's `DeploymentInfo.cached_as`."""
         if not plan.stores:
             return
-        completion = completion_from_json(body)
-        if (completion is not None and finished(completion)) or embeddings_from_json(body) is not None:
+        if kind_of(body) == plan.kind:  # (what `Entry.loads` reads back)
             self._save(plan, self._entry(plan, body, deployment, cost_usd))
 
     def save_stream(self, plan: Plan, stream: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
@@ -554,12 +633,15 @@ class ResponseCache:
             self.counters.too_large += 1
             return
         completion = completion_from_stream(stream)
-        if completion is not None and finished(completion):
+        if completion is not None and storable(completion) and plan.kind == "chat":
             self._save(plan, self._entry(plan, orjson.dumps(completion), deployment, cost_usd))
 
     def _entry(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> Entry:
         name, upstream = deployment
-        return Entry(body, name, time.time(), cost_usd, upstream, plan.writer, self._fallback(plan, name))
+        fallback = self._fallback(plan, name)
+        return Entry(
+            body, name, time.time(), cost_usd, upstream, plan.writer, fallback, plan.key, plan.scope, plan.kind
+        )
 
     def _fallback(self, plan: Plan, deployment: str) -> bool:
         """Whether `deployment` answered in a blip of the route's own deployments (it is not one
@@ -659,7 +741,7 @@ def _new_plan(
     with its managed key, counts against its share (`share_of`) and names its writer."""
     route, key, tenant, writer = names
     owner, share = _owner(request), share_of(tenant, request)
-    return Plan(route, key, settings, directive, cacheable, owner=owner, tenant=share, writer=writer)
+    return Plan(route, key, settings, directive, cacheable, owner=owner, tenant=share, writer=writer, scope=tenant)
 
 
 def _owner(request: web.Request) -> str | None:
@@ -700,7 +782,12 @@ def share_of(tenant: str, request: web.Request) -> str:
 
 def root_key(ident: Identity) -> str:
     """The key at the top of the chain of managed keys that made this one (`spends_for`: the
-    key, then its makers); the key itself for a key of the config or one it made."""
+    key, then its makers), or the config key of a team that made that chain (`share_root`: a
+    team's admin key minting keys must not get a share per key); the key itself for a key of
+    the config. Keys an operator's global config key made are each their own root: it makes
+    them for different tenants."""
+    if ident.share_root is not None:
+        return ident.share_root
     return ident.spends_for[-1] if ident.spends_for else ident.key
 
 
@@ -738,9 +825,15 @@ def metrics_source(app: web.Application) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "edgeroute_cache_not_stored_too_large", "Answers above max_entry_bytes, not stored.", value=c.too_large
     )
-    errors = CounterMetricFamily("edgeroute_cache_store_errors", "Store failures served as misses.", labels=["kind"])
+    errors = CounterMetricFamily(
+        "edgeroute_cache_store_errors",
+        "Store failures served as misses: unavailable, corrupt (did not decode), invalid (fields edgeroute does not "
+        "write, or stored for another request's key, tenant or endpoint).",
+        labels=["kind"],
+    )
     errors.add_metric(["unavailable"], c.errors)
     errors.add_metric(["corrupt"], c.corrupt)
+    errors.add_metric(["invalid"], c.invalid)
     yield errors
     yield CounterMetricFamily(
         "edgeroute_cache_semantic_skipped",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgeroute import redis_client
-from edgeroute.cache.entry import Entry
+from edgeroute.cache.entry import Entry, InvalidEntry
 from edgeroute.redis_pipe import RedisPipe, Script, encode
 
 log = logging.getLogger("edgeroute.cache")
@@ -157,6 +157,9 @@ class CacheCounters:
     too_large: int = 0
     errors: int = 0  # the store was unreachable: served as misses
     corrupt: int = 0  # an entry that did not decode: a miss, never a bad answer
+    # One that decoded to what edgeroute does not write, or that belongs to another request's
+    # key, tenant or endpoint (planted in or copied within the shared store): a miss too.
+    invalid: int = 0
     embedding_errors: int = 0  # a configured embedder failed: a miss, never an error
     embedding_skipped: int = 0  # a turn the embedding thread could not take in time: matched exactly only
 
@@ -390,6 +393,10 @@ class RedisStore:
             return entry
         try:
             entry = Entry.loads(data)
+        except InvalidEntry as e:
+            self.counters.invalid += 1
+            log.warning("response cache: an invalid entry for route %s was ignored (%s)", route, e)
+            return None
         except ValueError:
             self.counters.corrupt += 1
             log.warning("response cache: a corrupt entry for route %s was ignored", route)

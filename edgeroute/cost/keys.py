@@ -54,6 +54,11 @@ class Identity:
     priority: str | None = None  # its requests' priority class (edgeroute.config.priority)
     priorities: frozenset[str] = frozenset()  # further classes it may ask for by header
     managed: bool = False  # a managed key (governance/keys.py), which can be revoked
+    # The config key of a team that made its chain of managed keys, if one did: what it and its
+    # makers count as for the shares of fairly shared resources (the response cache's bounds, the
+    # embedding thread: `cache.service.root_key`), so that a team's admin key minting keys gets
+    # one share, not one per key. (An operator's global key makes keys for other tenants: None.)
+    share_root: str | None = None
 
 
 class KeySource(Protocol):

@@ -289,6 +289,7 @@ def _entry(
     budgets: tuple[Budget, ...],
     ancestor_limits: tuple[tuple[str, Limit], ...] = (),
     spends_for: tuple[str, ...] = (),
+    share_root: str | None = None,
 ) -> _Entry:
     limits = _limit(data)
     models = data.get("models")
@@ -307,6 +308,7 @@ def _entry(
         priority=data.get("priority"),
         priorities=frozenset(data.get("priorities") or ()),
         managed=True,
+        share_root=share_root,
     )
     prev_salt, prev_hash = data.get("prev_salt"), data.get("prev_hash")
     return _Entry(
@@ -393,11 +395,13 @@ class ManagedKeys:
             spends_for = tuple(node["id"] for node in chain)
             limits = _ancestor_limits(chain)
             maker = self._config_maker(chain)
+            share_root = None
             if maker is not None:  # the config key that made the chain bounds it as a managed maker would
                 name, made_by = maker
                 budgets += made_by.budgets
                 limits += ((name, made_by.limits),) if made_by.limits is not None else ()
-            entry = by_id[key_id] = _entry(data, region, budgets, limits, spends_for)
+                share_root = name if made_by.team is not None else None  # (`Identity.share_root`)
+            entry = by_id[key_id] = _entry(data, region, budgets, limits, spends_for, share_root)
             entry.config_ended = _config_maker_ends(chain, self.makers)
             makers = chain[1:]
             entry.revoked_above = next((m["id"] for m in makers if m.get("revoked_at")), None)
