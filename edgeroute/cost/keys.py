@@ -171,8 +171,10 @@ class KeyRing:
 
     def __init__(self, cfg: Config) -> None:
         self._by_digest: dict[str, Identity] = {}
+        self.digests: dict[str, str] = {}  # key id -> its token's digest (what keys it made record)
         for key_id, k in cfg.keys.items():
             digest = k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
+            self.digests[key_id] = digest
             region = res.region_of(key_id, k.team) if (res := cfg.governance.residency) else None
             self._by_digest[digest] = Identity(
                 key_id,

@@ -65,7 +65,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
             lambda key_id, team, own: residency.region_of(cfg, key_id, team, own),
             cfg.governance.keys_stale_after_s,
         )
-        managed.makers = K.config_makers(cfg)
+        ring = app[STATE].live.access.ring
+        managed.makers = K.config_makers(cfg, ring.digests if ring is not None else None)
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
@@ -616,7 +617,9 @@ async def create_key(request: web.Request) -> web.Response:
     _room_for(request, managed, f.team)
     _may_write(request, managed)
     # The audit entry is written in the change's own transaction (governance/store.py).
-    data, token = await _key_change(K.create, managed.store, f, actor, parent)
+    digest = ring.digests.get(creator.key) if (ring := request.app[STATE].live.access.ring) is not None else None
+    fingerprint = K.maker_fingerprint(digest) if digest is not None and creator_raw is None else None
+    data, token = await _key_change(K.create, managed.store, f, actor, parent, fingerprint)
     await _read_back(managed)
     out = K.public(data)
     return json_response({**out, "secret": token}, status=201)

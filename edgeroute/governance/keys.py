@@ -41,7 +41,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -222,19 +222,40 @@ class ConfigMaker:
     team: str | None
     limits: Limit | None
     budgets: tuple[Budget, ...]
+    digest: str | None = None  # its token's SHA-256 (hex): the keys it made know it by `parent_fp`
 
 
-def config_makers(cfg: Any) -> dict[str, ConfigMaker]:
-    """The config's keys as makers of managed keys, by id."""
+def config_makers(cfg: Any, digests: Mapping[str, str] | None = None) -> dict[str, ConfigMaker]:
+    """The config's keys as makers of managed keys, by id (`digests`: their tokens', by id)."""
     return {
         name: ConfigMaker(
             roles.access_role(k.role),
             k.team,
             k.limits,
             tuple(b for b in cfg.budgets.limits if b.scope == "key" and b.match == name),
+            (digests or {}).get(name),
         )
         for name, k in cfg.keys.items()
     }
+
+
+def maker_fingerprint(digest: str) -> str:
+    """What a key made by a config key records of that key's token (`parent_fp`): a salted keyed
+    hash of its digest, as a managed key's own secret is kept. The id alone revived the keys of a
+    removed config key when the id was given to someone else, with another token."""
+    salt = os.urandom(16)
+    return salt.hex() + ":" + _mac(salt, bytes.fromhex(digest)).hex()
+
+
+def _same_maker(fingerprint: str, digest: str) -> bool:
+    salt, _, mac = fingerprint.partition(":")
+    try:
+        return hmac.compare_digest(_mac(bytes.fromhex(salt), bytes.fromhex(digest)).hex(), mac)
+    except ValueError:
+        return False
+
+
+OTHER_TOKEN = "which is back with another token"  # a config key's id reused: its makings stay ended
 
 
 def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMaker] | None) -> str | None:
@@ -247,6 +268,10 @@ def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMake
     maker = makers.get(name)
     if maker is None:
         return f"config key {name}, which is no longer in the config"
+    # Keys made before `parent_fp` was recorded know their maker by its id alone.
+    fingerprint = chain[-1].get("parent_fp")
+    if isinstance(fingerprint, str) and (maker.digest is None or not _same_maker(fingerprint, maker.digest)):
+        return f"config key {name}, {OTHER_TOKEN}"
     if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
         return f"config key {name}, whose role no longer allows it"
     if maker.team is not None and any(n.get("team") != maker.team for n in chain):
@@ -345,6 +370,7 @@ class ManagedKeys:
         # stored). Keys that had ended before this process read them are not news: an instance
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
+        self._other_tokens: set[str] = set()  # config makers back with another token, said once
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
         self._gone_lock = threading.Lock()
@@ -406,7 +432,23 @@ class ManagedKeys:
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
+        self._say_other_tokens()
         self._see_ends()
+
+    def _say_other_tokens(self) -> None:
+        """Logs a config key's id put back with another token (given to someone else): the keys
+        its earlier token made stay ended, where the same token back would restore them."""
+        counts: dict[str, int] = {}
+        for e in self._by_id.values():
+            if e.config_ended is not None and e.config_ended.endswith(OTHER_TOKEN):
+                counts[e.config_ended] = counts.get(e.config_ended, 0) + 1
+        for maker in sorted(counts.keys() - self._other_tokens):
+            log.warning(
+                "managed keys: %d key(s) made by %s stay ended: only the token that made them restores them",
+                counts[maker],
+                maker,
+            )
+        self._other_tokens = set(counts)
 
     def _see_ends(self) -> None:
         """Which keys have ended now; those that had not at the last look are news."""
@@ -815,14 +857,19 @@ def check_classes(f: KeyFields, classes: list[str]) -> None:
             raise ProxyError(400, f"{where}: {unknown_class(name, classes)}.", code="invalid_key", param=where)
 
 
-def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None) -> tuple[dict[str, Any], str]:
+def create(
+    store: GovStore, f: KeyFields, actor: str, parent: str | None = None, parent_fp: str | None = None
+) -> tuple[dict[str, Any], str]:
     """Creates a key; returns (stored data, token). The token is not stored. `parent`: the
-    managed key that created it, whose budget it spends against too."""
+    managed key that created it, whose budget it spends against too; `parent_fp`: the
+    `maker_fingerprint` of the config key that did."""
     key_id = "k" + os.urandom(6).hex()
     token, salt, digest = new_secret(key_id)
     now = time.time()
     data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
     data["parent"] = parent
+    if parent_fp is not None:
+        data["parent_fp"] = parent_fp
     data["updated_at"] = now
     store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited))
     return data, token
