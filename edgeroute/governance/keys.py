@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -373,6 +374,7 @@ class ManagedKeys:
         self._other_tokens: set[str] = set()  # config makers back with another token, said once
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
+        self._next_drop = math.inf  # when the next key whose lists are held expires (`_drop_expired_lists`)
         self._gone_lock = threading.Lock()
         self._loaded = False
         self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
@@ -390,16 +392,43 @@ class ManagedKeys:
         started = time.monotonic()  # what is read is at least this recent
         seq = self.store.keys_seq()
         if seq == self.seq:
+            self._drop_expired_lists()
             self._loaded = True
             self.last_good = started
             return
+        now = time.time()
         for row_seq, data in self.store.keys_since(self.seq):
-            self._raw[data["id"]] = _kept(data)
+            self._raw[data["id"]] = _kept(data, now)
             self.seq = max(self.seq, row_seq)
+            if (until := _own_expiry(data)) is not None:
+                self._next_drop = min(self._next_drop, until)
         self.seq = max(self.seq, seq)
+        self._drop_expired_lists()
         self._rebuild()  # a changed budget reaches every key below it
         self._loaded = True
         self.last_good = started
+
+    def _drop_expired_lists(self) -> None:
+        """Drops the lists and metadata of keys that expired since (as revoked keys' are, read
+        from the store): once per expiry at most, at the poll's read, never on a request. A flood
+        of short-lived keys kept every one's lists until a restart. An expired key comes back
+        only by a change of its own row, which is read whole."""
+        now = time.time()
+        if now < self._next_drop:
+            return
+        next_drop = math.inf
+        for key_id, data in list(self._raw.items()):
+            if (until := _own_expiry(data)) is None:
+                continue
+            if until > now:
+                next_drop = min(next_drop, until)
+                continue
+            self._raw[key_id] = _kept(data, now)
+            if (e := self._by_id.get(key_id)) is not None:  # refused by `identify`: its lists unread
+                e.identity = dataclasses.replace(
+                    e.identity, models=frozenset(), deny_tags=frozenset(), priorities=frozenset()
+                )
+        self._next_drop = next_drop
 
     def set_region_of(self, region_of: Any, makers: dict[str, ConfigMaker] | None = None) -> None:
         """A reload can change team residencies and the config's keys: recompute every key's
@@ -715,12 +744,20 @@ def _say_config_ends(by_id: dict[str, Any], ended: set[str]) -> None:
 _BULKY = ("models", "deny_tags", "priorities", "metadata")
 
 
-def _kept(data: dict[str, Any]) -> dict[str, Any]:
-    """A key as the view holds it: a revoked one without its lists and metadata, which no
-    request reads (revoking hundreds of keys with 1,000 tags each freed nothing)."""
-    if not data.get("revoked_at"):
+def _kept(data: dict[str, Any], now: float) -> dict[str, Any]:
+    """A key as the view holds it: a revoked or expired one without its lists and metadata,
+    which no request reads (revoking hundreds of keys with 1,000 tags each freed nothing)."""
+    if _ended(data, now) is None:
         return data
     return {k: v for k, v in data.items() if k not in _BULKY}
+
+
+def _own_expiry(data: dict[str, Any]) -> float | None:
+    """When a key that still holds its lists expires (None: it does not, or holds none)."""
+    until = data.get("expires_at")
+    if not until or data.get("revoked_at") or not any(f in data for f in _BULKY):
+        return None
+    return float(until)
 
 
 class WriteLimit:
