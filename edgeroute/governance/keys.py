@@ -54,7 +54,7 @@ from edgeroute.capacity import unknown_class
 from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import KEY_READS, AuditOf, GovStore
+from edgeroute.governance.store import KEY_READS, AuditOf, GovStore, KeyCap
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -527,6 +527,10 @@ class ManagedKeys:
         e = self._by_id.get(key_id)
         return e.config_ended if e is not None else None
 
+    def has_ended(self, key_id: str) -> bool:
+        """Whether the key is seen ended (revoked, expired, or a maker's end ended it)."""
+        return key_id in self._gone
+
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
         gone = self._gone
@@ -895,11 +899,16 @@ def check_classes(f: KeyFields, classes: list[str]) -> None:
 
 
 def create(
-    store: GovStore, f: KeyFields, actor: str, parent: str | None = None, parent_fp: str | None = None
+    store: GovStore,
+    f: KeyFields,
+    actor: str,
+    parent: str | None = None,
+    parent_fp: str | None = None,
+    cap: KeyCap | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Creates a key; returns (stored data, token). The token is not stored. `parent`: the
     managed key that created it, whose budget it spends against too; `parent_fp`: the
-    `maker_fingerprint` of the config key that did."""
+    `maker_fingerprint` of the config key that did; `cap`: its team's bound, checked in the write."""
     key_id = "k" + os.urandom(6).hex()
     token, salt, digest = new_secret(key_id)
     now = time.time()
@@ -908,7 +917,7 @@ def create(
     if parent_fp is not None:
         data["parent_fp"] = parent_fp
     data["updated_at"] = now
-    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited))
+    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited), cap=cap)
     return data, token
 
 
@@ -927,10 +936,10 @@ def _audit(actor: str | None, action: str) -> AuditOf | None:
 
 
 def update(
-    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None
+    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None, cap: KeyCap | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Applies validated changes; returns (before, after), `after is before` when they change
-    nothing (nothing written nor audited: `unchanged`)."""
+    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         current = _existing(key_id, before)
@@ -938,7 +947,7 @@ def update(
             return current
         return {**current, **changes, "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"))
+    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap)
     assert before is not None
     return before, after
 
