@@ -298,6 +298,21 @@ class _Entry:
     config_ended: str | None = None
 
 
+def _why_ended(key_id: str, e: _Entry, now: float) -> tuple[str, str] | None:
+    """Why a key is refused at `now` (its 401's message and code), None while it works."""
+    if e.revoked:
+        return f"API key {key_id} has been revoked.", "key_revoked"
+    if e.expires_at is not None and now >= e.expires_at:
+        return f"API key {key_id} has expired.", "key_expired"
+    if e.revoked_above is not None:
+        return f"API key {key_id} was made by key {e.revoked_above}, which has been revoked.", "key_revoked"
+    if e.expires_above is not None and now >= e.expires_above[1]:
+        return f"API key {key_id} was made by key {e.expires_above[0]}, which has expired.", "key_expired"
+    if e.config_ended is not None:
+        return f"API key {key_id} was made by {e.config_ended}.", "key_revoked"
+    return None
+
+
 def key_budget(data: dict[str, Any]) -> Budget | None:
     """The monthly budget a key's `budget_usd` sets (named for the key: its counters' name)."""
     usd = data.get("budget_usd")
@@ -372,6 +387,7 @@ class ManagedKeys:
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
         self._other_tokens: set[str] = set()  # config makers back with another token, said once
+        self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
         self._next_drop = math.inf  # when the next key whose lists are held expires (`_drop_expired_lists`)
@@ -497,6 +513,8 @@ class ManagedKeys:
             if self._loaded:
                 self._newly_gone |= gone - self._gone
                 _say_config_ends(self._by_id, gone - self._gone)
+            if not gone <= self._gone:
+                self.ended_gen += 1  # streams of the keys that ended look (`end_watch`)
             self._gone, self._next_expiry = frozenset(gone), next_expiry
 
     async def settle(self) -> None:
@@ -630,19 +648,26 @@ class ManagedKeys:
                 return None
             if not hmac.compare_digest(_mac(e.prev_salt, given), e.prev_hash):
                 return None
-        if e.revoked:
-            raise ProxyError(401, f"API key {key_id} has been revoked.", code="key_revoked")
-        if e.expires_at is not None and now >= e.expires_at:
-            raise ProxyError(401, f"API key {key_id} has expired.", code="key_expired")
-        if e.revoked_above is not None:
-            msg = f"API key {key_id} was made by key {e.revoked_above}, which has been revoked."
-            raise ProxyError(401, msg, code="key_revoked")
-        if e.expires_above is not None and now >= e.expires_above[1]:
-            msg = f"API key {key_id} was made by key {e.expires_above[0]}, which has expired."
-            raise ProxyError(401, msg, code="key_expired")
-        if e.config_ended is not None:
-            raise ProxyError(401, f"API key {key_id} was made by {e.config_ended}.", code="key_revoked")
+        if (why := _why_ended(key_id, e, now)) is not None:
+            raise ProxyError(401, why[0], code=why[1])
         return e.identity
+
+    def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
+        """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
+        or with a maker), else None. O(1) a call: the key is looked up only when keys have been
+        seen to end since the last call (`ended_gen`), at most once a poll."""
+        seen = self.ended_gen
+
+        def ended() -> tuple[str, str] | None:
+            nonlocal seen
+            if (gen := self.ended_gen) == seen:
+                return None
+            seen = gen
+            if key_id not in self._gone or (e := self._by_id.get(key_id)) is None:
+                return None
+            return _why_ended(key_id, e, math.inf) or (f"API key {key_id} has ended.", "key_revoked")
+
+        return ended
 
     def may_be_new(self, token: str) -> bool:
         """Whether a token `identify` refused is shaped as this store's keys are: one made or
