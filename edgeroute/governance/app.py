@@ -70,6 +70,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
+        app[CACHE].key_ended = managed.has_ended  # for as long as a key stays ended, not a fixed while
         app[METRICS].sources.append(lambda _: _key_store_metrics(managed))
     gov = Gov(store, managed)
     gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
