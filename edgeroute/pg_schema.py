@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 SCHEMA_LOCK = 7420  # one key for every store's schema: cost/ledger_lock.py holds 7421 for the ledger,
-# governance/store.py takes 7422 to add a config version
+# governance/store.py takes 7422 to add a config version, 7423 for a capped key creation
 
 
 def serialise(execute: Callable[[str], object]) -> None:

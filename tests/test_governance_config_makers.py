@@ -140,3 +140,29 @@ async def test_a_key_made_while_its_config_maker_is_removed_is_refused(served: S
     assert b"key_revoked" in answer
     status, keys = await call("GET", url + "/admin/keys", ROOT)
     assert status == 200 and all(k.get("name") != "held" for k in keys["keys"]), keys
+
+
+async def test_a_config_keys_id_given_to_another_token_does_not_revive_its_keys(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config key removed ends the keys it made; an operator who then gave its id to someone
+    else (another token) revived them for their old holder. Only the same token restores them."""
+    url, path, cfg = served
+    status, made = await call("POST", url + "/admin/keys", MAKER, json={"role": "admin", "rpm": 2})
+    assert status == 201, made
+    assert "parent_fp" not in made and MAKER not in orjson.dumps(made).decode()
+    held = cfg["keys"].pop("maker")
+    await _reload(url, path, cfg)
+    assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 401
+    cfg["keys"]["maker"] = {**held, "token": "tok-someone-else-0123456789"}  # the id, reused
+    await _reload(url, path, cfg)
+    status, err = await call("GET", url + "/admin/keys", made["secret"])
+    assert status == 401 and err["error"]["code"] == "key_revoked", err
+    assert "back with another token" in err["error"]["message"], err
+    said = [r.getMessage() for r in caplog.records if "stay ended" in r.getMessage()]
+    assert said and "1 key(s) made by config key maker" in said[0], said
+    status, listed = await call("GET", url + f"/admin/keys/{made['id']}", ROOT)
+    assert status == 200 and listed["status"] == "revoked" and "parent_fp" not in listed, listed
+    cfg["keys"]["maker"] = held  # put back as it was: they work again
+    await _reload(url, path, cfg)
+    assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200

@@ -12,6 +12,7 @@ their size and digest.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 
 from edgeroute.governance import keys as K
 from edgeroute.governance.store import GovStore
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.security.governed import ROOT, call
 from tests.test_cost_support import CostProxy, cost_proxy
 
@@ -168,3 +169,40 @@ async def test_the_audit_log_keeps_entries_for_its_retention(start_upstream: Any
         status, audit = await call(s, "GET", p.url + "/admin/audit", ROOT)
         assert status == 200, audit
         assert [e["action"] for e in audit["entries"]] == ["config.start", "key.recent"], audit
+
+
+async def test_an_expired_key_keeps_only_what_its_refusal_needs_in_memory(proxy: CostProxy) -> None:
+    """Revoked keys dropped their lists from every instance's memory; expired ones kept them until
+    a restart, so a flood of short-lived keys with long lists grew memory without bound."""
+    keys = proxy.url + "/admin/keys"
+    fields = {"deny_tags": ["z" * 100] * K.MAX_TAGS, "metadata": {"m": "v" * 4000}, "expires_at": time.time() + 1.5}
+    async with aiohttp.ClientSession() as s:
+        status, made = await call(s, "POST", keys, TEAM_ADMIN, fields)
+        assert status == 201, made
+
+        async def listed() -> dict[str, Any]:
+            status, body = await call(s, "GET", keys, ROOT)
+            assert status == 200, body
+            return next(k for k in body["keys"] if k["id"] == made["id"])
+
+        assert len((await listed())["deny_tags"]) == K.MAX_TAGS
+
+        async def dropped() -> dict[str, Any] | None:
+            shown = await listed()
+            return shown if shown["status"] == "expired" and shown["deny_tags"] is None else None
+
+        shown = await eventually(dropped, "the expired key's lists dropped from memory")
+        assert shown["metadata"] is None, shown
+        status, stored = await call(s, "GET", keys + f"/{made['id']}", ROOT)  # read from the store
+        assert status == 200 and len(stored["deny_tags"]) == K.MAX_TAGS and stored["status"] == "expired", stored
+        # Given a later expiry (a change of its own row, read whole), it works with its lists again.
+        later = {"expires_at": time.time() + 3600}
+        status, back = await call(s, "PATCH", keys + f"/{made['id']}", TEAM_ADMIN, later)
+        assert status == 200, back
+        again = await eventually(lambda: _active(listed), "the key back with its lists")
+        assert len(again["deny_tags"]) == K.MAX_TAGS, again
+
+
+async def _active(listed: Any) -> dict[str, Any] | None:
+    shown: dict[str, Any] = await listed()
+    return shown if shown["status"] == "active" else None

@@ -62,8 +62,9 @@ _T = TypeVar("_T")
 # (`auth_error`): a stale 200 would hide from the client that the request will never succeed,
 # and from the operator's clients that a key broke, for the whole stale-if-error window.
 _UNAVAILABLE = frozenset({"server_error", "timeout", "connect_error", "rate_limited", "cannot_read"})
-# How long a managed key that ended is remembered (`forget`): a request of it still in flight
-# then stores nothing when it ends (the longest `timeouts.total` is well within it).
+# How long a managed key that ended is remembered here (`forget`): a request of it still in flight
+# then stores nothing when it ends. With managed keys, `key_ended` (the key view's) answers for as
+# long as the key stays ended, whatever a request's `timeouts.total`: a stream may outlive this.
 ENDED_KEEP_S = 600.0
 
 
@@ -325,6 +326,7 @@ class ResponseCache:
         # Managed keys seen to end lately, and when (`forget`): what their requests still in
         # flight then answer is not stored (`_put`).
         self._ended: dict[str, float] = {}
+        self.key_ended: Callable[[str], bool] | None = None  # the managed keys' view (bound by governance)
         self._indexes: dict[tuple[str, str | None], SemanticIndex] = {}  # per route and embedding space
         self._embedding = EmbeddingQueue()
         # The running config and its upstream pools, for configured embedders (bound by the
@@ -710,6 +712,8 @@ class ResponseCache:
         return len(dropped)
 
     def _has_ended(self, owner: str) -> bool:
+        if self.key_ended is not None and self.key_ended(owner):
+            return True
         since = self._ended.get(owner)
         return since is not None and time.monotonic() - since <= ENDED_KEEP_S
 

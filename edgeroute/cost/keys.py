@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,6 +108,10 @@ class KeySource(Protocol):
         """Every team a key belongs to (revoked keys too)."""
         ...
 
+    def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
+        """For a stream of `key_id`: (message, code) once the key has ended (revoked, expired), in O(1)."""
+        ...
+
 
 def key_budget_name(key_id: str) -> str:
     """The name of a managed key's budget, and of the counter of its month's spend."""
@@ -127,6 +132,14 @@ def key_counter(key_id: str) -> Budget:
 ANONYMOUS = Identity("anonymous")
 IDENTITY = web.RequestKey("identity", Identity)
 MANAGED_KEYS = web.AppKey("managed_keys", KeySource)
+
+
+def end_watch(request: web.Request) -> Callable[[], tuple[str, str] | None] | None:
+    """For a stream: a check whether its managed key has ended since (None for a key that cannot)."""
+    ident = request.get(IDENTITY)
+    if ident is None or not ident.managed or (managed := request.app.get(MANAGED_KEYS)) is None:
+        return None
+    return managed.end_watch(ident.key)
 
 
 def token_bytes(token: str) -> bytes:
@@ -176,8 +189,10 @@ class KeyRing:
 
     def __init__(self, cfg: Config) -> None:
         self._by_digest: dict[str, Identity] = {}
+        self.digests: dict[str, str] = {}  # key id -> its token's digest (what keys it made record)
         for key_id, k in cfg.keys.items():
             digest = k.token_sha256.lower() if k.token_sha256 else token_digest(secrets.resolve(k.token or "").reveal())
+            self.digests[key_id] = digest
             region = res.region_of(key_id, k.team) if (res := cfg.governance.residency) else None
             self._by_digest[digest] = Identity(
                 key_id,

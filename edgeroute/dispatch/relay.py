@@ -25,6 +25,7 @@ from aiohttp.http_writer import StreamWriter
 from edgeroute import sse
 from edgeroute.accounting import OVERRAN, Usage
 from edgeroute.cost import underreport
+from edgeroute.cost.keys import end_watch
 from edgeroute.dispatch import attempt, senders
 from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, StreamAnswer
 from edgeroute.dispatch.deadline import Deadline
@@ -120,6 +121,7 @@ async def relay_stream(
     cap = OutputCap(limit, call.decision.encoding) if limit is not None else None
     overran = False
     withheld = b""  # the events that would have taken the stream past its limit: not sent, still priced
+    key_ended = end_watch(request)  # a managed key revoked or expired mid-stream: cut at the next events
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -170,6 +172,9 @@ async def relay_stream(
                     else:  # raw reads (no adapter relays so): [DONE] may straddle two
                         completed = sse.through_done(said.tail(len(sse.DONE) + 1) + chunk)[1]
                     if chunk:
+                        if key_ended is not None and (failure := key_ended()) is not None:
+                            withheld, completed = chunk, False  # not sent, still priced
+                            break
                         # Measured before it is sent: events read together (up to `_BURST_BYTES`)
                         # went out whole before the look that found them past the limit.
                         if cap is not None and cap.add(chunk) and await cap.past():
@@ -222,8 +227,8 @@ async def relay_stream(
         if overran:
             assert cap is not None
             failure = await _overran(call, dep, cap, said.tail(), events, translator)  # ended after what was sent
-            if withheld:
-                said.add(withheld)  # its usage, or its text, is what the upstream bills
+        if withheld:
+            said.add(withheld)  # its usage, or its text, is what the upstream bills
         if failure is not None:
             await events.error(failure)
             call.record.outcome = "stream_interrupted"

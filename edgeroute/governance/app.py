@@ -32,7 +32,7 @@ from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
 from edgeroute.governance.runtime import GOV, Change, Gov, actor_of, answered
-from edgeroute.governance.store import ADMIN_CALLS, STORE_DEADLINE_S, GovStore
+from edgeroute.governance.store import ADMIN_CALLS, STORE_DEADLINE_S, GovStore, KeyCap
 from edgeroute.governance.versions import (
     access_changes,
     check_text,
@@ -64,10 +64,12 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
             lambda key_id, team, own: residency.region_of(cfg, key_id, team, own),
             cfg.governance.keys_stale_after_s,
         )
-        managed.makers = K.config_makers(cfg)
+        ring = app[STATE].live.access.ring
+        managed.makers = K.config_makers(cfg, ring.digests if ring is not None else None)
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
+        app[CACHE].key_ended = managed.has_ended  # for as long as a key stays ended, not a fixed while
         app[METRICS].sources.append(lambda _: _key_store_metrics(managed))
     gov = Gov(store, managed)
     gov.on_applied = _guard_after_apply(app, frozenset(cfg.models))
@@ -612,10 +614,12 @@ async def create_key(request: web.Request) -> web.Response:
             403, f"Keys can be created at most {K.MAX_DEPTH} levels below a key from the config.",
             code="permission_denied",
         )  # fmt: skip
-    _room_for(request, managed, f.team)
+    cap = _room_for(request, managed, f.team)
     _may_write(request, managed)
     # The audit entry is written in the change's own transaction (governance/store.py).
-    data, token = await _key_change(K.create, managed.store, f, actor, parent)
+    digest = ring.digests.get(creator.key) if (ring := request.app[STATE].live.access.ring) is not None else None
+    fingerprint = K.maker_fingerprint(digest) if digest is not None and creator_raw is None else None
+    data, token = await _key_change(K.create, managed.store, f, actor, parent, fingerprint, cap)
     await _read_back(managed)
     out = K.public(data)
     return json_response({**out, "secret": token}, status=201)
@@ -635,20 +639,24 @@ def _maker(request: web.Request, creator: Any, creator_raw: dict[str, Any] | Non
     return K.CONFIG_PARENT + str(creator.key)
 
 
-def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) -> None:
-    """409 when `team` (None: no team) holds as many live keys as the config allows."""
+def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) -> KeyCap:
+    """409 when `team` (None: no team) holds as many live keys as the config allows, as this
+    instance sees them; else the bound the write checks again in its transaction (`KeyCap`),
+    where concurrent creations, on this instance or another, are counted."""
     gov = request.app[STATE].live.config.governance
     most, setting = (
         (gov.max_keys_per_team, "max_keys_per_team") if team is not None
         else (gov.max_keys_without_team, "max_keys_without_team")
     )  # fmt: skip
+    whose = f"Team '{team}' has" if team is not None else "Keys of no team number"
+
+    def refused() -> ProxyError:
+        msg = f"{whose} {most} live keys (governance.{setting}): revoke keys no longer used first."
+        return ProxyError(409, msg, code="key_limit_reached")
+
     if managed.live(team) >= most:
-        whose = f"Team '{team}' has" if team is not None else "Keys of no team number"
-        raise ProxyError(
-            409,
-            f"{whose} {most} live keys (governance.{setting}): revoke keys no longer used first.",
-            code="key_limit_reached",
-        )
+        raise refused()
+    return KeyCap(most, managed.has_ended, refused)
 
 
 def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
@@ -730,10 +738,9 @@ async def update_key(request: web.Request) -> web.Response:
     if "user" in body:
         _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
-    if "team" in body and f.team != current.get("team"):
-        _room_for(request, managed, f.team)
+    cap = _room_for(request, managed, f.team) if "team" in body and f.team != current.get("team") else None
     _may_write(request, managed)
-    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request))
+    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap)
     if before is after:  # nothing to change: no audit entry, as for a deployment
         return json_response({**K.public(after), "action": "unchanged"})
     await _read_back(managed)

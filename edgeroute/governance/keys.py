@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -41,7 +42,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -53,7 +54,7 @@ from edgeroute.capacity import unknown_class
 from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
-from edgeroute.governance.store import KEY_READS, AuditOf, GovStore
+from edgeroute.governance.store import KEY_READS, AuditOf, GovStore, KeyCap
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -222,19 +223,40 @@ class ConfigMaker:
     team: str | None
     limits: Limit | None
     budgets: tuple[Budget, ...]
+    digest: str | None = None  # its token's SHA-256 (hex): the keys it made know it by `parent_fp`
 
 
-def config_makers(cfg: Any) -> dict[str, ConfigMaker]:
-    """The config's keys as makers of managed keys, by id."""
+def config_makers(cfg: Any, digests: Mapping[str, str] | None = None) -> dict[str, ConfigMaker]:
+    """The config's keys as makers of managed keys, by id (`digests`: their tokens', by id)."""
     return {
         name: ConfigMaker(
             roles.access_role(k.role),
             k.team,
             k.limits,
             tuple(b for b in cfg.budgets.limits if b.scope == "key" and b.match == name),
+            (digests or {}).get(name),
         )
         for name, k in cfg.keys.items()
     }
+
+
+def maker_fingerprint(digest: str) -> str:
+    """What a key made by a config key records of that key's token (`parent_fp`): a salted keyed
+    hash of its digest, as a managed key's own secret is kept. The id alone revived the keys of a
+    removed config key when the id was given to someone else, with another token."""
+    salt = os.urandom(16)
+    return salt.hex() + ":" + _mac(salt, bytes.fromhex(digest)).hex()
+
+
+def _same_maker(fingerprint: str, digest: str) -> bool:
+    salt, _, mac = fingerprint.partition(":")
+    try:
+        return hmac.compare_digest(_mac(bytes.fromhex(salt), bytes.fromhex(digest)).hex(), mac)
+    except ValueError:
+        return False
+
+
+OTHER_TOKEN = "which is back with another token"  # a config key's id reused: its makings stay ended
 
 
 def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMaker] | None) -> str | None:
@@ -247,6 +269,10 @@ def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMake
     maker = makers.get(name)
     if maker is None:
         return f"config key {name}, which is no longer in the config"
+    # Keys made before `parent_fp` was recorded know their maker by its id alone.
+    fingerprint = chain[-1].get("parent_fp")
+    if isinstance(fingerprint, str) and (maker.digest is None or not _same_maker(fingerprint, maker.digest)):
+        return f"config key {name}, {OTHER_TOKEN}"
     if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
         return f"config key {name}, whose role no longer allows it"
     if maker.team is not None and any(n.get("team") != maker.team for n in chain):
@@ -270,6 +296,21 @@ class _Entry:
     expires_above: tuple[str, float] | None = None
     # Made (itself or a maker) by a config key since removed or demoted: why, for its 401.
     config_ended: str | None = None
+
+
+def _why_ended(key_id: str, e: _Entry, now: float) -> tuple[str, str] | None:
+    """Why a key is refused at `now` (its 401's message and code), None while it works."""
+    if e.revoked:
+        return f"API key {key_id} has been revoked.", "key_revoked"
+    if e.expires_at is not None and now >= e.expires_at:
+        return f"API key {key_id} has expired.", "key_expired"
+    if e.revoked_above is not None:
+        return f"API key {key_id} was made by key {e.revoked_above}, which has been revoked.", "key_revoked"
+    if e.expires_above is not None and now >= e.expires_above[1]:
+        return f"API key {key_id} was made by key {e.expires_above[0]}, which has expired.", "key_expired"
+    if e.config_ended is not None:
+        return f"API key {key_id} was made by {e.config_ended}.", "key_revoked"
+    return None
 
 
 def key_budget(data: dict[str, Any]) -> Budget | None:
@@ -347,8 +388,11 @@ class ManagedKeys:
         # stored). Keys that had ended before this process read them are not news: an instance
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
+        self._other_tokens: set[str] = set()  # config makers back with another token, said once
+        self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
+        self._next_drop = math.inf  # when the next key whose lists are held expires (`_drop_expired_lists`)
         self._gone_lock = threading.Lock()
         self._loaded = False
         self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
@@ -366,16 +410,43 @@ class ManagedKeys:
         started = time.monotonic()  # what is read is at least this recent
         seq = self.store.keys_seq()
         if seq == self.seq:
+            self._drop_expired_lists()
             self._loaded = True
             self.last_good = started
             return
+        now = time.time()
         for row_seq, data in self.store.keys_since(self.seq):
-            self._raw[data["id"]] = _kept(data)
+            self._raw[data["id"]] = _kept(data, now)
             self.seq = max(self.seq, row_seq)
+            if (until := _own_expiry(data)) is not None:
+                self._next_drop = min(self._next_drop, until)
         self.seq = max(self.seq, seq)
+        self._drop_expired_lists()
         self._rebuild()  # a changed budget reaches every key below it
         self._loaded = True
         self.last_good = started
+
+    def _drop_expired_lists(self) -> None:
+        """Drops the lists and metadata of keys that expired since (as revoked keys' are, read
+        from the store): once per expiry at most, at the poll's read, never on a request. A flood
+        of short-lived keys kept every one's lists until a restart. An expired key comes back
+        only by a change of its own row, which is read whole."""
+        now = time.time()
+        if now < self._next_drop:
+            return
+        next_drop = math.inf
+        for key_id, data in list(self._raw.items()):
+            if (until := _own_expiry(data)) is None:
+                continue
+            if until > now:
+                next_drop = min(next_drop, until)
+                continue
+            self._raw[key_id] = _kept(data, now)
+            if (e := self._by_id.get(key_id)) is not None:  # refused by `identify`: its lists unread
+                e.identity = dataclasses.replace(
+                    e.identity, models=frozenset(), deny_tags=frozenset(), priorities=frozenset()
+                )
+        self._next_drop = next_drop
 
     def set_region_of(self, region_of: Any, makers: dict[str, ConfigMaker] | None = None) -> None:
         """A reload can change team residencies and the config's keys: recompute every key's
@@ -410,7 +481,23 @@ class ManagedKeys:
             if data.get("parent"):
                 children.setdefault(data["parent"], []).append(key_id)
         self._by_id, self._children = by_id, children
+        self._say_other_tokens()
         self._see_ends()
+
+    def _say_other_tokens(self) -> None:
+        """Logs a config key's id put back with another token (given to someone else): the keys
+        its earlier token made stay ended, where the same token back would restore them."""
+        counts: dict[str, int] = {}
+        for e in self._by_id.values():
+            if e.config_ended is not None and e.config_ended.endswith(OTHER_TOKEN):
+                counts[e.config_ended] = counts.get(e.config_ended, 0) + 1
+        for maker in sorted(counts.keys() - self._other_tokens):
+            log.warning(
+                "managed keys: %d key(s) made by %s stay ended: only the token that made them restores them",
+                counts[maker],
+                maker,
+            )
+        self._other_tokens = set(counts)
 
     def _see_ends(self) -> None:
         """Which keys have ended now; those that had not at the last look are news."""
@@ -430,6 +517,8 @@ class ManagedKeys:
             if self._loaded:
                 self._newly_gone |= gone - self._gone
                 _say_config_ends(self._by_id, gone - self._gone)
+            if not gone <= self._gone:
+                self.ended_gen += 1  # streams of the keys that ended look (`end_watch`)
             self._gone, self._next_expiry = frozenset(gone), next_expiry
 
     async def settle(self) -> None:
@@ -459,6 +548,10 @@ class ManagedKeys:
         """Why a key ended with the config key that made it (or its makers), if it did."""
         e = self._by_id.get(key_id)
         return e.config_ended if e is not None else None
+
+    def has_ended(self, key_id: str) -> bool:
+        """Whether the key is seen ended (revoked, expired, or a maker's end ended it)."""
+        return key_id in self._gone
 
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
@@ -559,19 +652,26 @@ class ManagedKeys:
                 return None
             if not hmac.compare_digest(_mac(e.prev_salt, given), e.prev_hash):
                 return None
-        if e.revoked:
-            raise ProxyError(401, f"API key {key_id} has been revoked.", code="key_revoked")
-        if e.expires_at is not None and now >= e.expires_at:
-            raise ProxyError(401, f"API key {key_id} has expired.", code="key_expired")
-        if e.revoked_above is not None:
-            msg = f"API key {key_id} was made by key {e.revoked_above}, which has been revoked."
-            raise ProxyError(401, msg, code="key_revoked")
-        if e.expires_above is not None and now >= e.expires_above[1]:
-            msg = f"API key {key_id} was made by key {e.expires_above[0]}, which has expired."
-            raise ProxyError(401, msg, code="key_expired")
-        if e.config_ended is not None:
-            raise ProxyError(401, f"API key {key_id} was made by {e.config_ended}.", code="key_revoked")
+        if (why := _why_ended(key_id, e, now)) is not None:
+            raise ProxyError(401, why[0], code=why[1])
         return e.identity
+
+    def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
+        """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
+        or with a maker), else None. O(1) a call: the key is looked up only when keys have been
+        seen to end since the last call (`ended_gen`), at most once a poll."""
+        seen = self.ended_gen
+
+        def ended() -> tuple[str, str] | None:
+            nonlocal seen
+            if (gen := self.ended_gen) == seen:
+                return None
+            seen = gen
+            if key_id not in self._gone or (e := self._by_id.get(key_id)) is None:
+                return None
+            return _why_ended(key_id, e, math.inf) or (f"API key {key_id} has ended.", "key_revoked")
+
+        return ended
 
     def may_be_new(self, token: str) -> bool:
         """Whether a token `identify` refused is shaped as this store's keys are: one made or
@@ -677,12 +777,20 @@ def _say_config_ends(by_id: dict[str, Any], ended: set[str]) -> None:
 _BULKY = ("models", "deny_tags", "priorities", "metadata")
 
 
-def _kept(data: dict[str, Any]) -> dict[str, Any]:
-    """A key as the view holds it: a revoked one without its lists and metadata, which no
-    request reads (revoking hundreds of keys with 1,000 tags each freed nothing)."""
-    if not data.get("revoked_at"):
+def _kept(data: dict[str, Any], now: float) -> dict[str, Any]:
+    """A key as the view holds it: a revoked or expired one without its lists and metadata,
+    which no request reads (revoking hundreds of keys with 1,000 tags each freed nothing)."""
+    if _ended(data, now) is None:
         return data
     return {k: v for k, v in data.items() if k not in _BULKY}
+
+
+def _own_expiry(data: dict[str, Any]) -> float | None:
+    """When a key that still holds its lists expires (None: it does not, or holds none)."""
+    until = data.get("expires_at")
+    if not until or data.get("revoked_at") or not any(f in data for f in _BULKY):
+        return None
+    return float(until)
 
 
 class WriteLimit:
@@ -819,16 +927,26 @@ def check_classes(f: KeyFields, classes: list[str]) -> None:
             raise ProxyError(400, f"{where}: {unknown_class(name, classes)}.", code="invalid_key", param=where)
 
 
-def create(store: GovStore, f: KeyFields, actor: str, parent: str | None = None) -> tuple[dict[str, Any], str]:
+def create(
+    store: GovStore,
+    f: KeyFields,
+    actor: str,
+    parent: str | None = None,
+    parent_fp: str | None = None,
+    cap: KeyCap | None = None,
+) -> tuple[dict[str, Any], str]:
     """Creates a key; returns (stored data, token). The token is not stored. `parent`: the
-    managed key that created it, whose budget it spends against too."""
+    managed key that created it, whose budget it spends against too; `parent_fp`: the
+    `maker_fingerprint` of the config key that did; `cap`: its team's bound, checked in the write."""
     key_id = "k" + os.urandom(6).hex()
     token, salt, digest = new_secret(key_id)
     now = time.time()
     data = {**f.model_dump(), "id": key_id, "salt": salt, "hash": digest, "created_at": now, "created_by": actor}
     data["parent"] = parent
+    if parent_fp is not None:
+        data["parent_fp"] = parent_fp
     data["updated_at"] = now
-    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited))
+    store.put_key(data, create=True, audit=AuditOf(actor, "key.created", audited), cap=cap)
     return data, token
 
 
@@ -847,10 +965,10 @@ def _audit(actor: str | None, action: str) -> AuditOf | None:
 
 
 def update(
-    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None
+    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None, cap: KeyCap | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Applies validated changes; returns (before, after), `after is before` when they change
-    nothing (nothing written nor audited: `unchanged`)."""
+    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         current = _existing(key_id, before)
@@ -858,7 +976,7 @@ def update(
             return current
         return {**current, **changes, "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"))
+    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap)
     assert before is not None
     return before, after
 

@@ -164,7 +164,8 @@ class Gov:
         if self.managed is not None:
             cfg = live.config
             self.managed.set_region_of(
-                lambda key_id, team, own: residency.region_of(cfg, key_id, team, own), config_makers(cfg)
+                lambda key_id, team, own: residency.region_of(cfg, key_id, team, own),
+                config_makers(cfg, live.access.ring.digests if live.access.ring is not None else None),
             )
         if self.on_applied is not None:
             self.on_applied(live, how, before)

@@ -77,6 +77,14 @@ _INDEXES = [
 
 
 _VERSIONS_LOCK = 7422  # adding a config version, one instance at a time (pg_schema.py lists the keys)
+_KEY_CAP_LOCK = 7423  # a capped key creation (or move into a team), one instance at a time
+# A team's keys not revoked (the team as its own parameter: NULL for keys of no team).
+_TEAM_KEYS = {
+    "sqlite": "SELECT id, json_extract(data, '$.expires_at') FROM gov_keys "
+    "WHERE json_extract(data, '$.team') IS ? AND json_extract(data, '$.revoked_at') IS NULL",
+    "postgres": "SELECT id, data::jsonb->>'expires_at' FROM gov_keys "
+    "WHERE (data::jsonb->>'team') IS NOT DISTINCT FROM %s AND (data::jsonb->>'revoked_at') IS NULL",
+}
 RESPONSE_OWNER_TTL = 30 * 86400.0  # how long a provider keeps a stored response (OpenAI's default)
 CONTESTED = "!contested"  # the owner of an id given to two owners: no caller's
 RESPONSE_PRUNE_EVERY = 3600.0
@@ -141,6 +149,17 @@ class Gate:
         with self._lock:
             self.abandoned = not self.sent
             return self.abandoned
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCap:
+    """At most `most` live keys in the written key's team, counted in the write's own
+    transaction (one capped write at a time on the store): a count in memory before the write
+    let concurrent creations, on one instance or several, all pass it."""
+
+    most: int
+    ended: Callable[[str], bool]  # keys the caller's view knows ended with a maker (not live)
+    refused: Callable[[], Exception]  # raised, nothing written, when the team is full
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,21 +367,30 @@ class GovStore:
         rows = self._query("SELECT data FROM gov_keys WHERE id = ?", (key_id,))
         return orjson.loads(rows[0][0]) if rows else None
 
-    def put_key(self, data: dict[str, Any], *, create: bool = False, audit: AuditOf | None = None) -> int:
+    def put_key(
+        self, data: dict[str, Any], *, create: bool = False, audit: AuditOf | None = None, cap: KeyCap | None = None
+    ) -> int:
         """Writes a key and moves the change counter (and appends `audit`), in one transaction;
-        returns the new counter. With `create`, an existing id is an error (`KeyError`)."""
+        returns the new counter. With `create`, an existing id is an error (`KeyError`); with
+        `cap`, a full team is `cap.refused()`."""
         with self._held(), self._tx() as cur:
             if create:
                 cur.execute(self._sql("SELECT 1 FROM gov_keys WHERE id = ?"), (data["id"],))
                 if cur.fetchone() is not None:
                     raise KeyError(data["id"])
+            if cap is not None:
+                self._check_cap(cur, data, cap)
             seq = self._write_key(cur, data)
             if audit is not None:
                 self._append_audit(cur, audit.actor, audit.action, data["id"], None, audit.describe(data))
             return seq
 
     def change_key(
-        self, key_id: str, change: Callable[[dict[str, Any] | None], dict[str, Any]], audit: AuditOf | None = None
+        self,
+        key_id: str,
+        change: Callable[[dict[str, Any] | None], dict[str, Any]],
+        audit: AuditOf | None = None,
+        cap: KeyCap | None = None,
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
         no other change falls between (a revocation written between a rotation's read and its
@@ -377,6 +405,8 @@ class GovStore:
             after = change(before)
             if after is before:
                 return before, after
+            if cap is not None and (before or {}).get("team") != after.get("team"):
+                self._check_cap(cur, after, cap)  # moved into a team: room for it there
             self._write_key(cur, after)
             if audit is not None:
                 if audit.changes is not None and before is not None:
@@ -385,6 +415,20 @@ class GovStore:
                     was, now = (audit.describe(before) if before is not None else None), audit.describe(after)
                 self._append_audit(cur, audit.actor, audit.action, key_id, was, now)
             return before, after
+
+    def _check_cap(self, cur: Any, data: dict[str, Any], cap: KeyCap) -> None:
+        """Raises `cap.refused()` when the team `data` joins holds `cap.most` live keys besides it."""
+        if self.dialect == "postgres":  # as SQLite's BEGIN IMMEDIATE: two instances' counts serialised
+            cur.execute(f"SELECT pg_advisory_xact_lock({_KEY_CAP_LOCK})")
+        cur.execute(_TEAM_KEYS[self.dialect], (data.get("team"),))
+        now = time.time()
+        live = sum(
+            1
+            for key_id, until in cur.fetchall()
+            if key_id != data["id"] and not (until is not None and float(until) <= now) and not cap.ended(key_id)
+        )
+        if live >= cap.most:
+            raise cap.refused()
 
     def _write_key(self, cur: Any, data: dict[str, Any]) -> int:
         cur.execute(self._sql("UPDATE gov_meta SET value = value + 1 WHERE name = 'keys' RETURNING value"))

@@ -1,0 +1,76 @@
+"""A team's cap of live keys holds under concurrent creations, on one instance and across several.
+
+`governance.max_keys_per_team` was checked against this instance's view of the keys before the
+write: creations sent at once all passed the check (none read back yet), and instances sharing a
+PostgreSQL store each counted only what they had read. The write now counts the team's live keys
+in its own transaction, one capped write at a time on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from edgeroute import config as config_mod
+from edgeroute.server import create_app
+from tests.conftest import ProxyTestServer, simple_config
+from tests.governance_support import call
+
+ADMIN = "tok-admin-0123456789"
+CAP = 3
+
+
+def _cfg(up: Any, ledger: dict[str, Any]) -> dict[str, Any]:
+    cfg = simple_config({"a": up})
+    cfg["keys"] = {"root": {"token": ADMIN, "role": "admin"}}
+    cfg["governance"] = {"managed_keys": True, "max_keys_per_team": CAP, "max_keys_without_team": CAP}
+    cfg["ledger"] = ledger
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def _proxy(cfg: dict[str, Any]) -> AsyncIterator[str]:
+    server = ProxyTestServer(create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml"))
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()
+
+
+async def _create_at_once(urls: list[str], n: int, fields: dict[str, Any]) -> list[int]:
+    answers = await asyncio.gather(
+        *(call("POST", urls[i % len(urls)] + "/admin/keys", ADMIN, json=fields) for i in range(n))
+    )
+    for status, body in answers:
+        assert status == 201 or body["error"]["code"] == "key_limit_reached", body
+    return sorted(status for status, _ in answers)
+
+
+async def _live(url: str, team: str | None) -> int:
+    status, body = await call("GET", url + "/admin/keys", ADMIN)
+    assert status == 200, body
+    return sum(1 for k in body["keys"] if k.get("source") == "managed" and k["team"] == team)
+
+
+async def test_creations_at_once_stay_within_the_teams_cap(start_upstream: Any, tmp_path: Path) -> None:
+    cfg = _cfg(await start_upstream(), {"path": str(tmp_path / "gov.db")})
+    async with _proxy(cfg) as url:
+        assert await _create_at_once([url], 10, {"team": "alpha"}) == [201] * CAP + [409] * 7
+        assert await _create_at_once([url], 10, {}) == [201] * CAP + [409] * 7  # keys of no team
+        assert await _live(url, "alpha") == CAP and await _live(url, None) == CAP
+
+
+async def test_two_instances_on_postgres_share_the_teams_cap(start_upstream: Any, pg_schema_dsn: str) -> None:
+    cfg = _cfg(await start_upstream(), {"backend": "postgres", "dsn": pg_schema_dsn})
+    async with _proxy(cfg) as a, _proxy(cfg) as b:
+        assert await _create_at_once([a, b], 10, {"team": "alpha"}) == [201] * CAP + [409] * 7
+        # A revoked key makes room again, on either instance.
+        status, body = await call("GET", a + "/admin/keys", ADMIN)
+        assert status == 200, body
+        first = next(k for k in body["keys"] if k.get("source") == "managed")
+        assert (await call("DELETE", a + f"/admin/keys/{first['id']}", ADMIN))[0] == 200
+        assert await _create_at_once([a, b], 4, {"team": "alpha"}) == [201, 409, 409, 409]
