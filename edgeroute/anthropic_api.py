@@ -845,10 +845,14 @@ def rewrite_error(resp: web.StreamResponse) -> web.StreamResponse:
     except (orjson.JSONDecodeError, AttributeError):
         return resp
     if isinstance(err, dict) and "type" in err and err.get("message") is not None:
-        resp.body = orjson.dumps(
-            {"type": "error", "error": {"type": error_type(resp.status), "message": str(err["message"])}}
-        )
+        message = str(err["message"])
+        if err.get("code") == "context_length_exceeded" and not message.startswith(_TOO_LONG):
+            message = f"{_TOO_LONG}: {message}"  # what Anthropic says, and its clients look for
+        resp.body = orjson.dumps({"type": "error", "error": {"type": error_type(resp.status), "message": message}})
     return resp
+
+
+_TOO_LONG = "prompt is too long"
 
 
 def add_routes(app: web.Application, messages_handler: Handler = messages) -> None:
