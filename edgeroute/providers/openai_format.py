@@ -438,6 +438,31 @@ def error_event(message: str, etype: str, code: str | None = None) -> bytes:
     )
 
 
+# The error `type` OpenAI's and Anthropic's clients both read for an HTTP status (an Anthropic
+# client's SDK raises its class by it; `in_band_status` reads the status back for the failover).
+_STATUS_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def status_error_event(message: str, status: int, code: str) -> bytes:
+    """A native provider's in-stream error (Gemini's error chunk, Bedrock's exception frame) as an
+    OpenAI-format error event of the class its `status` stands for, with the provider's own
+    `code`: as an OpenAI or Anthropic upstream's error event is (a rate limit before content fails
+    over as one, a validation error is the client's; after content the client's SDK reads
+    `rate_limit_error`, not `RESOURCE_EXHAUSTED`)."""
+    return error_event(
+        message, _STATUS_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error"), code
+    )
+
+
 class ChunkWriter:
     """Writes one stream's `chat.completion.chunk` events, in the order OpenAI sends them.
 
