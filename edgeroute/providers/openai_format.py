@@ -515,7 +515,10 @@ class ChunkWriter:
         return self.start() + self._chunk({"content": text})
 
     def new_tool(self) -> int:
-        """The OpenAI index of the next tool call; emit it with :meth:`tool_head`."""
+        """The OpenAI index of the next tool call; emit it with :meth:`tool_head`. Past
+        `sse.MAX_TOOL_CALLS`, the upstream's protocol error (`sse.TooManyToolCalls`)."""
+        if self.tools >= sse.MAX_TOOL_CALLS:
+            raise sse.TooManyToolCalls()
         self.tools += 1
         return self.tools - 1
 
