@@ -249,8 +249,9 @@ DROPPED: dict[str, Any] = {}  # `_check_chunk`'s event that is not sent at all
 # The error event that ends a chat stream into which an upstream spliced a chunk of another
 # completion (`AnswerId`), in the words of a translated stream's second message
 # (`openai_format.spliced`); `SPLICED`, the object a held stream reads for it.
+SPLICED_MESSAGE = "The upstream sent a second answer in one stream; the answer is incomplete."
 _SPLICED_ERROR = {
-    "message": "The upstream sent a second answer in one stream; the answer is incomplete.",
+    "message": SPLICED_MESSAGE,
     "type": "upstream_error",
     "param": None,
     "code": "upstream_protocol_error",

@@ -429,7 +429,7 @@ class Reply:
         return completion(cid, model, "".join(self.text), self.calls, "stop" if stop else finish, use)
 
 
-SPLICED = "The upstream sent a second answer in one stream; the answer is incomplete."
+SPLICED = sse.SPLICED_MESSAGE
 
 
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
