@@ -280,24 +280,24 @@ class AnswerId:
     repeated: its ids are not read (so a splice right after a stream's first chunk goes unseen).
     One dict lookup and a comparison a chunk."""
 
-    __slots__ = ("_id", "_repeated", "off")
+    __slots__ = ("id", "off", "repeated")
 
     def __init__(self) -> None:
-        self._id: str | None = None
-        self._repeated = False
+        self.id: str | None = None  # the stream's first id
+        self.repeated = False  # a later chunk had it too
         self.off = False
 
     def other(self, cid: Any) -> bool:
         """Whether a chunk whose `id` is `cid` is another completion's."""
-        if cid == self._id:
-            self._repeated = self._id is not None
+        if cid == self.id:
+            self.repeated = self.id is not None
             return False
         if self.off or type(cid) is not str or not cid:
             return False
-        if self._id is None:
-            self._id = cid
+        if self.id is None:
+            self.id = cid
             return False
-        if not self._repeated:
+        if not self.repeated:
             self.off = True  # an id a chunk: not an answer's
             return False
         return True
@@ -408,7 +408,13 @@ def _check_chunk(
         repaired = True
     if type(obj) is not dict:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
-    if ids is not None and ids.other(obj.get("id")) and "error" not in obj:
+    # (inline, the common chunk: the id its stream's chunks repeated, no call)
+    if (
+        ids is not None
+        and ((cid := obj.get("id")) != ids.id or not ids.repeated)
+        and ids.other(cid)
+        and "error" not in obj
+    ):
         if parsed is not None:
             parsed.append(SPLICED)
         return SPLICED
