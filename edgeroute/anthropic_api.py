@@ -727,6 +727,11 @@ class StreamEncoder:
     def _tool_delta(self, tc: dict[str, Any]) -> bytes:
         """Holds a tool-call delta; the first call named starts its block (the text's ends)."""
         ti = self.tool_slots.of(tc)
+        if ti not in self.calls and len(self.calls) >= sse.MAX_TOOL_CALLS:
+            # Each is held to the finish, then checked and written at once: 150,000 of them (from
+            # an answer no relay's check saw, a whole JSON one) held the event loop for seconds.
+            self.cut = "upstream_protocol_error"
+            return self._fail(f"The upstream {sse.TooManyToolCalls()}; the answer is incomplete.", {})
         call = self.calls.setdefault(ti, _HeldCall())
         call.add(tc)
         if self.first_call is not None or not (call.id and call.name):
@@ -790,6 +795,8 @@ class StreamEncoder:
                 out += self._text(text)
             for tc in delta.get("tool_calls") or ():
                 out += self._tool_delta(tc)
+                if self.ended:  # too many calls: the answer ended with an error event
+                    return out
             if choice.get("finish_reason"):
                 self.stop_reason = stop_reason(choice["finish_reason"], bool(self.calls))
                 self.finished = True
@@ -845,10 +852,14 @@ def rewrite_error(resp: web.StreamResponse) -> web.StreamResponse:
     except (orjson.JSONDecodeError, AttributeError):
         return resp
     if isinstance(err, dict) and "type" in err and err.get("message") is not None:
-        resp.body = orjson.dumps(
-            {"type": "error", "error": {"type": error_type(resp.status), "message": str(err["message"])}}
-        )
+        message = str(err["message"])
+        if err.get("code") == "context_length_exceeded" and not message.startswith(_TOO_LONG):
+            message = f"{_TOO_LONG}: {message}"  # what Anthropic says, and its clients look for
+        resp.body = orjson.dumps({"type": "error", "error": {"type": error_type(resp.status), "message": message}})
     return resp
+
+
+_TOO_LONG = "prompt is too long"
 
 
 def add_routes(app: web.Application, messages_handler: Handler = messages) -> None:

@@ -149,15 +149,22 @@ class ChatChunks:
 
     While `parsed` is a list, each event's object (None for `[DONE]`) is appended to it as the
     event is checked: what holds a stream until its first content reads them there rather than
-    parsing every event a second time."""
+    parsing every event a second time.
 
-    __slots__ = ("_choices", "_events", "_slots", "parsed")
+    A chunk of another completion (`AnswerId`: a load balancer that spliced two streams) ends
+    the stream: the events before it go on, then :data:`SPLICED_EVENT`, and nothing more is read
+    (before content the attempt fails over on it, as on a translated stream's second message).
+    Tool calls past :data:`MAX_TOOL_CALLS` in one choice raise :class:`StreamProtocolError`."""
+
+    __slots__ = ("_choices", "_events", "_ids", "_slots", "ended", "parsed")
 
     def __init__(self, choices: int | None = None) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
         self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
         self.parsed: list[dict[str, Any] | None] | None = None
         self._choices = Choices(choices)
+        self._ids = AnswerId()
+        self.ended = False  # a spliced chunk ended it: nothing more is relayed
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -170,6 +177,8 @@ class ChatChunks:
         return gate.count is not None and len(gate.finished) >= gate.count
 
     def feed(self, chunk: bytes) -> bytes:
+        if self.ended:
+            return b""
         if (
             chunk.startswith(b"data: ")
             and chunk.endswith(b"\n\n")
@@ -177,7 +186,7 @@ class ChatChunks:
             and not self._events.holding
         ):
             # the common read: one event of one line
-            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices)
+            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices, self._ids)
             return chunk if unnumbered is None else self._numbered(unnumbered)
         if chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0 and not self._events.holding:
             # A burst of whole events (several reads relayed together): when each is one `data:`
@@ -189,8 +198,10 @@ class ChatChunks:
         out = []
         for ev in events:
             data = event_data(ev)
-            unnumbered = _check_chunk(data, self.parsed, self._choices) if data is not None else None
+            unnumbered = _check_chunk(data, self.parsed, self._choices, self._ids) if data is not None else None
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
+            if self.ended:
+                break
         return b"".join(out)
 
     def _burst(self, chunk: bytes, lines: list[bytes]) -> bytes | None:
@@ -200,12 +211,15 @@ class ChatChunks:
             if not ev.startswith(b"data:") or ev.find(b"\n") >= 0:
                 return None
         out: list[bytes] | None = None
+        ids = self._ids
         for i, ev in enumerate(lines):
-            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed, self._choices)  # as `event_data` reads it
+            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed, self._choices, ids)  # as `event_data` reads it
             if unnumbered is not None:
                 if out is None:
                     out = [e + b"\n\n" for e in lines[:i]]
                 out.append(self._numbered(unnumbered))
+                if self.ended:
+                    break
             elif out is not None:
                 out.append(ev + b"\n\n")
         return chunk if out is None else b"".join(out)
@@ -213,19 +227,82 @@ class ChatChunks:
     def _numbered(self, obj: dict[str, Any]) -> bytes:
         """The event `obj` with an `index` in each of its tool-call deltas (see :class:`ToolCallSlots`):
         without one, the OpenAI SDK's stream helpers (`chat.completions.stream`) raised a TypeError.
-        Nothing for an event whose every choice was dropped (`Choices`)."""
+        Nothing for an event whose every choice was dropped (`Choices`); the splice's error event
+        for a chunk of another completion (`AnswerId`), which ends the stream."""
         if obj is DROPPED:
             return b""
+        if obj is SPLICED:
+            self.ended = True
+            return SPLICED_EVENT
         for c in obj["choices"]:
             calls = (c.get("delta") or _EMPTY).get("tool_calls")
             for tc in calls if type(calls) is list else ():
                 if type(tc) is dict and tc.get("index") is None:
                     choice = c.get("index") if type(c.get("index")) is int else 0
-                    tc["index"] = self._slots.setdefault(choice, ToolCallSlots()).of(tc)
+                    tc["index"] = index = self._slots.setdefault(choice, ToolCallSlots()).of(tc)
+                    if index >= MAX_TOOL_CALLS:
+                        raise TooManyToolCalls()
         return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 DROPPED: dict[str, Any] = {}  # `_check_chunk`'s event that is not sent at all
+# The error event that ends a chat stream into which an upstream spliced a chunk of another
+# completion (`AnswerId`), in the words of a translated stream's second message
+# (`openai_format.spliced`); `SPLICED`, the object a held stream reads for it.
+SPLICED_MESSAGE = "The upstream sent a second answer in one stream; the answer is incomplete."
+_SPLICED_ERROR = {
+    "message": SPLICED_MESSAGE,
+    "type": "upstream_error",
+    "param": None,
+    "code": "upstream_protocol_error",
+}
+SPLICED: dict[str, Any] = {"error": _SPLICED_ERROR}
+SPLICED_EVENT = b"data: " + orjson.dumps(SPLICED) + b"\n\n"
+
+# The most tool calls one choice of an answer may make. No model makes a thousand in one turn;
+# an upstream that sends 150,000 (every one held to the finish for an Anthropic client, then
+# checked and written at once: two seconds of the event loop) is broken, its stream a protocol error.
+MAX_TOOL_CALLS = 1024
+
+
+class TooManyToolCalls(StreamProtocolError):
+    def __init__(self) -> None:
+        super().__init__(f"sent more than {MAX_TOOL_CALLS} tool calls in one answer")
+
+
+class AnswerId:
+    """Whether a chat chunk belongs to another completion than the stream's: its `id` differs
+    from the one the stream's chunks repeated. OpenAI gives every chunk of an answer the same id;
+    a careless upstream or a load balancer that splices two streams switches ids mid-stream,
+    and relayed as one, the client read two answers run together. An empty or missing id (TGI,
+    Azure's prompt-filter chunk) says nothing; a server that gives every chunk an id of its own
+    (LiteLLM, llama.cpp and Foundry Local have) shows it at its second chunk, before any id
+    repeated: its ids are not read (so a splice right after a stream's first chunk goes unseen).
+    One dict lookup and a comparison a chunk."""
+
+    __slots__ = ("id", "off", "repeated")
+
+    def __init__(self) -> None:
+        self.id: str | None = None  # the stream's first id
+        self.repeated = False  # a later chunk had it too
+        self.off = False
+
+    def other(self, cid: Any) -> bool:
+        """Whether a chunk whose `id` is `cid` is another completion's."""
+        if cid == self.id:
+            self.repeated = self.id is not None
+            return False
+        if self.off or type(cid) is not str or not cid:
+            return False
+        if self.id is None:
+            self.id = cid
+            return False
+        if not self.repeated:
+            self.off = True  # an id a chunk: not an answer's
+            return False
+        return True
+
+
 _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 MAX_COUNT = 1 << 40  # tokens past which a count is garbage (as `Usage.from_openai` reads one)
 
@@ -308,12 +385,16 @@ def _says_something(choice: dict[str, Any]) -> bool:
 
 
 def _check_chunk(
-    data: bytes, parsed: list[dict[str, Any] | None] | None, open_choices: Choices | None = None
+    data: bytes,
+    parsed: list[dict[str, Any] | None] | None,
+    open_choices: Choices | None = None,
+    ids: AnswerId | None = None,
 ) -> dict[str, Any] | None:
     """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
     to send in another form: whose tool-call deltas need their `index`, or without the choices
-    `open_choices` closed (`DROPPED`: none at all); else None (the event goes on as it came).
-    The event's object (None for `[DONE]`) is appended to `parsed` when given."""
+    `open_choices` closed (`DROPPED`: none at all), or `SPLICED` for a chunk of another
+    completion (`ids`); else None (the event goes on as it came).
+    The event's object (None for `[DONE]`, `SPLICED`) is appended to `parsed` when given."""
     if data == b"[DONE]":
         if parsed is not None:
             parsed.append(None)
@@ -327,6 +408,16 @@ def _check_chunk(
         repaired = True
     if type(obj) is not dict:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
+    # (inline, the common chunk: the id its stream's chunks repeated, no call)
+    if (
+        ids is not None
+        and ((cid := obj.get("id")) != ids.id or not ids.repeated)
+        and ids.other(cid)
+        and "error" not in obj
+    ):
+        if parsed is not None:
+            parsed.append(SPLICED)
+        return SPLICED
     if parsed is not None:
         parsed.append(obj)
     garbage = (usage := obj.get("usage")) is not None and absurd_usage(usage)
@@ -348,6 +439,8 @@ def _check_chunk(
                 break
             if (calls := delta.get("tool_calls")) and type(calls) is list:
                 unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
+                if any(type(tc) is dict and type(i := tc.get("index")) is int and i >= MAX_TOOL_CALLS for tc in calls):
+                    raise TooManyToolCalls()
             closing = closing or bool(c.get("finish_reason") or c.get("index"))
         else:
             # Looked at only once a choice has finished, or one is not choice 0: an event of

@@ -215,7 +215,10 @@ def test_event_stream_translation_golden(size: int) -> None:
 def test_exception_frames_and_corrupt_frames_become_error_events() -> None:
     t = adapter().stream_translator("public")
     chunks = chunks_of(t.feed(exception_frame("modelStreamErrorException", "boom")))
-    assert chunks == [{"error": {"message": "boom", "type": "modelStreamErrorException", "param": None, "code": None}}]
+    # of the class its status stands for (a model's failure: the server's), with Bedrock's own name as its code
+    assert chunks == [
+        {"error": {"message": "boom", "type": "api_error", "param": None, "code": "modelStreamErrorException"}}
+    ]
     frame = bytearray(encode_frame({":message-type": "event", ":event-type": "messageStart"}, b"{}"))
     frame[-1] ^= 0xFF  # break the message CRC
     t2 = adapter().stream_translator("public")

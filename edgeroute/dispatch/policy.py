@@ -88,10 +88,14 @@ class Stop:
         """Whether the held health reports are the request's fault, not the deployments'."""
         return self.poison or self.the_requests
 
+    param: str | None = None  # the request field at fault, as the provider named it (OpenAI's `param`)
+
     def error(self) -> ProxyError:
         if self.refusal is not None:
             return self.refusal
-        return ProxyError(self.status, self.reason, code=self.code, headers=dict(self.headers), details=self.details)
+        return ProxyError(
+            self.status, self.reason, code=self.code, param=self.param, headers=dict(self.headers), details=self.details
+        )
 
 
 @dataclass(slots=True)
@@ -444,9 +448,8 @@ class FailoverPolicy:
         return Stop(stop.status, stop.reason, stop.code, Outcome.CLIENT_ERROR.value, the_requests=True)
 
     def _client_error(self, f: Failure) -> Stop:
-        status = f.status or 400
-        code = "upstream_client_error" if status != 404 else "model_not_found"
-        return Stop(status, f.message, code, f.outcome.value)
+        status, code, param = client_error_code(f)
+        return Stop(status, f.message, code, f.outcome.value, param=param)
 
     def _details(self, state: FailoverState) -> list[dict[str, Any]]:
         return [
@@ -489,6 +492,24 @@ class FailoverPolicy:
             hdrs,
             self._details(state),
         )
+
+
+def client_error_code(f: Failure) -> tuple[int, str, str | None]:
+    """The status, code and param a client gets for an upstream's client error: the code OpenAI
+    gives it where clients and SDKs branch on one (a prompt too long for the model, whatever its
+    provider called it: `context_length_exceeded`, a 400 on `messages`; a content filter's
+    refusal: Azure's `content_filter`, else `content_policy_violation`), else
+    `upstream_client_error` (`model_not_found` for a 404)."""
+    if f.outcome is Outcome.CONTEXT_WINDOW:
+        return 400, "context_length_exceeded", "messages"
+    status = f.status or 400
+    if f.outcome is Outcome.CONTENT_POLICY:
+        return (
+            status,
+            "content_filter" if b"content_filter" in f.body[:2048].lower() else "content_policy_violation",
+            None,
+        )
+    return status, "upstream_client_error" if status != 404 else "model_not_found", None
 
 
 def _never(index: int) -> bool:

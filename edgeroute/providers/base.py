@@ -58,6 +58,11 @@ def in_band_status(err: Any) -> int:
     return 500
 
 
+# What a provider's error says when it refuses the key edgeroute sent (OpenAI's code, Gemini's
+# `API_KEY_INVALID` reason and message).
+_OUR_KEY_REFUSED = (b"invalid_api_key", b"api_key_invalid", b"api key not valid", b"incorrect api key")
+
+
 @dataclass(slots=True)
 class UpstreamRequest:
     url: str | URL  # a prebuilt URL saves aiohttp parsing the string on every request
@@ -93,6 +98,10 @@ class Adapter:
         if status >= 500:
             return Outcome.SERVER_ERROR
         low = body[:2048].lower()
+        if any(m in low for m in _OUR_KEY_REFUSED):
+            # Our key, in a 4xx other than 401 (Gemini's "API key not valid" is a 400): never
+            # the client's fault, nor the provider's words (they can quote the key).
+            return Outcome.AUTH_ERROR
         if b"context_length_exceeded" in low or b"maximum context length" in low:
             return Outcome.CONTEXT_WINDOW
         if b"content_policy" in low or b"content_filter" in low:

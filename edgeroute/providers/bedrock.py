@@ -73,6 +73,21 @@ _ERROR_CLASS = {
 }
 
 
+# The HTTP status each exception an event stream may end with stands for (its frame names it
+# camel-cased, `throttlingException`); any other is a server error. A model's own failure mid-stream
+# (`modelStreamErrorException`, HTTP 424) is the deployment's, never the request's.
+_EXCEPTION_STATUS = {
+    "throttlingexception": 429,
+    "servicequotaexceededexception": 429,
+    "modelnotreadyexception": 429,
+    "serviceunavailableexception": 503,
+    "validationexception": 400,
+    "accessdeniedexception": 403,
+    "resourcenotfoundexception": 404,
+    "modeltimeoutexception": 504,
+}
+
+
 def openai_usage(u: dict[str, Any] | None) -> dict[str, Any] | None:
     """Bedrock's usage in OpenAI's terms; None (the answer is counted) without its input and output counts."""
     counts = oa.token_counts(u, ("inputTokens", "outputTokens"), ("cacheReadInputTokens", "cacheWriteInputTokens"))
@@ -357,7 +372,10 @@ class BedrockStream:
                 else:
                     kind = str(headers.get(":exception-type") or headers.get(":error-code") or "upstream_error")
                     message = payload.get("message") if isinstance(payload, dict) else None
-                    out.append(oa.error_event(str(message or headers.get(":error-message") or kind), kind))
+                    status = _EXCEPTION_STATUS.get(kind.lower(), 500)
+                    out.append(
+                        oa.status_error_event(str(message or headers.get(":error-message") or kind), status, kind)
+                    )
         except ParserError:
             self.failed = True
             out.append(oa.error_event("upstream sent a malformed event-stream frame", "upstream_error"))

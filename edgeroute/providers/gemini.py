@@ -50,6 +50,20 @@ _STATUS_CLASS = {
 }
 
 
+# The HTTP status of a Google RPC status, for an error chunk without its `code`.
+_STATUS_HTTP = {
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+
 def finish_reason(reason: str | None, has_calls: bool) -> str:
     if reason in _FILTERED:
         return "content_filter"
@@ -260,7 +274,10 @@ class GeminiStream(oa.SseJsonStream):
         w = self.out
         if isinstance(obj.get("error"), dict):
             err = obj["error"]
-            return oa.error_event(str(err.get("message", "upstream error")), str(err.get("status", "upstream_error")))
+            status = str(err.get("status") or "UNKNOWN")
+            code = err.get("code")
+            http = code if type(code) is int and 400 <= code <= 599 else _STATUS_HTTP.get(status, 500)
+            return oa.status_error_event(str(err.get("message", "upstream error")), http, status)
         if obj.get("modelVersion"):
             w.model = str(obj["modelVersion"])
         if obj.get("usageMetadata"):

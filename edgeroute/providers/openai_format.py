@@ -429,12 +429,37 @@ class Reply:
         return completion(cid, model, "".join(self.text), self.calls, "stop" if stop else finish, use)
 
 
-SPLICED = "The upstream sent a second answer in one stream; the answer is incomplete."
+SPLICED = sse.SPLICED_MESSAGE
 
 
 def error_event(message: str, etype: str, code: str | None = None) -> bytes:
     return (
         b"data: " + orjson.dumps({"error": {"message": message, "type": etype, "param": None, "code": code}}) + b"\n\n"
+    )
+
+
+# The error `type` OpenAI's and Anthropic's clients both read for an HTTP status (an Anthropic
+# client's SDK raises its class by it; `in_band_status` reads the status back for the failover).
+_STATUS_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def status_error_event(message: str, status: int, code: str) -> bytes:
+    """A native provider's in-stream error (Gemini's error chunk, Bedrock's exception frame) as an
+    OpenAI-format error event of the class its `status` stands for, with the provider's own
+    `code`: as an OpenAI or Anthropic upstream's error event is (a rate limit before content fails
+    over as one, a validation error is the client's; after content the client's SDK reads
+    `rate_limit_error`, not `RESOURCE_EXHAUSTED`)."""
+    return error_event(
+        message, _STATUS_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error"), code
     )
 
 
@@ -490,7 +515,10 @@ class ChunkWriter:
         return self.start() + self._chunk({"content": text})
 
     def new_tool(self) -> int:
-        """The OpenAI index of the next tool call; emit it with :meth:`tool_head`."""
+        """The OpenAI index of the next tool call; emit it with :meth:`tool_head`. Past
+        `sse.MAX_TOOL_CALLS`, the upstream's protocol error (`sse.TooManyToolCalls`)."""
+        if self.tools >= sse.MAX_TOOL_CALLS:
+            raise sse.TooManyToolCalls()
         self.tools += 1
         return self.tools - 1
 

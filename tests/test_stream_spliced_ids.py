@@ -1,0 +1,155 @@
+"""An OpenAI-format stream whose chunks switch to another completion's `id` mid-stream (a
+careless upstream, or a load balancer that spliced two streams) is two answers, not one: relayed
+as one, the OpenAI SDK's text was "Hello wholeOTHER ANSWER". After content the stream ends with an
+error event after the first answer's text; before content the attempt fails over. Servers that
+send an empty id, a usage chunk of the same id, or an id of its own on every chunk (LiteLLM,
+llama.cpp, Foundry Local have) are relayed as before."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from edgeroute import sse
+from tests.conftest import Proxy, ServeRoutes
+from tests.dispatch_support import recorded
+from tests.test_stream_hold_usage_and_format import _streaming
+
+StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
+HI = [{"role": "user", "content": "hi"}]
+
+
+def _chunk(cid: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    obj = {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [choice]}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _usage(cid: str) -> bytes:
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    obj = {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [], "usage": usage}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+SPLICED_AFTER_CONTENT = [
+    _chunk("c1", {"role": "assistant", "content": ""}),
+    _chunk("c1", {"content": "Hello"}),
+    _chunk("c1", {"content": " whole"}),
+    _chunk("c2", {"content": "OTHER ANSWER"}),
+    _chunk("c2", {}, "stop"),
+    DONE,
+]
+SPLICED_BEFORE_CONTENT = [
+    _chunk("c1", {"role": "assistant", "content": ""}),
+    _chunk("c1", {"content": ""}),
+    _chunk("c2", {"content": "OTHER ANSWER"}),
+    _chunk("c2", {}, "stop"),
+    DONE,
+]
+GOOD = [_chunk("g", {"role": "assistant", "content": "good"}), _chunk("g", {}, "stop"), _usage("g"), DONE]
+# What must go on as before: Azure's prompt-filter chunk without an id, a usage chunk of the
+# answer's id; a server that gives every chunk an id of its own.
+AZURE_LIKE = [
+    b'data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[]}\n\n',
+    _chunk("a", {"role": "assistant", "content": "fine"}),
+    _chunk("a", {"content": " answer"}),
+    _chunk("", {}, "stop"),
+    _usage("a"),
+    DONE,
+]
+ID_PER_CHUNK = [
+    _chunk("k1", {"role": "assistant", "content": "fine"}),
+    _chunk("k2", {"content": " answer"}),
+    _chunk("k3", {}, "stop"),
+    _usage("k4"),
+    DONE,
+]
+
+
+async def _proxy(start_proxy: StartProxy, serve_routes: ServeRoutes, *streams: list[bytes]) -> Proxy:
+    """A model `m` whose first stream is `streams[0]`, the next ones its fallback models'."""
+    cfg: dict[str, Any] = {"providers": {}, "deployments": {}, "models": {}}
+    for i, events in enumerate(streams):
+        up = await serve_routes(web.post("/v1/chat/completions", _streaming(events)))
+        cfg["providers"][f"p{i}"] = {"base_url": up.url + "/v1"}
+        cfg["deployments"][f"d{i}"] = {"provider": f"p{i}", "model": "x"}
+        cfg["models"]["m" if i == 0 else f"m{i}"] = {"deployments": [f"d{i}"]}
+    cfg["models"]["m"]["fallbacks"] = [f"m{i}" for i in range(1, len(streams))]
+    return await start_proxy(cfg)
+
+
+async def _openai_text(proxy: Proxy) -> tuple[str, set[str], Exception | None]:
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    text, ids, error = "", set(), None
+    try:
+        stream = await client.chat.completions.create(model="m", messages=HI, stream=True)
+        async for c in stream:
+            ids.add(c.id)
+            text += "".join(ch.delta.content or "" for ch in c.choices)
+    except openai.APIError as e:
+        error = e
+    finally:
+        await client.close()
+    return text, ids, error
+
+
+async def test_a_spliced_stream_ends_with_an_error_after_the_first_answer(
+    start_proxy: StartProxy, serve_routes: ServeRoutes
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, SPLICED_AFTER_CONTENT)
+    text, ids, error = await _openai_text(proxy)
+    assert (text, ids) == ("Hello whole", {"c1"})
+    assert error is not None and "second answer" in str(error)
+    rec = await recorded(proxy)
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_error")
+
+
+async def test_an_anthropic_client_gets_an_error_event_not_the_second_answer(
+    start_proxy: StartProxy, serve_routes: ServeRoutes
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, SPLICED_AFTER_CONTENT)
+    claude = anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0)
+    text = ""
+    try:
+        with pytest.raises(anthropic.APIStatusError, match="second answer"):
+            async with claude.messages.stream(model="m", max_tokens=50, messages=HI) as stream:
+                async for t in stream.text_stream:
+                    text += t
+    finally:
+        await claude.close()
+    assert text == "Hello whole"
+
+
+async def test_a_splice_before_content_fails_over(start_proxy: StartProxy, serve_routes: ServeRoutes) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, SPLICED_BEFORE_CONTENT, GOOD)
+    text, ids, error = await _openai_text(proxy)
+    assert (text, ids, error) == ("good", {"g"}, None)
+    rec = await recorded(proxy)
+    assert (rec.outcome, rec.deployment) == ("ok", "d1")
+    assert rec.attempts[0].outcome == "server_error"
+
+
+@pytest.mark.parametrize("events", [AZURE_LIKE, ID_PER_CHUNK], ids=["empty-ids", "an-id-a-chunk"])
+async def test_ids_that_are_not_a_splice_go_on(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, events: list[bytes]
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, events)
+    text, _, error = await _openai_text(proxy)
+    assert (text, error) == ("fine answer", None)
+    rec = await recorded(proxy)
+    assert rec.outcome == "ok"
+
+
+def test_a_burst_read_keeps_the_first_answer_and_stops_at_the_splice() -> None:
+    """Events read together: those of the first answer go on, then the error, nothing after it."""
+    c = sse.ChatChunks()
+    out = c.feed(b"".join(SPLICED_AFTER_CONTENT))
+    assert out == b"".join(SPLICED_AFTER_CONTENT[:3]) + sse.SPLICED_EVENT
+    assert c.feed(_chunk("c1", {"content": "more"})) == b""
