@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 
 from edgeroute import secrets
 from edgeroute.config import Config
 from edgeroute.cost.keys import Identity
 
+log = logging.getLogger("edgeroute.sticky")
 _PREFIX = "\x00sticky:"  # no configured user is this: a `users:` rule condition never matches it
 _salts: tuple[Config, bytes] | None = None  # the last config generation's
 
@@ -27,10 +29,13 @@ def salt(config: Config) -> bytes:
     global _salts
     if _salts is not None and _salts[0] is config:
         return _salts[1]
-    chosen = config.learning.experiment_salt
-    if chosen is not None:
-        got = secrets.resolve(chosen).reveal().encode()
-    else:
+    got: bytes | None = None
+    if (chosen := config.learning.experiment_salt) is not None:
+        try:
+            got = secrets.resolve(chosen).reveal().encode()
+        except secrets.SecretError as e:  # not a 500 on every keyed request: the derived salt
+            log.error("learning.experiment_salt cannot be read (%s): using the salt derived from the keys", e)
+    if got is None:
         parts = sorted(secrets.resolve(k).reveal() for k in config.server.api_keys)
         parts += sorted(k.token_sha256 or secrets.resolve(k.token or "").reveal() for k in config.keys.values())
         got = hashlib.sha256("\x1f".join(parts).encode()).digest()
