@@ -16,13 +16,22 @@ HTTP, the upstreams the bundled mock."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 
+from edgeroute import config as config_mod
+from edgeroute.accounting import RequestRecord
+from edgeroute.cost.ledger import Ledger
+from edgeroute.cost.ledger_store import SqliteBackend
+from edgeroute.learn import from_log
+from edgeroute.requestlog import outcomes
+from edgeroute.requestlog.settings import RequestLog
 from edgeroute.shadow_log import ShadowLog
 from tests.conftest import eventually
 from tests.test_cost_support import cost_proxy
@@ -159,3 +168,22 @@ def test_the_shadow_log_is_rotated_past_its_size(tmp_path: Path) -> None:
     assert names == ["shadow.jsonl", "shadow.jsonl.1", "shadow.jsonl.2"], names
     assert all(p.stat().st_size < 4096 + 1024 for p in tmp_path.iterdir())
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in tmp_path.iterdir())
+
+
+def test_train_from_log_takes_no_mirror_rows(tmp_path: Path) -> None:
+    """A score stored on a mirror's row (before the 404) is not an outcome `router train
+    --from-log` learns from: the client never saw that answer."""
+    db = SqliteBackend(tmp_path / "log.db")
+    ledger = Ledger(db, flush_interval=60, request_log=RequestLog(retention_days=1))
+    now = time.time()
+    for n, mirror in enumerate([False, True, True]):
+        body = json.dumps({"model": "weak", "messages": msg(f"what is {n} + {n}?")}).encode()
+        outcome = "shadow" if mirror else "ok"
+        rec = RequestRecord(request_id=f"r{n}", started=now, model="weak", route="weak", status=200,
+                            outcome=outcome, content_mode="full", content_request=body)  # fmt: skip
+        rec.shadow_of = "r0" if mirror else None
+        ledger.record(rec)
+        ledger.outcome(outcomes.FEEDBACK, (f"r{n}", now, 0.0, None))
+    ledger.flush()
+    cfg = config_mod.parse(config("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1"), "test.yaml")
+    assert from_log.read(db, cfg).rated == 1
