@@ -16,6 +16,7 @@ store is the one `serve --workers N` uses."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from edgeroute.config import SharedState
-from edgeroute.learning import FeedbackLearner
+from edgeroute.learning import LEARNER, FeedbackLearner
 from edgeroute.learning_share import REMEMBER_S, LearningShare, LearnStore, RedisLearnStore, SqliteLearnStore
 from tests.conftest import eventually
 from tests.test_cost_support import require_redis
@@ -174,5 +175,46 @@ async def test_a_score_counts_once_after_redis_loses_its_mark(start_upstream, st
             return await _learned(two.url) == (0.0, 1.0) and await _learned(one.url) == (0.0, 1.0)
 
         await eventually(reseeded, "both instances at one score")
+    finally:
+        await _wipe_redis(url, prefix)
+
+
+async def test_two_concurrent_first_scores_count_once(start_upstream, start_proxy) -> None:
+    """The first claim's answer arrives after the second's: before, the second (refused) marked
+    the request rated meanwhile and the first, which held the claim, then counted nothing."""
+    url = require_redis()
+    prefix = f"t-once-{uuid.uuid4().hex[:8]}"
+    strong, weak = await start_upstream(), await start_upstream()
+    shared = {"redis_url": url, "prefix": prefix, "timeout_ms": 2000}
+    proxy = await start_proxy(with_weak_ab(config(strong, weak, shared_state=shared, learning={"feedback": {}})))
+    store = proxy.app[LEARNER].share.store  # type: ignore[union-attr]
+    claim, second_done, calls = store.claim, asyncio.Event(), []
+
+    async def late_first(*args: Any) -> Any:
+        calls.append(args)
+        got = await claim(*args)
+        if len(calls) == 1:
+            await second_done.wait()  # the first claim's answer comes back last
+        else:
+            second_done.set()
+        return got
+
+    store.claim = late_first  # type: ignore[method-assign]
+    try:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+        rid = (await client.chat.completions.with_raw_response.create(model="weak-ab", messages=msg(TEXT))).headers[
+            "x-request-id"
+        ]
+        await client.close()
+        async with aiohttp.ClientSession() as s:
+
+            async def rate() -> dict[str, Any]:
+                async with s.post(proxy.url + "/v1/feedback", json={"request_id": rid, "score": 0}) as r:
+                    assert r.status == 200
+                    return dict(await r.json())
+
+            bodies = await asyncio.gather(rate(), rate())
+        assert sorted(b.get("reason", "learned") for b in bodies) == ["already_scored", "learned"], bodies
+        assert await _learned(proxy.url) == (0.0, 1.0)  # before: nothing learned
     finally:
         await _wipe_redis(url, prefix)
