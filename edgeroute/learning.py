@@ -8,13 +8,16 @@ to its predictions for `policy` routes: a fresh draw from each posterior, minus 
 prior mean, clamped to `max_shift`. Draws are refreshed on every feedback and every
 few seconds, so exploration continues without a random number per request.
 
-Ratings are kept per tenant (the rated request's team; the keys of no team, which are the
-operator's, and keyless callers are one tenant). With `tenants: per_team` (the default) a
+Ratings are kept per tenant (the rated request's team; the operator's tenant: keys of no team
+with role `operator` or `admin`, shared `server.api_keys` and keyless callers; any other key of
+no team is a tenant of its own, `key:<id>`, which steers no one's routing with `per_team` and
+is weighed as a team is with `balanced`). With `tenants: per_team` (the default) a
 team's ratings shift its own requests alone: the core keeps a table of shifts per team beside
 the global one, which the operator's tenant's ratings make and every request sees (`routing`).
 With `balanced` there is one table, where a team's ratings count up to all the others'
-together (`pool`); with `pooled`, one table where every rating counts. Cache hits are remembered
-but not learned from: their route was not chosen by routing now, and they cost nothing to make.
+together (`pool`); with `pooled`, one table where every rating counts. Only a route a policy or
+an experiment chose is learned from: a cache hit (its route was not chosen by routing now) and a
+route the client named itself (`model: weak`) are remembered, answered `learned: false`.
 
 State persists in a small JSON file (written atomically) so that learning survives
 restarts; with `shared_state`, posteriors and recent requests are shared through Redis,
@@ -65,16 +68,22 @@ class Posterior:
         return self.alpha / (self.alpha + self.beta)
 
 
-# The operator's tenant: keys of no team (global keys, which see every team) and callers without
-# a key (a sidecar, `server.api_keys`). Its ratings always count in full.
+# The operator's tenant: keys of no team with role `operator` or above (global keys, which see
+# every team) and callers without a key (a sidecar, `server.api_keys`). Its ratings count in full.
 ANONYMOUS = "anonymous"
+# How long a served request can be rated (the shared store keeps its record and mark as long).
+REMEMBER_S = 24 * 3600
 
 
-def tenant_id(team: str | None) -> str:
-    """Whose ratings these are: the key's team, else the operator's tenant. Teams are the
-    boundary between tenants (a team's keys mint keys of that team); a key of no team is the
-    operator's, trusted as a keyless sidecar is."""
-    return f"team:{team}" if team else ANONYMOUS
+def tenant_id(team: str | None, key: str | None = None, role: str | None = None) -> str:
+    """Whose ratings these are: the key's team; else the operator's tenant for a keyless caller
+    or a no-team key of role `operator` or above (as the admin queries count it); else the key's
+    own (a plain `service` key of no team does not speak for the operator)."""
+    if team:
+        return f"team:{team}"
+    if key is None or roles.permits(role, "operator"):
+        return ANONYMOUS
+    return f"key:{key}"
 
 
 @dataclass(slots=True)
@@ -88,10 +97,27 @@ class Served:
     team: str | None = None
     cached: bool = False  # a cache hit: no routing outcome, so not learned from
     rated: bool = False  # the learner counts a request's first score only
+    role: str | None = None  # the key's role: a no-team key below `operator` is a tenant of its own
+    chosen: bool = True  # a policy or an experiment chose the route (else the client named it)
+    at: float = 0.0  # when it was served (monotonic): rateable for `REMEMBER_S`
 
     @property
     def tenant(self) -> str:
-        return tenant_id(self.team)
+        return tenant_id(self.team, self.key, self.role)
+
+    def not_learned(self) -> str | None:
+        """Why a score on it teaches the router nothing, or None when it does."""
+        if self.cached:
+            return NOT_LEARNED
+        if not self.chosen:
+            return NOT_CHOSEN
+        return ALREADY_SCORED if self.rated else None
+
+
+NOT_LEARNED = "a cached answer: its route was not chosen by routing now, so its score does not teach the router"
+NOT_CHOSEN = "not_chosen_by_routing"  # the client named the route: its score would steer others' routing
+ALREADY_SCORED = "already_scored"  # a request's first score counts, once
+NOT_SHARED = "not_in_shared_store"  # the shared store no longer holds it (expired, flushed): it may have counted
 
 
 Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of complements)
@@ -147,7 +173,7 @@ class Sharing(Protocol):
     def on_served(self, request_id: str, s: Served) -> None: ...
     def on_feedback(self, s: Served, reward: float) -> None: ...  # counted as `s.tenant`'s
     async def lookup(self, request_id: str) -> Served | None: ...
-    async def claim(self, request_id: str) -> bool: ...
+    async def claim(self, request_id: str) -> str | None: ...  # None: claimed; else why not
 
 
 def _keep_ahead(learner: FeedbackLearner, path: Path) -> dict[tuple[str, str], Evidence]:
@@ -280,27 +306,45 @@ class FeedbackLearner:
         key: str | None = None,
         team: str | None = None,
         cached: bool = False,
+        role: str | None = None,
+        chosen: bool = True,
     ) -> None:
         """Remembers a request so that feedback on it can be attributed (and checked: whose it is)."""
         if task is None:
             return
-        served = self.recent[request_id] = Served(route, task, cost_usd, key, team, cached)
-        if len(self.recent) > self.remember:
-            self.recent.popitem(last=False)
+        served = Served(route, task, cost_usd, key, team, cached, role=role, chosen=chosen)
+        self.remember_served(request_id, served)
         if self.share is not None:
             self.share.on_served(request_id, served)
 
-    def feedback(self, request_id: str, score: float) -> Served | None:
+    def remember_served(self, request_id: str, served: Served) -> None:
+        """Keeps `served` for `REMEMBER_S` (and at most `remember` requests), as the shared store
+        keeps its record: oldest first out, so the expired are always at the front."""
+        served.at = now = time.monotonic()
+        self.recent[request_id] = served
+        self.recent.move_to_end(request_id)
+        if len(self.recent) > self.remember:
+            self.recent.popitem(last=False)
+        while self.recent and next(iter(self.recent.values())).at <= now - REMEMBER_S:
+            self.recent.popitem(last=False)
+
+    def known(self, request_id: str) -> Served | None:
+        """The request as served here (or looked up), unless older than `REMEMBER_S`."""
+        s = self.recent.get(request_id)
+        return s if s is not None and s.at > time.monotonic() - REMEMBER_S else None
+
+    def feedback(self, request_id: str, score: float, *, claimed: bool = False) -> Served | None:
         """Applies a 0..1 score to the request's (task, route); None if the request is unknown.
 
         A request's first score counts, once: a repeated one (a replay, a changed mind)
         leaves the posteriors alone, else one key could drive a route's posterior, which
         routes every tenant's requests, by repeating one score (the request log keeps the
-        last score given)."""
-        s = self.recent.get(request_id)
+        last score given). `claimed`: the shared store gave this call the first score, which
+        counts even if a concurrent call marked the local copy rated meanwhile."""
+        s = self.known(request_id)
         if s is None:
             return None
-        if s.rated or s.cached:  # a cache hit's route was not chosen now: no routing outcome
+        if s.cached or not s.chosen or (s.rated and not claimed):
             return s
         s.rated = True
         reward = min(1.0, max(0.0, score - self.cost_weight * s.cost_usd))
@@ -313,7 +357,8 @@ class FeedbackLearner:
         return s
 
     def set_evidence(self, found: dict[tuple[str, str], Evidence]) -> None:
-        """Replaces the evidence of each (task, route) in `found` (a state file, a shared sync)."""
+        """Replaces the evidence of each (task, route) in `found` (a state file, a shared sync:
+        `LearningShare.sync` passes sums that never fall below what this process counted)."""
         for key, by_tenant in found.items():
             self.evidence[key] = by_tenant
             self._route(key, by_tenant)
@@ -364,12 +409,12 @@ def _request_log(app: web.Application) -> Ledger | None:
     return rec if isinstance(rec, Ledger) and rec.request_log is not None else None
 
 
-NOT_LEARNED = "a cached answer: its route was not chosen by routing now, so its score does not teach the router"
 FIND_FOR_S = 5.0  # how long feedback waits for its request to reach the log (a busy writer)
 # Feedback calls waiting on the log at once: past it, 503 at once (each waits up to FIND_FOR_S,
 # reading the database every flush, so unbounded waits would turn a flood into database load).
 MAX_LOOKUPS = 64
 MAX_CALLERS = 10_000  # feedback buckets kept before the full ones are dropped
+SHADOW_SUFFIX = "-shadow"  # a mirror's request id: `<primary id>-shadow` (`shadow._mirror`)
 
 
 @dataclass(slots=True)
@@ -404,7 +449,8 @@ async def _logged(ledger: Ledger, rid: str) -> tuple[str | None, str, str | None
     """(key id, route, task, team) of a logged request. A request is queued for the log before its
     answer is sent, so one still queued is waited for (bounded); once the writer's queue has
     been seen empty and the row is still missing after a further flush, there is none."""
-    sql = "SELECT key_id, route, task, team FROM requests WHERE id = ?"
+    # Not a mirror's row (`shadow.py`): the client never saw that answer.
+    sql = "SELECT key_id, route, task, team FROM requests WHERE id = ? AND (outcome IS NULL OR outcome <> 'shadow')"
     deadline = asyncio.get_running_loop().time() + FIND_FOR_S
     drained = False
     while True:
@@ -481,6 +527,8 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     if not rid or len(rid) > 256:
         raise ProxyError(400, "request_id must be 1 to 256 characters.", param="request_id")
     unknown = ProxyError(404, f"No recent routed request with id {rid!r}.", code="unknown_request_id")
+    if rid.endswith(SHADOW_SUFFIX):
+        raise unknown  # a mirror's answer: the client never saw it, so it has nothing to rate
     ident = request.get(IDENTITY)
     logged = await _lookup(gate, ledger, rid) if ledger is not None else None
     if logged is not None and not _owned(request, logged[0], logged[3]):
@@ -488,24 +536,26 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     if ledger is not None and logged is None and ident is not None:
         raise unknown  # with keys, only a request the log shows to be the caller's is rated
     served = None
+    why_not: str | None = None
     if learner is not None:
-        served = learner.recent.get(rid)
+        served = learner.known(rid)
         share = learner.share
         if served is None and share is not None and (served := await share.lookup(rid)) is not None:
-            learner.recent[rid] = served  # served by another instance
+            learner.remember_served(rid, served)  # served by another instance
         if served is not None and logged is None and not _owned(request, served.key, served.team):
             raise unknown  # the log off: the learner's record says whose it is, the same rule
-        if (
-            served is not None
-            and not served.cached
-            and not served.rated
-            and share is not None
-            and not await share.claim(rid)
-        ):
-            served.rated = True  # rated through another instance already: it counted there
         if served is not None:
-            learner.feedback(rid, score)
-            _apply(request.app, learner)
+            why_not = served.not_learned()
+            claimed = False
+            if why_not is None and share is not None:
+                # The store marks it rated once, and only while it holds the request's record:
+                # a score counts once fleet-wide, never again after the mark is lost.
+                if (why_not := await share.claim(rid)) is not None:
+                    served.rated = True
+                claimed = why_not is None
+            if why_not is None:
+                learner.feedback(rid, score, claimed=claimed)
+                _apply(request.app, learner)
     if served is None and logged is None:
         raise unknown
     if ledger is not None and logged is not None:
@@ -520,6 +570,8 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"request_id": rid, "task": task, "route": route, "accepted": True, "stored": stored}
     if served is not None and served.cached:  # stored for the log (when on), never learned from
         body |= {"accepted": stored, "learned": False, "reason": NOT_LEARNED}
+    elif why_not is not None:
+        body |= {"learned": False, "reason": why_not}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -16,11 +16,19 @@ Feedback then counts the same wherever it is posted and wherever the request was
 
 Both are sent in batches every `SYNC_S`, off the request path, in one transaction. A store
 that was never seeded (a new Redis, one restarted empty, or the workers' new file at each
-start) takes no sums until one process has filled it with its posteriors (`seed`: at start,
-those loaded from its `state_path`; later, those it routes with), so learning goes on from
-what was learned, not from the prior. The sums are refused rather than added to an empty
-store inside the same transaction that checks the mark, so no score lands before the seed
-and then counts twice or not at all. The store down: feedback on requests this process
+start) takes no sums until a process has merged its own into it (`seed`: at start, those
+loaded from its `state_path`; later, those it routes with, less its unsent scores). Seeding
+raises each sum to the process's value when that is larger (never lowers one), and every
+sync seeds again when the store holds less than the process counted, so a process that
+seeds an empty table first (a new instance without a state file) takes nothing from the
+others, and no process ever replaces what it learned with less. The sums are refused rather
+than added to an empty store inside the same transaction that checks the mark, so no score
+lands before the seed and then counts twice or not at all.
+
+A score is claimed in the store (once per request, fleet-wide) only while the store holds the
+request's record: once that is gone (its `REMEMBER_S` expiry, a flush, a restart without
+data) the rated mark may be gone too, so the score is stored for the log but not learned,
+rather than counted a second time. The store down: feedback on requests this process
 served still counts here until the next sync (scores that could not be sent are not sent
 twice); feedback on another process's requests is answered 404.
 """
@@ -44,7 +52,16 @@ from aiohttp import web
 from edgeroute import background, redis_client
 from edgeroute.config import Config, SharedState
 from edgeroute.cost.store_errors import StoreUnavailable
-from edgeroute.learning import ANONYMOUS, LEARNER, Evidence, FeedbackLearner, Served
+from edgeroute.learning import (
+    ALREADY_SCORED,
+    ANONYMOUS,
+    LEARNER,
+    NOT_SHARED,
+    REMEMBER_S,
+    Evidence,
+    FeedbackLearner,
+    Served,
+)
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
 
@@ -53,7 +70,6 @@ log = logging.getLogger("edgeroute.learning")
 SYNC_S = 0.5
 LOOKUP_SLACK_S = 0.3  # the other process's batch write, on top of its period
 LOOKUP_POLL_S = 0.1
-REMEMBER_S = 24 * 3600
 MAX_PENDING = 100_000
 _SEP = "\x1f"
 _SEEDED = "learning-seeded"  # in the workers' file's `once` table
@@ -65,8 +81,10 @@ class LearnStore(Protocol):
 
     async def served(self, request_id: str) -> bytes | None: ...
 
-    async def claim(self, request_id: str) -> bool:
-        """True for the first caller to claim `request_id` (for `REMEMBER_S`)."""
+    async def claim(self, request_id: str, record: bytes | None) -> Claim:
+        """Whether `request_id` is claimed now: only the first caller's claim holds (for
+        `REMEMBER_S`), and only while the store holds its record (`record`: this process's
+        unsent one, written first)."""
         ...
 
     async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
@@ -76,17 +94,17 @@ class LearnStore(Protocol):
 
     async def sums(self) -> dict[str, float]: ...
 
-    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
-        """Marks the store seeded, with `sums` if it was not yet (atomically: one process seeds)."""
+    async def seed_sums(self, sums: dict[str, float]) -> None:
+        """Marks the store seeded and raises each of its sums to `sums`' where that is larger."""
         ...
 
     async def close(self) -> None: ...
 
 
-class Seeded(enum.IntEnum):
-    ALREADY = 0  # another process seeded it
-    ADOPTED = 1  # it held sums from before the mark existed: kept as they are
-    FILLED = 2  # with this process's sums
+class Claim(enum.IntEnum):
+    CLAIMED = 1
+    TAKEN = 0  # rated already (here or through another process)
+    UNKNOWN = -1  # the store holds no record of it (expired, flushed): it may have counted
 
 
 # The anonymous tenant's sums keep the hash and field names (task, route, a|b) of releases before
@@ -103,16 +121,26 @@ local function add(i, last)
 end
 """
 
-# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark, KEYS[3]: the tenants' sums; ARGV: field, value...
-_SEED = (
-    _SUMS
-    + """
-if not redis.call('SET', KEYS[2], '1', 'NX') then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
-add(1, #ARGV)
-return 2
+# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark, KEYS[3]: the tenants' sums; ARGV: field,
+# value... Each sum is raised to the value when that is larger: evidence only grows.
+_SEED = """
+redis.call('SET', KEYS[2], '1')
+for i = 1, #ARGV, 2 do
+  local h, field, value = KEYS[tonumber(string.sub(ARGV[i], 1, 1))], string.sub(ARGV[i], 2), tonumber(ARGV[i + 1])
+  local have = tonumber(redis.call('HGET', h, field) or '0')
+  if value > have then redis.call('HSET', h, field, ARGV[i + 1]) end
+end
+return 1
 """
-)
+
+# KEYS[1]: the request's record, KEYS[2]: its rated mark; ARGV[1]: a record to keep first (or
+# ''), ARGV[2]: the time to live. 1 claimed, 0 rated already, -1 no record (see `Claim`).
+_CLAIM = """
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 1 end
+return 0
+"""
 
 # KEYS as `_SEED`'s; ARGV[1]: how many served requests, ARGV[2]: their time to live; then
 # request key, record... and then field, increment...
@@ -155,9 +183,10 @@ class RedisLearnStore:
             raise StoreUnavailable(type(e).__name__) from None
         return raw.encode() if isinstance(raw, str) else raw
 
-    async def claim(self, request_id: str) -> bool:
+    async def claim(self, request_id: str, record: bytes | None) -> Claim:
+        keys = (self.req_prefix + request_id, self.rated_prefix + request_id)
         try:
-            return bool(await self.client.set(self.rated_prefix + request_id, b"1", nx=True, ex=REMEMBER_S))
+            return Claim(int(await self.client.eval(_CLAIM, 2, *keys, record or b"", REMEMBER_S)))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -178,10 +207,10 @@ class RedisLearnStore:
             raise StoreUnavailable(type(e).__name__) from None
         return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
 
-    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
+    async def seed_sums(self, sums: dict[str, float]) -> None:
         args = [x for field, value in sums.items() for x in (_hashed(field), repr(value))]
         try:
-            return Seeded(int(await self.client.eval(_SEED, 3, self.hash, self.mark, self.tenants, *args)))
+            await self.client.eval(_SEED, 3, self.hash, self.mark, self.tenants, *args)
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -214,12 +243,16 @@ class SqliteLearnStore(SqliteState):
 
         return await self._run(tx)
 
-    async def claim(self, request_id: str) -> bool:
-        def tx(db: sqlite3.Connection) -> bool:
+    async def claim(self, request_id: str, record: bytes | None) -> Claim:
+        def tx(db: sqlite3.Connection) -> Claim:
             now = time.time()
+            if record is not None:
+                db.execute("INSERT OR IGNORE INTO learn_req VALUES (?, ?, ?)", (request_id, record, now + REMEMBER_S))
+            if db.execute("SELECT 1 FROM learn_req WHERE id = ? AND expires > ?", (request_id, now)).fetchone() is None:
+                return Claim.UNKNOWN
             db.execute("DELETE FROM learn_rated WHERE id = ? AND expires <= ?", (request_id, now))
             cur = db.execute("INSERT OR IGNORE INTO learn_rated VALUES (?, ?)", (request_id, now + REMEMBER_S))
-            return cur.rowcount == 1
+            return Claim.CLAIMED if cur.rowcount == 1 else Claim.TAKEN
 
         return await self._run(tx)
 
@@ -247,22 +280,26 @@ class SqliteLearnStore(SqliteState):
             lambda db: {str(f): float(v) for f, v in db.execute("SELECT field, value FROM learn_sum")}
         )
 
-    async def seed_sums(self, sums: dict[str, float]) -> Seeded:
-        def tx(db: sqlite3.Connection) -> Seeded:
-            if db.execute("INSERT OR IGNORE INTO once VALUES (?, ?)", (_SEEDED, math.inf)).rowcount == 0:
-                return Seeded.ALREADY
-            db.executemany("INSERT INTO learn_sum VALUES (?, ?)", list(sums.items()))
-            return Seeded.FILLED
+    async def seed_sums(self, sums: dict[str, float]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR IGNORE INTO once VALUES (?, ?)", (_SEEDED, math.inf))
+            db.executemany(
+                "INSERT INTO learn_sum VALUES (?, ?) "
+                "ON CONFLICT (field) DO UPDATE SET value = max(value, excluded.value)",
+                list(sums.items()),
+            )
 
-        return await self._run(tx)
+        await self._run(tx)
 
 
 def _record(s: Served) -> list[object]:
-    """What another process needs of a request: a keyless non-hit one as releases before
-    tenants were kept wrote it (which read three items), else whose it is and if a hit."""
-    if s.key is None and s.team is None and not s.cached:
+    """What another process needs of a request: a keyless non-hit one a policy or experiment
+    chose as releases before tenants were kept wrote it (which read three items), else whose it
+    is, if a hit, the key's role and whether routing chose the route (older releases read the
+    first six items)."""
+    if s.key is None and s.team is None and not s.cached and s.chosen:
         return [s.route, s.task, s.cost_usd]
-    return [s.route, s.task, s.cost_usd, s.key, s.team, s.cached]
+    return [s.route, s.task, s.cost_usd, s.key, s.team, s.cached, s.role, s.chosen]
 
 
 def _field(task: str, route: str, tenant: str, which: str) -> str:
@@ -271,17 +308,54 @@ def _field(task: str, route: str, tenant: str, which: str) -> str:
     return _SEP.join(parts)
 
 
+def _fields(evidence: dict[tuple[str, str], Evidence]) -> dict[str, float]:
+    """The store's sums (by field name) for `evidence`."""
+    out: dict[str, float] = {}
+    for (task, route), by_tenant in evidence.items():
+        for tenant, (a, b) in by_tenant.items():
+            out[_field(task, route, tenant, "a")] = a
+            out[_field(task, route, tenant, "b")] = b
+    return out
+
+
+def _evidence(sums: dict[str, float]) -> dict[tuple[str, str], Evidence]:
+    """The evidence in the store's sums; a sum from before tenants were kept is the anonymous tenant's."""
+    found: dict[tuple[str, str], Evidence] = {}
+    for name, value in sums.items():
+        parts = name.split(_SEP)
+        task, route, tenant, which = parts if len(parts) == 4 else (parts[0], parts[1], ANONYMOUS, parts[-1])
+        by_tenant = found.setdefault((task, route), {})
+        a, b = by_tenant.get(tenant, (0.0, 0.0))
+        by_tenant[tenant] = (a + value, b) if which == "a" else (a, b + value)
+    return found
+
+
+Reward = tuple[str, str, str, float]  # task, route, tenant, reward
+
+
+def _increments(rewards: list[Reward]) -> dict[str, float]:
+    """The sums' increments for `rewards`, by field."""
+    out: dict[str, float] = {}
+    for task, route, tenant, reward in rewards:
+        for which, value in (("a", reward), ("b", 1.0 - reward)):
+            field = _field(task, route, tenant, which)
+            out[field] = out.get(field, 0.0) + value
+    return out
+
+
 class LearningShare:
     def __init__(self, store: LearnStore, learner: FeedbackLearner) -> None:
         self.store = store
         self.learner = learner
         self.served: list[tuple[str, Served]] = []
-        self.rewards: list[tuple[str, str, str, float]] = []  # task, route, tenant, reward
+        self.unsent: dict[str, Served] = {}  # served here, its record not yet in the store
+        self.rewards: list[Reward] = []
         self.failed = 0
 
     def on_served(self, request_id: str, s: Served) -> None:
         if len(self.served) < MAX_PENDING:
             self.served.append((request_id, s))
+            self.unsent[request_id] = s
 
     def on_feedback(self, s: Served, reward: float) -> None:
         if len(self.rewards) < MAX_PENDING:
@@ -303,30 +377,40 @@ class LearningShare:
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(LOOKUP_POLL_S)
-        route, task, cost, *who = orjson.loads(raw)  # a record from before: no key, team, hit flag
-        key, team, cached = [*who, None, None, False][:3]
-        return Served(str(route), str(task), float(cost), key, team, bool(cached))
+        route, task, cost, *who = orjson.loads(raw)  # a record from before: no key, team, hit flag...
+        key, team, cached, role, chosen = [*who, None, None, False, None, True][:5]
+        return Served(str(route), str(task), float(cost), key, team, bool(cached), role=role, chosen=bool(chosen))
 
-    async def claim(self, request_id: str) -> bool:
-        """Whether this process is the first to rate `request_id` (one request moves the shared
-        learner once, whichever processes its score reaches); True when the store is down (this
-        process's own memory decides, as without sharing)."""
+    async def claim(self, request_id: str) -> str | None:
+        """None when this process is the first to rate `request_id` (one request moves the shared
+        learner once, whichever processes its score reaches), else why not: rated already, or
+        the store no longer holds the request (so its mark may be gone: not counted again).
+        None when the store is down (this process's own memory decides, as without sharing)."""
+        mine = self.unsent.get(request_id)  # served here moments ago: its record goes first
         try:
-            return await self.store.claim(request_id)
+            got = await self.store.claim(request_id, orjson.dumps(_record(mine)) if mine is not None else None)
         except StoreUnavailable:
             self.failed += 1
-            return True
+            return None
+        return None if got is Claim.CLAIMED else ALREADY_SCORED if got is Claim.TAKEN else NOT_SHARED
 
-    async def seed(self) -> Seeded:
-        """Seeds a store that is not yet with this process's posteriors (less the prior): those
-        it loaded at start, or, for a store restarted empty, those it routes with, which hold
-        the scores it has not sent yet."""
-        sums: dict[str, float] = {}
-        for (task, route), by_tenant in self.learner.evidence.items():
-            for tenant, (a, b) in by_tenant.items():
-                sums[_field(task, route, tenant, "a")] = a
-                sums[_field(task, route, tenant, "b")] = b
-        return await self.store.seed_sums(sums)
+    def _floor(self) -> dict[str, float]:
+        """What this process has counted and sent (or loaded, or synced): its sums less the scores
+        not yet sent. The store never holds less of these unless it lost them."""
+        floor = _fields(self.learner.evidence)
+        for field, value in _increments(self.rewards).items():
+            floor[field] = floor.get(field, 0.0) - value
+        return floor
+
+    async def seed(self, unsent: list[Reward] | None = None) -> None:
+        """Raises the store's sums to this process's where they are larger (and marks it seeded):
+        at start, those it loaded; for a store restarted empty, those it routes with, less the
+        scores it has not sent (`unsent`, the batch being sent, and those since), which its
+        next write adds."""
+        floor = self._floor()
+        for field, value in _increments(unsent or []).items():
+            floor[field] = floor.get(field, 0.0) - value
+        await self.store.seed_sums(floor)
 
     async def flush(self) -> None:
         served, rewards = self.served, self.rewards
@@ -334,33 +418,34 @@ class LearningShare:
             return
         self.served, self.rewards = [], []
         records = [(rid, orjson.dumps(_record(s))) for rid, s in served]
-        sums = [
-            (_field(task, route, tenant, which), value)
-            for task, route, tenant, reward in rewards
-            for which, value in (("a", reward), ("b", 1.0 - reward))
-        ]
+        sums = list(_increments(rewards).items())
         try:
             if not await self.store.write(records, sums):  # a store restarted empty (or never seeded)
-                if await self.seed() != Seeded.FILLED:  # else the seed held these scores already
-                    await self.store.write([], sums)
+                await self.seed(rewards)
+                await self.store.write([], sums)
         except StoreUnavailable:
             # Requests are sent again (keeping one twice is harmless); rewards are not, since a
             # transaction that timed out may have applied, and a reward must not count twice.
             self.failed += 1
-            self.served = (served + self.served)[:MAX_PENDING]
+            self.served = served + self.served
+            for rid, _ in self.served[MAX_PENDING:]:
+                self.unsent.pop(rid, None)
+            del self.served[MAX_PENDING:]
             log.warning("shared learning: %d feedback scores not shared (store unavailable)", len(rewards))
             raise
+        for rid, _ in served:
+            self.unsent.pop(rid, None)
 
     async def sync(self) -> None:
+        """Reads the shared sums back. Evidence never shrinks: a sum below what this process
+        counted (a store restarted empty, then seeded by a process that knew less) is raised in
+        the store to this process's, and this process keeps its own."""
         sums = await self.store.sums()
-        found: dict[tuple[str, str], Evidence] = {}
-        for name, value in sums.items():
-            parts = name.split(_SEP)
-            task, route, tenant, which = parts if len(parts) == 4 else (parts[0], parts[1], ANONYMOUS, parts[-1])
-            by_tenant = found.setdefault((task, route), {})
-            a, b = by_tenant.get(tenant, (0.0, 0.0))
-            by_tenant[tenant] = (a + value, b) if which == "a" else (a, b + value)
-        self.learner.set_evidence(found)
+        if any(sums.get(f, 0.0) < v - 1e-9 for f, v in self._floor().items()):
+            await self.store.seed_sums(self._floor())
+        floor, pending = self._floor(), _increments(self.rewards)
+        merged = {f: max(sums.get(f, 0.0), floor.get(f, 0.0)) + pending.get(f, 0.0) for f in sums.keys() | floor.keys()}
+        self.learner.set_evidence(_evidence(merged))
 
     async def run(self) -> None:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, audio_owners, free_requests, headers, provider_files, service_tiers, shadow
+from edgeroute import _core, audio_owners, free_requests, headers, provider_files, service_tiers, shadow, sticky
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -165,13 +165,14 @@ def decide(
                 priority=priority,
                 prompt_tokens=prompt_tokens,
             )
+        user, key = sticky.identity(live.config, ident)  # its experiment arm its key's, not the body's
         d = live.router.decide(
             body,
             tags=key_tags(ident, tags_of(request), live.regions),  # its denied tags refused, its region added
             team=ident.team,
             role=ident.role,
-            user=ident.user,
-            key=ident.key,
+            user=user,
+            key=key,
             explain=explain,
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),
@@ -540,9 +541,13 @@ def finish(
     if live.stats is not None:  # the rollback guard watches this config generation
         live.stats.answered(rec)
     if (learner := app.get(LEARNER)) is not None and rec.status == 200:
-        # Whose it is (feedback's owner check); a hit (no attempt) is remembered, not learned from.
-        cached = not attempts
-        learner.served(rec.request_id, rec.route, rec.task, rec.cost_usd, key=rec.key, team=rec.team, cached=cached)
+        # Whose it is (feedback's owner check, the key's role its tenant); a hit (no attempt) and
+        # a route the client named (no policy or experiment chose it) are remembered, not learned from.
+        cached, ident = not attempts, request.get(IDENTITY)
+        learner.served(
+            rec.request_id, rec.route, rec.task, rec.cost_usd, key=rec.key, team=rec.team, cached=cached,
+            role=ident.role if ident is not None else None, chosen=rec.policy is not None or rec.variant is not None,
+        )  # fmt: skip
 
 
 def servable(live: Live, d: _core.Decision, region: str | None) -> Mapping[str, str]:

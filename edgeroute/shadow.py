@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-from edgeroute import _core, redact, shadow_log
+from edgeroute import _core, redact, shadow_log, sticky
 from edgeroute.accounting import RequestRecord, stream_text
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Config, Shadow, Timeouts
@@ -120,8 +120,9 @@ def decide_as(
     if ident is None:
         return router.decide(body, tags=request_tags, prompt_tokens=prompt_tokens)
     tags = key_tags(ident, request_tags, live.regions)
+    user, key = sticky.identity(live.config, ident)  # its experiment arm its key's, not the body's
     d = router.decide(
-        body, tags=tags, team=ident.team, role=ident.role, user=ident.user, key=ident.key, prompt_tokens=prompt_tokens
+        body, tags=tags, team=ident.team, role=ident.role, user=user, key=key, prompt_tokens=prompt_tokens
     )
     if ident.residency is not None:
         check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
@@ -214,7 +215,10 @@ def install(app: web.Application, config: Config, base_dir: Path | None) -> None
         log_path = Path(config.learning.shadow_log) if config.learning.shadow_log else None
         if log_path is not None and base_dir is not None and not log_path.is_absolute():
             log_path = base_dir / log_path
-        app[shadow_log.SHADOW_LOG] = shadow_log.ShadowLog(log_path)
+        lc = config.learning
+        app[shadow_log.SHADOW_LOG] = shadow_log.ShadowLog(
+            log_path, max_bytes=lc.shadow_log_max_bytes, files=lc.shadow_log_keep
+        )
 
 
 def maybe_mirror(

@@ -4,7 +4,8 @@ log's content policy (`request_log.log_content`, `content_models`, `content_keys
 private of the primary's and the mirror's): `none` (the default) keeps no text, only what a
 comparison needs (each answer's length, whether the two are the same, how many of their words
 they share); `redacted` keeps them with PII and credentials replaced; `full` with credentials
-replaced."""
+replaced. Past `learning.shadow_log_max_bytes` the file is rotated (`<file>.1`, `.2`, ...;
+`shadow_log_keep` of them kept): request volume alone must not fill the disk."""
 
 from __future__ import annotations
 
@@ -26,9 +27,11 @@ from edgeroute.requestlog.settings import LogContent, RequestLog, more_private
 class ShadowLog:
     """Appends JSON lines to a file from a thread (or keeps the last pairs in memory)."""
 
-    def __init__(self, path: Path | None, keep: int = 1000) -> None:
+    def __init__(self, path: Path | None, keep: int = 1000, max_bytes: int = 100 * 2**20, files: int = 5) -> None:
         self.path = path
         self.keep = keep
+        self.max_bytes = max_bytes
+        self.files = files  # rotated files kept beside the live one
         self.pairs: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
@@ -41,6 +44,18 @@ class ShadowLog:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "ab") as f:
                     f.write(orjson.dumps(pair) + b"\n")
+                    size = f.tell()
+                if size >= self.max_bytes:
+                    self._rotate(self.path)
+
+    def _rotate(self, path: Path) -> None:
+        """`<file>` becomes `<file>.1`, `.1` becomes `.2`, ...; the oldest past `files` is removed."""
+        path.with_name(f"{path.name}.{self.files}").unlink(missing_ok=True)
+        for n in range(self.files - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{n}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{n + 1}"))
+        path.replace(path.with_name(f"{path.name}.1"))
 
 
 SHADOW_LOG = web.AppKey("shadow_log", ShadowLog)

@@ -26,7 +26,7 @@ from tests.test_selection import WEAK_OUT, config, msg
 TEXT = "Janet has 3 apples and buys 5 more. She gives 2 away. How many are left?"
 KEYS = {
     "root": {"token": "root-tok", "role": "admin"},
-    "ops": {"token": "ops-svc", "role": "service"},  # the operator's: no team
+    "ops": {"token": "ops-svc", "role": "operator"},  # the operator's: no team, role operator
     "a_svc": {"token": "a-svc", "team": "teamA", "role": "service"},
     "b_svc": {"token": "b-svc", "team": "teamB", "role": "service"},
     "a_view": {"token": "a-view", "team": "teamA", "role": "viewer"},
@@ -64,25 +64,35 @@ async def _routes(url: str, token: str, n: int = 10) -> set[str]:
 
 
 async def _rate_weak_badly(url: str, token: str) -> None:
-    """`token`'s key asks the weak route RATINGS times (maths prompts) and rates each answer 0."""
+    """`token`'s key asks the weak route RATINGS times (maths prompts, through `weak-ab`, an
+    experiment that chooses it: routing chose the route, so the score teaches) and rates each
+    answer 0."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=token, max_retries=0)
     for i in range(RATINGS):
         text = TEXT.replace("3 apples", f"{i + 10} apples")
         raw = await client.chat.completions.with_raw_response.create(
-            model="weak", messages=[{"role": "user", "content": text}]
+            model="weak-ab", messages=[{"role": "user", "content": text}]
         )
         status, body = await _post(url, "/v1/feedback", token, {"request_id": raw.headers["x-request-id"], "score": 0})
-        assert status == 200 and body["accepted"] is True, body
+        assert status == 200 and body["accepted"] is True and "learned" not in body, body
     await client.close()
 
 
-async def _proxy(strong: Upstream, weak: Upstream, start_proxy: Any, **feedback: Any) -> Any:
+async def _proxy(
+    strong: Upstream, weak: Upstream, start_proxy: Any, keys: dict[str, Any] = KEYS, **feedback: Any
+) -> Any:
     probe = await start_proxy(config(strong, weak))
     status, out = await _post(probe.url, "/v1/route/explain", "x", {"model": "auto", "messages": msg(TEXT)})
     assert status == 200, out
     threshold = out["scores"][WEAK_OUT] - 0.05
     learning = {"feedback": {"max_shift": 0.15, **feedback}}
-    return await start_proxy(config(strong, weak, threshold=threshold, keys=KEYS, learning=learning))
+    return await start_proxy(with_weak_ab(config(strong, weak, threshold=threshold, keys=keys, learning=learning)))
+
+
+def with_weak_ab(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with `weak-ab`, an experiment sending every request to the weak route."""
+    cfg["models"]["weak-ab"] = {"experiment": {"variants": [{"route": "weak", "percent": 100}]}}
+    return cfg
 
 
 async def test_a_teams_ratings_steer_its_own_requests_and_the_operators_everyones(

@@ -35,6 +35,7 @@ from edgeroute.requestlog import outcomes
 from edgeroute.requestlog.settings import RequestLog
 from tests.conftest import Upstream
 from tests.test_cost_support import require_redis
+from tests.test_feedback_per_team import with_weak_ab
 from tests.test_selection import WEAK_OUT, config, msg
 
 TEXT = "Janet has 3 apples and buys 5 more. She gives 2 away. How many are left?"
@@ -63,7 +64,7 @@ async def _policy_config(strong: Upstream, weak: Upstream, start_proxy: Any, **e
     probe = await start_proxy(config(strong, weak))
     status, out = await _post(probe.url, "/v1/route/explain", "x", {"model": "auto", "messages": msg(TEXT)})
     assert status == 200, out
-    cfg = config(strong, weak, threshold=out["scores"][WEAK_OUT] - 0.05, **extra)
+    cfg = with_weak_ab(config(strong, weak, threshold=out["scores"][WEAK_OUT] - 0.05, **extra))
     for route in ("strong", "weak"):
         cfg["models"][route]["cache"] = {"ttl": 600, "scope": "key"}
     return cfg
@@ -79,7 +80,7 @@ async def test_one_teams_zero_ratings_leave_another_teams_routing_alone(start_up
     hits = paid = 0
     for i in range(24):  # one prompt again and again (cache hits, free), and fresh paid ones
         text = TEXT if i % 2 else TEXT.replace("3 apples", f"{i + 10} apples")
-        raw = await a.chat.completions.with_raw_response.create(model="weak", messages=msg(text), temperature=0)
+        raw = await a.chat.completions.with_raw_response.create(model="weak-ab", messages=msg(text), temperature=0)
         hit = raw.headers.get("x-edgeroute-cache") == "hit"
         status, body = await _post(
             proxy.url, "/v1/feedback", "a-svc", {"request_id": raw.headers["x-request-id"], "score": 0}

@@ -23,7 +23,13 @@ TEXT = "Janet has 3 apples and buys 5 more. She gives 2 away. How many apples ar
 
 def _config(openai_up: Any, anthropic_up: Any) -> dict[str, Any]:
     cfg = provider_config({"o": openai_up, "a": anthropic_up})
-    cfg["models"] = {"m": {"deployments": ["d-o"]}, "claude": {"deployments": ["d-a"]}}
+    # Experiments choose the routes: only a route routing chose teaches the learner.
+    cfg["models"] = {
+        "m-o": {"deployments": ["d-o"]},
+        "claude-a": {"deployments": ["d-a"]},
+        "m": {"experiment": {"variants": [{"route": "m-o", "percent": 100}]}},
+        "claude": {"experiment": {"variants": [{"route": "claude-a", "percent": 100}]}},
+    }
     cfg["learning"] = {"feedback": {"max_shift": 0.1}}
     return cfg
 
@@ -52,19 +58,19 @@ async def test_feedback_on_responses_messages_and_completions_teaches_the_learne
     served: list[tuple[str, str]] = []  # (request id, route)
     raw = await oc.responses.with_raw_response.create(model="m", input=TEXT)
     assert raw.parse().output_text
-    served.append((raw.headers["x-request-id"], "m"))
+    served.append((raw.headers["x-request-id"], "m-o"))
     stream = await oc.responses.with_raw_response.create(model="m", input=TEXT, stream=True)
     assert [ev.type async for ev in stream.parse()][-1] == "response.completed"
-    served.append((stream.headers["x-request-id"], "m"))
+    served.append((stream.headers["x-request-id"], "m-o"))
     # top_k is Anthropic's own: the request is passed through to the Anthropic deployment as sent.
     msg = await ac.messages.with_raw_response.create(
         model="claude", max_tokens=200, messages=[{"role": "user", "content": TEXT}], extra_body={"top_k": 5}
     )
     assert (await msg.parse()).content[0].type == "text"
-    served.append((msg.headers["x-request-id"], "claude"))
+    served.append((msg.headers["x-request-id"], "claude-a"))
     comp = await oc.completions.with_raw_response.create(model="m", prompt=TEXT, max_tokens=20)
     assert comp.parse().choices[0].text
-    served.append((comp.headers["x-request-id"], "m"))
+    served.append((comp.headers["x-request-id"], "m-o"))
 
     for rid, route in served:
         before = await _posterior(proxy.url, route, "math")

@@ -105,6 +105,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.prices_cli",
             "edgeroute.admission",
             "edgeroute.learning",
+            "edgeroute.sticky",  # a keyed request's experiment bucket (config, cost.keys)
             "edgeroute.health_checks",
             "edgeroute.health_share",
             "edgeroute.capacity_share",

@@ -276,6 +276,7 @@ async def test_feedback_shifts_routing_and_persists(pair, start_proxy, tmp_path:
         strong, weak, threshold=weak_score + 0.05, learning={"feedback": {"max_shift": 0.1, "state_path": str(state)}}
     )
     cfg["models"]["auto"]["policy"]["candidates"].reverse()
+    cfg["models"]["weak-ab"] = {"experiment": {"variants": [{"route": "weak", "percent": 100}]}}
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
     route, raw = await served_by(client, text)
@@ -287,9 +288,10 @@ async def test_feedback_shifts_routing_and_persists(pair, start_proxy, tmp_path:
             proxy.url + "/v1/feedback", json={"request_id": raw.headers["x-request-id"], "score": 7}
         ) as r:
             assert r.status == 400
-        # Users rate the weak model's maths answers highly (served through an experiment or directly).
+        # Users rate the weak model's maths answers highly (served through an experiment: a route
+        # the client names itself teaches nothing).
         for _ in range(40):
-            _, wraw = await served_by(client, text, model="weak")
+            _, wraw = await served_by(client, text, model="weak-ab")
             async with s.post(
                 proxy.url + "/v1/feedback", json={"request_id": wraw.headers["x-request-id"], "score": 1.0}
             ) as r:

@@ -508,6 +508,12 @@ class Learning(_Strict):
     # an unknown request id costs a few database reads, so a flood must meet a limit.
     feedback_rpm: int = Field(600, ge=1)
     shadow_log: str | None = None
+    # The shadow log's size past which it is rotated (`<file>.1` ...), and how many rotated files are kept.
+    shadow_log_max_bytes: int = Field(100 * 2**20, ge=4096)
+    shadow_log_keep: int = Field(5, ge=1, le=100)
+    # Salts a keyed request's experiment bucket (a secret reference: env:/file:/literal); unset,
+    # one derived from the config's key secrets (`sticky.py`).
+    experiment_salt: str | None = None
     candidate_router: CandidateRouter | None = None  # evaluated beside the running router, never routing
 
 

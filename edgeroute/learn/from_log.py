@@ -29,6 +29,7 @@ from edgeroute.learning import ANONYMOUS, tenant_id
 _SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.team
 FROM feedback f JOIN requests r ON r.id = f.request_id
 WHERE r.status = 200 AND (r.cache IS NULL OR r.cache IN ('miss', 'bypass')) AND f.ts >= ?
+  AND (r.outcome IS NULL OR r.outcome <> 'shadow')
 ORDER BY r.ts"""
 
 
