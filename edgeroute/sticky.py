@@ -10,6 +10,7 @@ sidecar's app) keeps the body's `user`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -47,5 +48,11 @@ def identity(config: Config, ident: Identity) -> tuple[str, str]:
     """(user, key) to pass the core for a keyed request: the key's own user (rules match it),
     else its salted key id in the user's place (a key without a user matches no `users:` rule
     either way), and the salted key id."""
-    key = _PREFIX + hmac.new(salt(config), ident.key.encode(), hashlib.sha256).hexdigest()[:32]
+    key = _salted(salt(config), ident.key)
     return (ident.user if ident.user is not None else key), key
+
+
+@functools.lru_cache(maxsize=4096)
+def _salted(salt: bytes, key: str) -> str:
+    """Memoised: an HMAC is ~2 µs, on every keyed request; a key's value changes only with the salt."""
+    return _PREFIX + hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:32]
