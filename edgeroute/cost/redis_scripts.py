@@ -282,6 +282,17 @@ for i = 2, #KEYS do
 end
 return n
 """)
+# Budget counters as they are (KEYS: each counter, then the seeded marker; ARGV[i] '1' for a
+# rolling window's hash, answered as its fields and values): what an instance's fail-open
+# counters follow each second. {-1} when Redis holds no budgets (nothing to follow).
+READ = Script.of("""
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local out = {}
+for i = 1, #KEYS - 1 do
+  if ARGV[i] == '1' then out[i] = redis.call('HGETALL', KEYS[i]) else out[i] = redis.call('GET', KEYS[i]) or false end
+end
+return out
+""")
 # Spend read back for a budget first seen after start (ARGV[1]: ttl; then two each: slot, -1
 # for a calendar period, and nano-USD), added to its counters.
 ADD_SPENT = Script.of("""

@@ -27,6 +27,7 @@ from edgeroute.cost.redis_scripts import (
     ADD_SPENT,
     ADMIT,
     FILL,
+    READ,
     RESERVE,
     SEED,
     SETTLE,
@@ -300,6 +301,26 @@ class RedisState:
             p = c.period
             self._outage_spend.add_budget(self._bkey(c), 1 if p.rolling else 0, amount, p.ttl_s, p.slot, create=1)
         self._outage_spend.send_later()
+
+    def outage_settled(self) -> bool:
+        """Whether this instance's spend admitted while Redis was down is all in Redis."""
+        return self._outage_spend.idle()
+
+    async def read_counters(
+        self, cal: list[str], rolling: list[str]
+    ) -> tuple[dict[str, int], dict[str, dict[int, int]]]:
+        """Budget counters (store keys; `rolling`: windows' hashes of slots) as Redis holds them,
+        one script; those it has none of (or all, when it holds no budgets) are left out."""
+        keys = [f"{self.prefix}:b:{k}" for k in cal + rolling] + [self.seeded_key]
+        out = await self._run(READ, keys, ["0"] * len(cal) + ["1"] * len(rolling), soon=True)
+        if unseeded(out):
+            return {}, {}
+        got_cal = {k: int(v) for k, v in zip(cal, out, strict=False) if v is not None}
+        got_rolling: dict[str, dict[int, int]] = {}
+        for k, flat in zip(rolling, out[len(cal) :], strict=False):
+            if flat:
+                got_rolling[k] = {int(flat[j]): int(flat[j + 1]) for j in range(0, len(flat), 2)}
+        return got_cal, got_rolling
 
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
         """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""

@@ -3,7 +3,11 @@ when one is configured and up, else this process's own counters.
 
 After a failure the shared store is left alone for a second: `on_unavailable: open` counts in
 process meanwhile, `closed` refuses with 503. Adjustments to the shared store run as tasks
-(`_spawn`), so a request never waits for its settlement."""
+(`_spawn`), so a request never waits for its settlement.
+
+While Redis answers, this process's counters follow its budget counters each second
+(`follow_shared`): what the fleet spent is what `open` counts from when Redis stops
+answering, not only what Redis said at this process's own last admission."""
 
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
 
 log = logging.getLogger("edgeroute.cost")
+FOLLOW_S = 1.0  # how often this process's counters follow Redis's (one script, not per request)
+FOLLOW_MOST = 5000  # counters read per pass; more are read in turns
 
 
 def workers_store() -> SqliteState | None:
@@ -39,9 +45,37 @@ class Stores:
     fail_open: bool
     _down_until: float  # the shared store is not asked again before this (monotonic)
     _tasks: set[asyncio.Task[Any]]  # adjustments and notifications under way
+    _following: asyncio.Task[None] | None  # `follow_shared`'s loop
 
     def shared_up(self) -> bool:
         return self.shared is not None and time.monotonic() >= self._down_until
+
+    def follow_shared(self) -> None:
+        """Starts following Redis's budget counters (with `on_unavailable: open`)."""
+        if isinstance(self.shared, RedisState) and self.fail_open and self._following is None:
+            self._following = asyncio.get_running_loop().create_task(self._follow(self.shared))
+
+    async def _follow(self, shared: RedisState) -> None:
+        """Each second while Redis answers, this process's counters are set to Redis's: the
+        other instances' spend since this one's last admission was admitted again in full on
+        fail-open (one instance, quiet while another spent 18 of 20, then admitted 19 more).
+        Not while spend this process admitted during an outage is still on its way to Redis."""
+        start = 0
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            if not self.shared_up() or not shared.outage_settled():
+                continue
+            cal, rolling, next_start = self.local_budgets.to_follow(start, FOLLOW_MOST)
+            if not cal and not rolling:
+                start = 0
+                continue
+            try:
+                got = await shared.read_counters(cal, rolling)
+            except StoreUnavailable:
+                continue  # admission finds it out and follows `on_unavailable`
+            if self.shared_up():
+                self.local_budgets.follow(*got)
+                start = next_start
 
     def _unavailable(self, what: str, e: StoreUnavailable) -> None:
         if time.monotonic() >= self._down_until:

@@ -1,0 +1,81 @@
+"""Two instances share a budget in Redis (`on_unavailable: open`, a PostgreSQL ledger). One
+instance spends most of it while the other is quiet; then Redis stops answering the quiet one.
+What it admits on its own counters is bounded by what the fleet had left, not by what Redis
+told it at its own last admission (it admitted 19 more against one request's worth left)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import openai
+
+from edgeroute.admission import ADMISSION
+from edgeroute.cost.control import CostControl
+from edgeroute.cost.redis_store import RedisState
+from tests.conftest import eventually
+from tests.test_cost_redis_generations import _Relay
+from tests.test_cost_support import LOADED_HOST_MS, ask_status, budget_spent, cost_proxy, one_deployment, require_redis
+
+ADMIN, USER = "sk-fleet-admin", "sk-fleet-user"
+COST = 5 * 2.0 / 1e6  # max_tokens 5 at $2/Mtok output: each answer costs exactly this
+
+
+def _config(upstream: str, redis_url: str, prefix: str, dsn: str) -> dict[str, Any]:
+    budget = {"name": "b", "scope": "global", "limit_usd": COST * 20.5, "period": "day"}
+    return one_deployment(
+        upstream,
+        keys={"ops": {"token": ADMIN, "role": "admin"}, "app": {"token": USER}},
+        budgets={"limits": [budget]},
+        ledger={"backend": "postgres", "dsn": dsn, "flush_interval": 0.1},
+        shared_state={"redis_url": redis_url, "prefix": prefix, "timeout_ms": LOADED_HOST_MS},
+    )
+
+
+def _settled(control: Any) -> bool:
+    assert isinstance(control, CostControl) and isinstance(control.shared, RedisState)
+    s = control.shared._settlements
+    return not s._pending and s._flusher is None and not control._tasks
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_an_instance_cut_off_from_redis_admits_only_what_the_fleet_left(
+    start_upstream: Any, pg_schema_dsn: str
+) -> None:
+    redis_url = require_redis()
+    host, _, rest = redis_url.removeprefix("redis://").partition("/")
+    relay = _Relay(int(host.rpartition(":")[2]))
+    await relay.open()
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    try:
+        async with (
+            cost_proxy(_config(up.base_url, f"redis://127.0.0.1:{relay.port}/{rest}", prefix, pg_schema_dsn)) as a,
+            cost_proxy(_config(up.base_url, redis_url, prefix, pg_schema_dsn)) as b,
+            openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca,
+            openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=USER, max_retries=0) as cb,
+        ):
+            assert await ask_status(ca) == 200  # A's own last admission: 1 of 20 spent
+            assert [await ask_status(cb) for _ in range(18)] == [200] * 18  # B: 19 of 20 spent
+            await eventually(lambda: _true(_settled(b.app[ADMISSION])), "B's settlements in Redis")
+            control = a.app[ADMISSION]
+            assert isinstance(control, CostControl)
+            # A follows Redis's counters about once a second, with no request of its own (not
+            # failing here: the code before it never did, and what A admits is the assertion).
+            followed = lambda: sum(control.local_budgets.counters().values()) >= 19 * COST * 1e9 - 1  # noqa: E731
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: _true(followed()), "A's counters follow Redis's", within=5)
+            assert round(await budget_spent(b.url, ADMIN) / COST) == 19
+
+            await relay.cut()  # Redis stops answering A: it admits on its own counters
+            statuses = await asyncio.gather(*(ask_status(ca) for _ in range(30)))
+            # One request's worth was left: A admits that one, not 19.
+            assert statuses.count(200) <= 1, statuses
+            assert set(statuses) <= {200, 429}, statuses
+    finally:
+        await relay.cut()
