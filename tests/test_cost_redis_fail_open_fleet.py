@@ -11,11 +11,16 @@ import uuid
 from typing import Any
 
 import openai
+import psycopg
+import pytest
+import redis.asyncio as aioredis
 
 from edgeroute.admission import ADMISSION
 from edgeroute.cost.control import CostControl
+from edgeroute.cost.control import read_back as read_back_mod
 from edgeroute.cost.redis_store import RedisState
 from tests.conftest import eventually
+from tests.metrics_support import ledger_written
 from tests.test_cost_redis_generations import _Relay
 from tests.test_cost_support import LOADED_HOST_MS, ask_status, budget_spent, cost_proxy, one_deployment, require_redis
 
@@ -40,6 +45,14 @@ def _settled(control: Any) -> bool:
     return not s._pending and s._flusher is None and not control._tasks
 
 
+async def _relay(redis_url: str) -> tuple[_Relay, str]:
+    """A relay to the test Redis, open, and the URL that reaches Redis through it."""
+    host, _, db = redis_url.removeprefix("redis://").partition("/")
+    relay = _Relay(int(host.rpartition(":")[2]))
+    await relay.open()
+    return relay, f"redis://127.0.0.1:{relay.port}/{db}"
+
+
 async def _true(value: bool) -> bool:
     return value
 
@@ -48,14 +61,12 @@ async def test_an_instance_cut_off_from_redis_admits_only_what_the_fleet_left(
     start_upstream: Any, pg_schema_dsn: str
 ) -> None:
     redis_url = require_redis()
-    host, _, rest = redis_url.removeprefix("redis://").partition("/")
-    relay = _Relay(int(host.rpartition(":")[2]))
-    await relay.open()
+    relay, relayed = await _relay(redis_url)
     up = await start_upstream(reply_words=40)
     prefix = f"fleet-{uuid.uuid4().hex[:8]}"
     try:
         async with (
-            cost_proxy(_config(up.base_url, f"redis://127.0.0.1:{relay.port}/{rest}", prefix, pg_schema_dsn)) as a,
+            cost_proxy(_config(up.base_url, relayed, prefix, pg_schema_dsn)) as a,
             cost_proxy(_config(up.base_url, redis_url, prefix, pg_schema_dsn)) as b,
             openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca,
             openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=USER, max_retries=0) as cb,
@@ -78,4 +89,65 @@ async def test_an_instance_cut_off_from_redis_admits_only_what_the_fleet_left(
             assert statuses.count(200) <= 1, statuses
             assert set(statuses) <= {200, 429}, statuses
     finally:
+        await relay.cut()
+
+
+async def test_outage_spend_survives_a_refill_while_the_ledger_cannot_write(
+    start_upstream: Any, pg_schema_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes down and comes back empty while the ledger reads but does not write (a
+    read-only failover, a revoked grant): what this instance admitted meanwhile is not in the
+    ledger yet, so Redis is not refilled from it (that dropped the outage's spend: 28 admitted
+    against room for 20); admission counts on this instance's counters until the ledger writes."""
+    monkeypatch.setattr(read_back_mod, "MAX_FLUSH_INTERVAL_S", 0.1)
+    redis_url = require_redis()
+    relay, relayed = await _relay(redis_url)
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    schema = pg_schema_dsn.rpartition("search_path%3D")[2]
+    r = aioredis.Redis.from_url(redis_url)
+
+    def grant(verb: str) -> None:
+        with psycopg.connect(pg_schema_dsn, autocommit=True) as db:
+            who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
+            db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
+
+    try:
+        async with cost_proxy(_config(up.base_url, relayed, prefix, pg_schema_dsn)) as a:
+            control = a.app[ADMISSION]
+            assert isinstance(control, CostControl) and control.ledger is not None
+            ledger = control.ledger
+            async with openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca:
+                assert [await ask_status(ca) for _ in range(2)] == [200] * 2
+                await ledger_written(a.url, 2, ADMIN)
+                grant("REVOKE")
+                try:
+                    await relay.cut()  # Redis down: admitted on this instance's counters
+                    assert [await ask_status(ca) for _ in range(8)] == [200] * 8
+                    await eventually(lambda: _true(ledger.failing_since is not None), "the ledger failing to write")
+                    async for k in r.scan_iter(match=f"{prefix}:*"):  # Redis comes back empty
+                        await r.delete(k)
+                    await relay.open()
+                    # Past the second the shared store is left alone after a failure: asked again.
+                    await eventually(lambda: _true(control.shared_up()), "Redis asked again")
+                    # Refilling from the ledger now would drop the 8: this instance counts them.
+                    assert [await ask_status(ca) for _ in range(3)] == [200] * 3
+                finally:
+                    grant("GRANT")
+                await eventually(
+                    lambda: _true(ledger.failing_since is None and not ledger.queue_depth()), "ledger written"
+                )
+                # Redis asked again (not this instance's counters alone): refilled from the ledger.
+                await eventually(lambda: _true(control.shared_up()), "Redis asked again")
+                statuses = await asyncio.gather(*(ask_status(ca) for _ in range(30)))
+                await eventually(lambda: _true(_settled(control)), "settlements in Redis")
+                spent = await budget_spent(a.url, ADMIN)
+        with psycopg.connect(pg_schema_dsn) as db:
+            row = db.execute("SELECT sum(cost_usd) FROM spend").fetchone()
+        # Room for 20: 13 before, then 7 more; the budget counts what the ledger holds.
+        assert statuses.count(200) == 7, statuses
+        assert row is not None and round(float(row[0]) / COST) == 20
+        assert round(spent / COST) == 20
+    finally:
+        await r.aclose()
         await relay.cut()

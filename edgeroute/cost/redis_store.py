@@ -153,12 +153,15 @@ class RedisState:
     async def _read_and_seed(self) -> None:
         try:
             spent, in_flight = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, ())
+        except StoreUnavailable:
+            raise  # said by the caller (`Stores._unavailable`), once per outage
         except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
             log.exception("shared state: could not read budgets back from the ledger")
             raise StoreUnavailable(f"the ledger could not be read ({type(e).__name__})") from None
         if self.spent_from_ledger is not None:
             # What this instance admitted while Redis was down is in what was read (its records
-            # are written first): sent too, it would count twice.
+            # are written first; `spent_from_ledger` raises while the ledger does not write
+            # them): sent too, it would count twice.
             self._outage_spend.forget()
         if await self.seed(spent, in_flight):
             log.warning(
