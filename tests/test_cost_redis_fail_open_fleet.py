@@ -151,3 +151,35 @@ async def test_outage_spend_survives_a_refill_while_the_ledger_cannot_write(
     finally:
         await r.aclose()
         await relay.cut()
+
+
+async def test_rate_limits_hold_when_redis_comes_back_empty(
+    start_upstream: Any, pg_schema_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis restarted empty (or flushed) is refilled from the ledger with the last minute's
+    rate-limit use, as budgets are: an RPM limit is not given a full minute anew across the fleet."""
+    monkeypatch.setattr(read_back_mod, "MAX_FLUSH_INTERVAL_S", 0.1)
+    redis_url = require_redis()
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    cfg = _config(up.base_url, redis_url, prefix, pg_schema_dsn)
+    cfg["keys"]["app"]["limits"] = {"rpm": 5}
+    del cfg["budgets"]  # limits alone: Redis holding nothing else is found empty too
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        async with (
+            cost_proxy(cfg) as a,
+            cost_proxy(cfg) as b,
+            openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca,
+            openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=USER, max_retries=0) as cb,
+        ):
+            before = [await ask_status(ca if i % 2 else cb) for i in range(7)]
+            assert before == [200] * 5 + [429] * 2
+            await ledger_written(a.url, 3, ADMIN)  # what each answered (429s too): in the ledger
+            await ledger_written(b.url, 4, ADMIN)
+            async for k in r.scan_iter(match=f"{prefix}:*"):  # Redis comes back empty
+                await r.delete(k)
+            after = [await ask_status(ca if i % 2 else cb) for i in range(7)]
+            assert after == [429] * 7, after
+    finally:
+        await r.aclose()

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +63,10 @@ class Admitted:
 
 # A slot to lease in the admission script: the lease set's Redis key, its cap, the lease id.
 Lease = tuple[str, int, str]
-# What the ledger says was spent (store key and rolling slot -> nano-USD), and the requests it
-# counted at their reservation (in flight: no spend row yet), by id.
-LedgerSpend = tuple[dict[tuple[str, int], int], Collection[str]]
+# What the ledger says was spent (store key and rolling slot -> nano-USD), the requests it
+# counted at their reservation (in flight: no spend row yet), by id, and the last minute's
+# rate-limit use (name, kind, limit, used).
+LedgerSpend = tuple[dict[tuple[str, int], int], Collection[str], Sequence[tuple[str, str, int, float]]]
 
 
 class RedisState:
@@ -152,7 +153,8 @@ class RedisState:
 
     async def _read_and_seed(self) -> None:
         try:
-            spent, in_flight = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, ())
+            found = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, (), ())
+            spent, in_flight, buckets = found
         except StoreUnavailable:
             raise  # said by the caller (`Stores._unavailable`), once per outage
         except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
@@ -163,22 +165,33 @@ class RedisState:
             # are written first; `spent_from_ledger` raises while the ledger does not write
             # them): sent too, it would count twice.
             self._outage_spend.forget()
-        if await self.seed(spent, in_flight):
+        if await self.seed(spent, in_flight, buckets):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
                 len(spent),
             )
 
-    async def seed(self, spent: dict[tuple[str, int], int], in_flight: Collection[str] = ()) -> bool:
+    async def seed(
+        self,
+        spent: dict[tuple[str, int], int],
+        in_flight: Collection[str] = (),
+        buckets: Sequence[tuple[str, str, int, float]] = (),
+    ) -> bool:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
         nano-USD) into Redis if it holds no budgets, as a new generation; True when this call
         did. Each counter is set only where Redis has none, so budgets Redis kept are never
         counted twice. `in_flight`: the requests counted at their reservation, whose
-        settlements made in an earlier generation still apply (`SETTLE_STALE`)."""
+        settlements made in an earlier generation still apply (`SETTLE_STALE`). `buckets`: the
+        last minute's rate-limit use (name, kind, limit, used), each bucket Redis lacks drained
+        by it (left out, Redis restarted or flushed gave every RPM/TPM limit a full minute anew)."""
         counters, pairs = self._seed_args(spent)
         ids = list(in_flight)
-        args = [pairs[0], os.urandom(8).hex(), len(ids), *ids, *pairs[1:]]
-        return bool(await self._run(SEED, [counters[0], self.in_flight_key, *counters[1:]], args))
+        keys = [counters[0], self.in_flight_key, *counters[1:]]
+        args = [pairs[0], os.urandom(8).hex(), len(ids), len(buckets), *ids, *pairs[1:]]
+        for name, kind, limit, used in buckets:
+            keys.append(f"{self.prefix}:rl:{name}:{kind}")
+            args += [limit, used]
+        return bool(await self._run(SEED, keys, args))
 
     async def fill(self, spent: dict[tuple[str, int], int]) -> int:
         """Counts what the ledger says was spent into a seeded store where it has no counter

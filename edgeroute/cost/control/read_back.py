@@ -79,9 +79,7 @@ class ReadBack(Stores):
             self.shared.spent_from_ledger = self._spent_now
         try:
             if isinstance(self.shared, RedisState):
-                # Redis keeps its buckets while instances restart (one that restarted empty
-                # starts them full: a minute's window at most).
-                seeded = await self.shared.seed(self._read_at_start, self._in_flight_at_start)
+                seeded = await self.shared.seed(self._read_at_start, self._in_flight_at_start, self._buckets_at_start)
                 if not seeded and (filled := await self.shared.fill(self._config_budgets_spent())):
                     log.info("shared state: %d budget counters new to Redis read back from the ledger", filled)
             else:
@@ -107,10 +105,10 @@ class ReadBack(Stores):
         return {k: v for k, v in spent if names and k[0].startswith(names) and not k[0].startswith(keys)}
 
     async def _spent_now(self) -> LedgerSpend:
-        """Every budget's spend this period, from the ledger: this instance's records written
-        first, and the other instances' given the longest flush interval a config may set (a
-        request they answered just before Redis lost its budgets settles into no counter: the
-        ledger is where it counts)."""
+        """Every budget's spend this period and the last minute's rate-limit use, from the
+        ledger: this instance's records written first, and the other instances' given the
+        longest flush interval a config may set (a request they answered just before Redis lost
+        its budgets settles into no counter: the ledger is where it counts)."""
         ledger = self.ledger
         assert ledger is not None
         started = time.monotonic()
@@ -124,8 +122,9 @@ class ReadBack(Stores):
 
         def read() -> LedgerSpend:  # in a thread: thousands of keys take a while
             keyed = self._key_counters()
-            found = restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed)
-            return found.budgets, found.in_flight
+            limits = self.keys.limits() if self.keys is not None else None
+            found = restore.read(ledger.backend, self.cfg, key_budgets=keyed, key_limits=limits)
+            return found.budgets, found.in_flight, found.buckets
 
         return await asyncio.to_thread(read)
 
