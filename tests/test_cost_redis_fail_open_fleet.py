@@ -57,9 +57,13 @@ async def _true(value: bool) -> bool:
     return value
 
 
+@pytest.mark.parametrize("a_first", [True, False], ids=["quiet-since", "never-counted"])
 async def test_an_instance_cut_off_from_redis_admits_only_what_the_fleet_left(
-    start_upstream: Any, pg_schema_dsn: str
+    start_upstream: Any, pg_schema_dsn: str, a_first: bool
 ) -> None:
+    """`quiet-since`: A admitted once, then B spent 18 (A's counters follow Redis's each second).
+    `never-counted`: B spent all 19 (A has no counter of this budget: it reads the ledger when
+    Redis fails, and admits once that read is done)."""
     redis_url = require_redis()
     relay, relayed = await _relay(redis_url)
     up = await start_upstream(reply_words=40)
@@ -71,21 +75,26 @@ async def test_an_instance_cut_off_from_redis_admits_only_what_the_fleet_left(
             openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca,
             openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=USER, max_retries=0) as cb,
         ):
-            assert await ask_status(ca) == 200  # A's own last admission: 1 of 20 spent
-            assert [await ask_status(cb) for _ in range(18)] == [200] * 18  # B: 19 of 20 spent
+            if a_first:
+                assert await ask_status(ca) == 200  # A's own last admission: 1 of 20 spent
+            by_b = 18 if a_first else 19
+            assert [await ask_status(cb) for _ in range(by_b)] == [200] * by_b  # 19 of 20 spent
             await eventually(lambda: _true(_settled(b.app[ADMISSION])), "B's settlements in Redis")
             control = a.app[ADMISSION]
             assert isinstance(control, CostControl)
-            # A follows Redis's counters about once a second, with no request of its own (not
-            # failing here: the code before it never did, and what A admits is the assertion).
-            followed = lambda: sum(control.local_budgets.counters().values()) >= 19 * COST * 1e9 - 1  # noqa: E731
-            with contextlib.suppress(AssertionError):
-                await eventually(lambda: _true(followed()), "A's counters follow Redis's", within=5)
+            if a_first:
+                # A follows Redis's counters about once a second, with no request of its own
+                # (not failing here: the code before it never did; what A admits is the assertion).
+                followed = lambda: sum(control.local_budgets.counters().values()) >= 19 * COST * 1e9 - 1  # noqa: E731
+                with contextlib.suppress(AssertionError):
+                    await eventually(lambda: _true(followed()), "A's counters follow Redis's", within=5)
+            else:
+                await ledger_written(b.url, 19, ADMIN)
             assert round(await budget_spent(b.url, ADMIN) / COST) == 19
 
             await relay.cut()  # Redis stops answering A: it admits on its own counters
             statuses = await asyncio.gather(*(ask_status(ca) for _ in range(30)))
-            # One request's worth was left: A admits that one, not 19.
+            # One request's worth was left: A admits that one, not 19 or 20.
             assert statuses.count(200) <= 1, statuses
             assert set(statuses) <= {200, 429}, statuses
     finally:

@@ -4,6 +4,7 @@ through its parts (rate limits, deployment limits, budgets) in that order."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,8 @@ class CostControl(Reservations, RateLimits):
         self._down_until = 0.0
         self._tasks = set()
         self._following = None
+        self._ledger_read = None
+        self._ledger_read_at = -math.inf
         self._notified = {}
         self._session = None
 

@@ -158,6 +158,31 @@ class ReadBack(Stores):
         for (key, slot), amount in found.budgets.items():
             self.local_budgets.raise_read_back(key, amount, slot)
 
+    def _read_ledger_now(self) -> asyncio.Task[None] | None:
+        """With the shared store failing (fail open): this process's counters raised to what the
+        ledger says was spent, in the background (never lowered: its own records not written
+        yet are in them). They followed Redis's only for counters this process knew; a budget
+        (or a period) another instance spent on since was admitted again in full."""
+        ledger = self.ledger
+        if ledger is None:
+            return None
+
+        async def read() -> None:
+            try:
+                found = await asyncio.to_thread(
+                    restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters()
+                )
+            except Exception as e:  # the database down too: this process's counters as they are
+                log.warning("shared state unavailable, and the ledger could not be read (%s)", type(e).__name__)
+                return
+            for (key, slot), amount in found.budgets.items():
+                self.local_budgets.raise_read_back(key, amount, slot)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:
             return

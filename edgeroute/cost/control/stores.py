@@ -28,6 +28,10 @@ from edgeroute.workers.local_state import SqliteState
 log = logging.getLogger("edgeroute.cost")
 FOLLOW_S = 1.0  # how often this process's counters follow Redis's (one script, not per request)
 FOLLOW_MOST = 5000  # counters read per pass; more are read in turns
+# With Redis failing: the ledger is read (raising this process's counters) at most this often,
+# and a fail-open reservation waits this long at most for that read.
+LEDGER_READ_EVERY_S = 10.0
+LEDGER_READ_WAIT_S = 2.0
 
 
 def workers_store() -> SqliteState | None:
@@ -46,6 +50,8 @@ class Stores:
     _down_until: float  # the shared store is not asked again before this (monotonic)
     _tasks: set[asyncio.Task[Any]]  # adjustments and notifications under way
     _following: asyncio.Task[None] | None  # `follow_shared`'s loop
+    _ledger_read: asyncio.Task[None] | None  # `_read_ledger_now`, once Redis failed
+    _ledger_read_at: float  # when it was last started (monotonic)
 
     def shared_up(self) -> bool:
         return self.shared is not None and time.monotonic() >= self._down_until
@@ -83,6 +89,9 @@ class Stores:
                 "shared state unavailable (%s: %s); failing %s", what, e, "open" if self.fail_open else "closed"
             )
         self._down_until = time.monotonic() + 1.0
+        if self.fail_open and time.monotonic() - self._ledger_read_at >= LEDGER_READ_EVERY_S:
+            self._ledger_read_at = time.monotonic()
+            self._ledger_read = self._read_ledger_now()
         if not self.fail_open:
             raise ProxyError(
                 503,
@@ -90,6 +99,10 @@ class Stores:
                 code="budget_store_unavailable",
                 headers={"Retry-After": "1"},
             )
+
+    def _read_ledger_now(self) -> asyncio.Task[None] | None:
+        """Raises this process's counters to the ledger's spend (`ReadBack`); None without a ledger."""
+        return None
 
     def _check_closed(self) -> None:
         if self.shared is not None and not self.fail_open and not self.shared_up():
@@ -134,6 +147,10 @@ class Stores:
                 return await self._shared_reserve(self.shared, charges, now), True
             except StoreUnavailable as e:
                 self._unavailable("budgets", e)
+        if (read := self._ledger_read) is not None and not read.done():
+            # Counters raised to what the ledger holds first: the other instances' spend on a
+            # budget (or period) this process never counted was admitted again in full.
+            await asyncio.wait([read], timeout=LEDGER_READ_WAIT_S)
         return self.local_budgets.reserve_now(charges), False
 
     async def _shared_reserve(
