@@ -256,9 +256,9 @@ def _ledger(spent: dict[tuple[str, int], int], in_flight: list[str], reads: list
     """A ledger read back (`RedisState.spent_from_ledger`) saying `spent`, with `in_flight`
     requests counted at their reservation; each read is appended to `reads`."""
 
-    async def read() -> tuple[dict[tuple[str, int], int], list[str]]:
+    async def read() -> tuple[dict[tuple[str, int], int], list[str], list[tuple[str, str, int, float]]]:
         reads.append(1)
-        return spent, in_flight
+        return spent, in_flight, []
 
     return read
 

@@ -67,6 +67,8 @@ def install(
             await control.seed_shared()
         elif control is not None:
             control.keys = app.get(MANAGED_KEYS)
+        if control is not None:
+            control.follow_shared()
         yield
         # After the drain: settle what is pending, then write every record.
         if control is not None and ledger is not None:

@@ -284,6 +284,26 @@ class LocalBudgetStore:
         if amount > have:
             self.add_read_back(store_key, amount - have, slot)
 
+    def to_follow(self, start: int, most: int) -> tuple[list[str], list[str], int]:
+        """Up to `most` counters from the `start`-th: calendar ones and rolling windows, and where
+        the next call starts (0 after the last)."""
+        keys = [*self._cal, *self._rolling]
+        picked = keys[start : start + most]
+        cal = [k for k in picked if k in self._cal]
+        rolling = [k for k in picked if k in self._rolling and k not in self._cal]
+        return cal, rolling, start + most if start + most < len(keys) else 0
+
+    def follow(self, cal: dict[str, int], rolling: dict[str, dict[int, int]]) -> None:
+        """Sets counters this process holds to what the shared store holds (read by the caller):
+        up or down, since the shared store is where admission counted them (a give-back this
+        process applied before Redis did is back within a second, at the next read)."""
+        for key, amount in cal.items():
+            if key in self._cal:
+                self._cal[key] = amount
+        for key, slots in rolling.items():
+            if key in self._rolling:
+                self._rolling[key] = dict(slots)
+
     def counters(self) -> dict[str, int]:
         """Every counter: store key -> nano-USD used (a rolling window's slots summed, stale ones too)."""
         out = dict(self._cal)

@@ -125,13 +125,14 @@ local out = {} reserve(0, 0, #KEYS - 1, out) out[#out + 1] = gen return out
 # budgets. ARGV[1..4]: how many keys each group has (buckets, deployment buckets, budgets,
 # lease sets); the lease sets' ARGV after the budgets': lease ms, then two each: cap, lease
 # id. The first value answered is the lease set refused (1-based; 0: none), the last the
-# marker's generation when budgets were reserved; the marker is the last key.
+# marker's generation when budgets were reserved; the marker is the last key (without it the
+# script answers {-1} when it would take or reserve: a store holding only buckets lost them too).
 ADMIT = Script.of(
     FUNCTIONS
     + """
 local na, nb, nc, nl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local gen = nc > 0 and redis.call('GET', KEYS[#KEYS])
-if nc > 0 and not gen then return {-1} end
+local gen = redis.call('GET', KEYS[#KEYS])
+if not gen and na + nb + nc > 0 then return {-1} end
 local out, now = {0}, now_ms()
 local l0, la = na + nb + nc, 4 + 4 * (na + nb) + 6 * nc
 for i = 1, nl do
@@ -237,15 +238,18 @@ return n
 """)
 
 # What the ledger says was spent, into a store without the marker (KEYS[1]): each counter
-# (KEYS from 3; ARGV two each after the ids: slot, -1 for a calendar period, and nano-USD) only
-# where it does not exist, then the set of requests counted at their reservation (KEYS[2]: in
-# flight, ARGV[3] ids from ARGV[4]), then the marker, holding the new generation (ARGV[2]).
-# Atomic, so of instances seeding at once the first counts.
+# (KEYS from 3 on, before the buckets; ARGV two each after the ids: slot, -1 for a calendar
+# period, and nano-USD) only where it does not exist, each rate-limit bucket (the last ARGV[4]
+# KEYS; ARGV two each after the counters': capacity, what the last minute used) likewise,
+# drained by that use and stamped now, then the set of requests counted at their reservation
+# (KEYS[2]: in flight, ARGV[3] ids from ARGV[5]), then the marker, holding the new generation
+# (ARGV[2]). Atomic, so of instances seeding at once the first counts.
 SEED = Script.of("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local ttl, m = tonumber(ARGV[1]), tonumber(ARGV[3])
-for i = 3, #KEYS do
-  local a = 2 + m + 2 * (i - 2)
+local ttl, m, nk = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local nc = #KEYS - 2 - nk
+for i = 3, 2 + nc do
+  local a = 3 + m + 2 * (i - 2)
   local slot, amount = ARGV[a], ARGV[a + 1]
   if slot == '-1' then
     redis.call('SET', KEYS[i], amount, 'NX', 'EX', ttl)
@@ -253,9 +257,20 @@ for i = 3, #KEYS do
     redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for j = 1, nk do
+  local key, a = KEYS[2 + nc + j], 4 + m + 2 * nc + 2 * (j - 1)
+  local cap = tonumber(ARGV[a + 1])
+  if redis.call('EXISTS', key) == 0 then
+    local l = math.max(-cap, cap - tonumber(ARGV[a + 2]))
+    redis.call('HSET', key, 'l', tostring(l), 't', now)
+    redis.call('PEXPIRE', key, math.ceil((cap - l) * 60000 / cap) + 1000)
+  end
+end
 redis.call('DEL', KEYS[2])
-for i = 4, 3 + m, 1000 do
-  redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 999, 3 + m)))
+for i = 5, 4 + m, 1000 do
+  redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 999, 4 + m)))
 end
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
@@ -281,6 +296,17 @@ for i = 2, #KEYS do
   end
 end
 return n
+""")
+# Budget counters as they are (KEYS: each counter, then the seeded marker; ARGV[i] '1' for a
+# rolling window's hash, answered as its fields and values): what an instance's fail-open
+# counters follow each second. {-1} when Redis holds no budgets (nothing to follow).
+READ = Script.of("""
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return {-1} end
+local out = {}
+for i = 1, #KEYS - 1 do
+  if ARGV[i] == '1' then out[i] = redis.call('HGETALL', KEYS[i]) else out[i] = redis.call('GET', KEYS[i]) or false end
+end
+return out
 """)
 # Spend read back for a budget first seen after start (ARGV[1]: ttl; then two each: slot, -1
 # for a calendar period, and nano-USD), added to its counters.

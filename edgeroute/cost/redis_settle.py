@@ -210,6 +210,10 @@ class Settlements:
         except StoreUnavailable:
             await asyncio.sleep(RESEND_S)
 
+    def idle(self) -> bool:
+        """Whether nothing is pending nor being sent."""
+        return not self._pending and self._flusher is None
+
     def forget(self) -> None:
         """Drops what is pending, not sent (counted some other way)."""
         pending, self._pending = self._pending, _Pending()

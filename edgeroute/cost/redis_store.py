@@ -15,7 +15,7 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from edgeroute.cost.redis_scripts import (
     ADD_SPENT,
     ADMIT,
     FILL,
+    READ,
     RESERVE,
     SEED,
     SETTLE,
@@ -62,9 +63,10 @@ class Admitted:
 
 # A slot to lease in the admission script: the lease set's Redis key, its cap, the lease id.
 Lease = tuple[str, int, str]
-# What the ledger says was spent (store key and rolling slot -> nano-USD), and the requests it
-# counted at their reservation (in flight: no spend row yet), by id.
-LedgerSpend = tuple[dict[tuple[str, int], int], Collection[str]]
+# What the ledger says was spent (store key and rolling slot -> nano-USD), the requests it
+# counted at their reservation (in flight: no spend row yet), by id, and the last minute's
+# rate-limit use (name, kind, limit, used).
+LedgerSpend = tuple[dict[tuple[str, int], int], Collection[str], Sequence[tuple[str, str, int, float]]]
 
 
 class RedisState:
@@ -151,30 +153,45 @@ class RedisState:
 
     async def _read_and_seed(self) -> None:
         try:
-            spent, in_flight = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, ())
+            found = await self.spent_from_ledger() if self.spent_from_ledger is not None else ({}, (), ())
+            spent, in_flight, buckets = found
+        except StoreUnavailable:
+            raise  # said by the caller (`Stores._unavailable`), once per outage
         except Exception as e:  # the ledger's database: admission then follows `on_unavailable`
             log.exception("shared state: could not read budgets back from the ledger")
             raise StoreUnavailable(f"the ledger could not be read ({type(e).__name__})") from None
         if self.spent_from_ledger is not None:
             # What this instance admitted while Redis was down is in what was read (its records
-            # are written first): sent too, it would count twice.
+            # are written first; `spent_from_ledger` raises while the ledger does not write
+            # them): sent too, it would count twice.
             self._outage_spend.forget()
-        if await self.seed(spent, in_flight):
+        if await self.seed(spent, in_flight, buckets):
             log.warning(
                 "shared state: Redis held no budgets (restarted empty?); %d counters read back from the ledger",
                 len(spent),
             )
 
-    async def seed(self, spent: dict[tuple[str, int], int], in_flight: Collection[str] = ()) -> bool:
+    async def seed(
+        self,
+        spent: dict[tuple[str, int], int],
+        in_flight: Collection[str] = (),
+        buckets: Sequence[tuple[str, str, int, float]] = (),
+    ) -> bool:
         """Counts what the ledger says was spent (`restore.read`: store key and rolling slot ->
         nano-USD) into Redis if it holds no budgets, as a new generation; True when this call
         did. Each counter is set only where Redis has none, so budgets Redis kept are never
         counted twice. `in_flight`: the requests counted at their reservation, whose
-        settlements made in an earlier generation still apply (`SETTLE_STALE`)."""
+        settlements made in an earlier generation still apply (`SETTLE_STALE`). `buckets`: the
+        last minute's rate-limit use (name, kind, limit, used), each bucket Redis lacks drained
+        by it (left out, Redis restarted or flushed gave every RPM/TPM limit a full minute anew)."""
         counters, pairs = self._seed_args(spent)
         ids = list(in_flight)
-        args = [pairs[0], os.urandom(8).hex(), len(ids), *ids, *pairs[1:]]
-        return bool(await self._run(SEED, [counters[0], self.in_flight_key, *counters[1:]], args))
+        keys = [counters[0], self.in_flight_key, *counters[1:]]
+        args = [pairs[0], os.urandom(8).hex(), len(ids), len(buckets), *ids, *pairs[1:]]
+        for name, kind, limit, used in buckets:
+            keys.append(f"{self.prefix}:rl:{name}:{kind}")
+            args += [limit, used]
+        return bool(await self._run(SEED, keys, args))
 
     async def fill(self, spent: dict[tuple[str, int], int]) -> int:
         """Counts what the ledger says was spent into a seeded store where it has no counter
@@ -300,6 +317,26 @@ class RedisState:
             p = c.period
             self._outage_spend.add_budget(self._bkey(c), 1 if p.rolling else 0, amount, p.ttl_s, p.slot, create=1)
         self._outage_spend.send_later()
+
+    def outage_settled(self) -> bool:
+        """Whether this instance's spend admitted while Redis was down is all in Redis."""
+        return self._outage_spend.idle()
+
+    async def read_counters(
+        self, cal: list[str], rolling: list[str]
+    ) -> tuple[dict[str, int], dict[str, dict[int, int]]]:
+        """Budget counters (store keys; `rolling`: windows' hashes of slots) as Redis holds them,
+        one script; those it has none of (or all, when it holds no budgets) are left out."""
+        keys = [f"{self.prefix}:b:{k}" for k in cal + rolling] + [self.seeded_key]
+        out = await self._run(READ, keys, ["0"] * len(cal) + ["1"] * len(rolling), soon=True)
+        if unseeded(out):
+            return {}, {}
+        got_cal = {k: int(v) for k, v in zip(cal, out, strict=False) if v is not None}
+        got_rolling: dict[str, dict[int, int]] = {}
+        for k, flat in zip(rolling, out[len(cal) :], strict=False):
+            if flat:
+                got_rolling[k] = {int(flat[j]): int(flat[j + 1]) for j in range(0, len(flat), 2)}
+        return got_cal, got_rolling
 
     async def add_spent(self, spent: dict[tuple[str, int], int], ttl_s: int) -> None:
         """Adds spend read back from the ledger (store key and rolling slot -> nano-USD)."""

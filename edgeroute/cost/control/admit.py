@@ -4,6 +4,7 @@ through its parts (rate limits, deployment limits, budgets) in that order."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +83,9 @@ class CostControl(Reservations, RateLimits):
         self.parallel = parallel.ParallelSlots(_shared_slots(cfg, self.fail_open))
         self._down_until = 0.0
         self._tasks = set()
+        self._following = None
+        self._ledger_read = None
+        self._ledger_read_at = -math.inf
         self._notified = {}
         self._session = None
 
@@ -313,6 +317,8 @@ class CostControl(Reservations, RateLimits):
         """Waits for pending adjustments and notifications, then closes connections."""
         for task in self._restoring:
             task.cancel()
+        if self._following is not None:
+            self._following.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5)
         if self._session is not None:

@@ -79,9 +79,7 @@ class ReadBack(Stores):
             self.shared.spent_from_ledger = self._spent_now
         try:
             if isinstance(self.shared, RedisState):
-                # Redis keeps its buckets while instances restart (one that restarted empty
-                # starts them full: a minute's window at most).
-                seeded = await self.shared.seed(self._read_at_start, self._in_flight_at_start)
+                seeded = await self.shared.seed(self._read_at_start, self._in_flight_at_start, self._buckets_at_start)
                 if not seeded and (filled := await self.shared.fill(self._config_budgets_spent())):
                     log.info("shared state: %d budget counters new to Redis read back from the ledger", filled)
             else:
@@ -107,18 +105,26 @@ class ReadBack(Stores):
         return {k: v for k, v in spent if names and k[0].startswith(names) and not k[0].startswith(keys)}
 
     async def _spent_now(self) -> LedgerSpend:
-        """Every budget's spend this period, from the ledger: this instance's records written
-        first, and the other instances' given the longest flush interval a config may set (a
-        request they answered just before Redis lost its budgets settles into no counter: the
-        ledger is where it counts)."""
+        """Every budget's spend this period and the last minute's rate-limit use, from the
+        ledger: this instance's records written first, and the other instances' given the
+        longest flush interval a config may set (a request they answered just before Redis lost
+        its budgets settles into no counter: the ledger is where it counts)."""
         ledger = self.ledger
         assert ledger is not None
-        await asyncio.gather(asyncio.to_thread(ledger.flush), asyncio.sleep(MAX_FLUSH_INTERVAL_S + 0.25))
+        started = time.monotonic()
+        await asyncio.to_thread(ledger.flush)
+        if ledger.failing_since is not None:
+            # A ledger that reads but does not write lacks this instance's records, those it
+            # admitted while Redis was down among them: a seed from it dropped that spend (28
+            # admitted against room for 20). Admission follows `on_unavailable` until it writes.
+            raise StoreUnavailable(f"the ledger is not writing ({ledger.queue_depth()} records of this instance)")
+        await asyncio.sleep(max(0.0, MAX_FLUSH_INTERVAL_S + 0.25 - (time.monotonic() - started)))
 
         def read() -> LedgerSpend:  # in a thread: thousands of keys take a while
             keyed = self._key_counters()
-            found = restore.read(ledger.backend, self.cfg, self.cfg.budgets.limits, key_budgets=keyed)
-            return found.budgets, found.in_flight
+            limits = self.keys.limits() if self.keys is not None else None
+            found = restore.read(ledger.backend, self.cfg, key_budgets=keyed, key_limits=limits)
+            return found.budgets, found.in_flight, found.buckets
 
         return await asyncio.to_thread(read)
 
@@ -151,6 +157,31 @@ class ReadBack(Stores):
         found = await asyncio.to_thread(restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters())
         for (key, slot), amount in found.budgets.items():
             self.local_budgets.raise_read_back(key, amount, slot)
+
+    def _read_ledger_now(self) -> asyncio.Task[None] | None:
+        """With the shared store failing (fail open): this process's counters raised to what the
+        ledger says was spent, in the background (never lowered: its own records not written
+        yet are in them). They followed Redis's only for counters this process knew; a budget
+        (or a period) another instance spent on since was admitted again in full."""
+        ledger = self.ledger
+        if ledger is None:
+            return None
+
+        async def read() -> None:
+            try:
+                found = await asyncio.to_thread(
+                    restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters()
+                )
+            except Exception as e:  # the database down too: this process's counters as they are
+                log.warning("shared state unavailable, and the ledger could not be read (%s)", type(e).__name__)
+                return
+            for (key, slot), amount in found.budgets.items():
+                self.local_budgets.raise_read_back(key, amount, slot)
+
+        task = asyncio.get_running_loop().create_task(read())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _restore_later(self, budgets: list[Budget], since: float, state: ServerState | None) -> None:
         if self.ledger is None:

@@ -3,7 +3,11 @@ when one is configured and up, else this process's own counters.
 
 After a failure the shared store is left alone for a second: `on_unavailable: open` counts in
 process meanwhile, `closed` refuses with 503. Adjustments to the shared store run as tasks
-(`_spawn`), so a request never waits for its settlement."""
+(`_spawn`), so a request never waits for its settlement.
+
+While Redis answers, this process's counters follow its budget counters each second
+(`follow_shared`): what the fleet spent is what `open` counts from when Redis stops
+answering, not only what Redis said at this process's own last admission."""
 
 from __future__ import annotations
 
@@ -22,6 +26,12 @@ from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
 
 log = logging.getLogger("edgeroute.cost")
+FOLLOW_S = 1.0  # how often this process's counters follow Redis's (one script, not per request)
+FOLLOW_MOST = 5000  # counters read per pass; more are read in turns
+# With Redis failing: the ledger is read (raising this process's counters) at most this often,
+# and a fail-open reservation waits this long at most for that read.
+LEDGER_READ_EVERY_S = 10.0
+LEDGER_READ_WAIT_S = 2.0
 
 
 def workers_store() -> SqliteState | None:
@@ -39,9 +49,39 @@ class Stores:
     fail_open: bool
     _down_until: float  # the shared store is not asked again before this (monotonic)
     _tasks: set[asyncio.Task[Any]]  # adjustments and notifications under way
+    _following: asyncio.Task[None] | None  # `follow_shared`'s loop
+    _ledger_read: asyncio.Task[None] | None  # `_read_ledger_now`, once Redis failed
+    _ledger_read_at: float  # when it was last started (monotonic)
 
     def shared_up(self) -> bool:
         return self.shared is not None and time.monotonic() >= self._down_until
+
+    def follow_shared(self) -> None:
+        """Starts following Redis's budget counters (with `on_unavailable: open`)."""
+        if isinstance(self.shared, RedisState) and self.fail_open and self._following is None:
+            self._following = asyncio.get_running_loop().create_task(self._follow(self.shared))
+
+    async def _follow(self, shared: RedisState) -> None:
+        """Each second while Redis answers, this process's counters are set to Redis's: the
+        other instances' spend since this one's last admission was admitted again in full on
+        fail-open (one instance, quiet while another spent 18 of 20, then admitted 19 more).
+        Not while spend this process admitted during an outage is still on its way to Redis."""
+        start = 0
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            if not self.shared_up() or not shared.outage_settled():
+                continue
+            cal, rolling, next_start = self.local_budgets.to_follow(start, FOLLOW_MOST)
+            if not cal and not rolling:
+                start = 0
+                continue
+            try:
+                got = await shared.read_counters(cal, rolling)
+            except StoreUnavailable:
+                continue  # admission finds it out and follows `on_unavailable`
+            if self.shared_up():
+                self.local_budgets.follow(*got)
+                start = next_start
 
     def _unavailable(self, what: str, e: StoreUnavailable) -> None:
         if time.monotonic() >= self._down_until:
@@ -49,6 +89,9 @@ class Stores:
                 "shared state unavailable (%s: %s); failing %s", what, e, "open" if self.fail_open else "closed"
             )
         self._down_until = time.monotonic() + 1.0
+        if self.fail_open and time.monotonic() - self._ledger_read_at >= LEDGER_READ_EVERY_S:
+            self._ledger_read_at = time.monotonic()
+            self._ledger_read = self._read_ledger_now()
         if not self.fail_open:
             raise ProxyError(
                 503,
@@ -56,6 +99,10 @@ class Stores:
                 code="budget_store_unavailable",
                 headers={"Retry-After": "1"},
             )
+
+    def _read_ledger_now(self) -> asyncio.Task[None] | None:
+        """Raises this process's counters to the ledger's spend (`ReadBack`); None without a ledger."""
+        return None
 
     def _check_closed(self) -> None:
         if self.shared is not None and not self.fail_open and not self.shared_up():
@@ -100,6 +147,10 @@ class Stores:
                 return await self._shared_reserve(self.shared, charges, now), True
             except StoreUnavailable as e:
                 self._unavailable("budgets", e)
+        if (read := self._ledger_read) is not None and not read.done():
+            # Counters raised to what the ledger holds first: the other instances' spend on a
+            # budget (or period) this process never counted was admitted again in full.
+            await asyncio.wait([read], timeout=LEDGER_READ_WAIT_S)
         return self.local_budgets.reserve_now(charges), False
 
     async def _shared_reserve(
