@@ -45,6 +45,7 @@ from edgeroute.governance.versions import (
 from edgeroute.governance.weakening import weakenings
 from edgeroute.metrics import METRICS
 from edgeroute.reload import to_the_end
+from edgeroute.requestlog import gate
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -368,8 +369,25 @@ async def audit_log(request: web.Request) -> web.Response:
     limit = _int_param(q.get("limit", "200"), "limit", 1000)
     before_id = _int_param(q["before_id"], "before_id", 2**63 - 1) if "before_id" in q else None
     actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
-    gov = request.app[GOV]
-    entries = await _stored(_AUDIT, gov.store.audit_entries, since, actor, action, limit, before_id, until)
+    store = request.app[GOV].store
+    # On the operator's query pool, under its deadline and per-key limits, on a connection of its
+    # own (redU M2: a viewer's unbounded scans held the store's lock, and key writes got 503).
+    try:
+        entries = await gate.run_until(
+            request,
+            lambda end: store.audit_entries(since, actor, action, limit, before_id, until, end),
+            "a shorter `since`, an exact `action` or `actor`, or a smaller `limit`",
+        )
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        log.error("governance: the audit log store cannot be read now (%s)", type(e).__name__)
+        raise ProxyError(
+            503,
+            "The audit log store cannot be read now. Try again shortly.",
+            code=_AUDIT[1],
+            headers={"Retry-After": "1"},
+        ) from None
     more = entries[-1].id if len(entries) == limit else None
     return json_response({"entries": [e.as_json() for e in entries], "next_before_id": more})
 
