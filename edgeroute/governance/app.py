@@ -28,7 +28,7 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
-from edgeroute.governance import deployments, guard, residency
+from edgeroute.governance import deployments, guard, key_names, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
@@ -441,6 +441,11 @@ def _check_models(request: web.Request, f: K.KeyFields) -> None:
                          code="invalid_key", param="models")  # fmt: skip
 
 
+def _check_name(request: web.Request, f: K.KeyFields) -> None:
+    if f.name is not None and (why := key_names.refusal(f.name, request.app[STATE].live.config.keys)):
+        raise ProxyError(400, f"name: {why}.", code="invalid_key", param="name")
+
+
 def _check_residency(request: web.Request, f: K.KeyFields) -> None:
     if f.residency is None:
         return
@@ -619,6 +624,7 @@ async def create_key(request: web.Request) -> web.Response:
     f = _fields(body)
     if f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    _check_name(request, f)
     _check_models(request, f)
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
@@ -742,6 +748,8 @@ async def update_key(request: web.Request) -> web.Response:
     f = _fields(merged)
     if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    if "name" in body:  # as for models: a name given before the check blocks no other change
+        _check_name(request, f)
     if "models" in body:  # a model since taken out of the config does not block other changes
         _check_models(request, f)
     _check_residency(request, f)
