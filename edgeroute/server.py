@@ -316,10 +316,24 @@ def _response_cache(config: Config) -> ResponseCache:
     return ResponseCache.build(config.cache, redis)
 
 
+# The admin API's and the console's JSON (keys, audit, stored prompts and answers) is never kept
+# by a browser or a cache, nor read as another type: what `/ui/session` already sent (redU L5).
+_ADMIN_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+
+
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     """`Server: edgeroute`, not aiohttp's default (the Python and aiohttp versions: a map of
-    which published flaws apply)."""
+    which published flaws apply); `_ADMIN_HEADERS` on every /admin answer and the console's
+    JSON (one prefix check for the rest: the /v1 path gets nothing more)."""
     response.headers["Server"] = "edgeroute"
+    path = request.path
+    if path.startswith("/admin/") or (path.startswith("/ui") and response.content_type == "application/json"):
+        for name, value in _ADMIN_HEADERS.items():
+            response.headers.setdefault(name, value)  # the console's own (stricter) stay
 
 
 def create_app(

@@ -89,3 +89,28 @@ def private(path: str | Path) -> None:
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except OSError:  # there already, or no such directory: SQLite says so in its own words
         pass
+
+
+PROGRESS_STEPS = 1000  # VM steps between deadline checks (well under a millisecond)
+
+
+def read_until(path: str | Path, sql: str, params: Any, end: float) -> list[tuple[Any, ...]]:
+    """`sql`'s rows on a read-only connection of its own (WAL: it takes no writer's lock, and no
+    lock of the caller's), stopped at `end` (monotonic) with TimeoutError: a slow scan frees its
+    thread and its snapshot at its deadline, not when it would have ended."""
+    left = end - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=min(10.0, left), isolation_level=None)
+    try:
+        # A non-zero return aborts the statement ("interrupted"): the deadline has passed.
+        conn.set_progress_handler(lambda: int(time.monotonic() > end), PROGRESS_STEPS)
+        try:
+            return list(conn.execute(sql, tuple(params)).fetchall())
+        except sqlite3.OperationalError as e:
+            # Stopped by the handler, or still locked out (busy) when the deadline came.
+            if "interrupt" in str(e) or time.monotonic() >= end:
+                raise TimeoutError from None
+            raise
+    finally:
+        conn.close()

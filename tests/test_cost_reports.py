@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pytest
 
 from edgeroute import cli
 from edgeroute import config as config_mod
+from edgeroute.cost import reports
 from edgeroute.cost.reports import parse_since
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer
@@ -74,7 +77,7 @@ async def test_spend_cli_and_admin_endpoint(start_upstream, tmp_path: Path, caps
     assert out["total"]["requests"] == 4
     assert cli.main(["spend", "--config", str(cfg_path), "--by", "deployment", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("deployment,requests,ok,") and lines[1].startswith("small,4,4,")
+    assert lines[0].startswith('"deployment","requests","ok",') and lines[1].startswith('"small",4,4,')
     assert cli.main(["spend", "--config", str(cfg_path), "--by", "day", "--since", "7d"]) == 0
     table = capsys.readouterr().out
     assert "TOTAL" in table and "savings vs. most expensive model" in table
@@ -108,3 +111,25 @@ def test_parse_since() -> None:
     assert parse_since("7d", now) == now - 7 * 86400
     assert parse_since("2026-11-01") == 1_793_491_200.0
     assert parse_since(None) is None
+
+
+def test_csv_cells_are_never_formulas_whatever_the_spreadsheets_separator() -> None:
+    """redU L4: the guard checked a cell's start alone; a team admin's key named
+    `ops;=2+5*cmd|' /C calc'!A0` was written bare, and a spreadsheet splitting on `;` (most of
+    Europe's locales) read a cell starting with `=`: a formula. Every text cell is quoted now,
+    and a formula's first character after any separator gets a `'`."""
+    names = ["ops;=2+5*cmd|' /C calc'!A0", "a, -1+2", 'b;"@SUM(A1)', "c|+1", "d\t=1", "=HYPERLINK(1)", "plain"]
+    zero = dict.fromkeys(reports.FIELDS, 0)
+    report = {"by": "key", "rows": [{"key": f"k{i}", "name": n, **zero} for i, n in enumerate(names)]}
+    out = reports.render(report, "csv")
+    parsed = list(csv.reader(io.StringIO(out)))
+    assert [r[1] for r in parsed[1:]][-1] == "plain" and parsed[1][1].startswith("ops;'=")
+    for line in out.splitlines()[1:]:
+        assert line.startswith('"k') and ',"' in line, line  # the text cells quoted, the numbers bare
+        for sep in ",;|\t":
+            for cell in line.split(sep):
+                assert not cell.strip(" \"'").startswith(("=", "+", "-", "@")) or cell.lstrip(' "').startswith("'"), (
+                    sep,
+                    cell,
+                    line,
+                )

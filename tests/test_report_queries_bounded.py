@@ -229,7 +229,7 @@ def test_a_report_past_the_row_cap_folds_the_smallest_into_other() -> None:
     assert rows[-1]["user"] == "(other)" and rows[-1]["requests"] == 206 and rows[-2]["user"] == "user-00998"
     assert report["total"]["requests"] == 1205 and report["total"]["prompt_tokens"] == 12050
     csv_rows = reports.render(report, "csv").splitlines()
-    assert len(csv_rows) == 1 + reports.MAX_ROWS and csv_rows[-1].startswith("(other),206,")
+    assert len(csv_rows) == 1 + reports.MAX_ROWS and csv_rows[-1].startswith('"(other)",206,')
 
 
 async def test_a_console_pages_panels_sent_at_once_are_all_answered(start_upstream, tmp_path: Path) -> None:

@@ -146,7 +146,8 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return redact.json_printable(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.writer(buf)
+        # Every text cell quoted (numbers bare): a spreadsheet reads it as one text cell.
+        w = csv.writer(buf, quoting=csv.QUOTE_NONNUMERIC)
         w.writerow(cols)
         for r in report["rows"]:
             w.writerow([_csv_cell(r[c]) for c in cols])
@@ -174,11 +175,18 @@ def _fmt(v: Any) -> str:
     return redact.printable(str(v))
 
 
+# A formula's first character after a separator a spreadsheet may split on (`;` in most of
+# Europe's locales, `|`, tab), past spaces and quotes: a quoted cell is split there all the same
+# by such a reader, and `ops;=2+5*cmd|' /C calc'!A0` became a formula (OWASP CSV injection).
+_FORMULA_AFTER_SEP = re.compile(r"""([,;|\t])([\s"']*)(?=[=+\-@])""")
+
+
 def _csv_cell(v: Any) -> Any:
-    """Text as a spreadsheet shows it, never runs it: a leading = + - @ (or tab, CR) is quoted."""
+    """Text as a spreadsheet shows it, never runs it: a = + - @ (or tab, CR) that starts the cell,
+    or a part of it after a separator, gets a `'` before it."""
     if not isinstance(v, str):
         return v
-    v = redact.printable(v)
+    v = _FORMULA_AFTER_SEP.sub(r"\1\2'", redact.printable(v))
     return "'" + v if v.startswith(("=", "+", "-", "@", "\t", "\r")) else v
 
 

@@ -27,7 +27,7 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError, too_many
-from edgeroute.governance import deployments, guard, residency
+from edgeroute.governance import deployments, guard, key_names, residency
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
@@ -44,6 +44,7 @@ from edgeroute.governance.versions import (
 from edgeroute.governance.weakening import weakenings
 from edgeroute.metrics import METRICS
 from edgeroute.reload import to_the_end
+from edgeroute.requestlog import gate
 from edgeroute.state import STATE, Live
 from edgeroute.workers import worker as workers
 
@@ -369,8 +370,25 @@ async def audit_log(request: web.Request) -> web.Response:
     limit = _int_param(q.get("limit", "200"), "limit", 1000)
     before_id = _int_param(q["before_id"], "before_id", 2**63 - 1) if "before_id" in q else None
     actor, action = (text_param(q[p], p) if p in q else None for p in ("actor", "action"))
-    gov = request.app[GOV]
-    entries = await _stored(_AUDIT, gov.store.audit_entries, since, actor, action, limit, before_id, until)
+    store = request.app[GOV].store
+    # On the operator's query pool, under its deadline and per-key limits, on a connection of its
+    # own (redU M2: a viewer's unbounded scans held the store's lock, and key writes got 503).
+    try:
+        entries = await gate.run_until(
+            request,
+            lambda end: store.audit_entries(since, actor, action, limit, before_id, until, end),
+            "a shorter `since`, an exact `action` or `actor`, or a smaller `limit`",
+        )
+    except Exception as e:
+        if not _database_error(e):
+            raise
+        log.error("governance: the audit log store cannot be read now (%s)", type(e).__name__)
+        raise ProxyError(
+            503,
+            "The audit log store cannot be read now. Try again shortly.",
+            code=_AUDIT[1],
+            headers={"Retry-After": "1"},
+        ) from None
     more = entries[-1].id if len(entries) == limit else None
     return json_response({"entries": [e.as_json() for e in entries], "next_before_id": more})
 
@@ -422,6 +440,11 @@ def _check_models(request: web.Request, f: K.KeyFields) -> None:
     if unknown:
         raise ProxyError(400, f"models: no model {', '.join(map(repr, unknown[:5]))} in the config.",
                          code="invalid_key", param="models")  # fmt: skip
+
+
+def _check_name(request: web.Request, f: K.KeyFields) -> None:
+    if f.name is not None and (why := key_names.refusal(f.name, request.app[STATE].live.config.keys)):
+        raise ProxyError(400, f"name: {why}.", code="invalid_key", param="name")
 
 
 def _check_residency(request: web.Request, f: K.KeyFields) -> None:
@@ -602,6 +625,7 @@ async def create_key(request: web.Request) -> web.Response:
     f = _fields(body)
     if f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    _check_name(request, f)
     _check_models(request, f)
     _check_residency(request, f)
     K.check_classes(f, request.app[STATE].live.classes)
@@ -730,6 +754,8 @@ async def update_key(request: web.Request) -> web.Response:
     f = _fields(merged)
     if "expires_at" in body and f.expires_at is not None and f.expires_at <= time.time():
         raise ProxyError(400, "expires_at: must be in the future.", code="invalid_key", param="expires_at")
+    if "name" in body:  # as for models: a name given before the check blocks no other change
+        _check_name(request, f)
     if "models" in body:  # a model since taken out of the config does not block other changes
         _check_models(request, f)
     _check_residency(request, f)

@@ -3,13 +3,27 @@ of the ledger's database, for the views that list keys by id: spend by key, the 
 and its stats by key. A managed key's id (`k230dcccb1b60`) says nothing to an operator; a
 config key's id is its name already. Whoever may read those views may read the names: they
 show nothing past what `/admin/spend?by=key` shows the same roles.
+
+A name is shown beside the key's id in every view (`k2af… (name)`): `refusal` keeps out what
+would make it lie there (redU L7): controls (a newline, ESC), format and bidi characters (a
+U+202E reverses the label's text), an empty name, and a config key's id or a managed key's
+id-like name (`root`, passing for the root key at a glance). Any other Unicode text is a name.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import orjson
+
+# Controls, format (bidi embeddings, overrides and isolates; invisible marks), line and paragraph
+# separators, surrogates. ZWJ and ZWNJ are kept: emoji sequences and several scripts' words need them.
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+_JOINERS = frozenset({"\u200c", "\u200d"})
+_KEY_ID = re.compile(r"k[0-9a-f]{12}")  # a managed key's id (`keys.create`)
 
 
 class Readable(Protocol):
@@ -31,3 +45,15 @@ def key_names(db: Readable, ids: list[str]) -> dict[str, str]:
     rows = db.query(f"SELECT id, data FROM gov_keys WHERE id IN ({', '.join('?' * len(ids))})", ids)
     names = {str(i): orjson.loads(d).get("name") for i, d in rows}
     return {i: n for i, n in names.items() if isinstance(n, str)}
+
+
+def refusal(name: str, reserved: Collection[str]) -> str | None:
+    """Why `name` cannot name a managed key (None: it can); `reserved`: the config keys' ids."""
+    if not name.strip():
+        return "must not be empty"
+    for i, c in enumerate(name):
+        if unicodedata.category(c) in _REFUSED_CATEGORIES and c not in _JOINERS:
+            return f"must not contain control, format or bidi characters (U+{ord(c):04X} at {i})"
+    if name in reserved or _KEY_ID.fullmatch(name):
+        return "must not be a key's id (it would pass for that key in every view)"
+    return None

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
-from edgeroute import roles
+from edgeroute import roles, sqlite_wal
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger_store import Backend, PostgresBackend, SqliteBackend
 from edgeroute.errors import ProxyError
@@ -55,20 +54,19 @@ _TENANT_PREFIXES = ("team:", "solo:")
 MAX_LINE_WAIT_S = 5.0
 LINE_PER_KEY = 16
 _LINE_POLL_S = 0.05
-_PROGRESS_STEPS = 1000  # SQLite VM steps between deadline checks (well under a millisecond)
 
 
-class QueryTimeout(Exception):
+class QueryTimeout(TimeoutError):
     """A query ran past its deadline and was stopped."""
 
 
 class Bounded:
     """A backend's reads (`dialect`, `query`) under one deadline for all of a call's statements."""
 
-    def __init__(self, backend: Backend, timeout_s: float) -> None:
+    def __init__(self, backend: Backend, timeout_s: float, end: float | None = None) -> None:
         self.dialect = backend.dialect
         self._backend = backend
-        self.end = time.monotonic() + timeout_s
+        self.end = time.monotonic() + timeout_s if end is None else end
 
     def _left(self) -> float:
         left = self.end - time.monotonic()
@@ -79,23 +77,16 @@ class Bounded:
     def query(self, sql: str, params: Any) -> list[tuple[Any, ...]]:
         left = self._left()
         if isinstance(self._backend, SqliteBackend):
-            return self._sqlite(self._backend.path, sql, params, left)
+            return self._sqlite(self._backend.path, sql, params)
         if isinstance(self._backend, PostgresBackend):
             return _postgres(self._backend, sql, params, left)
         return self._backend.query(sql, params)
 
-    def _sqlite(self, path: str, sql: str, params: Any, left: float) -> list[tuple[Any, ...]]:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=min(10.0, left), isolation_level=None)
-        with contextlib.closing(conn):
-            # A non-zero return aborts the statement ("interrupted"): the deadline has passed.
-            conn.set_progress_handler(lambda: int(time.monotonic() > self.end), _PROGRESS_STEPS)
-            try:
-                return list(conn.execute(sql, tuple(params)).fetchall())
-            except sqlite3.OperationalError as e:
-                # Stopped by the handler, or still locked out (busy) when the deadline came.
-                if "interrupt" in str(e) or time.monotonic() >= self.end:
-                    raise QueryTimeout from None
-                raise
+    def _sqlite(self, path: str, sql: str, params: Any) -> list[tuple[Any, ...]]:
+        try:
+            return sqlite_wal.read_until(path, sql, params, self.end)
+        except TimeoutError:
+            raise QueryTimeout from None
 
 
 def _postgres(backend: PostgresBackend, sql: str, params: Any, left: float) -> list[tuple[Any, ...]]:
@@ -151,15 +142,15 @@ class Gate:
             if self.held.get(name, 0) >= limit:
                 raise ProxyError(
                     429,
-                    f"{label} already has {limit} request-log or spend queries in flight; wait for them to"
-                    " finish before sending more.",
+                    f"{label} already has {limit} operator queries (request log, spend, audit) in flight;"
+                    " wait for them to finish before sending more.",
                     code="too_many_queries",
                     headers={"Retry-After": "1"},
                 )
         if self._busy_for(who):
             raise ProxyError(
                 503,
-                "Too many request-log and spend queries are waiting; try again shortly.",
+                "Too many operator queries (request log, spend, audit) are waiting; try again shortly.",
                 code="queries_busy",
                 headers={"Retry-After": "1"},
             )
@@ -334,19 +325,28 @@ def _settings(request: web.Request) -> tuple[int, float]:
 
 
 async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backend) -> _T:
-    """`fn` on the query pool with the caller's backend, answered within the deadline from now
-    (the wait for a slot and for a thread included); the caller's slots are freed when the query
+    """`fn` on the query pool with the caller's backend, bounded by `run_until`'s deadline."""
+    return await run_until(request, lambda end: fn(Bounded(backend, 0, end)))
+
+
+NARROW = "a shorter `since`, or filters that the indexes serve (key, team, model, route), or a smaller page"
+
+
+async def run_until(request: web.Request, fn: Callable[[float], _T], narrow: str = NARROW) -> _T:
+    """`fn(end)` on the query pool, answered within the deadline from now (the wait for a slot
+    and for a thread included): `fn` stops its reads at `end` (monotonic) with TimeoutError, a
+    503 `query_timeout` saying how to `narrow` it. The caller's slots are freed when the query
     ends (a client that hangs up does not free a running query's early, so hanging up and asking
     again cannot pass the limit)."""
     gate = request.app.get(GATE)
     if gate is None:
         raise RuntimeError("requestlog.gate.install was not called")
     per_key, timeout_s = _settings(request)
-    bounded = Bounded(backend, timeout_s)
+    end = time.monotonic() + timeout_s
     who = _holders(request, per_key)
     await _admitted(gate, who, min(timeout_s / 2, MAX_LINE_WAIT_S))
     try:
-        job = gate.submit(who, lambda: fn(bounded), bounded.end)
+        job = gate.submit(who, lambda: fn(end), end)
     except BaseException:
         gate.release(who)
         raise
@@ -355,11 +355,10 @@ async def run(request: web.Request, fn: Callable[[Bounded], _T], backend: Backen
     except asyncio.CancelledError:
         gate.withdraw(job)
         raise
-    except QueryTimeout:
+    except TimeoutError:  # QueryTimeout, or the store's own
         raise ProxyError(
             503,
-            f"The query took longer than {timeout_s:g} s and was stopped. Narrow it: a shorter `since`, or"
-            " filters that the indexes serve (key, team, model, route), or a smaller page.",
+            f"The query took longer than {timeout_s:g} s and was stopped. Narrow it: {narrow}.",
             code="query_timeout",
         ) from None
 

@@ -53,6 +53,8 @@ def schema(dialect: str) -> list[str]:
     PRIMARY KEY (request_id, candidate)
 )""",
         f"CREATE INDEX IF NOT EXISTS router_shadow_ts ON {ROUTER_SHADOW} (candidate, ts)",
+        # The report's candidates in a time window (`router_shadow.report`); made at start on older stores.
+        f"CREATE INDEX IF NOT EXISTS router_shadow_time ON {ROUTER_SHADOW} (ts, candidate)",
         # A threshold told: "{budget}:{subject}:{period}:{percent}" (`Notifications._notify`).
         f"CREATE TABLE IF NOT EXISTS {BUDGET_NOTICES} (mark TEXT NOT NULL PRIMARY KEY, ts {real} NOT NULL)",
     ]

@@ -44,7 +44,7 @@ from edgeroute.cost.prices import apply_windows
 from edgeroute.errors import ProxyError
 from edgeroute.metrics import METRICS, counter, gauge
 from edgeroute.reload import CANDIDATE_RELOAD
-from edgeroute.requestlog import outcomes
+from edgeroute.requestlog import gate, outcomes
 from edgeroute.requestlog.query import BadParam
 from edgeroute.router_shadow import report
 from edgeroute.shadow import CANDIDATE_ROUTER, decide_as
@@ -378,10 +378,11 @@ async def admin_report(request: web.Request) -> web.Response:
     slot = request.app.get(CANDIDATE_ROUTER)
     slot = slot if isinstance(slot, CandidateSlot) else None
     ev = slot.current if slot is not None else None
+    q, current, now = dict(request.query), ev.name if ev else None, time.time()
     try:
-        body = await asyncio.to_thread(
-            report.build, ledger.backend, dict(request.query), ev.name if ev else None, time.time()
-        )
+        # On the operator's query pool, under its deadline and per-key limits (redU H1: on the
+        # default executor, unbounded, a viewer's reports stalled the request path's large bodies).
+        body = await gate.run(request, lambda bounded: report.build(bounded, q, current, now), ledger.backend)
     except BadParam as e:
         msg = f"Invalid parameter {e}"
         if slot is not None and slot.error is not None:

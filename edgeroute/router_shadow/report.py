@@ -19,8 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from edgeroute.cost.ledger_store import Backend
-from edgeroute.requestlog.query import BadParam, time_range
+from edgeroute.requestlog.query import BadParam, Readable, time_range
 
 KNOWN = frozenset({"since", "until", "candidate"})
 DAY = 86400.0
@@ -30,6 +29,7 @@ _PAIRS = """SELECT s.running_route, s.candidate_route, COUNT(*), SUM(s.running_c
 FROM router_shadow s LEFT JOIN feedback f ON f.request_id = s.request_id
 WHERE s.candidate = ? AND s.ts >= ? AND s.ts < ?
 GROUP BY s.running_route, s.candidate_route"""
+# Served by `router_shadow_time (ts, candidate)`: the window's rows only, from the index alone.
 _CANDIDATES = """SELECT candidate, COUNT(*), MAX(ts) FROM router_shadow WHERE ts >= ? AND ts < ?
 GROUP BY candidate ORDER BY MAX(ts) DESC"""
 
@@ -38,7 +38,7 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 4) if b > 0 else None
 
 
-def build(db: Backend, q: Mapping[str, str], current: str | None, now: float | None = None) -> dict[str, Any]:
+def build(db: Readable, q: Mapping[str, str], current: str | None, now: float | None = None) -> dict[str, Any]:
     """The report over `since` (default 24h) to `until` for `candidate` (default: the configured one)."""
     now = time.time() if now is None else now
     for k in q:
@@ -47,7 +47,7 @@ def build(db: Backend, q: Mapping[str, str], current: str | None, now: float | N
     since, until = time_range(q, now, now - DAY)
     assert since is not None
     candidates = [
-        {"candidate": c, "requests": int(n), "last_ts": float(t)} for c, n, t in db.query(_CANDIDATES, (since, until))
+        {"candidate": c, "requests": int(n), "last_ts": float(t)} for c, n, t in db.query(_CANDIDATES, [since, until])
     ]
     name = q.get("candidate") or current or (candidates[0]["candidate"] if candidates else None)
     out: dict[str, Any] = {"since": since, "until": until, "candidate": name, "candidates": candidates}
@@ -58,7 +58,7 @@ def build(db: Backend, q: Mapping[str, str], current: str | None, now: float | N
             "or logged in this time range",
         )
     pairs = []
-    for run, cand, n, rc, cc, paid, rated, total in db.query(_PAIRS, (name, since, until)):
+    for run, cand, n, rc, cc, paid, rated, total in db.query(_PAIRS, [name, since, until]):
         pairs.append({
             "running_route": run, "candidate_route": cand, "requests": int(n),
             "running_cost_usd": float(rc or 0), "candidate_cost_usd": float(cc or 0), "cost_usd": float(paid or 0),
