@@ -144,3 +144,20 @@ def test_an_entry_keeps_its_key_and_tenant_and_refuses_what_edgeroute_does_not_w
     for broken in (_pack(head[:-1], body), _pack({"v": 5}, body), entry.dumps()[:-3]):  # type: ignore[arg-type]
         with pytest.raises(ValueError):
             Entry.loads(broken)
+
+
+def test_a_providers_own_usage_words_and_a_clock_a_little_ahead_keep_an_entry() -> None:
+    """Perplexity's usage holds `"search_context_size": "low"`: its answers were never cached.
+    An entry dated a little ahead (another instance's clock) was fresh for its ttl and the skew."""
+    from edgeroute.cache.entry import storable
+
+    answer = {"id": "x", "object": "chat.completion", "created": 1, "model": "sonar", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+    ]}  # fmt: skip
+    usage = {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4, "search_context_size": "low"}
+    assert storable(answer | {"usage": usage})
+    assert not storable(answer | {"usage": usage | {"completion_tokens": "many"}})
+    assert not storable(answer | {"usage": "lots"})
+    ahead = Entry(orjson.dumps(answer), "d", time.time() + 290, 0.01, "p/m", "req-1", key="k1", tenant="key:a")
+    read = Entry.loads(ahead.dumps())
+    assert read.created <= time.time(), "counted from now, not fresh for its ttl and the skew"

@@ -124,7 +124,10 @@ class Entry:
             raise InvalidEntry("cache entry: bad fields")
         if (kind := kind_of(body)) is None:
             raise InvalidEntry("cache entry: not a finished chat completion or embeddings")
-        return cls(body, deployment, float(created), float(cost), upstream, writer, fallback, key, tenant, kind)
+        # A date a little ahead (another instance's clock) counts from now: it must not stay fresh
+        # for longer than its ttl.
+        created = min(float(created), time.time())
+        return cls(body, deployment, created, float(cost), upstream, writer, fallback, key, tenant, kind)
 
     def servable(self, allowed: Mapping[str, str]) -> bool:
         """Whether a request that may go to `allowed` (name: what it is now) may
@@ -153,15 +156,16 @@ def kind_of(body: bytes) -> str | None:
 
 def storable(completion: dict[str, Any]) -> bool:
     """Whether a completion is one the cache keeps: finished (`finished`), its `usage` an
-    object of counts, as a replay and the request log read it."""
+    object whose token counts are numbers, as a replay and the request log read them (other
+    fields are a provider's own: Perplexity's `search_context_size` is a word)."""
     usage = completion.get("usage")
-    if usage is not None and not (isinstance(usage, dict) and all(_count(v) for v in usage.values())):
+    if usage is not None and not (isinstance(usage, dict) and all(_count(k, v) for k, v in usage.items())):
         return False
     return finished(completion)
 
 
-def _count(v: Any) -> bool:
-    return v is None or isinstance(v, int | float | dict)
+def _count(name: str, v: Any) -> bool:
+    return v is None or isinstance(v, int | float | dict) or not name.endswith("_tokens")
 
 
 def _number(x: Any) -> bool:
