@@ -184,8 +184,12 @@ class _Known:
         self._values: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self._regex: re.Pattern[str] | None = None
+        # `_regex` without its lookbehind, in two: the words matched in any case lower-cased
+        # (for lower-cased text) and the others (see `words_in`)
+        self._quick: tuple[re.Pattern[str] | None, re.Pattern[str] | None] = (None, None)
         self._runs: re.Pattern[str] | None = None  # over lower-cased runs
-        self._others: re.Pattern[str] | None = None
+        self._others: re.Pattern[str] | None = None  # over lower-cased ASCII text
+        self._others_i: re.Pattern[str] | None = None  # the same, case-folding (other text)
         self._sorted: list[str] = []  # lower-cased, for prefix look-ups (`partial_at`)
         self._longest = 0
         self._dirty = False
@@ -220,7 +224,11 @@ class _Known:
             runs = list(dict.fromkeys(v.lower() for v in anywhere if _RUN.fullmatch(v)))
             others = [v for v in anywhere if not _RUN.fullmatch(v)]  # URLs, DSNs: anywhere in the text
             self._runs = re.compile(_alternatives(runs)) if runs else None
-            self._others = re.compile(_alternatives(others), re.IGNORECASE) if others else None
+            # Case-folding in the pattern costs a scan of every position its literal prefix search;
+            # ASCII text (the rule) is lower-cased instead, keeping its length and the spans.
+            lowered = list(dict.fromkeys(v.lower() for v in others))
+            self._others = re.compile(_alternatives(lowered)) if others else None
+            self._others_i = re.compile(_alternatives(others), re.IGNORECASE) if others else None
             # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
             # database's password) is replaced where it stands alone (quoted, in a URL, after
             # "key:"), not inside a longer name ("x-edgeroute-tags").
@@ -229,34 +237,47 @@ class _Known:
             either = [f"(?i:{_alternatives(caseless)})"] if caseless else []
             either += [_alternatives(exact)] if exact else []
             self._regex = re.compile(rf"(?<![\w-])(?:{'|'.join(either)})(?![\w-])") if words else None
-
-    def regex(self) -> re.Pattern[str] | None:
-        """The pattern of the values matched as whole tokens (all of them, unless `anywhere`)."""
-        if self._dirty:
-            self._rebuild()
-        return self._regex
+            lower = list(dict.fromkeys(v.lower() for v in caseless))
+            self._quick = (
+                re.compile(rf"(?:{_alternatives(lower)})(?![\w-])") if lower else None,
+                re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
+            )
 
     def sub(self, s: str) -> str:
         """`s` with every known value replaced by :data:`MARKER`."""
         if self._dirty:
             self._rebuild()
-        runs, others, words = self._runs, self._others, self._regex
+        runs, others = self._runs, self._others
         if runs is not None:
             s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
         if others is not None:
-            s = others.sub(MARKER, s)
+            s = _sub_lowered(others, s) if s.isascii() else self._others_i.sub(MARKER, s)  # type: ignore[union-attr]
+        words = self.words_in(s)
         return s if words is None else words.sub(MARKER, s)
+
+    def words_in(self, s: str) -> re.Pattern[str] | None:
+        """The whole-token pattern when `s` may hold a word. Its lookbehind and case-folding,
+        tried at every position, cost 3 times the search of the patterns without them, whose
+        literal prefixes the search skips to: a message holding none of the words (the rule)
+        pays those two searches."""
+        if self._dirty:
+            self._rebuild()
+        caseless, exact = self._quick
+        if (caseless is not None and caseless.search(s.lower())) or (exact is not None and exact.search(s)):
+            return self._regex
+        return None
 
     def found_in(self, s: str) -> bool:
         """Whether a known value occurs in `s` (decoded bytes: anywhere, in any case)."""
         if self._dirty:
             self._rebuild()
-        runs, others, words = self._runs, self._others, self._regex
-        return bool(
-            (runs is not None and any(runs.search(m.group().lower()) for m in _RUN_AT_LEAST.finditer(s)))
-            or (others is not None and others.search(s))
-            or (words is not None and words.search(s))
-        )
+        runs, others = self._runs, self._others
+        if runs is not None and any(runs.search(m.group().lower()) for m in _RUN_AT_LEAST.finditer(s)):
+            return True
+        if others is not None and others.search(s.lower()):
+            return True
+        words = self.words_in(s)
+        return words is not None and words.search(s) is not None
 
     def partial_at(self, s: str, at: int) -> int:
         """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
@@ -281,7 +302,8 @@ def _caseless(value: str) -> bool:
 
 
 def _sub_lowered(pattern: re.Pattern[str], run: str) -> str:
-    """`run` (ASCII) with what `pattern` (lower-case values) finds in it lower-cased replaced."""
+    """`run` (ASCII: lower-casing keeps its length) with what `pattern` (lower-case values)
+    finds in it lower-cased replaced."""
     spans = [m.span() for m in pattern.finditer(run.lower())]
     if not spans:
         return run
@@ -573,7 +595,7 @@ def outbound(s: str) -> str:
     s = text(s)
     if not s:
         return s
-    endpoints = _ENDPOINTS.regex()
+    endpoints = _ENDPOINTS.words_in(s)
     if endpoints is not None:
         s = endpoints.sub(MARKER, s)
     if "org-" in s or "proj_" in s:
