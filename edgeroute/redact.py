@@ -341,23 +341,14 @@ def _decodings(run: str) -> list[bytes]:
 
 def _encoded(known: _Known, s: str) -> str:
     """`s` with each run of base64 or hex that decodes to text holding a known value replaced
-    whole (the `user:` of a Basic pair with the key: it is part of the credential). What all
-    the runs decode to is searched at once: a message holding none pays one search. Decoded
+    whole (the `user:` of a Basic pair with the key: it is part of the credential). What the
+    distinct runs decode to is searched at once: a text holding none pays one search. Decoded
     as latin-1, a character a byte: a secret's non-ASCII characters are not looked for."""
-    runs = [(m, m.group()) for m in _BASE64_RUN.finditer(s)]
-    runs = [(m, run) for m, run in runs if not (run.isalpha() and run.islower())]  # words, not encodings
-    if not runs:
+    runs = {run: _decodings(run) for run in _BASE64_RUN.findall(s) if not (run.isalpha() and run.islower())}
+    if not runs or not known.found_in(b"\0".join(d for ds in runs.values() for d in ds).decode("latin-1")):
         return s
-    decoded = [_decodings(run) for _, run in runs]
-    if not known.found_in(b"\0".join(d for ds in decoded for d in ds).decode("latin-1")):
-        return s
-    out, at = [], 0
-    for (m, _), ds in zip(runs, decoded, strict=True):
-        if known.found_in(b"\0".join(ds).decode("latin-1")):
-            out += [s[at : m.start()], MARKER]
-            at = m.end()
-    out.append(s[at:])
-    return "".join(out)
+    found = {run for run, ds in runs.items() if known.found_in(b"\0".join(ds).decode("latin-1"))}
+    return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
 
 
 _END = ""  # a trie node's key for "a value ends here"
