@@ -30,7 +30,7 @@ from tests.security.governed import ROOT, call
 from tests.test_cost_support import cost_proxy
 
 KEY = "Zq8vT2mN5pL1+xR7/wK3yH9cF4=vQ"  # shapeless (a self-hosted provider's), with `+`, `/` and `=`
-SAID = "Incorrect API key provided"
+SAID = "Unsupported value in header, got"  # no words that say our key was refused (those messages are replaced)
 CONTENT = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "x"}
 
 
