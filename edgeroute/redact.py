@@ -13,10 +13,12 @@ Two kinds of thing are replaced by :data:`MARKER`:
   `secrets.resolve` registers its value here (provider keys, virtual-key tokens,
   `server.api_keys`, DSNs), and :func:`register_config` adds what the config holds as
   plain values (the Redis URL's password, a provider's credential headers, the credential
-  parameters of its paths' queries). Each is registered URL-encoded too. Values shorter
-  than :data:`MIN_SECRET_LEN` are not registered: they would blank ordinary words and
-  cannot be secret anyway. A value that is no word (see `_anywhere`) is replaced wherever
-  it occurs, glued to the upstream's own text too; a word only as a whole token;
+  parameters of its paths' queries). Each is registered URL-encoded too, as one secret for
+  the bound on known values. Values shorter than :data:`MIN_SECRET_LEN` are not registered:
+  they would blank ordinary words and cannot be secret anyway. A value that is no word (see
+  `_anywhere`) is replaced wherever it occurs, glued to the upstream's own text too, in any
+  case, and inside a run of base64 or hex that decodes to text holding it (`_encoded`); a
+  word only as a whole token;
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
   `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
@@ -39,6 +41,7 @@ line or repaint a terminal (log injection).
 
 from __future__ import annotations
 
+import binascii
 import ipaddress
 import logging
 import re
@@ -163,31 +166,45 @@ def _anywhere(value: str) -> bool:
 
 
 class _Known:
-    """The registered secret values and the patterns over them (values that are no words,
-    inside runs of key characters or anywhere; words as whole tokens), rebuilt lazily after a change."""
+    """The registered secrets, each with its forms (the value stripped, URL-encoded, the password
+    of a URL), and the patterns over the forms (values that are no words, inside runs of key
+    characters or anywhere; words as whole tokens), rebuilt lazily after a change. The bound
+    counts secrets: a secret's forms are kept and dropped with it, so registering a form more
+    does not shorten how many rotated secrets are remembered.
+
+    Forms that are no words match in any case (an upstream upper- or lower-casing what it
+    quotes, hex in capitals): runs of key characters are ASCII, so a run lower-cased keeps its
+    length and a match in it is a match in the run. A word matches in its own case only (below
+    :data:`_ANYWHERE_LEN` and letters only, "edgeroute" must not blank "Edgeroute")."""
 
     def __init__(self, min_len: int = MIN_SECRET_LEN, anywhere: bool = False) -> None:
         self._min_len = min_len
         self._anywhere = anywhere  # whether values that are no words match inside other text
-        self._values: dict[str, None] = {}  # insertion-ordered set, the oldest first
+        # secret -> its forms; insertion-ordered, the oldest first
+        self._values: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self._regex: re.Pattern[str] | None = None
-        self._runs: re.Pattern[str] | None = None
-        self._others: re.Pattern[str] | None = None
-        self._sorted: list[str] = []  # for prefix look-ups (`partial_at`)
+        # `_regex` without its lookbehind, in two: the words matched in any case lower-cased
+        # (for lower-cased text) and the others (see `words_in`)
+        self._quick: tuple[re.Pattern[str] | None, re.Pattern[str] | None] = (None, None)
+        self._runs: re.Pattern[str] | None = None  # over lower-cased runs
+        self._others: re.Pattern[str] | None = None  # over lower-cased ASCII text
+        self._others_i: re.Pattern[str] | None = None  # the same, case-folding (other text)
+        self._sorted: list[str] = []  # lower-cased, for prefix look-ups (`partial_at`)
         self._longest = 0
         self._dirty = False
 
-    def add(self, value: str) -> None:
-        if len(value) < self._min_len:
-            return
+    def add(self, value: str, *forms: str) -> None:
+        """Registers `value` with `forms` of it: one secret for the bound, whatever its forms."""
         with self._lock:
             if value in self._values:
                 # Seen again (a live secret re-registered): the youngest, last to be evicted.
-                del self._values[value]
-                self._values[value] = None
+                self._values[value] = self._values.pop(value)
                 return
-            self._values[value] = None
+            kept = tuple(f for f in dict.fromkeys((value, *forms)) if len(f) >= self._min_len)
+            if not kept:
+                return
+            self._values[value] = kept
             while len(self._values) > _MAX_KNOWN:
                 del self._values[next(iter(self._values))]
             self._dirty = True
@@ -196,39 +213,71 @@ class _Known:
         with self._lock:
             self._dirty = False
             # Longest first, so that a secret containing another is replaced whole.
-            values = sorted(self._values, key=len, reverse=True)
-            self._sorted = sorted(values)
+            values = sorted({f for forms in self._values.values() for f in forms}, key=len, reverse=True)
+            self._sorted = sorted({v.lower() for v in values})
             self._longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
             anywhere = [v for v in values if self._anywhere and _anywhere(v)]
             words = [v for v in values if not (self._anywhere and _anywhere(v))]
             # A value that is no word is looked for inside the runs of key characters that can
             # hold it (`_RUN`), not at every position of the text: the trie's first branching
             # tried at each character of a message cost a plain message 3 times as much.
-            runs = [v for v in anywhere if _RUN.fullmatch(v)]
+            runs = list(dict.fromkeys(v.lower() for v in anywhere if _RUN.fullmatch(v)))
             others = [v for v in anywhere if not _RUN.fullmatch(v)]  # URLs, DSNs: anywhere in the text
             self._runs = re.compile(_alternatives(runs)) if runs else None
-            self._others = re.compile(_alternatives(others)) if others else None
+            # Case-folding in the pattern costs a scan of every position its literal prefix search;
+            # ASCII text (the rule) is lower-cased instead, keeping its length and the spans.
+            lowered = list(dict.fromkeys(v.lower() for v in others))
+            self._others = re.compile(_alternatives(lowered)) if others else None
+            self._others_i = re.compile(_alternatives(others), re.IGNORECASE) if others else None
             # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
             # database's password) is replaced where it stands alone (quoted, in a URL, after
             # "key:"), not inside a longer name ("x-edgeroute-tags").
-            self._regex = re.compile(rf"(?<![\w-])(?:{_alternatives(words)})(?![\w-])") if words else None
-
-    def regex(self) -> re.Pattern[str] | None:
-        """The pattern of the values matched as whole tokens (all of them, unless `anywhere`)."""
-        if self._dirty:
-            self._rebuild()
-        return self._regex
+            caseless = [v for v in words if _caseless(v)]
+            exact = [v for v in words if not _caseless(v)]
+            either = [f"(?i:{_alternatives(caseless)})"] if caseless else []
+            either += [_alternatives(exact)] if exact else []
+            self._regex = re.compile(rf"(?<![\w-])(?:{'|'.join(either)})(?![\w-])") if words else None
+            lower = list(dict.fromkeys(v.lower() for v in caseless))
+            self._quick = (
+                re.compile(rf"(?:{_alternatives(lower)})(?![\w-])") if lower else None,
+                re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
+            )
 
     def sub(self, s: str) -> str:
         """`s` with every known value replaced by :data:`MARKER`."""
         if self._dirty:
             self._rebuild()
-        runs, others, words = self._runs, self._others, self._regex
+        runs, others = self._runs, self._others
         if runs is not None:
-            s = _RUN_AT_LEAST.sub(lambda m: runs.sub(MARKER, m.group()), s)
+            s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
         if others is not None:
-            s = others.sub(MARKER, s)
+            s = _sub_lowered(others, s) if s.isascii() else self._others_i.sub(MARKER, s)  # type: ignore[union-attr]
+        words = self.words_in(s)
         return s if words is None else words.sub(MARKER, s)
+
+    def words_in(self, s: str) -> re.Pattern[str] | None:
+        """The whole-token pattern when `s` may hold a word. Its lookbehind and case-folding,
+        tried at every position, cost 3 times the search of the patterns without them, whose
+        literal prefixes the search skips to: a message holding none of the words (the rule)
+        pays those two searches."""
+        if self._dirty:
+            self._rebuild()
+        caseless, exact = self._quick
+        if (caseless is not None and caseless.search(s.lower())) or (exact is not None and exact.search(s)):
+            return self._regex
+        return None
+
+    def found_in(self, s: str) -> bool:
+        """Whether a known value occurs in `s` (decoded bytes: anywhere, in any case)."""
+        if self._dirty:
+            self._rebuild()
+        runs, others = self._runs, self._others
+        if runs is not None and any(runs.search(m.group().lower()) for m in _RUN_AT_LEAST.finditer(s)):
+            return True
+        if others is not None and others.search(s.lower()):
+            return True
+        words = self.words_in(s)
+        return words is not None and words.search(s) is not None
 
     def partial_at(self, s: str, at: int) -> int:
         """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
@@ -239,11 +288,67 @@ class _Known:
         if not values:
             return at
         for j in range(max(0, at - self._longest + 1), at - MIN_SECRET_LEN + 1):
-            tail = s[j:at]
+            tail = s[j:at].lower()
             i = bisect_left(values, tail)
             if i < len(values) and values[i].startswith(tail):
                 return j
         return at
+
+
+def _caseless(value: str) -> bool:
+    """Whether a value matched as a whole token matches in any case too: long, or not letters
+    only. A short word ("edgeroute", a test database's password) in its own case only."""
+    return len(value) >= _ANYWHERE_LEN or not value.isalpha()
+
+
+def _sub_lowered(pattern: re.Pattern[str], run: str) -> str:
+    """`run` (ASCII: lower-casing keeps its length) with what `pattern` (lower-case values)
+    finds in it lower-cased replaced."""
+    spans = [m.span() for m in pattern.finditer(run.lower())]
+    if not spans:
+        return run
+    out, at = [], 0
+    for start, end in spans:
+        out += [run[at:start], MARKER]
+        at = end
+    out.append(run[at:])
+    return "".join(out)
+
+
+# Runs that may be a known value encoded: base64 (standard and URL-safe, its padding) and hex.
+# An upstream quoting an `Authorization: Basic` header it was sent, or a key it logged as bytes,
+# writes the key this way, inside an encoding of more than the key (`user:key`): decoding the
+# run finds it at any of base64's alignments, registering encoded forms would not (and would
+# multiply the values known). The shortest such run holds a value of `MIN_SECRET_LEN` bytes.
+_BASE64_RUN = re.compile(rf"[A-Za-z0-9+/_\-]{{{MIN_SECRET_LEN * 4 // 3},}}=*")
+_HEX_RUN = re.compile(rf"[0-9A-Fa-f]{{{MIN_SECRET_LEN * 2},}}")
+_URLSAFE = str.maketrans("-_", "+/")
+
+
+def _decodings(run: str) -> list[bytes]:
+    """What `run` decodes to as base64 from each of its first four characters (a word glued
+    before it, `token<base64>`, shifts its groups), and as hex from each of its first two."""
+    out = []
+    if len(run) >= 2 * MIN_SECRET_LEN:
+        for hexes in _HEX_RUN.findall(run):
+            out += [bytes.fromhex(hexes[at : len(hexes) - (len(hexes) - at) % 2]) for at in (0, 1)]
+    data = run.rstrip("=").translate(_URLSAFE)
+    n = len(data)
+    for at in range(4):  # padding past what the data needs is ignored; a lone last character is no byte
+        out.append(binascii.a2b_base64(data[at : n - ((n - at) % 4 == 1)] + "=="))
+    return out
+
+
+def _encoded(known: _Known, s: str) -> str:
+    """`s` with each run of base64 or hex that decodes to text holding a known value replaced
+    whole (the `user:` of a Basic pair with the key: it is part of the credential). What the
+    distinct runs decode to is searched at once: a text holding none pays one search. Decoded
+    as latin-1, a character a byte: a secret's non-ASCII characters are not looked for."""
+    runs = {run: _decodings(run) for run in _BASE64_RUN.findall(s) if not (run.isalpha() and run.islower())}
+    if not runs or not known.found_in(b"\0".join(d for ds in runs.values() for d in ds).decode("latin-1")):
+        return s
+    found = {run for run, ds in runs.items() if known.found_in(b"\0".join(ds).decode("latin-1"))}
+    return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
 
 
 _END = ""  # a trie node's key for "a value ends here"
@@ -323,24 +428,26 @@ def _internal_addresses(s: str) -> str:
     return _ADDRESS.sub(hide, s)
 
 
+def _quote_all(v: str) -> str:
+    return quote(v, safe="")
+
+
 def register(value: str) -> None:
     """Marks `value` (and the password inside it, when it is a URL) as a secret."""
     if not value:
         return
-    for v in {value, value.strip()}:
-        _KNOWN.add(v)
-        # As an upstream quoting a URL or a form it was sent writes it (`+` as `%2B`, `/` as `%2F`).
-        for encoded in (quote(v, safe=""), quote(v), quote_plus(v)):
-            if encoded != v:
-                _KNOWN.add(encoded)
+    forms = [value.strip()]
     if "://" in value and "@" in value:
         try:
             password = urlsplit(value.strip()).password
         except ValueError:
             password = None
         if password:
-            _KNOWN.add(password)
-            _KNOWN.add(unquote(password))
+            forms += [password, unquote(password)]
+    # As an upstream quoting a URL or a form it was sent writes it (`+` as `%2B`, `/` as `%2F`).
+    # Other cases, base64 and hex are found as they are matched (see `_Known`, `_encoded`): one
+    # secret for the bound on known values, however many forms it has.
+    _KNOWN.add(value, *forms, *(q(v) for v in (value, value.strip()) for q in (_quote_all, quote, quote_plus)))
 
 
 def register_config(cfg: Any) -> None:
@@ -417,19 +524,37 @@ def register_endpoint(url: str) -> None:
     if not host:
         return
     netloc = parts.netloc.rsplit("@", 1)[-1]  # never the credentials: those are secrets already
-    _ENDPOINTS.add(f"{parts.scheme}://{netloc}{parts.path}")
-    _ENDPOINTS.add(f"{parts.scheme}://{netloc}")
+    forms = [f"{parts.scheme}://{netloc}"]
     if port is not None:
-        _ENDPOINTS.add(netloc)
+        forms.append(netloc)
     if "." in host or ":" in host:
-        _ENDPOINTS.add(host)
+        forms.append(host)
+    _ENDPOINTS.add(f"{parts.scheme}://{netloc}{parts.path}", *forms)  # one address for the bound
+
+
+# A JSON string's escapes that may stand for a key's own characters: `\/` (PHP and others
+# escape every slash) and `\u00XX` of a printable character. Raw JSON is redacted as text (an
+# upstream's error event relayed, a response the request log stores): `Zq8v\/wK3` matched no
+# known `Zq8v/wK3`, and the client's JSON parser put the key back together. An escaped
+# backslash is consumed first, so that `\\/` stays a backslash and a slash.
+_JSON_ESCAPE = re.compile(r"\\(?:\\|/|u00([2-7][0-9A-Fa-f]))")
+
+
+def _unescaped(m: re.Match[str]) -> str:
+    if m.group(1) is None:
+        return "/" if m.group() == "\\/" else m.group()
+    c = chr(int(m.group(1), 16))
+    return m.group() if c in '"\\\x7f' else c  # JSON's own quote and backslash stay escaped
 
 
 def text(s: str) -> str:
-    """`s` with every known secret and credential shape replaced by :data:`MARKER`."""
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`. JSON
+    escapes that may hide one (`\\/`, `\\u00XX`) are written as the characters they stand for."""
     if not s:
         return s
-    s = _KNOWN.sub(s)
+    if "\\/" in s or "\\u00" in s:  # a substring test on the common path
+        s = _JSON_ESCAPE.sub(_unescaped, s)
+    s = _KNOWN.sub(_encoded(_KNOWN, s))
     low = s.lower()
     for pattern, repl, needles in _SHAPES:
         if any(n in low for n in needles):
@@ -461,7 +586,7 @@ def outbound(s: str) -> str:
     s = text(s)
     if not s:
         return s
-    endpoints = _ENDPOINTS.regex()
+    endpoints = _ENDPOINTS.words_in(s)
     if endpoints is not None:
         s = endpoints.sub(MARKER, s)
     if "org-" in s or "proj_" in s:
