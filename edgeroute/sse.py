@@ -271,36 +271,70 @@ class TooManyToolCalls(StreamProtocolError):
 
 
 class AnswerId:
-    """Whether a chat chunk belongs to another completion than the stream's: its `id` differs
-    from the one the stream's chunks repeated. OpenAI gives every chunk of an answer the same id;
-    a careless upstream or a load balancer that splices two streams switches ids mid-stream,
-    and relayed as one, the client read two answers run together. An empty or missing id (TGI,
-    Azure's prompt-filter chunk) says nothing; a server that gives every chunk an id of its own
-    (LiteLLM, llama.cpp and Foundry Local have) shows it at its second chunk, before any id
-    repeated: its ids are not read (so a splice right after a stream's first chunk goes unseen).
-    One dict lookup and a comparison a chunk."""
+    """Whether a chat chunk begins another completion than the stream's (a careless upstream,
+    or a load balancer that spliced two streams: relayed as one, the client read two answers
+    run together). Judged per choice `index`, only on chunks with choices (a usage chunk, an
+    Azure prompt-filter chunk says nothing), and never for a choice past its `finish_reason`
+    (`Choices` drops what follows that). Two signs:
 
-    __slots__ = ("id", "off", "repeated")
+    - Its `id` differs from the one that choice's chunks repeated (OpenAI gives every chunk of
+      an answer one id; SGLang's `n>1` choices each have their own). An empty or missing id
+      (TGI, Azure) says nothing; a server that gives every chunk an id of its own (LiteLLM,
+      llama.cpp and Foundry Local have) shows it at its second chunk, and its ids are not read.
+    - A `role` delta, without a finish, for a choice that has had content in a chunk without a
+      role: an answer begins with its role. Servers that send the role on every chunk (Ollama,
+      TGI) never had such a chunk.
+
+    Unseen (nothing tells them from an answer): a second answer that starts without a role
+    delta under an empty, the same or a per-chunk id, and one spliced right after a choice's
+    first chunk. O(1) a choice."""
+
+    __slots__ = ("first", "ids", "off", "said")
 
     def __init__(self) -> None:
-        self.id: str | None = None  # the stream's first id
-        self.repeated = False  # a later chunk had it too
-        self.off = False
+        self.ids: dict[int, str] = {}  # per choice: the id its chunks repeated
+        self.first: dict[int, str] = {}  # per choice: its first id, until a later chunk has it
+        self.off = False  # ids a chunk: not an answer's
+        self.said: set[int] = set()  # choices that had content in a chunk without a role
 
-    def other(self, cid: Any) -> bool:
-        """Whether a chunk whose `id` is `cid` is another completion's."""
-        if cid == self.id:
-            self.repeated = self.id is not None
+    def other(self, cid: Any, choices: list[Any], finished: set[int] | None) -> bool:
+        """Whether a chunk whose `id` is `cid` and whose choices are `choices` is another
+        completion's (`finished`: the choices that have given their finish_reason)."""
+        for c in choices:
+            if type(c) is not dict:
+                return False  # not a chat chunk: `_check_chunk` says so
+            index = c.get("index") or 0
+            if type(index) is not int or (finished and index in finished):
+                continue
+            if cid and not self.off and self.ids.get(index) != cid and self._switched(index, cid):
+                return True
+            delta = c.get("delta")
+            if type(delta) is not dict:
+                continue
+            if delta.get("role"):
+                if index in self.said and not c.get("finish_reason"):
+                    return True
+            elif index not in self.said and (
+                delta.get("content") or delta.get("tool_calls") or delta.get("refusal") or delta.get("function_call")
+            ):
+                self.said.add(index)
+        return False
+
+    def _switched(self, index: int, cid: Any) -> bool:
+        """Whether choice `index`'s id changed to `cid` after its first id repeated (the
+        rare path: a choice's first chunk, its first id again, or another id)."""
+        if type(cid) is not str:
             return False
-        if self.off or type(cid) is not str or not cid:
-            return False
-        if self.id is None:
-            self.id = cid
-            return False
-        if not self.repeated:
-            self.off = True  # an id a chunk: not an answer's
-            return False
-        return True
+        if index in self.ids:
+            return True
+        first = self.first.get(index)
+        if first is None:
+            self.first[index] = cid
+        elif first == cid:
+            self.ids[index] = cid
+        else:
+            self.off = True  # a second chunk of another id: an id a chunk
+        return False
 
 
 _COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -408,12 +442,13 @@ def _check_chunk(
         repaired = True
     if type(obj) is not dict:
         raise StreamProtocolError("sent a stream event that is not a JSON object")
-    # (inline, the common chunk: the id its stream's chunks repeated, no call)
+    choices = obj.get("choices")
     if (
         ids is not None
-        and ((cid := obj.get("id")) != ids.id or not ids.repeated)
-        and ids.other(cid)
+        and type(choices) is list
+        and choices
         and "error" not in obj
+        and ids.other(obj.get("id"), choices, open_choices.finished if open_choices is not None else None)
     ):
         if parsed is not None:
             parsed.append(SPLICED)
@@ -423,7 +458,6 @@ def _check_chunk(
     garbage = (usage := obj.get("usage")) is not None and absurd_usage(usage)
     if garbage:
         obj["usage"] = repaired_usage(usage)  # else None: the stream is counted from its text instead
-    choices = obj.get("choices")
     if choices is None:
         if _other_apis_event(obj.get("type")) and "error" not in obj:
             # Another API's event (Anthropic's `message_start`, a Responses event): relayed, it

@@ -25,8 +25,8 @@ StartProxy = Callable[[dict[str, Any]], Awaitable[Proxy]]
 HI = [{"role": "user", "content": "hi"}]
 
 
-def _chunk(cid: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
-    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+def _chunk(cid: str, delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
     obj = {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": "x", "choices": [choice]}
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 

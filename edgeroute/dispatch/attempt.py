@@ -750,7 +750,7 @@ class Attempts:
 async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -> Failure:
     """An upstream's 4xx or 5xx, read up to `MAX_ERROR_BYTES` and classified by its adapter."""
     data, whole = await read_up_to(resp, MAX_ERROR_BYTES)
-    cls = adapter.classify(resp.status, data)
+    cls = adapter.classify(resp.status, data, resp.headers)
     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
     if whole:
         msg = adapter.error_message(resp.status, data)

@@ -234,7 +234,9 @@ async def relay_stream(
             call.record.outcome = "stream_interrupted"
             call.record.error_class = failure[1]
         elif upstream_error:  # told the client already, in the upstream's words
-            upstream_broke = True
+            # A splice is cut for the answer's sake, not the deployment's health: honest streams
+            # the check misread (a server's own ids) would have taken it out for everyone.
+            upstream_broke = not _cut_for_a_splice(translator)
             call.record.outcome = "stream_interrupted"
             call.record.error_class = "upstream_error"
         else:
@@ -551,6 +553,13 @@ async def _underreported(
         settle_cancelled(call.charged(usage, fix, f"deployment {dep.name}"))
         raise
     return call.charged(usage, fix, f"deployment {dep.name}")
+
+
+def _cut_for_a_splice(translator: Any) -> bool:
+    """Whether a relayed chat stream ended on a chunk of another completion (`sse.AnswerId`)."""
+    while translator is not None and not isinstance(translator, sse.ChatChunks):
+        translator = getattr(translator, "inner", None)
+    return translator is not None and translator.ended
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:

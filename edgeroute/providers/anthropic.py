@@ -15,6 +15,7 @@ Options: `version` (anthropic-version header), `beta` (anthropic-beta header),
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -22,6 +23,7 @@ import orjson
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.error_fields import ErrorFields
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -242,15 +244,15 @@ class AnthropicAdapter(Adapter):
             headers["Accept"] = "text/event-stream"
         return UpstreamRequest(self._url(), headers, orjson.dumps({**req, "model": model}))
 
-    def classify(self, status: int, body: bytes) -> Outcome:
-        low = body[:2048].lower()
-        if status == 529 or b"overloaded_error" in low:
+    def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
+        if status == 529 or err.type == "overloaded_error":
             return Outcome.RATE_LIMITED
-        if status == 400 and (b"prompt is too long" in low or b"context window" in low):
+        # Anthropic gives no code for a prompt too long, only these opening words.
+        if status == 400 and err.says("prompt is too long"):
             return Outcome.CONTEXT_WINDOW
         if status == 413:
             return Outcome.CLIENT_ERROR
-        return super().classify(status, body)
+        return super().judge(status, err, headers)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         reply = oa.Reply()

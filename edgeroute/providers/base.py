@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -10,6 +11,8 @@ from yarl import URL
 
 from edgeroute import redact
 from edgeroute.outcome import Outcome
+from edgeroute.providers import error_fields
+from edgeroute.providers.error_fields import ErrorFields
 
 if TYPE_CHECKING:
     from edgeroute.config import Provider
@@ -58,9 +61,9 @@ def in_band_status(err: Any) -> int:
     return 500
 
 
-# What a provider's error says when it refuses the key edgeroute sent (OpenAI's code, Gemini's
-# `API_KEY_INVALID` reason and message).
-_OUR_KEY_REFUSED = (b"invalid_api_key", b"api_key_invalid", b"api key not valid", b"incorrect api key")
+# OpenAI's codes for a refusal of our account, whatever the status: its key (`invalid_api_key`),
+# or its billing (`insufficient_quota`, a 429 no wait ends and never the client's rate limit).
+_OUR_ACCOUNT_REFUSED = frozenset({"invalid_api_key", "insufficient_quota"})
 
 
 @dataclass(slots=True)
@@ -87,24 +90,28 @@ class Adapter:
         """The upstream request for an OpenAI-format `body` whose model is already `model`."""
         raise NotImplementedError
 
-    def classify(self, status: int, body: bytes) -> Outcome:
-        """The routing meaning of a non-2xx answer."""
+    def classify(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Outcome:
+        """The routing meaning of a non-2xx answer (or of an error sent in a 200, as its status):
+        decided by the status and the body's structured fields, never by words a client can
+        have had quoted in it (`error_fields`)."""
+        return self.judge(status, error_fields.read(body), headers or {})
+
+    def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
+        """`classify` on the parsed fields; adapters add their provider's codes, then call this."""
+        if err.code in _OUR_ACCOUNT_REFUSED:
+            return Outcome.AUTH_ERROR  # never the client's fault, nor the provider's words
         if status in (408,):
             return Outcome.TIMEOUT
         if status == 429:
             return Outcome.RATE_LIMITED
-        if status in (401, 403):
+        if status in (401, 403) or err.type == "authentication_error":
             return Outcome.AUTH_ERROR
         if status >= 500:
             return Outcome.SERVER_ERROR
-        low = body[:2048].lower()
-        if any(m in low for m in _OUR_KEY_REFUSED):
-            # Our key, in a 4xx other than 401 (Gemini's "API key not valid" is a 400): never
-            # the client's fault, nor the provider's words (they can quote the key).
-            return Outcome.AUTH_ERROR
-        if b"context_length_exceeded" in low or b"maximum context length" in low:
+        # vLLM-style servers send no code for a prompt too long: their message opens with this.
+        if err.code == "context_length_exceeded" or err.says("this model's maximum context length"):
             return Outcome.CONTEXT_WINDOW
-        if b"content_policy" in low or b"content_filter" in low:
+        if err.code in ("content_filter", "content_policy_violation"):
             return Outcome.CONTENT_POLICY
         return Outcome.CLIENT_ERROR
 

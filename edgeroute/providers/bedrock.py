@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 import urllib.parse
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -34,6 +35,7 @@ from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.error_fields import ErrorFields
 
 _SUPPORTED = oa.COMMON_PARAMS
 # How long a provider found without AWS credentials is taken to have none: the lookup (the
@@ -62,14 +64,14 @@ _IMAGE_FORMATS = {
 
 # AWS error types (x-amzn-ErrorType, exception events) → the routing meaning.
 _ERROR_CLASS = {
-    "ThrottlingException": Outcome.RATE_LIMITED,
-    "ServiceQuotaExceededException": Outcome.RATE_LIMITED,
-    "ModelNotReadyException": Outcome.RATE_LIMITED,
-    "ServiceUnavailableException": Outcome.SERVER_ERROR,
-    "InternalServerException": Outcome.SERVER_ERROR,
-    "ModelErrorException": Outcome.SERVER_ERROR,
-    "ModelStreamErrorException": Outcome.SERVER_ERROR,
-    "ModelTimeoutException": Outcome.TIMEOUT,
+    "throttlingexception": Outcome.RATE_LIMITED,
+    "servicequotaexceededexception": Outcome.RATE_LIMITED,
+    "modelnotreadyexception": Outcome.RATE_LIMITED,
+    "serviceunavailableexception": Outcome.SERVER_ERROR,
+    "internalserverexception": Outcome.SERVER_ERROR,
+    "modelerrorexception": Outcome.SERVER_ERROR,
+    "modelstreamerrorexception": Outcome.SERVER_ERROR,
+    "modeltimeoutexception": Outcome.TIMEOUT,
 }
 
 
@@ -302,18 +304,24 @@ class BedrockAdapter(Adapter):
             return None
         return {"tools": tools, **({"toolChoice": choice} if choice else {})}
 
-    def classify(self, status: int, body: bytes) -> Outcome:
-        low = body[:2048].lower()
-        for name, cls in _ERROR_CLASS.items():
-            if name.lower().encode() in low:
-                return cls
-        if status == 400 and (b"too long" in low or b"too many input tokens" in low or b"context window" in low):
+    def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
+        # The exception's name: the x-amzn-ErrorType header ("ThrottlingException:http://..."),
+        # the body's `__type`, or an in-stream exception frame's (its `code`); else the message's
+        # opening word ("ThrottlingException: ..."), never a name quoted inside it.
+        name = headers.get("x-amzn-ErrorType", "").partition(":")[0] or err.type or err.code
+        cls = _ERROR_CLASS.get(name.lower())
+        if cls is None:
+            cls = next((c for n, c in _ERROR_CLASS.items() if err.message.startswith(n)), None)
+        if cls is not None:
+            return cls
+        said = err.message.removeprefix("the model returned the following errors: ")
+        if status == 400 and said.startswith(("input is too long", "too many input tokens", "prompt is too long")):
             return Outcome.CONTEXT_WINDOW
-        if status == 400 and b"service quota" in low:
+        if status == 400 and said.startswith("your request exceeds the service quota"):
             return Outcome.RATE_LIMITED
         if status == 424:
             return Outcome.SERVER_ERROR
-        return super().classify(status, body)
+        return super().judge(status, err, headers)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         reply = oa.Reply()

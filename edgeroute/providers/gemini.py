@@ -16,6 +16,7 @@ Options: `unsupported_params` (`reject` | `drop`).
 from __future__ import annotations
 
 import mimetypes
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -23,6 +24,7 @@ import orjson
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.error_fields import ErrorFields
 
 _SUPPORTED = oa.COMMON_PARAMS | {"frequency_penalty", "presence_penalty", "seed"}
 
@@ -209,18 +211,16 @@ class GeminiAdapter(Adapter):
         url = f"{self.provider.base_url}/models/{model}{method}"
         return UpstreamRequest(url, headers, orjson.dumps(out))
 
-    def classify(self, status: int, body: bytes) -> Outcome:
-        try:
-            err = orjson.loads(body).get("error") or {}
-        except (orjson.JSONDecodeError, AttributeError):
-            err = {}
-        cls = _STATUS_CLASS.get(str(err.get("status"))) if isinstance(err, dict) else None
+    def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
+        if "API_KEY_INVALID" in err.reasons:  # our key, in a 400 INVALID_ARGUMENT
+            return Outcome.AUTH_ERROR
+        cls = _STATUS_CLASS.get(err.status)
         if cls is not None:
             return cls
-        low = body[:2048].lower()
-        if status == 400 and (b"exceeds the maximum number of tokens" in low or b"input token count" in low):
+        # No reason is given for a prompt too long: "The input token count (N) exceeds ...".
+        if status == 400 and err.says("the input token count"):
             return Outcome.CONTEXT_WINDOW
-        return super().classify(status, body)
+        return super().judge(status, err, headers)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         cands = obj.get("candidates") or []

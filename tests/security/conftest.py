@@ -60,7 +60,10 @@ class Leaky:
         if self.mode == "text":
             return web.Response(status=500, text=f"upstream crashed: {quote}")
         if isinstance(self.mode, int):
-            err = {"error": {"message": quote, "type": "invalid_request_error", "code": "invalid_api_key"}}
+            # A 401 is OpenAI's refusal of our key; a 4xx other than 401/403 without that code is
+            # the client's error (which still quotes the key), relayed redacted.
+            code = "invalid_api_key" if self.mode in (401, 403) else None
+            err = {"error": {"message": quote, "type": "invalid_request_error", "code": code}}
             return web.json_response(err, status=self.mode)
         if self.mode == "200-error":
             return web.json_response({"error": {"message": quote, "type": "server_error"}})
