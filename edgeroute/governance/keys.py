@@ -659,8 +659,10 @@ class ManagedKeys:
     def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
         or with a maker), else None. O(1) a call: the key is looked up only when keys have been
-        seen to end since the last call (`ended_gen`), at most once a poll."""
-        seen = self.ended_gen
+        seen to end since the last call (`ended_gen`), at most once a poll. A key seen ended
+        already (revoked while the upstream had not yet answered) is looked up at the first call."""
+        with self._gone_lock:  # `_see_ends` moves the count, then the set
+            seen = -1 if key_id in self._gone else self.ended_gen
 
         def ended() -> tuple[str, str] | None:
             nonlocal seen
