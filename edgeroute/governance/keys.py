@@ -553,6 +553,16 @@ class ManagedKeys:
         """Whether the key is seen ended (revoked, expired, or a maker's end ended it)."""
         return key_id in self._gone
 
+    def ended_with_maker(self, key_id: str) -> bool:
+        """Whether the key is seen ended by a maker's end, which its own row does not show (a
+        key's own revocation and expiry are read from the row, where a change just written
+        may have given it a later one)."""
+        e = self._by_id.get(key_id)
+        if e is None:
+            return False
+        above = e.expires_above is not None and time.time() >= e.expires_above[1]
+        return e.revoked_above is not None or e.config_ended is not None or above
+
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
         gone = self._gone
