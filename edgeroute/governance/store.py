@@ -464,13 +464,20 @@ class GovStore:
     def versions_key(self) -> bytes:
         """The store's own random key for the HMAC of literal secrets in stored versions: made by
         the first instance that asks, the same for every instance and worker on this store."""
+        return self._own_key("versions")
+
+    def actors_key(self) -> bytes:
+        """The store's own random key for the audit's name of a shared key (`shared:<HMAC>`),
+        made and shared as `versions_key`: a copy of the audit alone cannot test guesses of it."""
+        return self._own_key("actors")
+
+    def _own_key(self, name: str) -> bytes:
         with self._held(), self._tx() as cur:
             fresh = os.urandom(32).hex()
             cur.execute(
-                self._sql("INSERT INTO gov_secrets (name, value) VALUES ('versions', ?) ON CONFLICT DO NOTHING"),
-                (fresh,),
+                self._sql("INSERT INTO gov_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING"), (name, fresh)
             )
-            cur.execute("SELECT value FROM gov_secrets WHERE name = 'versions'")
+            cur.execute(self._sql("SELECT value FROM gov_secrets WHERE name = ?"), (name,))
             return bytes.fromhex(cur.fetchone()[0])
 
     def add_version(
