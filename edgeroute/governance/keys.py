@@ -645,8 +645,14 @@ class ManagedKeys:
         return out
 
     def shown(self, data: dict[str, Any]) -> dict[str, Any]:
-        """A key as the API shows it (`public`), ended too when the config key that made it is gone."""
+        """A key as the API shows it (`public`), ended too when the config key that made it is gone.
+        A key the view holds without its lists (`_kept`: ended) says so, `"lists": "dropped: expired"`,
+        rather than showing none: `GET /admin/keys/{id}` reads them from the store."""
         out = public(data, self.raw)
+        if (why := _ended(data, time.time())) is not None and any(f not in data for f in _BULKY):
+            for f in _BULKY:
+                out.pop(f, None)
+            out["lists"] = f"dropped: {why}"
         if out["status"] == "active" and self.config_ended(data["id"]) is not None:
             out["status"], out["ended_by"] = "revoked", lineage(data, self.raw)[-1].get("parent")
         return out
