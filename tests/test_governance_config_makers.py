@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import simple_config
+from tests.conftest import eventually, simple_config
 from tests.governance_support import call, served_file, write_config
 
 ROOT = "tok-root-0123456789"
@@ -166,3 +166,48 @@ async def test_a_config_keys_id_given_to_another_token_does_not_revive_its_keys(
     cfg["keys"]["maker"] = held  # put back as it was: they work again
     await _reload(url, path, cfg)
     assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200
+
+
+async def test_a_config_keys_token_rotated_in_place_keeps_the_keys_it_made(
+    start_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """red8 G3: a config key's token rotated through its `file:` reference (a mounted secret
+    rotated) ended every key it had made at the next reload, even one for another change: 401
+    `key_revoked` for the team's services. While its id stays in the config, a new token now
+    carries its keys over (logged, audited), for this instance, a restart, and others."""
+    secret = tmp_path / "maker.token"
+    secret.write_text("tok-maker-v1-0123456789")
+    cfg = simple_config({"a": await start_upstream()})
+    cfg["keys"] = {
+        "root": {"token": ROOT, "role": "admin"},
+        "maker": {"token": f"file:{secret}", "role": "admin", "team": "alpha"},
+    }
+    cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.1}
+    path = tmp_path / "edgeroute.yaml"
+    async with served_file(path, cfg) as url:
+        status, made = await call("POST", url + "/admin/keys", "tok-maker-v1-0123456789", json={"role": "admin"})
+        assert status == 201, made
+        status, grand = await call("POST", url + "/admin/keys", made["secret"], json={"role": "service"})
+        assert status == 201, grand
+        secret.write_text("tok-maker-v2-0123456789")  # the secret rotated
+        cfg["models"]["m2"] = {"deployments": ["d-a"]}  # reloaded for another change
+        await _reload(url, path, cfg)
+        for key in (made, grand):
+            status, body = await call("GET", url + "/v1/models", key["secret"])
+            assert status == 200, body
+        assert (await call("GET", url + "/v1/models", "tok-maker-v1-0123456789"))[0] == 401  # the old token: no key
+
+        async def audited() -> list[dict[str, Any]] | None:
+            _, body = await call("GET", url + "/admin/audit?action=key.maker_token_changed", ROOT)
+            return body["entries"] or None
+
+        entry = (await eventually(audited, "the carry-over audited"))[0]
+        assert entry["target"] == "config:maker" and entry["after"] == {"keys_carried_over": 1}, entry
+        said = [r.getMessage() for r in caplog.records if "has a new token" in r.getMessage()]
+        assert said == ["managed keys: config key maker has a new token: 1 key(s) it made carried over to it"]
+        status, listed = await call("GET", url + f"/admin/keys/{made['id']}", ROOT)
+        assert listed["status"] == "active" and not {"parent_fp", "parent_fp_was"} & set(listed), listed
+    async with served_file(path) as url:  # a restart knows the new token alone
+        for key in (made, grand):
+            status, body = await call("GET", url + "/v1/models", key["secret"])
+            assert status == 200, body

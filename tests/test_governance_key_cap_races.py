@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer, simple_config
+from tests.conftest import ProxyTestServer, eventually, simple_config
 from tests.governance_support import call
 
 ADMIN = "tok-admin-0123456789"
@@ -74,3 +75,42 @@ async def test_two_instances_on_postgres_share_the_teams_cap(start_upstream: Any
         first = next(k for k in body["keys"] if k.get("source") == "managed")
         assert (await call("DELETE", a + f"/admin/keys/{first['id']}", ADMIN))[0] == 200
         assert await _create_at_once([a, b], 4, {"team": "alpha"}) == [201, 409, 409, 409]
+
+
+async def test_expired_keys_given_a_new_expiry_stay_within_the_teams_cap(start_upstream: Any, tmp_path: Path) -> None:
+    """red8 G2: an expired key given a later `expires_at` is live again: past the cap, that is
+    the 409 a creation gets (the cap was checked on creations and moves alone: keys made
+    short-lived, let expire, made again and then all extended were 3 times the cap)."""
+    cfg = _cfg(await start_upstream(), {"path": str(tmp_path / "gov.db")})
+    cfg["governance"]["key_poll_interval"] = 0.1
+    async with _proxy(cfg) as url:
+        short = []
+        for _ in range(CAP):
+            status, made = await call(
+                "POST", url + "/admin/keys", ADMIN, json={"team": "t1", "expires_at": time.time() + 1}
+            )
+            assert status == 201, made
+            short.append(made["id"])
+
+        async def expired() -> bool:
+            _, body = await call("GET", url + "/admin/keys", ADMIN)
+            return all(k["status"] == "expired" for k in body["keys"] if k.get("id") in short)
+
+        await eventually(expired, "the short-lived keys expired")
+
+        async def made() -> bool:  # 409 until this instance's poll has seen them expire
+            return (await call("POST", url + "/admin/keys", ADMIN, json={"team": "t1"}))[0] == 201
+
+        await eventually(made, "a key made once the others expired")
+        assert await _create_at_once([url], CAP - 2, {"team": "t1"}) == [201] * (CAP - 2)  # room for one more
+        later = {"expires_at": time.time() + 3600}
+        answers = await asyncio.gather(*(call("PATCH", url + f"/admin/keys/{k}", ADMIN, json=later) for k in short))
+        assert sorted(status for status, _ in answers) == [200, 409, 409], answers
+        refused = next(body for status, body in answers if status == 409)
+        assert refused["error"]["code"] == "key_limit_reached" and "max_keys_per_team" in refused["error"]["message"]
+        status, body = await call("GET", url + "/admin/keys", ADMIN)
+        assert sum(1 for k in body["keys"] if k.get("team") == "t1" and k["status"] == "active") == CAP, body
+        # A live key's expiry moved, in a full team, is no new key: never refused.
+        revived = next(k for k, (status, _) in zip(short, answers, strict=True) if status == 200)
+        again = await call("PATCH", url + f"/admin/keys/{revived}", ADMIN, json={"expires_at": time.time() + 7200})
+        assert again[0] == 200, again

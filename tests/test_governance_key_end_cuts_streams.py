@@ -8,17 +8,21 @@ produced up to then is priced as any cut stream's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
-from tests.conftest import eventually, simple_config
+from tests.conftest import eventually, routes_upstream, simple_config
+from tests.dispatch_support import chunk, sse_response
 from tests.governance_support import call
 from tests.test_cost_support import CostProxy, cost_proxy
 
@@ -118,3 +122,50 @@ async def test_a_key_made_by_a_revoked_key_has_its_stream_cut(proxy: CostProxy) 
     finally:
         await client.close()
         await bystander.close()
+
+
+async def test_a_key_revoked_while_its_stream_waits_for_the_first_byte_is_cut(tmp_path: Path) -> None:
+    """red8 G1: revoked after the request was let in but before the upstream answered (a
+    reasoning model's time to first token, a queue), the key's stream was never cut: the watch
+    began counting ends when the relay started, after this one was counted."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_start(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await release.wait()  # the headers wait until the key is revoked and seen so
+        r = await sse_response(request)
+        for _ in range(WORDS):
+            await r.write(chunk("word "))
+            await asyncio.sleep(0.01)
+        await r.write(b"data: [DONE]\n\n")
+        return r
+
+    async with routes_upstream(web.post("/v1/chat/completions", slow_start)) as up:
+        cfg = simple_config({"a": SimpleNamespace(base_url=up.url + "/v1")})
+        cfg["keys"] = {"root": {"token": ROOT, "role": "admin"}}
+        cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.1}
+        cfg["ledger"] = {"path": str(tmp_path / "gov.db"), "flush_interval": 0.05}
+        async with cost_proxy(cfg) as proxy:
+            made = await _key(proxy)
+            client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=made["secret"], max_retries=0)
+            try:
+                opening = asyncio.create_task(client.chat.completions.create(model="m", messages=ASK, stream=True))
+                await asyncio.wait_for(arrived.wait(), 10)
+                assert (await call("DELETE", proxy.url + f"/admin/keys/{made['id']}", ROOT))[0] == 200
+
+                async def refused() -> bool:  # the proxy's view has the key ended
+                    status, _ = await call("GET", proxy.url + "/v1/models", made["secret"])
+                    return status == 401
+
+                await eventually(refused, "the revoked key refused")
+                release.set()
+                stream = await opening
+                got = 0
+                with pytest.raises(openai.APIError) as raised:
+                    async for _ in stream:
+                        got += 1
+            finally:
+                release.set()
+                await client.close()
+            assert raised.value.code == "key_revoked" and made["id"] in raised.value.message, raised.value.body
+            assert got < WORDS / 2, got

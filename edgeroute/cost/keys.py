@@ -277,12 +277,15 @@ class Access:
         key, refused at load: a request without any key matched it)."""
         return token is not None and any(hmac.compare_digest(token_bytes(token), k) for k in self.shared)
 
-    def shared_actor(self, request: web.Request) -> str | None:
-        """Who a caller with a shared `server.api_keys` key is, for the audit log: `shared:`
-        and the first 8 hex of the key's SHA-256 (`printf %s "$KEY" | sha256sum` tells which
-        key, the entry never holds it); None when the caller sent none of them."""
+    def shared_actor(self, request: web.Request, secret: bytes) -> str | None:
+        """Who a caller with a shared `server.api_keys` key is, for the audit log: `shared:` and
+        the first 12 hex of the key's HMAC-SHA256 under `secret` (the governance store's own
+        key): the same on every instance of the store, and a copy of the audit alone cannot test
+        guesses of a weak key as a bare hash let it. None when the caller sent none of them."""
         token = bearer_token(request)
-        return f"shared:{token_digest(token)[:8]}" if token is not None and self.is_shared(token) else None
+        if token is None or not self.is_shared(token):
+            return None
+        return "shared:" + hmac.new(secret, token_bytes(token), hashlib.sha256).hexdigest()[:12]
 
     def keyed(self, request: web.Request) -> bool:
         """Whether virtual keys are in use (the config's or managed ones)."""

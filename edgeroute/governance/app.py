@@ -680,7 +680,7 @@ def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) ->
 
     if managed.live(team) >= most:
         raise refused()
-    return KeyCap(most, managed.has_ended, refused)
+    return KeyCap(most, managed.ended_with_maker, refused)
 
 
 def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
@@ -764,7 +764,9 @@ async def update_key(request: web.Request) -> web.Response:
     if "user" in body:
         _check_user(request, request.get(IDENTITY), f)
     changes = f.model_dump(include=set(body))
-    cap = _room_for(request, managed, f.team) if "team" in body and f.team != current.get("team") else None
+    moved = "team" in body and f.team != current.get("team")
+    revived = "expires_at" in body and (until := current.get("expires_at")) is not None and until <= time.time()
+    cap = _room_for(request, managed, f.team) if moved or revived else None  # checked again in the write
     _may_write(request, managed)
     before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap)
     if before is after:  # nothing to change: no audit entry, as for a deployment

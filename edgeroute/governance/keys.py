@@ -224,6 +224,12 @@ class ConfigMaker:
     limits: Limit | None
     budgets: tuple[Budget, ...]
     digest: str | None = None  # its token's SHA-256 (hex): the keys it made know it by `parent_fp`
+    # Its earlier tokens' digests, most recent first, while its id stayed in the config (a
+    # rotation this process saw at a reload): the keys they made are carried over, not ended.
+    earlier: tuple[str, ...] = ()
+
+    def digests(self) -> tuple[str, ...]:
+        return (self.digest, *self.earlier) if self.digest is not None else self.earlier
 
 
 def config_makers(cfg: Any, digests: Mapping[str, str] | None = None) -> dict[str, ConfigMaker]:
@@ -248,6 +254,25 @@ def maker_fingerprint(digest: str) -> str:
     return salt.hex() + ":" + _mac(salt, bytes.fromhex(digest)).hex()
 
 
+def _to_token(old: str, new: str) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+    """A key's change from the config maker's token of digest `old` to that of `new`."""
+
+    def change(before: dict[str, Any] | None) -> dict[str, Any]:
+        if before is None:
+            raise LookupError("no such key")
+        if not _made_by(before, old):
+            return before  # carried over already (by another instance): no write
+        return {**before, "parent_fp": maker_fingerprint(new), "parent_fp_was": before["parent_fp"]}
+
+    return change
+
+
+def _made_by(data: dict[str, Any], digest: str) -> bool:
+    """Whether a key's `parent_fp` names the config key's token of `digest`."""
+    fingerprint = data.get("parent_fp")
+    return isinstance(fingerprint, str) and _same_maker(fingerprint, digest)
+
+
 def _same_maker(fingerprint: str, digest: str) -> bool:
     salt, _, mac = fingerprint.partition(":")
     try:
@@ -257,6 +282,26 @@ def _same_maker(fingerprint: str, digest: str) -> bool:
 
 
 OTHER_TOKEN = "which is back with another token"  # a config key's id reused: its makings stay ended
+EARLIER_KEPT = 4  # earlier tokens of a config key whose keys are carried over (rotations in a row)
+
+
+def carried_over(
+    was: dict[str, ConfigMaker] | None, now: dict[str, ConfigMaker]
+) -> tuple[dict[str, ConfigMaker], dict[str, tuple[str, str]]]:
+    """`now`, each config key that stayed in the config knowing the tokens it had (a token
+    rotated through its `file:`/`env:`/`exec:` reference keeps the keys it made), and the
+    rotations seen: id -> (old digest, new digest). An id that was gone from `was` (removed: its
+    keys ended) and is back with another token knows none: its keys stay ended."""
+    out, rotated = dict(now), {}
+    for name, maker in now.items():
+        old = (was or {}).get(name)
+        if old is None or maker.digest is None:
+            continue
+        if old.digest is not None and old.digest != maker.digest:
+            rotated[name] = (old.digest, maker.digest)
+        earlier = tuple(d for d in old.digests() if d != maker.digest)[:EARLIER_KEPT]
+        out[name] = dataclasses.replace(maker, earlier=earlier)
+    return out, rotated
 
 
 def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMaker] | None) -> str | None:
@@ -269,9 +314,10 @@ def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMake
     maker = makers.get(name)
     if maker is None:
         return f"config key {name}, which is no longer in the config"
-    # Keys made before `parent_fp` was recorded know their maker by its id alone.
-    fingerprint = chain[-1].get("parent_fp")
-    if isinstance(fingerprint, str) and (maker.digest is None or not _same_maker(fingerprint, maker.digest)):
+    # Keys made before `parent_fp` was recorded know their maker by its id alone. One carried
+    # over to a rotated token keeps the token before (`parent_fp_was`) for instances not reloaded yet.
+    prints = [f for f in (chain[-1].get("parent_fp"), chain[-1].get("parent_fp_was")) if isinstance(f, str)]
+    if prints and not any(_same_maker(f, d) for f in prints for d in maker.digests()):
         return f"config key {name}, {OTHER_TOKEN}"
     if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
         return f"config key {name}, whose role no longer allows it"
@@ -389,6 +435,7 @@ class ManagedKeys:
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
         self._other_tokens: set[str] = set()  # config makers back with another token, said once
+        self._rotated: dict[str, tuple[str, str]] = {}  # config makers' rotated tokens, not yet carried over
         self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
@@ -453,7 +500,8 @@ class ManagedKeys:
         region, and what the keys config keys made inherit from them (`makers`, when given)."""
         self._region_of = region_of
         if makers is not None:
-            self.makers = makers
+            self.makers, rotated = carried_over(self.makers, makers)
+            self._rotated.update(rotated)  # written to the store at the next poll (`carry_over`)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -553,6 +601,16 @@ class ManagedKeys:
         """Whether the key is seen ended (revoked, expired, or a maker's end ended it)."""
         return key_id in self._gone
 
+    def ended_with_maker(self, key_id: str) -> bool:
+        """Whether the key is seen ended by a maker's end, which its own row does not show (a
+        key's own revocation and expiry are read from the row, where a change just written
+        may have given it a later one)."""
+        e = self._by_id.get(key_id)
+        if e is None:
+            return False
+        above = e.expires_above is not None and time.time() >= e.expires_above[1]
+        return e.revoked_above is not None or e.config_ended is not None or above
+
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
         gone = self._gone
@@ -587,8 +645,14 @@ class ManagedKeys:
         return out
 
     def shown(self, data: dict[str, Any]) -> dict[str, Any]:
-        """A key as the API shows it (`public`), ended too when the config key that made it is gone."""
+        """A key as the API shows it (`public`), ended too when the config key that made it is gone.
+        A key the view holds without its lists (`_kept`: ended) says so, `"lists": "dropped: expired"`,
+        rather than showing none: `GET /admin/keys/{id}` reads them from the store."""
         out = public(data, self.raw)
+        if (why := _ended(data, time.time())) is not None and any(f not in data for f in _BULKY):
+            for f in _BULKY:
+                out.pop(f, None)
+            out["lists"] = f"dropped: {why}"
         if out["status"] == "active" and self.config_ended(data["id"]) is not None:
             out["status"], out["ended_by"] = "revoked", lineage(data, self.raw)[-1].get("parent")
         return out
@@ -656,11 +720,38 @@ class ManagedKeys:
             raise ProxyError(401, why[0], code=why[1])
         return e.identity
 
+    def carry_over(self) -> None:
+        """Records in the store each rotated config key's new token on the keys its old one made
+        (blocking), so that a restart or another instance (which know only the new token) keeps
+        them; the old one stays as `parent_fp_was` for instances not reloaded yet. Audited once a
+        config key (`key.maker_token_changed`). A failure is logged and tried at the next poll."""
+        for name, (old, new) in list(self._rotated.items()):
+            parent = CONFIG_PARENT + name
+            made = [k for k, d in self._raw.items() if d.get("parent") == parent and _made_by(d, old)]
+            moved, change = 0, _to_token(old, new)
+            for key_id in made:
+                try:
+                    before, after = self.store.change_key(key_id, change)
+                except LookupError:
+                    continue  # no longer in the store
+                except Exception:
+                    log.exception("managed keys: carrying keys over to config key %s's new token failed", name)
+                    return
+                moved += after is not before
+            if moved:
+                self.store.audit("server", "key.maker_token_changed", parent, None, {"keys_carried_over": moved})
+            log.warning(
+                "managed keys: config key %s has a new token: %d key(s) it made carried over to it", name, moved
+            )
+            del self._rotated[name]
+
     def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
         or with a maker), else None. O(1) a call: the key is looked up only when keys have been
-        seen to end since the last call (`ended_gen`), at most once a poll."""
-        seen = self.ended_gen
+        seen to end since the last call (`ended_gen`), at most once a poll. A key seen ended
+        already (revoked while the upstream had not yet answered) is looked up at the first call."""
+        with self._gone_lock:  # `_see_ends` moves the count, then the set
+            seen = -1 if key_id in self._gone else self.ended_gen
 
         def ended() -> tuple[str, str] | None:
             nonlocal seen
@@ -749,6 +840,8 @@ class ManagedKeys:
                     outage.failed(read, type(e).__name__)
                     continue
                 await self.settle()
+                if self._rotated:
+                    await asyncio.get_running_loop().run_in_executor(KEY_READS, self.carry_over)
                 if self.stale_for() is None:  # a hung read come back late: the next one is current
                     outage.ended()
         finally:

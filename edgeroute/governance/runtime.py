@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -34,18 +35,24 @@ _UNCONFIRMED: contextvars.ContextVar[asyncio.Future[None] | None] = contextvars.
 _LOCK_LOOK_S = 0.25  # how often a change waiting for another one looks whether that one is stuck
 
 
+_PROCESS_KEY = os.urandom(32)  # names shared keys where no governance store is (no audit either)
+
+
 def actor_of(request: web.Request) -> str:
     """Who is acting: the caller's key id, a shared key's fingerprint, or where an
     unauthenticated (loopback) call came from."""
     ident = request.get(IDENTITY)
     if ident is not None:
         return str(ident.key)
-    return request.app[STATE].live.access.shared_actor(request) or f"anonymous@{request.remote or '-'}"
+    secret = gov.actors_key if (gov := request.app.get(GOV)) is not None else _PROCESS_KEY
+    shared = request.app[STATE].live.access.shared_actor(request, secret)
+    return shared or f"anonymous@{request.remote or '-'}"
 
 
 class Gov:
     def __init__(self, store: GovStore, managed: ManagedKeys | None) -> None:
         self.store = store
+        self.actors_key = store.actors_key()  # read once: the audit names shared keys by it
         self.versions = Versions(store)
         self.managed = managed
         self.lock = asyncio.Lock()  # one config change (rollback, deployment change) at a time

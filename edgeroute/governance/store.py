@@ -162,7 +162,8 @@ class KeyCap:
     let concurrent creations, on one instance or several, all pass it."""
 
     most: int
-    ended: Callable[[str], bool]  # keys the caller's view knows ended with a maker (not live)
+    # keys the caller's view knows ended with a maker (not live; a key's own end is in its row)
+    ended: Callable[[str], bool]
     refused: Callable[[], Exception]  # raised, nothing written, when the team is full
 
 
@@ -179,6 +180,18 @@ class AuditOf:
     # key whole, by `describe`. A key written whole twice per change let 200 KB lists,
     # alternated, fill the ledger's disk.
     changes: Callable[[dict[str, Any], dict[str, Any]], tuple[Any, Any]] | None = None
+
+
+def _revives(before: dict[str, Any] | None, after: dict[str, Any], cap: KeyCap) -> bool:
+    """Whether a change makes a key live that was not: an expired key given a later expiry
+    (a key ended with its maker stays ended, whatever its own expiry)."""
+    now = time.time()
+
+    def live(data: dict[str, Any]) -> bool:
+        until = data.get("expires_at")
+        return data.get("revoked_at") is None and (until is None or float(until) > now)
+
+    return before is not None and not live(before) and live(after) and not cap.ended(after["id"])
 
 
 class GovStore:
@@ -409,8 +422,8 @@ class GovStore:
             after = change(before)
             if after is before:
                 return before, after
-            if cap is not None and (before or {}).get("team") != after.get("team"):
-                self._check_cap(cur, after, cap)  # moved into a team: room for it there
+            if cap is not None and ((before or {}).get("team") != after.get("team") or _revives(before, after, cap)):
+                self._check_cap(cur, after, cap)  # moved into a team, or live again: room for it there
             self._write_key(cur, after)
             if audit is not None:
                 if audit.changes is not None and before is not None:
@@ -451,13 +464,20 @@ class GovStore:
     def versions_key(self) -> bytes:
         """The store's own random key for the HMAC of literal secrets in stored versions: made by
         the first instance that asks, the same for every instance and worker on this store."""
+        return self._own_key("versions")
+
+    def actors_key(self) -> bytes:
+        """The store's own random key for the audit's name of a shared key (`shared:<HMAC>`),
+        made and shared as `versions_key`: a copy of the audit alone cannot test guesses of it."""
+        return self._own_key("actors")
+
+    def _own_key(self, name: str) -> bytes:
         with self._held(), self._tx() as cur:
             fresh = os.urandom(32).hex()
             cur.execute(
-                self._sql("INSERT INTO gov_secrets (name, value) VALUES ('versions', ?) ON CONFLICT DO NOTHING"),
-                (fresh,),
+                self._sql("INSERT INTO gov_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING"), (name, fresh)
             )
-            cur.execute("SELECT value FROM gov_secrets WHERE name = 'versions'")
+            cur.execute(self._sql("SELECT value FROM gov_secrets WHERE name = ?"), (name,))
             return bytes.fromhex(cur.fetchone()[0])
 
     def add_version(

@@ -12,10 +12,10 @@ target config is weaker than the running one:
   project's name) removed or changed, or a rule put ahead of one (the first match by priority
   wins, so it would take the PII requests first); likewise a rule that rejects (`then.reject`:
   a team's suspension, a user's or a role's refusal decides who may call what), and a
-  restriction rule: one that confines where its requests may go (`then.require_tags` or
-  `then.exclude_tags`, whoever it matches), or confines a team's, user's or role's requests,
-  or those a client tagged, to given deployments or a route (`when.teams`/`users`/`roles`/`tags`
-  with `then.deployments` or `then.route`: a team kept on its EU deployments or its own model);
+  restriction rule: one that confines where its requests may go (`then.require_tags`,
+  `then.exclude_tags`, `then.deployments` or `then.route`, whatever it matches: a team kept on
+  its EU deployments or its own model, a model's or every request kept there by hand). Rules
+  are ordered by `priority` as the config's schema reads it (`"10"` and `10.0` are 10);
 - a deployment that gains a tag a residency region, a PII or a restriction rule's
   `require_tags` names, or loses one its `exclude_tags` names (tags decide where those
   requests may go);
@@ -50,8 +50,10 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from edgeroute.cache.settings import SEMANTIC_THRESHOLD
+from edgeroute.config.schema import Rule
 from edgeroute.governance import guard
 
 _PRIVACY = ("none", "redacted", "full")  # what the request log keeps, most private first
@@ -131,7 +133,19 @@ def _residency(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
     """The rules in the order they are tried: highest priority first, then as written."""
     rules = [r for r in _list(data.get("rules")) if isinstance(r, dict)]
-    return sorted(rules, key=lambda r: -r["priority"] if isinstance(r.get("priority"), int) else 0)
+    return sorted(rules, key=lambda r: -_priority(r))
+
+
+# A rule's priority read as the config reads it (lax: `"10"` and `10.0` are 10, as the core sees them).
+_PRIORITY: TypeAdapter[int] = TypeAdapter(Rule.model_fields["priority"].annotation)
+
+
+def _priority(rule: dict[str, Any]) -> float:
+    """One the config cannot read sorts ahead of every rule: a change to it needs an admin."""
+    try:
+        return float(_PRIORITY.validate_python(rule.get("priority", Rule.model_fields["priority"].default)))
+    except ValidationError:
+        return float("inf")
 
 
 def _is_pii(rule: dict[str, Any]) -> bool:
@@ -139,13 +153,15 @@ def _is_pii(rule: dict[str, Any]) -> bool:
 
 
 def _restricts(rule: dict[str, Any]) -> bool:
-    """Whether a rule confines where its requests may go: tags required or excluded (residency
-    by hand), or a team's, user's or role's requests (or those a client tagged, `confidential`)
-    kept on given deployments or a route."""
-    if any(bool(_list(_at(rule, "then", t))) for t in ("require_tags", "exclude_tags")):
-        return True
-    who = any(bool(_list(_at(rule, "when", w))) for w in ("teams", "users", "roles", "tags"))
-    return who and (bool(_list(_at(rule, "then", "deployments"))) or _at(rule, "then", "route") is not None)
+    """Whether a rule confines where its requests may go: tags required or excluded, given
+    deployments or a route, whatever it matches. A team's, user's or role's requests kept in the
+    EU, a model's (`when.models`) or every request (no `when`) kept there by hand, read alike:
+    the text cannot tell residency from a routing preference, so an admin decides."""
+    then = _at(rule, "then")
+    return any(bool(_list(_at(then, t))) for t in _CONFINING) or _at(then, "route") is not None
+
+
+_CONFINING = ("require_tags", "exclude_tags", "deployments")  # with `route`: where a rule sends its requests
 
 
 def _kind(rule: dict[str, Any]) -> str | None:

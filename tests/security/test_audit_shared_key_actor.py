@@ -2,17 +2,21 @@
 
 A shared key carries no identity (no key id), and `actor_of` fell back to where the call came
 from: every admin write with one was audited as `anonymous@127.0.0.1`, alike for every shared
-key and for a keyless loopback call. Now the actor is `shared:` and the first 8 hex of the
-key's SHA-256 (the key itself is never written), on every admin write path: reload, rollback
-(API and CLI), drain, the alert test, and the applied version's `applied_by`.
+key and for a keyless loopback call. Now the actor is `shared:` and the first 12 hex of the
+key's HMAC-SHA256 under the governance store's own random key (the key itself is never written,
+and a copy of the audit alone cannot test guesses of it: red8 A1), on every admin write path:
+reload, rollback (API and CLI), drain, the alert test, and the applied version's `applied_by`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import hmac
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +28,29 @@ from tests.governance_support import call, served_file, write_config
 ONE, TWO = "shared-one-0123456789abcdef", "shared-two-0123456789abcdef"
 
 
+def _store_key(path: Path) -> bytes:
+    """The governance store's own key for shared keys' names (SQLite, next to the config)."""
+    found = [p for p in path.parent.iterdir() if p.suffix == ".db"]
+    for db in found:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            try:
+                row = conn.execute("SELECT value FROM gov_secrets WHERE name = 'actors'").fetchone()
+            except sqlite3.OperationalError:
+                continue
+            if row is not None:
+                return bytes.fromhex(row[0])
+    raise AssertionError(f"no actors key in {found}")
+
+
+def _bare(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+ACTORS: dict[str, bytes] = {}
+
+
 def _actor(key: str) -> str:
-    return "shared:" + hashlib.sha256(key.encode()).hexdigest()[:8]
+    return "shared:" + hmac.new(ACTORS["key"], key.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 def _cli(url: str, key: str, *argv: str) -> subprocess.CompletedProcess[str]:
@@ -40,6 +65,7 @@ async def test_a_shared_keys_changes_are_audited_under_its_fingerprint(start_ups
     cfg["server"] = {"api_keys": [ONE, TWO]}
     cfg["alerts"] = {"webhooks": {"ops": {"url": "http://127.0.0.1:9/hook"}}}
     async with served_file(path, cfg) as url:  # version 1
+        ACTORS["key"] = _store_key(path)
         cfg["models"]["m2"] = {"deployments": ["d-a"]}
         write_config(path, cfg)
         assert (await call("POST", url + "/admin/reload", ONE))[0] == 200  # version 2
@@ -58,6 +84,8 @@ async def test_a_shared_keys_changes_are_audited_under_its_fingerprint(start_ups
         assert drained and {e["actor"] for e in drained} == {_actor(TWO)}, drained
         assert not [e for e in body["entries"] if e["actor"].startswith("anonymous")], body
         assert ONE not in json.dumps(body) and TWO not in json.dumps(body)
+        # No bare hash of a key to test guesses against, whole or cut short.
+        assert not [e for e in body["entries"] if any(_bare(k)[:8] in e["actor"] for k in (ONE, TWO))], body
 
         _, body = await call("GET", url + "/admin/config/versions", ONE)
         applied_by = {v["version"]: v["applied_by"] for v in body["versions"]}
@@ -69,3 +97,8 @@ async def test_a_shared_keys_changes_are_audited_under_its_fingerprint(start_ups
         actions = {e["action"] for e in json.loads(listed.stdout)["entries"]}
         assert "config.rollback" in actions and "config.reload" not in actions, actions
         assert TWO not in listed.stdout
+
+    async with served_file(path) as url:  # restarted: the store's key, so the same name
+        assert (await call("POST", url + "/admin/reload", ONE))[0] == 200
+        _, body = await call("GET", url + "/admin/audit?action=config.reload", ONE)
+        assert body["entries"][0]["actor"] == _actor(ONE), body

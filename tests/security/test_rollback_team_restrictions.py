@@ -106,8 +106,16 @@ def test_what_counts_as_a_restriction() -> None:
         ahead = copy.deepcopy(ruled)
         ahead["rules"].insert(0, {"name": "all-cheap", "priority": 5, "then": {"route": "m"}})
         assert _weaker(ruled, ahead) == [f"a rule put ahead of restriction rule '{rule['name']}'"], rule
-    # Routing that confines no one stays an operator's to roll back.
-    for rule in ({"name": "cheap", "then": {"route": "m"}}, {"name": "pin", "then": {"deployments": ["d-a"]}}):
+    # A model's requests, or every request, kept on given deployments or a route reads as residency
+    # by hand (red8 B2): the text cannot tell it from a preference, so an admin removes it.
+    model_pin = {"name": "m-stays-in-eu", "when": {"models": ["m"]}, "then": {"deployments": ["d-b"]}}
+    everything = {"name": "all-in-eu", "then": {"deployments": ["d-b"]}}
+    for rule in (model_pin, everything, {"name": "cheap", "then": {"route": "m"}}):
+        ruled = copy.deepcopy(base)
+        ruled["rules"] = [rule]
+        assert _weaker(ruled, base) == [f"restriction rule '{rule['name']}' removed or changed"], rule
+    # A rule that only picks a strategy or a priority class sends no request elsewhere: an operator's.
+    for rule in ({"name": "fast", "then": {"strategy": "fastest"}}, {"name": "bulk", "then": {"priority": "low"}}):
         ruled = copy.deepcopy(base)
         ruled["rules"] = [rule]
         assert _weaker(ruled, base) == [], rule
@@ -148,3 +156,41 @@ def test_what_counts_as_a_restriction() -> None:
     lowered["rate_limits"]["unbounded_output_tokens"] = 100
     assert _weaker(reserved, lowered) == ["rate_limits.unbounded_output_tokens lowered from 4096 to 100"]
     assert _weaker(lowered, reserved) == []
+
+
+def _fast_lane(priority: Any) -> dict[str, Any]:
+    return {"name": "fast-lane", "priority": priority, "when": {"models": ["m"]}, "then": {"route": "m"}}
+
+
+def test_a_rule_put_ahead_by_a_priority_written_as_text_or_a_float() -> None:
+    """red8 B1: the config reads `priority: "10"` and `10.0` as 10 (the core tries that rule
+    first); the guard read them as 0, so a rule put ahead of a restriction went unseen."""
+    ruled = {"rules": [TEAM_RULE]}
+    for priority in (10, "10", 10.0, " 10 "):
+        ahead = {"rules": [TEAM_RULE, _fast_lane(priority)]}
+        assert _weaker(ruled, ahead) == ["a rule put ahead of restriction rule 'legal-stays-in-eu'"], priority
+    # One the config cannot read sorts first: moving it needs an admin, never the other way round.
+    odd = {"rules": [TEAM_RULE, _fast_lane("soon")]}
+    assert _weaker(ruled, odd) == ["a rule put ahead of restriction rule 'legal-stays-in-eu'"]
+    assert _weaker(ruled, {"rules": [TEAM_RULE, _fast_lane("-3")]}) == []  # after it: tried later
+
+
+async def test_an_operator_cannot_roll_back_to_a_rule_ahead_by_a_quoted_priority(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "edgeroute.yaml"
+    v1 = _open(await start_upstream())
+    v1["rules"] = [TEAM_RULE]
+    async with served_file(path, v1) as url:  # version 1: legal stays on d-b
+        assert {await _deployment(url, LEGAL) for _ in range(6)} == {"d-b"}
+        v2 = copy.deepcopy(v1)
+        v2["rules"] = [TEAM_RULE, {**_fast_lane("10"), "then": {"deployments": ["d-a"]}}]
+        write_config(path, v2)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 2, an admin's
+        assert {await _deployment(url, LEGAL) for _ in range(6)} == {"d-a"}  # the core tries it first
+        write_config(path, v1)
+        assert (await call("POST", url + "/admin/reload", ROOT))[0] == 200  # version 3
+        status, body = await call("POST", url + "/admin/config/rollback", OP, json={"version": 2})
+        assert status == 403, body
+        assert "a rule put ahead of restriction rule 'legal-stays-in-eu'" in body["error"]["message"], body
+        assert {await _deployment(url, LEGAL) for _ in range(6)} == {"d-b"}
