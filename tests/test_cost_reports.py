@@ -126,10 +126,25 @@ def test_csv_cells_are_never_formulas_whatever_the_spreadsheets_separator() -> N
     assert [r[1] for r in parsed[1:]][-1] == "plain" and parsed[1][1].startswith("ops;'=")
     for line in out.splitlines()[1:]:
         assert line.startswith('"k') and ',"' in line, line  # the text cells quoted, the numbers bare
-        for sep in ",;|\t":
-            for cell in line.split(sep):
+        for cell in next(csv.reader([line])):  # a comma reader honours the quotes
+            assert not cell.startswith(("=", "+", "-", "@")), (cell, line)
+        for sep in ";|\t":  # others meet the quotes mid-field, and some split naively
+            for cell in [*line.split(sep), *next(csv.reader([line], delimiter=sep))]:
                 assert not cell.strip(" \"'").startswith(("=", "+", "-", "@")) or cell.lstrip(' "').startswith("'"), (
                     sep,
                     cell,
                     line,
                 )
+
+
+def test_csv_keeps_names_as_written_for_a_reader_that_honours_quotes() -> None:
+    """red10 F6: `team-a,-dev` was exported as `team-a,'-dev` to every reader, even one
+    honouring the quotes: a script joining the CSV to key ids or names saw another value. A comma inside a quoted cell
+    splits nothing, so only a cell's start (and text after `;`, `|`, tab) is guarded."""
+    names = {"team-a,-dev": "ops, -east", "-neg": "=1+2", "plain": "a,@b"}
+    zero = dict.fromkeys(reports.FIELDS, 0)
+    report = {"by": "key", "rows": [{"key": k, "name": n, **zero, "cost_usd": -0.5} for k, n in names.items()]}
+    out = reports.render(report, "csv")
+    parsed = list(csv.reader(io.StringIO(out), quoting=csv.QUOTE_NONNUMERIC))[1:]
+    assert [(r[0], r[1]) for r in parsed] == [("team-a,-dev", "ops, -east"), ("'-neg", "'=1+2"), ("plain", "a,@b")]
+    assert all(r[reports.FIELDS.index("cost_usd") + 2] == -0.5 for r in parsed)

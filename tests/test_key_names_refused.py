@@ -18,12 +18,19 @@ from tests.test_governance_keys import _proxy
 ROOT = "tok-root-0123456789"
 REFUSED = ["\u202egnp.exe", "a\x1b[31mred", "line1\nline2", "tab\there", "", "   ", "root", "k2af0c1d2e3f4",
            "zero\u200bwidth", "iso\u2066late", "para\u2029graph", "bom\ufeff"]  # fmt: skip
+# What looks like a key's id is one (red10 F7): a space or joiner around it, another case,
+# Cyrillic or Greek lookalikes, fullwidth letters, `O` for `0`.
+LOOKALIKES = ["root ", " root", "Root", "ROOT", "root\u200d", "r\u043e\u043et", "R\u041e\u041eT", "r\u03bf\u03bft",
+              "\uff52\uff4f\uff4f\uff54", "k2af0c1d2e3f4 ", "K2AF0C1D2E3F4", "k2af0c1d2e3f4\u200c",
+              "k2afOc1d2e3f4"]  # fmt: skip
 KEPT = [
     "Équipe données",
     "日本のチーム",
     "مفتاح الفريق",
     "family \U0001f468\u200d\U0001f469\u200d\U0001f467",
     "ops-1 (eu)",
+    "rooter",
+    "Ρίζα",
 ]
 
 
@@ -34,7 +41,7 @@ async def test_names_with_controls_bidi_or_a_keys_id_are_refused(start_upstream,
     cfg["governance"] = {"managed_keys": True}
     cfg["ledger"] = {"backend": "sqlite", "path": str(tmp_path / "ledger.db")}
     async with _proxy(cfg) as url:
-        for name in REFUSED:
+        for name in [*REFUSED, *LOOKALIKES]:
             status, body = await call("POST", url + "/admin/keys", ROOT, {"name": name})
             assert status == 400, (name, body)
             err = body["error"]

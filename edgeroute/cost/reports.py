@@ -146,7 +146,8 @@ def render(report: dict[str, Any], fmt: str) -> str:
         return redact.json_printable(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     if fmt == "csv":
         buf = io.StringIO()
-        # Every text cell quoted (numbers bare): a spreadsheet reads it as one text cell.
+        # Every text cell quoted (numbers bare): a spreadsheet reads it as one text cell. The
+        # header too: a reader parsing numbers by the quotes (`QUOTE_NONNUMERIC`) reads it whole.
         w = csv.writer(buf, quoting=csv.QUOTE_NONNUMERIC)
         w.writerow(cols)
         for r in report["rows"]:
@@ -175,15 +176,18 @@ def _fmt(v: Any) -> str:
     return redact.printable(str(v))
 
 
-# A formula's first character after a separator a spreadsheet may split on (`;` in most of
-# Europe's locales, `|`, tab), past spaces and quotes: a quoted cell is split there all the same
-# by such a reader, and `ops;=2+5*cmd|' /C calc'!A0` became a formula (OWASP CSV injection).
-_FORMULA_AFTER_SEP = re.compile(r"""([,;|\t])([\s"']*)(?=[=+\-@])""")
+# A formula's first character after a separator other than the comma that a spreadsheet may
+# split on (`;` in most of Europe's locales, `|`, tab), past spaces and quotes. The quotes are
+# placed for commas: a reader splitting on `;` meets a cell's opening quote mid-field, so it
+# honours none and splits inside the cell (`"k1","ops;=2+5*cmd|' /C calc'!A0"` gives a cell
+# `=2+5…`, a formula: OWASP CSV injection). A reader splitting on commas honours the quotes:
+# a comma inside a quoted cell splits nothing, so text after one is kept as written.
+_FORMULA_AFTER_SEP = re.compile(r"""([;|\t])([\s"']*)(?=[=+\-@])""")
 
 
 def _csv_cell(v: Any) -> Any:
     """Text as a spreadsheet shows it, never runs it: a = + - @ (or tab, CR) that starts the cell,
-    or a part of it after a separator, gets a `'` before it."""
+    or a part of it after a `;`, `|` or tab, gets a `'` before it."""
     if not isinstance(v, str):
         return v
     v = _FORMULA_AFTER_SEP.sub(r"\1\2'", redact.printable(v))

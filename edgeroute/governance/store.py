@@ -601,9 +601,15 @@ class GovStore:
             names = [a for (a,) in read(_ACTIONS, (_MAX_ACTIONS,)) if a == action or a.startswith(action + ".")]
             if not names:
                 return []
-            one = f"SELECT * FROM ({cols}{_where(['action = ?', *where])} ORDER BY id DESC LIMIT ?) AS a"
+            bound: list[str] = []
+            bounds: list[Any] = []
+            if since is not None:
+                # Each action's walk down its (action, id) index stops at the window's smallest id:
+                # with `ts` alone, `key&since=1m` read every old `key.*` entry before it found none.
+                bound, bounds = [_WINDOW_FIRST_ID], [_WINDOW_SCAN, since, _WINDOW_SCAN]
+            one = f"SELECT * FROM ({cols}{_where(['action = ?', *where, *bound])} ORDER BY id DESC LIMIT ?) AS a"
             sql = " UNION ALL ".join(f"{one}{i}" for i in range(len(names)))
-            args = [x for name in names for x in (name, *params, limit)]
+            args = [x for name in names for x in (name, *params, *bounds, limit)]
             rows = read(f"SELECT * FROM ({sql}) AS u ORDER BY id DESC LIMIT ?", (*args, limit))
         return [
             AuditEntry(
@@ -653,6 +659,15 @@ _ACTIONS = """WITH RECURSIVE acts(a, n) AS (
     UNION ALL
     SELECT (SELECT MIN(action) FROM gov_audit WHERE action > acts.a), n + 1 FROM acts WHERE acts.a IS NOT NULL AND n < ?
 ) SELECT a FROM acts WHERE a IS NOT NULL"""
+
+
+# The smallest id among the entries since a time, off the ts index (`MIN(id)` alone walks the
+# ids up from the oldest); 0 (no bound: the walk stops at its `limit` matches) for a window
+# of more entries than are worth reading for it. Exact either way: an entry's id and ts need
+# not grow together (instances' clocks differ).
+_WINDOW_SCAN = 10_000
+_WINDOW_FIRST_ID = """id >= (SELECT CASE WHEN COUNT(*) < ? THEN MIN(id) ELSE 0 END
+    FROM (SELECT id FROM gov_audit WHERE ts >= ? ORDER BY ts LIMIT ?) AS w)"""
 
 
 def _where(clauses: list[str]) -> str:
