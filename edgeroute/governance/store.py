@@ -451,13 +451,22 @@ class GovStore:
     def versions_key(self) -> bytes:
         """The store's own random key for the HMAC of literal secrets in stored versions: made by
         the first instance that asks, the same for every instance and worker on this store."""
+        return self._random_secret("versions")
+
+    def experiment_salt(self) -> bytes | None:
+        """The store's random salt for keyed requests' experiment arms (`sticky.py`), made once and
+        the same for every instance on this store and after a restart; None for a store in this
+        process's memory (no other instance shares it, and a restart would reshuffle the arms)."""
+        return None if self._target == ":memory:" else self._random_secret("experiment_salt")
+
+    def _random_secret(self, name: str) -> bytes:
+        """32 random bytes kept under `name`: the first caller's, for every caller after it."""
         with self._held(), self._tx() as cur:
-            fresh = os.urandom(32).hex()
             cur.execute(
-                self._sql("INSERT INTO gov_secrets (name, value) VALUES ('versions', ?) ON CONFLICT DO NOTHING"),
-                (fresh,),
+                self._sql("INSERT INTO gov_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
+                (name, os.urandom(32).hex()),
             )
-            cur.execute("SELECT value FROM gov_secrets WHERE name = 'versions'")
+            cur.execute(self._sql("SELECT value FROM gov_secrets WHERE name = ?"), (name,))
             return bytes.fromhex(cur.fetchone()[0])
 
     def add_version(
