@@ -49,8 +49,9 @@ class ShadowLog:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "ab") as f:
                     f.write(orjson.dumps(pair) + b"\n")
-                    if f.tell() >= self.max_bytes:
-                        self._rotate(self.path, os.fstat(fd).st_ino)
+                    size, written = f.tell(), os.fstat(fd).st_ino
+                if size >= self.max_bytes:  # once written out: the size re-checked is the file's
+                    self._rotate(self.path, written)
 
     def _rotate(self, path: Path, written: int) -> None:
         """`<file>` becomes `<file>.1`, `.1` becomes `.2`, ...; the oldest past `files` is removed.
