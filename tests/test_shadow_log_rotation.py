@@ -34,14 +34,14 @@ def _writer(path: str, n: int, errors: Any) -> None:
 
 def test_workers_writing_one_shadow_log_rotate_it_once_each_time(tmp_path: Path) -> None:
     path = tmp_path / "shadow.jsonl"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # not a fork of a process with threads (the other tests')
     errors = ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(str(path), WRITES, errors)) for _ in range(4)]
     for p in procs:
         p.start()
     failed = [e for _ in procs for e in errors.get(timeout=120)]
     for p in procs:
-        p.join(30)
+        p.join(60)
         assert p.exitcode == 0
     assert failed == [], f"{len(failed)} writes failed; the first:\n{failed[0]}"
     rotated = [path.with_name(f"{path.name}.{n}") for n in range(1, KEEP + 1)]
