@@ -51,7 +51,9 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, tenant_of
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.limits import LocalLimiter, Take
+from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
+from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.requestlog import outcomes
 from edgeroute.state import RECORDER, STATE
 
@@ -121,6 +123,13 @@ NOT_SHARED = "not_in_shared_store"  # the shared store no longer holds it (expir
 
 
 Evidence = dict[str, tuple[float, float]]  # tenant -> (sum of rewards, sum of complements)
+Scope = tuple[str | None, str | None, str | None]  # what a reset clears: task, route, tenant (None: any)
+
+
+def in_scope(scope: Scope, task: str, route: str, tenant: str) -> bool:
+    return all(want is None or want == got for want, got in zip(scope, (task, route, tenant), strict=True))
+
+
 Tenants = Literal["per_team", "balanced", "pooled"]  # `learning.feedback.tenants`
 TEAM = "team:"  # a team tenant's prefix (`tenant_id`)
 
@@ -174,15 +183,27 @@ class Sharing(Protocol):
     def on_feedback(self, s: Served, reward: float) -> None: ...  # counted as `s.tenant`'s
     async def lookup(self, request_id: str) -> Served | None: ...
     async def claim(self, request_id: str) -> str | None: ...  # None: claimed; else why not
+    async def reset(self, scope: Scope) -> None: ...  # the evidence in `scope` removed everywhere
 
 
-def _keep_ahead(learner: FeedbackLearner, path: Path) -> dict[tuple[str, str], Evidence]:
+def _epoch(data: dict[str, Any]) -> int:
+    """How many learning resets a state file's evidence had seen (`POST /admin/learning/reset`)."""
+    return int(data.get("epoch", 0))
+
+
+def _keep_ahead(learner: FeedbackLearner, path: Path) -> dict[tuple[str, str], Evidence] | None:
     """Processes that share a learner save the one file: each its view as of its last sync.
     Evidence only grows, so per (task, route, tenant) the larger saved sums are the later view;
-    keeping them means a process that synced earlier never writes back less than is known."""
+    keeping them means a process that synced earlier never writes back less than is known. None
+    when the file was saved after a reset this process has not seen yet (it is not written over)."""
     merged = {k: dict(v) for k, v in learner.evidence.items()}
     try:
-        ahead = _evidence_rows(json.loads(path.read_text()), learner.prior)
+        data = json.loads(path.read_text())
+        if _epoch(data) > learner.epoch:  # saved after a reset this process has yet to see
+            return None
+        if _epoch(data) < learner.epoch:  # saved before a reset: none of it is ahead
+            return merged
+        ahead = _evidence_rows(data, learner.prior)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return merged
     for (task, route, tenant), (a, b) in ahead.items():
@@ -215,6 +236,7 @@ class FeedbackLearner:
         self.posteriors: dict[tuple[str, str], Posterior] = {}  # every request's, from the evidence
         self.team_posteriors: dict[tuple[str, str], dict[str, Posterior]] = {}  # a team's own requests'
         self.recent: OrderedDict[str, Served] = OrderedDict()
+        self.epoch = 0  # learning resets seen (`reset`): a file or store from before one is not merged back
         self.remember = remember
         self.rng = random.Random(seed)
         self._write_lock = threading.Lock()
@@ -225,7 +247,9 @@ class FeedbackLearner:
 
     def _load(self, path: Path) -> None:
         try:
-            rows = _evidence_rows(json.loads(path.read_text()), self.prior)
+            data = json.loads(path.read_text())
+            rows = _evidence_rows(data, self.prior)
+            self.epoch = _epoch(data)
             found: dict[tuple[str, str], Evidence] = {}
             for (task, route, tenant), sums in rows.items():
                 found.setdefault((task, route), {})[tenant] = sums
@@ -280,6 +304,7 @@ class FeedbackLearner:
             "teams": teams,
             "evidence": per_tenant,
             "tenants": self.tenants,
+            "epoch": self.epoch,
             "max_shift": self.max_shift,
             "cost_weight": self.cost_weight,
         }
@@ -289,7 +314,10 @@ class FeedbackLearner:
             return
         with self._write_lock:
             shared = self.share is not None
-            snapshot = self.snapshot(_keep_ahead(self, self.state_path) if shared else None)
+            ahead = _keep_ahead(self, self.state_path) if shared else self.evidence
+            if ahead is None:
+                return
+            snapshot = self.snapshot(ahead)
             # A temporary file of its own: the workers of one `serve --workers N` share the
             # path, and one fixed name let one rename the other's file away mid-write.
             replace_file(self.state_path, json.dumps(snapshot, indent=1).encode())
@@ -362,6 +390,26 @@ class FeedbackLearner:
         for key, by_tenant in found.items():
             self.evidence[key] = by_tenant
             self._route(key, by_tenant)
+
+    def adopt(self, found: dict[tuple[str, str], Evidence], epoch: int) -> None:
+        """Replaces all the evidence with `found` (the shared store's after a reset, `epoch`)."""
+        self.evidence.clear()
+        self.posteriors.clear()
+        self.team_posteriors.clear()
+        self.set_evidence(found)
+        self.epoch = epoch
+
+    async def reset(self, scope: Scope) -> int:
+        """Forgets the evidence in `scope` (here, and with sharing in every process and the
+        store); returns how many (task, route, tenant) entries this process held of it."""
+        held = sum(in_scope(scope, t, r, tenant) for (t, r), by in self.evidence.items() for tenant in by)
+        if self.share is not None:
+            await self.share.reset(scope)
+        else:
+            kept = {k: {t: e for t, e in by.items() if not in_scope(scope, *k, t)} for k, by in self.evidence.items()}
+            self.adopt({k: by for k, by in kept.items() if by}, self.epoch + 1)
+        await asyncio.to_thread(self.save)  # the state file too: a restart must not bring it back
+        return held
 
     def _route(self, key: tuple[str, str], by_tenant: Evidence) -> None:
         """Recomputes the posteriors routing draws from for (task, route) `key`."""
@@ -582,11 +630,49 @@ async def learning_state(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
+_RESET_FIELDS = ("task", "route", "team", "tenant")
+
+
+async def reset_endpoint(request: web.Request) -> web.Response:
+    """`POST /admin/learning/reset {"task"?, "route"?, "team"? | "tenant"?}` (admin): forgets the
+    learner's evidence (all of it, or that of one task class, route or tenant) in every instance
+    and the shared store, which otherwise only grows; audited."""
+    learner = request.app.get(LEARNER)
+    if learner is None:
+        raise ProxyError(404, "Feedback learning is not enabled (learning.feedback).", code="not_enabled")
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise ProxyError(400, "Expected a JSON object.", code="invalid_request") from None
+    if not isinstance(data, dict) or set(data) - set(_RESET_FIELDS):
+        raise ProxyError(400, f"Expected a JSON object of {', '.join(_RESET_FIELDS)} (each optional).")
+    if any(not isinstance(v, str) or not v for v in data.values()) or {"team", "tenant"} <= set(data):
+        raise ProxyError(
+            400, "Each of task, route, team or tenant is a non-empty string; give team or tenant, not both."
+        )
+    tenant = tenant_id(data["team"]) if "team" in data else data.get("tenant")
+    scope: Scope = (data.get("task"), data.get("route"), tenant)
+    try:
+        held = await learner.reset(scope)
+    except StoreUnavailable:
+        raise ProxyError(
+            503, "The shared learning store cannot be reached: nothing was reset; retry shortly.",
+            code="store_unavailable", headers={"Retry-After": "5"},
+        ) from None  # fmt: skip
+    _apply(request.app, learner)
+    said = {"task": scope[0], "route": scope[1], "tenant": scope[2], "entries": held, "epoch": learner.epoch}
+    if (gov := request.app.get(GOV)) is not None:
+        await gov.audit(actor_of(request), "learning.reset", "learning", None, said)
+    return web.Response(body=orjson.dumps({"reset": True} | said), content_type="application/json")
+
+
 def install(app: web.Application, config: Config, base_dir: Path | None) -> None:
     """Adds the feedback endpoints, and the learner when `learning.feedback` is configured."""
     app[FEEDBACK_GATE] = FeedbackGate(LocalLimiter())
     app.router.add_post("/v1/feedback", feedback_endpoint)
     app.router.add_get("/admin/learning", learning_state)
+    app.router.add_post("/admin/learning/reset", reset_endpoint)
     fb = config.learning.feedback
     if fb is None:
         return

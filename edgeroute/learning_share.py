@@ -25,6 +25,13 @@ others, and no process ever replaces what it learned with less. The sums are ref
 than added to an empty store inside the same transaction that checks the mark, so no score
 lands before the seed and then counts twice or not at all.
 
+An admin's reset (`POST /admin/learning/reset`, optionally one task, route or tenant) is the
+one way evidence shrinks: it removes those sums from the store and counts a reset (its epoch) in
+the same transaction. Every process sees the new epoch at its next sync and takes the store's
+sums as they are, dropping what it held (its floor, and its scores not yet sent, which the
+store refuses from a process that has not seen the reset), rather than writing them back; a
+process starting with a state file saved before the reset does the same.
+
 A score is claimed in the store (once per request, fleet-wide) only while the store holds the
 request's record: once that is gone (its `REMEMBER_S` expiry, a flush, a restart without
 data) the rated mark may be gone too, so the score is stored for the log but not learned,
@@ -60,7 +67,9 @@ from edgeroute.learning import (
     REMEMBER_S,
     Evidence,
     FeedbackLearner,
+    Scope,
     Served,
+    in_scope,
 )
 from edgeroute.workers import worker as workers
 from edgeroute.workers.local_state import SqliteState
@@ -87,18 +96,32 @@ class LearnStore(Protocol):
         unsent one, written first)."""
         ...
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]], epoch: int) -> Wrote:
         """Keeps `served` (request id, record) and adds `sums` (field, increment), in one
-        transaction; False, and the sums not added, when the store is not seeded."""
+        transaction; the sums not added when the store is not seeded, or has seen a reset
+        since `epoch`."""
         ...
 
-    async def sums(self) -> dict[str, float]: ...
+    async def sums(self) -> tuple[int, dict[str, float]]:
+        """The store's epoch (how many resets it has seen) and its sums."""
+        ...
 
-    async def seed_sums(self, sums: dict[str, float]) -> None:
-        """Marks the store seeded and raises each of its sums to `sums`' where that is larger."""
+    async def seed_sums(self, sums: dict[str, float], epoch: int) -> None:
+        """Marks the store seeded, raises each of its sums to `sums`' where that is larger, and
+        its epoch to `epoch` (a store that lost its data)."""
+        ...
+
+    async def reset(self, scope: Scope) -> int:
+        """Removes the sums in `scope` and counts a reset; returns the new epoch."""
         ...
 
     async def close(self) -> None: ...
+
+
+class Wrote(enum.IntEnum):
+    ADDED = 1
+    NOT_SEEDED = 0  # a store restarted empty (or never seeded): the writer seeds it, then writes again
+    STALE = 2  # the store has seen a reset this process has not: its scores are from before it
 
 
 class Claim(enum.IntEnum):
@@ -121,11 +144,13 @@ local function add(i, last)
 end
 """
 
-# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark, KEYS[3]: the tenants' sums; ARGV: field,
-# value... Each sum is raised to the value when that is larger: evidence only grows.
+# KEYS[1]: the sums' hash, KEYS[2]: the seeded mark, KEYS[3]: the tenants' sums, KEYS[4]: the
+# epoch; ARGV[1]: the seeder's epoch, then field, value... Each sum is raised to the value when
+# that is larger: evidence only grows (but for a reset).
 _SEED = """
 redis.call('SET', KEYS[2], '1')
-for i = 1, #ARGV, 2 do
+if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[4]) or '0') then redis.call('SET', KEYS[4], ARGV[1]) end
+for i = 2, #ARGV, 2 do
   local h, field, value = KEYS[tonumber(string.sub(ARGV[i], 1, 1))], string.sub(ARGV[i], 2), tonumber(ARGV[i + 1])
   local have = tonumber(redis.call('HGET', h, field) or '0')
   if value > have then redis.call('HSET', h, field, ARGV[i + 1]) end
@@ -142,21 +167,49 @@ if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then return 1 end
 return 0
 """
 
-# KEYS as `_SEED`'s; ARGV[1]: how many served requests, ARGV[2]: their time to live; then
-# request key, record... and then field, increment...
+# KEYS as `_SEED`'s; ARGV[1]: how many served requests, ARGV[2]: their time to live, ARGV[3]:
+# the writer's epoch; then request key, record... and then field, increment... (see `Wrote`)
 _WRITE = (
     _SUMS
     + """
-local n, i = tonumber(ARGV[1]), 3
+local n, i = tonumber(ARGV[1]), 4
 for _ = 1, n do
   redis.call('SET', ARGV[i], ARGV[i + 1], 'EX', ARGV[2])
   i = i + 2
 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if tonumber(redis.call('GET', KEYS[4]) or '0') ~= tonumber(ARGV[3]) then return 2 end
 add(i, #ARGV)
 return 1
 """
 )
+
+
+# KEYS as `_SEED`'s; ARGV: the task, route and tenant field name to remove ('' for any), the
+# anonymous tenant's name (its sums' fields name none). Returns the new epoch.
+_RESET = """
+local function split(s)
+  local t, i = {}, 1
+  while true do
+    local j = string.find(s, '\\31', i, true)
+    if not j then t[#t + 1] = string.sub(s, i) return t end
+    t[#t + 1] = string.sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+for _, h in ipairs({KEYS[1], KEYS[3]}) do
+  for _, f in ipairs(redis.call('HKEYS', h)) do
+    local p = split(f)
+    local tenant = (#p == 4) and p[3] or ARGV[4]
+    if (ARGV[1] == '' or p[1] == ARGV[1]) and (ARGV[2] == '' or p[2] == ARGV[2])
+        and (ARGV[3] == '' or tenant == ARGV[3]) then
+      redis.call('HDEL', h, f)
+    end
+  end
+end
+redis.call('SET', KEYS[2], '1')
+return redis.call('INCR', KEYS[4])
+"""
 
 
 def _hashed(field: str) -> str:
@@ -173,6 +226,7 @@ class RedisLearnStore:
         self.hash = f"{cfg.prefix}:learn:posteriors"
         self.mark = f"{cfg.prefix}:learn:seeded"
         self.tenants = f"{cfg.prefix}:learn:tenant-sums"
+        self.epoch = f"{cfg.prefix}:learn:epoch"
         self.req_prefix = f"{cfg.prefix}:learn:req:"
         self.rated_prefix = f"{cfg.prefix}:learn:rated:"
 
@@ -190,27 +244,36 @@ class RedisLearnStore:
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
-        args: list[str | bytes | int] = [len(served), REMEMBER_S]
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]], epoch: int) -> Wrote:
+        args: list[str | bytes | int] = [len(served), REMEMBER_S, epoch]
         args += [x for rid, value in served for x in (self.req_prefix + rid, value)]
         args += [x for field, delta in sums for x in (_hashed(field), repr(delta))]
+        return Wrote(await self._eval(_WRITE, *args))
+
+    async def sums(self) -> tuple[int, dict[str, float]]:
         try:
-            return bool(await self.client.eval(_WRITE, 3, self.hash, self.mark, self.tenants, *args))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.get(self.epoch)
+                pipe.hgetall(self.hash)
+                pipe.hgetall(self.tenants)
+                epoch, got, tenants = await pipe.execute()
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
+        got |= tenants
+        return int(epoch or 0), {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
 
-    async def sums(self) -> dict[str, float]:
-        try:
-            got = await self.client.hgetall(self.hash)
-            got |= await self.client.hgetall(self.tenants)
-        except redis_client.errors() as e:
-            raise StoreUnavailable(type(e).__name__) from None
-        return {(k.decode() if isinstance(k, bytes) else str(k)): float(v) for k, v in got.items()}
+    async def seed_sums(self, sums: dict[str, float], epoch: int) -> None:
+        await self._eval(_SEED, epoch, *[x for field, value in sums.items() for x in (_hashed(field), repr(value))])
 
-    async def seed_sums(self, sums: dict[str, float]) -> None:
-        args = [x for field, value in sums.items() for x in (_hashed(field), repr(value))]
+    async def reset(self, scope: Scope) -> int:
+        task, route, tenant = scope
+        tenant = tenant.replace(_SEP, " ") if tenant is not None else None  # as `_field` names it
+        return await self._eval(_RESET, task or "", route or "", tenant or "", ANONYMOUS)
+
+    async def _eval(self, script: str, *args: str | bytes | int) -> int:
+        """`script` on the sums' keys (see `_SEED`); its number."""
         try:
-            await self.client.eval(_SEED, 3, self.hash, self.mark, self.tenants, *args)
+            return int(await self.client.eval(script, 4, self.hash, self.mark, self.tenants, self.epoch, *args))
         except redis_client.errors() as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -233,6 +296,8 @@ class SqliteLearnStore(SqliteState):
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS learn_rated (id TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS learn_epoch (one INTEGER PRIMARY KEY CHECK (one = 1), n INT)")
+            self._db.execute("INSERT OR IGNORE INTO learn_epoch VALUES (1, 0)")
         self._swept = 0.0
 
     async def served(self, request_id: str) -> bytes | None:
@@ -256,8 +321,8 @@ class SqliteLearnStore(SqliteState):
 
         return await self._run(tx)
 
-    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]]) -> bool:
-        def tx(db: sqlite3.Connection) -> bool:
+    async def write(self, served: list[tuple[str, bytes]], sums: list[tuple[str, float]], epoch: int) -> Wrote:
+        def tx(db: sqlite3.Connection) -> Wrote:
             now = time.time()
             if now - self._swept >= 60:  # expired requests and ratings, now and then
                 self._swept = now
@@ -266,23 +331,26 @@ class SqliteLearnStore(SqliteState):
             until = now + REMEMBER_S
             db.executemany("INSERT OR REPLACE INTO learn_req VALUES (?, ?, ?)", [(r, v, until) for r, v in served])
             if db.execute("SELECT 1 FROM once WHERE key = ?", (_SEEDED,)).fetchone() is None:
-                return False
+                return Wrote.NOT_SEEDED
+            if _epoch(db) != epoch:
+                return Wrote.STALE
             db.executemany(
                 "INSERT INTO learn_sum VALUES (?, ?) ON CONFLICT (field) DO UPDATE SET value = value + excluded.value",
                 sums,
             )
-            return True
+            return Wrote.ADDED
 
         return await self._run(tx)
 
-    async def sums(self) -> dict[str, float]:
+    async def sums(self) -> tuple[int, dict[str, float]]:
         return await self._run(
-            lambda db: {str(f): float(v) for f, v in db.execute("SELECT field, value FROM learn_sum")}
+            lambda db: (_epoch(db), {str(f): float(v) for f, v in db.execute("SELECT field, value FROM learn_sum")})
         )
 
-    async def seed_sums(self, sums: dict[str, float]) -> None:
+    async def seed_sums(self, sums: dict[str, float], epoch: int) -> None:
         def tx(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR IGNORE INTO once VALUES (?, ?)", (_SEEDED, math.inf))
+            db.execute("UPDATE learn_epoch SET n = max(n, ?)", (epoch,))
             db.executemany(
                 "INSERT INTO learn_sum VALUES (?, ?) "
                 "ON CONFLICT (field) DO UPDATE SET value = max(value, excluded.value)",
@@ -290,6 +358,21 @@ class SqliteLearnStore(SqliteState):
             )
 
         await self._run(tx)
+
+    async def reset(self, scope: Scope) -> int:
+        def tx(db: sqlite3.Connection) -> int:
+            fields = [str(f) for (f,) in db.execute("SELECT field FROM learn_sum")]
+            gone = [(f,) for f in fields if in_scope(scope, *_named(f)[:3])]
+            db.executemany("DELETE FROM learn_sum WHERE field = ?", gone)
+            db.execute("INSERT OR IGNORE INTO once VALUES (?, ?)", (_SEEDED, math.inf))
+            db.execute("UPDATE learn_epoch SET n = n + 1")
+            return _epoch(db)
+
+        return await self._run(tx)
+
+
+def _epoch(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT n FROM learn_epoch").fetchone()[0])
 
 
 def _record(s: Served) -> list[object]:
@@ -318,12 +401,17 @@ def _fields(evidence: dict[tuple[str, str], Evidence]) -> dict[str, float]:
     return out
 
 
+def _named(field: str) -> tuple[str, str, str, str]:
+    """(task, route, tenant, a|b) of a sum's name; one from before tenants were kept is the anonymous tenant's."""
+    parts = field.split(_SEP)
+    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else (parts[0], parts[1], ANONYMOUS, parts[-1])
+
+
 def _evidence(sums: dict[str, float]) -> dict[tuple[str, str], Evidence]:
     """The evidence in the store's sums; a sum from before tenants were kept is the anonymous tenant's."""
     found: dict[tuple[str, str], Evidence] = {}
     for name, value in sums.items():
-        parts = name.split(_SEP)
-        task, route, tenant, which = parts if len(parts) == 4 else (parts[0], parts[1], ANONYMOUS, parts[-1])
+        task, route, tenant, which = _named(name)
         by_tenant = found.setdefault((task, route), {})
         a, b = by_tenant.get(tenant, (0.0, 0.0))
         by_tenant[tenant] = (a + value, b) if which == "a" else (a, b + value)
@@ -410,7 +498,30 @@ class LearningShare:
         floor = self._floor()
         for field, value in _increments(unsent or []).items():
             floor[field] = floor.get(field, 0.0) - value
-        await self.store.seed_sums(floor)
+        await self.store.seed_sums(floor, self.learner.epoch)
+
+    async def start(self) -> None:
+        """At start: a store that has seen a reset since this process's state file was saved is
+        taken as it is (the file's evidence dropped, not seeded back); else `seed`."""
+        epoch, sums = await self.store.sums()
+        if epoch > self.learner.epoch:
+            self._adopt(epoch, sums)
+        await self.seed()
+
+    def _adopt(self, epoch: int, sums: dict[str, float]) -> None:
+        """Takes the store's sums as they are after a reset (epoch `epoch`): this process's
+        evidence and its unsent scores, all from before it, are dropped."""
+        if self.rewards:
+            log.info("shared learning: %d feedback scores from before a learning reset not counted", len(self.rewards))
+        self.rewards = []
+        self.learner.adopt(_evidence(sums), epoch)
+
+    async def reset(self, scope: Scope) -> None:
+        """An admin's reset: the sums in `scope` removed fleet-wide, and taken here at once."""
+        self.rewards = [r for r in self.rewards if not in_scope(scope, *r[:3])]
+        await self.flush()  # the other scores pending here count (as of the epoch before)
+        await self.store.reset(scope)
+        await self.sync()
 
     async def flush(self) -> None:
         served, rewards = self.served, self.rewards
@@ -420,9 +531,12 @@ class LearningShare:
         records = [(rid, orjson.dumps(_record(s))) for rid, s in served]
         sums = list(_increments(rewards).items())
         try:
-            if not await self.store.write(records, sums):  # a store restarted empty (or never seeded)
+            wrote = await self.store.write(records, sums, self.learner.epoch)
+            if wrote is Wrote.NOT_SEEDED:  # a store restarted empty (or never seeded)
                 await self.seed(rewards)
-                await self.store.write([], sums)
+                wrote = await self.store.write([], sums, self.learner.epoch)
+            if wrote is Wrote.STALE:  # scored before a reset this process has not seen: not counted
+                log.info("shared learning: %d feedback scores from before a learning reset not counted", len(rewards))
         except StoreUnavailable:
             # Requests are sent again (keeping one twice is harmless); rewards are not, since a
             # transaction that timed out may have applied, and a reward must not count twice.
@@ -439,17 +553,21 @@ class LearningShare:
     async def sync(self) -> None:
         """Reads the shared sums back. Evidence never shrinks: a sum below what this process
         counted (a store restarted empty, then seeded by a process that knew less) is raised in
-        the store to this process's, and this process keeps its own."""
-        sums = await self.store.sums()
-        if any(sums.get(f, 0.0) < v - 1e-9 for f, v in self._floor().items()):
-            await self.store.seed_sums(self._floor())
+        the store to this process's, and this process keeps its own; but after a reset (a
+        newer epoch) the store's sums are taken as they are."""
+        epoch, sums = await self.store.sums()
+        if epoch > self.learner.epoch:
+            self._adopt(epoch, sums)
+            return
+        if epoch < self.learner.epoch or any(sums.get(f, 0.0) < v - 1e-9 for f, v in self._floor().items()):
+            await self.store.seed_sums(self._floor(), self.learner.epoch)
         floor, pending = self._floor(), _increments(self.rewards)
         merged = {f: max(sums.get(f, 0.0), floor.get(f, 0.0)) + pending.get(f, 0.0) for f in sums.keys() | floor.keys()}
         self.learner.set_evidence(_evidence(merged))
 
     async def run(self) -> None:
         try:
-            await self.seed()
+            await self.start()
         except StoreUnavailable as e:
             log.warning("shared learning: store unavailable at start (%s): not seeded from the state file", e)
         while True:

@@ -165,7 +165,9 @@ def decide(
                 priority=priority,
                 prompt_tokens=prompt_tokens,
             )
-        user, key = sticky.identity(live.config, ident)  # its experiment arm its key's, not the body's
+        user, key = sticky.identity(
+            live.config, live.experiment_salt, ident
+        )  # its experiment arm its key's, not the body's
         d = live.router.decide(
             body,
             tags=key_tags(ident, tags_of(request), live.regions),  # its denied tags refused, its region added

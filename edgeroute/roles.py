@@ -32,6 +32,7 @@ ROUTE_ROLES: dict[str, Role] = {
     "GET /admin/stats": "viewer",
     "GET /admin/budgets": "viewer",
     "GET /admin/learning": "viewer",
+    "POST /admin/learning/reset": "admin",
     "GET /admin/router/shadow": "viewer",
     "POST /admin/reload": "operator",
     "GET /admin/alerts": "viewer",

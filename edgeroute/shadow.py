@@ -120,7 +120,9 @@ def decide_as(
     if ident is None:
         return router.decide(body, tags=request_tags, prompt_tokens=prompt_tokens)
     tags = key_tags(ident, request_tags, live.regions)
-    user, key = sticky.identity(live.config, ident)  # its experiment arm its key's, not the body's
+    user, key = sticky.identity(
+        live.config, live.experiment_salt, ident
+    )  # its experiment arm its key's, not the body's
     d = router.decide(
         body, tags=tags, team=ident.team, role=ident.role, user=user, key=key, prompt_tokens=prompt_tokens
     )

@@ -5,10 +5,15 @@ private of the primary's and the mirror's): `none` (the default) keeps no text, 
 comparison needs (each answer's length, whether the two are the same, how many of their words
 they share); `redacted` keeps them with PII and credentials replaced; `full` with credentials
 replaced. Past `learning.shadow_log_max_bytes` the file is rotated (`<file>.1`, `.2`, ...;
-`shadow_log_keep` of them kept): request volume alone must not fill the disk."""
+`shadow_log_keep` of them kept): request volume alone must not fill the disk. The workers of
+one `serve --workers N` write the same file, so a rotation is taken under a lock on
+`<file>.lock` (`flock`), and only when the file is still the one that grew past the bound:
+two workers past it together rotate it once."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import threading
@@ -44,18 +49,30 @@ class ShadowLog:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "ab") as f:
                     f.write(orjson.dumps(pair) + b"\n")
-                    size = f.tell()
-                if size >= self.max_bytes:
-                    self._rotate(self.path)
+                    size, written = f.tell(), os.fstat(fd).st_ino
+                if size >= self.max_bytes:  # once written out: the size re-checked is the file's
+                    self._rotate(self.path, written)
 
-    def _rotate(self, path: Path) -> None:
-        """`<file>` becomes `<file>.1`, `.1` becomes `.2`, ...; the oldest past `files` is removed."""
-        path.with_name(f"{path.name}.{self.files}").unlink(missing_ok=True)
-        for n in range(self.files - 1, 0, -1):
-            older = path.with_name(f"{path.name}.{n}")
-            if older.exists():
-                older.replace(path.with_name(f"{path.name}.{n + 1}"))
-        path.replace(path.with_name(f"{path.name}.1"))
+    def _rotate(self, path: Path, written: int) -> None:
+        """`<file>` becomes `<file>.1`, `.1` becomes `.2`, ...; the oldest past `files` is removed.
+        Under the lock file, and only if `path` is still the file written (inode `written`) and
+        still past the bound: another process may have rotated it since this one wrote."""
+        fd = os.open(path.with_name(f"{path.name}.lock"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                return  # rotated by another process, nothing written since
+            if now.st_ino != written or now.st_size < self.max_bytes:
+                return  # rotated by another process (this write went with it)
+            path.with_name(f"{path.name}.{self.files}").unlink(missing_ok=True)
+            for n in range(self.files - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    path.with_name(f"{path.name}.{n}").replace(path.with_name(f"{path.name}.{n + 1}"))
+            path.replace(path.with_name(f"{path.name}.1"))
+        finally:
+            os.close(fd)  # and with it the lock
 
 
 SHADOW_LOG = web.AppKey("shadow_log", ShadowLog)

@@ -54,6 +54,9 @@ class Live:
     # Per model, the drained deployments whose cached answers its requests may still get
     # (governance.drain.withdrawn): out of the core's lists, so absent from its decisions.
     drained: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The governance store's random salt for experiment arms (`sticky.py`), set at start and
+    # carried from generation to generation: a reload never reshuffles arms.
+    experiment_salt: bytes | None = None
     # (order, route, rule, region) -> the deployments whose cached answers such a request may
     # get (`openai_api.servable`): per generation, since a reload changes what each one is.
     servable_memo: dict[tuple[tuple[int, ...], str, str | None, str | None], Mapping[str, str]] = field(
@@ -107,6 +110,7 @@ class Live:
         live.drained = drained
         if previous is not None:
             live.capacity.shared = previous.capacity.shared  # the leases this process holds, by name
+            live.experiment_salt = previous.experiment_salt
         live.apply_price_windows()
         return live
 

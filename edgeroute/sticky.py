@@ -3,9 +3,12 @@
 The core buckets a request by the `user` and `key` it is given, and without a user falls back
 to the body's `user`: a client could then try `user` values (on the free `/v1/route/explain`)
 until one lands on the arm it wants. So a keyed request is bucketed by its key's identity
-alone: the user bound to the key, else the key id, hashed with a per-deployment salt
-(`learning.experiment_salt`) so that arms cannot be worked out offline. A keyless caller (a
-sidecar's app) keeps the body's `user`.
+alone: the user bound to the key, else the key id, hashed with a per-deployment salt so that
+arms cannot be worked out offline. The salt is `learning.experiment_salt`, else a random one the
+governance store makes once (every instance on that store, and a restart, finds the same), else
+(a store in memory only) one derived from the config's key secrets. Not derived from the key
+set where it can be helped: adding or rotating any key would move every key's arm mid-experiment.
+A keyless caller (a sidecar's app) keeps the body's `user`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import os
 
 from edgeroute import secrets
 from edgeroute.config import Config
@@ -21,34 +25,40 @@ from edgeroute.cost.keys import Identity
 
 log = logging.getLogger("edgeroute.sticky")
 _PREFIX = "\x00sticky:"  # no configured user is this: a `users:` rule condition never matches it
-_salts: tuple[Config, bytes] | None = None  # the last config generation's
+_PROCESS_SALT = os.urandom(32)
+_salts: tuple[Config, bytes | None, bytes] | None = None  # the last config generation's
 
 
-def salt(config: Config) -> bytes:
-    """`learning.experiment_salt`, else one derived from the config's key secrets (which a
-    client does not know, and every instance sharing the config has); cached per generation."""
+def salt(config: Config, stored: bytes | None = None) -> bytes:
+    """`learning.experiment_salt`, else `stored` (the governance store's random salt), else one
+    derived from the config's key secrets (which a client does not know, and every instance
+    sharing the config has); cached per generation."""
     global _salts
-    if _salts is not None and _salts[0] is config:
-        return _salts[1]
+    if _salts is not None and _salts[0] is config and _salts[1] is stored:
+        return _salts[2]
     got: bytes | None = None
     if (chosen := config.learning.experiment_salt) is not None:
         try:
             got = secrets.resolve(chosen).reveal().encode()
         except secrets.SecretError as e:  # not a 500 on every keyed request: the derived salt
-            log.error("learning.experiment_salt cannot be read (%s): using the salt derived from the keys", e)
+            log.error("learning.experiment_salt cannot be read (%s): using the stored or derived salt", e)
+    if got is None:
+        got = stored
     if got is None:
         parts = sorted(secrets.resolve(k).reveal() for k in config.server.api_keys)
         parts += sorted(k.token_sha256 or secrets.resolve(k.token or "").reveal() for k in config.keys.values())
-        got = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    _salts = (config, got)
+        # No key secret at all: keyed requests come from managed keys in this process's memory
+        # alone, so this process's own random salt (not the hash of nothing, a public constant).
+        got = hashlib.sha256("\x1f".join(parts).encode()).digest() if parts else _PROCESS_SALT
+    _salts = (config, stored, got)
     return got
 
 
-def identity(config: Config, ident: Identity) -> tuple[str, str]:
+def identity(config: Config, stored: bytes | None, ident: Identity) -> tuple[str, str]:
     """(user, key) to pass the core for a keyed request: the key's own user (rules match it),
     else its salted key id in the user's place (a key without a user matches no `users:` rule
     either way), and the salted key id."""
-    key = _salted(salt(config), ident.key)
+    key = _salted(salt(config, stored), ident.key)
     return (ident.user if ident.user is not None else key), key
 
 

@@ -165,7 +165,7 @@ def test_the_shadow_log_is_rotated_past_its_size(tmp_path: Path) -> None:
     for _ in range(200):  # ~90 KB written
         slog.write(pair)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["shadow.jsonl", "shadow.jsonl.1", "shadow.jsonl.2"], names
+    assert names == ["shadow.jsonl", "shadow.jsonl.1", "shadow.jsonl.2", "shadow.jsonl.lock"], names
     assert all(p.stat().st_size < 4096 + 1024 for p in tmp_path.iterdir())
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in tmp_path.iterdir())
 

@@ -512,7 +512,7 @@ class Learning(_Strict):
     shadow_log_max_bytes: int = Field(100 * 2**20, ge=4096)
     shadow_log_keep: int = Field(5, ge=1, le=100)
     # Salts a keyed request's experiment bucket (a secret reference: env:/file:/literal); unset,
-    # one derived from the config's key secrets (`sticky.py`).
+    # a random one the governance store keeps (else derived from the config's key secrets; `sticky.py`).
     experiment_salt: str | None = None
     candidate_router: CandidateRouter | None = None  # evaluated beside the running router, never routing
 

@@ -58,6 +58,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
     shared = worker.dir if worker is not None and worker.count > 1 else None
     store = GovStore.for_config(cfg, p.parent if p.is_file() else None, shared)
     store.audit_retention_s = cfg.governance.audit_retention_s
+    app[STATE].live.experiment_salt = store.experiment_salt()  # keyed requests' arms (`sticky.py`)
     managed = None
     if cfg.governance.managed_keys:
         managed = K.ManagedKeys(

@@ -471,11 +471,18 @@ class GovStore:
         made and shared as `versions_key`: a copy of the audit alone cannot test guesses of it."""
         return self._own_key("actors")
 
+    def experiment_salt(self) -> bytes | None:
+        """The store's random salt for keyed requests' experiment arms (`sticky.py`), made once and
+        the same for every instance on this store and after a restart; None for a store in this
+        process's memory (no other instance shares it, and a restart would reshuffle the arms)."""
+        return None if self._target == ":memory:" else self._own_key("experiment_salt")
+
     def _own_key(self, name: str) -> bytes:
+        """32 random bytes kept under `name`: the first caller's, for every caller after it."""
         with self._held(), self._tx() as cur:
-            fresh = os.urandom(32).hex()
             cur.execute(
-                self._sql("INSERT INTO gov_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING"), (name, fresh)
+                self._sql("INSERT INTO gov_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING"),
+                (name, os.urandom(32).hex()),
             )
             cur.execute(self._sql("SELECT value FROM gov_secrets WHERE name = ?"), (name,))
             return bytes.fromhex(cur.fetchone()[0])
