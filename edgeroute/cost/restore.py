@@ -71,11 +71,17 @@ def _slot_sql(dialect: str, size: float) -> str:
 
 
 def budget_spend(
-    db: Reader, budgets: Sequence[Budget], now: float, until: float | None = None, in_flight: set[str] | None = None
+    db: Reader,
+    budgets: Sequence[Budget],
+    now: float,
+    until: float | None = None,
+    in_flight: set[str] | None = None,
+    most: int | None = None,
 ) -> dict[tuple[str, int], int]:
     """Each budget's spend in its current period, per subject (and rolling slot), by requests
     that started before `until` (all when None), in-flight reservations included (their
-    requests' ids added to `in_flight`)."""
+    requests' ids added to `in_flight`); with `most`, only the subjects that spent the most of
+    a budget per subject (they share its limit: those nearest to it)."""
     end = until if until is not None else now + B.READ_AHEAD_S  # a clock that moved back: still counted
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {b.name: B.period_of(b, now) for b in budgets}
@@ -91,6 +97,8 @@ def budget_spend(
                 where.append(f"{col} = ?")
                 params.append(b.match)
         sql = f"SELECT {col}, {slot}, SUM(cost_usd) FROM spend WHERE {' AND '.join(where)} GROUP BY 1, 2"
+        if most is not None and b.scope != "global" and b.match is None:
+            sql += f" ORDER BY 3 DESC LIMIT {int(most)}"
         for subject, s, usd in db.query(sql, params):
             if p.rolling and int(s) < p.first_slot:
                 continue
@@ -239,14 +247,42 @@ def read(
     and the rate-limit windows (at start), or just `budgets` and `key_budgets` by requests that
     started before `until` (a budget added by a reload, or a key's budget first seen)."""
     now = time.time() if now is None else now
+    if budgets is None:
+        return _read(db, cfg, now, key_budgets, key_limits)
+    return spent(db, budgets, now, until, key_budgets)
+
+
+def spent(
+    db: Backend,
+    budgets: Sequence[Budget],
+    now: float,
+    until: float | None = None,
+    key_budgets: Sequence[KeyBudget] = (),
+    within: float | None = None,
+    most: int | None = None,
+) -> Restored:
+    """`budgets`' and `key_budgets`' spend (no rate-limit windows), in one snapshot whose
+    queries fail after `within` seconds; `most`: see `budget_spend`."""
+    in_flight: set[str] = set()
+    with db.snapshot(within) as at:
+        keyed = key_budget_spend(at, key_budgets, now, until, in_flight) if key_budgets else {}
+        found = budget_spend(at, budgets, now, until, in_flight, most) | keyed
+        return Restored(found, [], now, frozenset(in_flight))
+
+
+def _read(
+    db: Backend,
+    cfg: Config,
+    now: float,
+    key_budgets: Sequence[KeyBudget],
+    key_limits: Mapping[str, Limit] | None,
+) -> Restored:
     in_flight: set[str] = set()
     # Every read at one moment: a request whose spend row another writer committed between
     # two of them was counted in neither (its spend row read before it was there, its
     # reservation after it was settled) or both ways (spent in one counter, in flight in
     # another): Redis's refill then kept no give-back for it, or gave one back from its cost.
     with db.snapshot() as at:
-        keyed = key_budget_spend(at, key_budgets, now, until, in_flight) if key_budgets else {}
-        if budgets is not None:
-            return Restored(budget_spend(at, budgets, now, until, in_flight) | keyed, [], now, frozenset(in_flight))
-        spent = budget_spend(at, cfg.budgets.limits, now, None, in_flight) | keyed
-        return Restored(spent, bucket_usage(at, cfg, now, key_limits), now, frozenset(in_flight))
+        keyed = key_budget_spend(at, key_budgets, now, None, in_flight) if key_budgets else {}
+        found = budget_spend(at, cfg.budgets.limits, now, None, in_flight) | keyed
+        return Restored(found, bucket_usage(at, cfg, now, key_limits), now, frozenset(in_flight))

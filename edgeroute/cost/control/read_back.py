@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 from edgeroute.config import Budget, Config
 from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
@@ -35,6 +37,11 @@ log = logging.getLogger("edgeroute.cost")
 # How long reloaded budgets wait for the previous config's requests before reading the
 # ledger (streams end by their total timeout; this bounds a request that never ends).
 RESTORE_WAIT_S = 600.0
+# The fail-open ledger read (`_read_ledger_now`): its deadline, and the subjects of a budget
+# per user (team, key, model) it counts, those that spent the most.
+LEDGER_READ_WITHIN_S = 5.0
+LEDGER_READ_MOST = 1000
+T = TypeVar("T")
 
 
 class ReadBack(Stores):
@@ -162,23 +169,37 @@ class ReadBack(Stores):
         """With the shared store failing (fail open): this process's counters raised to what the
         ledger says was spent, in the background (never lowered: its own records not written
         yet are in them). They followed Redis's only for counters this process knew; a budget
-        (or a period) another instance spent on since was admitted again in full."""
+        (or a period) another instance spent on since was admitted again in full.
+
+        The budgets only (no rate-limit windows), the most spent subjects of a per-subject
+        budget (`LEDGER_READ_MOST`), in a thread of its own (one read at a time: `Stores`),
+        stopped after `LEDGER_READ_WITHIN_S`: a ledger locked by a migration, or a month of a
+        million rows, held every fail-open request 2 s and the default executor's threads."""
         ledger = self.ledger
         if ledger is None:
             return None
+        budgets, keyed = self.cfg.budgets.limits, self._key_counters()
 
-        async def read() -> None:
+        def read() -> Restored:
+            return restore.spent(
+                ledger.backend,
+                budgets,
+                time.time(),
+                key_budgets=keyed,
+                within=LEDGER_READ_WITHIN_S,
+                most=LEDGER_READ_MOST,
+            )
+
+        async def raise_counters() -> None:
             try:
-                found = await asyncio.to_thread(
-                    restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters()
-                )
-            except Exception as e:  # the database down too: this process's counters as they are
+                found = await _own_thread(read)
+            except Exception as e:  # the database down or slow too: this process's counters as they are
                 log.warning("shared state unavailable, and the ledger could not be read (%s)", type(e).__name__)
                 return
             for (key, slot), amount in found.budgets.items():
                 self.local_budgets.raise_read_back(key, amount, slot)
 
-        task = asyncio.get_running_loop().create_task(read())
+        task = asyncio.get_running_loop().create_task(raise_counters())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -225,6 +246,33 @@ class ReadBack(Stores):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+async def _own_thread(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread of its own (daemon: a close does not wait for it), not the default
+    executor's: the proxy's other blocking work (the ledger's flush, request bodies) must not
+    wait behind a slow read."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, e)
+            return
+        loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="edgeroute-ledger-read", daemon=True).start()
+    return await done
 
 
 def _only_writer(cfg: Config) -> bool:
