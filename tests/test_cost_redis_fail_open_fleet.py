@@ -192,3 +192,48 @@ async def test_rate_limits_hold_when_redis_comes_back_empty(
             assert after == [429] * 7, after
     finally:
         await r.aclose()
+
+
+async def test_closed_redis_back_empty_while_the_ledger_cannot_write_is_refilled(
+    start_upstream: Any, pg_schema_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`on_unavailable: closed`, Redis restarted empty while the ledger does not write: Redis is
+    refilled from what the ledger holds plus this instance's records it has not written (in
+    memory), and serves (it stayed unfilled, and every budgeted request was a 503, for as long
+    as the ledger could not write); the unwritten spend counts (room for 20: 2 written, 3 not)."""
+    monkeypatch.setattr(read_back_mod, "MAX_FLUSH_INTERVAL_S", 0.1)
+    redis_url = require_redis()
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    schema = pg_schema_dsn.rpartition("search_path%3D")[2]
+    cfg = _config(up.base_url, redis_url, prefix, pg_schema_dsn)
+    cfg["shared_state"]["on_unavailable"] = "closed"
+    r = aioredis.Redis.from_url(redis_url)
+
+    def grant(verb: str) -> None:
+        with psycopg.connect(pg_schema_dsn, autocommit=True) as db:
+            who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
+            db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
+
+    try:
+        async with cost_proxy(cfg) as a, openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca:
+            control = a.app[ADMISSION]
+            assert isinstance(control, CostControl) and control.ledger is not None
+            ledger = control.ledger
+            assert [await ask_status(ca) for _ in range(2)] == [200] * 2
+            await ledger_written(a.url, 2, ADMIN)
+            grant("REVOKE")
+            try:
+                assert [await ask_status(ca) for _ in range(3)] == [200] * 3
+                await eventually(lambda: _true(ledger.failing_since is not None), "the ledger failing to write")
+                async for k in r.scan_iter(match=f"{prefix}:*"):  # Redis restarted empty
+                    await r.delete(k)
+                statuses = [await ask_status(ca) for _ in range(20)]
+                await eventually(lambda: _true(_settled(control)), "settlements in Redis")
+                spent = await budget_spent(a.url, ADMIN)
+            finally:
+                grant("GRANT")
+        assert statuses == [200] * 15 + [429] * 5, statuses
+        assert round(spent / COST) == 20
+    finally:
+        await r.aclose()

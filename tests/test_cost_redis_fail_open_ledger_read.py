@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from edgeroute import config as config_mod
+from edgeroute.cost import budgets as budgets_mod
 from edgeroute.cost import restore
 from edgeroute.cost.control import read_back as read_back_mod
 from edgeroute.cost.control import stores as stores_mod
@@ -109,3 +110,27 @@ def test_the_fail_open_read_counts_the_subjects_nearest_their_limit(tmp_path: Pa
     users = sorted(int(k.split(":")[1][1:]) for k, _ in found.budgets)
     assert users == list(range(40, 50)), users  # the 10 that spent the most
     db.close()
+
+
+def test_unwritten_spend_counts_once() -> None:
+    """What the ledger could not write is added to what it read: a finished request at its cost
+    (not again when its reservation was read in flight), a running one at its reservation."""
+    cfg = config_mod.parse(
+        one_deployment(
+            "http://127.0.0.1:9",
+            budgets={"limits": [{"name": "pu", "scope": "user", "limit_usd": 5, "period": "month"}]},
+        ),
+        "t.yaml",
+    )
+    now = time.time()
+    pid = budgets_mod.period_of(cfg.budgets.limits[0], now).id
+    read = restore.Restored({(f"pu:u1:{pid}", -1): 7}, [], now, frozenset({"in-flight-read"}))
+    subjects = {"user": "u1", "global": "*"}
+    records = [
+        restore.Unwritten("done", now - 1, subjects, None, 1e-9 * 100),
+        restore.Unwritten("in-flight-read", now - 1, subjects, None, 1e-9 * 1000),  # counted at its reservation
+    ]
+    journal = [("done", now - 2, f"pu:u1:{pid}", 500), ("running", now - 1, f"pu:u2:{pid}", 40)]
+    found = restore.add_unwritten(read, cfg.budgets.limits, [], records, journal)
+    assert found.budgets == {(f"pu:u1:{pid}", -1): 107, (f"pu:u2:{pid}", -1): 40}
+    assert found.in_flight == {"in-flight-read", "running"}

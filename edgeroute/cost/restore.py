@@ -182,6 +182,68 @@ def _unsettled(
                 break
 
 
+@dataclass(slots=True, frozen=True)
+class Unwritten:
+    """A record the ledger holds in memory, not in the store yet: what a budget counts of it."""
+
+    request_id: str
+    ts: float
+    subjects: Mapping[str, str | None]  # a budget's scope -> its subject (key, team, user, model, global)
+    key: str | None
+    cost_usd: float
+
+
+def add_unwritten(
+    found: Restored,
+    budgets: Sequence[Budget],
+    key_budgets: Sequence[KeyBudget],
+    records: Sequence[Unwritten],
+    journal: Sequence[tuple[str, float, str, int]],
+) -> Restored:
+    """`found` with what this process spent that the ledger could not write yet: its records
+    (those whose reservation `found` counts in flight are counted so already, at their
+    maximum) and the reservations of its requests still running (journal rows: request id,
+    ts, store key, nano-USD)."""
+    out: dict[tuple[str, int], int] = defaultdict(int, found.budgets)
+    in_flight = set(found.in_flight)
+    periods = {b.name: B.period_of(b, found.read_at) for b in [*budgets, *(k.budget for k in key_budgets)]}
+
+    def add(b: Budget, subject: str, ts: float, amount: int) -> None:
+        p = periods[b.name]
+        slot = int(ts // p.slot_s) if p.rolling else -1
+        if ts >= p.starts_at and (not p.rolling or slot >= p.first_slot):
+            out[(f"{b.name}:{subject}:{p.id}", slot)] += amount
+
+    done = set()
+    for r in records:
+        done.add(r.request_id)
+        if r.request_id in in_flight:
+            continue
+        for b in budgets:
+            subject = r.subjects.get(b.scope)
+            if subject is not None and (b.match is None or subject == b.match):
+                add(b, subject, r.ts, B.to_nano(r.cost_usd))
+        for k in key_budgets:
+            if r.key is not None and r.key in k.spenders:
+                add(k.budget, str(k.budget.match), r.ts, B.to_nano(r.cost_usd))
+    every = [*budgets, *(k.budget for k in key_budgets)]
+    # A budget with `match` has one counter in its period (every managed key's: thousands).
+    exact = {f"{b.name}:{b.match}:{periods[b.name].id}": b for b in every if b.match is not None}
+    per_subject = [b for b in every if b.match is None]
+    for request_id, ts, store_key, amount in journal:
+        if request_id in done:
+            continue
+        hit = exact.get(store_key)
+        for b in [hit] if hit is not None else per_subject:
+            suffix = f":{periods[b.name].id}"
+            if store_key.startswith(f"{b.name}:") and store_key.endswith(suffix):
+                add(b, store_key[len(b.name) + 1 : -len(suffix)], ts, int(amount))
+                in_flight.add(request_id)
+                break
+    budgets_out = {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
+    return Restored(budgets_out, found.buckets, found.read_at, frozenset(in_flight))
+
+
 def _limit_names(
     cfg: Config, key: str | None, route: str, deployment: str | None, key_limits: Mapping[str, Limit]
 ) -> list[tuple[str, Limit]]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
+from edgeroute.accounting import RequestRecord
 from edgeroute.config import Budget, Config
 from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
@@ -41,6 +42,7 @@ RESTORE_WAIT_S = 600.0
 # per user (team, key, model) it counts, those that spent the most.
 LEDGER_READ_WITHIN_S = 5.0
 LEDGER_READ_MOST = 1000
+UNWRITTEN_WAIT_S = 2.0  # how long a refill waits for a ledger flush under way to take its records
 T = TypeVar("T")
 
 
@@ -115,22 +117,27 @@ class ReadBack(Stores):
         """Every budget's spend this period and the last minute's rate-limit use, from the
         ledger: this instance's records written first, and the other instances' given the
         longest flush interval a config may set (a request they answered just before Redis lost
-        its budgets settles into no counter: the ledger is where it counts)."""
+        its budgets settles into no counter: the ledger is where it counts). A ledger that does
+        not write lacks this instance's records (those it admitted while Redis was down among
+        them): they are added from its memory, where they wait."""
         ledger = self.ledger
         assert ledger is not None
         started = time.monotonic()
         await asyncio.to_thread(ledger.flush)
-        if ledger.failing_since is not None:
-            # A ledger that reads but does not write lacks this instance's records, those it
-            # admitted while Redis was down among them: a seed from it dropped that spend (28
-            # admitted against room for 20). Admission follows `on_unavailable` until it writes.
-            raise StoreUnavailable(f"the ledger is not writing ({ledger.queue_depth()} records of this instance)")
         await asyncio.sleep(max(0.0, MAX_FLUSH_INTERVAL_S + 0.25 - (time.monotonic() - started)))
 
         def read() -> LedgerSpend:  # in a thread: thousands of keys take a while
             keyed = self._key_counters()
             limits = self.keys.limits() if self.keys is not None else None
+            # Taken before the ledger is read: one written meanwhile counts twice (never not at all).
+            held = ledger.unwritten(UNWRITTEN_WAIT_S) if ledger.failing_since is not None else ([], [])
+            if held is None:
+                raise StoreUnavailable(f"the ledger is not writing ({ledger.queue_depth()} records of this instance)")
             found = restore.read(ledger.backend, self.cfg, key_budgets=keyed, key_limits=limits)
+            records, journal = held
+            if records or journal:
+                unwritten = [_unwritten(r) for r in records if r.shadow_of is None]
+                found = restore.add_unwritten(found, self.cfg.budgets.limits, keyed, unwritten, journal)
             return found.budgets, found.in_flight, found.buckets
 
         return await asyncio.to_thread(read)
@@ -273,6 +280,11 @@ async def _own_thread(fn: Callable[[], T]) -> T:
 
     threading.Thread(target=run, name="edgeroute-ledger-read", daemon=True).start()
     return await done
+
+
+def _unwritten(r: RequestRecord) -> restore.Unwritten:
+    subjects = {"key": r.key, "team": r.team, "user": r.user, "model": r.route, "global": "*"}
+    return restore.Unwritten(r.request_id, r.started, subjects, r.key, r.cost_usd)
 
 
 def _only_writer(cfg: Config) -> bool:
