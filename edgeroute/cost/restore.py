@@ -268,10 +268,12 @@ def bucket_usage(
     used: dict[tuple[str, str], float] = defaultdict(float)
     limits: dict[tuple[str, str], int] = {}
     # A request refused before it was routed (an unknown model, a body that is not JSON) took
-    # nothing from a bucket: it has no route, though its key is recorded.
+    # nothing from a bucket: it has no route, though its key is recorded. Nor did one its rate
+    # limit (or its key's parallel cap) refused: counted, a client retrying its 429s was locked
+    # out a minute past its limit after a Redis flush.
     sql = (
         "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend "
-        f"WHERE ts >= ? AND {_NOT_SHADOW} AND route <> ''"
+        f"WHERE ts >= ? AND {_NOT_SHADOW} AND route <> '' AND NOT (outcome = 'rate_limited' AND attempts = 0)"
     )
     for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
         weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet
