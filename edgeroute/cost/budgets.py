@@ -305,7 +305,7 @@ class LocalBudgetStore:
         the next call starts (0 after the last)."""
         picked = self._order[start : start + most]
         cal = [k for k in picked if k in self._cal]
-        rolling = [k for k in picked if k in self._rolling and k not in self._cal]
+        rolling = [k for k in picked if k in self._rolling] if self._rolling else []
         return cal, rolling, start + most if start + most < len(self._order) else 0
 
     def follow(self, cal: dict[str, int], rolling: dict[str, dict[int, int]]) -> None:
