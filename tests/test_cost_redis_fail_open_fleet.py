@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -190,5 +191,80 @@ async def test_rate_limits_hold_when_redis_comes_back_empty(
                 await r.delete(k)
             after = [await ask_status(ca if i % 2 else cb) for i in range(7)]
             assert after == [429] * 7, after
+    finally:
+        await r.aclose()
+
+
+async def test_closed_redis_back_empty_while_the_ledger_cannot_write_is_refilled(
+    start_upstream: Any, pg_schema_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`on_unavailable: closed`, Redis restarted empty while the ledger does not write: Redis is
+    refilled from what the ledger holds plus this instance's records it has not written (in
+    memory), and serves (it stayed unfilled, and every budgeted request was a 503, for as long
+    as the ledger could not write); the unwritten spend counts (room for 20: 2 written, 3 not)."""
+    monkeypatch.setattr(read_back_mod, "MAX_FLUSH_INTERVAL_S", 0.1)
+    redis_url = require_redis()
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    schema = pg_schema_dsn.rpartition("search_path%3D")[2]
+    cfg = _config(up.base_url, redis_url, prefix, pg_schema_dsn)
+    cfg["shared_state"]["on_unavailable"] = "closed"
+    r = aioredis.Redis.from_url(redis_url)
+
+    def grant(verb: str) -> None:
+        with psycopg.connect(pg_schema_dsn, autocommit=True) as db:
+            who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
+            db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
+
+    try:
+        async with cost_proxy(cfg) as a, openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca:
+            control = a.app[ADMISSION]
+            assert isinstance(control, CostControl) and control.ledger is not None
+            ledger = control.ledger
+            assert [await ask_status(ca) for _ in range(2)] == [200] * 2
+            await ledger_written(a.url, 2, ADMIN)
+            grant("REVOKE")
+            try:
+                assert [await ask_status(ca) for _ in range(3)] == [200] * 3
+                await eventually(lambda: _true(ledger.failing_since is not None), "the ledger failing to write")
+                async for k in r.scan_iter(match=f"{prefix}:*"):  # Redis restarted empty
+                    await r.delete(k)
+                statuses = [await ask_status(ca) for _ in range(20)]
+                await eventually(lambda: _true(_settled(control)), "settlements in Redis")
+                spent = await budget_spent(a.url, ADMIN)
+            finally:
+                grant("GRANT")
+        assert statuses == [200] * 15 + [429] * 5, statuses
+        assert round(spent / COST) == 20
+    finally:
+        await r.aclose()
+
+
+async def test_a_refill_counts_no_429_as_use(start_upstream: Any, pg_schema_dsn: str) -> None:
+    """Refilled after a Redis flush, a key's RPM bucket counts the requests it admitted, not those
+    it refused with 429 (they took nothing): a client that retried its 429s is admitted again
+    when its limit refills (a 6 rpm key: 10 s), not a minute later."""
+    redis_url = require_redis()
+    up = await start_upstream(reply_words=40)
+    prefix = f"fleet-{uuid.uuid4().hex[:8]}"
+    cfg = _config(up.base_url, redis_url, prefix, pg_schema_dsn)
+    cfg["keys"]["app"]["limits"] = {"rpm": 6}
+    del cfg["budgets"]
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        async with cost_proxy(cfg) as a, openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca:
+            statuses = [await ask_status(ca) for _ in range(30)]
+            assert statuses == [200] * 6 + [429] * 24, statuses
+            await ledger_written(a.url, 30, ADMIN)
+            async for k in r.scan_iter(match=f"{prefix}:*"):  # Redis restarted empty
+                await r.delete(k)
+            assert await ask_status(ca) == 429  # refilled: the minute's 6 still count
+            # A token a 10 s: the bucket's own refill, not background work (no PATIENCE); the
+            # refill that counted the 24 refusals kept it empty about 70 s.
+            flushed, seen = time.monotonic(), []
+            while time.monotonic() - flushed < 30 and 200 not in seen:
+                seen.append(await ask_status(ca))
+                await asyncio.sleep(0.5)
+            assert 200 in seen, f"still refused 30 s after the flush: {len(seen)} x 429"
     finally:
         await r.aclose()

@@ -36,8 +36,8 @@ class _HangingBackend(_FlakyBackend):
         self.passing.wait()
         self.inner.write(batch, rest)
 
-    def snapshot(self) -> AbstractContextManager[Reader]:
-        return self.inner.snapshot()
+    def snapshot(self, within: float | None = None) -> AbstractContextManager[Reader]:
+        return self.inner.snapshot(within)
 
 
 def _until(what: str, probe: Callable[[], object], within: float = 10.0) -> None:

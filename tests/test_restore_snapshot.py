@@ -54,8 +54,8 @@ class _CommitsBetween:
         return rows
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[_CommitsBetween]:
-        with self.db.snapshot() as reader:
+    def snapshot(self, within: float | None = None) -> Iterator[_CommitsBetween]:
+        with self.db.snapshot(within) as reader:
             store, self.db = self.db, reader
             try:
                 yield self

@@ -182,6 +182,11 @@ class LocalBudgetStore:
         self._rolling: dict[str, dict[int, int]] = {}
         self._ends: dict[str, float] = {}  # store key -> when it is read for the last time
         self._ending: dict[int, list[str]] = {}  # hour of an end -> the keys that may end in it
+        # Every counter in the order it was made, for `to_follow`'s turns (a pass costs its
+        # batch, not a list of every counter: 20 ms a second at 250,000); dropped ones stay
+        # until they are half of it (`_dropped`).
+        self._order: list[str] = []
+        self._dropped = 0
         self._swept_at = self._next_sweep = 0.0
         self._clock = clock if clock is not None else time.time  # looked up now: a test's clock too
 
@@ -197,10 +202,15 @@ class LocalBudgetStore:
 
     def _add(self, c: Charge, amount: int) -> None:
         if c.period.rolling:
-            slots = self._rolling.setdefault(c.store_key, {})
+            if (slots := self._rolling.get(c.store_key)) is None:
+                slots = self._rolling[c.store_key] = {}
+                self._order.append(c.store_key)
             slots[c.period.slot] = slots.get(c.period.slot, 0) + amount
+        elif (was := self._cal.get(c.store_key)) is None:
+            self._cal[c.store_key] = amount
+            self._order.append(c.store_key)
         else:
-            self._cal[c.store_key] = self._cal.get(c.store_key, 0) + amount
+            self._cal[c.store_key] = was + amount
         self._keep_until(c.store_key, counter_end(c.period))
 
     def _keep_until(self, store_key: str, end: float) -> None:
@@ -233,9 +243,13 @@ class LocalBudgetStore:
                     self._cal.pop(key, None)
                     self._rolling.pop(key, None)
                     dropped += 1
+                    self._dropped += 1
             if keys:
                 break
             del self._ending[hour]
+        if self._dropped * 2 > len(self._order):  # `to_follow`'s turns: a turn under way skips a few, once
+            self._order = [*self._cal, *(k for k in self._rolling if k not in self._cal)]
+            self._dropped = 0
         more = any((h + 1) * 3600 <= now for h in self._ending)
         self._swept_at, self._next_sweep = now, now + (1.0 if more else SWEEP_EVERY_S)
         return dropped
@@ -268,6 +282,8 @@ class LocalBudgetStore:
     def add_read_back(self, store_key: str, amount: int, slot: int = -1, period: Period | None = None) -> None:
         """Adds spend read back from the ledger to a counter (a rolling window's `slot`); its
         `period` when the caller knows it (else the end is read from the key's name)."""
+        if store_key not in self._cal and store_key not in self._rolling:
+            self._order.append(store_key)
         if slot >= 0:
             slots = self._rolling.setdefault(store_key, {})
             slots[slot] = slots.get(slot, 0) + amount
@@ -287,11 +303,10 @@ class LocalBudgetStore:
     def to_follow(self, start: int, most: int) -> tuple[list[str], list[str], int]:
         """Up to `most` counters from the `start`-th: calendar ones and rolling windows, and where
         the next call starts (0 after the last)."""
-        keys = [*self._cal, *self._rolling]
-        picked = keys[start : start + most]
+        picked = self._order[start : start + most]
         cal = [k for k in picked if k in self._cal]
-        rolling = [k for k in picked if k in self._rolling and k not in self._cal]
-        return cal, rolling, start + most if start + most < len(keys) else 0
+        rolling = [k for k in picked if k in self._rolling] if self._rolling else []
+        return cal, rolling, start + most if start + most < len(self._order) else 0
 
     def follow(self, cal: dict[str, int], rolling: dict[str, dict[int, int]]) -> None:
         """Sets counters this process holds to what the shared store holds (read by the caller):

@@ -270,6 +270,19 @@ class Ledger:
         failed batches (what a crash at this moment would lose)."""
         return len(self._queue) + self._inflight + sum(len(h.pending) for h in self._retry)
 
+    def unwritten(self, wait: float) -> tuple[list[RequestRecord], list[Row]] | None:
+        """This process's records and journal rows (request id, ts, store key, amount) not in
+        the store yet: kept from failed batches, and waiting. None when a flush held the writer
+        for `wait` seconds (a batch under way is in neither)."""
+        if not self._lock.acquire(timeout=wait):
+            return None
+        try:
+            records = [p.rec for h in self._retry for p in h.pending] + list(self._queue)
+            journal = [j[1:] for h in self._retry for j in h.journal] + list(self._journal)
+            return records, journal
+        finally:
+            self._lock.release()
+
     def _run(self) -> None:
         if self.low_priority:  # a flush waits for the loop, never the other way round
             lower_priority()

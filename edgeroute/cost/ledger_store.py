@@ -200,9 +200,11 @@ class Backend(Protocol):
         """Runs a read query written with `?` placeholders, on its own connection."""
         ...
 
-    def snapshot(self) -> contextlib.AbstractContextManager[Reader]:
+    def snapshot(self, within: float | None = None) -> contextlib.AbstractContextManager[Reader]:
         """A reader whose queries all see the store as one moment left it (one read transaction):
-        what another connection commits after the first of them, none of them sees."""
+        what another connection commits after the first of them, none of them sees. With
+        `within` (seconds), its queries fail once that long has passed: one blocked on a lock
+        (a migration's, a VACUUM FULL's) or scanning millions of rows ends instead of holding its thread."""
         ...
 
     def close(self) -> None: ...
@@ -425,19 +427,22 @@ class SqliteBackend:
     def scalar(self, sql: str) -> int:
         return int(self._conn.execute(sql).fetchone()[0])
 
-    def _reader(self) -> sqlite3.Connection:
+    def _reader(self, timeout: float = 10.0) -> sqlite3.Connection:
         # Autocommit: a snapshot's BEGIN is its own (no transaction the module opens or ends).
-        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, isolation_level=None)
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
 
     def query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         with contextlib.closing(self._reader()) as conn:
             return list(conn.execute(sql, tuple(params)).fetchall())
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Reader]:
+    def snapshot(self, within: float | None = None) -> Iterator[Reader]:
         # A deferred BEGIN: the first read takes the WAL's snapshot and the others read it too,
         # whatever the writer commits meanwhile. Closing the connection ends the transaction.
-        with contextlib.closing(self._reader()) as conn:
+        with contextlib.closing(self._reader(10.0 if within is None else min(10.0, within))) as conn:
+            if within is not None:  # a non-zero return interrupts the statement: its time is up
+                end = time.monotonic() + within
+                conn.set_progress_handler(lambda: int(time.monotonic() > end), sqlite_wal.PROGRESS_STEPS)
             conn.execute("BEGIN")
             yield _Snapshot(self.dialect, lambda sql, params: list(conn.execute(sql, tuple(params)).fetchall()))
 
@@ -591,11 +596,19 @@ class PostgresBackend:
             return _pg_rows(conn, sql, params)
 
     @contextlib.contextmanager
-    def snapshot(self) -> Iterator[Reader]:
+    def snapshot(self, within: float | None = None) -> Iterator[Reader]:
         # REPEATABLE READ: the transaction's first query takes the snapshot every later one reads.
         with self._reader() as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            yield _Snapshot(self.dialect, lambda sql, params: _pg_rows(conn, sql, params))
+            end = time.monotonic() + (within or 0.0)
+
+            def rows(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+                if within is not None:  # what is left of it (SET LOCAL: the kept connection has none after)
+                    left = int((end - time.monotonic()) * 1000)
+                    conn.execute(f"SET LOCAL statement_timeout = {max(1, left)}")
+                return _pg_rows(conn, sql, params)
+
+            yield _Snapshot(self.dialect, rows)
             conn.execute("ROLLBACK")  # read only: nothing to keep (on an error the connection is closed)
 
     def close(self) -> None:

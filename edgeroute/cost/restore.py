@@ -71,11 +71,17 @@ def _slot_sql(dialect: str, size: float) -> str:
 
 
 def budget_spend(
-    db: Reader, budgets: Sequence[Budget], now: float, until: float | None = None, in_flight: set[str] | None = None
+    db: Reader,
+    budgets: Sequence[Budget],
+    now: float,
+    until: float | None = None,
+    in_flight: set[str] | None = None,
+    most: int | None = None,
 ) -> dict[tuple[str, int], int]:
     """Each budget's spend in its current period, per subject (and rolling slot), by requests
     that started before `until` (all when None), in-flight reservations included (their
-    requests' ids added to `in_flight`)."""
+    requests' ids added to `in_flight`); with `most`, only the subjects that spent the most of
+    a budget per subject (they share its limit: those nearest to it)."""
     end = until if until is not None else now + B.READ_AHEAD_S  # a clock that moved back: still counted
     out: dict[tuple[str, int], int] = defaultdict(int)
     periods = {b.name: B.period_of(b, now) for b in budgets}
@@ -91,6 +97,8 @@ def budget_spend(
                 where.append(f"{col} = ?")
                 params.append(b.match)
         sql = f"SELECT {col}, {slot}, SUM(cost_usd) FROM spend WHERE {' AND '.join(where)} GROUP BY 1, 2"
+        if most is not None and b.scope != "global" and b.match is None:
+            sql += f" ORDER BY 3 DESC LIMIT {int(most)}"
         for subject, s, usd in db.query(sql, params):
             if p.rolling and int(s) < p.first_slot:
                 continue
@@ -174,6 +182,68 @@ def _unsettled(
                 break
 
 
+@dataclass(slots=True, frozen=True)
+class Unwritten:
+    """A record the ledger holds in memory, not in the store yet: what a budget counts of it."""
+
+    request_id: str
+    ts: float
+    subjects: Mapping[str, str | None]  # a budget's scope -> its subject (key, team, user, model, global)
+    key: str | None
+    cost_usd: float
+
+
+def add_unwritten(
+    found: Restored,
+    budgets: Sequence[Budget],
+    key_budgets: Sequence[KeyBudget],
+    records: Sequence[Unwritten],
+    journal: Sequence[tuple[str, float, str, int]],
+) -> Restored:
+    """`found` with what this process spent that the ledger could not write yet: its records
+    (those whose reservation `found` counts in flight are counted so already, at their
+    maximum) and the reservations of its requests still running (journal rows: request id,
+    ts, store key, nano-USD)."""
+    out: dict[tuple[str, int], int] = defaultdict(int, found.budgets)
+    in_flight = set(found.in_flight)
+    periods = {b.name: B.period_of(b, found.read_at) for b in [*budgets, *(k.budget for k in key_budgets)]}
+
+    def add(b: Budget, subject: str, ts: float, amount: int) -> None:
+        p = periods[b.name]
+        slot = int(ts // p.slot_s) if p.rolling else -1
+        if ts >= p.starts_at and (not p.rolling or slot >= p.first_slot):
+            out[(f"{b.name}:{subject}:{p.id}", slot)] += amount
+
+    done = set()
+    for r in records:
+        done.add(r.request_id)
+        if r.request_id in in_flight:
+            continue
+        for b in budgets:
+            subject = r.subjects.get(b.scope)
+            if subject is not None and (b.match is None or subject == b.match):
+                add(b, subject, r.ts, B.to_nano(r.cost_usd))
+        for k in key_budgets:
+            if r.key is not None and r.key in k.spenders:
+                add(k.budget, str(k.budget.match), r.ts, B.to_nano(r.cost_usd))
+    every = [*budgets, *(k.budget for k in key_budgets)]
+    # A budget with `match` has one counter in its period (every managed key's: thousands).
+    exact = {f"{b.name}:{b.match}:{periods[b.name].id}": b for b in every if b.match is not None}
+    per_subject = [b for b in every if b.match is None]
+    for request_id, ts, store_key, amount in journal:
+        if request_id in done:
+            continue
+        hit = exact.get(store_key)
+        for b in [hit] if hit is not None else per_subject:
+            suffix = f":{periods[b.name].id}"
+            if store_key.startswith(f"{b.name}:") and store_key.endswith(suffix):
+                add(b, store_key[len(b.name) + 1 : -len(suffix)], ts, int(amount))
+                in_flight.add(request_id)
+                break
+    budgets_out = {k: min(v, B.MAX_CHARGE_NANO) for k, v in out.items()}
+    return Restored(budgets_out, found.buckets, found.read_at, frozenset(in_flight))
+
+
 def _limit_names(
     cfg: Config, key: str | None, route: str, deployment: str | None, key_limits: Mapping[str, Limit]
 ) -> list[tuple[str, Limit]]:
@@ -198,10 +268,12 @@ def bucket_usage(
     used: dict[tuple[str, str], float] = defaultdict(float)
     limits: dict[tuple[str, str], int] = {}
     # A request refused before it was routed (an unknown model, a body that is not JSON) took
-    # nothing from a bucket: it has no route, though its key is recorded.
+    # nothing from a bucket: it has no route, though its key is recorded. Nor did one its rate
+    # limit (or its key's parallel cap) refused: counted, a client retrying its 429s was locked
+    # out a minute past its limit after a Redis flush.
     sql = (
         "SELECT key_id, route, deployment, ts, prompt_tokens + completion_tokens FROM spend "
-        f"WHERE ts >= ? AND {_NOT_SHADOW} AND route <> ''"
+        f"WHERE ts >= ? AND {_NOT_SHADOW} AND route <> '' AND NOT (outcome = 'rate_limited' AND attempts = 0)"
     )
     for key, route, deployment, ts, tokens in db.query(sql, [now - WINDOW_S]):
         weight = max(0.0, 1.0 - (now - float(ts)) / WINDOW_S)  # what the bucket has not refilled yet
@@ -239,14 +311,42 @@ def read(
     and the rate-limit windows (at start), or just `budgets` and `key_budgets` by requests that
     started before `until` (a budget added by a reload, or a key's budget first seen)."""
     now = time.time() if now is None else now
+    if budgets is None:
+        return _read(db, cfg, now, key_budgets, key_limits)
+    return spent(db, budgets, now, until, key_budgets)
+
+
+def spent(
+    db: Backend,
+    budgets: Sequence[Budget],
+    now: float,
+    until: float | None = None,
+    key_budgets: Sequence[KeyBudget] = (),
+    within: float | None = None,
+    most: int | None = None,
+) -> Restored:
+    """`budgets`' and `key_budgets`' spend (no rate-limit windows), in one snapshot whose
+    queries fail after `within` seconds; `most`: see `budget_spend`."""
+    in_flight: set[str] = set()
+    with db.snapshot(within) as at:
+        keyed = key_budget_spend(at, key_budgets, now, until, in_flight) if key_budgets else {}
+        found = budget_spend(at, budgets, now, until, in_flight, most) | keyed
+        return Restored(found, [], now, frozenset(in_flight))
+
+
+def _read(
+    db: Backend,
+    cfg: Config,
+    now: float,
+    key_budgets: Sequence[KeyBudget],
+    key_limits: Mapping[str, Limit] | None,
+) -> Restored:
     in_flight: set[str] = set()
     # Every read at one moment: a request whose spend row another writer committed between
     # two of them was counted in neither (its spend row read before it was there, its
     # reservation after it was settled) or both ways (spent in one counter, in flight in
     # another): Redis's refill then kept no give-back for it, or gave one back from its cost.
     with db.snapshot() as at:
-        keyed = key_budget_spend(at, key_budgets, now, until, in_flight) if key_budgets else {}
-        if budgets is not None:
-            return Restored(budget_spend(at, budgets, now, until, in_flight) | keyed, [], now, frozenset(in_flight))
-        spent = budget_spend(at, cfg.budgets.limits, now, None, in_flight) | keyed
-        return Restored(spent, bucket_usage(at, cfg, now, key_limits), now, frozenset(in_flight))
+        keyed = key_budget_spend(at, key_budgets, now, None, in_flight) if key_budgets else {}
+        found = budget_spend(at, cfg.budgets.limits, now, None, in_flight) | keyed
+        return Restored(found, bucket_usage(at, cfg, now, key_limits), now, frozenset(in_flight))

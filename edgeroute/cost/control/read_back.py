@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
+from edgeroute.accounting import RequestRecord
 from edgeroute.config import Budget, Config
 from edgeroute.config.schema import MAX_FLUSH_INTERVAL_S
 from edgeroute.cost import budgets as B
@@ -35,6 +38,12 @@ log = logging.getLogger("edgeroute.cost")
 # How long reloaded budgets wait for the previous config's requests before reading the
 # ledger (streams end by their total timeout; this bounds a request that never ends).
 RESTORE_WAIT_S = 600.0
+# The fail-open ledger read (`_read_ledger_now`): its deadline, and the subjects of a budget
+# per user (team, key, model) it counts, those that spent the most.
+LEDGER_READ_WITHIN_S = 5.0
+LEDGER_READ_MOST = 1000
+UNWRITTEN_WAIT_S = 2.0  # how long a refill waits for a ledger flush under way to take its records
+T = TypeVar("T")
 
 
 class ReadBack(Stores):
@@ -108,22 +117,27 @@ class ReadBack(Stores):
         """Every budget's spend this period and the last minute's rate-limit use, from the
         ledger: this instance's records written first, and the other instances' given the
         longest flush interval a config may set (a request they answered just before Redis lost
-        its budgets settles into no counter: the ledger is where it counts)."""
+        its budgets settles into no counter: the ledger is where it counts). A ledger that does
+        not write lacks this instance's records (those it admitted while Redis was down among
+        them): they are added from its memory, where they wait."""
         ledger = self.ledger
         assert ledger is not None
         started = time.monotonic()
         await asyncio.to_thread(ledger.flush)
-        if ledger.failing_since is not None:
-            # A ledger that reads but does not write lacks this instance's records, those it
-            # admitted while Redis was down among them: a seed from it dropped that spend (28
-            # admitted against room for 20). Admission follows `on_unavailable` until it writes.
-            raise StoreUnavailable(f"the ledger is not writing ({ledger.queue_depth()} records of this instance)")
         await asyncio.sleep(max(0.0, MAX_FLUSH_INTERVAL_S + 0.25 - (time.monotonic() - started)))
 
         def read() -> LedgerSpend:  # in a thread: thousands of keys take a while
             keyed = self._key_counters()
             limits = self.keys.limits() if self.keys is not None else None
+            # Taken before the ledger is read: one written meanwhile counts twice (never not at all).
+            held = ledger.unwritten(UNWRITTEN_WAIT_S) if ledger.failing_since is not None else ([], [])
+            if held is None:
+                raise StoreUnavailable(f"the ledger is not writing ({ledger.queue_depth()} records of this instance)")
             found = restore.read(ledger.backend, self.cfg, key_budgets=keyed, key_limits=limits)
+            records, journal = held
+            if records or journal:
+                unwritten = [_unwritten(r) for r in records if r.shadow_of is None]
+                found = restore.add_unwritten(found, self.cfg.budgets.limits, keyed, unwritten, journal)
             return found.budgets, found.in_flight, found.buckets
 
         return await asyncio.to_thread(read)
@@ -162,23 +176,37 @@ class ReadBack(Stores):
         """With the shared store failing (fail open): this process's counters raised to what the
         ledger says was spent, in the background (never lowered: its own records not written
         yet are in them). They followed Redis's only for counters this process knew; a budget
-        (or a period) another instance spent on since was admitted again in full."""
+        (or a period) another instance spent on since was admitted again in full.
+
+        The budgets only (no rate-limit windows), the most spent subjects of a per-subject
+        budget (`LEDGER_READ_MOST`), in a thread of its own (one read at a time: `Stores`),
+        stopped after `LEDGER_READ_WITHIN_S`: a ledger locked by a migration, or a month of a
+        million rows, held every fail-open request 2 s and the default executor's threads."""
         ledger = self.ledger
         if ledger is None:
             return None
+        budgets, keyed = self.cfg.budgets.limits, self._key_counters()
 
-        async def read() -> None:
+        def read() -> Restored:
+            return restore.spent(
+                ledger.backend,
+                budgets,
+                time.time(),
+                key_budgets=keyed,
+                within=LEDGER_READ_WITHIN_S,
+                most=LEDGER_READ_MOST,
+            )
+
+        async def raise_counters() -> None:
             try:
-                found = await asyncio.to_thread(
-                    restore.read, ledger.backend, self.cfg, key_budgets=self._key_counters()
-                )
-            except Exception as e:  # the database down too: this process's counters as they are
+                found = await _own_thread(read)
+            except Exception as e:  # the database down or slow too: this process's counters as they are
                 log.warning("shared state unavailable, and the ledger could not be read (%s)", type(e).__name__)
                 return
             for (key, slot), amount in found.budgets.items():
                 self.local_budgets.raise_read_back(key, amount, slot)
 
-        task = asyncio.get_running_loop().create_task(read())
+        task = asyncio.get_running_loop().create_task(raise_counters())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -225,6 +253,38 @@ class ReadBack(Stores):
                     await self.shared.add_spent(spent, p.ttl_s)
             except StoreUnavailable as e:
                 log.warning("budget %s: its spend so far could not reach the shared store (%s)", b.name, e)
+
+
+async def _own_thread(fn: Callable[[], T]) -> T:
+    """`fn()` in a thread of its own (daemon: a close does not wait for it), not the default
+    executor's: the proxy's other blocking work (the ledger's flush, request bodies) must not
+    wait behind a slow read."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, e)
+            return
+        loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="edgeroute-ledger-read", daemon=True).start()
+    return await done
+
+
+def _unwritten(r: RequestRecord) -> restore.Unwritten:
+    subjects = {"key": r.key, "team": r.team, "user": r.user, "model": r.route, "global": "*"}
+    return restore.Unwritten(r.request_id, r.started, subjects, r.key, r.cost_usd)
 
 
 def _only_writer(cfg: Config) -> bool:

@@ -29,9 +29,10 @@ log = logging.getLogger("edgeroute.cost")
 FOLLOW_S = 1.0  # how often this process's counters follow Redis's (one script, not per request)
 FOLLOW_MOST = 5000  # counters read per pass; more are read in turns
 # With Redis failing: the ledger is read (raising this process's counters) at most this often,
-# and a fail-open reservation waits this long at most for that read.
+# one read at a time, and fail-open reservations wait for it at most this long from its start
+# (after that they are admitted on this process's counters while it finishes).
 LEDGER_READ_EVERY_S = 10.0
-LEDGER_READ_WAIT_S = 2.0
+LEDGER_READ_WAIT_S = 0.2
 
 
 def workers_store() -> SqliteState | None:
@@ -89,7 +90,8 @@ class Stores:
                 "shared state unavailable (%s: %s); failing %s", what, e, "open" if self.fail_open else "closed"
             )
         self._down_until = time.monotonic() + 1.0
-        if self.fail_open and time.monotonic() - self._ledger_read_at >= LEDGER_READ_EVERY_S:
+        reading = self._ledger_read is not None and not self._ledger_read.done()
+        if self.fail_open and not reading and time.monotonic() - self._ledger_read_at >= LEDGER_READ_EVERY_S:
             self._ledger_read_at = time.monotonic()
             self._ledger_read = self._read_ledger_now()
         if not self.fail_open:
@@ -147,10 +149,12 @@ class Stores:
                 return await self._shared_reserve(self.shared, charges, now), True
             except StoreUnavailable as e:
                 self._unavailable("budgets", e)
-        if (read := self._ledger_read) is not None and not read.done():
+        left = self._ledger_read_at + LEDGER_READ_WAIT_S - time.monotonic()
+        if (read := self._ledger_read) is not None and not read.done() and left > 0:
             # Counters raised to what the ledger holds first: the other instances' spend on a
-            # budget (or period) this process never counted was admitted again in full.
-            await asyncio.wait([read], timeout=LEDGER_READ_WAIT_S)
+            # budget (or period) this process never counted was admitted again in full. Not
+            # for long: a locked or large ledger held every fail-open request 2 s.
+            await asyncio.wait([read], timeout=left)
         return self.local_budgets.reserve_now(charges), False
 
     async def _shared_reserve(
