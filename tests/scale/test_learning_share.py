@@ -22,7 +22,15 @@ def shared_learner(url: str, strong: Any, weak: Any, **extra: Any) -> dict[str, 
     `url` under a prefix of its own."""
     prefix = f"edgeroute-learn-{os.getpid()}-{os.urandom(4).hex()}"
     shared = {"redis_url": url, "prefix": prefix, "timeout_ms": 2000}
-    return config(strong, weak, learning={"feedback": {"max_shift": 0.1}}, shared_state=shared, **extra)
+    cfg = config(strong, weak, learning={"feedback": {"max_shift": 0.1}}, shared_state=shared, **extra)
+    return with_weak_ab(cfg)
+
+
+def with_weak_ab(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with `weak-ab`, an experiment sending every request to the weak route: a score
+    teaches only a route routing chose, not one the client named (`model: weak`)."""
+    cfg["models"]["weak-ab"] = {"experiment": {"variants": [{"route": "weak", "percent": 100}]}}
+    return cfg
 
 
 async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
@@ -37,7 +45,7 @@ async def test_feedback_is_shared_between_instances(pair, start_proxy) -> None:
     p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
     assert (await served_by(c1, text))[0] == "strong"
-    ids = [(await served_by(c1, text, model="weak"))[1].headers["x-request-id"] for _ in range(40)]
+    ids = [(await served_by(c1, text, model="weak-ab"))[1].headers["x-request-id"] for _ in range(40)]
     redis = aioredis.Redis.from_url(url)
 
     async def all_shared() -> int:  # the served requests reach Redis in instance 1's next batch
@@ -80,7 +88,7 @@ async def test_feedback_right_after_the_answer_reaches_the_other_instance(pair, 
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
     async with aiohttp.ClientSession() as s:
         for _ in range(3):
-            rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+            rid = (await served_by(c1, "What is 17 times 23?", model="weak-ab"))[1].headers["x-request-id"]
             async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 0.0}) as r:
                 assert r.status == 200, await r.text()
                 assert (await r.json())["route"] == "weak"
@@ -97,7 +105,7 @@ async def test_a_new_redis_starts_from_the_state_file_once(pair, start_proxy, tm
     cfg["learning"]["feedback"]["state_path"] = str(state)
     p1, p2 = await start_proxy(cfg), await start_proxy(cfg)
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
-    rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+    rid = (await served_by(c1, "What is 17 times 23?", model="weak-ab"))[1].headers["x-request-id"]
     async with aiohttp.ClientSession() as s:
         async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
             assert r.status == 200, await r.text()
@@ -125,7 +133,7 @@ async def test_a_redis_restarted_empty_keeps_what_was_learned(pair, start_proxy)
     c1 = openai.AsyncOpenAI(base_url=p1.url + "/v1", api_key="x")
 
     async def rate_one() -> None:
-        rid = (await served_by(c1, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+        rid = (await served_by(c1, "What is 17 times 23?", model="weak-ab"))[1].headers["x-request-id"]
         async with aiohttp.ClientSession() as s:
             async with s.post(p2.url + "/v1/feedback", json={"request_id": rid, "score": 1.0}) as r:
                 assert r.status == 200, await r.text()
@@ -173,7 +181,7 @@ async def test_sums_written_before_the_seeded_mark_are_kept_not_doubled(pair, st
         await redis.aclose()
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x")
-    rid = (await served_by(client, "What is 17 times 23?", model="weak"))[1].headers["x-request-id"]
+    rid = (await served_by(client, "What is 17 times 23?", model="weak-ab"))[1].headers["x-request-id"]
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/feedback", json={"request_id": rid, "score": 0.0}) as r:
             assert r.status == 200, await r.text()

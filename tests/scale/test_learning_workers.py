@@ -19,6 +19,7 @@ import openai
 
 from tests.conftest import eventually
 from tests.scale.support import Instance, Spawn
+from tests.scale.test_learning_share import with_weak_ab
 from tests.test_selection import config
 
 QUESTION = "What is 17 times 23?"
@@ -29,7 +30,7 @@ async def _weak_request_ids(url: str, n: int) -> list[str]:
     for _ in range(n):  # a client of its own each: the kernel spreads new connections over the workers
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
             raw = await client.chat.completions.with_raw_response.create(
-                model="weak", messages=[{"role": "user", "content": QUESTION}]
+                model="weak-ab", messages=[{"role": "user", "content": QUESTION}]
             )
             ids.append(raw.headers["x-request-id"])
     return ids
@@ -62,7 +63,7 @@ async def test_workers_pool_feedback_and_keep_it_across_a_restart(
 ) -> None:
     strong, weak = await start_upstream(), await start_upstream()
     state = tmp_path / "learning.json"
-    cfg = config(strong, weak, learning={"feedback": {"max_shift": 0.1, "state_path": str(state)}})
+    cfg = with_weak_ab(config(strong, weak, learning={"feedback": {"max_shift": 0.1, "state_path": str(state)}}))
     first = await spawn(cfg, "--workers", "2", name="first")
     ids = await _weak_request_ids(first.url, 12)
     assert [await _rate(first.url, rid) for rid in ids] == [200] * 12
