@@ -227,7 +227,11 @@ async def test_each_endpoint_is_mirrored_in_the_candidates_format(
     hdrs = sent["headers"]
     assert KEY not in orjson.dumps(sent).decode() and "x-client-private" not in hdrs
     assert set(hdrs) - chat_headers <= ({"anthropic-beta"} if endpoint == "messages" else set())
-    pair = next(p for p in proxy.app[SHADOW_LOG].pairs if p["request_id"] == got.request_id)
+
+    async def paired() -> dict[str, Any] | None:  # written after the mirror's record: polled
+        return next((p for p in proxy.app[SHADOW_LOG].pairs if p["request_id"] == got.request_id), None)
+
+    pair = await eventually(paired, f"the shadow pair of {got.request_id}", within=15)
     assert pair["primary"]["answer"] == got.text and pair["shadow"]["answer"]
     assert pair["shadow"]["route"] == f"s-{target}" and pair["shadow"]["status"] == 200
 
