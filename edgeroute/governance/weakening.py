@@ -136,8 +136,9 @@ def _rules(data: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(rules, key=lambda r: -_priority(r))
 
 
-# A rule's priority read as the config reads it (lax: `"10"` and `10.0` are 10, as the core sees them).
-_PRIORITY: TypeAdapter[int] = TypeAdapter(Rule.model_fields["priority"].annotation)
+# A rule's priority read as the config reads it (`Rule.priority: int`, lax: `"10"` and `10.0` are
+# 10, as the core sees them).
+_PRIORITY: TypeAdapter[int] = TypeAdapter(int)
 
 
 def _priority(rule: dict[str, Any]) -> float:
