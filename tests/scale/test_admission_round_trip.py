@@ -13,6 +13,7 @@ import openai
 
 from edgeroute.config import Budget, SharedState
 from edgeroute.cost import budgets as B
+from edgeroute.cost.control import stores
 from edgeroute.cost.limits import Take
 from edgeroute.cost.redis_store import RedisState
 from tests.metrics_support import scrape
@@ -52,8 +53,11 @@ async def _settled(url: str) -> int:
 
 
 async def test_admission_is_one_script_and_settlement_follows_in_the_background(
-    start_upstream, redis_server: RedisServer
+    start_upstream, redis_server: RedisServer, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
+    # The fail-open counters follow Redis's once a second (one script a second, not per request):
+    # out of this count of scripts per request.
+    monkeypatch.setattr(stores, "FOLLOW_S", 3600.0)
     up = await start_upstream(reply_words=5)
     cfg = one_deployment(
         up.base_url,
