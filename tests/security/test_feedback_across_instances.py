@@ -30,7 +30,7 @@ async def test_one_request_moves_the_shared_learner_once(start_upstream: Any, st
     prefix = cfg["shared_state"]["prefix"]
     instances = [await start_proxy(cfg) for _ in range(3)]
     client = openai.AsyncOpenAI(base_url=instances[0].url + "/v1", api_key="x")
-    _, raw = await served_by(client, "What is 17 times 23?", model="weak")
+    _, raw = await served_by(client, "What is 17 times 23?", model="weak-ab")
     rid = raw.headers["x-request-id"]
     async with aiohttp.ClientSession() as s:
         for p in instances + instances:  # the same score, sent to each instance twice
