@@ -114,13 +114,10 @@ async def test_outage_spend_survives_a_refill_while_the_ledger_cannot_write(
     relay, relayed = await _relay(redis_url)
     up = await start_upstream(reply_words=40)
     prefix = f"fleet-{uuid.uuid4().hex[:8]}"
-    schema = pg_schema_dsn.rpartition("search_path%3D")[2]
     r = aioredis.Redis.from_url(redis_url)
 
     def grant(verb: str) -> None:
-        with psycopg.connect(pg_schema_dsn, autocommit=True) as db:
-            who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
-            db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
+        _grant(pg_schema_dsn, verb)
 
     try:
         async with cost_proxy(_config(up.base_url, relayed, prefix, pg_schema_dsn)) as a:
@@ -206,15 +203,12 @@ async def test_closed_redis_back_empty_while_the_ledger_cannot_write_is_refilled
     redis_url = require_redis()
     up = await start_upstream(reply_words=40)
     prefix = f"fleet-{uuid.uuid4().hex[:8]}"
-    schema = pg_schema_dsn.rpartition("search_path%3D")[2]
     cfg = _config(up.base_url, redis_url, prefix, pg_schema_dsn)
     cfg["shared_state"]["on_unavailable"] = "closed"
     r = aioredis.Redis.from_url(redis_url)
 
     def grant(verb: str) -> None:
-        with psycopg.connect(pg_schema_dsn, autocommit=True) as db:
-            who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
-            db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
+        _grant(pg_schema_dsn, verb)
 
     try:
         async with cost_proxy(cfg) as a, openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=USER, max_retries=0) as ca:
@@ -268,3 +262,11 @@ async def test_a_refill_counts_no_429_as_use(start_upstream: Any, pg_schema_dsn:
             assert 200 in seen, f"still refused 30 s after the flush: {len(seen)} x 429"
     finally:
         await r.aclose()
+
+
+def _grant(dsn: str, verb: str) -> None:
+    """GRANT or REVOKE this role's INSERT and UPDATE on the test's schema: a ledger that cannot write."""
+    schema = dsn.rpartition("search_path%3D")[2]
+    with psycopg.connect(dsn, autocommit=True) as db:
+        who = "FROM CURRENT_USER" if verb == "REVOKE" else "TO CURRENT_USER"
+        db.execute(f"{verb} INSERT, UPDATE ON ALL TABLES IN SCHEMA {schema} {who}")
