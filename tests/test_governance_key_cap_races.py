@@ -15,10 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from edgeroute import config as config_mod
-from edgeroute.server import create_app
-from tests.conftest import ProxyTestServer, eventually, simple_config
+from tests.conftest import eventually, simple_config
 from tests.governance_support import call
+from tests.test_cost_support import cost_proxy
 
 ADMIN = "tok-admin-0123456789"
 CAP = 3
@@ -34,12 +33,8 @@ def _cfg(up: Any, ledger: dict[str, Any]) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def _proxy(cfg: dict[str, Any]) -> AsyncIterator[str]:
-    server = ProxyTestServer(create_app(config_mod.parse(cfg, "test.yaml"), "test.yaml"))
-    await server.start_server()
-    try:
-        yield f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with cost_proxy(cfg) as p:  # the app from the config, served as `edgeroute serve` does
+        yield p.url
 
 
 async def _create_at_once(urls: list[str], n: int, fields: dict[str, Any]) -> list[int]:
