@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import free_requests, openai_api, redact, sse
+from edgeroute import free_requests, large_json, openai_api, redact, sse
 from edgeroute.accounting import Usage
 from edgeroute.cost import media
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
@@ -412,7 +412,7 @@ async def read_request(request: web.Request, *, counting: bool = False) -> bytes
 
 def _translated(raw: bytes, counting: bool) -> bytes:
     try:
-        req = orjson.loads(raw)
+        req = large_json.loads(raw)
     except orjson.JSONDecodeError:
         raise _bad("The request body is not valid JSON.") from None
     return orjson.dumps(to_openai(req, counting=counting, native=counting))  # counted: server tool turns too

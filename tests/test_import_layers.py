@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.words",
             "edgeroute.headers",
             "edgeroute.sse",
+            "edgeroute.large_json",
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.redis_client",
