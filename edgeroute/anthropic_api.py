@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -40,6 +40,19 @@ from edgeroute.request_input import read_body
 from edgeroute.state import STATE
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+_UNDER = "/v1/messages/"  # an unknown path under it (the SDK's `messages.batches`) is an Anthropic client's
+_MODELS = "/v1/models"  # asked with `anthropic-version` (the Anthropic SDK always sends it, OpenAI's never)
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether errors on `path` are in Anthropic's format whoever asks."""
+    return path in PATHS or path.startswith(_UNDER)
+
+
+def anthropic_client(path: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request for `path` is an Anthropic client's, its errors in Anthropic's format."""
+    return anthropic_path(path) or (path.startswith(_MODELS) and "anthropic-version" in headers)
+
 
 ERROR_TYPES = {
     400: "invalid_request_error",

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.headers",
             "edgeroute.sse",
             "edgeroute.large_json",
+            "edgeroute.anthropic_models",
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.redis_client",
