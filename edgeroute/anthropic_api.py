@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from edgeroute import free_requests, openai_api, redact, sse
+from edgeroute import free_requests, large_json, openai_api, redact, sse
 from edgeroute.accounting import Usage
 from edgeroute.cost import media
 from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
@@ -40,6 +40,19 @@ from edgeroute.request_input import read_body
 from edgeroute.state import STATE
 
 PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+_UNDER = "/v1/messages/"  # an unknown path under it (the SDK's `messages.batches`) is an Anthropic client's
+_MODELS = "/v1/models"  # asked with `anthropic-version` (the Anthropic SDK always sends it, OpenAI's never)
+
+
+def anthropic_path(path: str) -> bool:
+    """Whether errors on `path` are in Anthropic's format whoever asks."""
+    return path in PATHS or path.startswith(_UNDER)
+
+
+def anthropic_client(path: str, headers: Mapping[str, str]) -> bool:
+    """Whether a request for `path` is an Anthropic client's, its errors in Anthropic's format."""
+    return anthropic_path(path) or (path.startswith(_MODELS) and "anthropic-version" in headers)
+
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -412,7 +425,7 @@ async def read_request(request: web.Request, *, counting: bool = False) -> bytes
 
 def _translated(raw: bytes, counting: bool) -> bytes:
     try:
-        req = orjson.loads(raw)
+        req = large_json.loads(raw)
     except orjson.JSONDecodeError:
         raise _bad("The request body is not valid JSON.") from None
     return orjson.dumps(to_openai(req, counting=counting, native=counting))  # counted: server tool turns too

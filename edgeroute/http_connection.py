@@ -159,7 +159,7 @@ def malformed_answer(exc: HttpProcessingError, target: bytes = b"") -> bytes:
     else:
         status, reason = 400, "Bad Request"
         msg = "The request could not be parsed as HTTP/1.1 (malformed request line, headers or body)."
-    if target.partition(b"?")[0].decode("latin-1") in anthropic_api.PATHS:
+    if anthropic_api.anthropic_path(target.partition(b"?")[0].decode("latin-1")):
         error = {"type": anthropic_api.error_type(status), "message": msg}
         body = orjson.dumps({"type": "error", "error": error})
     else:

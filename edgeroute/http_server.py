@@ -252,4 +252,4 @@ def _expectation_failed(path: str) -> web.StreamResponse:
     resp.content_type = "application/json"
     resp.headers["Server"] = "edgeroute"  # answered before the application, whose signal sets it
     resp.force_close()
-    return anthropic_api.rewrite_error(resp) if path in anthropic_api.PATHS else resp
+    return anthropic_api.rewrite_error(resp) if anthropic_api.anthropic_path(path) else resp

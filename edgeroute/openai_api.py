@@ -15,7 +15,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, audio_owners, free_requests, headers, provider_files, service_tiers, shadow, sticky
+from edgeroute import (
+    _core,
+    anthropic_models,
+    audio_owners,
+    free_requests,
+    headers,
+    provider_files,
+    service_tiers,
+    shadow,
+    sticky,
+)
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
@@ -764,6 +774,9 @@ def _listed(request: web.Request, names: Iterable[str]) -> list[str]:
 async def list_models(request: web.Request) -> web.Response:
     live = request.app[STATE].live
     models = _listed(request, live.config.models)
+    if "anthropic-version" in request.headers:  # an Anthropic client: its SDK reads its own shape
+        body = anthropic_models.page(models, request.query)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
     data = [{"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"} for name in models]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
@@ -775,10 +788,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
         raise ProxyError(
             404, f"The model `{name}` does not exist or you do not have access to it.", code="model_not_found"
         )
-    return web.Response(
-        body=orjson.dumps({"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"}),
-        content_type="application/json",
-    )
+    if "anthropic-version" in request.headers:
+        obj: dict[str, Any] = anthropic_models.model(name)
+    else:
+        obj = {"id": name, "object": "model", "created": 0, "owned_by": "edgeroute"}
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 async def explain(request: web.Request) -> web.Response:

@@ -87,7 +87,7 @@ def _json_error(e: ProxyError) -> web.Response:
 async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one middleware every request passes (one layer, not four: it runs per request):
     client authentication and load shedding (`_admitted`), errors as JSON, and Anthropic's
-    error format on its paths."""
+    error format for its clients."""
     path = request.path
     try:
         resp = await (handler(request) if path in PUBLIC_PATHS else _admitted(request, handler))
@@ -114,7 +114,7 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         resp = web.Response(
             status=500, body=error_body(500, "Internal error in edgeroute."), content_type="application/json"
         )
-    return anthropic_api.rewrite_error(resp) if path in anthropic_api.PATHS else resp
+    return anthropic_api.rewrite_error(resp) if anthropic_api.anthropic_client(path, request.headers) else resp
 
 
 async def _admitted(request: web.Request, handler: Handler) -> web.StreamResponse:

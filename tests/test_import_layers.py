@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.words",
             "edgeroute.headers",
             "edgeroute.sse",
+            "edgeroute.large_json",
+            "edgeroute.anthropic_models",
             "edgeroute.secrets",
             "edgeroute.redact",
             "edgeroute.redis_client",

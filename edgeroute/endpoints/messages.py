@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edgeroute import _core, anthropic_api, sse
+from edgeroute import _core, anthropic_api, large_json, sse
 from edgeroute.accounting import (
     Usage,
     anthropic_server_tools,
@@ -553,18 +553,21 @@ def parse(lost: list[str], headers: dict[str, str], body: bytes) -> Parsed:
     )
 
 
-def _json(raw: bytes) -> Any:
+def _read(raw: bytes, beta: str | None) -> tuple[Any, list[str]]:
+    """The request in `raw` (None if not JSON) and what its chat translation would lose."""
     try:
-        return orjson.loads(raw)
+        req = large_json.loads(raw)
     except orjson.JSONDecodeError:
-        return None
+        return None, []
+    return req, lost_fields(req, beta) if isinstance(req, dict) else []
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
-    req = await asyncio.to_thread(_json, raw) if len(raw) > PARSE_ON_LOOP_BYTES else _json(raw)
     beta = request.headers.get("anthropic-beta")
-    lost = lost_fields(req, beta) if isinstance(req, dict) else []
+    # The scan for what would be lost walks every block: for a body of megabytes (millions of
+    # blocks, seconds of Python) it runs with the parse in a worker thread, the loop serving others.
+    req, lost = await asyncio.to_thread(_read, raw, beta) if len(raw) > PARSE_ON_LOOP_BYTES else _read(raw, beta)
     if not lost and _says_stop_sequence(req) and _reaches_anthropic(request.app[STATE].live, req.get("model")):
         lost = [STOP_SEQUENCES]
     if not lost:

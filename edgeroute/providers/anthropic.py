@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute import sse
 from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -256,7 +257,12 @@ class AnthropicAdapter(Adapter):
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         reply = oa.Reply()
-        for block in obj.get("content") or ():
+        content = obj.get("content") or ()
+        if (why := _unreadable_content(content)) is not None:
+            # A careless upstream's shape, not a bug of ours: one line, no traceback, and failed over.
+            oa.log.warning("provider %s sent a Messages answer whose %s: failed over", self.name, why)
+            raise sse.StreamProtocolError(f"sent a Messages answer whose {why}")
+        for block in content:
             if block.get("type") == "text":
                 reply.text.append(oa.text_field(block.get("text")))
             elif block.get("type") == "tool_use":
@@ -275,6 +281,15 @@ class AnthropicAdapter(Adapter):
 
     def health_headers(self) -> dict[str, str]:
         return self._auth_headers()
+
+
+def _unreadable_content(content: Any) -> str | None:
+    """What makes an answer's `content` unreadable (not a list of block objects), or None."""
+    if not isinstance(content, (list, tuple)):
+        return f"content is not a list of blocks (a {type(content).__name__})"
+    if not all(isinstance(b, dict) for b in content):
+        return "content holds a content block that is not an object"
+    return None
 
 
 def _given_input(value: Any) -> str:
