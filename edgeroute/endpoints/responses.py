@@ -87,15 +87,23 @@ class ResponsesRequest:
 
 
 class Via:
-    """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream."""
+    """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream,
+    and the deployment's adapter for the rest (an error before content is classified by its
+    rules, `in_band_failure`: without them every such error crashed into a failover storm)."""
 
     passthrough = False
 
-    def __init__(self, translator: StreamTranslator) -> None:
+    def __init__(self, translator: StreamTranslator, adapter: Adapter | None = None) -> None:
         self.translator = translator
+        self.adapter = adapter
 
     def stream_translator(self, model: str, include_usage: bool = False) -> StreamTranslator:
         return self.translator
+
+    def __getattr__(self, name: str) -> Any:
+        if self.adapter is None:  # `messages` builds one without it (see its `_hold_stream`)
+            raise AttributeError(name)
+        return getattr(self.adapter, name)
 
 
 class ResponsesCall(Call):
@@ -153,7 +161,7 @@ class ResponsesCall(Call):
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
             bounded = self.req.raw.get("max_output_tokens") is not None
             translator = ChatToResponses(self.req.raw, inner, self._counted_usage, bounded)
-        return await super()._hold_stream(resp, Via(translator))
+        return await super()._hold_stream(resp, Via(translator, adapter))
 
     def stream_of(self, got: JsonAnswer) -> bytes | None:
         return stream_of_response(got.body)  # a chat upstream's answer, already a Response

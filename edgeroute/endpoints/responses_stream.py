@@ -45,8 +45,39 @@ def has_content(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("type") in _CONTENT
 
 
-def _chat_error(message: str, code: str | None) -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
+def _chat_error(message: str, code: str | int | None, etype: str | None = None) -> bytes:
+    err = {"message": message, "code": code} if etype is None else {"message": message, "type": etype, "code": code}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+# The error `type` (`in_band_status` reads its HTTP twin) of a Responses stream's error codes,
+# which come without one (`response.failed`'s `error.code`, a flat `error` event's `code`).
+_CODE_TYPE = {
+    "rate_limit_exceeded": "rate_limit_error",
+    "server_error": "server_error",
+    "vector_store_timeout": "server_error",
+    "context_length_exceeded": "invalid_request_error",
+    "invalid_request_error": "invalid_request_error",
+    "rate_limit_error": "rate_limit_error",
+}
+_CLIENT_CODES = ("invalid_", "image_", "unsupported_", "empty_image", "failed_to_download")
+
+
+def _failure_event(obj: dict[str, Any], kind: str) -> bytes:
+    """A Responses stream's `error` event (flat, or its error under `error`) or `response.failed`
+    before content, as the chat error event the dispatch classifies: a client's invalid input is
+    the client's 4xx, a rate limit or server error fails over (typeless, all were server errors)."""
+    if kind == "response.failed":
+        err = obj["response"].get("error") if isinstance(obj.get("response"), dict) else None
+    else:
+        err = obj["error"] if isinstance(obj.get("error"), dict) else obj
+    err = err if isinstance(err, dict) else {}
+    code = err.get("code")
+    etype = err.get("type") if err.get("type") not in (None, "error") else None
+    if etype is None and isinstance(code, str):
+        etype = _CODE_TYPE.get(code) or ("invalid_request_error" if code.startswith(_CLIENT_CODES) else None)
+    said = str(err.get("message") or "the upstream failed")
+    return _chat_error(said, code if isinstance(code, str | int) else None, str(etype) if etype else None)
 
 
 class UnreadableEvent(ValueError):
@@ -126,9 +157,7 @@ class NativeStream:
                 break
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)
-                err = obj.get("response", {}).get("error") if kind == "response.failed" else obj
-                err = err if isinstance(err, dict) else {}
-                out.append(_chat_error(str(err.get("message") or "the upstream failed"), err.get("code")))
+                out.append(_failure_event(obj, kind))
                 continue
             self._content = self._content or has_content(obj)
             out.append(ev + b"\n\n")
