@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -132,3 +133,113 @@ async def test_a_native_responses_stream_that_fails_upstream_fails_over(
     assert (a.calls, b.calls) == (1, 1)
     rec = await _record(proxy)
     assert rec.status == 200 and [t.outcome for t in rec.attempts] == [outcome, "success"]
+
+
+# -- a 200 JSON body that is an error ---------------------------------------------------------------
+
+_INVALID = {"error": {"message": "prompt bad", "type": "invalid_request_error", "param": None, "code": None}}
+
+
+async def _completions(client: openai.AsyncOpenAI) -> str:
+    return (await client.completions.create(model="m", prompt="hi")).choices[0].text
+
+
+async def _embeddings(client: openai.AsyncOpenAI) -> str:
+    return str((await client.embeddings.create(model="m", input="hi")).data[0].embedding)
+
+
+async def _responses(client: openai.AsyncOpenAI) -> str:
+    return (await client.responses.create(model="m", input="hi")).output_text
+
+
+# Per endpoint: the upstream's path, the SDK call, and a healthy answer of its own.
+_ENDPOINTS: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "completions": (
+        "/v1/completions",
+        _completions,
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "text": "BB", "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        },
+    ),
+    "embeddings": (
+        "/v1/embeddings",
+        _embeddings,
+        {
+            "object": "list",
+            "model": "m",
+            "data": [{"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}],
+            "usage": {"prompt_tokens": 1, "total_tokens": 1},
+        },
+    ),
+    "responses": (
+        "/v1/responses",
+        _responses,
+        {
+            **_RESPONSE,
+            "status": "completed",
+            "usage": _USAGE,
+            "output": [
+                {
+                    **_MESSAGE,
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": "BB", "annotations": []}],
+                }
+            ],
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("endpoint", list(_ENDPOINTS))
+async def test_a_client_error_in_a_200_json_body_is_the_clients_400(
+    start_proxy: Start, serve_routes: ServeRoutes, endpoint: str
+) -> None:
+    path, call, _ = _ENDPOINTS[endpoint]
+    a, b = Hostile([], json_body=_INVALID), Hostile([], json_body=_INVALID)
+    proxy = await _proxy(start_proxy, serve_routes, a, b, path=path)
+    async with _oai(proxy) as client:
+        with pytest.raises(openai.BadRequestError, match="prompt bad") as got:
+            await call(client)
+    assert isinstance(got.value.body, dict) and got.value.body["code"] == "upstream_client_error"  # OpenAI's format
+    assert (a.calls, b.calls) == (1, 1)  # not four calls
+    rec = await _record(proxy)
+    assert rec.status == 400 and rec.error_class == "client_error"
+    await _healthy_circuits(proxy)
+
+
+@pytest.mark.parametrize("endpoint", list(_ENDPOINTS))
+async def test_a_server_error_in_a_200_json_body_fails_over(
+    start_proxy: Start, serve_routes: ServeRoutes, endpoint: str
+) -> None:
+    path, call, healthy = _ENDPOINTS[endpoint]
+    crashed = {"error": {"message": "worker crashed", "type": "server_error", "code": 500}}
+    a, b = Hostile([], json_body=crashed), Hostile([], json_body=healthy)
+    proxy = await _proxy(start_proxy, serve_routes, a, b, path=path)
+    async with _oai(proxy) as client:
+        assert "BB" in await call(client) or endpoint == "embeddings"
+    assert (a.calls, b.calls) == (1, 1)
+    rec = await _record(proxy)
+    assert rec.status == 200 and [t.outcome for t in rec.attempts] == ["server_error", "success"]
+
+
+async def test_an_anthropic_error_in_a_200_on_native_messages_is_the_clients_400(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    err = {"type": "error", "error": {"type": "invalid_request_error", "message": "prompt bad"}}
+    # `cache_control`: sent natively (the chat translation would lose it), read by `answer_object`.
+    system: Any = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    a, b = Hostile([], json_body=err), Hostile([], json_body=err)
+    proxy = await _proxy(start_proxy, serve_routes, a, b, kind="anthropic")
+    async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
+        with pytest.raises(anthropic.BadRequestError, match="prompt bad") as got:
+            await client.messages.create(
+                model="m", max_tokens=50, system=system, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert isinstance(got.value.body, dict) and got.value.body["type"] == "error"  # Anthropic's format
+    assert (a.calls, b.calls) == (1, 1)
+    await _healthy_circuits(proxy)

@@ -521,8 +521,8 @@ class Attempts:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
             keys = adapter.answer_keys
-            if obj.get("error") and (not keys or not any(k in obj for k in keys)):
-                return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+            if (failed := error_in_200(adapter, obj, status, keys)) is not None:
+                return failed
             if obj.get("type") == "error" or (keys and not any(k in obj for k in keys)):
                 # A careless upstream's 200 carrying an error (`{"type": "error", ...}`) read as an
                 # answer was an empty one for the client, paid for, and never failed over.
@@ -531,10 +531,8 @@ class Attempts:
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
-        elif obj.get("error") and "choices" not in obj:
-            # A client error in a 200 (a proxy's `{"error": {"code": 400}}`): the client's error,
-            # as its HTTP twin is; as a server error it was retried everywhere and opened circuits.
-            return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+        elif (failed := error_in_200(adapter, obj, status, ("choices",))) is not None:
+            return failed
         elif (unreadable := _unreadable_choices(obj)) is not None:
             # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
             # string or null, a null message) was a 200, recorded as served and never failed over.
@@ -766,6 +764,16 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
         # of 300 s took the deployment out for five minutes), and not asked again.
         return Failure(cls, resp.status, msg, 0.0, data, again=False)
     return Failure(cls, resp.status, msg, retry_after, data)
+
+
+def error_in_200(adapter: Adapter, obj: dict[str, Any], status: int, keys: Iterable[str]) -> Failure | None:
+    """The failure of a 200 JSON answer that is an error object (`{"error": ...}`, Anthropic's
+    `{"type": "error", "error": ...}`) without any of an answer's `keys`, else None. A client
+    error in it (a proxy's `{"error": {"code": 400}}`) is the client's error, as its HTTP twin
+    is (`in_band_failure`); as a server error it was retried everywhere and opened circuits."""
+    if obj.get("error") and not any(k in obj for k in keys):
+        return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+    return None
 
 
 def in_band_failure(adapter: Adapter, err: Any, status: int, received: bytes | None, what: str) -> Failure:

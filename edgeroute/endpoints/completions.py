@@ -158,7 +158,7 @@ class CompletionsCall(CountedCall):
         return openai_request(adapter, dep, "/completions", body, self.req.stream)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
-        obj = answer_object(data, status, "choices")
+        obj = answer_object(data, status, "choices", adapter)
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)

@@ -26,6 +26,7 @@ from edgeroute import _core
 from edgeroute.accounting import AttemptRecord, Usage
 from edgeroute.cost import underreport
 from edgeroute.dispatch import Answer, Failure, JsonAnswer, attempt
+from edgeroute.dispatch.attempt import error_in_200
 from edgeroute.endpoints.embeddings_bedrock import TITAN_PARALLEL, bedrock_request, one_text_per_call, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
@@ -78,6 +79,8 @@ def inputs_of(raw: Any) -> list[str | list[int]]:
     return out
 
 
+# Where an answer's vectors are (OpenAI's, Gemini's, Bedrock's): a 200 with none, and an error, is one.
+_VECTOR_KEYS = ("data", "embeddings", "embedding", "embeddingsByType")
 _COUNT_ON_LOOP_CHARS = 64 * 1024  # inputs an impossible usage is corrected by counting (past it: estimated)
 
 
@@ -236,6 +239,8 @@ class EmbeddingsCall(CountedCall):
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        if isinstance(obj, dict) and (failed := error_in_200(adapter, obj, status, _VECTOR_KEYS)) is not None:
+            return failed  # as chat's: a client error the client's, not every deployment's failure
         reported: int | None = None
         if isinstance(adapter, GeminiAdapter) and isinstance(obj, dict) and isinstance(obj.get("embeddings"), list):
             obj = self._from_gemini(obj["embeddings"])

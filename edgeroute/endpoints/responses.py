@@ -138,7 +138,7 @@ class ResponsesCall(Call):
                     chat["usage"] = rf.chat_usage(got.usage)
                 got.body = orjson.dumps(rf.from_chat(self.req.raw, chat))
             return got
-        obj = answer_object(data, status, "output")
+        obj = answer_object(data, status, "output", adapter)
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")), answered=True)
