@@ -150,6 +150,9 @@ class ResponsesCall(Call):
             # As a chat answer's: more text than the reported output can be is charged as counted.
             fix = underreport.check(usage, rf.output_text(obj.get("output")), self.decision.encoding)
             usage = self.charged(usage, fix, f"provider {adapter.name}")
+        if rf.absurd_usage(obj.get("usage")):  # as chat's: the client sees sound counts, or those charged
+            obj["usage"] = rf.repaired_usage(obj["usage"]) or rf.usage_from_chat(rf.chat_usage(usage))
+            data = orjson.dumps(obj)
         usage.tool_calls = responses_tool_calls(obj.get("output"))
         return JsonAnswer(data, usage, (data, obj))
 
@@ -269,7 +272,8 @@ async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> N
         await owners.sized(request, live, rid, _size(seen.usage))
         return
     await containers.bind(request, live, containers.stream_containers(got))
-    await owners.sized(request, live, rid, _size(getattr(got.translator, "usage", None)))
+    said = getattr(got.translator, "usage", None) or getattr(got.translator, "counted", None)  # reported, else ours
+    await owners.sized(request, live, rid, _size(said))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -160,6 +160,8 @@ class NativeStream:
                 out.append(_failure_event(obj, kind))
                 continue
             self._content = self._content or has_content(obj)
+            if kind in _TERMINAL and isinstance(obj, dict) and _absurd_usage_fixed(obj):
+                ev = _event(obj)[:-2]  # rewritten: rare, the usual stream goes by as it came
             out.append(ev + b"\n\n")
             if so_far is not None and isinstance(obj, dict):
                 kept.append(obj)
@@ -197,6 +199,16 @@ class NativeStream:
         return self._so_far.length_end(prompt_tokens, output_tokens, tail)
 
 
+def _absurd_usage_fixed(obj: dict[str, Any]) -> bool:
+    """Whether a terminal event's usage held a count no answer has, now made sound (its total
+    repaired, else null: the stream is then counted from its text, as a chat stream's is)."""
+    final = obj.get("response")
+    if not isinstance(final, dict) or not rf.absurd_usage(final.get("usage")):
+        return False
+    final["usage"] = rf.repaired_usage(final["usage"])
+    return True
+
+
 class ChatToResponses:
     """A chat stream (OpenAI SSE, after the provider's own translator) as Responses events."""
 
@@ -226,6 +238,7 @@ class ChatToResponses:
         self._slots = sse.ToolCallSlots()
         self._finish: str | None = None
         self._chat_usage: dict[str, Any] | None = None
+        self.counted: dict[str, Any] | None = None  # edgeroute's count in the Response, when none was reported
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -276,7 +289,9 @@ class ChatToResponses:
                     self._emit("response.in_progress", response=first),
                 ]
             if isinstance(obj.get("usage"), dict):
-                self._chat_usage = obj["usage"]
+                # As a chat stream's (`sse`): total repaired, else none (counted from the text).
+                said = obj["usage"]
+                self._chat_usage = sse.repaired_usage(said) if sse.absurd_usage(said) else said
             for choice in obj.get("choices") or ():
                 out.append(self._choice(choice))
         return b"".join(out)
@@ -426,8 +441,11 @@ class ChatToResponses:
             items.append(item)
         chat_usage = cut or self.usage
         if chat_usage is None:
+            # Edgeroute's count, for the client: kept apart from `usage` (what the upstream
+            # reported), so that the relay counts the stream as estimated (it was recorded as
+            # reported, `tokens_estimated: false`).
             text = "".join(piece for o in self._outputs for piece in o["parts"])
-            chat_usage = self._chat_usage = self.fallback_usage(text)
+            chat_usage = self.counted = self.fallback_usage(text)
         final = self._response("completed", items, rf.usage_from_chat(chat_usage))
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         out.append(self._emit(kind, response=final))
