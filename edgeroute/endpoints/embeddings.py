@@ -133,6 +133,20 @@ def _gemini_request(adapter: GeminiAdapter, dep: DeploymentInfo, req: Embeddings
     return UpstreamRequest(url, headers, orjson.dumps({"requests": items}))
 
 
+def _unreadable_vectors(data: list[dict[str, Any]], as_base64: bool) -> str | None:
+    """What makes an answer's embeddings (objects, as many as the inputs) not the client's, or
+    None: a vector that is null, or not in the encoding asked for (a client's numpy read a string
+    as floats), or indices that do not number the inputs once each (a duplicate, `99` of two:
+    the client's SDK placed the vectors by them). O(items): a vector's numbers are not read."""
+    want = str if as_base64 else list
+    if not all(type(item.get("embedding")) is want for item in data):
+        return f"embeddings that are not {'base64 strings' if as_base64 else 'lists of floats'}"
+    indices = [item["index"] for item in data if "index" in item]  # none given: placed in order
+    if not all(type(i) is int and 0 <= i < len(data) for i in indices) or len(set(indices)) != len(indices):
+        return "embedding indices that do not number the inputs once each"
+    return None
+
+
 def _encoded(values: list[float], as_base64: bool) -> Any:
     """A vector as OpenAI sends it: floats, or base64 of little-endian float32."""
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode() if as_base64 else values
@@ -257,6 +271,8 @@ class EmbeddingsCall(CountedCall):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has embeddings that are not objects")
         if len(obj["data"]) != len(self._inputs()):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
+        if (unreadable := _unreadable_vectors(obj["data"], self.req.base64)) is not None:
+            return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has {unreadable}")
         usage = Usage.from_openai(obj.get("usage"))
         if usage is None and reported:  # Titan's own count (of none: garbage, for an input is never empty)
             usage = Usage(prompt_tokens=reported)
