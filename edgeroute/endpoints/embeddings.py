@@ -138,9 +138,11 @@ def _unreadable_vectors(data: list[dict[str, Any]], as_base64: bool) -> str | No
     None: a vector that is null, or not in the encoding asked for (a client's numpy read a string
     as floats), or indices that do not number the inputs once each (a duplicate, `99` of two:
     the client's SDK placed the vectors by them). O(items): a vector's numbers are not read."""
-    want = str if as_base64 else list
-    if not all(type(item.get("embedding")) is want for item in data):
-        return f"embeddings that are not {'base64 strings' if as_base64 else 'lists of floats'}"
+    # Floats for a base64 request are read (the OpenAI SDK asks base64 by default, and servers
+    # that ignore it answer floats, which it keeps); a string for a float request is not.
+    want = (str, list) if as_base64 else (list,)
+    if not all(type(item.get("embedding")) in want for item in data):
+        return "embeddings that are not vectors" if as_base64 else "embeddings that are not lists of floats"
     indices = [item["index"] for item in data if "index" in item]  # none given: placed in order
     if not all(type(i) is int and 0 <= i < len(data) for i in indices) or len(set(indices)) != len(indices):
         return "embedding indices that do not number the inputs once each"
