@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -521,8 +521,8 @@ class Attempts:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent an unexpected JSON value")
         if not adapter.passthrough:
             keys = adapter.answer_keys
-            if obj.get("error") and (not keys or not any(k in obj for k in keys)):
-                return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+            if (failed := error_in_200(adapter, obj, status, keys)) is not None:
+                return failed
             if obj.get("type") == "error" or (keys and not any(k in obj for k in keys)):
                 # A careless upstream's 200 carrying an error (`{"type": "error", ...}`) read as an
                 # answer was an empty one for the client, paid for, and never failed over.
@@ -531,24 +531,20 @@ class Attempts:
             obj = adapter.translate_response(obj)
             obj["model"] = obj.get("model") or self.decision.model  # Bedrock's answers do not name it
             data = orjson.dumps(obj)
-        elif obj.get("error") and "choices" not in obj:
-            # A client error in a 200 (a proxy's `{"error": {"code": 400}}`): the client's error,
-            # as its HTTP twin is; as a server error it was retried everywhere and opened circuits.
-            return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+        elif (failed := error_in_200(adapter, obj, status, ("choices",))) is not None:
+            return failed
         elif (unreadable := _unreadable_choices(obj)) is not None:
             # An answer the OpenAI SDK reads as a crash in its client's code (a choice that is a
             # string or null, a null message) was a 200, recorded as served and never failed over.
             return Failure(Outcome.SERVER_ERROR, status, f"upstream answer {unreadable}")
-        reported = obj.get("usage")
-        absurd = sse.absurd_usage(reported)
-        if absurd and (repaired := sse.repaired_usage(reported)) is not None:
-            obj["usage"] = reported = repaired  # sound counts, and the total they make, for the client
-            data, absurd = orjson.dumps(obj), False
-        usage = Usage.from_openai(reported, answered=True)
+        said = sound_usage(obj)
+        if said == "repaired":
+            data = orjson.dumps(obj)
+        usage = Usage.from_openai(obj.get("usage"), answered=True)
         if usage is None:  # none reported (or unreadable): count it, so that no spend goes unrecorded
             usage = estimate_answer_usage(self.prompt_tokens(), obj, self.decision.encoding)
-            if absurd:  # the count, not the garbage, for the client and cache
-                obj["usage"] = _openai_usage(usage)
+            if said == "absurd":  # the count, not the garbage, for the client and cache
+                obj["usage"] = openai_usage(usage)
                 data = orjson.dumps(obj)
         elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
             fix = underreport.check(usage, answer_text(obj), self.decision.encoding)
@@ -768,6 +764,16 @@ async def _error_answer(resp: Response, adapter: Adapter, dep: DeploymentInfo) -
     return Failure(cls, resp.status, msg, retry_after, data)
 
 
+def error_in_200(adapter: Adapter, obj: dict[str, Any], status: int, keys: Iterable[str]) -> Failure | None:
+    """The failure of a 200 JSON answer that is an error object (`{"error": ...}`, Anthropic's
+    `{"type": "error", "error": ...}`) without any of an answer's `keys`, else None. A client
+    error in it (a proxy's `{"error": {"code": 400}}`) is the client's error, as its HTTP twin
+    is (`in_band_failure`); as a server error it was retried everywhere and opened circuits."""
+    if obj.get("error") and not any(k in obj for k in keys):
+        return in_band_failure(adapter, obj["error"], status, None, "upstream answered 200 with an error")
+    return None
+
+
 def in_band_failure(adapter: Adapter, err: Any, status: int, received: bytes | None, what: str) -> Failure:
     """An error an upstream sent inside a 200 (a stream's error event, a JSON body that is an
     error), classified as its HTTP twin would be (`in_band_status`, the adapter's rules). A
@@ -795,7 +801,22 @@ def in_band_failure(adapter: Adapter, err: Any, status: int, received: bytes | N
     return Failure(cls, status, msg, received=received, body=body)
 
 
-def _openai_usage(usage: Usage) -> dict[str, int]:
+def sound_usage(obj: dict[str, Any]) -> Literal["sound", "repaired", "absurd"]:
+    """Whether an OpenAI-format answer's `usage` is one to show its client: "repaired" in place
+    when only its total was absurd (`sse.repaired_usage`: sound counts, and the total they make);
+    "absurd" when its counts are garbage too, for the caller to put the count it charges in their
+    place (`openai_usage`). Relayed, a count no answer has (negative, 1e15) reached apps that
+    bill their users from `usage`, and the cache replayed it."""
+    reported = obj.get("usage")
+    if not sse.absurd_usage(reported):
+        return "sound"
+    if (repaired := sse.repaired_usage(reported)) is None:
+        return "absurd"
+    obj["usage"] = repaired
+    return "repaired"
+
+
+def openai_usage(usage: Usage) -> dict[str, int]:
     """`usage` as an OpenAI answer's `usage` member."""
     total = usage.prompt_tokens + usage.completion_tokens
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": total}

@@ -20,6 +20,7 @@ from edgeroute import _core, sse
 from edgeroute.accounting import AttemptRecord, Usage
 from edgeroute.cost import underreport
 from edgeroute.dispatch import Failure, JsonAnswer, StreamAnswer
+from edgeroute.dispatch.attempt import openai_usage, sound_usage
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
 from edgeroute.providers.base import Adapter, UpstreamRequest
@@ -158,9 +159,10 @@ class CompletionsCall(CountedCall):
         return openai_request(adapter, dep, "/completions", body, self.req.stream)
 
     def _json_answer(self, data: bytes, adapter: Any, status: int) -> JsonAnswer | Failure:
-        obj = answer_object(data, status, "choices")
+        obj = answer_object(data, status, "choices", adapter)
         if isinstance(obj, Failure):
             return obj
+        said = sound_usage(obj)  # as chat's: a count no answer has is not the client's to see
         usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)
         choices = obj["choices"] if isinstance(obj["choices"], list) else []
         if usage is None:
@@ -171,6 +173,10 @@ class CompletionsCall(CountedCall):
         elif underreport.impossible(usage.completion_tokens, len(data)):  # the body bounds its text
             fix = underreport.check(usage, self.req.answered(choices), self.decision.encoding)
             usage = self.charged(usage, fix, f"provider {adapter.name}")
+        if said == "absurd":  # the count it is charged at, in its place
+            obj["usage"] = openai_usage(usage)
+        if said != "sound":
+            data = orjson.dumps(obj)
         if len(choices) > (asked := len(self.req.prompts) * self.req.n):
             # More answers than asked for (`n` of each prompt): billed, but not the client's to
             # get (a stream relays those asked for alone).

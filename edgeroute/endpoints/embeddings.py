@@ -26,6 +26,7 @@ from edgeroute import _core
 from edgeroute.accounting import AttemptRecord, Usage
 from edgeroute.cost import underreport
 from edgeroute.dispatch import Answer, Failure, JsonAnswer, attempt
+from edgeroute.dispatch.attempt import error_in_200
 from edgeroute.endpoints.embeddings_bedrock import TITAN_PARALLEL, bedrock_request, one_text_per_call, vectors_of
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request, speaks_openai, unsupported
@@ -78,6 +79,8 @@ def inputs_of(raw: Any) -> list[str | list[int]]:
     return out
 
 
+# Where an answer's vectors are (OpenAI's, Gemini's, Bedrock's): a 200 with none, and an error, is one.
+_VECTOR_KEYS = ("data", "embeddings", "embedding", "embeddingsByType")
 _COUNT_ON_LOOP_CHARS = 64 * 1024  # inputs an impossible usage is corrected by counting (past it: estimated)
 
 
@@ -128,6 +131,22 @@ def _gemini_request(adapter: GeminiAdapter, dep: DeploymentInfo, req: Embeddings
         headers["x-goog-api-key"] = adapter.api_key.reveal()
     url = f"{adapter.provider.base_url}/models/{dep.model}:batchEmbedContents"
     return UpstreamRequest(url, headers, orjson.dumps({"requests": items}))
+
+
+def _unreadable_vectors(data: list[dict[str, Any]], as_base64: bool) -> str | None:
+    """What makes an answer's embeddings (objects, as many as the inputs) not the client's, or
+    None: a vector that is null, or not in the encoding asked for (a client's numpy read a string
+    as floats), or indices that do not number the inputs once each (a duplicate, `99` of two:
+    the client's SDK placed the vectors by them). O(items): a vector's numbers are not read."""
+    # Floats for a base64 request are read (the OpenAI SDK asks base64 by default, and servers
+    # that ignore it answer floats, which it keeps); a string for a float request is not.
+    want = (str, list) if as_base64 else (list,)
+    if not all(type(item.get("embedding")) in want for item in data):
+        return "embeddings that are not vectors" if as_base64 else "embeddings that are not lists of floats"
+    indices = [item["index"] for item in data if "index" in item]  # none given: placed in order
+    if not all(type(i) is int and 0 <= i < len(data) for i in indices) or len(set(indices)) != len(indices):
+        return "embedding indices that do not number the inputs once each"
+    return None
 
 
 def _encoded(values: list[float], as_base64: bool) -> Any:
@@ -236,6 +255,8 @@ class EmbeddingsCall(CountedCall):
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+        if isinstance(obj, dict) and (failed := error_in_200(adapter, obj, status, _VECTOR_KEYS)) is not None:
+            return failed  # as chat's: a client error the client's, not every deployment's failure
         reported: int | None = None
         if isinstance(adapter, GeminiAdapter) and isinstance(obj, dict) and isinstance(obj.get("embeddings"), list):
             obj = self._from_gemini(obj["embeddings"])
@@ -252,6 +273,8 @@ class EmbeddingsCall(CountedCall):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answer has embeddings that are not objects")
         if len(obj["data"]) != len(self._inputs()):
             return Failure(Outcome.SERVER_ERROR, status, "upstream answered a different number of embeddings")
+        if (unreadable := _unreadable_vectors(obj["data"], self.req.base64)) is not None:
+            return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has {unreadable}")
         usage = Usage.from_openai(obj.get("usage"))
         if usage is None and reported:  # Titan's own count (of none: garbage, for an input is never empty)
             usage = Usage(prompt_tokens=reported)

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 from aiohttp import web
@@ -30,7 +30,7 @@ from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.media import Media
 from edgeroute.dispatch import Call, Failure, JsonAnswer, StreamAnswer, relay_stream
-from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES
+from edgeroute.dispatch.attempt import PARSE_ON_LOOP_BYTES, error_in_200
 from edgeroute.errors import ProxyError
 from edgeroute.openai_api import (
     _cached_answer,
@@ -49,6 +49,7 @@ from edgeroute.openai_api import (
     with_stored,
 )
 from edgeroute.outcome import Outcome
+from edgeroute.providers.base import Adapter
 from edgeroute.ready_response import ReadyResponse
 from edgeroute.request_input import read_body, region_of, tags_of
 from edgeroute.requestlog import content
@@ -233,13 +234,22 @@ def _mirror_of(endpoint: Endpoint, text: Callable[[bytes], str | None]) -> shado
     return prepare
 
 
-def answer_object(data: bytes, status: int, key: str) -> dict[str, Any] | Failure:
+# The error rules every adapter starts from (`Adapter.judge`), for a caller that names none.
+_GENERIC = Adapter("upstream", cast(Any, None), None)
+
+
+def answer_object(data: bytes, status: int, key: str, adapter: Adapter | None = None) -> dict[str, Any] | Failure:
     """An upstream's JSON answer, which must be an object with a list of objects under `key`;
-    else the failure (an item that is null or a string crashed the client's SDK on a 200)."""
+    else the failure (an item that is null or a string crashed the client's SDK on a 200). An
+    error object in its place is classified by `adapter`'s rules as chat's is (`error_in_200`):
+    as a server error, one client's invalid request was a 502 after every deployment was asked,
+    and opened their circuits for everyone."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         return Failure(Outcome.SERVER_ERROR, status, "upstream sent malformed JSON")
+    if isinstance(obj, dict) and (failed := error_in_200(adapter or _GENERIC, obj, status, (key,))) is not None:
+        return failed
     if not isinstance(obj, dict) or not isinstance(obj.get(key), list):
         return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has no {key}")
     if not all(isinstance(item, dict) for item in obj[key]):

@@ -87,15 +87,23 @@ class ResponsesRequest:
 
 
 class Via:
-    """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream."""
+    """An adapter as `Attempts._hold_stream` sees it: this endpoint's translator for the stream,
+    and the deployment's adapter for the rest (an error before content is classified by its
+    rules, `in_band_failure`: without them every such error crashed into a failover storm)."""
 
     passthrough = False
 
-    def __init__(self, translator: StreamTranslator) -> None:
+    def __init__(self, translator: StreamTranslator, adapter: Adapter | None = None) -> None:
         self.translator = translator
+        self.adapter = adapter
 
     def stream_translator(self, model: str, include_usage: bool = False) -> StreamTranslator:
         return self.translator
+
+    def __getattr__(self, name: str) -> Any:
+        if self.adapter is None:  # `messages` builds one without it (see its `_hold_stream`)
+            raise AttributeError(name)
+        return getattr(self.adapter, name)
 
 
 class ResponsesCall(Call):
@@ -130,7 +138,7 @@ class ResponsesCall(Call):
                     chat["usage"] = rf.chat_usage(got.usage)
                 got.body = orjson.dumps(rf.from_chat(self.req.raw, chat))
             return got
-        obj = answer_object(data, status, "output")
+        obj = answer_object(data, status, "output", adapter)
         if isinstance(obj, Failure):
             return obj
         usage = Usage.from_openai(rf.usage_to_chat(obj.get("usage")), answered=True)
@@ -142,6 +150,9 @@ class ResponsesCall(Call):
             # As a chat answer's: more text than the reported output can be is charged as counted.
             fix = underreport.check(usage, rf.output_text(obj.get("output")), self.decision.encoding)
             usage = self.charged(usage, fix, f"provider {adapter.name}")
+        if rf.absurd_usage(obj.get("usage")):  # as chat's: the client sees sound counts, or those charged
+            obj["usage"] = rf.repaired_usage(obj["usage"]) or rf.usage_from_chat(rf.chat_usage(usage))
+            data = orjson.dumps(obj)
         usage.tool_calls = responses_tool_calls(obj.get("output"))
         return JsonAnswer(data, usage, (data, obj))
 
@@ -153,7 +164,7 @@ class ResponsesCall(Call):
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
             bounded = self.req.raw.get("max_output_tokens") is not None
             translator = ChatToResponses(self.req.raw, inner, self._counted_usage, bounded)
-        return await super()._hold_stream(resp, Via(translator))
+        return await super()._hold_stream(resp, Via(translator, adapter))
 
     def stream_of(self, got: JsonAnswer) -> bytes | None:
         return stream_of_response(got.body)  # a chat upstream's answer, already a Response
@@ -261,7 +272,8 @@ async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> N
         await owners.sized(request, live, rid, _size(seen.usage))
         return
     await containers.bind(request, live, containers.stream_containers(got))
-    await owners.sized(request, live, rid, _size(getattr(got.translator, "usage", None)))
+    said = getattr(got.translator, "usage", None) or getattr(got.translator, "counted", None)  # reported, else ours
+    await owners.sized(request, live, rid, _size(said))
 
 
 async def handle(request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from edgeroute import sse
 from edgeroute.accounting import Usage
 from edgeroute.endpoints.pipeline import bad
 
@@ -249,6 +250,24 @@ def usage_to_chat(u: Any) -> dict[str, Any] | None:
         "completion_tokens": u.get("output_tokens"),
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+
+
+def _counts(u: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt_tokens": u.get("input_tokens"), "completion_tokens": u.get("output_tokens"),
+            "total_tokens": u.get("total_tokens")}  # fmt: skip
+
+
+def absurd_usage(u: Any) -> bool:
+    """Whether a Response's `usage` holds a count no answer has (`sse.absurd_usage`: negative,
+    1e15): relayed, it reached apps that bill their users from it."""
+    return isinstance(u, dict) and sse.absurd_usage(_counts(u))
+
+
+def repaired_usage(u: dict[str, Any]) -> dict[str, Any] | None:
+    """An absurd Response `usage` whose input and output counts are sound, with the total they
+    make (`sse.repaired_usage`); None when those are garbage too (counted instead)."""
+    repaired = sse.repaired_usage(_counts(u))
+    return None if repaired is None else {**u, "total_tokens": repaired["total_tokens"]}
 
 
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}

@@ -45,8 +45,39 @@ def has_content(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("type") in _CONTENT
 
 
-def _chat_error(message: str, code: str | None) -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "code": code}}) + b"\n\n"
+def _chat_error(message: str, code: str | int | None, etype: str | None = None) -> bytes:
+    err = {"message": message, "code": code} if etype is None else {"message": message, "type": etype, "code": code}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+# The error `type` (`in_band_status` reads its HTTP twin) of a Responses stream's error codes,
+# which come without one (`response.failed`'s `error.code`, a flat `error` event's `code`).
+_CODE_TYPE = {
+    "rate_limit_exceeded": "rate_limit_error",
+    "server_error": "server_error",
+    "vector_store_timeout": "server_error",
+    "context_length_exceeded": "invalid_request_error",
+    "invalid_request_error": "invalid_request_error",
+    "rate_limit_error": "rate_limit_error",
+}
+_CLIENT_CODES = ("invalid_", "image_", "unsupported_", "empty_image", "failed_to_download")
+
+
+def _failure_event(obj: dict[str, Any], kind: str) -> bytes:
+    """A Responses stream's `error` event (flat, or its error under `error`) or `response.failed`
+    before content, as the chat error event the dispatch classifies: a client's invalid input is
+    the client's 4xx, a rate limit or server error fails over (typeless, all were server errors)."""
+    if kind == "response.failed":
+        err = obj["response"].get("error") if isinstance(obj.get("response"), dict) else None
+    else:
+        err = obj["error"] if isinstance(obj.get("error"), dict) else obj
+    err = err if isinstance(err, dict) else {}
+    code = err.get("code")
+    etype = err.get("type") if err.get("type") not in (None, "error") else None
+    if etype is None and isinstance(code, str):
+        etype = _CODE_TYPE.get(code) or ("invalid_request_error" if code.startswith(_CLIENT_CODES) else None)
+    said = str(err.get("message") or "the upstream failed")
+    return _chat_error(said, code if isinstance(code, str | int) else None, str(etype) if etype else None)
 
 
 class UnreadableEvent(ValueError):
@@ -126,11 +157,11 @@ class NativeStream:
                 break
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)
-                err = obj.get("response", {}).get("error") if kind == "response.failed" else obj
-                err = err if isinstance(err, dict) else {}
-                out.append(_chat_error(str(err.get("message") or "the upstream failed"), err.get("code")))
+                out.append(_failure_event(obj, kind))
                 continue
             self._content = self._content or has_content(obj)
+            if kind in _TERMINAL and isinstance(obj, dict) and _absurd_usage_fixed(obj):
+                ev = _event(obj)[:-2]  # rewritten: rare, the usual stream goes by as it came
             out.append(ev + b"\n\n")
             if so_far is not None and isinstance(obj, dict):
                 kept.append(obj)
@@ -168,6 +199,16 @@ class NativeStream:
         return self._so_far.length_end(prompt_tokens, output_tokens, tail)
 
 
+def _absurd_usage_fixed(obj: dict[str, Any]) -> bool:
+    """Whether a terminal event's usage held a count no answer has, now made sound (its total
+    repaired, else null: the stream is then counted from its text, as a chat stream's is)."""
+    final = obj.get("response")
+    if not isinstance(final, dict) or not rf.absurd_usage(final.get("usage")):
+        return False
+    final["usage"] = rf.repaired_usage(final["usage"])
+    return True
+
+
 class ChatToResponses:
     """A chat stream (OpenAI SSE, after the provider's own translator) as Responses events."""
 
@@ -197,6 +238,7 @@ class ChatToResponses:
         self._slots = sse.ToolCallSlots()
         self._finish: str | None = None
         self._chat_usage: dict[str, Any] | None = None
+        self.counted: dict[str, Any] | None = None  # edgeroute's count in the Response, when none was reported
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -247,7 +289,9 @@ class ChatToResponses:
                     self._emit("response.in_progress", response=first),
                 ]
             if isinstance(obj.get("usage"), dict):
-                self._chat_usage = obj["usage"]
+                # As a chat stream's (`sse`): total repaired, else none (counted from the text).
+                said = obj["usage"]
+                self._chat_usage = sse.repaired_usage(said) if sse.absurd_usage(said) else said
             for choice in obj.get("choices") or ():
                 out.append(self._choice(choice))
         return b"".join(out)
@@ -397,8 +441,11 @@ class ChatToResponses:
             items.append(item)
         chat_usage = cut or self.usage
         if chat_usage is None:
+            # Edgeroute's count, for the client: kept apart from `usage` (what the upstream
+            # reported), so that the relay counts the stream as estimated (it was recorded as
+            # reported, `tokens_estimated: false`).
             text = "".join(piece for o in self._outputs for piece in o["parts"])
-            chat_usage = self._chat_usage = self.fallback_usage(text)
+            chat_usage = self.counted = self.fallback_usage(text)
         final = self._response("completed", items, rf.usage_from_chat(chat_usage))
         kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
         out.append(self._emit(kind, response=final))
