@@ -243,3 +243,68 @@ async def test_an_anthropic_error_in_a_200_on_native_messages_is_the_clients_400
     assert isinstance(got.value.body, dict) and got.value.body["type"] == "error"  # Anthropic's format
     assert (a.calls, b.calls) == (1, 1)
     await _healthy_circuits(proxy)
+
+
+# -- a native Messages stream that fails before content --------------------------------------------
+
+_ANTHROPIC_START = _event(
+    {
+        "type": "message_start",
+        "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+                    "content": [], "stop_reason": None, "usage": {"input_tokens": 3, "output_tokens": 0}},
+    }
+)  # fmt: skip
+
+
+def _anthropic_error(kind: str, message: str) -> list[bytes]:
+    """An Anthropic stream's `error` event after `message_start`, before any content."""
+    return [_ANTHROPIC_START, _event({"type": "error", "error": {"type": kind, "message": message}})]
+
+
+async def _native_messages_text(proxy: Any) -> str:
+    # `cache_control`: sent natively (the chat translation would lose it).
+    system: Any = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
+        async with client.messages.stream(
+            model="m", max_tokens=50, system=system, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            return "".join([text async for text in stream.text_stream])
+
+
+async def test_a_native_messages_stream_client_error_is_the_clients_400(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    """Found by a red team (session 35, redA F2): the native Messages stream's error before
+    content crashed every attempt like the Responses one (`'Via' object has no attribute
+    'classify'`): 4 calls and a 502 for the client's own invalid request."""
+    writes = _anthropic_error("invalid_request_error", "prompt bad")
+    a, b = Hostile(writes), Hostile(writes)
+    proxy = await _proxy(start_proxy, serve_routes, a, b, kind="anthropic")
+    with pytest.raises(anthropic.BadRequestError, match="prompt bad") as got:
+        await _native_messages_text(proxy)
+    assert isinstance(got.value.body, dict) and got.value.body["type"] == "error"  # Anthropic's format
+    assert (a.calls, b.calls) == (1, 1)
+    rec = await _record(proxy)
+    assert rec.status == 400 and rec.error_class == "client_error"
+    await _healthy_circuits(proxy)
+
+
+async def test_a_native_messages_stream_overloaded_before_content_fails_over(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    a = Hostile(_anthropic_error("overloaded_error", "Overloaded"))
+    b = Hostile(
+        [
+            _ANTHROPIC_START,
+            _event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            _event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "BB"}}),
+            _event({"type": "content_block_stop", "index": 0}),
+            _event({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}),
+            _event({"type": "message_stop"}),
+        ]
+    )
+    proxy = await _proxy(start_proxy, serve_routes, a, b, kind="anthropic")
+    assert await _native_messages_text(proxy) == "BB"
+    assert (a.calls, b.calls) == (1, 1)
+    rec = await _record(proxy)
+    assert rec.status == 200 and rec.attempts[-1].outcome == "success" and rec.attempts[0].outcome != "success"

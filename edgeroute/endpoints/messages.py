@@ -137,8 +137,11 @@ def has_content(obj: Any) -> bool:
     return kind in _CONTENT or (kind == "content_block_start" and block.get("type") != "text")
 
 
-def _chat_error(message: str) -> bytes:
-    return b"data: " + orjson.dumps({"error": {"message": message, "code": "upstream_error"}}) + b"\n\n"
+def _chat_error(message: str, kind: Any) -> bytes:
+    """An Anthropic error event before content as the chat error `in_band_failure` reads: its
+    `type` kept, which classifies it (a client's invalid request is not a server error)."""
+    err = {"message": message, "code": "upstream_error"} | ({"type": kind} if isinstance(kind, str) else {})
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
 
 
 def _usage_event(usage: dict[str, Any] | None) -> bytes:
@@ -229,8 +232,8 @@ class NativeStream:
             if kind == "error" and not self._content:
                 assert isinstance(obj, dict)
                 err = obj.get("error")
-                message = err.get("message") if isinstance(err, dict) else None
-                out.append(_chat_error(str(message or "the upstream failed")))
+                message, kind = (err.get("message"), err.get("type")) if isinstance(err, dict) else (None, None)
+                out.append(_chat_error(str(message or "the upstream failed"), kind))
                 continue
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
@@ -387,7 +390,7 @@ class MessagesCall(Call):
         else:
             inner = None if adapter.passthrough else adapter.stream_translator(self.decision.model, True)
             translator = ChatToAnthropic(inner)
-        return await super()._hold_stream(resp, Via(translator))
+        return await super()._hold_stream(resp, Via(translator, adapter))
 
     def has_content(self, obj: Any) -> bool:
         return has_content(obj)

@@ -93,7 +93,7 @@ class Via:
 
     passthrough = False
 
-    def __init__(self, translator: StreamTranslator, adapter: Adapter | None = None) -> None:
+    def __init__(self, translator: StreamTranslator, adapter: Adapter) -> None:
         self.translator = translator
         self.adapter = adapter
 
@@ -101,8 +101,6 @@ class Via:
         return self.translator
 
     def __getattr__(self, name: str) -> Any:
-        if self.adapter is None:  # `messages` builds one without it (see its `_hold_stream`)
-            raise AttributeError(name)
         return getattr(self.adapter, name)
 
 
