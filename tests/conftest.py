@@ -32,6 +32,11 @@ from edgeroute.http_server import ProxyServer
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app
 
+# Under pytest-xdist (`tests/run` runs two workers) each worker has a Redis database of its own
+# (15, 14, ...): tests flush theirs. Set before `tests.test_cost_support` reads it.
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
+    os.environ.setdefault("EDGEROUTE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - int(_worker[2:])}")
+
 # Performance figures: `perf` marker and fixture, reported at the end of the run (tests/perf.py).
 pytest_plugins = ["tests.perf"]
 

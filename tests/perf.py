@@ -34,22 +34,33 @@ class Figure:
 FIGURES: list[Figure] = []
 
 
+_PROPERTY = "perf_figure"
+
+
 class Perf:
-    def __init__(self, test: str) -> None:
-        self._test = test
+    def __init__(self, node: pytest.Item) -> None:
+        self._node = node
 
     def report(self, name: str, value: float, unit: str, target: str) -> None:
         """Records a figure; `target` is ``"< N"`` or ``"> N"`` in the same unit."""
         if target.partition(" ")[0] not in _OPS:
             raise ValueError(f"target {target!r} is not '< N' or '> N'")
-        FIGURES.append(Figure(self._test, name, value, unit, target))
+        # On the test's report: under pytest-xdist it travels from the worker to the controller.
+        self._node.user_properties.append((_PROPERTY, (self._node.nodeid, name, value, unit, target)))
 
 
 @pytest.fixture
 def perf(request: pytest.FixtureRequest) -> Perf:
-    if request.node.get_closest_marker("perf") is None:
-        raise pytest.UsageError(f"{request.node.nodeid} uses the perf fixture without @pytest.mark.perf")
-    return Perf(request.node.nodeid)
+    node = request.node
+    if node.get_closest_marker("perf") is None:
+        raise pytest.UsageError(f"{node.nodeid} uses the perf fixture without @pytest.mark.perf")
+    assert isinstance(node, pytest.Item)
+    return Perf(node)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call":
+        FIGURES.extend(Figure(*value) for key, value in report.user_properties if key == _PROPERTY)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
