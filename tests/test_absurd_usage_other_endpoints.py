@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anthropic
 import openai
 
 from tests.test_answers_in_200_other_endpoints import _MESSAGE, _RESPONSE, _event
@@ -127,3 +128,58 @@ async def test_a_chat_deployments_responses_stream_without_usage_is_recorded_est
     assert rec.usage is not None and rec.usage.estimated  # edgeroute's count, not the upstream's word
     assert (usage.input_tokens, usage.output_tokens) == (rec.usage.prompt_tokens, rec.usage.completion_tokens)
     assert json.dumps(usage.model_dump())  # a usage the SDK reads
+
+
+# -- native /v1/messages (an Anthropic deployment's answer relayed as it came) ----------------------
+
+_CACHED_SYSTEM: Any = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]  # sent natively
+
+
+def _anthropic_answer(usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "hi there"}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": usage}  # fmt: skip
+
+
+async def test_native_messages_json_usage_past_any_answer_is_the_charged_count(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    """Found by a red team (session 35, redA F5): a native Messages answer's usage was relayed
+    as it came, `output_tokens: 1e15` and a negative cache read included."""
+    usage = {"input_tokens": 4, "output_tokens": HUGE, "cache_read_input_tokens": -7}
+    a = Hostile([], json_body=_anthropic_answer(usage))
+    proxy = await _proxy(start_proxy, serve_routes, a, Hostile([]), kind="anthropic")
+    async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
+        got = await client.messages.create(
+            model="m", max_tokens=50, system=_CACHED_SYSTEM, messages=[{"role": "user", "content": "hi"}]
+        )
+    rec = await _record(proxy)
+    assert rec.usage is not None and rec.usage.estimated
+    assert got.usage.output_tokens == rec.usage.completion_tokens
+    assert _sound(got.usage.input_tokens, got.usage.cache_read_input_tokens)
+
+
+async def test_native_messages_stream_usage_past_any_answer_is_not_relayed(
+    start_proxy: Start, serve_routes: ServeRoutes
+) -> None:
+    start = {"type": "message_start", "message": {**_anthropic_answer({"input_tokens": -1, "output_tokens": 1}),
+                                                  "content": [], "stop_reason": None}}  # fmt: skip
+    events = [
+        start,
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi there"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": HUGE}},
+        {"type": "message_stop"},
+    ]
+    a = Hostile([_event(e) for e in events])
+    proxy = await _proxy(start_proxy, serve_routes, a, Hostile([]), kind="anthropic")
+    async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="x", max_retries=0) as client:
+        async with client.messages.stream(
+            model="m", max_tokens=50, system=_CACHED_SYSTEM, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            final = await stream.get_final_message()
+    assert [b.text for b in final.content if b.type == "text"] == ["hi there"]
+    assert _sound(final.usage.input_tokens, final.usage.output_tokens)
+    rec = await _record(proxy)
+    assert rec.usage is not None and rec.usage.estimated and _sound(rec.usage.completion_tokens)

@@ -144,6 +144,18 @@ def _chat_error(message: str, kind: Any) -> bytes:
     return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
 
 
+# An Anthropic usage's counts, and the bound past which a count is garbage (as `sse.MAX_COUNT`).
+_COUNTS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _absurd_counts(usage: Any) -> list[str]:
+    """The counts of an Anthropic `usage` no answer has (negative, 1e15, not an integer): relayed
+    as they came, they reached apps that bill their users from `usage` (the ledger counts instead)."""
+    if not isinstance(usage, dict):
+        return []
+    return [k for k in _COUNTS if k in usage and not (type(usage[k]) is int and 0 <= usage[k] < sse.MAX_COUNT)]
+
+
 def _usage_event(usage: dict[str, Any] | None) -> bytes:
     """For the ledger only (the relay reads the last `usage`; the client never sees it)."""
     return b"data: " + orjson.dumps({"usage": usage}) + b"\n\n" if usage else b""
@@ -237,6 +249,8 @@ class NativeStream:
                 continue
             self._content = self._content or has_content(obj)
             if isinstance(obj, dict):
+                if kind in ("message_start", "message_delta"):
+                    ev = _without_absurd_counts(ev, obj, kind)
                 if kind == "content_block_start":
                     self._count_server_tool(obj.get("content_block"))
                     self.files |= containers.output_files(obj.get("content_block"))
@@ -252,6 +266,21 @@ class NativeStream:
                 self.ended = True
                 out += [_usage_event(self.usage), SENTINEL]
         return b"".join(out)
+
+
+def _without_absurd_counts(ev: bytes, obj: dict[str, Any], kind: str) -> bytes:
+    """`ev` as the client gets it: a count no answer has is 0 (the answer's count is not known
+    mid-stream; the ledger counts it from the text), the rest relayed as it came."""
+    usage = (obj.get("message") or {}).get("usage") if kind == "message_start" else obj.get("usage")
+    absurd = _absurd_counts(usage)
+    if not absurd:
+        return ev
+    assert isinstance(usage, dict)
+    shown = {**usage, **dict.fromkeys(absurd, 0)}
+    sent = (
+        {**obj, "message": {**obj["message"], "usage": shown}} if kind == "message_start" else {**obj, "usage": shown}
+    )
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(sent)
 
 
 class ChatToAnthropic:
@@ -380,6 +409,14 @@ class MessagesCall(Call):
             text = _answer_text(obj.get("content"))
             done = _core.Router.count_tokens(text, self.decision.encoding) if text else 0
             usage = Usage(self.prompt_tokens(), done, estimated=True)
+            if absurd := _absurd_counts(obj.get("usage")):  # the client reads the counts it is charged at
+                fresh = {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
+                obj["usage"] = {
+                    **obj["usage"],
+                    **dict.fromkeys(absurd, 0),
+                    **{k: fresh[k] for k in fresh if k in absurd},
+                }
+                data = orjson.dumps(obj)
         usage.tool_calls = anthropic_tool_calls(obj.get("usage"), anthropic_server_tools(obj.get("content")))
         return JsonAnswer(data, usage, (data, obj))
 
