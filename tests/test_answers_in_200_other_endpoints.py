@@ -308,3 +308,33 @@ async def test_a_native_messages_stream_overloaded_before_content_fails_over(
     assert (a.calls, b.calls) == (1, 1)
     rec = await _record(proxy)
     assert rec.status == 200 and rec.attempts[-1].outcome == "success" and rec.attempts[0].outcome != "success"
+
+
+# -- a completions answer that is not one ---------------------------------------------------------
+
+_CHAT_ANSWER = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "x",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "careless",
+    [
+        _CHAT_ANSWER,
+        {**_ENDPOINTS["completions"][2], "choices": [{"index": 0, "text": None, "finish_reason": "stop"}]},
+        {**_ENDPOINTS["completions"][2], "choices": [{"index": "0", "text": "BB", "finish_reason": "stop"}]},
+    ],
+    ids=["chat_completion", "null_text", "string_index"],
+)
+async def test_a_completions_answer_a_client_cannot_read_fails_over(
+    start_proxy: Start, serve_routes: ServeRoutes, careless: dict[str, Any]
+) -> None:
+    """Found by a red team (session 35, redA F7): a chat server's `chat.completion` (no `text`),
+    `text: null` or a string `index` reached a completions client as a 200, billed as served."""
+    a, b = Hostile([], json_body=careless), Hostile([], json_body=_ENDPOINTS["completions"][2])
+    proxy = await _proxy(start_proxy, serve_routes, a, b, path="/v1/completions")
+    async with _oai(proxy) as client:
+        assert await _completions(client) == "BB"
+    assert (a.calls, b.calls) == (1, 1)
+    rec = await _record(proxy)
+    assert rec.status == 200 and [t.outcome for t in rec.attempts] == ["server_error", "success"]

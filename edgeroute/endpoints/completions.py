@@ -23,6 +23,7 @@ from edgeroute.dispatch import Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import openai_usage, sound_usage
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
+from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.upstream import DeploymentInfo
 from edgeroute.upstream_http.response import Response
@@ -140,6 +141,18 @@ class CompletionsRequest:
         return self.n * max(0, prompt_tokens - self._suffix_tokens(encoding)) if self.echo else 0
 
 
+def _unreadable_choices(choices: list[dict[str, Any]]) -> str | None:
+    """What makes a completions answer's choices not a completions client's, or None: a choice
+    without `text` (a chat server's `chat.completion`, `text: null`) or with an `index` that is
+    no integer. Relayed, the client's `choices[0].text` was None on a 200, billed as served."""
+    for c in choices:
+        if not isinstance(c.get("text"), str):
+            return "a choice without text (a chat answer?)" if "message" in c else "a choice whose text is not a string"
+        if "index" in c and type(c["index"]) is not int:
+            return "a choice whose index is not an integer"
+    return None
+
+
 class CompletionsCall(CountedCall):
     def __init__(self, req: CompletionsRequest, *args: Any) -> None:
         super().__init__(req, *args)
@@ -162,6 +175,8 @@ class CompletionsCall(CountedCall):
         obj = answer_object(data, status, "choices", adapter)
         if isinstance(obj, Failure):
             return obj
+        if (unreadable := _unreadable_choices(obj["choices"])) is not None:
+            return Failure(Outcome.SERVER_ERROR, status, f"upstream answer has {unreadable}")
         said = sound_usage(obj)  # as chat's: a count no answer has is not the client's to see
         usage = Usage.from_openai(obj.get("usage"), answered=True, prompted=not self.req.empty)
         choices = obj["choices"] if isinstance(obj["choices"], list) else []
