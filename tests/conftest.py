@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,10 +33,14 @@ from edgeroute.http_server import ProxyServer
 from edgeroute.mock.openai import MockOptions, build_app
 from edgeroute.server import create_app
 
-# Under pytest-xdist (`tests/run` runs two workers) each worker has a Redis database of its own
-# (15, 14, ...): tests flush theirs. Set before `tests.test_cost_support` reads it.
+# Under pytest-xdist (`tests/run` runs two workers) each worker has a Redis database of its own,
+# counting down from the one named (15 by default; 15, 14, ...): tests flush theirs. Set before
+# `tests.test_cost_support` reads it.
 if (_worker := os.environ.get("PYTEST_XDIST_WORKER", "")).startswith("gw"):
-    os.environ.setdefault("EDGEROUTE_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - int(_worker[2:])}")
+    _server, _, _db = os.environ.get("EDGEROUTE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15").rpartition("/")
+    _n = int(_db) if _db.isdigit() else 0
+    _n = _n - int(_worker[2:]) if _n >= int(_worker[2:]) else _n + int(_worker[2:])
+    os.environ["EDGEROUTE_TEST_REDIS_URL"] = f"{_server}/{_n}"
 
 # Performance figures: `perf` marker and fixture, reported at the end of the run (tests/perf.py).
 pytest_plugins = ["tests.perf"]
@@ -270,6 +275,16 @@ async def serve_routes() -> AsyncIterator[ServeRoutes]:
             return await stack.enter_async_context(routes_upstream(*routes, **app_options))
 
         yield start
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: a worker's Unix sockets are made in the run directory,
+    and pytest's `tmp_path` (`/tmp/pytest-of-root/pytest-1003/popen-gw1/test_the_run_directory_is_made0/`)
+    took their paths past the 107 bytes a socket's may have."""
+    d = Path(tempfile.mkdtemp(prefix="er-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 _PG_SCHEMAS: list[str] = []

@@ -18,13 +18,16 @@ removed when none of its workers' sockets accepts a connection and nothing in it
 for a minute.
 
 The base: `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`), else `$XDG_RUNTIME_DIR`
-(per user, mode 0700, emptied at logout and boot), else the temporary directory.
+(per user, mode 0700, emptied at logout and boot), else the temporary directory, else `/tmp`:
+the first whose path leaves room for the workers' Unix sockets (Linux binds a socket's path of
+at most 107 bytes; a deeper base failed every worker at start, "AF_UNIX path too long").
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import socket
@@ -38,6 +41,11 @@ from edgeroute.workers.worker import OWNER_LOCK
 
 PREFIX = "edgeroute-workers-"
 _LEGACY_QUIET_S = 60.0
+# The longest path a worker binds below a base: `/edgeroute-workers-<8 of mkdtemp>/health-<id>.sock`
+# (ids of up to 4 digits), within the 107 bytes of a Unix socket's path.
+MAX_BASE = 107 - len(f"/{PREFIX}12345678/health-9999.sock")
+
+log = logging.getLogger("edgeroute.workers")
 
 
 def base() -> Path:
@@ -45,8 +53,11 @@ def base() -> Path:
     for var in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
         value = os.environ.get(var, "").split(":")[0]  # systemd may list several
         if value and os.path.isdir(value) and os.access(value, os.W_OK | os.X_OK):
-            return Path(value)
-    return Path(tempfile.gettempdir())
+            if len(os.fsencode(value)) <= MAX_BASE:
+                return Path(value)
+            log.warning("$%s is too long for the workers' sockets (over %d bytes): not used", var, MAX_BASE)
+    tmp = tempfile.gettempdir()
+    return Path(tmp if len(os.fsencode(tmp)) <= MAX_BASE else "/tmp")
 
 
 @dataclass(slots=True)

@@ -15,9 +15,9 @@ from tests.test_budget_abandoned_redis import RESERVATION_USD, abandon, admitted
 
 
 async def test_workers_give_back_reservations_whose_clients_left_during_admission(
-    spawn: Spawn, start_upstream: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    spawn: Spawn, start_upstream: Any, tmp_path: Path, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = tmp_path / "run"
+    run = short_tmp / "run"
     run.mkdir()
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))  # where the supervisor puts the workers' file
     up = await start_upstream(reply_words=5)

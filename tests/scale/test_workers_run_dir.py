@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from edgeroute.workers import run_dir
 from tests.conftest import eventually, simple_config
 from tests.scale.support import Spawn, children
 
@@ -43,16 +42,6 @@ def _gone(pid: int) -> bool:
 async def _ready(url: str) -> int:
     async with aiohttp.ClientSession() as s, s.get(url + "/readyz") as r:
         return r.status
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: a worker's Unix sockets are made in the run directory,
-    and pytest's `tmp_path` (`/tmp/pytest-of-root/pytest-1003/test_the_run_directory_is_made0/`)
-    took their paths past the 107 bytes a socket's may have once its counter reached 1,000."""
-    d = Path(tempfile.mkdtemp(prefix="er-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 async def test_a_new_supervisor_removes_the_run_directories_of_dead_ones_only(
@@ -130,3 +119,31 @@ async def test_the_run_directory_is_made_in_the_runtime_directory(
     up = await start_upstream()
     await spawn(simple_config({"a": up}), "--workers", "2")
     assert len(_dirs(runtime)) == 1 and not _dirs(tmp)
+
+
+def test_a_base_too_long_for_the_workers_sockets_is_passed_over(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A deep `$RUNTIME_DIRECTORY` failed every worker at start ("AF_UNIX path too long"): the
+    next base is used, and the operator told why."""
+    deep = short_tmp / ("d" * 70)
+    deep.mkdir()
+    runtime = short_tmp / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(deep))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    assert run_dir.base() == runtime
+    assert "$RUNTIME_DIRECTORY is too long for the workers' sockets" in caplog.text
+    made = run_dir.create(run_dir.base())
+    try:  # the longest socket a worker binds there can be bound
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.bind(str(made.path / "health-9999.sock"))
+    finally:
+        made.remove()
+    monkeypatch.setenv("TMPDIR", str(deep))
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    tempfile.tempdir = None  # read $TMPDIR again
+    try:
+        assert run_dir.base() == Path("/tmp")
+    finally:
+        tempfile.tempdir = None
