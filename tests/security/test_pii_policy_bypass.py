@@ -160,6 +160,21 @@ UNICODE_FORMS = {
     "full_width_at": EMAIL.replace("@", "@".translate(_WIDE)),
     "zero_width_in_email": EMAIL.replace("@", "@\u200b"),
     "arabic_indic_ssn": "SSN " + "078-05-1120".translate(_ARABIC_INDIC),
+    # Found by a red team (session 35, redP F3, F4): characters Unicode draws as nothing, and
+    # plain formats the patterns did not know.
+    "bidi_marks_in_card": "card 4111\u200e1111\u200f1111\u061c1111",
+    "bidi_embedding_in_card": "card \u202a4111 1111 1111 1111\u202c",
+    "variation_selector_in_email": EMAIL.replace("example", "exa\ufe0fmple"),
+    "tag_character_in_email": EMAIL.replace("example", "exa\U000e0020mple"),
+    "invisible_operator_in_email": EMAIL.replace("example", "exa\u2062mple"),
+    "e164_phone": "call me at +14155550132",
+    "french_phone": "appelez le +33 1 23 45 67 89",
+    "spaced_ssn": "SSN 078 05 1120",
+    # redP F1: prose after a data URL's head, which made the whole string read as a payload.
+    "data_url_prefix": "data:text/plain;base64,SGk= my card is 4111 1111 1111 1111 and my e-mail "
+    + EMAIL
+    + ". Please help me pay. "
+    + "Thanks a lot. " * 20,
 }
 
 

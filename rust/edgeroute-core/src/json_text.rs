@@ -202,16 +202,34 @@ fn looks_like_json(s: &str) -> bool {
     matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'['))
 }
 
-/// A base64 data URL: an encoded image, audio clip or file.
+/// A base64 data URL: an encoded image, audio clip or file, its payload (all after
+/// `;base64,`) base64 alone. Its head alone is not one: prose after a `data:...;base64,`
+/// prefix was skipped whole, the card number and address in it unread by the PII rules.
 fn is_data_url(s: &str) -> bool {
-    s.starts_with("data:") && s.len() >= MIN_BLOB && s.get(..256).unwrap_or(s).contains(";base64,")
+    if !s.starts_with("data:") || s.len() < MIN_BLOB {
+        return false;
+    }
+    let head = s.get(..256).unwrap_or(s);
+    let Some(at) = head.find(";base64,") else {
+        return false;
+    };
+    // The JSON as sent: `\/` is an escaped `/`; any other escape (`\u0020`) is no base64's.
+    let payload = &s.as_bytes()[at + 8..];
+    let escaped_slash = |i: usize| payload.get(i + 1) == Some(&b'/');
+    payload
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| base64_byte(b) || (b == b'\\' && escaped_slash(i)))
 }
 
 /// A long base64 string.
 fn is_base64_blob(s: &str) -> bool {
-    s.len() >= MIN_BLOB
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+    s.len() >= MIN_BLOB && s.bytes().all(base64_byte)
+}
+
+/// A character of base64, standard or URL-safe (a `\/` escape's backslash is the JSON's).
+fn base64_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
 }
 
 #[cfg(test)]
@@ -283,6 +301,20 @@ mod tests {
         // The same characters anywhere else, or prose under those keys, are text.
         assert_eq!(texts(&format!(r#"["{blob}"]"#)).len(), 1);
         assert_eq!(texts(&format!(r#"{{"data":"{}"}}"#, "word ".repeat(100))).len(), 2);
+        // A data URL's head before prose is no payload (red team, session 35): the prose is
+        // read, spaces written as escapes too; a payload's escaped `\/` is still a payload's.
+        let prose = format!(
+            "data:text/plain;base64,SGk= my card is 4111 1111 1111 1111 {}",
+            "ok ".repeat(90)
+        );
+        assert_eq!(texts(&format!(r#"["{prose}"]"#)), [prose.as_str()]);
+        let escaped = format!(
+            r#"data:text/plain;base64,SGk=\u0020card\u00204111111111111111{}"#,
+            "A".repeat(300)
+        );
+        assert_eq!(texts(&format!(r#"["{escaped}"]"#)).len(), 1);
+        let slashes = format!(r#"data:image/png;base64,{}"#, r"QU\/D".repeat(100));
+        assert!(texts(&format!(r#"["{slashes}"]"#)).is_empty());
     }
 
     #[test]

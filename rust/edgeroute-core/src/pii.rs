@@ -90,11 +90,12 @@ impl PiiSet {
 // read ASCII digits only anyway. A number glued to a non-ASCII letter
 // ("東京4111...") is still seen.
 const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}";
-const PHONE_RE: &str =
-    r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)[ .-]?|(?-u:\b)[0-9]{2,4}[ .-])[0-9]{3,4}[ .-][0-9]{3,4}(?-u:\b)";
+// Phones: grouped (`+1 415 555 0132`, `(030) 1234 5678`), E.164 written whole (`+14155550132`),
+// and a country code before a digit and four pairs (`+33 1 23 45 67 89`).
+const PHONE_RE: &str = r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)[ .-]?|(?-u:\b)[0-9]{2,4}[ .-])[0-9]{3,4}[ .-][0-9]{3,4}(?-u:\b)|\+[1-9][0-9]{7,14}(?-u:\b)|\+[0-9]{1,3}[ .-]?[0-9](?:[ .-][0-9]{2}){4}(?-u:\b)";
 const CARD_RE: &str = r"(?-u:\b)(?:[0-9][ -]?){12,18}[0-9](?-u:\b)";
 const IBAN_RE: &str = r"(?-u:\b)[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?-u:\b)";
-const SSN_RE: &str = r"(?-u:\b)[0-9]{3}-[0-9]{2}-[0-9]{4}(?-u:\b)";
+const SSN_RE: &str = r"(?-u:\b)[0-9]{3}(?:-[0-9]{2}-| [0-9]{2} )[0-9]{4}(?-u:\b)";
 
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| Regex::new(EMAIL_RE).expect("valid pattern"));
 /// The number-shaped patterns in one automaton, in [`PiiKind::ALL`] order
@@ -308,8 +309,11 @@ pub fn warm_up() {
 /// `Some(Some(c))` a replacement, `Some(None)` nothing (an invisible character), `None` itself.
 ///
 /// Full-width forms (an input method's `４１１１`, `＠`), Arabic-Indic digits, no-break,
-/// thin and ideographic spaces, Unicode hyphens and dashes, and zero-width characters
-/// (a ZWSP or a soft hyphen inside an address) hide nothing from the model that reads them.
+/// thin and ideographic spaces, Unicode hyphens and dashes, and the characters Unicode says
+/// draw nothing (`Default_Ignorable_Code_Point`: a ZWSP or a soft hyphen inside an address,
+/// bidi marks copied from a right-to-left page, variation selectors, invisible operators, tag
+/// characters) hide nothing from the model that reads them. Not folded: the ignorables of
+/// planes 1 to 3 (`U+1BCA0..`, `U+1D173..`), whose lead byte every emoji shares.
 fn fold_char(c: char) -> Option<Option<char>> {
     let u = c as u32;
     Some(match u {
@@ -318,15 +322,29 @@ fn fold_char(c: char) -> Option<Option<char>> {
         0x06F0..=0x06F9 => char::from_u32(u - 0x06F0 + 0x30),
         0x00A0 | 0x2000..=0x200A | 0x202F | 0x205F | 0x3000 => Some(' '),
         0x2010..=0x2013 | 0x2212 | 0xFE63 => Some('-'),
-        0x00AD | 0x180E | 0x200B..=0x200D | 0x2060 | 0xFEFF => None,
+        0x00AD
+        | 0x034F
+        | 0x061C
+        | 0x115F..=0x1160
+        | 0x17B4..=0x17B5
+        | 0x180B..=0x180F
+        | 0x200B..=0x200F
+        | 0x202A..=0x202E
+        | 0x2060..=0x206F
+        | 0x3164
+        | 0xFE00..=0xFE0F
+        | 0xFEFF
+        | 0xFFA0
+        | 0xFFF0..=0xFFF8
+        | 0xE0000..=0xE0FFF => None,
         _ => return None,
     })
 }
 
 /// Whether `b` is the UTF-8 lead byte of a character [`fold_char`] may map
-/// (0xC2, 0xD9, 0xDB, 0xE1..=0xE3, 0xEF).
+/// (0xC2, 0xCD, 0xD8, 0xD9, 0xDB, 0xE1..=0xE3, 0xEF, 0xF3).
 fn fold_lead(b: u8) -> bool {
-    matches!(b, 0xC2 | 0xD9 | 0xDB | 0xE1..=0xE3 | 0xEF)
+    matches!(b, 0xC2 | 0xCD | 0xD8 | 0xD9 | 0xDB | 0xE1..=0xE3 | 0xEF | 0xF3)
 }
 
 /// The offset of the first [`fold_lead`] byte at or after `from`.
@@ -351,14 +369,15 @@ fn next_fold_lead(bytes: &[u8], from: usize) -> Option<usize> {
 
 /// Whether `text` has a character [`fold_char`] maps: its lead bytes are searched for with
 /// memchr (SIMD, about a quarter of an instruction a byte for each of three searches), and
-/// each one found is decoded. Testing each 64-byte block for any of the seven lead bytes
+/// each one found is decoded. Testing each 64-byte block for any of the lead bytes
 /// cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has none to map.
 fn has_foldable(text: &str) -> bool {
     let maps = |i: usize| text[i..].chars().next().and_then(fold_char).is_some();
     let bytes = text.as_bytes();
     memchr::memchr3_iter(0xE1, 0xE2, 0xE3, bytes).any(maps)
         || memchr::memchr3_iter(0xC2, 0xD9, 0xDB, bytes).any(maps)
-        || memchr::memchr_iter(0xEF, bytes).any(maps)
+        || memchr::memchr3_iter(0xEF, 0xCD, 0xD8, bytes).any(maps)
+        || memchr::memchr_iter(0xF3, bytes).any(maps)
 }
 
 /// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
@@ -612,6 +631,16 @@ mod tests {
             ("mail jane@\u{200b}example.com", "email"),
             ("mail jane\u{ad}@exam\u{200d}ple.com", "email"),
             ("ssn 078\u{2060}-05-1120", "national_id"),
+            // What Unicode draws as nothing (red team, session 35): bidi marks and controls a
+            // right-to-left page's copy carries, invisible operators, a combining grapheme
+            // joiner, variation selectors, tag characters, Hangul fillers.
+            ("card 4111\u{200e}1111\u{200f}1111\u{61c}1111", "payment_card"),
+            ("card 4111 \u{202a}1111\u{202c} 1111 1111", "payment_card"),
+            ("mail jane@exa\u{2062}mple.com", "email"),
+            ("mail jane@exa\u{34f}mple.com", "email"),
+            ("mail jane@exa\u{fe0f}mple.com", "email"),
+            ("mail jane@exa\u{e0020}mple.com", "email"),
+            ("mail jane@exa\u{3164}mple.com", "email"),
         ] {
             assert_eq!(kinds(text), [kind], "{text:?}");
             let red = redact(text);
@@ -633,6 +662,11 @@ mod tests {
         assert_eq!(kinds("IBAN GB82 WEST 1234 5698 7654 32"), ["iban"]);
         assert_eq!(kinds("my ssn is 123-45-6789"), ["national_id"]);
         assert_eq!(kinds("call +1 415-555-0132 today"), ["phone"]);
+        // Written whole (E.164), or as France's pairs; an SSN spaced.
+        assert_eq!(kinds("call +14155550132 today"), ["phone"]);
+        assert_eq!(kinds("call +33 1 23 45 67 89 today"), ["phone"]);
+        assert_eq!(kinds("my ssn is 078 05 1120"), ["national_id"]);
+        assert!(kinds("up +12 percent, +1234 votes").is_empty());
     }
 
     #[test]
