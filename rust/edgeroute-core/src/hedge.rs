@@ -142,24 +142,47 @@ impl RotatingHistogram {
     }
 }
 
-/// Counts requests and hedges to enforce the hedge budget.
+/// How far back the hedge budget counts: requests of the last 10 s fund hedges, no older
+/// ones. Counted since the start, a quiet hour's requests paid for hedging every request of a
+/// later slowdown (400 fast requests, then 20 of 20 slow ones hedged at a 5 % budget).
+const HEDGE_WINDOW_MS: u64 = 10_000;
+const HEDGE_SLOT_MS: u64 = 1_000;
+const HEDGE_SLOTS: usize = (HEDGE_WINDOW_MS / HEDGE_SLOT_MS) as usize;
+
+/// Counts requests and hedges over the last [`HEDGE_WINDOW_MS`] to enforce the hedge budget.
 #[derive(Debug, Default)]
 pub struct HedgeBudget {
-    requests: AtomicU64,
-    hedges: AtomicU64,
+    // Per second of the window (ring by second), its start and its (requests, hedges).
+    slots: Mutex<[(u64, u64, u64); HEDGE_SLOTS]>,
+    hedges: AtomicU64, // hedges sent since the start, for metrics
 }
 
 impl HedgeBudget {
-    /// Counts a request that could be hedged.
-    pub fn note_request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+    fn slot(slots: &mut [(u64, u64, u64); HEDGE_SLOTS], now_ms: u64) -> &mut (u64, u64, u64) {
+        let start = now_ms - now_ms % HEDGE_SLOT_MS;
+        let slot = &mut slots[(start / HEDGE_SLOT_MS) as usize % HEDGE_SLOTS];
+        if slot.0 != start {
+            *slot = (start, 0, 0); // a second ago by the window's length or more: forgotten
+        }
+        slot
     }
 
-    /// Takes a hedge if fewer than `percent` of requests have been hedged.
-    pub fn try_take(&self, percent: f64) -> bool {
-        let req = self.requests.load(Ordering::Relaxed).max(1) as f64;
-        let h = self.hedges.load(Ordering::Relaxed) as f64;
-        if h + 1.0 <= req * percent / 100.0 {
+    /// Counts a request that could be hedged.
+    pub fn note_request(&self, now_ms: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        Self::slot(&mut slots, now_ms).1 += 1;
+    }
+
+    /// Takes a hedge if fewer than `percent` of the window's requests have been hedged.
+    pub fn try_take(&self, percent: f64, now_ms: u64) -> bool {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        Self::slot(&mut slots, now_ms);
+        let (req, h) = slots
+            .iter()
+            .filter(|s| s.0 + HEDGE_WINDOW_MS > now_ms)
+            .fold((0u64, 0u64), |(r, h), s| (r + s.1, h + s.2));
+        if (h + 1) as f64 <= req.max(1) as f64 * percent / 100.0 {
+            Self::slot(&mut slots, now_ms).2 += 1;
             self.hedges.fetch_add(1, Ordering::Relaxed);
             true
         } else {
@@ -204,12 +227,33 @@ mod tests {
     fn budget_caps_share() {
         let b = HedgeBudget::default();
         let mut taken = 0;
-        for _ in 0..1_000 {
-            b.note_request();
-            if b.try_take(5.0) {
+        for i in 0..1_000 {
+            b.note_request(5_000 + i);
+            if b.try_take(5.0, 5_000 + i) {
                 taken += 1;
             }
         }
         assert!((45..=50).contains(&taken), "{taken}");
+    }
+
+    #[test]
+    fn budget_forgets_requests_past_its_window() {
+        // 400 fast requests, never hedged; a minute later 20 slow ones: 5 % of 20, not of 420.
+        let b = HedgeBudget::default();
+        for i in 0..400 {
+            b.note_request(1_000 + i);
+        }
+        let later = 61_000;
+        let taken = (0..20)
+            .filter(|&i| {
+                b.note_request(later + i);
+                b.try_take(5.0, later + i)
+            })
+            .count();
+        assert_eq!(taken, 1);
+        // Within the window they still count: 400 requests fund 20 hedges.
+        let fresh = HedgeBudget::default();
+        (0..400).for_each(|i| fresh.note_request(1_000 + i * 10));
+        assert_eq!((0..30).filter(|_| fresh.try_take(5.0, 6_000)).count(), 20);
     }
 }

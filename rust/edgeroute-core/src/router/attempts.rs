@@ -12,7 +12,7 @@ impl Router {
             .get(route)
             .and_then(|&r| self.routes[r].spec.hedge.as_ref())
             .map_or(0.0, |h| h.budget_percent);
-        self.hedge_budget.try_take(pct)
+        self.hedge_budget.try_take(pct, self.now_ms())
     }
 
     /// Asks the retry budget for one retry.

@@ -117,7 +117,7 @@ impl Router {
         let req = ChatRequest::parse(body)?;
         let resolved = self.resolve_route(&req, meta, unix_secs)?;
         let (order, spilled) = self.order_chain(&req, &resolved, now_ms)?;
-        Ok(self.build_decision(&req, resolved, order, spilled, now_ms))
+        Ok(self.build_decision(&req, resolved, order, spilled, now_ms, meta.explain))
     }
 
     /// Phase 3: the [`Decision`], after the budgets took note of the request.
@@ -128,6 +128,7 @@ impl Router {
         order: Vec<usize>,
         spilled: Vec<usize>,
         now_ms: u64,
+        explain: bool,
     ) -> Decision {
         let Resolved {
             route,
@@ -142,8 +143,15 @@ impl Router {
             priority,
             ..
         } = resolved;
-        self.retry_budget.deposit(now_ms);
         let hedge_after_ms = self.hedge_delay(route, &order, now_ms);
+        // An explanation sends nothing upstream: it funds no retry nor hedge (400 explain calls
+        // paid for hedging every one of 20 slow requests that followed).
+        if !explain {
+            self.retry_budget.deposit(now_ms);
+            if self.routes[route].spec.hedge.is_some() && order.len() >= 2 {
+                self.hedge_budget.note_request(now_ms);
+            }
+        }
         let (rule, reasons) = match matched {
             Some(m) => (Some(self.rules.specs()[m.index].name.clone()), m.reasons),
             None => (None, vec![format!("default route for model={}", req.model)]),
@@ -207,7 +215,6 @@ impl Router {
         if order.len() < 2 {
             return None;
         }
-        self.hedge_budget.note_request();
         spec.delay_ms(&self.deployments[order[0]].latency, now_ms)
     }
 }
