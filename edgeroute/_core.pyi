@@ -379,6 +379,12 @@ class Router:
         first content broke later: count it as a failure (not in flight, not a new request).
         Returns the sender ejected alone as ``report`` does."""
 
+    def note_lost_race(self, index: int, elapsed_ms: float) -> None:
+        """Deployment ``index``'s attempt was cancelled after ``elapsed_ms`` because another
+        attempt of the request answered first (a hedge race): a lower bound on its latency,
+        which lifts its peak-EWMA latency (``fastest``, p2c) and is no failure. Call after
+        ``report``. ``ValueError`` for a bad index."""
+
     def serving_well(self, index: int) -> bool:
         """Whether deployment ``index`` serves this process's traffic well now: enough recent
         requests, failing at under half the failure rate. ``ValueError`` for a bad index."""

@@ -357,6 +357,7 @@ class Call(Attempts):
         mark = len(self.record.attempts)  # this race's attempts are recorded from here on
         t1 = asyncio.ensure_future(self.attempt(first, "first"))
         tasks = {t1: first}
+        started = {t1: time.perf_counter()}
         winner: tuple[Answer, DeploymentInfo] | None = None
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
@@ -382,7 +383,7 @@ class Call(Attempts):
             self.hedged = True
             policy.hedged(state)
             t2 = asyncio.ensure_future(self.attempt(second, "hedge"))
-            tasks[t2] = second
+            tasks[t2], started[t2] = second, time.perf_counter()
             pending = {t1, t2}
             failed: list[tuple[DeploymentInfo, Failure]] = []
             while pending and winner is None:
@@ -412,6 +413,11 @@ class Call(Attempts):
                 t.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+                if winner is not None:
+                    # It lost: at least this slow. Reported as a cancellation only, a primary
+                    # that hung while its hedges won stayed first in `fastest` for good.
+                    for t in running:
+                        self.router.note_lost_race(tasks[t].index, (time.perf_counter() - started[t]) * 1000)
                 if winner is not None and isinstance(winner[0], JsonAnswer):
                     self._price_lost_answers(self.record.attempts[mark:], list(tasks.values()), winner[0])
         for dep, f in failed[:-1]:

@@ -431,6 +431,15 @@ impl Health {
         self.lock().ewma_latency_ms
     }
 
+    /// An attempt cancelled after `elapsed_ms` because another one answered first: a lower
+    /// bound on its latency, which lifts the peak EWMA (never lowers it) and is no failure.
+    /// Reported as a client's cancellation, a primary that hung while its hedges won kept its
+    /// latency and its place first in `fastest` for good (red team, session 35).
+    pub fn note_lost_race(&self, elapsed_ms: f64) {
+        let mut s = self.lock();
+        s.ewma_latency_ms = s.ewma_latency_ms.max(elapsed_ms);
+    }
+
     /// Load score for p2c: latency (or a neutral prior) times in-flight plus one.
     pub fn load_score(&self) -> f64 {
         let lat = self.lock().ewma_latency_ms;

@@ -456,6 +456,12 @@ impl Router {
         Ok(self.inner.report_broken_stream(index, sender))
     }
 
+    fn note_lost_race(&self, index: usize, elapsed_ms: f64) -> PyResult<()> {
+        self.checked(index)?;
+        self.inner.note_lost_race(index, elapsed_ms);
+        Ok(())
+    }
+
     fn try_retry(&self) -> bool {
         self.inner.try_retry()
     }

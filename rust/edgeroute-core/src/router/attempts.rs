@@ -80,6 +80,12 @@ impl Router {
         withheld
     }
 
+    /// Deployment `index`'s attempt lost a hedge race after `elapsed_ms` (see
+    /// [`crate::health::Health::note_lost_race`]); call after [`Router::report`].
+    pub fn note_lost_race(&self, index: usize, elapsed_ms: f64) {
+        self.deployments[index].health.note_lost_race(elapsed_ms);
+    }
+
     /// Keeps selection off deployment `index` for `ms`: its provider limit has no request left.
     pub fn hold_for_limit(&self, index: usize, ms: u64) {
         self.deployments[index].health.hold_for_limit(ms, self.now_ms());
