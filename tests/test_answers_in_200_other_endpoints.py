@@ -81,6 +81,15 @@ async def _healthy_circuits(proxy: Any) -> None:
         assert dep["circuit"] == "closed" and dep["failures"] == 0
 
 
+async def _agreed_client_error(proxy: Any, a: Hostile, b: Hostile) -> None:
+    """Each deployment asked once (they agree), the request recorded as the client's 400, and
+    no deployment's health charged."""
+    assert (a.calls, b.calls) == (1, 1)
+    rec = await _record(proxy)
+    assert rec.status == 400 and rec.error_class == "client_error"
+    await _healthy_circuits(proxy)
+
+
 # -- a Responses stream that fails before content -------------------------------------------------
 
 
@@ -101,10 +110,7 @@ async def test_a_native_responses_stream_client_error_is_the_clients_400(
     async with _oai(proxy) as client:
         with pytest.raises(openai.BadRequestError, match="bad input"):
             await _responses_text(client)
-    assert (a.calls, b.calls) == (1, 1)  # each deployment asked once: they agree
-    rec = await _record(proxy)
-    assert rec.status == 400 and rec.error_class == "client_error"
-    await _healthy_circuits(proxy)
+    await _agreed_client_error(proxy, a, b)
 
 
 async def test_a_chat_deployments_stream_client_error_is_a_responses_clients_400(
@@ -115,9 +121,7 @@ async def test_a_chat_deployments_stream_client_error_is_a_responses_clients_400
     async with _oai(proxy) as client:
         with pytest.raises(openai.BadRequestError, match="max_tokens must be <= 2048"):
             await _responses_text(client)
-    assert (a.calls, b.calls) == (1, 1)
-    assert (await _record(proxy)).status == 400
-    await _healthy_circuits(proxy)
+    await _agreed_client_error(proxy, a, b)
 
 
 @pytest.mark.parametrize(
@@ -206,10 +210,7 @@ async def test_a_client_error_in_a_200_json_body_is_the_clients_400(
         with pytest.raises(openai.BadRequestError, match="prompt bad") as got:
             await call(client)
     assert isinstance(got.value.body, dict) and got.value.body["code"] == "upstream_client_error"  # OpenAI's format
-    assert (a.calls, b.calls) == (1, 1)  # not four calls
-    rec = await _record(proxy)
-    assert rec.status == 400 and rec.error_class == "client_error"
-    await _healthy_circuits(proxy)
+    await _agreed_client_error(proxy, a, b)
 
 
 @pytest.mark.parametrize("endpoint", list(_ENDPOINTS))
@@ -283,10 +284,7 @@ async def test_a_native_messages_stream_client_error_is_the_clients_400(
     with pytest.raises(anthropic.BadRequestError, match="prompt bad") as got:
         await _native_messages_text(proxy)
     assert isinstance(got.value.body, dict) and got.value.body["type"] == "error"  # Anthropic's format
-    assert (a.calls, b.calls) == (1, 1)
-    rec = await _record(proxy)
-    assert rec.status == 400 and rec.error_class == "client_error"
-    await _healthy_circuits(proxy)
+    await _agreed_client_error(proxy, a, b)
 
 
 async def test_a_native_messages_stream_overloaded_before_content_fails_over(

@@ -63,6 +63,11 @@ def _masked(text: str, pii: bool) -> str:
     as written (what is outside strings, or no JSON at all)."""
     if "\\" in text:  # a substring test on the common path
         text = _LITERAL.sub(lambda m: _masked_literal(m, pii), text)
+    return _masked_plain(text, pii)
+
+
+def _masked_plain(text: str, pii: bool) -> str:
+    """`text` with credentials (and PII where `pii`) replaced as it is written."""
     text = redact.text(text)
     return _core.redact_pii(text) if pii else text
 
@@ -77,9 +82,7 @@ def _masked_literal(m: re.Match[str], pii: bool) -> str:
         return m.group(0)  # not a JSON string (quotes in plain text): masked as written
     # A lone surrogate (`\\ud800`, valid JSON) cannot cross into the core: read as U+FFFD.
     decoded = decoded.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    masked = redact.text(decoded)
-    if pii:
-        masked = _core.redact_pii(masked)
+    masked = _masked_plain(decoded, pii)
     if masked == decoded:
         return m.group(0)  # kept as it was spelled
     out = json.dumps(masked, ensure_ascii=False)
