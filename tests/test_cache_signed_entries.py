@@ -15,16 +15,20 @@ import os
 import zlib
 from typing import Any
 
+import numpy as np
 import openai
 import orjson
 import redis.asyncio as aioredis
 
-from edgeroute.cache.signing import MAGIC
+from edgeroute.cache.semantic import guards
+from edgeroute.cache.shared_index import SharedIndexes, encode
+from edgeroute.cache.signing import MAGIC, signer
+from edgeroute.cache.stores import CacheCounters
 from tests.conftest import eventually
 from tests.metrics_support import scrape
 from tests.test_cache import MSG, cached, calls, stored
 from tests.test_cache_planted_entries import redis_prefix  # noqa: F401 (the fixture)
-from tests.test_cost_support import REDIS_URL
+from tests.test_cost_support import REDIS_URL, require_redis
 
 SIGNING_KEY = "cache-signing-secret-0123456789"
 FORGED = "FORGED ANSWER from whoever can write to Redis"
@@ -147,3 +151,36 @@ async def test_the_experiment_salt_signs_entries_when_no_signing_key_is_set(
     await r.set(name, _forged(genuine), px=60_000)
     status, label, text = await _ask(proxy)
     assert (status, label) == (200, "miss") and FORGED not in text
+
+
+async def test_a_planted_semantic_record_is_skipped_when_records_are_signed() -> None:
+    """A record of the shared semantic index points paraphrases at an exact entry: a forged one
+    (unsigned, or signed for another route's stream) could send a tenant's lookups to another of
+    its own answers. Only records signed for their stream are indexed; the others are counted."""
+    url, prefix = require_redis(), "edgeroute-test-" + os.urandom(4).hex()
+    sign = signer(SIGNING_KEY, None)
+    counters = CacheCounters()
+    writer, reader = (
+        SharedIndexes(url, prefix, 2000, CacheCounters(), sign),
+        SharedIndexes(url, prefix, 2000, counters, sign),
+    )
+    r = aioredis.Redis.from_url(url)
+    vector, g = np.ones(8, dtype=np.float32), guards(MSG[0]["content"])
+    indexed: list[str] = []
+    try:
+        await writer.publish("m", None, encode("o", "genuine", "ctx", g, vector, "key:bob"), 600, 20, None, "key:bob")
+        forged = encode("o", "forged", "ctx", g, vector, "key:bob")
+        await r.xadd(reader.stream("m", None), {"r": forged})
+        assert sign is not None
+        await r.xadd(reader.stream("m", None), {"r": sign.sign(reader.stream("other", None), forged)})
+
+        async def run(fn: Any, arg: Any) -> None:
+            fn(arg)
+
+        await reader.follow("m", None, lambda records: indexed.extend(k for _, _, _, k, _ in records), run)
+        assert indexed == ["genuine"] and counters.invalid == 2
+    finally:
+        await writer.close()
+        await reader.close()
+        await r.delete(*[k async for k in r.scan_iter(f"{prefix}:*")] or [f"{prefix}:none"])
+        await r.aclose()

@@ -358,7 +358,7 @@ class ResponseCache:
                 raise ValueError("cache.backend: redis needs shared_state.redis_url")
             sign = signer(backend.signing_key, experiment_salt)
             store = RedisStore(counters, *redis, signer=sign)
-            return cls(store, counters, SharedIndexes(*redis, counters))
+            return cls(store, counters, SharedIndexes(*redis, counters, sign))
         return cls(MemoryStore(counters), counters)
 
     def plan(
