@@ -313,7 +313,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 def _response_cache(config: Config) -> ResponseCache:
     shared = config.shared_state
     redis = (shared.redis_url, shared.prefix, shared.timeout_ms) if shared else None
-    return ResponseCache.build(config.cache, redis)
+    return ResponseCache.build(config.cache, redis, config.learning.experiment_salt)
 
 
 # The admin API's and the console's JSON (keys, audit, stored prompts and answers) is never kept

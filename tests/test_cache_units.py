@@ -234,7 +234,7 @@ async def test_redis_store_round_trip_corrupt_and_outage() -> None:
     prefix = "edgeroute-test-" + os.urandom(4).hex()
     store = RedisStore(counters, require_redis(), prefix, 500)
     try:
-        entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5)
+        entry = Entry(orjson.dumps(COMPLETION), "dep-a", 1.0, 0.5, key="k")  # (an entry names its key)
         await store.put("r", "k", entry, 5, (1, 1))
         assert await store.get("r", "k") == entry
         ttl = await store.pipe.call("PTTL", f"{prefix}:cache:r:k")

@@ -39,6 +39,7 @@ from edgeroute.cache.semantic import (
 )
 from edgeroute.cache.settings import CacheStore, RouteCache
 from edgeroute.cache.shared_index import SharedIndexes, encode
+from edgeroute.cache.signing import signer
 from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, Identity
@@ -346,13 +347,18 @@ class ResponseCache:
         return None if dep is None or up is None else (up, dep.model)
 
     @classmethod
-    def build(cls, backend: CacheStore, redis: tuple[str, str, int] | None) -> ResponseCache:
-        """`redis` is (url, key prefix, timeout ms) when shared state is configured."""
+    def build(
+        cls, backend: CacheStore, redis: tuple[str, str, int] | None, experiment_salt: str | None = None
+    ) -> ResponseCache:
+        """`redis` is (url, key prefix, timeout ms) when shared state is configured; entries
+        there are signed with `backend.signing_key`, else `experiment_salt`, if either is set."""
         counters = CacheCounters()
         if backend.backend == "redis" or (backend.backend == "auto" and redis is not None):
             if redis is None:
                 raise ValueError("cache.backend: redis needs shared_state.redis_url")
-            return cls(RedisStore(counters, *redis), counters, SharedIndexes(*redis, counters))
+            sign = signer(backend.signing_key, experiment_salt)
+            store = RedisStore(counters, *redis, signer=sign)
+            return cls(store, counters, SharedIndexes(*redis, counters, sign))
         return cls(MemoryStore(counters), counters)
 
     def plan(

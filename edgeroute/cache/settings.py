@@ -63,3 +63,10 @@ class CacheStore(BaseModel):
     backend: Literal["auto", "memory", "redis"] = Field(
         "auto", description="auto: Redis when `shared_state` is configured, else memory"
     )
+    signing_key: str | None = Field(
+        None,
+        description="a secret every instance has (env:NAME, file:PATH, exec:COMMAND or a literal): entries in "
+        "Redis are signed with it (HMAC-SHA256) and an unsigned or badly signed one is a miss, deleted; unset, "
+        "`learning.experiment_salt` if set, else entries are not signed (whoever can write to Redis is trusted); "
+        "read at start",
+    )

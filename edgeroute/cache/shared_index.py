@@ -35,6 +35,7 @@ import orjson
 from edgeroute import redis_client
 from edgeroute.cache.entry import inflate
 from edgeroute.cache.semantic import Guards, is_packed_spans, is_shape
+from edgeroute.cache.signing import EntrySigner, unsigned
 from edgeroute.cache.stores import RECORD, CacheCounters, forget_owned, owned_set, owner_shares
 from edgeroute.redis_pipe import RedisPipe
 
@@ -139,13 +140,18 @@ def decode(data: bytes) -> tuple[str, str, str, Guards, Any, str]:
 
 
 class SharedIndexes:
-    """The streams of one cache: publish what this instance indexed, follow what the others did."""
+    """The streams of one cache: publish what this instance indexed, follow what the others did.
+    With `signer`, records are signed for their stream as entries are (`signing.py`): a forged
+    record pointing a tenant's paraphrases at another of its answers is skipped, counted."""
 
-    def __init__(self, url: str, prefix: str, timeout_ms: int, counters: CacheCounters) -> None:
+    def __init__(
+        self, url: str, prefix: str, timeout_ms: int, counters: CacheCounters, signer: EntrySigner | None = None
+    ) -> None:
         timeout = timeout_ms / 1000
         self.timeout = timeout
         self.prefix = prefix
         self.counters = counters
+        self.signer = signer
         self.origin = os.urandom(8).hex()  # this instance: its own records are indexed already
         self.client = redis_client.connect(
             url, no_retry=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
@@ -184,6 +190,8 @@ class SharedIndexes:
         request it indexes; its id goes into the key's set of what it wrote (`owned_set`), so
         that its revocation deletes the record (`forget`)."""
         stream = self.stream(route, embedder)
+        if self.signer is not None:
+            record = self.signer.sign(stream, record)
         keys = [stream, self.share(route, embedder, tenant)]
         if owner is not None:
             keys += [owned_set(self.prefix, owner), owner_shares(self.prefix, owner)]
@@ -231,8 +239,13 @@ class SharedIndexes:
                 for rid, fields in entries:
                     n += 1
                     last = rid.decode() if isinstance(rid, bytes) else str(rid)
+                    raw = fields.get(b"r", b"")
+                    data = unsigned(raw) if self.signer is None else self.signer.check(stream, raw)
+                    if data is None:
+                        self.counters.invalid += 1  # unsigned or badly signed: planted
+                        continue
                     try:
-                        origin, key, context, g, vector, tenant = decode(fields.get(b"r", b""))
+                        origin, key, context, g, vector, tenant = decode(data)
                     except OtherVersion:
                         continue  # another release's instance indexed it: its answer is still found exactly
                     except ValueError:

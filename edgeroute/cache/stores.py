@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from edgeroute import redis_client
 from edgeroute.cache.entry import Entry, InvalidEntry
+from edgeroute.cache.signing import EntrySigner, unsigned
 from edgeroute.redis_pipe import RedisPipe, Script, encode
 
 log = logging.getLogger("edgeroute.cache")
@@ -355,16 +356,22 @@ class MemoryStore:
 
 class RedisStore:
     """Entries as compressed values under `{prefix}:cache:{route}:{key}`, expired by Redis,
-    over the request path's pipelined connection (`redis_pipe`)."""
+    over the request path's pipelined connection (`redis_pipe`), signed when `signer` is
+    given (`signing.py`). A value read that is not a servable entry for its name (corrupt,
+    planted, unsigned or badly signed, stored under another key) is a miss and is deleted."""
 
-    def __init__(self, counters: CacheCounters, url: str, prefix: str, timeout_ms: int) -> None:
+    def __init__(
+        self, counters: CacheCounters, url: str, prefix: str, timeout_ms: int, signer: EntrySigner | None = None
+    ) -> None:
         self.counters = counters
         self.prefix = prefix
         self.pipe = RedisPipe.shared(url, timeout_ms / 1000)
-        # Entries decoded lately, by their stored bytes: a hot entry is decompressed and
-        # checked once per process, not once per hit (the bytes are still read from Redis,
-        # so an entry replaced or expired there is never served from here).
-        self._decoded: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
+        self.signer = signer
+        # Entries decoded lately, by their stored bytes, with the name they were read under: a
+        # hot entry is decompressed and checked once per process, not once per hit (the bytes
+        # are still read from Redis, so an entry replaced or expired there is never served
+        # from here; the same bytes under another name are checked again).
+        self._decoded: collections.OrderedDict[bytes, tuple[str, Entry]] = collections.OrderedDict()
         self._decoded_bytes = 0
         # Hits not yet told to their tenants' shares: (share, entry name), sent together (`touch`).
         self._touches: dict[tuple[str, str], None] = {}
@@ -388,30 +395,45 @@ class RedisStore:
             return None
         if not isinstance(data, bytes):
             return None  # no such key (a reply of another type cannot come from a GET)
-        if (entry := self._decoded.get(data)) is not None:
+        name = self._key(route, key)
+        if (known := self._decoded.get(data)) is not None and known[0] == name:
             self._decoded.move_to_end(data)
-            return entry
+            return known[1]
         try:
-            entry = Entry.loads(data)
+            if self.signer is None:
+                entry = Entry.loads(unsigned(data))
+            elif (signed := self.signer.check(name, data)) is None:
+                raise InvalidEntry("cache entry: unsigned or badly signed")
+            else:
+                entry = Entry.loads(signed)
+            if entry.key != key:
+                raise InvalidEntry("cache entry: stored for another key")
         except InvalidEntry as e:
             self.counters.invalid += 1
-            log.warning("response cache: an invalid entry for route %s was ignored (%s)", route, e)
+            log.warning("response cache: an invalid entry for route %s was ignored and deleted (%s)", route, e)
+            self._delete(name)
             return None
         except ValueError:
             self.counters.corrupt += 1
-            log.warning("response cache: a corrupt entry for route %s was ignored", route)
+            log.warning("response cache: a corrupt entry for route %s was ignored and deleted", route)
+            self._delete(name)
             return None
-        self._remember(data, entry)
+        self._remember(data, name, entry)
         return entry
 
-    def _remember(self, data: bytes, entry: Entry) -> None:
+    def _delete(self, name: str) -> None:
+        """Deletes a value that is no entry (off the request path). One written over it since
+        the read may go with it: a miss more, never a wrong answer."""
+        self.pipe.send(encode(("UNLINK", name)), soon=True).add_done_callback(_retrieved)
+
+    def _remember(self, data: bytes, name: str, entry: Entry) -> None:
         size = len(data) + entry.size()
         if size > DECODED_MAX_BYTES // 16:
             return  # a large entry would crowd out many small hot ones
-        self._decoded[data] = entry
+        self._decoded[data] = (name, entry)
         self._decoded_bytes += size
         while self._decoded_bytes > DECODED_MAX_BYTES:
-            old, gone = self._decoded.popitem(last=False)
+            old, (_, gone) = self._decoded.popitem(last=False)
             self._decoded_bytes -= len(old) + gone.size()
 
     def owned(self, owner: str) -> str:
@@ -462,11 +484,13 @@ class RedisStore:
         by Redis's own `maxmemory` policy."""
         try:
             px = max(1, int(keep_s * 1000))
+            name = self._key(route, key)
+            value = entry.dumps() if self.signer is None else self.signer.sign(name, entry.dumps())
             if not tenant:  # (a request without a key has no managed `owner` either)
-                await self.pipe.call("SET", self._key(route, key), entry.dumps(), "PX", px, soon=True)  # off the path
+                await self.pipe.call("SET", name, value, "PX", px, soon=True)  # off the path
                 return True
-            keys = [self._key(route, key), share_set(self.prefix, route, tenant)]
-            args: list[Any] = [entry.dumps(), px, bounds[0]]
+            keys = [name, share_set(self.prefix, route, tenant)]
+            args: list[Any] = [value, px, bounds[0]]
             if owner is not None:
                 keys += [self.owned(owner), owner_shares(self.prefix, owner), forgot_claim(self.prefix, owner, ENTRY)]
                 args.append(ENTRY + keys[0])
@@ -498,6 +522,12 @@ class RedisStore:
         if self._sending:
             await asyncio.wait(self._sending, timeout=2)
         await self.pipe.close()
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    """A reply nobody waits for: its error (Redis unreachable) read, so never logged as lost."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def forget_owned(pipe: RedisPipe, prefix: str, owner: str, kind: str) -> AsyncIterator[tuple[int, list[bytes]]]:
