@@ -203,6 +203,31 @@ async def test_literal_secrets_never_reach_the_database(served) -> None:  # type
     assert yaml.safe_load(path.read_text())["providers"]["a"]["headers"] == {"x-team-secret": "literal-header-value"}
 
 
+async def test_the_cache_signing_key_and_experiment_salt_are_secrets_of_a_version(
+    start_upstream, tmp_path: Path
+) -> None:
+    # Either one signs the shared cache's entries (and the salt picks experiment arms): whoever
+    # reads a version or the database could forge an entry that every instance serves.
+    up = await start_upstream()
+    cfg = simple_config({"a": up})
+    cfg["keys"] = {"root": {"token": "tok-admin", "role": "admin"}}
+    cfg["cache"] = {"signing_key": "cache-signing-literal-1"}
+    cfg["learning"] = {"experiment_salt": "experiment-salt-literal-1"}
+    path = write_config(tmp_path / "edgeroute.yaml", cfg)
+    server = TestServer(create_app(config_mod.load(path), str(path)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        status, body = await call("GET", url + "/admin/config/versions/1", "tok-admin")
+        assert status == 200, body
+        assert body["config"]["cache"]["signing_key"] == "****"
+        assert body["config"]["learning"]["experiment_salt"] == "****"
+        db = (tmp_path / "edgeroute-ledger.db").read_bytes() + (tmp_path / "edgeroute-ledger.db-wal").read_bytes()
+        assert b"cache-signing-literal-1" not in db and b"experiment-salt-literal-1" not in db
+    finally:
+        await server.close()
+
+
 def _old_scheme(value: str) -> str:
     """A literal secret as versions stored it before the keyed hash: an unsalted SHA-256."""
     return "redacted:sha256:" + hashlib.sha256(value.encode()).hexdigest()[:16]

@@ -44,7 +44,7 @@ _MARKERS = (REDACTED, EXTERNAL, OLD_REDACTED)
 # Mapping keys whose string values are credentials (or may embed one), and every header value.
 _SECRET_FIELDS = frozenset(
     {"api_key", "token", "token_sha256", "dsn", "redis_url", "api_keys", "secret", "aws_access_key_id",
-     "aws_secret_access_key", "aws_session_token", "proxy"}
+     "aws_secret_access_key", "aws_session_token", "proxy", "signing_key", "experiment_salt"}
 )  # fmt: skip
 # Secret only when they carry credentials (user:password@); a proxy's may be written without a scheme.
 _URLS = frozenset({"dsn", "redis_url", "proxy"})
