@@ -311,3 +311,33 @@ async def test_usage_of_another_shape_is_counted_not_failed(
     assert got.usage is None or (got.usage.prompt_tokens >= 0 and got.usage.completion_tokens >= 0)
     assert rec.status == 200 and rec.cost_usd > 0
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+@pytest.mark.parametrize("after", ["", "half"], ids=["before-content", "after-content"])
+async def test_a_gemini_error_chunk_with_its_code_as_text_keeps_its_class(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, after: str
+) -> None:
+    """`"code": "429"` (a gateway's) is a rate limit as `429` is: it failed over as a server error
+    (no cool-down), and reached the client after content as `api_error`."""
+    error = _sse({"error": {"code": "429", "message": "Quota exceeded for the minute."}})
+    proxy, _, b = await _proxy(start_proxy, serve_routes, "gemini", ({}, [*(HALF["gemini"] if after else []), error]))
+    text, got = await _openai_stream(proxy)
+    rec = await recorded(proxy)
+    if after:
+        assert text == "half" and not b
+        assert got is not None and got.type == "rate_limit_error" and "Quota exceeded" in got.message, got
+    else:
+        assert (text, got) == ("from b", None)
+        assert rec.attempts[0].outcome == "rate_limited"
+
+
+async def test_a_gemini_error_that_is_a_text_reaches_the_client(
+    start_proxy: StartProxy, serve_routes: ServeRoutes
+) -> None:
+    """`"error": "..."` (not Google's object) after content ends the stream with the upstream's
+    words as a server error: it was dropped, and the client read "ended the stream early"."""
+    error = _sse({"error": "Quota exceeded for the minute."})
+    proxy, _, _ = await _proxy(start_proxy, serve_routes, "gemini", ({}, [*HALF["gemini"], error]))
+    text, got = await _openai_stream(proxy)
+    assert text == "half"
+    assert got is not None and got.type == "api_error" and got.message == "Quota exceeded for the minute.", got
