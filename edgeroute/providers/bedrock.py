@@ -454,7 +454,10 @@ def _tool_use(use: Any, what: str) -> tuple[str, str, Any]:
     if type(use) is not dict:  # null too: a call of nothing
         raise fields.fail(what, "toolUse", "an object")
     name = fields.text(use.get("name"), what, "toolUse.name")
-    return fields.text(use.get("toolUseId"), what, "toolUse.toolUseId"), name, use.get("input")
+    args = use.get("input")
+    if args is not None and type(args) is not dict and type(args) is not str:  # no call's arguments
+        raise fields.fail(what, "toolUse.input", "an object")
+    return fields.text(use.get("toolUseId"), what, "toolUse.toolUseId"), name, args
 
 
 def _payload(data: bytes) -> dict[str, Any]:
