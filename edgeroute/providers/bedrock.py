@@ -33,6 +33,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from edgeroute import redact, secrets
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
+from edgeroute.providers import answer_fields as fields
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.error_fields import ErrorFields
@@ -325,14 +326,28 @@ class BedrockAdapter(Adapter):
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
         reply = oa.Reply()
-        for block in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
-            if "text" in block:
-                reply.text.append(oa.text_field(block["text"]))
-            elif "toolUse" in block:
-                use = block["toolUse"]
-                reply.tool_use(oa.text_field(use.get("toolUseId")), oa.text_field(use.get("name")), use.get("input"))
-        finish = FINISH.get(str(obj.get("stopReason")), "stop")
-        return reply.completion(oa.new_id(), str(obj.get("model", "")), finish, openai_usage(obj.get("usage")))
+        try:
+            message = fields.obj(
+                fields.obj(obj.get("output"), _ANSWER, "output").get("message"), _ANSWER, "output.message"
+            )
+            content = message.get("content")
+            if content is None:  # no content at all (not an empty list): no answer was given
+                raise fields.fail(_ANSWER, "output.message.content", "a list of objects")
+            for block in fields.objects(content, _ANSWER, "output.message.content"):
+                if "text" in block:
+                    reply.text.append(fields.text(block["text"], _ANSWER, "content[].text"))
+                elif "toolUse" in block:
+                    call_id, name, args = _tool_use(block["toolUse"], _ANSWER)
+                    reply.tool_use(call_id, name, args)
+            reason = obj.get("stopReason")
+            if type(reason) is not str:  # Converse always says why it stopped: a cut answer has no `stop`
+                raise fields.fail(_ANSWER, "stopReason", "a string")
+        except fields.Unreadable as e:
+            raise fields.said(f"provider {self.name}", e) from None
+        model = obj.get("model")
+        return reply.completion(
+            oa.new_id(), model if type(model) is str else "", FINISH.get(reason, "stop"), openai_usage(obj.get("usage"))
+        )
 
     def stream_translator(self, model: str, include_usage: bool = False) -> BedrockStream:
         return BedrockStream(model, include_usage)
@@ -369,24 +384,16 @@ class BedrockStream:
                 if self.out.done:  # ended: what follows (another answer) is not read
                     break
                 headers = msg.headers
-                try:
-                    payload = orjson.loads(msg.payload) if msg.payload else {}
-                except orjson.JSONDecodeError:
-                    payload = {}
                 if headers.get(":message-type") == "event":
-                    out.append(
-                        self._event(str(headers.get(":event-type")), payload if isinstance(payload, dict) else {})
-                    )
+                    out.append(self._event(str(headers.get(":event-type")), _payload(msg.payload)))
                 else:
-                    kind = str(headers.get(":exception-type") or headers.get(":error-code") or "upstream_error")
-                    message = payload.get("message") if isinstance(payload, dict) else None
-                    status = _EXCEPTION_STATUS.get(kind.lower(), 500)
-                    out.append(
-                        oa.status_error_event(str(message or headers.get(":error-message") or kind), status, kind)
-                    )
+                    out.append(_exception_event(headers, msg.payload))
         except ParserError:
             self.failed = True
             out.append(oa.error_event("upstream sent a malformed event-stream frame", "upstream_error"))
+        except fields.Unreadable as e:
+            self.failed = True
+            raise fields.said(f"model {self.out.model}", e) from None
         return b"".join(out)
 
     def _event(self, kind: str, ev: dict[str, Any]) -> bytes:
@@ -397,38 +404,83 @@ class BedrockStream:
             self.message = True
             return w.start()
         if kind == "contentBlockStart":
-            idx = int(ev.get("contentBlockIndex", 0))
-            use = (ev.get("start") or {}).get("toolUse")
-            if isinstance(use, dict) and use.get("name") == oa.JSON_TOOL:
+            idx = fields.index(ev.get("contentBlockIndex"), _EVENT, "contentBlockIndex")
+            use = fields.obj(ev.get("start"), _EVENT, "start").get("toolUse")
+            if use is None:
+                return b""
+            call_id, name, _ = _tool_use(use, _EVENT)
+            if name == oa.JSON_TOOL:
                 self.blocks[idx] = ("json", -1)
                 self.json_mode = True
-            elif isinstance(use, dict):
-                ti = w.new_tool()
-                self.blocks[idx] = ("tool", ti)
-                return w.tool_head(ti, oa.text_field(use.get("toolUseId")), oa.text_field(use.get("name")))
-            return b""
+                return b""
+            ti = w.new_tool()
+            self.blocks[idx] = ("tool", ti)
+            return w.tool_head(ti, call_id, name)
         if kind == "contentBlockDelta":
-            idx = int(ev.get("contentBlockIndex", 0))
-            delta = ev.get("delta") or {}
+            idx = fields.index(ev.get("contentBlockIndex"), _EVENT, "contentBlockIndex")
+            delta = fields.obj(ev.get("delta"), _EVENT, "delta")
             if "text" in delta:
-                return w.text(oa.text_field(delta["text"]))
+                return w.text(fields.text(delta["text"], _EVENT, "delta.text"))
             if "toolUse" in delta:
-                frag = str((delta["toolUse"] or {}).get("input", ""))
+                frag = fields.text(fields.obj(delta["toolUse"], _EVENT, "delta.toolUse").get("input"), _EVENT, "input")
                 what, ti = self.blocks.get(idx, ("", -1))
                 if frag:
                     self.args_seen.add(idx)
                 return w.text(frag) if what == "json" else w.tool_args(ti, frag)
             return b""  # reasoningContent and citations have no OpenAI equivalent
         if kind == "contentBlockStop":
-            idx = int(ev.get("contentBlockIndex", 0))
+            idx = fields.index(ev.get("contentBlockIndex"), _EVENT, "contentBlockIndex")
             what, ti = self.blocks.get(idx, ("", -1))
             if what and idx not in self.args_seen:
                 return w.tool_args(ti, "{}") if what == "tool" else w.text("{}")
             return b""
         if kind == "messageStop":
-            reason = str(ev.get("stopReason"))
+            reason = ev.get("stopReason")
+            if type(reason) is not str:  # Converse always says why it stopped: a cut answer has no `stop`
+                raise fields.fail(_EVENT, "stopReason", "a string")
             return w.finish("stop" if self.json_mode and reason == "tool_use" else FINISH.get(reason, "stop"))
         if kind == "metadata":
             w.usage = openai_usage(ev.get("usage"))
             return w.finish("stop") + w.end()
         return b""
+
+
+_ANSWER = "a Bedrock Converse answer"
+_EVENT = "a Bedrock stream event"
+
+
+def _tool_use(use: Any, what: str) -> tuple[str, str, Any]:
+    """A `toolUse` block's (id, name, input); its input is read as `oa.Reply.tool_use` reads it."""
+    if type(use) is not dict:  # null too: a call of nothing
+        raise fields.fail(what, "toolUse", "an object")
+    name = fields.text(use.get("name"), what, "toolUse.name")
+    args = use.get("input")
+    if args is not None and type(args) is not dict and type(args) is not str:  # no call's arguments
+        raise fields.fail(what, "toolUse.input", "an object")
+    return fields.text(use.get("toolUseId"), what, "toolUse.toolUseId"), name, args
+
+
+def _payload(data: bytes) -> dict[str, Any]:
+    """An event frame's JSON object (an empty payload: an empty one)."""
+    if not data:
+        return {}
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise fields.Unreadable("sent a Bedrock stream event that is not JSON") from None
+    if type(payload) is not dict:
+        raise fields.Unreadable("sent a Bedrock stream event that is not a JSON object")
+    return payload
+
+
+def _exception_event(headers: Mapping[str, Any], data: bytes) -> bytes:
+    """An exception frame as an error event of its class (`oa.status_error_event`), its name as the code."""
+    kind = str(headers.get(":exception-type") or headers.get(":error-code") or "upstream_error")
+    try:
+        payload = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        payload = None
+    message = payload.get("message") if type(payload) is dict else None
+    if type(message) is not str or not message:
+        message = str(headers.get(":error-message") or kind)
+    return oa.status_error_event(message, _EXCEPTION_STATUS.get(kind.lower(), 500), kind)

@@ -16,12 +16,13 @@ Options: `unsupported_params` (`reject` | `drop`).
 from __future__ import annotations
 
 import mimetypes
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import orjson
 
 from edgeroute.outcome import Outcome
+from edgeroute.providers import answer_fields as fields
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.providers.error_fields import ErrorFields
@@ -223,27 +224,30 @@ class GeminiAdapter(Adapter):
         return super().judge(status, err, headers)
 
     def translate_response(self, obj: dict[str, Any]) -> dict[str, Any]:
-        cands = obj.get("candidates") or []
-        reply = oa.Reply()
-        if cands:
-            cand = cands[0]
-            for part in (cand.get("content") or {}).get("parts") or ():
-                if part.get("thought"):
-                    continue
-                if "text" in part:
-                    reply.text.append(oa.text_field(part["text"]))
-                elif "functionCall" in part:
-                    fc = part["functionCall"]
-                    reply.tool_use(
-                        str(fc.get("id") or oa.new_id("call_")), oa.text_field(fc.get("name")), fc.get("args")
-                    )
-            finish = finish_reason(cand.get("finishReason"), bool(reply.calls))
-        else:
-            # The prompt itself was blocked (promptFeedback.blockReason): no candidate at all.
-            finish = "content_filter"
+        try:
+            cand = _candidate(obj)
+            reply = oa.Reply()
+            if cand is not None:
+                for part in _answer_parts(cand):
+                    if isinstance(part, str):
+                        reply.text.append(part)
+                    else:
+                        call_id, name, args = part
+                        reply.tool_use(call_id, name, args)
+                reason = _finish(cand)
+                if reason is None and cand.get("content") is None:
+                    # Neither an answer nor why there is none (a blocked answer says SAFETY).
+                    raise fields.Unreadable(f"sent {_ANSWER} whose candidate has neither content nor a finishReason")
+                finish = finish_reason(reason, bool(reply.calls))
+            elif fields.obj(obj.get("promptFeedback"), _ANSWER, "promptFeedback").get("blockReason"):
+                finish = "content_filter"  # the prompt itself was blocked: no candidate at all
+            else:
+                raise fields.Unreadable(f"sent {_ANSWER} with no candidate and no promptFeedback.blockReason")
+        except fields.Unreadable as e:
+            raise fields.said(f"provider {self.name}", e) from None
         return reply.completion(
-            str(obj.get("responseId") or oa.new_id()),
-            str(obj.get("modelVersion", "")),
+            _name(obj.get("responseId")) or oa.new_id(),
+            _name(obj.get("modelVersion")),
             finish,
             openai_usage(obj.get("usageMetadata")),
         )
@@ -271,35 +275,88 @@ class GeminiStream(oa.SseJsonStream):
         self.has_calls = False
 
     def on_event(self, obj: dict[str, Any]) -> bytes:
+        try:
+            return self._event(obj)
+        except fields.Unreadable as e:
+            raise fields.said(f"model {self.out.model}", e) from None
+
+    def _event(self, obj: dict[str, Any]) -> bytes:
         w = self.out
-        if isinstance(obj.get("error"), dict):
-            err = obj["error"]
-            status = str(err.get("status") or "UNKNOWN")
-            code = err.get("code")
-            http = code if type(code) is int and 400 <= code <= 599 else _STATUS_HTTP.get(status, 500)
-            return oa.status_error_event(str(err.get("message", "upstream error")), http, status)
-        if obj.get("modelVersion"):
-            w.model = str(obj["modelVersion"])
+        err = obj.get("error")
+        if type(err) is dict or err:
+            return _error_event(err)
+        if model := _name(obj.get("modelVersion")):
+            w.model = model
         if obj.get("usageMetadata"):
             w.usage = openai_usage(obj["usageMetadata"])
         out = [w.start()]  # joined once: an event of many parts must not be quadratic
-        cands = obj.get("candidates") or []
-        if not cands:
-            if (obj.get("promptFeedback") or {}).get("blockReason"):
+        cand = _candidate(obj)
+        if cand is None:
+            if fields.obj(obj.get("promptFeedback"), _ANSWER, "promptFeedback").get("blockReason"):
                 return b"".join((*out, w.finish("content_filter"), w.end()))
             return out[0]
-        cand = cands[0]
-        for part in (cand.get("content") or {}).get("parts") or ():
-            if part.get("thought"):
-                continue
-            if "text" in part:
-                out.append(w.text(oa.text_field(part["text"])))
-            elif "functionCall" in part:
-                fc = part["functionCall"]
+        for part in _answer_parts(cand):
+            if isinstance(part, str):
+                out.append(w.text(part))
+            else:
+                call_id, name, args = part
                 self.has_calls = True
-                args = orjson.dumps(fc.get("args") or {}).decode()
-                call_id = str(fc.get("id") or oa.new_id("call_"))
-                out.append(w.tool_head(w.new_tool(), call_id, oa.text_field(fc.get("name")), args))
-        if cand.get("finishReason"):
-            out += (w.finish(finish_reason(cand["finishReason"], self.has_calls)), w.end())
+                text = args if isinstance(args, str) and args else orjson.dumps(args or {}).decode()  # as `oa.Reply`
+                out.append(w.tool_head(w.new_tool(), call_id, name, text))
+        if reason := _finish(cand):
+            out += (w.finish(finish_reason(reason, self.has_calls)), w.end())
         return b"".join(out)
+
+
+_ANSWER = "a Gemini answer"  # a stream's chunk is one too (a whole GenerateContentResponse)
+
+
+def _name(value: Any) -> str:
+    """An answer's id or model version: one that is not a string is not shown (the request's own is)."""
+    return value if type(value) is str else ""
+
+
+def _candidate(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer's first candidate; None when there is none (a blocked prompt, a chunk of usage)."""
+    cands = fields.objects(obj.get("candidates"), _ANSWER, "candidates")
+    return cands[0] if cands else None
+
+
+def _finish(cand: dict[str, Any]) -> str | None:
+    return fields.maybe_text(cand.get("finishReason"), _ANSWER, "candidates[0].finishReason")
+
+
+Part = str | tuple[str, str, Any]
+
+
+def _answer_parts(cand: dict[str, Any]) -> Iterator[Part]:
+    """A candidate's text (a string) and function calls ((id, name, args)), in order; thoughts left out."""
+    content = fields.obj(cand.get("content"), _ANSWER, "candidates[0].content")
+    for part in fields.objects(content.get("parts"), _ANSWER, "candidates[0].content.parts"):
+        if part.get("thought"):
+            continue
+        if "text" in part:
+            yield fields.text(part["text"], _ANSWER, "parts[].text")
+        elif "functionCall" in part:
+            fc = part["functionCall"]
+            if type(fc) is not dict:  # null too: a call of nothing
+                raise fields.fail(_ANSWER, "parts[].functionCall", "an object")
+            args = fc.get("args")
+            if args is not None and type(args) is not dict and type(args) is not str:
+                raise fields.fail(_ANSWER, "parts[].functionCall.args", "an object")
+            call_id = fields.text(fc.get("id"), _ANSWER, "parts[].functionCall.id") or oa.new_id("call_")
+            yield call_id, fields.text(fc.get("name"), _ANSWER, "parts[].functionCall.name"), args
+
+
+def _error_event(err: Any) -> bytes:
+    """Gemini's error chunk as an error event of its class (`oa.status_error_event`)."""
+    if type(err) is not dict:  # a careless server's `"error": "quota exceeded"`: a server error
+        return oa.status_error_event(err if type(err) is str else "upstream error", 500, "UNKNOWN")
+    status = err.get("status")
+    status = status if type(status) is str and status else "UNKNOWN"
+    code = err.get("code")
+    if type(code) is str and code.isdigit():
+        code = int(code)
+    http = code if type(code) is int and 400 <= code <= 599 else _STATUS_HTTP.get(status, 500)
+    message = err.get("message")
+    return oa.status_error_event(message if type(message) is str and message else "upstream error", http, status)
