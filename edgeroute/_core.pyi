@@ -379,11 +379,19 @@ class Router:
         first content broke later: count it as a failure (not in flight, not a new request).
         Returns the sender ejected alone as ``report`` does."""
 
-    def note_lost_race(self, index: int, elapsed_ms: float) -> None:
-        """Deployment ``index``'s attempt was cancelled after ``elapsed_ms`` because another
-        attempt of the request answered first (a hedge race): a lower bound on its latency,
-        which lifts its peak-EWMA latency (``fastest``, p2c) and is no failure. Call after
-        ``report``. ``ValueError`` for a bad index."""
+    def report_lost_race(self, index: int, elapsed_ms: float, answering: bool, sender: int = 0) -> int | None:
+        """Reports, instead of ``report``, the end of an attempt on deployment ``index`` cancelled
+        after ``elapsed_ms`` because another attempt of its request answered first (a hedge race);
+        ``answering``: its response head had come. The wait lifts its peak-EWMA latency; a loser
+        with no head that waited three times its answers' latency (or never answered) is a hang:
+        from the third such in a row with no answer between, each is a timeout for the circuit,
+        else no failure. Returns the sender ejected alone as ``report`` does. ``ValueError`` for
+        a bad index."""
+
+    def fund_hedges(self, route: str) -> None:
+        """Funds ``route``'s own hedge budget with one request sent on to its deployments (call
+        once per dispatch; refusals, cache hits and explanations fund nothing). A route without
+        hedging or with one deployment, or an unknown one, ignores it."""
 
     def serving_well(self, index: int) -> bool:
         """Whether deployment ``index`` serves this process's traffic well now: enough recent

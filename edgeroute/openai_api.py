@@ -389,7 +389,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         call = Call(live, decision, body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
         try:
-            answer, dep = await call.run()
+            answer, dep = await call.run_until_drain(app[STATE])
         except ProxyError as e:
             if plan is not None and (stale := cache.serve_stale(plan, e)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, dialect, error=e)

@@ -155,16 +155,30 @@ class ServerState:
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
     streams: set[StreamTimer] = field(default_factory=set)
     drain_at: float = math.inf
+    # Handlers waiting on their upstream (a dispatch: nothing written to the client yet), and
+    # those of them the drain cut (`dispatch.failover.Call.run_until_drain`).
+    waiting: set[asyncio.Task[object]] = field(default_factory=set)
+    cut: set[asyncio.Task[object]] = field(default_factory=set)
 
     def begin_drain(self, timeout: float) -> None:
         """Stops taking requests; streams still running at `timeout` from now are ended
-        with an error event (before the HTTP server closes their connections)."""
+        with an error event, and requests still waiting on their upstream then get an error
+        (both before the HTTP server closes their connections)."""
         self.draining = True
-        self.drain_at = asyncio.get_running_loop().time() + timeout
+        loop = asyncio.get_running_loop()
+        self.drain_at = loop.time() + timeout
         for t in self.streams:
             when = t.when()
             if when is None or when > self.drain_at:
                 t.reschedule(self.drain_at)
+        loop.call_at(self.drain_at, self._cut_waiting)
+
+    def _cut_waiting(self) -> None:
+        """Cancels the dispatches still waiting at the drain's end, marked as its cuts: closed
+        with the connection instead, they were a bare disconnect, recorded `client_gone`."""
+        for task in self.waiting:
+            self.cut.add(task)
+            task.cancel()
 
 
 STATE = web.AppKey("state", ServerState)

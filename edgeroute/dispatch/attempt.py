@@ -253,6 +253,9 @@ class Attempts:
         # `upstream_request`): the relay then keeps the usage chunk from the client.
         self.usage_added = False
         self.hedged = False
+        # The deployments whose attempts are being cancelled because a hedge race's other one
+        # answered (`failover._race`): reported as lost races, not as the client's cancellation.
+        self.lost_race: frozenset[int] = frozenset()
         self.granted: int | None = None  # a capacity slot handed over while queued, not yet used
         self.claimed: list[int] = []  # shared capacity leases taken for attempts not yet started
         # By deployment: None once its request was built, else why it cannot read the request.
@@ -343,7 +346,14 @@ class Attempts:
             # A lost hedge or a client that went away: close the connection, account for it.
             rec.outcome = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
-            self.router.report(dep.index, "client_error", rec.latency_ms, None, self.sender)
+            if dep.index in self.lost_race:
+                # Whether it had answered (its head came) and how long it waited tell a hung
+                # deployment, whose circuit then opens, from one merely slower than its hedge.
+                answering = rec.status is not None
+                aside = self.router.report_lost_race(dep.index, rec.latency_ms, answering, self.sender)
+                senders.ejected(dep.name, aside)
+            else:
+                self.router.report(dep.index, "client_error", rec.latency_ms, None, self.sender)
             # Sent, the upstream has likely billed the prompt already: cost it as such.
             if reached:
                 self.settle_attempt(rec, dep, None)

@@ -22,6 +22,7 @@ from edgeroute.dispatch.attempt import Answer, Attempts, Failure, JsonAnswer, St
 from edgeroute.dispatch.policy import FailoverPolicy, FailoverState, Settings, Stop, Try, signature
 from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
+from edgeroute.state import ServerState
 from edgeroute.upstream import DeploymentInfo
 
 log = logging.getLogger("edgeroute.dispatch")
@@ -133,6 +134,32 @@ class Call(Attempts):
 
     # -- the loop -------------------------------------------------------------------------
 
+    async def run_until_drain(self, server: ServerState) -> tuple[Answer, DeploymentInfo]:
+        """`run`, for a client's request: cut at the drain's end (`ServerState.begin_drain`)
+        while still waiting on its upstream, it answers a 503 in the API's format, recorded
+        `drain_cut` (its attempts cancelled and priced as for a client gone), rather than a bare
+        disconnect when the connection closes, recorded as the client's doing."""
+        task = asyncio.current_task()
+        if task is None:
+            return await self.run()
+        server.waiting.add(task)
+        try:
+            return await self.run()
+        except asyncio.CancelledError:
+            if task not in server.cut:
+                raise
+            task.uncancel()
+            self.record.outcome = "drain_cut"
+            raise ProxyError(
+                503,
+                "The server is shutting down and the answer did not come in time; retry the request.",
+                code="server_shutdown",
+                headers={"Retry-After": "1"},
+            ) from None
+        finally:
+            server.waiting.discard(task)
+            server.cut.discard(task)
+
     async def run(self) -> tuple[Answer, DeploymentInfo]:
         policy = self.policy()
         table = self.live.deployments
@@ -145,6 +172,8 @@ class Call(Attempts):
         ):
             self.gate.give_back(state.sender_skipped[0].name)  # admission counted it as the first choice: never sent
             self.first_counted = False
+        if self.live.config.models[self.decision.route].hedge is not None:
+            self.router.fund_hedges(self.decision.route)  # sent on: what funds its route's hedges
         hedge_ms = self.decision.hedge_after_ms
         if hedge_ms is not None and self.side_effect() is not None:
             hedge_ms = None  # a second upstream would repeat what the request does there
@@ -357,7 +386,6 @@ class Call(Attempts):
         mark = len(self.record.attempts)  # this race's attempts are recorded from here on
         t1 = asyncio.ensure_future(self.attempt(first, "first"))
         tasks = {t1: first}
-        started = {t1: time.perf_counter()}
         winner: tuple[Answer, DeploymentInfo] | None = None
         try:
             done, _ = await asyncio.wait({t1}, timeout=delay)
@@ -383,7 +411,7 @@ class Call(Attempts):
             self.hedged = True
             policy.hedged(state)
             t2 = asyncio.ensure_future(self.attempt(second, "hedge"))
-            tasks[t2], started[t2] = second, time.perf_counter()
+            tasks[t2] = second
             pending = {t1, t2}
             failed: list[tuple[DeploymentInfo, Failure]] = []
             while pending and winner is None:
@@ -409,15 +437,15 @@ class Call(Attempts):
                 return winner
         finally:
             running = [t for t in tasks if not t.done()]
+            if winner is not None and running:
+                # They lost: their reports say so (not a client's cancellation), which is how a
+                # primary that hangs while its hedges win is found out (`report_lost_race`).
+                self.lost_race = frozenset(tasks[t].index for t in running)
             for t in running:
                 t.cancel()
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
-                if winner is not None:
-                    # It lost: at least this slow. Reported as a cancellation only, a primary
-                    # that hung while its hedges won stayed first in `fastest` for good.
-                    for t in running:
-                        self.router.note_lost_race(tasks[t].index, (time.perf_counter() - started[t]) * 1000)
+                self.lost_race = frozenset()
                 if winner is not None and isinstance(winner[0], JsonAnswer):
                     self._price_lost_answers(self.record.attempts[mark:], list(tasks.values()), winner[0])
         for dep, f in failed[:-1]:

@@ -231,7 +231,8 @@ async def relay_stream(
             said.add(withheld)  # its usage, or its text, is what the upstream bills
         if failure is not None:
             await events.error(failure)
-            call.record.outcome = "stream_interrupted"
+            # Cut by the drain's end, as a request still waiting then is (`Call.run_until_drain`).
+            call.record.outcome = "drain_cut" if failure[1] == "server_shutdown" else "stream_interrupted"
             call.record.error_class = failure[1]
         elif upstream_error:  # told the client already, in the upstream's words
             # A splice is cut for the answer's sake, not the deployment's health: honest streams

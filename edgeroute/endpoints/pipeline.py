@@ -53,7 +53,7 @@ from edgeroute.providers.base import Adapter
 from edgeroute.ready_response import ReadyResponse
 from edgeroute.request_input import read_body, region_of, tags_of
 from edgeroute.requestlog import content
-from edgeroute.state import Live
+from edgeroute.state import STATE, Live
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +358,7 @@ async def serve(
         call = parsed.call(live, decision, route_body, rec, model.timeouts, model.max_attempts)
         call.gate = admission.attempt_gate(ticket)
         try:
-            got, dep = await call.run()
+            got, dep = await call.run_until_drain(request.app[STATE])
         except ProxyError as e:
             if plan is not None and (stale := request.app[CACHE].serve_stale(plan, e)) is not None:
                 return await _cached_answer(request, rec, decision, plan, stale, None, error=e)

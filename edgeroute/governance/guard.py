@@ -37,8 +37,9 @@ _MAX_SAMPLES = 10_000
 # Answers a client chose that say nothing of the config: an `only-if-cached` request's miss
 # (504) is what the client asked for, so any client could roll back whatever an operator had
 # just applied (a key's budget or rule, a model taken away) with min_requests of them.
-# A client that hangs up or reads too slowly ends its own request: nothing of the config either.
-NOT_THE_CONFIGS = frozenset({"cache_miss", "client_gone", "slow_client"})
+# A client that hangs up or reads too slowly ends its own request, a drain that cuts one ends
+# it for the server: nothing of the config either.
+NOT_THE_CONFIGS = frozenset({"cache_miss", "client_gone", "slow_client", "server_shutdown"})
 # A whole answer's latency is judged only up to this many output tokens: past it, the time is
 # the generation the client asked for (`max_tokens`), not the config's doing.
 FEW_TOKENS = 32

@@ -34,6 +34,19 @@ const SEEN_DECAYS: u64 = 4;
 /// failures among a busy client's successes.
 const OUTAGE_STREAK: u32 = 2;
 
+/// Hedge races lost in a row without an answer of its own (no response head, and at least
+/// [`LOST_RACE_FACTOR`] times its answered latency) after which each one more is a timeout for
+/// the circuit. A lost race was no failure: a deployment that accepted connections and never
+/// answered lost every race to its hedges, kept its circuit closed, and every request paid for
+/// it and waited the hedge delay on it, for good (red team, session 35).
+pub const LOST_RACES_IN_A_ROW: u32 = 3;
+
+/// How much longer than its own answers' (peak-EWMA) latency a loser must have waited, with no
+/// response head, to count towards [`LOST_RACES_IN_A_ROW`]: a deployment slower than its hedge
+/// but answering in its usual time is not hung (the hedge delay is about its p95, the race
+/// ends when the hedge answers: a healthy loser has waited under twice its usual time).
+pub const LOST_RACE_FACTOR: f64 = 3.0;
+
 /// Deployments (of every router in the process) with a sender's ejection on record: while 0, a
 /// request asks no deployment whether it is ejected for its sender ([`any_sender_ejection`]).
 static SCOPED_DEPLOYMENTS: AtomicU32 = AtomicU32::new(0);
@@ -156,6 +169,11 @@ impl CircuitState {
 #[derive(Debug, Default)]
 struct State {
     ewma_latency_ms: f64,
+    /// Peak-EWMA latency of answers only (lost races do not lift it): what a lost race's wait
+    /// is compared with.
+    answered_ms: f64,
+    /// Hedge races lost in a row without an answer, none answered since.
+    lost_races: u32,
     error_rate: f64,
     /// Requests seen recently: a count decayed like the EWMAs.
     volume: f64,
@@ -431,13 +449,37 @@ impl Health {
         self.lock().ewma_latency_ms
     }
 
-    /// An attempt cancelled after `elapsed_ms` because another one answered first: a lower
-    /// bound on its latency, which lifts the peak EWMA (never lowers it) and is no failure.
-    /// Reported as a client's cancellation, a primary that hung while its hedges won kept its
-    /// latency and its place first in `fastest` for good (red team, session 35).
-    pub fn note_lost_race(&self, elapsed_ms: f64) {
-        let mut s = self.lock();
-        s.ewma_latency_ms = s.ewma_latency_ms.max(elapsed_ms);
+    /// Records the end of an attempt cancelled after `elapsed_ms` because another one of its
+    /// request answered first (a hedge race); `answering`: its response head had come. Its wait
+    /// is a lower bound on its latency, which lifts the peak EWMA (never lowers it): a primary
+    /// that hung while its hedges won kept its place first in `fastest` for good. A loser with
+    /// no head that waited [`LOST_RACE_FACTOR`] times its answers' latency (or that never
+    /// answered) is evidence of a hang: from the [`LOST_RACES_IN_A_ROW`]th in a row with no
+    /// answer between, each is a timeout for the circuit; else it is no failure (a client's
+    /// cancellation). Returns the sender ejected alone as [`Health::report`] does.
+    pub fn report_lost_race(
+        &self,
+        elapsed_ms: f64,
+        answering: bool,
+        sender: u64,
+        now_ms: u64,
+        spec: &HealthSpec,
+    ) -> Option<u64> {
+        let hung = {
+            let mut s = self.lock();
+            s.ewma_latency_ms = s.ewma_latency_ms.max(elapsed_ms);
+            if answering {
+                s.lost_races = 0;
+                false
+            } else if s.answered_ms > 0.0 && elapsed_ms < LOST_RACE_FACTOR * s.answered_ms {
+                false // slower than its hedge, not than itself: the streak waits, unbroken
+            } else {
+                s.lost_races = s.lost_races.saturating_add(1);
+                s.lost_races >= LOST_RACES_IN_A_ROW
+            }
+        };
+        let outcome = if hung { Outcome::Timeout } else { Outcome::ClientError };
+        self.report(outcome, elapsed_ms, sender, now_ms, spec)
     }
 
     /// Load score for p2c: latency (or a neutral prior) times in-flight plus one.
@@ -502,6 +544,12 @@ impl Health {
                 } else {
                     s.ewma_latency_ms * w + latency_ms * (1.0 - w)
                 };
+                s.answered_ms = if latency_ms > s.answered_ms || s.answered_ms == 0.0 {
+                    latency_ms
+                } else {
+                    s.answered_ms * w + latency_ms * (1.0 - w)
+                };
+                s.lost_races = 0;
                 s.streak_before_success = s.consecutive_failures;
                 s.streak_before = s.streak;
                 s.consecutive_failures = 0;
@@ -678,6 +726,67 @@ mod tests {
             base_ejection_ms: 1_000,
             ..HealthSpec::default()
         }
+    }
+
+    /// A hedge race lost at `t` after `ms`, its head (`answering`) come or not.
+    fn lose(h: &Health, ms: f64, answering: bool, t: u64) -> Option<u64> {
+        h.begin(t);
+        h.report_lost_race(ms, answering, 0, t, &spec())
+    }
+
+    #[test]
+    fn a_deployment_that_loses_every_race_without_answering_opens_its_circuit() {
+        let h = Health::default();
+        h.begin(0);
+        h.report(Outcome::Success, 20.0, 0, 0, &spec()); // answered in 20 ms once
+                                                         // Hung: each race lost after 200 ms, no head. The first LOST_RACES_IN_A_ROW - 1 are no
+                                                         // failure; then each is a timeout, and `consecutive_failures` (3) of them open it.
+        for t in 1..LOST_RACES_IN_A_ROW as u64 {
+            lose(&h, 200.0, false, t);
+            assert_eq!(h.snapshot(t).failures, 0);
+        }
+        for t in 0..3 {
+            assert_eq!(h.snapshot(10 + t).circuit, CircuitState::Closed);
+            lose(&h, 200.0, false, 10 + t);
+        }
+        assert_eq!(h.snapshot(20).circuit, CircuitState::Open);
+        assert!(h.snapshot(20).latency_ms >= 200.0); // `fastest` sees it too
+                                                     // Half-open after the ejection: its probe loses a race without answering: open again.
+        assert!(h.available(1_013));
+        lose(&h, 200.0, false, 1_013);
+        assert_eq!(h.snapshot(1_014).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn a_slower_deployment_that_answers_loses_races_and_stays_closed() {
+        let h = Health::default();
+        for t in 0..50 {
+            if t % 10 == 0 {
+                h.begin(t);
+                h.report(Outcome::Success, 300.0, 0, t, &spec()); // answers in 300 ms when not hedged
+            } else {
+                lose(&h, 120.0, false, t); // loses at 120 ms: slower than its hedge, not hung
+            }
+        }
+        // A stream whose head came is answering, however long it waited.
+        let s = Health::default();
+        (0..20).for_each(|t| {
+            lose(&s, 5_000.0, true, t);
+        });
+        for h in [h, s] {
+            let snap = h.snapshot(60);
+            assert_eq!((snap.circuit, snap.failures), (CircuitState::Closed, 0), "{snap:?}");
+        }
+        // An answer between hung-looking losses starts their count again.
+        let h = Health::default();
+        for round in 0..10 {
+            let t = round * 10;
+            lose(&h, 200.0, false, t);
+            lose(&h, 200.0, false, t + 1);
+            h.begin(t + 2);
+            h.report(Outcome::Success, 20.0, 0, t + 2, &spec());
+        }
+        assert_eq!(h.snapshot(200).failures, 0);
     }
 
     #[test]

@@ -456,10 +456,14 @@ impl Router {
         Ok(self.inner.report_broken_stream(index, sender))
     }
 
-    fn note_lost_race(&self, index: usize, elapsed_ms: f64) -> PyResult<()> {
+    #[pyo3(signature = (index, elapsed_ms, answering, sender=0))]
+    fn report_lost_race(&self, index: usize, elapsed_ms: f64, answering: bool, sender: u64) -> PyResult<Option<u64>> {
         self.checked(index)?;
-        self.inner.note_lost_race(index, elapsed_ms);
-        Ok(())
+        Ok(self.inner.report_lost_race(index, elapsed_ms, answering, sender))
+    }
+
+    fn fund_hedges(&self, route: &str) {
+        self.inner.fund_hedges(route);
     }
 
     fn try_retry(&self) -> bool {

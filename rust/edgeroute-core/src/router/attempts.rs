@@ -5,14 +5,24 @@ use super::Router;
 use crate::health::Outcome;
 
 impl Router {
-    /// Asks the hedge budget for one hedge of a request on `route`; call when the hedge timer fires.
+    /// Asks `route`'s hedge budget for one hedge of a request; call when the hedge timer fires.
     pub fn try_hedge(&self, route: &str) -> bool {
-        let pct = self
-            .route_by_name
-            .get(route)
-            .and_then(|&r| self.routes[r].spec.hedge.as_ref())
-            .map_or(0.0, |h| h.budget_percent);
-        self.hedge_budget.try_take(pct, self.now_ms())
+        let Some(r) = self.route_by_name.get(route).map(|&r| &self.routes[r]) else {
+            return false;
+        };
+        let pct = r.spec.hedge.as_ref().map_or(0.0, |h| h.budget_percent);
+        r.hedge_budget.try_take(pct, self.now_ms())
+    }
+
+    /// Funds `route`'s hedge budget with one request sent on to its deployments (a dispatch):
+    /// not a refusal, not a cache hit, not an explanation, which send nothing upstream. A route
+    /// without hedging, or with one deployment, ignores it. Call once a request, as it dispatches.
+    pub fn fund_hedges(&self, route: &str) {
+        if let Some(r) = self.route_by_name.get(route).map(|&r| &self.routes[r]) {
+            if r.spec.hedge.is_some() && r.members.len() >= 2 {
+                r.hedge_budget.note_request(self.now_ms());
+            }
+        }
     }
 
     /// Asks the retry budget for one retry.
@@ -80,10 +90,14 @@ impl Router {
         withheld
     }
 
-    /// Deployment `index`'s attempt lost a hedge race after `elapsed_ms` (see
-    /// [`crate::health::Health::note_lost_race`]); call after [`Router::report`].
-    pub fn note_lost_race(&self, index: usize, elapsed_ms: f64) {
-        self.deployments[index].health.note_lost_race(elapsed_ms);
+    /// Reports the end of an attempt of `sender` on deployment `index` cancelled after
+    /// `elapsed_ms` because a hedge race's other attempt answered first, instead of
+    /// [`Router::report`]; `answering`: its response head had come (see
+    /// [`crate::health::Health::report_lost_race`]). Returns the sender ejected alone.
+    pub fn report_lost_race(&self, index: usize, elapsed_ms: f64, answering: bool, sender: u64) -> Option<u64> {
+        self.deployments[index]
+            .health
+            .report_lost_race(elapsed_ms, answering, sender, self.now_ms(), &self.health_spec)
     }
 
     /// Keeps selection off deployment `index` for `ms`: its provider limit has no request left.

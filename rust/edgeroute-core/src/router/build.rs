@@ -115,7 +115,13 @@ impl Router {
                     m.name
                 )));
             }
+            // Each route hedges on its own requests (one pool for all let a busy route pay for
+            // hedging every request of a quiet one); kept over reloads by name.
+            let hedge_budget = previous
+                .and_then(|p| p.route_by_name.get(&m.name).map(|&i| p.routes[i].hedge_budget.clone()))
+                .unwrap_or_default();
             routes.push(Route {
+                hedge_budget,
                 swrr: Swrr::new(members.len()),
                 encoding: members
                     .first()
@@ -169,13 +175,9 @@ impl Router {
                 }
             }
         }
-        let (retry_budget, hedge_budget, shifts) = match previous {
-            Some(p) => (p.retry_budget.clone(), p.hedge_budget.clone(), p.shifts.clone()),
-            None => (
-                Arc::new(RetryBudget::new(spec.retry_budget)),
-                Arc::default(),
-                Arc::default(),
-            ),
+        let (retry_budget, shifts) = match previous {
+            Some(p) => (p.retry_budget.clone(), p.shifts.clone()),
+            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
         };
         if rules.needs_task() && classifier.is_none() {
             return Err(CoreError::Config(
@@ -211,7 +213,6 @@ impl Router {
             rules,
             health_spec: spec.health,
             retry_budget,
-            hedge_budget,
             rng: FastRng::new(seed),
             epoch,
             smallest_window: deployments

@@ -146,11 +146,10 @@ impl Router {
         let hedge_after_ms = self.hedge_delay(route, &order, now_ms);
         // An explanation sends nothing upstream: it funds no retry nor hedge (400 explain calls
         // paid for hedging every one of 20 slow requests that followed).
+        // The hedge budget is funded at dispatch (`fund_hedges`), not here: refusals and cache
+        // hits are decided too.
         if !explain {
             self.retry_budget.deposit(now_ms);
-            if self.routes[route].spec.hedge.is_some() && order.len() >= 2 {
-                self.hedge_budget.note_request(now_ms);
-            }
         }
         let (rule, reasons) = match matched {
             Some(m) => (Some(self.rules.specs()[m.index].name.clone()), m.reasons),

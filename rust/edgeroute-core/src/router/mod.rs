@@ -69,6 +69,8 @@ impl Deployment {
 #[derive(Debug)]
 struct Route {
     spec: ModelSpec,
+    /// This route's own hedge budget (`Router::fund_hedges`, `Router::try_hedge`).
+    hedge_budget: Arc<HedgeBudget>,
     members: Vec<usize>,
     swrr: Swrr,
     /// Tokenizer for prompts asked of this route (its first deployment's, or its first candidate's).
@@ -91,7 +93,6 @@ pub struct Router {
     rules: Rules,
     health_spec: HealthSpec,
     retry_budget: Arc<RetryBudget>,
-    hedge_budget: Arc<HedgeBudget>,
     rng: FastRng,
     epoch: Instant,
     classifier: Option<Arc<Classifier>>,

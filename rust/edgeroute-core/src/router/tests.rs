@@ -183,3 +183,28 @@ fn a_keyed_callers_rules_see_its_keys_user_not_the_bodys() {
     assert_eq!(rule(keyed(Some("bob"))).as_deref(), Some("bob-gets-premium"));
     assert_eq!(rule(RequestMeta::default()).as_deref(), Some("bob-gets-premium"));
 }
+
+const TWO_HEDGED: &[u8] = br#"{"deployments": [
+        {"name": "a", "provider": "p", "model": "m"}, {"name": "b", "provider": "p", "model": "m"}],
+      "models": [{"name": "busy", "deployments": ["a", "b"], "hedge": {"delay_ms": 10, "budget_percent": 5}},
+                 {"name": "quiet", "deployments": ["a", "b"], "hedge": {"delay_ms": 10, "budget_percent": 5}}]}"#;
+
+#[test]
+fn each_route_hedges_on_its_own_dispatched_requests() {
+    let r = Router::from_json(TWO_HEDGED).unwrap();
+    let body = |m: &str| format!(r#"{{"model":"{m}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+    // Decisions alone (a refusal at admission, a cache hit) fund nothing.
+    for _ in 0..400 {
+        r.decide(body("busy").as_bytes(), &RequestMeta::default()).unwrap();
+    }
+    assert!(!r.try_hedge("busy"));
+    // 400 dispatches of the busy route fund its 20 hedges, and none of the quiet route's.
+    (0..400).for_each(|_| r.fund_hedges("busy"));
+    assert!(!r.try_hedge("quiet"), "a busy route paid for a quiet one's hedge");
+    assert_eq!((0..30).filter(|_| r.try_hedge("busy")).count(), 20);
+    (0..20).for_each(|_| r.fund_hedges("quiet"));
+    assert!(r.try_hedge("quiet") && !r.try_hedge("quiet"));
+    // A reload keeps each route's own count.
+    let again = r.reload(Router::spec_from_json(TWO_HEDGED).unwrap()).unwrap();
+    assert!(!again.try_hedge("busy") && !again.try_hedge("quiet") && !again.try_hedge("nope"));
+}
