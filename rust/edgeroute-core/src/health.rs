@@ -738,9 +738,10 @@ mod tests {
     fn a_deployment_that_loses_every_race_without_answering_opens_its_circuit() {
         let h = Health::default();
         h.begin(0);
-        h.report(Outcome::Success, 20.0, 0, 0, &spec()); // answered in 20 ms once
-                                                         // Hung: each race lost after 200 ms, no head. The first LOST_RACES_IN_A_ROW - 1 are no
-                                                         // failure; then each is a timeout, and `consecutive_failures` (3) of them open it.
+        // Answered in 20 ms once, then hung: each race lost after 200 ms, no head. The first
+        // LOST_RACES_IN_A_ROW - 1 are no failure; then each is a timeout, and
+        // `consecutive_failures` (3) of them open it.
+        h.report(Outcome::Success, 20.0, 0, 0, &spec());
         for t in 1..LOST_RACES_IN_A_ROW as u64 {
             lose(&h, 200.0, false, t);
             assert_eq!(h.snapshot(t).failures, 0);
@@ -750,8 +751,9 @@ mod tests {
             lose(&h, 200.0, false, 10 + t);
         }
         assert_eq!(h.snapshot(20).circuit, CircuitState::Open);
-        assert!(h.snapshot(20).latency_ms >= 200.0); // `fastest` sees it too
-                                                     // Half-open after the ejection: its probe loses a race without answering: open again.
+        // `fastest` sees it too.
+        assert!(h.snapshot(20).latency_ms >= 200.0);
+        // Half-open after the ejection: its probe loses a race without answering: open again.
         assert!(h.available(1_013));
         lose(&h, 200.0, false, 1_013);
         assert_eq!(h.snapshot(1_014).circuit, CircuitState::Open);
