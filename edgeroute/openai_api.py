@@ -38,7 +38,7 @@ from edgeroute.cost.keys import IDENTITY
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.media import audio_allowance, body_media, rule_of, with_parts
 from edgeroute.dispatch import Call, JsonAnswer, relay_stream
-from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES
+from edgeroute.dispatch.attempt import COUNT_ON_LOOP_BYTES, body_with_usage
 from edgeroute.errors import ProxyError
 from edgeroute.governance.residency import check_asked_model, check_model, check_order, key_tags
 from edgeroute.learning import LEARNER
@@ -406,7 +406,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
             if plan is not None:
-                cache.save_json(plan, answer.body, dep.cached_as, cost)
+                cache.save_json(plan, body_with_usage(answer), dep.cached_as, cost)
             if rec.content_mode != "none":
                 rec.content_response = answer.body
             shadow.maybe_mirror(

@@ -154,16 +154,19 @@ class ChatChunks:
     A chunk of another completion (`AnswerId`: a load balancer that spliced two streams) ends
     the stream: the events before it go on, then :data:`SPLICED_EVENT`, and nothing more is read
     (before content the attempt fails over on it, as on a translated stream's second message).
-    Tool calls past :data:`MAX_TOOL_CALLS` in one choice raise :class:`StreamProtocolError`."""
+    Tool calls past :data:`MAX_TOOL_CALLS` in one choice raise :class:`StreamProtocolError`; so
+    does a chat chunk (a choice with a `delta`) in a legacy completions stream (`texts`), whose
+    client read its `text` as None on a 200."""
 
-    __slots__ = ("_choices", "_events", "_ids", "_slots", "ended", "parsed")
+    __slots__ = ("_choices", "_events", "_ids", "_slots", "_texts", "ended", "parsed")
 
-    def __init__(self, choices: int | None = None) -> None:
+    def __init__(self, choices: int | None = None, texts: bool = False) -> None:
         self._events = EventSplitter(error_limit=HOLD_BYTES)
         self._slots: dict[int, ToolCallSlots] = {}  # per choice, for tool calls sent without `index`
         self.parsed: list[dict[str, Any] | None] | None = None
         self._choices = Choices(choices)
         self._ids = AnswerId()
+        self._texts = texts  # a `/v1/completions` stream: choices of `text`, never a chat `delta`
         self.ended = False  # a spliced chunk ended it: nothing more is relayed
 
     @property
@@ -186,7 +189,7 @@ class ChatChunks:
             and not self._events.holding
         ):
             # the common read: one event of one line
-            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices, self._ids)
+            unnumbered = _check_chunk(chunk[6:-2], self.parsed, self._choices, self._ids, self._texts)
             return chunk if unnumbered is None else self._numbered(unnumbered)
         if chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0 and not self._events.holding:
             # A burst of whole events (several reads relayed together): when each is one `data:`
@@ -198,7 +201,9 @@ class ChatChunks:
         out = []
         for ev in events:
             data = event_data(ev)
-            unnumbered = _check_chunk(data, self.parsed, self._choices, self._ids) if data is not None else None
+            unnumbered = (
+                _check_chunk(data, self.parsed, self._choices, self._ids, self._texts) if data is not None else None
+            )
             out.append(ev + b"\n\n" if unnumbered is None else self._numbered(unnumbered))
             if self.ended:
                 break
@@ -211,9 +216,10 @@ class ChatChunks:
             if not ev.startswith(b"data:") or ev.find(b"\n") >= 0:
                 return None
         out: list[bytes] | None = None
-        ids = self._ids
+        ids, texts = self._ids, self._texts
         for i, ev in enumerate(lines):
-            unnumbered = _check_chunk(ev[5:].lstrip(b" "), self.parsed, self._choices, ids)  # as `event_data` reads it
+            data = ev[5:].lstrip(b" ")  # as `event_data` reads it
+            unnumbered = _check_chunk(data, self.parsed, self._choices, ids, texts)
             if unnumbered is not None:
                 if out is None:
                     out = [e + b"\n\n" for e in lines[:i]]
@@ -274,8 +280,9 @@ class AnswerId:
     """Whether a chat chunk begins another completion than the stream's (a careless upstream,
     or a load balancer that spliced two streams: relayed as one, the client read two answers
     run together). Judged per choice `index`, only on chunks with choices (a usage chunk, an
-    Azure prompt-filter chunk says nothing), and never for a choice past its `finish_reason`
-    (`Choices` drops what follows that). Two signs:
+    Azure prompt-filter chunk says nothing), a choice past its `finish_reason` too: `Choices`
+    dropped a second answer's content there, but its empty role chunk went on under its own id,
+    then its usage chunk, which the client read, and was charged, as the answer's. Two signs:
 
     - Its `id` differs from the one that choice's chunks repeated (OpenAI gives every chunk of
       an answer one id; SGLang's `n>1` choices each have their own). An empty or missing id
@@ -297,14 +304,14 @@ class AnswerId:
         self.off = False  # ids a chunk: not an answer's
         self.said: set[int] = set()  # choices that had content in a chunk without a role
 
-    def other(self, cid: Any, choices: list[Any], finished: set[int] | None) -> bool:
+    def other(self, cid: Any, choices: list[Any]) -> bool:
         """Whether a chunk whose `id` is `cid` and whose choices are `choices` is another
-        completion's (`finished`: the choices that have given their finish_reason)."""
+        completion's."""
         for c in choices:
             if type(c) is not dict:
                 return False  # not a chat chunk: `_check_chunk` says so
             index = c.get("index") or 0
-            if type(index) is not int or (finished and index in finished):
+            if type(index) is not int:
                 continue
             if cid and not self.off and self.ids.get(index) != cid and self._switched(index, cid):
                 return True
@@ -423,11 +430,13 @@ def _check_chunk(
     parsed: list[dict[str, Any] | None] | None,
     open_choices: Choices | None = None,
     ids: AnswerId | None = None,
+    texts: bool = False,
 ) -> dict[str, Any] | None:
-    """Raises :class:`StreamProtocolError` for an event no client can read; returns an event
-    to send in another form: whose tool-call deltas need their `index`, or without the choices
-    `open_choices` closed (`DROPPED`: none at all), or `SPLICED` for a chunk of another
-    completion (`ids`); else None (the event goes on as it came).
+    """Raises :class:`StreamProtocolError` for an event no client can read (a chat chunk, when
+    `texts`, in a legacy completions stream); returns an event to send in another form: whose
+    tool-call deltas need their `index`, or without the choices `open_choices` closed (`DROPPED`:
+    none at all), or `SPLICED` for a chunk of another completion (`ids`); else None (the event
+    goes on as it came).
     The event's object (None for `[DONE]`, `SPLICED`) is appended to `parsed` when given."""
     if data == b"[DONE]":
         if parsed is not None:
@@ -448,7 +457,7 @@ def _check_chunk(
         and type(choices) is list
         and choices
         and "error" not in obj
-        and ids.other(obj.get("id"), choices, open_choices.finished if open_choices is not None else None)
+        and ids.other(obj.get("id"), choices)
     ):
         if parsed is not None:
             parsed.append(SPLICED)
@@ -471,6 +480,8 @@ def _check_chunk(
         for c in choices:
             if type(c) is not dict or type(delta := c.get("delta", _EMPTY)) is not dict:
                 break
+            if texts and "delta" in c:
+                raise StreamProtocolError("sent a chat chunk in a completions stream")
             if (calls := delta.get("tool_calls")) and type(calls) is list:
                 unnumbered = unnumbered or any(type(tc) is dict and tc.get("index") is None for tc in calls)
                 if any(type(tc) is dict and type(i := tc.get("index")) is int and i >= MAX_TOOL_CALLS for tc in calls):

@@ -73,11 +73,13 @@ ID_PER_CHUNK = [
 ]
 
 
-async def _proxy(start_proxy: StartProxy, serve_routes: ServeRoutes, *streams: list[bytes]) -> Proxy:
-    """A model `m` whose first stream is `streams[0]`, the next ones its fallback models'."""
+async def _proxy(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, *streams: list[bytes], path: str = "/v1/chat/completions"
+) -> Proxy:
+    """A model `m` whose first stream (at `path`) is `streams[0]`, the next ones its fallback models'."""
     cfg: dict[str, Any] = {"providers": {}, "deployments": {}, "models": {}}
     for i, events in enumerate(streams):
-        up = await serve_routes(web.post("/v1/chat/completions", _streaming(events)))
+        up = await serve_routes(web.post(path, _streaming(events)))
         cfg["providers"][f"p{i}"] = {"base_url": up.url + "/v1"}
         cfg["deployments"][f"d{i}"] = {"provider": f"p{i}", "model": "x"}
         cfg["models"]["m" if i == 0 else f"m{i}"] = {"deployments": [f"d{i}"]}
@@ -134,6 +136,44 @@ async def test_a_splice_before_content_fails_over(start_proxy: StartProxy, serve
     rec = await recorded(proxy)
     assert (rec.outcome, rec.deployment) == ("ok", "d1")
     assert rec.attempts[0].outcome == "server_error"
+
+
+# A second answer after the first one's finish: its content was dropped, but its empty role chunk
+# went on under its id, then its usage chunk, which the client read, and was charged, as the answer's.
+SPLICED_AFTER_FINISH = [
+    _chunk("c1", {"role": "assistant", "content": ""}),
+    _chunk("c1", {"content": "Hello"}),
+    _chunk("c1", {}, "stop"),
+    _chunk("c2", {"role": "assistant", "content": ""}),
+    _chunk("c2", {"content": "OTHER ANSWER " * 100}),
+    _chunk("c2", {}, "stop"),
+    b'data: {"id":"c2","object":"chat.completion.chunk","created":1,"model":"x","choices":[],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":300,"total_tokens":303}}\n\n',
+    DONE,
+]
+
+
+async def test_a_second_answer_after_the_first_finished_is_neither_relayed_nor_charged(
+    start_proxy: StartProxy, serve_routes: ServeRoutes
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, SPLICED_AFTER_FINISH)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    chunks: list[Any] = []
+    try:
+        with pytest.raises(openai.APIError, match="second answer"):
+            stream = await client.chat.completions.create(
+                model="m", messages=HI, stream=True, stream_options={"include_usage": True}
+            )
+            async for c in stream:
+                chunks.append(c)
+    finally:
+        await client.close()
+    assert {c.id for c in chunks} == {"c1"}  # nothing of the second answer
+    assert all(c.usage is None for c in chunks)
+    assert "".join(ch.delta.content or "" for c in chunks for ch in c.choices) == "Hello"
+    rec = await recorded(proxy)
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_error")
+    assert rec.usage is not None and rec.usage.estimated and rec.usage.completion_tokens < 5  # "Hello", not 300
 
 
 @pytest.mark.parametrize("events", [AZURE_LIKE, ID_PER_CHUNK], ids=["empty-ids", "an-id-a-chunk"])

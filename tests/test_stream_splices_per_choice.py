@@ -155,9 +155,9 @@ async def test_a_second_answer_that_begins_with_its_role_is_cut_and_the_deployme
     assert (health["circuit"], health["failures"]) == ("closed", 0), health
 
 
-def _other(chunks: list[tuple[Any, dict[str, Any]]], finished: set[int] | None = None) -> list[bool]:
+def _other(chunks: list[tuple[Any, dict[str, Any]]]) -> list[bool]:
     ids = sse.AnswerId()
-    return [ids.other(cid, [choice], finished) for cid, choice in chunks]
+    return [ids.other(cid, [choice]) for cid, choice in chunks]
 
 
 def _c(delta: dict[str, Any], index: int = 0, finish: str | None = None) -> dict[str, Any]:
@@ -169,14 +169,16 @@ def test_what_the_check_reads() -> None:
     # Ids per choice: a choice's own first id is not a splice; a change after one repeated is.
     assert _other([("A", _c(ROLE)), ("A", text), ("B", _c(ROLE, 1)), ("B", _c({"content": "y"}, 1))]) == [False] * 4
     assert _other([("A", _c(ROLE)), ("A", text), ("B", text)]) == [False, False, True]
-    # A role after content in a chunk without one; not one with a finish; not after a finish.
+    # A role after content in a chunk without one, after a finish too; not one with a finish.
     assert _other([("", _c(ROLE)), ("", text), ("", _c(ROLE))]) == [False, False, True]
     assert _other([("", _c(ROLE)), ("", text), ("", _c(ROLE, finish="stop"))]) == [False, False, False]
-    assert _other([("", _c(ROLE)), ("", text), ("", _c(ROLE))], finished={0}) == [False, False, False]
+    assert _other([("", _c(ROLE)), ("", text), ("", _c({}, finish="stop")), ("", _c(ROLE))]) == [False] * 3 + [True]
+    # Another id after a finish: a second answer (its role chunk and usage went on).
+    assert _other([("A", _c(ROLE)), ("A", text), ("A", _c({}, finish="stop")), ("B", _c(ROLE))]) == [False] * 3 + [True]
     # Unseen: a second answer without a role delta, or spliced after the first chunk.
     assert _other([("", _c(ROLE)), ("", text), ("", _c({"content": "OTHER"}))]) == [False] * 3
     assert _other([("A", _c({"role": "assistant", "content": "Hi"})), ("B", _c(ROLE))]) == [False, False]
     # A usage-only chunk is not judged (ChatChunks passes it no choices).
     ids = sse.AnswerId()
-    assert not ids.other("A", [_c(ROLE)], None) and not ids.other("A", [text], None)
-    assert not ids.other("U", [], None)
+    assert not ids.other("A", [_c(ROLE)]) and not ids.other("A", [text])
+    assert not ids.other("U", [])

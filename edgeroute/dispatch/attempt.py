@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import orjson
 
@@ -214,6 +214,9 @@ def parse_retry_after(value: str | None) -> float | None:
 class Attempts:
     """One client request's attempts: the state they share, and how one attempt is made
     and its answer read. The loop over attempts (`failover.Call`) builds on it."""
+
+    # Whether a relayed stream's chunks are a legacy completion's (`text`), not chat's (`delta`).
+    text_chunks: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -596,6 +599,10 @@ class Attempts:
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             return None
         usage = self.decision.include_usage
+        if usage and obj.get("usage") is None and got.usage is not None:
+            # OpenAI's stream ends with the usage asked for: the answer reported none, so the
+            # one it is charged at (counted from its text).
+            obj["usage"] = openai_usage(got.usage)
         if all("message" in c for c in choices):
             chunks: Iterable[dict[str, Any]] = replay_chunks(obj, usage)
         elif all(isinstance(c.get("text"), str) for c in choices):
@@ -610,7 +617,7 @@ class Attempts:
         if adapter.passthrough:
             # Relayed as they come: checked, so that an unreadable one is the upstream's error;
             # the objects it parsed to check them are read here (each event parsed once).
-            translator: Any = sse.ChatChunks(self.decision.choices)
+            translator: Any = sse.ChatChunks(self.decision.choices, self.text_chunks)
             parsed = translator.parsed = []
         else:
             translator = adapter.stream_translator(self.decision.model, self.decision.include_usage)
@@ -830,6 +837,20 @@ def openai_usage(usage: Usage) -> dict[str, int]:
     """`usage` as an OpenAI answer's `usage` member."""
     total = usage.prompt_tokens + usage.completion_tokens
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens, "total_tokens": total}
+
+
+def body_with_usage(got: JsonAnswer) -> bytes:
+    """`got`'s body with the usage it is charged at where the upstream reported none: as the
+    cache keeps it, so that a replay as a stream ends with the usage chunk its client asked for
+    (OpenAI's always does). Parsed only when the body names no `usage` (a JSON string's quotes
+    are escaped: only a key or a bare value is `"usage"`)."""
+    if got.usage is None or b'"usage"' in got.body:
+        return got.body
+    obj = orjson.loads(got.body)
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        return got.body
+    obj["usage"] = openai_usage(got.usage)
+    return orjson.dumps(obj)
 
 
 def _too_large(status: int) -> Failure:

@@ -105,10 +105,15 @@ class Call(Attempts):
         return self.router.ejected_for(index, self.sender)
 
     def _fallback_deployments(self, key: str) -> Sequence[DeploymentInfo] | None:
-        """The deployments of the models `fallbacks_on` names under `key`, in order."""
+        """The deployments of the models `fallbacks_on` names under `key`, in order; for
+        `context_window` without its own entry, the route's `context_window_fallbacks` (which the
+        core reads only for a prompt it counted past every window: one an upstream said was too
+        long for it was answered 400, the larger model never asked)."""
         cfg = self.live.config
-        fallbacks_on = cast("dict[str, list[str]]", cfg.models[self.decision.route].fallbacks_on)
-        names = fallbacks_on.get(key)
+        model = cfg.models[self.decision.route]
+        names = cast("dict[str, list[str]]", model.fallbacks_on).get(key)
+        if names is None and key == Outcome.CONTEXT_WINDOW.value:
+            names = model.context_window_fallbacks or None
         if names is None:
             return None
         table, index_of = self.live.deployments, self.live.index_of

@@ -23,6 +23,7 @@ from edgeroute.dispatch import Failure, JsonAnswer, StreamAnswer
 from edgeroute.dispatch.attempt import openai_usage, sound_usage
 from edgeroute.endpoints.pipeline import CountedCall, Parsed, answer_object, bad, json_object, routing_body, serve
 from edgeroute.endpoints.upstream import openai_request
+from edgeroute.errors import ProxyError
 from edgeroute.outcome import Outcome
 from edgeroute.providers.base import Adapter, UpstreamRequest
 from edgeroute.upstream import DeploymentInfo
@@ -154,6 +155,8 @@ def _unreadable_choices(choices: list[dict[str, Any]]) -> str | None:
 
 
 class CompletionsCall(CountedCall):
+    text_chunks = True  # a chat chunk in its stream is the upstream's protocol error
+
     def __init__(self, req: CompletionsRequest, *args: Any) -> None:
         super().__init__(req, *args)
         self.req = req
@@ -241,7 +244,8 @@ def answer_text(body: bytes) -> str | None:
 
 def parse(body: bytes) -> Parsed:
     req = CompletionsRequest(body)
-    route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices)
+    # The client's `include_usage` is the decision's: a stream made of a JSON answer ends with its usage.
+    route = routing_body(req.model, req.text(), req.stream, req.max_tokens or None, req.choices, req.wants_usage)
     ids = sum(len(p) for p in req.prompts if isinstance(p, list))  # a prompt is all text or all ids
     # The routing text holds the suffix once: several prompts, or ids, are counted exactly with it.
     count = req.tokens if req.suffix and (ids or len(req.prompts) > 1) else None
@@ -251,4 +255,9 @@ def parse(body: bytes) -> Parsed:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    return await serve(request, parse)
+    try:
+        return await serve(request, parse)
+    except ProxyError as e:
+        if e.code == "context_length_exceeded":
+            e.param = "prompt"  # a legacy completion's input (chat's error names `messages`)
+        raise

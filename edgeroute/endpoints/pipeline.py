@@ -153,16 +153,26 @@ def _same_model(request: web.Request, live: Live, decision: _core.Decision) -> d
     }
 
 
-def routing_body(model: str, text: str, stream: bool = False, max_tokens: int | None = None, choices: int = 1) -> bytes:
+def routing_body(
+    model: str,
+    text: str,
+    stream: bool = False,
+    max_tokens: int | None = None,
+    choices: int = 1,
+    include_usage: bool = False,
+) -> bytes:
     """The chat body the core decides on: one user turn holding the request's text, so that
     rules (keywords, PII, token counts) see what the upstream will. `max_tokens` is what
     budgets and rate limits reserve for each answer (1 for embeddings, which produce none),
-    and `choices` how many answers the upstream writes (and bills)."""
+    `choices` how many answers the upstream writes (and bills), and `include_usage` whether the
+    client asked for a stream's usage chunk (`stream_options`: the decision's `include_usage`)."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}], "stream": stream}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if choices > 1:
         body["n"] = choices
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
     return orjson.dumps(body)
 
 

@@ -14,13 +14,23 @@ The body is re-serialised only when one of these applies to it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import orjson
 from yarl import URL
 
+from edgeroute.outcome import Outcome
 from edgeroute.providers import openai_format as oa
 from edgeroute.providers.base import Adapter, UpstreamRequest
+from edgeroute.providers.error_fields import ErrorFields
+
+# A prompt too long, as OpenAI-compatible servers say it without OpenAI's code (`Adapter.judge`
+# reads the code and vLLM's words): llama.cpp's error type, and the opening words of an Anthropic
+# model's refusal behind an OpenAI-format gateway (LiteLLM, Anthropic's own compatibility API).
+# Their clients got `upstream_client_error`, and no larger deployment was tried.
+_CONTEXT_TYPES = frozenset({"exceed_context_size_error"})
+_CONTEXT_OPENINGS = ("prompt is too long",)
 
 
 class OpenAIAdapter(Adapter):
@@ -66,6 +76,11 @@ class OpenAIAdapter(Adapter):
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key.reveal()}"} if self.api_key else {}
+
+    def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
+        if status == 400 and (err.type in _CONTEXT_TYPES or err.says(*_CONTEXT_OPENINGS)):
+            return Outcome.CONTEXT_WINDOW
+        return super().judge(status, err, headers)
 
     def chat_url(self, model: str) -> str | URL:
         return self._url
