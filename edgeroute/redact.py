@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
+import json
 import logging
 import os
 import re
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -796,19 +797,69 @@ def _unescaped(m: re.Match[str]) -> str:
     return m.group() if c in '"\\\x7f' else c  # JSON's own quote and backslash stay escaped
 
 
-def text(s: str) -> str:
-    """`s` with every known secret and credential shape replaced by :data:`MARKER`. JSON
-    escapes that may hide one (`\\/`, `\\u00XX`) are written as the characters they stand for."""
-    if not s:
-        return s
+# An escape (`\n`, `\t`, ...) written before a credential glues its letter to it: `\nsk-…` has
+# no word boundary before `sk-`, `\nBearer …` none before `Bearer`, and a log line's values
+# are written with such escapes (`printable`). While the text is redacted each escape's letter
+# is a whitespace control character that text never holds, written back after.
+_ESCAPE_LETTER = re.compile(r"\\(?:\\|([nrtbf]))")
+_AS_SPACE = {"n": "\x1c", "r": "\x1d", "t": "\x1e", "f": "\x1f", "b": "\x85"}
+_SPACE_ESCAPE = re.compile(r"\\?([\x1c-\x1f\x85])")
+_AS_ESCAPE = {v: "\\" + k for k, v in _AS_SPACE.items()}
+
+
+def _credentials(s: str) -> str:
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written."""
     if "\\/" in s or "\\u00" in s:  # a substring test on the common path
         s = _JSON_ESCAPE.sub(_unescaped, s)
+    spaced = "\\" in s and not _SPACE_ESCAPE.search(s)
+    if spaced:
+        s = _ESCAPE_LETTER.sub(lambda m: m.group() if m.group(1) is None else "\\" + _AS_SPACE[m.group(1)], s)
     s = _KNOWN.sub(_encoded(_KNOWN, s))
     low = s.lower()
     for pattern, repl, needles in _SHAPES:
         if any(n in low for n in needles):
             s = pattern.sub(repl, s)
-    return s
+    # An escape's backslash a replacement took leaves its letter: written whole again.
+    return _SPACE_ESCAPE.sub(lambda m: _AS_ESCAPE[m.group(1)], s) if spaced else s
+
+
+# A JSON string literal, or one a cut left open at the end. Never across a raw newline, which
+# JSON cannot hold: in plain text (a stream's answer) quotes on different lines pair as no literal.
+_LITERAL = re.compile(r'"((?:[^"\\\n]|\\[^\n])*)("|\\?\Z)')
+_CUT_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?\Z")  # an escape a cut split, dropped
+
+
+def text(s: str, also: Callable[[str], str] | None = None) -> str:
+    """`s` with every known secret and credential shape replaced by :data:`MARKER` (and `also`
+    applied: the request log's PII markers) as it reads, whatever it is: an upstream's raw JSON
+    body, a message quoting one, a log line. Each JSON string with an escape in it is decoded,
+    masked and written back (still JSON), since its raw spelling hides what it holds: in
+    `"key:\\nsk-…"` the escape's `n` glues to the key, `\\u0073k-…` is no `sk-` and `\\"api_key\\":`
+    no pair until decoded. Then the whole text is masked as written (what is outside strings,
+    or no JSON at all: escapes still count as the spaces they stand for)."""
+    if not s:
+        return s
+    if "\\" in s:  # a substring test on the common path
+        s = _LITERAL.sub(lambda m: _literal(m, also), s)
+    s = _credentials(s)
+    return also(s) if also is not None else s
+
+
+def _literal(m: re.Match[str], also: Callable[[str], str] | None) -> str:
+    inner, closed = m.group(1), m.group(2) == '"'
+    if "\\" not in inner:
+        return m.group(0)  # reads as written: the whole text's pass sees it
+    try:
+        decoded = json.loads(f'"{inner if closed else _CUT_ESCAPE.sub("", inner)}"')
+    except ValueError:
+        return m.group(0)  # not a JSON string (quotes in plain text): masked as written
+    # A lone surrogate (`\\ud800`, valid JSON) cannot cross into the core: read as U+FFFD.
+    decoded = decoded.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    masked = text(decoded, also)  # JSON inside JSON: decoded again
+    if masked == decoded:
+        return m.group(0)  # kept as it was spelled
+    out = json.dumps(masked, ensure_ascii=False)
+    return out if closed else out[:-1]
 
 
 MAX_MESSAGE = 4096  # characters of an error message kept (`message`)
