@@ -534,9 +534,12 @@ def _needles(form: str) -> tuple[list[str], list[str]]:
     find the runs to decode (`_encoded`). Non-ASCII values are not looked for encoded."""
     if not form.isascii():
         return [], []
-    raw = form.encode()
-    b64 = [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
-    return [b[:_NEEDLE_LEN] for b in b64 if b], [raw.hex()[:_NEEDLE_LEN]]
+    b64, hexes = [], []
+    # Upper- and lower-cased too: a client or upstream may re-case a key before encoding it.
+    for raw in dict.fromkeys(f.encode() for f in (form, form.upper(), form.lower())):
+        b64 += [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
+        hexes.append(raw.hex()[:_NEEDLE_LEN])
+    return [b[:_NEEDLE_LEN] for b in b64 if b], hexes
 
 
 def _needle_patterns(b64: list[str], hexes: list[str]) -> list[re.Pattern[str]]:
@@ -574,18 +577,47 @@ def _encoded(known: _Known, s: str) -> str:
     decoded: decoding every run at its 4 alignments made a 66 KB base64 embeddings answer
     cost 5 times as much to redact. Decoded as latin-1, a character a byte: a secret's
     non-ASCII characters are not looked for. A value is looked for encoded as registered
-    (its URL-encodings too), not re-cased before it was encoded."""
+    (its URL-encodings too) and upper- or lower-cased, not otherwise re-cased. A block of
+    MIME's lines is decoded joined (`_MIME_BLOCK`)."""
+    if "\n" in s or "\x1c" in s:  # lines (`_credentials` reads an escaped `\\n` as `\\` and \x1c)
+        s = _MIME_BLOCK.sub(lambda m: MARKER if _holds(known, _LINE_BREAK.sub("", m.group())) else m.group(), s)
     if not known.encoded_in(s):
         return s
     found = set()
     for m in _BASE64_RUN.finditer(s):
         run = m.group()
-        if known.encoded_in(run) and not (run.isalpha() and run.islower()):
-            if known.found_in(b"\0".join(_decodings(run)).decode("latin-1")):
-                found.add(run)
+        if not (run.isalpha() and run.islower()) and _holds(known, run):
+            found.add(run)
     if not found:
         return s
     return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
+
+
+def _holds(known: _Known, run: str) -> bool:
+    """Whether `run` (base64 or hex) decodes to text holding a known value."""
+    return known.encoded_in(run) and known.found_in(b"\0".join(_decodings(run)).decode("latin-1"))
+
+
+# MIME base64 (e-mail, PEM, Python's `base64.encodebytes`) breaks its lines every 76 (or 64)
+# characters: a key's encoding across a break was in no run whole. A block of such lines is
+# decoded joined. The break as written, escaped in JSON, or as `_credentials` reads an escape.
+_LINE_BREAK = re.compile(r"\r?\n|\\r\\n|\\n|\\\x1d\\\x1c|\\\x1c")
+_B64_CHAR = r"[A-Za-z0-9+/_\-]"
+_MIME_BLOCK = re.compile(rf"{_B64_CHAR}{{16,}}(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}+)+=*")
+# Any run of base64 or hex, or block of its lines (where `cut` falls).
+_BLOB = re.compile(rf"{_B64_CHAR}+(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}+)*=*")
+
+
+def _before_encoded(s: str, at: int) -> int:
+    """`at`, or the start of the run of base64 or hex (or block of its lines) it falls inside
+    when that holds a known value: cut there, the head kept would hold a piece of its encoding
+    that no later redaction recognises."""
+    for m in _BLOB.finditer(s, max(0, at - 2 * MAX_MESSAGE)):
+        if m.start() >= at:
+            break
+        if m.end() > at:
+            return m.start() if _holds(_KNOWN, _LINE_BREAK.sub("", m.group())) else at
+    return at
 
 
 _END = ""  # a trie node's key for "a value ends here"
@@ -876,7 +908,7 @@ def cut(s: str, limit: int) -> str:
     ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
     at = ends[-1] if ends else limit
     # A known secret glued to the text before it has no separator to cut at: never keep its head.
-    at = _KNOWN.partial_at(s, at)
+    at = _before_encoded(s, _KNOWN.partial_at(s, at))
     return f"{head[:at]} …[{len(s) - at} characters cut]"
 
 
