@@ -603,9 +603,11 @@ def _holds(known: _Known, run: str) -> bool:
 # decoded joined. The break as written, escaped in JSON, or as `_credentials` reads an escape.
 _LINE_BREAK = re.compile(r"\r?\n|\\r\\n|\\n|\\\x1d\\\x1c|\\\x1c")
 _B64_CHAR = r"[A-Za-z0-9+/_\-]"
-_MIME_BLOCK = re.compile(rf"{_B64_CHAR}{{16,}}(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}+)+=*")
+# From a run's start only, and possessive: tried inside a 1 MB run of letters, a line's `{16,}`
+# gave back a character at a time looking for a break (minutes for an upstream's error event).
+_MIME_BLOCK = re.compile(rf"(?<!{_B64_CHAR}){_B64_CHAR}{{16,}}+(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}++)++=*+")
 # Any run of base64 or hex, or block of its lines (where `cut` falls).
-_BLOB = re.compile(rf"{_B64_CHAR}+(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}+)*=*")
+_BLOB = re.compile(rf"{_B64_CHAR}++(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}++)*+=*+")
 
 
 def _before_encoded(s: str, at: int) -> int:
@@ -857,7 +859,7 @@ def _credentials(s: str) -> str:
 
 # A JSON string literal, or one a cut left open at the end. Never across a raw newline, which
 # JSON cannot hold: in plain text (a stream's answer) quotes on different lines pair as no literal.
-_LITERAL = re.compile(r'"((?:[^"\\\n]|\\[^\n])*)("|\\?\Z)')
+_LITERAL = re.compile(r'"((?:[^"\\\n]|\\[^\n])*+)("|\\?\Z)')  # possessive: one pass however it ends
 _CUT_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?\Z")  # an escape a cut split, dropped
 
 
