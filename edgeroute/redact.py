@@ -48,6 +48,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -366,7 +367,7 @@ class _Known:
         self._state = (_Matchers((), anywhere), _Gap((), anywhere))
         self._stale = False  # forms pending that the gap does not hold yet
         self._building = False
-        _ALL_KNOWN.append(self)
+        _ALL_KNOWN.add(self)
 
     def add(self, value: str, *forms: str) -> None:
         """Registers `value` with `forms` of it: one secret for the bound, whatever its forms."""
@@ -475,7 +476,7 @@ class _Known:
         return at
 
 
-_ALL_KNOWN: list[_Known] = []
+_ALL_KNOWN: weakref.WeakSet[_Known] = weakref.WeakSet()  # to start afresh in a forked child
 
 
 def _after_fork() -> None:
