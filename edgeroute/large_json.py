@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -18,14 +20,16 @@ import orjson
 LARGE_BYTES = 1 << 20  # smaller bodies parse in milliseconds: the collector is left alone
 
 _lock = threading.Lock()
-_pausing = 0  # parses in flight with the collector paused
+_pausing = 0  # threads in flight with the collector paused
 _resume = False  # whether the collector ran before the first of them paused it
 
 
-def loads(raw: bytes) -> Any:
-    """`orjson.loads(raw)` (raising as it does), the collector paused if `raw` is large."""
-    if len(raw) <= LARGE_BYTES:
-        return orjson.loads(raw)
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic collector paused while a thread builds many containers that are no garbage
+    yet (a parse, redaction's patterns): a collection it triggers walks them all with the GIL
+    held, a stall of the event loop however far off it the work runs. Counted, so that the
+    last one in flight resumes it (and only if it ran before)."""
     global _pausing, _resume
     with _lock:
         if _pausing == 0:
@@ -33,9 +37,17 @@ def loads(raw: bytes) -> Any:
         _pausing += 1
         gc.disable()
     try:
-        return orjson.loads(raw)
+        yield
     finally:
         with _lock:
             _pausing -= 1
             if _pausing == 0 and _resume:
                 gc.enable()
+
+
+def loads(raw: bytes) -> Any:
+    """`orjson.loads(raw)` (raising as it does), the collector paused if `raw` is large."""
+    if len(raw) <= LARGE_BYTES:
+        return orjson.loads(raw)
+    with collector_paused():
+        return orjson.loads(raw)

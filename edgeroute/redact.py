@@ -43,13 +43,18 @@ from __future__ import annotations
 
 import binascii
 import ipaddress
+import json
 import logging
+import os
 import re
 import threading
+import weakref
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+from edgeroute import large_json
 
 MARKER = "[REDACTED]"
 MIN_SECRET_LEN = 8
@@ -167,17 +172,188 @@ def _anywhere(value: str) -> bool:
     return not (value.islower() or value.isupper()) or any(not (c.isalpha() or c in "-_. ") for c in value)
 
 
-class _Known:
-    """The registered secrets, each with its forms (the value stripped, URL-encoded, the password
-    of a URL), and the patterns over the forms (values that are no words, inside runs of key
-    characters or anywhere; words as whole tokens), rebuilt lazily after a change. The bound
-    counts secrets: a secret's forms are kept and dropped with it, so registering a form more
-    does not shorten how many rotated secrets are remembered.
+class _Matchers:
+    """The patterns over a snapshot of the known forms (values that are no words, inside runs of
+    key characters or anywhere; words as whole tokens; the pieces of their encodings; their
+    heads for `cut`). Compiling them is `re` parsing a trie of every form: 2 ms with 20
+    secrets, about a second with 4,096, so `_Known` builds them in a thread and swaps them in
+    whole; never changed once made.
 
     Forms that are no words match in any case (an upstream upper- or lower-casing what it
     quotes, hex in capitals): runs of key characters are ASCII, so a run lower-cased keeps its
     length and a match in it is a match in the run. A word matches in its own case only (below
     :data:`_ANYWHERE_LEN` and letters only, "edgeroute" must not blank "Edgeroute")."""
+
+    def __init__(self, forms: Iterable[str], anywhere: bool) -> None:
+        # Longest first, so that a secret containing another is replaced whole.
+        values = sorted(set(forms), key=len, reverse=True)
+        self.sorted = sorted({v.lower() for v in values})  # for prefix look-ups (`cut`)
+        pieces = [_needles(v) for v in values]
+        # pieces of the values' encodings (`_encoded`)
+        self.needles = _needle_patterns(
+            list({n for b64, _ in pieces for n in b64}), list({n for _, hexes in pieces for n in hexes})
+        )
+        self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
+        no_words = [v for v in values if anywhere and _anywhere(v)]
+        words = [v for v in values if not (anywhere and _anywhere(v))]
+        # A value that is no word is looked for inside the runs of key characters that can
+        # hold it (`_RUN`), not at every position of the text: the trie's first branching
+        # tried at each character of a message cost a plain message 3 times as much.
+        runs = list(dict.fromkeys(v.lower() for v in no_words if _RUN.fullmatch(v)))
+        others = [v for v in no_words if not _RUN.fullmatch(v)]  # URLs, DSNs: anywhere in the text
+        self.runs = re.compile(_alternatives(runs)) if runs else None  # over lower-cased runs
+        # Case-folding in the pattern costs a scan of every position its literal prefix search;
+        # ASCII text (the rule) is lower-cased instead, keeping its length and the spans.
+        lowered = list(dict.fromkeys(v.lower() for v in others))
+        self.others = re.compile(_alternatives(lowered)) if others else None  # over lower-cased ASCII
+        self.others_i = re.compile(_alternatives(others), re.IGNORECASE) if others else None  # other text
+        # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
+        # database's password) is replaced where it stands alone (quoted, in a URL, after
+        # "key:"), not inside a longer name ("x-edgeroute-tags").
+        caseless = [v for v in words if _caseless(v)]
+        exact = [v for v in words if not _caseless(v)]
+        either = [f"(?i:{_alternatives(caseless)})"] if caseless else []
+        either += [_alternatives(exact)] if exact else []
+        self.regex = re.compile(rf"(?<![\w-])(?:{'|'.join(either)})(?![\w-])") if words else None
+        # `regex` without its lookbehind, in two: the words matched in any case lower-cased (for
+        # lower-cased text) and the others. Its lookbehind and case-folding, tried at every
+        # position, cost 3 times the search of these, whose literal prefixes the search skips to:
+        # a message holding none of the words (the rule) pays these two searches.
+        lower = list(dict.fromkeys(v.lower() for v in caseless))
+        self.quick = (
+            re.compile(rf"(?:{_alternatives(lower)})(?![\w-])") if lower else None,
+            re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
+        )
+
+    def sub(self, s: str) -> str:
+        runs, others = self.runs, self.others
+        if runs is not None:
+            s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
+        if others is not None:
+            s = _sub_lowered(others, s) if s.isascii() else self.others_i.sub(MARKER, s)  # type: ignore[union-attr]
+        words = self._words_in(s)
+        return s if words is None else words.sub(MARKER, s)
+
+    def _words_in(self, s: str) -> re.Pattern[str] | None:
+        caseless, exact = self.quick
+        if (caseless is not None and caseless.search(s.lower())) or (exact is not None and exact.search(s)):
+            return self.regex
+        return None
+
+    def found_in(self, s: str) -> bool:
+        runs, others = self.runs, self.others
+        if runs is not None and any(runs.search(m.group().lower()) for m in _RUN_AT_LEAST.finditer(s)):
+            return True
+        if others is not None and others.search(s.lower()):
+            return True
+        words = self._words_in(s)
+        return words is not None and words.search(s) is not None
+
+    def encoded_in(self, s: str) -> bool:
+        return any(p.search(s) for p in self.needles)
+
+
+class _Gap:
+    """The forms registered since the matchers in use were built, looked for as plain strings:
+    nothing to compile, so a secret a rotation adds is replaced from the first text on while a
+    thread builds the matchers that will hold it. Found as the matchers find them (no words
+    anywhere in any case, words as whole tokens; the pieces of their encodings); a plain
+    string search per form is cheap for the few a change adds."""
+
+    def __init__(self, forms: Iterable[str], anywhere: bool) -> None:
+        values = sorted(set(forms), key=len, reverse=True)
+        self.sorted = sorted({v.lower() for v in values})
+        self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
+        self.no_words = list(dict.fromkeys(v.lower() for v in values if anywhere and _anywhere(v)))
+        words = [v for v in values if not (anywhere and _anywhere(v))]
+        self.caseless = list(dict.fromkeys(v.lower() for v in words if _caseless(v)))
+        self.exact = [v for v in words if not _caseless(v)]
+        pieces = [_needles(v) for v in values]
+        self.b64 = list({n for b64, _ in pieces for n in b64})
+        self.hexes = list({n for _, hexes in pieces for n in hexes})
+
+    def __bool__(self) -> bool:
+        return bool(self.sorted)
+
+    def sub(self, s: str) -> str:
+        if not self:
+            return s
+        if self.no_words:
+            s = _replaced(s, _spans_in(s, self.no_words, whole=False))
+        if self.caseless or self.exact:
+            s = _replaced(s, _spans_in(s, self.caseless, whole=True) + _spans(s, self.exact, whole=True))
+        return s
+
+    def found_in(self, s: str) -> bool:
+        return bool(self) and bool(
+            _spans_in(s, self.no_words, whole=False)
+            or _spans_in(s, self.caseless, whole=True)
+            or _spans(s, self.exact, whole=True)
+        )
+
+    def encoded_in(self, s: str) -> bool:
+        if not self:
+            return False
+        standard = s.translate(_URLSAFE)
+        return any(n in standard for n in self.b64) or any(h in s.lower() for h in self.hexes)
+
+
+def _spans(s: str, values: list[str], whole: bool) -> list[tuple[int, int]]:
+    """Where each of `values` occurs in `s` (as a whole token where `whole`)."""
+    found = []
+    for v in values:
+        i = s.find(v)
+        while i != -1:
+            end = i + len(v)
+            if not whole or not (_word_char(s, i - 1) or _word_char(s, end)):
+                found.append((i, end))
+            i = s.find(v, i + 1)
+    return found
+
+
+def _spans_in(s: str, lowered: list[str], whole: bool) -> list[tuple[int, int]]:
+    """`_spans` of lower-case `lowered` in any case: in `s` lower-cased where that keeps its
+    length (ASCII, nearly all text), else by case-folding patterns (`re` caches them)."""
+    if not lowered:
+        return []
+    low = s.lower()
+    if len(low) == len(s):
+        return _spans(low, lowered, whole)
+    edge = (r"(?<![\w-])", r"(?![\w-])") if whole else ("", "")
+    return [m.span() for v in lowered for m in re.finditer(edge[0] + re.escape(v) + edge[1], s, re.IGNORECASE)]
+
+
+def _word_char(s: str, i: int) -> bool:
+    """Whether `s[i]` is part of a token (`\\w` or `-`, as the matchers' lookarounds say)."""
+    return 0 <= i < len(s) and (s[i].isalnum() or s[i] in "_-")
+
+
+def _replaced(s: str, spans: list[tuple[int, int]]) -> str:
+    """`s` with the leftmost-longest of `spans` replaced by :data:`MARKER`, as an alternation of
+    the values, longest first, replaces them (a match ends where the next may start)."""
+    if not spans:
+        return s
+    out, at = [], 0
+    for start, end in sorted(spans, key=lambda p: (p[0], -p[1])):
+        if start >= at:
+            out += [s[at:start], MARKER]
+            at = end
+    out.append(s[at:])
+    return "".join(out)
+
+
+class _Known:
+    """The registered secrets, each with its forms (the value stripped, URL-encoded, the password
+    of a URL), and what finds them: the matchers built over the forms known when they were
+    built (`_Matchers`), and the forms registered since, found as plain strings (`_Gap`) until
+    a thread has built matchers holding them and swapped them in. Building the matchers on the
+    caller's thread held the event loop about a second once per change with 4,096 secrets (a
+    process that had rotated thousands of keys); a new secret is never in neither. The pair is
+    one attribute, replaced whole: a reader never sees new matchers with the old gap's forms
+    already dropped.
+
+    The bound counts secrets: a secret's forms are kept and dropped with it, so registering a
+    form more does not shorten how many rotated secrets are remembered."""
 
     def __init__(self, min_len: int = MIN_SECRET_LEN, anywhere: bool = False) -> None:
         self._min_len = min_len
@@ -185,17 +361,13 @@ class _Known:
         # secret -> its forms; insertion-ordered, the oldest first
         self._values: dict[str, tuple[str, ...]] = {}
         self._lock = threading.Lock()
-        self._regex: re.Pattern[str] | None = None
-        # `_regex` without its lookbehind, in two: the words matched in any case lower-cased
-        # (for lower-cased text) and the others (see `words_in`)
-        self._quick: tuple[re.Pattern[str] | None, re.Pattern[str] | None] = (None, None)
-        self._runs: re.Pattern[str] | None = None  # over lower-cased runs
-        self._others: re.Pattern[str] | None = None  # over lower-cased ASCII text
-        self._others_i: re.Pattern[str] | None = None  # the same, case-folding (other text)
-        self._sorted: list[str] = []  # lower-cased, for prefix look-ups (`partial_at`)
-        self._needles: list[re.Pattern[str]] = []  # pieces of the values' encodings (`_encoded`)
-        self._longest = 0
-        self._dirty = False
+        self._generation = 0  # of changes: a build holds the forms known at one
+        self._built = 0  # the change the matchers in use hold the forms of
+        self._pending: dict[str, int] = {}  # a form not in the matchers -> the change that added it
+        self._state = (_Matchers((), anywhere), _Gap((), anywhere))
+        self._stale = False  # forms pending that the gap does not hold yet
+        self._building = False
+        _ALL_KNOWN.add(self)
 
     def add(self, value: str, *forms: str) -> None:
         """Registers `value` with `forms` of it: one secret for the bound, whatever its forms."""
@@ -209,103 +381,117 @@ class _Known:
                 return
             self._values[value] = kept
             while len(self._values) > _MAX_KNOWN:
-                del self._values[next(iter(self._values))]
-            self._dirty = True
+                del self._values[next(iter(self._values))]  # still matched until the next build
+            self._generation += 1
+            for f in kept:
+                self._pending[f] = self._generation
+            self._stale = True
 
-    def _rebuild(self) -> None:
+    def current(self) -> tuple[_Matchers, _Gap]:
+        """The matchers and the gap, one consistent pair; starts a build when forms are pending."""
+        if self._stale:
+            with self._lock:
+                if self._stale:
+                    self._stale = False
+                    self._state = (self._state[0], _Gap(self._pending, self._anywhere))
+                    self._build_later()
+        return self._state
+
+    def _build_later(self) -> None:  # under the lock
+        if self._building or not self._pending:
+            return
+        self._building = True
+        secrets = list(self._values.values())  # flattened in the thread: 16,000 forms cost the loop 1 ms
+        threading.Thread(
+            target=self._build, args=(secrets, self._generation), name="edgeroute-redact-build", daemon=True
+        ).start()
+
+    def _build(self, secrets: list[tuple[str, ...]], generation: int) -> None:
+        forms = [f for kept in secrets for f in kept]
+        try:
+            # Parsing a trie of 4,096 secrets makes some 300,000 containers: collections they
+            # trigger held the GIL, so the loop, 80-110 ms at a time.
+            with large_json.collector_paused():
+                matchers = _Matchers(forms, self._anywhere)
+        except BaseException:
+            with self._lock:  # the gap keeps finding what is pending; the next change tries again
+                self._building = False
+            raise
         with self._lock:
-            self._dirty = False
-            # Longest first, so that a secret containing another is replaced whole.
-            values = sorted({f for forms in self._values.values() for f in forms}, key=len, reverse=True)
-            self._sorted = sorted({v.lower() for v in values})
-            pieces = [_needles(v) for v in values]
-            self._needles = _needle_patterns(
-                list({n for b64, _ in pieces for n in b64}), list({n for _, hexes in pieces for n in hexes})
-            )
-            self._longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
-            anywhere = [v for v in values if self._anywhere and _anywhere(v)]
-            words = [v for v in values if not (self._anywhere and _anywhere(v))]
-            # A value that is no word is looked for inside the runs of key characters that can
-            # hold it (`_RUN`), not at every position of the text: the trie's first branching
-            # tried at each character of a message cost a plain message 3 times as much.
-            runs = list(dict.fromkeys(v.lower() for v in anywhere if _RUN.fullmatch(v)))
-            others = [v for v in anywhere if not _RUN.fullmatch(v)]  # URLs, DSNs: anywhere in the text
-            self._runs = re.compile(_alternatives(runs)) if runs else None
-            # Case-folding in the pattern costs a scan of every position its literal prefix search;
-            # ASCII text (the rule) is lower-cased instead, keeping its length and the spans.
-            lowered = list(dict.fromkeys(v.lower() for v in others))
-            self._others = re.compile(_alternatives(lowered)) if others else None
-            self._others_i = re.compile(_alternatives(others), re.IGNORECASE) if others else None
-            # Whole tokens only for words: a secret that is also a word ("edgeroute" as a test
-            # database's password) is replaced where it stands alone (quoted, in a URL, after
-            # "key:"), not inside a longer name ("x-edgeroute-tags").
-            caseless = [v for v in words if _caseless(v)]
-            exact = [v for v in words if not _caseless(v)]
-            either = [f"(?i:{_alternatives(caseless)})"] if caseless else []
-            either += [_alternatives(exact)] if exact else []
-            self._regex = re.compile(rf"(?<![\w-])(?:{'|'.join(either)})(?![\w-])") if words else None
-            lower = list(dict.fromkeys(v.lower() for v in caseless))
-            self._quick = (
-                re.compile(rf"(?:{_alternatives(lower)})(?![\w-])") if lower else None,
-                re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
-            )
+            self._swap(matchers, generation)
+            self._building = False
+            self._build_later()  # what was registered meanwhile
+
+    def _swap(self, matchers: _Matchers, generation: int) -> None:  # under the lock
+        if generation < self._built:
+            return  # a build older than one swapped in meanwhile (`settle`): what it lacks is no longer pending
+        self._built = generation
+        self._pending = {f: g for f, g in self._pending.items() if g > generation}
+        self._state = (matchers, _Gap(self._pending, self._anywhere))
+        self._stale = False
+
+    def settle(self) -> None:
+        """Builds the matchers over the forms known now on this thread (tests, benchmarks)."""
+        with self._lock:
+            forms, generation = [f for kept in self._values.values() for f in kept], self._generation
+        matchers = _Matchers(forms, self._anywhere)
+        with self._lock:
+            self._swap(matchers, generation)
+
+    @property
+    def building(self) -> bool:
+        """Whether a thread is building the matchers (tests wait on it)."""
+        return self._building
+
+    def _after_fork(self) -> None:
+        # A build thread does not survive a fork, and its lock may have been held: start afresh.
+        self._lock = threading.Lock()
+        self._building = False
+        self._stale = bool(self._pending)
 
     def sub(self, s: str) -> str:
-        """`s` with every known value replaced by :data:`MARKER`."""
-        if self._dirty:
-            self._rebuild()
-        runs, others = self._runs, self._others
-        if runs is not None:
-            s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
-        if others is not None:
-            s = _sub_lowered(others, s) if s.isascii() else self._others_i.sub(MARKER, s)  # type: ignore[union-attr]
-        words = self.words_in(s)
-        return s if words is None else words.sub(MARKER, s)
-
-    def words_in(self, s: str) -> re.Pattern[str] | None:
-        """The whole-token pattern when `s` may hold a word. Its lookbehind and case-folding,
-        tried at every position, cost 3 times the search of the patterns without them, whose
-        literal prefixes the search skips to: a message holding none of the words (the rule)
-        pays those two searches."""
-        if self._dirty:
-            self._rebuild()
-        caseless, exact = self._quick
-        if (caseless is not None and caseless.search(s.lower())) or (exact is not None and exact.search(s)):
-            return self._regex
-        return None
-
-    def encoded_needles(self) -> list[re.Pattern[str]]:
-        """Patterns finding the pieces of the known values' base64 and hex (`_needles`)."""
-        if self._dirty:
-            self._rebuild()
-        return self._needles
+        """`s` with every known value replaced by :data:`MARKER`. The gap's forms first: a new
+        secret holding an old one (a DSN around a password) is replaced whole."""
+        matchers, gap = self.current()
+        return matchers.sub(gap.sub(s))
 
     def found_in(self, s: str) -> bool:
         """Whether a known value occurs in `s` (decoded bytes: anywhere, in any case)."""
-        if self._dirty:
-            self._rebuild()
-        runs, others = self._runs, self._others
-        if runs is not None and any(runs.search(m.group().lower()) for m in _RUN_AT_LEAST.finditer(s)):
-            return True
-        if others is not None and others.search(s.lower()):
-            return True
-        words = self.words_in(s)
-        return words is not None and words.search(s) is not None
+        matchers, gap = self.current()
+        return matchers.found_in(s) or gap.found_in(s)
+
+    def encoded_in(self, s: str) -> bool:
+        """Whether `s` holds a piece of a known value's base64 or hex (`_needles`)."""
+        matchers, gap = self.current()
+        return matchers.encoded_in(s) or gap.encoded_in(s)
 
     def partial_at(self, s: str, at: int) -> int:
         """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
         of it kept), or `at`: cutting there leaves no known secret's head behind."""
-        if self._dirty:
-            self._rebuild()
-        values = self._sorted
-        if not values:
-            return at
-        for j in range(max(0, at - self._longest + 1), at - MIN_SECRET_LEN + 1):
+        matchers, gap = self.current()
+        longest = max(matchers.longest, gap.longest)
+        for j in range(max(0, at - longest + 1), at - MIN_SECRET_LEN + 1):
             tail = s[j:at].lower()
-            i = bisect_left(values, tail)
-            if i < len(values) and values[i].startswith(tail):
+            if _starts(matchers.sorted, tail) or _starts(gap.sorted, tail):
                 return j
         return at
+
+
+_ALL_KNOWN: weakref.WeakSet[_Known] = weakref.WeakSet()  # to start afresh in a forked child
+
+
+def _after_fork() -> None:
+    for known in _ALL_KNOWN:
+        known._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _starts(values: list[str], head: str) -> bool:
+    """Whether one of sorted `values` starts with `head`."""
+    i = bisect_left(values, head)
+    return i < len(values) and values[i].startswith(head)
 
 
 def _caseless(value: str) -> bool:
@@ -350,9 +536,12 @@ def _needles(form: str) -> tuple[list[str], list[str]]:
     find the runs to decode (`_encoded`). Non-ASCII values are not looked for encoded."""
     if not form.isascii():
         return [], []
-    raw = form.encode()
-    b64 = [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
-    return [b[:_NEEDLE_LEN] for b in b64 if b], [raw.hex()[:_NEEDLE_LEN]]
+    b64, hexes = [], []
+    # Upper- and lower-cased too: a client or upstream may re-case a key before encoding it.
+    for raw in dict.fromkeys(f.encode() for f in (form, form.upper(), form.lower())):
+        b64 += [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
+        hexes.append(raw.hex()[:_NEEDLE_LEN])
+    return [b[:_NEEDLE_LEN] for b in b64 if b], hexes
 
 
 def _needle_patterns(b64: list[str], hexes: list[str]) -> list[re.Pattern[str]]:
@@ -390,19 +579,49 @@ def _encoded(known: _Known, s: str) -> str:
     decoded: decoding every run at its 4 alignments made a 66 KB base64 embeddings answer
     cost 5 times as much to redact. Decoded as latin-1, a character a byte: a secret's
     non-ASCII characters are not looked for. A value is looked for encoded as registered
-    (its URL-encodings too), not re-cased before it was encoded."""
-    needles = known.encoded_needles()
-    if not any(p.search(s) for p in needles):
+    (its URL-encodings too) and upper- or lower-cased, not otherwise re-cased. A block of
+    MIME's lines is decoded joined (`_MIME_BLOCK`)."""
+    if "\n" in s or "\x1c" in s:  # lines (`_credentials` reads an escaped `\\n` as `\\` and \x1c)
+        s = _MIME_BLOCK.sub(lambda m: MARKER if _holds(known, _LINE_BREAK.sub("", m.group())) else m.group(), s)
+    if not known.encoded_in(s):
         return s
     found = set()
     for m in _BASE64_RUN.finditer(s):
         run = m.group()
-        if any(p.search(run) for p in needles) and not (run.isalpha() and run.islower()):
-            if known.found_in(b"\0".join(_decodings(run)).decode("latin-1")):
-                found.add(run)
+        if not (run.isalpha() and run.islower()) and _holds(known, run):
+            found.add(run)
     if not found:
         return s
     return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
+
+
+def _holds(known: _Known, run: str) -> bool:
+    """Whether `run` (base64 or hex) decodes to text holding a known value."""
+    return known.encoded_in(run) and known.found_in(b"\0".join(_decodings(run)).decode("latin-1"))
+
+
+# MIME base64 (e-mail, PEM, Python's `base64.encodebytes`) breaks its lines every 76 (or 64)
+# characters: a key's encoding across a break was in no run whole. A block of such lines is
+# decoded joined. The break as written, escaped in JSON, or as `_credentials` reads an escape.
+_LINE_BREAK = re.compile(r"\r?\n|\\r\\n|\\n|\\\x1d\\\x1c|\\\x1c")
+_B64_CHAR = r"[A-Za-z0-9+/_\-]"
+# From a run's start only, and possessive: tried inside a 1 MB run of letters, a line's `{16,}`
+# gave back a character at a time looking for a break (minutes for an upstream's error event).
+_MIME_BLOCK = re.compile(rf"(?<!{_B64_CHAR}){_B64_CHAR}{{16,}}+(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}++)++=*+")
+# Any run of base64 or hex, or block of its lines (where `cut` falls).
+_BLOB = re.compile(rf"{_B64_CHAR}++(?:(?:{_LINE_BREAK.pattern}){_B64_CHAR}++)*+=*+")
+
+
+def _before_encoded(s: str, at: int) -> int:
+    """`at`, or the start of the run of base64 or hex (or block of its lines) it falls inside
+    when that holds a known value: cut there, the head kept would hold a piece of its encoding
+    that no later redaction recognises."""
+    for m in _BLOB.finditer(s, max(0, at - 2 * MAX_MESSAGE)):
+        if m.start() >= at:
+            break
+        if m.end() > at:
+            return m.start() if _holds(_KNOWN, _LINE_BREAK.sub("", m.group())) else at
+    return at
 
 
 _END = ""  # a trie node's key for "a value ends here"
@@ -424,6 +643,19 @@ def _alternatives(values: list[str]) -> str:
         return _node_pattern(trie, 0)
     except RecursionError:  # a chain of values each a prefix of the next, past the depth bound
         return "|".join(map(re.escape, values))
+    finally:
+        _dismantle(trie)
+
+
+def _dismantle(trie: dict[str, Any]) -> None:
+    """Frees `trie` a node at a time: dropped whole, its tens of thousands of nodes (4,096
+    secrets) are freed in one call holding the GIL, 30 ms the event loop waits for even though
+    the patterns are built in a thread."""
+    nodes = [trie]
+    while nodes:
+        node = nodes.pop()
+        nodes += [child for child in node.values() if child]
+        node.clear()
 
 
 def _node_pattern(node: dict[str, Any], depth: int) -> str:
@@ -601,19 +833,69 @@ def _unescaped(m: re.Match[str]) -> str:
     return m.group() if c in '"\\\x7f' else c  # JSON's own quote and backslash stay escaped
 
 
-def text(s: str) -> str:
-    """`s` with every known secret and credential shape replaced by :data:`MARKER`. JSON
-    escapes that may hide one (`\\/`, `\\u00XX`) are written as the characters they stand for."""
-    if not s:
-        return s
+# An escape (`\n`, `\t`, ...) written before a credential glues its letter to it: `\nsk-…` has
+# no word boundary before `sk-`, `\nBearer …` none before `Bearer`, and a log line's values
+# are written with such escapes (`printable`). While the text is redacted each escape's letter
+# is a whitespace control character that text never holds, written back after.
+_ESCAPE_LETTER = re.compile(r"\\(?:\\|([nrtbf]))")
+_AS_SPACE = {"n": "\x1c", "r": "\x1d", "t": "\x1e", "f": "\x1f", "b": "\x85"}
+_SPACE_ESCAPE = re.compile(r"\\?([\x1c-\x1f\x85])")
+_AS_ESCAPE = {v: "\\" + k for k, v in _AS_SPACE.items()}
+
+
+def _credentials(s: str) -> str:
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written."""
     if "\\/" in s or "\\u00" in s:  # a substring test on the common path
         s = _JSON_ESCAPE.sub(_unescaped, s)
+    spaced = "\\" in s and not _SPACE_ESCAPE.search(s)
+    if spaced:
+        s = _ESCAPE_LETTER.sub(lambda m: m.group() if m.group(1) is None else "\\" + _AS_SPACE[m.group(1)], s)
     s = _KNOWN.sub(_encoded(_KNOWN, s))
     low = s.lower()
     for pattern, repl, needles in _SHAPES:
         if any(n in low for n in needles):
             s = pattern.sub(repl, s)
-    return s
+    # An escape's backslash a replacement took leaves its letter: written whole again.
+    return _SPACE_ESCAPE.sub(lambda m: _AS_ESCAPE[m.group(1)], s) if spaced else s
+
+
+# A JSON string literal, or one a cut left open at the end. Never across a raw newline, which
+# JSON cannot hold: in plain text (a stream's answer) quotes on different lines pair as no literal.
+_LITERAL = re.compile(r'"((?:[^"\\\n]|\\[^\n])*+)("|\\?\Z)')  # possessive: one pass however it ends
+_CUT_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?\Z")  # an escape a cut split, dropped
+
+
+def text(s: str, also: Callable[[str], str] | None = None) -> str:
+    """`s` with every known secret and credential shape replaced by :data:`MARKER` (and `also`
+    applied: the request log's PII markers) as it reads, whatever it is: an upstream's raw JSON
+    body, a message quoting one, a log line. Each JSON string with an escape in it is decoded,
+    masked and written back (still JSON), since its raw spelling hides what it holds: in
+    `"key:\\nsk-…"` the escape's `n` glues to the key, `\\u0073k-…` is no `sk-` and `\\"api_key\\":`
+    no pair until decoded. Then the whole text is masked as written (what is outside strings,
+    or no JSON at all: escapes still count as the spaces they stand for)."""
+    if not s:
+        return s
+    if "\\" in s:  # a substring test on the common path
+        s = _LITERAL.sub(lambda m: _literal(m, also), s)
+    s = _credentials(s)
+    return also(s) if also is not None else s
+
+
+def _literal(m: re.Match[str], also: Callable[[str], str] | None) -> str:
+    inner, closed = m.group(1), m.group(2) == '"'
+    if "\\" not in inner:
+        return m.group(0)  # reads as written: the whole text's pass sees it
+    try:
+        decoded = json.loads(f'"{inner if closed else _CUT_ESCAPE.sub("", inner)}"')
+    except ValueError:
+        return m.group(0)  # not a JSON string (quotes in plain text): masked as written
+    # A lone surrogate (`\\ud800`, valid JSON) cannot cross into the core: read as U+FFFD.
+    decoded = decoded.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    masked = text(decoded, also)  # JSON inside JSON: decoded again
+    if masked == decoded:
+        return m.group(0)  # kept as it was spelled
+    out = json.dumps(masked, ensure_ascii=False)
+    return out if closed else out[:-1]
 
 
 MAX_MESSAGE = 4096  # characters of an error message kept (`message`)
@@ -630,7 +912,7 @@ def cut(s: str, limit: int) -> str:
     ends = [m.start() for m in _SEPARATOR.finditer(head, max(0, limit - 256))]
     at = ends[-1] if ends else limit
     # A known secret glued to the text before it has no separator to cut at: never keep its head.
-    at = _KNOWN.partial_at(s, at)
+    at = _before_encoded(s, _KNOWN.partial_at(s, at))
     return f"{head[:at]} …[{len(s) - at} characters cut]"
 
 
@@ -640,9 +922,7 @@ def outbound(s: str) -> str:
     s = text(s)
     if not s:
         return s
-    endpoints = _ENDPOINTS.words_in(s)
-    if endpoints is not None:
-        s = endpoints.sub(MARKER, s)
+    s = _ENDPOINTS.sub(s)
     if "org-" in s or "proj_" in s:
         s = _ACCOUNT_IDS.sub(MARKER, s)
     return _internal_addresses(s)

@@ -10,7 +10,6 @@ over (`RequestRecord.content_*`); decoding, cutting and redaction run in the wri
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -49,44 +48,10 @@ def _text(raw: bytes | None, max_bytes: int) -> tuple[str | None, bool]:
 REFUSED_CONTENT_BYTES = 2048
 
 
-# A JSON string literal, or one a cut left open at the end. Never across a raw newline, which
-# JSON cannot hold: in plain text (a stream's answer) quotes on different lines pair as no literal.
-_LITERAL = re.compile(r'"((?:[^"\\\n]|\\[^\n])*)("|\\?\Z)')
-_CUT_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{0,3})?\Z")  # an escape a cut split, dropped
-
-
 def _masked(text: str, pii: bool) -> str:
-    """`text` with credentials (and PII where `pii`) replaced as it reads: each JSON string with
-    an escape in it is decoded, masked and written back (still JSON), since its raw spelling hides
-    what it holds: in `"card:\\n4111…"` the escape's `n` glues to the number (no word boundary),
-    `\\u00a0` and `\\uff20` are no separator or `@` until decoded. Then the whole text is masked
-    as written (what is outside strings, or no JSON at all)."""
-    if "\\" in text:  # a substring test on the common path
-        text = _LITERAL.sub(lambda m: _masked_literal(m, pii), text)
-    return _masked_plain(text, pii)
-
-
-def _masked_plain(text: str, pii: bool) -> str:
-    """`text` with credentials (and PII where `pii`) replaced as it is written."""
-    text = redact.text(text)
-    return _core.redact_pii(text) if pii else text
-
-
-def _masked_literal(m: re.Match[str], pii: bool) -> str:
-    inner, closed = m.group(1), m.group(2) == '"'
-    if "\\" not in inner:
-        return m.group(0)  # reads as written: the whole text's pass sees it
-    try:
-        decoded = json.loads(f'"{inner if closed else _CUT_ESCAPE.sub("", inner)}"')
-    except ValueError:
-        return m.group(0)  # not a JSON string (quotes in plain text): masked as written
-    # A lone surrogate (`\\ud800`, valid JSON) cannot cross into the core: read as U+FFFD.
-    decoded = decoded.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    masked = _masked_plain(decoded, pii)
-    if masked == decoded:
-        return m.group(0)  # kept as it was spelled
-    out = json.dumps(masked, ensure_ascii=False)
-    return out if closed else out[:-1]
+    """`text` with credentials (and PII where `pii`) replaced as it reads (`redact.text`: JSON
+    strings decoded, so `"card:\\n4111…"` or `\\u00a0` separators hide nothing)."""
+    return redact.text(text, _core.redact_pii if pii else None)
 
 
 def stored(rec: RequestRecord, max_bytes: int) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ def known_values_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         redact._KNOWN._values = saved
-        redact._KNOWN._dirty = True
+        redact._KNOWN.settle()
 
 
 async def _quoting(request: web.Request) -> web.Response:
