@@ -121,7 +121,10 @@ async def relay_stream(
     cap = OutputCap(limit, call.decision.encoding) if limit is not None else None
     overran = False
     withheld = b""  # the events that would have taken the stream past its limit: not sent, still priced
-    key_ended = end_watch(request)  # a managed key revoked or expired mid-stream: cut at the next events
+    # A managed key revoked or expired mid-stream: cut at the next events, or at once if the
+    # upstream is silent then (`wake` fires the stream's timer).
+    wake = _Wake(loop)
+    key_ended = end_watch(request, wake)
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -151,6 +154,7 @@ async def relay_stream(
             # running loop three times, each a getpid(), and made a uvloop timer of its own).
             with Deadline(loop, min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
+                wake.arm(idle)
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error and not overran:
                     chunk = await answer.resp.read_arrived(_BURST_BYTES)
@@ -209,7 +213,14 @@ async def relay_stream(
                         armed = now
                         idle.reschedule(min(now + idle_timeout + slack, call.deadline, server.drain_at))
         except Exception as e:
-            if writing_slowly and isinstance(e, TimeoutError) and loop.time() < min(call.deadline, server.drain_at):
+            # Woken by its key's end (the upstream silent, or a write waiting): no one's fault.
+            keys_end = key_ended.why() if wake.woken and key_ended is not None and isinstance(e, TimeoutError) else None
+            if (
+                writing_slowly
+                and keys_end is None
+                and isinstance(e, TimeoutError)
+                and loop.time() < min(call.deadline, server.drain_at)
+            ):
                 # The client read nothing for `send_timeout`: nothing more can reach it, and the
                 # upstream is not at fault. Its connection is dropped; what it was sent is priced.
                 call.record.outcome, call.record.error_class = "client_gone", "slow_client"
@@ -222,8 +233,11 @@ async def relay_stream(
                     # The client went away (its socket failed a write): nothing to tell it.
                     call.record.outcome = "client_gone"
                     raise
-            failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
-            upstream_broke = upstream_broke or broke
+            if keys_end is not None:
+                failure = keys_end
+            else:
+                failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
+                upstream_broke = upstream_broke or broke
         if overran:
             assert cap is not None
             failure = await _overran(call, dep, cap, said.tail(), events, translator)  # ended after what was sent
@@ -251,6 +265,8 @@ async def relay_stream(
             await answer.before_end()
         await out.write_eof()
     finally:
+        if key_ended is not None:
+            key_ended.close()
         if timer is not None:
             server.streams.discard(timer)
         if answer.slot is not None:
@@ -271,6 +287,33 @@ async def relay_stream(
             else:
                 log.info("a streamed answer of %d bytes was not offered to the cache, log or shadow", said.size)
     return out
+
+
+class _Wake:
+    """Ends a relay's wait when its managed key is seen ended: the stream's own timer fires now.
+    A silent upstream (a model thinking between chunks) kept a revoked key's stream open until
+    its next events; this costs nothing a chunk (no task, no second future awaited)."""
+
+    __slots__ = ("_deadline", "_loop", "woken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._deadline: Deadline | None = None
+        self.woken = False
+
+    def arm(self, deadline: Deadline) -> None:
+        """The stream's timer, once it runs (a key that ended before fires it at once)."""
+        self._deadline = deadline
+        if self.woken:
+            self()
+
+    def __call__(self) -> None:
+        self.woken = True
+        if self._deadline is not None:
+            try:
+                self._deadline.reschedule(self._loop.time())
+            except RuntimeError:  # expired or left already: the stream is ending anyway
+                pass
 
 
 class _EventStream(web.StreamResponse):
