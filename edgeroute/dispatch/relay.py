@@ -600,10 +600,16 @@ async def _underreported(
 
 
 def _cut_for_a_splice(translator: Any) -> bool:
-    """Whether a relayed chat stream ended on a chunk of another completion (`sse.AnswerId`)."""
-    while translator is not None and not isinstance(translator, sse.ChatChunks):
+    """Whether a relayed stream ended on a second answer spliced in: a chat chunk of another
+    completion (`sse.ChatChunks.ended`), or a second message start in a stream translated
+    from Anthropic's or Bedrock's (`ChunkWriter.cut_for_splice`)."""
+    while translator is not None:
+        if isinstance(translator, sse.ChatChunks):
+            return translator.ended
+        if getattr(getattr(translator, "out", None), "cut_for_splice", False):
+            return True
         translator = getattr(translator, "inner", None)
-    return translator is not None and translator.ended
+    return False
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:
