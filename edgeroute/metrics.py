@@ -186,7 +186,8 @@ class Metrics:
         count, duration, ttft = self._requests.get(key) or self._request(key)
         count.n += 1
         if rec.error_class:
-            if rec.status != 200:
+            # A stream an error ended after content failed its client too, under its 200.
+            if rec.status != 200 or (rec.outcome == "stream_interrupted" and rec.error_class != OVERRAN):
                 self._count("request_errors", (route, rec.error_class)).n += 1
             elif rec.error_class == OVERRAN:
                 self._count("overruns", (rec.deployment or "",)).n += 1

@@ -62,6 +62,22 @@ class Identity:
     share_root: str | None = None
 
 
+class KeyEndWatch(Protocol):
+    """A stream's look at its managed key (`KeySource.end_watch`)."""
+
+    def __call__(self) -> tuple[str, str] | None:
+        """(message, code) once the key is seen ended since the last call, else None."""
+        ...
+
+    def why(self) -> tuple[str, str] | None:
+        """(message, code) if the key has ended."""
+        ...
+
+    def close(self) -> None:
+        """The stream has ended: its `wake` is not called any more."""
+        ...
+
+
 class KeySource(Protocol):
     """Keys kept outside the config (governance/keys.py): None for a token it does not know;
     raises a 401 `ProxyError` for a known key that is revoked or expired."""
@@ -108,8 +124,9 @@ class KeySource(Protocol):
         """Every team a key belongs to (revoked keys too)."""
         ...
 
-    def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
-        """For a stream of `key_id`: (message, code) once the key has ended (revoked, expired), in O(1)."""
+    def end_watch(self, key_id: str, wake: Callable[[], None] | None = None) -> KeyEndWatch:
+        """For a stream of `key_id`: (message, code) once the key has ended (revoked, expired), in
+        O(1); `wake` called on the loop when it is seen to end."""
         ...
 
 
@@ -134,12 +151,13 @@ IDENTITY = web.RequestKey("identity", Identity)
 MANAGED_KEYS = web.AppKey("managed_keys", KeySource)
 
 
-def end_watch(request: web.Request) -> Callable[[], tuple[str, str] | None] | None:
-    """For a stream: a check whether its managed key has ended since (None for a key that cannot)."""
+def end_watch(request: web.Request, wake: Callable[[], None] | None = None) -> KeyEndWatch | None:
+    """For a stream: a check whether its managed key has ended since (None for a key that
+    cannot); `wake` is called when it is seen to end (close the watch when the stream ends)."""
     ident = request.get(IDENTITY)
     if ident is None or not ident.managed or (managed := request.app.get(MANAGED_KEYS)) is None:
         return None
-    return managed.end_watch(ident.key)
+    return managed.end_watch(ident.key, wake)
 
 
 def token_bytes(token: str) -> bytes:

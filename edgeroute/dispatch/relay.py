@@ -31,6 +31,8 @@ from edgeroute.dispatch.attempt import COUNTING, OFF_LOOP_BYTES, Attempts, Strea
 from edgeroute.dispatch.deadline import Deadline
 from edgeroute.dispatch.output_cap import OutputCap, output_limit
 from edgeroute.dispatch.transcript import Transcript
+from edgeroute.outcome import Outcome
+from edgeroute.providers.base import in_band_status
 from edgeroute.ready_response import bind, write_head
 from edgeroute.state import STATE
 from edgeroute.upstream import DeploymentInfo
@@ -49,10 +51,10 @@ _DRAIN_BYTES = 0x10000  # bytes written between waits for a slow client's buffer
 STREAM_STARTED = web.RequestKey("stream_started", bool)
 
 
-def _through_error(data: bytes) -> tuple[bytes, bool]:
+def _through_error(data: bytes) -> tuple[bytes, Any]:
     """`data` (whole events that `sse.has_error_key` flags) up to and including the first error
-    event, and whether it had one: an OpenAI chunk `{"error": ...}`, an Anthropic or Responses
-    event of type `error`. Such an event ends the stream: what an upstream sends after it is no
+    event, and its `error` (None without one): an OpenAI chunk `{"error": ...}`, an Anthropic or
+    Responses event of type `error`. Such an event ends the stream: what an upstream sends after it is no
     part of the answer, and an error of ours after it was a second one for the client (the
     Anthropic SDK's `overloaded_error` then "ended the stream early")."""
     events, _ = sse.split_events(data)  # what is left over (a piece of an overlong event) follows any error
@@ -65,8 +67,8 @@ def _through_error(data: bytes) -> tuple[bytes, bool]:
         except orjson.JSONDecodeError:
             continue
         if isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and obj.get("error"))):
-            return b"".join(e + b"\n\n" for e in events[: i + 1]), True
-    return data, False
+            return b"".join(e + b"\n\n" for e in events[: i + 1]), obj.get("error") or {}
+    return data, None
 
 
 _DONE_EVENT = sse.DONE + b"\n\n"
@@ -121,7 +123,10 @@ async def relay_stream(
     cap = OutputCap(limit, call.decision.encoding) if limit is not None else None
     overran = False
     withheld = b""  # the events that would have taken the stream past its limit: not sent, still priced
-    key_ended = end_watch(request)  # a managed key revoked or expired mid-stream: cut at the next events
+    # A managed key revoked or expired mid-stream: cut at the next events, or at once if the
+    # upstream is silent then (`wake` fires the stream's timer).
+    wake = _Wake(loop)
+    key_ended = end_watch(request, wake)
     try:
         writer = await out.prepare(request)
         request[STREAM_STARTED] = True
@@ -151,6 +156,7 @@ async def relay_stream(
             # running loop three times, each a getpid(), and made a uvloop timer of its own).
             with Deadline(loop, min(armed + idle_timeout + slack, call.deadline, server.drain_at)) as idle:
                 timer = idle
+                wake.arm(idle)
                 server.streams.add(idle)  # a drain moves it (see ServerState.begin_drain)
                 while not completed and not upstream_error and not overran:
                     chunk = await answer.resp.read_arrived(_BURST_BYTES)
@@ -209,7 +215,14 @@ async def relay_stream(
                         armed = now
                         idle.reschedule(min(now + idle_timeout + slack, call.deadline, server.drain_at))
         except Exception as e:
-            if writing_slowly and isinstance(e, TimeoutError) and loop.time() < min(call.deadline, server.drain_at):
+            # Woken by its key's end (the upstream silent, or a write waiting): no one's fault.
+            keys_end = key_ended.why() if wake.woken and key_ended is not None and isinstance(e, TimeoutError) else None
+            if (
+                writing_slowly
+                and keys_end is None
+                and isinstance(e, TimeoutError)
+                and loop.time() < min(call.deadline, server.drain_at)
+            ):
                 # The client read nothing for `send_timeout`: nothing more can reach it, and the
                 # upstream is not at fault. Its connection is dropped; what it was sent is priced.
                 call.record.outcome, call.record.error_class = "client_gone", "slow_client"
@@ -222,8 +235,11 @@ async def relay_stream(
                     # The client went away (its socket failed a write): nothing to tell it.
                     call.record.outcome = "client_gone"
                     raise
-            failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
-            upstream_broke = upstream_broke or broke
+            if keys_end is not None:
+                failure = keys_end
+            else:
+                failure, broke = _failure_of(e, loop, call.deadline, server.drain_at, dep)
+                upstream_broke = upstream_broke or broke
         if overran:
             assert cap is not None
             failure = await _overran(call, dep, cap, said.tail(), events, translator)  # ended after what was sent
@@ -235,11 +251,8 @@ async def relay_stream(
             call.record.outcome = "drain_cut" if failure[1] == "server_shutdown" else "stream_interrupted"
             call.record.error_class = failure[1]
         elif upstream_error:  # told the client already, in the upstream's words
-            # A splice is cut for the answer's sake, not the deployment's health: honest streams
-            # the check misread (a server's own ids) would have taken it out for everyone.
-            upstream_broke = not _cut_for_a_splice(translator)
             call.record.outcome = "stream_interrupted"
-            call.record.error_class = "upstream_error"
+            call.record.error_class, upstream_broke = _relayed_error(call, dep, translator, events.upstream_error)
         else:
             await events.flush()
             if (cut := events.cut()) is not None:
@@ -251,6 +264,8 @@ async def relay_stream(
             await answer.before_end()
         await out.write_eof()
     finally:
+        if key_ended is not None:
+            key_ended.close()
         if timer is not None:
             server.streams.discard(timer)
         if answer.slot is not None:
@@ -271,6 +286,33 @@ async def relay_stream(
             else:
                 log.info("a streamed answer of %d bytes was not offered to the cache, log or shadow", said.size)
     return out
+
+
+class _Wake:
+    """Ends a relay's wait when its managed key is seen ended: the stream's own timer fires now.
+    A silent upstream (a model thinking between chunks) kept a revoked key's stream open until
+    its next events; this costs nothing a chunk (no task, no second future awaited)."""
+
+    __slots__ = ("_deadline", "_loop", "woken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._deadline: Deadline | None = None
+        self.woken = False
+
+    def arm(self, deadline: Deadline) -> None:
+        """The stream's timer, once it runs (a key that ended before fires it at once)."""
+        self._deadline = deadline
+        if self.woken:
+            self()
+
+    def __call__(self) -> None:
+        self.woken = True
+        if self._deadline is not None:
+            try:
+                self._deadline.reschedule(self._loop.time())
+            except RuntimeError:  # expired or left already: the stream is ending anyway
+                pass
 
 
 class _EventStream(web.StreamResponse):
@@ -366,7 +408,7 @@ class _Events:
     turns OpenAI-format events into another API's (Anthropic's for `/v1/messages`).
     """
 
-    __slots__ = ("_encode", "_guard", "_out", "_strip_usage")
+    __slots__ = ("_encode", "_guard", "_out", "_strip_usage", "upstream_error")
 
     def __init__(self, out: _EventStream, encode: Callable[[bytes], bytes] | None, strip_usage: bool = False) -> None:
         self._out = out
@@ -374,6 +416,7 @@ class _Events:
         self._guard = sse.RelayGuard()
         # The usage chunk edgeroute asked for and the client did not: kept from it.
         self._strip_usage = strip_usage
+        self.upstream_error: Any = None  # the `error` of the upstream's own error event, once relayed
 
     def sendable(self, data: bytes) -> tuple[bytes, bool]:
         """What may go of `data`, in the client's format, and whether it ends with the upstream's
@@ -382,7 +425,9 @@ class _Events:
         data = guard.feed(data)
         ended = False
         if guard.error_key:  # the common chunk was searched once, by the guard
-            data, ended = _through_error(data)
+            data, err = _through_error(data)
+            if err is not None:
+                ended, self.upstream_error = True, err
         if self._strip_usage:
             data = sse.without_usage_chunks(data)
         return (self._encode(data) if self._encode is not None else data), ended
@@ -556,11 +601,38 @@ async def _underreported(
     return call.charged(usage, fix, f"deployment {dep.name}")
 
 
+def _relayed_error(call: Attempts, dep: DeploymentInfo, translator: Any, err: Any) -> tuple[str, bool]:
+    """The error class of a stream its upstream's own error event ended after content (relayed
+    as it was), and whether the deployment's health is charged a broken stream. Read as the
+    event's HTTP twin would be (`in_band_status`, the adapter's rules): a rate limit cools the
+    deployment down as a 429 does; the request's own error (invalid, too long a context) is not
+    the deployment's; anything else (overloaded, a server error) is a broken stream. A splice
+    is cut for the answer's sake, not the deployment's health: honest streams the check misread
+    (a server's own ids) would have taken it out for everyone."""
+    if err is None or _cut_for_a_splice(translator):
+        return "upstream_error", err is None
+    status = in_band_status(err)
+    outcome = call.live.upstreams[dep.provider].adapter.classify(status, orjson.dumps({"error": err}, default=str))
+    if status == 429 and outcome is Outcome.RATE_LIMITED:
+        call.router.begin(dep.index, call.sender)  # `report` ends an attempt: paired with a start
+        call.report_health(dep.index, outcome, 0.0)
+        return outcome.value, False
+    if outcome.about_request:
+        return outcome.value, False
+    return "upstream_error", True
+
+
 def _cut_for_a_splice(translator: Any) -> bool:
-    """Whether a relayed chat stream ended on a chunk of another completion (`sse.AnswerId`)."""
-    while translator is not None and not isinstance(translator, sse.ChatChunks):
+    """Whether a relayed stream ended on a second answer spliced in: a chat chunk of another
+    completion (`sse.ChatChunks.ended`), or a second message start in a stream translated
+    from Anthropic's or Bedrock's (`ChunkWriter.cut_for_splice`)."""
+    while translator is not None:
+        if isinstance(translator, sse.ChatChunks):
+            return translator.ended
+        if getattr(getattr(translator, "out", None), "cut_for_splice", False):
+            return True
         translator = getattr(translator, "inner", None)
-    return translator is not None and translator.ended
+    return False
 
 
 def _tool_calls_seen(translator: Any) -> dict[str, int]:

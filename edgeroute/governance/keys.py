@@ -443,6 +443,7 @@ class ManagedKeys:
         self._gone_lock = threading.Lock()
         self._loaded = False
         self.on_ended: list[Callable[[list[str]], Awaitable[Any]]] = []
+        self._wakes: dict[str, set[_EndWatch]] = {}  # key id -> its open streams' watches (`end_watch`)
         # The read in flight, the poll's or another's (one at a time: two loads at once raced
         # on the view), and the reads started for unknown keys, capped by a token bucket.
         self._read: asyncio.Future[None] | None = None
@@ -578,6 +579,10 @@ class ManagedKeys:
             ended, self._newly_gone = sorted(self._newly_gone), set()
         if not ended:
             return
+        if self._wakes:  # open streams of those keys, their upstream silent or not
+            for key_id in ended:
+                for watch in list(self._wakes.get(key_id, ())):
+                    watch.woken()
         for fn in self.on_ended:
             try:
                 await fn(ended)
@@ -745,24 +750,26 @@ class ManagedKeys:
             )
             del self._rotated[name]
 
-    def end_watch(self, key_id: str) -> Callable[[], tuple[str, str] | None]:
+    def end_watch(self, key_id: str, wake: Callable[[], None] | None = None) -> _EndWatch:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
         or with a maker), else None. O(1) a call: the key is looked up only when keys have been
         seen to end since the last call (`ended_gen`), at most once a poll. A key seen ended
-        already (revoked while the upstream had not yet answered) is looked up at the first call."""
+        already (revoked while the upstream had not yet answered) is looked up at the first call.
+        `wake` is called (on the loop, by `settle`) when the key is seen ended: a stream whose
+        upstream is silent learns of it then, not at its next events. Closed when the stream ends."""
         with self._gone_lock:  # `_see_ends` moves the count, then the set
             seen = -1 if key_id in self._gone else self.ended_gen
+        watch = _EndWatch(self, key_id, seen, wake)
+        if wake is not None:
+            self._wakes.setdefault(key_id, set()).add(watch)
+            if seen == -1:
+                watch.woken()  # ended before its stream began: no `settle` will tell of it again
+        return watch
 
-        def ended() -> tuple[str, str] | None:
-            nonlocal seen
-            if (gen := self.ended_gen) == seen:
-                return None
-            seen = gen
-            if key_id not in self._gone or (e := self._by_id.get(key_id)) is None:
-                return None
-            return _why_ended(key_id, e, math.inf) or (f"API key {key_id} has ended.", "key_revoked")
-
-        return ended
+    def _why(self, key_id: str) -> tuple[str, str] | None:
+        if key_id not in self._gone or (e := self._by_id.get(key_id)) is None:
+            return None
+        return _why_ended(key_id, e, math.inf) or (f"API key {key_id} has ended.", "key_revoked")
 
     def may_be_new(self, token: str) -> bool:
         """Whether a token `identify` refused is shaped as this store's keys are: one made or
@@ -847,6 +854,43 @@ class ManagedKeys:
         finally:
             if self._read is not None:
                 self._read.cancel()  # a read still hung at shutdown: nobody waits for it now
+
+
+class _EndWatch:
+    """A stream's look at its managed key (`ManagedKeys.end_watch`): called, (message, code)
+    once the key is seen ended since the last call, else None."""
+
+    __slots__ = ("_key_id", "_keys", "_seen", "_wake")
+
+    def __init__(self, keys: ManagedKeys, key_id: str, seen: int, wake: Callable[[], None] | None) -> None:
+        self._keys, self._key_id, self._seen, self._wake = keys, key_id, seen, wake
+
+    def __call__(self) -> tuple[str, str] | None:
+        if (gen := self._keys.ended_gen) == self._seen:
+            return None
+        self._seen = gen
+        return self._keys._why(self._key_id)
+
+    def why(self) -> tuple[str, str] | None:
+        """Why the key has ended, if it has (whatever was seen before)."""
+        return self._keys._why(self._key_id)
+
+    def woken(self) -> None:
+        if self._wake is not None:
+            try:
+                self._wake()
+            except Exception:
+                log.exception("managed keys: waking a stream of ended key %s failed", self._key_id)
+
+    def close(self) -> None:
+        """The stream has ended: no more waking."""
+        if self._wake is not None:
+            self._wake = None
+            wakes = self._keys._wakes
+            if (watches := wakes.get(self._key_id)) is not None:
+                watches.discard(self)
+                if not watches:
+                    del wakes[self._key_id]
 
 
 # What a revoked key keeps in memory: what its 401 and its makers' and children's views need

@@ -482,6 +482,9 @@ class ChunkWriter:
         self.done = False
         self.tools = 0
         self.late = False  # the upstream went on after its finish (logged once)
+        # A second answer's start ended it (`spliced`): the relay charges no health for it,
+        # as for a chat chunk of another completion (`sse.ChatChunks.ended`).
+        self.cut_for_splice = False
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         obj = {
@@ -538,7 +541,7 @@ class ChunkWriter:
         second message start): before content the attempt fails over on it, after it the client
         gets it. Nothing after it is read. (Sent in the stream, not raised, so that the answer's
         events read with it go first, wherever the reads split.)"""
-        self.done = True
+        self.done = self.cut_for_splice = True
         return error_event(SPLICED, "upstream_error", "upstream_protocol_error")
 
     def finish(self, reason: str) -> bytes:
