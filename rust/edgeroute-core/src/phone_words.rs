@@ -49,7 +49,7 @@ pub(crate) fn announced(text: &str, at: usize) -> bool {
         from += 1;
     }
     let before = &text[from..at];
-    if CJK_WORDS.iter().any(|w| before.contains(w)) {
+    if !before.is_ascii() && CJK_WORDS.iter().any(|w| before.contains(w)) {
         return true;
     }
     // Words as identifiers have them too: `call_1` is not "call".
@@ -59,7 +59,7 @@ pub(crate) fn announced(text: &str, at: usize) -> bool {
     before
         .split(|c: char| !letter(c))
         .skip(usize::from(cut))
-        .any(|w| WORDS.iter().any(|k| w.len() == k.len() && w.to_lowercase() == *k))
+        .any(|w| WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)))
 }
 
 #[cfg(test)]

@@ -123,8 +123,9 @@ static NUMBERS: LazyLock<RegexSet> = LazyLock::new(|| {
     ])
     .expect("valid PII patterns")
 });
-/// The slot of [`SPLIT_CARD_RE`] in [`NUMBERS`].
-const SPLIT_CARD: usize = 5;
+/// Not in [`NUMBERS`] (a sixth pattern there slowed every run of prose dense with numbers):
+/// tried on runs with the 13 digits a card has.
+static SPLIT_CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(SPLIT_CARD_RE).expect("valid pattern"));
 static SPLIT_SHAPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(SPLIT_SHAPE_RE).expect("valid pattern"));
 static NATIONAL_PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(NATIONAL_RE).expect("valid pattern"));
 static PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(PHONE_RE).expect("valid pattern"));
@@ -388,10 +389,10 @@ pub fn warm_up() {
 /// `Some(Some(c))` a replacement, `Some(None)` nothing (an invisible character), `None` itself.
 ///
 /// Full-width forms (an input method's `４１１１`, `＠`), the small `﹫`, the digits of every
-/// script (Unicode's decimal digits: Arabic-Indic, Devanagari, Bengali, Thai, …, and the
-/// mathematical bold, double-struck, sans-serif and monospace `𝟒𝟏𝟏𝟏`), the mathematical
-/// alphanumeric letters (`𝐣𝐚𝐧𝐞`), no-break, thin and ideographic spaces, Unicode hyphens and
-/// dashes, and the characters Unicode says draw nothing (`Default_Ignorable_Code_Point`: a
+/// script of plane 0 (Unicode's decimal digits: Arabic-Indic, Devanagari, Bengali, Thai, …),
+/// the mathematical bold, double-struck, sans-serif and monospace `𝟒𝟏𝟏𝟏`, the segmented
+/// digits, the mathematical alphanumeric letters (`𝐣𝐚𝐧𝐞`), no-break, thin and ideographic
+/// spaces, Unicode hyphens and dashes, and the characters Unicode says draw nothing (`Default_Ignorable_Code_Point`: a
 /// ZWSP or a soft hyphen inside an address, bidi marks copied from a right-to-left page,
 /// variation selectors, invisible operators, tag characters) hide nothing from the model that
 /// reads them.
@@ -422,20 +423,19 @@ fn fold_char(c: char) -> Option<Option<char>> {
         | 0xFEFF
         | 0xFFA0
         | 0xFFF0..=0xFFF8
-        | 0x1BCA0..=0x1BCA3
         | 0x1D173..=0x1D17A
         | 0xE0000..=0xE0FFF => None,
         _ => return decimal_digit(u).map(Some),
     })
 }
 
-/// The first code point of each run of ten decimal digits (Unicode 14's `Nd`, beyond ASCII).
-const DIGIT_ZEROS: [u32; 65] = [
+/// The first code point of each run of ten decimal digits (Unicode 14's `Nd`) beyond ASCII: every
+/// set of plane 0, and of plane 1 the mathematical and the segmented digits (the historic
+/// scripts' digits there are left out: their lead bytes would need searches of their own).
+const DIGIT_ZEROS: [u32; 42] = [
     0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66, 0xDE6, 0xE50, 0xED0, 0xF20,
     0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0,
-    0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x104A0, 0x10D30, 0x11066, 0x110F0, 0x11136, 0x111D0, 0x112F0,
-    0x11450, 0x114D0, 0x11650, 0x116C0, 0x11730, 0x118E0, 0x11950, 0x11C50, 0x11D50, 0x11DA0, 0x16A60, 0x16AC0,
-    0x16B50, 0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1E140, 0x1E2F0, 0x1E950, 0x1FBF0,
+    0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1FBF0,
 ];
 
 /// The ASCII digit a decimal digit of another script stands for.
@@ -446,39 +446,46 @@ fn decimal_digit(u: u32) -> Option<char> {
 
 /// Whether `b` is the UTF-8 lead byte of a character [`fold_char`] may map, other than those
 /// [`wide_lead`] tests with the bytes after (0xC2, 0xCD, 0xD8, 0xD9, 0xDB, 0xDF, 0xE1..=0xE3,
-/// 0xEF).
+/// 0xEF, 0xF3).
 #[inline]
 fn fold_lead(b: u8) -> bool {
-    matches!(b, 0xC2 | 0xCD | 0xD8 | 0xD9 | 0xDB | 0xDF | 0xE1..=0xE3 | 0xEF)
+    matches!(b, 0xC2 | 0xCD | 0xD8 | 0xD9 | 0xDB | 0xDF | 0xE1..=0xE3 | 0xEF | 0xF3)
 }
 
 /// Whether the character whose first three bytes are `a`, `b`, `c` may be one [`fold_char`]
 /// maps, of those whose lead byte alone would stop at every character of a whole script:
 /// 0xE0 (the Indic scripts, Thai, Lao, Tibetan: only their digits), 0xEA (Hangul syllables
-/// from U+AC00 on have none), 0xF0 (emoji, 0xF0 0x9F: none but the segmented digits,
-/// 0xF0 0x9F 0xAF), and 0xF3 (tag characters).
+/// from U+AC00 on have none), and 0xF0 (of plane 1 only the mathematical alphanumerics,
+/// 0xF0 0x9D, and the segmented digits, 0xF0 0x9F 0xAF; every emoji starts 0xF0 0x9F).
 #[inline]
 fn wide_lead(a: u8, b: u8, c: u8) -> bool {
-    let indic_digit = (0xA5..=0xB7).contains(&b) & (b & 1 == 1) & (0xA6..=0xAF).contains(&c);
-    let thai_lao_digit = ((b == 0xB9) | (b == 0xBB)) & (0x90..=0x99).contains(&c);
-    let tibetan_digit = (b == 0xBC) & (0xA0..=0xA9).contains(&c);
-    ((a == 0xE0) & (indic_digit | thai_lao_digit | tibetan_digit))
-        | ((a == 0xEA) & (b < 0xB0))
-        | ((a == 0xF0) & ((b != 0x9F) | (c == 0xAF)))
-        | (a == 0xF3)
+    ((a == 0xE0) & indic_digit(b, c)) | ((a == 0xEA) & (b < 0xB0)) | ((a == 0xF0) & math_or_segmented(b, c))
 }
 
-/// Each offset at or after `from` of a character [`fold_char`] may map ([`fold_lead`] or
-/// [`wide_lead`]), or with `narrow` false of a [`wide_lead`] only.
+/// The second and third bytes of a digit of the Indic scripts, Thai, Lao or Tibetan.
+#[inline]
+fn indic_digit(b: u8, c: u8) -> bool {
+    let indic = (0xA5..=0xB7).contains(&b) & (b & 1 == 1) & (0xA6..=0xAF).contains(&c);
+    let thai_lao = ((b == 0xB9) | (b == 0xBB)) & (0x90..=0x99).contains(&c);
+    let tibetan = (b == 0xBC) & (0xA0..=0xA9).contains(&c);
+    indic | thai_lao | tibetan
+}
+
+/// The second and third bytes of a mathematical alphanumeric or a segmented digit.
+#[inline]
+fn math_or_segmented(b: u8, c: u8) -> bool {
+    (b == 0x9D) | ((b == 0x9F) & (c == 0xAF))
+}
+
+/// Each offset of a character [`fold_char`] may map ([`fold_lead`] or [`wide_lead`]).
 ///
 /// Whole 64-byte blocks (with the two bytes after) are tested branch-free (vectorised), as
-/// `numeric_runs` does for digits, and only a block with a candidate is looked into: accented
-/// prose, CJK, Hindi and emoji have few candidates or none, and decoding every character after
-/// the first candidate (a `✅`, a `’`) cost 14 instructions a byte.
-fn fold_leads(bytes: &[u8], from: usize, narrow: bool) -> impl Iterator<Item = usize> + '_ {
+/// `numeric_runs` does for digits, and only a block with a candidate is looked into: decoding
+/// every character after the first candidate (a `✅`, a `’`) cost 14 instructions a byte.
+fn fold_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
-    let lead = move |a: u8, b: u8, c: u8| (narrow & fold_lead(a)) | wide_lead(a, b, c);
-    (from..bytes.len()).step_by(64).flat_map(move |block| {
+    let lead = |a: u8, b: u8, c: u8| fold_lead(a) | wide_lead(a, b, c);
+    (0..bytes.len()).step_by(64).flat_map(move |block| {
         let end = (block + 64).min(bytes.len());
         let candidate = match bytes[block..].first_chunk::<66>() {
             Some(w) => (0..64).fold(false, |acc, j| acc | lead(w[j], w[j + 1], w[j + 2])),
@@ -489,9 +496,36 @@ fn fold_leads(bytes: &[u8], from: usize, narrow: bool) -> impl Iterator<Item = u
     })
 }
 
+/// Each offset of a [`wide_lead`] of 0xE0 or 0xEA: memchr finds the next such byte (none in
+/// most prompts, a quarter of an instruction a byte), and the 64 bytes from there are tested
+/// branch-free and looked into only when they hold a candidate. Hindi or Korean text thus costs
+/// a memchr call and a vector test per 64 bytes, not a decoding per character.
+fn indic_or_hangul_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let start = pos + memchr::memchr2(0xE0, 0xEA, bytes.get(pos..)?)?;
+        let end = (start + 64).min(bytes.len());
+        pos = end;
+        let candidate = match bytes[start..].first_chunk::<66>() {
+            Some(w) => (0..64).fold(false, |acc, j| acc | wide_lead(w[j], w[j + 1], w[j + 2])),
+            None => true,
+        };
+        Some(if candidate { start..end } else { end..end })
+    })
+    .flatten()
+    .filter(move |&i| wide_lead(at(i), at(i + 1), at(i + 2)))
+}
+
+/// The mathematical alphanumerics' first two bytes, and the segmented digits' first three:
+/// searched for as pairs (SIMD), so that emoji (0xF0 0x9F …) cost nothing.
+static MATH: LazyLock<memchr::memmem::Finder<'static>> = LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9D"));
+static SEGMENTED: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9F\xAF"));
+
 /// Whether `text` has a character [`fold_char`] maps: its [`fold_lead`] bytes are searched for
 /// with memchr (SIMD, about a quarter of an instruction a byte for each search), the others
-/// by [`fold_leads`], and each one found is decoded. Testing each 64-byte block for any of
+/// by [`indic_or_hangul_leads`] and as byte pairs, and each one found is decoded. Testing each 64-byte block for any of
 /// the lead bytes cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has
 /// none to map.
 fn has_foldable(text: &str) -> bool {
@@ -500,8 +534,10 @@ fn has_foldable(text: &str) -> bool {
     memchr::memchr3_iter(0xE1, 0xE2, 0xE3, bytes).any(maps)
         || memchr::memchr3_iter(0xC2, 0xD9, 0xDB, bytes).any(maps)
         || memchr::memchr3_iter(0xEF, 0xCD, 0xD8, bytes).any(maps)
-        || memchr::memchr_iter(0xDF, bytes).any(maps)
-        || fold_leads(bytes, 0, false).any(maps)
+        || memchr::memchr2_iter(0xDF, 0xF3, bytes).any(maps)
+        || indic_or_hangul_leads(bytes).any(maps)
+        || MATH.find_iter(bytes).any(maps)
+        || SEGMENTED.find_iter(bytes).any(maps)
 }
 
 /// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
@@ -513,14 +549,10 @@ pub fn fold(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
-    let mut at = 0;
     // A lead byte is never a continuation byte, so each candidate starts a character.
-    for i in fold_leads(bytes, 0, true) {
-        if i < at {
-            continue;
-        }
+    for i in fold_leads(bytes) {
         let c = text[i..].chars().next().expect("a lead byte starts a character");
-        at = i + c.len_utf8();
+        let at = i + c.len_utf8();
         if let Some(to) = fold_char(c) {
             let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
             o.push_str(&text[copied..i]);
@@ -591,23 +623,42 @@ struct Run<'t> {
     base: usize,
     run: &'t str,
     maybe: regex::SetMatches,
+    /// Whether a card split otherwise than by spaces or hyphens may be in the run.
+    split_card: bool,
+    /// Whether the run has the nine digits a national phone number has.
+    nine_digits: bool,
 }
 
 impl<'t> Run<'t> {
     fn new(text: &'t str, base: usize, run: &'t str) -> Self {
         let maybe = NUMBERS.matches(run);
-        Run { text, base, run, maybe }
+        let digits = run.bytes().filter(u8::is_ascii_digit).count();
+        let split_card = digits >= 13 && SPLIT_CARD.is_match(run);
+        Run {
+            text,
+            base,
+            run,
+            maybe,
+            split_card,
+            nine_digits: digits >= 9,
+        }
+    }
+
+    /// The matches of `re` in the run when `maybe` (a searcher costs a cache from its pool).
+    fn search(&self, re: &'static Regex, maybe: bool) -> impl Iterator<Item = regex::Match<'t>> + use<'t> {
+        let run = self.run;
+        maybe.then(|| re.find_iter(run)).into_iter().flatten()
     }
 
     fn ssns(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         let maybe = self.maybe.matched(PiiKind::NationalId as usize);
-        SSN.find_iter(if maybe { self.run } else { "" }).map(|m| self.at(&m))
+        self.search(&SSN, maybe).map(|m| self.at(&m))
     }
 
     /// IBANs in upper case, and one in lower case that starts the run (see [`crate::iban_case`]).
     fn ibans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         let maybe = self.maybe.matched(PiiKind::Iban as usize);
-        let upper = IBAN.find_iter(if maybe { self.run } else { "" });
+        let upper = self.search(&IBAN, maybe);
         let lower = crate::iban_case::lower_case_at(self.text, self.base);
         upper
             .filter(|m| iban_valid(m.as_str()))
@@ -616,8 +667,9 @@ impl<'t> Run<'t> {
     }
 
     fn cards(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let maybe = self.maybe.matched(PiiKind::PaymentCard as usize) || self.maybe.matched(SPLIT_CARD);
-        self::cards(if maybe { self.run } else { "" }).map(|(start, end)| (self.base + start, self.base + end))
+        let maybe = self.maybe.matched(PiiKind::PaymentCard as usize) || self.split_card;
+        let run = if maybe { self.run } else { "" };
+        self::cards(run).map(|(start, end)| (self.base + start, self.base + end))
     }
 
     /// A match's range in `text`.
@@ -632,18 +684,16 @@ impl<'t> Run<'t> {
         if self.maybe.matched(PiiKind::PaymentCard as usize) {
             card_shaped.extend(CARD.find_iter(self.run));
         }
-        if self.maybe.matched(PiiKind::PaymentCard as usize) || self.maybe.matched(SPLIT_CARD) {
+        if self.maybe.matched(PiiKind::PaymentCard as usize) || self.split_card {
             card_shaped.extend(SPLIT_SHAPE.find_iter(self.run));
         }
         let outside =
             move |m: &regex::Match<'_>| !card_shaped.iter().any(|c| m.start() < c.end() && c.start() < m.end());
         let phone = self.maybe.matched(PiiKind::Phone as usize);
-        // Not in the set: its bounded repetition slowed the set on prose dense with numbers
-        // (+40 %); a run with nine digits is rare.
-        let national = self.run.bytes().filter(u8::is_ascii_digit).nth(8).is_some();
-        let phones = PHONE.find_iter(if phone { self.run } else { "" });
-        let announced = NATIONAL_PHONE
-            .find_iter(if national { self.run } else { "" })
+        let national = self.nine_digits;
+        let phones = self.search(&PHONE, phone);
+        let announced = self
+            .search(&NATIONAL_PHONE, national)
             .filter(|m| !SSN.is_match(m.as_str()) && crate::phone_words::announced(self.text, self.base + m.start()));
         phones.chain(announced).filter(move |m| outside(m)).map(|m| self.at(&m))
     }
