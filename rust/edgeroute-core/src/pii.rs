@@ -593,6 +593,10 @@ fn detect_ascii(text: &str, wanted: PiiSet) -> PiiSet {
     numeric_runs(text, min_digits, |run| {
         let base = offset(text, run);
         let run = Run::new(text, base, run);
+        // Most runs of prose with numbers (a year, a price, a version) hold no candidate.
+        if run.barren() {
+            return false;
+        }
         if want(PiiKind::NationalId) && run.maybe.matched(PiiKind::NationalId as usize) {
             found.insert(PiiKind::NationalId);
         }
@@ -642,6 +646,14 @@ impl<'t> Run<'t> {
             split_card,
             nine_digits: digits >= 9,
         }
+    }
+
+    /// Whether no finder can find anything in the run.
+    fn barren(&self) -> bool {
+        !self.maybe.matched_any()
+            && !self.split_card
+            && !self.nine_digits
+            && crate::iban_case::lower_case_at(self.text, self.base).is_none()
     }
 
     /// The matches of `re` in the run when `maybe` (a searcher costs a cache from its pool).
