@@ -170,6 +170,23 @@ UNICODE_FORMS = {
     "e164_phone": "call me at +14155550132",
     "french_phone": "appelez le +33 1 23 45 67 89",
     "spaced_ssn": "SSN 078 05 1120",
+    # Session 36: card groups split otherwise than by one space or hyphen (a JSON `\n` escape
+    # from a pasted multi-line card), digits of other scripts, internationalised e-mail
+    # domains and the small at sign, IBANs in lower case, national phones after a phone word.
+    "newline_split_card": "My card:\n4111\n1111\n1111\n1111\nexp 12/29",
+    "tab_split_card": "card\t4111\t1111\t1111\t1111",
+    "dotted_card": "card 4111.1111.1111.1111",
+    "slashed_card": "card 4111/1111/1111/1111",
+    "math_bold_card": "card " + CARD.translate({0x30 + d: 0x1D7CE + d for d in range(10)}),
+    "double_struck_card": "card " + CARD.translate({0x30 + d: 0x1D7D8 + d for d in range(10)}),
+    "devanagari_card": "\u0915\u093e\u0930\u094d\u0921 " + CARD.translate({0x30 + d: 0x0966 + d for d in range(10)}),
+    "bengali_card": "card " + CARD.translate({0x30 + d: 0x09E6 + d for d in range(10)}),
+    "idn_email": "write to jane@b\u00fccher.de",
+    "cjk_idn_email": "write to jane@\u4f8b\u3048.jp",
+    "small_at_email": "write to " + EMAIL.replace("@", "\ufe6b"),
+    "lower_case_iban": "my iban is de89 3704 0044 0532 0130 00",
+    "announced_national_phone": "call me at 03012345678",
+    "mobile_national_phone": "My mobile number is 4155550132.",
     # redP F1: prose after a data URL's head, which made the whole string read as a payload.
     "data_url_prefix": "data:text/plain;base64,SGk= my card is 4111 1111 1111 1111 and my e-mail "
     + EMAIL
@@ -193,3 +210,28 @@ async def test_pii_in_unicode_forms_goes_to_the_private_deployment(
         model="m", messages=[{"role": "user", "content": UNICODE_FORMS[form]}]
     )
     _served_privately(raw.headers, public, private)
+
+
+# Ordinary prompts that hold numbers, code and emoji but no personal data: the PII rule must
+# not take them for any (they would all go to the private deployment, at its price).
+ORDINARY = {
+    "numbers_in_prose": "In 2024 we shipped 4521 orders, v1.2.3 on 2024.05.01; "
+    "order 4155550132 and ticket 03012345678.",
+    "number_column": "totals:\n1200\n3400\n5600\n7800\n9100",
+    "code": "for i in range(1000000000):\n    x = i * 1234567890  # de89 mp3 h264\n",
+    "emoji": "\U0001f680\U0001f600 \u2705 \U0001f44d\U0001f3fd \U0001f1e9\U0001f1ea "
+    "2024 \U0001d7cf\U0001d7d0 \u0967\u0968",
+    "call_without_number": "Call the function twice; the phone is on the desk, version 1.2.",
+}
+
+
+@pytest.mark.parametrize("text", sorted(ORDINARY))
+async def test_ordinary_prompts_stay_on_the_public_deployment(start_mock: Any, start_proxy: Any, text: str) -> None:
+    url, public, private = await _proxy(start_mock, start_proxy, "openai")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": ORDINARY[text]}]
+    )
+    assert raw.headers["x-edgeroute-deployment"] == "d-pub"
+    assert "x-edgeroute-rule" not in raw.headers
+    assert len(public.options.requests) == 1 and not private.options.requests

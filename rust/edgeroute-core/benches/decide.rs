@@ -37,7 +37,9 @@ mod chat_variants;
 use chat_variants::{chat_variants, Cycle};
 
 const CONFIG: &[u8] = include_bytes!("data/router.json");
-const CHAT_2K: &[u8] = include_bytes!("data/chat_2k.json");
+#[path = "support/chat_text.rs"]
+mod chat_text;
+use chat_text::{chat_text, CHAT_2K};
 const TRIVIAL: &[u8] = include_bytes!("data/trivial.json");
 
 fn router() -> Router {
@@ -79,18 +81,6 @@ fn meta(prompt_tokens: Option<u32>) -> RequestMeta {
         prompt_tokens,
         ..RequestMeta::default()
     }
-}
-
-/// The chat's message texts joined by newlines (what `bench/core_bench.py` hands tiktoken).
-fn chat_text() -> String {
-    let v: serde_json::Value = serde_json::from_slice(CHAT_2K).expect("valid body");
-    let texts: Vec<&str> = v["messages"]
-        .as_array()
-        .expect("messages")
-        .iter()
-        .filter_map(|m| m["content"].as_str())
-        .collect();
-    texts.join("\n")
 }
 
 fn bench_decide(c: &mut Criterion) {

@@ -89,33 +89,78 @@ impl PiiSet {
 // (measured: 40× on a 2,000-token prompt with a few emoji), and the checksums
 // read ASCII digits only anyway. A number glued to a non-ASCII letter
 // ("東京4111...") is still seen.
-const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}";
+// An e-mail's domain may be internationalised (`bücher.de`, `例え.jp`, Punycode `xn--…`): its
+// labels take any letter, mark or digit, its top level letters (ASCII first, so that
+// `jane@example.com谢谢` ends at `com`) or Punycode. The local part stays ASCII.
+const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[-\p{L}\p{M}\p{N}]+(?:\.[-\p{L}\p{M}\p{N}]+)*\.(?:[A-Za-z]{2,}|xn--[A-Za-z0-9-]{2,}|[\p{L}\p{M}--\p{ASCII}]{2,})";
 // Phones: grouped (`+1 415 555 0132`, `(030) 1234 5678`), E.164 written whole (`+14155550132`),
 // and a country code before a digit and four pairs (`+33 1 23 45 67 89`).
 const PHONE_RE: &str = r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)[ .-]?|(?-u:\b)[0-9]{2,4}[ .-])[0-9]{3,4}[ .-][0-9]{3,4}(?-u:\b)|\+[1-9][0-9]{7,14}(?-u:\b)|\+[0-9]{1,3}[ .-]?[0-9](?:[ .-][0-9]{2}){4}(?-u:\b)";
 const CARD_RE: &str = r"(?-u:\b)(?:[0-9][ -]?){12,18}[0-9](?-u:\b)";
 const IBAN_RE: &str = r"(?-u:\b)[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?(?-u:\b)";
 const SSN_RE: &str = r"(?-u:\b)[0-9]{3}(?:-[0-9]{2}-| [0-9]{2} )[0-9]{4}(?-u:\b)";
+// What a card split otherwise than by single spaces or hyphens holds (see [`card_join`]).
+const SPLIT_CARD_RE: &str = r"[0-9]{4}(?:[./\t\r\n]|[ \t\r\n]{2,4})[0-9]";
+// A national phone number: 9 to 12 digits, single separators allowed; a phone only after a
+// word that says so (see `phone_words`), and not when written as an SSN is.
+// A number split as a card is (see [`cards`]); a phone pattern's match inside one is no phone.
+const SPLIT_SHAPE_RE: &str = r"(?-u:\b)(?:(?:[0-9]{4}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})){3}[0-9]{1,4}|[0-9]{4}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})[0-9]{6}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})[0-9]{4,5})(?-u:\b)";
+const NATIONAL_RE: &str = r"(?-u:\b)[0-9](?:[ ./-]?[0-9]){8,11}(?-u:\b)";
 
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| Regex::new(EMAIL_RE).expect("valid pattern"));
 /// The number-shaped patterns in one automaton, in [`PiiKind::ALL`] order
 /// (the e-mail slot never matches here): one pass says which kinds may be
 /// present, and only those are searched again for positions and checksums.
-static NUMBERS: LazyLock<RegexSet> =
-    LazyLock::new(|| RegexSet::new([r"[^\s\S]", PHONE_RE, CARD_RE, IBAN_RE, SSN_RE]).expect("valid PII patterns"));
+static NUMBERS: LazyLock<RegexSet> = LazyLock::new(|| {
+    RegexSet::new([
+        r"[^\s\S]",
+        PHONE_RE,
+        CARD_RE,
+        IBAN_RE,
+        SSN_RE,
+        SPLIT_CARD_RE,
+        NATIONAL_RE,
+    ])
+    .expect("valid PII patterns")
+});
+/// Not in [`NUMBERS`] (a sixth pattern there slowed every run of prose dense with numbers):
+/// tried on runs with the 13 digits a card has.
+static SPLIT_CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(SPLIT_CARD_RE).expect("valid pattern"));
+static SPLIT_SHAPE: LazyLock<Regex> = LazyLock::new(|| Regex::new(SPLIT_SHAPE_RE).expect("valid pattern"));
+static NATIONAL_PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(NATIONAL_RE).expect("valid pattern"));
 static PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(PHONE_RE).expect("valid pattern"));
 static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(CARD_RE).expect("valid pattern"));
 static IBAN: LazyLock<Regex> = LazyLock::new(|| Regex::new(IBAN_RE).expect("valid pattern"));
 static SSN: LazyLock<Regex> = LazyLock::new(|| Regex::new(SSN_RE).expect("valid pattern"));
 
-/// Bytes a phone, card, IBAN or SSN match can consist of: `[0-9A-Z +().-]`.
+/// Bytes a phone, card, IBAN or SSN match can consist of: `[0-9A-Z +().-]`, and the tabs,
+/// line breaks and slashes a card's groups may be split by.
 fn numeric_byte(b: u8) -> bool {
-    b.is_ascii_digit() || b.is_ascii_uppercase() || matches!(b, b' ' | b'+' | b'(' | b')' | b'.' | b'-')
+    b.is_ascii_digit()
+        || b.is_ascii_uppercase()
+        || matches!(
+            b,
+            b' ' | b'+' | b'(' | b')' | b'.' | b'-' | b'/' | b'\t' | b'\n' | b'\r'
+        )
 }
 
 /// Bytes an e-mail match can consist of.
 fn email_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-' | b'@')
+}
+
+/// The run of e-mail characters around the `@` at `at`: ASCII before it (the local part),
+/// any non-ASCII too after it (an internationalised domain).
+fn email_run(bytes: &[u8], at: usize) -> (usize, usize) {
+    let mut start = at;
+    while start > 0 && email_byte(bytes[start - 1]) {
+        start -= 1;
+    }
+    let mut end = at + 1;
+    while end < bytes.len() && (email_byte(bytes[end]) || bytes[end] >= 0x80) {
+        end += 1;
+    }
+    (start, end)
 }
 
 /// Calls `f` with each maximal run of [`numeric_byte`]s that holds at least
@@ -180,14 +225,7 @@ fn has_email(text: &str) -> bool {
         if at < searched_to {
             continue;
         }
-        let mut start = at;
-        while start > 0 && email_byte(bytes[start - 1]) {
-            start -= 1;
-        }
-        let mut end = at + 1;
-        while end < bytes.len() && email_byte(bytes[end]) {
-            end += 1;
-        }
+        let (start, end) = email_run(bytes, at);
         if EMAIL.is_match(&text[start..end]) {
             return true;
         }
@@ -221,9 +259,36 @@ pub fn luhn_valid(s: &str) -> bool {
     sum % 10 == 0
 }
 
+/// How two digit groups of a card number are joined: `Some(false)` by the usual single space
+/// or hyphen, `Some(true)` by a separator a card is split by otherwise (a dot, a slash, a
+/// tab, a line break, a few spaces), `None` not at all.
+fn card_join(gap: &[u8]) -> Option<bool> {
+    match gap {
+        b" " | b"-" => Some(false),
+        b"." | b"/" => Some(true),
+        _ if (1..=4).contains(&gap.len()) && gap.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n')) => {
+            Some(true)
+        }
+        _ => None,
+    }
+}
+
+/// Whether digit groups of these lengths are written as a card is: 4-4-4-1..4, 4-4-4-4-1..3,
+/// or 4-6-4..5 (American Express, Diners Club).
+fn card_shaped(lengths: &[usize]) -> bool {
+    match lengths {
+        [4, 6, 4 | 5] => true,
+        [4, 4, 4, last] | [4, 4, 4, 4, last] => (1..=4).contains(last) && lengths.len() * 4 - 4 + last <= 19,
+        _ => false,
+    }
+}
+
 /// Byte ranges of payment card numbers in `text`: runs of 13 to 19 digits,
 /// optionally grouped by single spaces or hyphens, between word boundaries, that
-/// pass the Luhn check.
+/// pass the Luhn check. Groups split otherwise ([`card_join`]: dots, slashes, tabs, line
+/// breaks) count when they are written as a card is, which a column of numbers seldom is:
+/// [`card_shaped`], starting with a card network's digit (2 to 6), and no group of four
+/// digits joined before or after.
 ///
 /// Every window of whole digit groups is tried, not only the leftmost-longest
 /// match of [`CARD_RE`]: a year or an order number written just before a card
@@ -245,12 +310,19 @@ fn cards(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
             i += 1;
         }
     }
+    // How each group is joined to the one before it.
+    let joins: Vec<Option<bool>> = (0..groups.len())
+        .map(|g| {
+            (g > 0)
+                .then(|| card_join(&bytes[groups[g - 1].1..groups[g].0]))
+                .flatten()
+        })
+        .collect();
+    let four = |g: usize| groups[g].1 - groups[g].0 == 4;
     let mut found = Vec::new();
     let mut chain_start = 0;
     for g in 0..groups.len() {
-        // A chain continues while groups are joined by one space or hyphen.
-        let joined = g > 0 && groups[g].0 == groups[g - 1].1 + 1 && matches!(bytes[groups[g - 1].1], b' ' | b'-');
-        if !joined {
+        if joins[g].is_none() {
             chain_start = g;
         }
         let (_, end) = groups[g];
@@ -258,7 +330,9 @@ fn cards(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
         if word(end) {
             continue;
         }
+        let four_after = joins.get(g + 1).copied().flatten().is_some() && four(g + 1);
         let mut digits = 0;
+        let mut split = false;
         for first in (chain_start..=g).rev() {
             let (start, stop) = groups[first];
             digits += stop - start;
@@ -266,9 +340,15 @@ fn cards(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
                 break;
             }
             let bounded = start == 0 || !word(start - 1);
-            if digits >= 13 && bounded && luhn_valid(&text[start..end]) {
+            let as_written = || {
+                let lengths: Vec<usize> = groups[first..=g].iter().map(|(a, b)| b - a).collect();
+                let four_before = first > chain_start && four(first - 1);
+                card_shaped(&lengths) && (b'2'..=b'6').contains(&bytes[start]) && !four_before && !four_after
+            };
+            if digits >= 13 && bounded && (!split || as_written()) && luhn_valid(&text[start..end]) {
                 found.push((start, end));
             }
+            split |= joins[first] == Some(true);
         }
     }
     found.into_iter()
@@ -308,20 +388,27 @@ pub fn warm_up() {
 /// What a character typed or pasted inside personal data reads as to the ASCII patterns:
 /// `Some(Some(c))` a replacement, `Some(None)` nothing (an invisible character), `None` itself.
 ///
-/// Full-width forms (an input method's `４１１１`, `＠`), Arabic-Indic digits, no-break,
-/// thin and ideographic spaces, Unicode hyphens and dashes, and the characters Unicode says
-/// draw nothing (`Default_Ignorable_Code_Point`: a ZWSP or a soft hyphen inside an address,
-/// bidi marks copied from a right-to-left page, variation selectors, invisible operators, tag
-/// characters) hide nothing from the model that reads them. Not folded: the ignorables of
-/// planes 1 to 3 (`U+1BCA0..`, `U+1D173..`), whose lead byte every emoji shares.
+/// Full-width forms (an input method's `４１１１`, `＠`), the small `﹫`, the digits of every
+/// script of plane 0 (Unicode's decimal digits: Arabic-Indic, Devanagari, Bengali, Thai, …),
+/// the mathematical bold, double-struck, sans-serif and monospace `𝟒𝟏𝟏𝟏`, the segmented
+/// digits, the mathematical alphanumeric letters (`𝐣𝐚𝐧𝐞`), no-break, thin and ideographic
+/// spaces, Unicode hyphens and dashes, and the characters Unicode says draw nothing (`Default_Ignorable_Code_Point`: a
+/// ZWSP or a soft hyphen inside an address, bidi marks copied from a right-to-left page,
+/// variation selectors, invisible operators, tag characters) hide nothing from the model that
+/// reads them.
 fn fold_char(c: char) -> Option<Option<char>> {
     let u = c as u32;
     Some(match u {
         0xFF01..=0xFF5E => char::from_u32(u - 0xFEE0),
-        0x0660..=0x0669 => char::from_u32(u - 0x0660 + 0x30),
-        0x06F0..=0x06F9 => char::from_u32(u - 0x06F0 + 0x30),
+        0xFE6B => Some('@'),
+        0xFE52 => Some('.'),
         0x00A0 | 0x2000..=0x200A | 0x202F | 0x205F | 0x3000 => Some(' '),
         0x2010..=0x2013 | 0x2212 | 0xFE63 => Some('-'),
+        // Mathematical alphanumerics: 13 alphabets of `A-Za-z` (reserved holes included).
+        0x1D400..=0x1D6A3 => {
+            let i = ((u - 0x1D400) % 52) as u8;
+            Some(char::from(if i < 26 { b'A' + i } else { b'a' + i - 26 }))
+        }
         0x00AD
         | 0x034F
         | 0x061C
@@ -336,48 +423,121 @@ fn fold_char(c: char) -> Option<Option<char>> {
         | 0xFEFF
         | 0xFFA0
         | 0xFFF0..=0xFFF8
+        | 0x1D173..=0x1D17A
         | 0xE0000..=0xE0FFF => None,
-        _ => return None,
+        _ => return decimal_digit(u).map(Some),
     })
 }
 
-/// Whether `b` is the UTF-8 lead byte of a character [`fold_char`] may map
-/// (0xC2, 0xCD, 0xD8, 0xD9, 0xDB, 0xE1..=0xE3, 0xEF, 0xF3).
+/// The first code point of each run of ten decimal digits (Unicode 14's `Nd`) beyond ASCII: every
+/// set of plane 0, and of plane 1 the mathematical and the segmented digits (the historic
+/// scripts' digits there are left out: their lead bytes would need searches of their own).
+const DIGIT_ZEROS: [u32; 42] = [
+    0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66, 0xDE6, 0xE50, 0xED0, 0xF20,
+    0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0,
+    0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1FBF0,
+];
+
+/// The ASCII digit a decimal digit of another script stands for.
+fn decimal_digit(u: u32) -> Option<char> {
+    let zero = DIGIT_ZEROS[DIGIT_ZEROS.partition_point(|&z| z <= u).checked_sub(1)?];
+    (u - zero < 10).then(|| char::from(b'0' + (u - zero) as u8))
+}
+
+/// Whether `b` is the UTF-8 lead byte of a character [`fold_char`] may map, other than those
+/// [`wide_lead`] tests with the bytes after (0xC2, 0xCD, 0xD8, 0xD9, 0xDB, 0xDF, 0xE1..=0xE3,
+/// 0xEF, 0xF3).
+#[inline]
 fn fold_lead(b: u8) -> bool {
-    matches!(b, 0xC2 | 0xCD | 0xD8 | 0xD9 | 0xDB | 0xE1..=0xE3 | 0xEF | 0xF3)
+    matches!(b, 0xC2 | 0xCD | 0xD8 | 0xD9 | 0xDB | 0xDF | 0xE1..=0xE3 | 0xEF | 0xF3)
 }
 
-/// The offset of the first [`fold_lead`] byte at or after `from`.
+/// Whether the character whose first three bytes are `a`, `b`, `c` may be one [`fold_char`]
+/// maps, of those whose lead byte alone would stop at every character of a whole script:
+/// 0xE0 (the Indic scripts, Thai, Lao, Tibetan: only their digits), 0xEA (Hangul syllables
+/// from U+AC00 on have none), and 0xF0 (of plane 1 only the mathematical alphanumerics,
+/// 0xF0 0x9D, and the segmented digits, 0xF0 0x9F 0xAF; every emoji starts 0xF0 0x9F).
+#[inline]
+fn wide_lead(a: u8, b: u8, c: u8) -> bool {
+    ((a == 0xE0) & indic_digit(b, c)) | ((a == 0xEA) & (b < 0xB0)) | ((a == 0xF0) & math_or_segmented(b, c))
+}
+
+/// The second and third bytes of a digit of the Indic scripts, Thai, Lao or Tibetan.
+#[inline]
+fn indic_digit(b: u8, c: u8) -> bool {
+    let indic = (0xA5..=0xB7).contains(&b) & (b & 1 == 1) & (0xA6..=0xAF).contains(&c);
+    let thai_lao = ((b == 0xB9) | (b == 0xBB)) & (0x90..=0x99).contains(&c);
+    let tibetan = (b == 0xBC) & (0xA0..=0xA9).contains(&c);
+    indic | thai_lao | tibetan
+}
+
+/// The second and third bytes of a mathematical alphanumeric or a segmented digit.
+#[inline]
+fn math_or_segmented(b: u8, c: u8) -> bool {
+    (b == 0x9D) | ((b == 0x9F) & (c == 0xAF))
+}
+
+/// Each offset of a character [`fold_char`] may map ([`fold_lead`] or [`wide_lead`]).
 ///
-/// Whole 64-byte blocks are tested branch-free (vectorised), as `numeric_runs` does for
-/// digits, so that the text between two candidates costs a few instructions per block:
-/// accented prose, CJK and emoji have no such lead byte, and decoding every character
-/// after the first candidate (a `✅`, a `’`) cost 14 instructions a byte.
-fn next_fold_lead(bytes: &[u8], from: usize) -> Option<usize> {
-    let rest = &bytes[from..];
-    let mut blocks = rest.chunks_exact(64);
-    for (k, block) in blocks.by_ref().enumerate() {
-        if block.iter().fold(false, |acc, &b| acc | fold_lead(b)) {
-            return block.iter().position(|&b| fold_lead(b)).map(|d| from + k * 64 + d);
-        }
-    }
-    let tail = blocks.remainder();
-    tail.iter()
-        .position(|&b| fold_lead(b))
-        .map(|d| from + rest.len() - tail.len() + d)
+/// Whole 64-byte blocks (with the two bytes after) are tested branch-free (vectorised), as
+/// `numeric_runs` does for digits, and only a block with a candidate is looked into: decoding
+/// every character after the first candidate (a `✅`, a `’`) cost 14 instructions a byte.
+fn fold_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    let lead = |a: u8, b: u8, c: u8| fold_lead(a) | wide_lead(a, b, c);
+    (0..bytes.len()).step_by(64).flat_map(move |block| {
+        let end = (block + 64).min(bytes.len());
+        let candidate = match bytes[block..].first_chunk::<66>() {
+            Some(w) => (0..64).fold(false, |acc, j| acc | lead(w[j], w[j + 1], w[j + 2])),
+            None => true,
+        };
+        let range = if candidate { block..end } else { end..end };
+        range.filter(move |&i| lead(at(i), at(i + 1), at(i + 2)))
+    })
 }
 
-/// Whether `text` has a character [`fold_char`] maps: its lead bytes are searched for with
-/// memchr (SIMD, about a quarter of an instruction a byte for each of three searches), and
-/// each one found is decoded. Testing each 64-byte block for any of the lead bytes
-/// cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has none to map.
+/// Each offset of a [`wide_lead`] of 0xE0 or 0xEA: memchr finds the next such byte (none in
+/// most prompts, a quarter of an instruction a byte), and the 64 bytes from there are tested
+/// branch-free and looked into only when they hold a candidate. Hindi or Korean text thus costs
+/// a memchr call and a vector test per 64 bytes, not a decoding per character.
+fn indic_or_hangul_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let start = pos + memchr::memchr2(0xE0, 0xEA, bytes.get(pos..)?)?;
+        let end = (start + 64).min(bytes.len());
+        pos = end;
+        let candidate = match bytes[start..].first_chunk::<66>() {
+            Some(w) => (0..64).fold(false, |acc, j| acc | wide_lead(w[j], w[j + 1], w[j + 2])),
+            None => true,
+        };
+        Some(if candidate { start..end } else { end..end })
+    })
+    .flatten()
+    .filter(move |&i| wide_lead(at(i), at(i + 1), at(i + 2)))
+}
+
+/// The mathematical alphanumerics' first two bytes, and the segmented digits' first three:
+/// searched for as pairs (SIMD), so that emoji (0xF0 0x9F …) cost nothing.
+static MATH: LazyLock<memchr::memmem::Finder<'static>> = LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9D"));
+static SEGMENTED: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9F\xAF"));
+
+/// Whether `text` has a character [`fold_char`] maps: its [`fold_lead`] bytes are searched for
+/// with memchr (SIMD, about a quarter of an instruction a byte for each search), the others
+/// by [`indic_or_hangul_leads`] and as byte pairs, and each one found is decoded. Testing each 64-byte block for any of
+/// the lead bytes cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has
+/// none to map.
 fn has_foldable(text: &str) -> bool {
     let maps = |i: usize| text[i..].chars().next().and_then(fold_char).is_some();
     let bytes = text.as_bytes();
     memchr::memchr3_iter(0xE1, 0xE2, 0xE3, bytes).any(maps)
         || memchr::memchr3_iter(0xC2, 0xD9, 0xDB, bytes).any(maps)
         || memchr::memchr3_iter(0xEF, 0xCD, 0xD8, bytes).any(maps)
-        || memchr::memchr_iter(0xF3, bytes).any(maps)
+        || memchr::memchr2_iter(0xDF, 0xF3, bytes).any(maps)
+        || indic_or_hangul_leads(bytes).any(maps)
+        || MATH.find_iter(bytes).any(maps)
+        || SEGMENTED.find_iter(bytes).any(maps)
 }
 
 /// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
@@ -389,11 +549,10 @@ pub fn fold(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
-    let mut at = 0;
     // A lead byte is never a continuation byte, so each candidate starts a character.
-    while let Some(i) = next_fold_lead(bytes, at) {
+    for i in fold_leads(bytes) {
         let c = text[i..].chars().next().expect("a lead byte starts a character");
-        at = i + c.len_utf8();
+        let at = i + c.len_utf8();
         if let Some(to) = fold_char(c) {
             let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
             o.push_str(&text[copied..i]);
@@ -432,33 +591,124 @@ fn detect_ascii(text: &str, wanted: PiiSet) -> PiiSet {
     // Fewest digits a match can hold: 2 for an IBAN, 8 for a phone, more for the rest.
     let min_digits = if want(PiiKind::Iban) { 2 } else { 8 };
     numeric_runs(text, min_digits, |run| {
-        let maybe = NUMBERS.matches(run);
-        let candidate = |k: PiiKind| want(k) && maybe.matched(k as usize);
-        if candidate(PiiKind::NationalId) {
+        let base = offset(text, run);
+        let run = Run::new(text, base, run);
+        // Most runs of prose with numbers (a year, a price, a version) hold no candidate.
+        if run.barren() {
+            return false;
+        }
+        if want(PiiKind::NationalId) && run.maybe.matched(PiiKind::NationalId as usize) {
             found.insert(PiiKind::NationalId);
         }
-        if candidate(PiiKind::Iban) && IBAN.find_iter(run).any(|m| iban_valid(m.as_str())) {
+        if want(PiiKind::Iban) && run.ibans().next().is_some() {
             found.insert(PiiKind::Iban);
         }
-        // Long digit runs are card candidates; a phone match inside one is not a phone.
-        if candidate(PiiKind::Phone) || candidate(PiiKind::PaymentCard) {
-            let cards: Vec<regex::Match<'_>> = if maybe.matched(PiiKind::PaymentCard as usize) {
-                CARD.find_iter(run).collect()
-            } else {
-                Vec::new()
-            };
-            if candidate(PiiKind::PaymentCard) && self::cards(run).next().is_some() {
-                found.insert(PiiKind::PaymentCard);
-            }
-            let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
-            if candidate(PiiKind::Phone) && PHONE.find_iter(run).any(|m| !in_card(&m)) {
-                found.insert(PiiKind::Phone);
-            }
+        if want(PiiKind::PaymentCard) && run.cards().next().is_some() {
+            found.insert(PiiKind::PaymentCard);
+        }
+        if want(PiiKind::Phone) && run.phones().next().is_some() {
+            found.insert(PiiKind::Phone);
         }
         // Stop once every wanted kind is found.
         numeric.iter().all(|&k| !want(k) || found.contains(k))
     });
     found
+}
+
+/// Where `part`, a slice of `text`, starts in it.
+fn offset(text: &str, part: &str) -> usize {
+    part.as_ptr() as usize - text.as_ptr() as usize
+}
+
+/// A run of [`numeric_runs`] and what the number patterns may find in it: each finder
+/// yields byte ranges of `text` (`base` is the run's offset in it).
+struct Run<'t> {
+    text: &'t str,
+    base: usize,
+    run: &'t str,
+    maybe: regex::SetMatches,
+    /// Whether a card split otherwise than by spaces or hyphens may be in the run.
+    split_card: bool,
+    /// Whether the run has the nine digits a national phone number has.
+    nine_digits: bool,
+}
+
+impl<'t> Run<'t> {
+    fn new(text: &'t str, base: usize, run: &'t str) -> Self {
+        let maybe = NUMBERS.matches(run);
+        let digits = run.bytes().filter(u8::is_ascii_digit).count();
+        let split_card = digits >= 13 && SPLIT_CARD.is_match(run);
+        Run {
+            text,
+            base,
+            run,
+            maybe,
+            split_card,
+            nine_digits: digits >= 9,
+        }
+    }
+
+    /// Whether no finder can find anything in the run.
+    fn barren(&self) -> bool {
+        !self.maybe.matched_any()
+            && !self.split_card
+            && !self.nine_digits
+            && crate::iban_case::lower_case_at(self.text, self.base).is_none()
+    }
+
+    /// The matches of `re` in the run when `maybe` (a searcher costs a cache from its pool).
+    fn search(&self, re: &'static Regex, maybe: bool) -> impl Iterator<Item = regex::Match<'t>> + use<'t> {
+        let run = self.run;
+        maybe.then(|| re.find_iter(run)).into_iter().flatten()
+    }
+
+    fn ssns(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let maybe = self.maybe.matched(PiiKind::NationalId as usize);
+        self.search(&SSN, maybe).map(|m| self.at(&m))
+    }
+
+    /// IBANs in upper case, and one in lower case that starts the run (see [`crate::iban_case`]).
+    fn ibans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let maybe = self.maybe.matched(PiiKind::Iban as usize);
+        let upper = self.search(&IBAN, maybe);
+        let lower = crate::iban_case::lower_case_at(self.text, self.base);
+        upper
+            .filter(|m| iban_valid(m.as_str()))
+            .map(|m| self.at(&m))
+            .chain(lower)
+    }
+
+    fn cards(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let maybe = self.maybe.matched(PiiKind::PaymentCard as usize) || self.split_card;
+        let run = if maybe { self.run } else { "" };
+        self::cards(run).map(|(start, end)| (self.base + start, self.base + end))
+    }
+
+    /// A match's range in `text`.
+    fn at(&self, m: &regex::Match<'_>) -> (usize, usize) {
+        (self.base + m.start(), self.base + m.end())
+    }
+
+    /// Phones, and national numbers a phone word announces; a match inside a card-shaped
+    /// number (a long digit run) is not a phone.
+    fn phones(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let mut card_shaped: Vec<regex::Match<'_>> = Vec::new();
+        if self.maybe.matched(PiiKind::PaymentCard as usize) {
+            card_shaped.extend(CARD.find_iter(self.run));
+        }
+        if self.maybe.matched(PiiKind::PaymentCard as usize) || self.split_card {
+            card_shaped.extend(SPLIT_SHAPE.find_iter(self.run));
+        }
+        let outside =
+            move |m: &regex::Match<'_>| !card_shaped.iter().any(|c| m.start() < c.end() && c.start() < m.end());
+        let phone = self.maybe.matched(PiiKind::Phone as usize);
+        let national = self.nine_digits;
+        let phones = self.search(&PHONE, phone);
+        let announced = self
+            .search(&NATIONAL_PHONE, national)
+            .filter(|m| !SSN.is_match(m.as_str()) && crate::phone_words::announced(self.text, self.base + m.start()));
+        phones.chain(announced).filter(move |m| outside(m)).map(|m| self.at(&m))
+    }
 }
 
 /// One occurrence of personal data: a byte range of the text and its kind.
@@ -483,14 +733,7 @@ pub fn find(text: &str) -> Vec<PiiSpan> {
         if at < searched_to {
             continue;
         }
-        let mut start = at;
-        while start > 0 && email_byte(bytes[start - 1]) {
-            start -= 1;
-        }
-        let mut end = at + 1;
-        while end < bytes.len() && email_byte(bytes[end]) {
-            end += 1;
-        }
+        let (start, end) = email_run(bytes, at);
         spans.extend(EMAIL.find_iter(&text[start..end]).map(|m| PiiSpan {
             start: start + m.start(),
             end: start + m.end(),
@@ -499,40 +742,13 @@ pub fn find(text: &str) -> Vec<PiiSpan> {
         searched_to = end;
     }
     numeric_runs(text, 2, |run| {
-        // The run borrows from `text`: its offset is a pointer difference.
-        let base = run.as_ptr() as usize - text.as_ptr() as usize;
-        let maybe = NUMBERS.matches(run);
-        let span = |start: usize, end: usize, kind| PiiSpan {
-            start: base + start,
-            end: base + end,
-            kind,
-        };
-        if maybe.matched(PiiKind::NationalId as usize) {
-            spans.extend(
-                SSN.find_iter(run)
-                    .map(|m| span(m.start(), m.end(), PiiKind::NationalId)),
-            );
-        }
-        if maybe.matched(PiiKind::Iban as usize) {
-            spans.extend(
-                IBAN.find_iter(run)
-                    .filter(|m| iban_valid(m.as_str()))
-                    .map(|m| span(m.start(), m.end(), PiiKind::Iban)),
-            );
-        }
-        if maybe.matched(PiiKind::PaymentCard as usize) {
-            spans.extend(self::cards(run).map(|(start, end)| span(start, end, PiiKind::PaymentCard)));
-        }
-        if maybe.matched(PiiKind::Phone as usize) {
-            let cards: Vec<regex::Match<'_>> = CARD.find_iter(run).collect();
-            let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
-            spans.extend(
-                PHONE
-                    .find_iter(run)
-                    .filter(|m| !in_card(m))
-                    .map(|m| span(m.start(), m.end(), PiiKind::Phone)),
-            );
-        }
+        let base = offset(text, run);
+        let run = Run::new(text, base, run);
+        let at = |kind: PiiKind| move |(start, end): (usize, usize)| PiiSpan { start, end, kind };
+        spans.extend(run.ssns().map(at(PiiKind::NationalId)));
+        spans.extend(run.ibans().map(at(PiiKind::Iban)));
+        spans.extend(run.cards().map(at(PiiKind::PaymentCard)));
+        spans.extend(run.phones().map(at(PiiKind::Phone)));
         false
     });
     spans.sort_unstable_by_key(|s| (s.start, std::cmp::Reverse(s.end)));
@@ -656,6 +872,78 @@ mod tests {
     }
 
     #[test]
+    fn forms_people_write_hide_nothing() {
+        // Session 36: card groups split by line breaks (a JSON `\n`), tabs, dots, slashes or
+        // a few spaces; digits of other scripts; internationalised e-mail domains and the
+        // small at sign; IBANs in lower case; national phones after a phone word.
+        for (text, kind) in [
+            ("card\n4111\n1111\n1111\n1111", "payment_card"),
+            ("card 4111\r\n1111\r\n1111\r\n1111", "payment_card"),
+            ("card 4111\t1111\t1111\t1111", "payment_card"),
+            ("card 4111.1111.1111.1111.", "payment_card"),
+            ("card 4111/1111/1111/1111", "payment_card"),
+            ("card 4111  1111  1111  1111", "payment_card"),
+            ("amex 3782\n822463\n10005", "payment_card"),
+            ("card 𝟒𝟏𝟏𝟏 𝟏𝟏𝟏𝟏 𝟏𝟏𝟏𝟏 𝟏𝟏𝟏𝟏", "payment_card"),
+            ("card 𝟜𝟙𝟙𝟙 𝟙𝟙𝟙𝟙 𝟙𝟙𝟙𝟙 𝟙𝟙𝟙𝟙", "payment_card"),
+            ("card 𝟦𝟣𝟣𝟣 𝟣𝟣𝟣𝟣 𝟣𝟣𝟣𝟣 𝟣𝟣𝟣𝟣", "payment_card"),
+            ("card ٤١١١ ١١١١ ١١١١ ١١١١", "payment_card"),
+            ("card ۴۱۱۱ ۱۱۱۱ ۱۱۱۱ ۱۱۱۱", "payment_card"),
+            ("कार्ड ४१११ ११११ ११११ ११११", "payment_card"),
+            ("কার্ড ৪১১১ ১১১১ ১১১১ ১১১১", "payment_card"),
+            ("บัตร ๔๑๑๑ ๑๑๑๑ ๑๑๑๑ ๑๑๑๑", "payment_card"),
+            ("ssn ०७८-०५-११२०", "national_id"),
+            ("mail jane@bücher.de", "email"),
+            ("mail jane@例え.jp", "email"),
+            ("mail jane@пример.рф", "email"),
+            ("mail jane@xn--bcher-kva.xn--p1ai", "email"),
+            ("mail jane﹫example.com", "email"),
+            ("mail 𝐣𝐚𝐧𝐞@𝐞𝐱𝐚𝐦𝐩𝐥𝐞.𝐜𝐨𝐦", "email"),
+            ("iban de89 3704 0044 0532 0130 00", "iban"),
+            ("iban de89370400440532013000", "iban"),
+            ("IBAN: gb82 west 1234 5698 7654 32", "iban"),
+            ("iban De89 3704 0044 0532 0130 00", "iban"),
+            ("call me at 03012345678", "phone"),
+            ("My mobile number is 4155550132.", "phone"),
+            ("Tel.: 030 12345678", "phone"),
+            ("WhatsApp 612345678", "phone"),
+            ("電話番号は09012345678です", "phone"),
+        ] {
+            assert_eq!(kinds(text), [kind], "{text:?}");
+            let red = redact(text);
+            assert!(red.contains(&format!("[PII:{kind}]")), "{text:?} -> {red:?}");
+        }
+        assert_eq!(redact("iban: de89 3704 0044 0532 0130 00."), "iban: [PII:iban].");
+        assert_eq!(redact("mail jane@例え.jp。"), "mail [PII:email]。");
+        assert_eq!(redact("请发邮件到jane@example.com谢谢"), "请发邮件到[PII:email]谢谢");
+    }
+
+    #[test]
+    fn ordinary_numbers_code_and_emoji_are_not_personal_data() {
+        for text in [
+            // A column of numbers, versions, dates, amounts, line-broken ids.
+            "totals:\n1200\n3400\n5600\n7800\n9100",
+            "1234\n5678\n9012\n3456\n7890\n1234\n5678",
+            "v1.2.3 released 2024.05.01, build 4521.8832.1093.2211",
+            "paths /usr/lib/4111/1112 and 12/29/2024",
+            "the order 4155550132 shipped; ticket 03012345678",
+            "timestamp 1700000000 and id 612345678",
+            "call stack depth was high",
+            "tel: see below",
+            "mp3 h264 utf8 x86_64 ab12 cd34 de12 in 2024",
+            "de89 is a code; de12 3456",
+            "npm i lodash@4.17.21 and user@localhost",
+            "🚀😀✅👍🏽🎉🇩🇪 2024 ١٢٣ 𝟏𝟐𝟑 ४५६ 🚀",
+            "for i in range(1000000000): x = i * 1234567890",
+            "#include <stdio.h>\nint main() { return 0; }\n",
+            "価格は1234円、電話はしないで",
+        ] {
+            assert!(kinds(text).is_empty(), "{text:?}: {:?}", kinds(text));
+            assert_eq!(redact(text), text);
+        }
+    }
+
+    #[test]
     fn finds_each_kind() {
         assert_eq!(kinds("mail me at jane.doe@example.co.uk please"), ["email"]);
         assert_eq!(kinds("card 4111 1111 1111 1111 exp 12/29"), ["payment_card"]);
@@ -707,28 +995,54 @@ mod tests {
         if EMAIL.is_match(text) {
             found.insert(PiiKind::Email);
         }
-        let cards: Vec<regex::Match<'_>> = CARD.find_iter(text).collect();
+        let cards: Vec<regex::Match<'_>> = CARD.find_iter(text).chain(SPLIT_SHAPE.find_iter(text)).collect();
         // Any substring that is a whole card-shaped number between word boundaries.
         let whole = Regex::new(&format!("^(?:{CARD_RE})$")).unwrap();
         let b = text.as_bytes();
         let word = |i: usize| b.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
         let starts = (0..b.len()).filter(|&s| b[s].is_ascii_digit() && (s == 0 || !word(s - 1)));
+        // Or one whose groups are split by a dot, slash, tab, line break or a few spaces, written as a card is:
+        // its shape, a network's first digit, no group of four joined before or after.
+        let sep = r"(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})";
+        let shape = Regex::new(&format!(
+            "^[2-6](?:[0-9]{{3}}{sep}(?:[0-9]{{4}}{sep}){{2}}[0-9]{{1,4}}|[0-9]{{3}}{sep}(?:[0-9]{{4}}{sep}){{3}}[0-9]{{1,3}}|[0-9]{{3}}{sep}[0-9]{{6}}{sep}[0-9]{{4,5}})$"
+        ))
+        .unwrap();
+        let four_before = Regex::new(&format!("(?:^|[^0-9])[0-9]{{4}}{sep}$")).unwrap();
+        let four_after = Regex::new(&format!("^{sep}[0-9]{{4}}(?:[^0-9]|$)")).unwrap();
+        let split = |s: usize, e: usize| {
+            shape.is_match(&text[s..e]) && !four_before.is_match(&text[..s]) && !four_after.is_match(&text[e..])
+        };
         if starts
             .flat_map(|s| (s + 1..=b.len()).map(move |e| (s, e)))
             .any(|(s, e)| {
-                b[e - 1].is_ascii_digit() && !word(e) && whole.is_match(&text[s..e]) && luhn_valid(&text[s..e])
+                let t = || &text[s..e];
+                b[e - 1].is_ascii_digit() && !word(e) && (whole.is_match(t()) || split(s, e)) && luhn_valid(t())
             })
         {
             found.insert(PiiKind::PaymentCard);
         }
-        if IBAN.find_iter(text).any(|m| iban_valid(m.as_str())) {
+        // An IBAN in upper case, or one whose country code ends in a lower-case letter at a word's start.
+        let lower = (0..b.len().saturating_sub(3)).any(|i| {
+            (i == 0 || !word(i - 1))
+                && b[i].is_ascii_alphabetic()
+                && b[i + 1].is_ascii_lowercase()
+                && b[i + 2].is_ascii_digit()
+                && b[i + 3].is_ascii_digit()
+                && crate::iban_case::iban_at(text, i).is_some()
+        });
+        if lower || IBAN.find_iter(text).any(|m| iban_valid(m.as_str())) {
             found.insert(PiiKind::Iban);
         }
         if SSN.is_match(text) {
             found.insert(PiiKind::NationalId);
         }
         let in_card = |p: &regex::Match<'_>| cards.iter().any(|c| p.start() < c.end() && c.start() < p.end());
-        if PHONE.find_iter(text).any(|m| !in_card(&m)) {
+        let announced =
+            |m: &regex::Match<'_>| !SSN.is_match(m.as_str()) && crate::phone_words::announced(text, m.start());
+        if PHONE.find_iter(text).any(|m| !in_card(&m))
+            || NATIONAL_PHONE.find_iter(text).any(|m| !in_card(&m) && announced(&m))
+        {
             found.insert(PiiKind::Phone);
         }
         found
@@ -820,13 +1134,47 @@ mod tests {
         "jane.doe",
         "example.com",
         "\n",
+        "\u{7bf}",
+        "\u{7c0}",
+        "\u{965}",
+        "\u{966}",
+        "\u{96f}",
+        "\u{970}",
+        "क",
+        "\u{e50}",
+        "\u{f29}",
+        "\u{a620}",
+        "\u{abf9}",
+        "\u{fe52}",
+        "\u{fe6b}",
+        "\u{10000}",
+        "\u{104a0}",
+        "\u{1bca0}",
+        "\u{1d173}",
+        "\u{1d3ff}",
+        "\u{1d400}",
+        "\u{1d6a3}",
+        "\u{1d6a4}",
+        "\u{1d7cd}",
+        "\u{1d7ce}",
+        "\u{1d7ff}",
+        "\u{1fbef}",
+        "\u{1fbf0}",
+        "\u{1fbf9}",
+        "\u{1fbfa}",
+        "🇩🇪",
+        "👍🏽",
     ];
 
     #[test]
     fn the_search_for_characters_to_fold_misses_none() {
-        // Every character below U+10000 (and a few above), alone and amid text that has lead
+        // Every character of planes 0 and 1 and the tags (and the last), alone and amid text that has lead
         // bytes of characters that do not fold (`✅`, `é`, CJK).
-        for c in (0x80..0x10000u32).chain([0x1F680, 0x10FFFF]).filter_map(char::from_u32) {
+        for c in (0x80..0x20000u32)
+            .chain(0xE0000..0xE1000)
+            .chain([0x10FFFF])
+            .filter_map(char::from_u32)
+        {
             for text in [c.to_string(), format!("✅é数{c}a")] {
                 assert_eq!(has_foldable(&text), fold_char(c).is_some(), "{c:?}");
             }
@@ -859,6 +1207,8 @@ mod tests {
                 proptest::sample::select(vec![
                     "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "123-45-6789", "+1 415-555-0132",
                     "(020) 7946 0958", "東京", "é", "_", "x", "@", "\n", "🚀", "a.b@c.io",
+                    "4111\n1111", "1111.1111", "\t", "  ", "de89 3704 0044 0532 0130 00", "gb82 west", " call ",
+                    "4155550132", "a@bücher.de", "ü",
                 ]).prop_map(String::from),
             ], 0..12),
             wanted in 0u8..32,
@@ -907,6 +1257,7 @@ mod tests {
                 proptest::sample::select(vec![
                     "4111 1111 1111 1111", "GB82 WEST 1234 5698 7654 32", "123-45-6789", "+1 415-555-0132",
                     "(020) 7946 0958", "東京", "é", "_", "x", "@", "\n", "🚀", "a.b@c.io", " ",
+                    "4111\n1111", "1111.1111", "de89 3704 0044 0532 0130 00", " call ", "4155550132", "a@bücher.de",
                 ]).prop_map(String::from),
             ], 0..12),
         ) {
