@@ -104,6 +104,7 @@ _OWN_MESSAGES = (
     r"|a stream event that is not a JSON object"
     r"|a stream event whose choices are not objects with a delta object"
     r"|a stream event of another API, not a chat chunk"
+    r"|a chat chunk in a completions stream"
     r"|a stream (error event|event) still unfinished past \d+ MiB)",
 )
 _OWN = re.compile("|".join(_OWN_MESSAGES))
