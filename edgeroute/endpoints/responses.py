@@ -275,4 +275,9 @@ async def _bind_stream(request: web.Request, live: Live, got: StreamAnswer) -> N
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    return await serve(request, parse)
+    try:
+        return await serve(request, parse)
+    except ProxyError as e:
+        if e.code == "context_length_exceeded":
+            e.param = "input"  # a response's input, as OpenAI names it (chat's error names `messages`)
+        raise
