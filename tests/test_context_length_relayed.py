@@ -137,8 +137,9 @@ async def test_a_prompt_too_long_goes_to_a_larger_context_window(
     assert [a.outcome for a in rec.attempts] == ["context_window", "success"]
 
 
-async def test_a_completions_prompt_over_every_window_names_the_prompt(
-    start_proxy: StartProxy, start_upstream: Any
+@pytest.mark.parametrize("endpoint", ["completions", "responses"])
+async def test_a_prompt_over_every_window_names_the_endpoints_own_input(
+    start_proxy: StartProxy, start_upstream: Any, endpoint: str
 ) -> None:
     up = await start_upstream()
     proxy = await start_proxy(
@@ -151,35 +152,14 @@ async def test_a_completions_prompt_over_every_window_names_the_prompt(
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
     try:
         with pytest.raises(openai.BadRequestError) as got:
-            await client.completions.create(model="m", prompt="word " * 500)
+            if endpoint == "completions":
+                await client.completions.create(model="m", prompt="word " * 500)
+            else:
+                await client.responses.create(model="m", input="word " * 500)
     finally:
         await client.close()
     assert (got.value.code, got.value.type, got.value.param) == (
         "context_length_exceeded",
         "invalid_request_error",
-        "prompt",
-    )
-
-
-async def test_a_responses_input_over_every_window_names_the_input(
-    start_proxy: StartProxy, start_upstream: Any
-) -> None:
-    up = await start_upstream()
-    proxy = await start_proxy(
-        {
-            "providers": {"p": {"base_url": up.base_url}},
-            "deployments": {"d": {"provider": "p", "model": "x", "context_window": 100}},
-            "models": {"m": {"deployments": ["d"]}},
-        }
-    )
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    try:
-        with pytest.raises(openai.BadRequestError) as got:
-            await client.responses.create(model="m", input="word " * 500)
-    finally:
-        await client.close()
-    assert (got.value.code, got.value.type, got.value.param) == (
-        "context_length_exceeded",
-        "invalid_request_error",
-        "input",
+        "prompt" if endpoint == "completions" else "input",
     )
