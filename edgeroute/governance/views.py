@@ -5,7 +5,9 @@ A view parses the stored YAML and masks its secrets (`versions.masked_data`): pu
 ask, so a loop of such calls stalled every client (a 3 KB config: a client's p50 from 1 to 186 ms;
 a 230 KB one, 3 s per call). Here a view is built on a thread of its own, one at a time per
 process, and kept (the last few texts, by their content: a version never changes), so asking
-again costs a dictionary lookup; past `MAX_WAITING` callers waiting for the thread, 429.
+again costs a dictionary lookup; past `MAX_WAITING` callers waiting for the thread, 429. A text
+with an `exec:` reference is not kept: its command is masked by `redact.text`, which also masks
+secrets registered since (a view kept would not), so each view of it is built again, on the thread.
 """
 
 from __future__ import annotations
@@ -58,22 +60,24 @@ _diffs = _Kept()
 _waiting = 0
 
 
-async def _built(kept: _Kept, key: object, build: Callable[[], _T]) -> _T:
+async def _built(kept: _Kept, key: object, build: Callable[[], _T], keep: bool) -> _T:
     global _waiting
-    if (found := kept.get(key)) is not None:
+    if keep and (found := kept.get(key)) is not None:
         return found  # type: ignore[return-value]
     if _waiting >= MAX_WAITING:
         raise too_many("Too many config views are being prepared; try again.", "config_view_busy", 1)
     _waiting += 1
     try:
         # Looked up again on the thread: callers queued behind the one that built it find it there.
-        value = await asyncio.get_running_loop().run_in_executor(_THREAD, _once, kept, key, build)
+        value = await asyncio.get_running_loop().run_in_executor(_THREAD, _once, kept, key, build, keep)
     finally:
         _waiting -= 1
     return value
 
 
-def _once(kept: _Kept, key: object, build: Callable[[], _T]) -> _T:
+def _once(kept: _Kept, key: object, build: Callable[[], _T], keep: bool) -> _T:
+    if not keep:
+        return build()
     if (found := kept.get(key)) is not None:
         return found  # type: ignore[return-value]
     value = build()
@@ -81,9 +85,13 @@ def _once(kept: _Kept, key: object, build: Callable[[], _T]) -> _T:
     return value
 
 
+def _kept(*texts: str) -> bool:
+    return not any("exec:" in t for t in texts)
+
+
 async def masked_json(text: str) -> orjson.Fragment:
     """The config `text` as JSON, its secrets masked, to place in an answer as it is."""
-    return await _built(_json, text, lambda: orjson.Fragment(orjson.dumps(masked_data(text))))
+    return await _built(_json, text, lambda: orjson.Fragment(orjson.dumps(masked_data(text))), _kept(text))
 
 
 async def diff(a: int, a_text: str, b: int, b_text: str) -> str:
@@ -98,4 +106,4 @@ async def diff(a: int, a_text: str, b: int, b_text: str) -> str:
         )
         return "".join(lines)
 
-    return await _built(_diffs, (a, a_text, b, b_text), build)
+    return await _built(_diffs, (a, a_text, b, b_text), build, _kept(a_text, b_text))
