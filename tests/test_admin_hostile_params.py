@@ -1,7 +1,8 @@
 """Hostile query parameters on the audit log and the spend report get a 400 naming the parameter,
 in the OpenAI error format (huntUI #2, #3): `/admin/audit?since=nan` answered an empty log (read as
 "nothing happened"), `until=inf` and negative times passed; `/admin/spend?team=b` ignored the filter
-and answered every team's spend, and its errors spoke of the CLI's `--since` with no `param`."""
+and answered every team's spend, and its errors spoke of the CLI's `--since` with no `param`;
+`/admin/budgets` and `/admin/learning` ignored parameters they do not take too."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ CASES = [
     ("/admin/spend?by=nope", "by"),
     ("/admin/spend?since=nan", "since"),
     ("/admin/spend?since=" + "9" * 5000, "since"),
+    ("/admin/budgets?teams=b", "teams"),
+    ("/admin/learning?team=b", "team"),
 ]
 
 
