@@ -53,6 +53,7 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.limits import LocalLimiter, Take
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
+from edgeroute.governance.http import only_params
 from edgeroute.governance.runtime import GOV, actor_of
 from edgeroute.requestlog import outcomes
 from edgeroute.state import RECORDER, STATE
@@ -625,6 +626,7 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
 
 async def learning_state(request: web.Request) -> web.Response:
     """`GET /admin/learning`: the posteriors; a team-bound key's, its own team's and the operator's."""
+    only_params(request, set())  # it takes none: `?team=a` answered every tenant's
     learner = request.app.get(LEARNER)
     body = learner.snapshot(team=tenant_of(request)) if learner is not None else {"enabled": False}
     return web.Response(body=orjson.dumps(body), content_type="application/json")

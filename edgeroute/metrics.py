@@ -485,4 +485,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
     if worker is not None:  # one scrape for the whole server: every worker's numbers, merged
         bodies = {worker.id: body, **await peers.siblings(worker)}
         body = merge(bodies, worker.restarts())
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
+    # Its series name keys and teams: not kept by a browser or a cache, as the admin API's answers.
+    headers = {"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+    return web.Response(body=body, headers=headers)

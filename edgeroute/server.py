@@ -318,10 +318,13 @@ def _response_cache(config: Config) -> ResponseCache:
 
 # The admin API's and the console's JSON (keys, audit, stored prompts and answers) is never kept
 # by a browser or a cache, nor read as another type: what `/ui/session` already sent (redU L5).
+# Nor framed (X-Frame-Options for browsers without CSP frame-ancestors), nor named in a Referer.
 _ADMIN_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
 }
 
 

@@ -50,6 +50,10 @@ async def test_admin_and_console_json_is_not_stored_nor_sniffed(start_upstream, 
         assert not bad, bad
         async with s.get(url + "/admin/keys", headers=hdrs) as r:
             assert "default-src 'none'" in r.headers["Content-Security-Policy"]
+            # nor framed by a browser without frame-ancestors, nor named in a Referer (huntUI #5)
+            assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Referrer-Policy"] == "no-referrer"
+        async with s.get(url + "/metrics", headers=hdrs) as r:  # its series name keys and teams
+            assert r.status == 200 and r.headers["Cache-Control"] == "no-store"
         async with s.get(url + "/ui/session", headers=hdrs) as r:  # the console's stricter policy stays
             assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         async with s.get(url + "/v1/models", headers=hdrs) as r:

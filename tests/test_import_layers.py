@@ -124,6 +124,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.overreport",
             "edgeroute.telemetry",
             "edgeroute.governance.versions",
+            "edgeroute.governance.views",  # masked config views, off the loop
             "edgeroute.governance.runtime",
             "edgeroute.governance.apply",
             "edgeroute.governance.deployments",

@@ -34,6 +34,7 @@ from edgeroute.cost.control import CostControl
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.cost.teams import team_in_view
 from edgeroute.errors import ProxyError
+from edgeroute.governance.http import only_params
 from edgeroute.state import STATE
 
 _FIGURES = ("spent_usd", "reserved_usd", "percent", "projected_usd")
@@ -230,6 +231,7 @@ def rate_limits(control: CostControl, team: _Team | None = None) -> list[dict[st
 
 
 async def admin_budgets(request: web.Request) -> web.Response:
+    only_params(request, {"team"})  # refused, not ignored: `?teams=a` answered every team's budgets
     team = team_in_view(request)
     control = request.app.get(ADMISSION)
     if not isinstance(control, CostControl):

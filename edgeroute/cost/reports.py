@@ -203,14 +203,24 @@ async def admin_spend(request: web.Request) -> web.Response:
     backend = request.app.get(LEDGER)
     if backend is None:
         raise ProxyError(404, "No ledger is configured (add a `ledger:` section).", code="no_ledger")
-    by, tenant = request.query.get("by", "key"), tenant_of(request)
+    q = request.query
+    # A parameter it does not take is refused, not ignored: `?team=a` answered every team's spend.
+    if unknown := sorted(set(q) - {"by", "since"}):
+        raise _bad(unknown[0], f"Unknown parameter '{unknown[0]}'; /admin/spend takes by and since.")
+    by, tenant = q.get("by", "key"), tenant_of(request)
+    if by not in GROUPS:
+        raise _bad("by", f"'by' must be one of {', '.join(GROUPS)}.")
     try:
-        since = parse_since(request.query.get("since"))
-        # On the query pool, serialised there too: a large answer is built off the loop.
-        body = await gate.run(request, lambda bounded: orjson.dumps(spend(bounded, by, since, tenant)), backend)
-    except ValueError as e:
-        raise ProxyError(400, str(e), code="invalid_request") from None
+        since = parse_since(q.get("since"))
+    except ValueError:
+        raise _bad("since", f"'since' {q['since'][:40]!r}: use e.g. 24h, 7d or 2026-11-01.") from None
+    # On the query pool, serialised there too: a large answer is built off the loop.
+    body = await gate.run(request, lambda bounded: orjson.dumps(spend(bounded, by, since, tenant)), backend)
     return web.Response(body=body, content_type="application/json")
+
+
+def _bad(param: str, message: str) -> ProxyError:
+    return ProxyError(400, message, code="invalid_parameter", param=param)
 
 
 def open_backend(config_path: str) -> Backend | None:

@@ -27,7 +27,7 @@ from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, MANAGED_KEYS, tenant_of
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError, too_many
-from edgeroute.governance import deployments, guard, key_names, residency
+from edgeroute.governance import deployments, guard, key_names, residency, views
 from edgeroute.governance import keys as K
 from edgeroute.governance.apply import apply_text, editing, refused
 from edgeroute.governance.http import json_object, json_response, only_params, parse_since, text_param
@@ -36,7 +36,6 @@ from edgeroute.governance.store import ADMIN_CALLS, STORE_DEADLINE_S, GovStore, 
 from edgeroute.governance.versions import (
     access_changes,
     check_text,
-    masked_data,
     restore,
     text_of,
     version_json,
@@ -155,7 +154,7 @@ async def get_config(request: web.Request) -> web.Response:
         {
             "version": gov.versions.active,
             "source": live.source,
-            "config": masked_data(gov.versions.active_text),
+            "config": await views.masked_json(gov.versions.active_text),
         }
     )
 
@@ -181,7 +180,7 @@ def _version_param(raw: str | None, name: str) -> int:
 async def get_version(request: web.Request) -> web.Response:
     gov = request.app[GOV]
     v = await _stored(_VERSIONS, gov.versions.get, _version_param(request.match_info["version"], "version"))
-    return json_response({**version_json(v, gov.versions.active), "config": masked_data(v.body)})
+    return json_response({**version_json(v, gov.versions.active), "config": await views.masked_json(v.body)})
 
 
 async def diff_versions(request: web.Request) -> web.Response:
@@ -189,7 +188,8 @@ async def diff_versions(request: web.Request) -> web.Response:
     only_params(request, {"from", "to"})
     a = _version_param(request.query.get("from"), "from")
     b = _version_param(request.query.get("to") or str(gov.versions.active or ""), "to")
-    return json_response({"from": a, "to": b, "diff": await _stored(_VERSIONS, gov.versions.diff, a, b)})
+    va, vb = await _stored(_VERSIONS, lambda: (gov.versions.get(a), gov.versions.get(b)))
+    return json_response({"from": a, "to": b, "diff": await views.diff(a, va.body, b, vb.body)})
 
 
 async def rollback(request: web.Request) -> web.Response:

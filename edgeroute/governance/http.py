@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from typing import Any
@@ -57,11 +58,16 @@ def text_param(raw: str, name: str) -> str:
 
 
 def parse_since(raw: str) -> float:
-    """Epoch seconds, or a span back from now (`15m`, `24h`, `7d`)."""
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", raw.strip())
+    """Epoch seconds, or a span back from now (`15m`, `24h`, `7d`; further back than 1970 is 1970).
+    `nan`, `inf` and times before 1970 or past the year 5000 are refused: `since=nan` matched
+    nothing and answered an empty audit log, which an admin reads as nothing having happened."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([smhd])", raw.strip())  # ASCII digits: `\d` takes "٣"
     if m:
-        return time.time() - float(m.group(1)) * _UNITS[m.group(2)]
+        return max(0.0, time.time() - float(m.group(1)) * _UNITS[m.group(2)])
     try:
-        return float(raw)
+        t = float(raw)
     except ValueError:
-        raise ProxyError(400, "'since' must be epoch seconds or a span such as 15m, 24h, 7d.", param="since") from None
+        t = math.nan
+    if not (math.isfinite(t) and 0 <= t < 1e11):
+        raise ProxyError(400, "'since' must be epoch seconds or a span such as 15m, 24h, 7d.", param="since")
+    return t

@@ -8,7 +8,6 @@ config with every secret that is not a reference (`env:`, `file:`, `exec:`) mask
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import hmac
 import logging
@@ -509,16 +508,6 @@ class Versions:
         if found is None:
             raise ProxyError(404, f"No config version {v}.", code="version_not_found", param="version")
         return found
-
-    def diff(self, a: int, b: int) -> str:
-        va, vb = self.get(a), self.get(b)
-        lines = difflib.unified_diff(
-            masked_yaml(va.body).splitlines(keepends=True),
-            masked_yaml(vb.body).splitlines(keepends=True),
-            fromfile=f"version {a}",
-            tofile=f"version {b}",
-        )
-        return "".join(lines)
 
 
 def _values(key: secrets.Secret) -> list[bytes]:

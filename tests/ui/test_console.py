@@ -227,6 +227,22 @@ def test_request_detail_shows_the_failover(browser: Any, console: tuple[Console,
     assert field(browser, "id").text == rid
 
 
+def test_a_link_with_a_bad_escape_still_draws_its_page(browser: Any, console: tuple[Console, Traffic]) -> None:
+    """A link whose hash holds a malformed `%` escape: `decodeURIComponent` threw in the router
+    and the console stayed on the page before (blank when it was the first one) (huntUI #4)."""
+    from selenium.webdriver.common.by import By
+
+    from tests.ui.browser import console_errors, navigate
+
+    c, _ = console
+    sign_in(browser, c, "admin")
+    navigate(browser, lambda: browser.get(f"{c.url}/ui/#/requests/%E0%A4"), timeout=5)
+    assert browser.find_element(By.ID, "page-title").text == "Request %E0%A4"
+    # The id as written, asked for (and not found): that 404 is the only error the page logs.
+    errors = [e["message"] for e in console_errors(browser)]
+    assert all("/admin/requests/%25E0%25A4 " in m and "404" in m for m in errors), errors
+
+
 def test_alerts_link_to_the_requests_around_them(browser: Any, console: tuple[Console, Traffic]) -> None:
     from selenium.webdriver.common.by import By
 

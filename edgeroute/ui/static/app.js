@@ -28,10 +28,16 @@ function savePrefs() {
   localStorage.setItem(PREFS, JSON.stringify(p));
 }
 
+// A part as written when it is not a valid escape (`%E0`): decodeURIComponent throws, and a
+// link with one left the console on the page before it (or blank when it was the first).
+function decodePart(p) {
+  try { return decodeURIComponent(p); } catch { return p; }
+}
+
 function parseHash() {
   const raw = location.hash.replace(/^#\/?/, '');
   const [path, q] = raw.split('?');
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  const parts = path.split('/').filter(Boolean).map(decodePart);
   return { name: parts[0] || 'overview', arg: parts[1] || null, params: Object.fromEntries(new URLSearchParams(q || '')) };
 }
 
