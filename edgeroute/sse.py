@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -622,6 +622,79 @@ def _redact_bytes(data: bytes) -> bytes:
     return redact.outbound(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
+def is_error_event(obj: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether a stream event's object is an error event: an OpenAI chunk `{"error": ...}`, an
+    Anthropic or Responses event of type `error`."""
+    return isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and bool(obj.get("error"))))
+
+
+# An upstream's error event relayed past this is rebuilt small before it is redacted (real ones
+# are a few hundred bytes). Redacted whole, one of 150,000 short escaped strings (held up to
+# :data:`HOLD_BYTES`) took the event loop ~1 s; this much of such text, ~10 ms.
+ERROR_EVENT_BYTES = 16 << 10
+_ERROR_FIELD_CHARS = 256  # a rebuilt error's text field other than its message (`redact.MAX_MESSAGE`)
+_ERROR_FIELDS = 16  # the fields kept of a rebuilt error event, and of its `error` object
+
+
+def _redacted_events(data: bytes) -> bytes:
+    """`_redact_bytes` of whole events (the last may lack its blank line: a stream's end), each
+    error event past :data:`ERROR_EVENT_BYTES` rebuilt small first (`_bounded_error_event`).
+    Looked at only in data that long: the common error event is redacted as it was spelled."""
+    if len(data) <= ERROR_EVENT_BYTES:
+        return _redact_bytes(data)
+    events, rest = split_events(data)
+    events.append(rest)
+    large = ((i, ev) for i, ev in enumerate(events) if len(ev) > ERROR_EVENT_BYTES)
+    small = {i: b for i, ev in large if (b := _bounded_error_event(ev)) is not None}
+    if not small:
+        return _redact_bytes(data)
+    last = len(events) - 1
+    return b"".join(
+        (small[i] if i in small else redact_errors(ev)) + (b"\n\n" if i < last or i in small else b"")
+        for i, ev in enumerate(events)
+    )
+
+
+def _bounded_error_event(ev: bytes) -> bytes | None:
+    """An error event (one, without its blank line) rebuilt from its first fields, redacted: its
+    `message` cut to :data:`redact.MAX_MESSAGE` characters with a marker (`redact.message`, which
+    cuts before a word or a known secret the limit would split), its other text fields to
+    :data:`_ERROR_FIELD_CHARS`, its lists and deeper objects (`details`) left out, in the shape
+    it came in (OpenAI's `{"error": {...}}`, Anthropic's and Responses' `type: error`). The strings
+    are cut decoded, so no escape is split. None if `ev` is not an error event."""
+    data = event_data(ev)
+    if data is None or not has_error_key(data):
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not is_error_event(obj):
+        return None
+    name = ev[: ev.find(b"\n")] if ev.startswith(b"event:") else b""
+    head = _redact_bytes(name) + b"\n" if 0 < len(name) <= 64 else b""
+    return head + b"data: " + orjson.dumps(_bounded_fields(obj, top=True))
+
+
+def _bounded_fields(obj: dict[str, Any], top: bool) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for k, v in obj.items():
+        if len(kept) >= _ERROR_FIELDS:
+            break
+        if len(k) > 64:
+            continue
+        if isinstance(v, str):
+            v = redact.message(v) if k == "message" else redact.outbound(redact.cut(v, _ERROR_FIELD_CHARS))
+        elif isinstance(v, dict):
+            if not (top and k == "error"):
+                continue
+            v = _bounded_fields(v, top=False)
+        elif isinstance(v, list):
+            continue
+        kept[redact.outbound(k)] = v
+    return kept
+
+
 # A blank line, whatever the line ends (LF, CRLF, CR): in an event stream, these bytes occur
 # only where an event ends.
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
@@ -637,6 +710,8 @@ class RelayGuard:
     client cannot act on half an event anyway) and redacts complete ones. The common read,
     ending where an event ends, costs what it did: one suffix test and one substring search.
 
+    An error event past :data:`ERROR_EVENT_BYTES` goes rebuilt from its first fields, its
+    message cut (`_bounded_error_event`): redacting it whole cost the event loop up to a second.
     An error event is held until it ends, up to :data:`HOLD_BYTES`: past it, :meth:`feed`
     raises :class:`EventTooLarge` (the relay ends the stream with its own error event; the held
     bytes are dropped, never relayed unredacted). An upstream that opened an error event and
@@ -662,7 +737,7 @@ class RelayGuard:
         if not self._held:
             if chunk.endswith(_EVENT_ENDS):
                 self.error_key = has_error_key(chunk)
-                return _redact_bytes(chunk) if self.error_key else chunk  # redact_errors
+                return _redacted_events(chunk) if self.error_key else chunk
             end = _last_end(chunk)
             whole, rest = self._redacted(chunk[:end]), chunk[end:]
             self._error = rest.find(b'"error"') >= 0
@@ -689,7 +764,7 @@ class RelayGuard:
     def _redacted(self, whole: bytes) -> bytes:
         """`redact_errors`, noting in `error_key` whether `whole` may hold an error event."""
         self.error_key = has_error_key(whole)
-        return _redact_bytes(whole) if self.error_key else whole
+        return _redacted_events(whole) if self.error_key else whole
 
     def _overflow(self) -> bytes:
         """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event

@@ -66,7 +66,7 @@ def _through_error(data: bytes) -> tuple[bytes, Any]:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and obj.get("error"))):
+        if sse.is_error_event(obj):
             return b"".join(e + b"\n\n" for e in events[: i + 1]), obj.get("error") or {}
     return data, None
 
