@@ -279,41 +279,50 @@ class TooManyToolCalls(StreamProtocolError):
 class AnswerId:
     """Whether a chat chunk begins another completion than the stream's (a careless upstream,
     or a load balancer that spliced two streams: relayed as one, the client read two answers
-    run together). Judged per choice `index`, only on chunks with choices (a usage chunk, an
-    Azure prompt-filter chunk says nothing), a choice past its `finish_reason` too: `Choices`
-    dropped a second answer's content there, but its empty role chunk went on under its own id,
-    then its usage chunk, which the client read, and was charged, as the answer's. Two signs:
+    run together). Judged only on chunks with choices (a usage chunk, an Azure prompt-filter
+    chunk says nothing), a choice past its `finish_reason` too: `Choices` dropped a second
+    answer's content there, but its empty role chunk went on under its own id, then its usage
+    chunk, which the client read, and was charged, as the answer's. Three signs:
 
     - Its `id` differs from the one that choice's chunks repeated (OpenAI gives every chunk of
       an answer one id; SGLang's `n>1` choices each have their own). An empty or missing id
       (TGI, Azure) says nothing; a server that gives every chunk an id of its own (LiteLLM,
       llama.cpp and Foundry Local have) shows it at its second chunk, and its ids are not read.
+    - Its `model` differs from the one the stream's chunks repeated: every server names one
+      model in every chunk of an answer (an empty one, Azure's first chunk, says nothing), so a
+      second answer of another model shows, whatever its id and role (TGI's empty ids, a load
+      balancer that keeps the first id). Read as ids are: a first chunk of its own (a gateway's
+      role chunk under an alias) arms nothing until a model repeats.
     - A `role` delta, without a finish, for a choice that has had content in a chunk without a
       role: an answer begins with its role. Servers that send the role on every chunk (Ollama,
       TGI) never had such a chunk.
 
-    Unseen (nothing tells them from an answer): a second answer that starts without a role
-    delta under an empty, the same or a per-chunk id, and one spliced right after a choice's
-    first chunk. O(1) a choice."""
+    Unseen (nothing tells them from an answer): a second answer of the same model that starts
+    without a role delta under an empty, the same or a per-chunk id, and one spliced right after
+    a choice's first chunk (ids and models are not yet armed there, and a role on a second chunk
+    is what Ollama and TGI send on every one). O(1) a choice."""
 
-    __slots__ = ("first", "ids", "off", "said")
+    __slots__ = ("ids", "models", "said")
 
     def __init__(self) -> None:
-        self.ids: dict[int, str] = {}  # per choice: the id its chunks repeated
-        self.first: dict[int, str] = {}  # per choice: its first id, until a later chunk has it
-        self.off = False  # ids a chunk: not an answer's
+        self.ids = Repeated()  # per choice
+        self.models = Repeated()  # one for the stream (key 0)
         self.said: set[int] = set()  # choices that had content in a chunk without a role
 
-    def other(self, cid: Any, choices: list[Any]) -> bool:
-        """Whether a chunk whose `id` is `cid` and whose choices are `choices` is another
-        completion's."""
+    def other(self, cid: Any, choices: list[Any], model: Any = None) -> bool:
+        """Whether a chunk whose `id` is `cid`, whose `model` is `model` and whose choices are
+        `choices` is another completion's."""
+        models = self.models
+        if model and not models.off and models.seen.get(0) != model and models.switched(0, model):
+            return True
+        ids = self.ids
         for c in choices:
             if type(c) is not dict:
                 return False  # not a chat chunk: `_check_chunk` says so
             index = c.get("index") or 0
             if type(index) is not int:
                 continue
-            if cid and not self.off and self.ids.get(index) != cid and self._switched(index, cid):
+            if cid and not ids.off and ids.seen.get(index) != cid and ids.switched(index, cid):
                 return True
             delta = c.get("delta")
             if type(delta) is not dict:
@@ -327,20 +336,33 @@ class AnswerId:
                 self.said.add(index)
         return False
 
-    def _switched(self, index: int, cid: Any) -> bool:
-        """Whether choice `index`'s id changed to `cid` after its first id repeated (the
-        rare path: a choice's first chunk, its first id again, or another id)."""
-        if type(cid) is not str:
+
+class Repeated:
+    """A value each chunk of an answer repeats (its `id` per choice, its `model`), per key: armed
+    once a key's first value comes again; a second chunk of another value means a server that
+    gives every chunk its own (`off`: never read again)."""
+
+    __slots__ = ("first", "off", "seen")
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}  # per key: the value its chunks repeated
+        self.first: dict[int, str] = {}  # per key: its first value, until a later chunk has it
+        self.off = False
+
+    def switched(self, key: int, value: Any) -> bool:
+        """Whether `key`'s value changed to `value` (not its repeated one) after it repeated
+        (the rare path: a key's first chunk, its first value again, or another value)."""
+        if type(value) is not str:
             return False
-        if index in self.ids:
+        if key in self.seen:
             return True
-        first = self.first.get(index)
+        first = self.first.get(key)
         if first is None:
-            self.first[index] = cid
-        elif first == cid:
-            self.ids[index] = cid
+            self.first[key] = value
+        elif first == value:
+            self.seen[key] = value
         else:
-            self.off = True  # a second chunk of another id: an id a chunk
+            self.off = True  # a second chunk of another value: a value a chunk
         return False
 
 
@@ -457,7 +479,7 @@ def _check_chunk(
         and type(choices) is list
         and choices
         and "error" not in obj
-        and ids.other(obj.get("id"), choices)
+        and ids.other(obj.get("id"), choices, obj.get("model"))
     ):
         if parsed is not None:
             parsed.append(SPLICED)
