@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -279,41 +279,50 @@ class TooManyToolCalls(StreamProtocolError):
 class AnswerId:
     """Whether a chat chunk begins another completion than the stream's (a careless upstream,
     or a load balancer that spliced two streams: relayed as one, the client read two answers
-    run together). Judged per choice `index`, only on chunks with choices (a usage chunk, an
-    Azure prompt-filter chunk says nothing), a choice past its `finish_reason` too: `Choices`
-    dropped a second answer's content there, but its empty role chunk went on under its own id,
-    then its usage chunk, which the client read, and was charged, as the answer's. Two signs:
+    run together). Judged only on chunks with choices (a usage chunk, an Azure prompt-filter
+    chunk says nothing), a choice past its `finish_reason` too: `Choices` dropped a second
+    answer's content there, but its empty role chunk went on under its own id, then its usage
+    chunk, which the client read, and was charged, as the answer's. Three signs:
 
     - Its `id` differs from the one that choice's chunks repeated (OpenAI gives every chunk of
       an answer one id; SGLang's `n>1` choices each have their own). An empty or missing id
       (TGI, Azure) says nothing; a server that gives every chunk an id of its own (LiteLLM,
       llama.cpp and Foundry Local have) shows it at its second chunk, and its ids are not read.
+    - Its `model` differs from the one the stream's chunks repeated: every server names one
+      model in every chunk of an answer (an empty one, Azure's first chunk, says nothing), so a
+      second answer of another model shows, whatever its id and role (TGI's empty ids, a load
+      balancer that keeps the first id). Read as ids are: a first chunk of its own (a gateway's
+      role chunk under an alias) arms nothing until a model repeats.
     - A `role` delta, without a finish, for a choice that has had content in a chunk without a
       role: an answer begins with its role. Servers that send the role on every chunk (Ollama,
       TGI) never had such a chunk.
 
-    Unseen (nothing tells them from an answer): a second answer that starts without a role
-    delta under an empty, the same or a per-chunk id, and one spliced right after a choice's
-    first chunk. O(1) a choice."""
+    Unseen (nothing tells them from an answer): a second answer of the same model that starts
+    without a role delta under an empty, the same or a per-chunk id, and one spliced right after
+    a choice's first chunk (ids and models are not yet armed there, and a role on a second chunk
+    is what Ollama and TGI send on every one). O(1) a choice."""
 
-    __slots__ = ("first", "ids", "off", "said")
+    __slots__ = ("ids", "models", "said")
 
     def __init__(self) -> None:
-        self.ids: dict[int, str] = {}  # per choice: the id its chunks repeated
-        self.first: dict[int, str] = {}  # per choice: its first id, until a later chunk has it
-        self.off = False  # ids a chunk: not an answer's
+        self.ids = Repeated()  # per choice
+        self.models = Repeated()  # one for the stream (key 0)
         self.said: set[int] = set()  # choices that had content in a chunk without a role
 
-    def other(self, cid: Any, choices: list[Any]) -> bool:
-        """Whether a chunk whose `id` is `cid` and whose choices are `choices` is another
-        completion's."""
+    def other(self, cid: Any, choices: list[Any], model: Any = None) -> bool:
+        """Whether a chunk whose `id` is `cid`, whose `model` is `model` and whose choices are
+        `choices` is another completion's."""
+        models = self.models
+        if model and not models.off and models.seen.get(0) != model and models.switched(0, model):
+            return True
+        ids = self.ids
         for c in choices:
             if type(c) is not dict:
                 return False  # not a chat chunk: `_check_chunk` says so
             index = c.get("index") or 0
             if type(index) is not int:
                 continue
-            if cid and not self.off and self.ids.get(index) != cid and self._switched(index, cid):
+            if cid and not ids.off and ids.seen.get(index) != cid and ids.switched(index, cid):
                 return True
             delta = c.get("delta")
             if type(delta) is not dict:
@@ -327,20 +336,33 @@ class AnswerId:
                 self.said.add(index)
         return False
 
-    def _switched(self, index: int, cid: Any) -> bool:
-        """Whether choice `index`'s id changed to `cid` after its first id repeated (the
-        rare path: a choice's first chunk, its first id again, or another id)."""
-        if type(cid) is not str:
+
+class Repeated:
+    """A value each chunk of an answer repeats (its `id` per choice, its `model`), per key: armed
+    once a key's first value comes again; a second chunk of another value means a server that
+    gives every chunk its own (`off`: never read again)."""
+
+    __slots__ = ("first", "off", "seen")
+
+    def __init__(self) -> None:
+        self.seen: dict[int, str] = {}  # per key: the value its chunks repeated
+        self.first: dict[int, str] = {}  # per key: its first value, until a later chunk has it
+        self.off = False
+
+    def switched(self, key: int, value: Any) -> bool:
+        """Whether `key`'s value changed to `value` (not its repeated one) after it repeated
+        (the rare path: a key's first chunk, its first value again, or another value)."""
+        if type(value) is not str:
             return False
-        if index in self.ids:
+        if key in self.seen:
             return True
-        first = self.first.get(index)
+        first = self.first.get(key)
         if first is None:
-            self.first[index] = cid
-        elif first == cid:
-            self.ids[index] = cid
+            self.first[key] = value
+        elif first == value:
+            self.seen[key] = value
         else:
-            self.off = True  # a second chunk of another id: an id a chunk
+            self.off = True  # a second chunk of another value: a value a chunk
         return False
 
 
@@ -457,7 +479,7 @@ def _check_chunk(
         and type(choices) is list
         and choices
         and "error" not in obj
-        and ids.other(obj.get("id"), choices)
+        and ids.other(obj.get("id"), choices, obj.get("model"))
     ):
         if parsed is not None:
             parsed.append(SPLICED)
@@ -622,6 +644,79 @@ def _redact_bytes(data: bytes) -> bytes:
     return redact.outbound(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
+def is_error_event(obj: Any) -> TypeGuard[dict[str, Any]]:
+    """Whether a stream event's object is an error event: an OpenAI chunk `{"error": ...}`, an
+    Anthropic or Responses event of type `error`."""
+    return isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and bool(obj.get("error"))))
+
+
+# An upstream's error event relayed past this is rebuilt small before it is redacted (real ones
+# are a few hundred bytes). Redacted whole, one of 150,000 short escaped strings (held up to
+# :data:`HOLD_BYTES`) took the event loop ~1 s; this much of such text, ~10 ms.
+ERROR_EVENT_BYTES = 16 << 10
+_ERROR_FIELD_CHARS = 256  # a rebuilt error's text field other than its message (`redact.MAX_MESSAGE`)
+_ERROR_FIELDS = 16  # the fields kept of a rebuilt error event, and of its `error` object
+
+
+def _redacted_events(data: bytes) -> bytes:
+    """`_redact_bytes` of whole events (the last may lack its blank line: a stream's end), each
+    error event past :data:`ERROR_EVENT_BYTES` rebuilt small first (`_bounded_error_event`).
+    Looked at only in data that long: the common error event is redacted as it was spelled."""
+    if len(data) <= ERROR_EVENT_BYTES:
+        return _redact_bytes(data)
+    events, rest = split_events(data)
+    events.append(rest)
+    large = ((i, ev) for i, ev in enumerate(events) if len(ev) > ERROR_EVENT_BYTES)
+    small = {i: b for i, ev in large if (b := _bounded_error_event(ev)) is not None}
+    if not small:
+        return _redact_bytes(data)
+    last = len(events) - 1
+    return b"".join(
+        (small[i] if i in small else redact_errors(ev)) + (b"\n\n" if i < last or i in small else b"")
+        for i, ev in enumerate(events)
+    )
+
+
+def _bounded_error_event(ev: bytes) -> bytes | None:
+    """An error event (one, without its blank line) rebuilt from its first fields, redacted: its
+    `message` cut to :data:`redact.MAX_MESSAGE` characters with a marker (`redact.message`, which
+    cuts before a word or a known secret the limit would split), its other text fields to
+    :data:`_ERROR_FIELD_CHARS`, its lists and deeper objects (`details`) left out, in the shape
+    it came in (OpenAI's `{"error": {...}}`, Anthropic's and Responses' `type: error`). The strings
+    are cut decoded, so no escape is split. None if `ev` is not an error event."""
+    data = event_data(ev)
+    if data is None or not has_error_key(data):
+        return None
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not is_error_event(obj):
+        return None
+    name = ev[: ev.find(b"\n")] if ev.startswith(b"event:") else b""
+    head = _redact_bytes(name) + b"\n" if 0 < len(name) <= 64 else b""
+    return head + b"data: " + orjson.dumps(_bounded_fields(obj, top=True))
+
+
+def _bounded_fields(obj: dict[str, Any], top: bool) -> dict[str, Any]:
+    kept: dict[str, Any] = {}
+    for k, v in obj.items():
+        if len(kept) >= _ERROR_FIELDS:
+            break
+        if len(k) > 64:
+            continue
+        if isinstance(v, str):
+            v = redact.message(v) if k == "message" else redact.outbound(redact.cut(v, _ERROR_FIELD_CHARS))
+        elif isinstance(v, dict):
+            if not (top and k == "error"):
+                continue
+            v = _bounded_fields(v, top=False)
+        elif isinstance(v, list):
+            continue
+        kept[redact.outbound(k)] = v
+    return kept
+
+
 # A blank line, whatever the line ends (LF, CRLF, CR): in an event stream, these bytes occur
 # only where an event ends.
 _EVENT_ENDS = (b"\n\n", b"\r\r", b"\n\r\n")
@@ -637,6 +732,8 @@ class RelayGuard:
     client cannot act on half an event anyway) and redacts complete ones. The common read,
     ending where an event ends, costs what it did: one suffix test and one substring search.
 
+    An error event past :data:`ERROR_EVENT_BYTES` goes rebuilt from its first fields, its
+    message cut (`_bounded_error_event`): redacting it whole cost the event loop up to a second.
     An error event is held until it ends, up to :data:`HOLD_BYTES`: past it, :meth:`feed`
     raises :class:`EventTooLarge` (the relay ends the stream with its own error event; the held
     bytes are dropped, never relayed unredacted). An upstream that opened an error event and
@@ -662,7 +759,7 @@ class RelayGuard:
         if not self._held:
             if chunk.endswith(_EVENT_ENDS):
                 self.error_key = has_error_key(chunk)
-                return _redact_bytes(chunk) if self.error_key else chunk  # redact_errors
+                return _redacted_events(chunk) if self.error_key else chunk
             end = _last_end(chunk)
             whole, rest = self._redacted(chunk[:end]), chunk[end:]
             self._error = rest.find(b'"error"') >= 0
@@ -689,7 +786,7 @@ class RelayGuard:
     def _redacted(self, whole: bytes) -> bytes:
         """`redact_errors`, noting in `error_key` whether `whole` may hold an error event."""
         self.error_key = has_error_key(whole)
-        return _redact_bytes(whole) if self.error_key else whole
+        return _redacted_events(whole) if self.error_key else whole
 
     def _overflow(self) -> bytes:
         """The start of an unfinished event past :data:`HOLD_BYTES` that is no error event

@@ -48,9 +48,79 @@ AZURE_CONTEXT = {
     }
 }
 
+# TGI's validation errors: a 422 whose `error` is a string (`error_type: validation`).
+TGI_SUM = {
+    "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
+    f"Given: 4000 `inputs` tokens and 200 `max_new_tokens` (key {LEAKED})",
+    "error_type": "validation",
+}
+TGI_INPUTS = {
+    "error": f"Input validation error: `inputs` must have less than 4096 tokens. Given: 4545 (key {LEAKED})",
+    "error_type": "validation",
+}
+# Mistral's API: a flat error object, without OpenAI's code (its own numeric one in newer answers).
+MISTRAL = {
+    "object": "error",
+    "message": "Prompt contains 40960 tokens and 0 draft tokens, too large for model with 32768 maximum context"
+    f" length (key {LEAKED})",
+    "type": "invalid_request_message_error",
+    "param": None,
+    "code": None,
+}
+MISTRAL_CODED = {
+    "object": "error",
+    "message": "Prompt contains 159202 tokens and 0 draft tokens, too large for model with 131072 maximum context"
+    f" length (key {LEAKED})",
+    "type": "invalid_request_invalid_args",
+    "param": None,
+    "code": "3051",
+    "raw_status_code": 400,
+}
+# vLLM's engine check (a ValueError its server answers 400, flat in older versions, nested in newer).
+VLLM_DECODER = {
+    "object": "error",
+    "message": "The decoder prompt (length 5000) is longer than the maximum model length of 4096. Make sure that"
+    f" `max_model_len` is no smaller than the number of text tokens. (key {LEAKED})",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+VLLM_MAX_TOKENS = {
+    "error": {
+        "message": "'max_tokens' or 'max_completion_tokens' is too large: 16384. This model's maximum context"
+        " length is 65536 tokens and your request has 52189 input tokens (16384 > 65536 - 52189)."
+        f" (parameter=max_tokens, value=16384) (key {LEAKED})",
+        "type": "BadRequestError",
+        "param": "max_tokens",
+        "code": 400,
+    }
+}
+VLLM_REQUESTED = {
+    "error": {
+        "message": "This model's maximum context length is 131072 tokens. However, you requested 102400 output"
+        " tokens and your prompt contains at least 28673 input tokens, for a total of at least 131073 tokens."
+        f" Please reduce the length of the input prompt or the number of requested output tokens. (key {LEAKED})",
+        "type": "BadRequestError",
+        "param": "input_tokens",
+        "code": 400,
+    }
+}
+# (status, body) of the servers' own wordings
+SERVERS = {
+    "tgi-sum": (422, TGI_SUM),
+    "tgi-inputs": (422, TGI_INPUTS),
+    "mistral": (400, MISTRAL),
+    "mistral-coded": (400, MISTRAL_CODED),
+    "vllm-decoder-prompt": (400, VLLM_DECODER),
+    "vllm-max-tokens": (400, VLLM_MAX_TOKENS),
+    "vllm-requested": (400, VLLM_REQUESTED),
+}
 
-async def _proxy(start_proxy: StartProxy, serve_routes: ServeRoutes, body: dict[str, Any], kind: str) -> Proxy:
-    handle = _error(400, body)
+
+async def _proxy(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, body: dict[str, Any], kind: str, status: int = 400
+) -> Proxy:
+    handle = _error(status, body)
     up = await serve_routes(
         web.post("/v1/chat/completions", handle),
         web.post("/v1/completions", handle),
@@ -103,6 +173,43 @@ async def test_an_openai_client_catches_context_length_exceeded(
     assert e.message and LEAKED not in e.response.text
     rec = await recorded(proxy)
     assert rec.status == 400
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("status", "body"), list(SERVERS.values()), ids=list(SERVERS))
+async def test_a_servers_own_words_for_a_prompt_too_long_are_context_length_exceeded(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, status: int, body: dict[str, Any], stream: bool
+) -> None:
+    """TGI's, Mistral's and vLLM's wordings, as their servers answer them (TGI's with a 422)."""
+    proxy = await _proxy(start_proxy, serve_routes, body, "openai", status)
+    e = await _error_of(proxy, "chat", stream)
+    assert isinstance(e, openai.BadRequestError), e
+    assert (e.status_code, e.code, e.type, e.param) == (
+        400,
+        "context_length_exceeded",
+        "invalid_request_error",
+        "messages",
+    )
+    assert e.message and LEAKED not in e.response.text
+    assert (await recorded(proxy)).error_class == "context_window"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"error": "Input validation error: `max_new_tokens` must be <= 192. Given: 200", "error_type": "validation"},
+        {"object": "error", "message": "Prompt contains forbidden words", "type": "invalid_request_error"},
+        {"error": {"message": "The prompt is empty.", "type": "BadRequestError", "code": 400}},
+    ],
+    ids=["tgi-max-new-tokens-alone", "prompt-contains-other", "prompt-other"],
+)
+async def test_other_validation_errors_stay_the_clients_own(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, body: dict[str, Any]
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, body, "openai")
+    e = await _error_of(proxy, "chat", False)
+    assert e.status_code == 400 and e.code != "context_length_exceeded", e
+    assert (await recorded(proxy)).error_class != "context_window"
 
 
 @pytest.mark.parametrize(

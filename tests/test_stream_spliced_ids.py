@@ -193,3 +193,81 @@ def test_a_burst_read_keeps_the_first_answer_and_stops_at_the_splice() -> None:
     out = c.feed(b"".join(SPLICED_AFTER_CONTENT))
     assert out == b"".join(SPLICED_AFTER_CONTENT[:3]) + sse.SPLICED_EVENT
     assert c.feed(_chunk("c1", {"content": "more"})) == b""
+
+
+def _of(model: str, cid: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    obj = {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [choice]}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+# A second answer of another model, without a role delta, under an empty id (TGI's) or the
+# first answer's id (a load balancer that keeps it): the model it names is all that shows it.
+SPLICED_MODELS = {
+    "empty-ids": [
+        _of("llama-3-70b", "", {"role": "assistant", "content": ""}),
+        _of("llama-3-70b", "", {"content": "Hello"}),
+        _of("llama-3-70b", "", {"content": " whole"}),
+        _of("mistral-7b", "", {"content": "OTHER ANSWER"}),
+        _of("mistral-7b", "", {}, "stop"),
+        DONE,
+    ],
+    "same-id": [
+        _of("llama-3-70b", "c1", {"role": "assistant", "content": ""}),
+        _of("llama-3-70b", "c1", {"content": "Hello"}),
+        _of("llama-3-70b", "c1", {"content": " whole"}),
+        _of("mistral-7b", "c1", {"content": "OTHER ANSWER"}),
+        _of("mistral-7b", "c1", {}, "stop"),
+        DONE,
+    ],
+}
+
+
+@pytest.mark.parametrize("events", list(SPLICED_MODELS.values()), ids=list(SPLICED_MODELS))
+async def test_a_second_answer_of_another_model_ends_the_stream(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, events: list[bytes]
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, events)
+    text, _, error = await _openai_text(proxy)
+    assert text == "Hello whole"
+    assert error is not None and "second answer" in str(error)
+    rec = await recorded(proxy)
+    assert (rec.outcome, rec.error_class) == ("stream_interrupted", "upstream_error")
+
+
+# What must go on as before: Azure's first chunk without a model, then the deployment's name; a
+# gateway whose role chunk names its alias and every later chunk the provider's model; the role
+# on every chunk (Ollama, TGI) under one model.
+MODELS_THAT_ARE_NOT_A_SPLICE = {
+    "azure-empty-first": [
+        b'data: {"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[]}\n\n',
+        _of("", "a", {"role": "assistant", "content": ""}),
+        _of("gpt-4o-2024-08-06", "a", {"content": "fine"}),
+        _of("gpt-4o-2024-08-06", "a", {"content": " answer"}),
+        _of("gpt-4o-2024-08-06", "a", {}, "stop"),
+        DONE,
+    ],
+    "alias-then-slug": [
+        _of("my-alias", "a", {"role": "assistant", "content": ""}),
+        _of("openrouter/qwen3", "a", {"content": "fine"}),
+        _of("openrouter/qwen3", "a", {"content": " answer"}),
+        _of("openrouter/qwen3", "a", {}, "stop"),
+        DONE,
+    ],
+    "role-every-chunk": [
+        _of("llama3", "chatcmpl-1", {"role": "assistant", "content": "fine"}),
+        _of("llama3", "chatcmpl-1", {"role": "assistant", "content": " answer"}),
+        _of("llama3", "chatcmpl-1", {"role": "assistant", "content": ""}, "stop"),
+        DONE,
+    ],
+}
+
+
+@pytest.mark.parametrize("events", list(MODELS_THAT_ARE_NOT_A_SPLICE.values()), ids=list(MODELS_THAT_ARE_NOT_A_SPLICE))
+async def test_models_that_are_not_a_splice_go_on(
+    start_proxy: StartProxy, serve_routes: ServeRoutes, events: list[bytes]
+) -> None:
+    proxy = await _proxy(start_proxy, serve_routes, events)
+    text, _, error = await _openai_text(proxy)
+    assert (text, error) == ("fine answer", None)
+    assert (await recorded(proxy)).outcome == "ok"

@@ -1,9 +1,11 @@
-"""A splice after content in a translated stream (Anthropic, Bedrock upstreams) is not charged to health.
+"""A splice after content in a translated stream (Anthropic, Bedrock upstreams) or a native
+Responses stream is not charged to health.
 
 A second `message_start` (`messageStart`) after content ends the stream with the splice's error
 event, as a chat chunk of another completion does; the chat stream's splice was not charged to the
 deployment's health (an honest server the check misread would have been taken out for everyone),
-but the translated one was, by one failure each: the relay read only the chat check's flag."""
+but the translated one was, by one failure each: the relay read only the chat check's flag. So
+was a Responses upstream's second `response.created` (or an event of another response's id)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
+import openai
+import orjson
 import pytest
 
 from tests.conftest import Proxy, ServeRoutes
@@ -90,3 +94,53 @@ async def test_an_anthropic_client_gets_the_splice_error_and_health_is_not_charg
     assert text == "half"
     assert error is not None and "second answer" in str(error), error
     await _not_charged(proxy, deployment)
+
+
+def _r_event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _r_response(rid: str) -> dict[str, Any]:
+    return {
+        "id": rid, "object": "response", "created_at": 1, "status": "in_progress", "model": "gpt-4o-mini",
+        "output": [], "parallel_tool_calls": True, "tool_choice": "auto", "tools": [], "usage": None,
+    }  # fmt: skip
+
+
+def _r_delta(seq: int, text: str) -> bytes:
+    return _r_event(
+        {
+            "type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0,
+            "delta": text, "sequence_number": seq, "logprobs": [],
+        }
+    )  # fmt: skip
+
+
+def _r_item(seq: int) -> bytes:
+    item = {"type": "message", "id": "msg_1", "status": "in_progress", "role": "assistant", "content": []}
+    return _r_event({"type": "response.output_item.added", "output_index": 0, "item": item, "sequence_number": seq})
+
+
+RESPONSES_SPLICED = [
+    _r_event({"type": "response.created", "sequence_number": 0, "response": _r_response("resp_1")}),
+    _r_item(1),
+    _r_delta(2, "half"),
+    _r_event({"type": "response.created", "sequence_number": 0, "response": _r_response("resp_2")}),
+    _r_delta(2, "other"),
+]
+
+
+async def test_a_splice_after_content_in_a_responses_stream_is_not_charged(
+    start_proxy: StartProxy, serve_routes: ServeRoutes
+) -> None:
+    a = Hostile(RESPONSES_SPLICED)
+    proxy = await _two_deployments(start_proxy, serve_routes, a, Hostile([]), path="/v1/responses")
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    try:
+        events = [ev async for ev in await client.responses.create(model="m", input="hi", stream=True)]
+    finally:
+        await client.close()
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "half"
+    last = events[-1]  # the Responses stream's own error event, which the SDK yields
+    assert last.type == "error" and last.code == "upstream_protocol_error" and "second answer" in last.message, last
+    await _not_charged(proxy, "d-a")

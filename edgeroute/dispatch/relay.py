@@ -66,7 +66,7 @@ def _through_error(data: bytes) -> tuple[bytes, Any]:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:
             continue
-        if isinstance(obj, dict) and (obj.get("type") == "error" or ("type" not in obj and obj.get("error"))):
+        if sse.is_error_event(obj):
             return b"".join(e + b"\n\n" for e in events[: i + 1]), obj.get("error") or {}
     return data, None
 
@@ -624,12 +624,15 @@ def _relayed_error(call: Attempts, dep: DeploymentInfo, translator: Any, err: An
 
 def _cut_for_a_splice(translator: Any) -> bool:
     """Whether a relayed stream ended on a second answer spliced in: a chat chunk of another
-    completion (`sse.ChatChunks.ended`), or a second message start in a stream translated
-    from Anthropic's or Bedrock's (`ChunkWriter.cut_for_splice`)."""
+    completion (`sse.ChatChunks.ended`), a second message start in a stream translated
+    from Anthropic's or Bedrock's (`ChunkWriter.cut_for_splice`), or a second response in a
+    Responses stream relayed as it is (`responses_stream.NativeStream.cut_for_splice`)."""
     while translator is not None:
         if isinstance(translator, sse.ChatChunks):
             return translator.ended
-        if getattr(getattr(translator, "out", None), "cut_for_splice", False):
+        if getattr(translator, "cut_for_splice", False) or getattr(
+            getattr(translator, "out", None), "cut_for_splice", False
+        ):
             return True
         translator = getattr(translator, "inner", None)
     return False

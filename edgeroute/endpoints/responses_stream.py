@@ -102,6 +102,9 @@ class NativeStream:
         # the same read (another answer's events) is dropped, never relayed, priced or bound.
         self._ended = False
         self._id: str | None = None  # the response's id, as its first event gave it
+        # Ended on a second answer spliced in: not charged to the deployment's health (the relay's
+        # `_cut_for_a_splice`, as a chat stream's is).
+        self.cut_for_splice = False
 
     @property
     def tool_calls_seen(self) -> dict[str, int]:
@@ -153,7 +156,7 @@ class NativeStream:
                 # response identity changed", recorded ok and billed the second's usage): the
                 # upstream's protocol error, failed over before content.
                 out.append(_chat_error(SPLICED, "upstream_protocol_error"))
-                self._ended = True
+                self._ended = self.cut_for_splice = True
                 break
             if not self._content and kind in ("error", "response.failed"):
                 assert isinstance(obj, dict)

@@ -14,6 +14,7 @@ The body is re-serialised only when one of these applies to it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -31,6 +32,16 @@ from edgeroute.providers.error_fields import ErrorFields
 # Their clients got `upstream_client_error`, and no larger deployment was tried.
 _CONTEXT_TYPES = frozenset({"exceed_context_size_error"})
 _CONTEXT_OPENINGS = ("prompt is too long",)
+# Whole openings (the message's start, lower case), where a few words could open another error:
+# TGI's validation errors (answered 422; `max_new_tokens` alone past its bound is not one), Mistral's
+# API, and vLLM's engine check and its `max_tokens` check, which names the context as OpenAI does.
+_CONTEXT_WORDS = re.compile(
+    r"input validation error: `inputs` tokens \+ `max_new_tokens` must be <= \d+"
+    r"|input validation error: `inputs` must have less than \d+ tokens"
+    r"|prompt contains \d+ tokens and \d+ draft tokens, too large for model with \d+ maximum context length"
+    r"|the (?:decoder |encoder )?prompt \(length \d+\) is longer than the maximum model length"
+    r"|'max_tokens' or 'max_completion_tokens' is too large: \d+\. this model's maximum context length"
+)
 
 
 class OpenAIAdapter(Adapter):
@@ -79,6 +90,8 @@ class OpenAIAdapter(Adapter):
 
     def judge(self, status: int, err: ErrorFields, headers: Mapping[str, str]) -> Outcome:
         if status == 400 and (err.type in _CONTEXT_TYPES or err.says(*_CONTEXT_OPENINGS)):
+            return Outcome.CONTEXT_WINDOW
+        if status in (400, 422) and _CONTEXT_WORDS.match(err.message) is not None:
             return Outcome.CONTEXT_WINDOW
         return super().judge(status, err, headers)
 

@@ -300,16 +300,20 @@ def test_the_relay_guard_sends_every_byte_of_content_and_no_split_secret(eol: by
 
 
 def test_a_huge_event_goes_out_in_pieces_and_a_long_error_event_whole() -> None:
-    from edgeroute import sse
+    from edgeroute import redact, sse
+
+    redact.register(OURS)
 
     text = b"data: " + orjson.dumps({"choices": [{"delta": {"content": "x" * (3 << 20)}}]}) + b"\n\n"
     guard = sse.RelayGuard()
     sent = [guard.feed(text[i : i + 65536]) for i in range(0, len(text), 65536)]
     assert sum(1 for s in sent if s) > 2 and b"".join(sent) == text  # not held to its end
-    err = _sse({"error": {"message": "y" * (sse.HOLD_BYTES - 4096) + " " + OURS}})
+    err = _sse({"error": {"message": OURS + " " + "y" * (sse.HOLD_BYTES - 4096) + " " + OURS}})
     guard = sse.RelayGuard()
     sent = [guard.feed(err[i : i + 65536]) for i in range(0, len(err), 65536)]
     assert not any(sent[:-1]) and OURS.encode() not in sent[-1] and b"[REDACTED]" in sent[-1]
+    # Held whole, then relayed rebuilt, its message cut (`test_stream_large_error_event`).
+    assert len(sent[-1]) < sse.ERROR_EVENT_BYTES and b"characters cut]" in sent[-1]
 
 
 def test_an_error_event_past_the_hold_bound_is_refused_never_relayed() -> None:
