@@ -593,12 +593,11 @@ def _needles(form: str) -> tuple[list[str], list[str]]:
     whatever bytes come before a value (`user:`), the groups wholly inside it are written the
     same at each of the 3 alignments (from its byte 0, 1 or 2); hex writes each byte as 2
     characters in any alignment. The first :data:`_NEEDLE_LEN` characters of each suffice to
-    find the runs to decode (`_encoded`). Non-ASCII values are not looked for encoded."""
-    if not form.isascii():
-        return [], []
+    find the runs to decode (`_encoded`). A non-ASCII value's encoding is of its UTF-8 (a
+    Basic-auth password, RFC 7617)."""
     b64, hexes = [], []
     # Upper- and lower-cased too: a client or upstream may re-case a key before encoding it.
-    for raw in dict.fromkeys(f.encode() for f in (form, form.upper(), form.lower())):
+    for raw in dict.fromkeys(f.encode("utf-8", "surrogatepass") for f in (form, form.upper(), form.lower())):
         b64 += [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
         hexes.append(raw.hex()[:_NEEDLE_LEN])
     return [b[:_NEEDLE_LEN] for b in b64 if b], hexes
@@ -637,8 +636,7 @@ def _encoded(known: _Known, s: str) -> str:
     whole (the `user:` of a Basic pair with the key: it is part of the credential). Only the
     runs holding a piece of a known value's encoding (`_needles`, one search of `s`) are
     decoded: decoding every run at its 4 alignments made a 66 KB base64 embeddings answer
-    cost 5 times as much to redact. Decoded as latin-1, a character a byte: a secret's
-    non-ASCII characters are not looked for. A value is looked for encoded as registered
+    cost 5 times as much to redact. A value is looked for encoded as registered
     (its URL-encodings too) and upper- or lower-cased, not otherwise re-cased. A block of
     MIME's lines is decoded joined (`_MIME_BLOCK`)."""
     if "\n" in s or "\x1c" in s:  # lines (`_credentials` reads an escaped `\\n` as `\\` and \x1c)
@@ -656,8 +654,13 @@ def _encoded(known: _Known, s: str) -> str:
 
 
 def _holds(known: _Known, run: str) -> bool:
-    """Whether `run` (base64 or hex) decodes to text holding a known value."""
-    return known.encoded_in(run) and known.found_in(b"\0".join(_decodings(run)).decode("latin-1"))
+    """Whether `run` (base64 or hex) decodes to text holding a known value: read a character a
+    byte (latin-1), then as UTF-8 for a non-ASCII value (only a run holding a piece of a known
+    value's encoding is decoded at all)."""
+    if not known.encoded_in(run):
+        return False
+    decoded = b"\0".join(_decodings(run))
+    return known.found_in(decoded.decode("latin-1")) or known.found_in(decoded.decode("utf-8", "replace"))
 
 
 # MIME base64 (e-mail, PEM, Python's `base64.encodebytes`) breaks its lines every 76 (or 64)
@@ -910,13 +913,64 @@ def _credentials(s: str) -> str:
     spaced = "\\" in s and not _SPACE_ESCAPE.search(s)
     if spaced:
         s = _ESCAPE_LETTER.sub(lambda m: m.group() if m.group(1) is None else "\\" + _AS_SPACE[m.group(1)], s)
+    if "%" in s and _PERCENT_ESCAPE.search(s):  # a substring test on the common path
+        s = _percent_runs(s)
+    s = _masked(s)
+    # An escape's backslash a replacement took leaves its letter: written whole again.
+    return _SPACE_ESCAPE.sub(lambda m: _AS_ESCAPE[m.group(1)], s) if spaced else s
+
+
+def _masked(s: str) -> str:
+    """`s` with every known secret (as written or encoded) and credential shape replaced."""
     s = _KNOWN.sub(_encoded(_KNOWN, s))
     low = s.lower()
     for pattern, repl, needles in _SHAPES:
         if any(n in low for n in needles):
             s = pattern.sub(repl, s)
-    # An escape's backslash a replacement took leaves its letter: written whole again.
-    return _SPACE_ESCAPE.sub(lambda m: _AS_ESCAPE[m.group(1)], s) if spaced else s
+    return s
+
+
+# A key percent-encoded otherwise than `register`'s forms write it: a sign no encoder of the
+# key's own escapes (`sk%2Dlive%2D…`), every byte escaped, lower-case hex, a URL encoded twice
+# (`%252B`). A run of key characters holding an escape is read decoded (once and twice), all
+# such runs masked together in one pass (as `_literals` masks JSON strings); a run is written
+# back decoded and masked only when a mask changed it, else kept as spelled.
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+# From a run's start (the lookbehind) to its first escape, then to its end: linear in the text.
+_PERCENT_RUN = re.compile(rf"(?<!{_KEY_CHARS}){_KEY_CHARS}*?%[0-9A-Fa-f]{{2}}{_KEY_CHARS}*+")
+
+
+def _percent_runs(s: str) -> str:
+    runs = [(m.start(), m.end()) for m in _PERCENT_RUN.finditer(s)]
+    readings: list[tuple[int, str]] = []  # (run, the run decoded once or twice)
+    for k, (start, end) in enumerate(runs):
+        once = _unquoted(s[start:end])
+        readings.append((k, once))
+        if "%" in once and (twice := _unquoted(once)) != once:
+            readings.append((k, twice))
+    joined = _JOIN.join(r for _, r in readings)  # a decoded NUL is U+FFFD: none holds the joint
+    masked = _masked(joined)
+    if masked == joined:
+        return s
+    parts = masked.split(_JOIN)
+    if len(parts) != len(readings):  # a mask took a joint: each alone
+        parts = [_masked(r) for _, r in readings]
+    written: dict[int, str] = {}
+    for (k, reading), part in zip(readings, parts, strict=True):
+        if part != reading:
+            written.setdefault(k, part)
+    out: list[str] = []
+    at = 0
+    for k, part in sorted(written.items()):
+        start, end = runs[k]
+        out += (s[at:start], part)
+        at = end
+    out.append(s[at:])
+    return "".join(out)
+
+
+def _unquoted(run: str) -> str:
+    return unquote(run, errors="replace").replace("\x00", "\ufffd")
 
 
 # A JSON string literal, or one a cut left open at the end. Never across a raw newline, which
