@@ -768,7 +768,16 @@ def _internal(host: str) -> bool:
     return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_reserved or ip in _CGNAT
 
 
+# What any address `_ADDRESS` takes holds (an IPv4's dots, a bracketed host, `::1`; or
+# `localhost`): searched first, since `_ADDRESS` tried at every word of a message is half the
+# cost of an ordinary error's redaction (250 of 410 µs for 2 KB of words on a loaded machine).
+_MAYBE_ADDRESS = re.compile(r"\d\.\d|\[[0-9A-Za-z:.%]+\]|::1")
+
+
 def _internal_addresses(s: str) -> str:
+    if _MAYBE_ADDRESS.search(s) is None and "localhost" not in s.lower():
+        return s
+
     def hide(m: re.Match[str]) -> str:
         if not _internal(m.group(1)):
             return m.group()
@@ -942,23 +951,24 @@ _PERCENT_RUN = re.compile(rf"(?<!{_KEY_CHARS}){_KEY_CHARS}*?%[0-9A-Fa-f]{{2}}{_K
 
 def _percent_runs(s: str) -> str:
     runs = [(m.start(), m.end()) for m in _PERCENT_RUN.finditer(s)]
-    readings: list[tuple[int, str]] = []  # (run, the run decoded once or twice)
-    for k, (start, end) in enumerate(runs):
-        once = _unquoted(s[start:end])
-        readings.append((k, once))
-        if "%" in once and (twice := _unquoted(once)) != once:
-            readings.append((k, twice))
-    joined = _JOIN.join(r for _, r in readings)  # a decoded NUL is U+FFFD: none holds the joint
-    masked = _masked(joined)
+    if not runs:
+        return s
+    # Decoded all at once, joined (no escape crosses a joint; a decoded NUL cannot make one).
+    once = _unquoted(_JOIN.join(s[start:end] for start, end in runs))
+    readings = once.split(_JOIN)
+    if _PERCENT_ESCAPE.search(once):  # `%25`: encoded twice
+        readings += _unquoted(once).split(_JOIN)
+    joined = _JOIN.join(readings)
+    masked = _masked(joined)  # one pass for every run
     if masked == joined:
         return s
     parts = masked.split(_JOIN)
     if len(parts) != len(readings):  # a mask took a joint: each alone
-        parts = [_masked(r) for _, r in readings]
+        parts = [_masked(r) for r in readings]
     written: dict[int, str] = {}
-    for (k, reading), part in zip(readings, parts, strict=True):
+    for i, (reading, part) in enumerate(zip(readings, parts, strict=True)):
         if part != reading:
-            written.setdefault(k, part)
+            written.setdefault(i % len(runs), part)
     out: list[str] = []
     at = 0
     for k, part in sorted(written.items()):
@@ -969,8 +979,17 @@ def _percent_runs(s: str) -> str:
     return "".join(out)
 
 
-def _unquoted(run: str) -> str:
-    return unquote(run, errors="replace").replace("\x00", "\ufffd")
+_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+def _unquoted(s: str) -> str:
+    """`s` with its percent-escapes decoded (UTF-8; a NUL read as U+FFFD): `urllib`'s `unquote`
+    took 0.6 s for a run of 350,000 escapes, a `bytes.fromhex` a group of them takes 5 ms."""
+    return _ESCAPES.sub(_decoded_escapes, s)
+
+
+def _decoded_escapes(m: re.Match[str]) -> str:
+    return bytes.fromhex(m.group().replace("%", "")).decode("utf-8", "replace").replace("\x00", "\ufffd")
 
 
 # A JSON string literal, or one a cut left open at the end. Never across a raw newline, which

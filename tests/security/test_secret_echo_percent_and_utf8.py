@@ -60,3 +60,25 @@ def test_percent_escapes_without_a_secret_are_kept_as_written() -> None:
     assert redact.message(said) == said
     url = f"https://api.example/v1/chat?model=x&note={SK.replace('-', '%2D')}&y=%20z"
     assert redact.message(url) == f"https://api.example/v1/chat?model=x&note={MARKER}&y=%20z"
+
+
+def test_many_percent_encoded_runs_take_one_pass_more_and_only_a_masked_one_is_rewritten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream's 1 MiB error event made of percent-escapes is masked in one pass more, not one
+    pass a run (as JSON strings, `test_redaction_of_many_json_strings.py`)."""
+    runs = [f"q%3D{i}%2Dx%2F%252Fy" for i in range(20_000)]
+    runs[12_345] = f"k%3D{SK.replace('-', '%2D')}"
+    said = " ".join(runs)
+    passes = 0
+    masked = redact._masked
+
+    def counted(s: str) -> str:
+        nonlocal passes
+        passes += 1
+        return masked(s)
+
+    monkeypatch.setattr(redact, "_masked", counted)
+    out = redact.text(said)
+    assert passes == 2, passes  # the runs decoded (once and twice) together, then the text
+    assert out == said.replace(runs[12_345], f"k={MARKER}")  # every other byte as spelled
