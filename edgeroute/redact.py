@@ -274,6 +274,9 @@ class _Matchers:
         return found
 
 
+_MAX_HOLDERS = 64  # old forms holding a gap's forms searched as strings beside them (`_Gap`)
+
+
 class _Gap:
     """The forms registered since the matchers in use were built, looked for as plain strings:
     nothing to compile, so a secret a rotation adds is replaced from the first text on while a
@@ -311,7 +314,10 @@ class _Gap:
         found = self._spans_of_all(s)
         if not found:
             return s
-        return self._with_holders(s, found)._sub(s)
+        wider = self._with_holders(s, found)
+        if wider is None:  # held by too many to search as strings: the old ones first, whole
+            return self._sub(self._within.sub(s))  # type: ignore[union-attr]
+        return wider._sub(s)
 
     def _sub(self, s: str) -> str:
         if self.no_words:
@@ -327,9 +333,11 @@ class _Gap:
             + _spans(s, self.exact, whole=True)
         )
 
-    def _with_holders(self, s: str, found: list[tuple[int, int]]) -> _Gap:
+    def _with_holders(self, s: str, found: list[tuple[int, int]]) -> _Gap | None:
         """This gap, or one with the old forms holding what `found` spans in `s` (looked up
-        once a form: a search of the matchers' forms, 50 µs with 16,000 of them)."""
+        once a form: a search of the matchers' forms, 80 µs with 12,000 of them), or None when
+        there are more than :data:`_MAX_HOLDERS` (a plain string search each would cost every
+        text milliseconds until the swap)."""
         if self._within is None:
             return self
         holders: set[str] = set()
@@ -340,6 +348,8 @@ class _Gap:
             holders.update(self._holders[form])
         if not holders:
             return self
+        if len(holders) > _MAX_HOLDERS:
+            return None
         key = frozenset(holders)
         if key not in self._wider:
             if len(self._wider) >= 64:  # texts holding ever other sets of the forms: kept bounded
