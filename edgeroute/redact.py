@@ -344,19 +344,21 @@ class _Gap:
         holders: set[str] = set()
         for start, end in found:
             form = s[start:end].lower()
-            if form not in self._holders:
-                self._holders[form] = self._within.holding(form)
-            holders.update(self._holders[form])
+            held = self._holders.get(form)  # (read once: another thread, the request log's, may add)
+            if held is None:
+                held = self._holders[form] = self._within.holding(form)
+            holders.update(held)
         if not holders:
             return self
         if len(holders) > _MAX_HOLDERS:
             return None
         key = frozenset(holders)
-        if key not in self._wider:
+        wider = self._wider.get(key)
+        if wider is None:
             if len(self._wider) >= 64:  # texts holding ever other sets of the forms: kept bounded
                 self._wider.clear()
-            self._wider[key] = _Gap([*self._values, *holders], self._anywhere)
-        return self._wider[key]
+            wider = self._wider[key] = _Gap([*self._values, *holders], self._anywhere)
+        return wider
 
     def found_in(self, s: str) -> bool:
         return bool(self) and bool(self._spans_of_all(s))
