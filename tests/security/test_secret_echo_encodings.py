@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import aiohttp
 import openai
@@ -33,6 +34,10 @@ from tests.test_cost_support import cost_proxy
 KEY = "Zq8vT2mN5pL1+xR7/wK3yH9cF4=vQ"  # shapeless (a self-hosted provider's), with `+`, `/` and `=`
 SAID = "Unsupported value in header, got"  # no words that say our key was refused (those messages are replaced)
 CONTENT = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "x"}
+
+
+def _percent(s: str, which: Callable[[int], bool]) -> str:
+    return "".join(f"%{ord(c):02X}" if which(i) else c for i, c in enumerate(s))
 
 
 def _b64(s: str) -> str:
@@ -52,6 +57,12 @@ FORMS: dict[str, Callable[[str], str]] = {
     "basic-apikey": lambda k: _b64(f"apikey:{k}"),
     "hex": lambda k: k.encode().hex(),
     "hex-upper": lambda k: k.encode().hex().upper(),
+    # Percent-encoded as a URL quoting the key would hold it: every byte (some encoders escape
+    # letters too), in lower-case hex, every other character, and twice (a URL encoded again).
+    "percent-every-byte": lambda k: _percent(k, lambda i: True),
+    "percent-every-byte-lower": lambda k: _percent(k, lambda i: True).lower(),
+    "percent-every-other": lambda k: _percent(k, lambda i: i % 2 == 1),
+    "percent-twice": lambda k: quote(quote(k, safe=""), safe=""),
 }
 
 
@@ -76,6 +87,7 @@ def _error_json(form: str, key: str, etype: str) -> bytes:
 def exposes(text: str) -> list[str]:
     """How `text` gives the key away: in any case, or inside a run of base64 or hex that decodes to it."""
     found = ["cased"] if KEY.lower() in text.lower() else []
+    found += ["percent-encoded"] if KEY.lower() in unquote(unquote(text)).lower() else []
     for run in re.findall(r"[A-Za-z0-9+/_\-]{8,}", text):
         std = run.replace("-", "+").replace("_", "/")
         for at in range(4):
