@@ -177,8 +177,8 @@ class Call(Attempts):
         ):
             self.gate.give_back(state.sender_skipped[0].name)  # admission counted it as the first choice: never sent
             self.first_counted = False
-        if self.live.config.models[self.decision.route].hedge is not None:
-            self.router.fund_hedges(self.decision.route)  # sent on: what funds its route's hedges
+        # Sent on: what funds retries and its route's hedges (not a refusal, a cache hit, an explanation).
+        self.router.fund_budgets(self.decision.route)
         hedge_ms = self.decision.hedge_after_ms
         if hedge_ms is not None and self.side_effect() is not None:
             hedge_ms = None  # a second upstream would repeat what the request does there
