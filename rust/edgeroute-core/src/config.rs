@@ -130,7 +130,7 @@ pub struct ModelSpec {
 }
 
 /// Retry throttling in the manner of tower's `retry::budget`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetSpec {
     /// Retries allowed as a fraction of recent first attempts.
