@@ -364,7 +364,8 @@ class Router:
         ``ValueError`` for a bad index."""
 
     def try_retry(self) -> bool:
-        """Takes one retry from the shared retry budget; ``False``: do not retry."""
+        """Takes one retry from the shared retry budget (funded by ``fund_budgets``); ``False``:
+        do not retry."""
 
     def try_hedge(self, route: str) -> bool:
         """Takes one hedge from the hedge budget of ``route``; call when the hedge
@@ -388,10 +389,11 @@ class Router:
         else no failure. Returns the sender ejected alone as ``report`` does. ``ValueError`` for
         a bad index."""
 
-    def fund_hedges(self, route: str) -> None:
-        """Funds ``route``'s own hedge budget with one request sent on to its deployments (call
-        once per dispatch; refusals, cache hits and explanations fund nothing). A route without
-        hedging or with one deployment, or an unknown one, ignores it."""
+    def fund_budgets(self, route: str) -> None:
+        """Funds the shared retry budget, and ``route``'s own hedge budget, with one request sent
+        on to its deployments (call once per dispatch; refusals, cache hits and explanations fund
+        nothing). A route without hedging or with one deployment, or an unknown one, funds no
+        hedge."""
 
     def serving_well(self, index: int) -> bool:
         """Whether deployment ``index`` serves this process's traffic well now: enough recent

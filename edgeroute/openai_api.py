@@ -331,13 +331,14 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
         cache.confine(plan, live.config, decision.rule, region)
         cache.prefetch(plan)  # a shared cache's round trip overlaps admission's
         try:
-            ticket = await admission.admit(
-                request,
-                decision,
-                rec,
-                _counter(live, body),
-                media=with_parts(body_media(body, decision), prediction=predicted),
-            )
+            with app[STATE].cut_at_drain_end(rec):  # a store's slow answer: cut at the drain's end
+                ticket = await admission.admit(
+                    request,
+                    decision,
+                    rec,
+                    _counter(live, body),
+                    media=with_parts(body_media(body, decision), prediction=predicted),
+                )
         except ProxyError as e:
             await unreadable_first(e, partial(Call, live, decision, body, rec, model.timeouts, 1))
             if e.code not in CACHE_MAY_ANSWER or plan is None:
@@ -374,7 +375,8 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             cache.confine(plan, live.config, decision.rule, region)
             try:
-                await admission.rerouted(request, decision, ticket)
+                with app[STATE].cut_at_drain_end(rec):
+                    await admission.rerouted(request, decision, ticket)
             except ProxyError as e:
                 await unreadable_first(e, partial(Call, live, decision, body, rec, model.timeouts, 1))
                 raise

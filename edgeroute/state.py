@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
 
 from edgeroute import redact
-from edgeroute.accounting import Recorder
+from edgeroute.accounting import Recorder, RequestRecord
 from edgeroute.capacity import Capacity
 from edgeroute.config import Config
 from edgeroute.core import Router, build_router
 from edgeroute.cost.keys import Access
+from edgeroute.errors import ProxyError
 from edgeroute.governance import drain, residency
 from edgeroute.governance.guard import GenerationStats
 from edgeroute.upstream import DeploymentInfo, Upstream, deployment_table, make_upstreams
@@ -155,8 +157,8 @@ class ServerState:
     # Streams being relayed (their timers), and the loop time at which a drain cuts them.
     streams: set[StreamTimer] = field(default_factory=set)
     drain_at: float = math.inf
-    # Handlers waiting on their upstream (a dispatch: nothing written to the client yet), and
-    # those of them the drain cut (`dispatch.failover.Call.run_until_drain`).
+    # Handlers waiting in admission or on their upstream (nothing written to the client yet), and
+    # those of them the drain cut (`cut_at_drain_end`).
     waiting: set[asyncio.Task[object]] = field(default_factory=set)
     cut: set[asyncio.Task[object]] = field(default_factory=set)
 
@@ -172,6 +174,34 @@ class ServerState:
             if when is None or when > self.drain_at:
                 t.reschedule(self.drain_at)
         loop.call_at(self.drain_at, self._cut_waiting)
+
+    @contextlib.contextmanager
+    def cut_at_drain_end(self, rec: RequestRecord) -> Iterator[None]:
+        """Around a handler's wait before it writes anything (admission, a dispatch): cut there
+        by the drain's end, it raises a 503 `server_shutdown` (its API's format, `Retry-After`),
+        recorded `drain_cut`, rather than a bare disconnect when the connection closes, recorded
+        as the client's doing. Within another such wait, the outer one answers for the task."""
+        task = asyncio.current_task()
+        if task is None or task in self.waiting:
+            yield
+            return
+        self.waiting.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if task not in self.cut:
+                raise
+            task.uncancel()
+            rec.outcome = "drain_cut"
+            raise ProxyError(
+                503,
+                "The server is shutting down and the answer did not come in time; retry the request.",
+                code="server_shutdown",
+                headers={"Retry-After": "1"},
+            ) from None
+        finally:
+            self.waiting.discard(task)
+            self.cut.discard(task)
 
     def _cut_waiting(self) -> None:
         """Cancels the dispatches still waiting at the drain's end, marked as its cuts: closed

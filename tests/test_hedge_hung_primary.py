@@ -11,7 +11,10 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 
+from edgeroute import config as config_mod
+from edgeroute.config import ConfigError
 from tests.conftest import eventually, simple_config
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -85,3 +88,27 @@ async def test_a_primary_slower_than_its_hedge_loses_races_and_stays_in(start_up
     assert len(a.options.requests) == 12  # still first: slower, not hung
     d_a = await _deployment(proxy.url, "d-a")
     assert (d_a["circuit"], d_a["failures"], d_a["consecutive_failures"]) == ("closed", 0, 0), d_a
+
+
+async def test_how_many_hung_losses_and_how_long_a_wait_are_the_configs(start_upstream: Any, start_proxy: Any) -> None:
+    """`health.lost_races_in_a_row` and `health.lost_race_factor` (3 and 3 were constants): one
+    hung-looking loss counts at once; a bad value is a config error naming the setting."""
+    a, b = await start_upstream(record=True), await start_upstream(latency_ms=20)
+    cfg = _config(a, b)
+    cfg["health"]["lost_races_in_a_row"] = 1
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    for _ in range(3):
+        assert await _served(client) == ("d-a", False)
+    a.options.latency_ms = 60_000  # it hangs
+    a.options.requests.clear()
+    served = [await _served(client) for _ in range(6)]
+    # Each lost race is a timeout: `consecutive_failures` (3) of them open the circuit.
+    assert served == [("d-b", True)] * 3 + [("d-b", False)] * 3
+    assert len(a.options.requests) == 3
+    for bad, why in (
+        ({"lost_race_factor": 1.5}, "health.lost_race_factor: Input should be greater than or equal to 2"),
+        ({"lost_races_in_a_row": 0}, "health.lost_races_in_a_row: Input should be greater than or equal to 1"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            config_mod.parse(simple_config({"a": a}, health=bad), "edgeroute.yaml")

@@ -319,6 +319,12 @@ class HealthSettings(_Strict):
     ewma_decay_ms: int = Field(10_000, ge=1)
     failure_rate: float = Field(0.5, gt=0, le=1)  # an error rate that opens the circuit...
     min_requests: int = Field(20, ge=1)  # ...once this many requests were seen recently
+    # A deployment that loses hedge races with no response head after `lost_race_factor` times its
+    # usual answer time looks hung: from the `lost_races_in_a_row`th such loss in a row, each is a
+    # timeout for its circuit. Under 2, a loser merely slower than its hedge (which waits about
+    # its p95 plus the hedge's answer) would look hung.
+    lost_races_in_a_row: int = Field(3, ge=1)
+    lost_race_factor: float = Field(3.0, ge=2)
 
 
 class Retry(_Strict):

@@ -142,28 +142,9 @@ class Call(Attempts):
     async def run_until_drain(self, server: ServerState) -> tuple[Answer, DeploymentInfo]:
         """`run`, for a client's request: cut at the drain's end (`ServerState.begin_drain`)
         while still waiting on its upstream, it answers a 503 in the API's format, recorded
-        `drain_cut` (its attempts cancelled and priced as for a client gone), rather than a bare
-        disconnect when the connection closes, recorded as the client's doing."""
-        task = asyncio.current_task()
-        if task is None:
+        `drain_cut` (its attempts cancelled and priced as for a client gone)."""
+        with server.cut_at_drain_end(self.record):
             return await self.run()
-        server.waiting.add(task)
-        try:
-            return await self.run()
-        except asyncio.CancelledError:
-            if task not in server.cut:
-                raise
-            task.uncancel()
-            self.record.outcome = "drain_cut"
-            raise ProxyError(
-                503,
-                "The server is shutting down and the answer did not come in time; retry the request.",
-                code="server_shutdown",
-                headers={"Retry-After": "1"},
-            ) from None
-        finally:
-            server.waiting.discard(task)
-            server.cut.discard(task)
 
     async def run(self) -> tuple[Answer, DeploymentInfo]:
         policy = self.policy()
@@ -177,8 +158,8 @@ class Call(Attempts):
         ):
             self.gate.give_back(state.sender_skipped[0].name)  # admission counted it as the first choice: never sent
             self.first_counted = False
-        if self.live.config.models[self.decision.route].hedge is not None:
-            self.router.fund_hedges(self.decision.route)  # sent on: what funds its route's hedges
+        # Sent on: what funds retries and its route's hedges (not a refusal, a cache hit, an explanation).
+        self.router.fund_budgets(self.decision.route)
         hedge_ms = self.decision.hedge_after_ms
         if hedge_ms is not None and self.side_effect() is not None:
             hedge_ms = None  # a second upstream would repeat what the request does there

@@ -320,14 +320,15 @@ async def serve(
         # Budgets count the routing body exactly, off the loop, only when its bound alone would refuse.
         counted = route_body
         try:
-            ticket = await admission.admit(
-                request,
-                decision,
-                rec,
-                lambda: asyncio.to_thread(live.router.count_prompt, counted),
-                partial(parsed.serves, live) if parsed.serves is not None else None,
-                parsed.media,
-            )
+            with request.app[STATE].cut_at_drain_end(rec):  # a store's slow answer: cut at the drain's end
+                ticket = await admission.admit(
+                    request,
+                    decision,
+                    rec,
+                    lambda: asyncio.to_thread(live.router.count_prompt, counted),
+                    partial(parsed.serves, live) if parsed.serves is not None else None,
+                    parsed.media,
+                )
         except ProxyError as e:
             await unreadable_first(e, lambda: parsed.call(live, decision, route_body, rec, None, 1))
             if e.code not in CACHE_MAY_ANSWER or (plan := _plan(request, live, decision, parsed, rid)) is None:
@@ -355,7 +356,8 @@ async def serve(
             rec.route, rec.rule = decision.route, decision.rule
             rec.policy, rec.variant = decision.policy, decision.variant  # the route that serves, not the one it left
             try:
-                await admission.rerouted(request, decision, ticket)
+                with request.app[STATE].cut_at_drain_end(rec):
+                    await admission.rerouted(request, decision, ticket)
             except ProxyError as e:
                 await unreadable_first(e, lambda: parsed.call(live, decision, route_body, rec, None, 1))
                 raise

@@ -7,13 +7,13 @@
 //! Finagle's `RetryBudget` and gRPC's retry throttling.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::RetryBudgetSpec;
 
 const SLOT_MS: u64 = 1_000;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Slot {
     start_ms: u64,
     deposits: u64,
@@ -34,6 +34,19 @@ impl RetryBudget {
             spec,
             slots: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The budget a reload keeps: this one when `spec` is unchanged, else one under `spec`
+    /// that starts from this one's recent requests and retries.
+    pub fn reloaded(self: &Arc<Self>, spec: &RetryBudgetSpec) -> Arc<Self> {
+        if self.spec == *spec {
+            return Arc::clone(self);
+        }
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Arc::new(Self {
+            spec: spec.clone(),
+            slots: Mutex::new(slots),
+        })
     }
 
     fn with_current<R>(&self, now_ms: u64, f: impl FnOnce(&mut VecDeque<Slot>) -> R) -> R {
@@ -95,5 +108,19 @@ mod tests {
         // Once the window has passed, only the floor remains.
         let later = (0..50).filter(|_| b.try_withdraw(30_000)).count();
         assert_eq!(later, 10);
+    }
+
+    #[test]
+    fn a_reload_applies_new_settings_to_the_recent_requests() {
+        let spec = |ratio| RetryBudgetSpec {
+            ratio,
+            min_per_sec: 0,
+            ttl_ms: 10_000,
+        };
+        let b = Arc::new(RetryBudget::new(spec(0.5)));
+        (0..100).for_each(|_| b.deposit(0));
+        assert!(Arc::ptr_eq(&b, &b.reloaded(&spec(0.5))));
+        let tighter = b.reloaded(&spec(0.1));
+        assert_eq!((0..50).filter(|_| tighter.try_withdraw(10)).count(), 10);
     }
 }

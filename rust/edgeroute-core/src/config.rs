@@ -130,7 +130,7 @@ pub struct ModelSpec {
 }
 
 /// Retry throttling in the manner of tower's `retry::budget`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetSpec {
     /// Retries allowed as a fraction of recent first attempts.
@@ -190,6 +190,26 @@ pub struct HealthSpec {
     /// Recent requests (decayed count) needed before the error rate can open the circuit.
     #[serde(default = "default_min_requests")]
     pub min_requests: u32,
+    /// Hedge races lost in a row without an answer of its own (no response head, and at least
+    /// `lost_race_factor` times its answered latency) from which each is a timeout for the
+    /// circuit. A lost race was no failure: a deployment that accepted connections and never
+    /// answered lost every race to its hedges, kept its circuit closed, and every request paid
+    /// for it and waited the hedge delay on it, for good (red team, session 35).
+    #[serde(default = "default_lost_races")]
+    pub lost_races_in_a_row: u32,
+    /// How much longer than its own answers' (peak-EWMA) latency a loser must have waited, with
+    /// no response head, to count towards `lost_races_in_a_row`: a deployment slower than its
+    /// hedge but answering in its usual time is not hung (the hedge delay is about its p95, the
+    /// race ends when the hedge answers: a healthy loser has waited under twice its usual time).
+    #[serde(default = "default_lost_race_factor")]
+    pub lost_race_factor: f64,
+}
+
+fn default_lost_races() -> u32 {
+    3
+}
+fn default_lost_race_factor() -> f64 {
+    3.0
 }
 
 fn default_failure_rate() -> f64 {
@@ -225,6 +245,8 @@ impl Default for HealthSpec {
             ewma_decay_ms: default_decay(),
             failure_rate: default_failure_rate(),
             min_requests: default_min_requests(),
+            lost_races_in_a_row: default_lost_races(),
+            lost_race_factor: default_lost_race_factor(),
         }
     }
 }

@@ -34,19 +34,6 @@ const SEEN_DECAYS: u64 = 4;
 /// failures among a busy client's successes.
 const OUTAGE_STREAK: u32 = 2;
 
-/// Hedge races lost in a row without an answer of its own (no response head, and at least
-/// [`LOST_RACE_FACTOR`] times its answered latency) after which each one more is a timeout for
-/// the circuit. A lost race was no failure: a deployment that accepted connections and never
-/// answered lost every race to its hedges, kept its circuit closed, and every request paid for
-/// it and waited the hedge delay on it, for good (red team, session 35).
-pub const LOST_RACES_IN_A_ROW: u32 = 3;
-
-/// How much longer than its own answers' (peak-EWMA) latency a loser must have waited, with no
-/// response head, to count towards [`LOST_RACES_IN_A_ROW`]: a deployment slower than its hedge
-/// but answering in its usual time is not hung (the hedge delay is about its p95, the race
-/// ends when the hedge answers: a healthy loser has waited under twice its usual time).
-pub const LOST_RACE_FACTOR: f64 = 3.0;
-
 /// Deployments (of every router in the process) with a sender's ejection on record: while 0, a
 /// request asks no deployment whether it is ejected for its sender ([`any_sender_ejection`]).
 static SCOPED_DEPLOYMENTS: AtomicU32 = AtomicU32::new(0);
@@ -453,8 +440,8 @@ impl Health {
     /// request answered first (a hedge race); `answering`: its response head had come. Its wait
     /// is a lower bound on its latency, which lifts the peak EWMA (never lowers it): a primary
     /// that hung while its hedges won kept its place first in `fastest` for good. A loser with
-    /// no head that waited [`LOST_RACE_FACTOR`] times its answers' latency (or that never
-    /// answered) is evidence of a hang: from the [`LOST_RACES_IN_A_ROW`]th in a row with no
+    /// no head that waited `spec.lost_race_factor` times its answers' latency (or that never
+    /// answered) is evidence of a hang: from the `spec.lost_races_in_a_row`th in a row with no
     /// answer between, each is a timeout for the circuit; else it is no failure (a client's
     /// cancellation). Returns the sender ejected alone as [`Health::report`] does.
     pub fn report_lost_race(
@@ -471,11 +458,11 @@ impl Health {
             if answering {
                 s.lost_races = 0;
                 false
-            } else if s.answered_ms > 0.0 && elapsed_ms < LOST_RACE_FACTOR * s.answered_ms {
+            } else if s.answered_ms > 0.0 && elapsed_ms < spec.lost_race_factor * s.answered_ms {
                 false // slower than its hedge, not than itself: the streak waits, unbroken
             } else {
                 s.lost_races = s.lost_races.saturating_add(1);
-                s.lost_races >= LOST_RACES_IN_A_ROW
+                s.lost_races >= spec.lost_races_in_a_row
             }
         };
         let outcome = if hung { Outcome::Timeout } else { Outcome::ClientError };
@@ -739,10 +726,10 @@ mod tests {
         let h = Health::default();
         h.begin(0);
         // Answered in 20 ms once, then hung: each race lost after 200 ms, no head. The first
-        // LOST_RACES_IN_A_ROW - 1 are no failure; then each is a timeout, and
+        // `lost_races_in_a_row` - 1 are no failure; then each is a timeout, and
         // `consecutive_failures` (3) of them open it.
         h.report(Outcome::Success, 20.0, 0, 0, &spec());
-        for t in 1..LOST_RACES_IN_A_ROW as u64 {
+        for t in 1..u64::from(spec().lost_races_in_a_row) {
             lose(&h, 200.0, false, t);
             assert_eq!(h.snapshot(t).failures, 0);
         }
@@ -757,6 +744,35 @@ mod tests {
         assert!(h.available(1_013));
         lose(&h, 200.0, false, 1_013);
         assert_eq!(h.snapshot(1_014).circuit, CircuitState::Open);
+    }
+
+    #[test]
+    fn the_hung_loser_settings_are_the_specs() {
+        // `lost_races_in_a_row: 1`: the first hung-looking loss is a timeout already.
+        let eager = HealthSpec {
+            lost_races_in_a_row: 1,
+            ..spec()
+        };
+        let h = Health::default();
+        h.begin(0);
+        h.report(Outcome::Success, 20.0, 0, 0, &eager);
+        h.begin(1);
+        h.report_lost_race(200.0, false, 0, 1, &eager);
+        assert_eq!(h.snapshot(2).failures, 1);
+        // `lost_race_factor: 20`: a loss after 10 times its usual 20 ms is not a hang.
+        let patient = HealthSpec {
+            lost_races_in_a_row: 1,
+            lost_race_factor: 20.0,
+            ..spec()
+        };
+        let h = Health::default();
+        h.begin(0);
+        h.report(Outcome::Success, 20.0, 0, 0, &patient);
+        for t in 1..10 {
+            h.begin(t);
+            h.report_lost_race(200.0, false, 0, t, &patient);
+        }
+        assert_eq!(h.snapshot(10).failures, 0);
     }
 
     #[test]

@@ -462,8 +462,8 @@ impl Router {
         Ok(self.inner.report_lost_race(index, elapsed_ms, answering, sender))
     }
 
-    fn fund_hedges(&self, route: &str) {
-        self.inner.fund_hedges(route);
+    fn fund_budgets(&self, route: &str) {
+        self.inner.fund_budgets(route);
     }
 
     fn try_retry(&self) -> bool {

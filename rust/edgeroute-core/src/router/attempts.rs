@@ -14,18 +14,23 @@ impl Router {
         r.hedge_budget.try_take(pct, self.now_ms())
     }
 
-    /// Funds `route`'s hedge budget with one request sent on to its deployments (a dispatch):
-    /// not a refusal, not a cache hit, not an explanation, which send nothing upstream. A route
-    /// without hedging, or with one deployment, ignores it. Call once a request, as it dispatches.
-    pub fn fund_hedges(&self, route: &str) {
+    /// Funds the retry budget, and `route`'s hedge budget, with one request sent on to its
+    /// deployments (a dispatch): not a refusal, not a cache hit, not an explanation, which send
+    /// nothing upstream (funded at decision time, 400 refused or cached requests bought retries
+    /// and hedges that then hammered a failing or slow upstream). A route without hedging, or
+    /// with one deployment, or an unknown one, funds no hedge. Call once a request, as it
+    /// dispatches.
+    pub fn fund_budgets(&self, route: &str) {
+        let now_ms = self.now_ms();
+        self.retry_budget.deposit(now_ms);
         if let Some(r) = self.route_by_name.get(route).map(|&r| &self.routes[r]) {
             if r.spec.hedge.is_some() && r.members.len() >= 2 {
-                r.hedge_budget.note_request(self.now_ms());
+                r.hedge_budget.note_request(now_ms);
             }
         }
     }
 
-    /// Asks the retry budget for one retry.
+    /// Asks the retry budget (shared by every route) for one retry.
     pub fn try_retry(&self) -> bool {
         self.retry_budget.try_withdraw(self.now_ms())
     }

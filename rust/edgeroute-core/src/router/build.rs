@@ -176,7 +176,9 @@ impl Router {
             }
         }
         let (retry_budget, shifts) = match previous {
-            Some(p) => (p.retry_budget.clone(), p.shifts.clone()),
+            // Kept over a reload, with its recent requests and retries under new settings (kept
+            // whole, a reload's new `retry_budget` was accepted and never applied).
+            Some(p) => (p.retry_budget.reloaded(&spec.retry_budget), p.shifts.clone()),
             None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
         };
         if rules.needs_task() && classifier.is_none() {

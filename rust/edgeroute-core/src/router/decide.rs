@@ -117,10 +117,12 @@ impl Router {
         let req = ChatRequest::parse(body)?;
         let resolved = self.resolve_route(&req, meta, unix_secs)?;
         let (order, spilled) = self.order_chain(&req, &resolved, now_ms)?;
-        Ok(self.build_decision(&req, resolved, order, spilled, now_ms, meta.explain))
+        Ok(self.build_decision(&req, resolved, order, spilled, now_ms))
     }
 
-    /// Phase 3: the [`Decision`], after the budgets took note of the request.
+    /// Phase 3: the [`Decision`]. It funds neither the retry nor the hedge budget: a decision
+    /// may be refused at admission, answered from the cache or only explained; what is sent
+    /// upstream funds them ([`Router::fund_budgets`]).
     fn build_decision(
         &self,
         req: &ChatRequest<'_>,
@@ -128,7 +130,6 @@ impl Router {
         order: Vec<usize>,
         spilled: Vec<usize>,
         now_ms: u64,
-        explain: bool,
     ) -> Decision {
         let Resolved {
             route,
@@ -144,13 +145,6 @@ impl Router {
             ..
         } = resolved;
         let hedge_after_ms = self.hedge_delay(route, &order, now_ms);
-        // An explanation sends nothing upstream: it funds no retry nor hedge (400 explain calls
-        // paid for hedging every one of 20 slow requests that followed).
-        // The hedge budget is funded at dispatch (`fund_hedges`), not here: refusals and cache
-        // hits are decided too.
-        if !explain {
-            self.retry_budget.deposit(now_ms);
-        }
         let (rule, reasons) = match matched {
             Some(m) => (Some(self.rules.specs()[m.index].name.clone()), m.reasons),
             None => (None, vec![format!("default route for model={}", req.model)]),

@@ -69,7 +69,7 @@ impl Deployment {
 #[derive(Debug)]
 struct Route {
     spec: ModelSpec,
-    /// This route's own hedge budget (`Router::fund_hedges`, `Router::try_hedge`).
+    /// This route's own hedge budget (`Router::fund_budgets`, `Router::try_hedge`).
     hedge_budget: Arc<HedgeBudget>,
     members: Vec<usize>,
     swrr: Swrr,

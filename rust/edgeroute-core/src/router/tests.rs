@@ -199,12 +199,28 @@ fn each_route_hedges_on_its_own_dispatched_requests() {
     }
     assert!(!r.try_hedge("busy"));
     // 400 dispatches of the busy route fund its 20 hedges, and none of the quiet route's.
-    (0..400).for_each(|_| r.fund_hedges("busy"));
+    (0..400).for_each(|_| r.fund_budgets("busy"));
     assert!(!r.try_hedge("quiet"), "a busy route paid for a quiet one's hedge");
     assert_eq!((0..30).filter(|_| r.try_hedge("busy")).count(), 20);
-    (0..20).for_each(|_| r.fund_hedges("quiet"));
+    (0..20).for_each(|_| r.fund_budgets("quiet"));
     assert!(r.try_hedge("quiet") && !r.try_hedge("quiet"));
     // A reload keeps each route's own count.
     let again = r.reload(Router::spec_from_json(TWO_HEDGED).unwrap()).unwrap();
     assert!(!again.try_hedge("busy") && !again.try_hedge("quiet") && !again.try_hedge("nope"));
+}
+
+#[test]
+fn retries_are_funded_by_dispatched_requests_not_decisions() {
+    let spec = br#"{"deployments": [{"name": "a", "provider": "p", "model": "m"}],
+      "models": [{"name": "m", "deployments": ["a"]}],
+      "retry_budget": {"ratio": 0.5, "min_per_sec": 0}}"#;
+    let r = Router::from_json(spec).unwrap();
+    // Decisions alone (a refusal at admission, a cache hit, an explanation) fund nothing.
+    for _ in 0..400 {
+        r.decide(BODY, &RequestMeta::default()).unwrap();
+    }
+    assert!(!r.try_retry(), "400 decisions bought a retry");
+    // 10 requests sent on fund 5 retries, whichever route they name.
+    (0..10).for_each(|i| r.fund_budgets(if i % 2 == 0 { "m" } else { "nope" }));
+    assert_eq!((0..10).filter(|_| r.try_retry()).count(), 5);
 }

@@ -1,0 +1,86 @@
+"""What funds the retry budget (`retry_budget.ratio`): requests sent upstream, not decisions.
+Every decision funded it, a request refused at admission or answered from the cache too, so a
+burst of refused or cached requests bought retries that then hammered a failing upstream (the
+hedge budget had the same flaw: tests/test_hedge_budget_funding.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+import yaml
+
+from edgeroute import config as config_mod
+from edgeroute.reload import apply_config
+from tests.conftest import simple_config
+from tests.test_cache import stored
+
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+RATIO = 0.1
+
+
+@pytest.mark.parametrize("free", ["refused", "cache_hits"])
+async def test_refusals_and_cache_hits_fund_no_retries(free: str, start_upstream: Any, start_proxy: Any) -> None:
+    up = await start_upstream(record=True)
+    cfg = simple_config({"a": up}, rate_limits={"models": {"m": {"rpm": 100_000, "tpm": 9_000}}})
+    cfg["models"]["m"] |= {"max_attempts": 3, "cache": {"ttl": 60}}
+    cfg["retry_budget"] = {"ratio": RATIO, "min_per_sec": 0, "ttl_ms": 60_000}
+    cfg["retry"] = {"base_ms": 0, "max_ms": 0}
+    cfg["health"] = {"consecutive_failures": 1000, "min_requests": 1000, "failure_rate": 1}  # never ejected
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    if free == "refused":
+        async with aiohttp.ClientSession() as s:
+            for _ in range(400):  # each over the model's TPM: refused at admission, after its decision
+                async with s.post(proxy.url + "/v1/chat/completions", json=BODY | {"max_tokens": 10_000}) as r:
+                    assert r.status == 429, await r.text()
+    else:
+        cached = BODY | {
+            "messages": [{"role": "user", "content": "the same question"}],
+            "temperature": 0,
+            "max_tokens": 100,
+        }
+        await client.chat.completions.create(**cached)  # stored (whole: not cut by its max_tokens)
+        await stored(proxy)
+        for _ in range(400):
+            raw = await client.chat.completions.with_raw_response.create(**cached)
+            assert raw.headers["x-edgeroute-cache"] == "hit"
+    # The upstream fails: 20 requests, each its own prompt (no cache hit), may retry only on
+    # what they themselves fund.
+    up.options.fail_status = 503
+    up.options.requests.clear()
+    for i in range(20):
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.chat.completions.create(**BODY | {"messages": [{"role": "user", "content": f"q {i}"}]})
+        assert e.value.status_code == 502
+    sent = len(up.options.requests)
+    # 20 first attempts and 10 % of them as retries (one more: the cached answer's own request).
+    assert sent <= 20 + int(21 * RATIO), f"{sent} upstream calls for 20 requests at a {RATIO:.0%} retry budget"
+
+
+async def test_a_reload_applies_a_new_retry_budget(start_upstream: Any, start_proxy: Any) -> None:
+    """A reload's `retry_budget` was accepted and never applied (the budget was kept whole over
+    a reload, its settings too): an operator who tightened retries during an outage changed
+    nothing, without a word, until a restart."""
+    up = await start_upstream(record=True, fail_status=503)
+    cfg = simple_config({"a": up}, retry_budget={"ratio": 1, "min_per_sec": 100})
+    cfg["models"]["m"]["max_attempts"] = 3
+    cfg["retry"] = {"base_ms": 0, "max_ms": 0}
+    cfg["health"] = {"consecutive_failures": 1000, "min_requests": 1000, "failure_rate": 1}  # never ejected
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+
+    async def calls_for_five() -> int:
+        up.options.requests.clear()
+        for i in range(5):
+            with pytest.raises(openai.APIStatusError):
+                await client.chat.completions.create(**BODY | {"messages": [{"role": "user", "content": f"r {i}"}]})
+        return len(up.options.requests)
+
+    assert await calls_for_five() == 15  # each retried twice
+    cfg["retry_budget"] = {"ratio": 0, "min_per_sec": 0}  # no retries at all
+    text = yaml.safe_dump(cfg)
+    await apply_config(proxy.app, config_mod.loads(text, "test.yaml"), text, "api", None)
+    assert await calls_for_five() == 5
