@@ -158,3 +158,19 @@ def test_the_usage_found_from_the_end_is_the_last_the_pattern_matches(parts: lis
     """Pins a speed-up: the tail is searched from its end, with the same answer as a regex over all of it."""
     tail = b"".join(parts)
     assert sse.find_usage(tail) == _find_usage_by_regex(tail)
+
+
+def test_a_null_error_is_no_error_event_and_is_relayed_untouched() -> None:
+    """Every Responses `response.completed` says `"error": null`: not an error event, so the
+    relay sends it as the upstream wrote it, without decoding or redacting the whole answer it
+    carries (a 900 KB one cost the loop 0.8 s). An error next to it, or spelled with spaces,
+    still counts."""
+    answer = "Bearer " + "x" * 40  # a credential's shape, in the model's own words
+    completed = orjson.dumps({"type": "response.completed", "response": {"error": None, "output": [{"text": answer}]}})
+    assert not sse.has_error_key(completed)
+    assert not sse.has_error_key(b'{"response": {"error" :  null}}')
+    event = b"event: response.completed\ndata: " + completed + b"\n\n"
+    assert sse.redact_errors(event) is event
+    assert sse.has_error_key(b'{"error": null, "detail": {"error": {"message": "m"}}}')
+    assert sse.has_error_key(b'{"type": "error", "error": {"message": "m"}}')
+    assert sse.has_error_key(b'{"error": {"message": "Bearer abc"}}')
