@@ -769,11 +769,15 @@ async def update_key(request: web.Request) -> web.Response:
     revived = "expires_at" in body and (until := current.get("expires_at")) is not None and until <= time.time()
     cap = _room_for(request, managed, f.team) if moved or revived else None  # checked again in the write
     _may_write(request, managed)
-    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap)
+    kept: dict[str, float] = {}
+    if revived:  # the keys that ended with it stay ended: each is brought back on its own (and counted)
+        await managed.read_since(time.monotonic(), K.POLL_DEADLINE_S)  # those made just before it expired
+        kept = managed.kept_ended(key_id, current.get("expires_at"))
+    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap, kept)
     if before is after:  # nothing to change: no audit entry, as for a deployment
         return json_response({**K.public(after), "action": "unchanged"})
     await _read_back(managed)
-    return json_response(K.public(after))
+    return json_response({**K.public(after), "kept_ended": len(kept)} if revived else K.public(after))
 
 
 async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: str, verb: str) -> None:

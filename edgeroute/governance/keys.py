@@ -616,6 +616,29 @@ class ManagedKeys:
         above = e.expires_above is not None and time.time() >= e.expires_above[1]
         return e.revoked_above is not None or e.config_ended is not None or above
 
+    def kept_ended(self, key_id: str, until: float | None) -> dict[str, float]:
+        """The keys below `key_id` whose own rows are live but that ended with its expiry
+        (`until`, from its current row) or a maker's between them and it, by id, and when
+        (the earliest of those expiries): what a later expiry given to `key_id` would revive."""
+        now = time.time()
+        out: dict[str, float] = {}
+        for below in self.spenders(key_id):
+            data = self._raw.get(below)
+            if below == key_id or data is None or _ended(data, now) is not None:
+                continue
+            ends = []
+            for node in lineage(data, self._raw.get)[1:]:
+                if node.get("revoked_at"):
+                    break  # ended for good by a revocation: nothing to keep
+                at = until if node["id"] == key_id else node.get("expires_at")
+                if at is not None and float(at) <= now:
+                    ends.append(float(at))
+                if node["id"] == key_id:
+                    if ends:
+                        out[below] = min(ends)
+                    break
+        return out
+
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
         gone = self._gone
@@ -1102,10 +1125,18 @@ def _audit(actor: str | None, action: str) -> AuditOf | None:
 
 
 def update(
-    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None, cap: KeyCap | None = None
+    store: GovStore,
+    key_id: str,
+    changes: dict[str, Any],
+    actor: str | None = None,
+    cap: KeyCap | None = None,
+    kept: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Applies validated changes; returns (before, after), `after is before` when they change
-    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to."""
+    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to.
+    `kept`: keys below it that ended with its expiry, by id, and when (`ManagedKeys.kept_ended`):
+    each records that end as its own expiry in the same write, so that the key given a later
+    one does not bring them back with it (audited `key.kept_ended`)."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         current = _existing(key_id, before)
@@ -1113,9 +1144,21 @@ def update(
             return current
         return {**current, **changes, "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap)
+    also = [(k, _ended_at(when), _audit(actor, "key.kept_ended")) for k, when in (kept or {}).items()]
+    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap, also)
     assert before is not None
     return before, after
+
+
+def _ended_at(when: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A key's change to an expiry of `when` at the latest (none when its own row has ended)."""
+
+    def change(before: dict[str, Any]) -> dict[str, Any]:
+        if _ended(before, time.time()) is not None:
+            return before
+        return {**before, "expires_at": when, "updated_at": time.time()}
+
+    return change
 
 
 def rotate(
