@@ -68,6 +68,7 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         )
         ring = app[STATE].live.access.ring
         managed.makers = K.config_makers(cfg, ring.digests if ring is not None else None)
+        managed.restarted()  # config keys' tokens rotated while stopped keep their keys
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
@@ -643,7 +644,7 @@ async def create_key(request: web.Request) -> web.Response:
     _may_write(request, managed)
     # The audit entry is written in the change's own transaction (governance/store.py).
     digest = ring.digests.get(creator.key) if (ring := request.app[STATE].live.access.ring) is not None else None
-    fingerprint = K.maker_fingerprint(digest) if digest is not None and creator_raw is None else None
+    fingerprint = managed.maker_print(creator.key, digest) if digest is not None and creator_raw is None else None
     data, token = await _key_change(K.create, managed.store, f, actor, parent, fingerprint, cap)
     await _read_back(managed)
     out = K.public(data)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
@@ -227,6 +228,9 @@ class ConfigMaker:
     # Its earlier tokens' digests, most recent first, while its id stayed in the config (a
     # rotation this process saw at a reload): the keys they made are carried over, not ended.
     earlier: tuple[str, ...] = ()
+    # The fingerprint (`ManagedKeys.maker_print`) of the token it had when an instance last ran
+    # with it, when this process started with another (rotated while stopped): likewise.
+    earlier_print: str | None = None
 
     def digests(self) -> tuple[str, ...]:
         return (self.digest, *self.earlier) if self.digest is not None else self.earlier
@@ -246,25 +250,32 @@ def config_makers(cfg: Any, digests: Mapping[str, str] | None = None) -> dict[st
     }
 
 
-def maker_fingerprint(digest: str) -> str:
+def maker_fingerprint(digest: str, salt: bytes) -> str:
     """What a key made by a config key records of that key's token (`parent_fp`): a salted keyed
     hash of its digest, as a managed key's own secret is kept. The id alone revived the keys of a
-    removed config key when the id was given to someone else, with another token."""
-    salt = os.urandom(16)
+    removed config key when the id was given to someone else, with another token. The salt is
+    the config key's own (`ManagedKeys.maker_print`): the same token gives the same fingerprint,
+    which the store records (`maker_records`) to know the keys of a token rotated while stopped."""
     return salt.hex() + ":" + _mac(salt, bytes.fromhex(digest)).hex()
 
 
-def _to_token(old: str, new: str) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
-    """A key's change from the config maker's token of digest `old` to that of `new`."""
+def _to_token(was: Callable[[dict[str, Any]], bool], new: str) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+    """A key's change from the config maker's token it was made by (`was`) to that of
+    fingerprint `new`."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         if before is None:
             raise LookupError("no such key")
-        if not _made_by(before, old):
+        if not was(before):
             return before  # carried over already (by another instance): no write
-        return {**before, "parent_fp": maker_fingerprint(new), "parent_fp_was": before["parent_fp"]}
+        return {**before, "parent_fp": new, "parent_fp_was": before["parent_fp"]}
 
     return change
+
+
+def _printed(data: dict[str, Any], was: str) -> bool:
+    """Whether a key's `parent_fp` is the fingerprint `was` (`ManagedKeys.maker_print`)."""
+    return data.get("parent_fp") == was
 
 
 def _made_by(data: dict[str, Any], digest: str) -> bool:
@@ -300,7 +311,7 @@ def carried_over(
         if old.digest is not None and old.digest != maker.digest:
             rotated[name] = (old.digest, maker.digest)
         earlier = tuple(d for d in old.digests() if d != maker.digest)[:EARLIER_KEPT]
-        out[name] = dataclasses.replace(maker, earlier=earlier)
+        out[name] = dataclasses.replace(maker, earlier=earlier, earlier_print=old.earlier_print)
     return out, rotated
 
 
@@ -317,7 +328,8 @@ def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMake
     # Keys made before `parent_fp` was recorded know their maker by its id alone. One carried
     # over to a rotated token keeps the token before (`parent_fp_was`) for instances not reloaded yet.
     prints = [f for f in (chain[-1].get("parent_fp"), chain[-1].get("parent_fp_was")) if isinstance(f, str)]
-    if prints and not any(_same_maker(f, d) for f in prints for d in maker.digests()):
+    known = maker.earlier_print in prints
+    if prints and not known and not any(_same_maker(f, d) for f in prints for d in maker.digests()):
         return f"config key {name}, {OTHER_TOKEN}"
     if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
         return f"config key {name}, whose role no longer allows it"
@@ -435,7 +447,12 @@ class ManagedKeys:
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
         self._other_tokens: set[str] = set()  # config makers back with another token, said once
-        self._rotated: dict[str, tuple[str, str]] = {}  # config makers' rotated tokens, not yet carried over
+        # Config makers' rotated tokens, not yet carried over: which keys the token before made,
+        # and the digest of the new one. The store records each one's token (`maker_records`)
+        # once they are: `_records_due` when the config's keys changed since.
+        self._rotated: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {}
+        self._records_due = False
+        self._makers_key: bytes | None = None
         self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
@@ -502,7 +519,9 @@ class ManagedKeys:
         self._region_of = region_of
         if makers is not None:
             self.makers, rotated = carried_over(self.makers, makers)
-            self._rotated.update(rotated)  # written to the store at the next poll (`carry_over`)
+            for name, (old, new) in rotated.items():  # written to the store at the next poll (`carry_over`)
+                self._rotated[name] = (functools.partial(_made_by, digest=old), new)
+            self._records_due = True
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -748,15 +767,52 @@ class ManagedKeys:
             raise ProxyError(401, why[0], code=why[1])
         return e.identity
 
+    def maker_print(self, name: str, digest: str) -> str:
+        """The fingerprint keys made by config key `name` with the token of `digest` record (and
+        the store, of the token it runs with): salted with the config key's own salt, derived
+        from the store's key (blocking the first time)."""
+        if self._makers_key is None:
+            self._makers_key = self.store.makers_key()
+        return maker_fingerprint(digest, _mac(self._makers_key, name.encode())[:16])
+
+    def restarted(self) -> None:
+        """At the start, before the first `load` (blocking): a config key whose token is not the
+        one an instance last ran with (`maker_records`) was rotated while stopped, as through a
+        reload: its keys are known by the token before and carried over at the next poll. A
+        config key removed (at a reload or a start) has no record, so an id given to another
+        token while stopped still ends them."""
+        self._makers_key = self.store.makers_key()  # not on the loop at a key's creation
+        records = self.store.maker_records()
+        for name, maker in (self.makers or {}).items():
+            was = records.get(name)
+            if was is None or maker.digest is None or _same_maker(was, maker.digest):
+                continue
+            self.makers = {**(self.makers or {}), name: dataclasses.replace(maker, earlier_print=was)}
+            self._rotated[name] = (functools.partial(_printed, was=was), maker.digest)
+        self._write_records()
+
+    def _write_records(self) -> None:
+        """Records the token each config key runs with (not a rotated one's before its keys are
+        carried over: a restart meanwhile still knows them), and drops removed ones' records."""
+        records = self.store.maker_records()
+        want = {
+            name: self.maker_print(name, m.digest)
+            for name, m in (self.makers or {}).items()
+            if m.digest is not None and name not in self._rotated
+        }
+        drop = [n for n in records if n not in (self.makers or {})]
+        self.store.set_maker_records({n: v for n, v in want.items() if records.get(n) != v}, drop)
+        self._records_due = False
+
     def carry_over(self) -> None:
         """Records in the store each rotated config key's new token on the keys its old one made
         (blocking), so that a restart or another instance (which know only the new token) keeps
         them; the old one stays as `parent_fp_was` for instances not reloaded yet. Audited once a
         config key (`key.maker_token_changed`). A failure is logged and tried at the next poll."""
-        for name, (old, new) in list(self._rotated.items()):
+        for name, (was, new) in list(self._rotated.items()):
             parent = CONFIG_PARENT + name
-            made = [k for k, d in self._raw.items() if d.get("parent") == parent and _made_by(d, old)]
-            moved, change = 0, _to_token(old, new)
+            made = [k for k, d in self._raw.items() if d.get("parent") == parent and was(d)]
+            moved, change = 0, _to_token(was, self.maker_print(name, new))
             for key_id in made:
                 try:
                     before, after = self.store.change_key(key_id, change)
@@ -772,6 +828,12 @@ class ManagedKeys:
                 "managed keys: config key %s has a new token: %d key(s) it made carried over to it", name, moved
             )
             del self._rotated[name]
+            self._records_due = True
+        if self._records_due:
+            try:
+                self._write_records()
+            except Exception:
+                log.exception("managed keys: recording the config keys' tokens failed")
 
     def end_watch(self, key_id: str, wake: Callable[[], None] | None = None) -> _EndWatch:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
@@ -870,7 +932,7 @@ class ManagedKeys:
                     outage.failed(read, type(e).__name__)
                     continue
                 await self.settle()
-                if self._rotated:
+                if self._rotated or self._records_due:
                     await asyncio.get_running_loop().run_in_executor(KEY_READS, self.carry_over)
                 if self.stale_for() is None:  # a hung read come back late: the next one is current
                     outage.ended()

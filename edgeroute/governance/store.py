@@ -492,6 +492,30 @@ class GovStore:
         process's memory (no other instance shares it, and a restart would reshuffle the arms)."""
         return None if self._target == ":memory:" else self._own_key("experiment_salt")
 
+    def makers_key(self) -> bytes:
+        """The store's own random key from which each config key's fingerprint salt is derived
+        (`ManagedKeys.maker_print`), made and shared as `versions_key`."""
+        return self._own_key("makers")
+
+    def maker_records(self) -> dict[str, str]:
+        """The fingerprint of each config key's token as an instance last ran with it, by id."""
+        rows = self._query("SELECT name, value FROM gov_secrets WHERE name LIKE ?", ("maker:%",))
+        return {str(n).removeprefix("maker:"): str(v) for n, v in rows}
+
+    def set_maker_records(self, put: Mapping[str, str], drop: Sequence[str] = ()) -> None:
+        """Writes the given records (`maker_records`) and drops those of `drop`, in one transaction."""
+        with self._held(), self._tx() as cur:
+            for name in drop:
+                cur.execute(self._sql("DELETE FROM gov_secrets WHERE name = ?"), ("maker:" + name,))
+            for name, value in put.items():
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO gov_secrets (name, value) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                    ),
+                    ("maker:" + name, value),
+                )
+
     def _own_key(self, name: str) -> bytes:
         """32 random bytes kept under `name`: the first caller's, for every caller after it."""
         with self._held(), self._tx() as cur:
