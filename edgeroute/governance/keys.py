@@ -56,6 +56,7 @@ from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import KEY_READS, AuditOf, GovStore, KeyCap
+from edgeroute.governance.write_limit import WriteLimit
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -435,7 +436,7 @@ class ManagedKeys:
         self._by_id: dict[str, _Entry] = {}
         # The config's keys, as makers of managed keys (None: not known, as in tools and tests).
         self.makers: dict[str, ConfigMaker] | None = None
-        self.writes = WriteLimit()
+        self.writes = WriteLimit()  # key changes a minute per writer (`set_writes` with shared state)
         self._raw: dict[str, dict[str, Any]] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> the keys it created
         self.seq = 0
@@ -1013,27 +1014,6 @@ def _own_expiry(data: dict[str, Any]) -> float | None:
     if not until or data.get("revoked_at") or not any(f in data for f in _BULKY):
         return None
     return float(until)
-
-
-class WriteLimit:
-    """Key writes a minute per writer (a team, or a key of no team) on this instance: a token
-    bucket of `per_minute` tokens, refilled evenly over the minute."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # writer -> (tokens, when, monotonic)
-
-    def take(self, writer: str, per_minute: int) -> float:
-        """0 when a write may go now (a token taken), else the seconds until one may."""
-        now = time.monotonic()
-        tokens, at = self._buckets.get(writer, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - at) * per_minute / 60)
-        if tokens < 1:
-            self._buckets[writer] = (tokens, now)
-            return (1 - tokens) * 60 / per_minute
-        self._buckets[writer] = (tokens - 1, now)
-        if len(self._buckets) > 10_000:  # writers idle a minute are full again: forget them
-            self._buckets = {w: b for w, b in self._buckets.items() if now - b[1] < 60}
-        return 0.0
 
 
 def _retrieved(read: asyncio.Future[None]) -> None:
