@@ -11,6 +11,9 @@ config key's rate limits and budgets too.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import openai
 import orjson
 import pytest
 
+from edgeroute.governance import keys as K
 from tests.conftest import eventually, simple_config
 from tests.governance_support import call, served_file, write_config
 
@@ -259,3 +263,39 @@ async def test_a_config_keys_token_rotated_while_stopped_keeps_the_keys_it_made(
     async with served_file(path, cfg) as url:
         status, err = await call("GET", url + "/admin/keys", made["secret"])
         assert status == 401 and "back with another token" in err["error"]["message"], err
+
+
+async def test_keys_made_before_the_store_recorded_tokens_survive_a_rotation_while_stopped(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Keys made before this release record their maker's token under a random salt, which no
+    record of the store can find: the first start gives them the config key's own salt (the same
+    token, nothing else changed), so the next rotation while stopped carries them over too."""
+    secret, cfg, path = await _file_maker(start_upstream, tmp_path)
+    async with served_file(path, cfg) as url:
+        made, _ = await _two_levels(url)
+    digest = hashlib.sha256(b"tok-maker-v1-0123456789").hexdigest()
+    legacy = K.maker_fingerprint(digest, os.urandom(16))  # as a release before this one wrote it
+    db = sqlite3.connect(tmp_path / "edgeroute-ledger.db")
+    with db:
+        (data,) = db.execute("SELECT data FROM gov_keys WHERE id = ?", (made["id"],)).fetchone()
+        db.execute("UPDATE gov_keys SET data = ? WHERE id = ?", (orjson.dumps({**orjson.loads(data),
+                   "parent_fp": legacy}).decode(), made["id"]))  # fmt: skip
+        db.execute("DELETE FROM gov_secrets WHERE name LIKE 'maker:%'")  # nor did it record tokens
+
+    def stored() -> dict[str, Any]:
+        (data,) = db.execute("SELECT data FROM gov_keys WHERE id = ?", (made["id"],)).fetchone()
+        return dict(orjson.loads(data))
+
+    async with served_file(path) as url:  # the upgrade's start, with the same token
+
+        async def salted_again() -> bool:
+            return bool(stored()["parent_fp"] != legacy)
+
+        await eventually(salted_again, "the key given its maker's own salt")
+        assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200
+    secret.write_text("tok-maker-v2-0123456789")
+    async with served_file(path) as url:
+        status, body = await call("GET", url + "/admin/keys", made["secret"])
+        assert status == 200, body
+    db.close()

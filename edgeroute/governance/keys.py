@@ -279,6 +279,11 @@ def _printed(data: dict[str, Any], was: str) -> bool:
     return data.get("parent_fp") == was
 
 
+def _salted_otherwise(data: dict[str, Any], digest: str, fp: str) -> bool:
+    """Whether a key was made by the token of `digest` and records it otherwise than as `fp`."""
+    return data.get("parent_fp") != fp and _made_by(data, digest)
+
+
 def _made_by(data: dict[str, Any], digest: str) -> bool:
     """Whether a key's `parent_fp` names the config key's token of `digest`."""
     fingerprint = data.get("parent_fp")
@@ -454,6 +459,10 @@ class ManagedKeys:
         self._rotated: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {}
         self._records_due = False
         self._makers_key: bytes | None = None
+        # Config keys whose keys may hold a fingerprint of a random salt (made before the store
+        # recorded tokens), by digest: given the config key's own at the first poll, so that a
+        # rotation while stopped finds them too.
+        self._legacy: dict[str, str] = {}
         self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
@@ -786,6 +795,8 @@ class ManagedKeys:
         records = self.store.maker_records()
         for name, maker in (self.makers or {}).items():
             was = records.get(name)
+            if maker.digest is not None and (was is None or _same_maker(was, maker.digest)):
+                self._legacy[name] = maker.digest
             if was is None or maker.digest is None or _same_maker(was, maker.digest):
                 continue
             self.makers = {**(self.makers or {}), name: dataclasses.replace(maker, earlier_print=was)}
@@ -810,19 +821,15 @@ class ManagedKeys:
         (blocking), so that a restart or another instance (which know only the new token) keeps
         them; the old one stays as `parent_fp_was` for instances not reloaded yet. Audited once a
         config key (`key.maker_token_changed`). A failure is logged and tried at the next poll."""
+        for name, digest in list(self._legacy.items()):  # quietly: the same token, its own salt
+            fp = self.maker_print(name, digest)
+            if self._move(name, functools.partial(_salted_otherwise, digest=digest, fp=fp), fp) is None:
+                return
+            del self._legacy[name]
         for name, (was, new) in list(self._rotated.items()):
             parent = CONFIG_PARENT + name
-            made = [k for k, d in self._raw.items() if d.get("parent") == parent and was(d)]
-            moved, change = 0, _to_token(was, self.maker_print(name, new))
-            for key_id in made:
-                try:
-                    before, after = self.store.change_key(key_id, change)
-                except LookupError:
-                    continue  # no longer in the store
-                except Exception:
-                    log.exception("managed keys: carrying keys over to config key %s's new token failed", name)
-                    return
-                moved += after is not before
+            if (moved := self._move(name, was, self.maker_print(name, new))) is None:
+                return
             if moved:
                 self.store.audit("server", "key.maker_token_changed", parent, None, {"keys_carried_over": moved})
             log.warning(
@@ -835,6 +842,23 @@ class ManagedKeys:
                 self._write_records()
             except Exception:
                 log.exception("managed keys: recording the config keys' tokens failed")
+
+    def _move(self, name: str, was: Callable[[dict[str, Any]], bool], new: str) -> int | None:
+        """Records fingerprint `new` on the keys config key `name` made that `was` matches (the
+        one before kept as `parent_fp_was`); how many were written, None on a failure (logged)."""
+        parent = CONFIG_PARENT + name
+        made = [k for k, d in self._raw.items() if d.get("parent") == parent and d.get("parent_fp") and was(d)]
+        moved, change = 0, _to_token(was, new)
+        for key_id in made:
+            try:
+                before, after = self.store.change_key(key_id, change)
+            except LookupError:
+                continue  # no longer in the store
+            except Exception:
+                log.exception("managed keys: carrying keys over to config key %s's token failed", name)
+                return None
+            moved += after is not before
+        return moved
 
     def end_watch(self, key_id: str, wake: Callable[[], None] | None = None) -> _EndWatch:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
@@ -933,7 +957,7 @@ class ManagedKeys:
                     outage.failed(read, type(e).__name__)
                     continue
                 await self.settle()
-                if self._rotated or self._records_due:
+                if self._rotated or self._records_due or self._legacy:
                     await asyncio.get_running_loop().run_in_executor(KEY_READS, self.carry_over)
                 if self.stale_for() is None:  # a hung read come back late: the next one is current
                     outage.ended()
