@@ -280,6 +280,7 @@ class Router:
         exact_tokens: bool = False,
         priority: str | None = None,
         priority_ceiling: str | None = None,
+        sticky: str | None = None,
     ) -> Decision:
         """Decides how to serve a chat-completions ``body``; releases the GIL.
 
@@ -296,6 +297,8 @@ class Router:
         rule's class comes first; selection passes over deployments without a slot for it.
         ``priority_ceiling``, the highest class the caller's key may use: a rule that does not
         name its sender (``users``, ``teams``, ``roles``) cannot raise the class above it.
+        ``sticky``: what an experiment sticky by user buckets a keyed caller by instead of
+        ``user`` (its key's user, salted); rules still see ``user``.
 
         Raises :class:`BadRequestError` (bad body), :class:`ForbiddenError` (a rule rejects it),
         :class:`UnknownModelError` or :class:`NoDeploymentError`.

@@ -175,16 +175,13 @@ def decide(
                 priority=priority,
                 prompt_tokens=prompt_tokens,
             )
-        user, key = sticky.identity(
-            live.config, live.experiment_salt, ident
-        )  # its experiment arm its key's, not the body's
+        keyed = sticky.identity(live.config, live.experiment_salt, ident)  # its arm its key's, not the body's
         d = live.router.decide(
             body,
             tags=key_tags(ident, tags_of(request), live.regions),  # its denied tags refused, its region added
             team=ident.team,
             role=ident.role,
-            user=user,
-            key=key,
+            **keyed,
             explain=explain,
             exact_tokens=live.exact_tokens,
             priority=request_class(asked, ident.priority, ident.priorities, live.classes),

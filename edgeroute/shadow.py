@@ -120,12 +120,8 @@ def decide_as(
     if ident is None:
         return router.decide(body, tags=request_tags, prompt_tokens=prompt_tokens)
     tags = key_tags(ident, request_tags, live.regions)
-    user, key = sticky.identity(
-        live.config, live.experiment_salt, ident
-    )  # its experiment arm its key's, not the body's
-    d = router.decide(
-        body, tags=tags, team=ident.team, role=ident.role, user=user, key=key, prompt_tokens=prompt_tokens
-    )
+    keyed = sticky.identity(live.config, live.experiment_salt, ident)  # its experiment arm its key's, not the body's
+    d = router.decide(body, tags=tags, team=ident.team, role=ident.role, prompt_tokens=prompt_tokens, **keyed)
     if ident.residency is not None:
         check_order(live.config, (live.deployments[i].name for i in d.order), ident.residency)
     return d

@@ -4,7 +4,8 @@ The core buckets a request by the `user` and `key` it is given, and without a us
 to the body's `user`: a client could then try `user` values (on the free `/v1/route/explain`)
 until one lands on the arm it wants. So a keyed request is bucketed by its key's identity
 alone: the user bound to the key, else the key id, hashed with a per-deployment salt so that
-arms cannot be worked out offline. The salt is `learning.experiment_salt`, else a random one the
+arms cannot be worked out offline (the bound user is given the core twice: as it is, for the
+rules that name it, and salted, for the bucket). The salt is `learning.experiment_salt`, else a random one the
 governance store makes once (every instance on that store, and a restart, finds the same), else
 (a store in memory only) one derived from the config's key secrets. Not derived from the key
 set where it can be helped: adding or rotating any key would move every key's arm mid-experiment.
@@ -18,6 +19,7 @@ import hashlib
 import hmac
 import logging
 import os
+from typing import TypedDict
 
 from edgeroute import secrets
 from edgeroute.config import Config
@@ -54,12 +56,24 @@ def salt(config: Config, stored: bytes | None = None) -> bytes:
     return got
 
 
-def identity(config: Config, stored: bytes | None, ident: Identity) -> tuple[str, str]:
-    """(user, key) to pass the core for a keyed request: the key's own user (rules match it),
-    else its salted key id in the user's place (a key without a user matches no `users:` rule
-    either way), and the salted key id."""
-    key = _salted(salt(config, stored), ident.key)
-    return (ident.user if ident.user is not None else key), key
+class Keyed(TypedDict):
+    """What the core is given of a keyed caller's identity (`Router.decide`'s arguments)."""
+
+    user: str
+    key: str
+    sticky: str
+
+
+def identity(config: Config, stored: bytes | None, ident: Identity) -> Keyed:
+    """What to pass the core for a keyed request: as `user`, the key's own user (rules match
+    it), else its salted key id (a key without a user matches no `users:` rule either way); as
+    `key`, the salted key id; as `sticky`, what a user-sticky experiment buckets it by, the
+    salted user (its name alone let anyone work out a user's arm offline), else the salted key id."""
+    got = salt(config, stored)
+    key = _salted(got, ident.key)
+    if ident.user is None:
+        return Keyed(user=key, key=key, sticky=key)
+    return Keyed(user=ident.user, key=key, sticky=_salted(got, "\x00user:" + ident.user))  # no key id is this
 
 
 @functools.lru_cache(maxsize=4096)

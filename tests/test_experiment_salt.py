@@ -46,3 +46,22 @@ async def test_an_explicit_salt_still_wins_over_the_stores(start_upstream, start
         cfg = _ab(strong, weak, keys=MANY, ledger=ledger, learning={"experiment_salt": "env-free-salt"})
         got.append(await _arms_of(start_proxy, cfg))
     assert got[0] == got[1]
+
+
+async def test_a_keys_user_is_bucketed_with_the_salt(start_upstream, start_proxy, tmp_path: Path) -> None:
+    """A key bound to a user was bucketed by that user's name alone (no salt), so anyone who
+    knew the experiment's name and a user's could work out that user's arm offline, and every
+    deployment split the same users alike. The user's name is now salted as a key id is: two
+    stores split the same users otherwise, while two keys of one user still share its arm."""
+    strong, weak = await start_upstream(), await start_upstream()
+    users = {f"k{n}": {"token": f"tok-{n}", "role": "service", "user": f"person{n}"} for n in range(24)}
+    got = []
+    for name in ("a.db", "b.db"):
+        ledger = {"backend": "sqlite", "path": str(tmp_path / name)}
+        got.append(await _arms_of(start_proxy, _ab(strong, weak, keys=users, ledger=ledger)))
+    assert set(got[0]) == {"weak", "strong"} and got[0] != got[1], got
+    # A second key of person0's (a rotation by a new key, another app of theirs): person0's arm.
+    both = users | {"again": {"token": "tok-again", "role": "service", "user": "person0"}}
+    ledger = {"backend": "sqlite", "path": str(tmp_path / "a.db")}
+    proxy = await start_proxy(_ab(strong, weak, keys=both, ledger=ledger))
+    assert await _arms(proxy.url, "tok-again", range(1)) == {got[0][0]}

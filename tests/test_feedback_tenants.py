@@ -212,8 +212,9 @@ def test_train_from_log_names_a_tenant_that_gave_most_ratings(tmp_path: Path) ->
     for n, team in enumerate(["teamA"] * 5 + ["teamB"]):
         body = json.dumps({"model": "weak", "messages": msg(f"what is {n} + {n}?")})
         ledger.record(
-            RequestRecord(request_id=f"r{n}", started=now, model="weak", route="weak", status=200, outcome="ok",
-                          key=f"{team}-key", team=team, content_mode="full", content_request=body.encode())
+            RequestRecord(request_id=f"r{n}", started=now, model="auto", route="weak", status=200, outcome="ok",
+                          key=f"{team}-key", team=team, policy="auto", content_mode="full",
+                          content_request=body.encode())
         )  # fmt: skip
         ledger.outcome(outcomes.FEEDBACK, (f"r{n}", now, 0.0, f"{team}-key"))
     ledger.flush()
@@ -221,6 +222,36 @@ def test_train_from_log_names_a_tenant_that_gave_most_ratings(tmp_path: Path) ->
     found = from_log.read(db, cfg)
     assert found.tenants == {"team:teamA": 5, "team:teamB": 1}
     assert found.explain().endswith("5 of the usable from team:teamA alone: check its ratings before using the router")
+
+
+def test_train_from_log_counts_keys_of_no_team_apart_and_skips_tenants_named_routes(tmp_path: Path) -> None:
+    """`router train --from-log` read every key of no team as the operator (trusted, never named
+    as the tenant behind most rows), and trained on routes a tenant's client named itself: a
+    client asking `weak` for what it then rates chose which route its ratings teach about. Keys
+    of no team are counted as the online learner counts them (a `service` key: its own tenant);
+    a route named by a tenant's client is skipped and counted, by the operator's caller kept."""
+    db = SqliteBackend(tmp_path / "log.db")
+    ledger = Ledger(db, flush_interval=60, request_log=RequestLog(retention_days=1))
+    now = time.time()
+    callers = [("svc", None, "auto")] * 4 + [("boss", None, None), (None, None, None), ("ta", "teamA", None)]
+    for n, (key, team, policy) in enumerate(callers):
+        body = json.dumps({"model": "weak", "messages": msg(f"what is {n} + {n}?")})
+        ledger.record(
+            RequestRecord(request_id=f"r{n}", started=now, model=policy or "weak", route="weak", status=200,
+                          outcome="ok", key=key, team=team, policy=policy, content_mode="full",
+                          content_request=body.encode())
+        )  # fmt: skip
+        ledger.outcome(outcomes.FEEDBACK, (f"r{n}", now, 0.0, key))
+    ledger.flush()
+    raw = config("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1")
+    raw["keys"] = {"svc": {"token": "sk-svc-0123456789"}, "boss": {"token": "sk-boss-0123456789", "role": "admin"},
+                   "ta": {"token": "sk-ta-0123456789", "team": "teamA"}}  # fmt: skip
+    found = from_log.read(db, config_mod.parse(raw, "test.yaml"))
+    assert found.tenants == {"key:svc": 4, "anonymous": 2} and found.named == 1, found.tenants
+    assert found.explain() == (
+        "7 rated request(s) in the request log, 6 usable; 1 on a route a tenant's client named itself "
+        "(not chosen by routing); 4 of the usable from key:svc alone: check its ratings before using the router"
+    )
 
 
 async def test_redis_keeps_the_anonymous_sums_where_releases_before_read_them() -> None:

@@ -11,6 +11,9 @@ config key's rate limits and budgets too.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import openai
 import orjson
 import pytest
 
+from edgeroute.governance import keys as K
 from tests.conftest import eventually, simple_config
 from tests.governance_support import call, served_file, write_config
 
@@ -168,13 +172,8 @@ async def test_a_config_keys_id_given_to_another_token_does_not_revive_its_keys(
     assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200
 
 
-async def test_a_config_keys_token_rotated_in_place_keeps_the_keys_it_made(
-    start_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """red8 G3: a config key's token rotated through its `file:` reference (a mounted secret
-    rotated) ended every key it had made at the next reload, even one for another change: 401
-    `key_revoked` for the team's services. While its id stays in the config, a new token now
-    carries its keys over (logged, audited), for this instance, a restart, and others."""
+async def _file_maker(start_upstream: Any, tmp_path: Path) -> tuple[Path, dict[str, Any], Path]:
+    """A config whose admin key `maker` reads its token from a file (v1): (that file, config, its path)."""
     secret = tmp_path / "maker.token"
     secret.write_text("tok-maker-v1-0123456789")
     cfg = simple_config({"a": await start_upstream()})
@@ -183,12 +182,28 @@ async def test_a_config_keys_token_rotated_in_place_keeps_the_keys_it_made(
         "maker": {"token": f"file:{secret}", "role": "admin", "team": "alpha"},
     }
     cfg["governance"] = {"managed_keys": True, "key_poll_interval": 0.1}
-    path = tmp_path / "edgeroute.yaml"
+    return secret, cfg, tmp_path / "edgeroute.yaml"
+
+
+async def _two_levels(url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A key `maker` (v1) made, and a key that one made."""
+    status, made = await call("POST", url + "/admin/keys", "tok-maker-v1-0123456789", json={"role": "admin"})
+    assert status == 201, made
+    status, grand = await call("POST", url + "/admin/keys", made["secret"], json={"role": "service"})
+    assert status == 201, grand
+    return made, grand
+
+
+async def test_a_config_keys_token_rotated_in_place_keeps_the_keys_it_made(
+    start_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """red8 G3: a config key's token rotated through its `file:` reference (a mounted secret
+    rotated) ended every key it had made at the next reload, even one for another change: 401
+    `key_revoked` for the team's services. While its id stays in the config, a new token now
+    carries its keys over (logged, audited), for this instance, a restart, and others."""
+    secret, cfg, path = await _file_maker(start_upstream, tmp_path)
     async with served_file(path, cfg) as url:
-        status, made = await call("POST", url + "/admin/keys", "tok-maker-v1-0123456789", json={"role": "admin"})
-        assert status == 201, made
-        status, grand = await call("POST", url + "/admin/keys", made["secret"], json={"role": "service"})
-        assert status == 201, grand
+        made, grand = await _two_levels(url)
         secret.write_text("tok-maker-v2-0123456789")  # the secret rotated
         cfg["models"]["m2"] = {"deployments": ["d-a"]}  # reloaded for another change
         await _reload(url, path, cfg)
@@ -211,3 +226,76 @@ async def test_a_config_keys_token_rotated_in_place_keeps_the_keys_it_made(
         for key in (made, grand):
             status, body = await call("GET", url + "/v1/models", key["secret"])
             assert status == 200, body
+
+
+async def test_a_config_keys_token_rotated_while_stopped_keeps_the_keys_it_made(
+    start_upstream: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A config key's token rotated while edgeroute was stopped (its `file:` secret replaced
+    before the start) ended every key it had made at that start: 401 `key_revoked`, "back with
+    another token", where the same rotation through a reload carried them over. The store now
+    records each config key's token (a salted fingerprint) as an instance last ran with it: a
+    start with another one for the same id carries its keys over, as a reload does, and does so
+    again at the next rotation while stopped. An id removed (its record dropped) and given to
+    another token while stopped still ends them."""
+    secret, cfg, path = await _file_maker(start_upstream, tmp_path)
+    async with served_file(path, cfg) as url:
+        made, grand = await _two_levels(url)
+    for token in ("tok-maker-v2-0123456789", "tok-maker-v3-0123456789"):
+        secret.write_text(token)  # rotated while stopped, twice in turn
+        async with served_file(path) as url:
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=grand["secret"], max_retries=0)
+            await client.models.list()  # served at once, before any poll
+            status, body = await call("GET", url + "/admin/keys", made["secret"])
+            assert status == 200, body
+
+            async def audited() -> list[dict[str, Any]] | None:
+                _, body = await call("GET", url + "/admin/audit?action=key.maker_token_changed", ROOT)
+                return body["entries"] or None
+
+            entry = (await eventually(audited, "the carry-over audited"))[0]
+            assert entry["target"] == "config:maker" and entry["after"] == {"keys_carried_over": 1}, entry
+    assert not [r for r in caplog.records if "stay ended" in r.getMessage()]
+    held = cfg["keys"].pop("maker")
+    async with served_file(path, cfg):  # removed while stopped, then given to someone else
+        pass
+    cfg["keys"]["maker"] = {**held, "token": "tok-someone-else-0123456789"}
+    async with served_file(path, cfg) as url:
+        status, err = await call("GET", url + "/admin/keys", made["secret"])
+        assert status == 401 and "back with another token" in err["error"]["message"], err
+
+
+async def test_keys_made_before_the_store_recorded_tokens_survive_a_rotation_while_stopped(
+    start_upstream: Any, tmp_path: Path
+) -> None:
+    """Keys made before this release record their maker's token under a random salt, which no
+    record of the store can find: the first start gives them the config key's own salt (the same
+    token, nothing else changed), so the next rotation while stopped carries them over too."""
+    secret, cfg, path = await _file_maker(start_upstream, tmp_path)
+    async with served_file(path, cfg) as url:
+        made, _ = await _two_levels(url)
+    digest = hashlib.sha256(b"tok-maker-v1-0123456789").hexdigest()
+    legacy = K.maker_fingerprint(digest, os.urandom(16))  # as a release before this one wrote it
+    db = sqlite3.connect(tmp_path / "edgeroute-ledger.db")
+    with db:
+        (data,) = db.execute("SELECT data FROM gov_keys WHERE id = ?", (made["id"],)).fetchone()
+        db.execute("UPDATE gov_keys SET data = ? WHERE id = ?", (orjson.dumps({**orjson.loads(data),
+                   "parent_fp": legacy}).decode(), made["id"]))  # fmt: skip
+        db.execute("DELETE FROM gov_secrets WHERE name LIKE 'maker:%'")  # nor did it record tokens
+
+    def stored() -> dict[str, Any]:
+        (data,) = db.execute("SELECT data FROM gov_keys WHERE id = ?", (made["id"],)).fetchone()
+        return dict(orjson.loads(data))
+
+    async with served_file(path) as url:  # the upgrade's start, with the same token
+
+        async def salted_again() -> bool:
+            return bool(stored()["parent_fp"] != legacy)
+
+        await eventually(salted_again, "the key given its maker's own salt")
+        assert (await call("GET", url + "/admin/keys", made["secret"]))[0] == 200
+    secret.write_text("tok-maker-v2-0123456789")
+    async with served_file(path) as url:
+        status, body = await call("GET", url + "/admin/keys", made["secret"])
+        assert status == 200, body
+    db.close()

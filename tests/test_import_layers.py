@@ -86,6 +86,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.sidecar_guard",
             "edgeroute.cache",
             "edgeroute.governance.store",
+            "edgeroute.governance.write_limit",
             "edgeroute.governance.keys",
             "edgeroute.governance.key_names",
             "edgeroute.governance.residency",

@@ -41,6 +41,7 @@ from edgeroute.governance.versions import (
     version_json,
 )
 from edgeroute.governance.weakening import weakenings
+from edgeroute.governance.write_limit import WriteLimit
 from edgeroute.metrics import METRICS
 from edgeroute.reload import to_the_end
 from edgeroute.requestlog import gate
@@ -67,6 +68,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         )
         ring = app[STATE].live.access.ring
         managed.makers = K.config_makers(cfg, ring.digests if ring is not None else None)
+        managed.writes = WriteLimit(cfg.shared_state, "key_writes")  # shared by instances sharing Redis
+        managed.restarted()  # config keys' tokens rotated while stopped keep their keys
         managed.load()
         app[MANAGED_KEYS] = managed
         managed.on_ended.append(app[CACHE].forget)
@@ -93,6 +96,8 @@ def install(app: web.Application, cfg: Config, source: str) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if managed is not None:
+            await managed.writes.close()
         await asyncio.to_thread(store.close)
 
     app.cleanup_ctx.append(lifecycle)
@@ -640,10 +645,10 @@ async def create_key(request: web.Request) -> web.Response:
             code="permission_denied",
         )  # fmt: skip
     cap = _room_for(request, managed, f.team)
-    _may_write(request, managed)
+    await _may_write(request, managed)
     # The audit entry is written in the change's own transaction (governance/store.py).
     digest = ring.digests.get(creator.key) if (ring := request.app[STATE].live.access.ring) is not None else None
-    fingerprint = K.maker_fingerprint(digest) if digest is not None and creator_raw is None else None
+    fingerprint = managed.maker_print(creator.key, digest) if digest is not None and creator_raw is None else None
     data, token = await _key_change(K.create, managed.store, f, actor, parent, fingerprint, cap)
     await _read_back(managed)
     out = K.public(data)
@@ -684,13 +689,14 @@ def _room_for(request: web.Request, managed: K.ManagedKeys, team: str | None) ->
     return KeyCap(most, managed.ended_with_maker, refused)
 
 
-def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
+async def _may_write(request: web.Request, managed: K.ManagedKeys) -> None:
     """429 (with Retry-After) past `governance.key_writes_per_minute` writes by the caller's team,
-    or by the caller when it has none: each write is an audit entry and a read on every instance."""
+    or by the caller when it has none: each write is an audit entry and a read on every instance.
+    Counted in Redis with `shared_state` (every instance and worker together), else per process."""
     ident = request.get(IDENTITY)
     writer = f"team:{ident.team}" if ident is not None and ident.team else f"key:{actor_of(request)}"
     per_minute = request.app[STATE].live.config.governance.key_writes_per_minute
-    wait = managed.writes.take(writer, per_minute)
+    wait = await managed.writes.take(writer, per_minute)
     if wait > 0:
         raise too_many(
             f"Too many key changes: at most {per_minute} a minute (governance.key_writes_per_minute). "
@@ -768,12 +774,16 @@ async def update_key(request: web.Request) -> web.Response:
     moved = "team" in body and f.team != current.get("team")
     revived = "expires_at" in body and (until := current.get("expires_at")) is not None and until <= time.time()
     cap = _room_for(request, managed, f.team) if moved or revived else None  # checked again in the write
-    _may_write(request, managed)
-    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap)
+    await _may_write(request, managed)
+    kept: dict[str, float] = {}
+    if revived:  # the keys that ended with it stay ended: each is brought back on its own (and counted)
+        await managed.read_since(time.monotonic(), K.POLL_DEADLINE_S)  # those made just before it expired
+        kept = managed.kept_ended(key_id, current.get("expires_at"))
+    before, after = await _key_change(K.update, managed.store, key_id, changes, actor_of(request), cap, kept)
     if before is after:  # nothing to change: no audit entry, as for a deployment
         return json_response({**K.public(after), "action": "unchanged"})
     await _read_back(managed)
-    return json_response(K.public(after))
+    return json_response({**K.public(after), "kept_ended": len(kept)} if revived else K.public(after))
 
 
 async def _within_scope(request: web.Request, managed: K.ManagedKeys, key_id: str, verb: str) -> None:
@@ -827,7 +837,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= 30 * 86400:
         raise ProxyError(400, "'grace_seconds' must be a number from 0 to 2592000 (30 days).", param="grace_seconds")
     await _within_scope(request, managed, key_id, "rotate")
-    _may_write(request, managed)
+    await _may_write(request, managed)
     _, after, token = await _key_change(K.rotate, managed.store, key_id, float(grace), actor_of(request))
     await _read_back(managed)
     return json_response({**K.public(after), "secret": token})

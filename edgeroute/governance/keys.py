@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import hmac
 import logging
@@ -55,6 +56,7 @@ from edgeroute.config import MAX_LIMIT_USD, Budget, Limit
 from edgeroute.cost.keys import Identity, key_budget_name, token_bytes
 from edgeroute.errors import ProxyError
 from edgeroute.governance.store import KEY_READS, AuditOf, GovStore, KeyCap
+from edgeroute.governance.write_limit import WriteLimit
 
 log = logging.getLogger("edgeroute.keys")
 
@@ -227,6 +229,9 @@ class ConfigMaker:
     # Its earlier tokens' digests, most recent first, while its id stayed in the config (a
     # rotation this process saw at a reload): the keys they made are carried over, not ended.
     earlier: tuple[str, ...] = ()
+    # The fingerprint (`ManagedKeys.maker_print`) of the token it had when an instance last ran
+    # with it, when this process started with another (rotated while stopped): likewise.
+    earlier_print: str | None = None
 
     def digests(self) -> tuple[str, ...]:
         return (self.digest, *self.earlier) if self.digest is not None else self.earlier
@@ -246,25 +251,37 @@ def config_makers(cfg: Any, digests: Mapping[str, str] | None = None) -> dict[st
     }
 
 
-def maker_fingerprint(digest: str) -> str:
+def maker_fingerprint(digest: str, salt: bytes) -> str:
     """What a key made by a config key records of that key's token (`parent_fp`): a salted keyed
     hash of its digest, as a managed key's own secret is kept. The id alone revived the keys of a
-    removed config key when the id was given to someone else, with another token."""
-    salt = os.urandom(16)
+    removed config key when the id was given to someone else, with another token. The salt is
+    the config key's own (`ManagedKeys.maker_print`): the same token gives the same fingerprint,
+    which the store records (`maker_records`) to know the keys of a token rotated while stopped."""
     return salt.hex() + ":" + _mac(salt, bytes.fromhex(digest)).hex()
 
 
-def _to_token(old: str, new: str) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
-    """A key's change from the config maker's token of digest `old` to that of `new`."""
+def _to_token(was: Callable[[dict[str, Any]], bool], new: str) -> Callable[[dict[str, Any] | None], dict[str, Any]]:
+    """A key's change from the config maker's token it was made by (`was`) to that of
+    fingerprint `new`."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         if before is None:
             raise LookupError("no such key")
-        if not _made_by(before, old):
+        if not was(before):
             return before  # carried over already (by another instance): no write
-        return {**before, "parent_fp": maker_fingerprint(new), "parent_fp_was": before["parent_fp"]}
+        return {**before, "parent_fp": new, "parent_fp_was": before["parent_fp"]}
 
     return change
+
+
+def _printed(data: dict[str, Any], was: str) -> bool:
+    """Whether a key's `parent_fp` is the fingerprint `was` (`ManagedKeys.maker_print`)."""
+    return data.get("parent_fp") == was
+
+
+def _salted_otherwise(data: dict[str, Any], digest: str, fp: str) -> bool:
+    """Whether a key was made by the token of `digest` and records it otherwise than as `fp`."""
+    return data.get("parent_fp") != fp and _made_by(data, digest)
 
 
 def _made_by(data: dict[str, Any], digest: str) -> bool:
@@ -300,7 +317,7 @@ def carried_over(
         if old.digest is not None and old.digest != maker.digest:
             rotated[name] = (old.digest, maker.digest)
         earlier = tuple(d for d in old.digests() if d != maker.digest)[:EARLIER_KEPT]
-        out[name] = dataclasses.replace(maker, earlier=earlier)
+        out[name] = dataclasses.replace(maker, earlier=earlier, earlier_print=old.earlier_print)
     return out, rotated
 
 
@@ -317,7 +334,8 @@ def _config_maker_ends(chain: list[dict[str, Any]], makers: dict[str, ConfigMake
     # Keys made before `parent_fp` was recorded know their maker by its id alone. One carried
     # over to a rotated token keeps the token before (`parent_fp_was`) for instances not reloaded yet.
     prints = [f for f in (chain[-1].get("parent_fp"), chain[-1].get("parent_fp_was")) if isinstance(f, str)]
-    if prints and not any(_same_maker(f, d) for f in prints for d in maker.digests()):
+    known = maker.earlier_print in prints
+    if prints and not known and not any(_same_maker(f, d) for f in prints for d in maker.digests()):
         return f"config key {name}, {OTHER_TOKEN}"
     if any(roles.rank(roles.access_role(n.get("role"))) > roles.rank(maker.role) for n in chain):
         return f"config key {name}, whose role no longer allows it"
@@ -423,7 +441,7 @@ class ManagedKeys:
         self._by_id: dict[str, _Entry] = {}
         # The config's keys, as makers of managed keys (None: not known, as in tools and tests).
         self.makers: dict[str, ConfigMaker] | None = None
-        self.writes = WriteLimit()
+        self.writes = WriteLimit()  # key changes a minute per writer (`set_writes` with shared state)
         self._raw: dict[str, dict[str, Any]] = {}
         self._children: dict[str, list[str]] = {}  # parent id -> the keys it created
         self.seq = 0
@@ -435,7 +453,16 @@ class ManagedKeys:
         # that saw them end did that then. `_next_expiry`: when the next key's expiry comes.
         self._gone: frozenset[str] = frozenset()
         self._other_tokens: set[str] = set()  # config makers back with another token, said once
-        self._rotated: dict[str, tuple[str, str]] = {}  # config makers' rotated tokens, not yet carried over
+        # Config makers' rotated tokens, not yet carried over: which keys the token before made,
+        # and the digest of the new one. The store records each one's token (`maker_records`)
+        # once they are: `_records_due` when the config's keys changed since.
+        self._rotated: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {}
+        self._records_due = False
+        self._makers_key: bytes | None = None
+        # Config keys whose keys may hold a fingerprint of a random salt (made before the store
+        # recorded tokens), by digest: given the config key's own at the first poll, so that a
+        # rotation while stopped finds them too.
+        self._legacy: dict[str, str] = {}
         self.ended_gen = 0  # moves each time keys are seen to end: open streams look then
         self._newly_gone: set[str] = set()
         self._next_expiry = math.inf
@@ -502,7 +529,9 @@ class ManagedKeys:
         self._region_of = region_of
         if makers is not None:
             self.makers, rotated = carried_over(self.makers, makers)
-            self._rotated.update(rotated)  # written to the store at the next poll (`carry_over`)
+            for name, (old, new) in rotated.items():  # written to the store at the next poll (`carry_over`)
+                self._rotated[name] = (functools.partial(_made_by, digest=old), new)
+            self._records_due = True
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -616,6 +645,29 @@ class ManagedKeys:
         above = e.expires_above is not None and time.time() >= e.expires_above[1]
         return e.revoked_above is not None or e.config_ended is not None or above
 
+    def kept_ended(self, key_id: str, until: float | None) -> dict[str, float]:
+        """The keys below `key_id` whose own rows are live but that ended with its expiry
+        (`until`, from its current row) or a maker's between them and it, by id, and when
+        (the earliest of those expiries): what a later expiry given to `key_id` would revive."""
+        now = time.time()
+        out: dict[str, float] = {}
+        for below in self.spenders(key_id):
+            data = self._raw.get(below)
+            if below == key_id or data is None or _ended(data, now) is not None:
+                continue
+            ends = []
+            for node in lineage(data, self._raw.get)[1:]:
+                if node.get("revoked_at"):
+                    break  # ended for good by a revocation: nothing to keep
+                at = until if node["id"] == key_id else node.get("expires_at")
+                if at is not None and float(at) <= now:
+                    ends.append(float(at))
+                if node["id"] == key_id:
+                    if ends:
+                        out[below] = min(ends)
+                    break
+        return out
+
     def live(self, team: str | None) -> int:
         """The keys of `team` (None: of no team) that have not ended."""
         gone = self._gone
@@ -725,30 +777,88 @@ class ManagedKeys:
             raise ProxyError(401, why[0], code=why[1])
         return e.identity
 
+    def maker_print(self, name: str, digest: str) -> str:
+        """The fingerprint keys made by config key `name` with the token of `digest` record (and
+        the store, of the token it runs with): salted with the config key's own salt, derived
+        from the store's key (blocking the first time)."""
+        if self._makers_key is None:
+            self._makers_key = self.store.makers_key()
+        return maker_fingerprint(digest, _mac(self._makers_key, name.encode())[:16])
+
+    def restarted(self) -> None:
+        """At the start, before the first `load` (blocking): a config key whose token is not the
+        one an instance last ran with (`maker_records`) was rotated while stopped, as through a
+        reload: its keys are known by the token before and carried over at the next poll. A
+        config key removed (at a reload or a start) has no record, so an id given to another
+        token while stopped still ends them."""
+        self._makers_key = self.store.makers_key()  # not on the loop at a key's creation
+        records = self.store.maker_records()
+        for name, maker in (self.makers or {}).items():
+            was = records.get(name)
+            if maker.digest is not None and (was is None or _same_maker(was, maker.digest)):
+                self._legacy[name] = maker.digest
+            if was is None or maker.digest is None or _same_maker(was, maker.digest):
+                continue
+            self.makers = {**(self.makers or {}), name: dataclasses.replace(maker, earlier_print=was)}
+            self._rotated[name] = (functools.partial(_printed, was=was), maker.digest)
+        self._write_records()
+
+    def _write_records(self) -> None:
+        """Records the token each config key runs with (not a rotated one's before its keys are
+        carried over: a restart meanwhile still knows them), and drops removed ones' records."""
+        records = self.store.maker_records()
+        want = {
+            name: self.maker_print(name, m.digest)
+            for name, m in (self.makers or {}).items()
+            if m.digest is not None and name not in self._rotated
+        }
+        drop = [n for n in records if n not in (self.makers or {})]
+        self.store.set_maker_records({n: v for n, v in want.items() if records.get(n) != v}, drop)
+        self._records_due = False
+
     def carry_over(self) -> None:
         """Records in the store each rotated config key's new token on the keys its old one made
         (blocking), so that a restart or another instance (which know only the new token) keeps
         them; the old one stays as `parent_fp_was` for instances not reloaded yet. Audited once a
         config key (`key.maker_token_changed`). A failure is logged and tried at the next poll."""
-        for name, (old, new) in list(self._rotated.items()):
+        for name, digest in list(self._legacy.items()):  # quietly: the same token, its own salt
+            fp = self.maker_print(name, digest)
+            if self._move(name, functools.partial(_salted_otherwise, digest=digest, fp=fp), fp) is None:
+                return
+            del self._legacy[name]
+        for name, (was, new) in list(self._rotated.items()):
             parent = CONFIG_PARENT + name
-            made = [k for k, d in self._raw.items() if d.get("parent") == parent and _made_by(d, old)]
-            moved, change = 0, _to_token(old, new)
-            for key_id in made:
-                try:
-                    before, after = self.store.change_key(key_id, change)
-                except LookupError:
-                    continue  # no longer in the store
-                except Exception:
-                    log.exception("managed keys: carrying keys over to config key %s's new token failed", name)
-                    return
-                moved += after is not before
+            if (moved := self._move(name, was, self.maker_print(name, new))) is None:
+                return
             if moved:
                 self.store.audit("server", "key.maker_token_changed", parent, None, {"keys_carried_over": moved})
             log.warning(
                 "managed keys: config key %s has a new token: %d key(s) it made carried over to it", name, moved
             )
             del self._rotated[name]
+            self._records_due = True
+        if self._records_due:
+            try:
+                self._write_records()
+            except Exception:
+                log.exception("managed keys: recording the config keys' tokens failed")
+
+    def _move(self, name: str, was: Callable[[dict[str, Any]], bool], new: str) -> int | None:
+        """Records fingerprint `new` on the keys config key `name` made that `was` matches (the
+        one before kept as `parent_fp_was`); how many were written, None on a failure (logged)."""
+        parent = CONFIG_PARENT + name
+        made = [k for k, d in self._raw.items() if d.get("parent") == parent and d.get("parent_fp") and was(d)]
+        moved, change = 0, _to_token(was, new)
+        for key_id in made:
+            try:
+                before, after = self.store.change_key(key_id, change)
+            except LookupError:
+                continue  # no longer in the store
+            except Exception:
+                log.exception("managed keys: carrying keys over to config key %s's token failed", name)
+                return None
+            moved += after is not before
+        return moved
 
     def end_watch(self, key_id: str, wake: Callable[[], None] | None = None) -> _EndWatch:
         """For a stream of `key_id`: (message, code) once the key is seen ended (revoked, expired,
@@ -847,7 +957,7 @@ class ManagedKeys:
                     outage.failed(read, type(e).__name__)
                     continue
                 await self.settle()
-                if self._rotated:
+                if self._rotated or self._records_due or self._legacy:
                     await asyncio.get_running_loop().run_in_executor(KEY_READS, self.carry_over)
                 if self.stale_for() is None:  # a hung read come back late: the next one is current
                     outage.ended()
@@ -928,27 +1038,6 @@ def _own_expiry(data: dict[str, Any]) -> float | None:
     if not until or data.get("revoked_at") or not any(f in data for f in _BULKY):
         return None
     return float(until)
-
-
-class WriteLimit:
-    """Key writes a minute per writer (a team, or a key of no team) on this instance: a token
-    bucket of `per_minute` tokens, refilled evenly over the minute."""
-
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}  # writer -> (tokens, when, monotonic)
-
-    def take(self, writer: str, per_minute: int) -> float:
-        """0 when a write may go now (a token taken), else the seconds until one may."""
-        now = time.monotonic()
-        tokens, at = self._buckets.get(writer, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - at) * per_minute / 60)
-        if tokens < 1:
-            self._buckets[writer] = (tokens, now)
-            return (1 - tokens) * 60 / per_minute
-        self._buckets[writer] = (tokens - 1, now)
-        if len(self._buckets) > 10_000:  # writers idle a minute are full again: forget them
-            self._buckets = {w: b for w, b in self._buckets.items() if now - b[1] < 60}
-        return 0.0
 
 
 def _retrieved(read: asyncio.Future[None]) -> None:
@@ -1102,10 +1191,18 @@ def _audit(actor: str | None, action: str) -> AuditOf | None:
 
 
 def update(
-    store: GovStore, key_id: str, changes: dict[str, Any], actor: str | None = None, cap: KeyCap | None = None
+    store: GovStore,
+    key_id: str,
+    changes: dict[str, Any],
+    actor: str | None = None,
+    cap: KeyCap | None = None,
+    kept: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Applies validated changes; returns (before, after), `after is before` when they change
-    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to."""
+    nothing (nothing written nor audited: `unchanged`). `cap`: the bound of a team it moves to.
+    `kept`: keys below it that ended with its expiry, by id, and when (`ManagedKeys.kept_ended`):
+    each records that end as its own expiry in the same write, so that the key given a later
+    one does not bring them back with it (audited `key.kept_ended`)."""
 
     def change(before: dict[str, Any] | None) -> dict[str, Any]:
         current = _existing(key_id, before)
@@ -1113,9 +1210,21 @@ def update(
             return current
         return {**current, **changes, "updated_at": time.time()}
 
-    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap)
+    also = [(k, _ended_at(when), _audit(actor, "key.kept_ended")) for k, when in (kept or {}).items()]
+    before, after = store.change_key(key_id, change, _audit(actor, "key.updated"), cap, also)
     assert before is not None
     return before, after
+
+
+def _ended_at(when: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A key's change to an expiry of `when` at the latest (none when its own row has ended)."""
+
+    def change(before: dict[str, Any]) -> dict[str, Any]:
+        if _ended(before, time.time()) is not None:
+            return before
+        return {**before, "expires_at": when, "updated_at": time.time()}
+
+    return change
 
 
 def rotate(

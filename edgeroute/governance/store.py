@@ -408,30 +408,45 @@ class GovStore:
         change: Callable[[dict[str, Any] | None], dict[str, Any]],
         audit: AuditOf | None = None,
         cap: KeyCap | None = None,
+        also: Sequence[tuple[str, Callable[[dict[str, Any]], dict[str, Any]], AuditOf | None]] = (),
     ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         """Reads a key and writes `change(key)` (None: no such key) in one transaction, so that
         no other change falls between (a revocation written between a rotation's read and its
         write was undone by it), with its `audit` entry; an exception from `change` writes
         nothing, and neither does a `change` that returns the key itself (nothing to change: no
-        write, no audit entry). Returns (before, after)."""
-        lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
+        write, no audit entry). `also`: changes of other keys (id, change, audit) made in the
+        same transaction when this one writes (a key absent, or returned as it is, is left).
+        Returns (before, after)."""
         with self._held(), self._tx() as cur:
-            cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
-            row = cur.fetchone()
-            before = orjson.loads(row[0]) if row is not None else None
+            before = self._locked(cur, key_id)
             after = change(before)
             if after is before:
                 return before, after
             if cap is not None and ((before or {}).get("team") != after.get("team") or _revives(before, after, cap)):
                 self._check_cap(cur, after, cap)  # moved into a team, or live again: room for it there
-            self._write_key(cur, after)
-            if audit is not None:
-                if audit.changes is not None and before is not None:
-                    was, now = audit.changes(before, after)
-                else:
-                    was, now = (audit.describe(before) if before is not None else None), audit.describe(after)
-                self._append_audit(cur, audit.actor, audit.action, key_id, was, now)
+            self._write_changed(cur, key_id, before, after, audit)
+            for other_id, other_change, other_audit in also:
+                if (was := self._locked(cur, other_id)) is not None and (now := other_change(was)) is not was:
+                    self._write_changed(cur, other_id, was, now, other_audit)
             return before, after
+
+    def _locked(self, cur: Any, key_id: str) -> dict[str, Any] | None:
+        """A key read for a change in the transaction of `cur` (held until it ends)."""
+        lock = " FOR UPDATE" if self.dialect == "postgres" else ""  # SQLite's writer holds the database
+        cur.execute(self._sql("SELECT data FROM gov_keys WHERE id = ?" + lock), (key_id,))
+        row = cur.fetchone()
+        return orjson.loads(row[0]) if row is not None else None
+
+    def _write_changed(
+        self, cur: Any, key_id: str, before: dict[str, Any] | None, after: dict[str, Any], audit: AuditOf | None
+    ) -> None:
+        self._write_key(cur, after)
+        if audit is not None:
+            if audit.changes is not None and before is not None:
+                was, now = audit.changes(before, after)
+            else:
+                was, now = (audit.describe(before) if before is not None else None), audit.describe(after)
+            self._append_audit(cur, audit.actor, audit.action, key_id, was, now)
 
     def _check_cap(self, cur: Any, data: dict[str, Any], cap: KeyCap) -> None:
         """Raises `cap.refused()` when the team `data` joins holds `cap.most` live keys besides it."""
@@ -476,6 +491,30 @@ class GovStore:
         the same for every instance on this store and after a restart; None for a store in this
         process's memory (no other instance shares it, and a restart would reshuffle the arms)."""
         return None if self._target == ":memory:" else self._own_key("experiment_salt")
+
+    def makers_key(self) -> bytes:
+        """The store's own random key from which each config key's fingerprint salt is derived
+        (`ManagedKeys.maker_print`), made and shared as `versions_key`."""
+        return self._own_key("makers")
+
+    def maker_records(self) -> dict[str, str]:
+        """The fingerprint of each config key's token as an instance last ran with it, by id."""
+        rows = self._query("SELECT name, value FROM gov_secrets WHERE name LIKE ?", ("maker:%",))
+        return {str(n).removeprefix("maker:"): str(v) for n, v in rows}
+
+    def set_maker_records(self, put: Mapping[str, str], drop: Sequence[str] = ()) -> None:
+        """Writes the given records (`maker_records`) and drops those of `drop`, in one transaction."""
+        with self._held(), self._tx() as cur:
+            for name in drop:
+                cur.execute(self._sql("DELETE FROM gov_secrets WHERE name = ?"), ("maker:" + name,))
+            for name, value in put.items():
+                cur.execute(
+                    self._sql(
+                        "INSERT INTO gov_secrets (name, value) VALUES (?, ?) "
+                        "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+                    ),
+                    ("maker:" + name, value),
+                )
 
     def _own_key(self, name: str) -> bytes:
         """32 random bytes kept under `name`: the first caller's, for every caller after it."""

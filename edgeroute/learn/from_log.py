@@ -11,8 +11,13 @@ default (`request_log.log_content: none`): then there is nothing to train on, an
 Only answered requests count (status 200, not a cache hit: a hit says nothing of the route's
 cost); a prompt cut at `max_content_bytes` or a body that is not a chat request is skipped
 and counted. The trained router routes every tenant's requests, so the rows are counted per
-tenant (the team; keys of no team and keyless callers are the operator's one) and a team
-that gave most of them is named: check its ratings first.
+tenant (as the online learner counts them, `learning.tenant_id`: the team; keyless callers and
+config keys of no team with role `operator` or above are the operator's one; any other key of
+no team is a tenant of its own) and a tenant that gave most of them is named: check its
+ratings first. A route the client named itself (`model: weak`, no policy or experiment chose
+it) is the operator's evidence only when the operator's caller named it (an evaluation run
+that asks each route in turn): a tenant's client naming the route it rates chose which route
+its ratings teach about, so those rows are skipped and counted, as the online learner skips them.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from edgeroute.config import Config
 from edgeroute.cost.ledger_store import Backend
 from edgeroute.learning import ANONYMOUS, tenant_id
 
-_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.team
+_SQL = """SELECT r.id, r.route, r.cost_usd, r.content, f.score, r.team, r.key_id, r.policy, r.variant
 FROM feedback f JOIN requests r ON r.id = f.request_id
 WHERE r.status = 200 AND (r.cache IS NULL OR r.cache IN ('miss', 'bypass')) AND f.ts >= ?
   AND (r.outcome IS NULL OR r.outcome <> 'shadow')
@@ -42,6 +47,7 @@ class LogRows:
     no_content: int = 0  # ... whose prompt the log did not keep
     cut: int = 0  # ... whose body was cut at max_content_bytes
     unreadable: int = 0  # ... whose body is not a chat request with user text
+    named: int = 0  # ... whose route a tenant's client named (no policy or experiment chose it)
     tenants: Counter[str] = field(default_factory=Counter)  # usable rows per tenant
 
     def dominant(self) -> tuple[str, int] | None:
@@ -58,6 +64,7 @@ class LogRows:
             (self.no_content, "without stored content"),
             (self.cut, "cut at request_log.max_content_bytes"),
             (self.unreadable, "not a chat request with user text"),
+            (self.named, "on a route a tenant's client named itself (not chosen by routing)"),
         ):
             if n:
                 parts.append(f"{n} {why}")
@@ -113,8 +120,13 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
     """The rated requests' outcome rows (feedback given at or after `since`)."""
     outputs = route_outputs(cfg)
     found = LogRows()
-    for _rid, route, cost, content, score, team in db.query(_SQL, (since,)):
+    for _rid, route, cost, content, score, team, key, policy, variant in db.query(_SQL, (since,)):
         found.rated += 1
+        # The log keeps no role: a config key's is known; a managed key of no team is its own tenant.
+        tenant = tenant_id(team, key, cfg.keys[key].role if key in cfg.keys else None)
+        if policy is None and variant is None and tenant != ANONYMOUS:
+            found.named += 1
+            continue
         stored = json.loads(content) if content else None
         if not isinstance(stored, dict) or not isinstance(stored.get("request"), str):
             found.no_content += 1
@@ -131,5 +143,5 @@ def read(db: Backend, cfg: Config, since: float = 0.0) -> LogRows:
         found.rows.append(
             {"prompt": prompt, "model": outputs.get(route, route), "score": float(score), "cost_usd": float(cost)}
         )
-        found.tenants[tenant_id(team)] += 1
+        found.tenants[tenant] += 1
     return found

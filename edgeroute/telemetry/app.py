@@ -26,8 +26,8 @@ from edgeroute.accounting import UNROUTED, RequestRecord
 from edgeroute.admission import ADMISSION
 from edgeroute.config import Budget, Config
 from edgeroute.errors import ProxyError, too_many
-from edgeroute.governance.keys import WriteLimit
 from edgeroute.governance.runtime import GOV, actor_of
+from edgeroute.governance.write_limit import WriteLimit
 from edgeroute.metrics import METRICS, Metrics, budget_spend_now, metrics_endpoint
 from edgeroute.shadow import MIRRORED
 from edgeroute.state import STATE
@@ -82,7 +82,8 @@ class Telemetry:
         # The loop it runs on, kept while it runs: asking for the running loop is a getpid()
         # system call on Python 3.11, and `finished` needs it once a request.
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.tests = WriteLimit()  # `POST /admin/alerts/test` calls by caller (ALERT_TESTS_PER_MINUTE)
+        # `POST /admin/alerts/test` calls by caller (ALERT_TESTS_PER_MINUTE), shared in Redis with `shared_state`
+        self.tests = WriteLimit(shared, "alert_tests")
 
     def tick(self, app: web.Application, now: float, sample: bool, budgets: list[tuple[Budget, float]] | None) -> None:
         """`budgets`: their spend when the alerts are due (else None)."""
@@ -177,6 +178,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await tasks[1]
     if t.claims is not None:
         await t.claims.close()
+    await t.tests.close()
 
 
 async def _tracing(app: web.Application) -> AsyncIterator[None]:
@@ -239,8 +241,8 @@ async def admin_alerts(request: web.Request) -> web.Response:
     return _json(request.app[TELEMETRY].alerts.listing())
 
 
-# Test notifications a caller may ask for a minute on one instance (a token bucket, so a few at
-# once): each one pages every on-call channel named, and writes an audit entry.
+# Test notifications a caller may ask for a minute, on every instance sharing Redis together
+# (a token bucket, so a few at once): each one pages every on-call channel named, and writes an audit entry.
 ALERT_TESTS_PER_MINUTE = 3
 
 
@@ -254,7 +256,7 @@ async def admin_alerts_test(request: web.Request) -> web.Response:
     gov = request.app.get(GOV)
     unknown = name is not None and name not in cfg.webhooks
     names = [name] if name is not None else list(cfg.webhooks)
-    if names and (wait := request.app[TELEMETRY].tests.take(actor_of(request), ALERT_TESTS_PER_MINUTE)) > 0:
+    if names and (wait := await request.app[TELEMETRY].tests.take(actor_of(request), ALERT_TESTS_PER_MINUTE)) > 0:
         raise too_many(
             f"Too many test notifications: at most {ALERT_TESTS_PER_MINUTE} a minute per caller "
             "(each one pages every webhook it names).",

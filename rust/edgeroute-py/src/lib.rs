@@ -326,7 +326,7 @@ impl Router {
         self.inner.has_classifier()
     }
 
-    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false, priority=None, priority_ceiling=None))]
+    #[pyo3(signature = (body, tags=None, team=None, role=None, user=None, prompt_tokens=None, key=None, explain=false, exact_tokens=false, priority=None, priority_ceiling=None, sticky=None))]
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -342,6 +342,7 @@ impl Router {
         exact_tokens: bool,
         priority: Option<String>,
         priority_ceiling: Option<String>,
+        sticky: Option<String>,
     ) -> PyResult<Decision> {
         let meta = core::RequestMeta {
             tags: tags.unwrap_or_default(),
@@ -350,6 +351,7 @@ impl Router {
             user,
             prompt_tokens,
             key,
+            sticky,
             explain,
             exact_tokens,
             priority,

@@ -27,6 +27,10 @@ pub struct RequestMeta {
     pub prompt_tokens: Option<u32>,
     /// The caller's key id, for experiments sticky by key.
     pub key: Option<String>,
+    /// What experiments sticky by user bucket a keyed caller by, in place of `user` (its key's
+    /// user, salted by the caller so that its arm cannot be worked out offline); rules still
+    /// see `user`.
+    pub sticky: Option<String>,
     /// Count the prompt's tokens exactly even when routing does not need it (e.g. for budgets).
     pub exact_tokens: bool,
     /// Classify the prompt even when no rule or policy needs it, to explain the decision.

@@ -90,7 +90,7 @@ impl Router {
         let mut variant = None;
         if let Some(exp) = &self.routes[route].spec.experiment {
             let sticky = match exp.sticky {
-                policy::Sticky::User => body_user.or(meta.key.as_deref()),
+                policy::Sticky::User => meta.sticky.as_deref().or(body_user).or(meta.key.as_deref()),
                 policy::Sticky::Key => meta.key.as_deref().or(body_user),
             };
             let drawn;

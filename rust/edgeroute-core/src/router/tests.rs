@@ -224,3 +224,33 @@ fn retries_are_funded_by_dispatched_requests_not_decisions() {
     (0..10).for_each(|i| r.fund_budgets(if i % 2 == 0 { "m" } else { "nope" }));
     assert_eq!((0..10).filter(|_| r.try_retry()).count(), 5);
 }
+
+#[test]
+fn a_keyed_caller_is_bucketed_by_its_sticky_value_and_ruled_by_its_user() {
+    let r = Router::from_json(
+        br#"{"deployments": [
+            {"name": "da", "provider": "p", "model": "m"}, {"name": "db", "provider": "p", "model": "m"}],
+          "models": [{"name": "a", "deployments": ["da"]}, {"name": "b", "deployments": ["db"]},
+                     {"name": "chat", "deployments": [], "experiment": {"name": "chat", "sticky": "user",
+                      "variants": [{"route": "a", "percent": 50}, {"route": "b", "percent": 50}]}}]}"#,
+    )
+    .unwrap();
+    let body = br#"{"model":"chat","messages":[{"role":"user","content":"hi"}]}"#;
+    let arm = |sticky: Option<String>, user: Option<&str>| {
+        let meta = RequestMeta {
+            key: Some("k".to_owned()),
+            user: user.map(str::to_owned),
+            sticky,
+            ..RequestMeta::default()
+        };
+        r.decide(body, &meta).unwrap().variant
+    };
+    // The key's user alone buckets it without a sticky value; with one, the value does.
+    let by_sticky: Vec<_> = (0..40).map(|i| arm(Some(format!("s{i}")), Some("alice"))).collect();
+    assert!(by_sticky.iter().any(|v| *v != by_sticky[0]), "{by_sticky:?}");
+    assert_eq!(
+        arm(Some("s3".into()), Some("alice")),
+        arm(Some("s3".into()), Some("bob"))
+    );
+    assert_eq!(arm(None, Some("alice")), arm(None, Some("alice")));
+}
