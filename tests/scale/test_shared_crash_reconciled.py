@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import aiohttp
+import httpx
 import openai
 import psycopg
 import pytest
@@ -32,7 +33,7 @@ PRICE = 1000.0  # output $/Mtok: a token costs $0.001
 MAX_TOKENS = 100
 RESERVED = MAX_TOKENS * PRICE / 1e6  # every request reserves $0.10 (its prompt is free)
 # The heartbeat's expiry and the survivors' sweep (`cost.control.liveness`), with the flush.
-WITHIN_S = 6.0 + 2.0 + 0.5 + 6.0  # plus slack for a loaded 2-core machine
+WITHIN_S = 6.0 + 2.0 + 0.5 + 10.0  # plus slack for a loaded, shared 2-core machine
 
 
 @pytest.fixture
@@ -126,7 +127,7 @@ async def test_a_stream_killed_with_its_instance_is_recorded_as_crashed_by_the_s
     killed = time.monotonic()
     kill_tree(a.proc.pid)
     await a.proc.wait()
-    with pytest.raises(openai.APIConnectionError):
+    with pytest.raises((openai.APIConnectionError, httpx.HTTPError)):  # the client sees its stream cut
         await stream
 
     async def recorded() -> bool:

@@ -270,10 +270,10 @@ def _unsettled(db: Backend, budgets: Sequence[Budget], run: str) -> list[Request
 
 def ledger_identity(db: Backend) -> str:
     """Names the ledger's database (never its credentials): the runs one instance may take over
-    are those writing where it reads."""
+    are those writing where it reads. PostgreSQL's by database and schema, whatever address
+    each instance reaches it by (a server's own address differs through a proxy or a VIP)."""
     if db.dialect == "sqlite":
         where = [socket.gethostname(), *(str(r[2]) for r in db.query("PRAGMA database_list", []) if r[1] == "main")]
     else:
-        sql = "SELECT current_database(), current_schema(), inet_server_addr()::text, inet_server_port()"
-        where = [str(v) for v in db.query(sql, [])[0]]
+        where = [str(v) for v in db.query("SELECT current_database(), current_schema()", [])[0]]
     return hashlib.sha256("\0".join(where).encode()).hexdigest()[:16]
