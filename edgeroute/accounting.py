@@ -421,6 +421,9 @@ class RequestRecord:
     saved_usd: float = 0.0  # what a cached answer would have cost upstream
     cache_writer: str | None = None  # a hit's: the id of the request whose answer it served
     trace: TraceContext | None = None  # set only when tracing is on (edgeroute.telemetry.tracing)
+    # Its settlement waits for Redis to say whether another instance recorded it as crashed
+    # (`cost.control.liveness`): the ledger takes it from there, or never.
+    held_back: bool = False
 
     def __post_init__(self) -> None:
         if not self.started_at:

@@ -79,6 +79,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.redis_store",
             "edgeroute.cost.redis_scripts",
             "edgeroute.cost.redis_settle",
+            "edgeroute.cost.redis_runs",
             "edgeroute.workers.local_state",
             "edgeroute.leases",
             "edgeroute.cost.keys",

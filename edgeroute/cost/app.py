@@ -65,6 +65,7 @@ def install(
             )
             await asyncio.to_thread(control.told_before, ledger.backend, control.budgets, time.time())
             await control.seed_shared()
+            await control.start_liveness()
         elif control is not None:
             control.keys = app.get(MANAGED_KEYS)
         if control is not None:

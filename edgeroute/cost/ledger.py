@@ -198,6 +198,9 @@ class Ledger:
         self._retry: list[_Held] = []
         self._writer_id = os.urandom(6).hex()
         self._seq = itertools.count(1)
+        # Called before each flush, outside the writer's lock (`cost.control.liveness` makes sure
+        # this run's records are still its own to write).
+        self.before_flush: Callable[[], None] | None = None
         self._wake = threading.Event()
         self._stop = False
         self._lock = threading.Lock()  # one flush at a time (thread vs. an explicit flush)
@@ -245,6 +248,8 @@ class Ledger:
 
     # the hot path: an append (and, once per burst, a wake-up)
     def record(self, rec: RequestRecord) -> None:
+        if rec.held_back:  # recorded once its settlement is decided (`cost.control.liveness`)
+            return
         q = self._queue
         q.append(rec)
         if len(q) == self._pace.wake_rows:
@@ -280,6 +285,17 @@ class Ledger:
             records = [p.rec for h in self._retry for p in h.pending] + list(self._queue)
             journal = [j[1:] for h in self._retry for j in h.journal] + list(self._journal)
             return records, journal
+        finally:
+            self._lock.release()
+
+    def withdraw(self, wait: float) -> list[RequestRecord] | None:
+        """Takes the records waiting for the next batch out of the queue; None when a flush held
+        the writer for `wait` seconds. (This instance's liveness lapsed: another instance may
+        have recorded some of them as crashed meanwhile, `cost.control.liveness`.)"""
+        if not self._lock.acquire(timeout=wait):
+            return None
+        try:
+            return _take_all(self._queue)
         finally:
             self._lock.release()
 
@@ -331,12 +347,24 @@ class Ledger:
     def _next_id(self) -> str:
         return f"{self._writer_id}-{next(self._seq):x}"
 
+    @property
+    def writer_id(self) -> str:
+        """The prefix of the row ids this writer gives (a run, to `cost.control.liveness`)."""
+        return self._writer_id
+
+    def new_writer_id(self) -> str:
+        """Gives the rows written from now on ids of a new prefix (a new run), and returns it."""
+        self._writer_id = os.urandom(6).hex()  # one assignment: the writer thread reads it whole
+        return self._writer_id
+
     def flush(self) -> int:
         """Writes everything queued so far; returns the number of requests written.
 
         A batch the store could not take (unavailable) is kept and retried first, as it was.
         If the store rejects a batch, it is written row by row and the rows it still
         rejects are set aside (logged and counted), so one bad record cannot block the others."""
+        if (check := self.before_flush) is not None:
+            check()
         cpu = time.thread_time()
         try:
             return self._flush()

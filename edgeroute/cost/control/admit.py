@@ -4,6 +4,7 @@ through its parts (rate limits, deployment limits, budgets) in that order."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -14,9 +15,10 @@ from aiohttp import web
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import CanServe, Counter
-from edgeroute.config import Config
+from edgeroute.config import Budget, Config
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import parallel
+from edgeroute.cost.control.liveness import Liveness, ledger_identity
 from edgeroute.cost.control.rate_limits import RATE_STATES, RateLimits, bucket_takes
 from edgeroute.cost.control.read_back import same_counting
 from edgeroute.cost.control.reservations import Prices, Reservations, prompt_upper
@@ -26,12 +28,15 @@ from edgeroute.cost.keys import ANONYMOUS, IDENTITY
 from edgeroute.cost.limits import LocalLimiter, given_back
 from edgeroute.cost.media import Media
 from edgeroute.cost.prices import Ceiling, route_ceilings
+from edgeroute.cost.redis_runs import RunRegistry
 from edgeroute.cost.redis_store import RedisState
 from edgeroute.cost.store_errors import StoreUnavailable
 from edgeroute.errors import ProxyError
 from edgeroute.leases import RedisLeases, SharedSlots, SqliteLeases
 from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
+
+log = logging.getLogger("edgeroute.cost")
 
 
 def _enabled(cfg: Config) -> bool:
@@ -88,6 +93,7 @@ class CostControl(Reservations, RateLimits):
         self._ledger_read_at = -math.inf
         self._notified = {}
         self._session = None
+        self.liveness = None
 
     @staticmethod
     def wanted(cfg: Config) -> bool:
@@ -140,6 +146,8 @@ class CostControl(Reservations, RateLimits):
         ident = request.get(IDENTITY, ANONYMOUS)
         rec.key, rec.team, rec.user = ident.key, ident.team, ident.user
         ticket = CostTicket(ident, rec.request_id, started=rec.started, can_serve=can_serve)
+        if self.liveness is not None:
+            ticket.run_epoch = self.liveness.epoch
         state = request.app[STATE]
         self.current(state)
         live = state.live
@@ -313,10 +321,35 @@ class CostControl(Reservations, RateLimits):
             await self._wait(self._release(ticket))
             raise
 
+    async def start_liveness(self) -> None:
+        """With Redis and a ledger: this instance's heartbeat, and the sweep that records the
+        requests of instances that stopped without settling them (`liveness`)."""
+        if not isinstance(self.shared, RedisState) or self.ledger is None:
+            return
+        ledger = self.ledger
+        try:
+            where = await asyncio.to_thread(ledger_identity, ledger.backend)
+        except Exception as e:  # the ledger was read at start; this only names it
+            log.warning(
+                "shared state: the ledger could not be named (%s); stopped instances' requests are not recorded", e
+            )
+            return
+        self.liveness = Liveness(RunRegistry(self.shared.pipe, self.shared.prefix, where), ledger, self._limits)
+        try:
+            await self.liveness.beat()
+        except StoreUnavailable:
+            pass  # the heartbeat tries again: settlements wait for it
+        self.liveness.start()
+
+    def _limits(self) -> list[Budget]:
+        return self.cfg.budgets.limits
+
     async def close(self) -> None:
         """Waits for pending adjustments and notifications, then closes connections."""
         for task in self._restoring:
             task.cancel()
+        if self.liveness is not None:
+            await self.liveness.stop()
         if self._following is not None:
             self._following.cancel()
         if self._tasks:

@@ -12,6 +12,7 @@ from typing import Any
 from edgeroute.accounting import RequestRecord, Usage
 from edgeroute.cost import budgets as B
 from edgeroute.cost import restore
+from edgeroute.cost.control.liveness import Liveness
 from edgeroute.cost.control.parallel import ParallelSlots
 from edgeroute.cost.control.stores import Stores
 from edgeroute.cost.control.ticket import CostTicket, Held
@@ -52,6 +53,7 @@ class Settlement(Stores):
     # The calendar month (UTC) of managed keys' counters, and their store keys in it by key id.
     _months: tuple[B.Period, dict[str, str]]
     parallel: ParallelSlots  # the keys' requests in flight (`max_parallel`)
+    liveness: Liveness | None  # with Redis and a ledger: this run's, and who records a dead one's requests
 
     def _hold(self, request_id: str, now: float, charges: list[B.Charge]) -> None:
         """Notes the reservations as held until settled, and journals them with the ledger."""
@@ -81,17 +83,18 @@ class Settlement(Stores):
             return
         self._free_slots(ticket)
         actual = B.charge_nano(rec.cost_usd)
-        if ticket.charges:
-            self._unhold(ticket.charges)
-            deltas = [actual - c.amount for c in ticket.charges]
-            self._adjust(ticket.charges, deltas, ticket.charges_shared, ticket.charges_generation, ticket.request_id)
-            if not ticket.charges_shared and isinstance(self.shared, RedisState):
-                # Admitted while Redis was down: the other instances never saw it (they
-                # admitted the whole budget again once Redis was back).
-                self.shared.spent_later(ticket.charges, actual)
-            self._settled(ticket.charges)
-        if actual > 0 and ticket.identity.spends_for:
-            self._count_keys(ticket, actual)
+        if ticket.charges and (lv := self.liveness) is not None and lv.doubtful(ticket.run_epoch):
+            # Another instance may have recorded it as crashed meanwhile (this one was paused
+            # or cut off): its spend and its row wait for Redis to say which of the two does.
+            rec.held_back = True
+            lv.defer(
+                ticket.request_id,
+                ticket.run_epoch,
+                lambda: self._settle_late(ticket, rec, actual),
+                lambda: self._recorded_elsewhere(ticket),
+            )
+        else:
+            self._settle_spend(ticket, actual)
         for h in ticket.held:
             if h.deployment is not None and not any(a.deployment == h.deployment for a in rec.attempts):
                 # Never sent there (a cache hit, a failover, a downgrade): its provider saw
@@ -107,6 +110,36 @@ class Settlement(Stores):
                 # Nothing measured (an upstream error without usage): the prompt stays counted,
                 # the output held for it goes back (kept, it drained the TPM a minute).
                 self._give(held, [-t.hold for t in held], h.shared)
+
+    def _settle_spend(self, ticket: CostTicket, actual: int) -> None:
+        """The request's reservations become its cost `actual` (nano-USD)."""
+        if ticket.charges:
+            self._unhold(ticket.charges)
+            deltas = [actual - c.amount for c in ticket.charges]
+            self._adjust(ticket.charges, deltas, ticket.charges_shared, ticket.charges_generation, ticket.request_id)
+            if not ticket.charges_shared and isinstance(self.shared, RedisState):
+                # Admitted while Redis was down: the other instances never saw it (they
+                # admitted the whole budget again once Redis was back).
+                self.shared.spent_later(ticket.charges, actual)
+            self._settled(ticket.charges)
+        if actual > 0 and ticket.identity.spends_for:
+            self._count_keys(ticket, actual)
+
+    def _settle_late(self, ticket: CostTicket, rec: RequestRecord, actual: int) -> None:
+        """A doubtful request this instance settles after all (no other recorded it)."""
+        self._settle_spend(ticket, actual)
+        rec.held_back = False
+        if self.ledger is not None:
+            self.ledger.record(rec)
+
+    def _recorded_elsewhere(self, ticket: CostTicket) -> None:
+        """A doubtful request another instance recorded as crashed, at its reservation: the
+        reservation stays counted as its cost (in Redis, where this instance's counters follow
+        it), and it writes no row of its own."""
+        self._unhold(ticket.charges)
+        if not ticket.charges_shared and isinstance(self.shared, RedisState):
+            self.shared.spent_later(ticket.charges, ticket.charges[0].amount)  # each charge is the whole reservation
+        self._settled(ticket.charges)
 
     def _count_keys(self, ticket: CostTicket, actual: int) -> None:
         """Adds the request's cost to the monthly counter of each managed key above its key

@@ -45,6 +45,7 @@ class CostTicket:
     charges: list[B.Charge] = field(default_factory=list)
     charges_shared: bool = False
     charges_generation: str = ""  # the generation of Redis's counters they are in (`Reserved.generation`)
+    run_epoch: int = 0  # this instance's run when it was admitted (`liveness`)
     held: list[Held] = field(default_factory=list)
     parallel: list[str] = field(default_factory=list)  # the keys whose `max_parallel` slot it holds
     parallel_leased: bool = False  # and holds their shared leases too
