@@ -118,6 +118,33 @@ _COUNT, _PROMPT, _COMPLETION, _CACHED, _COST, _UPSTREAM, _UPSTREAM_TTFT = range(
 _SERIES_KEPT = 4096
 
 
+class _LabelValues:
+    """Label values as scraped: each redacted once while the known secrets stay the same. A
+    scrape redacted every value of every series, a third of its time, on the event loop (a
+    viewer key looping on /metrics held every client)."""
+
+    _BOUND = 1 << 16  # values kept; past it, the memo starts afresh
+
+    def __init__(self) -> None:
+        self._shown: dict[str, str] = {}
+        self._under: tuple[int, ...] = ()
+
+    def current(self) -> Callable[[str], str]:
+        """What a value is shown as, under the secrets known now."""
+        under = redact.known_changes()
+        if under != self._under or len(self._shown) > self._BOUND:
+            self._shown, self._under = {}, under
+        shown = self._shown
+
+        def show(value: str) -> str:
+            out = shown.get(value)
+            if out is None:
+                out = shown[value] = redact.text(value)
+            return out
+
+        return show
+
+
 class Metrics:
     """The per-request families of one application.
 
@@ -143,6 +170,7 @@ class Metrics:
         self.connections_shed = 0  # client connections closed or refused at the cap
         self.client_connections: Sized = ()  # the server's open client connections (a set)
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
+        self.label_values = _LabelValues()
         # Budgets counted in a shared store (Redis, the workers' file), as the telemetry loop last
         # read them: a scrape cannot wait for the store, and this process's counters hold nothing.
         self.shared_budgets: list[tuple[Budget, float]] = []
@@ -279,11 +307,12 @@ class Metrics:
     def collect(self) -> Iterable[Metric]:
         """The per-request families. Label values are config names (and edgeroute's own words);
         they still go through the redaction layer: a secret pasted into a name must not be scraped."""
+        shown = self.label_values.current()
         for key, (name, doc, labels, buckets) in _FAMILIES.items():
             if buckets is None:
                 counter = CounterMetricFamily(name, doc, labels=list(labels))
                 for values, count in list(self.counters[key].items()):
-                    counter.add_metric([redact.text(str(v)) for v in values], count.n)
+                    counter.add_metric([shown(str(v)) for v in values], count.n)
                 yield counter
             else:
                 hist = HistogramMetricFamily(name, doc, labels=list(labels))
@@ -292,7 +321,7 @@ class Metrics:
                     if not any(h.counts):  # made with its route (`_route`), never observed yet
                         continue
                     cumulative: list[tuple[str, float]] = list(zip(les, itertools.accumulate(h.counts), strict=True))
-                    hist.add_metric([redact.text(v) for v in values], cumulative, h.sum)
+                    hist.add_metric([shown(v) for v in values], cumulative, h.sum)
                 yield hist
 
     def render(self, app: web.Application) -> bytes:
@@ -360,9 +389,10 @@ class StateCollector(Collector):
             "Deprecated: the same count as edgeroute_circuit_sender_ejections_total.",
             labels=["deployment"],
         )
+        shown = self._metrics.label_values.current()
         for d in live.deployments:
             h = live.router.health(d.index)
-            name = redact.text(d.name)
+            name = shown(d.name)
             circuit.add_metric([name], CIRCUIT_STATES[h["circuit"]])
             in_flight.add_metric([name], h["in_flight"])
             latency.add_metric([name], h["latency_ms"] / 1000)

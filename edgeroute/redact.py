@@ -799,6 +799,12 @@ def _internal_addresses(s: str) -> str:
     return _ADDRESS.sub(hide, s)
 
 
+def known_changes() -> tuple[int, int, int]:
+    """A value that changes whenever the known secrets or endpoints do (and in a forked child):
+    a name redacted under one value reads the same until it changes, so callers may keep it."""
+    return (os.getpid(), _KNOWN._generation, _ENDPOINTS._generation)
+
+
 def _quote_all(v: str) -> str:
     return quote(v, safe="")
 

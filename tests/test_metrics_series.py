@@ -50,3 +50,19 @@ def test_attempts_tokens_and_cost_add_up_past_the_series_shortcut(monkeypatch: p
     assert _samples(m, "edgeroute_attempts") == attempts
     assert _samples(m, "edgeroute_tokens") == tokens
     assert _samples(m, "edgeroute_cost_usd") == pytest.approx(dict(cost))
+
+
+def test_a_name_that_became_a_secret_is_masked_from_the_next_scrape() -> None:
+    """Label values are redacted once and kept (`Metrics.label_values`) only while the known
+    secrets stay the same: a secret registered after a scrape (a rotated key that a deployment's
+    name happens to hold) is masked from the very next one."""
+    from edgeroute import redact
+
+    secret = "Zq8" + "".join(random.Random(5).choices("abcdefghjkmnpqrstuvwxyz23456789", k=24))
+    m = Metrics()
+    rec = RequestRecord("r1", 1.0, "m", route="m", status=200, outcome="ok")
+    rec.attempts.append(AttemptRecord(f"d-{secret}", "p", "success", 200, 12.0, usage=Usage(5, 5, 0), kind="first"))
+    m.observe(rec)
+    assert (f"d-{secret}", "success", "first") in _samples(m, "edgeroute_attempts")
+    redact.register(secret)
+    assert set(_samples(m, "edgeroute_attempts")) == {(f"d-{redact.MARKER}", "success", "first")}
