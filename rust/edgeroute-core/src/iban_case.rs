@@ -146,7 +146,11 @@ pub(crate) fn in_window(text: &str, base: usize, end: usize) -> impl Iterator<It
     let bytes = text.as_bytes();
     let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
     let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
-    (base.saturating_sub(1)..end)
+    // Inside the run a country code is two upper-case letters: a run of numbers without any
+    // (most are) is tried at its first two characters only.
+    let upper = bytes[base.min(end)..end].iter().any(u8::is_ascii_uppercase);
+    let last = if upper { end } else { (base + 1).min(end) };
+    (base.saturating_sub(1)..last)
         .filter(move |&i| {
             at(i).is_ascii_alphabetic()
                 && at(i + 1).is_ascii_alphabetic()
