@@ -153,6 +153,13 @@ async def test_messages_pii_in_passed_through_fields_goes_to_the_private_deploym
 # Personal data as people type or paste it: the ASCII patterns did not read it; the model does.
 _WIDE = {c: c + 0xFEE0 for c in range(0x21, 0x7F)}  # an input method's full-width forms
 _ARABIC_INDIC = {0x30 + d: 0x0660 + d for d in range(10)}
+
+
+def _digits(zero: int) -> dict[int, int]:
+    """ASCII digits to those of the script whose zero is `zero`."""
+    return {0x30 + d: zero + d for d in range(10)}
+
+
 UNICODE_FORMS = {
     "full_width_card": "\u30ab\u30fc\u30c9 " + CARD.translate(_WIDE),
     "nbsp_card": CARD.replace(" ", "\u00a0"),  # pasted from a web page
@@ -187,6 +194,17 @@ UNICODE_FORMS = {
     "lower_case_iban": "my iban is de89 3704 0044 0532 0130 00",
     "announced_national_phone": "call me at 03012345678",
     "mobile_national_phone": "My mobile number is 4155550132.",
+    # Session 37: digits of plane 1's scripts, the ideographic and half-width full stops as a
+    # domain's dot, e-mail addresses with a non-ASCII local part (EAI), IBANs in mixed case.
+    "adlam_card": "card " + CARD.translate(_digits(0x1E950)),
+    "osmanya_phone": "call +1 415 555 0132".translate(_digits(0x104A0)),
+    "brahmi_iban": "IBAN GB82 WEST 1234 5698 7654 32".translate(_digits(0x11066)),
+    "nyiakeng_puachue_hmong_card": "card " + CARD.translate(_digits(0x1E140)),
+    "ideographic_full_stop_email": "write to jane@example\u3002com",
+    "half_width_full_stop_email": "write to jane@example\uff61com",
+    "eai_latin_email": "write to jos\u00e9@example.com",
+    "eai_cjk_email": "\u8bf7\u53d1\u5230 \u7528\u6237@\u4f8b\u5b50.\u5e7f\u544a",
+    "mixed_case_iban": "my iban is GB82 west 1234 5698 7654 32",
     # redP F1: prose after a data URL's head, which made the whole string read as a payload.
     "data_url_prefix": "data:text/plain;base64,SGk= my card is 4111 1111 1111 1111 and my e-mail "
     + EMAIL
@@ -222,6 +240,8 @@ ORDINARY = {
     "emoji": "\U0001f680\U0001f600 \u2705 \U0001f44d\U0001f3fd \U0001f1e9\U0001f1ea "
     "2024 \U0001d7cf\U0001d7d0 \u0967\u0968",
     "call_without_number": "Call the function twice; the phone is on the desk, version 1.2.",
+    # An @-mention in Chinese prose, plane-1 digits that are no number of a person.
+    "cjk_mention": "\u8c22\u8c22@\u5c0f\u660e\u3002\u660e\u5929\u89c1\uff01 \U0001e951\U0001e952\U0001e953 2024",
 }
 
 

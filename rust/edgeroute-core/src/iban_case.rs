@@ -137,22 +137,28 @@ pub(crate) fn iban_at(text: &str, start: usize) -> Option<usize> {
     crate::pii::iban_valid(&text[start..at]).then_some(at)
 }
 
-/// Where a lower-case IBAN ends whose digits start the numeric run that the window
-/// `text[base..]` of `numeric_runs` opens with (one character before the run): its country
-/// code is that character and the one before it, at a word's start.
-pub(crate) fn lower_case_at(text: &str, base: usize) -> Option<(usize, usize)> {
+/// IBANs in any case (`de89 …`, `GB82 west …`, `Gb82 WeSt …`) that start in the window
+/// `text[base..end]` of `numeric_runs` or one character before it: at each word start with
+/// two letters and two digits. Every such start is in a window or just before one: the digits
+/// are in a run, and upper-case letters are in it too, while a lower-case letter before them
+/// is the character the window is widened by, or the one before that.
+pub(crate) fn in_window(text: &str, base: usize, end: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
     let bytes = text.as_bytes();
-    let start = base.checked_sub(1)?;
-    let word = |i: usize| bytes.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
-    let starts = bytes[base].is_ascii_lowercase()
-        && bytes[start].is_ascii_alphabetic()
-        && (start == 0 || !word(start - 1))
-        && bytes.get(base + 1).is_some_and(u8::is_ascii_digit)
-        && bytes.get(base + 2).is_some_and(u8::is_ascii_digit);
-    if !starts {
-        return None;
-    }
-    iban_at(text, start).map(|end| (start, end))
+    let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    // Inside the run a country code is two upper-case letters: a run of numbers without any
+    // (most are) is tried at its first two characters only.
+    let upper = bytes[base.min(end)..end].iter().any(u8::is_ascii_uppercase);
+    let last = if upper { end } else { (base + 1).min(end) };
+    (base.saturating_sub(1)..last)
+        .filter(move |&i| {
+            at(i).is_ascii_alphabetic()
+                && at(i + 1).is_ascii_alphabetic()
+                && at(i + 2).is_ascii_digit()
+                && at(i + 3).is_ascii_digit()
+                && (i == 0 || !word(bytes[i - 1]))
+        })
+        .filter_map(move |i| iban_at(text, i).map(|e| (i, e)))
 }
 
 #[cfg(test)]
@@ -191,11 +197,15 @@ mod tests {
     }
 
     #[test]
-    fn a_run_after_two_letters_at_a_word_start_is_tried() {
+    fn a_word_start_with_two_letters_and_two_digits_is_tried() {
         let text = "iban: de89 3704 0044 0532 0130 00";
-        assert_eq!(lower_case_at(text, 7), Some((6, 33)));
+        assert_eq!(in_window(text, 7, text.len()).collect::<Vec<_>>(), [(6, 33)]);
+        let text = "IBAN GB82 west 1234 5698 7654 32.";
+        assert_eq!(in_window(text, 4, 10).collect::<Vec<_>>(), [(5, 32)]);
         // Not at a word's start, or one digit only.
-        assert_eq!(lower_case_at("xde89 3704 0044 0532 0130 00", 2), None);
-        assert_eq!(lower_case_at("de8 93704 0044 0532 0130 00", 1), None);
+        let text = "xde89 3704 0044 0532 0130 00";
+        assert_eq!(in_window(text, 2, text.len()).next(), None);
+        let text = "de8 93704 0044 0532 0130 00";
+        assert_eq!(in_window(text, 1, text.len()).next(), None);
     }
 }

@@ -91,8 +91,9 @@ impl PiiSet {
 // ("東京4111...") is still seen.
 // An e-mail's domain may be internationalised (`bücher.de`, `例え.jp`, Punycode `xn--…`): its
 // labels take any letter, mark or digit, its top level letters (ASCII first, so that
-// `jane@example.com谢谢` ends at `com`) or Punycode. The local part stays ASCII.
-const EMAIL_RE: &str = r"[A-Za-z0-9._%+-]+@[-\p{L}\p{M}\p{N}]+(?:\.[-\p{L}\p{M}\p{N}]+)*\.(?:[A-Za-z]{2,}|xn--[A-Za-z0-9-]{2,}|[\p{L}\p{M}--\p{ASCII}]{2,})";
+// `jane@example.com谢谢` ends at `com`) or Punycode. Its dots may be the ideographic and
+// half-width full stops an input method types (`jane@example。com`; the full-width `．` is
+// folded). The local part may be non-ASCII too (EAI: `josé@`, `用户@`): see [`email_re`].
 // Phones: grouped (`+1 415 555 0132`, `(030) 1234 5678`), E.164 written whole (`+14155550132`),
 // and a country code before a digit and four pairs (`+33 1 23 45 67 89`).
 const PHONE_RE: &str = r"(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{2,4}\)[ .-]?|(?-u:\b)[0-9]{2,4}[ .-])[0-9]{3,4}[ .-][0-9]{3,4}(?-u:\b)|\+[1-9][0-9]{7,14}(?-u:\b)|\+[0-9]{1,3}[ .-]?[0-9](?:[ .-][0-9]{2}){4}(?-u:\b)";
@@ -107,7 +108,40 @@ const SPLIT_CARD_RE: &str = r"[0-9]{4}(?:[./\t\r\n]|[ \t\r\n]{2,4})[0-9]";
 const SPLIT_SHAPE_RE: &str = r"(?-u:\b)(?:(?:[0-9]{4}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})){3}[0-9]{1,4}|[0-9]{4}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})[0-9]{6}(?:[ ./\t\r\n-]|[ \t\r\n]{2,4})[0-9]{4,5})(?-u:\b)";
 const NATIONAL_RE: &str = r"(?-u:\b)[0-9](?:[ ./-]?[0-9]){8,11}(?-u:\b)";
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| Regex::new(EMAIL_RE).expect("valid pattern"));
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| Regex::new(&email_re()).expect("valid pattern"));
+
+/// Internationalised top-level domains (IANA's root zone, the ones in use), longest first so
+/// that a pattern's alternation takes the whole of one.
+#[rustfmt::skip]
+const IDN_TLDS: &[&str] = &[
+    "组织机构", "ファッション", "السعودية", "சிங்கப்பூர்", "இந்தியா", "இலங்கை", "москва", "католик", "онлайн",
+    "امارات", "الجزائر", "المغرب", "الاردن", "ポイント", "クラウド", "グーグル", "テスト", "新加坡", "我爱你", "中文网",
+    "みんな", "ストア", "セール", "испытание", "δοκιμή", "परीक्षा", "संगठन", "भारत", "ভারত", "ভাৰত", "ਭਾਰਤ",
+    "ભારત", "ଭାରତ", "భారత్", "ಭಾರತ", "ഭാരതം", "ලංකා", "ไทย", "कॉम", "नेट", "дети", "сайт", "қаз",
+    "срб", "мкд", "мон", "рус", "бел", "укр", "орг", "ком", "рф", "бг", "ελ", "ευ", "გე", "հայ",
+    "مصر", "عرب", "شبكة", "موقع", "قطر", "تونس", "سورية", "عمان", "ایران", "中国", "中國", "公司", "网络",
+    "网址", "网店", "网站", "商城", "商店", "商标", "广告", "在线", "集团", "手机", "移动", "联通", "时尚", "微博", "游戏", "娱乐",
+    "企业", "信息", "健康", "八卦", "政务", "购物", "餐厅", "香港", "台湾", "台灣", "澳門", "澳门", "世界", "书籍", "机构", "佛山",
+    "广东", "测试", "コム", "通販", "家電", "食品", "한국", "닷컴", "닷넷", "삼성", "테스트",
+];
+
+/// The e-mail pattern: a local part that ends in ASCII (`jane@`, `jöran@`) takes any top level
+/// after an ASCII dot, an ASCII one or a known internationalised one ([`IDN_TLDS`]) after an
+/// ideographic full stop. One that ends in another script (`josé@`, `用户@`) takes an ASCII
+/// top level after an ASCII dot, or a known internationalised one: an @-mention in Chinese or
+/// Japanese prose (`谢谢@小明。明天见`) is no address.
+fn email_re() -> String {
+    let mut idn: Vec<&str> = IDN_TLDS.to_vec();
+    idn.sort_by_key(|t| std::cmp::Reverse(t.chars().count()));
+    let idn = idn.join("|");
+    let local = r"[\p{L}\p{M}\p{N}._%+-]*";
+    let domain = r"[-\p{L}\p{M}\p{N}]+(?:[.\x{3002}\x{FF61}][-\p{L}\p{M}\p{N}]+)*";
+    let ascii = r"(?:[A-Za-z]{2,}|xn--[A-Za-z0-9-]{2,})";
+    format!(
+        r"{local}[A-Za-z0-9._%+-]@{domain}(?:\.(?:{ascii}|[\p{{L}}\p{{M}}--\p{{ASCII}}]{{2,}})|[\x{{3002}}\x{{FF61}}](?:{ascii}|{idn}))|{local}[\p{{L}}\p{{M}}\p{{N}}--\p{{ASCII}}]@{domain}(?:\.{ascii}|[.\x{{3002}}\x{{FF61}}](?:{idn}))"
+    )
+}
+
 /// The number-shaped patterns in one automaton, in [`PiiKind::ALL`] order
 /// (the e-mail slot never matches here): one pass says which kinds may be
 /// present, and only those are searched again for positions and checksums.
@@ -149,18 +183,46 @@ fn email_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'%' | b'+' | b'-' | b'@')
 }
 
-/// The run of e-mail characters around the `@` at `at`: ASCII before it (the local part),
-/// any non-ASCII too after it (an internationalised domain).
-fn email_run(bytes: &[u8], at: usize) -> (usize, usize) {
+/// How far before an `@` a non-ASCII local part is looked for, in bytes (an address's local
+/// part has at most 64).
+const LOCAL_REACH: usize = 256;
+
+/// The run of e-mail characters around the `@` at `at`: ASCII e-mail characters before it,
+/// then non-ASCII ones too (an EAI local part, `josé@`, `用户@`), and any non-ASCII after it
+/// (an internationalised domain). An ASCII local part right after a character of a script
+/// written without spaces (`请发邮件到jane@…`) starts at the ASCII: the prose is no part of it.
+fn email_run(text: &str, at: usize) -> (usize, usize) {
+    let bytes = text.as_bytes();
     let mut start = at;
     while start > 0 && email_byte(bytes[start - 1]) {
         start -= 1;
+    }
+    let ascii_tail = bytes[start..at].iter().any(u8::is_ascii_alphanumeric);
+    let limit = start.saturating_sub(LOCAL_REACH);
+    while start > limit {
+        let Some(c) = text[..start].chars().next_back() else {
+            break;
+        };
+        let more = if c.is_ascii() {
+            email_byte(c as u8)
+        } else {
+            !(ascii_tail && unspaced_script(c))
+        };
+        if !more {
+            break;
+        }
+        start -= c.len_utf8();
     }
     let mut end = at + 1;
     while end < bytes.len() && (email_byte(bytes[end]) || bytes[end] >= 0x80) {
         end += 1;
     }
     (start, end)
+}
+
+/// Whether `c` is of a script written without spaces between words (Han, kana, Hangul).
+fn unspaced_script(c: char) -> bool {
+    matches!(c as u32, 0x1100..=0x11FF | 0x2E80..=0x9FFF | 0xAC00..=0xD7AF | 0xF900..=0xFAFF | 0xFF66..=0xFF9F | 0x20000..=0x3FFFF)
 }
 
 /// Calls `f` with each maximal run of [`numeric_byte`]s that holds at least
@@ -219,13 +281,12 @@ fn numeric_runs(text: &str, min_digits: usize, mut f: impl FnMut(&str) -> bool) 
 /// Whether an e-mail address occurs: the pattern is run only on the runs of
 /// e-mail characters around each `@`.
 fn has_email(text: &str) -> bool {
-    let bytes = text.as_bytes();
     let mut searched_to = 0;
     for at in memchr::memchr_iter(b'@', text.as_bytes()) {
         if at < searched_to {
             continue;
         }
-        let (start, end) = email_run(bytes, at);
+        let (start, end) = email_run(text, at);
         if EMAIL.is_match(&text[start..end]) {
             return true;
         }
@@ -389,9 +450,9 @@ pub fn warm_up() {
 /// `Some(Some(c))` a replacement, `Some(None)` nothing (an invisible character), `None` itself.
 ///
 /// Full-width forms (an input method's `４１１１`, `＠`), the small `﹫`, the digits of every
-/// script of plane 0 (Unicode's decimal digits: Arabic-Indic, Devanagari, Bengali, Thai, …),
-/// the mathematical bold, double-struck, sans-serif and monospace `𝟒𝟏𝟏𝟏`, the segmented
-/// digits, the mathematical alphanumeric letters (`𝐣𝐚𝐧𝐞`), no-break, thin and ideographic
+/// script of planes 0 and 1 (Unicode's decimal digits: Arabic-Indic, Devanagari, Bengali, Thai,
+/// Osmanya, Brahmi, Adlam, …), the mathematical bold, double-struck, sans-serif and monospace
+/// `𝟒𝟏𝟏𝟏`, the segmented digits, the mathematical alphanumeric letters (`𝐣𝐚𝐧𝐞`), no-break, thin and ideographic
 /// spaces, Unicode hyphens and dashes, and the characters Unicode says draw nothing (`Default_Ignorable_Code_Point`: a
 /// ZWSP or a soft hyphen inside an address, bidi marks copied from a right-to-left page,
 /// variation selectors, invisible operators, tag characters) hide nothing from the model that
@@ -429,13 +490,16 @@ fn fold_char(c: char) -> Option<Option<char>> {
     })
 }
 
-/// The first code point of each run of ten decimal digits (Unicode 14's `Nd`) beyond ASCII: every
-/// set of plane 0, and of plane 1 the mathematical and the segmented digits (the historic
-/// scripts' digits there are left out: their lead bytes would need searches of their own).
-const DIGIT_ZEROS: [u32; 42] = [
+/// The first code point of each run of ten decimal digits beyond ASCII (Unicode 17's `Nd`, as
+/// `char::is_numeric` knows them; a test checks each run): every set of planes 0 and 1, the
+/// historic scripts' (Osmanya, Brahmi, Adlam, …) as well as the mathematical and segmented digits.
+const DIGIT_ZEROS: [u32; 76] = [
     0x660, 0x6F0, 0x7C0, 0x966, 0x9E6, 0xA66, 0xAE6, 0xB66, 0xBE6, 0xC66, 0xCE6, 0xD66, 0xDE6, 0xE50, 0xED0, 0xF20,
     0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1A80, 0x1A90, 0x1B50, 0x1BB0, 0x1C40, 0x1C50, 0xA620, 0xA8D0,
-    0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x1D7CE, 0x1D7D8, 0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1FBF0,
+    0xA900, 0xA9D0, 0xA9F0, 0xAA50, 0xABF0, 0xFF10, 0x104A0, 0x10D30, 0x10D40, 0x11066, 0x110F0, 0x11136, 0x111D0,
+    0x112F0, 0x11450, 0x114D0, 0x11650, 0x116C0, 0x116D0, 0x116DA, 0x11730, 0x118E0, 0x11950, 0x11BF0, 0x11C50,
+    0x11D50, 0x11DA0, 0x11DE0, 0x11F50, 0x16130, 0x16A60, 0x16AC0, 0x16B50, 0x16D70, 0x1CCF0, 0x1D7CE, 0x1D7D8,
+    0x1D7E2, 0x1D7EC, 0x1D7F6, 0x1E140, 0x1E2F0, 0x1E4F0, 0x1E5F1, 0x1E950, 0x1FBF0,
 ];
 
 /// The ASCII digit a decimal digit of another script stands for.
@@ -456,10 +520,10 @@ fn fold_lead(b: u8) -> bool {
 /// maps, of those whose lead byte alone would stop at every character of a whole script:
 /// 0xE0 (the Indic scripts, Thai, Lao, Tibetan: only their digits), 0xEA (Hangul syllables
 /// from U+AC00 on have none), and 0xF0 (of plane 1 only the mathematical alphanumerics,
-/// 0xF0 0x9D, and the segmented digits, 0xF0 0x9F 0xAF; every emoji starts 0xF0 0x9F).
+/// 0xF0 0x9D, and the digits; every emoji starts 0xF0 0x9F).
 #[inline]
 fn wide_lead(a: u8, b: u8, c: u8) -> bool {
-    ((a == 0xE0) & indic_digit(b, c)) | ((a == 0xEA) & (b < 0xB0)) | ((a == 0xF0) & math_or_segmented(b, c))
+    ((a == 0xE0) & indic_digit(b, c)) | ((a == 0xEA) & (b < 0xB0)) | ((a == 0xF0) & plane_1(b, c))
 }
 
 /// The second and third bytes of a digit of the Indic scripts, Thai, Lao or Tibetan.
@@ -471,10 +535,13 @@ fn indic_digit(b: u8, c: u8) -> bool {
     indic | thai_lao | tibetan
 }
 
-/// The second and third bytes of a mathematical alphanumeric or a segmented digit.
+/// The second and third bytes of a plane-1 character other than an emoji (`F0 9F …`): the
+/// mathematical alphanumerics (`F0 9D`), the historic scripts' digits (`F0 90`…`F0 9E`; their
+/// letters too, which [`fold_char`] then leaves), and the segmented digits (`F0 9F AF`).
+/// Compares only, so that a 64-byte block is tested in a few vector instructions.
 #[inline]
-fn math_or_segmented(b: u8, c: u8) -> bool {
-    (b == 0x9D) | ((b == 0x9F) & (c == 0xAF))
+fn plane_1(b: u8, c: u8) -> bool {
+    ((b & 0xF0 == 0x90) & (b != 0x9F)) | ((b == 0x9F) & (c == 0xAF))
 }
 
 /// Each offset of a character [`fold_char`] may map ([`fold_lead`] or [`wide_lead`]).
@@ -517,15 +584,17 @@ fn indic_or_hangul_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
     .filter(move |&i| wide_lead(at(i), at(i + 1), at(i + 2)))
 }
 
-/// The mathematical alphanumerics' first two bytes, and the segmented digits' first three:
-/// searched for as pairs (SIMD), so that emoji (0xF0 0x9F …) cost nothing.
-static MATH: LazyLock<memchr::memmem::Finder<'static>> = LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9D"));
-static SEGMENTED: LazyLock<memchr::memmem::Finder<'static>> =
-    LazyLock::new(|| memchr::memmem::Finder::new(b"\xF0\x9F\xAF"));
+/// Each offset of a plane-1 character [`plane_1`] lets through: memchr finds each 0xF0 (an
+/// emoji's too, then two byte tests), which costs a tenth of what testing every 64-byte block
+/// did on a prompt with a few emoji (1.6 instructions a byte).
+fn plane_1_leads(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let at = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    memchr::memchr_iter(0xF0, bytes).filter(move |&i| plane_1(at(i + 1), at(i + 2)))
+}
 
 /// Whether `text` has a character [`fold_char`] maps: its [`fold_lead`] bytes are searched for
 /// with memchr (SIMD, about a quarter of an instruction a byte for each search), the others
-/// by [`indic_or_hangul_leads`] and as byte pairs, and each one found is decoded. Testing each 64-byte block for any of
+/// by [`indic_or_hangul_leads`] and [`plane_1_leads`], and each one found is decoded. Testing each 64-byte block for any of
 /// the lead bytes cost 1.7 instructions a byte on a prompt of prose, CJK and emoji that has
 /// none to map.
 fn has_foldable(text: &str) -> bool {
@@ -536,8 +605,7 @@ fn has_foldable(text: &str) -> bool {
         || memchr::memchr3_iter(0xEF, 0xCD, 0xD8, bytes).any(maps)
         || memchr::memchr2_iter(0xDF, 0xF3, bytes).any(maps)
         || indic_or_hangul_leads(bytes).any(maps)
-        || MATH.find_iter(bytes).any(maps)
-        || SEGMENTED.find_iter(bytes).any(maps)
+        || plane_1_leads(bytes).any(maps)
 }
 
 /// `text` with each character [`fold_char`] maps replaced; `None` when there is none, which
@@ -650,10 +718,12 @@ impl<'t> Run<'t> {
 
     /// Whether no finder can find anything in the run.
     fn barren(&self) -> bool {
-        !self.maybe.matched_any()
-            && !self.split_card
-            && !self.nine_digits
-            && crate::iban_case::lower_case_at(self.text, self.base).is_none()
+        !self.maybe.matched_any() && !self.split_card && !self.nine_digits && self.any_case_ibans().next().is_none()
+    }
+
+    /// IBANs in any case that start in the run (see [`crate::iban_case`]).
+    fn any_case_ibans(&self) -> impl Iterator<Item = (usize, usize)> + 't {
+        crate::iban_case::in_window(self.text, self.base, self.base + self.run.len())
     }
 
     /// The matches of `re` in the run when `maybe` (a searcher costs a cache from its pool).
@@ -667,15 +737,14 @@ impl<'t> Run<'t> {
         self.search(&SSN, maybe).map(|m| self.at(&m))
     }
 
-    /// IBANs in upper case, and one in lower case that starts the run (see [`crate::iban_case`]).
+    /// IBANs in upper case, and in any case at a word's start (see [`crate::iban_case`]).
     fn ibans(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         let maybe = self.maybe.matched(PiiKind::Iban as usize);
         let upper = self.search(&IBAN, maybe);
-        let lower = crate::iban_case::lower_case_at(self.text, self.base);
         upper
             .filter(|m| iban_valid(m.as_str()))
             .map(|m| self.at(&m))
-            .chain(lower)
+            .chain(self.any_case_ibans())
     }
 
     fn cards(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
@@ -728,12 +797,11 @@ pub struct PiiSpan {
 pub fn find(text: &str) -> Vec<PiiSpan> {
     let mut spans = Vec::new();
     let mut searched_to = 0;
-    let bytes = text.as_bytes();
     for at in memchr::memchr_iter(b'@', text.as_bytes()) {
         if at < searched_to {
             continue;
         }
-        let (start, end) = email_run(bytes, at);
+        let (start, end) = email_run(text, at);
         spans.extend(EMAIL.find_iter(&text[start..end]).map(|m| PiiSpan {
             start: start + m.start(),
             end: start + m.end(),
@@ -833,6 +901,13 @@ mod tests {
         detect(t, PiiSet::default()).kinds().map(PiiKind::name).collect()
     }
 
+    /// `text` holds personal data of `kind` alone, and its redaction marks it.
+    fn assert_found(text: &str, kind: &str) {
+        assert_eq!(kinds(text), [kind], "{text:?}");
+        let red = redact(text);
+        assert!(red.contains(&format!("[PII:{kind}]")), "{text:?} -> {red:?}");
+    }
+
     #[test]
     fn typed_or_pasted_unicode_hides_nothing() {
         // An input method's full-width digits and at sign, Arabic-Indic digits, a card
@@ -858,9 +933,7 @@ mod tests {
             ("mail jane@exa\u{e0020}mple.com", "email"),
             ("mail jane@exa\u{3164}mple.com", "email"),
         ] {
-            assert_eq!(kinds(text), [kind], "{text:?}");
-            let red = redact(text);
-            assert!(red.contains(&format!("[PII:{kind}]")), "{text:?} -> {red:?}");
+            assert_found(text, kind);
         }
         // Data found in the text as it is stays found when something else needs folding.
         assert_eq!(kinds("4111 1111 1111 1111 a＠b.io"), ["email", "payment_card"]);
@@ -909,13 +982,71 @@ mod tests {
             ("WhatsApp 612345678", "phone"),
             ("電話番号は09012345678です", "phone"),
         ] {
-            assert_eq!(kinds(text), [kind], "{text:?}");
-            let red = redact(text);
-            assert!(red.contains(&format!("[PII:{kind}]")), "{text:?} -> {red:?}");
+            assert_found(text, kind);
         }
         assert_eq!(redact("iban: de89 3704 0044 0532 0130 00."), "iban: [PII:iban].");
         assert_eq!(redact("mail jane@例え.jp。"), "mail [PII:email]。");
         assert_eq!(redact("请发邮件到jane@example.com谢谢"), "请发邮件到[PII:email]谢谢");
+    }
+
+    /// `text` with its ASCII digits written in the script whose zero is `zero`.
+    fn digits_of(zero: u32, text: &str) -> String {
+        text.chars()
+            .map(|c| match c.to_digit(10) {
+                Some(d) => char::from_u32(zero + d).expect("a digit"),
+                None => c,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plane_1_digits_ideographic_dots_eai_and_mixed_case_ibans_hide_nothing() {
+        // Session 37: the digits of plane 1's scripts (Adlam, Osmanya, Brahmi, Nyiakeng Puachue
+        // Hmong, …, Unicode 17's too), the ideographic and half-width full stops as an e-mail
+        // domain's dot, e-mail addresses with a non-ASCII local part (EAI), IBANs whose
+        // country code is in upper case and the rest in lower or mixed case.
+        let mut cases: Vec<(String, &str)> = Vec::new();
+        for zero in [
+            0x1E950, 0x104A0, 0x11066, 0x1E140, 0x1D7F6, 0x1D7E2, 0x16A60, 0x11DE0, 0x1CCF0, 0x1E5F1, 0x116DA,
+        ] {
+            cases.push((digits_of(zero, "card 4111 1111 1111 1111"), "payment_card"));
+        }
+        cases.push((digits_of(0x1E950, "call +1 415 555 0132"), "phone"));
+        cases.push((digits_of(0x104A0, "ssn 078-05-1120"), "national_id"));
+        cases.push((digits_of(0x11066, "IBAN GB82 WEST 1234 5698 7654 32"), "iban"));
+        for (text, kind) in [
+            ("mail jane@example\u{3002}com", "email"),
+            ("mail jane@example\u{ff0e}com", "email"),
+            ("mail jane@example\u{ff61}com", "email"),
+            ("mail jane\u{ff20}example\u{3002}com", "email"),
+            ("mail jane@例え。jp", "email"),
+            ("mail josé@example.com", "email"),
+            ("mail jöran@example.com", "email"),
+            ("mail 用户@例子.广告", "email"),
+            ("请发邮件到用户@例子.广告谢谢", "email"),
+            ("mail δοκιμή@παράδειγμα.com", "email"),
+            ("mail müller@bücher.de", "email"),
+            ("IBAN GB82 west 1234 5698 7654 32", "iban"),
+            ("IBAN GB82 West 1234 5698 7654 32", "iban"),
+            ("IBAN gB82 WEST 1234 5698 7654 32", "iban"),
+            (
+                "IBAN: DE89 3704 0044 0532 0130 00 and GB82 wEsT 1234 5698 7654 32",
+                "iban",
+            ),
+            ("iban GB82west12345698765432", "iban"),
+        ] {
+            cases.push((text.to_string(), kind));
+        }
+        for (text, kind) in &cases {
+            assert_found(text, kind);
+        }
+        // The whole address is masked, and no more.
+        assert_eq!(redact("mail josé@example.com."), "mail [PII:email].");
+        assert_eq!(redact("mail jane@example。com。"), "mail [PII:email]。");
+        // Without spaces between words the local part may take the words before it: more is
+        // masked, never less. The known top-level domain ends the address.
+        assert_eq!(redact("请发邮件到用户@例子.广告谢谢"), "[PII:email]谢谢");
+        assert_eq!(redact("IBAN GB82 west 1234 5698 7654 32."), "IBAN [PII:iban].");
     }
 
     #[test]
@@ -937,6 +1068,21 @@ mod tests {
             "for i in range(1000000000): x = i * 1234567890",
             "#include <stdio.h>\nint main() { return 0; }\n",
             "価格は1234円、電話はしないで",
+            // Session 37: an @-mention in Chinese or Japanese prose ends a sentence with an
+            // ideographic full stop, not an address's dot; plane-1 digits of no card, phone or
+            // IBAN; mixed-case words before a number, an unknown country, a failed checksum.
+            "谢谢@小明。明天见！",
+            "感谢@小明．明天见",
+            "@张三。你好",
+            "問い合わせは@サポート。よろしく",
+            "抄送@李四.下午开会",
+            "Спасибо@Иван.привет",
+            "Adlam 𞥑𞥒𞥓 and Osmanya 𐒡𐒢 in 2024",
+            "𞥑𞥒𞥓𞥔 𞥕𞥖𞥗𞥘 𞥙𞥐𞥑𞥒 𞥓𞥔𞥕𞥖",
+            "GB82 west side, 1234 people",
+            "MP34 plays 1234 5698 7654 32",
+            "GB82 west 1234 5698 7654 33",
+            "de89 is a code; De12 3456",
         ] {
             assert!(kinds(text).is_empty(), "{text:?}: {:?}", kinds(text));
             assert_eq!(redact(text), text);
@@ -1022,11 +1168,11 @@ mod tests {
         {
             found.insert(PiiKind::PaymentCard);
         }
-        // An IBAN in upper case, or one whose country code ends in a lower-case letter at a word's start.
+        // An IBAN in upper case, or one in any case at a word's start.
         let lower = (0..b.len().saturating_sub(3)).any(|i| {
             (i == 0 || !word(i - 1))
                 && b[i].is_ascii_alphabetic()
-                && b[i + 1].is_ascii_lowercase()
+                && b[i + 1].is_ascii_alphabetic()
                 && b[i + 2].is_ascii_digit()
                 && b[i + 3].is_ascii_digit()
                 && crate::iban_case::iban_at(text, i).is_some()
@@ -1165,6 +1311,43 @@ mod tests {
         "🇩🇪",
         "👍🏽",
     ];
+
+    #[test]
+    fn each_digit_zero_starts_ten_numeric_characters() {
+        // Every run of `DIGIT_ZEROS` is ten numeric characters, sorted and apart; and each run
+        // of numeric characters of planes 0 and 1 as long as decimal digits come (ten, or a
+        // multiple) holds one of them, but for the numbers Unicode gives no decimal value
+        // (Ethiopic, subscripts, circled and parenthesised numbers, Kaktovik, Mayan, …).
+        assert!(DIGIT_ZEROS.windows(2).all(|w| w[0] + 10 <= w[1]));
+        for zero in DIGIT_ZEROS {
+            assert!(
+                (zero..zero + 10).all(|u| char::from_u32(u).is_some_and(char::is_numeric)),
+                "{zero:x}"
+            );
+        }
+        let other_numbers = [
+            0x1369, 0x17F0, 0x2080, 0x2460, 0x2776, 0x3220, 0x3280, 0xA6E6, 0x10F1D, 0x11052, 0x111E1, 0x1D2C0, 0x1D2E0,
+        ];
+        let numeric = |u: u32| char::from_u32(u).is_some_and(char::is_numeric);
+        let mut missing = Vec::new();
+        let mut u = 0x80;
+        while u < 0x20000 {
+            if numeric(u) && !numeric(u - 1) {
+                let len = (u..).take_while(|&v| numeric(v)).count() as u32;
+                let digits = DIGIT_ZEROS.iter().any(|z| (u..u + len).contains(z));
+                if len % 10 == 0 && !digits && !other_numbers.contains(&u) {
+                    missing.push(format!("{u:x}+{len}"));
+                }
+                u += len;
+            } else {
+                u += 1;
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "runs of ten numerics without a decimal value: {missing:?}"
+        );
+    }
 
     #[test]
     fn the_search_for_characters_to_fold_misses_none() {
