@@ -22,10 +22,9 @@ from edgeroute import cli
 from edgeroute import config as config_mod
 from edgeroute.server import create_app
 from tests.conftest import ProxyTestServer, eventually, simple_config
+from tests.readme_pages import manual_text
 from tests.test_cost_support import cost_proxy
 from tests.test_requestlog import _two_upstream_config
-
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -72,7 +71,7 @@ def test_the_readme_error_example_is_three_runs_of_check(
 ) -> None:
     """The README's block of `edgeroute check` errors, one per stage, reproduced line for line:
     each run prints the first failing stage's error, and the next shows once it is fixed."""
-    text = README.read_text()
+    text = manual_text()
     start = text.index("each after fixing what the run before reported")
     start = text.index("```\n", start) + 4
     expected = text[start : text.index("```", start)].splitlines()
@@ -207,7 +206,7 @@ async def test_logs_and_stats_tables_read_right(start_upstream: Any, tmp_path: P
     total = [x for x in bucketed.stdout.splitlines() if x.startswith("TOTAL")]
     assert len(total) == 1 and total[0].split()[1] == "2", bucketed.stdout
 
-    readme_bound = re.search(r"within\s+±([\d.]+) % of the exact value", README.read_text())
+    readme_bound = re.search(r"within\s+±([\d.]+) % of the exact value", manual_text())
     assert readme_bound is not None
     assert f"percentiles within ±{readme_bound.group(1)} %" in plain.stdout
 
@@ -268,7 +267,7 @@ def test_router_tools_name_a_missing_file_or_a_bad_config(tmp_path: Path) -> Non
 
 
 def _restart_sentence() -> str:
-    text = " ".join(README.read_text().split())
+    text = " ".join(manual_text().split())
     start = text.index("Changes to `ledger`")
     return text[start : text.index("refused with the list", start)]
 
@@ -363,7 +362,7 @@ def test_the_api_table_lists_every_admin_route() -> None:
     first `{placeholder}`, and each fixed segment after it, are in the table."""
     from edgeroute.roles import ROUTE_ROLES
 
-    text = README.read_text()
+    text = manual_text()
     start = text.index("| endpoint | what |")
     table = text[start : text.index("\n\n", start)]
     for route in ROUTE_ROLES:

@@ -18,9 +18,9 @@ import openai
 
 from tests.conftest import eventually, start_routes
 from tests.governance_support import call
+from tests.readme_pages import manual_text
 from tests.test_operator_walk3 import ONE_MODEL, _cli, _closed_url, _env, _serve, _term, _write
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 ROOT = "root-token-walk4"
 MANAGED = (
     ONE_MODEL
@@ -286,7 +286,7 @@ async def test_a_test_alert_reaches_a_local_webhook_as_the_readme_says(tmp_path:
         await receiver.close()
     assert sent["source"] == "edgeroute" and sent["event"] == "test", sent
     assert (sent["alert"]["rule"], sent["alert"]["kind"]) == ("test", "test"), sent
-    readme = await asyncio.to_thread(README.read_text)
+    readme = await asyncio.to_thread(manual_text)
     assert '(`"event": "test"`, its alert\'s `rule` and `kind` `test`)' in readme
 
 
@@ -349,7 +349,7 @@ def test_a_change_the_api_cannot_write_back_is_undone_by_the_next_reload(tmp_pat
         assert running["config"]["deployments"]["d"].get("weight", 1) == 1, running
     finally:
         _stop(proc)
-    said = " ".join(README.read_text().split())
+    said = " ".join(manual_text().split())
     assert "the next reload or restart applies the file again" in said
 
 

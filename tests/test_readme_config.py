@@ -19,24 +19,25 @@ import pytest
 import yaml
 
 from edgeroute import config as config_mod
+from tests.readme_pages import ROOT, pages
 from tests.tls_fixtures import self_signed
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 TLS_DIR = "/etc/edgeroute/"  # where the README's example keeps its CA bundle and client pair
 SHIPPED_ROUTER = Path(config_mod.__file__).resolve().parent.parent / "models" / "router-gpt4-mixtral.erlm"
 
 
-def yaml_blocks() -> list[tuple[int, str]]:
-    """(line number, text) of each fenced `yaml` block of the README, in order."""
-    blocks: list[tuple[int, str]] = []
-    lines = README.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        if re.fullmatch(r"```yaml\s*", lines[i]):
-            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
-            blocks.append((i + 2, "\n".join(lines[i + 1 : end]) + "\n"))
-            i = end
-        i += 1
+def yaml_blocks() -> list[tuple[str, str]]:
+    """(page:line, text) of each fenced `yaml` block of the README and its guide pages, in order."""
+    blocks: list[tuple[str, str]] = []
+    for page in pages():
+        lines = page.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            if re.fullmatch(r"```yaml\s*", lines[i]):
+                end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+                blocks.append((f"{page.relative_to(ROOT)}:{i + 2}", "\n".join(lines[i + 1 : end]) + "\n"))
+                i = end
+            i += 1
     return blocks
 
 
@@ -70,16 +71,16 @@ def test_the_readme_has_a_full_example_and_snippets() -> None:
     assert {"providers", "deployments", "models"} <= set(first), "the first yaml block is not a full config"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[f"README.md:{line}" for line, _ in BLOCKS])
+@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=[where for where, _ in BLOCKS])
 def test_each_snippet_validates_with_the_example(index: int, tmp_path: Path) -> None:
     data: Any = {}
     for _, text in BLOCKS[: index + 1]:
         data = merged(data, yaml.safe_load(text))
-    line = BLOCKS[index][0]
+    where = BLOCKS[index][0]
     try:
         validate(data, tmp_path)
     except config_mod.ConfigError as e:
-        pytest.fail(f"the yaml block at README.md:{line} does not validate:\n" + "\n".join(e.errors))
+        pytest.fail(f"the yaml block at {where} does not validate:\n" + "\n".join(e.errors))
 
 
 def test_a_snippet_that_names_an_unknown_deployment_fails(tmp_path: Path) -> None:
