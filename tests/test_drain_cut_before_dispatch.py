@@ -24,6 +24,7 @@ import pytest
 
 from tests.conftest import eventually, simple_config
 from tests.serve_support import killed, start_serve
+from tests.test_drain_cut_waiting import assert_drain_cut
 from tests.test_serve import wait_ready
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -78,18 +79,6 @@ def _redis() -> tuple[tuple[str, int], str]:
     return (url.hostname or "127.0.0.1", url.port or 6379), url.path
 
 
-def _assert_cut(e: Any, api: str) -> None:
-    """The 503 of a request the drain cut, in the API's format, as the SDK raised it."""
-    assert e.status_code == 503
-    assert e.response.headers["retry-after"] == "1"
-    assert e.response.headers["content-type"].startswith("application/json")
-    if api == "anthropic":
-        assert e.body["type"] == "error" and e.body["error"]["type"] == "overloaded_error", e.body
-    else:
-        assert e.body["code"] == "server_shutdown", e.body  # the SDK's body is the `error` object
-    assert "shutting down" in e.message
-
-
 def _ask(url: str, api: str) -> Any:
     if api == "anthropic":
         client: Any = anthropic.AsyncAnthropic(base_url=url, api_key="x", max_retries=0, timeout=20)
@@ -124,7 +113,7 @@ async def test_a_request_waiting_inside_admission_at_the_drains_end_gets_an_erro
             os.kill(proc.pid, signal.SIGTERM)
             with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as got:
                 await asyncio.wait_for(asked, 10)
-            _assert_cut(got.value, api)
+            assert_drain_cut(got.value, api)
             assert len(up.options.requests) == 1  # the waiting one was never sent
             assert await asyncio.wait_for(proc.wait(), 20) == 0
             with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as ledger:
@@ -159,7 +148,7 @@ async def test_a_request_queued_for_capacity_at_the_drains_end_gets_an_error_and
         for task, its_api in ((holding, "openai"), (queued, api)):
             with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as got:
                 await asyncio.wait_for(task, 10)
-            _assert_cut(got.value, its_api)
+            assert_drain_cut(got.value, its_api)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         assert len(up.options.requests) == 1  # the queued one was never sent
         with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as db:

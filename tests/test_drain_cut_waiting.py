@@ -45,14 +45,7 @@ async def test_a_request_waiting_at_the_drains_end_gets_an_error_and_is_recorded
         os.kill(proc.pid, signal.SIGTERM)
         with pytest.raises((openai.APIStatusError, anthropic.APIStatusError)) as got:
             await asyncio.wait_for(asked, 10)
-        e = got.value
-        assert e.status_code == 503
-        assert e.response.headers["content-type"].startswith("application/json")
-        if api == "anthropic":
-            assert e.body["type"] == "error" and e.body["error"]["type"] == "overloaded_error", e.body
-        else:
-            assert e.body["code"] == "server_shutdown", e.body  # the SDK's body is the `error` object
-        assert "shutting down" in e.message
+        assert_drain_cut(got.value, api)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
         with sqlite3.connect(tmp_path / "edgeroute-ledger.db") as db:
             assert db.execute("SELECT outcome FROM spend").fetchall() == [("drain_cut",)]
@@ -61,3 +54,15 @@ async def test_a_request_waiting_at_the_drains_end_gets_an_error_and_is_recorded
             assert (outcome, prompt > 0, cost > 0) == ("cancelled", True, True)
     finally:
         await killed(proc)
+
+
+def assert_drain_cut(e: Any, api: str) -> None:
+    """The 503 of a request the drain cut, in the API's format, as the SDK raised it."""
+    assert e.status_code == 503
+    assert e.response.headers["retry-after"] == "1"
+    assert e.response.headers["content-type"].startswith("application/json")
+    if api == "anthropic":
+        assert e.body["type"] == "error" and e.body["error"]["type"] == "overloaded_error", e.body
+    else:
+        assert e.body["code"] == "server_shutdown", e.body  # the SDK's body is the `error` object
+    assert "shutting down" in e.message

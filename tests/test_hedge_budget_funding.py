@@ -96,22 +96,7 @@ async def test_refusals_and_cache_hits_fund_no_hedges(free: str, start_upstream:
     cfg["models"]["m"]["cache"] = {"ttl": 60}
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    if free == "refused":
-        async with aiohttp.ClientSession() as s:
-            for _ in range(400):  # each over the model's TPM: refused at admission, after its decision
-                async with s.post(proxy.url + "/v1/chat/completions", json=BODY | {"max_tokens": 10_000}) as r:
-                    assert r.status == 429, await r.text()
-    else:
-        cached = BODY | {
-            "messages": [{"role": "user", "content": "the same question"}],
-            "temperature": 0,
-            "max_tokens": 100,
-        }
-        await client.chat.completions.create(**cached)  # stored (whole: not cut by its max_tokens)
-        await stored(proxy)
-        for _ in range(400):
-            raw = await client.chat.completions.with_raw_response.create(**cached)
-            assert raw.headers["x-edgeroute-cache"] == "hit"
+    await free_decisions(free, proxy, client)
     hedged = await _hedged_of(client, 20)
     assert hedged <= 1, f"{hedged} of 20 hedged at a 5 % budget"  # 5 % of the 20 (or 21) sent upstream
 
@@ -131,3 +116,24 @@ async def test_a_busy_route_funds_no_hedges_of_a_quiet_one(start_upstream: Any, 
         await _hedged_of(client, 20, "busy")
     hedged = await _hedged_of(client, 20)
     assert hedged <= 1, f"{hedged} of the quiet route's 20 hedged at a 5 % budget"
+
+
+async def free_decisions(free: str, proxy: Any, client: openai.AsyncOpenAI) -> None:
+    """400 decisions that send nothing upstream: requests over the model's TPM refused at
+    admission (`free == "refused"`), or hits of one cached prompt (the route caches)."""
+    if free == "refused":
+        async with aiohttp.ClientSession() as s:
+            for _ in range(400):  # each over the model's TPM: refused at admission, after its decision
+                async with s.post(proxy.url + "/v1/chat/completions", json=BODY | {"max_tokens": 10_000}) as r:
+                    assert r.status == 429, await r.text()
+    else:
+        cached = BODY | {
+            "messages": [{"role": "user", "content": "the same question"}],
+            "temperature": 0,
+            "max_tokens": 100,
+        }
+        await client.chat.completions.create(**cached)  # stored (whole: not cut by its max_tokens)
+        await stored(proxy)
+        for _ in range(400):
+            raw = await client.chat.completions.with_raw_response.create(**cached)
+            assert raw.headers["x-edgeroute-cache"] == "hit"

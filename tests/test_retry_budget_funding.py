@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 import yaml
@@ -15,7 +14,7 @@ import yaml
 from edgeroute import config as config_mod
 from edgeroute.reload import apply_config
 from tests.conftest import simple_config
-from tests.test_cache import stored
+from tests.test_hedge_budget_funding import free_decisions
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 RATIO = 0.1
@@ -31,22 +30,7 @@ async def test_refusals_and_cache_hits_fund_no_retries(free: str, start_upstream
     cfg["health"] = {"consecutive_failures": 1000, "min_requests": 1000, "failure_rate": 1}  # never ejected
     proxy = await start_proxy(cfg)
     client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
-    if free == "refused":
-        async with aiohttp.ClientSession() as s:
-            for _ in range(400):  # each over the model's TPM: refused at admission, after its decision
-                async with s.post(proxy.url + "/v1/chat/completions", json=BODY | {"max_tokens": 10_000}) as r:
-                    assert r.status == 429, await r.text()
-    else:
-        cached = BODY | {
-            "messages": [{"role": "user", "content": "the same question"}],
-            "temperature": 0,
-            "max_tokens": 100,
-        }
-        await client.chat.completions.create(**cached)  # stored (whole: not cut by its max_tokens)
-        await stored(proxy)
-        for _ in range(400):
-            raw = await client.chat.completions.with_raw_response.create(**cached)
-            assert raw.headers["x-edgeroute-cache"] == "hit"
+    await free_decisions(free, proxy, client)
     # The upstream fails: 20 requests, each its own prompt (no cache hit), may retry only on
     # what they themselves fund.
     up.options.fail_status = 503
