@@ -612,3 +612,34 @@ async def test_a_server_starts_on_postgres_while_a_backup_reads_the_ledger(start
             server.stop()
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_records_held_for_their_fate_still_count_as_unwritten(tmp_path: Path) -> None:
+    """Records taken back from the queue while this instance's shared-state run was in doubt
+    (`liveness`) are still this process's spend: a refill of an emptied Redis reads them from
+    `unwritten` (it missed them, and the shared budget counted 14 of 20 answers), `/readyz`
+    counts them, and once decided each is written or dropped, once."""
+    db = tmp_path / "l.db"
+    ledger = Ledger(SqliteBackend(db), flush_interval=3600)
+    try:
+        for i in range(3):
+            ledger.record(_record(i))
+        late = _record(3)
+        late.held_back = True  # settled while in doubt: never queued
+        ledger.record(late)
+        taken = ledger.withdraw(5)
+        assert taken is not None and [r.request_id for r in taken] == ["req-0", "req-1", "req-2"]
+        held = ledger.unwritten(5)
+        assert held is not None and sorted(r.request_id for r in held[0]) == ["req-0", "req-1", "req-2", "req-3"]
+        assert ledger.queue_depth() == 4
+        ledger.release(taken[0], write=True)
+        ledger.release(taken[1], write=False)  # recorded as crashed by another instance
+        ledger.release(late, write=True)
+        assert ledger.flush() == 2
+        assert ledger.queue_depth() == 1  # req-2: still waiting for its fate
+        ledger.release(taken[2], write=False)
+        assert ledger.queue_depth() == 0
+    finally:
+        ledger.close()
+    conn = sqlite3.connect(db)
+    assert sorted(r[0] for r in conn.execute("SELECT request_id FROM spend")) == ["req-0", "req-3"]

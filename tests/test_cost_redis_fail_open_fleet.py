@@ -43,7 +43,10 @@ def _config(upstream: str, redis_url: str, prefix: str, dsn: str) -> dict[str, A
 def _settled(control: Any) -> bool:
     assert isinstance(control, CostControl) and isinstance(control.shared, RedisState)
     s = control.shared._settlements
-    return not s._pending and s._flusher is None and not control._tasks
+    # Redis came back empty: this instance's run had lapsed, so requests it admitted before it
+    # noticed settle once Redis says no other instance recorded them (`liveness`).
+    decided = control.liveness is None or control.liveness.idle()
+    return not s._pending and s._flusher is None and not control._tasks and decided
 
 
 async def _relay(redis_url: str) -> tuple[_Relay, str]:

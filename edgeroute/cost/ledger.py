@@ -196,6 +196,9 @@ class Ledger:
         self._journal: collections.deque[Row] = collections.deque()
         self._outcomes: collections.deque[tuple[str, Row]] = collections.deque()
         self._retry: list[_Held] = []
+        # Records whose settlement waits for Redis (`cost.control.liveness`): written once it is
+        # decided (`release`), and counted meanwhile as this process's unwritten spend.
+        self._held: dict[str, RequestRecord] = {}
         self._writer_id = os.urandom(6).hex()
         self._seq = itertools.count(1)
         # Called before each flush, outside the writer's lock (`cost.control.liveness` makes sure
@@ -249,6 +252,7 @@ class Ledger:
     # the hot path: an append (and, once per burst, a wake-up)
     def record(self, rec: RequestRecord) -> None:
         if rec.held_back:  # recorded once its settlement is decided (`cost.control.liveness`)
+            self._held[rec.request_id] = rec
             return
         q = self._queue
         q.append(rec)
@@ -273,7 +277,7 @@ class Ledger:
     def queue_depth(self) -> int:
         """Records not in the store yet: waiting, in the batch being written, or kept from
         failed batches (what a crash at this moment would lose)."""
-        return len(self._queue) + self._inflight + sum(len(h.pending) for h in self._retry)
+        return len(self._queue) + self._inflight + sum(len(h.pending) for h in self._retry) + len(self._held)
 
     def unwritten(self, wait: float) -> tuple[list[RequestRecord], list[Row]] | None:
         """This process's records and journal rows (request id, ts, store key, amount) not in
@@ -282,7 +286,8 @@ class Ledger:
         if not self._lock.acquire(timeout=wait):
             return None
         try:
-            records = [p.rec for h in self._retry for p in h.pending] + list(self._queue)
+            held = list(self._held.values())  # one C call: the loop cannot change it meanwhile
+            records = [p.rec for h in self._retry for p in h.pending] + list(self._queue) + held
             journal = [j[1:] for h in self._retry for j in h.journal] + list(self._journal)
             return records, journal
         finally:
@@ -295,9 +300,21 @@ class Ledger:
         if not self._lock.acquire(timeout=wait):
             return None
         try:
-            return _take_all(self._queue)
+            taken = _take_all(self._queue)
         finally:
             self._lock.release()
+        for rec in taken:  # still this process's spend until decided: a refill counts them
+            rec.held_back = True
+            self._held[rec.request_id] = rec
+        return taken
+
+    def release(self, rec: RequestRecord, *, write: bool) -> None:
+        """A held record's settlement is decided: written (`write`), or not (another instance
+        recorded the request as crashed)."""
+        self._held.pop(rec.request_id, None)
+        rec.held_back = False
+        if write:
+            self.record(rec)
 
     def _run(self) -> None:
         if self.low_priority:  # a flush waits for the loop, never the other way round

@@ -158,7 +158,8 @@ class Liveness:
             self._beaten = False  # the new run's key is made by the next beat (this one, unless it fails)
             # Settled before the lapse but not written yet: their rows wait for their fate too.
             for rec in await asyncio.to_thread(self.ledger.withdraw, WITHDRAW_WAIT_S) or []:
-                self.defer(rec.request_id, lapsed, functools.partial(self.ledger.record, rec), _nothing)
+                write, drop = (functools.partial(self.ledger.release, rec, write=w) for w in (True, False))
+                self.defer(rec.request_id, lapsed, write, drop)
             sent = time.monotonic()
             await self.registry.beat(run, TTL_S, create=True)
         self._beaten = True
@@ -173,6 +174,10 @@ class Liveness:
             except Exception:
                 log.exception("shared state: liveness heartbeat failed")
             await asyncio.sleep(BEAT_S)
+
+    def idle(self) -> bool:
+        """Whether no doubtful settlement waits for its fate."""
+        return not self._doubtful and self._resolving is None
 
     def defer(self, request_id: str, epoch: int, settle: Callable[[], None], yield_: Callable[[], None]) -> None:
         """Settles a doubtful request once its fate is known (`settle`, or `yield_` when another
@@ -252,10 +257,6 @@ class Liveness:
         if self.ledger.failing_since is None:  # written: the run is done (else claimed again later)
             await self.registry.done(run, me)
         return len(mine)
-
-
-def _nothing() -> None:
-    """A record another instance recorded as crashed: not written here."""
 
 
 def _unsettled(db: Backend, budgets: Sequence[Budget], run: str) -> list[RequestRecord]:

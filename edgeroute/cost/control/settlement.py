@@ -91,7 +91,7 @@ class Settlement(Stores):
                 ticket.request_id,
                 ticket.run_epoch,
                 lambda: self._settle_late(ticket, rec, actual),
-                lambda: self._recorded_elsewhere(ticket),
+                lambda: self._recorded_elsewhere(ticket, rec),
             )
         else:
             self._settle_spend(ticket, actual)
@@ -128,11 +128,10 @@ class Settlement(Stores):
     def _settle_late(self, ticket: CostTicket, rec: RequestRecord, actual: int) -> None:
         """A doubtful request this instance settles after all (no other recorded it)."""
         self._settle_spend(ticket, actual)
-        rec.held_back = False
         if self.ledger is not None:
-            self.ledger.record(rec)
+            self.ledger.release(rec, write=True)
 
-    def _recorded_elsewhere(self, ticket: CostTicket) -> None:
+    def _recorded_elsewhere(self, ticket: CostTicket, rec: RequestRecord) -> None:
         """A doubtful request another instance recorded as crashed, at its reservation: the
         reservation stays counted as its cost (in Redis, where this instance's counters follow
         it), and it writes no row of its own."""
@@ -140,6 +139,8 @@ class Settlement(Stores):
         if not ticket.charges_shared and isinstance(self.shared, RedisState):
             self.shared.spent_later(ticket.charges, ticket.charges[0].amount)  # each charge is the whole reservation
         self._settled(ticket.charges)
+        if self.ledger is not None:
+            self.ledger.release(rec, write=False)
 
     def _count_keys(self, ticket: CostTicket, actual: int) -> None:
         """Adds the request's cost to the monthly counter of each managed key above its key
