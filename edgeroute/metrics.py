@@ -446,6 +446,11 @@ def ledger_source(app: web.Application) -> Iterable[Metric]:
         "edgeroute_ledger_set_aside", "Ledger records the store rejected (logged instead).", ledger.set_aside
     )
     yield _counter(
+        "edgeroute_ledger_already_recorded",
+        "Ledger records not written: their request had a spend row already (another instance's crashed row).",
+        ledger.already_recorded,
+    )
+    yield _counter(
         "edgeroute_request_log_dropped",
         "Request-log rows not written because the writer was too far behind (spend and stats still written).",
         ledger.log_dropped,

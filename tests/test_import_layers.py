@@ -47,6 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.cost.writer_pace",
             "edgeroute.cost.writer_breath",
             "edgeroute.cost.null_literals",
+            "edgeroute.cost.spend_once",
             "edgeroute.cost.store_errors",
             "edgeroute.cost.pdf",
             "edgeroute.capacity",

@@ -56,6 +56,7 @@ from edgeroute.accounting import RequestRecord, Usage, cost_of
 from edgeroute.background import lower_priority
 from edgeroute.config import Config, Price
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.cost import spend_once
 from edgeroute.cost.ledger_store import (
     ATTEMPT_COLUMNS,
     CHUNK_ROWS,
@@ -158,7 +159,8 @@ class Ledger:
     were kept for later), `set_aside` (records the store rejected, logged instead),
     `lost_at_close` (records `close()` could not write: the store stayed unavailable) and
     `log_dropped` (request-log rows skipped over the backlog bound; spend still written),
-    `spilled` (records logged instead of held: `MAX_HELD` were waiting already).
+    `spilled` (records logged instead of held: `MAX_HELD` were waiting already), and
+    `already_recorded` (records not written, their request having a row already: `spend_once`).
 
     The store is failing (`failing_since`) from a write that raised until one succeeds, and
     also while the writer has not finished a flush for `stall_s` (a database that does not
@@ -214,6 +216,7 @@ class Ledger:
         self.written = 0
         self.failed_batches = 0
         self.set_aside = 0
+        self.already_recorded = 0  # rows not written: their request had one already (`spend_once`)
         self.lost_at_close = 0
         # Since when (monotonic) the store has refused every write: records pile up in memory
         # meanwhile, all of them lost to a kill -9, so `/readyz` says so (None: writing).
@@ -467,8 +470,7 @@ class Ledger:
         """Writes a batch; the number of requests written, or None when the store is unavailable
         (the batch is then kept for the next flush)."""
         try:
-            batch = held.batch(self.request_log is not None, self._levels, self._breath.rest)
-            self.backend.write(batch, rest=self._breath.rest)
+            batch = self._store(held, self._breath.rest)
         except Exception as e:
             if not rejects_row(e):
                 self._keep(held, e, retry)
@@ -479,6 +481,26 @@ class Ledger:
         self._rollup_rows += len(batch.rollup)
         self._note_minutes(held.pending)
         return len(held.pending)
+
+    def _store(self, held: _Held, rest: Callable[[], None] = never) -> Batch:
+        """Writes `held`'s batch, without the rows of requests another row records already
+        (`spend_once`: the store rolled the batch back and named them); the batch written."""
+        while True:
+            batch = held.batch(self.request_log is not None, self._levels, rest)
+            try:
+                self.backend.write(batch, rest=rest)
+                return batch
+            except spend_once.AlreadyRecorded as e:
+                for p in held.pending:
+                    if p.row[-1] in e.row_ids:
+                        self.already_recorded += 1
+                        log.warning(
+                            "ledger: request %s has a spend row already (another instance's: the `crashed` row of one"
+                            " that took this instance's run over while it was paused or cut off from Redis, or the"
+                            " request's own); this %s row ($%.6f) is not written, so the request counts once",
+                            p.rec.request_id, p.rec.outcome, p.rec.cost_usd,
+                        )  # fmt: skip
+                held.pending = [p for p in held.pending if p.row[-1] not in e.row_ids]
 
     def _note_minutes(self, pending: list[_Pending]) -> None:
         if pending:
@@ -491,8 +513,7 @@ class Ledger:
         parts += [_Held(f"{held.batch_id}/{i}", [p], []) for i, p in enumerate(held.pending)]
         for i, part in enumerate(parts):
             try:
-                batch = part.batch(self.request_log is not None, self._levels)
-                self.backend.write(batch)
+                batch = self._store(part)
             except Exception as e:
                 if rejects_row(e):
                     for p in part.pending:

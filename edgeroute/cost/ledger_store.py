@@ -23,6 +23,7 @@ from typing import Any, Protocol, cast
 
 from edgeroute import pg_dead_peer, pg_schema, redact, secrets, sqlite_wal
 from edgeroute.config import Ledger as LedgerConfig
+from edgeroute.cost import spend_once
 from edgeroute.cost.null_literals import NullLiterals, nullable
 from edgeroute.cost.writer_breath import never
 from edgeroute.errors import StartError
@@ -109,15 +110,16 @@ CREATE TABLE IF NOT EXISTS reservations (
     amount_nano BIGINT NOT NULL
 )"""
 # Each serves a query: reports and the budgets' restore read `spend` by time, and look a
-# reservation's request up in it (`spend_request`); retention reads `reservations` by time.
+# reservation's request up in it (`spend_once.INDEX`, made by its migration); retention reads
+# `reservations` by time.
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS spend_ts ON spend (ts)",
-    "CREATE INDEX IF NOT EXISTS spend_request ON spend (request_id)",
     "CREATE INDEX IF NOT EXISTS reservations_ts ON reservations (ts)",
 )
 # Indexes of earlier releases no query reads, dropped at start: `spend_attempts` by request id
-# (a request's attempts are read from its request-log row), a B-tree insert per attempt.
-RETIRED_INDEXES = ("spend_attempts_request", *requestlog_store.RETIRED_INDEXES)
+# (a request's attempts are read from its request-log row), a B-tree insert per attempt; `spend`
+# by request id, which `spend_once.INDEX` (unique) serves now.
+RETIRED_INDEXES = ("spend_attempts_request", "spend_request", *requestlog_store.RETIRED_INDEXES)
 # PostgreSQL's DROP INDEX waits for every open reader of the table (a pg_dump, a report) and,
 # while it waits, queues every instance's writes behind it: it may wait this long, in a
 # transaction of its own, and is tried again at the next start.
@@ -220,9 +222,12 @@ def rejects_row(exc: BaseException) -> bool:
     return psycopg is not None and isinstance(exc, (psycopg.DataError, psycopg.IntegrityError))
 
 
-def _insert(table: str, cols: Sequence[str], mark: str, conflict: str) -> str:
+def _insert(table: str, cols: Sequence[str], mark: str, conflict: str | None) -> str:
+    """An insert that skips a row a unique index holds already: the index on `conflict`'s
+    columns, or any (None)."""
     values = ", ".join([mark] * len(cols))
-    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({values}) ON CONFLICT ({conflict}) DO NOTHING"
+    on = f" ({conflict})" if conflict else ""
+    return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({values}) ON CONFLICT{on} DO NOTHING"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -242,18 +247,20 @@ class _Statements:
     # SQLite: the tables whose rows' NULLs go into the statement, not bound (`null_literals`),
     # by their insert statement: spend and requests, whose rows hold most of the Nones.
     nulls: Mapping[str, NullLiterals] = dataclasses.field(default_factory=dict)
+    mark: str = "?"  # the placeholder
 
     @classmethod
     def for_mark(cls, mark: str, dialect: str) -> _Statements:
         return cls(
             f"INSERT INTO ledger_batches (batch_id, ts) VALUES ({mark}, {mark}) ON CONFLICT (batch_id) DO NOTHING",
-            _insert("spend", COLUMNS, mark, "row_id"),
+            _insert("spend", COLUMNS, mark, None),  # its row id, or its request's (`spend_once`)
             _insert("spend_attempts", ATTEMPT_COLUMNS, mark, "row_id, n"),
             requestlog_store.insert_sql(mark),
             requestlog_store.holdings_sql(mark, dialect),
             _insert("reservations", JOURNAL_COLUMNS, mark, "row_id"),
             requestlog_outcomes.insert_sql(mark),
             tuple(rollup.batch_sql(mark, dialect)),
+            mark=mark,
         )
 
     def with_nulls(self) -> _Statements:
@@ -265,12 +272,15 @@ class _Statements:
         nulls = {sql: NullLiterals(sql, nullable(body, cols), len(cols)) for sql, body, cols in tables}
         return dataclasses.replace(self, nulls=nulls)
 
-    def _insert(self, cur: Any, sql: str, rows: list[Row], rest: Callable[[], None]) -> None:
+    def _insert(self, cur: Any, sql: str, rows: list[Row], rest: Callable[[], None]) -> int:
+        """Inserts `rows`; how many went in (an ON CONFLICT DO NOTHING skips some)."""
         nulls = self.nulls.get(sql)
+        done = 0
         for i in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[i : i + CHUNK_ROWS]
             if len(chunk) * len(chunk[0]) > self.many:
                 cur.executemany(sql, chunk)
+                done += cur.rowcount
             else:
                 # In pieces of 32, 16, 8, 4, 2 and 1 rows: five statements a table stay prepared
                 # (one for each size up to 32 held 19 MB a worker; these 2.6 MB), five for each
@@ -282,8 +292,10 @@ class _Statements:
                     shaped = nulls.statement(piece) if nulls is not None else None
                     one, values = shaped if shaped is not None else (sql, _flat(piece))
                     cur.execute(_many_rows(one, n) if n > 1 else one, values)
+                    done += cur.rowcount
                     at += n
             rest()
+        return done
 
     def run(
         self,
@@ -299,9 +311,8 @@ class _Statements:
         if cur.rowcount == 0:
             log.warning("ledger: batch %s was written before (a lost acknowledgement); not written again", b.batch_id)
             return
-        for sql, rows in (
-            (self.spend, b.spend), (self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal),
-        ):  # fmt: skip
+        spend_once.check(cur, self.mark, b.spend, self._insert(cur, self.spend, b.spend, rest))
+        for sql, rows in ((self.attempts, b.attempts), (self.requests, b.requests), (self.journal, b.journal)):
             self._insert(cur, sql, rows, rest)
         if b.requests:
             self._insert(cur, self.holdings, requestlog_store.held(b.requests), rest)
@@ -364,6 +375,7 @@ class SqliteBackend:
                 self._conn.execute(f"ALTER TABLE {table} ADD COLUMN row_id TEXT")
         for stmt in _ROW_IDS:
             self._conn.execute(stmt)
+        spend_once.migrate(self._conn.execute, self.dialect)
         for old in RETIRED_INDEXES:
             self._conn.execute(f"DROP INDEX IF EXISTS {old}")
         self._conn.execute(rollup.SPREAD_SCHEMA)
@@ -496,6 +508,7 @@ class PostgresBackend:
                     self._conn.execute(f"ALTER TABLE {table} {widen}")
             for stmt in _ROW_IDS:
                 self._conn.execute(stmt)
+            spend_once.migrate(self._conn.execute, self.dialect)
             requestlog_store.count_holdings(self._conn.execute, "postgres")
             self._conn.execute(_STAGE)
         self._retire_indexes()

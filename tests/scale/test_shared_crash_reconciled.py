@@ -6,7 +6,8 @@ spend row, and no instance ever said which request was lost (the reports said $0
 budget counted the reservation). Now the survivor finds the dead instance's heartbeat gone,
 and records the request as `crashed` at its reservation, once; the budget and the reports agree.
 An instance paused (SIGSTOP) past its heartbeat's expiry is taken over the same way, and its
-settlement once it resumes does not count the request again. The openai SDK is the client.
+settlement once it resumes does not count the request again, nor does its row kept from a batch
+the database refused before the pause. The openai SDK is the client.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import pytest
 import redis
 
 from tests.conftest import Upstream, eventually
+from tests.metrics_support import scrape
 from tests.scale.support import REDIS_URL, Instance, Spawn, kill_tree
+from tests.scale.test_ledger_lock_partition import _forwarder, _through
 from tests.test_cost_support import require_postgres, require_redis
 
 ADMIN = "tok-crash-admin"
@@ -259,3 +262,60 @@ async def test_a_request_settled_just_before_a_pause_is_recorded_once(
     assert len(first) == 1, rows  # its own row or the crashed one: never both
     later = next(c for r, _, c in rows if r == rid)
     assert (await _budget(b))["spent_usd"] <= first[0][2] + later + 1e-9
+
+
+async def test_a_row_kept_from_a_refused_batch_through_a_pause_is_not_written_beside_the_crashed_one(
+    pg_schema_dsn: str, start_upstream: Any, spawn: Spawn, prefix: str
+) -> None:
+    """A's request settled while its connection to PostgreSQL was cut: its row waited in a
+    refused batch, kept for the next flush, when A was paused. B took A's run over and wrote the
+    request's `crashed` row; A, resumed and reconnected, retried its batch and wrote the real row
+    too (it took back only the records still queued): the request counted twice in the reports.
+    Now the database keeps the first row and A drops its own, logged and counted."""
+    fwd = await _forwarder(pg_schema_dsn)
+    up = await start_upstream(chunk_interval=0.1, reply_words=30)  # 3 s: journaled well before its end
+    cfg = _config(up, prefix, pg_schema_dsn)
+    a = await spawn({**cfg, "ledger": {**cfg["ledger"], "dsn": _through(pg_schema_dsn, fwd.port)}}, name="a")
+    b = await spawn(cfg, name="b")
+    try:
+        stream, _ = await _stream_started(a, pg_schema_dsn)
+        await fwd.cut()  # A's ledger writes fail from now on
+        assert len((await asyncio.wait_for(stream, 30)).split()) > 25  # the whole answer
+
+        async def kept() -> bool:  # settled, and its row's batch refused: kept for a retry
+            m = await scrape(a.url, ADMIN)
+            return (m.value("edgeroute_ledger_failed_batches_total") or 0) >= 1 and m.value(
+                "edgeroute_ledger_queue_depth"
+            ) == 1
+
+        await eventually(kept, "the settled request's row kept from a refused batch", within=20)
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+
+            async def recorded() -> bool:
+                return await _crashed(b) is not None
+
+            await eventually(recorded, "the survivor recording the paused instance's request", within=WITHIN_S + 10)
+            await fwd.start()  # PostgreSQL is reachable again once A resumes
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        client = openai.AsyncOpenAI(base_url=a.url + "/v1", api_key=ADMIN, max_retries=0, timeout=60)
+        up.options.chunk_interval = 0
+        answer = await client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS
+        )
+        rid = answer.headers["x-request-id"]
+
+        async def written() -> bool:  # a kept batch is retried before anything newer
+            return any(r[0] == rid for r in await asyncio.to_thread(_spend_rows, pg_schema_dsn))
+
+        await eventually(written, "a later request's spend row (the resumed instance's writer caught up)", within=30)
+        rows = await asyncio.to_thread(_spend_rows, pg_schema_dsn)
+        assert [(o, c) for r, o, c in rows if r != rid] == [("crashed", pytest.approx(RESERVED))], rows
+        total = (await _get(b, "/admin/spend?by=outcome"))["total"]
+        assert total["requests"] == 2, total
+        assert (await scrape(a.url, ADMIN)).value("edgeroute_ledger_already_recorded_total") == 1
+        assert "has a spend row already" in a.output()
+    finally:
+        fwd.passing.set()
+        await fwd.cut()

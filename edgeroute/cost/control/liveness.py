@@ -20,6 +20,11 @@ at start (`crashed`); here the others may be running requests still, so liveness
   claimer set it to crashed first. Settled: as any settlement. Crashed: its `crashed` row
   stands, and the reservation it holds in Redis with it (nothing is counted twice).
 
+Redis decides for the settlements it is asked about; a row written without asking (settled before
+the lapse, its batch under way or kept from a failed one when the pause began, or its instance
+cut off from Redis alone) meets the claimer's at the database, which keeps the first committed
+(`spend_once`): the request is recorded once either way.
+
 A request is doubtful when its run's lease may have lapsed since its admission: a heartbeat
 since found the key expired, or the last renewal's lease (from when it was sent) has run out.
 Only those wait; every other settlement costs two comparisons more.
