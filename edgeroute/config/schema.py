@@ -465,6 +465,27 @@ class Budgets(_Strict):
     limits: list[Budget] = []
 
 
+class SharedStateLiveness(_Strict):
+    """Each instance's heartbeat in Redis (with a shared ledger): renewed every `beat_s`, it
+    expires `ttl_s` after the last renewal, and every `sweep_s` the others look for expired ones,
+    whose unsettled requests one of them records as `crashed` (`cost.control.liveness`). An
+    instance silent past `ttl_s` (a stalled VM) is taken over as if it had died: a longer `ttl_s`
+    rides out longer stalls, and records a dead instance's requests that much later."""
+
+    beat_s: float = Field(1.5, gt=0, le=60)
+    ttl_s: float = Field(6.0, gt=0, le=600)
+    sweep_s: float = Field(2.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _outlives_a_late_beat(self) -> SharedStateLiveness:
+        if self.ttl_s <= 2 * self.beat_s:
+            raise ValueError(
+                f"ttl_s ({self.ttl_s:g}) must be more than twice beat_s ({self.beat_s:g}): a heartbeat a little"
+                " late would let another instance take this one's requests over while it runs them"
+            )
+        return self
+
+
 class SharedState(_Strict):
     """Redis for budgets, reservations and rate-limit counters shared by several instances."""
 
@@ -472,6 +493,7 @@ class SharedState(_Strict):
     on_unavailable: Literal["open", "closed"] = "open"
     timeout_ms: int = Field(200, ge=1)
     prefix: str = "edgeroute"
+    liveness: SharedStateLiveness = Field(default_factory=SharedStateLiveness)
 
 
 class Ledger(_Strict):

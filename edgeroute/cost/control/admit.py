@@ -15,7 +15,7 @@ from aiohttp import web
 from edgeroute import _core
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import CanServe, Counter
-from edgeroute.config import Budget, Config
+from edgeroute.config import Budget, Config, SharedStateLiveness
 from edgeroute.cost import budgets as B
 from edgeroute.cost.control import parallel
 from edgeroute.cost.control.liveness import Liveness, ledger_identity
@@ -334,7 +334,9 @@ class CostControl(Reservations, RateLimits):
                 "shared state: the ledger could not be named (%s); stopped instances' requests are not recorded", e
             )
             return
-        self.liveness = Liveness(RunRegistry(self.shared.pipe, self.shared.prefix, where), ledger, self._limits)
+        registry = RunRegistry(self.shared.pipe, self.shared.prefix, where)
+        timing = self.cfg.shared_state.liveness if self.cfg.shared_state is not None else SharedStateLiveness()
+        self.liveness = Liveness(registry, ledger, self._limits, timing)
         try:
             await self.liveness.beat()
         except StoreUnavailable:

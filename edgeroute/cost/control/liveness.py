@@ -6,14 +6,14 @@ reads the ledger back only into a Redis that lost its budgets). Alone, a server 
 at start (`crashed`); here the others may be running requests still, so liveness decides:
 
 - each instance is a *run* (its ledger writer's id, the prefix of every journal row it
-  writes), alive while its heartbeat key in Redis is (`redis_runs`), renewed every `BEAT_S`
-  off the request path and expiring `TTL_S` after the last renewal;
-- every `SWEEP_S`, an instance looks for runs of its ledger whose key has expired and claims
+  writes), alive while its heartbeat key in Redis is (`redis_runs`), renewed every `beat_s`
+  off the request path and expiring `ttl_s` after the last renewal (`shared_state.liveness`);
+- every `sweep_s`, an instance looks for runs of its ledger whose key has expired and claims
   one (one claimer at a time); it reads the run's journaled reservations that have no spend
   row, sets each one's fate to crashed unless it has one, and writes a `crashed` row for each
   it set, at its reservation, as `crashed.records` does at a lone server's start. Redis's
   counters keep the reservation: it is now that request's recorded cost, as after a restart.
-- an instance paused past `TTL_S` (SIGSTOP, a stalled host) may have been claimed meanwhile.
+- an instance paused past `ttl_s` (SIGSTOP, a stalled host) may have been claimed meanwhile.
   Its heartbeat finds its key expired: it becomes a new run (new journal rows are not the
   claimed run's), and each request it admitted before then is *doubtful*: its settlement
   (Redis adjustment and spend row) waits for its fate, which it sets to settled unless a
@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edgeroute.accounting import RequestRecord
-from edgeroute.config import Budget
+from edgeroute.config import Budget, SharedStateLiveness
 from edgeroute.cost.control import crashed
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend
@@ -53,9 +53,6 @@ from edgeroute.cost.store_errors import StoreUnavailable
 
 log = logging.getLogger("edgeroute.cost")
 
-BEAT_S = 1.5  # how often a run renews its key
-TTL_S = 6.0  # how long its key outlives the last renewal: a run silent this long may be claimed
-SWEEP_S = 2.0  # how often an instance looks for dead runs
 CLAIM_S = 60.0  # how long a claim holds another claimer off (it writes rows, waits for a flush)
 RETRY_S = 1.0  # a doubtful settlement asks again this often while Redis does not answer
 FLUSH_WAIT_S = 5.0  # how long a flush waits for the heartbeat it asked for
@@ -77,6 +74,7 @@ class Liveness:
     registry: RunRegistry
     ledger: Ledger
     budgets: Callable[[], Sequence[Budget]]  # the running config's (a dead run's rows name them)
+    timing: SharedStateLiveness = field(default_factory=SharedStateLiveness)  # beat, expiry and sweep intervals
     runs: list[str] = field(default_factory=list)  # this instance's runs, by epoch
     lease_until: float = -1.0  # monotonic: the key surely exists until then
     _beaten: bool = False
@@ -150,7 +148,8 @@ class Liveness:
     async def _beat(self) -> None:
         sent = time.monotonic()
         run = self.runs[-1]
-        if not await self.registry.beat(run, TTL_S, create=not self._beaten) and self._beaten:
+        ttl = self.timing.ttl_s
+        if not await self.registry.beat(run, ttl, create=not self._beaten) and self._beaten:
             lapsed = self.epoch
             run = self.ledger.new_writer_id()
             self.runs.append(run)
@@ -158,7 +157,7 @@ class Liveness:
                 "shared state: this instance's liveness had expired (paused, cut off from Redis, or Redis lost"
                 " its keys, for over %.0f s); it goes on as a new run, and the requests it was running are"
                 " recorded by one instance only: here, or as crashed by another that took them over",
-                TTL_S,
+                ttl,
             )
             self._beaten = False  # the new run's key is made by the next beat (this one, unless it fails)
             # Settled before the lapse but not written yet: their rows wait for their fate too.
@@ -166,9 +165,9 @@ class Liveness:
                 write, drop = (functools.partial(self.ledger.release, rec, write=w) for w in (True, False))
                 self.defer(rec.request_id, lapsed, write, drop)
             sent = time.monotonic()
-            await self.registry.beat(run, TTL_S, create=True)
+            await self.registry.beat(run, ttl, create=True)
         self._beaten = True
-        self.lease_until = sent + TTL_S
+        self.lease_until = sent + ttl
 
     async def _beat_loop(self) -> None:
         while True:
@@ -178,7 +177,7 @@ class Liveness:
                 pass  # the lease runs out: settlements wait for their fate
             except Exception:
                 log.exception("shared state: liveness heartbeat failed")
-            await asyncio.sleep(BEAT_S)
+            await asyncio.sleep(self.timing.beat_s)
 
     def idle(self) -> bool:
         """Whether no doubtful settlement waits for its fate."""
@@ -222,7 +221,7 @@ class Liveness:
 
     async def _sweep_loop(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_S)
+            await asyncio.sleep(self.timing.sweep_s)
             try:
                 await self.sweep()
             except StoreUnavailable:
